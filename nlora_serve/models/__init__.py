@@ -1,0 +1,17 @@
+"""Base models: resolve, convert the embedded default, load weights by name, fingerprint.
+
+The ground floor that ``adapters`` and ``serving`` both build on.
+"""
+
+from nlora_serve.models.base import BaseModel, load_base, load_hf_model
+from nlora_serve.models.cache import cache_root
+from nlora_serve.models.dtype import resolve_dtype
+from nlora_serve.models.resolve import DEFAULT_MODEL, list_prepared, resolve_model
+from nlora_serve.models.spec import PROJECTIONS, ModelSpec, read_spec
+from nlora_serve.models.weights import fingerprint, load_weights
+
+__all__ = [
+    "DEFAULT_MODEL", "PROJECTIONS", "BaseModel", "ModelSpec", "cache_root", "fingerprint",
+    "list_prepared", "load_base", "load_hf_model", "load_weights", "read_spec", "resolve_dtype",
+    "resolve_model",
+]

