@@ -1,7 +1,7 @@
 """Shared fixtures: the default model, prepared once per test session.
 
-The cache root is ``$NLORA_SERVE_CACHE`` (the Makefile points it inside the repo's ``.cache``
-by default), so a fresh clone converts the GGUF once and every later run reuses it.
+The cache root is ``$NLORA_SERVE_CACHE`` or the XDG cache dir (see ``nlora_serve.models.cache``),
+so a fresh machine converts the GGUF once and every later run reuses it.
 """
 
 from __future__ import annotations

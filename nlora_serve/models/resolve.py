@@ -102,12 +102,17 @@ def _convert(gguf: Path, out: Path, digest: str) -> None:
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the state dict and the
     config are written directly (lm_head is dropped where it is tied to the embeddings).
     """
+    from tqdm import tqdm
+
+    with tqdm(total=4, desc=f"preparing {gguf.name}", unit="step") as steps:
+        _convert_steps(gguf, out, digest, steps)
+
+
+def _convert_steps(gguf: Path, out: Path, digest: str, steps) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tqdm import tqdm
 
-    steps = tqdm(total=4, desc=f"preparing {gguf.name}", unit="step")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         steps.update()
@@ -132,7 +137,6 @@ def _convert(gguf: Path, out: Path, digest: str) -> None:
     marker = {"source": str(gguf), "source_sha256": digest, "fingerprint": fingerprint(state)}
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     steps.update()
-    steps.close()
 
 
 def list_prepared(cache_dir: str | os.PathLike | None = None) -> list[dict]:

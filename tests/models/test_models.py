@@ -1,0 +1,101 @@
+"""The default model's conversion, the cache root, and the errors for bad model paths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nlora_serve.errors import ModelError
+from nlora_serve.models import (cache_root, fingerprint, load_weights, read_spec, resolve_dtype,
+                                resolve_model)
+from nlora_serve.models.resolve import MARKER
+
+
+def test_converted_default_model_reproduces_recorded_greedy_tokens(hf_model, base_greedy):
+    # The references suppress EOS for all 24 steps (min_new_tokens), as the cases README records.
+    for ref in base_greedy:
+        ids = torch.tensor([ref["prompt_token_ids"]])
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                min_new_tokens=24, do_sample=False)
+        assert out[0, ids.shape[1]:].tolist() == ref["greedy_token_ids"]
+
+
+def test_default_model_spec_and_fingerprint(base_model_dir):
+    spec = read_spec(base_model_dir)
+    assert (spec.architecture, spec.num_layers, spec.hidden_size) == ("LlamaForCausalLM", 30, 576)
+    assert spec.projection_shape("k_proj") == (192, 576)
+    assert spec.projection_shape("down_proj") == (576, 1536)
+    recorded = json.loads((base_model_dir / MARKER).read_text())["fingerprint"]
+    assert recorded == fingerprint(load_weights(base_model_dir))
+
+
+def test_fingerprint_matches_hand_computed_sha256():
+    a = torch.tensor([1.0, 2.0], dtype=torch.float32)
+    b = torch.tensor([[3]], dtype=torch.int64)
+    h = hashlib.sha256()
+    h.update(b"a|torch.float32|(2,)\n" + a.numpy().tobytes())
+    h.update(b"b|torch.int64|(1, 1)\n" + b.numpy().tobytes())
+    assert fingerprint({"b": b, "a": a}) == h.hexdigest()
+    assert fingerprint({"a": a + 1e-6, "b": b}) != h.hexdigest()
+
+
+def test_missing_model_path_names_path_and_expectation(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ModelError, match=r"nope: no such model; expected 'default', a Hugging Face"):
+        resolve_model(str(missing), tmp_path / "cache")
+
+
+def test_corrupt_gguf_is_refused_and_leaves_no_partial_directory(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"definitely not gguf" * 100)
+    with pytest.raises(ModelError, match=r"broken\.gguf: cannot load as a GGUF model"):
+        resolve_model(str(bad), tmp_path / "cache")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{not json", r"cannot read config\.json as JSON"),
+    (json.dumps({"architectures": ["GPT2LMHeadModel"]}), r"'GPT2LMHeadModel'\] is not supported; expected one of LlamaForCausalLM"),
+    (json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2}), r"config\.json lacks the field 'num_attention_heads'"),
+])
+def test_bad_model_directory_errors(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ModelError, match=message):
+        resolve_model(str(tmp_path))
+
+
+def test_directory_with_only_pickled_weights_is_refused(tmp_path, base_model_dir):
+    (tmp_path / "config.json").write_text((base_model_dir / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ModelError, match=r"no \*\.safetensors weights .*pickled .bin/.pt files are never opened"):
+        resolve_model(str(tmp_path))
+
+
+def test_cli_reports_expected_failures_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nlora_serve.cli", "models", "prepare", "--model",
+                           str(tmp_path / "missing")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"error: {tmp_path / 'missing'}: no such model" in proc.stderr
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("NLORA_SERVE_CACHE", raising=False)
+    assert cache_root() == tmp_path / "xdg" / "nlora-serve"
+    monkeypatch.setenv("NLORA_SERVE_CACHE", str(tmp_path / "env"))
+    assert cache_root() == tmp_path / "env"
+    assert cache_root(tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("float32") is torch.float32
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype("auto", "cuda:0") is torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype must be one of auto, float32, bfloat16; got 'fp8'"):
+        resolve_dtype("fp8")
