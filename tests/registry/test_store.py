@@ -1,0 +1,111 @@
+"""The on-disk adapter store: versions, containment, and crash consistency."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+
+from nlora_serve.adapters.store import CONFIG_FILE, STAGING, WEIGHTS_FILE, AdapterStore
+from nlora_serve.errors import AdapterError
+
+FILES = {CONFIG_FILE: b'{"r": 4}', WEIGHTS_FILE: b"\x00" * 64}
+
+
+def test_versions_count_up_and_survive_a_restart(tmp_path):
+    store = AdapterStore(tmp_path)
+    first = store.write("acme", FILES)
+    second = store.write("acme", {**FILES, WEIGHTS_FILE: b"\x01" * 64})
+    assert (first.version, second.version) == (1, 2)
+    assert first.content_hash != second.content_hash
+    reopened = AdapterStore(tmp_path)
+    assert reopened.names() == ["acme"]
+    latest = reopened.latest("acme")
+    assert latest.version == 2 and latest.content_hash == second.content_hash
+    assert AdapterStore.read_files(latest.path)[WEIGHTS_FILE] == b"\x01" * 64
+
+
+def test_content_hash_matches_hand_computed_sha256(tmp_path):
+    h = hashlib.sha256()
+    h.update(b"adapter_config.json|8\n" + FILES[CONFIG_FILE])
+    h.update(b"adapter_model.safetensors|64\n" + FILES[WEIGHTS_FILE])
+    assert AdapterStore(tmp_path).write("acme", FILES).content_hash == h.hexdigest()
+
+
+@pytest.mark.parametrize("name", ["../evil", "/abs", ".hidden", "a/b", "", "x" * 129, "a\x00b"])
+def test_escaping_or_invalid_names_are_refused_and_nothing_is_written(tmp_path, name):
+    store = AdapterStore(tmp_path / "store")
+    with pytest.raises(AdapterError, match="is not valid"):
+        store.write(name, FILES)
+    assert sorted(os.listdir(tmp_path)) == ["store"]
+    assert os.listdir(tmp_path / "store") == [STAGING]
+
+
+def test_symlinked_adapter_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = AdapterStore(tmp_path / "store")
+    os.symlink(outside, tmp_path / "store" / "sneaky")
+    with pytest.raises(AdapterError, match="symlink or leaves the store"):
+        store.write("sneaky", FILES)
+    assert os.listdir(outside) == []
+    assert store.names() == []
+
+
+def test_unknown_file_names_are_refused(tmp_path):
+    store = AdapterStore(tmp_path)
+    with pytest.raises(AdapterError, match=r"files \['../x'\] are not allowed"):
+        store.write("acme", {**FILES, "../x": b""})
+    assert store.names() == []
+
+
+def test_crash_before_rename_leaves_no_visible_version(tmp_path, monkeypatch):
+    store = AdapterStore(tmp_path)
+    store.write("acme", FILES)
+
+    def crash(*args):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "rename", crash)
+    with pytest.raises(OSError, match="power cut"):
+        store.write("acme", {**FILES, WEIGHTS_FILE: b"\x02" * 64})
+    monkeypatch.undo()
+    reopened = AdapterStore(tmp_path)
+    assert reopened.versions("acme") == [1]
+    assert AdapterStore.read_files(reopened.latest("acme").path) == FILES
+    assert os.listdir(tmp_path / STAGING) == []
+
+
+def test_half_written_staging_folder_is_discarded_on_start(tmp_path):
+    AdapterStore(tmp_path).write("acme", FILES)
+    leftover = tmp_path / STAGING / "acme.partial"
+    leftover.mkdir()
+    (leftover / WEIGHTS_FILE).write_bytes(b"\x03" * 10)
+    reopened = AdapterStore(tmp_path)
+    assert not leftover.exists()
+    assert reopened.versions("acme") == [1]
+
+
+def test_concurrent_writers_get_distinct_versions(tmp_path):
+    store = AdapterStore(tmp_path)
+    threads = [threading.Thread(target=store.write, args=("acme", {CONFIG_FILE: bytes([i])}))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.versions("acme") == list(range(1, 9))
+    payloads = {AdapterStore.read_files(store.get("acme", v).path)[CONFIG_FILE] for v in range(1, 9)}
+    assert payloads == {bytes([i]) for i in range(8)}
+
+
+def test_remove_version(tmp_path):
+    store = AdapterStore(tmp_path)
+    store.write("acme", FILES)
+    store.write("acme", FILES)
+    store.remove_version("acme", 1)
+    assert store.versions("acme") == [2]
+    with pytest.raises(AdapterError, match="has no version 1"):
+        store.get("acme", 1)
