@@ -1,0 +1,227 @@
+"""The adapter registry: name -> current version, with exact reference counts (DESIGN §3).
+
+- register: validate the files (load them into an :class:`Adapter`), persist them durably as the
+  next version in the store, then switch the name to it atomically. Requests admitted after the
+  switch get the new version; requests holding the old one keep it until they end.
+- acquire / release: a request pins the version current at its admission and releases it exactly
+  once on every terminal path (finish, abort, error, client gone).
+- unload: new acquires get NOT_FOUND at once; the version is freed when its last holder releases.
+
+A version is *freed* (its ``on_free`` callback runs: the residency layer gives back its slot and
+memory) when it is no longer current and no request holds it. The registry is thread-safe: the
+front end registers and acquires from its threads while the engine thread releases.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nlora_serve.adapters.adapter import Adapter
+from nlora_serve.adapters.names import validate_name
+from nlora_serve.adapters.store import CONFIG_FILE, STAGING, AdapterStore
+from nlora_serve.errors import AdapterError
+
+log = logging.getLogger(__name__)
+
+
+class AdapterNotFound(AdapterError):
+    """No adapter of that name is registered (gRPC NOT_FOUND; never the base model instead)."""
+
+
+class VersionConflict(AdapterError):
+    """A compare-and-swap named a version that is no longer current (gRPC FAILED_PRECONDITION)."""
+
+
+@dataclass(eq=False, slots=True)
+class AdapterVersion:
+    """One registered version of a name. Identity, not value, equality: two versions are two."""
+
+    name: str
+    version: int  # per-name sequence number, starting at 1
+    adapter: Adapter
+    path: Path  # its folder in the store
+    refcount: int = 0  # requests holding it
+    current: bool = True  # what new requests of ``name`` get; False once superseded or unloaded
+    freed: bool = False  # on_free has run
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the adapter's maths (caches key on it)."""
+        return self.adapter.content_hash
+
+
+class AdapterRegistry:
+    """Registered adapters by name, backed by an :class:`AdapterStore`.
+
+    Args:
+        store: the on-disk store (``--adapter-dir``).
+        load: reads and validates an adapter directory against the served base model; raises
+            :class:`AdapterError` naming what is wrong.
+        on_free: called once per version, outside the lock, when it is neither current nor held.
+    """
+
+    def __init__(self, store: AdapterStore, load: Callable[[Path], Adapter],
+                 on_free: Callable[[AdapterVersion], None] = lambda v: None):
+        self.store = store
+        self._load = load
+        self._on_free = on_free
+        self._current: dict[str, AdapterVersion] = {}
+        self._lock = threading.Lock()  # guards _current and every refcount
+        self._write_lock = threading.Lock()  # serialises register/swap (validation runs outside)
+
+    def rebuild(self) -> list[str]:
+        """Register the newest version of every adapter in the store (after a restart).
+
+        An adapter that no longer validates is skipped with a warning, never served.
+        Returns the names registered.
+        """
+        names = []
+        for name in self.store.names():
+            stored = self.store.latest(name)
+            try:
+                adapter = self._load(stored.path)
+            except AdapterError as exc:
+                log.warning("store adapter %s v%d not served: %s", name, stored.version, exc)
+                continue
+            self._switch(AdapterVersion(name, stored.version, adapter, stored.path))
+            names.append(name)
+        return names
+
+    def register(self, name: str, files: dict[str, bytes], if_version: int | None = None) -> AdapterVersion:
+        """Validate ``files``, persist them as the next version of ``name`` and make it current.
+
+        Args:
+            files: ``adapter_config.json`` and ``adapter_model.safetensors`` bytes.
+            if_version: when set, succeed only if ``name``'s current version is this one.
+
+        Raises:
+            AdapterError: invalid name or adapter (nothing is written, the old version serves on).
+            VersionConflict: ``if_version`` is not the current version.
+        """
+        validate_name(name)
+        adapter = self._validate(files)
+        with self._write_lock:  # check, persist and switch as one step per registry
+            self._check_version(name, if_version)
+            stored = self.store.write(name, files)
+            return self._switch(AdapterVersion(name, stored.version, adapter, stored.path))
+
+    def swap_weights(self, name: str, weights: bytes, if_version: int | None = None) -> AdapterVersion:
+        """Hot-swap: a new version of ``name`` with the current config and new safetensors bytes
+        (for a tied tenant, a file of only ``lora_N`` keys).
+
+        Raises:
+            AdapterNotFound: ``name`` is not registered.
+            AdapterError / VersionConflict: as :meth:`register`.
+        """
+        config = (self.get(name).path / CONFIG_FILE).read_bytes()
+        return self.register(name, {CONFIG_FILE: config, "adapter_model.safetensors": weights}, if_version)
+
+    def get(self, name: str) -> AdapterVersion:
+        """The current version of ``name`` (no reference taken).
+
+        Raises:
+            AdapterNotFound: ``name`` is not registered.
+        """
+        with self._lock:
+            found = self._current.get(name)
+        if found is None:
+            raise AdapterNotFound(f"adapter {name!r} is not registered")
+        return found
+
+    def acquire(self, name: str) -> AdapterVersion:
+        """Pin the current version of ``name`` for one request (refcount + 1).
+
+        Raises:
+            AdapterNotFound: ``name`` is not registered (or was unloaded).
+        """
+        with self._lock:
+            found = self._current.get(name)
+            if found is None:
+                raise AdapterNotFound(f"adapter {name!r} is not registered")
+            found.refcount += 1
+            return found
+
+    def release(self, version: AdapterVersion) -> None:
+        """Drop one request's pin; frees the version if it was its last holder and not current.
+
+        Raises:
+            RuntimeError: released more often than acquired (a refcount bug, never hidden).
+        """
+        with self._lock:
+            if version.refcount <= 0:
+                raise RuntimeError(f"adapter {version.name} v{version.version} released more "
+                                   "often than acquired")
+            version.refcount -= 1
+            free = self._take_if_free(version)
+        if free:
+            self._on_free(version)
+
+    def unload(self, name: str) -> AdapterVersion:
+        """Stop serving ``name``: new acquires raise :class:`AdapterNotFound` at once; the version
+        is freed when its last holder releases. Its files stay in the store.
+
+        Returns the unloaded version (the engine aborts its holders for a forced unload).
+
+        Raises:
+            AdapterNotFound: ``name`` is not registered.
+        """
+        with self._lock:
+            found = self._current.pop(name, None)
+            if found is None:
+                raise AdapterNotFound(f"adapter {name!r} is not registered")
+            found.current = False
+            free = self._take_if_free(found)
+        if free:
+            self._on_free(found)
+        return found
+
+    def versions(self) -> list[AdapterVersion]:
+        """Current versions, by name."""
+        with self._lock:
+            return [self._current[n] for n in sorted(self._current)]
+
+    def _validate(self, files: dict[str, bytes]) -> Adapter:
+        staged = Path(tempfile.mkdtemp(prefix="validate.", dir=self.store.root / STAGING))
+        try:
+            for fname, data in files.items():
+                if fname not in (CONFIG_FILE, "adapter_model.safetensors"):
+                    raise AdapterError(f"file {fname!r} is not part of an adapter")
+                (staged / fname).write_bytes(data)
+            return self._load(staged)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+    def _check_version(self, name: str, if_version: int | None) -> None:
+        if if_version is None:
+            return
+        with self._lock:
+            current = self._current.get(name)
+        if current is None or current.version != if_version:
+            have = current.version if current else "none"
+            raise VersionConflict(f"adapter {name!r}: expected current version {if_version}, have {have}")
+
+    def _switch(self, new: AdapterVersion) -> AdapterVersion:
+        with self._lock:
+            old = self._current.get(new.name)
+            self._current[new.name] = new
+            free = False
+            if old is not None:
+                old.current = False
+                free = self._take_if_free(old)
+        if free:
+            self._on_free(old)
+        return new
+
+    @staticmethod
+    def _take_if_free(version: AdapterVersion) -> bool:
+        """Under the lock: mark ``version`` freed if nobody needs it; True if the caller frees it."""
+        if version.current or version.refcount or version.freed:
+            return False
+        version.freed = True
+        return True

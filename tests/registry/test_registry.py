@@ -1,0 +1,134 @@
+"""Registry semantics with a stand-in loader: versions, pins, swap, unload, exact refcounts.
+
+The loader here only parses a tiny JSON config, so these tests exercise the registry's own
+bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from nlora_serve.adapters.registry import AdapterNotFound, AdapterRegistry, VersionConflict
+from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
+from nlora_serve.errors import AdapterError
+
+
+def fake_load(path):
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    if cfg.get("bad"):
+        raise AdapterError("bad adapter: field 'bad' is set")
+    return SimpleNamespace(content_hash=(path / WEIGHTS_FILE).read_bytes().hex())
+
+
+def files(payload: bytes, bad: bool = False) -> dict[str, bytes]:
+    return {CONFIG_FILE: json.dumps({"bad": bad}).encode(), WEIGHTS_FILE: payload}
+
+
+@pytest.fixture
+def freed():
+    return []
+
+
+@pytest.fixture
+def registry(tmp_path, freed):
+    return AdapterRegistry(AdapterStore(tmp_path), fake_load, on_free=freed.append)
+
+
+def test_request_keeps_its_version_across_a_swap(registry, freed):
+    v1 = registry.register("acme", files(b"\x01"))
+    held = registry.acquire("acme")
+    v2 = registry.swap_weights("acme", b"\x02")
+    assert (held.version, v2.version) == (1, 2)
+    assert registry.acquire("acme") is v2  # admitted after the switch: the new version
+    assert freed == []  # v1 is still held
+    registry.release(held)
+    assert freed == [v1]
+    registry.release(v2)
+    assert freed == [v1]  # v2 is current: never freed while current
+
+
+def test_bad_adapter_is_refused_and_the_old_version_serves_on(registry, tmp_path):
+    registry.register("acme", files(b"\x01"))
+    with pytest.raises(AdapterError, match="field 'bad' is set"):
+        registry.register("acme", files(b"\x02", bad=True))
+    assert registry.get("acme").version == 1
+    assert registry.store.versions("acme") == [1]  # nothing written for the refused one
+
+
+def test_unknown_and_unloaded_names_are_not_found(registry, freed):
+    with pytest.raises(AdapterNotFound, match="'ghost' is not registered"):
+        registry.acquire("ghost")
+    v1 = registry.register("acme", files(b"\x01"))
+    held = registry.acquire("acme")
+    assert registry.unload("acme") is v1
+    with pytest.raises(AdapterNotFound):
+        registry.acquire("acme")
+    assert freed == []  # in-flight request finishes first
+    registry.release(held)
+    assert freed == [v1]
+
+
+def test_release_more_than_acquire_is_an_error(registry):
+    v = registry.register("acme", files(b"\x01"))
+    registry.acquire("acme")
+    registry.release(v)
+    with pytest.raises(RuntimeError, match="released more often than acquired"):
+        registry.release(v)
+
+
+def test_compare_and_swap(registry):
+    registry.register("acme", files(b"\x01"))
+    registry.swap_weights("acme", b"\x02", if_version=1)
+    with pytest.raises(VersionConflict, match="expected current version 1, have 2"):
+        registry.swap_weights("acme", b"\x03", if_version=1)
+    assert registry.store.versions("acme") == [1, 2]
+
+
+def test_rebuild_after_restart_serves_newest_valid_versions(tmp_path):
+    store = AdapterStore(tmp_path)
+    first = AdapterRegistry(store, fake_load)
+    first.register("acme", files(b"\x01"))
+    first.swap_weights("acme", b"\x02")
+    first.register("zeta", files(b"\x09"))
+    store.write("broken", files(b"\x00", bad=True))  # e.g. written by an older server
+    again = AdapterRegistry(AdapterStore(tmp_path), fake_load)
+    assert again.rebuild() == ["acme", "zeta"]
+    assert again.get("acme").version == 2 and again.get("acme").content_hash == "02"
+    with pytest.raises(AdapterNotFound):
+        again.get("broken")
+
+
+def test_refcounts_exact_under_concurrent_acquire_release_and_swaps(registry, freed):
+    registry.register("acme", files(b"\x00"))
+    errors = []
+
+    def client(seed):
+        rng = random.Random(seed)
+        for _ in range(200):
+            v = registry.acquire("acme")
+            if rng.random() < 0.5:
+                threading.Event().wait(0.0001)
+            registry.release(v)
+
+    def swapper():
+        try:
+            for i in range(1, 30):
+                registry.swap_weights("acme", bytes([i]))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)] + [threading.Thread(target=swapper)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    current = registry.get("acme")
+    assert current.version == 30 and current.refcount == 0
+    assert sorted(v.version for v in freed) == list(range(1, 30))  # every old version freed once
+    assert all(v.refcount == 0 and v.freed for v in freed)
