@@ -40,20 +40,32 @@ class VersionConflict(AdapterError):
 
 @dataclass(eq=False, slots=True)
 class AdapterVersion:
-    """One registered version of a name. Identity, not value, equality: two versions are two."""
+    """One registered version of a name. Identity, not value, equality: two versions are two.
+
+    ``adapter`` is None while an untied adapter is evicted from memory (its folder stays in the
+    store); the summary fields are captured at registration and stay valid throughout.
+    """
 
     name: str
     version: int  # per-name sequence number, starting at 1
-    adapter: Adapter
+    adapter: Adapter | None
     path: Path  # its folder in the store
     refcount: int = 0  # requests holding it
     current: bool = True  # what new requests of ``name`` get; False once superseded or unloaded
     freed: bool = False  # on_free has run
+    pool: object | None = None  # the Residency pool holding it (None while not resident)
+    slot: int | None = None  # its slot in that pool
+    content_hash: str = ""  # sha256 of the adapter's maths (caches key on it)
+    is_tied: bool = False  # Nyström-tied IntTune tenant: only N is held
+    flavour: str = ""  # lora / nlora / inttune-tied
+    rank: int = 0  # largest rank over its modules
+    targets: tuple[str, ...] = ()  # adapted module names
+    held_bytes: int = 0  # bytes it owns in the compute dtype (N only when tied)
 
-    @property
-    def content_hash(self) -> str:
-        """sha256 of the adapter's maths (caches key on it)."""
-        return self.adapter.content_hash
+    def __post_init__(self):
+        a = self.adapter
+        self.content_hash, self.is_tied, self.flavour = a.content_hash, a.is_tied, a.flavour
+        self.rank, self.targets, self.held_bytes = max(a.ranks), tuple(a.targets), a.held_bytes()
 
 
 class AdapterRegistry:
@@ -63,13 +75,17 @@ class AdapterRegistry:
         store: the on-disk store (``--adapter-dir``).
         load: reads and validates an adapter directory against the served base model; raises
             :class:`AdapterError` naming what is wrong.
+        on_admit: places a validated version (e.g. into a pool slot) before it is persisted and
+            switched to; raising :class:`AdapterError` refuses the registration.
         on_free: called once per version, outside the lock, when it is neither current nor held.
     """
 
     def __init__(self, store: AdapterStore, load: Callable[[Path], Adapter],
+                 on_admit: Callable[[AdapterVersion], None] = lambda v: None,
                  on_free: Callable[[AdapterVersion], None] = lambda v: None):
         self.store = store
         self._load = load
+        self._on_admit = on_admit
         self._on_free = on_free
         self._current: dict[str, AdapterVersion] = {}
         self._lock = threading.Lock()  # guards _current and every refcount
@@ -85,11 +101,12 @@ class AdapterRegistry:
         for name in self.store.names():
             stored = self.store.latest(name)
             try:
-                adapter = self._load(stored.path)
+                version = AdapterVersion(name, stored.version, self._load(stored.path), stored.path)
+                self._on_admit(version)
             except AdapterError as exc:
                 log.warning("store adapter %s v%d not served: %s", name, stored.version, exc)
                 continue
-            self._switch(AdapterVersion(name, stored.version, adapter, stored.path))
+            self._switch(version)
             names.append(name)
         return names
 
@@ -108,8 +125,15 @@ class AdapterRegistry:
         adapter = self._validate(files)
         with self._write_lock:  # check, persist and switch as one step per registry
             self._check_version(name, if_version)
-            stored = self.store.write(name, files)
-            return self._switch(AdapterVersion(name, stored.version, adapter, stored.path))
+            version = AdapterVersion(name, 0, adapter, Path())
+            self._on_admit(version)
+            try:
+                stored = self.store.write(name, files)
+            except BaseException:
+                self._on_free(version)
+                raise
+            version.version, version.path = stored.version, stored.path
+            return self._switch(version)
 
     def swap_weights(self, name: str, weights: bytes, if_version: int | None = None) -> AdapterVersion:
         """Hot-swap: a new version of ``name`` with the current config and new safetensors bytes

@@ -22,7 +22,8 @@ def fake_load(path):
     cfg = json.loads((path / CONFIG_FILE).read_text())
     if cfg.get("bad"):
         raise AdapterError("bad adapter: field 'bad' is set")
-    return SimpleNamespace(content_hash=(path / WEIGHTS_FILE).read_bytes().hex())
+    return SimpleNamespace(content_hash=(path / WEIGHTS_FILE).read_bytes().hex(), is_tied=False,
+                           flavour="lora", ranks=[4], targets=["q_proj"], held_bytes=lambda: 0)
 
 
 def files(payload: bytes, bad: bool = False) -> dict[str, bytes]:

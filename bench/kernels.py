@@ -1,0 +1,176 @@
+"""Adapter kernel cost per decoder layer of the default model, against that layer's base GEMMs.
+
+    .venv/bin/python bench/kernels.py [--tokens 64 512] [--dtypes fp32 bf16] [--rounds 15]
+
+Random weights of SmolLM2-135M's shapes (hidden 576, q 576, kv 192, intermediate 1536), r = 16,
+all seven projections. For each path the adapter time of one whole layer (seven
+``apply_adapters`` calls on precomputed base outputs) is divided by the time of the same layer's
+seven ``F.linear`` base GEMMs at the same T. Base and paths are timed in interleaved rounds and
+the median round is kept, so a noisy shared machine moves both sides alike. On CUDA it also
+prints achieved bandwidth against a device-to-device copy and FLOP rate against a large GEMM,
+both measured in the same run. Writes bench/out/kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nlora_serve.kernels import TIED, SiteWeights, apply_adapters, build_adapter_batch
+
+HIDDEN, KV, INTER, RANK, TENANTS = 576, 192, 1536, 16, 64
+# (in, out) of q, k, v, o, gate, up, down
+SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN),
+          (HIDDEN, INTER), (HIDDEN, INTER), (INTER, HIDDEN)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: str, iters: int) -> float:
+    """Mean seconds per call over ``iters`` calls."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def _layer(dtype, device, gen):
+    """Base weights, inputs and base outputs of one decoder layer at T tokens (set later)."""
+    return [torch.randn(o, i, generator=gen).div_(i ** 0.5).to(device, dtype) for i, o in SHAPES]
+
+
+def _sites(weights, mode: str, dtype, device, gen):
+    """Per-projection pools: 64 tied tenants, one shared family, or 8 own-A/B tenants."""
+    sites = []
+    for w in weights:
+        out, dim_in = w.shape
+
+        def rnd(*shape, scale):
+            return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+
+        # Tiny N: timing loops add into y over and over; the tied z feeds back from y.
+        n_pool = rnd(TENANTS, RANK, RANK, scale=1e-4)
+        fams = {"tied": 0, "family": 1, "lora": 8}[mode]
+        a = rnd(max(fams, 1), RANK, dim_in, scale=dim_in ** -0.5) if fams else None
+        b = rnd(max(fams, 1), out, RANK, scale=1e-2) if fams else None
+        sites.append(SiteWeights(n_pool, a, b, tied_b=w[:, :RANK]))
+    return sites
+
+
+def _batch(mode: str, num_tokens: int, device, gen):
+    """The step's metadata for one tenant mix."""
+    if mode == "none":
+        slots = torch.full((num_tokens,), -1)
+    elif mode == "one":
+        slots = torch.zeros(num_tokens, dtype=torch.int64)
+    elif mode == "lora8":
+        slots = torch.randint(0, 8, (num_tokens,), generator=gen)
+    else:  # 64 distinct tenants, each once per 64 tokens, in random order
+        slots = torch.randperm(num_tokens, generator=gen) % TENANTS
+    fams = {"tied64": torch.full((TENANTS,), TIED), "family64": torch.zeros(TENANTS),
+            "lora8": torch.arange(TENANTS) % 8, "one": torch.zeros(TENANTS),
+            "none": torch.zeros(TENANTS)}[mode].long()
+    return build_adapter_batch(slots, torch.full((TENANTS,), RANK), torch.full((TENANTS,), 2.0),
+                               fams, device=device)
+
+
+PATHS = {"tied64": "tied", "family64": "family", "lora8": "lora", "one": "lora", "none": "lora"}
+
+
+def bench_one(dtype_name: str, num_tokens: int, device: str, rounds: int) -> dict:
+    """Median-of-rounds layer times (seconds) for the base GEMMs and every path."""
+    gen = torch.Generator().manual_seed(0)
+    dtype = DTYPES[dtype_name]
+    weights = _layer(dtype, device, gen)
+    xs = [torch.randn(num_tokens, w.shape[1], generator=gen).to(device, dtype) for w in weights]
+    ys = [F.linear(x, w) for x, w in zip(xs, weights)]
+    runs = {"base": lambda: [F.linear(x, w) for x, w in zip(xs, weights)]}
+    for path, mode in PATHS.items():
+        sites, batch = _sites(weights, mode, dtype, device, gen), _batch(path, num_tokens, device,
+                                                                         gen)
+        runs[path] = (lambda s=sites, b=batch:
+                      [apply_adapters(y, x, b, site) for y, x, site in zip(ys, xs, s)])
+    slots = torch.randperm(num_tokens, generator=gen) % TENANTS
+    facts = (torch.full((TENANTS,), RANK), torch.full((TENANTS,), 2.0),
+             torch.full((TENANTS,), TIED))
+    runs["metadata"] = lambda: build_adapter_batch(slots, *facts, device=device)
+    iters = max(3, int(2e-2 / max(_time(runs["base"], device, 3), 1e-6)))
+    samples = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            samples[name].append(_time(fn, device, iters))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _cuda_rates(device: str) -> dict:
+    """Copy bandwidth (bytes/s) and bf16 GEMM rate (FLOP/s) of this GPU, measured now."""
+    src = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = _time(lambda: dst.copy_(src), device, 20)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm = _time(lambda: a @ a, device, 10)
+    return {"copy_bytes_per_s": 2 * src.numel() / copy, "gemm_flop_per_s": 2 * 8192 ** 3 / mm}
+
+
+def _min_bytes(path: str, num_tokens: int, elem: int) -> float:
+    """Bytes the path must move per layer: y read+written for adapted rows, N per token, B, A."""
+    per_site = 0
+    for dim_in, out in SHAPES:
+        per_site += 2 * num_tokens * out * elem + num_tokens * RANK * RANK * elem
+        per_site += out * RANK * elem * (8 if path == "lora8" else 1)
+        if path != "tied64":
+            per_site += num_tokens * dim_in * elem + RANK * dim_in * elem
+    return 0.0 if path == "none" else per_site
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "kernels.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rates = _cuda_rates(device) if device == "cuda" else {}
+    rows = []
+    print(f"device {device}, torch threads {torch.get_num_threads()}, r={RANK}, one decoder layer "
+          f"(7 projections) of the default model; ratio = adapter / base GEMMs")
+    print(f"{'dtype':5} {'T':>4} {'path':9} {'layer us':>9} {'base us':>9} {'ratio':>7}")
+    for dtype_name in args.dtypes:
+        for num_tokens in args.tokens:
+            t = bench_one(dtype_name, num_tokens, device, args.rounds)
+            for path in [*PATHS, "metadata"]:
+                row = {"dtype": dtype_name, "tokens": num_tokens, "path": path,
+                       "layer_s": t[path], "base_s": t["base"], "ratio": t[path] / t["base"]}
+                if rates and path != "metadata":
+                    elem = DTYPES[dtype_name].itemsize
+                    row["bytes_per_s"] = _min_bytes(path, num_tokens, elem) / t[path]
+                    row["of_copy_bw"] = row["bytes_per_s"] / rates["copy_bytes_per_s"]
+                rows.append(row)
+                extra = f"  {row['of_copy_bw']:.0%} of copy bw" if "of_copy_bw" in row else ""
+                note = "  (per step, all 30 layers)" if path == "metadata" else ""
+                print(f"{dtype_name:5} {num_tokens:4d} {path:9} {t[path] * 1e6:9.1f} "
+                      f"{t['base'] * 1e6:9.1f} {row['ratio']:7.3f}{extra}{note}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": device, "threads": torch.get_num_threads(),
+                                    "rates": rates, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

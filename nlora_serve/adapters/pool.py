@@ -1,0 +1,188 @@
+"""Resident adapter weights, laid out as the kernels read them (DESIGN §3, §4).
+
+Two kinds of pool, each with its own slot space:
+
+- :class:`TiedPool`, one per IntTune family: every tenant of the family is one slot of a single
+  tensor ``n [slots, sites, r, r]``; A and B are the base weight's own slices, so a tenant costs
+  ``sites · r² · bytes`` and nothing else.
+- :class:`LoraPool`, for untied LoRA / NLoRA adapters: per site ``n [S, R, R]``, ``a [S, R, in]``,
+  ``b [S, out, R]`` (each adapter is a family of one), R = the server's max rank.
+
+The per-module scaling s (alpha / r, or rsLoRA's alpha / sqrt(r), per ``rank_pattern`` /
+``alpha_pattern``) is folded into N when a slot is written, so every slot's kernel scaling is 1.
+Entries beyond a slot's rank are zero; a site an adapter does not adapt has N = 0 there. A free
+slot may hold anything: no token points at it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nlora_serve.adapters.adapter import Adapter, SiteWeights
+from nlora_serve.kernels import metadata
+from nlora_serve.kernels.weights import SiteWeights as KernelSite
+from nlora_serve.models.base import BaseModel
+from nlora_serve.models.spec import ATTN_MODULES, PROJECTIONS
+
+Site = tuple[int, str]  # (layer, module)
+
+
+def _scaled_n(site: SiteWeights, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """``s · N`` zero-padded to [width, width], folded in float64 then cast once."""
+    out = torch.zeros(width, width, dtype=torch.float64)
+    out[: site.rank, : site.rank] = site.scaling * site.N.to(torch.float64)
+    return out.to(dtype)
+
+
+class _Pool:
+    """Slot bookkeeping shared by both pool kinds: free list, ranks, and per-slot bias."""
+
+    def __init__(self, base: BaseModel, capacity: int):
+        self.base = base
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, -1, -1))
+        self.slot_ranks = torch.zeros(capacity, dtype=torch.int32)  # [S]
+        self.slot_scalings = torch.ones(capacity, dtype=torch.float32)  # [S]: s is folded into N
+        self.bias: dict[Site, torch.Tensor] = {}  # site -> [S, out] s·b, allocated on first use
+        self.generation = 0  # bumped whenever a tensor is replaced: cached views go stale
+
+    @property
+    def used(self) -> int:
+        return self.capacity - len(self._free)
+
+    def take_slot(self) -> int | None:
+        """A free slot, or None when the pool is full."""
+        return self._free.pop() if self._free else None
+
+    def release_slot(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def _write_bias(self, slot: int, adapter: Adapter) -> None:
+        for key, site in adapter.sites.items():
+            if site.bias is not None and key not in self.bias:
+                out = site.bias.shape[0]
+                self.bias[key] = torch.zeros(self.capacity, out, dtype=self.base.dtype)
+        for key, table in self.bias.items():
+            site = adapter.sites.get(key)
+            table[slot] = 0 if site is None or site.bias is None else site.bias_delta(self.base.dtype)
+
+    def add_bias(self, y: torch.Tensor, batch: metadata.AdapterBatch, site: Site) -> None:
+        """y[t] += s·b[slot(t)] for the adapted tokens, where some resident adapter has a bias."""
+        table = self.bias.get(site)
+        if table is None or batch.is_empty:
+            return
+        index = (batch.token_slots >= 0).nonzero().squeeze(1)
+        y.index_add_(0, index, table.index_select(0, batch.token_slots[index].long()))
+
+
+class TiedPool(_Pool):
+    """The N pool of one IntTune family: ``n [capacity, sites, r, r]``, A/B = base slices.
+
+    Grows by doubling (a new tensor; ``generation`` changes so the engine refreshes its views
+    at the next step, while a running step keeps reading the old tensor, which stays valid).
+    """
+
+    def __init__(self, base: BaseModel, family: str, adapter: Adapter, capacity: int = 64):
+        super().__init__(base, capacity)
+        self.family = family
+        self.sites: list[Site] = list(adapter.sites)
+        self.site_index = {s: i for i, s in enumerate(self.sites)}
+        self.rank = max(s.rank for s in adapter.sites.values())
+        self.n = torch.empty(capacity, len(self.sites), self.rank, self.rank, dtype=base.dtype)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one tenant occupies: sites · r² · element size."""
+        return len(self.sites) * self.rank * self.rank * self.n.element_size()
+
+    @property
+    def slot_families(self) -> torch.Tensor:
+        return torch.full((self.capacity,), metadata.TIED, dtype=torch.int32)
+
+    def grow(self) -> None:
+        """Double the capacity, copying the used slots."""
+        new = torch.empty(2 * self.capacity, *self.n.shape[1:], dtype=self.n.dtype)
+        new[: self.capacity] = self.n
+        self._free = list(range(2 * self.capacity - 1, self.capacity - 1, -1)) + self._free
+        self.slot_ranks = torch.cat([self.slot_ranks, torch.zeros_like(self.slot_ranks)])
+        self.slot_scalings = torch.ones(2 * self.capacity, dtype=torch.float32)
+        self.bias = {k: torch.cat([t, torch.zeros_like(t)]) for k, t in self.bias.items()}
+        self.n, self.capacity = new, 2 * self.capacity
+        self.generation += 1
+
+    def write(self, slot: int, adapter: Adapter) -> None:
+        """Write ``adapter``'s scaled N into ``slot`` (a slot no token points at)."""
+        sites = [adapter.sites[s] for s in self.sites]
+        if all(s.rank == self.rank for s in sites):  # one stacked op instead of one per site
+            n = torch.stack([s.N for s in sites]).to(torch.float64)  # [sites, r, r]
+            scale = torch.tensor([s.scaling for s in sites], dtype=torch.float64)
+            self.n[slot] = (n * scale[:, None, None]).to(self.n.dtype)
+        else:  # rank_pattern: ranks differ per module; zero-pad each to r
+            self.n[slot] = torch.stack([_scaled_n(s, self.rank, self.n.dtype) for s in sites])
+        self.slot_ranks[slot] = self.rank
+        self._write_bias(slot, adapter)
+
+    def kernel_site(self, site: Site) -> KernelSite | None:
+        """The kernels' view of this pool at one projection, or None if the family skips it."""
+        i = self.site_index.get(site)
+        if i is None:
+            return None
+        layer, module = site
+        w = self.base.weight(layer, module)
+        bias = self.base.weights.get(f"{self.base.spec.module_path(layer, module)}.bias")
+        tied_bias = bias[: self.rank] if bias is not None and module in ATTN_MODULES else None
+        return KernelSite(n_pool=self.n[:, i], tied_b=w[:, : self.rank], tied_bias=tied_bias)
+
+
+class LoraPool(_Pool):
+    """Untied adapters: per site ``n [S, R, R]``, ``a [S, R, in]``, ``b [S, out, R]`` (slot = family).
+
+    Site tensors are allocated on the first adapter that adapts the site.
+    """
+
+    def __init__(self, base: BaseModel, capacity: int, rank: int):
+        super().__init__(base, capacity)
+        self.rank = rank
+        self.tables: dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def slot_families(self) -> torch.Tensor:
+        return torch.arange(self.capacity, dtype=torch.int32)
+
+    def _table(self, site: Site) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if site not in self.tables:
+            out, inp = self.base.spec.projection_shape(site[1])
+            S, R, dt = self.capacity, self.rank, self.base.dtype
+            self.tables[site] = (torch.zeros(S, R, R, dtype=dt), torch.zeros(S, R, inp, dtype=dt),
+                                 torch.zeros(S, out, R, dtype=dt))
+            self.generation += 1
+        return self.tables[site]
+
+    def write(self, slot: int, adapter: Adapter) -> None:
+        """Write ``adapter``'s A, scaled N and B into ``slot``; N = 0 at sites it does not adapt."""
+        for key, site in adapter.sites.items():
+            n, a, b = self._table(key)
+            r = site.rank
+            n[slot] = _scaled_n(site, self.rank, n.dtype)
+            a[slot].zero_()
+            a[slot, :r] = site.A
+            b[slot].zero_()
+            b[slot, :, :r] = site.B
+        for key, (n, _, _) in self.tables.items():
+            if key not in adapter.sites:
+                n[slot].zero_()
+        self.slot_ranks[slot] = max(s.rank for s in adapter.sites.values())
+        self._write_bias(slot, adapter)
+
+    def kernel_site(self, site: Site) -> KernelSite | None:
+        """The kernels' view of this pool at one projection, or None if no adapter uses it."""
+        table = self.tables.get(site)
+        if table is None:
+            return None
+        n, a, b = table
+        return KernelSite(n_pool=n, a_pool=a, b_pool=b)
+
+
+def all_sites(base: BaseModel) -> list[Site]:
+    """Every adaptable (layer, module) of the base model, in forward order."""
+    return [(layer, m) for layer in range(base.spec.num_layers) for m in PROJECTIONS]

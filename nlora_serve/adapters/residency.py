@@ -1,0 +1,145 @@
+"""Which adapter versions sit in which pool slot, within the memory limits (DESIGN §3).
+
+- Tied (IntTune) tenants live in their family's :class:`TiedPool`, all of them, bounded by the
+  tied memory budget (``--adapter-memory``, bytes): a tenant over budget is refused at
+  registration, before anything is written.
+- Untied adapters share one :class:`LoraPool` of ``max_loras`` slots with LRU eviction: an
+  evicted adapter's tensors are dropped and re-read from its store folder on its next request
+  (a timed, counted cold load). A slot held by a running request is never evicted.
+
+The registry calls :meth:`admit` when a version is registered and :meth:`free` when it is freed;
+the engine calls :meth:`ensure_resident` when it admits a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+from nlora_serve.adapters.adapter import Adapter
+from nlora_serve.adapters.pool import LoraPool, TiedPool
+from nlora_serve.errors import AdapterError
+from nlora_serve.models.base import BaseModel
+
+log = logging.getLogger(__name__)
+
+
+class PoolFull(AdapterError):
+    """No room for an adapter now (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class Residency:
+    """Placement of registered versions into pools.
+
+    Args:
+        base: the served base model (dtype, shapes, the tied A/B slices).
+        load: re-reads an adapter folder (for an evicted untied adapter's cold load).
+        tied_budget: bytes all tied tenants' N may occupy together.
+        max_loras: untied adapters resident at once (LoraPool slots).
+        max_rank: the widest rank an untied adapter may have (LoraPool width).
+    """
+
+    def __init__(self, base: BaseModel, load: Callable[[Path], Adapter], *, tied_budget: int,
+                 max_loras: int, max_rank: int):
+        self.base = base
+        self._load = load
+        self.tied_budget = tied_budget
+        self.tied_pools: dict[str, TiedPool] = {}
+        self.lora_pool = LoraPool(base, max_loras, max_rank)
+        self._lru: OrderedDict[int, object] = OrderedDict()  # id(version) -> version, resident untied
+        self._lock = threading.Lock()
+        self.cold_loads = 0  # untied adapters re-read from the store
+        self.cold_load_seconds = 0.0
+
+    @property
+    def tied_bytes(self) -> int:
+        """Bytes the tied tenants' N occupy now (used slots only)."""
+        return sum(p.used * p.slot_bytes for p in self.tied_pools.values())
+
+    def pools(self) -> list:
+        """Every pool, tied families first (a snapshot: safe to iterate while admins register)."""
+        return [*self.tied_pools.values(), self.lora_pool]
+
+    def admit(self, version) -> None:
+        """Place a newly registered version (tied: always; untied: if a slot can be had).
+
+        Raises:
+            PoolFull: a tied tenant would exceed the tied memory budget.
+        """
+        with self._lock:
+            if version.is_tied:
+                self._admit_tied(version)
+            else:
+                self._place_untied(version, required=False)
+
+    def ensure_resident(self, version) -> None:
+        """Make sure a pinned version has a slot before its request runs (cold load if evicted).
+
+        Raises:
+            PoolFull: every LoRA slot is held by running requests.
+        """
+        with self._lock:
+            if version.is_tied or version.slot is not None:
+                if not version.is_tied:
+                    self._lru.move_to_end(id(version))
+                return
+            self._place_untied(version, required=True)
+
+    def free(self, version) -> None:
+        """Give back a freed version's slot."""
+        with self._lock:
+            if version.slot is None:
+                return
+            version.pool.release_slot(version.slot)
+            self._lru.pop(id(version), None)
+            version.pool, version.slot = None, None
+
+    def _admit_tied(self, version) -> None:
+        adapter = version.adapter
+        pool = self.tied_pools.get(adapter.family_key)
+        if pool is None:
+            pool = TiedPool(self.base, adapter.family_key, adapter)
+        if self.tied_bytes + pool.slot_bytes > self.tied_budget:
+            raise PoolFull(f"adapter {version.name!r}: tied tenants would need {self.tied_bytes + pool.slot_bytes} "
+                           f"bytes, over the budget of {self.tied_budget} bytes (--adapter-memory)")
+        self.tied_pools.setdefault(adapter.family_key, pool)
+        slot = pool.take_slot()
+        if slot is None:
+            pool.grow()
+            slot = pool.take_slot()
+        pool.write(slot, adapter)
+        version.pool, version.slot = pool, slot
+
+    def _place_untied(self, version, required: bool) -> None:
+        pool = self.lora_pool
+        slot = pool.take_slot()
+        if slot is None:
+            slot = self._evict_lru()
+        if slot is None:
+            if required:
+                raise PoolFull(f"adapter {version.name!r}: all {pool.capacity} LoRA slots are held by "
+                               "running requests (--max-loras); retry shortly")
+            return
+        if version.adapter is None:
+            start = time.perf_counter()
+            version.adapter = self._load(version.path)
+            self.cold_loads += 1
+            self.cold_load_seconds += time.perf_counter() - start
+        pool.write(slot, version.adapter)
+        version.pool, version.slot = pool, slot
+        self._lru[id(version)] = version
+
+    def _evict_lru(self) -> int | None:
+        for key, victim in self._lru.items():
+            if victim.refcount == 0:
+                del self._lru[key]
+                slot = victim.slot
+                victim.pool, victim.slot = None, None
+                victim.adapter = None  # drop its tensors: re-read from the store on demand
+                log.info("evicted adapter %s v%d from LoRA slot %d", victim.name, victim.version, slot)
+                return slot
+        return None

@@ -1,0 +1,56 @@
+"""Launch configurations: cached defaults per op and shape, no autotuning on the serving path.
+
+A per-device JSON file (``configs/<device name>.json``, written by an offline tuning script)
+may override a default: ``{"<op>": {"<rank width>": {"BLOCK_K": 64, ...}}}``. None ships yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+_CONFIG_DIR = Path(__file__).parent / "configs"
+
+# BLOCK_T ≥ 16 and BLOCK_R ≥ 16 wherever tl.dot runs (the GPU needs M, N, K ≥ 16).
+_DEFAULTS = {
+    "sgmv_shrink": {"BLOCK_T": 16, "BLOCK_K": 64, "num_warps": 4},
+    "bgmv_shrink": {"BLOCK_K": 128, "num_warps": 4},
+    "mix": {"BLOCK_T": 8, "num_warps": 4},
+    "sgmv_expand": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 4},
+}
+
+
+def block_r(rank: int) -> int:
+    """BLOCK_R for rank width ``rank``: a power of two, at least 16 (masked beyond rank)."""
+    return max(16, 1 << max(rank - 1, 0).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_file(device_name: str) -> dict:
+    path = _CONFIG_DIR / f"{device_name.replace(' ', '_')}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def get_config(op: str, rank: int, device_name: str = "default") -> dict:
+    """Launch parameters of ``op`` at rank width ``rank`` on ``device_name``.
+
+    Returns a fresh dict with the op's constexprs (BLOCK_*), ``num_warps`` and ``BLOCK_R``.
+
+    Raises:
+        KeyError: unknown op.
+    """
+    return dict(_config(op, rank, device_name))
+
+
+@functools.lru_cache(maxsize=None)
+def _config(op: str, rank: int, device_name: str) -> dict:
+    cfg = dict(_DEFAULTS[op])
+    cfg.update(_device_file(device_name).get(op, {}).get(str(rank), {}))
+    cfg["BLOCK_R"] = block_r(rank)
+    if op == "bgmv_shrink":  # an [R, K] tile of A per step: keep it near 8K elements
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, 8192 // cfg["BLOCK_R"]))
+    if op == "mix":  # keep the [BLOCK_T, BLOCK_R, BLOCK_I] product tile near 4K elements
+        cfg["BLOCK_T"] = max(1, min(cfg["BLOCK_T"], 4096 // (cfg["BLOCK_R"] ** 2)))
+        cfg["BLOCK_I"] = min(cfg["BLOCK_R"], max(16, 4096 // (cfg["BLOCK_T"] * cfg["BLOCK_R"])))
+    return cfg

@@ -1,0 +1,51 @@
+"""The CUDA path: the Triton ops composed per site (DESIGN §4)."""
+
+from __future__ import annotations
+
+import torch
+
+from nlora_serve.kernels.bgmv_shrink import bgmv_shrink
+from nlora_serve.kernels.metadata import AdapterBatch
+from nlora_serve.kernels.mix import mix
+from nlora_serve.kernels.sgmv_expand import sgmv_expand
+from nlora_serve.kernels.sgmv_shrink import sgmv_shrink
+from nlora_serve.kernels.weights import SiteWeights
+
+# Runs shorter than one 16-row tl.dot tile (decode) take the per-token BGMV shrink instead.
+_SGMV_MIN_RUN = 16
+
+
+def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
+                 site: SiteWeights) -> torch.Tensor:
+    """Triton form of :func:`nlora_serve.kernels.torch_ops.apply_torch` (same semantics).
+
+    Launches: tied path = mix (z read from y into an fp32 buffer) then, after every other add,
+    one expand by W[:, :r]; group path = shrink with the mix fused (SGMV over same-slot runs for
+    prefill, BGMV per token for decode) then one expand over same-family runs. y in place.
+    """
+    if batch.is_empty:
+        return y
+    r, num = batch.max_rank, batch.num_tokens
+    n_pool = site.n_pool
+    u_tied = None
+    if batch.num_tied:
+        # Copy z out of y first: the expands below write into the same columns.
+        u_tied = mix(y, n_pool, batch.tok_tied_slot, _buffer(y, num, r), site.tied_bias)
+    if batch.num_group:
+        u = _buffer(y, num, r)
+        if batch.max_seg_len >= _SGMV_MIN_RUN:
+            sgmv_shrink(x, site.a_pool, batch.slot_families, batch.seg_start, batch.seg_len,
+                        batch.seg_slot, batch.max_seg_len, u, n_pool)
+        else:
+            bgmv_shrink(x, site.a_pool, batch.tok_group_family, u, n_pool, batch.tok_group_slot)
+        sgmv_expand(u, site.b_pool, batch.fseg_start, batch.fseg_len, batch.fseg_family,
+                    batch.max_fseg_len, batch.tok_group_slot, batch.slot_scalings, y)
+    if u_tied is not None:
+        sgmv_expand(u_tied, site.tied_b[None], batch.tseg_start, batch.tseg_len, None,
+                    batch.max_tseg_len, batch.tok_tied_slot, batch.slot_scalings, y)
+    return y
+
+
+def _buffer(y: torch.Tensor, num: int, rank: int) -> torch.Tensor:
+    """[T, r] fp32 intermediate: keeps u exact to fp32 whatever y's dtype."""
+    return torch.empty(num, rank, dtype=torch.float32, device=y.device)

@@ -1,0 +1,53 @@
+"""The adapter weights of one adapted projection ("site"), as the adapter layer hands them over."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class SiteWeights:
+    """Pools of one site. R = the pools' rank width (the server's max rank, or less).
+
+    Contract shared by every path: in a slot or family that tokens use, entries beyond that slot's
+    rank are zero (the pool zero-fills on set_slot), so mixed ranks run in one launch at width R.
+    Free slots/families may hold anything, NaN included: no op ever reads them.
+    Any of these may be a strided view (e.g. ``n_pool = pool[:, site]`` of the [S, sites, R, R]
+    tied pool, ``tied_b = W[:, :R]``); nothing is copied.
+    """
+
+    n_pool: torch.Tensor  # [S, R, R]: N (M) per slot; plain LoRA slots hold the identity
+    a_pool: torch.Tensor | None = None  # [F, R, in]: A per family (None: no group-path slots)
+    b_pool: torch.Tensor | None = None  # [F, out, R]: B per family
+    tied_b: torch.Tensor | None = None  # [out, R']: W[:, :R'] of the base weight, R' ≥ R used
+    tied_bias: torch.Tensor | None = None  # [R'']: bias[:R''] of the base layer (Qwen2 q/k/v)
+
+    def __post_init__(self) -> None:
+        n = self.n_pool
+        if n.dim() != 3 or n.shape[1] != n.shape[2]:
+            raise ValueError(f"n_pool must be [S, R, R], got {tuple(n.shape)}")
+        if (self.a_pool is None) != (self.b_pool is None):
+            raise ValueError("a_pool and b_pool come together (both or neither)")
+        if self.a_pool is not None:
+            a, b = self.a_pool, self.b_pool
+            if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0]:
+                raise ValueError(f"a_pool [F, R, in] / b_pool [F, out, R] disagree: "
+                                 f"{tuple(a.shape)} vs {tuple(b.shape)}")
+            if a.shape[1] < n.shape[1] or b.shape[2] < n.shape[1]:
+                raise ValueError(f"a_pool/b_pool rank width {a.shape[1]}/{b.shape[2]} is below "
+                                 f"n_pool's {n.shape[1]}")
+        if self.tied_b is not None and self.tied_b.dim() != 2:
+            raise ValueError(f"tied_b must be [out, R'], got {tuple(self.tied_b.shape)}")
+
+    @property
+    def rank_width(self) -> int:
+        """R: the widest rank these pools can hold."""
+        return self.n_pool.shape[1]
+
+    @property
+    def dtypes(self) -> set[torch.dtype]:
+        """Dtypes of every tensor present (the ops require one compute dtype)."""
+        ts = (self.n_pool, self.a_pool, self.b_pool, self.tied_b, self.tied_bias)
+        return {t.dtype for t in ts if t is not None}

@@ -1,0 +1,155 @@
+"""Pools and residency over real adapters, checked through the kernels against float64 deltas."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from nlora_serve.adapters.adapter import Adapter
+from nlora_serve.adapters.nystrom import init_adapter
+from nlora_serve.adapters.registry import AdapterVersion
+from nlora_serve.adapters.residency import PoolFull, Residency
+from nlora_serve.adapters.save import write_adapter
+from nlora_serve.adapters.loader import read_adapter
+from nlora_serve.serving.adapter_layer import AdapterHook
+
+SITE = (2, "q_proj")
+
+
+def perturbed(adapter: Adapter, seed: int, scale: float = 0.05) -> Adapter:
+    """Give every site a distinct N (and B for SLoRA, whose B starts at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    for s in adapter.sites.values():
+        s.N = s.N + scale * torch.randn(s.N.shape, generator=gen, dtype=s.N.dtype)
+        s.has_n = True
+        if not adapter.is_tied:
+            s.B = s.B + scale * torch.randn(s.B.shape, generator=gen, dtype=s.B.dtype)
+    return adapter
+
+
+def version(name: str, adapter: Adapter, path=None) -> AdapterVersion:
+    return AdapterVersion(name, 1, adapter, path)
+
+
+def reference_delta(adapter: Adapter | None, x: torch.Tensor) -> torch.Tensor:
+    """s·B N A x (+ s·b) at SITE in float64, straight from the adapter's own tensors."""
+    site = adapter.sites.get(SITE) if adapter is not None else None
+    if site is None:
+        return torch.zeros(x.shape[0], 576, dtype=torch.float64)
+    delta = x.to(torch.float64) @ site.delta().t()
+    return delta if site.bias is None else delta + site.bias_delta()
+
+
+def run_site(base, versions, lens, x):
+    """Base output + hook at SITE; returns the delta the hook added."""
+    hook = AdapterHook()
+    hook.begin_step(versions, lens, x.device)
+    y = x @ base.weight(*SITE).t()
+    before = y.clone()
+    hook(x, y, *SITE)
+    return (y - before).to(torch.float64)
+
+
+@pytest.fixture
+def residency(base_fp32):
+    return Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30,
+                     max_loras=2, max_rank=16)
+
+
+def test_mixed_tied_and_lora_tokens_match_float64(base_fp32, residency, tmp_path):
+    tied = [perturbed(init_adapter(base_fp32, rank=8, targets=["q_proj", "v_proj"]), s) for s in (1, 2)]
+    lora = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", alpha=8), 3)
+    versions = [version(f"t{i}", a) for i, a in enumerate(tied)] + [version("l", lora)]
+    for v in versions:
+        residency.admit(v)
+    order = [versions[0], None, versions[2], versions[1], versions[0]]
+    lens = [3, 2, 5, 1, 4]
+    x = torch.randn(sum(lens), 576, generator=torch.Generator().manual_seed(0))
+    got = run_site(base_fp32, order, lens, x)
+    want = torch.cat([reference_delta(v.adapter if v else None, x[sum(lens[:i]):sum(lens[:i + 1])])
+                      for i, v in enumerate(order)])
+    assert got[3:5].abs().max() == 0  # base-model tokens untouched
+    assert (got - want).norm() / want.norm() < 1e-5
+
+
+def test_freed_tied_slot_is_reused_without_leaking(base_fp32, residency):
+    first = version("a", perturbed(init_adapter(base_fp32, rank=8, targets=["q_proj"]), 1))
+    residency.admit(first)
+    slot, pool = first.slot, first.pool
+    residency.free(first)
+    pool.n[slot] = float("nan")  # whatever a free slot holds must not matter
+    second = version("b", perturbed(init_adapter(base_fp32, rank=8, targets=["q_proj"]), 2))
+    residency.admit(second)
+    assert second.slot == slot
+    x = torch.randn(6, 576, generator=torch.Generator().manual_seed(1))
+    got = run_site(base_fp32, [second], [6], x)
+    want = reference_delta(second.adapter, x)
+    assert (got - want).norm() / want.norm() < 1e-5
+
+
+def test_nan_in_a_free_slot_never_reaches_other_tokens(base_fp32, residency):
+    live = version("a", perturbed(init_adapter(base_fp32, rank=8, targets=["q_proj"]), 1))
+    residency.admit(live)
+    live.pool.n[live.slot + 1:] = float("nan")
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(2))
+    got = run_site(base_fp32, [live, None], [3, 2], x)
+    assert torch.isfinite(got).all()
+    want = reference_delta(live.adapter, x[:3])
+    assert (got[:3] - want).norm() / want.norm() < 1e-5
+
+
+def test_evict_then_reload_gives_identical_outputs(base_fp32, residency, tmp_path):
+    loras = [perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=s), s)
+             for s in range(3)]
+    versions = []
+    for i, a in enumerate(loras):  # stored on disk so an evicted one can be re-read
+        path = write_adapter(a, tmp_path / f"l{i}")
+        versions.append(version(f"l{i}", read_adapter(path, base_fp32), path))
+    x = torch.randn(4, 576, generator=torch.Generator().manual_seed(3))
+    residency.admit(versions[0])
+    before = run_site(base_fp32, [versions[0]], [4], x)
+    residency.admit(versions[1])
+    residency.admit(versions[2])  # two slots: evicts v0, the least recently used
+    assert versions[0].slot is None and versions[0].adapter is None
+    residency.ensure_resident(versions[0])  # cold load from its folder
+    assert residency.cold_loads == 1
+    after = run_site(base_fp32, [versions[0]], [4], x)
+    assert torch.equal(before, after)
+
+
+def test_pinned_lora_slots_are_never_evicted(base_fp32, residency, tmp_path):
+    vs = []
+    for i in range(3):
+        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
+        vs.append(version(f"l{i}", a, write_adapter(a, tmp_path / f"l{i}")))
+    for v in vs[:2]:
+        residency.admit(v)
+        v.refcount = 1  # held by a running request
+    residency.admit(vs[2])  # no evictable slot: stays on disk for now
+    assert vs[2].slot is None
+    with pytest.raises(PoolFull, match="all 2 LoRA slots are held by running requests"):
+        residency.ensure_resident(vs[2])
+
+
+def test_tied_budget_refuses_the_tenant_that_would_exceed_it(base_fp32):
+    res = Residency(base_fp32, None, tied_budget=3 * 1 * 8 * 8 * 4, max_loras=1, max_rank=16)
+    tenants = [version(f"t{i}", init_adapter(base_fp32, rank=8, targets=["q_proj"], layers=[0])) for i in range(4)]
+    for v in tenants[:3]:
+        res.admit(v)
+    with pytest.raises(PoolFull, match=r"would need 1024 bytes, over the budget of 768 bytes"):
+        res.admit(tenants[3])
+    assert res.tied_bytes == 768
+
+
+def test_ten_thousand_tied_tenants_use_r2_sites_bytes_each(base_fp32):
+    # In-memory registration at the default example's shape: r=16 on all seven projections.
+    tenant = init_adapter(base_fp32, rank=16, targets="all-linear")
+    sites, r, nbytes = 30 * 7, 16, 4
+    per_tenant = sites * r * r * nbytes
+    res = Residency(base_fp32, None, tied_budget=10_000 * per_tenant, max_loras=1, max_rank=16)
+    for i in range(10_000):
+        res.admit(AdapterVersion(f"t{i}", 1, tenant, None))
+    assert per_tenant == 215_040
+    assert res.tied_bytes == 10_000 * per_tenant
+    pool = next(iter(res.tied_pools.values()))
+    assert pool.used == 10_000 and pool.n.nbytes == pool.capacity * per_tenant
