@@ -55,6 +55,25 @@ def _models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_adapters(sub: argparse._SubParsersAction) -> None:
+    from nlora_serve.adapters.cli import add_adapter_subcommands
+
+    adapters = sub.add_parser("adapters", help="create, inspect and convert adapters",
+                              description="Adapter tools that work on directories, without a server.")
+    add_adapter_subcommands(adapters.add_subparsers(dest="adapters_command", required=True,
+                                                    metavar="{inspect,init,convert}"))
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from nlora_serve.serving.generate_cli import add_generate_arguments, run_generate
+
+    gen = sub.add_parser("generate", help="generate text on the native engine (streams to stdout)",
+                         description="Load the model into the native engine in this process and "
+                                     "generate a completion for one prompt or chat.")
+    add_generate_arguments(gen)
+    gen.set_defaults(func=run_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (every subcommand registered)."""
     parser = argparse.ArgumentParser(
@@ -68,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "else $XDG_CACHE_HOME/nlora-serve)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_models(sub)
+    _add_adapters(sub)
+    _add_generate(sub)
     return parser
 
 

@@ -7,3 +7,7 @@ class NloraError(Exception):
 
 class ModelError(NloraError):
     """A base model is missing, corrupt or of an unsupported architecture."""
+
+
+class AdapterError(NloraError):
+    """An adapter is missing, malformed, or asks for something this server cannot serve exactly."""

@@ -1,0 +1,111 @@
+"""The ``adapters inspect | init | convert`` subcommands, ready to hang under ``nlora-serve``.
+
+``add_adapter_subcommands(subparsers)`` registers them (each sets ``func(args) -> exit code``);
+``python -m nlora_serve.adapters.cli ...`` runs them standalone. Expected failures raise
+:class:`~nlora_serve.errors.NloraError`; :func:`main` prints them on one line and returns 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nlora_serve.errors import NloraError
+
+
+def _base(args: argparse.Namespace):
+    from nlora_serve.models import load_base
+
+    return load_base(args.model, cache_dir=getattr(args, "cache_dir", None))
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from nlora_serve.adapters.inspect import format_report, inspect_adapter
+
+    print(format_report(inspect_adapter(args.dir, _base(args), max_rank=args.max_rank), as_json=args.json))
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from nlora_serve.adapters.inspect import format_report, report_for
+    from nlora_serve.adapters.nystrom import init_adapter
+    from nlora_serve.adapters.save import write_adapter
+
+    targets = args.targets[0] if args.targets == ["all-linear"] else args.targets
+    adapter = init_adapter(_base(args), rank=args.rank, targets=targets, variant=args.variant,
+                           layers=args.layers, alpha=args.alpha, seed=args.seed, use_rslora=args.rslora)
+    write_adapter(adapter, args.out, tied_form=args.tied_form)
+    print(format_report(report_for(adapter, args.out)))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from nlora_serve.adapters.convert import convert_dir
+    from nlora_serve.adapters.inspect import format_report, report_for
+
+    adapter = convert_dir(args.src, args.to, args.out, _base(args), max_rank=args.max_rank)
+    print(format_report(report_for(adapter, args.out)))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, max_rank: bool = True) -> None:
+    p.add_argument("--model", default="default",
+                   help="base model: 'default', a Hugging Face model directory or a .gguf file (default: %(default)s)")
+    if max_rank:
+        p.add_argument("--max-rank", type=int, default=64,
+                       help="refuse adapters whose rank exceeds this, as the server would (default: %(default)s)")
+
+
+def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``inspect``, ``init`` and ``convert`` on an ``adapters`` subparsers object."""
+    p = subparsers.add_parser("inspect", help="validate an adapter directory and describe it",
+                              description="Validate DIR against the base model as the server would and print "
+                                          "flavour, ranks, targets, layers, tied or not, bytes held and the "
+                                          "content hash. Exit 0 when servable, 2 with the reason otherwise.")
+    p.add_argument("dir", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    p.set_defaults(func=_inspect)
+
+    p = subparsers.add_parser("init", help="create an NLoRA / SLoRA adapter from the base weights",
+                              description="NLoRA (Nyström): A = W[:r,:], N = W[:r,:r], B = W[:,:r]; "
+                                          "nlora-pinv: N = pinv(W[:r,:r]); slora: random A and N, B = 0.")
+    _common(p, max_rank=False)
+    p.add_argument("--rank", type=int, required=True, help="rank r of every adapted projection")
+    p.add_argument("--targets", nargs="+", required=True,
+                   help="projections (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or all-linear")
+    p.add_argument("--variant", choices=["nlora", "nlora-pinv", "slora"], default="nlora",
+                   help="initialisation (default: %(default)s, the NLoRA reference code's)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices to adapt (default: all)")
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: r, so scaling 1)")
+    p.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--seed", type=int, default=0, help="RNG seed for slora (default: %(default)s)")
+    p.add_argument("--tied-form", action="store_true",
+                   help="write the compact tied form (lora_N only + family key); nlora variants only")
+    p.add_argument("--out", required=True, help="output directory (created; must not hold an adapter)")
+    p.set_defaults(func=_init)
+
+    p = subparsers.add_parser("convert", help="NLoRA -> plain LoRA (fold N into B) or LoRA -> NLoRA (N = I)",
+                              description="Convert SRC exactly (up to float rounding) and write the full form.")
+    p.add_argument("src", help="source adapter directory")
+    p.add_argument("--to", choices=["lora", "nlora"], required=True, help="target form")
+    p.add_argument("--out", required=True, help="output directory (created; must not hold an adapter)")
+    _common(p)
+    p.set_defaults(func=_convert)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: ``python -m nlora_serve.adapters.cli {inspect,init,convert} ...``."""
+    parser = argparse.ArgumentParser(prog="nlora-serve adapters")
+    parser.add_argument("--cache-dir", default=None, help="cache root for prepared models")
+    add_adapter_subcommands(parser.add_subparsers(dest="adapters_command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except NloraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

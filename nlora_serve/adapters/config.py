@@ -1,0 +1,277 @@
+"""``adapter_config.json``: parse, validate, and decide which modules an adapter adapts.
+
+Target selection, ``rank_pattern`` / ``alpha_pattern`` and the scaling rule mirror PEFT 0.21
+(``peft/tuners/tuners_utils.py:check_target_module_exists``, ``peft/utils/other.py:get_pattern_key``,
+``peft/tuners/lora/layer.py:update_layer``), so an adapter means here what it means in PEFT.
+Module names are the Hugging Face ones, e.g. ``model.layers.3.self_attn.q_proj``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nlora_serve.errors import AdapterError
+from nlora_serve.models.spec import PROJECTIONS, ModelSpec
+
+CONFIG_NAME = "adapter_config.json"
+ALL_LINEAR = "all-linear"
+TIED_FORMAT = "tied-n"  # the compact IntTune form: only lora_N on disk (DESIGN §3)
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for llama, mistral and qwen2.
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+# Config fields whose non-empty value changes the served maths in a way this server does not do.
+REFUSED_FIELDS = {
+    "use_dora": "DoRA (use_dora=true) rescales the merged weight by lora_magnitude_vector",
+    "modules_to_save": "modules_to_save replaces whole base modules",
+    "trainable_token_indices": "trainable_token_indices replaces embedding rows",
+    "target_parameters": "target_parameters adapts raw parameters, not linear modules",
+    "layer_replication": "layer_replication changes the layer stack",
+    "alora_invocation_tokens": "aLoRA activates only after invocation tokens",
+    "use_qalora": "QA-LoRA pools the input before lora_A",
+    "use_bdlora": "BD-LoRA stores block-diagonal factors",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TiedHeader:
+    """The ``nlora_serve`` object of a compact tied adapter's config (DESIGN §3)."""
+
+    format: str  # always TIED_FORMAT
+    family: str  # family key, 64 hex chars (see tied.family_key)
+    base_fingerprint: str  # fingerprint of the base model the A/B slices come from
+    init: str = "nystrom"  # how A and B relate to W: A = W[:r, :], B = W[:, :r]
+
+    def __post_init__(self):
+        if self.format != TIED_FORMAT:
+            raise AdapterError(f"{CONFIG_NAME}: nlora_serve.format {self.format!r} is not supported; "
+                               f"expected {TIED_FORMAT!r}")
+        for name in ("family", "base_fingerprint", "init"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise AdapterError(f"{CONFIG_NAME}: nlora_serve.{name} must be a non-empty string")
+
+
+@dataclass(slots=True)
+class AdapterConfig:
+    """The PEFT LoRA fields that change the maths, validated; ``raw`` keeps the JSON as read."""
+
+    r: int  # default rank
+    lora_alpha: float  # default alpha
+    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS  # names/suffixes, a regex, or "all-linear"
+    exclude_modules: tuple[str, ...] | str | None = None
+    layers_to_transform: tuple[int, ...] | int | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # regex on the name suffix -> r
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex on the name suffix -> alpha
+    use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+    lora_bias: bool = False  # lora_B carries a bias
+    init_lora_weights: bool | str = True
+    tied: TiedHeader | None = None  # set for the compact tied form
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        _check_rank("r", self.r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        for key, r in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", r)
+        for key, a in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", a)
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), str):
+                _check_regex(name, getattr(self, name))
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                _check_regex(f"{name} key", key)
+        _check_layers(self)
+
+
+def _check_rank(name: str, r) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{CONFIG_NAME}: {name} = {r!r}; expected a positive integer rank")
+
+
+def _check_alpha(name: str, alpha) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(f"{CONFIG_NAME}: {name} = {alpha!r}; expected a finite number")
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise AdapterError(f"{CONFIG_NAME}: {name} {pattern!r} is not a valid regex ({exc})") from None
+
+
+def _check_layers(cfg: AdapterConfig) -> None:
+    layers = cfg.layers_to_transform
+    items = (layers,) if isinstance(layers, int) else layers or ()
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+        raise AdapterError(f"{CONFIG_NAME}: layers_to_transform = {layers!r}; expected layer indices >= 0")
+    if isinstance(cfg.target_modules, str) and layers is not None:
+        raise AdapterError(f"{CONFIG_NAME}: layers_to_transform cannot be used when target_modules is "
+                           f"the string {cfg.target_modules!r} (PEFT refuses it too)")
+    if cfg.layers_pattern and layers is None:
+        raise AdapterError(f"{CONFIG_NAME}: layers_pattern {cfg.layers_pattern!r} needs layers_to_transform")
+
+
+def _names(value, field_name: str) -> tuple[str, ...] | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise AdapterError(f"{CONFIG_NAME}: {field_name} = {value!r}; expected a list of names or a regex string")
+
+
+def _refuse_unsupported(raw: dict) -> None:
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterError(f"{CONFIG_NAME}: peft_type {peft_type!r} is not supported; expected 'LORA' "
+                           "(LoRA, SLoRA, NLoRA and IntTune adapters all use peft_type LORA)")
+    for name, why in REFUSED_FIELDS.items():
+        if raw.get(name) not in (None, False, [], {}, ""):
+            raise AdapterError(f"{CONFIG_NAME}: {name} = {raw[name]!r} is not supported: {why}, "
+                               "which this server does not serve; refusing rather than dropping it")
+
+
+def parse_config(raw: dict) -> AdapterConfig:
+    """Validate a parsed ``adapter_config.json`` (PEFT defaults for absent fields).
+
+    Raises:
+        AdapterError: unknown ``peft_type``, a field we cannot serve (DoRA, modules_to_save, ...),
+            or a malformed value; the message names the field and its value.
+    """
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}")
+    _refuse_unsupported(raw)
+    if raw.get("fan_in_fan_out"):
+        warnings.warn("fan_in_fan_out is set to True but the target modules are torch.nn.Linear; "
+                      "ignoring it, as PEFT does", stacklevel=2)
+    layers = raw.get("layers_to_transform")
+    patterns = raw.get("layers_pattern")
+    tied = raw.get("nlora_serve")
+    try:
+        return AdapterConfig(
+            r=raw.get("r", 8), lora_alpha=raw.get("lora_alpha", 8),
+            target_modules=DEFAULT_TARGETS if raw.get("target_modules") is None
+            else _names(raw["target_modules"], "target_modules"),
+            exclude_modules=_names(raw.get("exclude_modules"), "exclude_modules"),
+            layers_to_transform=tuple(layers) if isinstance(layers, list) else layers,
+            layers_pattern=(patterns,) if isinstance(patterns, str) else _names(patterns, "layers_pattern"),
+            rank_pattern=dict(raw.get("rank_pattern") or {}), alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            use_rslora=bool(raw.get("use_rslora", False)), lora_bias=bool(raw.get("lora_bias", False)),
+            init_lora_weights=raw.get("init_lora_weights", True),
+            tied=TiedHeader(**tied) if isinstance(tied, dict) else None, raw=dict(raw))
+    except TypeError as exc:  # wrong field types inside nlora_serve or the patterns
+        raise AdapterError(f"{CONFIG_NAME}: malformed field ({exc})") from None
+
+
+def read_config(adapter_dir: Path) -> AdapterConfig:
+    """Read and validate ``adapter_dir/adapter_config.json``.
+
+    Raises:
+        AdapterError: the file is missing or not JSON, or :func:`parse_config` refuses it.
+    """
+    if not Path(adapter_dir).is_dir():
+        raise AdapterError(f"{adapter_dir}: no such adapter directory")
+    path = Path(adapter_dir) / CONFIG_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{adapter_dir}: no {CONFIG_NAME}; a PEFT adapter directory needs "
+                           f"{CONFIG_NAME} next to adapter_model.safetensors") from None
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{path}: cannot read {CONFIG_NAME} as JSON ({exc})") from None
+    return parse_config(raw)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """The scaling s of ``delta = s * B @ N @ A``: alpha / sqrt(r) with rsLoRA, else alpha / r.
+
+    The one place the rule lives (PEFT ``LoraLayer.update_layer``; rsLoRA: Kalajdzievski 2023).
+    """
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT ``get_pattern_key``: the first key K with ``re.match(rf"(.*\\.)?({K})$", name)`` wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _is_excluded(cfg: AdapterConfig, name: str) -> bool:
+    ex = cfg.exclude_modules
+    if not ex:
+        return False
+    if isinstance(ex, str):
+        return re.fullmatch(ex, name) is not None
+    return name in ex or any(name.endswith(f".{e}") for e in ex)
+
+
+def _layer_selected(cfg: AdapterConfig, name: str) -> bool:
+    layers = cfg.layers_to_transform
+    if layers is None or (not isinstance(layers, int) and len(layers) == 0):
+        return True
+    match = None
+    if not cfg.layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    for pattern in cfg.layers_pattern or ():
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        if match:
+            break
+    if match is None:
+        return False
+    idx = int(match.group("idx"))
+    return idx == layers if isinstance(layers, int) else idx in layers
+
+
+def is_targeted(cfg: AdapterConfig, name: str) -> bool:
+    """Whether PEFT would put a LoRA on the linear module ``name`` (for "all-linear": any
+    linear module but ``lm_head``, so pass only linear module names)."""
+    if _is_excluded(cfg, name):
+        return False
+    targets = cfg.target_modules
+    if isinstance(targets, str):
+        if targets.lower() == ALL_LINEAR:
+            return name != "lm_head"
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True  # a full name bypasses layers_to_transform, as in PEFT
+    return any(name.endswith(f".{t}") for t in targets) and _layer_selected(cfg, name)
+
+
+@dataclass(frozen=True, slots=True)
+class SitePlan:
+    """What the config says about one adapted projection."""
+
+    layer: int
+    module: str  # one of PROJECTIONS
+    rank: int
+    alpha: float
+    scaling: float  # lora_scaling(rank, alpha, use_rslora)
+
+
+def plan_sites(cfg: AdapterConfig, spec: ModelSpec) -> dict[tuple[int, str], SitePlan]:
+    """The projections the config adapts on this model, in (layer, PROJECTIONS) order.
+
+    Raises:
+        AdapterError: the config targets ``lm_head`` or ``model.embed_tokens`` (not served).
+    """
+    all_linear = isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == ALL_LINEAR
+    for other in () if all_linear else ("lm_head", "model.embed_tokens"):
+        if is_targeted(cfg, other):
+            raise AdapterError(f"{CONFIG_NAME}: target_modules {cfg.target_modules!r} selects {other}; "
+                               "LoRA on the embeddings or lm_head is not served")
+    plans = {}
+    for layer in range(spec.num_layers):
+        for module in PROJECTIONS:
+            name = ModelSpec.module_path(layer, module)
+            if is_targeted(cfg, name):
+                r = _pattern_value(cfg.rank_pattern, name, cfg.r)
+                alpha = _pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha)
+                plans[(layer, module)] = SitePlan(layer, module, r, alpha, lora_scaling(r, alpha, cfg.use_rslora))
+    return plans

@@ -1,0 +1,113 @@
+"""Adapter directory I/O: safetensors in, safetensors out. A pickle is never opened.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT layout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from nlora_serve.adapters.config import CONFIG_NAME
+from nlora_serve.errors import AdapterError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# safetensors dtype names we accept; each converts exactly to float32.
+STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def weights_path(adapter_dir: Path) -> Path:
+    """``adapter_dir/adapter_model.safetensors``.
+
+    Raises:
+        AdapterError: the directory is missing, or holds no safetensors file (a pickled
+            ``adapter_model.bin``/``.pt`` is named and refused without being opened).
+    """
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"{adapter_dir}: no such adapter directory")
+    path = adapter_dir / WEIGHTS_NAME
+    if path.is_file():
+        return path
+    pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise AdapterError(f"{adapter_dir}: found only {', '.join(pickles)} (a pickle, which can run code "
+                           f"when loaded); only {WEIGHTS_NAME} (safetensors) is loaded, pickles are never "
+                           "opened: convert it with safetensors.torch.save_file")
+    raise AdapterError(f"{adapter_dir}: no {WEIGHTS_NAME}; expected it next to {CONFIG_NAME}")
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{key: (safetensors dtype, shape)}`` without reading tensor data.
+
+    Raises:
+        AdapterError: not a readable safetensors file, or a tensor of a dtype other than
+            F32 / F16 / BF16 (named with its key).
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise AdapterError(f"{path}: not a readable safetensors file ({exc})") from None
+    for key, (dtype, _) in header.items():
+        if dtype not in STORED_DTYPES:
+            raise AdapterError(f"tensor {key!r} has dtype {dtype}; expected one of "
+                               f"{', '.join(STORED_DTYPES)} (float16, bfloat16, float32)")
+    return header
+
+
+def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors in their stored dtype.
+
+    Raises:
+        AdapterError: the file cannot be read.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in keys}
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise AdapterError(f"{path}: cannot read tensors ({exc})") from None
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temp file in the same directory, fsync, rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; an adapter is a shareable artefact
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_dir(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``config`` and ``tensors`` as a PEFT-style adapter directory.
+
+    Args:
+        out_dir: created if missing; must not already hold an adapter.
+        config: the adapter_config.json object.
+        tensors: file key -> tensor (written contiguous, in its dtype).
+
+    Raises:
+        AdapterError: ``out_dir`` already holds adapter_config.json or adapter_model.safetensors.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if (out_dir / name).exists():
+            raise AdapterError(f"{out_dir / name} already exists; refusing to overwrite an adapter")
+    data = {k: v.detach().contiguous() for k, v in tensors.items()}
+    _atomic_write(out_dir / WEIGHTS_NAME, lambda p: save_file(data, p, metadata={"format": "pt"}))
+    _atomic_write(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    return out_dir

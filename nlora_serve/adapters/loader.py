@@ -1,0 +1,179 @@
+"""Read and validate one adapter directory against a base model (DESIGN §3).
+
+Every check runs before the adapter exists, so a refused adapter disturbs nothing. Order:
+config fields, file format, key names, config ↔ keys agreement, rank vs max rank, shapes,
+finite values; then tied detection, the content hash, and one cast to the compute dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nlora_serve.adapters.adapter import Adapter, SiteWeights, content_hash, flavour_of, sort_sites
+from nlora_serve.adapters.config import CONFIG_NAME, AdapterConfig, SitePlan, plan_sites, read_config
+from nlora_serve.adapters.format import STORED_DTYPES, read_header, read_tensors, weights_path
+from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, group_keys
+from nlora_serve.adapters.tied import family_key, is_tied, tie_to_base
+from nlora_serve.errors import AdapterError
+from nlora_serve.models.base import BaseModel
+from nlora_serve.models.spec import ModelSpec
+
+DEFAULT_MAX_RANK = 64  # --max-rank
+
+
+def _check_ranks(plans: dict[tuple[int, str], SitePlan], max_rank: int) -> None:
+    worst = max(plans.values(), key=lambda p: p.rank)
+    if worst.rank > max_rank:
+        raise AdapterError(f"rank {worst.rank} of {ModelSpec.module_path(worst.layer, worst.module)} exceeds "
+                           f"the server's max rank {max_rank} (--max-rank)")
+
+
+def _check_coverage(grouped: dict, plans: dict, cfg: AdapterConfig) -> None:
+    extra = [s for s in grouped if s not in plans]
+    if extra:
+        key = next(iter(grouped[extra[0]].values()))
+        raise AdapterError(f"tensor {key!r} adapts {ModelSpec.module_path(*extra[0])}, which {CONFIG_NAME} "
+                           f"does not target (target_modules={cfg.target_modules!r}, layers_to_transform="
+                           f"{cfg.layers_to_transform!r}, exclude_modules={cfg.exclude_modules!r})")
+    missing = [s for s in plans if s not in grouped]
+    if missing:
+        raise AdapterError(f"{CONFIG_NAME} targets {ModelSpec.module_path(*missing[0])} but the weights hold "
+                           f"no tensors for it ({len(missing)} of {len(plans)} targeted modules missing)")
+
+
+def _required_parts(cfg: AdapterConfig) -> tuple[set[str], set[str]]:
+    """(required, allowed) parts of one site's tensors."""
+    if cfg.tied is not None:
+        return {PART_N}, {PART_N}
+    bias = {PART_BIAS} if cfg.lora_bias else set()
+    return {PART_A, PART_B} | bias, {PART_A, PART_B, PART_N} | bias
+
+
+def _check_parts(grouped: dict, cfg: AdapterConfig) -> None:
+    for (layer, module), parts in grouped.items():
+        required, allowed = _required_parts(cfg)
+        name = ModelSpec.module_path(layer, module)
+        if required - set(parts):
+            lacking = ", ".join(sorted(required - set(parts)))
+            why = " (lora_bias=true)" if lacking == PART_BIAS else ""
+            form = "the compact tied form" if cfg.tied else "a LoRA site"
+            raise AdapterError(f"{name}: {form} needs {lacking}{why}; the file has only {', '.join(sorted(parts))}")
+        if set(parts) - allowed:
+            key = parts[sorted(set(parts) - allowed)[0]]
+            why = ("the compact tied form holds only lora_N" if cfg.tied else
+                   f"{CONFIG_NAME} has lora_bias=false")
+            raise AdapterError(f"tensor {key!r} is not expected: {why}")
+
+
+def _expected_shape(part: str, plan: SitePlan, spec: ModelSpec) -> tuple[int, ...]:
+    out, inp = spec.projection_shape(plan.module)
+    return {PART_A: (plan.rank, inp), PART_N: (plan.rank, plan.rank), PART_B: (out, plan.rank),
+            PART_BIAS: (out,)}[part]
+
+
+def _check_shapes(grouped: dict, header: dict, plans: dict, spec: ModelSpec) -> None:
+    for site, parts in grouped.items():
+        plan = plans[site]
+        out, inp = spec.projection_shape(plan.module)
+        for part, key in parts.items():
+            got, want = header[key][1], _expected_shape(part, plan, spec)
+            if got != want:
+                raise AdapterError(f"tensor {key!r} has shape {list(got)}, expected {list(want)} "
+                                   f"(r={plan.rank} from {CONFIG_NAME}; {plan.module} of this model is "
+                                   f"[out={out}, in={inp}])")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    for key, t in sorted(tensors.items()):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise AdapterError(f"tensor {key!r} has {bad} non-finite value(s) (NaN or inf) of {t.numel()}; "
+                               "refusing it so no NaN reaches a shared batch")
+
+
+def _build_sites(grouped, tensors, plans, base: BaseModel) -> dict[tuple[int, str], SiteWeights]:
+    """Sites in float32 (exact for the accepted stored dtypes); compact tied sites get base views."""
+    sites = {}
+    for site, parts in grouped.items():
+        plan = plans[site]
+        get = {p: tensors[k].to(torch.float32) for p, k in parts.items()}
+        w = base.weight(*site)
+        sites[site] = SiteWeights(
+            layer=plan.layer, module=plan.module, rank=plan.rank, scaling=plan.scaling,
+            A=get.get(PART_A, w[: plan.rank, :]), B=get.get(PART_B, w[:, : plan.rank]),
+            N=get.get(PART_N, torch.eye(plan.rank, dtype=torch.float32)),
+            bias=get.get(PART_BIAS), has_n=PART_N in get)
+    return sort_sites(sites)
+
+
+def _check_family(cfg: AdapterConfig, plans: dict, base: BaseModel) -> str:
+    tied = cfg.tied
+    if tied.base_fingerprint != base.fingerprint:
+        raise AdapterError(f"{CONFIG_NAME}: this tied adapter's A and B are slices of base model "
+                           f"{tied.base_fingerprint[:16]}…, not of the loaded base {base.fingerprint[:16]}…")
+    key = family_key(base.fingerprint, {s: p.rank for s, p in plans.items()})
+    if tied.family != key:
+        raise AdapterError(f"{CONFIG_NAME}: nlora_serve.family {tied.family[:16]}… does not match the family "
+                           f"{key[:16]}… of its own r / target_modules / layers on this base")
+    return key
+
+
+def _cast(sites: dict[tuple[int, str], SiteWeights], dtype: torch.dtype) -> None:
+    for s in sites.values():
+        s.A, s.N, s.B = s.A.to(dtype), s.N.to(dtype), s.B.to(dtype)
+        s.bias = None if s.bias is None else s.bias.to(dtype)
+
+
+def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DEFAULT_MAX_RANK) -> Adapter:
+    """Read, validate and type one adapter directory for ``base``.
+
+    Accepts the PEFT LoRA layout (lora_A / lora_B), the NLoRA reference layout (+ lora_N), and the
+    compact tied form (lora_N only, ``nlora_serve.format = "tied-n"``). Tensors (F32/F16/BF16) are
+    cast once to ``base.dtype``; a tied adapter's A and B become views of the base weight.
+
+    Raises:
+        AdapterError: anything that cannot be served exactly; the message names the key or field
+            and the numbers (rank vs ``max_rank``, shape vs the model's shape, count of NaNs).
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg = read_config(adapter_dir)
+    path = weights_path(adapter_dir)
+    header = read_header(path)
+    grouped = group_keys(list(header), base.spec)
+    plans = plan_sites(cfg, base.spec)
+    if not plans:
+        raise AdapterError(f"{CONFIG_NAME}: target_modules {cfg.target_modules!r} selects no module of "
+                           "this model: the adapter would adapt nothing")
+    _check_ranks(plans, max_rank)
+    _check_coverage(grouped, plans, cfg)
+    _check_parts(grouped, cfg)
+    _check_shapes(grouped, header, plans, base.spec)
+    tensors = read_tensors(path, list(header))
+    _check_finite(tensors)
+    stored = max((STORED_DTYPES[d] for d, _ in header.values()), key=lambda d: torch.finfo(d).eps)
+    sites = _build_sites(grouped, tensors, plans, base)
+    family = _check_family(cfg, plans, base) if cfg.tied else None
+    return assemble_adapter(cfg, sites, base, stored, family=family, source=str(adapter_dir))
+
+
+def assemble_adapter(cfg: AdapterConfig, sites: dict[tuple[int, str], SiteWeights], base: BaseModel,
+                     stored_dtype: torch.dtype, *, family: str | None = None, source: str = "") -> Adapter:
+    """Finish validated float32 ``sites`` into an :class:`Adapter`: detect tying (unless
+    ``family`` is given), hash, cast once to ``base.dtype``, and make tied A/B base views.
+
+    Used by the reader, the Nyström init and convert, so all three produce the same object.
+    """
+    sites = sort_sites(sites)
+    if family is None and is_tied(sites, base, stored_dtype):
+        family = family_key(base.fingerprint, {s: w.rank for s, w in sites.items()})
+    digest = content_hash(sites, family)
+    _cast(sites, base.dtype)
+    if family is not None:
+        tie_to_base(sites, base)
+    return Adapter(config=cfg, sites=sites, flavour=flavour_of(sites, family is not None), dtype=base.dtype,
+                   stored_dtype=stored_dtype, content_hash=digest, family_key=family,
+                   base_fingerprint=base.fingerprint, source=source)
+
+__all__ = ["DEFAULT_MAX_RANK", "assemble_adapter", "read_adapter"]

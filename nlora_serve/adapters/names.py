@@ -1,0 +1,25 @@
+"""Adapter names: the one pattern every store path and API name must match (DESIGN §3)."""
+
+from __future__ import annotations
+
+import re
+
+from nlora_serve.errors import AdapterError
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` unchanged if it is a valid adapter name.
+
+    A name is 1-128 characters of ``[A-Za-z0-9._-]`` starting with a letter or digit, so it can
+    never be absolute, start with ``.`` (``.``, ``..``, hidden files) or contain a path separator.
+
+    Raises:
+        AdapterError: the name does not match :data:`NAME_PATTERN` (message names it and the pattern).
+    """
+    if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
+        raise AdapterError(f"adapter name {name!r} is not valid: expected {NAME_PATTERN} "
+                           "(1-128 letters, digits, '.', '_', '-', starting with a letter or digit)")
+    return name

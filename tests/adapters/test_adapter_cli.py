@@ -1,0 +1,53 @@
+"""The ``adapters`` subcommands as a user runs them: exit codes, one-line errors, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from adapter_helpers import CASES
+
+from nlora_serve.adapters.cli import add_adapter_subcommands, main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nlora_serve.adapters.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_inspect_refuses_the_pickle_in_a_subprocess_without_opening_it():
+    done = _run("inspect", str(CASES / "pickle-bin"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "pickle" in done.stderr.replace(str(CASES / "pickle-bin"), "") and done.stdout == ""
+    assert not os.path.exists("/tmp/nlora-pickle-marker")
+
+
+def test_inspect_json_init_and_convert(tmp_path, capsys):
+    assert main(["inspect", str(CASES / "inttune-nystrom-tied"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tied"] and report["flavour"] == "inttune-tied" and report["held_bytes"] == 90 * 8 * 8 * 4
+    out = tmp_path / "t"
+    assert main(["init", "--rank", "8", "--targets", "q_proj", "v_proj", "o_proj", "--tied-form",
+                 "--out", str(out)]) == 0
+    assert "tied          yes" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--json"]) == 0
+    mine = json.loads(capsys.readouterr().out)
+    assert mine["family_key"] == report["family_key"]  # same base, r, targets, layers: one family
+    assert main(["convert", str(out), "--to", "lora", "--out", str(tmp_path / "l")]) == 0
+    assert "flavour       lora" in capsys.readouterr().out
+
+
+def test_expected_failures_exit_2_with_one_line(capsys):
+    assert main(["inspect", str(CASES / "rank-over-limit"), "--max-rank", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rank 128" in err and "max rank 64" in err
+
+
+def test_subcommands_register_on_a_parent_parser():
+    parser = argparse.ArgumentParser()
+    add_adapter_subcommands(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["init", "--rank", "4", "--targets", "all-linear", "--out", "x", "--variant", "slora"])
+    assert args.func.__name__ == "_init" and args.targets == ["all-linear"] and args.model == "default"
