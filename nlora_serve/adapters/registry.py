@@ -24,7 +24,8 @@ from pathlib import Path
 
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.store import CONFIG_FILE, STAGING, AdapterStore
+from nlora_serve.adapters.save import compact_tied_files
+from nlora_serve.adapters.store import CONFIG_FILE, STAGING, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class AdapterRegistry:
         """
         validate_name(name)
         adapter = self._validate(files)
+        files = compact_tied_files(adapter, files[WEIGHTS_FILE]) or files  # DESIGN §3: N only on disk
         with self._write_lock:  # check, persist and switch as one step per registry
             self._check_version(name, if_version)
             version = AdapterVersion(name, 0, adapter, Path())
@@ -144,7 +146,7 @@ class AdapterRegistry:
             AdapterError / VersionConflict: as :meth:`register`.
         """
         config = (self.get(name).path / CONFIG_FILE).read_bytes()
-        return self.register(name, {CONFIG_FILE: config, "adapter_model.safetensors": weights}, if_version)
+        return self.register(name, {CONFIG_FILE: config, WEIGHTS_FILE: weights}, if_version)
 
     def get(self, name: str) -> AdapterVersion:
         """The current version of ``name`` (no reference taken).
@@ -214,7 +216,7 @@ class AdapterRegistry:
         staged = Path(tempfile.mkdtemp(prefix="validate.", dir=self.store.root / STAGING))
         try:
             for fname, data in files.items():
-                if fname not in (CONFIG_FILE, "adapter_model.safetensors"):
+                if fname not in (CONFIG_FILE, WEIGHTS_FILE):
                     raise AdapterError(f"file {fname!r} is not part of an adapter")
                 (staged / fname).write_bytes(data)
             return self._load(staged)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from nlora_serve.adapters.adapter import Adapter
-from nlora_serve.adapters.config import TIED_FORMAT
-from nlora_serve.adapters.format import write_dir
+from nlora_serve.adapters.config import CONFIG_NAME, TIED_FORMAT
+from nlora_serve.adapters.format import WEIGHTS_NAME, write_dir
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, tensor_key
 from nlora_serve.adapters.tied import TIED_INIT
 from nlora_serve.errors import AdapterError
@@ -58,3 +60,25 @@ def write_adapter(adapter: Adapter, out_dir: str | Path, *, tied_form: bool = Fa
     """
     tensors = tensor_dict(adapter, tied_form=tied_form, dtype=dtype)
     return write_dir(Path(out_dir), config_dict(adapter, tied_form=tied_form), tensors)
+
+
+def compact_tied_files(adapter: Adapter, weights: bytes) -> dict[str, bytes] | None:
+    """The compact tied form of an uploaded full-form tied adapter, as store files; None when
+    ``adapter`` is untied, already compact, or has a lora_B bias (which the compact form lacks).
+
+    N comes from the uploaded bytes in their stored dtype (identity where the file has no lora_N),
+    so the compact form hashes and serves exactly like the upload.
+    """
+    if not adapter.is_tied or adapter.config.tied is not None:
+        return None
+    if any(s.bias is not None for s in adapter.sites.values()):
+        return None
+    original = safetensors.torch.load(weights)
+    n_keys = {}
+    for (layer, module), s in adapter.sites.items():
+        key = tensor_key(layer, module, PART_N)
+        n_keys[key] = original[key] if key in original else torch.eye(s.rank, dtype=adapter.stored_dtype)
+    config = json.dumps(config_dict(adapter, tied_form=True), indent=2) + "\n"
+    return {CONFIG_NAME: config.encode(),
+            WEIGHTS_NAME: safetensors.torch.save({k: v.contiguous() for k, v in n_keys.items()},
+                                                 metadata={"format": "pt"})}

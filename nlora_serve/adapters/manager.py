@@ -1,0 +1,107 @@
+"""The serving side's one handle on adapters: store + registry + residency, wired together.
+
+Front ends call :meth:`AdapterManager.acquire` when they admit a request (NOT_FOUND at once for an
+unknown name) and the engine calls :meth:`release` exactly once when the request ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nlora_serve.adapters.loader import DEFAULT_MAX_RANK, read_adapter
+from nlora_serve.adapters.registry import AdapterRegistry, AdapterVersion
+from nlora_serve.adapters.residency import Residency
+from nlora_serve.adapters.store import ALLOWED_FILES, AdapterStore
+from nlora_serve.errors import AdapterError
+from nlora_serve.models.base import BaseModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AdapterLimits:
+    """Limits on what adapters the server takes and holds (DESIGN §3)."""
+
+    max_rank: int = DEFAULT_MAX_RANK  # --max-rank: refuse adapters of a higher rank
+    max_loras: int = 8  # --max-loras: untied adapters resident at once (LRU beyond)
+    adapter_memory: int = 4 << 30  # --adapter-memory: bytes all tied tenants' N may use
+
+    def __post_init__(self):
+        for name in ("max_rank", "max_loras", "adapter_memory"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"AdapterLimits.{name} must be a positive integer; got {value!r}")
+
+
+class AdapterManager:
+    """Adapters served on one base model, persisted under ``adapter_dir``.
+
+    Raises (constructor): ValueError for bad limits. Registered adapters found in the store are
+    loaded at construction (invalid ones are skipped with a warning, never served).
+    """
+
+    def __init__(self, base: BaseModel, adapter_dir: str | os.PathLike, limits: AdapterLimits | None = None):
+        self.base = base
+        self.limits = limits or AdapterLimits()
+        load = self._load
+        self.residency = Residency(base, load, tied_budget=self.limits.adapter_memory,
+                                   max_loras=self.limits.max_loras, max_rank=self.limits.max_rank)
+        self.registry = AdapterRegistry(AdapterStore(adapter_dir), load,
+                                        on_admit=self.residency.admit, on_free=self.residency.free)
+        restored = self.registry.rebuild()
+        if restored:
+            log.info("restored %d adapters from %s", len(restored), adapter_dir)
+
+    def _load(self, path: Path):
+        return read_adapter(path, self.base, max_rank=self.limits.max_rank)
+
+    def acquire(self, name: str) -> AdapterVersion:
+        """Pin ``name``'s current version for one request and make sure it is resident.
+
+        Raises:
+            AdapterNotFound: unknown or unloaded name.
+            PoolFull: an untied adapter found every LoRA slot busy (nothing stays pinned).
+        """
+        version = self.registry.acquire(name)
+        try:
+            self.residency.ensure_resident(version)
+        except BaseException:
+            self.registry.release(version)
+            raise
+        return version
+
+    def release(self, version: AdapterVersion) -> None:
+        """Unpin (exactly once per acquire)."""
+        self.registry.release(version)
+
+    def register_dir(self, name: str, adapter_dir: str | os.PathLike) -> AdapterVersion:
+        """Register the adapter in a local directory as the next version of ``name``.
+
+        Raises:
+            AdapterError: the directory is not a servable adapter, or ``name`` is invalid.
+        """
+        adapter_dir = Path(adapter_dir)
+        files = {f: (adapter_dir / f).read_bytes() for f in ALLOWED_FILES if (adapter_dir / f).is_file()}
+        if len(files) < len(ALLOWED_FILES):
+            read_adapter(adapter_dir, self.base, max_rank=self.limits.max_rank)  # names what is wrong
+            raise AdapterError(f"{adapter_dir}: expected {' and '.join(ALLOWED_FILES)}")
+        return self.registry.register(name, files)
+
+    def register(self, name: str, files: dict[str, bytes], if_version: int | None = None) -> AdapterVersion:
+        """Register uploaded files (see :meth:`AdapterRegistry.register`)."""
+        return self.registry.register(name, files, if_version)
+
+    def swap(self, name: str, weights: bytes, if_version: int | None = None) -> AdapterVersion:
+        """Hot-swap ``name``'s weights (a tied tenant: the N-only safetensors)."""
+        return self.registry.swap_weights(name, weights, if_version)
+
+    def unload(self, name: str) -> AdapterVersion:
+        """Stop serving ``name`` (in-flight requests finish on their version)."""
+        return self.registry.unload(name)
+
+    def versions(self) -> list[AdapterVersion]:
+        """Current versions, by name."""
+        return self.registry.versions()

@@ -1,0 +1,62 @@
+"""Fixed-size KV blocks: a free list, per-sequence block tables, exact accounting."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class BlockManager:
+    """Hands out KV cache blocks of ``block_size`` tokens.
+
+    A block table is a plain ``list[int]`` owned by its sequence: entry ``i`` holds the cache block
+    of the sequence's tokens ``[i * block_size, (i + 1) * block_size)``.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._in_use = [False] * num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold ``num_tokens`` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def can_grow(self, block_table: list[int], num_tokens: int) -> bool:
+        """True when ``block_table`` can be extended to hold ``num_tokens`` tokens now."""
+        return self.blocks_for(num_tokens) - len(block_table) <= len(self._free)
+
+    def grow(self, block_table: list[int], num_tokens: int) -> None:
+        """Extend ``block_table`` in place to hold ``num_tokens`` tokens.
+
+        Raises:
+            RuntimeError: not enough free blocks (callers check :meth:`can_grow` first).
+        """
+        need = self.blocks_for(num_tokens) - len(block_table)
+        if need > len(self._free):
+            raise RuntimeError(f"need {need} KV blocks, {len(self._free)} free")
+        for _ in range(need):
+            block = self._free.popleft()
+            self._in_use[block] = True
+            block_table.append(block)
+
+    def free(self, block_table: list[int]) -> None:
+        """Return every block of ``block_table`` and empty it.
+
+        Raises:
+            RuntimeError: a block is already free (a double free: a bookkeeping bug).
+        """
+        for block in block_table:
+            if not self._in_use[block]:
+                raise RuntimeError(f"KV block {block} freed twice")
+            self._in_use[block] = False
+            self._free.append(block)
+        block_table.clear()

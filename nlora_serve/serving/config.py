@@ -1,0 +1,93 @@
+"""Engine configuration: one slotted dataclass per concern, validated in ``__post_init__``.
+
+The CLI and the gRPC server only fill these in; nothing below reads environment variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nlora_serve.adapters.manager import AdapterLimits
+
+
+def _positive(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{owner}.{name} must be a positive integer; got {value!r}")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Continuous batching limits (DESIGN §5)."""
+
+    max_num_seqs: int = 64  # most sequences running (holding KV blocks) at once
+    max_num_batched_tokens: int = 2048  # per-step token budget: decode tokens + prefill chunk tokens
+    max_model_len: int = 2048  # prompt + generated tokens of one sequence, at most
+
+    def __post_init__(self) -> None:
+        _positive("SchedulerConfig", max_num_seqs=self.max_num_seqs,
+                  max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # every running sequence must be able to decode one token in every step
+            raise ValueError(f"SchedulerConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                             f"must be >= max_num_seqs ({self.max_num_seqs})")
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """Paged KV cache size: ``num_blocks`` blocks of ``block_size`` tokens each, for all layers."""
+
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # None: as many as fit in ``kv_cache_bytes``
+    kv_cache_bytes: int = 1 << 30  # used only when num_blocks is None (bytes, K and V, all layers)
+
+    def __post_init__(self) -> None:
+        _positive("CacheConfig", block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes)
+        if self.num_blocks is not None:
+            _positive("CacheConfig", num_blocks=self.num_blocks)
+
+    def resolve_num_blocks(self, bytes_per_block: int) -> int:
+        """Number of blocks: ``num_blocks`` or ``kv_cache_bytes // bytes_per_block``."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        return max(1, self.kv_cache_bytes // bytes_per_block)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the native engine needs to start.
+
+    Raises (in ``__post_init__``):
+        ValueError: a field is out of range; the message names the field and the value.
+    """
+
+    model: str = "default"  # "default", a Hugging Face model directory, or a .gguf file
+    dtype: torch.dtype = torch.float32  # compute dtype of weights, activations and KV cache
+    cache_dir: str | None = None  # prepared-model cache root (None: $NLORA_SERVE_CACHE / XDG)
+    seed: int = 0  # seeds the generator of requests that sample without their own seed
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    adapter_dir: str | None = None  # the adapter store (--adapter-dir); None: no adapters served
+    adapter_limits: AdapterLimits = field(default_factory=AdapterLimits)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"EngineConfig.dtype must be torch.float32 or torch.bfloat16; got {self.dtype}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"EngineConfig.seed must be an integer; got {self.seed!r}")
+
+    def check_capacity(self, num_blocks: int) -> None:
+        """Refuse a cache that cannot hold one sequence of ``max_model_len`` tokens.
+
+        Without this a lone long sequence could wait forever for blocks that never free up.
+
+        Raises:
+            ValueError: the numbers involved are in the message.
+        """
+        need = -(-self.scheduler.max_model_len // self.cache.block_size)
+        if num_blocks < need:
+            raise ValueError(f"KV cache of {num_blocks} blocks x {self.cache.block_size} tokens cannot hold "
+                             f"one sequence of max_model_len={self.scheduler.max_model_len} tokens "
+                             f"({need} blocks); lower max_model_len or enlarge the cache")

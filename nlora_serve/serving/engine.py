@@ -1,0 +1,255 @@
+"""The engine interface (DESIGN §5) and the native engine behind it.
+
+:class:`Engine` is what the gRPC / HTTP front ends talk to; :class:`LLMEngine` implements it with
+our model runner, stepping in its own thread and handing deltas to asyncio through
+``loop.call_soon_threadsafe``. A vLLM-backed engine can implement the same interface later (§8).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from transformers import AutoTokenizer
+
+from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.registry import AdapterVersion
+from nlora_serve.errors import AdapterError
+from nlora_serve.models import BaseModel
+from nlora_serve.serving.config import EngineConfig
+from nlora_serve.serving.engine_core import EngineCore, RequestOutput
+from nlora_serve.serving.sampling import RequestError, SamplingParams
+
+Sink = Callable[[RequestOutput], None]
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request (the message says what happened)."""
+
+
+class Engine(abc.ABC):
+    """One base model serving many requests: submit, stream, abort, observe."""
+
+    @abc.abstractmethod
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request and return the async stream of its deltas, ending with a finished one.
+
+        ``adapter`` names the adapter to run on (None = the base model); the version current now
+        is pinned for the whole request and reported in every delta. Must be called from a
+        running event loop. Closing the stream early aborts the request.
+
+        Raises:
+            RequestError: invalid prompt or parameters (at once, nothing queued).
+            AdapterNotFound: no adapter of that name (never the base model instead).
+            PoolFull: no adapter slot free now.
+            EngineError: from the stream, when the engine failed while running the request.
+        """
+
+    @abc.abstractmethod
+    def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
+        """Stop admitting requests for ``name``; in-flight ones finish, or abort with ``force``."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with finish_reason "abort". Unknown ids are ignored."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]:
+        """Gauges and counters (running, waiting, kv_blocks_used, kv_blocks_total, tokens, steps)."""
+
+
+class LLMEngine(Engine):
+    """The native engine: :class:`EngineCore` stepped by one background thread."""
+
+    def __init__(self, config: EngineConfig, base: BaseModel | None = None) -> None:
+        self.core = EngineCore(config, base)
+        # callers tokenize with their own instance: the step thread detokenizes with the core's
+        self.tokenizer = AutoTokenizer.from_pretrained(self.core.model_path)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards tokenizer use from caller threads
+        self._thread = threading.Thread(target=self._loop, name="nlora-engine", daemon=True)
+        self._thread.start()
+
+    # -- submission ----------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> AdapterManager:
+        """Adapter admin (register, swap, list). Raises AdapterError when no store is configured."""
+        if self.core.adapters is None:
+            raise AdapterError("this engine serves no adapters: start it with an adapter store (--adapter-dir)")
+        return self.core.adapters
+
+    def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
+        version = self.adapters.unload(name)
+        if force:
+            self._inbox.put(("abort_adapter", name))
+            self._wake.set()
+        return version
+
+    def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
+                sink: Sink, adapter: str | None = None) -> str:
+        if self._stopping:
+            raise EngineError("engine is shut down")
+        params = params if params is not None else SamplingParams()
+        if isinstance(prompt, str):
+            with self._lock:
+                ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+        if not all(isinstance(t, int) for t in ids):
+            raise RequestError("prompt must be a string or a list of integer token ids")
+        self.core.validate(ids)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._sinks:
+            raise RequestError(f"request_id {rid!r} is already running")
+        pinned = self.adapters.acquire(adapter) if adapter is not None else None
+        self._sinks[rid] = sink
+        self._inbox.put(("add", rid, ids, params, pinned))
+        self._wake.set()
+        return rid
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        rid = self._submit(prompt, params, request_id,
+                           lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter)
+        return self._stream(rid, deltas)
+
+    async def _stream(self, rid: str, deltas: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                out: RequestOutput = await deltas.get()
+                finished = out.finished
+                if out.finish_reason == "error":
+                    raise EngineError(f"request {rid} failed: {out.error}")
+                yield out
+        finally:
+            if not finished:  # the consumer went away: free the request's blocks, send it nothing
+                self._sinks.pop(rid, None)
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[RequestOutput]:
+        """Run ``prompts`` to completion (blocking); one merged output per prompt, in order.
+        ``adapters`` gives each prompt's adapter name (None = base model).
+
+        Each result holds the whole text and token ids, the finish reason and usage.
+
+        Raises:
+            RequestError: a prompt or parameter set is invalid. EngineError: a step failed.
+        """
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        done = threading.Event()
+        results: dict[str, list[RequestOutput]] = {}
+        remaining = [len(prompts)]
+
+        def collect(out: RequestOutput) -> None:
+            results.setdefault(out.request_id, []).append(out)
+            if out.finished:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+
+        if not prompts:
+            return []
+        names = adapters if adapters is not None else [None] * len(prompts)
+        rids = [self._submit(p, sp, None, collect, a) for p, sp, a in zip(prompts, plist, names)]
+        done.wait()
+        merged = [_merge(results[rid]) for rid in rids]
+        failed = next((m for m in merged if m.finish_reason == "error"), None)
+        if failed is not None:
+            raise EngineError(f"request {failed.request_id} failed: {failed.error}")
+        return merged
+
+    def stats(self) -> dict[str, int]:
+        return self.core.stats()
+
+    def shutdown(self) -> None:
+        """Stop the step thread; requests still running end with finish_reason "abort"."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- the step thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.core.has_work():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.core.step()
+            except Exception as exc:  # any failure ends every request; the engine keeps serving
+                outputs = self.core.fail_all(f"{type(exc).__name__}: {exc}")
+            self._deliver(outputs)
+        self._drain_inbox()
+        self._deliver([self.core.abort(rid) for rid in list(self.core.requests)])
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                self._add(*msg[1:])
+            elif msg[0] == "abort_adapter":
+                self._deliver(self.core.abort_adapter(msg[1]))
+            else:
+                out = self.core.abort(msg[1])
+                if out is not None:
+                    self._deliver([out])
+
+    def _add(self, rid: str, ids: list[int], params: SamplingParams, pinned: AdapterVersion | None) -> None:
+        try:
+            self.core.add(rid, ids, params, pinned)
+        except RequestError as exc:
+            if pinned is not None:  # never queued: the pin is still ours to release
+                self.core.adapters.release(pinned)
+            self._deliver([RequestOutput(rid, "", [], "error", len(ids), 0, error=str(exc))])
+
+    def _deliver(self, outputs: list[RequestOutput | None]) -> None:
+        for out in outputs:
+            if out is None:
+                continue
+            sink = self._sinks.get(out.request_id)
+            if out.finished:
+                self._sinks.pop(out.request_id, None)
+            if sink is None:
+                continue
+            try:
+                sink(out)
+            except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+                self._sinks.pop(out.request_id, None)
+
+
+def _merge(deltas: list[RequestOutput]) -> RequestOutput:
+    last = deltas[-1]
+    logprobs = [lp for d in deltas for lp in (d.logprobs or [])] or None
+    return RequestOutput(last.request_id, "".join(d.text for d in deltas),
+                         [t for d in deltas for t in d.token_ids], last.finish_reason,
+                         last.prompt_tokens, last.completion_tokens, logprobs, last.error,
+                         last.adapter, last.adapter_version)

@@ -1,0 +1,234 @@
+"""The synchronous engine core: requests in, one step at a time, output deltas out.
+
+No threads here; :class:`nlora_serve.serving.engine.LLMEngine` drives it from its step thread.
+Every terminal path (finish, stop, abort, error) goes through :meth:`EngineCore._retire`, the
+one place that frees a request's KV blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.models import BaseModel, load_base
+from nlora_serve.serving.adapter_layer import AdapterHook
+from nlora_serve.serving.block_manager import BlockManager
+from nlora_serve.serving.config import EngineConfig
+from nlora_serve.serving.detokenizer import IncrementalDetokenizer
+from nlora_serve.serving.kv_cache import kv_bytes_per_block
+from nlora_serve.serving.model_runner import ModelRunner
+from nlora_serve.serving.sampling import RequestError, SamplingParams, apply_penalties, sample, top_logprobs
+from nlora_serve.serving.scheduler import Scheduler
+from nlora_serve.serving.sequence import Sequence
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One streamed delta of a request."""
+
+    request_id: str
+    text: str  # new text since the previous delta
+    token_ids: list[int]  # new tokens since the previous delta
+    finish_reason: str | None  # None while running; "stop", "length", "abort" or "error" at the end
+    prompt_tokens: int  # usage: tokens in the prompt
+    completion_tokens: int  # usage: tokens generated so far
+    logprobs: list[dict[int, float]] | None = None  # per new token: {token id: log-probability}
+    error: str | None = None  # what went wrong, with finish_reason "error"
+    adapter: str | None = None  # adapter name the request runs on (None = base model)
+    adapter_version: int = 0  # that adapter's version, pinned at admission (0 = base model)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    ban: set[int]  # tokens banned until min_tokens: EOS and stop ids
+
+
+class EngineCore:
+    """Scheduler + model runner + sampler + detokenizers for one base model.
+
+    Raises (constructor):
+        ModelError: the model cannot be loaded. ValueError: the config does not fit the model.
+    """
+
+    def __init__(self, config: EngineConfig, base: BaseModel | None = None) -> None:
+        base = base if base is not None else load_base(config.model, config.dtype, config.cache_dir)
+        if base.dtype != config.dtype:
+            raise ValueError(f"base model is {base.dtype}, EngineConfig.dtype is {config.dtype}")
+        self.config = config
+        self.vocab_size = base.spec.vocab_size
+        self.eos_ids = _eos_ids(base)
+        self.tokenizer = base.tokenizer()
+        self.model_path = base.path
+        sched, cache = config.scheduler, config.cache
+        _check_max_len(base, sched.max_model_len)
+        num_blocks = cache.resolve_num_blocks(kv_bytes_per_block(base.spec, cache.block_size, base.dtype))
+        config.check_capacity(num_blocks)
+        self.blocks = BlockManager(num_blocks, cache.block_size)
+        self.scheduler = Scheduler(sched, self.blocks)
+        self.runner = ModelRunner(base, num_blocks, cache.block_size, sched.max_model_len)
+        self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits) if config.adapter_dir else None
+        self.hook = AdapterHook()
+        if self.adapters is not None:
+            self.runner.set_adapter_hook(self.hook)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.requests: dict[str, _Request] = {}
+        self._arrivals = 0
+        self.counters = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
+                         "preemptions": 0}
+
+    def validate(self, prompt_ids: list[int]) -> None:
+        """Check a prompt without touching engine state (safe from any thread).
+
+        Raises:
+            RequestError: empty prompt, token id outside the vocabulary, or a prompt that leaves
+                no room to generate within max_model_len.
+        """
+        max_len = self.config.scheduler.max_model_len
+        if not prompt_ids:
+            raise RequestError("prompt is empty: need at least one token")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}); got "
+                               f"{min(prompt_ids)}..{max(prompt_ids)}")
+        if len(prompt_ids) >= max_len:
+            raise RequestError(f"prompt has {len(prompt_ids)} tokens; max_model_len={max_len} leaves no "
+                               "room to generate")
+
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter=None) -> None:
+        """Queue a request. ``adapter`` is its pinned AdapterVersion (None = base model); from
+        here on the engine releases it exactly once, when the request ends.
+
+        Raises:
+            RequestError: a duplicate id, or see :meth:`validate` (the caller still owns the pin).
+        """
+        if request_id in self.requests:
+            raise RequestError(f"request_id {request_id!r} is already running")
+        self.validate(prompt_ids)
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seq = Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, gen,
+                       adapter=adapter)
+        self._arrivals += 1
+        self.counters["prompt_tokens"] += len(prompt_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
+        ban = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        self.requests[request_id] = _Request(seq, detok, ban)
+        self.scheduler.add(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; None if it is unknown or already done."""
+        req = self.requests.get(request_id)
+        return None if req is None else self._retire(req, "abort", "", [])
+
+    def abort_adapter(self, name: str) -> list[RequestOutput]:
+        """Abort every request running on adapter ``name`` (a forced unload)."""
+        held = [r for r in self.requests.values() if r.seq.adapter is not None and r.seq.adapter.name == name]
+        return [self._retire(r, "abort", "", []) for r in held]
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with finish_reason "error" (after a failed step)."""
+        return [self._retire(req, "error", "", [], message) for req in list(self.requests.values())]
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample; returns a delta for every sequence that sampled."""
+        batch = self.scheduler.schedule()
+        self.counters["preemptions"] += len(batch.preempted)
+        if not batch.seqs:
+            return []
+        pairs = self.runner.order(batch)
+        self.hook.begin_step([seq.adapter for seq, _ in pairs], [n for _, n in pairs], torch.device("cpu"))
+        try:
+            logits = self.runner.execute(pairs)
+        finally:
+            self.hook.end_step()
+        sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
+        for seq, n in pairs:
+            seq.num_computed_tokens += n
+        self.counters["steps"] += 1
+        self.counters["computed_tokens"] += batch.total_tokens
+        return self._emit(sampling, logits)
+
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        reqs = [self.requests[s.request_id] for s in seqs]
+        logprobs = [None] * len(reqs)
+        wanted = [i for i, r in enumerate(reqs) if r.seq.params.logprobs is not None]
+        raw = logits[wanted].clone() if wanted else None  # logprobs report the model's distribution
+        for i, r in enumerate(reqs):
+            if r.seq.params.has_penalties:
+                apply_penalties(logits[i], r.seq.token_ids, r.seq.num_prompt_tokens, r.seq.params, r.ban)
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self.generator)
+        for j, i in enumerate(wanted):
+            logprobs[i] = [top_logprobs(raw[j], tokens[i], seqs[i].params.logprobs)]
+        self.counters["generation_tokens"] += len(seqs)
+        return [self._append(r, t, lp) for r, t, lp in zip(reqs, tokens.tolist(), logprobs)]
+
+    def _append(self, req: _Request, token: int, logprobs) -> RequestOutput:
+        seq, params = req.seq, req.seq.params
+        seq.token_ids.append(token)
+        reason = "stop" if token in req.ban else None
+        text = req.detokenizer.add(token) if reason is None else ""
+        if req.detokenizer.stopped:
+            reason = "stop"
+        elif reason is None and (seq.num_output_tokens >= params.max_tokens
+                                 or seq.num_tokens >= self.config.scheduler.max_model_len):
+            reason = "length"
+        if reason is None:
+            return self._output(req, text, [token], None, logprobs)
+        return self._retire(req, reason, text, [token], logprobs=logprobs)
+
+    def _retire(self, req: _Request, reason: str, text: str, token_ids: list[int], error: str | None = None,
+                logprobs=None) -> RequestOutput:
+        """The single terminal path: frees the blocks, forgets the request, returns the last delta."""
+        self.scheduler.finish(req.seq)
+        del self.requests[req.seq.request_id]
+        pinned, req.seq.adapter = req.seq.adapter, None
+        if pinned is not None:
+            self.adapters.release(pinned)
+        if reason in ("stop", "length"):
+            text += req.detokenizer.flush()
+        out = self._output(req, text, token_ids, reason, logprobs, pinned)
+        out.error = error
+        return out
+
+    @staticmethod
+    def _output(req: _Request, text: str, token_ids: list[int], reason: str | None, logprobs,
+                adapter=None) -> RequestOutput:
+        seq = req.seq
+        adapter = adapter if adapter is not None else seq.adapter
+        return RequestOutput(seq.request_id, text, token_ids, reason, seq.num_prompt_tokens,
+                             seq.num_output_tokens, logprobs, adapter=adapter and adapter.name,
+                             adapter_version=adapter.version if adapter else 0)
+
+    def stats(self) -> dict[str, int]:
+        """Counters and gauges: running/waiting requests, KV blocks used/total, tokens, steps."""
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": self.blocks.num_used_blocks, "kv_blocks_total": self.blocks.num_blocks,
+                **self.counters}
+
+
+def _eos_ids(base: BaseModel) -> set[int]:
+    """End-of-sequence ids from generation_config.json, else config.json."""
+    ids = None
+    for name in ("generation_config.json", "config.json"):
+        path = base.path / name
+        if ids is None and path.is_file():
+            ids = json.loads(path.read_text()).get("eos_token_id")
+    return set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
+
+
+def _check_max_len(base: BaseModel, max_model_len: int) -> None:
+    limit = json.loads((base.path / "config.json").read_text()).get("max_position_embeddings")
+    if limit is not None and max_model_len > limit:
+        raise ValueError(f"SchedulerConfig.max_model_len={max_model_len} exceeds the model's "
+                         f"max_position_embeddings={limit}")

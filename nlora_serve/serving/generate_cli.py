@@ -1,0 +1,116 @@
+"""``nlora-serve generate``: one prompt (or chat) through the native engine, streamed to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.errors import NloraError
+from nlora_serve.models import load_base, resolve_dtype
+from nlora_serve.serving.config import EngineConfig, SchedulerConfig
+from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.serving.sampling import SamplingParams
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``nlora-serve generate``."""
+    parser.add_argument("--model", default="default",
+                        help="base model: 'default' (SmolLM2-135M-Instruct), a Hugging Face directory or a .gguf file")
+    # SUPPRESS: when omitted here, the top-level --cache-dir (or its default) stands
+    parser.add_argument("--cache-dir", default=argparse.SUPPRESS,
+                        help="prepared-model cache root (default $NLORA_SERVE_CACHE)")
+    parser.add_argument("--adapter", default=None,
+                        help="adapter to generate with: a name in --adapter-dir, or an adapter directory "
+                             "(default: the base model)")
+    parser.add_argument("--adapter-dir", default=None, help="adapter store to look NAME up in")
+    parser.add_argument("--max-rank", type=int, default=64, help="refuse adapters above this rank (default 64)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="raw text prompt, sent as is (no chat template)")
+    source.add_argument("--message", help="one user message, wrapped in the model's chat template")
+    source.add_argument("--chat-json", metavar="FILE",
+                        help='JSON list of {"role", "content"} messages, wrapped in the chat template')
+    parser.add_argument("--system", help="system message placed before --message")
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="compute dtype: auto = bf16 where the CPU has fast bf16, else fp32")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens at most")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                        help="print text as it is generated (default: on)")
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
+    if args.prompt is not None:
+        return tokenizer.encode(args.prompt, add_special_tokens=False)
+    if args.chat_json is not None:
+        try:
+            messages = json.loads(Path(args.chat_json).read_text())
+        except (OSError, ValueError) as exc:
+            raise NloraError(f"--chat-json {args.chat_json}: cannot read a JSON message list ({exc})") from None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in messages):
+            raise NloraError(f"--chat-json {args.chat_json}: expected a list of {{\"role\", \"content\"}} objects")
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": args.message}]
+    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+def _adapter_store(args: argparse.Namespace, scratch: str) -> tuple[str | None, str | None]:
+    """(store directory, adapter name) for ``--adapter``; a directory is registered in ``scratch``."""
+    if args.adapter is None:
+        return args.adapter_dir, None
+    path = Path(args.adapter)
+    if path.is_dir():
+        return scratch, None
+    if args.adapter_dir is None:
+        raise NloraError(f"--adapter {args.adapter}: not a directory; to use a stored adapter by name, "
+                         "give its store with --adapter-dir")
+    return args.adapter_dir, args.adapter
+
+
+async def _stream(engine: LLMEngine, ids: list[int], params: SamplingParams, live: bool,
+                  adapter: str | None) -> str:
+    text = []
+    async for out in engine.add_request(ids, params, adapter=adapter):
+        text.append(out.text)
+        if live:
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+    return "".join(text)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Run ``generate``; returns the exit status.
+
+    Raises:
+        NloraError: bad model, messages or parameters (the CLI prints the message).
+    """
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    dtype = resolve_dtype(args.dtype)
+    cache_dir = getattr(args, "cache_dir", None)
+    base = load_base(args.model, dtype, cache_dir)
+    with tempfile.TemporaryDirectory(prefix="nlora-generate-") as scratch:
+        store, name = _adapter_store(args, scratch)
+        config = EngineConfig(model=args.model, dtype=dtype, cache_dir=cache_dir, adapter_dir=store,
+                              scheduler=SchedulerConfig(max_num_seqs=1, max_model_len=args.max_model_len),
+                              adapter_limits=AdapterLimits(max_rank=args.max_rank))
+        with LLMEngine(config, base) as engine:
+            if store == scratch:
+                name = engine.adapters.register_dir(Path(args.adapter).resolve().name, args.adapter).name
+            ids = _prompt_ids(args, engine.tokenizer)
+            text = asyncio.run(_stream(engine, ids, params, args.stream, name))
+    if not args.stream:
+        sys.stdout.write(text)
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,53 @@
+"""Turns a scheduled batch into one forward pass over the packed tokens and returns logits."""
+
+from __future__ import annotations
+
+import torch
+
+from nlora_serve.models import BaseModel
+from nlora_serve.serving.batch_info import BatchInfo, build_batch_info
+from nlora_serve.serving.kv_cache import allocate_kv_cache
+from nlora_serve.serving.llama import AdapterHook, LlamaModel
+from nlora_serve.serving.scheduler import ScheduledBatch
+from nlora_serve.serving.sequence import Sequence
+
+
+class ModelRunner:
+    """The model, its paged KV cache and the per-step input layout."""
+
+    def __init__(self, base: BaseModel, num_blocks: int, block_size: int, max_model_len: int) -> None:
+        self.model = LlamaModel(base, max_model_len)
+        self.block_size = block_size
+        self.kv_cache = allocate_kv_cache(base.spec, num_blocks, block_size, base.dtype)
+
+    def set_adapter_hook(self, hook: AdapterHook | None) -> None:
+        """See :meth:`LlamaModel.set_adapter_hook`."""
+        self.model.set_adapter_hook(hook)
+
+    @staticmethod
+    def order(batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
+        """The batch's (sequence, tokens) pairs with single-token sequences first, as BatchInfo needs."""
+        pairs = list(zip(batch.seqs, batch.num_tokens))
+        return [p for p in pairs if p[1] == 1] + [p for p in pairs if p[1] != 1]
+
+    def prepare(self, pairs: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, BatchInfo]:
+        """``input_ids`` [T], ``positions`` [T] (int64) and the step's :class:`BatchInfo`."""
+        ids: list[int] = []
+        positions: list[int] = []
+        for seq, n in pairs:
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+        info = build_batch_info(
+            query_lens=[n for _, n in pairs],
+            context_lens=[s.num_computed_tokens + n for s, n in pairs],
+            block_tables=[s.block_table for s, _ in pairs],
+            samples=[s.num_computed_tokens + n == s.num_tokens for s, n in pairs],
+            block_size=self.block_size)
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), info
+
+    @torch.inference_mode()
+    def execute(self, pairs: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Run one step. Returns [R, V] float32 logits, one row per sampling sequence, in ``pairs`` order."""
+        input_ids, positions, info = self.prepare(pairs)
+        return self.model(input_ids, positions, self.kv_cache, info)

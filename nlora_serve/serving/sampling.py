@@ -1,0 +1,176 @@
+"""Per-request sampling parameters and the batched sampler.
+
+Greedy rows take the argmax; sampled rows apply temperature, top-k and top-p, then draw with the
+exponential-race trick (argmax of p / Exp(1) is a draw from p), so a seeded request draws from its
+own ``torch.Generator`` and gets the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nlora_serve.errors import NloraError
+
+MAX_LOGPROBS = 20
+
+
+class RequestError(NloraError, ValueError):
+    """A request the engine cannot run; the message names the field and its value."""
+
+
+def _check(ok: bool, field: str, value, expected: str) -> None:
+    if not ok:
+        raise RequestError(f"SamplingParams.{field} must be {expected}; got {value!r}")
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    ``temperature == 0`` is greedy. Penalties follow their usual sources: ``repetition_penalty``
+    as in CTRL / transformers (divide positive logits, multiply negative ones, over prompt and
+    output tokens); ``presence_penalty`` / ``frequency_penalty`` as in the OpenAI API (subtract,
+    over output tokens). ``logprobs = k`` returns the top-k log-probabilities of the model's
+    distribution (before penalties and temperature) plus the sampled token's.
+
+    Raises (in ``__post_init__``):
+        RequestError: a field out of range; the message names it and its value.
+    """
+
+    max_tokens: int = 16  # new tokens at most (finish_reason "length")
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens exist
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
+    seed: int | None = None  # per-request generator; None = the engine's shared generator
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    stop_token_ids: tuple[int, ...] = ()  # tokens that finish the request (kept in token_ids)
+    ignore_eos: bool = False  # keep going past the end-of-sequence token
+    repetition_penalty: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0  # 0 = off
+    frequency_penalty: float = 0.0  # 0 = off
+    logprobs: int | None = None  # top-k log-probabilities per token (0..20); None = off
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop, self.stop_token_ids = tuple(self.stop), tuple(self.stop_token_ids)
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
+               "an integer >= 1")
+        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+               self.min_tokens, f"an integer in [0, max_tokens={self.max_tokens}]")
+        _check(0.0 <= self.temperature <= 100.0, "temperature", self.temperature, "in [0, 100]")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0")
+        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
+        _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an integer or None")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, "non-negative token ids")
+        _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", self.repetition_penalty,
+               "in (0, 10]")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "in [-2, 2]")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty,
+               "in [-2, 2]")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when :func:`apply_penalties` has work for this request (min_tokens counts)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0 or self.min_tokens > 0)
+
+
+def apply_penalties(logits: torch.Tensor, token_ids: list[int], num_prompt: int, params: SamplingParams,
+                    ban: set[int]) -> None:
+    """Penalise one row of logits in place; ban the ``ban`` tokens (EOS, stop ids) before min_tokens.
+
+    ``logits`` [V] float32; ``token_ids`` prompt + output.
+    """
+    vocab = logits.shape[0]
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
+                                   picked * params.repetition_penalty)
+    output = token_ids[num_prompt:]
+    if len(output) < params.min_tokens and ban:
+        logits[torch.tensor(sorted(ban))] = float("-inf")
+    if output and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output), minlength=vocab)[:vocab].to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+
+
+def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set filtered-out logits to -inf (returns a new tensor).
+
+    Args:
+        logits: [B, V] float32, already divided by temperature.
+        top_k: [B] int64, 0 = no limit. top_p: [B] float32 in (0, 1].
+    Returns:
+        [B, V] float32; top-p keeps the smallest prefix of the sorted distribution whose mass
+        reaches ``top_p`` (the most likely token is always kept).
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab).expand_as(sorted_logits)
+    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
+    drop = ranks >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly more likely tokens
+    drop |= mass_before >= top_p.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _exponentials(rows: list[torch.Generator | None], shape: tuple[int, int],
+                  shared: torch.Generator) -> torch.Tensor:
+    noise = torch.empty(shape, dtype=torch.float32)
+    if all(g is None for g in rows):
+        return noise.exponential_(generator=shared)
+    for i, gen in enumerate(rows):
+        noise[i].exponential_(generator=gen if gen is not None else shared)
+    return noise
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           shared: torch.Generator) -> torch.Tensor:
+    """Pick one token per row.
+
+    Args:
+        logits: [B, V] float32, penalties already applied.
+        params: B parameter sets. generators: B per-request generators (None = ``shared``).
+    Returns:
+        [B] int64 token ids.
+    """
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return tokens
+    index = torch.tensor(rows)
+    sub = logits[index] / torch.tensor([params[i].temperature for i in rows]).unsqueeze(1)
+    top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.long)
+    top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32)
+    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+        sub = top_k_top_p_mask(sub, top_k, top_p)
+    probs = sub.softmax(dim=-1)
+    noise = _exponentials([generators[i] for i in rows], tuple(probs.shape), shared)
+    tokens[index] = (probs / noise).argmax(dim=-1)
+    return tokens
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> dict[int, float]:
+    """Log-probabilities of the top ``k`` tokens and of the sampled one. ``logits`` [V] float32."""
+    logp = logits.log_softmax(dim=-1)
+    out = {int(tokens): float(logp[tokens])}
+    if k:
+        values, ids = logp.topk(k)
+        out.update(zip(ids.tolist(), values.tolist()))
+    return out

@@ -1,0 +1,122 @@
+"""Continuous batching: which sequences run this step and how many tokens each.
+
+Every step the scheduler admits and retires sequences (DESIGN §5). Order of service:
+1. running sequences that decode (one token each), oldest first;
+2. running sequences still in prefill, oldest first, each a chunk of what the budget leaves;
+3. waiting sequences, strictly first come first served: the queue head is admitted or nobody is,
+   so a long prompt is never overtaken forever (no starvation).
+When a running sequence needs a block and none is free, the newest running sequence is
+preempted: its blocks are freed and it is re-queued by arrival to recompute its tokens later.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from nlora_serve.serving.block_manager import BlockManager
+from nlora_serve.serving.config import SchedulerConfig
+from nlora_serve.serving.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One step's work: ``seqs[i]`` computes its next ``num_tokens[i]`` tokens."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens computed this step, per sequence
+    preempted: list[Sequence] = field(default_factory=list)  # lost their blocks in this step
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def remove(self, seq: Sequence) -> int:
+        """Drop ``seq`` from the batch; returns the tokens it had been given (0 if absent)."""
+        for i, s in enumerate(self.seqs):
+            if s is seq:
+                del self.seqs[i]
+                return self.num_tokens.pop(i)
+        return 0
+
+
+class Scheduler:
+    """Owns the waiting queue and the running set; the only caller of the block manager."""
+
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()  # sorted by arrival
+        self.running: list[Sequence] = []  # admission order (a re-admitted sequence goes last)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (its ``arrival`` must be the largest so far)."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Retire ``seq`` (finished, stopped, aborted or failed): frees its blocks exactly once."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> ScheduledBatch:
+        """Pick this step's sequences and token counts, growing block tables to fit them."""
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival)):
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_uncomputed, budget)
+            if self._reserve(seq, n, batch):
+                batch.seqs.append(seq)
+                batch.num_tokens.append(n)
+            budget = self.config.max_num_batched_tokens - batch.total_tokens
+        self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+                return  # the head waits for blocks; later arrivals may not overtake it
+            self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(n)
+            budget -= n
+
+    def _reserve(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
+        """Grow ``seq``'s blocks for ``n`` more tokens, preempting newest first; False if ``seq`` itself went."""
+        target = seq.num_computed_tokens + n
+        while not self.blocks.can_grow(seq.block_table, target):
+            victim = max(self.running, key=lambda s: s.arrival)
+            batch.remove(victim)
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq.block_table, target)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and re-queue it by arrival; it recomputes prompt + output later."""
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        arrivals = [s.arrival for s in self.waiting]
+        self.waiting.insert(bisect.bisect(arrivals, seq.arrival), seq)

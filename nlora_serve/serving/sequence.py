@@ -1,0 +1,50 @@
+"""One request's state inside the engine: its tokens, progress, KV blocks and sampling state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from nlora_serve.serving.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to recompute; holds no KV blocks
+    RUNNING = "running"  # holds KV blocks and gets tokens scheduled every step
+    FINISHED = "finished"  # done; its blocks were freed exactly once
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """A request's tokens and progress. Identity (``is``) is equality: ``eq=False``."""
+
+    request_id: str
+    arrival: int  # admission order, unique and increasing: FCFS and preemption order key
+    token_ids: list[int]  # prompt followed by the generated tokens
+    num_prompt_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None = None  # per-request generator when params.seed is set
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)  # KV blocks, see BlockManager
+    num_preemptions: int = 0  # times this sequence lost its blocks and recomputed
+    adapter: object | None = None  # pinned AdapterVersion (None = base model), released at the end
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model before this sequence can sample again."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]

@@ -1,0 +1,27 @@
+"""Helpers for the serving tests: small fp32 engines on the default model."""
+
+from __future__ import annotations
+
+import pytest
+
+from nlora_serve.serving.config import CacheConfig, EngineConfig, SchedulerConfig
+from nlora_serve.serving.engine import LLMEngine
+
+
+@pytest.fixture
+def make_engine(base_fp32):
+    """Factory for fp32 engines sharing the session's base weights; shut down after the test."""
+    engines: list[LLMEngine] = []
+
+    def make(block_size: int = 16, num_blocks: int = 256, max_num_seqs: int = 16,
+             max_num_batched_tokens: int = 512, max_model_len: int = 1024) -> LLMEngine:
+        config = EngineConfig(
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      max_model_len=max_model_len),
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks))
+        engines.append(LLMEngine(config, base_fp32))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.shutdown()

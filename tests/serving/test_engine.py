@@ -1,0 +1,129 @@
+"""The engine interface: streaming, abort and early close free every block, stops, seeds, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.serving.sampling import RequestError, SamplingParams
+
+PROMPT = "Write a long story about a lighthouse keeper."
+
+
+def chat(engine: LLMEngine, text: str) -> list[int]:
+    return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                                add_generation_prompt=True, return_dict=False)
+
+
+def test_abort_mid_decode_returns_every_block(make_engine):
+    engine = make_engine()
+    long_run = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def scenario():
+        other = engine.add_request(chat(engine, "Count to fifty."), long_run, request_id="other")
+        stream = engine.add_request(chat(engine, PROMPT), long_run, request_id="victim")
+        seen = []
+        async for out in stream:
+            seen.append(out)
+            if len(seen) == 3:
+                engine.abort("victim")
+        async for out in other:  # the close below aborts it too
+            if out.completion_tokens >= 2:
+                break
+        await other.aclose()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[-1].finish_reason == "abort" and all(o.finish_reason is None for o in seen[:-1])
+    assert 3 <= len(seen) < 200
+    for _ in range(200):  # the early close reaches the step thread asynchronously
+        if engine.stats()["kv_blocks_used"] == 0 and engine.stats()["running"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+
+
+def test_stream_deltas_join_to_the_generated_text(make_engine):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+
+    async def collect():
+        return [out async for out in engine.add_request(chat(engine, PROMPT), params)]
+
+    deltas = asyncio.run(collect())
+    ids = [t for d in deltas for t in d.token_ids]
+    assert "".join(d.text for d in deltas) == engine.tokenizer.decode(ids, skip_special_tokens=True)
+    assert deltas[-1].finish_reason in ("stop", "length") and deltas[-1].completion_tokens == len(ids)
+
+
+def test_stop_string_and_stop_token(make_engine):
+    engine = make_engine()
+    ids = chat(engine, "What is the capital of France?")
+    free = engine.generate([ids], SamplingParams(max_tokens=12, temperature=0.0))[0]
+    word = free.text.split()[2]
+    cut = engine.generate([ids], SamplingParams(max_tokens=12, temperature=0.0, stop=(word,)))[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.index(word)]
+    second = free.token_ids[1]
+    by_id = engine.generate([ids], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(second,)))[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[:2]
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_seeded_sampling_reproducible_across_batches(make_engine):
+    engine = make_engine()
+    ids = chat(engine, PROMPT)
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
+    alone = engine.generate([ids], seeded)[0]
+    crowd = engine.generate([ids, ids, ids], [SamplingParams(max_tokens=12, temperature=1.0), seeded,
+                                               SamplingParams(max_tokens=12, temperature=0.0)])
+    assert crowd[1].token_ids == alone.token_ids
+    other = engine.generate([ids], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=99))[0]
+    assert other.token_ids != alone.token_ids
+
+
+def test_logprobs_match_the_model_distribution(make_engine, hf_model):
+    engine = make_engine()
+    ids = chat(engine, PROMPT)
+    out = engine.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, logprobs=3))[0]
+    with torch.inference_mode():
+        want = hf_model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+    top = want.topk(3)
+    got = out.logprobs[0]
+    assert set(got) == set(top.indices.tolist())
+    for token, value in zip(top.indices.tolist(), top.values.tolist()):
+        assert got[token] == pytest.approx(value, abs=1e-3)
+
+
+def test_invalid_requests_rejected_at_once(make_engine):
+    engine = make_engine(max_model_len=64, num_blocks=8)
+    with pytest.raises(RequestError, match="max_model_len=64"):
+        engine.generate([[5] * 64], SamplingParams())
+    with pytest.raises(RequestError, match="empty"):
+        engine.generate([[]], SamplingParams())
+    with pytest.raises(RequestError, match=r"\[0, 49152\)"):
+        engine.generate([[49152]], SamplingParams())
+    out = engine.generate([[5] * 60], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and out.completion_tokens == 4  # capped by max_model_len
+
+
+def test_cache_too_small_for_max_model_len_is_refused(make_engine):
+    with pytest.raises(ValueError, match="max_model_len=1024"):
+        make_engine(num_blocks=8, max_model_len=1024)
+
+
+def test_generate_cli_streams_the_greedy_reply(base_model_dir, base_greedy, capsys):
+    import argparse
+
+    from nlora_serve.serving.generate_cli import add_generate_arguments, run_generate
+
+    parser = argparse.ArgumentParser()
+    add_generate_arguments(parser)
+    args = parser.parse_args(["--model", str(base_model_dir), "--message", "What is the capital of France?",
+                              "--max-tokens", "6", "--dtype", "float32", "--stream"])
+    assert run_generate(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(base_greedy[0]["text"][:20])

@@ -1,0 +1,130 @@
+"""The engine with adapters: every accept case in one mixed batch, pins, swaps, unloads, refcounts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from greedy_rule import matches_reference
+from nlora_serve.adapters.registry import AdapterNotFound
+from nlora_serve.serving.config import CacheConfig, EngineConfig, SchedulerConfig
+from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.serving.sampling import SamplingParams
+
+CASES = Path(__file__).parents[1] / "data" / "cases"
+ACCEPT = sorted(d.name for d in CASES.iterdir()
+                if d.is_dir() and json.loads((d / "case.json").read_text())["expect"] == "accept")
+GREEDY_24 = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)  # references suppress EOS
+
+
+@pytest.fixture
+def engine(base_fp32, tmp_path):
+    config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=256),
+                          cache=CacheConfig(num_blocks=512), adapter_dir=str(tmp_path / "store"))
+    with LLMEngine(config, base_fp32) as eng:
+        yield eng
+
+
+def test_every_accept_case_and_the_base_model_in_one_shuffled_batch(engine):
+    assert len(ACCEPT) >= 8
+    jobs = []
+    for name in ACCEPT:
+        engine.adapters.register_dir(name, CASES / name)
+        refs = json.loads((CASES / name / "case.json").read_text())["references"]
+        jobs += [(name, ref) for ref in refs]
+    jobs += [(None, ref) for ref in json.loads((CASES / "BASE_GREEDY.json").read_text())["references"]]
+    random.Random(7).shuffle(jobs)
+    outs = engine.generate([ref["prompt_token_ids"] for _, ref in jobs], GREEDY_24, [n for n, _ in jobs])
+    for (name, ref), out in zip(jobs, outs):
+        assert matches_reference(out.token_ids, ref["greedy_token_ids"], ref["top2_logit_margins"]), name
+        assert (out.adapter, out.adapter_version) == ((name, 1) if name else (None, 0))
+    assert all(v.refcount == 0 for v in engine.adapters.versions())
+    tied = engine.adapters.registry.get("inttune-nystrom-tied")
+    assert tied.is_tied and tied.held_bytes == 30 * 3 * 8 * 8 * 4  # N only: sites · r² · fp32
+    stored = AdapterFiles(tied.path)
+    assert set(stored.weights) == {k for k in stored.weights if k.endswith("lora_N.weight")}
+
+
+class AdapterFiles:
+    def __init__(self, path: Path):
+        self.config = json.loads((path / "adapter_config.json").read_text())
+        self.weights = safetensors.torch.load_file(path / "adapter_model.safetensors")
+
+
+def _chat(engine, text):
+    return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                                add_generation_prompt=True, return_dict=False)
+
+
+def test_hot_swap_keeps_in_flight_requests_on_their_version(engine):
+    name = "inttune-nystrom-tied"
+    v1 = engine.adapters.register_dir(name, CASES / name)
+    files = AdapterFiles(v1.path)
+    new_n = {k: (t * 1.5).contiguous() for k, t in files.weights.items()}
+    long_run = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+    async def scenario():
+        stream = engine.add_request(_chat(engine, "Tell me a story."), long_run, adapter=name)
+        seen = [await anext(stream)]
+        v2 = engine.adapters.swap(name, safetensors.torch.save(new_n), if_version=1)
+        after = [o async for o in engine.add_request(_chat(engine, "Hi"), GREEDY_24, adapter=name)]
+        seen += [o async for o in stream]
+        return v2, seen, after
+
+    v2, seen, after = asyncio.run(scenario())
+    assert v2.version == 2 and v2.content_hash != v1.content_hash
+    assert {o.adapter_version for o in seen} == {1} and len(seen) == 40
+    assert {o.adapter_version for o in after} == {2}
+    assert v1.freed and v1.refcount == 0 and v1.slot is None  # released when its request ended
+    assert v2.pool.used == 1
+
+
+def test_unknown_adapter_is_not_found_and_nothing_is_disturbed(engine):
+    with pytest.raises(AdapterNotFound, match="'nobody' is not registered"):
+        engine.generate([[1, 2, 3]], GREEDY_24, ["nobody"])
+    out = engine.generate([[1, 9690, 198]], SamplingParams(max_tokens=3, temperature=0.0))
+    assert len(out[0].token_ids) == 3 and engine.stats()["kv_blocks_used"] == 0
+
+
+def test_abort_error_and_forced_unload_release_every_pin(engine, monkeypatch):
+    name = "lora-rslora"
+    engine.adapters.register_dir(name, CASES / name)
+    long_run = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def abort_one():
+        stream = engine.add_request(_chat(engine, "Count."), long_run, request_id="a", adapter=name)
+        async for out in stream:
+            if out.completion_tokens == 2:
+                engine.abort("a")
+        return out
+
+    assert asyncio.run(abort_one()).finish_reason == "abort"
+    version = engine.adapters.registry.get(name)
+    assert version.refcount == 0
+
+    async def forced_unload():
+        stream = engine.add_request(_chat(engine, "Count."), long_run, adapter=name)
+        await anext(stream)
+        assert version.refcount == 1
+        engine.unload_adapter(name, force=True)
+        return [o async for o in stream]
+
+    assert asyncio.run(forced_unload())[-1].finish_reason == "abort"
+    assert version.refcount == 0 and version.freed and version.slot is None
+
+    engine.adapters.register_dir(name, CASES / name)
+    fresh = engine.adapters.registry.get(name)
+    monkeypatch.setattr(engine.core.runner, "execute", _boom)
+    with pytest.raises(Exception, match="injected step failure"):
+        engine.generate([_chat(engine, "Hi")], GREEDY_24, [name])
+    assert fresh.refcount == 0
+
+
+def _boom(pairs):
+    raise RuntimeError("injected step failure")

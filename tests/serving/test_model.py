@@ -1,0 +1,103 @@
+"""Our Llama forward against transformers: greedy references, long chunked prompts, bf16, the hook."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from greedy_rule import matches_reference
+from nlora_serve.models import PROJECTIONS, load_base
+from nlora_serve.serving.block_manager import BlockManager
+from nlora_serve.serving.model_runner import ModelRunner
+from nlora_serve.serving.sampling import SamplingParams
+from nlora_serve.serving.sequence import Sequence
+
+GREEDY_24 = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)  # = HF min_new_tokens
+
+
+def prefill_logits(base, ids: list[int], hook=None) -> torch.Tensor:
+    """Last-token logits [V] of one prompt through our runner (in two chunks, so the cache is used)."""
+    runner = ModelRunner(base, num_blocks=16, block_size=8, max_model_len=128)
+    runner.set_adapter_hook(hook)
+    blocks = BlockManager(16, 8)
+    seq = Sequence("p", 0, list(ids), len(ids), GREEDY_24)
+    blocks.grow(seq.block_table, len(ids))
+    runner.execute([(seq, 10)])
+    seq.num_computed_tokens = 10
+    return runner.execute([(seq, len(ids) - 10)])[0]
+
+
+def test_base_greedy_references_in_one_batch(make_engine, base_greedy):
+    refs = base_greedy * 3
+    random.Random(0).shuffle(refs)
+    engine = make_engine(block_size=8, max_num_batched_tokens=64)  # several prefill chunks
+    outs = engine.generate([r["prompt_token_ids"] for r in refs], GREEDY_24)
+    for out, ref in zip(outs, refs):
+        assert matches_reference(out.token_ids, ref["greedy_token_ids"], ref["top2_logit_margins"])
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def hf_greedy(hf_model, ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    with torch.inference_mode():
+        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                output_scores=True, return_dict_in_generate=True, pad_token_id=2)
+    margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    return out.sequences[0, len(ids):].tolist(), margins
+
+
+def test_long_prompt_chunked_and_preempted_matches_transformers(make_engine, base_fp32, hf_model):
+    tok = base_fp32.tokenizer()
+    story = " ".join(f"Day {i}: the keeper of lighthouse {i % 7} logged {i * 3} ships and a calm sea."
+                     for i in range(60))
+    long_ids = tok.encode(story, add_special_tokens=False)[:1040]
+    short = [tok.encode(f"Question {i}: name three colours of the rainbow. Answer:", add_special_tokens=False)
+             for i in range(2)]
+    assert len(long_ids) >= 1000
+    # 68 blocks of 16: the long request needs 66 and the two older short ones 2 each, so the long
+    # one (newest) is preempted when it runs out, and recomputes after the short ones finish
+    engine = make_engine(block_size=16, num_blocks=68, max_num_batched_tokens=128, max_model_len=1060)
+    params = SamplingParams(max_tokens=16, min_tokens=16, temperature=0.0)
+    outs = engine.generate(short + [long_ids], params)
+    stats = engine.stats()
+    assert stats["preemptions"] >= 1 and stats["kv_blocks_used"] == 0
+    for ids, out in zip(short + [long_ids], outs):
+        want, margins = hf_greedy(hf_model, ids, 16)
+        assert matches_reference(out.token_ids, want, margins)
+
+
+def test_bf16_prefill_logits_close_to_fp32(base_fp32, base_greedy):
+    base_bf16 = load_base(str(base_fp32.path), torch.bfloat16)
+    for ref in base_greedy:
+        fp32 = prefill_logits(base_fp32, ref["prompt_token_ids"])
+        bf16 = prefill_logits(base_bf16, ref["prompt_token_ids"])
+        assert bf16.dtype == torch.float32
+        assert float((bf16 - fp32).norm() / fp32.norm()) < 2e-2
+
+
+def test_adapter_hook_sees_every_projection_and_its_add_reaches_the_logits(base_fp32, hf_model, base_greedy):
+    ids = base_greedy[0]["prompt_token_ids"]
+    spec = base_fp32.spec
+    delta = torch.randn(spec.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.05
+    calls = []
+
+    def hook(x, y, layer, module):
+        calls.append((layer, module))
+        out_features, in_features = spec.projection_shape(module)
+        assert x.shape[1] == in_features and y.shape == (x.shape[0], out_features)
+        if (layer, module) == (spec.num_layers - 1, "down_proj"):
+            y.add_(delta)
+
+    ours = prefill_logits(base_fp32, ids, hook)
+    assert sorted(set(calls)) == sorted((i, m) for i in range(spec.num_layers) for m in PROJECTIONS)
+    assert len(calls) == 2 * 7 * spec.num_layers  # two chunks
+    down = hf_model.model.layers[spec.num_layers - 1].mlp.down_proj
+    handle = down.register_forward_hook(lambda mod, inp, out: out + delta)
+    try:
+        with torch.inference_mode():
+            want = hf_model(torch.tensor([ids])).logits[0, -1]
+    finally:
+        handle.remove()
+    assert torch.allclose(ours, want, atol=2e-3, rtol=0)
+    assert not torch.allclose(prefill_logits(base_fp32, ids), want, atol=2e-3, rtol=0)

@@ -1,0 +1,84 @@
+"""Sampling against hand-computed distributions; seeded draws reproducible; clear validation errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nlora_serve.serving.sampling import (RequestError, SamplingParams, apply_penalties, sample,
+                                          top_k_top_p_mask)
+
+PROBS = [0.5, 0.25, 0.15, 0.1]
+
+
+def frequencies(params: SamplingParams, draws: int = 20000) -> list[float]:
+    logits = torch.tensor([PROBS]).log().expand(draws, -1).contiguous()
+    tokens = sample(logits, [params] * draws, [None] * draws, torch.Generator().manual_seed(1))
+    return (torch.bincount(tokens, minlength=4).float() / draws).tolist()
+
+
+@pytest.mark.parametrize("params, expected", [
+    (SamplingParams(top_p=0.7), [2 / 3, 1 / 3, 0.0, 0.0]),  # 0.5 + 0.25 reaches 0.7
+    (SamplingParams(top_k=3), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0.0]),
+    (SamplingParams(top_k=3, top_p=0.8), [0.5 / 0.75, 0.25 / 0.75, 0.0, 0.0]),  # p over the top-3 mass
+    (SamplingParams(temperature=0.5), [p * p / sum(q * q for q in PROBS) for p in PROBS]),
+    (SamplingParams(), PROBS),
+])
+def test_sampled_frequencies_match_hand_computed(params, expected):
+    got = frequencies(params)
+    assert got == pytest.approx(expected, abs=0.015)
+
+
+def test_top_k_top_p_mask_keeps_the_expected_tokens():
+    logits = torch.tensor([[0.1, 2.0, 1.0, -1.0]])
+    out = top_k_top_p_mask(logits, torch.tensor([2]), torch.tensor([1.0]))
+    assert torch.isinf(out).tolist() == [[True, False, False, True]]
+    out = top_k_top_p_mask(logits, torch.tensor([0]), torch.tensor([0.01]))
+    assert torch.isinf(out).tolist() == [[True, False, True, True]]  # the best token always stays
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]])
+    params = [SamplingParams(temperature=0.0)] * 2
+    assert sample(logits, params, [None, None], torch.Generator()).tolist() == [1, 0]
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    seeded = SamplingParams(seed=7)
+
+    def draw(rows: int) -> int:
+        gens = [torch.Generator().manual_seed(7)] + [None] * (rows - 1)
+        return int(sample(logits[:rows], [seeded] + [SamplingParams()] * (rows - 1), gens,
+                          torch.Generator().manual_seed(rows))[0])
+
+    assert draw(1) == draw(2) == draw(4)
+    gens = [torch.Generator().manual_seed(7)]
+    first = [int(sample(logits[:1], [seeded], gens, torch.Generator())[0]) for _ in range(8)]
+    gens = [torch.Generator().manual_seed(7)]
+    again = [int(sample(logits[:1], [seeded], gens, torch.Generator())[0]) for _ in range(8)]
+    assert first == again and len(set(first)) > 1
+
+
+def test_penalties_hand_computed():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    apply_penalties(logits, [0, 1, 2, 2], num_prompt=2, params=params, ban=set())
+    # token 0: 2/2; token 1: -2*2; token 2 (output twice): 1/2 - 0.25*2 - 0.5; token 3 untouched
+    assert logits.tolist() == pytest.approx([1.0, -4.0, -0.5, 0.5])
+
+
+def test_min_tokens_bans_eos_until_reached():
+    logits = torch.zeros(4)
+    apply_penalties(logits, [1, 3], num_prompt=1, params=SamplingParams(min_tokens=2), ban={2})
+    assert logits[2] == -math.inf and logits[3] == 0.0
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 0.0), ("top_k", -1),
+                                          ("max_tokens", 0), ("logprobs", 21), ("repetition_penalty", 0.0),
+                                          ("presence_penalty", 3.0), ("stop", ("",)), ("seed", "x")])
+def test_invalid_params_name_field_and_value(field, value):
+    with pytest.raises(RequestError, match=rf"SamplingParams\.{field} .*{value!r}"):
+        SamplingParams(**{field: value})
