@@ -3,9 +3,10 @@
     .venv/bin/python bench/kernels.py [--tokens 64 512] [--dtypes fp32 bf16] [--rounds 15]
 
 Random weights of SmolLM2-135M's shapes (hidden 576, q 576, kv 192, intermediate 1536), r = 16,
-all seven projections. For each path the adapter time of one whole layer (seven
-``apply_adapters`` calls on precomputed base outputs) is divided by the time of the same layer's
-seven ``F.linear`` base GEMMs at the same T. Base and paths are timed in interleaved rounds and
+all seven projections, laid out as the engine runs them: q/k/v and gate/up fused, so a layer's
+base is four ``F.linear`` GEMMs and each module's y is a column view of its fused output. For each
+path the adapter time of one whole layer on precomputed base outputs (seven ``apply_adapters``
+calls) is divided by the time of the same layer's base GEMMs at the same T. Base and paths are timed in interleaved rounds and
 the median round is kept, so a noisy shared machine moves both sides alike. On CUDA it also
 prints achieved bandwidth against a device-to-device copy and FLOP rate against a large GEMM,
 both measured in the same run. Writes bench/out/kernels.json.
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 from nlora_serve.kernels import TIED, SiteWeights, apply_adapters, build_adapter_batch
 
 HIDDEN, KV, INTER, RANK, TENANTS = 576, 192, 1536, 16, 64
-# (in, out) of q, k, v, o, gate, up, down
-SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN),
-          (HIDDEN, INTER), (HIDDEN, INTER), (INTER, HIDDEN)]
+# The engine's four GEMMs per layer (serving/llama.py fuses q/k/v and gate/up): (in, module outs)
+GROUPS = [(HIDDEN, (HIDDEN, KV, KV)), (HIDDEN, (HIDDEN,)), (HIDDEN, (INTER, INTER)),
+          (INTER, (HIDDEN,))]
+SHAPES = [(i, o) for i, outs in GROUPS for o in outs]  # (in, out) of q, k, v, o, gate, up, down
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -47,26 +49,36 @@ def _time(fn, device: str, iters: int) -> float:
 
 
 def _layer(dtype, device, gen):
-    """Base weights, inputs and base outputs of one decoder layer at T tokens (set later)."""
-    return [torch.randn(o, i, generator=gen).div_(i ** 0.5).to(device, dtype) for i, o in SHAPES]
+    """The fused base weights [Σ outs, in] of one decoder layer, one per engine GEMM."""
+    return [torch.randn(sum(outs), i, generator=gen).div_(i ** 0.5).to(device, dtype)
+            for i, outs in GROUPS]
 
 
 def _sites(weights, mode: str, dtype, device, gen):
-    """Per-projection pools: 64 tied tenants, one shared family, or 8 own-A/B tenants."""
-    sites = []
-    for w in weights:
-        out, dim_in = w.shape
+    """Per group, per module pools: 64 tied tenants, one shared family, or 8 own-A/B tenants.
 
-        def rnd(*shape, scale):
-            return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+    Tied N lives in one [S, 7, R, R] tensor and each module sees a slice, as in TiedPool; tied_b
+    is the strided view W[:, :R] and tied_bt its contiguous transpose, as TiedPool.kernel_site
+    hands them over.
+    """
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
 
-        # Tiny N: timing loops add into y over and over; the tied z feeds back from y.
-        n_pool = rnd(TENANTS, RANK, RANK, scale=1e-4)
-        fams = {"tied": 0, "family": 1, "lora": 8}[mode]
-        a = rnd(max(fams, 1), RANK, dim_in, scale=dim_in ** -0.5) if fams else None
-        b = rnd(max(fams, 1), out, RANK, scale=1e-2) if fams else None
-        sites.append(SiteWeights(n_pool, a, b, tied_b=w[:, :RANK]))
-    return sites
+    # Tiny N: timing loops add into y over and over; the tied z feeds back from y.
+    n_all = rnd(TENANTS, len(SHAPES), RANK, RANK, scale=1e-4)
+    groups, site = [], 0
+    for w, (dim_in, outs) in zip(weights, GROUPS):
+        sites, row = [], 0
+        for out in outs:
+            fams = {"tied": 0, "family": 1, "lora": 8}[mode]
+            a = rnd(max(fams, 1), RANK, dim_in, scale=dim_in ** -0.5) if fams else None
+            b = rnd(max(fams, 1), out, RANK, scale=1e-2) if fams else None
+            tied_b = w[row:row + out, :RANK]
+            sites.append(SiteWeights(n_all[:, site], a, b, tied_b=tied_b,
+                                     tied_bt=tied_b.t().contiguous()))
+            site, row = site + 1, row + out
+        groups.append((sites, outs))
+    return groups
 
 
 def _batch(mode: str, num_tokens: int, device, gen):
@@ -82,11 +94,20 @@ def _batch(mode: str, num_tokens: int, device, gen):
     fams = {"tied64": torch.full((TENANTS,), TIED), "family64": torch.zeros(TENANTS),
             "lora8": torch.arange(TENANTS) % 8, "one": torch.zeros(TENANTS),
             "none": torch.zeros(TENANTS)}[mode].long()
-    return build_adapter_batch(slots, torch.full((TENANTS,), RANK), torch.full((TENANTS,), 2.0),
-                               fams, device=device)
+    # Scaling 1: the pools fold s into N, so the engine's batches always carry s = 1.
+    return build_adapter_batch(slots, torch.full((TENANTS,), RANK), torch.ones(TENANTS), fams,
+                               device=device)
 
 
+# path -> the pools it uses; each module's adapter runs on its column view of the fused output
 PATHS = {"tied64": "tied", "family64": "family", "lora8": "lora", "one": "lora", "none": "lora"}
+
+
+def _adapter_run(groups, batch, xs, ys):
+    """One layer's adapter calls: one apply_adapters per module, on its column view."""
+    calls = [(view, x, site) for (sites, outs), x, y in zip(groups, xs, ys)
+             for site, view in zip(sites, y.split(list(outs), dim=1))]
+    return lambda: [apply_adapters(view, x, batch, site) for view, x, site in calls]
 
 
 def bench_one(dtype_name: str, num_tokens: int, device: str, rounds: int) -> dict:
@@ -98,12 +119,10 @@ def bench_one(dtype_name: str, num_tokens: int, device: str, rounds: int) -> dic
     ys = [F.linear(x, w) for x, w in zip(xs, weights)]
     runs = {"base": lambda: [F.linear(x, w) for x, w in zip(xs, weights)]}
     for path, mode in PATHS.items():
-        sites, batch = _sites(weights, mode, dtype, device, gen), _batch(path, num_tokens, device,
-                                                                         gen)
-        runs[path] = (lambda s=sites, b=batch:
-                      [apply_adapters(y, x, b, site) for y, x, site in zip(ys, xs, s)])
+        groups = _sites(weights, mode, dtype, device, gen)
+        runs[path] = _adapter_run(groups, _batch(path, num_tokens, device, gen), xs, ys)
     slots = torch.randperm(num_tokens, generator=gen) % TENANTS
-    facts = (torch.full((TENANTS,), RANK), torch.full((TENANTS,), 2.0),
+    facts = (torch.full((TENANTS,), RANK), torch.ones(TENANTS),
              torch.full((TENANTS,), TIED))
     runs["metadata"] = lambda: build_adapter_batch(slots, *facts, device=device)
     iters = max(3, int(2e-2 / max(_time(runs["base"], device, 3), 1e-6)))
@@ -130,7 +149,7 @@ def _min_bytes(path: str, num_tokens: int, elem: int) -> float:
     for dim_in, out in SHAPES:
         per_site += 2 * num_tokens * out * elem + num_tokens * RANK * RANK * elem
         per_site += out * RANK * elem * (8 if path == "lora8" else 1)
-        if path != "tied64":
+        if not path.startswith("tied64"):
             per_site += num_tokens * dim_in * elem + RANK * dim_in * elem
     return 0.0 if path == "none" else per_site
 
@@ -150,7 +169,7 @@ def main() -> None:
     rows = []
     print(f"device {device}, torch threads {torch.get_num_threads()}, r={RANK}, one decoder layer "
           f"(7 projections) of the default model; ratio = adapter / base GEMMs")
-    print(f"{'dtype':5} {'T':>4} {'path':9} {'layer us':>9} {'base us':>9} {'ratio':>7}")
+    print(f"{'dtype':5} {'T':>4} {'path':12} {'layer us':>9} {'base us':>9} {'ratio':>7}")
     for dtype_name in args.dtypes:
         for num_tokens in args.tokens:
             t = bench_one(dtype_name, num_tokens, device, args.rounds)
@@ -164,7 +183,7 @@ def main() -> None:
                 rows.append(row)
                 extra = f"  {row['of_copy_bw']:.0%} of copy bw" if "of_copy_bw" in row else ""
                 note = "  (per step, all 30 layers)" if path == "metadata" else ""
-                print(f"{dtype_name:5} {num_tokens:4d} {path:9} {t[path] * 1e6:9.1f} "
+                print(f"{dtype_name:5} {num_tokens:4d} {path:12} {t[path] * 1e6:9.1f} "
                       f"{t['base'] * 1e6:9.1f} {row['ratio']:7.3f}{extra}{note}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": device, "threads": torch.get_num_threads(),

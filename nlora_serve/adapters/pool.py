@@ -131,7 +131,11 @@ class TiedPool(_Pool):
         w = self.base.weight(layer, module)
         bias = self.base.weights.get(f"{self.base.spec.module_path(layer, module)}.bias")
         tied_bias = bias[: self.rank] if bias is not None and module in ATTN_MODULES else None
-        return KernelSite(n_pool=self.n[:, i], tied_b=w[:, : self.rank], tied_bias=tied_bias)
+        tied_b = w[:, : self.rank]
+        # A contiguous W[:, :r]^T (r · out elements) spares the CPU expand a strided read per call;
+        # the caller caches this view per generation, so the copy is made once per site.
+        return KernelSite(n_pool=self.n[:, i], tied_b=tied_b, tied_bias=tied_bias,
+                          tied_bt=tied_b.t().contiguous())
 
 
 class LoraPool(_Pool):

@@ -64,6 +64,9 @@ class AdapterBatch:
     group_pad_pos: torch.Tensor  # [Tg] int64: position of each group token in the [G * L] layout
     group_pad_src: torch.Tensor  # [G * L] int64: token feeding each padded position (pads repeat
     #                              their family's first token, so padding never reads a NaN)
+    group_token_pad_pos: torch.Tensor | None  # [T] int64: when every token is a group token, the
+    #                              padded position of token t (the delta is gathered in token order
+    #                              and added densely, not scattered by index_add_); else None
     # -- Triton form: per-token keys over all T tokens, and runs --------------------------------
     tok_tied_slot: torch.Tensor  # [T] int32: slot if the token is tied, else −1
     tok_group_slot: torch.Tensor  # [T] int32: slot if the token is a group token, else −1
@@ -189,6 +192,8 @@ def build_adapter_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor,
         group_scalings=dev(tok_scale[group_idx, None], torch.float32),
         group_families=dev(families_used, _I64), group_pad_len=pad_len,
         group_pad_pos=dev(pad_pos, _I64), group_pad_src=dev(pad_src, _I64),
+        group_token_pad_pos=dev(torch.empty_like(pad_pos).index_copy_(0, group_idx, pad_pos), _I64)
+        if num and group_idx.numel() == num else None,
         tok_tied_slot=dev(torch.where(is_tied, slots, minus1)),
         tok_group_slot=dev(torch.where(is_group, slots, minus1)),
         tok_group_family=dev(torch.where(is_group, fam, minus1)),

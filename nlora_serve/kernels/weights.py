@@ -23,6 +23,10 @@ class SiteWeights:
     b_pool: torch.Tensor | None = None  # [F, out, R]: B per family
     tied_b: torch.Tensor | None = None  # [out, R']: W[:, :R'] of the base weight, R' ≥ R used
     tied_bias: torch.Tensor | None = None  # [R'']: bias[:R''] of the base layer (Qwen2 q/k/v)
+    # [R', out] contiguous: W[:, :R']^T, an optional copy of tied_b's transpose that the owner
+    # keeps (r · out elements per site). The CPU expand reads it instead of the strided view,
+    # which saves MKL/oneDNN a packing pass per call; values must equal tied_b's exactly.
+    tied_bt: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.n_pool
@@ -40,6 +44,12 @@ class SiteWeights:
                                  f"n_pool's {n.shape[1]}")
         if self.tied_b is not None and self.tied_b.dim() != 2:
             raise ValueError(f"tied_b must be [out, R'], got {tuple(self.tied_b.shape)}")
+        bt = self.tied_bt
+        if bt is not None and (self.tied_b is None or bt.shape != self.tied_b.shape[::-1]
+                               or not bt.is_contiguous()):
+            raise ValueError(f"tied_bt must be tied_b's transpose, contiguous [R', out]; got "
+                             f"{tuple(bt.shape)} for tied_b "
+                             f"{None if self.tied_b is None else tuple(self.tied_b.shape)}")
 
     @property
     def rank_width(self) -> int:
@@ -49,5 +59,5 @@ class SiteWeights:
     @property
     def dtypes(self) -> set[torch.dtype]:
         """Dtypes of every tensor present (the ops require one compute dtype)."""
-        ts = (self.n_pool, self.a_pool, self.b_pool, self.tied_b, self.tied_bias)
+        ts = (self.n_pool, self.a_pool, self.b_pool, self.tied_b, self.tied_bias, self.tied_bt)
         return {t.dtype for t in ts if t is not None}

@@ -65,10 +65,13 @@ def _family_of(path: str, slot: int, gen: torch.Generator) -> int:
 
 def make_case(seed: int, num_tokens: int, dim_in: int, dim_out: int, ranks: tuple[int, ...],
               dist: str, path: str, dtype: torch.dtype, *, width: int | None = None,
-              bias: bool = False, fused: bool = False, num_used: int | None = None) -> Case:
+              bias: bool = False, fused: bool = False, num_used: int | None = None,
+              scaling: float | None = None, tied_bt: bool = False) -> Case:
     """One random batch: ``num_used`` tenants (default min(T, 12)) plus 3 NaN-filled free slots.
 
-    ranks: cycled over the slots (mixed ranks); width: the pools' rank width R (≥ max rank).
+    ranks: cycled over the slots (mixed ranks); width: the pools' rank width R (≥ max rank);
+    scaling: one scaling for every slot (default: random per slot); tied_bt: hand the site a
+    contiguous copy of tied_b's transpose, as TiedPool does.
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -89,6 +92,8 @@ def make_case(seed: int, num_tokens: int, dim_in: int, dim_out: int, ranks: tupl
     ranks_t = torch.zeros(num_slots, dtype=torch.int64)
     fams = torch.zeros(num_slots, dtype=torch.int64)
     scal = torch.rand(num_slots, generator=gen) + 0.5
+    if scaling is not None:
+        scal = torch.full((num_slots,), scaling)
     a_raw, b_raw, n_raw = {}, {}, {}
     shared = (rnd(width, dim_in, scale=dim_in ** -0.5), rnd(dim_out, width))
     for slot in range(num_used):
@@ -124,7 +129,8 @@ def make_case(seed: int, num_tokens: int, dim_in: int, dim_out: int, ranks: tupl
             z = a_raw[s].double() @ x[t].double()
             truth[t] = float(scal[s]) * (b_raw[s].double() @ (n_raw[s].double() @ z))
     site = SiteWeights(n_pool=n_pool, a_pool=a_pool, b_pool=b_pool, tied_b=weight[:, :width],
-                       tied_bias=None if b_vec is None else b_vec[:width])
+                       tied_bias=None if b_vec is None else b_vec[:width],
+                       tied_bt=weight[:, :width].t().contiguous() if tied_bt else None)
     return Case(x, y, site, slots, ranks_t, scal, fams, truth)
 
 

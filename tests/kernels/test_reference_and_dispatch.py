@@ -55,3 +55,7 @@ def test_malformed_pools_are_refused():
         SiteWeights(torch.zeros(2, 4, 3))
     with pytest.raises(ValueError, match="both or neither"):
         SiteWeights(torch.zeros(2, 4, 4), a_pool=torch.zeros(1, 4, 8))
+    w = torch.zeros(10, 6)
+    for bad in (w[:, :4].t().contiguous(), w[:, :5].contiguous(), w[:, :5].t()):
+        with pytest.raises(ValueError, match="tied_bt must be tied_b's transpose"):
+            SiteWeights(torch.zeros(2, 4, 4), tied_b=w[:, :5], tied_bt=bad)

@@ -81,3 +81,14 @@ def test_one_adapter_fast_path(path, dtype):
 def test_float64_torch_path_is_exact():
     case = make_case(5200, 19, 577, 131, (1, 7, 16), "with_none", "mixed", torch.float64)
     assert run_case(case) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=str)
+@pytest.mark.parametrize("dist", ("distinct", "one", "with_none"))
+@pytest.mark.parametrize("scaling", (1.0, 2.5), ids=str)
+def test_uniform_scaling_and_contiguous_tied_bt(scaling, dist, dtype):
+    """The engine's case (pools fold s into N, so s = 1) and TiedPool's contiguous tied_bt."""
+    case = make_case(5300 + len(dist) + int(scaling), 41, 576, 1536, (16, 4), dist, "mixed",
+                     dtype, bias=True, scaling=scaling, tied_bt=True)
+    assert case.batch().uniform_scaling == scaling
+    assert run_case(case) <= TOL[dtype]
