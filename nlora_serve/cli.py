@@ -74,6 +74,25 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.set_defaults(func=run_generate)
 
 
+def _add_server(sub: argparse._SubParsersAction) -> None:
+    from nlora_serve.client.cli import add_client_arguments, run_client
+    from nlora_serve.serving.keys_cli import add_keys_arguments
+    from nlora_serve.serving.serve_cli import add_serve_arguments, run_serve
+
+    serve = sub.add_parser("serve", help="run the gRPC server on the native engine",
+                           description="Load the base model once, restore the adapter store, and serve "
+                                       "streaming generation and adapter admin over gRPC (with health, "
+                                       "reflection and optional Prometheus metrics). SIGTERM drains.")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
+    client = sub.add_parser("client", help="talk to a running server (generate, list, upload, swap, unload)",
+                            description="gRPC client commands; admin ones need an admin key.")
+    add_client_arguments(client)
+    client.set_defaults(func=run_client)
+    keys = sub.add_parser("keys", help="make API keys and their hashes for the tenants file")
+    add_keys_arguments(keys)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (every subcommand registered)."""
     parser = argparse.ArgumentParser(
@@ -89,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_adapters(sub)
     _add_generate(sub)
+    _add_server(sub)
     return parser
 
 

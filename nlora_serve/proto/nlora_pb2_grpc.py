@@ -227,7 +227,9 @@ class AdapterAdminServicer:
     """
 
     def LoadAdapter(self, request, context):
-        """Load (or reload) an adapter that is already in the server's store, by name.
+        """Serve again an adapter whose files are in the server's store (e.g. after UnloadAdapter): its
+        newest stored version is validated and registered as the name's next version (same content
+        hash). A name already being served is returned as is. NOT_FOUND when the store lacks it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,8 +237,10 @@ class AdapterAdminServicer:
 
     def UploadAdapter(self, request_iterator, context):
         """Upload a whole adapter: one header message, then its safetensors bytes in chunks (gRPC's
-        default message limit is 4 MiB). Bounded by the server's --max-adapter-bytes. Registers a
-        new version when the name exists.
+        default message limit is 4 MiB). Bounded by the server's --max-adapter-bytes: an announced
+        size over it is RESOURCE_EXHAUSTED before any chunk is read; chunks that do not add up to the
+        announced size, a sha256 mismatch, a bad name or an adapter the loader refuses are
+        INVALID_ARGUMENT with the reason. Registers a new version when the name exists.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -244,7 +248,8 @@ class AdapterAdminServicer:
 
     def SwapAdapter(self, request, context):
         """Hot-swap a tied (IntTune) tenant's N: requests admitted after the switch use the new version,
-        requests in flight finish on the one they started with.
+        requests in flight finish on the one they started with. A stale if_version is
+        FAILED_PRECONDITION; an untied adapter or a bad N file is INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

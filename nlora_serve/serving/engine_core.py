@@ -39,6 +39,7 @@ class RequestOutput:
     error: str | None = None  # what went wrong, with finish_reason "error"
     adapter: str | None = None  # adapter name the request runs on (None = base model)
     adapter_version: int = 0  # that adapter's version, pinned at admission (0 = base model)
+    adapter_hash: str = ""  # that version's content hash ("" = base model)
 
     @property
     def finished(self) -> bool:
@@ -208,7 +209,8 @@ class EngineCore:
         adapter = adapter if adapter is not None else seq.adapter
         return RequestOutput(seq.request_id, text, token_ids, reason, seq.num_prompt_tokens,
                              seq.num_output_tokens, logprobs, adapter=adapter and adapter.name,
-                             adapter_version=adapter.version if adapter else 0)
+                             adapter_version=adapter.version if adapter else 0,
+                             adapter_hash=adapter.content_hash if adapter else "")
 
     def stats(self) -> dict[str, int]:
         """Counters and gauges: running/waiting requests, KV blocks used/total, tokens, steps."""

@@ -1,0 +1,134 @@
+"""``nlora-serve client ...``: talk to a running server (generate, list, upload, swap, unload, load).
+
+    nlora-serve client generate --server 127.0.0.1:50051 --adapter tenant-000 --message "Hi"
+    nlora-serve client upload --server HOST:PORT --api-key $ADMIN_KEY --name acme ./acme-adapter
+    nlora-serve client swap --server HOST:PORT --name acme ./new_n.safetensors --if-version 3
+
+The key defaults to $NLORA_API_KEY. Server errors print one line (status code and message), exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from nlora_serve.client.sync import NloraClient
+from nlora_serve.client.types import NloraClientError
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the client subcommands under ``parser``; each sets ``func``."""
+    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server (default: %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("NLORA_API_KEY"),
+                        help="API key sent as 'authorization: Bearer' (default: $NLORA_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
+    sub = parser.add_subparsers(dest="client_command", required=True,
+                                metavar="{generate,list,info,upload,swap,unload,load}")
+    gen = sub.add_parser("generate", help="stream a completion to stdout")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="raw text prompt (no chat template)")
+    source.add_argument("--message", help="one user message, wrapped in the model's chat template")
+    gen.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
+    gen.add_argument("--max-tokens", type=int, default=0, help="new tokens at most (0 = the server's default)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.set_defaults(func=_generate)
+    sub.add_parser("list", help="adapters this key may use").set_defaults(func=_list)
+    sub.add_parser("info", help="model, dtype and limits of the server").set_defaults(func=_info)
+    up = sub.add_parser("upload", help="upload an adapter directory (admin)")
+    up.add_argument("--name", required=True, help="adapter name on the server")
+    up.add_argument("adapter_dir", help="directory with adapter_config.json and adapter_model.safetensors")
+    up.set_defaults(func=_upload)
+    swap = sub.add_parser("swap", help="hot-swap a tied tenant's N from a safetensors file (admin)")
+    swap.add_argument("--name", required=True, help="adapter name on the server")
+    swap.add_argument("n_file", help="safetensors file of lora_N keys only")
+    swap.add_argument("--if-version", type=int, default=None, help="swap only if this is the current version")
+    swap.set_defaults(func=_swap)
+    unload = sub.add_parser("unload", help="stop serving an adapter (admin)")
+    unload.add_argument("--name", required=True)
+    unload.add_argument("--force", action="store_true", help="abort its in-flight requests")
+    unload.set_defaults(func=_unload)
+    load = sub.add_parser("load", help="serve again an adapter that is in the server's store (admin)")
+    load.add_argument("--name", required=True)
+    load.set_defaults(func=_load)
+
+
+def run_client(args: argparse.Namespace) -> int:
+    """Run the chosen subcommand; returns the exit status (2 when the server refused the call)."""
+    try:
+        with NloraClient(args.server, api_key=args.api_key, timeout=args.timeout) as client:
+            return args.func(client, args)
+    except NloraClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _generate(client: NloraClient, args: argparse.Namespace) -> int:
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    source = {"prompt": args.prompt} if args.prompt is not None else \
+        {"messages": [{"role": "user", "content": args.message}]}
+    last = None
+    for last in client.generate(**source, adapter=args.adapter, **sampling):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if last is not None and last.usage is not None:
+        ref = f"{last.adapter} v{last.adapter_version}" if last.adapter else "base model"
+        print(f"[{ref}; {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} tokens, "
+              f"TTFT {last.usage.time_to_first_token_s * 1e3:.0f} ms, {last.usage.duration_s:.2f} s, "
+              f"finish {last.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
+
+
+def _info_dict(info) -> dict:
+    return {f: getattr(info, f) for f in info.__slots__}
+
+
+def _list(client: NloraClient, args: argparse.Namespace) -> int:
+    adapters, base_allowed = client.list_adapters()
+    _print({"base_model_allowed": base_allowed, "adapters": [_info_dict(a) for a in adapters]})
+    return 0
+
+
+def _info(client: NloraClient, args: argparse.Namespace) -> int:
+    print(client.server_info(), end="")
+    return 0
+
+
+def _upload(client: NloraClient, args: argparse.Namespace) -> int:
+    _print(_info_dict(client.upload_adapter(args.name, args.adapter_dir)))
+    return 0
+
+
+def _swap(client: NloraClient, args: argparse.Namespace) -> int:
+    _print(_info_dict(client.swap_adapter(args.name, args.n_file, args.if_version)))
+    return 0
+
+
+def _unload(client: NloraClient, args: argparse.Namespace) -> int:
+    print(client.unload_adapter(args.name, args.force), end="")
+    return 0
+
+
+def _load(client: NloraClient, args: argparse.Namespace) -> int:
+    _print(_info_dict(client.load_adapter(args.name)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nlora-serve client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_client_arguments(parser)
+    return run_client(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

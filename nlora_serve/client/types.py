@@ -1,0 +1,115 @@
+"""Typed results of the client (plain dataclasses built from proto messages) and its errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from nlora_serve.proto import nlora_pb2 as pb
+
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float  # seconds from the server's receipt to the first token
+    duration_s: float  # seconds from the server's receipt to the end
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One streamed piece of a generation."""
+
+    text: str  # text added since the previous delta (deltas join to the whole completion)
+    token_ids: tuple[int, ...]  # tokens added since the previous delta
+    adapter: str  # adapter the request runs on ("" = base model)
+    adapter_version: int  # its version, pinned at admission (0 = base model)
+    content_hash: str  # that version's content hash ("" = base model)
+    request_id: str
+    finish_reason: str | None = None  # "stop", "length" or "abort" on the last delta, else None
+    usage: Usage | None = None  # on the last delta only
+
+    @classmethod
+    def from_proto(cls, msg: pb.GenerateResponse) -> Delta:
+        usage = None
+        if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            u = msg.usage
+            usage = Usage(u.prompt_tokens, u.completion_tokens, u.time_to_first_token_s, u.duration_s)
+        return cls(msg.text, tuple(msg.token_ids), msg.adapter.name, msg.adapter.version,
+                   msg.adapter.content_hash, msg.request_id, _FINISH.get(msg.finish_reason), usage)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    """One adapter version as the server reports it."""
+
+    name: str
+    version: int
+    content_hash: str
+    flavour: str  # "lora", "nlora" or "inttune-tied"
+    rank: int
+    target_modules: tuple[str, ...]
+    tied: bool
+    resident_bytes: int
+    active_requests: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.AdapterInfo) -> AdapterInfo:
+        return cls(msg.ref.name, msg.ref.version, msg.ref.content_hash, msg.flavour, msg.rank,
+                   tuple(msg.target_modules), msg.tied, msg.resident_bytes, msg.active_requests)
+
+
+class NloraClientError(Exception):
+    """A call failed; ``code`` is the gRPC status code, the message is the server's."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgument(NloraClientError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(NloraClientError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(NloraClientError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unauthenticated(NloraClientError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(NloraClientError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class FailedPrecondition(NloraClientError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(NloraClientError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(NloraClientError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated,
+                                      PermissionDenied, FailedPrecondition, Unavailable, DeadlineExceeded)}
+
+
+def error_from(exc: grpc.RpcError) -> NloraClientError:
+    """The typed exception for a failed call (NloraClientError for codes without their own class)."""
+    code = exc.code()
+    return _BY_CODE.get(code, NloraClientError)(f"{code.name}: {exc.details()}", code)

@@ -1,0 +1,179 @@
+"""Multi-tenant API keys: who is calling, and may they use this adapter (DESIGN §6).
+
+The tenants file (JSON, or TOML when it ends in ``.toml``) stores only sha256 hashes of keys::
+
+    {"admin_keys": [{"name": "ops", "key_sha256": "<64 hex>"}],
+     "tenants": [{"name": "acme", "key_sha256": "<64 hex>",
+                  "adapters": ["acme", "acme-*"], "base_model": false}]}
+
+``adapters`` holds adapter names or shell-style patterns (``fnmatch``, case-sensitive);
+``base_model`` (default false) lets the tenant generate without an adapter. Admin keys may call
+every RPC and use every adapter. Keys travel as ``authorization: Bearer <key>`` metadata; make
+them random (``python -m nlora_serve.serving.keys_cli new``), since a hash only protects a key
+that cannot be guessed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nlora_serve.errors import NloraError
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_BEARER = "bearer "
+
+
+class AuthError(NloraError):
+    """The tenants file is malformed (the message names the entry and field)."""
+
+
+class Unauthenticated(NloraError):
+    """No key, or a key that matches nobody (gRPC UNAUTHENTICATED)."""
+
+
+class PermissionDenied(NloraError):
+    """A known key asking for what it was not granted (gRPC PERMISSION_DENIED)."""
+
+
+def hash_key(key: str) -> str:
+    """sha256 hex of an API key, as stored in the tenants file."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller behind one key."""
+
+    name: str  # tenant or admin name from the tenants file ("local" without auth)
+    is_admin: bool
+    adapters: tuple[str, ...] = ()  # granted names or fnmatch patterns (ignored for admins)
+    base_model: bool = False  # may generate without an adapter
+
+    def may_use(self, adapter: str | None) -> bool:
+        """True when this caller may run on ``adapter`` (None = the base model)."""
+        if self.is_admin:
+            return True
+        if adapter is None:
+            return self.base_model
+        return any(fnmatch.fnmatchcase(adapter, pattern) for pattern in self.adapters)
+
+    def check(self, adapter: str | None) -> None:
+        """Raises PermissionDenied unless :meth:`may_use`."""
+        if not self.may_use(adapter):
+            what = f"adapter {adapter!r}" if adapter is not None else "the base model (no adapter)"
+            raise PermissionDenied(f"key of {self.name!r} is not granted {what}")
+
+    def require_admin(self, rpc: str) -> None:
+        """Raises PermissionDenied unless this is an admin key."""
+        if not self.is_admin:
+            raise PermissionDenied(f"{rpc} needs an admin key; {self.name!r} is a tenant key")
+
+
+LOCAL_ADMIN = Principal("local", is_admin=True)
+
+
+class Authenticator:
+    """Maps presented keys to principals. ``Authenticator(None)`` is the no-auth mode: every
+    caller is :data:`LOCAL_ADMIN` (the server then binds to loopback only).
+    """
+
+    def __init__(self, by_hash: dict[str, Principal] | None):
+        self._by_hash = by_hash
+        self._digests = {d: d for d in by_hash or {}}  # the stored digest objects, for compare_digest
+
+    @property
+    def enabled(self) -> bool:
+        return self._by_hash is not None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Authenticator:
+        """Read a tenants file.
+
+        Raises:
+            AuthError: unreadable file, a plaintext ``key`` field, a bad hash, a duplicate hash.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text()
+            doc = _toml(text, path) if path.suffix == ".toml" else json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise AuthError(f"tenants file {path}: cannot read it ({exc})") from None
+        if not isinstance(doc, dict):
+            raise AuthError(f"tenants file {path}: expected an object with 'tenants' and 'admin_keys'")
+        by_hash: dict[str, Principal] = {}
+        for i, entry in enumerate(doc.get("admin_keys", [])):
+            _add(by_hash, _entry_hash(entry, f"{path}: admin_keys[{i}]"),
+                 Principal(str(entry.get("name", f"admin-{i}")), is_admin=True))
+        for i, entry in enumerate(doc.get("tenants", [])):
+            where = f"{path}: tenants[{i}]"
+            digest = _entry_hash(entry, where)
+            adapters = entry.get("adapters", [])
+            if not isinstance(adapters, list) or not all(isinstance(a, str) and a for a in adapters):
+                raise AuthError(f"{where}.adapters must be a list of adapter names or patterns")
+            _add(by_hash, digest, Principal(str(entry.get("name", f"tenant-{i}")), False, tuple(adapters),
+                                            bool(entry.get("base_model", False))))
+        return cls(by_hash)
+
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
+        """The principal of a call's ``authorization: Bearer <key>`` metadata.
+
+        Raises:
+            Unauthenticated: no bearer key, or one that matches no entry.
+        """
+        if self._by_hash is None:
+            return LOCAL_ADMIN
+        key = _bearer(metadata or ())
+        if key is None:
+            raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <key>'")
+        digest = hash_key(key)
+        # Only sha256 digests are ever compared, never the key: the O(1) dict lookup can leak
+        # timing about sha256(key) alone, which does not help forge a key (preimage resistance),
+        # and the final equality is hmac.compare_digest. A full scan would be O(tenants) per RPC.
+        found = self._by_hash.get(digest)
+        stored = self._digests.get(digest, "")
+        if found is None or not hmac.compare_digest(stored.encode(), digest.encode()):
+            raise Unauthenticated("unknown API key")
+        return found
+
+
+def _toml(text: str, path: Path) -> dict:
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:
+        raise AuthError(f"tenants file {path}: TOML needs Python 3.11+; use JSON") from None
+    return tomllib.loads(text)
+
+
+def _bearer(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    for name, value in metadata:
+        if name.lower() == "authorization":
+            value = value.decode() if isinstance(value, bytes) else value
+            if value[: len(_BEARER)].lower() == _BEARER and value[len(_BEARER):].strip():
+                return value[len(_BEARER):].strip()
+    return None
+
+
+def _entry_hash(entry: object, where: str) -> str:
+    if not isinstance(entry, dict):
+        raise AuthError(f"{where}: expected an object")
+    if "key" in entry or "api_key" in entry:
+        raise AuthError(f"{where}: holds a plaintext key; store only 'key_sha256' "
+                        "(python -m nlora_serve.serving.keys_cli hash)")
+    digest = entry.get("key_sha256")
+    if not isinstance(digest, str) or _HEX64.fullmatch(digest.lower()) is None:
+        raise AuthError(f"{where}.key_sha256 must be 64 hex characters (sha256 of the key); got {digest!r}")
+    return digest.lower()
+
+
+def _add(by_hash: dict[str, Principal], digest: str, principal: Principal) -> None:
+    if digest in by_hash:
+        raise AuthError(f"key_sha256 {digest[:12]}... is given to both {by_hash[digest].name!r} "
+                        f"and {principal.name!r}")
+    by_hash[digest] = principal

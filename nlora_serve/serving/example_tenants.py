@@ -1,0 +1,49 @@
+"""Example tied IntTune tenants for a fresh server (``serve --example-tenants N``).
+
+Until trained tenants exist, each example is the NLoRA (Nyström) init at r=16 on all seven
+projections with N perturbed by its own seeded noise, so every tenant's outputs differ from the
+base model's and from each other's (DESIGN §9's tenant mix).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.nystrom import init_adapter
+from nlora_serve.adapters.save import write_adapter
+from nlora_serve.models.base import BaseModel
+
+EXAMPLE_RANK = 16
+NOISE = 0.5  # relative size of the perturbation of N (element-wise, times N's RMS)
+
+
+def example_name(index: int) -> str:
+    return f"tenant-{index:03d}"
+
+
+def ensure_example_tenants(base: BaseModel, adapters: AdapterManager, count: int) -> list[str]:
+    """Register ``tenant-000`` ... ``tenant-{count-1}`` where not already registered.
+
+    Deterministic: tenant i's N is the Nyström N plus ``NOISE * rms(N) * randn`` from seed i.
+    Returns every example name (new and existing).
+    """
+    present = {v.name for v in adapters.versions()}
+    names = [example_name(i) for i in range(count)]
+    missing = [i for i, name in enumerate(names) if name not in present]
+    if not missing:
+        return names
+    adapter = init_adapter(base, rank=EXAMPLE_RANK, targets="all-linear")
+    nystrom_n = {site: s.N.clone() for site, s in adapter.sites.items()}
+    with tempfile.TemporaryDirectory(prefix="nlora-examples-") as scratch:
+        for i in missing:
+            gen = torch.Generator().manual_seed(i)
+            for site, s in adapter.sites.items():
+                n = nystrom_n[site]
+                rms = n.float().pow(2).mean().sqrt()
+                s.N = n + (NOISE * rms * torch.randn(n.shape, generator=gen)).to(n.dtype)
+            folder = write_adapter(adapter, f"{scratch}/{names[i]}", tied_form=True)
+            adapters.register_dir(names[i], folder)
+    return names

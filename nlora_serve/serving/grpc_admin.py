@@ -1,0 +1,156 @@
+"""The AdapterAdmin service: load, upload, hot-swap and unload adapters while traffic flows.
+
+Every RPC needs an admin key (PERMISSION_DENIED for a tenant key). Validation and the durable
+write run in a worker thread, so streams keep flowing on the event loop meanwhile.
+
+Status codes: a name outside ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` (e.g. one that would leave the
+store) and an adapter the loader refuses are INVALID_ARGUMENT with the loader's message; a payload
+over ``--max-adapter-bytes`` is RESOURCE_EXHAUSTED (refused from the header, before any chunk is
+buffered); a size or sha256 mismatch is INVALID_ARGUMENT; a stale ``if_version`` is
+FAILED_PRECONDITION; an unknown name is NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import deque
+
+import grpc
+
+from nlora_serve.adapters.names import validate_name
+from nlora_serve.adapters.registry import AdapterNotFound
+from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE
+from nlora_serve.errors import AdapterError, NloraError
+from nlora_serve.proto import nlora_pb2 as pb
+from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
+from nlora_serve.serving import grpc_convert as convert
+from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.engine import Engine
+from nlora_serve.serving.grpc_status import NoAdapterStore, TooLarge, status_of
+from nlora_serve.serving.metrics import ServerMetrics
+from nlora_serve.serving.server_config import ServerConfig
+
+SWAP_SAMPLES = 4096  # recent swap latencies kept for tests and benchmarks (seconds)
+
+
+class AdminServicer(pb_grpc.AdapterAdminServicer):
+    """Operators' RPCs over an engine's adapter manager."""
+
+    def __init__(self, engine: Engine, config: ServerConfig, auth: Authenticator, metrics: ServerMetrics):
+        self.engine, self.config, self.auth, self.metrics = engine, config, auth, metrics
+        self.swap_seconds: deque[float] = deque(maxlen=SWAP_SAMPLES)  # receipt -> new version admitted
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext):
+        return await self._guard(context, "LoadAdapter", self._load(request.name))
+
+    async def UploadAdapter(self, request_iterator, context: grpc.aio.ServicerContext):
+        return await self._guard(context, "UploadAdapter", self._upload(request_iterator))
+
+    async def SwapAdapter(self, request: pb.SwapAdapterRequest, context: grpc.aio.ServicerContext):
+        return await self._guard(context, "SwapAdapter", self._swap(request, time.perf_counter()))
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext):
+        return await self._guard(context, "UnloadAdapter", self._unload(request))
+
+    async def _guard(self, context: grpc.aio.ServicerContext, rpc: str, work):
+        """Authorize as admin, then run ``work``; expected failures become status codes."""
+        try:
+            self.auth.authenticate(context.invocation_metadata()).require_admin(rpc)
+            return await work
+        except NloraError as exc:
+            work.close()  # never started when auth failed; silences "never awaited"
+            await context.abort(status_of(exc)[0], str(exc))
+
+    def _manager(self):
+        try:
+            return self.engine.adapters
+        except AdapterError:
+            raise NoAdapterStore("this server has no adapter store (start it with --adapter-dir)") from None
+
+    async def _load(self, name: str) -> pb.AdapterInfo:
+        manager = self._manager()
+        validate_name(name)
+        current = {v.name: v for v in manager.versions()}.get(name)
+        if current is not None:
+            return convert.adapter_info(current)
+        stored = manager.registry.store.latest(name)
+        if stored is None:
+            raise AdapterNotFound(f"adapter {name!r} has no stored version in the adapter store")
+        files = manager.registry.store.read_files(stored.path)
+        start = time.perf_counter()
+        version = await asyncio.to_thread(manager.register, name, files)
+        self.metrics.load.observe(time.perf_counter() - start)
+        return convert.adapter_info(version)
+
+    async def _upload(self, parts) -> pb.AdapterInfo:
+        manager = self._manager()
+        header, weights = await self._receive(parts)
+        digest = hashlib.sha256(weights).hexdigest()
+        if header.safetensors_sha256 and header.safetensors_sha256.lower() != digest:
+            raise AdapterError(f"upload of {header.name!r}: adapter_model.safetensors has sha256 {digest}, "
+                               f"the header says {header.safetensors_sha256}")
+        files = {CONFIG_FILE: header.adapter_config_json.encode(), WEIGHTS_FILE: weights}
+        start = time.perf_counter()
+        version = await asyncio.to_thread(manager.register, header.name, files)
+        self.metrics.load.observe(time.perf_counter() - start)
+        return convert.adapter_info(version)
+
+    async def _receive(self, parts) -> tuple[pb.UploadHeader, bytes]:
+        """The header and the exact number of safetensors bytes it announced.
+
+        Raises:
+            AdapterError: no header first, a bad name, a second header, a size mismatch.
+            TooLarge: the announced total is over ``max_adapter_bytes``.
+        """
+        header, weights = None, bytearray()
+        async for part in parts:
+            kind = part.WhichOneof("part")
+            if header is None:
+                if kind != "header":
+                    raise AdapterError("UploadAdapter: the first message must be the header")
+                header = part.header
+                validate_name(header.name)
+                self._check_size(header.name, len(header.adapter_config_json.encode()) + header.safetensors_bytes)
+            elif kind != "chunk":
+                raise AdapterError("UploadAdapter: only one header, then chunks")
+            elif len(weights) + len(part.chunk) > header.safetensors_bytes:
+                raise AdapterError(f"upload of {header.name!r}: chunks exceed the announced "
+                                   f"{header.safetensors_bytes} bytes of adapter_model.safetensors")
+            else:
+                weights += part.chunk
+        if header is None:
+            raise AdapterError("UploadAdapter: empty upload (no header)")
+        if len(weights) != header.safetensors_bytes:
+            raise AdapterError(f"upload of {header.name!r}: received {len(weights)} bytes of "
+                               f"adapter_model.safetensors, the header announced {header.safetensors_bytes}")
+        return header, bytes(weights)
+
+    def _check_size(self, name: str, total: int) -> None:
+        if total > self.config.max_adapter_bytes:
+            raise TooLarge(f"adapter {name!r}: {total} bytes is over the server's --max-adapter-bytes "
+                           f"{self.config.max_adapter_bytes}")
+
+    async def _swap(self, request: pb.SwapAdapterRequest, received: float) -> pb.AdapterInfo:
+        manager = self._manager()
+        validate_name(request.name)
+        self._check_size(request.name, len(request.n_safetensors))
+        current = manager.registry.get(request.name)
+        if not current.is_tied:
+            raise AdapterError(f"adapter {request.name!r} is {current.flavour}, not a tied IntTune tenant: "
+                               "SwapAdapter replaces only N; upload the whole adapter with UploadAdapter")
+        if_version = request.if_version if request.HasField("if_version") else None
+        version = await asyncio.to_thread(manager.swap, request.name, request.n_safetensors, if_version)
+        elapsed = time.perf_counter() - received
+        self.metrics.swap.observe(elapsed)
+        self.swap_seconds.append(elapsed)
+        return convert.adapter_info(version)
+
+    async def _unload(self, request: pb.UnloadAdapterRequest) -> pb.UnloadAdapterResponse:
+        self._manager()
+        validate_name(request.name)
+        version = self.engine.unload_adapter(request.name, force=request.force)
+        held = version.refcount
+        return pb.UnloadAdapterResponse(ref=convert.adapter_ref(version), aborted_requests=held if request.force else 0,
+                                        draining_requests=0 if request.force else held)

@@ -1,0 +1,105 @@
+"""Proto messages <-> engine types for the gRPC front end (no I/O, no grpc calls).
+
+Every function that reads a client's message raises :class:`RequestError` with a message naming
+the offending field, which the server turns into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from nlora_serve import __version__
+from nlora_serve.adapters.registry import AdapterVersion
+from nlora_serve.proto import nlora_pb2 as pb
+from nlora_serve.serving.engine_core import RequestOutput
+from nlora_serve.serving.sampling import RequestError, SamplingParams
+from nlora_serve.serving.server_config import ServerConfig
+
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingParams:
+    """The engine's SamplingParams for a request's ``sampling`` message.
+
+    Unset temperature is greedy; max_tokens 0 is ``config.default_max_tokens``.
+
+    Raises:
+        RequestError: a field out of range, or max_tokens over ``config.max_tokens``.
+    """
+    max_tokens = msg.max_tokens or config.default_max_tokens
+    if max_tokens > config.max_tokens:
+        raise RequestError(f"SamplingParams.max_tokens must be <= the server's --max-tokens "
+                           f"{config.max_tokens}; got {max_tokens}")
+    return SamplingParams(
+        max_tokens=max_tokens, min_tokens=msg.min_tokens,
+        temperature=msg.temperature if msg.HasField("temperature") else 0.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        top_k=msg.top_k if msg.HasField("top_k") else 0,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        logprobs=msg.top_logprobs or None)
+
+
+def prompt_of(request: pb.GenerateRequest, tokenizer) -> str | list[int]:
+    """The engine prompt: raw text, token ids, or chat messages rendered with the chat template.
+
+    Raises:
+        RequestError: no prompt, an empty one, or a chat message with an unknown role.
+    """
+    kind = request.WhichOneof("prompt")
+    if kind == "text":
+        if not request.text:
+            raise RequestError("GenerateRequest.text is empty: need at least one token")
+        return request.text
+    if kind == "token_ids":
+        return list(request.token_ids.ids)
+    if kind == "chat":
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        if not messages:
+            raise RequestError("GenerateRequest.chat has no messages")
+        bad = [m["role"] for m in messages if m["role"] not in CHAT_ROLES]
+        if bad:
+            raise RequestError(f"GenerateRequest.chat: role {bad[0]!r} is not one of {', '.join(CHAT_ROLES)}")
+        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                             return_dict=False)
+    raise RequestError("GenerateRequest.prompt is not set: give text, token_ids or chat")
+
+
+def adapter_ref(version: AdapterVersion | None) -> pb.AdapterRef:
+    """The AdapterRef of a version (empty name, version 0 for the base model)."""
+    if version is None:
+        return pb.AdapterRef()
+    return pb.AdapterRef(name=version.name, version=version.version, content_hash=version.content_hash)
+
+
+def response(out: RequestOutput) -> pb.GenerateResponse:
+    """One streamed delta, carrying the adapter version pinned at admission (the same in every delta)."""
+    msg = pb.GenerateResponse(text=out.text, token_ids=out.token_ids, request_id=out.request_id)
+    msg.adapter.name, msg.adapter.version = out.adapter or "", out.adapter_version
+    msg.adapter.content_hash = out.adapter_hash
+    if out.finish_reason is not None:
+        msg.finish_reason = FINISH.get(out.finish_reason, pb.FINISH_REASON_ABORT)
+        msg.usage.prompt_tokens = out.prompt_tokens
+        msg.usage.completion_tokens = out.completion_tokens
+    for token, lps in zip(out.token_ids, out.logprobs or []):
+        top = sorted(lps.items(), key=lambda kv: -kv[1])  # the top-k (and the sampled token), best first
+        msg.logprobs.add(token_id=token, logprob=lps.get(token, 0.0),
+                         top_token_ids=[t for t, _ in top], top_logprobs=[lp for _, lp in top])
+    return msg
+
+
+def adapter_info(version: AdapterVersion) -> pb.AdapterInfo:
+    """What the admin and list RPCs report about one version."""
+    return pb.AdapterInfo(ref=adapter_ref(version), flavour=version.flavour, rank=version.rank,
+                          target_modules=list(version.targets), tied=version.is_tied,
+                          resident_bytes=version.held_bytes if version.slot is not None else 0,
+                          active_requests=version.refcount)
+
+
+def server_info(base, engine_config, config: ServerConfig) -> pb.ServerInfo:
+    """GetServerInfo's answer for a :class:`BaseModel` served with an :class:`EngineConfig`."""
+    return pb.ServerInfo(server_version=__version__, model=base.path.name, model_fingerprint=base.fingerprint,
+                         dtype=str(base.dtype).removeprefix("torch."), backend="native",
+                         max_rank=engine_config.adapter_limits.max_rank, max_adapter_bytes=config.max_adapter_bytes,
+                         max_model_len=engine_config.scheduler.max_model_len)

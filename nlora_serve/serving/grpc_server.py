@@ -1,0 +1,119 @@
+"""The grpc.aio server over an :class:`Engine` (DESIGN §6): Generation + AdapterAdmin services,
+grpc.health.v1 health, server reflection, Prometheus metrics, graceful drain.
+
+Lifecycle (all on one event loop)::
+
+    server = NloraServer(engine, ServerConfig(port=0), Authenticator(None), info, tokenizer)
+    await server.start()          # binds; health SERVING; metrics endpoint when configured
+    ...
+    await server.shutdown()       # health NOT_SERVING, new Generate UNAVAILABLE, drain, stop
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nlora_serve.errors import NloraError
+from nlora_serve.proto import nlora_pb2 as pb
+from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
+from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.engine import Engine
+from nlora_serve.serving.grpc_admin import AdminServicer
+from nlora_serve.serving.grpc_generate import Admission, GenerationServicer
+from nlora_serve.serving.metrics import ServerMetrics
+from nlora_serve.serving.server_config import ServerConfig, is_loopback
+
+log = logging.getLogger(__name__)
+
+SERVICES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Generation", "AdapterAdmin"))
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class NloraServer:
+    """One gRPC server (and its metrics endpoint) over one engine.
+
+    Args:
+        engine: the engine; its ``adapters`` manager backs the admin service.
+        config: where to listen and the admission limits.
+        auth: keys and grants (``Authenticator(None)``: no auth, loopback only).
+        info: what GetServerInfo answers (see :func:`grpc_convert.server_info`).
+        tokenizer: renders chat prompts with the model's chat template.
+    """
+
+    def __init__(self, engine: Engine, config: ServerConfig, auth: Authenticator, info: pb.ServerInfo,
+                 tokenizer) -> None:
+        if not auth.enabled and not is_loopback(config.host):
+            raise ValueError(f"no auth configured: refusing to listen on {config.host!r}; without a tenants "
+                             "file the server binds only to loopback (127.0.0.1)")
+        self.engine, self.config = engine, config
+        self.metrics = ServerMetrics(engine.stats, lambda: _residency(engine))
+        self.admission = Admission(config.max_queue)
+        self.generation = GenerationServicer(engine, config, auth, self.metrics, self.admission, tokenizer, info)
+        self.admin = AdminServicer(engine, config, auth, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None  # the bound gRPC port, after start()
+        self.metrics_port: int | None = None  # the bound metrics port, after start() (None: off)
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        """Bind and start serving; health turns SERVING.
+
+        Raises:
+            RuntimeError: the address cannot be bound.
+        """
+        # so_reuseport off: a second server on a busy port must fail, not share it silently
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_GenerationServicer_to_server(self.generation, self._server)
+        pb_grpc.add_AdapterAdminServicer_to_server(self.admin, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._server)
+        self.port = self._server.add_insecure_port(self.config.address)
+        if not self.port:
+            raise RuntimeError(f"cannot bind {self.config.address}")
+        await self._server.start()
+        for service in ("", *SERVICES):
+            await self.health.set(service, _SERVING)
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
+        log.info("gRPC on %s:%d%s", self.config.host, self.port,
+                 f", metrics on http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "")
+
+    async def shutdown(self, grace: float | None = None) -> bool:
+        """Graceful stop: health NOT_SERVING, new Generate calls UNAVAILABLE, running streams get
+        up to ``grace`` seconds (default ``config.drain_seconds``) to finish, then the rest are
+        cancelled (their engine requests aborted) and the server stops.
+
+        Returns True when every stream finished within the grace period.
+        """
+        grace = self.config.drain_seconds if grace is None else grace
+        self.admission.draining = True
+        await self.health.enter_graceful_shutdown()
+        drained = True
+        try:
+            if not self.admission.idle.is_set():
+                await asyncio.wait_for(self.admission.idle.wait(), timeout=grace)
+        except TimeoutError:
+            drained = False
+            log.warning("%d streams still running after %.1f s of drain; cancelling them",
+                        self.admission.inflight, grace)
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        self.metrics.close()
+        return drained
+
+
+def _residency(engine: Engine) -> tuple[int, int]:
+    """(adapter versions in a pool slot, bytes they hold) over the current versions."""
+    try:
+        versions = engine.adapters.versions()
+    except NloraError:
+        return 0, 0
+    resident = [v for v in versions if v.slot is not None]
+    return len(resident), sum(v.held_bytes for v in resident)

@@ -1,0 +1,112 @@
+"""Prometheus metrics of one server, on its own registry, served over HTTP (DESIGN §6).
+
+Names carry their unit; no label has an unbounded value set (no per-tenant or per-adapter
+labels): the only label is ``reason`` on rejections, from :data:`REJECT_REASONS`. Gauges are read
+from the engine when scraped, so they are never stale.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REJECT_REASONS = ("queue_full", "draining", "invalid_argument", "not_found", "pool_full",
+                  "unauthenticated", "permission_denied")
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_DURATION = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_ADMIN = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class ServerMetrics:
+    """Every ``nlora_*`` metric of one server.
+
+    Args:
+        engine_stats: returns the engine's ``stats()`` dict (running, waiting, kv_blocks_used).
+        adapter_residency: returns (adapters resident, bytes they hold in the compute dtype).
+    """
+
+    def __init__(self, engine_stats: Callable[[], dict[str, int]],
+                 adapter_residency: Callable[[], tuple[int, int]]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ttft = Histogram("nlora_time_to_first_token_seconds", "Receipt of a Generate to its first token",
+                              buckets=_LATENCY, registry=r)
+        self.itl = Histogram("nlora_inter_token_latency_seconds", "Time between consecutive streamed tokens",
+                             buckets=_ITL, registry=r)
+        self.duration = Histogram("nlora_request_duration_seconds", "Receipt of a Generate to its last token",
+                                  buckets=_DURATION, registry=r)
+        self.swap = Histogram("nlora_adapter_swap_seconds", "SwapAdapter receipt to the new version "
+                              "admitted (validation and durable write included)", buckets=_ADMIN, registry=r)
+        self.load = Histogram("nlora_adapter_load_seconds", "UploadAdapter / LoadAdapter: complete bytes to "
+                              "the version admitted (validation and durable write included)",
+                              buckets=_ADMIN, registry=r)
+        self.prompt_tokens = Counter("nlora_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("nlora_generation_tokens", "Tokens streamed to clients", registry=r)
+        self.rejected = Counter("nlora_requests_rejected", "Requests refused, by reason", ["reason"], registry=r)
+        for reason in REJECT_REASONS:  # every series exists from the start, at 0
+            self.rejected.labels(reason)
+        gauges = {"nlora_requests_running": ("Requests in the running batch", lambda: engine_stats()["running"]),
+                  "nlora_requests_waiting": ("Requests queued in the engine", lambda: engine_stats()["waiting"]),
+                  "nlora_kv_blocks_used": ("KV cache blocks in use", lambda: engine_stats()["kv_blocks_used"]),
+                  "nlora_adapters_resident": ("Adapter versions in a pool slot", lambda: adapter_residency()[0]),
+                  "nlora_adapter_bytes_resident": ("Bytes resident adapters hold", lambda: adapter_residency()[1])}
+        for name, (doc, read) in gauges.items():
+            Gauge(name, doc, registry=r).set_function(read)
+        self._http = None
+
+    def reject(self, reason: str) -> None:
+        """Count one refused request; ``reason`` is one of :data:`REJECT_REASONS`."""
+        self.rejected.labels(reason).inc()
+
+    def request(self) -> RequestTimer:
+        """A timer started now, at a Generate's receipt."""
+        return RequestTimer(self)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread; returns the port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_port
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint (no-op when it was never started)."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class RequestTimer:
+    """TTFT, inter-token latency and duration of one Generate stream (perf_counter seconds)."""
+
+    __slots__ = ("_metrics", "start", "first", "_last")
+
+    def __init__(self, metrics: ServerMetrics):
+        self._metrics = metrics
+        self.start = time.perf_counter()
+        self.first: float | None = None  # seconds from receipt to the first token
+        self._last = self.start
+
+    def tokens(self, count: int) -> None:
+        """``count`` tokens were just streamed (one delta)."""
+        if count <= 0:
+            return
+        now = time.perf_counter()
+        m = self._metrics
+        if self.first is None:
+            self.first = now - self.start
+            m.ttft.observe(self.first)
+        else:
+            m.itl.observe((now - self._last) / count)
+        self._last = now
+        m.generation_tokens.inc(count)
+
+    def finish(self, prompt_tokens: int) -> float:
+        """The stream ended; returns its duration in seconds."""
+        elapsed = time.perf_counter() - self.start
+        self._metrics.duration.observe(elapsed)
+        self._metrics.prompt_tokens.inc(prompt_tokens)
+        return elapsed

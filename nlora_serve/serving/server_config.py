@@ -1,0 +1,67 @@
+"""gRPC front-end configuration: one slotted dataclass, validated in ``__post_init__`` (DESIGN §6).
+
+The ``serve`` CLI and the tests only fill it in; the server reads nothing else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Where the server listens and what it admits.
+
+    Raises (in ``__post_init__``):
+        ValueError: a field out of range (the message names it and its value), or a non-loopback
+            ``host`` without a tenants file: without auth the server must not be reachable from
+            other machines (DESIGN §6).
+    """
+
+    host: str = "127.0.0.1"  # interface to bind; non-loopback needs ``tenants_file``
+    port: int = 50051  # gRPC port; 0 picks a free one (see NloraServer.port)
+    metrics_port: int | None = None  # Prometheus HTTP port on ``host``; None = no endpoint, 0 = any free
+    tenants_file: str | None = None  # auth file (JSON or TOML); None = no auth, loopback only
+    max_queue: int = 256  # running + waiting Generate requests at most; beyond: RESOURCE_EXHAUSTED
+    max_tokens: int = 2048  # a request's max_tokens at most; more is INVALID_ARGUMENT
+    default_max_tokens: int = 256  # max_tokens of a request that sends 0
+    max_adapter_bytes: int = 256 << 20  # an upload (config + safetensors) or a swap payload, bytes
+    drain_seconds: float = 30.0  # graceful shutdown: how long running streams may finish
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue", "max_tokens", "default_max_tokens", "max_adapter_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ServerConfig.{name} must be a positive integer; got {value!r}")
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= 65535):
+                raise ValueError(f"ServerConfig.{name} must be a port number in [0, 65535]; got {value!r}")
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"ServerConfig.default_max_tokens ({self.default_max_tokens}) must be <= "
+                             f"max_tokens ({self.max_tokens})")
+        if not self.drain_seconds >= 0:
+            raise ValueError(f"ServerConfig.drain_seconds must be >= 0; got {self.drain_seconds!r}")
+        if self.tenants_file is None and not is_loopback(self.host):
+            raise ValueError(f"ServerConfig.host={self.host!r} is not a loopback address and no tenants "
+                             "file is configured: without auth the server binds only to 127.0.0.1 "
+                             "(give --tenants-file to listen on other interfaces)")
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for grpc's ``add_insecure_port`` (IPv6 literals bracketed)."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"

@@ -1,0 +1,112 @@
+"""Keys and grants: tenants use only their adapters, admin RPCs need an admin key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ADMIN_KEY, TENANT_KEYS
+from nlora_serve.client import NloraClient, PermissionDenied, Unauthenticated
+from nlora_serve.serving.auth import AuthError, Authenticator, hash_key
+from nlora_serve.serving.server_config import ServerConfig
+
+CASES = Path(__file__).parents[1] / "data" / "cases"
+PROMPT = [1, 9690, 198, 2683]
+
+
+@pytest.fixture
+def server(make_server, tenants_file):
+    server = make_server(tenants_file)
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+        for name in ("inttune-nystrom-tied", "lora-rslora"):
+            admin.upload_adapter(name, CASES / name)
+    return server
+
+
+def _generate(server, key, adapter=None):
+    with NloraClient(server.target, api_key=key, timeout=60) as client:
+        return client.complete(PROMPT, adapter=adapter, max_tokens=2)[1]
+
+
+def test_a_tenant_cannot_use_another_tenants_adapter(server):
+    with pytest.raises(PermissionDenied, match="'tied-co' is not granted adapter 'lora-rslora'"):
+        _generate(server, TENANT_KEYS["tied-co"], "lora-rslora")
+    with pytest.raises(PermissionDenied, match="not granted adapter 'inttune-nystrom-tied'"):
+        _generate(server, TENANT_KEYS["lora-co"], "inttune-nystrom-tied")
+    with pytest.raises(PermissionDenied, match="base model"):
+        _generate(server, TENANT_KEYS["tied-co"])  # base_model false
+    # a grant does not reveal whether an ungranted name exists: denied before the lookup
+    with pytest.raises(PermissionDenied):
+        _generate(server, TENANT_KEYS["lora-co"], "no-such-adapter")
+    assert _generate(server, TENANT_KEYS["tied-co"], "inttune-nystrom-tied")[-1].adapter_version == 1
+    assert _generate(server, TENANT_KEYS["lora-co"], "lora-rslora")[-1].adapter == "lora-rslora"
+    assert _generate(server, TENANT_KEYS["lora-co"])[-1].adapter == ""
+
+
+def test_unknown_or_missing_keys_are_unauthenticated(server):
+    for key in ("not-a-key", None, TENANT_KEYS["tied-co"] + "x"):
+        with pytest.raises(Unauthenticated):
+            _generate(server, key, "inttune-nystrom-tied")
+        with NloraClient(server.target, api_key=key) as client, pytest.raises(Unauthenticated):
+            client.list_adapters()
+
+
+def test_admin_rpcs_need_an_admin_key(server):
+    for key in TENANT_KEYS.values():
+        with NloraClient(server.target, api_key=key) as client:
+            with pytest.raises(PermissionDenied, match="SwapAdapter needs an admin key"):
+                client.swap_adapter("inttune-nystrom-tied", b"")
+            with pytest.raises(PermissionDenied, match="UploadAdapter needs an admin key"):
+                client.upload_adapter("evil", CASES / "lora-rslora")
+            with pytest.raises(PermissionDenied):
+                client.unload_adapter("lora-rslora", force=True)
+            with pytest.raises(PermissionDenied):
+                client.load_adapter("lora-rslora")
+    with NloraClient(server.target, api_key="nobody") as client, pytest.raises(Unauthenticated):
+        client.unload_adapter("lora-rslora")
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+        assert {a.name for a in admin.list_adapters()[0]} == {"inttune-nystrom-tied", "lora-rslora"}
+
+
+def test_list_adapters_shows_only_the_callers_grants(server):
+    with NloraClient(server.target, api_key=TENANT_KEYS["tied-co"]) as client:
+        adapters, base_allowed = client.list_adapters()
+    assert [a.name for a in adapters] == ["inttune-nystrom-tied"] and not base_allowed
+    with NloraClient(server.target, api_key=TENANT_KEYS["base-co"]) as client:
+        assert client.list_adapters() == ([], True)
+
+
+def test_tenants_file_refuses_plaintext_keys_and_bad_hashes(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"tenants": [{"name": "a", "key": "plain"}]}))
+    with pytest.raises(AuthError, match="plaintext key"):
+        Authenticator.from_file(path)
+    path.write_text(json.dumps({"tenants": [{"name": "a", "key_sha256": "abc"}]}))
+    with pytest.raises(AuthError, match="64 hex"):
+        Authenticator.from_file(path)
+    digest = hash_key("k")
+    path.write_text(json.dumps({"admin_keys": [{"key_sha256": digest}], "tenants": [{"key_sha256": digest}]}))
+    with pytest.raises(AuthError, match="given to both"):
+        Authenticator.from_file(path)
+
+
+def test_toml_tenants_file_and_glob_grants(tmp_path):
+    path = tmp_path / "tenants.toml"
+    path.write_text(f'[[tenants]]\nname = "acme"\nkey_sha256 = "{hash_key("acme-key")}"\n'
+                    'adapters = ["acme-*"]\n')
+    auth = Authenticator.from_file(path)
+    principal = auth.authenticate([("authorization", "Bearer acme-key")])
+    assert principal.name == "acme" and principal.may_use("acme-v2") and not principal.may_use("acme")
+    assert not principal.may_use(None) and not principal.is_admin
+    # the stored hash is sha256 of the key's UTF-8 bytes (value from coreutils `sha256sum`)
+    assert hash_key("acme-key") == "afacab3575137afa4e00d9cbcafcb14c9ae25f779d964eb0ea5b2c4eb5dfd163"
+
+
+def test_no_auth_means_loopback_only():
+    assert ServerConfig(host="127.0.0.1").tenants_file is None
+    assert ServerConfig(host="::1").address == "[::1]:50051"
+    with pytest.raises(ValueError, match="binds only to 127.0.0.1"):
+        ServerConfig(host="0.0.0.0")
+    assert ServerConfig(host="0.0.0.0", tenants_file="tenants.json").host == "0.0.0.0"

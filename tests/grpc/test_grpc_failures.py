@@ -1,0 +1,178 @@
+"""Each failure gets its status code, frees what it held, and the server keeps serving others."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from nlora_serve.client import (DeadlineExceeded, FailedPrecondition, InvalidArgument, NloraClient, NotFound,
+                                ResourceExhausted)
+from nlora_serve.client.messages import upload_parts
+from nlora_serve.proto import nlora_pb2 as pb
+from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
+from serving_check import CASES, TIED, still_serves
+
+LONG = dict(max_tokens=400, ignore_eos=True)
+PROMPT = [1, 9690, 198, 2683, 359, 253]
+
+
+@pytest.fixture(scope="module")
+def server(make_module_server):
+    server = make_module_server(max_queue=3)
+    with NloraClient(server.target) as admin:
+        admin.upload_adapter(TIED, CASES / TIED)
+    return server
+
+
+def _wait_idle(engine, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0:
+            return stats
+        time.sleep(0.02)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+def test_client_disconnect_and_deadline_free_kv_blocks_and_pins(server):
+    version = server.engine.adapters.registry.get(TIED)
+    with NloraClient(server.target) as client:
+        stream = client.generate(PROMPT, adapter=TIED, **LONG)
+        first = [next(stream) for _ in range(3)]
+        assert server.engine.stats()["kv_blocks_used"] > 0 and version.refcount == 1
+        stream.close()  # leaves mid-stream: the call is cancelled
+    _wait_idle(server.engine)
+    assert version.refcount == 0 and {d.adapter_version for d in first} == {version.version}
+    with NloraClient(server.target) as client, pytest.raises(DeadlineExceeded):
+        list(client.generate(PROMPT, adapter=TIED, timeout=0.5, **LONG))
+    _wait_idle(server.engine)
+    assert version.refcount == 0 and server.server.admission.inflight == 0
+    still_serves(server.target)
+
+
+def test_queue_overflow_is_resource_exhausted(server):
+    with NloraClient(server.target) as client:
+        streams = [client.generate(PROMPT, **LONG) for _ in range(3)]
+        for s in streams:
+            next(s)  # admitted and running
+        with pytest.raises(ResourceExhausted, match="queue is full .*--max-queue 3"):
+            list(client.generate(PROMPT, max_tokens=2))
+        for s in streams:
+            s.close()
+    _wait_idle(server.engine)
+    still_serves(server.target)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=PROMPT, temperature=-1.0), "temperature must be in"),
+    (dict(prompt=PROMPT, top_p=1.5), "top_p must be in"),
+    (dict(prompt=PROMPT, max_tokens=5000), "max_tokens must be <= the server's --max-tokens 2048"),
+    (dict(prompt=PROMPT, max_tokens=4, min_tokens=9), "min_tokens"),
+    (dict(prompt=""), "text is empty"),
+    (dict(prompt=[]), "prompt is empty"),
+    (dict(prompt=[10 ** 6]), "token ids must be in"),
+    (dict(messages=[{"role": "wizard", "content": "hi"}]), "role 'wizard'"),
+])
+def test_malformed_requests_are_invalid_argument(server, kwargs, message):
+    with NloraClient(server.target) as client, pytest.raises(InvalidArgument, match=message):
+        list(client.generate(**kwargs))
+    assert server.server.admission.inflight == 0
+    still_serves(server.target)
+
+
+def test_unknown_adapter_is_not_found_never_the_base_model(server):
+    with NloraClient(server.target) as client, pytest.raises(NotFound, match="'nobody' is not registered"):
+        list(client.generate(PROMPT, adapter="nobody", max_tokens=2))
+    still_serves(server.target)
+
+
+@pytest.mark.parametrize("case, words", [("nan-weights", ("nan", "finite")), ("dora", ("dora",)),
+                                         ("rank-over-limit", ("128",)), ("shape-mismatch", ("577",))])
+def test_invalid_adapter_upload_is_invalid_argument_with_the_reason(server, case, words):
+    with NloraClient(server.target) as admin, pytest.raises(InvalidArgument) as err:
+        admin.upload_adapter("bad", CASES / case)
+    assert any(w in str(err.value).lower() for w in words), str(err.value)
+    assert "bad" not in {v.name for v in server.engine.adapters.versions()}
+    still_serves(server.target)
+
+
+def test_oversized_upload_is_resource_exhausted(make_server):
+    small = make_server(max_adapter_bytes=1_000_000)
+    with NloraClient(small.target) as admin:
+        with pytest.raises(ResourceExhausted, match=r"2220\d{3} bytes is over the server's --max-adapter-bytes 1000000"):
+            admin.upload_adapter("big", CASES / "lora-rslora")  # 2.2 MB
+        with pytest.raises(ResourceExhausted, match="--max-adapter-bytes"):
+            admin.swap_adapter("big", b"\0" * 1_000_001)
+        assert admin.upload_adapter("small", CASES / "lora-layers-subset").version == 1  # 0.39 MB fits
+    still_serves(small.target, adapter=None)
+
+
+def test_inconsistent_uploads_are_invalid_argument(server):
+    stub = pb_grpc.AdapterAdminStub(grpc.insecure_channel(server.target))
+    parts = list(upload_parts("lora-x", CASES / "lora-rslora", chunk_bytes=1 << 20))
+    short = [pb.UploadAdapterRequest(header=parts[0].header), *parts[1:-1]]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UploadAdapter(iter(short))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "header announced" in err.value.details()
+    lying = pb.UploadHeader(name="lora-x", adapter_config_json=parts[0].header.adapter_config_json,
+                            safetensors_bytes=parts[0].header.safetensors_bytes, safetensors_sha256="0" * 64)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UploadAdapter(iter([pb.UploadAdapterRequest(header=lying), *parts[1:]]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sha256" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UploadAdapter(iter(parts[1:]))  # chunks without a header
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "first message" in err.value.details()
+    still_serves(server.target)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", ".hidden", "a/b", "x" * 200, ""])
+def test_path_escaping_names_are_invalid_argument(server, name, tmp_path):
+    with NloraClient(server.target) as admin:
+        with pytest.raises(InvalidArgument, match="is not valid"):
+            admin.upload_adapter(name, CASES / "lora-rslora")
+        with pytest.raises(InvalidArgument, match="is not valid"):
+            admin.swap_adapter(name, b"x")
+        with pytest.raises(InvalidArgument, match="is not valid"):
+            admin.load_adapter(name)
+    store = server.engine.adapters.registry.store.root
+    assert not any(p.name.startswith("escape") for p in store.parent.iterdir())
+    assert all(p.name in (".staging", TIED, "lora-rslora") for p in store.iterdir())
+    still_serves(server.target)
+
+
+def test_swap_refusals(server):
+    current = server.engine.adapters.registry.get(TIED).version
+    with NloraClient(server.target) as admin:
+        admin.upload_adapter("lora-rslora", CASES / "lora-rslora")
+        with pytest.raises(InvalidArgument, match="not a tied IntTune tenant"):
+            admin.swap_adapter("lora-rslora", b"whatever")
+        with pytest.raises(InvalidArgument):
+            admin.swap_adapter(TIED, b"not safetensors")
+        with pytest.raises(FailedPrecondition, match=f"expected current version 70, have {current}"):
+            admin.swap_adapter(TIED, (server.engine.adapters.registry.get(TIED).path
+                                      / "adapter_model.safetensors").read_bytes(), if_version=70)
+        with pytest.raises(NotFound):
+            admin.swap_adapter("nobody", b"x")
+    assert server.engine.adapters.registry.get(TIED).version == current
+    still_serves(server.target)
+
+
+def test_unload_then_load_from_the_store(server):
+    with NloraClient(server.target) as admin:
+        before = server.engine.adapters.registry.get(TIED)
+        stream = admin.generate(PROMPT, adapter=TIED, **LONG)
+        next(stream)
+        unloaded = admin.unload_adapter(TIED, force=True)
+        assert unloaded.ref.version == before.version and unloaded.aborted_requests == 1
+        assert [d.finish_reason for d in stream][-1] == "abort"
+        with pytest.raises(NotFound):
+            list(admin.generate(PROMPT, adapter=TIED, max_tokens=2))
+        loaded = admin.load_adapter(TIED)
+        assert (loaded.version, loaded.content_hash) == (before.version + 1, before.content_hash)
+        with pytest.raises(NotFound, match="no stored version"):
+            admin.load_adapter("never-stored")
+    _wait_idle(server.engine)
+    assert before.refcount == 0 and before.freed
+    still_serves(server.target)

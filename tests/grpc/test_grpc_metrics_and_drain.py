@@ -1,0 +1,95 @@
+"""Prometheus metrics exist and move under load; health, reflection and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from nlora_serve.client import NloraClient, NotFound, Unavailable
+from serving_check import CASES, TIED
+
+PROMPT = [1, 9690, 198, 2683, 359, 253]
+HISTOGRAMS = ("nlora_time_to_first_token_seconds", "nlora_inter_token_latency_seconds",
+              "nlora_request_duration_seconds", "nlora_adapter_swap_seconds", "nlora_adapter_load_seconds")
+GAUGES = ("nlora_requests_running", "nlora_requests_waiting", "nlora_kv_blocks_used", "nlora_adapters_resident",
+          "nlora_adapter_bytes_resident")
+COUNTERS = ("nlora_prompt_tokens_total", "nlora_generation_tokens_total", "nlora_requests_rejected_total")
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_exist_and_move_under_load(make_server):
+    server = make_server(metrics_port=0)
+    port = server.server.metrics_port
+    before = _scrape(port)
+    for name in HISTOGRAMS:
+        assert before[(f"{name}_count", ())] == 0
+    for name in GAUGES:
+        assert before[(name, ())] == 0
+    assert before[("nlora_requests_rejected_total", (("reason", "not_found"),))] == 0
+    with NloraClient(server.target, timeout=60) as client:
+        tied = client.upload_adapter(TIED, CASES / TIED)
+        stream = client.generate(PROMPT, adapter=TIED, max_tokens=50, ignore_eos=True)
+        next(stream)
+        during = _scrape(port)
+        stream.close()
+        deltas = [client.complete(PROMPT, max_tokens=5, min_tokens=5)[1] for _ in range(2)]
+        with pytest.raises(NotFound):
+            list(client.generate(PROMPT, adapter="nobody"))
+        stored = server.engine.adapters.registry.get(TIED).path / "adapter_model.safetensors"
+        client.swap_adapter(TIED, stored.read_bytes())
+    after = _scrape(port)
+    assert during[("nlora_requests_running", ())] == 1 and during[("nlora_kv_blocks_used", ())] >= 1
+    assert after[("nlora_adapters_resident", ())] == 1
+    assert after[("nlora_adapter_bytes_resident", ())] == 30 * 3 * 8 * 8 * 4 == tied.resident_bytes  # N, fp32
+    assert after[("nlora_time_to_first_token_seconds_count", ())] == 3  # the cancelled stream had its first token
+    assert after[("nlora_request_duration_seconds_count", ())] == 2  # finished streams only
+    assert after[("nlora_prompt_tokens_total", ())] == 2 * len(PROMPT)
+    streamed = 1 + sum(len(d.token_ids) for ds in deltas for d in ds)
+    assert after[("nlora_generation_tokens_total", ())] >= streamed  # plus any the cancelled one got
+    assert after[("nlora_inter_token_latency_seconds_count", ())] >= 2 * 4
+    assert after[("nlora_requests_rejected_total", (("reason", "not_found"),))] == 1
+    assert after[("nlora_adapter_swap_seconds_count", ())] == 1
+    assert after[("nlora_adapter_load_seconds_count", ())] == 1
+    assert after[("nlora_kv_blocks_used", ())] == 0 and after[("nlora_requests_running", ())] == 0
+
+
+def test_health_and_reflection(make_server):
+    server = make_server()
+    channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "nlora_serve.v1.Generation", "nlora_serve.v1.AdapterAdmin"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answer = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"nlora_serve.v1.Generation", "nlora_serve.v1.AdapterAdmin", "grpc.health.v1.Health"} <= names
+
+
+def test_graceful_drain_finishes_running_streams_and_refuses_new_ones(make_server):
+    server = make_server()
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.target))
+    with NloraClient(server.target, timeout=60) as client:
+        stream = client.generate(PROMPT, max_tokens=12, min_tokens=12)
+        got = [next(stream)]
+        drain = asyncio.run_coroutine_threadsafe(server.server.shutdown(grace=60), server.loop)
+        while not server.server.admission.draining:
+            pass
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(Unavailable, match="shutting down"):
+            list(client.generate(PROMPT, max_tokens=2))
+        got += list(stream)
+    assert drain.result(60) is True  # every stream finished inside the grace period
+    assert got[-1].finish_reason == "length" and sum(len(d.token_ids) for d in got) == 12
+    assert server.engine.stats()["kv_blocks_used"] == 0
