@@ -110,7 +110,8 @@ def sort_sites(sites: dict[tuple[int, str], SiteWeights]) -> dict[tuple[int, str
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().to(torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    """float32 bytes in C order (numpy's tobytes of a float32 array: the same bytes, fewer ops)."""
+    return t.detach().to(torch.float32).numpy().tobytes()
 
 
 def content_hash(sites: dict[tuple[int, str], SiteWeights], family_key: str | None) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save_file
 
 from nlora_serve.adapters.config import CONFIG_NAME
 from nlora_serve.errors import AdapterError
@@ -56,11 +56,51 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise AdapterError(f"{path}: not a readable safetensors file ({exc})") from None
+    _check_dtypes(header)
+    return header
+
+
+def _check_dtypes(header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
     for key, (dtype, _) in header.items():
         if dtype not in STORED_DTYPES:
             raise AdapterError(f"tensor {key!r} has dtype {dtype}; expected one of "
                                f"{', '.join(STORED_DTYPES)} (float16, bfloat16, float32)")
+
+
+def read_header_bytes(data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """:func:`read_header` for safetensors bytes in memory (an upload or a swap payload).
+    See :func:`read_bytes` for the header and the tensors in one parse.
+
+    Format: 8-byte little-endian header length, then that many bytes of JSON
+    ``{key: {"dtype", "shape", "data_offsets"}}`` (plus optional ``__metadata__``).
+
+    Raises:
+        AdapterError: not safetensors, or a tensor of a dtype other than F32 / F16 / BF16.
+    """
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    try:
+        if not 0 < size <= len(data) - 8:
+            raise ValueError(f"header length {size} does not fit {len(data)} bytes")
+        meta = json.loads(data[8:8 + size])
+        header = {k: (v["dtype"], tuple(v["shape"])) for k, v in meta.items() if k != "__metadata__"}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AdapterError(f"adapter weights are not a readable safetensors file ({exc})") from None
+    _check_dtypes(header)
     return header
+
+
+def read_bytes(data: bytes) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, torch.Tensor]]:
+    """(header, tensors) of safetensors bytes: the header checked first, then one full parse
+    (which also checks that offsets and sizes agree with it).
+
+    Raises:
+        AdapterError: as :func:`read_header_bytes`, or data that does not match its header.
+    """
+    header = read_header_bytes(data)
+    try:
+        return header, load(data)
+    except (ValueError, SafetensorError) as exc:
+        raise AdapterError(f"adapter weights are not a readable safetensors file ({exc})") from None
 
 
 def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:

@@ -7,13 +7,15 @@ finite values; then tied detection, the content hash, and one cast to the comput
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from nlora_serve.adapters.adapter import Adapter, SiteWeights, content_hash, flavour_of, sort_sites
-from nlora_serve.adapters.config import CONFIG_NAME, AdapterConfig, SitePlan, plan_sites, read_config
-from nlora_serve.adapters.format import STORED_DTYPES, read_header, read_tensors, weights_path
+from nlora_serve.adapters.config import (CONFIG_NAME, AdapterConfig, SitePlan, parse_config, plan_sites,
+                                         read_config)
+from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_header, read_tensors, weights_path
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, group_keys
 from nlora_serve.adapters.tied import family_key, is_tied, tie_to_base
 from nlora_serve.errors import AdapterError
@@ -86,11 +88,22 @@ def _check_shapes(grouped: dict, header: dict, plans: dict, spec: ModelSpec) -> 
 
 
 def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    # One pass over everything first (a hot-swap validates 210 small tensors); name the key after.
+    if all(torch.isfinite(torch.cat([t.reshape(-1) for t in group])).all()
+           for group in _by_dtype(tensors.values())):
+        return
     for key, t in sorted(tensors.items()):
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise AdapterError(f"tensor {key!r} has {bad} non-finite value(s) (NaN or inf) of {t.numel()}; "
                                "refusing it so no NaN reaches a shared batch")
+
+
+def _by_dtype(tensors) -> list[list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return list(groups.values())
 
 
 def _build_sites(grouped, tensors, plans, base: BaseModel) -> dict[tuple[int, str], SiteWeights]:
@@ -126,6 +139,24 @@ def _cast(sites: dict[tuple[int, str], SiteWeights], dtype: torch.dtype) -> None
         s.bias = None if s.bias is None else s.bias.to(dtype)
 
 
+def read_adapter_bytes(config: bytes, weights: bytes, base: BaseModel, *, max_rank: int = DEFAULT_MAX_RANK,
+                       source: str = "upload") -> Adapter:
+    """:func:`read_adapter` for an adapter held in memory (an upload or a hot-swap payload):
+    ``adapter_config.json`` and ``adapter_model.safetensors`` bytes. Same checks, same result.
+
+    Raises:
+        AdapterError: as :func:`read_adapter`.
+    """
+    try:
+        raw = json.loads(config)
+    except ValueError as exc:
+        raise AdapterError(f"{CONFIG_NAME}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}")
+    header, tensors = read_bytes(weights)
+    return _read(parse_config(raw), header, lambda: tensors, base, max_rank, source)
+
+
 def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DEFAULT_MAX_RANK) -> Adapter:
     """Read, validate and type one adapter directory for ``base``.
 
@@ -141,6 +172,11 @@ def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DE
     cfg = read_config(adapter_dir)
     path = weights_path(adapter_dir)
     header = read_header(path)
+    return _read(cfg, header, lambda: read_tensors(path, list(header)), base, max_rank, str(adapter_dir))
+
+
+def _read(cfg: AdapterConfig, header: dict, tensors_of, base: BaseModel, max_rank: int, source: str) -> Adapter:
+    """The checks shared by both readers; ``tensors_of()`` reads the data once the header passed."""
     grouped = group_keys(list(header), base.spec)
     plans = plan_sites(cfg, base.spec)
     if not plans:
@@ -150,12 +186,12 @@ def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DE
     _check_coverage(grouped, plans, cfg)
     _check_parts(grouped, cfg)
     _check_shapes(grouped, header, plans, base.spec)
-    tensors = read_tensors(path, list(header))
+    tensors = tensors_of()
     _check_finite(tensors)
     stored = max((STORED_DTYPES[d] for d, _ in header.values()), key=lambda d: torch.finfo(d).eps)
     sites = _build_sites(grouped, tensors, plans, base)
     family = _check_family(cfg, plans, base) if cfg.tied else None
-    return assemble_adapter(cfg, sites, base, stored, family=family, source=str(adapter_dir))
+    return assemble_adapter(cfg, sites, base, stored, family=family, source=source)
 
 
 def assemble_adapter(cfg: AdapterConfig, sites: dict[tuple[int, str], SiteWeights], base: BaseModel,
@@ -176,4 +212,4 @@ def assemble_adapter(cfg: AdapterConfig, sites: dict[tuple[int, str], SiteWeight
                    stored_dtype=stored_dtype, content_hash=digest, family_key=family,
                    base_fingerprint=base.fingerprint, source=source)
 
-__all__ = ["DEFAULT_MAX_RANK", "assemble_adapter", "read_adapter"]
+__all__ = ["DEFAULT_MAX_RANK", "assemble_adapter", "read_adapter", "read_adapter_bytes"]

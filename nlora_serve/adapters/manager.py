@@ -11,10 +11,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlora_serve.adapters.loader import DEFAULT_MAX_RANK, read_adapter
+from nlora_serve.adapters.loader import DEFAULT_MAX_RANK, read_adapter, read_adapter_bytes
 from nlora_serve.adapters.registry import AdapterRegistry, AdapterVersion
 from nlora_serve.adapters.residency import Residency
-from nlora_serve.adapters.store import ALLOWED_FILES, AdapterStore
+from nlora_serve.adapters.swap import replace_n
+from nlora_serve.adapters.store import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
 
@@ -49,7 +50,7 @@ class AdapterManager:
         load = self._load
         self.residency = Residency(base, load, tied_budget=self.limits.adapter_memory,
                                    max_loras=self.limits.max_loras, max_rank=self.limits.max_rank)
-        self.registry = AdapterRegistry(AdapterStore(adapter_dir), load,
+        self.registry = AdapterRegistry(AdapterStore(adapter_dir), load, self._load_files,
                                         on_admit=self.residency.admit, on_free=self.residency.free)
         restored = self.registry.rebuild()
         if restored:
@@ -57,6 +58,9 @@ class AdapterManager:
 
     def _load(self, path: Path):
         return read_adapter(path, self.base, max_rank=self.limits.max_rank)
+
+    def _load_files(self, files: dict[str, bytes]):
+        return read_adapter_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], self.base, max_rank=self.limits.max_rank)
 
     def acquire(self, name: str) -> AdapterVersion:
         """Pin ``name``'s current version for one request and make sure it is resident.
@@ -96,7 +100,7 @@ class AdapterManager:
 
     def swap(self, name: str, weights: bytes, if_version: int | None = None) -> AdapterVersion:
         """Hot-swap ``name``'s weights (a tied tenant: the N-only safetensors)."""
-        return self.registry.swap_weights(name, weights, if_version)
+        return self.registry.swap_weights(name, weights, if_version, validate=replace_n)
 
     def unload(self, name: str) -> AdapterVersion:
         """Stop serving ``name`` (in-flight requests finish on their version)."""

@@ -15,8 +15,6 @@ front end registers and acquires from its threads while the engine thread releas
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from pathlib import Path
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.save import compact_tied_files
-from nlora_serve.adapters.store import CONFIG_FILE, STAGING, WEIGHTS_FILE, AdapterStore
+from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
 
 log = logging.getLogger(__name__)
@@ -76,16 +74,20 @@ class AdapterRegistry:
         store: the on-disk store (``--adapter-dir``).
         load: reads and validates an adapter directory against the served base model; raises
             :class:`AdapterError` naming what is wrong.
+        load_files: the same for an adapter in memory (file name -> bytes): uploads and swaps are
+            validated before anything touches the disk.
         on_admit: places a validated version (e.g. into a pool slot) before it is persisted and
             switched to; raising :class:`AdapterError` refuses the registration.
         on_free: called once per version, outside the lock, when it is neither current nor held.
     """
 
     def __init__(self, store: AdapterStore, load: Callable[[Path], Adapter],
+                 load_files: Callable[[dict[str, bytes]], Adapter],
                  on_admit: Callable[[AdapterVersion], None] = lambda v: None,
                  on_free: Callable[[AdapterVersion], None] = lambda v: None):
         self.store = store
         self._load = load
+        self._load_files = load_files
         self._on_admit = on_admit
         self._on_free = on_free
         self._current: dict[str, AdapterVersion] = {}
@@ -111,19 +113,21 @@ class AdapterRegistry:
             names.append(name)
         return names
 
-    def register(self, name: str, files: dict[str, bytes], if_version: int | None = None) -> AdapterVersion:
+    def register(self, name: str, files: dict[str, bytes], if_version: int | None = None,
+                 adapter: Adapter | None = None) -> AdapterVersion:
         """Validate ``files``, persist them as the next version of ``name`` and make it current.
 
         Args:
             files: ``adapter_config.json`` and ``adapter_model.safetensors`` bytes.
             if_version: when set, succeed only if ``name``'s current version is this one.
+            adapter: ``files`` already validated into this adapter (the hot-swap path).
 
         Raises:
             AdapterError: invalid name or adapter (nothing is written, the old version serves on).
             VersionConflict: ``if_version`` is not the current version.
         """
         validate_name(name)
-        adapter = self._validate(files)
+        adapter = adapter if adapter is not None else self._validate(files)
         files = compact_tied_files(adapter, files[WEIGHTS_FILE]) or files  # DESIGN §3: N only on disk
         with self._write_lock:  # check, persist and switch as one step per registry
             self._check_version(name, if_version)
@@ -137,16 +141,23 @@ class AdapterRegistry:
             version.version, version.path = stored.version, stored.path
             return self._switch(version)
 
-    def swap_weights(self, name: str, weights: bytes, if_version: int | None = None) -> AdapterVersion:
+    def swap_weights(self, name: str, weights: bytes, if_version: int | None = None,
+                     validate: Callable[[Adapter, bytes], Adapter] | None = None) -> AdapterVersion:
         """Hot-swap: a new version of ``name`` with the current config and new safetensors bytes
         (for a tied tenant, a file of only ``lora_N`` keys).
+
+        Args:
+            validate: checks ``weights`` against the current adapter and returns the new one
+                (default: the full validation of :meth:`register`).
 
         Raises:
             AdapterNotFound: ``name`` is not registered.
             AdapterError / VersionConflict: as :meth:`register`.
         """
-        config = (self.get(name).path / CONFIG_FILE).read_bytes()
-        return self.register(name, {CONFIG_FILE: config, WEIGHTS_FILE: weights}, if_version)
+        current = self.get(name)
+        files = {CONFIG_FILE: (current.path / CONFIG_FILE).read_bytes(), WEIGHTS_FILE: weights}
+        adapter = validate(current.adapter, weights) if validate and current.adapter is not None else None
+        return self.register(name, files, if_version, adapter)
 
     def get(self, name: str) -> AdapterVersion:
         """The current version of ``name`` (no reference taken).
@@ -213,15 +224,14 @@ class AdapterRegistry:
             return [self._current[n] for n in sorted(self._current)]
 
     def _validate(self, files: dict[str, bytes]) -> Adapter:
-        staged = Path(tempfile.mkdtemp(prefix="validate.", dir=self.store.root / STAGING))
-        try:
-            for fname, data in files.items():
-                if fname not in (CONFIG_FILE, WEIGHTS_FILE):
-                    raise AdapterError(f"file {fname!r} is not part of an adapter")
-                (staged / fname).write_bytes(data)
-            return self._load(staged)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
+        unknown = sorted(set(files) - {CONFIG_FILE, WEIGHTS_FILE})
+        if unknown:
+            raise AdapterError(f"files {unknown} are not part of an adapter; expected {CONFIG_FILE} "
+                               f"and {WEIGHTS_FILE}")
+        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
+        if missing:
+            raise AdapterError(f"an adapter needs {' and '.join(missing)}")
+        return self._load_files(files)
 
     def _check_version(self, name: str, if_version: int | None) -> None:
         if if_version is None:

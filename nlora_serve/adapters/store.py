@@ -136,12 +136,14 @@ class AdapterStore:
                 for fname, data in files.items():
                     _write_synced(staged / fname, data)
                 _fsync_dir(staged)
+                is_new = not adapter_dir.exists()
                 adapter_dir.mkdir(exist_ok=True)
                 version = (self.versions(name) or [0])[-1] + 1
                 final = adapter_dir / f"{version:08d}"
                 os.rename(staged, final)
                 _fsync_dir(adapter_dir)
-                _fsync_dir(self.root)
+                if is_new:  # the root's entry for a new name must be durable too
+                    _fsync_dir(self.root)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
         return StoredVersion(name, version, final, content_hash(files))

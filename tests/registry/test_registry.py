@@ -26,6 +26,13 @@ def fake_load(path):
                            flavour="lora", ranks=[4], targets=["q_proj"], held_bytes=lambda: 0)
 
 
+def fake_load_files(files):
+    if json.loads(files[CONFIG_FILE]).get("bad"):
+        raise AdapterError("bad adapter: field 'bad' is set")
+    return SimpleNamespace(content_hash=files[WEIGHTS_FILE].hex(), is_tied=False,
+                           flavour="lora", ranks=[4], targets=["q_proj"], held_bytes=lambda: 0)
+
+
 def files(payload: bytes, bad: bool = False) -> dict[str, bytes]:
     return {CONFIG_FILE: json.dumps({"bad": bad}).encode(), WEIGHTS_FILE: payload}
 
@@ -37,7 +44,7 @@ def freed():
 
 @pytest.fixture
 def registry(tmp_path, freed):
-    return AdapterRegistry(AdapterStore(tmp_path), fake_load, on_free=freed.append)
+    return AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files, on_free=freed.append)
 
 
 def test_request_keeps_its_version_across_a_swap(registry, freed):
@@ -92,12 +99,12 @@ def test_compare_and_swap(registry):
 
 def test_rebuild_after_restart_serves_newest_valid_versions(tmp_path):
     store = AdapterStore(tmp_path)
-    first = AdapterRegistry(store, fake_load)
+    first = AdapterRegistry(store, fake_load, fake_load_files)
     first.register("acme", files(b"\x01"))
     first.swap_weights("acme", b"\x02")
     first.register("zeta", files(b"\x09"))
     store.write("broken", files(b"\x00", bad=True))  # e.g. written by an older server
-    again = AdapterRegistry(AdapterStore(tmp_path), fake_load)
+    again = AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files)
     assert again.rebuild() == ["acme", "zeta"]
     assert again.get("acme").version == 2 and again.get("acme").content_hash == "02"
     with pytest.raises(AdapterNotFound):

@@ -1,0 +1,335 @@
+"""``adapters tune``: IntTune, i.e. NLoRA init then training of the r×r matrix N (M) alone.
+
+Source: NLoRA / IntTune (Guo, Wu, Chang, arXiv 2502.14482) and DESIGN §1, §3. Every targeted
+``nn.Linear`` (weight W [out, in]) of the transformers model becomes
+
+    y = W x + s · B (N (A x))        A = W[:r, :], B = W[:, :r] (frozen views of W), N [r, r] trained
+
+so the result is Nyström-tied: it is written in the compact tied form (only ``lora_N``) and joins
+the family of every other tenant of the same base, r and targets. N starts from the reference
+value W[:r, :r] (``nystrom``), from pinv(W[:r, :r]) (``pinv``), or from zeros (``zeros``: the
+tenant starts exactly at the base model). Training runs on the CPU in float32, on the transformers
+model (not the serving runner), with the loss on response tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nlora_serve.adapters.adapter import Adapter, SiteWeights
+from nlora_serve.adapters.config import CONFIG_NAME
+from nlora_serve.adapters.format import WEIGHTS_NAME
+from nlora_serve.adapters.loader import assemble_adapter
+from nlora_serve.adapters.nystrom import init_adapter
+from nlora_serve.adapters.save import write_adapter
+from nlora_serve.errors import AdapterError
+from nlora_serve.models.base import BaseModel, load_hf_model
+from nlora_serve.models.spec import ModelSpec
+
+N_INITS = ("nystrom", "pinv", "zeros")
+_VARIANT = {"nystrom": "nlora", "pinv": "nlora-pinv", "zeros": "nlora"}  # A/B init is Nyström for all
+IGNORE = -100  # label of a token that carries no loss (prompt, template, padding)
+
+
+@dataclass(slots=True)
+class TuneConfig:
+    """Hyper-parameters of one IntTune run. ``steps`` counts optimizer steps (each ``grad_accum``
+    micro-batches of ``batch_size`` examples); when None, ``epochs`` passes over the training split."""
+
+    rank: int = 16  # r of every site
+    targets: list[str] | str = "all-linear"  # projection names or "all-linear"
+    n_init: str = "nystrom"  # one of N_INITS
+    alpha: float | None = None  # lora_alpha (None: r, so s = 1)
+    lr: float = 2e-3  # AdamW peak learning rate
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 4  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup: int = 0  # linear warm-up steps before the cosine decay
+    held_out: float = 0.1  # fraction of examples kept for the held-out loss
+    seed: int = 0
+    max_len: int = 512  # tokens per example (longer ones are cut)
+    weight_decay: float = 0.0  # decoupled decay pulls N towards 0, i.e. towards the base model
+
+    def __post_init__(self):
+        if self.n_init not in N_INITS:
+            raise AdapterError(f"n_init {self.n_init!r} is not one of {', '.join(N_INITS)}")
+        ints = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size,
+                "grad_accum": self.grad_accum, "max_len": self.max_len}
+        if self.steps is not None:
+            ints["steps"] = self.steps
+        for name, value in ints.items():
+            if not isinstance(value, int) or value < 1:
+                raise AdapterError(f"tune: {name} = {value!r}; expected an integer >= 1")
+        if not (self.lr > 0 and 0 <= self.held_out < 1 and self.warmup >= 0 and self.weight_decay >= 0):
+            raise AdapterError(f"tune: need lr > 0 (got {self.lr}), 0 <= held_out < 1 (got {self.held_out}), "
+                               f"warmup >= 0 (got {self.warmup}), weight_decay >= 0 (got {self.weight_decay})")
+
+
+@dataclass(slots=True)
+class TuneResult:
+    """What a run did. Losses are mean cross-entropy per response token, in nats."""
+
+    held_out_before: float | None  # None when there is no held-out split
+    held_out_after: float | None
+    train_first: float  # loss of the first optimizer step
+    train_last: float  # loss of the last optimizer step
+    steps: int  # optimizer steps
+    num_train: int  # training examples
+    num_held_out: int
+    seconds: float  # wall time of the training loop (evaluation excluded)
+    adapter: Adapter = field(repr=False)
+
+
+class TunedLinear(nn.Module):
+    """``base(x) + s · ((x Aᵀ) Nᵀ) Bᵀ`` with A = W[:r, :] and B = W[:, :r] frozen views of the base
+    weight and N [r, r] float32 the only parameter. x [..., in] → y [..., out]."""
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, n0: torch.Tensor):
+        super().__init__()
+        self.base, self.scaling = base, scaling
+        w = base.weight.detach()
+        self.register_buffer("A", w[:rank, :], persistent=False)  # [r, in], shares W's storage
+        self.register_buffer("B", w[:, :rank], persistent=False)  # [out, r]
+        self.N = nn.Parameter(n0.detach().to(torch.float32).clone())  # [r, r]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scaling * (x @ self.A.T @ self.N.T @ self.B.T)
+
+
+def attach(model: nn.Module, adapter: Adapter, n_init: str = "nystrom") -> dict[tuple[int, str], TunedLinear]:
+    """Freeze ``model`` and replace each of ``adapter``'s sites by a :class:`TunedLinear` whose N
+    starts at the site's N (or zeros for ``n_init="zeros"``). Returns site → module.
+
+    Raises:
+        AdapterError: the model's weight at a site is not the base weight the adapter was made from.
+    """
+    model.requires_grad_(False)
+    modules = {}
+    for (layer, module), site in adapter.sites.items():
+        parent_name, _, attr = ModelSpec.module_path(layer, module).rpartition(".")
+        parent = model.get_submodule(parent_name)
+        lin = getattr(parent, attr)
+        if not torch.equal(lin.weight.detach()[: site.rank], site.A.to(lin.weight.dtype)):
+            raise AdapterError(f"{parent_name}.{attr}: the model's weight differs from the base weight "
+                               "the adapter was initialised from (another model or dtype?)")
+        n0 = torch.zeros_like(site.N) if n_init == "zeros" else site.N
+        modules[(layer, module)] = TunedLinear(lin, site.rank, site.scaling, n0)
+        setattr(parent, attr, modules[(layer, module)])
+    return modules
+
+
+def read_examples(path: str | Path) -> list[list[dict]]:
+    """Chat examples from a JSONL file, each line ``{"prompt": str, "response": str}`` or
+    ``{"messages": [{"role": ..., "content": str}, ...]}`` with at least one assistant turn.
+
+    Raises:
+        AdapterError: unreadable file, or a line that is neither shape (named by line number).
+    """
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot read training data ({exc})") from None
+    examples = []
+    for no, line in enumerate(lines, 1):
+        if line.strip():
+            examples.append(_messages(line, f"{path}:{no}"))
+    if len(examples) < 1:
+        raise AdapterError(f"{path}: no examples")
+    return examples
+
+
+def _messages(line: str, where: str) -> list[dict]:
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise AdapterError(f"{where}: not JSON ({exc})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
+        return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
+    msgs = obj.get("messages") if isinstance(obj, dict) else None
+    if (isinstance(msgs, list) and msgs and any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs)):
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    raise AdapterError(f"{where}: expected {{\"prompt\": str, \"response\": str}} or {{\"messages\": "
+                       "[{\"role\": str, \"content\": str}, ...]}} with an assistant turn")
+
+
+def encode(tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one chat rendered with the tokenizer's chat template; labels are the
+    ids on assistant turns (their closing template tokens included, so the tenant learns to stop)
+    and IGNORE elsewhere. Both cut to ``max_len``.
+
+    Raises:
+        AdapterError: the chat template is not prefix-stable (a turn re-renders earlier text).
+    """
+    ids, labels, done = [], [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise AdapterError("the model's chat template re-renders earlier turns; cannot mask prompts")
+        ctx = tokenizer(prompt[len(done):], add_special_tokens=False).input_ids
+        resp = tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
+        ids += ctx + resp
+        labels += [IGNORE] * len(ctx) + resp
+        done = full
+    return ids[:max_len], labels[:max_len]
+
+
+def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded int64 ``input_ids``, ``attention_mask`` and ``labels`` [B, T] (T = longest)."""
+    width = max(len(ids) for ids, _ in items)
+    batch = {"input_ids": torch.full((len(items), width), pad_id), "labels": torch.full((len(items), width), IGNORE),
+             "attention_mask": torch.zeros(len(items), width, dtype=torch.int64)}
+    for row, (ids, labels) in enumerate(items):
+        batch["input_ids"][row, : len(ids)] = torch.tensor(ids)
+        batch["labels"][row, : len(ids)] = torch.tensor(labels)
+        batch["attention_mask"][row, : len(ids)] = 1
+    return batch
+
+
+def num_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss: positions t whose next token t+1 is labelled."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy (nats) over labelled tokens; the LM head runs only there,
+    which saves its [T, vocab] product on prompt and padding positions."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = model.lm_head(hidden[:, :-1][keep])  # [K, vocab]
+    return nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float | None:
+    """Token-weighted mean loss over ``batches`` (None when there are none)."""
+    total, count = 0.0, sum(num_targets(b) for b in batches)
+    for b in batches:
+        total += float(loss_sum(model, b))
+    return total / count if count else None
+
+
+def cosine_schedule(warmup: int, total: int):
+    """LR multiplier per step: linear warm-up to 1 over ``warmup`` steps, then cosine to 0 at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def _micro_batches(data: list, size: int, gen: torch.Generator):
+    """Endless micro-batches: each epoch a fresh permutation drawn from ``gen``."""
+    while True:
+        order = torch.randperm(len(data), generator=gen).tolist()
+        for i in range(0, len(order), size):
+            yield [data[j] for j in order[i: i + size]]
+
+
+def train(model: nn.Module, params: list[nn.Parameter], data: list, cfg: TuneConfig, pad_id: int,
+          gen: torch.Generator, progress: bool = True) -> tuple[int, float, float]:
+    """AdamW on ``params`` with the cosine schedule; each step's loss is the token-weighted mean over
+    its ``grad_accum`` micro-batches. Returns (steps, first loss, last loss)."""
+    total = cfg.steps or cfg.epochs * math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg.warmup, total))
+    stream, losses = _micro_batches(data, cfg.batch_size, gen), []
+    bar = tqdm(range(total), desc="tune", unit="step", disable=not progress)
+    for _ in bar:
+        group = [collate(next(stream), pad_id) for _ in range(cfg.grad_accum)]
+        count, step_loss = max(1, sum(num_targets(b) for b in group)), 0.0
+        for batch in group:
+            loss = loss_sum(model, batch) / count
+            loss.backward()
+            step_loss += loss.item()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+    return total, losses[0], losses[-1]
+
+
+def split(examples: list, fraction: float, gen: torch.Generator) -> tuple[list, list]:
+    """(train, held-out) after a seeded shuffle; held-out gets round(fraction·n), at least 1 when
+    ``fraction`` > 0, and train keeps at least 1.
+
+    Raises:
+        AdapterError: too few examples for both splits.
+    """
+    n_held = 0 if fraction == 0 else max(1, round(fraction * len(examples)))
+    if len(examples) - n_held < 1:
+        raise AdapterError(f"{len(examples)} example(s) cannot give a held-out split of {fraction} and a "
+                           "non-empty training split")
+    order = torch.randperm(len(examples), generator=gen).tolist()
+    return [examples[i] for i in order[n_held:]], [examples[i] for i in order[:n_held]]
+
+
+def trained_adapter(start: Adapter, modules: dict[tuple[int, str], TunedLinear], base: BaseModel) -> Adapter:
+    """``start`` (the Nyström init) with each site's N replaced by the trained one: a tied adapter
+    of the same family, hashed afresh."""
+    sites = {k: SiteWeights(layer=s.layer, module=s.module, rank=s.rank, scaling=s.scaling, A=s.A,
+                            N=modules[k].N.detach().clone(), B=s.B) for k, s in start.sites.items()}
+    return assemble_adapter(start.config, sites, base, torch.float32, family=start.family_key, source="tune")
+
+
+def _check_free(*dirs: Path | None) -> None:
+    for d in dirs:
+        if d is not None and any((Path(d) / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME)):
+            raise AdapterError(f"{d} already holds an adapter; refusing to overwrite it")
+
+
+def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_dir: str | Path | None = None,
+         full_out_dir: str | Path | None = None, model: nn.Module | None = None,
+         progress: bool = True) -> TuneResult:
+    """Run IntTune on ``examples`` (see :func:`read_examples`) and optionally write the result:
+    the compact tied form to ``out_dir``, the full reference layout (lora_A/N/B) to ``full_out_dir``.
+
+    Args:
+        base: the base model in float32 (its weights give A, B and the init of N).
+        model: the transformers model of ``base`` to train on, modified in place (default: a fresh
+            load from ``base.path``); pass a deep copy to keep an original.
+
+    Raises:
+        AdapterError: a non-float32 base, bad config or data, or an output directory that already
+            holds an adapter (checked before training).
+    """
+    if base.dtype != torch.float32:
+        raise AdapterError(f"tune runs in float32; the base model was loaded as {base.dtype}")
+    _check_free(out_dir, full_out_dir)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = init_adapter(base, rank=cfg.rank, targets=cfg.targets, variant=_VARIANT[cfg.n_init], alpha=cfg.alpha)
+    model = model if model is not None else load_hf_model(base.path, torch.float32)
+    modules = attach(model, start, cfg.n_init)
+    tok = base.tokenizer()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    encoded = [e for e in (encode(tok, m, cfg.max_len) for m in examples) if any(t != IGNORE for t in e[1][1:])]
+    train_set, held = split(encoded, cfg.held_out, gen)
+    held_batches = [collate(held[i: i + cfg.batch_size], pad_id) for i in range(0, len(held), cfg.batch_size)]
+    before = mean_loss(model, held_batches)
+    t0 = time.perf_counter()
+    steps, first, last = train(model, [m.N for m in modules.values()], train_set, cfg, pad_id, gen, progress)
+    seconds = time.perf_counter() - t0
+    adapter = trained_adapter(start, modules, base)
+    if out_dir is not None:
+        write_adapter(adapter, out_dir, tied_form=True)
+    if full_out_dir is not None:
+        write_adapter(adapter, full_out_dir)
+    return TuneResult(held_out_before=before, held_out_after=mean_loss(model, held_batches), train_first=first,
+                      train_last=last, steps=steps, num_train=len(train_set), num_held_out=len(held),
+                      seconds=seconds, adapter=adapter)

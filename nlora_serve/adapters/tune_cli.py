@@ -1,0 +1,114 @@
+"""``adapters tune``: train an IntTune tenant (only N) on a JSONL file of chat examples.
+
+``add_tune_subcommand(subparsers)`` registers it on an ``adapters`` subparsers object (sets
+``func(args) -> exit code``); ``python -m nlora_serve.adapters.tune_cli ...`` runs it standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nlora_serve.errors import NloraError
+
+DESCRIPTION = """\
+IntTune (NLoRA, arXiv 2502.14482): Nystrom-initialise every targeted projection (A = W[:r,:],
+B = W[:,:r], frozen views of the base weight) and train only the r x r matrix N on your chat
+examples, on the CPU in float32 with the transformers model. The loss counts response tokens only.
+
+Data: one JSON object per line, {"prompt": "...", "response": "..."} or
+{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...]},
+rendered with the model's chat template (every assistant turn is trained on).
+
+Output: --out gets the compact tied form (adapter_config.json with the family key +
+adapter_model.safetensors holding only lora_N: r*r numbers per module), which any server with the
+same base model serves, uploads or hot-swaps as a tenant of the Nystrom family of that r/targets.
+"""
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from nlora_serve.adapters.tune import TuneConfig, read_examples, tune
+    from nlora_serve.models import load_base
+
+    targets = args.targets[0] if args.targets == ["all-linear"] else args.targets
+    cfg = TuneConfig(rank=args.rank, targets=targets, n_init=args.n_init, alpha=args.alpha, lr=args.lr,
+                     epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                     warmup=args.warmup, held_out=args.held_out, seed=args.seed, max_len=args.max_len,
+                     weight_decay=args.weight_decay)
+    examples = read_examples(args.data)
+    base = load_base(args.model, cache_dir=getattr(args, "cache_dir", None))
+    result = tune(base, examples, cfg, out_dir=args.out, full_out_dir=args.also_full_form,
+                  progress=not args.quiet)
+    held = ("n/a" if result.held_out_before is None else
+            f"{result.held_out_before:.4f} -> {result.held_out_after:.4f}")
+    print(f"wrote {args.out} ({result.adapter.held_bytes()} bytes of N, family {result.adapter.family_key[:16]})")
+    print(f"steps {result.steps}, {result.num_train} train / {result.num_held_out} held-out examples, "
+          f"{result.seconds:.1f} s; train loss {result.train_first:.4f} -> {result.train_last:.4f}; "
+          f"held-out loss {held} (nats/token)")
+    return 0
+
+
+def _positive_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a fraction in [0, 1)")
+    return value
+
+
+def add_tune_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``tune`` on an ``adapters`` subparsers object."""
+    p = subparsers.add_parser("tune", help="IntTune: train only N after Nystrom init, on a JSONL chat file",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default",
+                   help="base model: 'default', a Hugging Face model directory or a .gguf file (default: %(default)s)")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl", help="training examples (see above)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory for the compact tied form (created; must not hold an adapter)")
+    p.add_argument("--also-full-form", default=None, metavar="DIR",
+                   help="also write the full reference layout (lora_A, lora_N, lora_B) to DIR, for PEFT-style tools")
+    p.add_argument("--rank", type=int, default=16, help="rank r of every adapted projection (default: %(default)s)")
+    p.add_argument("--targets", nargs="+", default=["all-linear"],
+                   help="projections (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or all-linear "
+                        "(default: %(default)s)")
+    p.add_argument("--n-init", choices=["nystrom", "pinv", "zeros"], default="nystrom",
+                   help="start of N: nystrom = W[:r,:r] (the NLoRA reference code), pinv = pinv(W[:r,:r]) "
+                        "(classical Nystrom), zeros = start exactly at the base model (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha; scaling s = alpha/r (default: r, so s = 1)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW decoupled weight decay on N (pulls N towards 0) (default: %(default)s)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=1, help="passes over the training split (default: %(default)s)")
+    length.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps instead of --epochs (each is --batch-size x --grad-accum examples)")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step; the loss is averaged over their tokens (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="optimizer steps of linear warm-up before the cosine decay to 0 (default: %(default)s)")
+    p.add_argument("--held-out", type=_positive_fraction, default=0.1, metavar="FRACTION",
+                   help="fraction of examples kept out of training; their loss is reported before and after "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the split, the shuffling and torch; same seed, data and flags give the same N "
+                        "(default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per example; longer ones are cut (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_tune)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: ``python -m nlora_serve.adapters.tune_cli tune ...``."""
+    parser = argparse.ArgumentParser(prog="nlora-serve adapters")
+    parser.add_argument("--cache-dir", default=None, help="cache root for prepared models")
+    add_tune_subcommand(parser.add_subparsers(dest="adapters_command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except NloraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

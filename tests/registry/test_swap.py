@@ -1,0 +1,73 @@
+"""Hot-swap validation: the fast N-only path gives exactly what a full read of the files gives."""
+
+from __future__ import annotations
+
+import safetensors.torch
+import pytest
+import torch
+
+from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
+from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.nystrom import init_adapter
+from nlora_serve.adapters.save import write_adapter
+from nlora_serve.adapters.swap import replace_n
+from nlora_serve.errors import AdapterError
+
+
+@pytest.fixture
+def tenant(base_fp32, tmp_path):
+    adapter = init_adapter(base_fp32, rank=4, targets=["q_proj", "down_proj"], layers=[0, 7])
+    path = write_adapter(adapter, tmp_path / "t", tied_form=True)
+    return read_adapter(path, base_fp32), path
+
+
+def n_payload(path, scale: float = 1.5, **overrides) -> bytes:
+    n = safetensors.torch.load_file(path / "adapter_model.safetensors")
+    n = {k: (t * scale).contiguous() for k, t in n.items()}
+    n.update(overrides)
+    return safetensors.torch.save({k: v for k, v in n.items() if v is not None})
+
+
+def test_fast_swap_equals_a_full_read_of_the_same_files(base_fp32, tenant):
+    current, path = tenant
+    payload = n_payload(path)
+    fast = replace_n(current, payload)
+    full = read_adapter_bytes((path / "adapter_config.json").read_bytes(), payload, base_fp32)
+    assert fast.content_hash == full.content_hash != current.content_hash
+    for site, want in full.sites.items():
+        got = fast.sites[site]
+        assert torch.equal(got.N, want.N) and got.scaling == want.scaling
+        assert got.A.data_ptr() == want.A.data_ptr()  # still views of the base weight
+
+
+def test_swap_payload_refusals_name_the_key_and_numbers(tenant):
+    current, path = tenant
+    key = next(iter(safetensors.torch.load_file(path / "adapter_model.safetensors")))
+    with pytest.raises(AdapterError, match=r"has shape \[5, 5\], expected \[4, 4\]"):
+        replace_n(current, n_payload(path, **{key: torch.zeros(5, 5)}))
+    with pytest.raises(AdapterError, match=r"exactly the tenant's 4 lora_N keys; it has 3: missing"):
+        replace_n(current, n_payload(path, **{key: None}))
+    with pytest.raises(AdapterError, match="unexpected"):
+        replace_n(current, n_payload(path, **{key.replace("layers.0.", "layers.1."): torch.zeros(4, 4)}))
+    nan = torch.zeros(4, 4)
+    nan[1, 2] = float("nan")
+    with pytest.raises(AdapterError, match=f"{key}.*non-finite"):
+        replace_n(current, n_payload(path, **{key: nan}))
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        replace_n(current, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+
+
+def test_untied_tenant_cannot_be_swapped_by_n(base_fp32, tmp_path):
+    lora = init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", layers=[0])
+    with pytest.raises(AdapterError, match="needs a tied .IntTune. tenant; this one is nlora"):
+        replace_n(lora, b"")
+
+
+def test_manager_swap_persists_and_serves_the_new_version(base_fp32, tenant, tmp_path):
+    _, path = tenant
+    manager = AdapterManager(base_fp32, tmp_path / "store")
+    v1 = manager.register_dir("acme", path)
+    v2 = manager.swap("acme", n_payload(path, 2.0), if_version=1)
+    restarted = AdapterManager(base_fp32, tmp_path / "store").registry.get("acme")
+    assert (restarted.version, restarted.content_hash) == (2, v2.content_hash)
+    assert v1.freed and v1.slot is None and v2.pool.used == 1  # v1's slot given back at the switch
