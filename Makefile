@@ -21,8 +21,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 serve: $(STAMP)
-	$(BIN)/nlora-serve generate --model default --max-tokens 96 \
-		--message "In two sentences, why do people serve many fine-tuned adapters on one base model?"
+	$(BIN)/nlora-serve serve --model default --example-tenants 4 --adapter-dir nlora-adapters
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

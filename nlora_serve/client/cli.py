@@ -19,7 +19,7 @@ from nlora_serve.client.types import NloraClientError
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the client subcommands under ``parser``; each sets ``func``."""
+    """Register the client subcommands under ``parser``; each sets ``client_func`` (run by :func:`run_client`)."""
     parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("NLORA_API_KEY"),
                         help="API key sent as 'authorization: Bearer' (default: $NLORA_API_KEY)")
@@ -34,32 +34,32 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--max-tokens", type=int, default=0, help="new tokens at most (0 = the server's default)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    gen.set_defaults(func=_generate)
-    sub.add_parser("list", help="adapters this key may use").set_defaults(func=_list)
-    sub.add_parser("info", help="model, dtype and limits of the server").set_defaults(func=_info)
+    gen.set_defaults(client_func=_generate)
+    sub.add_parser("list", help="adapters this key may use").set_defaults(client_func=_list)
+    sub.add_parser("info", help="model, dtype and limits of the server").set_defaults(client_func=_info)
     up = sub.add_parser("upload", help="upload an adapter directory (admin)")
     up.add_argument("--name", required=True, help="adapter name on the server")
     up.add_argument("adapter_dir", help="directory with adapter_config.json and adapter_model.safetensors")
-    up.set_defaults(func=_upload)
+    up.set_defaults(client_func=_upload)
     swap = sub.add_parser("swap", help="hot-swap a tied tenant's N from a safetensors file (admin)")
     swap.add_argument("--name", required=True, help="adapter name on the server")
     swap.add_argument("n_file", help="safetensors file of lora_N keys only")
     swap.add_argument("--if-version", type=int, default=None, help="swap only if this is the current version")
-    swap.set_defaults(func=_swap)
+    swap.set_defaults(client_func=_swap)
     unload = sub.add_parser("unload", help="stop serving an adapter (admin)")
     unload.add_argument("--name", required=True)
     unload.add_argument("--force", action="store_true", help="abort its in-flight requests")
-    unload.set_defaults(func=_unload)
+    unload.set_defaults(client_func=_unload)
     load = sub.add_parser("load", help="serve again an adapter that is in the server's store (admin)")
     load.add_argument("--name", required=True)
-    load.set_defaults(func=_load)
+    load.set_defaults(client_func=_load)
 
 
 def run_client(args: argparse.Namespace) -> int:
     """Run the chosen subcommand; returns the exit status (2 when the server refused the call)."""
     try:
         with NloraClient(args.server, api_key=args.api_key, timeout=args.timeout) as client:
-            return args.func(client, args)
+            return args.client_func(client, args)
     except NloraClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
