@@ -128,3 +128,29 @@ def test_abort_error_and_forced_unload_release_every_pin(engine, monkeypatch):
 
 def _boom(pairs):
     raise RuntimeError("injected step failure")
+
+
+@pytest.mark.parametrize("case", ["inttune-nystrom-tied", "lora-bias", "nlora-reference-format"])
+def test_bf16_prefill_logits_with_an_adapter_close_to_fp32(base_fp32, tmp_path, case):
+    from nlora_serve.adapters.manager import AdapterManager
+    from nlora_serve.models import load_base
+    from nlora_serve.serving.adapter_layer import AdapterHook
+    from nlora_serve.serving.block_manager import BlockManager
+    from nlora_serve.serving.model_runner import ModelRunner
+    from nlora_serve.serving.sequence import Sequence
+
+    ids = json.loads((CASES / case / "case.json").read_text())["references"][0]["prompt_token_ids"]
+
+    def logits(base):
+        manager = AdapterManager(base, tmp_path / f"store-{base.dtype}")
+        version = manager.acquire(manager.register_dir(case, CASES / case).name)
+        runner, hook = ModelRunner(base, num_blocks=16, block_size=8, max_model_len=128), AdapterHook()
+        runner.set_adapter_hook(hook)
+        seq = Sequence("p", 0, list(ids), len(ids), GREEDY_24, adapter=version)
+        BlockManager(16, 8).grow(seq.block_table, len(ids))
+        hook.begin_step([version], [len(ids)], torch.device("cpu"))
+        return runner.execute([(seq, len(ids))])[0]
+
+    fp32 = logits(base_fp32)
+    bf16 = logits(load_base(str(base_fp32.path), torch.bfloat16))
+    assert float((bf16 - fp32).norm() / fp32.norm()) < 2e-2
