@@ -15,10 +15,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import regex
+
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.spec import PROJECTIONS, ModelSpec
 
 CONFIG_NAME = "adapter_config.json"
+PATTERN_TIMEOUT_S = 0.05  # per match of an adapter-supplied regex against one module name
 ALL_LINEAR = "all-linear"
 TIED_FORMAT = "tied-n"  # the compact IntTune form: only lora_N on disk (DESIGN §3)
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for llama, mistral and qwen2.
@@ -100,9 +103,29 @@ def _check_alpha(name: str, alpha) -> None:
 
 def _check_regex(name: str, pattern: str) -> None:
     try:
-        re.compile(pattern)
-    except re.error as exc:
+        regex.compile(pattern)
+    except regex.error as exc:
         raise AdapterError(f"{CONFIG_NAME}: {name} {pattern!r} is not a valid regex ({exc})") from None
+
+
+def _user_match(field_name: str, pattern: str, name: str, full: bool = False):
+    """``re.match`` / ``re.fullmatch`` of an adapter-supplied pattern, bounded in time.
+
+    Patterns come from uploaded configs: a catastrophic one (e.g. ``(.*)*X``) would otherwise
+    backtrack for minutes with the GIL held and stall every tenant. The ``regex`` package (the
+    well-kept superset of ``re`` that transformers already uses) takes a timeout and, with
+    ``concurrent``, releases the GIL while it matches.
+
+    Raises:
+        AdapterError: the match took longer than PATTERN_TIMEOUT_S; the message names the field.
+    """
+    try:
+        match = regex.fullmatch if full else regex.match
+        return match(pattern, name, timeout=PATTERN_TIMEOUT_S, concurrent=True)
+    except TimeoutError:
+        raise AdapterError(f"{CONFIG_NAME}: {field_name} {pattern!r} took over {PATTERN_TIMEOUT_S * 1000:.0f} ms "
+                           f"to match the module name {name!r} (catastrophic backtracking?); simplify "
+                           "the pattern") from None
 
 
 def _check_layers(cfg: AdapterConfig) -> None:
@@ -149,6 +172,10 @@ def parse_config(raw: dict) -> AdapterConfig:
     if raw.get("fan_in_fan_out"):
         warnings.warn("fan_in_fan_out is set to True but the target modules are torch.nn.Linear; "
                       "ignoring it, as PEFT does", stacklevel=2)
+    for name in ("rank_pattern", "alpha_pattern", "nlora_serve"):
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            raise AdapterError(f"{CONFIG_NAME}: {name} must be a JSON object, got {type(raw[name]).__name__} "
+                               f"{raw[name]!r:.40}")
     layers = raw.get("layers_to_transform")
     patterns = raw.get("layers_pattern")
     tied = raw.get("nlora_serve")
@@ -164,7 +191,7 @@ def parse_config(raw: dict) -> AdapterConfig:
             use_rslora=bool(raw.get("use_rslora", False)), lora_bias=bool(raw.get("lora_bias", False)),
             init_lora_weights=raw.get("init_lora_weights", True),
             tied=TiedHeader(**tied) if isinstance(tied, dict) else None, raw=dict(raw))
-    except TypeError as exc:  # wrong field types inside nlora_serve or the patterns
+    except (TypeError, ValueError) as exc:  # wrong field types inside nlora_serve or the patterns
         raise AdapterError(f"{CONFIG_NAME}: malformed field ({exc})") from None
 
 
@@ -198,7 +225,7 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
 def _pattern_value(patterns: dict, name: str, default):
     """PEFT ``get_pattern_key``: the first key K with ``re.match(rf"(.*\\.)?({K})$", name)`` wins."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _user_match("pattern key", rf"(.*\.)?({key})$", name):
             return value
     return default
 
@@ -208,7 +235,7 @@ def _is_excluded(cfg: AdapterConfig, name: str) -> bool:
     if not ex:
         return False
     if isinstance(ex, str):
-        return re.fullmatch(ex, name) is not None
+        return _user_match("exclude_modules", ex, name, full=True) is not None
     return name in ex or any(name.endswith(f".{e}") for e in ex)
 
 
@@ -220,7 +247,7 @@ def _layer_selected(cfg: AdapterConfig, name: str) -> bool:
     if not cfg.layers_pattern:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     for pattern in cfg.layers_pattern or ():
-        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        match = _user_match("layers_pattern", rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
         if match:
             break
     if match is None:
@@ -238,7 +265,7 @@ def is_targeted(cfg: AdapterConfig, name: str) -> bool:
     if isinstance(targets, str):
         if targets.lower() == ALL_LINEAR:
             return name != "lm_head"
-        return re.fullmatch(targets, name) is not None
+        return _user_match("target_modules", targets, name, full=True) is not None
     if name in targets:
         return True  # a full name bypasses layers_to_transform, as in PEFT
     return any(name.endswith(f".{t}") for t in targets) and _layer_selected(cfg, name)

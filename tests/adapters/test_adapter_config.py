@@ -150,3 +150,27 @@ def test_name_validation_matches_brute_force(name):
 def test_names_that_could_leave_the_store_are_refused(name):
     with pytest.raises(AdapterError):
         validate_name(name)
+
+
+def test_catastrophic_target_regex_cannot_stall_the_server():
+    import time
+
+    from nlora_serve.adapters.config import _user_match
+
+    spec = ModelSpec("LlamaForCausalLM", 30, 576, 1536, 9, 3, 64, 49152, False, True)
+    # Python's re backtracks for minutes on this against a module name (with the GIL held).
+    cfg = parse_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "(.*)*X"})
+    start = time.perf_counter()
+    assert plan_sites(cfg, spec) == {}
+    assert time.perf_counter() - start < 2
+    # A pattern that is slow even for the regex engine hits the per-match timeout instead.
+    with pytest.raises(AdapterError, match=r"target_modules '\(a\|aa\)\+b' took over 50 ms .*catastrophic"):
+        _user_match("target_modules", "(a|aa)+b", "a" * 60, full=True)
+
+
+@pytest.mark.parametrize("field_name", ["alpha_pattern", "rank_pattern", "nlora_serve"])
+def test_pattern_fields_of_the_wrong_type_are_named(field_name):
+    from nlora_serve.adapters.config import parse_config
+
+    with pytest.raises(AdapterError, match=f"{field_name} must be a JSON object, got str"):
+        parse_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8, field_name: "x"})
