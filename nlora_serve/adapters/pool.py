@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from nlora_serve.adapters.adapter import Adapter, SiteWeights
+from nlora_serve.errors import AdapterError
 from nlora_serve.kernels import metadata
 from nlora_serve.kernels.weights import SiteWeights as KernelSite
 from nlora_serve.models.base import BaseModel
@@ -28,10 +29,21 @@ Site = tuple[int, str]  # (layer, module)
 
 
 def _scaled_n(site: SiteWeights, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """``s · N`` zero-padded to [width, width], folded in float64 then cast once."""
+    """``s · N`` zero-padded to [width, width], folded in float64 then cast once.
+
+    Raises:
+        AdapterError: s · N does not fit ``dtype`` (e.g. lora_alpha = 1e39).
+    """
     out = torch.zeros(width, width, dtype=torch.float64)
     out[: site.rank, : site.rank] = site.scaling * site.N.to(torch.float64)
-    return out.to(dtype)
+    return _finite(out.to(dtype), site)
+
+
+def _finite(scaled_n: torch.Tensor, site: SiteWeights) -> torch.Tensor:
+    if not torch.isfinite(scaled_n).all():
+        raise AdapterError(f"{site.module} of layer {site.layer}: scaling {site.scaling:g} times N overflows "
+                           f"{scaled_n.dtype}; lower lora_alpha")
+    return scaled_n
 
 
 class _Pool:
@@ -116,7 +128,11 @@ class TiedPool(_Pool):
         if all(s.rank == self.rank for s in sites):  # one stacked op instead of one per site
             n = torch.stack([s.N for s in sites]).to(torch.float64)  # [sites, r, r]
             scale = torch.tensor([s.scaling for s in sites], dtype=torch.float64)
-            self.n[slot] = (n * scale[:, None, None]).to(self.n.dtype)
+            scaled = (n * scale[:, None, None]).to(self.n.dtype)
+            if not torch.isfinite(scaled).all():
+                bad = int((~torch.isfinite(scaled)).flatten(1).any(1).nonzero()[0])
+                _finite(scaled[bad], sites[bad])
+            self.n[slot] = scaled
         else:  # rank_pattern: ranks differ per module; zero-pad each to r
             self.n[slot] = torch.stack([_scaled_n(s, self.rank, self.n.dtype) for s in sites])
         self.slot_ranks[slot] = self.rank

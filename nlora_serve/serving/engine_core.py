@@ -161,6 +161,11 @@ class EngineCore:
         return self._emit(sampling, logits)
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        finite = torch.isfinite(logits).all(dim=1)
+        if not bool(finite.all()):  # an adapter overflowed: end those requests, sample the rest
+            bad = [s for s, ok in zip(seqs, finite.tolist()) if not ok]
+            kept = [i for i, ok in enumerate(finite.tolist()) if ok]
+            return self._fail_nonfinite(bad) + (self._emit([seqs[i] for i in kept], logits[kept]) if kept else [])
         reqs = [self.requests[s.request_id] for s in seqs]
         logprobs = [None] * len(reqs)
         wanted = [i for i, r in enumerate(reqs) if r.seq.params.logprobs is not None]
@@ -173,6 +178,15 @@ class EngineCore:
             logprobs[i] = [top_logprobs(raw[j], tokens[i], seqs[i].params.logprobs)]
         self.counters["generation_tokens"] += len(seqs)
         return [self._append(r, t, lp) for r, t, lp in zip(reqs, tokens.tolist(), logprobs)]
+
+    def _fail_nonfinite(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        outs = []
+        for seq in seqs:
+            on = f"adapter {seq.adapter.name!r} v{seq.adapter.version}" if seq.adapter else "the base model"
+            outs.append(self._retire(self.requests[seq.request_id], "error", "", [],
+                                     f"the model's logits on {on} are not finite (inf or NaN); the adapter's "
+                                     "weights or scaling overflow the compute dtype"))
+        return outs
 
     def _append(self, req: _Request, token: int, logprobs) -> RequestOutput:
         seq, params = req.seq, req.seq.params

@@ -15,6 +15,8 @@ from nlora_serve.errors import NloraError
 
 MAX_LOGPROBS = 20
 
+GREEDY_BELOW = 1e-5  # logits / 1e-5 stays finite in float32 for |logits| < 3e33
+
 
 class RequestError(NloraError, ValueError):
     """A request the engine cannot run; the message names the field and its value."""
@@ -41,7 +43,7 @@ class SamplingParams:
 
     max_tokens: int = 16  # new tokens at most (finish_reason "length")
     min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens exist
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_k: int = 0  # keep the k most likely tokens; 0 = all
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
     seed: int | None = None  # per-request generator; None = the engine's shared generator
@@ -79,7 +81,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below GREEDY_BELOW are greedy: dividing logits by them overflows to inf."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

@@ -14,7 +14,7 @@ import torch
 from greedy_rule import matches_reference
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.serving.config import CacheConfig, EngineConfig, SchedulerConfig
-from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.serving.engine import EngineError, LLMEngine
 from nlora_serve.serving.sampling import SamplingParams
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
@@ -154,3 +154,54 @@ def test_bf16_prefill_logits_with_an_adapter_close_to_fp32(base_fp32, tmp_path, 
     fp32 = logits(base_fp32)
     bf16 = logits(load_base(str(base_fp32.path), torch.bfloat16))
     assert float((bf16 - fp32).norm() / fp32.norm()) < 2e-2
+
+
+def test_non_finite_logits_end_only_the_requests_they_belong_to(engine, monkeypatch):
+    # An adapter whose delta overflows mid-forward (inf -> NaN logits) ends its own request with
+    # an error; the base-model request in the same batch goes on untouched.
+    name = "lora-rslora"
+    engine.adapters.register_dir(name, CASES / name)
+    execute = engine.core.runner.execute
+
+    def overflow(pairs):
+        logits = execute(pairs)
+        sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
+        for row, seq in enumerate(sampling):
+            if seq.adapter is not None:
+                logits[row, 7] = float("inf")
+        return logits
+
+    monkeypatch.setattr(engine.core.runner, "execute", overflow)
+    prompt = _chat(engine, "Hi")
+
+    async def both():
+        bad = engine.add_request(prompt, GREEDY_24, adapter=name)
+        good = engine.add_request(prompt, GREEDY_24)
+        with pytest.raises(EngineError, match=r"logits on adapter 'lora-rslora' v1 are not finite"):
+            async for _ in bad:
+                pass
+        return [o async for o in good]
+
+    good = asyncio.run(both())
+    assert good[-1].finish_reason == "length" and good[-1].completion_tokens == 24
+    assert engine.adapters.registry.get(name).refcount == 0 and engine.stats()["kv_blocks_used"] == 0
+
+
+def test_scaling_that_overflows_the_pool_dtype_is_refused_at_registration(engine, tmp_path):
+    import shutil
+
+    from nlora_serve.errors import AdapterError
+
+    src = tmp_path / "overflow"
+    shutil.copytree(CASES / "lora-bias", src)
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["lora_alpha"] = 1e40  # s = 2.5e39: over float32's max (3.4e38)
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"scaling 2.5e\+39 times N overflows torch.float32"):
+        engine.adapters.register_dir("overflow", src)
+    with pytest.raises(AdapterNotFound):
+        engine.adapters.acquire("overflow")
+
+
+def test_tiny_temperature_is_greedy():
+    assert SamplingParams(temperature=1e-38).greedy and not SamplingParams(temperature=1e-3).greedy
