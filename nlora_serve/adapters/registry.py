@@ -197,13 +197,15 @@ class AdapterRegistry:
             version.refcount -= 1
             free = self._take_if_free(version)
         if free:
-            self._on_free(version)
+            self._free(version)
 
     def unload(self, name: str) -> AdapterVersion:
         """Stop serving ``name``: new acquires raise :class:`AdapterNotFound` at once; the version
         is freed when its last holder releases. Its files stay in the store.
 
-        Returns the unloaded version (the engine aborts its holders for a forced unload).
+        Returns the unloaded version (the engine aborts its holders for a forced unload). The
+        store records the unload, so a restart does not serve the name again until a new version
+        is registered (e.g. LoadAdapter of the stored files).
 
         Raises:
             AdapterNotFound: ``name`` is not registered.
@@ -214,8 +216,9 @@ class AdapterRegistry:
                 raise AdapterNotFound(f"adapter {name!r} is not registered")
             found.current = False
             free = self._take_if_free(found)
+        self.store.mark_unloaded(name)
         if free:
-            self._on_free(found)
+            self._free(found)
         return found
 
     def versions(self) -> list[AdapterVersion]:
@@ -251,8 +254,15 @@ class AdapterRegistry:
                 old.current = False
                 free = self._take_if_free(old)
         if free:
-            self._on_free(old)
+            self._free(old)
         return new
+
+    def _free(self, version: AdapterVersion) -> None:
+        """Give back a version's memory; delete its folder once a newer version is on disk (the
+        newest stays, so an unloaded name can be loaded again)."""
+        self._on_free(version)
+        if version.version < (self.store.versions(version.name) or [0])[-1]:
+            self.store.remove_version(version.name, version.version)
 
     @staticmethod
     def _take_if_free(version: AdapterVersion) -> bool:

@@ -4,6 +4,7 @@ Layout under the root (``--adapter-dir``)::
 
     <name>/<version:08d>/adapter_config.json
     <name>/<version:08d>/adapter_model.safetensors
+    <name>/UNLOADED                present while the name is unloaded: not served after a restart
     .staging/                      temporary folders; whatever is here after a crash is discarded
 
 A version becomes visible only by ``rename`` of a fully written and fsynced folder, so a crash at
@@ -30,6 +31,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ALLOWED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 STAGING = ".staging"
+UNLOADED = "UNLOADED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +105,11 @@ class AdapterStore:
         return {f: (path / f).read_bytes() for f in ALLOWED_FILES if (path / f).is_file()}
 
     def names(self) -> list[str]:
-        """Names with at least one complete version; invalid or escaping entries are skipped."""
+        """Served names: at least one complete version and not unloaded; invalid or escaping
+        entries are skipped."""
         found = []
         for entry in sorted(self.root.iterdir()):
-            if entry.name == STAGING:
+            if entry.name == STAGING or (entry / UNLOADED).exists():
                 continue
             try:
                 if self.versions(entry.name):
@@ -141,12 +144,21 @@ class AdapterStore:
                 version = (self.versions(name) or [0])[-1] + 1
                 final = adapter_dir / f"{version:08d}"
                 os.rename(staged, final)
+                (adapter_dir / UNLOADED).unlink(missing_ok=True)  # a new version serves again
                 _fsync_dir(adapter_dir)
                 if is_new:  # the root's entry for a new name must be durable too
                     _fsync_dir(self.root)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
         return StoredVersion(name, version, final, content_hash(files))
+
+    def mark_unloaded(self, name: str) -> None:
+        """Record durably that ``name`` is unloaded, so a restart does not serve it again."""
+        adapter_dir = self.adapter_dir(name)
+        with self._lock:
+            if adapter_dir.is_dir():
+                _write_synced(adapter_dir / UNLOADED, b"")
+                _fsync_dir(adapter_dir)
 
     def remove_version(self, name: str, version: int) -> None:
         """Delete one version folder (the registry calls this once no request holds it)."""

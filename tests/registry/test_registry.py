@@ -94,7 +94,7 @@ def test_compare_and_swap(registry):
     registry.swap_weights("acme", b"\x02", if_version=1)
     with pytest.raises(VersionConflict, match="expected current version 1, have 2"):
         registry.swap_weights("acme", b"\x03", if_version=1)
-    assert registry.store.versions("acme") == [1, 2]
+    assert registry.store.versions("acme") == [2]  # v1 was freed at the switch, its folder pruned
 
 
 def test_rebuild_after_restart_serves_newest_valid_versions(tmp_path):
@@ -140,3 +140,26 @@ def test_refcounts_exact_under_concurrent_acquire_release_and_swaps(registry, fr
     assert current.version == 30 and current.refcount == 0
     assert sorted(v.version for v in freed) == list(range(1, 30))  # every old version freed once
     assert all(v.refcount == 0 and v.freed for v in freed)
+
+
+def test_superseded_version_folder_lives_until_its_last_holder_releases(registry):
+    registry.register("acme", files(b"\x01"))
+    held = registry.acquire("acme")
+    registry.swap_weights("acme", b"\x02")
+    assert registry.store.versions("acme") == [1, 2]
+    registry.release(held)
+    assert registry.store.versions("acme") == [2]
+
+
+def test_unload_is_remembered_across_a_restart_until_a_new_version(tmp_path):
+    store = AdapterStore(tmp_path)
+    first = AdapterRegistry(store, fake_load, fake_load_files)
+    first.register("acme", files(b"\x01"))
+    first.register("zeta", files(b"\x02"))
+    first.unload("acme")
+    again = AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files)
+    assert again.rebuild() == ["zeta"]
+    stored = again.store.latest("acme")  # the files stay: an operator can load them again
+    assert AdapterStore.read_files(stored.path) == files(b"\x01")
+    again.register("acme", AdapterStore.read_files(stored.path))
+    assert AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files).rebuild() == ["acme", "zeta"]
