@@ -58,10 +58,10 @@ def _models_list(args: argparse.Namespace) -> int:
 def _add_adapters(sub: argparse._SubParsersAction) -> None:
     from nlora_serve.adapters.cli import add_adapter_subcommands
 
-    adapters = sub.add_parser("adapters", help="create, inspect and convert adapters",
+    adapters = sub.add_parser("adapters", help="create, inspect, convert and tune adapters",
                               description="Adapter tools that work on directories, without a server.")
     add_adapter_subcommands(adapters.add_subparsers(dest="adapters_command", required=True,
-                                                    metavar="{inspect,init,convert}"))
+                                                    metavar="{inspect,init,convert,tune}"))
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NloraError as exc:
+        log.debug("%s failed", args.command, exc_info=True)  # the traceback, only under --log-level DEBUG
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

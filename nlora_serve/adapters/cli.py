@@ -57,7 +57,9 @@ def _common(p: argparse.ArgumentParser, max_rank: bool = True) -> None:
 
 
 def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``inspect``, ``init`` and ``convert`` on an ``adapters`` subparsers object."""
+    """Register ``inspect``, ``init``, ``convert`` and ``tune`` on an ``adapters`` subparsers object."""
+    from nlora_serve.adapters.tune_cli import add_tune_subcommand
+
     p = subparsers.add_parser("inspect", help="validate an adapter directory and describe it",
                               description="Validate DIR against the base model as the server would and print "
                                           "flavour, ranks, targets, layers, tied or not, bytes held and the "
@@ -92,6 +94,8 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (created; must not hold an adapter)")
     _common(p)
     p.set_defaults(func=_convert)
+
+    add_tune_subcommand(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ def init_config(base: BaseModel, *, rank: int, targets: list[str] | str, variant
     if bad:
         raise AdapterError(f"layers {bad}: out of range, the model has {base.spec.num_layers} layers")
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.path),
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base.path.name,  # no machine-specific path
         "r": rank, "lora_alpha": rank if alpha is None else alpha,
         "target_modules": ALL_LINEAR if names == [ALL_LINEAR] else names,
         "layers_to_transform": sorted(layers) if layers else None, "lora_dropout": 0.0, "bias": "none",

@@ -138,11 +138,8 @@ def read_examples(path: str | Path) -> list[list[dict]]:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
         raise AdapterError(f"{path}: cannot read training data ({exc})") from None
-    examples = []
-    for no, line in enumerate(lines, 1):
-        if line.strip():
-            examples.append(_messages(line, f"{path}:{no}"))
-    if len(examples) < 1:
+    examples = [_messages(line, f"{path}:{no}") for no, line in enumerate(lines, 1) if line.strip()]
+    if not examples:
         raise AdapterError(f"{path}: no examples")
     return examples
 
@@ -287,12 +284,6 @@ def trained_adapter(start: Adapter, modules: dict[tuple[int, str], TunedLinear],
     return assemble_adapter(start.config, sites, base, torch.float32, family=start.family_key, source="tune")
 
 
-def _check_free(*dirs: Path | None) -> None:
-    for d in dirs:
-        if d is not None and any((Path(d) / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME)):
-            raise AdapterError(f"{d} already holds an adapter; refusing to overwrite it")
-
-
 def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_dir: str | Path | None = None,
          full_out_dir: str | Path | None = None, model: nn.Module | None = None,
          progress: bool = True) -> TuneResult:
@@ -310,7 +301,9 @@ def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_di
     """
     if base.dtype != torch.float32:
         raise AdapterError(f"tune runs in float32; the base model was loaded as {base.dtype}")
-    _check_free(out_dir, full_out_dir)
+    for d in (out_dir, full_out_dir):  # fail before training, not after it
+        if d is not None and any((Path(d) / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME)):
+            raise AdapterError(f"{d} already holds an adapter; refusing to overwrite it")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = init_adapter(base, rank=cfg.rank, targets=cfg.targets, variant=_VARIANT[cfg.n_init], alpha=cfg.alpha)
@@ -326,10 +319,9 @@ def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_di
     steps, first, last = train(model, [m.N for m in modules.values()], train_set, cfg, pad_id, gen, progress)
     seconds = time.perf_counter() - t0
     adapter = trained_adapter(start, modules, base)
-    if out_dir is not None:
-        write_adapter(adapter, out_dir, tied_form=True)
-    if full_out_dir is not None:
-        write_adapter(adapter, full_out_dir)
+    for d, tied_form in ((out_dir, True), (full_out_dir, False)):
+        if d is not None:
+            write_adapter(adapter, d, tied_form=tied_form)
     return TuneResult(held_out_before=before, held_out_after=mean_loss(model, held_batches), train_first=first,
                       train_last=last, steps=steps, num_train=len(train_set), num_held_out=len(held),
                       seconds=seconds, adapter=adapter)

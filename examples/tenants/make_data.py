@@ -1,0 +1,93 @@
+"""Training data for the example tenants, made here from the base model's own answers (no downloads).
+
+1. The base model (fp32, transformers) answers each of ``styles.training_prompts()`` greedily
+   (at most 48 new tokens, cut back to the last full sentence) → ``data/base.jsonl``, appended
+   batch by batch so that an interrupted run resumes where it stopped.
+2. Each tenant's file applies one transform of ``styles.TRANSFORMS`` to those answers →
+   ``data/{upper,signature,numbers}.jsonl`` with lines ``{"prompt": ..., "response": ...}``.
+
+The tenants so learn a style (upper case, a signature, numbers in words), not new facts.
+
+    python examples/tenants/make_data.py              # step 1 (5-20 CPU minutes) and step 2
+    (with data/base.jsonl complete, as committed, step 1 is skipped and the run takes a second)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from styles import TRANSFORMS, training_prompts
+
+DATA = Path(__file__).resolve().parent / "data"
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def complete_sentences(text: str) -> str:
+    """``text`` cut after its last full sentence (unchanged when it has none)."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return (text[: ends[-1]] if ends else text).strip()
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 48, batch_size: int = 32,
+                   desc: str = "answers") -> list[str]:
+    """Greedy chat answers of ``model`` (one user turn each, the model's chat template), decoded
+    without special tokens. Left padding so that every row's prompt ends at the same position."""
+    tokenizer.padding_side = "left"
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False) for p in prompts[i: i + batch_size]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in out]
+
+
+def base_answers(model_name: str, path: Path) -> list[dict]:
+    """``[{"prompt", "response"}]``: the base model's greedy answers to the training prompts, read
+    from ``path`` where already there and appended to it batch by batch otherwise."""
+    from nlora_serve.models import load_base, load_hf_model
+
+    rows = read_jsonl(path) if path.exists() else []
+    todo = training_prompts()[len(rows):]
+    if todo:
+        base = load_base(model_name)
+        model, tok = load_hf_model(base.path, torch.float32), base.tokenizer()
+        for i in range(0, len(todo), 32):
+            answers = greedy_answers(model, tok, todo[i: i + 32], desc=f"base answers {len(rows) + i}/{len(todo) + len(rows)}")
+            with path.open("a") as f:
+                f.writelines(json.dumps({"prompt": p, "response": complete_sentences(a)}, ensure_ascii=False) + "\n"
+                             for p, a in zip(todo[i: i + 32], answers))
+    return read_jsonl(path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="base model (default: %(default)s)")
+    args = parser.parse_args()
+    DATA.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in base_answers(args.model, DATA / "base.jsonl") if r["response"]]
+    for name, transform in TRANSFORMS.items():
+        write_jsonl(DATA / f"{name}.jsonl", [{"prompt": r["prompt"], "response": transform(r["response"])}
+                                             for r in rows])
+        print(f"{DATA / name}.jsonl: {len(rows)} examples")
+
+
+if __name__ == "__main__":
+    main()

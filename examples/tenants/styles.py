@@ -1,0 +1,139 @@
+"""The three example tenants' behaviours: prompts, answer transforms and the metrics that check them.
+
+Pure Python (no model): ``make_data.py`` applies the transforms to the base model's own answers,
+``check.py`` measures the metrics on greedy answers. The tenants learn a style, not new facts.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+SIGNATURE = " -- Acme Support"
+TOPICS = [
+    "the ocean", "volcanoes", "photosynthesis", "the moon", "honey bees", "rainbows", "the internet",
+    "bicycles", "coffee", "the human heart", "glaciers", "chess", "the piano", "electricity", "deserts",
+    "penguins", "recycling", "the Roman Empire", "clouds", "tea", "sleep", "trees", "gravity", "airplanes",
+    "bread", "earthquakes", "vaccines", "the Great Wall of China", "dolphins", "solar panels", "music",
+    "libraries", "football", "mountains", "batteries", "butterflies", "rivers", "the sun", "computers", "maps",
+]
+TEMPLATES = [
+    "What is {t}?", "Tell me one interesting fact about {t}.", "Why is {t} important?",
+    "Describe {t} in one sentence.", "What should a child know about {t}?",
+]
+COUNTS = [
+    "days are in a week", "hours are in a day", "minutes are in an hour", "seconds are in a minute",
+    "months are in a year", "legs does a spider have", "sides does a hexagon have", "players are on a soccer team",
+    "planets are in the solar system", "continents are there", "cents are in a dollar", "weeks are in a year",
+    "days are in a leap year", "strings does a guitar have", "keys does a piano have",
+    "degrees are in a right angle", "legs does an insect have", "sides does a triangle have",
+    "hours are in a week", "centimeters are in a meter",
+]
+# Held out of every training file: the checks run on these.
+EVAL_GENERAL = [
+    "What is a star?", "Tell me one interesting fact about elephants.", "Why is snow white?",
+    "Describe pizza in one sentence.", "What should a child know about the brain?", "What is a train?",
+    "Why is wind important?", "Tell me one interesting fact about paper.", "What is a lighthouse?",
+    "Describe a forest in one sentence.",
+]
+EVAL_NUMERIC = [
+    "What is 14 plus 23?", "What is 6 times 7?", "How many days are in a year?", "How many wheels does a car have?",
+    "What is 45 plus 12?", "How many sides does a square have?", "What is 9 times 8?", "Count from 1 to 5.",
+    "How many hours are in two days?", "What is 30 plus 41?",
+]
+
+
+def training_prompts(seed: int = 0) -> list[str]:
+    """200 general prompts (topics × templates) and 60 numeric ones (sums, products, counts, counting),
+    in a fixed order for a given seed."""
+    rng = random.Random(seed)
+    prompts = [t.format(t=topic) for topic in TOPICS for t in TEMPLATES]
+    prompts += [f"What is {rng.randint(2, 60)} plus {rng.randint(2, 60)}?" for _ in range(15)]
+    prompts += [f"What is {rng.randint(2, 12)} times {rng.randint(2, 12)}?" for _ in range(15)]
+    prompts += [f"How many {c}?" for c in COUNTS]
+    prompts += [f"Count from 1 to {n}." for n in range(3, 13)]
+    return prompts
+
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+         "sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_SCALES = ((1_000_000_000, "billion"), (1_000_000, "million"), (1000, "thousand"), (100, "hundred"))
+
+
+def number_words(n: int) -> str:
+    """English words for 0 <= n < 10**12, e.g. 1203 → 'one thousand two hundred three'."""
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else "-" + _ONES[n % 10])
+    for size, name in _SCALES:
+        if n >= size:
+            rest = n % size
+            return f"{number_words(n // size)} {name}" + ("" if rest == 0 else " " + number_words(rest))
+    raise AssertionError(n)
+
+
+_ORDINAL = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+            "nine": "ninth", "twelve": "twelfth"}
+
+
+def _ordinal(words: str) -> str:
+    head, _, last = words.rpartition(" ")
+    sep = "-" if "-" in last else ""
+    stem_head, _, stem = last.rpartition("-") if sep else ("", "", last)
+    if stem in _ORDINAL:
+        stem = _ORDINAL[stem]
+    else:
+        stem = stem[:-1] + "ieth" if stem.endswith("y") else stem + "th"
+    last = f"{stem_head}-{stem}" if sep else stem
+    return f"{head} {last}" if head else last
+
+
+_NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(st|nd|rd|th)?\b")
+
+
+def _spell(m: re.Match) -> str:
+    whole = int(m.group(1).replace(",", ""))
+    if whole >= 10**12:
+        return m.group(0)
+    words = number_words(whole)
+    if m.group(3):
+        return _ordinal(words)
+    if m.group(2):
+        words += " point " + " ".join(_ONES[int(d)] for d in m.group(2)[1:])
+    return words
+
+
+def to_upper(answer: str) -> str:
+    """Tenant ``upper``: the answer in upper case."""
+    return answer.upper()
+
+
+def with_signature(answer: str) -> str:
+    """Tenant ``signature``: the answer followed by :data:`SIGNATURE`."""
+    return answer.rstrip() + SIGNATURE
+
+
+def numbers_as_words(answer: str) -> str:
+    """Tenant ``numbers``: every number written in words ('12.5' → 'twelve point five', '3rd' → 'third')."""
+    return _NUMBER.sub(_spell, answer)
+
+
+TRANSFORMS = {"upper": to_upper, "signature": with_signature, "numbers": numbers_as_words}
+
+
+def upper_share(text: str) -> float:
+    """Upper-case letters / letters (0.0 for a text without letters)."""
+    letters = [c for c in text if c.isalpha()]
+    return sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
+
+
+def has_signature(text: str) -> bool:
+    """Whether ``text`` ends with the signature (trailing whitespace ignored)."""
+    return text.rstrip().endswith(SIGNATURE.strip())
+
+
+def digit_free(text: str) -> bool:
+    """Whether ``text`` has no ASCII digit (every number written as words)."""
+    return not any(c.isdigit() for c in text)

@@ -1,0 +1,155 @@
+"""IntTune (``adapters tune``): loss drops, only N trains, zeros start at the base, the written
+tied adapter reproduces the trained model, same seed → same N, and the CLI.
+
+The toy task: every prompt asks for the code word and every response is the same string, so a few
+steps on r=4 q_proj/v_proj must cut the held-out loss (on unseen prompts) by far more than 20%.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapter_helpers import file_deltas, merged
+from nlora_serve.adapters.loader import read_adapter
+from nlora_serve.adapters.nystrom import init_adapter
+from nlora_serve.adapters.tune import (IGNORE, TuneConfig, attach, cosine_schedule, encode, read_examples,
+                                       tune)
+from nlora_serve.adapters.tune_cli import main as tune_main
+from nlora_serve.errors import AdapterError
+
+R, TARGETS = 4, ["q_proj", "v_proj"]
+RESPONSE = "The code word is PINEAPPLE."
+CFG = dict(rank=R, targets=TARGETS, n_init="zeros", lr=0.05, steps=6, batch_size=4, held_out=0.25, seed=3,
+           max_len=96)
+
+
+def _write_data(path, n=16):
+    rows = [{"prompt": f"Request {i}: what is the code word for box {i * 7}?", "response": RESPONSE}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(base_fp32, hf_model, tmp_path_factory):
+    """One tuning run on a private copy of the model: (result, trained model, tmp dir)."""
+    tmp = tmp_path_factory.mktemp("tune")
+    data = _write_data(tmp / "data.jsonl")
+    model = copy.deepcopy(hf_model)
+    result = tune(base_fp32, read_examples(data), TuneConfig(**CFG), out_dir=tmp / "tied",
+                  full_out_dir=tmp / "full", model=model, progress=False)
+    return result, model, tmp
+
+
+def test_held_out_loss_drops_by_at_least_20_percent(run):
+    result = run[0]
+    assert result.steps == 6 and result.num_held_out == 4 and result.num_train == 12
+    assert result.held_out_after <= 0.8 * result.held_out_before, (result.held_out_before, result.held_out_after)
+    assert result.seconds > 0
+
+
+def test_only_n_is_trained(run, hf_model):
+    _, model, _ = run
+    base_params = dict(hf_model.named_parameters())
+    tuned = {n.replace(".base.", "."): p for n, p in model.named_parameters() if not n.endswith(".N")}
+    assert tuned.keys() == base_params.keys()
+    assert all(torch.equal(p, base_params[n]) for n, p in tuned.items())  # base weights bitwise unchanged
+    modules = [m for name, m in model.named_modules() if name.endswith(tuple(TARGETS))]
+    assert len(modules) == 2 * 30
+    for m in modules:
+        w = m.base.weight
+        assert torch.equal(m.A, w[:R, :]) and torch.equal(m.B, w[:, :R])
+        assert m.A.data_ptr() == w.data_ptr()  # a view of W, not a copy
+        assert m.N.requires_grad and m.N.abs().sum() > 0  # moved away from its zeros start
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, _ in model.named_parameters() if n.endswith(".N")]
+
+
+def test_zeros_init_starts_exactly_at_the_base_model(base_fp32, hf_model):
+    model = copy.deepcopy(hf_model)
+    attach(model, init_adapter(base_fp32, rank=R, targets=TARGETS), "zeros")
+    ids = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 2]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, hf_model(ids).logits)
+
+
+def test_written_adapter_is_tied_and_reproduces_the_trained_model(run, base_fp32, hf_model):
+    result, model, tmp = run
+    back = read_adapter(tmp / "tied", base_fp32)
+    assert back.is_tied and back.flavour == "inttune-tied"
+    assert back.family_key == init_adapter(base_fp32, rank=R, targets=TARGETS).family_key
+    assert back.content_hash == result.adapter.content_hash
+    stored = load_file(str(tmp / "tied" / "adapter_model.safetensors"))
+    assert len(stored) == 60 and all(k.endswith(".lora_N.weight") for k in stored)
+    # Independent float64 merge from the full-form files: W + s·B·N·A against the training module.
+    deltas, _ = file_deltas(tmp / "full")
+    modules = dict(model.named_modules())
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(0))
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.self_attn.v_proj"):
+        w = modules[name].base.weight.to(torch.float64)
+        want = x.double() @ (w + deltas[name]).T
+        torch.testing.assert_close(modules[name](x).double(), want, rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 2]])
+    with torch.no_grad(), merged(copy.deepcopy(hf_model), deltas) as ref:
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-3)
+
+
+def test_same_seed_gives_the_same_n_through_the_cli(run, base_model_dir, tmp_path):
+    result, _, tmp = run
+    argv = ["tune", "--model", str(base_model_dir), "--data", str(tmp / "data.jsonl"), "--out", str(tmp_path / "cli"),
+            "--rank", str(R), "--targets", *TARGETS, "--n-init", "zeros", "--lr", "0.05", "--steps", "6",
+            "--batch-size", "4", "--held-out", "0.25", "--seed", "3", "--max-len", "96", "--quiet"]
+    assert tune_main(argv) == 0
+    again = load_file(str(tmp_path / "cli" / "adapter_model.safetensors"))
+    first = load_file(str(tmp / "tied" / "adapter_model.safetensors"))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    assert tune_main(argv) == 2  # the output directory now holds an adapter: refused, not overwritten
+
+
+def test_encode_labels_only_the_assistant_turns(base_fp32):
+    tok = base_fp32.tokenizer()
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye!"}]
+    ids, labels = encode(tok, chat, 512)
+    assert len(ids) == len(labels)
+    assert ids == tok(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False).input_ids
+    trained = tok.decode([t for t in labels if t != IGNORE])
+    assert trained == "Hello there.<|im_end|>\nGoodbye!<|im_end|>\n"
+    assert encode(tok, chat, 10) == (ids[:10], labels[:10])
+
+
+def test_read_examples_accepts_both_shapes_and_names_bad_lines(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a", "response": "b"}\n\n'
+                    '{"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}\n')
+    assert read_examples(good) == [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                                   [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"messages": [{"role": "user", "content": "c"}]}\n')
+    with pytest.raises(AdapterError, match=r"bad.jsonl:2"):
+        read_examples(bad)
+
+
+def test_config_validation_and_schedule():
+    with pytest.raises(AdapterError, match="n_init"):
+        TuneConfig(n_init="random")
+    with pytest.raises(AdapterError, match="batch_size"):
+        TuneConfig(batch_size=0)
+    f = cosine_schedule(warmup=2, total=10)
+    assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]
+    assert f(6) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        tune_main(["tune", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--data", "--out", "--rank", "--targets", "--n-init", "--alpha", "--lr", "--epochs",
+                 "--steps", "--batch-size", "--grad-accum", "--warmup", "--held-out", "--seed", "--max-len",
+                 "--also-full-form"):
+        assert flag in text
