@@ -1,8 +1,9 @@
 """Example tied IntTune tenants for a fresh server (``serve --example-tenants N``).
 
-Until trained tenants exist, each example is the NLoRA (Nyström) init at r=16 on all seven
-projections with N perturbed by its own seeded noise, so every tenant's outputs differ from the
-base model's and from each other's (DESIGN §9's tenant mix).
+Each example is a tied tenant at r=16 on all seven projections (A = W[:r, :], B = W[:, :r]) whose
+N is small seeded noise around zero (the "zeros" IntTune start plus a nudge), so every tenant
+answers coherently yet differently from the base model and from each other. The reference N
+(W[:r, :r]) is not used: at s = 1 it adds B·W[:r, :r]·A to every weight and the model babbles.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from nlora_serve.adapters.save import write_adapter
 from nlora_serve.models.base import BaseModel
 
 EXAMPLE_RANK = 16
-NOISE = 0.5  # relative size of the perturbation of N (element-wise, times N's RMS)
+NOISE = 0.1  # size of N's entries relative to the RMS of the Nyström N (W[:r, :r])
 
 
 def example_name(index: int) -> str:
@@ -27,7 +28,7 @@ def example_name(index: int) -> str:
 def ensure_example_tenants(base: BaseModel, adapters: AdapterManager, count: int) -> list[str]:
     """Register ``tenant-000`` ... ``tenant-{count-1}`` where not already registered.
 
-    Deterministic: tenant i's N is the Nyström N plus ``NOISE * rms(N) * randn`` from seed i.
+    Deterministic: tenant i's N is ``NOISE * rms(W[:r, :r]) * randn`` from seed i.
     Returns every example name (new and existing).
     """
     present = {v.name for v in adapters.versions()}
@@ -43,7 +44,7 @@ def ensure_example_tenants(base: BaseModel, adapters: AdapterManager, count: int
             for site, s in adapter.sites.items():
                 n = nystrom_n[site]
                 rms = n.float().pow(2).mean().sqrt()
-                s.N = n + (NOISE * rms * torch.randn(n.shape, generator=gen)).to(n.dtype)
+                s.N = (NOISE * rms * torch.randn(n.shape, generator=gen)).to(n.dtype)
             folder = write_adapter(adapter, f"{scratch}/{names[i]}", tied_form=True)
             adapters.register_dir(names[i], folder)
     return names
