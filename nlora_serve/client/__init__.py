@@ -6,11 +6,11 @@ They depend only on ``nlora_serve.proto`` (never on the server's code).
 from nlora_serve.client.aio import AsyncNloraClient
 from nlora_serve.client.sync import NloraClient
 from nlora_serve.client.types import (AdapterInfo, DeadlineExceeded, Delta, FailedPrecondition, InvalidArgument,
-                                      NloraClientError, NotFound, PermissionDenied, ResourceExhausted,
-                                      Unauthenticated, Unavailable, Usage)
+                                      InvalidInput, NloraClientError, NotFound, PermissionDenied,
+                                      ResourceExhausted, Unauthenticated, Unavailable, Usage)
 
 __all__ = [
     "AdapterInfo", "AsyncNloraClient", "DeadlineExceeded", "Delta", "FailedPrecondition", "InvalidArgument",
-    "NloraClient", "NloraClientError", "NotFound", "PermissionDenied", "ResourceExhausted", "Unauthenticated",
-    "Unavailable", "Usage",
+    "InvalidInput", "NloraClient", "NloraClientError", "NotFound", "PermissionDenied", "ResourceExhausted",
+    "Unauthenticated", "Unavailable", "Usage",
 ]

@@ -4,7 +4,9 @@
     nlora-serve client upload --server HOST:PORT --api-key $ADMIN_KEY --name acme ./acme-adapter
     nlora-serve client swap --server HOST:PORT --name acme ./new_n.safetensors --if-version 3
 
-The key defaults to $NLORA_API_KEY. Server errors print one line (status code and message), exit 2.
+The key defaults to $NLORA_API_KEY. Results print as one JSON object (generate streams text). Errors
+print one ``error:`` line and exit 2: the server's status code and message, or what is wrong with a
+local file or flag (checked before any call).
 """
 
 from __future__ import annotations
@@ -20,10 +22,7 @@ from nlora_serve.client.types import NloraClientError
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the client subcommands under ``parser``; each sets ``client_func`` (run by :func:`run_client`)."""
-    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server (default: %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("NLORA_API_KEY"),
-                        help="API key sent as 'authorization: Bearer' (default: $NLORA_API_KEY)")
-    parser.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
+    _add_connection_flags(parser, with_defaults=True)
     sub = parser.add_subparsers(dest="client_command", required=True,
                                 metavar="{generate,list,info,upload,swap,unload,load}")
     gen = sub.add_parser("generate", help="stream a completion to stdout")
@@ -31,9 +30,10 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", help="raw text prompt (no chat template)")
     source.add_argument("--message", help="one user message, wrapped in the model's chat template")
     gen.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
-    gen.add_argument("--max-tokens", type=int, default=0, help="new tokens at most (0 = the server's default)")
+    gen.add_argument("--max-tokens", type=_unsigned(32), default=0,
+                     help="new tokens at most (0 = the server's default)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--seed", type=_unsigned(64), default=None, help="seed for reproducible sampling (>= 0)")
     gen.set_defaults(client_func=_generate)
     sub.add_parser("list", help="adapters this key may use").set_defaults(client_func=_list)
     sub.add_parser("info", help="model, dtype and limits of the server").set_defaults(client_func=_info)
@@ -53,10 +53,39 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     load = sub.add_parser("load", help="serve again an adapter that is in the server's store (admin)")
     load.add_argument("--name", required=True)
     load.set_defaults(client_func=_load)
+    for command in sub.choices.values():
+        _add_connection_flags(command, with_defaults=False)
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
+    """--server, --api-key, --timeout, accepted before and after the subcommand (``client --server X
+    generate`` and ``client generate --server X``); only the ``client`` level sets the defaults,
+    so a subcommand never overwrites a value given before it."""
+    def default(value):
+        return value if with_defaults else argparse.SUPPRESS
+
+    parser.add_argument("--server", default=default("127.0.0.1:50051"),
+                        help="HOST:PORT of the server (default: 127.0.0.1:50051)")
+    parser.add_argument("--api-key", default=default(os.environ.get("NLORA_API_KEY")),
+                        help="API key sent as 'authorization: Bearer' (default: $NLORA_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=default(None), help="deadline of each call in seconds")
+
+
+def _unsigned(bits: int):
+    """argparse type: an integer in [0, 2**bits - 1] (the proto field's range)."""
+    top = (1 << bits) - 1
+
+    def integer(text: str) -> int:
+        value = int(text)  # a ValueError here is argparse's "invalid integer value"
+        if not 0 <= value <= top:
+            raise argparse.ArgumentTypeError(f"must be an integer in [0, {top}]; got {value}")
+        return value
+
+    return integer
 
 
 def run_client(args: argparse.Namespace) -> int:
-    """Run the chosen subcommand; returns the exit status (2 when the server refused the call)."""
+    """Run the chosen subcommand; returns the exit status (2 when the server or the client refused it)."""
     try:
         with NloraClient(args.server, api_key=args.api_key, timeout=args.timeout) as client:
             return args.client_func(client, args)
@@ -84,8 +113,9 @@ def _generate(client: NloraClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(obj) -> None:
-    print(json.dumps(obj, indent=2, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
+def _print(obj: dict) -> None:
+    """Every command's result: one JSON object, indented, newline-terminated."""
+    print(json.dumps(obj, indent=2))
 
 
 def _info_dict(info) -> dict:
@@ -99,7 +129,8 @@ def _list(client: NloraClient, args: argparse.Namespace) -> int:
 
 
 def _info(client: NloraClient, args: argparse.Namespace) -> int:
-    print(client.server_info(), end="")
+    info = client.server_info()
+    _print({f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields})
     return 0
 
 
@@ -114,7 +145,9 @@ def _swap(client: NloraClient, args: argparse.Namespace) -> int:
 
 
 def _unload(client: NloraClient, args: argparse.Namespace) -> int:
-    print(client.unload_adapter(args.name, args.force), end="")
+    resp = client.unload_adapter(args.name, args.force)
+    _print({"name": resp.ref.name, "version": resp.ref.version, "content_hash": resp.ref.content_hash,
+            "aborted_requests": resp.aborted_requests, "draining_requests": resp.draining_requests})
     return 0
 
 

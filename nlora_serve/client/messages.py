@@ -7,11 +7,16 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from google.protobuf.descriptor import FieldDescriptor
+
+from nlora_serve.client.types import InvalidInput
 from nlora_serve.proto import nlora_pb2 as pb
 
 CHUNK_BYTES = 1 << 20  # upload chunk size: well under gRPC's default 4 MiB message limit
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # never sent: unpickling runs code
+_UINT_MAX = {FieldDescriptor.TYPE_UINT32: (1 << 32) - 1, FieldDescriptor.TYPE_UINT64: (1 << 64) - 1}
 
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
@@ -27,10 +32,12 @@ def generate_request(prompt: str | list[int] | None = None, *, messages: list[di
     top_p, top_k, seed, stop, stop_token_ids, ignore_eos, ...); unset temperature is greedy.
 
     Raises:
+        InvalidInput: an unsigned field (max_tokens, seed, top_k, ...) out of its range.
         ValueError: neither or both of prompt and messages, or an unknown sampling field.
     """
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt (text or token ids) and messages")
+    _check_unsigned(sampling)
     req = pb.GenerateRequest(adapter=adapter or "", request_id=request_id,
                              sampling=pb.SamplingParams(**sampling))
     if messages is not None:
@@ -42,19 +49,61 @@ def generate_request(prompt: str | list[int] | None = None, *, messages: list[di
     return req
 
 
+def _check_unsigned(sampling: dict) -> None:
+    """Name the field and the range instead of protobuf's bare "Value out of range"."""
+    fields = pb.SamplingParams.DESCRIPTOR.fields_by_name
+    for name, value in sampling.items():
+        field = fields.get(name)
+        top = _UINT_MAX.get(field.type) if field is not None else None
+        if top is None:
+            continue
+        what = f"every {name} entry" if field.is_repeated else name
+        for v in value if field.is_repeated else [value]:
+            if isinstance(v, int) and not 0 <= v <= top:
+                raise InvalidInput(f"{what} must be an integer in [0, {top}]; got {v}")
+
+
 def upload_parts(name: str, adapter_dir: str | os.PathLike, chunk_bytes: int = CHUNK_BYTES
                  ) -> Iterator[pb.UploadAdapterRequest]:
     """Header, then the safetensors file in chunks, for UploadAdapter.
 
+    The folder is checked here, before any call, not while gRPC iterates the parts.
+
     Raises:
-        FileNotFoundError: the directory lacks adapter_config.json or adapter_model.safetensors.
+        InvalidInput: the folder does not exist, or lacks adapter_config.json or
+            adapter_model.safetensors (a pickled adapter_model.bin is named, never opened).
     """
     folder = Path(adapter_dir)
-    config = (folder / CONFIG_FILE).read_text()
+    config = _checked_config(folder)
     weights = folder / WEIGHTS_FILE
     size = weights.stat().st_size
     header = pb.UploadHeader(name=name, adapter_config_json=config, safetensors_bytes=size,
                              safetensors_sha256=_sha256(weights))
+    return _parts(header, weights, chunk_bytes)
+
+
+def _checked_config(folder: Path) -> str:
+    """adapter_config.json's text from a folder checked to hold both upload files."""
+    if not folder.is_dir():
+        raise InvalidInput(f"adapter folder {folder} {'is not a directory' if folder.exists() else 'does not exist'}")
+    if not (folder / WEIGHTS_FILE).is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise InvalidInput(f"adapter folder {folder} has {', '.join(pickles)} but no {WEIGHTS_FILE}: pickle "
+                               "files are never sent or opened (unpickling can run code); safetensors is "
+                               f"required, save the adapter as {WEIGHTS_FILE}")
+        raise InvalidInput(f"adapter folder {folder} has no {WEIGHTS_FILE}; an upload needs {CONFIG_FILE} "
+                           f"and {WEIGHTS_FILE}")
+    if not (folder / CONFIG_FILE).is_file():
+        raise InvalidInput(f"adapter folder {folder} has no {CONFIG_FILE}; an upload needs {CONFIG_FILE} "
+                           f"and {WEIGHTS_FILE}")
+    try:
+        return (folder / CONFIG_FILE).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read {folder / CONFIG_FILE}: {exc}") from None
+
+
+def _parts(header: pb.UploadHeader, weights: Path, chunk_bytes: int) -> Iterator[pb.UploadAdapterRequest]:
     yield pb.UploadAdapterRequest(header=header)
     with open(weights, "rb") as f:
         while chunk := f.read(chunk_bytes):
@@ -63,8 +112,22 @@ def upload_parts(name: str, adapter_dir: str | os.PathLike, chunk_bytes: int = C
 
 def swap_request(name: str, weights: bytes | str | os.PathLike, if_version: int | None = None
                  ) -> pb.SwapAdapterRequest:
-    """A SwapAdapterRequest from safetensors bytes or a path to a .safetensors file of N keys."""
-    data = weights if isinstance(weights, bytes) else Path(weights).read_bytes()
+    """A SwapAdapterRequest from safetensors bytes or a path to a .safetensors file of N keys.
+
+    Raises:
+        InvalidInput: the path is not a readable file.
+    """
+    if isinstance(weights, bytes):
+        data = weights
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise InvalidInput(f"swap file {path} {'is not a file' if path.exists() else 'does not exist'}; "
+                               "expected a .safetensors file of lora_N keys")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read swap file {path}: {exc.strerror or exc}") from None
     req = pb.SwapAdapterRequest(name=name, n_safetensors=data)
     if if_version is not None:
         req.if_version = if_version

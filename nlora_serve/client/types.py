@@ -77,6 +77,11 @@ class InvalidArgument(NloraClientError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class InvalidInput(InvalidArgument):
+    """Refused by the client before any call: a missing or unsupported local file, or a value out
+    of its field's range. An InvalidArgument, so one ``except`` covers both sides."""
+
+
 class NotFound(NloraClientError):
     code = grpc.StatusCode.NOT_FOUND
 

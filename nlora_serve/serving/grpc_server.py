@@ -26,7 +26,7 @@ from nlora_serve.serving.engine import Engine
 from nlora_serve.serving.grpc_admin import AdminServicer
 from nlora_serve.serving.grpc_generate import Admission, GenerationServicer
 from nlora_serve.serving.metrics import ServerMetrics
-from nlora_serve.serving.server_config import ServerConfig, is_loopback
+from nlora_serve.serving.server_config import ServerConfig, StartupError, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +65,46 @@ class NloraServer:
         """Bind and start serving; health turns SERVING.
 
         Raises:
-            RuntimeError: the address cannot be bound.
+            StartupError: the gRPC address or the metrics port cannot be bound (the message names
+                it); nothing is left bound or running then.
         """
+        limit = self.config.max_message_bytes
         # so_reuseport off: a second server on a busy port must fail, not share it silently
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
+                                                ("grpc.max_send_message_length", limit)])
         pb_grpc.add_GenerationServicer_to_server(self.generation, self._server)
         pb_grpc.add_AdapterAdminServicer_to_server(self.admin, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self._server)
-        self.port = self._server.add_insecure_port(self.config.address)
-        if not self.port:
-            raise RuntimeError(f"cannot bind {self.config.address}")
+        if self.config.metrics_port is not None:  # first: a gRPC server bound but never started keeps its port
+            self.metrics_port = self._bind_metrics()
+        self.port = self._bind_grpc()
         await self._server.start()
         for service in ("", *SERVICES):
             await self.health.set(service, _SERVING)
-        if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
         log.info("gRPC on %s:%d%s", self.config.host, self.port,
                  f", metrics on http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "")
+
+    def _bind_metrics(self) -> int:
+        host, port = self.config.host, self.config.metrics_port
+        try:
+            return self.metrics.serve_http(host, port)
+        except OSError as exc:
+            raise StartupError(f"cannot bind the metrics port {host}:{port} (--metrics-port): "
+                               f"{exc.strerror or exc}") from exc
+
+    def _bind_grpc(self) -> int:
+        try:
+            port = self._server.add_insecure_port(self.config.address)
+        except RuntimeError:  # grpc's "Failed to bind to address ..."
+            port = 0
+        if not port:
+            self._server, self.metrics_port = None, None
+            self.metrics.close()
+            raise StartupError(f"cannot bind the gRPC address {self.config.address} (--host/--port): it is in "
+                               "use or not an address of this machine")
+        return port
 
     async def shutdown(self, grace: float | None = None) -> bool:
         """Graceful stop: health NOT_SERVING, new Generate calls UNAVAILABLE, running streams get

@@ -3,30 +3,42 @@
     python -m nlora_serve.serving.serve_cli --adapter-dir ./adapters --example-tenants 4
 
 Shutdown is graceful: health turns NOT_SERVING, new Generate calls get UNAVAILABLE, running
-streams get ``--drain-seconds`` to finish, then the process exits 0.
+streams get ``--drain-seconds`` to finish, then the process exits 0. A flag out of range, an
+unusable --adapter-dir or a port that cannot be bound prints one ``error:`` line naming it, exit 2
+(flags are checked before the model loads).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import re
+import shlex
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
 from nlora_serve.adapters.manager import AdapterLimits
-from nlora_serve.models import load_base, resolve_dtype
+from nlora_serve.errors import NloraError
+from nlora_serve.models import load_base, resolve_dtype, resolve_model
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.config import EngineConfig, SchedulerConfig
 from nlora_serve.serving.engine import LLMEngine
 from nlora_serve.serving.example_tenants import ensure_example_tenants
 from nlora_serve.serving.grpc_convert import server_info
 from nlora_serve.serving.grpc_server import NloraServer
-from nlora_serve.serving.server_config import ServerConfig
+from nlora_serve.serving.server_config import ServerConfig, StartupError
 
 log = logging.getLogger("nlora_serve.serve")
 MiB = 1 << 20
+_CONFIG_FIELD = re.compile(r"\b(?:ServerConfig|SchedulerConfig|AdapterLimits|EngineConfig)\.(\w+)")
+_DERIVED = {"default_max_tokens": "max_tokens"}  # config field -> the flag it is computed from
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,26 +76,80 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def build(args: argparse.Namespace):
     """(engine, server, example names) from parsed flags; nothing is bound yet.
 
+    Every flag is checked before the model loads, so a typo does not wait for the weights.
+
     Raises:
-        ValueError: a flag out of range (ServerConfig / EngineConfig name it).
-        AuthError: a bad tenants file. ModelError: a bad model.
+        StartupError: a flag out of range or unusable (the message names it). AuthError: a bad
+            tenants file. ModelError: a bad model.
     """
-    config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
-                          tenants_file=args.tenants_file, max_queue=args.max_queue, max_tokens=args.max_tokens,
-                          default_max_tokens=min(ServerConfig().default_max_tokens, args.max_tokens),
-                          max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds)
+    config, engine_config = _configs(args)
     auth = Authenticator.from_file(args.tenants_file) if args.tenants_file else Authenticator(None)
-    dtype = resolve_dtype(args.dtype)
-    cache_dir = getattr(args, "cache_dir", None)
-    base = load_base(args.model, dtype, cache_dir)
-    engine_config = EngineConfig(model=args.model, dtype=dtype, cache_dir=cache_dir, adapter_dir=args.adapter_dir,
-                                 scheduler=SchedulerConfig(max_model_len=args.max_model_len),
-                                 adapter_limits=AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
-                                                              adapter_memory=args.adapter_memory * MiB))
-    engine = LLMEngine(engine_config, base)
+    _check_adapter_dir(args.adapter_dir)
+    path = resolve_model(args.model, engine_config.cache_dir)
+    _check_model_len(path, args.max_model_len)
+    base = load_base(str(path), engine_config.dtype, engine_config.cache_dir)
+    with _flag_errors(args):
+        engine = LLMEngine(engine_config, base)
     examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
     server = NloraServer(engine, config, auth, server_info(base, engine_config, config), base.tokenizer())
     return engine, server, examples
+
+
+def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+    with _flag_errors(args):
+        config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
+                              tenants_file=args.tenants_file, max_queue=args.max_queue, max_tokens=args.max_tokens,
+                              default_max_tokens=min(ServerConfig().default_max_tokens, args.max_tokens),
+                              max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds)
+        limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
+                               adapter_memory=args.adapter_memory * MiB)
+        engine_config = EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype),
+                                     cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
+                                     scheduler=SchedulerConfig(max_model_len=args.max_model_len),
+                                     adapter_limits=limits)
+    return config, engine_config
+
+
+@contextmanager
+def _flag_errors(args: argparse.Namespace) -> Iterator[None]:
+    """Turn a config's ValueError ("ServerConfig.max_queue must be ...") into a StartupError that
+    leads with the flag and the value given: "--max-queue 0: ServerConfig.max_queue must be ..."."""
+    try:
+        yield
+    except ValueError as exc:
+        match = _CONFIG_FIELD.search(str(exc))
+        dest = _DERIVED.get(match.group(1), match.group(1)) if match else None
+        if dest is None or not hasattr(args, dest):
+            raise StartupError(str(exc)) from exc
+        raise StartupError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: {exc}") from exc
+
+
+def _check_adapter_dir(adapter_dir: str) -> None:
+    """Create the store folder and write a probe file in it, before the model loads."""
+    try:
+        root = Path(adapter_dir).expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as exc:
+        raise StartupError(f"--adapter-dir {adapter_dir}: cannot create or write the adapter store there "
+                           f"({exc.strerror or exc})") from exc
+
+
+def _check_model_len(model_dir: Path, max_model_len: int) -> None:
+    """The engine refuses this too, but only once the weights are loaded."""
+    limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    if limit is not None and max_model_len > limit:
+        raise StartupError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings "
+                           f"{limit} ({model_dir / 'config.json'})")
+
+
+def client_command() -> str:
+    """How to run ``nlora-serve`` from a shell: this environment's console script (it is usually
+    not on PATH, e.g. in .venv/bin), else this interpreter with ``-m nlora_serve.cli``."""
+    script = Path(sys.executable).parent / "nlora-serve"
+    if script.is_file():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m nlora_serve.cli"
 
 
 def client_hint(server: NloraServer, examples: list[str]) -> str:
@@ -91,12 +157,17 @@ def client_hint(server: NloraServer, examples: list[str]) -> str:
     key = " --api-key $NLORA_API_KEY" if server.generation.auth.enabled else ""
     adapter = f" --adapter {examples[0]}" if examples else ""
     host = "127.0.0.1" if server.config.host in ("0.0.0.0", "::") else server.config.host
-    return (f"nlora-serve client generate --server {host}:{server.port}{key}{adapter} "
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host  # IPv6 literal
+    return (f"{client_command()} client generate --server {host}:{server.port}{key}{adapter} --max-tokens 64 "
             "--message \"Why serve many adapters on one base model?\"")
 
 
 async def serve(server: NloraServer, examples: list[str]) -> bool:
-    """Start, print the client hint, wait for SIGTERM/SIGINT, drain. Returns True when drained."""
+    """Start, print the client hint, wait for SIGTERM/SIGINT, drain. Returns True when drained.
+
+    Raises:
+        StartupError: an address cannot be bound.
+    """
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -113,12 +184,17 @@ async def serve(server: NloraServer, examples: list[str]) -> bool:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run ``serve`` until a signal; returns 0 after a graceful drain (also when streams had to be
-    cancelled at the end of the grace period: that is logged)."""
+    cancelled at the end of the grace period: that is logged).
+
+    Raises:
+        StartupError, AuthError, ModelError: the server could not start (see :func:`build`).
+    """
     engine, server, examples = build(args)
     try:
-        asyncio.run(serve(server, examples))
+        drained = asyncio.run(serve(server, examples))
     finally:
         engine.shutdown()
+    log.info("drained, exiting" if drained else "drain period over (remaining streams cancelled), exiting")
     return 0
 
 
@@ -129,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
-    return run_serve(args)
+    try:
+        return run_serve(args)
+    except NloraError as exc:  # as ``nlora-serve serve`` does: one line, exit 2
+        log.debug("serve failed", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

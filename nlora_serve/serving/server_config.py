@@ -8,7 +8,18 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from nlora_serve.errors import NloraError
+
 LOOPBACK_NAMES = ("localhost",)
+MESSAGE_HEADROOM = 1 << 20  # bytes a message may carry beyond its payload (name, framing)
+MAX_GRPC_MESSAGE = (1 << 31) - 1  # gRPC's message-size options are int32
+
+
+class StartupError(NloraError):
+    """The server cannot start as asked: a flag out of range or an address that cannot be bound.
+
+    The message names the flag (``--max-queue``) or the ``host:port``.
+    """
 
 
 def is_loopback(host: str) -> bool:
@@ -65,3 +76,9 @@ class ServerConfig:
         """``host:port`` for grpc's ``add_insecure_port`` (IPv6 literals bracketed)."""
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def max_message_bytes(self) -> int:
+        """gRPC's max receive/send message length: a whole swap payload of ``max_adapter_bytes``
+        plus headroom (gRPC's default 4 MiB would refuse a legal swap before our own checks)."""
+        return min(self.max_adapter_bytes + MESSAGE_HEADROOM, MAX_GRPC_MESSAGE)

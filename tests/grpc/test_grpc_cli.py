@@ -1,9 +1,11 @@
-"""`serve` as a process (example tenants, ready line, SIGTERM drain, exit 0) and the client CLI."""
+"""`serve` as a process (example tenants, a ready line whose command works pasted, SIGTERM drain, exit 0)
+and the client CLI (JSON results)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import signal
@@ -12,6 +14,7 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
+from nlora_serve import __version__
 from nlora_serve.client import NloraClient
 from nlora_serve.client.cli import main as client_main
 from nlora_serve.serving.keys_cli import main as keys_main
@@ -26,32 +29,51 @@ def _client(*argv: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def test_serve_process_with_example_tenants_and_the_client_cli(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nlora_serve.serving.serve_cli", "--port", "0", "--dtype", "float32",
-         "--adapter-dir", str(tmp_path / "store"), "--example-tenants", "2", "--max-model-len", "512",
-         "--drain-seconds", "5", "--log-level", "WARNING"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+def test_serve_process_with_example_tenants_and_the_client_cli(tmp_path, base_fp32):
+    log_file = tmp_path / "serve.log"
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nlora_serve.serving.serve_cli", "--port", "0", "--dtype", "float32",
+             "--adapter-dir", str(tmp_path / "store"), "--example-tenants", "2", "--max-model-len", "512",
+             "--drain-seconds", "5", "--log-level", "INFO"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ})
     try:
         ready = proc.stdout.readline()
         hint = proc.stdout.readline()
         match = re.match(r"ready on 127\.0\.0\.1:(\d+)", ready)
-        assert match, (ready, proc.stderr.read() if proc.poll() is not None else "")
+        assert match, (ready, log_file.read_text())
         server = f"127.0.0.1:{match.group(1)}"
-        assert f"--server {server}" in hint and "--adapter tenant-000" in hint
+        script = Path(sys.executable).parent / "nlora-serve"  # the console script beside this interpreter
+        assert hint == (f"  {script} client generate --server {server} --adapter tenant-000 --max-tokens 64 "
+                        "--message \"Why serve many adapters on one base model?\"\n")
+        pasted = subprocess.run(hint, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                env={k: v for k, v in os.environ.items() if k != "NLORA_API_KEY"})
+        assert pasted.returncode == 0 and pasted.stdout.strip(), pasted.stderr
+        assert re.search(r"\[tenant-000 v1; \d+ prompt \+ \d+ tokens", pasted.stderr), pasted.stderr
         with NloraClient(server) as client:
             adapters, _ = client.list_adapters()
         assert [(a.name, a.tied, a.rank) for a in adapters] == [("tenant-000", True, 16), ("tenant-001", True, 16)]
         texts = {}
         for adapter in ("tenant-000", "tenant-001", None):
             flags = ["--adapter", adapter] if adapter else []
-            code, texts[adapter] = _client("--server", server, "generate", "--prompt", "The capital of France is",
+            code, texts[adapter] = _client("--server", server, "generate", "--prompt", "Once upon a time",
                                            "--max-tokens", "12", *flags)
             assert code == 0
         assert len(set(texts.values())) == 3  # perturbed N: each tenant differs from the other and the base
+        code, info = _client("--server", server, "info")
+        assert code == 0 and info.endswith("}\n")
+        assert json.loads(info) == {"server_version": __version__, "model": base_fp32.path.name,
+                                    "model_fingerprint": base_fp32.fingerprint, "dtype": "float32",
+                                    "backend": "native", "max_rank": 64, "max_adapter_bytes": 256 << 20,
+                                    "max_model_len": 512}
+        code, unloaded = _client("--server", server, "unload", "--name", "tenant-001")
+        assert code == 0 and unloaded.endswith("}\n")
+        assert json.loads(unloaded) == {"name": "tenant-001", "version": 1, "content_hash": adapters[1].content_hash,
+                                        "aborted_requests": 0, "draining_requests": 0}
         assert _client("--server", server, "unload", "--name", "nobody")[0] == 2  # NOT_FOUND: one line, exit 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+        assert log_file.read_text().splitlines()[-1] == "INFO nlora_serve.serve: drained, exiting"
     finally:
         if proc.poll() is None:
             proc.kill()

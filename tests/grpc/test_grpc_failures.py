@@ -12,6 +12,7 @@ from nlora_serve.client import (DeadlineExceeded, FailedPrecondition, InvalidArg
 from nlora_serve.client.messages import upload_parts
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
+from nlora_serve.serving.server_config import ServerConfig
 from serving_check import CASES, TIED, still_serves
 
 LONG = dict(max_tokens=400, ignore_eos=True)
@@ -107,6 +108,23 @@ def test_oversized_upload_is_resource_exhausted(make_server):
             admin.swap_adapter("big", b"\0" * 1_000_001)
         assert admin.upload_adapter("small", CASES / "lora-layers-subset").version == 1  # 0.39 MB fits
     still_serves(small.target, adapter=None)
+
+
+def test_swap_payloads_over_grpcs_4_mib_default_reach_the_servers_own_checks(server, make_server):
+    """gRPC's default 4 MiB receive limit would answer RESOURCE_EXHAUSTED "Received message larger
+    than max" before our validation; the server allows max_adapter_bytes + 1 MiB."""
+    assert ServerConfig(max_adapter_bytes=5 << 20).max_message_bytes == 6 << 20
+    assert ServerConfig(max_adapter_bytes=4 << 30).max_message_bytes == 2 ** 31 - 1  # gRPC's int32 cap
+    current = server.engine.adapters.registry.get(TIED).version
+    with NloraClient(server.target) as admin, pytest.raises(InvalidArgument) as err:
+        admin.swap_adapter(TIED, b"\0" * (5 << 20))  # garbage under the default 256 MiB limit
+    assert "not a readable safetensors file" in str(err.value) and "5242880 bytes" in str(err.value)
+    assert server.engine.adapters.registry.get(TIED).version == current
+    small = make_server(max_adapter_bytes=5 << 20)
+    with NloraClient(small.target) as admin, pytest.raises(ResourceExhausted) as err:
+        admin.swap_adapter("big", b"\0" * ((5 << 20) + 1))
+    assert str(err.value) == ("RESOURCE_EXHAUSTED: adapter 'big': 5242881 bytes is over the server's "
+                              "--max-adapter-bytes 5242880")
 
 
 def test_inconsistent_uploads_are_invalid_argument(server):

@@ -1,0 +1,144 @@
+"""`serve` refuses bad flags, an unusable adapter store and busy ports with one `error:` line that
+names the flag or the host:port, exit 2, and no traceback (README: expected failures)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nlora_serve import cli
+from nlora_serve.serving import serve_cli
+from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.grpc_server import NloraServer
+from nlora_serve.serving.server_config import ServerConfig, StartupError
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Flags must be refused before the model loads: loading it fails the test."""
+    def load_base(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+    monkeypatch.setattr(serve_cli, "load_base", load_base)
+
+
+def _args(tmp_path: Path, *flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve_cli.add_serve_arguments(parser)
+    return parser.parse_args(["--port", "0", "--adapter-dir", str(tmp_path / "store"), *flags])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-queue", "0"], "--max-queue 0: ServerConfig.max_queue must be a positive integer; got 0"),
+    (["--port", "70000"], "--port 70000: ServerConfig.port must be a port number in [0, 65535]; got 70000"),
+    (["--metrics-port", "-3"], "--metrics-port -3: ServerConfig.metrics_port must be a port number in "
+                               "[0, 65535]; got -3"),
+    (["--max-rank", "0"], "--max-rank 0: AdapterLimits.max_rank must be a positive integer; got 0"),
+    (["--drain-seconds", "-1"], "--drain-seconds -1.0: ServerConfig.drain_seconds must be >= 0; got -1.0"),
+    (["--max-tokens", "0"], "--max-tokens 0: ServerConfig.max_tokens must be a positive integer; got 0"),
+    (["--max-model-len", "0"], "--max-model-len 0: SchedulerConfig.max_model_len must be a positive integer; "
+                               "got 0"),
+    (["--host", "0.0.0.0"], "--host 0.0.0.0: ServerConfig.host='0.0.0.0' is not a loopback address and no "
+                            "tenants file is configured: without auth the server binds only to 127.0.0.1 "
+                            "(give --tenants-file to listen on other interfaces)"),
+])
+def test_flags_out_of_range_name_the_flag(tmp_path, no_model, flags, message):
+    with pytest.raises(StartupError) as err:
+        serve_cli.build(_args(tmp_path, *flags))
+    assert str(err.value) == message
+    assert not (tmp_path / "store").exists()  # refused before anything was created
+
+
+def test_max_model_len_over_the_model_is_refused_before_loading(tmp_path, no_model, base_fp32):
+    with pytest.raises(StartupError) as err:
+        serve_cli.build(_args(tmp_path, "--max-model-len", "100000"))
+    # SmolLM2-135M-Instruct's config.json: max_position_embeddings 8192
+    assert str(err.value) == (f"--max-model-len 100000 exceeds the model's max_position_embeddings 8192 "
+                              f"({base_fp32.path / 'config.json'})")
+
+
+def test_unwritable_adapter_dir_is_refused_before_loading(tmp_path, no_model):
+    (tmp_path / "a-file").write_text("not a folder")
+    store = tmp_path / "a-file" / "store"
+    with pytest.raises(StartupError) as err:
+        serve_cli.build(_args(tmp_path, "--adapter-dir", str(store)))
+    assert str(err.value) == f"--adapter-dir {store}: cannot create or write the adapter store there (Not a directory)"
+
+
+def test_cli_prints_one_error_line_exit_2_and_the_traceback_only_under_debug(monkeypatch, capsys, caplog, tmp_path):
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # keep pytest's handlers
+    argv = ["serve", "--adapter-dir", str(tmp_path / "store"), "--max-queue", "0"]
+    line = "error: --max-queue 0: ServerConfig.max_queue must be a positive integer; got 0\n"
+    assert cli.main(["--log-level", "INFO", *argv]) == 2
+    assert capsys.readouterr().err == line
+    with caplog.at_level(logging.DEBUG, logger="nlora_serve"):
+        assert cli.main(["--log-level", "DEBUG", *argv]) == 2
+    assert capsys.readouterr().err == line
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.levelno == logging.DEBUG and record.exc_info[0] is StartupError
+
+
+def _listening() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def _second_server(running, **config) -> NloraServer:
+    """A server over ``running``'s engine, not started."""
+    gen = running.server.generation
+    return NloraServer(running.engine, ServerConfig(**config), Authenticator(None), gen.info, gen.tokenizer)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_busy_grpc_port_names_the_address_and_releases_the_metrics_port(make_server):
+    running = make_server()
+    metrics_port = _free_port()
+    with _listening() as busy:
+        port = busy.getsockname()[1]
+        server = _second_server(running, port=port, metrics_port=metrics_port)
+        with pytest.raises(StartupError) as err:
+            running.call(server.start())
+    assert str(err.value) == (f"cannot bind the gRPC address 127.0.0.1:{port} (--host/--port): it is in use "
+                              "or not an address of this machine")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", metrics_port))  # the metrics endpoint it had started is closed again
+
+
+def test_busy_metrics_port_names_it_and_binds_no_grpc_port(make_server):
+    running = make_server()
+    with _listening() as busy:
+        port = busy.getsockname()[1]
+        server = _second_server(running, port=0, metrics_port=port)
+        with pytest.raises(StartupError) as err:
+            running.call(server.start())
+    assert str(err.value) == f"cannot bind the metrics port 127.0.0.1:{port} (--metrics-port): Address already in use"
+    assert server.port is None  # refused before the gRPC port was bound
+
+
+def test_serve_process_with_a_busy_metrics_port_exits_2_without_noise(tmp_path):
+    with _listening() as busy:
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "nlora_serve.cli", "--log-level", "WARNING", "serve", "--port", "0",
+             "--metrics-port", str(port), "--dtype", "float32", "--adapter-dir", str(tmp_path / "store"),
+             "--max-model-len", "256"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines()[-1] == \
+        f"error: cannot bind the metrics port 127.0.0.1:{port} (--metrics-port): Address already in use"
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr
