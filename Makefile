@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 serve: $(STAMP)
-	$(BIN)/nlora-serve serve --model default --example-tenants 4 --adapter-dir nlora-adapters
+	$(BIN)/nlora-serve serve --model default --adapter-dir nlora-adapters \
+		--adapter upper=examples/tenants/upper --example-tenants 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -71,6 +71,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="on SIGTERM/SIGINT, how long running streams may finish (default: %(default)s)")
     a("--example-tenants", type=int, default=0, metavar="N",
       help="register N example tied IntTune tenants (tenant-000...) at start when missing (default: 0)")
+    a("--adapter", action="append", default=[], metavar="NAME=DIR", type=_named_dir,
+      help="register the adapter directory DIR as NAME at start when NAME is not in the store yet "
+           "(repeatable), e.g. --adapter upper=examples/tenants/upper")
+
+
+def _named_dir(value: str) -> tuple[str, str]:
+    name, sep, folder = value.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    return name, folder
 
 
 def build(args: argparse.Namespace):
@@ -91,8 +101,18 @@ def build(args: argparse.Namespace):
     with _flag_errors(args):
         engine = LLMEngine(engine_config, base)
     examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
+    examples += _register_named(engine, args.adapter)
     server = NloraServer(engine, config, auth, server_info(base, engine_config, config), base.tokenizer())
     return engine, server, examples
+
+
+def _register_named(engine: LLMEngine, named: list[tuple[str, str]]) -> list[str]:
+    """Register each ``--adapter NAME=DIR`` whose NAME the store does not serve yet."""
+    present = {v.name for v in engine.adapters.versions()}
+    for name, folder in named:
+        if name not in present:
+            engine.adapters.register_dir(name, folder)
+    return [name for name, _ in named]
 
 
 def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:

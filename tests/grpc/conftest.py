@@ -14,8 +14,7 @@ from nlora_serve.serving.engine import LLMEngine
 from nlora_serve.serving.grpc_convert import server_info
 from nlora_serve.serving.server_config import ServerConfig
 
-ADMIN_KEY = "admin-key-for-tests"
-TENANT_KEYS = {"tied-co": "key-of-tied-co", "lora-co": "key-of-lora-co", "base-co": "key-of-base-co"}
+from grpc_harness import ADMIN_KEY, TENANT_KEYS  # a uniquely named module: "conftest" is ambiguous
 GRANTS = {"tied-co": (["inttune-*"], False), "lora-co": (["lora-rslora"], True), "base-co": ([], True)}
 
 

@@ -10,6 +10,9 @@ import threading
 
 from nlora_serve.serving.grpc_server import NloraServer
 
+ADMIN_KEY = "admin-key-for-tests"
+TENANT_KEYS = {"tied-co": "key-of-tied-co", "lora-co": "key-of-lora-co", "base-co": "key-of-base-co"}
+
 
 class RunningServer:
     """Starts ``NloraServer(*args)`` on a private loop; ``target`` is its ``host:port``."""

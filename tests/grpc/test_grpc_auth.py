@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ADMIN_KEY, TENANT_KEYS
+from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from nlora_serve.client import NloraClient, PermissionDenied, Unauthenticated
 from nlora_serve.serving.auth import AuthError, Authenticator, hash_key
 from nlora_serve.serving.server_config import ServerConfig

@@ -6,7 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from conftest import ADMIN_KEY, TENANT_KEYS
+from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from grpc_harness import matches_reference
 from nlora_serve.client import AsyncNloraClient, NloraClient
 
