@@ -23,7 +23,7 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(upper signature numbers)
 for name in "${names[@]}"; do
   # tune refuses to overwrite an adapter: move the committed one away first to retrain it.
-  "$PY" -m nlora_serve.adapters.tune_cli tune \
+  "$PY" -m nlora_serve.cli adapters tune \
     --model default --data "examples/tenants/data/$name.jsonl" --out "examples/tenants/$name" \
     --rank 16 --targets all-linear --n-init zeros --lr 1e-2 --batch-size 8 --grad-accum 1 \
     --steps "${STEPS[$name]}" --warmup 5 --held-out 0.1 --seed "${SEED[$name]}" --max-len 192

@@ -1,15 +1,12 @@
 """``adapters tune``: train an IntTune tenant (only N) on a JSONL file of chat examples.
 
 ``add_tune_subcommand(subparsers)`` registers it on an ``adapters`` subparsers object (sets
-``func(args) -> exit code``); ``python -m nlora_serve.adapters.tune_cli ...`` runs it standalone.
+``func(args) -> exit code``); ``nlora-serve adapters tune ...`` runs it.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-
-from nlora_serve.errors import NloraError
 
 DESCRIPTION = """\
 IntTune (NLoRA, arXiv 2502.14482): Nystrom-initialise every targeted projection (A = W[:r,:],
@@ -96,19 +93,3 @@ def add_tune_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_tune)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: ``python -m nlora_serve.adapters.tune_cli tune ...``."""
-    parser = argparse.ArgumentParser(prog="nlora-serve adapters")
-    parser.add_argument("--cache-dir", default=None, help="cache root for prepared models")
-    add_tune_subcommand(parser.add_subparsers(dest="adapters_command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except NloraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,7 @@ from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.adapters.nystrom import init_adapter
 from nlora_serve.adapters.tune import (IGNORE, TuneConfig, attach, cosine_schedule, encode, read_examples,
                                        tune)
-from nlora_serve.adapters.tune_cli import main as tune_main
+from nlora_serve.cli import main as cli_main
 from nlora_serve.errors import AdapterError
 
 R, TARGETS = 4, ["q_proj", "v_proj"]
@@ -97,6 +97,11 @@ def test_written_adapter_is_tied_and_reproduces_the_trained_model(run, base_fp32
     ids = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 2]])
     with torch.no_grad(), merged(copy.deepcopy(hf_model), deltas) as ref:
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-3)
+
+
+def tune_main(argv: list[str]) -> int:
+    """``nlora-serve adapters tune ...`` in this process."""
+    return cli_main(["adapters", *argv])
 
 
 def test_same_seed_gives_the_same_n_through_the_cli(run, base_model_dir, tmp_path):
