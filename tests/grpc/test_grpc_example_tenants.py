@@ -1,8 +1,9 @@
-"""The shipped trained tenant changes behaviour through the real server; the base model does not.
+"""The shipped trained tenants change behaviour through the real server; the base model does not.
 
-`examples/tenants/upper` was trained by `nlora-serve adapters tune` to answer in capitals
-(examples/tenants/README.md). Ten held-out prompts (never in its training data), greedy, fp32:
-the tenant's share of upper-case letters must reach 0.8 and the base model's must not.
+`examples/tenants/{upper,signature}` were trained by `nlora-serve adapters tune` to answer in
+capitals / to sign with " -- Acme Support" (examples/tenants/README.md). Ten held-out prompts
+(never in their training data), greedy, fp32: each tenant's metric must reach 0.8 and the base
+model's must not.
 """
 
 from __future__ import annotations
@@ -29,22 +30,29 @@ def upper_share(text: str) -> float:
     return sum(c.isupper() for c in letters) / len(letters)
 
 
-async def _answers(target: str, adapter: str | None, prompts: list[str]) -> list[str]:
+async def _answers(target: str, adapter: str | None, prompts: list[str], max_tokens: int) -> list[str]:
     async def one(prompt):
         async with AsyncNloraClient(target, timeout=300) as client:
             deltas = [d async for d in client.generate(messages=[{"role": "user", "content": prompt}],
-                                                       adapter=adapter, max_tokens=40, temperature=0.0)]
+                                                       adapter=adapter, max_tokens=max_tokens, temperature=0.0)]
             return "".join(d.text for d in deltas)
     return await asyncio.gather(*(one(p) for p in prompts))
 
 
-def test_upper_tenant_answers_in_capitals_and_the_base_model_does_not(make_server):
+def signed_share(answers: list[str]) -> float:
+    return sum(a.rstrip().endswith("-- Acme Support") for a in answers) / len(answers)
+
+
+def test_trained_tenants_change_behaviour_and_the_base_model_does_not(make_server):
     prompts = _styles().EVAL_GENERAL[:10]
     assert len(prompts) == 10
     server = make_server()
-    server.engine.adapters.register_dir("upper", EXAMPLES / "upper")
-    tenant = asyncio.run(_answers(server.target, "upper", prompts))
-    base = asyncio.run(_answers(server.target, None, prompts))
-    assert upper_share("".join(tenant)) >= 0.8
-    assert upper_share("".join(base)) < 0.8
-    assert sum(upper_share(a) >= 0.8 for a in tenant) >= 8  # most answers, not one long one
+    for name in ("upper", "signature"):
+        server.engine.adapters.register_dir(name, EXAMPLES / name)
+    upper = asyncio.run(_answers(server.target, "upper", prompts, 40))
+    signed = asyncio.run(_answers(server.target, "signature", prompts, 96))
+    base = asyncio.run(_answers(server.target, None, prompts, 96))
+    assert upper_share("".join(upper)) >= 0.8
+    assert sum(upper_share(a) >= 0.8 for a in upper) >= 8  # most answers, not one long one
+    assert signed_share(signed) >= 0.8
+    assert upper_share("".join(base)) < 0.8 and signed_share(base) < 0.8
