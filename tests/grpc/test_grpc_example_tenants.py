@@ -1,9 +1,9 @@
 """The shipped trained tenants change behaviour through the real server; the base model does not.
 
-`examples/tenants/{upper,signature}` were trained by `nlora-serve adapters tune` to answer in
-capitals / to sign with " -- Acme Support" (examples/tenants/README.md). Ten held-out prompts
-(never in their training data), greedy, fp32: each tenant's metric must reach 0.8 and the base
-model's must not.
+`examples/tenants/{upper,signature,numbers}` were trained by `nlora-serve adapters tune` to
+answer in capitals / to sign with " -- Acme Support" / to write numbers as words
+(examples/tenants/README.md). Ten held-out prompts each (never in their training data), greedy,
+fp32: each tenant's metric must reach 0.8 and the base model's must not.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_trained_tenants_change_behaviour_and_the_base_model_does_not(make_serve
     prompts = _styles().EVAL_GENERAL[:10]
     assert len(prompts) == 10
     server = make_server()
-    for name in ("upper", "signature"):
+    for name in ("upper", "signature", "numbers"):
         server.engine.adapters.register_dir(name, EXAMPLES / name)
     upper = asyncio.run(_answers(server.target, "upper", prompts, 40))
     signed = asyncio.run(_answers(server.target, "signature", prompts, 96))
@@ -56,3 +56,11 @@ def test_trained_tenants_change_behaviour_and_the_base_model_does_not(make_serve
     assert sum(upper_share(a) >= 0.8 for a in upper) >= 8  # most answers, not one long one
     assert signed_share(signed) >= 0.8
     assert upper_share("".join(base)) < 0.8 and signed_share(base) < 0.8
+    numeric = _styles().EVAL_NUMERIC[:10]
+    in_words = asyncio.run(_answers(server.target, "numbers", numeric, 48))
+    base_numeric = asyncio.run(_answers(server.target, None, numeric, 48))
+    assert digit_free_share(in_words) >= 0.8 and digit_free_share(base_numeric) < 0.8
+
+
+def digit_free_share(answers: list[str]) -> float:
+    return sum(not any(c in "0123456789" for c in a) for a in answers) / len(answers)
