@@ -59,9 +59,10 @@ def _add_adapters(sub: argparse._SubParsersAction) -> None:
     from nlora_serve.adapters.cli import add_adapter_subcommands
 
     adapters = sub.add_parser("adapters", help="create, inspect, convert and tune adapters",
-                              description="Adapter tools that work on directories, without a server.")
+                              description="Adapter tools: inspect/init/convert/tune work on directories; "
+                                          "list/upload/swap/unload/load talk to a server (--server).")
     add_adapter_subcommands(adapters.add_subparsers(dest="adapters_command", required=True,
-                                                    metavar="{inspect,init,convert,tune}"))
+                                                    metavar="{inspect,init,convert,tune,list,upload,swap,unload,load}"))
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:

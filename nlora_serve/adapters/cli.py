@@ -57,7 +57,8 @@ def _common(p: argparse.ArgumentParser, max_rank: bool = True) -> None:
 
 
 def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``inspect``, ``init``, ``convert`` and ``tune`` on an ``adapters`` subparsers object."""
+    """Register ``inspect``, ``init``, ``convert``, ``tune`` (local) and ``list``, ``upload``,
+    ``swap``, ``unload``, ``load`` (on a server, ``--server``) on an ``adapters`` subparsers object."""
     from nlora_serve.adapters.tune_cli import add_tune_subcommand
 
     p = subparsers.add_parser("inspect", help="validate an adapter directory and describe it",
@@ -96,6 +97,9 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_convert)
 
     add_tune_subcommand(subparsers)
+    from nlora_serve.client.cli import add_server_adapter_subcommands
+
+    add_server_adapter_subcommands(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,26 +35,42 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--seed", type=_unsigned(64), default=None, help="seed for reproducible sampling (>= 0)")
     gen.set_defaults(client_func=_generate)
-    sub.add_parser("list", help="adapters this key may use").set_defaults(client_func=_list)
     sub.add_parser("info", help="model, dtype and limits of the server").set_defaults(client_func=_info)
-    up = sub.add_parser("upload", help="upload an adapter directory (admin)")
+    _add_adapter_commands(sub)
+    for command in sub.choices.values():
+        _add_connection_flags(command, with_defaults=False)
+
+
+def add_server_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """``nlora-serve adapters {list,upload,swap,unload,load} --server HOST:PORT``: the same calls
+    as ``client list`` etc., under the adapters group as DESIGN §6 spells them."""
+    for command in _add_adapter_commands(subparsers):
+        _add_connection_flags(command, with_defaults=True)
+        command.set_defaults(func=run_client)
+
+
+def _add_adapter_commands(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """list / upload / swap / unload / load parsers, each with its ``client_func``."""
+    listing = sub.add_parser("list", help="adapters this key may use (on a server)")
+    listing.set_defaults(client_func=_list)
+    up = sub.add_parser("upload", help="upload an adapter directory to a server (admin)")
     up.add_argument("--name", required=True, help="adapter name on the server")
     up.add_argument("adapter_dir", help="directory with adapter_config.json and adapter_model.safetensors")
     up.set_defaults(client_func=_upload)
-    swap = sub.add_parser("swap", help="hot-swap a tied tenant's N from a safetensors file (admin)")
+    swap = sub.add_parser("swap", help="hot-swap a tied tenant's N on a server from a safetensors file (admin)")
     swap.add_argument("--name", required=True, help="adapter name on the server")
-    swap.add_argument("n_file", help="safetensors file of lora_N keys only")
+    swap.add_argument("n_file", help="safetensors file of lora_N keys only (a compact tied adapter's "
+                                     "adapter_model.safetensors is one)")
     swap.add_argument("--if-version", type=int, default=None, help="swap only if this is the current version")
     swap.set_defaults(client_func=_swap)
-    unload = sub.add_parser("unload", help="stop serving an adapter (admin)")
+    unload = sub.add_parser("unload", help="stop serving an adapter on a server (admin)")
     unload.add_argument("--name", required=True)
     unload.add_argument("--force", action="store_true", help="abort its in-flight requests")
     unload.set_defaults(client_func=_unload)
     load = sub.add_parser("load", help="serve again an adapter that is in the server's store (admin)")
     load.add_argument("--name", required=True)
     load.set_defaults(client_func=_load)
-    for command in sub.choices.values():
-        _add_connection_flags(command, with_defaults=False)
+    return [listing, up, swap, unload, load]
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> None:

@@ -64,3 +64,20 @@ def test_trained_tenants_change_behaviour_and_the_base_model_does_not(make_serve
 
 def digit_free_share(answers: list[str]) -> float:
     return sum(not any(c in "0123456789" for c in a) for a in answers) / len(answers)
+
+
+def test_adapters_swap_cli_retrains_a_tenant_in_place(make_server, capsys):
+    from nlora_serve.cli import main as cli_main
+
+    server = make_server()
+    server.engine.adapters.register_dir("acme", EXAMPLES / "upper")
+    prompt = [_styles().EVAL_GENERAL[0]]
+    before = asyncio.run(_answers(server.target, "acme", prompt, 96))[0]
+    # The "retrained" N: same family (r=16, all seven projections), another behaviour.
+    n_file = EXAMPLES / "signature" / "adapter_model.safetensors"
+    assert cli_main(["adapters", "swap", "--server", server.target, "--name", "acme", str(n_file),
+                     "--if-version", "1"]) == 0
+    assert '"version": 2' in capsys.readouterr().out
+    after = asyncio.run(_answers(server.target, "acme", prompt, 96))[0]
+    assert upper_share(before) >= 0.8 and not before.rstrip().endswith("-- Acme Support")
+    assert upper_share(after) < 0.8 and after.rstrip().endswith("-- Acme Support")
