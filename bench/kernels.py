@@ -6,7 +6,8 @@ Random weights of SmolLM2-135M's shapes (hidden 576, q 576, kv 192, intermediate
 all seven projections, laid out as the engine runs them: q/k/v and gate/up fused, so a layer's
 base is four ``F.linear`` GEMMs and each module's y is a column view of its fused output. For each
 path the adapter time of one whole layer on precomputed base outputs (seven ``apply_adapters``
-calls) is divided by the time of the same layer's base GEMMs at the same T. Base and paths are timed in interleaved rounds and
+calls; ``tied64_native``: four calls of the native CPU op, one per fused output, as the engine
+runs tied tenants on the CPU) is divided by the time of the same layer's base GEMMs at the same T. Base and paths are timed in interleaved rounds and
 the median round is kept, so a noisy shared machine moves both sides alike. On CUDA it also
 prints achieved bandwidth against a device-to-device copy and FLOP rate against a large GEMM,
 both measured in the same run. Writes bench/out/kernels.json.
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nlora_serve.kernels import TIED, SiteWeights, apply_adapters, build_adapter_batch
+from nlora_serve.kernels.native import load_native
 
 HIDDEN, KV, INTER, RANK, TENANTS = 576, 192, 1536, 16, 64
 # The engine's four GEMMs per layer (serving/llama.py fuses q/k/v and gate/up): (in, module outs)
@@ -110,7 +112,13 @@ def _adapter_run(groups, batch, xs, ys):
     return lambda: [apply_adapters(view, x, batch, site) for view, x, site in calls]
 
 
-def bench_one(dtype_name: str, num_tokens: int, device: str, rounds: int) -> dict:
+def _native_run(native, groups, batch, ys):
+    """One layer through the native CPU op: one call per fused GEMM output (what the engine runs)."""
+    calls = [(y, native.plan(sites, list(outs))) for (sites, outs), y in zip(groups, ys)]
+    return lambda: [native.tied_apply(y, batch, plan) for y, plan in calls]
+
+
+def bench_one(dtype_name: str, num_tokens: int, device: str, rounds: int, native=None) -> dict:
     """Median-of-rounds layer times (seconds) for the base GEMMs and every path."""
     gen = torch.Generator().manual_seed(0)
     dtype = DTYPES[dtype_name]
@@ -120,7 +128,10 @@ def bench_one(dtype_name: str, num_tokens: int, device: str, rounds: int) -> dic
     runs = {"base": lambda: [F.linear(x, w) for x, w in zip(xs, weights)]}
     for path, mode in PATHS.items():
         groups = _sites(weights, mode, dtype, device, gen)
-        runs[path] = _adapter_run(groups, _batch(path, num_tokens, device, gen), xs, ys)
+        batch = _batch(path, num_tokens, device, gen)
+        runs[path] = _adapter_run(groups, batch, xs, ys)
+        if path == "tied64" and native is not None:
+            runs["tied64_native"] = _native_run(native, groups, batch, ys)
     slots = torch.randperm(num_tokens, generator=gen) % TENANTS
     facts = (torch.full((TENANTS,), RANK), torch.ones(TENANTS),
              torch.full((TENANTS,), TIED))
@@ -166,14 +177,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rates = _cuda_rates(device) if device == "cuda" else {}
+    native = load_native(args.out.parent / "kernels-build") if device == "cpu" else None
     rows = []
     print(f"device {device}, torch threads {torch.get_num_threads()}, r={RANK}, one decoder layer "
           f"(7 projections) of the default model; ratio = adapter / base GEMMs")
     print(f"{'dtype':5} {'T':>4} {'path':12} {'layer us':>9} {'base us':>9} {'ratio':>7}")
     for dtype_name in args.dtypes:
         for num_tokens in args.tokens:
-            t = bench_one(dtype_name, num_tokens, device, args.rounds)
-            for path in [*PATHS, "metadata"]:
+            t = bench_one(dtype_name, num_tokens, device, args.rounds, native)
+            for path in [p for p in (*PATHS, "tied64_native", "metadata") if p in t]:
                 row = {"dtype": dtype_name, "tokens": num_tokens, "path": path,
                        "layer_s": t[path], "base_s": t["base"], "ratio": t[path] / t["base"]}
                 if rates and path != "metadata":

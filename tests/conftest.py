@@ -57,3 +57,14 @@ def greedy_matches(got: list[int], ref: dict) -> bool:
         if g != r:
             return min(ref["top2_logit_margins"][: step + 1]) < 1e-3
     return len(got) >= len(ref["greedy_token_ids"])
+
+
+@pytest.fixture(scope="session")
+def native_ops(tmp_path_factory):
+    """The native CPU op, compiled into a fresh folder (this machine has a C compiler: a failure
+    to build is a failure, not a skip)."""
+    from nlora_serve.kernels.native import load_native
+
+    ops = load_native(tmp_path_factory.mktemp("kernels"))
+    assert ops is not None, "the native CPU op did not build (is `cc` on PATH?)"
+    return ops

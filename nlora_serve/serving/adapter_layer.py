@@ -9,23 +9,40 @@ token costs one ``if`` per projection.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from nlora_serve.kernels.dispatch import apply_adapters
 from nlora_serve.kernels.metadata import NO_ADAPTER, AdapterBatch, build_adapter_batch
+from nlora_serve.kernels.native import NativeOps, TiedProjection
+
+
+@dataclass(slots=True)
+class _Projection:
+    """One pool's weights at one fused projection, cached per pool generation."""
+
+    generation: int  # the pool's generation these views were made from
+    sites: list  # per module, its SiteWeights (None: the pool's family skips the module)
+    native: TiedProjection | None  # the native op's layout, when it serves this projection
 
 
 class AdapterHook:
-    """Callable installed on all seven projections of every layer.
+    """Callable installed on every fused projection (q/k/v, o, gate/up, down) of every layer.
 
     The engine thread alone calls :meth:`begin_step` and the hook, so the step state is plain
     attributes; pools are read through views refreshed when a pool's tensors are replaced.
+
+    Args:
+        native: the native CPU op (:func:`nlora_serve.kernels.native.load_native`); when given,
+            tied pools on the CPU run through it, one call per fused projection. None: the torch
+            path of :func:`apply_adapters`, one call per module.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, native: NativeOps | None = None) -> None:
+        self.native = native
         self._entries: list[tuple[object, AdapterBatch]] = []  # (pool, its batch) this step
-        self._views: dict[tuple[int, int, int, str], object] = {}  # (pool id, generation, site) -> view
-
+        self._projections: dict[tuple[int, int, tuple[str, ...]], _Projection] = {}  # (pool id, layer, modules)
     def begin_step(self, versions: list, query_lens: list[int], device: torch.device) -> None:
         """Set up the step.
 
@@ -52,16 +69,29 @@ class AdapterHook:
         """Forget the step (no tensor of it outlives it)."""
         self._entries = []
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, layer: int, module: str) -> None:
-        """Add the step's adapter deltas into ``y`` [T, out] (a view of the base output) in place."""
-        for pool, batch in self._entries:
-            view = self._view(pool, (layer, module))
-            if view is not None:
-                apply_adapters(y, x, batch, view)
-                pool.add_bias(y, batch, (layer, module))
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, layer: int, modules: tuple[str, ...],
+                 widths: list[int]) -> None:
+        """Add the step's adapter deltas into ``y`` [T, Σ widths] (a fused base output) in place.
 
-    def _view(self, pool, site: tuple[int, str]):
-        key = (id(pool), pool.generation, *site)
-        if key not in self._views:
-            self._views[key] = pool.kernel_site(site)
-        return self._views[key]
+        ``x`` [T, in] is the projection's input; module i owns ``widths[i]`` columns, in order.
+        """
+        for pool, batch in self._entries:
+            proj = self._projection(pool, layer, modules, widths)
+            if proj.native is not None and not y.is_cuda:
+                self.native.tied_apply(y, batch, proj.native)
+            else:
+                for part, site in zip(y.split(widths, dim=-1), proj.sites):
+                    if site is not None:
+                        apply_adapters(part, x, batch, site)
+            if pool.bias:
+                for module, part in zip(modules, y.split(widths, dim=-1)):
+                    pool.add_bias(part, batch, (layer, module))
+
+    def _projection(self, pool, layer: int, modules: tuple[str, ...], widths: list[int]) -> _Projection:
+        key = (id(pool), layer, modules)
+        proj = self._projections.get(key)
+        if proj is None or proj.generation != pool.generation:
+            sites = [pool.kernel_site((layer, m)) for m in modules]
+            native = self.native.plan(sites, widths) if self.native is not None else None
+            proj = self._projections[key] = _Projection(pool.generation, sites, native)
+        return proj

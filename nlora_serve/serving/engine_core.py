@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.kernels.native import load_native
 from nlora_serve.models import BaseModel, load_base
+from nlora_serve.models.cache import cache_root
 from nlora_serve.serving.adapter_layer import AdapterHook
 from nlora_serve.serving.block_manager import BlockManager
 from nlora_serve.serving.config import EngineConfig
@@ -77,7 +79,8 @@ class EngineCore:
         self.scheduler = Scheduler(sched, self.blocks)
         self.runner = ModelRunner(base, num_blocks, cache.block_size, sched.max_model_len)
         self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits) if config.adapter_dir else None
-        self.hook = AdapterHook()
+        native = load_native(cache_root(config.cache_dir) / "kernels") if config.native_kernels else None
+        self.hook = AdapterHook(native)
         if self.adapters is not None:
             self.runner.set_adapter_hook(self.hook)
         self.generator = torch.Generator().manual_seed(config.seed)

@@ -19,16 +19,17 @@ from nlora_serve.models import BaseModel, ModelSpec
 from nlora_serve.serving.attention import paged_attention
 from nlora_serve.serving.batch_info import BatchInfo
 
-# hook(x [T, in], y [T, out_module] (a view: add into it in place), layer_idx, module name)
-AdapterHook = Callable[[torch.Tensor, torch.Tensor, int, str], None]
+# hook(x [T, in], y [T, Σ widths] (the fused output: add into it in place), layer_idx, module
+# names, their output widths in column order)
+AdapterHook = Callable[[torch.Tensor, torch.Tensor, int, tuple[str, ...], list[int]], None]
 
 
 class AdaptedLinear:
     """One or more projections of a layer sharing an input: ``y = x @ W.T (+ b)``, then the hook.
 
     ``adapter_hook`` is None while no adapter is installed: then only the base GEMM runs. When set,
-    it is called once per module with that module's output columns, a view of the fused ``y``,
-    and adds the adapter's delta into it in place (serving/ sets it to the kernels' dispatch).
+    it is called once per call with the fused ``y`` and each module's width, and adds the
+    adapters' deltas into it in place (serving/ sets it to the kernels' dispatch).
     """
 
     __slots__ = ("weight", "bias", "layer_idx", "modules", "widths", "adapter_hook")
@@ -46,8 +47,7 @@ class AdaptedLinear:
         """``x`` [T, in] -> ``y`` [T, out], in the weight's dtype."""
         y = F.linear(x, self.weight, self.bias)
         if self.adapter_hook is not None:
-            for module, part in zip(self.modules, y.split(self.widths, dim=-1)):
-                self.adapter_hook(x, part, self.layer_idx, module)
+            self.adapter_hook(x, y, self.layer_idx, self.modules, self.widths)
         return y
 
 

@@ -40,13 +40,18 @@ def reference_delta(adapter: Adapter | None, x: torch.Tensor) -> torch.Tensor:
     return delta if site.bias is None else delta + site.bias_delta()
 
 
-def run_site(base, versions, lens, x):
+@pytest.fixture(params=["torch", "native"])
+def hook(request):
+    """The adapter layer on the torch path, and with the native CPU op for tied pools."""
+    return AdapterHook(request.getfixturevalue("native_ops") if request.param == "native" else None)
+
+
+def run_site(hook, base, versions, lens, x):
     """Base output + hook at SITE; returns the delta the hook added."""
-    hook = AdapterHook()
     hook.begin_step(versions, lens, x.device)
     y = x @ base.weight(*SITE).t()
     before = y.clone()
-    hook(x, y, *SITE)
+    hook(x, y, SITE[0], (SITE[1],), [y.shape[1]])
     return (y - before).to(torch.float64)
 
 
@@ -56,7 +61,7 @@ def residency(base_fp32):
                      max_loras=2, max_rank=16)
 
 
-def test_mixed_tied_and_lora_tokens_match_float64(base_fp32, residency, tmp_path):
+def test_mixed_tied_and_lora_tokens_match_float64(hook, base_fp32, residency, tmp_path):
     tied = [perturbed(init_adapter(base_fp32, rank=8, targets=["q_proj", "v_proj"]), s) for s in (1, 2)]
     lora = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", alpha=8), 3)
     versions = [version(f"t{i}", a) for i, a in enumerate(tied)] + [version("l", lora)]
@@ -65,14 +70,14 @@ def test_mixed_tied_and_lora_tokens_match_float64(base_fp32, residency, tmp_path
     order = [versions[0], None, versions[2], versions[1], versions[0]]
     lens = [3, 2, 5, 1, 4]
     x = torch.randn(sum(lens), 576, generator=torch.Generator().manual_seed(0))
-    got = run_site(base_fp32, order, lens, x)
+    got = run_site(hook, base_fp32, order, lens, x)
     want = torch.cat([reference_delta(v.adapter if v else None, x[sum(lens[:i]):sum(lens[:i + 1])])
                       for i, v in enumerate(order)])
     assert got[3:5].abs().max() == 0  # base-model tokens untouched
     assert (got - want).norm() / want.norm() < 1e-5
 
 
-def test_freed_tied_slot_is_reused_without_leaking(base_fp32, residency):
+def test_freed_tied_slot_is_reused_without_leaking(hook, base_fp32, residency):
     first = version("a", perturbed(init_adapter(base_fp32, rank=8, targets=["q_proj"]), 1))
     residency.admit(first)
     slot, pool = first.slot, first.pool
@@ -82,23 +87,23 @@ def test_freed_tied_slot_is_reused_without_leaking(base_fp32, residency):
     residency.admit(second)
     assert second.slot == slot
     x = torch.randn(6, 576, generator=torch.Generator().manual_seed(1))
-    got = run_site(base_fp32, [second], [6], x)
+    got = run_site(hook, base_fp32, [second], [6], x)
     want = reference_delta(second.adapter, x)
     assert (got - want).norm() / want.norm() < 1e-5
 
 
-def test_nan_in_a_free_slot_never_reaches_other_tokens(base_fp32, residency):
+def test_nan_in_a_free_slot_never_reaches_other_tokens(hook, base_fp32, residency):
     live = version("a", perturbed(init_adapter(base_fp32, rank=8, targets=["q_proj"]), 1))
     residency.admit(live)
     live.pool.n[live.slot + 1:] = float("nan")
     x = torch.randn(5, 576, generator=torch.Generator().manual_seed(2))
-    got = run_site(base_fp32, [live, None], [3, 2], x)
+    got = run_site(hook, base_fp32, [live, None], [3, 2], x)
     assert torch.isfinite(got).all()
     want = reference_delta(live.adapter, x[:3])
     assert (got[:3] - want).norm() / want.norm() < 1e-5
 
 
-def test_evict_then_reload_gives_identical_outputs(base_fp32, residency, tmp_path):
+def test_evict_then_reload_gives_identical_outputs(hook, base_fp32, residency, tmp_path):
     loras = [perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=s), s)
              for s in range(3)]
     versions = []
@@ -107,13 +112,13 @@ def test_evict_then_reload_gives_identical_outputs(base_fp32, residency, tmp_pat
         versions.append(version(f"l{i}", read_adapter(path, base_fp32), path))
     x = torch.randn(4, 576, generator=torch.Generator().manual_seed(3))
     residency.admit(versions[0])
-    before = run_site(base_fp32, [versions[0]], [4], x)
+    before = run_site(hook, base_fp32, [versions[0]], [4], x)
     residency.admit(versions[1])
     residency.admit(versions[2])  # two slots: evicts v0, the least recently used
     assert versions[0].slot is None and versions[0].adapter is None
     residency.ensure_resident(versions[0])  # cold load from its folder
     assert residency.cold_loads == 1
-    after = run_site(base_fp32, [versions[0]], [4], x)
+    after = run_site(hook, base_fp32, [versions[0]], [4], x)
     assert torch.equal(before, after)
 
 

@@ -82,11 +82,12 @@ def test_adapter_hook_sees_every_projection_and_its_add_reaches_the_logits(base_
     delta = torch.randn(spec.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.05
     calls = []
 
-    def hook(x, y, layer, module):
-        calls.append((layer, module))
-        out_features, in_features = spec.projection_shape(module)
-        assert x.shape[1] == in_features and y.shape == (x.shape[0], out_features)
-        if (layer, module) == (spec.num_layers - 1, "down_proj"):
+    def hook(x, y, layer, modules, widths):
+        assert y.shape == (x.shape[0], sum(widths))
+        for module, width in zip(modules, widths):
+            calls.append((layer, module))
+            assert spec.projection_shape(module) == (width, x.shape[1])
+        if (layer, modules) == (spec.num_layers - 1, ("down_proj",)):
             y.add_(delta)
 
     ours = prefill_logits(base_fp32, ids, hook)

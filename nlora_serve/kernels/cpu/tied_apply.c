@@ -1,0 +1,154 @@
+/* The Nyström-tied adapter path of one fused projection, for the CPU (DESIGN §1, §4).
+ *
+ * Semantics, for every token t whose tied slot s = slots[t] >= 0 and every module m of the fused
+ * output y [T, sum of widths] (module m owns columns off[m] .. off[m] + width[m]):
+ *
+ *     z = y[t, off[m] : off[m] + r] - bias[m][:r]          (read before anything is added)
+ *     u = scale[s] * N[m][s] z                              (r x r, fp32 arithmetic)
+ *     y[t, off[m] : off[m] + width[m]] += B[m] u            (B[m] = W_m[:, :r])
+ *
+ * Tokens with s < 0 are untouched. B arrives as bt[m] = B^T [r, width[m]], fp32, contiguous;
+ * N as the pool's dtype. In the bf16 variant y is widened to fp32, accumulated and rounded back
+ * once (round to nearest even), as a bf16 GEMM with fp32 accumulation does.
+ *
+ * Layout of the work: tokens in chunks of CHUNK; for a chunk, every token's u is computed first
+ * (so no z is read after an add), then each module's expand runs tile by tile over the columns:
+ * a TILE-column slice of B^T (r x TILE fp32, L1-resident) is applied to every token of the chunk
+ * with the accumulators in registers. Single-threaded: at decode sizes the engine's OpenMP pool
+ * costs more in fork/join than these FLOPs take.
+ *
+ * N[m] points at slot 0 of module m's N; slot s starts at N[m] + s * n_slot_stride (elements);
+ * rows of one N are n_row_stride apart, columns contiguous.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_RANK 128
+#define MAX_MODULES 4
+#define CHUNK 32
+#define TILE 64
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* quiet NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+typedef float vec16 __attribute__((vector_size(64)));  /* 16 fp32 lanes: one AVX-512 register, two AVX2 */
+
+static inline vec16 load16(const float *p) {
+    vec16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+static inline void store16(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
+
+static inline vec16 load16_bf16(const uint16_t *p) {
+    u16x16 h;
+    memcpy(&h, p, sizeof h);
+    u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+    vec16 v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline void store16_bf16(uint16_t *p, vec16 v) {
+    u32x16 bits;
+    memcpy(&bits, &v, sizeof bits);
+    u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    u32x16 quiet_nan = (bits >> 16) | 0x40u;
+    u32x16 is_nan = (u32x16)((bits & 0x7fffffffu) > 0x7f800000u);  /* all ones where NaN */
+    u32x16 out = (quiet_nan & is_nan) | (rounded & ~is_nan);
+    u16x16 h = __builtin_convertvector(out, u16x16);
+    memcpy(p, &h, sizeof h);
+}
+
+/* dst[0:TILE] += sum_k u[k] * bt[k * w + j] over k < r, bt already offset to the tile; the four
+ * accumulators stay in registers across k (LOAD16/STORE16 widen and narrow bf16 rows) */
+#define DEFINE_TILE(NAME, YT, LOAD16, STORE16)                                                          \
+static inline void NAME(YT *restrict dst, const float *restrict bt, int64_t w, const float *restrict u, int r) { \
+    vec16 a0 = LOAD16(dst), a1 = LOAD16(dst + 16), a2 = LOAD16(dst + 32), a3 = LOAD16(dst + 48);       \
+    for (int k = 0; k < r; k++) {                                                                       \
+        const float uk = u[k];                                                                          \
+        const float *b = bt + k * w;                                                                    \
+        a0 += uk * load16(b);                                                                           \
+        a1 += uk * load16(b + 16);                                                                      \
+        a2 += uk * load16(b + 32);                                                                      \
+        a3 += uk * load16(b + 48);                                                                      \
+    }                                                                                                   \
+    STORE16(dst, a0); STORE16(dst + 16, a1); STORE16(dst + 32, a2); STORE16(dst + 48, a3);              \
+}
+
+DEFINE_TILE(tile_f32, float, load16, store16)
+DEFINE_TILE(tile_bf16, uint16_t, load16_bf16, store16_bf16)
+
+static inline void tail_fma(float *restrict acc, const float *restrict bt, int64_t w, const float *restrict u, int r, int n) {
+    for (int k = 0; k < r; k++) {
+        const float uk = u[k];
+        const float *restrict b = bt + k * w;
+        for (int j = 0; j < n; j++) acc[j] += uk * b[j];
+    }
+}
+
+#define DEFINE_TIED_APPLY(NAME, YT, NT, LOAD, STORE, TILE_FN)                                                      \
+int NAME(YT *y, int64_t num_tokens, int64_t y_row_stride, const int32_t *slots, const float *scale,       \
+         int num_modules, const int64_t *off, const int64_t *width, const NT *const *n,                   \
+         int64_t n_slot_stride, int64_t n_row_stride, int r, const float *const *bt,                      \
+         const NT *const *bias) {                                                                          \
+    float u[CHUNK][MAX_MODULES][MAX_RANK], acc[TILE];                                                     \
+    int64_t rows[CHUNK];                                                                                  \
+    if (r > MAX_RANK || num_modules > MAX_MODULES) return -1;                                            \
+    int64_t t = 0;                                                                                        \
+    while (t < num_tokens) {                                                                              \
+        int count = 0;                                                                                    \
+        for (; t < num_tokens && count < CHUNK; t++) {                                                    \
+            const int32_t s = slots[t];                                                                   \
+            if (s < 0) continue;                                                                          \
+            const YT *row = y + t * y_row_stride;                                                         \
+            for (int m = 0; m < num_modules; m++) {                                                       \
+                float z[MAX_RANK];                                                                        \
+                for (int k = 0; k < r; k++) z[k] = LOAD(row[off[m] + k]) - (bias[m] ? LOAD(bias[m][k]) : 0.0f); \
+                const NT *nm = n[m] + (int64_t)s * n_slot_stride;                                         \
+                for (int i = 0; i < r; i++) {                                                             \
+                    float acc_i = 0.0f;                                                                   \
+                    for (int k = 0; k < r; k++) acc_i += LOAD(nm[i * n_row_stride + k]) * z[k];           \
+                    u[count][m][i] = scale[s] * acc_i;                                                    \
+                }                                                                                         \
+            }                                                                                             \
+            rows[count++] = t;                                                                            \
+        }                                                                                                 \
+        for (int m = 0; m < num_modules; m++) {                                                           \
+            const int64_t w = width[m];                                                                   \
+            for (int64_t j0 = 0; j0 < w; j0 += TILE) {                                                    \
+                const int n_cols = w - j0 < TILE ? (int)(w - j0) : TILE;                                  \
+                for (int c = 0; c < count; c++) {                                                         \
+                    YT *dst = y + rows[c] * y_row_stride + off[m] + j0;                                   \
+                    if (n_cols == TILE) { TILE_FN(dst, bt[m] + j0, w, u[c][m], r); continue; }            \
+                    for (int j = 0; j < n_cols; j++) acc[j] = LOAD(dst[j]);                               \
+                    tail_fma(acc, bt[m] + j0, w, u[c][m], r, n_cols);                                     \
+                    for (int j = 0; j < n_cols; j++) dst[j] = STORE(acc[j]);                              \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+    }                                                                                                     \
+    return 0;                                                                                             \
+}
+
+#define F32_LOAD(v) (v)
+#define F32_STORE(v) (v)
+
+DEFINE_TIED_APPLY(nlora_tied_apply_f32, float, float, F32_LOAD, F32_STORE, tile_f32)
+DEFINE_TIED_APPLY(nlora_tied_apply_bf16, uint16_t, uint16_t, bf16_to_f32, f32_to_bf16, tile_bf16)

@@ -1,0 +1,179 @@
+"""The native CPU op for the Nyström-tied path of one fused projection (``cpu/tied_apply.c``).
+
+Why native: at decode sizes (T ≈ 64, r = 16) the tied path's arithmetic is ~2-3% of the base
+GEMMs', but in torch it is five to seven small ops per module, each with a few µs of fixed cost,
+and a bf16 oneDNN GEMM with K = 16 pays ~15 µs more (bench/RESULTS.md "Kernels"). One C call per
+fused projection (q/k/v, o, gate/up, down) does gather + mix + expand for every tied token in one
+pass over y, with the accumulators in registers.
+
+The C source is compiled on first use with the system C compiler (``cc -O3 -march=native``) into
+a build folder the caller names, keyed by a hash of the source, flags and CPU, written atomically
+(temp file + rename). Without a compiler :func:`load_native` returns None and the engine keeps the
+torch path; nothing else changes. Loaded through ctypes, which releases the GIL during the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nlora_serve.kernels.metadata import AdapterBatch
+from nlora_serve.kernels.weights import SiteWeights
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu") / "tied_apply.c"
+FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
+MAX_RANK = 128  # the C side's static buffers (cpu/tied_apply.c MAX_RANK, MAX_MODULES)
+MAX_MODULES = 4
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_ARGTYPES = [_P, _I64, _I64, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _I64, ctypes.c_int, _P, _P]
+_SYMBOLS = {torch.float32: "nlora_tied_apply_f32", torch.bfloat16: "nlora_tied_apply_bf16"}
+
+
+@dataclass(frozen=True, slots=True)
+class TiedProjection:
+    """One fused projection's tied pools, laid out for the C op (build with :meth:`NativeOps.plan`).
+
+    Holds the tensors it points at, so the pointers stay valid while the plan lives.
+    """
+
+    num_modules: int  # modules of the fused output this family adapts (≤ MAX_MODULES)
+    rank: int  # R: the pool's rank width
+    dtype: torch.dtype  # compute dtype of y and N
+    width: int  # Σ widths of the fused output (y's columns)
+    keep: tuple  # tensors the pointers below refer to (N views, fp32 B^T copies, biases)
+    offsets: ctypes.Array  # [num_modules] int64: first column of each module in y
+    widths: ctypes.Array  # [num_modules] int64: columns of each module
+    n_ptrs: ctypes.Array  # [num_modules] pointers to slot 0 of each module's N
+    n_slot_stride: int  # elements between slots of N (the same for every module)
+    n_row_stride: int  # elements between rows of one N
+    bt_ptrs: ctypes.Array  # [num_modules] pointers to B^T = W[:, :R]^T, fp32 [R, width] contiguous
+    bias_ptrs: ctypes.Array  # [num_modules] pointers to bias[:R] (NULL: no bias)
+
+
+class NativeOps:
+    """The loaded library. :meth:`plan` once per projection and pool generation, :meth:`tied_apply` per step."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._fns = {}
+        for dtype, name in _SYMBOLS.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = ctypes.c_int, _ARGTYPES
+            self._fns[dtype] = fn
+
+    def plan(self, sites: list[SiteWeights | None], widths: list[int]) -> TiedProjection | None:
+        """Lay out the tied pools of one fused projection; None when the op cannot serve it.
+
+        Args:
+            sites: per module of the fused output, in column order, its pools (None: the family
+                does not adapt that module). All must be tied (``tied_b`` set, no A/B pools).
+            widths: output columns of each module, same order.
+        """
+        mods = [(sum(widths[:i]), w, s) for i, (w, s) in enumerate(zip(widths, sites)) if s is not None]
+        if not mods or len(mods) > MAX_MODULES or any(s.tied_b is None or s.a_pool is not None for *_, s in mods):
+            return None
+        n0 = mods[0][2].n_pool
+        r, dtype = n0.shape[1], n0.dtype
+        if dtype not in self._fns or r > MAX_RANK or any(w < r for _, w, _ in mods):
+            return None
+        if any(s.n_pool.stride() != n0.stride() or s.n_pool.stride(2) != 1 or s.n_pool.dtype != dtype
+               for *_, s in mods):
+            return None
+        bts = [s.tied_b[:, :r].t().float().contiguous() for *_, s in mods]  # [R, w] fp32
+        biases = [s.tied_bias[:r].contiguous() if s.tied_bias is not None else None for *_, s in mods]
+        keep = (*[s.n_pool for *_, s in mods], *bts, *[b for b in biases if b is not None])
+        return TiedProjection(
+            num_modules=len(mods), rank=r, dtype=dtype, width=sum(widths), keep=keep,
+            offsets=_array(_I64, [o for o, _, _ in mods]), widths=_array(_I64, [w for _, w, _ in mods]),
+            n_ptrs=_array(_P, [s.n_pool.data_ptr() for *_, s in mods]),
+            n_slot_stride=n0.stride(0), n_row_stride=n0.stride(1),
+            bt_ptrs=_array(_P, [b.data_ptr() for b in bts]),
+            bias_ptrs=_array(_P, [b.data_ptr() if b is not None else None for b in biases]))
+
+    def tied_apply(self, y: torch.Tensor, batch: AdapterBatch, plan: TiedProjection) -> torch.Tensor:
+        """Add every tied token's delta into the fused output ``y`` in place.
+
+        Semantics: for each token t with s = batch.tok_tied_slot[t] ≥ 0 and each module m of the
+        plan: y[t, m] += scaling[s] · B_m · N_m[s] · (y[t, m][:r] − bias_m[:r]), z read before
+        any add; every other row and column is untouched. The delta is computed in fp32.
+
+        Args:
+            y: [T, width] CPU tensor, plan.dtype, unit column stride (rows may be strided).
+            batch: the step's metadata (``tok_tied_slot``, ``slot_scalings`` on the CPU).
+            plan: this projection's :class:`TiedProjection`.
+
+        Raises:
+            ValueError: y's shape, dtype, device or layout does not match the plan or the batch.
+        """
+        if (y.dim() != 2 or y.shape != (batch.num_tokens, plan.width) or y.dtype != plan.dtype
+                or y.is_cuda or y.stride(1) != 1):
+            raise ValueError(f"y must be a CPU [T={batch.num_tokens}, {plan.width}] {plan.dtype} tensor with "
+                             f"unit column stride; got {tuple(y.shape)} {y.dtype} strides {y.stride()}")
+        slots, scalings = batch.tok_tied_slot.contiguous(), batch.slot_scalings.contiguous()
+        rc = self._fns[plan.dtype](y.data_ptr(), y.shape[0], y.stride(0), slots.data_ptr(), scalings.data_ptr(),
+                                   plan.num_modules, plan.offsets, plan.widths, plan.n_ptrs, plan.n_slot_stride,
+                                   plan.n_row_stride, plan.rank, plan.bt_ptrs, plan.bias_ptrs)
+        if rc != 0:  # plan() admits only what the C side's buffers hold
+            raise ValueError(f"native tied op refused rank {plan.rank} / {plan.num_modules} modules")
+        return y
+
+
+def _array(ctype, values: list):
+    return (ctype * len(values))(*values)
+
+
+def load_native(build_dir: Path) -> NativeOps | None:
+    """Compile (once) and load the native CPU op; None, with one warning, when that fails.
+
+    Args:
+        build_dir: folder for the compiled library (created if missing), e.g. ``<cache>/kernels``.
+    """
+    try:
+        return NativeOps(ctypes.CDLL(str(_build(Path(build_dir)))))
+    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+        log.warning("native CPU adapter op unavailable (%s); using the torch path", exc)
+        return None
+
+
+def _build(build_dir: Path) -> Path:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc) on PATH")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()
+                         + compiler.encode()).hexdigest()[:16]
+    target = build_dir / f"tied_apply-{key}.so"
+    if target.is_file():
+        return target
+    build_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=build_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the machine and its CPU feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return platform.machine() + flags

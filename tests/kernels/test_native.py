@@ -1,0 +1,123 @@
+"""The native CPU op of the tied path (kernels/cpu/tied_apply.c) against a float64 truth.
+
+One call covers a whole fused projection (q/k/v, gate/up, ...): every module's delta
+s · W_m[:, :r] · N_m[slot] · (y_m[:r] − b_m[:r]) is computed here per token in float64 from the
+unrounded base output and the raw per-slot N, independently of the pools and the metadata.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_cases import TOL, draw_slots
+from nlora_serve.kernels import TIED, SiteWeights, build_adapter_batch
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def fused_case(seed, num_tokens, dim_in, widths, ranks, dist, dtype, *, bias=False, skip=(), num_used=None,
+               row_pad=0):
+    """(y, sites, batch, truth, y_before): y [T, Σ widths] (a column slice of a wider buffer
+    when row_pad > 0), free slots NaN-filled, module indices in ``skip`` not adapted."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    num_used = num_used or min(num_tokens, 12)
+    num_slots, width = num_used + 3, max(ranks)
+    x = rnd(num_tokens, dim_in)
+    weights = [rnd(w, dim_in, scale=0.5 * dim_in ** -0.5) for w in widths]
+    biases = [rnd(w, scale=0.2) if bias else None for w in widths]
+    y_base = torch.cat([x @ w.t() + (0 if b is None else b) for w, b in zip(weights, biases)], dim=1)
+    n_pool = torch.full((num_slots, len(widths), width, width), float("nan"), dtype=dtype)
+    n_raw = {}
+    for slot in range(num_used):
+        r = ranks[slot % len(ranks)]
+        for m in range(len(widths)):
+            n_raw[slot, m] = rnd(r, r, scale=2 * dim_in ** 0.5 / r)  # delta ≈ |y|: see kernel_cases
+            n_pool[slot, m].zero_()[:r, :r] = n_raw[slot, m].to(dtype)
+    scal = torch.rand(num_slots, generator=gen) + 0.5
+    ranks_t = torch.tensor([ranks[s % len(ranks)] for s in range(num_used)] + [1 << 30] * 3)
+    slots = draw_slots(gen, num_tokens, num_used, dist)
+    truth = torch.zeros(num_tokens, sum(widths), dtype=torch.float64)
+    offs = [sum(widths[:m]) for m in range(len(widths))]
+    for t in range(num_tokens):
+        s = int(slots[t])
+        for m, (w, b) in enumerate(zip(weights, biases)):
+            if s < 0 or m in skip:
+                continue
+            r = ranks[s % len(ranks)]
+            z = y_base[t, offs[m]:offs[m] + r] - (0 if b is None else b[:r])
+            truth[t, offs[m]:offs[m] + widths[m]] = float(scal[s]) * (w[:, :r] @ (n_raw[s, m] @ z))
+    wide = torch.full((num_tokens, sum(widths) + row_pad), float("nan"), dtype=dtype)
+    y = wide[:, :sum(widths)]
+    y.copy_(y_base.to(dtype))
+    sites = [None if m in skip else
+             SiteWeights(n_pool=n_pool[:, m], tied_b=w.to(dtype)[:, :width],
+                         tied_bias=None if b is None else b.to(dtype)[:width])
+             for m, (w, b) in enumerate(zip(weights, biases))]
+    batch = build_adapter_batch(slots, ranks_t, scal, torch.full((num_slots,), TIED))
+    return y, sites, batch, truth
+
+
+def run(native_ops, y, sites, batch, truth, widths):
+    plan = native_ops.plan(sites, list(widths))
+    assert plan is not None
+    before = y.clone()
+    assert native_ops.tied_apply(y, batch, plan) is y
+    assert not torch.isnan(y).any(), "a NaN from a free slot leaked"
+    untouched = batch.tok_tied_slot < 0
+    assert torch.equal(y[untouched], before[untouched]), "a slot −1 row changed"
+    err = (y.double() - before.double() - truth).norm()
+    return float(err / truth.norm()) if truth.norm() > 0 else float(err)  # no tied token: exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("widths", ((576, 192, 192), (576,), (1536, 1536), (577,), (130, 131)), ids=str)
+@pytest.mark.parametrize("ranks", ((1,), (7,), (16,), (64,), (128,), (1, 7, 16)), ids=str)
+def test_ranks_and_widths(native_ops, ranks, widths, dtype):
+    case = fused_case(100 + 7 * len(widths) + max(ranks) + sum(widths), 37, 576, widths, ranks, "zipf", dtype)
+    assert run(native_ops, *case, widths) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tokens", (1, 2, 31, 32, 33, 67, 257))
+@pytest.mark.parametrize("dist", ("distinct", "one", "skewed", "with_none"))
+def test_token_counts_and_popularity(native_ops, num_tokens, dist, dtype):
+    case = fused_case(300 + num_tokens, num_tokens, 576, (576, 192, 192), (16,), dist, dtype,
+                      num_used=min(num_tokens, 64))
+    assert run(native_ops, *case, (576, 192, 192)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bias_skipped_module_and_row_stride(native_ops, dtype):
+    """Qwen2-style bias (z = y − b), a module the family does not adapt (its columns untouched),
+    and y as a column slice of a wider buffer (row stride > width)."""
+    widths = (576, 192, 192)
+    y, sites, batch, truth = fused_case(500, 29, 576, widths, (16, 4), "with_none", dtype, bias=True,
+                                        skip=(1,), row_pad=40)
+    assert y.stride(0) == sum(widths) + 40
+    k_cols = y[:, 576:768].clone()
+    assert run(native_ops, y, sites, batch, truth, widths) <= TOL[dtype]
+    assert torch.equal(y[:, 576:768], k_cols)
+
+
+def test_no_tied_token_leaves_y_bitwise(native_ops):
+    y, sites, batch, truth = fused_case(600, 13, 576, (576,), (16,), "none", torch.bfloat16)
+    before = y.clone()
+    native_ops.tied_apply(y, batch, native_ops.plan(sites, [576]))
+    assert torch.equal(y, before)
+
+
+def test_plan_refuses_what_it_cannot_serve(native_ops):
+    y, sites, batch, _ = fused_case(700, 5, 576, (576,), (16,), "one", torch.float32)
+    lora = SiteWeights(n_pool=sites[0].n_pool, a_pool=torch.zeros(2, 16, 576), b_pool=torch.zeros(2, 576, 16))
+    assert native_ops.plan([lora], [576]) is None  # group-path pools stay on the torch path
+    assert native_ops.plan([None], [576]) is None
+    plan = native_ops.plan(sites, [576])
+    with pytest.raises(ValueError, match="unit column stride"):
+        native_ops.tied_apply(y.t().contiguous().t(), batch, plan)
+    with pytest.raises(ValueError, match="float32"):
+        native_ops.tied_apply(y.to(torch.bfloat16), batch, plan)
