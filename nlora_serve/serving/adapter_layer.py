@@ -17,6 +17,11 @@ from nlora_serve.kernels.dispatch import apply_adapters
 from nlora_serve.kernels.metadata import NO_ADAPTER, AdapterBatch, build_adapter_batch
 from nlora_serve.kernels.native import NativeOps, TiedProjection
 
+# The native op runs on one core and costs ~4 us a token per layer; torch's GEMMs catch up at a
+# few hundred tokens (bench/kernels.py: equal at T = 512 in bf16) and use both cores, so
+# prefill-sized steps stay on the torch path.
+NATIVE_MAX_TOKENS = 256
+
 
 @dataclass(slots=True)
 class _Projection:
@@ -77,7 +82,7 @@ class AdapterHook:
         """
         for pool, batch in self._entries:
             proj = self._projection(pool, layer, modules, widths)
-            if proj.native is not None and not y.is_cuda:
+            if proj.native is not None and batch.num_tokens <= NATIVE_MAX_TOKENS and not y.is_cuda:
                 self.native.tied_apply(y, batch, proj.native)
             else:
                 for part, site in zip(y.split(widths, dim=-1), proj.sites):
