@@ -1,4 +1,5 @@
-"""Batched x·A·N·B for mixed tenants: batch metadata, the dispatch entry, torch and Triton paths.
+"""Batched x·A·N·B for mixed tenants: batch metadata, the dispatch entry, torch and Triton paths,
+and the native CPU ops (``native.py``: the tied path per fused projection, paged decode attention).
 
 Imports nothing else of ours (DESIGN §2). Triton is imported only when a CUDA tensor needs it.
 """

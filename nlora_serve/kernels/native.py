@@ -1,4 +1,5 @@
-"""The native CPU op for the Nyström-tied path of one fused projection (``cpu/tied_apply.c``).
+"""Native CPU ops: the Nyström-tied path of one fused projection (``cpu/tied_apply.c``) and
+decode attention over the paged KV cache (``cpu/paged_attention.c``).
 
 Why native: at decode sizes (T ≈ 64, r = 16) the tied path's arithmetic is ~2-3% of the base
 GEMMs', but in torch it is five to seven small ops per module, each with a few µs of fixed cost,
@@ -6,7 +7,11 @@ and a bf16 oneDNN GEMM with K = 16 pays ~15 µs more (bench/RESULTS.md "Kernels"
 fused projection (q/k/v, o, gate/up, down) does gather + mix + expand for every tied token in one
 pass over y, with the accumulators in registers.
 
-The C source is compiled on first use with the system C compiler (``cc -O3 -march=native``) into
+Decode attention: torch's CPU path must gather every decode sequence's blocks into a dense
+[N, L, KVH, D] copy per layer before SDPA; the native op reads each key and value row once, in
+place, for all query heads of its kv head.
+
+The C sources are compiled on first use with the system C compiler (``cc -O3 -march=native``) into
 a build folder the caller names, keyed by a hash of the source, flags and CPU, written atomically
 (temp file + rename). Without a compiler :func:`load_native` returns None and the engine keeps the
 torch path; nothing else changes. Loaded through ctypes, which releases the GIL during the call.
@@ -32,12 +37,14 @@ from nlora_serve.kernels.weights import SiteWeights
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu") / "tied_apply.c"
-FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
+SOURCES = tuple(Path(__file__).with_name("cpu") / name for name in ("tied_apply.c", "paged_attention.c"))
+FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-pthread")
 MAX_RANK = 128  # the C side's static buffers (cpu/tied_apply.c MAX_RANK, MAX_MODULES)
 MAX_MODULES = 4
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I64, _I64, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _I64, ctypes.c_int, _P, _P]
+_DECODE_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                    ctypes.c_int, ctypes.c_float, _P, _I64, ctypes.c_int, ctypes.c_int]
 _SYMBOLS = {torch.float32: "nlora_tied_apply_f32", torch.bfloat16: "nlora_tied_apply_bf16"}
 
 
@@ -71,6 +78,8 @@ class NativeOps:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = ctypes.c_int, _ARGTYPES
             self._fns[dtype] = fn
+        self._decode = lib.nlora_paged_decode
+        self._decode.restype, self._decode.argtypes = ctypes.c_int, _DECODE_ARGTYPES
 
     def plan(self, sites: list[SiteWeights | None], widths: list[int]) -> TiedProjection | None:
         """Lay out the tied pools of one fused projection; None when the op cannot serve it.
@@ -129,6 +138,46 @@ class NativeOps:
         return y
 
 
+    def paged_decode(self, q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float, out: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        """Attention of N decode tokens over their sequences' cached keys and values, in place.
+
+        Semantics: out[n, i] = Σ_p softmax_p(scale · q[n, i]·K[n, i // G, p]) · V[n, i // G, p]
+        over the first context_lens[n] positions, position p in block block_tables[n, p // BS]
+        at offset p % BS; G = H / KVH (grouped-query attention as in HF Llama). Arithmetic in fp32.
+
+        Args:
+            q: [N, H, D] queries (RoPE applied), fp32 or bf16, rows may be strided, heads and
+                dims contiguous. kv_layer: [2, NB, BS, KVH, D] contiguous, q's dtype (this step's
+                K/V already written). block_tables: [N, B] int64. context_lens: [N] int64, each
+                ≥ 1 and ≤ B · BS. scale: softmax scale. out: [N, H, D] like q, written.
+            num_threads: POSIX threads the sequences are split over.
+
+        Raises:
+            ValueError: a layout, dtype or head shape the op does not take (D a multiple of 16
+                up to 256, H / KVH ≤ 16).
+        """
+        n, num_heads, head_dim = q.shape
+        num_kv_heads, block_size = kv_layer.shape[3], kv_layer.shape[2]
+        ok = (q.dtype in _SYMBOLS and kv_layer.dtype == q.dtype == out.dtype and kv_layer.is_contiguous()
+              and q.stride(2) == 1 and q.stride(1) == head_dim and out.is_contiguous() and out.shape == q.shape
+              and block_tables.dtype == context_lens.dtype == torch.int64 and block_tables.is_contiguous()
+              and context_lens.is_contiguous() and block_tables.shape[0] == context_lens.shape[0] == n)
+        if not ok:
+            raise ValueError("paged_decode: q [N, H, D] (contiguous heads), kv_layer [2, NB, BS, KVH, D] "
+                             "contiguous, out like q, int64 contiguous block_tables [N, B] and context_lens [N]")
+        rc = self._decode(q.data_ptr(), q.stride(0), kv_layer[0].data_ptr(), kv_layer[1].data_ptr(),
+                          block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(), n, num_heads,
+                          num_kv_heads, head_dim, block_size, scale, out.data_ptr(), out.stride(0),
+                          int(q.dtype == torch.bfloat16), num_threads)
+        if rc == -1:
+            raise ValueError(f"paged_decode: head_dim {head_dim} must be a multiple of 16 up to 256 and "
+                             f"num_heads / num_kv_heads ({num_heads}/{num_kv_heads}) at most 16")
+        if rc != 0:
+            raise MemoryError("paged_decode: no memory or thread for the score buffers")
+        return out
+
+
 def _array(ctype, values: list):
     return (ctype * len(values))(*values)
 
@@ -150,16 +199,16 @@ def _build(build_dir: Path) -> Path:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc) on PATH")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()
-                         + compiler.encode()).hexdigest()[:16]
-    target = build_dir / f"tied_apply-{key}.so"
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode()
+                         + _cpu_id().encode() + compiler.encode()).hexdigest()[:16]
+    target = build_dir / f"nlora-cpu-{key}.so"
     if target.is_file():
         return target
     build_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=build_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True,
                        timeout=120)
         os.replace(tmp, target)
     finally:

@@ -4,7 +4,8 @@ Decode tokens of all sequences run as one batched SDPA call per layer: their blo
 to ``[N, L, kv_heads, head_dim]`` (whole blocks, so the copy is a few large memcpys) and keys past
 each context length are masked. The query heads of one KV head are folded into the query-length
 axis (``[N, kv_heads, group, head_dim]``), so grouped-query attention needs no K/V repeat.
-Prefill chunks run one SDPA call each (a step holds few of them).
+Prefill chunks run one SDPA call each (a step holds few of them). Where the native CPU op is
+loaded (``kernels/native.py``), decode tokens skip the gather: it reads each cached row in place.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nlora_serve.kernels.native import NativeOps
 from nlora_serve.serving.batch_info import BatchInfo, PrefillChunk
 
 
@@ -23,20 +25,24 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
-                    info: BatchInfo, scale: float) -> torch.Tensor:
+                    info: BatchInfo, scale: float, native: NativeOps | None = None) -> torch.Tensor:
     """Causal attention of every packed token over its sequence's cached context.
 
     Args:
         q: [T, H, D] queries (RoPE applied). k, v: [T, KVH, D] this step's keys and values.
         kv_layer: [2, NB, BS, KVH, D] this layer's cache; k and v are written into it first.
         info: the step's layout. scale: softmax scale, usually D ** -0.5.
+        native: the native CPU ops; when given, decode tokens run through its paged decode.
     Returns:
         [T, H * D] attention output, same dtype as ``q``.
     """
     write_kv(kv_layer, k, v, info.slot_mapping)
     out = torch.empty_like(q)
     n = info.num_decodes
-    if n:
+    if n and native is not None:
+        native.paged_decode(q[:n], kv_layer, info.decode_block_tables, info.context_lens[:n], scale, out[:n],
+                            torch.get_num_threads())
+    elif n:
         out[:n] = _decode(q[:n], kv_layer, info, scale)
     for chunk in info.prefills:
         out[chunk.start:chunk.end] = _prefill(q, k, v, kv_layer, chunk, scale)

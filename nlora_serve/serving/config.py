@@ -71,8 +71,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     adapter_dir: str | None = None  # the adapter store (--adapter-dir); None: no adapters served
     adapter_limits: AdapterLimits = field(default_factory=AdapterLimits)
-    # tied tenants on the CPU through the native op (compiled once into <cache root>/kernels);
-    # False, or no C compiler: the torch path
+    # decode attention and tied tenants on the CPU through the native ops (kernels/native.py,
+    # compiled once into <cache root>/kernels); False, or no C compiler: the torch paths
     native_kernels: bool = True
 
     def __post_init__(self) -> None:

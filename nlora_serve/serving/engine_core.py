@@ -80,6 +80,7 @@ class EngineCore:
         self.runner = ModelRunner(base, num_blocks, cache.block_size, sched.max_model_len)
         self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits) if config.adapter_dir else None
         native = load_native(cache_root(config.cache_dir) / "kernels") if config.native_kernels else None
+        self.runner.set_native(native)
         self.hook = AdapterHook(native)
         if self.adapters is not None:
             self.runner.set_adapter_hook(self.hook)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from nlora_serve.errors import ModelError
+from nlora_serve.kernels.native import NativeOps
 from nlora_serve.models import BaseModel, ModelSpec
 from nlora_serve.serving.attention import paged_attention
 from nlora_serve.serving.batch_info import BatchInfo
@@ -107,6 +108,7 @@ class DecoderLayer:
         self.dtype = base.dtype
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.scale = spec.head_dim ** -0.5
+        self.native: NativeOps | None = None  # native CPU decode attention, set by LlamaModel
 
     def projections(self) -> tuple[AdaptedLinear, ...]:
         return self.qkv, self.o_proj, self.gate_up, self.down_proj
@@ -124,7 +126,7 @@ class DecoderLayer:
         qk = apply_rope(qkv[:, : nq * hd].view(t, nq, hd), cos, sin)  # q and k heads rotated together
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, nq * hd:].view(t, self.num_kv_heads, hd)
-        h = x + self.o_proj(paged_attention(q, k, v, kv_layer, info, self.scale))
+        h = x + self.o_proj(paged_attention(q, k, v, kv_layer, info, self.scale, self.native))
         normed = F.rms_norm(h, h.shape[-1:], self.post_norm, self.eps).to(self.dtype)
         gate, up = self.gate_up(normed).chunk(2, dim=-1)
         return h + self.down_proj(F.silu(gate) * up)
@@ -143,6 +145,11 @@ class LlamaModel:
         self.layers = [DecoderLayer(base, i, eps) for i in range(base.spec.num_layers)]
         self.cos, self.sin = rope_tables(base.spec.head_dim, max_len, theta, scale)
         self.dtype = base.dtype
+
+    def set_native(self, native: NativeOps | None) -> None:
+        """Run decode attention through the native CPU ops (None: torch SDPA over gathered blocks)."""
+        for layer in self.layers:
+            layer.native = native
 
     def set_adapter_hook(self, hook: AdapterHook | None) -> None:
         """Install ``hook`` on all seven projections of every layer (None removes it)."""

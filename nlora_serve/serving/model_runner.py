@@ -20,6 +20,10 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_cache = allocate_kv_cache(base.spec, num_blocks, block_size, base.dtype)
 
+    def set_native(self, native) -> None:
+        """See :meth:`LlamaModel.set_native`."""
+        self.model.set_native(native)
+
     def set_adapter_hook(self, hook: AdapterHook | None) -> None:
         """See :meth:`LlamaModel.set_adapter_hook`."""
         self.model.set_adapter_hook(hook)

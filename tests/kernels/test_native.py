@@ -121,3 +121,63 @@ def test_plan_refuses_what_it_cannot_serve(native_ops):
         native_ops.tied_apply(y.t().contiguous().t(), batch, plan)
     with pytest.raises(ValueError, match="float32"):
         native_ops.tied_apply(y.to(torch.bfloat16), batch, plan)
+
+
+# -- decode attention over the paged KV cache ---------------------------------------------------
+
+
+def decode_truth(q, kv, tables, ctx_lens, scale):
+    """Per sequence and head, in float64: gather the context's rows by hand, softmax, weighted sum."""
+    n, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv.shape[2], kv.shape[3]
+    group = num_heads // num_kv_heads
+    out = torch.zeros(n, num_heads, head_dim, dtype=torch.float64)
+    for s in range(n):
+        rows = [(tables[s][p // block_size], p % block_size) for p in range(ctx_lens[s])]
+        keys = torch.stack([kv[0, b, o] for b, o in rows]).double()  # [c, KVH, D]
+        values = torch.stack([kv[1, b, o] for b, o in rows]).double()
+        for i in range(num_heads):
+            w = torch.softmax(keys[:, i // group] @ q[s, i].double() * scale, dim=0)
+            out[s, i] = w @ values[:, i // group]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", ((9, 3, 64), (4, 4, 128), (16, 1, 32), (2, 1, 256)), ids=str)
+@pytest.mark.parametrize("block_size", (1, 7, 16))
+def test_paged_decode_matches_float64(native_ops, dtype, heads, block_size):
+    num_heads, num_kv_heads, head_dim = heads
+    gen = torch.Generator().manual_seed(block_size * 1000 + num_heads)
+    ctx_lens = [1, 2, 15, 16, 17, 33, 160, 5, 71, 40, 129]
+    num_blocks = sum(-(-c // block_size) for c in ctx_lens) + 5
+    kv = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, used = [], 0
+    for c in ctx_lens:
+        blocks = -(-c // block_size)
+        tables.append(order[used:used + blocks])
+        used += blocks
+        for p in range(c):  # only the context's rows hold numbers: a read past it yields NaN
+            kv[:, tables[-1][p // block_size], p % block_size] = torch.randn(2, num_kv_heads, head_dim,
+                                                                             generator=gen).to(dtype)
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    q = torch.randn(len(ctx_lens), num_heads + 3, head_dim, generator=gen).to(dtype)[:, 2:2 + num_heads]  # strided rows
+    out = torch.empty(q.shape, dtype=dtype)
+    scale = head_dim ** -0.5
+    for threads in (1, 3):
+        out.fill_(float("nan"))
+        native_ops.paged_decode(q, kv, padded, torch.tensor(ctx_lens), scale, out, threads)
+        truth = decode_truth(q, kv, tables, ctx_lens, scale)
+        err = float((out.double() - truth).norm() / truth.norm())
+        assert err <= {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype], (threads, err)
+
+
+def test_paged_decode_refuses_shapes_it_cannot_take(native_ops):
+    kv = torch.zeros(2, 4, 16, 2, 24)
+    q, out = torch.zeros(3, 4, 24), torch.zeros(3, 4, 24)
+    tables, lens = torch.zeros(3, 1, dtype=torch.long), torch.ones(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        native_ops.paged_decode(q, kv, tables, lens, 0.2, out)
+    with pytest.raises(ValueError, match="contiguous"):
+        native_ops.paged_decode(q.to(torch.bfloat16), kv, tables, lens, 0.2, out)
