@@ -31,6 +31,47 @@ class EngineError(RuntimeError):
     """The engine failed while running a request (the message says what happened)."""
 
 
+class RequestStream:
+    """The async stream of one request's deltas, ending with a finished one.
+
+    Closing it before the end aborts the request at once (its KV blocks and adapter pin are
+    freed), also when it was never read: an async generator's ``aclose`` does nothing before its
+    first ``__anext__``, which would leave such a request running to its end. A cancellation
+    while waiting for a delta aborts it too.
+
+    Raises (from ``__anext__``): EngineError when the engine failed while running the request.
+    """
+
+    def __init__(self, request_id: str, deltas: asyncio.Queue, abort: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self._deltas = deltas
+        self._abort = abort  # stops the request and forgets its sink
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            out: RequestOutput = await self._deltas.get()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            await self.aclose()
+            raise
+        if out.finished:
+            self._done = True
+        if out.finish_reason == "error":
+            raise EngineError(f"request {self.request_id} failed: {out.error}")
+        return out
+
+    async def aclose(self) -> None:
+        """Abort the request unless it already finished (idempotent)."""
+        if not self._done:
+            self._done = True
+            self._abort(self.request_id)
+
+
 class Engine(abc.ABC):
     """One base model serving many requests: submit, stream, abort, observe."""
 
@@ -41,7 +82,8 @@ class Engine(abc.ABC):
 
         ``adapter`` names the adapter to run on (None = the base model); the version current now
         is pinned for the whole request and reported in every delta. Must be called from a
-        running event loop. Closing the stream early aborts the request.
+        running event loop. Closing the stream early (read or not) aborts the request: see
+        :class:`RequestStream`.
 
         Raises:
             RequestError: invalid prompt or parameters (at once, nothing queued).
@@ -118,26 +160,17 @@ class LLMEngine(Engine):
         return rid
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                    request_id: str | None = None, adapter: str | None = None) -> RequestStream:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         rid = self._submit(prompt, params, request_id,
                            lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter)
-        return self._stream(rid, deltas)
+        return RequestStream(rid, deltas, self._drop)
 
-    async def _stream(self, rid: str, deltas: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                out: RequestOutput = await deltas.get()
-                finished = out.finished
-                if out.finish_reason == "error":
-                    raise EngineError(f"request {rid} failed: {out.error}")
-                yield out
-        finally:
-            if not finished:  # the consumer went away: free the request's blocks, send it nothing
-                self._sinks.pop(rid, None)
-                self.abort(rid)
+    def _drop(self, rid: str) -> None:
+        """The consumer went away: free the request's blocks and adapter pin, send it nothing."""
+        self._sinks.pop(rid, None)
+        self.abort(rid)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

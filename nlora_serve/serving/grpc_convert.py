@@ -10,11 +10,11 @@ from nlora_serve import __version__
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.serving.engine_core import RequestOutput
+from nlora_serve.serving.frontend import max_tokens_of, render_chat
 from nlora_serve.serving.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingParams:
@@ -25,10 +25,7 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
     Raises:
         RequestError: a field out of range, or max_tokens over ``config.max_tokens``.
     """
-    max_tokens = msg.max_tokens or config.default_max_tokens
-    if max_tokens > config.max_tokens:
-        raise RequestError(f"SamplingParams.max_tokens must be <= the server's --max-tokens "
-                           f"{config.max_tokens}; got {max_tokens}")
+    max_tokens = max_tokens_of(msg.max_tokens, config, "SamplingParams.max_tokens")
     return SamplingParams(
         max_tokens=max_tokens, min_tokens=msg.min_tokens,
         temperature=msg.temperature if msg.HasField("temperature") else 0.0,
@@ -56,13 +53,7 @@ def prompt_of(request: pb.GenerateRequest, tokenizer) -> str | list[int]:
         return list(request.token_ids.ids)
     if kind == "chat":
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        if not messages:
-            raise RequestError("GenerateRequest.chat has no messages")
-        bad = [m["role"] for m in messages if m["role"] not in CHAT_ROLES]
-        if bad:
-            raise RequestError(f"GenerateRequest.chat: role {bad[0]!r} is not one of {', '.join(CHAT_ROLES)}")
-        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                             return_dict=False)
+        return render_chat(messages, tokenizer, "GenerateRequest.chat.messages")
     raise RequestError("GenerateRequest.prompt is not set: give text, token_ids or chat")
 
 
@@ -97,9 +88,10 @@ def adapter_info(version: AdapterVersion) -> pb.AdapterInfo:
                           active_requests=version.refcount)
 
 
-def server_info(base, engine_config, config: ServerConfig) -> pb.ServerInfo:
-    """GetServerInfo's answer for a :class:`BaseModel` served with an :class:`EngineConfig`."""
+def server_info(base, engine_config, config: ServerConfig, backend: str = "native") -> pb.ServerInfo:
+    """GetServerInfo's answer for a :class:`BaseModel` served with an :class:`EngineConfig` on
+    ``backend`` ("native" or "vllm")."""
     return pb.ServerInfo(server_version=__version__, model=base.path.name, model_fingerprint=base.fingerprint,
-                         dtype=str(base.dtype).removeprefix("torch."), backend="native",
+                         dtype=str(base.dtype).removeprefix("torch."), backend=backend,
                          max_rank=engine_config.adapter_limits.max_rank, max_adapter_bytes=config.max_adapter_bytes,
                          max_model_len=engine_config.scheduler.max_model_len)

@@ -1,10 +1,11 @@
 """The Generation service: stream completions, list the caller's adapters, describe the server.
 
 Admission (in this order, each refusal a status code and a count in
-``nlora_requests_rejected_total``): key (UNAUTHENTICATED), grant (PERMISSION_DENIED, checked
-before the name is looked up, so a tenant cannot probe other tenants' adapter names), parameters
-and prompt (INVALID_ARGUMENT), draining (UNAVAILABLE), the bounded queue (RESOURCE_EXHAUSTED),
-then the engine: unknown adapter (NOT_FOUND), no adapter slot (RESOURCE_EXHAUSTED).
+``nlora_requests_rejected_total{frontend="grpc"}``): key (UNAUTHENTICATED), grant
+(PERMISSION_DENIED, checked before the name is looked up, so a tenant cannot probe other tenants'
+adapter names), parameters and prompt (INVALID_ARGUMENT), draining (UNAVAILABLE), the bounded
+queue (RESOURCE_EXHAUSTED), then the engine: unknown adapter (NOT_FOUND), no adapter slot
+(RESOURCE_EXHAUSTED). The HTTP front end (http_server.py) admits the same way (frontend.py).
 
 Client-chosen request ids are prefixed with the caller's name inside the engine, so tenants
 never collide with (or learn about) each other's ids; responses echo the id the client sent.
@@ -12,7 +13,6 @@ never collide with (or learn about) each other's ids; responses echo the id the 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 
@@ -24,42 +24,12 @@ from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving import grpc_convert as convert
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.engine import Engine, EngineError
-from nlora_serve.serving.grpc_status import Draining, QueueFull, status_of
+from nlora_serve.serving.frontend import Admission, metered, start_request
+from nlora_serve.serving.grpc_status import status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
 
 log = logging.getLogger(__name__)
-
-
-class Admission:
-    """Counts admitted Generate streams (running + waiting) against ``max_queue``.
-
-    Only touched from the server's event loop, so plain integers suffice.
-    """
-
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.inflight = 0
-        self.draining = False
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def check(self) -> None:
-        """Raises Draining or QueueFull when a new stream may not start now."""
-        if self.draining:
-            raise Draining("server is shutting down; retry on another replica")
-        if self.inflight >= self.max_queue:
-            raise QueueFull(f"server queue is full ({self.inflight} requests running or waiting, "
-                            f"--max-queue {self.max_queue}); retry with backoff")
-
-    def enter(self) -> None:
-        self.inflight += 1
-        self.idle.clear()
-
-    def leave(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self.idle.set()
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -71,33 +41,28 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.metrics, self.admission, self.tokenizer, self.info = metrics, admission, tokenizer, info
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        timer = self.metrics.request()
+        timer = self.metrics.request("grpc")
         try:
             stream, shown_id = self._admit(request, context)
         except NloraError as exc:
             code, reason = status_of(exc)
-            self.metrics.reject(reason)
+            self.metrics.reject(reason, "grpc")
             await context.abort(code, str(exc))
-        self.admission.enter()
-        prompt_tokens = 0
         try:
-            # aclosing: on cancel, disconnect or deadline the engine stream is closed here, which
-            # aborts the request and frees its KV blocks and adapter pin at once
-            async with contextlib.aclosing(stream):
-                async for out in stream:
-                    timer.tokens(len(out.token_ids))
+            # aclosing: on cancel, disconnect or deadline the metered stream is closed here, which
+            # aborts the request, frees its KV blocks and adapter pin and releases its admission at once
+            deltas = metered(stream, timer, self.admission)
+            async with contextlib.aclosing(deltas):
+                async for out in deltas:
                     msg = convert.response(out)
                     msg.request_id = shown_id or out.request_id
                     if out.finished:
-                        prompt_tokens = out.prompt_tokens
                         msg.usage.time_to_first_token_s = timer.first or 0.0
-                        msg.usage.duration_s = timer.finish(prompt_tokens)
+                        msg.usage.duration_s = timer.duration
                     yield msg
         except EngineError as exc:
             log.error("%s", exc)
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        finally:
-            self.admission.leave()
 
     def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         principal = self.auth.authenticate(context.invocation_metadata())
@@ -105,10 +70,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         principal.check(adapter)
         params = convert.sampling_params(request.sampling, self.config)
         prompt = convert.prompt_of(request, self.tokenizer)
-        self.admission.check()
         engine_id = f"{principal.name}/{request.request_id}" if request.request_id else None
-        stream = self.engine.add_request(prompt, params, request_id=engine_id, adapter=adapter)
-        return stream, request.request_id
+        return start_request(self.engine, self.admission, prompt, params, engine_id, adapter), request.request_id
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext):
         try:

@@ -1,12 +1,14 @@
 """The grpc.aio server over an :class:`Engine` (DESIGN §6): Generation + AdapterAdmin services,
-grpc.health.v1 health, server reflection, Prometheus metrics, graceful drain.
+grpc.health.v1 health, server reflection, Prometheus metrics, graceful drain; with
+``ServerConfig.http_port`` also the OpenAI-compatible HTTP API (http_routes.py), in the same event
+loop over the same engine, keys, admission queue and metrics.
 
 Lifecycle (all on one event loop)::
 
     server = NloraServer(engine, ServerConfig(port=0), Authenticator(None), info, tokenizer)
     await server.start()          # binds; health SERVING; metrics endpoint when configured
     ...
-    await server.shutdown()       # health NOT_SERVING, new Generate UNAVAILABLE, drain, stop
+    await server.shutdown()       # health NOT_SERVING, new requests UNAVAILABLE / 503, drain, stop
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.engine import Engine
 from nlora_serve.serving.grpc_admin import AdminServicer
-from nlora_serve.serving.grpc_generate import Admission, GenerationServicer
+from nlora_serve.serving.frontend import Admission
+from nlora_serve.serving.grpc_generate import GenerationServicer
+from nlora_serve.serving.http_routes import HttpContext, build_app
+from nlora_serve.serving.http_server import HttpServer
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig, StartupError, is_loopback
 
@@ -57,16 +62,19 @@ class NloraServer:
         self.generation = GenerationServicer(engine, config, auth, self.metrics, self.admission, tokenizer, info)
         self.admin = AdminServicer(engine, config, auth, self.metrics)
         self.health = health.aio.HealthServicer()
+        self.http = None if config.http_port is None else HttpServer(build_app(HttpContext(
+            engine, config, auth, self.metrics, self.admission, tokenizer, info.model)))
         self.port: int | None = None  # the bound gRPC port, after start()
         self.metrics_port: int | None = None  # the bound metrics port, after start() (None: off)
+        self.http_port: int | None = None  # the bound HTTP API port, after start() (None: off)
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
         """Bind and start serving; health turns SERVING.
 
         Raises:
-            StartupError: the gRPC address or the metrics port cannot be bound (the message names
-                it); nothing is left bound or running then.
+            StartupError: the gRPC address, the metrics port or the HTTP port cannot be bound (the
+                message names it); nothing is left bound or running then.
         """
         limit = self.config.max_message_bytes
         # so_reuseport off: a second server on a busy port must fail, not share it silently
@@ -79,12 +87,17 @@ class NloraServer:
                                             self._server)
         if self.config.metrics_port is not None:  # first: a gRPC server bound but never started keeps its port
             self.metrics_port = self._bind_metrics()
+        if self.http is not None:
+            self.http_port = self._bind_http()
         self.port = self._bind_grpc()
         await self._server.start()
+        if self.http is not None:
+            await self.http.start()
         for service in ("", *SERVICES):
             await self.health.set(service, _SERVING)
-        log.info("gRPC on %s:%d%s", self.config.host, self.port,
-                 f", metrics on http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "")
+        log.info("gRPC on %s:%d%s%s", self.config.host, self.port,
+                 f", metrics on http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "",
+                 f", OpenAI-compatible HTTP on http://{self.config.host}:{self.http_port}/v1" if self.http_port else "")
 
     def _bind_metrics(self) -> int:
         host, port = self.config.host, self.config.metrics_port
@@ -94,22 +107,33 @@ class NloraServer:
             raise StartupError(f"cannot bind the metrics port {host}:{port} (--metrics-port): "
                                f"{exc.strerror or exc}") from exc
 
+    def _bind_http(self) -> int:
+        try:
+            return self.http.bind(self.config.host, self.config.http_port)
+        except StartupError:
+            self.metrics_port = None
+            self.metrics.close()
+            raise
+
     def _bind_grpc(self) -> int:
         try:
             port = self._server.add_insecure_port(self.config.address)
         except RuntimeError:  # grpc's "Failed to bind to address ..."
             port = 0
         if not port:
-            self._server, self.metrics_port = None, None
+            self._server, self.metrics_port, self.http_port = None, None, None
             self.metrics.close()
+            if self.http is not None:
+                self.http.close()
             raise StartupError(f"cannot bind the gRPC address {self.config.address} (--host/--port): it is in "
                                "use or not an address of this machine")
         return port
 
     async def shutdown(self, grace: float | None = None) -> bool:
-        """Graceful stop: health NOT_SERVING, new Generate calls UNAVAILABLE, running streams get
-        up to ``grace`` seconds (default ``config.drain_seconds``) to finish, then the rest are
-        cancelled (their engine requests aborted) and the server stops.
+        """Graceful stop: health NOT_SERVING, new Generate calls UNAVAILABLE and HTTP requests 503,
+        running requests (both front ends) get up to ``grace`` seconds (default
+        ``config.drain_seconds``) to finish, then the rest are cancelled (their engine requests
+        aborted) and the servers stop.
 
         Returns True when every stream finished within the grace period.
         """
@@ -124,6 +148,8 @@ class NloraServer:
             drained = False
             log.warning("%d streams still running after %.1f s of drain; cancelling them",
                         self.admission.inflight, grace)
+        if self.http is not None:
+            await self.http.stop()
         if self._server is not None:
             await self._server.stop(grace=1.0)
         self.metrics.close()

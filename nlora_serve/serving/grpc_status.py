@@ -1,4 +1,5 @@
-"""Expected failures -> gRPC status codes (DESIGN §6), in one table.
+"""Expected failures -> gRPC status codes and HTTP statuses (DESIGN §6), in one table that both
+front ends read, so a failure means the same thing over gRPC and over the OpenAI-compatible HTTP API.
 
 Order matters: subclasses come before their bases (AdapterNotFound before AdapterError).
 """
@@ -30,25 +31,34 @@ class NoAdapterStore(NloraError):
     """The server was started without an adapter store, so it has no adapters to manage."""
 
 
-# (exception, status code, rejection reason for nlora_requests_rejected_total)
-_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "permission_denied"),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full"),
-    (Draining, grpc.StatusCode.UNAVAILABLE, "draining"),
-    (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid_argument"),
-    (NoAdapterStore, grpc.StatusCode.FAILED_PRECONDITION, "not_found"),
-    (AdapterNotFound, grpc.StatusCode.NOT_FOUND, "not_found"),
-    (VersionConflict, grpc.StatusCode.FAILED_PRECONDITION, "invalid_argument"),
-    (PoolFull, grpc.StatusCode.RESOURCE_EXHAUSTED, "pool_full"),
-    (RequestError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
-    (AdapterError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
+# (exception, gRPC status code, HTTP status, rejection reason for nlora_requests_rejected_total)
+_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401, "unauthenticated"),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403, "permission_denied"),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "queue_full"),
+    (Draining, grpc.StatusCode.UNAVAILABLE, 503, "draining"),
+    (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_argument"),
+    (NoAdapterStore, grpc.StatusCode.FAILED_PRECONDITION, 404, "not_found"),
+    (AdapterNotFound, grpc.StatusCode.NOT_FOUND, 404, "not_found"),
+    (VersionConflict, grpc.StatusCode.FAILED_PRECONDITION, 409, "invalid_argument"),
+    (PoolFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "pool_full"),
+    (RequestError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),
+    (AdapterError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),
 )
+_DEFAULT = (grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument")
+
+
+def _row(exc: NloraError) -> tuple[grpc.StatusCode, int, str]:
+    return next((row[1:] for row in _TABLE if isinstance(exc, row[0])), _DEFAULT)
 
 
 def status_of(exc: NloraError) -> tuple[grpc.StatusCode, str]:
-    """(status code, rejection reason) for an expected failure; unknown kinds are INVALID_ARGUMENT."""
-    for kind, code, reason in _TABLE:
-        if isinstance(exc, kind):
-            return code, reason
-    return grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"
+    """(gRPC status code, rejection reason) for an expected failure; unknown kinds are INVALID_ARGUMENT."""
+    code, _, reason = _row(exc)
+    return code, reason
+
+
+def http_status_of(exc: NloraError) -> tuple[int, str]:
+    """(HTTP status, rejection reason) for an expected failure; unknown kinds are 400."""
+    _, status, reason = _row(exc)
+    return status, reason

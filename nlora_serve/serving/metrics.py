@@ -1,8 +1,9 @@
 """Prometheus metrics of one server, on its own registry, served over HTTP (DESIGN §6).
 
 Names carry their unit; no label has an unbounded value set (no per-tenant or per-adapter
-labels): the only label is ``reason`` on rejections, from :data:`REJECT_REASONS`. Gauges are read
-from the engine when scraped, so they are never stale.
+labels): the request metrics carry ``frontend`` (:data:`FRONTENDS`: which protocol the request
+came in on) and rejections also ``reason`` (:data:`REJECT_REASONS`). Gauges are read from the
+engine when scraped, so they are never stale.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 REJECT_REASONS = ("queue_full", "draining", "invalid_argument", "not_found", "pool_full",
                   "unauthenticated", "permission_denied")
+FRONTENDS = ("grpc", "http")
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _DURATION = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -32,22 +34,27 @@ class ServerMetrics:
                  adapter_residency: Callable[[], tuple[int, int]]):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.ttft = Histogram("nlora_time_to_first_token_seconds", "Receipt of a Generate to its first token",
-                              buckets=_LATENCY, registry=r)
+        fe = ["frontend"]
+        self.ttft = Histogram("nlora_time_to_first_token_seconds", "Receipt of a request to its first token",
+                              fe, buckets=_LATENCY, registry=r)
         self.itl = Histogram("nlora_inter_token_latency_seconds", "Time between consecutive streamed tokens",
-                             buckets=_ITL, registry=r)
-        self.duration = Histogram("nlora_request_duration_seconds", "Receipt of a Generate to its last token",
-                                  buckets=_DURATION, registry=r)
+                             fe, buckets=_ITL, registry=r)
+        self.duration = Histogram("nlora_request_duration_seconds", "Receipt of a request to its last token",
+                                  fe, buckets=_DURATION, registry=r)
         self.swap = Histogram("nlora_adapter_swap_seconds", "SwapAdapter receipt to the new version "
                               "admitted (validation and durable write included)", buckets=_ADMIN, registry=r)
         self.load = Histogram("nlora_adapter_load_seconds", "UploadAdapter / LoadAdapter: complete bytes to "
                               "the version admitted (validation and durable write included)",
                               buckets=_ADMIN, registry=r)
-        self.prompt_tokens = Counter("nlora_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("nlora_generation_tokens", "Tokens streamed to clients", registry=r)
-        self.rejected = Counter("nlora_requests_rejected", "Requests refused, by reason", ["reason"], registry=r)
-        for reason in REJECT_REASONS:  # every series exists from the start, at 0
-            self.rejected.labels(reason)
+        self.prompt_tokens = Counter("nlora_prompt_tokens", "Prompt tokens of finished requests", fe, registry=r)
+        self.generation_tokens = Counter("nlora_generation_tokens", "Tokens streamed to clients", fe, registry=r)
+        self.rejected = Counter("nlora_requests_rejected", "Requests refused, by reason", ["reason", "frontend"],
+                                registry=r)
+        for frontend in FRONTENDS:  # every series exists from the start, at 0
+            for metric in (self.ttft, self.itl, self.duration, self.prompt_tokens, self.generation_tokens):
+                metric.labels(frontend)
+            for reason in REJECT_REASONS:
+                self.rejected.labels(reason, frontend)
         gauges = {"nlora_requests_running": ("Requests in the running batch", lambda: engine_stats()["running"]),
                   "nlora_requests_waiting": ("Requests queued in the engine", lambda: engine_stats()["waiting"]),
                   "nlora_kv_blocks_used": ("KV cache blocks in use", lambda: engine_stats()["kv_blocks_used"]),
@@ -57,13 +64,13 @@ class ServerMetrics:
             Gauge(name, doc, registry=r).set_function(read)
         self._http = None
 
-    def reject(self, reason: str) -> None:
-        """Count one refused request; ``reason`` is one of :data:`REJECT_REASONS`."""
-        self.rejected.labels(reason).inc()
+    def reject(self, reason: str, frontend: str) -> None:
+        """Count one refused request; ``reason`` in :data:`REJECT_REASONS`, ``frontend`` in :data:`FRONTENDS`."""
+        self.rejected.labels(reason, frontend).inc()
 
-    def request(self) -> RequestTimer:
-        """A timer started now, at a Generate's receipt."""
-        return RequestTimer(self)
+    def request(self, frontend: str) -> RequestTimer:
+        """A timer started now, at a request's receipt on ``frontend`` (one of :data:`FRONTENDS`)."""
+        return RequestTimer(self, frontend)
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread; returns the port."""
@@ -80,14 +87,21 @@ class ServerMetrics:
 
 
 class RequestTimer:
-    """TTFT, inter-token latency and duration of one Generate stream (perf_counter seconds)."""
+    """TTFT, inter-token latency and duration of one request's stream (perf_counter seconds), into
+    the series of one front end."""
 
-    __slots__ = ("_metrics", "start", "first", "_last")
+    __slots__ = ("_ttft", "_itl", "_duration", "_prompt", "_generated", "start", "first", "duration", "_last")
 
-    def __init__(self, metrics: ServerMetrics):
-        self._metrics = metrics
+    def __init__(self, metrics: ServerMetrics, frontend: str):
+        if frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {FRONTENDS}; got {frontend!r}")
+        self._ttft, self._itl = metrics.ttft.labels(frontend), metrics.itl.labels(frontend)
+        self._duration = metrics.duration.labels(frontend)
+        self._prompt = metrics.prompt_tokens.labels(frontend)
+        self._generated = metrics.generation_tokens.labels(frontend)
         self.start = time.perf_counter()
         self.first: float | None = None  # seconds from receipt to the first token
+        self.duration: float | None = None  # seconds from receipt to the end, once finished
         self._last = self.start
 
     def tokens(self, count: int) -> None:
@@ -95,18 +109,17 @@ class RequestTimer:
         if count <= 0:
             return
         now = time.perf_counter()
-        m = self._metrics
         if self.first is None:
             self.first = now - self.start
-            m.ttft.observe(self.first)
+            self._ttft.observe(self.first)
         else:
-            m.itl.observe((now - self._last) / count)
+            self._itl.observe((now - self._last) / count)
         self._last = now
-        m.generation_tokens.inc(count)
+        self._generated.inc(count)
 
     def finish(self, prompt_tokens: int) -> float:
-        """The stream ended; returns its duration in seconds."""
-        elapsed = time.perf_counter() - self.start
-        self._metrics.duration.observe(elapsed)
-        self._metrics.prompt_tokens.inc(prompt_tokens)
-        return elapsed
+        """The stream ended; returns (and keeps in ``duration``) its duration in seconds."""
+        self.duration = time.perf_counter() - self.start
+        self._duration.observe(self.duration)
+        self._prompt.inc(prompt_tokens)
+        return self.duration

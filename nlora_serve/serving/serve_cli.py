@@ -28,6 +28,7 @@ from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.errors import NloraError
 from nlora_serve.models import load_base, resolve_dtype, resolve_model
 from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.backend_cli import add_backend_arguments, backend_config, make_engine
 from nlora_serve.serving.config import EngineConfig, SchedulerConfig
 from nlora_serve.serving.engine import LLMEngine
 from nlora_serve.serving.example_tenants import ensure_example_tenants
@@ -56,8 +57,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--tenants-file", default=None, help="JSON/TOML file of tenant and admin key hashes and grants; "
                                            "without it there is no auth and the server binds to loopback only")
     a("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (default: off)")
+    a("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
+                                                  "/v1/chat/completions, /v1/models) on this port, 0 = any free "
+                                                  "one; same keys, grants and queue as gRPC (default: off)")
     a("--max-queue", type=int, default=d.max_queue, help="running + waiting requests at most; beyond that "
-                                                         "RESOURCE_EXHAUSTED (default: %(default)s)")
+                                                         "RESOURCE_EXHAUSTED / HTTP 429 (default: %(default)s)")
     a("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask (default: %(default)s)")
     a("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence (default: %(default)s)")
     a("--max-rank", type=int, default=DEFAULT_MAX_RANK, help="refuse adapters above this rank (default: %(default)s)")
@@ -74,6 +78,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--adapter", action="append", default=[], metavar="NAME=DIR", type=_named_dir,
       help="register the adapter directory DIR as NAME at start when NAME is not in the store yet "
            "(repeatable), e.g. --adapter upper=examples/tenants/upper")
+    add_backend_arguments(parser)
 
 
 def _named_dir(value: str) -> tuple[str, str]:
@@ -93,16 +98,18 @@ def build(args: argparse.Namespace):
             tenants file. ModelError: a bad model.
     """
     config, engine_config = _configs(args)
+    backend = backend_config(args)
     auth = Authenticator.from_file(args.tenants_file) if args.tenants_file else Authenticator(None)
     _check_adapter_dir(args.adapter_dir)
     path = resolve_model(args.model, engine_config.cache_dir)
     _check_model_len(path, args.max_model_len)
     base = load_base(str(path), engine_config.dtype, engine_config.cache_dir)
     with _flag_errors(args):
-        engine = LLMEngine(engine_config, base)
+        engine = make_engine(engine_config, base, backend)
     examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
     examples += _register_named(engine, args.adapter)
-    server = NloraServer(engine, config, auth, server_info(base, engine_config, config), base.tokenizer())
+    server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
+                         base.tokenizer())
     return engine, server, examples
 
 
@@ -117,7 +124,7 @@ def _register_named(engine: LLMEngine, named: list[tuple[str, str]]) -> list[str
 
 def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
     with _flag_errors(args):
-        config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
+        config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
                               tenants_file=args.tenants_file, max_queue=args.max_queue, max_tokens=args.max_tokens,
                               default_max_tokens=min(ServerConfig().default_max_tokens, args.max_tokens),
                               max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds)
@@ -197,6 +204,8 @@ async def serve(server: NloraServer, examples: list[str]) -> bool:
         log.warning("no --tenants-file: auth is OFF, every caller is admin; listening on loopback %s only",
                     server.config.host)
     print(f"ready on {server.config.host}:{server.port}; try:\n  {client_hint(server, examples)}", flush=True)
+    if server.http_port is not None:
+        print(f"OpenAI-compatible HTTP API on http://{server.config.host}:{server.http_port}/v1", flush=True)
     await stop.wait()
     log.info("shutting down: draining running streams for up to %.0f s", server.config.drain_seconds)
     return await server.shutdown()

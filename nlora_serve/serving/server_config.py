@@ -1,4 +1,5 @@
-"""gRPC front-end configuration: one slotted dataclass, validated in ``__post_init__`` (DESIGN §6).
+"""Front-end (gRPC, OpenAI-compatible HTTP) configuration: one slotted dataclass, validated in
+``__post_init__`` (DESIGN §6).
 
 The ``serve`` CLI and the tests only fill it in; the server reads nothing else.
 """
@@ -45,8 +46,9 @@ class ServerConfig:
     host: str = "127.0.0.1"  # interface to bind; non-loopback needs ``tenants_file``
     port: int = 50051  # gRPC port; 0 picks a free one (see NloraServer.port)
     metrics_port: int | None = None  # Prometheus HTTP port on ``host``; None = no endpoint, 0 = any free
+    http_port: int | None = None  # OpenAI-compatible HTTP API port on ``host``; None = off, 0 = any free
     tenants_file: str | None = None  # auth file (JSON or TOML); None = no auth, loopback only
-    max_queue: int = 256  # running + waiting Generate requests at most; beyond: RESOURCE_EXHAUSTED
+    max_queue: int = 256  # running + waiting requests (gRPC and HTTP) at most; beyond: RESOURCE_EXHAUSTED / 429
     max_tokens: int = 2048  # a request's max_tokens at most; more is INVALID_ARGUMENT
     default_max_tokens: int = 256  # max_tokens of a request that sends 0
     max_adapter_bytes: int = 256 << 20  # an upload (config + safetensors) or a swap payload, bytes
@@ -57,7 +59,7 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ServerConfig.{name} must be a positive integer; got {value!r}")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= 65535):
                 raise ValueError(f"ServerConfig.{name} must be a port number in [0, 65535]; got {value!r}")

@@ -20,6 +20,9 @@ HISTOGRAMS = ("nlora_time_to_first_token_seconds", "nlora_inter_token_latency_se
 GAUGES = ("nlora_requests_running", "nlora_requests_waiting", "nlora_kv_blocks_used", "nlora_adapters_resident",
           "nlora_adapter_bytes_resident")
 COUNTERS = ("nlora_prompt_tokens_total", "nlora_generation_tokens_total", "nlora_requests_rejected_total")
+GRPC, HTTP = (("frontend", "grpc"),), (("frontend", "http"),)  # the request metrics' label
+REQUEST_METRICS = ("nlora_time_to_first_token_seconds", "nlora_inter_token_latency_seconds",
+                   "nlora_request_duration_seconds")
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -33,10 +36,11 @@ def test_metrics_exist_and_move_under_load(make_server):
     port = server.server.metrics_port
     before = _scrape(port)
     for name in HISTOGRAMS:
-        assert before[(f"{name}_count", ())] == 0
+        for labels in (GRPC, HTTP) if name in REQUEST_METRICS else ((),):
+            assert before[(f"{name}_count", labels)] == 0
     for name in GAUGES:
         assert before[(name, ())] == 0
-    assert before[("nlora_requests_rejected_total", (("reason", "not_found"),))] == 0
+    assert before[("nlora_requests_rejected_total", (("frontend", "grpc"), ("reason", "not_found")))] == 0
     with NloraClient(server.target, timeout=60) as client:
         tied = client.upload_adapter(TIED, CASES / TIED)
         stream = client.generate(PROMPT, adapter=TIED, max_tokens=50, ignore_eos=True)
@@ -52,13 +56,15 @@ def test_metrics_exist_and_move_under_load(make_server):
     assert during[("nlora_requests_running", ())] == 1 and during[("nlora_kv_blocks_used", ())] >= 1
     assert after[("nlora_adapters_resident", ())] == 1
     assert after[("nlora_adapter_bytes_resident", ())] == 30 * 3 * 8 * 8 * 4 == tied.resident_bytes  # N, fp32
-    assert after[("nlora_time_to_first_token_seconds_count", ())] == 3  # the cancelled stream had its first token
-    assert after[("nlora_request_duration_seconds_count", ())] == 2  # finished streams only
-    assert after[("nlora_prompt_tokens_total", ())] == 2 * len(PROMPT)
+    assert after[("nlora_time_to_first_token_seconds_count", GRPC)] == 3  # the cancelled stream had its first token
+    assert after[("nlora_request_duration_seconds_count", GRPC)] == 2  # finished streams only
+    assert after[("nlora_prompt_tokens_total", GRPC)] == 2 * len(PROMPT)
     streamed = 1 + sum(len(d.token_ids) for ds in deltas for d in ds)
-    assert after[("nlora_generation_tokens_total", ())] >= streamed  # plus any the cancelled one got
-    assert after[("nlora_inter_token_latency_seconds_count", ())] >= 2 * 4
-    assert after[("nlora_requests_rejected_total", (("reason", "not_found"),))] == 1
+    assert after[("nlora_generation_tokens_total", GRPC)] >= streamed  # plus any the cancelled one got
+    assert after[("nlora_inter_token_latency_seconds_count", GRPC)] >= 2 * 4
+    assert after[("nlora_requests_rejected_total", (("frontend", "grpc"), ("reason", "not_found")))] == 1
+    assert after[("nlora_time_to_first_token_seconds_count", HTTP)] == 0  # nothing came in over HTTP
+    assert after[("nlora_requests_rejected_total", (("frontend", "http"), ("reason", "not_found")))] == 0
     assert after[("nlora_adapter_swap_seconds_count", ())] == 1
     assert after[("nlora_adapter_load_seconds_count", ())] == 1
     assert after[("nlora_kv_blocks_used", ())] == 0 and after[("nlora_requests_running", ())] == 0

@@ -47,6 +47,33 @@ def test_abort_mid_decode_returns_every_block(make_engine):
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
 
 
+def test_closing_a_stream_never_read_or_cancelled_while_waiting_aborts_it(make_engine):
+    # An async generator's aclose() before its first read does nothing; ours must still abort.
+    engine = make_engine()
+    long_run = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def scenario():
+        unread = engine.add_request(chat(engine, PROMPT), long_run, request_id="unread")
+        await unread.aclose()
+        waiting = engine.add_request(chat(engine, PROMPT), long_run, request_id="waiting")
+        reader = asyncio.ensure_future(anext(waiting))
+        await asyncio.sleep(0)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        with pytest.raises(StopAsyncIteration):  # a closed stream yields nothing more
+            await anext(unread)
+
+    asyncio.run(scenario())
+    for _ in range(300):
+        if engine.stats()["kv_blocks_used"] == 0 and engine.stats()["running"] + engine.stats()["waiting"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["generation_tokens"] < 2 * 200  # neither ran to its 200 tokens
+
+
 def test_stream_deltas_join_to_the_generated_text(make_engine):
     engine = make_engine()
     params = SamplingParams(max_tokens=20, temperature=0.0)

@@ -1,0 +1,118 @@
+"""What the gRPC and HTTP front ends share: admission, chat rendering, the max_tokens policy and
+the metered engine stream (DESIGN §6).
+
+Both front ends admit a request in the same order (key, grant, parameters and prompt, draining,
+the bounded queue, then the engine), count it in the same :class:`Admission` (``--max-queue``
+bounds gRPC and HTTP requests together) and stream it through :func:`metered`, so metrics and
+cancellation behave the same whichever protocol a tenant speaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from nlora_serve.serving.engine import Engine
+from nlora_serve.serving.engine_core import RequestOutput
+from nlora_serve.serving.grpc_status import Draining, QueueFull
+from nlora_serve.serving.metrics import RequestTimer
+from nlora_serve.serving.sampling import RequestError, SamplingParams
+from nlora_serve.serving.server_config import ServerConfig
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class Admission:
+    """Counts admitted requests (running + waiting, both front ends) against ``max_queue``.
+
+    Only touched from the server's event loop, so plain integers suffice.
+    """
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.inflight = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def check(self) -> None:
+        """Raises Draining or QueueFull when a new request may not start now."""
+        if self.draining:
+            raise Draining("server is shutting down; retry on another replica")
+        if self.inflight >= self.max_queue:
+            raise QueueFull(f"server queue is full ({self.inflight} requests running or waiting, "
+                            f"--max-queue {self.max_queue}); retry with backoff")
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+
+def render_chat(messages: list[dict[str, str]], tokenizer, field: str) -> list[int]:
+    """Token ids of chat ``messages`` ({"role", "content"}) under the model's chat template, with the
+    assistant's generation prompt appended.
+
+    Raises:
+        RequestError: no messages, or a role not in :data:`CHAT_ROLES` (the message names ``field``).
+    """
+    if not messages:
+        raise RequestError(f"{field} has no messages")
+    for i, message in enumerate(messages):
+        if message["role"] not in CHAT_ROLES:
+            raise RequestError(f"{field}[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> int:
+    """The request's max_tokens: ``config.default_max_tokens`` when unset (None or 0).
+
+    Raises:
+        RequestError: more than the server's ``--max-tokens`` (the message names ``field``).
+    """
+    max_tokens = requested or config.default_max_tokens
+    if max_tokens > config.max_tokens:
+        raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; got {max_tokens}")
+    return max_tokens
+
+
+def start_request(engine: Engine, admission: Admission, prompt: str | list[int], params: SamplingParams,
+                  engine_id: str | None, adapter: str | None) -> AsyncIterator[RequestOutput]:
+    """Check the queue, queue the request in the engine and count it as admitted.
+
+    The caller must hand the returned stream to :func:`metered`, which releases the admission.
+
+    Raises:
+        Draining, QueueFull: from :meth:`Admission.check`. RequestError, AdapterNotFound, PoolFull:
+            from :meth:`Engine.add_request` (nothing is admitted then).
+    """
+    admission.check()
+    stream = engine.add_request(prompt, params, request_id=engine_id, adapter=adapter)
+    admission.enter()
+    return stream
+
+
+async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer,
+                  admission: Admission) -> AsyncIterator[RequestOutput]:
+    """The engine stream's deltas, timed into ``timer`` (``timer.duration`` is set before the finished
+    delta is yielded). However this generator ends (finished, closed early, cancelled), the engine
+    stream is closed, which aborts an unfinished request and frees its KV blocks and adapter pin at
+    once, and the admission is released.
+
+    Raises:
+        EngineError: the engine failed while running the request.
+    """
+    try:
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                timer.tokens(len(out.token_ids))
+                if out.finished:
+                    timer.finish(out.prompt_tokens)
+                yield out
+    finally:
+        admission.leave()

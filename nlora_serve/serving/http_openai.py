@@ -1,0 +1,205 @@
+"""OpenAI API requests -> engine inputs, for the HTTP front end (no I/O).
+
+Requests are pydantic models of the fields we implement. Every other field is refused with a 400
+that names it (:class:`ParamError`), never silently ignored; a few OpenAI fields are accepted at
+their no-op value only (:data:`NOOP_VALUES`: ``n=1``, ``echo=false``, ...). ``user`` (an end-user
+id for abuse tracking) is accepted and changes nothing, as at OpenAI.
+
+Defaults follow the OpenAI API: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the
+server's default (``ServerConfig.default_max_tokens``, at most ``--max-tokens``). Extensions, under vLLM's
+names (send them in ``extra_body``): ``top_k``, ``min_tokens``, ``repetition_penalty``,
+``ignore_eos``, ``stop_token_ids``, ``return_tokens_as_token_ids`` (logprob tokens as
+``"token_id:<id>"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pydantic import BaseModel, ConfigDict
+
+from nlora_serve.serving.frontend import max_tokens_of, render_chat
+from nlora_serve.serving.sampling import RequestError, SamplingParams
+from nlora_serve.serving.server_config import ServerConfig
+
+# OpenAI fields we accept only at their no-op value (null always passes); others are refused
+NOOP_VALUES: dict[str, tuple] = {
+    "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logit_bias": ({},),
+    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+    "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (True, False),
+}
+_FIELD = re.compile(r"^(?:SamplingParams\.)?(\w+)")
+
+
+class ParamError(RequestError):
+    """A request field this server cannot honour (HTTP 400); ``param`` names it, as OpenAI's
+    error ``param`` does."""
+
+    def __init__(self, message: str, param: str | None):
+        super().__init__(message)
+        self.param = param
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False  # one last chunk with usage and no choices
+
+
+class _Request(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(extra="allow")  # refused one by one in check_fields, with a clear message
+    model: str  # an adapter name, or the base model's served name
+    max_tokens: int | None = None
+    temperature: float | None = None  # None = 1 (OpenAI's default)
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    top_k: int | None = None  # extensions (vLLM's names) from here on
+    min_tokens: int = 0
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    return_tokens_as_token_ids: bool = False
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Request):
+    """POST /v1/completions. ``prompt``: text, token ids, or a one-element list of either."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None  # top-k log-probabilities per token (0..20)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")  # checked in _message_text: text parts only
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # tool calls, names: refused by pydantic (400 naming them)
+    role: str
+    content: str | list[ContentPart]
+
+
+class ChatRequest(_Request):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are set
+    logprobs: bool = False
+    top_logprobs: int | None = None  # 0..20, needs logprobs=true
+
+
+@contextlib.contextmanager
+def _as_param_error(param: str | None = None) -> Iterator[None]:
+    """RequestError -> ParamError naming ``param`` (or the field the message starts with)."""
+    try:
+        yield
+    except ParamError:
+        raise
+    except RequestError as exc:
+        message = str(exc).replace("SamplingParams.", "")
+        match = _FIELD.match(message)
+        raise ParamError(message, param or (match.group(1) if match else None)) from None
+
+
+def check_fields(request: _Request) -> None:
+    """Refuse every field we do not implement, and no-op fields at another value.
+
+    Raises:
+        ParamError: the first such field (named in the message and in ``param``).
+    """
+    for field, value in (request.model_extra or {}).items():
+        if value is None:
+            continue
+        if field not in NOOP_VALUES:
+            raise ParamError(f"unsupported field {field!r}: this server does not implement it; remove it", field)
+        if value not in NOOP_VALUES[field]:
+            allowed = " or ".join(repr(v) for v in NOOP_VALUES[field])
+            raise ParamError(f"{field}={value!r} is not supported: this server accepts only {allowed}", field)
+    if request.stream_options is not None and not request.stream:
+        raise ParamError("stream_options is only allowed with stream=true", "stream_options")
+
+
+def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None) -> SamplingParams:
+    """The engine's SamplingParams for a request (``logprobs``: top-k per token, None = off).
+
+    Raises:
+        ParamError: a field out of range (named), or max_tokens over the server's ``--max-tokens``.
+    """
+    field, requested = "max_tokens", request.max_tokens
+    if getattr(request, "max_completion_tokens", None) is not None:
+        field, requested = "max_completion_tokens", request.max_completion_tokens
+    with _as_param_error():
+        if requested is not None and requested < 1:
+            raise RequestError(f"{field} must be >= 1; got {requested}")
+        max_tokens = max_tokens_of(requested, config, field)
+        return SamplingParams(
+            max_tokens=max_tokens, min_tokens=request.min_tokens,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0, seed=request.seed,
+            stop=(request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ()),
+            stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
+            presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+            logprobs=logprobs)
+
+
+def completion_inputs(request: CompletionRequest, config: ServerConfig) -> tuple[str | list[int], SamplingParams]:
+    """(engine prompt, sampling params) of a completion request.
+
+    Raises:
+        ParamError: an unsupported field, several prompts, an empty prompt, a field out of range.
+    """
+    check_fields(request)
+    prompt = request.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise ParamError(f"prompt holds {len(prompt)} prompts: send one prompt per request", "prompt")
+        prompt = prompt[0]
+    if not prompt:
+        raise ParamError("prompt is empty: need at least one token", "prompt")
+    return prompt, sampling_of(request, config, request.logprobs)
+
+
+def chat_inputs(request: ChatRequest, config: ServerConfig, tokenizer) -> tuple[list[int], SamplingParams]:
+    """(prompt token ids under the chat template, sampling params) of a chat request.
+
+    Raises:
+        ParamError: an unsupported field, no messages or an unknown role, a field out of range,
+            top_logprobs without logprobs.
+    """
+    check_fields(request)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise ParamError("top_logprobs needs logprobs=true", "top_logprobs")
+    params = sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None)
+    messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(request.messages)]
+    with _as_param_error("messages"):
+        prompt = render_chat(messages, tokenizer, "messages")
+    return prompt, params
+
+
+def _message_text(message: ChatMessage, index: int) -> str:
+    """A message's content; text parts joined by newlines (as vLLM does).
+
+    Raises:
+        ParamError: a part that is not text (images, audio, files).
+    """
+    if isinstance(message.content, str):
+        return message.content
+    for j, part in enumerate(message.content):
+        if part.type != "text" or part.text is None or part.model_extra:
+            raise ParamError(f"messages[{index}].content[{j}] is a {part.type!r} part: this server reads text "
+                             "parts only ({'type': 'text', 'text': ...})", "messages")
+    return "\n".join(part.text for part in message.content)

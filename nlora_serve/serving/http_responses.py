@@ -1,0 +1,141 @@
+"""Engine outputs -> OpenAI API response objects, for the HTTP front end (no I/O).
+
+One :class:`Shaper` per request turns the engine's deltas into either the whole response
+(``text_completion`` / ``chat.completion``) or Server-Sent-Events chunks (``text_completion`` /
+``chat.completion.chunk``), with OpenAI's logprobs layouts:
+
+- completions: ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (parallel lists);
+- chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``.
+
+A token's string is its own decoding (``tokenizer.decode([id])``; a byte-level token that is part
+of a multi-byte character decodes to U+FFFD), or ``"token_id:<id>"`` with
+``return_tokens_as_token_ids``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from nlora_serve.serving.engine_core import RequestOutput
+
+
+def sse(payload: dict | str) -> str:
+    """One Server-Sent-Events message (``data: ...`` and a blank line)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def usage(out: RequestOutput) -> dict:
+    """OpenAI usage of a finished request."""
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+
+class Shaper:
+    """Response objects of one request.
+
+    Args:
+        request_id: the response ``id`` (``cmpl-...`` / ``chatcmpl-...``).
+        model: the ``model`` the client asked for (echoed).
+        chat: chat completion (True) or text completion (False).
+        tokenizer: decodes single tokens for logprobs.
+        top_logprobs: logprobs asked (top-k per token, 0 = the sampled token only); None = off.
+        token_ids_as_tokens: logprob tokens as ``"token_id:<id>"`` (vLLM's return_tokens_as_token_ids).
+        include_usage: streaming: end with a usage chunk (stream_options.include_usage).
+    """
+
+    def __init__(self, request_id: str, model: str, chat: bool, tokenizer, top_logprobs: int | None,
+                 token_ids_as_tokens: bool = False, include_usage: bool = False):
+        self.request_id, self.model, self.chat = request_id, model, chat
+        self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
+        self.token_ids_as_tokens, self.include_usage = token_ids_as_tokens, include_usage
+        self.created = int(time.time())
+        self._offset = 0  # characters of completion text before the next token (text_offset)
+
+    # -- whole responses -----------------------------------------------------------------------
+
+    def whole(self, outs: list[RequestOutput]) -> dict:
+        """The non-streaming response of a request's deltas (the last one finished)."""
+        last = outs[-1]
+        text = "".join(o.text for o in outs)
+        logprobs = self._merged_logprobs(outs)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                      "finish_reason": last.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason}
+        return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice]),
+                "usage": usage(last)}
+
+    def _merged_logprobs(self, outs: list[RequestOutput]) -> dict | None:
+        if self.top_logprobs is None:
+            return None
+        parts = [self._logprobs(o) for o in outs]
+        if self.chat:
+            return {"content": [entry for p in parts for entry in p["content"]]}
+        return {key: [v for p in parts for v in p[key]] for key in parts[0]}
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    def first_chunk(self) -> dict | None:
+        """The chunk that opens a chat stream (the assistant role); None for completions."""
+        if not self.chat:
+            return None
+        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None})
+
+    def chunk(self, out: RequestOutput) -> dict:
+        """The chunk of one delta (its text, logprobs, and finish_reason once finished)."""
+        logprobs = self._logprobs(out) if self.top_logprobs is not None else None
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": out.text} if out.text else {}, "logprobs": logprobs,
+                      "finish_reason": out.finish_reason}
+        else:
+            choice = {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        return self._chunk(choice)
+
+    def usage_chunk(self, last: RequestOutput) -> dict:
+        """The closing chunk of include_usage: no choices, the usage."""
+        return {**self._envelope(self._chunk_object, []), "usage": usage(last)}
+
+    def _chunk(self, choice: dict) -> dict:
+        body = self._envelope(self._chunk_object, [choice])
+        if self.include_usage:
+            body["usage"] = None  # OpenAI: null on every chunk but the last
+        return body
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def _envelope(self, kind: str, choices: list[dict]) -> dict:
+        return {"id": self.request_id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    # -- logprobs ------------------------------------------------------------------------------
+
+    def _token(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.token_ids_as_tokens else self.tokenizer.decode([token_id])
+
+    def _top(self, lps: dict[int, float]) -> list[tuple[int, float]]:
+        """The top_logprobs most likely tokens, best first (the engine may add the sampled one)."""
+        return sorted(lps.items(), key=lambda kv: -kv[1])[: self.top_logprobs]
+
+    def _logprobs(self, out: RequestOutput) -> dict:
+        pairs = list(zip(out.token_ids, out.logprobs or []))
+        if self.chat:
+            return {"content": [{**self._chat_entry(t, lps[t]), "top_logprobs":
+                                 [self._chat_entry(u, lp) for u, lp in self._top(lps)]} for t, lps in pairs]}
+        tokens = [self._token(t) for t, _ in pairs]
+        offsets = []
+        for token in tokens:
+            offsets.append(self._offset)
+            self._offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [lps[t] for t, lps in pairs],
+                "top_logprobs": [{self._token(u): lp for u, lp in self._top(lps)} for _, lps in pairs],
+                "text_offset": offsets}
+
+    def _chat_entry(self, token_id: int, logprob: float) -> dict:
+        token = self._token(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}

@@ -1,0 +1,251 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over the same engine, keys, admission and metrics as
+the gRPC front end (DESIGN §6).
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-streamed),
+``GET /v1/models`` (the base model and the adapters this key may use), ``GET /health``.
+
+A generation request is admitted like a gRPC Generate (frontend.py), in this order: key (401),
+``model`` -> adapter and grant (403, before the name is looked up), fields and prompt (400),
+draining (503), the bounded queue (429), then the engine: unknown model (404, never the base
+model instead), no adapter slot (429). Each refusal is counted in
+``nlora_requests_rejected_total{frontend="http"}``. Errors have OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}`` with ``code`` our rejection reason.
+
+A client that goes away frees the request at once: a closed SSE stream, or a closed connection
+while a whole response is being generated, closes the engine stream (abort, KV blocks and
+adapter pin freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from nlora_serve.adapters.registry import AdapterNotFound
+from nlora_serve.errors import NloraError
+from nlora_serve.serving.auth import Authenticator, Principal
+from nlora_serve.serving.engine import Engine, EngineError
+from nlora_serve.serving.frontend import Admission, metered, start_request
+from nlora_serve.serving.grpc_status import http_status_of
+from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_inputs, completion_inputs
+from nlora_serve.serving.http_responses import Shaper, sse
+from nlora_serve.serving.metrics import ServerMetrics
+from nlora_serve.serving.server_config import ServerConfig
+
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+@dataclass(slots=True)
+class HttpContext:
+    """What the routes serve from: the gRPC server's own engine, keys, metrics and admission."""
+
+    engine: Engine
+    config: ServerConfig
+    auth: Authenticator
+    metrics: ServerMetrics
+    admission: Admission
+    tokenizer: object  # renders chat prompts and decodes logprob tokens
+    base_model: str  # the base model's served name (GetServerInfo's ``model``)
+    started: int = field(default_factory=lambda: int(time.time()))  # ``created`` of /v1/models entries
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error JSON."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def build_app(ctx: HttpContext) -> FastAPI:
+    """The FastAPI application of one server (no docs or OpenAPI routes)."""
+    app = FastAPI(title="nlora-serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def principal(request: Request) -> Principal:
+        return ctx.auth.authenticate(request.headers.items())
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        draining = ctx.admission.draining
+        return JSONResponse({"status": "draining" if draining else "ok"}, status_code=503 if draining else 200)
+
+    @app.get("/v1/models")
+    async def models(caller: Principal = Depends(principal)) -> dict:
+        names = [v.name for v in _versions(ctx.engine)]
+        entries = [(ctx.base_model, None)] if caller.may_use(None) else []
+        entries += [(name, ctx.base_model) for name in names if caller.may_use(name) and name != ctx.base_model]
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": ctx.started,
+                                            "owned_by": "nlora-serve", "parent": parent} for name, parent in entries]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request,
+                          caller: Principal = Depends(principal)) -> Response:
+        return await _generate(ctx, request, caller, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request,
+                               caller: Principal = Depends(principal)) -> Response:
+        return await _generate(ctx, request, caller, body, chat=True)
+
+    _add_error_handlers(app, ctx)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, ctx: HttpContext) -> None:
+    def refused(request: Request, reason: str) -> None:
+        if request.url.path in GENERATE_PATHS:  # as gRPC counts Generate refusals only
+            ctx.metrics.reject(reason, "http")
+
+    @app.exception_handler(NloraError)
+    async def expected(request: Request, exc: NloraError) -> JSONResponse:
+        status, reason = http_status_of(exc)
+        refused(request, reason)
+        message = str(exc)
+        if isinstance(exc, AdapterNotFound):
+            message += (f"; 'model' names an adapter, or {ctx.base_model!r} for the base model "
+                        "(GET /v1/models lists those this key may use)")
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(error_body(message, status, getattr(exc, "param", None), reason), status, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        refused(request, "invalid_argument")
+        return JSONResponse(error_body(f"{where or 'body'}: {first.get('msg')}", 400, where or None,
+                                       "invalid_argument"), 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), exc.status_code), exc.status_code, exc.headers)
+
+    @app.exception_handler(EngineError)
+    async def engine_failed(request: Request, exc: EngineError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), 500, code="engine_error"), 500)
+
+
+def _has_store(engine: Engine) -> bool:
+    try:
+        engine.adapters  # noqa: B018 - raises when the engine serves no adapters
+    except NloraError:
+        return False
+    return True
+
+
+def _versions(engine: Engine) -> list:
+    """Current adapter versions; none for an engine without an adapter store (base model only)."""
+    return engine.adapters.versions() if _has_store(engine) else []
+
+
+async def _generate(ctx: HttpContext, request: Request, caller: Principal,
+                    body: CompletionRequest | ChatRequest, chat: bool) -> Response:
+    """Admit one generation request and answer it whole or as an SSE stream.
+
+    Raises:
+        NloraError: a refusal (the app's handler answers it). EngineError: the engine failed
+            before the first token.
+    """
+    timer = ctx.metrics.request("http")
+    adapter = None if body.model == ctx.base_model else body.model
+    caller.check(adapter)
+    if chat:
+        prompt, params = chat_inputs(body, ctx.config, ctx.tokenizer)
+    else:
+        prompt, params = completion_inputs(body, ctx.config)
+    if adapter is not None and not _has_store(ctx.engine):
+        raise AdapterNotFound(f"model {body.model!r} does not exist: this server serves no adapters")
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    stream = start_request(ctx.engine, ctx.admission, prompt, params, f"{caller.name}/{rid}", adapter)
+    deltas = metered(stream, timer, ctx.admission)
+    shaper = Shaper(rid, body.model, chat, ctx.tokenizer, params.logprobs, body.return_tokens_as_token_ids,
+                    body.include_usage)
+    if not body.stream:
+        return await _whole(request, deltas, shaper)
+    return await _streamed(request, deltas, shaper)
+
+
+async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:
+    async def collect() -> list:
+        async with contextlib.aclosing(deltas):
+            return [out async for out in deltas]
+
+    outs = await _unless_disconnected(request, collect())
+    return Response(status_code=499) if outs is None else JSONResponse(shaper.whole(outs))
+
+
+async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:
+    """Wait for the first delta (so an engine failure is still a proper HTTP error), then stream."""
+    async def first():
+        return await anext(deltas)
+
+    out = await _unless_disconnected(request, first())  # on any failure the metered stream is closed already
+    if out is None:
+        return Response(status_code=499)
+    return EngineStreamResponse(_events(out, deltas, shaper), deltas)
+
+
+async def _events(first, deltas: AsyncIterator, shaper: Shaper) -> AsyncIterator[str]:
+    """SSE messages: (chat: the role chunk), one chunk per delta, (the usage chunk), [DONE]."""
+    opening = shaper.first_chunk()
+    if opening is not None:
+        yield sse(opening)
+    out = first
+    try:
+        while True:
+            yield sse(shaper.chunk(out))
+            if out.finished:
+                break
+            out = await anext(deltas)
+    except EngineError as exc:  # headers are sent: report in-band, as OpenAI-compatible servers do
+        yield sse(error_body(str(exc), 500, code="engine_error"))
+        return
+    if shaper.include_usage:
+        yield sse(shaper.usage_chunk(out))
+    yield sse("[DONE]")
+
+
+class EngineStreamResponse(StreamingResponse):
+    """An SSE response over a metered engine stream that is closed however the response ends
+    (finished, client gone, server shutdown): an unfinished request is aborted at once."""
+
+    def __init__(self, events: AsyncIterator[str], deltas: AsyncIterator):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._events, self._deltas = events, deltas
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+            await self._deltas.aclose()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable):
+    """``await work``, unless the client disconnects first: then ``work`` is cancelled (closing the
+    engine stream it reads) and None is returned."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return None if task.cancelled() else task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,126 @@
+"""uvicorn serving the OpenAI-compatible app inside the gRPC server's event loop (DESIGN §6).
+
+Lifecycle, driven by :class:`~nlora_serve.serving.grpc_server.NloraServer`::
+
+    http = HttpServer(app)
+    port = http.bind("127.0.0.1", 0)   # StartupError names the port when it cannot be bound
+    await http.start()                 # serving on that socket, in this loop
+    ...
+    await http.stop()                  # after the shared drain: close, cancel what is left
+
+We bind the socket ourselves (uvicorn exits the process when it cannot bind) and keep uvicorn's
+hands off SIGTERM/SIGINT: the serve command owns them and drains gRPC and HTTP together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import uvicorn
+from starlette.exceptions import HTTPException
+
+from nlora_serve.serving.server_config import StartupError
+
+GRACEFUL_SHUTDOWN_S = 1.0  # after the drain, how long open HTTP requests may take before cancellation
+MAX_BODY_BYTES = 16 << 20  # a request body at most: a 128k-token prompt as JSON ids is ~1 MB
+
+
+class BodyLimit:
+    """ASGI wrapper: a request body over ``limit`` bytes is refused with 413 (Content-Length
+    declared over it, or as soon as the bytes received pass it), so no request holds more."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = HTTPException(413, f"request body over {self.limit} bytes")
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            if declared.isdigit() and int(declared) > self.limit:
+                raise too_large
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise too_large
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server that installs no signal handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class HttpServer:
+    """One uvicorn server over an ASGI ``app`` on a socket bound by :meth:`bind`."""
+
+    def __init__(self, app) -> None:
+        self.app = BodyLimit(app)
+        self.port: int | None = None  # the bound port, after bind()
+        self._sock: socket.socket | None = None
+        self._server: _Server | None = None
+        self._task: asyncio.Task | None = None
+
+    def bind(self, host: str, port: int) -> int:
+        """Bind and listen on ``host:port`` (0 = a free port); returns the port.
+
+        Raises:
+            StartupError: the address cannot be bound (the message names it and --http-port).
+        """
+        bare = host.strip("[]")
+        family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart over TIME_WAIT, as uvicorn does
+            sock.bind((bare, port))
+            sock.listen(2048)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot bind the HTTP port {host}:{port} (--http-port): "
+                               f"{exc.strerror or exc}") from exc
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        return self.port
+
+    async def start(self) -> None:
+        """Serve on the bound socket in the running loop; returns once uvicorn accepts connections.
+
+        Raises:
+            StartupError: uvicorn stopped while starting.
+        """
+        config = uvicorn.Config(self.app, http="h11", ws="none", lifespan="off", log_config=None,
+                                log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="nlora-http")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # its exception, if any
+                raise StartupError(f"the HTTP server on port {self.port} stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Stop accepting, close idle connections, give open requests GRACEFUL_SHUTDOWN_S, cancel
+        the rest (their engine requests are aborted). Idempotent."""
+        if self._task is not None:
+            self._server.should_exit = True
+            await self._task
+            self._task = None
+        self.close()
+
+    def close(self) -> None:
+        """Release a socket that was bound but never served (no-op otherwise)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

@@ -1,0 +1,86 @@
+"""The vLLM backend's configuration and the small translations between vLLM's types and ours.
+
+Nothing here imports vllm at module level: the project's venv never needs it (DESIGN §8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nlora_serve.serving.sampling import SamplingParams
+
+MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+GiB = 1 << 30
+FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # vLLM's finish reasons as ours; else "error"
+
+
+@dataclass(slots=True)
+class VllmBackendConfig:
+    """What only the vLLM backend needs; the rest comes from :class:`EngineConfig`.
+
+    Raises (in ``__post_init__``):
+        ValueError: a field out of range (the message names it).
+    """
+
+    tensor_parallel_size: int = 1  # --tensor-parallel-size: GPUs each layer is split over
+    pipeline_parallel_size: int = 1  # --pipeline-parallel-size: stages the layers are split into
+    max_loras: int = 8  # distinct adapters in one batch (vLLM max_loras)
+    gpu_memory_utilization: float | None = None  # None: 0.3 on the CPU (host memory), vLLM's default on GPUs
+    enforce_eager: bool | None = None  # None: eager on the CPU (no compile step), CUDA graphs on GPUs
+    engine_args: dict = field(default_factory=dict)  # --vllm-arg KEY=VALUE: any other AsyncEngineArgs field
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_loras"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"VllmBackendConfig.{name} must be a positive integer; got {value!r}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("VllmBackendConfig.gpu_memory_utilization must be in (0, 1]; got "
+                             f"{self.gpu_memory_utilization!r}")
+
+
+def lora_rank_limit(max_rank: int) -> int:
+    """vLLM's ``max_lora_rank``: the smallest value it accepts that covers our ``--max-rank``."""
+    return next((r for r in MAX_LORA_RANKS if r >= max_rank), MAX_LORA_RANKS[-1])
+
+
+class SchedulerSnapshot:
+    """A vLLM stat logger that keeps the last scheduler snapshot (our gauges read it)."""
+
+    def __init__(self) -> None:
+        self.running = self.waiting = self.steps = 0
+        self.kv_usage = 0.0
+
+    def factory(self, vllm_config, engine_index: int = 0):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class Logger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    stats.running, stats.waiting = scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
+                    stats.kv_usage = scheduler_stats.kv_cache_usage
+                    stats.steps += 1
+
+            def log_engine_initialized(self):
+                pass
+
+        return Logger(vllm_config, engine_index)
+
+
+def vllm_sampling_params(p: SamplingParams):
+    """Our SamplingParams as vLLM's, streaming deltas (same meanings: DESIGN §5)."""
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import SamplingParams as VllmSamplingParams
+
+    return VllmSamplingParams(max_tokens=p.max_tokens, min_tokens=p.min_tokens,
+                              temperature=0.0 if p.greedy else p.temperature, top_k=p.top_k, top_p=p.top_p,
+                              seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
+                              ignore_eos=p.ignore_eos, repetition_penalty=p.repetition_penalty,
+                              presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                              logprobs=p.logprobs, skip_special_tokens=p.skip_special_tokens,
+                              output_kind=RequestOutputKind.DELTA)

@@ -1,0 +1,41 @@
+"""The OpenAI client on a test server's HTTP port, and the cases' references (tests/data/cases)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+CASES = Path(__file__).parents[1] / "data" / "cases"
+TENANTS = {"inttune-nystrom-tied": "tied-co", "lora-rslora": "lora-co"}  # adapter -> the tenant granted it
+
+
+def base_url(server) -> str:
+    return f"http://127.0.0.1:{server.server.http_port}/v1"
+
+
+def client(server, api_key: str, timeout: float = 120.0) -> openai.OpenAI:
+    """The official client on ``server`` (a grpc_harness.RunningServer); no retries, so every
+    refusal reaches the test."""
+    return openai.OpenAI(base_url=base_url(server), api_key=api_key, max_retries=0, timeout=timeout)
+
+
+def async_client(server, api_key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url(server), api_key=api_key, max_retries=0, timeout=120.0)
+
+
+def references(adapter: str | None) -> list[dict]:
+    """The recorded greedy references of an adapter case (None: the base model)."""
+    path = CASES / "BASE_GREEDY.json" if adapter is None else CASES / adapter / "case.json"
+    return json.loads(path.read_text())["references"]
+
+
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    """Every metric sample of ``server``: (name, sorted labels) -> value."""
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

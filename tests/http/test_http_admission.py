@@ -1,0 +1,72 @@
+"""The shared admission over HTTP: the bounded queue answers 429, a draining server 503 (and its
+/health turns 503) while running streams finish; the one failure table maps to OpenAI statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import openai
+import pytest
+
+from grpc_harness import TENANT_KEYS
+from http_harness import client, scrape
+from nlora_serve.adapters.registry import AdapterNotFound
+from nlora_serve.adapters.residency import PoolFull
+from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
+from nlora_serve.serving.grpc_status import Draining, QueueFull, http_status_of, status_of
+from nlora_serve.serving.sampling import RequestError
+
+
+def _health(server) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server.http_port}/health", timeout=10) as answer:
+            return answer.status, json.loads(answer.read())["status"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["status"]
+
+
+def test_queue_full_is_429_and_draining_is_503_while_running_streams_finish(make_http_server):
+    server = make_http_server(max_queue=1, metrics_port=0)
+    base = server.server.generation.info.model
+    tenant = client(server, TENANT_KEYS["base-co"])
+    assert _health(server) == (200, "ok")
+    stream = tenant.completions.create(model=base, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                       stream=True, extra_body={"min_tokens": 12})
+    chunks = iter(stream)
+    got = [next(chunks)]
+    with pytest.raises(openai.RateLimitError) as err:  # the one running request fills --max-queue 1
+        tenant.completions.create(model=base, prompt="Hi", max_tokens=2)
+    assert err.value.body["code"] == "queue_full"
+    drain = asyncio.run_coroutine_threadsafe(server.server.shutdown(grace=60), server.loop)
+    while not server.server.admission.draining:
+        time.sleep(0.001)
+    assert _health(server) == (503, "draining")
+    with pytest.raises(openai.InternalServerError, match="shutting down") as err:
+        tenant.chat.completions.create(model=base, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert err.value.status_code == 503 and err.value.body["code"] == "draining"
+    rejected = scrape(server)
+    got += list(chunks)
+    assert drain.result(60) is True  # the running stream finished inside the grace period
+    assert got[-1].choices[0].finish_reason == "length" and all(c.choices[0].finish_reason is None for c in got[:-1])
+    assert server.engine.stats()["kv_blocks_used"] == 0
+    for reason in ("queue_full", "draining"):
+        assert rejected[("nlora_requests_rejected_total", (("frontend", "http"), ("reason", reason)))] == 1
+
+
+@pytest.mark.parametrize("exc, want", [
+    (Unauthenticated("x"), (grpc.StatusCode.UNAUTHENTICATED, 401)),
+    (PermissionDenied("x"), (grpc.StatusCode.PERMISSION_DENIED, 403)),
+    (AdapterNotFound("x"), (grpc.StatusCode.NOT_FOUND, 404)),
+    (RequestError("x"), (grpc.StatusCode.INVALID_ARGUMENT, 400)),
+    (QueueFull("x"), (grpc.StatusCode.RESOURCE_EXHAUSTED, 429)),
+    (PoolFull("x"), (grpc.StatusCode.RESOURCE_EXHAUSTED, 429)),  # no adapter slot free now
+    (Draining("x"), (grpc.StatusCode.UNAVAILABLE, 503)),
+])
+def test_one_table_maps_failures_to_grpc_and_http(exc, want):
+    assert (status_of(exc)[0], http_status_of(exc)[0]) == want
+    assert status_of(exc)[1] == http_status_of(exc)[1]  # the same rejection reason either way

@@ -1,0 +1,148 @@
+"""The OpenAI-compatible API's contract, through the official client: /v1/models per key, /health,
+OpenAI-shaped errors (401/403/404/400), metrics with frontend="http", and a client that goes away
+mid-request freeing the request's KV blocks and adapter pin at once."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from grpc_harness import ADMIN_KEY, TENANT_KEYS
+from http_harness import TENANTS, client, scrape
+from nlora_serve.serving.http_server import MAX_BODY_BYTES
+
+TIED, LORA = TENANTS  # inttune-nystrom-tied (granted to tied-co), lora-rslora (lora-co)
+HTTP = ("frontend", "http")
+
+
+def _base(server) -> str:
+    return server.server.generation.info.model
+
+
+def _idle(server, within_s: float = 5.0) -> bool:
+    """True once nothing runs, no KV block is held and no request is admitted (polled)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        stats = server.engine.stats()
+        inflight = server.server.admission.inflight
+        if stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == inflight == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("key, want", [
+    (TENANT_KEYS["tied-co"], {TIED}),  # inttune-* and no base model
+    (TENANT_KEYS["lora-co"], {"BASE", LORA}),
+    (TENANT_KEYS["base-co"], {"BASE"}),
+    (ADMIN_KEY, {"BASE", TIED, LORA}),
+])
+def test_models_lists_exactly_the_keys_grants(http_server, key, want):
+    listed = [m.id for m in client(http_server, key).models.list()]
+    assert sorted(listed) == sorted(_base(http_server) if name == "BASE" else name for name in want)
+
+
+def test_errors_have_the_openai_shape_and_status(http_server):
+    base = _base(http_server)
+    tied = client(http_server, TENANT_KEYS["tied-co"])
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(http_server, "not-a-key").completions.create(model=base, prompt="Hi", max_tokens=2)
+    assert err.value.body["code"] == "unauthenticated" and err.value.body["type"] == "authentication_error"
+    with pytest.raises(openai.PermissionDeniedError, match="not granted the base model"):
+        tied.completions.create(model=base, prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.PermissionDeniedError, match=f"not granted adapter '{LORA}'"):
+        tied.chat.completions.create(model=LORA, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    with pytest.raises(openai.NotFoundError, match="'inttune-nobody' is not registered") as err:  # granted by pattern
+        tied.completions.create(model="inttune-nobody", prompt="Hi", max_tokens=2)
+    assert set(err.value.body) == {"message", "type", "param", "code"} and err.value.body["code"] == "not_found"
+    with pytest.raises(openai.NotFoundError):  # an admin may use every name: still 404, never the base model
+        client(http_server, ADMIN_KEY).completions.create(model="nobody", prompt="Hi", max_tokens=2)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"n": 2}, "n"),
+    ({"logit_bias": {"42": 5}}, "logit_bias"),
+    ({"echo": True}, "echo"),
+    ({"extra_body": {"guided_json": {}}}, "guided_json"),
+    ({"temperature": 101}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"max_tokens": 100_000}, "max_tokens"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"prompt": ["one", "two"]}, "prompt"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_bad_or_unsupported_fields_are_refused_naming_them(http_server, kwargs, param):
+    request = {"model": _base(http_server), "prompt": "Hi", "max_tokens": 2, **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        client(http_server, TENANT_KEYS["base-co"]).completions.create(**request)
+    assert err.value.body["param"] == param and param in err.value.body["message"]
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs=true
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_bad_chat_requests_are_refused_naming_the_field(http_server, kwargs, param):
+    request = {"model": _base(http_server), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+               **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        client(http_server, TENANT_KEYS["base-co"]).chat.completions.create(**request)
+    assert err.value.body["param"] == param
+
+
+def test_a_closed_stream_frees_its_blocks_and_adapter_at_once(http_server):
+    lora = client(http_server, TENANT_KEYS["lora-co"])
+    stream = lora.completions.create(model=LORA, prompt="Once upon a time", max_tokens=500, stream=True,
+                                     extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    version = http_server.engine.adapters.registry.get(LORA)
+    assert http_server.engine.stats()["kv_blocks_used"] >= 1 and version.refcount == 1
+    finished_before = scrape(http_server)[("nlora_request_duration_seconds_count", (HTTP,))]
+    stream.close()
+    assert _idle(http_server) and version.refcount == 0
+    # aborted, not run to its 500 tokens: a finished request would count a duration
+    assert scrape(http_server)[("nlora_request_duration_seconds_count", (HTTP,))] == finished_before
+
+
+def test_a_client_that_times_out_on_a_whole_response_frees_it(http_server):
+    impatient = client(http_server, TENANT_KEYS["base-co"], timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model=_base(http_server), prompt="Once upon a time", max_tokens=500,
+                                     extra_body={"ignore_eos": True})
+    assert _idle(http_server)
+
+
+def test_metrics_move_with_frontend_http(http_server):
+    before = scrape(http_server)
+    base_co = client(http_server, TENANT_KEYS["base-co"])
+    answer = base_co.completions.create(model=_base(http_server), prompt="Hi", max_tokens=4, temperature=0,
+                                        extra_body={"min_tokens": 4})
+    with pytest.raises(openai.PermissionDeniedError):
+        base_co.completions.create(model=LORA, prompt="Hi", max_tokens=4)
+    after = scrape(http_server)
+
+    def moved(name: str, *labels: tuple[str, str]) -> float:
+        key = (name, tuple(sorted((HTTP, *labels))))
+        return after[key] - before[key]
+
+    assert moved("nlora_request_duration_seconds_count") == moved("nlora_time_to_first_token_seconds_count") == 1
+    assert moved("nlora_generation_tokens_total") == answer.usage.completion_tokens == 4
+    assert moved("nlora_prompt_tokens_total") == answer.usage.prompt_tokens
+    assert moved("nlora_requests_rejected_total", ("reason", "permission_denied")) == 1
+    grpc = [k for k in after if ("frontend", "grpc") in k[1]]
+    assert grpc and all(after[k] == before[k] for k in grpc)  # nothing came in over gRPC
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(http_server):
+    huge = "x" * (MAX_BODY_BYTES + 1)
+    with pytest.raises(openai.APIStatusError) as err:
+        client(http_server, TENANT_KEYS["base-co"]).completions.create(model=_base(http_server), prompt=huge)
+    assert err.value.status_code == 413 and "request body over" in err.value.body["message"]
