@@ -12,7 +12,7 @@ from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.serving.engine_core import RequestOutput
 from nlora_serve.serving.frontend import max_tokens_of, render_chat
 from nlora_serve.serving.sampling import RequestError, SamplingParams
-from nlora_serve.serving.server_config import ServerConfig
+from nlora_serve.serving.server_config import ServerConfig, default_served_name
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 
@@ -91,7 +91,8 @@ def adapter_info(version: AdapterVersion) -> pb.AdapterInfo:
 def server_info(base, engine_config, config: ServerConfig, backend: str = "native") -> pb.ServerInfo:
     """GetServerInfo's answer for a :class:`BaseModel` served with an :class:`EngineConfig` on
     ``backend`` ("native" or "vllm")."""
-    return pb.ServerInfo(server_version=__version__, model=base.path.name, model_fingerprint=base.fingerprint,
+    model = config.served_model_name or default_served_name(base.path)
+    return pb.ServerInfo(server_version=__version__, model=model, model_fingerprint=base.fingerprint,
                          dtype=str(base.dtype).removeprefix("torch."), backend=backend,
                          max_rank=engine_config.adapter_limits.max_rank, max_adapter_bytes=config.max_adapter_bytes,
                          max_model_len=engine_config.scheduler.max_model_len)

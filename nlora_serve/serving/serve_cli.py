@@ -57,6 +57,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--tenants-file", default=None, help="JSON/TOML file of tenant and admin key hashes and grants; "
                                            "without it there is no auth and the server binds to loopback only")
     a("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (default: off)")
+    a("--served-model-name", default=None, help="the base model's name in /v1/models and the HTTP 'model' field "
+                                               "(default: the model's directory or GGUF name, e.g. "
+                                               "SmolLM2-135M-Instruct.Q4_1)")
     a("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
                                                   "/v1/chat/completions, /v1/models) on this port, 0 = any free "
                                                   "one; same keys, grants and queue as gRPC (default: off)")
@@ -125,6 +128,7 @@ def _register_named(engine: LLMEngine, named: list[tuple[str, str]]) -> list[str
 def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
     with _flag_errors(args):
         config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
+                              served_model_name=args.served_model_name,
                               tenants_file=args.tenants_file, max_queue=args.max_queue, max_tokens=args.max_tokens,
                               default_max_tokens=min(ServerConfig().default_max_tokens, args.max_tokens),
                               max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds)

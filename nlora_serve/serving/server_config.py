@@ -7,7 +7,9 @@ The ``serve`` CLI and the tests only fill it in; the server reads nothing else.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from nlora_serve.errors import NloraError
 
@@ -33,6 +35,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def default_served_name(model_dir: Path) -> str:
+    """The base model's served name: its directory's name, without the ``-<12 hex>`` key that the
+    model cache appends to converted GGUF files (``SmolLM2-135M-Instruct.Q4_1`` for the default)."""
+    return re.sub(r"-[0-9a-f]{12}$", "", model_dir.name)
+
+
 @dataclass(slots=True)
 class ServerConfig:
     """Where the server listens and what it admits.
@@ -53,6 +61,9 @@ class ServerConfig:
     default_max_tokens: int = 256  # max_tokens of a request that sends 0
     max_adapter_bytes: int = 256 << 20  # an upload (config + safetensors) or a swap payload, bytes
     drain_seconds: float = 30.0  # graceful shutdown: how long running streams may finish
+    # the base model's name in GetServerInfo, /v1/models and HTTP ``model``; None: the model's own
+    # (see :func:`default_served_name`)
+    served_model_name: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_tokens", "default_max_tokens", "max_adapter_bytes"):
@@ -68,6 +79,8 @@ class ServerConfig:
                              f"max_tokens ({self.max_tokens})")
         if not self.drain_seconds >= 0:
             raise ValueError(f"ServerConfig.drain_seconds must be >= 0; got {self.drain_seconds!r}")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("ServerConfig.served_model_name must not be empty")
         if self.tenants_file is None and not is_loopback(self.host):
             raise ValueError(f"ServerConfig.host={self.host!r} is not a loopback address and no tenants "
                              "file is configured: without auth the server binds only to 127.0.0.1 "

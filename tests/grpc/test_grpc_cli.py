@@ -62,7 +62,7 @@ def test_serve_process_with_example_tenants_and_the_client_cli(tmp_path, base_fp
         assert len(set(texts.values())) == 3  # perturbed N: each tenant differs from the other and the base
         code, info = _client("--server", server, "info")
         assert code == 0 and info.endswith("}\n")
-        assert json.loads(info) == {"server_version": __version__, "model": base_fp32.path.name,
+        assert json.loads(info) == {"server_version": __version__, "model": "SmolLM2-135M-Instruct.Q4_1",
                                     "model_fingerprint": base_fp32.fingerprint, "dtype": "float32",
                                     "backend": "native", "max_rank": 64, "max_adapter_bytes": 256 << 20,
                                     "max_model_len": 512}

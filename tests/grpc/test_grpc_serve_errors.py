@@ -43,6 +43,7 @@ def _args(tmp_path: Path, *flags: str) -> argparse.Namespace:
                                "[0, 65535]; got -3"),
     (["--http-port", "65536"], "--http-port 65536: ServerConfig.http_port must be a port number in "
                                "[0, 65535]; got 65536"),
+    (["--served-model-name", " "], "--served-model-name  : ServerConfig.served_model_name must not be empty"),
     (["--max-rank", "0"], "--max-rank 0: AdapterLimits.max_rank must be a positive integer; got 0"),
     (["--drain-seconds", "-1"], "--drain-seconds -1.0: ServerConfig.drain_seconds must be >= 0; got -1.0"),
     (["--max-tokens", "0"], "--max-tokens 0: ServerConfig.max_tokens must be a positive integer; got 0"),
