@@ -94,6 +94,17 @@ def _add_server(sub: argparse._SubParsersAction) -> None:
     add_keys_arguments(keys)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from nlora_serve.client.bench.cli import add_bench_arguments, run_bench
+
+    bench = sub.add_parser("bench", help="load-test a server (ours over gRPC, or any OpenAI-compatible one)",
+                           description="Send a seeded multi-tenant workload (open or closed loop) and report "
+                                       "TTFT, TPOT, ITL, E2E latency, throughput, goodput and errors as "
+                                       "vLLM benchmarks/serve defines them: a table, JSON and a PNG plot.")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (every subcommand registered)."""
     parser = argparse.ArgumentParser(
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapters(sub)
     _add_generate(sub)
     _add_server(sub)
+    _add_bench(sub)
     return parser
 
 

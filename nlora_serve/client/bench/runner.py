@@ -1,0 +1,107 @@
+"""Drive a workload against a target: open loop (arrivals at a rate) or closed loop (fixed
+concurrency), bounded by a request count or a duration, with a live tqdm progress bar.
+
+Open loop sends request i at its arrival time whatever the server is doing (so queueing shows up
+in TTFT), optionally capped at ``max_concurrency`` in flight as vLLM ``benchmarks/serve`` does.
+Closed loop keeps exactly ``concurrency`` requests in flight: each worker sends the next request
+as soon as its previous one ends, ignoring the workload's arrival times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from nlora_serve.client.bench.targets import RequestResult
+from nlora_serve.client.bench.workload import BenchRequest, Workload
+
+MODES = ("open", "closed")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadShape:
+    """How requests are sent; exactly one of ``num_requests`` and ``duration_s`` bounds the run."""
+
+    mode: str = "closed"  # "open" (arrivals at the workload's rate) or "closed" (fixed concurrency)
+    concurrency: int = 8  # closed: requests in flight; open: cap on them (0 = none)
+    num_requests: int | None = None  # requests to send
+    duration_s: float | None = None  # seconds during which new requests start; in-flight ones finish
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"LoadShape.mode must be one of {MODES}; got {self.mode!r}")
+        if (self.num_requests is None) == (self.duration_s is None):
+            raise ValueError("LoadShape needs exactly one of num_requests and duration_s")
+        if self.concurrency < (1 if self.mode == "closed" else 0):
+            raise ValueError(f"LoadShape.concurrency must be >= 1 in closed loop (>= 0 open); got {self.concurrency}")
+        if (self.num_requests or 1) < 1 or (self.duration_s or 1) <= 0:
+            raise ValueError("LoadShape needs num_requests >= 1 or duration_s > 0")
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """Every request's result, and the run's wall time in seconds (start to the last request's end)."""
+
+    results: list[RequestResult]
+    duration_s: float
+
+
+async def run_load(workload: Workload, target, shape: LoadShape, progress: bool = True) -> RunRecord:
+    """Run ``workload`` against an entered ``target``. A request whose ``send`` raises is recorded
+    with the exception's class name as its error code; the run itself goes on."""
+    bar = tqdm(total=shape.num_requests, unit="req", desc=f"bench {target.name} ({shape.mode} loop)",
+               disable=not progress, dynamic_ncols=True)
+    results: list[RequestResult] = []
+    start = time.perf_counter()
+
+    async def one(req: BenchRequest) -> None:
+        sent = time.perf_counter()
+        try:
+            res = await target.send(req, start)
+        except Exception as exc:  # a bench records failures, it does not stop on them
+            res = RequestResult(req.index, req.tenant, sent - start, e2e_s=time.perf_counter() - sent)
+            res.fail(type(exc).__name__, str(exc))
+        results.append(res)
+        bar.update(1)
+        if res.error:
+            bar.set_postfix(errors=sum(not r.ok for r in results), refresh=False)
+
+    with bar:
+        if shape.mode == "open":
+            await _open_loop(workload, shape, one, start)
+        else:
+            await _closed_loop(workload, shape, one, start)
+    results.sort(key=lambda r: r.index)
+    return RunRecord(results, time.perf_counter() - start)
+
+
+async def _open_loop(workload: Workload, shape: LoadShape, one, start: float) -> None:
+    cap = asyncio.Semaphore(shape.concurrency) if shape.concurrency else contextlib.nullcontext()
+
+    async def capped(req: BenchRequest) -> None:
+        async with cap:
+            await one(req)
+
+    tasks = []
+    for req in workload.requests(shape.num_requests, shape.duration_s):
+        delay = start + req.arrival_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(capped(req)))
+    await asyncio.gather(*tasks)
+
+
+async def _closed_loop(workload: Workload, shape: LoadShape, one, start: float) -> None:
+    source = workload.requests(shape.num_requests)  # shared: each worker takes the next request
+
+    async def worker() -> None:
+        for req in source:
+            if shape.duration_s is not None and time.perf_counter() - start >= shape.duration_s:
+                return
+            await one(req)
+
+    await asyncio.gather(*(worker() for _ in range(shape.concurrency)))

@@ -1,0 +1,165 @@
+"""The OpenAI target against a small fake OpenAI-compatible server on loopback (stdlib http.server):
+streamed SSE chunks become the right timings and counts, and every kind of error gets its code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from nlora_serve.cli import main
+from nlora_serve.client.bench.openai_target import OpenAITarget, sse_data
+from nlora_serve.client.bench.runner import LoadShape, run_load
+from nlora_serve.client.bench.workload import LengthDist, TenantMix, Workload, WorkloadConfig
+
+GAP_S = 0.03  # the fake server's pause before each text chunk
+PIECES = ["Hel", "lo", "", " wor", "ld"]  # "" is a chunk without text: no ITL sample, no token
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """Streams PIECES (completions or chat) with a usage chunk; models "missing" / "busy" are
+    refused with 404 / 429, "midfail" fails inside the stream. Bodies are kept in ``seen``."""
+
+    seen: list[dict] = []
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_GET(self):  # the base model is the entry without a parent, as ours and vLLM list it
+        models = [{"id": "acme", "parent": "fake-base"}, {"id": "fake-base", "parent": None}]
+        self._json(200, {"object": "list", "data": models})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+        status = {"missing": 404, "busy": 429}.get(body["model"])
+        if status:
+            return self._json(status, {"error": {"message": f"no {body['model']}", "type": "x", "code": status}})
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        chat = self.path.endswith("/chat/completions")
+        if chat:
+            self._event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        self.wfile.write(b": a comment line, ignored\n\n")
+        for i, piece in enumerate(PIECES):
+            time.sleep(GAP_S)
+            if body["model"] == "midfail" and i == 2:
+                return self._event({"error": {"message": "engine died", "type": "InternalServerError",
+                                              "code": 500}})
+            choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
+            self._event({"choices": [choice], "usage": None})
+        self._event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": body["max_tokens"]}})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def _event(self, obj):
+        self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+        self.wfile.flush()
+
+    def _json(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def fake_server():
+    FakeOpenAI.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def _run(url, endpoint, names, count=4, **target):
+    workload = Workload(WorkloadConfig(seed=3, tenants=TenantMix(names, "round-robin"),
+                                       prompt_len=LengthDist(5, 5), output_len=LengthDist(12, 12)))
+
+    async def go():
+        async with OpenAITarget(url, endpoint=endpoint, **target) as t:
+            return await run_load(workload, t, LoadShape("closed", concurrency=2, num_requests=count), False)
+    return asyncio.run(go()), workload
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_streamed_chunks_become_ttft_itl_and_usage(fake_server, endpoint):
+    detok = (lambda ids: " ".join(map(str, ids))) if endpoint == "chat" else None
+    run, workload = _run(fake_server, endpoint, ("acme", "beta"), api_key="k1", detokenize=detok)
+    assert all(r.ok for r in run.results), [r.error_message for r in run.results]
+    for r in run.results:
+        assert len(r.chunk_s) == 4  # four chunks with text; the role chunk and "" are not output
+        assert GAP_S * 0.9 <= r.ttft_s == r.chunk_s[0] < r.e2e_s
+        gaps = [b - a for a, b in zip(r.chunk_s, r.chunk_s[1:])]
+        assert min(gaps) >= GAP_S * 0.9 and max(gaps) > 2 * GAP_S * 0.9  # the empty chunk widens one gap
+        assert (r.prompt_tokens, r.output_tokens) == (7, 12)  # from the usage chunk
+    bodies = sorted(FakeOpenAI.seen, key=lambda b: b["seed"])
+    want = sorted((r for r in workload.requests(count=4)), key=lambda r: r.seed)
+    for body, req in zip(bodies, want):
+        assert body["model"] == req.tenant and body["max_tokens"] == 12 and body["stream"] is True
+        assert body["stream_options"] == {"include_usage": True} and body["ignore_eos"] is True
+        assert body["auth"] == "Bearer k1" and body["path"] == f"/v1/{'chat/' if endpoint == 'chat' else ''}completions"
+        if endpoint == "chat":
+            assert body["messages"] == [{"role": "user", "content": " ".join(map(str, req.prompt))}]
+        else:
+            assert body["prompt"] == list(req.prompt)
+
+
+def test_error_statuses_and_stream_errors_get_their_codes(fake_server):
+    run, _ = _run(fake_server, "completions", ("missing", "busy", "midfail", "ok"), base_model="base")
+    by_tenant = {r.tenant: r for r in run.results}
+    assert by_tenant["missing"].error == "HTTP 404" and by_tenant["missing"].error_message == "no missing"
+    assert by_tenant["busy"].error == "HTTP 429"
+    assert by_tenant["midfail"].error == "HTTP 500" and by_tenant["midfail"].error_message == "engine died"
+    assert len(by_tenant["midfail"].chunk_s) == 2 and by_tenant["ok"].ok
+
+
+def test_base_requests_use_the_listed_base_model_or_the_given_one(fake_server):
+    workload = Workload(WorkloadConfig(tenants=TenantMix(("acme",), base_share=0.5), prompt_len=LengthDist(3, 3),
+                                       output_len=LengthDist(2, 2)))
+
+    async def go(base_model):
+        async with OpenAITarget(fake_server, base_model=base_model) as t:
+            return await run_load(workload, t, LoadShape("closed", 2, num_requests=10), False)
+    for base_model, want in ((None, "fake-base"), ("given", "given")):
+        FakeOpenAI.seen = []
+        run = asyncio.run(go(base_model))
+        assert all(r.ok for r in run.results)
+        assert {b["model"] for b in FakeOpenAI.seen} == {"acme", want}
+
+
+def test_connection_refused_is_recorded_not_raised():
+    run, _ = _run("http://127.0.0.1:9", "completions", ("a",), count=2, timeout=5)
+    assert [r.error for r in run.results] == ["ConnectError", "ConnectError"]
+
+
+def test_sse_parser_joins_multiline_data_and_skips_other_fields():
+    lines = ["event: x", "data: {\"a\":", "data: 1}", "id: 3", "", ": note", "", "data:[DONE]"]
+
+    async def collect():
+        async def source():
+            for line in lines:
+                yield line
+        return [d async for d in sse_data(source())]
+    assert asyncio.run(collect()) == ['{"a":\n1}', "[DONE]"]
+
+
+def test_cli_end_to_end_against_the_fake_server(fake_server, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["bench", "--target", "openai", "--base-url", fake_server, "--tenants", "acme,missing",
+               "--popularity", "round-robin", "--num-requests", "6", "--concurrency", "3", "--output-len", "12",
+               "--json", str(out), "--no-progress", "--api-key", "secret-key"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["completed"] == 3 and doc["summary"]["errors"] == {"HTTP 404": 3}
+    assert doc["summary"]["output_tokens"] == 36 and "secret-key" not in out.read_text()
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "HTTP 404 × 3" in capsys.readouterr().out
