@@ -131,7 +131,7 @@ class Authenticator:
             return LOCAL_ADMIN
         key = _bearer(metadata or ())
         if key is None:
-            raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <key>'")
+            raise Unauthenticated("missing credentials: send 'authorization: Bearer <key>' (an HTTP header or gRPC metadata)")
         digest = hash_key(key)
         # Only sha256 digests are ever compared, never the key: the O(1) dict lookup can leak
         # timing about sha256(key) alone, which does not help forge a key (preimage resistance),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from nlora_serve.serving.engine_core import EngineCore, RequestOutput
 from nlora_serve.serving.sampling import RequestError, SamplingParams
 
 Sink = Callable[[RequestOutput], None]
+log = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
@@ -143,6 +145,7 @@ class LLMEngine(Engine):
             raise EngineError("engine is shut down")
         params = params if params is not None else SamplingParams()
         if isinstance(prompt, str):
+            check_text(prompt)
             with self._lock:
                 ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         else:
@@ -228,14 +231,15 @@ class LLMEngine(Engine):
 
     def _loop(self) -> None:
         while not self._stopping:
-            self._drain_inbox()
-            if not self.core.has_work():
-                self._wake.wait()
-                self._wake.clear()
-                continue
             try:
+                self._drain_inbox()
+                if not self.core.has_work():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
                 outputs = self.core.step()
-            except Exception as exc:  # any failure ends every request; the engine keeps serving
+            except Exception as exc:  # any failure ends every request; the step thread keeps serving
+                log.exception("engine step failed; ending every running request")
                 outputs = self.core.fail_all(f"{type(exc).__name__}: {exc}")
             self._deliver(outputs)
         self._drain_inbox()
@@ -259,8 +263,8 @@ class LLMEngine(Engine):
     def _add(self, rid: str, ids: list[int], params: SamplingParams, pinned: AdapterVersion | None) -> None:
         try:
             self.core.add(rid, ids, params, pinned)
-        except RequestError as exc:
-            if pinned is not None:  # never queued: the pin is still ours to release
+        except Exception as exc:  # RequestError, or anything else: only this request fails
+            if pinned is not None and rid not in self.core.requests:  # never queued: the pin is ours
                 self.core.adapters.release(pinned)
             self._deliver([RequestOutput(rid, "", [], "error", len(ids), 0, error=str(exc))])
 
@@ -277,6 +281,14 @@ class LLMEngine(Engine):
                 sink(out)
             except RuntimeError:  # the consumer's event loop is closed: nobody is listening
                 self._sinks.pop(out.request_id, None)
+
+
+def check_text(prompt: str) -> None:
+    """Raises RequestError for text no tokenizer can take (a lone UTF-16 surrogate, e.g. "\\ud800")."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"prompt is not valid Unicode text: {exc.reason} at character {exc.start}") from exc
 
 
 def _merge(deltas: list[RequestOutput]) -> RequestOutput:

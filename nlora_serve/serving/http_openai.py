@@ -42,14 +42,16 @@ class ParamError(RequestError):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False  # one last chunk with usage and no choices
 
 
 class _Request(BaseModel):
     """Fields both endpoints share."""
 
-    model_config = ConfigDict(extra="allow")  # refused one by one in check_fields, with a clear message
+    # extra fields are refused one by one in check_fields, with a clear message; strict: "5" is not
+    # an integer and true is not a number (refused, never coerced)
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str  # an adapter name, or the base model's served name
     max_tokens: int | None = None
     temperature: float | None = None  # None = 1 (OpenAI's default)
@@ -87,7 +89,7 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # tool calls, names: refused by pydantic (400 naming them)
+    model_config = ConfigDict(extra="forbid", strict=True)  # tool calls, names: refused (400 naming them)
     role: str
     content: str | list[ContentPart]
 

@@ -120,8 +120,12 @@ def _add_error_handlers(app: FastAPI, ctx: HttpContext) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         refused(request, "invalid_argument")
+        if first.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+            at = first.get("loc", ("body", "?"))[-1]
+            return JSONResponse(error_body(f"request body is not valid JSON (at character {at})", 400, None,
+                                           "invalid_argument"), 400)
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         return JSONResponse(error_body(f"{where or 'body'}: {first.get('msg')}", 400, where or None,
                                        "invalid_argument"), 400)
 

@@ -29,7 +29,7 @@ from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.serving.config import EngineConfig
-from nlora_serve.serving.engine import Engine, EngineError, RequestStream
+from nlora_serve.serving.engine import Engine, EngineError, RequestStream, check_text
 from nlora_serve.serving.engine_core import RequestOutput
 from nlora_serve.serving.sampling import RequestError, SamplingParams
 from nlora_serve.serving.vllm_adapters import VllmResidency
@@ -158,6 +158,7 @@ class VllmEngine(Engine):
 
     def _validate(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            check_text(prompt)
             with self._lock:
                 ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         else:

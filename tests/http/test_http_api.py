@@ -4,6 +4,7 @@ mid-request freeing the request's KV blocks and adapter pin at once."""
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 
@@ -74,6 +75,10 @@ def test_errors_have_the_openai_shape_and_status(http_server):
     ({"logprobs": 21}, "logprobs"),
     ({"prompt": ["one", "two"]}, "prompt"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"seed": 1 << 64}, "seed"),  # beyond torch's generator: once killed the engine thread
+    ({"seed": -5}, "seed"),
+    ({"max_tokens": "5"}, "max_tokens"),  # strings and booleans are refused, never coerced
+    ({"extra_body": {"temperature": True}}, "temperature"),
 ])
 def test_bad_or_unsupported_fields_are_refused_naming_them(http_server, kwargs, param):
     request = {"model": _base(http_server), "prompt": "Hi", "max_tokens": 2, **kwargs}
@@ -95,6 +100,21 @@ def test_bad_chat_requests_are_refused_naming_the_field(http_server, kwargs, par
     with pytest.raises(openai.BadRequestError) as err:
         client(http_server, TENANT_KEYS["base-co"]).chat.completions.create(**request)
     assert err.value.body["param"] == param
+
+
+def test_text_that_is_not_unicode_and_bad_json_are_400_and_the_server_serves_on(http_server):
+    # Raw bodies: the openai client cannot even encode a lone surrogate.
+    import httpx2
+
+    api = client(http_server, TENANT_KEYS["base-co"])
+    headers = {"Authorization": f"Bearer {TENANT_KEYS['base-co']}", "Content-Type": "application/json"}
+    surrogate = json.dumps({"model": _base(http_server), "prompt": "hi\ud800", "max_tokens": 2})  # ASCII escape
+    for body, says in ((surrogate.encode(), "not valid Unicode"), (b'{"model": "x", "prompt": [', "not valid JSON")):
+        reply = httpx2.post(f"{api.base_url}completions", content=body, headers=headers)
+        assert reply.status_code == 400 and says in reply.json()["error"]["message"], reply.text
+    assert reply.json()["error"]["param"] is None  # not the character offset
+    out = api.completions.create(model=_base(http_server), prompt="Hi", max_tokens=2, temperature=0)
+    assert out.usage.completion_tokens == 2
 
 
 def test_a_closed_stream_frees_its_blocks_and_adapter_at_once(http_server):

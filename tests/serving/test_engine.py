@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.serving.engine import EngineError, LLMEngine
 from nlora_serve.serving.sampling import RequestError, SamplingParams
 
 PROMPT = "Write a long story about a lighthouse keeper."
@@ -154,3 +154,27 @@ def test_generate_cli_streams_the_greedy_reply(base_model_dir, base_greedy, caps
     assert run_generate(args) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(base_greedy[0]["text"][:20])
+
+
+def test_a_request_that_fails_to_queue_ends_alone_and_the_engine_serves_on(make_engine, monkeypatch):
+    # Once, torch's manual_seed overflowing inside core.add killed the step thread for everyone.
+    engine = make_engine()
+    add = engine.core.add
+
+    def flaky(rid, ids, params, adapter=None):
+        if rid == "bad":
+            raise ValueError("Overflow when unpacking long long")
+        return add(rid, ids, params, adapter)
+
+    monkeypatch.setattr(engine.core, "add", flaky)
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+
+    async def scenario():
+        bad = engine.add_request(chat(engine, PROMPT), params, request_id="bad")
+        with pytest.raises(EngineError, match="Overflow"):
+            async for _ in bad:
+                pass
+        return [out async for out in engine.add_request(chat(engine, PROMPT), params, request_id="good")]
+
+    good = asyncio.run(asyncio.wait_for(scenario(), timeout=60))  # a dead step thread would hang
+    assert good[-1].finish_reason == "length" and good[-1].completion_tokens == 3
