@@ -38,6 +38,7 @@ from nlora_serve.kernels.weights import SiteWeights
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("cpu") / name for name in ("tied_apply.c", "paged_attention.c"))
+HEADERS = (Path(__file__).with_name("cpu") / "vec16.h",)  # part of the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-pthread")
 MAX_RANK = 128  # the C side's static buffers (cpu/tied_apply.c MAX_RANK, MAX_MODULES)
 MAX_MODULES = 4
@@ -199,7 +200,7 @@ def _build(build_dir: Path) -> Path:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc) on PATH")
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(FLAGS).encode()
                          + _cpu_id().encode() + compiler.encode()).hexdigest()[:16]
     target = build_dir / f"nlora-cpu-{key}.so"
     if target.is_file():

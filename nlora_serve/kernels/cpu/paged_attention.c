@@ -22,42 +22,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float vec16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+#include "vec16.h"
 
 #define MAX_GROUP 16
 #define MAX_HEAD_DIM 256
 #define MAX_THREADS 16
-
-static inline vec16 ld(const float *p) { vec16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void st(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
-static inline vec16 ld_bf16(const uint16_t *p) {
-    u16x16 h;
-    memcpy(&h, p, sizeof h);
-    u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
-    vec16 v;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
-static inline float bf16_to_f32(uint16_t v) { uint32_t b = (uint32_t)v << 16; float f; memcpy(&f, &b, 4); return f; }
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t b;
-    memcpy(&b, &f, sizeof b);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40u);
-    b += 0x7fffu + ((b >> 16) & 1u);
-    return (uint16_t)(b >> 16);
-}
-typedef float vec8 __attribute__((vector_size(32)));
-typedef float vec4 __attribute__((vector_size(16)));
-/* sum of 16 lanes by halving (a shuffle tree stays in registers) */
-static inline float hsum(vec16 v) {
-    vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-static inline vec16 splat(float x) { return (vec16){0} + x; }
 
 /* e^x for x <= 0 (max-subtracted scores), 16 lanes: x = n ln2 + f, |f| <= ln2/2, e^f by a
  * degree-6 Taylor polynomial (relative error < 2e-7), 2^n through the exponent bits. */
@@ -104,7 +73,7 @@ static void attend(const job_t *j, int64_t n, int h, float *s, int64_t c_pad) {
     for (int g = 0; g < G; g++)
         for (int v = 0; v < V; v++) {
             const int64_t at = n * j->q_stride + (int64_t)(h * G + g) * D + 16 * v;
-            q[g][v] = (j->is_bf16 ? ld_bf16((const uint16_t *)j->q + at) : ld((const float *)j->q + at)) * j->scale;
+            q[g][v] = (j->is_bf16 ? load16_bf16((const uint16_t *)j->q + at) : load16((const float *)j->q + at)) * j->scale;
             acc[g][v] = splat(0.0f);
         }
     const int64_t *table = j->tables + n * j->table_stride;
@@ -112,11 +81,11 @@ static void attend(const job_t *j, int64_t n, int h, float *s, int64_t c_pad) {
         const int64_t row = (table[p / j->block_size] * j->block_size + p % j->block_size) * KVH + h;
         vec16 k[MAX_HEAD_DIM / 16];
         for (int v = 0; v < V; v++)
-            k[v] = j->is_bf16 ? ld_bf16((const uint16_t *)j->k + row * D + 16 * v) : ld((const float *)j->k + row * D + 16 * v);
+            k[v] = j->is_bf16 ? load16_bf16((const uint16_t *)j->k + row * D + 16 * v) : load16((const float *)j->k + row * D + 16 * v);
         for (int g = 0; g < G; g++) {
             vec16 d = q[g][0] * k[0];
             for (int v = 1; v < V; v++) d += q[g][v] * k[v];
-            s[g * c_pad + p] = hsum(d);
+            s[g * c_pad + p] = hsum16(d);
         }
     }
     float inv_sum[MAX_GROUP];
@@ -126,23 +95,23 @@ static void attend(const job_t *j, int64_t n, int h, float *s, int64_t c_pad) {
         for (int64_t p = c; p < c_pad; p++) sg[p] = -INFINITY;
         vec16 total = splat(0.0f);
         for (int64_t p = 0; p < c_pad; p += 16) {
-            vec16 w = exp16(ld(sg + p) - m);
-            st(sg + p, w);
+            vec16 w = exp16(load16(sg + p) - m);
+            store16(sg + p, w);
             total += w;
         }
-        inv_sum[g] = 1.0f / hsum(total);
+        inv_sum[g] = 1.0f / hsum16(total);
     }
     for (int64_t p = 0; p < c; p++) {
         const int64_t row = (table[p / j->block_size] * j->block_size + p % j->block_size) * KVH + h;
         for (int v = 0; v < V; v++) {
-            vec16 val = j->is_bf16 ? ld_bf16((const uint16_t *)j->v + row * D + 16 * v) : ld((const float *)j->v + row * D + 16 * v);
+            vec16 val = j->is_bf16 ? load16_bf16((const uint16_t *)j->v + row * D + 16 * v) : load16((const float *)j->v + row * D + 16 * v);
             for (int g = 0; g < G; g++) acc[g][v] += s[g * c_pad + p] * val;
         }
     }
     for (int g = 0; g < G; g++)
         for (int v = 0; v < V; v++) {
             float o[16];
-            st(o, acc[g][v] * inv_sum[g]);
+            store16(o, acc[g][v] * inv_sum[g]);
             const int64_t at = n * j->out_stride + (int64_t)(h * G + g) * D + 16 * v;
             if (j->is_bf16)
                 for (int l = 0; l < 16; l++) ((uint16_t *)j->out)[at + l] = f32_to_bf16(o[l]);

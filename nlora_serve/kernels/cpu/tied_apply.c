@@ -20,61 +20,12 @@
  * N[m] points at slot 0 of module m's N; slot s starts at N[m] + s * n_slot_stride (elements);
  * rows of one N are n_row_stride apart, columns contiguous.
  */
-#include <stdint.h>
-#include <string.h>
+#include "vec16.h"
 
 #define MAX_RANK 128
 #define MAX_MODULES 4
 #define CHUNK 32
 #define TILE 64
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* quiet NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-typedef float vec16 __attribute__((vector_size(64)));  /* 16 fp32 lanes: one AVX-512 register, two AVX2 */
-
-static inline vec16 load16(const float *p) {
-    vec16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-static inline void store16(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
-
-static inline vec16 load16_bf16(const uint16_t *p) {
-    u16x16 h;
-    memcpy(&h, p, sizeof h);
-    u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
-    vec16 v;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
-
-static inline void store16_bf16(uint16_t *p, vec16 v) {
-    u32x16 bits;
-    memcpy(&bits, &v, sizeof bits);
-    u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    u32x16 quiet_nan = (bits >> 16) | 0x40u;
-    u32x16 is_nan = (u32x16)((bits & 0x7fffffffu) > 0x7f800000u);  /* all ones where NaN */
-    u32x16 out = (quiet_nan & is_nan) | (rounded & ~is_nan);
-    u16x16 h = __builtin_convertvector(out, u16x16);
-    memcpy(p, &h, sizeof h);
-}
 
 /* dst[0:TILE] += sum_k u[k] * bt[k * w + j] over k < r, bt already offset to the tile; the four
  * accumulators stay in registers across k (LOAD16/STORE16 widen and narrow bf16 rows) */
@@ -109,14 +60,6 @@ static inline void NAME##_x2(YT *restrict d0, YT *restrict d1, const float *rest
 
 DEFINE_TILE(tile_f32, float, load16, store16)
 DEFINE_TILE(tile_bf16, uint16_t, load16_bf16, store16_bf16)
-
-static inline float hsum16(vec16 v) {
-    float lane[16];
-    memcpy(lane, &v, sizeof lane);
-    float a = (lane[0] + lane[8]) + (lane[4] + lane[12]), b = (lane[2] + lane[10]) + (lane[6] + lane[14]);
-    float c = (lane[1] + lane[9]) + (lane[5] + lane[13]), d = (lane[3] + lane[11]) + (lane[7] + lane[15]);
-    return (a + b) + (c + d);
-}
 
 /* u[i] = scale * sum_k N[i, k] z[k], i, k < r (rows n_row_stride apart). A scalar dot product is
  * one dependent FMA chain (4 cycles a step); 16 lanes at a time, then one horizontal sum, when

@@ -1,0 +1,70 @@
+/* 16-lane fp32 vectors (GCC vector extensions: one AVX-512 register, two AVX2 ones) and bf16
+ * conversions shared by the native CPU ops. bf16 -> fp32 is exact (the high half of the bits);
+ * fp32 -> bf16 rounds to nearest even and keeps NaN a quiet NaN. */
+#ifndef NLORA_VEC16_H
+#define NLORA_VEC16_H
+
+#include <stdint.h>
+#include <string.h>
+
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec4 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+static inline vec16 splat(float x) { return (vec16){0} + x; }
+
+static inline vec16 load16(const float *p) {
+    vec16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store16(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* quiet NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline vec16 load16_bf16(const uint16_t *p) {
+    u16x16 h;
+    memcpy(&h, p, sizeof h);
+    u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+    vec16 v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline void store16_bf16(uint16_t *p, vec16 v) {
+    u32x16 bits;
+    memcpy(&bits, &v, sizeof bits);
+    u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    u32x16 quiet_nan = (bits >> 16) | 0x40u;
+    u32x16 is_nan = (u32x16)((bits & 0x7fffffffu) > 0x7f800000u); /* all ones where NaN */
+    u32x16 out = (quiet_nan & is_nan) | (rounded & ~is_nan);
+    u16x16 h = __builtin_convertvector(out, u16x16);
+    memcpy(p, &h, sizeof h);
+}
+
+/* sum of the 16 lanes by halving (a shuffle tree that stays in registers) */
+static inline float hsum16(vec16 v) {
+    vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+           + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+#endif
