@@ -144,14 +144,7 @@ class LLMEngine(Engine):
         if self._stopping:
             raise EngineError("engine is shut down")
         params = params if params is not None else SamplingParams()
-        if isinstance(prompt, str):
-            check_text(prompt)
-            with self._lock:
-                ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        else:
-            ids = list(prompt)
-        if not all(isinstance(t, int) for t in ids):
-            raise RequestError("prompt must be a string or a list of integer token ids")
+        ids = prompt_ids(prompt, self.tokenizer, self._lock)
         self.core.validate(ids)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._sinks:
@@ -281,6 +274,23 @@ class LLMEngine(Engine):
                 sink(out)
             except RuntimeError:  # the consumer's event loop is closed: nobody is listening
                 self._sinks.pop(out.request_id, None)
+
+
+def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock) -> list[int]:
+    """A text prompt's token ids (no special tokens added; ``lock`` guards the tokenizer), or the
+    given ids as a list.
+
+    Raises:
+        RequestError: text no tokenizer takes, or ids that are not all integers.
+    """
+    if isinstance(prompt, str):
+        check_text(prompt)
+        with lock:
+            return tokenizer.encode(prompt, add_special_tokens=False)
+    ids = list(prompt)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise RequestError("prompt must be a string or a list of integer token ids")
+    return ids
 
 
 def check_text(prompt: str) -> None:

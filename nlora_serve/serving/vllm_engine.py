@@ -29,7 +29,7 @@ from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.serving.config import EngineConfig
-from nlora_serve.serving.engine import Engine, EngineError, RequestStream, check_text
+from nlora_serve.serving.engine import Engine, EngineError, RequestStream, prompt_ids
 from nlora_serve.serving.engine_core import RequestOutput
 from nlora_serve.serving.sampling import RequestError, SamplingParams
 from nlora_serve.serving.vllm_adapters import VllmResidency
@@ -157,14 +157,9 @@ class VllmEngine(Engine):
         return RequestStream(rid, deltas, self.abort)
 
     def _validate(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            check_text(prompt)
-            with self._lock:
-                ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        else:
-            ids = list(prompt)
-        if not ids or not all(isinstance(t, int) for t in ids):
-            raise RequestError("prompt must be a non-empty string or list of integer token ids")
+        ids = prompt_ids(prompt, self.tokenizer, self._lock)
+        if not ids:
+            raise RequestError("prompt is empty: need at least one token")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}); got {min(ids)}..{max(ids)}")
         max_len = self.config.scheduler.max_model_len
