@@ -112,6 +112,10 @@ class AdapterManager:
         """Stop serving ``name`` (in-flight requests finish on their version)."""
         return self.registry.unload(name)
 
+    def holders(self, name: str) -> int:
+        """Requests running on any version of ``name`` (see :meth:`AdapterRegistry.holders`)."""
+        return self.registry.holders(name)
+
     def versions(self) -> list[AdapterVersion]:
         """Current versions, by name."""
         return self.registry.versions()

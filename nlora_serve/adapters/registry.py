@@ -91,7 +91,8 @@ class AdapterRegistry:
         self._on_admit = on_admit
         self._on_free = on_free
         self._current: dict[str, AdapterVersion] = {}
-        self._lock = threading.Lock()  # guards _current and every refcount
+        self._retired: dict[str, list[AdapterVersion]] = {}  # superseded or unloaded, still held
+        self._lock = threading.Lock()  # guards _current, _retired and every refcount
         self._write_lock = threading.Lock()  # serialises register/swap (validation runs outside)
 
     def rebuild(self) -> list[str]:
@@ -216,10 +217,19 @@ class AdapterRegistry:
                 raise AdapterNotFound(f"adapter {name!r} is not registered")
             found.current = False
             free = self._take_if_free(found)
+            if not free:
+                self._retired.setdefault(name, []).append(found)
         self.store.mark_unloaded(name)
         if free:
             self._free(found)
         return found
+
+    def holders(self, name: str) -> int:
+        """Requests holding any version of ``name`` now: the current one and older ones that
+        requests admitted before a swap or an unload still run on."""
+        with self._lock:
+            held = [v for v in (self._current.get(name), *self._retired.get(name, ())) if v is not None]
+            return sum(v.refcount for v in held)
 
     def versions(self) -> list[AdapterVersion]:
         """Current versions, by name."""
@@ -253,6 +263,8 @@ class AdapterRegistry:
             if old is not None:
                 old.current = False
                 free = self._take_if_free(old)
+                if not free:
+                    self._retired.setdefault(old.name, []).append(old)
         if free:
             self._free(old)
         return new
@@ -260,6 +272,12 @@ class AdapterRegistry:
     def _free(self, version: AdapterVersion) -> None:
         """Give back a version's memory; delete its folder once a newer version is on disk (the
         newest stays, so an unloaded name can be loaded again)."""
+        with self._lock:
+            retired = self._retired.get(version.name, [])
+            if version in retired:
+                retired.remove(version)
+            if not retired:
+                self._retired.pop(version.name, None)
         self._on_free(version)
         if version.version < (self.store.versions(version.name) or [0])[-1]:
             self.store.remove_version(version.name, version.version)

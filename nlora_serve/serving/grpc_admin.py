@@ -150,7 +150,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
     async def _unload(self, request: pb.UnloadAdapterRequest) -> pb.UnloadAdapterResponse:
         self._manager()
         validate_name(request.name)
+        held = self.engine.adapters.holders(request.name)  # every version: a forced unload aborts them all
         version = self.engine.unload_adapter(request.name, force=request.force)
-        held = version.refcount
         return pb.UnloadAdapterResponse(ref=convert.adapter_ref(version), aborted_requests=held if request.force else 0,
                                         draining_requests=0 if request.force else held)

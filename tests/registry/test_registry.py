@@ -60,6 +60,22 @@ def test_request_keeps_its_version_across_a_swap(registry, freed):
     assert freed == [v1]  # v2 is current: never freed while current
 
 
+def test_holders_count_requests_on_every_version_of_a_name(registry, freed):
+    # what a forced unload reports as aborted: requests admitted before a swap count too
+    registry.register("acme", files(b"\x01"))
+    on_v1 = registry.acquire("acme")
+    registry.swap_weights("acme", b"\x02")
+    on_v2 = [registry.acquire("acme"), registry.acquire("acme")]
+    assert registry.holders("acme") == 3 and registry.holders("nobody") == 0
+    registry.unload("acme")
+    assert registry.holders("acme") == 3  # unloaded, still held until released
+    registry.release(on_v1)
+    assert registry.holders("acme") == 2
+    for v in on_v2:
+        registry.release(v)
+    assert registry.holders("acme") == 0 and len(freed) == 2
+
+
 def test_bad_adapter_is_refused_and_the_old_version_serves_on(registry, tmp_path):
     registry.register("acme", files(b"\x01"))
     with pytest.raises(AdapterError, match="field 'bad' is set"):
