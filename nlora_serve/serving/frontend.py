@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from nlora_serve.errors import NloraError
 from nlora_serve.serving.engine import Engine
 from nlora_serve.serving.engine_core import RequestOutput
 from nlora_serve.serving.grpc_status import Draining, QueueFull
@@ -116,3 +117,11 @@ async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer,
                 yield out
     finally:
         admission.leave()
+
+
+def adapter_versions(engine: Engine) -> list | None:
+    """The engine's current adapter versions, or None when it serves no adapters (no store)."""
+    try:
+        return engine.adapters.versions()
+    except NloraError:  # ``engine.adapters`` raises without an adapter store
+        return None

@@ -24,7 +24,7 @@ from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving import grpc_convert as convert
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.engine import Engine, EngineError
-from nlora_serve.serving.frontend import Admission, metered, start_request
+from nlora_serve.serving.frontend import Admission, adapter_versions, metered, start_request
 from nlora_serve.serving.grpc_status import status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
@@ -78,7 +78,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             principal = self.auth.authenticate(context.invocation_metadata())
         except NloraError as exc:
             await context.abort(status_of(exc)[0], str(exc))
-        versions = self.engine.adapters.versions() if _has_store(self.engine) else []
+        versions = adapter_versions(self.engine) or []
         return pb.ListAdaptersResponse(
             adapters=[convert.adapter_info(v) for v in versions if principal.may_use(v.name)],
             base_model_allowed=principal.may_use(None))
@@ -90,10 +90,3 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(status_of(exc)[0], str(exc))
         return self.info
 
-
-def _has_store(engine: Engine) -> bool:
-    try:
-        engine.adapters  # noqa: B018 - raises when the engine serves no adapters
-    except NloraError:
-        return False
-    return True

@@ -20,13 +20,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nlora_serve.errors import NloraError
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.engine import Engine
 from nlora_serve.serving.grpc_admin import AdminServicer
-from nlora_serve.serving.frontend import Admission
+from nlora_serve.serving.frontend import Admission, adapter_versions
 from nlora_serve.serving.grpc_generate import GenerationServicer
 from nlora_serve.serving.http_routes import HttpContext, build_app
 from nlora_serve.serving.http_server import HttpServer
@@ -158,9 +157,5 @@ class NloraServer:
 
 def _residency(engine: Engine) -> tuple[int, int]:
     """(adapter versions in a pool slot, bytes they hold) over the current versions."""
-    try:
-        versions = engine.adapters.versions()
-    except NloraError:
-        return 0, 0
-    resident = [v for v in versions if v.slot is not None]
+    resident = [v for v in adapter_versions(engine) or [] if v.slot is not None]
     return len(resident), sum(v.held_bytes for v in resident)

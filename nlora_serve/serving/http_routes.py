@@ -34,7 +34,7 @@ from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator, Principal
 from nlora_serve.serving.engine import Engine, EngineError
-from nlora_serve.serving.frontend import Admission, metered, start_request
+from nlora_serve.serving.frontend import Admission, adapter_versions, metered, start_request
 from nlora_serve.serving.grpc_status import http_status_of
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_inputs, completion_inputs
 from nlora_serve.serving.http_responses import Shaper, sse
@@ -81,7 +81,7 @@ def build_app(ctx: HttpContext) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(caller: Principal = Depends(principal)) -> dict:
-        names = [v.name for v in _versions(ctx.engine)]
+        names = [v.name for v in adapter_versions(ctx.engine) or []]
         entries = [(ctx.base_model, None)] if caller.may_use(None) else []
         entries += [(name, ctx.base_model) for name in names if caller.may_use(name) and name != ctx.base_model]
         return {"object": "list", "data": [{"id": name, "object": "model", "created": ctx.started,
@@ -138,19 +138,6 @@ def _add_error_handlers(app: FastAPI, ctx: HttpContext) -> None:
         return JSONResponse(error_body(str(exc), 500, code="engine_error"), 500)
 
 
-def _has_store(engine: Engine) -> bool:
-    try:
-        engine.adapters  # noqa: B018 - raises when the engine serves no adapters
-    except NloraError:
-        return False
-    return True
-
-
-def _versions(engine: Engine) -> list:
-    """Current adapter versions; none for an engine without an adapter store (base model only)."""
-    return engine.adapters.versions() if _has_store(engine) else []
-
-
 async def _generate(ctx: HttpContext, request: Request, caller: Principal,
                     body: CompletionRequest | ChatRequest, chat: bool) -> Response:
     """Admit one generation request and answer it whole or as an SSE stream.
@@ -166,7 +153,7 @@ async def _generate(ctx: HttpContext, request: Request, caller: Principal,
         prompt, params = chat_inputs(body, ctx.config, ctx.tokenizer)
     else:
         prompt, params = completion_inputs(body, ctx.config)
-    if adapter is not None and not _has_store(ctx.engine):
+    if adapter is not None and adapter_versions(ctx.engine) is None:
         raise AdapterNotFound(f"model {body.model!r} does not exist: this server serves no adapters")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     stream = start_request(ctx.engine, ctx.admission, prompt, params, f"{caller.name}/{rid}", adapter)
