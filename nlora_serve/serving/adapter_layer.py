@@ -48,6 +48,7 @@ class AdapterHook:
         self.native = native
         self._entries: list[tuple[object, AdapterBatch]] = []  # (pool, its batch) this step
         self._projections: dict[tuple[int, int, tuple[str, ...]], _Projection] = {}  # (pool id, layer, modules)
+
     def begin_step(self, versions: list, query_lens: list[int], device: torch.device) -> None:
         """Set up the step.
 
