@@ -1,98 +1,224 @@
-"""Ahead-of-time CUDA compile of every Triton kernel, no GPU needed (DESIGN §4).
+"""Ahead-of-time CUDA compile of every Triton kernel at the engine's launches, no GPU needed.
 
 The interpreter runs programs one after another on the CPU, so it cannot see what the GPU
-compiler rejects (e.g. tl.dot with a dimension under 16); compiling each kernel for sm_80 and
-sm_90 here catches that. Run it as ``python -m nlora_serve.kernels.aot`` (not under
-TRITON_INTERPRET=1: the kernels must be decorated as compilable JIT functions).
+compiler rejects (e.g. tl.dot with a dimension under 16) nor what the compiled code looks like.
+Here the Triton path (:func:`~nlora_serve.kernels.triton_path.apply_triton`) runs on CPU tensors
+laid out as the engine lays them out (DESIGN §4, §5): one SmolLM2-135M decoder layer, q/k/v and
+gate/up fused so every module's y is a column view, N a strided slice of the [S, sites, R, R]
+pool, tied_b the strided view W[:, :R]. Each kernel launch is captured instead of run, given the
+specialisation Triton's JIT would give the same arguments on a GPU (ints equal to 1 become
+constants, 16-divisible ints and 16-aligned pointers get the divisibility hint: this is what
+lets the compiler vectorise loads), and compiled for sm_80 and sm_90. From each cubin it reads
+what decides speed before any GPU runs it: registers per thread, spills to local memory, and
+whether the dots run on tensor cores (HMMA/HGMMA) and the loads are vectorised (LDG.64/.128).
+
+Run it as ``python -m nlora_serve.kernels.aot [ranks...]`` (not under TRITON_INTERPRET=1: the
+kernels must be decorated as compilable JIT functions).
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
-from nlora_serve.kernels.bgmv_shrink import _bgmv_shrink_kernel
-from nlora_serve.kernels.config import get_config
-from nlora_serve.kernels.mix import _mix_kernel
-from nlora_serve.kernels.sgmv_expand import _sgmv_expand_kernel
-from nlora_serve.kernels.sgmv_shrink import _sgmv_shrink_kernel
+from nlora_serve.kernels.metadata import TIED, build_adapter_batch
+from nlora_serve.kernels.triton_path import apply_triton
+from nlora_serve.kernels.weights import SiteWeights
 
-_DTYPES = {"fp32": "fp32", "bf16": "bf16"}
+# SmolLM2-135M: hidden 576, kv 192, intermediate 1536; the engine's fused GEMMs (in, module outs)
+_GROUPS = ((576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (576,)))
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_TENANTS = 64
+# Steps the engine runs: (name, tokens, how slots are drawn, families per slot)
+_STEPS = (("decode-tied", 64, "distinct", "tied"), ("decode-lora", 64, "distinct", "lora8"),
+          ("prefill-lora", 512, "one", "lora8"), ("decode-tied-bias", 64, "distinct", "tied"))
+_CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
 @dataclass(frozen=True, slots=True)
 class Compiled:
-    """One kernel variant's AOT result: sizes in bytes of its PTX and cubin."""
+    """One distinct kernel specialisation's AOT result.
+
+    ``variant`` names its boolean constexprs; ``steps`` the engine steps that launch it. Sizes
+    in bytes; ``registers`` per thread; ``spill_ops`` = local-memory loads + stores in the SASS
+    (0: nothing spilled); ``mma_ops`` tensor-core instructions; ``wide_loads`` 64/128-bit global
+    loads; ``loads`` all global loads.
+    """
 
     kernel: str
     capability: int
     dtype: str
     rank: int
     variant: str
+    steps: tuple[str, ...]
     ptx_bytes: int
     cubin_bytes: int
+    registers: int
+    spill_ops: int
+    mma_ops: int
+    wide_loads: int
+    loads: int
 
 
-def _signature(fn, dtype: str, out_dtype: str) -> dict:
-    """Every argument typed: pointers by role, ints as i32, constexprs marked."""
-    sig = {}
-    for param in fn.params:
-        name = param.name
+@dataclass(slots=True)
+class _Launch:
+    fn: JITFunction
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def _captured_launches():
+    """Within the block, ``kernel[grid](...)`` records the call instead of launching it."""
+    launches: list[_Launch] = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(_Launch(self, args, kwargs))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original
+
+
+def _specialise(launch: _Launch):
+    """(signature, constexprs, attrs, options) as Triton's JIT would build them for this call."""
+    params = launch.fn.params
+    values = dict(zip((p.name for p in params), launch.args)) | {
+        k: v for k, v in launch.kwargs.items() if k in launch.fn.arg_names}
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(params):
+        value = values[param.name]
         if param.is_constexpr:
-            sig[name] = "constexpr"
-        elif name in ("fam_ptr", "start_ptr", "len_ptr", "slot_ptr"):
-            sig[name] = "*i32"
-        elif name == "scale_ptr":
-            sig[name] = "*fp32"
-        elif name in ("out_ptr", "u_ptr"):
-            sig[name] = f"*{out_dtype}"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}"
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        kind, spec = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
+        if kind == "constexpr":
+            signature[param.name], constexprs[param.name] = "constexpr", spec
         else:
-            sig[name] = "i32"
-    return sig
+            signature[param.name] = kind
+            if spec == "D":
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    options = {k: v for k, v in launch.kwargs.items() if k in ("num_warps", "num_stages")}
+    return signature, constexprs, attrs, options
 
 
-def _variants(rank: int):
-    """(kernel, op, extra constexprs, variant name) for every specialisation the launchers use."""
-    yield _sgmv_shrink_kernel, "sgmv_shrink", {"FUSE_MIX": False}, "shrink"
-    yield _sgmv_shrink_kernel, "sgmv_shrink", {"FUSE_MIX": True}, "shrink+mix"
-    yield _bgmv_shrink_kernel, "bgmv_shrink", {"FUSE_MIX": False}, "shrink"
-    yield _bgmv_shrink_kernel, "bgmv_shrink", {"FUSE_MIX": True}, "shrink+mix"
-    yield _mix_kernel, "mix", {"HAS_BIAS": False}, "mix"
-    yield _mix_kernel, "mix", {"HAS_BIAS": True}, "mix+bias"
-    yield _sgmv_expand_kernel, "sgmv_expand", {"HAS_FAMILY": True}, "family"
-    yield _sgmv_expand_kernel, "sgmv_expand", {"HAS_FAMILY": False}, "tied"
+def _layer_sites(dtype: torch.dtype, rank: int, bias: bool, gen: torch.Generator):
+    """Per fused GEMM: (x [T-less: in], fused out width, per-module SiteWeights)."""
+    sites_total = sum(len(outs) for _, outs in _GROUPS)
+    n_all = torch.randn(_TENANTS, sites_total, rank, rank, generator=gen).to(dtype)
+    layer, site = [], 0
+    for dim_in, outs in _GROUPS:
+        weight = torch.randn(sum(outs), dim_in, generator=gen).to(dtype)
+        sites, row = [], 0
+        for out in outs:
+            a = torch.randn(8, rank, dim_in, generator=gen).to(dtype)
+            b = torch.randn(8, out, rank, generator=gen).to(dtype)
+            tied_b = weight[row:row + out, :rank]
+            sites.append(SiteWeights(n_all[:, site], a, b, tied_b=tied_b,
+                                     tied_bias=torch.randn(rank).to(dtype) if bias else None))
+            site, row = site + 1, row + out
+        layer.append((dim_in, outs, sites))
+    return layer
 
 
-def compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks=(16,)) -> list[Compiled]:
-    """Compile every kernel variant for each (capability, dtype, rank).
+def _step_launches(dtype: torch.dtype, rank: int, step: tuple) -> list[_Launch]:
+    """Every kernel launch of one decoder layer in one engine step, captured."""
+    name, tokens, draw, families = step
+    gen = torch.Generator().manual_seed(0)
+    slots = (torch.randperm(tokens, generator=gen) % _TENANTS if draw == "distinct"
+             else torch.zeros(tokens, dtype=torch.int64))
+    fams = torch.full((_TENANTS,), TIED) if families == "tied" else torch.arange(_TENANTS) % 8
+    batch = build_adapter_batch(slots, torch.full((_TENANTS,), rank), torch.ones(_TENANTS), fams)
+    with _captured_launches() as launches:
+        for dim_in, outs, sites in _layer_sites(dtype, rank, name.endswith("bias"), gen):
+            x = torch.randn(tokens, dim_in, generator=gen).to(dtype)
+            fused = torch.randn(tokens, sum(outs), generator=gen).to(dtype)
+            for view, site in zip(fused.split(list(outs), dim=1), sites):
+                apply_triton(view, x, batch, site)
+    return launches
 
-    Intermediates (z, u) are fp32, as the launchers allocate them; weights and activations are
-    ``dtype``. Raises whatever the Triton compiler raises for a kernel it rejects.
+
+def _sass_facts(cubin: bytes, workdir: Path) -> dict:
+    """Registers, spill instructions, tensor-core and wide-load counts read from a cubin."""
+    path = workdir / "kernel.cubin"
+    path.write_bytes(cubin)
+    usage = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", path], capture_output=True,
+                           text=True, check=True).stdout
+    sass = subprocess.run([_CUOBJDUMP, "--dump-sass", path], capture_output=True, text=True,
+                          check=True).stdout
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "spill_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+            "mma_ops": len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass)),
+            "wide_loads": len(re.findall(r"\bLDG\.E\.(?:64|128)\b", sass)),
+            "loads": len(re.findall(r"\bLDG\b", sass))}
+
+
+def compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks=(16,),
+                workdir: Path | None = None) -> list[Compiled]:
+    """Compile every distinct kernel specialisation the engine's steps launch.
+
+    For each (capability, dtype, rank): the launches of one decoder layer in each step of
+    ``_STEPS`` (tied decode, LoRA decode and prefill, tied with a bias), deduplicated by
+    specialisation. Intermediates (z, u) are fp32, as the launchers allocate them.
+
+    Raises:
+        whatever the Triton compiler raises for a kernel it rejects;
+        subprocess.CalledProcessError: cuobjdump failed on a cubin.
     """
+    import tempfile
+
     done = []
-    for cap in capabilities:
-        target = GPUTarget("cuda", cap, 32)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(workdir or tmp)
         for dtype in dtypes:
             for rank in ranks:
-                for fn, op, extra, variant in _variants(rank):
-                    cfg = get_config(op, rank)
-                    consts = {k: v for k, v in cfg.items() if k in fn.arg_names} | extra
-                    src = ASTSource(fn=fn, signature=_signature(fn, _DTYPES[dtype], "fp32"),
-                                    constexprs=consts)
-                    binary = triton.compile(src, target=target,
-                                            options={"num_warps": cfg["num_warps"]})
-                    done.append(Compiled(fn.__name__, cap, dtype, rank, variant,
-                                         len(binary.asm["ptx"]), len(binary.asm["cubin"])))
+                variants: dict = {}
+                for step in _STEPS:
+                    for launch in _step_launches(_DTYPES[dtype], rank, step):
+                        sig, consts, attrs, options = _specialise(launch)
+                        key = (launch.fn.__name__, repr(sorted(sig.items())),
+                               repr(sorted(consts.items())), repr(sorted(attrs.items())),
+                               repr(sorted(options.items())))
+                        entry = variants.setdefault(key, [launch.fn, sig, consts, attrs, options, []])
+                        if step[0] not in entry[5]:
+                            entry[5].append(step[0])
+                for cap in capabilities:
+                    target = GPUTarget("cuda", cap, 32)
+                    for fn, sig, consts, attrs, options, steps in variants.values():
+                        binary = triton.compile(ASTSource(fn, sig, consts, attrs), target=target,
+                                                options=options)
+                        flags = ",".join(k for k, v in sorted(consts.items())
+                                         if isinstance(v, bool) and v) or "-"
+                        done.append(Compiled(fn.__name__, cap, dtype, rank, flags, tuple(steps),
+                                             len(binary.asm["ptx"]), len(binary.asm["cubin"]),
+                                             **_sass_facts(binary.asm["cubin"], work)))
     return done
 
 
+def main() -> None:
+    ranks = tuple(int(a) for a in sys.argv[1:]) or (16, 64)
+    print(f"{'target':6} {'dtype':5} {'r':>3} {'kernel':20} {'flags':17} {'regs':>4} {'spill':>5} "
+          f"{'mma':>4} {'ldg wide/all':>12}  steps")
+    for c in compile_all(ranks=ranks):
+        print(f"sm_{c.capability:<3} {c.dtype:5} {c.rank:3d} {c.kernel:20} {c.variant:17} "
+              f"{c.registers:4d} {c.spill_ops:5d} {c.mma_ops:4d} {c.wide_loads:5d}/{c.loads:<6d}"
+              f"  {' '.join(c.steps)}")
+
+
 if __name__ == "__main__":
-    for c in compile_all(ranks=tuple(int(a) for a in sys.argv[1:]) or (16,)):
-        print(f"sm_{c.capability} {c.dtype} r={c.rank} {c.kernel:22s} {c.variant:11s} "
-              f"ptx {c.ptx_bytes:7d} B  cubin {c.cubin_bytes:7d} B")
+    main()

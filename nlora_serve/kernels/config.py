@@ -48,6 +48,13 @@ def _config(op: str, rank: int, device_name: str) -> dict:
     cfg = dict(_DEFAULTS[op])
     cfg.update(_device_file(device_name).get(op, {}).get(str(rank), {}))
     cfg["BLOCK_R"] = block_r(rank)
+    if op == "sgmv_shrink":
+        # Chosen by `python -m nlora_serve.kernels.aot` (registers and spills per cubin): the
+        # fused mix's fp32 FMA dot spills at R ≥ 64 with four warps or a wider N chunk.
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, 4096 // cfg["BLOCK_R"]))
+        cfg["BLOCK_I"] = 16
+        if cfg["BLOCK_R"] >= 64:
+            cfg["num_warps"] = max(cfg["num_warps"], 8)
     if op == "bgmv_shrink":  # an [R, K] tile of A per step: keep it near 8K elements
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, 8192 // cfg["BLOCK_R"]))
     if op == "mix":  # keep the [BLOCK_T, BLOCK_R, BLOCK_I] product tile near 4K elements

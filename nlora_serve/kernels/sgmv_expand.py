@@ -32,6 +32,10 @@ def _sgmv_expand_kernel(
         mask_n = offs_n < N
         u = load_tile(u_ptr, offs_t, offs_r, su_t, su_r, mask_t, mask_r)  # [BT, BR]
         bt = load_tile(b_ptr + fam * sb_f, offs_r, offs_n, sb_r, sb_n, mask_r, mask_n)
+        if bt.dtype != tl.float32:
+            # Narrow B (bf16/fp16): u narrowed too, so the dot runs on tensor cores (fp32
+            # accumulate), as the CPU path's expand does; an fp32 u would force FMA units.
+            u = u.to(bt.dtype)
         acc = dot_f32(u, bt)  # [BT, BN]
         slots = tl.load(slot_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
         acc *= tl.load(scale_ptr + slots, mask=mask_t, other=0.0)[:, None]
@@ -49,10 +53,11 @@ def sgmv_expand(u: torch.Tensor, b_pool: torch.Tensor, seg_start: torch.Tensor,
 
     Semantics: y[t] += slot_scalings[tok_slot[t]] · B[f][:, :R] · u[t] for t in run i,
     f = seg_family[i] (0 when seg_family is None: the tied path's single B = W[:, :R]);
-    R = u.shape[1]; rows of tokens in no run are untouched. fp32 inside; y modified in place.
+    R = u.shape[1]; rows of tokens in no run are untouched; y modified in place. Accumulates
+    in fp32; with a bf16/fp16 b_pool, u is rounded to that dtype first (tensor-core dot).
 
     Args:
-        u: [T, R] float (fp32 recommended), any strides; must not overlap y.
+        u: [T, R] float (fp32 keeps fp32 runs exact), any strides; must not overlap y.
         b_pool: [F, out, ≥R] same dtype as y, any strides.
         seg_start, seg_len: [Ns] int32; seg_family: [Ns] int32 or None. max_seg_len: tokens.
         tok_slot: [T] int32 (valid for tokens in runs). slot_scalings: [S] float32.

@@ -17,7 +17,7 @@ def _sgmv_shrink_kernel(
         K, R,
         sx_t, sx_k, sa_f, sa_r, sa_k, sn_s, sn_i, sn_j, so_t, so_r,
         FUSE_MIX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_R: tl.constexpr):
+        BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     run, blk = tl.program_id(0), tl.program_id(1)
     length = tl.load(len_ptr + run)
     if blk * BLOCK_T < length:
@@ -35,10 +35,17 @@ def _sgmv_shrink_kernel(
             xt = load_tile(x_ptr, offs_t, offs_k, sx_t, sx_k, mask_t, mask_k)  # [BT, BK]
             at = load_tile(a_ptr + fam * sa_f, offs_k, offs_r, sa_k, sa_r, mask_k, mask_r)
             acc += dot_f32(xt, at)  # [BT, BR]
-        if FUSE_MIX:  # u = z Nᵀ: one N per run, so the mix is one more small dot
-            nt = load_tile(n_ptr + slot * sn_s, offs_r, offs_r, sn_j, sn_i, mask_r, mask_r)
-            acc = dot_f32(acc, nt.to(tl.float32))
-        store_tile(out_ptr, acc, offs_t, offs_r, so_t, so_r, mask_t, mask_r)
+        if FUSE_MIX:
+            # u = z Nᵀ: one N per run, so the mix is one more small dot, BLOCK_I output columns
+            # at a time: a whole [R, R] fp32 tile of N next to acc spills registers at R ≥ 64.
+            for i0 in tl.static_range(0, BLOCK_R, BLOCK_I):
+                offs_i = i0 + tl.arange(0, BLOCK_I)
+                mask_i = offs_i < R
+                nt = load_tile(n_ptr + slot * sn_s, offs_r, offs_i, sn_j, sn_i, mask_r, mask_i)
+                u = dot_f32(acc, nt.to(tl.float32))  # [BT, BI]
+                store_tile(out_ptr, u, offs_t, offs_i, so_t, so_r, mask_t, mask_i)
+        else:
+            store_tile(out_ptr, acc, offs_t, offs_r, so_t, so_r, mask_t, mask_r)
 
 
 def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, slot_families: torch.Tensor,
@@ -78,5 +85,5 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, slot_families: torch.Tens
         x, a_pool, n, slot_families, seg_start, seg_len, seg_slot, out, x.shape[1], rank,
         x.stride(0), x.stride(1), *a_pool.stride(), *n.stride()[:3], out.stride(0), out.stride(1),
         FUSE_MIX=n_pool is not None, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"])
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_I=cfg["BLOCK_I"], num_warps=cfg["num_warps"])
     return out

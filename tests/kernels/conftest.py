@@ -3,11 +3,16 @@
 Triton decides interpreter-or-compiler when a kernel is decorated (at import of its module), so
 the flag is set here, before any test module imports a kernel. Only tests/kernels imports the
 Triton modules; the AOT compile test runs in a subprocess without the flag.
+
+On a CUDA machine, ``NLORA_TEST_DEVICE=cuda`` leaves the flag unset and the composed-path test
+(``-k triton_path_against_truth``) runs the compiled kernels on the GPU (bench/gpu_check.sh).
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+INTERPRET = os.environ.get("NLORA_TEST_DEVICE", "cpu") == "cpu"
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -31,4 +36,5 @@ def _create_dot_bf16_safe(self, a, b, d, input_precision, max_num_imprecise_acc)
                        max_num_imprecise_acc)
 
 
-_interp.InterpreterBuilder.create_dot = _create_dot_bf16_safe
+if INTERPRET:
+    _interp.InterpreterBuilder.create_dot = _create_dot_bf16_safe

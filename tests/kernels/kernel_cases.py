@@ -7,6 +7,7 @@ per-slot matrices (not from the pools or the metadata): delta[t] = s · B N A x[
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from nlora_serve.kernels import SiteWeights, build_adapter_batch
 from nlora_serve.kernels.metadata import TIED
 
+TEST_DEVICE = os.environ.get("NLORA_TEST_DEVICE", "cpu")  # see conftest.py
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 DISTS = ("distinct", "one", "zipf", "skewed", "with_none", "none")
 PATHS = ("tied", "own", "shared", "mixed")
@@ -66,12 +68,13 @@ def _family_of(path: str, slot: int, gen: torch.Generator) -> int:
 def make_case(seed: int, num_tokens: int, dim_in: int, dim_out: int, ranks: tuple[int, ...],
               dist: str, path: str, dtype: torch.dtype, *, width: int | None = None,
               bias: bool = False, fused: bool = False, num_used: int | None = None,
-              scaling: float | None = None, tied_bt: bool = False) -> Case:
+              scaling: float | None = None, tied_bt: bool = False, device: str = "cpu") -> Case:
     """One random batch: ``num_used`` tenants (default min(T, 12)) plus 3 NaN-filled free slots.
 
     ranks: cycled over the slots (mixed ranks); width: the pools' rank width R (≥ max rank);
     scaling: one scaling for every slot (default: random per slot); tied_bt: hand the site a
-    contiguous copy of tied_b's transpose, as TiedPool does.
+    contiguous copy of tied_b's transpose, as TiedPool does. device: where x, y and the pools
+    live (drawn on the CPU, so a case is the same on every device); truth stays on the CPU.
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -121,13 +124,15 @@ def make_case(seed: int, num_tokens: int, dim_in: int, dim_out: int, ranks: tupl
     fams[num_used:] = 10_000
     slots = draw_slots(gen, num_tokens, num_used, dist)
     y_base = (x.double() @ weight.double().t()) + (0 if b_vec is None else b_vec.double())
-    y = _output_buffer(y_base.to(dtype), fused)
+    y = _output_buffer(y_base.to(dtype).to(device), fused)
     truth = torch.zeros(num_tokens, dim_out, dtype=torch.float64)
     for t in range(num_tokens):
         s = int(slots[t])
         if s >= 0:
             z = a_raw[s].double() @ x[t].double()
             truth[t] = float(scal[s]) * (b_raw[s].double() @ (n_raw[s].double() @ z))
+    x, weight, n_pool, a_pool, b_pool = (t.to(device) for t in (x, weight, n_pool, a_pool, b_pool))
+    b_vec = None if b_vec is None else b_vec.to(device)
     site = SiteWeights(n_pool=n_pool, a_pool=a_pool, b_pool=b_pool, tied_b=weight[:, :width],
                        tied_bias=None if b_vec is None else b_vec[:width],
                        tied_bt=weight[:, :width].t().contiguous() if tied_bt else None)
@@ -138,7 +143,7 @@ def _output_buffer(y: torch.Tensor, fused: bool) -> torch.Tensor:
     """y itself, or y placed as a column view inside a wider fused output (like qkv)."""
     if not fused:
         return y.clone()
-    wide = torch.full((y.shape[0], y.shape[1] + 37), float("nan"), dtype=y.dtype)
+    wide = torch.full((y.shape[0], y.shape[1] + 37), float("nan"), dtype=y.dtype, device=y.device)
     wide[:, 11:11 + y.shape[1]] = y
     return wide[:, 11:11 + y.shape[1]]
 

@@ -4,7 +4,7 @@ composed Triton path against the per-token float64 truth. CI-sized grid; outputs
 import pytest
 import torch
 
-from kernel_cases import TOL, delta_error, make_case
+from kernel_cases import TEST_DEVICE, TOL, delta_error, make_case
 from nlora_serve.kernels import reference as ref
 from nlora_serve.kernels.bgmv_shrink import bgmv_shrink
 from nlora_serve.kernels.mix import mix
@@ -34,9 +34,11 @@ def poisoned(num, rank):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fuse", (False, True))
-@pytest.mark.parametrize("dist", ("one", "with_none"))
-def test_sgmv_shrink(dist, fuse, dtype):
-    case = make_case(6000 + fuse, 41, 577, 131, (16, 5), dist, "own", dtype, width=20)
+@pytest.mark.parametrize("dist,ranks", (("one", (16, 5)), ("with_none", (16, 5)),
+                                        ("one", (64, 5))))
+def test_sgmv_shrink(dist, ranks, fuse, dtype):
+    # rank 64: the fused mix runs in four 16-column chunks of N (config: no register spills)
+    case = make_case(6000 + fuse, 41, 577, 131, ranks, dist, "own", dtype, width=max(ranks) + 4)
     b, s = case.batch(), case.site
     n = s.n_pool if fuse else None
     r = b.max_rank
@@ -103,13 +105,16 @@ CASES = [  # (path, dist, T, (in, out), ranks, extras): decode (BGMV) and prefil
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("path,dist,num,shape,ranks,extra", CASES)
 def test_triton_path_against_truth(path, dist, num, shape, ranks, extra, dtype):
-    case = make_case(7000 + num, num, *shape, ranks, dist, path, dtype, **extra)
-    b = case.batch()
-    before = case.y.clone()
+    # The one test that also runs compiled on a GPU (NLORA_TEST_DEVICE=cuda, conftest.py).
+    case = make_case(7000 + num, num, *shape, ranks, dist, path, dtype, device=TEST_DEVICE,
+                     **extra)
+    b = case.batch(device=TEST_DEVICE)
+    before = case.y.to("cpu", copy=True)
     apply_triton(case.y, case.x, b, case.site)
+    after = case.y.cpu()
     rows = case.token_slots >= 0
-    assert not torch.isnan(case.y).any()
-    assert torch.equal(case.y[~rows], before[~rows])
-    assert delta_error(before, case.y, case.truth) <= TOL[dtype]
+    assert not torch.isnan(after).any()
+    assert torch.equal(after[~rows], before[~rows])
+    assert delta_error(before, after, case.truth) <= TOL[dtype]
     if dist == "one" and num >= 16:
         assert b.max_seg_len >= 16  # this case exercises the SGMV shrink
