@@ -8,9 +8,15 @@ base is four ``F.linear`` GEMMs and each module's y is a column view of its fuse
 path the adapter time of one whole layer on precomputed base outputs (seven ``apply_adapters``
 calls; ``tied64_native``: four calls of the native CPU op, one per fused output, as the engine
 runs tied tenants on the CPU) is divided by the time of the same layer's base GEMMs at the same T. Base and paths are timed in interleaved rounds and
-the median round is kept, so a noisy shared machine moves both sides alike. On CUDA it also
-prints achieved bandwidth against a device-to-device copy and FLOP rate against a large GEMM,
-both measured in the same run. Writes bench/out/kernels.json.
+the median round is kept, so a noisy shared machine moves both sides alike.
+
+On CUDA every run is captured once into a CUDA graph and timed by replay (GPU time, no Python
+launch overhead), the default token counts add 4096 and 16384 (sizes where a launch runs well
+past its fixed cost), and each path also gets its bounding rate: the larger of its minimum bytes
+over the device-to-device copy bandwidth and its FLOPs over the GEMM rate of its dtype (bf16 on
+tensor cores; fp32 with TF32 off, as the kernels' "ieee" dots), both measured in the same run;
+`of bound` = bound time / measured time (issue 4's GPU target: tied and family >= 70%).
+Writes bench/out/kernels.json.
 """
 
 from __future__ import annotations
@@ -48,6 +54,19 @@ def _time(fn, device: str, iters: int) -> float:
         fn()
     _sync(device)
     return (time.perf_counter() - start) / iters
+
+
+def _graphed(fn):
+    """fn captured once into a CUDA graph; the returned callable replays it (GPU time only)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up: Triton compiles outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _layer(dtype, device, gen):
@@ -135,6 +154,8 @@ def bench_one(dtype_name: str, num_tokens: int, device: str, rounds: int, native
     slots = torch.randperm(num_tokens, generator=gen) % TENANTS
     facts = (torch.full((TENANTS,), RANK), torch.ones(TENANTS),
              torch.full((TENANTS,), TIED))
+    if device == "cuda":  # the metadata build copies from the host: not capturable, left as is
+        runs = {k: _graphed(fn) for k, fn in runs.items()}
     runs["metadata"] = lambda: build_adapter_batch(slots, *facts, device=device)
     iters = max(3, int(2e-2 / max(_time(runs["base"], device, 3), 1e-6)))
     samples = {k: [] for k in runs}
@@ -145,29 +166,45 @@ def bench_one(dtype_name: str, num_tokens: int, device: str, rounds: int, native
 
 
 def _cuda_rates(device: str) -> dict:
-    """Copy bandwidth (bytes/s) and bf16 GEMM rate (FLOP/s) of this GPU, measured now."""
-    src = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    """Copy bandwidth (bytes/s) and GEMM rates (FLOP/s, bf16 and fp32 without TF32), now."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
+    _time(lambda: dst.copy_(src), device, 3)
     copy = _time(lambda: dst.copy_(src), device, 20)
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    mm = _time(lambda: a @ a, device, 10)
-    return {"copy_bytes_per_s": 2 * src.numel() / copy, "gemm_flop_per_s": 2 * 8192 ** 3 / mm}
+    rates = {"copy_bytes_per_s": 2 * src.numel() / copy}
+    torch.backends.cuda.matmul.allow_tf32 = False  # the kernels' fp32 dots are "ieee"
+    for name, dtype in DTYPES.items():
+        a = torch.randn(8192, 8192, device=device, dtype=dtype)
+        _time(lambda: a @ a, device, 3)
+        rates[f"gemm_{name}_flop_per_s"] = 2 * 8192 ** 3 / _time(lambda: a @ a, device, 10)
+    return rates
 
 
-def _min_bytes(path: str, num_tokens: int, elem: int) -> float:
-    """Bytes the path must move per layer: y read+written for adapted rows, N per token, B, A."""
-    per_site = 0
+def _min_work(path: str, num_tokens: int, elem: int) -> tuple[float, float]:
+    """(bytes, FLOPs) a path cannot do without, per layer.
+
+    Bytes: y read and written for every adapted row, each distinct N, A and B once, x once for
+    a path with a shrink (the tied path reads z from y's rows it rewrites anyway). FLOPs:
+    2·T·(in·r + r² + r·out) per module (no shrink on the tied path).
+    """
+    if path == "none":
+        return 0.0, 0.0
+    families = {"lora8": 8, "one": 1}.get(path, 1)
+    nbytes = flops = 0.0
     for dim_in, out in SHAPES:
-        per_site += 2 * num_tokens * out * elem + num_tokens * RANK * RANK * elem
-        per_site += out * RANK * elem * (8 if path == "lora8" else 1)
+        nbytes += 2 * num_tokens * out * elem + min(num_tokens, TENANTS) * RANK * RANK * elem
+        nbytes += families * out * RANK * elem
+        flops += 2 * num_tokens * (RANK * RANK + RANK * out)
         if not path.startswith("tied64"):
-            per_site += num_tokens * dim_in * elem + RANK * dim_in * elem
-    return 0.0 if path == "none" else per_site
+            nbytes += num_tokens * dim_in * elem + families * RANK * dim_in * elem
+            flops += 2 * num_tokens * dim_in * RANK
+    return nbytes, flops
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--tokens", type=int, nargs="+",
+                        help="tokens per step (default: 64 512; on CUDA also 4096 16384)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -177,25 +214,35 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rates = _cuda_rates(device) if device == "cuda" else {}
+    tokens = args.tokens or ([64, 512, 4096, 16384] if device == "cuda" else [64, 512])
     native = load_native(args.out.parent / "kernels-build") if device == "cpu" else None
     rows = []
     print(f"device {device}, torch threads {torch.get_num_threads()}, r={RANK}, one decoder layer "
           f"(7 projections) of the default model; ratio = adapter / base GEMMs")
-    print(f"{'dtype':5} {'T':>4} {'path':12} {'layer us':>9} {'base us':>9} {'ratio':>7}")
+    if rates:
+        print(f"measured now: copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), GEMM "
+              f"bf16 {rates['gemm_bf16_flop_per_s'] / 1e12:.0f} / fp32 "
+              f"{rates['gemm_fp32_flop_per_s'] / 1e12:.1f} TFLOP/s; CUDA-graph replay times")
+    print(f"{'dtype':5} {'T':>5} {'path':12} {'layer us':>9} {'base us':>9} {'ratio':>7}")
     for dtype_name in args.dtypes:
-        for num_tokens in args.tokens:
+        for num_tokens in tokens:
             t = bench_one(dtype_name, num_tokens, device, args.rounds, native)
             for path in [p for p in (*PATHS, "tied64_native", "metadata") if p in t]:
                 row = {"dtype": dtype_name, "tokens": num_tokens, "path": path,
                        "layer_s": t[path], "base_s": t["base"], "ratio": t[path] / t["base"]}
-                if rates and path != "metadata":
-                    elem = DTYPES[dtype_name].itemsize
-                    row["bytes_per_s"] = _min_bytes(path, num_tokens, elem) / t[path]
-                    row["of_copy_bw"] = row["bytes_per_s"] / rates["copy_bytes_per_s"]
+                if rates and path not in ("metadata", "none"):
+                    nbytes, flops = _min_work(path, num_tokens, DTYPES[dtype_name].itemsize)
+                    bound = max(nbytes / rates["copy_bytes_per_s"],
+                                flops / rates[f"gemm_{dtype_name}_flop_per_s"])
+                    row.update(bytes_per_s=nbytes / t[path], flop_per_s=flops / t[path],
+                               bound_s=bound, of_bound=bound / t[path])
                 rows.append(row)
-                extra = f"  {row['of_copy_bw']:.0%} of copy bw" if "of_copy_bw" in row else ""
+                extra = ""
+                if "of_bound" in row:
+                    extra = (f"  {row['bytes_per_s'] / 1e9:7.1f} GB/s {row['flop_per_s'] / 1e12:6.1f}"
+                             f" TFLOP/s  {row['of_bound']:4.0%} of bound")
                 note = "  (per step, all 30 layers)" if path == "metadata" else ""
-                print(f"{dtype_name:5} {num_tokens:4d} {path:12} {t[path] * 1e6:9.1f} "
+                print(f"{dtype_name:5} {num_tokens:5d} {path:12} {t[path] * 1e6:9.1f} "
                       f"{t['base'] * 1e6:9.1f} {row['ratio']:7.3f}{extra}{note}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": device, "threads": torch.get_num_threads(),
