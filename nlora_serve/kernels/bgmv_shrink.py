@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nlora_serve.kernels.config import get_config
+from nlora_serve.kernels.config import device_config_name, get_config
 from nlora_serve.kernels.launch import check_float, check_index, check_rows
 
 
@@ -68,7 +68,7 @@ def bgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, tok_family: torch.Tensor,
         return out
     n = a_pool if n_pool is None else n_pool  # placeholder pointer when unused
     slots = tok_family if tok_slot is None else tok_slot
-    cfg = get_config("bgmv_shrink", rank)
+    cfg = get_config("bgmv_shrink", rank, device_config_name(out.device))
     _bgmv_shrink_kernel[(x.shape[0],)](
         x, a_pool, n, tok_family, slots, out, x.shape[1], rank, x.stride(0), x.stride(1),
         *a_pool.stride(), *n.stride()[:3], out.stride(0), out.stride(1),

@@ -1,7 +1,9 @@
 """Launch configurations: cached defaults per op and shape, no autotuning on the serving path.
 
-A per-device JSON file (``configs/<device name>.json``, written by an offline tuning script)
-may override a default: ``{"<op>": {"<rank width>": {"BLOCK_K": 64, ...}}}``. None ships yet.
+A per-device JSON file (``configs/<device name>.json``, spaces as underscores, e.g.
+``configs/NVIDIA_H200.json``, written after timing on that GPU) may override a default:
+``{"<op>": {"<rank width>": {"BLOCK_K": 64, ...}}}``; the launchers look it up by the name of the
+CUDA device their tensors are on. None ships yet (no GPU has been lent to measure one).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+
+import torch
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -30,6 +34,18 @@ def block_r(rank: int) -> int:
 def _device_file(device_name: str) -> dict:
     path = _CONFIG_DIR / f"{device_name.replace(' ', '_')}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def device_config_name(device: torch.device) -> str:
+    """The name a device's config file goes by: the CUDA device's name, else ``"default"``."""
+    if device.type != "cuda":
+        return "default"
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def get_config(op: str, rank: int, device_name: str = "default") -> dict:

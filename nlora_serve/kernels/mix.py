@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from nlora_serve.kernels._triton_helpers import load_tile, store_tile
-from nlora_serve.kernels.config import get_config
+from nlora_serve.kernels.config import device_config_name, get_config
 from nlora_serve.kernels.launch import check_float, check_index, check_rows
 
 
@@ -67,7 +67,7 @@ def mix(z: torch.Tensor, n_pool: torch.Tensor, tok_slot: torch.Tensor, out: torc
     num = z.shape[0]
     if num == 0:
         return out
-    cfg = get_config("mix", rank)
+    cfg = get_config("mix", rank, device_config_name(out.device))
     grid = (triton.cdiv(num, cfg["BLOCK_T"]),)
     _mix_kernel[grid](
         z, n_pool, tok_slot, z if bias is None else bias, out, num, rank, z.stride(0), z.stride(1),

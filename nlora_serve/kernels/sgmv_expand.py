@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from nlora_serve.kernels._triton_helpers import dot_f32, load_tile
-from nlora_serve.kernels.config import get_config
+from nlora_serve.kernels.config import device_config_name, get_config
 from nlora_serve.kernels.launch import check_float, check_index, check_rows
 
 
@@ -77,7 +77,7 @@ def sgmv_expand(u: torch.Tensor, b_pool: torch.Tensor, seg_start: torch.Tensor,
         raise TypeError(f"slot_scalings must be float32, got {slot_scalings.dtype}")
     if seg_start.numel() == 0 or max_seg_len == 0:
         return y
-    cfg = get_config("sgmv_expand", rank)
+    cfg = get_config("sgmv_expand", rank, device_config_name(y.device))
     grid = (seg_start.numel(), triton.cdiv(max_seg_len, cfg["BLOCK_T"]),
             triton.cdiv(y.shape[1], cfg["BLOCK_N"]))
     _sgmv_expand_kernel[grid](

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from nlora_serve.kernels._triton_helpers import dot_f32, load_tile, store_tile
-from nlora_serve.kernels.config import get_config
+from nlora_serve.kernels.config import device_config_name, get_config
 from nlora_serve.kernels.launch import check_float, check_index, check_rows
 
 
@@ -79,7 +79,7 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, slot_families: torch.Tens
     if seg_start.numel() == 0 or max_seg_len == 0:
         return out
     n = a_pool if n_pool is None else n_pool  # placeholder pointer when unused
-    cfg = get_config("sgmv_shrink", rank)
+    cfg = get_config("sgmv_shrink", rank, device_config_name(out.device))
     grid = (seg_start.numel(), triton.cdiv(max_seg_len, cfg["BLOCK_T"]))
     _sgmv_shrink_kernel[grid](
         x, a_pool, n, slot_families, seg_start, seg_len, seg_slot, out, x.shape[1], rank,
