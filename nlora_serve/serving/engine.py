@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.registry import AdapterVersion
-from nlora_serve.errors import AdapterError
+from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import BaseModel
 from nlora_serve.serving.config import EngineConfig
 from nlora_serve.serving.engine_core import EngineCore, RequestOutput
@@ -33,6 +33,15 @@ class EngineError(RuntimeError):
     """The engine failed while running a request (the message says what happened)."""
 
 
+class RequestAborted(NloraError):
+    """The engine aborted a running request for a reason its client should see (a forced unload
+    of its adapter, engine shutdown); the message says which. Never raised for an abort the
+    consumer asked for itself (closing or cancelling its stream)."""
+
+
+SHUTDOWN_REASON = "the engine shut down while this request ran; the request was aborted"
+
+
 class RequestStream:
     """The async stream of one request's deltas, ending with a finished one.
 
@@ -41,7 +50,8 @@ class RequestStream:
     first ``__anext__``, which would leave such a request running to its end. A cancellation
     while waiting for a delta aborts it too.
 
-    Raises (from ``__anext__``): EngineError when the engine failed while running the request.
+    Raises (from ``__anext__``): EngineError when the engine failed while running the request;
+    RequestAborted when the engine aborted it with a reason (the last delta's ``error``).
     """
 
     def __init__(self, request_id: str, deltas: asyncio.Queue, abort: Callable[[str], None]) -> None:
@@ -65,6 +75,8 @@ class RequestStream:
             self._done = True
         if out.finish_reason == "error":
             raise EngineError(f"request {self.request_id} failed: {out.error}")
+        if out.finish_reason == "abort" and out.error is not None:
+            raise RequestAborted(out.error)
         return out
 
     async def aclose(self) -> None:
@@ -88,19 +100,36 @@ class Engine(abc.ABC):
         :class:`RequestStream`.
 
         Raises:
-            RequestError: invalid prompt or parameters (at once, nothing queued).
+            RequestError: invalid prompt or parameters, or a prompt plus max_tokens over
+                max_model_len (:func:`check_request`; at once, nothing queued, no KV block used).
             AdapterNotFound: no adapter of that name (never the base model instead).
             PoolFull: no adapter slot free now.
             EngineError: from the stream, when the engine failed while running the request.
+            RequestAborted: from the stream, when the engine aborted the request with a reason.
+        """
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """Prompt plus generated tokens per request at most (tokens)."""
+
+    @abc.abstractmethod
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """The token ids :meth:`add_request` would run for ``prompt`` (safe from any thread).
+
+        Raises:
+            RequestError: see :func:`prompt_ids`.
         """
 
     @abc.abstractmethod
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
-        """Stop admitting requests for ``name``; in-flight ones finish, or abort with ``force``."""
+        """Stop admitting requests for ``name``; in-flight ones finish, or with ``force`` abort, their
+        streams raising RequestAborted that names the adapter version (:func:`unloaded_reason`)."""
 
     @abc.abstractmethod
-    def abort(self, request_id: str) -> None:
-        """Stop a request; its stream ends with finish_reason "abort". Unknown ids are ignored."""
+    def abort(self, request_id: str, reason: str | None = None) -> None:
+        """Stop a request; its stream ends with finish_reason "abort", or with ``reason`` raises
+        RequestAborted(reason). Unknown ids are ignored."""
 
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
@@ -132,6 +161,13 @@ class LLMEngine(Engine):
             raise AdapterError("this engine serves no adapters: start it with an adapter store (--adapter-dir)")
         return self.core.adapters
 
+    @property
+    def max_model_len(self) -> int:
+        return self.core.config.scheduler.max_model_len
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        return prompt_ids(prompt, self.tokenizer, self._lock)
+
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
         version = self.adapters.unload(name)
         if force:
@@ -144,8 +180,8 @@ class LLMEngine(Engine):
         if self._stopping:
             raise EngineError("engine is shut down")
         params = params if params is not None else SamplingParams()
-        ids = prompt_ids(prompt, self.tokenizer, self._lock)
-        self.core.validate(ids)
+        ids = self.prompt_ids(prompt)
+        self.core.validate(ids, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._sinks:
             raise RequestError(f"request_id {rid!r} is already running")
@@ -168,8 +204,8 @@ class LLMEngine(Engine):
         self._sinks.pop(rid, None)
         self.abort(rid)
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+    def abort(self, request_id: str, reason: str | None = None) -> None:
+        self._inbox.put(("abort", request_id, reason))
         self._wake.set()
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
@@ -209,7 +245,8 @@ class LLMEngine(Engine):
         return self.core.stats()
 
     def shutdown(self) -> None:
-        """Stop the step thread; requests still running end with finish_reason "abort"."""
+        """Stop the step thread; requests still running end with finish_reason "abort" and
+        :data:`SHUTDOWN_REASON` (their streams raise RequestAborted)."""
         self._stopping = True
         self._wake.set()
         self._thread.join()
@@ -236,7 +273,7 @@ class LLMEngine(Engine):
                 outputs = self.core.fail_all(f"{type(exc).__name__}: {exc}")
             self._deliver(outputs)
         self._drain_inbox()
-        self._deliver([self.core.abort(rid) for rid in list(self.core.requests)])
+        self._deliver([self.core.abort(rid, SHUTDOWN_REASON) for rid in list(self.core.requests)])
 
     def _drain_inbox(self) -> None:
         while True:
@@ -249,7 +286,7 @@ class LLMEngine(Engine):
             elif msg[0] == "abort_adapter":
                 self._deliver(self.core.abort_adapter(msg[1]))
             else:
-                out = self.core.abort(msg[1])
+                out = self.core.abort(msg[1], msg[2])
                 if out is not None:
                     self._deliver([out])
 

@@ -38,7 +38,9 @@ class RequestOutput:
     prompt_tokens: int  # usage: tokens in the prompt
     completion_tokens: int  # usage: tokens generated so far
     logprobs: list[dict[int, float]] | None = None  # per new token: {token id: log-probability}
-    error: str | None = None  # what went wrong, with finish_reason "error"
+    # what went wrong, with finish_reason "error"; with "abort", why the engine aborted the request
+    # (a forced unload, shutdown), None when its own consumer went away
+    error: str | None = None
     adapter: str | None = None  # adapter name the request runs on (None = base model)
     adapter_version: int = 0  # that adapter's version, pinned at admission (0 = base model)
     adapter_hash: str = ""  # that version's content hash ("" = base model)
@@ -90,22 +92,14 @@ class EngineCore:
         self.counters = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
                          "preemptions": 0}
 
-    def validate(self, prompt_ids: list[int]) -> None:
-        """Check a prompt without touching engine state (safe from any thread).
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Check a request without touching engine state (safe from any thread): see
+        :func:`check_request`.
 
         Raises:
-            RequestError: empty prompt, token id outside the vocabulary, or a prompt that leaves
-                no room to generate within max_model_len.
+            RequestError: from :func:`check_request`.
         """
-        max_len = self.config.scheduler.max_model_len
-        if not prompt_ids:
-            raise RequestError("prompt is empty: need at least one token")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
-            raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}); got "
-                               f"{min(prompt_ids)}..{max(prompt_ids)}")
-        if len(prompt_ids) >= max_len:
-            raise RequestError(f"prompt has {len(prompt_ids)} tokens; max_model_len={max_len} leaves no "
-                               "room to generate")
+        check_request(prompt_ids, params.max_tokens, self.vocab_size, self.config.scheduler.max_model_len)
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter=None) -> None:
         """Queue a request. ``adapter`` is its pinned AdapterVersion (None = base model); from
@@ -116,7 +110,7 @@ class EngineCore:
         """
         if request_id in self.requests:
             raise RequestError(f"request_id {request_id!r} is already running")
-        self.validate(prompt_ids)
+        self.validate(prompt_ids, params)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, gen,
                        adapter=adapter)
@@ -130,15 +124,17 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its blocks; None if it is unknown or already done."""
+    def abort(self, request_id: str, reason: str | None = None) -> RequestOutput | None:
+        """Stop a request now and free its blocks; None if it is unknown or already done.
+        ``reason`` (why the engine aborts it) goes into the last delta's ``error``."""
         req = self.requests.get(request_id)
-        return None if req is None else self._retire(req, "abort", "", [])
+        return None if req is None else self._retire(req, "abort", "", [], reason)
 
     def abort_adapter(self, name: str) -> list[RequestOutput]:
-        """Abort every request running on adapter ``name`` (a forced unload)."""
+        """Abort every request running on any version of adapter ``name`` (a forced unload); each
+        last delta says which version was unloaded (:func:`unloaded_reason`)."""
         held = [r for r in self.requests.values() if r.seq.adapter is not None and r.seq.adapter.name == name]
-        return [self._retire(r, "abort", "", []) for r in held]
+        return [self._retire(r, "abort", "", [], unloaded_reason(r.seq.adapter)) for r in held]
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with finish_reason "error" (after a failed step)."""
@@ -199,8 +195,7 @@ class EngineCore:
         text = req.detokenizer.add(token) if reason is None else ""
         if req.detokenizer.stopped:
             reason = "stop"
-        elif reason is None and (seq.num_output_tokens >= params.max_tokens
-                                 or seq.num_tokens >= self.config.scheduler.max_model_len):
+        elif reason is None and seq.num_output_tokens >= params.max_tokens:  # admission keeps it in max_model_len
             reason = "length"
         if reason is None:
             return self._output(req, text, [token], None, logprobs)
@@ -235,6 +230,42 @@ class EngineCore:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_used": self.blocks.num_used_blocks, "kv_blocks_total": self.blocks.num_blocks,
                 **self.counters}
+
+
+def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int) -> None:
+    """The admission check of a prompt and its max_tokens, before any KV block is used (both backends).
+
+    Raises:
+        RequestError: empty prompt, token id outside ``[0, vocab_size)``, or see :func:`check_context`.
+    """
+    if not prompt_ids:
+        raise RequestError("prompt is empty: need at least one token")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+        raise RequestError(f"prompt token ids must be in [0, {vocab_size}); got {min(prompt_ids)}..{max(prompt_ids)}")
+    check_context(len(prompt_ids), max_tokens, max_model_len)
+
+
+def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int) -> None:
+    """vLLM's context rule, in its words (OpenAI server, ``serving_engine._validate_input`` up to
+    vLLM 0.10): ``num_prompt + max_tokens`` tokens must fit in ``max_model_len``; with
+    ``max_tokens`` None (the rest of the context) the prompt must leave room for one token.
+
+    Raises:
+        RequestError: the request does not fit (the message gives both numbers and the limit).
+    """
+    if max_tokens is None and num_prompt >= max_model_len:
+        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                           f"{num_prompt} tokens in the messages. Please reduce the length of the messages.")
+    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
+        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                           f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the "
+                           "completion). Please reduce the length of the messages or completion.")
+
+
+def unloaded_reason(version) -> str:
+    """Why a request on the AdapterVersion ``version`` was aborted by a forced unload (both backends)."""
+    return (f"adapter {version.name!r} v{version.version} was unloaded by an operator (UnloadAdapter force=true) "
+            "while this request ran; the request was aborted")
 
 
 def _eos_ids(base: BaseModel) -> set[int]:

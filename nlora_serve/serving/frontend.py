@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.engine import Engine
-from nlora_serve.serving.engine_core import RequestOutput
+from nlora_serve.serving.engine_core import RequestOutput, check_context
 from nlora_serve.serving.grpc_status import Draining, QueueFull
 from nlora_serve.serving.metrics import RequestTimer
 from nlora_serve.serving.sampling import RequestError, SamplingParams
@@ -71,28 +72,39 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str) -> list[i
 
 
 def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> int:
-    """The request's max_tokens: ``config.default_max_tokens`` when unset (None or 0).
+    """The request's max_tokens: ``requested``, or when unset (None or 0) the server's
+    ``--max-tokens``, which :func:`start_request` lowers to the rest of the context.
 
     Raises:
         RequestError: more than the server's ``--max-tokens`` (the message names ``field``).
     """
-    max_tokens = requested or config.default_max_tokens
+    max_tokens = requested or config.max_tokens
     if max_tokens > config.max_tokens:
         raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; got {max_tokens}")
     return max_tokens
 
 
 def start_request(engine: Engine, admission: Admission, prompt: str | list[int], params: SamplingParams,
-                  engine_id: str | None, adapter: str | None) -> AsyncIterator[RequestOutput]:
+                  engine_id: str | None, adapter: str | None, max_tokens_given: bool) -> AsyncIterator[RequestOutput]:
     """Check the queue, queue the request in the engine and count it as admitted.
 
-    The caller must hand the returned stream to :func:`metered`, which releases the admission.
+    Without ``max_tokens_given``, max_tokens is the rest of the context (max_model_len - prompt
+    tokens, as vLLM), at most ``params.max_tokens`` (the server's ``--max-tokens``, see
+    :func:`max_tokens_of`). The caller must hand the returned stream to :func:`metered`, which
+    releases the admission.
 
     Raises:
-        Draining, QueueFull: from :meth:`Admission.check`. RequestError, AdapterNotFound, PoolFull:
-            from :meth:`Engine.add_request` (nothing is admitted then).
+        Draining, QueueFull: from :meth:`Admission.check`. RequestError: a prompt that leaves no
+            room to generate, min_tokens over the room left, or from :meth:`Engine.add_request`
+            (with a prompt plus max_tokens over max_model_len). AdapterNotFound, PoolFull: from
+            :meth:`Engine.add_request` (nothing is admitted then).
     """
     admission.check()
+    if not max_tokens_given:
+        prompt = engine.prompt_ids(prompt)
+        check_context(len(prompt), None, engine.max_model_len)
+        room = engine.max_model_len - len(prompt)
+        params = dataclasses.replace(params, max_tokens=min(room, params.max_tokens))
     stream = engine.add_request(prompt, params, request_id=engine_id, adapter=adapter)
     admission.enter()
     return stream

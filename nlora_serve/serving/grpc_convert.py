@@ -20,7 +20,8 @@ FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abo
 def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingParams:
     """The engine's SamplingParams for a request's ``sampling`` message.
 
-    Unset temperature is greedy; max_tokens 0 is ``config.default_max_tokens``.
+    Unset temperature is greedy; max_tokens 0 (unset) is the rest of the context, at most
+    ``config.max_tokens`` (see :func:`~nlora_serve.serving.frontend.max_tokens_of`).
 
     Raises:
         RequestError: a field out of range, or max_tokens over ``config.max_tokens``.

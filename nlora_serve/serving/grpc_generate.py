@@ -5,7 +5,13 @@ Admission (in this order, each refusal a status code and a count in
 (PERMISSION_DENIED, checked before the name is looked up, so a tenant cannot probe other tenants'
 adapter names), parameters and prompt (INVALID_ARGUMENT), draining (UNAVAILABLE), the bounded
 queue (RESOURCE_EXHAUSTED), then the engine: unknown adapter (NOT_FOUND), no adapter slot
-(RESOURCE_EXHAUSTED). The HTTP front end (http_server.py) admits the same way (frontend.py).
+(RESOURCE_EXHAUSTED). The HTTP front end (http_routes.py) admits the same way (frontend.py). A
+prompt plus max_tokens over max_model_len is INVALID_ARGUMENT, as OpenAI's API refuses it (the
+vLLM 0.32 we test against lowers max_tokens instead); max_tokens 0 (unset) is the rest of the
+context.
+
+A stream the engine aborts for a reason (a forced unload of its adapter, engine shutdown) ends
+with ABORTED and that reason as details; a failed engine step ends it with INTERNAL.
 
 Client-chosen request ids are prefixed with the caller's name inside the engine, so tenants
 never collide with (or learn about) each other's ids; responses echo the id the client sent.
@@ -23,7 +29,7 @@ from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving import grpc_convert as convert
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.engine import Engine, EngineError
+from nlora_serve.serving.engine import Engine, EngineError, RequestAborted
 from nlora_serve.serving.frontend import Admission, adapter_versions, metered, start_request
 from nlora_serve.serving.grpc_status import status_of
 from nlora_serve.serving.metrics import ServerMetrics
@@ -60,6 +66,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         msg.usage.time_to_first_token_s = timer.first or 0.0
                         msg.usage.duration_s = timer.duration
                     yield msg
+        except RequestAborted as exc:
+            await context.abort(status_of(exc)[0], str(exc))
         except EngineError as exc:
             log.error("%s", exc)
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
@@ -71,7 +79,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         params = convert.sampling_params(request.sampling, self.config)
         prompt = convert.prompt_of(request, self.tokenizer)
         engine_id = f"{principal.name}/{request.request_id}" if request.request_id else None
-        return start_request(self.engine, self.admission, prompt, params, engine_id, adapter), request.request_id
+        stream = start_request(self.engine, self.admission, prompt, params, engine_id, adapter,
+                               max_tokens_given=request.sampling.max_tokens > 0)
+        return stream, request.request_id
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext):
         try:

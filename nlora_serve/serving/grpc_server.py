@@ -14,6 +14,7 @@ Lifecycle (all on one event loop)::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import grpc
@@ -48,6 +49,10 @@ class NloraServer:
         auth: keys and grants (``Authenticator(None)``: no auth, loopback only).
         info: what GetServerInfo answers (see :func:`grpc_convert.server_info`).
         tokenizer: renders chat prompts with the model's chat template.
+
+    Raises (constructor):
+        ValueError: no auth on a non-loopback host. AdapterError: the engine serves an adapter named
+            like the base model's served name (``info.model``; see ServerConfig.check_adapter_name).
     """
 
     def __init__(self, engine: Engine, config: ServerConfig, auth: Authenticator, info: pb.ServerInfo,
@@ -55,6 +60,9 @@ class NloraServer:
         if not auth.enabled and not is_loopback(config.host):
             raise ValueError(f"no auth configured: refusing to listen on {config.host!r}; without a tenants "
                              "file the server binds only to loopback (127.0.0.1)")
+        config = dataclasses.replace(config, served_model_name=info.model)  # every servicer sees the resolved name
+        for version in adapter_versions(engine) or []:
+            config.check_adapter_name(version.name)
         self.engine, self.config = engine, config
         self.metrics = ServerMetrics(engine.stats, lambda: _residency(engine))
         self.admission = Admission(config.max_queue)

@@ -12,6 +12,7 @@ from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
+from nlora_serve.serving.engine import RequestAborted
 from nlora_serve.serving.sampling import RequestError
 
 
@@ -31,7 +32,8 @@ class NoAdapterStore(NloraError):
     """The server was started without an adapter store, so it has no adapters to manage."""
 
 
-# (exception, gRPC status code, HTTP status, rejection reason for nlora_requests_rejected_total)
+# (exception, gRPC status code, HTTP status, rejection reason for nlora_requests_rejected_total and
+# the OpenAI error ``code``; RequestAborted ends an admitted request, so it is never counted there)
 _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401, "unauthenticated"),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403, "permission_denied"),
@@ -42,6 +44,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND, 404, "not_found"),
     (VersionConflict, grpc.StatusCode.FAILED_PRECONDITION, 409, "invalid_argument"),
     (PoolFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "pool_full"),
+    (RequestAborted, grpc.StatusCode.ABORTED, 409, "aborted"),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),
 )

@@ -5,8 +5,9 @@ that names it (:class:`ParamError`), never silently ignored; a few OpenAI fields
 their no-op value only (:data:`NOOP_VALUES`: ``n=1``, ``echo=false``, ...). ``user`` (an end-user
 id for abuse tracking) is accepted and changes nothing, as at OpenAI.
 
-Defaults follow the OpenAI API: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the
-server's default (``ServerConfig.default_max_tokens``, at most ``--max-tokens``). Extensions, under vLLM's
+Defaults follow the OpenAI API: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the rest of
+the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens``: see
+:func:`~nlora_serve.serving.frontend.start_request`). Extensions, under vLLM's
 names (send them in ``extra_body``): ``top_k``, ``min_tokens``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``return_tokens_as_token_ids`` (logprob tokens as
 ``"token_id:<id>"``).
@@ -73,6 +74,11 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def max_tokens_given(self) -> bool:
+        """False when the request leaves max_tokens (and max_completion_tokens) unset."""
+        return self.max_tokens is not None or getattr(self, "max_completion_tokens", None) is not None
 
 
 class CompletionRequest(_Request):

@@ -4,22 +4,26 @@ the gRPC front end (DESIGN §6).
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-streamed),
 ``GET /v1/models`` (the base model and the adapters this key may use), ``GET /health``.
 
-A generation request is admitted like a gRPC Generate (frontend.py), in this order: key (401),
-``model`` -> adapter and grant (403, before the name is looked up), fields and prompt (400),
-draining (503), the bounded queue (429), then the engine: unknown model (404, never the base
-model instead), no adapter slot (429). Each refusal is counted in
-``nlora_requests_rejected_total{frontend="http"}``. Errors have OpenAI's shape
+A generation request is admitted like a gRPC Generate (frontend.py), in this order: key (401,
+before the body is read), ``model`` -> adapter and grant (403, before the name is looked up and
+before the other fields are validated), JSON and fields and prompt (400), draining (503), the
+bounded queue (429), then the engine: a prompt plus max_tokens over max_model_len (400, vLLM's
+words), unknown model (404, never the base model instead), no adapter slot (429). Each refusal is
+counted in ``nlora_requests_rejected_total{frontend="http"}``. Errors have OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}`` with ``code`` our rejection reason.
 
-A client that goes away frees the request at once: a closed SSE stream, or a closed connection
-while a whole response is being generated, closes the engine stream (abort, KV blocks and
-adapter pin freed).
+A request the engine aborts for a reason (a forced unload of its adapter, engine shutdown) ends
+with that reason: a 409 error (code "aborted") for a whole response, an error event
+``data: {"error": {...}}`` in an SSE stream. A client that goes away frees the request at once,
+and is no error: a closed SSE stream, or a closed connection while a whole response is being
+generated, closes the engine stream (abort, KV blocks and adapter pin freed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -28,12 +32,13 @@ from dataclasses import dataclass, field
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator, Principal
-from nlora_serve.serving.engine import Engine, EngineError
+from nlora_serve.serving.engine import Engine, EngineError, RequestAborted
 from nlora_serve.serving.frontend import Admission, adapter_versions, metered, start_request
 from nlora_serve.serving.grpc_status import http_status_of
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_inputs, completion_inputs
@@ -87,15 +92,15 @@ def build_app(ctx: HttpContext) -> FastAPI:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": ctx.started,
                                             "owned_by": "nlora-serve", "parent": parent} for name, parent in entries]}
 
+    # the body is read and validated in _generate, after the key and the grant: FastAPI would
+    # parse and validate a declared body before any dependency (a keyless bad body: 400, not 401)
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request,
-                          caller: Principal = Depends(principal)) -> Response:
-        return await _generate(ctx, request, caller, body, chat=False)
+    async def completions(request: Request) -> Response:
+        return await _generate(ctx, request, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request,
-                               caller: Principal = Depends(principal)) -> Response:
-        return await _generate(ctx, request, caller, body, chat=True)
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(ctx, request, chat=True)
 
     _add_error_handlers(app, ctx)
     return app
@@ -137,18 +142,33 @@ def _add_error_handlers(app: FastAPI, ctx: HttpContext) -> None:
     async def engine_failed(request: Request, exc: EngineError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), 500, code="engine_error"), 500)
 
+    @app.exception_handler(RequestAborted)
+    async def aborted(request: Request, exc: RequestAborted) -> JSONResponse:
+        return JSONResponse(_aborted_body(exc), http_status_of(exc)[0])  # admitted: not a refusal
 
-async def _generate(ctx: HttpContext, request: Request, caller: Principal,
-                    body: CompletionRequest | ChatRequest, chat: bool) -> Response:
+
+def _aborted_body(exc: RequestAborted) -> dict:
+    status, code = http_status_of(exc)
+    return error_body(str(exc), status, code=code)
+
+
+async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     """Admit one generation request and answer it whole or as an SSE stream.
 
     Raises:
-        NloraError: a refusal (the app's handler answers it). EngineError: the engine failed
-            before the first token.
+        NloraError: a refusal (the app's handler answers it). RequestValidationError: a body that
+            is not JSON or not a valid request. EngineError: the engine failed before the first
+            token. RequestAborted: the engine aborted the request (whole responses, or before the
+            first token).
     """
     timer = ctx.metrics.request("http")
+    caller = ctx.auth.authenticate(request.headers.items())
+    data = _json(await request.body(), request.headers.get("content-type"))
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, str):  # else the validation below refuses it
+        caller.check(None if model == ctx.base_model else model)
+    body = _validated(ChatRequest if chat else CompletionRequest, data)
     adapter = None if body.model == ctx.base_model else body.model
-    caller.check(adapter)
     if chat:
         prompt, params = chat_inputs(body, ctx.config, ctx.tokenizer)
     else:
@@ -156,13 +176,47 @@ async def _generate(ctx: HttpContext, request: Request, caller: Principal,
     if adapter is not None and adapter_versions(ctx.engine) is None:
         raise AdapterNotFound(f"model {body.model!r} does not exist: this server serves no adapters")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    stream = start_request(ctx.engine, ctx.admission, prompt, params, f"{caller.name}/{rid}", adapter)
+    stream = start_request(ctx.engine, ctx.admission, prompt, params, f"{caller.name}/{rid}", adapter,
+                           body.max_tokens_given)
     deltas = metered(stream, timer, ctx.admission)
     shaper = Shaper(rid, body.model, chat, ctx.tokenizer, params.logprobs, body.return_tokens_as_token_ids,
                     body.include_usage)
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
+
+
+def _json(raw: bytes, content_type: str | None):
+    """The parsed body, as FastAPI parses a declared one: JSON when the content type is absent or
+    JSON (``application/json``, ``application/*+json``), else the bytes (which then fail validation);
+    None when empty.
+
+    Raises:
+        RequestValidationError: not JSON (FastAPI's ``json_invalid`` error, with the character offset).
+    """
+    if not raw:
+        return None
+    kind = (content_type or "application/json").split(";")[0].strip().lower()
+    if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are no text
+        at = getattr(exc, "pos", getattr(exc, "start", 0))
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", at), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": str(exc)}}]) from None
+
+
+def _validated(kind: type[CompletionRequest] | type[ChatRequest], data) -> CompletionRequest | ChatRequest:
+    """``data`` as a ``kind`` request, validated as strictly as FastAPI would a declared body.
+
+    Raises:
+        RequestValidationError: the first field that does not validate comes first.
+    """
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:
@@ -199,6 +253,9 @@ async def _events(first, deltas: AsyncIterator, shaper: Shaper) -> AsyncIterator
             out = await anext(deltas)
     except EngineError as exc:  # headers are sent: report in-band, as OpenAI-compatible servers do
         yield sse(error_body(str(exc), 500, code="engine_error"))
+        return
+    except RequestAborted as exc:
+        yield sse(_aborted_body(exc))
         return
     if shaper.include_usage:
         yield sse(shaper.usage_chunk(out))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -25,21 +26,21 @@ from pathlib import Path
 
 from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
 from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import NloraError
 from nlora_serve.models import load_base, resolve_dtype, resolve_model
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.backend_cli import add_backend_arguments, backend_config, make_engine
 from nlora_serve.serving.config import EngineConfig, SchedulerConfig
 from nlora_serve.serving.engine import LLMEngine
-from nlora_serve.serving.example_tenants import ensure_example_tenants
+from nlora_serve.serving.example_tenants import ensure_example_tenants, example_name
 from nlora_serve.serving.grpc_convert import server_info
 from nlora_serve.serving.grpc_server import NloraServer
-from nlora_serve.serving.server_config import ServerConfig, StartupError
+from nlora_serve.serving.server_config import ServerConfig, StartupError, default_served_name
 
 log = logging.getLogger("nlora_serve.serve")
 MiB = 1 << 20
 _CONFIG_FIELD = re.compile(r"\b(?:ServerConfig|SchedulerConfig|AdapterLimits|EngineConfig)\.(\w+)")
-_DERIVED = {"default_max_tokens": "max_tokens"}  # config field -> the flag it is computed from
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +66,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                                   "one; same keys, grants and queue as gRPC (default: off)")
     a("--max-queue", type=int, default=d.max_queue, help="running + waiting requests at most; beyond that "
                                                          "RESOURCE_EXHAUSTED / HTTP 429 (default: %(default)s)")
-    a("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask (default: %(default)s)")
+    a("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask; a request without "
+                                                           "one gets the rest of the context, at most this "
+                                                           "(default: %(default)s)")
     a("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence (default: %(default)s)")
     a("--max-rank", type=int, default=DEFAULT_MAX_RANK, help="refuse adapters above this rank (default: %(default)s)")
     a("--max-adapter-bytes", type=int, default=d.max_adapter_bytes,
@@ -98,7 +101,8 @@ def build(args: argparse.Namespace):
 
     Raises:
         StartupError: a flag out of range or unusable (the message names it). AuthError: a bad
-            tenants file. ModelError: a bad model.
+            tenants file. ModelError: a bad model. AdapterError: an --adapter, example or stored
+            adapter named like the served base model (:meth:`ServerConfig.check_adapter_name`).
     """
     config, engine_config = _configs(args)
     backend = backend_config(args)
@@ -106,6 +110,8 @@ def build(args: argparse.Namespace):
     _check_adapter_dir(args.adapter_dir)
     path = resolve_model(args.model, engine_config.cache_dir)
     _check_model_len(path, args.max_model_len)
+    config = dataclasses.replace(config, served_model_name=config.served_model_name or default_served_name(path))
+    _check_adapter_names(config, args)
     base = load_base(str(path), engine_config.dtype, engine_config.cache_dir)
     with _flag_errors(args):
         engine = make_engine(engine_config, base, backend)
@@ -114,6 +120,14 @@ def build(args: argparse.Namespace):
     server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
                          base.tokenizer())
     return engine, server, examples
+
+
+def _check_adapter_names(config: ServerConfig, args: argparse.Namespace) -> None:
+    """Every adapter name the server will start with (--adapter, examples, the store) against the
+    served model name, before the model loads."""
+    names = [name for name, _ in args.adapter] + [example_name(i) for i in range(args.example_tenants)]
+    for name in names + AdapterStore(args.adapter_dir).names():
+        config.check_adapter_name(name)
 
 
 def _register_named(engine: LLMEngine, named: list[tuple[str, str]]) -> list[str]:
@@ -130,7 +144,6 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
                               served_model_name=args.served_model_name,
                               tenants_file=args.tenants_file, max_queue=args.max_queue, max_tokens=args.max_tokens,
-                              default_max_tokens=min(ServerConfig().default_max_tokens, args.max_tokens),
                               max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds)
         limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
                                adapter_memory=args.adapter_memory * MiB)
@@ -149,7 +162,7 @@ def _flag_errors(args: argparse.Namespace) -> Iterator[None]:
         yield
     except ValueError as exc:
         match = _CONFIG_FIELD.search(str(exc))
-        dest = _DERIVED.get(match.group(1), match.group(1)) if match else None
+        dest = match.group(1) if match else None
         if dest is None or not hasattr(args, dest):
             raise StartupError(str(exc)) from exc
         raise StartupError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: {exc}") from exc

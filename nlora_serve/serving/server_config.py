@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import AdapterError, NloraError
 
 LOOPBACK_NAMES = ("localhost",)
 MESSAGE_HEADROOM = 1 << 20  # bytes a message may carry beyond its payload (name, framing)
@@ -57,8 +57,9 @@ class ServerConfig:
     http_port: int | None = None  # OpenAI-compatible HTTP API port on ``host``; None = off, 0 = any free
     tenants_file: str | None = None  # auth file (JSON or TOML); None = no auth, loopback only
     max_queue: int = 256  # running + waiting requests (gRPC and HTTP) at most; beyond: RESOURCE_EXHAUSTED / 429
-    max_tokens: int = 2048  # a request's max_tokens at most; more is INVALID_ARGUMENT
-    default_max_tokens: int = 256  # max_tokens of a request that sends 0
+    # a request's max_tokens at most (more is INVALID_ARGUMENT); one that sends none gets the rest of
+    # the context (max_model_len - prompt tokens, as vLLM), at most this
+    max_tokens: int = 2048
     max_adapter_bytes: int = 256 << 20  # an upload (config + safetensors) or a swap payload, bytes
     drain_seconds: float = 30.0  # graceful shutdown: how long running streams may finish
     # the base model's name in GetServerInfo, /v1/models and HTTP ``model``; None: the model's own
@@ -66,7 +67,7 @@ class ServerConfig:
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_tokens", "default_max_tokens", "max_adapter_bytes"):
+        for name in ("max_queue", "max_tokens", "max_adapter_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ServerConfig.{name} must be a positive integer; got {value!r}")
@@ -74,9 +75,6 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= 65535):
                 raise ValueError(f"ServerConfig.{name} must be a port number in [0, 65535]; got {value!r}")
-        if self.default_max_tokens > self.max_tokens:
-            raise ValueError(f"ServerConfig.default_max_tokens ({self.default_max_tokens}) must be <= "
-                             f"max_tokens ({self.max_tokens})")
         if not self.drain_seconds >= 0:
             raise ValueError(f"ServerConfig.drain_seconds must be >= 0; got {self.drain_seconds!r}")
         if self.served_model_name is not None and not self.served_model_name.strip():
@@ -85,6 +83,21 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.host={self.host!r} is not a loopback address and no tenants "
                              "file is configured: without auth the server binds only to 127.0.0.1 "
                              "(give --tenants-file to listen on other interfaces)")
+
+    def check_adapter_name(self, name: str) -> None:
+        """Refuse an adapter name equal to the served base model name: HTTP's ``model`` field would
+        always resolve it to the base model, so the adapter could never be reached. Call it wherever
+        a name enters the server (startup's --adapter and store names, LoadAdapter, UploadAdapter),
+        with ``served_model_name`` resolved (NloraServer and the serve CLI resolve it).
+
+        Raises:
+            AdapterError: the name is the served model name (the message names both and the fix).
+        """
+        if name == self.served_model_name:
+            raise AdapterError(f"adapter name {name!r} is the served base model name (--served-model-name): "
+                               f"an HTTP request for model {name!r} runs the base model, so this adapter could "
+                               "never be reached; register it under another name or serve the base model under "
+                               "another --served-model-name")
 
     @property
     def address(self) -> str:

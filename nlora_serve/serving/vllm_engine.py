@@ -29,8 +29,8 @@ from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.serving.config import EngineConfig
-from nlora_serve.serving.engine import Engine, EngineError, RequestStream, prompt_ids
-from nlora_serve.serving.engine_core import RequestOutput
+from nlora_serve.serving.engine import SHUTDOWN_REASON, Engine, EngineError, RequestStream, prompt_ids
+from nlora_serve.serving.engine_core import RequestOutput, check_request, unloaded_reason
 from nlora_serve.serving.sampling import RequestError, SamplingParams
 from nlora_serve.serving.vllm_adapters import VllmResidency
 from nlora_serve.serving.vllm_config import FINISH, GiB, SchedulerSnapshot, VllmBackendConfig, lora_rank_limit, \
@@ -48,6 +48,7 @@ class _Job:
     future: object = None  # concurrent.futures.Future of its task on the vLLM loop
     started: bool = False  # its task runs (abort cancels it) rather than waits to start (abort ends it here)
     ended: bool = False  # its terminal path ran
+    abort_reason: str | None = None  # why the engine aborts it (forced unload, shutdown); None: its consumer left
 
 
 class VllmEngine(Engine):
@@ -144,7 +145,8 @@ class VllmEngine(Engine):
         if self._stopping:
             raise EngineError("engine is shut down")
         params = params if params is not None else SamplingParams()
-        ids = self._validate(prompt)
+        ids = self.prompt_ids(prompt)
+        check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len)
         deltas: asyncio.Queue = asyncio.Queue()
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -156,16 +158,12 @@ class VllmEngine(Engine):
             job.future = asyncio.run_coroutine_threadsafe(self._run(job, ids, params), self._loop)
         return RequestStream(rid, deltas, self.abort)
 
-    def _validate(self, prompt: str | list[int]) -> list[int]:
-        ids = prompt_ids(prompt, self.tokenizer, self._lock)
-        if not ids:
-            raise RequestError("prompt is empty: need at least one token")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}); got {min(ids)}..{max(ids)}")
-        max_len = self.config.scheduler.max_model_len
-        if len(ids) >= max_len:
-            raise RequestError(f"prompt has {len(ids)} tokens; max_model_len={max_len} leaves no room to generate")
-        return ids
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        return prompt_ids(prompt, self.tokenizer, self._lock)
 
     async def _run(self, job: _Job, ids: list[int], params: SamplingParams) -> None:
         """One request on the vLLM loop: vLLM's deltas streamed as ours, then its terminal path."""
@@ -195,7 +193,7 @@ class VllmEngine(Engine):
                     job.sink(delta)
             self._end(job, last or self._final(job, "abort", made))
         except asyncio.CancelledError:
-            self._end(job, self._final(job, "abort", made))
+            self._end(job, self._final(job, "abort", made, job.abort_reason))
         except Exception as exc:  # noqa: BLE001 - any vLLM failure ends this request with its message
             self._end(job, self._final(job, "error", made, f"{type(exc).__name__}: {exc}"))
 
@@ -228,24 +226,26 @@ class VllmEngine(Engine):
         if not self._stopping:
             asyncio.run_coroutine_threadsafe(self._llm.remove_lora(lora_id), self._loop)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str | None = None) -> None:
         with self._lock:
             job = self._jobs.get(request_id)
-            started = job is not None and job.started
-        if job is None:
-            return
+            if job is None:
+                return
+            job.abort_reason = reason
+            started = job.started
         if started:
             job.future.cancel()  # cancels its task on the vLLM loop: vLLM aborts it, the task ends it
         else:
-            self._end(job, self._final(job, "abort", 0))
+            self._end(job, self._final(job, "abort", 0, reason))
 
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
         version = self.adapters.unload(name)
         if force:
             with self._lock:
-                held = [rid for rid, job in self._jobs.items() if job.pinned is not None and job.pinned.name == name]
-            for rid in held:
-                self.abort(rid)
+                held = [(rid, job.pinned) for rid, job in self._jobs.items()
+                        if job.pinned is not None and job.pinned.name == name]
+            for rid, pinned in held:
+                self.abort(rid, unloaded_reason(pinned))
         return version
 
     def stats(self) -> dict[str, int]:
@@ -262,7 +262,7 @@ class VllmEngine(Engine):
         with self._lock:
             running = list(self._jobs)
         for rid in running:
-            self.abort(rid)
+            self.abort(rid, SHUTDOWN_REASON)
         self._call(self._close(), timeout=60)
         self._stop_loop()
         shutil.rmtree(self._folds, ignore_errors=True)

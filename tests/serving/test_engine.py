@@ -127,14 +127,19 @@ def test_logprobs_match_the_model_distribution(make_engine, hf_model):
 
 def test_invalid_requests_rejected_at_once(make_engine):
     engine = make_engine(max_model_len=64, num_blocks=8)
-    with pytest.raises(RequestError, match="max_model_len=64"):
-        engine.generate([[5] * 64], SamplingParams())
     with pytest.raises(RequestError, match="empty"):
         engine.generate([[]], SamplingParams())
     with pytest.raises(RequestError, match=r"\[0, 49152\)"):
         engine.generate([[49152]], SamplingParams())
-    out = engine.generate([[5] * 60], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
-    assert out.finish_reason == "length" and out.completion_tokens == 4  # capped by max_model_len
+    # vLLM's rule and words: prompt + max_tokens must fit in max_model_len (60 + 5 > 64)
+    with pytest.raises(RequestError) as err:
+        engine.generate([[5] * 60], SamplingParams(max_tokens=5))
+    assert str(err.value) == ("This model's maximum context length is 64 tokens. However, you requested 65 tokens "
+                              "(60 in the messages, 5 in the completion). Please reduce the length of the messages "
+                              "or completion.")
+    assert engine.stats()["kv_blocks_used"] == engine.stats()["waiting"] == 0
+    out = engine.generate([[5] * 60], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and out.completion_tokens == 4  # exactly fills the context
 
 
 def test_cache_too_small_for_max_model_len_is_refused(make_engine):

@@ -14,7 +14,7 @@ import torch
 from greedy_rule import matches_reference
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.serving.config import CacheConfig, EngineConfig, SchedulerConfig
-from nlora_serve.serving.engine import EngineError, LLMEngine
+from nlora_serve.serving.engine import EngineError, LLMEngine, RequestAborted
 from nlora_serve.serving.sampling import SamplingParams
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
@@ -115,7 +115,9 @@ def test_abort_error_and_forced_unload_release_every_pin(engine, monkeypatch):
         engine.unload_adapter(name, force=True)
         return [o async for o in stream]
 
-    assert asyncio.run(forced_unload())[-1].finish_reason == "abort"
+    with pytest.raises(RequestAborted) as err:  # the stream says why, not a bare "abort"
+        asyncio.run(forced_unload())
+    assert str(err.value).startswith(f"adapter '{name}' v{version.version} was unloaded by an operator")
     assert version.refcount == 0 and version.freed and version.slot is None
 
     engine.adapters.register_dir(name, CASES / name)
