@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from nlora_serve.adapters.config import AdapterConfig
@@ -109,9 +110,12 @@ def sort_sites(sites: dict[tuple[int, str], SiteWeights]) -> dict[tuple[int, str
     return dict(sorted(sites.items(), key=lambda kv: (kv[0][0], PROJECTIONS.index(kv[0][1]))))
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    """float32 bytes in C order (numpy's tobytes of a float32 array: the same bytes, fewer ops)."""
-    return t.detach().to(torch.float32).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """float32 values in C order as a buffer: no copy (and no tensor op) for a contiguous float32
+    tensor, which is what the hot-swap path hashes."""
+    if t.dtype != torch.float32 or t.requires_grad:
+        t = t.detach().to(torch.float32)
+    return np.ascontiguousarray(t.numpy())
 
 
 def content_hash(sites: dict[tuple[int, str], SiteWeights], family_key: str | None) -> str:

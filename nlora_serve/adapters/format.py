@@ -6,10 +6,12 @@ A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (PEF
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
@@ -21,6 +23,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # safetensors dtype names we accept; each converts exactly to float32.
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_LITTLE_ENDIAN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # safetensors byte order
 
 
 def weights_path(adapter_dir: Path) -> Path:
@@ -77,16 +80,25 @@ def read_header_bytes(data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
     Raises:
         AdapterError: not safetensors, or a tensor of a dtype other than F32 / F16 / BF16.
     """
+    return {k: (v["dtype"], v["shape"]) for k, v in _entries(data)[0].items()}
+
+
+def _entries(data: bytes) -> tuple[dict[str, dict], int]:
+    """The header's tensor entries (``shape`` as a tuple, dtypes checked) and where the data starts."""
     size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     try:
         if not 0 < size <= len(data) - 8:
             raise ValueError(f"header length {size} does not fit {len(data)} bytes")
         meta = json.loads(data[8:8 + size])
-        header = {k: (v["dtype"], tuple(v["shape"])) for k, v in meta.items() if k != "__metadata__"}
+        entries = {k: {"dtype": v["dtype"], "shape": tuple(v["shape"]), "data_offsets": v["data_offsets"]}
+                   for k, v in meta.items() if k != "__metadata__"}
+        bad = next((k for k, v in entries.items() if not all(type(d) is int and d >= 0 for d in v["shape"])), None)
+        if bad is not None:
+            raise ValueError(f"tensor {bad!r} has shape {list(entries[bad]['shape'])}")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise AdapterError(f"adapter weights are not a readable safetensors file ({exc})") from None
-    _check_dtypes(header)
-    return header
+    _check_dtypes({k: (v["dtype"], v["shape"]) for k, v in entries.items()})
+    return entries, 8 + size
 
 
 def read_bytes(data: bytes) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, torch.Tensor]]:
@@ -101,6 +113,63 @@ def read_bytes(data: bytes) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
         return header, load(data)
     except (ValueError, SafetensorError) as exc:
         raise AdapterError(f"adapter weights are not a readable safetensors file ({exc})") from None
+
+
+def read_stacked(data: bytes, keys: list[str]) -> tuple[dict[str, tuple[str, tuple[int, ...]]], np.ndarray | None]:
+    """(header, stacked): the header as :func:`read_header_bytes` gives it, and ``keys``' tensors
+    as one float32 numpy array ``[len(keys), *shape]`` in that order, decoded in a few numpy
+    operations however many keys there are (the hot-swap path, DESIGN §9). numpy, not torch: a
+    torch op over this many elements would fan out over torch's intra-op threads, which on a busy
+    server compete with the engine's own parallel ops for the same cores.
+
+    ``stacked`` is None unless the layout is the common one: ``keys`` are exactly the file's keys
+    and every tensor has one dtype and one shape (use :func:`read_bytes` then). Like safetensors'
+    own loader, checks that the tensors' ``data_offsets`` tile the data exactly (no gap, no
+    overlap, each the size its dtype and shape say). Decoding is exact for F32, F16 and BF16.
+
+    Raises:
+        AdapterError: as :func:`read_header_bytes`, or offsets that do not match the header.
+    """
+    entries, start = _entries(data)
+    header = {k: (v["dtype"], v["shape"]) for k, v in entries.items()}
+    if not keys or set(entries) != set(keys) or len(set(header.values())) != 1:
+        return header, None
+    name, shape = header[keys[0]]
+    size = math.prod(shape) * _LITTLE_ENDIAN[name].itemsize  # bytes per tensor
+    if size == 0:
+        return header, None
+    _check_tiling(entries, len(data) - start, size)
+    rows = np.frombuffer(data, dtype=np.uint8, offset=start).reshape(-1, size)
+    picked = rows[[entries[k]["data_offsets"][0] // size for k in keys]]  # [K, size] bytes, key order
+    return header, _as_float32(picked.view(_LITTLE_ENDIAN[name]), name).reshape(len(keys), *shape)
+
+
+def _as_float32(values: np.ndarray, name: str) -> np.ndarray:
+    """Stored values (as their little-endian numpy type; BF16 as its uint16 bits) as float32."""
+    if name == "BF16":  # bfloat16 is the top half of a float32
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32, copy=False)
+
+
+def _check_tiling(entries: dict[str, dict], length: int, size: int) -> None:
+    """Each entry's ``data_offsets`` span ``size`` bytes, and together they tile ``length`` bytes."""
+    spans = []
+    for key, entry in entries.items():
+        offsets = entry["data_offsets"]
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise AdapterError(f"adapter weights are not a readable safetensors file (tensor {key!r} has "
+                               f"data_offsets {offsets!r}; expected two integers)")
+        spans.append((*offsets, key))
+    spans.sort()
+    end = 0
+    for begin, stop, key in spans:
+        if begin != end or stop - begin != size:
+            raise AdapterError(f"adapter weights are not a readable safetensors file (tensor {key!r} has "
+                               f"data_offsets [{begin}, {stop}]; expected [{end}, {end + size}])")
+        end = stop
+    if end != length:
+        raise AdapterError(f"adapter weights are not a readable safetensors file (the tensors cover {end} "
+                           f"bytes of data, the file has {length})")
 
 
 def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:

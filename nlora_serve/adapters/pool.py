@@ -27,6 +27,17 @@ from nlora_serve.models.spec import ATTN_MODULES, PROJECTIONS
 
 Site = tuple[int, str]  # (layer, module)
 
+# Torch spreads an op of at least at::internal::GRAIN_SIZE elements over its intra-op threads. A
+# slot written from an admin thread (a hot-swap under load) would then compete with the engine's
+# own parallel ops for the same cores, so the write runs in pieces below that size.
+SERIAL_ELEMENTS = 32768
+
+
+def serial_rows(row_elements: int) -> int:
+    """Rows of ``row_elements`` elements each that one op may take and still run on the calling
+    thread alone (at least 1)."""
+    return max(1, (SERIAL_ELEMENTS - 1) // max(1, row_elements))
+
 
 def _scaled_n(site: SiteWeights, width: int, dtype: torch.dtype) -> torch.Tensor:
     """``s · N`` zero-padded to [width, width], folded in float64 then cast once.
@@ -123,16 +134,23 @@ class TiedPool(_Pool):
         self.generation += 1
 
     def write(self, slot: int, adapter: Adapter) -> None:
-        """Write ``adapter``'s scaled N into ``slot`` (a slot no token points at)."""
+        """Write ``adapter``'s scaled N into ``slot`` (a slot no token points at).
+
+        Raises:
+            AdapterError: s · N does not fit the pool's dtype (``slot`` may be partly written).
+        """
         sites = [adapter.sites[s] for s in self.sites]
-        if all(s.rank == self.rank for s in sites):  # one stacked op instead of one per site
-            n = torch.stack([s.N for s in sites]).to(torch.float64)  # [sites, r, r]
+        if all(s.rank == self.rank for s in sites):  # a few stacked ops instead of one per site
             scale = torch.tensor([s.scaling for s in sites], dtype=torch.float64)
-            scaled = (n * scale[:, None, None]).to(self.n.dtype)
-            if not torch.isfinite(scaled).all():
-                bad = int((~torch.isfinite(scaled)).flatten(1).any(1).nonzero()[0])
-                _finite(scaled[bad], sites[bad])
-            self.n[slot] = scaled
+            step = serial_rows(self.rank * self.rank)
+            for lo in range(0, len(sites), step):
+                part = sites[lo:lo + step]
+                n = torch.stack([s.N for s in part]).to(torch.float64)  # [part, r, r]
+                scaled = (n * scale[lo:lo + step, None, None]).to(self.n.dtype)
+                if not torch.isfinite(scaled).all():
+                    bad = int((~torch.isfinite(scaled)).flatten(1).any(1).nonzero()[0])
+                    _finite(scaled[bad], part[bad])
+                self.n[slot, lo:lo + step] = scaled
         else:  # rank_pattern: ranks differ per module; zero-pad each to r
             self.n[slot] = torch.stack([_scaled_n(s, self.rank, self.n.dtype) for s in sites])
         self.slot_ranks[slot] = self.rank

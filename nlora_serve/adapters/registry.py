@@ -121,7 +121,7 @@ class AdapterRegistry:
         Args:
             files: ``adapter_config.json`` and ``adapter_model.safetensors`` bytes.
             if_version: when set, succeed only if ``name``'s current version is this one.
-            adapter: ``files`` already validated into this adapter (the hot-swap path).
+            adapter: ``files`` already validated into this adapter.
 
         Raises:
             AdapterError: invalid name or adapter (nothing is written, the old version serves on).
@@ -132,20 +132,17 @@ class AdapterRegistry:
         files = compact_tied_files(adapter, files[WEIGHTS_FILE]) or files  # DESIGN §3: N only on disk
         with self._write_lock:  # check, persist and switch as one step per registry
             self._check_version(name, if_version)
-            version = AdapterVersion(name, 0, adapter, Path())
-            self._on_admit(version)
-            try:
-                stored = self.store.write(name, files)
-            except BaseException:
-                self._on_free(version)
-                raise
-            version.version, version.path = stored.version, stored.path
-            return self._switch(version)
+            return self._commit(name, adapter, files)
 
     def swap_weights(self, name: str, weights: bytes, if_version: int | None = None,
                      validate: Callable[[Adapter, bytes], Adapter] | None = None) -> AdapterVersion:
         """Hot-swap: a new version of ``name`` with the current config and new safetensors bytes
         (for a tied tenant, a file of only ``lora_N`` keys).
+
+        With ``validate``, the new version shares the current one's config file on disk (a hard
+        link: only the weights are written) and ``weights`` are checked against the current
+        adapter outside the write lock; should another registration of ``name`` switch first, the
+        check is redone against that one (an ``if_version`` then fails as a conflict).
 
         Args:
             validate: checks ``weights`` against the current adapter and returns the new one
@@ -155,10 +152,21 @@ class AdapterRegistry:
             AdapterNotFound: ``name`` is not registered.
             AdapterError / VersionConflict: as :meth:`register`.
         """
-        current = self.get(name)
-        files = {CONFIG_FILE: (current.path / CONFIG_FILE).read_bytes(), WEIGHTS_FILE: weights}
-        adapter = validate(current.adapter, weights) if validate and current.adapter is not None else None
-        return self.register(name, files, if_version, adapter)
+        while True:
+            current = self.get(name)
+            if validate is None or current.adapter is None:  # the full path: re-read the config
+                files = {CONFIG_FILE: (current.path / CONFIG_FILE).read_bytes(), WEIGHTS_FILE: weights}
+                return self.register(name, files, if_version)
+            self._check_version(name, if_version)  # fail fast, before validating
+            adapter = validate(current.adapter, weights)
+            files = compact_tied_files(adapter, weights)  # only for a full-form tied current version
+            same_as = {} if files else {CONFIG_FILE: current.path / CONFIG_FILE}
+            with self._write_lock:
+                with self._lock:
+                    unchanged = self._current.get(name) is current
+                if unchanged:
+                    self._check_version(name, if_version)
+                    return self._commit(name, adapter, files or {WEIGHTS_FILE: weights}, same_as)
 
     def get(self, name: str) -> AdapterVersion:
         """The current version of ``name`` (no reference taken).
@@ -254,6 +262,19 @@ class AdapterRegistry:
         if current is None or current.version != if_version:
             have = current.version if current else "none"
             raise VersionConflict(f"adapter {name!r}: expected current version {if_version}, have {have}")
+
+    def _commit(self, name: str, adapter: Adapter, files: dict[str, bytes],
+                same_as: dict[str, Path] | None = None) -> AdapterVersion:
+        """Under the write lock: admit ``adapter``, persist it durably, then switch ``name`` to it."""
+        version = AdapterVersion(name, 0, adapter, Path())
+        self._on_admit(version)
+        try:
+            stored = self.store.write(name, files, same_as)
+        except BaseException:
+            self._on_free(version)
+            raise
+        version.version, version.path = stored.version, stored.path
+        return self._switch(version)
 
     def _switch(self, new: AdapterVersion) -> AdapterVersion:
         with self._lock:

@@ -111,7 +111,11 @@ class Residency:
         if slot is None:
             pool.grow()
             slot = pool.take_slot()
-        pool.write(slot, adapter)
+        try:
+            pool.write(slot, adapter)
+        except BaseException:
+            pool.release_slot(slot)  # refused (s · N overflows): the slot is free again
+            raise
         version.pool, version.slot = pool, slot
 
     def _place_untied(self, version, required: bool) -> None:

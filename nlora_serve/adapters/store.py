@@ -9,6 +9,9 @@ Layout under the root (``--adapter-dir``)::
 
 A version becomes visible only by ``rename`` of a fully written and fsynced folder, so a crash at
 any point leaves either the old state or the new one, never a half-written adapter (DESIGN §3).
+A version written as a hot-swap shares the unchanged config with the version before it (a hard
+link to a file already on disk), so it costs three fsyncs: the new weights, the staged folder and
+the adapter's folder after the rename.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +46,16 @@ class StoredVersion:
     name: str
     version: int  # per-name sequence number, starting at 1
     path: Path  # the version folder
-    content_hash: str  # sha256 hex over the folder's files (see :func:`content_hash`)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 hex over the folder's files (see :func:`content_hash`), read when asked: the
+        serving path keys on the adapter's own hash and never needs this one.
+
+        Raises:
+            FileNotFoundError: the version was removed since.
+        """
+        return content_hash(AdapterStore.read_files(self.path))
 
 
 def content_hash(files: dict[str, bytes]) -> str:
@@ -62,6 +76,7 @@ class AdapterStore:
         self._lock = threading.Lock()  # serialises version allocation and renames
         shutil.rmtree(self.root / STAGING, ignore_errors=True)  # leftovers of a crash
         (self.root / STAGING).mkdir()
+        self._deleter = ThreadPoolExecutor(1, thread_name_prefix="adapter-store-delete")
 
     def adapter_dir(self, name: str) -> Path:
         """The folder of ``name``, checked to be a real directory inside the root (or absent).
@@ -69,19 +84,25 @@ class AdapterStore:
         Raises:
             AdapterError: invalid name, or the folder is a symlink or otherwise leaves the root.
         """
+        # A valid name is one path component that is neither "." nor "..", and the root is
+        # resolved, so only a symlink can lead out: one lstat decides.
         path = self.root / validate_name(name)
-        if path.is_symlink() or (path.exists() and path.resolve().parent != self.root):
+        try:
+            is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            return path
+        if is_link:
             raise AdapterError(f"adapter {name!r}: {path} is a symlink or leaves the store "
                                f"{self.root}; refusing to follow it")
         return path
 
     def versions(self, name: str) -> list[int]:
         """Complete versions of ``name`` on disk, ascending (empty when unknown)."""
-        path = self.adapter_dir(name)
-        if not path.is_dir():
+        try:
+            with os.scandir(self.adapter_dir(name)) as entries:
+                return sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(int(p.name) for p in path.iterdir()
-                      if p.name.isdigit() and p.is_dir() and not p.is_symlink())
 
     def latest(self, name: str) -> StoredVersion | None:
         """The newest complete version of ``name``, or None."""
@@ -89,7 +110,7 @@ class AdapterStore:
         return self.get(name, found[-1]) if found else None
 
     def get(self, name: str, version: int) -> StoredVersion:
-        """One stored version, with its content hash recomputed from the files.
+        """One stored version (its content hash is computed from the files when asked).
 
         Raises:
             AdapterError: the version does not exist.
@@ -97,7 +118,7 @@ class AdapterStore:
         path = self.adapter_dir(name) / f"{version:08d}"
         if not path.is_dir():
             raise AdapterError(f"adapter {name!r} has no version {version} in {self.root}")
-        return StoredVersion(name, version, path, content_hash(self.read_files(path)))
+        return StoredVersion(name, version, path)
 
     @staticmethod
     def read_files(path: Path) -> dict[str, bytes]:
@@ -118,39 +139,53 @@ class AdapterStore:
                 log.warning("skipping store entry %s: %s", entry, exc)
         return found
 
-    def write(self, name: str, files: dict[str, bytes]) -> StoredVersion:
+    def write(self, name: str, files: dict[str, bytes], same_as: dict[str, Path] | None = None) -> StoredVersion:
         """Durably write ``files`` as the next version of ``name`` and return it.
 
         The files are written and fsynced in a staging folder, which is then renamed into place
         and the parent fsynced: readers see the whole version or nothing.
 
+        Args:
+            files: file name -> bytes to write.
+            same_as: file name -> a file of an earlier version of ``name`` that this version
+                shares unchanged (a hot-swap's config): hard-linked, so there is nothing to write
+                or fsync (its bytes are durable already); copied where links are not possible.
+
         Raises:
             AdapterError: invalid name, an escaping folder, or a file name other than
                 ``adapter_config.json`` / ``adapter_model.safetensors``.
         """
-        unknown = sorted(set(files) - set(ALLOWED_FILES))
+        same_as = same_as or {}
+        unknown = sorted((set(files) | set(same_as)) - set(ALLOWED_FILES))
         if unknown:
             raise AdapterError(f"adapter {name!r}: files {unknown} are not allowed; "
                                f"a version holds only {', '.join(ALLOWED_FILES)}")
         with self._lock:
             adapter_dir = self.adapter_dir(name)
+            foreign = [str(p) for p in same_as.values() if Path(p).parent.parent != adapter_dir]
+            if foreign:
+                raise AdapterError(f"adapter {name!r}: {foreign} are not files of its versions in {self.root}")
             staged = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=self.root / STAGING))
             try:
+                for fname, source in same_as.items():
+                    _link_or_copy(source, staged / fname)
                 for fname, data in files.items():
                     _write_synced(staged / fname, data)
                 _fsync_dir(staged)
-                is_new = not adapter_dir.exists()
-                adapter_dir.mkdir(exist_ok=True)
                 version = (self.versions(name) or [0])[-1] + 1
+                is_new = version == 1  # (the folder may be left from a failed write: make it durable now)
+                if is_new:
+                    adapter_dir.mkdir(exist_ok=True)
                 final = adapter_dir / f"{version:08d}"
                 os.rename(staged, final)
-                (adapter_dir / UNLOADED).unlink(missing_ok=True)  # a new version serves again
-                _fsync_dir(adapter_dir)
-                if is_new:  # the root's entry for a new name must be durable too
-                    _fsync_dir(self.root)
-            finally:
+            except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)
-        return StoredVersion(name, version, final, content_hash(files))
+                raise
+            (adapter_dir / UNLOADED).unlink(missing_ok=True)  # a new version serves again
+            _fsync_dir(adapter_dir)
+            if is_new:  # the root's entry for a new name must be durable too
+                _fsync_dir(self.root)
+        return StoredVersion(name, version, final)
 
     def mark_unloaded(self, name: str) -> None:
         """Record durably that ``name`` is unloaded, so a restart does not serve it again."""
@@ -161,13 +196,31 @@ class AdapterStore:
                 _fsync_dir(adapter_dir)
 
     def remove_version(self, name: str, version: int) -> None:
-        """Delete one version folder (the registry calls this once no request holds it)."""
+        """Delete one version folder (the registry calls this once no request holds it).
+
+        The folder leaves the adapter's folder at once (one rename into the staging area); its
+        files are deleted by a background thread, so the caller (often the engine thread, as the
+        last request on a superseded version ends) does no more file work than that. Whatever a
+        crash leaves in the staging area is discarded at the next start.
+        """
+        # Not under the write lock: a rename of one old folder cannot disturb a write (which only
+        # adds the next number), and the engine thread must not wait out a swap's fsyncs here.
         path = self.adapter_dir(name) / f"{version:08d}"
-        with self._lock:
-            if path.is_dir():
-                trash = Path(tempfile.mkdtemp(prefix="trash.", dir=self.root / STAGING))
-                os.rename(path, trash / "v")  # vanish atomically, then delete at leisure
-                shutil.rmtree(trash, ignore_errors=True)
+        if not path.is_dir():
+            return
+        trash = Path(tempfile.mkdtemp(prefix="trash.", dir=self.root / STAGING))
+        try:
+            os.rename(path, trash / "v")  # vanish atomically, then delete at leisure
+        except FileNotFoundError:  # removed meanwhile by another caller
+            pass
+        try:
+            self._deleter.submit(shutil.rmtree, trash, ignore_errors=True)
+        except RuntimeError:  # the interpreter is shutting down: the next start discards it
+            log.info("left %s for the next start to delete", trash)
+
+    def wait_deleted(self) -> None:
+        """Block until the files of every version removed so far are deleted."""
+        self._deleter.submit(lambda: None).result()  # one worker, first in first out
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -175,6 +228,13 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _link_or_copy(source: Path, path: Path) -> None:
+    try:
+        os.link(source, path)
+    except OSError:  # no hard links on this filesystem: an fsynced copy
+        _write_synced(path, source.read_bytes())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -5,17 +5,23 @@ and a swap changes only N, so the payload is checked for exactly what may differ
 ``lora_N`` keys, shapes [r, r], an accepted dtype and finite values. This keeps the swap path
 (DESIGN §9: p99 < 20 ms, durable write included) to one parse of the payload and a few
 tensor ops, instead of re-planning 210 sites from the config.
+
+When every N has one dtype and one rank (the usual tenant), the payload is decoded as one stacked
+array and checked once, not once per site: under load each tensor op is a point where the swap
+thread gives up the GIL and may have to wait for it while the engine thread runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
-from nlora_serve.adapters.adapter import Adapter, content_hash
-from nlora_serve.adapters.format import STORED_DTYPES, read_bytes
+from nlora_serve.adapters.adapter import Adapter, SiteWeights, content_hash
+from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_stacked
 from nlora_serve.adapters.keys import PART_N, tensor_key
+from nlora_serve.adapters.pool import serial_rows
 from nlora_serve.errors import AdapterError
 
 
@@ -33,26 +39,42 @@ def replace_n(current: Adapter, weights: bytes) -> Adapter:
     if not current.is_tied:
         raise AdapterError(f"hot-swap of N needs a tied (IntTune) tenant; this one is {current.flavour}: "
                            "upload the whole adapter instead")
-    header, tensors = read_bytes(weights)
-    expected = {tensor_key(layer, module, PART_N): site for (layer, module), site in current.sites.items()}
-    _check_keys(set(header), set(expected))
-    for key, (_, shape) in header.items():
-        r = expected[key].rank
-        if shape != (r, r):
-            raise AdapterError(f"tensor {key!r} has shape {list(shape)}, expected [{r}, {r}] (the tenant's rank)")
-    stacked = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors.values()])
-    if not torch.isfinite(stacked).all():
-        key = next(k for k, t in sorted(tensors.items()) if not torch.isfinite(t).all())
+    keys = [tensor_key(layer, module, PART_N) for layer, module in current.sites]  # site order
+    header, stacked = read_stacked(weights, keys)  # stacked: [sites, r, r] float32, None if mixed
+    _check_keys(set(header), set(keys))
+    for key, site in zip(keys, current.sites.values()):
+        if header[key][1] != (site.rank, site.rank):
+            raise AdapterError(f"tensor {key!r} has shape {list(header[key][1])}, expected "
+                               f"[{site.rank}, {site.rank}] (the tenant's rank)")
+    if stacked is None:
+        tensors = read_bytes(weights)[1]
+        n32 = [tensors[k].to(torch.float32) for k in keys]
+        finite = bool(torch.isfinite(torch.cat([n.reshape(-1) for n in n32])).all())
+    else:
+        n32 = torch.from_numpy(stacked).unbind(0)  # views, no copy
+        finite = bool(np.isfinite(stacked).all())
+    if not finite:
+        key = next(k for k, n in zip(keys, n32) if not torch.isfinite(n).all())
         raise AdapterError(f"tensor {key!r} has non-finite values (NaN or inf); refusing it so no NaN "
                            "reaches a shared batch")
-    sites = {s: dataclasses.replace(site, N=tensors[key].to(torch.float32), has_n=True)
-             for key, site in expected.items() for s in [(site.layer, site.module)]}
+    sites = {s: _with_n(site, n) for (s, site), n in zip(current.sites.items(), n32)}
     digest = content_hash(sites, current.family_key)
-    for site in sites.values():
-        site.N = site.N.to(current.dtype)
+    if current.dtype != torch.float32:  # cast once, as the reader does (in pieces torch runs serially)
+        if stacked is not None:
+            pieces = torch.from_numpy(stacked).split(serial_rows(stacked[0].size))
+            cast = [n for piece in pieces for n in piece.to(current.dtype).unbind(0)]
+        else:
+            cast = [n.to(current.dtype) for n in n32]
+        for site, n in zip(sites.values(), cast):
+            site.N = n
     stored = max((STORED_DTYPES[d] for d, _ in header.values()), key=lambda d: torch.finfo(d).eps)
     return dataclasses.replace(current, sites=sites, content_hash=digest, stored_dtype=stored,
                                source="hot-swap")
+
+
+def _with_n(site: SiteWeights, n: torch.Tensor) -> SiteWeights:
+    """``site`` with a new N (a plain constructor call: dataclasses.replace costs ~5x more, per site)."""
+    return SiteWeights(site.layer, site.module, site.rank, site.scaling, site.A, n, site.B, site.bias, True)
 
 
 def _check_keys(got: set[str], want: set[str]) -> None:

@@ -40,7 +40,9 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
 
     def __init__(self, engine: Engine, config: ServerConfig, auth: Authenticator, metrics: ServerMetrics):
         self.engine, self.config, self.auth, self.metrics = engine, config, auth, metrics
-        self.swap_seconds: deque[float] = deque(maxlen=SWAP_SAMPLES)  # receipt -> new version admitted
+        # SwapAdapter receipt -> new version admitted (switched to in the registry, durable write
+        # included), taken in the worker thread: the reply's trip back is the client's round trip
+        self.swap_seconds: deque[float] = deque(maxlen=SWAP_SAMPLES)
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext):
         return await self._guard(context, "LoadAdapter", self._load(request.name))
@@ -72,6 +74,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
     async def _load(self, name: str) -> pb.AdapterInfo:
         manager = self._manager()
         validate_name(name)
+        self.config.check_adapter_name(name)
         current = {v.name: v for v in manager.versions()}.get(name)
         if current is not None:
             return convert.adapter_info(current)
@@ -112,6 +115,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
                     raise AdapterError("UploadAdapter: the first message must be the header")
                 header = part.header
                 validate_name(header.name)
+                self.config.check_adapter_name(header.name)
                 self._check_size(header.name, len(header.adapter_config_json.encode()) + header.safetensors_bytes)
             elif kind != "chunk":
                 raise AdapterError("UploadAdapter: only one header, then chunks")
@@ -135,14 +139,19 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
     async def _swap(self, request: pb.SwapAdapterRequest, received: float) -> pb.AdapterInfo:
         manager = self._manager()
         validate_name(request.name)
-        self._check_size(request.name, len(request.n_safetensors))
+        weights = request.n_safetensors  # (each read of a bytes field copies it)
+        self._check_size(request.name, len(weights))
         current = manager.registry.get(request.name)
         if not current.is_tied:
             raise AdapterError(f"adapter {request.name!r} is {current.flavour}, not a tied IntTune tenant: "
                                "SwapAdapter replaces only N; upload the whole adapter with UploadAdapter")
         if_version = request.if_version if request.HasField("if_version") else None
-        version = await asyncio.to_thread(manager.swap, request.name, request.n_safetensors, if_version)
-        elapsed = time.perf_counter() - received
+
+        def swap():  # in a worker thread: the event loop keeps serving streams meanwhile
+            version = manager.swap(request.name, weights, if_version)
+            return version, time.perf_counter() - received  # admitted: new requests get it from now
+
+        version, elapsed = await asyncio.to_thread(swap)
         self.metrics.swap.observe(elapsed)
         self.swap_seconds.append(elapsed)
         return convert.adapter_info(version)

@@ -121,8 +121,6 @@ def test_serve_refuses_adapter_names_equal_to_the_served_name_before_loading(tmp
     assert "another --served-model-name" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="needs ServerConfig.check_adapter_name in grpc_admin's _receive and _load "
-                                       "(owned by the hot-swap work)")
 def test_uploading_an_adapter_under_the_served_name_is_invalid_argument(server):
     with NloraClient(server.target) as admin, pytest.raises(InvalidArgument, match="served base model name"):
         admin.upload_adapter(SERVED, CASES / TIED)
