@@ -39,7 +39,6 @@ import numpy as np
 import safetensors.torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.client import AsyncNloraClient, NloraClient, NloraClientError
 from nlora_serve.client.bench import (GrpcTarget, LengthDist, LoadShape, TenantMix, Workload, WorkloadConfig,
                                       run_load, summarize, to_json)
@@ -117,7 +116,10 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def swap_payloads(store: Path, name: str, count: int = 20) -> list[bytes]:
     """N-only safetensors files for ``name``: its stored N scaled by 1 + k/1000, k = 1..count."""
-    stored = AdapterStore(store).latest(name).path / "adapter_model.safetensors"
+    # Read the live server's store directly: an AdapterStore here would clear its staging area
+    # (crash leftovers, as it assumes at start) under an upload the server may be writing.
+    latest = max((p for p in (store / name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    stored = latest / "adapter_model.safetensors"
     n = {k: t for k, t in safetensors.torch.load_file(stored).items() if k.endswith("lora_N.weight")}
     return [safetensors.torch.save({k: (t * (1 + (i + 1) / 1000)).contiguous() for k, t in n.items()})
             for i in range(count)]
