@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.save import compact_tied_files
+from nlora_serve.adapters.save import compact_tied_files, full_form_with_n
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
 
@@ -142,7 +142,9 @@ class AdapterRegistry:
         With ``validate``, the new version shares the current one's config file on disk (a hard
         link: only the weights are written) and ``weights`` are checked against the current
         adapter outside the write lock; should another registration of ``name`` switch first, the
-        check is redone against that one (an ``if_version`` then fails as a conflict).
+        check is redone against that one (an ``if_version`` then fails as a conflict). A tied
+        version stored in the full form gets that form's weights file with the new N (or is
+        compacted, where it has no lora_B bias), so the new version on disk is whole.
 
         Args:
             validate: checks ``weights`` against the current adapter and returns the new one
@@ -159,14 +161,33 @@ class AdapterRegistry:
                 return self.register(name, files, if_version)
             self._check_version(name, if_version)  # fail fast, before validating
             adapter = validate(current.adapter, weights)
-            files = compact_tied_files(adapter, weights)  # only for a full-form tied current version
+            files = compact_tied_files(adapter, weights)  # a full-form tied version without a bias
             same_as = {} if files else {CONFIG_FILE: current.path / CONFIG_FILE}
+            if files is None and adapter.is_tied and adapter.config.tied is None:  # kept full by a bias
+                try:
+                    files, adapter = self._full_form_swap(current, weights)
+                except FileNotFoundError:  # superseded and removed meanwhile: redo against the new one
+                    continue
             with self._write_lock:
                 with self._lock:
                     unchanged = self._current.get(name) is current
                 if unchanged:
                     self._check_version(name, if_version)
                     return self._commit(name, adapter, files or {WEIGHTS_FILE: weights}, same_as)
+
+    def _full_form_swap(self, current: AdapterVersion, weights: bytes) -> tuple[dict[str, bytes], Adapter]:
+        """A swap's new version of a tied tenant stored in the full form (a lora_B bias keeps it
+        there): ``current``'s weights file with the payload's N, and the adapter read back from it
+        with ``current``'s config, so that what is served is what a restart loads (content hash
+        included: the bias is hashed as stored, not in the compute dtype).
+
+        Raises:
+            FileNotFoundError: ``current``'s folder was removed (it was superseded).
+            AdapterError: the new files do not validate.
+        """
+        config = (current.path / CONFIG_FILE).read_bytes()
+        new = full_form_with_n((current.path / WEIGHTS_FILE).read_bytes(), weights)
+        return {WEIGHTS_FILE: new}, self._load_files({CONFIG_FILE: config, WEIGHTS_FILE: new})
 
     def get(self, name: str) -> AdapterVersion:
         """The current version of ``name`` (no reference taken).

@@ -82,3 +82,14 @@ def compact_tied_files(adapter: Adapter, weights: bytes) -> dict[str, bytes] | N
     return {CONFIG_NAME: config.encode(),
             WEIGHTS_NAME: safetensors.torch.save({k: v.contiguous() for k, v in n_keys.items()},
                                                  metadata={"format": "pt"})}
+
+
+def full_form_with_n(weights: bytes, n_weights: bytes) -> bytes:
+    """A full-form weights file with every ``lora_N`` tensor taken from ``n_weights`` (a validated
+    hot-swap payload), as store bytes: the new version of a tied tenant that stays in the full form
+    (it has a lora_B bias). A, B and the bias keep their bytes; N keeps the payload's dtype, so the
+    file hashes and serves exactly like the swapped adapter. A file without lora_N gains them.
+    """
+    tensors = safetensors.torch.load(weights)
+    tensors.update(safetensors.torch.load(n_weights))
+    return safetensors.torch.save(tensors, metadata={"format": "pt"})
