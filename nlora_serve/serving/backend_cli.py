@@ -13,7 +13,8 @@ import json
 
 from nlora_serve.models import BaseModel
 from nlora_serve.serving.config import EngineConfig
-from nlora_serve.serving.engine import Engine, LLMEngine
+from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.serving.engine_api import Engine
 from nlora_serve.serving.server_config import StartupError
 from nlora_serve.serving.vllm_config import VllmBackendConfig
 

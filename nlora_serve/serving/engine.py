@@ -1,139 +1,32 @@
-"""The engine interface (DESIGN §5) and the native engine behind it.
+"""Our engine behind the :class:`~nlora_serve.serving.engine_api.Engine` interface (DESIGN §5).
 
-:class:`Engine` is what the gRPC / HTTP front ends talk to; :class:`LLMEngine` implements it with
-our model runner, stepping in its own thread and handing deltas to asyncio through
-``loop.call_soon_threadsafe``. A vLLM-backed engine can implement the same interface later (§8).
+:class:`LLMEngine` runs our model runner, stepping in its own thread and handing deltas to
+asyncio through ``loop.call_soon_threadsafe``; the vLLM-backed engine (§8) implements the same
+interface in vllm_engine.py.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from transformers import AutoTokenizer
 
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.registry import AdapterVersion
-from nlora_serve.errors import AdapterError, NloraError
+from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel
 from nlora_serve.serving.config import EngineConfig
+from nlora_serve.serving.engine_api import SHUTDOWN_REASON, Engine, EngineError, RequestStream, prompt_ids
 from nlora_serve.serving.engine_core import EngineCore, RequestOutput
 from nlora_serve.serving.sampling import RequestError, SamplingParams
 
 Sink = Callable[[RequestOutput], None]
 log = logging.getLogger(__name__)
-
-
-class EngineError(RuntimeError):
-    """The engine failed while running a request (the message says what happened)."""
-
-
-class RequestAborted(NloraError):
-    """The engine aborted a running request for a reason its client should see (a forced unload
-    of its adapter, engine shutdown); the message says which. Never raised for an abort the
-    consumer asked for itself (closing or cancelling its stream)."""
-
-
-SHUTDOWN_REASON = "the engine shut down while this request ran; the request was aborted"
-
-
-class RequestStream:
-    """The async stream of one request's deltas, ending with a finished one.
-
-    Closing it before the end aborts the request at once (its KV blocks and adapter pin are
-    freed), also when it was never read: an async generator's ``aclose`` does nothing before its
-    first ``__anext__``, which would leave such a request running to its end. A cancellation
-    while waiting for a delta aborts it too.
-
-    Raises (from ``__anext__``): EngineError when the engine failed while running the request;
-    RequestAborted when the engine aborted it with a reason (the last delta's ``error``).
-    """
-
-    def __init__(self, request_id: str, deltas: asyncio.Queue, abort: Callable[[str], None]) -> None:
-        self.request_id = request_id
-        self._deltas = deltas
-        self._abort = abort  # stops the request and forgets its sink
-        self._done = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            out: RequestOutput = await self._deltas.get()
-        except BaseException:  # cancelled while waiting: the consumer is gone
-            await self.aclose()
-            raise
-        if out.finished:
-            self._done = True
-        if out.finish_reason == "error":
-            raise EngineError(f"request {self.request_id} failed: {out.error}")
-        if out.finish_reason == "abort" and out.error is not None:
-            raise RequestAborted(out.error)
-        return out
-
-    async def aclose(self) -> None:
-        """Abort the request unless it already finished (idempotent)."""
-        if not self._done:
-            self._done = True
-            self._abort(self.request_id)
-
-
-class Engine(abc.ABC):
-    """One base model serving many requests: submit, stream, abort, observe."""
-
-    @abc.abstractmethod
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Queue a request and return the async stream of its deltas, ending with a finished one.
-
-        ``adapter`` names the adapter to run on (None = the base model); the version current now
-        is pinned for the whole request and reported in every delta. Must be called from a
-        running event loop. Closing the stream early (read or not) aborts the request: see
-        :class:`RequestStream`.
-
-        Raises:
-            RequestError: invalid prompt or parameters, or a prompt plus max_tokens over
-                max_model_len (:func:`check_request`; at once, nothing queued, no KV block used).
-            AdapterNotFound: no adapter of that name (never the base model instead).
-            PoolFull: no adapter slot free now.
-            EngineError: from the stream, when the engine failed while running the request.
-            RequestAborted: from the stream, when the engine aborted the request with a reason.
-        """
-
-    @property
-    @abc.abstractmethod
-    def max_model_len(self) -> int:
-        """Prompt plus generated tokens per request at most (tokens)."""
-
-    @abc.abstractmethod
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        """The token ids :meth:`add_request` would run for ``prompt`` (safe from any thread).
-
-        Raises:
-            RequestError: see :func:`prompt_ids`.
-        """
-
-    @abc.abstractmethod
-    def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
-        """Stop admitting requests for ``name``; in-flight ones finish, or with ``force`` abort, their
-        streams raising RequestAborted that names the adapter version (:func:`unloaded_reason`)."""
-
-    @abc.abstractmethod
-    def abort(self, request_id: str, reason: str | None = None) -> None:
-        """Stop a request; its stream ends with finish_reason "abort", or with ``reason`` raises
-        RequestAborted(reason). Unknown ids are ignored."""
-
-    @abc.abstractmethod
-    def stats(self) -> dict[str, int]:
-        """Gauges and counters (running, waiting, kv_blocks_used, kv_blocks_total, tokens, steps)."""
 
 
 class LLMEngine(Engine):
@@ -311,31 +204,6 @@ class LLMEngine(Engine):
                 sink(out)
             except RuntimeError:  # the consumer's event loop is closed: nobody is listening
                 self._sinks.pop(out.request_id, None)
-
-
-def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock) -> list[int]:
-    """A text prompt's token ids (no special tokens added; ``lock`` guards the tokenizer), or the
-    given ids as a list.
-
-    Raises:
-        RequestError: text no tokenizer takes, or ids that are not all integers.
-    """
-    if isinstance(prompt, str):
-        check_text(prompt)
-        with lock:
-            return tokenizer.encode(prompt, add_special_tokens=False)
-    ids = list(prompt)
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise RequestError("prompt must be a string or a list of integer token ids")
-    return ids
-
-
-def check_text(prompt: str) -> None:
-    """Raises RequestError for text no tokenizer can take (a lone UTF-16 surrogate, e.g. "\\ud800")."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise RequestError(f"prompt is not valid Unicode text: {exc.reason} at character {exc.start}") from exc
 
 
 def _merge(deltas: list[RequestOutput]) -> RequestOutput:

@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 from nlora_serve.errors import NloraError
-from nlora_serve.serving.engine import Engine
+from nlora_serve.serving.engine_api import Engine
 from nlora_serve.serving.engine_core import RequestOutput, check_context
 from nlora_serve.serving.grpc_status import Draining, QueueFull
 from nlora_serve.serving.metrics import RequestTimer

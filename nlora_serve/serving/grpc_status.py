@@ -12,7 +12,7 @@ from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
-from nlora_serve.serving.engine import RequestAborted
+from nlora_serve.serving.engine_api import RequestAborted
 from nlora_serve.serving.sampling import RequestError
 
 

@@ -29,7 +29,7 @@ from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.serving.config import EngineConfig
-from nlora_serve.serving.engine import SHUTDOWN_REASON, Engine, EngineError, RequestStream, prompt_ids
+from nlora_serve.serving.engine_api import SHUTDOWN_REASON, Engine, EngineError, RequestStream, prompt_ids
 from nlora_serve.serving.engine_core import RequestOutput, check_request, unloaded_reason
 from nlora_serve.serving.sampling import RequestError, SamplingParams
 from nlora_serve.serving.vllm_adapters import VllmResidency

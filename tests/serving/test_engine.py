@@ -7,7 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from nlora_serve.serving.engine import EngineError, LLMEngine
+from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.serving.engine_api import EngineError
 from nlora_serve.serving.sampling import RequestError, SamplingParams
 
 PROMPT = "Write a long story about a lighthouse keeper."

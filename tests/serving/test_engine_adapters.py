@@ -14,7 +14,8 @@ import torch
 from greedy_rule import matches_reference
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.serving.config import CacheConfig, EngineConfig, SchedulerConfig
-from nlora_serve.serving.engine import EngineError, LLMEngine, RequestAborted
+from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.serving.engine_api import EngineError, RequestAborted
 from nlora_serve.serving.sampling import SamplingParams
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
