@@ -16,8 +16,7 @@ from nlora_serve.errors import NloraError
 log = logging.getLogger("nlora_serve")
 
 
-def _add_models(sub: argparse._SubParsersAction) -> None:
-    models = sub.add_parser("models", help="prepare and list base models")
+def _add_models(models: argparse.ArgumentParser) -> None:
     msub = models.add_subparsers(dest="models_command", required=True, metavar="{prepare,list}")
     prep = msub.add_parser(
         "prepare", help="resolve a model, converting a GGUF file once into the cache",
@@ -55,58 +54,75 @@ def _models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_adapters(sub: argparse._SubParsersAction) -> None:
+def _add_adapters(adapters: argparse.ArgumentParser) -> None:
     from nlora_serve.adapters.cli import add_adapter_subcommands
 
-    adapters = sub.add_parser("adapters", help="create, inspect, convert and tune adapters",
-                              description="Adapter tools: inspect/init/convert/tune work on directories; "
-                                          "list/upload/swap/unload/load talk to a server (--server).")
     add_adapter_subcommands(adapters.add_subparsers(dest="adapters_command", required=True,
                                                     metavar="{inspect,init,convert,tune,list,upload,swap,unload,load}"))
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
+def _add_generate(gen: argparse.ArgumentParser) -> None:
     from nlora_serve.serving.generate_cli import add_generate_arguments, run_generate
 
-    gen = sub.add_parser("generate", help="generate text on the native engine (streams to stdout)",
-                         description="Load the model into the native engine in this process and "
-                                     "generate a completion for one prompt or chat.")
     add_generate_arguments(gen)
     gen.set_defaults(func=run_generate)
 
 
-def _add_server(sub: argparse._SubParsersAction) -> None:
-    from nlora_serve.client.cli import add_client_arguments, run_client
-    from nlora_serve.serving.keys_cli import add_keys_arguments
+def _add_serve(serve: argparse.ArgumentParser) -> None:
     from nlora_serve.serving.serve_cli import add_serve_arguments, run_serve
 
-    serve = sub.add_parser("serve", help="run the gRPC server on the native engine",
-                           description="Load the base model once, restore the adapter store, and serve "
-                                       "streaming generation and adapter admin over gRPC (with health, "
-                                       "reflection and optional Prometheus metrics). SIGTERM drains.")
     add_serve_arguments(serve)
     serve.set_defaults(func=run_serve)
-    client = sub.add_parser("client", help="talk to a running server (generate, list, upload, swap, unload)",
-                            description="gRPC client commands; admin ones need an admin key.")
+
+
+def _add_client(client: argparse.ArgumentParser) -> None:
+    from nlora_serve.client.cli import add_client_arguments, run_client
+
     add_client_arguments(client)
     client.set_defaults(func=run_client)
-    keys = sub.add_parser("keys", help="make API keys and their hashes for the tenants file")
+
+
+def _add_keys(keys: argparse.ArgumentParser) -> None:
+    from nlora_serve.serving.keys_cli import add_keys_arguments
+
     add_keys_arguments(keys)
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
+def _add_bench(bench: argparse.ArgumentParser) -> None:
     from nlora_serve.client.bench.cli import add_bench_arguments, run_bench
 
-    bench = sub.add_parser("bench", help="load-test a server (ours over gRPC, or any OpenAI-compatible one)",
-                           description="Send a seeded multi-tenant workload (open or closed loop) and report "
-                                       "TTFT, TPOT, ITL, E2E latency, throughput, goodput and errors as "
-                                       "vLLM benchmarks/serve defines them: a table, JSON and a PNG plot.")
     add_bench_arguments(bench)
     bench.set_defaults(func=run_bench)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (every subcommand registered)."""
+# name -> (help, description, adds the arguments). The adders import their command's modules, so
+# a command's start pays only for its own imports (the engine's torch/transformers take seconds).
+COMMANDS = {
+    "models": ("prepare and list base models", None, _add_models),
+    "adapters": ("create, inspect, convert and tune adapters",
+                 "Adapter tools: inspect/init/convert/tune work on directories; "
+                 "list/upload/swap/unload/load talk to a server (--server).", _add_adapters),
+    "generate": ("generate text on the native engine (streams to stdout)",
+                 "Load the model into the native engine in this process and "
+                 "generate a completion for one prompt or chat.", _add_generate),
+    "serve": ("run the gRPC server on the native engine",
+              "Load the base model once, restore the adapter store, and serve "
+              "streaming generation and adapter admin over gRPC (with health, "
+              "reflection and optional Prometheus metrics). SIGTERM drains.", _add_serve),
+    "client": ("talk to a running server (generate, list, upload, swap, unload)",
+               "gRPC client commands; admin ones need an admin key.", _add_client),
+    "keys": ("make API keys and their hashes for the tenants file", None, _add_keys),
+    "bench": ("load-test a server (ours over gRPC, or any OpenAI-compatible one)",
+              "Send a seeded multi-tenant workload (open or closed loop) and report "
+              "TTFT, TPOT, ITL, E2E latency, throughput, goodput and errors as "
+              "vLLM benchmarks/serve defines them: a table, JSON and a PNG plot.", _add_bench),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser: every subcommand listed; with ``only`` (a command name, or "" for
+    none), only that one gets its arguments (and imports), the others stay bare entries for
+    ``--help``; None registers all of them."""
     parser = argparse.ArgumentParser(
         prog="nlora-serve",
         description="Serve many NLoRA / IntTune adapters on one shared base LLM.")
@@ -117,17 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cache root for prepared models (default: $NLORA_SERVE_CACHE, "
                              "else $XDG_CACHE_HOME/nlora-serve)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_models(sub)
-    _add_adapters(sub)
-    _add_generate(sub)
-    _add_server(sub)
-    _add_bench(sub)
+    for name, (help_text, description, add) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=description)
+        if only is None or only == name:
+            add(command)
     return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (skipping the global options and their values), or None."""
+    takes_value = {"--log-level", "--cache-dir"}
+    args = iter(argv)
+    for arg in args:
+        if arg in takes_value:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nlora-serve`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(only=_command_of(argv) or "").parse_args(argv)  # "": no command named
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
