@@ -87,6 +87,23 @@ class AdapterManager:
         """Unpin (exactly once per acquire)."""
         self.registry.release(version)
 
+    def start_names(self, names: list[str]) -> list[str]:
+        """Of the adapters a start flag names, those to register now: not served yet and not
+        unloaded by an operator (the store remembers an unload across restarts; a start flag does
+        not undo it: ``client load NAME`` does). Logs each name it leaves unloaded.
+        """
+        present = {v.name for v in self.versions()}
+        fresh = []
+        for name in names:
+            if name in present:
+                continue
+            if self.registry.store.is_unloaded(name):
+                log.warning("adapter %r was unloaded by an operator: not serving it again from a start flag "
+                            "(load it back with `nlora-serve client load --name %s`)", name, name)
+                continue
+            fresh.append(name)
+        return fresh
+
     def register_dir(self, name: str, adapter_dir: str | os.PathLike) -> AdapterVersion:
         """Register the adapter in a local directory as the next version of ``name``.
 

@@ -187,6 +187,14 @@ class AdapterStore:
                 _fsync_dir(self.root)
         return StoredVersion(name, version, final)
 
+    def is_unloaded(self, name: str) -> bool:
+        """Whether an operator unloaded ``name`` (its UNLOADED marker is on disk).
+
+        Raises:
+            AdapterError: an invalid or escaping name.
+        """
+        return (self.adapter_dir(name) / UNLOADED).exists()
+
     def mark_unloaded(self, name: str) -> None:
         """Record durably that ``name`` is unloaded, so a restart does not serve it again."""
         adapter_dir = self.adapter_dir(name)

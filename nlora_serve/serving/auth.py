@@ -97,7 +97,9 @@ class Authenticator:
         """Read a tenants file.
 
         Raises:
-            AuthError: unreadable file, a plaintext ``key`` field, a bad hash, a duplicate hash.
+            AuthError: unreadable file, a plaintext ``key`` field, a bad hash, a duplicate hash, a
+                field it does not know (a typo such as ``admins`` or ``base_modle`` would otherwise
+                leave the server without an admin or a tenant without its grant, silently).
         """
         path = Path(path)
         try:
@@ -107,13 +109,17 @@ class Authenticator:
             raise AuthError(f"tenants file {path}: cannot read it ({exc})") from None
         if not isinstance(doc, dict):
             raise AuthError(f"tenants file {path}: expected an object with 'tenants' and 'admin_keys'")
+        _known_fields(doc, _FILE_FIELDS, f"tenants file {path}")
         by_hash: dict[str, Principal] = {}
         for i, entry in enumerate(doc.get("admin_keys", [])):
-            _add(by_hash, _entry_hash(entry, f"{path}: admin_keys[{i}]"),
-                 Principal(str(entry.get("name", f"admin-{i}")), is_admin=True))
+            where = f"{path}: admin_keys[{i}]"
+            digest = _entry_hash(entry, where)
+            _known_fields(entry, _ADMIN_FIELDS, where)
+            _add(by_hash, digest, Principal(str(entry.get("name", f"admin-{i}")), is_admin=True))
         for i, entry in enumerate(doc.get("tenants", [])):
             where = f"{path}: tenants[{i}]"
             digest = _entry_hash(entry, where)
+            _known_fields(entry, _TENANT_FIELDS, where)
             adapters = entry.get("adapters", [])
             if not isinstance(adapters, list) or not all(isinstance(a, str) and a for a in adapters):
                 raise AuthError(f"{where}.adapters must be a list of adapter names or patterns")
@@ -170,6 +176,18 @@ def _entry_hash(entry: object, where: str) -> str:
     if not isinstance(digest, str) or _HEX64.fullmatch(digest.lower()) is None:
         raise AuthError(f"{where}.key_sha256 must be 64 hex characters (sha256 of the key); got {digest!r}")
     return digest.lower()
+
+
+_FILE_FIELDS = ("tenants", "admin_keys")
+_ADMIN_FIELDS = ("name", "key_sha256")
+_TENANT_FIELDS = ("name", "key_sha256", "adapters", "base_model")
+
+
+def _known_fields(obj: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise AuthError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+                        f"expected only {', '.join(map(repr, known))}")
 
 
 def _add(by_hash: dict[str, Principal], digest: str, principal: Principal) -> None:

@@ -26,16 +26,18 @@ def example_name(index: int) -> str:
 
 
 def ensure_example_tenants(base: BaseModel, adapters: AdapterManager, count: int) -> list[str]:
-    """Register ``tenant-000`` ... ``tenant-{count-1}`` where not already registered.
+    """Register ``tenant-000`` ... ``tenant-{count-1}`` where not already registered (nor
+    unloaded by an operator: :meth:`AdapterManager.start_names`).
 
     Deterministic: tenant i's N is ``NOISE * rms(W[:r, :r]) * randn`` from seed i.
-    Returns every example name (new and existing).
+    Returns the example names served now (new and existing), in order.
     """
-    present = {v.name for v in adapters.versions()}
     names = [example_name(i) for i in range(count)]
-    missing = [i for i, name in enumerate(names) if name not in present]
+    fresh = set(adapters.start_names(names))
+    missing = [i for i, name in enumerate(names) if name in fresh]
+    served = {v.name for v in adapters.versions()} | fresh
     if not missing:
-        return names
+        return [name for name in names if name in served]
     adapter = init_adapter(base, rank=EXAMPLE_RANK, targets="all-linear")
     nystrom_n = {site: s.N.clone() for site, s in adapter.sites.items()}
     with tempfile.TemporaryDirectory(prefix="nlora-examples-") as scratch:
@@ -47,4 +49,4 @@ def ensure_example_tenants(base: BaseModel, adapters: AdapterManager, count: int
                 s.N = (NOISE * rms * torch.randn(n.shape, generator=gen)).to(n.dtype)
             folder = write_adapter(adapter, f"{scratch}/{names[i]}", tied_form=True)
             adapters.register_dir(names[i], folder)
-    return names
+    return [name for name in names if name in served]

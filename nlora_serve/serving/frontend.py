@@ -104,6 +104,9 @@ def start_request(engine: Engine, admission: Admission, prompt: str | list[int],
         prompt = engine.prompt_ids(prompt)
         check_context(len(prompt), None, engine.max_model_len)
         room = engine.max_model_len - len(prompt)
+        if params.min_tokens > room:  # else SamplingParams would name a max_tokens never sent
+            raise RequestError(f"min_tokens {params.min_tokens} is more than the {room} tokens of context left "
+                               f"(max_model_len {engine.max_model_len}, prompt {len(prompt)} tokens)", param="min_tokens")
         params = dataclasses.replace(params, max_tokens=min(room, params.max_tokens))
     stream = engine.add_request(prompt, params, request_id=engine_id, adapter=adapter)
     admission.enter()

@@ -38,8 +38,7 @@ class ParamError(RequestError):
     error ``param`` does."""
 
     def __init__(self, message: str, param: str | None):
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param)
 
 
 class StreamOptions(BaseModel):

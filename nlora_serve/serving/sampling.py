@@ -19,7 +19,12 @@ GREEDY_BELOW = 1e-5  # logits / 1e-5 stays finite in float32 for |logits| < 3e33
 
 
 class RequestError(NloraError, ValueError):
-    """A request the engine cannot run; the message names the field and its value."""
+    """A request the engine cannot run; the message names the field and its value, ``param``
+    (when set) the request field to blame (HTTP's OpenAI error ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def _check(ok: bool, field: str, value, expected: str) -> None:

@@ -131,12 +131,14 @@ def _check_adapter_names(config: ServerConfig, args: argparse.Namespace) -> None
 
 
 def _register_named(engine: LLMEngine, named: list[tuple[str, str]]) -> list[str]:
-    """Register each ``--adapter NAME=DIR`` whose NAME the store does not serve yet."""
-    present = {v.name for v in engine.adapters.versions()}
+    """Register each ``--adapter NAME=DIR`` whose NAME the store neither serves yet nor marks
+    unloaded by an operator; returns the named adapters served now."""
+    fresh = set(engine.adapters.start_names([name for name, _ in named]))
     for name, folder in named:
-        if name not in present:
+        if name in fresh:
             engine.adapters.register_dir(name, folder)
-    return [name for name, _ in named]
+    served = {v.name for v in engine.adapters.versions()}
+    return [name for name, _ in named if name in served]
 
 
 def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
@@ -202,8 +204,10 @@ def client_hint(server: NloraServer, examples: list[str]) -> str:
     adapter = f" --adapter {examples[0]}" if examples else ""
     host = "127.0.0.1" if server.config.host in ("0.0.0.0", "::") else server.config.host
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host  # IPv6 literal
-    return (f"{client_command()} client generate --server {host}:{server.port}{key}{adapter} --max-tokens 64 "
-            "--message \"Why serve many adapters on one base model?\"")
+    # the hint's chat prompt is ~40 tokens: leave room for it under a small --max-model-len
+    max_tokens = max(1, min(64, server.engine.max_model_len - 48))
+    return (f"{client_command()} client generate --server {host}:{server.port}{key}{adapter} "
+            f"--max-tokens {max_tokens} --message \"Why serve many adapters on one base model?\"")
 
 
 async def serve(server: NloraServer, examples: list[str]) -> bool:

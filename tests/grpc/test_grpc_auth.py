@@ -92,6 +92,19 @@ def test_tenants_file_refuses_plaintext_keys_and_bad_hashes(tmp_path):
         Authenticator.from_file(path)
 
 
+@pytest.mark.parametrize("doc, field", [
+    ({"admins": [{"key_sha256": hash_key("k")}]}, "'admins'"),  # would leave no admin key
+    ({"tenants": [{"key_sha256": hash_key("k"), "base_modle": True}]}, "'base_modle'"),
+    ({"tenants": [{"key_sha256": hash_key("k"), "adapter": ["a"]}]}, "'adapter'"),
+    ({"admin_keys": [{"key_sha256": hash_key("k"), "adapters": ["a"]}]}, "'adapters'"),
+])
+def test_tenants_file_refuses_fields_it_does_not_know(tmp_path, doc, field):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(AuthError, match=f"unknown field.*{field}"):
+        Authenticator.from_file(path)
+
+
 def test_toml_tenants_file_and_glob_grants(tmp_path):
     path = tmp_path / "tenants.toml"
     path.write_text(f'[[tenants]]\nname = "acme"\nkey_sha256 = "{hash_key("acme-key")}"\n'

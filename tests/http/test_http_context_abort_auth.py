@@ -66,6 +66,17 @@ def test_unset_max_tokens_is_the_rest_of_the_context(http_server):
         api.completions.create(model=_base(http_server), prompt=_prompt(MAX_MODEL_LEN))
 
 
+def test_min_tokens_over_the_context_left_names_min_tokens(http_server):
+    # max_tokens unset: its default (the room left, 24 tokens) must not show up as the culprit
+    api = client(http_server, TENANT_KEYS["base-co"])
+    with pytest.raises(openai.BadRequestError) as err:
+        api.completions.create(model=_base(http_server), prompt=_prompt(1000), extra_body={"min_tokens": 30})
+    assert err.value.body["param"] == "min_tokens"
+    assert err.value.body["message"] == ("min_tokens 30 is more than the 24 tokens of context left "
+                                         "(max_model_len 1024, prompt 1000 tokens)")
+    assert _idle(http_server)
+
+
 def _post(server, key: str | None, body: bytes) -> httpx2.Response:
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     return httpx2.post(f"{base_url(server)}/completions", content=body, headers=headers)

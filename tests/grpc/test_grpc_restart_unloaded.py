@@ -1,0 +1,56 @@
+"""An operator's unload survives a restart, also when a start flag (--adapter, --example-tenants,
+as `make serve` passes them) names the adapter; `client load` brings it back."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from nlora_serve.serving import serve_cli
+from serving_check import CASES, TIED
+
+
+def _build(*flags: str):
+    parser = argparse.ArgumentParser()
+    serve_cli.add_serve_arguments(parser)
+    return serve_cli.build(parser.parse_args(["--port", "0", "--dtype", "float32", *flags]))
+
+
+def _served(engine) -> dict[str, int]:
+    return {v.name: v.version for v in engine.adapters.versions()}
+
+
+def test_unloaded_adapters_stay_unloaded_when_restarted_with_the_same_flags(tmp_path, caplog):
+    store = tmp_path / "store"
+    flags = ("--adapter-dir", str(store), "--example-tenants", "2", "--adapter", f"upper={CASES / TIED}")
+    engine, server, names = _build(*flags)
+    try:
+        assert names == ["tenant-000", "tenant-001", "upper"]
+        first = _served(engine)
+        engine.unload_adapter("tenant-001")
+        engine.unload_adapter("upper")
+    finally:
+        engine.shutdown()
+
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.manager"):
+        engine, server, names = _build(*flags)
+    try:
+        assert names == ["tenant-000"]  # the client hint names only served adapters
+        assert _served(engine) == {"tenant-000": first["tenant-000"]}  # nothing re-registered
+        for name in ("tenant-001", "upper"):
+            assert f"adapter {name!r} was unloaded by an operator" in caplog.text
+        stored = engine.adapters.registry.store  # the store keeps the versions
+        assert [stored.versions(n) for n in ("tenant-001", "upper")] == [[1], [1]]
+        # what `client load` does (grpc_admin._load): register the latest stored version again
+        latest = stored.latest("upper")
+        engine.adapters.register("upper", stored.read_files(latest.path))
+        assert not stored.is_unloaded("upper")
+    finally:
+        engine.shutdown()
+
+    engine, server, names = _build(*flags)
+    try:
+        assert names == ["tenant-000", "upper"]
+        assert set(_served(engine)) == {"tenant-000", "upper"}
+    finally:
+        engine.shutdown()
