@@ -136,7 +136,8 @@ def _add_error_handlers(app: FastAPI, ctx: HttpContext) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(exc.detail), exc.status_code), exc.status_code, exc.headers)
+        code = _HTTP_CODES.get(exc.status_code)  # every error body carries a code
+        return JSONResponse(error_body(str(exc.detail), exc.status_code, code=code), exc.status_code, exc.headers)
 
     @app.exception_handler(EngineError)
     async def engine_failed(request: Request, exc: EngineError) -> JSONResponse:
@@ -145,6 +146,10 @@ def _add_error_handlers(app: FastAPI, ctx: HttpContext) -> None:
     @app.exception_handler(RequestAborted)
     async def aborted(request: Request, exc: RequestAborted) -> JSONResponse:
         return JSONResponse(_aborted_body(exc), http_status_of(exc)[0])  # admitted: not a refusal
+
+
+# Starlette's own refusals (body limit, unknown route, wrong method) and our code for each
+_HTTP_CODES = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}
 
 
 def _aborted_body(exc: RequestAborted) -> dict:

@@ -8,11 +8,12 @@ import json
 import time
 import urllib.request
 
+import httpx2
 import openai
 import pytest
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
-from http_harness import TENANTS, client, scrape
+from http_harness import TENANTS, base_url, client, scrape
 from nlora_serve.serving.http_server import MAX_BODY_BYTES
 
 TIED, LORA = TENANTS  # inttune-nystrom-tied (granted to tied-co), lora-rslora (lora-co)
@@ -166,3 +167,6 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(http_server):
     with pytest.raises(openai.APIStatusError) as err:
         client(http_server, TENANT_KEYS["base-co"]).completions.create(model=_base(http_server), prompt=huge)
     assert err.value.status_code == 413 and "request body over" in err.value.body["message"]
+    assert err.value.body["code"] == "request_too_large"
+    reply = httpx2.get(f"{base_url(http_server)}/models/nosuch")  # a route we do not serve
+    assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
