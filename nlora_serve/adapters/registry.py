@@ -111,6 +111,7 @@ class AdapterRegistry:
                 log.warning("store adapter %s v%d not served: %s", name, stored.version, exc)
                 continue
             self._switch(version)
+            self._prune(name)
             names.append(name)
         return names
 
@@ -295,7 +296,22 @@ class AdapterRegistry:
             self._on_free(version)
             raise
         version.version, version.path = stored.version, stored.path
-        return self._switch(version)
+        self._switch(version)
+        self._prune(name)
+        return version
+
+    def _prune(self, name: str) -> None:
+        """Delete the folders of ``name``'s versions older than the current one that no live
+        version uses: an unloaded version loaded back, or what a restart or crash left behind
+        (superseded versions still held are deleted by :meth:`_free` when let go)."""
+        with self._lock:
+            current = self._current.get(name)
+            live = {v.version for v in self._retired.get(name, [])}
+        if current is None:
+            return
+        for old in self.store.versions(name):
+            if old < current.version and old not in live:
+                self.store.remove_version(name, old)
 
     def _switch(self, new: AdapterVersion) -> AdapterVersion:
         with self._lock:

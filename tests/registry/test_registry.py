@@ -179,3 +179,25 @@ def test_unload_is_remembered_across_a_restart_until_a_new_version(tmp_path):
     assert AdapterStore.read_files(stored.path) == files(b"\x01")
     again.register("acme", AdapterStore.read_files(stored.path))
     assert AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files).rebuild() == ["acme", "zeta"]
+
+
+def test_no_version_folder_is_left_behind_by_unload_load_or_restart(tmp_path):
+    store = AdapterStore(tmp_path)
+    first = AdapterRegistry(store, fake_load, fake_load_files)
+    first.register("acme", files(b"\x01"))
+    first.unload("acme")  # v1 stays on disk: it is what a load brings back
+    assert store.versions("acme") == [1]
+    first.register("acme", AdapterStore.read_files(store.latest("acme").path))  # what LoadAdapter does
+    assert store.versions("acme") == [2]  # v1, unloaded and freed long ago, is gone
+    held = first.acquire("acme")
+    first.register("acme", files(b"\x03"))  # v2 superseded while held: kept until released
+    assert store.versions("acme") == [2, 3]
+    first.release(held)
+    assert store.versions("acme") == [3]
+    store.write("acme", files(b"\x04"))  # e.g. a crash after the write, before the switch
+    store.write("acme", files(b"\x05"))
+    again = AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files)
+    assert again.rebuild() == ["acme"] and again.get("acme").content_hash == "05"
+    again.store.wait_deleted()
+    assert again.store.versions("acme") == [5]
+    assert sorted(p.name for p in (tmp_path / "acme").iterdir()) == ["00000005"]
