@@ -6,8 +6,8 @@ Random weights of SmolLM2-135M's shapes (hidden 576, q 576, kv 192, intermediate
 all seven projections, laid out as the engine runs them: q/k/v and gate/up fused, so a layer's
 base is four ``F.linear`` GEMMs and each module's y is a column view of its fused output. For each
 path the adapter time of one whole layer on precomputed base outputs (seven ``apply_adapters``
-calls; ``tied64_native``: four calls of the native CPU op, one per fused output, as the engine
-runs tied tenants on the CPU) is divided by the time of the same layer's base GEMMs at the same T. Base and paths are timed in interleaved rounds and
+calls; ``tied64_native`` / ``lora8_native``: four calls of the native CPU op, one per fused
+output, as the engine runs tied and LoRA tenants on the CPU) is divided by the time of the same layer's base GEMMs at the same T. Base and paths are timed in interleaved rounds and
 the median round is kept, so a noisy shared machine moves both sides alike.
 
 On CUDA every run is captured once into a CUDA graph and timed by replay (GPU time, no Python
@@ -132,9 +132,15 @@ def _adapter_run(groups, batch, xs, ys):
 
 
 def _native_run(native, groups, batch, ys):
-    """One layer through the native CPU op: one call per fused GEMM output (what the engine runs)."""
+    """One layer through the native tied op: one call per fused GEMM output (what the engine runs)."""
     calls = [(y, native.plan(sites, list(outs))) for (sites, outs), y in zip(groups, ys)]
     return lambda: [native.tied_apply(y, batch, plan) for y, plan in calls]
+
+
+def _native_group_run(native, groups, batch, xs, ys):
+    """One layer through the native group op: one call per fused GEMM output."""
+    calls = [(y, x, native.plan_group(sites, list(outs))) for (sites, outs), x, y in zip(groups, xs, ys)]
+    return lambda: [native.group_apply(y, x, batch, plan) for y, x, plan in calls]
 
 
 def bench_one(dtype_name: str, num_tokens: int, device: str, rounds: int, native=None) -> dict:
@@ -151,6 +157,8 @@ def bench_one(dtype_name: str, num_tokens: int, device: str, rounds: int, native
         runs[path] = _adapter_run(groups, batch, xs, ys)
         if path == "tied64" and native is not None:
             runs["tied64_native"] = _native_run(native, groups, batch, ys)
+        if path == "lora8" and native is not None:
+            runs["lora8_native"] = _native_group_run(native, groups, batch, xs, ys)
     slots = torch.randperm(num_tokens, generator=gen) % TENANTS
     facts = (torch.full((TENANTS,), RANK), torch.ones(TENANTS),
              torch.full((TENANTS,), TIED))
@@ -227,7 +235,7 @@ def main() -> None:
     for dtype_name in args.dtypes:
         for num_tokens in tokens:
             t = bench_one(dtype_name, num_tokens, device, args.rounds, native)
-            for path in [p for p in (*PATHS, "tied64_native", "metadata") if p in t]:
+            for path in [p for p in (*PATHS, "tied64_native", "lora8_native", "metadata") if p in t]:
                 row = {"dtype": dtype_name, "tokens": num_tokens, "path": path,
                        "layer_s": t[path], "base_s": t["base"], "ratio": t[path] / t["base"]}
                 if rates and path not in ("metadata", "none"):

@@ -1,11 +1,14 @@
-"""Native CPU ops: the Nyström-tied path of one fused projection (``cpu/tied_apply.c``) and
-decode attention over the paged KV cache (``cpu/paged_attention.c``).
+"""Native CPU ops: the Nyström-tied path of one fused projection (``cpu/tied_apply.c``), the group
+path (plain LoRA / NLoRA / families) of one fused projection (``cpu/group_apply.c``) and decode
+attention over the paged KV cache (``cpu/paged_attention.c``).
 
 Why native: at decode sizes (T ≈ 64, r = 16) the tied path's arithmetic is ~2-3% of the base
 GEMMs', but in torch it is five to seven small ops per module, each with a few µs of fixed cost,
 and a bf16 oneDNN GEMM with K = 16 pays ~15 µs more (bench/RESULTS.md "Kernels"). One C call per
 fused projection (q/k/v, o, gate/up, down) does gather + mix + expand for every tied token in one
-pass over y, with the accumulators in registers.
+pass over y, with the accumulators in registers. The group path likewise: per fused projection
+one call does shrink (each A slice loaded once for four tokens of its family), mix and expand for
+every group token; torch needs ~15 ops per module for it (bench/RESULTS.md "Kernels").
 
 Decode attention: torch's CPU path must gather every decode sequence's blocks into a dense
 [N, L, KVH, D] copy per layer before SDPA; the native op reads each key and value row once, in
@@ -37,16 +40,19 @@ from nlora_serve.kernels.weights import SiteWeights
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name("cpu") / name for name in ("tied_apply.c", "paged_attention.c"))
-HEADERS = (Path(__file__).with_name("cpu") / "vec16.h",)  # part of the build key
-FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-pthread")
-MAX_RANK = 128  # the C side's static buffers (cpu/tied_apply.c MAX_RANK, MAX_MODULES)
+_CPU = Path(__file__).with_name("cpu")
+SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "paged_attention.c"))
+HEADERS = (_CPU / "vec16.h", _CPU / "adapter_tiles.h")  # part of the build key
+FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
+MAX_RANK = 128  # the C side's static buffers (cpu/adapter_tiles.h MAX_RANK, MAX_MODULES)
 MAX_MODULES = 4
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I64, _I64, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _I64, ctypes.c_int, _P, _P]
 _DECODE_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                     ctypes.c_int, ctypes.c_float, _P, _I64, ctypes.c_int, ctypes.c_int]
+_GROUP_ARGTYPES = [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_int, *[_P] * 12]
 _SYMBOLS = {torch.float32: "nlora_tied_apply_f32", torch.bfloat16: "nlora_tied_apply_bf16"}
+_GROUP_SYMBOLS = {torch.float32: "nlora_group_apply_f32", torch.bfloat16: "nlora_group_apply_bf16"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,15 +76,42 @@ class TiedProjection:
     bias_ptrs: ctypes.Array  # [num_modules] pointers to bias[:R] (NULL: no bias)
 
 
+@dataclass(frozen=True, slots=True)
+class GroupProjection:
+    """One fused projection's group-path pools (A/B per family), laid out for the C op (build with
+    :meth:`NativeOps.plan_group`). Points at the pools themselves (no copy): slot writes made in
+    place are seen by the next call; holds the tensors so the pointers stay valid.
+    """
+
+    num_modules: int  # modules of the fused output the pool adapts (≤ MAX_MODULES)
+    rank: int  # the widest batch rank the pools hold (min over modules of n_pool's R)
+    dtype: torch.dtype  # compute dtype of x, y and every pool
+    width: int  # Σ widths of the fused output (y's columns)
+    dim_in: int  # columns of x (the A pools' last dim)
+    keep: tuple  # the pool tensors the pointers below refer to
+    offsets: ctypes.Array  # [num_modules] int64: first column of each module in y
+    widths: ctypes.Array  # [num_modules] int64: columns of each module
+    rank_widths: ctypes.Array  # [num_modules] int64: entries per B row (b_pool's R)
+    a_ptrs: ctypes.Array  # [num_modules] pointers to family 0 of each A pool [F, R, in]
+    a_strides: tuple  # (family, row) strides of each A pool, two [num_modules] int64 arrays
+    n_ptrs: ctypes.Array  # [num_modules] pointers to slot 0 of each N pool [S, R, R]
+    n_strides: tuple  # (slot, row) strides of each N pool
+    b_ptrs: ctypes.Array  # [num_modules] pointers to family 0 of each B pool [F, out, R]
+    b_strides: tuple  # (family, row) strides of each B pool
+
+
 class NativeOps:
-    """The loaded library. :meth:`plan` once per projection and pool generation, :meth:`tied_apply` per step."""
+    """The loaded library. :meth:`plan` / :meth:`plan_group` once per projection and pool
+    generation, :meth:`tied_apply` / :meth:`group_apply` per step."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        self._fns = {}
-        for dtype, name in _SYMBOLS.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = ctypes.c_int, _ARGTYPES
-            self._fns[dtype] = fn
+        self._fns, self._group_fns = {}, {}
+        for fns, symbols, argtypes in ((self._fns, _SYMBOLS, _ARGTYPES),
+                                       (self._group_fns, _GROUP_SYMBOLS, _GROUP_ARGTYPES)):
+            for dtype, name in symbols.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = ctypes.c_int, argtypes
+                fns[dtype] = fn
         self._decode = lib.nlora_paged_decode
         self._decode.restype, self._decode.argtypes = ctypes.c_int, _DECODE_ARGTYPES
 
@@ -87,11 +120,12 @@ class NativeOps:
 
         Args:
             sites: per module of the fused output, in column order, its pools (None: the family
-                does not adapt that module). All must be tied (``tied_b`` set, no A/B pools).
+                does not adapt that module). All must have ``tied_b`` (A/B pools, if any, are the
+                group path's: :meth:`plan_group`).
             widths: output columns of each module, same order.
         """
         mods = [(sum(widths[:i]), w, s) for i, (w, s) in enumerate(zip(widths, sites)) if s is not None]
-        if not mods or len(mods) > MAX_MODULES or any(s.tied_b is None or s.a_pool is not None for *_, s in mods):
+        if not mods or len(mods) > MAX_MODULES or any(s.tied_b is None for *_, s in mods):
             return None
         n0 = mods[0][2].n_pool
         r, dtype = n0.shape[1], n0.dtype
@@ -110,6 +144,85 @@ class NativeOps:
             n_slot_stride=n0.stride(0), n_row_stride=n0.stride(1),
             bt_ptrs=_array(_P, [b.data_ptr() for b in bts]),
             bias_ptrs=_array(_P, [b.data_ptr() if b is not None else None for b in biases]))
+
+    def plan_group(self, sites: list[SiteWeights | None], widths: list[int]) -> GroupProjection | None:
+        """Lay out the group-path pools of one fused projection; None when the op cannot serve it.
+
+        Args:
+            sites: per module of the fused output, in column order, its pools (None: not adapted
+                there). Every one must have A/B pools (``a_pool`` [F, R, in], ``b_pool``
+                [F, out, R], ``n_pool`` [S, R, R]) on the CPU, one dtype (fp32 or bf16), the
+                same ``in``, unit stride along the last dim, R ≤ MAX_RANK.
+            widths: output columns of each module, same order.
+        """
+        mods = [(sum(widths[:i]), w, s) for i, (w, s) in enumerate(zip(widths, sites)) if s is not None]
+        if not mods or len(mods) > MAX_MODULES or any(s.a_pool is None for *_, s in mods):
+            return None
+        a0 = mods[0][2].a_pool
+        dtype, dim_in = a0.dtype, a0.shape[2]
+        for _, w, s in mods:
+            pools = (s.a_pool, s.b_pool, s.n_pool)
+            if (any(p.dtype != dtype or p.is_cuda or p.stride(2) != 1 for p in pools) or dtype not in self._group_fns
+                    or s.a_pool.shape[2] != dim_in or s.b_pool.shape[1] != w or s.n_pool.shape[1] > MAX_RANK):
+                return None
+        i64 = lambda f: _array(_I64, [f(s) for *_, s in mods])  # noqa: E731
+        ptrs = lambda f: _array(_P, [f(s).data_ptr() for *_, s in mods])  # noqa: E731
+        return GroupProjection(
+            num_modules=len(mods), rank=min(s.rank_width for *_, s in mods), dtype=dtype, width=sum(widths),
+            dim_in=dim_in, keep=tuple(p for *_, s in mods for p in (s.a_pool, s.b_pool, s.n_pool)),
+            offsets=_array(_I64, [o for o, _, _ in mods]), widths=_array(_I64, [w for _, w, _ in mods]),
+            rank_widths=i64(lambda s: s.b_pool.shape[2]),
+            a_ptrs=ptrs(lambda s: s.a_pool), a_strides=(i64(lambda s: s.a_pool.stride(0)),
+                                                        i64(lambda s: s.a_pool.stride(1))),
+            n_ptrs=ptrs(lambda s: s.n_pool), n_strides=(i64(lambda s: s.n_pool.stride(0)),
+                                                        i64(lambda s: s.n_pool.stride(1))),
+            b_ptrs=ptrs(lambda s: s.b_pool), b_strides=(i64(lambda s: s.b_pool.stride(0)),
+                                                        i64(lambda s: s.b_pool.stride(1))))
+
+    def group_apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
+                    plan: GroupProjection) -> torch.Tensor:
+        """Add every group token's delta into the fused output ``y`` in place.
+
+        Semantics: for each token t with slot s = batch.tok_group_slot[t] ≥ 0, family
+        f = batch.tok_group_family[t], r = batch.max_rank, and each module m of the plan:
+        y[t, m] += scaling[s] · B_m[f][:, :r] · N_m[s][:r, :r] · A_m[f][:r] · x[t]; every other row
+        and column (slot −1 and tied tokens, modules without a site) is untouched; nothing of an
+        unused slot or family is read. fp32 arithmetic throughout (bf16 y rounded once).
+
+        Args:
+            y: [T, width] CPU tensor, plan.dtype, unit column stride (rows may be strided, e.g. a
+                fused output's column slice).
+            x: [T, dim_in] the projection's input, plan.dtype, unit column stride.
+            batch: the step's metadata (``group_index``, ``tok_group_slot``, ``tok_group_family``,
+                ``slot_scalings`` on the CPU).
+            plan: this projection's :class:`GroupProjection`.
+
+        Raises:
+            ValueError: y's or x's shape, dtype, device or layout does not match the plan or the
+                batch, or the batch's rank exceeds the pools'. MemoryError: no scratch memory.
+        """
+        num_tokens = batch.num_tokens
+        for name, t, cols in (("y", y, plan.width), ("x", x, plan.dim_in)):
+            if t.dim() != 2 or t.shape != (num_tokens, cols) or t.dtype != plan.dtype or t.is_cuda or t.stride(1) != 1:
+                raise ValueError(f"{name} must be a CPU [T={num_tokens}, {cols}] {plan.dtype} tensor with unit "
+                                 f"column stride; got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
+        if batch.max_rank > plan.rank:
+            raise ValueError(f"batch rank {batch.max_rank} exceeds the pools' width {plan.rank}")
+        if not batch.num_group:
+            return y
+        index = batch.group_index.contiguous()
+        slots, fams = batch.tok_group_slot.contiguous(), batch.tok_group_family.contiguous()
+        scalings = batch.slot_scalings.contiguous()
+        rc = self._group_fns[plan.dtype](
+            y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), plan.dim_in, index.data_ptr(), index.numel(),
+            slots.data_ptr(), fams.data_ptr(), scalings.data_ptr(), batch.max_rank, plan.num_modules,
+            plan.offsets, plan.widths, plan.rank_widths, plan.a_ptrs, *plan.a_strides, plan.n_ptrs,
+            *plan.n_strides, plan.b_ptrs, *plan.b_strides)
+        if rc == -2:
+            raise MemoryError("native group op: no memory for its scratch buffers")
+        if rc != 0:  # plan_group() admits only what the C side's buffers hold
+            raise ValueError(f"native group op refused rank {batch.max_rank} / {plan.num_modules} modules")
+        return y
 
     def tied_apply(self, y: torch.Tensor, batch: AdapterBatch, plan: TiedProjection) -> torch.Tensor:
         """Add every tied token's delta into the fused output ``y`` in place.

@@ -15,11 +15,11 @@ import torch
 
 from nlora_serve.kernels.dispatch import apply_adapters
 from nlora_serve.kernels.metadata import NO_ADAPTER, AdapterBatch, build_adapter_batch
-from nlora_serve.kernels.native import NativeOps, TiedProjection
+from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedProjection
 
-# The native op runs on one core and costs ~4 us a token per layer; torch's GEMMs catch up at a
-# few hundred tokens (bench/kernels.py: equal at T = 512 in bf16) and use both cores, so
-# prefill-sized steps stay on the torch path.
+# The native ops run on one core and cost ~4 us (tied) / ~8 us (LoRA, r = 16) a token per layer;
+# torch's GEMMs catch up at a few hundred tokens (bench/kernels.py: equal at T = 512 in bf16) and
+# use both cores, so prefill-sized steps stay on the torch path.
 NATIVE_MAX_TOKENS = 256
 
 
@@ -29,7 +29,13 @@ class _Projection:
 
     generation: int  # the pool's generation these views were made from
     sites: list  # per module, its SiteWeights (None: the pool's family skips the module)
-    native: TiedProjection | None  # the native op's layout, when it serves this projection
+    tied: TiedProjection | None  # the native tied op's layout, when it serves this projection
+    group: GroupProjection | None  # the native group op's layout, likewise
+
+    def native_serves(self, batch: AdapterBatch) -> bool:
+        """True when the native ops cover every token kind of ``batch`` at this projection."""
+        return ((not batch.num_tied or self.tied is not None) and (not batch.num_group or self.group is not None)
+                and (self.tied is not None or self.group is not None))
 
 
 class AdapterHook:
@@ -39,9 +45,10 @@ class AdapterHook:
     attributes; pools are read through views refreshed when a pool's tensors are replaced.
 
     Args:
-        native: the native CPU op (:func:`nlora_serve.kernels.native.load_native`); when given,
-            tied pools on the CPU run through it, one call per fused projection. None: the torch
-            path of :func:`apply_adapters`, one call per module.
+        native: the native CPU ops (:func:`nlora_serve.kernels.native.load_native`); when given,
+            steps of ≤ NATIVE_MAX_TOKENS on the CPU run through them, one call per fused projection
+            and token kind (tied, group). None: the torch path of :func:`apply_adapters`, one call
+            per module.
     """
 
     def __init__(self, native: NativeOps | None = None) -> None:
@@ -83,8 +90,12 @@ class AdapterHook:
         """
         for pool, batch in self._entries:
             proj = self._projection(pool, layer, modules, widths)
-            if proj.native is not None and batch.num_tokens <= NATIVE_MAX_TOKENS and not y.is_cuda:
-                self.native.tied_apply(y, batch, proj.native)
+            if batch.num_tokens <= NATIVE_MAX_TOKENS and not y.is_cuda and proj.native_serves(batch):
+                # Tied and group tokens are disjoint rows: neither op reads a row the other writes.
+                if batch.num_tied:
+                    self.native.tied_apply(y, batch, proj.tied)
+                if batch.num_group:
+                    self.native.group_apply(y, x, batch, proj.group)
             else:
                 for part, site in zip(y.split(widths, dim=-1), proj.sites):
                     if site is not None:
@@ -98,6 +109,8 @@ class AdapterHook:
         proj = self._projections.get(key)
         if proj is None or proj.generation != pool.generation:
             sites = [pool.kernel_site((layer, m)) for m in modules]
-            native = self.native.plan(sites, widths) if self.native is not None else None
-            proj = self._projections[key] = _Projection(pool.generation, sites, native)
+            tied = group = None
+            if self.native is not None:
+                tied, group = self.native.plan(sites, widths), self.native.plan_group(sites, widths)
+            proj = self._projections[key] = _Projection(pool.generation, sites, tied, group)
         return proj
