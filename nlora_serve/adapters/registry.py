@@ -133,7 +133,9 @@ class AdapterRegistry:
         files = compact_tied_files(adapter, files[WEIGHTS_FILE]) or files  # DESIGN §3: N only on disk
         with self._write_lock:  # check, persist and switch as one step per registry
             self._check_version(name, if_version)
-            return self._commit(name, adapter, files)
+            version = self._commit(name, adapter, files)
+        self._prune(name)  # a registration may follow an unload, whose newest folder stayed
+        return version
 
     def swap_weights(self, name: str, weights: bytes, if_version: int | None = None,
                      validate: Callable[[Adapter, bytes], Adapter] | None = None) -> AdapterVersion:
@@ -296,14 +298,13 @@ class AdapterRegistry:
             self._on_free(version)
             raise
         version.version, version.path = stored.version, stored.path
-        self._switch(version)
-        self._prune(name)
-        return version
+        return self._switch(version)
 
     def _prune(self, name: str) -> None:
         """Delete the folders of ``name``'s versions older than the current one that no live
-        version uses: an unloaded version loaded back, or what a restart or crash left behind
-        (superseded versions still held are deleted by :meth:`_free` when let go)."""
+        version uses: an unloaded version loaded back, or what a restart or crash left behind.
+        Not on the swap path: a swap supersedes a current version, which :meth:`_free` deletes
+        when let go. Safe outside the write lock (a version older than current never revives)."""
         with self._lock:
             current = self._current.get(name)
             live = {v.version for v in self._retired.get(name, [])}

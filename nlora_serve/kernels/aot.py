@@ -22,6 +22,7 @@ import contextlib
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,8 +181,6 @@ def compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks=(16,),
         whatever the Triton compiler raises for a kernel it rejects;
         subprocess.CalledProcessError: cuobjdump failed on a cubin.
     """
-    import tempfile
-
     done = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(workdir or tmp)
