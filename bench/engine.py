@@ -28,9 +28,9 @@ import torch
 
 from nlora_serve.models import load_base, load_hf_model, resolve_model
 from nlora_serve.models.dtype import DTYPES
-from nlora_serve.serving.config import CacheConfig, EngineConfig, SchedulerConfig
-from nlora_serve.serving.engine import LLMEngine
-from nlora_serve.serving.sampling import SamplingParams
+from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from nlora_serve.engine.llm_engine import LLMEngine
+from nlora_serve.engine.sampling import SamplingParams
 
 from tenants import MIXES, write_mix  # bench/tenants.py (run this script from the repo root)
 

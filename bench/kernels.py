@@ -34,7 +34,7 @@ from nlora_serve.kernels import TIED, SiteWeights, apply_adapters, build_adapter
 from nlora_serve.kernels.native import load_native
 
 HIDDEN, KV, INTER, RANK, TENANTS = 576, 192, 1536, 16, 64
-# The engine's four GEMMs per layer (serving/llama.py fuses q/k/v and gate/up): (in, module outs)
+# The engine's four GEMMs per layer (engine/llama.py fuses q/k/v and gate/up): (in, module outs)
 GROUPS = [(HIDDEN, (HIDDEN, KV, KV)), (HIDDEN, (HIDDEN,)), (HIDDEN, (INTER, INTER)),
           (INTER, (HIDDEN,))]
 SHAPES = [(i, o) for i, outs in GROUPS for o in outs]  # (in, out) of q, k, v, o, gate, up, down

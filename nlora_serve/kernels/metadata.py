@@ -1,6 +1,6 @@
 """Per-step batch metadata for the adapter ops (DESIGN §4), and its builder.
 
-`serving/` builds one :class:`AdapterBatch` per forward step from the slot of every token and the
+`engine/` builds one :class:`AdapterBatch` per forward step from the slot of every token and the
 registry's per-slot rank, scaling and family, then hands the same object to every adapted
 projection (30 layers × 7 projections on the default model). Everything a kernel needs that depends
 only on the token layout is computed here once, so no op recomputes it 210 times.
@@ -39,7 +39,7 @@ class AdapterBatch:
     maximal stretch of consecutive tokens (in the batch's own order) sharing the stated key.
     """
 
-    # -- inputs, as given by serving/ ---------------------------------------------------------
+    # -- inputs, as given by engine/ ----------------------------------------------------------
     token_slots: torch.Tensor  # [T] int32: N-pool slot of each token, NO_ADAPTER = base only
     slot_ranks: torch.Tensor  # [S] int32: rank r of each slot (pool entries beyond r are zero)
     slot_scalings: torch.Tensor  # [S] float32: s = alpha / r (or / sqrt(r), rsLoRA) per slot

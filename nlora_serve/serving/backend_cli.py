@@ -12,11 +12,11 @@ import importlib.util
 import json
 
 from nlora_serve.models import BaseModel
-from nlora_serve.serving.config import EngineConfig
-from nlora_serve.serving.engine import LLMEngine
-from nlora_serve.serving.engine_api import Engine
+from nlora_serve.engine.config import EngineConfig
+from nlora_serve.engine.llm_engine import LLMEngine
+from nlora_serve.engine.api import Engine
 from nlora_serve.serving.server_config import StartupError
-from nlora_serve.serving.vllm_config import VllmBackendConfig
+from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
 
 BACKENDS = ("native", "vllm")
 
@@ -74,7 +74,7 @@ def make_engine(config: EngineConfig, base: BaseModel, backend: VllmBackendConfi
     """The native engine, or the vLLM one for a :func:`backend_config`."""
     if backend is None:
         return LLMEngine(config, base)
-    from nlora_serve.serving.vllm_engine import VllmEngine
+    from nlora_serve.engine.vllm_backend.engine import VllmEngine
 
     try:
         return VllmEngine(config, backend, base)

@@ -15,11 +15,11 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 from nlora_serve.errors import NloraError
-from nlora_serve.serving.engine_api import Engine
-from nlora_serve.serving.engine_core import RequestOutput, check_context
+from nlora_serve.engine.api import Engine
+from nlora_serve.engine.core import RequestOutput, check_context
 from nlora_serve.serving.grpc_status import Draining, QueueFull
 from nlora_serve.serving.metrics import RequestTimer
-from nlora_serve.serving.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
 
 CHAT_ROLES = ("system", "user", "assistant")

@@ -12,9 +12,9 @@ from pathlib import Path
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.errors import NloraError
 from nlora_serve.models import load_base, resolve_dtype
-from nlora_serve.serving.config import EngineConfig, SchedulerConfig
-from nlora_serve.serving.engine import LLMEngine
-from nlora_serve.serving.sampling import SamplingParams
+from nlora_serve.engine.config import EngineConfig, SchedulerConfig
+from nlora_serve.engine.llm_engine import LLMEngine
+from nlora_serve.engine.sampling import SamplingParams
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from nlora_serve import __version__
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.proto import nlora_pb2 as pb
-from nlora_serve.serving.engine_core import RequestOutput
+from nlora_serve.engine.core import RequestOutput
 from nlora_serve.serving.frontend import max_tokens_of, render_chat
-from nlora_serve.serving.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig, default_served_name
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}

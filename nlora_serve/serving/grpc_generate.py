@@ -29,7 +29,7 @@ from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving import grpc_convert as convert
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.engine_api import Engine, EngineError, RequestAborted
+from nlora_serve.engine.api import Engine, EngineError, RequestAborted
 from nlora_serve.serving.frontend import Admission, adapter_versions, metered, start_request
 from nlora_serve.serving.grpc_status import status_of
 from nlora_serve.serving.metrics import ServerMetrics

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.engine_api import Engine
+from nlora_serve.engine.api import Engine
 from nlora_serve.serving.grpc_admin import AdminServicer
 from nlora_serve.serving.frontend import Admission, adapter_versions
 from nlora_serve.serving.grpc_generate import GenerationServicer

@@ -12,8 +12,8 @@ from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
-from nlora_serve.serving.engine_api import RequestAborted
-from nlora_serve.serving.sampling import RequestError
+from nlora_serve.engine.api import RequestAborted
+from nlora_serve.engine.sampling import RequestError
 
 
 class QueueFull(NloraError):

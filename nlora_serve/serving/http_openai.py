@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict
 
 from nlora_serve.serving.frontend import max_tokens_of, render_chat
-from nlora_serve.serving.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
 
 # OpenAI fields we accept only at their no-op value (null always passes); others are refused

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 
-from nlora_serve.serving.engine_core import RequestOutput
+from nlora_serve.engine.core import RequestOutput
 
 
 def sse(payload: dict | str) -> str:

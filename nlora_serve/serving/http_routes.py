@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator, Principal
-from nlora_serve.serving.engine_api import Engine, EngineError, RequestAborted
+from nlora_serve.engine.api import Engine, EngineError, RequestAborted
 from nlora_serve.serving.frontend import Admission, adapter_versions, metered, start_request
 from nlora_serve.serving.grpc_status import http_status_of
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_inputs, completion_inputs

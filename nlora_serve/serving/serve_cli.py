@@ -31,8 +31,8 @@ from nlora_serve.errors import NloraError
 from nlora_serve.models import load_base, resolve_dtype, resolve_model
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.backend_cli import add_backend_arguments, backend_config, make_engine
-from nlora_serve.serving.config import EngineConfig, SchedulerConfig
-from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.engine.config import EngineConfig, SchedulerConfig
+from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.serving.example_tenants import ensure_example_tenants, example_name
 from nlora_serve.serving.grpc_convert import server_info
 from nlora_serve.serving.grpc_server import NloraServer

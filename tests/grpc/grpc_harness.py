@@ -12,8 +12,8 @@ import threading
 from pathlib import Path
 
 from nlora_serve.serving.auth import Authenticator, hash_key
-from nlora_serve.serving.config import CacheConfig, EngineConfig, SchedulerConfig
-from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.serving.grpc_convert import server_info
 from nlora_serve.serving.grpc_server import NloraServer
 from nlora_serve.serving.server_config import ServerConfig
@@ -57,7 +57,7 @@ class RunningServer:
 
 
 def matches_reference(got: list[int], want: list[int], margins: list[float]) -> bool:
-    """The cases README rule (tests/serving/greedy_rule.py): equal up to the first step whose
+    """The cases README rule (tests/engine/greedy_rule.py): equal up to the first step whose
     top-2 logit margin in the reference is below 1e-3."""
     for step, (g, w) in enumerate(zip(got, want)):
         if g != w:

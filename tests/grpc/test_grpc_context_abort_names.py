@@ -16,8 +16,8 @@ from nlora_serve.client import InvalidArgument, NloraClient, NloraClientError
 from nlora_serve.errors import AdapterError
 from nlora_serve.serving import serve_cli
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.config import CacheConfig, EngineConfig
-from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.engine.config import CacheConfig, EngineConfig
+from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.serving.grpc_convert import server_info
 from nlora_serve.serving.grpc_server import NloraServer
 from nlora_serve.serving.server_config import ServerConfig

@@ -19,7 +19,7 @@ from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
 from nlora_serve.serving.grpc_status import Draining, QueueFull, http_status_of, status_of
-from nlora_serve.serving.sampling import RequestError
+from nlora_serve.engine.sampling import RequestError
 
 
 def _health(server) -> tuple[int, str]:

@@ -11,7 +11,7 @@ from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.adapters.residency import PoolFull, Residency
 from nlora_serve.adapters.save import write_adapter
 from nlora_serve.adapters.loader import read_adapter
-from nlora_serve.serving.adapter_layer import AdapterHook
+from nlora_serve.engine.adapter_layer import AdapterHook
 
 SITE = (2, "q_proj")
 

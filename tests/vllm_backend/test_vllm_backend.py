@@ -21,7 +21,7 @@ from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.client import AsyncNloraClient, NloraClient
 from nlora_serve.client.types import NotFound
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.config import EngineConfig, SchedulerConfig
+from nlora_serve.engine.config import EngineConfig, SchedulerConfig
 from nlora_serve.serving.grpc_convert import server_info
 from nlora_serve.serving.server_config import ServerConfig
 
@@ -36,8 +36,8 @@ def _refs(name: str | None) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def server(base_fp32, tenants_file, tmp_path_factory):
-    from nlora_serve.serving.vllm_config import VllmBackendConfig
-    from nlora_serve.serving.vllm_engine import VllmEngine
+    from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
+    from nlora_serve.engine.vllm_backend.engine import VllmEngine
 
     config = EngineConfig(dtype=torch.float32, adapter_dir=str(tmp_path_factory.mktemp("store")),
                           scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=512),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nlora_serve.serving.config import CacheConfig, EngineConfig, SchedulerConfig
-from nlora_serve.serving.engine import LLMEngine
+from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from nlora_serve.engine.llm_engine import LLMEngine
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nlora_serve.serving.sampling import SamplingParams
+from nlora_serve.engine.sampling import SamplingParams
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 GiB = 1 << 30

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nlora_serve.serving.sampling import SamplingParams
+from nlora_serve.engine.sampling import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nlora_serve.kernels.native import NativeOps
-from nlora_serve.serving.batch_info import BatchInfo, PrefillChunk
+from nlora_serve.engine.batch_info import BatchInfo, PrefillChunk
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

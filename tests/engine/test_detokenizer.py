@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nlora_serve.serving.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from nlora_serve.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 
 TEXT = "東京の天気は晴れです 🌸🎉 naïve café — 你好，世界！ 👩‍👩‍👧 done"
 

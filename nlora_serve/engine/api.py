@@ -1,8 +1,8 @@
 """The engine interface (DESIGN §5) the gRPC / HTTP front ends talk to, its request stream and
 errors, and the prompt checks every backend shares.
 
-Two engines implement :class:`Engine`: :class:`~nlora_serve.serving.engine.LLMEngine` (ours) and
-:class:`~nlora_serve.serving.vllm_engine.VllmEngine` (vLLM's AsyncLLM, §8).
+Two engines implement :class:`Engine`: :class:`~nlora_serve.engine.llm_engine.LLMEngine` (ours) and
+:class:`~nlora_serve.engine.vllm_backend.engine.VllmEngine` (vLLM's AsyncLLM, §8).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Callable
 
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import NloraError
-from nlora_serve.serving.engine_core import RequestOutput
-from nlora_serve.serving.sampling import RequestError, SamplingParams
+from nlora_serve.engine.core import RequestOutput
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 
 
 class EngineError(RuntimeError):

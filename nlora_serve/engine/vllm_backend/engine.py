@@ -2,7 +2,7 @@
 
 Our front ends (gRPC, auth, registry, hot-swap, metrics) stay as they are; generation runs on
 vLLM, with its tensor / pipeline parallelism. Adapters are folded to plain LoRA on registration
-(:mod:`nlora_serve.serving.vllm_adapters`) and each request runs with the ``LoRARequest`` of the
+(:mod:`nlora_serve.engine.vllm_backend.adapters`) and each request runs with the ``LoRARequest`` of the
 version pinned at its admission.
 
 vLLM is imported only when this engine is built, so the project's venv never needs it. AsyncLLM
@@ -28,12 +28,12 @@ from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
-from nlora_serve.serving.config import EngineConfig
-from nlora_serve.serving.engine_api import SHUTDOWN_REASON, Engine, EngineError, RequestStream, prompt_ids
-from nlora_serve.serving.engine_core import RequestOutput, check_request, unloaded_reason
-from nlora_serve.serving.sampling import RequestError, SamplingParams
-from nlora_serve.serving.vllm_adapters import VllmResidency
-from nlora_serve.serving.vllm_config import FINISH, GiB, SchedulerSnapshot, VllmBackendConfig, lora_rank_limit, \
+from nlora_serve.engine.config import EngineConfig
+from nlora_serve.engine.api import SHUTDOWN_REASON, Engine, EngineError, RequestStream, prompt_ids
+from nlora_serve.engine.core import RequestOutput, check_request, unloaded_reason
+from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.vllm_backend.adapters import VllmResidency
+from nlora_serve.engine.vllm_backend.config import FINISH, GiB, SchedulerSnapshot, VllmBackendConfig, lora_rank_limit, \
     vllm_sampling_params
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from nlora_serve.serving.block_manager import BlockManager
-from nlora_serve.serving.config import SchedulerConfig
-from nlora_serve.serving.sampling import SamplingParams
-from nlora_serve.serving.scheduler import Scheduler
-from nlora_serve.serving.sequence import Sequence, SequenceStatus
+from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.config import SchedulerConfig
+from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.scheduler import Scheduler
+from nlora_serve.engine.sequence import Sequence, SequenceStatus
 
 
 def make(num_blocks: int, block_size: int = 4, **cfg) -> Scheduler:

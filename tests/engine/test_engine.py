@@ -7,9 +7,9 @@ import asyncio
 import pytest
 import torch
 
-from nlora_serve.serving.engine import LLMEngine
-from nlora_serve.serving.engine_api import EngineError
-from nlora_serve.serving.sampling import RequestError, SamplingParams
+from nlora_serve.engine.llm_engine import LLMEngine
+from nlora_serve.engine.api import EngineError
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 
 PROMPT = "Write a long story about a lighthouse keeper."
 

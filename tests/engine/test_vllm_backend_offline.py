@@ -19,8 +19,8 @@ from nlora_serve.errors import AdapterError
 from nlora_serve.serving.backend_cli import backend_config
 from nlora_serve.serving.server_config import StartupError
 from nlora_serve.serving.serve_cli import add_serve_arguments
-from nlora_serve.serving.vllm_adapters import VllmResidency, write_folded_lora
-from nlora_serve.serving.vllm_config import VllmBackendConfig, lora_rank_limit
+from nlora_serve.engine.vllm_backend.adapters import VllmResidency, write_folded_lora
+from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
 

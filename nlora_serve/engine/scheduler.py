@@ -15,9 +15,9 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from nlora_serve.serving.block_manager import BlockManager
-from nlora_serve.serving.config import SchedulerConfig
-from nlora_serve.serving.sequence import Sequence, SequenceStatus
+from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.config import SchedulerConfig
+from nlora_serve.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)

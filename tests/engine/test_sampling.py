@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nlora_serve.serving.sampling import (RequestError, SamplingParams, apply_penalties, sample,
+from nlora_serve.engine.sampling import (RequestError, SamplingParams, apply_penalties, sample,
                                           top_k_top_p_mask)
 
 PROBS = [0.5, 0.25, 0.15, 0.1]

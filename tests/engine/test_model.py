@@ -8,10 +8,10 @@ import torch
 
 from greedy_rule import matches_reference
 from nlora_serve.models import PROJECTIONS, load_base
-from nlora_serve.serving.block_manager import BlockManager
-from nlora_serve.serving.model_runner import ModelRunner
-from nlora_serve.serving.sampling import SamplingParams
-from nlora_serve.serving.sequence import Sequence
+from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.model_runner import ModelRunner
+from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sequence import Sequence
 
 GREEDY_24 = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)  # = HF min_new_tokens
 

@@ -1,6 +1,6 @@
 """The synchronous engine core: requests in, one step at a time, output deltas out.
 
-No threads here; :class:`nlora_serve.serving.engine.LLMEngine` drives it from its step thread.
+No threads here; :class:`nlora_serve.engine.llm_engine.LLMEngine` drives it from its step thread.
 Every terminal path (finish, stop, abort, error) goes through :meth:`EngineCore._retire`, the
 one place that frees a request's KV blocks.
 """
@@ -16,15 +16,15 @@ from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.kernels.native import load_native
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.models.cache import cache_root
-from nlora_serve.serving.adapter_layer import AdapterHook
-from nlora_serve.serving.block_manager import BlockManager
-from nlora_serve.serving.config import EngineConfig
-from nlora_serve.serving.detokenizer import IncrementalDetokenizer
-from nlora_serve.serving.kv_cache import kv_bytes_per_block
-from nlora_serve.serving.model_runner import ModelRunner
-from nlora_serve.serving.sampling import RequestError, SamplingParams, apply_penalties, sample, top_logprobs
-from nlora_serve.serving.scheduler import Scheduler
-from nlora_serve.serving.sequence import Sequence
+from nlora_serve.engine.adapter_layer import AdapterHook
+from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.config import EngineConfig
+from nlora_serve.engine.detokenizer import IncrementalDetokenizer
+from nlora_serve.engine.kv_cache import kv_bytes_per_block
+from nlora_serve.engine.model_runner import ModelRunner
+from nlora_serve.engine.sampling import RequestError, SamplingParams, apply_penalties, sample, top_logprobs
+from nlora_serve.engine.scheduler import Scheduler
+from nlora_serve.engine.sequence import Sequence
 
 
 @dataclass(slots=True)

@@ -1,7 +1,7 @@
 """Our own Llama-family forward (Llama, Mistral, Qwen2 layout) over a packed ragged batch.
 
 Built from :class:`nlora_serve.models.BaseModel` weights; no transformers modules. Every one of a
-layer's seven projections goes through :class:`AdaptedLinear`, where serving/ plugs the adapter
+layer's seven projections goes through :class:`AdaptedLinear`, where the engine plugs the adapter
 kernels' dispatch in (DESIGN §4). q/k/v and gate/up are fused into one GEMM each; the hook still
 sees each module's own output columns.
 """
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from nlora_serve.errors import ModelError
 from nlora_serve.kernels.native import NativeOps
 from nlora_serve.models import BaseModel, ModelSpec
-from nlora_serve.serving.attention import paged_attention
-from nlora_serve.serving.batch_info import BatchInfo
+from nlora_serve.engine.attention import paged_attention
+from nlora_serve.engine.batch_info import BatchInfo
 
 # hook(x [T, in], y [T, Σ widths] (the fused output: add into it in place), layer_idx, module
 # names, their output widths in column order)
@@ -30,7 +30,7 @@ class AdaptedLinear:
 
     ``adapter_hook`` is None while no adapter is installed: then only the base GEMM runs. When set,
     it is called once per call with the fused ``y`` and each module's width, and adds the
-    adapters' deltas into it in place (serving/ sets it to the kernels' dispatch).
+    adapters' deltas into it in place (the engine sets it to the kernels' dispatch).
     """
 
     __slots__ = ("weight", "bias", "layer_idx", "modules", "widths", "adapter_hook")

@@ -1,8 +1,8 @@
-"""Our engine behind the :class:`~nlora_serve.serving.engine_api.Engine` interface (DESIGN §5).
+"""Our engine behind the :class:`~nlora_serve.engine.api.Engine` interface (DESIGN §5).
 
 :class:`LLMEngine` runs our model runner, stepping in its own thread and handing deltas to
 asyncio through ``loop.call_soon_threadsafe``; the vLLM-backed engine (§8) implements the same
-interface in vllm_engine.py.
+interface in vllm_backend/engine.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel
-from nlora_serve.serving.config import EngineConfig
-from nlora_serve.serving.engine_api import SHUTDOWN_REASON, Engine, EngineError, RequestStream, prompt_ids
-from nlora_serve.serving.engine_core import EngineCore, RequestOutput
-from nlora_serve.serving.sampling import RequestError, SamplingParams
+from nlora_serve.engine.config import EngineConfig
+from nlora_serve.engine.api import SHUTDOWN_REASON, Engine, EngineError, RequestStream, prompt_ids
+from nlora_serve.engine.core import EngineCore, RequestOutput
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 
 Sink = Callable[[RequestOutput], None]
 log = logging.getLogger(__name__)

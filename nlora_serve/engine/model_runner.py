@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from nlora_serve.models import BaseModel
-from nlora_serve.serving.batch_info import BatchInfo, build_batch_info
-from nlora_serve.serving.kv_cache import allocate_kv_cache
-from nlora_serve.serving.llama import AdapterHook, LlamaModel
-from nlora_serve.serving.scheduler import ScheduledBatch
-from nlora_serve.serving.sequence import Sequence
+from nlora_serve.engine.batch_info import BatchInfo, build_batch_info
+from nlora_serve.engine.kv_cache import allocate_kv_cache
+from nlora_serve.engine.llama import AdapterHook, LlamaModel
+from nlora_serve.engine.scheduler import ScheduledBatch
+from nlora_serve.engine.sequence import Sequence
 
 
 class ModelRunner:

@@ -1,0 +1,1 @@
+"""The vLLM-backed engine (DESIGN §8): the same Engine interface on vLLM's AsyncLLM."""
