@@ -55,7 +55,7 @@ def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_token
     with LLMEngine(config, base) as engine:
         names = [engine.adapters.register_dir(d.name, d).name for d in tenants]
         assign = [names[i % len(names)] if names else None for i in range(len(prompts))]
-        engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), assign[:2])
+        engine.generate(prompts[:2], SamplingParams(max_tokens=min(4, new_tokens), temperature=0.0, ignore_eos=True), assign[:2])
         start = time.perf_counter()
         outs = engine.generate(prompts, params, assign)
         seconds = time.perf_counter() - start

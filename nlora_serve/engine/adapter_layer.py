@@ -18,7 +18,7 @@ from nlora_serve.kernels.metadata import NO_ADAPTER, AdapterBatch, build_adapter
 from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedProjection
 
 # The native ops run on one core and cost ~4 us (tied) / ~8 us (LoRA, r = 16) a token per layer;
-# torch's GEMMs catch up at a few hundred tokens (bench/kernels.py: equal at T = 512 in bf16) and
+# torch's GEMMs catch up at a few hundred tokens (bench/adapter_kernels.py: equal at T = 512 in bf16) and
 # use both cores, so prefill-sized steps stay on the torch path.
 NATIVE_MAX_TOKENS = 256
 

@@ -1,6 +1,6 @@
 """Adapter kernel cost per decoder layer of the default model, against that layer's base GEMMs.
 
-    .venv/bin/python bench/kernels.py [--tokens 64 512] [--dtypes fp32 bf16] [--rounds 15]
+    .venv/bin/python bench/adapter_kernels.py [--tokens 64 512] [--dtypes fp32 bf16] [--rounds 15]
 
 Random weights of SmolLM2-135M's shapes (hidden 576, q 576, kv 192, intermediate 1536), r = 16,
 all seven projections, laid out as the engine runs them: q/k/v and gate/up fused, so a layer's
