@@ -22,6 +22,9 @@ _DEFAULTS = {
     "bgmv_shrink": {"BLOCK_K": 128, "num_warps": 4},
     "mix": {"BLOCK_T": 8, "num_warps": 4},
     "sgmv_expand": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 4},
+    # attention ops: keyed by head_dim instead of rank (BLOCK_R = the padded head_dim)
+    "paged_decode_attention": {"BLOCK_N": 64, "num_warps": 4},
+    "paged_prefill_attention": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4},
 }
 
 
