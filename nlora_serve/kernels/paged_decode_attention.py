@@ -151,7 +151,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     if n == 0:
         return out
     acc, m, l_s = _split_buffers(workspace, n, num_heads, head_dim, num_splits, q.device)
-    cfg = get_config("paged_decode_attention", head_dim, device_config_name(q.device))
+    cfg = get_config(_op_name(q.dtype), head_dim, device_config_name(q.device))
     keys, values = kv_layer[0], kv_layer[1]
     _paged_decode_attention_kernel[(n, num_kv_heads, num_splits)](
         q, keys, values, block_tables, context_lens, out, acc, m, l_s, scale * _LOG2E, num_heads,
@@ -182,6 +182,11 @@ def _split_buffers(workspace, n, num_heads, head_dim, num_splits, device):
     flat = workspace.view(-1)
     return (flat[: parts * head_dim], flat[parts * head_dim: parts * (head_dim + 1)],
             flat[parts * (head_dim + 1): size])
+
+
+def _op_name(dtype: torch.dtype) -> str:
+    """Config key: fp32 has its own tiles (its dots are FMA loops, not tensor-core ones)."""
+    return "paged_decode_attention" + (".fp32" if dtype == torch.float32 else "")
 
 
 def _check(q, kv_layer, block_tables, context_lens, out, num_splits) -> None:

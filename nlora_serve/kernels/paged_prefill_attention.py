@@ -106,7 +106,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, query_start
     group = num_heads // num_kv_heads
     if num_seqs == 0 or max_query_len <= 0:
         return out
-    cfg = get_config("paged_prefill_attention", head_dim, device_config_name(q.device))
+    cfg = get_config(_op_name(q.dtype), head_dim, device_config_name(q.device))
     block_m = max(cfg["BLOCK_M"], triton.next_power_of_2(group))
     keys, values = kv_layer[0], kv_layer[1]
     grid = (num_seqs, triton.cdiv(max_query_len, block_m // group), num_kv_heads)
@@ -116,6 +116,11 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, query_start
         out.stride(1), G=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_R"], num_warps=cfg["num_warps"])
     return out
+
+
+def _op_name(dtype: torch.dtype) -> str:
+    """Config key: fp32 has its own tiles (its dots are FMA loops, not tensor-core ones)."""
+    return "paged_prefill_attention" + (".fp32" if dtype == torch.float32 else "")
 
 
 def _check(q, kv_layer, query_starts, context_lens, block_tables, out) -> None:
