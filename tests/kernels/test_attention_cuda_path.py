@@ -2,11 +2,16 @@
 interpreter on CPU tensors, against the CPU attention (engine/attention/cpu.py) in float64.
 
 Here rather than in tests/engine: the kernels must be decorated for the interpreter, which this
-folder's conftest arranges before any kernel module is imported.
+folder's conftest arranges before any kernel module is imported. With NLORA_TEST_DEVICE=cuda
+the Triton path runs compiled on the GPU, its step inputs moved there as the engine would.
 """
+
+import dataclasses
 
 import pytest
 import torch
+
+from kernel_cases import TEST_DEVICE
 
 from nlora_serve.engine.attention import cpu
 from nlora_serve.engine.attention import cuda
@@ -16,6 +21,7 @@ NAN = float("nan")
 BLOCK_SIZE = 16
 # (query tokens this step, context after it): four decodes (contexts 1, 17, 40 and 333, the last
 # over three KV splits), a fresh prefill, and two chunks after a cached prefix.
+DEVICE_FIELDS = ("query_starts", "context_lens", "slot_mapping", "block_tables")
 STEP = ((1, 1), (1, 17), (1, 40), (1, 333), (23, 23), (16, 53), (5, 300))
 
 
@@ -56,7 +62,11 @@ def test_mixed_decode_and_chunked_prefill_step_matches_cpu_attention(group, num_
     # the Triton path's cache: NaN in every slot no step has written (unused blocks, slots past a
     # context, the block ahead): the kernels must never read them
     poisoned = kv.to(dtype).masked_fill(~prefix[None, :, :, None, None], NAN)
-    got = cuda.paged_attention(q.to(dtype), k.to(dtype), v.to(dtype), poisoned, info, head_dim ** -0.5)
+    on_device = dataclasses.replace(info, **{f: getattr(info, f).to(TEST_DEVICE) for f in DEVICE_FIELDS})
+    poisoned = poisoned.to(TEST_DEVICE)
+    got = cuda.paged_attention(*(t.to(dtype).to(TEST_DEVICE) for t in (q, k, v)), poisoned, on_device,
+                               head_dim ** -0.5).cpu()
+    poisoned = poisoned.cpu()
     assert got.shape == want.shape and got.dtype == dtype
     assert not torch.isnan(got).any()
     err = float((got.double() - want).norm() / want.norm())

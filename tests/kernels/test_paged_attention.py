@@ -4,12 +4,15 @@ torch reference, and the reference against SDPA over unpaged keys and values.
 Every cache block a case does not fill, every slot past a context inside a used block, padded
 block-table entries (pointing at a NaN block), the outputs and the decode workspace start as
 NaN: a kernel that reads or keeps anything it should not gives NaN. Small shapes, fixed seeds.
+With NLORA_TEST_DEVICE=cuda (conftest.py) the kernels run compiled on the GPU; the references
+stay on the CPU.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_cases import TEST_DEVICE
 from nlora_serve.kernels import reference_attention as ref
 from nlora_serve.kernels.paged_decode_attention import (decode_num_splits, decode_workspace_numel,
                                                         paged_decode_attention)
@@ -44,7 +47,12 @@ def paged_cache(seed, context_lens, num_kv_heads, head_dim, block_size, dtype):
     return kv, tables
 
 
+def dev(*tensors):
+    return tuple(t.to(TEST_DEVICE) for t in tensors)
+
+
 def rel_err(got, want):
+    got = got.cpu()
     assert not torch.isnan(got).any(), "NaN leaked into an output row"
     return float((got.double() - want).norm() / want.norm())
 
@@ -61,8 +69,8 @@ def test_decode_against_float64(num_splits, shape, dtype):
     q = torch.randn(n, heads, head_dim, generator=torch.Generator().manual_seed(7)).to(dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32)
     workspace = torch.full((decode_workspace_numel(n, heads, head_dim, num_splits),), NAN)
-    got = paged_decode_attention(q, kv, tables, lens, head_dim ** -0.5,
-                                 torch.full_like(q, NAN), num_splits, workspace)
+    out, workspace = dev(torch.full_like(q, NAN), workspace)
+    got = paged_decode_attention(*dev(q, kv, tables, lens), head_dim ** -0.5, out, num_splits, workspace)
     want = ref.paged_decode_attention(q.double(), kv.double(), tables, lens, head_dim ** -0.5,
                                       torch.zeros(q.shape, dtype=torch.float64))
     assert rel_err(got, want) <= TOL[dtype]
@@ -72,10 +80,11 @@ def test_decode_splits_of_a_long_context_and_strided_rows():
     # 16 splits of a 700-token context (11 tiles: some splits empty), q rows strided as in the
     # engine's packed [T, H, D] view of a fused qkv output, int64 tables and lengths.
     kv, tables = paged_cache(3, [700, 2, 129], 3, 64, 16, torch.float32)
-    qkv = torch.randn(3, 15 * 64, generator=torch.Generator().manual_seed(1))
+    (qkv,) = dev(torch.randn(3, 15 * 64, generator=torch.Generator().manual_seed(1)))
     q = qkv[:, : 9 * 64].view(3, 9, 64)
     lens = torch.tensor([700, 2, 129])
-    got = paged_decode_attention(q, kv, tables.long(), lens, 0.125, torch.full_like(q, NAN), 16)
+    got = paged_decode_attention(q, *dev(kv, tables.long(), lens), 0.125, torch.full_like(q, NAN), 16)
+    q = q.cpu()
     want = ref.paged_decode_attention(q.double(), kv.double(), tables, lens, 0.125,
                                       torch.zeros(q.shape, dtype=torch.float64))
     assert rel_err(got, want) <= TOL[torch.float32]
@@ -108,8 +117,9 @@ def test_prefill_against_float64(batch, shape, dtype):
     q = torch.randn(total, group * num_kv_heads, head_dim,
                     generator=torch.Generator().manual_seed(5)).to(dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32)
-    got = paged_prefill_attention(q, kv, starts, lens, tables, max(query_lens), head_dim ** -0.5,
-                                  torch.full_like(q, NAN))
+    (out,) = dev(torch.full_like(q, NAN))
+    got = paged_prefill_attention(*dev(q, kv, starts, lens, tables), max(query_lens),
+                                  head_dim ** -0.5, out).cpu()
     want = ref.paged_prefill_attention(q.double(), kv.double(), starts, lens, tables, 0,
                                        head_dim ** -0.5, torch.zeros(q.shape, dtype=torch.float64))
     assert torch.isnan(got[:lead]).all(), "a row outside every chunk was written"
