@@ -61,10 +61,10 @@ def load_base(model: str = "default", dtype: torch.dtype = torch.float32,
     if load_format == "dummy":
         path = Path(model).expanduser().resolve()
         spec = read_spec(path)
-        weights = {k: v.cpu() for k, v in dummy_weights(path, spec, dtype, init_device).items()}
-        if tok_dir is None and not (path / "tokenizer_config.json").is_file():
+        if tok_dir is None and not (path / "tokenizer_config.json").is_file():  # before drawing 8B numbers
             raise ModelError(f"{path}: no tokenizer_config.json beside config.json; pass a tokenizer "
-                             "directory (--tokenizer DIR, e.g. a prepared default model)")
+                             "directory (--tokenizer DIR, e.g. bench/models/smollm2-135m)")
+        weights = {k: v.cpu() for k, v in dummy_weights(path, spec, dtype, init_device).items()}
         return BaseModel(path=path, spec=spec, dtype=dtype, weights=weights,
                          fingerprint=dummy_fingerprint(path), tokenizer_dir=tok_dir)
     path = resolve_model(model, cache_dir)
