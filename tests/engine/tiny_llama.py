@@ -59,14 +59,15 @@ def write_peft(out: Path, factors: dict[tuple[int, str], dict[str, torch.Tensor]
 
 
 def random_factors(model, *, rank: int, with_n: bool, seed: int, scale: float = 0.3,
-                   tied: bool = False) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
-    """Factors on every projection of every layer: random A, B (and N), or, with ``tied``, the
-    Nyström slices A = W[:r, :], B = W[:, :r] and a random N (an IntTune tenant)."""
+                   tied: bool = False, n_scale: float | None = None) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """Factors (float32, on the CPU) on every projection of every layer: random A, B (and N), or,
+    with ``tied``, the Nyström slices A = W[:r, :], B = W[:, :r] and a random N (an IntTune tenant).
+    N ~ N(0, n_scale²): by default 3 for tied tenants (their B and A are as small as W), else 1."""
     gen = torch.Generator().manual_seed(seed)
     factors = {}
     for layer in range(model.config.num_hidden_layers):
         for module in MODULES:
-            w = model.get_submodule(module_path(layer, module)).weight.detach().float()
+            w = model.get_submodule(module_path(layer, module)).weight.detach().float().cpu()
             out, inp = w.shape
             if tied:
                 parts = {"A": w[:rank, :].clone(), "B": w[:, :rank].clone()}
@@ -74,7 +75,7 @@ def random_factors(model, *, rank: int, with_n: bool, seed: int, scale: float = 
                 parts = {"A": torch.randn(rank, inp, generator=gen) * scale,
                          "B": torch.randn(out, rank, generator=gen) * scale}
             if with_n or tied:
-                parts["N"] = torch.randn(rank, rank, generator=gen) * (3.0 if tied else 1.0)
+                parts["N"] = torch.randn(rank, rank, generator=gen) * (n_scale or (3.0 if tied else 1.0))
             factors[(layer, module)] = parts
     return factors
 
@@ -88,7 +89,8 @@ def merged(model, factors, *, rank: int, alpha: float):
             lin = merged_model.get_submodule(module_path(*site))
             a, b = parts["A"].double(), parts["B"].double()
             n = parts["N"].double() if "N" in parts else torch.eye(rank, dtype=torch.float64)
-            lin.weight.copy_((lin.weight.double() + scaling * b @ n @ a).to(lin.weight.dtype))
+            delta = (scaling * b @ n @ a).to(lin.weight.device)
+            lin.weight.copy_((lin.weight.double() + delta).to(lin.weight.dtype))
     return merged_model
 
 
