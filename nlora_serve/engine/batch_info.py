@@ -6,7 +6,7 @@ The model sees ``(input_ids [T], positions [T])`` plus this object; nothing else
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -42,6 +42,20 @@ class BatchInfo:
     block_tables: torch.Tensor  # [S, W] int32 every sequence's block table, padded with block 0 (never read)
     max_query_len: int  # longest prefill chunk (tokens), sizes the prefill grid; 0 without prefills
     decode_splits: int  # KV splits per decode sequence: the decode grid's fixed third dimension
+
+    def to(self, device: torch.device) -> BatchInfo:
+        """The same layout with every tensor on ``device`` (host ints stay host ints)."""
+        return _move(self, device)
+
+
+def _move(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    if isinstance(value, (BatchInfo, PrefillChunk)):
+        return type(value)(**{f.name: _move(getattr(value, f.name), device) for f in fields(value)})
+    return value
 
 
 def build_batch_info(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],

@@ -28,10 +28,11 @@ from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import NloraError
-from nlora_serve.models import load_base, resolve_dtype, resolve_model
+from nlora_serve.models import load_base, resolve_model
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.backend_cli import add_backend_arguments, backend_config, make_engine
-from nlora_serve.engine.config import EngineConfig, SchedulerConfig
+from nlora_serve.serving.engine_flags import add_device_arguments, device_config
+from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.serving.example_tenants import ensure_example_tenants, example_name
 from nlora_serve.serving.grpc_convert import server_info
@@ -84,6 +85,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--adapter", action="append", default=[], metavar="NAME=DIR", type=_named_dir,
       help="register the adapter directory DIR as NAME at start when NAME is not in the store yet "
            "(repeatable), e.g. --adapter upper=examples/tenants/upper")
+    add_device_arguments(parser)
     add_backend_arguments(parser)
 
 
@@ -108,11 +110,13 @@ def build(args: argparse.Namespace):
     backend = backend_config(args)
     auth = Authenticator.from_file(args.tenants_file) if args.tenants_file else Authenticator(None)
     _check_adapter_dir(args.adapter_dir)
-    path = resolve_model(args.model, engine_config.cache_dir)
+    dummy = engine_config.load_format == "dummy"
+    path = Path(args.model).expanduser().resolve() if dummy else resolve_model(args.model, engine_config.cache_dir)
     _check_model_len(path, args.max_model_len)
     config = dataclasses.replace(config, served_model_name=config.served_model_name or default_served_name(path))
     _check_adapter_names(config, args)
-    base = load_base(str(path), engine_config.dtype, engine_config.cache_dir)
+    base = load_base(str(path), engine_config.dtype, engine_config.cache_dir, engine_config.load_format,
+                     engine_config.tokenizer, init_device=engine_config.device)
     with _flag_errors(args):
         engine = make_engine(engine_config, base, backend)
     examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
@@ -149,10 +153,8 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
                               max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds)
         limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
                                adapter_memory=args.adapter_memory * MiB)
-        engine_config = EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype),
-                                     cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
-                                     scheduler=SchedulerConfig(max_model_len=args.max_model_len),
-                                     adapter_limits=limits)
+        engine_config = device_config(args, cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
+                                      adapter_limits=limits)
     return config, engine_config
 
 
