@@ -170,6 +170,11 @@ class Engine(abc.ABC):
         "abort", or with ``reason`` raises RequestAborted(reason). Unknown ids are ignored."""
 
     @abc.abstractmethod
+    def abort_all(self, reason: str) -> None:
+        """Stop every request (queued ones too); each stream raises RequestAborted(reason). The
+        server calls it when its drain period ends, so that no request is cut off unexplained."""
+
+    @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """Gauges and counters (running, waiting, kv_blocks_used, kv_blocks_total, tokens, steps)."""
 

@@ -100,6 +100,10 @@ class LLMEngine(Engine):
         for engine_id in self._ids.engine_ids(request_id):
             self._abort(engine_id, reason)
 
+    def abort_all(self, reason: str) -> None:
+        self._inbox.put(("abort_all", reason))
+        self._wake.set()
+
     def _abort(self, engine_id: str, reason: str | None) -> None:
         self._inbox.put(("abort", engine_id, reason))
         self._wake.set()
@@ -181,6 +185,8 @@ class LLMEngine(Engine):
                 self._add(*msg[1:])
             elif msg[0] == "abort_adapter":
                 self._deliver(self.core.abort_adapter(msg[1]))
+            elif msg[0] == "abort_all":  # after every "add" queued before it
+                self._deliver([self.core.abort(rid, msg[1]) for rid in list(self.core.requests)])
             else:
                 out = self.core.abort(msg[1], msg[2])
                 if out is not None:

@@ -242,6 +242,12 @@ class VllmEngine(Engine):
         else:
             self._end(job, self._final(job, "abort", 0, reason))
 
+    def abort_all(self, reason: str) -> None:
+        with self._lock:
+            running = list(self._jobs)
+        for rid in running:
+            self._abort(rid, reason)
+
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
         version = self.adapters.unload(name)
         if force:
@@ -263,10 +269,7 @@ class VllmEngine(Engine):
     def shutdown(self) -> None:
         """Abort running requests, stop vLLM (its engine processes too) and the loop thread."""
         self._stopping = True
-        with self._lock:
-            running = list(self._jobs)
-        for rid in running:
-            self._abort(rid, SHUTDOWN_REASON)
+        self.abort_all(SHUTDOWN_REASON)
         self._call(self._close(), timeout=60)
         self._stop_loop()
         shutil.rmtree(self._folds, ignore_errors=True)
