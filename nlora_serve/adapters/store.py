@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlora_serve.adapters.names import validate_name
+from nlora_serve.adapters.names import case_twin, validate_name
 from nlora_serve.errors import AdapterError
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,8 @@ class AdapterStore:
                 or fsync (its bytes are durable already); copied where links are not possible.
 
         Raises:
-            AdapterError: invalid name, an escaping folder, or a file name other than
+            AdapterError: invalid name, an escaping folder, a name that differs only in case from a
+                stored adapter's (served or unloaded), or a file name other than
                 ``adapter_config.json`` / ``adapter_model.safetensors``.
         """
         same_as = same_as or {}
@@ -162,6 +163,7 @@ class AdapterStore:
                                f"a version holds only {', '.join(ALLOWED_FILES)}")
         with self._lock:
             adapter_dir = self.adapter_dir(name)
+            self._check_case(name)
             foreign = [str(p) for p in same_as.values() if Path(p).parent.parent != adapter_dir]
             if foreign:
                 raise AdapterError(f"adapter {name!r}: {foreign} are not files of its versions in {self.root}")
@@ -186,6 +188,15 @@ class AdapterStore:
             if is_new:  # the root's entry for a new name must be durable too
                 _fsync_dir(self.root)
         return StoredVersion(name, version, final)
+
+    def _check_case(self, name: str) -> None:
+        """Raises AdapterError when a stored adapter's name differs from ``name`` only in case."""
+        with os.scandir(self.root) as entries:
+            twin = case_twin(name, (e.name for e in entries if e.name != STAGING))
+        if twin is not None:
+            raise AdapterError(f"adapter name {name!r} differs only in case from the stored adapter {twin!r}: on a "
+                               "case-insensitive file system both are one folder of the store; register it under "
+                               f"another name, or as a new version of {twin!r}")
 
     def is_unloaded(self, name: str) -> bool:
         """Whether an operator unloaded ``name`` (its UNLOADED marker is on disk).
