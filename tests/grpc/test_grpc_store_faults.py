@@ -6,8 +6,8 @@ server serves on (the adapter still answers the transformers reference)."""
 from __future__ import annotations
 
 import errno
-import os
 import hashlib
+import os
 
 import pytest
 import safetensors.torch
