@@ -93,7 +93,8 @@ def test_every_write_path_follows_the_durable_order(tmp_path, recorder):
     _check_version_write(ops, root, "acme", 2, new_name=False)
     assert not any(op.kind == "fsync_dir" and op.path == root for op in ops)  # not needed for an old name
     start = len(recorder.ops)  # a hot-swap: the config is a hard link to the previous version's
-    store.write("acme", {WEIGHTS_FILE: bytes([3]) * 64}, same_as={CONFIG_FILE: root / "acme" / "00000002" / CONFIG_FILE})
+    previous_config = root / "acme" / "00000002" / CONFIG_FILE
+    store.write("acme", {WEIGHTS_FILE: bytes([3]) * 64}, same_as={CONFIG_FILE: previous_config})
     _check_version_write(_since(recorder, start), root, "acme", 3, new_name=False, linked=(CONFIG_FILE,))
     start = len(recorder.ops)  # an unload: the marker is written, fsynced and its folder fsynced
     store.mark_unloaded("acme")
@@ -170,7 +171,8 @@ def test_a_power_loss_at_any_point_leaves_a_consistent_store(tmp_path, recorder)
                     in_flight.pop(name, None)
         for name in ("acme", "beta"):
             seen = _observed(store, name)
-            assert seen in {acked[name], in_flight.get(name, acked[name])}, (point, name, ops[point - 1] if point else None)
+            last_op = ops[point - 1] if point else None
+            assert seen in {acked[name], in_flight.get(name, acked[name])}, (point, name, last_op)
             for version in store.versions(name):  # nothing half-written anywhere
                 files = AdapterStore.read_files(store.get(name, version).path)
                 assert set(files) == {CONFIG_FILE, WEIGHTS_FILE} and content_hash(files) in written, (point, name)

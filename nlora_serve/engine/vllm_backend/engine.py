@@ -183,8 +183,8 @@ class VllmEngine(Engine):
                 with self._lock:
                     self._counters["generation_tokens"] += len(tokens)
                 error = f"vLLM ended it with finish reason {done.finish_reason!r}" if reason == "error" else None
-                delta = RequestOutput(job.client_id, done.text, tokens, reason, job.prompt_tokens, made, logprobs, error,
-                                      **_tag(job.pinned))
+                delta = RequestOutput(job.client_id, done.text, tokens, reason, job.prompt_tokens, made, logprobs,
+                                      error, **_tag(job.pinned))
                 if reason is not None:
                     last = delta
                 elif tokens or done.text:
