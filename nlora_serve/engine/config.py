@@ -18,6 +18,9 @@ def _positive(owner: str, **values: int) -> None:
             raise ValueError(f"{owner}.{name} must be a positive integer; got {value!r}")
 
 
+SCHEDULING_POLICIES = ("fcfs", "fair")
+
+
 @dataclass(slots=True)
 class SchedulerConfig:
     """Continuous batching limits (DESIGN §5)."""
@@ -25,6 +28,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # most sequences running (holding KV blocks) at once
     max_num_batched_tokens: int = 2048  # per-step token budget: decode tokens + prefill chunk tokens
     max_model_len: int = 2048  # prompt + generated tokens of one sequence, at most
+    # admission order of waiting requests: "fcfs" (arrival) or "fair" (VTC across tenants, fairness.py)
+    policy: str = "fcfs"
+    tenant_weights: dict[str, float] = field(default_factory=dict)  # "fair": tenant -> weight (absent: 1)
 
     def __post_init__(self) -> None:
         _positive("SchedulerConfig", max_num_seqs=self.max_num_seqs,
@@ -33,6 +39,11 @@ class SchedulerConfig:
             # every running sequence must be able to decode one token in every step
             raise ValueError(f"SchedulerConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) "
                              f"must be >= max_num_seqs ({self.max_num_seqs})")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"SchedulerConfig.policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.policy!r}")
+        for tenant, weight in self.tenant_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
+                raise ValueError(f"SchedulerConfig.tenant_weights[{tenant!r}] must be a positive number; got {weight!r}")
 
 
 @dataclass(slots=True)
@@ -74,12 +85,17 @@ class EngineConfig:
     # decode attention and tied tenants on the CPU through the native ops (kernels/native.py,
     # compiled once into <cache root>/kernels); False, or no C compiler: the torch paths
     native_kernels: bool = True
+    # share full KV blocks between requests with the same prefix, adapter version and cache salt
+    # (prefix_cache.py); False: every request computes its whole prompt (--no-enable-prefix-caching)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"EngineConfig.dtype must be torch.float32 or torch.bfloat16; got {self.dtype}")
         if not isinstance(self.seed, int):
             raise ValueError(f"EngineConfig.seed must be an integer; got {self.seed!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"EngineConfig.enable_prefix_caching must be True or False; got {self.enable_prefix_caching!r}")
 
     def check_capacity(self, num_blocks: int) -> None:
         """Refuse a cache that cannot hold one sequence of ``max_model_len`` tokens.

@@ -69,7 +69,8 @@ class LLMEngine(Engine):
         return version
 
     def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
-                sink: Sink, adapter: str | None = None) -> str:
+                sink: Sink, adapter: str | None = None, tenant: str | None = None,
+                cache_salt: str | None = None) -> str:
         if self._stopping:
             raise EngineError("engine is shut down")
         params = params if params is not None else SamplingParams()
@@ -80,16 +81,18 @@ class LLMEngine(Engine):
             raise RequestError(f"request_id {rid!r} is already running")
         pinned = self.adapters.acquire(adapter) if adapter is not None else None
         self._sinks[rid] = sink
-        self._inbox.put(("add", rid, ids, params, pinned))
+        self._inbox.put(("add", rid, ids, params, pinned, tenant, cache_salt))
         self._wake.set()
         return rid
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, adapter: str | None = None) -> RequestStream:
+                    request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
+                    cache_salt: str | None = None) -> RequestStream:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         rid = self._submit(prompt, params, request_id,
-                           lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter)
+                           lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter, tenant,
+                           cache_salt)
         return RequestStream(rid, deltas, self._drop)
 
     def _drop(self, rid: str) -> None:
@@ -183,9 +186,10 @@ class LLMEngine(Engine):
                 if out is not None:
                     self._deliver([out])
 
-    def _add(self, rid: str, ids: list[int], params: SamplingParams, pinned: AdapterVersion | None) -> None:
+    def _add(self, rid: str, ids: list[int], params: SamplingParams, pinned: AdapterVersion | None,
+             tenant: str | None, cache_salt: str | None) -> None:
         try:
-            self.core.add(rid, ids, params, pinned)
+            self.core.add(rid, ids, params, pinned, tenant, cache_salt)
         except Exception as exc:  # RequestError, or anything else: only this request fails
             if pinned is not None and rid not in self.core.requests:  # never queued: the pin is ours
                 self.core.adapters.release(pinned)
@@ -212,4 +216,4 @@ def _merge(deltas: list[RequestOutput]) -> RequestOutput:
     return RequestOutput(last.request_id, "".join(d.text for d in deltas),
                          [t for d in deltas for t in d.token_ids], last.finish_reason,
                          last.prompt_tokens, last.completion_tokens, logprobs, last.error,
-                         last.adapter, last.adapter_version)
+                         last.adapter, last.adapter_version, cached_tokens=last.cached_tokens)

@@ -167,10 +167,10 @@ def test_a_request_that_fails_to_queue_ends_alone_and_the_engine_serves_on(make_
     engine = make_engine()
     add = engine.core.add
 
-    def flaky(rid, ids, params, adapter=None):
+    def flaky(rid, ids, params, *rest):
         if rid == "bad":
             raise ValueError("Overflow when unpacking long long")
-        return add(rid, ids, params, adapter)
+        return add(rid, ids, params, *rest)
 
     monkeypatch.setattr(engine.core, "add", flaky)
     params = SamplingParams(max_tokens=3, temperature=0.0)
