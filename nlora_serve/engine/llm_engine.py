@@ -35,7 +35,7 @@ class LLMEngine(Engine):
     def __init__(self, config: EngineConfig, base: BaseModel | None = None) -> None:
         self.core = EngineCore(config, base)
         # callers tokenize with their own instance: the step thread detokenizes with the core's
-        self.tokenizer = AutoTokenizer.from_pretrained(self.core.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.core.tokenizer_path)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._wake = threading.Event()

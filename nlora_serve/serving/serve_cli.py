@@ -28,10 +28,11 @@ from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import NloraError
-from nlora_serve.models import load_base, resolve_dtype, resolve_model
+from nlora_serve.models import load_base, resolve_model
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.backend_cli import add_backend_arguments, backend_config, make_engine
-from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig, SchedulerConfig
+from nlora_serve.serving.engine_flags import add_device_arguments, device_config
+from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.serving.example_tenants import ensure_example_tenants, example_name
 from nlora_serve.serving.grpc_convert import server_info
@@ -91,6 +92,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--adapter", action="append", default=[], metavar="NAME=DIR", type=_named_dir,
       help="register the adapter directory DIR as NAME at start when NAME is not in the store yet "
            "(repeatable), e.g. --adapter upper=examples/tenants/upper")
+    add_device_arguments(parser)
     add_backend_arguments(parser)
 
 
@@ -116,11 +118,13 @@ def build(args: argparse.Namespace):
     auth = Authenticator.from_file(args.tenants_file) if args.tenants_file else Authenticator(None)
     engine_config.scheduler = dataclasses.replace(engine_config.scheduler, tenant_weights=auth.weights())
     _check_adapter_dir(args.adapter_dir)
-    path = resolve_model(args.model, engine_config.cache_dir)
+    dummy = engine_config.load_format == "dummy"
+    path = Path(args.model).expanduser().resolve() if dummy else resolve_model(args.model, engine_config.cache_dir)
     _check_model_len(path, args.max_model_len)
     config = dataclasses.replace(config, served_model_name=config.served_model_name or default_served_name(path))
     _check_adapter_names(config, args)
-    base = load_base(str(path), engine_config.dtype, engine_config.cache_dir)
+    base = load_base(str(path), engine_config.dtype, engine_config.cache_dir, engine_config.load_format,
+                     engine_config.tokenizer, init_device=engine_config.device)
     with _flag_errors(args):
         engine = make_engine(engine_config, base, backend)
     examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
@@ -159,10 +163,9 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
                               tenant_queue_shares=policy == "fair")
         limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
                                adapter_memory=args.adapter_memory * MiB)
-        engine_config = EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype),
-                                     cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
-                                     scheduler=SchedulerConfig(max_model_len=args.max_model_len, policy=policy),
-                                     adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching)
+        engine_config = device_config(args, cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
+                                      adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching)
+        engine_config.scheduler = dataclasses.replace(engine_config.scheduler, policy=policy)
     return config, engine_config
 
 
