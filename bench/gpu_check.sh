@@ -2,8 +2,8 @@
 # Every GPU check in one device call (bench/RESULTS.md "On a GPU"), each step under its own time
 # limit, results written under $OUT as they come (at most 8 files come back from the device):
 #   0. smoke (~30 s): the engine on CUDA, 2 layers, 3 requests, against transformers;
-#   1. kernels: the Triton ops compiled on the GPU against the float64 truth (the interpreter's
-#      cases: adapter path, paged attention);
+#   1. kernels, attention_kernels: the Triton ops compiled on the GPU against the float64 truth
+#      (the interpreter's cases: the composed adapter path; paged decode and prefill attention);
 #   2. engine_check: the native engine on CUDA against transformers, step by step, on a random
 #      model of the default's shape (base, tied and LoRA requests mixed; fp32 TF32 off <= 1e-4 and
 #      top token equal where decided; bf16 <= 2e-2);
@@ -34,9 +34,10 @@ step() {  # step NAME SECONDS COMMAND...: run, log, record the exit status
 step smoke 90 $PY bench/gpu_engine_check.py --layers 2 --requests 3 --new-tokens 2 --long-prompt 40 \
     --dtype float32 --out "$OUT/smoke.json"
 grep -q "smoke rc=0" "$OUT/rc.txt" || { echo "smoke test failed: stopping" | tee -a "$LOG"; exit 1; }
-KERNEL_TESTS=$(ls tests/kernels/test_triton_ops.py tests/kernels/test_paged_*attention*.py 2>/dev/null)
-step kernels 100 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" $KERNEL_TESTS \
-    -k "triton_path_against_truth or cuda"
+step kernels 100 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/kernels/test_triton_ops.py -k triton_path_against_truth
+step attention_kernels 80 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/kernels/test_paged_attention.py tests/kernels/test_attention_cuda_path.py
 step engine_check 100 $PY bench/gpu_engine_check.py --out "$OUT/engine_check.json"
 step adapter_kernels 90 $PY bench/adapter_kernels.py --rounds 5 --out "$OUT/adapter_kernels.json"
 step engine_bench 120 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \

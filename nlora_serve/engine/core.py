@@ -85,7 +85,7 @@ class EngineCore:
         _check_max_len(base, sched.max_model_len)
         self.runner = ModelRunner(base, None, cache.block_size, sched.max_model_len, device)
         native = load_native(cache_root(config.cache_dir) / "kernels") if config.kernel_backend == "native" else None
-        self.runner.set_attention(select_attention(config.kernel_backend, native))
+        self.runner.set_attention(*select_attention(config.kernel_backend, native, sched.max_model_len))
         num_blocks = num_kv_blocks(config, self.runner)
         config.check_capacity(num_blocks)
         self.runner.allocate_kv_cache(num_blocks)

@@ -8,7 +8,6 @@ sees each module's own output columns.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from nlora_serve.engine.attention import paged_attention
 from nlora_serve.engine.batch_info import BatchInfo
-from nlora_serve.errors import ModelError
+from nlora_serve.engine.rope import apply_rope, rope_config, rope_tables
 from nlora_serve.models import BaseModel, ModelSpec
 
 # hook(x [T, in], y [T, Σ widths] (the fused output: add into it in place), layer_idx, module
@@ -69,43 +68,6 @@ class AdaptedLinear:
         return self.bias[start:start + self.widths[i]]
 
 
-def rope_config(base: BaseModel) -> tuple[float, float, float]:
-    """``(theta, position scale, rms_norm_eps)`` from config.json (transformers 4 and 5 spellings).
-
-    Raises:
-        ModelError: a RoPE scaling type other than default or linear.
-    """
-    cfg = json.loads((base.path / "config.json").read_text())
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "linear"):
-        raise ModelError(f"{base.path / 'config.json'}: rope_type {kind!r} is not supported; "
-                         "expected 'default' or 'linear'")
-    scale = float(rope.get("factor", 1.0)) if kind == "linear" else 1.0
-    return theta, scale, float(cfg.get("rms_norm_eps", 1e-6))
-
-
-def rope_tables(head_dim: int, max_len: int, theta: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos``, ``sin`` [max_len, head_dim] float32 for the half-rotation RoPE of HF Llama.
-
-    ``sin``'s first half is negated, so rotating is ``x * cos + swap_halves(x) * sin`` (no negation op).
-    """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32) / scale, inv_freq)
-    return torch.cat((angles, angles), dim=-1).cos(), torch.cat((-angles.sin(), angles.sin()), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [T, heads, D] by float32 ``cos``, signed ``sin`` [T, 1, D] from :func:`rope_tables`.
-
-    Computed in float32 and returned in ``x.dtype`` (bf16 angles lose too much at long positions).
-    """
-    half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
-
-
 class DecoderLayer:
     """Pre-norm attention + SiLU-gated MLP, each with a residual connection."""
 
@@ -153,7 +115,7 @@ class LlamaModel:
     """The whole stack: embeddings, decoder layers, final norm, (tied) lm_head."""
 
     def __init__(self, base: BaseModel, max_len: int, device: torch.device | str = "cpu") -> None:
-        theta, scale, eps = rope_config(base)
+        rope, eps = rope_config(base.path / "config.json")
         device = torch.device(device)
         self.spec = base.spec
         self.device = device
@@ -162,7 +124,7 @@ class LlamaModel:
         self.norm = base.weights["model.norm.weight"].float().to(device)
         self.eps = eps
         self.layers = [DecoderLayer(base, i, eps, device) for i in range(base.spec.num_layers)]
-        self.cos, self.sin = (t.to(device) for t in rope_tables(base.spec.head_dim, max_len, theta, scale))
+        self.cos, self.sin = (t.to(device) for t in rope_tables(base.spec.head_dim, max_len, rope))
         self.dtype = base.dtype
 
     def set_attention(self, attention: Attention) -> None:

@@ -22,6 +22,7 @@ class ModelRunner:
         self.model = LlamaModel(base, max_model_len, self.device)
         self.spec, self.dtype = base.spec, base.dtype
         self.block_size = block_size
+        self.decode_splits = 1  # KV splits of the Triton decode attention (set with it); the CPU ignores it
         self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
@@ -30,9 +31,10 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.spec, num_blocks, self.block_size, self.dtype, self.device)
         return self.kv_cache
 
-    def set_attention(self, attention: Attention) -> None:
-        """See :meth:`LlamaModel.set_attention`."""
+    def set_attention(self, attention: Attention, decode_splits: int = 1) -> None:
+        """See :meth:`LlamaModel.set_attention`; ``decode_splits`` goes into every step's BatchInfo."""
         self.model.set_attention(attention)
+        self.decode_splits = decode_splits
 
     def placement(self) -> Placement:
         """Where adapter pools go: this runner's device, reading its placed (fused) base weights."""
@@ -63,7 +65,7 @@ class ModelRunner:
             context_lens=[s.num_computed_tokens + n for s, n in pairs],
             block_tables=[s.block_table for s, _ in pairs],
             samples=[s.num_computed_tokens + n == s.num_tokens for s, n in pairs],
-            block_size=self.block_size)
+            block_size=self.block_size, decode_splits=self.decode_splits)
         if self.device.type != "cpu":
             info = info.to(self.device)
         ids_t = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)

@@ -14,6 +14,7 @@ from nlora_serve.errors import NloraError
 from nlora_serve.models import load_base
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.serving.chat_template import encode_chat
 from nlora_serve.serving.engine_flags import add_device_arguments, device_config
 
 
@@ -63,7 +64,7 @@ def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.message}]
-    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    return encode_chat(messages, tokenizer, "--chat-json" if args.chat_json else "--message")
 
 
 def _adapter_store(args: argparse.Namespace, scratch: str) -> tuple[str | None, str | None]:

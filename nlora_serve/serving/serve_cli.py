@@ -3,7 +3,8 @@
     python -m nlora_serve.serving.serve_cli --adapter-dir ./adapters --example-tenants 4
 
 Shutdown is graceful: health turns NOT_SERVING, new Generate calls get UNAVAILABLE, running
-streams get ``--drain-seconds`` to finish, then the process exits 0. A flag out of range, an
+streams get ``--drain-seconds`` to finish; those still running then are aborted and told so (gRPC
+ABORTED, HTTP 409 / an SSE error event, naming the shutdown), then the process exits 0. A flag out of range, an
 unusable --adapter-dir or a port that cannot be bound prints one ``error:`` line naming it, exit 2
 (flags are checked before the model loads).
 """
@@ -86,7 +87,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--adapter-memory", type=int, default=AdapterLimits().adapter_memory // MiB,
       help="MiB all tied tenants' N may use (default: %(default)s)")
     a("--drain-seconds", type=float, default=d.drain_seconds,
-      help="on SIGTERM/SIGINT, how long running streams may finish (default: %(default)s)")
+      help="on SIGTERM/SIGINT, how long running streams may finish; the rest are then aborted, "
+           "each told that the server shut down (default: %(default)s)")
     a("--example-tenants", type=int, default=0, metavar="N",
       help="register N example tied IntTune tenants (tenant-000...) at start when missing (default: 0)")
     a("--adapter", action="append", default=[], metavar="NAME=DIR", type=_named_dir,
@@ -246,8 +248,8 @@ async def serve(server: NloraServer, examples: list[str]) -> bool:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Run ``serve`` until a signal; returns 0 after a graceful drain (also when streams had to be
-    cancelled at the end of the grace period: that is logged).
+    """Run ``serve`` until a signal; returns 0 after a graceful drain (also when requests had to be
+    aborted at the end of the grace period: that is logged).
 
     Raises:
         StartupError, AuthError, ModelError: the server could not start (see :func:`build`).
@@ -257,7 +259,7 @@ def run_serve(args: argparse.Namespace) -> int:
         drained = asyncio.run(serve(server, examples))
     finally:
         engine.shutdown()
-    log.info("drained, exiting" if drained else "drain period over (remaining streams cancelled), exiting")
+    log.info("drained, exiting" if drained else "drain period over (remaining requests aborted and told), exiting")
     return 0
 
 

@@ -52,7 +52,7 @@ def _jobs(model_obj, tenants):
     return jobs
 
 
-@pytest.mark.parametrize("kernel_backend", ["torch"])  # "triton" joins with the Triton attention
+@pytest.mark.parametrize("kernel_backend", ["triton", "torch"])
 def test_mixed_tenants_chunked_and_preempted_equal_transformers(tiny, tmp_path, kernel_backend):
     model_dir, model_obj, tenants, tokenizer_dir = tiny
     # 14 blocks of 16 tokens cannot hold all eight sequences at their full length: the newest
