@@ -17,6 +17,7 @@ class Usage:
     completion_tokens: int
     time_to_first_token_s: float  # seconds from the server's receipt to the first token
     duration_s: float  # seconds from the server's receipt to the end
+    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,7 @@ class Delta:
         usage = None
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             u = msg.usage
-            usage = Usage(u.prompt_tokens, u.completion_tokens, u.time_to_first_token_s, u.duration_s)
+            usage = Usage(u.prompt_tokens, u.completion_tokens, u.time_to_first_token_s, u.duration_s, u.cached_tokens)
         return cls(msg.text, tuple(msg.token_ids), msg.adapter.name, msg.adapter.version,
                    msg.adapter.content_hash, msg.request_id, _FINISH.get(msg.finish_reason), usage)
 

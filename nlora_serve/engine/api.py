@@ -129,13 +129,16 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                    request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
+                    cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request and return the async stream of its deltas, ending with a finished one.
 
         ``adapter`` names the adapter to run on (None = the base model); the version current now
         is pinned for the whole request and reported in every delta. Must be called from a
-        running event loop. Closing the stream early (read or not) aborts the request: see
-        :class:`RequestStream`.
+        running event loop. ``tenant`` names who sent it (the front ends pass the caller's key
+        name; fair scheduling serves tenants, not requests, equally). ``cache_salt``: only requests
+        with the same salt share prefix-cache blocks (None = the unsalted group). Closing the
+        stream early (read or not) aborts the request: see :class:`RequestStream`.
 
         Raises:
             RequestError: invalid prompt or parameters, or a prompt plus max_tokens over

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from nlora_serve.engine.sequence import Sequence
+
 
 class BlockManager:
     """Hands out KV cache blocks of ``block_size`` tokens.
@@ -60,3 +62,20 @@ class BlockManager:
             self._in_use[block] = False
             self._free.append(block)
         block_table.clear()
+
+    # -- admission hooks of the scheduler; PrefixCachingBlockManager (prefix_cache.py) shares blocks
+
+    def match(self, seq: Sequence) -> list[int]:
+        """Blocks already holding a prefix of ``seq``'s tokens: none without prefix caching."""
+        return []
+
+    def admit(self, seq: Sequence, hit: list[int], num_tokens: int) -> bool:
+        """Give a waiting ``seq`` blocks for ``num_tokens`` tokens; False (nothing changed) when short."""
+        if not self.can_grow(seq.block_table, num_tokens):
+            return False
+        self.grow(seq.block_table, num_tokens)
+        seq.num_cached_tokens = max(seq.num_cached_tokens, 0)
+        return True
+
+    def commit(self, seq: Sequence) -> None:
+        """Offer ``seq``'s computed full blocks to later requests: nothing to do without prefix caching."""

@@ -41,6 +41,9 @@ def _positive(owner: str, **values: int) -> None:
             raise ValueError(f"{owner}.{name} must be a positive integer; got {value!r}")
 
 
+SCHEDULING_POLICIES = ("fcfs", "fair")
+
+
 @dataclass(slots=True)
 class SchedulerConfig:
     """Continuous batching limits (DESIGN §5)."""
@@ -48,6 +51,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # most sequences running (holding KV blocks) at once
     max_num_batched_tokens: int = 2048  # per-step token budget: decode tokens + prefill chunk tokens
     max_model_len: int = 2048  # prompt + generated tokens of one sequence, at most
+    # admission order of waiting requests: "fcfs" (arrival) or "fair" (VTC across tenants, fairness.py)
+    policy: str = "fcfs"
+    tenant_weights: dict[str, float] = field(default_factory=dict)  # "fair": tenant -> weight (absent: 1)
 
     def __post_init__(self) -> None:
         _positive("SchedulerConfig", max_num_seqs=self.max_num_seqs,
@@ -56,6 +62,11 @@ class SchedulerConfig:
             # every running sequence must be able to decode one token in every step
             raise ValueError(f"SchedulerConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) "
                              f"must be >= max_num_seqs ({self.max_num_seqs})")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"SchedulerConfig.policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.policy!r}")
+        for tenant, weight in self.tenant_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
+                raise ValueError(f"SchedulerConfig.tenant_weights[{tenant!r}] must be a positive number; got {weight!r}")
 
 
 @dataclass(slots=True)
@@ -109,12 +120,17 @@ class EngineConfig:
     # CUDA: share of the GPU's memory the engine may use; the KV cache gets what is left of it
     # after the weights, the adapters' pools and a profiling forward at the step's token budget
     gpu_memory_utilization: float = 0.9
+    # share full KV blocks between requests with the same prefix, adapter version and cache salt
+    # (prefix_cache.py); False: every request computes its whole prompt (--no-enable-prefix-caching)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"EngineConfig.dtype must be torch.float32 or torch.bfloat16; got {self.dtype}")
         if not isinstance(self.seed, int):
             raise ValueError(f"EngineConfig.seed must be an integer; got {self.seed!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"EngineConfig.enable_prefix_caching must be True or False; got {self.enable_prefix_caching!r}")
         self.device = str(resolve_device(self.device))
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"EngineConfig.kernel_backend must be one of {', '.join(KERNEL_BACKENDS)}; "

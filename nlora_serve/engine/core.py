@@ -23,6 +23,7 @@ from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.detokenizer import IncrementalDetokenizer
 from nlora_serve.engine.memory import num_kv_blocks
 from nlora_serve.engine.model_runner import ModelRunner
+from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
 from nlora_serve.engine.sampling import RequestError, SamplingParams, apply_penalties, sample, top_logprobs
 from nlora_serve.engine.scheduler import Scheduler
 from nlora_serve.engine.sequence import Sequence
@@ -45,6 +46,7 @@ class RequestOutput:
     adapter: str | None = None  # adapter name the request runs on (None = base model)
     adapter_version: int = 0  # that adapter's version, pinned at admission (0 = base model)
     adapter_hash: str = ""  # that version's content hash ("" = base model)
+    cached_tokens: int = 0  # usage: prompt tokens found in the prefix cache (OpenAI's cached_tokens)
 
     @property
     def finished(self) -> bool:
@@ -87,7 +89,8 @@ class EngineCore:
         num_blocks = num_kv_blocks(config, self.runner)
         config.check_capacity(num_blocks)
         self.runner.allocate_kv_cache(num_blocks)
-        self.blocks = BlockManager(num_blocks, cache.block_size)
+        blocks = PrefixCachingBlockManager if config.enable_prefix_caching else BlockManager
+        self.blocks = blocks(num_blocks, cache.block_size)
         self.scheduler = Scheduler(sched, self.blocks)
         self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits,
                                        placement=self.runner.placement()) if config.adapter_dir else None
@@ -109,9 +112,11 @@ class EngineCore:
         """
         check_request(prompt_ids, params.max_tokens, self.vocab_size, self.config.scheduler.max_model_len)
 
-    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter=None) -> None:
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter=None,
+            tenant: str | None = None, cache_salt: str | None = None) -> None:
         """Queue a request. ``adapter`` is its pinned AdapterVersion (None = base model); from
-        here on the engine releases it exactly once, when the request ends.
+        here on the engine releases it exactly once, when the request ends. ``tenant``: who sent
+        it (fair scheduling); ``cache_salt``: its prefix-cache sharing group (see :class:`Sequence`).
 
         Raises:
             RequestError: a duplicate id, or see :meth:`validate` (the caller still owns the pin).
@@ -121,7 +126,7 @@ class EngineCore:
         self.validate(prompt_ids, params)
         gen = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, gen,
-                       adapter=adapter)
+                       adapter=adapter, tenant=tenant, cache_salt=cache_salt)
         self._arrivals += 1
         self.counters["prompt_tokens"] += len(prompt_ids)
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
@@ -231,12 +236,15 @@ class EngineCore:
         return RequestOutput(seq.request_id, text, token_ids, reason, seq.num_prompt_tokens,
                              seq.num_output_tokens, logprobs, adapter=adapter and adapter.name,
                              adapter_version=adapter.version if adapter else 0,
-                             adapter_hash=adapter.content_hash if adapter else "")
+                             adapter_hash=adapter.content_hash if adapter else "",
+                             cached_tokens=max(seq.num_cached_tokens, 0))
 
     def stats(self) -> dict[str, int]:
         """Counters and gauges: running/waiting requests, KV blocks used/total, tokens, steps."""
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_used": self.blocks.num_used_blocks, "kv_blocks_total": self.blocks.num_blocks,
+                "prefix_cache_queries": getattr(self.blocks, "num_queries", 0),
+                "prefix_cache_hits": getattr(self.blocks, "num_hits", 0),
                 **self.counters}
 
 

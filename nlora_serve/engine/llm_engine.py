@@ -68,7 +68,8 @@ class LLMEngine(Engine):
         return version
 
     def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
-                sink: Sink, adapter: str | None = None) -> tuple[str, str]:
+                sink: Sink, adapter: str | None = None, tenant: str | None = None,
+                cache_salt: str | None = None) -> tuple[str, str]:
         """Queue a request; returns its (client id, engine id)."""
         if self._stopping:
             raise EngineError("engine is shut down")
@@ -78,16 +79,18 @@ class LLMEngine(Engine):
         pinned = self.adapters.acquire(adapter) if adapter is not None else None
         client_id, engine_id = self._ids.admit(request_id)
         self._sinks[engine_id] = sink
-        self._inbox.put(("add", engine_id, ids, params, pinned))
+        self._inbox.put(("add", engine_id, ids, params, pinned, tenant, cache_salt))
         self._wake.set()
         return client_id, engine_id
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, adapter: str | None = None) -> RequestStream:
+                    request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
+                    cache_salt: str | None = None) -> RequestStream:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         client_id, engine_id = self._submit(prompt, params, request_id,
-                                            lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter)
+                                            lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter,
+                                            tenant, cache_salt)
         return RequestStream(client_id, deltas, self._drop, engine_id)
 
     def _drop(self, engine_id: str) -> None:
@@ -192,9 +195,10 @@ class LLMEngine(Engine):
                 if out is not None:
                     self._deliver([out])
 
-    def _add(self, rid: str, ids: list[int], params: SamplingParams, pinned: AdapterVersion | None) -> None:
+    def _add(self, rid: str, ids: list[int], params: SamplingParams, pinned: AdapterVersion | None,
+             tenant: str | None, cache_salt: str | None) -> None:
         try:
-            self.core.add(rid, ids, params, pinned)
+            self.core.add(rid, ids, params, pinned, tenant, cache_salt)
         except Exception as exc:  # RequestError, or anything else: only this request fails
             if pinned is not None and rid not in self.core.requests:  # never queued: the pin is ours
                 self.core.adapters.release(pinned)
@@ -227,4 +231,4 @@ def _merge(deltas: list[RequestOutput]) -> RequestOutput:
     return RequestOutput(last.request_id, "".join(d.text for d in deltas),
                          [t for d in deltas for t in d.token_ids], last.finish_reason,
                          last.prompt_tokens, last.completion_tokens, logprobs, last.error,
-                         last.adapter, last.adapter_version)
+                         last.adapter, last.adapter_version, cached_tokens=last.cached_tokens)

@@ -3,8 +3,11 @@
 Every step the scheduler admits and retires sequences (DESIGN §5). Order of service:
 1. running sequences that decode (one token each), oldest first;
 2. running sequences still in prefill, oldest first, each a chunk of what the budget leaves;
-3. waiting sequences, strictly first come first served: the queue head is admitted or nobody is,
-   so a long prompt is never overtaken forever (no starvation).
+3. waiting sequences: with policy "fcfs" strictly first come first served, with "fair" the oldest
+   request of the tenant with the least service (VTC, fairness.py); the one picked is admitted
+   or nobody is, so a long prompt is never overtaken forever (no starvation).
+A waiting sequence starts after the longest prefix of its tokens already in the KV cache when the
+block manager caches prefixes (prefix_cache.py); full blocks are offered to that cache once computed.
 When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks are freed and it is re-queued by arrival to recompute its tokens later.
 """
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 from nlora_serve.engine.block_manager import BlockManager
 from nlora_serve.engine.config import SchedulerConfig
+from nlora_serve.engine.fairness import VirtualTokenCounter
 from nlora_serve.engine.sequence import Sequence, SequenceStatus
 
 
@@ -49,11 +53,14 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()  # sorted by arrival
         self.running: list[Sequence] = []  # admission order (a re-admitted sequence goes last)
+        self.fair = VirtualTokenCounter(config.tenant_weights) if config.policy == "fair" else None
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence (its ``arrival`` must be the largest so far)."""
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        if self.fair is not None:
+            self.fair.enqueue(seq, new=True)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -64,8 +71,9 @@ class Scheduler:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self.blocks.commit(seq)
         else:
-            self.waiting.remove(seq)
+            self._unqueue(seq)
         self.blocks.free(seq.block_table)
         seq.status = SequenceStatus.FINISHED
 
@@ -73,6 +81,8 @@ class Scheduler:
         """Pick this step's sequences and token counts, growing block tables to fit them."""
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        for seq in self.running:  # what the last step computed
+            self.blocks.commit(seq)
         for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival)):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
@@ -81,17 +91,23 @@ class Scheduler:
                 batch.seqs.append(seq)
                 batch.num_tokens.append(n)
             budget = self.config.max_num_batched_tokens - batch.total_tokens
+        if self.fair is not None:  # running ones that kept their place (no preemption follows)
+            for seq, n in zip(batch.seqs, batch.num_tokens):
+                self.fair.charge(seq, n)
         self._admit(batch, budget)
         return batch
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
-                return  # the head waits for blocks; later arrivals may not overtake it
-            self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
-            self.waiting.popleft()
+            seq = self.waiting[0] if self.fair is None else self.fair.pick(self.waiting)
+            hit = self.blocks.match(seq)
+            cached = len(hit) * self.blocks.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not self.blocks.admit(seq, hit, cached + n):
+                return  # the one picked waits for blocks; others may not overtake it
+            self._unqueue(seq)
+            if self.fair is not None:  # at once: the next pick in this step sees it
+                self.fair.charge(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
@@ -114,9 +130,17 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and re-queue it by arrival; it recomputes prompt + output later."""
         self.running.remove(seq)
+        self.blocks.commit(seq)
         self.blocks.free(seq.block_table)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         arrivals = [s.arrival for s in self.waiting]
         self.waiting.insert(bisect.bisect(arrivals, seq.arrival), seq)
+        if self.fair is not None:
+            self.fair.enqueue(seq, new=False)
+
+    def _unqueue(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        if self.fair is not None:
+            self.fair.dequeue(seq)

@@ -31,6 +31,14 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # KV blocks, see BlockManager
     num_preemptions: int = 0  # times this sequence lost its blocks and recomputed
     adapter: object | None = None  # pinned AdapterVersion (None = base model), released at the end
+    tenant: str | None = None  # who sent it (fair scheduling, VTC); None = the anonymous tenant
+    # prefix-cache sharing group: blocks are shared only between requests with equal salts
+    # (the front ends default it per tenant key; None = the unsalted group)
+    cache_salt: str | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # hash chain of its full blocks so far
+    num_hashed_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
+    num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not yet)
+    num_charged_tokens: int = 0  # tokens billed to its tenant's fairness counter (never billed twice)
 
     @property
     def num_tokens(self) -> int:

@@ -7,7 +7,10 @@ The tenants file (JSON, or TOML when it ends in ``.toml``) stores only sha256 ha
                   "adapters": ["acme", "acme-*"], "base_model": false}]}
 
 ``adapters`` holds adapter names or shell-style patterns (``fnmatch``, case-sensitive);
-``base_model`` (default false) lets the tenant generate without an adapter. Admin keys may call
+``base_model`` (default false) lets the tenant generate without an adapter. Optional, per tenant:
+``weight`` (default 1; its share of the server under ``--scheduling-policy fair``, relative to the
+other tenants') and ``max_concurrent_requests`` (default none: its requests running or waiting at
+most, beyond that refused as the full queue is). Admin keys may call
 every RPC and use every adapter. Keys travel as ``authorization: Bearer <key>`` metadata; make
 them random (``python -m nlora_serve.serving.keys_cli new``), since a hash only protects a key
 that cannot be guessed.
@@ -55,6 +58,8 @@ class Principal:
     is_admin: bool
     adapters: tuple[str, ...] = ()  # granted names or fnmatch patterns (ignored for admins)
     base_model: bool = False  # may generate without an adapter
+    weight: float = 1.0  # share of the server under fair scheduling, relative to other tenants
+    max_concurrent_requests: int | None = None  # its requests running or waiting at most (None: no quota)
 
     def may_use(self, adapter: str | None) -> bool:
         """True when this caller may run on ``adapter`` (None = the base model)."""
@@ -87,6 +92,10 @@ class Authenticator:
     def __init__(self, by_hash: dict[str, Principal] | None):
         self._by_hash = by_hash
         self._digests = {d: d for d in by_hash or {}}  # the stored digest objects, for compare_digest
+
+    def weights(self) -> dict[str, float]:
+        """Tenant name -> fair-scheduling weight, for every tenant whose weight is not 1."""
+        return {p.name: p.weight for p in (self._by_hash or {}).values() if p.weight != 1.0}
 
     @property
     def enabled(self) -> bool:
@@ -124,7 +133,7 @@ class Authenticator:
             if not isinstance(adapters, list) or not all(isinstance(a, str) and a for a in adapters):
                 raise AuthError(f"{where}.adapters must be a list of adapter names or patterns")
             _add(by_hash, digest, Principal(str(entry.get("name", f"tenant-{i}")), False, tuple(adapters),
-                                            bool(entry.get("base_model", False))))
+                                            bool(entry.get("base_model", False)), *_quota(entry, where)))
         return cls(by_hash)
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
@@ -180,7 +189,18 @@ def _entry_hash(entry: object, where: str) -> str:
 
 _FILE_FIELDS = ("tenants", "admin_keys")
 _ADMIN_FIELDS = ("name", "key_sha256")
-_TENANT_FIELDS = ("name", "key_sha256", "adapters", "base_model")
+_TENANT_FIELDS = ("name", "key_sha256", "adapters", "base_model", "weight", "max_concurrent_requests")
+
+
+def _quota(entry: dict, where: str) -> tuple[float, int | None]:
+    """(weight, max_concurrent_requests) of a tenant entry."""
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
+        raise AuthError(f"{where}.weight must be a positive number; got {weight!r}")
+    limit = entry.get("max_concurrent_requests")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise AuthError(f"{where}.max_concurrent_requests must be a positive integer; got {limit!r}")
+    return float(weight), limit
 
 
 def _known_fields(obj: dict, known: tuple[str, ...], where: str) -> None:

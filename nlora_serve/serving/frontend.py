@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.api import Engine
 from nlora_serve.engine.core import RequestOutput, check_context
+from nlora_serve.serving.auth import Authenticator, Principal
 from nlora_serve.serving.chat_template import encode_chat
 from nlora_serve.serving.grpc_status import Draining, QueueFull
 from nlora_serve.serving.metrics import RequestTimer
@@ -27,34 +28,68 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 class Admission:
-    """Counts admitted requests (running + waiting, both front ends) against ``max_queue``.
+    """Counts admitted requests (running + waiting, both front ends) against ``max_queue``, in
+    all and per tenant.
 
+    With ``tenant_shares`` (fair scheduling) a tenant may hold at most ``weight x (free places)``
+    of the queue (at least one): the dynamic threshold of Choudhury and Hahne ("Dynamic queue
+    length thresholds for shared-memory packet switches", IEEE/ACM ToN 1998), so one tenant never
+    fills the queue before the fair scheduler sees the others: alone it gets half of it, and a
+    newcomer always finds room. A tenant's ``max_concurrent_requests`` bounds it in any case.
     Only touched from the server's event loop, so plain integers suffice.
     """
 
-    def __init__(self, max_queue: int):
+    def __init__(self, max_queue: int, tenant_shares: bool = False):
         self.max_queue = max_queue
+        self.tenant_shares = tenant_shares
         self.inflight = 0
+        self.held: dict[str, int] = {}  # requests running or waiting per tenant name
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def check(self) -> None:
-        """Raises Draining or QueueFull when a new request may not start now."""
+    def check(self, principal: Principal | None = None) -> None:
+        """Raises Draining or QueueFull when a new request (of ``principal``) may not start now."""
         if self.draining:
             raise Draining("server is shutting down; retry on another replica")
         if self.inflight >= self.max_queue:
             raise QueueFull(f"server queue is full ({self.inflight} requests running or waiting, "
                             f"--max-queue {self.max_queue}); retry with backoff")
+        if principal is None:
+            return
+        held, limit = self.held.get(principal.name, 0), principal.max_concurrent_requests
+        if limit is not None and held >= limit:
+            raise QueueFull(f"{principal.name!r} has {held} requests running or waiting, its "
+                            f"max_concurrent_requests in the tenants file; retry when one ends")
+        share = principal.weight * (self.max_queue - self.inflight)
+        if self.tenant_shares and held >= max(1.0, share):
+            raise QueueFull(f"{principal.name!r} holds {held} of the {self.inflight} requests running or waiting, "
+                            f"its share of the free queue now (--max-queue {self.max_queue}, weight "
+                            f"{principal.weight:g}); retry with backoff")
 
-    def enter(self) -> None:
+    def enter(self, tenant: str | None = None) -> None:
         self.inflight += 1
+        if tenant is not None:
+            self.held[tenant] = self.held.get(tenant, 0) + 1
         self.idle.clear()
 
-    def leave(self) -> None:
+    def leave(self, tenant: str | None = None) -> None:
         self.inflight -= 1
+        if tenant is not None:
+            self.held[tenant] -= 1
+            if self.held[tenant] == 0:
+                del self.held[tenant]
         if self.inflight == 0:
             self.idle.set()
+
+
+def cache_salt_of(principal: Principal, requested: str | None, auth: Authenticator) -> str | None:
+    """The engine's prefix-cache salt of a request: the caller's ``cache_salt`` (vLLM's field), else
+    with keys configured the caller's own group, else None (one group). Explicit salts and key
+    groups live in separate namespaces, so a salt can never name another tenant's group."""
+    if requested:
+        return f"salt:{requested}"
+    return f"tenant:{principal.name}" if auth.enabled else None
 
 
 def render_chat(messages: list[dict[str, str]], tokenizer, field: str) -> list[int]:
@@ -88,8 +123,10 @@ def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> in
 
 
 def start_request(engine: Engine, admission: Admission, prompt: str | list[int], params: SamplingParams,
-                  engine_id: str | None, adapter: str | None, max_tokens_given: bool) -> AsyncIterator[RequestOutput]:
-    """Check the queue, queue the request in the engine and count it as admitted.
+                  engine_id: str | None, adapter: str | None, max_tokens_given: bool,
+                  principal: Principal | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+    """Check the queue, queue the request in the engine and count it as admitted (for
+    ``principal``'s tenant, which the engine also gets; ``cache_salt``: see :func:`cache_salt_of`).
 
     Without ``max_tokens_given``, max_tokens is the rest of the context (max_model_len - prompt
     tokens, as vLLM), at most ``params.max_tokens`` (the server's ``--max-tokens``, see
@@ -102,7 +139,7 @@ def start_request(engine: Engine, admission: Admission, prompt: str | list[int],
             (with a prompt plus max_tokens over max_model_len). AdapterNotFound, PoolFull: from
             :meth:`Engine.add_request` (nothing is admitted then).
     """
-    admission.check()
+    admission.check(principal)
     if not max_tokens_given:
         prompt = engine.prompt_ids(prompt)
         check_context(len(prompt), None, engine.max_model_len)
@@ -111,17 +148,19 @@ def start_request(engine: Engine, admission: Admission, prompt: str | list[int],
             raise RequestError(f"min_tokens {params.min_tokens} is more than the {room} tokens of context left "
                                f"(max_model_len {engine.max_model_len}, prompt {len(prompt)} tokens)", param="min_tokens")
         params = dataclasses.replace(params, max_tokens=min(room, params.max_tokens))
-    stream = engine.add_request(prompt, params, request_id=engine_id, adapter=adapter)
-    admission.enter()
+    tenant = principal.name if principal is not None else None
+    stream = engine.add_request(prompt, params, request_id=engine_id, adapter=adapter, tenant=tenant,
+                                cache_salt=cache_salt)
+    admission.enter(tenant)
     return stream
 
 
-async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer,
-                  admission: Admission) -> AsyncIterator[RequestOutput]:
+async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer, admission: Admission,
+                  tenant: str | None = None) -> AsyncIterator[RequestOutput]:
     """The engine stream's deltas, timed into ``timer`` (``timer.duration`` is set before the finished
     delta is yielded). However this generator ends (finished, closed early, cancelled), the engine
     stream is closed, which aborts an unfinished request and frees its KV blocks and adapter pin at
-    once, and the admission is released.
+    once, and the admission (of ``tenant``, as entered) is released.
 
     Raises:
         EngineError: the engine failed while running the request.
@@ -131,10 +170,10 @@ async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer,
             async for out in stream:
                 timer.tokens(len(out.token_ids))
                 if out.finished:
-                    timer.finish(out.prompt_tokens)
+                    timer.finish(out.prompt_tokens, out.cached_tokens)
                 yield out
     finally:
-        admission.leave()
+        admission.leave(tenant)
 
 
 def adapter_versions(engine: Engine) -> list | None:

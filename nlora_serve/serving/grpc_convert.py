@@ -74,6 +74,7 @@ def response(out: RequestOutput) -> pb.GenerateResponse:
         msg.finish_reason = FINISH.get(out.finish_reason, pb.FINISH_REASON_ABORT)
         msg.usage.prompt_tokens = out.prompt_tokens
         msg.usage.completion_tokens = out.completion_tokens
+        msg.usage.cached_tokens = out.cached_tokens
     for token, lps in zip(out.token_ids, out.logprobs or []):
         top = sorted(lps.items(), key=lambda kv: -kv[1])  # the top-k (and the sampled token), best first
         msg.logprobs.add(token_id=token, logprob=lps.get(token, 0.0),

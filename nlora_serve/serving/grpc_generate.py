@@ -30,7 +30,7 @@ from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving import grpc_convert as convert
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted
-from nlora_serve.serving.frontend import Admission, adapter_versions, metered, start_request
+from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
 from nlora_serve.serving.grpc_status import status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
@@ -49,7 +49,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         timer = self.metrics.request("grpc")
         try:
-            stream, shown_id = self._admit(request, context)
+            stream, shown_id, tenant = self._admit(request, context)
         except NloraError as exc:
             code, reason = status_of(exc)
             self.metrics.reject(reason, "grpc")
@@ -57,7 +57,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             # aclosing: on cancel, disconnect or deadline the metered stream is closed here, which
             # aborts the request, frees its KV blocks and adapter pin and releases its admission at once
-            deltas = metered(stream, timer, self.admission)
+            deltas = metered(stream, timer, self.admission, tenant)
             async with contextlib.aclosing(deltas):
                 async for out in deltas:
                     msg = convert.response(out)
@@ -80,8 +80,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         prompt = convert.prompt_of(request, self.tokenizer)
         engine_id = f"{principal.name}/{request.request_id}" if request.request_id else None
         stream = start_request(self.engine, self.admission, prompt, params, engine_id, adapter,
-                               max_tokens_given=request.sampling.max_tokens > 0)
-        return stream, request.request_id
+                               max_tokens_given=request.sampling.max_tokens > 0, principal=principal,
+                               cache_salt=cache_salt_of(principal, request.cache_salt, self.auth))
+        return stream, request.request_id, principal.name
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext):
         try:

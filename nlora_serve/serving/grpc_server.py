@@ -73,7 +73,7 @@ class NloraServer:
             config.check_adapter_name(version.name)
         self.engine, self.config = engine, config
         self.metrics = ServerMetrics(engine.stats, lambda: _residency(engine))
-        self.admission = Admission(config.max_queue)
+        self.admission = Admission(config.max_queue, config.tenant_queue_shares)
         self.generation = GenerationServicer(engine, config, auth, self.metrics, self.admission, tokenizer, info)
         self.admin = AdminServicer(engine, config, auth, self.metrics)
         self.health = health.aio.HealthServicer()

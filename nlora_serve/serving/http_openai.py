@@ -12,7 +12,7 @@ the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens``: s
 :func:`~nlora_serve.serving.frontend.start_request`). Extensions, under vLLM's
 names (send them in ``extra_body``): ``top_k``, ``min_tokens``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``return_tokens_as_token_ids`` (logprob tokens as
-``"token_id:<id>"``).
+``"token_id:<id>"``), ``cache_salt`` (only requests with the same salt share prefix-cache blocks).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     return_tokens_as_token_ids: bool = False
+    cache_salt: str | None = None  # prefix-cache sharing group (vLLM's field; see frontend.cache_salt_of)
 
     @property
     def include_usage(self) -> bool:

@@ -27,9 +27,10 @@ def sse(payload: dict | str) -> str:
 
 
 def usage(out: RequestOutput) -> dict:
-    """OpenAI usage of a finished request."""
+    """OpenAI usage of a finished request, with the prompt tokens read from the prefix cache."""
     return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
 class Shaper:

@@ -39,7 +39,7 @@ from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator, Principal
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted
-from nlora_serve.serving.frontend import Admission, adapter_versions, metered, start_request
+from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
 from nlora_serve.serving.grpc_status import http_status_of
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_inputs, completion_inputs
 from nlora_serve.serving.http_responses import Shaper, sse
@@ -191,8 +191,8 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
         raise AdapterNotFound(f"model {body.model!r} does not exist: this server serves no adapters")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     stream = start_request(ctx.engine, ctx.admission, prompt, params, f"{caller.name}/{rid}", adapter,
-                           body.max_tokens_given)
-    deltas = metered(stream, timer, ctx.admission)
+                           body.max_tokens_given, caller, cache_salt_of(caller, body.cache_salt, ctx.auth))
+    deltas = metered(stream, timer, ctx.admission, caller.name)
     shaper = Shaper(rid, body.model, chat, ctx.tokenizer, params.logprobs, body.return_tokens_as_token_ids,
                     body.include_usage)
     if not body.stream:

@@ -48,10 +48,15 @@ class ServerMetrics:
                               buckets=_ADMIN, registry=r)
         self.prompt_tokens = Counter("nlora_prompt_tokens", "Prompt tokens of finished requests", fe, registry=r)
         self.generation_tokens = Counter("nlora_generation_tokens", "Tokens streamed to clients", fe, registry=r)
+        self.cache_queries = Counter("nlora_prefix_cache_queries", "Prompt tokens of finished requests looked up "
+                                     "in the prefix cache", fe, registry=r)
+        self.cache_hits = Counter("nlora_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)",
+                                  fe, registry=r)
         self.rejected = Counter("nlora_requests_rejected", "Requests refused, by reason", ["reason", "frontend"],
                                 registry=r)
         for frontend in FRONTENDS:  # every series exists from the start, at 0
-            for metric in (self.ttft, self.itl, self.duration, self.prompt_tokens, self.generation_tokens):
+            for metric in (self.ttft, self.itl, self.duration, self.prompt_tokens, self.generation_tokens,
+                           self.cache_queries, self.cache_hits):
                 metric.labels(frontend)
             for reason in REJECT_REASONS:
                 self.rejected.labels(reason, frontend)
@@ -90,7 +95,8 @@ class RequestTimer:
     """TTFT, inter-token latency and duration of one request's stream (perf_counter seconds), into
     the series of one front end."""
 
-    __slots__ = ("_ttft", "_itl", "_duration", "_prompt", "_generated", "start", "first", "duration", "_last")
+    __slots__ = ("_ttft", "_itl", "_duration", "_prompt", "_generated", "_queries", "_hits", "start", "first",
+                 "duration", "_last")
 
     def __init__(self, metrics: ServerMetrics, frontend: str):
         if frontend not in FRONTENDS:
@@ -99,6 +105,7 @@ class RequestTimer:
         self._duration = metrics.duration.labels(frontend)
         self._prompt = metrics.prompt_tokens.labels(frontend)
         self._generated = metrics.generation_tokens.labels(frontend)
+        self._queries, self._hits = metrics.cache_queries.labels(frontend), metrics.cache_hits.labels(frontend)
         self.start = time.perf_counter()
         self.first: float | None = None  # seconds from receipt to the first token
         self.duration: float | None = None  # seconds from receipt to the end, once finished
@@ -117,9 +124,12 @@ class RequestTimer:
         self._last = now
         self._generated.inc(count)
 
-    def finish(self, prompt_tokens: int) -> float:
-        """The stream ended; returns (and keeps in ``duration``) its duration in seconds."""
+    def finish(self, prompt_tokens: int, cached_tokens: int = 0) -> float:
+        """The stream ended after ``prompt_tokens`` prompt tokens, ``cached_tokens`` of them from the
+        prefix cache; returns (and keeps in ``duration``) its duration in seconds."""
         self.duration = time.perf_counter() - self.start
         self._duration.observe(self.duration)
         self._prompt.inc(prompt_tokens)
+        self._queries.inc(prompt_tokens)
+        self._hits.inc(cached_tokens)
         return self.duration

@@ -33,7 +33,7 @@ from nlora_serve.models import load_base, resolve_model
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.backend_cli import add_backend_arguments, backend_config, make_engine
 from nlora_serve.serving.engine_flags import add_device_arguments, device_config
-from nlora_serve.engine.config import EngineConfig
+from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.serving.example_tenants import ensure_example_tenants, example_name
 from nlora_serve.serving.grpc_convert import server_info
@@ -68,6 +68,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                                   "one; same keys, grants and queue as gRPC (default: off)")
     a("--max-queue", type=int, default=d.max_queue, help="running + waiting requests at most; beyond that "
                                                          "RESOURCE_EXHAUSTED / HTTP 429 (default: %(default)s)")
+    a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+      help="share the KV blocks of equal prompt prefixes between requests on the same adapter version "
+           "(and, with --tenants-file, of the same tenant unless a request sends a cache_salt); "
+           "--no-enable-prefix-caching computes every prompt whole (default: on)")
+    a("--scheduling-policy", choices=SCHEDULING_POLICIES, default=None,
+      help="admission order: fcfs (arrival) or fair (the tenant with the least service first, VTC, "
+           "with per-tenant shares of --max-queue) (default: fair with --tenants-file, else fcfs)")
     a("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask; a request without "
                                                            "one gets the rest of the context, at most this "
                                                            "(default: %(default)s)")
@@ -111,6 +118,7 @@ def build(args: argparse.Namespace):
     config, engine_config = _configs(args)
     backend = backend_config(args)
     auth = Authenticator.from_file(args.tenants_file) if args.tenants_file else Authenticator(None)
+    engine_config.scheduler = dataclasses.replace(engine_config.scheduler, tenant_weights=auth.weights())
     _check_adapter_dir(args.adapter_dir)
     dummy = engine_config.load_format == "dummy"
     path = Path(args.model).expanduser().resolve() if dummy else resolve_model(args.model, engine_config.cache_dir)
@@ -148,15 +156,18 @@ def _register_named(engine: LLMEngine, named: list[tuple[str, str]]) -> list[str
 
 
 def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+    policy = args.scheduling_policy or ("fair" if args.tenants_file else "fcfs")
     with _flag_errors(args):
         config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
                               served_model_name=args.served_model_name,
                               tenants_file=args.tenants_file, max_queue=args.max_queue, max_tokens=args.max_tokens,
-                              max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds)
+                              max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds,
+                              tenant_queue_shares=policy == "fair")
         limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
                                adapter_memory=args.adapter_memory * MiB)
         engine_config = device_config(args, cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
-                                      adapter_limits=limits)
+                                      adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching)
+        engine_config.scheduler = dataclasses.replace(engine_config.scheduler, policy=policy)
     return config, engine_config
 
 

@@ -167,11 +167,11 @@ def test_a_request_that_fails_to_queue_ends_alone_and_the_engine_serves_on(make_
     engine = make_engine()
     add, calls = engine.core.add, []
 
-    def flaky(rid, ids, params, adapter=None):  # the core sees engine ids only: fail the first add
+    def flaky(rid, ids, params, *rest):  # the core sees engine ids only: fail the first add
         calls.append(rid)
         if len(calls) == 1:
             raise ValueError("Overflow when unpacking long long")
-        return add(rid, ids, params, adapter)
+        return add(rid, ids, params, *rest)
 
     monkeypatch.setattr(engine.core, "add", flaky)
     params = SamplingParams(max_tokens=3, temperature=0.0)

@@ -119,7 +119,8 @@ class VllmEngine(Engine):
                     tensor_parallel_size=b.tensor_parallel_size, pipeline_parallel_size=b.pipeline_parallel_size,
                     enforce_eager=on_cpu if b.enforce_eager is None else b.enforce_eager,
                     enable_lora=self._adapters is not None, max_loras=max_loras,
-                    max_lora_rank=lora_rank_limit(limits.max_rank), disable_log_stats=True)
+                    max_lora_rank=lora_rank_limit(limits.max_rank), disable_log_stats=True,
+                    enable_prefix_caching=cfg.enable_prefix_caching)
         utilization = b.gpu_memory_utilization or (0.3 if on_cpu else None)
         if utilization is not None:
             args["gpu_memory_utilization"] = utilization
@@ -140,7 +141,9 @@ class VllmEngine(Engine):
         return self._adapters
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, adapter: str | None = None) -> RequestStream:
+                    request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
+                    cache_salt: str | None = None) -> RequestStream:
+        # ``tenant`` is not used: vLLM schedules first come first served (or by priority)
         loop = asyncio.get_running_loop()
         if self._stopping:
             raise EngineError("engine is shut down")
@@ -153,7 +156,7 @@ class VllmEngine(Engine):
             client_id, rid = self._ids.admit(request_id)
             job = self._jobs[rid] = _Job(rid, client_id, len(ids), pinned, _sink(loop, deltas))
             self._counters["prompt_tokens"] += len(ids)
-            job.future = asyncio.run_coroutine_threadsafe(self._run(job, ids, params), self._loop)
+            job.future = asyncio.run_coroutine_threadsafe(self._run(job, ids, params, cache_salt), self._loop)
         return RequestStream(client_id, deltas, self._abort, rid)
 
     @property
@@ -163,7 +166,7 @@ class VllmEngine(Engine):
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         return prompt_ids(prompt, self.tokenizer, self._lock)
 
-    async def _run(self, job: _Job, ids: list[int], params: SamplingParams) -> None:
+    async def _run(self, job: _Job, ids: list[int], params: SamplingParams, cache_salt: str | None) -> None:
         """One request on the vLLM loop: vLLM's deltas streamed as ours, then its terminal path."""
         with self._lock:
             if job.ended:  # aborted before it started
@@ -171,7 +174,8 @@ class VllmEngine(Engine):
             job.started = True
         made, last = 0, None
         try:
-            stream = self._llm.generate({"prompt_token_ids": ids}, vllm_sampling_params(params), job.rid,
+            prompt = {"prompt_token_ids": ids} | ({"cache_salt": cache_salt} if cache_salt is not None else {})
+            stream = self._llm.generate(prompt, vllm_sampling_params(params), job.rid,
                                         lora_request=self._lora_request(job.pinned))
             async for out in stream:
                 done = out.outputs[0]

@@ -1,0 +1,108 @@
+"""Fair scheduling (VTC) against hand-computed admission orders and counters (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.config import SchedulerConfig
+from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
+from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.scheduler import Scheduler
+from nlora_serve.engine.sequence import Sequence
+
+_arrival = iter(range(1_000_000))
+
+
+def make(policy: str = "fair", weights=None, blocks=None, **cfg) -> Scheduler:
+    config = SchedulerConfig(policy=policy, tenant_weights=weights or {}, **{"max_num_seqs": 1,
+                             "max_num_batched_tokens": 64, "max_model_len": 64, **cfg})
+    return Scheduler(config, blocks or BlockManager(64, 4))
+
+
+def seq(tenant: str, prompt_len: int = 4, tokens=None) -> Sequence:
+    arrival = next(_arrival)
+    ids = list(tokens) if tokens is not None else [arrival % 1000] * prompt_len
+    return Sequence(f"{tenant}{arrival}", arrival, ids, len(ids), SamplingParams(), tenant=tenant)
+
+
+def serve_one(sched: Scheduler) -> Sequence:
+    """Admit one sequence, run its prefill, finish it; returns it."""
+    batch = sched.schedule()
+    (s,) = batch.seqs
+    s.num_computed_tokens += batch.num_tokens[0]
+    sched.finish(s)
+    return s
+
+
+def test_least_served_tenant_goes_first_and_fcfs_inside_a_tenant():
+    sched = make()
+    heavy = [seq("heavy") for _ in range(4)]
+    light = [seq("light") for _ in range(2)]
+    for s in heavy + light:
+        sched.add(s)
+    order = [serve_one(sched) for _ in range(6)]
+    # counters (prompt tokens x 1): heavy 0 -> 4, light 0 -> 4, tie -> earlier arrival (heavy) ...
+    assert order == [heavy[0], light[0], heavy[1], light[1], heavy[2], heavy[3]]
+    assert sched.fair.counters == {"heavy": 16.0, "light": 8.0}
+
+
+def test_fcfs_ignores_tenants():
+    sched = make("fcfs")
+    seqs = [seq("heavy"), seq("heavy"), seq("light")]
+    for s in seqs:
+        sched.add(s)
+    assert [serve_one(sched) for _ in range(3)] == seqs and sched.fair is None
+
+
+def test_a_returning_tenant_is_lifted_to_the_least_waiting_counter():
+    sched = make()
+    for _ in range(3):
+        sched.add(seq("busy", 10))
+    serve_one(sched)
+    serve_one(sched)  # busy: 20 served, one still waiting
+    sched.add(seq("idle"))  # it banked nothing while away: starts at busy's 20, not 0
+    assert sched.fair.counters == {"busy": 20.0, "idle": 20.0}
+    serve_one(sched)  # a tie: the earlier arrival (busy) goes first
+    serve_one(sched)
+    sched.add(seq("late"))  # nobody waits: lifted to the counter of the tenant that left last (idle)
+    assert sched.fair.counters["late"] == 24.0
+
+
+def test_output_tokens_weigh_twice_and_tenant_weights_divide():
+    sched = make(weights={"gold": 2.0}, max_num_seqs=2)
+    gold, plain = seq("gold", 4), seq("plain", 4)
+    sched.add(gold)
+    sched.add(plain)
+    for _ in range(3):  # prefill (4 prompt tokens), then two decodes (one output token each)
+        batch = sched.schedule()
+        for s, n in zip(batch.seqs, batch.num_tokens):
+            s.num_computed_tokens += n
+            if s.num_computed_tokens == s.num_tokens:
+                s.token_ids.append(7)
+    # gold: (4 x 1 + 2 x 2) / 2 = 4; plain: 4 x 1 + 2 x 2 = 8
+    assert sched.fair.counters == {"gold": 4.0, "plain": 8.0}
+
+
+def test_recompute_after_preemption_and_cached_tokens_are_not_billed():
+    blocks = PrefixCachingBlockManager(64, 4)
+    sched = make(blocks=blocks, max_num_seqs=2)
+    first = seq("a", tokens=range(9))
+    sched.add(first)
+    serve_one(sched)  # 9 prompt tokens billed; blocks [0..3], [4..7] published
+    again = seq("a", tokens=range(10))
+    sched.add(again)
+    batch = sched.schedule()
+    assert batch.num_tokens == [2] and again.num_computed_tokens == 8  # 8 cached tokens, free
+    again.num_computed_tokens += 2
+    sched._preempt(again)
+    batch = sched.schedule()  # recomputes its 2 uncached tokens: already billed
+    assert batch.seqs == [again]
+    assert sched.fair.counters == {"a": 11.0}
+
+
+def test_weights_must_be_positive():
+    with pytest.raises(ValueError, match=r"SchedulerConfig.tenant_weights\['x'\] must be a positive number"):
+        SchedulerConfig(policy="fair", tenant_weights={"x": 0})
+    with pytest.raises(ValueError, match="SchedulerConfig.policy must be one of fcfs, fair; got 'lifo'"):
+        SchedulerConfig(policy="lifo")

@@ -1,0 +1,111 @@
+"""Prefix caching and tenant quotas over gRPC: Usage.cached_tokens, GenerateRequest.cache_salt,
+per-tenant shares of --max-queue and max_concurrent_requests from the tenants file."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from grpc_harness import ADMIN_KEY, TENANT_KEYS
+from nlora_serve.proto import nlora_pb2 as pb
+from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
+from nlora_serve.serving.auth import AuthError, Authenticator, Principal, hash_key
+from nlora_serve.serving.frontend import Admission
+from nlora_serve.serving.grpc_status import QueueFull
+
+PROMPT = list(range(1000, 1040))  # 40 tokens: 2 full blocks of 16 can be cached
+
+
+def _usage(server, key: str, salt: str = "") -> pb.Usage:
+    with grpc.insecure_channel(server.target) as channel:
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT), cache_salt=salt,
+                                     sampling=pb.SamplingParams(max_tokens=2))
+        last = list(pb_grpc.GenerationStub(channel).Generate(request, metadata=[("authorization", f"Bearer {key}")]))[-1]
+    return last.usage
+
+
+def test_usage_reports_cached_tokens_and_cache_salt_chooses_the_group(make_server, tenants_file):
+    server = make_server(tenants_file)
+    got = [_usage(server, TENANT_KEYS["base-co"]).cached_tokens, _usage(server, TENANT_KEYS["base-co"]).cached_tokens,
+           _usage(server, TENANT_KEYS["lora-co"]).cached_tokens, _usage(server, ADMIN_KEY, "g").cached_tokens,
+           _usage(server, TENANT_KEYS["lora-co"], "g").cached_tokens]
+    assert got == [0, 32, 0, 0, 32]
+
+
+def test_without_keys_everybody_shares_one_group(make_server):
+    server = make_server()
+    assert [_usage(server, "anything").cached_tokens for _ in range(2)] == [0, 32]
+
+
+def test_tenant_shares_of_the_queue_leave_room_for_others():
+    admission = Admission(8, tenant_shares=True)
+    heavy, light = Principal("heavy", False), Principal("light", False, weight=2.0)
+    for _ in range(4):  # alone, a weight-1 tenant gets half the queue: 4 < 1 x (8 - 4) fails at 4
+        admission.check(heavy)
+        admission.enter("heavy")
+    with pytest.raises(QueueFull, match="'heavy' holds 4 of the 4 requests"):
+        admission.check(heavy)
+    for _ in range(2):  # weight 2: 0 < 2 x (8 - 4), then 1 < 2 x (8 - 5)
+        admission.check(light)
+        admission.enter("light")
+    admission.leave("heavy")
+    assert admission.held == {"heavy": 3, "light": 2} and admission.inflight == 5
+    assert Admission(8).tenant_shares is False
+    fcfs = Admission(2)
+    for _ in range(2):
+        fcfs.check(heavy)
+        fcfs.enter("heavy")
+    with pytest.raises(QueueFull, match="server queue is full"):
+        fcfs.check(light)
+
+
+def test_max_concurrent_requests_quota():
+    admission = Admission(100)
+    capped = Principal("capped", False, max_concurrent_requests=2)
+    for _ in range(2):
+        admission.check(capped)
+        admission.enter("capped")
+    with pytest.raises(QueueFull, match="'capped' has 2 requests running or waiting, its max_concurrent_requests"):
+        admission.check(capped)
+    admission.leave("capped")
+    admission.check(capped)
+
+
+def test_tenants_file_weights_and_quotas(tmp_path):
+    path = tmp_path / "tenants.json"
+    entry = {"name": "acme", "key_sha256": hash_key("k"), "weight": 3, "max_concurrent_requests": 5}
+    path.write_text(json.dumps({"tenants": [entry, {"name": "plain", "key_sha256": hash_key("p")}]}))
+    auth = Authenticator.from_file(path)
+    acme = auth.authenticate([("authorization", "Bearer k")])
+    assert (acme.weight, acme.max_concurrent_requests) == (3.0, 5)
+    assert auth.weights() == {"acme": 3.0}
+    for field, value, says in (("weight", 0, "weight must be a positive number"),
+                               ("weight", True, "weight must be a positive number"),
+                               ("max_concurrent_requests", 0, "max_concurrent_requests must be a positive integer"),
+                               ("max_concurrent_requests", 1.5, "max_concurrent_requests must be a positive integer"),
+                               ("weigth", 2, r"unknown field\(s\) 'weigth'")):
+        path.write_text(json.dumps({"tenants": [{**entry, field: value}]}))
+        with pytest.raises(AuthError, match=f"tenants\\[0\\].*{says}"):
+            Authenticator.from_file(path)
+
+
+def test_serve_flags_prefix_caching_and_scheduling_policy(tmp_path):
+    import argparse
+
+    from nlora_serve.serving import serve_cli
+
+    def configs(*flags):
+        parser = argparse.ArgumentParser()
+        serve_cli.add_serve_arguments(parser)
+        return serve_cli._configs(parser.parse_args(["--adapter-dir", str(tmp_path), *flags]))
+
+    server, engine = configs()
+    assert engine.enable_prefix_caching is True and engine.scheduler.policy == "fcfs"
+    assert server.tenant_queue_shares is False
+    server, engine = configs("--no-enable-prefix-caching", "--tenants-file", "t.json")
+    assert engine.enable_prefix_caching is False and engine.scheduler.policy == "fair"
+    assert server.tenant_queue_shares is True
+    server, engine = configs("--tenants-file", "t.json", "--scheduling-policy", "fcfs")
+    assert engine.scheduler.policy == "fcfs" and server.tenant_queue_shares is False

@@ -1,0 +1,36 @@
+"""Prefix caching over HTTP: OpenAI's usage.prompt_tokens_details.cached_tokens, per-tenant sharing
+groups and vLLM's cache_salt, the per-frontend prefix-cache counters."""
+
+from __future__ import annotations
+
+from grpc_harness import TENANT_KEYS
+from http_harness import client, scrape
+
+PROMPT = ("The keeper of the lighthouse wrote in his log every evening: the wind, the ships that "
+          "passed, the colour of the sea and the birds on the rocks. On the last day of the year he wrote")
+
+
+def test_cached_tokens_per_tenant_group_and_salt(make_http_server):
+    server = make_http_server(metrics_port=0)
+    base = server.server.generation.info.model
+    n = len(server.engine.prompt_ids(PROMPT))
+    full = (n - 1) // 16 * 16  # every full 16-token block but the one holding the last token
+    assert full >= 32
+
+    def cached(tenant: str, salt: str | None = None) -> int:
+        extra = {"cache_salt": salt} if salt is not None else None
+        answer = client(server, TENANT_KEYS[tenant]).completions.create(
+            model=base, prompt=PROMPT, max_tokens=2, temperature=0, extra_body=extra)
+        assert answer.usage.prompt_tokens == n
+        return answer.usage.prompt_tokens_details.cached_tokens
+
+    got = [cached("base-co"), cached("base-co"), cached("lora-co"), cached("lora-co", "team"),
+           cached("base-co", "team"), cached("base-co", "tenant:lora-co")]
+    # another tenant's prefix is never visible (3rd); a shared salt shares (5th); a salt cannot
+    # name another tenant's own group (6th)
+    assert got == [0, full, 0, 0, full, 0]
+    samples = scrape(server)
+    http = (("frontend", "http"),)
+    assert samples[("nlora_prefix_cache_queries_total", http)] == 6 * n
+    assert samples[("nlora_prefix_cache_hits_total", http)] == 2 * full
+    assert samples[("nlora_prefix_cache_hits_total", (("frontend", "grpc"),))] == 0
