@@ -57,7 +57,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--adapter-dir", default="./nlora-adapters", help="adapter store, rebuilt at start (default: %(default)s)")
     a("--tenants-file", default=None, help="JSON/TOML file of tenant and admin key hashes and grants; "
                                            "without it there is no auth and the server binds to loopback only")
-    a("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (default: off)")
+    a("--metrics-port", type=int, default=None, help="also serve Prometheus /metrics on this port, for gRPC-only "
+                                                     "servers (--http-port serves /metrics already) (default: off)")
     a("--served-model-name", default=None, help="the base model's name in /v1/models and the HTTP 'model' field "
                                                "(default: the model's directory or GGUF name, e.g. "
                                                "SmolLM2-135M-Instruct.Q4_1)")
