@@ -117,7 +117,7 @@ def build(args: argparse.Namespace):
     with _flag_errors(args):
         engine = make_engine(engine_config, base, backend)
     examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
-    examples += _register_named(engine, args.adapter)
+    examples += _register_named(engine, args.adapter, args.adapter_dir)
     server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
                          base.tokenizer())
     return engine, server, examples
@@ -131,13 +131,19 @@ def _check_adapter_names(config: ServerConfig, args: argparse.Namespace) -> None
         config.check_adapter_name(name)
 
 
-def _register_named(engine: LLMEngine, named: list[tuple[str, str]]) -> list[str]:
+def _register_named(engine: LLMEngine, named: list[tuple[str, str]], store: str) -> list[str]:
     """Register each ``--adapter NAME=DIR`` whose NAME the store neither serves yet nor marks
-    unloaded by an operator; returns the named adapters served now."""
+    unloaded by an operator; returns the named adapters served now. Logs one warning per NAME the
+    store serves with other weights than DIR (swapped or uploaded since), naming that version."""
     fresh = set(engine.adapters.start_names([name for name, _ in named]))
     for name, folder in named:
         if name in fresh:
             engine.adapters.register_dir(name, folder)
+        elif (served := engine.adapters.served_instead(name, folder)) is not None:
+            log.warning("--adapter %s=%s: the adapter store %s already holds %r, with other weights (swapped or "
+                        "uploaded since); serving %s v%d instead of that folder (`adapters swap` the folder's N, or "
+                        "start with a fresh --adapter-dir)", name, folder, store,
+                        name, name, served.version)
     served = {v.name for v in engine.adapters.versions()}
     return [name for name, _ in named if name in served]
 
