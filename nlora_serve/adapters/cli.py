@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import AdapterError, NloraError
 
 
 def _base(args: argparse.Namespace):
@@ -22,7 +22,10 @@ def _base(args: argparse.Namespace):
 def _inspect(args: argparse.Namespace) -> int:
     from nlora_serve.adapters.inspect import format_report, inspect_adapter
 
-    print(format_report(inspect_adapter(args.dir, _base(args), max_rank=args.max_rank), as_json=args.json))
+    from nlora_serve.models.hub import local_or_hub
+
+    folder = local_or_hub(args.dir, AdapterError, "adapter")
+    print(format_report(inspect_adapter(folder, _base(args), max_rank=args.max_rank), as_json=args.json))
     return 0
 
 
@@ -73,7 +76,8 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
                               description="Validate DIR against the base model as the server would and print "
                                           "flavour, ranks, targets, layers, tied or not, bytes held and the "
                                           "content hash. Exit 0 when servable, 2 with the reason otherwise.")
-    p.add_argument("dir", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("dir", help="adapter directory (adapter_config.json + adapter_model.safetensors), or a "
+                               "Hugging Face ORG/ADAPTER in the HF cache")
     _common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.set_defaults(func=_inspect)
