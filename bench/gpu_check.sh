@@ -1,24 +1,45 @@
 #!/usr/bin/env bash
-# The GPU half of issue 4 in one device call (bench/RESULTS.md, "Kernels on a GPU"):
-#   1. the compiled Triton path against the float64 truth on the GPU (the interpreter's cases);
-#   2. bench/adapter_kernels.py: per path, CUDA-graph time per decoder layer, ratio to the base GEMMs
-#      and the share of its bounding rate (copy bandwidth / GEMM rate measured in the same run).
-# Needs only torch + triton + pytest + numpy (the device image's python3 has them; the package
-# is used from the working tree). Writes everything under $OUT (default bench/out/gpu).
+# Every GPU check in one device call (bench/RESULTS.md "On a GPU"), each step under its own time
+# limit, results written under $OUT as they come (at most 8 files come back from the device):
+#   0. smoke (~30 s): the engine on CUDA, 2 layers, 3 requests, against transformers;
+#   1. kernels, attention_kernels: the Triton ops compiled on the GPU against the float64 truth
+#      (the interpreter's cases: the composed adapter path; paged decode and prefill attention);
+#   2. engine_check: the native engine on CUDA against transformers, step by step, on a random
+#      model of the default's shape (base, tied and LoRA requests mixed; fp32 TF32 off <= 1e-4 and
+#      top token equal where decided; bf16 <= 2e-2);
+#   3. adapter_kernels: per path, CUDA-graph time per decoder layer vs the base GEMMs, share of bound;
+#   4. engine_bench: bench/engine.py on CUDA (bf16; base, tied64, lora8) against HF generate.
+# Needs only torch + triton + transformers + peft + pytest + numpy (the device image has them);
+# the package is used from the working tree. Writes under $OUT (default bench/out/gpu).
 #
-#   device run:  bash bench/gpu_check.sh          (timeout_s 600; ~3-5 min on an H200)
+#   device run:  bash bench/gpu_check.sh          (timeout_s 600; ~5 min on an H200)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
+LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TRITON_DEFAULT_FP_FUSION=1
-{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } \
-    > "$OUT/device.txt" 2>&1
-NLORA_TEST_DEVICE=cuda timeout 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/kernels/test_triton_ops.py -k triton_path_against_truth 2>&1 | tee "$OUT/tests.txt"
-tests_rc=${PIPESTATUS[0]}
-timeout 300 $PY bench/adapter_kernels.py --rounds 7 --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
-bench_rc=${PIPESTATUS[0]}
-echo "tests rc=$tests_rc bench rc=$bench_rc" | tee "$OUT/rc.txt"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+{ nvidia-smi; $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__, torch.cuda.get_device_name())"; } > "$OUT/device.txt" 2>&1
+
+step() {  # step NAME SECONDS COMMAND...: run, log, record the exit status
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "$name rc=${PIPESTATUS[0]}" | tee -a "$OUT/rc.txt"
+}
+
+step smoke 90 $PY bench/gpu_engine_check.py --layers 2 --requests 3 --new-tokens 2 --long-prompt 40 \
+    --dtype float32 --out "$OUT/smoke.json"
+grep -q "smoke rc=0" "$OUT/rc.txt" || { echo "smoke test failed: stopping" | tee -a "$LOG"; exit 1; }
+step kernels 100 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/kernels/test_triton_ops.py -k triton_path_against_truth
+step attention_kernels 80 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/kernels/test_paged_attention.py tests/kernels/test_attention_cuda_path.py
+step engine_check 100 $PY bench/gpu_engine_check.py --out "$OUT/engine_check.json"
+step adapter_kernels 90 $PY bench/adapter_kernels.py --rounds 5 --out "$OUT/adapter_kernels.json"
+step engine_bench 120 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
+    --dtype bfloat16 --mix none tied64 lora8 --peer-mixes none --vllm-mixes --out "$OUT/engine.json"
+! grep -qv "rc=0" "$OUT/rc.txt"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nlora_serve.adapters.loader import DEFAULT_MAX_RANK, read_adapter, read_adapter_bytes
+from nlora_serve.adapters.pool import Placement
 from nlora_serve.adapters.registry import AdapterRegistry, AdapterVersion
 from nlora_serve.adapters.residency import Residency
 from nlora_serve.adapters.swap import replace_n
@@ -49,13 +50,13 @@ class AdapterManager:
     """
 
     def __init__(self, base: BaseModel, adapter_dir: str | os.PathLike, limits: AdapterLimits | None = None,
-                 residency=None):
+                 residency=None, placement: Placement | None = None):
         self.base = base
         self.limits = limits or AdapterLimits()
         load = self._load
         self.residency = residency if residency is not None else Residency(
             base, load, tied_budget=self.limits.adapter_memory, max_loras=self.limits.max_loras,
-            max_rank=self.limits.max_rank)
+            max_rank=self.limits.max_rank, placement=placement)
         self.registry = AdapterRegistry(AdapterStore(adapter_dir), load, self._load_files,
                                         on_admit=self.residency.admit, on_free=self.residency.free)
         restored = self.registry.rebuild()

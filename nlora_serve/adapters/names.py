@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from nlora_serve.errors import AdapterError
 
@@ -23,3 +24,10 @@ def validate_name(name: str) -> str:
         raise AdapterError(f"adapter name {name!r} is not valid: expected {NAME_PATTERN} "
                            "(1-128 letters, digits, '.', '_', '-', starting with a letter or digit)")
     return name
+
+
+def case_twin(name: str, taken: Iterable[str]) -> str | None:
+    """The name in ``taken`` that differs from ``name`` only in case, or None. Two such names
+    are one folder on a case-insensitive file system (macOS, Windows), so only one may exist."""
+    folded = name.casefold()
+    return next((t for t in taken if t != name and t.casefold() == folded), None)

@@ -16,6 +16,9 @@ slot may hold anything: no token points at it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from nlora_serve.adapters.adapter import Adapter, SiteWeights
@@ -39,6 +42,49 @@ def serial_rows(row_elements: int) -> int:
     return max(1, (SERIAL_ELEMENTS - 1) // max(1, row_elements))
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where the pools live, and the base weights the tied path reads there.
+
+    The engine places the base weights on its device (fused q/k/v and gate/up); the pools of a
+    tied family read W[:, :r] (and the q/k/v bias) from those placed tensors, never from a copy.
+    """
+
+    device: torch.device
+    weight: Callable[[int, str], torch.Tensor]  # (layer, module) -> W [out, in] on ``device``
+    bias: Callable[[int, str], torch.Tensor | None]  # (layer, module) -> b [out] or None
+
+    @staticmethod
+    def host(base: BaseModel) -> Placement:
+        """The base model's own (CPU) weights."""
+        return Placement(torch.device("cpu"), base.weight,
+                         lambda layer, module: base.weights.get(f"{base.spec.module_path(layer, module)}.bias"))
+
+
+def copy_in(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for slot writes from an admin thread.
+
+    On CUDA the copy runs from pinned memory on a side stream and this thread waits for it alone:
+    the engine's stream is never stalled (the slot being written is one no step reads).
+    """
+    if not dst.is_cuda:
+        dst.copy_(src)
+        return
+    stream = _side_stream(dst.device)
+    with torch.cuda.stream(stream):
+        dst.copy_(src.to(dst.dtype).pin_memory(), non_blocking=True)
+    stream.synchronize()
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
+
+
 def _scaled_n(site: SiteWeights, width: int, dtype: torch.dtype) -> torch.Tensor:
     """``s · N`` zero-padded to [width, width], folded in float64 then cast once.
 
@@ -60,8 +106,10 @@ def _finite(scaled_n: torch.Tensor, site: SiteWeights) -> torch.Tensor:
 class _Pool:
     """Slot bookkeeping shared by both pool kinds: free list, ranks, and per-slot bias."""
 
-    def __init__(self, base: BaseModel, capacity: int):
+    def __init__(self, base: BaseModel, capacity: int, placement: Placement | None = None):
         self.base = base
+        self.placement = placement if placement is not None else Placement.host(base)
+        self.device = self.placement.device
         self.capacity = capacity
         self._free = list(range(capacity - 1, -1, -1))
         self.slot_ranks = torch.zeros(capacity, dtype=torch.int32)  # [S]
@@ -84,10 +132,12 @@ class _Pool:
         for key, site in adapter.sites.items():
             if site.bias is not None and key not in self.bias:
                 out = site.bias.shape[0]
-                self.bias[key] = torch.zeros(self.capacity, out, dtype=self.base.dtype)
+                self.bias[key] = torch.zeros(self.capacity, out, dtype=self.base.dtype, device=self.device)
         for key, table in self.bias.items():
             site = adapter.sites.get(key)
-            table[slot] = 0 if site is None or site.bias is None else site.bias_delta(self.base.dtype)
+            none = site is None or site.bias is None
+            copy_in(table[slot], torch.zeros(table.shape[1:], dtype=table.dtype) if none
+                    else site.bias_delta(self.base.dtype))
 
     def add_bias(self, y: torch.Tensor, batch: metadata.AdapterBatch, site: Site) -> None:
         """y[t] += s·b[slot(t)] for the adapted tokens, where some resident adapter has a bias."""
@@ -105,13 +155,14 @@ class TiedPool(_Pool):
     at the next step, while a running step keeps reading the old tensor, which stays valid).
     """
 
-    def __init__(self, base: BaseModel, family: str, adapter: Adapter, capacity: int = 64):
-        super().__init__(base, capacity)
+    def __init__(self, base: BaseModel, family: str, adapter: Adapter, capacity: int = 64,
+                 placement: Placement | None = None):
+        super().__init__(base, capacity, placement)
         self.family = family
         self.sites: list[Site] = list(adapter.sites)
         self.site_index = {s: i for i, s in enumerate(self.sites)}
         self.rank = max(s.rank for s in adapter.sites.values())
-        self.n = torch.empty(capacity, len(self.sites), self.rank, self.rank, dtype=base.dtype)
+        self.n = torch.empty(capacity, len(self.sites), self.rank, self.rank, dtype=base.dtype, device=self.device)
 
     @property
     def slot_bytes(self) -> int:
@@ -124,7 +175,7 @@ class TiedPool(_Pool):
 
     def grow(self) -> None:
         """Double the capacity, copying the used slots."""
-        new = torch.empty(2 * self.capacity, *self.n.shape[1:], dtype=self.n.dtype)
+        new = torch.empty(2 * self.capacity, *self.n.shape[1:], dtype=self.n.dtype, device=self.device)
         new[: self.capacity] = self.n
         self._free = list(range(2 * self.capacity - 1, self.capacity - 1, -1)) + self._free
         self.slot_ranks = torch.cat([self.slot_ranks, torch.zeros_like(self.slot_ranks)])
@@ -150,9 +201,9 @@ class TiedPool(_Pool):
                 if not torch.isfinite(scaled).all():
                     bad = int((~torch.isfinite(scaled)).flatten(1).any(1).nonzero()[0])
                     _finite(scaled[bad], part[bad])
-                self.n[slot, lo:lo + step] = scaled
+                copy_in(self.n[slot, lo:lo + step], scaled)
         else:  # rank_pattern: ranks differ per module; zero-pad each to r
-            self.n[slot] = torch.stack([_scaled_n(s, self.rank, self.n.dtype) for s in sites])
+            copy_in(self.n[slot], torch.stack([_scaled_n(s, self.rank, self.n.dtype) for s in sites]))
         self.slot_ranks[slot] = self.rank
         self._write_bias(slot, adapter)
 
@@ -162,14 +213,15 @@ class TiedPool(_Pool):
         if i is None:
             return None
         layer, module = site
-        w = self.base.weight(layer, module)
-        bias = self.base.weights.get(f"{self.base.spec.module_path(layer, module)}.bias")
+        w = self.placement.weight(layer, module)
+        bias = self.placement.bias(layer, module)
         tied_bias = bias[: self.rank] if bias is not None and module in ATTN_MODULES else None
         tied_b = w[:, : self.rank]
         # A contiguous W[:, :r]^T (r · out elements) spares the CPU expand a strided read per call;
-        # the caller caches this view per generation, so the copy is made once per site.
-        return KernelSite(n_pool=self.n[:, i], tied_b=tied_b, tied_bias=tied_bias,
-                          tied_bt=tied_b.t().contiguous())
+        # the caller caches this view per generation, so the copy is made once per site. The
+        # Triton expand reads the strided view directly.
+        tied_bt = None if tied_b.is_cuda else tied_b.t().contiguous()
+        return KernelSite(n_pool=self.n[:, i], tied_b=tied_b, tied_bias=tied_bias, tied_bt=tied_bt)
 
 
 class LoraPool(_Pool):
@@ -178,8 +230,8 @@ class LoraPool(_Pool):
     Site tensors are allocated on the first adapter that adapts the site.
     """
 
-    def __init__(self, base: BaseModel, capacity: int, rank: int):
-        super().__init__(base, capacity)
+    def __init__(self, base: BaseModel, capacity: int, rank: int, placement: Placement | None = None):
+        super().__init__(base, capacity, placement)
         self.rank = rank
         self.tables: dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -190,9 +242,9 @@ class LoraPool(_Pool):
     def _table(self, site: Site) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if site not in self.tables:
             out, inp = self.base.spec.projection_shape(site[1])
-            S, R, dt = self.capacity, self.rank, self.base.dtype
-            self.tables[site] = (torch.zeros(S, R, R, dtype=dt), torch.zeros(S, R, inp, dtype=dt),
-                                 torch.zeros(S, out, R, dtype=dt))
+            S, R, kw = self.capacity, self.rank, {"dtype": self.base.dtype, "device": self.device}
+            self.tables[site] = (torch.zeros(S, R, R, **kw), torch.zeros(S, R, inp, **kw),
+                                 torch.zeros(S, out, R, **kw))
             self.generation += 1
         return self.tables[site]
 
@@ -201,14 +253,17 @@ class LoraPool(_Pool):
         for key, site in adapter.sites.items():
             n, a, b = self._table(key)
             r = site.rank
-            n[slot] = _scaled_n(site, self.rank, n.dtype)
-            a[slot].zero_()
-            a[slot, :r] = site.A
-            b[slot].zero_()
-            b[slot, :, :r] = site.B
+            # whole zero-padded slot rows built on the host, so each is one copy in (see copy_in)
+            a_slot = torch.zeros(a.shape[1:], dtype=a.dtype)
+            a_slot[:r] = site.A
+            b_slot = torch.zeros(b.shape[1:], dtype=b.dtype)
+            b_slot[:, :r] = site.B
+            copy_in(n[slot], _scaled_n(site, self.rank, n.dtype))
+            copy_in(a[slot], a_slot)
+            copy_in(b[slot], b_slot)
         for key, (n, _, _) in self.tables.items():
             if key not in adapter.sites:
-                n[slot].zero_()
+                copy_in(n[slot], torch.zeros(n.shape[1:], dtype=n.dtype))
         self.slot_ranks[slot] = max(s.rank for s in adapter.sites.values())
         self._write_bias(slot, adapter)
 

@@ -127,6 +127,7 @@ class AdapterRegistry:
         Raises:
             AdapterError: invalid name or adapter (nothing is written, the old version serves on).
             VersionConflict: ``if_version`` is not the current version.
+            StoreWriteError: the store's disk refused the write (nothing changed, the old version serves on).
         """
         validate_name(name)
         adapter = adapter if adapter is not None else self._validate(files)
@@ -242,16 +243,19 @@ class AdapterRegistry:
 
         Raises:
             AdapterNotFound: ``name`` is not registered.
+            StoreWriteError: the store's disk refused the record (the name serves on).
         """
-        with self._lock:
-            found = self._current.pop(name, None)
-            if found is None:
-                raise AdapterNotFound(f"adapter {name!r} is not registered")
-            found.current = False
-            free = self._take_if_free(found)
-            if not free:
-                self._retired.setdefault(name, []).append(found)
-        self.store.mark_unloaded(name)
+        with self._write_lock:  # no registration of ``name`` between the store's record and the switch
+            with self._lock:
+                if name not in self._current:
+                    raise AdapterNotFound(f"adapter {name!r} is not registered")
+            self.store.mark_unloaded(name)  # first: should the disk refuse it, the name serves on
+            with self._lock:
+                found = self._current.pop(name)
+                found.current = False
+                free = self._take_if_free(found)
+                if not free:
+                    self._retired.setdefault(name, []).append(found)
         if free:
             self._free(found)
         return found

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nlora_serve.adapters.adapter import Adapter
-from nlora_serve.adapters.pool import LoraPool, TiedPool
+from nlora_serve.adapters.pool import LoraPool, Placement, TiedPool
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
 
@@ -41,15 +41,17 @@ class Residency:
         tied_budget: bytes all tied tenants' N may occupy together.
         max_loras: untied adapters resident at once (LoraPool slots).
         max_rank: the widest rank an untied adapter may have (LoraPool width).
+        placement: where the pools live (None: the CPU, reading the base model's own weights).
     """
 
     def __init__(self, base: BaseModel, load: Callable[[Path], Adapter], *, tied_budget: int,
-                 max_loras: int, max_rank: int):
+                 max_loras: int, max_rank: int, placement: Placement | None = None):
         self.base = base
+        self.placement = placement
         self._load = load
         self.tied_budget = tied_budget
         self.tied_pools: dict[str, TiedPool] = {}
-        self.lora_pool = LoraPool(base, max_loras, max_rank)
+        self.lora_pool = LoraPool(base, max_loras, max_rank, placement)
         self._lru: OrderedDict[int, object] = OrderedDict()  # id(version) -> version, resident untied
         self._lock = threading.Lock()
         self.cold_loads = 0  # untied adapters re-read from the store
@@ -102,7 +104,7 @@ class Residency:
         adapter = version.adapter
         pool = self.tied_pools.get(adapter.family_key)
         if pool is None:
-            pool = TiedPool(self.base, adapter.family_key, adapter)
+            pool = TiedPool(self.base, adapter.family_key, adapter, placement=self.placement)
         if self.tied_bytes + pool.slot_bytes > self.tied_budget:
             raise PoolFull(f"adapter {version.name!r}: tied tenants would need {self.tied_bytes + pool.slot_bytes} "
                            f"bytes, over the budget of {self.tied_budget} bytes (--adapter-memory)")

@@ -16,19 +16,21 @@ the adapter's folder after the rename.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import shutil
 import stat
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlora_serve.adapters.names import validate_name
-from nlora_serve.errors import AdapterError
+from nlora_serve.adapters import durable
+from nlora_serve.adapters.durable import fsync_dir, write_synced
+from nlora_serve.adapters.names import case_twin, validate_name
+from nlora_serve.errors import AdapterError, NloraError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,13 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ALLOWED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 STAGING = ".staging"
 UNLOADED = "UNLOADED"
+# errors of a full or failing disk: a write refused with one is a StoreWriteError
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+class StoreWriteError(NloraError):
+    """The store's disk refused a write (no space, quota, I/O error); the store is unchanged and
+    what it served before it still serves (gRPC RESOURCE_EXHAUSTED, HTTP 507)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +161,11 @@ class AdapterStore:
                 or fsync (its bytes are durable already); copied where links are not possible.
 
         Raises:
-            AdapterError: invalid name, an escaping folder, or a file name other than
+            AdapterError: invalid name, an escaping folder, a name that differs only in case from a
+                stored adapter's (served or unloaded), or a file name other than
                 ``adapter_config.json`` / ``adapter_model.safetensors``.
+            StoreWriteError: the disk refused a write (ENOSPC, EIO, ...): nothing of the new
+                version is left, the store is as before.
         """
         same_as = same_as or {}
         unknown = sorted((set(files) | set(same_as)) - set(ALLOWED_FILES))
@@ -162,30 +174,72 @@ class AdapterStore:
                                f"a version holds only {', '.join(ALLOWED_FILES)}")
         with self._lock:
             adapter_dir = self.adapter_dir(name)
+            self._check_case(name)
             foreign = [str(p) for p in same_as.values() if Path(p).parent.parent != adapter_dir]
             if foreign:
                 raise AdapterError(f"adapter {name!r}: {foreign} are not files of its versions in {self.root}")
-            staged = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=self.root / STAGING))
             try:
-                for fname, source in same_as.items():
-                    _link_or_copy(source, staged / fname)
-                for fname, data in files.items():
-                    _write_synced(staged / fname, data)
-                _fsync_dir(staged)
-                version = (self.versions(name) or [0])[-1] + 1
-                is_new = version == 1  # (the folder may be left from a failed write: make it durable now)
-                if is_new:
-                    adapter_dir.mkdir(exist_ok=True)
-                final = adapter_dir / f"{version:08d}"
-                os.rename(staged, final)
-            except BaseException:
-                shutil.rmtree(staged, ignore_errors=True)
-                raise
-            (adapter_dir / UNLOADED).unlink(missing_ok=True)  # a new version serves again
-            _fsync_dir(adapter_dir)
+                return self._write_locked(name, adapter_dir, files, same_as)
+            except OSError as exc:
+                if exc.errno not in DISK_ERRORS:
+                    raise
+                raise _write_error(name, exc) from exc
+
+    def _write_locked(self, name: str, adapter_dir: Path, files: dict[str, bytes],
+                      same_as: dict[str, Path]) -> StoredVersion:
+        """:meth:`write` under the lock. Durable order: files written and fsynced, the staged folder
+        fsynced, renamed into place, the adapter's folder fsynced (and the root's, for a new name);
+        only then is an UNLOADED marker removed (fsynced again). Any failure rolls back."""
+        unloaded, created = (adapter_dir / UNLOADED).exists(), not adapter_dir.exists()
+        staged, final = durable.make_temp_dir(self.root / STAGING, f"{name}."), None
+        try:
+            for fname, source in same_as.items():
+                durable.link_or_copy(source, staged / fname)
+            for fname, data in files.items():
+                write_synced(staged / fname, data)
+            fsync_dir(staged)
+            version = (self.versions(name) or [0])[-1] + 1
+            is_new = version == 1  # (the folder may be left from a failed write: make it durable now)
+            if is_new:
+                durable.mkdir(adapter_dir, exist_ok=True)
+            durable.rename(staged, adapter_dir / f"{version:08d}")
+            final, staged = adapter_dir / f"{version:08d}", None
+            fsync_dir(adapter_dir)
             if is_new:  # the root's entry for a new name must be durable too
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
+            if unloaded:  # a new version serves again
+                durable.unlink(adapter_dir / UNLOADED)
+                fsync_dir(adapter_dir)
+        except BaseException:
+            self._roll_back(staged, final, unloaded, adapter_dir if created else None)
+            raise
         return StoredVersion(name, version, final)
+
+    def _roll_back(self, staged: Path | None, final: Path | None, unloaded: bool, created: Path | None) -> None:
+        """Undo a failed write: the staged folder, or the version renamed into place, leaves for
+        the staging area; an UNLOADED marker already removed is put back (the name stays unloaded);
+        the adapter's folder goes again if this write ``created`` it."""
+        try:
+            if final is not None:
+                if unloaded:
+                    (final.parent / UNLOADED).touch()
+                staged = self.root / STAGING / f"failed.{final.parent.name}.{final.name}"
+                os.rename(final, staged)
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+            if created is not None and created.is_dir():
+                created.rmdir()
+        except OSError as exc:  # the next start discards whatever is left in the staging area
+            log.warning("could not roll back a failed adapter write (%s); the next start cleans up", exc)
+
+    def _check_case(self, name: str) -> None:
+        """Raises AdapterError when a stored adapter's name differs from ``name`` only in case."""
+        with os.scandir(self.root) as entries:
+            twin = case_twin(name, (e.name for e in entries if e.name != STAGING))
+        if twin is not None:
+            raise AdapterError(f"adapter name {name!r} differs only in case from the stored adapter {twin!r}: on a "
+                               "case-insensitive file system both are one folder of the store; register it under "
+                               f"another name, or as a new version of {twin!r}")
 
     def is_unloaded(self, name: str) -> bool:
         """Whether an operator unloaded ``name`` (its UNLOADED marker is on disk).
@@ -199,9 +253,14 @@ class AdapterStore:
         """Record durably that ``name`` is unloaded, so a restart does not serve it again."""
         adapter_dir = self.adapter_dir(name)
         with self._lock:
-            if adapter_dir.is_dir():
-                _write_synced(adapter_dir / UNLOADED, b"")
-                _fsync_dir(adapter_dir)
+            if not adapter_dir.is_dir():
+                return
+            try:
+                write_synced(adapter_dir / UNLOADED, b"")
+                fsync_dir(adapter_dir)
+            except OSError as exc:
+                (adapter_dir / UNLOADED).unlink(missing_ok=True)  # not recorded: the name serves on
+                raise _write_error(name, exc) if exc.errno in DISK_ERRORS else exc from exc
 
     def remove_version(self, name: str, version: int) -> None:
         """Delete one version folder (the registry calls this once no request holds it).
@@ -216,11 +275,14 @@ class AdapterStore:
         path = self.adapter_dir(name) / f"{version:08d}"
         if not path.is_dir():
             return
-        trash = Path(tempfile.mkdtemp(prefix="trash.", dir=self.root / STAGING))
         try:
-            os.rename(path, trash / "v")  # vanish atomically, then delete at leisure
+            trash = durable.make_temp_dir(self.root / STAGING, "trash.")
+            durable.rename(path, trash / "v")  # vanish atomically, then delete at leisure
         except FileNotFoundError:  # removed meanwhile by another caller
             pass
+        except OSError as exc:  # a disk error: an older version stays on disk, harmless, pruned later
+            log.warning("could not remove %s: %s", path, exc)
+            return
         try:
             self._deleter.submit(shutil.rmtree, trash, ignore_errors=True)
         except RuntimeError:  # the interpreter is shutting down: the next start discards it
@@ -231,23 +293,7 @@ class AdapterStore:
         self._deleter.submit(lambda: None).result()  # one worker, first in first out
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _link_or_copy(source: Path, path: Path) -> None:
-    try:
-        os.link(source, path)
-    except OSError:  # no hard links on this filesystem: an fsynced copy
-        _write_synced(path, source.read_bytes())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_error(name: str, exc: OSError) -> StoreWriteError:
+    what = f"{errno.errorcode.get(exc.errno, exc.errno)}: {os.strerror(exc.errno)}" if exc.errno else str(exc)
+    return StoreWriteError(f"adapter {name!r}: the adapter store's disk refused the write ({what}); nothing was "
+                           "changed and what was served before still serves; free space or fix the disk, then retry")

@@ -49,10 +49,13 @@ class AdapterHook:
             steps of ≤ NATIVE_MAX_TOKENS on the CPU run through them, one call per fused projection
             and token kind (tied, group). None: the torch path of :func:`apply_adapters`, one call
             per module.
+        triton: run the Triton path (:func:`apply_adapters` with backend "triton") whatever the
+            device: on CUDA it is the default anyway; on CPU tensors it needs TRITON_INTERPRET=1.
     """
 
-    def __init__(self, native: NativeOps | None = None) -> None:
+    def __init__(self, native: NativeOps | None = None, triton: bool = False) -> None:
         self.native = native
+        self.backend = "triton" if triton else None  # None: by device (Triton on CUDA, torch on the CPU)
         self._entries: list[tuple[object, AdapterBatch]] = []  # (pool, its batch) this step
         self._projections: dict[tuple[int, int, tuple[str, ...]], _Projection] = {}  # (pool id, layer, modules)
 
@@ -90,7 +93,8 @@ class AdapterHook:
         """
         for pool, batch in self._entries:
             proj = self._projection(pool, layer, modules, widths)
-            if batch.num_tokens <= NATIVE_MAX_TOKENS and not y.is_cuda and proj.native_serves(batch):
+            if (self.native is not None and batch.num_tokens <= NATIVE_MAX_TOKENS and not y.is_cuda
+                    and proj.native_serves(batch)):
                 # Tied and group tokens are disjoint rows: neither op reads a row the other writes.
                 if batch.num_tied:
                     self.native.tied_apply(y, batch, proj.tied)
@@ -99,7 +103,7 @@ class AdapterHook:
             else:
                 for part, site in zip(y.split(widths, dim=-1), proj.sites):
                     if site is not None:
-                        apply_adapters(part, x, batch, site)
+                        apply_adapters(part, x, batch, site, self.backend)
             if pool.bias:
                 for module, part in zip(modules, y.split(widths, dim=-1)):
                     pool.add_bias(part, batch, (layer, module))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
 
@@ -43,10 +44,12 @@ class RequestStream:
     RequestAborted when the engine aborted it with a reason (the last delta's ``error``).
     """
 
-    def __init__(self, request_id: str, deltas: asyncio.Queue, abort: Callable[[str], None]) -> None:
-        self.request_id = request_id
+    def __init__(self, request_id: str, deltas: asyncio.Queue, abort: Callable[[str], None],
+                 engine_id: str | None = None) -> None:
+        self.request_id = request_id  # the client's id
+        self.engine_id = engine_id if engine_id is not None else request_id  # the engine's own (RequestIds)
         self._deltas = deltas
-        self._abort = abort  # stops the request and forgets its sink
+        self._abort = abort  # called with engine_id: stops the request and forgets its sink
         self._done = False
 
     def __aiter__(self) -> RequestStream:
@@ -72,7 +75,53 @@ class RequestStream:
         """Abort the request unless it already finished (idempotent)."""
         if not self._done:
             self._done = True
-            self._abort(self.request_id)
+            self._abort(self.engine_id)
+
+
+class RequestIds:
+    """The engine's own request ids: every admitted request gets a fresh one, which keys its sink, its
+    abort and its outputs inside the engine; the client's id is kept for logs, responses and abort
+    by client id only. So a client may reuse an id at once after cancelling (the old request may
+    still be running for a step) and neither request ever gets the other's output or abort (the
+    class of vllm #23697 / #10583; vLLM's fix too). Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._next = itertools.count()
+        self._client: dict[str, str] = {}  # engine id -> client id, while the request is open
+        self._open: dict[str, set[str]] = {}  # client id -> its open engine ids
+        self._lock = threading.Lock()
+
+    def admit(self, client_id: str | None) -> tuple[str, str]:
+        """(client id, engine id) of a new request; without ``client_id`` both are ``req-N``."""
+        with self._lock:
+            engine_id = f"req-{next(self._next)}"
+            client_id = engine_id if client_id is None else client_id
+            self._client[engine_id] = client_id
+            self._open.setdefault(client_id, set()).add(engine_id)
+        return client_id, engine_id
+
+    def client(self, engine_id: str) -> str | None:
+        """The client id of an open request, None once it was closed."""
+        return self._client.get(engine_id)
+
+    def engine_ids(self, client_id: str) -> list[str]:
+        """The open requests a client id names (several while an old one ends after a cancel)."""
+        with self._lock:
+            return list(self._open.get(client_id, ()))
+
+    def close(self, engine_id: str) -> None:
+        """Forget a request (finished, or its consumer left); idempotent."""
+        with self._lock:
+            client_id = self._client.pop(engine_id, None)
+            held = self._open.get(client_id)
+            if held is not None:
+                held.discard(engine_id)
+                if not held:
+                    del self._open[client_id]
+
+    def __len__(self) -> int:
+        return len(self._client)
 
 
 class Engine(abc.ABC):
@@ -117,8 +166,13 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def abort(self, request_id: str, reason: str | None = None) -> None:
-        """Stop a request; its stream ends with finish_reason "abort", or with ``reason`` raises
-        RequestAborted(reason). Unknown ids are ignored."""
+        """Stop the open requests with the client id ``request_id``; each stream ends with finish_reason
+        "abort", or with ``reason`` raises RequestAborted(reason). Unknown ids are ignored."""
+
+    @abc.abstractmethod
+    def abort_all(self, reason: str) -> None:
+        """Stop every request (queued ones too); each stream raises RequestAborted(reason). The
+        server calls it when its drain period ends, so that no request is cut off unexplained."""
 
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:

@@ -6,7 +6,7 @@ The model sees ``(input_ids [T], positions [T])`` plus this object; nothing else
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -27,7 +27,7 @@ class BatchInfo:
     """Everything about one forward step except the token ids and positions.
 
     Shapes: T packed tokens, S scheduled sequences, N = num_decodes single-token sequences,
-    B max blocks of a decode sequence, L = B * block_size.
+    B max blocks of a decode sequence, L = B * block_size, W max blocks of any sequence.
     """
 
     query_starts: torch.Tensor  # [S + 1] int64: sequence i owns tokens [query_starts[i], query_starts[i+1])
@@ -38,16 +38,37 @@ class BatchInfo:
     decode_block_tables: torch.Tensor  # [N, B] int64 block tables, padded with block 0 (masked out)
     decode_mask: torch.Tensor  # [N, 1, 1, L] bool: True where the key position is < the context length
     prefills: list[PrefillChunk]  # sequences N..S-1, in packed order
+    # read by the Triton attention (engine/attention/cuda.py); the kernels read these on the device
+    block_tables: torch.Tensor  # [S, W] int32 every sequence's block table, padded with block 0 (never read)
+    max_query_len: int  # longest prefill chunk (tokens), sizes the prefill grid; 0 without prefills
+    decode_splits: int  # KV splits per decode sequence: the decode grid's fixed third dimension
+
+    def to(self, device: torch.device) -> BatchInfo:
+        """The same layout with every tensor on ``device`` (host ints stay host ints)."""
+        return _move(self, device)
+
+
+def _move(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    if isinstance(value, (BatchInfo, PrefillChunk)):
+        return type(value)(**{f.name: _move(getattr(value, f.name), device) for f in fields(value)})
+    return value
 
 
 def build_batch_info(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-                     samples: list[bool], block_size: int) -> BatchInfo:
+                     samples: list[bool], block_size: int, decode_splits: int = 1) -> BatchInfo:
     """Lay out one step. Decodes (query length 1) must come first.
 
     Args:
         query_lens: tokens computed this step per sequence. context_lens: cached + new, per sequence.
         block_tables: each sequence's KV blocks (covering its context). samples: whether each
             sequence samples a token after this step (its chunk reaches its last token).
+        decode_splits: KV splits of the Triton decode attention, fixed per engine so the grid
+            does not change from step to step (``kernels.paged_decode_attention.decode_num_splits``
+            of max_model_len); the CPU attention ignores it.
     """
     starts = [0]
     slots: list[int] = []
@@ -63,7 +84,14 @@ def build_batch_info(query_lens: list[int], context_lens: list[int], block_table
                      slot_mapping=torch.tensor(slots, dtype=torch.long),
                      logits_indices=torch.tensor(logits_indices, dtype=torch.long),
                      num_decodes=num_decodes, decode_block_tables=tables, decode_mask=mask,
-                     prefills=prefills)
+                     prefills=prefills, block_tables=_all_tables(block_tables),
+                     max_query_len=max(query_lens[num_decodes:], default=0), decode_splits=decode_splits)
+
+
+def _all_tables(tables: list[list[int]]) -> torch.Tensor:
+    width = max((len(t) for t in tables), default=0)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    return torch.tensor(padded, dtype=torch.int32).view(len(tables), width)
 
 
 def _decode_tables(tables: list[list[int]], context_lens: list[int],

@@ -12,6 +12,29 @@ import torch
 from nlora_serve.adapters.manager import AdapterLimits
 
 
+KERNEL_BACKENDS = ("auto", "native", "torch", "triton")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device auto|cpu|cuda|cuda:N`` -> a torch device (``auto``: CUDA when torch sees a GPU).
+
+    Raises:
+        ValueError: an unknown name, or CUDA asked for where torch sees no GPU.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use --device cpu")
+    return device
+
+
 def _positive(owner: str, **values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or value <= 0:
@@ -71,15 +94,40 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     adapter_dir: str | None = None  # the adapter store (--adapter-dir); None: no adapters served
     adapter_limits: AdapterLimits = field(default_factory=AdapterLimits)
-    # decode attention and tied tenants on the CPU through the native ops (kernels/native.py,
-    # compiled once into <cache root>/kernels); False, or no C compiler: the torch paths
-    native_kernels: bool = True
+    # "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda" or "cuda:N": where the
+    # weights, the KV cache, the activations and sampling live
+    device: str = "auto"
+    # which ops run attention and the adapters: "auto" = "triton" on CUDA, "native" on the CPU;
+    # "native" = the C ops (kernels/native.py, compiled once into <cache root>/kernels; the torch
+    # path where no C compiler is found); "torch" = plain torch ops; "triton" = the Triton kernels
+    # (on CPU tensors only under TRITON_INTERPRET=1: that is how CI runs the CUDA path)
+    kernel_backend: str = "auto"
+    tokenizer: str | None = None  # a tokenizer directory (None: the model's own)
+    # "auto": the weights in the model directory; "dummy": random weights from config.json alone
+    # (vLLM's --load-format dummy), for shapes with no shipped weights
+    load_format: str = "auto"
+    # CUDA: share of the GPU's memory the engine may use; the KV cache gets what is left of it
+    # after the weights, the adapters' pools and a profiling forward at the step's token budget
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"EngineConfig.dtype must be torch.float32 or torch.bfloat16; got {self.dtype}")
         if not isinstance(self.seed, int):
             raise ValueError(f"EngineConfig.seed must be an integer; got {self.seed!r}")
+        self.device = str(resolve_device(self.device))
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"EngineConfig.kernel_backend must be one of {', '.join(KERNEL_BACKENDS)}; "
+                             f"got {self.kernel_backend!r}")
+        if self.kernel_backend == "auto":
+            self.kernel_backend = "triton" if self.device.startswith("cuda") else "native"
+        if self.kernel_backend == "native" and self.device != "cpu":
+            raise ValueError(f"EngineConfig.kernel_backend 'native' runs on the CPU only; device is {self.device}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"EngineConfig.load_format must be 'auto' or 'dummy'; got {self.load_format!r}")
+        if isinstance(self.gpu_memory_utilization, bool) or not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("EngineConfig.gpu_memory_utilization must be a float in (0, 1]; "
+                             f"got {self.gpu_memory_utilization!r}")
 
     def check_capacity(self, num_blocks: int) -> None:
         """Refuse a cache that cannot hold one sequence of ``max_model_len`` tokens.

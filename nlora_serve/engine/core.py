@@ -17,10 +17,11 @@ from nlora_serve.kernels.native import load_native
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.models.cache import cache_root
 from nlora_serve.engine.adapter_layer import AdapterHook
+from nlora_serve.engine.attention import select_attention
 from nlora_serve.engine.block_manager import BlockManager
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.detokenizer import IncrementalDetokenizer
-from nlora_serve.engine.kv_cache import kv_bytes_per_block
+from nlora_serve.engine.memory import num_kv_blocks
 from nlora_serve.engine.model_runner import ModelRunner
 from nlora_serve.engine.sampling import RequestError, SamplingParams, apply_penalties, sample, top_logprobs
 from nlora_serve.engine.scheduler import Scheduler
@@ -65,28 +66,35 @@ class EngineCore:
     """
 
     def __init__(self, config: EngineConfig, base: BaseModel | None = None) -> None:
-        base = base if base is not None else load_base(config.model, config.dtype, config.cache_dir)
+        device = torch.device(config.device)
+        if base is None:
+            base = load_base(config.model, config.dtype, config.cache_dir, config.load_format, config.tokenizer,
+                             init_device=device)
         if base.dtype != config.dtype:
             raise ValueError(f"base model is {base.dtype}, EngineConfig.dtype is {config.dtype}")
         self.config = config
+        self.device = device
         self.vocab_size = base.spec.vocab_size
         self.eos_ids = _eos_ids(base)
         self.tokenizer = base.tokenizer()
         self.model_path = base.path
+        self.tokenizer_path = base.tokenizer_path
         sched, cache = config.scheduler, config.cache
         _check_max_len(base, sched.max_model_len)
-        num_blocks = cache.resolve_num_blocks(kv_bytes_per_block(base.spec, cache.block_size, base.dtype))
+        self.runner = ModelRunner(base, None, cache.block_size, sched.max_model_len, device)
+        native = load_native(cache_root(config.cache_dir) / "kernels") if config.kernel_backend == "native" else None
+        self.runner.set_attention(*select_attention(config.kernel_backend, native, sched.max_model_len))
+        num_blocks = num_kv_blocks(config, self.runner)
         config.check_capacity(num_blocks)
+        self.runner.allocate_kv_cache(num_blocks)
         self.blocks = BlockManager(num_blocks, cache.block_size)
         self.scheduler = Scheduler(sched, self.blocks)
-        self.runner = ModelRunner(base, num_blocks, cache.block_size, sched.max_model_len)
-        self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits) if config.adapter_dir else None
-        native = load_native(cache_root(config.cache_dir) / "kernels") if config.native_kernels else None
-        self.runner.set_native(native)
-        self.hook = AdapterHook(native)
+        self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits,
+                                       placement=self.runner.placement()) if config.adapter_dir else None
+        self.hook = AdapterHook(native, triton=config.kernel_backend == "triton")
         if self.adapters is not None:
             self.runner.set_adapter_hook(self.hook)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator(device).manual_seed(config.seed)
         self.requests: dict[str, _Request] = {}
         self._arrivals = 0
         self.counters = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
@@ -111,7 +119,7 @@ class EngineCore:
         if request_id in self.requests:
             raise RequestError(f"request_id {request_id!r} is already running")
         self.validate(prompt_ids, params)
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        gen = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, gen,
                        adapter=adapter)
         self._arrivals += 1
@@ -148,7 +156,7 @@ class EngineCore:
         if not batch.seqs:
             return []
         pairs = self.runner.order(batch)
-        self.hook.begin_step([seq.adapter for seq, _ in pairs], [n for _, n in pairs], torch.device("cpu"))
+        self.hook.begin_step([seq.adapter for seq, _ in pairs], [n for _, n in pairs], self.device)
         try:
             logits = self.runner.execute(pairs)
         finally:

@@ -13,7 +13,8 @@ def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> 
     return spec.num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim * itemsize
 
 
-def allocate_kv_cache(spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+def allocate_kv_cache(spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
     """Zeroed cache ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` in ``dtype``.
 
     Index 0 of dim 1 is K, 1 is V. Zeroed rather than empty because attention reads whole blocks
@@ -21,4 +22,4 @@ def allocate_kv_cache(spec: ModelSpec, num_blocks: int, block_size: int, dtype: 
     would still poison the output.
     """
     shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-    return torch.zeros(shape, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)

@@ -8,21 +8,22 @@ sees each module's own output columns.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from nlora_serve.errors import ModelError
-from nlora_serve.kernels.native import NativeOps
-from nlora_serve.models import BaseModel, ModelSpec
 from nlora_serve.engine.attention import paged_attention
 from nlora_serve.engine.batch_info import BatchInfo
+from nlora_serve.engine.rope import apply_rope, rope_config, rope_tables
+from nlora_serve.models import BaseModel, ModelSpec
 
 # hook(x [T, in], y [T, Σ widths] (the fused output: add into it in place), layer_idx, module
 # names, their output widths in column order)
 AdapterHook = Callable[[torch.Tensor, torch.Tensor, int, tuple[str, ...], list[int]], None]
+# attention(q [T, H, D], k, v [T, KVH, D], kv_layer [2, NB, BS, KVH, D], info, scale) -> [T, H * D]:
+# writes this step's K/V into kv_layer, then attends (engine/attention/, one module per device)
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, BatchInfo, float], torch.Tensor]
 
 
 class AdaptedLinear:
@@ -36,9 +37,10 @@ class AdaptedLinear:
     __slots__ = ("weight", "bias", "layer_idx", "modules", "widths", "adapter_hook")
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], layer_idx: int,
-                 modules: tuple[str, ...]) -> None:
-        self.weight = torch.cat(weights).contiguous() if len(weights) > 1 else weights[0]  # [out, in]
-        self.bias = torch.cat(biases) if all(b is not None for b in biases) else None  # [out] or None
+                 modules: tuple[str, ...], device: torch.device) -> None:
+        fused = torch.cat(weights) if len(weights) > 1 else weights[0]
+        self.weight = fused.to(device).contiguous()  # [out, in] on the engine's device
+        self.bias = torch.cat(biases).to(device) if all(b is not None for b in biases) else None  # [out]
         self.layer_idx = layer_idx
         self.modules = modules
         self.widths = [w.shape[0] for w in weights]  # output columns of each module, in order
@@ -51,64 +53,41 @@ class AdaptedLinear:
             self.adapter_hook(x, y, self.layer_idx, self.modules, self.widths)
         return y
 
+    def module_weight(self, module: str) -> torch.Tensor:
+        """One module's ``[out, in]`` rows of the fused weight (a view, no copy)."""
+        i = self.modules.index(module)
+        start = sum(self.widths[:i])
+        return self.weight[start:start + self.widths[i]]
 
-def rope_config(base: BaseModel) -> tuple[float, float, float]:
-    """``(theta, position scale, rms_norm_eps)`` from config.json (transformers 4 and 5 spellings).
-
-    Raises:
-        ModelError: a RoPE scaling type other than default or linear.
-    """
-    cfg = json.loads((base.path / "config.json").read_text())
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "linear"):
-        raise ModelError(f"{base.path / 'config.json'}: rope_type {kind!r} is not supported; "
-                         "expected 'default' or 'linear'")
-    scale = float(rope.get("factor", 1.0)) if kind == "linear" else 1.0
-    return theta, scale, float(cfg.get("rms_norm_eps", 1e-6))
-
-
-def rope_tables(head_dim: int, max_len: int, theta: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos``, ``sin`` [max_len, head_dim] float32 for the half-rotation RoPE of HF Llama.
-
-    ``sin``'s first half is negated, so rotating is ``x * cos + swap_halves(x) * sin`` (no negation op).
-    """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32) / scale, inv_freq)
-    return torch.cat((angles, angles), dim=-1).cos(), torch.cat((-angles.sin(), angles.sin()), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [T, heads, D] by float32 ``cos``, signed ``sin`` [T, 1, D] from :func:`rope_tables`.
-
-    Computed in float32 and returned in ``x.dtype`` (bf16 angles lose too much at long positions).
-    """
-    half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
+    def module_bias(self, module: str) -> torch.Tensor | None:
+        """One module's slice of the fused bias (a view), or None without a bias."""
+        if self.bias is None:
+            return None
+        i = self.modules.index(module)
+        start = sum(self.widths[:i])
+        return self.bias[start:start + self.widths[i]]
 
 
 class DecoderLayer:
     """Pre-norm attention + SiLU-gated MLP, each with a residual connection."""
 
-    def __init__(self, base: BaseModel, layer: int, eps: float) -> None:
+    def __init__(self, base: BaseModel, layer: int, eps: float, device: torch.device) -> None:
         w, spec = base.weights, base.spec
         prefix = f"model.layers.{layer}"
         bias = [w.get(f"{ModelSpec.module_path(layer, m)}.bias") for m in ("q_proj", "k_proj", "v_proj")]
         self.qkv = AdaptedLinear([base.weight(layer, m) for m in ("q_proj", "k_proj", "v_proj")], bias,
-                                 layer, ("q_proj", "k_proj", "v_proj"))
-        self.o_proj = AdaptedLinear([base.weight(layer, "o_proj")], [None], layer, ("o_proj",))
+                                 layer, ("q_proj", "k_proj", "v_proj"), device)
+        self.o_proj = AdaptedLinear([base.weight(layer, "o_proj")], [None], layer, ("o_proj",), device)
         self.gate_up = AdaptedLinear([base.weight(layer, m) for m in ("gate_proj", "up_proj")], [None, None],
-                                     layer, ("gate_proj", "up_proj"))
-        self.down_proj = AdaptedLinear([base.weight(layer, "down_proj")], [None], layer, ("down_proj",))
-        self.input_norm = w[f"{prefix}.input_layernorm.weight"].float()
-        self.post_norm = w[f"{prefix}.post_attention_layernorm.weight"].float()
+                                     layer, ("gate_proj", "up_proj"), device)
+        self.down_proj = AdaptedLinear([base.weight(layer, "down_proj")], [None], layer, ("down_proj",), device)
+        self.input_norm = w[f"{prefix}.input_layernorm.weight"].float().to(device)
+        self.post_norm = w[f"{prefix}.post_attention_layernorm.weight"].float().to(device)
         self.eps = eps
         self.dtype = base.dtype
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.scale = spec.head_dim ** -0.5
-        self.native: NativeOps | None = None  # native CPU decode attention, set by LlamaModel
+        self.attention: Attention = paged_attention  # set by LlamaModel.set_attention
 
     def projections(self) -> tuple[AdaptedLinear, ...]:
         return self.qkv, self.o_proj, self.gate_up, self.down_proj
@@ -126,7 +105,7 @@ class DecoderLayer:
         qk = apply_rope(qkv[:, : nq * hd].view(t, nq, hd), cos, sin)  # q and k heads rotated together
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, nq * hd:].view(t, self.num_kv_heads, hd)
-        h = x + self.o_proj(paged_attention(q, k, v, kv_layer, info, self.scale, self.native))
+        h = x + self.o_proj(self.attention(q, k, v, kv_layer, info, self.scale))
         normed = F.rms_norm(h, h.shape[-1:], self.post_norm, self.eps).to(self.dtype)
         gate, up = self.gate_up(normed).chunk(2, dim=-1)
         return h + self.down_proj(F.silu(gate) * up)
@@ -135,21 +114,27 @@ class DecoderLayer:
 class LlamaModel:
     """The whole stack: embeddings, decoder layers, final norm, (tied) lm_head."""
 
-    def __init__(self, base: BaseModel, max_len: int) -> None:
-        theta, scale, eps = rope_config(base)
+    def __init__(self, base: BaseModel, max_len: int, device: torch.device | str = "cpu") -> None:
+        rope, eps = rope_config(base.path / "config.json")
+        device = torch.device(device)
         self.spec = base.spec
-        self.embed = base.weights["model.embed_tokens.weight"]  # [V, hidden]
-        self.lm_head = self.embed if base.spec.tie_word_embeddings else base.weights["lm_head.weight"]
-        self.norm = base.weights["model.norm.weight"].float()
+        self.device = device
+        self.embed = base.weights["model.embed_tokens.weight"].to(device)  # [V, hidden]
+        self.lm_head = self.embed if base.spec.tie_word_embeddings else base.weights["lm_head.weight"].to(device)
+        self.norm = base.weights["model.norm.weight"].float().to(device)
         self.eps = eps
-        self.layers = [DecoderLayer(base, i, eps) for i in range(base.spec.num_layers)]
-        self.cos, self.sin = rope_tables(base.spec.head_dim, max_len, theta, scale)
+        self.layers = [DecoderLayer(base, i, eps, device) for i in range(base.spec.num_layers)]
+        self.cos, self.sin = (t.to(device) for t in rope_tables(base.spec.head_dim, max_len, rope))
         self.dtype = base.dtype
 
-    def set_native(self, native: NativeOps | None) -> None:
-        """Run decode attention through the native CPU ops (None: torch SDPA over gathered blocks)."""
+    def set_attention(self, attention: Attention) -> None:
+        """Run every layer's attention through ``attention`` (engine/attention/, per device)."""
         for layer in self.layers:
-            layer.native = native
+            layer.attention = attention
+
+    def projection(self, layer: int, module: str) -> AdaptedLinear:
+        """The (fused) projection of ``layer`` that computes ``module``."""
+        return next(p for p in self.layers[layer].projections() if module in p.modules)
 
     def set_adapter_hook(self, hook: AdapterHook | None) -> None:
         """Install ``hook`` on all seven projections of every layer (None removes it)."""

@@ -8,7 +8,6 @@ interface in vllm_backend/engine.py.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
@@ -21,9 +20,9 @@ from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel
 from nlora_serve.engine.config import EngineConfig
-from nlora_serve.engine.api import SHUTDOWN_REASON, Engine, EngineError, RequestStream, prompt_ids
+from nlora_serve.engine.api import SHUTDOWN_REASON, Engine, EngineError, RequestIds, RequestStream, prompt_ids
 from nlora_serve.engine.core import EngineCore, RequestOutput
-from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sampling import SamplingParams
 
 Sink = Callable[[RequestOutput], None]
 log = logging.getLogger(__name__)
@@ -35,12 +34,12 @@ class LLMEngine(Engine):
     def __init__(self, config: EngineConfig, base: BaseModel | None = None) -> None:
         self.core = EngineCore(config, base)
         # callers tokenize with their own instance: the step thread detokenizes with the core's
-        self.tokenizer = AutoTokenizer.from_pretrained(self.core.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.core.tokenizer_path)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[str, Sink] = {}
+        self._sinks: dict[str, Sink] = {}  # by engine id: the core sees engine ids only
         self._wake = threading.Event()
         self._stopping = False
-        self._ids = itertools.count()
+        self._ids = RequestIds()
         self._lock = threading.Lock()  # guards tokenizer use from caller threads
         self._thread = threading.Thread(target=self._loop, name="nlora-engine", daemon=True)
         self._thread.start()
@@ -69,36 +68,44 @@ class LLMEngine(Engine):
         return version
 
     def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
-                sink: Sink, adapter: str | None = None) -> str:
+                sink: Sink, adapter: str | None = None) -> tuple[str, str]:
+        """Queue a request; returns its (client id, engine id)."""
         if self._stopping:
             raise EngineError("engine is shut down")
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt)
         self.core.validate(ids, params)
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self._sinks:
-            raise RequestError(f"request_id {rid!r} is already running")
         pinned = self.adapters.acquire(adapter) if adapter is not None else None
-        self._sinks[rid] = sink
-        self._inbox.put(("add", rid, ids, params, pinned))
+        client_id, engine_id = self._ids.admit(request_id)
+        self._sinks[engine_id] = sink
+        self._inbox.put(("add", engine_id, ids, params, pinned))
         self._wake.set()
-        return rid
+        return client_id, engine_id
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None) -> RequestStream:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
-        rid = self._submit(prompt, params, request_id,
-                           lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter)
-        return RequestStream(rid, deltas, self._drop)
+        client_id, engine_id = self._submit(prompt, params, request_id,
+                                            lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter)
+        return RequestStream(client_id, deltas, self._drop, engine_id)
 
-    def _drop(self, rid: str) -> None:
+    def _drop(self, engine_id: str) -> None:
         """The consumer went away: free the request's blocks and adapter pin, send it nothing."""
-        self._sinks.pop(rid, None)
-        self.abort(rid)
+        self._sinks.pop(engine_id, None)
+        self._ids.close(engine_id)
+        self._abort(engine_id, None)
 
     def abort(self, request_id: str, reason: str | None = None) -> None:
-        self._inbox.put(("abort", request_id, reason))
+        for engine_id in self._ids.engine_ids(request_id):
+            self._abort(engine_id, reason)
+
+    def abort_all(self, reason: str) -> None:
+        self._inbox.put(("abort_all", reason))
+        self._wake.set()
+
+    def _abort(self, engine_id: str, reason: str | None) -> None:
+        self._inbox.put(("abort", engine_id, reason))
         self._wake.set()
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
@@ -126,7 +133,7 @@ class LLMEngine(Engine):
         if not prompts:
             return []
         names = adapters if adapters is not None else [None] * len(prompts)
-        rids = [self._submit(p, sp, None, collect, a) for p, sp, a in zip(prompts, plist, names)]
+        rids = [self._submit(p, sp, None, collect, a)[0] for p, sp, a in zip(prompts, plist, names)]
         done.wait()
         merged = [_merge(results[rid]) for rid in rids]
         failed = next((m for m in merged if m.finish_reason == "error"), None)
@@ -178,6 +185,8 @@ class LLMEngine(Engine):
                 self._add(*msg[1:])
             elif msg[0] == "abort_adapter":
                 self._deliver(self.core.abort_adapter(msg[1]))
+            elif msg[0] == "abort_all":  # after every "add" queued before it
+                self._deliver([self.core.abort(rid, msg[1]) for rid in list(self.core.requests)])
             else:
                 out = self.core.abort(msg[1], msg[2])
                 if out is not None:
@@ -192,18 +201,24 @@ class LLMEngine(Engine):
             self._deliver([RequestOutput(rid, "", [], "error", len(ids), 0, error=str(exc))])
 
     def _deliver(self, outputs: list[RequestOutput | None]) -> None:
+        """Hand each output to its request's sink, under the client's id (outputs of a request
+        whose consumer left are dropped)."""
         for out in outputs:
             if out is None:
                 continue
-            sink = self._sinks.get(out.request_id)
+            engine_id = out.request_id
+            sink, client_id = self._sinks.get(engine_id), self._ids.client(engine_id)
             if out.finished:
-                self._sinks.pop(out.request_id, None)
-            if sink is None:
+                self._sinks.pop(engine_id, None)
+                self._ids.close(engine_id)
+            if sink is None or client_id is None:
                 continue
+            out.request_id = client_id
             try:
                 sink(out)
             except RuntimeError:  # the consumer's event loop is closed: nobody is listening
-                self._sinks.pop(out.request_id, None)
+                self._sinks.pop(engine_id, None)
+                self._ids.close(engine_id)
 
 
 def _merge(deltas: list[RequestOutput]) -> RequestOutput:

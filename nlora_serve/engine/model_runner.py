@@ -4,25 +4,43 @@ from __future__ import annotations
 
 import torch
 
-from nlora_serve.models import BaseModel
+from nlora_serve.adapters.pool import Placement
 from nlora_serve.engine.batch_info import BatchInfo, build_batch_info
 from nlora_serve.engine.kv_cache import allocate_kv_cache
-from nlora_serve.engine.llama import AdapterHook, LlamaModel
+from nlora_serve.engine.llama import AdapterHook, Attention, LlamaModel
 from nlora_serve.engine.scheduler import ScheduledBatch
 from nlora_serve.engine.sequence import Sequence
+from nlora_serve.models import BaseModel
 
 
 class ModelRunner:
     """The model, its paged KV cache and the per-step input layout."""
 
-    def __init__(self, base: BaseModel, num_blocks: int, block_size: int, max_model_len: int) -> None:
-        self.model = LlamaModel(base, max_model_len)
+    def __init__(self, base: BaseModel, num_blocks: int | None, block_size: int, max_model_len: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = LlamaModel(base, max_model_len, self.device)
+        self.spec, self.dtype = base.spec, base.dtype
         self.block_size = block_size
-        self.kv_cache = allocate_kv_cache(base.spec, num_blocks, block_size, base.dtype)
+        self.decode_splits = 1  # KV splits of the Triton decode attention (set with it); the CPU ignores it
+        self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
 
-    def set_native(self, native) -> None:
-        """See :meth:`LlamaModel.set_native`."""
-        self.model.set_native(native)
+    def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        """(Re)allocate the paged KV cache with ``num_blocks`` blocks on the device."""
+        self.kv_cache = None
+        self.kv_cache = allocate_kv_cache(self.spec, num_blocks, self.block_size, self.dtype, self.device)
+        return self.kv_cache
+
+    def set_attention(self, attention: Attention, decode_splits: int = 1) -> None:
+        """See :meth:`LlamaModel.set_attention`; ``decode_splits`` goes into every step's BatchInfo."""
+        self.model.set_attention(attention)
+        self.decode_splits = decode_splits
+
+    def placement(self) -> Placement:
+        """Where adapter pools go: this runner's device, reading its placed (fused) base weights."""
+        model = self.model
+        return Placement(self.device, lambda layer, module: model.projection(layer, module).module_weight(module),
+                         lambda layer, module: model.projection(layer, module).module_bias(module))
 
     def set_adapter_hook(self, hook: AdapterHook | None) -> None:
         """See :meth:`LlamaModel.set_adapter_hook`."""
@@ -47,8 +65,11 @@ class ModelRunner:
             context_lens=[s.num_computed_tokens + n for s, n in pairs],
             block_tables=[s.block_table for s, _ in pairs],
             samples=[s.num_computed_tokens + n == s.num_tokens for s, n in pairs],
-            block_size=self.block_size)
-        return torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), info
+            block_size=self.block_size, decode_splits=self.decode_splits)
+        if self.device.type != "cpu":
+            info = info.to(self.device)
+        ids_t = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+        return ids_t, torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True), info
 
     @torch.inference_mode()
     def execute(self, pairs: list[tuple[Sequence, int]]) -> torch.Tensor:

@@ -2,7 +2,11 @@
 
 Greedy rows take the argmax; sampled rows apply temperature, top-k and top-p, then draw with the
 exponential-race trick (argmax of p / Exp(1) is a draw from p), so a seeded request draws from its
-own ``torch.Generator`` and gets the same tokens whatever else shares its batch.
+own ``torch.Generator`` and gets the same tokens whatever else shares its batch. Everything runs on
+the logits' device (the engine's: on CUDA, sampling never leaves the GPU but for the token ids).
+On CUDA a seed reproduces a draw for the same logits; the logits themselves can differ in the last
+bits with the batch's shape (cuBLAS picks kernels by shape), so a seeded request is reproducible
+on CUDA only up to such near-ties, as in vLLM.
 """
 
 from __future__ import annotations
@@ -106,15 +110,15 @@ def apply_penalties(logits: torch.Tensor, token_ids: list[int], num_prompt: int,
     """
     vocab = logits.shape[0]
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
                                    picked * params.repetition_penalty)
     output = token_ids[num_prompt:]
     if len(output) < params.min_tokens and ban:
-        logits[torch.tensor(sorted(ban))] = float("-inf")
+        logits[torch.tensor(sorted(ban), device=logits.device)] = float("-inf")
     if output and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(output), minlength=vocab)[:vocab].to(logits.dtype)
+        counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=vocab)[:vocab].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
 
 
@@ -130,7 +134,7 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     """
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    ranks = torch.arange(vocab).expand_as(sorted_logits)
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
     k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
     drop = ranks >= k
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
@@ -142,7 +146,7 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
 
 def _exponentials(rows: list[torch.Generator | None], shape: tuple[int, int],
                   shared: torch.Generator) -> torch.Tensor:
-    noise = torch.empty(shape, dtype=torch.float32)
+    noise = torch.empty(shape, dtype=torch.float32, device=shared.device)
     if all(g is None for g in rows):
         return noise.exponential_(generator=shared)
     for i, gen in enumerate(rows):
@@ -152,11 +156,12 @@ def _exponentials(rows: list[torch.Generator | None], shape: tuple[int, int],
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            shared: torch.Generator) -> torch.Tensor:
-    """Pick one token per row.
+    """Pick one token per row, on the logits' device.
 
     Args:
         logits: [B, V] float32, penalties already applied.
-        params: B parameter sets. generators: B per-request generators (None = ``shared``).
+        params: B parameter sets. generators: B per-request generators (None = ``shared``), on
+            the logits' device.
     Returns:
         [B] int64 token ids.
     """
@@ -164,10 +169,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens
-    index = torch.tensor(rows)
-    sub = logits[index] / torch.tensor([params[i].temperature for i in rows]).unsqueeze(1)
-    top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.long)
-    top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32)
+    device = logits.device
+    index = torch.tensor(rows, device=device)
+    sub = logits[index] / torch.tensor([params[i].temperature for i in rows], device=device).unsqueeze(1)
+    top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.long, device=device)
+    top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=device)
     if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
         sub = top_k_top_p_mask(sub, top_k, top_p)
     probs = sub.softmax(dim=-1)

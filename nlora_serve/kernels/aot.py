@@ -11,6 +11,8 @@ constants, 16-divisible ints and 16-aligned pointers get the divisibility hint: 
 lets the compiler vectorise loads), and compiled for sm_80 and sm_90. From each cubin it reads
 what decides speed before any GPU runs it: registers per thread, spills to local memory, and
 whether the dots run on tensor cores (HMMA/HGMMA) and the loads are vectorised (LDG.64/.128).
+The paged attention kernels are compiled the same way at a decode and a prefill launch of the
+default model's head shape and of a Llama-3-8B one.
 
 Run it as ``python -m nlora_serve.kernels.aot [ranks...]`` (not under TRITON_INTERPRET=1: the
 kernels must be decorated as compilable JIT functions).
@@ -34,6 +36,8 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from nlora_serve.kernels.metadata import TIED, build_adapter_batch
+from nlora_serve.kernels.paged_decode_attention import decode_num_splits, paged_decode_attention
+from nlora_serve.kernels.paged_prefill_attention import paged_prefill_attention
 from nlora_serve.kernels.triton_path import apply_triton
 from nlora_serve.kernels.weights import SiteWeights
 
@@ -44,6 +48,10 @@ _TENANTS = 64
 # Steps the engine runs: (name, tokens, how slots are drawn, families per slot)
 _STEPS = (("decode-tied", 64, "distinct", "tied"), ("decode-lora", 64, "distinct", "lora8"),
           ("prefill-lora", 512, "one", "lora8"), ("decode-tied-bias", 64, "distinct", "tied"))
+# Attention (rank 0 in the table): (query heads, KV heads, head_dim) of SmolLM2-135M and of a
+# Llama-3-8B shape; block_size 16, max_model_len 2048 (4 decode splits), q a strided view of qkv.
+_ATTN_SHAPES = ((9, 3, 64), (32, 8, 128))
+_ATTN_STEPS = ("decode-attn", "prefill-attn")
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -154,6 +162,25 @@ def _step_launches(dtype: torch.dtype, rank: int, step: tuple) -> list[_Launch]:
     return launches
 
 
+def _attention_launches(dtype: torch.dtype, shape: tuple, step: str) -> list[_Launch]:
+    """The paged attention launches of one layer: 64 decodes, or one 512-token prefill chunk."""
+    heads, kv_heads, dim = shape
+    tokens = 64 if step == "decode-attn" else 512
+    kv = torch.zeros(2, 256, 16, kv_heads, dim, dtype=dtype)
+    qkv = torch.zeros(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype)
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    out = torch.empty(tokens, heads, dim, dtype=dtype)
+    tables = torch.zeros(tokens, 128, dtype=torch.int32)
+    lens = torch.full((tokens,), 1000, dtype=torch.int64)
+    with _captured_launches() as launches:
+        if step == "decode-attn":
+            paged_decode_attention(q, kv, tables, lens, dim ** -0.5, out, decode_num_splits(2048))
+        else:
+            starts = torch.tensor([0, tokens], dtype=torch.int64)
+            paged_prefill_attention(q, kv, starts, lens[:1], tables[:1], tokens, dim ** -0.5, out)
+    return launches
+
+
 def _sass_facts(cubin: bytes, workdir: Path) -> dict:
     """Registers, spill instructions, tensor-core and wide-load counts read from a cubin."""
     path = workdir / "kernel.cubin"
@@ -175,7 +202,9 @@ def compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks=(16,),
 
     For each (capability, dtype, rank): the launches of one decoder layer in each step of
     ``_STEPS`` (tied decode, LoRA decode and prefill, tied with a bias), deduplicated by
-    specialisation. Intermediates (z, u) are fp32, as the launchers allocate them.
+    specialisation. Intermediates (z, u) are fp32, as the launchers allocate them. Then per
+    (capability, dtype), recorded with rank 0: the paged attention launches of ``_ATTN_STEPS``
+    at each head shape of ``_ATTN_SHAPES`` (steps named e.g. ``decode-attn-d64``).
 
     Raises:
         whatever the Triton compiler raises for a kernel it rejects;
@@ -187,26 +216,37 @@ def compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks=(16,),
         for dtype in dtypes:
             for rank in ranks:
                 variants: dict = {}
-                for step in _STEPS:
-                    for launch in _step_launches(_DTYPES[dtype], rank, step):
-                        sig, consts, attrs, options = _specialise(launch)
-                        key = (launch.fn.__name__, repr(sorted(sig.items())),
-                               repr(sorted(consts.items())), repr(sorted(attrs.items())),
-                               repr(sorted(options.items())))
-                        entry = variants.setdefault(key, [launch.fn, sig, consts, attrs, options, []])
-                        if step[0] not in entry[5]:
-                            entry[5].append(step[0])
-                for cap in capabilities:
-                    target = GPUTarget("cuda", cap, 32)
-                    for fn, sig, consts, attrs, options, steps in variants.values():
-                        binary = triton.compile(ASTSource(fn, sig, consts, attrs), target=target,
-                                                options=options)
-                        flags = ",".join(k for k, v in sorted(consts.items())
-                                         if isinstance(v, bool) and v) or "-"
-                        done.append(Compiled(fn.__name__, cap, dtype, rank, flags, tuple(steps),
-                                             len(binary.asm["ptx"]), len(binary.asm["cubin"]),
-                                             **_sass_facts(binary.asm["cubin"], work)))
+                steps = [(step[0], _step_launches(_DTYPES[dtype], rank, step)) for step in _STEPS]
+                _add_variants(variants, steps)
+                _compile(done, variants, capabilities, dtype, rank, work)
+            variants = {}
+            _add_variants(variants, [(f"{step}-d{shape[2]}", _attention_launches(_DTYPES[dtype], shape, step))
+                                     for shape in _ATTN_SHAPES for step in _ATTN_STEPS])
+            _compile(done, variants, capabilities, dtype, 0, work)
     return done
+
+
+def _add_variants(variants: dict, steps: list) -> None:
+    """Deduplicate launches by specialisation; each variant remembers the steps that launch it."""
+    for step, launches in steps:
+        for launch in launches:
+            sig, consts, attrs, options = _specialise(launch)
+            key = (launch.fn.__name__, repr(sorted(sig.items())), repr(sorted(consts.items())),
+                   repr(sorted(attrs.items())), repr(sorted(options.items())))
+            entry = variants.setdefault(key, [launch.fn, sig, consts, attrs, options, []])
+            if step not in entry[5]:
+                entry[5].append(step)
+
+
+def _compile(done: list, variants: dict, capabilities, dtype: str, rank: int, work: Path) -> None:
+    for cap in capabilities:
+        target = GPUTarget("cuda", cap, 32)
+        for fn, sig, consts, attrs, options, steps in variants.values():
+            binary = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options)
+            flags = ",".join(k for k, v in sorted(consts.items()) if isinstance(v, bool) and v) or "-"
+            done.append(Compiled(fn.__name__, cap, dtype, rank, flags, tuple(steps),
+                                 len(binary.asm["ptx"]), len(binary.asm["cubin"]),
+                                 **_sass_facts(binary.asm["cubin"], work)))
 
 
 def main() -> None:

@@ -22,6 +22,12 @@ _DEFAULTS = {
     "bgmv_shrink": {"BLOCK_K": 128, "num_warps": 4},
     "mix": {"BLOCK_T": 8, "num_warps": 4},
     "sgmv_expand": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 4},
+    # attention ops: keyed by head_dim instead of rank (BLOCK_R = the padded head_dim); fp32's
+    # "ieee" dots are FMA loops that need smaller tiles or more warps not to spill (aot.py)
+    "paged_decode_attention": {"BLOCK_N": 64, "num_warps": 4},
+    "paged_decode_attention.fp32": {"BLOCK_N": 64, "num_warps": 8},
+    "paged_prefill_attention": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4},
+    "paged_prefill_attention.fp32": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4},
 }
 
 

@@ -10,7 +10,7 @@ from nlora_serve.kernels.weights import SiteWeights
 
 
 def apply_adapters(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
-                   site: SiteWeights) -> torch.Tensor:
+                   site: SiteWeights, backend: str | None = None) -> torch.Tensor:
     """Add this step's adapter deltas into one projection's base output.
 
     Semantics: for every token t with slot s = batch.token_slots[t] ≥ 0, r = batch.max_rank:
@@ -24,6 +24,8 @@ def apply_adapters(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
         x: [T, in] the projection input, same dtype (fp32, bf16 or fp16).
         batch: the step's :class:`AdapterBatch` (index tensors on y's device).
         site: this projection's :class:`SiteWeights`, same dtype as y.
+        backend: "triton" or "torch"; None picks by device (Triton on CUDA tensors, torch on the
+            CPU). "triton" on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported.
 
     Returns:
         y.
@@ -35,7 +37,9 @@ def apply_adapters(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
     _check(y, x, batch, site)
     if batch.is_empty:
         return y
-    if y.is_cuda:
+    if backend not in (None, "triton", "torch"):
+        raise ValueError(f"backend must be None, 'triton' or 'torch'; got {backend!r}")
+    if backend == "triton" or (backend is None and y.is_cuda):
         from nlora_serve.kernels.triton_path import apply_triton  # Triton only where it runs
         return apply_triton(y, x, batch, site)
     return apply_torch(y, x, batch, site)

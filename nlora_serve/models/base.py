@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from nlora_serve.errors import ModelError
+from nlora_serve.models.dummy import dummy_fingerprint, dummy_weights
 from nlora_serve.models.resolve import MARKER, resolve_model
 from nlora_serve.models.spec import ModelSpec, read_spec
 from nlora_serve.models.weights import fingerprint, load_weights
@@ -23,6 +25,7 @@ class BaseModel:
     dtype: torch.dtype  # compute dtype the weights were cast to
     weights: dict[str, torch.Tensor] = field(repr=False)  # HF name -> tensor, in ``dtype``
     fingerprint: str  # sha256 hex of the stored weights (before the cast), see weights.fingerprint
+    tokenizer_dir: Path | None = None  # where the tokenizer lives, when not in ``path``
 
     def weight(self, layer: int, module: str) -> torch.Tensor:
         """``[out, in]`` weight of one projection, e.g. ``weight(3, "q_proj")``."""
@@ -32,22 +35,54 @@ class BaseModel:
         """The model's Hugging Face tokenizer (with its chat template)."""
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path)
+        return AutoTokenizer.from_pretrained(self.tokenizer_path)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The directory the tokenizer and chat template are read from."""
+        return self.tokenizer_dir if self.tokenizer_dir is not None else self.path
 
 
 def load_base(model: str = "default", dtype: torch.dtype = torch.float32,
-              cache_dir: str | os.PathLike | None = None) -> BaseModel:
-    """Resolve (converting on first use) and load a base model.
+              cache_dir: str | os.PathLike | None = None, load_format: str = "auto",
+              tokenizer: str | os.PathLike | None = None, init_device: torch.device | str = "cpu") -> BaseModel:
+    """Resolve (converting on first use) and load a base model; its weights live on the CPU.
+
+    Args:
+        load_format: "auto" reads the weights; "dummy" draws random ones from config.json alone
+            (:mod:`nlora_serve.models.dummy`; ``init_device`` draws them, e.g. on a GPU).
+        tokenizer: a directory with the tokenizer (default: the model directory).
 
     Raises:
-        ModelError: see :func:`nlora_serve.models.resolve.resolve_model`.
+        ModelError: see :func:`nlora_serve.models.resolve.resolve_model`; for "dummy", a model
+            that is not a directory with a config.json, or no tokenizer where one is looked for.
     """
+    tok_dir = _tokenizer_dir(tokenizer)
+    if load_format == "dummy":
+        path = Path(model).expanduser().resolve()
+        spec = read_spec(path)
+        if tok_dir is None and not (path / "tokenizer_config.json").is_file():  # before drawing 8B numbers
+            raise ModelError(f"{path}: no tokenizer_config.json beside config.json; pass a tokenizer "
+                             "directory (--tokenizer DIR, e.g. bench/models/smollm2-135m)")
+        weights = {k: v.cpu() for k, v in dummy_weights(path, spec, dtype, init_device).items()}
+        return BaseModel(path=path, spec=spec, dtype=dtype, weights=weights,
+                         fingerprint=dummy_fingerprint(path), tokenizer_dir=tok_dir)
     path = resolve_model(model, cache_dir)
     stored = load_weights(path)
     marker = path / MARKER
     fp = json.loads(marker.read_text())["fingerprint"] if marker.is_file() else fingerprint(stored)
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in stored.items()}
-    return BaseModel(path=path, spec=read_spec(path), dtype=dtype, weights=weights, fingerprint=fp)
+    return BaseModel(path=path, spec=read_spec(path), dtype=dtype, weights=weights, fingerprint=fp,
+                     tokenizer_dir=tok_dir)
+
+
+def _tokenizer_dir(tokenizer: str | os.PathLike | None) -> Path | None:
+    if tokenizer is None:
+        return None
+    path = Path(tokenizer).expanduser().resolve()
+    if not (path / "tokenizer_config.json").is_file():
+        raise ModelError(f"{path}: not a tokenizer directory (no tokenizer_config.json)")
+    return path
 
 
 def load_hf_model(path: Path, dtype: torch.dtype = torch.float32):

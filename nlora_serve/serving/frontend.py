@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.api import Engine
 from nlora_serve.engine.core import RequestOutput, check_context
+from nlora_serve.serving.chat_template import encode_chat
 from nlora_serve.serving.grpc_status import Draining, QueueFull
 from nlora_serve.serving.metrics import RequestTimer
 from nlora_serve.engine.sampling import RequestError, SamplingParams
@@ -58,17 +59,19 @@ class Admission:
 
 def render_chat(messages: list[dict[str, str]], tokenizer, field: str) -> list[int]:
     """Token ids of chat ``messages`` ({"role", "content"}) under the model's chat template, with the
-    assistant's generation prompt appended.
+    assistant's generation prompt appended; content text is tokenized as text, never as special
+    tokens (:func:`~nlora_serve.serving.chat_template.encode_chat`).
 
     Raises:
-        RequestError: no messages, or a role not in :data:`CHAT_ROLES` (the message names ``field``).
+        RequestError: no messages, a role not in :data:`CHAT_ROLES`, or from :func:`encode_chat` (the
+            message names ``field``).
     """
     if not messages:
         raise RequestError(f"{field} has no messages")
     for i, message in enumerate(messages):
         if message["role"] not in CHAT_ROLES:
             raise RequestError(f"{field}[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}")
-    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    return encode_chat(messages, tokenizer, field)
 
 
 def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> int:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.errors import AdapterError, NloraError
-from nlora_serve.models import load_base, resolve_dtype
+from nlora_serve.models import load_base
 from nlora_serve.models.hub import local_or_hub
-from nlora_serve.engine.config import EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.serving.chat_template import encode_chat
+from nlora_serve.serving.engine_flags import add_device_arguments, device_config
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="compute dtype: auto = bf16 where the CPU has fast bf16, else fp32")
     parser.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens at most")
+    add_device_arguments(parser)
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                         help="print text as it is generated (default: on)")
 
@@ -63,7 +65,7 @@ def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.message}]
-    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    return encode_chat(messages, tokenizer, "--chat-json" if args.chat_json else "--message")
 
 
 def _adapter_store(args: argparse.Namespace, scratch: str) -> tuple[str | None, str | None]:
@@ -100,14 +102,16 @@ def run_generate(args: argparse.Namespace) -> int:
     """
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
-    dtype = resolve_dtype(args.dtype)
     cache_dir = getattr(args, "cache_dir", None)
-    base = load_base(args.model, dtype, cache_dir)
     with tempfile.TemporaryDirectory(prefix="nlora-generate-") as scratch:
         store, name = _adapter_store(args, scratch)
-        config = EngineConfig(model=args.model, dtype=dtype, cache_dir=cache_dir, adapter_dir=store,
-                              scheduler=SchedulerConfig(max_num_seqs=1, max_model_len=args.max_model_len),
-                              adapter_limits=AdapterLimits(max_rank=args.max_rank))
+        try:
+            config = device_config(args, cache_dir=cache_dir, adapter_dir=store,
+                                   adapter_limits=AdapterLimits(max_rank=args.max_rank))
+        except ValueError as exc:  # a flag out of range: one "error: ..." line, as for other bad input
+            raise NloraError(str(exc)) from None
+        base = load_base(args.model, config.dtype, cache_dir, config.load_format, config.tokenizer,
+                         init_device=config.device)
         with LLMEngine(config, base) as engine:
             if store == scratch:
                 name = engine.adapters.register_dir(Path(args.adapter).resolve().name, args.adapter).name

@@ -14,6 +14,7 @@ Lifecycle (all on one event loop)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 
@@ -38,6 +39,13 @@ log = logging.getLogger(__name__)
 SERVICES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Generation", "AdapterAdmin"))
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+ABORT_FLUSH_S = 5.0  # after the drain, how long aborted requests get to send their error to the client
+
+
+def shutdown_reason(grace: float) -> str:
+    """What a request still running when the drain period ends is told (as RequestAborted)."""
+    return (f"the server is shutting down: this request was still running when the drain period "
+            f"(--drain-seconds {grace:g}) ended, so it was aborted; retry it on another replica")
 
 
 class NloraServer:
@@ -140,8 +148,9 @@ class NloraServer:
     async def shutdown(self, grace: float | None = None) -> bool:
         """Graceful stop: health NOT_SERVING, new Generate calls UNAVAILABLE and HTTP requests 503,
         running requests (both front ends) get up to ``grace`` seconds (default
-        ``config.drain_seconds``) to finish, then the rest are cancelled (their engine requests
-        aborted) and the servers stop.
+        ``config.drain_seconds``) to finish; the rest are then aborted with :func:`shutdown_reason`,
+        so that each client is told (gRPC ABORTED, an HTTP 409 error or SSE error event), and get
+        up to :data:`ABORT_FLUSH_S` to send that; then the servers stop.
 
         Returns True when every stream finished within the grace period.
         """
@@ -154,8 +163,11 @@ class NloraServer:
                 await asyncio.wait_for(self.admission.idle.wait(), timeout=grace)
         except TimeoutError:
             drained = False
-            log.warning("%d streams still running after %.1f s of drain; cancelling them",
+            log.warning("%d streams still running after %.1f s of drain; aborting them",
                         self.admission.inflight, grace)
+            self.engine.abort_all(shutdown_reason(grace))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.admission.idle.wait(), timeout=ABORT_FLUSH_S)
         if self.http is not None:
             await self.http.stop()
         if self._server is not None:

@@ -10,6 +10,7 @@ import grpc
 
 from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.residency import PoolFull
+from nlora_serve.adapters.store import StoreWriteError
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
 from nlora_serve.engine.api import RequestAborted
@@ -44,6 +45,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND, 404, "not_found"),
     (VersionConflict, grpc.StatusCode.FAILED_PRECONDITION, 409, "invalid_argument"),
     (PoolFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "pool_full"),
+    (StoreWriteError, grpc.StatusCode.RESOURCE_EXHAUSTED, 507, "store_write_failed"),
     (RequestAborted, grpc.StatusCode.ABORTED, 409, "aborted"),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),

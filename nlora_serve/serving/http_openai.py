@@ -1,9 +1,11 @@
 """OpenAI API requests -> engine inputs, for the HTTP front end (no I/O).
 
 Requests are pydantic models of the fields we implement. Every other field is refused with a 400
-that names it (:class:`ParamError`), never silently ignored; a few OpenAI fields are accepted at
-their no-op value only (:data:`NOOP_VALUES`: ``n=1``, ``echo=false``, ...). ``user`` (an end-user
-id for abuse tracking) is accepted and changes nothing, as at OpenAI.
+that names it (:class:`ParamError`), never silently ignored, also when it is null; a few OpenAI
+fields are accepted at their no-op value or null only (:data:`NOOP_VALUES`: ``n=1``,
+``echo=false``, ...). Tool calling (``tools``, ``functions``) is refused at every value, ``[]`` and
+null included: a client that sends the field expects tool calls this server never makes. ``user``
+(an end-user id for abuse tracking) is accepted and changes nothing, as at OpenAI.
 
 Defaults follow the OpenAI API: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the rest of
 the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens``: see
@@ -21,14 +23,14 @@ from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict
 
 from nlora_serve.serving.frontend import max_tokens_of, render_chat
-from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
 
-# OpenAI fields we accept only at their no-op value (null always passes); others are refused
+# OpenAI fields we accept only at their no-op value or null; every other field is refused
 NOOP_VALUES: dict[str, tuple] = {
     "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logit_bias": ({},),
-    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
-    "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (True, False),
+    "response_format": ({"type": "text"},), "tool_choice": ("none",), "function_call": ("none",),
+    "parallel_tool_calls": (True, False),
 }
 _FIELD = re.compile(r"^(?:SamplingParams\.)?(\w+)")
 
@@ -128,11 +130,10 @@ def check_fields(request: _Request) -> None:
         ParamError: the first such field (named in the message and in ``param``).
     """
     for field, value in (request.model_extra or {}).items():
-        if value is None:
-            continue
         if field not in NOOP_VALUES:
-            raise ParamError(f"unsupported field {field!r}: this server does not implement it; remove it", field)
-        if value not in NOOP_VALUES[field]:
+            raise ParamError(f"unsupported field {field!r}: this server does not implement it (at any value, "
+                             "null and [] included); remove it", field)
+        if value is not None and value not in NOOP_VALUES[field]:
             allowed = " or ".join(repr(v) for v in NOOP_VALUES[field])
             raise ParamError(f"{field}={value!r} is not supported: this server accepts only {allowed}", field)
     if request.stream_options is not None and not request.stream:
@@ -190,6 +191,9 @@ def chat_inputs(request: ChatRequest, config: ServerConfig, tokenizer) -> tuple[
     check_fields(request)
     if request.top_logprobs is not None and not request.logprobs:
         raise ParamError("top_logprobs needs logprobs=true", "top_logprobs")
+    if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_LOGPROBS:
+        raise ParamError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}]; got {request.top_logprobs}",
+                         "top_logprobs")
     params = sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None)
     messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(request.messages)]
     with _as_param_error("messages"):

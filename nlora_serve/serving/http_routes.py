@@ -123,8 +123,7 @@ def _add_error_handlers(app: FastAPI, ctx: HttpContext) -> None:
         refused(request, reason)
         message = str(exc)
         if isinstance(exc, AdapterNotFound):
-            message += (f"; 'model' names an adapter, or {ctx.base_model!r} for the base model "
-                        "(GET /v1/models lists those this key may use)")
+            message += _not_found_hint(ctx, request)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse(error_body(message, status, getattr(exc, "param", None), reason), status, headers)
 
@@ -152,6 +151,16 @@ def _add_error_handlers(app: FastAPI, ctx: HttpContext) -> None:
     @app.exception_handler(RequestAborted)
     async def aborted(request: Request, exc: RequestAborted) -> JSONResponse:
         return JSONResponse(_aborted_body(exc), http_status_of(exc)[0])  # admitted: not a refusal
+
+
+def _not_found_hint(ctx: HttpContext, request: Request) -> str:
+    """How to name a model, for a 404; the base model's name only to a caller that may use it."""
+    try:
+        may_use_base = ctx.auth.authenticate(request.headers.items()).may_use(None)
+    except NloraError:
+        may_use_base = False
+    base = f", or {ctx.base_model!r} for the base model" if may_use_base else ""
+    return f"; 'model' names an adapter{base} (GET /v1/models lists those this key may use)"
 
 
 # Starlette's own refusals (body limit, unknown route, wrong method) and our code for each

@@ -4,7 +4,8 @@ one base model, until SIGTERM / SIGINT.
     python -m nlora_serve.serving.serve_cli --adapter-dir ./adapters --example-tenants 4
 
 Shutdown is graceful: health turns NOT_SERVING, new Generate calls get UNAVAILABLE, running
-streams get ``--drain-seconds`` to finish, then the process exits 0. A flag out of range, an
+streams get ``--drain-seconds`` to finish; those still running then are aborted and told so (gRPC
+ABORTED, HTTP 409 / an SSE error event, naming the shutdown), then the process exits 0. A flag out of range, an
 unusable --adapter-dir or a port that cannot be bound prints one ``error:`` line naming it, exit 2
 (flags are checked before the model loads).
 """
@@ -29,11 +30,12 @@ from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import AdapterError, NloraError
-from nlora_serve.models import load_base, resolve_dtype, resolve_model
+from nlora_serve.models import load_base, resolve_model
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.backend_cli import add_backend_arguments, backend_config, make_engine
-from nlora_serve.engine.config import EngineConfig, SchedulerConfig
+from nlora_serve.serving.engine_flags import add_device_arguments, device_config
+from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.serving.example_tenants import ensure_example_tenants, example_name
 from nlora_serve.serving.grpc_convert import server_info
@@ -82,12 +84,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--adapter-memory", type=int, default=AdapterLimits().adapter_memory // MiB,
       help="MiB all tied tenants' N may use (default: %(default)s)")
     a("--drain-seconds", type=float, default=d.drain_seconds,
-      help="on SIGTERM/SIGINT, how long running streams may finish (default: %(default)s)")
+      help="on SIGTERM/SIGINT, how long running streams may finish; the rest are then aborted, "
+           "each told that the server shut down (default: %(default)s)")
     a("--example-tenants", type=int, default=0, metavar="N",
       help="register N example tied IntTune tenants (tenant-000...) at start when missing (default: 0)")
     a("--adapter", action="append", default=[], metavar="NAME=DIR", type=_named_dir,
       help="register the adapter directory DIR (or a Hugging Face ORG/ADAPTER in the HF cache) as NAME at "
            "start when NAME is not in the store yet (repeatable), e.g. --adapter upper=examples/tenants/upper")
+    add_device_arguments(parser)
     add_backend_arguments(parser)
 
 
@@ -112,12 +116,14 @@ def build(args: argparse.Namespace):
     backend = backend_config(args)
     auth = Authenticator.from_file(args.tenants_file) if args.tenants_file else Authenticator(None)
     _check_adapter_dir(args.adapter_dir)
-    path = resolve_model(args.model, engine_config.cache_dir)
+    dummy = engine_config.load_format == "dummy"
+    path = Path(args.model).expanduser().resolve() if dummy else resolve_model(args.model, engine_config.cache_dir)
     _check_model_len(path, args.max_model_len)
     config = dataclasses.replace(config, served_model_name=config.served_model_name or default_served_name(path))
     _check_adapter_names(config, args)
     named = [(name, str(local_or_hub(folder, AdapterError, "adapter"))) for name, folder in args.adapter]
-    base = load_base(str(path), engine_config.dtype, engine_config.cache_dir)
+    base = load_base(str(path), engine_config.dtype, engine_config.cache_dir, engine_config.load_format,
+                     engine_config.tokenizer, init_device=engine_config.device)
     with _flag_errors(args):
         engine = make_engine(engine_config, base, backend)
     examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
@@ -160,10 +166,8 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
                               max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds)
         limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
                                adapter_memory=args.adapter_memory * MiB)
-        engine_config = EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype),
-                                     cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
-                                     scheduler=SchedulerConfig(max_model_len=args.max_model_len),
-                                     adapter_limits=limits)
+        engine_config = device_config(args, cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
+                                      adapter_limits=limits)
     return config, engine_config
 
 
@@ -244,8 +248,8 @@ async def serve(server: NloraServer, examples: list[str]) -> bool:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Run ``serve`` until a signal; returns 0 after a graceful drain (also when streams had to be
-    cancelled at the end of the grace period: that is logged).
+    """Run ``serve`` until a signal; returns 0 after a graceful drain (also when requests had to be
+    aborted at the end of the grace period: that is logged).
 
     Raises:
         StartupError, AuthError, ModelError: the server could not start (see :func:`build`).
@@ -255,7 +259,7 @@ def run_serve(args: argparse.Namespace) -> int:
         drained = asyncio.run(serve(server, examples))
     finally:
         engine.shutdown()
-    log.info("drained, exiting" if drained else "drain period over (remaining streams cancelled), exiting")
+    log.info("drained, exiting" if drained else "drain period over (remaining requests aborted and told), exiting")
     return 0
 
 

@@ -86,14 +86,22 @@ class ServerConfig:
 
     def check_adapter_name(self, name: str) -> None:
         """Refuse an adapter name equal to the served base model name: HTTP's ``model`` field would
-        always resolve it to the base model, so the adapter could never be reached. Call it wherever
+        always resolve it to the base model, so the adapter could never be reached; also one that
+        differs from it only in case (one folder on a case-insensitive file system, and a name a
+        client could not tell apart from the base model's). Call it wherever
         a name enters the server (startup's --adapter and store names, LoadAdapter, UploadAdapter),
         with ``served_model_name`` resolved (NloraServer and the serve CLI resolve it).
 
         Raises:
-            AdapterError: the name is the served model name (the message names both and the fix).
+            AdapterError: the name is the served model name, or that name in another case (the
+                message names both and the fix).
         """
-        if name == self.served_model_name:
+        served = self.served_model_name
+        if served is not None and name != served and name.casefold() == served.casefold():
+            raise AdapterError(f"adapter name {name!r} differs only in case from the served base model name "
+                               f"{served!r} (--served-model-name): a client could not tell them apart; register "
+                               "it under another name")
+        if name == served:
             raise AdapterError(f"adapter name {name!r} is the served base model name (--served-model-name): "
                                f"an HTTP request for model {name!r} runs the base model, so this adapter could "
                                "never be reached; register it under another name or serve the base model under "

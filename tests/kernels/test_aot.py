@@ -1,5 +1,6 @@
 """Every Triton kernel compiles ahead of time for CUDA sm_80 and sm_90, fp32 and bf16, at the
-engine's launches, on the CPU; the cubins spill nothing and bf16 dots run on tensor cores."""
+engine's launches, on the CPU; the cubins spill nothing and bf16 dots run on tensor cores.
+The paged attention kernels are recorded with rank 0 (they have none)."""
 
 import json
 import os
@@ -16,6 +17,10 @@ for c in compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks={RANK
     print(json.dumps(dataclasses.asdict(c)))
 """
 KERNELS = {"_sgmv_shrink_kernel", "_bgmv_shrink_kernel", "_mix_kernel", "_sgmv_expand_kernel"}
+ATTENTION = {"_paged_decode_attention_kernel", "_paged_decode_merge_kernel",
+             "_paged_prefill_attention_kernel"}
+DOTS = {"_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_paged_decode_attention_kernel",
+        "_paged_prefill_attention_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +37,8 @@ def compiled(tmp_path_factory):
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_at_every_engine_step(compiled):
-    assert {c["kernel"] for c in compiled} == KERNELS
-    combos = {(c["capability"], c["dtype"], c["rank"]) for c in compiled}
+    assert {c["kernel"] for c in compiled if c["rank"]} == KERNELS
+    combos = {(c["capability"], c["dtype"], c["rank"]) for c in compiled if c["rank"]}
     assert combos == {(cap, d, r) for cap in (80, 90) for d in ("fp32", "bf16") for r in RANKS}
     for combo in combos:
         rows = [c for c in compiled if (c["capability"], c["dtype"], c["rank"]) == combo]
@@ -51,6 +56,22 @@ def test_every_kernel_compiles_for_sm80_and_sm90_at_every_engine_step(compiled):
         assert c["ptx_bytes"] > 0 and c["cubin_bytes"] > 0, f"no PTX or cubin for {c}"
 
 
+def test_attention_compiles_for_sm80_and_sm90_at_decode_and_prefill(compiled):
+    rows = [c for c in compiled if c["rank"] == 0]
+    assert {c["kernel"] for c in rows} == ATTENTION
+    for cap in (80, 90):
+        for dtype in ("fp32", "bf16"):
+            steps = {(c["kernel"], s) for c in rows if (c["capability"], c["dtype"]) == (cap, dtype)
+                     for s in c["steps"]}
+            for dim in (64, 128):  # SmolLM2-135M's heads and a Llama-3-8B shape
+                assert {("_paged_decode_attention_kernel", f"decode-attn-d{dim}"),
+                        ("_paged_decode_merge_kernel", f"decode-attn-d{dim}"),
+                        ("_paged_prefill_attention_kernel", f"prefill-attn-d{dim}")} <= steps
+    for c in rows:  # K/V rows are head_dim-contiguous: the gathers must be 64/128-bit loads
+        if c["kernel"] != "_paged_decode_merge_kernel":
+            assert c["wide_loads"] == c["loads"] > 0, f"{c['kernel']} {c['steps']} scalar loads"
+
+
 def test_no_kernel_spills_registers(compiled):
     spilled = [(c["kernel"], c["capability"], c["dtype"], c["rank"], c["registers"])
                for c in compiled if c["spill_ops"]]
@@ -58,10 +79,11 @@ def test_no_kernel_spills_registers(compiled):
 
 
 def test_bf16_dots_run_on_tensor_cores(compiled):
-    # Shrink over segments and both expands are tl.dot; in bf16 they must compile to HMMA/HGMMA
-    # (an fp32 operand would silently turn them into FMA loops). fp32 dots are "ieee": no mma.
+    # Shrink over segments, both expands and both attention kernels are tl.dot; in bf16 they
+    # must compile to HMMA/HGMMA (an fp32 operand would silently turn them into FMA loops).
+    # fp32 dots are "ieee": no mma.
     for c in compiled:
-        uses_dot = c["kernel"] in ("_sgmv_shrink_kernel", "_sgmv_expand_kernel")
+        uses_dot = c["kernel"] in DOTS
         if uses_dot and c["dtype"] == "bf16":
             assert c["mma_ops"] > 0, f"bf16 {c['kernel']} {c['variant']} has no tensor-core op"
         if c["dtype"] == "fp32":

@@ -15,7 +15,6 @@ must create this engine under ``if __name__ == "__main__"`` (console scripts and
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import os
 import shutil
@@ -29,9 +28,9 @@ from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.config import EngineConfig
-from nlora_serve.engine.api import SHUTDOWN_REASON, Engine, EngineError, RequestStream, prompt_ids
+from nlora_serve.engine.api import SHUTDOWN_REASON, Engine, EngineError, RequestIds, RequestStream, prompt_ids
 from nlora_serve.engine.core import RequestOutput, check_request, unloaded_reason
-from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
 from nlora_serve.engine.vllm_backend.config import FINISH, GiB, SchedulerSnapshot, VllmBackendConfig, lora_rank_limit, \
     vllm_sampling_params
@@ -41,7 +40,8 @@ from nlora_serve.engine.vllm_backend.config import FINISH, GiB, SchedulerSnapsho
 class _Job:
     """One request's bookkeeping (every field guarded by the engine's lock)."""
 
-    rid: str
+    rid: str  # the engine's own id (RequestIds), also vLLM's request id
+    client_id: str  # the caller's id, in every RequestOutput
     prompt_tokens: int
     pinned: AdapterVersion | None  # the adapter version it runs on, released exactly once
     sink: object  # delivers a RequestOutput to the caller's loop
@@ -79,9 +79,9 @@ class VllmEngine(Engine):
             self._adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits, residency)
         self._stats = SchedulerSnapshot()
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0}
-        self._jobs: dict[str, _Job] = {}  # running requests by id
+        self._jobs: dict[str, _Job] = {}  # running requests by engine id
         self._lock = threading.Lock()  # guards _jobs, _counters and tokenizer use
-        self._ids = itertools.count()
+        self._ids = RequestIds()
         self._stopping = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nlora-vllm", daemon=True)
@@ -149,14 +149,12 @@ class VllmEngine(Engine):
         check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len)
         deltas: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-            if rid in self._jobs:
-                raise RequestError(f"request_id {rid!r} is already running")
             pinned = self.adapters.acquire(adapter) if adapter is not None else None
-            job = self._jobs[rid] = _Job(rid, len(ids), pinned, _sink(loop, deltas))
+            client_id, rid = self._ids.admit(request_id)
+            job = self._jobs[rid] = _Job(rid, client_id, len(ids), pinned, _sink(loop, deltas))
             self._counters["prompt_tokens"] += len(ids)
             job.future = asyncio.run_coroutine_threadsafe(self._run(job, ids, params), self._loop)
-        return RequestStream(rid, deltas, self.abort)
+        return RequestStream(client_id, deltas, self._abort, rid)
 
     @property
     def max_model_len(self) -> int:
@@ -185,7 +183,7 @@ class VllmEngine(Engine):
                 with self._lock:
                     self._counters["generation_tokens"] += len(tokens)
                 error = f"vLLM ended it with finish reason {done.finish_reason!r}" if reason == "error" else None
-                delta = RequestOutput(job.rid, done.text, tokens, reason, job.prompt_tokens, made, logprobs, error,
+                delta = RequestOutput(job.client_id, done.text, tokens, reason, job.prompt_tokens, made, logprobs, error,
                                       **_tag(job.pinned))
                 if reason is not None:
                     last = delta
@@ -199,7 +197,7 @@ class VllmEngine(Engine):
 
     @staticmethod
     def _final(job: _Job, reason: str, made: int, error: str | None = None) -> RequestOutput:
-        return RequestOutput(job.rid, "", [], reason, job.prompt_tokens, made, error=error, **_tag(job.pinned))
+        return RequestOutput(job.client_id, "", [], reason, job.prompt_tokens, made, error=error, **_tag(job.pinned))
 
     def _end(self, job: _Job, last: RequestOutput) -> None:
         """The single terminal path: forget the request, release its pin, send its last delta."""
@@ -208,6 +206,7 @@ class VllmEngine(Engine):
                 return
             job.ended = True
             self._jobs.pop(job.rid, None)
+        self._ids.close(job.rid)
         if job.pinned is not None:
             self.adapters.release(job.pinned)
         job.sink(last)
@@ -227,8 +226,13 @@ class VllmEngine(Engine):
             asyncio.run_coroutine_threadsafe(self._llm.remove_lora(lora_id), self._loop)
 
     def abort(self, request_id: str, reason: str | None = None) -> None:
+        for rid in self._ids.engine_ids(request_id):
+            self._abort(rid, reason)
+
+    def _abort(self, rid: str, reason: str | None = None) -> None:
+        """Abort the request with engine id ``rid`` (its stream's close, a forced unload, shutdown)."""
         with self._lock:
-            job = self._jobs.get(request_id)
+            job = self._jobs.get(rid)
             if job is None:
                 return
             job.abort_reason = reason
@@ -238,6 +242,12 @@ class VllmEngine(Engine):
         else:
             self._end(job, self._final(job, "abort", 0, reason))
 
+    def abort_all(self, reason: str) -> None:
+        with self._lock:
+            running = list(self._jobs)
+        for rid in running:
+            self._abort(rid, reason)
+
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
         version = self.adapters.unload(name)
         if force:
@@ -245,7 +255,7 @@ class VllmEngine(Engine):
                 held = [(rid, job.pinned) for rid, job in self._jobs.items()
                         if job.pinned is not None and job.pinned.name == name]
             for rid, pinned in held:
-                self.abort(rid, unloaded_reason(pinned))
+                self._abort(rid, unloaded_reason(pinned))
         return version
 
     def stats(self) -> dict[str, int]:
@@ -259,10 +269,7 @@ class VllmEngine(Engine):
     def shutdown(self) -> None:
         """Abort running requests, stop vLLM (its engine processes too) and the loop thread."""
         self._stopping = True
-        with self._lock:
-            running = list(self._jobs)
-        for rid in running:
-            self.abort(rid, SHUTDOWN_REASON)
+        self.abort_all(SHUTDOWN_REASON)
         self._call(self._close(), timeout=60)
         self._stop_loop()
         shutil.rmtree(self._folds, ignore_errors=True)

@@ -1,0 +1,193 @@
+"""The native engine on a device against transformers, step by step (issue: the engine on CUDA).
+
+A random-weight model of the default model's shape (``--load-format dummy``: its weights cannot
+travel to the GPU machine) is served by our engine and by transformers with the same tensors.
+Requests on the base model, a tied IntTune tenant and a LoRA tenant run in one mixed batch, with
+prompts long enough for chunked prefill over many KV blocks. Every step our engine's logits are
+recorded and the next token is forced to transformers' greedy token, so both sides see the same
+sequence; transformers' logits come from one forward over prompt + its greedy tokens (adapters
+folded into its weights in float64).
+
+Checks (DESIGN §5 / the issue): fp32 with TF32 off, relative logit error <= 1e-4 per step and the
+top token equal wherever transformers' top-2 margin is > 1e-3; bf16 logits within 2e-2 of the
+fp32 reference. Prints a table and writes JSON; exit status 1 if a check fails.
+
+    python bench/gpu_engine_check.py --device cuda --dtype float32 bfloat16 --out $OUT/engine_check.json
+    python bench/gpu_engine_check.py --device cpu --kernel-backend torch --layers 2   # the logic, here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "engine"))  # tiny_llama: PEFT folders and the merged reference
+
+from tiny_llama import merged, random_factors, write_peft  # noqa: E402
+
+from nlora_serve.engine import core as engine_core  # noqa: E402
+from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
+from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.models import load_base  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+RANK, ALPHA = 16, 32.0
+
+
+def shrink_config(src: Path, dst: Path, layers: int | None) -> Path:
+    """``src`` copied to ``dst`` (config and tokenizer), with ``layers`` decoder layers if given."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "config.json":
+            (dst / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((src / "config.json").read_text())
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def hf_model(model_dir: Path, weights: dict[str, torch.Tensor], device: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def hf_reference(model, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy tokens and its fp32 logits [new_tokens, V] at each of those steps."""
+    ids = torch.tensor([prompt], device=model.device)
+    for _ in range(new_tokens):
+        logits = model(ids).logits[0, -1]
+        ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+    logits = model(ids[:, :-1]).logits[0, len(prompt) - 1:].float()
+    return ids[0, len(prompt):].tolist(), logits.cpu()
+
+
+class ForcedSampler:
+    """Stands in for the engine's sampler: records each row's logits and returns the forced token.
+
+    Request i is told apart by its SamplingParams.seed = i (greedy, so the seed draws nothing).
+    """
+
+    def __init__(self, forced: list[list[int]]):
+        self.forced = forced
+        self.logits: list[list[torch.Tensor]] = [[] for _ in forced]
+
+    def __call__(self, logits, params, generators, shared):
+        tokens = []
+        for row, p in zip(logits, params):
+            steps = self.logits[p.seed]
+            steps.append(row.float().cpu())
+            tokens.append(self.forced[p.seed][len(steps) - 1])
+        return torch.tensor(tokens, device=logits.device)
+
+
+def run_ours(config: EngineConfig, tenants: dict[str, Path], jobs: list[dict]) -> list[torch.Tensor]:
+    sampler = ForcedSampler([j["tokens"] for j in jobs])
+    real = engine_core.sample
+    engine_core.sample = sampler
+    try:
+        with LLMEngine(config) as engine:
+            for name, folder in tenants.items():
+                engine.adapters.register_dir(name, folder)
+            params = [SamplingParams(max_tokens=len(j["tokens"]), temperature=0.0, ignore_eos=True, seed=i)
+                      for i, j in enumerate(jobs)]
+            engine.generate([j["prompt"] for j in jobs], params, [j["adapter"] for j in jobs])
+            kinds = {v.name: "tied" if v.is_tied else "untied" for v in engine.adapters.versions()}
+    finally:
+        engine_core.sample = real
+    assert kinds.get("tied") == "tied" and kinds.get("lora") == "untied", kinds
+    return [torch.stack(steps) for steps in sampler.logits]
+
+
+def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict:
+    err = ((ours - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+    top2 = ref.topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 1e-3
+    same = ours.argmax(1) == ref.argmax(1)
+    return {"rel_err": err, "top_equal": bool(same[decided].all()), "decided_steps": int(decided.sum())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "bench" / "models" / "smollm2-135m"))
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quick run)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--kernel-backend", default="auto")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
+    parser.add_argument("--requests", type=int, default=12, help="requests, a third each on base, tied, LoRA")
+    parser.add_argument("--new-tokens", type=int, default=12)
+    parser.add_argument("--long-prompt", type=int, default=1100, help="one prompt this long (chunked prefill)")
+    parser.add_argument("--out", default="bench/out/engine_check.json")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
+    torch.backends.cudnn.allow_tf32 = False
+    start = time.perf_counter()
+    rows, ok = [], True
+    with tempfile.TemporaryDirectory(prefix="nlora-gpu-check-") as scratch:
+        model_dir = shrink_config(Path(args.model), Path(scratch) / "model", args.layers)
+        base = load_base(str(model_dir), torch.float32, load_format="dummy", init_device=args.device)
+        hf = hf_model(model_dir, base.weights, args.device)
+        tenants, refs = {}, {None: hf}
+        # At W ~ N(0, 0.02²) and r = 16 a tied N ~ N(0, 1) moves each weight by ~30% of its size,
+        # LoRA A, B ~ N(0, 0.05²) at s = 2 by ~25%: tenants that change every token's logits.
+        kinds = {"tied": dict(tied=True, with_n=True, seed=1, n_scale=1.0), "lora": dict(with_n=False, seed=2)}
+        for name, kind in kinds.items():
+            factors = random_factors(hf, rank=RANK, scale=0.05, **kind)
+            tenants[name] = write_peft(Path(scratch) / name, factors, rank=RANK, alpha=ALPHA)
+            refs[name] = merged(hf, factors, rank=RANK, alpha=ALPHA)
+        gen = torch.Generator().manual_seed(0)
+        jobs = []
+        for i in range(args.requests):
+            length = args.long_prompt if i == 1 else int(torch.randint(8, 300, (1,), generator=gen))
+            prompt = torch.randint(3, base.spec.vocab_size, (length,), generator=gen).tolist()
+            adapter = (None, "tied", "lora")[i % 3]
+            tokens, logits = hf_reference(refs[adapter], prompt, args.new_tokens)
+            jobs.append({"prompt": prompt, "adapter": adapter, "tokens": tokens, "ref": logits})
+        for name in ("tied", "lora"):  # how far each tenant moves the logits from the base model's
+            prompt = jobs[0]["prompt"]
+            moved = compare(hf_reference(refs[name], prompt, 2)[1], hf_reference(hf, prompt, 2)[1])["rel_err"]
+            print(f"tenant {name}: logits moved {moved:.2f} (relative) from the base model's", flush=True)
+        print(f"references ready in {time.perf_counter() - start:.1f} s", flush=True)
+        for name in args.dtype:
+            config = EngineConfig(model=str(model_dir), dtype=DTYPES[name], load_format="dummy", device=args.device,
+                                  kernel_backend=args.kernel_backend, adapter_dir=str(Path(scratch) / f"store-{name}"),
+                                  scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256,
+                                                            max_model_len=2048),
+                                  cache=CacheConfig(block_size=16, num_blocks=2048))
+            logits = run_ours(config, tenants, jobs)
+            for adapter in (None, "tied", "lora"):
+                picked = [(lg, j) for lg, j in zip(logits, jobs) if j["adapter"] == adapter]
+                stats = [compare(lg, j["ref"]) for lg, j in picked]
+                row = {"dtype": name, "mix": adapter or "base", "requests": len(picked),
+                       "max_rel_err": max(s["rel_err"] for s in stats),
+                       "top_equal": all(s["top_equal"] for s in stats),
+                       "decided_steps": sum(s["decided_steps"] for s in stats)}
+                row["pass"] = row["max_rel_err"] <= TOLERANCE[name] and (name != "float32" or row["top_equal"])
+                ok &= row["pass"]
+                rows.append(row)
+                print(f"{name:9} {row['mix']:5} requests {row['requests']:3}  max rel err {row['max_rel_err']:.2e} "
+                      f"(<= {TOLERANCE[name]:g})  top token equal {row['top_equal']} over {row['decided_steps']} "
+                      f"decided steps  {'PASS' if row['pass'] else 'FAIL'}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "pass": ok,
+                                          "seconds": time.perf_counter() - start}, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

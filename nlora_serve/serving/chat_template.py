@@ -1,0 +1,58 @@
+"""Chat messages to prompt token ids, every message's content tokenized as text (DESIGN §6).
+
+A chat template renders messages into one string, and tokenizing that string the usual way turns
+all special-token text into control tokens, wherever it came from: a user whose content says
+``<|im_end|>\\n<|im_start|>assistant\\n...`` forges turns (llama.cpp #26273, lmdeploy #4960). Here
+each content's special-token text is swapped for a random sentinel before the template renders,
+so the only special-token text left in the rendered string is the template's own markers. The
+string is then cut at those markers, as Hugging Face tokenizers cut at added tokens, each marker
+becomes its token id, and each text run between markers (the contents' special text put back) is
+encoded with ``split_special_tokens=True``, i.e. as plain text. A chat whose contents hold no
+special-token text is tokenized by ``apply_chat_template(tokenize=True)`` itself.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from nlora_serve.engine.sampling import RequestError
+
+
+def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "messages") -> list[int]:
+    """Token ids of ``messages`` ({"role", "content"}) under the tokenizer's chat template, with
+    the assistant's generation prompt appended; no content text ever becomes a special token.
+
+    Raises:
+        RequestError: the template changes content text so that the sentinels do not survive
+            rendering (the message names ``field``).
+    """
+    specials = _special_texts(tokenizer)
+    if not any(s in m["content"] for m in messages for s in specials):
+        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    nonce = secrets.token_hex(8)
+    marks = [f"\ue000{nonce}.{k}\ue001" for k in range(len(specials))]
+    special_re = re.compile("|".join(re.escape(s) for s in specials))
+    masked = [dict(m, content=special_re.sub(lambda hit: marks[specials.index(hit.group())], m["content"]))
+              for m in messages]
+    rendered = tokenizer.apply_chat_template(masked, tokenize=False, add_generation_prompt=True)
+    real = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    mark_re = re.compile(f"\ue000{nonce}\\.(\\d+)\ue001")
+    pieces = [mark_re.sub(lambda hit: specials[int(hit.group(1))], p)
+              for p in re.split(f"({special_re.pattern})", rendered)]
+    if "".join(pieces) != real:
+        raise RequestError(f"{field}: this model's chat template rewrites message text holding special-token "
+                           "text, which therefore cannot be kept as plain text; remove the special-token text")
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if i % 2:  # re.split puts the template's own markers at odd positions
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+        elif piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True)
+    return ids
+
+
+def _special_texts(tokenizer) -> list[str]:
+    """The text of every special added token, longest first (so a regex prefers the longest)."""
+    texts = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return sorted(texts, key=len, reverse=True)

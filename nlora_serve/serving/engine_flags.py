@@ -1,0 +1,43 @@
+"""Device and engine-size flags shared by ``serve`` and ``generate`` (vLLM's spellings)."""
+
+from __future__ import annotations
+
+import argparse
+
+from nlora_serve.engine.config import EngineConfig, SchedulerConfig, resolve_device
+from nlora_serve.models import resolve_dtype
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--load-format``, ``--tokenizer``, ``--gpu-memory-utilization``."""
+    d = EngineConfig.__dataclass_fields__
+    a = parser.add_argument
+    a("--device", default="auto", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N: where "
+                                       "weights, KV cache, activations and sampling live (default: %(default)s)")
+    a("--load-format", choices=["auto", "dummy"], default="auto",
+      help="auto: the model's weights; dummy: random weights from its config.json alone, to serve and measure "
+           "shapes whose weights are not here (default: %(default)s)")
+    a("--tokenizer", default=None, help="tokenizer directory, when the model directory has none (e.g. with "
+                                        "--load-format dummy)")
+    a("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"].default,
+      help="CUDA: share of the GPU's memory the engine may use; the KV cache gets what the weights, adapter "
+           "pools and a profiling forward leave (default: %(default)s)")
+    a("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs,
+      help="sequences running at once, at most (default: %(default)s)")
+    a("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens,
+      help="tokens one step computes, decodes and prefill chunks together (default: %(default)s)")
+
+
+def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
+    """An EngineConfig from the device flags, ``--model``, ``--dtype``, ``--max-model-len`` and
+    ``fields``. ``--dtype auto`` resolves for the chosen device (bf16 on CUDA).
+
+    Raises:
+        ValueError: a flag out of range (the message names the config field).
+    """
+    device = str(resolve_device(args.device))
+    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                max_model_len=args.max_model_len)
+    return EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype, device), device=device,
+                        load_format=args.load_format, tokenizer=args.tokenizer,
+                        gpu_memory_utilization=args.gpu_memory_utilization, scheduler=scheduler, **fields)
