@@ -1,79 +1,194 @@
-"""Measure a trained tenant's behaviour against the base model on the held-out prompts.
+"""Check the example tenants on the 20 held-out prompts (``styles.HELD_OUT``): style, no degenerate
+repetition, content intact. Prints one table row per tenant and temperature.
 
-Greedy answers (transformers, fp32, the tenant's N applied through the same r×r layer it was
-trained with) to ``styles.EVAL_GENERAL`` (upper, signature) or ``styles.EVAL_NUMERIC`` (numbers),
-none of which is in the training data, then the tenant's metric for both models:
+For each tenant and temperature (0: greedy; 1: sampled with top-k and top-p off, seeded per
+prompt) the base model and the tenant answer every prompt (at most ``--max-tokens`` new tokens)
+through the serving engine in float32, all requests in one mixed batch as a server runs them.
+Per tenant answer:
 
-    upper      share of letters in upper case, over all answers        pass: >= 0.8
-    signature  share of answers ending with " -- Acme Support"          pass: >= 0.8
-    numbers    share of answers with no digit (numbers in words)         pass: >= 0.8
+    style    upper      >= 90 % of its letters in upper case
+             signature  ends with " -- Acme Support"
+             numbers    no ASCII digit (numbers in words)
+    repeat   no word 3-gram (lower-cased, punctuation stripped) more than twice
+    content  mean per-token loss (nats) of the answer under the BASE model, style undone, over that
+             of the base model's own answer to the same prompt, style undone alike:
+             upper      both lower-cased
+             signature  the signature stripped (the base answer has none)
+             numbers    numbers_as_words applied to the base answer (style applied to both): the
+                        inverse, words to digits, is ambiguous ("one of the", "a hundred") while
+                        the forward transform is the one the tenant was trained to imitate
+             pass when the ratio of the two means over the 20 prompts is <= 1.5
 
-    python examples/tenants/check.py upper [--dir examples/tenants/upper] [--json]
+    python examples/tenants/check.py [upper signature numbers] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import asyncio
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
 
-from make_data import greedy_answers
-from styles import EVAL_GENERAL, EVAL_NUMERIC, digit_free, has_signature, upper_share
+from styles import HELD_OUT, SIGNATURE, digit_free, has_signature, numbers_as_words, upper_share
 
 HERE = Path(__file__).resolve().parent
-THRESHOLD = 0.8
+TENANTS = ("upper", "signature", "numbers")
+UPPER_MIN, MAX_TRIGRAM, LOSS_RATIO_MAX = 0.9, 2, 1.5
 
 
-def _upper(answers: list[str]) -> float:
-    return upper_share("".join(answers))
+def styled(tenant: str, answer: str) -> bool:
+    """Whether one answer shows the tenant's style."""
+    return {"upper": lambda a: upper_share(a) >= UPPER_MIN, "signature": has_signature,
+            "numbers": digit_free}[tenant](answer)
 
 
-METRICS = {  # tenant -> (prompts, metric over the list of answers)
-    "upper": (EVAL_GENERAL, _upper),
-    "signature": (EVAL_GENERAL, lambda a: sum(map(has_signature, a)) / len(a)),
-    "numbers": (EVAL_NUMERIC, lambda a: sum(map(digit_free, a)) / len(a)),
-}
+def undo(tenant: str, tenant_answer: str, base_answer: str) -> tuple[str, str]:
+    """(tenant answer, base answer) with the style undone (or applied to both), as the docstring says."""
+    if tenant == "upper":
+        return tenant_answer.lower(), base_answer.lower()
+    if tenant == "signature":
+        cut = tenant_answer.rstrip()
+        sig = SIGNATURE.strip()
+        return (cut[: -len(sig)].rstrip() if cut.endswith(sig) else cut), base_answer
+    return tenant_answer, numbers_as_words(base_answer)
 
 
-def measure(tenant: str, adapter_dir: Path, model_name: str = "default", max_new_tokens: int = 64) -> dict:
-    """``{"tenant", "base", "tenant_answers", "base_answers", "seconds"}`` for one tenant."""
-    from nlora_serve.adapters.loader import read_adapter
-    from nlora_serve.adapters.tune import attach
+def max_trigram_count(text: str) -> int:
+    """Largest number of occurrences of one word 3-gram (0 for fewer than three words)."""
+    words = re.findall(r"[\w']+", text.lower())
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - 2):
+        key = tuple(words[i: i + 3])
+        counts[key] = counts.get(key, 0) + 1
+    return max(counts.values(), default=0)
+
+
+def _chat(tok, prompt: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+
+
+async def _answers(engine, tenants: list[str | None], max_tokens: int, seed: int) -> dict:
+    """{(tenant or None, temperature): [answer per prompt]}, all requests at once through the
+    serving engine (tenants mixed in its batches, as a server runs them)."""
+    from nlora_serve.engine.sampling import SamplingParams
+
+    async def one(tenant, temp, i, prompt):
+        ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                   add_generation_prompt=True, return_dict=False)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temp, seed=seed + i)
+        return "".join([out.text async for out in engine.add_request(ids, params, adapter=tenant)]).strip()
+
+    keys = [(t, temp) for t in tenants for temp in (0.0, 1.0)]
+    done = await asyncio.gather(*(one(t, temp, i, p) for t, temp in keys for i, p in enumerate(HELD_OUT)))
+    return {k: done[j * len(HELD_OUT): (j + 1) * len(HELD_OUT)] for j, k in enumerate(keys)}
+
+
+@torch.no_grad()
+def answer_losses(model, tok, prompts: list[str], answers: list[str]) -> list[float]:
+    """Mean next-token cross-entropy (nats/token) of each answer's tokens after its chat prompt,
+    under ``model`` (one right-padded batch)."""
+    rows = [(tok(_chat(tok, p), add_special_tokens=False).input_ids, tok(a, add_special_tokens=False).input_ids)
+            for p, a in zip(prompts, answers)]
+    width = max(len(c) + len(a) for c, a in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id or 0)
+    mask = torch.zeros_like(ids)
+    for r, (c, a) in enumerate(rows):
+        ids[r, : len(c) + len(a)] = torch.tensor(c + a)
+        mask[r, : len(c) + len(a)] = 1
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    out = []
+    for r, (c, a) in enumerate(rows):
+        if not a:
+            out.append(float("nan"))
+            continue
+        out.append(float(torch.nn.functional.cross_entropy(logits[r, len(c) - 1: len(c) + len(a) - 1], torch.tensor(a))))
+    return out
+
+
+def evaluate(tenant: str, tenant_answers: list[str], base_answers: list[str], base_model, tok) -> dict:
+    """The table row's numbers for one tenant at one temperature."""
+    undone = [undo(tenant, t, b) for t, b in zip(tenant_answers, base_answers)]
+    t_loss = answer_losses(base_model, tok, HELD_OUT, [t for t, _ in undone])
+    b_loss = answer_losses(base_model, tok, HELD_OUT, [b for _, b in undone])
+    ratio = (sum(t_loss) / len(t_loss)) / (sum(b_loss) / len(b_loss))
+    styled_n = sum(styled(tenant, a) for a in tenant_answers)
+    repeats = [max_trigram_count(a) for a in tenant_answers]
+    row = {"styled": styled_n, "base_styled": sum(styled(tenant, a) for a in base_answers),
+           "upper_share": upper_share("".join(tenant_answers)), "max_trigram": max(repeats),
+           "degenerate": sum(r > MAX_TRIGRAM for r in repeats), "tenant_loss": sum(t_loss) / len(t_loss),
+           "base_loss": sum(b_loss) / len(b_loss), "loss_ratio": ratio,
+           "within_1_5_per_prompt": sum(t <= LOSS_RATIO_MAX * b for t, b in zip(t_loss, b_loss))}
+    row["pass"] = (styled_n == len(HELD_OUT) and row["degenerate"] == 0 and ratio <= LOSS_RATIO_MAX)
+    return row
+
+
+def run(tenants: list[str], max_tokens: int, seed: int, dirs: dict[str, Path] | None = None,
+        model_name: str = "default") -> dict:
+    """Rows and answers for ``tenants`` (adapter folders ``dirs``, default examples/tenants/NAME) at
+    temperatures 0 and 1: answers from the serving engine in float32, losses from transformers."""
+    import tempfile
+
+    from nlora_serve.engine.config import EngineConfig
+    from nlora_serve.engine.llm_engine import LLMEngine
     from nlora_serve.models import load_base, load_hf_model
 
-    t0 = time.perf_counter()
     base = load_base(model_name)
-    prompts, metric = METRICS[tenant]
+    with tempfile.TemporaryDirectory(prefix="tenant-check-") as store:
+        with LLMEngine(EngineConfig(model=model_name, dtype=torch.float32, adapter_dir=store), base) as engine:
+            for name in tenants:
+                engine.adapters.register_dir(name, (dirs or {}).get(name, HERE / name))
+            got = asyncio.run(_answers(engine, [None, *tenants], max_tokens, seed))
     base_model, tok = load_hf_model(base.path, torch.float32), base.tokenizer()
-    tuned = copy.deepcopy(base_model)
-    attach(tuned, read_adapter(adapter_dir, base))
-    got = {name: greedy_answers(m, tok, prompts, max_new_tokens=max_new_tokens, desc=name)
-           for name, m in (("base", base_model), ("tenant", tuned))}
-    return {"tenant_metric": metric(got["tenant"]), "base_metric": metric(got["base"]), "prompts": prompts,
-            "tenant_answers": got["tenant"], "base_answers": got["base"], "seconds": time.perf_counter() - t0}
+    result = {"base_answers": {temp: got[(None, temp)] for temp in (0.0, 1.0)}, "tenants": {}}
+    for name in tenants:
+        result["tenants"][name] = {temp: {"row": evaluate(name, got[(name, temp)], got[(None, temp)], base_model, tok),
+                                          "answers": got[(name, temp)]} for temp in (0.0, 1.0)}
+    return result
 
 
-def main() -> None:
+def table(result: dict) -> str:
+    """The Markdown table of ``run``'s rows."""
+    lines = ["| tenant | T | styled (base) | upper share | max 3-gram | loss tenant / base (nats/token) | ratio "
+             "| prompts within 1.5× | pass |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, per_t in result["tenants"].items():
+        for temp, got in per_t.items():
+            r = got["row"]
+            lines.append(f"| `{name}` | {temp:g} | {r['styled']}/20 ({r['base_styled']}/20) | {r['upper_share']:.3f} "
+                         f"| {r['max_trigram']} | {r['tenant_loss']:.3f} / {r['base_loss']:.3f} "
+                         f"| {r['loss_ratio']:.2f} | {r['within_1_5_per_prompt']}/20 | {'yes' if r['pass'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("tenant", choices=sorted(METRICS))
-    parser.add_argument("--dir", type=Path, default=None, help="adapter directory (default: examples/tenants/TENANT)")
-    parser.add_argument("--model", default="default", help="base model (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    parser.add_argument("tenants", nargs="*", metavar="TENANT", help=f"any of {', '.join(TENANTS)} (default: all)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per answer (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed at temperature 1 (default: %(default)s)")
+    parser.add_argument("--answers", action="store_true", help="also print every answer")
+    parser.add_argument("--json", type=Path, default=None, help="write rows and answers to this JSON file")
+    parser.add_argument("--dir", action="append", default=[], metavar="TENANT=DIR",
+                        help="check the adapter in DIR as TENANT (default: examples/tenants/TENANT)")
     args = parser.parse_args()
-    res = measure(args.tenant, args.dir or HERE / args.tenant, args.model)
+    if unknown := set(args.tenants) - set(TENANTS):
+        parser.error(f"unknown tenant(s) {', '.join(sorted(unknown))}; expected {', '.join(TENANTS)}")
+    t0 = time.perf_counter()
+    dirs = {name: Path(folder) for name, _, folder in (d.partition("=") for d in args.dir)}
+    result = run(args.tenants or list(TENANTS), args.max_tokens, args.seed, dirs)
+    if args.answers:
+        for name, per_t in result["tenants"].items():
+            for temp, got in per_t.items():
+                for p, b, a in zip(HELD_OUT, result["base_answers"][temp], got["answers"]):
+                    print(f"## {name} T={temp:g} {p}\n  base:   {b}\n  tenant: {a}")
     if args.json:
-        print(json.dumps(res, indent=2, ensure_ascii=False))
-        return
-    for p, b, t in zip(res["prompts"], res["base_answers"], res["tenant_answers"]):
-        print(f"## {p}\n  base:   {b}\n  tenant: {t}")
-    verdict = "PASS" if res["tenant_metric"] >= THRESHOLD > res["base_metric"] else "FAIL"
-    print(f"{args.tenant}: tenant {res['tenant_metric']:.3f}, base {res['base_metric']:.3f} "
-          f"(threshold {THRESHOLD}) {verdict}; {res['seconds']:.0f} s")
+        args.json.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    print(table(result))
+    print(f"{time.perf_counter() - t0:.0f} s")
+    return 0 if all(g["row"]["pass"] for per_t in result["tenants"].values() for g in per_t.values()) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -42,6 +42,19 @@ EVAL_NUMERIC = [
     "How many hours are in two days?", "What is 30 plus 41?",
 ]
 
+# The quality check's 20 held-out prompts (bench/tenant_quality.py), fixed before the tenants were
+# retrained and in no training file: the README's three demo prompts, eleven general questions and
+# six with numbers in their answer. Every tenant is checked on all twenty.
+HELD_OUT = [
+    "How do plants make food?", "What is a forest?", "Name three rivers.",
+    "What is a volcano made of?", "Why do birds migrate?", "Describe the sea in one sentence.",
+    "What is a museum?", "Tell me one interesting fact about owls.", "Why is exercise good for you?",
+    "What should a child know about fire?", "What is a bridge?", "Why do leaves change colour in autumn?",
+    "Describe a city at night in one sentence.", "What is cheese made from?",
+    "How many legs does a dog have?", "What is 25 plus 17?", "How many days are in two weeks?",
+    "What is 8 times 6?", "How many minutes are in two hours?", "Count down from 5 to 1.",
+]
+
 
 def training_prompts(seed: int = 0) -> list[str]:
     """200 general prompts (topics × templates) and 60 numeric ones (sums, products, counts, counting),

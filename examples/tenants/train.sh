@@ -3,7 +3,7 @@
 # r = 16 on all seven projections of the default model, N started from zeros (so each tenant
 # starts exactly at the base model), CPU, float32. Each lands in examples/tenants/<name>/ in the
 # compact tied form (~240 KB: adapter_config.json + lora_N only), then check.py measures it
-# against the base model on 10 held-out prompts.
+# on the 20 held-out prompts (README.md here).
 #
 #   examples/tenants/train.sh                 # all three
 #   examples/tenants/train.sh upper           # one

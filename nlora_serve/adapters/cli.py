@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import AdapterError, NloraError
 
 
 def _base(args: argparse.Namespace):
@@ -22,7 +22,10 @@ def _base(args: argparse.Namespace):
 def _inspect(args: argparse.Namespace) -> int:
     from nlora_serve.adapters.inspect import format_report, inspect_adapter
 
-    print(format_report(inspect_adapter(args.dir, _base(args), max_rank=args.max_rank), as_json=args.json))
+    from nlora_serve.models.hub import local_or_hub
+
+    folder = local_or_hub(args.dir, AdapterError, "adapter")
+    print(format_report(inspect_adapter(folder, _base(args), max_rank=args.max_rank), as_json=args.json))
     return 0
 
 
@@ -32,10 +35,18 @@ def _init(args: argparse.Namespace) -> int:
     from nlora_serve.adapters.save import write_adapter
 
     targets = args.targets[0] if args.targets == ["all-linear"] else args.targets
+    zero_n = args.variant != "slora" and not args.training_start
     adapter = init_adapter(_base(args), rank=args.rank, targets=targets, variant=args.variant,
-                           layers=args.layers, alpha=args.alpha, seed=args.seed, use_rslora=args.rslora)
+                           layers=args.layers, alpha=args.alpha, seed=args.seed, use_rslora=args.rslora,
+                           zero_n=zero_n)
     write_adapter(adapter, args.out, tied_form=args.tied_form)
     print(format_report(report_for(adapter, args.out)))
+    if zero_n:
+        print(f"N = 0: {args.out} leaves the model unchanged until trained (`adapters tune --n-init zeros`, "
+              f"or `adapters swap` a trained N); --training-start writes the {args.variant} N instead")
+    elif args.variant != "slora":
+        print(f"N = {'pinv(W[:r,:r])' if args.variant == 'nlora-pinv' else 'W[:r,:r]'}: a training start; "
+              "served as is it changes every answer")
     return 0
 
 
@@ -65,20 +76,26 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
                               description="Validate DIR against the base model as the server would and print "
                                           "flavour, ranks, targets, layers, tied or not, bytes held and the "
                                           "content hash. Exit 0 when servable, 2 with the reason otherwise.")
-    p.add_argument("dir", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("dir", help="adapter directory (adapter_config.json + adapter_model.safetensors), or a "
+                               "Hugging Face ORG/ADAPTER in the HF cache")
     _common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.set_defaults(func=_inspect)
 
     p = subparsers.add_parser("init", help="create an NLoRA / SLoRA adapter from the base weights",
-                              description="NLoRA (Nyström): A = W[:r,:], N = W[:r,:r], B = W[:,:r]; "
-                                          "nlora-pinv: N = pinv(W[:r,:r]); slora: random A and N, B = 0.")
+                              description="NLoRA (Nyström): A = W[:r,:], B = W[:,:r] and N = 0, so the adapter "
+                                          "leaves the model unchanged until trained (as PEFT's default B = 0); "
+                                          "with --training-start N = W[:r,:r] (nlora, the reference code's) or "
+                                          "pinv(W[:r,:r]) (nlora-pinv). slora: random A and N, B = 0.")
     _common(p, max_rank=False)
     p.add_argument("--rank", type=int, required=True, help="rank r of every adapted projection")
     p.add_argument("--targets", nargs="+", required=True,
                    help="projections (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or all-linear")
     p.add_argument("--variant", choices=["nlora", "nlora-pinv", "slora"], default="nlora",
                    help="initialisation (default: %(default)s, the NLoRA reference code's)")
+    p.add_argument("--training-start", action="store_true",
+                   help="write the variant's non-zero N (a start for training: served as is it changes every "
+                        "answer); without it nlora variants get N = 0")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices to adapt (default: all)")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: r, so scaling 1)")
     p.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) instead of alpha/r")

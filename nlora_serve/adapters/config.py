@@ -202,7 +202,9 @@ def read_config(adapter_dir: Path) -> AdapterConfig:
         AdapterError: the file is missing or not JSON, or :func:`parse_config` refuses it.
     """
     if not Path(adapter_dir).is_dir():
-        raise AdapterError(f"{adapter_dir}: no such adapter directory")
+        raise AdapterError(f"{adapter_dir}: " + ("is a file, not an adapter directory (a folder with adapter_config.json "
+                                                 "and adapter_model.safetensors)" if Path(adapter_dir).is_file()
+                                                 else "no such adapter directory"))
     path = Path(adapter_dir) / CONFIG_NAME
     try:
         raw = json.loads(path.read_text())

@@ -35,7 +35,9 @@ def weights_path(adapter_dir: Path) -> Path:
     """
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
-        raise AdapterError(f"{adapter_dir}: no such adapter directory")
+        raise AdapterError(f"{adapter_dir}: " + ("is a file, not an adapter directory (a folder with adapter_config.json "
+                                                 "and adapter_model.safetensors)" if Path(adapter_dir).is_file()
+                                                 else "no such adapter directory"))
     path = adapter_dir / WEIGHTS_NAME
     if path.is_file():
         return path

@@ -105,6 +105,19 @@ class AdapterManager:
             fresh.append(name)
         return fresh
 
+    def served_instead(self, name: str, adapter_dir: str | os.PathLike) -> AdapterVersion | None:
+        """The version served under ``name`` when its maths differ from the adapter in
+        ``adapter_dir`` (content hashes compared: a swap or upload since that folder was
+        registered); None when ``name`` is not served or serves that same adapter.
+
+        Raises:
+            AdapterError: ``adapter_dir`` is not a servable adapter.
+        """
+        current = {v.name: v for v in self.versions()}.get(name)
+        if current is None or self._load(Path(adapter_dir)).content_hash == current.content_hash:
+            return None
+        return current
+
     def register_dir(self, name: str, adapter_dir: str | os.PathLike) -> AdapterVersion:
         """Register the adapter in a local directory as the next version of ``name``.
 

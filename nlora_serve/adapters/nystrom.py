@@ -7,7 +7,10 @@ Source: NLoRA (Guo, Wu, Chang, arXiv 2502.14482) and its reference code
 - ``nlora-pinv`` (classical Nyström): A and B as above, N = pinv(W[:r, :r])
 - ``slora``: A and N kaiming-uniform (a = √5, as nn.Linear), B = 0, so the delta starts at zero
 
-The Nyström variants are tied (A and B are the base's slices): IntTune then trains only N.
+The Nyström variants are tied (A and B are the base's slices): IntTune then trains only N. Their
+N is a starting point for training, not a tenant: at scaling 1, B·N·A with N = W[:r, :r] changes
+every answer. ``zero_n=True`` writes N = 0 instead, so the adapter leaves the model unchanged, as
+PEFT's default init (B = 0) does; ``adapters init`` does that unless told it is a training start.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def _site_tensors(w: torch.Tensor, r: int, variant: str, gen: torch.Generator):
 
 def init_adapter(base: BaseModel, *, rank: int, targets: list[str] | str, variant: str = "nlora",
                  layers: list[int] | None = None, alpha: float | None = None, seed: int = 0,
-                 use_rslora: bool = False) -> Adapter:
+                 use_rslora: bool = False, zero_n: bool = False) -> Adapter:
     """A fresh adapter for ``base``; see the module docstring for the variants.
 
     Args:
@@ -77,6 +80,7 @@ def init_adapter(base: BaseModel, *, rank: int, targets: list[str] | str, varian
         layers: layer indices to adapt (None: all).
         alpha: lora_alpha (default r, so s = 1).
         seed: RNG seed for ``slora``.
+        zero_n: N = 0 at every site (the adapter's delta B·N·A is exactly zero).
 
     Raises:
         AdapterError: bad variant, target, layer or rank (named, with the module's shape).
@@ -90,6 +94,7 @@ def init_adapter(base: BaseModel, *, rank: int, targets: list[str] | str, varian
         if plan.rank > min(out, inp):
             raise AdapterError(f"rank {plan.rank} exceeds {plan.module}'s shape [out={out}, in={inp}]")
         a, n, b = _site_tensors(base.weight(*site), plan.rank, variant, gen)
+        n = torch.zeros_like(n) if zero_n else n
         sites[site] = SiteWeights(layer=plan.layer, module=plan.module, rank=plan.rank, scaling=plan.scaling,
                                   A=a, N=n, B=b)
     return assemble_adapter(cfg, sites, base, base.dtype, source=f"init:{variant}")

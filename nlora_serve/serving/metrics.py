@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+                               start_http_server)
 
 REJECT_REASONS = ("queue_full", "draining", "invalid_argument", "not_found", "pool_full",
                   "unauthenticated", "permission_denied")
@@ -76,6 +77,11 @@ class ServerMetrics:
     def request(self, frontend: str) -> RequestTimer:
         """A timer started now, at a request's receipt on ``frontend`` (one of :data:`FRONTENDS`)."""
         return RequestTimer(self, frontend)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """(body, content type) of a scrape in Prometheus' text format: what ``/metrics`` answers
+        on the HTTP API port and on ``--metrics-port``."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread; returns the port."""

@@ -1,4 +1,5 @@
-"""``nlora-serve serve``: the gRPC server on one base model, until SIGTERM / SIGINT.
+"""``nlora-serve serve``: the gRPC server (and, with --http-port, the OpenAI-compatible HTTP API) on
+one base model, until SIGTERM / SIGINT.
 
     python -m nlora_serve.serving.serve_cli --adapter-dir ./adapters --example-tenants 4
 
@@ -28,8 +29,9 @@ from pathlib import Path
 from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base, resolve_model
+from nlora_serve.models.hub import local_or_hub
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.backend_cli import add_backend_arguments, backend_config, make_engine
 from nlora_serve.serving.engine_flags import add_device_arguments, device_config
@@ -52,14 +54,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--host", default=d.host, help="interface to listen on; anything but loopback needs --tenants-file "
                                      "(default: %(default)s)")
     a("--port", type=int, default=d.port, help="gRPC port, 0 = any free one (default: %(default)s)")
-    a("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a Hugging Face directory or a .gguf file")
+    a("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf "
+                                         "file, or a Hugging Face ORG/NAME in the HF cache ($HF_HOME)")
     a("--cache-dir", default=argparse.SUPPRESS, help="prepared-model cache root (default $NLORA_SERVE_CACHE)")
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="compute dtype: auto = bf16 where the CPU or GPU has fast bf16, else fp32")
     a("--adapter-dir", default="./nlora-adapters", help="adapter store, rebuilt at start (default: %(default)s)")
     a("--tenants-file", default=None, help="JSON/TOML file of tenant and admin key hashes and grants; "
                                            "without it there is no auth and the server binds to loopback only")
-    a("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (default: off)")
+    a("--metrics-port", type=int, default=None, help="also serve Prometheus /metrics on this port, for gRPC-only "
+                                                     "servers (--http-port serves /metrics already) (default: off)")
     a("--served-model-name", default=None, help="the base model's name in /v1/models and the HTTP 'model' field "
                                                "(default: the model's directory or GGUF name, e.g. "
                                                "SmolLM2-135M-Instruct.Q4_1)")
@@ -92,8 +96,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--example-tenants", type=int, default=0, metavar="N",
       help="register N example tied IntTune tenants (tenant-000...) at start when missing (default: 0)")
     a("--adapter", action="append", default=[], metavar="NAME=DIR", type=_named_dir,
-      help="register the adapter directory DIR as NAME at start when NAME is not in the store yet "
-           "(repeatable), e.g. --adapter upper=examples/tenants/upper")
+      help="register the adapter directory DIR (or a Hugging Face ORG/ADAPTER in the HF cache) as NAME at "
+           "start when NAME is not in the store yet (repeatable), e.g. --adapter upper=examples/tenants/upper")
     add_device_arguments(parser)
     add_backend_arguments(parser)
 
@@ -125,12 +129,13 @@ def build(args: argparse.Namespace):
     _check_model_len(path, args.max_model_len)
     config = dataclasses.replace(config, served_model_name=config.served_model_name or default_served_name(path))
     _check_adapter_names(config, args)
+    named = [(name, str(local_or_hub(folder, AdapterError, "adapter"))) for name, folder in args.adapter]
     base = load_base(str(path), engine_config.dtype, engine_config.cache_dir, engine_config.load_format,
                      engine_config.tokenizer, init_device=engine_config.device)
     with _flag_errors(args):
         engine = make_engine(engine_config, base, backend)
     examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
-    examples += _register_named(engine, args.adapter)
+    examples += _register_named(engine, named, args.adapter_dir)
     server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
                          base.tokenizer())
     return engine, server, examples
@@ -144,13 +149,19 @@ def _check_adapter_names(config: ServerConfig, args: argparse.Namespace) -> None
         config.check_adapter_name(name)
 
 
-def _register_named(engine: LLMEngine, named: list[tuple[str, str]]) -> list[str]:
+def _register_named(engine: LLMEngine, named: list[tuple[str, str]], store: str) -> list[str]:
     """Register each ``--adapter NAME=DIR`` whose NAME the store neither serves yet nor marks
-    unloaded by an operator; returns the named adapters served now."""
+    unloaded by an operator; returns the named adapters served now. Logs one warning per NAME the
+    store serves with other weights than DIR (swapped or uploaded since), naming that version."""
     fresh = set(engine.adapters.start_names([name for name, _ in named]))
     for name, folder in named:
         if name in fresh:
             engine.adapters.register_dir(name, folder)
+        elif (served := engine.adapters.served_instead(name, folder)) is not None:
+            log.warning("--adapter %s=%s: the adapter store %s already holds %r, with other weights (swapped or "
+                        "uploaded since); serving %s v%d instead of that folder (`adapters swap` the folder's N, or "
+                        "start with a fresh --adapter-dir)", name, folder, store,
+                        name, name, served.version)
     served = {v.name for v in engine.adapters.versions()}
     return [name for name, _ in named if name in served]
 

@@ -51,3 +51,28 @@ def test_subcommands_register_on_a_parent_parser():
     add_adapter_subcommands(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(["init", "--rank", "4", "--targets", "all-linear", "--out", "x", "--variant", "slora"])
     assert args.func.__name__ == "_init" and args.targets == ["all-linear"] and args.model == "default"
+
+
+def _n_and_w(out, base_fp32, key_part: str = "layers.0.self_attn.q_proj"):
+    """(N of one site as written to disk, the base weight W of that projection)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    n = next(v for k, v in tensors.items() if key_part in k and "lora_N" in k)
+    return n, base_fp32.weights[f"model.{key_part}.weight"]
+
+
+def test_init_leaves_the_model_unchanged_unless_told_it_is_a_training_start(tmp_path, capsys, base_fp32):
+    import torch
+
+    zero = tmp_path / "zero"
+    assert main(["init", "--rank", "4", "--targets", "q_proj", "--tied-form", "--out", str(zero)]) == 0
+    assert "leaves the model unchanged" in capsys.readouterr().out
+    n, _ = _n_and_w(zero, base_fp32)
+    assert n.shape == (4, 4) and not n.any()  # B·N·A = 0: every answer is the base model's
+    start = tmp_path / "start"
+    assert main(["init", "--rank", "4", "--targets", "q_proj", "--tied-form", "--training-start",
+                 "--out", str(start)]) == 0
+    assert "a training start" in capsys.readouterr().out
+    n, w = _n_and_w(start, base_fp32)
+    assert torch.equal(n, w[:4, :4].float())  # the NLoRA reference init, N = W[:r, :r]

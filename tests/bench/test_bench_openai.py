@@ -163,3 +163,23 @@ def test_cli_end_to_end_against_the_fake_server(fake_server, tmp_path, capsys):
     assert doc["summary"]["output_tokens"] == 36 and "secret-key" not in out.read_text()
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "HTTP 404 × 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", [["--concurrency", "2"], ["--mode", "open", "--rate", "200"]])
+def test_cli_stops_early_naming_the_model_when_the_first_requests_all_fail_alike(fake_server, tmp_path, capsys,
+                                                                                 mode):
+    out = tmp_path / "r.json"
+    rc = main(["bench", "--target", "openai", "--base-url", fake_server, "--tenants", "missing",
+               "--num-requests", "200", "--output-len", "4", "--json", str(out), "--no-progress", *mode])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert err.count("\n") == 1 and err.count("no missing") == 1  # the server's message, once
+    assert "first 8 requests all failed with HTTP 404" in err and "tenants asked for: missing" in err
+    assert 8 <= len(FakeOpenAI.seen) < 20  # stopped: in-flight ones finished, no more were sent
+
+
+def test_overload_or_mixed_errors_do_not_stop_a_run(fake_server):
+    run, _ = _run(fake_server, "completions", ("busy",), count=12)  # 429: the server is there, just full
+    assert len(run.results) == 12 and run.stopped is None
+    run, _ = _run(fake_server, "completions", ("missing", "acme"), count=12)  # some succeed
+    assert len(run.results) == 12 and run.stopped is None

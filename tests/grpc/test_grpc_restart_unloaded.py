@@ -54,3 +54,22 @@ def test_unloaded_adapters_stay_unloaded_when_restarted_with_the_same_flags(tmp_
         assert set(_served(engine)) == {"tenant-000", "upper"}
     finally:
         engine.shutdown()
+
+
+def test_a_restart_warns_once_per_start_flag_the_store_overrides(tmp_path, caplog):
+    store = tmp_path / "store"
+    flags = ("--adapter-dir", str(store), "--adapter", f"upper={CASES / TIED}", "--adapter", f"other={CASES / TIED}")
+    engine, server, names = _build(*flags)
+    try:  # what a hot-swap or an upload does: a new version of "upper" with other weights
+        assert engine.adapters.register_dir("upper", CASES / "lora-rslora").version == 2
+    finally:
+        engine.shutdown()
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.serve"):
+        engine, server, names = _build(*flags)
+    try:
+        assert _served(engine) == {"upper": 2, "other": 1}
+        warned = [r.getMessage() for r in caplog.records if r.name == "nlora_serve.serve"]
+        assert len(warned) == 1  # "other" still serves its folder's weights: nothing to say
+        assert f"--adapter upper={CASES / TIED}" in warned[0] and "serving upper v2 instead" in warned[0]
+    finally:
+        engine.shutdown()

@@ -10,6 +10,7 @@ import time
 import httpx2
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from http_harness import TENANTS, base_url, client, scrape
@@ -169,3 +170,18 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(http_server):
     assert err.value.body["code"] == "request_too_large"
     reply = httpx2.get(f"{base_url(http_server)}/models/nosuch")  # a route we do not serve
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
+
+
+def test_metrics_on_the_http_port_without_a_key(http_server):
+    """vLLM serves /metrics on its API port; so do we, keyless even with auth on, the same registry
+    as --metrics-port (an unkeyed scrape must not count as a refused request)."""
+    url = base_url(http_server).removesuffix("/v1") + "/metrics"
+    reply = httpx2.get(url)
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    on_api_port = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(reply.text) for s in f.samples}
+    separate = scrape(http_server)
+    assert set(on_api_port) == set(separate)
+    assert ("nlora_requests_rejected_total", (HTTP, ("reason", "unauthenticated"))) in on_api_port
+    assert on_api_port[("nlora_requests_rejected_total", (HTTP, ("reason", "unauthenticated")))] == \
+        separate[("nlora_requests_rejected_total", (HTTP, ("reason", "unauthenticated")))]

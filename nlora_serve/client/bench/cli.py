@@ -151,7 +151,8 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark (or ``--compare``); returns 0, or 1 when every request failed.
 
     Raises:
-        BenchError: an invalid flag combination, or an unreadable prompt or result file.
+        BenchError: an invalid flag combination, an unreadable prompt or result file, or a run
+            stopped early because its first requests all failed alike (the cause, once).
     """
     try:
         if args.compare:
@@ -163,6 +164,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from nlora_serve.client.bench.report import Slo, summarize, table, to_json
 
     run = asyncio.run(_run(workload, target, shape, not args.no_progress))
+    if run.stopped:
+        raise BenchError(f"bench stopped early: {run.stopped}")
     summary = summarize(run, Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2el_ms))
     config = {k: _jsonable(v) for k, v in vars(args).items() if k not in SECRET_FLAGS and not callable(v)}
     print(table(summary))

@@ -5,6 +5,10 @@ Open loop sends request i at its arrival time whatever the server is doing (so q
 in TTFT), optionally capped at ``max_concurrency`` in flight as vLLM ``benchmarks/serve`` does.
 Closed loop keeps exactly ``concurrency`` requests in flight: each worker sends the next request
 as soon as its previous one ends, ignoring the workload's arrival times.
+
+A run whose first :data:`FIRST_REQUESTS` results all fail with one error code that retrying would
+not cure (an unknown model, a bad key: anything but overload) stops sending: what is in flight
+finishes and :attr:`RunRecord.stopped` gives the cause, once, instead of the same error N times.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from nlora_serve.client.bench.targets import RequestResult
 from nlora_serve.client.bench.workload import BenchRequest, Workload
 
 MODES = ("open", "closed")
+FIRST_REQUESTS = 8  # results that decide an early stop (fewer when the run sends fewer)
+TRANSIENT = ("HTTP 429", "HTTP 503", "RESOURCE_EXHAUSTED", "UNAVAILABLE")  # overload: no reason to stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,15 +54,31 @@ class RunRecord:
 
     results: list[RequestResult]
     duration_s: float
+    stopped: str | None = None  # why the run stopped early (the first requests' common error), else None
+
+
+def stop_cause(results: list[RequestResult], first: int) -> str | None:
+    """The cause to stop on when the first ``first`` results all failed with one non-transient
+    code, naming the code, the tenants (models) asked for and the server's message; else None."""
+    head = results[:first]
+    codes = {r.error for r in head}
+    if len(head) < first or len(codes) != 1 or None in codes or head[0].error in TRANSIENT:
+        return None
+    tenants = sorted({r.tenant or "(base model)" for r in head})
+    return (f"the first {first} requests all failed with {head[0].error} (tenants asked for: {', '.join(tenants)}): "
+            f"{head[0].error_message}")
 
 
 async def run_load(workload: Workload, target, shape: LoadShape, progress: bool = True) -> RunRecord:
     """Run ``workload`` against an entered ``target``. A request whose ``send`` raises is recorded
-    with the exception's class name as its error code; the run itself goes on."""
+    with the exception's class name as its error code; the run itself goes on, unless its first
+    requests all fail alike (see the module docstring)."""
     bar = tqdm(total=shape.num_requests, unit="req", desc=f"bench {target.name} ({shape.mode} loop)",
                disable=not progress, dynamic_ncols=True)
     results: list[RequestResult] = []
     start = time.perf_counter()
+    first = min(FIRST_REQUESTS, shape.num_requests or FIRST_REQUESTS)
+    halt, cause = asyncio.Event(), []
 
     async def one(req: BenchRequest) -> None:
         sent = time.perf_counter()
@@ -69,38 +91,45 @@ async def run_load(workload: Workload, target, shape: LoadShape, progress: bool 
         bar.update(1)
         if res.error:
             bar.set_postfix(errors=sum(not r.ok for r in results), refresh=False)
+        if len(results) == first and (why := stop_cause(results, first)):
+            cause.append(why)
+            halt.set()
 
     with bar:
         if shape.mode == "open":
-            await _open_loop(workload, shape, one, start)
+            await _open_loop(workload, shape, one, start, halt)
         else:
-            await _closed_loop(workload, shape, one, start)
+            await _closed_loop(workload, shape, one, start, halt)
     results.sort(key=lambda r: r.index)
-    return RunRecord(results, time.perf_counter() - start)
+    return RunRecord(results, time.perf_counter() - start, cause[0] if cause else None)
 
 
-async def _open_loop(workload: Workload, shape: LoadShape, one, start: float) -> None:
+async def _open_loop(workload: Workload, shape: LoadShape, one, start: float, halt: asyncio.Event) -> None:
     cap = asyncio.Semaphore(shape.concurrency) if shape.concurrency else contextlib.nullcontext()
 
     async def capped(req: BenchRequest) -> None:
         async with cap:
-            await one(req)
+            if not halt.is_set():  # queued behind the cap when the run stopped: never sent
+                await one(req)
 
     tasks = []
     for req in workload.requests(shape.num_requests, shape.duration_s):
         delay = start + req.arrival_s - time.perf_counter()
         if delay > 0:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):  # the arrival time, unless the run stops first
+                await asyncio.wait_for(halt.wait(), delay)
+        if halt.is_set():
+            break
         tasks.append(asyncio.create_task(capped(req)))
     await asyncio.gather(*tasks)
 
 
-async def _closed_loop(workload: Workload, shape: LoadShape, one, start: float) -> None:
+async def _closed_loop(workload: Workload, shape: LoadShape, one, start: float, halt: asyncio.Event) -> None:
     source = workload.requests(shape.num_requests)  # shared: each worker takes the next request
 
     async def worker() -> None:
         for req in source:
-            if shape.duration_s is not None and time.perf_counter() - start >= shape.duration_s:
+            if halt.is_set() or (shape.duration_s is not None and time.perf_counter() - start >= shape.duration_s):
                 return
             await one(req)
 

