@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from nlora_serve.adapters.pool import Placement
-from nlora_serve.engine.batch_info import BatchInfo, build_batch_info
+from nlora_serve.engine.batch_info import BatchInfo
 from nlora_serve.engine.kv_cache import allocate_kv_cache
 from nlora_serve.engine.llama import AdapterHook, Attention, LlamaModel
 from nlora_serve.engine.scheduler import ScheduledBatch
 from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.step_inputs import StepInputs
 from nlora_serve.models import BaseModel
 
 
@@ -22,7 +23,7 @@ class ModelRunner:
         self.model = LlamaModel(base, max_model_len, self.device)
         self.spec, self.dtype = base.spec, base.dtype
         self.block_size = block_size
-        self.decode_splits = 1  # KV splits of the Triton decode attention (set with it); the CPU ignores it
+        self.inputs = StepInputs(block_size, 1, self.device, gather_layout=True)  # reset by set_attention
         self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
@@ -31,10 +32,15 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.spec, num_blocks, self.block_size, self.dtype, self.device)
         return self.kv_cache
 
-    def set_attention(self, attention: Attention, decode_splits: int = 1) -> None:
-        """See :meth:`LlamaModel.set_attention`; ``decode_splits`` goes into every step's BatchInfo."""
+    def set_attention(self, attention: Attention, decode_splits: int = 1, gather_layout: bool = True) -> None:
+        """See :meth:`LlamaModel.set_attention`; ``decode_splits`` goes into every step's BatchInfo;
+        ``gather_layout``: whether ``attention`` reads BatchInfo's gather tables (the torch SDPA one)."""
         self.model.set_attention(attention)
-        self.decode_splits = decode_splits
+        self.inputs = StepInputs(self.block_size, decode_splits, self.device, gather_layout)
+
+    @property
+    def decode_splits(self) -> int:
+        return self.inputs.decode_splits
 
     def placement(self) -> Placement:
         """Where adapter pools go: this runner's device, reading its placed (fused) base weights."""
@@ -53,23 +59,10 @@ class ModelRunner:
         return [p for p in pairs if p[1] == 1] + [p for p in pairs if p[1] != 1]
 
     def prepare(self, pairs: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, BatchInfo]:
-        """``input_ids`` [T], ``positions`` [T] (int64) and the step's :class:`BatchInfo`."""
-        ids: list[int] = []
-        positions: list[int] = []
-        for seq, n in pairs:
-            start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-        info = build_batch_info(
-            query_lens=[n for _, n in pairs],
-            context_lens=[s.num_computed_tokens + n for s, n in pairs],
-            block_tables=[s.block_table for s, _ in pairs],
-            samples=[s.num_computed_tokens + n == s.num_tokens for s, n in pairs],
-            block_size=self.block_size, decode_splits=self.decode_splits)
-        if self.device.type != "cpu":
-            info = info.to(self.device)
-        ids_t = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
-        return ids_t, torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True), info
+        """``input_ids`` [T], ``positions`` [T] (int64) and the step's :class:`BatchInfo`, on the device
+        in one host-to-device copy (:class:`StepInputs`)."""
+        input_ids, positions, info, _ = self.inputs.build(pairs)
+        return input_ids, positions, info
 
     @torch.inference_mode()
     def execute(self, pairs: list[tuple[Sequence, int]]) -> torch.Tensor:
