@@ -24,6 +24,7 @@ class ModelRunner:
         self.spec, self.dtype = base.spec, base.dtype
         self.block_size = block_size
         self.inputs = StepInputs(block_size, 1, self.device, gather_layout=True)  # reset by set_attention
+        self.adapter_hook = None  # the AdapterHook, when adapters are served
         self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
@@ -49,8 +50,9 @@ class ModelRunner:
                          lambda layer, module: model.projection(layer, module).module_bias(module))
 
     def set_adapter_hook(self, hook: AdapterHook | None) -> None:
-        """See :meth:`LlamaModel.set_adapter_hook`."""
+        """See :meth:`LlamaModel.set_adapter_hook`; a decode step's adapter slots ride in the step's copy."""
         self.model.set_adapter_hook(hook)
+        self.adapter_hook = hook
 
     @staticmethod
     def order(batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
@@ -61,7 +63,10 @@ class ModelRunner:
     def prepare(self, pairs: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, BatchInfo]:
         """``input_ids`` [T], ``positions`` [T] (int64) and the step's :class:`BatchInfo`, on the device
         in one host-to-device copy (:class:`StepInputs`)."""
-        input_ids, positions, info, _ = self.inputs.build(pairs)
+        hook = self.adapter_hook
+        input_ids, positions, info, rows = self.inputs.build(pairs, hook.step_rows() if hook is not None else [])
+        if hook is not None:
+            hook.bind_rows(rows)
         return input_ids, positions, info
 
     @torch.inference_mode()
