@@ -10,6 +10,7 @@ token costs one ``if`` per projection.
 from __future__ import annotations
 
 from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,34 @@ class AdapterHook:
             batch = build_adapter_batch(token_slots, pool.slot_ranks, pool.slot_scalings,
                                         pool.slot_families, device=device)
             self._entries.append((pool, batch))
+
+    def graphable(self) -> bool:
+        """True when this step's adapters (if any) run the fixed-grid decode form."""
+        return not self._entries
+
+    def decode_pools(self) -> list:
+        """The pools of this decode step, in :meth:`step_rows` order."""
+        return [e.pool for e in self._decode]
+
+    def decode_slot_rows(self) -> list[torch.Tensor]:
+        """This decode step's per-token slot rows on the device (after :meth:`bind_rows`)."""
+        return [e.slots for e in self._decode]
+
+    def prepare_pools(self, pools: list, device: torch.device) -> None:
+        """Put each pool's per-slot tables on the device now (before a CUDA graph captures reads of them)."""
+        for pool in pools:
+            self._pool_facts(pool, device)
+
+    @contextmanager
+    def static_decode(self, pools: list, slot_rows: list[torch.Tensor]):
+        """Within the block, the decode form reads ``slot_rows`` (a graph's static buffers) and derives
+        its layout from them afresh at the first projection, as a captured graph does at every replay."""
+        saved = self._decode
+        self._decode = [_DecodeEntry(pool, slot_rows[i], slot_rows[i]) for i, pool in enumerate(pools)]
+        try:
+            yield
+        finally:
+            self._decode = saved
 
     def step_rows(self) -> list[torch.Tensor]:
         """The host [T] int32 slot rows of a decode step, for the step's one host-to-device copy."""

@@ -109,6 +109,9 @@ class EngineConfig:
     # CUDA: share of the GPU's memory the engine may use; the KV cache gets what is left of it
     # after the weights, the adapters' pools and a profiling forward at the step's token budget
     gpu_memory_utilization: float = 0.9
+    # CUDA + Triton: decode steps replay CUDA graphs (engine/cuda_graphs.py); True runs every step
+    # eagerly (vLLM's --enforce-eager)
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in (torch.float32, torch.bfloat16):

@@ -87,6 +87,8 @@ class EngineCore:
         num_blocks = num_kv_blocks(config, self.runner)
         config.check_capacity(num_blocks)
         self.runner.allocate_kv_cache(num_blocks)
+        if self.device.type == "cuda" and config.kernel_backend == "triton" and not config.enforce_eager:
+            self.runner.enable_graphs(sched.max_num_seqs)
         self.blocks = BlockManager(num_blocks, cache.block_size)
         self.scheduler = Scheduler(sched, self.blocks)
         self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits,
@@ -237,7 +239,7 @@ class EngineCore:
         """Counters and gauges: running/waiting requests, KV blocks used/total, tokens, steps."""
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_used": self.blocks.num_used_blocks, "kv_blocks_total": self.blocks.num_blocks,
-                **self.counters}
+                **self.counters, **self.runner.step_counts}
 
 
 def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int) -> None:

@@ -6,6 +6,7 @@ import torch
 
 from nlora_serve.adapters.pool import Placement
 from nlora_serve.engine.batch_info import BatchInfo
+from nlora_serve.engine.cuda_graphs import CudaGraphCapture, DecodeGraphs
 from nlora_serve.engine.kv_cache import allocate_kv_cache
 from nlora_serve.engine.llama import AdapterHook, Attention, LlamaModel
 from nlora_serve.engine.scheduler import ScheduledBatch
@@ -25,6 +26,8 @@ class ModelRunner:
         self.block_size = block_size
         self.inputs = StepInputs(block_size, 1, self.device, gather_layout=True)  # reset by set_attention
         self.adapter_hook = None  # the AdapterHook, when adapters are served
+        self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps (enable_graphs)
+        self.step_counts = {"graph_steps": 0, "eager_steps": 0}  # decode steps replayed / all others
         self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
@@ -32,6 +35,21 @@ class ModelRunner:
         self.kv_cache = None
         self.kv_cache = allocate_kv_cache(self.spec, num_blocks, self.block_size, self.dtype, self.device)
         return self.kv_cache
+
+    def enable_graphs(self, max_num_seqs: int, capture=None) -> None:
+        """Replay decode steps of up to ``max_num_seqs`` sequences as CUDA graphs (engine/cuda_graphs.py).
+
+        Needs the Triton attention (its grids do not depend on the step). Reallocates the KV cache
+        with one more block, the sink that padded rows write into (the block manager never sees
+        it). ``capture``: the seam (default :class:`CudaGraphCapture`; tests pass :class:`EagerCapture`).
+        """
+        if self.inputs.gather_layout:
+            raise ValueError("CUDA graphs need the Triton attention (kernel_backend 'triton')")
+        num_blocks = self.kv_cache.shape[2]
+        self.allocate_kv_cache(num_blocks + 1)
+        max_blocks = -(-self.model.cos.shape[0] // self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, max_blocks, self.inputs.decode_splits,
+                                   capture if capture is not None else CudaGraphCapture())
 
     def set_attention(self, attention: Attention, decode_splits: int = 1, gather_layout: bool = True) -> None:
         """See :meth:`LlamaModel.set_attention`; ``decode_splits`` goes into every step's BatchInfo;
@@ -73,4 +91,10 @@ class ModelRunner:
     def execute(self, pairs: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Run one step. Returns [R, V] float32 logits, one row per sampling sequence, in ``pairs`` order."""
         input_ids, positions, info = self.prepare(pairs)
+        hook = self.adapter_hook
+        if (self.graphs is not None and info.num_decodes == len(pairs) and self.graphs.size_for(len(pairs))
+                and (hook is None or hook.graphable())):
+            self.step_counts["graph_steps"] += 1
+            return self.graphs.run(input_ids, positions, info, hook)
+        self.step_counts["eager_steps"] += 1
         return self.model(input_ids, positions, self.kv_cache, info)
