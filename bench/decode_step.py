@@ -95,7 +95,7 @@ class LeanDecode:
     def step(self) -> torch.Tensor:
         b, hd = self.ids.shape[0], self.hd
         x = F.embedding(self.ids, self.embed).float()
-        cos, sin = self.cos[self.pos], self.sin[self.pos]
+        cos, sin = self.cos.index_select(0, self.pos.view(1)), self.sin.index_select(0, self.pos.view(1))
         mask = (self.keys <= self.pos).view(1, 1, 1, -1)
         for (wqkv, wo, wgu, wd), kv in zip(self.layers, self.cache):
             qkv = F.linear(F.rms_norm(x, x.shape[-1:], self.norm).to(wqkv.dtype), wqkv)

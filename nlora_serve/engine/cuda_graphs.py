@@ -127,8 +127,7 @@ class DecodeGraphs:
             self.graphs[key] = self._capture(size, pools, hook)
         replay, out, slot_rows = self.graphs[key]
         self._load(n, size, input_ids, positions, info, slot_rows, hook)
-        with hook.static_decode(pools, slot_rows) if hook is not None else nullcontext():
-            replay()
+        replay()
         self.replayed += 1
         return out[:n]
 
@@ -151,10 +150,12 @@ class DecodeGraphs:
             hook.prepare_pools(pools, self.kv_cache.device)  # device tables exist before capture
 
         def step() -> torch.Tensor:
-            return self.model(self.input_ids[:size], self.positions[:size], self.kv_cache, info)
+            # fresh hook state per call: the warm-up call must not leave the capture a layout
+            # derived outside the graph (it would replay that one forever)
+            with hook.static_decode(pools, slot_rows) if hook is not None else nullcontext():
+                return self.model(self.input_ids[:size], self.positions[:size], self.kv_cache, info)
 
-        with hook.static_decode(pools, slot_rows) if hook is not None else nullcontext():
-            replay, out = self.capture.capture(step)
+        replay, out = self.capture.capture(step)
         return replay, out, slot_rows
 
     def _pad(self, n: int, size: int, slot_rows: list[torch.Tensor]) -> None:
