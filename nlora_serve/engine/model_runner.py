@@ -25,7 +25,7 @@ class ModelRunner:
         self.spec, self.dtype = base.spec, base.dtype
         self.block_size = block_size
         self.inputs = StepInputs(block_size, 1, self.device, gather_layout=True)  # reset by set_attention
-        self.adapter_hook = None  # the AdapterHook, when adapters are served
+        self.adapter_hook = None  # the AdapterHook, when adapters are served (see set_adapter_hook)
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps (enable_graphs)
         self.step_counts = {"graph_steps": 0, "eager_steps": 0}  # decode steps replayed / all others
         self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
@@ -70,7 +70,8 @@ class ModelRunner:
     def set_adapter_hook(self, hook: AdapterHook | None) -> None:
         """See :meth:`LlamaModel.set_adapter_hook`; a decode step's adapter slots ride in the step's copy."""
         self.model.set_adapter_hook(hook)
-        self.adapter_hook = hook
+        # the engine's AdapterHook takes part in the step's copy and graphs; a plain callable does not
+        self.adapter_hook = hook if hasattr(hook, "step_rows") else None
 
     @staticmethod
     def order(batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
