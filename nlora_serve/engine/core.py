@@ -88,7 +88,7 @@ class EngineCore:
         config.check_capacity(num_blocks)
         self.runner.allocate_kv_cache(num_blocks)
         if self.device.type == "cuda" and config.kernel_backend == "triton" and not config.enforce_eager:
-            self.runner.enable_graphs(sched.max_num_seqs)
+            self.runner.enable_graphs(sched.max_num_seqs, capture_now=True)
         self.blocks = BlockManager(num_blocks, cache.block_size)
         self.scheduler = Scheduler(sched, self.blocks)
         self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits,

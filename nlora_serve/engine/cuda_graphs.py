@@ -112,6 +112,15 @@ class DecodeGraphs:
         self.graphs: dict[tuple, tuple[Callable[[], None], torch.Tensor, list[torch.Tensor]]] = {}
         self.replayed = 0
 
+    def capture_base(self) -> None:
+        """Capture the no-adapter graph of every size now, largest first (as vLLM does at start-up),
+        so first-use captures and the kernels' compiles stay out of serving. Adapter graphs are
+        captured on first use (which pools a step needs is known only then)."""
+        for size in reversed(self.sizes):
+            key = self.key(size, [])
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(size, [], None)
+
     def size_for(self, n: int) -> int | None:
         """The capture size a step of ``n`` decodes replays at, or None (too large: eager)."""
         return next((s for s in self.sizes if s >= n), None)

@@ -36,12 +36,13 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.spec, num_blocks, self.block_size, self.dtype, self.device)
         return self.kv_cache
 
-    def enable_graphs(self, max_num_seqs: int, capture=None) -> None:
+    def enable_graphs(self, max_num_seqs: int, capture=None, capture_now: bool = False) -> None:
         """Replay decode steps of up to ``max_num_seqs`` sequences as CUDA graphs (engine/cuda_graphs.py).
 
         Needs the Triton attention (its grids do not depend on the step). Reallocates the KV cache
         with one more block, the sink that padded rows write into (the block manager never sees
         it). ``capture``: the seam (default :class:`CudaGraphCapture`; tests pass :class:`EagerCapture`).
+        ``capture_now``: capture the no-adapter graph of every size here (start-up, not serving).
         """
         if self.inputs.gather_layout:
             raise ValueError("CUDA graphs need the Triton attention (kernel_backend 'triton')")
@@ -50,6 +51,9 @@ class ModelRunner:
         max_blocks = -(-self.model.cos.shape[0] // self.block_size)
         self.graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, max_blocks, self.inputs.decode_splits,
                                    capture if capture is not None else CudaGraphCapture())
+        if capture_now:
+            with torch.inference_mode():
+                self.graphs.capture_base()
 
     def set_attention(self, attention: Attention, decode_splits: int = 1, gather_layout: bool = True) -> None:
         """See :meth:`LlamaModel.set_attention`; ``decode_splits`` goes into every step's BatchInfo;

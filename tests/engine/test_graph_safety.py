@@ -93,7 +93,8 @@ def test_decode_graphs_safe_and_right_after_tenants_join(tiny, tmp_path, monkeyp
     monkeypatch.setattr(TiedPool.__init__, "__defaults__", (1, None))  # one slot: the 2nd tied tenant grows it
     capture = EagerCapture(check=True)
     with _engine(tiny, tmp_path) as engine:
-        engine.core.runner.enable_graphs(8, capture)
+        engine.core.runner.enable_graphs(8, capture, capture_now=True)
+        assert sorted(k[0] for k in engine.core.runner.graphs.graphs) == [1, 2, 4, 8]  # base graphs, start-up
         for name in ("tied", "lora_attn"):
             engine.adapters.register_dir(name, tiny[2][name][0])
         _run(engine, tiny, [None, "tied", "lora_attn"], seed=1)
