@@ -8,7 +8,10 @@
 #      model of the default's shape (base, tied and LoRA requests mixed; fp32 TF32 off <= 1e-4 and
 #      top token equal where decided; bf16 <= 2e-2);
 #   3. adapter_kernels: per path, CUDA-graph time per decoder layer vs the base GEMMs, share of bound;
-#   4. engine_bench: bench/engine.py on CUDA (bf16; base, tied64, lora8) against HF generate.
+#   4. engine_bench: bench/engine.py on CUDA (bf16; base, tied64, lora8) against HF generate (64
+#      requests), engine_256: base against HF generate at 256 requests;
+#   5. decode_step: our decode step per loop iteration (CUDA graphs, and --enforce-eager) against a
+#      lean plain-torch CUDA-graphed step of the same shape at B = 64 and 256, graph replay share.
 # Needs only torch + triton + transformers + peft + pytest + numpy (the device image has them);
 # the package is used from the working tree. Writes under $OUT (default bench/out/gpu).
 #
@@ -21,7 +24,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TRITON_DEFAULT_FP_FUSION=1
 { nvidia-smi; $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
-'transformers', transformers.__version__, torch.cuda.get_device_name())"; } > "$OUT/device.txt" 2>&1
+'transformers', transformers.__version__, torch.cuda.get_device_name())"; } >> "$LOG" 2>&1
 
 step() {  # step NAME SECONDS COMMAND...: run, log, record the exit status
     local name=$1 limit=$2
@@ -42,4 +45,7 @@ step engine_check 100 $PY bench/gpu_engine_check.py --out "$OUT/engine_check.jso
 step adapter_kernels 90 $PY bench/adapter_kernels.py --rounds 5 --out "$OUT/adapter_kernels.json"
 step engine_bench 120 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
     --dtype bfloat16 --mix none tied64 lora8 --peer-mixes none --vllm-mixes --out "$OUT/engine.json"
+step engine_256 60 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
+    --dtype bfloat16 --mix none --peer-mixes none --vllm-mixes --num-requests 256 --out "$OUT/engine_256.json"
+step decode_step 90 $PY bench/decode_step.py --device cuda --batch 64 256 --steps 100 --out "$OUT/decode_step.json"
 ! grep -qv "rc=0" "$OUT/rc.txt"

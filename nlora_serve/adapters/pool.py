@@ -133,6 +133,7 @@ class _Pool:
             if site.bias is not None and key not in self.bias:
                 out = site.bias.shape[0]
                 self.bias[key] = torch.zeros(self.capacity, out, dtype=self.base.dtype, device=self.device)
+                self.generation += 1  # a new tensor: captured CUDA graphs must not keep reading without it
         for key, table in self.bias.items():
             site = adapter.sites.get(key)
             none = site is None or site.bias is None

@@ -9,12 +9,15 @@ token costs one ``if`` per projection.
 
 from __future__ import annotations
 
+from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from nlora_serve.kernels.decode_batch import DecodeAdapterBatch, derive_decode_batch
 from nlora_serve.kernels.dispatch import apply_adapters
-from nlora_serve.kernels.metadata import NO_ADAPTER, AdapterBatch, build_adapter_batch
+from nlora_serve.kernels.metadata import NO_ADAPTER, TIED, AdapterBatch, build_adapter_batch
 from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedProjection
 
 # The native ops run on one core and cost ~4 us (tied) / ~8 us (LoRA, r = 16) a token per layer;
@@ -38,6 +41,27 @@ class _Projection:
                 and (self.tied is not None or self.group is not None))
 
 
+@dataclass(slots=True)
+class _DecodeEntry:
+    """One pool in a decode step of the Triton backend: slots travel in the step's one copy."""
+
+    pool: object
+    host_slots: torch.Tensor  # [T] int32 on the host: each token's slot in this pool, −1 = none
+    slots: torch.Tensor | None = None  # the same on the device (a view of the step buffer)
+    batch: DecodeAdapterBatch | None = None  # derived on the device at the first projection
+
+
+@dataclass(slots=True)
+class _PoolFacts:
+    """A pool's per-slot tables on the device and its path flags, refreshed per pool generation."""
+
+    generation: int
+    families: torch.Tensor  # [S] int32
+    scalings: torch.Tensor  # [S] float32
+    has_tied: bool
+    has_group: bool
+
+
 class AdapterHook:
     """Callable installed on every fused projection (q/k/v, o, gate/up, down) of every layer.
 
@@ -57,6 +81,8 @@ class AdapterHook:
         self.native = native
         self.backend = "triton" if triton else None  # None: by device (Triton on CUDA, torch on the CPU)
         self._entries: list[tuple[object, AdapterBatch]] = []  # (pool, its batch) this step
+        self._decode: list[_DecodeEntry] = []  # instead of _entries on a Triton decode step
+        self._facts: dict[int, _PoolFacts] = {}  # id(pool) -> its device tables
         self._projections: dict[tuple[int, int, tuple[str, ...]], _Projection] = {}  # (pool id, layer, modules)
 
     def begin_step(self, versions: list, query_lens: list[int], device: torch.device) -> None:
@@ -68,9 +94,15 @@ class AdapterHook:
             query_lens: tokens each sequence contributes to this step (same order).
             device: where the activations live.
         """
-        self._entries = []
+        self._entries, self._decode = [], []
         pools = {id(v.pool): v.pool for v in versions if v is not None}
         if not pools:
+            return
+        if self.backend == "triton" and all(n == 1 for n in query_lens):
+            # a decode step: per-token slots only; everything else is derived on the device
+            self._decode = [_DecodeEntry(pool, torch.frombuffer(array("i", [
+                v.slot if v is not None and id(v.pool) == key else NO_ADAPTER for v in versions]), dtype=torch.int32))
+                for key, pool in pools.items()]
             return
         lens = torch.tensor(query_lens, dtype=torch.int64)
         for key, pool in pools.items():
@@ -81,9 +113,46 @@ class AdapterHook:
                                         pool.slot_families, device=device)
             self._entries.append((pool, batch))
 
+    def graphable(self) -> bool:
+        """True when this step's adapters (if any) run the fixed-grid decode form."""
+        return not self._entries
+
+    def decode_pools(self) -> list:
+        """The pools of this decode step, in :meth:`step_rows` order."""
+        return [e.pool for e in self._decode]
+
+    def decode_slot_rows(self) -> list[torch.Tensor]:
+        """This decode step's per-token slot rows on the device (after :meth:`bind_rows`)."""
+        return [e.slots for e in self._decode]
+
+    def prepare_pools(self, pools: list, device: torch.device) -> None:
+        """Put each pool's per-slot tables on the device now (before a CUDA graph captures reads of them)."""
+        for pool in pools:
+            self._pool_facts(pool, device)
+
+    @contextmanager
+    def static_decode(self, pools: list, slot_rows: list[torch.Tensor]):
+        """Within the block, the decode form reads ``slot_rows`` (a graph's static buffers) and derives
+        its layout from them afresh at the first projection, as a captured graph does at every replay."""
+        saved = self._decode
+        self._decode = [_DecodeEntry(pool, slot_rows[i], slot_rows[i]) for i, pool in enumerate(pools)]
+        try:
+            yield
+        finally:
+            self._decode = saved
+
+    def step_rows(self) -> list[torch.Tensor]:
+        """The host [T] int32 slot rows of a decode step, for the step's one host-to-device copy."""
+        return [e.host_slots for e in self._decode]
+
+    def bind_rows(self, rows: list[torch.Tensor]) -> None:
+        """Receive :meth:`step_rows` on the device (same order)."""
+        for entry, row in zip(self._decode, rows):
+            entry.slots = row
+
     def end_step(self) -> None:
         """Forget the step (no tensor of it outlives it)."""
-        self._entries = []
+        self._entries, self._decode = [], []
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, layer: int, modules: tuple[str, ...],
                  widths: list[int]) -> None:
@@ -91,6 +160,8 @@ class AdapterHook:
 
         ``x`` [T, in] is the projection's input; module i owns ``widths[i]`` columns, in order.
         """
+        for entry in self._decode:
+            self._apply_decode(entry, x, y, layer, modules, widths)
         for pool, batch in self._entries:
             proj = self._projection(pool, layer, modules, widths)
             if (self.native is not None and batch.num_tokens <= NATIVE_MAX_TOKENS and not y.is_cuda
@@ -107,6 +178,34 @@ class AdapterHook:
             if pool.bias:
                 for module, part in zip(modules, y.split(widths, dim=-1)):
                     pool.add_bias(part, batch, (layer, module))
+
+    def _apply_decode(self, entry: _DecodeEntry, x: torch.Tensor, y: torch.Tensor, layer: int,
+                      modules: tuple[str, ...], widths: list[int]) -> None:
+        """The fixed-grid Triton path: device ops and kernels only, no host value read back."""
+        if entry.batch is None:  # the first projection of the step (inside a captured graph too)
+            facts = self._pool_facts(entry.pool, y.device)
+            slots = entry.slots if entry.slots is not None else entry.host_slots.to(y.device)
+            entry.batch = derive_decode_batch(slots, facts.families, facts.scalings, entry.pool.rank,
+                                              facts.has_tied, facts.has_group)
+        proj = self._projection(entry.pool, layer, modules, widths)
+        for module, part, site in zip(modules, y.split(widths, dim=-1), proj.sites):
+            if site is not None:
+                from nlora_serve.kernels.triton_path import apply_triton_decode  # Triton only where it runs
+                apply_triton_decode(part, x, entry.batch, site)
+            table = entry.pool.bias.get((layer, module)) if entry.pool.bias else None
+            if table is not None:  # dense: every token gathers a row, non-adapted ones add zero
+                slots = entry.batch.token_slots
+                rows = table.index_select(0, slots.clamp(min=0))
+                part += torch.where((slots >= 0)[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+    def _pool_facts(self, pool, device: torch.device) -> _PoolFacts:
+        facts = self._facts.get(id(pool))
+        if facts is None or facts.generation != pool.generation:
+            families = pool.slot_families
+            facts = self._facts[id(pool)] = _PoolFacts(
+                pool.generation, families.to(device, torch.int32), pool.slot_scalings.to(device, torch.float32),
+                bool((families == TIED).any()), bool((families >= 0).any()))
+        return facts
 
     def _projection(self, pool, layer: int, modules: tuple[str, ...], widths: list[int]) -> _Projection:
         key = (id(pool), layer, modules)

@@ -6,7 +6,9 @@ The model sees ``(input_ids [T], positions [T])`` plus this object; nothing else
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, fields
+from itertools import chain
 
 import torch
 
@@ -35,8 +37,10 @@ class BatchInfo:
     slot_mapping: torch.Tensor  # [T] int64: flat KV slot (block * block_size + offset) each token writes
     logits_indices: torch.Tensor  # [R] int64: packed index of the last token of each sequence that samples
     num_decodes: int  # N: sequences 0..N-1 have one query token each; their tokens are 0..N-1
-    decode_block_tables: torch.Tensor  # [N, B] int64 block tables, padded with block 0 (masked out)
-    decode_mask: torch.Tensor  # [N, 1, 1, L] bool: True where the key position is < the context length
+    # the gather layout, read by the torch SDPA attention (engine/attention/cpu.py) only; a step built
+    # for the Triton attention leaves them None / empty (engine/step_inputs.py, gather_layout=False)
+    decode_block_tables: torch.Tensor | None  # [N, B] int64 block tables, padded with block 0 (masked out)
+    decode_mask: torch.Tensor | None  # [N, 1, 1, L] bool: True where the key position is < the context length
     prefills: list[PrefillChunk]  # sequences N..S-1, in packed order
     # read by the Triton attention (engine/attention/cuda.py); the kernels read these on the device
     block_tables: torch.Tensor  # [S, W] int32 every sequence's block table, padded with block 0 (never read)
@@ -60,7 +64,8 @@ def _move(value, device: torch.device):
 
 def build_batch_info(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
                      samples: list[bool], block_size: int, decode_splits: int = 1) -> BatchInfo:
-    """Lay out one step. Decodes (query length 1) must come first.
+    """Lay out one step on the host (CPU tensors, gather layout included). Decodes (query length 1)
+    must come first.
 
     Args:
         query_lens: tokens computed this step per sequence. context_lens: cached + new, per sequence.
@@ -70,42 +75,79 @@ def build_batch_info(query_lens: list[int], context_lens: list[int], block_table
             does not change from step to step (``kernels.paged_decode_attention.decode_num_splits``
             of max_model_len); the CPU attention ignores it.
     """
-    starts = [0]
-    slots: list[int] = []
-    for q, c, table in zip(query_lens, context_lens, block_tables):
-        starts.append(starts[-1] + q)
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(c - q, c))
-    num_decodes = next((i for i, q in enumerate(query_lens) if q != 1), len(query_lens))
-    logits_indices = [starts[i + 1] - 1 for i, s in enumerate(samples) if s]
-    tables, mask = _decode_tables(block_tables[:num_decodes], context_lens[:num_decodes], block_size)
-    prefills = [_prefill_chunk(starts[i], starts[i + 1], context_lens[i], block_tables[i], block_size)
-                for i in range(num_decodes, len(query_lens))]
-    return BatchInfo(query_starts=torch.tensor(starts), context_lens=torch.tensor(context_lens),
-                     slot_mapping=torch.tensor(slots, dtype=torch.long),
-                     logits_indices=torch.tensor(logits_indices, dtype=torch.long),
-                     num_decodes=num_decodes, decode_block_tables=tables, decode_mask=mask,
-                     prefills=prefills, block_tables=_all_tables(block_tables),
-                     max_query_len=max(query_lens[num_decodes:], default=0), decode_splits=decode_splits)
+    qlens = torch.tensor(query_lens, dtype=torch.long)
+    ctx = torch.tensor(context_lens, dtype=torch.long)
+    layout = flat_layout(qlens, ctx - qlens, block_tables, torch.tensor(samples, dtype=torch.bool), block_size)
+    n = layout.num_decodes
+    tables, mask = decode_tables(layout.block_tables[:n], [len(t) for t in block_tables[:n]], ctx[:n], block_size)
+    starts = layout.query_starts.tolist()
+    prefills = [prefill_chunk(starts[i], starts[i + 1], context_lens[i], block_tables[i], block_size)
+                for i in range(n, len(query_lens))]
+    return BatchInfo(query_starts=layout.query_starts, context_lens=ctx, slot_mapping=layout.slot_mapping,
+                     logits_indices=layout.logits_indices, num_decodes=n, decode_block_tables=tables,
+                     decode_mask=mask, prefills=prefills, block_tables=layout.block_tables.to(torch.int32),
+                     max_query_len=layout.max_query_len, decode_splits=decode_splits)
 
 
-def _all_tables(tables: list[list[int]]) -> torch.Tensor:
-    width = max((len(t) for t in tables), default=0)
-    padded = [t + [0] * (width - len(t)) for t in tables]
-    return torch.tensor(padded, dtype=torch.int32).view(len(tables), width)
+def ints(values) -> torch.Tensor:
+    """A 1-D int64 tensor from an iterable of ints (through ``array``: several times faster than
+    ``torch.tensor`` of a list)."""
+    return torch.frombuffer(array("q", values), dtype=torch.long) if values else torch.zeros(0, dtype=torch.long)
 
 
-def _decode_tables(tables: list[list[int]], context_lens: list[int],
-                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(t) for t in tables), default=0)
+def pad_tables(tables: list[list[int]]) -> torch.Tensor:
+    """[S, W] int64 block tables padded with block 0 (W = the longest), from one flat copy."""
+    lens = ints([len(t) for t in tables])
+    width = int(lens.max()) if lens.numel() else 0
     padded = torch.zeros(len(tables), width, dtype=torch.long)
-    for i, t in enumerate(tables):
-        padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    padded[torch.arange(width) < lens.unsqueeze(1)] = ints(list(chain.from_iterable(tables)))
+    return padded
+
+
+@dataclass(slots=True)
+class FlatLayout:
+    """The per-token and per-sequence index tensors of a step (host, int64), built without token loops."""
+
+    positions: torch.Tensor  # [T] position of each packed token in its sequence
+    query_starts: torch.Tensor  # [S + 1] as in BatchInfo
+    slot_mapping: torch.Tensor  # [T] flat KV slot each token writes
+    logits_indices: torch.Tensor  # [R] last token of each sampling sequence
+    block_tables: torch.Tensor  # [S, W] block tables padded with block 0
+    num_decodes: int  # N leading single-token sequences
+    max_query_len: int  # longest prefill chunk, 0 without prefills
+
+
+def flat_layout(qlens: torch.Tensor, computed: torch.Tensor, tables: list[list[int]], samples: torch.Tensor,
+                block_size: int) -> FlatLayout:
+    """Vectorised layout: ``qlens``, ``computed`` [S] int64 (new and cached tokens per sequence),
+    ``tables`` the block tables, ``samples`` [S] bool. One Python loop per sequence (padding its
+    block table); every per-token quantity is a tensor op."""
+    padded = pad_tables(tables)
+    starts = torch.zeros(qlens.numel() + 1, dtype=torch.long)
+    torch.cumsum(qlens, 0, out=starts[1:])
+    num = int(starts[-1])
+    owner = torch.repeat_interleave(torch.arange(qlens.numel()), qlens, output_size=num)  # [T] sequence index
+    positions = computed[owner] + torch.arange(num) - starts[owner]
+    slots = padded[owner, positions // block_size] * block_size + positions % block_size
+    not_one = (qlens != 1).nonzero()
+    n = int(not_one[0, 0]) if not_one.numel() else qlens.numel()
+    return FlatLayout(positions, starts, slots, starts[1:][samples] - 1, padded, n,
+                      int(qlens[n:].max()) if n < qlens.numel() else 0)
+
+
+def decode_tables(padded: torch.Tensor, num_blocks: list[int], context_lens: torch.Tensor,
+                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gather layout of N decodes: ``padded`` [N, W] int64 tables (padded with block 0),
+    ``num_blocks`` each one's table length, ``context_lens`` [N] int64. Returns the tables cut to
+    the longest decode table [N, B] and the key mask [N, 1, 1, B * block_size] bool."""
+    width = max(num_blocks, default=0)
+    tables = padded[:, :width].contiguous()
     keys = torch.arange(width * block_size)
-    mask = keys.unsqueeze(0) < torch.tensor(context_lens, dtype=torch.long).unsqueeze(1)
-    return padded, mask.view(len(tables), 1, 1, width * block_size)
+    mask = keys.unsqueeze(0) < context_lens.unsqueeze(1)
+    return tables, mask.view(len(num_blocks), 1, 1, width * block_size)
 
 
-def _prefill_chunk(start: int, end: int, context_len: int, table: list[int], block_size: int) -> PrefillChunk:
+def prefill_chunk(start: int, end: int, context_len: int, table: list[int], block_size: int) -> PrefillChunk:
     q = end - start
     blocks = torch.tensor(table[: -(-context_len // block_size)], dtype=torch.long)
     if q == context_len:

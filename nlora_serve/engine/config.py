@@ -123,6 +123,9 @@ class EngineConfig:
     # share full KV blocks between requests with the same prefix, adapter version and cache salt
     # (prefix_cache.py); False: every request computes its whole prompt (--no-enable-prefix-caching)
     enable_prefix_caching: bool = True
+    # CUDA + Triton: decode steps replay CUDA graphs (engine/cuda_graphs.py); True runs every step
+    # eagerly (vLLM's --enforce-eager)
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in (torch.float32, torch.bfloat16):

@@ -89,6 +89,8 @@ class EngineCore:
         num_blocks = num_kv_blocks(config, self.runner)
         config.check_capacity(num_blocks)
         self.runner.allocate_kv_cache(num_blocks)
+        if self.device.type == "cuda" and config.kernel_backend == "triton" and not config.enforce_eager:
+            self.runner.enable_graphs(sched.max_num_seqs, capture_now=True)
         blocks = PrefixCachingBlockManager if config.enable_prefix_caching else BlockManager
         self.blocks = blocks(num_blocks, cache.block_size)
         self.scheduler = Scheduler(sched, self.blocks)
@@ -245,7 +247,7 @@ class EngineCore:
                 "kv_blocks_used": self.blocks.num_used_blocks, "kv_blocks_total": self.blocks.num_blocks,
                 "prefix_cache_queries": getattr(self.blocks, "num_queries", 0),
                 "prefix_cache_hits": getattr(self.blocks, "num_hits", 0),
-                **self.counters}
+                **self.counters, **self.runner.step_counts}
 
 
 def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from nlora_serve.adapters.pool import Placement
-from nlora_serve.engine.batch_info import BatchInfo, build_batch_info
+from nlora_serve.engine.batch_info import BatchInfo
+from nlora_serve.engine.cuda_graphs import CudaGraphCapture, DecodeGraphs
 from nlora_serve.engine.kv_cache import allocate_kv_cache
 from nlora_serve.engine.llama import AdapterHook, Attention, LlamaModel
 from nlora_serve.engine.scheduler import ScheduledBatch
 from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.step_inputs import StepInputs
 from nlora_serve.models import BaseModel
 
 
@@ -22,7 +24,10 @@ class ModelRunner:
         self.model = LlamaModel(base, max_model_len, self.device)
         self.spec, self.dtype = base.spec, base.dtype
         self.block_size = block_size
-        self.decode_splits = 1  # KV splits of the Triton decode attention (set with it); the CPU ignores it
+        self.inputs = StepInputs(block_size, 1, self.device, gather_layout=True)  # reset by set_attention
+        self.adapter_hook = None  # the AdapterHook, when adapters are served (see set_adapter_hook)
+        self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps (enable_graphs)
+        self.step_counts = {"graph_steps": 0, "eager_steps": 0}  # decode steps replayed / all others
         self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
@@ -31,10 +36,34 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.spec, num_blocks, self.block_size, self.dtype, self.device)
         return self.kv_cache
 
-    def set_attention(self, attention: Attention, decode_splits: int = 1) -> None:
-        """See :meth:`LlamaModel.set_attention`; ``decode_splits`` goes into every step's BatchInfo."""
+    def enable_graphs(self, max_num_seqs: int, capture=None, capture_now: bool = False) -> None:
+        """Replay decode steps of up to ``max_num_seqs`` sequences as CUDA graphs (engine/cuda_graphs.py).
+
+        Needs the Triton attention (its grids do not depend on the step). Reallocates the KV cache
+        with one more block, the sink that padded rows write into (the block manager never sees
+        it). ``capture``: the seam (default :class:`CudaGraphCapture`; tests pass :class:`EagerCapture`).
+        ``capture_now``: capture the no-adapter graph of every size here (start-up, not serving).
+        """
+        if self.inputs.gather_layout:
+            raise ValueError("CUDA graphs need the Triton attention (kernel_backend 'triton')")
+        num_blocks = self.kv_cache.shape[2]
+        self.allocate_kv_cache(num_blocks + 1)
+        max_blocks = -(-self.model.cos.shape[0] // self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, max_blocks, self.inputs.decode_splits,
+                                   capture if capture is not None else CudaGraphCapture())
+        if capture_now:
+            with torch.inference_mode():
+                self.graphs.capture_base()
+
+    def set_attention(self, attention: Attention, decode_splits: int = 1, gather_layout: bool = True) -> None:
+        """See :meth:`LlamaModel.set_attention`; ``decode_splits`` goes into every step's BatchInfo;
+        ``gather_layout``: whether ``attention`` reads BatchInfo's gather tables (the torch SDPA one)."""
         self.model.set_attention(attention)
-        self.decode_splits = decode_splits
+        self.inputs = StepInputs(self.block_size, decode_splits, self.device, gather_layout)
+
+    @property
+    def decode_splits(self) -> int:
+        return self.inputs.decode_splits
 
     def placement(self) -> Placement:
         """Where adapter pools go: this runner's device, reading its placed (fused) base weights."""
@@ -43,8 +72,10 @@ class ModelRunner:
                          lambda layer, module: model.projection(layer, module).module_bias(module))
 
     def set_adapter_hook(self, hook: AdapterHook | None) -> None:
-        """See :meth:`LlamaModel.set_adapter_hook`."""
+        """See :meth:`LlamaModel.set_adapter_hook`; a decode step's adapter slots ride in the step's copy."""
         self.model.set_adapter_hook(hook)
+        # the engine's AdapterHook takes part in the step's copy and graphs; a plain callable does not
+        self.adapter_hook = hook if hasattr(hook, "step_rows") else None
 
     @staticmethod
     def order(batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
@@ -53,26 +84,22 @@ class ModelRunner:
         return [p for p in pairs if p[1] == 1] + [p for p in pairs if p[1] != 1]
 
     def prepare(self, pairs: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, BatchInfo]:
-        """``input_ids`` [T], ``positions`` [T] (int64) and the step's :class:`BatchInfo`."""
-        ids: list[int] = []
-        positions: list[int] = []
-        for seq, n in pairs:
-            start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-        info = build_batch_info(
-            query_lens=[n for _, n in pairs],
-            context_lens=[s.num_computed_tokens + n for s, n in pairs],
-            block_tables=[s.block_table for s, _ in pairs],
-            samples=[s.num_computed_tokens + n == s.num_tokens for s, n in pairs],
-            block_size=self.block_size, decode_splits=self.decode_splits)
-        if self.device.type != "cpu":
-            info = info.to(self.device)
-        ids_t = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
-        return ids_t, torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True), info
+        """``input_ids`` [T], ``positions`` [T] (int64) and the step's :class:`BatchInfo`, on the device
+        in one host-to-device copy (:class:`StepInputs`)."""
+        hook = self.adapter_hook
+        input_ids, positions, info, rows = self.inputs.build(pairs, hook.step_rows() if hook is not None else [])
+        if hook is not None:
+            hook.bind_rows(rows)
+        return input_ids, positions, info
 
     @torch.inference_mode()
     def execute(self, pairs: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Run one step. Returns [R, V] float32 logits, one row per sampling sequence, in ``pairs`` order."""
         input_ids, positions, info = self.prepare(pairs)
+        hook = self.adapter_hook
+        if (self.graphs is not None and info.num_decodes == len(pairs) and self.graphs.size_for(len(pairs))
+                and (hook is None or hook.graphable())):
+            self.step_counts["graph_steps"] += 1
+            return self.graphs.run(input_ids, positions, info, hook)
+        self.step_counts["eager_steps"] += 1
         return self.model(input_ids, positions, self.kv_cache, info)

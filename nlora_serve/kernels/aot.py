@@ -35,10 +35,11 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from nlora_serve.kernels.decode_batch import derive_decode_batch
 from nlora_serve.kernels.metadata import TIED, build_adapter_batch
 from nlora_serve.kernels.paged_decode_attention import decode_num_splits, paged_decode_attention
 from nlora_serve.kernels.paged_prefill_attention import paged_prefill_attention
-from nlora_serve.kernels.triton_path import apply_triton
+from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
 from nlora_serve.kernels.weights import SiteWeights
 
 # SmolLM2-135M: hidden 576, kv 192, intermediate 1536; the engine's fused GEMMs (in, module outs)
@@ -46,8 +47,10 @@ _GROUPS = ((576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (5
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _TENANTS = 64
 # Steps the engine runs: (name, tokens, how slots are drawn, families per slot)
+# ("-graph": the fixed-grid decode form that CUDA graphs replay, apply_triton_decode)
 _STEPS = (("decode-tied", 64, "distinct", "tied"), ("decode-lora", 64, "distinct", "lora8"),
-          ("prefill-lora", 512, "one", "lora8"), ("decode-tied-bias", 64, "distinct", "tied"))
+          ("prefill-lora", 512, "one", "lora8"), ("decode-tied-bias", 64, "distinct", "tied"),
+          ("decode-tied-graph", 64, "distinct", "tied"), ("decode-lora-graph", 64, "distinct", "lora8"))
 # Attention (rank 0 in the table): (query heads, KV heads, head_dim) of SmolLM2-135M and of a
 # Llama-3-8B shape; block_size 16, max_model_len 2048 (4 decode splits), q a strided view of qkv.
 _ATTN_SHAPES = ((9, 3, 64), (32, 8, 128))
@@ -153,12 +156,18 @@ def _step_launches(dtype: torch.dtype, rank: int, step: tuple) -> list[_Launch]:
              else torch.zeros(tokens, dtype=torch.int64))
     fams = torch.full((_TENANTS,), TIED) if families == "tied" else torch.arange(_TENANTS) % 8
     batch = build_adapter_batch(slots, torch.full((_TENANTS,), rank), torch.ones(_TENANTS), fams)
+    if name.endswith("-graph"):
+        apply = apply_triton_decode
+        batch = derive_decode_batch(slots.to(torch.int32), fams.to(torch.int32), torch.ones(_TENANTS), rank,
+                                    families == "tied", families != "tied")
+    else:
+        apply = apply_triton
     with _captured_launches() as launches:
         for dim_in, outs, sites in _layer_sites(dtype, rank, name.endswith("bias"), gen):
             x = torch.randn(tokens, dim_in, generator=gen).to(dtype)
             fused = torch.randn(tokens, sum(outs), generator=gen).to(dtype)
             for view, site in zip(fused.split(list(outs), dim=1), sites):
-                apply_triton(view, x, batch, site)
+                apply(view, x, batch, site)
     return launches
 
 
@@ -201,7 +210,8 @@ def compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks=(16,),
     """Compile every distinct kernel specialisation the engine's steps launch.
 
     For each (capability, dtype, rank): the launches of one decoder layer in each step of
-    ``_STEPS`` (tied decode, LoRA decode and prefill, tied with a bias), deduplicated by
+    ``_STEPS`` (tied decode, LoRA decode and prefill, tied with a bias, both decode forms CUDA
+    graphs replay), deduplicated by
     specialisation. Intermediates (z, u) are fp32, as the launchers allocate them. Then per
     (capability, dtype), recorded with rank 0: the paged attention launches of ``_ATTN_STEPS``
     at each head shape of ``_ATTN_SHAPES`` (steps named e.g. ``decode-attn-d64``).

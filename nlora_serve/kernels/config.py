@@ -22,6 +22,7 @@ _DEFAULTS = {
     "bgmv_shrink": {"BLOCK_K": 128, "num_warps": 4},
     "mix": {"BLOCK_T": 8, "num_warps": 4},
     "sgmv_expand": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 4},
+    "bgmv_expand": {"BLOCK_N": 128, "num_warps": 4},
     # attention ops: keyed by head_dim instead of rank (BLOCK_R = the padded head_dim); fp32's
     # "ieee" dots are FMA loops that need smaller tiles or more warps not to spill (aot.py)
     "paged_decode_attention": {"BLOCK_N": 64, "num_warps": 4},
@@ -79,6 +80,8 @@ def _config(op: str, rank: int, device_name: str) -> dict:
             cfg["num_warps"] = max(cfg["num_warps"], 8)
     if op == "bgmv_shrink":  # an [R, K] tile of A per step: keep it near 8K elements
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, 8192 // cfg["BLOCK_R"]))
+    if op == "bgmv_expand":  # a [BLOCK_N, R] tile of B per program: keep it near 8K elements
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, 8192 // cfg["BLOCK_R"]))
     if op == "mix":  # keep the [BLOCK_T, BLOCK_R, BLOCK_I] product tile near 4K elements
         cfg["BLOCK_T"] = max(1, min(cfg["BLOCK_T"], 4096 // (cfg["BLOCK_R"] ** 2)))
         cfg["BLOCK_I"] = min(cfg["BLOCK_R"], max(16, 4096 // (cfg["BLOCK_T"] * cfg["BLOCK_R"])))

@@ -86,6 +86,25 @@ def sgmv_expand(u, b_pool, seg_start, seg_len, seg_family, max_seg_len, tok_slot
     return y
 
 
+def bgmv_expand(u, b_pool, tok_family, tok_slot, y, slot_scalings=None):
+    """Semantics: y[t] += slot_scalings[tok_slot[t]] · B[f] u[t] for t with tok_slot[t] ≥ 0,
+    f = tok_family[t] (row 0 when tok_family is None; scaling 1 when slot_scalings is None);
+    other rows untouched.
+
+    u [T, R], b_pool [F, out, R], tok_family [T] int or None, tok_slot [T] int, y [T, out]
+    (modified in place), slot_scalings [S] float or None.
+    """
+    r = u.shape[1]
+    for t in range(u.shape[0]):
+        slot = int(tok_slot[t])
+        if slot < 0:
+            continue
+        b = b_pool[0 if tok_family is None else int(tok_family[t]), :, :r]
+        scale = 1.0 if slot_scalings is None else float(slot_scalings[slot])
+        y[t] += scale * (b @ u[t])
+    return y
+
+
 def apply_reference(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
                     site: SiteWeights) -> torch.Tensor:
     """The dispatch entry composed of the reference ops (same composition as the Triton path).

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from nlora_serve.kernels.bgmv_expand import bgmv_expand
 from nlora_serve.kernels.bgmv_shrink import bgmv_shrink
+from nlora_serve.kernels.decode_batch import DecodeAdapterBatch
 from nlora_serve.kernels.metadata import AdapterBatch
 from nlora_serve.kernels.mix import mix
 from nlora_serve.kernels.sgmv_expand import sgmv_expand
@@ -43,6 +45,36 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
     if u_tied is not None:
         sgmv_expand(u_tied, site.tied_b[None], batch.tseg_start, batch.tseg_len, None,
                     batch.max_tseg_len, batch.tok_tied_slot, batch.slot_scalings, y)
+    return y
+
+
+def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBatch,
+                        site: SiteWeights) -> torch.Tensor:
+    """The fixed-grid form for decode steps and CUDA graphs (same semantics as :func:`apply_triton`).
+
+    Launches, each with a grid of the token count (and output column blocks) only: tied path =
+    mix (z read from y) then, after the group adds, one BGMV expand by W[:, :R]; group path = BGMV
+    shrink with the mix fused, then one BGMV expand by each token's B. Which paths launch is the
+    pool's fact (``has_tied`` / ``has_group``), never the step's; tokens of the other path, or of
+    no adapter, are skipped inside the kernels. Nothing is read back to the host. y in place.
+
+    Raises:
+        ValueError: the site lacks a pool the batch's paths need, or the rank does not fit it.
+    """
+    r, num = batch.rank, batch.num_tokens
+    if batch.has_tied and (site.tied_b is None or site.tied_b.shape[1] < r):
+        raise ValueError(f"tied path needs tied_b [out, ≥{r}]")
+    if batch.has_group and (site.a_pool is None or site.b_pool is None):
+        raise ValueError("group path needs a_pool and b_pool")
+    u_tied = None
+    if batch.has_tied:
+        u_tied = mix(y, site.n_pool, batch.tok_tied_slot, _buffer(y, num, r), site.tied_bias)
+    if batch.has_group:
+        u = _buffer(y, num, r)
+        bgmv_shrink(x, site.a_pool, batch.tok_group_family, u, site.n_pool, batch.tok_group_slot)
+        bgmv_expand(u, site.b_pool, batch.tok_group_family, batch.tok_group_slot, y, batch.slot_scalings)
+    if u_tied is not None:
+        bgmv_expand(u_tied, site.tied_b[None], None, batch.tok_tied_slot, y, batch.slot_scalings)
     return y
 
 

@@ -22,6 +22,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     a("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"].default,
       help="CUDA: share of the GPU's memory the engine may use; the KV cache gets what the weights, adapter "
            "pools and a profiling forward leave (default: %(default)s)")
+    a("--enforce-eager", action="store_true", help="CUDA: run every step eagerly (no CUDA graphs for decode steps)")
     a("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs,
       help="sequences running at once, at most (default: %(default)s)")
     a("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens,
@@ -40,4 +41,5 @@ def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
                                 max_model_len=args.max_model_len)
     return EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype, device), device=device,
                         load_format=args.load_format, tokenizer=args.tokenizer,
-                        gpu_memory_utilization=args.gpu_memory_utilization, scheduler=scheduler, **fields)
+                        gpu_memory_utilization=args.gpu_memory_utilization, scheduler=scheduler,
+                        enforce_eager=args.enforce_eager, **fields)

@@ -16,7 +16,8 @@ from nlora_serve.kernels.aot import compile_all
 for c in compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks={RANKS!r}):
     print(json.dumps(dataclasses.asdict(c)))
 """
-KERNELS = {"_sgmv_shrink_kernel", "_bgmv_shrink_kernel", "_mix_kernel", "_sgmv_expand_kernel"}
+KERNELS = {"_sgmv_shrink_kernel", "_bgmv_shrink_kernel", "_mix_kernel", "_sgmv_expand_kernel",
+           "_bgmv_expand_kernel"}
 ATTENTION = {"_paged_decode_attention_kernel", "_paged_decode_merge_kernel",
              "_paged_prefill_attention_kernel"}
 DOTS = {"_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_paged_decode_attention_kernel",
@@ -43,7 +44,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_at_every_engine_step(compiled):
     for combo in combos:
         rows = [c for c in compiled if (c["capability"], c["dtype"], c["rank"]) == combo]
         steps = {s for c in rows for s in c["steps"]}
-        assert steps == {"decode-tied", "decode-lora", "prefill-lora", "decode-tied-bias"}
+        assert steps == {"decode-tied", "decode-lora", "prefill-lora", "decode-tied-bias", "decode-tied-graph",
+                         "decode-lora-graph"}
         # tied decode: mix + expand, no shrink; a bias is its own mix specialisation
         tied = {(c["kernel"], c["variant"]) for c in rows if "decode-tied" in c["steps"]}
         assert tied == {("_mix_kernel", "-"), ("_sgmv_expand_kernel", "-")}
@@ -52,6 +54,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90_at_every_engine_step(compiled):
         by_step = {s: {c["kernel"] for c in rows if s in c["steps"]} for s in steps}
         assert "_bgmv_shrink_kernel" in by_step["decode-lora"]
         assert "_sgmv_shrink_kernel" in by_step["prefill-lora"]
+        # the graphed decode form: per-token kernels only, grids of the token count
+        assert by_step["decode-tied-graph"] == {"_mix_kernel", "_bgmv_expand_kernel"}
+        assert by_step["decode-lora-graph"] == {"_bgmv_shrink_kernel", "_bgmv_expand_kernel"}
     for c in compiled:
         assert c["ptx_bytes"] > 0 and c["cubin_bytes"] > 0, f"no PTX or cubin for {c}"
 

@@ -15,7 +15,8 @@ __all__ = ["paged_attention", "select_attention", "write_kv"]
 
 
 def select_attention(kernel_backend: str, native=None, max_model_len: int = 2048):
-    """``(attention function, decode splits)`` of a kernel backend ("native", "torch" or "triton").
+    """``(attention function, decode splits, gather layout)`` of a kernel backend ("native", "torch"
+    or "triton"); gather layout: whether the function reads BatchInfo's host-built gather tables.
 
     ``native`` is the loaded NativeOps (None: torch's decode on the CPU). The Triton modules are
     imported only here, so the CPU engine never imports Triton; the decode split count is fixed
@@ -24,7 +25,7 @@ def select_attention(kernel_backend: str, native=None, max_model_len: int = 2048
     if kernel_backend == "triton":
         from nlora_serve.engine.attention.cuda import paged_attention as triton_attention
         from nlora_serve.kernels.paged_decode_attention import decode_num_splits
-        return triton_attention, decode_num_splits(max_model_len)
+        return triton_attention, decode_num_splits(max_model_len), False
     if kernel_backend == "native" and native is not None:
-        return functools.partial(paged_attention, native=native), 1
-    return paged_attention, 1
+        return functools.partial(paged_attention, native=native), 1, True
+    return paged_attention, 1, True

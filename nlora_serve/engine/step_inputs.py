@@ -1,0 +1,97 @@
+"""One step's model inputs from a few tensor ops and one host-to-device copy.
+
+Every integer a step needs (token ids, positions, query starts, context lengths, KV slot mapping,
+logits indices, block tables, and any extra per-token rows such as adapter slots) is written into
+one int32 host buffer (pinned when the target is a GPU), copied to the device in one
+``copy_(non_blocking=True)``, and read there as views. Nothing loops over tokens in Python: the
+loops are per sequence (their block tables and new token ids), everything per token is a tensor op.
+
+Why the pinned buffer may be reused: the engine reads each step's logits on the host (sampling)
+before it builds the next step, so the previous copy out of the buffer has finished by then.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+
+from nlora_serve.engine.batch_info import BatchInfo, decode_tables, flat_layout, ints, prefill_chunk
+from nlora_serve.engine.sequence import Sequence
+
+_I32, _I64 = torch.int32, torch.int64
+
+
+class StepInputs:
+    """Builds ``(input_ids [T], positions [T], BatchInfo, extra rows)`` for one device.
+
+    Args:
+        block_size: tokens per KV block. decode_splits: the Triton decode grid's KV splits.
+        device: where the model runs. gather_layout: also build the host-side decode gather
+            tables, masks and prefill chunks (the torch SDPA attention reads them; the Triton
+            attention does not, so a device step carries only the flat tensors).
+    """
+
+    def __init__(self, block_size: int, decode_splits: int, device: torch.device, gather_layout: bool) -> None:
+        self.block_size = block_size
+        self.decode_splits = decode_splits
+        self.device = torch.device(device)
+        self.gather_layout = gather_layout
+        self._pinned = self.device.type == "cuda"
+        self._host = torch.empty(0, dtype=_I32)  # reused staging buffer (grown, never shrunk)
+        self._dev = torch.empty(0, dtype=_I32, device=self.device)
+
+    def build(self, pairs: list[tuple[Sequence, int]], extra: list[torch.Tensor] = ()
+              ) -> tuple[torch.Tensor, torch.Tensor, BatchInfo, list[torch.Tensor]]:
+        """Lay out one step of ``(sequence, new tokens)`` pairs, decodes (1 token) first.
+
+        ``extra``: [T] int32 host rows (e.g. each token's adapter slot) carried in the same copy.
+        Returns int64 ``input_ids`` [T], ``positions`` [T], the :class:`BatchInfo`, and the extra
+        rows on the device (int32 views of the step buffer).
+        """
+        seqs = [s for s, _ in pairs]
+        qlens = ints([n for _, n in pairs])
+        computed = ints([s.num_computed_tokens for s in seqs])
+        tables = [s.block_table for s in seqs]
+        ctx = computed + qlens
+        samples = ctx == ints([len(s.token_ids) for s in seqs])
+        layout = flat_layout(qlens, computed, tables, samples, self.block_size)
+        ids = ints(list(chain.from_iterable(
+            s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n] for s, n in pairs)))
+        wide = [ids, layout.positions, layout.query_starts, ctx, layout.slot_mapping, layout.logits_indices]
+        wide, tables32, rows = self._copy(wide, layout.block_tables, list(extra))
+        input_ids, positions, starts, ctx_d, slots, logits_idx = wide
+        n = layout.num_decodes
+        info = BatchInfo(query_starts=starts, context_lens=ctx_d, slot_mapping=slots, logits_indices=logits_idx,
+                         num_decodes=n, decode_block_tables=None, decode_mask=None, prefills=[],
+                         block_tables=tables32, max_query_len=layout.max_query_len,
+                         decode_splits=self.decode_splits)
+        if self.gather_layout:
+            info.decode_block_tables, info.decode_mask = decode_tables(
+                layout.block_tables[:n], [len(t) for t in tables[:n]], ctx[:n], self.block_size)
+            bounds = layout.query_starts.tolist()
+            info.prefills = [prefill_chunk(bounds[i], bounds[i + 1], int(ctx[i]), tables[i], self.block_size)
+                             for i in range(n, len(seqs))]
+            info = info.to(self.device)  # a no-op for what is already there
+        return input_ids, positions, info, rows
+
+    def _copy(self, flat: list[torch.Tensor], tables: torch.Tensor, extra: list[torch.Tensor]):
+        """Pack into the staging buffer, one copy to the device, split into views there."""
+        sizes = [t.numel() for t in flat]
+        n64 = sum(sizes)
+        total = n64 + tables.numel() + sum(t.numel() for t in extra)
+        if self.device.type == "cpu":  # no copy: int64 tensors as they are, int32 tables
+            return flat, tables.to(_I32), [t.to(_I32) for t in extra]
+        if self._host.numel() < total:
+            self._host = torch.empty(max(total, 2 * self._host.numel()), dtype=_I32, pin_memory=self._pinned)
+            self._dev = torch.empty(self._host.numel(), dtype=_I32, device=self.device)
+        torch.cat([*flat, tables.view(-1), *extra], out=self._host[:total])
+        dev = self._dev[:total]
+        dev.copy_(self._host[:total], non_blocking=True)
+        wide = dev[:n64].long().split(sizes)  # one widening op for every index the model needs in int64
+        tables32 = dev[n64:n64 + tables.numel()].view(tables.shape)
+        rows, at = [], n64 + tables.numel()
+        for t in extra:
+            rows.append(dev[at:at + t.numel()])
+            at += t.numel()
+        return list(wide), tables32, rows

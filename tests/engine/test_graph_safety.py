@@ -1,0 +1,125 @@
+"""CUDA-graph safety of decode steps, checked on the CPU (issue 18's Done-when).
+
+The engine's CUDA path runs on CPU tensors (Triton under the interpreter) with its decode graphs
+captured through the CPU seam (:class:`EagerCapture`: replay re-runs the step on the same static
+buffers), and :class:`GraphSafetyMode` around capture and every replay fails on syncing or
+data-dependent ops and on reads of tensors at addresses the capture did not read. Tenants are
+registered after capture (a tied pool that grows, a LoRA pool that allocates new site tables);
+the greedy tokens must still equal transformers on merged weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from greedy_rule import matches_reference  # noqa: E402
+from tiny_llama import hf_greedy, make_tiny_llama, merged, random_factors, write_peft  # noqa: E402
+from nlora_serve.adapters.pool import TiedPool  # noqa: E402
+from nlora_serve.engine import cuda_graphs  # noqa: E402
+from nlora_serve.engine.api import EngineError  # noqa: E402
+from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from nlora_serve.engine.cuda_graphs import EagerCapture, capture_sizes  # noqa: E402
+from nlora_serve.engine.graph_safety import GraphSafetyError, GraphSafetyMode  # noqa: E402
+from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
+from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+
+RANK, ALPHA, NEW = 8, 16.0, 4
+
+
+def test_mode_refuses_syncs_data_dependent_shapes_and_new_addresses():
+    weight, x, grown = torch.randn(4, 4), torch.randn(3, 4), torch.randn(4, 4)
+    mode = GraphSafetyMode()
+    with mode.run(capture=True):
+        (x @ weight).relu()
+    with mode.run(capture=False):  # same tensors: a replay may read them
+        (x @ weight).relu()
+    assert mode.ops == 2
+    for bad in (lambda: (x > 0).nonzero(), lambda: float(x.sum()), lambda: x.unique(),
+                lambda: torch.repeat_interleave(torch.tensor([1, 2]))):
+        with pytest.raises(GraphSafetyError), mode.run(capture=False):
+            bad()
+    with pytest.raises(GraphSafetyError, match="address the capture did not read"), mode.run(capture=False):
+        x @ grown  # a tensor the capture never read: a pool's new tensor after it grew
+
+
+def test_capture_sizes_are_vllm_buckets():
+    assert capture_sizes(64)[:5] == (1, 2, 4, 8, 16) and capture_sizes(64)[-1] == 64
+    assert capture_sizes(20) == (1, 2, 4, 8, 16, 20)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, base_model_dir):
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_llama(root / "model")
+    kinds = {"tied": dict(tied=True, with_n=True, seed=1), "tied2": dict(tied=True, with_n=True, seed=4),
+             "lora_attn": dict(with_n=False, seed=3), "lora_all": dict(with_n=True, seed=2)}
+    tenants = {}
+    for name, kind in kinds.items():
+        factors = random_factors(model, rank=RANK, **kind)
+        if name == "lora_attn":  # attention only: lora_all's MLP tables are allocated after capture
+            factors = {k: v for k, v in factors.items() if k[1] in ("q_proj", "v_proj", "o_proj")}
+        tenants[name] = (write_peft(root / name, factors, rank=RANK, alpha=ALPHA),
+                         merged(model, factors, rank=RANK, alpha=ALPHA))
+    return root / "model", model, tenants, base_model_dir
+
+
+def _engine(tiny, tmp_path) -> LLMEngine:
+    model_dir, _, _, tokenizer_dir = tiny
+    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="triton",
+                          adapter_dir=str(tmp_path / "store"),
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                          cache=CacheConfig(block_size=16, num_blocks=24))
+    return LLMEngine(config)
+
+
+def _run(engine, tiny, names: list[str | None], seed: int):
+    _, model, tenants, _ = tiny
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 49152, (6 + 3 * i,), generator=gen).tolist() for i in range(len(names))]
+    params = SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0.0)
+    outs = engine.generate(prompts, params, names)
+    for name, prompt, out in zip(names, prompts, outs):
+        want, margins = hf_greedy(model if name is None else tenants[name][1], prompt, NEW)
+        assert out.adapter == name
+        assert matches_reference(out.token_ids, want, margins), (name, out.token_ids, want)
+
+
+def test_decode_graphs_safe_and_right_after_tenants_join(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(TiedPool.__init__, "__defaults__", (1, None))  # one slot: the 2nd tied tenant grows it
+    capture = EagerCapture(check=True)
+    with _engine(tiny, tmp_path) as engine:
+        engine.core.runner.enable_graphs(8, capture, capture_now=True)
+        assert sorted(k[0] for k in engine.core.runner.graphs.graphs) == [1, 2, 4, 8]  # base graphs, start-up
+        for name in ("tied", "lora_attn"):
+            engine.adapters.register_dir(name, tiny[2][name][0])
+        _run(engine, tiny, [None, "tied", "lora_attn"], seed=1)
+        before = dict(engine.core.runner.graphs.graphs)
+        assert before and engine.stats()["graph_steps"] >= NEW - 1
+        # after capture: the tied pool grows (new N tensor), the LoRA pool allocates MLP tables
+        for name in ("tied2", "lora_all"):
+            engine.adapters.register_dir(name, tiny[2][name][0])
+        _run(engine, tiny, [None, "tied2", "lora_all", "tied", "lora_attn"], seed=2)
+        stats = engine.stats()
+    assert capture.replays == stats["graph_steps"] and capture.checked_ops > 1000
+    assert stats["eager_steps"] >= 2  # the prefill steps
+
+
+def test_stale_graph_is_caught(tiny, tmp_path, monkeypatch):
+    """The check has teeth: keying graphs without the pools' generations replays a stale graph."""
+    monkeypatch.setattr(TiedPool.__init__, "__defaults__", (1, None))
+    # graphs keyed by size and pool identity only: growth goes unnoticed by the graphs (the hook
+    # itself still refreshes its views, as it does for eager steps)
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "key",
+                        staticmethod(lambda size, pools: (size, tuple((id(p), 0) for p in pools))))
+    with _engine(tiny, tmp_path) as engine:
+        engine.core.runner.enable_graphs(8, EagerCapture(check=True))
+        engine.adapters.register_dir("tied", tiny[2]["tied"][0])
+        _run(engine, tiny, ["tied"], seed=3)
+        engine.adapters.register_dir("tied2", tiny[2]["tied2"][0])
+        with pytest.raises(EngineError, match="GraphSafetyError: .* address the capture did not read"):
+            engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=NEW, temperature=0.0), ["tied2"])

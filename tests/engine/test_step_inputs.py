@@ -1,0 +1,71 @@
+"""Step inputs from tensor ops (engine/step_inputs.py): every index checked against numbers worked
+out by hand, and the single packed copy checked on a 'device' the test stands in for."""
+
+from __future__ import annotations
+
+import torch
+
+from nlora_serve.engine.batch_info import build_batch_info
+from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.step_inputs import StepInputs
+
+BS = 4
+
+
+def _seq(tokens: list[int], computed: int, table: list[int]) -> Sequence:
+    s = Sequence("r", 0, tokens, len(tokens), SamplingParams(max_tokens=4), None)
+    s.num_computed_tokens, s.block_table = computed, table
+    return s
+
+
+def _pairs():
+    # two decodes (context 6 and 9), then a 3-token chunk at positions 2..4 of a 7-token prompt
+    # (does not sample), then a whole 2-token prompt (samples)
+    return [(_seq(list(range(100, 106)), 5, [7, 3]), 1), (_seq(list(range(200, 209)), 8, [1, 5, 2]), 1),
+            (_seq(list(range(300, 307)), 2, [6, 0]), 3), (_seq([400, 401], 0, [4]), 2)]
+
+
+def test_layout_equals_hand_computed_numbers():
+    ids, pos, info, rows = StepInputs(BS, 2, torch.device("cpu"), gather_layout=True).build(
+        _pairs(), [torch.tensor([5, -1, 0, 0, 3, 3, 3], dtype=torch.int32)])
+    assert ids.tolist() == [105, 208, 302, 303, 304, 400, 401]
+    assert pos.tolist() == [5, 8, 2, 3, 4, 0, 1]
+    assert info.query_starts.tolist() == [0, 1, 2, 5, 7]
+    assert info.context_lens.tolist() == [6, 9, 5, 2]
+    # slot = table[p // 4] * 4 + p % 4: 3*4+1, 2*4+0, 6*4+2, 6*4+3, 0*4+0, 4*4+0, 4*4+1
+    assert info.slot_mapping.tolist() == [13, 8, 26, 27, 0, 16, 17]
+    assert info.logits_indices.tolist() == [0, 1, 6]  # the chunk stops short of its prompt's end
+    assert info.num_decodes == 2 and info.max_query_len == 3 and info.decode_splits == 2
+    assert info.block_tables.dtype == torch.int32
+    assert info.block_tables.tolist() == [[7, 3, 0], [1, 5, 2], [6, 0, 0], [4, 0, 0]]
+    assert info.decode_block_tables.tolist() == [[7, 3, 0], [1, 5, 2]]
+    assert info.decode_mask.view(2, -1).sum(1).tolist() == [6, 9]
+    assert [(c.start, c.end, c.context_len) for c in info.prefills] == [(2, 5, 5), (5, 7, 2)]
+    assert rows[0].tolist() == [5, -1, 0, 0, 3, 3, 3]
+
+
+def test_build_batch_info_keeps_its_contract():
+    info = build_batch_info([1, 1, 3, 2], [6, 9, 5, 2], [[7, 3], [1, 5, 2], [6, 0], [4]],
+                            [True, True, False, True], BS)
+    assert info.slot_mapping.tolist() == [13, 8, 26, 27, 0, 16, 17]
+    assert info.logits_indices.tolist() == [0, 1, 6]
+    assert info.prefills[0].mask is not None and info.prefills[1].mask is None
+
+
+def test_device_layout_is_one_copy_of_one_buffer(monkeypatch):
+    """On a non-CPU device the step is one int32 staging buffer copied once; everything the model
+    reads is a view of the one device buffer. 'meta' stands in for the GPU (no data, same code)."""
+    inputs = StepInputs(BS, 1, torch.device("meta"), gather_layout=False)
+    inputs._pinned = False  # pinning needs a CUDA driver
+    copies = []
+    original = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, non_blocking=False: (
+        copies.append((self.device.type, src.device.type, non_blocking)), original(self, src))[1])
+    ids, pos, info, rows = inputs.build(_pairs(), [torch.zeros(7, dtype=torch.int32)])
+    assert copies == [("meta", "cpu", True)]
+    assert info.decode_block_tables is None and info.prefills == []
+    base = inputs._dev.untyped_storage().data_ptr()
+    assert info.block_tables.untyped_storage().data_ptr() == base and rows[0].untyped_storage().data_ptr() == base
+    assert ids.dtype == pos.dtype == info.slot_mapping.dtype == torch.int64
+    assert ids.shape == (7,) and info.block_tables.shape == (4, 3) and info.logits_indices.shape == (3,)
