@@ -16,8 +16,9 @@ What is implemented (never forming an out×in product; every matrix is at most [
    and the loss equals Σ‖Δᵢ‖² − Σ‖Nᵢ‖², so the bases maximise Σ‖B_fᵀ Δᵢ A_fᵀ‖² (a Tucker-2 /
    HOSVD problem).
 2. Initialisation (HOSVD): A_f = top-R right singular vectors of the stacked rows [sᵢ Rᵢ Aᵢ]ᵢ with
-   Bᵢ = Qᵢ Rᵢ (QR), whose Gram matrix is Σ Δᵢᵀ Δᵢ; B_f = top-R left singular vectors of the stacked
-   columns [sᵢ Bᵢ Tᵢᵀ]ᵢ with Aᵢᵀ = Pᵢ Tᵢ, whose Gram is Σ Δᵢ Δᵢᵀ.
+   RᵢᵀRᵢ = BᵢᵀBᵢ (an [rᵢ, rᵢ] square root, as the R of a QR of Bᵢ), whose Gram matrix is
+   Σ Δᵢᵀ Δᵢ; B_f = top-R left singular vectors of the stacked columns [sᵢ Bᵢ Tᵢᵀ]ᵢ with
+   TᵢᵀTᵢ = AᵢAᵢᵀ, whose Gram is Σ Δᵢ Δᵢᵀ.
 3. Refinement (HOOI, the paper's alternating updates): A_f ← top-R right singular vectors of the
    stacked [B_fᵀ Δᵢ]ᵢ = [sᵢ (B_fᵀ Bᵢ) Aᵢ]ᵢ, then B_f ← top-R left singular vectors of
    [Δᵢ A_fᵀ]ᵢ = [sᵢ Bᵢ (Aᵢ A_fᵀ)]ᵢ. Each step cannot increase the loss.
@@ -56,17 +57,45 @@ class ModuleFit:
 
 
 def _top_right(stacked: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-``rank`` right singular vectors of ``stacked`` [m, n] as rows [rank, n], zero-padded."""
-    _, _, vh = torch.linalg.svd(stacked, full_matrices=False)
-    out = stacked.new_zeros(rank, stacked.shape[1])
-    k = min(rank, vh.shape[0])
-    out[:k] = vh[:k]
+    """Top-``rank`` right singular vectors of ``stacked`` [m, n] as rows [rank, n], zero-padded.
+
+    Through the eigendecomposition of the smaller Gram matrix ([m, m] or [n, n]): one of the two
+    sides is at most Σrᵢ or ``in``, so this is a few small eighs where an SVD of the stacked
+    matrix costs much more. Eigenvalues below 1e-13 of the largest (σ below ~3e-7 σ_max: Gram
+    rounding noise) are dropped and their rows left zero; the kept rows are re-orthonormalised
+    (Löwdin), which repairs the rounding that the Gram route adds to weak directions.
+    """
+    m, n = stacked.shape
+    if m < n:
+        vals, vecs = torch.linalg.eigh(stacked @ stacked.T)  # ascending
+        vals, vecs = vals.flip(0), vecs.flip(1)
+        keep = int((vals > vals[0].clamp(min=0) * 1e-13).sum()) if vals[0] > 0 else 0
+        k = min(rank, keep)
+        rows = (stacked.T @ vecs[:, :k] / vals[:k].sqrt()).T  # [k, n]
+    else:
+        vals, vecs = torch.linalg.eigh(stacked.T @ stacked)
+        vals, vecs = vals.flip(0), vecs.flip(1)
+        keep = int((vals > vals[0].clamp(min=0) * 1e-13).sum()) if vals[0] > 0 else 0
+        k = min(rank, keep)
+        rows = vecs[:, :k].T
+    if k:
+        g_vals, g_vecs = torch.linalg.eigh(rows @ rows.T)
+        rows = (g_vecs * g_vals.rsqrt()) @ g_vecs.T @ rows
+    out = stacked.new_zeros(rank, n)
+    out[:k] = rows
     return out
 
 
 def _top_left(stacked: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-``rank`` left singular vectors of ``stacked`` [m, n] as columns [m, rank], zero-padded."""
     return _top_right(stacked.T, rank).T
+
+
+def _gram_root(m: torch.Tensor) -> torch.Tensor:
+    """An [r, r] matrix X with XᵀX = mᵀm for m [n, r] (symmetric square root via eigh of the small
+    Gram matrix: what the R of a QR gives, without the tall QR)."""
+    vals, vecs = torch.linalg.eigh(m.T @ m)
+    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
 
 
 def _core(items: list[LowRank], a_f: torch.Tensor, b_f: torch.Tensor) -> list[torch.Tensor]:
@@ -114,8 +143,8 @@ def compress_module(items: list[LowRank], rank: int, *, iters: int = 2,
     items = [LowRank(it.A.to(device, dtype), it.B.to(device, dtype), float(it.scaling)) for it in items]
     rows, cols = [], []
     for it in items:
-        _, r_b = torch.linalg.qr(it.B)  # Bᵢ = Qᵢ Rᵢ: ΔᵢᵀΔᵢ = (sRᵢAᵢ)ᵀ(sRᵢAᵢ)
-        _, t_a = torch.linalg.qr(it.A.T)  # Aᵢᵀ = Pᵢ Tᵢ: ΔᵢΔᵢᵀ = (sBᵢTᵢᵀ)(sBᵢTᵢᵀ)ᵀ
+        r_b = _gram_root(it.B)  # RᵀR = BᵢᵀBᵢ: ΔᵢᵀΔᵢ = (sRAᵢ)ᵀ(sRAᵢ)
+        t_a = _gram_root(it.A.T)  # TᵀT = AᵢAᵢᵀ: ΔᵢΔᵢᵀ = (sBᵢTᵀ)(sBᵢTᵀ)ᵀ
         rows.append(it.scaling * r_b @ it.A)
         cols.append(it.scaling * it.B @ t_a.T)
     a_f = _top_right(torch.cat(rows), rank)
