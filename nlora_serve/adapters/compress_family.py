@@ -19,7 +19,7 @@ from nlora_serve.adapters.compress import LowRank, compress_module, project_modu
 from nlora_serve.adapters.config import CONFIG_NAME
 from nlora_serve.adapters.family import FamilyFactors, make_factors, member_header, write_factors
 from nlora_serve.adapters.format import write_dir
-from nlora_serve.adapters.keys import PART_N, tensor_key
+from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, tensor_key
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.spec import PROJECTIONS
@@ -86,7 +86,18 @@ def compress_adapters(adapters: dict[str, Adapter], rank: int, *, iters: int = 2
         AdapterError: see :func:`check_collection`; ValueError for rank < 1.
     """
     sites = check_collection(adapters)
-    dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    on_cpu = torch.device(device).type == "cpu"
+    dtype = torch.float64 if on_cpu else torch.float32
+    threads = torch.get_num_threads()
+    if on_cpu:  # tiny matrices: on a busy box OpenMP barriers cost 10-80x the maths (0.25 s vs 2-20 s a site)
+        torch.set_num_threads(1)
+    try:
+        return _compress_sites(adapters, sites, rank, iters, dtype, device, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compress_sites(adapters, sites, rank, iters, dtype, device, progress) -> CompressedFamily:
     start = time.perf_counter()
     shared, members, errors = {}, {n: {} for n in adapters}, {n: {} for n in adapters}
     for site in sites:
@@ -121,18 +132,27 @@ def member_config(factors: FamilyFactors) -> dict:
             "nlora_serve": member_header(factors.key, factors.base_fingerprint)}
 
 
-def write_member(out: Path, name: str, factors: FamilyFactors, n: dict[Site, torch.Tensor]) -> Path:
-    """``out/<name>/``: the member's config and its N-only weights (refuses to overwrite)."""
+def write_member(out: Path, name: str, factors: FamilyFactors, n: dict[Site, torch.Tensor], *,
+                 full: bool = False) -> Path:
+    """``out/<name>/``: the member's config and its N-only weights (refuses to overwrite).
+
+    ``full``: also lora_A = A_f and lora_B = B_f (the full form, self-contained: what ``adapters
+    upload`` sends; the server stores it compact and writes the factors once).
+    """
     validate_name(name)
     tensors = {tensor_key(layer, module, PART_N): n[(layer, module)].to(torch.float32) for layer, module in n}
+    if full:
+        for (layer, module), (a, b) in factors.sites.items():
+            tensors[tensor_key(layer, module, PART_A)] = a
+            tensors[tensor_key(layer, module, PART_B)] = b
     return write_dir(Path(out) / name, member_config(factors), tensors)
 
 
-def write_family(out: Path, family: CompressedFamily) -> Path:
+def write_family(out: Path, family: CompressedFamily, *, full: bool = False) -> Path:
     """Write the factors once and every member under ``out``; returns the factors' file path."""
     path = write_factors(Path(out), family.factors)
     for name, n in family.members.items():
-        write_member(out, name, family.factors, n)
+        write_member(out, name, family.factors, n, full=full)
     return path
 
 

@@ -38,8 +38,8 @@ def replace_n(current: Adapter, weights: bytes) -> Adapter:
             unsupported dtype or non-finite values (the message names the key and the numbers).
     """
     if not current.is_tied and current.shared_family is None:
-        raise AdapterError(f"hot-swap of N needs a tied (IntTune) tenant or a family member; this one is {current.flavour}: "
-                           "upload the whole adapter instead")
+        raise AdapterError(f"hot-swap of N needs a tied (IntTune) tenant; this one is {current.flavour}: "
+                           "upload the whole adapter instead (a compressed family member swaps N too)")
     keys = [tensor_key(layer, module, PART_N) for layer, module in current.sites]  # site order
     header, stacked = read_stacked(weights, keys)  # stacked: [sites, r, r] float32, None if mixed
     _check_keys(set(header), set(keys))
