@@ -71,7 +71,7 @@ class AdapterVersion:
     def __post_init__(self):
         a = self.adapter
         self.content_hash, self.is_tied, self.flavour = a.content_hash, a.is_tied, a.flavour
-        self.family = a.shared_family
+        self.family = getattr(a, "shared_family", None)
         self.rank, self.targets, self.held_bytes = max(a.ranks), tuple(a.targets), a.held_bytes()
 
 

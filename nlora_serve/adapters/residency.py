@@ -106,10 +106,10 @@ class Residency:
         """A tied tenant into its family's TiedPool, a compressed family member into its
         FamilyPool (keyed by the factors' hash); both count against the tied budget."""
         adapter = version.adapter
-        key = adapter.shared_family or adapter.family_key
+        key = _family(version) or adapter.family_key
         pool = self.tied_pools.get(key)
         if pool is None:
-            kind = FamilyPool if adapter.shared_family else TiedPool
+            kind = FamilyPool if _family(version) else TiedPool
             pool = kind(self.base, key, adapter, placement=self.placement)
         if self.tied_bytes + pool.slot_bytes > self.tied_budget:
             raise PoolFull(f"adapter {version.name!r}: tied tenants would need {self.tied_bytes + pool.slot_bytes} "
@@ -159,4 +159,4 @@ class Residency:
 
 def _family(version) -> str | None:
     """The compressed family a version belongs to (None: not a family member)."""
-    return None if version.adapter is None else version.adapter.shared_family
+    return getattr(version.adapter, "shared_family", None)
