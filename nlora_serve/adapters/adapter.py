@@ -18,7 +18,7 @@ import torch
 from nlora_serve.adapters.config import AdapterConfig
 from nlora_serve.models.spec import PROJECTIONS
 
-FLAVOURS = ("lora", "nlora", "inttune-tied")
+FLAVOURS = ("lora", "nlora", "inttune-tied", "family")
 
 
 @dataclass(slots=True)
@@ -64,6 +64,7 @@ class Adapter:
     stored_dtype: torch.dtype  # dtype the tensors had on disk (float16 / bfloat16 / float32)
     content_hash: str  # 64 hex chars
     family_key: str | None = None  # tied adapters only: tied.family_key
+    shared_family: str | None = None  # compressed family members only: family.factors_key
     base_fingerprint: str = ""  # the base model the adapter was validated against
     source: str = field(default="", repr=False)  # where it was read from, for messages
 
@@ -89,13 +90,15 @@ class Adapter:
         return sorted({layer for layer, _ in self.sites})
 
     def held_bytes(self) -> int:
-        """Bytes this adapter owns in memory: N (+ bias) for a tied adapter, A, N, B (+ bias) else.
+        """Bytes this adapter owns in memory: N (+ bias) for a tied adapter or a family member (the
+        family's A, B are held once), A, N, B (+ bias) else.
 
         Plain LoRA's identity N is not counted: the engine need not materialise it.
         """
         total = 0
         for s in self.sites.values():
-            owned = [s.N if s.has_n else None, s.bias] + ([] if self.is_tied else [s.A, s.B])
+            shared = self.is_tied or self.shared_family is not None  # A, B held once elsewhere
+            owned = [s.N if s.has_n else None, s.bias] + ([] if shared else [s.A, s.B])
             total += sum(t.numel() * t.element_size() for t in owned if t is not None)
         return total
 

@@ -114,6 +114,9 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_convert)
 
     add_tune_subcommand(subparsers)
+    from nlora_serve.adapters.compress_cli import add_compress_subcommand
+
+    add_compress_subcommand(subparsers)
     from nlora_serve.client.cli import add_server_adapter_subcommands
 
     add_server_adapter_subcommands(subparsers)

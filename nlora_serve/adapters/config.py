@@ -24,6 +24,7 @@ CONFIG_NAME = "adapter_config.json"
 PATTERN_TIMEOUT_S = 0.05  # per match of an adapter-supplied regex against one module name
 ALL_LINEAR = "all-linear"
 TIED_FORMAT = "tied-n"  # the compact IntTune form: only lora_N on disk (DESIGN §3)
+FAMILY_FORMAT = "family-n"  # a member of a compressed family (adapters/family.py)
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for llama, mistral and qwen2.
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 # Config fields whose non-empty value changes the served maths in a way this server does not do.
@@ -57,6 +58,20 @@ class TiedHeader:
                 raise AdapterError(f"{CONFIG_NAME}: nlora_serve.{name} must be a non-empty string")
 
 
+@dataclass(frozen=True, slots=True)
+class FamilyHeader:
+    """The ``nlora_serve`` object of a compressed family member (adapters/family.py)."""
+
+    format: str  # always FAMILY_FORMAT
+    family: str  # key of the shared factors, 64 hex chars (family.factors_key)
+    base_fingerprint: str  # the base model the family was compressed for
+
+    def __post_init__(self):
+        for name in ("family", "base_fingerprint"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise AdapterError(f"{CONFIG_NAME}: nlora_serve.{name} must be a non-empty string")
+
+
 @dataclass(slots=True)
 class AdapterConfig:
     """The PEFT LoRA fields that change the maths, validated; ``raw`` keeps the JSON as read."""
@@ -73,6 +88,7 @@ class AdapterConfig:
     lora_bias: bool = False  # lora_B carries a bias
     init_lora_weights: bool | str = True
     tied: TiedHeader | None = None  # set for the compact tied form
+    family: FamilyHeader | None = None  # set for a compressed family member
     raw: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -190,7 +206,9 @@ def parse_config(raw: dict) -> AdapterConfig:
             rank_pattern=dict(raw.get("rank_pattern") or {}), alpha_pattern=dict(raw.get("alpha_pattern") or {}),
             use_rslora=bool(raw.get("use_rslora", False)), lora_bias=bool(raw.get("lora_bias", False)),
             init_lora_weights=raw.get("init_lora_weights", True),
-            tied=TiedHeader(**tied) if isinstance(tied, dict) else None, raw=dict(raw))
+            tied=TiedHeader(**tied) if isinstance(tied, dict) and tied.get("format") != FAMILY_FORMAT else None,
+            family=FamilyHeader(**tied) if isinstance(tied, dict) and tied.get("format") == FAMILY_FORMAT else None,
+            raw=dict(raw))
     except (TypeError, ValueError) as exc:  # wrong field types inside nlora_serve or the patterns
         raise AdapterError(f"{CONFIG_NAME}: malformed field ({exc})") from None
 

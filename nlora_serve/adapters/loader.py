@@ -17,6 +17,7 @@ from nlora_serve.adapters.config import (CONFIG_NAME, AdapterConfig, SitePlan, p
                                          read_config)
 from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_header, read_tensors, weights_path
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, group_keys
+from nlora_serve.adapters.family import FamilyFactors, FamilyResolver, make_factors
 from nlora_serve.adapters.tied import family_key, is_tied, tie_to_base
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
@@ -49,6 +50,8 @@ def _required_parts(cfg: AdapterConfig) -> tuple[set[str], set[str]]:
     """(required, allowed) parts of one site's tensors."""
     if cfg.tied is not None:
         return {PART_N}, {PART_N}
+    if cfg.family is not None:  # compact (N only) or full (A_f, N, B_f) family member
+        return {PART_N}, {PART_A, PART_N, PART_B}
     bias = {PART_BIAS} if cfg.lora_bias else set()
     return {PART_A, PART_B} | bias, {PART_A, PART_B, PART_N} | bias
 
@@ -106,16 +109,19 @@ def _by_dtype(tensors) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-def _build_sites(grouped, tensors, plans, base: BaseModel) -> dict[tuple[int, str], SiteWeights]:
-    """Sites in float32 (exact for the accepted stored dtypes); compact tied sites get base views."""
+def _build_sites(grouped, tensors, plans, base: BaseModel,
+                 factors: FamilyFactors | None = None) -> dict[tuple[int, str], SiteWeights]:
+    """Sites in float32 (exact for the accepted stored dtypes); compact tied sites get base views,
+    family members the family's shared factors."""
     sites = {}
     for site, parts in grouped.items():
         plan = plans[site]
         get = {p: tensors[k].to(torch.float32) for p, k in parts.items()}
         w = base.weight(*site)
+        a, b = factors.sites[site] if factors is not None else (w[: plan.rank, :], w[:, : plan.rank])
         sites[site] = SiteWeights(
             layer=plan.layer, module=plan.module, rank=plan.rank, scaling=plan.scaling,
-            A=get.get(PART_A, w[: plan.rank, :]), B=get.get(PART_B, w[:, : plan.rank]),
+            A=a if factors is not None else get.get(PART_A, a), B=b if factors is not None else get.get(PART_B, b),
             N=get.get(PART_N, torch.eye(plan.rank, dtype=torch.float32)),
             bias=get.get(PART_BIAS), has_n=PART_N in get)
     return sort_sites(sites)
@@ -139,8 +145,42 @@ def _cast(sites: dict[tuple[int, str], SiteWeights], dtype: torch.dtype) -> None
         s.bias = None if s.bias is None else s.bias.to(dtype)
 
 
+def _family_factors(cfg: AdapterConfig, grouped: dict, tensors: dict, plans: dict, base: BaseModel,
+                    families: FamilyResolver | None, near: Path | None, source: str) -> FamilyFactors:
+    """The shared factors a family member names: from its own lora_A / lora_B (the full form,
+    checked to hash to the family key) or found by key (the compact form).
+
+    Raises:
+        AdapterError: another base, A/B at some sites only, factors missing or not the named family,
+            or factors whose sites / rank disagree with the member's config.
+    """
+    header = cfg.family
+    if header.base_fingerprint != base.fingerprint:
+        raise AdapterError(f"{CONFIG_NAME}: this family member was compressed for base model "
+                           f"{header.base_fingerprint[:16]}…, not the loaded base {base.fingerprint[:16]}…")
+    families = families if families is not None else FamilyResolver(base.spec)
+    with_ab = [s for s, parts in grouped.items() if PART_A in parts and PART_B in parts]
+    if with_ab and len(with_ab) != len(grouped):
+        raise AdapterError(f"{source}: a family member holds lora_A and lora_B at every site (full form) or at "
+                           f"none (compact form); this one has them at {len(with_ab)} of {len(grouped)}")
+    if with_ab:
+        own = make_factors({s: (tensors[grouped[s][PART_A]], tensors[grouped[s][PART_B]]) for s in grouped},
+                           base.fingerprint)
+        if own.key != header.family:
+            raise AdapterError(f"{source}: its lora_A / lora_B hash to family {own.key[:16]}…, not to the "
+                               f"family {header.family[:16]}… its {CONFIG_NAME} names")
+        factors = families.remember(own)
+    else:
+        factors = families.get(header.family, near)
+    if set(factors.sites) != set(plans) or any(p.rank != factors.rank for p in plans.values()):
+        raise AdapterError(f"{source}: family {header.family[:16]}… has rank {factors.rank} at "
+                           f"{len(factors.sites)} sites; the member's {CONFIG_NAME} plans "
+                           f"{len(plans)} sites of ranks {sorted({p.rank for p in plans.values()})}")
+    return factors
+
+
 def read_adapter_bytes(config: bytes, weights: bytes, base: BaseModel, *, max_rank: int = DEFAULT_MAX_RANK,
-                       source: str = "upload") -> Adapter:
+                       source: str = "upload", families: FamilyResolver | None = None) -> Adapter:
     """:func:`read_adapter` for an adapter held in memory (an upload or a hot-swap payload):
     ``adapter_config.json`` and ``adapter_model.safetensors`` bytes. Same checks, same result.
 
@@ -154,14 +194,17 @@ def read_adapter_bytes(config: bytes, weights: bytes, base: BaseModel, *, max_ra
     if not isinstance(raw, dict):
         raise AdapterError(f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}")
     header, tensors = read_bytes(weights)
-    return _read(parse_config(raw), header, lambda: tensors, base, max_rank, source)
+    return _read(parse_config(raw), header, lambda: tensors, base, max_rank, source, families)
 
 
-def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DEFAULT_MAX_RANK) -> Adapter:
+def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DEFAULT_MAX_RANK,
+                 families: FamilyResolver | None = None) -> Adapter:
     """Read, validate and type one adapter directory for ``base``.
 
     Accepts the PEFT LoRA layout (lora_A / lora_B), the NLoRA reference layout (+ lora_N), and the
-    compact tied form (lora_N only, ``nlora_serve.format = "tied-n"``). Tensors (F32/F16/BF16) are
+    compact tied form (lora_N only, ``nlora_serve.format = "tied-n"``), and compressed family
+    members (``"family-n"``: lora_N only, the shared factors found by ``families`` or next to the
+    folder; see family.py). Tensors (F32/F16/BF16) are
     cast once to ``base.dtype``; a tied adapter's A and B become views of the base weight.
 
     Raises:
@@ -172,10 +215,12 @@ def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DE
     cfg = read_config(adapter_dir)
     path = weights_path(adapter_dir)
     header = read_header(path)
-    return _read(cfg, header, lambda: read_tensors(path, list(header)), base, max_rank, str(adapter_dir))
+    return _read(cfg, header, lambda: read_tensors(path, list(header)), base, max_rank, str(adapter_dir),
+                 families, adapter_dir)
 
 
-def _read(cfg: AdapterConfig, header: dict, tensors_of, base: BaseModel, max_rank: int, source: str) -> Adapter:
+def _read(cfg: AdapterConfig, header: dict, tensors_of, base: BaseModel, max_rank: int, source: str,
+          families: FamilyResolver | None = None, near: Path | None = None) -> Adapter:
     """The checks shared by both readers; ``tensors_of()`` reads the data once the header passed."""
     grouped = group_keys(list(header), base.spec)
     plans = plan_sites(cfg, base.spec)
@@ -189,19 +234,35 @@ def _read(cfg: AdapterConfig, header: dict, tensors_of, base: BaseModel, max_ran
     tensors = tensors_of()
     _check_finite(tensors)
     stored = max((STORED_DTYPES[d] for d, _ in header.values()), key=lambda d: torch.finfo(d).eps)
+    if cfg.family is not None:
+        factors = _family_factors(cfg, grouped, tensors, plans, base, families, near, source)
+        sites = _build_sites(grouped, tensors, plans, base, factors)
+        return assemble_adapter(cfg, sites, base, stored, shared=factors, source=source)
     sites = _build_sites(grouped, tensors, plans, base)
     family = _check_family(cfg, plans, base) if cfg.tied else None
     return assemble_adapter(cfg, sites, base, stored, family=family, source=source)
 
 
 def assemble_adapter(cfg: AdapterConfig, sites: dict[tuple[int, str], SiteWeights], base: BaseModel,
-                     stored_dtype: torch.dtype, *, family: str | None = None, source: str = "") -> Adapter:
+                     stored_dtype: torch.dtype, *, family: str | None = None, shared: FamilyFactors | None = None,
+                     source: str = "") -> Adapter:
     """Finish validated float32 ``sites`` into an :class:`Adapter`: detect tying (unless
     ``family`` is given), hash, cast once to ``base.dtype``, and make tied A/B base views.
 
     Used by the reader, the Nyström init and convert, so all three produce the same object.
+    ``shared``: the sites belong to this compressed family; A and B become its factors, cast once
+    per family, so members hold only N.
     """
     sites = sort_sites(sites)
+    if shared is not None:
+        digest = content_hash(sites, shared.key)
+        cast = shared.in_dtype(base.dtype)
+        for key, s in sites.items():
+            s.N, s.bias = s.N.to(base.dtype), None if s.bias is None else s.bias.to(base.dtype)
+            s.A, s.B = cast[key]
+        return Adapter(config=cfg, sites=sites, flavour="family", dtype=base.dtype, stored_dtype=stored_dtype,
+                       content_hash=digest, shared_family=shared.key, base_fingerprint=base.fingerprint,
+                       source=source)
     if family is None and is_tied(sites, base, stored_dtype):
         family = family_key(base.fingerprint, {s: w.rank for s, w in sites.items()})
     digest = content_hash(sites, family)

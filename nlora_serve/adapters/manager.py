@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nlora_serve.adapters.family import FamilyResolver, import_family
 from nlora_serve.adapters.loader import DEFAULT_MAX_RANK, read_adapter, read_adapter_bytes
 from nlora_serve.adapters.pool import Placement
 from nlora_serve.adapters.registry import AdapterRegistry, AdapterVersion
@@ -53,6 +54,8 @@ class AdapterManager:
                  residency=None, placement: Placement | None = None):
         self.base = base
         self.limits = limits or AdapterLimits()
+        # compressed family members share one copy of their factors, found in the store's _families
+        self.families = FamilyResolver(base.spec, (Path(adapter_dir).expanduser().resolve(),))
         load = self._load
         self.residency = residency if residency is not None else Residency(
             base, load, tied_budget=self.limits.adapter_memory, max_loras=self.limits.max_loras,
@@ -64,10 +67,11 @@ class AdapterManager:
             log.info("restored %d adapters from %s", len(restored), adapter_dir)
 
     def _load(self, path: Path):
-        return read_adapter(path, self.base, max_rank=self.limits.max_rank)
+        return read_adapter(path, self.base, max_rank=self.limits.max_rank, families=self.families)
 
     def _load_files(self, files: dict[str, bytes]):
-        return read_adapter_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], self.base, max_rank=self.limits.max_rank)
+        return read_adapter_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], self.base, max_rank=self.limits.max_rank,
+                                  families=self.families)
 
     def acquire(self, name: str) -> AdapterVersion:
         """Pin ``name``'s current version for one request and make sure it is resident.
@@ -125,6 +129,7 @@ class AdapterManager:
             AdapterError: the directory is not a servable adapter, or ``name`` is invalid.
         """
         adapter_dir = Path(adapter_dir)
+        import_family(adapter_dir, self.families, self.registry.store.root)  # a compact family member
         files = {f: (adapter_dir / f).read_bytes() for f in ALLOWED_FILES if (adapter_dir / f).is_file()}
         if len(files) < len(ALLOWED_FILES):
             read_adapter(adapter_dir, self.base, max_rank=self.limits.max_rank)  # names what is wrong

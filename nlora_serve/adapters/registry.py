@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nlora_serve.adapters.adapter import Adapter
+from nlora_serve.adapters.family import compact_family_files
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.save import compact_tied_files, full_form_with_n
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
@@ -60,10 +61,17 @@ class AdapterVersion:
     rank: int = 0  # largest rank over its modules
     targets: tuple[str, ...] = ()  # adapted module names
     held_bytes: int = 0  # bytes it owns in the compute dtype (N only when tied)
+    family: str | None = None  # the compressed family's key (a member: only N is held, N is swappable)
+
+    @property
+    def swaps_n(self) -> bool:
+        """A hot-swap may replace only N: a tied tenant or a compressed family member."""
+        return self.is_tied or self.family is not None
 
     def __post_init__(self):
         a = self.adapter
         self.content_hash, self.is_tied, self.flavour = a.content_hash, a.is_tied, a.flavour
+        self.family = getattr(a, "shared_family", None)
         self.rank, self.targets, self.held_bytes = max(a.ranks), tuple(a.targets), a.held_bytes()
 
 
@@ -131,7 +139,8 @@ class AdapterRegistry:
         """
         validate_name(name)
         adapter = adapter if adapter is not None else self._validate(files)
-        files = compact_tied_files(adapter, files[WEIGHTS_FILE]) or files  # DESIGN §3: N only on disk
+        files = (compact_tied_files(adapter, files[WEIGHTS_FILE])  # DESIGN §3: N only on disk
+                 or compact_family_files(adapter, files[WEIGHTS_FILE], self.store.root) or files)
         with self._write_lock:  # check, persist and switch as one step per registry
             self._check_version(name, if_version)
             version = self._commit(name, adapter, files)

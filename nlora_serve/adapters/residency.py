@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nlora_serve.adapters.adapter import Adapter
+from nlora_serve.adapters.family_pool import FamilyPool
 from nlora_serve.adapters.pool import LoraPool, Placement, TiedPool
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
@@ -73,7 +74,7 @@ class Residency:
             PoolFull: a tied tenant would exceed the tied memory budget.
         """
         with self._lock:
-            if version.is_tied:
+            if version.is_tied or _family(version) is not None:
                 self._admit_tied(version)
             else:
                 self._place_untied(version, required=False)
@@ -85,9 +86,10 @@ class Residency:
             PoolFull: every LoRA slot is held by running requests.
         """
         with self._lock:
-            if version.is_tied or version.slot is not None:
-                if not version.is_tied:
-                    self._lru.move_to_end(id(version))
+            if version.pool is not None and version.pool is not self.lora_pool:
+                return  # tied tenants and family members stay resident
+            if version.slot is not None:
+                self._lru.move_to_end(id(version))
                 return
             self._place_untied(version, required=True)
 
@@ -101,14 +103,18 @@ class Residency:
             version.pool, version.slot = None, None
 
     def _admit_tied(self, version) -> None:
+        """A tied tenant into its family's TiedPool, a compressed family member into its
+        FamilyPool (keyed by the factors' hash); both count against the tied budget."""
         adapter = version.adapter
-        pool = self.tied_pools.get(adapter.family_key)
+        key = _family(version) or adapter.family_key
+        pool = self.tied_pools.get(key)
         if pool is None:
-            pool = TiedPool(self.base, adapter.family_key, adapter, placement=self.placement)
+            kind = FamilyPool if _family(version) else TiedPool
+            pool = kind(self.base, key, adapter, placement=self.placement)
         if self.tied_bytes + pool.slot_bytes > self.tied_budget:
             raise PoolFull(f"adapter {version.name!r}: tied tenants would need {self.tied_bytes + pool.slot_bytes} "
                            f"bytes, over the budget of {self.tied_budget} bytes (--adapter-memory)")
-        self.tied_pools.setdefault(adapter.family_key, pool)
+        self.tied_pools.setdefault(key, pool)
         slot = pool.take_slot()
         if slot is None:
             pool.grow()
@@ -149,3 +155,8 @@ class Residency:
                 log.info("evicted adapter %s v%d from LoRA slot %d", victim.name, victim.version, slot)
                 return slot
         return None
+
+
+def _family(version) -> str | None:
+    """The compressed family a version belongs to (None: not a family member)."""
+    return getattr(version.adapter, "shared_family", None)

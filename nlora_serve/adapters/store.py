@@ -6,6 +6,7 @@ Layout under the root (``--adapter-dir``)::
     <name>/<version:08d>/adapter_model.safetensors
     <name>/UNLOADED                present while the name is unloaded: not served after a restart
     .staging/                      temporary folders; whatever is here after a crash is discarded
+    _families/<key>/family.safetensors   a compressed family's shared factors (adapters/family.py)
 
 A version becomes visible only by ``rename`` of a fully written and fsynced folder, so a crash at
 any point leaves either the old state or the new one, never a half-written adapter (DESIGN §3).
@@ -39,6 +40,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ALLOWED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 STAGING = ".staging"
 UNLOADED = "UNLOADED"
+FAMILIES = "_families"  # shared factors of compressed families (adapters/family.py), not an adapter
 # errors of a full or failing disk: a write refused with one is a StoreWriteError
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
 
@@ -139,7 +141,7 @@ class AdapterStore:
         entries are skipped."""
         found = []
         for entry in sorted(self.root.iterdir()):
-            if entry.name == STAGING or (entry / UNLOADED).exists():
+            if entry.name in (STAGING, FAMILIES) or (entry / UNLOADED).exists():
                 continue
             try:
                 if self.versions(entry.name):

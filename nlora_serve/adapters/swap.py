@@ -29,16 +29,17 @@ def replace_n(current: Adapter, weights: bytes) -> Adapter:
     """A new tied adapter equal to ``current`` but for N, read from ``weights``.
 
     Args:
-        current: a tied adapter (A and B are views of the base weight).
+        current: a tied adapter (A and B are views of the base weight) or a compressed family
+            member (A and B are the family's shared factors).
         weights: safetensors bytes holding exactly ``current``'s ``...lora_N.weight`` keys.
 
     Raises:
         AdapterError: ``current`` is untied, or the payload has other keys, other shapes, an
             unsupported dtype or non-finite values (the message names the key and the numbers).
     """
-    if not current.is_tied:
+    if not current.is_tied and current.shared_family is None:
         raise AdapterError(f"hot-swap of N needs a tied (IntTune) tenant; this one is {current.flavour}: "
-                           "upload the whole adapter instead")
+                           "upload the whole adapter instead (a compressed family member swaps N too)")
     keys = [tensor_key(layer, module, PART_N) for layer, module in current.sites]  # site order
     header, stacked = read_stacked(weights, keys)  # stacked: [sites, r, r] float32, None if mixed
     _check_keys(set(header), set(keys))
@@ -58,7 +59,7 @@ def replace_n(current: Adapter, weights: bytes) -> Adapter:
         raise AdapterError(f"tensor {key!r} has non-finite values (NaN or inf); refusing it so no NaN "
                            "reaches a shared batch")
     sites = {s: _with_n(site, n) for (s, site), n in zip(current.sites.items(), n32)}
-    digest = content_hash(sites, current.family_key)
+    digest = content_hash(sites, current.family_key or current.shared_family)
     if current.dtype != torch.float32:  # cast once, as the reader does (in pieces torch runs serially)
         if stacked is not None:
             pieces = torch.from_numpy(stacked).split(serial_rows(stacked[0].size))

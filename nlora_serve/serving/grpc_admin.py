@@ -142,7 +142,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         weights = request.n_safetensors  # (each read of a bytes field copies it)
         self._check_size(request.name, len(weights))
         current = manager.registry.get(request.name)
-        if not current.is_tied:
+        if not current.swaps_n:
             raise AdapterError(f"adapter {request.name!r} is {current.flavour}, not a tied IntTune tenant: "
                                "SwapAdapter replaces only N; upload the whole adapter with UploadAdapter")
         if_version = request.if_version if request.HasField("if_version") else None

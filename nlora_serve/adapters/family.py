@@ -1,0 +1,216 @@
+"""Compressed families on disk: shared A_f, B_f written once, one N-only folder per member.
+
+A family (``adapters compress``, see compress.py) is a set of adapters that share A_f [R, in] and
+B_f [out, R] at every site and differ only in N [R, R] (the scaling folded in: s = 1). Layout,
+in a store root or in the folder ``compress --out`` writes::
+
+    _families/<key>/family.safetensors     lora_A / lora_B keys of every site (float32), once
+    <member>/adapter_config.json           PEFT fields (r = lora_alpha = R) + nlora_serve
+                                           {format: "family-n", family: <key>, base_fingerprint}
+    <member>/adapter_model.safetensors     lora_N keys only (the compact family form)
+
+``_families`` can never be an adapter name (names start with a letter or digit). The family key
+is the sha256 of the factors' float32 bytes and the base fingerprint, so a member whose factors
+are missing or were changed is refused at load, never served against the wrong basis. A member
+may also travel in the full form (lora_A = A_f, lora_N, lora_B = B_f, same config): that is what
+an upload sends, and the registry stores it compact, writing the factors once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from nlora_serve.adapters.config import FAMILY_FORMAT
+from nlora_serve.adapters.format import _atomic_write, read_bytes
+from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, group_keys, tensor_key
+from nlora_serve.adapters.store import FAMILIES
+from nlora_serve.errors import AdapterError
+from nlora_serve.models.spec import ModelSpec
+
+FAMILIES_DIR = FAMILIES  # store.py skips it when listing adapter names
+FACTORS_FILE = "family.safetensors"
+
+Site = tuple[int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyFactors:
+    """The shared factors of one family: per site A_f [R, in] and B_f [out, R], float32, CPU."""
+
+    key: str  # 64 hex chars, see factors_key
+    base_fingerprint: str  # the base model the family was compressed for
+    rank: int  # R
+    sites: dict  # (layer, module) -> (A_f, B_f)
+    _cast: dict = field(default_factory=dict, repr=False, compare=False)  # dtype -> sites in it
+
+    def in_dtype(self, dtype: torch.dtype) -> dict:
+        """The sites cast to ``dtype``, made once per dtype: every member shares these tensors."""
+        if dtype not in self._cast:
+            self._cast[dtype] = {s: (a.to(dtype), b.to(dtype)) for s, (a, b) in self.sites.items()}
+        return self._cast[dtype]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every factor (held once per family, whatever the member count)."""
+        return sum(a.numel() * 4 + b.numel() * 4 for a, b in self.sites.values())
+
+
+def factors_key(sites: dict, base_fingerprint: str) -> str:
+    """sha256 hex over the base fingerprint and each site's (layer, module, shapes, float32 bytes)."""
+    h = hashlib.sha256(f"nlora-family-v1|base={base_fingerprint}\n".encode())
+    for (layer, module), (a, b) in sorted(sites.items()):
+        h.update(f"{layer}|{module}|{tuple(a.shape)}|{tuple(b.shape)}\n".encode())
+        for t in (a, b):
+            h.update(np.ascontiguousarray(t.detach().to(torch.float32).numpy()).tobytes())
+    return h.hexdigest()
+
+
+def make_factors(sites: dict, base_fingerprint: str) -> FamilyFactors:
+    """FamilyFactors from float tensors (cast to float32 first, so the key hashes what is stored)."""
+    sites = {s: (a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()) for s, (a, b) in sites.items()}
+    rank = {a.shape[0] for a, _ in sites.values()}
+    if len(rank) != 1:
+        raise AdapterError(f"a family has one rank R at every site; got ranks {sorted(rank)}")
+    return FamilyFactors(factors_key(sites, base_fingerprint), base_fingerprint, rank.pop(), sites)
+
+
+def factors_bytes(factors: FamilyFactors) -> bytes:
+    """The safetensors bytes of ``family.safetensors``."""
+    tensors = {}
+    for (layer, module), (a, b) in factors.sites.items():
+        tensors[tensor_key(layer, module, PART_A)] = a
+        tensors[tensor_key(layer, module, PART_B)] = b
+    meta = {"format": "pt", "family": factors.key, "base_fingerprint": factors.base_fingerprint}
+    return safetensors.torch.save(tensors, metadata=meta)
+
+
+def parse_factors(data: bytes, spec: ModelSpec, key: str, source: str) -> FamilyFactors:
+    """Read ``family.safetensors`` bytes and check they hash to ``key``.
+
+    Raises:
+        AdapterError: unreadable, a site without both factors, or a key mismatch.
+    """
+    _, tensors = read_bytes(data)  # checks the header and the tiling first
+    # the fingerprint is part of what the key hashes, so a forged one fails the key check below
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    fingerprint = str((header.get("__metadata__") or {}).get("base_fingerprint", ""))
+    sites = {}
+    for site, parts in group_keys(list(tensors), spec).items():
+        if set(parts) != {PART_A, PART_B}:
+            raise AdapterError(f"{source}: family factors of {ModelSpec.module_path(*site)} need lora_A and lora_B; "
+                               f"found {sorted(parts)}")
+        sites[site] = (tensors[parts[PART_A]].to(torch.float32), tensors[parts[PART_B]].to(torch.float32))
+    factors = make_factors(sites, fingerprint)
+    if factors.key != key:
+        raise AdapterError(f"{source}: the family factors hash to {factors.key[:16]}…, not to the family "
+                           f"{key[:16]}… the adapter names: they were changed or belong to another family")
+    return factors
+
+
+def family_file(root: Path, key: str) -> Path:
+    """``root/_families/<key>/family.safetensors`` (``key`` checked to be 64 hex chars)."""
+    if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        raise AdapterError(f"family key {key!r:.80} is not 64 lowercase hex characters")
+    return Path(root) / FAMILIES_DIR / key / FACTORS_FILE
+
+
+def write_factors(root: Path, factors: FamilyFactors) -> Path:
+    """Write the factors under ``root`` once (atomic: temp file, fsync, rename); a no-op when the
+    family is already there. Returns the file's path."""
+    path = family_file(root, factors.key)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = factors_bytes(factors)
+    _atomic_write(path, lambda p: Path(p).write_bytes(data))
+    return path
+
+
+class FamilyResolver:
+    """Finds and caches family factors by key, so every member of a family shares one copy.
+
+    Looks under each of ``roots`` (a store root), then, for a member read from a folder, next to
+    it: ``<folder>/../_families`` and ``<folder>/../../_families`` (a store version folder).
+    """
+
+    def __init__(self, spec: ModelSpec, roots: tuple[Path, ...] = ()):
+        self.spec = spec
+        self.roots = tuple(Path(r) for r in roots)
+        self._cache: dict[str, FamilyFactors] = {}
+
+    def get(self, key: str, near: Path | None = None) -> FamilyFactors:
+        """The factors of family ``key``.
+
+        Raises:
+            AdapterError: not found anywhere searched (the message lists where), or mismatched.
+        """
+        if key in self._cache:
+            return self._cache[key]
+        places = list(self.roots) + ([Path(near).parent, Path(near).parent.parent] if near is not None else [])
+        for root in places:
+            path = family_file(root, key)
+            if path.is_file():
+                self._cache[key] = parse_factors(path.read_bytes(), self.spec, key, str(path))
+                return self._cache[key]
+        searched = ", ".join(str(Path(p) / FAMILIES_DIR) for p in places) or "nowhere (no store)"
+        raise AdapterError(f"family {key[:16]}…: its shared factors ({FAMILIES_DIR}/{key}/{FACTORS_FILE}) are "
+                           f"missing; searched {searched}. Copy the family folder with its members, or "
+                           "upload the member in the full form")
+
+    def remember(self, factors: FamilyFactors) -> FamilyFactors:
+        """Cache ``factors`` (e.g. from a full-form upload); returns the cached copy for its key."""
+        return self._cache.setdefault(factors.key, factors)
+
+
+def n_only_weights(sites: dict, n_of) -> bytes:
+    """Safetensors bytes of the lora_N keys: ``n_of(site)`` gives each [R, R] tensor."""
+    tensors = {tensor_key(layer, module, PART_N): n_of((layer, module)).contiguous() for layer, module in sites}
+    return safetensors.torch.save(tensors, metadata={"format": "pt"})
+
+
+def member_header(key: str, base_fingerprint: str) -> dict:
+    """The ``nlora_serve`` object of a family member's adapter_config.json."""
+    return {"format": FAMILY_FORMAT, "family": key, "base_fingerprint": base_fingerprint}
+
+
+def compact_family_files(adapter, weights: bytes, root: Path) -> dict[str, bytes] | None:
+    """Store files of an uploaded full-form family member: its lora_N keys as uploaded (so the
+    compact form hashes and serves exactly like the upload) and its config; the family's factors
+    are written under ``root`` first, once. None when ``adapter`` is not a family member or the
+    upload is already compact (its factors were found in the store when it was read).
+    """
+    if getattr(adapter, "shared_family", None) is None:  # (test doubles of Adapter lack the field)
+        return None
+    tensors = safetensors.torch.load(weights)
+    if not any(k.endswith(PART_A) for k in tensors):
+        return None
+    sites = {s: (w.A, w.B) for s, w in adapter.sites.items()}
+    write_factors(root, make_factors(sites, adapter.base_fingerprint))
+    config = {k: v for k, v in adapter.config.raw.items() if k != "nlora_serve"}
+    config["nlora_serve"] = member_header(adapter.shared_family, adapter.base_fingerprint)
+    n_keys = {k: v.contiguous() for k, v in tensors.items() if k.endswith(PART_N)}
+    return {"adapter_config.json": (json.dumps(config, indent=2) + "\n").encode(),
+            "adapter_model.safetensors": safetensors.torch.save(n_keys, metadata={"format": "pt"})}
+
+
+def import_family(adapter_dir: Path, resolver: FamilyResolver, root: Path) -> None:
+    """Before a compact member folder is registered into a store: copy its family's factors
+    (found next to the folder) into the store under ``root``, once. A no-op for other adapters.
+
+    Raises:
+        AdapterError: the member's factors are missing or mismatched.
+    """
+    config = Path(adapter_dir) / "adapter_config.json"
+    try:
+        header = json.loads(config.read_text()).get("nlora_serve")
+    except (OSError, ValueError, AttributeError):
+        return  # the reader names what is wrong with the folder
+    if isinstance(header, dict) and header.get("format") == FAMILY_FORMAT and isinstance(header.get("family"), str):
+        write_factors(root, resolver.get(header["family"], near=Path(adapter_dir)))

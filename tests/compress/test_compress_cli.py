@@ -1,0 +1,78 @@
+"""`adapters compress` end to end on real LoRAs trained with PEFT (tests/data/trained_loras): the
+report's output numbers come from PEFT's own outputs of the uncompressed adapters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from family_helpers import write_lora
+from nlora_serve.adapters.cli import main
+from nlora_serve.adapters.manager import AdapterManager
+
+TRAINED = Path(__file__).parents[1] / "data" / "trained_loras"
+NAMES = ["code", "french", "pirate", "shout"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "held.txt"
+    path.write_text("The capital of France is\ndef fibonacci(n):\n")
+    return path
+
+
+def _run(out: Path, prompts: Path, *extra: str) -> dict:
+    code = main(["compress", str(TRAINED), "--out", str(out), "--prompts", str(prompts), "--new-tokens", "6",
+                 "--threads", "1", *extra])
+    assert code == 0
+    return json.loads((out / ("compress_report_add.json" if "--add" in extra else "compress_report.json")).read_text())
+
+
+def test_full_rank_family_reproduces_peft_and_smaller_rank_trades_off(tmp_path, prompts, base_fp32, capsys):
+    # 4 LoRAs of r = 8 span at most 32 directions per module: R = 32 is exact
+    report = _run(tmp_path / "r32", prompts, "--rank", "32", "--sweep", "8")
+    table = capsys.readouterr().out
+    assert "rank trade-off" in table and "agree" in table
+    rows = {r["name"]: r for r in report["adapters"]}
+    assert sorted(rows) == NAMES
+    for r in rows.values():
+        assert r["reference"] == "peft" and r["tokens"] == 12
+        assert r["rel_error_mean"] < 1e-3  # bf16 inputs, fp32 factors
+        assert r["agreement"] == 1.0 and abs(r["kl"]) < 1e-4 and r["passes"]
+        assert set(r["rel_error"]) == {"q_proj", "v_proj"}
+    errs = [t["mean_rel_error"] for t in report["tradeoff"]]
+    assert [t["rank"] for t in report["tradeoff"]] == [8, 32] and errs[0] > 0.1 > 1e-3 > errs[1]
+    assert report["member_bytes"] == 60 * 32 * 32 * 4
+
+    # a lossy family: the numbers move away from PEFT's
+    low = _run(tmp_path / "r4", prompts, "--rank", "4", "--iters", "0", "--eval-names", "pirate", "code")
+    measured = [r for r in low["adapters"] if r["agreement"] is not None]
+    assert len(measured) == 2 and max(r["kl"] for r in measured) > 1e-3
+    assert min(r["rel_error_mean"] for r in low["adapters"]) > 0.1
+
+    # the output serves: the members register (the factors are copied into the store once)
+    manager = AdapterManager(base_fp32, tmp_path / "store")
+    versions = [manager.register_dir(n, tmp_path / "r32" / n) for n in NAMES]
+    assert len({id(v.pool) for v in versions}) == 1 and all(v.family == report["family"] for v in versions)
+
+
+def test_add_projects_and_refuses_what_does_not_fit(tmp_path, base_fp32, capsys):
+    out = tmp_path / "fam"
+    assert main(["compress", str(TRAINED), "--out", str(out), "--rank", "32", "--no-eval"]) == 0
+    inside = tmp_path / "in" / "code2"
+    shutil.copytree(TRAINED / "code", inside)  # in the family's span: projects (almost) exactly
+    assert main(["compress", str(inside), "--out", str(out), "--add", "--threshold", "0.05", "--no-eval"]) == 0
+    added = json.loads((out / "compress_report_add.json").read_text())["adapters"][0]
+    assert added["name"] == "code2" and added["rel_error_mean"] < 1e-3
+    outside = write_lora(tmp_path / "out" / "stranger", base_fp32.spec, seed=9, r=8, modules=("q_proj", "v_proj"))
+    capsys.readouterr()
+    assert main(["compress", str(outside), "--out", str(out), "--add", "--no-eval"]) == 2
+    assert "does not fit this family" in capsys.readouterr().err and not (out / "stranger").exists()
+    assert main(["compress", str(outside), "--out", str(out), "--add", "--force", "--no-eval"]) == 0
+    forced = json.loads((out / "compress_report_add.json").read_text())["adapters"][0]
+    assert forced["rel_error_mean"] > 0.5
+    manager = AdapterManager(base_fp32, tmp_path / "store")
+    assert manager.register_dir("stranger", out / "stranger").family == manager.register_dir("code2", out / "code2").family

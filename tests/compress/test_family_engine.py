@@ -1,0 +1,150 @@
+"""A compressed family served by the engine: store format, registry, residency, hot-swap, and the
+adapter hook's output against the family maths in float64 (read from the files directly)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import safetensors.torch
+import torch
+
+from family_helpers import family_deltas, lora_deltas, write_lora
+from family_helpers import key as key_of
+from nlora_serve.adapters.compress_family import compress_adapters, write_family
+from nlora_serve.adapters.family_pool import FamilyPool
+from nlora_serve.adapters.loader import read_adapter
+from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.engine.adapter_layer import AdapterHook
+from nlora_serve.errors import AdapterError
+
+RANK = 8
+NAMES = ("alpha", "beta", "gamma")
+
+
+@pytest.fixture(scope="module")
+def family_dir(base_fp32, tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    loras = {n: write_lora(root / "loras" / n, base_fp32.spec, seed=i, alpha=4.0 + 4 * i) for i, n in enumerate(NAMES)}
+    adapters = {n: read_adapter(d, base_fp32) for n, d in loras.items()}
+    family = compress_adapters(adapters, RANK)
+    write_family(root / "out", family)
+    return root
+
+
+def _manager(base, store):
+    return AdapterManager(base, store)
+
+
+def _hook_delta(hook, versions, lens, layer, modules, base, gen):
+    widths = [base.spec.projection_shape(m)[0] for m in modules]
+    x = torch.randn(sum(lens), base.spec.projection_shape(modules[0])[1], generator=gen)
+    y = torch.zeros(sum(lens), sum(widths))
+    hook.begin_step(versions, lens, torch.device("cpu"))
+    hook(x, y, layer, modules, widths)
+    hook.end_step()
+    return x, y, widths
+
+
+def _reference(x, versions, lens, layer, modules, deltas, widths):
+    ref = torch.zeros(x.shape[0], sum(widths), dtype=torch.float64)
+    row = 0
+    for v, n in zip(versions, lens):
+        if v is not None:
+            col = 0
+            for m, w in zip(modules, widths):
+                d = deltas[v.name].get((layer, m))
+                if d is not None:
+                    ref[row:row + n, col:col + w] = x[row:row + n].double() @ d.T
+                col += w
+        row += n
+    return ref
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_hook_output_equals_family_math(base_fp32, family_dir, tmp_path, native, request):
+    manager = _manager(base_fp32, tmp_path / "store")
+    versions = {n: manager.register_dir(n, family_dir / "out" / n) for n in NAMES}
+    pools = {id(v.pool) for v in versions.values()}
+    assert len(pools) == 1 and isinstance(versions["alpha"].pool, FamilyPool)
+    sites = base_fp32.spec.num_layers * 3
+    assert all(v.held_bytes == sites * RANK * RANK * 4 and v.swaps_n for v in versions.values())
+    deltas = {n: family_deltas(family_dir / "out", n) for n in NAMES}
+    hook = AdapterHook(native=request.getfixturevalue("native_ops") if native else None)
+    gen = torch.Generator().manual_seed(0)
+    order = [versions["alpha"], None, versions["gamma"], versions["beta"], versions["alpha"]]
+    lens = [3, 2, 5, 1, 4]
+    for layer, modules in ((0, ("q_proj", "k_proj", "v_proj")), (7, ("down_proj",)), (29, ("gate_proj", "up_proj"))):
+        x, y, widths = _hook_delta(hook, order, lens, layer, modules, base_fp32, gen)
+        ref = _reference(x, order, lens, layer, modules, deltas, widths)
+        assert float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)) < 1e-5 or ref.norm() == 0
+        if layer == 7:
+            assert ref.norm() > 0
+
+
+def test_store_restart_swap_and_refusals(base_fp32, family_dir, tmp_path):
+    store = tmp_path / "store"
+    manager = _manager(base_fp32, store)
+    for n in NAMES:
+        manager.register_dir(n, family_dir / "out" / n)
+    key = manager.registry.get("alpha").family
+    assert (store / "_families" / key / "family.safetensors").is_file()
+    stored = safetensors.torch.load_file(manager.registry.get("beta").path / "adapter_model.safetensors")
+    assert all(k.endswith("lora_N.weight") for k in stored)
+
+    again = _manager(base_fp32, store)  # a restart rebuilds every member from the store
+    assert {v.name for v in again.versions()} == set(NAMES)
+    assert again.registry.get("beta").content_hash == manager.registry.get("beta").content_hash
+    assert "_families" not in again.registry.store.names()
+
+    # hot-swap a member's N: the new version serves the new N, the family is unchanged
+    new_n = {k: 2 * v for k, v in stored.items()}
+    swapped = again.swap("beta", safetensors.torch.save(new_n))
+    assert swapped.version == 2 and swapped.pool is again.registry.get("alpha").pool
+    for (layer, module), site in swapped.adapter.sites.items():
+        assert torch.equal(site.N, new_n[key_of(layer, module, "lora_N.weight")])
+
+    lone = tmp_path / "lone"
+    shutil.copytree(family_dir / "out" / "gamma", lone / "gamma")
+    with pytest.raises(AdapterError, match="shared factors .* are missing"):
+        read_adapter(lone / "gamma", base_fp32)
+    forged = tmp_path / "forged"
+    shutil.copytree(family_dir / "out", forged)
+    fam = forged / "_families" / key / "family.safetensors"
+    t = safetensors.torch.load_file(fam)
+    first = next(iter(t))
+    t[first] = t[first] + 1e-3
+    safetensors.torch.save_file(t, str(fam), metadata={"format": "pt", "base_fingerprint": base_fp32.fingerprint})
+    with pytest.raises(AdapterError, match="hash to"):
+        read_adapter(forged / "gamma", base_fp32)
+
+
+def test_full_form_upload_writes_the_factors_once(base_fp32, family_dir, tmp_path):
+    from nlora_serve.adapters.save import tensor_dict
+
+    member = read_adapter(family_dir / "out" / "alpha", base_fp32)
+    config = (family_dir / "out" / "alpha" / "adapter_config.json").read_bytes()
+    weights = safetensors.torch.save({k: v.to(torch.float32) for k, v in tensor_dict(member).items()})
+    manager = _manager(base_fp32, tmp_path / "store")
+    version = manager.register("up", {"adapter_config.json": config, "adapter_model.safetensors": weights})
+    assert version.family == member.shared_family and version.content_hash == member.content_hash
+    assert (tmp_path / "store" / "_families" / member.shared_family / "family.safetensors").is_file()
+    on_disk = safetensors.torch.load_file(version.path / "adapter_model.safetensors")
+    assert all(k.endswith("lora_N.weight") for k in on_disk)
+
+
+def test_compressed_family_error_is_measured_against_the_loras(base_fp32, family_dir):
+    # three r=4 LoRAs span 12 directions: R=8 loses some; the report's error is the dense one
+    adapters = {n: read_adapter(family_dir / "loras" / n, base_fp32) for n in NAMES}
+    family = compress_adapters({n: adapters[n] for n in NAMES}, RANK, iters=1)
+    site, dense_all = (5, "v_proj"), []
+    for n in NAMES:
+        d = lora_deltas(family_dir / "loras" / n)[site]
+        a_f, b_f = family.factors.sites[site]
+        got = b_f.double() @ family.members[n][site].double() @ a_f.double()
+        dense = float((d - got).norm() / d.norm())
+        assert family.errors[n][site] == pytest.approx(dense, rel=1e-4)
+        dense_all.append(dense)
+    assert 0.05 < max(dense_all) < 1  # lossy at R=8, never worse than dropping the adapter
+    exact = compress_adapters(adapters, 12, iters=0)
+    assert max(max(e.values()) for e in exact.errors.values()) < 1e-4
