@@ -36,8 +36,8 @@ class FamilyPool(TiedPool):
             w = adapter.sites[site]
             a = torch.empty(1, *w.A.shape, dtype=base.dtype, device=self.device)
             b = torch.empty(1, *w.B.shape, dtype=base.dtype, device=self.device)
-            copy_in(a[0], w.A)
-            copy_in(b[0], w.B)
+            copy_in(a[0], w.A, self.placement.stream)
+            copy_in(b[0], w.B, self.placement.stream)
             self.factors[site] = (a, b)
 
     @property

@@ -53,6 +53,7 @@ class Placement:
     device: torch.device
     weight: Callable[[int, str], torch.Tensor]  # (layer, module) -> W [out, in] on ``device``
     bias: Callable[[int, str], torch.Tensor | None]  # (layer, module) -> b [out] or None
+    stream: torch.cuda.Stream | None = None  # CUDA: the side stream slot writes copy on (see copy_in)
 
     @staticmethod
     def host(base: BaseModel) -> Placement:
@@ -61,28 +62,18 @@ class Placement:
                          lambda layer, module: base.weights.get(f"{base.spec.module_path(layer, module)}.bias"))
 
 
-def copy_in(dst: torch.Tensor, src: torch.Tensor) -> None:
+def copy_in(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
     """``dst.copy_(src)`` for slot writes from an admin thread.
 
-    On CUDA the copy runs from pinned memory on a side stream and this thread waits for it alone:
-    the engine's stream is never stalled (the slot being written is one no step reads).
+    With a CUDA ``stream`` the copy runs from pinned memory on it and this thread waits for it
+    alone: the engine's stream is never stalled (the slot being written is one no step reads).
     """
-    if not dst.is_cuda:
+    if stream is None or not dst.is_cuda:
         dst.copy_(src)
         return
-    stream = _side_stream(dst.device)
     with torch.cuda.stream(stream):
         dst.copy_(src.to(dst.dtype).pin_memory(), non_blocking=True)
     stream.synchronize()
-
-
-_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _STREAMS:
-        _STREAMS[device] = torch.cuda.Stream(device)
-    return _STREAMS[device]
 
 
 def _scaled_n(site: SiteWeights, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -138,7 +129,7 @@ class _Pool:
             site = adapter.sites.get(key)
             none = site is None or site.bias is None
             copy_in(table[slot], torch.zeros(table.shape[1:], dtype=table.dtype) if none
-                    else site.bias_delta(self.base.dtype))
+                    else site.bias_delta(self.base.dtype), self.placement.stream)
 
     def add_bias(self, y: torch.Tensor, batch: metadata.AdapterBatch, site: Site) -> None:
         """y[t] += s·b[slot(t)] for the adapted tokens, where some resident adapter has a bias."""
@@ -202,9 +193,10 @@ class TiedPool(_Pool):
                 if not torch.isfinite(scaled).all():
                     bad = int((~torch.isfinite(scaled)).flatten(1).any(1).nonzero()[0])
                     _finite(scaled[bad], part[bad])
-                copy_in(self.n[slot, lo:lo + step], scaled)
+                copy_in(self.n[slot, lo:lo + step], scaled, self.placement.stream)
         else:  # rank_pattern: ranks differ per module; zero-pad each to r
-            copy_in(self.n[slot], torch.stack([_scaled_n(s, self.rank, self.n.dtype) for s in sites]))
+            copy_in(self.n[slot], torch.stack([_scaled_n(s, self.rank, self.n.dtype) for s in sites]),
+                    self.placement.stream)
         self.slot_ranks[slot] = self.rank
         self._write_bias(slot, adapter)
 
@@ -259,12 +251,12 @@ class LoraPool(_Pool):
             a_slot[:r] = site.A
             b_slot = torch.zeros(b.shape[1:], dtype=b.dtype)
             b_slot[:, :r] = site.B
-            copy_in(n[slot], _scaled_n(site, self.rank, n.dtype))
-            copy_in(a[slot], a_slot)
-            copy_in(b[slot], b_slot)
+            copy_in(n[slot], _scaled_n(site, self.rank, n.dtype), self.placement.stream)
+            copy_in(a[slot], a_slot, self.placement.stream)
+            copy_in(b[slot], b_slot, self.placement.stream)
         for key, (n, _, _) in self.tables.items():
             if key not in adapter.sites:
-                copy_in(n[slot], torch.zeros(n.shape[1:], dtype=n.dtype))
+                copy_in(n[slot], torch.zeros(n.shape[1:], dtype=n.dtype), self.placement.stream)
         self.slot_ranks[slot] = max(s.rank for s in adapter.sites.values())
         self._write_bias(slot, adapter)
 

@@ -68,8 +68,9 @@ class ModelRunner:
     def placement(self) -> Placement:
         """Where adapter pools go: this runner's device, reading its placed (fused) base weights."""
         model = self.model
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         return Placement(self.device, lambda layer, module: model.projection(layer, module).module_weight(module),
-                         lambda layer, module: model.projection(layer, module).module_bias(module))
+                         lambda layer, module: model.projection(layer, module).module_bias(module), stream)
 
     def set_adapter_hook(self, hook: AdapterHook | None) -> None:
         """See :meth:`LlamaModel.set_adapter_hook`; a decode step's adapter slots ride in the step's copy."""
