@@ -27,3 +27,35 @@ def check_rows(name: str, t: torch.Tensor, num_tokens: int) -> None:
     """Raise ValueError unless ``t`` is 2-D with ``num_tokens`` rows."""
     if t.dim() != 2 or t.shape[0] != num_tokens:
         raise ValueError(f"{name} must be [{num_tokens}, ...], got {tuple(t.shape)}")
+
+
+def check_paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                          out: torch.Tensor, rows: str) -> None:
+    """The checks both paged attention launchers share: ``q`` and ``out`` [rows, H, D] with
+    contiguous dims in one float dtype, ``kv_layer`` contiguous [2, NB, BS, KVH, D] with H a
+    multiple of KVH, ``block_tables`` int32/int64 2-D with contiguous rows.
+
+    Raises:
+        TypeError: a dtype is off. ValueError: a shape or layout is off (named in the message).
+    """
+    check_float("kv_layer", kv_layer, q.dtype)
+    check_float("out", out, q.dtype)
+    if block_tables.dtype not in _INTS:
+        raise TypeError(f"block_tables must be int32 or int64, got {block_tables.dtype}")
+    if q.dim() != 3 or out.shape != q.shape or q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError(f"q and out must be [{rows}, H, D] with contiguous dims, got q {tuple(q.shape)}, "
+                         f"out {tuple(out.shape)}")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    if kv_layer.dim() != 5 or kv_layer.shape[0] != 2 or kv_layer.shape[4] != head_dim \
+            or not kv_layer.is_contiguous():
+        raise ValueError(f"kv_layer must be contiguous [2, NB, BS, KVH, {head_dim}], got "
+                         f"{tuple(kv_layer.shape)}")
+    if num_heads % kv_layer.shape[3]:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {kv_layer.shape[3]} KV heads")
+    if block_tables.dim() != 2 or block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables must be 2-D with contiguous rows, got {tuple(block_tables.shape)}")
+
+
+def attention_op_name(op: str, dtype: torch.dtype) -> str:
+    """Config key of an attention op: fp32 has its own tiles (its dots are FMA loops, not tensor-core ones)."""
+    return op + (".fp32" if dtype == torch.float32 else "")

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from nlora_serve.kernels._triton_helpers import dot_f32
 from nlora_serve.kernels.config import device_config_name, get_config
-from nlora_serve.kernels.launch import check_float, check_index
+from nlora_serve.kernels.launch import attention_op_name, check_index, check_paged_attention
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 16
@@ -151,7 +151,8 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     if n == 0:
         return out
     acc, m, l_s = _split_buffers(workspace, n, num_heads, head_dim, num_splits, q.device)
-    cfg = get_config(_op_name(q.dtype), head_dim, device_config_name(q.device))
+    op = attention_op_name("paged_decode_attention", q.dtype)
+    cfg = get_config(op, head_dim, device_config_name(q.device))
     keys, values = kv_layer[0], kv_layer[1]
     _paged_decode_attention_kernel[(n, num_kv_heads, num_splits)](
         q, keys, values, block_tables, context_lens, out, acc, m, l_s, scale * _LOG2E, num_heads,
@@ -184,29 +185,11 @@ def _split_buffers(workspace, n, num_heads, head_dim, num_splits, device):
             flat[parts * (head_dim + 1): size])
 
 
-def _op_name(dtype: torch.dtype) -> str:
-    """Config key: fp32 has its own tiles (its dots are FMA loops, not tensor-core ones)."""
-    return "paged_decode_attention" + (".fp32" if dtype == torch.float32 else "")
-
-
 def _check(q, kv_layer, block_tables, context_lens, out, num_splits) -> None:
-    check_float("kv_layer", kv_layer, q.dtype)
-    check_float("out", out, q.dtype)
+    check_paged_attention(q, kv_layer, block_tables, out, "N")
     check_index("context_lens", context_lens)
-    if block_tables.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"block_tables must be int32 or int64, got {block_tables.dtype}")
-    if q.dim() != 3 or out.shape != q.shape or q.stride(2) != 1 or out.stride(2) != 1:
-        raise ValueError(f"q and out must be [N, H, D] with contiguous dims, got q {tuple(q.shape)}, "
-                         f"out {tuple(out.shape)}")
-    n, num_heads, head_dim = q.shape
-    if kv_layer.dim() != 5 or kv_layer.shape[0] != 2 or kv_layer.shape[4] != head_dim \
-            or not kv_layer.is_contiguous():
-        raise ValueError(f"kv_layer must be contiguous [2, NB, BS, KVH, {head_dim}], got "
-                         f"{tuple(kv_layer.shape)}")
-    if num_heads % kv_layer.shape[3]:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {kv_layer.shape[3]} KV heads")
-    if block_tables.dim() != 2 or block_tables.shape[0] != n or block_tables.stride(1) != 1 \
-            or context_lens.shape[0] != n:
+    n = q.shape[0]
+    if block_tables.shape[0] != n or context_lens.shape[0] != n:
         raise ValueError(f"block_tables must be [{n}, B] with contiguous rows and context_lens "
                          f"[{n}], got {tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
     if not 1 <= num_splits <= 64:

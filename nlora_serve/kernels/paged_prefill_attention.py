@@ -17,7 +17,7 @@ import triton.language as tl
 
 from nlora_serve.kernels._triton_helpers import dot_f32
 from nlora_serve.kernels.config import device_config_name, get_config
-from nlora_serve.kernels.launch import check_float, check_index
+from nlora_serve.kernels.launch import attention_op_name, check_index, check_paged_attention
 
 _LOG2E = 1.4426950408889634
 
@@ -106,7 +106,8 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, query_start
     group = num_heads // num_kv_heads
     if num_seqs == 0 or max_query_len <= 0:
         return out
-    cfg = get_config(_op_name(q.dtype), head_dim, device_config_name(q.device))
+    op = attention_op_name("paged_prefill_attention", q.dtype)
+    cfg = get_config(op, head_dim, device_config_name(q.device))
     block_m = max(cfg["BLOCK_M"], triton.next_power_of_2(group))
     keys, values = kv_layer[0], kv_layer[1]
     grid = (num_seqs, triton.cdiv(max_query_len, block_m // group), num_kv_heads)
@@ -118,29 +119,11 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, query_start
     return out
 
 
-def _op_name(dtype: torch.dtype) -> str:
-    """Config key: fp32 has its own tiles (its dots are FMA loops, not tensor-core ones)."""
-    return "paged_prefill_attention" + (".fp32" if dtype == torch.float32 else "")
-
-
 def _check(q, kv_layer, query_starts, context_lens, block_tables, out) -> None:
-    check_float("kv_layer", kv_layer, q.dtype)
-    check_float("out", out, q.dtype)
+    check_paged_attention(q, kv_layer, block_tables, out, "T")
     check_index("query_starts", query_starts)
     check_index("context_lens", context_lens)
-    if block_tables.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"block_tables must be int32 or int64, got {block_tables.dtype}")
-    if q.dim() != 3 or out.shape != q.shape or q.stride(2) != 1 or out.stride(2) != 1:
-        raise ValueError(f"q and out must be [T, H, D] with contiguous dims, got q {tuple(q.shape)}, "
-                         f"out {tuple(out.shape)}")
-    head_dim, num_seqs = q.shape[2], context_lens.shape[0]
-    if kv_layer.dim() != 5 or kv_layer.shape[0] != 2 or kv_layer.shape[4] != head_dim \
-            or not kv_layer.is_contiguous():
-        raise ValueError(f"kv_layer must be contiguous [2, NB, BS, KVH, {head_dim}], got "
-                         f"{tuple(kv_layer.shape)}")
-    if q.shape[1] % kv_layer.shape[3]:
-        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {kv_layer.shape[3]} KV heads")
-    if query_starts.shape[0] != num_seqs + 1 or block_tables.dim() != 2 \
-            or block_tables.shape[0] != num_seqs or block_tables.stride(1) != 1:
+    num_seqs = context_lens.shape[0]
+    if query_starts.shape[0] != num_seqs + 1 or block_tables.shape[0] != num_seqs:
         raise ValueError(f"query_starts must be [{num_seqs + 1}] and block_tables [{num_seqs}, B] with "
                          f"contiguous rows, got {tuple(query_starts.shape)} and {tuple(block_tables.shape)}")
