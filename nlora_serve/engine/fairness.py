@@ -10,10 +10,19 @@ tenant that left the queue last), so idling banks no credit.
 
 Recomputation after a preemption and tokens found in the prefix cache are not billed: a tenant
 pays for the tokens the server computed for it, once.
+
+VTC orders admission only. With every running slot taken (``max_num_seqs`` binding), a light
+tenant first in line still waits for a heavy tenant's decode to finish, and those waits grow with
+the step time. So slots are shared too (:meth:`VirtualTokenCounter.rebalance`): each active tenant
+(running or waiting) is entitled to ``max_num_seqs · w / Σw`` slots; a waiting tenant below its
+entitlement takes a slot from the tenant furthest above its own, by preempting that tenant's newest
+sequence (it recomputes later, from the prefix cache where one is on), and admission prefers
+tenants that stay within their entitlement, so the slot is not handed straight back.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from nlora_serve.engine.sequence import Sequence
@@ -54,20 +63,71 @@ class VirtualTokenCounter:
             if not self._waiting:
                 self._last_left = tenant
 
-    def pick(self, waiting: Iterable[Sequence]) -> Sequence | None:
+    def pick(self, waiting: Iterable[Sequence], running: Iterable[Sequence] = (),
+             max_num_seqs: int | None = None) -> Sequence | None:
         """The oldest request of the waiting tenant with the least counter (``waiting`` in arrival
-        order; ties go to the earlier arrival)."""
+        order; ties go to the earlier arrival). Given ``running`` and ``max_num_seqs``, tenants that
+        stay within their slot entitlement with one more slot go before those that would exceed it."""
+        waiting = list(waiting)
+        over = self._over_entitlement(running, waiting, max_num_seqs)
         best: Sequence | None = None
-        best_counter = 0.0
+        best_key = (False, 0.0)
         seen: set[str | None] = set()
         for seq in waiting:
             if seq.tenant in seen:
                 continue
             seen.add(seq.tenant)
-            counter = self.counters.get(seq.tenant, 0.0)
-            if best is None or counter < best_counter:
-                best, best_counter = seq, counter
+            key = (over(seq.tenant, 1), self.counters.get(seq.tenant, 0.0))
+            if best is None or key < best_key:
+                best, best_key = seq, key
         return best
+
+    def rebalance(self, running: list[Sequence], waiting: Iterable[Sequence], max_num_seqs: int) -> list[Sequence]:
+        """Running sequences to preempt so that waiting tenants below their slot entitlement get one.
+
+        Only when every slot is taken. Waiting tenants in counter order (least served first) that
+        would stay within their entitlement with one more slot each take a slot from the running
+        tenant furthest above its own entitlement (ties: the larger counter), whose newest
+        sequence is the victim; a tenant gives up slots only down to its entitlement.
+
+        Returns:
+            The victims, newest first per tenant; the caller preempts them (nothing changes here).
+        """
+        if len(running) < max_num_seqs:
+            return []
+        waiting = list(waiting)
+        slots = Counter(s.tenant for s in running)
+        entitled = self._entitlements(running, waiting, max_num_seqs)
+        victims: list[Sequence] = []
+        claimants = sorted({s.tenant for s in waiting}, key=lambda t: self.counters.get(t, 0.0))
+        for tenant in claimants:
+            if slots[tenant] + 1 > entitled[tenant]:
+                continue
+            donors = [t for t in slots if slots[t] - 1 >= entitled[t] and t != tenant]
+            if not donors:
+                break
+            donor = max(donors, key=lambda t: (slots[t] - entitled[t], self.counters.get(t, 0.0)))
+            victim = max((s for s in running if s.tenant == donor and s not in victims), key=lambda s: s.arrival)
+            victims.append(victim)
+            slots[donor] -= 1
+            slots[tenant] += 1
+        return victims
+
+    def _entitlements(self, running: Iterable[Sequence], waiting: Iterable[Sequence],
+                      max_num_seqs: int) -> dict[str | None, float]:
+        """Slots per active tenant: ``max_num_seqs · w / Σw`` over tenants running or waiting."""
+        active = {s.tenant for s in running} | {s.tenant for s in waiting}
+        total = sum(self.weights.get(t, 1.0) for t in active)
+        return {t: max_num_seqs * self.weights.get(t, 1.0) / total for t in active}
+
+    def _over_entitlement(self, running: Iterable[Sequence], waiting: list[Sequence], max_num_seqs: int | None):
+        """``over(tenant, extra)``: would ``tenant`` with ``extra`` more slots exceed its entitlement?"""
+        running = list(running)
+        if max_num_seqs is None or not running:
+            return lambda tenant, extra: False
+        slots = Counter(s.tenant for s in running)
+        entitled = self._entitlements(running, waiting, max_num_seqs)
+        return lambda tenant, extra: slots[tenant] + extra > entitled[tenant]
 
     def charge(self, seq: Sequence, num_tokens: int) -> None:
         """Bill ``seq``'s tenant for computing its next ``num_tokens`` tokens (call before

@@ -4,8 +4,11 @@ Every step the scheduler admits and retires sequences (DESIGN §5). Order of ser
 1. running sequences that decode (one token each), oldest first;
 2. running sequences still in prefill, oldest first, each a chunk of what the budget leaves;
 3. waiting sequences: with policy "fcfs" strictly first come first served, with "fair" the oldest
-   request of the tenant with the least service (VTC, fairness.py); the one picked is admitted
-   or nobody is, so a long prompt is never overtaken forever (no starvation).
+   request of the tenant with the least service (VTC, fairness.py), tenants within their share of
+   the running slots first; the one picked is admitted or nobody is, so a long prompt is never
+   overtaken forever (no starvation). With "fair" and every slot taken, a tenant waiting below its
+   slot share first takes a slot from the tenant furthest above its share (that tenant's newest
+   sequence is preempted).
 A waiting sequence starts after the longest prefix of its tokens already in the KV cache when the
 block manager caches prefixes (prefix_cache.py); full blocks are offered to that cache once computed.
 When a running sequence needs a block and none is free, the newest running sequence is
@@ -83,6 +86,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         for seq in self.running:  # what the last step computed
             self.blocks.commit(seq)
+        if self.fair is not None:  # slot-level fairness: before anyone is given tokens this step
+            for victim in self.fair.rebalance(self.running, self.waiting, self.config.max_num_seqs):
+                self._preempt(victim)
+                batch.preempted.append(victim)
         for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival)):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
@@ -99,7 +106,8 @@ class Scheduler:
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0] if self.fair is None else self.fair.pick(self.waiting)
+            seq = (self.waiting[0] if self.fair is None
+                   else self.fair.pick(self.waiting, self.running, self.config.max_num_seqs))
             hit = self.blocks.match(seq)
             cached = len(hit) * self.blocks.block_size
             n = min(seq.num_tokens - cached, budget)

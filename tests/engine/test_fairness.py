@@ -106,3 +106,66 @@ def test_weights_must_be_positive():
         SchedulerConfig(policy="fair", tenant_weights={"x": 0})
     with pytest.raises(ValueError, match="SchedulerConfig.policy must be one of fcfs, fair; got 'lifo'"):
         SchedulerConfig(policy="lifo")
+
+
+def step(sched: Scheduler):
+    """One engine step without a model: every scheduled sequence computes its tokens and, once its
+    prompt is done, samples token 7."""
+    batch = sched.schedule()
+    for s, n in zip(batch.seqs, batch.num_tokens):
+        s.num_computed_tokens += n
+        if s.num_computed_tokens == s.num_tokens:
+            s.token_ids.append(7)
+    return batch
+
+
+def test_a_tenant_below_its_slot_share_takes_a_slot_from_the_tenant_above_it():
+    sched = make(max_num_seqs=4, max_model_len=256, blocks=BlockManager(256, 4))
+    heavy = [seq("heavy") for _ in range(6)]
+    for s in heavy:
+        sched.add(s)
+    step(sched)
+    assert sched.running == heavy[:4]  # every slot taken by the heavy tenant's decodes
+    light = seq("light")
+    sched.add(light)
+    batch = step(sched)
+    # 2 active tenants: 2 slots each. The light one takes one, from heavy's newest running sequence
+    assert batch.preempted == [heavy[3]] and light in batch.seqs and light in sched.running
+    assert heavy[3].num_computed_tokens == 0 and heavy[3] in sched.waiting
+    batch = step(sched)  # no thrash: heavy is at 3 > its 2 slots, so it waits for a slot to free
+    assert batch.preempted == [] and len(sched.running) == 4 and heavy[3] in sched.waiting
+
+
+def test_no_slot_is_taken_from_a_tenant_at_or_below_its_share():
+    sched = make(max_num_seqs=4, max_model_len=256, blocks=BlockManager(256, 4))
+    for s in [seq("a"), seq("a"), seq("b"), seq("b")]:
+        sched.add(s)
+    step(sched)
+    late = seq("c")
+    sched.add(late)  # 3 tenants: 4/3 slots each; a and b hold 2, and would drop below 4/3 with 1
+    batch = step(sched)
+    assert batch.preempted == [] and late in sched.waiting
+
+
+def test_slot_shares_follow_tenant_weights():
+    sched = make(weights={"gold": 3.0}, max_num_seqs=4, max_model_len=256, blocks=BlockManager(256, 4))
+    gold = [seq("gold") for _ in range(4)]
+    for s in gold:
+        sched.add(s)
+    step(sched)
+    plain = seq("plain")
+    sched.add(plain)
+    batch = step(sched)  # gold is entitled to 3 of 4 slots, plain to 1: one preemption, no more
+    assert batch.preempted == [gold[3]] and plain in sched.running
+    sched.add(seq("plain"))
+    assert step(sched).preempted == []  # plain already holds its one slot
+
+
+def test_fcfs_never_preempts_for_slots():
+    sched = make("fcfs", max_num_seqs=2, max_model_len=256, blocks=BlockManager(256, 4))
+    for s in [seq("heavy"), seq("heavy")]:
+        sched.add(s)
+    step(sched)
+    light = seq("light")
+    sched.add(light)
+    assert step(sched).preempted == [] and light in sched.waiting
