@@ -14,10 +14,11 @@ pays for the tokens the server computed for it, once.
 VTC orders admission only. With every running slot taken (``max_num_seqs`` binding), a light
 tenant first in line still waits for a heavy tenant's decode to finish, and those waits grow with
 the step time. So slots are shared too (:meth:`VirtualTokenCounter.rebalance`): each active tenant
-(running or waiting) is entitled to ``max_num_seqs · w / Σw`` slots; a waiting tenant below its
-entitlement takes a slot from the tenant furthest above its own, by preempting that tenant's newest
-sequence (it recomputes later, from the prefix cache where one is on), and admission prefers
-tenants that stay within their entitlement, so the slot is not handed straight back.
+(running or waiting) is entitled to its weighted max-min fair share of the ``max_num_seqs`` slots
+over its demand (water-filling); a waiting tenant below its entitlement takes a slot from the
+tenant furthest above its own, by preempting that tenant's newest sequence (it recomputes later,
+from the prefix cache where one is on), and admission prefers tenants that stay within their
+entitlement, so the slot is not handed straight back.
 """
 
 from __future__ import annotations
@@ -37,13 +38,16 @@ class VirtualTokenCounter:
         prompt_weight, output_weight: service per prompt / output token (VTC's w_p, w_q).
     """
 
-    def __init__(self, weights: Mapping[str, float], prompt_weight: float = 1.0, output_weight: float = 2.0):
+    def __init__(self, weights: Mapping[str, float], prompt_weight: float = 1.0, output_weight: float = 2.0,
+                 usage_half_life: float = 64.0):
         self.weights = dict(weights)
         self.prompt_weight = prompt_weight
         self.output_weight = output_weight
         self.counters: dict[str | None, float] = {}  # service received, weighted (VTC's c_u)
         self._waiting: dict[str | None, int] = {}  # waiting sequences per tenant
         self._last_left: str | None = None  # the tenant whose waiting requests ran out last
+        self.slot_usage: dict[str | None, float] = {}  # running slots held, decayed mean over steps
+        self._decay = 0.5 ** (1.0 / usage_half_life)
 
     def enqueue(self, seq: Sequence, new: bool) -> None:
         """``seq`` joins the waiting queue (``new``: a new request, else a preempted one)."""
@@ -66,10 +70,10 @@ class VirtualTokenCounter:
     def pick(self, waiting: Iterable[Sequence], running: Iterable[Sequence] = (),
              max_num_seqs: int | None = None) -> Sequence | None:
         """The oldest request of the waiting tenant with the least counter (``waiting`` in arrival
-        order; ties go to the earlier arrival). Given ``running`` and ``max_num_seqs``, tenants that
-        stay within their slot entitlement with one more slot go before those that would exceed it."""
+        order; ties go to the earlier arrival). Given ``running`` and ``max_num_seqs``, tenants
+        whose recent slot usage is below their share go before those at or above it."""
         waiting = list(waiting)
-        over = self._over_entitlement(running, waiting, max_num_seqs)
+        above = self._above_share(running, waiting, max_num_seqs)
         best: Sequence | None = None
         best_key = (False, 0.0)
         seen: set[str | None] = set()
@@ -77,57 +81,62 @@ class VirtualTokenCounter:
             if seq.tenant in seen:
                 continue
             seen.add(seq.tenant)
-            key = (over(seq.tenant, 1), self.counters.get(seq.tenant, 0.0))
+            key = (seq.tenant in above, self.counters.get(seq.tenant, 0.0))
             if best is None or key < best_key:
                 best, best_key = seq, key
         return best
 
-    def rebalance(self, running: list[Sequence], waiting: Iterable[Sequence], max_num_seqs: int) -> list[Sequence]:
-        """Running sequences to preempt so that waiting tenants below their slot entitlement get one.
+    def observe(self, running: Iterable[Sequence]) -> None:
+        """Once per step: fold the slots each tenant holds now into its recent slot usage."""
+        held = Counter(s.tenant for s in running)
+        for tenant in set(self.slot_usage) | set(held):
+            usage = self._decay * self.slot_usage.get(tenant, 0.0) + (1.0 - self._decay) * held[tenant]
+            if usage < 1e-3 and not held[tenant]:
+                self.slot_usage.pop(tenant, None)
+            else:
+                self.slot_usage[tenant] = usage
 
-        Only when every slot is taken. Waiting tenants in counter order (least served first) that
-        would stay within their entitlement with one more slot each take a slot from the running
-        tenant furthest above its own entitlement (ties: the larger counter), whose newest
-        sequence is the victim; a tenant gives up slots only down to its entitlement.
+    def rebalance(self, running: list[Sequence], waiting: Iterable[Sequence], max_num_seqs: int) -> list[Sequence]:
+        """Running sequences to preempt so that waiting tenants below their slot share get one.
+
+        Only when every slot is taken. Each waiting tenant whose recent slot usage is below its
+        share (least used per weight first) takes one slot this step from the running tenant
+        furthest above its own share (per weight), whose newest sequence is the victim.
 
         Returns:
-            The victims, newest first per tenant; the caller preempts them (nothing changes here).
+            The victims; the caller preempts them (nothing changes here).
         """
         if len(running) < max_num_seqs:
             return []
         waiting = list(waiting)
-        slots = Counter(s.tenant for s in running)
-        entitled = self._entitlements(running, waiting, max_num_seqs)
+        share = self._shares(running, waiting, max_num_seqs)
+        over = {t: (self.slot_usage.get(t, 0.0) - share[t]) / self.weights.get(t, 1.0) for t in share}
+        held = Counter(s.tenant for s in running)
         victims: list[Sequence] = []
-        claimants = sorted({s.tenant for s in waiting}, key=lambda t: self.counters.get(t, 0.0))
-        for tenant in claimants:
-            if slots[tenant] + 1 > entitled[tenant]:
-                continue
-            donors = [t for t in slots if slots[t] - 1 >= entitled[t] and t != tenant]
-            if not donors:
+        for tenant in sorted({s.tenant for s in waiting}, key=lambda t: over[t]):
+            donors = [t for t in held if held[t] > 0 and over[t] > 0 and over[t] > over[tenant] and t != tenant]
+            if over[tenant] >= 0 or not donors:
                 break
-            donor = max(donors, key=lambda t: (slots[t] - entitled[t], self.counters.get(t, 0.0)))
+            donor = max(donors, key=lambda t: over[t])
             victim = max((s for s in running if s.tenant == donor and s not in victims), key=lambda s: s.arrival)
             victims.append(victim)
-            slots[donor] -= 1
-            slots[tenant] += 1
+            held[donor] -= 1
         return victims
 
-    def _entitlements(self, running: Iterable[Sequence], waiting: Iterable[Sequence],
-                      max_num_seqs: int) -> dict[str | None, float]:
-        """Slots per active tenant: ``max_num_seqs · w / Σw`` over tenants running or waiting."""
+    def _shares(self, running: Iterable[Sequence], waiting: Iterable[Sequence],
+                max_num_seqs: int) -> dict[str | None, float]:
+        """Slots per active tenant (running or waiting): ``max_num_seqs · w / Σw``."""
         active = {s.tenant for s in running} | {s.tenant for s in waiting}
         total = sum(self.weights.get(t, 1.0) for t in active)
         return {t: max_num_seqs * self.weights.get(t, 1.0) / total for t in active}
 
-    def _over_entitlement(self, running: Iterable[Sequence], waiting: list[Sequence], max_num_seqs: int | None):
-        """``over(tenant, extra)``: would ``tenant`` with ``extra`` more slots exceed its entitlement?"""
+    def _above_share(self, running: Iterable[Sequence], waiting: list[Sequence], max_num_seqs: int | None) -> set:
+        """Tenants whose recent slot usage is at or above their share (none without ``max_num_seqs``)."""
         running = list(running)
         if max_num_seqs is None or not running:
-            return lambda tenant, extra: False
-        slots = Counter(s.tenant for s in running)
-        entitled = self._entitlements(running, waiting, max_num_seqs)
-        return lambda tenant, extra: slots[tenant] + extra > entitled[tenant]
+            return set()
+        share = self._shares(running, waiting, max_num_seqs)
+        return {t for t in share if self.slot_usage.get(t, 0.0) >= share[t]}
 
     def charge(self, seq: Sequence, num_tokens: int) -> None:
         """Bill ``seq``'s tenant for computing its next ``num_tokens`` tokens (call before

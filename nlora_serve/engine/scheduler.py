@@ -7,7 +7,7 @@ Every step the scheduler admits and retires sequences (DESIGN §5). Order of ser
    request of the tenant with the least service (VTC, fairness.py), tenants within their share of
    the running slots first; the one picked is admitted or nobody is, so a long prompt is never
    overtaken forever (no starvation). With "fair" and every slot taken, a tenant waiting below its
-   slot share first takes a slot from the tenant furthest above its share (that tenant's newest
+   max-min fair share of the slots first takes a slot from the tenant furthest above its share (that tenant's newest
    sequence is preempted).
 A waiting sequence starts after the longest prefix of its tokens already in the KV cache when the
 block manager caches prefixes (prefix_cache.py); full blocks are offered to that cache once computed.
@@ -87,6 +87,7 @@ class Scheduler:
         for seq in self.running:  # what the last step computed
             self.blocks.commit(seq)
         if self.fair is not None:  # slot-level fairness: before anyone is given tokens this step
+            self.fair.observe(self.running)
             for victim in self.fair.rebalance(self.running, self.waiting, self.config.max_num_seqs):
                 self._preempt(victim)
                 batch.preempted.append(victim)
