@@ -240,10 +240,13 @@ def main() -> None:
                     help="light rate = capacity / this (9 light below capacity, +heavy 10x over it)")
     ap.add_argument("--duration", type=float, default=60.0, help="fairness: seconds of arrivals")
     ap.add_argument("--backlog", type=int, default=6, help="fairness: queued requests per light tenant")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer directory for a model that ships none (e.g. bench/models/llama-8b with "
+                         "bench/models/smollm2-135m: prompts are token ids, text is never read)")
     ap.add_argument("--out", default="bench/out/prefix_fairness.json")
     args = ap.parse_args()
     base = load_base(args.model, resolve_dtype(args.dtype, args.device), load_format=args.load_format,
-                     init_device=args.device)
+                     tokenizer=args.tokenizer, init_device=args.device)
     res = {"args": vars(args), "dtype": str(base.dtype), "machine": platform.platform(),
            "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="nlora-bench-") as scratch:
