@@ -16,12 +16,15 @@
 # the package is used from the working tree. Writes under $OUT (default bench/out/gpu).
 #
 #   device run:  bash bench/gpu_check.sh          (timeout_s 600; steps capped at 550 s in all, ~5 min typical)
+#   then, on the still-warm machine, if device time is left:
+#                bash bench/gpu_check.sh extra    (issue 20 at scale, the llama-8b dummy; <= 240 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
+RC="$OUT/rc.txt"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TRITON_DEFAULT_FP_FUSION=1
 { nvidia-smi; $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, torch.cuda.get_device_name())"; } >> "$LOG" 2>&1
@@ -31,12 +34,26 @@ step() {  # step NAME SECONDS COMMAND...: run, log, record the exit status
     shift 2
     echo "== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
     timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
-    echo "$name rc=${PIPESTATUS[0]}" | tee -a "$OUT/rc.txt"
+    echo "$name rc=${PIPESTATUS[0]}" | tee -a "$RC"
 }
+
+if [ "${1:-}" = extra ]; then  # a second call: own log and rc files (at most 8 files come back per call)
+    LOG="$OUT/extra_log.txt"
+    RC="$OUT/extra_rc.txt"
+    # issue 20: the shared 1,024-token prefix where prefill costs compute (llama-8b shape, random weights)
+    step prefix_8b 120 $PY bench/prefix_fairness.py --only prefix --device cuda --model bench/models/llama-8b \
+        --tokenizer bench/models/smollm2-135m --load-format dummy --dtype bfloat16 --tenants 64 --burst 128 \
+        --poisson-requests 128 --budget 2048 --max-num-seqs 64 --out "$OUT/prefix_8b.json"
+    # issue 20: slot-level fairness (recent-usage preemption) against fcfs, default shape
+    step fairness 100 $PY bench/prefix_fairness.py --only fairness --device cuda --model bench/models/smollm2-135m \
+        --load-format dummy --dtype bfloat16 --max-num-seqs 16 --duration 10 --backlog 10 --out "$OUT/fairness.json"
+    ! grep -qv "rc=0" "$RC"
+    exit
+fi
 
 step smoke 60 $PY bench/gpu_engine_check.py --layers 2 --requests 3 --new-tokens 2 --long-prompt 40 \
     --dtype float32 --out "$OUT/smoke.json"
-grep -q "smoke rc=0" "$OUT/rc.txt" || { echo "smoke test failed: stopping" | tee -a "$LOG"; exit 1; }
+grep -q "smoke rc=0" "$RC" || { echo "smoke test failed: stopping" | tee -a "$LOG"; exit 1; }
 step kernels 80 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/kernels/test_triton_ops.py -k triton_path_against_truth
 step attention_kernels 60 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
@@ -48,4 +65,4 @@ step engine_bench 90 $PY bench/engine.py --device cuda --model bench/models/smol
 step engine_256 50 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
     --dtype bfloat16 --mix none --peer-mixes none --vllm-mixes --num-requests 256 --out "$OUT/engine_256.json"
 step decode_step 60 $PY bench/decode_step.py --device cuda --batch 64 256 --steps 100 --out "$OUT/decode_step.json"
-! grep -qv "rc=0" "$OUT/rc.txt"
+! grep -qv "rc=0" "$RC"
