@@ -56,6 +56,15 @@ def warmup_rounds(budget: int, max_model_len: int, num_blocks: int, block_size: 
     return rounds
 
 
+def adapter_kinds(versions) -> tuple[str, ...]:
+    """One adapter name per kind among ``versions`` (AdapterVersion-like: ``name``, ``is_tied``,
+    ``family``, ``flavour``), in first-seen order: a kind's requests run the same pool and kernels."""
+    first: dict[tuple, str] = {}
+    for v in versions:
+        first.setdefault((v.is_tied, v.family is not None, v.flavour), v.name)
+    return tuple(first.values())
+
+
 def warm_up(core, adapters: tuple[str, ...] = ()) -> WarmupReport:
     """Run the dummy requests of :func:`warmup_rounds` through ``core`` (an idle EngineCore), then
     reset its scheduling state. ``adapters``: registered adapter names; request i of a round runs

@@ -8,14 +8,16 @@ afterwards still equal to transformers' greedy tokens.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from greedy_rule import matches_reference
-from tiny_llama import hf_greedy, make_tiny_llama
+from tiny_llama import hf_greedy, make_tiny_llama, random_factors, write_peft
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.core import EngineCore
 from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.warmup import DUMMY_TOKEN, warm_up, warmup_rounds
+from nlora_serve.engine.warmup import DUMMY_TOKEN, adapter_kinds, warm_up, warmup_rounds
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +71,29 @@ def test_warm_up_refuses_a_busy_engine(tiny):
     with pytest.raises(RuntimeError, match="idle engine"):
         warm_up(core)
     assert list(core.requests) == ["r"] and core.has_work()  # untouched
+
+
+def test_adapter_kinds_one_name_per_kind():
+    def v(name, tied=False, family=None, flavour="lora"):
+        return SimpleNamespace(name=name, is_tied=tied, family=family, flavour=flavour)
+
+    versions = [v("a"), v("b"), v("t1", True, flavour="inttune-tied"), v("n1", flavour="nlora"),
+                v("t2", True, flavour="inttune-tied"), v("f1", family="fam", flavour="nlora"), v("n2", flavour="nlora")]
+    assert adapter_kinds(versions) == ("a", "t1", "n1", "f1")
+
+
+def test_warm_up_on_an_adapter_pins_and_releases_it(tiny, tmp_path):
+    model_dir, model, tokenizer_dir = tiny
+    folder = write_peft(tmp_path / "lora", random_factors(model, rank=4, with_n=False, seed=3), rank=4, alpha=8.0)
+    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="torch",
+                          adapter_dir=str(tmp_path / "store"),
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                          cache=CacheConfig(block_size=16, num_blocks=16))
+    core = EngineCore(config)
+    version = core.adapters.register_dir("lora", folder)
+    acquire, pinned = core.adapters.acquire, []
+    core.adapters.acquire = lambda name: pinned.append(name) or acquire(name)
+    report = warm_up(core, adapter_kinds(core.adapters.versions()))
+    assert pinned == ["lora"] * 3  # every dummy request ran on the adapter
+    assert report.step_tokens == [34, 3, 3]  # 61-token prompts fit the 64 budget: no chunked round
+    assert version.refcount == 0 and not core.requests  # each dummy request's pin was released once
