@@ -86,7 +86,7 @@ def warm_up(core, adapters: tuple[str, ...] = ()) -> WarmupReport:
             name = choices[i % len(choices)]
             pinned = core.adapters.acquire(name) if name is not None else None
             # one token id per request: no dummy prompt shares a prefix-cache block with another
-            core.add(f"__warmup-{r}-{i}", [DUMMY_TOKEN + 8 * r + i] * n, params, pinned)
+            core.add(f"__warmup-{r}-{i}", [(DUMMY_TOKEN + 8 * r + i) % core.vocab_size] * n, params, pinned)
         while core.has_work():
             before = (core.counters["computed_tokens"], dict(core.runner.step_counts))
             core.step()
