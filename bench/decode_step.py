@@ -200,6 +200,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             if args.profile:
                 _print_profile(b, row)
+            _write(args, rows)  # after every batch: a run cut short by its time limit keeps what it measured
     print(f"\n{args.dtype}, prompt {args.prompt_len}, {args.steps} timed steps")
     print("| B | lean graph ms | ours ms (graphs) | ours / lean | graph share | ours eager ms | eager / lean |")
     print("|---|---|---|---|---|---|---|")
@@ -207,6 +208,9 @@ def main() -> None:
         print(f"| {r['batch']} | {r['lean']['step_s'] * 1e3:.3f} | {r['ours']['step_s'] * 1e3:.3f} | "
               f"{r['ours_vs_lean']:.2f}x | {r['ours']['graph_share_timed']:.2f} | {r['eager']['step_s'] * 1e3:.3f} | "
               f"{r['eager_vs_lean']:.2f}x |")
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"workload": vars(args), "results": rows}, indent=1) + "\n")
 
