@@ -145,20 +145,22 @@ class LLMEngine(Engine):
             raise EngineError(f"request {failed.request_id} failed: {failed.error}")
         return merged
 
-    def warm_up(self) -> WarmupReport | None:
-        """On CUDA, run the start-up warm-up (engine/warmup.py) again on one served adapter of each
-        kind (LoRA, NLoRA, tied IntTune, family member), so their kernels compile and their graphs
-        are captured before the first request on them: the constructor's warm-up ran before any
-        adapter was registered. Blocks until done. None off CUDA or with no adapters served.
+    def warm_up(self, adapters: tuple[str, ...] | None = None) -> WarmupReport | None:
+        """Run the start-up warm-up (engine/warmup.py) again on adapters, so their kernels compile
+        and their graphs are captured before the first request on them (the constructor's warm-up
+        ran before any adapter was registered). ``adapters``: the names to run on; None: on CUDA,
+        one served adapter of each kind (LoRA, NLoRA, tied IntTune, family member), and nothing
+        elsewhere. Blocks until done; returns None when there was nothing to run.
 
         Raises:
             RuntimeError: requests are running or waiting (call it at start, after registering).
+            AdapterNotFound: a name given is not registered.
         """
-        if self.core.device.type != "cuda" or self.core.adapters is None:
+        if adapters is None and self.core.device.type == "cuda" and self.core.adapters is not None:
+            adapters = adapter_kinds(self.core.adapters.versions())
+        if not adapters:
             return None
-        names = adapter_kinds(self.core.adapters.versions())
-        if not names:
-            return None
+        names = tuple(adapters)
         done, result = threading.Event(), []
         self._inbox.put(("warm_up", names, done, result))
         self._wake.set()

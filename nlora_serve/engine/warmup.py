@@ -80,6 +80,8 @@ def warm_up(core, adapters: tuple[str, ...] = ()) -> WarmupReport:
     report, start = WarmupReport(), time.perf_counter()
     params = SamplingParams(max_tokens=3, min_tokens=3, temperature=0.0, ignore_eos=True)
     choices = list(adapters) or [None]
+    for name in set(adapters):  # an unknown name fails here, before any dummy request is queued
+        core.adapters.release(core.adapters.acquire(name))
     for r, lengths in enumerate(warmup_rounds(sched.max_num_batched_tokens, sched.max_model_len,
                                                 core.blocks.num_blocks, cache.block_size)):
         for i, n in enumerate(lengths):

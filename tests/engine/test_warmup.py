@@ -14,8 +14,10 @@ import pytest
 
 from greedy_rule import matches_reference
 from tiny_llama import hf_greedy, make_tiny_llama, random_factors, write_peft
+from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.core import EngineCore
+from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.warmup import DUMMY_TOKEN, adapter_kinds, warm_up, warmup_rounds
 
@@ -94,6 +96,23 @@ def test_warm_up_on_an_adapter_pins_and_releases_it(tiny, tmp_path):
     acquire, pinned = core.adapters.acquire, []
     core.adapters.acquire = lambda name: pinned.append(name) or acquire(name)
     report = warm_up(core, adapter_kinds(core.adapters.versions()))
-    assert pinned == ["lora"] * 3  # every dummy request ran on the adapter
+    assert pinned == ["lora"] * 4  # the up-front check, then every dummy request on the adapter
     assert report.step_tokens == [34, 3, 3]  # 61-token prompts fit the 64 budget: no chunked round
     assert version.refcount == 0 and not core.requests  # each dummy request's pin was released once
+
+
+def test_llm_engine_warm_up_runs_on_its_step_thread(tiny, tmp_path):
+    model_dir, model, tokenizer_dir = tiny
+    folder = write_peft(tmp_path / "lora", random_factors(model, rank=4, with_n=False, seed=3), rank=4, alpha=8.0)
+    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="torch",
+                          adapter_dir=str(tmp_path / "store"),
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                          cache=CacheConfig(block_size=16, num_blocks=16))
+    with LLMEngine(config) as engine:
+        engine.adapters.register_dir("lora", folder)
+        assert engine.warm_up() is None  # off CUDA nothing runs unless names are given
+        assert engine.warm_up(("lora",)).step_tokens == [34, 3, 3]
+        with pytest.raises(AdapterNotFound):
+            engine.warm_up(("lora", "nope"))  # refused before any dummy request is queued
+        assert engine.stats()["steps"] == 0 and engine.stats()["kv_blocks_used"] == 0
+        assert not engine.core.has_work() and engine.adapters.registry.holders("lora") == 0
