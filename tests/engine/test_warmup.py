@@ -1,4 +1,5 @@
-"""The engine's start-up warm-up (engine/warmup.py), checked on the CPU with the torch backend.
+"""The engine's start-up warm-up (engine/warmup.py), checked on the CPU (torch backend; one test on
+the Triton path under the interpreter with the decode graphs' CPU seam).
 
 On CUDA the engine warms up in its constructor; here it is called by hand on a tiny random Llama:
 it must run the intended step shapes (hand-computed from the scheduler's rules) and leave no
@@ -8,18 +9,23 @@ afterwards still equal to transformers' greedy tokens.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import os
 
-import pytest
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined (the triton-path test)
 
-from greedy_rule import matches_reference
-from tiny_llama import hf_greedy, make_tiny_llama, random_factors, write_peft
-from nlora_serve.adapters.registry import AdapterNotFound
-from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from nlora_serve.engine.core import EngineCore
-from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.warmup import DUMMY_TOKEN, adapter_kinds, warm_up, warmup_rounds
+from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
+
+from greedy_rule import matches_reference  # noqa: E402
+from tiny_llama import hf_greedy, make_tiny_llama, random_factors, write_peft  # noqa: E402
+from nlora_serve.adapters.registry import AdapterNotFound  # noqa: E402
+from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from nlora_serve.engine.core import EngineCore  # noqa: E402
+from nlora_serve.engine.cuda_graphs import EagerCapture  # noqa: E402
+from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
+from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.warmup import DUMMY_TOKEN, adapter_kinds, warm_up, warmup_rounds  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +122,20 @@ def test_llm_engine_warm_up_runs_on_its_step_thread(tiny, tmp_path):
             engine.warm_up(("lora", "nope"))  # refused before any dummy request is queued
         assert engine.stats()["steps"] == 0 and engine.stats()["kv_blocks_used"] == 0
         assert not engine.core.has_work() and engine.adapters.registry.holders("lora") == 0
+
+
+def test_warm_up_replays_decode_graphs_on_the_triton_path(tiny):
+    """The CUDA start-up order on the CPU: base graphs captured (the CPU seam, graph-safety checked),
+    then the warm-up, whose decodes of 3 sequences replay the size-4 graph."""
+    model_dir, _, tokenizer_dir = tiny
+    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="triton",
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                          cache=CacheConfig(block_size=16, num_blocks=16))
+    core = EngineCore(config)
+    capture = EagerCapture(check=True)
+    core.runner.enable_graphs(8, capture, capture_now=True)
+    report = warm_up(core)
+    assert report.step_tokens == [34, 3, 3] and report.graph_steps == 2 and report.eager_steps == 1
+    assert capture.replays == 2 and capture.checked_ops > 0
+    assert core.runner.graphs.replayed == 0 and core.runner.step_counts["graph_steps"] == 0
+    assert core.blocks.num_free_blocks == 16
