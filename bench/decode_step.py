@@ -157,7 +157,8 @@ def _print_profile(batch: int, row: dict) -> None:
             print(f"B={batch} {name}: profiler failed: {p['error']}")
             continue
         dev = f"{p['device_ms_per_step']:.3f}" if p["device_ms_per_step"] is not None else "-"
-        print(f"B={batch} {name}: wall {p['wall_ms_per_step']:.3f} ms/step (profiled), host {p['host_ms_per_step']:.3f},"
+        print(f"B={batch} {name}: wall {p['wall_ms_per_step']:.3f} ms/step (profiled), "
+              f"host {p['host_ms_per_step']:.3f},"
               f" device busy {dev}")
         for k in p["top"]:
             print(f"    {k['share']:6.1%} {k['ms_per_step']:.4f} ms x{k['calls_per_step']:.0f}  {k['name'][:90]}")

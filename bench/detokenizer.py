@@ -21,7 +21,8 @@ from nlora_serve.engine.detokenizer import DecodeStream, IncrementalDetokenizer
 from nlora_serve.models import resolve_model
 
 TEXT = ("The quick brown fox jumps over the lazy dog; serving many adapters on one base model needs a fast "
-        "host loop. 東京の天気は晴れです 🌸🎉 naïve café — 你好，世界！ Numbers: 3.14159, 2718, 1e-6. ")
+        "host loop. 東京の天気は晴れです 🌸🎉 naïve café — 你好，世界！ "
+        "Numbers: 3.14159, 2718, 1e-6. ")
 
 
 def per_step(tokenizer, streams: list[list[int]], steps: int, fast: bool) -> float:
