@@ -82,21 +82,30 @@ def warm_up(core, adapters: tuple[str, ...] = ()) -> WarmupReport:
     choices = list(adapters) or [None]
     for name in set(adapters):  # an unknown name fails here, before any dummy request is queued
         core.adapters.release(core.adapters.acquire(name))
-    for r, lengths in enumerate(warmup_rounds(sched.max_num_batched_tokens, sched.max_model_len,
-                                                core.blocks.num_blocks, cache.block_size)):
-        for i, n in enumerate(lengths):
-            name = choices[i % len(choices)]
-            pinned = core.adapters.acquire(name) if name is not None else None
-            # one token id per request: no dummy prompt shares a prefix-cache block with another
-            core.add(f"__warmup-{r}-{i}", [(DUMMY_TOKEN + 8 * r + i) % core.vocab_size] * n, params, pinned)
-        while core.has_work():
-            before = (core.counters["computed_tokens"], dict(core.runner.step_counts))
-            core.step()
-            report.step_tokens.append(core.counters["computed_tokens"] - before[0])
-            report.graph_steps += core.runner.step_counts["graph_steps"] - before[1]["graph_steps"]
-            report.eager_steps += core.runner.step_counts["eager_steps"] - before[1]["eager_steps"]
+    rounds = warmup_rounds(sched.max_num_batched_tokens, sched.max_model_len, core.blocks.num_blocks,
+                           cache.block_size)
+    # the rounds again for every further group of adapters, so each kind runs in a mixed prefill step
+    for p, offset in enumerate(range(0, len(choices), len(rounds[0]))):
+        for r, lengths in enumerate(rounds):
+            for i, n in enumerate(lengths):
+                name = choices[(offset + i) % len(choices)]
+                pinned = core.adapters.acquire(name) if name is not None else None
+                # one token id per request: no dummy prompt shares a prefix-cache block with another
+                token = (DUMMY_TOKEN + 16 * p + 8 * r + i) % core.vocab_size
+                core.add(f"__warmup-{p}-{r}-{i}", [token] * n, params, pinned)
+            _run(core, report)
     core.reset_scheduling()
     report.seconds = time.perf_counter() - start
     log.info("engine warm-up: %d steps (%d replayed a graph), step tokens %s, %.2f s", len(report.step_tokens),
              report.graph_steps, report.step_tokens, report.seconds)
     return report
+
+
+def _run(core, report: WarmupReport) -> None:
+    """Step ``core`` until its queue is empty, recording each step's tokens and path."""
+    while core.has_work():
+        before = (core.counters["computed_tokens"], dict(core.runner.step_counts))
+        core.step()
+        report.step_tokens.append(core.counters["computed_tokens"] - before[0])
+        report.graph_steps += core.runner.step_counts["graph_steps"] - before[1]["graph_steps"]
+        report.eager_steps += core.runner.step_counts["eager_steps"] - before[1]["eager_steps"]

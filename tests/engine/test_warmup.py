@@ -105,6 +105,9 @@ def test_warm_up_on_an_adapter_pins_and_releases_it(tiny, tmp_path):
     assert pinned == ["lora"] * 4  # the up-front check, then every dummy request on the adapter
     assert report.step_tokens == [34, 3, 3]  # 61-token prompts fit the 64 budget: no chunked round
     assert version.refcount == 0 and not core.requests  # each dummy request's pin was released once
+    # four kinds (here one name four times) outnumber round 1's three requests: the rounds run twice
+    pinned.clear()
+    assert warm_up(core, ("lora",) * 4).step_tokens == [34, 3, 3] * 2 and pinned == ["lora"] * 7
 
 
 def test_llm_engine_warm_up_runs_on_its_step_thread(tiny, tmp_path):
