@@ -28,7 +28,10 @@ from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.core import EngineCore
 from nlora_serve.engine.sampling import SamplingParams
 
+from step_profile import profile_steps  # bench/step_profile.py (run this script from the repo root)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PROFILED_STEPS = 10  # steps under torch.profiler per measurement (after the timed ones)
 
 
 def _sync(device: str) -> None:
@@ -36,16 +39,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ours(model: str, dtype: torch.dtype, device: str, batch: int, prompt: int, steps: int, eager: bool) -> dict:
-    """Seconds per ``core.step()`` with ``batch`` sequences decoding, and the graph-replayed share."""
-    max_len = prompt + steps + 8
+def ours(model: str, dtype: torch.dtype, device: str, batch: int, prompt: int, steps: int, eager: bool,
+         profile: bool = False) -> dict:
+    """Seconds per ``core.step()`` with ``batch`` sequences decoding, and the graph-replayed share;
+    ``profile``: then a profiler breakdown of a few more steps (bench/step_profile.py)."""
+    max_len = prompt + steps + 8 + PROFILED_STEPS + 1
     config = EngineConfig(model=model, dtype=dtype, device=device, load_format="dummy", enforce_eager=eager,
                           scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch),
                                                     max_model_len=max_len),
                           cache=CacheConfig(block_size=16, num_blocks=batch * -(-max_len // 16)))
     core = EngineCore(config)
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=steps + 6, min_tokens=steps + 6, temperature=0.0, ignore_eos=True)
+    new = steps + 6 + PROFILED_STEPS + 1
+    params = SamplingParams(max_tokens=new, min_tokens=new, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         core.add(f"r{i}", torch.randint(100, core.vocab_size, (prompt,), generator=gen).tolist(), params)
     while core.stats()["generation_tokens"] < 3 * batch:  # prefill done and a couple of decodes (captures)
@@ -59,8 +65,11 @@ def ours(model: str, dtype: torch.dtype, device: str, batch: int, prompt: int, s
     seconds = (time.perf_counter() - start) / steps
     after = core.stats()
     graphed = after["graph_steps"] - before["graph_steps"]
-    return {"step_s": seconds, "tok_per_s": batch / seconds, "graph_share_timed": graphed / steps,
-            "graph_steps": after["graph_steps"], "eager_steps": after["eager_steps"]}
+    result = {"step_s": seconds, "tok_per_s": batch / seconds, "graph_share_timed": graphed / steps,
+              "graph_steps": after["graph_steps"], "eager_steps": after["eager_steps"]}
+    if profile:  # after the timed steps: the profiler's overhead stays out of step_s
+        result["profile"] = profile_steps(core.step, device, PROFILED_STEPS)
+    return result
 
 
 class LeanDecode:
@@ -112,7 +121,7 @@ class LeanDecode:
         return logits.argmax(-1)
 
 
-def lean(cfg: dict, dtype: torch.dtype, device: str, batch: int, ctx: int, steps: int) -> dict:
+def lean(cfg: dict, dtype: torch.dtype, device: str, batch: int, ctx: int, steps: int, profile: bool = False) -> dict:
     """Seconds per replay of the lean step captured as one CUDA graph (eager off CUDA)."""
     model = LeanDecode(cfg, batch, ctx + 8, dtype, device)
     model.pos.fill_(ctx)
@@ -135,7 +144,24 @@ def lean(cfg: dict, dtype: torch.dtype, device: str, batch: int, ctx: int, steps
         run()
     _sync(device)
     seconds = (time.perf_counter() - start) / steps
-    return {"step_s": seconds, "tok_per_s": batch / seconds}
+    result = {"step_s": seconds, "tok_per_s": batch / seconds}
+    if profile:
+        result["profile"] = profile_steps(run, device, PROFILED_STEPS)
+    return result
+
+
+def _print_profile(batch: int, row: dict) -> None:
+    for name in ("lean", "ours"):
+        p = row[name]["profile"]
+        if "error" in p:
+            print(f"B={batch} {name}: profiler failed: {p['error']}")
+            continue
+        dev = f"{p['device_ms_per_step']:.3f}" if p["device_ms_per_step"] is not None else "-"
+        print(f"B={batch} {name}: wall {p['wall_ms_per_step']:.3f} ms/step (profiled), "
+              f"host {p['host_ms_per_step']:.3f},"
+              f" device busy {dev}")
+        for k in p["top"]:
+            print(f"    {k['share']:6.1%} {k['ms_per_step']:.4f} ms x{k['calls_per_step']:.0f}  {k['name'][:90]}")
 
 
 def main() -> None:
@@ -147,6 +173,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
     parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (CPU logic runs)")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the torch.profiler breakdown of our graphed step and the lean one")
     parser.add_argument("--out", default="bench/out/decode_step.json")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
@@ -163,13 +191,17 @@ def main() -> None:
             (Path(model) / "config.json").write_text(json.dumps(cfg))
         rows = []
         for b in args.batch:
-            row = {"batch": b, "lean": lean(cfg, dtype, args.device, b, args.prompt_len, args.steps),
-                   "ours": ours(model, dtype, args.device, b, args.prompt_len, args.steps, eager=False),
+            row = {"batch": b, "lean": lean(cfg, dtype, args.device, b, args.prompt_len, args.steps, args.profile),
+                   "ours": ours(model, dtype, args.device, b, args.prompt_len, args.steps, eager=False,
+                                profile=args.profile),
                    "eager": ours(model, dtype, args.device, b, args.prompt_len, args.steps, eager=True)}
             row["ours_vs_lean"] = row["ours"]["step_s"] / row["lean"]["step_s"]
             row["eager_vs_lean"] = row["eager"]["step_s"] / row["lean"]["step_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.profile:
+                _print_profile(b, row)
+            _write(args, rows)  # after every batch: a run cut short by its time limit keeps what it measured
     print(f"\n{args.dtype}, prompt {args.prompt_len}, {args.steps} timed steps")
     print("| B | lean graph ms | ours ms (graphs) | ours / lean | graph share | ours eager ms | eager / lean |")
     print("|---|---|---|---|---|---|---|")
@@ -177,6 +209,9 @@ def main() -> None:
         print(f"| {r['batch']} | {r['lean']['step_s'] * 1e3:.3f} | {r['ours']['step_s'] * 1e3:.3f} | "
               f"{r['ours_vs_lean']:.2f}x | {r['ours']['graph_share_timed']:.2f} | {r['eager']['step_s'] * 1e3:.3f} | "
               f"{r['eager_vs_lean']:.2f}x |")
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"workload": vars(args), "results": rows}, indent=1) + "\n")
 

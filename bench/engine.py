@@ -2,6 +2,10 @@
 
 64 requests submitted at once, prompts of 128 fixed seeded random token ids, 64 new tokens each
 (ignore_eos for us, min_new_tokens for transformers), greedy, prefill included, in each dtype.
+Steady state: before the timed run each engine runs an untimed pass of the same shapes on other
+prompts (ours: the whole workload, so every kernel specialisation is compiled and every decode
+graph captured; transformers: the whole batch for 8 new tokens, its prefill and decode shapes),
+and the JSON gives each phase's seconds (start-up, warm-up pass, timed).
 Prints a table and writes JSON (default bench/out/engine.json).
 
     .venv/bin/python bench/engine.py                      # full workload, fp32 and bf16
@@ -43,8 +47,11 @@ def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, budget: int,
              tenants: list[Path], store: Path, native: bool = True, device: str = "cpu",
-             load_format: str = "auto") -> dict:
-    """Our engine; request i runs on tenant i mod len(tenants) (the base model when there are none)."""
+             load_format: str = "auto", warm_prompts: list[list[int]] | None = None) -> dict:
+    """Our engine; request i runs on tenant i mod len(tenants) (the base model when there are none).
+    ``warm_prompts``: the untimed pass before the timed one (other ids than ``prompts``, so the
+    prefix cache cannot serve the timed prompts from it)."""
+    phases, start = {}, time.perf_counter()
     base = load_base(model, dtype, load_format=load_format, init_device=device)
     blocks_per_seq = -(-(len(prompts[0]) + new_tokens) // 16)
     config = EngineConfig(model=model, dtype=dtype, adapter_dir=str(store) if tenants else None,
@@ -54,22 +61,43 @@ def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_token
                           device=device, kernel_backend="auto" if native else "torch", load_format=load_format)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     with LLMEngine(config, base) as engine:
+        warmup = engine.core.warmup
+        phases["start_s"] = _lap(start, device)  # load, KV cache, graph captures, engine warm-up
+        phases["engine_warmup_s"] = warmup.seconds if warmup is not None else 0.0
+        start = time.perf_counter()
         names = [engine.adapters.register_dir(d.name, d).name for d in tenants]
         assign = [names[i % len(names)] if names else None for i in range(len(prompts))]
-        engine.generate(prompts[:2], SamplingParams(max_tokens=min(4, new_tokens), temperature=0.0, ignore_eos=True), assign[:2])
+        phases["register_s"] = _lap(start, device)
+        start = time.perf_counter()
+        engine.warm_up()  # CUDA: one tenant per adapter kind through the engine's warm-up
+        phases["adapter_warmup_s"] = _lap(start, device)
+        start = time.perf_counter()
+        engine.generate(warm_prompts or prompts[:2], params, assign)
+        phases["warmup_pass_s"] = _lap(start, device)
+        before = engine.stats()
         start = time.perf_counter()
         outs = engine.generate(prompts, params, assign)
-        seconds = time.perf_counter() - start
-        steps = engine.stats()["steps"]
+        seconds = _lap(start, device)
+        after = engine.stats()
     tokens = sum(len(o.token_ids) for o in outs)
-    return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds, "steps": steps}
+    steps = {k: after[k] - before[k] for k in ("steps", "graph_steps", "eager_steps")}
+    return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds, **steps, "phases": phases}
+
+
+def _lap(start: float, device: str) -> float:
+    """Seconds since ``start``, the device synchronised first."""
+    _sync(device)
+    return round(time.perf_counter() - start, 4)
 
 
 @torch.inference_mode()
 def run_hf(path: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int,
-           folded: list[Path], device: str = "cpu", load_format: str = "auto") -> dict:
+           folded: list[Path], device: str = "cpu", load_format: str = "auto",
+           warm_prompts: list[list[int]] | None = None) -> dict:
     """HF transformers static-batch generate; with tenants, PEFT's mixed batch (``adapter_names``).
-    With ``load_format`` "dummy", transformers runs on our dummy weights (the same tensors)."""
+    With ``load_format`` "dummy", transformers runs on our dummy weights (the same tensors).
+    ``warm_prompts``: the untimed pass first (the whole batch, 8 new tokens: every shape it runs)."""
+    phases, start = {}, time.perf_counter()
     model = load_hf_model(path, dtype) if load_format == "auto" else _hf_on_dummy(path, dtype)
     names = None
     if folded:
@@ -81,20 +109,23 @@ def run_hf(path: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens:
         model = model.to(dtype).eval()
         names = [f"t{i % len(folded)}" for i in range(len(prompts))]
     model = model.to(device)
+    phases["load_s"] = _lap(start, device)
     ids = torch.tensor(prompts, device=device)  # equal lengths: left padding is a no-op, the mask is all ones
     mask = torch.ones_like(ids)
     kwargs = dict(do_sample=False, pad_token_id=model.config.eos_token_id)
-    warm = {"adapter_names": names[:2]} if names else {}
-    model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, min_new_tokens=4, **kwargs, **warm)
     run = {"adapter_names": names} if names else {}
-    _sync(device)
+    warm = torch.tensor(warm_prompts, device=device) if warm_prompts else ids[:2]
+    warm_new = min(8, new_tokens)
+    start = time.perf_counter()
+    model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=warm_new, min_new_tokens=warm_new,
+                   **kwargs, **({"adapter_names": names[:len(warm)]} if names else {}))
+    phases["warmup_pass_s"] = _lap(start, device)
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          **kwargs, **run)
-    _sync(device)
-    seconds = time.perf_counter() - start
+    seconds = _lap(start, device)
     tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds}
+    return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds, "phases": phases}
 
 
 def _hf_on_dummy(path: Path, dtype: torch.dtype):
@@ -191,6 +222,7 @@ def main() -> None:
     path = Path(args.model).resolve() if dummy else resolve_model(args.model)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args.num_requests, args.prompt_len, vocab, args.seed)
+    warm_prompts = make_prompts(args.num_requests, args.prompt_len, vocab, args.seed + 1)  # the untimed pass
     rows = []
     with tempfile.TemporaryDirectory(prefix="nlora-bench-") as scratch:
         host = load_base(args.model, torch.float32, load_format=args.load_format)
@@ -201,11 +233,12 @@ def main() -> None:
                 store = Path(scratch) / f"store-{name}-{mix}"
                 row = {"dtype": name, "mix": mix,
                        "ours": run_ours(args.model, DTYPES[name], prompts, args.max_tokens, args.budget,
-                                        ours_dirs, store, device=args.device, load_format=args.load_format)}
+                                        ours_dirs, store, device=args.device, load_format=args.load_format,
+                                        warm_prompts=warm_prompts)}
                 gc.collect()
                 if mix in args.peer_mixes:
                     row["peer"] = run_hf(path, DTYPES[name], prompts, args.max_tokens, folded, args.device,
-                                         args.load_format)
+                                         args.load_format, warm_prompts)
                     row["peer_name"] = "PEFT mixed batch" if folded else "HF transformers"
                     gc.collect()
                 if mix in args.vllm_mixes:
@@ -217,6 +250,9 @@ def main() -> None:
                         args.model, DTYPES[name], prompts, args.max_tokens, args.budget, ours_dirs,
                         Path(scratch) / f"store-{name}-torch", native=False)})
     print_table(rows)
+    for r in rows:  # seconds per phase: the timed run is steady state only if warm-up took the compiles
+        print(f"{r['dtype']} {r['mix']} phases: ours {r['ours']['phases']}, timed {r['ours']['seconds']:.2f} s"
+              + (f"; peer {r['peer']['phases']}, timed {r['peer']['seconds']:.2f} s" if "peer" in r else ""))
     result = {"workload": vars(args), "machine": {"cpu": platform.processor() or platform.machine(),
                                                   "threads": torch.get_num_threads(),
                                                   "torch": torch.__version__}, "results": rows}

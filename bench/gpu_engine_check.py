@@ -99,9 +99,9 @@ class ForcedSampler:
 def run_ours(config: EngineConfig, tenants: dict[str, Path], jobs: list[dict]) -> list[torch.Tensor]:
     sampler = ForcedSampler([j["tokens"] for j in jobs])
     real = engine_core.sample
-    engine_core.sample = sampler
     try:
         with LLMEngine(config) as engine:
+            engine_core.sample = sampler  # after the constructor's warm-up (its dummy requests sample for real)
             for name, folder in tenants.items():
                 engine.adapters.register_dir(name, folder)
             params = [SamplingParams(max_tokens=len(j["tokens"]), temperature=0.0, ignore_eos=True, seed=i)

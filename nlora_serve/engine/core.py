@@ -27,6 +27,7 @@ from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
 from nlora_serve.engine.sampling import RequestError, SamplingParams, apply_penalties, sample, top_logprobs
 from nlora_serve.engine.scheduler import Scheduler
 from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.warmup import warm_up
 
 
 @dataclass(slots=True)
@@ -91,19 +92,28 @@ class EngineCore:
         self.runner.allocate_kv_cache(num_blocks)
         if self.device.type == "cuda" and config.kernel_backend == "triton" and not config.enforce_eager:
             self.runner.enable_graphs(sched.max_num_seqs, capture_now=True)
-        blocks = PrefixCachingBlockManager if config.enable_prefix_caching else BlockManager
-        self.blocks = blocks(num_blocks, cache.block_size)
-        self.scheduler = Scheduler(sched, self.blocks)
+        self.reset_scheduling(num_blocks)
         self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits,
                                        placement=self.runner.placement()) if config.adapter_dir else None
         self.hook = AdapterHook(native, triton=config.kernel_backend == "triton")
         if self.adapters is not None:
             self.runner.set_adapter_hook(self.hook)
-        self.generator = torch.Generator(device).manual_seed(config.seed)
         self.requests: dict[str, _Request] = {}
+        self.warmup = warm_up(self) if device.type == "cuda" else None  # kernels compiled before serving
+
+    def reset_scheduling(self, num_blocks: int | None = None) -> None:
+        """A fresh block manager (empty prefix cache), scheduler, seed generator and counters, on an
+        idle engine: at start, and after the warm-up's dummy requests (engine/warmup.py)."""
+        config = self.config
+        num_blocks = num_blocks if num_blocks is not None else self.blocks.num_blocks
+        blocks = PrefixCachingBlockManager if config.enable_prefix_caching else BlockManager
+        self.blocks = blocks(num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self._arrivals = 0
         self.counters = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
                          "preemptions": 0}
+        self.runner.reset_counts()
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Check a request without touching engine state (safe from any thread): see

@@ -23,6 +23,7 @@ from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.api import SHUTDOWN_REASON, Engine, EngineError, RequestIds, RequestStream, prompt_ids
 from nlora_serve.engine.core import EngineCore, RequestOutput
 from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.warmup import WarmupReport, adapter_kinds, warm_up
 
 Sink = Callable[[RequestOutput], None]
 log = logging.getLogger(__name__)
@@ -144,6 +145,30 @@ class LLMEngine(Engine):
             raise EngineError(f"request {failed.request_id} failed: {failed.error}")
         return merged
 
+    def warm_up(self, adapters: tuple[str, ...] | None = None) -> WarmupReport | None:
+        """Run the start-up warm-up (engine/warmup.py) again on adapters, so their kernels compile
+        and their graphs are captured before the first request on them (the constructor's warm-up
+        ran before any adapter was registered). ``adapters``: the names to run on; None: on CUDA,
+        one served adapter of each kind (LoRA, NLoRA, tied IntTune, family member), and nothing
+        elsewhere. Blocks until done; returns None when there was nothing to run.
+
+        Raises:
+            RuntimeError: requests are running or waiting (call it at start, after registering).
+            AdapterNotFound: a name given is not registered.
+        """
+        if adapters is None and self.core.device.type == "cuda" and self.core.adapters is not None:
+            adapters = adapter_kinds(self.core.adapters.versions())
+        if not adapters:
+            return None
+        names = tuple(adapters)
+        done, result = threading.Event(), []
+        self._inbox.put(("warm_up", names, done, result))
+        self._wake.set()
+        done.wait()
+        if isinstance(result[0], Exception):
+            raise result[0]
+        return result[0]
+
     def stats(self) -> dict[str, int]:
         return self.core.stats()
 
@@ -188,12 +213,22 @@ class LLMEngine(Engine):
                 self._add(*msg[1:])
             elif msg[0] == "abort_adapter":
                 self._deliver(self.core.abort_adapter(msg[1]))
+            elif msg[0] == "warm_up":  # on this thread, between steps: the core is not thread-safe
+                self._warm_up(*msg[1:])
             elif msg[0] == "abort_all":  # after every "add" queued before it
                 self._deliver([self.core.abort(rid, msg[1]) for rid in list(self.core.requests)])
             else:
                 out = self.core.abort(msg[1], msg[2])
                 if out is not None:
                     self._deliver([out])
+
+    def _warm_up(self, names: tuple[str, ...], done: threading.Event, result: list) -> None:
+        try:
+            result.append(warm_up(self.core, names))
+        except Exception as exc:  # handed to the caller of warm_up
+            result.append(exc)
+        finally:
+            done.set()
 
     def _add(self, rid: str, ids: list[int], params: SamplingParams, pinned: AdapterVersion | None,
              tenant: str | None, cache_salt: str | None) -> None:

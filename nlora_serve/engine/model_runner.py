@@ -30,6 +30,12 @@ class ModelRunner:
         self.step_counts = {"graph_steps": 0, "eager_steps": 0}  # decode steps replayed / all others
         self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
 
+    def reset_counts(self) -> None:
+        """Zero the step counters (graph replays included), e.g. after the engine's warm-up."""
+        self.step_counts.update(graph_steps=0, eager_steps=0)
+        if self.graphs is not None:
+            self.graphs.replayed = 0
+
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
         """(Re)allocate the paged KV cache with ``num_blocks`` blocks on the device."""
         self.kv_cache = None

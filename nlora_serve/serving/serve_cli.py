@@ -136,6 +136,8 @@ def build(args: argparse.Namespace):
         engine = make_engine(engine_config, base, backend)
     examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
     examples += _register_named(engine, named, args.adapter_dir)
+    if isinstance(engine, LLMEngine):  # CUDA: the adapters' kernels compile before the first request
+        engine.warm_up()
     server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
                          base.tokenizer())
     return engine, server, examples

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from nlora_serve.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from nlora_serve.engine.detokenizer import REPLACEMENT, DecodeStream, IncrementalDetokenizer, stream_backend
 
 TEXT = "東京の天気は晴れです 🌸🎉 naïve café — 你好，世界！ 👩‍👩‍👧 done"
 
@@ -54,3 +55,56 @@ def test_dangling_partial_character_flushed_like_decode(tokenizer):
     deltas, _ = stream(tokenizer, ids)
     assert all(REPLACEMENT not in d for d in deltas[:-1])
     assert "".join(deltas) == tokenizer.decode(ids)
+
+
+def _streamed(tokenizer, ids: list[int], skip: bool, fast: bool) -> tuple[list[str], IncrementalDetokenizer]:
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip, fast=fast)
+    deltas = [detok.add(t) for t in ids]
+    return deltas + [detok.flush()], detok
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_and_window_paths_equal_decode_with_specials_and_byte_pieces(tokenizer, skip):
+    """Random ids over the whole vocabulary (lone UTF-8 byte pieces included) with special tokens
+    mixed in: every prefix of the stream is a prefix of ``decode`` and the whole equals it."""
+    gen = torch.Generator().manual_seed(0)
+    specials = sorted(set(tokenizer.all_special_ids))
+    ids = torch.randint(0, len(tokenizer), (300,), generator=gen).tolist()
+    ids[5:5] = specials  # at the start of a window
+    ids += tokenizer.encode(TEXT, add_special_tokens=False) + specials[:1]
+    want = tokenizer.decode(ids, skip_special_tokens=skip)
+    assert stream_backend(tokenizer) is not None or DecodeStream is None  # the fast path where it exists
+    for fast in (True, False):
+        deltas, detok = _streamed(tokenizer, ids, skip, fast)
+        assert (detok._stream is not None) == (fast and DecodeStream is not None)
+        assert "".join(deltas) == want
+        assert all(REPLACEMENT not in d for d in deltas[:-1] if REPLACEMENT not in want)
+
+
+def test_stream_failure_hands_over_to_the_window_path(tokenizer):
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+
+    class Failing:  # a DecodeStream that raises on its 6th token (tokenizers raises on odd vocabularies)
+        calls = 0
+
+        def step(self, backend, token_id):
+            self.calls += 1
+            if self.calls == 6:
+                raise Exception("Invalid prefix encountered")  # noqa: TRY002 (what the Rust side raises)
+            return real.step(backend, token_id)
+
+    detok = IncrementalDetokenizer(tokenizer)
+    if detok._stream is None:
+        pytest.skip("this tokenizers has no DecodeStream: the window path is the only path")
+    real, detok._stream = detok._stream, Failing()
+    deltas = [detok.add(t) for t in ids] + [detok.flush()]
+    assert detok._stream is None and "".join(deltas) == TEXT
+    assert all(REPLACEMENT not in d for d in deltas)
+
+
+def test_space_clean_up_keeps_the_window_path(tokenizer):
+    class CleaningUp:  # decode() would clean up tokenization spaces: DecodeStream's text would differ
+        _tokenizer = tokenizer._tokenizer
+        clean_up_tokenization_spaces = True
+
+    assert stream_backend(CleaningUp()) is None

@@ -1,0 +1,111 @@
+"""Engine warm-up before the first request (vLLM's dummy runs and graph captures at start-up).
+
+Triton compiles a kernel once per specialisation (dtypes, constexprs, and each integer argument
+sorted into == 1, divisible by 16, or neither), and the first use of a shape costs cuBLAS
+heuristics and allocator growth. Serving must not pay these inside a request's TTFT, so on CUDA
+the engine runs a few dummy requests through its real step loop first: prefills of 1, 16 and 17
+tokens packed into one step; decodes of three sequences; a prompt longer than the chunked-prefill
+budget (a full-budget chunk, then a chunk over cached context) beside a new short prompt (a mixed
+decode + prefill step). Each request runs on the base model or, given adapter versions, on each
+of them in turn (one per adapter pool kind covers that kind's kernels). Then every trace is
+removed: the dummy requests retire (their KV blocks are freed), the block manager and scheduler
+are built anew (the prefix cache forgets the dummy prompts) and the counters start at zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from nlora_serve.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+DUMMY_TOKEN = 100  # clear of the low ids where tokenizers keep their special tokens
+
+
+@dataclass(slots=True)
+class WarmupReport:
+    """What a warm-up ran (for the start-up log line and the tests)."""
+
+    seconds: float = 0.0  # wall time of the whole warm-up
+    step_tokens: list[int] = field(default_factory=list)  # tokens computed in each step, in order
+    graph_steps: int = 0  # steps that replayed a decode graph
+    eager_steps: int = 0  # steps that ran eagerly (prefill, mixed, or graphs off)
+
+
+def warmup_rounds(budget: int, max_model_len: int, num_blocks: int, block_size: int) -> list[list[int]]:
+    """Prompt lengths of the dummy requests, one list per round (a round's requests run together).
+
+    ``budget``: the per-step token budget; ``max_model_len``: tokens per sequence at most; the KV
+    cache holds ``num_blocks`` blocks of ``block_size`` tokens (at least one whole sequence, see
+    EngineConfig.check_capacity). Every request leaves room for 3 new tokens; a round that would
+    not fit in the cache at once is cut down (no preemption during warm-up).
+    """
+    longest = max_model_len - 3
+
+    def fits(lengths: list[int]) -> bool:
+        return sum(-(-(n + 3) // block_size) for n in lengths) <= num_blocks
+
+    short = [n for n in (1, 16, 17) if n <= longest]
+    rounds = [short if fits(short) else [1]]
+    if budget < longest:  # chunked prefill exists here: a full chunk, then one over cached context
+        chunked = [min(longest, budget + 17), min(16, longest)]
+        rounds.append(chunked if fits(chunked) else chunked[:1])
+    return rounds
+
+
+def adapter_kinds(versions) -> tuple[str, ...]:
+    """One adapter name per kind among ``versions`` (AdapterVersion-like: ``name``, ``is_tied``,
+    ``family``, ``flavour``), in first-seen order: a kind's requests run the same pool and kernels."""
+    first: dict[tuple, str] = {}
+    for v in versions:
+        first.setdefault((v.is_tied, v.family is not None, v.flavour), v.name)
+    return tuple(first.values())
+
+
+def warm_up(core, adapters: tuple[str, ...] = ()) -> WarmupReport:
+    """Run the dummy requests of :func:`warmup_rounds` through ``core`` (an idle EngineCore), then
+    reset its scheduling state. ``adapters``: registered adapter names; request i of a round runs
+    on ``adapters[i % len]`` (pinned for that request), or on the base model when empty.
+
+    Raises:
+        RuntimeError: ``core`` has requests (warm-up would disturb them).
+        AdapterNotFound: a name is not registered.
+    """
+    if core.requests or core.has_work():
+        raise RuntimeError("warm-up needs an idle engine: requests are running or waiting")
+    sched, cache = core.config.scheduler, core.config.cache
+    report, start = WarmupReport(), time.perf_counter()
+    params = SamplingParams(max_tokens=3, min_tokens=3, temperature=0.0, ignore_eos=True)
+    choices = list(adapters) or [None]
+    for name in set(adapters):  # an unknown name fails here, before any dummy request is queued
+        core.adapters.release(core.adapters.acquire(name))
+    rounds = warmup_rounds(sched.max_num_batched_tokens, sched.max_model_len, core.blocks.num_blocks,
+                           cache.block_size)
+    # the rounds again for every further group of adapters, so each kind runs in a mixed prefill step
+    for p, offset in enumerate(range(0, len(choices), len(rounds[0]))):
+        for r, lengths in enumerate(rounds):
+            for i, n in enumerate(lengths):
+                name = choices[(offset + i) % len(choices)]
+                pinned = core.adapters.acquire(name) if name is not None else None
+                # one token id per request: no dummy prompt shares a prefix-cache block with another
+                token = (DUMMY_TOKEN + 16 * p + 8 * r + i) % core.vocab_size
+                core.add(f"__warmup-{p}-{r}-{i}", [token] * n, params, pinned)
+            _run(core, report)
+    core.reset_scheduling()
+    report.seconds = time.perf_counter() - start
+    log.info("engine warm-up: %d steps (%d replayed a graph), step tokens %s, %.2f s", len(report.step_tokens),
+             report.graph_steps, report.step_tokens, report.seconds)
+    return report
+
+
+def _run(core, report: WarmupReport) -> None:
+    """Step ``core`` until its queue is empty, recording each step's tokens and path."""
+    while core.has_work():
+        before = (core.counters["computed_tokens"], dict(core.runner.step_counts))
+        core.step()
+        report.step_tokens.append(core.counters["computed_tokens"] - before[0])
+        report.graph_steps += core.runner.step_counts["graph_steps"] - before[1]["graph_steps"]
+        report.eager_steps += core.runner.step_counts["eager_steps"] - before[1]["eager_steps"]

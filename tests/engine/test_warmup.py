@@ -1,0 +1,144 @@
+"""The engine's start-up warm-up (engine/warmup.py), checked on the CPU (torch backend; one test on
+the Triton path under the interpreter with the decode graphs' CPU seam).
+
+On CUDA the engine warms up in its constructor; here it is called by hand on a tiny random Llama:
+it must run the intended step shapes (hand-computed from the scheduler's rules) and leave no
+trace: no requests, every KV block free, an empty prefix cache, counters at zero, and a request
+afterwards still equal to transformers' greedy tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined (the triton-path test)
+
+from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
+
+from greedy_rule import matches_reference  # noqa: E402
+from tiny_llama import hf_greedy, make_tiny_llama, random_factors, write_peft  # noqa: E402
+from nlora_serve.adapters.registry import AdapterNotFound  # noqa: E402
+from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from nlora_serve.engine.core import EngineCore  # noqa: E402
+from nlora_serve.engine.cuda_graphs import EagerCapture  # noqa: E402
+from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
+from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.warmup import DUMMY_TOKEN, adapter_kinds, warm_up, warmup_rounds  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, base_model_dir):
+    root = tmp_path_factory.mktemp("tiny-warmup")
+    return root, make_tiny_llama(root), base_model_dir
+
+
+def test_rounds_cover_one_multiples_of_16_others_and_a_chunked_prompt():
+    assert warmup_rounds(2048, 192, 1000, 16) == [[1, 16, 17]]  # the budget never chunks a prompt here
+    assert warmup_rounds(64, 128, 100, 16) == [[1, 16, 17], [81, 16]]  # 64-token chunk, then 17 over context
+    assert warmup_rounds(64, 70, 100, 16) == [[1, 16, 17], [67, 16]]  # capped at max_model_len - 3
+    assert warmup_rounds(8, 16, 1, 16) == [[1], [13]]  # one block: one request at a time, <= 13 tokens
+
+
+def test_warm_up_runs_the_shapes_and_leaves_no_state(tiny):
+    model_dir, model, tokenizer_dir = tiny
+    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="torch",
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128),
+                          cache=CacheConfig(block_size=16, num_blocks=32))
+    core = EngineCore(config)
+    assert core.warmup is None  # the constructor warms up on CUDA only
+    report = warm_up(core)
+    # round 1: prefills of 1 + 16 + 17 tokens in one step, then two decode steps of 3 sequences;
+    # round 2: the 81-token prompt's first 64-token chunk, its last 17 with the 16-token prompt, 2 decodes
+    assert report.step_tokens == [34, 3, 3, 64, 33, 2, 2]
+    assert report.eager_steps == 7 and report.graph_steps == 0 and report.seconds > 0
+    assert not core.requests and not core.has_work()
+    assert core.blocks.num_free_blocks == core.blocks.num_blocks == 32
+    assert core.blocks.num_cached_blocks == 0  # the dummy prompts' blocks are not in the prefix cache
+    assert core.counters == dict.fromkeys(core.counters, 0) and core.runner.step_counts == {
+        "graph_steps": 0, "eager_steps": 0}
+    # a request starting with the 16-token dummy prompt (one full block) finds nothing cached
+    prompt = [DUMMY_TOKEN + 1] * 16 + [7, 300, 4000]
+    core.add("r", prompt, SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0))
+    outs = []
+    while core.has_work():
+        outs += core.step()
+    want, margins = hf_greedy(model, prompt, 4)
+    assert outs[0].cached_tokens == 0
+    assert matches_reference([t for o in outs for t in o.token_ids], want, margins)
+
+
+def test_warm_up_refuses_a_busy_engine(tiny):
+    model_dir, _, tokenizer_dir = tiny
+    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="torch",
+                          scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64),
+                          cache=CacheConfig(block_size=16, num_blocks=16))
+    core = EngineCore(config)
+    core.add("r", [5, 6, 7], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="idle engine"):
+        warm_up(core)
+    assert list(core.requests) == ["r"] and core.has_work()  # untouched
+
+
+def test_adapter_kinds_one_name_per_kind():
+    def v(name, tied=False, family=None, flavour="lora"):
+        return SimpleNamespace(name=name, is_tied=tied, family=family, flavour=flavour)
+
+    versions = [v("a"), v("b"), v("t1", True, flavour="inttune-tied"), v("n1", flavour="nlora"),
+                v("t2", True, flavour="inttune-tied"), v("f1", family="fam", flavour="nlora"), v("n2", flavour="nlora")]
+    assert adapter_kinds(versions) == ("a", "t1", "n1", "f1")
+
+
+def test_warm_up_on_an_adapter_pins_and_releases_it(tiny, tmp_path):
+    model_dir, model, tokenizer_dir = tiny
+    folder = write_peft(tmp_path / "lora", random_factors(model, rank=4, with_n=False, seed=3), rank=4, alpha=8.0)
+    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="torch",
+                          adapter_dir=str(tmp_path / "store"),
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                          cache=CacheConfig(block_size=16, num_blocks=16))
+    core = EngineCore(config)
+    version = core.adapters.register_dir("lora", folder)
+    acquire, pinned = core.adapters.acquire, []
+    core.adapters.acquire = lambda name: pinned.append(name) or acquire(name)
+    report = warm_up(core, adapter_kinds(core.adapters.versions()))
+    assert pinned == ["lora"] * 4  # the up-front check, then every dummy request on the adapter
+    assert report.step_tokens == [34, 3, 3]  # 61-token prompts fit the 64 budget: no chunked round
+    assert version.refcount == 0 and not core.requests  # each dummy request's pin was released once
+    # four kinds (here one name four times) outnumber round 1's three requests: the rounds run twice
+    pinned.clear()
+    assert warm_up(core, ("lora",) * 4).step_tokens == [34, 3, 3] * 2 and pinned == ["lora"] * 7
+
+
+def test_llm_engine_warm_up_runs_on_its_step_thread(tiny, tmp_path):
+    model_dir, model, tokenizer_dir = tiny
+    folder = write_peft(tmp_path / "lora", random_factors(model, rank=4, with_n=False, seed=3), rank=4, alpha=8.0)
+    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="torch",
+                          adapter_dir=str(tmp_path / "store"),
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                          cache=CacheConfig(block_size=16, num_blocks=16))
+    with LLMEngine(config) as engine:
+        engine.adapters.register_dir("lora", folder)
+        assert engine.warm_up() is None  # off CUDA nothing runs unless names are given
+        assert engine.warm_up(("lora",)).step_tokens == [34, 3, 3]
+        with pytest.raises(AdapterNotFound):
+            engine.warm_up(("lora", "nope"))  # refused before any dummy request is queued
+        assert engine.stats()["steps"] == 0 and engine.stats()["kv_blocks_used"] == 0
+        assert not engine.core.has_work() and engine.adapters.registry.holders("lora") == 0
+
+
+def test_warm_up_replays_decode_graphs_on_the_triton_path(tiny):
+    """The CUDA start-up order on the CPU: base graphs captured (the CPU seam, graph-safety checked),
+    then the warm-up, whose decodes of 3 sequences replay the size-4 graph."""
+    model_dir, _, tokenizer_dir = tiny
+    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="triton",
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                          cache=CacheConfig(block_size=16, num_blocks=16))
+    core = EngineCore(config)
+    capture = EagerCapture(check=True)
+    core.runner.enable_graphs(8, capture, capture_now=True)
+    report = warm_up(core)
+    assert report.step_tokens == [34, 3, 3] and report.graph_steps == 2 and report.eager_steps == 1
+    assert capture.replays == 2 and capture.checked_ops > 0
+    assert core.runner.graphs.replayed == 0 and core.runner.step_counts["graph_steps"] == 0
+    assert core.blocks.num_free_blocks == 16
