@@ -47,12 +47,13 @@ def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, budget: int,
              tenants: list[Path], store: Path, native: bool = True, device: str = "cpu",
-             load_format: str = "auto", warm_prompts: list[list[int]] | None = None) -> dict:
+             load_format: str = "auto", warm_prompts: list[list[int]] | None = None,
+             tokenizer: str | None = None) -> dict:
     """Our engine; request i runs on tenant i mod len(tenants) (the base model when there are none).
     ``warm_prompts``: the untimed pass before the timed one (other ids than ``prompts``, so the
     prefix cache cannot serve the timed prompts from it)."""
     phases, start = {}, time.perf_counter()
-    base = load_base(model, dtype, load_format=load_format, init_device=device)
+    base = load_base(model, dtype, load_format=load_format, tokenizer=tokenizer, init_device=device)
     blocks_per_seq = -(-(len(prompts[0]) + new_tokens) // 16)
     config = EngineConfig(model=model, dtype=dtype, adapter_dir=str(store) if tenants else None,
                           scheduler=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=budget,
@@ -212,6 +213,9 @@ def main() -> None:
     parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                         help="dummy: random weights from --model's config.json (e.g. bench/models/llama-8b), "
                              "the same tensors for us and the peer")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory for a model that ships none (bench/models/llama-8b with "
+                             "bench/models/smollm2-135m: prompts are token ids; ours only)")
     parser.add_argument("--out", default="bench/out/engine.json", help="JSON output path")
     args = parser.parse_args()
     vllm_python = Path(args.vllm_python)
@@ -225,8 +229,14 @@ def main() -> None:
     warm_prompts = make_prompts(args.num_requests, args.prompt_len, vocab, args.seed + 1)  # the untimed pass
     rows = []
     with tempfile.TemporaryDirectory(prefix="nlora-bench-") as scratch:
-        host = load_base(args.model, torch.float32, load_format=args.load_format)
-        tenants = {m: write_mix(host, m, Path(scratch)) for m in args.mix}
+        folds = {m: m in args.peer_mixes + args.vllm_mixes for m in args.mix}
+        # Dummy weights are drawn where the engine runs (an 8B shape in a second on a GPU, a minute
+        # on the CPU) unless a peer needs folded LoRAs, which are built on the CPU.
+        host_device = args.device if dummy and not any(folds.values()) else "cpu"
+        host = load_base(args.model, torch.float32, load_format=args.load_format, tokenizer=args.tokenizer,
+                         init_device=host_device)
+        tenants = {m: write_mix(host, m, Path(scratch), fold=folds[m]) for m in args.mix}
+        del host  # 32 GB at the 8B shape
         for name in (["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]):
             for mix in args.mix:
                 ours_dirs, folded = tenants[mix]
@@ -234,7 +244,7 @@ def main() -> None:
                 row = {"dtype": name, "mix": mix,
                        "ours": run_ours(args.model, DTYPES[name], prompts, args.max_tokens, args.budget,
                                         ours_dirs, store, device=args.device, load_format=args.load_format,
-                                        warm_prompts=warm_prompts)}
+                                        warm_prompts=warm_prompts, tokenizer=args.tokenizer)}
                 gc.collect()
                 if mix in args.peer_mixes:
                     row["peer"] = run_hf(path, DTYPES[name], prompts, args.max_tokens, folded, args.device,
@@ -248,7 +258,7 @@ def main() -> None:
                 if mix == "tied64" and args.torch_path:
                     rows.append({"dtype": name, "mix": "tied64/t", "ours": run_ours(
                         args.model, DTYPES[name], prompts, args.max_tokens, args.budget, ours_dirs,
-                        Path(scratch) / f"store-{name}-torch", native=False)})
+                        Path(scratch) / f"store-{name}-torch", native=False, tokenizer=args.tokenizer)})
     print_table(rows)
     for r in rows:  # seconds per phase: the timed run is steady state only if warm-up took the compiles
         print(f"{r['dtype']} {r['mix']} phases: ours {r['ours']['phases']}, timed {r['ours']['seconds']:.2f} s"

@@ -17,7 +17,7 @@
 #
 #   device run:  bash bench/gpu_check.sh          (timeout_s 600; steps capped at 550 s in all, ~5 min typical)
 #   then, on the still-warm machine, if device time is left:
-#                bash bench/gpu_check.sh extra    (issue 20 at scale, the llama-8b dummy; <= 240 s)
+#                bash bench/gpu_check.sh extra    (the llama-8b dummy end to end, issue 20 at scale; <= 370 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
@@ -40,6 +40,10 @@ step() {  # step NAME SECONDS COMMAND...: run, log, record the exit status
 if [ "${1:-}" = extra ]; then  # a second call: own log and rc files (at most 8 files come back per call)
     LOG="$OUT/extra_log.txt"
     RC="$OUT/extra_rc.txt"
+    # issue 19 end to end: tied64 and lora8 against our base at the llama-8b shape (no peers)
+    step engine_8b 150 $PY bench/engine.py --device cuda --model bench/models/llama-8b \
+        --tokenizer bench/models/smollm2-135m --load-format dummy --dtype bfloat16 --mix none tied64 lora8 \
+        --peer-mixes --vllm-mixes --out "$OUT/engine_8b.json"
     # issue 20: the shared 1,024-token prefix where prefill costs compute (llama-8b shape, random weights)
     step prefix_8b 120 $PY bench/prefix_fairness.py --only prefix --device cuda --model bench/models/llama-8b \
         --tokenizer bench/models/smollm2-135m --load-format dummy --dtype bfloat16 --tenants 64 --burst 128 \

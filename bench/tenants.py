@@ -37,8 +37,9 @@ def make_tenant(base: BaseModel, kind: str, seed: int):
     return adapter
 
 
-def write_mix(base: BaseModel, mix: str, out: Path) -> tuple[list[Path], list[Path]]:
-    """Write a mix's tenants: (dirs for our server, the same folded to plain LoRA for peers)."""
+def write_mix(base: BaseModel, mix: str, out: Path, fold: bool = True) -> tuple[list[Path], list[Path]]:
+    """Write a mix's tenants: (dirs for our server, the same folded to plain LoRA for peers; none
+    without ``fold``: at the 8B shape 64 folded tenants are 9 GB of files no peer reads)."""
     if mix == "none":
         return [], []
     kind, count = ("tied", 64) if mix == "tied64" else ("lora", 8)
@@ -46,5 +47,6 @@ def write_mix(base: BaseModel, mix: str, out: Path) -> tuple[list[Path], list[Pa
     for i in range(count):
         adapter = make_tenant(base, kind, seed=i)
         ours.append(write_adapter(adapter, out / mix / f"t{i}"))
-        folded.append(write_adapter(to_lora(adapter, base), out / f"{mix}-lora" / f"t{i}"))
+        if fold:
+            folded.append(write_adapter(to_lora(adapter, base), out / f"{mix}-lora" / f"t{i}"))
     return ours, folded

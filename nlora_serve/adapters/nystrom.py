@@ -58,15 +58,16 @@ def init_config(base: BaseModel, *, rank: int, targets: list[str] | str, variant
 
 
 def _site_tensors(w: torch.Tensor, r: int, variant: str, gen: torch.Generator):
-    """(A [r, in], N [r, r], B [out, r]) in float32 from the base weight W [out, in]."""
-    w64 = w.to(torch.float64)
+    """(A [r, in], N [r, r], B [out, r]) in float32 on the CPU from the base weight W [out, in]
+    (on any device: only its first r rows and columns are read, so an 8B model's init is cheap)."""
     if variant == "slora":
         a, n = torch.empty(r, w.shape[1]), torch.empty(r, r)
         torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
         torch.nn.init.kaiming_uniform_(n, a=math.sqrt(5), generator=gen)
         return a, n, torch.zeros(w.shape[0], r)
-    n = torch.linalg.pinv(w64[:r, :r]) if variant == "nlora-pinv" else w64[:r, :r]
-    return w64[:r, :].float(), n.float(), w64[:, :r].float()
+    rows, cols = w[:r, :].to("cpu", torch.float64), w[:, :r].to("cpu", torch.float64)
+    n = torch.linalg.pinv(rows[:, :r]) if variant == "nlora-pinv" else rows[:, :r]
+    return rows.float(), n.float(), cols.float()
 
 
 def init_adapter(base: BaseModel, *, rank: int, targets: list[str] | str, variant: str = "nlora",
