@@ -11,7 +11,14 @@ from nlora_serve.kernels.metadata import AdapterBatch
 from nlora_serve.kernels.mix import mix
 from nlora_serve.kernels.sgmv_expand import sgmv_expand
 from nlora_serve.kernels.sgmv_shrink import sgmv_shrink
+from nlora_serve.kernels.tied_fused import tied_fused
 from nlora_serve.kernels.weights import SiteWeights
+
+# The decode form's tied path: "two_launch" (mix reading z from y, then a BGMV expand) or "fused"
+# (tied_fused.py: one launch recomputing z from x). The GPU bench (bench/adapter_kernels.py) times
+# both; flip after measuring. Callers may also pass ``tied_form`` to apply_triton_decode.
+TIED_FORM = "two_launch"
+TIED_FORMS = ("two_launch", "fused")
 
 # Runs shorter than one 16-row tl.dot tile (decode) take the per-token BGMV shrink instead.
 _SGMV_MIN_RUN = 16
@@ -49,25 +56,35 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
 
 
 def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBatch,
-                        site: SiteWeights) -> torch.Tensor:
+                        site: SiteWeights, tied_form: str | None = None) -> torch.Tensor:
     """The fixed-grid form for decode steps and CUDA graphs (same semantics as :func:`apply_triton`).
 
     Launches, each with a grid of the token count (and output column blocks) only: tied path =
     mix (z read from y) then, after the group adds, one BGMV expand by W[:, :R]; group path = BGMV
-    shrink with the mix fused, then one BGMV expand by each token's B. Which paths launch is the
+    shrink with the mix fused, then one BGMV expand by each token's B. ``tied_form`` (default
+    :data:`TIED_FORM`) "fused" runs the tied path as one launch instead (:func:`tied_fused`,
+    z = x · W[:R]ᵀ recomputed, needs ``site.tied_a``). Which paths launch is the
     pool's fact (``has_tied`` / ``has_group``), never the step's; tokens of the other path, or of
     no adapter, are skipped inside the kernels. Nothing is read back to the host. y in place.
 
     Raises:
-        ValueError: the site lacks a pool the batch's paths need, or the rank does not fit it.
+        ValueError: the site lacks a pool the batch's paths need, the rank does not fit it, or
+            ``tied_form`` is not one of :data:`TIED_FORMS`.
     """
     r, num = batch.rank, batch.num_tokens
+    form = TIED_FORM if tied_form is None else tied_form
+    if form not in TIED_FORMS:
+        raise ValueError(f"tied_form must be one of {TIED_FORMS}, got {form!r}")
     if batch.has_tied and (site.tied_b is None or site.tied_b.shape[1] < r):
         raise ValueError(f"tied path needs tied_b [out, ≥{r}]")
+    if batch.has_tied and form == "fused" and (site.tied_a is None or site.tied_a.shape[0] < r):
+        raise ValueError(f"the fused tied form needs tied_a = W[:R] [≥{r}, in]")
     if batch.has_group and (site.a_pool is None or site.b_pool is None):
         raise ValueError("group path needs a_pool and b_pool")
     u_tied = None
-    if batch.has_tied:
+    if batch.has_tied and form == "fused":  # reads x and W only: order against the adds is free
+        tied_fused(x, site.tied_a, site.tied_b, site.n_pool, batch.tok_tied_slot, y, r, batch.slot_scalings)
+    elif batch.has_tied:
         u_tied = mix(y, site.n_pool, batch.tok_tied_slot, _buffer(y, num, r), site.tied_bias)
     if batch.has_group:
         u = _buffer(y, num, r)

@@ -1,0 +1,128 @@
+"""The tied path in one launch per site: y += s · W[:, :R] · N · (W[:R] x), z recomputed from x.
+
+The two-launch form (mix, then expand) copies z = y[:, :R] out of the base output before adding
+into y (DESIGN §4: a launch that adds into y must never read y[:, :R], another program may have
+added into those columns already). This form never reads z from y: every program recomputes
+z = x · W[:R]ᵀ for its block of tokens (the base GEMM's own first R outputs without the bias, so
+``tied_bias`` is not needed here), mixes each token by its slot's N, scales, and adds
+u · W[:, :R]ᵀ into its block of output columns. The grid depends on T and out only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nlora_serve.kernels._triton_helpers import dot_f32, load_tile, store_tile
+from nlora_serve.kernels.config import device_config_name, get_config
+from nlora_serve.kernels.launch import check_float, check_index, check_rows
+
+
+@triton.jit
+def _tied_fused_kernel(
+        x_ptr, wa_ptr, wb_ptr, n_ptr, slot_ptr, scale_ptr, y_ptr, T, K, N, R,
+        sx_t, sx_k, swa_r, swa_k, swb_n, swb_r, sn_s, sn_i, sn_j, sy_t, sy_n,
+        HAS_SCALE: tl.constexpr, N_TILES: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slots = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=-1)
+    valid = slots >= 0  # rows of −1 tokens (other paths, no adapter) are neither read nor written
+    if tl.max(slots, axis=0) >= 0:  # a block without a tied token does nothing at all
+        slot64 = tl.where(valid, slots, 0).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        z = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # z = x · W[:R]ᵀ: the base output's first R columns
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            xt = load_tile(x_ptr, offs_t, offs_k, sx_t, sx_k, valid, mask_k)
+            wa = load_tile(wa_ptr, offs_k, offs_r, swa_k, swa_r, mask_k, mask_r)
+            z += dot_f32(xt, wa)
+        scale = tl.full((BLOCK_T,), 1.0, tl.float32)
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + slot64, mask=valid, other=0.0)
+        for nt in range(N_TILES):
+            offs_n = (tl.program_id(1) * N_TILES + nt) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+            # u = s · N z in chunks of BLOCK_I rows; each chunk feeds the expand's dot directly
+            for i0 in tl.static_range(0, BLOCK_R, BLOCK_I):
+                offs_i = i0 + tl.arange(0, BLOCK_I)
+                mask_i = offs_i < R
+                n = tl.load(n_ptr + slot64[:, None, None] * sn_s + offs_i[None, :, None] * sn_i
+                            + offs_r[None, None, :] * sn_j,
+                            mask=valid[:, None, None] & mask_i[None, :, None] & mask_r[None, None, :],
+                            other=0.0)
+                u = tl.sum(n.to(tl.float32) * z[:, None, :], axis=2) * scale[:, None]
+                wb = load_tile(wb_ptr, offs_i, offs_n, swb_r, swb_n, mask_i, mask_n)
+                acc += dot_f32(u.to(wb.dtype), wb)
+            yv = load_tile(y_ptr, offs_t, offs_n, sy_t, sy_n, valid, mask_n)
+            store_tile(y_ptr, yv.to(tl.float32) + acc, offs_t, offs_n, sy_t, sy_n, valid, mask_n)
+
+
+def tied_fused(x: torch.Tensor, tied_a: torch.Tensor, tied_b: torch.Tensor, n_pool: torch.Tensor,
+               tok_slot: torch.Tensor, y: torch.Tensor, rank: int,
+               slot_scalings: torch.Tensor | None = None) -> torch.Tensor:
+    """Add each tied token's delta into y in one launch, z recomputed from x.
+
+    Semantics: y[t] += s[slot] · W[:, :R] · N[slot][:R, :R] · (W[:R] · x[t]) for t with
+    slot = tok_slot[t] ≥ 0 (s = 1 when slot_scalings is None); other rows untouched; y in place.
+    fp32 accumulation; bf16/fp16 dots run on tensor cores (u is rounded to the dtype for the
+    expand's dot), fp32 dots are "ieee". Grid (⌈T / BLOCK_T⌉, column programs), both from T and
+    out only: a CUDA graph captured once replays for any slot assignment.
+
+    Args:
+        x: [T, in] the projection input. tied_a: [≥R, in] = W[:R'] (rows of the base weight at this
+            module's offset), tied_b: [out, ≥R] = W[:, :R'], both any strides, x's dtype.
+        n_pool: [S, ≥R, ≥R] x's dtype. tok_slot: [T] int32/int64, −1 = skip.
+        y: [T, out] x's dtype, any strides (a column view of a fused output works).
+        rank: R, 1…128. slot_scalings: [S] float32 or None.
+
+    Raises:
+        TypeError / ValueError: dtype or shape mismatch (named in the message).
+    """
+    for name, t in (("tied_a", tied_a), ("tied_b", tied_b), ("n_pool", n_pool), ("y", y)):
+        check_float(name, t, x.dtype)
+    check_rows("y", y, x.shape[0])
+    check_index("tok_slot", tok_slot)
+    if tok_slot.shape[0] != x.shape[0]:
+        raise ValueError(f"tok_slot has {tok_slot.shape[0]} tokens, x has {x.shape[0]}")
+    if not 1 <= rank <= 128:
+        raise ValueError(f"rank must be in 1…128, got {rank}")
+    if tied_a.dim() != 2 or tied_a.shape[0] < rank or tied_a.shape[1] != x.shape[1]:
+        raise ValueError(f"tied_a {tuple(tied_a.shape)} must be [≥{rank}, in={x.shape[1]}]")
+    if tied_b.dim() != 2 or tied_b.shape[0] != y.shape[1] or tied_b.shape[1] < rank:
+        raise ValueError(f"tied_b {tuple(tied_b.shape)} must be [out={y.shape[1]}, ≥{rank}]")
+    if n_pool.dim() != 3 or n_pool.shape[1] < rank or n_pool.shape[2] < rank:
+        raise ValueError(f"n_pool {tuple(n_pool.shape)} narrower than R={rank}")
+    if slot_scalings is not None and slot_scalings.dtype != torch.float32:
+        raise TypeError(f"slot_scalings must be float32, got {slot_scalings.dtype}")
+    num, out = y.shape
+    if num == 0 or out == 0:
+        return y
+    cfg = fused_config(num, out, rank, y.device)
+    grid = (triton.cdiv(num, cfg["BLOCK_T"]), triton.cdiv(triton.cdiv(out, cfg["BLOCK_N"]), cfg["N_TILES"]))
+    _tied_fused_kernel[grid](
+        x, tied_a, tied_b, n_pool, tok_slot, x if slot_scalings is None else slot_scalings, y,
+        num, x.shape[1], out, rank, x.stride(0), x.stride(1), tied_a.stride(0), tied_a.stride(1),
+        tied_b.stride(0), tied_b.stride(1), *n_pool.stride()[:3], y.stride(0), y.stride(1),
+        HAS_SCALE=slot_scalings is not None, N_TILES=cfg["N_TILES"], BLOCK_T=cfg["BLOCK_T"],
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
+        BLOCK_I=cfg["BLOCK_I"], num_warps=cfg["num_warps"])
+    return y
+
+
+def fused_config(num_tokens: int, out: int, rank: int, device: torch.device) -> dict:
+    """The launch config at (T, out, R): the op's config plus N_TILES, column tiles per program.
+
+    Each column program recomputes its token block's z (in·(BLOCK_T + R) elements read), so
+    programs cover as many columns as keep about ``PROGRAMS`` programs in flight: at decode many
+    column programs (occupancy), at prefill one per token block (z computed once, as a shrink).
+    """
+    cfg = get_config("tied_fused", rank, device_config_name(device))
+    t_blocks = triton.cdiv(num_tokens, cfg["BLOCK_T"])
+    n_blocks = triton.cdiv(out, cfg["BLOCK_N"])
+    col_programs = max(1, min(n_blocks, triton.cdiv(cfg["PROGRAMS"], t_blocks)))
+    cfg["N_TILES"] = triton.cdiv(n_blocks, col_programs)
+    return cfg
