@@ -21,9 +21,9 @@ from nlora_serve.kernels.launch import check_float, check_index, check_rows
 
 @triton.jit
 def _tied_fused_kernel(
-        x_ptr, wa_ptr, wb_ptr, n_ptr, slot_ptr, scale_ptr, y_ptr, T, K, N, R,
+        x_ptr, wa_ptr, wb_ptr, n_ptr, slot_ptr, scale_ptr, y_ptr, T, K, N, R, N_TILES,
         sx_t, sx_k, swa_r, swa_k, swb_n, swb_r, sn_s, sn_i, sn_j, sy_t, sy_n,
-        HAS_SCALE: tl.constexpr, N_TILES: tl.constexpr, BLOCK_T: tl.constexpr,
+        HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slots = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=-1)
@@ -42,7 +42,7 @@ def _tied_fused_kernel(
         scale = tl.full((BLOCK_T,), 1.0, tl.float32)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + slot64, mask=valid, other=0.0)
-        for nt in range(N_TILES):
+        for nt in range(N_TILES):  # a runtime count: one compile serves every (T, out)
             offs_n = (tl.program_id(1) * N_TILES + nt) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -105,9 +105,9 @@ def tied_fused(x: torch.Tensor, tied_a: torch.Tensor, tied_b: torch.Tensor, n_po
     grid = (triton.cdiv(num, cfg["BLOCK_T"]), triton.cdiv(triton.cdiv(out, cfg["BLOCK_N"]), cfg["N_TILES"]))
     _tied_fused_kernel[grid](
         x, tied_a, tied_b, n_pool, tok_slot, x if slot_scalings is None else slot_scalings, y,
-        num, x.shape[1], out, rank, x.stride(0), x.stride(1), tied_a.stride(0), tied_a.stride(1),
+        num, x.shape[1], out, rank, cfg["N_TILES"], x.stride(0), x.stride(1), tied_a.stride(0), tied_a.stride(1),
         tied_b.stride(0), tied_b.stride(1), *n_pool.stride()[:3], y.stride(0), y.stride(1),
-        HAS_SCALE=slot_scalings is not None, N_TILES=cfg["N_TILES"], BLOCK_T=cfg["BLOCK_T"],
+        HAS_SCALE=slot_scalings is not None, BLOCK_T=cfg["BLOCK_T"],
         BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
         BLOCK_I=cfg["BLOCK_I"], num_warps=cfg["num_warps"])
     return y
