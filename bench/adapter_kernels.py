@@ -12,7 +12,8 @@ timed by replay (GPU time only), in interleaved rounds (median kept):
 - ``base``: the four cuBLAS GEMMs alone;
 - per path, the same GEMMs followed by the layer's seven adapter calls: ``tied64`` (64 tied
   tenants, the two-launch form: mix reading z from y, expand by W[:, :R]), ``tied64_fused`` (the
-  one-launch form, kernels/tied_fused.py), ``family64`` (64 tenants of one shared A/B family),
+  one-launch form, kernels/tied_fused.py, at its default config; ``tied64_fused_p64`` / ``_n128`` /
+  ``_t64`` at candidate configs: 64 programs, 128-column or 64-token tiles), ``family64`` (64 tenants of one shared A/B family),
   ``lora8`` (8 distinct r = 16 LoRAs).
 
 Adapter cost = (path − base) / base, both from the same replays, so a slow adapter cannot hide in
@@ -22,8 +23,9 @@ runs), except ``tied64_fused``, whose grid is fixed at every T. Targets (issue 1
 tied ≤ 3% at T ≤ 256 and ≤ 5% above, family ≤ 5% / 8%, lora8 ≤ 10% / 15%.
 
 Without CUDA, ``--shape tiny`` runs the same code under the Triton interpreter (tests only; CPU
-times mean nothing). H200 estimate for the default run (both shapes, bf16, 4 token counts, 5 runs
-each): ~20 s of Triton compiles + ~15 s of replays, under 60 s with startup.
+times mean nothing). H200 estimate for the default run (both shapes, bf16, 4 token counts, 8 runs
+each, 7 rounds of ≥ 10 ms samples): ~25 s of Triton compiles + ~20 s of replays and graph
+captures, ~60 s with startup; give it 120 s.
 """
 
 from __future__ import annotations
@@ -50,9 +52,14 @@ TINY = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "n
         "head_dim": 16}
 RANK, TENANTS, DECODE_MAX_T = 16, 64, 256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# path -> (pool kind, tied form); target % of base at (T ≤ 256, T > 256)
-PATHS = {"tied64": ("tied", "two_launch"), "tied64_fused": ("tied", "fused"),
-         "family64": ("family", None), "lora8": ("lora", None)}
+# path -> (pool kind, tied form, fused launch-config overrides); target % of base at (T ≤ 256, T > 256)
+PATHS = {"tied64": ("tied", "two_launch", None), "tied64_fused": ("tied", "fused", None),
+         # the fused form's candidate configs (kernels/tied_fused.py; PROGRAMS is a runtime count,
+         # so its variants cost replays only, the block sizes one compile each)
+         "tied64_fused_p64": ("tied", "fused", {"PROGRAMS": 64}),
+         "tied64_fused_n128": ("tied", "fused", {"BLOCK_N": 128}),
+         "tied64_fused_t64": ("tied", "fused", {"BLOCK_T": 64, "num_warps": 8}),
+         "family64": ("family", None, None), "lora8": ("lora", None, None)}
 TARGETS = {"tied": (3.0, 5.0), "family": (5.0, 8.0), "lora": (10.0, 15.0)}
 
 
@@ -93,13 +100,17 @@ def _slots(kind: str, num_tokens: int, gen) -> tuple[torch.Tensor, torch.Tensor]
     return slots, torch.full((TENANTS,), TIED if kind == "tied" else 0)
 
 
-def _adapter(kind: str, form: str | None, num_tokens: int, device, gen):
+def _adapter(kind: str, form: str | None, overrides: dict | None, num_tokens: int, device, gen):
     """apply(view, x, site) for this path at T: the decode form for T ≤ 256, else the prefill form."""
-    from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode  # after the env flag
+    from nlora_serve.kernels.tied_fused import tied_fused  # after the env flag
+    from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
     slots, fams = _slots(kind, num_tokens, gen)
     if num_tokens <= DECODE_MAX_T or form == "fused":
         batch = derive_decode_batch(slots.to(device, torch.int32), fams.to(device, torch.int32),
                                     torch.ones(TENANTS, device=device), RANK, kind == "tied", kind != "tied")
+        if overrides:  # what apply_triton_decode(tied_form="fused") launches, at another config
+            return lambda y, x, s: tied_fused(x, s.tied_a, s.tied_b, s.n_pool, batch.tok_tied_slot, y, RANK,
+                                              batch.slot_scalings, overrides)
         return lambda y, x, site: apply_triton_decode(y, x, batch, site, tied_form=form)
     # Scaling 1: the pools fold s into N.
     batch = build_adapter_batch(slots, torch.full((TENANTS,), RANK), torch.ones(TENANTS), fams, device=device)
@@ -151,8 +162,8 @@ def bench_one(shape: str, dtype_name: str, num_tokens: int, device: str, rounds:
         return run
 
     runs = {"base": base}
-    for path, (kind, form) in PATHS.items():
-        runs[path] = with_adapter(_adapter(kind, form, num_tokens, device, gen),
+    for path, (kind, form, overrides) in PATHS.items():
+        runs[path] = with_adapter(_adapter(kind, form, overrides, num_tokens, device, gen),
                                   _sites(groups, weights, kind, dtype, device, gen))
     if device == "cuda":
         runs = {k: _graphed(fn) for k, fn in runs.items()}

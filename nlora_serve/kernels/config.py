@@ -25,6 +25,7 @@ _DEFAULTS = {
     "bgmv_expand": {"BLOCK_N": 128, "num_warps": 4},
     # PROGRAMS: the grid size the fused tied op aims for (tied_fused.fused_config)
     "tied_fused": {"BLOCK_T": 16, "BLOCK_K": 64, "BLOCK_N": 64, "PROGRAMS": 512, "num_warps": 4},
+    "tied_fused.fp32": {"BLOCK_T": 16, "BLOCK_K": 32, "BLOCK_N": 32, "PROGRAMS": 512, "num_warps": 4},
     # attention ops: keyed by head_dim instead of rank (BLOCK_R = the padded head_dim); fp32's
     # "ieee" dots are FMA loops that need smaller tiles or more warps not to spill (aot.py)
     "paged_decode_attention": {"BLOCK_N": 64, "num_warps": 4},
@@ -87,7 +88,7 @@ def _config(op: str, rank: int, device_name: str) -> dict:
     if op == "mix":  # keep the [BLOCK_T, BLOCK_R, BLOCK_I] product tile near 4K elements
         cfg["BLOCK_T"] = max(1, min(cfg["BLOCK_T"], 4096 // (cfg["BLOCK_R"] ** 2)))
         cfg["BLOCK_I"] = min(cfg["BLOCK_R"], max(16, 4096 // (cfg["BLOCK_T"] * cfg["BLOCK_R"])))
-    if op == "tied_fused":  # the mix's [BLOCK_T, BLOCK_I, BLOCK_R] product tile near 4K elements
+    if op.startswith("tied_fused"):  # the mix's [BLOCK_T, BLOCK_I, BLOCK_R] product tile near 4K elements
         cfg["BLOCK_I"] = min(cfg["BLOCK_R"], max(16, 4096 // (cfg["BLOCK_T"] * cfg["BLOCK_R"])))
         if cfg["BLOCK_R"] >= 64:
             cfg["num_warps"] = max(cfg["num_warps"], 8)

@@ -42,28 +42,45 @@ def _tied_fused_kernel(
         scale = tl.full((BLOCK_T,), 1.0, tl.float32)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + slot64, mask=valid, other=0.0)
+        if BLOCK_I == BLOCK_R:  # one chunk: u = s · N z once, reused by every column tile
+            u_all = _mix_chunk(n_ptr, slot64, valid, z, scale, offs_r, mask_r, 0, R, sn_s, sn_i, sn_j,
+                               BLOCK_I, False)
         for nt in range(N_TILES):  # a runtime count: one compile serves every (T, out)
             offs_n = (tl.program_id(1) * N_TILES + nt) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-            # u = s · N z in chunks of BLOCK_I rows; each chunk feeds the expand's dot directly
+            # u in chunks of BLOCK_I rows, each feeding the expand's dot directly; the N loads are
+            # volatile so the compiler cannot hoist every chunk's N tile out of this loop (spills)
             for i0 in tl.static_range(0, BLOCK_R, BLOCK_I):
                 offs_i = i0 + tl.arange(0, BLOCK_I)
                 mask_i = offs_i < R
-                n = tl.load(n_ptr + slot64[:, None, None] * sn_s + offs_i[None, :, None] * sn_i
-                            + offs_r[None, None, :] * sn_j,
-                            mask=valid[:, None, None] & mask_i[None, :, None] & mask_r[None, None, :],
-                            other=0.0)
-                u = tl.sum(n.to(tl.float32) * z[:, None, :], axis=2) * scale[:, None]
+                if BLOCK_I == BLOCK_R:
+                    u = u_all
+                else:
+                    u = _mix_chunk(n_ptr, slot64, valid, z, scale, offs_r, mask_r, i0, R, sn_s, sn_i, sn_j,
+                                   BLOCK_I, True)
                 wb = load_tile(wb_ptr, offs_i, offs_n, swb_r, swb_n, mask_i, mask_n)
                 acc += dot_f32(u.to(wb.dtype), wb)
             yv = load_tile(y_ptr, offs_t, offs_n, sy_t, sy_n, valid, mask_n)
             store_tile(y_ptr, yv.to(tl.float32) + acc, offs_t, offs_n, sy_t, sy_n, valid, mask_n)
 
 
+@triton.jit
+def _mix_chunk(n_ptr, slot64, valid, z, scale, offs_r, mask_r, i0, R, sn_s, sn_i, sn_j,
+               BLOCK_I: tl.constexpr, VOLATILE: tl.constexpr):
+    """Rows i0 … i0 + BLOCK_I of u = s · N[slot] z per token: [BLOCK_T, BLOCK_I] fp32."""
+    offs_i = i0 + tl.arange(0, BLOCK_I)
+    mask_i = offs_i < R
+    n = tl.load(n_ptr + slot64[:, None, None] * sn_s + offs_i[None, :, None] * sn_i
+                + offs_r[None, None, :] * sn_j,
+                mask=valid[:, None, None] & mask_i[None, :, None] & mask_r[None, None, :], other=0.0,
+                volatile=VOLATILE)
+    return tl.sum(n.to(tl.float32) * z[:, None, :], axis=2) * scale[:, None]
+
+
 def tied_fused(x: torch.Tensor, tied_a: torch.Tensor, tied_b: torch.Tensor, n_pool: torch.Tensor,
                tok_slot: torch.Tensor, y: torch.Tensor, rank: int,
-               slot_scalings: torch.Tensor | None = None) -> torch.Tensor:
+               slot_scalings: torch.Tensor | None = None, overrides: dict | None = None) -> torch.Tensor:
     """Add each tied token's delta into y in one launch, z recomputed from x.
 
     Semantics: y[t] += s[slot] · W[:, :R] · N[slot][:R, :R] · (W[:R] · x[t]) for t with
@@ -78,6 +95,8 @@ def tied_fused(x: torch.Tensor, tied_a: torch.Tensor, tied_b: torch.Tensor, n_po
         n_pool: [S, ≥R, ≥R] x's dtype. tok_slot: [T] int32/int64, −1 = skip.
         y: [T, out] x's dtype, any strides (a column view of a fused output works).
         rank: R, 1…128. slot_scalings: [S] float32 or None.
+        overrides: launch-config entries that replace the looked-up ones (BLOCK_T, BLOCK_K,
+            BLOCK_N, PROGRAMS, num_warps; for benches and tuning; None on the serving path).
 
     Raises:
         TypeError / ValueError: dtype or shape mismatch (named in the message).
@@ -101,7 +120,7 @@ def tied_fused(x: torch.Tensor, tied_a: torch.Tensor, tied_b: torch.Tensor, n_po
     num, out = y.shape
     if num == 0 or out == 0:
         return y
-    cfg = fused_config(num, out, rank, y.device)
+    cfg = fused_config(num, out, rank, y.device, overrides, y.dtype)
     grid = (triton.cdiv(num, cfg["BLOCK_T"]), triton.cdiv(triton.cdiv(out, cfg["BLOCK_N"]), cfg["N_TILES"]))
     _tied_fused_kernel[grid](
         x, tied_a, tied_b, n_pool, tok_slot, x if slot_scalings is None else slot_scalings, y,
@@ -113,14 +132,17 @@ def tied_fused(x: torch.Tensor, tied_a: torch.Tensor, tied_b: torch.Tensor, n_po
     return y
 
 
-def fused_config(num_tokens: int, out: int, rank: int, device: torch.device) -> dict:
+def fused_config(num_tokens: int, out: int, rank: int, device: torch.device,
+                 overrides: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> dict:
     """The launch config at (T, out, R): the op's config plus N_TILES, column tiles per program.
 
     Each column program recomputes its token block's z (in·(BLOCK_T + R) elements read), so
     programs cover as many columns as keep about ``PROGRAMS`` programs in flight: at decode many
     column programs (occupancy), at prefill one per token block (z computed once, as a shrink).
     """
-    cfg = get_config("tied_fused", rank, device_config_name(device))
+    # fp32's "ieee" dots are FMA loops: smaller tiles not to spill (config key "tied_fused.fp32")
+    op = "tied_fused.fp32" if dtype == torch.float32 else "tied_fused"
+    cfg = get_config(op, rank, device_config_name(device)) | (overrides or {})
     t_blocks = triton.cdiv(num_tokens, cfg["BLOCK_T"])
     n_blocks = triton.cdiv(out, cfg["BLOCK_N"])
     col_programs = max(1, min(n_blocks, triton.cdiv(cfg["PROGRAMS"], t_blocks)))
