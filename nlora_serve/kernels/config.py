@@ -88,8 +88,9 @@ def _config(op: str, rank: int, device_name: str) -> dict:
     if op == "mix":  # keep the [BLOCK_T, BLOCK_R, BLOCK_I] product tile near 4K elements
         cfg["BLOCK_T"] = max(1, min(cfg["BLOCK_T"], 4096 // (cfg["BLOCK_R"] ** 2)))
         cfg["BLOCK_I"] = min(cfg["BLOCK_R"], max(16, 4096 // (cfg["BLOCK_T"] * cfg["BLOCK_R"])))
-    if op.startswith("tied_fused"):  # the mix's [BLOCK_T, BLOCK_I, BLOCK_R] product tile near 4K elements
-        cfg["BLOCK_I"] = min(cfg["BLOCK_R"], max(16, 4096 // (cfg["BLOCK_T"] * cfg["BLOCK_R"])))
+    if op.startswith("tied_fused"):  # z, u and an N row: three [BLOCK_T, BLOCK_R] fp32 tiles live
         if cfg["BLOCK_R"] >= 64:
             cfg["num_warps"] = max(cfg["num_warps"], 8)
+        if op.endswith(".fp32") and cfg["BLOCK_R"] >= 128:  # FMA dots with K = 128 (aot.py: no spills)
+            cfg["BLOCK_K"], cfg["BLOCK_N"] = min(cfg["BLOCK_K"], 16), min(cfg["BLOCK_N"], 16)
     return cfg

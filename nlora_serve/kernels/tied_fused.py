@@ -24,7 +24,7 @@ def _tied_fused_kernel(
         x_ptr, wa_ptr, wb_ptr, n_ptr, slot_ptr, scale_ptr, y_ptr, T, K, N, R, N_TILES,
         sx_t, sx_k, swa_r, swa_k, swb_n, swb_r, sn_s, sn_i, sn_j, sy_t, sy_n,
         HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slots = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=-1)
     valid = slots >= 0  # rows of −1 tokens (other paths, no adapter) are neither read nor written
@@ -42,40 +42,24 @@ def _tied_fused_kernel(
         scale = tl.full((BLOCK_T,), 1.0, tl.float32)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + slot64, mask=valid, other=0.0)
-        if BLOCK_I == BLOCK_R:  # one chunk: u = s · N z once, reused by every column tile
-            u_all = _mix_chunk(n_ptr, slot64, valid, z, scale, offs_r, mask_r, 0, R, sn_s, sn_i, sn_j,
-                               BLOCK_I, False)
+        # u = s · N z, one row of N at a time: u[:, i] = Σ_j N[slot, i, j] z[:, j]. Only [BLOCK_T,
+        # BLOCK_R] tiles stay live (a [T, R, R] product tile spills at R ≥ 64); u is built once and
+        # every column tile below reuses it.
+        u = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        n_rows = n_ptr + slot64[:, None] * sn_s + offs_r[None, :] * sn_j
+        mask_n_rows = valid[:, None] & mask_r[None, :]
+        for i in range(0, R):
+            n_i = tl.load(n_rows + i * sn_i, mask=mask_n_rows, other=0.0).to(tl.float32)
+            u_i = tl.sum(n_i * z, axis=1)  # [BLOCK_T]
+            u = tl.where(offs_r[None, :] == i, u_i[:, None], u)
+        u = (u * scale[:, None]).to(wb_ptr.dtype.element_ty)
         for nt in range(N_TILES):  # a runtime count: one compile serves every (T, out)
             offs_n = (tl.program_id(1) * N_TILES + nt) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-            # u in chunks of BLOCK_I rows, each feeding the expand's dot directly; the N loads are
-            # volatile so the compiler cannot hoist every chunk's N tile out of this loop (spills)
-            for i0 in tl.static_range(0, BLOCK_R, BLOCK_I):
-                offs_i = i0 + tl.arange(0, BLOCK_I)
-                mask_i = offs_i < R
-                if BLOCK_I == BLOCK_R:
-                    u = u_all
-                else:
-                    u = _mix_chunk(n_ptr, slot64, valid, z, scale, offs_r, mask_r, i0, R, sn_s, sn_i, sn_j,
-                                   BLOCK_I, True)
-                wb = load_tile(wb_ptr, offs_i, offs_n, swb_r, swb_n, mask_i, mask_n)
-                acc += dot_f32(u.to(wb.dtype), wb)
+            wb = load_tile(wb_ptr, offs_r, offs_n, swb_r, swb_n, mask_r, mask_n)
+            acc = dot_f32(u, wb)  # [BLOCK_T, BLOCK_N]: bf16/fp16 on tensor cores, fp32 "ieee"
             yv = load_tile(y_ptr, offs_t, offs_n, sy_t, sy_n, valid, mask_n)
             store_tile(y_ptr, yv.to(tl.float32) + acc, offs_t, offs_n, sy_t, sy_n, valid, mask_n)
-
-
-@triton.jit
-def _mix_chunk(n_ptr, slot64, valid, z, scale, offs_r, mask_r, i0, R, sn_s, sn_i, sn_j,
-               BLOCK_I: tl.constexpr, VOLATILE: tl.constexpr):
-    """Rows i0 … i0 + BLOCK_I of u = s · N[slot] z per token: [BLOCK_T, BLOCK_I] fp32."""
-    offs_i = i0 + tl.arange(0, BLOCK_I)
-    mask_i = offs_i < R
-    n = tl.load(n_ptr + slot64[:, None, None] * sn_s + offs_i[None, :, None] * sn_i
-                + offs_r[None, None, :] * sn_j,
-                mask=valid[:, None, None] & mask_i[None, :, None] & mask_r[None, None, :], other=0.0,
-                volatile=VOLATILE)
-    return tl.sum(n.to(tl.float32) * z[:, None, :], axis=2) * scale[:, None]
 
 
 def tied_fused(x: torch.Tensor, tied_a: torch.Tensor, tied_b: torch.Tensor, n_pool: torch.Tensor,
@@ -128,7 +112,7 @@ def tied_fused(x: torch.Tensor, tied_a: torch.Tensor, tied_b: torch.Tensor, n_po
         tied_b.stride(0), tied_b.stride(1), *n_pool.stride()[:3], y.stride(0), y.stride(1),
         HAS_SCALE=slot_scalings is not None, BLOCK_T=cfg["BLOCK_T"],
         BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_I=cfg["BLOCK_I"], num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"])
     return y
 
 
