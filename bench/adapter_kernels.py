@@ -13,7 +13,8 @@ timed by replay (GPU time only), in interleaved rounds (median kept):
 - per path, the same GEMMs followed by the layer's seven adapter calls: ``tied64`` (64 tied
   tenants, the two-launch form: mix reading z from y, expand by W[:, :R]), ``tied64_fused`` (the
   one-launch form, kernels/tied_fused.py, at its default config; ``tied64_fused_p64`` / ``_n128`` /
-  ``_t64`` at candidate configs: 64 programs, 128-column or 64-token tiles), ``family64`` (64 tenants of one shared A/B family),
+  ``_t64`` / ``_k128`` at candidate configs: 64 programs, 128-column or 64-token tiles, 128-wide
+  K steps over 128 programs; bench/tune_adapter_kernels.py sweeps more), ``family64`` (64 tenants of one shared A/B family),
   ``lora8`` (8 distinct r = 16 LoRAs).
 
 Adapter cost = (path − base) / base, both from the same replays, so a slow adapter cannot hide in
@@ -59,6 +60,7 @@ PATHS = {"tied64": ("tied", "two_launch", None), "tied64_fused": ("tied", "fused
          "tied64_fused_p64": ("tied", "fused", {"PROGRAMS": 64}),
          "tied64_fused_n128": ("tied", "fused", {"BLOCK_N": 128}),
          "tied64_fused_t64": ("tied", "fused", {"BLOCK_T": 64, "num_warps": 8}),
+         "tied64_fused_k128": ("tied", "fused", {"BLOCK_K": 128, "PROGRAMS": 128}),
          "family64": ("family", None, None), "lora8": ("lora", None, None)}
 TARGETS = {"tied": (3.0, 5.0), "family": (5.0, 8.0), "lora": (10.0, 15.0)}
 
@@ -143,8 +145,9 @@ def _time(fn, device: str, iters: int) -> float:
 
 
 def bench_one(shape: str, dtype_name: str, num_tokens: int, device: str, rounds: int,
-              sample_s: float) -> dict:
-    """Median-of-rounds layer seconds for ``base`` and each of PATHS (base GEMMs + adapter)."""
+              sample_s: float, paths: dict | None = None) -> dict:
+    """Median-of-rounds layer seconds for ``base`` and each path of ``paths`` (default PATHS):
+    base GEMMs + that path's adapter calls."""
     gen = torch.Generator().manual_seed(0)
     dtype = DTYPES[dtype_name]
     groups = layer_groups(shape)
@@ -162,7 +165,7 @@ def bench_one(shape: str, dtype_name: str, num_tokens: int, device: str, rounds:
         return run
 
     runs = {"base": base}
-    for path, (kind, form, overrides) in PATHS.items():
+    for path, (kind, form, overrides) in (paths or PATHS).items():
         runs[path] = with_adapter(_adapter(kind, form, overrides, num_tokens, device, gen),
                                   _sites(groups, weights, kind, dtype, device, gen))
     if device == "cuda":

@@ -16,11 +16,19 @@ import pytest
 ROOT = Path(__file__).parents[2]
 SCRIPT = """
 import json, sys
+from pathlib import Path
 sys.path.insert(0, "bench")
 import adapter_kernels as ak
+import tune_adapter_kernels as tune
+from nlora_serve.kernels import config
 res = ak.main(["--tokens", "4", "--rounds", "1", "--out", sys.argv[1]])
+cfg_file = Path(sys.argv[1]).parent / "Tiny_Device.json"
+cfg_file.write_text(json.dumps({"mix": {"16": {"BLOCK_T": 4}}}))  # another op's entry: kept
+tuned = tune.main(["--tokens", "4", "--rounds", "1", "--candidates", "2", "--out", str(cfg_file)])
+config._CONFIG_DIR = cfg_file.parent
+looked_up = config.get_config("tied_fused.fp32", 16, "Tiny Device")
 t = {"base": 100e-6, "tied64": 103.5e-6, "lora8": 114e-6}
-print(json.dumps({"rows": res["rows"], "llama": ak.layer_groups("llama-8b"),
+print(json.dumps({"rows": res["rows"], "tuned": tuned, "looked_up": looked_up, "cands": tune.CANDIDATES[:2], "llama": ak.layer_groups("llama-8b"),
                   "default": ak.layer_groups("default"),
                   "hand": [ak.cost_row("s", "bf16", n, p, t) for n in (64, 4096) for p in ("tied64", "lora8")]}))
 """
@@ -41,7 +49,7 @@ def test_every_path_runs_and_is_written(run):
     assert written["rows"] == printed["rows"]
     rows = written["rows"]
     assert [r["path"] for r in rows] == ["tied64", "tied64_fused", "tied64_fused_p64", "tied64_fused_n128",
-                                          "tied64_fused_t64", "family64", "lora8"]
+                                          "tied64_fused_t64", "tied64_fused_k128", "family64", "lora8"]
     for r in rows:
         assert (r["shape"], r["dtype"], r["tokens"], r["form"]) == ("tiny", "fp32", 4, "decode")
         assert r["layer_s"] > 0 and r["base_s"] > 0
@@ -66,3 +74,12 @@ def test_cost_against_issue_targets(run):
     assert hand[(64, "lora8")]["target_pct"] == 10 and hand[(4096, "lora8")]["target_pct"] == 15
     assert not hand[(64, "lora8")]["meets_target"] and hand[(4096, "lora8")]["meets_target"]
     assert hand[(64, "tied64")]["adapter_s"] == pytest.approx(3.5e-6)
+
+
+def test_tuning_writes_the_file_the_launchers_read(run):
+    printed, _ = run
+    tuned = printed["tuned"]
+    assert tuned["mix"] == {"16": {"BLOCK_T": 4}}  # merged, not overwritten
+    best = tuned["tied_fused.fp32"]["16"]
+    assert best in printed["cands"]
+    assert {k: printed["looked_up"][k] for k in best} == best  # what tied_fused will launch with
