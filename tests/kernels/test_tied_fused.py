@@ -10,7 +10,7 @@ from kernel_cases import TEST_DEVICE, TOL, delta_error, make_case
 from nlora_serve.kernels.decode_batch import derive_decode_batch
 from nlora_serve.kernels.metadata import TIED
 from nlora_serve.kernels.tied_fused import fused_config, tied_fused
-from nlora_serve.kernels.triton_path import apply_triton_decode
+from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -55,6 +55,18 @@ def test_decode_path_fused_form_with_group_tokens(dist, dtype):
     assert b.has_tied and b.has_group
     before = case.y.to("cpu", copy=True)
     apply_triton_decode(case.y, case.x, b, case.site, tied_form="fused")
+    _check(case, before, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_form_fused_with_group_segments(dtype):
+    # apply_triton (sorted runs, SGMV for the group path) with the tied path in its fused form:
+    # one tenant per long run, as a prefill chunk lays them out, tied and group runs mixed
+    case = make_case(8150, 41, 80, 72, (16, 4), "skewed", "mixed", dtype, device=TEST_DEVICE)
+    b = case.batch(device=TEST_DEVICE)
+    assert b.num_tied and b.num_group
+    before = case.y.to("cpu", copy=True)
+    apply_triton(case.y, case.x, b, case.site, tied_form="fused")
     _check(case, before, dtype)
 
 
