@@ -13,8 +13,9 @@ timed by replay (GPU time only), in interleaved rounds (median kept):
 - per path, the same GEMMs followed by the layer's seven adapter calls: ``tied64`` (64 tied
   tenants, the two-launch form: mix reading z from y, expand by W[:, :R]), ``tied64_fused`` (the
   one-launch form, kernels/tied_fused.py, at its default config; ``tied64_fused_p64`` / ``_n128`` /
-  ``_t64`` / ``_k128`` at candidate configs: 64 programs, 128-column or 64-token tiles, 128-wide
-  K steps over 128 programs; bench/tune_adapter_kernels.py sweeps more), ``family64`` (64 tenants of one shared A/B family),
+  ``_t64`` / ``_k256`` at candidate configs: 64 programs, 128-column or 64-token tiles, 256-wide
+  K steps over 128 programs: z's K loop is the long pole at decode; tune_adapter_kernels.py
+  sweeps more), ``family64`` (64 tenants of one shared A/B family),
   ``lora8`` (8 distinct r = 16 LoRAs).
 
 Adapter cost = (path − base) / base, both from the same replays, so a slow adapter cannot hide in
@@ -60,7 +61,7 @@ PATHS = {"tied64": ("tied", "two_launch", None), "tied64_fused": ("tied", "fused
          "tied64_fused_p64": ("tied", "fused", {"PROGRAMS": 64}),
          "tied64_fused_n128": ("tied", "fused", {"BLOCK_N": 128}),
          "tied64_fused_t64": ("tied", "fused", {"BLOCK_T": 64, "num_warps": 8}),
-         "tied64_fused_k128": ("tied", "fused", {"BLOCK_K": 128, "PROGRAMS": 128}),
+         "tied64_fused_k256": ("tied", "fused", {"BLOCK_K": 256, "PROGRAMS": 128}),
          "family64": ("family", None, None), "lora8": ("lora", None, None)}
 TARGETS = {"tied": (3.0, 5.0), "family": (5.0, 8.0), "lora": (10.0, 15.0)}
 

@@ -9,7 +9,7 @@ CUDA graph, timed by replay in interleaved rounds (median kept); the candidate w
 adapter time over the token counts wins and is merged into the device file under
 ``{"tied_fused": {"16": {...}}}`` (other ops' entries kept). r = 16 (the bench's rank) only: the
 file is keyed by rank width. Without CUDA it runs at a tiny shape under the Triton interpreter
-(tests only; the times mean nothing) and needs ``--out``. H200 estimate: ~6 compiles + 2 token
+(tests only; the times mean nothing) and needs ``--out``. H200 estimate: ~7 compiles + 2 token
 counts × 9 runs × 7 rounds of 10 ms ≈ 30 s.
 """
 
@@ -31,6 +31,7 @@ CANDIDATES = [
     {"BLOCK_T": 16, "BLOCK_K": 64, "BLOCK_N": 64, "PROGRAMS": 512, "num_warps": 4},
     {"BLOCK_T": 16, "BLOCK_K": 64, "BLOCK_N": 64, "PROGRAMS": 128, "num_warps": 4},
     {"BLOCK_T": 16, "BLOCK_K": 128, "BLOCK_N": 64, "PROGRAMS": 256, "num_warps": 4},
+    {"BLOCK_T": 16, "BLOCK_K": 256, "BLOCK_N": 64, "PROGRAMS": 128, "num_warps": 4},
     {"BLOCK_T": 16, "BLOCK_K": 64, "BLOCK_N": 128, "PROGRAMS": 512, "num_warps": 4},
     {"BLOCK_T": 32, "BLOCK_K": 64, "BLOCK_N": 64, "PROGRAMS": 512, "num_warps": 4},
     {"BLOCK_T": 16, "BLOCK_K": 128, "BLOCK_N": 128, "PROGRAMS": 1024, "num_warps": 8},

@@ -49,7 +49,7 @@ def test_every_path_runs_and_is_written(run):
     assert written["rows"] == printed["rows"]
     rows = written["rows"]
     assert [r["path"] for r in rows] == ["tied64", "tied64_fused", "tied64_fused_p64", "tied64_fused_n128",
-                                          "tied64_fused_t64", "tied64_fused_k128", "family64", "lora8"]
+                                          "tied64_fused_t64", "tied64_fused_k256", "family64", "lora8"]
     for r in rows:
         assert (r["shape"], r["dtype"], r["tokens"], r["form"]) == ("tiny", "fp32", 4, "decode")
         assert r["layer_s"] > 0 and r["base_s"] > 0
