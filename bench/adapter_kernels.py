@@ -188,7 +188,8 @@ def cost_row(shape: str, dtype: str, num_tokens: int, path: str, t: dict) -> dic
     target = TARGETS[kind][0 if num_tokens <= DECODE_MAX_T else 1]
     cost = 100.0 * (t[path] - t["base"]) / t["base"]
     return {"shape": shape, "dtype": dtype, "tokens": num_tokens, "path": path,
-            "form": "decode" if num_tokens <= DECODE_MAX_T or PATHS[path][1] == "fused" else "prefill",
+            # "fused": one fixed-grid launch per site at every T; else the engine's decode/prefill form
+            "form": "fused" if PATHS[path][1] == "fused" else "decode" if num_tokens <= DECODE_MAX_T else "prefill",
             "layer_s": t[path], "base_s": t["base"], "adapter_s": t[path] - t["base"],
             "cost_pct": cost, "target_pct": target, "meets_target": cost <= target}
 
