@@ -15,7 +15,9 @@ timed by replay (GPU time only), in interleaved rounds (median kept):
   one-launch form, kernels/tied_fused.py, at its default config; ``tied64_fused_p64`` / ``_n128`` /
   ``_t64`` / ``_k256`` at candidate configs: 64 programs, 128-column or 64-token tiles, 256-wide
   K steps over 128 programs: z's K loop is the long pole at decode; tune_adapter_kernels.py
-  sweeps more), ``family64`` (64 tenants of one shared A/B family),
+  sweeps more), ``tied64_zcols`` (the base GEMMs on [W; W[:R] of each module]: z comes out as R
+  extra output columns, then one tied_fused launch per site reads it; its cost includes the extra
+  GEMM columns), ``family64`` (64 tenants of one shared A/B family),
   ``lora8`` (8 distinct r = 16 LoRAs).
 
 Adapter cost = (path − base) / base, both from the same replays, so a slow adapter cannot hide in
@@ -62,6 +64,9 @@ PATHS = {"tied64": ("tied", "two_launch", None), "tied64_fused": ("tied", "fused
          "tied64_fused_n128": ("tied", "fused", {"BLOCK_N": 128}),
          "tied64_fused_t64": ("tied", "fused", {"BLOCK_T": 64, "num_warps": 8}),
          "tied64_fused_k256": ("tied", "fused", {"BLOCK_K": 256, "PROGRAMS": 128}),
+         # z as R extra output columns of the base GEMM (W[:R] rows appended), one launch per site
+         # reading them: no recompute, no race (the adapter never writes those columns)
+         "tied64_zcols": ("tied", "zcols", None),
          "family64": ("family", None, None), "lora8": ("lora", None, None)}
 TARGETS = {"tied": (3.0, 5.0), "family": (5.0, 8.0), "lora": (10.0, 15.0)}
 
@@ -120,6 +125,28 @@ def _adapter(kind: str, form: str | None, overrides: dict | None, num_tokens: in
     return lambda y, x, site: apply_triton(y, x, batch, site)
 
 
+def _zcols_run(groups, weights, xs, sites, num_tokens: int, device, gen):
+    """Base GEMMs on [W; W_m[:R] per module] and one tied_fused launch per site reading z there."""
+    from nlora_serve.kernels.tied_fused import tied_fused  # after the env flag
+    slots, fams = _slots("tied", num_tokens, gen)
+    batch = derive_decode_batch(slots.to(device, torch.int32), fams.to(device, torch.int32),
+                                torch.ones(TENANTS, device=device), RANK, True, False)
+    calls = []
+    for w, x, (site_list, outs) in zip(weights, xs, sites):
+        starts = [sum(outs[:m]) for m in range(len(outs))]
+        calls.append((x, torch.cat([w] + [w[r:r + RANK] for r in starts]), site_list, outs))
+
+    def run():
+        for x, w_ext, site_list, outs in calls:
+            y = F.linear(x, w_ext)
+            total = sum(outs)
+            for m, (site, view) in enumerate(zip(site_list, y[:, :total].split(list(outs), dim=1))):
+                z = y[:, total + m * RANK: total + (m + 1) * RANK]
+                tied_fused(x, None, site.tied_b, site.n_pool, batch.tok_tied_slot, view, RANK,
+                           batch.slot_scalings, z=z)
+    return run
+
+
 def _graphed(fn):
     """fn captured once into a CUDA graph; the returned callable replays it (GPU time only)."""
     stream = torch.cuda.Stream()
@@ -167,8 +194,11 @@ def bench_one(shape: str, dtype_name: str, num_tokens: int, device: str, rounds:
 
     runs = {"base": base}
     for path, (kind, form, overrides) in (paths or PATHS).items():
-        runs[path] = with_adapter(_adapter(kind, form, overrides, num_tokens, device, gen),
-                                  _sites(groups, weights, kind, dtype, device, gen))
+        sites = _sites(groups, weights, kind, dtype, device, gen)
+        if form == "zcols":
+            runs[path] = _zcols_run(groups, weights, xs, sites, num_tokens, device, gen)
+        else:
+            runs[path] = with_adapter(_adapter(kind, form, overrides, num_tokens, device, gen), sites)
     if device == "cuda":
         runs = {k: _graphed(fn) for k, fn in runs.items()}
     else:
@@ -189,7 +219,8 @@ def cost_row(shape: str, dtype: str, num_tokens: int, path: str, t: dict) -> dic
     cost = 100.0 * (t[path] - t["base"]) / t["base"]
     return {"shape": shape, "dtype": dtype, "tokens": num_tokens, "path": path,
             # "fused": one fixed-grid launch per site at every T; else the engine's decode/prefill form
-            "form": "fused" if PATHS[path][1] == "fused" else "decode" if num_tokens <= DECODE_MAX_T else "prefill",
+            "form": ("fused" if PATHS[path][1] in ("fused", "zcols") else "decode" if num_tokens <= DECODE_MAX_T
+                     else "prefill"),
             "layer_s": t[path], "base_s": t["base"], "adapter_s": t[path] - t["base"],
             "cost_pct": cost, "target_pct": target, "meets_target": cost <= target}
 

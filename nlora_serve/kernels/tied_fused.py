@@ -23,7 +23,7 @@ from nlora_serve.kernels.launch import check_float, check_index, check_rows
 def _tied_fused_kernel(
         x_ptr, wa_ptr, wb_ptr, n_ptr, slot_ptr, scale_ptr, y_ptr, T, K, N, R, N_TILES,
         sx_t, sx_k, swa_r, swa_k, swb_n, swb_r, sn_s, sn_i, sn_j, sy_t, sy_n,
-        HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slots = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=-1)
@@ -32,13 +32,16 @@ def _tied_fused_kernel(
         slot64 = tl.where(valid, slots, 0).to(tl.int64)
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        z = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):  # z = x · W[:R]ᵀ: the base output's first R columns
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            xt = load_tile(x_ptr, offs_t, offs_k, sx_t, sx_k, valid, mask_k)
-            wa = load_tile(wa_ptr, offs_k, offs_r, swa_k, swa_r, mask_k, mask_r)
-            z += dot_f32(xt, wa)
+        if HAS_Z:  # z given (x_ptr/sx_*: a buffer no launch of this step writes), K unused
+            z = load_tile(x_ptr, offs_t, offs_r, sx_t, sx_k, valid, mask_r).to(tl.float32)
+        else:
+            z = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):  # z = x · W[:R]ᵀ: the base output's first R columns
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                xt = load_tile(x_ptr, offs_t, offs_k, sx_t, sx_k, valid, mask_k)
+                wa = load_tile(wa_ptr, offs_k, offs_r, swa_k, swa_r, mask_k, mask_r)
+                z += dot_f32(xt, wa)
         scale = tl.full((BLOCK_T,), 1.0, tl.float32)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + slot64, mask=valid, other=0.0)
@@ -62,9 +65,10 @@ def _tied_fused_kernel(
             store_tile(y_ptr, yv.to(tl.float32) + acc, offs_t, offs_n, sy_t, sy_n, valid, mask_n)
 
 
-def tied_fused(x: torch.Tensor, tied_a: torch.Tensor, tied_b: torch.Tensor, n_pool: torch.Tensor,
+def tied_fused(x: torch.Tensor, tied_a: torch.Tensor | None, tied_b: torch.Tensor, n_pool: torch.Tensor,
                tok_slot: torch.Tensor, y: torch.Tensor, rank: int,
-               slot_scalings: torch.Tensor | None = None, overrides: dict | None = None) -> torch.Tensor:
+               slot_scalings: torch.Tensor | None = None, overrides: dict | None = None,
+               z: torch.Tensor | None = None) -> torch.Tensor:
     """Add each tied token's delta into y in one launch, z recomputed from x.
 
     Semantics: y[t] += s[slot] · W[:, :R] · N[slot][:R, :R] · (W[:R] · x[t]) for t with
@@ -81,19 +85,27 @@ def tied_fused(x: torch.Tensor, tied_a: torch.Tensor, tied_b: torch.Tensor, n_po
         rank: R, 1…128. slot_scalings: [S] float32 or None.
         overrides: launch-config entries that replace the looked-up ones (BLOCK_T, BLOCK_K,
             BLOCK_N, PROGRAMS, num_warps; for benches and tuning; None on the serving path).
+        z: [T, ≥R] x's dtype, any strides, or None: z = x · W[:R]ᵀ (no bias) already computed, e.g.
+            as R extra output columns of the base GEMM (weight rows W[:R] appended); then no
+            recompute, tied_a may be None, and z must not overlap y's columns.
 
     Raises:
         TypeError / ValueError: dtype or shape mismatch (named in the message).
     """
-    for name, t in (("tied_a", tied_a), ("tied_b", tied_b), ("n_pool", n_pool), ("y", y)):
-        check_float(name, t, x.dtype)
+    if tied_a is None and z is None:
+        raise ValueError("tied_a (to recompute z) or z is needed")
+    for name, t in (("tied_a", tied_a), ("tied_b", tied_b), ("n_pool", n_pool), ("y", y), ("z", z)):
+        if t is not None:
+            check_float(name, t, x.dtype)
     check_rows("y", y, x.shape[0])
     check_index("tok_slot", tok_slot)
     if tok_slot.shape[0] != x.shape[0]:
         raise ValueError(f"tok_slot has {tok_slot.shape[0]} tokens, x has {x.shape[0]}")
     if not 1 <= rank <= 128:
         raise ValueError(f"rank must be in 1…128, got {rank}")
-    if tied_a.dim() != 2 or tied_a.shape[0] < rank or tied_a.shape[1] != x.shape[1]:
+    if z is not None and (z.dim() != 2 or z.shape[0] != x.shape[0] or z.shape[1] < rank):
+        raise ValueError(f"z {tuple(z.shape)} must be [T={x.shape[0]}, ≥{rank}]")
+    if z is None and (tied_a.dim() != 2 or tied_a.shape[0] < rank or tied_a.shape[1] != x.shape[1]):
         raise ValueError(f"tied_a {tuple(tied_a.shape)} must be [≥{rank}, in={x.shape[1]}]")
     if tied_b.dim() != 2 or tied_b.shape[0] != y.shape[1] or tied_b.shape[1] < rank:
         raise ValueError(f"tied_b {tuple(tied_b.shape)} must be [out={y.shape[1]}, ≥{rank}]")
@@ -106,11 +118,12 @@ def tied_fused(x: torch.Tensor, tied_a: torch.Tensor, tied_b: torch.Tensor, n_po
         return y
     cfg = fused_config(num, out, rank, y.device, overrides, y.dtype)
     grid = (triton.cdiv(num, cfg["BLOCK_T"]), triton.cdiv(triton.cdiv(out, cfg["BLOCK_N"]), cfg["N_TILES"]))
+    src, wa = (x, tied_a) if z is None else (z, tied_b)  # wa unread when z is given
     _tied_fused_kernel[grid](
-        x, tied_a, tied_b, n_pool, tok_slot, x if slot_scalings is None else slot_scalings, y,
-        num, x.shape[1], out, rank, cfg["N_TILES"], x.stride(0), x.stride(1), tied_a.stride(0), tied_a.stride(1),
+        src, wa, tied_b, n_pool, tok_slot, x if slot_scalings is None else slot_scalings, y,
+        num, x.shape[1], out, rank, cfg["N_TILES"], src.stride(0), src.stride(1), wa.stride(0), wa.stride(1),
         tied_b.stride(0), tied_b.stride(1), *n_pool.stride()[:3], y.stride(0), y.stride(1),
-        HAS_SCALE=slot_scalings is not None, BLOCK_T=cfg["BLOCK_T"],
+        HAS_SCALE=slot_scalings is not None, HAS_Z=z is not None, BLOCK_T=cfg["BLOCK_T"],
         BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
         num_warps=cfg["num_warps"])
     return y

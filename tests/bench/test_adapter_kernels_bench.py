@@ -49,9 +49,10 @@ def test_every_path_runs_and_is_written(run):
     assert written["rows"] == printed["rows"]
     rows = written["rows"]
     assert [r["path"] for r in rows] == ["tied64", "tied64_fused", "tied64_fused_p64", "tied64_fused_n128",
-                                          "tied64_fused_t64", "tied64_fused_k256", "family64", "lora8"]
+                                          "tied64_fused_t64", "tied64_fused_k256", "tied64_zcols", "family64",
+                                          "lora8"]
     for r in rows:
-        form = "fused" if "fused" in r["path"] else "decode"
+        form = "fused" if "fused" in r["path"] or "zcols" in r["path"] else "decode"
         assert (r["shape"], r["dtype"], r["tokens"], r["form"]) == ("tiny", "fp32", 4, form)
         assert r["layer_s"] > 0 and r["base_s"] > 0
         assert r["cost_pct"] == pytest.approx(100 * (r["layer_s"] - r["base_s"]) / r["base_s"])

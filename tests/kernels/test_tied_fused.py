@@ -46,6 +46,22 @@ def test_tied_fused_against_truth(num, shape, ranks, dist, extra, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rank", (1, 16, 64))
+def test_tied_fused_z_from_extra_gemm_columns(rank, dtype):
+    # z handed over as R extra columns of the base GEMM's output (weight rows W[:R] appended), so
+    # nothing is recomputed: the same delta as the truth, y's own columns never read for z
+    case = make_case(8300 + rank, 21, 96, 80, (rank,), "with_none", "tied", dtype, device=TEST_DEVICE)
+    b = _decode_batch(case, torch.device(TEST_DEVICE))
+    s = case.site
+    y_ext = torch.full((21, 80 + rank), float("nan"), dtype=dtype, device=case.x.device)
+    y_ext[:, 80:] = (case.x.double() @ s.tied_a[:rank].double().t()).to(dtype)  # GEMM's extra columns
+    z = y_ext[:, 80:]
+    before = case.y.to("cpu", copy=True)
+    tied_fused(case.x, None, s.tied_b, s.n_pool, b.tok_tied_slot, case.y, rank, b.slot_scalings, z=z)
+    _check(case, before, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dist", ("with_none", "skewed"))
 def test_decode_path_fused_form_with_group_tokens(dist, dtype):
     # tied, own-family and shared-family tenants in one step: the fused tied launch and the group
@@ -84,6 +100,10 @@ def test_refuses_bad_input():
     s = case.site
     with pytest.raises(ValueError, match="tied_a"):
         tied_fused(case.x, s.tied_a[:, :5], s.tied_b, s.n_pool, b.tok_tied_slot, case.y, 4)
+    with pytest.raises(ValueError, match="tied_a .* or z"):
+        tied_fused(case.x, None, s.tied_b, s.n_pool, b.tok_tied_slot, case.y, 4)
+    with pytest.raises(ValueError, match="z "):
+        tied_fused(case.x, None, s.tied_b, s.n_pool, b.tok_tied_slot, case.y, 4, z=case.x[:, :3])
     with pytest.raises(ValueError, match="rank"):
         tied_fused(case.x, s.tied_a, s.tied_b, s.n_pool, b.tok_tied_slot, case.y, 0)
     with pytest.raises(TypeError, match="y must be"):
