@@ -214,7 +214,8 @@ class TiedPool(_Pool):
         # the caller caches this view per generation, so the copy is made once per site. The
         # Triton expand reads the strided view directly.
         tied_bt = None if tied_b.is_cuda else tied_b.t().contiguous()
-        return KernelSite(n_pool=self.n[:, i], tied_b=tied_b, tied_bias=tied_bias, tied_bt=tied_bt)
+        return KernelSite(n_pool=self.n[:, i], tied_b=tied_b, tied_a=w[: self.rank], tied_bias=tied_bias,
+                          tied_bt=tied_bt)
 
 
 class LoraPool(_Pool):

@@ -39,6 +39,7 @@ from nlora_serve.kernels.decode_batch import derive_decode_batch
 from nlora_serve.kernels.metadata import TIED, build_adapter_batch
 from nlora_serve.kernels.paged_decode_attention import decode_num_splits, paged_decode_attention
 from nlora_serve.kernels.paged_prefill_attention import paged_prefill_attention
+from nlora_serve.kernels.tied_fused import tied_fused
 from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
 from nlora_serve.kernels.weights import SiteWeights
 
@@ -47,10 +48,13 @@ _GROUPS = ((576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (5
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _TENANTS = 64
 # Steps the engine runs: (name, tokens, how slots are drawn, families per slot)
-# ("-graph": the fixed-grid decode form that CUDA graphs replay, apply_triton_decode)
+# ("-graph": the fixed-grid decode form that CUDA graphs replay, apply_triton_decode; "-fused": the
+# same with tied_form="fused", kernels/tied_fused.py; "-zcols": tied_fused reading z from a buffer)
 _STEPS = (("decode-tied", 64, "distinct", "tied"), ("decode-lora", 64, "distinct", "lora8"),
           ("prefill-lora", 512, "one", "lora8"), ("decode-tied-bias", 64, "distinct", "tied"),
-          ("decode-tied-graph", 64, "distinct", "tied"), ("decode-lora-graph", 64, "distinct", "lora8"))
+          ("decode-tied-graph", 64, "distinct", "tied"), ("decode-lora-graph", 64, "distinct", "lora8"),
+          ("decode-tied-fused", 64, "distinct", "tied"), ("prefill-tied-fused", 4096, "distinct", "tied"),
+          ("decode-tied-zcols", 64, "distinct", "tied"))
 # Attention (rank 0 in the table): (query heads, KV heads, head_dim) of SmolLM2-135M and of a
 # Llama-3-8B shape; block_size 16, max_model_len 2048 (4 decode splits), q a strided view of qkv.
 _ATTN_SHAPES = ((9, 3, 64), (32, 8, 128))
@@ -141,7 +145,7 @@ def _layer_sites(dtype: torch.dtype, rank: int, bias: bool, gen: torch.Generator
             a = torch.randn(8, rank, dim_in, generator=gen).to(dtype)
             b = torch.randn(8, out, rank, generator=gen).to(dtype)
             tied_b = weight[row:row + out, :rank]
-            sites.append(SiteWeights(n_all[:, site], a, b, tied_b=tied_b,
+            sites.append(SiteWeights(n_all[:, site], a, b, tied_b=tied_b, tied_a=weight[row:row + rank],
                                      tied_bias=torch.randn(rank).to(dtype) if bias else None))
             site, row = site + 1, row + out
         layer.append((dim_in, outs, sites))
@@ -156,8 +160,14 @@ def _step_launches(dtype: torch.dtype, rank: int, step: tuple) -> list[_Launch]:
              else torch.zeros(tokens, dtype=torch.int64))
     fams = torch.full((_TENANTS,), TIED) if families == "tied" else torch.arange(_TENANTS) % 8
     batch = build_adapter_batch(slots, torch.full((_TENANTS,), rank), torch.ones(_TENANTS), fams)
-    if name.endswith("-graph"):
-        apply = apply_triton_decode
+    if name.endswith(("-graph", "-fused", "-zcols")):
+        form = "fused" if name.endswith("-fused") else "two_launch"
+
+        def apply(y, x, b, site):
+            if name.endswith("-zcols"):  # z: a [T, R] column view of another buffer (x's, here)
+                return tied_fused(x, None, site.tied_b, site.n_pool, b.tok_tied_slot, y, rank, b.slot_scalings,
+                                  z=x[:, :rank])
+            return apply_triton_decode(y, x, b, site, tied_form=form)
         batch = derive_decode_batch(slots.to(torch.int32), fams.to(torch.int32), torch.ones(_TENANTS), rank,
                                     families == "tied", families != "tied")
     else:

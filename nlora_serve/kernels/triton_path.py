@@ -11,26 +11,40 @@ from nlora_serve.kernels.metadata import AdapterBatch
 from nlora_serve.kernels.mix import mix
 from nlora_serve.kernels.sgmv_expand import sgmv_expand
 from nlora_serve.kernels.sgmv_shrink import sgmv_shrink
+from nlora_serve.kernels.tied_fused import tied_fused
 from nlora_serve.kernels.weights import SiteWeights
+
+# The tied path's form, decode and prefill alike: "two_launch" (mix reading z from y, then an
+# expand by W[:, :R]) or "fused" (tied_fused.py: one launch recomputing z from x). The GPU bench
+# (bench/adapter_kernels.py) times both; flip after measuring. Callers may pass ``tied_form``.
+TIED_FORM = "two_launch"
+TIED_FORMS = ("two_launch", "fused")
 
 # Runs shorter than one 16-row tl.dot tile (decode) take the per-token BGMV shrink instead.
 _SGMV_MIN_RUN = 16
 
 
 def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
-                 site: SiteWeights) -> torch.Tensor:
+                 site: SiteWeights, tied_form: str | None = None) -> torch.Tensor:
     """Triton form of :func:`nlora_serve.kernels.torch_ops.apply_torch` (same semantics).
 
     Launches: tied path = mix (z read from y into an fp32 buffer) then, after every other add,
-    one expand by W[:, :r]; group path = shrink with the mix fused (SGMV over same-slot runs for
-    prefill, BGMV per token for decode) then one expand over same-family runs. y in place.
+    one expand by W[:, :r] (``tied_form`` "fused", default :data:`TIED_FORM`: one
+    :func:`tied_fused` launch instead); group path = shrink with the mix fused (SGMV over
+    same-slot runs for prefill, BGMV per token for decode) then one expand over same-family runs.
+    y in place.
+
+    Raises:
+        ValueError: an unknown ``tied_form``, or "fused" on a site without ``tied_a``.
     """
     if batch.is_empty:
         return y
     r, num = batch.max_rank, batch.num_tokens
     n_pool = site.n_pool
     u_tied = None
-    if batch.num_tied:
+    if batch.num_tied and _tied_form(tied_form, site, r) == "fused":
+        tied_fused(x, site.tied_a, site.tied_b, n_pool, batch.tok_tied_slot, y, r, batch.slot_scalings)
+    elif batch.num_tied:
         # Copy z out of y first: the expands below write into the same columns.
         u_tied = mix(y, n_pool, batch.tok_tied_slot, _buffer(y, num, r), site.tied_bias)
     if batch.num_group:
@@ -49,25 +63,31 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
 
 
 def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBatch,
-                        site: SiteWeights) -> torch.Tensor:
+                        site: SiteWeights, tied_form: str | None = None) -> torch.Tensor:
     """The fixed-grid form for decode steps and CUDA graphs (same semantics as :func:`apply_triton`).
 
     Launches, each with a grid of the token count (and output column blocks) only: tied path =
     mix (z read from y) then, after the group adds, one BGMV expand by W[:, :R]; group path = BGMV
-    shrink with the mix fused, then one BGMV expand by each token's B. Which paths launch is the
+    shrink with the mix fused, then one BGMV expand by each token's B. ``tied_form`` (default
+    :data:`TIED_FORM`) "fused" runs the tied path as one launch instead (:func:`tied_fused`,
+    z = x · W[:R]ᵀ recomputed, needs ``site.tied_a``). Which paths launch is the
     pool's fact (``has_tied`` / ``has_group``), never the step's; tokens of the other path, or of
     no adapter, are skipped inside the kernels. Nothing is read back to the host. y in place.
 
     Raises:
-        ValueError: the site lacks a pool the batch's paths need, or the rank does not fit it.
+        ValueError: the site lacks a pool the batch's paths need, the rank does not fit it, or
+            ``tied_form`` is not one of :data:`TIED_FORMS`.
     """
     r, num = batch.rank, batch.num_tokens
+    form = _tied_form(tied_form, site, r) if batch.has_tied else None
     if batch.has_tied and (site.tied_b is None or site.tied_b.shape[1] < r):
         raise ValueError(f"tied path needs tied_b [out, ≥{r}]")
     if batch.has_group and (site.a_pool is None or site.b_pool is None):
         raise ValueError("group path needs a_pool and b_pool")
     u_tied = None
-    if batch.has_tied:
+    if batch.has_tied and form == "fused":  # reads x and W only: order against the adds is free
+        tied_fused(x, site.tied_a, site.tied_b, site.n_pool, batch.tok_tied_slot, y, r, batch.slot_scalings)
+    elif batch.has_tied:
         u_tied = mix(y, site.n_pool, batch.tok_tied_slot, _buffer(y, num, r), site.tied_bias)
     if batch.has_group:
         u = _buffer(y, num, r)
@@ -76,6 +96,16 @@ def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBa
     if u_tied is not None:
         bgmv_expand(u_tied, site.tied_b[None], None, batch.tok_tied_slot, y, batch.slot_scalings)
     return y
+
+
+def _tied_form(tied_form: str | None, site: SiteWeights, rank: int) -> str:
+    """The tied form to run (``tied_form`` or :data:`TIED_FORM`), checked against the site."""
+    form = TIED_FORM if tied_form is None else tied_form
+    if form not in TIED_FORMS:
+        raise ValueError(f"tied_form must be one of {TIED_FORMS}, got {form!r}")
+    if form == "fused" and (site.tied_a is None or site.tied_a.shape[0] < rank):
+        raise ValueError(f"the fused tied form needs tied_a = W[:R] [≥{rank}, in]")
+    return form
 
 
 def _buffer(y: torch.Tensor, num: int, rank: int) -> torch.Tensor:

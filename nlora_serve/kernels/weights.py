@@ -22,6 +22,9 @@ class SiteWeights:
     a_pool: torch.Tensor | None = None  # [F, R, in]: A per family (None: no group-path slots)
     b_pool: torch.Tensor | None = None  # [F, out, R]: B per family
     tied_b: torch.Tensor | None = None  # [out, R']: W[:, :R'] of the base weight, R' ≥ R used
+    # [R', in]: W[:R'] (the base weight's first R' rows at this module's offset), a view; the fused
+    # tied form recomputes z = x · W[:R]ᵀ from it instead of reading y[:, :R] (triton_path.py)
+    tied_a: torch.Tensor | None = None
     tied_bias: torch.Tensor | None = None  # [R'']: bias[:R''] of the base layer (Qwen2 q/k/v)
     # [R', out] contiguous: W[:, :R']^T, an optional copy of tied_b's transpose that the owner
     # keeps (r · out elements per site). The CPU expand reads it instead of the strided view,
@@ -44,6 +47,8 @@ class SiteWeights:
                                  f"n_pool's {n.shape[1]}")
         if self.tied_b is not None and self.tied_b.dim() != 2:
             raise ValueError(f"tied_b must be [out, R'], got {tuple(self.tied_b.shape)}")
+        if self.tied_a is not None and self.tied_a.dim() != 2:
+            raise ValueError(f"tied_a must be [R', in], got {tuple(self.tied_a.shape)}")
         bt = self.tied_bt
         if bt is not None and (self.tied_b is None or bt.shape != self.tied_b.shape[::-1]
                                or not bt.is_contiguous()):
@@ -59,5 +64,6 @@ class SiteWeights:
     @property
     def dtypes(self) -> set[torch.dtype]:
         """Dtypes of every tensor present (the ops require one compute dtype)."""
-        ts = (self.n_pool, self.a_pool, self.b_pool, self.tied_b, self.tied_bias, self.tied_bt)
+        ts = (self.n_pool, self.a_pool, self.b_pool, self.tied_b, self.tied_a, self.tied_bias,
+              self.tied_bt)
         return {t.dtype for t in ts if t is not None}

@@ -2,6 +2,7 @@
 Triton interpreter (``kernel_backend="triton"``), on a tiny random Llama with 3 query heads per KV
 head. Base, tied IntTune, NLoRA (group path) and LoRA requests in one mixed batch, with chunked
 prefill and a preemption; greedy tokens must equal transformers on merged weights (DESIGN §5).
+"triton-fused": the same with the decode steps' tied path in its one-launch form (tied_fused.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tiny_llama import hf_greedy, make_tiny_llama, merged, random_factors, write
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
 from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.kernels import triton_path  # noqa: E402
 
 RANK, ALPHA, NEW_TOKENS = 8, 16.0, 6
 TENANTS = {  # name -> (factor kind, seed)
@@ -52,9 +54,20 @@ def _jobs(model_obj, tenants):
     return jobs
 
 
-@pytest.mark.parametrize("kernel_backend", ["triton", "torch"])
-def test_mixed_tenants_chunked_and_preempted_equal_transformers(tiny, tmp_path, kernel_backend):
+@pytest.mark.parametrize("kernel_backend", ["triton", "triton-fused", "torch"])
+def test_mixed_tenants_chunked_and_preempted_equal_transformers(tiny, tmp_path, kernel_backend, monkeypatch):
     model_dir, model_obj, tenants, tokenizer_dir = tiny
+    fused_launches, fused = [], kernel_backend == "triton-fused"
+    if fused:
+        kernel_backend = "triton"
+        monkeypatch.setattr(triton_path, "TIED_FORM", "fused")
+        kernel = triton_path.tied_fused.__globals__["_tied_fused_kernel"]
+        run = kernel.run
+
+        def counted(*args, **kwargs):
+            fused_launches.append(1)
+            return run(*args, **kwargs)
+        monkeypatch.setattr(kernel, "run", counted)
     # 14 blocks of 16 tokens cannot hold all eight sequences at their full length: the newest
     # running sequence is preempted and recomputed at least once.
     config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu",
@@ -62,13 +75,16 @@ def test_mixed_tenants_chunked_and_preempted_equal_transformers(tiny, tmp_path, 
                           scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128),
                           cache=CacheConfig(block_size=16, num_blocks=14))
     jobs = _jobs(model_obj, tenants)
+    if fused:
+        jobs = jobs[:4]  # CI time: one of each tenant kind is what the tied form changes
     with LLMEngine(config) as engine:
         for name, (folder, _) in tenants.items():
             engine.adapters.register_dir(name, folder)
         params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0)
         outs = engine.generate([p for _, p, _, _ in jobs], params, [n for n, _, _, _ in jobs])
         stats = engine.stats()
-    assert stats["preemptions"] >= 1, stats
+    assert stats["preemptions"] >= 1 or fused, stats
+    assert fused_launches or not fused, "the fused tied form never launched"
     for (name, _, want, margins), out in zip(jobs, outs):
         assert out.adapter == name
         assert matches_reference(out.token_ids, want, margins), (name, out.token_ids, want, margins)

@@ -134,6 +134,7 @@ def make_case(seed: int, num_tokens: int, dim_in: int, dim_out: int, ranks: tupl
     x, weight, n_pool, a_pool, b_pool = (t.to(device) for t in (x, weight, n_pool, a_pool, b_pool))
     b_vec = None if b_vec is None else b_vec.to(device)
     site = SiteWeights(n_pool=n_pool, a_pool=a_pool, b_pool=b_pool, tied_b=weight[:, :width],
+                       tied_a=weight[:width],
                        tied_bias=None if b_vec is None else b_vec[:width],
                        tied_bt=weight[:, :width].t().contiguous() if tied_bt else None)
     return Case(x, y, site, slots, ranks_t, scal, fams, truth)

@@ -1,0 +1,69 @@
+"""Kernel launches per decoder layer for each path of the fixed-grid decode form (apply_triton_decode),
+counted under the interpreter by recording every Triton launch (the host code alone decides them,
+so nothing needs to run). A layer has seven adapted projections (q, k, v, o, gate, up, down) on the
+engine's four fused GEMMs. Documented counts (triton_path.apply_triton_decode, DESIGN §4):
+tied two-launch = mix + expand per site, tied fused = one launch per site, family/LoRA = shrink
+(mix fused) + expand per site, base = nothing; the prefill form (apply_triton) alike, with SGMV
+expands."""
+
+import pytest
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+from nlora_serve.kernels import TIED, SiteWeights, build_adapter_batch
+from nlora_serve.kernels.decode_batch import derive_decode_batch
+from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
+
+GROUPS = ((32, (32, 16, 16)), (32, (32,)), (32, (48, 48)), (48, (32,)))  # qkv, o, gate_up, down
+R, S = 16, 8
+
+
+def _layer_launches(kind: str, form: str, monkeypatch, prefill: bool = False) -> list[str]:
+    gen = torch.Generator().manual_seed(0)
+    slots = torch.tensor([0, 3, -1, 5, 1, 7], dtype=torch.int32)
+    fams = {"base": torch.full((S,), TIED), "tied": torch.full((S,), TIED), "family": torch.zeros(S),
+            "lora": torch.arange(S), "mixed": torch.tensor([TIED, 0] * (S // 2))}[kind].to(torch.int32)
+    has_tied, has_group = kind in ("tied", "mixed"), kind in ("family", "lora", "mixed")
+    batch = derive_decode_batch(slots, fams, torch.ones(S), R, has_tied, has_group)
+    if prefill:  # the sorted-runs form (apply_triton), as prefill chunks run
+        batch = build_adapter_batch(slots.long(), torch.full((S,), R), torch.ones(S), fams.long())
+    names: list[str] = []
+    monkeypatch.setattr(InterpretedFunction, "run",
+                        lambda self, *a, grid, warmup, **k: names.append(self.__name__))
+    for dim_in, outs in GROUPS:
+        w = torch.randn(sum(outs), dim_in, generator=gen)
+        x, y = torch.randn(len(slots), dim_in, generator=gen), torch.zeros(len(slots), sum(outs))
+        row = 0
+        for width, view in zip(outs, y.split(list(outs), dim=1)):
+            site = SiteWeights(torch.randn(S, R, R, generator=gen), torch.randn(S, R, dim_in, generator=gen),
+                               torch.randn(S, width, R, generator=gen), tied_b=w[row:row + width, :R],
+                               tied_a=w[row:row + R])
+            (apply_triton if prefill else apply_triton_decode)(view, x, batch, site, tied_form=form)
+            row += width
+    return names
+
+
+@pytest.mark.parametrize("kind,form,per_site", (
+    ("base", "two_launch", []),
+    ("tied", "two_launch", ["_mix_kernel", "_bgmv_expand_kernel"]),
+    ("tied", "fused", ["_tied_fused_kernel"]),
+    ("family", "two_launch", ["_bgmv_shrink_kernel", "_bgmv_expand_kernel"]),
+    ("lora", "fused", ["_bgmv_shrink_kernel", "_bgmv_expand_kernel"]),
+    ("mixed", "two_launch", ["_mix_kernel", "_bgmv_shrink_kernel", "_bgmv_expand_kernel", "_bgmv_expand_kernel"]),
+    ("mixed", "fused", ["_tied_fused_kernel", "_bgmv_shrink_kernel", "_bgmv_expand_kernel"]),
+))
+def test_launches_per_layer(kind, form, per_site, monkeypatch):
+    names = _layer_launches(kind, form, monkeypatch)
+    assert names == per_site * 7
+    assert len(names) == {"base": 0, "tied": 14 if form == "two_launch" else 7, "family": 14, "lora": 14,
+                          "mixed": 28 if form == "two_launch" else 21}[kind]
+
+
+@pytest.mark.parametrize("kind,form,per_site", (
+    ("tied", "two_launch", ["_mix_kernel", "_sgmv_expand_kernel"]),
+    ("tied", "fused", ["_tied_fused_kernel"]),
+    ("mixed", "fused", ["_tied_fused_kernel", "_bgmv_shrink_kernel", "_sgmv_expand_kernel"]),
+))
+def test_launches_per_layer_prefill_form(kind, form, per_site, monkeypatch):
+    # runs here are shorter than 16 tokens: the group shrink is the per-token (BGMV) one
+    assert _layer_launches(kind, form, monkeypatch, prefill=True) == per_site * 7
