@@ -14,11 +14,12 @@ pays for the tokens the server computed for it, once.
 VTC orders admission only. With every running slot taken (``max_num_seqs`` binding), a light
 tenant first in line still waits for a heavy tenant's decode to finish, and those waits grow with
 the step time. So slots are shared too (:meth:`VirtualTokenCounter.rebalance`): each active tenant
-(running or waiting) is entitled to its weighted max-min fair share of the ``max_num_seqs`` slots
-over its demand (water-filling); a waiting tenant below its entitlement takes a slot from the
-tenant furthest above its own, by preempting that tenant's newest sequence (it recomputes later,
-from the prefix cache where one is on), and admission prefers tenants that stay within their
-entitlement, so the slot is not handed straight back.
+(running or waiting) has a share of ``max_num_seqs · w / Σw`` slots; a waiting tenant whose recent
+slot usage (decayed mean of slots held per step) is below its share takes a slot from the tenant
+furthest above its own, by preempting that tenant's newest sequence (it recomputes later, from the
+prefix cache where one is on), and admission prefers tenants below their share, so the slot is
+not handed straight back. Recent usage rather than what is waiting now: a light tenant's Poisson
+bursts briefly ask for more than its share without it being heavy.
 """
 
 from __future__ import annotations
