@@ -46,7 +46,11 @@ class CudaGraphCapture:
             fn()  # compiles the Triton kernels and sets up cuBLAS before capture
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: an admin thread's slot write (pinned host memory, its own stream's sync)
+        # during a capture on the step thread must neither fail nor invalidate the capture; the
+        # default "global" mode turns both into errors (seen on an H200 when tenants were loaded
+        # while the step thread captured a graph)
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
         self.pool = graph.pool()
         return graph.replay, out

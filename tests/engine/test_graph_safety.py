@@ -123,3 +123,42 @@ def test_stale_graph_is_caught(tiny, tmp_path, monkeypatch):
         engine.adapters.register_dir("tied2", tiny[2]["tied2"][0])
         with pytest.raises(EngineError, match="GraphSafetyError: .* address the capture did not read"):
             engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=NEW, temperature=0.0), ["tied2"])
+
+
+def test_cuda_capture_tolerates_other_threads(monkeypatch):
+    """The CUDA seam captures in thread_local error mode: tenants loaded by an admin thread while the
+    step thread captures (pinned memory, a side stream's sync) must not invalidate the capture, as
+    the default global mode does (an H200 run failed so). CUDA calls faked: the CPU CI checks the
+    arguments the capture passes."""
+    seen = {}
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    class FakeGraph:
+        def pool(self):
+            return "pool"
+
+        def replay(self):
+            pass
+
+    class FakeCapture:
+        def __init__(self, graph, **kwargs):
+            seen.update(kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: FakeCapture(None))
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", FakeCapture)
+    cap = cuda_graphs.CudaGraphCapture()
+    replay, out = cap.capture(lambda: torch.ones(2))
+    assert seen == {"pool": None, "capture_error_mode": "thread_local"}
+    assert torch.equal(out, torch.ones(2)) and cap.pool == "pool"
