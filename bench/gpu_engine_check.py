@@ -77,6 +77,15 @@ def hf_reference(model, prompt: list[int], new_tokens: int) -> tuple[list[int], 
     return ids[0, len(prompt):].tolist(), logits.cpu()
 
 
+@torch.no_grad()
+def hf_logits_in(model, dtype: torch.dtype, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """transformers' logits [len(tokens), V] in ``dtype`` over prompt + the given tokens: how far
+    transformers itself lands from the fp32 reference in that dtype (the yardstick for ours).
+    Casts ``model`` in place (the fp32 references were taken before)."""
+    ids = torch.tensor([prompt + tokens[:-1]], device=model.device)
+    return model.to(dtype)(ids).logits[0, len(prompt) - 1:].float().cpu()
+
+
 class ForcedSampler:
     """Stands in for the engine's sampler: records each row's logits and returns the forced token.
 
@@ -175,13 +184,17 @@ def main() -> int:
                 stats = [compare(lg, j["ref"]) for lg, j in picked]
                 row = {"dtype": name, "mix": adapter or "base", "requests": len(picked),
                        "max_rel_err": max(s["rel_err"] for s in stats),
+                       "transformers_max_rel_err": max(  # transformers in the same dtype, same reference
+                           compare(hf_logits_in(refs[adapter], DTYPES[name], j["prompt"], j["tokens"]),
+                                   j["ref"])["rel_err"] for _, j in picked),
                        "top_equal": all(s["top_equal"] for s in stats),
                        "decided_steps": sum(s["decided_steps"] for s in stats)}
                 row["pass"] = row["max_rel_err"] <= TOLERANCE[name] and (name != "float32" or row["top_equal"])
                 ok &= row["pass"]
                 rows.append(row)
                 print(f"{name:9} {row['mix']:5} requests {row['requests']:3}  max rel err {row['max_rel_err']:.2e} "
-                      f"(<= {TOLERANCE[name]:g})  top token equal {row['top_equal']} over {row['decided_steps']} "
+                      f"(<= {TOLERANCE[name]:g}; transformers in {name}: {row['transformers_max_rel_err']:.2e})"
+                      f"  top token equal {row['top_equal']} over {row['decided_steps']} "
                       f"decided steps  {'PASS' if row['pass'] else 'FAIL'}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "pass": ok,
