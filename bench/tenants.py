@@ -46,7 +46,9 @@ def write_mix(base: BaseModel, mix: str, out: Path, fold: bool = True) -> tuple[
     ours, folded = [], []
     for i in range(count):
         adapter = make_tenant(base, kind, seed=i)
-        ours.append(write_adapter(adapter, out / mix / f"t{i}"))
+        # tied tenants in the compact form (N only, as served from the store): the full form would
+        # repeat W's slices per tenant, 11 GB for 64 tenants at the 8B shape
+        ours.append(write_adapter(adapter, out / mix / f"t{i}", tied_form=adapter.is_tied))
         if fold:
             folded.append(write_adapter(to_lora(adapter, base), out / f"{mix}-lora" / f"t{i}"))
     return ours, folded
