@@ -170,9 +170,15 @@ def bench_fairness(args, base, store: Path) -> dict:
             with make_engine(args, base, store, False, policy, max_len) as engine:
                 jobs = fair_jobs(args, vocab, light_rate, heavy, args.duration, seed=5)
                 asyncio.run(drive(engine, jobs, params))
-            row["with_heavy" if heavy else "alone"] = {
-                f"t{k}": pct([j.ttft for j in jobs if j.tenant == f"t{k}"], 0.99) for k in range(1, args.tenants_fair)}
-            log(f"{policy} {'with' if heavy else 'without'} heavy: light TTFT p99", row["with_heavy" if heavy else "alone"])
+                # what the policy cost: preemptions recompute, and mixed steps run eager on a GPU
+                counts = {k: v for k, v in engine.core.stats().items()
+                          if k in ("steps", "preemptions", "computed_tokens", "graph_steps", "eager_steps")}
+            key = "with_heavy" if heavy else "alone"
+            row[key] = {f"t{k}": pct([j.ttft for j in jobs if j.tenant == f"t{k}"], 0.99)
+                        for k in range(1, args.tenants_fair)}
+            row[f"{key}_engine"] = counts
+            log(f"{policy} {'with' if heavy else 'without'} heavy: light TTFT p99", row[key])
+            log(f"{policy} {'with' if heavy else 'without'} heavy: engine", counts)
         row["worst_light_p99_ratio"] = max(row["with_heavy"][t] / row["alone"][t] for t in row["alone"])
         row["jain_backlogged"] = backlogged_jain(args, base, store, policy, params, max_len)
         log(f"{policy} backlogged Jain", row["jain_backlogged"])
