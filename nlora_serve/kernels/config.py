@@ -93,6 +93,8 @@ def _config(op: str, rank: int, device_name: str) -> dict:
         cfg["BLOCK_I"] = min(cfg["BLOCK_R"], max(16, 4096 // (cfg["BLOCK_T"] * cfg["BLOCK_R"])))
     if op.startswith("tied_expand"):  # ranks above 128 take K steps of 128 (tied_expand.py)
         cfg["BLOCK_R"] = min(cfg["BLOCK_R"], 128)
+        if op.endswith(".fp32") and cfg["BLOCK_R"] >= 64:  # the FMA dot spilled on sm_80 at R = 128 (aot.py)
+            cfg["num_warps"] = max(cfg["num_warps"], 8)
     if op.startswith("tied_fused"):  # z, u and an N row: three [BLOCK_T, BLOCK_R] fp32 tiles live
         if cfg["BLOCK_R"] >= 64:
             cfg["num_warps"] = max(cfg["num_warps"], 8)

@@ -25,7 +25,7 @@ def _tied_expand_kernel(
         u_ptr, b_ptr, slot_ptr, scale_ptr, y_ptr, T, N, R,
         su_t, su_r, sb_n, sb_r, sy_t, sy_n,
         HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr):
+        BLOCK_R: tl.constexpr, R_STEPS: tl.constexpr):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slots = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=-1)
     valid = slots >= 0  # −1: the token is not on this path; its row is neither read nor written
@@ -33,7 +33,9 @@ def _tied_expand_kernel(
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):  # one step up to rank 128 (BLOCK_R is capped there)
+        # one step up to rank 128 (BLOCK_R is capped there); unrolled: a runtime loop would be
+        # software-pipelined through shared memory for what is a single step at every served rank
+        for r0 in tl.static_range(0, R_STEPS * BLOCK_R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < R  # BLOCK_R ≥ 16 (tl.dot's K); columns of W beyond R are never read
             u = load_tile(u_ptr, offs_t, offs_r, su_t, su_r, valid, mask_r)  # [BT, BR]
@@ -92,7 +94,7 @@ def tied_expand(u: torch.Tensor, tied_b: torch.Tensor, tok_slot: torch.Tensor, y
         u, tied_b, tok_slot, u if slot_scalings is None else slot_scalings, y, num, out, rank,
         u.stride(0), u.stride(1), tied_b.stride(0), tied_b.stride(1), y.stride(0), y.stride(1),
         HAS_SCALE=slot_scalings is not None, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"])
+        BLOCK_R=cfg["BLOCK_R"], R_STEPS=triton.cdiv(rank, cfg["BLOCK_R"]), num_warps=cfg["num_warps"])
     return y
 
 
