@@ -51,7 +51,7 @@ def _tied_expand_kernel(
 
 
 def tied_expand(u: torch.Tensor, tied_b: torch.Tensor, tok_slot: torch.Tensor, y: torch.Tensor,
-                slot_scalings: torch.Tensor | None = None, overrides: dict | None = None) -> torch.Tensor:
+                slot_scalings: torch.Tensor | None = None) -> torch.Tensor:
     """Expand every tied token by the shared W[:, :R] and add into y, one W tile per token block.
 
     Semantics: y[t] += slot_scalings[tok_slot[t]] · W[:, :R] · u[t] for every t with
@@ -67,8 +67,6 @@ def tied_expand(u: torch.Tensor, tied_b: torch.Tensor, tok_slot: torch.Tensor, y
         tok_slot: [T] int32/int64, −1 = skip.
         y: [T, out] float, any strides (a column view of a fused output works).
         slot_scalings: [S] float32 or None.
-        overrides: launch-config entries replacing the looked-up ones (BLOCK_T, BLOCK_N, num_warps;
-            benches and tuning only; None on the serving path).
 
     Raises:
         TypeError / ValueError: dtype or shape mismatch (named in the message).
@@ -88,7 +86,7 @@ def tied_expand(u: torch.Tensor, tied_b: torch.Tensor, tok_slot: torch.Tensor, y
     num, out = y.shape
     if num == 0 or out == 0:
         return y
-    cfg = tiled_config(rank, y.device, y.dtype) | (overrides or {})
+    cfg = tiled_config(rank, y.device, y.dtype)
     grid = (triton.cdiv(num, cfg["BLOCK_T"]), triton.cdiv(out, cfg["BLOCK_N"]))
     _tied_expand_kernel[grid](
         u, tied_b, tok_slot, u if slot_scalings is None else slot_scalings, y, num, out, rank,
