@@ -11,7 +11,9 @@ timed by replay (GPU time only), in interleaved rounds (median kept):
 
 - ``base``: the four cuBLAS GEMMs alone;
 - per path, the same GEMMs followed by the layer's seven adapter calls: ``tied64`` (64 tied
-  tenants, the two-launch form: mix reading z from y, expand by W[:, :R]), ``tied64_fused`` (the
+  tenants, the two-launch form: mix reading z from y, expand by W[:, :R]), ``tied64_tiled`` (the
+  same mix, then kernels/tied_expand.py: one W[:, :R] tile per 16 tokens × 64 columns instead of
+  one W read per token), ``tied64_fused`` (the
   one-launch form, kernels/tied_fused.py, at its default config; ``tied64_fused_p64`` / ``_n128`` /
   ``_t64`` / ``_k256`` at candidate configs: 64 programs, 128-column or 64-token tiles, 256-wide
   K steps over 128 programs: z's K loop is the long pole at decode; tune_adapter_kernels.py
@@ -23,13 +25,14 @@ timed by replay (GPU time only), in interleaved rounds (median kept):
 Adapter cost = (path − base) / base, both from the same replays, so a slow adapter cannot hide in
 its own base time. T ≤ 256 runs the decode form the engine graphs (apply_triton_decode, fixed
 grids, metadata derived on the device); larger T the prefill form (apply_triton: SGMV over same-slot
-runs), except ``tied64_fused``, whose grid is fixed at every T. Targets (issue 19, llama-8b, bf16):
+runs; ``tied64_tiled``'s tied expand the same tiled launch as at decode), except ``tied64_fused``,
+whose grid is fixed at every T. Targets (issue 19, llama-8b, bf16):
 tied ≤ 3% at T ≤ 256 and ≤ 5% above, family ≤ 5% / 8%, lora8 ≤ 10% / 15%.
 
 Without CUDA, ``--shape tiny`` runs the same code under the Triton interpreter (tests only; CPU
-times mean nothing). H200 estimate for the default run (both shapes, bf16, 4 token counts, 8 runs
-each, 7 rounds of ≥ 10 ms samples): ~25 s of Triton compiles + ~20 s of replays and graph
-captures, ~60 s with startup; give it 120 s.
+times mean nothing). H200 estimate for the default run (both shapes, bf16, 4 token counts, 11 runs
+each: base and 10 paths, 7 rounds of ≥ 10 ms samples): ~25 s of Triton compiles + ~22 s of replays
+and graph captures, ~65 s with startup; give it 120 s.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ TINY = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "n
 RANK, TENANTS, DECODE_MAX_T = 16, 64, 256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # path -> (pool kind, tied form, fused launch-config overrides); target % of base at (T ≤ 256, T > 256)
-PATHS = {"tied64": ("tied", "two_launch", None), "tied64_fused": ("tied", "fused", None),
+PATHS = {"tied64": ("tied", "two_launch", None),
+         # mix, then the tiled expand (kernels/tied_expand.py): W[:, :R] read once per 16 tokens
+         "tied64_tiled": ("tied", "tiled", None),
+         "tied64_fused": ("tied", "fused", None),
          # the fused form's candidate configs (kernels/tied_fused.py; PROGRAMS is a runtime count,
          # so its variants cost replays only, the block sizes one compile each)
          "tied64_fused_p64": ("tied", "fused", {"PROGRAMS": 64}),
@@ -122,7 +128,7 @@ def _adapter(kind: str, form: str | None, overrides: dict | None, num_tokens: in
         return lambda y, x, site: apply_triton_decode(y, x, batch, site, tied_form=form)
     # Scaling 1: the pools fold s into N.
     batch = build_adapter_batch(slots, torch.full((TENANTS,), RANK), torch.ones(TENANTS), fams, device=device)
-    return lambda y, x, site: apply_triton(y, x, batch, site)
+    return lambda y, x, site: apply_triton(y, x, batch, site, tied_form=form)
 
 
 def _zcols_run(groups, weights, xs, sites, num_tokens: int, device, gen):

@@ -15,7 +15,7 @@
 #   adapter_kernels: per path and form, base GEMMs + adapter vs cuBLAS base alone in the same graph
 #     replays, llama-8b and default shapes (issue 19);
 #   kernels, attention_kernels, tied_fused_kernels: the Triton ops compiled on the GPU against the
-#     float64 truth (the interpreter's cases).
+#     float64 truth (the interpreter's cases; the last step also runs the tiled tied expand's).
 # Call 2, `bash bench/gpu_check.sh extra` (GPU_CHECK_SECONDS = the device time left):
 #   engine_8b: tied64 and lora8 against our base at the llama-8b dummy shape (issue 19);
 #   prefix_8b, fairness: issue 20 at scale; tune_kernels: tied_fused configs for this device.
@@ -77,5 +77,6 @@ step kernels 80 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider 
 step attention_kernels 60 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/kernels/test_paged_attention.py tests/kernels/test_attention_cuda_path.py
 step tied_fused_kernels 60 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/kernels/test_tied_fused.py tests/kernels/test_decode_path.py -k "tied_fused or decode_path_against_truth"
+    tests/kernels/test_tied_fused.py tests/kernels/test_decode_path.py tests/kernels/test_tied_expand.py \
+    -k "tied_fused or decode_path_against_truth or tied_expand"
 ! grep -qv "rc=0" "$RC"

@@ -49,12 +49,13 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _TENANTS = 64
 # Steps the engine runs: (name, tokens, how slots are drawn, families per slot)
 # ("-graph": the fixed-grid decode form that CUDA graphs replay, apply_triton_decode; "-fused": the
-# same with tied_form="fused", kernels/tied_fused.py; "-zcols": tied_fused reading z from a buffer)
+# same with tied_form="fused", kernels/tied_fused.py; "-zcols": tied_fused reading z from a buffer;
+# "-tiled": tied_form="tiled", mix then kernels/tied_expand.py)
 _STEPS = (("decode-tied", 64, "distinct", "tied"), ("decode-lora", 64, "distinct", "lora8"),
           ("prefill-lora", 512, "one", "lora8"), ("decode-tied-bias", 64, "distinct", "tied"),
           ("decode-tied-graph", 64, "distinct", "tied"), ("decode-lora-graph", 64, "distinct", "lora8"),
           ("decode-tied-fused", 64, "distinct", "tied"), ("prefill-tied-fused", 4096, "distinct", "tied"),
-          ("decode-tied-zcols", 64, "distinct", "tied"))
+          ("decode-tied-zcols", 64, "distinct", "tied"), ("decode-tied-tiled", 64, "distinct", "tied"))
 # Attention (rank 0 in the table): (query heads, KV heads, head_dim) of SmolLM2-135M and of a
 # Llama-3-8B shape; block_size 16, max_model_len 2048 (4 decode splits), q a strided view of qkv.
 _ATTN_SHAPES = ((9, 3, 64), (32, 8, 128))
@@ -160,8 +161,8 @@ def _step_launches(dtype: torch.dtype, rank: int, step: tuple) -> list[_Launch]:
              else torch.zeros(tokens, dtype=torch.int64))
     fams = torch.full((_TENANTS,), TIED) if families == "tied" else torch.arange(_TENANTS) % 8
     batch = build_adapter_batch(slots, torch.full((_TENANTS,), rank), torch.ones(_TENANTS), fams)
-    if name.endswith(("-graph", "-fused", "-zcols")):
-        form = "fused" if name.endswith("-fused") else "two_launch"
+    if name.endswith(("-graph", "-fused", "-zcols", "-tiled")):
+        form = {"-fused": "fused", "-tiled": "tiled"}.get(name[name.rindex("-"):], "two_launch")
 
         def apply(y, x, b, site):
             if name.endswith("-zcols"):  # z: a [T, R] column view of another buffer (x's, here)

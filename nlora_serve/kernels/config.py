@@ -23,6 +23,9 @@ _DEFAULTS = {
     "mix": {"BLOCK_T": 8, "num_warps": 4},
     "sgmv_expand": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 4},
     "bgmv_expand": {"BLOCK_N": 128, "num_warps": 4},
+    # the tiled tied expand (tied_expand.py): a [16, R] u tile times an [R, 64] W tile per program
+    "tied_expand": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 4},
+    "tied_expand.fp32": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 4},
     # PROGRAMS: the grid size the fused tied op aims for (tied_fused.fused_config)
     "tied_fused": {"BLOCK_T": 16, "BLOCK_K": 64, "BLOCK_N": 64, "PROGRAMS": 512, "num_warps": 4},
     "tied_fused.fp32": {"BLOCK_T": 16, "BLOCK_K": 32, "BLOCK_N": 32, "PROGRAMS": 512, "num_warps": 4},
@@ -88,6 +91,10 @@ def _config(op: str, rank: int, device_name: str) -> dict:
     if op == "mix":  # keep the [BLOCK_T, BLOCK_R, BLOCK_I] product tile near 4K elements
         cfg["BLOCK_T"] = max(1, min(cfg["BLOCK_T"], 4096 // (cfg["BLOCK_R"] ** 2)))
         cfg["BLOCK_I"] = min(cfg["BLOCK_R"], max(16, 4096 // (cfg["BLOCK_T"] * cfg["BLOCK_R"])))
+    if op.startswith("tied_expand"):  # ranks above 128 take K steps of 128 (tied_expand.py)
+        cfg["BLOCK_R"] = min(cfg["BLOCK_R"], 128)
+        if op.endswith(".fp32") and cfg["BLOCK_R"] >= 64:  # the FMA dot spilled on sm_80 at R = 128 (aot.py)
+            cfg["num_warps"] = max(cfg["num_warps"], 8)
     if op.startswith("tied_fused"):  # z, u and an N row: three [BLOCK_T, BLOCK_R] fp32 tiles live
         if cfg["BLOCK_R"] >= 64:
             cfg["num_warps"] = max(cfg["num_warps"], 8)

@@ -11,14 +11,17 @@ from nlora_serve.kernels.metadata import AdapterBatch
 from nlora_serve.kernels.mix import mix
 from nlora_serve.kernels.sgmv_expand import sgmv_expand
 from nlora_serve.kernels.sgmv_shrink import sgmv_shrink
+from nlora_serve.kernels.tied_expand import tied_expand
 from nlora_serve.kernels.tied_fused import tied_fused
 from nlora_serve.kernels.weights import SiteWeights
 
 # The tied path's form, decode and prefill alike: "two_launch" (mix reading z from y, then an
-# expand by W[:, :R]) or "fused" (tied_fused.py: one launch recomputing z from x). The GPU bench
-# (bench/adapter_kernels.py) times both; flip after measuring. Callers may pass ``tied_form``.
+# expand by W[:, :R]: per token (BGMV) at decode, over same-slot runs (SGMV) at prefill), "tiled"
+# (the same mix, then tied_expand.py: one W[:, :R] tile per block of tokens, any tenant mix) or
+# "fused" (tied_fused.py: one launch recomputing z from x). The GPU bench
+# (bench/adapter_kernels.py) times all three; flip after measuring. Callers may pass ``tied_form``.
 TIED_FORM = "two_launch"
-TIED_FORMS = ("two_launch", "fused")
+TIED_FORMS = ("two_launch", "tiled", "fused")
 
 # Runs shorter than one 16-row tl.dot tile (decode) take the per-token BGMV shrink instead.
 _SGMV_MIN_RUN = 16
@@ -29,8 +32,9 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
     """Triton form of :func:`nlora_serve.kernels.torch_ops.apply_torch` (same semantics).
 
     Launches: tied path = mix (z read from y into an fp32 buffer) then, after every other add,
-    one expand by W[:, :r] (``tied_form`` "fused", default :data:`TIED_FORM`: one
-    :func:`tied_fused` launch instead); group path = shrink with the mix fused (SGMV over
+    one expand by W[:, :r] (``tied_form``, default :data:`TIED_FORM`: "two_launch" SGMV over
+    tied runs, "tiled" :func:`tied_expand` over token blocks; "fused": one :func:`tied_fused`
+    launch instead); group path = shrink with the mix fused (SGMV over
     same-slot runs for prefill, BGMV per token for decode) then one expand over same-family runs.
     y in place.
 
@@ -42,7 +46,8 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
     r, num = batch.max_rank, batch.num_tokens
     n_pool = site.n_pool
     u_tied = None
-    if batch.num_tied and _tied_form(tied_form, site, r) == "fused":
+    form = _tied_form(tied_form, site, r) if batch.num_tied else None
+    if form == "fused":
         tied_fused(x, site.tied_a, site.tied_b, n_pool, batch.tok_tied_slot, y, r, batch.slot_scalings)
     elif batch.num_tied:
         # Copy z out of y first: the expands below write into the same columns.
@@ -56,7 +61,9 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
             bgmv_shrink(x, site.a_pool, batch.tok_group_family, u, n_pool, batch.tok_group_slot)
         sgmv_expand(u, site.b_pool, batch.fseg_start, batch.fseg_len, batch.fseg_family,
                     batch.max_fseg_len, batch.tok_group_slot, batch.slot_scalings, y)
-    if u_tied is not None:
+    if u_tied is not None and form == "tiled":
+        tied_expand(u_tied, site.tied_b, batch.tok_tied_slot, y, batch.slot_scalings)
+    elif u_tied is not None:
         sgmv_expand(u_tied, site.tied_b[None], batch.tseg_start, batch.tseg_len, None,
                     batch.max_tseg_len, batch.tok_tied_slot, batch.slot_scalings, y)
     return y
@@ -67,7 +74,8 @@ def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBa
     """The fixed-grid form for decode steps and CUDA graphs (same semantics as :func:`apply_triton`).
 
     Launches, each with a grid of the token count (and output column blocks) only: tied path =
-    mix (z read from y) then, after the group adds, one BGMV expand by W[:, :R]; group path = BGMV
+    mix (z read from y) then, after the group adds, one BGMV expand by W[:, :R] (``tied_form``
+    "tiled": one :func:`tied_expand` over token blocks instead); group path = BGMV
     shrink with the mix fused, then one BGMV expand by each token's B. ``tied_form`` (default
     :data:`TIED_FORM`) "fused" runs the tied path as one launch instead (:func:`tied_fused`,
     z = x · W[:R]ᵀ recomputed, needs ``site.tied_a``). Which paths launch is the
@@ -93,7 +101,9 @@ def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBa
         u = _buffer(y, num, r)
         bgmv_shrink(x, site.a_pool, batch.tok_group_family, u, site.n_pool, batch.tok_group_slot)
         bgmv_expand(u, site.b_pool, batch.tok_group_family, batch.tok_group_slot, y, batch.slot_scalings)
-    if u_tied is not None:
+    if u_tied is not None and form == "tiled":
+        tied_expand(u_tied, site.tied_b, batch.tok_tied_slot, y, batch.slot_scalings)
+    elif u_tied is not None:
         bgmv_expand(u_tied, site.tied_b[None], None, batch.tok_tied_slot, y, batch.slot_scalings)
     return y
 

@@ -48,7 +48,7 @@ def test_every_path_runs_and_is_written(run):
     printed, written = run
     assert written["rows"] == printed["rows"]
     rows = written["rows"]
-    assert [r["path"] for r in rows] == ["tied64", "tied64_fused", "tied64_fused_p64", "tied64_fused_n128",
+    assert [r["path"] for r in rows] == ["tied64", "tied64_tiled", "tied64_fused", "tied64_fused_p64", "tied64_fused_n128",
                                           "tied64_fused_t64", "tied64_fused_k256", "tied64_zcols", "family64",
                                           "lora8"]
     for r in rows:

@@ -2,7 +2,8 @@
 Triton interpreter (``kernel_backend="triton"``), on a tiny random Llama with 3 query heads per KV
 head. Base, tied IntTune, NLoRA (group path) and LoRA requests in one mixed batch, with chunked
 prefill and a preemption; greedy tokens must equal transformers on merged weights (DESIGN §5).
-"triton-fused": the same with the decode steps' tied path in its one-launch form (tied_fused.py).
+"triton-fused": the same with the tied path in its one-launch form (tied_fused.py); "triton-tiled":
+with its expand tiled over token blocks (tied_expand.py).
 """
 
 from __future__ import annotations
@@ -54,14 +55,19 @@ def _jobs(model_obj, tenants):
     return jobs
 
 
-@pytest.mark.parametrize("kernel_backend", ["triton", "triton-fused", "torch"])
+# a tied form other than the default: (TIED_FORM, the launcher whose kernel must run)
+TIED_FORMS = {"triton-fused": ("fused", triton_path.tied_fused), "triton-tiled": ("tiled", triton_path.tied_expand)}
+
+
+@pytest.mark.parametrize("kernel_backend", ["triton", "triton-fused", "triton-tiled", "torch"])
 def test_mixed_tenants_chunked_and_preempted_equal_transformers(tiny, tmp_path, kernel_backend, monkeypatch):
     model_dir, model_obj, tenants, tokenizer_dir = tiny
-    fused_launches, fused = [], kernel_backend == "triton-fused"
+    fused_launches, fused = [], kernel_backend in TIED_FORMS
     if fused:
+        form, launcher = TIED_FORMS[kernel_backend]
         kernel_backend = "triton"
-        monkeypatch.setattr(triton_path, "TIED_FORM", "fused")
-        kernel = triton_path.tied_fused.__globals__["_tied_fused_kernel"]
+        monkeypatch.setattr(triton_path, "TIED_FORM", form)
+        kernel = launcher.__globals__[f"_{launcher.__name__}_kernel"]
         run = kernel.run
 
         def counted(*args, **kwargs):
@@ -84,7 +90,7 @@ def test_mixed_tenants_chunked_and_preempted_equal_transformers(tiny, tmp_path, 
         outs = engine.generate([p for _, p, _, _ in jobs], params, [n for n, _, _, _ in jobs])
         stats = engine.stats()
     assert stats["preemptions"] >= 1 or fused, stats
-    assert fused_launches or not fused, "the fused tied form never launched"
+    assert fused_launches or not fused, "the tied form under test never launched"
     for (name, _, want, margins), out in zip(jobs, outs):
         assert out.adapter == name
         assert matches_reference(out.token_ids, want, margins), (name, out.token_ids, want, margins)

@@ -17,10 +17,11 @@ for c in compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks={RANK
     print(json.dumps(dataclasses.asdict(c)))
 """
 KERNELS = {"_sgmv_shrink_kernel", "_bgmv_shrink_kernel", "_mix_kernel", "_sgmv_expand_kernel",
-           "_bgmv_expand_kernel", "_tied_fused_kernel"}
+           "_bgmv_expand_kernel", "_tied_fused_kernel", "_tied_expand_kernel"}
 ATTENTION = {"_paged_decode_attention_kernel", "_paged_decode_merge_kernel",
              "_paged_prefill_attention_kernel"}
-DOTS = {"_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_tied_fused_kernel", "_paged_decode_attention_kernel",
+DOTS = {"_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_tied_fused_kernel", "_tied_expand_kernel",
+        "_paged_decode_attention_kernel",
         "_paged_prefill_attention_kernel"}
 
 
@@ -45,7 +46,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_at_every_engine_step(compiled):
         rows = [c for c in compiled if (c["capability"], c["dtype"], c["rank"]) == combo]
         steps = {s for c in rows for s in c["steps"]}
         assert steps == {"decode-tied", "decode-lora", "prefill-lora", "decode-tied-bias", "decode-tied-graph",
-                         "decode-lora-graph", "decode-tied-fused", "prefill-tied-fused", "decode-tied-zcols"}
+                         "decode-lora-graph", "decode-tied-fused", "prefill-tied-fused", "decode-tied-zcols",
+                         "decode-tied-tiled"}
         # tied decode: mix + expand, no shrink; a bias is its own mix specialisation
         tied = {(c["kernel"], c["variant"]) for c in rows if "decode-tied" in c["steps"]}
         assert tied == {("_mix_kernel", "-"), ("_sgmv_expand_kernel", "-")}
@@ -61,6 +63,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_at_every_engine_step(compiled):
         assert by_step["decode-tied-fused"] == by_step["prefill-tied-fused"] == {"_tied_fused_kernel"}
         assert {(c["kernel"], c["variant"]) for c in rows if "decode-tied-zcols" in c["steps"]} == {
             ("_tied_fused_kernel", "HAS_SCALE,HAS_Z")}  # z read from a buffer: no K loop
+        # the tiled tied expand: mix, then one W[:, :R] tile per block of 16 tokens
+        assert by_step["decode-tied-tiled"] == {"_mix_kernel", "_tied_expand_kernel"}
     for c in compiled:
         assert c["ptx_bytes"] > 0 and c["cubin_bytes"] > 0, f"no PTX or cubin for {c}"
 

@@ -2,7 +2,8 @@
 counted under the interpreter by recording every Triton launch (the host code alone decides them,
 so nothing needs to run). A layer has seven adapted projections (q, k, v, o, gate, up, down) on the
 engine's four fused GEMMs. Documented counts (triton_path.apply_triton_decode, DESIGN §4):
-tied two-launch = mix + expand per site, tied fused = one launch per site, family/LoRA = shrink
+tied two-launch = mix + expand per site, tied tiled = mix + tiled expand per site (tied_expand.py),
+tied fused = one launch per site, family/LoRA = shrink
 (mix fused) + expand per site, base = nothing; the prefill form (apply_triton) alike, with SGMV
 expands."""
 
@@ -47,22 +48,26 @@ def _layer_launches(kind: str, form: str, monkeypatch, prefill: bool = False) ->
     ("base", "two_launch", []),
     ("tied", "two_launch", ["_mix_kernel", "_bgmv_expand_kernel"]),
     ("tied", "fused", ["_tied_fused_kernel"]),
+    ("tied", "tiled", ["_mix_kernel", "_tied_expand_kernel"]),
     ("family", "two_launch", ["_bgmv_shrink_kernel", "_bgmv_expand_kernel"]),
     ("lora", "fused", ["_bgmv_shrink_kernel", "_bgmv_expand_kernel"]),
     ("mixed", "two_launch", ["_mix_kernel", "_bgmv_shrink_kernel", "_bgmv_expand_kernel", "_bgmv_expand_kernel"]),
     ("mixed", "fused", ["_tied_fused_kernel", "_bgmv_shrink_kernel", "_bgmv_expand_kernel"]),
+    ("mixed", "tiled", ["_mix_kernel", "_bgmv_shrink_kernel", "_bgmv_expand_kernel", "_tied_expand_kernel"]),
 ))
 def test_launches_per_layer(kind, form, per_site, monkeypatch):
     names = _layer_launches(kind, form, monkeypatch)
     assert names == per_site * 7
-    assert len(names) == {"base": 0, "tied": 14 if form == "two_launch" else 7, "family": 14, "lora": 14,
-                          "mixed": 28 if form == "two_launch" else 21}[kind]
+    assert len(names) == {"base": 0, "tied": 7 if form == "fused" else 14, "family": 14, "lora": 14,
+                          "mixed": 21 if form == "fused" else 28}[kind]
 
 
 @pytest.mark.parametrize("kind,form,per_site", (
     ("tied", "two_launch", ["_mix_kernel", "_sgmv_expand_kernel"]),
     ("tied", "fused", ["_tied_fused_kernel"]),
+    ("tied", "tiled", ["_mix_kernel", "_tied_expand_kernel"]),
     ("mixed", "fused", ["_tied_fused_kernel", "_bgmv_shrink_kernel", "_sgmv_expand_kernel"]),
+    ("mixed", "tiled", ["_mix_kernel", "_bgmv_shrink_kernel", "_sgmv_expand_kernel", "_tied_expand_kernel"]),
 ))
 def test_launches_per_layer_prefill_form(kind, form, per_site, monkeypatch):
     # runs here are shorter than 16 tokens: the group shrink is the per-token (BGMV) one
