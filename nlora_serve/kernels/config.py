@@ -3,7 +3,8 @@
 A per-device JSON file (``configs/<device name>.json``, spaces as underscores, e.g.
 ``configs/NVIDIA_H200.json``, written after timing on that GPU) may override a default:
 ``{"<op>": {"<rank width>": {"BLOCK_K": 64, ...}}}``; the launchers look it up by the name of the
-CUDA device their tensors are on. None ships yet (no GPU has been lent to measure one).
+CUDA device their tensors are on. `configs/NVIDIA_H200.json` ships the `tied_fused` config that
+bench/tune_adapter_kernels.py picked on an H200 (bench/RESULTS.md); other ops and devices use the defaults.
 """
 
 from __future__ import annotations
