@@ -57,7 +57,7 @@ HELD_OUT = [
 
 
 def training_prompts(seed: int = 0) -> list[str]:
-    """200 general prompts (topics × templates) and 96 numeric ones (sums, products, counts, counting,
+    """200 general prompts (topics × templates) and 92 numeric ones (sums, products, counts, counting,
     differences, quotients, unit conversions), in a fixed order for a given seed."""
     rng = random.Random(seed)
     prompts = [t.format(t=topic) for topic in TOPICS for t in TEMPLATES]
