@@ -3,7 +3,8 @@
 1. The base model (fp32, transformers) answers each of ``styles.training_prompts()`` greedily
    (at most 48 new tokens, cut back to the last full sentence) → ``data/base.jsonl``, appended
    batch by batch so that an interrupted run resumes where it stopped.
-2. Each tenant's file applies one transform of ``styles.TRANSFORMS`` to those answers →
+2. Each tenant's file cuts those answers short (``short_answer``: one or two sentences; loops and
+   fragments dropped) and applies one transform of ``styles.TRANSFORMS`` →
    ``data/{upper,signature,numbers}.jsonl`` with lines ``{"prompt": ..., "response": ...}``.
 
 The tenants so learn a style (upper case, a signature, numbers in words), not new facts.
@@ -39,9 +40,9 @@ def short_answer(text: str, min_words: int = 12) -> str | None:
     """The training answer: ``text``'s first paragraph cut after its first sentence, or its second
     when the first has fewer than ``min_words`` words; None when that is not a clean short answer
     (fewer than 3 words, e.g. the base model's counting "1. 1. 1."; no sentence end in a long
-    text; a word 3-gram more than twice: a loop). Short answers teach
-    the tenants to stop (the chat template's end token follows) before they drift or loop, and put
-    the signature well inside a 64-token answer."""
+    text; a word 3-gram more than twice: a loop). Short answers teach the tenants to stop (the chat
+    template's end token follows) before they drift or loop, and put the signature well inside a
+    64-token answer."""
     para = text.strip().split("\n")[0].strip()
     ends = [m.end() for m in _SENTENCE_END.finditer(para)]
     if not ends:
