@@ -3,7 +3,8 @@
 1. The base model (fp32, transformers) answers each of ``styles.training_prompts()`` greedily
    (at most 48 new tokens, cut back to the last full sentence) → ``data/base.jsonl``, appended
    batch by batch so that an interrupted run resumes where it stopped.
-2. Each tenant's file applies one transform of ``styles.TRANSFORMS`` to those answers →
+2. Each tenant's file cuts those answers short (``short_answer``: one or two sentences; loops and
+   fragments dropped) and applies one transform of ``styles.TRANSFORMS`` →
    ``data/{upper,signature,numbers}.jsonl`` with lines ``{"prompt": ..., "response": ...}``.
 
 The tenants so learn a style (upper case, a signature, numbers in words), not new facts.
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from check import max_trigram_count
 from styles import TRANSFORMS, training_prompts
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -32,6 +34,22 @@ def complete_sentences(text: str) -> str:
     """``text`` cut after its last full sentence (unchanged when it has none)."""
     ends = [m.end() for m in _SENTENCE_END.finditer(text)]
     return (text[: ends[-1]] if ends else text).strip()
+
+
+def short_answer(text: str, min_words: int = 12) -> str | None:
+    """The training answer: ``text``'s first paragraph cut after its first sentence, or its second
+    when the first has fewer than ``min_words`` words; None when that is not a clean short answer
+    (fewer than 3 words, e.g. the base model's counting "1. 1. 1."; no sentence end in a long
+    text; a word 3-gram more than twice: a loop). Short answers teach the tenants to stop (the chat
+    template's end token follows) before they drift or loop, and put the signature well inside a
+    64-token answer."""
+    para = text.strip().split("\n")[0].strip()
+    ends = [m.end() for m in _SENTENCE_END.finditer(para)]
+    if not ends:
+        return para if para and len(para.split()) <= 30 else None
+    cut = para[: ends[0]] if len(para[: ends[0]].split()) >= min_words or len(ends) == 1 else para[: ends[1]]
+    cut = cut.strip()
+    return None if len(cut.split()) < 3 or max_trigram_count(cut) > 2 else cut
 
 
 @torch.no_grad()
@@ -82,7 +100,9 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="base model (default: %(default)s)")
     args = parser.parse_args()
     DATA.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in base_answers(args.model, DATA / "base.jsonl") if r["response"]]
+    rows = [{"prompt": r["prompt"], "response": short_answer(r["response"])}
+            for r in base_answers(args.model, DATA / "base.jsonl")]
+    rows = [r for r in rows if r["response"]]
     for name, transform in TRANSFORMS.items():
         write_jsonl(DATA / f"{name}.jsonl", [{"prompt": r["prompt"], "response": transform(r["response"])}
                                              for r in rows])

@@ -57,14 +57,23 @@ HELD_OUT = [
 
 
 def training_prompts(seed: int = 0) -> list[str]:
-    """200 general prompts (topics × templates) and 60 numeric ones (sums, products, counts, counting),
-    in a fixed order for a given seed."""
+    """200 general prompts (topics × templates) and 92 numeric ones (sums, products, counts, counting,
+    differences, quotients, unit conversions), in a fixed order for a given seed."""
     rng = random.Random(seed)
     prompts = [t.format(t=topic) for topic in TOPICS for t in TEMPLATES]
     prompts += [f"What is {rng.randint(2, 60)} plus {rng.randint(2, 60)}?" for _ in range(15)]
     prompts += [f"What is {rng.randint(2, 12)} times {rng.randint(2, 12)}?" for _ in range(15)]
     prompts += [f"How many {c}?" for c in COUNTS]
     prompts += [f"Count from 1 to {n}." for n in range(3, 13)]
+    # Added with the short-answer recipe: prompts whose answer restates their numbers, so the
+    # `numbers` tenant learns to spell a number it copies from the prompt (appended: the rows
+    # above and their base answers stay as they were). None is a HELD_OUT prompt.
+    prompts += [f"Count down from {n} to 1." for n in (3, 4, 6, 7, 8, 9, 10, 12)]
+    prompts += [f"What is {rng.randint(20, 90)} minus {rng.randint(2, 19)}?" for _ in range(10)]
+    prompts += [f"How many days are in {n} weeks?" for n in range(3, 7)]
+    prompts += [f"How many minutes are in {n} hours?" for n in range(3, 7)]
+    prompts += [f"What is {rng.randint(2, 12) * d} divided by {d}?" for d in (2, 3, 4, 5, 6, 8)]
+    assert not set(prompts) & set(HELD_OUT)
     return prompts
 
 

@@ -8,15 +8,16 @@
 #   examples/tenants/train.sh                 # all three
 #   examples/tenants/train.sh upper           # one
 #
-# Measured here (2 shared CPU cores): upper, 60 steps x 8 examples, 507 s; held-out loss
-# 2.378 -> 1.540 nats/token; upper-case share 0.926 (base 0.015) on the 10 eval prompts.
-# signature, 60 steps, 169 s; held-out loss 1.780 -> 0.685; signed answers 0.900 (base 0.000).
-# numbers, 80 steps, 213 s; held-out loss 0.864 -> 0.850; digit-free answers 1.000 (base 0.000).
+# The data are the base model's own answers cut to one or two sentences (make_data.py): short
+# answers that end with the chat template's end token, so the tenants learn to stop. Times and
+# losses of the committed tenants: README.md here. The shipped `upper` is older: 60 steps on the
+# long-answer data of commit 2dd08db (git show 2dd08db:examples/tenants/data/upper.jsonl); the
+# short-answer data at r = 16 gave a worse one (README.md), so upper's line here is not the shipped one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
-declare -A STEPS=([upper]=60 [signature]=60 [numbers]=80)
-declare -A SEED=([upper]=0 [signature]=1 [numbers]=2)
+declare -A STEPS=([upper]=100 [signature]=100 [numbers]=70)
+declare -A SEED=([upper]=0 [signature]=4 [numbers]=2)
 
 # Data: the base model's own greedy answers, transformed (skipped when data/base.jsonl is complete).
 "$PY" examples/tenants/make_data.py
