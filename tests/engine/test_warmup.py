@@ -90,13 +90,19 @@ def test_adapter_kinds_one_name_per_kind():
     assert adapter_kinds(versions) == ("a", "t1", "n1", "f1")
 
 
-def test_warm_up_on_an_adapter_pins_and_releases_it(tiny, tmp_path):
+def _lora_and_config(tiny, tmp_path):
+    """A rank-4 PEFT LoRA folder of the tiny model and a CPU engine config with a 64-token budget."""
     model_dir, model, tokenizer_dir = tiny
     folder = write_peft(tmp_path / "lora", random_factors(model, rank=4, with_n=False, seed=3), rank=4, alpha=8.0)
     config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="torch",
                           adapter_dir=str(tmp_path / "store"),
                           scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
                           cache=CacheConfig(block_size=16, num_blocks=16))
+    return folder, config
+
+
+def test_warm_up_on_an_adapter_pins_and_releases_it(tiny, tmp_path):
+    folder, config = _lora_and_config(tiny, tmp_path)
     core = EngineCore(config)
     version = core.adapters.register_dir("lora", folder)
     acquire, pinned = core.adapters.acquire, []
@@ -111,12 +117,7 @@ def test_warm_up_on_an_adapter_pins_and_releases_it(tiny, tmp_path):
 
 
 def test_llm_engine_warm_up_runs_on_its_step_thread(tiny, tmp_path):
-    model_dir, model, tokenizer_dir = tiny
-    folder = write_peft(tmp_path / "lora", random_factors(model, rank=4, with_n=False, seed=3), rank=4, alpha=8.0)
-    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="torch",
-                          adapter_dir=str(tmp_path / "store"),
-                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
-                          cache=CacheConfig(block_size=16, num_blocks=16))
+    folder, config = _lora_and_config(tiny, tmp_path)
     with LLMEngine(config) as engine:
         engine.adapters.register_dir("lora", folder)
         assert engine.warm_up() is None  # off CUDA nothing runs unless names are given
