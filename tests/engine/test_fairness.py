@@ -207,6 +207,22 @@ def test_a_tenant_is_never_left_holding_fewer_slots_than_the_one_it_gave_to():
     assert step(sched).preempted == [] and heavy[0] in sched.running
 
 
+def test_a_free_slot_is_taken_before_anyone_is_preempted():
+    sched = slots_sched()
+    heavy = [seq("heavy") for _ in range(3)]
+    for s in heavy:
+        sched.add(s)
+    for _ in range(600):  # usage 3 (1 - 2^(-599/128)) = 2.88: over half a slot above a share of 2
+        step(sched)
+    light = [seq("light"), seq("light")]
+    for s in light:
+        sched.add(s)
+    batch = step(sched)  # one slot free: the first light request takes it, nobody is preempted
+    assert batch.preempted == [] and light[0] in sched.running and light[1] in sched.waiting
+    batch = step(sched)  # now every slot is taken and heavy (3 held) gives one to light (1 held)
+    assert batch.preempted == [heavy[2]] and light[1] in sched.running
+
+
 def test_fcfs_never_preempts_for_slots():
     sched = make("fcfs", max_num_seqs=2, max_model_len=1024, blocks=BlockManager(2048, 4))
     for s in [seq("heavy"), seq("heavy")]:
