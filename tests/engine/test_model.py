@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from greedy_rule import matches_reference
@@ -16,9 +17,9 @@ from nlora_serve.engine.sequence import Sequence
 GREEDY_24 = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)  # = HF min_new_tokens
 
 
-def prefill_logits(base, ids: list[int], hook=None) -> torch.Tensor:
+def prefill_logits(base, ids: list[int], hook=None, prepack: bool = False) -> torch.Tensor:
     """Last-token logits [V] of one prompt through our runner (in two chunks, so the cache is used)."""
-    runner = ModelRunner(base, num_blocks=16, block_size=8, max_model_len=128)
+    runner = ModelRunner(base, num_blocks=16, block_size=8, max_model_len=128, prepack=prepack)
     runner.set_adapter_hook(hook)
     blocks = BlockManager(16, 8)
     seq = Sequence("p", 0, list(ids), len(ids), GREEDY_24)
@@ -67,11 +68,12 @@ def test_long_prompt_chunked_and_preempted_matches_transformers(make_engine, bas
         assert matches_reference(out.token_ids, want, margins)
 
 
-def test_bf16_prefill_logits_close_to_fp32(base_fp32, base_greedy):
+@pytest.mark.parametrize("prepack", [False, True], ids=["F.linear", "oneDNN-prepacked"])
+def test_bf16_prefill_logits_close_to_fp32(base_fp32, base_greedy, prepack):
     base_bf16 = load_base(str(base_fp32.path), torch.bfloat16)
     for ref in base_greedy:
         fp32 = prefill_logits(base_fp32, ref["prompt_token_ids"])
-        bf16 = prefill_logits(base_bf16, ref["prompt_token_ids"])
+        bf16 = prefill_logits(base_bf16, ref["prompt_token_ids"], prepack=prepack)
         assert bf16.dtype == torch.float32
         assert float((bf16 - fp32).norm() / fp32.norm()) < 2e-2
 
