@@ -17,6 +17,7 @@ from nlora_serve.engine.attention import paged_attention
 from nlora_serve.engine.batch_info import BatchInfo
 from nlora_serve.engine.cpu_gemm import PackedLinear, can_prepack
 from nlora_serve.engine.rope import apply_rope, rope_config, rope_tables
+from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.models import BaseModel, ModelSpec
 
 # hook(x [T, in], y [T, Σ widths] (the fused output: add into it in place), layer_idx, module
@@ -98,17 +99,22 @@ class DecoderLayer:
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.scale = spec.head_dim ** -0.5
         self.attention: Attention = paged_attention  # set by LlamaModel.set_attention
+        self.ops: LayerOps | None = None  # native elementwise ops (set by LlamaModel.set_layer_ops)
 
     def projections(self) -> tuple[AdaptedLinear, ...]:
         return self.qkv, self.o_proj, self.gate_up, self.down_proj
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor,
-                 info: BatchInfo) -> torch.Tensor:
+                 info: BatchInfo, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Residual ``x`` [T, hidden] float32 -> float32; writes this step's K/V into ``kv_layer``.
 
+        ``cos``, ``sin``: the torch path's per-token [T, 1, D] rows; with native ops, the whole
+        [max_len, D] tables and ``positions`` [T] (the op indexes them itself).
         The residual stream and the norms stay in float32 (only GEMM inputs are cast to the
         compute dtype): in bf16 that halves the logit error against fp32 for ~1% of the time.
         """
+        if self.ops is not None:
+            return self._native(x, cos, sin, kv_layer, info, positions)
         t, hd = x.shape[0], self.head_dim
         qkv = self.qkv(F.rms_norm(x, x.shape[-1:], self.input_norm, self.eps).to(self.dtype))
         nq = self.num_heads + self.num_kv_heads
@@ -119,6 +125,20 @@ class DecoderLayer:
         normed = F.rms_norm(h, h.shape[-1:], self.post_norm, self.eps).to(self.dtype)
         gate, up = self.gate_up(normed).chunk(2, dim=-1)
         return h + self.down_proj(F.silu(gate) * up)
+
+    def _native(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor,
+                info: BatchInfo, positions: torch.Tensor) -> torch.Tensor:
+        """The same maths with the elementwise work in the native ops, one pass each; ``x`` is
+        updated in place (the residual stream is this forward's own tensor)."""
+        ops, t, hd = self.ops, x.shape[0], self.head_dim
+        qkv = self.qkv(ops.add_rms_norm(x, None, self.input_norm, self.eps, self.dtype))
+        nq = self.num_heads + self.num_kv_heads
+        qk = ops.rope(qkv[:, : nq * hd].view(t, nq, hd), positions, cos, sin)  # in place, after the hook
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, nq * hd:].view(t, self.num_kv_heads, hd)
+        normed = ops.add_rms_norm(x, self.o_proj(self.attention(q, k, v, kv_layer, info, self.scale)),
+                                  self.post_norm, self.eps, self.dtype)
+        return x.add_(self.down_proj(ops.silu_mul(self.gate_up(normed))))
 
 
 class LlamaModel:
@@ -142,11 +162,18 @@ class LlamaModel:
         self.layers = [DecoderLayer(base, i, eps, device, prepack) for i in range(base.spec.num_layers)]
         self.cos, self.sin = (t.to(device) for t in rope_tables(base.spec.head_dim, max_len, rope))
         self.dtype = base.dtype
+        self.layer_ops: LayerOps | None = None
 
     def set_attention(self, attention: Attention) -> None:
         """Run every layer's attention through ``attention`` (engine/attention/, per device)."""
         for layer in self.layers:
             layer.attention = attention
+
+    def set_layer_ops(self, ops: LayerOps | None) -> None:
+        """Run every layer's RMSNorm, RoPE and SiLU · up through the native ``ops`` (None: torch)."""
+        self.layer_ops = ops
+        for layer in self.layers:
+            layer.ops = ops
 
     def projection(self, layer: int, module: str) -> AdaptedLinear:
         """The (fused) projection of ``layer`` that computes ``module``."""
@@ -168,10 +195,13 @@ class LlamaModel:
             [R, V] float32 logits for ``info.logits_indices``.
         """
         x = F.embedding(input_ids, self.embed).float()  # the residual stream, float32
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D] float32
-        sin = self.sin[positions].unsqueeze(1)
+        if self.layer_ops is not None:  # the native RoPE indexes the tables itself
+            cos, sin = self.cos, self.sin
+        else:
+            cos = self.cos[positions].unsqueeze(1)  # [T, 1, D] float32
+            sin = self.sin[positions].unsqueeze(1)
         for layer, kv_layer in zip(self.layers, kv_cache):
-            x = layer(x, cos, sin, kv_layer, info)
+            x = layer(x, cos, sin, kv_layer, info, positions)
         last = F.rms_norm(x[info.logits_indices], x.shape[-1:], self.norm, self.eps).to(self.dtype)
         logits = F.linear(last, self.lm_head) if self.lm_head_packed is None else self.lm_head_packed(last)
         return logits.float()

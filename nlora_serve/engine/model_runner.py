@@ -68,6 +68,13 @@ class ModelRunner:
         self.model.set_attention(attention)
         self.inputs = StepInputs(self.block_size, decode_splits, self.device, gather_layout)
 
+    def set_layer_ops(self, ops) -> None:
+        """Run RMSNorm, RoPE and SiLU · up through the native ``ops`` (kernels/layer_ops.py) where
+        the model's sizes fit them; None, or sizes that do not fit, keep the torch ops."""
+        spec = self.spec
+        fits = ops is not None and ops.fits(spec.hidden_size, spec.head_dim, spec.intermediate_size)
+        self.model.set_layer_ops(ops if fits else None)
+
     @property
     def decode_splits(self) -> int:
         return self.inputs.decode_splits

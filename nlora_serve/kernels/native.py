@@ -1,6 +1,7 @@
 """Native CPU ops: the Nyström-tied path of one fused projection (``cpu/tied_apply.c``), the group
-path (plain LoRA / NLoRA / families) of one fused projection (``cpu/group_apply.c``) and decode
-attention over the paged KV cache (``cpu/paged_attention.c``).
+path (plain LoRA / NLoRA / families) of one fused projection (``cpu/group_apply.c``), decode
+attention over the paged KV cache (``cpu/paged_attention.c``) and the decoder layer's elementwise
+ops (``cpu/layer_ops.c``, wrapped in ``kernels/layer_ops.py``).
 
 Why native: at decode sizes (T ≈ 64, r = 16) the tied path's arithmetic is ~2-3% of the base
 GEMMs', but in torch it is five to seven small ops per module, each with a few µs of fixed cost,
@@ -35,13 +36,14 @@ from pathlib import Path
 
 import torch
 
+from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.kernels.metadata import AdapterBatch
 from nlora_serve.kernels.weights import SiteWeights
 
 log = logging.getLogger(__name__)
 
 _CPU = Path(__file__).with_name("cpu")
-SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "paged_attention.c"))
+SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "paged_attention.c", "layer_ops.c"))
 HEADERS = (_CPU / "vec16.h", _CPU / "adapter_tiles.h")  # part of the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
 MAX_RANK = 128  # the C side's static buffers (cpu/adapter_tiles.h MAX_RANK, MAX_MODULES)
@@ -114,6 +116,7 @@ class NativeOps:
                 fns[dtype] = fn
         self._decode = lib.nlora_paged_decode
         self._decode.restype, self._decode.argtypes = ctypes.c_int, _DECODE_ARGTYPES
+        self.layer = LayerOps(lib)  # RMSNorm + residual, RoPE, SiLU · up (kernels/layer_ops.py)
 
     def plan(self, sites: list[SiteWeights | None], widths: list[int]) -> TiedProjection | None:
         """Lay out the tied pools of one fused projection; None when the op cannot serve it.
