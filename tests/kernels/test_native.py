@@ -201,4 +201,3 @@ def test_prefill_sized_steps_split_over_threads(native_ops, dtype, threads):
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(one[0], split[0])
-
