@@ -50,9 +50,12 @@ _TENANTS = 64
 # Steps the engine runs: (name, tokens, how slots are drawn, families per slot)
 # ("-graph": the fixed-grid decode form that CUDA graphs replay, apply_triton_decode; "-fused": the
 # same with tied_form="fused", kernels/tied_fused.py; "-zcols": tied_fused reading z from a buffer;
-# "-tiled": tied_form="tiled", mix then kernels/tied_expand.py)
+# "-tiled": tied_form="tiled", mix then kernels/tied_expand.py; "-bgmv": group_form="bgmv", the
+# earlier group kernels instead of the grouped ones; "prefill-lora-4096": one K range per program)
 _STEPS = (("decode-tied", 64, "distinct", "tied"), ("decode-lora", 64, "distinct", "lora8"),
-          ("prefill-lora", 512, "one", "lora8"), ("decode-tied-bias", 64, "distinct", "tied"),
+          ("prefill-lora", 512, "one", "lora8"), ("prefill-lora-4096", 4096, "distinct", "lora8"),
+          ("prefill-lora-bgmv", 512, "one", "lora8"), ("decode-lora-graph-bgmv", 64, "distinct", "lora8"),
+          ("decode-tied-bias", 64, "distinct", "tied"),
           ("decode-tied-graph", 64, "distinct", "tied"), ("decode-lora-graph", 64, "distinct", "lora8"),
           ("decode-tied-fused", 64, "distinct", "tied"), ("prefill-tied-fused", 4096, "distinct", "tied"),
           ("decode-tied-zcols", 64, "distinct", "tied"), ("decode-tied-tiled", 64, "distinct", "tied"))
@@ -70,7 +73,7 @@ class Compiled:
     ``variant`` names its boolean constexprs; ``steps`` the engine steps that launch it. Sizes
     in bytes; ``registers`` per thread; ``spill_ops`` = local-memory loads + stores in the SASS
     (0: nothing spilled); ``mma_ops`` tensor-core instructions; ``wide_loads`` 64/128-bit global
-    loads; ``loads`` all global loads.
+    loads (LDG, or LDGSTS: the cp.async of a pipelined loop); ``loads`` all plain global loads.
     """
 
     kernel: str
@@ -161,18 +164,20 @@ def _step_launches(dtype: torch.dtype, rank: int, step: tuple) -> list[_Launch]:
              else torch.zeros(tokens, dtype=torch.int64))
     fams = torch.full((_TENANTS,), TIED) if families == "tied" else torch.arange(_TENANTS) % 8
     batch = build_adapter_batch(slots, torch.full((_TENANTS,), rank), torch.ones(_TENANTS), fams)
-    if name.endswith(("-graph", "-fused", "-zcols", "-tiled")):
+    group_form = "bgmv" if name.endswith("-bgmv") else None
+    if name.removesuffix("-bgmv").endswith(("-graph", "-fused", "-zcols", "-tiled")):
         form = {"-fused": "fused", "-tiled": "tiled"}.get(name[name.rindex("-"):], "two_launch")
 
         def apply(y, x, b, site):
             if name.endswith("-zcols"):  # z: a [T, R] column view of another buffer (x's, here)
                 return tied_fused(x, None, site.tied_b, site.n_pool, b.tok_tied_slot, y, rank, b.slot_scalings,
                                   z=x[:, :rank])
-            return apply_triton_decode(y, x, b, site, tied_form=form)
+            return apply_triton_decode(y, x, b, site, tied_form=form, group_form=group_form)
         batch = derive_decode_batch(slots.to(torch.int32), fams.to(torch.int32), torch.ones(_TENANTS), rank,
                                     families == "tied", families != "tied")
     else:
-        apply = apply_triton
+        def apply(y, x, b, site):
+            return apply_triton(y, x, b, site, group_form=group_form)
     with _captured_launches() as launches:
         for dim_in, outs, sites in _layer_sites(dtype, rank, name.endswith("bias"), gen):
             x = torch.randn(tokens, dim_in, generator=gen).to(dtype)
@@ -212,7 +217,8 @@ def _sass_facts(cubin: bytes, workdir: Path) -> dict:
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "spill_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
             "mma_ops": len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass)),
-            "wide_loads": len(re.findall(r"\bLDG\.E\.(?:64|128)\b", sass)),
+            # cp.async copies (LDGSTS, what a software-pipelined loop issues) count as loads too
+            "wide_loads": len(re.findall(r"\bLDG(?:STS)?\.E\.(?:BYPASS\.)?(?:LTC128B\.)?(?:64|128)\b", sass)),
             "loads": len(re.findall(r"\bLDG\b", sass))}
 
 
