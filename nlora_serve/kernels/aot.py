@@ -73,7 +73,7 @@ class Compiled:
     ``variant`` names its boolean constexprs; ``steps`` the engine steps that launch it. Sizes
     in bytes; ``registers`` per thread; ``spill_ops`` = local-memory loads + stores in the SASS
     (0: nothing spilled); ``mma_ops`` tensor-core instructions; ``wide_loads`` 64/128-bit global
-    loads (LDG, or LDGSTS: the cp.async of a pipelined loop); ``loads`` all plain global loads.
+    loads (LDG, or LDGSTS: the cp.async of a pipelined loop); ``loads`` all global loads (the same two).
     """
 
     kernel: str
@@ -219,7 +219,7 @@ def _sass_facts(cubin: bytes, workdir: Path) -> dict:
             "mma_ops": len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass)),
             # cp.async copies (LDGSTS, what a software-pipelined loop issues) count as loads too
             "wide_loads": len(re.findall(r"\bLDG(?:STS)?\.E\.(?:BYPASS\.)?(?:LTC128B\.)?(?:64|128)\b", sass)),
-            "loads": len(re.findall(r"\bLDG\b", sass))}
+            "loads": len(re.findall(r"\bLDG(?:STS)?\b", sass))}
 
 
 def compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks=(16,),

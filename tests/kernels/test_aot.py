@@ -56,13 +56,15 @@ def test_every_kernel_compiles_for_sm80_and_sm90_at_every_engine_step(compiled):
         assert ("_mix_kernel", "HAS_BIAS") in {(c["kernel"], c["variant"]) for c in rows}
         by_step = {s: {c["kernel"] for c in rows if s in c["steps"]} for s in steps}
         # the group path's default form: grouped shrink (mix fused) + grouped expand over
-        # family-sorted token blocks at every T, both forms; K split over programs (atomic partial
-        # sums) at decode-sized T, one K range per program at 4096 tokens
+        # family-sorted token blocks at every T, both forms; K (576) split over programs (atomic
+        # partial sums) at 64 tokens and R = 16, one K range at R = 64 (the per-range R × R mix would
+        # outweigh the split range's reads) and at 4096 tokens (enough programs without a split)
         grouped = {"_grouped_shrink_kernel", "_grouped_expand_kernel"}
         for step in ("decode-lora", "prefill-lora", "decode-lora-graph", "prefill-lora-4096"):
             assert by_step[step] == grouped, step
         shrinks = {(c["variant"], s) for c in rows if c["kernel"] == "_grouped_shrink_kernel" for s in c["steps"]}
-        assert ("ATOMIC,HAS_RANKS", "decode-lora") in shrinks and ("ATOMIC", "decode-lora-graph") in shrinks
+        split = "ATOMIC," if combo[2] == 16 else ""
+        assert (split + "HAS_RANKS", "decode-lora") in shrinks and (split[:-1] or "-", "decode-lora-graph") in shrinks
         assert ("HAS_RANKS", "prefill-lora-4096") in shrinks
         # the earlier group form: per-token (BGMV) shrink at decode, the segment (SGMV) one for
         # long runs, both with the mix fused

@@ -91,26 +91,31 @@ def test_grouped_prefill_form_against_truth(path, dist, num, shape, ranks, extra
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dim_in", (577, 40))  # K split over programs (atomic adds), and one K range
 def test_grouped_ops_against_reference_ops(dim_in, dtype):
-    case = make_case(8300 + dim_in, 43, dim_in, 150, (16, 3), "with_none", "mixed", dtype)
+    case = make_case(8300 + dim_in, 43, dim_in, 150, (16, 3), "with_none", "mixed", dtype, device=TEST_DEVICE)
     _poison_beyond_rank(case)
-    b = _decode_batch(case, torch.device("cpu"))
+    b = _decode_batch(case, torch.device(TEST_DEVICE))
     s, rank = case.site, b.rank
     u = grouped_shrink(case.x, s.a_pool, s.n_pool, b.group_order, b.group_key, b.tok_group_slot,
-                       torch.full((43, rank), NAN), b.slot_ranks)
-    want_u = ref.grouped_shrink(case.x.double(), s.a_pool.double(), s.n_pool.double(), b.group_order, b.group_key,
-                                b.tok_group_slot, torch.full((43, rank), NAN, dtype=torch.float64), b.slot_ranks)
-    sorted_rows = b.group_key != NO_GROUP_KEY
+                       torch.full((43, rank), NAN, device=TEST_DEVICE), b.slot_ranks).cpu()
+    cpu = [t.cpu() for t in (b.group_order, b.group_key, b.tok_group_slot)]
+    want_u = ref.grouped_shrink(d64(case.x), d64(s.a_pool), d64(s.n_pool), *cpu,
+                                torch.full((43, rank), NAN, dtype=torch.float64), b.slot_ranks.cpu())
+    sorted_rows = cpu[1] != NO_GROUP_KEY
     err = (u[sorted_rows].double() - want_u[sorted_rows]).norm() / want_u[sorted_rows].norm()
     assert err <= TOL[dtype]
-    y0 = case.y.clone()
-    grouped_expand(want_u.float(), s.b_pool, b.group_order, b.group_key, b.tok_group_slot, case.y, b.slot_scalings,
-                   b.slot_ranks)
-    want_y = ref.grouped_expand(want_u, s.b_pool.double(), b.group_order, b.group_key, b.tok_group_slot,
-                                y0.double(), b.slot_scalings, b.slot_ranks)
-    rows = b.tok_group_slot >= 0
+    y0 = case.y.to("cpu", copy=True)
+    grouped_expand(want_u.float().to(TEST_DEVICE), s.b_pool, b.group_order, b.group_key, b.tok_group_slot, case.y,
+                   b.slot_scalings, b.slot_ranks)
+    want_y = ref.grouped_expand(want_u, d64(s.b_pool), *cpu, y0.double(), b.slot_scalings.cpu(), b.slot_ranks.cpu())
+    rows = cpu[2] >= 0
+    after = case.y.cpu()
     assert rows.any() and not rows.all()
-    assert torch.equal(case.y[~rows], y0[~rows])
-    assert delta_error(y0[rows], case.y[rows], (want_y - y0.double())[rows]) <= TOL[dtype]
+    assert torch.equal(after[~rows], y0[~rows])
+    assert delta_error(y0[rows], after[rows], (want_y - y0.double())[rows]) <= TOL[dtype]
+
+
+def d64(t):
+    return t.cpu().double()
 
 
 def test_grouped_refuses_bad_arguments():
