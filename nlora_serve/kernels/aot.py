@@ -73,7 +73,8 @@ class Compiled:
     ``variant`` names its boolean constexprs; ``steps`` the engine steps that launch it. Sizes
     in bytes; ``registers`` per thread; ``spill_ops`` = local-memory loads + stores in the SASS
     (0: nothing spilled); ``mma_ops`` tensor-core instructions; ``wide_loads`` 64/128-bit global
-    loads (LDG, or LDGSTS: the cp.async of a pipelined loop); ``loads`` all global loads (the same two).
+    loads; ``loads`` all global loads (LDG); ``async_wide_loads`` 64/128-bit cp.async copies from
+    global to shared memory (LDGSTS: what a software-pipelined loop issues instead).
     """
 
     kernel: str
@@ -89,6 +90,7 @@ class Compiled:
     mma_ops: int
     wide_loads: int
     loads: int
+    async_wide_loads: int
 
 
 @dataclass(slots=True)
@@ -217,9 +219,10 @@ def _sass_facts(cubin: bytes, workdir: Path) -> dict:
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "spill_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
             "mma_ops": len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass)),
-            # cp.async copies (LDGSTS, what a software-pipelined loop issues) count as loads too
-            "wide_loads": len(re.findall(r"\bLDG(?:STS)?\.E\.(?:BYPASS\.)?(?:LTC128B\.)?(?:64|128)\b", sass)),
-            "loads": len(re.findall(r"\bLDG(?:STS)?\b", sass))}
+            "wide_loads": len(re.findall(r"\bLDG\.E\.(?:64|128)\b", sass)),
+            "loads": len(re.findall(r"\bLDG\b", sass)),
+            # cp.async copies, what a software-pipelined loop issues instead of LDG
+            "async_wide_loads": len(re.findall(r"\bLDGSTS\.E\.(?:BYPASS\.)?(?:LTC128B\.)?(?:64|128)\b", sass))}
 
 
 def compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks=(16,),
@@ -279,10 +282,10 @@ def _compile(done: list, variants: dict, capabilities, dtype: str, rank: int, wo
 def main() -> None:
     ranks = tuple(int(a) for a in sys.argv[1:]) or (16, 64)
     print(f"{'target':6} {'dtype':5} {'r':>3} {'kernel':20} {'flags':17} {'regs':>4} {'spill':>5} "
-          f"{'mma':>4} {'ldg wide/all':>12}  steps")
+          f"{'mma':>4} {'ldg wide/all':>12} {'cp.async':>8}  steps")
     for c in compile_all(ranks=ranks):
         print(f"sm_{c.capability:<3} {c.dtype:5} {c.rank:3d} {c.kernel:20} {c.variant:17} "
-              f"{c.registers:4d} {c.spill_ops:5d} {c.mma_ops:4d} {c.wide_loads:5d}/{c.loads:<6d}"
+              f"{c.registers:4d} {c.spill_ops:5d} {c.mma_ops:4d} {c.wide_loads:5d}/{c.loads:<6d} {c.async_wide_loads:8d}"
               f"  {' '.join(c.steps)}")
 
 
