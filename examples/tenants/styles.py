@@ -77,6 +77,30 @@ def training_prompts(seed: int = 0) -> list[str]:
     return prompts
 
 
+# Added for `upper` only (its data need more variety than the other two tenants'): 80 more topics,
+# none of them a topic of HELD_OUT or EVAL_* (no plants, forests, rivers, birds, owls, fire, cities,
+# stars, elephants, snow ...), under the same five templates.
+EXTRA_TOPICS = [
+    "whales", "ants", "frogs", "sharks", "tigers", "wolves", "lakes", "islands", "caves", "the Arctic",
+    "tornadoes", "thunderstorms", "hurricanes", "the seasons", "oxygen", "water", "salt", "iron", "gold",
+    "diamonds", "magnets", "light", "sound", "the telephone", "television", "radio", "cameras", "robots",
+    "rockets", "satellites", "Mars", "Jupiter", "comets", "the alphabet", "poetry", "painting", "dance",
+    "the theatre", "the Olympic Games", "basketball", "swimming", "running", "gardens", "farming", "rice",
+    "apples", "chocolate", "eggs", "vegetables", "soap", "clocks", "money", "banks", "schools",
+    "hospitals", "doctors", "teachers", "friendship", "kindness", "the pyramids of Egypt",
+    "ancient Greece", "the printing press", "the wheel", "cars", "ships", "roads", "umbrellas", "shoes",
+    "cotton", "glass", "plastic", "wood", "horses", "cats", "spiders", "salmon", "ocean currents",
+    "the calendar", "beeswax", "kites",
+]
+
+
+def extra_prompts() -> list[str]:
+    """400 more topic prompts (``EXTRA_TOPICS`` × the five templates), for the `upper` tenant only."""
+    prompts = [t.format(t=topic) for topic in EXTRA_TOPICS for t in TEMPLATES]
+    assert len(prompts) == 400 and not set(prompts) & set(HELD_OUT + EVAL_GENERAL + EVAL_NUMERIC + training_prompts())
+    return prompts
+
+
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
