@@ -3,13 +3,13 @@
 1. The base model (fp32, transformers) answers each of ``styles.training_prompts()`` greedily
    (at most 48 new tokens, cut back to the last full sentence) → ``data/base.jsonl``, appended
    batch by batch so that an interrupted run resumes where it stopped; likewise the 400
-   ``styles.extra_prompts()`` → ``data/base_extra.jsonl`` (for `upper` only).
+   ``styles.extra_prompts()`` → ``data/base_extra.jsonl`` (for `lower` only).
 2. Each tenant's file cuts those answers short (``short_answer``: one or two sentences; loops and
    fragments dropped) and applies one transform of ``styles.TRANSFORMS`` →
-   ``data/{upper,signature,numbers}.jsonl`` with lines ``{"prompt": ..., "response": ...}``
-   (`upper` from both files: 675 examples; the other two from ``base.jsonl``: 279).
+   ``data/{lower,signature,numbers}.jsonl`` with lines ``{"prompt": ..., "response": ...}``
+   (`lower` from both files: 675 examples; the other two from ``base.jsonl``: 279).
 
-The tenants so learn a style (upper case, a signature, numbers in words), not new facts.
+The tenants so learn a style (lower case, a signature, numbers in words), not new facts.
 
     python examples/tenants/make_data.py              # step 1 (5-20 CPU minutes) and step 2
     (with data/base.jsonl complete, as committed, step 1 is skipped and the run takes a second)
@@ -105,7 +105,7 @@ def main() -> None:
     rows = short_rows(base_answers(args.model, DATA / "base.jsonl", training_prompts()))
     extra = short_rows(base_answers(args.model, DATA / "base_extra.jsonl", extra_prompts()))
     for name, transform in TRANSFORMS.items():
-        got = rows + extra if name == "upper" else rows
+        got = rows + extra if name == "lower" else rows
         write_jsonl(DATA / f"{name}.jsonl", [{"prompt": r["prompt"], "response": transform(r["response"])}
                                              for r in got])
         print(f"{DATA / name}.jsonl: {len(got)} examples")
