@@ -25,9 +25,10 @@ from nlora_serve.engine.detokenizer import IncrementalDetokenizer
 from nlora_serve.engine.memory import num_kv_blocks
 from nlora_serve.engine.model_runner import ModelRunner
 from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
-from nlora_serve.engine.sampling import RequestError, SamplingParams, apply_penalties, sample, top_logprobs
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.engine.scheduler import Scheduler
-from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.sequence import Sequence, SequenceStatus
+from nlora_serve.engine.step_output import PLACEHOLDER, SampledStep, sample_step
 from nlora_serve.engine.warmup import warm_up
 
 
@@ -115,6 +116,7 @@ class EngineCore:
         self.counters = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
                          "preemptions": 0}
         self.runner.reset_counts()
+        self._inflight: SampledStep | None = None  # the launched step whose tokens are not read back yet
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Check a request without touching engine state (safe from any thread): see
@@ -148,7 +150,8 @@ class EngineCore:
         self.scheduler.add(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        """True while requests wait or run, or a launched step's tokens are not yet read back."""
+        return self.scheduler.has_work() or self._inflight is not None
 
     def abort(self, request_id: str, reason: str | None = None) -> RequestOutput | None:
         """Stop a request now and free its blocks; None if it is unknown or already done.
@@ -164,19 +167,47 @@ class EngineCore:
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with finish_reason "error" (after a failed step)."""
-        return [self._retire(req, "error", "", [], message) for req in list(self.requests.values())]
+        outs = [self._retire(req, "error", "", [], message) for req in list(self.requests.values())]
+        self._inflight = None
+        return outs
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample; returns a delta for every sequence that sampled."""
+        """Schedule and launch a step, then read back the tokens of the step before it; returns a
+        delta for every sequence whose token was read back.
+
+        With ``async_scheduling`` the host schedules and launches step n+1 while the device may
+        still run step n (step n+1's input ids gather step n's tokens on the device), and only then
+        waits for step n's tokens to stop, detokenize and emit (vLLM's async scheduling, SGLang's
+        overlap scheduler). A sequence that stopped at step n had step n+1 launched already: that
+        step's token is discarded and its computed count rolled back (:meth:`_retire`). Without it,
+        each step's tokens are read back in the same call. Either way, one device sync per step.
+        """
+        outputs = []
+        if self._inflight is not None and self._inflight.needs_values:  # penalties read the token values
+            outputs += self._settle(self._take_inflight())
         batch = self.scheduler.schedule()
         self.counters["preemptions"] += len(batch.preempted)
-        if not batch.seqs:
-            return []
+        previous = self._inflight
+        self._inflight = self._launch(batch, previous) if batch.seqs else None
+        if previous is not None:
+            outputs += self._settle(previous)
+        if self._inflight is not None:
+            self._place(self._inflight)
+            if not self.config.async_scheduling:
+                outputs += self._settle(self._take_inflight())
+        return outputs
+
+    def _take_inflight(self) -> SampledStep:
+        step, self._inflight = self._inflight, None
+        return step
+
+    def _launch(self, batch, previous: SampledStep | None) -> SampledStep:
+        """Run the model and sample on the device; nothing is read back here."""
         pairs = self.runner.order(batch)
         self.hook.begin_step([seq.adapter for seq, _ in pairs], [n for _, n in pairs], self.device)
         try:
-            logits = self.runner.execute(pairs)
+            logits = self.runner.execute(pairs, previous)
         finally:
             self.hook.end_step()
         sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
@@ -184,26 +215,31 @@ class EngineCore:
             seq.num_computed_tokens += n
         self.counters["steps"] += 1
         self.counters["computed_tokens"] += batch.total_tokens
-        return self._emit(sampling, logits)
+        bans = [self.requests[s.request_id].ban for s in sampling]
+        return sample_step(logits, pairs, sampling, bans, self.generator)
 
-    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
-        finite = torch.isfinite(logits).all(dim=1)
-        if not bool(finite.all()):  # an adapter overflowed: end those requests, sample the rest
-            bad = [s for s, ok in zip(seqs, finite.tolist()) if not ok]
-            kept = [i for i, ok in enumerate(finite.tolist()) if ok]
-            return self._fail_nonfinite(bad) + (self._emit([seqs[i] for i in kept], logits[kept]) if kept else [])
-        reqs = [self.requests[s.request_id] for s in seqs]
-        logprobs = [None] * len(reqs)
-        wanted = [i for i, r in enumerate(reqs) if r.seq.params.logprobs is not None]
-        raw = logits[wanted].clone() if wanted else None  # logprobs report the model's distribution
-        for i, r in enumerate(reqs):
-            if r.seq.params.has_penalties:
-                apply_penalties(logits[i], r.seq.token_ids, r.seq.num_prompt_tokens, r.seq.params, r.ban)
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self.generator)
-        for j, i in enumerate(wanted):
-            logprobs[i] = [top_logprobs(raw[j], tokens[i], seqs[i].params.logprobs)]
-        self.counters["generation_tokens"] += len(seqs)
-        return [self._append(r, t, lp) for r, t, lp in zip(reqs, tokens.tolist(), logprobs)]
+    @staticmethod
+    def _place(step: SampledStep) -> None:
+        """Stand a placeholder for each live sampling sequence's token until it is read back, so the
+        scheduler sees the token (its length and blocks) before its value is known."""
+        for seq in step.seqs:
+            if seq.status is not SequenceStatus.FINISHED:
+                seq.token_ids.append(PLACEHOLDER)
+
+    def _settle(self, step: SampledStep) -> list[RequestOutput]:
+        """Read ``step``'s tokens back and emit them; a row whose sequence ended since is dropped."""
+        tokens, finite, logprobs = step.read()
+        outs, bad = [], []
+        for seq, token, ok, lp in zip(step.seqs, tokens, finite, logprobs):
+            if seq.status is SequenceStatus.FINISHED:  # stopped or aborted after this step was launched
+                continue
+            if not ok:
+                bad.append(seq)
+                continue
+            seq.token_ids[-1] = token  # the placeholder (the step after has placed none yet)
+            self.counters["generation_tokens"] += 1
+            outs.append(self._append(self.requests[seq.request_id], token, lp))
+        return self._fail_nonfinite(bad) + outs
 
     def _fail_nonfinite(self, seqs: list[Sequence]) -> list[RequestOutput]:
         outs = []
@@ -215,8 +251,8 @@ class EngineCore:
         return outs
 
     def _append(self, req: _Request, token: int, logprobs) -> RequestOutput:
+        """Stop checks, detokenization and the delta of ``token``, already in ``req.seq.token_ids``."""
         seq, params = req.seq, req.seq.params
-        seq.token_ids.append(token)
         reason = "stop" if token in req.ban else None
         text = req.detokenizer.add(token) if reason is None else ""
         if req.detokenizer.stopped:
@@ -229,8 +265,15 @@ class EngineCore:
 
     def _retire(self, req: _Request, reason: str, text: str, token_ids: list[int], error: str | None = None,
                 logprobs=None) -> RequestOutput:
-        """The single terminal path: frees the blocks, forgets the request, returns the last delta."""
-        self.scheduler.finish(req.seq)
+        """The single terminal path: frees the blocks, forgets the request, returns the last delta.
+        A step in flight that computed for it is undone on the host (its token will be dropped), so
+        the computed count, and the prefix cache's blocks, are those of a step-by-step engine."""
+        seq = req.seq
+        if self._inflight is not None:
+            seq.num_computed_tokens -= self._inflight.computed.get(id(seq), 0)
+        while seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+            seq.token_ids.pop()
+        self.scheduler.finish(seq)
         del self.requests[req.seq.request_id]
         pinned, req.seq.adapter = req.seq.adapter, None
         if pinned is not None:

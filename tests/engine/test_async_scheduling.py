@@ -1,0 +1,168 @@
+"""Async scheduling (EngineConfig.async_scheduling): step n+1 is scheduled and launched before step
+n's tokens are read back. On the CPU the same logic runs (the device work is just not in the
+background), so these check its bookkeeping: tokens equal to transformers' greedy references and
+to the step-by-step engine, no token past a stop ever emitted, every KV block returned, the prefix
+cache left exactly as the step-by-step engine leaves it, aborts and preemption mid-flight.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from greedy_rule import matches_reference
+from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from nlora_serve.engine.core import EngineCore
+from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.step_inputs import StepInputs
+from nlora_serve.engine.step_output import PLACEHOLDER, SampledStep
+
+CASES = Path(__file__).parents[1] / "data" / "cases"
+
+
+def _core(base, overlap: bool, num_blocks: int = 64, budget: int = 64, max_model_len: int = 256) -> EngineCore:
+    config = EngineConfig(async_scheduling=overlap,
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget,
+                                                    max_model_len=max_model_len),
+                          cache=CacheConfig(block_size=16, num_blocks=num_blocks))
+    return EngineCore(config, base)
+
+
+def _run(core: EngineCore, jobs: list[tuple[list[int], SamplingParams]]) -> tuple[dict, list[list]]:
+    """Add every job, step until idle; returns each request's deltas and the deltas of every step."""
+    for i, (ids, params) in enumerate(jobs):
+        core.add(f"r{i}", ids, params)
+    deltas: dict[str, list] = {f"r{i}": [] for i in range(len(jobs))}
+    steps = []
+    while core.has_work():
+        outs = core.step()
+        steps.append(outs)
+        for out in outs:
+            deltas[out.request_id].append(out)
+    return deltas, steps
+
+
+def _greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, min_tokens=kw.pop("min_tokens", max_tokens), temperature=0.0, **kw)
+
+
+def test_config_default_is_off_on_the_cpu_and_validated():
+    assert EngineConfig(device="cpu").async_scheduling is False
+    assert EngineConfig(device="cpu", async_scheduling=True).async_scheduling is True
+    with pytest.raises(ValueError, match="async_scheduling must be True, False or None; got 'yes'"):
+        EngineConfig(device="cpu", async_scheduling="yes")
+
+
+def test_a_placeholder_takes_the_step_in_flights_token_on_the_device():
+    inputs = StepInputs(block_size=4, decode_splits=1, device=torch.device("cpu"), gather_layout=False)
+    seqs = [Sequence("a", 0, [5, 6, 7, PLACEHOLDER], 3, SamplingParams()),  # decodes its placeholder
+            Sequence("b", 1, [8, 9], 2, SamplingParams()),  # decodes a known token
+            Sequence("c", 2, [1, 2, 3, 4, PLACEHOLDER], 4, SamplingParams())]  # a prefill ending in one
+    seqs[0].num_computed_tokens, seqs[1].num_computed_tokens = 3, 1
+    for seq in seqs:
+        seq.block_table = [0, 1]
+    previous = SampledStep([], [], torch.tensor([70, 71, 72]), torch.zeros(0), None, [], 0, {},
+                           {id(seqs[0]): 2, id(seqs[2]): 0}, False)
+    pairs = [(seqs[0], 1), (seqs[1], 1), (seqs[2], 5)]
+    input_ids, positions, _, _ = inputs.build(pairs, [], previous)
+    assert input_ids.tolist() == [72, 9, 1, 2, 3, 4, 70]
+    assert positions.tolist() == [3, 1, 0, 1, 2, 3, 4]
+
+
+def test_greedy_tokens_equal_transformers_and_the_step_by_step_engine(base_fp32, base_greedy):
+    jobs = [(ref["prompt_token_ids"], _greedy(24)) for ref in base_greedy]
+    jobs += [(base_greedy[0]["prompt_token_ids"], _greedy(1)), (base_greedy[1]["prompt_token_ids"], _greedy(7))]
+    got = {}
+    for overlap in (False, True):
+        core = _core(base_fp32, overlap, budget=32)  # 37/38-token prompts: chunked prefill
+        deltas, _ = _run(core, jobs)
+        got[overlap] = [[t for d in deltas[f"r{i}"] for t in d.token_ids] for i in range(len(jobs))]
+        assert core.stats()["kv_blocks_used"] == 0 and not core.requests
+    for ref, tokens in zip(base_greedy, got[True]):
+        assert matches_reference(tokens, ref["greedy_token_ids"], ref["top2_logit_margins"])
+    assert got[True][2] == base_greedy[0]["greedy_token_ids"][:1] and len(got[True][3]) == 7
+    assert got[True] == got[False]
+
+
+def test_no_token_past_a_stop_is_emitted_and_the_cache_ends_as_step_by_step(base_fp32, base_greedy):
+    prompt, want = base_greedy[0]["prompt_token_ids"], base_greedy[0]["greedy_token_ids"]
+    jobs = [(prompt, _greedy(24, min_tokens=0, stop_token_ids=(want[4],), ignore_eos=True)),  # stop id at 5
+            (prompt, _greedy(24, min_tokens=0, ignore_eos=True)),
+            (base_greedy[1]["prompt_token_ids"], _greedy(3))]  # length at 3
+    results = {}
+    for overlap in (False, True):
+        core = _core(base_fp32, overlap)
+        deltas, steps = _run(core, jobs)
+        for rid, ds in deltas.items():  # exactly one last delta, and it is the last one
+            assert [d.finished for d in ds] == [False] * (len(ds) - 1) + [True], rid
+            assert ds[-1].completion_tokens == sum(len(d.token_ids) for d in ds)
+        stop_at = want.index(want[4]) + 1  # the first occurrence of the stop id ends it
+        assert [t for d in deltas["r0"] for t in d.token_ids] == want[:stop_at]
+        assert deltas["r0"][-1].finish_reason == "stop"
+        assert len([t for d in deltas["r2"] for t in d.token_ids]) == 3
+        assert core.stats()["kv_blocks_used"] == 0
+        results[overlap] = (sorted(core.blocks._cached), [[(o.request_id, o.token_ids) for o in s] for s in steps])
+    assert results[True][0] == results[False][0]  # the same blocks published, same hashes
+    emitted = {o: [x for s in results[o][1] for x in s] for o in (False, True)}
+    assert emitted[True] == emitted[False]  # the same deltas in the same order
+
+
+def test_abort_while_a_step_is_in_flight_returns_its_blocks_and_spares_the_others(base_fp32, base_greedy):
+    prompt, want = base_greedy[0]["prompt_token_ids"], base_greedy[0]["greedy_token_ids"]
+    core = _core(base_fp32, True)
+    core.add("victim", prompt, _greedy(24))
+    core.add("other", prompt, _greedy(24))
+    seen = []
+    while len(seen) < 6:
+        seen += [o for o in core.step() if o.request_id == "victim"]
+    assert core._inflight is not None  # a step that computed for the victim is on its way
+    last = core.abort("victim")
+    assert last.finish_reason == "abort" and last.completion_tokens == len(seen)
+    assert [t for o in seen for t in o.token_ids] == want[:len(seen)]
+    rest = []
+    while core.has_work():
+        outs = core.step()
+        assert all(o.request_id == "other" for o in outs)  # the victim's in-flight token is dropped
+        rest += outs
+    assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 24
+    assert core.stats()["kv_blocks_used"] == 0
+
+
+def test_preemption_under_a_tiny_cache_keeps_every_reference(base_fp32, base_greedy):
+    # 8 blocks of 16 tokens for four sequences of ~62 tokens: the newest are preempted and recompute
+    jobs = [(ref["prompt_token_ids"], _greedy(24)) for ref in base_greedy] * 2
+    core = _core(base_fp32, True, num_blocks=8, budget=64, max_model_len=64)
+    deltas, _ = _run(core, jobs)
+    assert core.stats()["preemptions"] >= 1 and core.stats()["kv_blocks_used"] == 0
+    for i, (ids, _) in enumerate(jobs):
+        ref = base_greedy[i % 2]
+        tokens = [t for d in deltas[f"r{i}"] for t in d.token_ids]
+        assert matches_reference(tokens, ref["greedy_token_ids"], ref["top2_logit_margins"]), i
+
+
+def test_adapters_tied_and_lora_mixed_equal_their_references(base_fp32, tmp_path):
+    names = ["inttune-nystrom-tied", "lora-rslora", "nlora-reference-format"]
+    config = EngineConfig(async_scheduling=True, adapter_dir=str(tmp_path / "store"),
+                          scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128, max_model_len=256),
+                          cache=CacheConfig(num_blocks=128))
+    core = EngineCore(config, base_fp32)
+    jobs = []
+    for name in names:
+        core.adapters.register_dir(name, CASES / name)
+        for ref in json.loads((CASES / name / "case.json").read_text())["references"]:
+            jobs.append((name, ref))
+    jobs.append((None, json.loads((CASES / "BASE_GREEDY.json").read_text())["references"][0]))
+    for i, (name, ref) in enumerate(jobs):
+        pinned = core.adapters.acquire(name) if name else None
+        core.add(f"r{i}", ref["prompt_token_ids"], _greedy(24), pinned)
+    got: dict[str, list[int]] = {}
+    while core.has_work():
+        for out in core.step():
+            got.setdefault(out.request_id, []).extend(out.token_ids)
+    for i, (name, ref) in enumerate(jobs):
+        assert matches_reference(got[f"r{i}"], ref["greedy_token_ids"], ref["top2_logit_margins"]), name
+    assert all(v.refcount == 0 for v in core.adapters.versions())
