@@ -3,10 +3,10 @@
 For each batch size B: B requests with P-token prompts go into one :class:`EngineCore`; once all
 are decoding, K more ``core.step()`` calls are timed (wall clock, device synchronised at both
 ends): the steady-state time per loop iteration with all host work included (scheduling, step
-inputs, graph replay or eager forward, sampling, detokenization), with async scheduling (the
-default on CUDA: step n+1 launched before step n's tokens are read back) and without it
-(``ours_sync``: each step's tokens read back before the next is scheduled), side by side. The same
-with ``enforce_eager=True``. The floor (issue 18): the same model shape as plain torch, a static
+inputs, graph replay or eager forward, sampling, detokenization): ``ours`` with async scheduling
+(step n+1 launched before step n's tokens are read back; the default on CUDA) and ``ours_sync``
+without it (each step's tokens read back before the next is scheduled), side by side; ``eager``
+with ``enforce_eager=True`` (and the device's default scheduling). The floor (issue 18): the same model shape as plain torch, a static
 [B, P + K] KV cache per layer, SDPA, greedy argmax, the whole step in one CUDA graph, timed by
 replaying it. Random (dummy) weights: timing only.
 
@@ -198,7 +198,7 @@ def main() -> None:
         for b in args.batch:
             row = {"batch": b, "lean": lean(cfg, dtype, args.device, b, args.prompt_len, args.steps, args.profile),
                    "ours": ours(model, dtype, args.device, b, args.prompt_len, args.steps, eager=False,
-                                profile=args.profile),
+                                profile=args.profile, overlap=True),
                    "ours_sync": ours(model, dtype, args.device, b, args.prompt_len, args.steps, eager=False,
                                      overlap=False),
                    "eager": ours(model, dtype, args.device, b, args.prompt_len, args.steps, eager=True)}

@@ -8,9 +8,9 @@ adapter: half on an IntTune tied pool, half on a LoRA pool):
 and, for comparison, the host-built AdapterBatch (the prefill form, the only form before).
 
 ``--loop``: instead, the whole ``EngineCore.step()`` (scheduling, step inputs, sampling, read-back,
-stop checks, detokenizing, emitting) with the model a stub that returns [R, 512] random logits (a
-small vocabulary, so the CPU's argmax stays small; token ids < 512 detokenize as real tokens), on
-the CPU, step by step and with async scheduling. Columns: ``step`` the thread's CPU time per call;
+stop checks, detokenizing, emitting) with the model a stub that returns [R, 128] random logits (a
+small vocabulary, so what the CPU computes in sampling stays small: on a GPU it is device work;
+ids < 128 detokenize as real tokens), on the CPU, step by step and with async scheduling. Columns: ``step`` the thread's CPU time per call;
 ``read-back`` the part spent reading a step's tokens back and emitting them (``_settle``: with async
 scheduling this part runs while the device computes the next step, so only ``step - read-back`` is
 left on the critical path of a GPU step).
@@ -137,13 +137,13 @@ def _stub_core(n: int, overlap: bool | None):
     core = EngineCore.__new__(EngineCore)
     core.config = EngineConfig(device="cpu", scheduler=SchedulerConfig(n, n * CONTEXT, 4096),
                                cache=CacheConfig(BLOCK, n * 20), **fields)
-    core.device, core.vocab_size, core.eos_ids = torch.device("cpu"), 512, set()
+    core.device, core.vocab_size, core.eos_ids = torch.device("cpu"), 128, set()
     core.tokenizer = AutoTokenizer.from_pretrained("bench/models/smollm2-135m")
-    core.runner, core.adapters, core.hook, core.requests = _StubRunner(512), None, AdapterHook(), {}
+    core.runner, core.adapters, core.hook, core.requests = _StubRunner(128), None, AdapterHook(), {}
     core.reset_scheduling(n * 20)
     params = SamplingParams(max_tokens=90, min_tokens=90, temperature=0.0, ignore_eos=True)
     for i in range(n):
-        core.add(f"r{i}", [(7 * i + j) % 500 + 1 for j in range(CONTEXT)], params)
+        core.add(f"r{i}", [(7 * i + j) % 120 + 1 for j in range(CONTEXT)], params)
     for _ in range(3):  # prefill, then the first decodes
         core.step()
     return core
