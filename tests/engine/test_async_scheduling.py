@@ -195,3 +195,29 @@ def test_penalties_seeds_and_logprobs_equal_the_step_by_step_engine(base_fp32, b
     for (expect, got_lp) in zip(got[False][2][1], got[True][2][1]):
         assert set(expect) == set(got_lp) and len(expect) in (3, 4)
         assert all(abs(expect[t] - got_lp[t]) < 1e-6 for t in expect)
+
+
+def test_warm_up_after_the_last_request_ended_with_a_step_in_flight(base_fp32):
+    from nlora_serve.engine.warmup import warm_up
+
+    core = _core(base_fp32, True)
+    core.add("a", [1, 9690, 198], _greedy(4))
+    core.step()
+    assert core.abort("a").finish_reason == "abort" and core._inflight is not None
+    report = warm_up(core)  # settles the orphan step first instead of refusing a busy engine
+    assert report.step_tokens and not core.has_work() and core.stats()["kv_blocks_used"] == 0
+
+
+def test_serve_flags_turn_it_on_and_off():
+    import argparse
+
+    from nlora_serve.serving.engine_flags import add_device_arguments, device_config
+
+    parser = argparse.ArgumentParser()
+    add_device_arguments(parser)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-model-len", type=int, default=256)
+    for flags, want in (([], False), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
+        config = device_config(parser.parse_args(["--device", "cpu", *flags]))
+        assert config.async_scheduling is want, flags
