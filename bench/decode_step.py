@@ -1,14 +1,14 @@
 """Our decode step against a lean plain-torch decode step of the same shape, timed in one run.
 
-For each batch size B: B requests with P-token prompts go into one :class:`EngineCore`; once all
-are decoding, K more ``core.step()`` calls are timed (wall clock, device synchronised at both
-ends): the steady-state time per loop iteration with all host work included (scheduling, step
-inputs, graph replay or eager forward, sampling, detokenization): ``ours`` with async scheduling
-(step n+1 launched before step n's tokens are read back; the default on CUDA) and ``ours_sync``
-without it (each step's tokens read back before the next is scheduled), side by side; ``eager``
-with ``enforce_eager=True`` (and the device's default scheduling). The floor (issue 18): the same model shape as plain torch, a static
-[B, P + K] KV cache per layer, SDPA, greedy argmax, the whole step in one CUDA graph, timed by
-replaying it. Random (dummy) weights: timing only.
+For each batch size B: B requests with P-token prompts go into one :class:`EngineCore`; once all are
+decoding, K more ``core.step()`` calls are timed (wall clock, device synchronised at both ends): the
+steady-state time per loop iteration with all host work included (scheduling, step inputs, graph
+replay or eager forward, sampling, detokenization): ``ours`` with async scheduling (step n+1
+launched before step n's tokens are read back; the default on CUDA) and ``ours_sync`` without it
+(each step's tokens read back before the next is scheduled), side by side; ``eager`` with
+``enforce_eager=True`` (and the device's default scheduling). The floor (issue 18): the same model
+shape as plain torch, a static [B, P + K] KV cache per layer, SDPA, greedy argmax, the whole step in
+one CUDA graph, timed by replaying it. Random (dummy) weights: timing only.
 
     python bench/decode_step.py --device cuda --model bench/models/smollm2-135m --batch 64 256 \
         --out bench/out/decode_step.json

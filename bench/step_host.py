@@ -9,11 +9,11 @@ and, for comparison, the host-built AdapterBatch (the prefill form, the only for
 
 ``--loop``: instead, the whole ``EngineCore.step()`` (scheduling, step inputs, sampling, read-back,
 stop checks, detokenizing, emitting) with the model a stub that returns [R, 128] random logits (a
-small vocabulary, so what the CPU computes in sampling stays small: on a GPU it is device work;
-ids < 128 detokenize as real tokens), on the CPU, step by step and with async scheduling. Columns: ``step`` the thread's CPU time per call;
-``read-back`` the part spent reading a step's tokens back and emitting them (``_settle``: with async
-scheduling this part runs while the device computes the next step, so only ``step - read-back`` is
-left on the critical path of a GPU step).
+small vocabulary, so what the CPU computes in sampling stays small: on a GPU it is device work; ids
+< 128 detokenize as real tokens), on the CPU, step by step and with async scheduling. Columns:
+``step`` the thread's CPU time per call; ``read-back`` the part spent reading a step's tokens back
+and emitting them (``_settle``: with async scheduling this part runs while the device computes the
+next step, so only ``step - read-back`` is left on the critical path of a GPU step).
 
 ``--device meta`` stands for a GPU: every op is dispatched and every buffer packed and "copied",
 but no data moves, so the numbers are the host's share of a GPU step. ``--device cpu``: the CPU

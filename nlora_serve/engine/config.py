@@ -142,7 +142,8 @@ class EngineConfig:
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda")
         if not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"EngineConfig.async_scheduling must be True, False or None; got {self.async_scheduling!r}")
+            raise ValueError("EngineConfig.async_scheduling must be True, False or None; "
+                             f"got {self.async_scheduling!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"EngineConfig.kernel_backend must be one of {', '.join(KERNEL_BACKENDS)}; "
                              f"got {self.kernel_backend!r}")

@@ -92,8 +92,8 @@ class Scheduler:
                 self._preempt(victim)
                 batch.preempted.append(victim)
         for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival)):
-            # (the last: its final token is sampled by a step in flight, async scheduling)
-            if seq.status is not SequenceStatus.RUNNING or budget == 0 or seq.num_output_tokens >= seq.params.max_tokens:
+            done = seq.num_output_tokens >= seq.params.max_tokens  # its last token is in flight (async scheduling)
+            if seq.status is not SequenceStatus.RUNNING or budget == 0 or done:
                 continue
             n = min(seq.num_uncomputed, budget)
             if self._reserve(seq, n, batch):

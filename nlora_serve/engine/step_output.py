@@ -50,7 +50,8 @@ class SampledStep:
         tokens = [int(t) for t in values[:r]]
         finite = [v != 0.0 for v in values[r:2 * r]]
         logprobs: list = [None] * r
-        sampled_lp, top_v, top_i = values[2 * r:2 * r + w], values[2 * r + w:2 * r + w + w * k], values[2 * r + w + w * k:]
+        at = 2 * r + w  # after the tokens, the finite flags and the sampled tokens' log-probabilities
+        sampled_lp, top_v, top_i = values[2 * r:at], values[at:at + w * k], values[at + w * k:]
         for j, row in enumerate(self.logprob_rows):
             want = self.seqs[row].params.logprobs
             entry = {tokens[row]: sampled_lp[j]}
