@@ -1,6 +1,8 @@
-"""The synchronous engine core: requests in, one step at a time, output deltas out.
+"""The engine core: requests in, one step at a time, output deltas out.
 
 No threads here; :class:`nlora_serve.engine.llm_engine.LLMEngine` drives it from its step thread.
+With async scheduling a step's tokens are read back during the next call, after the next step is
+launched (:meth:`EngineCore.step`), so the device never waits for the host's detokenizing.
 Every terminal path (finish, stop, abort, error) goes through :meth:`EngineCore._retire`, the
 one place that frees a request's KV blocks.
 """
