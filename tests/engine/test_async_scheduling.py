@@ -112,8 +112,12 @@ def test_no_token_past_a_stop_is_emitted_and_the_cache_ends_as_step_by_step(base
         assert deltas["r0"][-1].finish_reason == "stop"
         assert len([t for d in deltas["r2"] for t in d.token_ids]) == 3
         assert core.stats()["kv_blocks_used"] == 0
-        results[overlap] = (sorted(core.blocks._cached), [[(o.request_id, o.token_ids) for o in s] for s in steps])
+        assert (steps[0] == []) is overlap  # async: the first step's tokens come out of the second call
+        results[overlap] = (sorted(core.blocks._cached), [[(o.request_id, o.token_ids) for o in s] for s in steps],
+                            core.counters["computed_tokens"])
     assert results[True][0] == results[False][0]  # the same blocks published, same hashes
+    # one token computed and dropped: r0's step after its stop; the length ends were never scheduled
+    assert results[True][2] == results[False][2] + 1
     emitted = {o: [x for s in results[o][1] for x in s] for o in (False, True)}
     assert emitted[True] == emitted[False]  # the same deltas in the same order
 
