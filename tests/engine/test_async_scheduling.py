@@ -225,3 +225,40 @@ def test_serve_flags_turn_it_on_and_off():
     for flags, want in (([], False), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
         config = device_config(parser.parse_args(["--device", "cpu", *flags]))
         assert config.async_scheduling is want, flags
+
+
+def test_sampling_never_reads_a_device_value_and_packs_one_read_back():
+    """On a GPU the host must not wait between launching a step and reading its tokens back: no op
+    of sample_step may turn a tensor into a host value (``_local_scalar_dense`` is what ``item``,
+    ``bool`` and ``int`` of a tensor dispatch; ``nonzero`` has a data-dependent shape)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nlora_serve.engine.step_output import sample_step
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    logits[1, 4] = float("nan")
+    params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.7, top_k=5, top_p=0.8, seed=3, min_tokens=2, logprobs=0)]
+    seqs = [Sequence(str(i), i, [1, 2], 2, p, torch.Generator().manual_seed(3) if p.seed else None)
+            for i, p in enumerate(params)]
+    raw = logits.clone()
+    with Ops() as ops:
+        step = sample_step(logits, [(s, 1) for s in seqs], seqs, [{7}] * 3, torch.Generator().manual_seed(0))
+    assert ops.names and not {"_local_scalar_dense", "nonzero", "item"} & set(ops.names)
+    tokens, finite, logprobs = step.read()
+    assert finite == [True, False, True]
+    assert tokens[0] == int(raw[0].argmax()) and tokens[2] != 7 and logprobs[1] is None
+    want = raw.double().log_softmax(-1)  # the model's distribution, before penalties and temperature
+    top = want[0].topk(2)
+    assert set(logprobs[0][0]) == {tokens[0], *top.indices.tolist()}
+    assert all(abs(logprobs[0][0][t] - float(want[0, t])) < 1e-5 for t in logprobs[0][0])
+    assert list(logprobs[2][0]) == [tokens[2]] and abs(logprobs[2][0][tokens[2]] - float(want[2, tokens[2]])) < 1e-5
