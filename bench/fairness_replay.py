@@ -1,14 +1,19 @@
 """Model-free replay of the fairness load (issue 20) through the real scheduler, in steps.
 
 The scheduler alone decides who waits; on a loaded CPU the engine's step time moves between runs,
-so the bench's seconds are noisy. Here every step takes one unit of time, requests arrive as
-Poisson processes in steps, and each scheduled sequence computes its tokens at once: the same
-scheduler code, no model, exact and repeatable. The load is bench/prefix_fairness.py's: ten
-tenants, capacity C = max_num_seqs / (new tokens + 1) requests per step, nine light tenants at
-C / divisor each (below their share C / 10) and a heavy one at 10× that. Printed per policy: each
-light tenant's TTFT p99 (steps) with the heavy tenant over its value without it.
+so the bench's seconds are noisy. Here requests arrive as Poisson processes in time units and
+each scheduled sequence computes its tokens at once: the same scheduler code, no model, exact and
+repeatable. A decode-only step takes one unit; a step that prefills (a new request, or one
+recomputing after a preemption) takes ``1 + --prefill-cost`` units plus ``--token-cost`` per
+prefill token: on a GPU such steps run eager, not as a captured graph, and on a CPU they cost
+per token, which is what makes needless preemptions expensive. The load is
+bench/prefix_fairness.py's: ten tenants, capacity C = max_num_seqs / (new tokens + 1) requests per
+unit (a decode-only measure, as the bench's burst), nine light tenants at C / divisor each (below
+their share C / 10) and a heavy one at 10x that. Printed per policy: the light tenants' TTFT p99
+(units) without the heavy tenant, with it, their ratio, and the preemptions of each run.
 
     .venv/bin/python bench/fairness_replay.py
+    .venv/bin/python bench/fairness_replay.py --prefill-cost 1    # the H200 light-only case
 """
 
 from __future__ import annotations
@@ -36,14 +41,15 @@ def arrivals(args, heavy: bool) -> list[tuple[float, str]]:
     return sorted(out)
 
 
-def light_ttft_p99(args, policy: str, heavy: bool) -> dict[str, float]:
-    """Each light tenant's TTFT p99 in steps (a request never served counts as waiting to the end)."""
+def replay(args, policy: str, heavy: bool) -> tuple[dict[str, float], int]:
+    """Each light tenant's TTFT p99 in time units (a request never served counts as waiting to
+    the end), and the preemptions of the run."""
     config = SchedulerConfig(policy=policy, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512,
                              max_model_len=args.prompt + args.new_tokens + 1)
     sched = Scheduler(config, BlockManager(4096, 16))
     pending, first, arrived = arrivals(args, heavy), {}, {}
-    i = 0
-    for now in range(args.steps):
+    i, now, preempted = 0, 0.0, 0
+    for _ in range(args.steps):
         while i < len(pending) and pending[i][0] <= now:
             at, tenant = pending[i]
             seq = Sequence(f"r{i}", i, [5] * args.prompt, args.prompt, SamplingParams(), tenant=tenant)
@@ -51,18 +57,21 @@ def light_ttft_p99(args, policy: str, heavy: bool) -> dict[str, float]:
             sched.add(seq)
             i += 1
         batch = sched.schedule()
+        preempted += len(batch.preempted)
+        prefill = sum(n for n in batch.num_tokens if n > 1)
+        now += 1 + (args.prefill_cost + args.token_cost * prefill if prefill else 0)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens == seq.num_tokens:
                 seq.token_ids.append(7)
-                first.setdefault(seq.request_id, now + 1)
+                first.setdefault(seq.request_id, now)
                 if seq.num_tokens - args.prompt >= args.new_tokens:
                     sched.finish(seq)
     waits: dict[str, list[float]] = {}
     for rid, (at, tenant) in arrived.items():
         if tenant != "t0":
-            waits.setdefault(tenant, []).append(first.get(rid, args.steps) - at)
-    return {t: sorted(w)[min(len(w) - 1, int(0.99 * len(w)))] for t, w in sorted(waits.items())}
+            waits.setdefault(tenant, []).append(first.get(rid, now) - at)
+    return {t: sorted(w)[min(len(w) - 1, int(0.99 * len(w)))] for t, w in sorted(waits.items())}, preempted
 
 
 def main() -> None:
@@ -71,15 +80,20 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--divisor", type=float, default=12.0, help="light rate = C / this")
+    ap.add_argument("--prefill-cost", type=float, default=0.0, help="extra units of a step that prefills")
+    ap.add_argument("--token-cost", type=float, default=0.0, help="extra units per prefill token")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=5)
     args = ap.parse_args()
-    print("policy  light TTFT p99 with / without the heavy tenant: worst  median  (target <= 2x)")
+    print("light TTFT p99 (time units), worst / median over the nine; preemptions of each run")
+    print("policy   alone            with the heavy one   ratio with / without    preemptions alone, with")
     for policy in ("fcfs", "fair"):
-        alone, mixed = light_ttft_p99(args, policy, False), light_ttft_p99(args, policy, True)
-        ratios = sorted(mixed[t] / alone[t] for t in alone)
-        print(f"{policy:6s}  {ratios[-1]:8.2f}x  {ratios[len(ratios) // 2]:6.2f}x")
-
+        (alone, pre_alone), (mixed, pre_mixed) = replay(args, policy, False), replay(args, policy, True)
+        cells = []
+        for values in (alone.values(), mixed.values(), [mixed[t] / alone[t] for t in alone]):
+            ordered = sorted(values)
+            cells.append(f"{ordered[-1]:8.1f} {ordered[len(ordered) // 2]:7.1f}")
+        print(f"{policy:6s} {cells[0]}   {cells[1]}      {cells[2]}x        {pre_alone:6d} {pre_mixed:6d}")
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,9 @@
 #     float64 truth (the interpreter's cases; the last step also runs the tiled tied expand's).
 # Call 2, `bash bench/gpu_check.sh extra` (GPU_CHECK_SECONDS = the device time left):
 #   engine_8b: tied64 and lora8 against our base at the llama-8b dummy shape (issue 19);
-#   prefix_8b, fairness: issue 20 at scale; tune_kernels: tied_fused configs for this device.
+#   prefix_8b, fairness: issue 20 at scale (fairness's table ends with the preemptions and worst
+#     light TTFT p99 per policy, with and without the heavy tenant: fair should preempt nothing
+#     without it); tune_kernels: tied_fused configs for this device.
 # Needs only torch + triton + transformers + peft + pytest + numpy (the device image has them);
 # the package is used from the working tree. Writes under $OUT (default bench/out/gpu).
 set -uo pipefail

@@ -157,10 +157,12 @@ def bench_fairness(args, base, store: Path) -> dict:
     vocab = base.spec.vocab_size
     params = SamplingParams(max_tokens=args.fair_new_tokens, temperature=0.0, ignore_eos=True)
     max_len = args.fair_prompt + args.fair_new_tokens
-    with make_engine(args, base, store, False, "fcfs", max_len) as engine:  # capacity, requests/s
-        burst = [Job("t0", None, [random.Random(i).randrange(100, vocab) for _ in range(args.fair_prompt)], 0.0)
-                 for i in range(2 * args.max_num_seqs)]
-        capacity = len(burst) / asyncio.run(drive(engine, burst, params))
+    capacity = args.capacity
+    if capacity is None:  # requests/s of a burst (decode-only steps: Poisson arrivals get less)
+        with make_engine(args, base, store, False, "fcfs", max_len) as engine:
+            burst = [Job("t0", None, [random.Random(i).randrange(100, vocab) for _ in range(args.fair_prompt)], 0.0)
+                     for i in range(2 * args.max_num_seqs)]
+            capacity = len(burst) / asyncio.run(drive(engine, burst, params))
     light_rate = capacity / args.overload_divisor  # 9 light: below capacity; with the heavy: over it
     result = {"capacity_per_s": capacity, "light_rate_per_s": light_rate}
     log("fairness capacity", result)
@@ -221,6 +223,10 @@ def print_table(res: dict) -> None:
               "  (with / without the heavy tenant; target <= 2x)")
         print(f"Jain's index, backlogged    {f['fcfs']['jain_backlogged']:8.3f}  {f['fair']['jain_backlogged']:8.3f}"
               "  (target >= 0.98)")
+        for key, what in (("alone", "without"), ("with_heavy", "with")):
+            cells = "".join(f"  {f[p][key + '_engine'].get('preemptions', 0):4d} / {max(f[p][key].values()):6.3f}"
+                            for p in ("fcfs", "fair"))
+            print(f"preemptions / worst light TTFT p99 (s), {what} the heavy tenant:{cells}")
 
 
 def main() -> None:
@@ -244,6 +250,9 @@ def main() -> None:
     ap.add_argument("--fair-new-tokens", type=int, default=32)
     ap.add_argument("--overload-divisor", type=float, default=12.0,
                     help="light rate = capacity / this (9 light below capacity, +heavy 10x over it)")
+    ap.add_argument("--capacity", type=float, default=None,
+                    help="fairness: requests/s to size the load by, instead of measuring a burst (the same load "
+                         "for runs to compare on a machine whose speed moves)")
     ap.add_argument("--duration", type=float, default=60.0, help="fairness: seconds of arrivals")
     ap.add_argument("--backlog", type=int, default=6, help="fairness: queued requests per light tenant")
     ap.add_argument("--tokenizer", default=None,

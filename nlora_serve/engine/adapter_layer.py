@@ -20,11 +20,6 @@ from nlora_serve.kernels.dispatch import apply_adapters
 from nlora_serve.kernels.metadata import NO_ADAPTER, TIED, AdapterBatch, build_adapter_batch
 from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedProjection
 
-# The native ops run on one core and cost ~4 us (tied) / ~8 us (LoRA, r = 16) a token per layer;
-# torch's GEMMs catch up at a few hundred tokens (bench/adapter_kernels.py: equal at T = 512 in bf16) and
-# use both cores, so prefill-sized steps stay on the torch path.
-NATIVE_MAX_TOKENS = 256
-
 
 @dataclass(slots=True)
 class _Projection:
@@ -70,8 +65,9 @@ class AdapterHook:
 
     Args:
         native: the native CPU ops (:func:`nlora_serve.kernels.native.load_native`); when given,
-            steps of ≤ NATIVE_MAX_TOKENS on the CPU run through them, one call per fused projection
-            and token kind (tied, group). None: the torch path of :func:`apply_adapters`, one call
+            CPU steps run through them, one call per fused projection and token kind (tied, group),
+            prefill-sized steps split over torch's threads (the torch path cost 4x the native one
+            there: bench/RESULTS.md, issue 22). None: the torch path of :func:`apply_adapters`, one call
             per module.
         triton: run the Triton path (:func:`apply_adapters` with backend "triton") whatever the
             device: on CUDA it is the default anyway; on CPU tensors it needs TRITON_INTERPRET=1.
@@ -164,8 +160,7 @@ class AdapterHook:
             self._apply_decode(entry, x, y, layer, modules, widths)
         for pool, batch in self._entries:
             proj = self._projection(pool, layer, modules, widths)
-            if (self.native is not None and batch.num_tokens <= NATIVE_MAX_TOKENS and not y.is_cuda
-                    and proj.native_serves(batch)):
+            if self.native is not None and not y.is_cuda and proj.native_serves(batch):
                 # Tied and group tokens are disjoint rows: neither op reads a row the other writes.
                 if batch.num_tied:
                     self.native.tied_apply(y, batch, proj.tied)

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from nlora_serve.engine.attention import paged_attention
 from nlora_serve.engine.batch_info import BatchInfo
+from nlora_serve.engine.cpu_gemm import PackedLinear, can_prepack
 from nlora_serve.engine.rope import apply_rope, rope_config, rope_tables
+from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.models import BaseModel, ModelSpec
 
 # hook(x [T, in], y [T, Σ widths] (the fused output: add into it in place), layer_idx, module
@@ -32,15 +34,18 @@ class AdaptedLinear:
     ``adapter_hook`` is None while no adapter is installed: then only the base GEMM runs. When set,
     it is called once per call with the fused ``y`` and each module's width, and adds the
     adapters' deltas into it in place (the engine sets it to the kernels' dispatch).
+    ``prepack``: on the CPU, run the GEMM on a copy of the weight prepacked for oneDNN
+    (engine/cpu_gemm.py); ``weight`` stays the plain tensor the adapters read.
     """
 
-    __slots__ = ("weight", "bias", "layer_idx", "modules", "widths", "adapter_hook")
+    __slots__ = ("weight", "bias", "packed", "layer_idx", "modules", "widths", "adapter_hook")
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], layer_idx: int,
-                 modules: tuple[str, ...], device: torch.device) -> None:
+                 modules: tuple[str, ...], device: torch.device, prepack: bool = False) -> None:
         fused = torch.cat(weights) if len(weights) > 1 else weights[0]
         self.weight = fused.to(device).contiguous()  # [out, in] on the engine's device
         self.bias = torch.cat(biases).to(device) if all(b is not None for b in biases) else None  # [out]
+        self.packed = packed_linear(self.weight, self.bias, prepack)
         self.layer_idx = layer_idx
         self.modules = modules
         self.widths = [w.shape[0] for w in weights]  # output columns of each module, in order
@@ -48,7 +53,7 @@ class AdaptedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [T, in] -> ``y`` [T, out], in the weight's dtype."""
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.packed is None else self.packed(x)
         if self.adapter_hook is not None:
             self.adapter_hook(x, y, self.layer_idx, self.modules, self.widths)
         return y
@@ -68,19 +73,25 @@ class AdaptedLinear:
         return self.bias[start:start + self.widths[i]]
 
 
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool) -> PackedLinear | None:
+    """A :class:`PackedLinear` of ``weight`` when asked and possible here, else None (F.linear)."""
+    return PackedLinear(weight, bias) if prepack and can_prepack(weight) else None
+
+
 class DecoderLayer:
     """Pre-norm attention + SiLU-gated MLP, each with a residual connection."""
 
-    def __init__(self, base: BaseModel, layer: int, eps: float, device: torch.device) -> None:
+    def __init__(self, base: BaseModel, layer: int, eps: float, device: torch.device, prepack: bool = False) -> None:
         w, spec = base.weights, base.spec
         prefix = f"model.layers.{layer}"
         bias = [w.get(f"{ModelSpec.module_path(layer, m)}.bias") for m in ("q_proj", "k_proj", "v_proj")]
         self.qkv = AdaptedLinear([base.weight(layer, m) for m in ("q_proj", "k_proj", "v_proj")], bias,
-                                 layer, ("q_proj", "k_proj", "v_proj"), device)
-        self.o_proj = AdaptedLinear([base.weight(layer, "o_proj")], [None], layer, ("o_proj",), device)
+                                 layer, ("q_proj", "k_proj", "v_proj"), device, prepack)
+        self.o_proj = AdaptedLinear([base.weight(layer, "o_proj")], [None], layer, ("o_proj",), device, prepack)
         self.gate_up = AdaptedLinear([base.weight(layer, m) for m in ("gate_proj", "up_proj")], [None, None],
-                                     layer, ("gate_proj", "up_proj"), device)
-        self.down_proj = AdaptedLinear([base.weight(layer, "down_proj")], [None], layer, ("down_proj",), device)
+                                     layer, ("gate_proj", "up_proj"), device, prepack)
+        self.down_proj = AdaptedLinear([base.weight(layer, "down_proj")], [None], layer, ("down_proj",), device,
+                                       prepack)
         self.input_norm = w[f"{prefix}.input_layernorm.weight"].float().to(device)
         self.post_norm = w[f"{prefix}.post_attention_layernorm.weight"].float().to(device)
         self.eps = eps
@@ -88,17 +99,22 @@ class DecoderLayer:
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.scale = spec.head_dim ** -0.5
         self.attention: Attention = paged_attention  # set by LlamaModel.set_attention
+        self.ops: LayerOps | None = None  # native elementwise ops (set by LlamaModel.set_layer_ops)
 
     def projections(self) -> tuple[AdaptedLinear, ...]:
         return self.qkv, self.o_proj, self.gate_up, self.down_proj
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor,
-                 info: BatchInfo) -> torch.Tensor:
+                 info: BatchInfo, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Residual ``x`` [T, hidden] float32 -> float32; writes this step's K/V into ``kv_layer``.
 
+        ``cos``, ``sin``: the torch path's per-token [T, 1, D] rows; with native ops, the whole
+        [max_len, D] tables and ``positions`` [T] (the op indexes them itself).
         The residual stream and the norms stay in float32 (only GEMM inputs are cast to the
         compute dtype): in bf16 that halves the logit error against fp32 for ~1% of the time.
         """
+        if self.ops is not None:
+            return self._native(x, cos, sin, kv_layer, info, positions)
         t, hd = x.shape[0], self.head_dim
         qkv = self.qkv(F.rms_norm(x, x.shape[-1:], self.input_norm, self.eps).to(self.dtype))
         nq = self.num_heads + self.num_kv_heads
@@ -110,27 +126,54 @@ class DecoderLayer:
         gate, up = self.gate_up(normed).chunk(2, dim=-1)
         return h + self.down_proj(F.silu(gate) * up)
 
+    def _native(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor,
+                info: BatchInfo, positions: torch.Tensor) -> torch.Tensor:
+        """The same maths with the elementwise work in the native ops, one pass each; ``x`` is
+        updated in place (the residual stream is this forward's own tensor)."""
+        ops, t, hd = self.ops, x.shape[0], self.head_dim
+        qkv = self.qkv(ops.add_rms_norm(x, None, self.input_norm, self.eps, self.dtype))
+        nq = self.num_heads + self.num_kv_heads
+        qk = ops.rope(qkv[:, : nq * hd].view(t, nq, hd), positions, cos, sin)  # in place, after the hook
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, nq * hd:].view(t, self.num_kv_heads, hd)
+        normed = ops.add_rms_norm(x, self.o_proj(self.attention(q, k, v, kv_layer, info, self.scale)),
+                                  self.post_norm, self.eps, self.dtype)
+        return x.add_(self.down_proj(ops.silu_mul(self.gate_up(normed))))
+
 
 class LlamaModel:
-    """The whole stack: embeddings, decoder layers, final norm, (tied) lm_head."""
+    """The whole stack: embeddings, decoder layers, final norm, (tied) lm_head.
 
-    def __init__(self, base: BaseModel, max_len: int, device: torch.device | str = "cpu") -> None:
+    ``prepack``: on the CPU, every GEMM (the lm_head too) runs on oneDNN-prepacked weights
+    (engine/cpu_gemm.py); off the CPU, or with a dtype oneDNN cannot take, it is ignored.
+    """
+
+    def __init__(self, base: BaseModel, max_len: int, device: torch.device | str = "cpu",
+                 prepack: bool = False) -> None:
         rope, eps = rope_config(base.path / "config.json")
         device = torch.device(device)
         self.spec = base.spec
         self.device = device
         self.embed = base.weights["model.embed_tokens.weight"].to(device)  # [V, hidden]
         self.lm_head = self.embed if base.spec.tie_word_embeddings else base.weights["lm_head.weight"].to(device)
+        self.lm_head_packed = packed_linear(self.lm_head, None, prepack)
         self.norm = base.weights["model.norm.weight"].float().to(device)
         self.eps = eps
-        self.layers = [DecoderLayer(base, i, eps, device) for i in range(base.spec.num_layers)]
+        self.layers = [DecoderLayer(base, i, eps, device, prepack) for i in range(base.spec.num_layers)]
         self.cos, self.sin = (t.to(device) for t in rope_tables(base.spec.head_dim, max_len, rope))
         self.dtype = base.dtype
+        self.layer_ops: LayerOps | None = None
 
     def set_attention(self, attention: Attention) -> None:
         """Run every layer's attention through ``attention`` (engine/attention/, per device)."""
         for layer in self.layers:
             layer.attention = attention
+
+    def set_layer_ops(self, ops: LayerOps | None) -> None:
+        """Run every layer's RMSNorm, RoPE and SiLU · up through the native ``ops`` (None: torch)."""
+        self.layer_ops = ops
+        for layer in self.layers:
+            layer.ops = ops
 
     def projection(self, layer: int, module: str) -> AdaptedLinear:
         """The (fused) projection of ``layer`` that computes ``module``."""
@@ -152,9 +195,13 @@ class LlamaModel:
             [R, V] float32 logits for ``info.logits_indices``.
         """
         x = F.embedding(input_ids, self.embed).float()  # the residual stream, float32
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D] float32
-        sin = self.sin[positions].unsqueeze(1)
+        if self.layer_ops is not None:  # the native RoPE indexes the tables itself
+            cos, sin = self.cos, self.sin
+        else:
+            cos = self.cos[positions].unsqueeze(1)  # [T, 1, D] float32
+            sin = self.sin[positions].unsqueeze(1)
         for layer, kv_layer in zip(self.layers, kv_cache):
-            x = layer(x, cos, sin, kv_layer, info)
+            x = layer(x, cos, sin, kv_layer, info, positions)
         last = F.rms_norm(x[info.logits_indices], x.shape[-1:], self.norm, self.eps).to(self.dtype)
-        return F.linear(last, self.lm_head).float()
+        logits = F.linear(last, self.lm_head) if self.lm_head_packed is None else self.lm_head_packed(last)
+        return logits.float()

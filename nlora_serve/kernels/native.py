@@ -1,6 +1,7 @@
 """Native CPU ops: the Nyström-tied path of one fused projection (``cpu/tied_apply.c``), the group
-path (plain LoRA / NLoRA / families) of one fused projection (``cpu/group_apply.c``) and decode
-attention over the paged KV cache (``cpu/paged_attention.c``).
+path (plain LoRA / NLoRA / families) of one fused projection (``cpu/group_apply.c``), decode
+attention over the paged KV cache (``cpu/paged_attention.c``) and the decoder layer's elementwise
+ops (``cpu/layer_ops.c``, wrapped in ``kernels/layer_ops.py``).
 
 Why native: at decode sizes (T ≈ 64, r = 16) the tied path's arithmetic is ~2-3% of the base
 GEMMs', but in torch it is five to seven small ops per module, each with a few µs of fixed cost,
@@ -30,20 +31,27 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.kernels.metadata import AdapterBatch
 from nlora_serve.kernels.weights import SiteWeights
 
 log = logging.getLogger(__name__)
 
 _CPU = Path(__file__).with_name("cpu")
-SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "paged_attention.c"))
+SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "paged_attention.c", "layer_ops.c"))
 HEADERS = (_CPU / "vec16.h", _CPU / "adapter_tiles.h")  # part of the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
+# the adapter ops split their tokens over torch's threads from this many (prefill-sized steps;
+# at decode sizes a thread hand-off costs more than the work)
+PARALLEL_MIN_ROWS = 256
+_MAX_POOL = 15
+_POOL: ThreadPoolExecutor | None = None
 MAX_RANK = 128  # the C side's static buffers (cpu/adapter_tiles.h MAX_RANK, MAX_MODULES)
 MAX_MODULES = 4
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -114,6 +122,7 @@ class NativeOps:
                 fns[dtype] = fn
         self._decode = lib.nlora_paged_decode
         self._decode.restype, self._decode.argtypes = ctypes.c_int, _DECODE_ARGTYPES
+        self.layer = LayerOps(lib)  # RMSNorm + residual, RoPE, SiLU · up (kernels/layer_ops.py)
 
     def plan(self, sites: list[SiteWeights | None], widths: list[int]) -> TiedProjection | None:
         """Lay out the tied pools of one fused projection; None when the op cannot serve it.
@@ -213,11 +222,15 @@ class NativeOps:
         index = batch.group_index.contiguous()
         slots, fams = batch.tok_group_slot.contiguous(), batch.tok_group_family.contiguous()
         scalings = batch.slot_scalings.contiguous()
-        rc = self._group_fns[plan.dtype](
-            y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), plan.dim_in, index.data_ptr(), index.numel(),
-            slots.data_ptr(), fams.data_ptr(), scalings.data_ptr(), batch.max_rank, plan.num_modules,
-            plan.offsets, plan.widths, plan.rank_widths, plan.a_ptrs, *plan.a_strides, plan.n_ptrs,
-            *plan.n_strides, plan.b_ptrs, *plan.b_strides)
+
+        def rows(start: int, count: int) -> int:  # index[start : start + count]: disjoint tokens
+            return self._group_fns[plan.dtype](
+                y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), plan.dim_in,
+                index.data_ptr() + start * index.element_size(), count, slots.data_ptr(), fams.data_ptr(),
+                scalings.data_ptr(), batch.max_rank, plan.num_modules, plan.offsets, plan.widths, plan.rank_widths,
+                plan.a_ptrs, *plan.a_strides, plan.n_ptrs, *plan.n_strides, plan.b_ptrs, *plan.b_strides)
+
+        rc = split_rows(index.numel(), rows)
         if rc == -2:
             raise MemoryError("native group op: no memory for its scratch buffers")
         if rc != 0:  # plan_group() admits only what the C side's buffers hold
@@ -244,9 +257,15 @@ class NativeOps:
             raise ValueError(f"y must be a CPU [T={batch.num_tokens}, {plan.width}] {plan.dtype} tensor with "
                              f"unit column stride; got {tuple(y.shape)} {y.dtype} strides {y.stride()}")
         slots, scalings = batch.tok_tied_slot.contiguous(), batch.slot_scalings.contiguous()
-        rc = self._fns[plan.dtype](y.data_ptr(), y.shape[0], y.stride(0), slots.data_ptr(), scalings.data_ptr(),
-                                   plan.num_modules, plan.offsets, plan.widths, plan.n_ptrs, plan.n_slot_stride,
-                                   plan.n_row_stride, plan.rank, plan.bt_ptrs, plan.bias_ptrs)
+        row_bytes = y.stride(0) * y.element_size()
+
+        def rows(start: int, count: int) -> int:  # tokens start .. start + count: disjoint rows of y
+            return self._fns[plan.dtype](
+                y.data_ptr() + start * row_bytes, count, y.stride(0), slots.data_ptr() + 4 * start,
+                scalings.data_ptr(), plan.num_modules, plan.offsets, plan.widths, plan.n_ptrs, plan.n_slot_stride,
+                plan.n_row_stride, plan.rank, plan.bt_ptrs, plan.bias_ptrs)
+
+        rc = split_rows(y.shape[0], rows)
         if rc != 0:  # plan() admits only what the C side's buffers hold
             raise ValueError(f"native tied op refused rank {plan.rank} / {plan.num_modules} modules")
         return y
@@ -290,6 +309,23 @@ class NativeOps:
         if rc != 0:
             raise MemoryError("paged_decode: no memory or thread for the score buffers")
         return out
+
+
+def split_rows(total: int, call) -> int:
+    """Run ``call(start, count)`` over rows ``0 .. total`` (each row's work independent of the
+    others'), split over torch's thread count when there are at least :data:`PARALLEL_MIN_ROWS`;
+    the first part on this thread, the rest on a shared pool (ctypes releases the GIL). Returns
+    the first non-zero return code, else 0."""
+    parts = min(torch.get_num_threads(), total // PARALLEL_MIN_ROWS, _MAX_POOL + 1)
+    if parts <= 1:
+        return call(0, total)
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(_MAX_POOL, thread_name_prefix="nlora-native")
+    bounds = [total * i // parts for i in range(parts + 1)]
+    futures = [_POOL.submit(call, bounds[i], bounds[i + 1] - bounds[i]) for i in range(1, parts)]
+    codes = [call(0, bounds[1])] + [f.result() for f in futures]
+    return next((rc for rc in codes if rc != 0), 0)
 
 
 def _array(ctype, values: list):

@@ -164,9 +164,11 @@ def test_bf16_prefill_logits_with_an_adapter_close_to_fp32(base_fp32, tmp_path, 
 
 
 @ASYNC
-def test_non_finite_logits_end_only_the_requests_they_belong_to(engine, monkeypatch):
+@pytest.mark.parametrize("bad_value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_logits_end_only_the_requests_they_belong_to(engine, monkeypatch, bad_value):
     # An adapter whose delta overflows mid-forward (inf -> NaN logits) ends its own request with
-    # an error; the base-model request in the same batch goes on untouched.
+    # an error; the base-model request in the same batch goes on untouched. Any one non-finite
+    # logit of the 49,152 counts, whichever sign.
     name = "lora-rslora"
     engine.adapters.register_dir(name, CASES / name)
     execute = engine.core.runner.execute
@@ -176,7 +178,7 @@ def test_non_finite_logits_end_only_the_requests_they_belong_to(engine, monkeypa
         sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
         for row, seq in enumerate(sampling):
             if seq.adapter is not None:
-                logits[row, 7] = float("inf")
+                logits[row, 7] = bad_value
         return logits
 
     monkeypatch.setattr(engine.core.runner, "execute", overflow)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from greedy_rule import matches_reference
@@ -16,9 +17,11 @@ from nlora_serve.engine.sequence import Sequence
 GREEDY_24 = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)  # = HF min_new_tokens
 
 
-def prefill_logits(base, ids: list[int], hook=None) -> torch.Tensor:
-    """Last-token logits [V] of one prompt through our runner (in two chunks, so the cache is used)."""
-    runner = ModelRunner(base, num_blocks=16, block_size=8, max_model_len=128)
+def prefill_logits(base, ids: list[int], hook=None, prepack: bool = False, layer_ops=None) -> torch.Tensor:
+    """Last-token logits [V] of one prompt through our runner (in two chunks, so the cache is used);
+    ``prepack``, ``layer_ops``: the CPU's oneDNN GEMMs and native layer ops (torch ops without)."""
+    runner = ModelRunner(base, num_blocks=16, block_size=8, max_model_len=128, prepack=prepack)
+    runner.set_layer_ops(layer_ops)
     runner.set_adapter_hook(hook)
     blocks = BlockManager(16, 8)
     seq = Sequence("p", 0, list(ids), len(ids), GREEDY_24)
@@ -67,11 +70,13 @@ def test_long_prompt_chunked_and_preempted_matches_transformers(make_engine, bas
         assert matches_reference(out.token_ids, want, margins)
 
 
-def test_bf16_prefill_logits_close_to_fp32(base_fp32, base_greedy):
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "prepacked-native-ops"])
+def test_bf16_prefill_logits_close_to_fp32(base_fp32, base_greedy, native, native_ops):
     base_bf16 = load_base(str(base_fp32.path), torch.bfloat16)
     for ref in base_greedy:
         fp32 = prefill_logits(base_fp32, ref["prompt_token_ids"])
-        bf16 = prefill_logits(base_bf16, ref["prompt_token_ids"])
+        bf16 = prefill_logits(base_bf16, ref["prompt_token_ids"], prepack=native,
+                              layer_ops=native_ops.layer if native else None)
         assert bf16.dtype == torch.float32
         assert float((bf16 - fp32).norm() / fp32.norm()) < 2e-2
 
@@ -102,3 +107,13 @@ def test_adapter_hook_sees_every_projection_and_its_add_reaches_the_logits(base_
         handle.remove()
     assert torch.allclose(ours, want, atol=2e-3, rtol=0)
     assert not torch.allclose(prefill_logits(base_fp32, ids), want, atol=2e-3, rtol=0)
+
+
+def test_fp32_native_layer_ops_and_prepacked_gemms_match_the_torch_ops(base_fp32, base_greedy, native_ops):
+    """The CPU's fast path (oneDNN-prepacked GEMMs, native RMSNorm / RoPE / SiLU · up) against
+    the torch ops (which the tests above hold to transformers), through the whole 30-layer model."""
+    for ref in base_greedy[:3]:
+        plain = prefill_logits(base_fp32, ref["prompt_token_ids"])
+        fast = prefill_logits(base_fp32, ref["prompt_token_ids"], prepack=True, layer_ops=native_ops.layer)
+        assert float((fast - plain).norm() / plain.norm()) < 1e-5
+        assert int(fast.argmax()) == int(plain.argmax())

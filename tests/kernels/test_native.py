@@ -12,6 +12,7 @@ import torch
 
 from kernel_cases import TOL, draw_slots
 from nlora_serve.kernels import TIED, SiteWeights, build_adapter_batch
+from nlora_serve.kernels.native import PARALLEL_MIN_ROWS
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -181,3 +182,22 @@ def test_paged_decode_refuses_shapes_it_cannot_take(native_ops):
         native_ops.paged_decode(q, kv, tables, lens, 0.2, out)
     with pytest.raises(ValueError, match="contiguous"):
         native_ops.paged_decode(q.to(torch.bfloat16), kv, tables, lens, 0.2, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("threads", (2, 3))
+def test_prefill_sized_steps_split_over_threads(native_ops, dtype, threads):
+    """≥ PARALLEL_MIN_ROWS tokens run as one call per thread on disjoint rows: the same truth,
+    and the same bits as one thread (each token's arithmetic does not depend on the split)."""
+    num_tokens = 2 * PARALLEL_MIN_ROWS + 37
+    one = fused_case(7, num_tokens, 576, (576, 192, 192), (16,), "with_none", dtype, num_used=64)
+    split = [t.clone() if isinstance(t, torch.Tensor) else t for t in one]
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert run(native_ops, *one, (576, 192, 192)) <= TOL[dtype]
+        torch.set_num_threads(threads)
+        assert run(native_ops, *split, (576, 192, 192)) <= TOL[dtype]
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(one[0], split[0])

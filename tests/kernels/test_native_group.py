@@ -13,6 +13,7 @@ import torch
 
 from kernel_cases import TOL, draw_slots
 from nlora_serve.kernels import TIED, SiteWeights, build_adapter_batch
+from nlora_serve.kernels.native import PARALLEL_MIN_ROWS
 
 DTYPES = (torch.float32, torch.bfloat16)
 QKV = (576, 192, 192)
@@ -160,3 +161,21 @@ def test_plan_group_refuses_what_it_cannot_serve(native_ops):
         native_ops.group_apply(y, x[:, :500], batch, plan)
     with pytest.raises(ValueError, match="float32"):
         native_ops.group_apply(y.to(torch.bfloat16), x, batch, plan)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_sized_steps_split_over_threads(native_ops, dtype):
+    """≥ PARALLEL_MIN_ROWS group tokens run as one call per thread over disjoint tokens: the
+    same truth, and the same bits as one thread."""
+    num_tokens = 2 * PARALLEL_MIN_ROWS + 37
+    one = group_case(9, num_tokens, 576, QKV, (4, 16, 33), "zipf", dtype, num_used=40)
+    split = [t.clone() if isinstance(t, torch.Tensor) else t for t in one]
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert run(native_ops, *one, QKV) <= TOL[dtype]
+        torch.set_num_threads(2)
+        assert run(native_ops, *split, QKV) <= TOL[dtype]
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(one[0], split[0])

@@ -1,0 +1,174 @@
+/* The decoder layer's elementwise ops in one pass each, for the CPU (issue 22).
+ *
+ * torch runs each of these as 3-6 separate ops over the whole [T, hidden] tensor (F.rms_norm
+ * decomposes into pow, mean, add, rsqrt, mul, mul; RoPE is cat, mul, addcmul, cast; the MLP's
+ * SiLU(gate) * up is two ops over strided chunks); here each is one pass with the row in cache.
+ * Semantics (HF Llama, in fp32 whatever the storage dtype; bf16 is widened on load and rounded
+ * to nearest even once on store):
+ *
+ *   add_rms_norm: h[t] = x[t] (+ delta[t]);  x[t] = h[t];  out[t] = h[t] / sqrt(mean(h[t]^2) + eps) * w
+ *   rope:         for each head's D values: v' = v * cos[pos] + swap_halves(v) * sin[pos]
+ *                 (sin's first half negated, engine/rope.py's tables), in place
+ *   silu_mul:     out[t, i] = g / (1 + e^-g) * u,   g = gate_up[t, i], u = gate_up[t, I + i]
+ *
+ * Rows are split over num_threads POSIX threads (1 for small tensors); calls are reentrant.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "vec16.h"
+
+#define MAX_THREADS 16
+#define MAX_HEAD_DIM 256
+
+typedef struct {
+    float *x;
+    const void *delta, *src;
+    void *out;
+    const float *weight, *cos, *sin;
+    const int64_t *positions;
+    int64_t delta_stride, src_stride, out_stride, first, last, width;
+    int delta_bf16, out_bf16, heads, head_dim;
+    float eps;
+} job_t;
+
+static inline vec16 load_any(const void *p, int64_t at, int bf16) {
+    return bf16 ? load16_bf16((const uint16_t *)p + at) : load16((const float *)p + at);
+}
+
+static inline void store_any(void *p, int64_t at, vec16 v, int bf16) {
+    if (bf16)
+        store16_bf16((uint16_t *)p + at, v);
+    else
+        store16((float *)p + at, v);
+}
+
+/* e^x, 16 lanes, x clamped to [-87, 88]: x = n ln2 + f, e^f by a degree-6 polynomial (relative
+ * error < 2e-7), 2^n through the exponent bits. */
+static inline vec16 select16(i32x16 mask, vec16 yes, vec16 no) {
+    i32x16 a, b;
+    memcpy(&a, &yes, sizeof a);
+    memcpy(&b, &no, sizeof b);
+    a = (a & mask) | (b & ~mask);
+    memcpy(&yes, &a, sizeof yes);
+    return yes;
+}
+
+static inline vec16 exp16_any(vec16 x) {
+    x = select16(x < -87.0f, splat(-87.0f), x);
+    x = select16(x > 88.0f, splat(88.0f), x);
+    const vec16 shifter = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vec16 n = (x * 1.44269504f + shifter) - shifter;
+    vec16 f = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    vec16 p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (1.0f / 720))))));
+    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    vec16 scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+static void *rms_rows(void *arg) {
+    const job_t *j = arg;
+    const int64_t H = j->width;
+    for (int64_t t = j->first; t < j->last; t++) {
+        float *x = j->x + t * H;
+        vec16 sq = splat(0.0f);
+        for (int64_t i = 0; i < H; i += 16) {
+            vec16 h = load16(x + i);
+            if (j->delta) h += load_any(j->delta, t * j->delta_stride + i, j->delta_bf16);
+            store16(x + i, h);
+            sq += h * h;
+        }
+        const float inv = 1.0f / sqrtf(hsum16(sq) / (float)H + j->eps);
+        for (int64_t i = 0; i < H; i += 16)
+            store_any(j->out, t * j->out_stride + i, load16(x + i) * inv * load16(j->weight + i), j->out_bf16);
+    }
+    return NULL;
+}
+
+static void *rope_rows(void *arg) {
+    const job_t *j = arg;
+    const int D = j->head_dim, half = D / 2;
+    float v[MAX_HEAD_DIM], rotated[MAX_HEAD_DIM];
+    for (int64_t t = j->first; t < j->last; t++) {
+        const float *cos = j->cos + j->positions[t] * D, *sin = j->sin + j->positions[t] * D;
+        for (int h = 0; h < j->heads; h++) {
+            const int64_t at = t * j->out_stride + (int64_t)h * D;
+            for (int i = 0; i < D; i += 16) store16(v + i, load_any(j->out, at + i, j->out_bf16));
+            memcpy(rotated, v + half, sizeof(float) * half);
+            memcpy(rotated + half, v, sizeof(float) * half);
+            for (int i = 0; i < D; i += 16)
+                store_any(j->out, at + i, load16(v + i) * load16(cos + i) + load16(rotated + i) * load16(sin + i),
+                          j->out_bf16);
+        }
+    }
+    return NULL;
+}
+
+static void *silu_rows(void *arg) {
+    const job_t *j = arg;
+    const int64_t I = j->width;
+    for (int64_t t = j->first; t < j->last; t++)
+        for (int64_t i = 0; i < I; i += 16) {
+            vec16 g = load_any(j->src, t * j->src_stride + i, j->out_bf16);
+            vec16 u = load_any(j->src, t * j->src_stride + I + i, j->out_bf16);
+            store_any(j->out, t * j->out_stride + i, g / (1.0f + exp16_any(-g)) * u, j->out_bf16);
+        }
+    return NULL;
+}
+
+/* Runs fn over rows [0, rows) split into num_threads jobs copied from *proto; returns 0, or -2
+ * when no thread could be started (then the rows ran here). */
+static int run_split(void *(*fn)(void *), const job_t *proto, int64_t rows, int num_threads) {
+    if (num_threads < 1) num_threads = 1;
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
+    if (num_threads > rows) num_threads = rows > 0 ? (int)rows : 1;
+    job_t jobs[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    for (int t = 0; t < num_threads; t++) {
+        jobs[t] = *proto;
+        jobs[t].first = rows * t / num_threads;
+        jobs[t].last = rows * (t + 1) / num_threads;
+    }
+    int started = 1;
+    for (int t = 1; t < num_threads; t++, started++)
+        if (pthread_create(&threads[t], NULL, fn, &jobs[t]) != 0) break;
+    for (int t = started; t < num_threads; t++) fn(&jobs[t]); /* no thread: run it here */
+    fn(&jobs[0]);
+    for (int t = 1; t < started; t++) pthread_join(threads[t], NULL);
+    return 0;
+}
+
+/* x [T, H] fp32 contiguous (updated in place when delta is given); delta [T, H] rows delta_stride
+ * apart or NULL; weight [H] fp32; out [T, H] rows out_stride apart. H a multiple of 16. */
+int nlora_add_rms_norm(float *x, int64_t rows, int64_t hidden, const void *delta, int64_t delta_stride,
+                       int delta_bf16, const float *weight, float eps, void *out, int64_t out_stride, int out_bf16,
+                       int num_threads) {
+    if (hidden % 16) return -1;
+    job_t j = {.x = x, .delta = delta, .out = out, .weight = weight, .delta_stride = delta_stride,
+               .out_stride = out_stride, .width = hidden, .delta_bf16 = delta_bf16, .out_bf16 = out_bf16,
+               .eps = eps};
+    return run_split(rms_rows, &j, rows, num_threads);
+}
+
+/* qk [T, heads, D] rows row_stride apart, heads contiguous, rotated in place; positions [T];
+ * cos, sin [max_len, D] fp32. D a multiple of 32 up to 256. */
+int nlora_rope(void *qk, int64_t rows, int64_t row_stride, int heads, int head_dim, const int64_t *positions,
+               const float *cos, const float *sin, int is_bf16, int num_threads) {
+    if (head_dim % 32 || head_dim > MAX_HEAD_DIM) return -1;
+    job_t j = {.out = qk, .cos = cos, .sin = sin, .positions = positions, .out_stride = row_stride,
+               .heads = heads, .head_dim = head_dim, .out_bf16 = is_bf16};
+    return run_split(rope_rows, &j, rows, num_threads);
+}
+
+/* gate_up [T, 2I] rows src_stride apart (gate then up); out [T, I] rows out_stride apart, the
+ * same dtype. I a multiple of 16. */
+int nlora_silu_mul(const void *gate_up, int64_t rows, int64_t inter, int64_t src_stride, void *out,
+                   int64_t out_stride, int is_bf16, int num_threads) {
+    if (inter % 16) return -1;
+    job_t j = {.src = gate_up, .out = out, .src_stride = src_stride, .out_stride = out_stride, .width = inter,
+               .out_bf16 = is_bf16};
+    return run_split(silu_rows, &j, rows, num_threads);
+}

@@ -1,0 +1,118 @@
+"""Native CPU ops for the decoder layer's elementwise work (``cpu/layer_ops.c``, issue 22).
+
+One pass each where torch runs 3-6 ops: RMSNorm fused with the residual add, RoPE in place on
+the q/k heads, SiLU(gate) · up. The arithmetic is HF Llama's, in fp32 whatever the storage dtype
+(bf16 widened on load, rounded to nearest even once on store). Loaded with the other native ops
+(:func:`nlora_serve.kernels.native.load_native`); the torch ops stay the reference
+(``tests/kernels/test_layer_ops.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "nlora_add_rms_norm": [_P, _I64, _I64, _P, _I64, _INT, _P, _F, _P, _I64, _INT, _INT],
+    "nlora_rope": [_P, _I64, _I64, _INT, _INT, _P, _P, _P, _INT, _INT],
+    "nlora_silu_mul": [_P, _I64, _I64, _I64, _P, _I64, _INT, _INT],
+}
+_DTYPES = (torch.float32, torch.bfloat16)
+# below this many elements a call runs on one thread (starting a thread costs ~10-20 µs)
+_PARALLEL_ELEMENTS = 1 << 16
+
+
+def _threads(elements: int) -> int:
+    return torch.get_num_threads() if elements >= _PARALLEL_ELEMENTS else 1
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    """2-D with unit stride along the last dim (rows may be strided)."""
+    return t.dim() == 2 and t.stride(1) == 1
+
+
+class LayerOps:
+    """The three ops, bound to a loaded library (``ctypes.CDLL``)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._fns = {}
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = ctypes.c_int, argtypes
+            self._fns[name] = fn
+
+    @staticmethod
+    def fits(hidden: int, head_dim: int, intermediate: int) -> bool:
+        """Whether a model of these sizes runs on the ops (the C side's vector widths)."""
+        return hidden % 16 == 0 and head_dim % 32 == 0 and head_dim <= 256 and intermediate % 16 == 0
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """``x += delta`` (in place, when given), then RMSNorm of the new ``x``.
+
+        Args:
+            x: [T, H] float32 contiguous, the residual stream. delta: [T, H] float32 or bfloat16
+                (rows may be strided), or None. weight: [H] float32. eps: as the model's config.
+            dtype: float32 or bfloat16, the output's.
+        Returns:
+            [T, H] in ``dtype``: ``x / sqrt(mean(x²) + eps) * weight``.
+        Raises:
+            ValueError: shapes, dtypes or layouts the op does not take (H a multiple of 16).
+        """
+        t, h = x.shape
+        ok = (x.dtype == torch.float32 and x.is_contiguous() and weight.dtype == torch.float32
+              and weight.is_contiguous() and weight.shape == (h,) and dtype in _DTYPES and h % 16 == 0
+              and (delta is None or (delta.shape == x.shape and delta.dtype in _DTYPES and _rows_ok(delta))))
+        if not ok:
+            raise ValueError("add_rms_norm: x [T, H] float32 contiguous, H a multiple of 16, weight [H] float32, "
+                             "delta like x (float32/bfloat16, unit stride in a row) or None, dtype float32/bfloat16")
+        out = torch.empty(t, h, dtype=dtype)
+        self._fns["nlora_add_rms_norm"](
+            x.data_ptr(), t, h, None if delta is None else delta.data_ptr(), 0 if delta is None else delta.stride(0),
+            int(delta is not None and delta.dtype == torch.bfloat16), weight.data_ptr(), eps, out.data_ptr(), h,
+            int(dtype == torch.bfloat16), _threads(t * h))
+        return out
+
+    def rope(self, qk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``qk`` [T, heads, D] in place by the half-rotation RoPE of HF Llama.
+
+        Args:
+            qk: [T, heads, D] float32 or bfloat16, heads and dims contiguous (rows may be
+                strided: the q and k heads of the fused qkv output). positions: [T] int64.
+            cos, sin: [max_len, D] float32 tables from :func:`nlora_serve.engine.rope.rope_tables`.
+        Returns:
+            ``qk``, rotated.
+        Raises:
+            ValueError: layouts or shapes the op does not take (D a multiple of 32 up to 256).
+        """
+        t, heads, d = qk.shape
+        ok = (qk.dtype in _DTYPES and qk.stride(2) == 1 and qk.stride(1) == d and d % 32 == 0 and d <= 256
+              and positions.dtype == torch.int64 and positions.is_contiguous() and positions.shape == (t,)
+              and all(c.dtype == torch.float32 and c.is_contiguous() and c.shape[1] == d for c in (cos, sin)))
+        if not ok:
+            raise ValueError("rope: qk [T, heads, D] float32/bfloat16 with contiguous heads, D a multiple of 32 "
+                             "up to 256, positions [T] int64, cos/sin [max_len, D] float32 contiguous")
+        self._fns["nlora_rope"](qk.data_ptr(), t, qk.stride(0), heads, d, positions.data_ptr(), cos.data_ptr(),
+                                sin.data_ptr(), int(qk.dtype == torch.bfloat16), _threads(t * heads * d))
+        return qk
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``SiLU(gate) · up`` of the fused gate/up output.
+
+        Args:
+            gate_up: [T, 2I] float32 or bfloat16 (gate columns first), unit stride in a row.
+        Returns:
+            [T, I] in ``gate_up``'s dtype.
+        Raises:
+            ValueError: layouts the op does not take (I a multiple of 16).
+        """
+        t, width = gate_up.shape
+        inter = width // 2
+        if gate_up.dtype not in _DTYPES or not _rows_ok(gate_up) or width % 32:
+            raise ValueError("silu_mul: gate_up [T, 2I] float32/bfloat16, unit stride in a row, I a multiple of 16")
+        out = torch.empty(t, inter, dtype=gate_up.dtype)
+        self._fns["nlora_silu_mul"](gate_up.data_ptr(), t, inter, gate_up.stride(0), out.data_ptr(), inter,
+                                    int(gate_up.dtype == torch.bfloat16), _threads(t * inter))
+        return out
