@@ -16,9 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from nlora_serve.engine.sampling import apply_penalties, sample
-from nlora_serve.engine.sequence import Sequence
-
-PLACEHOLDER = -1  # a token id sampled by a step in flight, not yet read back (never a real id)
+from nlora_serve.engine.sequence import PLACEHOLDER, Sequence  # noqa: F401 (PLACEHOLDER: re-exported)
 
 
 @dataclass(slots=True)
