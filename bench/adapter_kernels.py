@@ -20,7 +20,10 @@ timed by replay (GPU time only), in interleaved rounds (median kept):
   sweeps more), ``tied64_zcols`` (the base GEMMs on [W; W[:R] of each module]: z comes out as R
   extra output columns, then one tied_fused launch per site reads it; its cost includes the extra
   GEMM columns), ``family64`` (64 tenants of one shared A/B family),
-  ``lora8`` (8 distinct r = 16 LoRAs).
+  ``lora8`` (8 distinct r = 16 LoRAs), both in the per-token form ("bgmv": each token re-reads its
+  A and B at decode), and ``family64_grouped`` / ``lora8_grouped``: the same in the grouped form
+  (kernels/grouped_shrink.py, grouped_expand.py: tokens sorted by family on the device, each A and B
+  tile read once per block of 16 of its tokens, the shrink's K split over programs at decode).
 
 Adapter cost = (path − base) / base, both from the same replays, so a slow adapter cannot hide in
 its own base time. T ≤ 256 runs the decode form the engine graphs (apply_triton_decode, fixed
@@ -30,9 +33,9 @@ whose grid is fixed at every T. Targets (issue 19, llama-8b, bf16):
 tied ≤ 3% at T ≤ 256 and ≤ 5% above, family ≤ 5% / 8%, lora8 ≤ 10% / 15%.
 
 Without CUDA, ``--shape tiny`` runs the same code under the Triton interpreter (tests only; CPU
-times mean nothing). H200 estimate for the default run (both shapes, bf16, 4 token counts, 11 runs
-each: base and 10 paths, 7 rounds of ≥ 10 ms samples): ~25 s of Triton compiles + ~22 s of replays
-and graph captures, ~65 s with startup; give it 120 s.
+times mean nothing). H200 estimate for the default run (both shapes, bf16, 4 token counts, 15 runs
+each: base and 14 paths, 7 rounds of ≥ 10 ms samples): ~35 s of Triton compiles + ~30 s of replays
+and graph captures, ~85 s with startup; give it 150 s.
 """
 
 from __future__ import annotations
@@ -73,7 +76,13 @@ PATHS = {"tied64": ("tied", "two_launch", None),
          # z as R extra output columns of the base GEMM (W[:R] rows appended), one launch per site
          # reading them: no recompute, no race (the adapter never writes those columns)
          "tied64_zcols": ("tied", "zcols", None),
-         "family64": ("family", None, None), "lora8": ("lora", None, None)}
+         # the group path: "bgmv" = the per-token kernels (each token re-reads its A and B at decode),
+         # "grouped" = kernels/grouped_*.py over family-sorted token blocks (the default GROUP_FORM)
+         "family64": ("family", "bgmv", None), "family64_grouped": ("family", "grouped", None),
+         "lora8": ("lora", "bgmv", None), "lora8_grouped": ("lora", "grouped", None),
+         # the same r = 16 LoRAs in pools 64 wide (the engine's default --max-rank): "bgmv" runs the
+         # whole width, "grouped" stops at each slot's rank (its slot ranks given, as the engine does)
+         "lora8_w64": ("lora_w64", "bgmv", None), "lora8_w64_grouped": ("lora_w64", "grouped", None)}
 TARGETS = {"tied": (3.0, 5.0), "family": (5.0, 8.0), "lora": (10.0, 15.0)}
 
 
@@ -86,19 +95,31 @@ def layer_groups(shape: str) -> list[tuple[int, tuple[int, ...]]]:
     return [(hidden, (q, kv, kv)), (q, (hidden,)), (hidden, (inter, inter)), (inter, (hidden,))]
 
 
-def _sites(groups, weights, kind: str, dtype, device, gen):
-    """Per fused GEMM, per module SiteWeights: tied views of W, one shared family, or 8 LoRAs."""
-    def rnd(*shape, scale):
-        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+def _width(kind: str) -> int:
+    """The pools' rank width R of a path (its tenants' ranks are RANK)."""
+    return 64 if kind == "lora_w64" else RANK
 
-    n_all = rnd(TENANTS, sum(len(outs) for _, outs in groups), RANK, RANK, scale=RANK ** -0.5)
+
+def _sites(groups, weights, kind: str, dtype, device, gen):
+    """Per fused GEMM, per module SiteWeights: tied views of W, one shared family, or 8 LoRAs
+    (rank RANK, zero beyond it in pools of width :func:`_width`)."""
+    width_r = _width(kind)
+
+    def rnd(*shape, scale, rank_dims=()):
+        t = torch.randn(*shape, generator=gen) * scale
+        for dim in rank_dims:  # the pool contract: a slot's entries beyond its rank are zero
+            t.narrow(dim, RANK, width_r - RANK).zero_()
+        return t.to(device, dtype)
+
+    n_all = rnd(TENANTS, sum(len(outs) for _, outs in groups), width_r, width_r, scale=RANK ** -0.5,
+                rank_dims=(2, 3))
     out, site = [], 0
     for w, (dim_in, outs) in zip(weights, groups):
         sites, row = [], 0
         for width in outs:
-            fams = {"tied": 0, "family": 1, "lora": 8}[kind]
-            a = rnd(fams, RANK, dim_in, scale=dim_in ** -0.5) if fams else None
-            b = rnd(fams, width, RANK, scale=1e-2) if fams else None
+            fams = {"tied": 0, "family": 1}.get(kind, 8)
+            a = rnd(fams, width_r, dim_in, scale=dim_in ** -0.5, rank_dims=(1,)) if fams else None
+            b = rnd(fams, width, width_r, scale=1e-2, rank_dims=(2,)) if fams else None
             tied = {} if fams else {"tied_b": w[row:row + width, :RANK], "tied_a": w[row:row + RANK]}
             sites.append(SiteWeights(n_all[:, site], a, b, **tied))
             site, row = site + 1, row + width
@@ -108,7 +129,7 @@ def _sites(groups, weights, kind: str, dtype, device, gen):
 
 def _slots(kind: str, num_tokens: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
     """(token slots [T], slot families [TENANTS]) of one tenant mix."""
-    if kind == "lora":
+    if kind.startswith("lora"):
         return torch.randint(0, 8, (num_tokens,), generator=gen), torch.arange(TENANTS) % 8
     slots = torch.randperm(num_tokens, generator=gen) % TENANTS  # 64 tenants, each as often
     return slots, torch.full((TENANTS,), TIED if kind == "tied" else 0)
@@ -119,16 +140,19 @@ def _adapter(kind: str, form: str | None, overrides: dict | None, num_tokens: in
     from nlora_serve.kernels.tied_fused import tied_fused  # after the env flag
     from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
     slots, fams = _slots(kind, num_tokens, gen)
+    forms = {"tied_form": form} if kind == "tied" else {"group_form": form}
     if num_tokens <= DECODE_MAX_T or form == "fused":
+        ranks = None if kind == "tied" else torch.full((TENANTS,), RANK, dtype=torch.int32, device=device)
         batch = derive_decode_batch(slots.to(device, torch.int32), fams.to(device, torch.int32),
-                                    torch.ones(TENANTS, device=device), RANK, kind == "tied", kind != "tied")
+                                    torch.ones(TENANTS, device=device), _width(kind), kind == "tied", kind != "tied",
+                                    slot_ranks=ranks)
         if overrides:  # what apply_triton_decode(tied_form="fused") launches, at another config
             return lambda y, x, s: tied_fused(x, s.tied_a, s.tied_b, s.n_pool, batch.tok_tied_slot, y, RANK,
                                               batch.slot_scalings, overrides)
-        return lambda y, x, site: apply_triton_decode(y, x, batch, site, tied_form=form)
+        return lambda y, x, site: apply_triton_decode(y, x, batch, site, **forms)
     # Scaling 1: the pools fold s into N.
     batch = build_adapter_batch(slots, torch.full((TENANTS,), RANK), torch.ones(TENANTS), fams, device=device)
-    return lambda y, x, site: apply_triton(y, x, batch, site, tied_form=form)
+    return lambda y, x, site: apply_triton(y, x, batch, site, **forms)
 
 
 def _zcols_run(groups, weights, xs, sites, num_tokens: int, device, gen):
@@ -220,7 +244,7 @@ def bench_one(shape: str, dtype_name: str, num_tokens: int, device: str, rounds:
 
 def cost_row(shape: str, dtype: str, num_tokens: int, path: str, t: dict) -> dict:
     """One result row: adapter cost = (path − base) / base in %, against the issue's target."""
-    kind = PATHS[path][0]
+    kind = PATHS[path][0].split("_")[0]
     target = TARGETS[kind][0 if num_tokens <= DECODE_MAX_T else 1]
     cost = 100.0 * (t[path] - t["base"]) / t["base"]
     return {"shape": shape, "dtype": dtype, "tokens": num_tokens, "path": path,

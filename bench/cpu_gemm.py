@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nlora_serve.engine.cpu_gemm import PackedLinear
+from nlora_serve.kernels.cpu_gemm import PackedLinear
 
 # (name, out, in) of SmolLM2-135M: hidden 576, 9 q / 3 kv heads of 64, intermediate 1536, vocab 49152
 SHAPES = [("qkv", 960, 576), ("o_proj", 576, 576), ("gate_up", 3072, 576), ("down_proj", 576, 1536),

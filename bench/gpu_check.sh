@@ -16,7 +16,8 @@
 #   adapter_kernels: per path and form, base GEMMs + adapter vs cuBLAS base alone in the same graph
 #     replays, llama-8b and default shapes (issue 19);
 #   kernels, attention_kernels, tied_fused_kernels: the Triton ops compiled on the GPU against the
-#     float64 truth (the interpreter's cases; the last step also runs the tiled tied expand's).
+#     float64 truth (the interpreter's cases, both group forms; the last step also runs the tiled
+#     tied expand's and the grouped group path's own cases).
 # Call 2, `bash bench/gpu_check.sh extra` (GPU_CHECK_SECONDS = the device time left):
 #   engine_8b: tied64 and lora8 against our base at the llama-8b dummy shape (issue 19);
 #   prefix_8b, fairness: issue 20 at scale (fairness's table ends with the preemptions and worst
@@ -74,12 +75,12 @@ step engine_bench 90 $PY bench/engine.py --device cuda --model bench/models/smol
 step engine_256 50 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
     --dtype bfloat16 --mix none --peer-mixes none --vllm-mixes --num-requests 256 --out "$OUT/engine_256.json"
 step decode_step 95 $PY bench/decode_step.py --device cuda --batch 64 256 --steps 100 --out "$OUT/decode_step.json"
-step adapter_kernels 120 $PY bench/adapter_kernels.py --rounds 5 --out "$OUT/adapter_kernels.json"
+step adapter_kernels 150 $PY bench/adapter_kernels.py --rounds 5 --out "$OUT/adapter_kernels.json"
 step kernels 80 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/kernels/test_triton_ops.py -k triton_path_against_truth
 step attention_kernels 60 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/kernels/test_paged_attention.py tests/kernels/test_attention_cuda_path.py
 step tied_fused_kernels 60 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/kernels/test_tied_fused.py tests/kernels/test_decode_path.py tests/kernels/test_tied_expand.py \
-    -k "tied_fused or decode_path_against_truth or tied_expand"
+    tests/kernels/test_grouped.py -k "tied_fused or decode_path_against_truth or tied_expand or grouped"
 ! grep -qv "rc=0" "$RC"

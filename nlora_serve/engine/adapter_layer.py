@@ -55,6 +55,11 @@ class _PoolFacts:
     scalings: torch.Tensor  # [S] float32
     has_tied: bool
     has_group: bool
+    # [S] int32: each slot's rank, so the grouped kernels stop there instead of at the pool's width.
+    # Slots are rewritten without a new generation, so it is refreshed in place (same address: a
+    # captured graph reads the new values) whenever the host table differs from ``host_ranks``.
+    ranks: torch.Tensor
+    host_ranks: torch.Tensor  # [S] int32 on the host: what ``ranks`` holds
 
 
 class AdapterHook:
@@ -99,6 +104,8 @@ class AdapterHook:
             self._decode = [_DecodeEntry(pool, torch.frombuffer(array("i", [
                 v.slot if v is not None and id(v.pool) == key else NO_ADAPTER for v in versions]), dtype=torch.int32))
                 for key, pool in pools.items()]
+            for pool in pools.values():  # before the forward (and any capture or replay) reads them
+                self._refresh_ranks(pool, device)
             return
         lens = torch.tensor(query_lens, dtype=torch.int64)
         for key, pool in pools.items():
@@ -181,7 +188,8 @@ class AdapterHook:
             facts = self._pool_facts(entry.pool, y.device)
             slots = entry.slots if entry.slots is not None else entry.host_slots.to(y.device)
             entry.batch = derive_decode_batch(slots, facts.families, facts.scalings, entry.pool.rank,
-                                              facts.has_tied, facts.has_group)
+                                              facts.has_tied, facts.has_group,
+                                              slot_ranks=facts.ranks if facts.has_group else None)
         proj = self._projection(entry.pool, layer, modules, widths)
         for module, part, site in zip(modules, y.split(widths, dim=-1), proj.sites):
             if site is not None:
@@ -197,10 +205,18 @@ class AdapterHook:
         facts = self._facts.get(id(pool))
         if facts is None or facts.generation != pool.generation:
             families = pool.slot_families
+            ranks = pool.slot_ranks.to(torch.int32, copy=True)
             facts = self._facts[id(pool)] = _PoolFacts(
                 pool.generation, families.to(device, torch.int32), pool.slot_scalings.to(device, torch.float32),
-                bool((families == TIED).any()), bool((families >= 0).any()))
+                bool((families == TIED).any()), bool((families >= 0).any()), ranks.to(device), ranks)
         return facts
+
+    def _refresh_ranks(self, pool, device: torch.device) -> None:
+        """Copy the pool's slot ranks to the device in place when a slot was rewritten since."""
+        facts = self._pool_facts(pool, device)
+        if not torch.equal(facts.host_ranks, pool.slot_ranks.to(torch.int32)):
+            facts.host_ranks = pool.slot_ranks.to(torch.int32, copy=True)
+            facts.ranks.copy_(facts.host_ranks)
 
     def _projection(self, pool, layer: int, modules: tuple[str, ...], widths: list[int]) -> _Projection:
         key = (id(pool), layer, modules)

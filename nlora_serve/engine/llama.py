@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from nlora_serve.engine.attention import paged_attention
 from nlora_serve.engine.batch_info import BatchInfo
-from nlora_serve.engine.cpu_gemm import PackedLinear, can_prepack
+from nlora_serve.kernels.cpu_gemm import PackedLinear, can_prepack
 from nlora_serve.engine.rope import apply_rope, rope_config, rope_tables
 from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.models import BaseModel, ModelSpec
@@ -35,7 +35,7 @@ class AdaptedLinear:
     it is called once per call with the fused ``y`` and each module's width, and adds the
     adapters' deltas into it in place (the engine sets it to the kernels' dispatch).
     ``prepack``: on the CPU, run the GEMM on a copy of the weight prepacked for oneDNN
-    (engine/cpu_gemm.py); ``weight`` stays the plain tensor the adapters read.
+    (kernels/cpu_gemm.py); ``weight`` stays the plain tensor the adapters read.
     """
 
     __slots__ = ("weight", "bias", "packed", "layer_idx", "modules", "widths", "adapter_hook")
@@ -145,7 +145,7 @@ class LlamaModel:
     """The whole stack: embeddings, decoder layers, final norm, (tied) lm_head.
 
     ``prepack``: on the CPU, every GEMM (the lm_head too) runs on oneDNN-prepacked weights
-    (engine/cpu_gemm.py); off the CPU, or with a dtype oneDNN cannot take, it is ignored.
+    (kernels/cpu_gemm.py); off the CPU, or with a dtype oneDNN cannot take, it is ignored.
     """
 
     def __init__(self, base: BaseModel, max_len: int, device: torch.device | str = "cpu",

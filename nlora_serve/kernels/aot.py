@@ -50,9 +50,12 @@ _TENANTS = 64
 # Steps the engine runs: (name, tokens, how slots are drawn, families per slot)
 # ("-graph": the fixed-grid decode form that CUDA graphs replay, apply_triton_decode; "-fused": the
 # same with tied_form="fused", kernels/tied_fused.py; "-zcols": tied_fused reading z from a buffer;
-# "-tiled": tied_form="tiled", mix then kernels/tied_expand.py)
+# "-tiled": tied_form="tiled", mix then kernels/tied_expand.py; "-bgmv": group_form="bgmv", the
+# earlier group kernels instead of the grouped ones; "prefill-lora-4096": one K range per program)
 _STEPS = (("decode-tied", 64, "distinct", "tied"), ("decode-lora", 64, "distinct", "lora8"),
-          ("prefill-lora", 512, "one", "lora8"), ("decode-tied-bias", 64, "distinct", "tied"),
+          ("prefill-lora", 512, "one", "lora8"), ("prefill-lora-4096", 4096, "distinct", "lora8"),
+          ("prefill-lora-bgmv", 512, "one", "lora8"), ("decode-lora-graph-bgmv", 64, "distinct", "lora8"),
+          ("decode-tied-bias", 64, "distinct", "tied"),
           ("decode-tied-graph", 64, "distinct", "tied"), ("decode-lora-graph", 64, "distinct", "lora8"),
           ("decode-tied-fused", 64, "distinct", "tied"), ("prefill-tied-fused", 4096, "distinct", "tied"),
           ("decode-tied-zcols", 64, "distinct", "tied"), ("decode-tied-tiled", 64, "distinct", "tied"))
@@ -70,7 +73,8 @@ class Compiled:
     ``variant`` names its boolean constexprs; ``steps`` the engine steps that launch it. Sizes
     in bytes; ``registers`` per thread; ``spill_ops`` = local-memory loads + stores in the SASS
     (0: nothing spilled); ``mma_ops`` tensor-core instructions; ``wide_loads`` 64/128-bit global
-    loads; ``loads`` all global loads.
+    loads; ``loads`` all global loads (LDG); ``async_wide_loads`` 64/128-bit cp.async copies from
+    global to shared memory (LDGSTS: what a software-pipelined loop issues instead).
     """
 
     kernel: str
@@ -86,6 +90,7 @@ class Compiled:
     mma_ops: int
     wide_loads: int
     loads: int
+    async_wide_loads: int
 
 
 @dataclass(slots=True)
@@ -161,18 +166,20 @@ def _step_launches(dtype: torch.dtype, rank: int, step: tuple) -> list[_Launch]:
              else torch.zeros(tokens, dtype=torch.int64))
     fams = torch.full((_TENANTS,), TIED) if families == "tied" else torch.arange(_TENANTS) % 8
     batch = build_adapter_batch(slots, torch.full((_TENANTS,), rank), torch.ones(_TENANTS), fams)
-    if name.endswith(("-graph", "-fused", "-zcols", "-tiled")):
+    group_form = "bgmv" if name.endswith("-bgmv") else None
+    if name.removesuffix("-bgmv").endswith(("-graph", "-fused", "-zcols", "-tiled")):
         form = {"-fused": "fused", "-tiled": "tiled"}.get(name[name.rindex("-"):], "two_launch")
 
         def apply(y, x, b, site):
             if name.endswith("-zcols"):  # z: a [T, R] column view of another buffer (x's, here)
                 return tied_fused(x, None, site.tied_b, site.n_pool, b.tok_tied_slot, y, rank, b.slot_scalings,
                                   z=x[:, :rank])
-            return apply_triton_decode(y, x, b, site, tied_form=form)
+            return apply_triton_decode(y, x, b, site, tied_form=form, group_form=group_form)
         batch = derive_decode_batch(slots.to(torch.int32), fams.to(torch.int32), torch.ones(_TENANTS), rank,
                                     families == "tied", families != "tied")
     else:
-        apply = apply_triton
+        def apply(y, x, b, site):
+            return apply_triton(y, x, b, site, group_form=group_form)
     with _captured_launches() as launches:
         for dim_in, outs, sites in _layer_sites(dtype, rank, name.endswith("bias"), gen):
             x = torch.randn(tokens, dim_in, generator=gen).to(dtype)
@@ -213,7 +220,9 @@ def _sass_facts(cubin: bytes, workdir: Path) -> dict:
             "spill_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
             "mma_ops": len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass)),
             "wide_loads": len(re.findall(r"\bLDG\.E\.(?:64|128)\b", sass)),
-            "loads": len(re.findall(r"\bLDG\b", sass))}
+            "loads": len(re.findall(r"\bLDG\b", sass)),
+            # cp.async copies, what a software-pipelined loop issues instead of LDG
+            "async_wide_loads": len(re.findall(r"\bLDGSTS\.E\.(?:BYPASS\.)?(?:LTC128B\.)?(?:64|128)\b", sass))}
 
 
 def compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks=(16,),
@@ -273,10 +282,10 @@ def _compile(done: list, variants: dict, capabilities, dtype: str, rank: int, wo
 def main() -> None:
     ranks = tuple(int(a) for a in sys.argv[1:]) or (16, 64)
     print(f"{'target':6} {'dtype':5} {'r':>3} {'kernel':20} {'flags':17} {'regs':>4} {'spill':>5} "
-          f"{'mma':>4} {'ldg wide/all':>12}  steps")
+          f"{'mma':>4} {'ldg wide/all':>12} {'cp.async':>8}  steps")
     for c in compile_all(ranks=ranks):
         print(f"sm_{c.capability:<3} {c.dtype:5} {c.rank:3d} {c.kernel:20} {c.variant:17} "
-              f"{c.registers:4d} {c.spill_ops:5d} {c.mma_ops:4d} {c.wide_loads:5d}/{c.loads:<6d}"
+              f"{c.registers:4d} {c.spill_ops:5d} {c.mma_ops:4d} {c.wide_loads:5d}/{c.loads:<6d} {c.async_wide_loads:8d}"
               f"  {' '.join(c.steps)}")
 
 

@@ -27,6 +27,12 @@ _DEFAULTS = {
     # the tiled tied expand (tied_expand.py): a [16, R] u tile times an [R, 64] W tile per program
     "tied_expand": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 4},
     "tied_expand.fp32": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 4},
+    # the grouped (SGMV-style) group path over family-sorted tokens (grouped_shrink/expand.py);
+    # PROGRAMS: the grid size the shrink's K splits aim for at decode token counts
+    "grouped_shrink": {"BLOCK_T": 16, "BLOCK_K": 128, "PROGRAMS": 256, "num_warps": 4},
+    "grouped_shrink.fp32": {"BLOCK_T": 16, "BLOCK_K": 32, "PROGRAMS": 256, "num_warps": 4},
+    "grouped_expand": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 4},
+    "grouped_expand.fp32": {"BLOCK_T": 16, "BLOCK_N": 64, "num_warps": 8},  # 4 warps: 2 spills on sm_90 (aot.py)
     # PROGRAMS: the grid size the fused tied op aims for (tied_fused.fused_config)
     "tied_fused": {"BLOCK_T": 16, "BLOCK_K": 64, "BLOCK_N": 64, "PROGRAMS": 512, "num_warps": 4},
     "tied_fused.fp32": {"BLOCK_T": 16, "BLOCK_K": 32, "BLOCK_N": 32, "PROGRAMS": 512, "num_warps": 4},
@@ -92,6 +98,15 @@ def _config(op: str, rank: int, device_name: str) -> dict:
     if op == "mix":  # keep the [BLOCK_T, BLOCK_R, BLOCK_I] product tile near 4K elements
         cfg["BLOCK_T"] = max(1, min(cfg["BLOCK_T"], 4096 // (cfg["BLOCK_R"] ** 2)))
         cfg["BLOCK_I"] = min(cfg["BLOCK_R"], max(16, 4096 // (cfg["BLOCK_T"] * cfg["BLOCK_R"])))
+    if op.startswith("grouped_shrink"):  # an [BK, R] A tile and a [BT, BI, R] mix tile: ~8K / 4K elements
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, 8192 // cfg["BLOCK_R"]))
+        cfg["BLOCK_I"] = min(cfg["BLOCK_R"], max(1, 4096 // (cfg["BLOCK_T"] * cfg["BLOCK_R"])))
+        # aot.py at R = 64: bf16 spilled with four warps on sm_90; fp32 (BLOCK_K 32) spilled with
+        # eight on sm_80 and not with four
+        if cfg["BLOCK_R"] >= 64 and not op.endswith(".fp32"):
+            cfg["num_warps"] = max(cfg["num_warps"], 8)
+    if op.startswith("grouped_expand"):  # rank steps of 16: a family stops at its own rank
+        cfg["BLOCK_R"] = 16
     if op.startswith("tied_expand"):  # ranks above 128 take K steps of 128 (tied_expand.py)
         cfg["BLOCK_R"] = min(cfg["BLOCK_R"], 128)
         if op.endswith(".fp32") and cfg["BLOCK_R"] >= 64:  # the FMA dot spilled on sm_80 at R = 128 (aot.py)

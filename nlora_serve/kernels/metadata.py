@@ -24,6 +24,7 @@ import torch
 
 NO_ADAPTER = -1  # token slot: this token runs the base model only
 TIED = -1  # slot family: Nyström-tied to the base weight (DESIGN §1)
+NO_GROUP_KEY = 2**31 - 1  # sort key of a token off the group path: it sorts after every family
 
 _I32 = torch.int32
 _I64 = torch.int64
@@ -82,11 +83,32 @@ class AdapterBatch:
     tseg_start: torch.Tensor  # [Nt] int32: first token of each run of tied tokens (any slots)
     tseg_len: torch.Tensor  # [Nt] int32: its length
     max_tseg_len: int  # longest such run
+    # -- grouped form (grouped_shrink.py / grouped_expand.py): see sort_group_tokens ----------
+    group_order: torch.Tensor  # [T] int32: token at each sorted position (group tokens by family)
+    group_key: torch.Tensor  # [T] int32: family at each sorted position, NO_GROUP_KEY past the group tokens
 
     @property
     def is_empty(self) -> bool:
         """True when no token of the step is adapted (the output is the base output)."""
         return self.num_tied + self.num_group == 0
+
+
+def sort_group_tokens(tok_group_family: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group tokens sorted by family (stable), then every other token: the grouped kernels' layout.
+
+    Semantics: key[t] = tok_group_family[t] if ≥ 0 else :data:`NO_GROUP_KEY`; returns (order, sorted
+    key), both [T] int32 on the input's device, with key[order[i]] = sorted_key[i] nondecreasing.
+    One device sort, fixed shapes, nothing read back to the host: safe inside a CUDA graph (the
+    grouped kernels find each family's rows in a block of sorted positions themselves, so no
+    counts, starts or run lengths are needed; vLLM's punica kernels sort the same way).
+
+    Args:
+        tok_group_family: [T] int32/int64, −1 = not a group token.
+    """
+    key = torch.where(tok_group_family >= 0, tok_group_family.to(_I32),
+                      torch.full_like(tok_group_family, NO_GROUP_KEY, dtype=_I32))
+    sorted_key, order = torch.sort(key, stable=True)
+    return order.to(_I32), sorted_key
 
 
 def _runs(key: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -172,6 +194,7 @@ def build_adapter_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor,
     t_start, t_len, t_max = _runs(is_tied.to(_I64), is_tied)
     uniq_scale = torch.unique(tok_scale[adapted])
     minus1 = torch.full_like(slots, -1)
+    g_order, g_key = sort_group_tokens(torch.where(is_group, fam, minus1))
 
     def dev(t: torch.Tensor, dtype: torch.dtype = _I32) -> torch.Tensor:
         return t.to(device=device, dtype=dtype)
@@ -200,4 +223,5 @@ def build_adapter_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor,
         seg_start=dev(s_start), seg_len=dev(s_len), seg_slot=dev(slots[s_start]), max_seg_len=s_max,
         fseg_start=dev(f_start), fseg_len=dev(f_len), fseg_family=dev(fam[f_start]),
         max_fseg_len=f_max, tseg_start=dev(t_start), tseg_len=dev(t_len), max_tseg_len=t_max,
+        group_order=dev(g_order), group_key=dev(g_key),
     )

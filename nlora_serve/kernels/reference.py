@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from nlora_serve.kernels.metadata import AdapterBatch
+from nlora_serve.kernels.metadata import NO_GROUP_KEY, AdapterBatch
 from nlora_serve.kernels.weights import SiteWeights
 
 
@@ -102,6 +102,49 @@ def bgmv_expand(u, b_pool, tok_family, tok_slot, y, slot_scalings=None):
         b = b_pool[0 if tok_family is None else int(tok_family[t]), :, :r]
         scale = 1.0 if slot_scalings is None else float(slot_scalings[slot])
         y[t] += scale * (b @ u[t])
+    return y
+
+
+def _rank(slot_ranks, slot: int, width: int) -> int:
+    return width if slot_ranks is None else min(int(slot_ranks[slot]), width)
+
+
+def grouped_shrink(x, a_pool, n_pool, order, key, tok_slot, out, slot_ranks=None):
+    """Semantics: out[i] = [N[s][:r, :r] A[f][:r] x[t], 0…] for each sorted position i with key[i] = f
+    ≠ NO_GROUP_KEY, t = order[i], s = tok_slot[t], r = min(slot_ranks[s], R) (R = out.shape[1]
+    when slot_ranks is None); other rows untouched. Rows of ``out`` are sorted positions.
+
+    x [T, in], a_pool [F, R, in], n_pool [S, R, R], order/key/tok_slot [T] int, out [T, R],
+    slot_ranks [S] int or None.
+    """
+    width = out.shape[1]
+    for i in range(x.shape[0]):
+        if int(key[i]) == NO_GROUP_KEY:
+            continue
+        t = int(order[i])
+        s = int(tok_slot[t])
+        r = _rank(slot_ranks, s, width)
+        out[i] = 0
+        out[i, :r] = n_pool[s, :r, :r] @ (a_pool[int(key[i]), :r] @ x[t])
+    return out
+
+
+def grouped_expand(u, b_pool, order, key, tok_slot, y, slot_scalings=None, slot_ranks=None):
+    """Semantics: y[t] += slot_scalings[s] · B[f][:, :r] u[i, :r] for each sorted position i with
+    key[i] = f ≠ NO_GROUP_KEY, t = order[i], s = tok_slot[t], r as in :func:`grouped_shrink`
+    (scaling 1 when slot_scalings is None); other rows untouched.
+
+    u [T, R] (rows in sorted order), b_pool [F, out, R], order/key/tok_slot [T] int, y [T, out]
+    (modified in place), slot_scalings [S] float or None, slot_ranks [S] int or None.
+    """
+    for i in range(u.shape[0]):
+        if int(key[i]) == NO_GROUP_KEY:
+            continue
+        t = int(order[i])
+        s = int(tok_slot[t])
+        r = _rank(slot_ranks, s, u.shape[1])
+        scale = 1.0 if slot_scalings is None else float(slot_scalings[s])
+        y[t] += scale * (b_pool[int(key[i]), :, :r] @ u[i, :r])
     return y
 
 

@@ -7,6 +7,8 @@ import torch
 from nlora_serve.kernels.bgmv_expand import bgmv_expand
 from nlora_serve.kernels.bgmv_shrink import bgmv_shrink
 from nlora_serve.kernels.decode_batch import DecodeAdapterBatch
+from nlora_serve.kernels.grouped_expand import grouped_expand
+from nlora_serve.kernels.grouped_shrink import grouped_shrink
 from nlora_serve.kernels.metadata import AdapterBatch
 from nlora_serve.kernels.mix import mix
 from nlora_serve.kernels.sgmv_expand import sgmv_expand
@@ -23,23 +25,32 @@ from nlora_serve.kernels.weights import SiteWeights
 TIED_FORM = "two_launch"
 TIED_FORMS = ("two_launch", "tiled", "fused")
 
+# The group (LoRA / family) path's form, decode and prefill alike: "grouped" (grouped_shrink.py then
+# grouped_expand.py over family-sorted blocks of tokens: each A and B tile read once per block of
+# its tokens, mixed ranks at their own rank) or "bgmv" (the earlier form: per token at decode, each
+# token re-reading its A and B; at prefill SGMV over same-slot / same-family runs). The GPU bench
+# (bench/adapter_kernels.py: family64 / lora8 against family64_grouped / lora8_grouped) times both.
+GROUP_FORM = "grouped"
+GROUP_FORMS = ("grouped", "bgmv")
+
 # Runs shorter than one 16-row tl.dot tile (decode) take the per-token BGMV shrink instead.
 _SGMV_MIN_RUN = 16
 
 
 def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
-                 site: SiteWeights, tied_form: str | None = None) -> torch.Tensor:
+                 site: SiteWeights, tied_form: str | None = None, group_form: str | None = None) -> torch.Tensor:
     """Triton form of :func:`nlora_serve.kernels.torch_ops.apply_torch` (same semantics).
 
     Launches: tied path = mix (z read from y into an fp32 buffer) then, after every other add,
     one expand by W[:, :r] (``tied_form``, default :data:`TIED_FORM`: "two_launch" SGMV over
     tied runs, "tiled" :func:`tied_expand` over token blocks; "fused": one :func:`tied_fused`
-    launch instead); group path = shrink with the mix fused (SGMV over
-    same-slot runs for prefill, BGMV per token for decode) then one expand over same-family runs.
-    y in place.
+    launch instead); group path (``group_form``, default :data:`GROUP_FORM`) = "grouped": shrink
+    with the mix fused then expand, both over family-sorted token blocks at each slot's own rank;
+    "bgmv": shrink with the mix fused (SGMV over same-slot runs, BGMV per token when runs are
+    short) then one expand over same-family runs. y in place.
 
     Raises:
-        ValueError: an unknown ``tied_form``, or "fused" on a site without ``tied_a``.
+        ValueError: an unknown ``tied_form`` or ``group_form``, or "fused" on a site without ``tied_a``.
     """
     if batch.is_empty:
         return y
@@ -52,7 +63,12 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
     elif batch.num_tied:
         # Copy z out of y first: the expands below write into the same columns.
         u_tied = mix(y, n_pool, batch.tok_tied_slot, _buffer(y, num, r), site.tied_bias)
-    if batch.num_group:
+    if batch.num_group and _group_form(group_form) == "grouped":
+        u = grouped_shrink(x, site.a_pool, n_pool, batch.group_order, batch.group_key, batch.tok_group_slot,
+                           _buffer(y, num, r), batch.slot_ranks)
+        grouped_expand(u, site.b_pool, batch.group_order, batch.group_key, batch.tok_group_slot, y,
+                       batch.slot_scalings, batch.slot_ranks)
+    elif batch.num_group:
         u = _buffer(y, num, r)
         if batch.max_seg_len >= _SGMV_MIN_RUN:
             sgmv_shrink(x, site.a_pool, batch.slot_families, batch.seg_start, batch.seg_len,
@@ -70,13 +86,17 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
 
 
 def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBatch,
-                        site: SiteWeights, tied_form: str | None = None) -> torch.Tensor:
+                        site: SiteWeights, tied_form: str | None = None,
+                        group_form: str | None = None) -> torch.Tensor:
     """The fixed-grid form for decode steps and CUDA graphs (same semantics as :func:`apply_triton`).
 
     Launches, each with a grid of the token count (and output column blocks) only: tied path =
     mix (z read from y) then, after the group adds, one BGMV expand by W[:, :R] (``tied_form``
-    "tiled": one :func:`tied_expand` over token blocks instead); group path = BGMV
-    shrink with the mix fused, then one BGMV expand by each token's B. ``tied_form`` (default
+    "tiled": one :func:`tied_expand` over token blocks instead); group path (``group_form``,
+    default :data:`GROUP_FORM`) = "grouped": :func:`grouped_shrink` (mix fused) then
+    :func:`grouped_expand` over family-sorted token blocks (``batch.group_order``, sorted on the
+    device), grids of the token count and column blocks; "bgmv": BGMV shrink with the mix fused,
+    then one BGMV expand by each token's B. ``tied_form`` (default
     :data:`TIED_FORM`) "fused" runs the tied path as one launch instead (:func:`tied_fused`,
     z = x · W[:R]ᵀ recomputed, needs ``site.tied_a``). Which paths launch is the
     pool's fact (``has_tied`` / ``has_group``), never the step's; tokens of the other path, or of
@@ -84,7 +104,7 @@ def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBa
 
     Raises:
         ValueError: the site lacks a pool the batch's paths need, the rank does not fit it, or
-            ``tied_form`` is not one of :data:`TIED_FORMS`.
+            ``tied_form`` / ``group_form`` is not one of :data:`TIED_FORMS` / :data:`GROUP_FORMS`.
     """
     r, num = batch.rank, batch.num_tokens
     form = _tied_form(tied_form, site, r) if batch.has_tied else None
@@ -97,7 +117,14 @@ def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBa
         tied_fused(x, site.tied_a, site.tied_b, site.n_pool, batch.tok_tied_slot, y, r, batch.slot_scalings)
     elif batch.has_tied:
         u_tied = mix(y, site.n_pool, batch.tok_tied_slot, _buffer(y, num, r), site.tied_bias)
-    if batch.has_group:
+    if batch.has_group and _group_form(group_form) == "grouped":
+        if batch.group_order is None:
+            raise ValueError("the grouped form needs the batch's group_order (derive_decode_batch with has_group)")
+        u = grouped_shrink(x, site.a_pool, site.n_pool, batch.group_order, batch.group_key, batch.tok_group_slot,
+                           _buffer(y, num, r), batch.slot_ranks)
+        grouped_expand(u, site.b_pool, batch.group_order, batch.group_key, batch.tok_group_slot, y,
+                       batch.slot_scalings, batch.slot_ranks)
+    elif batch.has_group:
         u = _buffer(y, num, r)
         bgmv_shrink(x, site.a_pool, batch.tok_group_family, u, site.n_pool, batch.tok_group_slot)
         bgmv_expand(u, site.b_pool, batch.tok_group_family, batch.tok_group_slot, y, batch.slot_scalings)
@@ -115,6 +142,14 @@ def _tied_form(tied_form: str | None, site: SiteWeights, rank: int) -> str:
         raise ValueError(f"tied_form must be one of {TIED_FORMS}, got {form!r}")
     if form == "fused" and (site.tied_a is None or site.tied_a.shape[0] < rank):
         raise ValueError(f"the fused tied form needs tied_a = W[:R] [≥{rank}, in]")
+    return form
+
+
+def _group_form(group_form: str | None) -> str:
+    """The group form to run (``group_form`` or :data:`GROUP_FORM`), checked."""
+    form = GROUP_FORM if group_form is None else group_form
+    if form not in GROUP_FORMS:
+        raise ValueError(f"group_form must be one of {GROUP_FORMS}, got {form!r}")
     return form
 
 

@@ -50,7 +50,8 @@ def test_every_path_runs_and_is_written(run):
     rows = written["rows"]
     assert [r["path"] for r in rows] == ["tied64", "tied64_tiled", "tied64_fused", "tied64_fused_p64", "tied64_fused_n128",
                                           "tied64_fused_t64", "tied64_fused_k256", "tied64_zcols", "family64",
-                                          "lora8"]
+                                          "family64_grouped", "lora8", "lora8_grouped", "lora8_w64",
+                                          "lora8_w64_grouped"]
     for r in rows:
         form = "fused" if "fused" in r["path"] or "zcols" in r["path"] else "decode"
         assert (r["shape"], r["dtype"], r["tokens"], r["form"]) == ("tiny", "fp32", 4, form)

@@ -3,7 +3,9 @@ Triton interpreter (``kernel_backend="triton"``), on a tiny random Llama with 3 
 head. Base, tied IntTune, NLoRA (group path) and LoRA requests in one mixed batch, with chunked
 prefill and a preemption; greedy tokens must equal transformers on merged weights (DESIGN §5).
 "triton-fused": the same with the tied path in its one-launch form (tied_fused.py); "triton-tiled":
-with its expand tiled over token blocks (tied_expand.py).
+with its expand tiled over token blocks (tied_expand.py). "triton" runs the group path in its default
+grouped form (grouped_shrink.py / grouped_expand.py, per-slot ranks on the device), "triton-bgmv" in
+the earlier per-token form.
 """
 
 from __future__ import annotations
@@ -55,22 +57,27 @@ def _jobs(model_obj, tenants):
     return jobs
 
 
-# a tied form other than the default: (TIED_FORM, the launcher whose kernel must run)
-TIED_FORMS = {"triton-fused": ("fused", triton_path.tied_fused), "triton-tiled": ("tiled", triton_path.tied_expand)}
+# per run, the form under test: (the module constant, its value, the launcher whose kernel must run)
+FORMS = {"triton-fused": ("TIED_FORM", "fused", triton_path.tied_fused),
+         "triton-tiled": ("TIED_FORM", "tiled", triton_path.tied_expand),
+         "triton-bgmv": ("GROUP_FORM", "bgmv", triton_path.bgmv_shrink),
+         "triton": ("GROUP_FORM", "grouped", triton_path.grouped_shrink)}
 
 
-@pytest.mark.parametrize("kernel_backend", ["triton", "triton-fused", "triton-tiled", "torch", "torch-async"])
+@pytest.mark.parametrize("kernel_backend", ["triton", "triton-fused", "triton-tiled", "triton-bgmv", "torch",
+                                            "torch-async"])
 def test_mixed_tenants_chunked_and_preempted_equal_transformers(tiny, tmp_path, kernel_backend, monkeypatch):
     model_dir, model_obj, tenants, tokenizer_dir = tiny
     # "torch-async": the torch ops with async scheduling (steps launched before the last one's
     # tokens are read back: preempted and chunked sequences with a token still in flight)
     overlap = kernel_backend.endswith("-async")
     kernel_backend = kernel_backend.removesuffix("-async")
-    fused_launches, fused = [], kernel_backend in TIED_FORMS
-    if fused:
-        form, launcher = TIED_FORMS[kernel_backend]
+    fused_launches, counted_form = [], kernel_backend in FORMS
+    fused = counted_form and kernel_backend != "triton"  # the shortened runs
+    if counted_form:
+        constant, form, launcher = FORMS[kernel_backend]
         kernel_backend = "triton"
-        monkeypatch.setattr(triton_path, "TIED_FORM", form)
+        monkeypatch.setattr(triton_path, constant, form)
         kernel = launcher.__globals__[f"_{launcher.__name__}_kernel"]
         run = kernel.run
 
@@ -86,7 +93,7 @@ def test_mixed_tenants_chunked_and_preempted_equal_transformers(tiny, tmp_path, 
                           cache=CacheConfig(block_size=16, num_blocks=14))
     jobs = _jobs(model_obj, tenants)
     if fused:
-        jobs = jobs[:4]  # CI time: one of each tenant kind is what the tied form changes
+        jobs = jobs[:4]  # CI time: one of each tenant kind is what the form changes
     with LLMEngine(config) as engine:
         for name, (folder, _) in tenants.items():
             engine.adapters.register_dir(name, folder)
@@ -94,7 +101,7 @@ def test_mixed_tenants_chunked_and_preempted_equal_transformers(tiny, tmp_path, 
         outs = engine.generate([p for _, p, _, _ in jobs], params, [n for n, _, _, _ in jobs])
         stats = engine.stats()
     assert stats["preemptions"] >= 1 or fused, stats
-    assert fused_launches or not fused, "the tied form under test never launched"
+    assert fused_launches or not counted_form, "the form under test never launched"
     for (name, _, want, margins), out in zip(jobs, outs):
         assert out.adapter == name
         assert matches_reference(out.token_ids, want, margins), (name, out.token_ids, want, margins)

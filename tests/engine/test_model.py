@@ -10,6 +10,7 @@ import torch
 from greedy_rule import matches_reference
 from nlora_serve.models import PROJECTIONS, load_base
 from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.llama import LlamaModel
 from nlora_serve.engine.model_runner import ModelRunner
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.sequence import Sequence
@@ -117,3 +118,13 @@ def test_fp32_native_layer_ops_and_prepacked_gemms_match_the_torch_ops(base_fp32
         fast = prefill_logits(base_fp32, ref["prompt_token_ids"], prepack=True, layer_ops=native_ops.layer)
         assert float((fast - plain).norm() / plain.norm()) < 1e-5
         assert int(fast.argmax()) == int(plain.argmax())
+
+
+def test_model_prepacks_only_when_asked(base_fp32):
+    plain = LlamaModel(base_fp32, 64, "cpu")
+    packed = LlamaModel(base_fp32, 64, "cpu", prepack=True)
+    assert plain.layers[0].qkv.packed is None and plain.lm_head_packed is None
+    assert all(p.packed is not None for layer in packed.layers for p in layer.projections())
+    assert packed.lm_head_packed is not None
+    # the plain weight stays the one adapters read (tied A/B are its slices)
+    assert packed.layers[0].qkv.weight.data_ptr() == packed.layers[0].qkv.module_weight("q_proj").data_ptr()

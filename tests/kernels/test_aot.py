@@ -17,10 +17,12 @@ for c in compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks={RANK
     print(json.dumps(dataclasses.asdict(c)))
 """
 KERNELS = {"_sgmv_shrink_kernel", "_bgmv_shrink_kernel", "_mix_kernel", "_sgmv_expand_kernel",
+           "_grouped_shrink_kernel", "_grouped_expand_kernel",
            "_bgmv_expand_kernel", "_tied_fused_kernel", "_tied_expand_kernel"}
 ATTENTION = {"_paged_decode_attention_kernel", "_paged_decode_merge_kernel",
              "_paged_prefill_attention_kernel"}
 DOTS = {"_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_tied_fused_kernel", "_tied_expand_kernel",
+        "_grouped_shrink_kernel", "_grouped_expand_kernel",
         "_paged_decode_attention_kernel",
         "_paged_prefill_attention_kernel"}
 
@@ -47,18 +49,29 @@ def test_every_kernel_compiles_for_sm80_and_sm90_at_every_engine_step(compiled):
         steps = {s for c in rows for s in c["steps"]}
         assert steps == {"decode-tied", "decode-lora", "prefill-lora", "decode-tied-bias", "decode-tied-graph",
                          "decode-lora-graph", "decode-tied-fused", "prefill-tied-fused", "decode-tied-zcols",
-                         "decode-tied-tiled"}
+                         "decode-tied-tiled", "prefill-lora-4096", "prefill-lora-bgmv", "decode-lora-graph-bgmv"}
         # tied decode: mix + expand, no shrink; a bias is its own mix specialisation
         tied = {(c["kernel"], c["variant"]) for c in rows if "decode-tied" in c["steps"]}
         assert tied == {("_mix_kernel", "-"), ("_sgmv_expand_kernel", "-")}
         assert ("_mix_kernel", "HAS_BIAS") in {(c["kernel"], c["variant"]) for c in rows}
-        # decode runs the per-token (BGMV) shrink, prefill the segment (SGMV) one, both fused
         by_step = {s: {c["kernel"] for c in rows if s in c["steps"]} for s in steps}
-        assert "_bgmv_shrink_kernel" in by_step["decode-lora"]
-        assert "_sgmv_shrink_kernel" in by_step["prefill-lora"]
-        # the graphed decode form: per-token kernels only, grids of the token count
+        # the group path's default form: grouped shrink (mix fused) + grouped expand over
+        # family-sorted token blocks at every T, both forms; K (576) split over programs (atomic
+        # partial sums) at 64 tokens and R = 16, one K range at R = 64 (the per-range R × R mix would
+        # outweigh the split range's reads) and at 4096 tokens (enough programs without a split)
+        grouped = {"_grouped_shrink_kernel", "_grouped_expand_kernel"}
+        for step in ("decode-lora", "prefill-lora", "decode-lora-graph", "prefill-lora-4096"):
+            assert by_step[step] == grouped, step
+        shrinks = {(c["variant"], s) for c in rows if c["kernel"] == "_grouped_shrink_kernel" for s in c["steps"]}
+        split = "ATOMIC," if combo[2] == 16 else ""
+        assert (split + "HAS_RANKS", "decode-lora") in shrinks and (split[:-1] or "-", "decode-lora-graph") in shrinks
+        assert ("HAS_RANKS", "prefill-lora-4096") in shrinks
+        # the earlier group form: per-token (BGMV) shrink at decode, the segment (SGMV) one for
+        # long runs, both with the mix fused
+        assert by_step["prefill-lora-bgmv"] == {"_sgmv_shrink_kernel", "_sgmv_expand_kernel"}
+        assert by_step["decode-lora-graph-bgmv"] == {"_bgmv_shrink_kernel", "_bgmv_expand_kernel"}
+        # the graphed decode form's tied path: per-token kernels, grids of the token count
         assert by_step["decode-tied-graph"] == {"_mix_kernel", "_bgmv_expand_kernel"}
-        assert by_step["decode-lora-graph"] == {"_bgmv_shrink_kernel", "_bgmv_expand_kernel"}
         # the one-launch tied form, at a decode and a prefill token count (same fixed grid rule)
         assert by_step["decode-tied-fused"] == by_step["prefill-tied-fused"] == {"_tied_fused_kernel"}
         assert {(c["kernel"], c["variant"]) for c in rows if "decode-tied-zcols" in c["steps"]} == {
@@ -108,4 +121,5 @@ def test_loads_are_vectorised_where_rows_are_contiguous(compiled):
     # alignment) must let every kernel issue some 64/128-bit loads at rank 64.
     for c in compiled:
         if c["rank"] == 64:
-            assert c["wide_loads"] > 0, f"{c['kernel']} {c['variant']} loads only scalars"
+            # (a pipelined loop's loads are cp.async copies: LDGSTS, counted apart)
+            assert c["wide_loads"] + c["async_wide_loads"] > 0, f"{c['kernel']} {c['variant']} loads only scalars"

@@ -52,9 +52,10 @@ def test_bgmv_expand_refuses_bad_shapes():
                     torch.zeros(4, dtype=torch.int32), y)
 
 
+@pytest.mark.parametrize("group_form", ("grouped", "bgmv"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("path,dist,num,shape,ranks,extra", CASES)
-def test_decode_path_against_truth(path, dist, num, shape, ranks, extra, dtype):
+def test_decode_path_against_truth(path, dist, num, shape, ranks, extra, dtype, group_form):
     case = make_case(7000 + num, num, *shape, ranks, dist, path, dtype, device=TEST_DEVICE, **extra)
     dev = torch.device(TEST_DEVICE)
     # the pool's facts over all its slots (not the step's tokens): which paths launch, the rank width
@@ -62,7 +63,7 @@ def test_decode_path_against_truth(path, dist, num, shape, ranks, extra, dtype):
                                 case.slot_scalings.to(dev, torch.float32), case.site.rank_width,
                                 bool((case.slot_families == TIED).any()), bool((case.slot_families >= 0).any()))
     before = case.y.to("cpu", copy=True)
-    apply_triton_decode(case.y, case.x, batch, case.site)
+    apply_triton_decode(case.y, case.x, batch, case.site, group_form=group_form)
     after = case.y.cpu()
     rows = case.token_slots >= 0
     assert not torch.isnan(after).any()

@@ -102,19 +102,20 @@ CASES = [  # (path, dist, T, (in, out), ranks, extras): decode (BGMV) and prefil
 ]
 
 
+@pytest.mark.parametrize("group_form", ("grouped", "bgmv"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("path,dist,num,shape,ranks,extra", CASES)
-def test_triton_path_against_truth(path, dist, num, shape, ranks, extra, dtype):
+def test_triton_path_against_truth(path, dist, num, shape, ranks, extra, dtype, group_form):
     # The one test that also runs compiled on a GPU (NLORA_TEST_DEVICE=cuda, conftest.py).
     case = make_case(7000 + num, num, *shape, ranks, dist, path, dtype, device=TEST_DEVICE,
                      **extra)
     b = case.batch(device=TEST_DEVICE)
     before = case.y.to("cpu", copy=True)
-    apply_triton(case.y, case.x, b, case.site)
+    apply_triton(case.y, case.x, b, case.site, group_form=group_form)
     after = case.y.cpu()
     rows = case.token_slots >= 0
     assert not torch.isnan(after).any()
     assert torch.equal(after[~rows], before[~rows])
     assert delta_error(before, after, case.truth) <= TOL[dtype]
-    if dist == "one" and num >= 16:
+    if dist == "one" and num >= 16 and group_form == "bgmv":
         assert b.max_seg_len >= 16  # this case exercises the SGMV shrink

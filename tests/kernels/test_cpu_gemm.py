@@ -1,4 +1,4 @@
-"""PackedLinear (oneDNN-prepacked CPU GEMMs) against float64, and the engine's use of it."""
+"""PackedLinear (oneDNN-prepacked CPU GEMMs) against float64."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlora_serve.engine.cpu_gemm import MIN_ROWS_FP32, PackedLinear, can_prepack
-from nlora_serve.engine.llama import LlamaModel
+from nlora_serve.kernels.cpu_gemm import MIN_ROWS_FP32, PackedLinear, can_prepack
 
 # fp32: oneDNN's blocked accumulation order differs from float64's; bf16: one rounding of the
 # output (2^-8 relative) over fp32 accumulation, as F.linear in bf16
@@ -60,12 +59,3 @@ def test_refuses_what_onednn_cannot_take(weight):
     with pytest.raises(ValueError, match="cannot prepack"):
         PackedLinear(weight, None)
 
-
-def test_model_prepacks_only_when_asked(base_fp32):
-    plain = LlamaModel(base_fp32, 64, "cpu")
-    packed = LlamaModel(base_fp32, 64, "cpu", prepack=True)
-    assert plain.layers[0].qkv.packed is None and plain.lm_head_packed is None
-    assert all(p.packed is not None for layer in packed.layers for p in layer.projections())
-    assert packed.lm_head_packed is not None
-    # the plain weight stays the one adapters read (tied A/B are its slices)
-    assert packed.layers[0].qkv.weight.data_ptr() == packed.layers[0].qkv.module_weight("q_proj").data_ptr()
