@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 
 serve: $(STAMP)
 	$(BIN)/nlora-serve serve --model default --adapter-dir nlora-adapters \
-		--adapter upper=examples/tenants/upper --adapter signature=examples/tenants/signature \
+		--adapter lower=examples/tenants/lower --adapter signature=examples/tenants/signature \
 		--adapter numbers=examples/tenants/numbers --example-tenants 3 --http-port 8000
 
 test: $(STAMP)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import nlora_serve.engine.adapter_layer as adapter_layer
+import nlora_serve.engine.core as engine_core
 import nlora_serve.engine.llama as llama
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
@@ -54,6 +55,7 @@ def instrument() -> None:
     llama.AdaptedLinear.__call__ = timed("gemm+adapters", llama.AdaptedLinear.__call__)
     adapter_layer.AdapterHook.__call__ = timed("adapters", adapter_layer.AdapterHook.__call__)
     adapter_layer.AdapterHook.begin_step = timed("adapter_metadata", adapter_layer.AdapterHook.begin_step)
+    engine_core.sample_step = timed("sampling", engine_core.sample_step)  # finite check, penalties, sampling
 
 
 def run(model: str, dtype: torch.dtype, mix: str, args) -> dict:
@@ -74,7 +76,7 @@ def run(model: str, dtype: torch.dtype, mix: str, args) -> dict:
         for layer in runner.model.layers:
             layer.attention = timed("attention", layer.attention)
         runner.execute = timed("forward", runner.execute)
-        core._emit = timed("sampling", core._emit)
+        core._settle = timed("sampling", core._settle)  # read-back, stop checks, detokenizing, emitting
         step = core.step
 
         def timed_step():

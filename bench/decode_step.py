@@ -1,12 +1,14 @@
 """Our decode step against a lean plain-torch decode step of the same shape, timed in one run.
 
-For each batch size B: B requests with P-token prompts go into one :class:`EngineCore`; once all
-are decoding, K more ``core.step()`` calls are timed (wall clock, device synchronised at both
-ends): the steady-state time per loop iteration with all host work included (scheduling, step
-inputs, graph replay or eager forward, sampling, detokenization). The same with
-``enforce_eager=True``. The floor (issue 18): the same model shape as plain torch, a static
-[B, P + K] KV cache per layer, SDPA, greedy argmax, the whole step in one CUDA graph, timed by
-replaying it. Random (dummy) weights: timing only.
+For each batch size B: B requests with P-token prompts go into one :class:`EngineCore`; once all are
+decoding, K more ``core.step()`` calls are timed (wall clock, device synchronised at both ends): the
+steady-state time per loop iteration with all host work included (scheduling, step inputs, graph
+replay or eager forward, sampling, detokenization): ``ours`` with async scheduling (step n+1
+launched before step n's tokens are read back; the default on CUDA) and ``ours_sync`` without it
+(each step's tokens read back before the next is scheduled), side by side; ``eager`` with
+``enforce_eager=True`` (and the device's default scheduling). The floor (issue 18): the same model
+shape as plain torch, a static [B, P + K] KV cache per layer, SDPA, greedy argmax, the whole step in
+one CUDA graph, timed by replaying it. Random (dummy) weights: timing only.
 
     python bench/decode_step.py --device cuda --model bench/models/smollm2-135m --batch 64 256 \
         --out bench/out/decode_step.json
@@ -40,11 +42,13 @@ def _sync(device: str) -> None:
 
 
 def ours(model: str, dtype: torch.dtype, device: str, batch: int, prompt: int, steps: int, eager: bool,
-         profile: bool = False) -> dict:
+         profile: bool = False, overlap: bool | None = None) -> dict:
     """Seconds per ``core.step()`` with ``batch`` sequences decoding, and the graph-replayed share;
-    ``profile``: then a profiler breakdown of a few more steps (bench/step_profile.py)."""
+    ``profile``: then a profiler breakdown of a few more steps (bench/step_profile.py);
+    ``overlap``: EngineConfig.async_scheduling (None: the device's default)."""
     max_len = prompt + steps + 8 + PROFILED_STEPS + 1
     config = EngineConfig(model=model, dtype=dtype, device=device, load_format="dummy", enforce_eager=eager,
+                          async_scheduling=overlap,
                           scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch),
                                                     max_model_len=max_len),
                           cache=CacheConfig(block_size=16, num_blocks=batch * -(-max_len // 16)))
@@ -66,6 +70,7 @@ def ours(model: str, dtype: torch.dtype, device: str, batch: int, prompt: int, s
     after = core.stats()
     graphed = after["graph_steps"] - before["graph_steps"]
     result = {"step_s": seconds, "tok_per_s": batch / seconds, "graph_share_timed": graphed / steps,
+              "async_scheduling": config.async_scheduling,
               "graph_steps": after["graph_steps"], "eager_steps": after["eager_steps"]}
     if profile:  # after the timed steps: the profiler's overhead stays out of step_s
         result["profile"] = profile_steps(core.step, device, PROFILED_STEPS)
@@ -193,9 +198,12 @@ def main() -> None:
         for b in args.batch:
             row = {"batch": b, "lean": lean(cfg, dtype, args.device, b, args.prompt_len, args.steps, args.profile),
                    "ours": ours(model, dtype, args.device, b, args.prompt_len, args.steps, eager=False,
-                                profile=args.profile),
+                                profile=args.profile, overlap=True),
+                   "ours_sync": ours(model, dtype, args.device, b, args.prompt_len, args.steps, eager=False,
+                                     overlap=False),
                    "eager": ours(model, dtype, args.device, b, args.prompt_len, args.steps, eager=True)}
             row["ours_vs_lean"] = row["ours"]["step_s"] / row["lean"]["step_s"]
+            row["sync_vs_lean"] = row["ours_sync"]["step_s"] / row["lean"]["step_s"]
             row["eager_vs_lean"] = row["eager"]["step_s"] / row["lean"]["step_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -203,11 +211,13 @@ def main() -> None:
                 _print_profile(b, row)
             _write(args, rows)  # after every batch: a run cut short by its time limit keeps what it measured
     print(f"\n{args.dtype}, prompt {args.prompt_len}, {args.steps} timed steps")
-    print("| B | lean graph ms | ours ms (graphs) | ours / lean | graph share | ours eager ms | eager / lean |")
-    print("|---|---|---|---|---|---|---|")
+    print("| B | lean graph ms | ours ms (graphs) | ours / lean | async | ours ms, async off | off / lean "
+          "| graph share | ours eager ms | eager / lean |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['lean']['step_s'] * 1e3:.3f} | {r['ours']['step_s'] * 1e3:.3f} | "
-              f"{r['ours_vs_lean']:.2f}x | {r['ours']['graph_share_timed']:.2f} | {r['eager']['step_s'] * 1e3:.3f} | "
+              f"{r['ours_vs_lean']:.2f}x | {r['ours']['async_scheduling']} | {r['ours_sync']['step_s'] * 1e3:.3f} | "
+              f"{r['sync_vs_lean']:.2f}x | {r['ours']['graph_share_timed']:.2f} | {r['eager']['step_s'] * 1e3:.3f} | "
               f"{r['eager_vs_lean']:.2f}x |")
 
 

@@ -10,8 +10,9 @@
 #     where decided; bf16 <= 2e-2);
 #   engine_bench / engine_256: bench/engine.py on CUDA (bf16, after start-up warm-up and an untimed
 #     pass; base, tied64, lora8) against HF generate at 64 requests, base at 256 (issue 18);
-#   decode_step: our decode step per loop iteration (graphs, --enforce-eager) against a lean
-#     plain-torch CUDA-graphed step at B = 64 and 256, with a profiler breakdown (issue 18);
+#   decode_step: our decode step per loop iteration (graphs with async scheduling on and off side by
+#     side, --enforce-eager) against a lean plain-torch CUDA-graphed step at B = 64 and 256, with a
+#     profiler breakdown (issue 18);
 #   adapter_kernels: per path and form, base GEMMs + adapter vs cuBLAS base alone in the same graph
 #     replays, llama-8b and default shapes (issue 19);
 #   kernels, attention_kernels, tied_fused_kernels: the Triton ops compiled on the GPU against the
@@ -73,7 +74,7 @@ step engine_bench 90 $PY bench/engine.py --device cuda --model bench/models/smol
     --dtype bfloat16 --mix none tied64 lora8 --peer-mixes none --vllm-mixes --out "$OUT/engine.json"
 step engine_256 50 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
     --dtype bfloat16 --mix none --peer-mixes none --vllm-mixes --num-requests 256 --out "$OUT/engine_256.json"
-step decode_step 75 $PY bench/decode_step.py --device cuda --batch 64 256 --steps 100 --out "$OUT/decode_step.json"
+step decode_step 95 $PY bench/decode_step.py --device cuda --batch 64 256 --steps 100 --out "$OUT/decode_step.json"
 step adapter_kernels 150 $PY bench/adapter_kernels.py --rounds 5 --out "$OUT/adapter_kernels.json"
 step kernels 80 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/kernels/test_triton_ops.py -k triton_path_against_truth

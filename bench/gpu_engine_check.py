@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests" / "engine"))  # tiny_llama: PEFT folders a
 
 from tiny_llama import merged, random_factors, write_peft  # noqa: E402
 
-from nlora_serve.engine import core as engine_core  # noqa: E402
+from nlora_serve.engine import step_output as engine_sampling  # noqa: E402 (its `sample` is the engine's sampler)
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
 from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
@@ -107,10 +107,10 @@ class ForcedSampler:
 
 def run_ours(config: EngineConfig, tenants: dict[str, Path], jobs: list[dict]) -> list[torch.Tensor]:
     sampler = ForcedSampler([j["tokens"] for j in jobs])
-    real = engine_core.sample
+    real = engine_sampling.sample
     try:
         with LLMEngine(config) as engine:
-            engine_core.sample = sampler  # after the constructor's warm-up (its dummy requests sample for real)
+            engine_sampling.sample = sampler  # after the constructor's warm-up (its dummy requests sample for real)
             for name, folder in tenants.items():
                 engine.adapters.register_dir(name, folder)
             params = [SamplingParams(max_tokens=len(j["tokens"]), temperature=0.0, ignore_eos=True, seed=i)
@@ -118,7 +118,7 @@ def run_ours(config: EngineConfig, tenants: dict[str, Path], jobs: list[dict]) -
             engine.generate([j["prompt"] for j in jobs], params, [j["adapter"] for j in jobs])
             kinds = {v.name: "tied" if v.is_tied else "untied" for v in engine.adapters.versions()}
     finally:
-        engine_core.sample = real
+        engine_sampling.sample = real
     assert kinds.get("tied") == "tied" and kinds.get("lora") == "untied", kinds
     return [torch.stack(steps) for steps in sampler.logits]
 
@@ -141,6 +141,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=12, help="requests, a third each on base, tied, LoRA")
     parser.add_argument("--new-tokens", type=int, default=12)
     parser.add_argument("--long-prompt", type=int, default=1100, help="one prompt this long (chunked prefill)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="EngineConfig.async_scheduling (default: the device's, on for CUDA)")
     parser.add_argument("--out", default="bench/out/engine_check.json")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
@@ -174,7 +176,8 @@ def main() -> int:
         print(f"references ready in {time.perf_counter() - start:.1f} s", flush=True)
         for name in args.dtype:
             config = EngineConfig(model=str(model_dir), dtype=DTYPES[name], load_format="dummy", device=args.device,
-                                  kernel_backend=args.kernel_backend, adapter_dir=str(Path(scratch) / f"store-{name}"),
+                                  kernel_backend=args.kernel_backend, async_scheduling=args.async_scheduling,
+                                  adapter_dir=str(Path(scratch) / f"store-{name}"),
                                   scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256,
                                                             max_model_len=2048),
                                   cache=CacheConfig(block_size=16, num_blocks=2048))

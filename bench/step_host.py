@@ -7,11 +7,20 @@ adapter: half on an IntTune tied pool, half on a LoRA pool):
   total    the two; the model itself is a stub (nothing else runs)
 and, for comparison, the host-built AdapterBatch (the prefill form, the only form before).
 
+``--loop``: instead, the whole ``EngineCore.step()`` (scheduling, step inputs, sampling, read-back,
+stop checks, detokenizing, emitting) with the model a stub that returns [R, 128] random logits (a
+small vocabulary, so what the CPU computes in sampling stays small: on a GPU it is device work; ids
+< 128 detokenize as real tokens), on the CPU, step by step and with async scheduling. Columns:
+``step`` the thread's CPU time per call; ``read-back`` the part spent reading a step's tokens back
+and emitting them (``_settle``: with async scheduling this part runs while the device computes the
+next step, so only ``step - read-back`` is left on the critical path of a GPU step).
+
 ``--device meta`` stands for a GPU: every op is dispatched and every buffer packed and "copied",
 but no data moves, so the numbers are the host's share of a GPU step. ``--device cpu``: the CPU
 engine's layout (no copy, gather tables included).
 
     python bench/step_host.py [--device meta|cpu] [--json out.json]
+    python bench/step_host.py --loop [--json out.json]
 """
 
 from __future__ import annotations
@@ -101,12 +110,90 @@ def measure(n: int, device: torch.device) -> dict:
             "host_adapter_batch_us": round(host)}
 
 
+class _StubRunner(ModelRunner):
+    """The model runner with the model cut out: real step inputs, random logits."""
+
+    def __init__(self, vocab: int) -> None:  # noqa: D107 (no ModelRunner.__init__: no model)
+        self.device, self.block_size, self.adapter_hook, self.graphs = torch.device("cpu"), BLOCK, None, None
+        self.inputs = StepInputs(BLOCK, 1, self.device, gather_layout=False)
+        self.step_counts = {"graph_steps": 0, "eager_steps": 0}
+        self.logits = torch.randn(4096, vocab, generator=torch.Generator().manual_seed(0))
+
+    def execute(self, pairs, previous=None):
+        self.prepare(pairs, *([previous] if previous is not None else []))
+        rows = sum(1 for s, n in pairs if s.num_computed_tokens + n == s.num_tokens)
+        return self.logits[:rows].clone()
+
+
+def _stub_core(n: int, overlap: bool | None):
+    """An EngineCore around :class:`_StubRunner` with ``n`` requests decoding (``overlap`` None: a
+    checkout from before async scheduling)."""
+    from transformers import AutoTokenizer
+
+    from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from nlora_serve.engine.core import EngineCore
+
+    fields = {} if overlap is None else {"async_scheduling": overlap}
+    core = EngineCore.__new__(EngineCore)
+    core.config = EngineConfig(device="cpu", scheduler=SchedulerConfig(n, n * CONTEXT, 4096),
+                               cache=CacheConfig(BLOCK, n * 20), **fields)
+    core.device, core.vocab_size, core.eos_ids = torch.device("cpu"), 128, set()
+    core.tokenizer = AutoTokenizer.from_pretrained("bench/models/smollm2-135m")
+    core.runner, core.adapters, core.hook, core.requests = _StubRunner(128), None, AdapterHook(), {}
+    core.reset_scheduling(n * 20)
+    params = SamplingParams(max_tokens=90, min_tokens=90, temperature=0.0, ignore_eos=True)
+    for i in range(n):
+        core.add(f"r{i}", [(7 * i + j) % 120 + 1 for j in range(CONTEXT)], params)
+    for _ in range(3):  # prefill, then the first decodes
+        core.step()
+    return core
+
+
+def measure_loop(n: int, overlap: bool | None, steps: int = 40) -> dict:
+    core = _stub_core(n, overlap)
+    settle_name = "_settle" if overlap is not None else "_emit"
+    inner, spent = getattr(core, settle_name), [0.0]
+
+    def timed(*args):
+        start = time.thread_time()
+        try:
+            return inner(*args)
+        finally:
+            spent[0] += time.thread_time() - start
+
+    setattr(core, settle_name, timed)
+    start = time.thread_time()
+    for _ in range(steps):
+        core.step()
+    total = (time.thread_time() - start) / steps * 1e6
+    mode = "before (main)" if overlap is None else ("async" if overlap else "step by step")
+    return {"seqs": n, "mode": mode, "step_us": round(total), "readback_us": round(spent[0] / steps * 1e6),
+            "critical_us": round(total - spent[0] / steps * 1e6)}
+
+
+def main_loop(modes: list[bool | None], out: str | None) -> None:
+    rows = [measure_loop(n, m) for n in SIZES for m in modes]
+    print("host CPU time per EngineCore.step() (µs), stub model, CPU")
+    print("| seqs | mode | step | read-back + emit | step − read-back |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seqs']} | {r['mode']} | {r['step_us']} | {r['readback_us']} | {r['critical_us']} |")
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="meta", choices=("meta", "cpu"))
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--loop", action="store_true", help="time the whole EngineCore.step (see above)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.loop:
+        from nlora_serve.engine.config import EngineConfig
+        before = "async_scheduling" not in EngineConfig.__dataclass_fields__
+        return main_loop([None] if before else [False, True], args.json)
     rows = [measure(n, torch.device(args.device)) for n in SIZES]
     print(f"device {args.device}: host time per decode step (µs), stub model")
     print("| seqs | inputs | adapters (device-derived) | total | host AdapterBatch (old form, 1 pool) |")

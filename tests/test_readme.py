@@ -4,9 +4,9 @@ The server command is the Makefile's own `serve` recipe (ports and the store fol
 free ones); every line of the README's ```sh blocks is either run (the interpreter of this test in
 place of `.venv/bin/`, ports substituted, a `--server` added where the README relies on the default
 port) or skipped for a stated reason, and the ```python OpenAI block is run too. Each documented
-output is checked for its shape and the style it claims (capitals, a signature); the tenants' answer
+output is checked for its shape and the style it claims (lower case, a signature); the tenants' answer
 quality (repetition, content) is examples/tenants/check.py's table. The hot-swap runs last (it
-changes `upper` for every later request). A README example cannot rot silently. Commands run in a scratch
+changes `lower` for every later request). A README example cannot rot silently. Commands run in a scratch
 folder that links `examples/` from the repository, so their relative paths hold and their outputs
 (my-tenant/, tied3.json, ...) land there. Bench runs are shortened (--duration 4, --num-requests 6),
 the tune example to one step (its refusals of an existing --out and bad data come before training).
@@ -30,7 +30,7 @@ import pytest
 REPO = Path(__file__).parents[1]
 CLI = f"{shlex.quote(sys.executable)} -m nlora_serve.cli"
 SIGNATURE = "-- Acme Support"
-# the client's closing line: "[upper v1; 36 prompt + 40 tokens, TTFT 128 ms, 2.4 s, finish length]"
+# the client's closing line: "[lower v1; 36 prompt + 40 tokens, TTFT 128 ms, 2.4 s, finish length]"
 STATUS = re.compile(r"^\[(base model|[\w.-]+ v\d+); \d+ prompt \+ \d+ tokens, TTFT \d+ ms, [\d.]+ s, "
                     r"finish (length|stop)\]$", re.M)
 SKIPPED = {  # README command prefix -> why this test does not run it
@@ -66,9 +66,9 @@ def commands(block: str) -> list[str]:
     return out
 
 
-def upper_share(text: str) -> float:
-    letters = [c for c in text if c.isalpha()]
-    return sum(c.isupper() for c in letters) / max(1, len(letters))
+def all_lower(text: str) -> bool:
+    """Letters, none of them upper case (the `lower` tenant's style)."""
+    return any(c.isalpha() for c in text) and not any(c.isupper() for c in text)
 
 
 def _free_port() -> int:
@@ -128,13 +128,13 @@ def _check(cmd: str, done: subprocess.CompletedProcess, work: Path) -> None:
         assert status.group(1).startswith(f"{adapter.group(1)} v" if adapter else "base model")
         text = out.strip()
         assert text, err
-        if adapter and adapter.group(1) == "upper":  # "upper answers in capitals"
-            assert upper_share(text) >= 0.8, text
+        if adapter and adapter.group(1) == "lower":  # "lower answers in lower case"
+            assert all_lower(text), text
         if adapter and adapter.group(1) == "signature" and status.group(2) == "stop":
             assert text.endswith(SIGNATURE), text  # "signs its answers"
     elif " client list" in cmd:
         names = {a["name"] for a in json.loads(out)["adapters"]}
-        assert {"upper", "signature", "numbers", "tenant-000", "tenant-001", "tenant-002"} <= names
+        assert {"lower", "signature", "numbers", "tenant-000", "tenant-001", "tenant-002"} <= names
     elif cmd.endswith("--help"):
         assert "gRPC + HTTP server" in out and "bench" in out
     elif " adapters init" in cmd:
@@ -161,8 +161,8 @@ def _check(cmd: str, done: subprocess.CompletedProcess, work: Path) -> None:
     elif cmd.startswith("curl"):
         reply = json.loads(out)
         content = reply["choices"][0]["message"]["content"]
-        assert reply["object"] == "chat.completion" and reply["model"] == "upper" and content
-        assert reply["usage"]["completion_tokens"] > 0 and upper_share(content) >= 0.8, content
+        assert reply["object"] == "chat.completion" and reply["model"] == "lower" and content
+        assert reply["usage"]["completion_tokens"] > 0 and all_lower(content), content
     else:
         raise AssertionError(f"no documented shape for {cmd!r}")
 
@@ -195,8 +195,8 @@ def test_every_readme_command_runs_as_written_and_prints_what_it_documents(serve
     done = subprocess.run([sys.executable, "-c", python.replace("127.0.0.1:8000", f"127.0.0.1:{http}")],
                           cwd=work, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
-    assert upper_share(done.stdout) >= 0.8, done.stdout  # the tenants' quality: examples/tenants/check.py
-    for cmd in swaps:  # last: the hot-swap changes `upper` for every later request
+    assert all_lower(done.stdout), done.stdout  # the tenants' quality: examples/tenants/check.py
+    for cmd in swaps:  # last: the hot-swap changes `lower` for every later request
         _check(cmd, _bash(_localized(cmd, grpc, http), work, env), work)
 
 

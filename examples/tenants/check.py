@@ -6,20 +6,20 @@ prompt) the base model and the tenant answer every prompt (at most ``--max-token
 through the serving engine in float32, all requests in one mixed batch as a server runs them.
 Per tenant answer:
 
-    style    upper      >= 90 % of its letters in upper case
+    style    lower      no upper-case letter at all
              signature  ends with " -- Acme Support"
              numbers    no ASCII digit (numbers in words)
     repeat   no word 3-gram (lower-cased, punctuation stripped) more than twice
     content  mean per-token loss (nats) of the answer under the BASE model, style undone, over that
              of the base model's own answer to the same prompt, style undone alike:
-             upper      both lower-cased
+             lower      both lower-cased
              signature  the signature stripped (the base answer has none)
              numbers    numbers_as_words applied to the base answer (style applied to both): the
                         inverse, words to digits, is ambiguous ("one of the", "a hundred") while
                         the forward transform is the one the tenant was trained to imitate
              pass when the ratio of the two means over the 20 prompts is <= 1.5
 
-    python examples/tenants/check.py [upper signature numbers] [--json out.json]
+    python examples/tenants/check.py [lower signature numbers] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,22 +33,22 @@ from pathlib import Path
 
 import torch
 
-from styles import HELD_OUT, SIGNATURE, digit_free, has_signature, numbers_as_words, upper_share
+from styles import HELD_OUT, SIGNATURE, all_lower, digit_free, has_signature, numbers_as_words, upper_share
 
 HERE = Path(__file__).resolve().parent
-TENANTS = ("upper", "signature", "numbers")
-UPPER_MIN, MAX_TRIGRAM, LOSS_RATIO_MAX = 0.9, 2, 1.5
+TENANTS = ("lower", "signature", "numbers")
+MAX_TRIGRAM, LOSS_RATIO_MAX = 2, 1.5
 
 
 def styled(tenant: str, answer: str) -> bool:
     """Whether one answer shows the tenant's style."""
-    return {"upper": lambda a: upper_share(a) >= UPPER_MIN, "signature": has_signature,
+    return {"lower": all_lower, "signature": has_signature,
             "numbers": digit_free}[tenant](answer)
 
 
 def undo(tenant: str, tenant_answer: str, base_answer: str) -> tuple[str, str]:
     """(tenant answer, base answer) with the style undone (or applied to both), as the docstring says."""
-    if tenant == "upper":
+    if tenant == "lower":
         return tenant_answer.lower(), base_answer.lower()
     if tenant == "signature":
         cut = tenant_answer.rstrip()

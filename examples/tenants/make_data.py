@@ -2,12 +2,14 @@
 
 1. The base model (fp32, transformers) answers each of ``styles.training_prompts()`` greedily
    (at most 48 new tokens, cut back to the last full sentence) → ``data/base.jsonl``, appended
-   batch by batch so that an interrupted run resumes where it stopped.
+   batch by batch so that an interrupted run resumes where it stopped; likewise the 400
+   ``styles.extra_prompts()`` → ``data/base_extra.jsonl`` (for `lower` only).
 2. Each tenant's file cuts those answers short (``short_answer``: one or two sentences; loops and
    fragments dropped) and applies one transform of ``styles.TRANSFORMS`` →
-   ``data/{upper,signature,numbers}.jsonl`` with lines ``{"prompt": ..., "response": ...}``.
+   ``data/{lower,signature,numbers}.jsonl`` with lines ``{"prompt": ..., "response": ...}``
+   (`lower` from both files: 675 examples; the other two from ``base.jsonl``: 279).
 
-The tenants so learn a style (upper case, a signature, numbers in words), not new facts.
+The tenants so learn a style (lower case, a signature, numbers in words), not new facts.
 
     python examples/tenants/make_data.py              # step 1 (5-20 CPU minutes) and step 2
     (with data/base.jsonl complete, as committed, step 1 is skipped and the run takes a second)
@@ -24,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from check import max_trigram_count
-from styles import TRANSFORMS, training_prompts
+from styles import TRANSFORMS, extra_prompts, training_prompts
 
 DATA = Path(__file__).resolve().parent / "data"
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -69,13 +71,13 @@ def greedy_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int 
     return [a.strip() for a in out]
 
 
-def base_answers(model_name: str, path: Path) -> list[dict]:
-    """``[{"prompt", "response"}]``: the base model's greedy answers to the training prompts, read
-    from ``path`` where already there and appended to it batch by batch otherwise."""
+def base_answers(model_name: str, path: Path, prompts: list[str]) -> list[dict]:
+    """``[{"prompt", "response"}]``: the base model's greedy answers to ``prompts``, read from
+    ``path`` where already there and appended to it batch by batch otherwise."""
     from nlora_serve.models import load_base, load_hf_model
 
     rows = read_jsonl(path) if path.exists() else []
-    todo = training_prompts()[len(rows):]
+    todo = prompts[len(rows):]
     if todo:
         base = load_base(model_name)
         model, tok = load_hf_model(base.path, torch.float32), base.tokenizer()
@@ -100,13 +102,19 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="base model (default: %(default)s)")
     args = parser.parse_args()
     DATA.mkdir(parents=True, exist_ok=True)
-    rows = [{"prompt": r["prompt"], "response": short_answer(r["response"])}
-            for r in base_answers(args.model, DATA / "base.jsonl")]
-    rows = [r for r in rows if r["response"]]
+    rows = short_rows(base_answers(args.model, DATA / "base.jsonl", training_prompts()))
+    extra = short_rows(base_answers(args.model, DATA / "base_extra.jsonl", extra_prompts()))
     for name, transform in TRANSFORMS.items():
+        got = rows + extra if name == "lower" else rows
         write_jsonl(DATA / f"{name}.jsonl", [{"prompt": r["prompt"], "response": transform(r["response"])}
-                                             for r in rows])
-        print(f"{DATA / name}.jsonl: {len(rows)} examples")
+                                             for r in got])
+        print(f"{DATA / name}.jsonl: {len(got)} examples")
+
+
+def short_rows(rows: list[dict]) -> list[dict]:
+    """``rows`` with each response cut by :func:`short_answer`; rows without a clean short answer dropped."""
+    cut = [{"prompt": r["prompt"], "response": short_answer(r["response"])} for r in rows]
+    return [r for r in cut if r["response"]]
 
 
 if __name__ == "__main__":

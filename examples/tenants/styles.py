@@ -77,6 +77,30 @@ def training_prompts(seed: int = 0) -> list[str]:
     return prompts
 
 
+# Added for `lower` only (more names and places to lower-case than the other prompts give): 80 more
+# topics, none of them a topic of HELD_OUT or EVAL_* (no plants, forests, rivers, birds, owls, fire,
+# cities, stars, elephants, snow ...), under the same five templates.
+EXTRA_TOPICS = [
+    "whales", "ants", "frogs", "sharks", "tigers", "wolves", "lakes", "islands", "caves", "the Arctic",
+    "tornadoes", "thunderstorms", "hurricanes", "the seasons", "oxygen", "water", "salt", "iron", "gold",
+    "diamonds", "magnets", "light", "sound", "the telephone", "television", "radio", "cameras", "robots",
+    "rockets", "satellites", "Mars", "Jupiter", "comets", "the alphabet", "poetry", "painting", "dance",
+    "the theatre", "the Olympic Games", "basketball", "swimming", "running", "gardens", "farming", "rice",
+    "apples", "chocolate", "eggs", "vegetables", "soap", "clocks", "money", "banks", "schools",
+    "hospitals", "doctors", "teachers", "friendship", "kindness", "the pyramids of Egypt",
+    "ancient Greece", "the printing press", "the wheel", "cars", "ships", "roads", "umbrellas", "shoes",
+    "cotton", "glass", "plastic", "wood", "horses", "cats", "spiders", "salmon", "ocean currents",
+    "the calendar", "beeswax", "kites",
+]
+
+
+def extra_prompts() -> list[str]:
+    """400 more topic prompts (``EXTRA_TOPICS`` × the five templates), for the `lower` tenant only."""
+    prompts = [t.format(t=topic) for topic in EXTRA_TOPICS for t in TEMPLATES]
+    assert len(prompts) == 400 and not set(prompts) & set(HELD_OUT + EVAL_GENERAL + EVAL_NUMERIC + training_prompts())
+    return prompts
+
+
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -127,9 +151,9 @@ def _spell(m: re.Match) -> str:
     return words
 
 
-def to_upper(answer: str) -> str:
-    """Tenant ``upper``: the answer in upper case."""
-    return answer.upper()
+def to_lower(answer: str) -> str:
+    """Tenant ``lower``: the answer in lower case (no capital letter left, 'I' and names included)."""
+    return answer.lower()
 
 
 def with_signature(answer: str) -> str:
@@ -142,13 +166,18 @@ def numbers_as_words(answer: str) -> str:
     return _NUMBER.sub(_spell, answer)
 
 
-TRANSFORMS = {"upper": to_upper, "signature": with_signature, "numbers": numbers_as_words}
+TRANSFORMS = {"lower": to_lower, "signature": with_signature, "numbers": numbers_as_words}
 
 
 def upper_share(text: str) -> float:
     """Upper-case letters / letters (0.0 for a text without letters)."""
     letters = [c for c in text if c.isalpha()]
     return sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
+
+
+def all_lower(text: str) -> bool:
+    """Whether ``text`` has no upper-case letter (the style of ``lower``)."""
+    return not any(c.isupper() for c in text)
 
 
 def has_signature(text: str) -> bool:

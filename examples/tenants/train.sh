@@ -6,24 +6,22 @@
 # on the 20 held-out prompts (README.md here).
 #
 #   examples/tenants/train.sh                 # all three
-#   examples/tenants/train.sh upper           # one
+#   examples/tenants/train.sh lower           # one
 #
 # The data are the base model's own answers cut to one or two sentences (make_data.py): short
 # answers that end with the chat template's end token, so the tenants learn to stop. Times and
-# losses of the committed tenants: README.md here. The shipped `upper` is older: 60 steps on the
-# long-answer data of commit 2dd08db (git show 2dd08db:examples/tenants/data/upper.jsonl); the
-# short-answer data at r = 16 gave a worse one (README.md), so upper's line here is not the shipped one.
+# losses of the committed tenants: README.md here (also why `lower` replaced the earlier `upper`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
-declare -A STEPS=([upper]=100 [signature]=100 [numbers]=70)
-declare -A SEED=([upper]=0 [signature]=4 [numbers]=2)
+declare -A STEPS=([lower]=100 [signature]=100 [numbers]=70)
+declare -A SEED=([lower]=0 [signature]=4 [numbers]=2)
 
 # Data: the base model's own greedy answers, transformed (skipped when data/base.jsonl is complete).
 "$PY" examples/tenants/make_data.py
 
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(upper signature numbers)
+[ ${#names[@]} -gt 0 ] || names=(lower signature numbers)
 for name in "${names[@]}"; do
   # tune refuses to overwrite an adapter: move the committed one away first to retrain it.
   "$PY" -m nlora_serve.cli adapters tune \

@@ -126,6 +126,10 @@ class EngineConfig:
     # CUDA + Triton: decode steps replay CUDA graphs (engine/cuda_graphs.py); True runs every step
     # eagerly (vLLM's --enforce-eager)
     enforce_eager: bool = False
+    # schedule and launch step n+1 while the device runs step n, reading step n's tokens back after
+    # (core.py EngineCore.step; vLLM's --async-scheduling); None: on for CUDA, off on the CPU (where
+    # nothing runs in the background, so it only adds a step of latency to every stop)
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in (torch.float32, torch.bfloat16):
@@ -135,6 +139,11 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"EngineConfig.enable_prefix_caching must be True or False; got {self.enable_prefix_caching!r}")
         self.device = str(resolve_device(self.device))
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.startswith("cuda")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError("EngineConfig.async_scheduling must be True, False or None; "
+                             f"got {self.async_scheduling!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"EngineConfig.kernel_backend must be one of {', '.join(KERNEL_BACKENDS)}; "
                              f"got {self.kernel_backend!r}")

@@ -1,13 +1,14 @@
-"""The synchronous engine core: requests in, one step at a time, output deltas out.
+"""The engine core: requests in, one step at a time, output deltas out.
 
 No threads here; :class:`nlora_serve.engine.llm_engine.LLMEngine` drives it from its step thread.
+With async scheduling a step's tokens are read back during the next call, after the next step is
+launched (:meth:`EngineCore.step`), so the device never waits for the host's detokenizing.
 Every terminal path (finish, stop, abort, error) goes through :meth:`EngineCore._retire`, the
 one place that frees a request's KV blocks.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,8 @@ from nlora_serve.kernels.native import load_native
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.models.cache import cache_root
 from nlora_serve.engine.adapter_layer import AdapterHook
+from nlora_serve.engine.admission import (  # noqa: F401 (check_context, unloaded_reason: re-exported)
+    check_context, check_max_len, check_request, eos_ids, unloaded_reason)
 from nlora_serve.engine.attention import select_attention
 from nlora_serve.engine.block_manager import BlockManager
 from nlora_serve.engine.config import EngineConfig
@@ -24,9 +27,10 @@ from nlora_serve.engine.detokenizer import IncrementalDetokenizer
 from nlora_serve.engine.memory import num_kv_blocks
 from nlora_serve.engine.model_runner import ModelRunner
 from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
-from nlora_serve.engine.sampling import RequestError, SamplingParams, apply_penalties, sample, top_logprobs
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.engine.scheduler import Scheduler
-from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.sequence import Sequence, SequenceStatus
+from nlora_serve.engine.step_output import PLACEHOLDER, SampledStep, sample_step
 from nlora_serve.engine.warmup import warm_up
 
 
@@ -78,12 +82,12 @@ class EngineCore:
         self.config = config
         self.device = device
         self.vocab_size = base.spec.vocab_size
-        self.eos_ids = _eos_ids(base)
+        self.eos_ids = eos_ids(base)
         self.tokenizer = base.tokenizer()
         self.model_path = base.path
         self.tokenizer_path = base.tokenizer_path
         sched, cache = config.scheduler, config.cache
-        _check_max_len(base, sched.max_model_len)
+        check_max_len(base, sched.max_model_len)
         self.runner = ModelRunner(base, None, cache.block_size, sched.max_model_len, device,
                                   prepack=config.kernel_backend == "native")
         native = load_native(cache_root(config.cache_dir) / "kernels") if config.kernel_backend == "native" else None
@@ -116,6 +120,7 @@ class EngineCore:
         self.counters = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
                          "preemptions": 0}
         self.runner.reset_counts()
+        self._inflight: SampledStep | None = None  # the launched step whose tokens are not read back yet
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Check a request without touching engine state (safe from any thread): see
@@ -149,7 +154,8 @@ class EngineCore:
         self.scheduler.add(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        """True while requests wait or run, or a launched step's tokens are not yet read back."""
+        return self.scheduler.has_work() or self._inflight is not None
 
     def abort(self, request_id: str, reason: str | None = None) -> RequestOutput | None:
         """Stop a request now and free its blocks; None if it is unknown or already done.
@@ -165,19 +171,47 @@ class EngineCore:
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with finish_reason "error" (after a failed step)."""
-        return [self._retire(req, "error", "", [], message) for req in list(self.requests.values())]
+        outs = [self._retire(req, "error", "", [], message) for req in list(self.requests.values())]
+        self._inflight = None
+        return outs
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample; returns a delta for every sequence that sampled."""
+        """Schedule and launch a step, then read back the tokens of the step before it; returns a
+        delta for every sequence whose token was read back.
+
+        With ``async_scheduling`` the host schedules and launches step n+1 while the device may
+        still run step n (step n+1's input ids gather step n's tokens on the device), and only then
+        waits for step n's tokens to stop, detokenize and emit (vLLM's async scheduling, SGLang's
+        overlap scheduler). A sequence that stopped at step n had step n+1 launched already: that
+        step's token is discarded and its computed count rolled back (:meth:`_retire`). Without it,
+        each step's tokens are read back in the same call. Either way, one device sync per step.
+        """
+        outputs = []
+        if self._inflight is not None and self._inflight.needs_values:  # penalties read the token values
+            outputs += self._settle(self._take_inflight())
         batch = self.scheduler.schedule()
         self.counters["preemptions"] += len(batch.preempted)
-        if not batch.seqs:
-            return []
+        previous = self._inflight
+        self._inflight = self._launch(batch, previous) if batch.seqs else None
+        if previous is not None:
+            outputs += self._settle(previous)
+        if self._inflight is not None:
+            self._place(self._inflight)
+            if not self.config.async_scheduling:
+                outputs += self._settle(self._take_inflight())
+        return outputs
+
+    def _take_inflight(self) -> SampledStep:
+        step, self._inflight = self._inflight, None
+        return step
+
+    def _launch(self, batch, previous: SampledStep | None) -> SampledStep:
+        """Run the model and sample on the device; nothing is read back here."""
         pairs = self.runner.order(batch)
         self.hook.begin_step([seq.adapter for seq, _ in pairs], [n for _, n in pairs], self.device)
         try:
-            logits = self.runner.execute(pairs)
+            logits = self.runner.execute(pairs, previous)
         finally:
             self.hook.end_step()
         sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
@@ -185,29 +219,31 @@ class EngineCore:
             seq.num_computed_tokens += n
         self.counters["steps"] += 1
         self.counters["computed_tokens"] += batch.total_tokens
-        return self._emit(sampling, logits)
+        bans = [self.requests[s.request_id].ban for s in sampling]
+        return sample_step(logits, pairs, sampling, bans, self.generator)
 
-    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
-        # a row's sum is finite iff all its logits are (NaN and ±inf propagate; |logits| that
-        # could overflow a float32 sum are no model's output): one pass, where isfinite().all()
-        # took 32 ms for 64 rows of 49,152 on one CPU thread
-        finite = logits.sum(dim=1).isfinite()
-        if not bool(finite.all()):  # an adapter overflowed: end those requests, sample the rest
-            bad = [s for s, ok in zip(seqs, finite.tolist()) if not ok]
-            kept = [i for i, ok in enumerate(finite.tolist()) if ok]
-            return self._fail_nonfinite(bad) + (self._emit([seqs[i] for i in kept], logits[kept]) if kept else [])
-        reqs = [self.requests[s.request_id] for s in seqs]
-        logprobs = [None] * len(reqs)
-        wanted = [i for i, r in enumerate(reqs) if r.seq.params.logprobs is not None]
-        raw = logits[wanted].clone() if wanted else None  # logprobs report the model's distribution
-        for i, r in enumerate(reqs):
-            if r.seq.params.has_penalties:
-                apply_penalties(logits[i], r.seq.token_ids, r.seq.num_prompt_tokens, r.seq.params, r.ban)
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self.generator)
-        for j, i in enumerate(wanted):
-            logprobs[i] = [top_logprobs(raw[j], tokens[i], seqs[i].params.logprobs)]
-        self.counters["generation_tokens"] += len(seqs)
-        return [self._append(r, t, lp) for r, t, lp in zip(reqs, tokens.tolist(), logprobs)]
+    @staticmethod
+    def _place(step: SampledStep) -> None:
+        """Stand a placeholder for each live sampling sequence's token until it is read back, so the
+        scheduler sees the token (its length and blocks) before its value is known."""
+        for seq in step.seqs:
+            if seq.status is not SequenceStatus.FINISHED:
+                seq.token_ids.append(PLACEHOLDER)
+
+    def _settle(self, step: SampledStep) -> list[RequestOutput]:
+        """Read ``step``'s tokens back and emit them; a row whose sequence ended since is dropped."""
+        tokens, finite, logprobs = step.read()
+        outs, bad = [], []
+        for seq, token, ok, lp in zip(step.seqs, tokens, finite, logprobs):
+            if seq.status is SequenceStatus.FINISHED:  # stopped or aborted after this step was launched
+                continue
+            if not ok:
+                bad.append(seq)
+                continue
+            seq.token_ids[-1] = token  # the placeholder (the step after has placed none yet)
+            self.counters["generation_tokens"] += 1
+            outs.append(self._append(self.requests[seq.request_id], token, lp))
+        return self._fail_nonfinite(bad) + outs
 
     def _fail_nonfinite(self, seqs: list[Sequence]) -> list[RequestOutput]:
         outs = []
@@ -219,8 +255,8 @@ class EngineCore:
         return outs
 
     def _append(self, req: _Request, token: int, logprobs) -> RequestOutput:
+        """Stop checks, detokenization and the delta of ``token``, already in ``req.seq.token_ids``."""
         seq, params = req.seq, req.seq.params
-        seq.token_ids.append(token)
         reason = "stop" if token in req.ban else None
         text = req.detokenizer.add(token) if reason is None else ""
         if req.detokenizer.stopped:
@@ -233,8 +269,15 @@ class EngineCore:
 
     def _retire(self, req: _Request, reason: str, text: str, token_ids: list[int], error: str | None = None,
                 logprobs=None) -> RequestOutput:
-        """The single terminal path: frees the blocks, forgets the request, returns the last delta."""
-        self.scheduler.finish(req.seq)
+        """The single terminal path: frees the blocks, forgets the request, returns the last delta.
+        A step in flight that computed for it is undone on the host (its token will be dropped), so
+        the computed count, and the prefix cache's blocks, are those of a step-by-step engine."""
+        seq = req.seq
+        if self._inflight is not None:
+            seq.num_computed_tokens -= self._inflight.computed.get(id(seq), 0)
+        while seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+            seq.token_ids.pop()
+        self.scheduler.finish(seq)
         del self.requests[req.seq.request_id]
         pinned, req.seq.adapter = req.seq.adapter, None
         if pinned is not None:
@@ -263,56 +306,3 @@ class EngineCore:
                 "prefix_cache_queries": getattr(self.blocks, "num_queries", 0),
                 "prefix_cache_hits": getattr(self.blocks, "num_hits", 0),
                 **self.counters, **self.runner.step_counts}
-
-
-def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int) -> None:
-    """The admission check of a prompt and its max_tokens, before any KV block is used (both backends).
-
-    Raises:
-        RequestError: empty prompt, token id outside ``[0, vocab_size)``, or see :func:`check_context`.
-    """
-    if not prompt_ids:
-        raise RequestError("prompt is empty: need at least one token")
-    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
-        raise RequestError(f"prompt token ids must be in [0, {vocab_size}); got {min(prompt_ids)}..{max(prompt_ids)}")
-    check_context(len(prompt_ids), max_tokens, max_model_len)
-
-
-def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int) -> None:
-    """vLLM's context rule, in its words (OpenAI server, ``serving_engine._validate_input`` up to
-    vLLM 0.10): ``num_prompt + max_tokens`` tokens must fit in ``max_model_len``; with
-    ``max_tokens`` None (the rest of the context) the prompt must leave room for one token.
-
-    Raises:
-        RequestError: the request does not fit (the message gives both numbers and the limit).
-    """
-    if max_tokens is None and num_prompt >= max_model_len:
-        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                           f"{num_prompt} tokens in the messages. Please reduce the length of the messages.")
-    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
-        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                           f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the "
-                           "completion). Please reduce the length of the messages or completion.")
-
-
-def unloaded_reason(version) -> str:
-    """Why a request on the AdapterVersion ``version`` was aborted by a forced unload (both backends)."""
-    return (f"adapter {version.name!r} v{version.version} was unloaded by an operator (UnloadAdapter force=true) "
-            "while this request ran; the request was aborted")
-
-
-def _eos_ids(base: BaseModel) -> set[int]:
-    """End-of-sequence ids from generation_config.json, else config.json."""
-    ids = None
-    for name in ("generation_config.json", "config.json"):
-        path = base.path / name
-        if ids is None and path.is_file():
-            ids = json.loads(path.read_text()).get("eos_token_id")
-    return set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
-
-
-def _check_max_len(base: BaseModel, max_model_len: int) -> None:
-    limit = json.loads((base.path / "config.json").read_text()).get("max_position_embeddings")
-    if limit is not None and max_model_len > limit:
-        raise ValueError(f"SchedulerConfig.max_model_len={max_model_len} exceeds the model's "
-                         f"max_position_embeddings={limit}")

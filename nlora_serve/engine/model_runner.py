@@ -98,19 +98,22 @@ class ModelRunner:
         pairs = list(zip(batch.seqs, batch.num_tokens))
         return [p for p in pairs if p[1] == 1] + [p for p in pairs if p[1] != 1]
 
-    def prepare(self, pairs: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, BatchInfo]:
+    def prepare(self, pairs: list[tuple[Sequence, int]], previous=None) -> tuple[torch.Tensor, torch.Tensor, BatchInfo]:
         """``input_ids`` [T], ``positions`` [T] (int64) and the step's :class:`BatchInfo`, on the device
-        in one host-to-device copy (:class:`StepInputs`)."""
+        in one host-to-device copy (:class:`StepInputs`). ``previous``: the step in flight (a
+        :class:`~nlora_serve.engine.step_output.SampledStep`) whose tokens placeholders stand for."""
         hook = self.adapter_hook
-        input_ids, positions, info, rows = self.inputs.build(pairs, hook.step_rows() if hook is not None else [])
+        input_ids, positions, info, rows = self.inputs.build(pairs, hook.step_rows() if hook is not None else [],
+                                                             previous)
         if hook is not None:
             hook.bind_rows(rows)
         return input_ids, positions, info
 
     @torch.inference_mode()
-    def execute(self, pairs: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Run one step. Returns [R, V] float32 logits, one row per sampling sequence, in ``pairs`` order."""
-        input_ids, positions, info = self.prepare(pairs)
+    def execute(self, pairs: list[tuple[Sequence, int]], previous=None) -> torch.Tensor:
+        """Run one step. Returns [R, V] float32 logits, one row per sampling sequence, in ``pairs`` order.
+        ``previous``: see :meth:`prepare`."""
+        input_ids, positions, info = self.prepare(pairs, previous)
         hook = self.adapter_hook
         if (self.graphs is not None and info.num_decodes == len(pairs) and self.graphs.size_for(len(pairs))
                 and (hook is None or hook.graphable())):

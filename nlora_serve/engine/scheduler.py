@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from nlora_serve.engine.block_manager import BlockManager
 from nlora_serve.engine.config import SchedulerConfig
 from nlora_serve.engine.fairness import VirtualTokenCounter
-from nlora_serve.engine.sequence import Sequence, SequenceStatus
+from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -93,7 +93,9 @@ class Scheduler:
                 self._preempt(victim)
                 batch.preempted.append(victim)
         for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival)):
-            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+            # its last token is in flight (async scheduling): nothing more to compute for it
+            done = seq.token_ids[-1] == PLACEHOLDER and seq.num_output_tokens >= seq.params.max_tokens
+            if seq.status is not SequenceStatus.RUNNING or budget == 0 or done:
                 continue
             n = min(seq.num_uncomputed, budget)
             if self._reserve(seq, n, batch):

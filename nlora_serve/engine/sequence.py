@@ -9,6 +9,8 @@ import torch
 
 from nlora_serve.engine.sampling import SamplingParams
 
+PLACEHOLDER = -1  # a token id sampled by a step in flight, not yet read back (never a real id)
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to recompute; holds no KV blocks

@@ -6,8 +6,11 @@ one int32 host buffer (pinned when the target is a GPU), copied to the device in
 ``copy_(non_blocking=True)``, and read there as views. Nothing loops over tokens in Python: the
 loops are per sequence (their block tables and new token ids), everything per token is a tensor op.
 
-Why the pinned buffer may be reused: the engine reads each step's logits on the host (sampling)
-before it builds the next step, so the previous copy out of the buffer has finished by then.
+With async scheduling a step is built while the step before it may still be queued on the device,
+its copy out of the staging buffer not yet done: so two pinned buffers take turns. The engine reads
+step n-1's tokens back (waiting on an event recorded after step n-1's copy) before it builds step
+n+1, so the buffer step n+1 reuses is free by then. A token whose id is a placeholder (sampled by
+the step in flight, engine/step_output.py) is gathered on the device from that step's tokens.
 """
 
 from __future__ import annotations
@@ -38,14 +41,17 @@ class StepInputs:
         self.device = torch.device(device)
         self.gather_layout = gather_layout
         self._pinned = self.device.type == "cuda"
-        self._host = torch.empty(0, dtype=_I32)  # reused staging buffer (grown, never shrunk)
+        self._hosts = [torch.empty(0, dtype=_I32), torch.empty(0, dtype=_I32)]  # staging, in turn (grown only)
+        self._turn = 0
         self._dev = torch.empty(0, dtype=_I32, device=self.device)
 
-    def build(self, pairs: list[tuple[Sequence, int]], extra: list[torch.Tensor] = ()
+    def build(self, pairs: list[tuple[Sequence, int]], extra: list[torch.Tensor] = (), previous=None
               ) -> tuple[torch.Tensor, torch.Tensor, BatchInfo, list[torch.Tensor]]:
         """Lay out one step of ``(sequence, new tokens)`` pairs, decodes (1 token) first.
 
         ``extra``: [T] int32 host rows (e.g. each token's adapter slot) carried in the same copy.
+        ``previous``: the step in flight (:class:`~nlora_serve.engine.step_output.SampledStep`);
+        a sequence whose last token is a placeholder takes it from ``previous.tokens``.
         Returns int64 ``input_ids`` [T], ``positions`` [T], the :class:`BatchInfo`, and the extra
         rows on the device (int32 views of the step buffer).
         """
@@ -59,8 +65,12 @@ class StepInputs:
         ids = ints(list(chain.from_iterable(
             s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n] for s, n in pairs)))
         wide = [ids, layout.positions, layout.query_starts, ctx, layout.slot_mapping, layout.logits_indices]
-        wide, tables32, rows = self._copy(wide, layout.block_tables, list(extra))
+        feed = _feed_rows(pairs, samples, layout.query_starts, previous)
+        wide, tables32, rows = self._copy(wide, layout.block_tables, list(extra) + ([feed] if feed is not None else []))
         input_ids, positions, starts, ctx_d, slots, logits_idx = wide
+        if feed is not None:  # placeholders: the step in flight's tokens, gathered on the device
+            src = rows.pop()
+            input_ids = torch.where(src >= 0, previous.tokens[src.clamp(min=0).long()], input_ids)
         n = layout.num_decodes
         info = BatchInfo(query_starts=starts, context_lens=ctx_d, slot_mapping=slots, logits_indices=logits_idx,
                          num_decodes=n, decode_block_tables=None, decode_mask=None, prefills=[],
@@ -82,12 +92,16 @@ class StepInputs:
         total = n64 + tables.numel() + sum(t.numel() for t in extra)
         if self.device.type == "cpu":  # no copy: int64 tensors as they are, int32 tables
             return flat, tables.to(_I32), [t.to(_I32) for t in extra]
-        if self._host.numel() < total:
-            self._host = torch.empty(max(total, 2 * self._host.numel()), dtype=_I32, pin_memory=self._pinned)
-            self._dev = torch.empty(self._host.numel(), dtype=_I32, device=self.device)
-        torch.cat([*flat, tables.view(-1), *extra], out=self._host[:total])
+        self._turn ^= 1
+        host = self._hosts[self._turn]
+        if host.numel() < total:
+            host = self._hosts[self._turn] = torch.empty(max(total, 2 * host.numel()), dtype=_I32,
+                                                         pin_memory=self._pinned)
+        if self._dev.numel() < total:
+            self._dev = torch.empty(max(total, 2 * self._dev.numel()), dtype=_I32, device=self.device)
+        torch.cat([*flat, tables.view(-1), *extra], out=host[:total])
         dev = self._dev[:total]
-        dev.copy_(self._host[:total], non_blocking=True)
+        dev.copy_(host[:total], non_blocking=True)
         wide = dev[:n64].long().split(sizes)  # one widening op for every index the model needs in int64
         tables32 = dev[n64:n64 + tables.numel()].view(tables.shape)
         rows, at = [], n64 + tables.numel()
@@ -95,3 +109,18 @@ class StepInputs:
             rows.append(dev[at:at + t.numel()])
             at += t.numel()
         return list(wide), tables32, rows
+
+
+def _feed_rows(pairs: list[tuple[Sequence, int]], samples: torch.Tensor, query_starts: torch.Tensor,
+               previous) -> torch.Tensor | None:
+    """[T] int32: for the token that is a placeholder (the last of a sequence whose chunk reaches
+    its end), its row in ``previous.tokens``; -1 elsewhere. None when no token is a placeholder."""
+    if previous is None:
+        return None
+    rows = ints([previous.row_of(s) if s.token_ids[-1] < 0 else -1 for s, _ in pairs])
+    rows = torch.where(samples, rows, -1)
+    if not bool((rows >= 0).any()):
+        return None
+    feed = torch.full((int(query_starts[-1]),), -1, dtype=_I32)
+    feed[query_starts[1:] - 1] = rows.to(_I32)
+    return feed

@@ -74,6 +74,8 @@ def warm_up(core, adapters: tuple[str, ...] = ()) -> WarmupReport:
         RuntimeError: ``core`` has requests (warm-up would disturb them).
         AdapterNotFound: a name is not registered.
     """
+    while not core.requests and core.has_work():  # a step in flight for requests since ended (async scheduling)
+        core.step()
     if core.requests or core.has_work():
         raise RuntimeError("warm-up needs an idle engine: requests are running or waiting")
     sched, cache = core.config.scheduler, core.config.cache

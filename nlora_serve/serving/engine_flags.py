@@ -23,6 +23,9 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
       help="CUDA: share of the GPU's memory the engine may use; the KV cache gets what the weights, adapter "
            "pools and a profiling forward leave (default: %(default)s)")
     a("--enforce-eager", action="store_true", help="CUDA: run every step eagerly (no CUDA graphs for decode steps)")
+    a("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+      help="schedule step n+1 while the device runs step n, reading step n's tokens back after "
+           "(default: on for CUDA, off on the CPU)")
     a("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs,
       help="sequences running at once, at most (default: %(default)s)")
     a("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens,
@@ -42,4 +45,4 @@ def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype, device), device=device,
                         load_format=args.load_format, tokenizer=args.tokenizer,
                         gpu_memory_utilization=args.gpu_memory_utilization, scheduler=scheduler,
-                        enforce_eager=args.enforce_eager, **fields)
+                        enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **fields)

@@ -97,7 +97,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="register N example tied IntTune tenants (tenant-000...) at start when missing (default: 0)")
     a("--adapter", action="append", default=[], metavar="NAME=DIR", type=_named_dir,
       help="register the adapter directory DIR (or a Hugging Face ORG/ADAPTER in the HF cache) as NAME at "
-           "start when NAME is not in the store yet (repeatable), e.g. --adapter upper=examples/tenants/upper")
+           "start when NAME is not in the store yet (repeatable), e.g. --adapter lower=examples/tenants/lower")
     add_device_arguments(parser)
     add_backend_arguments(parser)
 

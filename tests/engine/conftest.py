@@ -14,8 +14,9 @@ def make_engine(base_fp32):
     engines: list[LLMEngine] = []
 
     def make(block_size: int = 16, num_blocks: int = 256, max_num_seqs: int = 16,
-             max_num_batched_tokens: int = 512, max_model_len: int = 1024) -> LLMEngine:
-        config = EngineConfig(
+             max_num_batched_tokens: int = 512, max_model_len: int = 1024,
+             async_scheduling: bool | None = None) -> LLMEngine:
+        config = EngineConfig(async_scheduling=async_scheduling,
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks))

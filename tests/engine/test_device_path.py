@@ -64,9 +64,14 @@ FORMS = {"triton-fused": ("TIED_FORM", "fused", triton_path.tied_fused),
          "triton": ("GROUP_FORM", "grouped", triton_path.grouped_shrink)}
 
 
-@pytest.mark.parametrize("kernel_backend", ["triton", "triton-fused", "triton-tiled", "triton-bgmv", "torch"])
+@pytest.mark.parametrize("kernel_backend", ["triton", "triton-fused", "triton-tiled", "triton-bgmv", "torch",
+                                            "torch-async"])
 def test_mixed_tenants_chunked_and_preempted_equal_transformers(tiny, tmp_path, kernel_backend, monkeypatch):
     model_dir, model_obj, tenants, tokenizer_dir = tiny
+    # "torch-async": the torch ops with async scheduling (steps launched before the last one's
+    # tokens are read back: preempted and chunked sequences with a token still in flight)
+    overlap = kernel_backend.endswith("-async")
+    kernel_backend = kernel_backend.removesuffix("-async")
     fused_launches, counted_form = [], kernel_backend in FORMS
     fused = counted_form and kernel_backend != "triton"  # the shortened runs
     if counted_form:
@@ -83,7 +88,7 @@ def test_mixed_tenants_chunked_and_preempted_equal_transformers(tiny, tmp_path, 
     # 14 blocks of 16 tokens cannot hold all eight sequences at their full length: the newest
     # running sequence is preempted and recomputed at least once.
     config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu",
-                          kernel_backend=kernel_backend, adapter_dir=str(tmp_path / "store"),
+                          kernel_backend=kernel_backend, adapter_dir=str(tmp_path / "store"), async_scheduling=overlap,
                           scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128),
                           cache=CacheConfig(block_size=16, num_blocks=14))
     jobs = _jobs(model_obj, tenants)

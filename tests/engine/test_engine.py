@@ -12,6 +12,8 @@ from nlora_serve.engine.api import EngineError
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 
 PROMPT = "Write a long story about a lighthouse keeper."
+# the engine step by step, and with async scheduling (step n+1 launched before step n's tokens are read)
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
 
 
 def chat(engine: LLMEngine, text: str) -> list[int]:
@@ -19,8 +21,9 @@ def chat(engine: LLMEngine, text: str) -> list[int]:
                                                 add_generation_prompt=True, return_dict=False)
 
 
-def test_abort_mid_decode_returns_every_block(make_engine):
-    engine = make_engine()
+@OVERLAP
+def test_abort_mid_decode_returns_every_block(overlap, make_engine):
+    engine = make_engine(async_scheduling=overlap)
     long_run = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
     async def scenario():
@@ -75,8 +78,9 @@ def test_closing_a_stream_never_read_or_cancelled_while_waiting_aborts_it(make_e
     assert stats["generation_tokens"] < 2 * 200  # neither ran to its 200 tokens
 
 
-def test_stream_deltas_join_to_the_generated_text(make_engine):
-    engine = make_engine()
+@OVERLAP
+def test_stream_deltas_join_to_the_generated_text(overlap, make_engine):
+    engine = make_engine(async_scheduling=overlap)
     params = SamplingParams(max_tokens=20, temperature=0.0)
 
     async def collect():
@@ -88,8 +92,9 @@ def test_stream_deltas_join_to_the_generated_text(make_engine):
     assert deltas[-1].finish_reason in ("stop", "length") and deltas[-1].completion_tokens == len(ids)
 
 
-def test_stop_string_and_stop_token(make_engine):
-    engine = make_engine()
+@OVERLAP
+def test_stop_string_and_stop_token(overlap, make_engine):
+    engine = make_engine(async_scheduling=overlap)
     ids = chat(engine, "What is the capital of France?")
     free = engine.generate([ids], SamplingParams(max_tokens=12, temperature=0.0))[0]
     word = free.text.split()[2]
@@ -101,8 +106,9 @@ def test_stop_string_and_stop_token(make_engine):
     assert engine.stats()["kv_blocks_used"] == 0
 
 
-def test_seeded_sampling_reproducible_across_batches(make_engine):
-    engine = make_engine()
+@OVERLAP
+def test_seeded_sampling_reproducible_across_batches(overlap, make_engine):
+    engine = make_engine(async_scheduling=overlap)
     ids = chat(engine, PROMPT)
     seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
     alone = engine.generate([ids], seeded)[0]
@@ -113,8 +119,9 @@ def test_seeded_sampling_reproducible_across_batches(make_engine):
     assert other.token_ids != alone.token_ids
 
 
-def test_logprobs_match_the_model_distribution(make_engine, hf_model):
-    engine = make_engine()
+@OVERLAP
+def test_logprobs_match_the_model_distribution(overlap, make_engine, hf_model):
+    engine = make_engine(async_scheduling=overlap)
     ids = chat(engine, PROMPT)
     out = engine.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, logprobs=3))[0]
     with torch.inference_mode():

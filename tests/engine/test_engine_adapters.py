@@ -21,12 +21,14 @@ from nlora_serve.engine.sampling import SamplingParams
 CASES = Path(__file__).parents[1] / "data" / "cases"
 ACCEPT = sorted(d.name for d in CASES.iterdir()
                 if d.is_dir() and json.loads((d / "case.json").read_text())["expect"] == "accept")
+ASYNC = pytest.mark.parametrize("engine", [False, True], ids=["sync", "async"], indirect=True)
 GREEDY_24 = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)  # references suppress EOS
 
 
-@pytest.fixture
-def engine(base_fp32, tmp_path):
-    config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=256),
+@pytest.fixture(params=[False], ids=["sync"])
+def engine(base_fp32, tmp_path, request):
+    """The engine step by step; ``ASYNC`` below runs a test with async scheduling too."""
+    config = EngineConfig(async_scheduling=request.param, scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=256),
                           cache=CacheConfig(num_blocks=512), adapter_dir=str(tmp_path / "store"))
     with LLMEngine(config, base_fp32) as eng:
         yield eng
@@ -63,6 +65,7 @@ def _chat(engine, text):
                                                 add_generation_prompt=True, return_dict=False)
 
 
+@ASYNC
 def test_hot_swap_keeps_in_flight_requests_on_their_version(engine):
     name = "inttune-nystrom-tied"
     v1 = engine.adapters.register_dir(name, CASES / name)
@@ -93,6 +96,7 @@ def test_unknown_adapter_is_not_found_and_nothing_is_disturbed(engine):
     assert len(out[0].token_ids) == 3 and engine.stats()["kv_blocks_used"] == 0
 
 
+@ASYNC
 def test_abort_error_and_forced_unload_release_every_pin(engine, monkeypatch):
     name = "lora-rslora"
     engine.adapters.register_dir(name, CASES / name)
@@ -129,7 +133,7 @@ def test_abort_error_and_forced_unload_release_every_pin(engine, monkeypatch):
     assert fresh.refcount == 0
 
 
-def _boom(pairs):
+def _boom(pairs, previous=None):
     raise RuntimeError("injected step failure")
 
 
@@ -159,6 +163,7 @@ def test_bf16_prefill_logits_with_an_adapter_close_to_fp32(base_fp32, tmp_path, 
     assert float((bf16 - fp32).norm() / fp32.norm()) < 2e-2
 
 
+@ASYNC
 @pytest.mark.parametrize("bad_value", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_logits_end_only_the_requests_they_belong_to(engine, monkeypatch, bad_value):
     # An adapter whose delta overflows mid-forward (inf -> NaN logits) ends its own request with
@@ -168,8 +173,8 @@ def test_non_finite_logits_end_only_the_requests_they_belong_to(engine, monkeypa
     engine.adapters.register_dir(name, CASES / name)
     execute = engine.core.runner.execute
 
-    def overflow(pairs):
-        logits = execute(pairs)
+    def overflow(pairs, previous=None):
+        logits = execute(pairs, previous)
         sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
         for row, seq in enumerate(sampling):
             if seq.adapter is not None:

@@ -68,9 +68,10 @@ def tiny(tmp_path_factory, base_model_dir):
     return root / "model", model, tenants, base_model_dir
 
 
-def _engine(tiny, tmp_path) -> LLMEngine:
+def _engine(tiny, tmp_path, overlap: bool = False) -> LLMEngine:
     model_dir, _, _, tokenizer_dir = tiny
     config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="triton",
+                          async_scheduling=overlap,
                           adapter_dir=str(tmp_path / "store"),
                           scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
                           cache=CacheConfig(block_size=16, num_blocks=24))
@@ -89,10 +90,12 @@ def _run(engine, tiny, names: list[str | None], seed: int):
         assert matches_reference(out.token_ids, want, margins), (name, out.token_ids, want)
 
 
-def test_decode_graphs_safe_and_right_after_tenants_join(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_decode_graphs_safe_and_right_after_tenants_join(tiny, tmp_path, monkeypatch, overlap):
+    # async: each decode step's input ids are gathered from the step before's tokens on the device
     monkeypatch.setattr(TiedPool.__init__, "__defaults__", (1, None))  # one slot: the 2nd tied tenant grows it
     capture = EagerCapture(check=True)
-    with _engine(tiny, tmp_path) as engine:
+    with _engine(tiny, tmp_path, overlap) as engine:
         engine.core.runner.enable_graphs(8, capture, capture_now=True)
         assert sorted(k[0] for k in engine.core.runner.graphs.graphs) == [1, 2, 4, 8]  # base graphs, start-up
         for name in ("tied", "lora_attn"):

@@ -1,7 +1,7 @@
 """The shipped trained tenants change behaviour through the real server; the base model does not.
 
-`examples/tenants/{upper,signature,numbers}` were trained by `nlora-serve adapters tune` to
-answer in capitals / to sign with " -- Acme Support" / to write numbers as words
+`examples/tenants/{lower,signature,numbers}` were trained by `nlora-serve adapters tune` to
+answer in lower case / to sign with " -- Acme Support" / to write numbers as words
 (examples/tenants/README.md). Ten held-out prompts each (never in their training data), greedy,
 fp32: each tenant's metric must reach 0.8 and the base model's must not.
 """
@@ -24,10 +24,9 @@ def _styles():
     return module
 
 
-def upper_share(text: str) -> float:
-    """Upper-case letters / letters, computed here independently of the examples' own metric."""
-    letters = [c for c in text if c.isalpha()]
-    return sum(c.isupper() for c in letters) / len(letters)
+def lower_share(answers: list[str]) -> float:
+    """Share of answers without an upper-case letter, computed here independently of the examples' metric."""
+    return sum(a == a.lower() for a in answers) / len(answers)
 
 
 async def _answers(target: str, adapter: str | None, prompts: list[str], max_tokens: int) -> list[str]:
@@ -47,15 +46,14 @@ def test_trained_tenants_change_behaviour_and_the_base_model_does_not(make_serve
     prompts = _styles().EVAL_GENERAL[:10]
     assert len(prompts) == 10
     server = make_server()
-    for name in ("upper", "signature", "numbers"):
+    for name in ("lower", "signature", "numbers"):
         server.engine.adapters.register_dir(name, EXAMPLES / name)
-    upper = asyncio.run(_answers(server.target, "upper", prompts, 40))
+    lower = asyncio.run(_answers(server.target, "lower", prompts, 40))
     signed = asyncio.run(_answers(server.target, "signature", prompts, 96))
     base = asyncio.run(_answers(server.target, None, prompts, 96))
-    assert upper_share("".join(upper)) >= 0.8
-    assert sum(upper_share(a) >= 0.8 for a in upper) >= 8  # most answers, not one long one
+    assert lower_share(lower) >= 0.8
     assert signed_share(signed) >= 0.8
-    assert upper_share("".join(base)) < 0.8 and signed_share(base) < 0.8
+    assert lower_share(base) < 0.8 and signed_share(base) < 0.8
     numeric = _styles().EVAL_NUMERIC[:10]
     in_words = asyncio.run(_answers(server.target, "numbers", numeric, 48))
     base_numeric = asyncio.run(_answers(server.target, None, numeric, 48))
@@ -70,7 +68,7 @@ def test_adapters_swap_cli_retrains_a_tenant_in_place(make_server, capsys):
     from nlora_serve.cli import main as cli_main
 
     server = make_server()
-    server.engine.adapters.register_dir("acme", EXAMPLES / "upper")
+    server.engine.adapters.register_dir("acme", EXAMPLES / "lower")
     prompt = [_styles().EVAL_GENERAL[0]]
     before = asyncio.run(_answers(server.target, "acme", prompt, 96))[0]
     # The "retrained" N: same family (r=16, all seven projections), another behaviour.
@@ -79,5 +77,5 @@ def test_adapters_swap_cli_retrains_a_tenant_in_place(make_server, capsys):
                      "--if-version", "1"]) == 0
     assert '"version": 2' in capsys.readouterr().out
     after = asyncio.run(_answers(server.target, "acme", prompt, 96))[0]
-    assert upper_share(before) >= 0.8 and not before.rstrip().endswith("-- Acme Support")
-    assert upper_share(after) < 0.8 and after.rstrip().endswith("-- Acme Support")
+    assert before == before.lower() and not before.rstrip().endswith("-- Acme Support")
+    assert after != after.lower() and after.rstrip().endswith("-- Acme Support")

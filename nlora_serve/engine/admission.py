@@ -1,0 +1,62 @@
+"""Admission checks shared by both engines (ours and the vLLM-backed one) and the facts the
+engine reads from a model's config files at start (end-of-sequence ids, the context limit)."""
+
+from __future__ import annotations
+
+import json
+
+from nlora_serve.engine.sampling import RequestError
+from nlora_serve.models import BaseModel
+
+
+def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int) -> None:
+    """The admission check of a prompt and its max_tokens, before any KV block is used (both backends).
+
+    Raises:
+        RequestError: empty prompt, token id outside ``[0, vocab_size)``, or see :func:`check_context`.
+    """
+    if not prompt_ids:
+        raise RequestError("prompt is empty: need at least one token")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+        raise RequestError(f"prompt token ids must be in [0, {vocab_size}); got {min(prompt_ids)}..{max(prompt_ids)}")
+    check_context(len(prompt_ids), max_tokens, max_model_len)
+
+
+def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int) -> None:
+    """vLLM's context rule, in its words (OpenAI server, ``serving_engine._validate_input`` up to
+    vLLM 0.10): ``num_prompt + max_tokens`` tokens must fit in ``max_model_len``; with
+    ``max_tokens`` None (the rest of the context) the prompt must leave room for one token.
+
+    Raises:
+        RequestError: the request does not fit (the message gives both numbers and the limit).
+    """
+    if max_tokens is None and num_prompt >= max_model_len:
+        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                           f"{num_prompt} tokens in the messages. Please reduce the length of the messages.")
+    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
+        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                           f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the "
+                           "completion). Please reduce the length of the messages or completion.")
+
+
+def unloaded_reason(version) -> str:
+    """Why a request on the AdapterVersion ``version`` was aborted by a forced unload (both backends)."""
+    return (f"adapter {version.name!r} v{version.version} was unloaded by an operator (UnloadAdapter force=true) "
+            "while this request ran; the request was aborted")
+
+
+def eos_ids(base: BaseModel) -> set[int]:
+    """End-of-sequence ids from generation_config.json, else config.json."""
+    ids = None
+    for name in ("generation_config.json", "config.json"):
+        path = base.path / name
+        if ids is None and path.is_file():
+            ids = json.loads(path.read_text()).get("eos_token_id")
+    return set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
+
+
+def check_max_len(base: BaseModel, max_model_len: int) -> None:
+    limit = json.loads((base.path / "config.json").read_text()).get("max_position_embeddings")
+    if limit is not None and max_model_len > limit:
+        raise ValueError(f"SchedulerConfig.max_model_len={max_model_len} exceeds the model's "
+                         f"max_position_embeddings={limit}")
