@@ -45,30 +45,6 @@ static inline void store_any(void *p, int64_t at, vec16 v, int bf16) {
         store16((float *)p + at, v);
 }
 
-/* e^x, 16 lanes, x clamped to [-87, 88]: x = n ln2 + f, e^f by a degree-6 polynomial (relative
- * error < 2e-7), 2^n through the exponent bits. */
-static inline vec16 select16(i32x16 mask, vec16 yes, vec16 no) {
-    i32x16 a, b;
-    memcpy(&a, &yes, sizeof a);
-    memcpy(&b, &no, sizeof b);
-    a = (a & mask) | (b & ~mask);
-    memcpy(&yes, &a, sizeof yes);
-    return yes;
-}
-
-static inline vec16 exp16_any(vec16 x) {
-    x = select16(x < -87.0f, splat(-87.0f), x);
-    x = select16(x > 88.0f, splat(88.0f), x);
-    const vec16 shifter = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vec16 n = (x * 1.44269504f + shifter) - shifter;
-    vec16 f = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-    vec16 p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (1.0f / 720))))));
-    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
-    vec16 scale;
-    memcpy(&scale, &e, sizeof scale);
-    return p * scale;
-}
-
 static void *rms_rows(void *arg) {
     const job_t *j = arg;
     const int64_t H = j->width;
@@ -114,7 +90,7 @@ static void *silu_rows(void *arg) {
         for (int64_t i = 0; i < I; i += 16) {
             vec16 g = load_any(j->src, t * j->src_stride + i, j->out_bf16);
             vec16 u = load_any(j->src, t * j->src_stride + I + i, j->out_bf16);
-            store_any(j->out, t * j->out_stride + i, g / (1.0f + exp16_any(-g)) * u, j->out_bf16);
+            store_any(j->out, t * j->out_stride + i, g / (1.0f + exp16(-g)) * u, j->out_bf16);
         }
     return NULL;
 }

@@ -40,34 +40,6 @@
 #define MAX_HEAD_DIM 256
 #define MAX_THREADS 16
 
-/* e^x for x <= 0 (max-subtracted scores), 16 lanes: x = n ln2 + f, |f| <= ln2/2, e^f by a
- * degree-6 Taylor polynomial (relative error < 2e-7), 2^n through the exponent bits. */
-static inline vec16 exp16(vec16 x) {
-    const vec16 lo = splat(-87.0f);
-    i32x16 below = x < lo;
-    vec16 xs;
-    {
-        i32x16 xi, loi;
-        memcpy(&xi, &x, sizeof xi);
-        memcpy(&loi, &lo, sizeof loi);
-        xi = (xi & ~below) | (loi & below);
-        memcpy(&xs, &xi, sizeof xs);
-    }
-    const vec16 shifter = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vec16 n = (xs * 1.44269504f + shifter) - shifter;
-    vec16 f = xs - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-    vec16 p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (1.0f / 720))))));
-    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
-    vec16 scale;
-    memcpy(&scale, &e, sizeof scale);
-    vec16 out = p * scale;
-    i32x16 oi;
-    memcpy(&oi, &out, sizeof oi);
-    oi &= ~below; /* e^x underflows to 0 below -87 */
-    memcpy(&out, &oi, sizeof out);
-    return out;
-}
-
 typedef struct {
     const void *q, *k, *v;
     void *out;

@@ -67,4 +67,31 @@ static inline float hsum16(vec16 v) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+/* lane-wise yes where mask is all ones, else no */
+static inline vec16 select16(i32x16 mask, vec16 yes, vec16 no) {
+    i32x16 a, b;
+    memcpy(&a, &yes, sizeof a);
+    memcpy(&b, &no, sizeof b);
+    a = (a & mask) | (b & ~mask);
+    memcpy(&yes, &a, sizeof yes);
+    return yes;
+}
+
+/* e^x, 16 lanes: x = n ln2 + f, |f| <= ln2/2, e^f by a degree-6 Taylor polynomial (relative error
+ * < 2e-7), 2^n through the exponent bits; 0 below -87 (underflow, -inf included), x clamped at 88
+ * above (e^88 < FLT_MAX). Shared by the attention's softmax and the MLP's SiLU. */
+static inline vec16 exp16(vec16 x) {
+    const i32x16 below = x < -87.0f;
+    x = select16(below, splat(-87.0f), x);
+    x = select16(x > 88.0f, splat(88.0f), x);
+    const vec16 shifter = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vec16 n = (x * 1.44269504f + shifter) - shifter;
+    vec16 f = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    vec16 p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (1.0f / 720))))));
+    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    vec16 scale;
+    memcpy(&scale, &e, sizeof scale);
+    return select16(below, splat(0.0f), p * scale);
+}
+
 #endif
