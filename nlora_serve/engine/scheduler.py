@@ -35,17 +35,22 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)  # tokens computed this step, per sequence
     preempted: list[Sequence] = field(default_factory=list)  # lost their blocks in this step
+    total_tokens: int = 0  # sum of num_tokens, kept as they change (summing per sequence was O(n²))
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_tokens)
+    def add(self, seq: Sequence, n: int) -> None:
+        """Give ``seq`` ``n`` tokens this step."""
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
+        self.total_tokens += n
 
     def remove(self, seq: Sequence) -> int:
         """Drop ``seq`` from the batch; returns the tokens it had been given (0 if absent)."""
         for i, s in enumerate(self.seqs):
             if s is seq:
                 del self.seqs[i]
-                return self.num_tokens.pop(i)
+                n = self.num_tokens.pop(i)
+                self.total_tokens -= n
+                return n
         return 0
 
 
@@ -99,8 +104,7 @@ class Scheduler:
                 continue
             n = min(seq.num_uncomputed, budget)
             if self._reserve(seq, n, batch):
-                batch.seqs.append(seq)
-                batch.num_tokens.append(n)
+                batch.add(seq, n)
             budget = self.config.max_num_batched_tokens - batch.total_tokens
         if self.fair is not None:  # running ones that kept their place (no preemption follows)
             for seq, n in zip(batch.seqs, batch.num_tokens):
@@ -122,8 +126,7 @@ class Scheduler:
                 self.fair.charge(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_tokens.append(n)
+            batch.add(seq, n)
             budget -= n
 
     def _reserve(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:

@@ -77,6 +77,7 @@ def test_preemption_newest_first_and_requeued_by_arrival():
     batch = sched.schedule()  # A's 9th token needs a 3rd block: the newest running (C) gives it up
     assert batch.preempted == [c]
     assert list(zip(batch.seqs, batch.num_tokens)) == [(a, 1), (b, 1)]
+    assert batch.total_tokens == 2  # C's token was taken back with its slot
     assert c.status is SequenceStatus.WAITING and c.block_table == [] and c.num_computed_tokens == 0
     assert c.num_preemptions == 1 and list(sched.waiting) == [c]
     assert len(a.block_table) == 3 and sched.blocks.num_free_blocks == 0
@@ -112,3 +113,4 @@ def test_config_validation_names_field():
         SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4)
     with pytest.raises(ValueError, match="max_model_len"):
         SchedulerConfig(max_model_len=0)
+
