@@ -98,8 +98,13 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         """True when :func:`apply_penalties` has work for this request (min_tokens counts)."""
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0 or self.min_tokens > 0)
+        return self.reads_token_values or self.min_tokens > 0
+
+    @property
+    def reads_token_values(self) -> bool:
+        """True when a penalty depends on which tokens came before (repetition, presence,
+        frequency); min_tokens only counts them."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def apply_penalties(logits: torch.Tensor, token_ids: list[int], num_prompt: int, params: SamplingParams,
@@ -120,6 +125,19 @@ def apply_penalties(logits: torch.Tensor, token_ids: list[int], num_prompt: int,
     if output and (params.presence_penalty or params.frequency_penalty):
         counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=vocab)[:vocab].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+
+
+def ban_before_min_tokens(logits: torch.Tensor, rows: list[int], bans: list[set[int]]) -> None:
+    """Set ``logits[rows[j], t] = -inf`` for every ``t`` in ``bans[j]``, in one indexed write.
+
+    The batched form of :func:`apply_penalties`' min_tokens rule (EOS and stop ids banned while a
+    request has fewer than ``min_tokens`` output tokens): one host-to-device copy of the indices
+    per step instead of one per row. ``logits`` [B, V] float32; ``rows`` row indices into it.
+    """
+    pairs = [(r, t) for r, ban in zip(rows, bans) for t in ban]
+    if pairs:
+        index = torch.tensor(pairs, dtype=torch.long, device=logits.device)
+        logits[index[:, 0], index[:, 1]] = float("-inf")
 
 
 def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nlora_serve.engine.sampling import apply_penalties, sample
+from nlora_serve.engine.sampling import apply_penalties, ban_before_min_tokens, sample
 from nlora_serve.engine.sequence import PLACEHOLDER, Sequence  # noqa: F401 (PLACEHOLDER: re-exported)
 
 
@@ -77,9 +77,15 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     k = max((seqs[i].params.logprobs for i in wanted), default=0)
     logp = logits[wanted].log_softmax(dim=-1) if wanted else None  # before penalties change the rows
+    banned, needs_values = [], False
     for i, seq in enumerate(seqs):
-        if seq.params.has_penalties:
-            apply_penalties(logits[i], seq.token_ids, seq.num_prompt_tokens, seq.params, bans[i])
+        params = seq.params
+        if params.min_tokens and seq.num_output_tokens < params.min_tokens and bans[i]:
+            banned.append(i)
+        if params.reads_token_values:
+            needs_values = True
+            apply_penalties(logits[i], seq.token_ids, seq.num_prompt_tokens, params, set())
+    ban_before_min_tokens(logits, banned, [bans[i] for i in banned])  # all rows in one write
     tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], shared)
     parts = [tokens.double(), finite.double()]
     if wanted:
@@ -95,7 +101,5 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
         event = torch.cuda.Event()
         event.record()
         packed = host
-    needs_values = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
-                       for s in seqs)
     return SampledStep(pairs, seqs, tokens, packed, event, wanted, k, {id(s): n for s, n in pairs},
                        {id(s): i for i, s in enumerate(seqs)}, needs_values)

@@ -82,3 +82,32 @@ def test_min_tokens_bans_eos_until_reached():
 def test_invalid_params_name_field_and_value(field, value):
     with pytest.raises(RequestError, match=rf"SamplingParams\.{field} .*{value!r}"):
         SamplingParams(**{field: value})
+
+
+def test_step_bans_stop_ids_only_on_rows_below_min_tokens():
+    """sample_step's one batched ban against the per-row rule: EOS (token 3, every row's argmax)
+    is banned exactly where fewer than min_tokens outputs exist; the ban set is per row."""
+    from nlora_serve.engine.sequence import Sequence
+    from nlora_serve.engine.step_output import sample_step
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, 5.0]]).repeat(4, 1)
+    greedy = {"temperature": 0.0}
+    rows = [(SamplingParams(min_tokens=3, **greedy), [9, 1], {3}),  # 1 output < 3: ban EOS -> token 2
+            (SamplingParams(min_tokens=3, **greedy), [9, 1, 1, 1], {3}),  # 3 outputs: no ban -> EOS
+            (SamplingParams(min_tokens=3, **greedy), [9, 1], {3, 2}),  # EOS and a stop id banned -> token 1
+            (SamplingParams(**greedy), [9, 1], {3})]  # no min_tokens -> EOS
+    seqs = [Sequence(f"r{i}", i, ids, 1, p) for i, (p, ids, _) in enumerate(rows)]
+    step = sample_step(logits.clone(), [(s, 1) for s in seqs], seqs, [b for *_, b in rows], torch.Generator())
+    assert step.read()[0] == [2, 3, 1, 3]
+    assert step.needs_values is False
+
+
+def test_step_reads_token_values_only_for_value_penalties():
+    from nlora_serve.engine.sequence import Sequence
+    from nlora_serve.engine.step_output import sample_step
+
+    logits = torch.tensor([[0.0, 2.0, 1.5]]).repeat(2, 1)
+    seqs = [Sequence("a", 0, [0, 1], 1, SamplingParams(min_tokens=5, temperature=0.0)),
+            Sequence("b", 1, [0, 1], 1, SamplingParams(repetition_penalty=2.0, temperature=0.0))]  # token 1 seen: 2/2 < 1.5
+    step = sample_step(logits.clone(), [(s, 1) for s in seqs], seqs, [set(), set()], torch.Generator())
+    assert step.read()[0] == [1, 2] and step.needs_values is True
