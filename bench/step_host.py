@@ -13,7 +13,9 @@ small vocabulary, so what the CPU computes in sampling stays small: on a GPU it 
 < 128 detokenize as real tokens), on the CPU, step by step and with async scheduling. Columns:
 ``step`` the thread's CPU time per call; ``read-back`` the part spent reading a step's tokens back
 and emitting them (``_settle``: with async scheduling this part runs while the device computes the
-next step, so only ``step - read-back`` is left on the critical path of a GPU step).
+next step, so only ``step - read-back`` is left on the critical path of a GPU step), and three
+parts of that critical path: ``schedule`` (Scheduler.schedule), ``inputs`` (ModelRunner.prepare)
+and ``sample`` (sample_step: sampling and starting the read-back).
 
 ``--device meta`` stands for a GPU: every op is dispatched and every buffer packed and "copied",
 but no data moves, so the numbers are the host's share of a GPU step. ``--device cpu``: the CPU
@@ -149,35 +151,53 @@ def _stub_core(n: int, overlap: bool | None):
     return core
 
 
-def measure_loop(n: int, overlap: bool | None, steps: int = 40) -> dict:
-    core = _stub_core(n, overlap)
-    settle_name = "_settle" if overlap is not None else "_emit"
-    inner, spent = getattr(core, settle_name), [0.0]
+def _timer(owner, name: str, spent: dict[str, float], label: str) -> None:
+    """Wrap ``owner.name`` so its thread time adds up in ``spent[label]``."""
+    inner = getattr(owner, name)
 
-    def timed(*args):
+    def timed(*args, **kwargs):
         start = time.thread_time()
         try:
-            return inner(*args)
+            return inner(*args, **kwargs)
         finally:
-            spent[0] += time.thread_time() - start
+            spent[label] = spent.get(label, 0.0) + time.thread_time() - start
 
-    setattr(core, settle_name, timed)
-    start = time.thread_time()
-    for _ in range(steps):
-        core.step()
-    total = (time.thread_time() - start) / steps * 1e6
+    setattr(owner, name, timed)
+
+
+def measure_loop(n: int, overlap: bool | None, steps: int = 40) -> dict:
+    import nlora_serve.engine.core as core_module
+
+    core, spent = _stub_core(n, overlap), {}
+    _timer(core, "_settle" if overlap is not None else "_emit", spent, "readback")
+    _timer(core.scheduler, "schedule", spent, "schedule")
+    _timer(core.runner, "prepare", spent, "inputs")
+    sample_step = getattr(core_module, "sample_step", None)
+    if sample_step is not None:  # a checkout from before engine/step_output.py has none
+        _timer(core_module, "sample_step", spent, "sample")
+    try:
+        start = time.thread_time()
+        for _ in range(steps):
+            core.step()
+        total = (time.thread_time() - start) / steps * 1e6
+    finally:
+        if sample_step is not None:
+            core_module.sample_step = sample_step
+    part = {k: round(v / steps * 1e6) for k, v in spent.items()}
     mode = "before (main)" if overlap is None else ("async" if overlap else "step by step")
-    return {"seqs": n, "mode": mode, "step_us": round(total), "readback_us": round(spent[0] / steps * 1e6),
-            "critical_us": round(total - spent[0] / steps * 1e6)}
+    return {"seqs": n, "mode": mode, "step_us": round(total), "readback_us": part["readback"],
+            "critical_us": round(total) - part["readback"], "schedule_us": part["schedule"],
+            "inputs_us": part["inputs"], "sample_us": part.get("sample", 0)}
 
 
 def main_loop(modes: list[bool | None], out: str | None) -> None:
     rows = [measure_loop(n, m) for n in SIZES for m in modes]
     print("host CPU time per EngineCore.step() (µs), stub model, CPU")
-    print("| seqs | mode | step | read-back + emit | step − read-back |")
-    print("|---|---|---|---|---|")
+    print("| seqs | mode | step | read-back + emit | step − read-back | of which: schedule | inputs | sample |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['seqs']} | {r['mode']} | {r['step_us']} | {r['readback_us']} | {r['critical_us']} |")
+        print(f"| {r['seqs']} | {r['mode']} | {r['step_us']} | {r['readback_us']} | {r['critical_us']} "
+              f"| {r['schedule_us']} | {r['inputs_us']} | {r['sample_us']} |")
     if out:
         with open(out, "w") as f:
             json.dump(rows, f, indent=1)
