@@ -1,0 +1,57 @@
+"""Bodies from the hostile review: each is a 400 in OpenAI's error shape naming what is wrong,
+never a 500, and the server answers the next request as before."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from grpc_harness import ADMIN_KEY
+from http_harness import base_url
+
+
+def _raw(server, path: str, data: bytes | str) -> requests.Response:
+    return requests.post(f"{base_url(server)}{path}", data=data, timeout=60,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
+
+
+def _chat_json(server, content: str = "Hi", **fields) -> str:
+    """A chat body as JSON text; ``content`` is spliced in raw, so it may hold any JSON escape."""
+    body = {"model": server.server.generation.info.model, "messages": [{"role": "user", "content": "@"}],
+            "max_tokens": 1, "temperature": 0, **fields}
+    return json.dumps(body).replace('"@"', f'"{content}"')
+
+
+def _refused(resp: requests.Response, param: str | None, *words: str) -> None:
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert all(word in error["message"] for word in words), error
+
+
+@pytest.mark.parametrize("content", ["\\ud800", "a\\udfffb", "\\ud83d"])  # lone halves of a pair
+def test_a_lone_surrogate_is_a_400(http_server, content):
+    _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, content)), None, "surrogate")
+    completion = _chat_json(http_server).replace('"messages": [{"role": "user", "content": "Hi"}]',
+                                                 f'"prompt": "{content}"')
+    _refused(_raw(http_server, "/completions", completion), None, "surrogate")
+
+
+def test_a_surrogate_pair_is_text(http_server):
+    resp = _raw(http_server, "/chat/completions", _chat_json(http_server, "\\ud83d\\ude00"))  # U+1F600, escaped
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 1
+
+
+def test_json_nested_past_the_parser_is_a_400(http_server):
+    _refused(_raw(http_server, "/chat/completions", "[" * 100_000 + "]" * 100_000), None, "nested")
+    assert _raw(http_server, "/chat/completions", _chat_json(http_server)).status_code == 200
+
+
+@pytest.mark.parametrize("fields, param", [({"top_k": 1 << 63}, "top_k"),
+                                           ({"min_tokens": 1, "stop_token_ids": [49152]}, "stop_token_ids"),
+                                           ({"stop_token_ids": [1 << 63]}, "stop_token_ids")])
+def test_ids_past_the_vocabulary_or_int64_are_a_400(http_server, fields, param):
+    _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, **fields)), param, param)
