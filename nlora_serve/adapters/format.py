@@ -97,7 +97,7 @@ def _entries(data: bytes) -> tuple[dict[str, dict], int]:
         bad = next((k for k, v in entries.items() if not all(type(d) is int and d >= 0 for d in v["shape"])), None)
         if bad is not None:
             raise ValueError(f"tensor {bad!r} has shape {list(entries[bad]['shape'])}")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise AdapterError(f"adapter weights are not a readable safetensors file ({exc})") from None
     _check_dtypes({k: (v["dtype"], v["shape"]) for k, v in entries.items()})
     return entries, 8 + size

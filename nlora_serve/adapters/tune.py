@@ -147,7 +147,7 @@ def read_examples(path: str | Path) -> list[list[dict]]:
 def _messages(line: str, where: str) -> list[dict]:
     try:
         obj = json.loads(line)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise AdapterError(f"{where}: not JSON ({exc})") from None
     if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
         return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
