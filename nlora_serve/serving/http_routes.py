@@ -38,7 +38,8 @@ from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator, Principal
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted
-from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
+from nlora_serve.serving.frontend import (Admission, adapter_versions, cache_salt_of, metered, off_loop,
+                                         start_request)
 from nlora_serve.serving.grpc_status import http_status_of
 from nlora_serve.serving.http_body import parsed_json, validated
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_inputs, completion_inputs
@@ -189,9 +190,10 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     body = validated(ChatRequest if chat else CompletionRequest, data)
     adapter = None if body.model == ctx.base_model else body.model
     if chat:
-        prompt, params = chat_inputs(body, ctx.config, ctx.tokenizer)
+        prompt, params = await off_loop(chat_inputs, body, ctx.config, ctx.tokenizer)
     else:
         prompt, params = completion_inputs(body, ctx.config)
+        prompt = await off_loop(ctx.engine.prompt_ids, prompt)
     if adapter is not None and adapter_versions(ctx.engine) is None:
         raise AdapterNotFound(f"model {body.model!r} does not exist: this server serves no adapters")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"

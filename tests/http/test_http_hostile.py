@@ -1,10 +1,14 @@
-"""Bodies from the hostile review: each is a 400 in OpenAI's error shape naming what is wrong,
-never a 500, and the server answers the next request as before."""
+"""Found by the hostile review: bodies that are a 400 in OpenAI's error shape naming what is
+wrong, never a 500, and the server answers the next request as before; prompts are tokenized off
+the event loop."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import threading
 
+import grpc
 import pytest
 import requests
 
@@ -55,3 +59,51 @@ def test_json_nested_past_the_parser_is_a_400(http_server):
                                            ({"stop_token_ids": [1 << 63]}, "stop_token_ids")])
 def test_ids_past_the_vocabulary_or_int64_are_a_400(http_server, fields, param):
     _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, **fields)), param, param)
+
+
+def _gated(monkeypatch, owner, method: str) -> tuple[threading.Event, threading.Event]:
+    """Make ``owner.method`` wait for ``release`` (at most 30 s) once called; ``entered`` is set then."""
+    entered, release = threading.Event(), threading.Event()
+    original = getattr(owner, method)
+
+    def wait_then_run(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, method, wait_then_run)
+    return entered, release
+
+
+def _grpc_generate(server, **prompt) -> list:
+    from nlora_serve.proto import nlora_pb2 as pb
+    from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
+    with grpc.insecure_channel(server.target) as channel:
+        request = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=1), **prompt)
+        return list(pb_grpc.GenerationStub(channel).Generate(request, metadata=[("authorization",
+                                                                                 f"Bearer {ADMIN_KEY}")]))
+
+
+@pytest.mark.parametrize("front, tokenizer_of", [("http-chat", "frontend"), ("http-text", "engine"),
+                                                 ("grpc-chat", "frontend"), ("grpc-text", "engine")])
+def test_the_event_loop_serves_on_while_a_prompt_is_tokenized(http_server, tokenizer, monkeypatch, front,
+                                                              tokenizer_of):
+    # a 16 MiB prompt tokenizes for ~30 s; on the event loop that froze every stream of every tenant
+    owner = tokenizer if tokenizer_of == "frontend" else http_server.engine.tokenizer
+    entered, release = _gated(monkeypatch, owner, "apply_chat_template" if front.endswith("chat") else "encode")
+    base = http_server.server.generation.info.model
+    message = {"role": "user", "content": "Hi"}
+    send = {"http-chat": lambda: _raw(http_server, "/chat/completions", _chat_json(http_server)).status_code,
+            "http-text": lambda: _raw(http_server, "/completions", json.dumps(
+                {"model": base, "prompt": "Hi", "max_tokens": 1})).status_code,
+            "grpc-chat": lambda: len(_grpc_generate(http_server, chat={"messages": [message]})),
+            "grpc-text": lambda: len(_grpc_generate(http_server, text="Hi"))}[front]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(send)
+        try:
+            assert entered.wait(30), "the request never reached the tokenizer"
+            health = requests.get(f"http://127.0.0.1:{http_server.server.http_port}/health", timeout=5)
+            assert health.status_code == 200
+        finally:
+            release.set()
+        assert slow.result(timeout=60) in (200, 1)
