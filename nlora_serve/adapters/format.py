@@ -211,14 +211,21 @@ def write_dir(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor]) -> 
         tensors: file key -> tensor (written contiguous, in its dtype).
 
     Raises:
-        AdapterError: ``out_dir`` already holds adapter_config.json or adapter_model.safetensors.
+        AdapterError: ``out_dir`` already holds adapter_config.json or adapter_model.safetensors, or
+            cannot be created or written (a file of that name, no permission, disk full: named).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # FileExistsError: a file of that name
+        raise AdapterError(f"{out_dir}: cannot create the adapter directory ({exc.strerror or exc})") from None
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if (out_dir / name).exists():
             raise AdapterError(f"{out_dir / name} already exists; refusing to overwrite an adapter")
     data = {k: v.detach().contiguous() for k, v in tensors.items()}
-    _atomic_write(out_dir / WEIGHTS_NAME, lambda p: save_file(data, p, metadata={"format": "pt"}))
-    _atomic_write(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    try:
+        _atomic_write(out_dir / WEIGHTS_NAME, lambda p: save_file(data, p, metadata={"format": "pt"}))
+        _atomic_write(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    except OSError as exc:
+        raise AdapterError(f"{out_dir}: cannot write the adapter ({exc.strerror or exc})") from None
     return out_dir
