@@ -142,6 +142,10 @@ def test_read_examples_accepts_both_shapes_and_names_bad_lines(tmp_path):
     deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(AdapterError, match=r"deep.jsonl:1: not JSON"):
         read_examples(deep)
+    binary = tmp_path / "binary.jsonl"  # not UTF-8: an AdapterError, not a UnicodeDecodeError
+    binary.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(AdapterError, match=r"binary.jsonl: cannot read training data .*utf-8"):
+        read_examples(binary)
 
 
 def test_config_validation_and_schedule():
