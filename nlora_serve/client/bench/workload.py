@@ -118,7 +118,8 @@ class WorkloadConfig:
 
     def __post_init__(self):
         if not (self.rate > 0 and self.burstiness > 0) or math.isinf(self.burstiness):  # NaN fails `> 0`
-            raise ValueError(f"WorkloadConfig needs rate > 0 and a finite burstiness > 0; got {self.rate}, {self.burstiness}")
+            raise ValueError(f"WorkloadConfig needs rate > 0 and a finite burstiness > 0; "
+                             f"got {self.rate}, {self.burstiness}")
 
 
 class Workload:
