@@ -6,11 +6,15 @@ the grant are checked (FastAPI would parse a declared body before any dependency
 from __future__ import annotations
 
 import json
+import re
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF (halves of a pair, or lone)
 
 
 def parsed_json(raw: bytes, content_type: str | None):
@@ -30,14 +34,16 @@ def parsed_json(raw: bytes, content_type: str | None):
     if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
         return raw
     try:
-        data = json.loads(raw)
+        # decoded strictly: json.loads(bytes) would pass encoded surrogates (b"\\xed\\xa0\\x80") through
+        text = raw.decode(json.detect_encoding(raw))
+        data = json.loads(text)
     except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are no text
         at = getattr(exc, "pos", getattr(exc, "start", 0))
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", at), "msg": "JSON decode error",
                                        "input": {}, "ctx": {"error": str(exc)}}]) from None
     except RecursionError:
         raise _body_error("JSON nested too deeply") from None
-    if (b"\\ud" in raw or b"\\uD" in raw) and not _is_unicode(data):  # only \uXXXX escapes make surrogates
+    if _SURROGATE_ESCAPE.search(text) and not _is_unicode(data):  # strict text: only escapes make surrogates
         raise _body_error("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): not valid Unicode")
     return data
 

@@ -43,6 +43,16 @@ def test_a_lone_surrogate_is_a_400(http_server, content):
     _refused(_raw(http_server, "/completions", completion), None, "surrogate")
 
 
+def test_a_surrogate_in_utf8_bytes_or_in_utf16_json_is_a_400(http_server):
+    # json.loads(bytes) decodes with surrogatepass, and a UTF-16 body hides the escape from a bytes search
+    encoded = _chat_json(http_server, "Hi @").encode().replace(b"@", "\ud800".encode("utf-8", "surrogatepass"))
+    resp = _raw(http_server, "/chat/completions", encoded)
+    assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"], resp.text
+    _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, "\\ud800").encode("utf-16")), None,
+             "surrogate")
+    assert _raw(http_server, "/chat/completions", _chat_json(http_server).encode("utf-16")).status_code == 200
+
+
 def test_a_surrogate_pair_is_text(http_server):
     resp = _raw(http_server, "/chat/completions", _chat_json(http_server, "\\ud83d\\ude00"))  # U+1F600, escaped
     assert resp.status_code == 200, resp.text
