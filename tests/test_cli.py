@@ -48,3 +48,16 @@ def test_the_full_parser_still_has_every_command_with_its_arguments():
     bare = build_parser(only="keys")
     with pytest.raises(SystemExit):  # a command registered bare takes no arguments
         bare.parse_args(["client", "--server", "h:1", "list"])
+
+
+def test_generate_chat_json_nested_past_the_parser_is_one_error(tmp_path):
+    import argparse
+
+    from nlora_serve.errors import NloraError
+    from nlora_serve.serving.generate_cli import _prompt_ids
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    args = argparse.Namespace(prompt=None, chat_json=str(deep))
+    with pytest.raises(NloraError, match="cannot read a JSON message list"):  # not a RecursionError traceback
+        _prompt_ids(args, tokenizer=None)

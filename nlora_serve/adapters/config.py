@@ -229,7 +229,7 @@ def read_config(adapter_dir: Path) -> AdapterConfig:
     except FileNotFoundError:
         raise AdapterError(f"{adapter_dir}: no {CONFIG_NAME}; a PEFT adapter directory needs "
                            f"{CONFIG_NAME} next to adapter_model.safetensors") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
         raise AdapterError(f"{path}: cannot read {CONFIG_NAME} as JSON ({exc})") from None
     return parse_config(raw)
 

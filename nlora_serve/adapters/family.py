@@ -210,7 +210,7 @@ def import_family(adapter_dir: Path, resolver: FamilyResolver, root: Path) -> No
     config = Path(adapter_dir) / "adapter_config.json"
     try:
         header = json.loads(config.read_text()).get("nlora_serve")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return  # the reader names what is wrong with the folder
     if isinstance(header, dict) and header.get("format") == FAMILY_FORMAT and isinstance(header.get("family"), str):
         write_factors(root, resolver.get(header["family"], near=Path(adapter_dir)))

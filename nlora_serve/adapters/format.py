@@ -97,7 +97,7 @@ def _entries(data: bytes) -> tuple[dict[str, dict], int]:
         bad = next((k for k, v in entries.items() if not all(type(d) is int and d >= 0 for d in v["shape"])), None)
         if bad is not None:
             raise ValueError(f"tensor {bad!r} has shape {list(entries[bad]['shape'])}")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise AdapterError(f"adapter weights are not a readable safetensors file ({exc})") from None
     _check_dtypes({k: (v["dtype"], v["shape"]) for k, v in entries.items()})
     return entries, 8 + size
@@ -211,14 +211,21 @@ def write_dir(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor]) -> 
         tensors: file key -> tensor (written contiguous, in its dtype).
 
     Raises:
-        AdapterError: ``out_dir`` already holds adapter_config.json or adapter_model.safetensors.
+        AdapterError: ``out_dir`` already holds adapter_config.json or adapter_model.safetensors, or
+            cannot be created or written (a file of that name, no permission, disk full: named).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # FileExistsError: a file of that name
+        raise AdapterError(f"{out_dir}: cannot create the adapter directory ({exc.strerror or exc})") from None
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if (out_dir / name).exists():
             raise AdapterError(f"{out_dir / name} already exists; refusing to overwrite an adapter")
     data = {k: v.detach().contiguous() for k, v in tensors.items()}
-    _atomic_write(out_dir / WEIGHTS_NAME, lambda p: save_file(data, p, metadata={"format": "pt"}))
-    _atomic_write(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    try:
+        _atomic_write(out_dir / WEIGHTS_NAME, lambda p: save_file(data, p, metadata={"format": "pt"}))
+        _atomic_write(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    except OSError as exc:
+        raise AdapterError(f"{out_dir}: cannot write the adapter ({exc.strerror or exc})") from None
     return out_dir

@@ -189,7 +189,7 @@ def read_adapter_bytes(config: bytes, weights: bytes, base: BaseModel, *, max_ra
     """
     try:
         raw = json.loads(config)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
         raise AdapterError(f"{CONFIG_NAME}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}")

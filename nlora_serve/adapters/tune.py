@@ -135,8 +135,8 @@ def read_examples(path: str | Path) -> list[list[dict]]:
         AdapterError: unreadable file, or a line that is neither shape (named by line number).
     """
     try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:  # JSONL is UTF-8 text
         raise AdapterError(f"{path}: cannot read training data ({exc})") from None
     examples = [_messages(line, f"{path}:{no}") for no, line in enumerate(lines, 1) if line.strip()]
     if not examples:
@@ -147,7 +147,7 @@ def read_examples(path: str | Path) -> list[list[dict]]:
 def _messages(line: str, where: str) -> list[dict]:
     try:
         obj = json.loads(line)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise AdapterError(f"{where}: not JSON ({exc})") from None
     if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
         return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]

@@ -9,16 +9,23 @@ from nlora_serve.engine.sampling import RequestError
 from nlora_serve.models import BaseModel
 
 
-def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int) -> None:
-    """The admission check of a prompt and its max_tokens, before any KV block is used (both backends).
+def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int,
+                  stop_token_ids: tuple[int, ...] = ()) -> None:
+    """The admission check of a prompt, its max_tokens and its stop_token_ids, before any KV block
+    is used (both backends).
 
     Raises:
-        RequestError: empty prompt, token id outside ``[0, vocab_size)``, or see :func:`check_context`.
+        RequestError: empty prompt, a prompt or stop token id outside ``[0, vocab_size)`` (a stop id
+            there would index past the logits when min_tokens bans it, failing the whole batch's
+            step), or see :func:`check_context`.
     """
     if not prompt_ids:
         raise RequestError("prompt is empty: need at least one token")
     if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
         raise RequestError(f"prompt token ids must be in [0, {vocab_size}); got {min(prompt_ids)}..{max(prompt_ids)}")
+    outside = [t for t in stop_token_ids if not 0 <= t < vocab_size]
+    if outside:
+        raise RequestError(f"stop_token_ids must be in [0, {vocab_size}); got {outside[0]}", "stop_token_ids")
     check_context(len(prompt_ids), max_tokens, max_model_len)
 
 

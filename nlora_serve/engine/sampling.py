@@ -74,14 +74,17 @@ class SamplingParams:
         _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
                self.min_tokens, f"an integer in [0, max_tokens={self.max_tokens}]")
         _check(0.0 <= self.temperature <= 100.0, "temperature", self.temperature, "in [0, 100]")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0")
+        # int64 bounds: the sampler builds int64 tensors of these in the batch's step, where an
+        # overflow would fail every request sharing the step
+        _check(isinstance(self.top_k, int) and 0 <= self.top_k < 1 << 63, "top_k", self.top_k,
+               "an integer in [0, 2^63)")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
         _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                      and 0 <= self.seed < 1 << 64), "seed", self.seed,
                "an integer in [0, 2^64) or None")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               self.stop_token_ids, "non-negative token ids")
+        _check(all(isinstance(t, int) and 0 <= t < 1 << 63 for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, "token ids in [0, 2^63)")
         _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", self.repetition_penalty,
                "in (0, 10]")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "in [-2, 2]")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.api import Engine
@@ -25,6 +26,12 @@ from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
 
 CHAT_ROLES = ("system", "user", "assistant")
+
+# Prompt tokenization and chat rendering run here, off the event loop: a 16 MiB prompt takes ~30 s
+# to tokenize, and on the loop it froze every stream and request of every tenant meanwhile. One
+# thread, as vLLM's OpenAI server has (serving_engine's _tokenizer_executor): tokenizers are never
+# used concurrently, and a huge prompt costs at most one core.
+_TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlora-tokenize")
 
 
 class Admission:
@@ -182,3 +189,9 @@ def adapter_versions(engine: Engine) -> list | None:
         return engine.adapters.versions()
     except NloraError:  # ``engine.adapters`` raises without an adapter store
         return None
+
+
+async def off_loop(fn: Callable, *args):
+    """``fn(*args)`` on the front ends' tokenizer thread (for chat rendering and prompt
+    tokenization), awaited; its exception, if any, is raised here."""
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_THREAD, fn, *args)

@@ -57,7 +57,7 @@ def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     if args.chat_json is not None:
         try:
             messages = json.loads(Path(args.chat_json).read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
             raise NloraError(f"--chat-json {args.chat_json}: cannot read a JSON message list ({exc})") from None
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                      for m in messages):

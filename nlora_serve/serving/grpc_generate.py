@@ -30,7 +30,8 @@ from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving import grpc_convert as convert
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted
-from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
+from nlora_serve.serving.frontend import (Admission, adapter_versions, cache_salt_of, metered, off_loop,
+                                         start_request)
 from nlora_serve.serving.grpc_status import status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
@@ -49,7 +50,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         timer = self.metrics.request("grpc")
         try:
-            stream, shown_id, tenant = self._admit(request, context)
+            stream, shown_id, tenant = await self._admit(request, context)
         except NloraError as exc:
             code, reason = status_of(exc)
             self.metrics.reject(reason, "grpc")
@@ -72,12 +73,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             log.error("%s", exc)
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
 
-    def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         principal = self.auth.authenticate(context.invocation_metadata())
         adapter = request.adapter or None
         principal.check(adapter)
         params = convert.sampling_params(request.sampling, self.config)
-        prompt = convert.prompt_of(request, self.tokenizer)
+        prompt = await off_loop(convert.prompt_of, request, self.tokenizer)  # tokenizing: off the event loop
+        prompt = await off_loop(self.engine.prompt_ids, prompt)
         engine_id = f"{principal.name}/{request.request_id}" if request.request_id else None
         stream = start_request(self.engine, self.admission, prompt, params, engine_id, adapter,
                                max_tokens_given=request.sampling.max_tokens > 0, principal=principal,

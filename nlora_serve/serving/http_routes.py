@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -33,15 +32,16 @@ from dataclasses import dataclass, field
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator, Principal
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted
-from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
+from nlora_serve.serving.frontend import (Admission, adapter_versions, cache_salt_of, metered, off_loop,
+                                         start_request)
 from nlora_serve.serving.grpc_status import http_status_of
+from nlora_serve.serving.http_body import parsed_json, validated
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_inputs, completion_inputs
 from nlora_serve.serving.http_responses import Shaper, sse
 from nlora_serve.serving.metrics import ServerMetrics
@@ -183,16 +183,17 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     """
     timer = ctx.metrics.request("http")
     caller = ctx.auth.authenticate(request.headers.items())
-    data = _json(await request.body(), request.headers.get("content-type"))
+    data = parsed_json(await request.body(), request.headers.get("content-type"))
     model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, str):  # else the validation below refuses it
         caller.check(None if model == ctx.base_model else model)
-    body = _validated(ChatRequest if chat else CompletionRequest, data)
+    body = validated(ChatRequest if chat else CompletionRequest, data)
     adapter = None if body.model == ctx.base_model else body.model
     if chat:
-        prompt, params = chat_inputs(body, ctx.config, ctx.tokenizer)
+        prompt, params = await off_loop(chat_inputs, body, ctx.config, ctx.tokenizer)
     else:
         prompt, params = completion_inputs(body, ctx.config)
+        prompt = await off_loop(ctx.engine.prompt_ids, prompt)
     if adapter is not None and adapter_versions(ctx.engine) is None:
         raise AdapterNotFound(f"model {body.model!r} does not exist: this server serves no adapters")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -204,39 +205,6 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
-
-
-def _json(raw: bytes, content_type: str | None):
-    """The parsed body, as FastAPI parses a declared one: JSON when the content type is absent or
-    JSON (``application/json``, ``application/*+json``), else the bytes (which then fail validation);
-    None when empty.
-
-    Raises:
-        RequestValidationError: not JSON (FastAPI's ``json_invalid`` error, with the character offset).
-    """
-    if not raw:
-        return None
-    kind = (content_type or "application/json").split(";")[0].strip().lower()
-    if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
-        return raw
-    try:
-        return json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are no text
-        at = getattr(exc, "pos", getattr(exc, "start", 0))
-        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", at), "msg": "JSON decode error",
-                                       "input": {}, "ctx": {"error": str(exc)}}]) from None
-
-
-def _validated(kind: type[CompletionRequest] | type[ChatRequest], data) -> CompletionRequest | ChatRequest:
-    """``data`` as a ``kind`` request, validated as strictly as FastAPI would a declared body.
-
-    Raises:
-        RequestValidationError: the first field that does not validate comes first.
-    """
-    try:
-        return kind.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:

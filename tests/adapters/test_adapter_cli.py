@@ -46,6 +46,15 @@ def test_expected_failures_exit_2_with_one_line(capsys):
     assert err.count("\n") == 1 and "rank 128" in err and "max rank 64" in err
 
 
+def test_an_out_that_is_a_file_exits_2_with_one_line(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    assert main(["init", "--rank", "4", "--targets", "q_proj", "--tied-form", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(taken) in err and "cannot create the adapter directory" in err
+    assert taken.read_text() == "mine"
+
+
 def test_subcommands_register_on_a_parent_parser():
     parser = argparse.ArgumentParser()
     add_adapter_subcommands(parser.add_subparsers(dest="cmd", required=True))

@@ -138,6 +138,14 @@ def test_read_examples_accepts_both_shapes_and_names_bad_lines(tmp_path):
     bad.write_text('{"prompt": "a", "response": "b"}\n{"messages": [{"role": "user", "content": "c"}]}\n')
     with pytest.raises(AdapterError, match=r"bad.jsonl:2"):
         read_examples(bad)
+    deep = tmp_path / "deep.jsonl"  # nested past Python's JSON parser: an AdapterError, not a RecursionError
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(AdapterError, match=r"deep.jsonl:1: not JSON"):
+        read_examples(deep)
+    binary = tmp_path / "binary.jsonl"  # not UTF-8: an AdapterError, not a UnicodeDecodeError
+    binary.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(AdapterError, match=r"binary.jsonl: cannot read training data .*utf-8"):
+        read_examples(binary)
 
 
 def test_config_validation_and_schedule():

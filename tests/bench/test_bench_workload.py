@@ -86,3 +86,17 @@ def test_names_and_lengths_parse():
     assert LengthDist.parse("64:256") == LengthDist(64, 256) and str(LengthDist.parse("128")) == "128"
     with pytest.raises(ValueError):
         LengthDist.parse("9:3")
+
+
+@pytest.mark.parametrize("overrides", [dict(rate=math.nan), dict(rate=0.0), dict(burstiness=math.nan),
+                                       dict(burstiness=math.inf)])
+def test_nan_and_out_of_range_rates_are_refused(overrides):
+    # `bench --rate nan` used to pass `rate <= 0` and run a workload of NaN arrival times
+    with pytest.raises(ValueError, match="needs rate > 0"):
+        _config(**overrides)
+
+
+@pytest.mark.parametrize("alpha, base_share", [(math.nan, 0.1), (1.0, math.nan), (-1.0, 0.1)])
+def test_nan_zipf_alpha_or_base_share_is_refused(alpha, base_share):
+    with pytest.raises(ValueError, match="TenantMix needs"):
+        TenantMix(NAMES, "zipf", alpha, base_share)

@@ -139,6 +139,11 @@ def test_invalid_requests_rejected_at_once(make_engine):
         engine.generate([[]], SamplingParams())
     with pytest.raises(RequestError, match=r"\[0, 49152\)"):
         engine.generate([[49152]], SamplingParams())
+    # a stop id past the vocabulary is refused at admission: min_tokens bans stop ids by indexing
+    # the logits, which used to fail the step of every request in the batch
+    with pytest.raises(RequestError, match=r"stop_token_ids must be in \[0, 49152\); got 49152") as err:
+        engine.generate([[5]], SamplingParams(min_tokens=1, stop_token_ids=(3, 49152)))
+    assert err.value.param == "stop_token_ids"
     # vLLM's rule and words: prompt + max_tokens must fit in max_model_len (60 + 5 > 64)
     with pytest.raises(RequestError) as err:
         engine.generate([[5] * 60], SamplingParams(max_tokens=5))

@@ -78,7 +78,9 @@ def test_min_tokens_bans_eos_until_reached():
 
 @pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 0.0), ("top_k", -1),
                                           ("max_tokens", 0), ("logprobs", 21), ("repetition_penalty", 0.0),
-                                          ("presence_penalty", 3.0), ("stop", ("",)), ("seed", "x")])
+                                          ("presence_penalty", 3.0), ("stop", ("",)), ("seed", "x"),
+                                          # past int64: the step's tensors would overflow (hostile review)
+                                          ("top_k", 1 << 63), ("stop_token_ids", (1 << 63,))])
 def test_invalid_params_name_field_and_value(field, value):
     with pytest.raises(RequestError, match=rf"SamplingParams\.{field} .*{value!r}"):
         SamplingParams(**{field: value})

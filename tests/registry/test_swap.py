@@ -55,6 +55,15 @@ def test_swap_payload_refusals_name_the_key_and_numbers(tenant):
         replace_n(current, n_payload(path, **{key: nan}))
     with pytest.raises(AdapterError, match="not a readable safetensors file"):
         replace_n(current, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    deep = b"[" * 100_000 + b"]" * 100_000  # nested past the JSON parser: not a RecursionError (gRPC UNKNOWN)
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        replace_n(current, len(deep).to_bytes(8, "little") + deep)
+
+
+def test_an_upload_config_nested_past_the_parser_is_refused(base_fp32, tenant):
+    _, path = tenant
+    with pytest.raises(AdapterError, match="adapter_config.json: not valid JSON"):
+        read_adapter_bytes(b"[" * 100_000 + b"]" * 100_000, n_payload(path), base_fp32)
 
 
 def test_untied_tenant_cannot_be_swapped_by_n(base_fp32, tmp_path):

@@ -69,7 +69,7 @@ class TenantMix:
     def __post_init__(self):
         if self.popularity not in POPULARITY:
             raise ValueError(f"TenantMix.popularity must be one of {POPULARITY}; got {self.popularity!r}")
-        if not 0.0 <= self.base_share <= 1.0 or self.zipf_alpha <= 0:
+        if not 0.0 <= self.base_share <= 1.0 or not self.zipf_alpha > 0:  # `not x > 0` also refuses NaN
             raise ValueError("TenantMix needs base_share in [0, 1] and zipf_alpha > 0")
         weights = np.arange(1, len(self.names) + 1, dtype=np.float64) ** -self.zipf_alpha
         object.__setattr__(self, "_cdf", np.cumsum(weights) / weights.sum() if self.names else None)
@@ -117,8 +117,9 @@ class WorkloadConfig:
     burstiness: float = 1.0  # Gamma shape of the gaps; 1 = Poisson
 
     def __post_init__(self):
-        if self.rate <= 0 or self.burstiness <= 0:
-            raise ValueError(f"WorkloadConfig needs rate > 0 and burstiness > 0; got {self.rate}, {self.burstiness}")
+        if not (self.rate > 0 and self.burstiness > 0) or math.isinf(self.burstiness):  # NaN fails `> 0`
+            raise ValueError(f"WorkloadConfig needs rate > 0 and a finite burstiness > 0; "
+                             f"got {self.rate}, {self.burstiness}")
 
 
 class Workload:

@@ -149,7 +149,7 @@ class VllmEngine(Engine):
             raise EngineError("engine is shut down")
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt)
-        check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len)
+        check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len, params.stop_token_ids)
         deltas: asyncio.Queue = asyncio.Queue()
         with self._lock:
             pinned = self.adapters.acquire(adapter) if adapter is not None else None

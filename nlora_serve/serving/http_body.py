@@ -1,0 +1,73 @@
+"""The body of an HTTP generation request: parsed as FastAPI parses a declared JSON body, then
+validated into a request model, each failure a :class:`RequestValidationError` (HTTP 400 in
+OpenAI's error shape, see http_routes). The routes parse the body themselves, after the key and
+the grant are checked (FastAPI would parse a declared body before any dependency)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF (halves of a pair, or lone)
+
+
+def parsed_json(raw: bytes, content_type: str | None):
+    """The parsed body, as FastAPI parses a declared one: JSON when the content type is absent or
+    JSON (``application/json``, ``application/*+json``), else the bytes (which then fail validation);
+    None when empty.
+
+    Raises:
+        RequestValidationError: not JSON (FastAPI's ``json_invalid`` error, with the character offset),
+            nested deeper than the parser recurses, or a string holding a lone UTF-16 surrogate
+            (``"\\ud800"`` is valid JSON but no Unicode text: the tokenizer and the UTF-8 error body
+            would fail on it with a 500).
+    """
+    if not raw:
+        return None
+    kind = (content_type or "application/json").split(";")[0].strip().lower()
+    if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+        return raw
+    try:
+        # decoded strictly: json.loads(bytes) would pass encoded surrogates (b"\\xed\\xa0\\x80") through
+        text = raw.decode(json.detect_encoding(raw))
+        data = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are no text
+        at = getattr(exc, "pos", getattr(exc, "start", 0))
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", at), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": str(exc)}}]) from None
+    except RecursionError:
+        raise _body_error("JSON nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text) and not _is_unicode(data):  # strict text: only escapes make surrogates
+        raise _body_error("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): not valid Unicode")
+    return data
+
+
+def _body_error(message: str) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ("body",), "msg": message, "input": {}}])
+
+
+def _is_unicode(data) -> bool:
+    """False when a string in the parsed JSON ``data`` cannot be encoded as UTF-8."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def validated(kind: type[CompletionRequest] | type[ChatRequest], data) -> CompletionRequest | ChatRequest:
+    """``data`` as a ``kind`` request, validated as strictly as FastAPI would a declared body.
+
+    Raises:
+        RequestValidationError: the first field that does not validate comes first.
+    """
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None

@@ -1,0 +1,119 @@
+"""Found by the hostile review: bodies that are a 400 in OpenAI's error shape naming what is
+wrong, never a 500, and the server answers the next request as before; prompts are tokenized off
+the event loop."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+
+import grpc
+import pytest
+import requests
+
+from grpc_harness import ADMIN_KEY
+from http_harness import base_url
+
+
+def _raw(server, path: str, data: bytes | str) -> requests.Response:
+    return requests.post(f"{base_url(server)}{path}", data=data, timeout=60,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
+
+
+def _chat_json(server, content: str = "Hi", **fields) -> str:
+    """A chat body as JSON text; ``content`` is spliced in raw, so it may hold any JSON escape."""
+    body = {"model": server.server.generation.info.model, "messages": [{"role": "user", "content": "@"}],
+            "max_tokens": 1, "temperature": 0, **fields}
+    return json.dumps(body).replace('"@"', f'"{content}"')
+
+
+def _refused(resp: requests.Response, param: str | None, *words: str) -> None:
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert all(word in error["message"] for word in words), error
+
+
+@pytest.mark.parametrize("content", ["\\ud800", "a\\udfffb", "\\ud83d"])  # lone halves of a pair
+def test_a_lone_surrogate_is_a_400(http_server, content):
+    _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, content)), None, "surrogate")
+    completion = _chat_json(http_server).replace('"messages": [{"role": "user", "content": "Hi"}]',
+                                                 f'"prompt": "{content}"')
+    _refused(_raw(http_server, "/completions", completion), None, "surrogate")
+
+
+def test_a_surrogate_in_utf8_bytes_or_in_utf16_json_is_a_400(http_server):
+    # json.loads(bytes) decodes with surrogatepass, and a UTF-16 body hides the escape from a bytes search
+    encoded = _chat_json(http_server, "Hi @").encode().replace(b"@", "\ud800".encode("utf-8", "surrogatepass"))
+    resp = _raw(http_server, "/chat/completions", encoded)
+    assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"], resp.text
+    _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, "\\ud800").encode("utf-16")), None,
+             "surrogate")
+    assert _raw(http_server, "/chat/completions", _chat_json(http_server).encode("utf-16")).status_code == 200
+
+
+def test_a_surrogate_pair_is_text(http_server):
+    resp = _raw(http_server, "/chat/completions", _chat_json(http_server, "\\ud83d\\ude00"))  # U+1F600, escaped
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 1
+
+
+def test_json_nested_past_the_parser_is_a_400(http_server):
+    _refused(_raw(http_server, "/chat/completions", "[" * 100_000 + "]" * 100_000), None, "nested")
+    assert _raw(http_server, "/chat/completions", _chat_json(http_server)).status_code == 200
+
+
+@pytest.mark.parametrize("fields, param", [({"top_k": 1 << 63}, "top_k"),
+                                           ({"min_tokens": 1, "stop_token_ids": [49152]}, "stop_token_ids"),
+                                           ({"stop_token_ids": [1 << 63]}, "stop_token_ids")])
+def test_ids_past_the_vocabulary_or_int64_are_a_400(http_server, fields, param):
+    _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, **fields)), param, param)
+
+
+def _gated(monkeypatch, owner, method: str) -> tuple[threading.Event, threading.Event]:
+    """Make ``owner.method`` wait for ``release`` (at most 30 s) once called; ``entered`` is set then."""
+    entered, release = threading.Event(), threading.Event()
+    original = getattr(owner, method)
+
+    def wait_then_run(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, method, wait_then_run)
+    return entered, release
+
+
+def _grpc_generate(server, **prompt) -> list:
+    from nlora_serve.proto import nlora_pb2 as pb
+    from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
+    with grpc.insecure_channel(server.target) as channel:
+        request = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=1), **prompt)
+        return list(pb_grpc.GenerationStub(channel).Generate(request, metadata=[("authorization",
+                                                                                 f"Bearer {ADMIN_KEY}")]))
+
+
+@pytest.mark.parametrize("front, tokenizer_of", [("http-chat", "frontend"), ("http-text", "engine"),
+                                                 ("grpc-chat", "frontend"), ("grpc-text", "engine")])
+def test_the_event_loop_serves_on_while_a_prompt_is_tokenized(http_server, tokenizer, monkeypatch, front,
+                                                              tokenizer_of):
+    # a 16 MiB prompt tokenizes for ~30 s; on the event loop that froze every stream of every tenant
+    owner = tokenizer if tokenizer_of == "frontend" else http_server.engine.tokenizer
+    entered, release = _gated(monkeypatch, owner, "apply_chat_template" if front.endswith("chat") else "encode")
+    base = http_server.server.generation.info.model
+    message = {"role": "user", "content": "Hi"}
+    send = {"http-chat": lambda: _raw(http_server, "/chat/completions", _chat_json(http_server)).status_code,
+            "http-text": lambda: _raw(http_server, "/completions", json.dumps(
+                {"model": base, "prompt": "Hi", "max_tokens": 1})).status_code,
+            "grpc-chat": lambda: len(_grpc_generate(http_server, chat={"messages": [message]})),
+            "grpc-text": lambda: len(_grpc_generate(http_server, text="Hi"))}[front]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(send)
+        try:
+            assert entered.wait(30), "the request never reached the tokenizer"
+            health = requests.get(f"http://127.0.0.1:{http_server.server.http_port}/health", timeout=5)
+            assert health.status_code == 200
+        finally:
+            release.set()
+        assert slow.result(timeout=60) in (200, 1)
