@@ -98,8 +98,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext):
         try:
-            self.auth.authenticate(context.invocation_metadata())
+            principal = self.auth.authenticate(context.invocation_metadata())
         except NloraError as exc:
             await context.abort(status_of(exc)[0], str(exc))
-        return self.info
+        if principal.may_use(None):
+            return self.info
+        # a tenant without the base model learns neither its name nor its fingerprint, as HTTP's
+        # /v1/models and its 404 for the base name do not tell it
+        hidden = pb.ServerInfo()
+        hidden.CopyFrom(self.info)
+        hidden.model, hidden.model_fingerprint = "", ""
+        return hidden
 

@@ -78,6 +78,16 @@ def test_list_adapters_shows_only_the_callers_grants(server):
         assert client.list_adapters() == ([], True)
 
 
+def test_server_info_names_the_base_model_only_to_callers_granted_it(server):
+    with NloraClient(server.target, api_key=TENANT_KEYS["base-co"]) as client:
+        full = client.server_info()
+    with NloraClient(server.target, api_key=TENANT_KEYS["tied-co"]) as client:  # base_model false
+        hidden = client.server_info()
+    assert full.model == "SmolLM2-135M-Instruct.Q4_1" and len(full.model_fingerprint) > 0
+    assert (hidden.model, hidden.model_fingerprint) == ("", "")
+    assert (hidden.max_rank, hidden.max_model_len, hidden.dtype) == (full.max_rank, full.max_model_len, full.dtype)
+
+
 def test_tenants_file_refuses_plaintext_keys_and_bad_hashes(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"tenants": [{"name": "a", "key": "plain"}]}))
