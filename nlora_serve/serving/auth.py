@@ -114,7 +114,7 @@ class Authenticator:
         try:
             text = path.read_text()
             doc = _toml(text, path) if path.suffix == ".toml" else json.loads(text)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
             raise AuthError(f"tenants file {path}: cannot read it ({exc})") from None
         if not isinstance(doc, dict):
             raise AuthError(f"tenants file {path}: expected an object with 'tenants' and 'admin_keys'")

@@ -88,6 +88,13 @@ def test_server_info_names_the_base_model_only_to_callers_granted_it(server):
     assert (hidden.max_rank, hidden.max_model_len, hidden.dtype) == (full.max_rank, full.max_model_len, full.dtype)
 
 
+def test_tenants_file_nested_past_the_parser_is_an_auth_error(tmp_path):
+    path = tmp_path / "tenants.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AuthError, match="cannot read it"):
+        Authenticator.from_file(path)
+
+
 def test_tenants_file_refuses_plaintext_keys_and_bad_hashes(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"tenants": [{"name": "a", "key": "plain"}]}))
