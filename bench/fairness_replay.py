@@ -29,12 +29,12 @@ from nlora_serve.engine.sequence import Sequence
 
 
 def arrivals(args, heavy: bool) -> list[tuple[float, str]]:
-    rng = random.Random(args.seed)
     capacity = args.max_num_seqs / (args.new_tokens + 1)
     out = []
     for k in range(10):
         if k == 0 and not heavy:
             continue
+        rng = random.Random(args.seed * 1000 + k)  # per tenant: the light arrivals are the same either way
         rate, t = capacity / args.divisor * (10 if k == 0 else 1), 0.0
         while (t := t + rng.expovariate(rate)) < args.steps * 0.7:
             out.append((t, f"t{k}"))
