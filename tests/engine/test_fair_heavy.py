@@ -20,9 +20,30 @@ def test_a_tenant_that_filled_every_slot_at_start_gives_one_at_once():
         step(sched)
     light = seq("light")
     sched.add(light)
-    # usage 4 over the 4 steps observed (not 4 (1 - 2^(-4/128)) = 0.09 still rising), share 2
+    # usage 4 (1 - d^5) / (1 - d^6) = 3.3 >= s + 1 = 3 (the first step saw nothing run), not the
+    # uncorrected 4 (1 - d^5) = 0.11 still rising; d = 2^(-1/128)
     batch = step(sched)
     assert batch.preempted == [heavy[3]] and light in sched.running
+
+
+def server_of_8(heavy: int, a: int, b: int) -> tuple:
+    """8 slots taken by ``heavy``, ``a`` and ``b`` requests (nothing waits), then a light request."""
+    sched = make(max_num_seqs=8, max_model_len=1024, blocks=BlockManager(2048, 4))
+    held = [seq("heavy") for _ in range(heavy)] + [seq("a") for _ in range(a)] + [seq("b") for _ in range(b)]
+    for s in held:
+        sched.add(s)
+    for _ in range(10):  # at the next step: usage held x (1 - d^10) / (1 - d^11), the first step empty
+        step(sched)
+    light = seq("light")
+    sched.add(light)
+    return sched, held, light
+
+
+def test_a_tenant_with_nothing_waiting_gives_a_slot_only_beyond_twice_its_share():
+    sched, held, light = server_of_8(4, 2, 2)  # shares 8/4 = 2: heavy's usage 3.65 < 2s + 1 = 5
+    assert step(sched).preempted == [] and light in sched.waiting
+    sched, held, light = server_of_8(6, 1, 1)  # heavy's usage 5.47 >= 5: it filled the server first
+    assert step(sched).preempted == [held[5]] and light in sched.running
 
 
 def test_a_light_burst_beyond_its_share_is_served_at_once():
