@@ -19,9 +19,10 @@ the slots it held per step, decayed). A tenant whose usage is half a slot or mor
 is over-served (:meth:`~VirtualTokenCounter.over_served`): it is admitted only when no other tenant
 waits, and its prefill chunks take the step's token budget after everyone else's. One that is a
 full slot above its share and still has requests waiting (a backlog: it is not a burst that ends
-by itself), or more than twice its share with none waiting, gives its slots to the waiting requests of tenants that are not over-served, at once,
-newest sequence first (:meth:`~VirtualTokenCounter.rebalance`; the victim recomputes later, from
-the prefix cache where one is on). So against a backlogged heavy tenant a light tenant below its
+by itself), or more than twice its share with none waiting, gives its slots to the waiting
+requests of tenants that are not over-served, at once, newest sequence first
+(:meth:`~VirtualTokenCounter.rebalance`; the victim recomputes later, from the prefix cache where
+one is on). So against a backlogged heavy tenant a light tenant below its
 share is served as if the heavy one were absent, bursts beyond its share included, while the
 heavy tenant keeps every slot nobody else wants and, once its usage falls to its share, competes
 as an equal again (no starvation). Usage rather than what is held right now, and the two margins,
@@ -135,8 +136,8 @@ class VirtualTokenCounter:
         Only when every slot is taken. Donors: tenants with requests waiting whose recent usage
         is at least :attr:`YIELD_SLOTS` above their share (``u ≥ s + 1``), and tenants with none
         waiting that have used more than twice their share (``u ≥ 2s + 1``: one that filled the
-        server before anyone else came, where a light tenant's burst stays below). Every waiting request
-        of a tenant that is not over-served (``u < s + 1/2``) takes one donor slot, the newest
+        server before anyone else came, where a light tenant's burst stays below). Every waiting
+        request of a tenant that is not over-served (``u < s + 1/2``) takes one donor slot, the newest
         sequence of the donor furthest above its share (per weight) first, until either runs
         out: a burst beyond the taker's share is served too, since its usage says it is light.
         The caller's admission (:meth:`pick`) serves the takers before any over-served tenant,
@@ -151,7 +152,8 @@ class VirtualTokenCounter:
         share = self._shares(running, waiting, max_num_seqs)
         usage = {t: self.usage(t) for t in share}
         queued = {s.tenant for s in waiting}
-        donors = {t for t in share if usage[t] >= share[t] + self.YIELD_SLOTS + (0.0 if t in queued else share[t])}
+        donors = {t for t in share
+                  if usage[t] >= share[t] + self.YIELD_SLOTS + (0.0 if t in queued else share[t])}
         if not donors:
             return []
         takers = [s for s in waiting if usage[s.tenant] < share[s.tenant] + self.OVER_SLOTS]
