@@ -14,6 +14,7 @@ their share C / 10) and a heavy one at 10x that. Printed per policy: the light t
 
     .venv/bin/python bench/fairness_replay.py
     .venv/bin/python bench/fairness_replay.py --prefill-cost 1    # the H200 light-only case
+    .venv/bin/python bench/fairness_replay.py --divisor 15 --seed 1 --seeds 4   # pooled over seeds
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from nlora_serve.engine.sequence import Sequence
 
 
 def arrivals(args, heavy: bool) -> list[tuple[float, str]]:
-    rng = random.Random(args.seed)
     capacity = args.max_num_seqs / (args.new_tokens + 1)
     out = []
     for k in range(10):
         if k == 0 and not heavy:
             continue
+        rng = random.Random(args.seed * 1000 + k)  # per tenant: the light arrivals are the same either way
         rate, t = capacity / args.divisor * (10 if k == 0 else 1), 0.0
         while (t := t + rng.expovariate(rate)) < args.steps * 0.7:
             out.append((t, f"t{k}"))
@@ -84,16 +85,28 @@ def main() -> None:
     ap.add_argument("--token-cost", type=float, default=0.0, help="extra units per prefill token")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=1, help="seeds --seed .. --seed + N - 1: one row each, then "
+                    "the ratios of all light tenants of all seeds pooled")
     args = ap.parse_args()
     print("light TTFT p99 (time units), worst / median over the nine; preemptions of each run")
-    print("policy   alone            with the heavy one   ratio with / without    preemptions alone, with")
+    print("policy seed  alone            with the heavy one   ratio with / without    preemptions alone, with")
+    first = args.seed
     for policy in ("fcfs", "fair"):
-        (alone, pre_alone), (mixed, pre_mixed) = replay(args, policy, False), replay(args, policy, True)
-        cells = []
-        for values in (alone.values(), mixed.values(), [mixed[t] / alone[t] for t in alone]):
-            ordered = sorted(values)
-            cells.append(f"{ordered[-1]:8.1f} {ordered[len(ordered) // 2]:7.1f}")
-        print(f"{policy:6s} {cells[0]}   {cells[1]}      {cells[2]}x        {pre_alone:6d} {pre_mixed:6d}")
+        pooled = []
+        for args.seed in range(first, first + args.seeds):
+            (alone, pre_alone), (mixed, pre_mixed) = replay(args, policy, False), replay(args, policy, True)
+            pooled += [mixed[t] / alone[t] for t in alone]
+            cells = []
+            for values in (alone.values(), mixed.values(), [mixed[t] / alone[t] for t in alone]):
+                ordered = sorted(values)
+                cells.append(f"{ordered[-1]:8.1f} {ordered[len(ordered) // 2]:7.1f}")
+            print(f"{policy:6s} {args.seed:4d} {cells[0]}   {cells[1]}      {cells[2]}x        {pre_alone:6d} {pre_mixed:6d}")
+        if args.seeds > 1:
+            pooled.sort()
+            n = len(pooled)
+            print(f"{policy:6s} all {n} light tenants: ratio median {pooled[n // 2]:.2f}x, 75th pct "
+                  f"{pooled[int(0.75 * n)]:.2f}x, within 2x: {sum(r <= 2 for r in pooled)}/{n}, worst {pooled[-1]:.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -140,12 +140,12 @@ def bench_prefix(args, base, store: Path) -> dict:
 
 
 def fair_jobs(args, vocab: int, light_rate: float, heavy: bool, duration: float, seed: int) -> list[Job]:
-    rng = random.Random(seed)
     jobs = []
     for k in range(args.tenants_fair):
         rate = light_rate * (10 if k == 0 else 1)
         if k == 0 and not heavy:
             continue
+        rng = random.Random(seed * 1000 + k)  # per tenant: the light arrivals are the same either way
         t = rng.expovariate(rate)
         while t < duration:
             jobs.append(Job(f"t{k}", None, [rng.randrange(100, vocab) for _ in range(args.fair_prompt)], t))

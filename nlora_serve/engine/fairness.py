@@ -13,15 +13,22 @@ pays for the tokens the server computed for it, once.
 
 VTC orders admission only. With every running slot taken (``max_num_seqs`` binding), a light
 tenant first in line still waits for a heavy tenant's decode to finish, and those waits grow with
-the step time. So slots are shared too (:meth:`VirtualTokenCounter.rebalance`): each active tenant
-(running or waiting) has a share of ``max_num_seqs · w / Σw`` slots; a waiting tenant whose recent
-slot usage (decayed mean of slots held per step) is below its share takes a slot from the tenant
-furthest above its own, by preempting that tenant's newest sequence (it recomputes later, from the
-prefix cache where one is on), and admission prefers tenants below their share, so the slot is
-not handed straight back. Recent usage rather than what is waiting now: a light tenant's Poisson
-bursts briefly ask for more than its share without it being heavy. Only a tenant clearly above
-its share gives (by half a slot, a hysteresis), and never so that the taker ends up holding more
-than the giver: under a load where no tenant is heavy, ``fair`` preempts nothing.
+the step time. So slots are shared too. Each active tenant (running or waiting) has a share of
+``max_num_seqs · w / Σw`` slots and a recent usage (:meth:`VirtualTokenCounter.usage`: the mean of
+the slots it held per step, decayed). A tenant whose usage is half a slot or more above its share
+is over-served (:meth:`~VirtualTokenCounter.over_served`): it is admitted only when no other tenant
+waits, and its prefill chunks take the step's token budget after everyone else's. One that is a
+full slot above its share and still has requests waiting (a backlog: it is not a burst that ends
+by itself), or more than twice its share with none waiting, gives its slots to the waiting
+requests of tenants that are not over-served, at once, newest sequence first
+(:meth:`~VirtualTokenCounter.rebalance`; the victim recomputes later, from the prefix cache where
+one is on). So against a backlogged heavy tenant a light tenant below its
+share is served as if the heavy one were absent, bursts beyond its share included, while the
+heavy tenant keeps every slot nobody else wants and, once its usage falls to its share, competes
+as an equal again (no starvation). Usage rather than what is held right now, and the two margins,
+keep a load with no heavy tenant free of preemptions: there every tenant's usage hovers at or
+below its share, and trading slots at a hair's margin is what once made ``fair`` slower than
+``fcfs`` (each trade a recompute, soon traded back).
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ class VirtualTokenCounter:
             averages out: at 64 the nine-light-tenant load of issue 20 still preempted.
     """
 
-    HYSTERESIS_SLOTS = 0.5  # how far above its share a donor's recent usage must be (rebalance)
+    OVER_SLOTS = 0.5  # usage above its share from which a tenant is over-served (served last)
+    YIELD_SLOTS = 1.0  # usage above its share from which a backlogged tenant gives up slots (rebalance)
 
     def __init__(self, weights: Mapping[str, float], prompt_weight: float = 1.0, output_weight: float = 2.0,
                  usage_half_life: float = 128.0):
@@ -54,8 +62,9 @@ class VirtualTokenCounter:
         self.counters: dict[str | None, float] = {}  # service received, weighted (VTC's c_u)
         self._waiting: dict[str | None, int] = {}  # waiting sequences per tenant
         self._last_left: str | None = None  # the tenant whose waiting requests ran out last
-        self.slot_usage: dict[str | None, float] = {}  # running slots held, decayed mean over steps
+        self.slot_usage: dict[str | None, float] = {}  # running slots held, exponential average, uncorrected
         self._decay = 0.5 ** (1.0 / usage_half_life)
+        self._steps = 0  # steps observed
 
     def enqueue(self, seq: Sequence, new: bool) -> None:
         """``seq`` joins the waiting queue (``new``: a new request, else a preempted one)."""
@@ -78,10 +87,10 @@ class VirtualTokenCounter:
     def pick(self, waiting: Iterable[Sequence], running: Iterable[Sequence] = (),
              max_num_seqs: int | None = None) -> Sequence | None:
         """The oldest request of the waiting tenant with the least counter (``waiting`` in arrival
-        order; ties go to the earlier arrival). Given ``running`` and ``max_num_seqs``, tenants
-        whose recent slot usage is below their share go before those at or above it."""
+        order; ties go to the earlier arrival). Given ``running`` and ``max_num_seqs``,
+        over-served tenants (:meth:`over_served`) go after all others."""
         waiting = list(waiting)
-        above = self._above_share(running, waiting, max_num_seqs)
+        over = self.over_served(running, waiting, max_num_seqs) if max_num_seqs is not None else set()
         best: Sequence | None = None
         best_key = (False, 0.0)
         seen: set[str | None] = set()
@@ -89,7 +98,7 @@ class VirtualTokenCounter:
             if seq.tenant in seen:
                 continue
             seen.add(seq.tenant)
-            key = (seq.tenant in above, self.counters.get(seq.tenant, 0.0))
+            key = (seq.tenant in over, self.counters.get(seq.tenant, 0.0))
             if best is None or key < best_key:
                 best, best_key = seq, key
         return best
@@ -97,6 +106,7 @@ class VirtualTokenCounter:
     def observe(self, running: Iterable[Sequence]) -> None:
         """Once per step: fold the slots each tenant holds now into its recent slot usage."""
         held = Counter(s.tenant for s in running)
+        self._steps += 1
         for tenant in set(self.slot_usage) | set(held):
             usage = self._decay * self.slot_usage.get(tenant, 0.0) + (1.0 - self._decay) * held[tenant]
             if usage < 1e-3 and not held[tenant]:
@@ -104,22 +114,34 @@ class VirtualTokenCounter:
             else:
                 self.slot_usage[tenant] = usage
 
+    def usage(self, tenant: str | None) -> float:
+        """Slots ``tenant`` held per step recently: the exponential average of :meth:`observe`,
+        divided by ``1 − decay^steps`` (the bias correction of Adam's moment estimates, Kingma & Ba
+        2015), so that over the first steps after a start it is the mean so far rather than a
+        value still rising from 0: a tenant that filled every slot at once is seen doing so
+        then, not a half-life later. Units: slots."""
+        if not self._steps:
+            return 0.0
+        return self.slot_usage.get(tenant, 0.0) / (1.0 - self._decay ** self._steps)
+
+    def over_served(self, running: Iterable[Sequence], waiting: Iterable[Sequence],
+                    max_num_seqs: int) -> set:
+        """Active tenants whose recent usage is at least :attr:`OVER_SLOTS` above their share."""
+        share = self._shares(running, waiting, max_num_seqs)
+        return {t for t in share if self.usage(t) >= share[t] + self.OVER_SLOTS}
+
     def rebalance(self, running: list[Sequence], waiting: Iterable[Sequence], max_num_seqs: int) -> list[Sequence]:
-        """Running sequences to preempt so that waiting tenants below their slot share get one.
+        """Running sequences to preempt so that waiting tenants that are not over-served get a slot now.
 
-        Only when every slot is taken. A waiting tenant W (least used per weight first) takes one
-        slot this step from a running tenant D when all of these hold (shares s, weights w, recent
-        usage u, slots held now h):
-
-        - W is below its share, recently and now: ``u_W < s_W`` and ``h_W < s_W``;
-        - D has been clearly above its own: ``u_D ≥ s_D + 1/2`` slot. Under a balanced load every
-          tenant's usage hovers at its share, and trading slots at a hair's margin is what made
-          ``fair`` slower than ``fcfs`` with no heavy tenant at all (each trade is a recompute,
-          and the traded-away sequence is soon traded back): the half slot is the hysteresis;
-        - the move does not swap their order: ``(h_D − 1) / w_D ≥ (h_W + 1) / w_W``, so D can
-          never take the slot straight back.
-
-        Among the donors the one furthest above its share (per weight) gives its newest sequence.
+        Only when every slot is taken. Donors: tenants with requests waiting whose recent usage
+        is at least :attr:`YIELD_SLOTS` above their share (``u ≥ s + 1``), and tenants with none
+        waiting that have used more than twice their share (``u ≥ 2s + 1``: one that filled the
+        server before anyone else came, where a light tenant's burst stays below). Every waiting
+        request of a tenant that is not over-served (``u < s + 1/2``) takes one donor slot, the newest
+        sequence of the donor furthest above its share (per weight) first, until either runs
+        out: a burst beyond the taker's share is served too, since its usage says it is light.
+        The caller's admission (:meth:`pick`) serves the takers before any over-served tenant,
+        so the slots are not handed straight back.
 
         Returns:
             The victims; the caller preempts them (nothing changes here).
@@ -128,24 +150,16 @@ class VirtualTokenCounter:
             return []
         waiting = list(waiting)
         share = self._shares(running, waiting, max_num_seqs)
-        weight = {t: self.weights.get(t, 1.0) for t in share}
-        usage = {t: self.slot_usage.get(t, 0.0) for t in share}
-        held = Counter(s.tenant for s in running)
-        victims: list[Sequence] = []
-        for tenant in sorted({s.tenant for s in waiting}, key=lambda t: (usage[t] - share[t]) / weight[t]):
-            if usage[tenant] >= share[tenant]:
-                break
-            if held[tenant] >= share[tenant]:
-                continue
-            donors = [t for t in held if t != tenant and usage[t] >= share[t] + self.HYSTERESIS_SLOTS
-                      and (held[t] - 1) / weight[t] >= (held[tenant] + 1) / weight[tenant]]
-            if not donors:
-                continue
-            donor = max(donors, key=lambda t: (usage[t] - share[t]) / weight[t])
-            victims.append(max((s for s in running if s.tenant == donor and s not in victims), key=lambda s: s.arrival))
-            held[donor] -= 1
-            held[tenant] += 1
-        return victims
+        usage = {t: self.usage(t) for t in share}
+        queued = {s.tenant for s in waiting}
+        donors = {t for t in share
+                  if usage[t] >= share[t] + self.YIELD_SLOTS + (0.0 if t in queued else share[t])}
+        if not donors:
+            return []
+        takers = [s for s in waiting if usage[s.tenant] < share[s.tenant] + self.OVER_SLOTS]
+        excess = {t: (usage[t] - share[t]) / self.weights.get(t, 1.0) for t in donors}
+        victims = sorted((s for s in running if s.tenant in donors), key=lambda s: (excess[s.tenant], s.arrival))
+        return victims[::-1][:len(takers)]
 
     def _shares(self, running: Iterable[Sequence], waiting: Iterable[Sequence],
                 max_num_seqs: int) -> dict[str | None, float]:
@@ -153,14 +167,6 @@ class VirtualTokenCounter:
         active = {s.tenant for s in running} | {s.tenant for s in waiting}
         total = sum(self.weights.get(t, 1.0) for t in active)
         return {t: max_num_seqs * self.weights.get(t, 1.0) / total for t in active}
-
-    def _above_share(self, running: Iterable[Sequence], waiting: list[Sequence], max_num_seqs: int | None) -> set:
-        """Tenants whose recent slot usage is at or above their share (none without ``max_num_seqs``)."""
-        running = list(running)
-        if max_num_seqs is None or not running:
-            return set()
-        share = self._shares(running, waiting, max_num_seqs)
-        return {t for t in share if self.slot_usage.get(t, 0.0) >= share[t]}
 
     def charge(self, seq: Sequence, num_tokens: int) -> None:
         """Bill ``seq``'s tenant for computing its next ``num_tokens`` tokens (call before

@@ -4,12 +4,13 @@ Every step the scheduler admits and retires sequences (DESIGN §5). Order of ser
 1. running sequences that decode (one token each), oldest first;
 2. running sequences still in prefill, oldest first, each a chunk of what the budget leaves;
 3. waiting sequences: with policy "fcfs" strictly first come first served, with "fair" the oldest
-   request of the tenant with the least service (VTC, fairness.py), tenants within their share of
-   the running slots first; the one picked is admitted or nobody is, so a long prompt is never
-   overtaken forever (no starvation). With "fair" and every slot taken, a tenant waiting below its
-   share of the slots first takes a slot from a tenant clearly above its share (that tenant's newest
-   sequence is preempted; fairness.py's rebalance has the rule, which keeps a load with no heavy
-   tenant free of preemptions).
+   request of the tenant with the least service (VTC, fairness.py), over-served tenants (recent
+   slot usage above their share) last; the one picked is admitted or nobody is, so a long prompt
+   is never overtaken forever (no starvation). With "fair" and every slot taken, tenants that are
+   not over-served first take slots from a backlogged tenant clearly above its share (its newest
+   sequences are preempted; fairness.py's rebalance has the rule, which keeps a load with no heavy
+   tenant free of preemptions); and an over-served tenant's prefill chunks (step 2) come after the
+   admissions, so its chunked prefills never take the budget ahead of a light tenant's prompt.
 A waiting sequence starts after the longest prefix of its tokens already in the KV cache when the
 block manager caches prefixes (prefix_cache.py); full blocks are offered to that cache once computed.
 When a running sequence needs a block and none is free, the newest running sequence is
@@ -89,28 +90,43 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         """Pick this step's sequences and token counts, growing block tables to fit them."""
         batch = ScheduledBatch()
-        budget = self.config.max_num_batched_tokens
         for seq in self.running:  # what the last step computed
             self.blocks.commit(seq)
+        later: list[Sequence] = []  # prefill chunks of over-served tenants: after admissions
         if self.fair is not None:  # slot-level fairness: before anyone is given tokens this step
             self.fair.observe(self.running)
             for victim in self.fair.rebalance(self.running, self.waiting, self.config.max_num_seqs):
                 self._preempt(victim)
                 batch.preempted.append(victim)
-        for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival)):
+            over = self.fair.over_served(self.running, self.waiting, self.config.max_num_seqs)
+            later = [s for s in self.running if s.tenant in over and s.num_uncomputed > 1]
+        now = [s for s in self.running if s not in later]
+        self._continue(sorted(now, key=lambda s: (s.num_uncomputed > 1, s.arrival)), batch, preempt=True)
+        self._admit(batch, self.config.max_num_batched_tokens - batch.total_tokens)
+        self._continue(later, batch, preempt=False)  # never at the cost of a sequence just admitted
+        return batch
+
+    def _continue(self, seqs: list[Sequence], batch: ScheduledBatch, preempt: bool) -> None:
+        """Give running ``seqs``, in this order, their next tokens (one to decode, or a prefill
+        chunk) while the step's token budget lasts; a sequence short of blocks preempts the newest
+        running ones (``preempt``) or waits for a later step. Bills them once all are placed (a
+        sequence preempted here after being given tokens computes nothing)."""
+        start = len(batch.seqs)
+        for seq in seqs:
+            budget = self.config.max_num_batched_tokens - batch.total_tokens
             # its last token is in flight (async scheduling): nothing more to compute for it
             done = seq.token_ids[-1] == PLACEHOLDER and seq.num_output_tokens >= seq.params.max_tokens
             if seq.status is not SequenceStatus.RUNNING or budget == 0 or done:
                 continue
             n = min(seq.num_uncomputed, budget)
-            if self._reserve(seq, n, batch):
+            if preempt and self._reserve(seq, n, batch):
                 batch.add(seq, n)
-            budget = self.config.max_num_batched_tokens - batch.total_tokens
-        if self.fair is not None:  # running ones that kept their place (no preemption follows)
-            for seq, n in zip(batch.seqs, batch.num_tokens):
+            elif not preempt and self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+                self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+                batch.add(seq, n)
+        if self.fair is not None:
+            for seq, n in zip(batch.seqs[start:], batch.num_tokens[start:]):
                 self.fair.charge(seq, n)
-        self._admit(batch, budget)
-        return batch
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

@@ -1,0 +1,142 @@
+"""Fair scheduling against a backlogged heavy tenant (issue 20): light tenants below their share
+are served as if it were absent. Hand-computed slot counts, and a model-free replay of the
+issue's load in unit steps (no model; the scheduler alone decides who waits)."""
+
+from __future__ import annotations
+
+import random
+
+from test_fairness import make, poisson, seq, slots_sched, step
+
+from nlora_serve.engine.block_manager import BlockManager
+
+
+def test_a_tenant_that_filled_every_slot_at_start_gives_one_at_once():
+    sched = slots_sched()
+    heavy = [seq("heavy") for _ in range(6)]
+    for s in heavy:
+        sched.add(s)
+    for _ in range(5):  # heavy has held all 4 slots since the start, 2 more of its requests wait
+        step(sched)
+    light = seq("light")
+    sched.add(light)
+    # usage 4 (1 - d^5) / (1 - d^6) = 3.3 >= s + 1 = 3 (the first step saw nothing run), not the
+    # uncorrected 4 (1 - d^5) = 0.11 still rising; d = 2^(-1/128)
+    batch = step(sched)
+    assert batch.preempted == [heavy[3]] and light in sched.running
+
+
+def server_of_8(heavy: int, a: int, b: int) -> tuple:
+    """8 slots taken by ``heavy``, ``a`` and ``b`` requests (nothing waits), then a light request."""
+    sched = make(max_num_seqs=8, max_model_len=1024, blocks=BlockManager(2048, 4))
+    held = [seq("heavy") for _ in range(heavy)] + [seq("a") for _ in range(a)] + [seq("b") for _ in range(b)]
+    for s in held:
+        sched.add(s)
+    for _ in range(10):  # at the next step: usage held x (1 - d^10) / (1 - d^11), the first step empty
+        step(sched)
+    light = seq("light")
+    sched.add(light)
+    return sched, held, light
+
+
+def test_a_tenant_with_nothing_waiting_gives_a_slot_only_beyond_twice_its_share():
+    sched, held, light = server_of_8(4, 2, 2)  # shares 8/4 = 2: heavy's usage 3.65 < 2s + 1 = 5
+    assert step(sched).preempted == [] and light in sched.waiting
+    sched, held, light = server_of_8(6, 1, 1)  # heavy's usage 5.47 >= 5: it filled the server first
+    assert step(sched).preempted == [held[5]] and light in sched.running
+
+
+def test_a_light_burst_beyond_its_share_is_served_at_once():
+    sched = slots_sched()
+    heavy = [seq("heavy") for _ in range(8)]
+    for s in heavy:
+        sched.add(s)
+    for _ in range(300):
+        step(sched)
+    burst = [seq("light") for _ in range(3)]  # 3 requests against a share of 2 slots, usage 0
+    for s in burst:
+        sched.add(s)
+    batch = step(sched)
+    assert batch.preempted == [heavy[3], heavy[2], heavy[1]]  # newest first
+    assert all(s in sched.running for s in burst)
+    assert step(sched).preempted == [] and sched.running[0] is heavy[0]  # no hand-back
+
+
+def test_an_over_served_tenants_prefill_chunk_waits_for_a_light_prompt():
+    sched = make(max_num_seqs=5, max_num_batched_tokens=64, max_model_len=1024, blocks=BlockManager(2048, 4))
+    heavy = [seq("heavy") for _ in range(3)] + [seq("heavy", 900)]
+    for s in heavy:
+        sched.add(s)
+    for _ in range(4):  # 3 decode, the 900-token prompt is prefilled in chunks of what is left
+        step(sched)
+    assert heavy[3].num_uncomputed > 64
+    light = seq("light", 16)
+    sched.add(light)
+    batch = step(sched)  # heavy holds 4 of 5 slots, share 2.5: over-served; its chunk goes last
+    assert dict(zip(batch.seqs, batch.num_tokens)) == {heavy[0]: 1, heavy[1]: 1, heavy[2]: 1, light: 16,
+                                                       heavy[3]: 64 - 3 - 16}
+
+
+def ttft_replay(heavy: bool, seed: int, num_steps: int = 1500) -> dict[str, list[int]]:
+    """Issue 20's load in unit steps: nine light tenants at C/15 each (C = 16 slots / 33 steps a
+    request: 64-token prompts, 32 new tokens) and, with ``heavy``, one more at 10x that.
+    Returns each light tenant's TTFTs in steps (a request never served waits to the end)."""
+    rate = 16 / 33 / 15
+    rngs = {f"t{k}": random.Random(seed * 1000 + k) for k in range(10)}  # same light arrivals either way
+    arrivals = sorted((t, name) for name, rng in rngs.items() if heavy or name != "t0"
+                      for t in poisson(rng, rate * (10 if name == "t0" else 1), num_steps * 0.7))
+    sched = make(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=128, blocks=BlockManager(4096, 16))
+    born, ttft, i = {}, {}, 0
+    for now in range(num_steps):
+        while i < len(arrivals) and arrivals[i][0] <= now:
+            s = seq(arrivals[i][1], 64)
+            born[s] = arrivals[i][0]
+            sched.add(s)
+            i += 1
+        step(sched)
+        for s in list(sched.running):
+            if s.num_output_tokens and s not in ttft:
+                ttft[s] = now + 1 - born[s]
+            if s.num_output_tokens >= 32:
+                sched.finish(s)
+    waits: dict[str, list[int]] = {}
+    for s, at in born.items():
+        if s.tenant != "t0":
+            waits.setdefault(s.tenant, []).append(ttft.get(s, num_steps - at))
+    return waits
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def test_light_tenants_wait_about_as_long_with_a_heavy_tenant_as_without():
+    # pooled over 4 seeds, the light tenants' TTFT p99 with the heavy tenant present over their
+    # own without it (the same light arrivals): the issue's bound is 2x per tenant; VTC with
+    # slot shares before this change gave a median tenant 1.5-6.8x here
+    ratios = []
+    for seed in range(1, 5):
+        alone, mixed = ttft_replay(False, seed), ttft_replay(True, seed)
+        ratios += [p99(mixed[t]) / p99(alone[t]) for t in alone]
+    ratios.sort()
+    assert ratios[len(ratios) // 2] <= 1.25 and ratios[int(0.75 * len(ratios))] <= 2.0
+
+
+def test_a_backlogged_heavy_tenant_is_not_starved():
+    # 4 slots, everyone queued at once (the heavy tenant 4x as many), 8 output tokens a request:
+    # until the first light tenant runs dry each of the four gets a quarter of the service (103
+    # tokens each, prompt + output, here; before this change the same)
+    sched = slots_sched()
+    for s in [seq("heavy") for _ in range(40)] + [seq(f"light{k}") for k in range(3) for _ in range(10)]:
+        sched.add(s)  # the heavy tenant's requests arrived first
+    served: dict[str, int] = {}
+    while all(any(s.tenant == t for s in sched.waiting) for t in ("light0", "light1", "light2")):
+        batch = step(sched)
+        for s, n in zip(batch.seqs, batch.num_tokens):
+            served[s.tenant] = served.get(s.tenant, 0) + n
+        for s in list(sched.running):
+            if s.num_output_tokens >= 8:
+                sched.finish(s)
+    light = [served[f"light{k}"] for k in range(3)]
+    assert served["heavy"] >= 0.8 * sum(light) / 3, served
