@@ -182,15 +182,33 @@ class Engine(abc.ABC):
         """Gauges and counters (running, waiting, kv_blocks_used, kv_blocks_total, tokens, steps)."""
 
 
-def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock) -> list[int]:
+# Slack on the characters-per-token bound below: a tokenizer's normaliser may compose characters
+# (NFC: a letter and a combining accent become one), so the text it tokenizes can be shorter.
+PROMPT_CHARS_SLACK = 4
+
+
+def max_prompt_chars(tokenizer, max_model_len: int) -> int:
+    """Characters beyond which a text prompt surely exceeds ``max_model_len`` tokens: every token
+    spells at most as many characters as its vocabulary entry is long (byte-level BPE: one entry
+    character per byte), times :data:`PROMPT_CHARS_SLACK`. Lets :func:`prompt_ids` refuse a huge
+    prompt before tokenizing it (a 15 MB prompt took ~30 s of the front ends' tokenizer thread)."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return PROMPT_CHARS_SLACK * longest * max_model_len
+
+
+def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock, max_chars: int | None = None) -> list[int]:
     """A text prompt's token ids (no special tokens added; ``lock`` guards the tokenizer), or the
     given ids as a list.
 
     Raises:
-        RequestError: text no tokenizer takes, or ids that are not all integers.
+        RequestError: text no tokenizer takes, text longer than ``max_chars`` characters (see
+            :func:`max_prompt_chars`; refused without tokenizing), or ids that are not all integers.
     """
     if isinstance(prompt, str):
         check_text(prompt)
+        if max_chars is not None and len(prompt) > max_chars:
+            raise RequestError(f"prompt is {len(prompt):,} characters: more tokens than the model's context "
+                               f"holds (max_model_len; refused before tokenizing above {max_chars:,} characters)")
         with lock:
             return tokenizer.encode(prompt, add_special_tokens=False)
     ids = list(prompt)
