@@ -57,7 +57,7 @@ def test_warm_up_runs_the_shapes_and_leaves_no_state(tiny):
     assert core.blocks.num_free_blocks == core.blocks.num_blocks == 32
     assert core.blocks.num_cached_blocks == 0  # the dummy prompts' blocks are not in the prefix cache
     assert core.counters == dict.fromkeys(core.counters, 0) and core.runner.step_counts == {
-        "graph_steps": 0, "eager_steps": 0}
+        "graph_steps": 0, "piecewise_steps": 0, "eager_steps": 0}
     # a request starting with the 16-token dummy prompt (one full block) finds nothing cached
     prompt = [DUMMY_TOKEN + 1] * 16 + [7, 300, 4000]
     core.add("r", prompt, SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0))
