@@ -66,7 +66,8 @@ class ModelRunner:
         capture = capture if capture is not None else CudaGraphCapture()
         self.graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, max_blocks, self.inputs.decode_splits,
                                    capture)
-        self.pieces = PiecewiseGraphs(self.model, piecewise_tokens, max_num_seqs, capture) if piecewise_tokens else None
+        self.pieces = (PiecewiseGraphs(self.model, self.kv_cache, piecewise_tokens, max_num_seqs, capture)
+                       if piecewise_tokens else None)
         self._share_threshold()
         if capture_now:
             with torch.inference_mode():
@@ -140,6 +141,6 @@ class ModelRunner:
         if (self.pieces is not None and self.pieces.size_for(input_ids.shape[0])
                 and (hook is None or hook.graphable())):
             self.step_counts["piecewise_steps"] += 1
-            return self.pieces.run(input_ids, positions, info, self.kv_cache, hook)
+            return self.pieces.run(input_ids, positions, info, hook)
         self.step_counts["eager_steps"] += 1
         return self.model(input_ids, positions, self.kv_cache, info)

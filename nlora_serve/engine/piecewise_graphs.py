@@ -5,18 +5,20 @@ longest chunk), so the step as a whole cannot be one graph. Everything else in i
 token count alone, so a step of T tokens runs as the graphs of the smallest bucket b ≥ T, cut at
 each attention call:
 
-    piece 0       embedding, RoPE rows, (adapter layout), layer 0 up to attention: norm, qkv, RoPE
+    piece 0       embedding, RoPE rows, (adapter layout), layer 0 up to attention: norm, qkv,
+                  RoPE, K/V written into the cache
     piece i       layer i-1 after attention: o_proj + residual, norm, MLP + residual;
                   then layer i up to attention (1 ≤ i < L)
     piece L       layer L-1 after attention, final norm and lm_head on the sampling rows
 
-with each layer's attention run eagerly between pieces on the step's real T tokens (it writes
-their K/V and reads the step's own BatchInfo). Every piece reads and writes static buffers of the
-largest bucket's size (token ids, positions, RoPE rows, the residual stream, q/k/v, the attention
-output, the logits rows and each adapter pool's per-token slots and derived layout), so the
-addresses a graph recorded are the ones a later step fills. Rows T..b-1 are padding: token 0 at
-position 0, slot −1 for every pool; they never reach attention (so they write no K/V) and are
-never sampled (the logits rows index real tokens only).
+with each layer's attention kernels run eagerly between pieces on the step's real T queries,
+reading the step's own BatchInfo (engine/attention/cuda.py ``attend_cached``: one or two launches
+a layer). Every piece reads and writes static buffers of the largest bucket's size (token ids,
+positions, KV slot mapping, RoPE rows, the residual stream, q/k, the attention output, the logits
+rows and each adapter pool's per-token slots and derived layout), so the addresses a graph
+recorded are the ones a later step fills. Rows T..b-1 are padding: token 0 at position 0, slot −1
+for every pool, K/V written into the sink block (the KV cache's last, which the block manager
+never hands out), no query in attention, never sampled (the logits rows index real tokens only).
 
 Graphs are keyed like decode graphs (engine/cuda_graphs.py): (bucket, each adapter pool of the
 step at its generation); a pool that grows or allocates bumps its generation and the next step
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nlora_serve.engine.attention.cpu import write_kv
 from nlora_serve.engine.batch_info import BatchInfo
 
 # token-count buckets (vLLM's piecewise capture sizes are similar powers of two)
@@ -67,17 +70,22 @@ class PiecewiseGraphs:
 
     Args:
         model: the runner's :class:`~nlora_serve.engine.llama.LlamaModel` (torch path: no native
-            layer ops). max_num_batched_tokens: the step budget (sizes the buckets).
+            layer ops). kv_cache: its cache [layers, 2, NB, BS, KVH, D], whose last block is the
+            pad sink. max_num_batched_tokens: the step budget (sizes the buckets).
         max_num_seqs: sequences per step at most (sizes the logits rows). capture: the seam
             (:class:`~nlora_serve.engine.cuda_graphs.CudaGraphCapture` or ``EagerCapture``).
     Raises:
         ValueError: the model runs native layer ops (CPU only; not capturable).
     """
 
-    def __init__(self, model, max_num_batched_tokens: int, max_num_seqs: int, capture) -> None:
+    def __init__(self, model, kv_cache: torch.Tensor, max_num_batched_tokens: int, max_num_seqs: int,
+                 capture) -> None:
         if model.layer_ops is not None:
             raise ValueError("piecewise graphs need the torch layer path (no native layer ops)")
-        self.model, self.capture = model, capture
+        from nlora_serve.engine.attention.cuda import attend_cached  # Triton: imported where it runs
+        self.attend = attend_cached
+        self.model, self.kv_cache, self.capture = model, kv_cache, capture
+        self.sink_slot = (kv_cache.shape[2] - 1) * kv_cache.shape[3]  # first slot of the sink block
         self.sizes = piecewise_sizes(max_num_batched_tokens)
         self.max_num_seqs = max_num_seqs
         spec, size, dev = model.spec, self.sizes[-1], model.device
@@ -85,13 +93,13 @@ class PiecewiseGraphs:
         i64 = dict(dtype=torch.long, device=dev)
         self.input_ids = torch.zeros(size, **i64)
         self.positions = torch.zeros(size, **i64)
+        self.slot_mapping = torch.full((size,), self.sink_slot, **i64)
         self.logits_indices = torch.zeros(min(size, max_num_seqs), **i64)
         self.cos = torch.zeros(size, hd, device=dev)  # [b, D] float32 RoPE rows of the step's positions
         self.sin = torch.zeros(size, hd, device=dev)
         self.x = torch.zeros(size, spec.hidden_size, device=dev)  # the residual stream, float32
         self.qk = torch.zeros(size, heads + kv_heads, hd, dtype=model.dtype, device=dev)  # rotated q, k
-        self.v = torch.zeros(size, kv_heads, hd, dtype=model.dtype, device=dev)
-        self.attn = torch.zeros(size, heads * hd, dtype=model.dtype, device=dev)  # attention output
+        self.attn = torch.zeros(size, heads, hd, dtype=model.dtype, device=dev)  # attention output
         self.graphs: dict[tuple, _Pieces] = {}
         self.replayed = 0
 
@@ -111,13 +119,12 @@ class PiecewiseGraphs:
             if key not in self.graphs:
                 self.graphs[key] = self._capture(size, [], None)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, info: BatchInfo, kv_cache: torch.Tensor,
-            hook) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, info: BatchInfo, hook) -> torch.Tensor:
         """One step through its bucket's pieces, attention eager between them.
 
         Args:
             input_ids, positions: [T] int64 on the device. info: the step's layout (real tokens).
-            kv_cache: [layers, 2, NB, BS, KVH, D]. hook: the AdapterHook in its per-token form, or None.
+            hook: the AdapterHook in its per-token form, or None.
         Returns:
             [R, V] float32 logits of ``info.logits_indices`` (a view of the last piece's output).
         """
@@ -130,12 +137,10 @@ class PiecewiseGraphs:
             self.graphs[key] = self._capture(size, pools, hook)
         pieces = self.graphs[key]
         self._load(n, size, rows, input_ids, positions, info, pieces.slot_rows, hook)
-        heads, model = self.model.spec.num_heads, self.model
+        heads, q, out = self.model.spec.num_heads, self.qk[:n], self.attn[:n]
         pieces.replays[0]()
-        for i, (layer, kv_layer) in enumerate(zip(model.layers, kv_cache)):
-            qk = self.qk[:n]
-            attn = layer.attention(qk[:, :heads], qk[:, heads:], self.v[:n], kv_layer, info, layer.scale)
-            self.attn[:n].copy_(attn)
+        for i, (layer, kv_layer) in enumerate(zip(self.model.layers, self.kv_cache)):
+            self.attend(q[:, :heads], kv_layer, info, layer.scale, out)  # this step's K/V are in the cache
             pieces.replays[i + 1]()
         self.replayed += 1
         return pieces.logits[:rows]
@@ -164,13 +169,13 @@ class PiecewiseGraphs:
 
     def _piece_fn(self, i: int, size: int, rows: int, pools: list, batches: list, hook) -> Callable[[], torch.Tensor]:
         """Piece ``i`` of a bucket (see the module docstring), on the static buffers' first ``size`` rows."""
-        model, layers = self.model, self.model.layers
-        x, qk, v = self.x[:size], self.qk[:size], self.v[:size]
-        cos, sin = self.cos[:size], self.sin[:size]
+        model, layers, heads = self.model, self.model.layers, self.model.spec.num_heads
+        x, qk, slots = self.x[:size], self.qk[:size], self.slot_mapping[:size]
+        cos, sin, attn = self.cos[:size], self.sin[:size], self.attn[:size].view(size, -1)
 
-        def before_attention(layer) -> None:
-            _, v_new = layer.attention_inputs(x, cos.unsqueeze(1), sin.unsqueeze(1), qk_out=qk)
-            v.copy_(v_new)
+        def before_attention(j: int) -> None:
+            _, v = layers[j].attention_inputs(x, cos.unsqueeze(1), sin.unsqueeze(1), qk_out=qk)
+            write_kv(self.kv_cache[j], qk[:, heads:], v, slots)
 
         def first() -> torch.Tensor:
             ids, pos = self.input_ids[:size], self.positions[:size]
@@ -179,25 +184,27 @@ class PiecewiseGraphs:
             x.copy_(F.embedding(ids, model.embed))
             torch.index_select(model.cos, 0, pos, out=cos)
             torch.index_select(model.sin, 0, pos, out=sin)
-            before_attention(layers[0])
+            before_attention(0)
             return x
 
         def middle() -> torch.Tensor:
-            layers[i - 1].attention_output(x, self.attn[:size], out=x)
-            before_attention(layers[i])
+            layers[i - 1].attention_output(x, attn, out=x)
+            before_attention(i)
             return x
 
         def last() -> torch.Tensor:
-            layers[-1].attention_output(x, self.attn[:size], out=x)
+            layers[-1].attention_output(x, attn, out=x)
             return model.logits(x, self.logits_indices[:rows])
 
         return first if i == 0 else last if i == len(layers) else middle
 
     def _pad(self, n: int, size: int, r: int, rows: int, slot_rows: list[torch.Tensor]) -> None:
-        """Rows n..size-1 padding (token 0 at position 0, no adapter); logits rows r..rows-1 read token 0."""
+        """Rows n..size-1 padding (token 0 at position 0, K/V into the sink, no adapter); logits rows
+        r..rows-1 read token 0."""
         if n < size:
             self.input_ids[n:size].zero_()
             self.positions[n:size].zero_()
+            self.slot_mapping[n:size].fill_(self.sink_slot)
             for row in slot_rows:
                 row[n:size].fill_(-1)
         if r < rows:
@@ -207,6 +214,7 @@ class PiecewiseGraphs:
         """Device-to-device copies of the step into the static buffers (no host value read)."""
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(info.slot_mapping)
         self.logits_indices[:r].copy_(info.logits_indices)
         for row, step_row in zip(slot_rows, hook.decode_slot_rows() if hook is not None else []):
             row[:n].copy_(step_row)
