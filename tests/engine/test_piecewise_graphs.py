@@ -49,6 +49,20 @@ def test_config_flag():
         EngineConfig(device="cpu", piecewise_graphs="yes")
 
 
+def test_serve_flag():
+    import argparse
+
+    from nlora_serve.serving.engine_flags import add_device_arguments, device_config
+
+    parser = argparse.ArgumentParser()
+    add_device_arguments(parser)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-model-len", type=int, default=256)
+    for flags, want in (([], False), (["--piecewise-graphs"], True), (["--no-piecewise-graphs"], False)):
+        assert device_config(parser.parse_args(["--device", "cpu", *flags])).piecewise_graphs is want, flags
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, base_model_dir):
     root = tmp_path_factory.mktemp("tiny")
