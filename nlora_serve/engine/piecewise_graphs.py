@@ -137,10 +137,10 @@ class PiecewiseGraphs:
             self.graphs[key] = self._capture(size, pools, hook)
         pieces = self.graphs[key]
         self._load(n, size, rows, input_ids, positions, info, pieces.slot_rows, hook)
-        heads, q, out = self.model.spec.num_heads, self.qk[:n], self.attn[:n]
+        q, out = self.qk[:n, :self.model.spec.num_heads], self.attn[:n]
         pieces.replays[0]()
         for i, (layer, kv_layer) in enumerate(zip(self.model.layers, self.kv_cache)):
-            self.attend(q[:, :heads], kv_layer, info, layer.scale, out)  # this step's K/V are in the cache
+            self.attend(q, kv_layer, info, layer.scale, out)  # this step's K/V are in the cache
             pieces.replays[i + 1]()
         self.replayed += 1
         return pieces.logits[:rows]
