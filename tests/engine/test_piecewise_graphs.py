@@ -116,7 +116,8 @@ def test_pieces_safe_and_equal_to_eager_and_transformers(tiny, tmp_path, monkeyp
         runner = engine.core.runner
         runner.enable_graphs(8, capture, capture_now=True, piecewise_tokens=BUDGET)
         assert sorted(k for k in runner.pieces.graphs) == [(16, ()), (32, ()), (64, ())]  # base pieces, start-up
-        got.append(_generate(engine, _prompts(0, rounds[0][2]), rounds[0][0]))  # the base pieces, replayed with the hook set
+        # the base pieces (captured with no adapter layout), replayed with the adapter hook installed
+        got.append(_generate(engine, _prompts(0, rounds[0][2]), rounds[0][0]))
         for name in ("tied", "lora_attn"):
             engine.adapters.register_dir(name, tiny[2][name][0])
         got.append(_generate(engine, _prompts(1, LENGTHS), rounds[1][0]))
@@ -127,7 +128,7 @@ def test_pieces_safe_and_equal_to_eager_and_transformers(tiny, tmp_path, monkeyp
         got.append(_generate(engine, _prompts(2, LENGTHS), rounds[2][0]))
         stats = engine.stats()
         recaptured = set(runner.pieces.graphs) - first
-        # every step replayed a graph: 2 piecewise steps a round (the mixed one above), the rest decodes
+        # every step replayed a graph: piecewise 1 + 2 + 2 (see LENGTHS), the rest decodes
         assert stats["eager_steps"] == 0 and stats["piecewise_steps"] == 5 and stats["graph_steps"] >= 3 * (NEW - 1)
         assert runner.pieces.replayed == 5 and all(size == 64 for size, _ in recaptured) and recaptured
         # eager: the same engine with every graph off (and the adapters' segment form at prefill)
