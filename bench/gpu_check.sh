@@ -10,6 +10,11 @@
 #     where decided; bf16 <= 2e-2);
 #   engine_bench / engine_256: bench/engine.py on CUDA (bf16, after start-up warm-up and an untimed
 #     pass; base, tied64, lora8) against HF generate at 64 requests, base at 256 (issue 18);
+#   piecewise_check (~30 s): the smoke check with prefill and mixed steps as piecewise CUDA graphs
+#     (EngineConfig.piecewise_graphs: base, tied and LoRA against transformers, fp32, 2 layers);
+#   piecewise_256: the same 256-request base run (ours only) with prefill and mixed steps as piecewise
+#     CUDA graphs off and on side by side (rows none, none/pw; issue 18; the table, phases and step
+#     counts are in the log: its JSON stays off $OUT, which already holds the 8 files a call returns);
 #   decode_step: our decode step per loop iteration (graphs with async scheduling on and off side by
 #     side, --enforce-eager) against a lean plain-torch CUDA-graphed step at B = 64 and 256, with a
 #     profiler breakdown (issue 18);
@@ -74,6 +79,11 @@ step engine_bench 90 $PY bench/engine.py --device cuda --model bench/models/smol
     --dtype bfloat16 --mix none tied64 lora8 --peer-mixes none --vllm-mixes --out "$OUT/engine.json"
 step engine_256 50 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
     --dtype bfloat16 --mix none --peer-mixes none --vllm-mixes --num-requests 256 --out "$OUT/engine_256.json"
+step piecewise_check 45 $PY bench/gpu_engine_check.py --layers 2 --requests 3 --new-tokens 2 --long-prompt 300 \
+    --dtype float32 --piecewise-graphs --out "${TMPDIR:-/tmp}/piecewise_check.json"
+step piecewise_256 60 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
+    --dtype bfloat16 --mix none --peer-mixes --vllm-mixes --num-requests 256 --piecewise both \
+    --out "${TMPDIR:-/tmp}/piecewise_256.json"
 step decode_step 95 $PY bench/decode_step.py --device cuda --batch 64 256 --steps 100 --out "$OUT/decode_step.json"
 step adapter_kernels 150 $PY bench/adapter_kernels.py --rounds 5 --out "$OUT/adapter_kernels.json"
 step kernels 80 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \

@@ -143,6 +143,8 @@ def main() -> int:
     parser.add_argument("--long-prompt", type=int, default=1100, help="one prompt this long (chunked prefill)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.async_scheduling (default: the device's, on for CUDA)")
+    parser.add_argument("--piecewise-graphs", action="store_true",
+                        help="EngineConfig.piecewise_graphs: prefill and mixed steps as piecewise CUDA graphs")
     parser.add_argument("--out", default="bench/out/engine_check.json")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
@@ -177,6 +179,7 @@ def main() -> int:
         for name in args.dtype:
             config = EngineConfig(model=str(model_dir), dtype=DTYPES[name], load_format="dummy", device=args.device,
                                   kernel_backend=args.kernel_backend, async_scheduling=args.async_scheduling,
+                                  piecewise_graphs=args.piecewise_graphs,
                                   adapter_dir=str(Path(scratch) / f"store-{name}"),
                                   scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256,
                                                             max_model_len=2048),

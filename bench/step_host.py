@@ -117,8 +117,9 @@ class _StubRunner(ModelRunner):
 
     def __init__(self, vocab: int) -> None:  # noqa: D107 (no ModelRunner.__init__: no model)
         self.device, self.block_size, self.adapter_hook, self.graphs = torch.device("cpu"), BLOCK, None, None
+        self.pieces = None
         self.inputs = StepInputs(BLOCK, 1, self.device, gather_layout=False)
-        self.step_counts = {"graph_steps": 0, "eager_steps": 0}
+        self.step_counts = {"graph_steps": 0, "piecewise_steps": 0, "eager_steps": 0}
         self.logits = torch.randn(4096, vocab, generator=torch.Generator().manual_seed(0))
 
     def execute(self, pairs, previous=None):

@@ -85,6 +85,9 @@ class AdapterHook:
         self._decode: list[_DecodeEntry] = []  # instead of _entries on a Triton decode step
         self._facts: dict[int, _PoolFacts] = {}  # id(pool) -> its device tables
         self._projections: dict[tuple[int, int, tuple[str, ...]], _Projection] = {}  # (pool id, layer, modules)
+        # Triton backend: steps of up to this many tokens, prefill and mixed ones too, take the
+        # per-token fixed-grid form (piecewise CUDA graphs, engine/piecewise_graphs.py); 0: decode steps only
+        self.per_token_tokens = 0
 
     def begin_step(self, versions: list, query_lens: list[int], device: torch.device) -> None:
         """Set up the step.
@@ -99,10 +102,12 @@ class AdapterHook:
         pools = {id(v.pool): v.pool for v in versions if v is not None}
         if not pools:
             return
-        if self.backend == "triton" and all(n == 1 for n in query_lens):
-            # a decode step: per-token slots only; everything else is derived on the device
-            self._decode = [_DecodeEntry(pool, torch.frombuffer(array("i", [
-                v.slot if v is not None and id(v.pool) == key else NO_ADAPTER for v in versions]), dtype=torch.int32))
+        decode = all(n == 1 for n in query_lens)
+        if self.backend == "triton" and (decode or sum(query_lens) <= self.per_token_tokens):
+            # per-token slots only; everything else is derived on the device
+            lens = None if decode else torch.tensor(query_lens, dtype=torch.int64)
+            self._decode = [_DecodeEntry(pool, _token_slots(array("i", [
+                v.slot if v is not None and id(v.pool) == key else NO_ADAPTER for v in versions]), lens))
                 for key, pool in pools.items()]
             for pool in pools.values():  # before the forward (and any capture or replay) reads them
                 self._refresh_ranks(pool, device)
@@ -117,16 +122,48 @@ class AdapterHook:
             self._entries.append((pool, batch))
 
     def graphable(self) -> bool:
-        """True when this step's adapters (if any) run the fixed-grid decode form."""
+        """True when this step's adapters (if any) run the fixed-grid (per-token) form."""
         return not self._entries
 
     def decode_pools(self) -> list:
-        """The pools of this decode step, in :meth:`step_rows` order."""
+        """The pools of this per-token-form step, in :meth:`step_rows` order."""
         return [e.pool for e in self._decode]
 
     def decode_slot_rows(self) -> list[torch.Tensor]:
-        """This decode step's per-token slot rows on the device (after :meth:`bind_rows`)."""
+        """This per-token-form step's slot rows on the device (after :meth:`bind_rows`)."""
         return [e.slots for e in self._decode]
+
+    def static_batches(self, pools: list, slot_rows: list[torch.Tensor]) -> list[DecodeAdapterBatch]:
+        """Per pool, a layout over ``slot_rows`` (static [T] int32 buffers) whose tensors are static
+        buffers too: derived once here (outside any capture), refreshed in place by :meth:`derive_into`."""
+        out = []
+        for pool, row in zip(pools, slot_rows):
+            facts = self._pool_facts(pool, row.device)
+            out.append(derive_decode_batch(row, facts.families, facts.scalings, pool.rank, facts.has_tied,
+                                           facts.has_group, slot_ranks=facts.ranks if facts.has_group else None))
+        return out
+
+    def derive_into(self, pools: list, batches: list[DecodeAdapterBatch]) -> None:
+        """Derive each pool's layout from its static slot row again and copy it into ``batches``'
+        buffers (device ops only: the first piece of a piecewise graph runs it)."""
+        for pool, static in zip(pools, batches):
+            facts = self._pool_facts(pool, static.token_slots.device)
+            fresh = derive_decode_batch(static.token_slots, facts.families, facts.scalings, pool.rank, facts.has_tied,
+                                        facts.has_group, slot_ranks=static.slot_ranks)
+            for name in _DERIVED:
+                if getattr(static, name) is not None:
+                    getattr(static, name).copy_(getattr(fresh, name))
+
+    @contextmanager
+    def static_layout(self, pools: list, batches: list[DecodeAdapterBatch]):
+        """Within the block, the per-token form reads ``batches`` (from :meth:`static_batches`) as
+        they are, derived by :meth:`derive_into` earlier in the step (a piece of a piecewise graph)."""
+        saved = self._decode
+        self._decode = [_DecodeEntry(pool, b.token_slots, b.token_slots, b) for pool, b in zip(pools, batches)]
+        try:
+            yield
+        finally:
+            self._decode = saved
 
     def prepare_pools(self, pools: list, device: torch.device) -> None:
         """Put each pool's per-slot tables on the device now (before a CUDA graph captures reads of them)."""
@@ -228,3 +265,13 @@ class AdapterHook:
                 tied, group = self.native.plan(sites, widths), self.native.plan_group(sites, widths)
             proj = self._projections[key] = _Projection(pool.generation, sites, tied, group)
         return proj
+
+
+# the layout tensors derive_decode_batch computes from the slots (the rest are the slots and pool tables)
+_DERIVED = ("tok_tied_slot", "tok_group_slot", "tok_group_family", "group_order", "group_key")
+
+
+def _token_slots(seq_slots: array, lens: torch.Tensor | None) -> torch.Tensor:
+    """[T] int32 host slots per token: ``seq_slots`` per sequence repeated ``lens`` [S] times (None: once)."""
+    slots = torch.frombuffer(seq_slots, dtype=torch.int32)
+    return slots if lens is None else torch.repeat_interleave(slots, lens, output_size=int(lens.sum()))

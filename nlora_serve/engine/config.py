@@ -126,6 +126,10 @@ class EngineConfig:
     # CUDA + Triton: decode steps replay CUDA graphs (engine/cuda_graphs.py); True runs every step
     # eagerly (vLLM's --enforce-eager)
     enforce_eager: bool = False
+    # CUDA + Triton, graphs on: prefill and mixed steps of up to 2048 tokens replay piecewise CUDA
+    # graphs around eager attention (engine/piecewise_graphs.py). Off by default until an H200 run
+    # confirms the gain (bench/gpu_check.sh step piecewise_256); --piecewise-graphs turns it on
+    piecewise_graphs: bool = False
     # schedule and launch step n+1 while the device runs step n, reading step n's tokens back after
     # (core.py EngineCore.step; vLLM's --async-scheduling); None: on for CUDA, off on the CPU (where
     # nothing runs in the background, so it only adds a step of latency to every stop)
@@ -136,6 +140,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.dtype must be torch.float32 or torch.bfloat16; got {self.dtype}")
         if not isinstance(self.seed, int):
             raise ValueError(f"EngineConfig.seed must be an integer; got {self.seed!r}")
+        if not isinstance(self.piecewise_graphs, bool):
+            raise ValueError(f"EngineConfig.piecewise_graphs must be True or False; got {self.piecewise_graphs!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"EngineConfig.enable_prefix_caching must be True or False; got {self.enable_prefix_caching!r}")
         self.device = str(resolve_device(self.device))

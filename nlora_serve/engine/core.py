@@ -97,7 +97,8 @@ class EngineCore:
         config.check_capacity(num_blocks)
         self.runner.allocate_kv_cache(num_blocks)
         if self.device.type == "cuda" and config.kernel_backend == "triton" and not config.enforce_eager:
-            self.runner.enable_graphs(sched.max_num_seqs, capture_now=True)
+            self.runner.enable_graphs(sched.max_num_seqs, capture_now=True, piecewise_tokens=(
+                sched.max_num_batched_tokens if config.piecewise_graphs else 0))
         self.reset_scheduling(num_blocks)
         self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits,
                                        placement=self.runner.placement()) if config.adapter_dir else None

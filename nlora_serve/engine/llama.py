@@ -115,16 +115,33 @@ class DecoderLayer:
         """
         if self.ops is not None:
             return self._native(x, cos, sin, kv_layer, info, positions)
+        qk, v = self.attention_inputs(x, cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+        return self.attention_output(x, self.attention(q, k, v, kv_layer, info, self.scale))
+
+    def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         qk_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to attention (torch path): RMSNorm, q/k/v projection (adapters included), RoPE.
+
+        Returns ``qk`` [T, H + KVH, D] (queries then keys, rotated; ``qk_out`` when given) and
+        ``v`` [T, KVH, D] (a view of the projection's output), in the compute dtype.
+        """
         t, hd = x.shape[0], self.head_dim
         qkv = self.qkv(F.rms_norm(x, x.shape[-1:], self.input_norm, self.eps).to(self.dtype))
         nq = self.num_heads + self.num_kv_heads
-        qk = apply_rope(qkv[:, : nq * hd].view(t, nq, hd), cos, sin)  # q and k heads rotated together
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
-        v = qkv[:, nq * hd:].view(t, self.num_kv_heads, hd)
-        h = x + self.o_proj(self.attention(q, k, v, kv_layer, info, self.scale))
+        qk = apply_rope(qkv[:, : nq * hd].view(t, nq, hd), cos, sin, qk_out)  # q and k heads rotated together
+        return qk, qkv[:, nq * hd:].view(t, self.num_kv_heads, hd)
+
+    def attention_output(self, x: torch.Tensor, attn: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer after attention (torch path): o_proj + residual, RMSNorm, SiLU-gated MLP + residual.
+
+        ``x`` [T, hidden] float32 residual, ``attn`` [T, H * D]; returns the new residual [T, hidden]
+        float32 (written into ``out`` when given, which may be ``x`` itself: it is read before).
+        """
+        h = x + self.o_proj(attn)
         normed = F.rms_norm(h, h.shape[-1:], self.post_norm, self.eps).to(self.dtype)
         gate, up = self.gate_up(normed).chunk(2, dim=-1)
-        return h + self.down_proj(F.silu(gate) * up)
+        return torch.add(h, self.down_proj(F.silu(gate) * up), out=out)
 
     def _native(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor,
                 info: BatchInfo, positions: torch.Tensor) -> torch.Tensor:
@@ -202,6 +219,11 @@ class LlamaModel:
             sin = self.sin[positions].unsqueeze(1)
         for layer, kv_layer in zip(self.layers, kv_cache):
             x = layer(x, cos, sin, kv_layer, info, positions)
-        last = F.rms_norm(x[info.logits_indices], x.shape[-1:], self.norm, self.eps).to(self.dtype)
+        return self.logits(x, info.logits_indices)
+
+    def logits(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Final RMSNorm and lm_head on rows ``indices`` [R] int64 of the residual ``x`` [T, hidden]
+        float32. Returns [R, V] float32."""
+        last = F.rms_norm(x[indices], x.shape[-1:], self.norm, self.eps).to(self.dtype)
         logits = F.linear(last, self.lm_head) if self.lm_head_packed is None else self.lm_head_packed(last)
         return logits.float()

@@ -9,6 +9,7 @@ from nlora_serve.engine.batch_info import BatchInfo
 from nlora_serve.engine.cuda_graphs import CudaGraphCapture, DecodeGraphs
 from nlora_serve.engine.kv_cache import allocate_kv_cache
 from nlora_serve.engine.llama import AdapterHook, Attention, LlamaModel
+from nlora_serve.engine.piecewise_graphs import PiecewiseGraphs
 from nlora_serve.engine.scheduler import ScheduledBatch
 from nlora_serve.engine.sequence import Sequence
 from nlora_serve.engine.step_inputs import StepInputs
@@ -28,14 +29,17 @@ class ModelRunner:
         self.inputs = StepInputs(block_size, 1, self.device, gather_layout=True)  # reset by set_attention
         self.adapter_hook = None  # the AdapterHook, when adapters are served (see set_adapter_hook)
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps (enable_graphs)
-        self.step_counts = {"graph_steps": 0, "eager_steps": 0}  # decode steps replayed / all others
+        self.pieces: PiecewiseGraphs | None = None  # piecewise graphs of prefill / mixed steps (enable_graphs)
+        # decode steps replayed / prefill and mixed steps replayed piecewise / all others
+        self.step_counts = {"graph_steps": 0, "piecewise_steps": 0, "eager_steps": 0}
         self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
 
     def reset_counts(self) -> None:
         """Zero the step counters (graph replays included), e.g. after the engine's warm-up."""
-        self.step_counts.update(graph_steps=0, eager_steps=0)
-        if self.graphs is not None:
-            self.graphs.replayed = 0
+        self.step_counts.update(graph_steps=0, piecewise_steps=0, eager_steps=0)
+        for graphs in (self.graphs, self.pieces):
+            if graphs is not None:
+                graphs.replayed = 0
 
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
         """(Re)allocate the paged KV cache with ``num_blocks`` blocks on the device."""
@@ -43,24 +47,33 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.spec, num_blocks, self.block_size, self.dtype, self.device)
         return self.kv_cache
 
-    def enable_graphs(self, max_num_seqs: int, capture=None, capture_now: bool = False) -> None:
-        """Replay decode steps of up to ``max_num_seqs`` sequences as CUDA graphs (engine/cuda_graphs.py).
+    def enable_graphs(self, max_num_seqs: int, capture=None, capture_now: bool = False,
+                      piecewise_tokens: int = 0) -> None:
+        """Replay decode steps of up to ``max_num_seqs`` sequences as CUDA graphs (engine/cuda_graphs.py);
+        with ``piecewise_tokens`` (the step budget, > 0), prefill and mixed steps too, as piecewise
+        graphs around eager attention (engine/piecewise_graphs.py).
 
         Needs the Triton attention (its grids do not depend on the step). Reallocates the KV cache
         with one more block, the sink that padded rows write into (the block manager never sees
         it). ``capture``: the seam (default :class:`CudaGraphCapture`; tests pass :class:`EagerCapture`).
-        ``capture_now``: capture the no-adapter graph of every size here (start-up, not serving).
+        ``capture_now``: capture the no-adapter graphs of every size here (start-up, not serving).
         """
         if self.inputs.gather_layout:
             raise ValueError("CUDA graphs need the Triton attention (kernel_backend 'triton')")
         num_blocks = self.kv_cache.shape[2]
         self.allocate_kv_cache(num_blocks + 1)
         max_blocks = -(-self.model.cos.shape[0] // self.block_size)
+        capture = capture if capture is not None else CudaGraphCapture()
         self.graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, max_blocks, self.inputs.decode_splits,
-                                   capture if capture is not None else CudaGraphCapture())
+                                   capture)
+        self.pieces = (PiecewiseGraphs(self.model, self.kv_cache, piecewise_tokens, max_num_seqs, capture)
+                       if piecewise_tokens else None)
+        self._share_threshold()
         if capture_now:
             with torch.inference_mode():
                 self.graphs.capture_base()
+                if self.pieces is not None:
+                    self.pieces.capture_base()
 
     def set_attention(self, attention: Attention, decode_splits: int = 1, gather_layout: bool = True) -> None:
         """See :meth:`LlamaModel.set_attention`; ``decode_splits`` goes into every step's BatchInfo;
@@ -91,6 +104,12 @@ class ModelRunner:
         self.model.set_adapter_hook(hook)
         # the engine's AdapterHook takes part in the step's copy and graphs; a plain callable does not
         self.adapter_hook = hook if hasattr(hook, "step_rows") else None
+        self._share_threshold()
+
+    def _share_threshold(self) -> None:
+        """Tell the hook which steps take the per-token adapter form: those the pieces can run."""
+        if self.adapter_hook is not None:
+            self.adapter_hook.per_token_tokens = self.pieces.sizes[-1] if self.pieces is not None else 0
 
     @staticmethod
     def order(batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
@@ -119,5 +138,9 @@ class ModelRunner:
                 and (hook is None or hook.graphable())):
             self.step_counts["graph_steps"] += 1
             return self.graphs.run(input_ids, positions, info, hook)
+        if (self.pieces is not None and self.pieces.size_for(input_ids.shape[0])
+                and (hook is None or hook.graphable())):
+            self.step_counts["piecewise_steps"] += 1
+            return self.pieces.run(input_ids, positions, info, hook)
         self.step_counts["eager_steps"] += 1
         return self.model(input_ids, positions, self.kv_cache, info)

@@ -66,11 +66,15 @@ def rope_tables(head_dim: int, max_len: int, rope: dict) -> tuple[torch.Tensor, 
     return torch.cat((angles, angles), dim=-1).cos(), torch.cat((-angles.sin(), angles.sin()), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate ``x`` [T, heads, D] by float32 ``cos``, signed ``sin`` [T, 1, D] from :func:`rope_tables`.
 
     Computed in float32 and returned in ``x.dtype`` (bf16 angles lose too much at long positions).
+    ``out``: a [T, heads, D] tensor of ``x.dtype`` to write into (a CUDA graph's static buffer);
+    the float32 result is rounded once on the store, as ``.to`` rounds it.
     """
     half = x.shape[-1] // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    if out is not None:
+        return torch.addcmul(x * cos, swapped, sin, out=out)
     return torch.addcmul(x * cos, swapped, sin).to(x.dtype)

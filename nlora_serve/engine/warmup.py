@@ -32,6 +32,7 @@ class WarmupReport:
     seconds: float = 0.0  # wall time of the whole warm-up
     step_tokens: list[int] = field(default_factory=list)  # tokens computed in each step, in order
     graph_steps: int = 0  # steps that replayed a decode graph
+    piecewise_steps: int = 0  # prefill and mixed steps that replayed piecewise graphs (EngineConfig.piecewise_graphs)
     eager_steps: int = 0  # steps that ran eagerly (prefill, mixed, or graphs off)
 
 
@@ -98,8 +99,8 @@ def warm_up(core, adapters: tuple[str, ...] = ()) -> WarmupReport:
             _run(core, report)
     core.reset_scheduling()
     report.seconds = time.perf_counter() - start
-    log.info("engine warm-up: %d steps (%d replayed a graph), step tokens %s, %.2f s", len(report.step_tokens),
-             report.graph_steps, report.step_tokens, report.seconds)
+    log.info("engine warm-up: %d steps (%d replayed a decode graph, %d piecewise graphs), step tokens %s, %.2f s",
+             len(report.step_tokens), report.graph_steps, report.piecewise_steps, report.step_tokens, report.seconds)
     return report
 
 
@@ -110,4 +111,5 @@ def _run(core, report: WarmupReport) -> None:
         core.step()
         report.step_tokens.append(core.counters["computed_tokens"] - before[0])
         report.graph_steps += core.runner.step_counts["graph_steps"] - before[1]["graph_steps"]
+        report.piecewise_steps += core.runner.step_counts["piecewise_steps"] - before[1]["piecewise_steps"]
         report.eager_steps += core.runner.step_counts["eager_steps"] - before[1]["eager_steps"]

@@ -22,7 +22,10 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     a("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"].default,
       help="CUDA: share of the GPU's memory the engine may use; the KV cache gets what the weights, adapter "
            "pools and a profiling forward leave (default: %(default)s)")
-    a("--enforce-eager", action="store_true", help="CUDA: run every step eagerly (no CUDA graphs for decode steps)")
+    a("--enforce-eager", action="store_true", help="CUDA: run every step eagerly (no CUDA graphs at all)")
+    a("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=False,
+      help="CUDA: also replay prefill and mixed steps as piecewise CUDA graphs around eager attention "
+           "(off by default until measured on a GPU; --enforce-eager wins)")
     a("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
       help="schedule step n+1 while the device runs step n, reading step n's tokens back after "
            "(default: on for CUDA, off on the CPU)")
@@ -45,4 +48,5 @@ def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype, device), device=device,
                         load_format=args.load_format, tokenizer=args.tokenizer,
                         gpu_memory_utilization=args.gpu_memory_utilization, scheduler=scheduler,
-                        enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **fields)
+                        enforce_eager=args.enforce_eager, piecewise_graphs=args.piecewise_graphs,
+                        async_scheduling=args.async_scheduling, **fields)

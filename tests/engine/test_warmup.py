@@ -57,7 +57,7 @@ def test_warm_up_runs_the_shapes_and_leaves_no_state(tiny):
     assert core.blocks.num_free_blocks == core.blocks.num_blocks == 32
     assert core.blocks.num_cached_blocks == 0  # the dummy prompts' blocks are not in the prefix cache
     assert core.counters == dict.fromkeys(core.counters, 0) and core.runner.step_counts == {
-        "graph_steps": 0, "eager_steps": 0}
+        "graph_steps": 0, "piecewise_steps": 0, "eager_steps": 0}
     # a request starting with the 16-token dummy prompt (one full block) finds nothing cached
     prompt = [DUMMY_TOKEN + 1] * 16 + [7, 300, 4000]
     core.add("r", prompt, SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0))
@@ -128,18 +128,21 @@ def test_llm_engine_warm_up_runs_on_its_step_thread(tiny, tmp_path):
         assert not engine.core.has_work() and engine.adapters.registry.holders("lora") == 0
 
 
-def test_warm_up_replays_decode_graphs_on_the_triton_path(tiny):
+@pytest.mark.parametrize("piecewise", [False, True], ids=["decode-graphs", "piecewise"])
+def test_warm_up_replays_decode_graphs_on_the_triton_path(tiny, piecewise):
     """The CUDA start-up order on the CPU: base graphs captured (the CPU seam, graph-safety checked),
-    then the warm-up, whose decodes of 3 sequences replay the size-4 graph."""
+    then the warm-up, whose decodes of 3 sequences replay the size-4 graph (and, with piecewise
+    graphs, whose 34-token prefill step replays the 3 pieces of the 2-layer model at bucket 64)."""
     model_dir, _, tokenizer_dir = tiny
     config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="triton",
                           scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
                           cache=CacheConfig(block_size=16, num_blocks=16))
     core = EngineCore(config)
     capture = EagerCapture(check=True)
-    core.runner.enable_graphs(8, capture, capture_now=True)
+    core.runner.enable_graphs(8, capture, capture_now=True, piecewise_tokens=64 if piecewise else 0)
     report = warm_up(core)
-    assert report.step_tokens == [34, 3, 3] and report.graph_steps == 2 and report.eager_steps == 1
-    assert capture.replays == 2 and capture.checked_ops > 0
+    assert report.step_tokens == [34, 3, 3] and report.graph_steps == 2
+    assert (report.piecewise_steps, report.eager_steps) == ((1, 0) if piecewise else (0, 1))
+    assert capture.replays == (5 if piecewise else 2) and capture.checked_ops > 0
     assert core.runner.graphs.replayed == 0 and core.runner.step_counts["graph_steps"] == 0
     assert core.blocks.num_free_blocks == 16

@@ -35,7 +35,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer:
         TypeError / ValueError: from the kernels' launchers on a dtype or layout they refuse.
     """
     write_kv(kv_layer, k, v, info.slot_mapping)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return attend_cached(q, kv_layer, info, scale, torch.empty(q.shape, dtype=q.dtype, device=q.device))
+
+
+def attend_cached(q: torch.Tensor, kv_layer: torch.Tensor, info: BatchInfo, scale: float,
+                  out: torch.Tensor) -> torch.Tensor:
+    """The attention of :func:`paged_attention` once this step's K/V are in ``kv_layer`` (the
+    piecewise graphs write them inside a captured piece): decode kernel on the first
+    ``info.num_decodes`` tokens, prefill kernel on the chunks after them. ``out`` [T, H, D] (q's
+    dtype) receives every row; returns it as [T, H * D]."""
     n = info.num_decodes
     if n:
         paged_decode_attention(q[:n], kv_layer, info.block_tables[:n], info.context_lens[:n], scale,
