@@ -58,14 +58,20 @@ step() {  # step NAME SECONDS COMMAND...: run (cut at the call's deadline), log,
 if [ "${1:-}" = extra ]; then  # the second call: its own log and rc files
     LOG="$OUT/extra_log.txt"
     RC="$OUT/extra_rc.txt"
+    # issue 18's piecewise prefill graphs (off by default until this runs), then issue 20's fairness
+    step piecewise_check 45 $PY bench/gpu_engine_check.py --layers 2 --requests 3 --new-tokens 2 --long-prompt 300 \
+        --dtype float32 --piecewise-graphs --out "${TMPDIR:-/tmp}/piecewise_check.json"
+    step piecewise_256 60 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
+        --dtype bfloat16 --mix none --peer-mixes --vllm-mixes --num-requests 256 --piecewise both \
+        --out "${TMPDIR:-/tmp}/piecewise_256.json"
+    step fairness 100 $PY bench/prefix_fairness.py --only fairness --device cuda --model bench/models/smollm2-135m \
+        --load-format dummy --dtype bfloat16 --max-num-seqs 16 --duration 10 --backlog 10 --out "$OUT/fairness.json"
     step engine_8b 150 $PY bench/engine.py --device cuda --model bench/models/llama-8b \
         --tokenizer bench/models/smollm2-135m --load-format dummy --dtype bfloat16 --mix none tied64 lora8 \
         --peer-mixes --vllm-mixes --out "$OUT/engine_8b.json"
     step prefix_8b 120 $PY bench/prefix_fairness.py --only prefix --device cuda --model bench/models/llama-8b \
         --tokenizer bench/models/smollm2-135m --load-format dummy --dtype bfloat16 --tenants 64 --burst 128 \
         --poisson-requests 128 --budget 2048 --max-num-seqs 64 --out "$OUT/prefix_8b.json"
-    step fairness 100 $PY bench/prefix_fairness.py --only fairness --device cuda --model bench/models/smollm2-135m \
-        --load-format dummy --dtype bfloat16 --max-num-seqs 16 --duration 10 --backlog 10 --out "$OUT/fairness.json"
     step tune_kernels 60 $PY bench/tune_adapter_kernels.py --out "$OUT/NVIDIA_H200.json"
     ! grep -qv "rc=0" "$RC"
     exit
@@ -79,11 +85,6 @@ step engine_bench 90 $PY bench/engine.py --device cuda --model bench/models/smol
     --dtype bfloat16 --mix none tied64 lora8 --peer-mixes none --vllm-mixes --out "$OUT/engine.json"
 step engine_256 50 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
     --dtype bfloat16 --mix none --peer-mixes none --vllm-mixes --num-requests 256 --out "$OUT/engine_256.json"
-step piecewise_check 45 $PY bench/gpu_engine_check.py --layers 2 --requests 3 --new-tokens 2 --long-prompt 300 \
-    --dtype float32 --piecewise-graphs --out "${TMPDIR:-/tmp}/piecewise_check.json"
-step piecewise_256 60 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
-    --dtype bfloat16 --mix none --peer-mixes --vllm-mixes --num-requests 256 --piecewise both \
-    --out "${TMPDIR:-/tmp}/piecewise_256.json"
 step decode_step 95 $PY bench/decode_step.py --device cuda --batch 64 256 --steps 100 --out "$OUT/decode_step.json"
 step adapter_kernels 150 $PY bench/adapter_kernels.py --rounds 5 --out "$OUT/adapter_kernels.json"
 step kernels 80 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
