@@ -102,6 +102,25 @@ def _logprobs(model, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def reference_outputs(model, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], torch.Tensor]]:
+    """Per prompt, the greedy tokens of ``model`` as it stands and their [new_tokens, V] float64
+    next-token log-probs (the uncompressed side of :func:`compare_outputs`)."""
+    return [_reference(model, p, new_tokens) for p in prompts]
+
+
+def compare_outputs(model, prompts: list[list[int]], refs) -> tuple[float, float, int]:
+    """(agreement, mean KL, positions) of ``model`` as it stands against ``refs`` (from
+    :func:`reference_outputs` on the same prompts), teacher-forced on the reference tokens: each
+    position sees the reference's context, so one flipped near-tie costs one position, not the rest."""
+    agree, kl, count = 0, 0.0, 0
+    for p, (tokens, ref_lp) in zip(prompts, refs):
+        lp = _logprobs(model, p, tokens)
+        agree += int((lp.argmax(-1) == torch.tensor(tokens)).sum())
+        kl += float((ref_lp.exp() * (ref_lp - lp)).sum())
+        count += len(tokens)
+    return agree / count, kl / count, count
+
+
 def output_quality(model, prompts: list[list[int]], new_tokens: int, reference, compressed) -> tuple[float, float, int]:
     """(agreement, mean KL, positions) of the compressed adapter against the uncompressed one.
 
@@ -113,15 +132,9 @@ def output_quality(model, prompts: list[list[int]], new_tokens: int, reference, 
             the uncompressed / compressed state for the duration of the block.
     """
     with reference():
-        refs = [_reference(model, p, new_tokens) for p in prompts]
-    agree, kl, count = 0, 0.0, 0
+        refs = reference_outputs(model, prompts, new_tokens)
     with compressed():
-        for p, (tokens, ref_lp) in zip(prompts, refs):
-            lp = _logprobs(model, p, tokens)
-            agree += int((lp.argmax(-1) == torch.tensor(tokens)).sum())
-            kl += float((ref_lp.exp() * (ref_lp - lp)).sum())
-            count += len(tokens)
-    return agree / count, kl / count, count
+        return compare_outputs(model, prompts, refs)
 
 
 def format_table(rows: list[AdapterQuality]) -> str:
