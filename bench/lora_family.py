@@ -190,7 +190,7 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--members", type=int, default=1000)
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--real", type=int, default=None, help="use only the first N real LoRAs (default: all)")
+    p.add_argument("--real", type=int, default=None, help="use (and train) only the first N real LoRAs (default: all 28)")
     p.add_argument("--lora-dir", default=None,
                    help="take the real LoRAs from this folder of PEFT LoRA folders instead of the zoo "
                         "(e.g. tests/data/trained_loras for a quick check)")
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora_dir:
         real_dirs, manifest = sorted(d for d in Path(args.lora_dir).iterdir() if d.is_dir()), {"lora_dir": args.lora_dir}
     else:
-        real_dirs, manifest = lora_zoo.ensure_zoo(steps=args.zoo_steps)
+        real_dirs, manifest = lora_zoo.ensure_zoo(steps=args.zoo_steps, names=lora_zoo.lora_zoo_data.NAMES[: args.real])
     real_dirs = real_dirs[: args.real]
     results: dict = {"args": vars(args), "zoo": manifest, "compression": [], "throughput": {}}
     with tempfile.TemporaryDirectory(prefix="lora-family-") as scratch:
