@@ -72,7 +72,7 @@ class QualityCheck:
         families = FamilyResolver(self.base.spec, (family,))
         out = {}
         for name in self.names:
-            member = read_adapter(family / name, self.base, families=families)
+            member = read_adapter(family / name, self.base, max_rank=1 << 16, families=families)  # any family rank
             deltas = {}
             for site in member.sites:
                 f = low_rank(member, site)
