@@ -9,8 +9,9 @@ Two measures per adapter:
   its exact merged delta and the report says so); the compressed member is run on the same base
   with its family delta B_f N A_f merged into the weights (float64 merge), teacher-forced on the
   reference tokens. Greedy token agreement = fraction of positions whose argmax equals PEFT's
-  token; KL = mean over positions of KL(p_PEFT ‖ p_compressed) of the next-token distributions
-  (nats).
+  argmax at the same position (its greedy choice; the generated token differs where that is EOS,
+  which generation suppresses to reach the asked length); KL = mean over positions of
+  KL(p_PEFT ‖ p_compressed) of the next-token distributions (nats).
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ def compare_outputs(model, prompts: list[list[int]], refs) -> tuple[float, float
     agree, kl, count = 0, 0.0, 0
     for p, (tokens, ref_lp) in zip(prompts, refs):
         lp = _logprobs(model, p, tokens)
-        agree += int((lp.argmax(-1) == torch.tensor(tokens)).sum())
+        # PEFT's own greedy choice in this context, not the generated token: generation runs with
+        # min_new_tokens, which forbids EOS, so where PEFT's argmax is EOS the token is the runner-up
+        agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
         kl += float((ref_lp.exp() * (ref_lp - lp)).sum())
         count += len(tokens)
     return agree / count, kl / count, count
