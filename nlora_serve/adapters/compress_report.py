@@ -9,8 +9,9 @@ Two measures per adapter:
   its exact merged delta and the report says so); the compressed member is run on the same base
   with its family delta B_f N A_f merged into the weights (float64 merge), teacher-forced on the
   reference tokens. Greedy token agreement = fraction of positions whose argmax equals PEFT's
-  token; KL = mean over positions of KL(p_PEFT ‖ p_compressed) of the next-token distributions
-  (nats).
+  argmax at the same position (its greedy choice; the generated token differs where that is EOS,
+  which generation suppresses to reach the asked length); KL = mean over positions of
+  KL(p_PEFT ‖ p_compressed) of the next-token distributions (nats).
 """
 
 from __future__ import annotations
@@ -102,6 +103,27 @@ def _logprobs(model, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def reference_outputs(model, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], torch.Tensor]]:
+    """Per prompt, the greedy tokens of ``model`` as it stands and their [new_tokens, V] float64
+    next-token log-probs (the uncompressed side of :func:`compare_outputs`)."""
+    return [_reference(model, p, new_tokens) for p in prompts]
+
+
+def compare_outputs(model, prompts: list[list[int]], refs) -> tuple[float, float, int]:
+    """(agreement, mean KL, positions) of ``model`` as it stands against ``refs`` (from
+    :func:`reference_outputs` on the same prompts), teacher-forced on the reference tokens: each
+    position sees the reference's context, so one flipped near-tie costs one position, not the rest."""
+    agree, kl, count = 0, 0.0, 0
+    for p, (tokens, ref_lp) in zip(prompts, refs):
+        lp = _logprobs(model, p, tokens)
+        # PEFT's own greedy choice in this context, not the generated token: generation runs with
+        # min_new_tokens, which forbids EOS, so where PEFT's argmax is EOS the token is the runner-up
+        agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+        kl += float((ref_lp.exp() * (ref_lp - lp)).sum())
+        count += len(tokens)
+    return agree / count, kl / count, count
+
+
 def output_quality(model, prompts: list[list[int]], new_tokens: int, reference, compressed) -> tuple[float, float, int]:
     """(agreement, mean KL, positions) of the compressed adapter against the uncompressed one.
 
@@ -113,15 +135,9 @@ def output_quality(model, prompts: list[list[int]], new_tokens: int, reference, 
             the uncompressed / compressed state for the duration of the block.
     """
     with reference():
-        refs = [_reference(model, p, new_tokens) for p in prompts]
-    agree, kl, count = 0, 0.0, 0
+        refs = reference_outputs(model, prompts, new_tokens)
     with compressed():
-        for p, (tokens, ref_lp) in zip(prompts, refs):
-            lp = _logprobs(model, p, tokens)
-            agree += int((lp.argmax(-1) == torch.tensor(tokens)).sum())
-            kl += float((ref_lp.exp() * (ref_lp - lp)).sum())
-            count += len(tokens)
-    return agree / count, kl / count, count
+        return compare_outputs(model, prompts, refs)
 
 
 def format_table(rows: list[AdapterQuality]) -> str:
