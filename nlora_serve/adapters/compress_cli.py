@@ -154,7 +154,14 @@ def _off_merged(model, deltas, cr):
 
 
 def run(args: argparse.Namespace) -> int:
-    """The subcommand: compress (or --add), write the family, print and save the report."""
+    """The subcommand: compress (or --add), write the family, print and save the report.
+
+    Raises:
+        AdapterError: ``--out`` is an existing file (checked before any work), or see the steps.
+    """
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"--out {out} is a file; the family is written as a folder there")
     threads = torch.get_num_threads()
     try:
         if args.threads:

@@ -59,6 +59,13 @@ def test_full_rank_family_reproduces_peft_and_smaller_rank_trades_off(tmp_path, 
     assert len({id(v.pool) for v in versions}) == 1 and all(v.family == report["family"] for v in versions)
 
 
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "fam"
+    out.write_text("keep me")
+    assert main(["compress", str(TRAINED), "--out", str(out), "--rank", "8", "--no-eval"]) == 2
+    assert f"--out {out} is a file" in capsys.readouterr().err and out.read_text() == "keep me"
+
+
 def test_add_projects_and_refuses_what_does_not_fit(tmp_path, base_fp32, capsys):
     out = tmp_path / "fam"
     assert main(["compress", str(TRAINED), "--out", str(out), "--rank", "32", "--no-eval"]) == 0
