@@ -89,7 +89,47 @@ class EagerCapture:
         return replay, out
 
 
-class DecodeGraphs:
+class KeyedGraphs:
+    """Captured graphs by (capture size, the step's adapter pools at their generations): the part
+    decode graphs and piecewise prefill graphs (piecewise_graphs.py) share. A subclass sets
+    ``sizes`` (ascending) and defines ``_capture(size, pools, hook)``."""
+
+    sizes: tuple[int, ...]
+
+    def __init__(self) -> None:
+        self.graphs: dict[tuple, object] = {}
+        self.replayed = 0
+
+    def size_for(self, n: int) -> int | None:
+        """The capture size a step of ``n`` (sequences or tokens) runs at, or None (too large: eager)."""
+        return next((s for s in self.sizes if s >= n), None)
+
+    def capture_base(self) -> None:
+        """Capture the no-adapter graphs of every size now, largest first (as vLLM does at start-up),
+        so first-use captures and the kernels' compiles stay out of serving. Adapter graphs are
+        captured on first use (which pools a step needs is known only then)."""
+        for size in reversed(self.sizes):
+            key = self.key(size, [])
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(size, [], None)
+
+    def graph_for(self, size: int, pools: list, hook):
+        """The captured graph of (size, pools), captured now if it is new; graphs of the same size
+        whose pools are older generations are dropped first (they read freed memory)."""
+        key = self.key(size, pools)
+        if key not in self.graphs:
+            ids = {pid: gen for pid, gen in key[1]}
+            for old in [k for k in self.graphs if k[0] == size]:
+                if any(ids.get(pid, gen) != gen for pid, gen in old[1]):
+                    del self.graphs[old]
+            self.graphs[key] = self._capture(size, pools, hook)
+        return self.graphs[key]
+
+    def _capture(self, size: int, pools: list, hook):
+        raise NotImplementedError
+
+
+class DecodeGraphs(KeyedGraphs):
     """Static buffers and the captured graphs of one model runner.
 
     Args:
@@ -100,6 +140,7 @@ class DecodeGraphs:
 
     def __init__(self, model, kv_cache: torch.Tensor, max_num_seqs: int, max_blocks: int, decode_splits: int,
                  capture) -> None:
+        super().__init__()
         self.model, self.kv_cache, self.capture = model, kv_cache, capture
         self.sizes = capture_sizes(max_num_seqs)
         self.sink_block = kv_cache.shape[2] - 1
@@ -113,32 +154,14 @@ class DecodeGraphs:
         self.context_lens = torch.ones(size, **i64)
         self.arange = torch.arange(size + 1, **i64)  # query starts and logits indices of a decode step
         self.block_tables = torch.zeros(size, max_blocks, dtype=torch.int32, device=dev)
-        self.graphs: dict[tuple, tuple[Callable[[], None], torch.Tensor, list[torch.Tensor]]] = {}
-        self.replayed = 0
-
-    def capture_base(self) -> None:
-        """Capture the no-adapter graph of every size now, largest first (as vLLM does at start-up),
-        so first-use captures and the kernels' compiles stay out of serving. Adapter graphs are
-        captured on first use (which pools a step needs is known only then)."""
-        for size in reversed(self.sizes):
-            key = self.key(size, [])
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(size, [], None)
-
-    def size_for(self, n: int) -> int | None:
-        """The capture size a step of ``n`` decodes replays at, or None (too large: eager)."""
-        return next((s for s in self.sizes if s >= n), None)
+        # graphs: (size, pools) -> (replay, logits output, per-pool static slot rows)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, info: BatchInfo, hook) -> torch.Tensor:
         """One decode step through its graph. Returns [n, V] float32 logits (a view of the graph's output)."""
         n = input_ids.shape[0]
         size = self.size_for(n)
         pools = hook.decode_pools() if hook is not None else []
-        key = self.key(size, pools)
-        if key not in self.graphs:
-            self._drop_stale(key)
-            self.graphs[key] = self._capture(size, pools, hook)
-        replay, out, slot_rows = self.graphs[key]
+        replay, out, slot_rows = self.graph_for(size, pools, hook)
         self._load(n, size, input_ids, positions, info, slot_rows, hook)
         replay()
         self.replayed += 1
@@ -193,10 +216,3 @@ class DecodeGraphs:
         for row, step_row in zip(slot_rows, hook.decode_slot_rows() if hook is not None else []):
             row[:n].copy_(step_row)
         self._pad(n, size, slot_rows)
-
-    def _drop_stale(self, key: tuple) -> None:
-        """Forget graphs of the same size whose pools are older generations (they read freed memory)."""
-        ids = {pid: gen for pid, gen in key[1]}
-        for old in [k for k in self.graphs if k[0] == key[0]]:
-            if any(ids.get(pid, gen) != gen for pid, gen in old[1]):
-                del self.graphs[old]

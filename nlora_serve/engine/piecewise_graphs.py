@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from nlora_serve.engine.attention.cpu import write_kv
 from nlora_serve.engine.batch_info import BatchInfo
+from nlora_serve.engine.cuda_graphs import KeyedGraphs
 
 # token-count buckets (vLLM's piecewise capture sizes are similar powers of two)
 PIECEWISE_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -65,7 +66,7 @@ class _Pieces:
     batches: list  # per pool, its static DecodeAdapterBatch over that row
 
 
-class PiecewiseGraphs:
+class PiecewiseGraphs(KeyedGraphs):
     """Static buffers and captured pieces of one model runner.
 
     Args:
@@ -83,6 +84,7 @@ class PiecewiseGraphs:
         if model.layer_ops is not None:
             raise ValueError("piecewise graphs need the torch layer path (no native layer ops)")
         from nlora_serve.engine.attention.cuda import attend_cached  # Triton: imported where it runs
+        super().__init__()
         self.attend = attend_cached
         self.model, self.kv_cache, self.capture = model, kv_cache, capture
         self.sink_slot = (kv_cache.shape[2] - 1) * kv_cache.shape[3]  # first slot of the sink block
@@ -100,24 +102,7 @@ class PiecewiseGraphs:
         self.x = torch.zeros(size, spec.hidden_size, device=dev)  # the residual stream, float32
         self.qk = torch.zeros(size, heads + kv_heads, hd, dtype=model.dtype, device=dev)  # rotated q, k
         self.attn = torch.zeros(size, heads, hd, dtype=model.dtype, device=dev)  # attention output
-        self.graphs: dict[tuple, _Pieces] = {}
-        self.replayed = 0
-
-    def size_for(self, n: int) -> int | None:
-        """The bucket a step of ``n`` tokens runs at, or None (too large: eager)."""
-        return next((s for s in self.sizes if s >= n), None)
-
-    @staticmethod
-    def key(size: int, pools: list) -> tuple:
-        """A set of pieces per bucket and per set of pools at their current generations."""
-        return size, tuple((id(p), p.generation) for p in pools)
-
-    def capture_base(self) -> None:
-        """Capture the no-adapter pieces of every bucket now, largest first (start-up, not serving)."""
-        for size in reversed(self.sizes):
-            key = self.key(size, [])
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(size, [], None)
+        # graphs (KeyedGraphs): (bucket, pools) -> _Pieces
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, info: BatchInfo, hook) -> torch.Tensor:
         """One step through its bucket's pieces, attention eager between them.
@@ -131,11 +116,7 @@ class PiecewiseGraphs:
         n, rows = input_ids.shape[0], info.logits_indices.shape[0]
         size = self.size_for(n)
         pools = hook.decode_pools() if hook is not None else []
-        key = self.key(size, pools)
-        if key not in self.graphs:
-            self._drop_stale(key)
-            self.graphs[key] = self._capture(size, pools, hook)
-        pieces = self.graphs[key]
+        pieces = self.graph_for(size, pools, hook)
         self._load(n, size, rows, input_ids, positions, info, pieces.slot_rows, hook)
         q, out = self.qk[:n, :self.model.spec.num_heads], self.attn[:n]
         pieces.replays[0]()
@@ -219,10 +200,3 @@ class PiecewiseGraphs:
         for row, step_row in zip(slot_rows, hook.decode_slot_rows() if hook is not None else []):
             row[:n].copy_(step_row)
         self._pad(n, size, r, min(size, self.max_num_seqs), slot_rows)
-
-    def _drop_stale(self, key: tuple) -> None:
-        """Forget pieces of the same bucket whose pools are older generations (they read freed memory)."""
-        ids = {pid: gen for pid, gen in key[1]}
-        for old in [k for k in self.graphs if k[0] == key[0]]:
-            if any(ids.get(pid, gen) != gen for pid, gen in old[1]):
-                del self.graphs[old]

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from greedy_rule import matches_reference  # noqa: E402
-from tiny_llama import hf_greedy, make_tiny_llama, merged, random_factors, write_peft  # noqa: E402
+from tiny_llama import graph_tenants, hf_greedy  # noqa: E402
 from nlora_serve.adapters.pool import TiedPool  # noqa: E402
 from nlora_serve.engine import cuda_graphs  # noqa: E402
 from nlora_serve.engine.api import EngineError  # noqa: E402
@@ -54,18 +54,7 @@ def test_capture_sizes_are_vllm_buckets():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, base_model_dir):
-    root = tmp_path_factory.mktemp("tiny")
-    model = make_tiny_llama(root / "model")
-    kinds = {"tied": dict(tied=True, with_n=True, seed=1), "tied2": dict(tied=True, with_n=True, seed=4),
-             "lora_attn": dict(with_n=False, seed=3), "lora_all": dict(with_n=True, seed=2)}
-    tenants = {}
-    for name, kind in kinds.items():
-        factors = random_factors(model, rank=RANK, **kind)
-        if name == "lora_attn":  # attention only: lora_all's MLP tables are allocated after capture
-            factors = {k: v for k, v in factors.items() if k[1] in ("q_proj", "v_proj", "o_proj")}
-        tenants[name] = (write_peft(root / name, factors, rank=RANK, alpha=ALPHA),
-                         merged(model, factors, rank=RANK, alpha=ALPHA))
-    return root / "model", model, tenants, base_model_dir
+    return (*graph_tenants(tmp_path_factory.mktemp("tiny"), RANK, ALPHA), base_model_dir)
 
 
 def _engine(tiny, tmp_path, overlap: bool = False) -> LLMEngine:

@@ -106,3 +106,23 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], lis
         top2 = logits[0].float().topk(2).values
         margins.append(float(top2[0] - top2[1]))
     return tokens, margins
+
+
+# the graph tests' tenants: two tied (one pool that grows), LoRA on attention only and NLoRA on
+# everything (so its MLP tables are allocated after the attention-only tenant's graphs were captured)
+GRAPH_TENANTS = {"tied": dict(tied=True, with_n=True, seed=1), "tied2": dict(tied=True, with_n=True, seed=4),
+                 "lora_attn": dict(with_n=False, seed=3), "lora_all": dict(with_n=True, seed=2)}
+
+
+def graph_tenants(root: Path, rank: int, alpha: float):
+    """The tiny model under ``root / "model"`` and :data:`GRAPH_TENANTS` written as PEFT folders.
+    Returns (model folder, transformers model, {name: (adapter folder, merged reference model)})."""
+    model = make_tiny_llama(root / "model")
+    tenants = {}
+    for name, kind in GRAPH_TENANTS.items():
+        factors = random_factors(model, rank=rank, **kind)
+        if name == "lora_attn":
+            factors = {k: v for k, v in factors.items() if k[1] in ("q_proj", "v_proj", "o_proj")}
+        tenants[name] = (write_peft(root / name, factors, rank=rank, alpha=alpha),
+                         merged(model, factors, rank=rank, alpha=alpha))
+    return root / "model", model, tenants
