@@ -104,6 +104,11 @@ class KeyedGraphs:
         """The capture size a step of ``n`` (sequences or tokens) runs at, or None (too large: eager)."""
         return next((s for s in self.sizes if s >= n), None)
 
+    @staticmethod
+    def key(size: int, pools: list) -> tuple:
+        """A graph per capture size and per set of pools at their current generations."""
+        return size, tuple((id(p), p.generation) for p in pools)
+
     def capture_base(self) -> None:
         """Capture the no-adapter graphs of every size now, largest first (as vLLM does at start-up),
         so first-use captures and the kernels' compiles stay out of serving. Adapter graphs are
@@ -166,11 +171,6 @@ class DecodeGraphs(KeyedGraphs):
         replay()
         self.replayed += 1
         return out[:n]
-
-    @staticmethod
-    def key(size: int, pools: list) -> tuple:
-        """A graph per capture size and per set of pools at their current generations."""
-        return size, tuple((id(p), p.generation) for p in pools)
 
     def _static_info(self, size: int) -> BatchInfo:
         return BatchInfo(query_starts=self.arange[:size + 1], context_lens=self.context_lens[:size],
