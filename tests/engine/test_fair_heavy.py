@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import random
 
-from test_fairness import make, poisson, seq, slots_sched, step
+from test_fairness import make, poisson, run_heavy, seq, slots_sched, step
 
 from nlora_serve.engine.block_manager import BlockManager
 
 
 def test_a_tenant_that_filled_every_slot_at_start_gives_one_at_once():
     sched = slots_sched()
-    heavy = [seq("heavy") for _ in range(6)]
-    for s in heavy:
-        sched.add(s)
-    for _ in range(5):  # heavy has held all 4 slots since the start, 2 more of its requests wait
-        step(sched)
+    heavy = run_heavy(sched, 6, 5)  # heavy has held all 4 slots since the start, 2 more of its requests wait
     light = seq("light")
     sched.add(light)
     # usage 4 (1 - d^5) / (1 - d^6) = 3.3 >= s + 1 = 3 (the first step saw nothing run), not the
@@ -48,11 +44,7 @@ def test_a_tenant_with_nothing_waiting_gives_a_slot_only_beyond_twice_its_share(
 
 def test_a_light_burst_beyond_its_share_is_served_at_once():
     sched = slots_sched()
-    heavy = [seq("heavy") for _ in range(8)]
-    for s in heavy:
-        sched.add(s)
-    for _ in range(300):
-        step(sched)
+    heavy = run_heavy(sched, 8, 300)
     burst = [seq("light") for _ in range(3)]  # 3 requests against a share of 2 slots, usage 0
     for s in burst:
         sched.add(s)

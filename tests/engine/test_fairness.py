@@ -122,6 +122,16 @@ def step(sched: Scheduler):
     return batch
 
 
+def run_heavy(sched: Scheduler, requests: int, steps: int) -> list[Sequence]:
+    """Queue ``requests`` 4-token requests of tenant "heavy" and run ``steps`` steps; returns them."""
+    heavy = [seq("heavy") for _ in range(requests)]
+    for s in heavy:
+        sched.add(s)
+    for _ in range(steps):
+        step(sched)
+    return heavy
+
+
 def slots_sched(**cfg) -> Scheduler:
     return make(max_num_seqs=4, max_model_len=1024, blocks=BlockManager(2048, 4), **cfg)
 
@@ -140,11 +150,7 @@ def test_usage_is_a_decayed_mean_of_the_slots_held():
 
 def test_a_tenant_below_its_slot_share_takes_a_slot_from_the_tenant_above_it():
     sched = slots_sched()
-    heavy = [seq("heavy") for _ in range(6)]
-    for s in heavy:
-        sched.add(s)
-    for _ in range(200):
-        step(sched)
+    heavy = run_heavy(sched, 6, 200)
     assert sched.running == heavy[:4]  # every slot held by the heavy tenant's decodes for 200 steps
     light = seq("light")
     sched.add(light)
@@ -194,11 +200,7 @@ def test_a_backlogged_tenant_less_than_a_slot_above_its_share_keeps_its_slots():
 
 def test_a_free_slot_is_taken_before_anyone_is_preempted():
     sched = slots_sched()
-    heavy = [seq("heavy") for _ in range(5)]
-    for s in heavy:
-        sched.add(s)
-    for _ in range(10):  # heavy holds the 4 slots, heavy[4] waits
-        step(sched)
+    heavy = run_heavy(sched, 5, 10)  # heavy holds the 4 slots, heavy[4] waits
     sched.finish(heavy[0])
     light = [seq("light"), seq("light")]
     for s in light:
