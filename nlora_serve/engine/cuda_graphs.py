@@ -16,6 +16,7 @@ around capture and replays.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -89,7 +90,7 @@ class EagerCapture:
         return replay, out
 
 
-class KeyedGraphs:
+class KeyedGraphs(abc.ABC):
     """Captured graphs by (capture size, the step's adapter pools at their generations): the part
     decode graphs and piecewise prefill graphs (piecewise_graphs.py) share. A subclass sets
     ``sizes`` (ascending) and defines ``_capture(size, pools, hook)``."""
@@ -130,8 +131,9 @@ class KeyedGraphs:
             self.graphs[key] = self._capture(size, pools, hook)
         return self.graphs[key]
 
+    @abc.abstractmethod
     def _capture(self, size: int, pools: list, hook):
-        raise NotImplementedError
+        """Capture the graph(s) of one (size, pools) key on the subclass's static buffers."""
 
 
 class DecodeGraphs(KeyedGraphs):
