@@ -4,8 +4,8 @@ Every step the scheduler admits and retires sequences (DESIGN §5). Order of ser
 1. running sequences that decode (one token each), oldest first;
 2. running sequences still in prefill, oldest first, each a chunk of what the budget leaves;
 3. waiting sequences: with policy "fcfs" strictly first come first served, with "fair" the oldest
-   request of the tenant with the least service (VTC, fairness.py), over-served tenants (recent
-   slot usage above their share) last; the one picked is admitted or nobody is, so a long prompt
+   request of the tenant with the least recent slot usage above its share, then the least service
+   (VTC; fairness.py), over-served tenants (usage well above their share) last; the one picked is admitted or nobody is, so a long prompt
    is never overtaken forever (no starvation). With "fair" and every slot taken, tenants that are
    not over-served first take slots from a backlogged tenant clearly above its share (its newest
    sequences are preempted; fairness.py's rebalance has the rule, which keeps a load with no heavy
@@ -94,12 +94,11 @@ class Scheduler:
             self.blocks.commit(seq)
         later: list[Sequence] = []  # prefill chunks of over-served tenants: after admissions
         if self.fair is not None:  # slot-level fairness: before anyone is given tokens this step
-            self.fair.observe(self.running)
-            for victim in self.fair.rebalance(self.running, self.waiting, self.config.max_num_seqs):
+            self.fair.observe(self.running, self.config.max_num_seqs)
+            for victim in self.fair.rebalance(self.running, self.config.max_num_seqs):
                 self._preempt(victim)
                 batch.preempted.append(victim)
-            over = self.fair.over_served(self.running, self.waiting, self.config.max_num_seqs)
-            later = [s for s in self.running if s.tenant in over and s.num_uncomputed > 1]
+            later = [s for s in self.running if s.tenant in self.fair.over and s.num_uncomputed > 1]
         now = [s for s in self.running if s not in later]
         self._continue(sorted(now, key=lambda s: (s.num_uncomputed > 1, s.arrival)), batch, preempt=True)
         self._admit(batch, self.config.max_num_batched_tokens - batch.total_tokens)
@@ -130,8 +129,7 @@ class Scheduler:
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = (self.waiting[0] if self.fair is None
-                   else self.fair.pick(self.waiting, self.running, self.config.max_num_seqs))
+            seq = self.waiting[0] if self.fair is None else self.fair.pick()
             hit = self.blocks.match(seq)
             cached = len(hit) * self.blocks.block_size
             n = min(seq.num_tokens - cached, budget)
