@@ -166,10 +166,11 @@ def bench_fairness(args, base, store: Path) -> dict:
     light_rate = capacity / args.overload_divisor  # 9 light: below capacity; with the heavy: over it
     result = {"capacity_per_s": capacity, "light_rate_per_s": light_rate}
     log("fairness capacity", result)
+    caching = args.fair_cache == "on"
     for policy in ("fcfs", "fair"):
         row = {}
         for heavy in (False, True):
-            with make_engine(args, base, store, False, policy, max_len) as engine:
+            with make_engine(args, base, store, caching, policy, max_len) as engine:
                 jobs = fair_jobs(args, vocab, light_rate, heavy, args.duration, seed=5)
                 asyncio.run(drive(engine, jobs, params))
                 # what the policy cost: preemptions recompute, and mixed steps run eager on a GPU
@@ -178,6 +179,12 @@ def bench_fairness(args, base, store: Path) -> dict:
             key = "with_heavy" if heavy else "alone"
             row[key] = {f"t{k}": pct([j.ttft for j in jobs if j.tenant == f"t{k}"], 0.99)
                         for k in range(1, args.tenants_fair)}
+            if heavy:  # saturated all along: what it completed is its capacity under this very load
+                served = sum(1 for j in jobs if j.done is not None and j.done <= args.duration) / args.duration
+                row["served_per_s"] = served
+                # the premise: each light tenant below its share, C / tenants, of this capacity
+                row["light_rate_over_share"] = light_rate / (served / args.tenants_fair)
+                log(f"{policy} with heavy: served requests/s, light rate / share", [served, row["light_rate_over_share"]])
             row[f"{key}_engine"] = counts
             log(f"{policy} {'with' if heavy else 'without'} heavy: light TTFT p99", row[key])
             log(f"{policy} {'with' if heavy else 'without'} heavy: engine", counts)
@@ -196,7 +203,7 @@ def backlogged_jain(args, base, store: Path, policy: str, params: SamplingParams
     jobs = [Job(f"t{k}", None, [rng.randrange(100, vocab) for _ in range(args.fair_prompt)], 0.0)
             for k in range(args.tenants_fair) for _ in range(args.backlog * (10 if k == 0 else 1))]
     rng.shuffle(jobs)
-    with make_engine(args, base, store, False, policy, max_len) as engine:
+    with make_engine(args, base, store, args.fair_cache == "on", policy, max_len) as engine:
         asyncio.run(drive(engine, jobs, params))
     # a tenant stops being backlogged when its last request starts (nothing of it waits any more)
     until = min(max(j.events[0][0] for j in jobs if j.tenant == f"t{k}") for k in range(args.tenants_fair))
@@ -223,6 +230,8 @@ def print_table(res: dict) -> None:
               "  (with / without the heavy tenant; target <= 2x)")
         print(f"Jain's index, backlogged    {f['fcfs']['jain_backlogged']:8.3f}  {f['fair']['jain_backlogged']:8.3f}"
               "  (target >= 0.98)")
+        print(f"light rate / share of the served capacity {f['fair']['light_rate_over_share']:.2f} "
+              f"(served {f['fair']['served_per_s']:.1f} requests/s with the heavy tenant; the premise needs < 1)")
         for key, what in (("alone", "without"), ("with_heavy", "with")):
             cells = "".join(f"  {f[p][key + '_engine'].get('preemptions', 0):4d} / {max(f[p][key].values()):6.3f}"
                             for p in ("fcfs", "fair"))
@@ -255,6 +264,9 @@ def main() -> None:
                          "for runs to compare on a machine whose speed moves)")
     ap.add_argument("--duration", type=float, default=60.0, help="fairness: seconds of arrivals")
     ap.add_argument("--backlog", type=int, default=6, help="fairness: queued requests per light tenant")
+    ap.add_argument("--fair-cache", choices=["on", "off"], default="on",
+                    help="fairness: prefix caching (the engine's default: on; prompts are unique, so it "
+                         "only makes a preempted sequence's recompute find its own blocks)")
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer directory for a model that ships none (e.g. bench/models/llama-8b with "
                          "bench/models/smollm2-135m: prompts are token ids, text is never read)")
