@@ -73,6 +73,7 @@ class VirtualTokenCounter:
         self._steps = 0  # steps observed
         self.share: dict[str | None, float] = {}  # slots per active tenant, as of the last observe()
         self.over: set[str | None] = set()  # over-served tenants, as of the last observe()
+        self._taken: Counter = Counter()  # slots each tenant took in this step's admissions so far
 
     def enqueue(self, seq: Sequence, new: bool) -> None:
         """``seq`` joins the waiting queue (``new``: a new request, else a preempted one, which
@@ -115,6 +116,11 @@ class VirtualTokenCounter:
         total = sum(self.weights.get(t, 1.0) for t in active)
         self.share = {t: max_num_seqs * self.weights.get(t, 1.0) / total for t in active}
         self.over = {t for t, s in self.share.items() if self.usage(t) >= s + self.OVER_SLOTS}
+        self._taken.clear()
+
+    def admitted(self, seq: Sequence) -> None:
+        """``seq`` took a slot in this step: the step's later picks see its tenant a slot fuller."""
+        self._taken[seq.tenant] += 1
 
     def usage(self, tenant: str | None) -> float:
         """Slots ``tenant`` held per step recently: the exponential average of :meth:`observe`,
@@ -127,8 +133,11 @@ class VirtualTokenCounter:
         return self.slot_usage.get(tenant, 0.0) / (1.0 - self._decay ** self._steps)
 
     def excess(self, tenant: str | None) -> float:
-        """Recent usage above the tenant's share, per unit of weight (slots; negative below it)."""
-        return (self.usage(tenant) - self.share.get(tenant, 0.0)) / self.weights.get(tenant, 1.0)
+        """Recent usage, plus the slots taken in this step so far, above the tenant's share, per
+        unit of weight (slots; negative below it). Without the slots just taken, the tenant
+        ranked first took every slot freed in a step (7 of 16 at once, all tenants backlogged)."""
+        used = self.usage(tenant) + self._taken[tenant]
+        return (used - self.share.get(tenant, 0.0)) / self.weights.get(tenant, 1.0)
 
     def pick(self) -> Sequence | None:
         """The oldest waiting request of the tenant that comes first: tenants not over-served

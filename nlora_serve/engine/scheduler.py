@@ -138,6 +138,7 @@ class Scheduler:
             self._unqueue(seq)
             if self.fair is not None:  # at once: the next pick in this step sees it
                 self.fair.charge(seq, n)
+                self.fair.admitted(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.add(seq, n)
