@@ -27,7 +27,7 @@ from array import array
 import numpy as np
 import torch
 
-from nlora_serve.engine.sequence import Sequence, SequenceStatus
+from nlora_serve.engine.sequence import Sequence
 
 
 class BlockTables:
@@ -50,7 +50,7 @@ class BlockTables:
         longest table (0 for none): equal to padding each ``seq.block_table``. Brings every row up to
         date first (see the module docstring for when a row is rewritten)."""
         if len(self._free) < len(seqs):
-            self._reclaim(len(seqs))
+            self._reclaim(seqs)
         state, rows, width = self._state, [], 0
         for seq in seqs:
             st = state.get(seq)
@@ -78,7 +78,9 @@ class BlockTables:
         if n > self.table.shape[1]:
             self._resize(self.table.shape[0], max(n, 2 * self.table.shape[1]))
         row = st[0]
-        if n > start:
+        if n == start + 1:  # the common case, one block appended: a scalar write is ~5x cheaper
+            self._np[row, start] = blocks[start]
+        elif n > start:
             self._np[row, start:n] = blocks[start:n]
         if self._len[row] > n:  # a shorter list than the row held: clear what is left of the old one
             self._np[row, n:self._len[row]] = 0
@@ -86,15 +88,17 @@ class BlockTables:
         st[1], st[2] = n, seq.num_preemptions
         return st
 
-    def _reclaim(self, need: int) -> None:
-        """Free the rows of sequences that no longer run (finished, or preempted and waiting: a
-        re-admission rewrites its row anyway), then grow the table until ``need`` rows are free (a
-        step of ``need`` sequences then never runs out of rows part-way)."""
-        for seq in [s for s in self._state if s.status is not SequenceStatus.RUNNING]:
+    def _reclaim(self, seqs: list[Sequence]) -> None:
+        """Free the rows of every sequence not in this step (finished ones, and any other: one that
+        is scheduled again later gets a row anew and written whole), then grow the table until each
+        of ``seqs`` can have a row. Runs only when rows are short, so at most once every ~S finished
+        sequences once the table holds twice the largest step (it grows to that)."""
+        step = set(seqs)
+        for seq in [s for s in self._state if s not in step]:
             self._free.append(self._state.pop(seq)[0])
         rows = self.table.shape[0]
-        if len(self._free) < need:
-            self._resize(max(2 * rows, rows + need - len(self._free)), self.table.shape[1])
+        if len(self._free) < len(seqs):
+            self._resize(max(2 * rows, rows + len(seqs) - len(self._free)), self.table.shape[1])
 
     def _resize(self, rows: int, width: int) -> None:
         old = self.table
