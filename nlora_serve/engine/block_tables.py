@@ -22,11 +22,9 @@ the step's pinned staging buffer with every other input (step_inputs.py).
 
 from __future__ import annotations
 
-from array import array
-
-import numpy as np
 import torch
 
+from nlora_serve.engine.batch_info import ints
 from nlora_serve.engine.sequence import Sequence
 
 
@@ -60,8 +58,7 @@ class BlockTables:
             rows.append(st[0])
             if n > width:
                 width = n
-        index = torch.frombuffer(array("q", rows), dtype=torch.long) if rows else torch.zeros(0, dtype=torch.long)
-        return self.table[:, :width].index_select(0, index)
+        return self.table[:, :width].index_select(0, ints(rows))
 
     def row(self, seq: Sequence) -> int | None:
         """The row ``seq`` owns, or None (never gathered, or reclaimed since)."""
