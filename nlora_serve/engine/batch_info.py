@@ -77,7 +77,8 @@ def build_batch_info(query_lens: list[int], context_lens: list[int], block_table
     """
     qlens = torch.tensor(query_lens, dtype=torch.long)
     ctx = torch.tensor(context_lens, dtype=torch.long)
-    layout = flat_layout(qlens, ctx - qlens, block_tables, torch.tensor(samples, dtype=torch.bool), block_size)
+    layout = flat_layout(qlens, ctx - qlens, pad_tables(block_tables), torch.tensor(samples, dtype=torch.bool),
+                         block_size)
     n = layout.num_decodes
     tables, mask = decode_tables(layout.block_tables[:n], [len(t) for t in block_tables[:n]], ctx[:n], block_size)
     starts = layout.query_starts.tolist()
@@ -85,7 +86,7 @@ def build_batch_info(query_lens: list[int], context_lens: list[int], block_table
                 for i in range(n, len(query_lens))]
     return BatchInfo(query_starts=layout.query_starts, context_lens=ctx, slot_mapping=layout.slot_mapping,
                      logits_indices=layout.logits_indices, num_decodes=n, decode_block_tables=tables,
-                     decode_mask=mask, prefills=prefills, block_tables=layout.block_tables.to(torch.int32),
+                     decode_mask=mask, prefills=prefills, block_tables=layout.block_tables,
                      max_query_len=layout.max_query_len, decode_splits=decode_splits)
 
 
@@ -96,39 +97,41 @@ def ints(values) -> torch.Tensor:
 
 
 def pad_tables(tables: list[list[int]]) -> torch.Tensor:
-    """[S, W] int64 block tables padded with block 0 (W = the longest), from one flat copy."""
+    """[S, W] int32 block tables padded with block 0 (W = the longest), from one flat copy. The
+    engine's steps gather them from a persistent table instead (engine/block_tables.py)."""
     lens = ints([len(t) for t in tables])
     width = int(lens.max()) if lens.numel() else 0
-    padded = torch.zeros(len(tables), width, dtype=torch.long)
-    padded[torch.arange(width) < lens.unsqueeze(1)] = ints(list(chain.from_iterable(tables)))
+    padded = torch.zeros(len(tables), width, dtype=torch.int32)
+    padded[torch.arange(width) < lens.unsqueeze(1)] = ints(list(chain.from_iterable(tables))).to(torch.int32)
     return padded
 
 
 @dataclass(slots=True)
 class FlatLayout:
-    """The per-token and per-sequence index tensors of a step (host, int64), built without token loops."""
+    """The per-token and per-sequence index tensors of a step (host, int64 but for the int32 block
+    tables), built without token loops."""
 
     positions: torch.Tensor  # [T] position of each packed token in its sequence
     query_starts: torch.Tensor  # [S + 1] as in BatchInfo
     slot_mapping: torch.Tensor  # [T] flat KV slot each token writes
     logits_indices: torch.Tensor  # [R] last token of each sampling sequence
-    block_tables: torch.Tensor  # [S, W] block tables padded with block 0
+    block_tables: torch.Tensor  # [S, W] int32 block tables padded with block 0
     num_decodes: int  # N leading single-token sequences
     max_query_len: int  # longest prefill chunk, 0 without prefills
 
 
-def flat_layout(qlens: torch.Tensor, computed: torch.Tensor, tables: list[list[int]], samples: torch.Tensor,
+def flat_layout(qlens: torch.Tensor, computed: torch.Tensor, padded: torch.Tensor, samples: torch.Tensor,
                 block_size: int) -> FlatLayout:
     """Vectorised layout: ``qlens``, ``computed`` [S] int64 (new and cached tokens per sequence),
-    ``tables`` the block tables, ``samples`` [S] bool. One Python loop per sequence (padding its
-    block table); every per-token quantity is a tensor op."""
-    padded = pad_tables(tables)
+    ``padded`` [S, W] int32 block tables padded with block 0 (:func:`pad_tables`, or rows of
+    :class:`~nlora_serve.engine.block_tables.BlockTables`), ``samples`` [S] bool. Every per-token
+    quantity is a tensor op."""
     starts = torch.zeros(qlens.numel() + 1, dtype=torch.long)
     torch.cumsum(qlens, 0, out=starts[1:])
     num = int(starts[-1])
     owner = torch.repeat_interleave(torch.arange(qlens.numel()), qlens, output_size=num)  # [T] sequence index
     positions = computed[owner] + torch.arange(num) - starts[owner]
-    slots = padded[owner, positions // block_size] * block_size + positions % block_size
+    slots = padded[owner, positions // block_size].long() * block_size + positions % block_size
     not_one = (qlens != 1).nonzero()
     n = int(not_one[0, 0]) if not_one.numel() else qlens.numel()
     return FlatLayout(positions, starts, slots, starts[1:][samples] - 1, padded, n,
@@ -137,11 +140,11 @@ def flat_layout(qlens: torch.Tensor, computed: torch.Tensor, tables: list[list[i
 
 def decode_tables(padded: torch.Tensor, num_blocks: list[int], context_lens: torch.Tensor,
                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gather layout of N decodes: ``padded`` [N, W] int64 tables (padded with block 0),
+    """The gather layout of N decodes: ``padded`` [N, W] int32 tables (padded with block 0),
     ``num_blocks`` each one's table length, ``context_lens`` [N] int64. Returns the tables cut to
-    the longest decode table [N, B] and the key mask [N, 1, 1, B * block_size] bool."""
+    the longest decode table [N, B] int64 and the key mask [N, 1, 1, B * block_size] bool."""
     width = max(num_blocks, default=0)
-    tables = padded[:, :width].contiguous()
+    tables = padded[:, :width].to(torch.long, memory_format=torch.contiguous_format)
     keys = torch.arange(width * block_size)
     mask = keys.unsqueeze(0) < context_lens.unsqueeze(1)
     return tables, mask.view(len(num_blocks), 1, 1, width * block_size)

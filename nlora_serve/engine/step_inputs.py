@@ -4,7 +4,9 @@ Every integer a step needs (token ids, positions, query starts, context lengths,
 logits indices, block tables, and any extra per-token rows such as adapter slots) is written into
 one int32 host buffer (pinned when the target is a GPU), copied to the device in one
 ``copy_(non_blocking=True)``, and read there as views. Nothing loops over tokens in Python: the
-loops are per sequence (their block tables and new token ids), everything per token is a tensor op.
+loops are per sequence (their counts and new token ids), everything per token is a tensor op. Block
+tables are rows of a persistent table written only when a sequence's blocks change
+(engine/block_tables.py), gathered in the step's order.
 
 With async scheduling a step is built while the step before it may still be queued on the device,
 its copy out of the staging buffer not yet done: so two pinned buffers take turns. The engine reads
@@ -20,6 +22,7 @@ from itertools import chain
 import torch
 
 from nlora_serve.engine.batch_info import BatchInfo, decode_tables, flat_layout, ints, prefill_chunk
+from nlora_serve.engine.block_tables import BlockTables
 from nlora_serve.engine.sequence import Sequence
 
 _I32, _I64 = torch.int32, torch.int64
@@ -44,6 +47,7 @@ class StepInputs:
         self._hosts = [torch.empty(0, dtype=_I32), torch.empty(0, dtype=_I32)]  # staging, in turn (grown only)
         self._turn = 0
         self._dev = torch.empty(0, dtype=_I32, device=self.device)
+        self.tables = BlockTables()  # every scheduled sequence's block table, kept across steps
 
     def build(self, pairs: list[tuple[Sequence, int]], extra: list[torch.Tensor] = (), previous=None
               ) -> tuple[torch.Tensor, torch.Tensor, BatchInfo, list[torch.Tensor]]:
@@ -58,10 +62,9 @@ class StepInputs:
         seqs = [s for s, _ in pairs]
         qlens = ints([n for _, n in pairs])
         computed = ints([s.num_computed_tokens for s in seqs])
-        tables = [s.block_table for s in seqs]
         ctx = computed + qlens
         samples = ctx == ints([len(s.token_ids) for s in seqs])
-        layout = flat_layout(qlens, computed, tables, samples, self.block_size)
+        layout = flat_layout(qlens, computed, self.tables.gather(seqs), samples, self.block_size)
         ids = ints(list(chain.from_iterable(
             s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n] for s, n in pairs)))
         wide = [ids, layout.positions, layout.query_starts, ctx, layout.slot_mapping, layout.logits_indices]
@@ -77,6 +80,7 @@ class StepInputs:
                          block_tables=tables32, max_query_len=layout.max_query_len,
                          decode_splits=self.decode_splits)
         if self.gather_layout:
+            tables = [s.block_table for s in seqs]
             info.decode_block_tables, info.decode_mask = decode_tables(
                 layout.block_tables[:n], [len(t) for t in tables[:n]], ctx[:n], self.block_size)
             bounds = layout.query_starts.tolist()
@@ -91,7 +95,7 @@ class StepInputs:
         n64 = sum(sizes)
         total = n64 + tables.numel() + sum(t.numel() for t in extra)
         if self.device.type == "cpu":  # no copy: int64 tensors as they are, int32 tables
-            return flat, tables.to(_I32), [t.to(_I32) for t in extra]
+            return flat, tables, [t.to(_I32) for t in extra]
         self._turn ^= 1
         host = self._hosts[self._turn]
         if host.numel() < total:
