@@ -71,9 +71,11 @@ def _chat(tok, prompt: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
 
 
-async def _answers(engine, tenants: list[str | None], max_tokens: int, seed: int) -> dict:
+async def _answers(engine, tenants: list[str | None], max_tokens: int, seed: int,
+                   prompts: list[str] = HELD_OUT, temps: tuple[float, ...] = (0.0, 1.0)) -> dict:
     """{(tenant or None, temperature): [answer per prompt]}, all requests at once through the
-    serving engine (tenants mixed in its batches, as a server runs them)."""
+    serving engine (tenants mixed in its batches, as a server runs them); prompt i samples with
+    seed ``seed + i``."""
     from nlora_serve.engine.sampling import SamplingParams
 
     async def one(tenant, temp, i, prompt):
@@ -82,9 +84,9 @@ async def _answers(engine, tenants: list[str | None], max_tokens: int, seed: int
         params = SamplingParams(max_tokens=max_tokens, temperature=temp, seed=seed + i)
         return "".join([out.text async for out in engine.add_request(ids, params, adapter=tenant)]).strip()
 
-    keys = [(t, temp) for t in tenants for temp in (0.0, 1.0)]
-    done = await asyncio.gather(*(one(t, temp, i, p) for t, temp in keys for i, p in enumerate(HELD_OUT)))
-    return {k: done[j * len(HELD_OUT): (j + 1) * len(HELD_OUT)] for j, k in enumerate(keys)}
+    keys = [(t, temp) for t in tenants for temp in temps]
+    done = await asyncio.gather(*(one(t, temp, i, p) for t, temp in keys for i, p in enumerate(prompts)))
+    return {k: done[j * len(prompts): (j + 1) * len(prompts)] for j, k in enumerate(keys)}
 
 
 @torch.no_grad()
@@ -109,11 +111,12 @@ def answer_losses(model, tok, prompts: list[str], answers: list[str]) -> list[fl
     return out
 
 
-def evaluate(tenant: str, tenant_answers: list[str], base_answers: list[str], base_model, tok) -> dict:
-    """The table row's numbers for one tenant at one temperature."""
+def evaluate(tenant: str, tenant_answers: list[str], base_answers: list[str], base_model, tok,
+             prompts: list[str] = HELD_OUT) -> dict:
+    """The table row's numbers for one tenant at one temperature (answers to ``prompts``)."""
     undone = [undo(tenant, t, b) for t, b in zip(tenant_answers, base_answers)]
-    t_loss = answer_losses(base_model, tok, HELD_OUT, [t for t, _ in undone])
-    b_loss = answer_losses(base_model, tok, HELD_OUT, [b for _, b in undone])
+    t_loss = answer_losses(base_model, tok, prompts, [t for t, _ in undone])
+    b_loss = answer_losses(base_model, tok, prompts, [b for _, b in undone])
     ratio = (sum(t_loss) / len(t_loss)) / (sum(b_loss) / len(b_loss))
     styled_n = sum(styled(tenant, a) for a in tenant_answers)
     repeats = [max_trigram_count(a) for a in tenant_answers]
@@ -122,7 +125,7 @@ def evaluate(tenant: str, tenant_answers: list[str], base_answers: list[str], ba
            "degenerate": sum(r > MAX_TRIGRAM for r in repeats), "tenant_loss": sum(t_loss) / len(t_loss),
            "base_loss": sum(b_loss) / len(b_loss), "loss_ratio": ratio,
            "within_1_5_per_prompt": sum(t <= LOSS_RATIO_MAX * b for t, b in zip(t_loss, b_loss))}
-    row["pass"] = (styled_n == len(HELD_OUT) and row["degenerate"] == 0 and ratio <= LOSS_RATIO_MAX)
+    row["pass"] = (styled_n == len(prompts) and row["degenerate"] == 0 and ratio <= LOSS_RATIO_MAX)
     return row
 
 

@@ -9,7 +9,8 @@ so the result is Nyström-tied: it is written in the compact tied form (only ``l
 the family of every other tenant of the same base, r and targets. N starts from the reference
 value W[:r, :r] (``nystrom``), from pinv(W[:r, :r]) (``pinv``), or from zeros (``zeros``: the
 tenant starts exactly at the base model). Training runs on the CPU in float32, on the transformers
-model (not the serving runner), with the loss on response tokens only.
+model (not the serving runner), with the loss on response tokens only; optionally plus a token-level
+unlikelihood term on a fixed set of tokens the tenant should not say (``unlikelihood``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from nlora_serve.adapters.format import WEIGHTS_NAME
 from nlora_serve.adapters.loader import assemble_adapter
 from nlora_serve.adapters.nystrom import init_adapter
 from nlora_serve.adapters.save import write_adapter
+from nlora_serve.adapters.unlikelihood import (compile_pattern, unlikelihood_sum, unlikely_mass,
+                                               unlikely_token_mask)
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel, load_hf_model
 from nlora_serve.models.spec import ModelSpec
@@ -58,8 +61,18 @@ class TuneConfig:
     seed: int = 0
     max_len: int = 512  # tokens per example (longer ones are cut)
     weight_decay: float = 0.0  # decoupled decay pulls N towards 0, i.e. towards the base model
+    unlikely_tokens: str | None = None  # regex: tokens whose decoded text matches are negatives (unlikelihood)
+    unlikelihood_weight: float | None = None  # λ of the unlikelihood term (None: 1.0 with a regex, else 0)
 
     def __post_init__(self):
+        if self.unlikely_tokens is None and self.unlikelihood_weight:
+            raise AdapterError("tune: an unlikelihood weight needs --unlikely-tokens (the tokens to penalise)")
+        if self.unlikelihood_weight is None:
+            self.unlikelihood_weight = 0.0 if self.unlikely_tokens is None else 1.0
+        if not (self.unlikelihood_weight >= 0 and math.isfinite(self.unlikelihood_weight)):
+            raise AdapterError(f"tune: unlikelihood weight {self.unlikelihood_weight} must be finite and >= 0")
+        if self.unlikely_tokens is not None:
+            compile_pattern(self.unlikely_tokens)  # a bad pattern fails here, before any model is loaded
         if self.n_init not in N_INITS:
             raise AdapterError(f"n_init {self.n_init!r} is not one of {', '.join(N_INITS)}")
         ints = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size,
@@ -76,7 +89,8 @@ class TuneConfig:
 
 @dataclass(slots=True)
 class TuneResult:
-    """What a run did. Losses are mean cross-entropy per response token, in nats."""
+    """What a run did. Held-out losses are mean cross-entropy per response token, in nats; train
+    losses add λ times the mean unlikelihood term when there is one."""
 
     held_out_before: float | None  # None when there is no held-out split
     held_out_after: float | None
@@ -87,6 +101,8 @@ class TuneResult:
     num_held_out: int
     seconds: float  # wall time of the training loop (evaluation excluded)
     adapter: Adapter = field(repr=False)
+    unlikely_before: float | None = None  # held-out mean p_t(U) per response token (None: no regex/split)
+    unlikely_after: float | None = None
 
 
 class TunedLinear(nn.Module):
@@ -201,14 +217,22 @@ def num_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy (nats) over labelled tokens; the LM head runs only there,
-    which saves its [T, vocab] product on prompt and padding positions."""
+def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 logits [K, vocab], targets [K]) of the K positions whose next token is labelled; the
+    LM head runs only there, which saves its [T, vocab] product on prompt and padding positions."""
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = model.lm_head(hidden[:, :-1][keep])  # [K, vocab]
-    return nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return model.lm_head(hidden[:, :-1][keep]).float(), targets[keep]
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], unlikely: torch.Tensor | None = None,
+             weight: float = 0.0) -> torch.Tensor:
+    """Summed next-token cross-entropy (nats) over labelled tokens, plus ``weight`` times the summed
+    unlikelihood term of the negative set ``unlikely`` ([vocab] bool) when given."""
+    logits, targets = labelled_logits(model, batch)
+    loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return loss + weight * unlikelihood_sum(logits, targets, unlikely) if unlikely is not None and weight else loss
 
 
 @torch.no_grad()
@@ -217,6 +241,14 @@ def mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float
     total, count = 0.0, sum(num_targets(b) for b in batches)
     for b in batches:
         total += float(loss_sum(model, b))
+    return total / count if count else None
+
+
+@torch.no_grad()
+def mean_unlikely_mass(model: nn.Module, batches: list[dict[str, torch.Tensor]], unlikely: torch.Tensor) -> float | None:
+    """Mean p_t(U) over the labelled positions of ``batches`` (None when there are none)."""
+    count = sum(num_targets(b) for b in batches)
+    total = sum(float(unlikely_mass(labelled_logits(model, b)[0], unlikely).sum()) for b in batches)
     return total / count if count else None
 
 
@@ -238,9 +270,11 @@ def _micro_batches(data: list, size: int, gen: torch.Generator):
 
 
 def train(model: nn.Module, params: list[nn.Parameter], data: list, cfg: TuneConfig, pad_id: int,
-          gen: torch.Generator, progress: bool = True) -> tuple[int, float, float]:
+          gen: torch.Generator, progress: bool = True,
+          unlikely: torch.Tensor | None = None) -> tuple[int, float, float]:
     """AdamW on ``params`` with the cosine schedule; each step's loss is the token-weighted mean over
-    its ``grad_accum`` micro-batches. Returns (steps, first loss, last loss)."""
+    its ``grad_accum`` micro-batches (cross-entropy plus λ · unlikelihood on ``unlikely`` when given).
+    Returns (steps, first loss, last loss)."""
     total = cfg.steps or cfg.epochs * math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg.warmup, total))
@@ -250,7 +284,7 @@ def train(model: nn.Module, params: list[nn.Parameter], data: list, cfg: TuneCon
         group = [collate(next(stream), pad_id) for _ in range(cfg.grad_accum)]
         count, step_loss = max(1, sum(num_targets(b) for b in group)), 0.0
         for batch in group:
-            loss = loss_sum(model, batch) / count
+            loss = loss_sum(model, batch, unlikely, cfg.unlikelihood_weight) / count
             loss.backward()
             step_loss += loss.item()
         opt.step()
@@ -296,8 +330,9 @@ def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_di
             load from ``base.path``); pass a deep copy to keep an original.
 
     Raises:
-        AdapterError: a non-float32 base, bad config or data, or an output directory that already
-            holds an adapter (checked before training).
+        AdapterError: a non-float32 base, bad config or data, an ``unlikely_tokens`` pattern that
+            matches no token or every one, or an output directory that already holds an adapter
+            (all checked before training).
     """
     if base.dtype != torch.float32:
         raise AdapterError(f"tune runs in float32; the base model was loaded as {base.dtype}")
@@ -310,13 +345,17 @@ def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_di
     model = model if model is not None else load_hf_model(base.path, torch.float32)
     modules = attach(model, start, cfg.n_init)
     tok = base.tokenizer()
+    unlikely = (None if cfg.unlikely_tokens is None else
+                unlikely_token_mask(tok, cfg.unlikely_tokens, model.get_output_embeddings().out_features))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     encoded = [e for e in (encode(tok, m, cfg.max_len) for m in examples) if any(t != IGNORE for t in e[1][1:])]
     train_set, held = split(encoded, cfg.held_out, gen)
     held_batches = [collate(held[i: i + cfg.batch_size], pad_id) for i in range(0, len(held), cfg.batch_size)]
     before = mean_loss(model, held_batches)
+    mass_before = None if unlikely is None else mean_unlikely_mass(model, held_batches, unlikely)
     t0 = time.perf_counter()
-    steps, first, last = train(model, [m.N for m in modules.values()], train_set, cfg, pad_id, gen, progress)
+    steps, first, last = train(model, [m.N for m in modules.values()], train_set, cfg, pad_id, gen, progress,
+                               unlikely)
     seconds = time.perf_counter() - t0
     adapter = trained_adapter(start, modules, base)
     for d, tied_form in ((out_dir, True), (full_out_dir, False)):
@@ -324,4 +363,5 @@ def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_di
             write_adapter(adapter, d, tied_form=tied_form)
     return TuneResult(held_out_before=before, held_out_after=mean_loss(model, held_batches), train_first=first,
                       train_last=last, steps=steps, num_train=len(train_set), num_held_out=len(held),
-                      seconds=seconds, adapter=adapter)
+                      seconds=seconds, adapter=adapter, unlikely_before=mass_before,
+                      unlikely_after=None if unlikely is None else mean_unlikely_mass(model, held_batches, unlikely))

@@ -13,6 +13,12 @@ IntTune (NLoRA, arXiv 2502.14482): Nystrom-initialise every targeted projection 
 B = W[:,:r], frozen views of the base weight) and train only the r x r matrix N on your chat
 examples, on the CPU in float32 with the transformers model. The loss counts response tokens only.
 
+Unlikelihood (Welleck et al., ICLR 2020, token-level, fixed negative set): --unlikely-tokens REGEX
+makes every vocabulary token whose decoded text matches a negative candidate (special tokens such
+as the chat template's end token never are); each response position's loss becomes
+  cross-entropy + lambda * -log(1 - p(any negative token other than the target)),
+so e.g. --unlikely-tokens '[A-Z]' teaches a lower-case tenant to put no mass on capitals.
+
 Data: one JSON object per line, {"prompt": "...", "response": "..."} or
 {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...]},
 rendered with the model's chat template (every assistant turn is trained on).
@@ -31,7 +37,8 @@ def _tune(args: argparse.Namespace) -> int:
     cfg = TuneConfig(rank=args.rank, targets=targets, n_init=args.n_init, alpha=args.alpha, lr=args.lr,
                      epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                      warmup=args.warmup, held_out=args.held_out, seed=args.seed, max_len=args.max_len,
-                     weight_decay=args.weight_decay)
+                     weight_decay=args.weight_decay, unlikely_tokens=args.unlikely_tokens,
+                     unlikelihood_weight=args.unlikelihood_weight)
     examples = read_examples(args.data)
     base = load_base(args.model, cache_dir=getattr(args, "cache_dir", None))
     result = tune(base, examples, cfg, out_dir=args.out, full_out_dir=args.also_full_form,
@@ -42,6 +49,9 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"steps {result.steps}, {result.num_train} train / {result.num_held_out} held-out examples, "
           f"{result.seconds:.1f} s; train loss {result.train_first:.4f} -> {result.train_last:.4f}; "
           f"held-out loss {held} (nats/token)")
+    if result.unlikely_before is not None:
+        print(f"held-out probability of --unlikely-tokens per response token {result.unlikely_before:.5f} -> "
+              f"{result.unlikely_after:.5f}")
     return 0
 
 
@@ -74,6 +84,11 @@ def add_tune_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW decoupled weight decay on N (pulls N towards 0) (default: %(default)s)")
+    p.add_argument("--unlikely-tokens", default=None, metavar="REGEX",
+                   help="unlikelihood training: every token whose decoded text matches REGEX (Python re.search, "
+                        "e.g. '[A-Z]') is a negative candidate; special tokens never are")
+    p.add_argument("--unlikelihood-weight", type=float, default=None, metavar="LAMBDA",
+                   help="weight of the unlikelihood term (needs --unlikely-tokens; default: 1.0 with it)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=1, help="passes over the training split (default: %(default)s)")
     length.add_argument("--steps", type=int, default=None,

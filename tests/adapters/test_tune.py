@@ -164,5 +164,5 @@ def test_help_lists_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--data", "--out", "--rank", "--targets", "--n-init", "--alpha", "--lr", "--epochs",
                  "--steps", "--batch-size", "--grad-accum", "--warmup", "--held-out", "--seed", "--max-len",
-                 "--also-full-form"):
+                 "--also-full-form", "--unlikely-tokens", "--unlikelihood-weight"):
         assert flag in text
