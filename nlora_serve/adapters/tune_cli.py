@@ -30,7 +30,8 @@ same base model serves, uploads or hot-swaps as a tenant of the Nystrom family o
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from nlora_serve.adapters.tune import TuneConfig, read_examples, tune
+    from nlora_serve.adapters.tune import TuneConfig, tune
+    from nlora_serve.adapters.tune_data import read_examples
     from nlora_serve.models import load_base
 
     targets = args.targets[0] if args.targets == ["all-linear"] else args.targets

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from adapter_helpers import file_deltas, merged
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.tune import (IGNORE, TuneConfig, attach, cosine_schedule, encode, read_examples,
-                                       tune)
+from nlora_serve.adapters.tune import TuneConfig, attach, cosine_schedule, tune
+from nlora_serve.adapters.tune_data import IGNORE, encode, read_examples
 from nlora_serve.cli import main as cli_main
 from nlora_serve.errors import AdapterError
 
