@@ -185,3 +185,29 @@ def test_a_backlogged_heavy_tenant_is_not_starved():
                 sched.finish(s)
     light = [served[f"light{k}"] for k in range(3)]
     assert served["heavy"] >= 0.8 * sum(light) / 3, served
+
+
+def test_a_deferred_prefill_holding_the_blocks_a_light_request_needs_is_preempted():
+    # shares 2 · (0.2, 1) / 1.2: heavy (one 60-token prompt, 8 tokens a step) is over-served
+    # (usage ~0.86 >= 1/3 + 1/2) once light waits, so its chunks come after light's; it holds 12
+    # of the 16 blocks. Light's 16-token prompt (5 blocks once it samples) does not fit beside it.
+    # Before: light preempted itself every other step (the newest) and was re-admitted into the
+    # same 8-token budget, heavy's chunk never ran: neither finished (hand-traced; 300 steps).
+    sched = make(weights={"heavy": 0.2}, max_num_seqs=2, max_num_batched_tokens=8, blocks=BlockManager(16, 4))
+    heavy = seq("heavy", 60)
+    sched.add(heavy)
+    for _ in range(6):
+        step(sched)
+    assert heavy.num_computed_tokens == 48
+    light = seq("light", 16)
+    sched.add(light)
+    finished = []
+    for _ in range(40):
+        step(sched)
+        for s in [s for s in sched.running if s.num_output_tokens >= 2]:
+            sched.finish(s)
+            finished.append(s)
+    # light's 2 prefill steps + 2 decodes once heavy gave its blocks back; then heavy's 61 tokens
+    # + 1 decode at 8 a step (8 steps): well within 40
+    assert finished == [light, heavy] and heavy.num_preemptions == 1 and light.num_preemptions == 0
+    assert sched.blocks.num_free_blocks == 16
