@@ -211,3 +211,35 @@ def test_a_deferred_prefill_holding_the_blocks_a_light_request_needs_is_preempte
     # + 1 decode at 8 a step (8 steps): well within 40
     assert finished == [light, heavy] and heavy.num_preemptions == 1 and light.num_preemptions == 0
     assert sched.blocks.num_free_blocks == 16
+
+
+def test_deferred_prefills_short_of_blocks_make_room_among_themselves():
+    # shares 3 · (0.1, 1) / 1.1: heavy's 2 running prompts are deferred (over-served) once light
+    # waits; light's 25-token prompt needs 16 blocks (budget 16) and 10 are free, so it is not
+    # admitted; heavy's chunks need 15 and 14. Before: no one could preempt (nobody ran ahead of
+    # the deferred chunks, and those never preempted), every later step was empty (hand-traced).
+    sched = make(weights={"heavy": 0.1}, max_num_seqs=3, max_num_batched_tokens=16, max_model_len=128,
+                 blocks=BlockManager(84, 1))
+    big, small = seq("heavy", 79), seq("heavy", 24)
+    for s in (big, small):
+        sched.add(s)
+    for _ in range(4):  # big alone: 16 tokens a step
+        step(sched)
+    burst = seq("other", 6)
+    sched.add(burst)
+    step(sched)  # burst's 6 tokens, then small (nobody else waits) takes the other 10
+    assert (big.num_computed_tokens, small.num_computed_tokens) == (64, 10)
+    sched.finish(burst)
+    light = seq("light", 25)
+    sched.add(light)
+    assert sched.blocks.num_free_blocks == 10
+    finished = []
+    for _ in range(60):
+        step(sched)
+        for s in [s for s in sched.running if s.num_output_tokens >= 1]:
+            sched.finish(s)
+            finished.append(s)
+    # big (the older deferred prefill) takes small's blocks, finishes (1 step: 15 tokens), then
+    # light is admitted (not over-served) before small recomputes
+    assert finished == [big, light, small] and small.num_preemptions == 1
+    assert sched.blocks.num_free_blocks == 84

@@ -18,7 +18,7 @@ from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.scheduler import Scheduler
 from nlora_serve.engine.sequence import Sequence, SequenceStatus
 
-MAX_PROMPT = 24  # tokens
+MAX_PROMPT = 64  # tokens
 MAX_NEW = 4  # K: every sequence finishes once it has sampled this many tokens (or fewer)
 TENANTS = ("t0", "t1", "t2", "t3")
 
@@ -51,9 +51,10 @@ class FairScheduler(RuleBasedStateMachine):
         self.sched.add(seq)
         self.seqs.append(seq)
 
-    @rule()
-    def step(self):
-        self._step()
+    @rule(n=st.integers(1, 8))
+    def step(self, n):
+        for _ in range(n):  # several at once: long prompts go through chunked prefill in few rules
+            self._step()
 
     @precondition(lambda self: self.sched.running)
     @rule(data=st.data())
