@@ -14,7 +14,13 @@ Every step the scheduler admits and retires sequences (DESIGN §5). Order of ser
 A waiting sequence starts after the longest prefix of its tokens already in the KV cache when the
 block manager caches prefixes (prefix_cache.py); full blocks are offered to that cache once computed.
 When a running sequence needs a block and none is free, the newest running sequence is
-preempted: its blocks are freed and it is re-queued by arrival to recompute its tokens later.
+preempted: its blocks are freed and it is re-queued by arrival to recompute its tokens later. With
+"fair", the deferred prefills of over-served tenants (step 2's exception) go first, newest first:
+they hold blocks but come last for the budget, so a newer light sequence short of blocks would
+otherwise preempt itself, be re-admitted into the budget the deferred chunk needed, and neither
+ever finished (a livelock). A deferred prefill short of blocks preempts only deferred ones (itself
+if it is the newest), so it never undoes an admission; before, it merely waited, and with the
+head of the queue short of blocks too every later step was empty (tests/engine/test_fair_heavy.py).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # sorted by arrival
         self.running: list[Sequence] = []  # admission order (a re-admitted sequence goes last)
         self.fair = VirtualTokenCounter(config.tenant_weights) if config.policy == "fair" else None
+        self._deferred: list[Sequence] = []  # this step's deferred prefills (over-served tenants)
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence (its ``arrival`` must be the largest so far)."""
@@ -99,17 +106,18 @@ class Scheduler:
                 self._preempt(victim)
                 batch.preempted.append(victim)
             later = [s for s in self.running if s.tenant in self.fair.over and s.num_uncomputed > 1]
+        self._deferred = later
         now = [s for s in self.running if s not in later]
-        self._continue(sorted(now, key=lambda s: (s.num_uncomputed > 1, s.arrival)), batch, preempt=True)
+        self._continue(sorted(now, key=lambda s: (s.num_uncomputed > 1, s.arrival)), batch)
         self._admit(batch, self.config.max_num_batched_tokens - batch.total_tokens)
-        self._continue(later, batch, preempt=False)  # never at the cost of a sequence just admitted
+        self._continue(later, batch)  # preempts deferred ones only: never a sequence just admitted
         return batch
 
-    def _continue(self, seqs: list[Sequence], batch: ScheduledBatch, preempt: bool) -> None:
+    def _continue(self, seqs: list[Sequence], batch: ScheduledBatch) -> None:
         """Give running ``seqs``, in this order, their next tokens (one to decode, or a prefill
-        chunk) while the step's token budget lasts; a sequence short of blocks preempts the newest
-        running ones (``preempt``) or waits for a later step. Bills them once all are placed (a
-        sequence preempted here after being given tokens computes nothing)."""
+        chunk) while the step's token budget lasts; a sequence short of blocks preempts others
+        (:meth:`_reserve`). Bills them once all are placed (a sequence preempted here after being
+        given tokens computes nothing)."""
         start = len(batch.seqs)
         for seq in seqs:
             budget = self.config.max_num_batched_tokens - batch.total_tokens
@@ -118,10 +126,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or budget == 0 or done:
                 continue
             n = min(seq.num_uncomputed, budget)
-            if preempt and self._reserve(seq, n, batch):
-                batch.add(seq, n)
-            elif not preempt and self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
-                self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+            if self._reserve(seq, n, batch):
                 batch.add(seq, n)
         if self.fair is not None:
             for seq, n in zip(batch.seqs[start:], batch.num_tokens[start:]):
@@ -145,10 +150,13 @@ class Scheduler:
             budget -= n
 
     def _reserve(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
-        """Grow ``seq``'s blocks for ``n`` more tokens, preempting newest first; False if ``seq`` itself went."""
+        """Grow ``seq``'s blocks for ``n`` more tokens, preempting newest first (deferred prefills
+        before anyone, and a deferred ``seq`` only those: module docstring); False if ``seq``
+        itself went."""
         target = seq.num_computed_tokens + n
         while not self.blocks.can_grow(seq.block_table, target):
-            victim = max(self.running, key=lambda s: s.arrival)
+            deferred = [s for s in self._deferred if s.status is SequenceStatus.RUNNING]
+            victim = max(deferred or self.running, key=lambda s: s.arrival)
             batch.remove(victim)
             self._preempt(victim)
             batch.preempted.append(victim)

@@ -185,3 +185,61 @@ def test_a_backlogged_heavy_tenant_is_not_starved():
                 sched.finish(s)
     light = [served[f"light{k}"] for k in range(3)]
     assert served["heavy"] >= 0.8 * sum(light) / 3, served
+
+
+def test_a_deferred_prefill_holding_the_blocks_a_light_request_needs_is_preempted():
+    # shares 2 · (0.2, 1) / 1.2: heavy (one 60-token prompt, 8 tokens a step) is over-served
+    # (usage ~0.86 >= 1/3 + 1/2) once light waits, so its chunks come after light's; it holds 12
+    # of the 16 blocks. Light's 16-token prompt (5 blocks once it samples) does not fit beside it.
+    # Before: light preempted itself every other step (the newest) and was re-admitted into the
+    # same 8-token budget, heavy's chunk never ran: neither finished (hand-traced; 300 steps).
+    sched = make(weights={"heavy": 0.2}, max_num_seqs=2, max_num_batched_tokens=8, blocks=BlockManager(16, 4))
+    heavy = seq("heavy", 60)
+    sched.add(heavy)
+    for _ in range(6):
+        step(sched)
+    assert heavy.num_computed_tokens == 48
+    light = seq("light", 16)
+    sched.add(light)
+    finished = []
+    for _ in range(40):
+        step(sched)
+        for s in [s for s in sched.running if s.num_output_tokens >= 2]:
+            sched.finish(s)
+            finished.append(s)
+    # light's 2 prefill steps + 2 decodes once heavy gave its blocks back; then heavy's 61 tokens
+    # + 1 decode at 8 a step (8 steps): well within 40
+    assert finished == [light, heavy] and heavy.num_preemptions == 1 and light.num_preemptions == 0
+    assert sched.blocks.num_free_blocks == 16
+
+
+def test_deferred_prefills_short_of_blocks_make_room_among_themselves():
+    # shares 3 · (0.1, 1) / 1.1: heavy's 2 running prompts are deferred (over-served) once light
+    # waits; light's 25-token prompt needs 16 blocks (budget 16) and 10 are free, so it is not
+    # admitted; heavy's chunks need 15 and 14. Before: no one could preempt (nobody ran ahead of
+    # the deferred chunks, and those never preempted), every later step was empty (hand-traced).
+    sched = make(weights={"heavy": 0.1}, max_num_seqs=3, max_num_batched_tokens=16, max_model_len=128,
+                 blocks=BlockManager(84, 1))
+    big, small = seq("heavy", 79), seq("heavy", 24)
+    for s in (big, small):
+        sched.add(s)
+    for _ in range(4):  # big alone: 16 tokens a step
+        step(sched)
+    burst = seq("other", 6)
+    sched.add(burst)
+    step(sched)  # burst's 6 tokens, then small (nobody else waits) takes the other 10
+    assert (big.num_computed_tokens, small.num_computed_tokens) == (64, 10)
+    sched.finish(burst)
+    light = seq("light", 25)
+    sched.add(light)
+    assert sched.blocks.num_free_blocks == 10
+    finished = []
+    for _ in range(60):
+        step(sched)
+        for s in [s for s in sched.running if s.num_output_tokens >= 1]:
+            sched.finish(s)
+            finished.append(s)
+    # big (the older deferred prefill) takes small's blocks, finishes (1 step: 15 tokens), then
+    # light is admitted (not over-served) before small recomputes
+    assert finished == [big, light, small] and small.num_preemptions == 1
+    assert sched.blocks.num_free_blocks == 84
