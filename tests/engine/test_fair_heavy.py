@@ -11,6 +11,18 @@ from test_fairness import make, poisson, run_heavy, seq, slots_sched, step
 from nlora_serve.engine.block_manager import BlockManager
 
 
+def run_finishing(sched, steps: int, outputs: int) -> list:
+    """Run ``steps`` model-free steps, finishing each sequence once it has ``outputs`` output
+    tokens; returns the finished ones in the order they finished."""
+    finished = []
+    for _ in range(steps):
+        step(sched)
+        for s in [s for s in sched.running if s.num_output_tokens >= outputs]:
+            sched.finish(s)
+            finished.append(s)
+    return finished
+
+
 def test_a_tenant_that_filled_every_slot_at_start_gives_one_at_once():
     sched = slots_sched()
     heavy = run_heavy(sched, 6, 5)  # heavy has held all 4 slots since the start, 2 more of its requests wait
@@ -201,12 +213,7 @@ def test_a_deferred_prefill_holding_the_blocks_a_light_request_needs_is_preempte
     assert heavy.num_computed_tokens == 48
     light = seq("light", 16)
     sched.add(light)
-    finished = []
-    for _ in range(40):
-        step(sched)
-        for s in [s for s in sched.running if s.num_output_tokens >= 2]:
-            sched.finish(s)
-            finished.append(s)
+    finished = run_finishing(sched, 40, outputs=2)
     # light's 2 prefill steps + 2 decodes once heavy gave its blocks back; then heavy's 61 tokens
     # + 1 decode at 8 a step (8 steps): well within 40
     assert finished == [light, heavy] and heavy.num_preemptions == 1 and light.num_preemptions == 0
@@ -233,12 +240,7 @@ def test_deferred_prefills_short_of_blocks_make_room_among_themselves():
     light = seq("light", 25)
     sched.add(light)
     assert sched.blocks.num_free_blocks == 10
-    finished = []
-    for _ in range(60):
-        step(sched)
-        for s in [s for s in sched.running if s.num_output_tokens >= 1]:
-            sched.finish(s)
-            finished.append(s)
+    finished = run_finishing(sched, 60, outputs=1)
     # big (the older deferred prefill) takes small's blocks, finishes (1 step: 15 tokens), then
     # light is admitted (not over-served) before small recomputes
     assert finished == [big, light, small] and small.num_preemptions == 1
