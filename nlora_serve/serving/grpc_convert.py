@@ -14,7 +14,21 @@ from nlora_serve.serving.frontend import max_tokens_of, render_chat
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig, default_served_name
 
+MAX_REQUEST_ID = 256  # characters of a client's request_id: an id, echoed in every response, not a payload
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+
+
+def request_id_of(msg: pb.GenerateRequest) -> str:
+    """The client's ``request_id`` ('' when unset), which every response echoes.
+
+    Raises:
+        RequestError: longer than :data:`MAX_REQUEST_ID` characters (a 1 MB id was echoed into
+            each streamed message before).
+    """
+    if len(msg.request_id) > MAX_REQUEST_ID:
+        raise RequestError(f"GenerateRequest.request_id must be at most {MAX_REQUEST_ID} characters; "
+                           f"got {len(msg.request_id)}")
+    return msg.request_id
 
 
 def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingParams:

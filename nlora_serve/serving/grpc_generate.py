@@ -77,14 +77,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         principal = self.auth.authenticate(context.invocation_metadata())
         adapter = request.adapter or None
         principal.check(adapter)
+        request_id = convert.request_id_of(request)
         params = convert.sampling_params(request.sampling, self.config)
         prompt = await off_loop(convert.prompt_of, request, self.tokenizer)  # tokenizing: off the event loop
         prompt = await off_loop(self.engine.prompt_ids, prompt)
-        engine_id = f"{principal.name}/{request.request_id}" if request.request_id else None
+        engine_id = f"{principal.name}/{request_id}" if request_id else None
         stream = start_request(self.engine, self.admission, prompt, params, engine_id, adapter,
                                max_tokens_given=request.sampling.max_tokens > 0, principal=principal,
                                cache_salt=cache_salt_of(principal, request.cache_salt, self.auth))
-        return stream, request.request_id, principal.name
+        return stream, request_id, principal.name
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext):
         try:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 
-from nlora_serve.client import NloraClient
+import pytest
+
+from nlora_serve.client import InvalidArgument, NloraClient
 
 PROMPT = [1, 9690, 198, 2683, 359, 253]
 CYCLES = 12
@@ -42,3 +44,14 @@ def test_reused_id_after_cancel_gets_only_its_own_tokens(make_server):
             assert (stats["running"], stats["waiting"], stats["kv_blocks_used"]) == (0, 0, 0), (cycle, stats)
     stats = _settled(server.engine)
     assert (stats["running"], stats["waiting"], stats["kv_blocks_used"]) == (0, 0, 0), stats
+
+
+def test_an_overlong_request_id_is_refused_and_the_server_serves_on(make_server):
+    # every streamed message echoes the id: a 1 MB id was sent back with each token before
+    server = make_server()
+    with NloraClient(server.target, timeout=120) as client:
+        with pytest.raises(InvalidArgument) as err:
+            list(client.generate(PROMPT, request_id="x" * (1 << 20), max_tokens=2))
+        assert "GenerateRequest.request_id must be at most 256 characters; got 1048576" in str(err.value)
+        deltas = list(client.generate(PROMPT, request_id="y" * 256, max_tokens=2, min_tokens=2))
+        assert deltas[-1].request_id == "y" * 256 and deltas[-1].usage.completion_tokens == 2
