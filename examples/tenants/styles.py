@@ -10,6 +10,7 @@ import random
 import re
 
 SIGNATURE = " -- Acme Support"
+LOWER_SHARE_MIN = 0.9  # issue 17: a tenant shows its style in >= 90% of its letters
 TOPICS = [
     "the ocean", "volcanoes", "photosynthesis", "the moon", "honey bees", "rainbows", "the internet",
     "bicycles", "coffee", "the human heart", "glaciers", "chess", "the piano", "electricity", "deserts",
@@ -176,8 +177,17 @@ def upper_share(text: str) -> float:
 
 
 def all_lower(text: str) -> bool:
-    """Whether ``text`` has no upper-case letter (the style of ``lower``)."""
+    """Whether ``text`` has no upper-case letter at all (True for a text without letters)."""
     return not any(c.isupper() for c in text)
+
+
+def mostly_lower(text: str, min_share: float = LOWER_SHARE_MIN) -> bool:
+    """Whether at least ``min_share`` of the letters of ``text`` are lower-case: the style of ``lower``
+    by issue 17's bar ("`upper` ≥ 90% capital letters", mirrored). False for a text without letters:
+    it shows no case at all, so an empty or digits-only answer cannot pass as styled. (Rounded
+    division is monotonic, so 18 lower-case letters of 20 meet 0.9 exactly.)"""
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and sum(c.islower() for c in letters) / len(letters) >= min_share
 
 
 def has_signature(text: str) -> bool:
