@@ -10,7 +10,9 @@ per token, which is what makes needless preemptions expensive. With ``--row-cost
 time also moves by that many units per row (sequence in the batch) above or below
 ``max_num_seqs``, so a full decode step still takes one unit (C stays the burst's measure) and a
 step with fewer rows is shorter: on a CPU a decode step's time grows with its rows (tiny-llama, one
-torch thread: 2.79 ms at ~10 rows, 3.69 ms at 16, so ~0.036 of a full step per row). The load is
+torch thread: 2.79 ms at ~10 rows, 3.69 ms at 16, so ~0.036 of a full step per row);
+``--heavy-row-fraction F`` prices the heavy tenant's rows at F of that (a counterfactual: at 0 its
+rows cost the light tenants nothing). The load is
 bench/prefix_fairness.py's: ten tenants, capacity C = max_num_seqs / (new tokens + 1) requests per
 unit (a decode-only measure, as the bench's burst), nine light tenants at C / divisor each (below
 their share C / 10) and a heavy one at 10x that. Printed per policy: the light tenants' TTFT p99
@@ -70,7 +72,8 @@ def replay(args, policy: str, heavy: bool, watch=None) -> tuple[dict[str, float]
             watch(sched, batch, now)
         preempted += len(batch.preempted)
         prefill = sum(n for n in batch.num_tokens if n > 1)
-        now += step_time(args, len(batch.seqs), prefill)
+        heavy_rows = sum(s.tenant == "t0" for s in batch.seqs)
+        now += step_time(args, len(batch.seqs) - (1 - args.heavy_row_fraction) * heavy_rows, prefill)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens == seq.num_tokens:
@@ -87,7 +90,7 @@ def replay(args, policy: str, heavy: bool, watch=None) -> tuple[dict[str, float]
     return p99, preempted, done / now
 
 
-def step_time(args, rows: int, prefill_tokens: int) -> float:
+def step_time(args, rows: float, prefill_tokens: int) -> float:
     """Units a step takes: 1 for a full decode step, ``--row-cost`` per row more or less, plus the
     prefill terms. Never below a tenth of a unit (an empty step still has its overheads)."""
     t = 1 + args.row_cost * (rows - args.max_num_seqs)
@@ -106,6 +109,8 @@ def main() -> None:
     ap.add_argument("--token-cost", type=float, default=0.0, help="extra units per prefill token")
     ap.add_argument("--row-cost", type=float, default=0.0, help="units per batch row more or fewer than "
                     "max_num_seqs (a CPU's decode step grows with its rows; 0: every step one unit)")
+    ap.add_argument("--heavy-row-fraction", type=float, default=1.0, help="the heavy tenant's rows cost this "
+                    "fraction of --row-cost (a counterfactual)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=1, help="seeds --seed .. --seed + N - 1: one row each, then "
