@@ -45,8 +45,11 @@ log = logging.getLogger(__name__)
 
 _CPU = Path(__file__).with_name("cpu")
 SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "paged_attention.c", "layer_ops.c"))
-HEADERS = (_CPU / "vec16.h", _CPU / "adapter_tiles.h")  # part of the build key
+HEADERS = (_CPU / "vec16.h", _CPU / "adapter_tiles.h", _CPU / "parallel.h")  # part of the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
+# tried first: the ops' threads are then torch's own OpenMP workers (cpu/parallel.h says why); a
+# compiler without OpenMP builds without it, and every threaded call starts its own threads
+OPENMP = "-fopenmp"
 # the adapter ops split their tokens over torch's threads from this many (prefill-sized steps;
 # at decode sizes a thread hand-off costs more than the work)
 PARALLEL_MIN_ROWS = 256
@@ -349,7 +352,7 @@ def _build(build_dir: Path) -> Path:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc) on PATH")
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(FLAGS).encode()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join((*FLAGS, OPENMP)).encode()
                          + _cpu_id().encode() + compiler.encode()).hexdigest()[:16]
     target = build_dir / f"nlora-cpu-{key}.so"
     if target.is_file():
@@ -358,8 +361,13 @@ def _build(build_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=build_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True,
-                       timeout=120)
+        try:
+            subprocess.run([compiler, *FLAGS, OPENMP, "-o", tmp, *map(str, SOURCES)], check=True,
+                           capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:
+            log.info("native CPU ops: %s without OpenMP; threaded calls start their own threads", compiler)
+            subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True,
+                           timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
