@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import platform
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -91,26 +91,13 @@ def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_token
     return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds, **steps, "phases": phases}
 
 
-def in_thread(threads: int, fn, *args):
-    """``fn(*args)`` in a new thread running torch on ``threads`` threads, as our engine's step
-    thread does (nlora_serve/engine/threads.py): the main thread stays single-threaded, so neither
-    side runs against another thread's OpenMP team. Returns its result; re-raises its error."""
-    out: list = []
-
-    def target():
-        torch.set_num_threads(threads)
-        try:
-            out.append((True, fn(*args)))
-        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
-            out.append((False, exc))
-
-    worker = threading.Thread(target=target, name="bench-peer")
-    worker.start()
-    worker.join()
-    ok, value = out[0]
-    if not ok:
-        raise value
-    return value
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new Python process (spawned), in its main thread with torch's default
+    threads, as the peer's own users run it, and away from our engine's OpenMP teams
+    (nlora_serve/engine/threads.py): a peer in this process would leave its team behind and
+    throttle our later runs. Returns its result; re-raises its error."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def _lap(start: float, device: str) -> float:
@@ -249,7 +236,7 @@ def main() -> None:
                              "(rows <mix>/pw; default: %(default)s)")
     parser.add_argument("--out", default="bench/out/engine.json", help="JSON output path")
     args = parser.parse_args()
-    with threads_for_engine() as threads:  # first: only the engine's step thread (and the peer's) run parallel
+    with threads_for_engine() as threads:  # first: only the engine's step thread runs torch in parallel
         run(args, threads)
 
 
@@ -285,8 +272,8 @@ def run(args: argparse.Namespace, threads: int) -> None:
                 row = {"dtype": name, "mix": mix, "ours": ours(args.piecewise == "on")}
                 gc.collect()
                 if mix in args.peer_mixes:
-                    row["peer"] = in_thread(threads, run_hf, path, DTYPES[name], prompts, args.max_tokens, folded,
-                                            args.device, args.load_format, warm_prompts)
+                    row["peer"] = in_fresh_process(run_hf, path, DTYPES[name], prompts, args.max_tokens, folded,
+                                                   args.device, args.load_format, warm_prompts)
                     row["peer_name"] = "PEFT mixed batch" if folded else "HF transformers"
                     gc.collect()
                 if mix in args.vllm_mixes:

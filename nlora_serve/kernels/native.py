@@ -31,7 +31,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,20 +49,19 @@ FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-
 # tried first: the ops' threads are then torch's own OpenMP workers (cpu/parallel.h says why); a
 # compiler without OpenMP builds without it, and every threaded call starts its own threads
 OPENMP = "-fopenmp"
-# the adapter ops split their tokens over torch's threads from this many (prefill-sized steps;
-# at decode sizes a thread hand-off costs more than the work)
-PARALLEL_MIN_ROWS = 256
-_MAX_POOL = 15
-_POOL: ThreadPoolExecutor | None = None
+# the adapter ops split their tokens over torch's threads (OpenMP, cpu/parallel.h) from this
+# many; below, one thread (the hand-off costs ~1 µs, a 16-token call tens)
+PARALLEL_MIN_ROWS = 16
 MAX_RANK = 128  # the C side's static buffers (cpu/adapter_tiles.h MAX_RANK, MAX_MODULES)
 MAX_MODULES = 4
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_ARGTYPES = [_P, _I64, _I64, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _I64, ctypes.c_int, _P, _P]
+_ARGTYPES = [_P, _I64, _I64, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _I64, ctypes.c_int, _P, _P, ctypes.c_int]
 _DECODE_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                     ctypes.c_int, ctypes.c_float, _P, _I64, ctypes.c_int, ctypes.c_int]
-_GROUP_ARGTYPES = [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_int, *[_P] * 12]
-_SYMBOLS = {torch.float32: "nlora_tied_apply_f32", torch.bfloat16: "nlora_tied_apply_bf16"}
-_GROUP_SYMBOLS = {torch.float32: "nlora_group_apply_f32", torch.bfloat16: "nlora_group_apply_bf16"}
+_GROUP_ARGTYPES = [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_int, *[_P] * 12,
+                   ctypes.c_int]
+_SYMBOLS = {torch.float32: "nlora_tied_apply_f32_mt", torch.bfloat16: "nlora_tied_apply_bf16_mt"}
+_GROUP_SYMBOLS = {torch.float32: "nlora_group_apply_f32_mt", torch.bfloat16: "nlora_group_apply_bf16_mt"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,14 +224,11 @@ class NativeOps:
         slots, fams = batch.tok_group_slot.contiguous(), batch.tok_group_family.contiguous()
         scalings = batch.slot_scalings.contiguous()
 
-        def rows(start: int, count: int) -> int:  # index[start : start + count]: disjoint tokens
-            return self._group_fns[plan.dtype](
-                y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), plan.dim_in,
-                index.data_ptr() + start * index.element_size(), count, slots.data_ptr(), fams.data_ptr(),
-                scalings.data_ptr(), batch.max_rank, plan.num_modules, plan.offsets, plan.widths, plan.rank_widths,
-                plan.a_ptrs, *plan.a_strides, plan.n_ptrs, *plan.n_strides, plan.b_ptrs, *plan.b_strides)
-
-        rc = split_rows(index.numel(), rows)
+        rc = self._group_fns[plan.dtype](
+            y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), plan.dim_in, index.data_ptr(), index.numel(),
+            slots.data_ptr(), fams.data_ptr(), scalings.data_ptr(), batch.max_rank, plan.num_modules, plan.offsets,
+            plan.widths, plan.rank_widths, plan.a_ptrs, *plan.a_strides, plan.n_ptrs, *plan.n_strides, plan.b_ptrs,
+            *plan.b_strides, _threads(index.numel()))
         if rc == -2:
             raise MemoryError("native group op: no memory for its scratch buffers")
         if rc != 0:  # plan_group() admits only what the C side's buffers hold
@@ -260,15 +255,10 @@ class NativeOps:
             raise ValueError(f"y must be a CPU [T={batch.num_tokens}, {plan.width}] {plan.dtype} tensor with "
                              f"unit column stride; got {tuple(y.shape)} {y.dtype} strides {y.stride()}")
         slots, scalings = batch.tok_tied_slot.contiguous(), batch.slot_scalings.contiguous()
-        row_bytes = y.stride(0) * y.element_size()
-
-        def rows(start: int, count: int) -> int:  # tokens start .. start + count: disjoint rows of y
-            return self._fns[plan.dtype](
-                y.data_ptr() + start * row_bytes, count, y.stride(0), slots.data_ptr() + 4 * start,
-                scalings.data_ptr(), plan.num_modules, plan.offsets, plan.widths, plan.n_ptrs, plan.n_slot_stride,
-                plan.n_row_stride, plan.rank, plan.bt_ptrs, plan.bias_ptrs)
-
-        rc = split_rows(y.shape[0], rows)
+        rc = self._fns[plan.dtype](
+            y.data_ptr(), y.shape[0], y.stride(0), slots.data_ptr(), scalings.data_ptr(), plan.num_modules,
+            plan.offsets, plan.widths, plan.n_ptrs, plan.n_slot_stride, plan.n_row_stride, plan.rank, plan.bt_ptrs,
+            plan.bias_ptrs, _threads(y.shape[0]))
         if rc != 0:  # plan() admits only what the C side's buffers hold
             raise ValueError(f"native tied op refused rank {plan.rank} / {plan.num_modules} modules")
         return y
@@ -314,21 +304,10 @@ class NativeOps:
         return out
 
 
-def split_rows(total: int, call) -> int:
-    """Run ``call(start, count)`` over rows ``0 .. total`` (each row's work independent of the
-    others'), split over torch's thread count when there are at least :data:`PARALLEL_MIN_ROWS`;
-    the first part on this thread, the rest on a shared pool (ctypes releases the GIL). Returns
-    the first non-zero return code, else 0."""
-    parts = min(torch.get_num_threads(), total // PARALLEL_MIN_ROWS, _MAX_POOL + 1)
-    if parts <= 1:
-        return call(0, total)
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(_MAX_POOL, thread_name_prefix="nlora-native")
-    bounds = [total * i // parts for i in range(parts + 1)]
-    futures = [_POOL.submit(call, bounds[i], bounds[i + 1] - bounds[i]) for i in range(1, parts)]
-    codes = [call(0, bounds[1])] + [f.result() for f in futures]
-    return next((rc for rc in codes if rc != 0), 0)
+def _threads(rows: int) -> int:
+    """Threads an adapter op over ``rows`` independent tokens runs on: torch's count from
+    :data:`PARALLEL_MIN_ROWS` rows, else one."""
+    return torch.get_num_threads() if rows >= PARALLEL_MIN_ROWS else 1
 
 
 def _array(ctype, values: list):

@@ -165,7 +165,7 @@ static inline __attribute__((always_inline)) void attend_heads(const job_t *j, i
 /* one (sequence, kv head): its G query heads, up to four per pass over the rows */
 static inline __attribute__((always_inline)) void attend(const job_t *j, int64_t n, int h, float *s, int64_t c_pad,
                                                          int64_t *rows, const int V, const int bf16) {
-    const int G = j->num_heads / j->num_kv_heads, D = j->head_dim, KVH = j->num_kv_heads;
+    const int G = j->num_heads / j->num_kv_heads;
     const int64_t c = j->ctx_lens[n];
     row_offsets(j, n, h, c, rows);
     if (h == 0)

@@ -12,6 +12,16 @@
 
 #include <pthread.h>
 #include <stddef.h>
+#include <stdint.h>
+
+/* the most jobs a native op splits its work into */
+#define MAX_JOBS 64
+
+/* jobs for `items` independent items on up to `threads` threads: 1 .. MAX_JOBS, never more than items */
+static inline int clamp_jobs(int threads, int64_t items) {
+    int n = threads < 1 ? 1 : threads > MAX_JOBS ? MAX_JOBS : threads;
+    return items < n ? (items > 0 ? (int)items : 1) : n;
+}
 
 /* Calls fn(jobs + t * job_size) for t in [0, n), on up to n threads; returns when all are done. */
 static inline void parallel_jobs(void *(*fn)(void *), void *jobs, size_t job_size, int n) {
