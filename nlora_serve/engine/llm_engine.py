@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import Callable
 
+import torch
 from transformers import AutoTokenizer
 
 from nlora_serve.adapters.manager import AdapterManager
@@ -24,6 +25,7 @@ from nlora_serve.engine.api import (SHUTDOWN_REASON, Engine, EngineError, Reques
                                    max_prompt_chars, prompt_ids)
 from nlora_serve.engine.core import EngineCore, RequestOutput
 from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.threads import engine_threads
 from nlora_serve.engine.warmup import WarmupReport, adapter_kinds, warm_up
 
 Sink = Callable[[RequestOutput], None]
@@ -44,6 +46,7 @@ class LLMEngine(Engine):
         self._ids = RequestIds()
         self._lock = threading.Lock()  # guards tokenizer use from caller threads
         self._max_prompt_chars: int | None = None  # set on the first prompt (api.max_prompt_chars)
+        self._threads = engine_threads(config.cpu_threads)
         self._thread = threading.Thread(target=self._loop, name="nlora-engine", daemon=True)
         self._thread.start()
 
@@ -192,6 +195,7 @@ class LLMEngine(Engine):
     # -- the step thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._threads)  # this thread's own count (engine/threads.py)
         while not self._stopping:
             try:
                 self._drain_inbox()

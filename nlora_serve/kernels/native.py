@@ -31,7 +31,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,22 +44,24 @@ log = logging.getLogger(__name__)
 
 _CPU = Path(__file__).with_name("cpu")
 SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "paged_attention.c", "layer_ops.c"))
-HEADERS = (_CPU / "vec16.h", _CPU / "adapter_tiles.h")  # part of the build key
+HEADERS = (_CPU / "vec16.h", _CPU / "adapter_tiles.h", _CPU / "parallel.h")  # part of the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
-# the adapter ops split their tokens over torch's threads from this many (prefill-sized steps;
-# at decode sizes a thread hand-off costs more than the work)
-PARALLEL_MIN_ROWS = 256
-_MAX_POOL = 15
-_POOL: ThreadPoolExecutor | None = None
+# tried first: the ops' threads are then torch's own OpenMP workers (cpu/parallel.h says why); a
+# compiler without OpenMP builds without it, and every threaded call starts its own threads
+OPENMP = "-fopenmp"
+# the adapter ops split their tokens over torch's threads (OpenMP, cpu/parallel.h) from this
+# many; below, one thread (the hand-off costs ~1 µs, a 16-token call tens)
+PARALLEL_MIN_ROWS = 16
 MAX_RANK = 128  # the C side's static buffers (cpu/adapter_tiles.h MAX_RANK, MAX_MODULES)
 MAX_MODULES = 4
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_ARGTYPES = [_P, _I64, _I64, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _I64, ctypes.c_int, _P, _P]
+_ARGTYPES = [_P, _I64, _I64, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _I64, ctypes.c_int, _P, _P, ctypes.c_int]
 _DECODE_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                     ctypes.c_int, ctypes.c_float, _P, _I64, ctypes.c_int, ctypes.c_int]
-_GROUP_ARGTYPES = [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_int, *[_P] * 12]
-_SYMBOLS = {torch.float32: "nlora_tied_apply_f32", torch.bfloat16: "nlora_tied_apply_bf16"}
-_GROUP_SYMBOLS = {torch.float32: "nlora_group_apply_f32", torch.bfloat16: "nlora_group_apply_bf16"}
+_GROUP_ARGTYPES = [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_int, *[_P] * 12,
+                   ctypes.c_int]
+_SYMBOLS = {torch.float32: "nlora_tied_apply_f32_mt", torch.bfloat16: "nlora_tied_apply_bf16_mt"}
+_GROUP_SYMBOLS = {torch.float32: "nlora_group_apply_f32_mt", torch.bfloat16: "nlora_group_apply_bf16_mt"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,14 +224,11 @@ class NativeOps:
         slots, fams = batch.tok_group_slot.contiguous(), batch.tok_group_family.contiguous()
         scalings = batch.slot_scalings.contiguous()
 
-        def rows(start: int, count: int) -> int:  # index[start : start + count]: disjoint tokens
-            return self._group_fns[plan.dtype](
-                y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), plan.dim_in,
-                index.data_ptr() + start * index.element_size(), count, slots.data_ptr(), fams.data_ptr(),
-                scalings.data_ptr(), batch.max_rank, plan.num_modules, plan.offsets, plan.widths, plan.rank_widths,
-                plan.a_ptrs, *plan.a_strides, plan.n_ptrs, *plan.n_strides, plan.b_ptrs, *plan.b_strides)
-
-        rc = split_rows(index.numel(), rows)
+        rc = self._group_fns[plan.dtype](
+            y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), plan.dim_in, index.data_ptr(), index.numel(),
+            slots.data_ptr(), fams.data_ptr(), scalings.data_ptr(), batch.max_rank, plan.num_modules, plan.offsets,
+            plan.widths, plan.rank_widths, plan.a_ptrs, *plan.a_strides, plan.n_ptrs, *plan.n_strides, plan.b_ptrs,
+            *plan.b_strides, _threads(index.numel()))
         if rc == -2:
             raise MemoryError("native group op: no memory for its scratch buffers")
         if rc != 0:  # plan_group() admits only what the C side's buffers hold
@@ -257,15 +255,10 @@ class NativeOps:
             raise ValueError(f"y must be a CPU [T={batch.num_tokens}, {plan.width}] {plan.dtype} tensor with "
                              f"unit column stride; got {tuple(y.shape)} {y.dtype} strides {y.stride()}")
         slots, scalings = batch.tok_tied_slot.contiguous(), batch.slot_scalings.contiguous()
-        row_bytes = y.stride(0) * y.element_size()
-
-        def rows(start: int, count: int) -> int:  # tokens start .. start + count: disjoint rows of y
-            return self._fns[plan.dtype](
-                y.data_ptr() + start * row_bytes, count, y.stride(0), slots.data_ptr() + 4 * start,
-                scalings.data_ptr(), plan.num_modules, plan.offsets, plan.widths, plan.n_ptrs, plan.n_slot_stride,
-                plan.n_row_stride, plan.rank, plan.bt_ptrs, plan.bias_ptrs)
-
-        rc = split_rows(y.shape[0], rows)
+        rc = self._fns[plan.dtype](
+            y.data_ptr(), y.shape[0], y.stride(0), slots.data_ptr(), scalings.data_ptr(), plan.num_modules,
+            plan.offsets, plan.widths, plan.n_ptrs, plan.n_slot_stride, plan.n_row_stride, plan.rank, plan.bt_ptrs,
+            plan.bias_ptrs, _threads(y.shape[0]))
         if rc != 0:  # plan() admits only what the C side's buffers hold
             raise ValueError(f"native tied op refused rank {plan.rank} / {plan.num_modules} modules")
         return y
@@ -311,21 +304,10 @@ class NativeOps:
         return out
 
 
-def split_rows(total: int, call) -> int:
-    """Run ``call(start, count)`` over rows ``0 .. total`` (each row's work independent of the
-    others'), split over torch's thread count when there are at least :data:`PARALLEL_MIN_ROWS`;
-    the first part on this thread, the rest on a shared pool (ctypes releases the GIL). Returns
-    the first non-zero return code, else 0."""
-    parts = min(torch.get_num_threads(), total // PARALLEL_MIN_ROWS, _MAX_POOL + 1)
-    if parts <= 1:
-        return call(0, total)
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(_MAX_POOL, thread_name_prefix="nlora-native")
-    bounds = [total * i // parts for i in range(parts + 1)]
-    futures = [_POOL.submit(call, bounds[i], bounds[i + 1] - bounds[i]) for i in range(1, parts)]
-    codes = [call(0, bounds[1])] + [f.result() for f in futures]
-    return next((rc for rc in codes if rc != 0), 0)
+def _threads(rows: int) -> int:
+    """Threads an adapter op over ``rows`` independent tokens runs on: torch's count from
+    :data:`PARALLEL_MIN_ROWS` rows, else one."""
+    return torch.get_num_threads() if rows >= PARALLEL_MIN_ROWS else 1
 
 
 def _array(ctype, values: list):
@@ -349,7 +331,7 @@ def _build(build_dir: Path) -> Path:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc) on PATH")
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join(FLAGS).encode()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join((*FLAGS, OPENMP)).encode()
                          + _cpu_id().encode() + compiler.encode()).hexdigest()[:16]
     target = build_dir / f"nlora-cpu-{key}.so"
     if target.is_file():
@@ -358,8 +340,13 @@ def _build(build_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=build_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True,
-                       timeout=120)
+        try:
+            subprocess.run([compiler, *FLAGS, OPENMP, "-o", tmp, *map(str, SOURCES)], check=True,
+                           capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:
+            log.info("native CPU ops: %s without OpenMP; threaded calls start their own threads", compiler)
+            subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True,
+                           timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

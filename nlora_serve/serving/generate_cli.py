@@ -14,6 +14,7 @@ from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.engine.llm_engine import LLMEngine
+from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.serving.chat_template import encode_chat
 from nlora_serve.serving.engine_flags import add_device_arguments, device_config
@@ -103,7 +104,8 @@ def run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     cache_dir = getattr(args, "cache_dir", None)
-    with tempfile.TemporaryDirectory(prefix="nlora-generate-") as scratch:
+    # before the model loads: the step thread alone runs torch in parallel
+    with threads_for_engine(), tempfile.TemporaryDirectory(prefix="nlora-generate-") as scratch:
         store, name = _adapter_store(args, scratch)
         try:
             config = device_config(args, cache_dir=cache_dir, adapter_dir=store,

@@ -37,6 +37,7 @@ from nlora_serve.serving.backend_cli import add_backend_arguments, backend_confi
 from nlora_serve.serving.engine_flags import add_device_arguments, device_config
 from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
+from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.serving.example_tenants import ensure_example_tenants, example_name
 from nlora_serve.serving.grpc_convert import server_info
 from nlora_serve.serving.grpc_server import NloraServer
@@ -267,11 +268,12 @@ def run_serve(args: argparse.Namespace) -> int:
     Raises:
         StartupError, AuthError, ModelError: the server could not start (see :func:`build`).
     """
-    engine, server, examples = build(args)
-    try:
-        drained = asyncio.run(serve(server, examples))
-    finally:
-        engine.shutdown()
+    with threads_for_engine():  # before the model loads: the step thread alone runs torch in parallel
+        engine, server, examples = build(args)
+        try:
+            drained = asyncio.run(serve(server, examples))
+        finally:
+            engine.shutdown()
     log.info("drained, exiting" if drained else "drain period over (remaining requests aborted and told), exiting")
     return 0
 

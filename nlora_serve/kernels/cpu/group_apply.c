@@ -33,6 +33,7 @@
 #include <stdlib.h>
 
 #include "adapter_tiles.h"
+#include "parallel.h"
 
 #define CHUNK 32
 #define TB 4 /* tokens per pass over an A slice */
@@ -281,3 +282,47 @@ int NAME(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,        
 DEFINE_GROUP_APPLY(nlora_group_apply_f32, float, float, x_row_f32, transpose_f32, shrink_f32, mix_f32, expand_f32)
 DEFINE_GROUP_APPLY(nlora_group_apply_bf16, uint16_t, BF16_XT, x_row_bf16, transpose_bf16, shrink_bf16, mix_bf16,
                    expand_bf16)
+
+typedef struct {
+    void *y;
+    const void *x;
+    int64_t y_row, x_row, dim_in, first, last;
+    const int64_t *index, *off, *width, *rank_width, *a_fam, *a_row, *n_slot, *n_row, *b_fam, *b_row;
+    const int32_t *slots, *families;
+    const float *scale;
+    int r, num_modules, rc;
+    const void *const *a, *const *n, *const *b;
+} group_job_t;
+
+/* NAME_mt: NAME over index[0 : num_index] split into num_threads jobs (disjoint tokens; a family
+ * cut in two has its B transposed by both jobs); the first non-zero return code, else 0 */
+#define DEFINE_GROUP_APPLY_MT(NAME, T)                                                                  \
+static void *NAME##_job(void *arg) {                                                                    \
+    group_job_t *j = arg;                                                                               \
+    j->rc = NAME((T *)j->y, j->y_row, (const T *)j->x, j->x_row, j->dim_in, j->index + j->first,        \
+                 j->last - j->first, j->slots, j->families, j->scale, j->r, j->num_modules, j->off,     \
+                 j->width, j->rank_width, (const T *const *)j->a, j->a_fam, j->a_row,                   \
+                 (const T *const *)j->n, j->n_slot, j->n_row, (const T *const *)j->b, j->b_fam, j->b_row); \
+    return NULL;                                                                                        \
+}                                                                                                       \
+int NAME##_mt(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,                          \
+              const int64_t *index, int64_t num_index, const int32_t *slots, const int32_t *families,  \
+              const float *scale, int r, int num_modules, const int64_t *off, const int64_t *width,    \
+              const int64_t *rank_width, const T *const *a, const int64_t *a_fam, const int64_t *a_row, \
+              const T *const *n, const int64_t *n_slot, const int64_t *n_row,                          \
+              const T *const *b, const int64_t *b_fam, const int64_t *b_row, int num_threads) {        \
+    group_job_t jobs[MAX_JOBS];                                                                         \
+    const int parts = clamp_jobs(num_threads, num_index);                                               \
+    for (int t = 0; t < parts; t++)                                                                     \
+        jobs[t] = (group_job_t){y, x, y_row, x_row, dim_in, num_index * t / parts,                      \
+                                num_index * (t + 1) / parts, index, off, width, rank_width, a_fam, a_row, \
+                                n_slot, n_row, b_fam, b_row, slots, families, scale, r, num_modules, 0, \
+                                (const void *const *)a, (const void *const *)n, (const void *const *)b}; \
+    parallel_jobs(NAME##_job, jobs, sizeof jobs[0], parts);                                             \
+    for (int t = 0; t < parts; t++)                                                                     \
+        if (jobs[t].rc) return jobs[t].rc;                                                              \
+    return 0;                                                                                           \
+}
+
+DEFINE_GROUP_APPLY_MT(nlora_group_apply_f32, float)
+DEFINE_GROUP_APPLY_MT(nlora_group_apply_bf16, uint16_t)

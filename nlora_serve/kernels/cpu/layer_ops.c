@@ -11,13 +11,13 @@
  *                 (sin's first half negated, engine/rope.py's tables), in place
  *   silu_mul:     out[t, i] = g / (1 + e^-g) * u,   g = gate_up[t, i], u = gate_up[t, I + i]
  *
- * Rows are split over num_threads POSIX threads (1 for small tensors); calls are reentrant.
+ * Rows are split over num_threads jobs (parallel.h; 1 for small tensors); calls are reentrant.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
+#include "parallel.h"
 #include "vec16.h"
 
 #define MAX_THREADS 16
@@ -102,18 +102,12 @@ static int run_split(void *(*fn)(void *), const job_t *proto, int64_t rows, int 
     if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
     if (num_threads > rows) num_threads = rows > 0 ? (int)rows : 1;
     job_t jobs[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
     for (int t = 0; t < num_threads; t++) {
         jobs[t] = *proto;
         jobs[t].first = rows * t / num_threads;
         jobs[t].last = rows * (t + 1) / num_threads;
     }
-    int started = 1;
-    for (int t = 1; t < num_threads; t++, started++)
-        if (pthread_create(&threads[t], NULL, fn, &jobs[t]) != 0) break;
-    for (int t = started; t < num_threads; t++) fn(&jobs[t]); /* no thread: run it here */
-    fn(&jobs[0]);
-    for (int t = 1; t < started; t++) pthread_join(threads[t], NULL);
+    parallel_jobs(fn, jobs, sizeof jobs[0], num_threads);
     return 0;
 }
 

@@ -14,13 +14,15 @@
  * Layout of the work: tokens in chunks of CHUNK; for a chunk, every token's u is computed first
  * (so no z is read after an add), then each module's expand runs tile by tile over the columns:
  * a TILE-column slice of B^T (r x TILE fp32, L1-resident) is applied to every token of the chunk
- * with the accumulators in registers. Single-threaded: at decode sizes the engine's OpenMP pool
- * costs more in fork/join than these FLOPs take.
+ * with the accumulators in registers. The _mt entry points split the tokens over num_threads
+ * jobs (parallel.h: torch's OpenMP workers, a ~1 µs hand-off), each a call of the op above on
+ * disjoint rows of y.
  *
  * N[m] points at slot 0 of module m's N; slot s starts at N[m] + s * n_slot_stride (elements);
  * rows of one N are n_row_stride apart, columns contiguous.
  */
 #include "adapter_tiles.h"
+#include "parallel.h"
 
 #define CHUNK 32
 
@@ -72,3 +74,44 @@ int NAME(YT *y, int64_t num_tokens, int64_t y_row_stride, const int32_t *slots, 
 
 DEFINE_TIED_APPLY(nlora_tied_apply_f32, float, float, F32_LOAD, F32_STORE, tile_f32, mix_f32)
 DEFINE_TIED_APPLY(nlora_tied_apply_bf16, uint16_t, uint16_t, bf16_to_f32, f32_to_bf16, tile_bf16, mix_bf16)
+
+typedef struct {
+    void *y;
+    int64_t y_row_stride;
+    const int32_t *slots;
+    const float *scale;
+    int num_modules, r, rc;
+    const int64_t *off, *width;
+    const void *const *n, *const *bias;
+    int64_t n_slot_stride, n_row_stride, first, last;
+    const float *const *bt;
+} tied_job_t;
+
+/* NAME_mt: NAME over tokens split into num_threads jobs of disjoint rows; the first non-zero
+ * return code of a job, else 0 */
+#define DEFINE_TIED_APPLY_MT(NAME, YT, NT)                                                              \
+static void *NAME##_job(void *arg) {                                                                    \
+    tied_job_t *j = arg;                                                                                \
+    j->rc = NAME((YT *)j->y + j->first * j->y_row_stride, j->last - j->first, j->y_row_stride,          \
+                 j->slots + j->first, j->scale, j->num_modules, j->off, j->width, (const NT *const *)j->n, \
+                 j->n_slot_stride, j->n_row_stride, j->r, j->bt, (const NT *const *)j->bias);           \
+    return NULL;                                                                                        \
+}                                                                                                       \
+int NAME##_mt(YT *y, int64_t num_tokens, int64_t y_row_stride, const int32_t *slots, const float *scale, \
+              int num_modules, const int64_t *off, const int64_t *width, const NT *const *n,            \
+              int64_t n_slot_stride, int64_t n_row_stride, int r, const float *const *bt,               \
+              const NT *const *bias, int num_threads) {                                                 \
+    tied_job_t jobs[MAX_JOBS];                                                                          \
+    const int parts = clamp_jobs(num_threads, num_tokens);                                              \
+    for (int t = 0; t < parts; t++)                                                                     \
+        jobs[t] = (tied_job_t){y, y_row_stride, slots, scale, num_modules, r, 0, off, width,            \
+                               (const void *const *)n, (const void *const *)bias, n_slot_stride,        \
+                               n_row_stride, num_tokens * t / parts, num_tokens * (t + 1) / parts, bt}; \
+    parallel_jobs(NAME##_job, jobs, sizeof jobs[0], parts);                                             \
+    for (int t = 0; t < parts; t++)                                                                     \
+        if (jobs[t].rc) return jobs[t].rc;                                                              \
+    return 0;                                                                                           \
+}
+
+DEFINE_TIED_APPLY_MT(nlora_tied_apply_f32, float, float)
+DEFINE_TIED_APPLY_MT(nlora_tied_apply_bf16, uint16_t, uint16_t)
