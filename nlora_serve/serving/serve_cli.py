@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -268,7 +269,9 @@ def run_serve(args: argparse.Namespace) -> int:
     Raises:
         StartupError, AuthError, ModelError: the server could not start (see :func:`build`).
     """
-    with threads_for_engine():  # before the model loads: the step thread alone runs torch in parallel
+    # before the model loads: the native engine's step thread alone runs torch in parallel (vLLM's
+    # workers are processes of their own, which take their threads themselves)
+    with threads_for_engine() if args.backend == "native" else contextlib.nullcontext():
         engine, server, examples = build(args)
         try:
             drained = asyncio.run(serve(server, examples))
