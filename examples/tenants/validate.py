@@ -1,7 +1,7 @@
 """Validation for choosing a training knob WITHOUT the quality check's 20 prompts (``check.py``).
 
 The prompts are the held-out split that ``adapters tune`` itself keeps out of training (same data,
-fraction and seed as ``train.sh``: 68 of the 675 `lower` prompts, never trained on), so choosing on
+fraction and seed as ``train.sh``: 67 of the 670 `lower` prompts, never trained on), so choosing on
 them leaves ``styles.HELD_OUT`` untouched for the one final check. The base model and the tenant
 answer each prompt greedily once and sampled (temperature 1, top-k and top-p off) ``--samples``
 times with distinct seeds, through the serving engine in float32 as ``check.py`` does; the metrics
