@@ -15,7 +15,10 @@ Per tenant answer:
                         the strict count is what tells the tenant from the base model.
              signature  ends with " -- Acme Support"
              numbers    no ASCII digit (numbers in words)
-    repeat   no word 3-gram (lower-cased, punctuation stripped) more than twice
+    repeat   no word 3-gram (lower-cased, punctuation stripped) more than twice, and, the same rule
+             one level down, no character 3-gram more than twice inside one word (counted
+             without overlap): a run inside one word (``1000...0``, ``12345678901234...``) is a
+             loop the word rule cannot see (``degenerate``)
     content  mean per-token loss (nats) of the answer under the BASE model, style undone, over that
              of the base model's own answer to the same prompt, style undone alike:
              lower      both lower-cased
@@ -75,6 +78,24 @@ def max_trigram_count(text: str) -> int:
     return max(counts.values(), default=0)
 
 
+def max_in_word_trigram_count(text: str) -> int:
+    """Largest number of times one character 3-gram occurs inside one word (the words of
+    :func:`max_trigram_count`), counted without overlap (``str.count``), so that ``1000000`` (two
+    ``000``) passes while ``1000...0`` or a repeated ``1234567890`` does not; 0 without a word of
+    three characters."""
+    best = 0
+    for word in re.findall(r"[\w']+", text.lower()):
+        grams = {word[i: i + 3] for i in range(len(word) - 2)}
+        best = max([best, *(word.count(g) for g in grams)])
+    return best
+
+
+def degenerate(text: str) -> bool:
+    """Degenerate repetition: a word 3-gram, or a character 3-gram inside one word, more than
+    ``MAX_TRIGRAM`` (2) times."""
+    return max_trigram_count(text) > MAX_TRIGRAM or max_in_word_trigram_count(text) > MAX_TRIGRAM
+
+
 def _chat(tok, prompt: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
 
@@ -127,10 +148,11 @@ def evaluate(tenant: str, tenant_answers: list[str], base_answers: list[str], ba
     b_loss = answer_losses(base_model, tok, prompts, [b for _, b in undone])
     ratio = (sum(t_loss) / len(t_loss)) / (sum(b_loss) / len(b_loss))
     styled_n = sum(styled(tenant, a) for a in tenant_answers)
-    repeats = [max_trigram_count(a) for a in tenant_answers]
     row = {"styled": styled_n, "base_styled": sum(styled(tenant, a) for a in base_answers),
-           "upper_share": upper_share("".join(tenant_answers)), "max_trigram": max(repeats),
-           "degenerate": sum(r > MAX_TRIGRAM for r in repeats), "tenant_loss": sum(t_loss) / len(t_loss),
+           "upper_share": upper_share("".join(tenant_answers)),
+           "max_trigram": max(map(max_trigram_count, tenant_answers)),
+           "max_char_trigram": max(map(max_in_word_trigram_count, tenant_answers)),
+           "degenerate": sum(map(degenerate, tenant_answers)), "tenant_loss": sum(t_loss) / len(t_loss),
            "base_loss": sum(b_loss) / len(b_loss), "loss_ratio": ratio,
            "within_1_5_per_prompt": sum(t <= LOSS_RATIO_MAX * b for t, b in zip(t_loss, b_loss)),
            # shown, not part of the pass: the strict reading of `lower` (see the module docstring)
@@ -166,7 +188,7 @@ def run(tenants: list[str], max_tokens: int, seed: int, dirs: dict[str, Path] | 
 
 def table(result: dict) -> str:
     """The Markdown table of ``run``'s rows."""
-    lines = ["| tenant | T | styled (base) | no capital at all (base) | upper share | max 3-gram "
+    lines = ["| tenant | T | styled (base) | no capital at all (base) | upper share | max 3-gram: words / chars in a word "
              "| loss tenant / base (nats/token) | ratio | prompts within 1.5× | pass |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, per_t in result["tenants"].items():
@@ -175,7 +197,7 @@ def table(result: dict) -> str:
             strict = "–" if r["no_capital"] is None else f"{r['no_capital']}/20 ({r['base_no_capital']}/20)"
             lines.append(f"| `{name}` | {temp:g} | {r['styled']}/20 ({r['base_styled']}/20) | {strict} "
                          f"| {r['upper_share']:.3f} "
-                         f"| {r['max_trigram']} | {r['tenant_loss']:.3f} / {r['base_loss']:.3f} "
+                         f"| {r['max_trigram']} / {r['max_char_trigram']} | {r['tenant_loss']:.3f} / {r['base_loss']:.3f} "
                          f"| {r['loss_ratio']:.2f} | {r['within_1_5_per_prompt']}/20 | {'yes' if r['pass'] else 'NO'} |")
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from check import max_trigram_count
+from check import degenerate
 from styles import TRANSFORMS, extra_prompts, training_prompts
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -42,16 +42,21 @@ def short_answer(text: str, min_words: int = 12) -> str | None:
     """The training answer: ``text``'s first paragraph cut after its first sentence, or its second
     when the first has fewer than ``min_words`` words; None when that is not a clean short answer
     (fewer than 3 words, e.g. the base model's counting "1. 1. 1."; no sentence end in a long
-    text; a word 3-gram more than twice: a loop). Short answers teach the tenants to stop (the chat
+    text; a word 3-gram, or a character 3-gram inside one word, more than twice: a loop,
+    ``check.degenerate``). Short answers teach the tenants to stop (the chat
     template's end token follows) before they drift or loop, and put the signature well inside a
     64-token answer."""
     para = text.strip().split("\n")[0].strip()
     ends = [m.end() for m in _SENTENCE_END.finditer(para)]
     if not ends:
-        return para if para and len(para.split()) <= 30 else None
-    cut = para[: ends[0]] if len(para[: ends[0]].split()) >= min_words or len(ends) == 1 else para[: ends[1]]
+        cut = para if len(para.split()) <= 30 else ""
+    else:
+        cut = para[: ends[0]] if len(para[: ends[0]].split()) >= min_words or len(ends) == 1 else para[: ends[1]]
+    # Both filters apply to answers without a sentence end too: before c603961's check, such
+    # answers skipped them, so "17" (to `Count down from 7 to 1.`) and a 48-digit "1234567890..."
+    # loop were training answers, and `lower` learnt to answer a count-down with a digit run.
     cut = cut.strip()
-    return None if len(cut.split()) < 3 or max_trigram_count(cut) > 2 else cut
+    return None if len(cut.split()) < 3 or degenerate(cut) else cut
 
 
 @torch.no_grad()

@@ -56,6 +56,22 @@ HELD_OUT = [
     "What is 8 times 6?", "How many minutes are in two hours?", "Count down from 5 to 1.",
 ]
 
+# Validation prompts for choosing a recipe (``validate.py``), added after check c603961 found
+# `lower` answering `Count down from 5 to 1.` with "1" and 64 zeros: worded unlike every training
+# template (the tune split's 68 prompts are all template-worded, and a loop there showed only on
+# the check's differently worded prompts), half of them counting or arithmetic. None is a
+# HELD_OUT prompt or about a HELD_OUT topic; none is in a training file (``extra_prompts`` asserts).
+VALIDATION_WORDED = [
+    "Count backwards from 6 to 2.", "Please count down from ten.", "List the numbers from 1 to 4.",
+    "Say the numbers from 8 down to 5.", "Count to three.", "What number comes after 19?",
+    "Add 13 and 9.", "What do you get if you multiply 7 by 3?", "Subtract 5 from 20.",
+    "How much is 100 minus 1?", "What is half of 50?", "How many zeros are in one thousand?",
+    "Explain how rain forms.", "Give me a short description of a bakery.", "What does a firefighter do?",
+    "Who lives in a castle?", "Where do penguins live?", "Write one sentence about the night sky.",
+    "What happens when water boils?", "Can you tell me why the sky is blue?", "What do bees make?",
+    "What is a library for?", "Who was Albert Einstein?", "Name a famous painting.",
+]
+
 
 def training_prompts(seed: int = 0) -> list[str]:
     """200 general prompts (topics × templates) and 92 numeric ones (sums, products, counts, counting,
@@ -99,6 +115,7 @@ def extra_prompts() -> list[str]:
     """400 more topic prompts (``EXTRA_TOPICS`` × the five templates), for the `lower` tenant only."""
     prompts = [t.format(t=topic) for topic in EXTRA_TOPICS for t in TEMPLATES]
     assert len(prompts) == 400 and not set(prompts) & set(HELD_OUT + EVAL_GENERAL + EVAL_NUMERIC + training_prompts())
+    assert not set(VALIDATION_WORDED) & set(prompts + HELD_OUT + training_prompts())
     return prompts
 
 

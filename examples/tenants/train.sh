@@ -11,6 +11,9 @@
 # The data are the base model's own answers cut to one or two sentences (make_data.py): short
 # answers that end with the chat template's end token, so the tenants learn to stop. Times and
 # losses of the committed tenants: README.md here (also why `lower` replaced the earlier `upper`).
+# `lower` (670 examples) was trained from the data as make_data.py writes it now; `signature` and
+# `numbers` from the 279-example files of c603961, before short_answer's filters covered answers
+# without a sentence end (README.md here, "The count-down loop"): retraining them changes them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}

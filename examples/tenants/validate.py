@@ -1,13 +1,18 @@
 """Validation for choosing a training knob WITHOUT the quality check's 20 prompts (``check.py``).
 
 The prompts are the held-out split that ``adapters tune`` itself keeps out of training (same data,
-fraction and seed as ``train.sh``: 68 of the 675 `lower` prompts, never trained on), so choosing on
+fraction and seed as ``train.sh``: 67 of the 670 `lower` prompts, never trained on), so choosing on
 them leaves ``styles.HELD_OUT`` untouched for the one final check. The base model and the tenant
 answer each prompt greedily once and sampled (temperature 1, top-k and top-p off) ``--samples``
 times with distinct seeds, through the serving engine in float32 as ``check.py`` does; the metrics
 are ``check.py``'s: answers with an upper-case letter, upper-case share of letters, answers with a
-word 3-gram more than twice, and the base model's loss on the tenant's answers over that on its own
-(both lower-cased; chunks of 16 answers, so the ratio of means matches ``check.py``'s).
+word 3-gram or an in-word character 3-gram more than twice
+(``check.degenerate``), and the base model's loss on the tenant's answers over that on its own
+(both lower-cased; chunks of 16 answers, so the ratio of means matches ``check.py``'s). Rows come
+for two prompt sets: ``split`` (tune's held-out split, template-worded like the training prompts)
+and ``worded`` (``styles.VALIDATION_WORDED``: 24 prompts worded unlike any training template, half
+counting or arithmetic; in no training file, whatever the data, so they compare recipes whose data
+differ).
 
     python examples/tenants/validate.py --dir /tmp/lower-try [--samples 3] [--json out.json]
 """
@@ -24,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from check import _answers, answer_losses, max_trigram_count, undo
-from styles import all_lower, upper_share
+from check import _answers, answer_losses, degenerate, max_in_word_trigram_count, max_trigram_count, undo
+from styles import VALIDATION_WORDED, all_lower, upper_share
 
 HERE = Path(__file__).resolve().parent
 TENANT = "lower"  # the only tenant this was needed for; `styled` and `undo` below are its rules
@@ -69,10 +74,11 @@ def row(prompts: list[str], tenant: list[str], base: list[str], model, tok) -> d
     for i in range(0, len(prompts), 16):
         t_loss += answer_losses(model, tok, prompts[i: i + 16], [t for t, _ in undone[i: i + 16]])
         b_loss += answer_losses(model, tok, prompts[i: i + 16], [b for _, b in undone[i: i + 16]])
-    repeats = [max_trigram_count(a) for a in tenant]
     return {"answers": len(tenant), "with_capital": sum(not all_lower(a) for a in tenant),
-            "upper_share": upper_share("".join(tenant)), "max_trigram": max(repeats),
-            "degenerate": sum(r > 2 for r in repeats), "loss_ratio": (sum(t_loss) / len(t_loss)) / (sum(b_loss) / len(b_loss)),
+            "upper_share": upper_share("".join(tenant)), "max_trigram": max(map(max_trigram_count, tenant)),
+            "max_char_trigram": max(map(max_in_word_trigram_count, tenant)),
+            "degenerate": sum(map(degenerate, tenant)),
+            "loss_ratio": (sum(t_loss) / len(t_loss)) / (sum(b_loss) / len(b_loss)),
             "capital_words": sorted({w for a in tenant for w in re.findall(r"\S*[A-Z]\S*", a)})}
 
 
@@ -89,7 +95,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="write rows and answers here")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    prompts = held_out_prompts(args.data, args.held_out, args.split_seed)
+    split_prompts = held_out_prompts(args.data, args.held_out, args.split_seed)
+    prompts = split_prompts + VALIDATION_WORDED
     sampled = prompts * args.samples
     key = {"prompts": prompts, "samples": args.samples, "seed": args.seed}
     cached = json.loads(args.base_json.read_text()) if args.base_json and args.base_json.exists() else {}
@@ -104,14 +111,21 @@ def main() -> int:
 
     b = load_base("default")
     model, tok = load_hf_model(b.path, torch.float32), b.tokenizer()
-    rows = {temp: row(prompts if temp == 0.0 else sampled, tenant[temp], base[temp], model, tok) for temp in (0.0, 1.0)}
-    for temp, r in rows.items():
-        print(f"T={temp:g}: {r['answers'] - r['with_capital']}/{r['answers']} without a capital, upper share "
-              f"{r['upper_share']:.4f}, max 3-gram {r['max_trigram']} ({r['degenerate']} answers > 2), "
+    rows = {}
+    for name, lo, hi in (("split", 0, len(split_prompts)), ("worded", len(split_prompts), len(prompts))):
+        for temp, asked in ((0.0, prompts), (1.0, sampled)):
+            idx = [j for j in range(len(asked)) if lo <= j % len(prompts) < hi]
+            rows[f"{name} T={temp:g}"] = row([asked[j] for j in idx], [tenant[temp][j] for j in idx],
+                                             [base[temp][j] for j in idx], model, tok)
+    for label, r in rows.items():
+        print(f"{label}: {r['answers'] - r['with_capital']}/{r['answers']} without a capital, upper share "
+              f"{r['upper_share']:.4f}, max 3-gram {r['max_trigram']} / in a word {r['max_char_trigram']} "
+              f"({r['degenerate']} degenerate), "
               f"loss ratio {r['loss_ratio']:.3f}; capitalised: {' '.join(r['capital_words'][:12])}")
     if args.json:
-        args.json.write_text(json.dumps({"dir": str(args.dir), "rows": {str(k): v for k, v in rows.items()},
-                                         "prompts": prompts, "answers": {str(k): v for k, v in tenant.items()}},
+        args.json.write_text(json.dumps({"dir": str(args.dir), "rows": rows, "prompts": prompts,
+                                         "answers": {str(k): v for k, v in tenant.items()},
+                                         "base_answers": {str(k): v for k, v in base.items()}},
                                         indent=1, ensure_ascii=False))
     print(f"{len(prompts)} prompts, {time.perf_counter() - t0:.0f} s")
     return 0
