@@ -272,8 +272,11 @@ def run(args: argparse.Namespace, threads: int) -> None:
                 row = {"dtype": name, "mix": mix, "ours": ours(args.piecewise == "on")}
                 gc.collect()
                 if mix in args.peer_mixes:
-                    row["peer"] = in_fresh_process(run_hf, path, DTYPES[name], prompts, args.max_tokens, folded,
-                                                   args.device, args.load_format, warm_prompts)
+                    # CPU: a fresh process (in_fresh_process says why); CUDA: here, as before (a spawned
+                    # child would pay its own imports and CUDA start inside gpu_check.sh's step budget)
+                    peer = in_fresh_process if args.device == "cpu" else (lambda fn, *a: fn(*a))
+                    row["peer"] = peer(run_hf, path, DTYPES[name], prompts, args.max_tokens, folded,
+                                       args.device, args.load_format, warm_prompts)
                     row["peer_name"] = "PEFT mixed batch" if folded else "HF transformers"
                     gc.collect()
                 if mix in args.vllm_mixes:
