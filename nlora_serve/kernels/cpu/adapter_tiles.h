@@ -44,6 +44,23 @@ static inline void NAME##_x2(YT *restrict d0, YT *restrict d1, const float *rest
     }                                                                                                   \
     STORE16(d0, a0); STORE16(d0 + 16, a1); STORE16(d0 + 32, a2); STORE16(d0 + 48, a3);                  \
     STORE16(d1, c0); STORE16(d1 + 16, c1); STORE16(d1 + 32, c2); STORE16(d1 + 48, c3);                  \
+}                                                                                                       \
+/* four tokens at once: each B^T load feeds four FMAs (16 accumulators + 4 loads in 32 registers) */  \
+static inline void NAME##_x4(YT *const *d, const float *restrict bt, int64_t w, const float *const *u, int r) { \
+    vec16 a[4][4];                                                                                      \
+    for (int t = 0; t < 4; t++)                                                                         \
+        for (int v = 0; v < 4; v++) a[t][v] = LOAD16(d[t] + 16 * v);                                    \
+    for (int k = 0; k < r; k++) {                                                                       \
+        const float *b = bt + k * w;                                                                    \
+        vec16 b0 = load16(b), b1 = load16(b + 16), b2 = load16(b + 32), b3 = load16(b + 48);            \
+        __asm__("" : "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));                                          \
+        for (int t = 0; t < 4; t++) {                                                                   \
+            const float p = u[t][k];                                                                    \
+            a[t][0] += p * b0; a[t][1] += p * b1; a[t][2] += p * b2; a[t][3] += p * b3;                 \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int t = 0; t < 4; t++)                                                                         \
+        for (int v = 0; v < 4; v++) STORE16(d[t] + 16 * v, a[t][v]);                                    \
 }
 
 DEFINE_TILE(tile_f32, float, load16, store16)

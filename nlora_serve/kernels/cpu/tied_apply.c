@@ -55,6 +55,16 @@ int NAME(YT *y, int64_t num_tokens, int64_t y_row_stride, const int32_t *slots, 
                 const int n_cols = w - j0 < TILE ? (int)(w - j0) : TILE;                                  \
                 int c = 0;                                                                                \
                 if (n_cols == TILE)                                                                       \
+                    for (; c + 4 <= count; c += 4) {                                                      \
+                        YT *d4[4];                                                                        \
+                        const float *u4[4];                                                               \
+                        for (int q = 0; q < 4; q++) {                                                     \
+                            d4[q] = y + rows[c + q] * y_row_stride + off[m] + j0;                         \
+                            u4[q] = u[c + q][m];                                                          \
+                        }                                                                                 \
+                        TILE_FN##_x4(d4, bt[m] + j0, w, u4, r);                                           \
+                    }                                                                                     \
+                if (n_cols == TILE)                                                                       \
                     for (; c + 2 <= count; c += 2)                                                        \
                         TILE_FN##_x2(y + rows[c] * y_row_stride + off[m] + j0,                            \
                                      y + rows[c + 1] * y_row_stride + off[m] + j0, bt[m] + j0, w,         \
