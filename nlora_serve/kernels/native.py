@@ -340,13 +340,15 @@ def _build(build_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=build_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        try:
-            subprocess.run([compiler, *FLAGS, OPENMP, "-o", tmp, *map(str, SOURCES)], check=True,
-                           capture_output=True, timeout=120)
-        except subprocess.CalledProcessError:
-            log.info("native CPU ops: %s without OpenMP; threaded calls start their own threads", compiler)
-            subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True,
-                           timeout=120)
+        for extra in ((OPENMP,), ()):  # without OpenMP only where the compiler lacks it
+            try:
+                subprocess.run([compiler, *FLAGS, *extra, "-o", tmp, *map(str, SOURCES)], check=True,
+                               capture_output=True, timeout=120)
+                break
+            except subprocess.CalledProcessError:
+                if not extra:
+                    raise
+                log.info("native CPU ops: %s without OpenMP; threaded calls start their own threads", compiler)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

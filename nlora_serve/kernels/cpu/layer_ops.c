@@ -20,7 +20,6 @@
 #include "parallel.h"
 #include "vec16.h"
 
-#define MAX_THREADS 16
 #define MAX_HEAD_DIM 256
 
 typedef struct {
@@ -98,10 +97,8 @@ static void *silu_rows(void *arg) {
 /* Runs fn over rows [0, rows) split into num_threads jobs copied from *proto; returns 0, or -2
  * when no thread could be started (then the rows ran here). */
 static int run_split(void *(*fn)(void *), const job_t *proto, int64_t rows, int num_threads) {
-    if (num_threads < 1) num_threads = 1;
-    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
-    if (num_threads > rows) num_threads = rows > 0 ? (int)rows : 1;
-    job_t jobs[MAX_THREADS];
+    num_threads = clamp_jobs(num_threads, rows);
+    job_t jobs[MAX_JOBS];
     for (int t = 0; t < num_threads; t++) {
         jobs[t] = *proto;
         jobs[t].first = rows * t / num_threads;

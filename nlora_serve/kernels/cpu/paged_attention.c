@@ -44,7 +44,6 @@
 
 #define MAX_GROUP 16
 #define MAX_HEAD_DIM 256
-#define MAX_THREADS 16
 /* positions ahead that the first kv head's pass prefetches (every head's K and V rows) */
 #define DIST 16
 
@@ -216,10 +215,8 @@ int nlora_paged_decode(const void *q, int64_t q_stride, const void *k_cache, con
                        void *out, int64_t out_stride, int is_bf16, int num_threads) {
     if (head_dim % 16 || head_dim > MAX_HEAD_DIM || num_heads % num_kv_heads || num_heads / num_kv_heads > MAX_GROUP)
         return -1;
-    if (num_threads < 1) num_threads = 1;
-    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
-    if (num_threads > num_seqs) num_threads = (int)(num_seqs > 0 ? num_seqs : 1);
-    job_t jobs[MAX_THREADS];
+    num_threads = clamp_jobs(num_threads, num_seqs);
+    job_t jobs[MAX_JOBS];
     for (int t = 0; t < num_threads; t++) {
         jobs[t] = (job_t){q, k_cache, v_cache, out, tables, ctx_lens, q_stride, out_stride, table_stride,
                           num_seqs * t / num_threads, num_seqs * (t + 1) / num_threads, num_heads, num_kv_heads,

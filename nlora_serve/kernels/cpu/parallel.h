@@ -34,9 +34,9 @@ static inline void parallel_jobs(void *(*fn)(void *), void *jobs, size_t job_siz
 #pragma omp parallel for schedule(static) num_threads(n)
     for (int t = 0; t < n; t++) fn(at + (size_t)t * job_size);
 #else
-    pthread_t threads[64];
+    pthread_t threads[MAX_JOBS];
     int started = 1;
-    for (int t = 1; t < n && t < 64; t++, started++)
+    for (int t = 1; t < n && t < MAX_JOBS; t++, started++)
         if (pthread_create(&threads[t], NULL, fn, at + (size_t)t * job_size) != 0) break;
     for (int t = started; t < n; t++) fn(at + (size_t)t * job_size); /* no thread: run it here */
     fn(at);
