@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _CPU = Path(__file__).with_name("cpu")
 SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "paged_attention.c", "layer_ops.c"))
-HEADERS = tuple(_CPU / name for name in ("vec16.h", "adapter_tiles.h", "shrink_tiles.h", "parallel.h"))  # part of the build key
+HEADERS = (_CPU / "vec16.h", _CPU / "adapter_tiles.h", _CPU / "parallel.h")  # part of the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
 # tried first: the ops' threads are then torch's own OpenMP workers (cpu/parallel.h says why); a
 # compiler without OpenMP builds without it, and every threaded call starts its own threads
