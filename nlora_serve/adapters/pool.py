@@ -228,6 +228,10 @@ class LoraPool(_Pool):
         super().__init__(base, capacity, placement)
         self.rank = rank
         self.tables: dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # On the CPU, B^T [S, R, out] per site as well, written with each slot: the native group
+        # op's expand reads it as is, where it would otherwise transpose every used slot's B on
+        # every call (~40% of its decode time, bench/RESULTS.md issue 22). Costs B's bytes again.
+        self.b_t: dict[Site, torch.Tensor] = {}
 
     @property
     def slot_families(self) -> torch.Tensor:
@@ -239,6 +243,8 @@ class LoraPool(_Pool):
             S, R, kw = self.capacity, self.rank, {"dtype": self.base.dtype, "device": self.device}
             self.tables[site] = (torch.zeros(S, R, R, **kw), torch.zeros(S, R, inp, **kw),
                                  torch.zeros(S, out, R, **kw))
+            if self.device.type == "cpu":
+                self.b_t[site] = torch.zeros(S, R, out, **kw)
             self.generation += 1
         return self.tables[site]
 
@@ -255,6 +261,8 @@ class LoraPool(_Pool):
             copy_in(n[slot], _scaled_n(site, self.rank, n.dtype), self.placement.stream)
             copy_in(a[slot], a_slot, self.placement.stream)
             copy_in(b[slot], b_slot, self.placement.stream)
+            if key in self.b_t:
+                self.b_t[key][slot].copy_(b_slot.t())
         for key, (n, _, _) in self.tables.items():
             if key not in adapter.sites:
                 copy_in(n[slot], torch.zeros(n.shape[1:], dtype=n.dtype), self.placement.stream)
@@ -267,7 +275,7 @@ class LoraPool(_Pool):
         if table is None:
             return None
         n, a, b = table
-        return KernelSite(n_pool=n, a_pool=a, b_pool=b)
+        return KernelSite(n_pool=n, a_pool=a, b_pool=b, b_pool_t=self.b_t.get(site))
 
 
 def all_sites(base: BaseModel) -> list[Site]:

@@ -58,7 +58,7 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I64, _I64, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _I64, ctypes.c_int, _P, _P, ctypes.c_int]
 _DECODE_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                     ctypes.c_int, ctypes.c_float, _P, _I64, ctypes.c_int, ctypes.c_int]
-_GROUP_ARGTYPES = [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_int, *[_P] * 12,
+_GROUP_ARGTYPES = [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_int, *[_P] * 14,
                    ctypes.c_int]
 _SYMBOLS = {torch.float32: "nlora_tied_apply_f32_mt", torch.bfloat16: "nlora_tied_apply_bf16_mt"}
 _GROUP_SYMBOLS = {torch.float32: "nlora_group_apply_f32_mt", torch.bfloat16: "nlora_group_apply_bf16_mt"}
@@ -107,6 +107,8 @@ class GroupProjection:
     n_strides: tuple  # (slot, row) strides of each N pool
     b_ptrs: ctypes.Array  # [num_modules] pointers to family 0 of each B pool [F, out, R]
     b_strides: tuple  # (family, row) strides of each B pool
+    bt_ptrs: ctypes.Array | None  # [num_modules] pointers to family 0 of each pool's B^T [F, R, out]
+    bt_fam: ctypes.Array | None  # [num_modules] int64: its family strides (None: no B^T kept)
 
 
 class NativeOps:
@@ -177,9 +179,13 @@ class NativeOps:
                 return None
         i64 = lambda f: _array(_I64, [f(s) for *_, s in mods])  # noqa: E731
         ptrs = lambda f: _array(_P, [f(s).data_ptr() for *_, s in mods])  # noqa: E731
+        # the pools' own B^T when every module has one with rows `width` apart (the C side's layout)
+        pool_bt = all(s.b_pool_t is not None and s.b_pool_t.dtype == dtype
+                      and (s.b_pool_t.stride(1) == w or s.b_pool_t.shape[1] == 1) for _, w, s in mods)
         return GroupProjection(
             num_modules=len(mods), rank=min(s.rank_width for *_, s in mods), dtype=dtype, width=sum(widths),
-            dim_in=dim_in, keep=tuple(p for *_, s in mods for p in (s.a_pool, s.b_pool, s.n_pool)),
+            dim_in=dim_in, keep=tuple(p for *_, s in mods for p in (s.a_pool, s.b_pool, s.n_pool, s.b_pool_t)
+                                      if p is not None),
             offsets=_array(_I64, [o for o, _, _ in mods]), widths=_array(_I64, [w for _, w, _ in mods]),
             rank_widths=i64(lambda s: s.b_pool.shape[2]),
             a_ptrs=ptrs(lambda s: s.a_pool), a_strides=(i64(lambda s: s.a_pool.stride(0)),
@@ -187,7 +193,9 @@ class NativeOps:
             n_ptrs=ptrs(lambda s: s.n_pool), n_strides=(i64(lambda s: s.n_pool.stride(0)),
                                                         i64(lambda s: s.n_pool.stride(1))),
             b_ptrs=ptrs(lambda s: s.b_pool), b_strides=(i64(lambda s: s.b_pool.stride(0)),
-                                                        i64(lambda s: s.b_pool.stride(1))))
+                                                        i64(lambda s: s.b_pool.stride(1))),
+            bt_ptrs=ptrs(lambda s: s.b_pool_t) if pool_bt else None,
+            bt_fam=i64(lambda s: s.b_pool_t.stride(0)) if pool_bt else None)
 
     def group_apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
                     plan: GroupProjection) -> torch.Tensor:
@@ -228,7 +236,7 @@ class NativeOps:
             y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), plan.dim_in, index.data_ptr(), index.numel(),
             slots.data_ptr(), fams.data_ptr(), scalings.data_ptr(), batch.max_rank, plan.num_modules, plan.offsets,
             plan.widths, plan.rank_widths, plan.a_ptrs, *plan.a_strides, plan.n_ptrs, *plan.n_strides, plan.b_ptrs,
-            *plan.b_strides, _threads(index.numel()))
+            *plan.b_strides, plan.bt_ptrs, plan.bt_fam, _threads(index.numel()))
         if rc == -2:
             raise MemoryError("native group op: no memory for its scratch buffers")
         if rc != 0:  # plan_group() admits only what the C side's buffers hold

@@ -30,6 +30,10 @@ class SiteWeights:
     # keeps (r · out elements per site). The CPU expand reads it instead of the strided view,
     # which saves MKL/oneDNN a packing pass per call; values must equal tied_b's exactly.
     tied_bt: torch.Tensor | None = None
+    # [F, R, out], rows contiguous: B^T per family, an optional copy the owner keeps on the CPU
+    # (the LoRA pool writes it with each slot). The native group op reads it instead of
+    # transposing every used family's B on every call; values must equal b_pool's exactly.
+    b_pool_t: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.n_pool
@@ -49,6 +53,12 @@ class SiteWeights:
             raise ValueError(f"tied_b must be [out, R'], got {tuple(self.tied_b.shape)}")
         if self.tied_a is not None and self.tied_a.dim() != 2:
             raise ValueError(f"tied_a must be [R', in], got {tuple(self.tied_a.shape)}")
+        bpt = self.b_pool_t
+        if bpt is not None and (self.b_pool is None or bpt.shape != (self.b_pool.shape[0], self.b_pool.shape[2],
+                                                                     self.b_pool.shape[1]) or bpt.stride(2) != 1):
+            raise ValueError(f"b_pool_t must be b_pool's per-family transpose [F, R, out] with unit stride "
+                             f"along out; got {tuple(bpt.shape)} for b_pool "
+                             f"{None if self.b_pool is None else tuple(self.b_pool.shape)}")
         bt = self.tied_bt
         if bt is not None and (self.tied_b is None or bt.shape != self.tied_b.shape[::-1]
                                or not bt.is_contiguous()):
@@ -65,5 +75,5 @@ class SiteWeights:
     def dtypes(self) -> set[torch.dtype]:
         """Dtypes of every tensor present (the ops require one compute dtype)."""
         ts = (self.n_pool, self.a_pool, self.b_pool, self.tied_b, self.tied_a, self.tied_bias,
-              self.tied_bt)
+              self.tied_bt, self.b_pool_t)
         return {t.dtype for t in ts if t is not None}

@@ -20,11 +20,12 @@ QKV = (576, 192, 192)
 
 
 def group_case(seed, num_tokens, dim_in, widths, ranks, dist, dtype, *, path="own", skip=(), num_used=None,
-               row_pad=0):
+               row_pad=0, pool_bt=False):
     """(y, x, sites, batch, truth): y [T, Σ widths] (a column slice of a wider buffer when
     row_pad > 0). path: "own" (a family per slot), "shared" (every slot on family 1, which holds
     its full rank width), "mixed" (own, shared and Nyström-tied slots). Module indices in
-    ``skip`` have no site."""
+    ``skip`` have no site. ``pool_bt``: the sites carry B^T per family (``b_pool_t``, NaN where
+    B is), as the CPU LoRA pool keeps it."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
@@ -81,7 +82,8 @@ def group_case(seed, num_tokens, dim_in, widths, ranks, dist, dtype, *, path="ow
             truth[t, offs[m]:offs[m] + widths[m]] = float(scal[s]) * (b @ (n @ z))
     sites = [None if m in skip else
              SiteWeights(n_pool=n_pool[:, m], a_pool=a_pools[m], b_pool=b_pools[m],
-                         tied_b=weights[m].to(dtype)[:, :width] if path == "mixed" else None)
+                         tied_b=weights[m].to(dtype)[:, :width] if path == "mixed" else None,
+                         b_pool_t=b_pools[m].transpose(1, 2).contiguous() if pool_bt else None)
              for m in range(len(widths))]
     batch = build_adapter_batch(slots, ranks_t, scal, fams)
     return y, xd, sites, batch, truth
@@ -91,6 +93,7 @@ def run(native_ops, y, x, sites, batch, truth, widths):
     """Both native ops as the hook runs them; the relative error of the delta."""
     plan = native_ops.plan_group(sites, list(widths))
     assert plan is not None
+    assert (plan.bt_ptrs is not None) == all(s.b_pool_t is not None for s in sites if s is not None)
     before = y.clone()
     if batch.num_tied:
         native_ops.tied_apply(y, batch, native_ops.plan(sites, list(widths)))
@@ -106,27 +109,33 @@ def run(native_ops, y, x, sites, batch, truth, widths):
 @pytest.mark.parametrize("shape", ((576, QKV), (576, (1536, 1536)), (1536, (576,)), (577, (577,)),
                                    (13, (130, 9)), (40, (15,))), ids=str)
 @pytest.mark.parametrize("ranks", ((1,), (7,), (16,), (64,), (128,), (1, 7, 16, 33)), ids=str)
-def test_ranks_and_widths(native_ops, ranks, shape, dtype):
+@pytest.mark.parametrize("pool_bt", (False, True), ids=("transposed", "pool_bt"))
+def test_ranks_and_widths(native_ops, ranks, shape, dtype, pool_bt):
     dim_in, widths = shape
-    case = group_case(10 + max(ranks) + dim_in + sum(widths), 37, dim_in, widths, ranks, "zipf", dtype)
+    case = group_case(10 + max(ranks) + dim_in + sum(widths), 37, dim_in, widths, ranks, "zipf", dtype,
+                      pool_bt=pool_bt)
     assert run(native_ops, *case, widths) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_tokens", (1, 2, 5, 31, 33, 67, 257))
 @pytest.mark.parametrize("dist", ("distinct", "one", "zipf", "skewed", "with_none"))
-def test_token_counts_and_popularity(native_ops, num_tokens, dist, dtype):
-    case = group_case(300 + num_tokens, num_tokens, 576, QKV, (16,), dist, dtype, num_used=min(num_tokens, 40))
+@pytest.mark.parametrize("pool_bt", (False, True), ids=("transposed", "pool_bt"))
+def test_token_counts_and_popularity(native_ops, num_tokens, dist, dtype, pool_bt):
+    case = group_case(300 + num_tokens, num_tokens, 576, QKV, (16,), dist, dtype, num_used=min(num_tokens, 40),
+                      pool_bt=pool_bt)
     assert run(native_ops, *case, QKV) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("path", ("shared", "mixed"))
 @pytest.mark.parametrize("ranks", ((16,), (4, 16, 33)), ids=str)
-def test_shared_family_and_tied_in_one_step(native_ops, path, ranks, dtype):
+@pytest.mark.parametrize("pool_bt", (False, True), ids=("transposed", "pool_bt"))
+def test_shared_family_and_tied_in_one_step(native_ops, path, ranks, dtype, pool_bt):
     """One family serving many slots (its pool rows hold entries beyond a slot's rank), and tied
     plus group slots of one pool in the same step: tied rows by the tied op, group rows by this."""
-    case = group_case(400 + len(ranks), 61, 576, QKV, ranks, "with_none", dtype, path=path, num_used=20)
+    case = group_case(400 + len(ranks), 61, 576, QKV, ranks, "with_none", dtype, path=path, num_used=20,
+                      pool_bt=pool_bt)
     assert run(native_ops, *case, QKV) <= TOL[dtype]
 
 
@@ -179,3 +188,26 @@ def test_prefill_sized_steps_split_over_threads(native_ops, dtype):
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(one[0], split[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ranks", ((16,), (1, 7, 16, 33)), ids=str)
+def test_pool_bt_gives_the_transposing_path_bit_for_bit(native_ops, dtype, ranks):
+    """The pool's own B^T (bf16 widened on load) against the per-call fp32 transpose: the same
+    values in the same order, so the same bits."""
+    widths = (1536, 1536)
+    got = {}
+    for pool_bt in (False, True):
+        y, x, sites, batch, _ = group_case(800, 67, 576, widths, ranks, "zipf", dtype, num_used=9, pool_bt=pool_bt)
+        got[pool_bt] = native_ops.group_apply(y, x, batch, native_ops.plan_group(sites, list(widths)))
+    assert torch.equal(got[False], got[True])
+
+
+def test_plan_group_ignores_a_pool_bt_of_another_layout(native_ops):
+    _, _, sites, _, _ = group_case(801, 5, 576, (576,), (16,), "one", torch.float32, pool_bt=True)
+    site = sites[0]
+    wider = torch.zeros(site.b_pool_t.shape[0], site.b_pool_t.shape[1], 600)[:, :, :576]  # rows 600 apart
+    odd = SiteWeights(n_pool=site.n_pool, a_pool=site.a_pool, b_pool=site.b_pool, b_pool_t=wider)
+    assert native_ops.plan_group([odd], [576]).bt_ptrs is None  # transposes per call instead
+    with pytest.raises(ValueError, match="b_pool_t must be"):
+        SiteWeights(n_pool=site.n_pool, a_pool=site.a_pool, b_pool=site.b_pool, b_pool_t=site.b_pool)

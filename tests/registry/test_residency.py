@@ -122,6 +122,28 @@ def test_evict_then_reload_gives_identical_outputs(hook, base_fp32, residency, t
     assert torch.equal(before, after)
 
 
+def test_reused_lora_slot_serves_the_new_adapter(hook, base_fp32, residency):
+    """An evicted LoRA's slot rewritten by another: its A, B and (on the CPU) the B^T copy the native
+    op reads are the new adapter's, seen by the next step on the plans the hook already holds."""
+    loras = [version(f"l{s}", perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora",
+                                                     seed=s), s)) for s in range(3)]
+    x = torch.randn(4, 576, generator=torch.Generator().manual_seed(4))
+    residency.admit(loras[0])
+    residency.admit(loras[1])
+    run_site(hook, base_fp32, [loras[0]] * 4, [1] * 4, x)  # four decode rows: the plans are built
+    slot = loras[0].slot
+    residency.admit(loras[2])  # evicts l0, the least recently used, into its slot
+    assert loras[2].slot == slot and loras[0].slot is None
+    pool = loras[2].pool
+    site = pool.kernel_site(SITE)
+    assert torch.equal(site.b_pool_t[slot], site.b_pool[slot].t())
+    got = run_site(hook, base_fp32, [loras[2]] * 4, [1] * 4, x)
+    want = reference_delta(loras[2].adapter, x)
+    # fp32 rounding of y = W x + delta, read back as y − W x (measured 1.1e-5); l0's stale B would
+    # be off by the whole delta (relative error ~1)
+    assert (got - want).norm() / want.norm() < 1e-4
+
+
 def test_pinned_lora_slots_are_never_evicted(base_fp32, residency, tmp_path):
     vs = []
     for i in range(3):

@@ -14,29 +14,30 @@
 #define F32_STORE(v) (v)
 
 /* dst[0:TILE] += sum_k u[k] * bt[k * w + j] over k < r, bt already offset to the tile; the four
- * accumulators stay in registers across k (LOAD16/STORE16 widen and narrow bf16 rows) */
-#define DEFINE_TILE(NAME, YT, LOAD16, STORE16)                                                          \
-static inline void NAME(YT *restrict dst, const float *restrict bt, int64_t w, const float *restrict u, int r) { \
+ * accumulators stay in registers across k (LOAD16/STORE16 widen and narrow bf16 rows of y,
+ * BLOAD16 loads 16 entries of a B^T row: fp32, or bf16 widened) */
+#define DEFINE_TILE(NAME, YT, LOAD16, STORE16, BT, BLOAD16)                                             \
+static inline void NAME(YT *restrict dst, const BT *restrict bt, int64_t w, const float *restrict u, int r) { \
     vec16 a0 = LOAD16(dst), a1 = LOAD16(dst + 16), a2 = LOAD16(dst + 32), a3 = LOAD16(dst + 48);       \
     for (int k = 0; k < r; k++) {                                                                       \
         const float uk = u[k];                                                                          \
-        const float *b = bt + k * w;                                                                    \
-        a0 += uk * load16(b);                                                                           \
-        a1 += uk * load16(b + 16);                                                                      \
-        a2 += uk * load16(b + 32);                                                                      \
-        a3 += uk * load16(b + 48);                                                                      \
+        const BT *b = bt + k * w;                                                                       \
+        a0 += uk * BLOAD16(b);                                                                          \
+        a1 += uk * BLOAD16(b + 16);                                                                     \
+        a2 += uk * BLOAD16(b + 32);                                                                     \
+        a3 += uk * BLOAD16(b + 48);                                                                     \
     }                                                                                                   \
     STORE16(dst, a0); STORE16(dst + 16, a1); STORE16(dst + 32, a2); STORE16(dst + 48, a3);              \
 }                                                                                                       \
 /* the same for two tokens at once: each B^T load feeds two FMAs, eight independent chains */          \
-static inline void NAME##_x2(YT *restrict d0, YT *restrict d1, const float *restrict bt, int64_t w,     \
+static inline void NAME##_x2(YT *restrict d0, YT *restrict d1, const BT *restrict bt, int64_t w,        \
                              const float *restrict u0, const float *restrict u1, int r) {               \
     vec16 a0 = LOAD16(d0), a1 = LOAD16(d0 + 16), a2 = LOAD16(d0 + 32), a3 = LOAD16(d0 + 48);           \
     vec16 c0 = LOAD16(d1), c1 = LOAD16(d1 + 16), c2 = LOAD16(d1 + 32), c3 = LOAD16(d1 + 48);           \
     for (int k = 0; k < r; k++) {                                                                       \
         const float p = u0[k], q = u1[k];                                                               \
-        const float *b = bt + k * w;                                                                    \
-        vec16 b0 = load16(b), b1 = load16(b + 16), b2 = load16(b + 32), b3 = load16(b + 48);            \
+        const BT *b = bt + k * w;                                                                       \
+        vec16 b0 = BLOAD16(b), b1 = BLOAD16(b + 16), b2 = BLOAD16(b + 32), b3 = BLOAD16(b + 48);        \
         /* held in registers: else GCC folds each load into both tokens' FMAs (twice the loads) */    \
         __asm__("" : "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));                                          \
         a0 += p * b0; a1 += p * b1; a2 += p * b2; a3 += p * b3;                                         \
@@ -46,13 +47,13 @@ static inline void NAME##_x2(YT *restrict d0, YT *restrict d1, const float *rest
     STORE16(d1, c0); STORE16(d1 + 16, c1); STORE16(d1 + 32, c2); STORE16(d1 + 48, c3);                  \
 }                                                                                                       \
 /* four tokens at once: each B^T load feeds four FMAs (16 accumulators + 4 loads in 32 registers) */  \
-static inline void NAME##_x4(YT *const *d, const float *restrict bt, int64_t w, const float *const *u, int r) { \
+static inline void NAME##_x4(YT *const *d, const BT *restrict bt, int64_t w, const float *const *u, int r) { \
     vec16 a[4][4];                                                                                      \
     for (int t = 0; t < 4; t++)                                                                         \
         for (int v = 0; v < 4; v++) a[t][v] = LOAD16(d[t] + 16 * v);                                    \
     for (int k = 0; k < r; k++) {                                                                       \
-        const float *b = bt + k * w;                                                                    \
-        vec16 b0 = load16(b), b1 = load16(b + 16), b2 = load16(b + 32), b3 = load16(b + 48);            \
+        const BT *b = bt + k * w;                                                                       \
+        vec16 b0 = BLOAD16(b), b1 = BLOAD16(b + 16), b2 = BLOAD16(b + 32), b3 = BLOAD16(b + 48);        \
         __asm__("" : "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));                                          \
         for (int t = 0; t < 4; t++) {                                                                   \
             const float p = u[t][k];                                                                    \
@@ -63,8 +64,10 @@ static inline void NAME##_x4(YT *const *d, const float *restrict bt, int64_t w, 
         for (int v = 0; v < 4; v++) STORE16(d[t] + 16 * v, a[t][v]);                                    \
 }
 
-DEFINE_TILE(tile_f32, float, load16, store16)
-DEFINE_TILE(tile_bf16, uint16_t, load16_bf16, store16_bf16)
+DEFINE_TILE(tile_f32, float, load16, store16, float, load16)
+DEFINE_TILE(tile_bf16, uint16_t, load16_bf16, store16_bf16, float, load16)
+/* bf16 y and a bf16 B^T (the LoRA pool's own transposed copy, group_apply.c) */
+DEFINE_TILE(tile_bf16_bt16, uint16_t, load16_bf16, store16_bf16, uint16_t, load16_bf16)
 
 /* u[i] = scale * sum_k N[i, k] z[k], i, k < r (rows n_row_stride apart). A scalar dot product is
  * one dependent FMA chain (4 cycles a step); 16 lanes at a time, then one horizontal sum, when
@@ -96,6 +99,15 @@ static inline void tail_fma(float *restrict acc, const float *restrict bt, int64
         const float uk = u[k];
         const float *restrict b = bt + k * w;
         for (int j = 0; j < n; j++) acc[j] += uk * b[j];
+    }
+}
+
+static inline void tail_fma_bt16(float *restrict acc, const uint16_t *restrict bt, int64_t w, const float *restrict u, int r,
+                                 int n) {
+    for (int k = 0; k < r; k++) {
+        const float uk = u[k];
+        const uint16_t *restrict b = bt + k * w;
+        for (int j = 0; j < n; j++) acc[j] += uk * bf16_to_f32(b[j]);
     }
 }
 

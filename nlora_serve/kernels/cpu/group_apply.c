@@ -14,8 +14,10 @@
  * rounded back once (round to nearest even), as a bf16 GEMM with fp32 accumulation does.
  *
  * index lists the group tokens sorted by family (AdapterBatch.group_index), so each family's
- * tokens come as one run. Per run, each module's B[m][f] [out, R] is transposed once into an fp32
- * scratch B^T [r16, width] (16 x 16 register transposes; r16 = r rounded up to 16), then the
+ * tokens come as one run. Per run, the expand reads B^T: the pool's own copy (pool_bt [F, R,
+ * width] per module, which the CPU LoRA pool writes with each slot) for runs under
+ * POOL_BT_MAX_RUN tokens, else each module's B[m][f] [out, R] transposed once into an fp32
+ * scratch B^T [r16, width] (16 x 16 register transposes; r16 = r rounded up to 16). Then the
  * run's tokens go through in chunks of CHUNK: the shrink loads each vector of an A row once for
  * up to four tokens (four rows x four tokens = 16 register accumulators; bf16 through AVX512-BF16
  * dot products where the CPU has them), the mix runs per token, and the expand applies each B^T
@@ -25,6 +27,7 @@
  * Pool addressing, per module m (strides in elements, columns contiguous):
  *   A[m][f] row k  = a[m] + f * a_fam[m] + k * a_row[m]          (A pool [F, R, dim_in])
  *   B[m][f] row j  = b[m] + f * b_fam[m] + j * b_row[m]          (B pool [F, out, R])
+ *   B^T[m][f] row k = pool_bt[m] + f * bt_fam[m] + k * width[m]  (pool_bt [F, R, width]; NULL: none)
  *   N[m][s] row i  = n[m] + s * n_slot[m] + i * n_row[m]         (N pool [S, R, R])
  * R = rank_width[m] (entries beyond a used slot's rank are zero up to R, SiteWeights' contract).
  *
@@ -36,6 +39,10 @@
 #include "parallel.h"
 
 #define CHUNK 32
+/* A family's run of fewer tokens reads the pool's B^T (bf16 widened on every load: decode, where
+ * a transpose per run and call cost ~40% of the op); a longer run transposes B into fp32 scratch
+ * once and reuses it (prefill, where the widening loads cost more than the one transpose) */
+#define POOL_BT_MAX_RUN 32
 #define TB 4 /* tokens per pass over an A slice */
 #define KB 4 /* A rows per pass */
 
@@ -186,10 +193,10 @@ DEFINE_SHRINKS(shrink_bf16, uint16_t, bf16_to_f32, load16_bf16)
 #define BF16_XT float
 #endif
 
-/* dst[c][0:w] += B u[c] for count rows, B^T in bt [r, w] fp32: column tiles of TILE, two rows per
- * tile load, the last w % TILE columns scalar */
-#define DEFINE_EXPAND(NAME, YT, LOAD, STORE, TILE_FN)                                                   \
-static void NAME(YT *const *dst, float (*u)[MAX_RANK], int count, const float *bt, int64_t w, int r) { \
+/* dst[c][0:w] += B u[c] for count rows, B^T in bt [r, w] (BT: fp32, or bf16 when the pool keeps its
+ * own B^T): column tiles of TILE, two rows per tile load, the last w % TILE columns scalar */
+#define DEFINE_EXPAND(NAME, YT, LOAD, STORE, TILE_FN, BT, TAIL_FMA)                                     \
+static void NAME(YT *const *dst, float (*u)[MAX_RANK], int count, const BT *bt, int64_t w, int r) {    \
     float acc[TILE];                                                                                    \
     for (int64_t j0 = 0; j0 < w; j0 += TILE) {                                                          \
         const int n_cols = w - j0 < TILE ? (int)(w - j0) : TILE;                                        \
@@ -202,14 +209,15 @@ static void NAME(YT *const *dst, float (*u)[MAX_RANK], int count, const float *b
         }                                                                                               \
         for (; c < count; c++) {                                                                        \
             for (int j = 0; j < n_cols; j++) acc[j] = LOAD(dst[c][j0 + j]);                             \
-            tail_fma(acc, bt + j0, w, u[c], r, n_cols);                                                 \
+            TAIL_FMA(acc, bt + j0, w, u[c], r, n_cols);                                                 \
             for (int j = 0; j < n_cols; j++) dst[c][j0 + j] = STORE(acc[j]);                            \
         }                                                                                               \
     }                                                                                                   \
 }
 
-DEFINE_EXPAND(expand_f32, float, F32_LOAD, F32_STORE, tile_f32)
-DEFINE_EXPAND(expand_bf16, uint16_t, bf16_to_f32, f32_to_bf16, tile_bf16)
+DEFINE_EXPAND(expand_f32, float, F32_LOAD, F32_STORE, tile_f32, float, tail_fma)
+DEFINE_EXPAND(expand_bf16, uint16_t, bf16_to_f32, f32_to_bf16, tile_bf16, float, tail_fma)
+DEFINE_EXPAND(expand_bf16_bt16, uint16_t, bf16_to_f32, f32_to_bf16, tile_bf16_bt16, uint16_t, tail_fma_bt16)
 
 /* x row of each token as the shrink reads it: the row itself, or (bf16 without AVX512-BF16) a
  * widened fp32 copy in scratch */
@@ -232,22 +240,25 @@ static inline const float *x_row_bf16(const uint16_t *x, int64_t x_row, int64_t 
 }
 #endif
 
-#define DEFINE_GROUP_APPLY(NAME, T, XT, XROW, TRANSPOSE, SHRINK, MIX, EXPAND)                           \
+#define DEFINE_GROUP_APPLY(NAME, T, XT, XROW, TRANSPOSE, SHRINK, MIX, EXPAND, EXPAND_POOL_BT)           \
 int NAME(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,                               \
          const int64_t *index, int64_t num_index, const int32_t *slots, const int32_t *families,       \
          const float *scale, int r, int num_modules, const int64_t *off, const int64_t *width,         \
          const int64_t *rank_width, const T *const *a, const int64_t *a_fam, const int64_t *a_row,     \
          const T *const *n, const int64_t *n_slot, const int64_t *n_row,                               \
-         const T *const *b, const int64_t *b_fam, const int64_t *b_row) {                              \
+         const T *const *b, const int64_t *b_fam, const int64_t *b_row,                                \
+         const T *const *pool_bt, const int64_t *bt_fam) {                                             \
     if (r > MAX_RANK || num_modules > MAX_MODULES) return -1;                                           \
     if (num_index == 0 || r == 0) return 0;                                                             \
     int64_t sum_w = 0, bt_off[MAX_MODULES];                                                             \
     for (int m = 0; m < num_modules; m++) { bt_off[m] = sum_w; sum_w += width[m]; }                     \
     const int r16 = (r + 15) & ~15;                                                                     \
-    float *bt = malloc(sizeof(float) * r16 * sum_w); /* each module's B^T [r16, width] */               \
+    /* each module's B^T [r16, width] in fp32, for the runs that do not read the pool's own */         \
+    const int scratch = !pool_bt || num_index >= POOL_BT_MAX_RUN;                                       \
+    float *bt = scratch ? malloc(sizeof(float) * r16 * sum_w) : NULL;                                   \
     const int widen = sizeof(XT) != sizeof(T); /* x rows widened into scratch */                        \
     float *xs = widen ? malloc(sizeof(float) * CHUNK * dim_in) : NULL;                                  \
-    if (!bt || (widen && !xs)) { free(bt); free(xs); return -2; }                                       \
+    if ((scratch && !bt) || (widen && !xs)) { free(bt); free(xs); return -2; }                         \
     float z[CHUNK][MAX_RANK], u[CHUNK][MAX_RANK];                                                       \
     const XT *xr[CHUNK];                                                                                \
     T *dst[CHUNK];                                                                                      \
@@ -255,7 +266,8 @@ int NAME(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,        
         const int32_t f = families[index[i0]];                                                          \
         int64_t i1 = i0 + 1;                                                                            \
         while (i1 < num_index && families[index[i1]] == f) i1++;                                        \
-        for (int m = 0; m < num_modules; m++)                                                           \
+        const int own_bt = pool_bt && i1 - i0 < POOL_BT_MAX_RUN;                                        \
+        for (int m = 0; m < num_modules && !own_bt; m++)                                                \
             TRANSPOSE(bt + r16 * bt_off[m], b[m] + f * b_fam[m], b_row[m], width[m], r, rank_width[m]);   \
         /* chunks outside, modules inside: a chunk's x rows are widened once for every module */       \
         for (int64_t c0 = i0; c0 < i1; c0 += CHUNK) {                                                   \
@@ -270,7 +282,8 @@ int NAME(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,        
                     MIX(u[c], n[m] + s * n_slot[m], n_row[m], z[c], r, scale[s]);                       \
                     dst[c] = y + t * y_row + off[m];                                                    \
                 }                                                                                       \
-                EXPAND(dst, u, count, bt + r16 * bt_off[m], width[m], r);                               \
+                if (own_bt) EXPAND_POOL_BT(dst, u, count, pool_bt[m] + f * bt_fam[m], width[m], r);     \
+                else EXPAND(dst, u, count, bt + r16 * bt_off[m], width[m], r);                          \
             }                                                                                           \
         }                                                                                               \
         i0 = i1;                                                                                        \
@@ -279,30 +292,33 @@ int NAME(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,        
     return 0;                                                                                           \
 }
 
-DEFINE_GROUP_APPLY(nlora_group_apply_f32, float, float, x_row_f32, transpose_f32, shrink_f32, mix_f32, expand_f32)
+DEFINE_GROUP_APPLY(nlora_group_apply_f32, float, float, x_row_f32, transpose_f32, shrink_f32, mix_f32, expand_f32,
+                   expand_f32)
 DEFINE_GROUP_APPLY(nlora_group_apply_bf16, uint16_t, BF16_XT, x_row_bf16, transpose_bf16, shrink_bf16, mix_bf16,
-                   expand_bf16)
+                   expand_bf16, expand_bf16_bt16)
 
 typedef struct {
     void *y;
     const void *x;
     int64_t y_row, x_row, dim_in, first, last;
-    const int64_t *index, *off, *width, *rank_width, *a_fam, *a_row, *n_slot, *n_row, *b_fam, *b_row;
+    const int64_t *index, *off, *width, *rank_width, *a_fam, *a_row, *n_slot, *n_row, *b_fam, *b_row, *bt_fam;
     const int32_t *slots, *families;
     const float *scale;
     int r, num_modules, rc;
-    const void *const *a, *const *n, *const *b;
+    const void *const *a, *const *n, *const *b, *const *pool_bt;
 } group_job_t;
 
 /* NAME_mt: NAME over index[0 : num_index] split into num_threads jobs (disjoint tokens; a family
- * cut in two has its B transposed by both jobs); the first non-zero return code, else 0 */
+ * cut in two has its B transposed by both jobs, unless the pool keeps B^T); the first non-zero
+ * return code, else 0 */
 #define DEFINE_GROUP_APPLY_MT(NAME, T)                                                                  \
 static void *NAME##_job(void *arg) {                                                                    \
     group_job_t *j = arg;                                                                               \
     j->rc = NAME((T *)j->y, j->y_row, (const T *)j->x, j->x_row, j->dim_in, j->index + j->first,        \
                  j->last - j->first, j->slots, j->families, j->scale, j->r, j->num_modules, j->off,     \
                  j->width, j->rank_width, (const T *const *)j->a, j->a_fam, j->a_row,                   \
-                 (const T *const *)j->n, j->n_slot, j->n_row, (const T *const *)j->b, j->b_fam, j->b_row); \
+                 (const T *const *)j->n, j->n_slot, j->n_row, (const T *const *)j->b, j->b_fam, j->b_row, \
+                 (const T *const *)j->pool_bt, j->bt_fam);                                              \
     return NULL;                                                                                        \
 }                                                                                                       \
 int NAME##_mt(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,                          \
@@ -310,14 +326,16 @@ int NAME##_mt(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,   
               const float *scale, int r, int num_modules, const int64_t *off, const int64_t *width,    \
               const int64_t *rank_width, const T *const *a, const int64_t *a_fam, const int64_t *a_row, \
               const T *const *n, const int64_t *n_slot, const int64_t *n_row,                          \
-              const T *const *b, const int64_t *b_fam, const int64_t *b_row, int num_threads) {        \
+              const T *const *b, const int64_t *b_fam, const int64_t *b_row, const T *const *pool_bt,   \
+              const int64_t *bt_fam, int num_threads) {                                                 \
     group_job_t jobs[MAX_JOBS];                                                                         \
     const int parts = clamp_jobs(num_threads, num_index);                                               \
     for (int t = 0; t < parts; t++)                                                                     \
         jobs[t] = (group_job_t){y, x, y_row, x_row, dim_in, num_index * t / parts,                      \
                                 num_index * (t + 1) / parts, index, off, width, rank_width, a_fam, a_row, \
-                                n_slot, n_row, b_fam, b_row, slots, families, scale, r, num_modules, 0, \
-                                (const void *const *)a, (const void *const *)n, (const void *const *)b}; \
+                                n_slot, n_row, b_fam, b_row, bt_fam, slots, families, scale, r, num_modules, \
+                                0, (const void *const *)a, (const void *const *)n, (const void *const *)b, \
+                                (const void *const *)pool_bt};                                          \
     parallel_jobs(NAME##_job, jobs, sizeof jobs[0], parts);                                             \
     for (int t = 0; t < parts; t++)                                                                     \
         if (jobs[t].rc) return jobs[t].rc;                                                              \
