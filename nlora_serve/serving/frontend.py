@@ -59,9 +59,10 @@ class Admission:
         """Raises Draining or QueueFull when a new request (of ``principal``) may not start now."""
         if self.draining:
             raise Draining("server is shutting down; retry on another replica")
+        # refusals name the caller's own count only: the server's total is other tenants' traffic
         if self.inflight >= self.max_queue:
-            raise QueueFull(f"server queue is full ({self.inflight} requests running or waiting, "
-                            f"--max-queue {self.max_queue}); retry with backoff")
+            raise QueueFull(f"server queue is full (--max-queue {self.max_queue} requests running or waiting); "
+                            f"retry with backoff")
         if principal is None:
             return
         held, limit = self.held.get(principal.name, 0), principal.max_concurrent_requests
@@ -70,9 +71,9 @@ class Admission:
                             f"max_concurrent_requests in the tenants file; retry when one ends")
         share = principal.weight * (self.max_queue - self.inflight)
         if self.tenant_shares and held >= max(1.0, share):
-            raise QueueFull(f"{principal.name!r} holds {held} of the {self.inflight} requests running or waiting, "
-                            f"its share of the free queue now (--max-queue {self.max_queue}, weight "
-                            f"{principal.weight:g}); retry with backoff")
+            raise QueueFull(f"{principal.name!r} holds {held} requests running or waiting, its share of the "
+                            f"queue's free places now (--max-queue {self.max_queue}, weight {principal.weight:g}); "
+                            f"retry with backoff")
 
     def enter(self, tenant: str | None = None) -> None:
         self.inflight += 1

@@ -45,7 +45,7 @@ def test_tenant_shares_of_the_queue_leave_room_for_others():
     for _ in range(4):  # alone, a weight-1 tenant gets half the queue: 4 < 1 x (8 - 4) fails at 4
         admission.check(heavy)
         admission.enter("heavy")
-    with pytest.raises(QueueFull, match="'heavy' holds 4 of the 4 requests"):
+    with pytest.raises(QueueFull, match="'heavy' holds 4 requests running or waiting, its share"):
         admission.check(heavy)
     for _ in range(2):  # weight 2: 0 < 2 x (8 - 4), then 1 < 2 x (8 - 5)
         admission.check(light)
@@ -59,6 +59,22 @@ def test_tenant_shares_of_the_queue_leave_room_for_others():
         fcfs.enter("heavy")
     with pytest.raises(QueueFull, match="server queue is full"):
         fcfs.check(light)
+
+
+def test_a_refusal_names_the_callers_own_count_not_the_servers():
+    """Other tenants' traffic is theirs: a refused tenant learns its own count and the limits."""
+    admission = Admission(8, tenant_shares=True)
+    other, caller = Principal("other", False), Principal("caller", False)
+    for _ in range(3):
+        admission.check(other)
+        admission.enter("other")
+    for _ in range(3):  # 0 < 5, 1 < 4, 2 < 3 free places; then 3 ≥ 2
+        admission.check(caller)
+        admission.enter("caller")
+    with pytest.raises(QueueFull) as refused:
+        admission.check(caller)
+    message = str(refused.value)
+    assert "'caller' holds 3 requests" in message and "6" not in message  # 6 = the server's total
 
 
 def test_max_concurrent_requests_quota():
