@@ -136,9 +136,10 @@ class AdapterStore:
         """The version folder's files by name (only the two allowed names)."""
         return {f: (path / f).read_bytes() for f in ALLOWED_FILES if (path / f).is_file()}
 
-    def names(self) -> list[str]:
+    def names(self, warn: bool = True) -> list[str]:
         """Served names: at least one complete version and not unloaded; invalid or escaping
-        entries are skipped."""
+        entries are skipped, with a warning each unless ``warn`` is False (a caller that only
+        peeks before the registry's own scan, which warns)."""
         found = []
         for entry in sorted(self.root.iterdir()):
             if entry.name in (STAGING, FAMILIES) or (entry / UNLOADED).exists():
@@ -147,7 +148,8 @@ class AdapterStore:
                 if self.versions(entry.name):
                     found.append(entry.name)
             except AdapterError as exc:
-                log.warning("skipping store entry %s: %s", entry, exc)
+                if warn:
+                    log.warning("skipping store entry %s: %s", entry, exc)
         return found
 
     def write(self, name: str, files: dict[str, bytes], same_as: dict[str, Path] | None = None) -> StoredVersion:

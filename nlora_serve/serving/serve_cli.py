@@ -149,7 +149,7 @@ def _check_adapter_names(config: ServerConfig, args: argparse.Namespace) -> None
     """Every adapter name the server will start with (--adapter, examples, the store) against the
     served model name, before the model loads."""
     names = [name for name, _ in args.adapter] + [example_name(i) for i in range(args.example_tenants)]
-    for name in names + AdapterStore(args.adapter_dir).names():
+    for name in names + AdapterStore(args.adapter_dir).names(warn=False):  # the registry's scan warns
         config.check_adapter_name(name)
 
 

@@ -27,6 +27,18 @@ def test_versions_count_up_and_survive_a_restart(tmp_path):
     assert AdapterStore.read_files(latest.path)[WEIGHTS_FILE] == b"\x01" * 64
 
 
+def test_a_bad_entry_is_skipped_with_one_warning_per_warning_scan(tmp_path, caplog):
+    store = AdapterStore(tmp_path)
+    store.write("acme", FILES)
+    (tmp_path / "not a name!").mkdir()
+    with caplog.at_level("WARNING", logger="nlora_serve.adapters.store"):
+        assert store.names(warn=False) == ["acme"]  # serve's peek before the registry's scan
+        assert not caplog.records
+        assert store.names() == ["acme"]
+    assert len(caplog.records) == 1
+    assert caplog.records[0].getMessage().startswith(f"skipping store entry {tmp_path / 'not a name!'}: ")
+
+
 def test_content_hash_matches_hand_computed_sha256(tmp_path):
     h = hashlib.sha256()
     h.update(b"adapter_config.json|8\n" + FILES[CONFIG_FILE])
