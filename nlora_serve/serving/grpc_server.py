@@ -27,6 +27,7 @@ from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine
 from nlora_serve.serving.grpc_admin import AdminServicer
+from nlora_serve.serving.grpc_decode import DecodeErrors
 from nlora_serve.serving.frontend import Admission, adapter_versions
 from nlora_serve.serving.grpc_generate import GenerationServicer
 from nlora_serve.serving.http_routes import HttpContext, build_app
@@ -93,7 +94,8 @@ class NloraServer:
         """
         limit = self.config.max_message_bytes
         # so_reuseport off: a second server on a busy port must fail, not share it silently
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
+        self._server = grpc.aio.server(interceptors=[DecodeErrors()],
+                                       options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
                                                 ("grpc.max_send_message_length", limit)])
         pb_grpc.add_GenerationServicer_to_server(self.generation, self._server)
         pb_grpc.add_AdapterAdminServicer_to_server(self.admin, self._server)

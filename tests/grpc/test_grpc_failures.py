@@ -83,6 +83,28 @@ def test_malformed_requests_are_invalid_argument(server, kwargs, message):
     still_serves(server.target)
 
 
+@pytest.mark.parametrize("method, kind", [("/nlora_serve.v1.Generation/Generate", "unary_stream"),
+                                          ("/nlora_serve.v1.Generation/ListAdapters", "unary_unary"),
+                                          ("/nlora_serve.v1.AdapterAdmin/UploadAdapter", "stream_unary")])
+def test_bytes_that_are_not_protobuf_are_invalid_argument(server, method, kind):
+    """A request that does not parse as its message type is the caller's error (INVALID_ARGUMENT,
+    naming the method), not a server fault (grpc's own answer is UNKNOWN)."""
+    garbage = b"\xff\xff\xff\xff\xff"  # a field tag whose varint never ends
+    with grpc.insecure_channel(server.target) as channel:
+        call = getattr(channel, kind)(method)  # no (de)serializers: raw bytes both ways
+        with pytest.raises(grpc.RpcError) as err:
+            if kind == "unary_stream":
+                list(call(garbage))
+            elif kind == "stream_unary":
+                call(iter([garbage]))
+            else:
+                call(garbage)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert method in err.value.details() and "not a valid protobuf" in err.value.details()
+    assert server.server.admission.inflight == 0
+    still_serves(server.target)
+
+
 def test_unknown_adapter_is_not_found_never_the_base_model(server):
     with NloraClient(server.target) as client, pytest.raises(NotFound, match="'nobody' is not registered"):
         list(client.generate(PROMPT, adapter="nobody", max_tokens=2))

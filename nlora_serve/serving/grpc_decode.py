@@ -1,0 +1,67 @@
+"""Requests that are not valid protobuf get INVALID_ARGUMENT, naming the message type.
+
+grpc.aio parses a request with the handler's ``request_deserializer`` before any servicer code
+runs; when that raises, the caller sees UNKNOWN ("Exception deserializing request"), which reads
+like a server fault. :class:`DecodeErrors` is a server interceptor that takes parsing into the
+handler for our own services (``nlora_serve.v1.*``): the server hands the handler raw bytes, the
+handler parses them, and a ``DecodeError`` aborts the call with INVALID_ARGUMENT. A request
+stream (UploadAdapter) is parsed message by message the same way. Other services (health,
+reflection) are left as grpc builds them.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.message import DecodeError
+
+PREFIX = "/nlora_serve.v1."  # the services this applies to (nlora.proto's package)
+
+
+class DecodeErrors(grpc.aio.ServerInterceptor):
+    """INVALID_ARGUMENT, not UNKNOWN, for a request (or request-stream message) that is not a valid
+    protobuf of its method's request type."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None or not handler_call_details.method.startswith(PREFIX):
+            return handler
+        parse = _parser(handler.request_deserializer, handler_call_details.method)
+        if handler.unary_unary is not None:
+            return handler._replace(request_deserializer=None, unary_unary=_unary_unary(handler.unary_unary, parse))
+        if handler.unary_stream is not None:
+            return handler._replace(request_deserializer=None, unary_stream=_unary_stream(handler.unary_stream, parse))
+        if handler.stream_unary is not None:
+            return handler._replace(request_deserializer=None, stream_unary=_stream_unary(handler.stream_unary, parse))
+        return handler  # no stream-stream method in nlora.proto
+
+
+def _parser(deserialize, method: str):
+    async def parse(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            return deserialize(raw)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{method}: the request is not a valid protobuf message of its type ({exc})")
+    return parse
+
+
+def _unary_unary(behavior, parse):
+    async def handle(raw, context):
+        return await behavior(await parse(raw, context), context)
+    return handle
+
+
+def _unary_stream(behavior, parse):
+    async def handle(raw, context):
+        async for response in behavior(await parse(raw, context), context):
+            yield response
+    return handle
+
+
+def _stream_unary(behavior, parse):
+    async def handle(raw_iterator, context):
+        async def requests():
+            async for raw in raw_iterator:
+                yield await parse(raw, context)
+        return await behavior(requests(), context)
+    return handle
