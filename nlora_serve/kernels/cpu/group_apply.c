@@ -21,7 +21,7 @@
  * run's tokens go through in chunks of CHUNK: the shrink loads each vector of an A row once for
  * up to four tokens (four rows x four tokens = 16 register accumulators; bf16 through AVX512-BF16
  * dot products where the CPU has them), the mix runs per token, and the expand applies each B^T
- * tile to two tokens at a time (adapter_tiles.h). Single-threaded, as tied_apply.c. Measured
+ * tile to four tokens at a time (adapter_tiles.h). Single-threaded, as tied_apply.c. Measured
  * split at T = 64, 8 families (perf, fp32): shrink ~40%, expand ~30%, B transposes ~25%.
  *
  * Pool addressing, per module m (strides in elements, columns contiguous):
@@ -194,7 +194,8 @@ DEFINE_SHRINKS(shrink_bf16, uint16_t, bf16_to_f32, load16_bf16)
 #endif
 
 /* dst[c][0:w] += B u[c] for count rows, B^T in bt [r, w] (BT: fp32, or bf16 when the pool keeps its
- * own B^T): column tiles of TILE, two rows per tile load, the last w % TILE columns scalar */
+ * own B^T): column tiles of TILE, four rows per tile load, then two, then one; the last w % TILE
+ * columns scalar */
 #define DEFINE_EXPAND(NAME, YT, LOAD, STORE, TILE_FN, BT, TAIL_FMA)                                     \
 static void NAME(YT *const *dst, float (*u)[MAX_RANK], int count, const BT *bt, int64_t w, int r) {    \
     float acc[TILE];                                                                                    \
@@ -202,6 +203,11 @@ static void NAME(YT *const *dst, float (*u)[MAX_RANK], int count, const BT *bt, 
         const int n_cols = w - j0 < TILE ? (int)(w - j0) : TILE;                                        \
         int c = 0;                                                                                      \
         if (n_cols == TILE) {                                                                           \
+            for (; c + 4 <= count; c += 4) {                                                            \
+                YT *d4[4] = {dst[c] + j0, dst[c + 1] + j0, dst[c + 2] + j0, dst[c + 3] + j0};           \
+                const float *u4[4] = {u[c], u[c + 1], u[c + 2], u[c + 3]};                              \
+                TILE_FN##_x4(d4, bt + j0, w, u4, r);                                                    \
+            }                                                                                           \
             for (; c + 2 <= count; c += 2)                                                              \
                 TILE_FN##_x2(dst[c] + j0, dst[c + 1] + j0, bt + j0, w, u[c], u[c + 1], r);              \
             if (c < count) TILE_FN(dst[c] + j0, bt + j0, w, u[c], r);                                   \
