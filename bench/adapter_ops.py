@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ from nlora_serve.engine.threads import threads_for_engine
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cpu_breakdown  # noqa: E402  (bench/cpu_breakdown.py)
+import wall_timers  # noqa: E402
 from tenants import MIXES  # noqa: E402
 
 SECONDS: collections.Counter = collections.Counter()  # (kind, op, width) -> seconds
@@ -38,17 +37,12 @@ STATE = {"kind": "prefill", "on": False}
 
 def timed(op: str, fn, width):
     """``fn`` timed under (step kind, op, width(args)) while the timed run is on."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if STATE["on"]:
-                key = (STATE["kind"], op, width(*args))
-                SECONDS[key] += time.perf_counter() - start
-                CALLS[key] += 1
-    return wrapper
+    def record(seconds: float, *args) -> None:
+        if STATE["on"]:
+            key = (STATE["kind"], op, width(*args))
+            SECONDS[key] += seconds
+            CALLS[key] += 1
+    return wall_timers.timed(fn, record)
 
 
 def instrument() -> None:

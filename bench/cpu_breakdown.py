@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import json
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.models import load_base
 
 sys.path.insert(0, str(Path(__file__).parent))
+import wall_timers  # noqa: E402  (bench/wall_timers.py)
 from tenants import MIXES, write_mix  # noqa: E402  (bench/tenants.py)
 
 TOTALS: collections.Counter = collections.Counter()  # seconds per part, since the start
@@ -41,14 +41,7 @@ TOTALS: collections.Counter = collections.Counter()  # seconds per part, since t
 
 def timed(part: str, fn):
     """``fn`` with its wall time added to TOTALS[part]."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            TOTALS[part] += time.perf_counter() - start
-    return wrapper
+    return wall_timers.timed(fn, lambda seconds, *args: TOTALS.update({part: seconds}))
 
 
 def instrument() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import time
 
 import torch
@@ -28,6 +27,8 @@ from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.models import load_base
 
+import wall_timers  # (bench/wall_timers.py: the script's folder is first on sys.path)
+
 SECONDS: collections.Counter = collections.Counter()  # per part, decode steps only
 CALLS: collections.Counter = collections.Counter()
 TIMING = [False]  # on during decode steps
@@ -35,17 +36,11 @@ TIMING = [False]  # on during decode steps
 
 def timed(part: str, fn):
     """``fn`` with its wall time added to SECONDS[part] while TIMING is on."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if not TIMING[0]:
-            return fn(*args, **kwargs)
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            SECONDS[part] += time.perf_counter() - start
+    def record(seconds: float, *args) -> None:
+        if TIMING[0]:
+            SECONDS[part] += seconds
             CALLS[part] += 1
-    return wrapper
+    return wall_timers.timed(fn, record)
 
 
 def instrument() -> None:
