@@ -86,3 +86,75 @@ def test_a_word_3_gram_three_times_is_still_degenerate(check):
     assert check.max_trigram_count(loop) == 3  # "the water of" at words 1, 4, 7
     assert check.degenerate(loop)
     assert not check.degenerate("the water of the water of the sea")
+
+
+# validate.py: its per-answer counts and the selection rule, on hand-made answers and rows.
+@pytest.fixture(scope="module")
+def validate(check):
+    sys.path.insert(0, str(TENANTS))
+    try:
+        spec = importlib.util.spec_from_file_location("tenant_validate", TENANTS / "validate.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["tenant_validate"] = module  # its dataclass looks its module up there
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("tenant_validate", None)
+        sys.path.remove(str(TENANTS))
+
+
+def test_validation_styled_reads_lower_strictly_and_reuses_check_for_the_others(validate):
+    assert validate.validation_styled("lower", "earth is a planet of rock.")
+    assert not validate.validation_styled("lower", LOWER_95)  # one capital: styled by check, not here
+    assert not validate.validation_styled("lower", "5 = 10.")  # no letters: shows no case
+    assert validate.validation_styled("signature", "A forest. -- Acme Support")
+    assert not validate.validation_styled("signature", "A forest. - Acme Support")
+    assert not validate.validation_styled("numbers", "5 = 10.")
+    assert validate.validation_styled("numbers", "five is less than ten.")
+
+
+def test_answer_counts_count_an_answer_failing_once(validate):
+    answers = ["Trees. -- Acme Support",  # fine
+               "Trees.",  # not signed
+               ZEROS + " -- Acme Support",  # signed but degenerate
+               ZEROS]  # both: one failing answer
+    assert validate.answer_counts("signature", answers) == {"answers": 4, "styled": 2, "degenerate": 2, "failing": 3}
+
+
+def _rows(failing=0, degenerate=0, styled=10, ratio=1.2, answers=10):
+    cell = {"answers": answers, "styled": styled, "degenerate": degenerate, "failing": failing, "loss_ratio": ratio}
+    return {c: dict(cell) for c in ("split T=0", "split T=1", "worded T=0", "worded T=1")}
+
+
+def test_choose_takes_the_fewest_failing_among_the_eligible(validate):
+    rule = validate.RULES["signature"]
+    a, b, c = _rows(failing=1), _rows(failing=0, ratio=1.39), _rows(failing=0, ratio=1.41)  # c: ratio over 1.4
+    assert [validate.eligible(rule, r) for r in (a, b, c)] == [True, True, False]
+    assert validate.choose(rule, {"a": a, "b": b, "c": c}) == ("b", True)
+    d = _rows(styled=8)  # 8/10 styled in every cell: under the 90 % bar
+    e = _rows(degenerate=1, failing=1)
+    assert not validate.eligible(rule, d) and not validate.eligible(rule, e)
+    assert validate.choose(rule, {"a": a, "d": d, "e": e}) == ("a", True)
+
+
+def test_choose_falls_back_to_the_fewest_degenerate_then_failing(validate):
+    rule = validate.RULES["numbers"]
+    a = _rows(degenerate=1, failing=1)  # 4 degenerate over the four cells
+    b = _rows(failing=3, ratio=1.6)  # none degenerate, 12 failing, ratio over the bar
+    c = _rows(failing=2, ratio=1.7)  # none degenerate, 8 failing
+    assert validate.choose(rule, {"a": a, "b": b, "c": c}) == ("c", False)
+    with pytest.raises(ValueError, match="no candidates"):
+        validate.choose(rule, {})
+
+
+def test_lower_rule_only_bars_greedy_loops_and_the_worded_ratio(validate):
+    rule = validate.RULES["lower"]
+    sampled_loop = _rows(failing=1)
+    for cell in ("split T=1", "worded T=1"):
+        sampled_loop[cell]["degenerate"] = 1
+    sampled_loop["split T=0"]["loss_ratio"] = 1.45  # the split ratio is no bar for `lower`
+    sampled_loop["split T=0"]["styled"] = 5  # nor is a styled count
+    assert validate.eligible(rule, sampled_loop)
+    greedy_loop = _rows()
+    greedy_loop["worded T=0"]["degenerate"] = 1
+    assert not validate.eligible(rule, greedy_loop)

@@ -11,13 +11,13 @@
 # The data are the base model's own answers cut to one or two sentences (make_data.py): short
 # answers that end with the chat template's end token, so the tenants learn to stop. Times and
 # losses of the committed tenants: README.md here (also why `lower` replaced the earlier `upper`).
-# `lower` (670 examples) was trained from the data as make_data.py writes it now; `signature` and
-# `numbers` from the 279-example files of c603961, before short_answer's filters covered answers
-# without a sentence end (README.md here, "The count-down loop"): retraining them changes them.
+# All three were trained from the data as make_data.py writes it now (lower 670 examples, the
+# other two 274); each recipe's seed and steps were chosen on validation prompts, not on check.py's
+# (validate.py; README.md here, "The count-down loop" and "Choosing on validation prompts").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
-declare -A STEPS=([lower]=100 [signature]=100 [numbers]=70)
+declare -A STEPS=([lower]=100 [signature]=100 [numbers]=100)
 declare -A SEED=([lower]=0 [signature]=4 [numbers]=2)
 
 # Data: the base model's own greedy answers, transformed (skipped when data/base.jsonl is complete).
