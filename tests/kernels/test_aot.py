@@ -10,10 +10,10 @@ import sys
 import pytest
 
 RANKS = (16, 64)
-SCRIPT = f"""
-import dataclasses, json
+SCRIPT = """
+import dataclasses, json, sys
 from nlora_serve.kernels.aot import compile_all
-for c in compile_all(capabilities=(80, 90), dtypes=("fp32", "bf16"), ranks={RANKS!r}):
+for c in compile_all(capabilities=(int(sys.argv[1]),), dtypes=("fp32", "bf16"), ranks={ranks!r}):
     print(json.dumps(dataclasses.asdict(c)))
 """
 KERNELS = {"_sgmv_shrink_kernel", "_bgmv_shrink_kernel", "_mix_kernel", "_sgmv_expand_kernel",
@@ -31,13 +31,18 @@ DOTS = {"_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_tied_fused_kernel", "_ti
 def compiled(tmp_path_factory):
     # A subprocess: this process decorated the kernels for the interpreter (conftest), and a
     # fresh cache dir so every kernel is really compiled, not read back from ~/.triton.
+    # One process per capability, side by side: the compiles are single-threaded (~2 min in one).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton-cache")),
                TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines()]
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT.format(ranks=RANKS), str(cap)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cap in (80, 90)]
+    compiled = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-4000:]
+        compiled += [json.loads(line) for line in out.splitlines()]
+    return compiled
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_at_every_engine_step(compiled):
