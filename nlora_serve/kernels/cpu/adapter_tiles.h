@@ -94,22 +94,18 @@ static inline void NAME(float *restrict u, const NT *restrict n, int64_t n_row_s
     }                                                                                                   \
 }
 
-static inline void tail_fma(float *restrict acc, const float *restrict bt, int64_t w, const float *restrict u, int r, int n) {
-    for (int k = 0; k < r; k++) {
-        const float uk = u[k];
-        const float *restrict b = bt + k * w;
-        for (int j = 0; j < n; j++) acc[j] += uk * b[j];
-    }
+/* acc[0:n] += sum_k u[k] * bt[k * w + j] (a tile's last columns; BLOAD reads one B^T entry) */
+#define DEFINE_TAIL_FMA(NAME, BT, BLOAD)                                                                \
+static inline void NAME(float *restrict acc, const BT *restrict bt, int64_t w, const float *restrict u, int r, int n) { \
+    for (int k = 0; k < r; k++) {                                                                       \
+        const float uk = u[k];                                                                          \
+        const BT *restrict b = bt + k * w;                                                              \
+        for (int j = 0; j < n; j++) acc[j] += uk * BLOAD(b[j]);                                         \
+    }                                                                                                   \
 }
 
-static inline void tail_fma_bt16(float *restrict acc, const uint16_t *restrict bt, int64_t w, const float *restrict u, int r,
-                                 int n) {
-    for (int k = 0; k < r; k++) {
-        const float uk = u[k];
-        const uint16_t *restrict b = bt + k * w;
-        for (int j = 0; j < n; j++) acc[j] += uk * bf16_to_f32(b[j]);
-    }
-}
+DEFINE_TAIL_FMA(tail_fma, float, F32_LOAD)
+DEFINE_TAIL_FMA(tail_fma_bt16, uint16_t, bf16_to_f32)
 
 DEFINE_MIX(mix_f32, float, F32_LOAD, load16)
 DEFINE_MIX(mix_bf16, uint16_t, bf16_to_f32, load16_bf16)

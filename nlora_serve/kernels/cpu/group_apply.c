@@ -15,14 +15,15 @@
  *
  * index lists the group tokens sorted by family (AdapterBatch.group_index), so each family's
  * tokens come as one run. Per run, the expand reads B^T: the pool's own copy (pool_bt [F, R,
- * width] per module, which the CPU LoRA pool writes with each slot) for runs under
- * POOL_BT_MAX_RUN tokens, else each module's B[m][f] [out, R] transposed once into an fp32
+ * width] per module, which the CPU LoRA pool writes with each slot; see POOL_BT_MAX_RUN for
+ * when), else each module's B[m][f] [out, R] transposed once into an fp32
  * scratch B^T [r16, width] (16 x 16 register transposes; r16 = r rounded up to 16). Then the
  * run's tokens go through in chunks of CHUNK: the shrink loads each vector of an A row once for
  * up to four tokens (four rows x four tokens = 16 register accumulators; bf16 through AVX512-BF16
  * dot products where the CPU has them), the mix runs per token, and the expand applies each B^T
  * tile to four tokens at a time (adapter_tiles.h). Single-threaded, as tied_apply.c. Measured
- * split at T = 64, 8 families (perf, fp32): shrink ~40%, expand ~30%, B transposes ~25%.
+ * split at T = 64, 8 families, before the pool kept B^T (perf, fp32): shrink ~40%, expand ~30%,
+ * B transposes ~25%.
  *
  * Pool addressing, per module m (strides in elements, columns contiguous):
  *   A[m][f] row k  = a[m] + f * a_fam[m] + k * a_row[m]          (A pool [F, R, dim_in])
@@ -39,9 +40,10 @@
 #include "parallel.h"
 
 #define CHUNK 32
-/* A family's run of fewer tokens reads the pool's B^T (bf16 widened on every load: decode, where
- * a transpose per run and call cost ~40% of the op); a longer run transposes B into fp32 scratch
- * once and reuses it (prefill, where the widening loads cost more than the one transpose) */
+/* fp32 pools: every run reads the pool's B^T as it is. bf16 pools: a family's run of fewer tokens
+ * reads it, widened on every load (decode, where a transpose per run and call cost ~40% of the
+ * op); a longer run transposes B into fp32 scratch once and reuses it (prefill, where the widening
+ * loads measured slower than the one transpose) */
 #define POOL_BT_MAX_RUN 32
 #define TB 4 /* tokens per pass over an A slice */
 #define KB 4 /* A rows per pass */
@@ -260,7 +262,8 @@ int NAME(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,        
     for (int m = 0; m < num_modules; m++) { bt_off[m] = sum_w; sum_w += width[m]; }                     \
     const int r16 = (r + 15) & ~15;                                                                     \
     /* each module's B^T [r16, width] in fp32, for the runs that do not read the pool's own */         \
-    const int scratch = !pool_bt || num_index >= POOL_BT_MAX_RUN;                                       \
+    const int widened_bt = sizeof(T) != sizeof(float); /* the pool's B^T needs widening loads */      \
+    const int scratch = !pool_bt || (widened_bt && num_index >= POOL_BT_MAX_RUN);                       \
     float *bt = scratch ? malloc(sizeof(float) * r16 * sum_w) : NULL;                                   \
     const int widen = sizeof(XT) != sizeof(T); /* x rows widened into scratch */                        \
     float *xs = widen ? malloc(sizeof(float) * CHUNK * dim_in) : NULL;                                  \
@@ -272,7 +275,7 @@ int NAME(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,        
         const int32_t f = families[index[i0]];                                                          \
         int64_t i1 = i0 + 1;                                                                            \
         while (i1 < num_index && families[index[i1]] == f) i1++;                                        \
-        const int own_bt = pool_bt && i1 - i0 < POOL_BT_MAX_RUN;                                        \
+        const int own_bt = pool_bt && (!widened_bt || i1 - i0 < POOL_BT_MAX_RUN);                       \
         for (int m = 0; m < num_modules && !own_bt; m++)                                                \
             TRANSPOSE(bt + r16 * bt_off[m], b[m] + f * b_fam[m], b_row[m], width[m], r, rank_width[m]);   \
         /* chunks outside, modules inside: a chunk's x rows are widened once for every module */       \
