@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _CPU = Path(__file__).with_name("cpu")
 SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "paged_attention.c", "layer_ops.c"))
-HEADERS = (_CPU / "vec16.h", _CPU / "adapter_tiles.h", _CPU / "parallel.h")  # part of the build key
+HEADERS = (_CPU / "vec16.h", _CPU / "adapter_tiles.h", _CPU / "parallel.h", _CPU / "amx.h")  # part of the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
 # tried first: the ops' threads are then torch's own OpenMP workers (cpu/parallel.h says why); a
 # compiler without OpenMP builds without it, and every threaded call starts its own threads
@@ -81,8 +81,10 @@ class TiedProjection:
     n_ptrs: ctypes.Array  # [num_modules] pointers to slot 0 of each module's N
     n_slot_stride: int  # elements between slots of N (the same for every module)
     n_row_stride: int  # elements between rows of one N
-    bt_ptrs: ctypes.Array  # [num_modules] pointers to B^T = W[:, :R]^T, fp32 [R, width] contiguous
+    bt_ptrs: ctypes.Array  # [num_modules] pointers to B^T = W[:, :R]^T, fp32 [R, width] contiguous,
+    # or with ``amx`` bf16 packed in pairs (:func:`vnni_pack`)
     bias_ptrs: ctypes.Array  # [num_modules] pointers to bias[:R] (NULL: no bias)
+    amx: bool = False  # the expand runs on AMX tiles (cpu/amx.h)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,13 @@ class NativeOps:
                 fn = getattr(lib, name)
                 fn.restype, fn.argtypes = ctypes.c_int, argtypes
                 fns[dtype] = fn
+        # AMX tiles for the bf16 expands where the CPU has them and the kernel grants them (cpu/amx.h);
+        # NLORA_CPU_AMX=0 in the environment (or amx = False before plan()) keeps the AVX-512 path
+        self._tied_amx = getattr(lib, "nlora_tied_apply_bf16_amx_mt", None)  # absent: built without AMX
+        self.amx = (self._tied_amx is not None and os.environ.get("NLORA_CPU_AMX", "1") != "0"
+                    and bool(lib.nlora_amx_init()))
+        if self.amx:
+            self._tied_amx.restype, self._tied_amx.argtypes = ctypes.c_int, _ARGTYPES
         self._decode = lib.nlora_paged_decode
         self._decode.restype, self._decode.argtypes = ctypes.c_int, _DECODE_ARGTYPES
         self.layer = LayerOps(lib)  # RMSNorm + residual, RoPE, SiLU · up (kernels/layer_ops.py)
@@ -146,7 +155,10 @@ class NativeOps:
         if any(s.n_pool.stride() != n0.stride() or s.n_pool.stride(2) != 1 or s.n_pool.dtype != dtype
                for *_, s in mods):
             return None
+        amx = self.amx and dtype == torch.bfloat16
         bts = [s.tied_b[:, :r].t().float().contiguous() for *_, s in mods]  # [R, w] fp32
+        if amx:
+            bts = [vnni_pack(bt.to(dtype)) for bt in bts]
         biases = [s.tied_bias[:r].contiguous() if s.tied_bias is not None else None for *_, s in mods]
         keep = (*[s.n_pool for *_, s in mods], *bts, *[b for b in biases if b is not None])
         return TiedProjection(
@@ -155,7 +167,7 @@ class NativeOps:
             n_ptrs=_array(_P, [s.n_pool.data_ptr() for *_, s in mods]),
             n_slot_stride=n0.stride(0), n_row_stride=n0.stride(1),
             bt_ptrs=_array(_P, [b.data_ptr() for b in bts]),
-            bias_ptrs=_array(_P, [b.data_ptr() if b is not None else None for b in biases]))
+            bias_ptrs=_array(_P, [b.data_ptr() if b is not None else None for b in biases]), amx=amx)
 
     def plan_group(self, sites: list[SiteWeights | None], widths: list[int]) -> GroupProjection | None:
         """Lay out the group-path pools of one fused projection; None when the op cannot serve it.
@@ -263,7 +275,7 @@ class NativeOps:
             raise ValueError(f"y must be a CPU [T={batch.num_tokens}, {plan.width}] {plan.dtype} tensor with "
                              f"unit column stride; got {tuple(y.shape)} {y.dtype} strides {y.stride()}")
         slots, scalings = batch.tok_tied_slot.contiguous(), batch.slot_scalings.contiguous()
-        rc = self._fns[plan.dtype](
+        rc = (self._tied_amx if plan.amx else self._fns[plan.dtype])(
             y.data_ptr(), y.shape[0], y.stride(0), slots.data_ptr(), scalings.data_ptr(), plan.num_modules,
             plan.offsets, plan.widths, plan.n_ptrs, plan.n_slot_stride, plan.n_row_stride, plan.rank, plan.bt_ptrs,
             plan.bias_ptrs, _threads(y.shape[0]))
@@ -310,6 +322,23 @@ class NativeOps:
         if rc != 0:
             raise MemoryError("paged_decode: no memory or thread for the score buffers")
         return out
+
+
+def vnni_pack(bt: torch.Tensor) -> torch.Tensor:
+    """B^T laid out for an AMX tile product (cpu/amx.h ``amx_expand_bf16``).
+
+    Args:
+        bt: [r, w] bf16, B^T.
+
+    Returns:
+        [rp / 2, wp, 2] bf16 contiguous, rp = r rounded up to 16 and wp = w rounded up to 16:
+        out[k // 2, j, k % 2] = bt[k, j], zero outside bt (the "VNNI" pair layout: two
+        consecutive k of one column side by side, as TDPBF16PS reads its second operand).
+    """
+    r, w = bt.shape
+    padded = torch.zeros(-(-r // 16) * 16, -(-w // 16) * 16, dtype=bt.dtype)
+    padded[:r, :w] = bt
+    return padded.view(padded.shape[0] // 2, 2, padded.shape[1]).transpose(1, 2).contiguous()
 
 
 def _threads(rows: int) -> int:

@@ -15,6 +15,19 @@ from nlora_serve.kernels import TIED, SiteWeights, build_adapter_batch
 from nlora_serve.kernels.native import PARALLEL_MIN_ROWS
 
 DTYPES = (torch.float32, torch.bfloat16)
+# the tied op's paths: (dtype, expand on AMX tiles); bf16 runs on AVX-512 and, where the CPU has
+# AMX-BF16, on tiles (cpu/amx.h)
+PATHS = ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True))
+
+
+@pytest.fixture(params=PATHS, ids=("fp32", "bf16", "bf16-amx"))
+def tied_dtype(request, native_ops, monkeypatch):
+    """The dtype of a tied-op case, with native_ops set to the path under test."""
+    dtype, amx = request.param
+    if amx and not native_ops.amx:
+        pytest.skip("this CPU or kernel offers no AMX-BF16 tiles: the AVX-512 path serves bf16 here")
+    monkeypatch.setattr(native_ops, "amx", amx)
+    return dtype
 
 
 def fused_case(seed, num_tokens, dim_in, widths, ranks, dist, dtype, *, bias=False, skip=(), num_used=None,
@@ -66,6 +79,7 @@ def fused_case(seed, num_tokens, dim_in, widths, ranks, dist, dtype, *, bias=Fal
 def run(native_ops, y, sites, batch, truth, widths):
     plan = native_ops.plan(sites, list(widths))
     assert plan is not None
+    assert plan.amx == (native_ops.amx and y.dtype == torch.bfloat16), "the path under test did not run"
     before = y.clone()
     assert native_ops.tied_apply(y, batch, plan) is y
     assert not torch.isnan(y).any(), "a NaN from a free slot leaked"
@@ -75,33 +89,30 @@ def run(native_ops, y, sites, batch, truth, widths):
     return float(err / truth.norm()) if truth.norm() > 0 else float(err)  # no tied token: exact
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("widths", ((576, 192, 192), (576,), (1536, 1536), (577,), (130, 131)), ids=str)
 @pytest.mark.parametrize("ranks", ((1,), (7,), (16,), (64,), (128,), (1, 7, 16)), ids=str)
-def test_ranks_and_widths(native_ops, ranks, widths, dtype):
-    case = fused_case(100 + 7 * len(widths) + max(ranks) + sum(widths), 37, 576, widths, ranks, "zipf", dtype)
-    assert run(native_ops, *case, widths) <= TOL[dtype]
+def test_ranks_and_widths(native_ops, ranks, widths, tied_dtype):
+    case = fused_case(100 + 7 * len(widths) + max(ranks) + sum(widths), 37, 576, widths, ranks, "zipf", tied_dtype)
+    assert run(native_ops, *case, widths) <= TOL[tied_dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_tokens", (1, 2, 31, 32, 33, 67, 257))
 @pytest.mark.parametrize("dist", ("distinct", "one", "skewed", "with_none"))
-def test_token_counts_and_popularity(native_ops, num_tokens, dist, dtype):
-    case = fused_case(300 + num_tokens, num_tokens, 576, (576, 192, 192), (16,), dist, dtype,
+def test_token_counts_and_popularity(native_ops, num_tokens, dist, tied_dtype):
+    case = fused_case(300 + num_tokens, num_tokens, 576, (576, 192, 192), (16,), dist, tied_dtype,
                       num_used=min(num_tokens, 64))
-    assert run(native_ops, *case, (576, 192, 192)) <= TOL[dtype]
+    assert run(native_ops, *case, (576, 192, 192)) <= TOL[tied_dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bias_skipped_module_and_row_stride(native_ops, dtype):
+def test_bias_skipped_module_and_row_stride(native_ops, tied_dtype):
     """Qwen2-style bias (z = y − b), a module the family does not adapt (its columns untouched),
     and y as a column slice of a wider buffer (row stride > width)."""
     widths = (576, 192, 192)
-    y, sites, batch, truth = fused_case(500, 29, 576, widths, (16, 4), "with_none", dtype, bias=True,
+    y, sites, batch, truth = fused_case(500, 29, 576, widths, (16, 4), "with_none", tied_dtype, bias=True,
                                         skip=(1,), row_pad=40)
     assert y.stride(0) == sum(widths) + 40
     k_cols = y[:, 576:768].clone()
-    assert run(native_ops, y, sites, batch, truth, widths) <= TOL[dtype]
+    assert run(native_ops, y, sites, batch, truth, widths) <= TOL[tied_dtype]
     assert torch.equal(y[:, 576:768], k_cols)
 
 
@@ -110,6 +121,31 @@ def test_no_tied_token_leaves_y_bitwise(native_ops):
     before = y.clone()
     native_ops.tied_apply(y, batch, native_ops.plan(sites, [576]))
     assert torch.equal(y, before)
+
+
+@pytest.mark.parametrize("ranks", ((16,), (7, 16), (48,)), ids=str)
+def test_bf16_rounds_once_from_fp32_arithmetic(native_ops, tied_dtype, ranks):
+    """bf16 y: every entry is the float64 sum y + s·B·N·z of the op's own bf16 inputs, rounded once:
+    within one bf16 ulp of that sum, plus 2^-12 of the delta's size where y and the delta cancel
+    (the AMX path carries u as two bf16 parts, ~2^-16 relative; fp32 u: 2^-24)."""
+    if tied_dtype != torch.bfloat16:
+        pytest.skip("a bf16 rounding property")
+    widths = (576, 192, 192)
+    y, sites, batch, _ = fused_case(800 + max(ranks), 45, 576, widths, ranks, "zipf", tied_dtype)
+    before = y.double()
+    want = before.clone()
+    r, offs = sites[0].n_pool.shape[1], (0, 576, 768)
+    for t, s in enumerate(batch.tok_tied_slot.tolist()):
+        for m, (off, w) in enumerate(zip(offs, widths)):
+            if s < 0:
+                continue
+            z = before[t, off:off + r]
+            u = float(batch.slot_scalings[s]) * (sites[m].n_pool[s].double() @ z)
+            want[t, off:off + w] += sites[m].tied_b[:, :r].double() @ u
+    native_ops.tied_apply(y, batch, native_ops.plan(sites, list(widths)))
+    ulp = want.abs().clamp(min=1e-30).log2().floor().exp2() * 2.0 ** -7  # spacing of bf16 values near want
+    bound = ulp + 2.0 ** -12 * (want - before).abs()
+    assert bool(((y.double() - want).abs() <= bound).all()), float(((y.double() - want).abs() / bound).max())
 
 
 def test_plan_refuses_what_it_cannot_serve(native_ops):
@@ -184,20 +220,19 @@ def test_paged_decode_refuses_shapes_it_cannot_take(native_ops):
         native_ops.paged_decode(q.to(torch.bfloat16), kv, tables, lens, 0.2, out)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("threads", (2, 3))
-def test_prefill_sized_steps_split_over_threads(native_ops, dtype, threads):
+def test_prefill_sized_steps_split_over_threads(native_ops, tied_dtype, threads):
     """≥ PARALLEL_MIN_ROWS tokens run as one call per thread on disjoint rows: the same truth,
     and the same bits as one thread (each token's arithmetic does not depend on the split)."""
     num_tokens = 2 * PARALLEL_MIN_ROWS + 37
-    one = fused_case(7, num_tokens, 576, (576, 192, 192), (16,), "with_none", dtype, num_used=64)
+    one = fused_case(7, num_tokens, 576, (576, 192, 192), (16,), "with_none", tied_dtype, num_used=64)
     split = [t.clone() if isinstance(t, torch.Tensor) else t for t in one]
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert run(native_ops, *one, (576, 192, 192)) <= TOL[dtype]
+        assert run(native_ops, *one, (576, 192, 192)) <= TOL[tied_dtype]
         torch.set_num_threads(threads)
-        assert run(native_ops, *split, (576, 192, 192)) <= TOL[dtype]
+        assert run(native_ops, *split, (576, 192, 192)) <= TOL[tied_dtype]
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(one[0], split[0])

@@ -22,6 +22,7 @@
  * rows of one N are n_row_stride apart, columns contiguous.
  */
 #include "adapter_tiles.h"
+#include "amx.h"
 #include "parallel.h"
 
 #define CHUNK 32
@@ -94,34 +95,98 @@ typedef struct {
     const int64_t *off, *width;
     const void *const *n, *const *bias;
     int64_t n_slot_stride, n_row_stride, first, last;
-    const float *const *bt;
+    const void *const *bt; /* fp32 B^T, or for the AMX op B^T packed in bf16 pairs */
 } tied_job_t;
 
 /* NAME_mt: NAME over tokens split into num_threads jobs of disjoint rows; the first non-zero
  * return code of a job, else 0 */
-#define DEFINE_TIED_APPLY_MT(NAME, YT, NT)                                                              \
+#define DEFINE_TIED_APPLY_MT(NAME, YT, NT, BT)                                                          \
 static void *NAME##_job(void *arg) {                                                                    \
     tied_job_t *j = arg;                                                                                \
     j->rc = NAME((YT *)j->y + j->first * j->y_row_stride, j->last - j->first, j->y_row_stride,          \
                  j->slots + j->first, j->scale, j->num_modules, j->off, j->width, (const NT *const *)j->n, \
-                 j->n_slot_stride, j->n_row_stride, j->r, j->bt, (const NT *const *)j->bias);           \
+                 j->n_slot_stride, j->n_row_stride, j->r, (const BT *const *)j->bt, (const NT *const *)j->bias); \
     return NULL;                                                                                        \
 }                                                                                                       \
 int NAME##_mt(YT *y, int64_t num_tokens, int64_t y_row_stride, const int32_t *slots, const float *scale, \
               int num_modules, const int64_t *off, const int64_t *width, const NT *const *n,            \
-              int64_t n_slot_stride, int64_t n_row_stride, int r, const float *const *bt,               \
+              int64_t n_slot_stride, int64_t n_row_stride, int r, const BT *const *bt,                  \
               const NT *const *bias, int num_threads) {                                                 \
     tied_job_t jobs[MAX_JOBS];                                                                          \
     const int parts = clamp_jobs(num_threads, num_tokens);                                              \
     for (int t = 0; t < parts; t++)                                                                     \
         jobs[t] = (tied_job_t){y, y_row_stride, slots, scale, num_modules, r, 0, off, width,            \
                                (const void *const *)n, (const void *const *)bias, n_slot_stride,        \
-                               n_row_stride, num_tokens * t / parts, num_tokens * (t + 1) / parts, bt}; \
+                               n_row_stride, num_tokens * t / parts, num_tokens * (t + 1) / parts,      \
+                               (const void *const *)bt};                                                \
     parallel_jobs(NAME##_job, jobs, sizeof jobs[0], parts);                                             \
     for (int t = 0; t < parts; t++)                                                                     \
         if (jobs[t].rc) return jobs[t].rc;                                                              \
     return 0;                                                                                           \
 }
 
-DEFINE_TIED_APPLY_MT(nlora_tied_apply_f32, float, float)
-DEFINE_TIED_APPLY_MT(nlora_tied_apply_bf16, uint16_t, uint16_t)
+DEFINE_TIED_APPLY_MT(nlora_tied_apply_f32, float, float, float)
+DEFINE_TIED_APPLY_MT(nlora_tied_apply_bf16, uint16_t, uint16_t, float)
+
+#ifdef NLORA_AMX
+/* A decode step's tokens each read their own slot's N (r x r, cold: the base GEMMs streamed the
+ * weights since the last call) and their row's first r outputs: loading those lines
+ * PREFETCH_AHEAD tokens early overlaps the misses (perf put a third of the op's samples on them) */
+#define PREFETCH_AHEAD 4
+static inline void prefetch_token(const uint16_t *row, int32_t s, int num_modules, const int64_t *off,
+                                  const uint16_t *const *n, int64_t n_slot_stride, int64_t n_row_stride, int r) {
+    if (s < 0) return;
+    for (int m = 0; m < num_modules; m++) {
+        _mm_prefetch((const char *)(row + off[m]), _MM_HINT_T0);
+        const char *nm = (const char *)(n[m] + (int64_t)s * n_slot_stride);
+        const int64_t bytes = (int64_t)(r - 1) * n_row_stride * 2 + r * 2; /* rows of one N, contiguous or not */
+        for (int64_t b = 0; b < bytes && b < 4096; b += 64) _mm_prefetch(nm + b, _MM_HINT_T0);
+    }
+}
+
+/* 1 when the AMX ops may run in this process (amx.h), else 0 */
+int nlora_amx_init(void) { return amx_available(); }
+
+/* nlora_tied_apply_bf16 with the expand on AMX tiles (amx.h), up to AMX_ROWS tokens at a time:
+ * bp[m] is module m's B^T [rp, wp] packed in bf16 pairs (amx_expand_bf16), rp = r rounded up to
+ * AMX_K, wp = width[m] rounded up to AMX_COLS. Each token's u is computed before any add. */
+int nlora_tied_apply_bf16_amx(uint16_t *y, int64_t num_tokens, int64_t y_row_stride, const int32_t *slots,
+                              const float *scale, int num_modules, const int64_t *off, const int64_t *width,
+                              const uint16_t *const *n, int64_t n_slot_stride, int64_t n_row_stride, int r,
+                              const uint16_t *const *bp, const uint16_t *const *bias) {
+    float u[MAX_MODULES][AMX_ROWS][MAX_RANK];
+    uint16_t uh[AMX_ROWS * MAX_RANK] __attribute__((aligned(64))), ul[AMX_ROWS * MAX_RANK] __attribute__((aligned(64)));
+    uint16_t *dst[AMX_ROWS];
+    int64_t rows[AMX_ROWS];
+    if (r > MAX_RANK || num_modules > MAX_MODULES) return -1;
+    const int rp = (r + AMX_K - 1) / AMX_K * AMX_K;
+    amx_config_expand();
+    for (int64_t t = 0; t < num_tokens;) {
+        int count = 0;
+        for (; t < num_tokens && count < AMX_ROWS; t++) {
+            if (t + PREFETCH_AHEAD < num_tokens)
+                prefetch_token(y + (t + PREFETCH_AHEAD) * y_row_stride, slots[t + PREFETCH_AHEAD], num_modules,
+                               off, n, n_slot_stride, n_row_stride, r);
+            const int32_t s = slots[t];
+            if (s < 0) continue;
+            const uint16_t *row = y + t * y_row_stride;
+            for (int m = 0; m < num_modules; m++) {
+                float z[MAX_RANK];
+                for (int k = 0; k < r; k++) z[k] = bf16_to_f32(row[off[m] + k]) - (bias[m] ? bf16_to_f32(bias[m][k]) : 0.0f);
+                mix_bf16(u[m][count], n[m] + (int64_t)s * n_slot_stride, n_row_stride, z, r, scale[s]);
+            }
+            rows[count++] = t;
+        }
+        for (int m = 0; m < num_modules && count; m++) {
+            amx_split_u(uh, ul, u[m][0], MAX_RANK, count, r, rp);
+            for (int c = 0; c < count; c++) dst[c] = y + rows[c] * y_row_stride + off[m];
+            amx_expand_bf16(dst, count, uh, ul, rp, bp[m], width[m], (width[m] + AMX_COLS - 1) / AMX_COLS * AMX_COLS);
+        }
+    }
+    _tile_release();
+    return 0;
+}
+DEFINE_TIED_APPLY_MT(nlora_tied_apply_bf16_amx, uint16_t, uint16_t, uint16_t)
+#else
+int nlora_amx_init(void) { return 0; }
+#endif
