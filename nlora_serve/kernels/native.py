@@ -43,8 +43,9 @@ from nlora_serve.kernels.weights import SiteWeights
 log = logging.getLogger(__name__)
 
 _CPU = Path(__file__).with_name("cpu")
-SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "paged_attention.c", "layer_ops.c"))
-HEADERS = (_CPU / "vec16.h", _CPU / "adapter_tiles.h", _CPU / "parallel.h", _CPU / "amx.h")  # part of the build key
+SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "group_amx.c", "paged_attention.c",
+                                         "layer_ops.c"))
+HEADERS = tuple(_CPU / name for name in ("vec16.h", "adapter_tiles.h", "parallel.h", "amx.h", "group_mt.h"))  # part of the build key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
 # tried first: the ops' threads are then torch's own OpenMP workers (cpu/parallel.h says why); a
 # compiler without OpenMP builds without it, and every threaded call starts its own threads
@@ -111,6 +112,7 @@ class GroupProjection:
     b_strides: tuple  # (family, row) strides of each B pool
     bt_ptrs: ctypes.Array | None  # [num_modules] pointers to family 0 of each pool's B^T [F, R, out]
     bt_fam: ctypes.Array | None  # [num_modules] int64: its family strides (None: no B^T kept)
+    amx: bool = False  # shrink and expand run on AMX tiles (cpu/group_amx.c)
 
 
 class NativeOps:
@@ -128,10 +130,12 @@ class NativeOps:
         # AMX tiles for the bf16 expands where the CPU has them and the kernel grants them (cpu/amx.h);
         # NLORA_CPU_AMX=0 in the environment (or amx = False before plan()) keeps the AVX-512 path
         self._tied_amx = getattr(lib, "nlora_tied_apply_bf16_amx_mt", None)  # absent: built without AMX
+        self._group_amx = getattr(lib, "nlora_group_apply_bf16_amx_mt", None)
         self.amx = (self._tied_amx is not None and os.environ.get("NLORA_CPU_AMX", "1") != "0"
                     and bool(lib.nlora_amx_init()))
         if self.amx:
             self._tied_amx.restype, self._tied_amx.argtypes = ctypes.c_int, _ARGTYPES
+            self._group_amx.restype, self._group_amx.argtypes = ctypes.c_int, _GROUP_ARGTYPES
         self._decode = lib.nlora_paged_decode
         self._decode.restype, self._decode.argtypes = ctypes.c_int, _DECODE_ARGTYPES
         self.layer = LayerOps(lib)  # RMSNorm + residual, RoPE, SiLU · up (kernels/layer_ops.py)
@@ -189,11 +193,15 @@ class NativeOps:
             if (any(p.dtype != dtype or p.is_cuda or p.stride(2) != 1 for p in pools) or dtype not in self._group_fns
                     or s.a_pool.shape[2] != dim_in or s.b_pool.shape[1] != w or s.n_pool.shape[1] > MAX_RANK):
                 return None
-        i64 = lambda f: _array(_I64, [f(s) for *_, s in mods])  # noqa: E731
-        ptrs = lambda f: _array(_P, [f(s).data_ptr() for *_, s in mods])  # noqa: E731
         # the pools' own B^T when every module has one with rows `width` apart (the C side's layout)
         pool_bt = all(s.b_pool_t is not None and s.b_pool_t.dtype == dtype
                       and (s.b_pool_t.stride(1) == w or s.b_pool_t.shape[1] == 1) for _, w, s in mods)
+        # AMX (cpu/group_amx.c): bf16 with the pools' B^T, dim_in in whole 32-entry tiles, A rows in
+        # whole 16-row tiles
+        amx = (self.amx and dtype == torch.bfloat16 and pool_bt and dim_in % 32 == 0
+               and all(s.a_pool.shape[1] % 16 == 0 and s.b_pool.shape[2] % 16 == 0 for *_, s in mods))
+        i64 = lambda f: _array(_I64, [f(s) for *_, s in mods])  # noqa: E731
+        ptrs = lambda f: _array(_P, [f(s).data_ptr() for *_, s in mods])  # noqa: E731
         return GroupProjection(
             num_modules=len(mods), rank=min(s.rank_width for *_, s in mods), dtype=dtype, width=sum(widths),
             dim_in=dim_in, keep=tuple(p for *_, s in mods for p in (s.a_pool, s.b_pool, s.n_pool, s.b_pool_t)
@@ -207,7 +215,7 @@ class NativeOps:
             b_ptrs=ptrs(lambda s: s.b_pool), b_strides=(i64(lambda s: s.b_pool.stride(0)),
                                                         i64(lambda s: s.b_pool.stride(1))),
             bt_ptrs=ptrs(lambda s: s.b_pool_t) if pool_bt else None,
-            bt_fam=i64(lambda s: s.b_pool_t.stride(0)) if pool_bt else None)
+            bt_fam=i64(lambda s: s.b_pool_t.stride(0)) if pool_bt else None, amx=amx)
 
     def group_apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
                     plan: GroupProjection) -> torch.Tensor:
@@ -244,7 +252,7 @@ class NativeOps:
         slots, fams = batch.tok_group_slot.contiguous(), batch.tok_group_family.contiguous()
         scalings = batch.slot_scalings.contiguous()
 
-        rc = self._group_fns[plan.dtype](
+        rc = (self._group_amx if plan.amx else self._group_fns[plan.dtype])(
             y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), plan.dim_in, index.data_ptr(), index.numel(),
             slots.data_ptr(), fams.data_ptr(), scalings.data_ptr(), batch.max_rank, plan.num_modules, plan.offsets,
             plan.widths, plan.rank_widths, plan.a_ptrs, *plan.a_strides, plan.n_ptrs, *plan.n_strides, plan.b_ptrs,

@@ -19,20 +19,33 @@ DTYPES = (torch.float32, torch.bfloat16)
 QKV = (576, 192, 192)
 
 
+@pytest.fixture(params=("transposed", "pool_bt", "amx"))
+def bt_path(request, native_ops, monkeypatch):
+    """How the expand gets B^T: transposed per call, the pool's own copy (AVX-512), or on AMX
+    tiles (bf16, where the CPU has them: the pools' rank width rounded up to 16 so the op takes
+    them). Returns group_case keyword arguments for ranks ``ranks``."""
+    amx = request.param == "amx"
+    if amx and not native_ops.amx:
+        pytest.skip("this CPU or kernel offers no AMX-BF16 tiles: the AVX-512 path serves bf16 here")
+    monkeypatch.setattr(native_ops, "amx", amx)
+    return lambda ranks: {"pool_bt": request.param != "transposed",
+                          "rank_width": -(-max(ranks) // 16) * 16 if amx else None}
+
+
 def group_case(seed, num_tokens, dim_in, widths, ranks, dist, dtype, *, path="own", skip=(), num_used=None,
-               row_pad=0, pool_bt=False):
+               row_pad=0, pool_bt=False, rank_width=None):
     """(y, x, sites, batch, truth): y [T, Σ widths] (a column slice of a wider buffer when
     row_pad > 0). path: "own" (a family per slot), "shared" (every slot on family 1, which holds
     its full rank width), "mixed" (own, shared and Nyström-tied slots). Module indices in
     ``skip`` have no site. ``pool_bt``: the sites carry B^T per family (``b_pool_t``, NaN where
-    B is), as the CPU LoRA pool keeps it."""
+    B is), as the CPU LoRA pool keeps it. ``rank_width``: the pools' R (default max(ranks))."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
 
     num_used = num_used or min(num_tokens, 12)
-    num_slots, width, num_fams = num_used + 3, max(ranks), num_used + 5
+    num_slots, width, num_fams = num_used + 3, rank_width or max(ranks), num_used + 5
     nan = float("nan")
     x = rnd(num_tokens, dim_in)
     weights = [rnd(w, dim_in, scale=0.5 * dim_in ** -0.5) for w in widths]
@@ -94,6 +107,9 @@ def run(native_ops, y, x, sites, batch, truth, widths):
     plan = native_ops.plan_group(sites, list(widths))
     assert plan is not None
     assert (plan.bt_ptrs is not None) == all(s.b_pool_t is not None for s in sites if s is not None)
+    site = next(s for s in sites if s is not None)
+    assert plan.amx == (native_ops.amx and y.dtype == torch.bfloat16 and plan.bt_ptrs is not None
+                        and x.shape[1] % 32 == 0 and site.rank_width % 16 == 0), "not the path under test"
     before = y.clone()
     if batch.num_tied:
         native_ops.tied_apply(y, batch, native_ops.plan(sites, list(widths)))
@@ -109,41 +125,38 @@ def run(native_ops, y, x, sites, batch, truth, widths):
 @pytest.mark.parametrize("shape", ((576, QKV), (576, (1536, 1536)), (1536, (576,)), (577, (577,)),
                                    (13, (130, 9)), (40, (15,))), ids=str)
 @pytest.mark.parametrize("ranks", ((1,), (7,), (16,), (64,), (128,), (1, 7, 16, 33)), ids=str)
-@pytest.mark.parametrize("pool_bt", (False, True), ids=("transposed", "pool_bt"))
-def test_ranks_and_widths(native_ops, ranks, shape, dtype, pool_bt):
+def test_ranks_and_widths(native_ops, ranks, shape, dtype, bt_path):
     dim_in, widths = shape
     case = group_case(10 + max(ranks) + dim_in + sum(widths), 37, dim_in, widths, ranks, "zipf", dtype,
-                      pool_bt=pool_bt)
+                      **bt_path(ranks))
     assert run(native_ops, *case, widths) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_tokens", (1, 2, 5, 31, 33, 67, 257))
 @pytest.mark.parametrize("dist", ("distinct", "one", "zipf", "skewed", "with_none"))
-@pytest.mark.parametrize("pool_bt", (False, True), ids=("transposed", "pool_bt"))
-def test_token_counts_and_popularity(native_ops, num_tokens, dist, dtype, pool_bt):
+def test_token_counts_and_popularity(native_ops, num_tokens, dist, dtype, bt_path):
     case = group_case(300 + num_tokens, num_tokens, 576, QKV, (16,), dist, dtype, num_used=min(num_tokens, 40),
-                      pool_bt=pool_bt)
+                      **bt_path((16,)))
     assert run(native_ops, *case, QKV) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("path", ("shared", "mixed"))
 @pytest.mark.parametrize("ranks", ((16,), (4, 16, 33)), ids=str)
-@pytest.mark.parametrize("pool_bt", (False, True), ids=("transposed", "pool_bt"))
-def test_shared_family_and_tied_in_one_step(native_ops, path, ranks, dtype, pool_bt):
+def test_shared_family_and_tied_in_one_step(native_ops, path, ranks, dtype, bt_path):
     """One family serving many slots (its pool rows hold entries beyond a slot's rank), and tied
     plus group slots of one pool in the same step: tied rows by the tied op, group rows by this."""
     case = group_case(400 + len(ranks), 61, 576, QKV, ranks, "with_none", dtype, path=path, num_used=20,
-                      pool_bt=pool_bt)
+                      **bt_path(ranks))
     assert run(native_ops, *case, QKV) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_skipped_module_and_row_stride(native_ops, dtype):
+def test_skipped_module_and_row_stride(native_ops, dtype, bt_path):
     """A module without a site (its columns untouched) and y a column slice of a wider buffer."""
     y, x, sites, batch, truth = group_case(500, 29, 576, QKV, (16, 4), "with_none", dtype, skip=(1,),
-                                           row_pad=40)
+                                           row_pad=40, **bt_path((16, 4)))
     assert y.stride(0) == sum(QKV) + 40
     k_cols = y[:, 576:768].clone()
     assert run(native_ops, y, x, sites, batch, truth, QKV) <= TOL[dtype]
@@ -173,11 +186,11 @@ def test_plan_group_refuses_what_it_cannot_serve(native_ops):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_prefill_sized_steps_split_over_threads(native_ops, dtype):
+def test_prefill_sized_steps_split_over_threads(native_ops, dtype, bt_path):
     """≥ PARALLEL_MIN_ROWS group tokens run as one call per thread over disjoint tokens: the
     same truth, and the same bits as one thread."""
     num_tokens = 2 * PARALLEL_MIN_ROWS + 37
-    one = group_case(9, num_tokens, 576, QKV, (4, 16, 33), "zipf", dtype, num_used=40)
+    one = group_case(9, num_tokens, 576, QKV, (4, 16, 33), "zipf", dtype, num_used=40, **bt_path((4, 16, 33)))
     split = [t.clone() if isinstance(t, torch.Tensor) else t for t in one]
     saved = torch.get_num_threads()
     try:
@@ -192,9 +205,10 @@ def test_prefill_sized_steps_split_over_threads(native_ops, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ranks", ((16,), (1, 7, 16, 33)), ids=str)
-def test_pool_bt_gives_the_transposing_path_bit_for_bit(native_ops, dtype, ranks):
+def test_pool_bt_gives_the_transposing_path_bit_for_bit(native_ops, monkeypatch, dtype, ranks):
     """The pool's own B^T (bf16 widened on load) against the per-call fp32 transpose: the same
-    values in the same order, so the same bits."""
+    values in the same order, so the same bits (both on AVX-512)."""
+    monkeypatch.setattr(native_ops, "amx", False)
     widths = (1536, 1536)
     got = {}
     for pool_bt in (False, True):

@@ -62,6 +62,19 @@ static inline void amx_config_expand(void) {
     _tile_loadconfig(&cfg);
 }
 
+/* The shrink's tiles: tmm0 / tmm1: accumulators of z^T [16 ranks, 16 tokens] fp32 for even / odd
+ * K blocks (two independent chains); tmm4: A [16 ranks, 32 of dim_in] bf16, straight from the pool;
+ * tmm5: x^T [32 of dim_in, 16 tokens] in the VNNI pair layout (16 rows of 16 pairs) */
+static inline void amx_config_shrink(void) {
+    amx_tilecfg cfg = {0};
+    cfg.palette_id = 1;
+    cfg.rows[0] = AMX_ROWS, cfg.colsb[0] = AMX_COLS * 4;
+    cfg.rows[1] = AMX_ROWS, cfg.colsb[1] = AMX_COLS * 4;
+    cfg.rows[4] = AMX_ROWS, cfg.colsb[4] = 64;
+    cfg.rows[5] = 16, cfg.colsb[5] = AMX_ROWS * 4;
+    _tile_loadconfig(&cfg);
+}
+
 /* uh[i][k] = bf16(u[i][k]), ul[i][k] = bf16(u[i][k] - uh[i][k]) for i < count, k < r; zeros for
  * k in [r, rp) and for the rows count .. AMX_ROWS - 1 (rp = r rounded up to AMX_K); 16 lanes at a
  * time (VCVTNEPS2BF16 rounds to nearest even) */

@@ -37,7 +37,7 @@
 #include <stdlib.h>
 
 #include "adapter_tiles.h"
-#include "parallel.h"
+#include "group_mt.h"
 
 #define CHUNK 32
 /* fp32 pools: every run reads the pool's B^T as it is. bf16 pools: a family's run of fewer tokens
@@ -47,34 +47,6 @@
 #define POOL_BT_MAX_RUN 32
 #define TB 4 /* tokens per pass over an A slice */
 #define KB 4 /* A rows per pass */
-
-/* 16 x 16 fp32 transpose in registers: four rounds of two-source shuffles, each swapping the
- * off-diagonal b x b blocks of every 2b x 2b block (b = 8, 4, 2, 1) */
-#define PAIR(I, J, LO, HI)                                                                              \
-    do {                                                                                                \
-        const vec16 p = m[I], q = m[J];                                                                 \
-        m[I] = __builtin_shufflevector(p, q, LO);                                                       \
-        m[J] = __builtin_shufflevector(p, q, HI);                                                       \
-    } while (0)
-#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
-#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
-#define LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
-#define HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
-#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
-#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
-#define LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
-#define HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
-
-static inline void transpose16(vec16 *m) {
-    PAIR(0, 8, LO8, HI8); PAIR(1, 9, LO8, HI8); PAIR(2, 10, LO8, HI8); PAIR(3, 11, LO8, HI8);
-    PAIR(4, 12, LO8, HI8); PAIR(5, 13, LO8, HI8); PAIR(6, 14, LO8, HI8); PAIR(7, 15, LO8, HI8);
-    PAIR(0, 4, LO4, HI4); PAIR(1, 5, LO4, HI4); PAIR(2, 6, LO4, HI4); PAIR(3, 7, LO4, HI4);
-    PAIR(8, 12, LO4, HI4); PAIR(9, 13, LO4, HI4); PAIR(10, 14, LO4, HI4); PAIR(11, 15, LO4, HI4);
-    PAIR(0, 2, LO2, HI2); PAIR(1, 3, LO2, HI2); PAIR(4, 6, LO2, HI2); PAIR(5, 7, LO2, HI2);
-    PAIR(8, 10, LO2, HI2); PAIR(9, 11, LO2, HI2); PAIR(12, 14, LO2, HI2); PAIR(13, 15, LO2, HI2);
-    PAIR(0, 1, LO1, HI1); PAIR(2, 3, LO1, HI1); PAIR(4, 5, LO1, HI1); PAIR(6, 7, LO1, HI1);
-    PAIR(8, 9, LO1, HI1); PAIR(10, 11, LO1, HI1); PAIR(12, 13, LO1, HI1); PAIR(14, 15, LO1, HI1);
-}
 
 /* bt[k * w + j] = B[j, k] for k < rows, j < w (B rows b_row apart). Whole 16 x 16 blocks go
  * through registers where the pool's rows hold 16 more entries (k0 + 16 <= R), the rest scalar. */
@@ -305,51 +277,6 @@ DEFINE_GROUP_APPLY(nlora_group_apply_f32, float, float, x_row_f32, transpose_f32
                    expand_f32)
 DEFINE_GROUP_APPLY(nlora_group_apply_bf16, uint16_t, BF16_XT, x_row_bf16, transpose_bf16, shrink_bf16, mix_bf16,
                    expand_bf16, expand_bf16_bt16)
-
-typedef struct {
-    void *y;
-    const void *x;
-    int64_t y_row, x_row, dim_in, first, last;
-    const int64_t *index, *off, *width, *rank_width, *a_fam, *a_row, *n_slot, *n_row, *b_fam, *b_row, *bt_fam;
-    const int32_t *slots, *families;
-    const float *scale;
-    int r, num_modules, rc;
-    const void *const *a, *const *n, *const *b, *const *pool_bt;
-} group_job_t;
-
-/* NAME_mt: NAME over index[0 : num_index] split into num_threads jobs (disjoint tokens; a family
- * cut in two has its B transposed by both jobs, unless the pool keeps B^T); the first non-zero
- * return code, else 0 */
-#define DEFINE_GROUP_APPLY_MT(NAME, T)                                                                  \
-static void *NAME##_job(void *arg) {                                                                    \
-    group_job_t *j = arg;                                                                               \
-    j->rc = NAME((T *)j->y, j->y_row, (const T *)j->x, j->x_row, j->dim_in, j->index + j->first,        \
-                 j->last - j->first, j->slots, j->families, j->scale, j->r, j->num_modules, j->off,     \
-                 j->width, j->rank_width, (const T *const *)j->a, j->a_fam, j->a_row,                   \
-                 (const T *const *)j->n, j->n_slot, j->n_row, (const T *const *)j->b, j->b_fam, j->b_row, \
-                 (const T *const *)j->pool_bt, j->bt_fam);                                              \
-    return NULL;                                                                                        \
-}                                                                                                       \
-int NAME##_mt(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,                          \
-              const int64_t *index, int64_t num_index, const int32_t *slots, const int32_t *families,  \
-              const float *scale, int r, int num_modules, const int64_t *off, const int64_t *width,    \
-              const int64_t *rank_width, const T *const *a, const int64_t *a_fam, const int64_t *a_row, \
-              const T *const *n, const int64_t *n_slot, const int64_t *n_row,                          \
-              const T *const *b, const int64_t *b_fam, const int64_t *b_row, const T *const *pool_bt,   \
-              const int64_t *bt_fam, int num_threads) {                                                 \
-    group_job_t jobs[MAX_JOBS];                                                                         \
-    const int parts = clamp_jobs(num_threads, num_index);                                               \
-    for (int t = 0; t < parts; t++)                                                                     \
-        jobs[t] = (group_job_t){y, x, y_row, x_row, dim_in, num_index * t / parts,                      \
-                                num_index * (t + 1) / parts, index, off, width, rank_width, a_fam, a_row, \
-                                n_slot, n_row, b_fam, b_row, bt_fam, slots, families, scale, r, num_modules, \
-                                0, (const void *const *)a, (const void *const *)n, (const void *const *)b, \
-                                (const void *const *)pool_bt};                                          \
-    parallel_jobs(NAME##_job, jobs, sizeof jobs[0], parts);                                             \
-    for (int t = 0; t < parts; t++)                                                                     \
-        if (jobs[t].rc) return jobs[t].rc;                                                              \
-    return 0;                                                                                           \
-}
 
 DEFINE_GROUP_APPLY_MT(nlora_group_apply_f32, float)
 DEFINE_GROUP_APPLY_MT(nlora_group_apply_bf16, uint16_t)

@@ -103,4 +103,32 @@ static inline vec16 exp16(vec16 x) {
     return select16(below, splat(0.0f), p * scale);
 }
 
+/* 16 x 16 fp32 transpose in registers: four rounds of two-source shuffles, each swapping the
+ * off-diagonal b x b blocks of every 2b x 2b block (b = 8, 4, 2, 1) */
+#define PAIR(I, J, LO, HI)                                                                              \
+    do {                                                                                                \
+        const vec16 p = m[I], q = m[J];                                                                 \
+        m[I] = __builtin_shufflevector(p, q, LO);                                                       \
+        m[J] = __builtin_shufflevector(p, q, HI);                                                       \
+    } while (0)
+#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+
+static inline void transpose16(vec16 *m) {
+    PAIR(0, 8, LO8, HI8); PAIR(1, 9, LO8, HI8); PAIR(2, 10, LO8, HI8); PAIR(3, 11, LO8, HI8);
+    PAIR(4, 12, LO8, HI8); PAIR(5, 13, LO8, HI8); PAIR(6, 14, LO8, HI8); PAIR(7, 15, LO8, HI8);
+    PAIR(0, 4, LO4, HI4); PAIR(1, 5, LO4, HI4); PAIR(2, 6, LO4, HI4); PAIR(3, 7, LO4, HI4);
+    PAIR(8, 12, LO4, HI4); PAIR(9, 13, LO4, HI4); PAIR(10, 14, LO4, HI4); PAIR(11, 15, LO4, HI4);
+    PAIR(0, 2, LO2, HI2); PAIR(1, 3, LO2, HI2); PAIR(4, 6, LO2, HI2); PAIR(5, 7, LO2, HI2);
+    PAIR(8, 10, LO2, HI2); PAIR(9, 11, LO2, HI2); PAIR(12, 14, LO2, HI2); PAIR(13, 15, LO2, HI2);
+    PAIR(0, 1, LO1, HI1); PAIR(2, 3, LO1, HI1); PAIR(4, 5, LO1, HI1); PAIR(6, 7, LO1, HI1);
+    PAIR(8, 9, LO1, HI1); PAIR(10, 11, LO1, HI1); PAIR(12, 13, LO1, HI1); PAIR(14, 15, LO1, HI1);
+}
+
 #endif
