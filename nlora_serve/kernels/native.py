@@ -15,22 +15,17 @@ Decode attention: torch's CPU path must gather every decode sequence's blocks in
 [N, L, KVH, D] copy per layer before SDPA; the native op reads each key and value row once, in
 place, for all query heads of its kv head.
 
-The C sources are compiled on first use with the system C compiler (``cc -O3 -march=native``) into
-a build folder the caller names, keyed by a hash of the source, flags and CPU, written atomically
-(temp file + rename). Without a compiler :func:`load_native` returns None and the engine keeps the
-torch path; nothing else changes. Loaded through ctypes, which releases the GIL during the call.
+The C sources are compiled on first use (``kernels/native_build.py``). Without a compiler
+:func:`load_native` returns None and the engine keeps the torch path; nothing else changes. Loaded
+through ctypes, which releases the GIL during the call.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,18 +33,11 @@ import torch
 
 from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.kernels.metadata import AdapterBatch
+from nlora_serve.kernels.native_build import build_library
 from nlora_serve.kernels.weights import SiteWeights
 
 log = logging.getLogger(__name__)
 
-_CPU = Path(__file__).with_name("cpu")
-SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "group_amx.c", "paged_attention.c",
-                                         "layer_ops.c"))
-HEADERS = tuple(_CPU / name for name in ("vec16.h", "adapter_tiles.h", "parallel.h", "amx.h", "group_mt.h"))  # part of the build key
-FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
-# tried first: the ops' threads are then torch's own OpenMP workers (cpu/parallel.h says why); a
-# compiler without OpenMP builds without it, and every threaded call starts its own threads
-OPENMP = "-fopenmp"
 # the adapter ops split their tokens over torch's threads (OpenMP, cpu/parallel.h) from this
 # many; below, one thread (the hand-off costs ~1 µs, a 16-token call tens)
 PARALLEL_MIN_ROWS = 16
@@ -366,47 +354,7 @@ def load_native(build_dir: Path) -> NativeOps | None:
         build_dir: folder for the compiled library (created if missing), e.g. ``<cache>/kernels``.
     """
     try:
-        return NativeOps(ctypes.CDLL(str(_build(Path(build_dir)))))
+        return NativeOps(ctypes.CDLL(str(build_library(Path(build_dir)))))
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         log.warning("native CPU adapter op unavailable (%s); using the torch path", exc)
         return None
-
-
-def _build(build_dir: Path) -> Path:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler (cc) on PATH")
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + " ".join((*FLAGS, OPENMP)).encode()
-                         + _cpu_id().encode() + compiler.encode()).hexdigest()[:16]
-    target = build_dir / f"nlora-cpu-{key}.so"
-    if target.is_file():
-        return target
-    build_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=build_dir, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        for extra in ((OPENMP,), ()):  # without OpenMP only where the compiler lacks it
-            try:
-                subprocess.run([compiler, *FLAGS, *extra, "-o", tmp, *map(str, SOURCES)], check=True,
-                               capture_output=True, timeout=120)
-                break
-            except subprocess.CalledProcessError:
-                if not extra:
-                    raise
-                log.info("native CPU ops: %s without OpenMP; threaded calls start their own threads", compiler)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _cpu_id() -> str:
-    """What -march=native depends on: the machine and its CPU feature flags."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return platform.machine() + flags
