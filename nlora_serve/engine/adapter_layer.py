@@ -19,6 +19,7 @@ from nlora_serve.kernels.decode_batch import DecodeAdapterBatch, derive_decode_b
 from nlora_serve.kernels.dispatch import apply_adapters
 from nlora_serve.kernels.metadata import NO_ADAPTER, TIED, AdapterBatch, build_adapter_batch
 from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedProjection
+from nlora_serve.kernels.native_batch import NativeBatch, build_native_batch
 
 
 @dataclass(slots=True)
@@ -34,6 +35,25 @@ class _Projection:
         """True when the native ops cover every token kind of ``batch`` at this projection."""
         return ((not batch.num_tied or self.tied is not None) and (not batch.num_group or self.group is not None)
                 and (self.tied is not None or self.group is not None))
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One pool in a step of the torch / native path: its batch, and the full one when needed."""
+
+    pool: object
+    batch: AdapterBatch | NativeBatch  # NativeBatch on the native CPU path (all the native ops read)
+    token_slots: torch.Tensor  # [T] int32: each token's slot in this pool, −1 = none
+    device: torch.device
+    full: AdapterBatch | None = None  # built on the first projection the native ops do not serve
+
+    def full_batch(self) -> AdapterBatch:
+        """The step's complete AdapterBatch (the torch path's), built once."""
+        if self.full is None:
+            self.full = (self.batch if isinstance(self.batch, AdapterBatch) else build_adapter_batch(
+                self.token_slots, self.pool.slot_ranks, self.pool.slot_scalings, self.pool.slot_families,
+                device=self.device))
+        return self.full
 
 
 @dataclass(slots=True)
@@ -81,7 +101,7 @@ class AdapterHook:
     def __init__(self, native: NativeOps | None = None, triton: bool = False) -> None:
         self.native = native
         self.backend = "triton" if triton else None  # None: by device (Triton on CUDA, torch on the CPU)
-        self._entries: list[tuple[object, AdapterBatch]] = []  # (pool, its batch) this step
+        self._entries: list[_Entry] = []  # per pool, its batch this step
         self._decode: list[_DecodeEntry] = []  # instead of _entries on a Triton decode step
         self._facts: dict[int, _PoolFacts] = {}  # id(pool) -> its device tables
         self._projections: dict[tuple[int, int, tuple[str, ...]], _Projection] = {}  # (pool id, layer, modules)
@@ -113,13 +133,17 @@ class AdapterHook:
                 self._refresh_ranks(pool, device)
             return
         lens = torch.tensor(query_lens, dtype=torch.int64)
+        # the native CPU ops read five of the batch's tensors: build just those (native_batch.py),
+        # and the full batch only if a projection falls back to the torch path
+        lean = self.native is not None and device.type == "cpu"
         for key, pool in pools.items():
             seq_slots = torch.tensor([v.slot if v is not None and id(v.pool) == key else NO_ADAPTER
                                       for v in versions], dtype=torch.int32)
             token_slots = torch.repeat_interleave(seq_slots, lens)  # [T]
-            batch = build_adapter_batch(token_slots, pool.slot_ranks, pool.slot_scalings,
-                                        pool.slot_families, device=device)
-            self._entries.append((pool, batch))
+            batch = (build_native_batch(token_slots, pool.slot_ranks, pool.slot_scalings, pool.slot_families)
+                     if lean else build_adapter_batch(token_slots, pool.slot_ranks, pool.slot_scalings,
+                                                      pool.slot_families, device=device))
+            self._entries.append(_Entry(pool, batch, token_slots, device))
 
     def graphable(self) -> bool:
         """True when this step's adapters (if any) run the fixed-grid (per-token) form."""
@@ -202,7 +226,8 @@ class AdapterHook:
         """
         for entry in self._decode:
             self._apply_decode(entry, x, y, layer, modules, widths)
-        for pool, batch in self._entries:
+        for entry in self._entries:
+            pool, batch = entry.pool, entry.batch
             proj = self._projection(pool, layer, modules, widths)
             if self.native is not None and not y.is_cuda and proj.native_serves(batch):
                 # Tied and group tokens are disjoint rows: neither op reads a row the other writes.
@@ -211,9 +236,10 @@ class AdapterHook:
                 if batch.num_group:
                     self.native.group_apply(y, x, batch, proj.group)
             else:
+                full = entry.full_batch()
                 for part, site in zip(y.split(widths, dim=-1), proj.sites):
                     if site is not None:
-                        apply_adapters(part, x, batch, site, self.backend)
+                        apply_adapters(part, x, full, site, self.backend)
             if pool.bias:
                 for module, part in zip(modules, y.split(widths, dim=-1)):
                     pool.add_bias(part, batch, (layer, module))

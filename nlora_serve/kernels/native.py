@@ -33,6 +33,7 @@ import torch
 
 from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.kernels.metadata import AdapterBatch
+from nlora_serve.kernels.native_batch import NativeBatch
 from nlora_serve.kernels.native_build import build_library
 from nlora_serve.kernels.weights import SiteWeights
 
@@ -205,7 +206,7 @@ class NativeOps:
             bt_ptrs=ptrs(lambda s: s.b_pool_t) if pool_bt else None,
             bt_fam=i64(lambda s: s.b_pool_t.stride(0)) if pool_bt else None, amx=amx)
 
-    def group_apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
+    def group_apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch | NativeBatch,
                     plan: GroupProjection) -> torch.Tensor:
         """Add every group token's delta into the fused output ``y`` in place.
 
@@ -251,7 +252,7 @@ class NativeOps:
             raise ValueError(f"native group op refused rank {batch.max_rank} / {plan.num_modules} modules")
         return y
 
-    def tied_apply(self, y: torch.Tensor, batch: AdapterBatch, plan: TiedProjection) -> torch.Tensor:
+    def tied_apply(self, y: torch.Tensor, batch: AdapterBatch | NativeBatch, plan: TiedProjection) -> torch.Tensor:
         """Add every tied token's delta into the fused output ``y`` in place.
 
         Semantics: for each token t with s = batch.tok_tied_slot[t] ≥ 0 and each module m of the

@@ -40,10 +40,23 @@ def reference_delta(adapter: Adapter | None, x: torch.Tensor) -> torch.Tensor:
     return delta if site.bias is None else delta + site.bias_delta()
 
 
-@pytest.fixture(params=["torch", "native"])
+class _ServesNothing:
+    """Native ops that take no projection: every step builds the native ops' lean batch
+    (kernels/native_batch.py) and then falls back to the torch path, which needs the full one."""
+
+    def plan(self, sites, widths):
+        return None
+
+    plan_group = plan
+
+
+@pytest.fixture(params=["torch", "native", "native-fallback"])
 def hook(request):
-    """The adapter layer on the torch path, and with the native CPU op for tied pools."""
-    return AdapterHook(request.getfixturevalue("native_ops") if request.param == "native" else None)
+    """The adapter layer on the torch path, with the native CPU ops, and with native ops that
+    serve no projection (the torch path behind the native path's step setup)."""
+    native = {"torch": None, "native": lambda: request.getfixturevalue("native_ops"),
+              "native-fallback": _ServesNothing}[request.param]
+    return AdapterHook(native() if native else None)
 
 
 def run_site(hook, base, versions, lens, x):
