@@ -47,6 +47,13 @@ def timed(op: str, fn, width):
 
 def instrument() -> None:
     ops = native.NativeOps
+    init = ops.__init__
+
+    def recording_init(self, lib):  # which bf16 path the engine's ops took (cpu/amx.h)
+        init(self, lib)
+        STATE["amx"] = self.amx
+
+    ops.__init__ = recording_init
     ops.tied_apply = timed("tied op", ops.tied_apply, lambda self, y, batch, plan, *a: plan.width)
     ops.group_apply = timed("group op", ops.group_apply, lambda self, y, x, batch, plan: plan.width)
     hook = adapter_layer.AdapterHook
@@ -78,7 +85,8 @@ def main() -> None:
     with threads_for_engine() as threads:
         result = cpu_breakdown.run("default", getattr(torch, args.dtype), args.mix, run_args)
     steps = result["steps"]
-    print(f"{args.mix}, {args.dtype}, {threads} threads: {result['tok_per_s']:.1f} tok/s, "
+    print(f"{args.mix}, {args.dtype}, {threads} threads, AMX tiles {'on' if STATE.get('amx') else 'off'}: "
+          f"{result['tok_per_s']:.1f} tok/s, "
           f"{steps.get('prefill', 0)} prefill / {steps.get('decode', 0)} decode steps")
     print("| step kind | part | width | calls | µs a call | ms a step |")
     print("|---|---|---|---|---|---|")
