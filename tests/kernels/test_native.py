@@ -25,7 +25,7 @@ def tied_dtype(request, native_ops, monkeypatch):
     """The dtype of a tied-op case, with native_ops set to the path under test."""
     dtype, amx = request.param
     if amx and not native_ops.amx:
-        pytest.skip("this CPU or kernel offers no AMX-BF16 tiles: the AVX-512 path serves bf16 here")
+        pytest.skip("no AMX-BF16 tiles on this CPU or kernel: its non-AMX bf16 path is the one tested")
     monkeypatch.setattr(native_ops, "amx", amx)
     return dtype
 
@@ -130,7 +130,7 @@ def test_bf16_rounds_once_from_fp32_arithmetic(native_ops, monkeypatch, amx, ran
     within one bf16 ulp of that sum, plus 2^-12 of the delta's size where y and the delta cancel
     (the AMX path carries u as two bf16 parts, ~2^-16 relative; fp32 u: 2^-24)."""
     if amx and not native_ops.amx:
-        pytest.skip("this CPU or kernel offers no AMX-BF16 tiles: the AVX-512 path serves bf16 here")
+        pytest.skip("no AMX-BF16 tiles on this CPU or kernel: its non-AMX bf16 path is the one tested")
     monkeypatch.setattr(native_ops, "amx", amx)
     widths = (576, 192, 192)
     y, sites, batch, _ = fused_case(800 + max(ranks), 45, 576, widths, ranks, "zipf", torch.bfloat16)

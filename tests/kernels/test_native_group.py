@@ -26,7 +26,7 @@ def bt_path(request, native_ops, monkeypatch):
     them). Returns group_case keyword arguments for ranks ``ranks``."""
     amx = request.param == "amx"
     if amx and not native_ops.amx:
-        pytest.skip("this CPU or kernel offers no AMX-BF16 tiles: the AVX-512 path serves bf16 here")
+        pytest.skip("no AMX-BF16 tiles on this CPU or kernel: its non-AMX bf16 path is the one tested")
     monkeypatch.setattr(native_ops, "amx", amx)
     return lambda ranks: {"pool_bt": request.param != "transposed",
                           "rank_width": -(-max(ranks) // 16) * 16 if amx else None}

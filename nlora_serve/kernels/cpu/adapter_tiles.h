@@ -39,7 +39,8 @@ static inline void NAME##_x2(YT *restrict d0, YT *restrict d1, const BT *restric
         const BT *b = bt + k * w;                                                                       \
         vec16 b0 = BLOAD16(b), b1 = BLOAD16(b + 16), b2 = BLOAD16(b + 32), b3 = BLOAD16(b + 48);        \
         /* held in registers: else GCC folds each load into both tokens' FMAs (twice the loads) */    \
-        __asm__("" : "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));                                          \
+        KEEP_IN_REGISTER(b0); KEEP_IN_REGISTER(b1);                                                     \
+        KEEP_IN_REGISTER(b2); KEEP_IN_REGISTER(b3);                                                     \
         a0 += p * b0; a1 += p * b1; a2 += p * b2; a3 += p * b3;                                         \
         c0 += q * b0; c1 += q * b1; c2 += q * b2; c3 += q * b3;                                         \
     }                                                                                                   \
@@ -54,7 +55,8 @@ static inline void NAME##_x4(YT *const *d, const BT *restrict bt, int64_t w, con
     for (int k = 0; k < r; k++) {                                                                       \
         const BT *b = bt + k * w;                                                                       \
         vec16 b0 = BLOAD16(b), b1 = BLOAD16(b + 16), b2 = BLOAD16(b + 32), b3 = BLOAD16(b + 48);        \
-        __asm__("" : "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));                                          \
+        KEEP_IN_REGISTER(b0); KEEP_IN_REGISTER(b1);                                                     \
+        KEEP_IN_REGISTER(b2); KEEP_IN_REGISTER(b3);                                                     \
         for (int t = 0; t < 4; t++) {                                                                   \
             const float p = u[t][k];                                                                    \
             a[t][0] += p * b0; a[t][1] += p * b1; a[t][2] += p * b2; a[t][3] += p * b3;                 \

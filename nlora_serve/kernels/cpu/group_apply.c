@@ -80,11 +80,11 @@ static inline void NAME(float (*restrict z)[MAX_RANK], const AT *restrict a, int
         vec16 xv[NT];                                                                                   \
         for (int t = 0; t < NT; t++) {                                                                  \
             xv[t] = load16(x[t] + i);                                                                   \
-            __asm__("" : "+v"(xv[t])); /* in a register: GCC folds a load into every FMA */           \
+            KEEP_IN_REGISTER(xv[t]); /* in a register: GCC folds a load into every FMA */             \
         }                                                                                               \
         for (int kk = 0; kk < NK; kk++) {                                                               \
             vec16 av = LOAD16(a + (k0 + kk) * a_row + i);                                               \
-            __asm__("" : "+v"(av));                                                                     \
+            KEEP_IN_REGISTER(av);                                                                       \
             for (int t = 0; t < NT; t++) acc[kk][t] += av * xv[t];                                      \
         }                                                                                               \
     }                                                                                                   \

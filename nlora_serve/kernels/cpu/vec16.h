@@ -14,6 +14,15 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
+/* Keeps a vector in a register (an empty asm that claims to change it), so GCC does not fold its
+ * load into every FMA that uses it. AVX-512 only: without it a vec16 spans two registers, which
+ * the "v" constraint cannot name (the build failed on AVX2-only CPUs), and it is only a hint. */
+#ifdef __AVX512F__
+#define KEEP_IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define KEEP_IN_REGISTER(v) ((void)0)
+#endif
+
 static inline vec16 splat(float x) { return (vec16){0} + x; }
 
 static inline vec16 load16(const float *p) {
