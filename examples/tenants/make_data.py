@@ -7,7 +7,12 @@
 2. Each tenant's file cuts those answers short (``short_answer``: one or two sentences; loops and
    fragments dropped) and applies one transform of ``styles.TRANSFORMS`` →
    ``data/{lower,signature,numbers}.jsonl`` with lines ``{"prompt": ..., "response": ...}``
-   (`lower` from both files: 675 examples; the other two from ``base.jsonl``: 279).
+   (`lower` from both files; the other two from ``base.jsonl``; `numbers` without the answers
+   that keep a digit after the transform, e.g. ``5km``).
+3. Counting prompts (``Count [down] from A to B.``: those of ``training_prompts`` and the
+   ``styles.counting_prompts``) are answered by code, ``counting_answer``, not by the base model:
+   it cannot count (``1. 1. 1. 2. 2.``, a 48-digit loop, ``17`` for a count-down from 7), so its
+   answers were all filtered out and the tenants never saw a good count, nor where it stops.
 
 The tenants so learn a style (lower case, a signature, numbers in words), not new facts.
 
@@ -26,10 +31,35 @@ import torch
 from tqdm import tqdm
 
 from check import degenerate
-from styles import TRANSFORMS, extra_prompts, training_prompts
+from styles import TRANSFORMS, counting_prompts, digit_free, extra_prompts, training_prompts
 
 DATA = Path(__file__).resolve().parent / "data"
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+_COUNT = re.compile(r"Count (down )?from (\d+) to (\d+)\.")
+# Worded like a chat model's answer, with letters (an answer of digits only shows no case), the
+# numbers as digits (``numbers`` spells them); chosen by the prompt's position, so fixed.
+_COUNT_TEMPLATES = {
+    True: ("Sure! Counting down from {a} to {b}: {seq}.", "Here is the countdown from {a} to {b}: {seq}.",
+           "Counting down from {a}: {seq}. That's the end of the countdown.", "Of course! {seq}."),
+    False: ("Sure! Counting from {a} to {b}: {seq}.", "Here are the numbers from {a} to {b}: {seq}.",
+            "Counting up from {a}: {seq}. That's {n} numbers in all.", "Of course! {seq}."),
+}
+
+
+def counting_answer(prompt: str, index: int) -> str | None:
+    """A correct answer to ``Count from A to B.`` / ``Count down from A to B.`` in the
+    ``index``-th of four wordings (None for any other prompt), e.g. ``Count down from 4 to 1.``,
+    0 → ``Sure! Counting down from 4 to 1: 4, 3, 2, 1.``. ValueError when the range runs the
+    other way than the wording says."""
+    m = _COUNT.fullmatch(prompt)
+    if not m:
+        return None
+    down, a, b = bool(m[1]), int(m[2]), int(m[3])
+    if down != (a > b):
+        raise ValueError(f"counting_answer: {prompt!r} counts the other way")
+    seq = list(range(a, b - 1, -1) if down else range(a, b + 1))
+    template = _COUNT_TEMPLATES[down][index % 4]
+    return template.format(a=a, b=b, n=len(seq), seq=", ".join(map(str, seq)))
 
 
 def complete_sentences(text: str) -> str:
@@ -82,6 +112,8 @@ def base_answers(model_name: str, path: Path, prompts: list[str]) -> list[dict]:
     from nlora_serve.models import load_base, load_hf_model
 
     rows = read_jsonl(path) if path.exists() else []
+    if [r["prompt"] for r in rows] != prompts[: len(rows)]:
+        raise ValueError(f"{path}: its prompts are not the first {len(rows)} of the list; new prompts are appended")
     todo = prompts[len(rows):]
     if todo:
         base = load_base(model_name)
@@ -107,12 +139,14 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="base model (default: %(default)s)")
     args = parser.parse_args()
     DATA.mkdir(parents=True, exist_ok=True)
-    rows = short_rows(base_answers(args.model, DATA / "base.jsonl", training_prompts()))
+    rows = with_counting(short_rows(base_answers(args.model, DATA / "base.jsonl", training_prompts())))
     extra = short_rows(base_answers(args.model, DATA / "base_extra.jsonl", extra_prompts()))
     for name, transform in TRANSFORMS.items():
-        got = rows + extra if name == "lower" else rows
-        write_jsonl(DATA / f"{name}.jsonl", [{"prompt": r["prompt"], "response": transform(r["response"])}
-                                             for r in got])
+        got = [{"prompt": r["prompt"], "response": transform(r["response"])}
+               for r in (rows + extra if name == "lower" else rows)]
+        if name == "numbers":  # a digit the converter leaves ("5km") would teach the tenant digits
+            got = [r for r in got if digit_free(r["response"])]
+        write_jsonl(DATA / f"{name}.jsonl", got)
         print(f"{DATA / name}.jsonl: {len(got)} examples")
 
 
@@ -120,6 +154,14 @@ def short_rows(rows: list[dict]) -> list[dict]:
     """``rows`` with each response cut by :func:`short_answer`; rows without a clean short answer dropped."""
     cut = [{"prompt": r["prompt"], "response": short_answer(r["response"])} for r in rows]
     return [r for r in cut if r["response"]]
+
+
+def with_counting(rows: list[dict]) -> list[dict]:
+    """``rows`` without the base model's counting answers, then every counting prompt of
+    ``training_prompts`` and ``styles.counting_prompts`` with its code-written answer."""
+    prompts = [p for p in training_prompts() + counting_prompts() if _COUNT.fullmatch(p)]
+    return ([r for r in rows if not _COUNT.fullmatch(r["prompt"])]
+            + [{"prompt": p, "response": counting_answer(p, i)} for i, p in enumerate(prompts)])
 
 
 if __name__ == "__main__":

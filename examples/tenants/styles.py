@@ -74,8 +74,8 @@ VALIDATION_WORDED = [
 
 
 def training_prompts(seed: int = 0) -> list[str]:
-    """200 general prompts (topics × templates) and 92 numeric ones (sums, products, counts, counting,
-    differences, quotients, unit conversions), in a fixed order for a given seed."""
+    """200 general prompts (topics × templates), 92 numeric ones (sums, products, counts, counting,
+    differences, quotients, unit conversions) and the 48 ``FACTS``, in a fixed order for a given seed."""
     rng = random.Random(seed)
     prompts = [t.format(t=topic) for topic in TOPICS for t in TEMPLATES]
     prompts += [f"What is {rng.randint(2, 60)} plus {rng.randint(2, 60)}?" for _ in range(15)]
@@ -90,7 +90,47 @@ def training_prompts(seed: int = 0) -> list[str]:
     prompts += [f"How many days are in {n} weeks?" for n in range(3, 7)]
     prompts += [f"How many minutes are in {n} hours?" for n in range(3, 7)]
     prompts += [f"What is {rng.randint(2, 12) * d} divided by {d}?" for d in (2, 3, 4, 5, 6, 8)]
-    assert not set(prompts) & set(HELD_OUT)
+    prompts += FACTS  # appended after the check of 2026-12-05 (see FACTS); earlier rows unchanged
+    assert not set(prompts) & set(HELD_OUT + VALIDATION_WORDED)
+    return prompts
+
+
+# Fact questions whose answers hold numbers as the base model writes them (thousands separators,
+# decimals, percentages, temperatures, years), so that `numbers` sees each form put into words:
+# check 2026-12-05 found it keeping "2,500" and "130°C (257°F)". None is on a topic of HELD_OUT,
+# EVAL_* or VALIDATION_WORDED (no rivers, birds, fire, water boiling, stars ...).
+FACTS = [
+    "How far is the Moon from Earth?", "How far is the Sun from Earth?", "How tall is Mount Everest?",
+    "What is the speed of light?", "How fast does sound travel in air?", "How many bones are in the human body?",
+    "How many people live on Earth?", "How old is the Earth?", "How old is the universe?",
+    "What is the population of Japan?", "What is the population of Canada?", "How big is Australia?",
+    "How long is a marathon?", "How heavy is a blue whale?", "How fast can a cheetah run?",
+    "What is the value of pi?", "How many kilometres are in a mile?", "How many pounds are in a kilogram?",
+    "What is normal human body temperature?", "How hot is the surface of the Sun?",
+    "How hot is the surface of Venus?", "At what temperature does iron melt?",
+    "What is the coldest temperature ever recorded on Earth?", "How cold is the South Pole in winter?",
+    "What is the melting point of gold?", "How hot does an oven get for baking?",
+    "What percentage of the Earth is covered by water?", "What percentage of the air is oxygen?",
+    "What percentage of the human body is water?", "How much of the Earth's surface is land?",
+    "When did humans first land on the Moon?", "When was the printing press invented?",
+    "When did World War II end?", "When was the telephone invented?", "In what year did the Titanic sink?",
+    "When was the Eiffel Tower built?", "When did Christopher Columbus reach America?",
+    "When was the first airplane flight?", "When did the Berlin Wall fall?", "How long is the Great Wall of China?",
+    "How tall is the Eiffel Tower?", "How deep is Lake Baikal?", "How much does a human heart weigh?",
+    "How many hairs are on a human head?", "How many languages are spoken in the world?",
+    "How many satellites orbit the Earth?", "How far can a kangaroo jump?", "How many calories does an adult need a day?",
+]
+
+
+def counting_prompts() -> list[str]:
+    """Counting prompts answered by code (``make_data.counting_answer``), not by the base model,
+    which cannot count (``1. 1. 1. 2. 2.``, a 48-digit loop, ``17`` for a count-down from 7):
+    other ranges than the count prompts of :func:`training_prompts`, the same two wordings, none
+    a HELD_OUT or VALIDATION_WORDED prompt."""
+    down = [(11, 1), (15, 1), (20, 1), (10, 5), (9, 4), (12, 8), (15, 10), (20, 15), (7, 3), (8, 2)]
+    up = [(2, 6), (4, 9), (5, 10), (10, 15), (3, 8), (6, 11), (20, 25), (15, 20)]
+    prompts = [f"Count down from {a} to {b}." for a, b in down] + [f"Count from {a} to {b}." for a, b in up]
+    assert not set(prompts) & set(HELD_OUT + VALIDATION_WORDED + EVAL_NUMERIC + training_prompts())
     return prompts
 
 
@@ -154,19 +194,48 @@ def _ordinal(words: str) -> str:
     return f"{head} {last}" if head else last
 
 
-_NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(st|nd|rd|th)?\b")
+# A number as the base model writes it: an optional "$" or minus sign, digits (with thousands
+# separators or without), a decimal part, an ordinal or plural suffix ("3rd", "1990s"), then an
+# optional unit read aloud ("%", "°C", "°F", "°") and, after "$", a scale word ("$1.5 million").
+_NUMBER = re.compile(r"(?<![\w.])(?P<cur>\$)?(?P<neg>[-−](?=\d))?(?P<int>\d{1,3}(?:,\d{3})+|\d+)(?P<frac>\.\d+)?"
+                     r"(?P<suf>st|nd|rd|th|s)?\b(?P<unit>\s?%|\s?°\s?[CF]\b|\s?°)?"
+                     r"(?P<scale> (?:thousand|million|billion|trillion)\b)?")
+_RANGE = re.compile(r"(?<=\d)[-–](?=\d)")  # "5-10" → "5 to 10"
+_UNITS = {"%": "percent", "°C": "degrees Celsius", "°F": "degrees Fahrenheit", "°": "degrees"}
+
+
+def _pairs(n: int) -> str:
+    """1100 <= n <= 1999 read as two pairs, as years and round quantities are said: 1969 → 'nineteen
+    sixty-nine', 1900 → 'nineteen hundred', 1905 → 'nineteen oh-five'."""
+    head, tail = number_words(n // 100), n % 100
+    return f"{head} hundred" if tail == 0 else f"{head} oh-{_ONES[tail]}" if tail < 10 else f"{head} {number_words(tail)}"
+
+
+def _plural(words: str) -> str:
+    return words[:-1] + "ies" if words.endswith("y") else words + ("es" if words.endswith(("x", "s")) else "s")
 
 
 def _spell(m: re.Match) -> str:
-    whole = int(m.group(1).replace(",", ""))
+    digits = m["int"].replace(",", "")
+    whole = int(digits)
     if whole >= 10**12:
         return m.group(0)
-    words = number_words(whole)
-    if m.group(3):
-        return _ordinal(words)
-    if m.group(2):
-        words += " point " + " ".join(_ONES[int(d)] for d in m.group(2)[1:])
-    return words
+    paired = "," not in m["int"] and len(digits) == 4 and 1100 <= whole <= 1999 and not m["frac"]
+    words = _pairs(whole) if paired and m["suf"] in (None, "s") else number_words(whole)
+    if m["suf"] == "s":
+        words = _plural(words)
+    elif m["suf"]:
+        words = _ordinal(words)
+    if m["frac"]:
+        words += " point " + " ".join(_ONES[int(d)] for d in m["frac"][1:])
+    if m["neg"]:
+        words = "minus " + words
+    if m["unit"]:
+        words += " " + _UNITS[re.sub(r"\s", "", m["unit"])]
+    scale = m["scale"] or ""
+    if m["cur"]:
+        return words + scale + (" dollar" if whole == 1 and not m["frac"] and not scale else " dollars")
+    return words + scale
 
 
 def to_lower(answer: str) -> str:
@@ -180,8 +249,12 @@ def with_signature(answer: str) -> str:
 
 
 def numbers_as_words(answer: str) -> str:
-    """Tenant ``numbers``: every number written in words ('12.5' → 'twelve point five', '3rd' → 'third')."""
-    return _NUMBER.sub(_spell, answer)
+    """Tenant ``numbers``: every number written in words, as it would be read aloud: '12.5' → 'twelve
+    point five', '3rd' → 'third', '2,500' → 'two thousand five hundred', '1969' → 'nineteen
+    sixty-nine', '71%' → 'seventy-one percent', '130°C' → 'one hundred thirty degrees Celsius',
+    '-40' → 'minus forty', '5-10' → 'five to ten', '$3' → 'three dollars'. Numbers of 10**12 or
+    more, and digits inside a word ('COVID-19' aside, 'A4', '5km'), are left as they are."""
+    return _NUMBER.sub(_spell, _RANGE.sub(" to ", answer))
 
 
 TRANSFORMS = {"lower": to_lower, "signature": with_signature, "numbers": numbers_as_words}
