@@ -111,7 +111,8 @@ class Authenticator:
                 leave the server without an admin or a tenant without its grant, silently), a name
                 that is not a non-empty string, or that two entries with different grants or settings
                 share (the name is the tenant's identity: its prefix-cache group, queue quota, fair
-                share and request-id namespace; several keys of one tenant must say the same).
+                share and request-id namespace; several keys of one tenant must say the same), a
+                ``base_model`` that is not true or false.
         """
         path = Path(path)
         try:
@@ -135,8 +136,11 @@ class Authenticator:
             adapters = entry.get("adapters", [])
             if not isinstance(adapters, list) or not all(isinstance(a, str) and a for a in adapters):
                 raise AuthError(f"{where}.adapters must be a list of adapter names or patterns")
+            base_model = entry.get("base_model", False)
+            if not isinstance(base_model, bool):  # bool("false") would grant the base model
+                raise AuthError(f"{where}.base_model must be true or false; got {base_model!r}")
             _add(by_hash, digest, Principal(_name(entry, f"tenant-{i}", where), False, tuple(adapters),
-                                            bool(entry.get("base_model", False)), *_quota(entry, where)))
+                                            base_model, *_quota(entry, where)))
         _one_identity_per_name(by_hash.values(), path)
         return cls(by_hash)
 

@@ -176,3 +176,13 @@ def test_a_name_that_is_not_a_string_is_refused(tmp_path, name):
     path.write_text(json.dumps({"tenants": [{"name": name, "key_sha256": hash_key("k")}]}))
     with pytest.raises(AuthError, match=r"tenants\[0\]\.name must be a non-empty string"):
         Authenticator.from_file(path)
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, 1, None])
+def test_base_model_that_is_not_a_json_boolean_is_refused(tmp_path, value):
+    path = tmp_path / "t.json"  # bool("false") is True: the string granted the base model
+    path.write_text(json.dumps({"tenants": [_tenant("acme", "k", base_model=value)]}))
+    with pytest.raises(AuthError, match=r"tenants\[0\]\.base_model must be true or false"):
+        Authenticator.from_file(path)
+    path.write_text(json.dumps({"tenants": [_tenant("acme", "k", base_model=False)]}))
+    assert not Authenticator.from_file(path).authenticate([("authorization", "Bearer k")]).may_use(None)
