@@ -71,6 +71,24 @@ def test_ids_past_the_vocabulary_or_int64_are_a_400(http_server, fields, param):
     _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, **fields)), param, param)
 
 
+@pytest.mark.parametrize("body, content_type, words", [
+    (None, "application/x-www-form-urlencoded", ("Content-Type 'application/x-www-form-urlencoded' is not JSON",
+                                                 "'Content-Type: application/json'")),  # what `curl -d` sends
+    (None, "text/plain; charset=utf-8", ("Content-Type 'text/plain' is not JSON",)),
+    (b"", "application/json", ("the request body is empty; expected a JSON object",)),
+    (b"[]", "application/json", ("expected a JSON object, got an array: []",)),
+    (b"null", "application/json", ("expected a JSON object, got null",)),
+    (b'"Hi"', "application/json", ('expected a JSON object, got a string: "Hi"',)),
+])
+def test_a_body_that_is_no_json_object_is_a_400_naming_why(http_server, body, content_type, words):
+    # pydantic's "Input should be a valid dictionary or instance of ChatRequest" named none of these
+    body = _chat_json(http_server) if body is None else body
+    resp = requests.post(f"{base_url(http_server)}/chat/completions", data=body, timeout=60,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": content_type})
+    _refused(resp, None, *words)
+    assert _raw(http_server, "/chat/completions", _chat_json(http_server)).status_code == 200
+
+
 def _gated(monkeypatch, owner, method: str) -> tuple[threading.Event, threading.Event]:
     """Make ``owner.method`` wait for ``release`` (at most 30 s) once called; ``entered`` is set then."""
     entered, release = threading.Event(), threading.Event()
