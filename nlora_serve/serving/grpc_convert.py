@@ -53,11 +53,12 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
         logprobs=msg.top_logprobs or None)
 
 
-def prompt_of(request: pb.GenerateRequest, tokenizer) -> str | list[int]:
+def prompt_of(request: pb.GenerateRequest, tokenizer, max_chat_chars: int | None = None) -> str | list[int]:
     """The engine prompt: raw text, token ids, or chat messages rendered with the chat template.
 
     Raises:
-        RequestError: no prompt, an empty one, or a chat message with an unknown role.
+        RequestError: no prompt, an empty one, a chat message with an unknown role, chat contents
+            over ``max_chat_chars`` characters (see :func:`~nlora_serve.serving.frontend.render_chat`).
     """
     kind = request.WhichOneof("prompt")
     if kind == "text":
@@ -68,7 +69,7 @@ def prompt_of(request: pb.GenerateRequest, tokenizer) -> str | list[int]:
         return list(request.token_ids.ids)
     if kind == "chat":
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        return render_chat(messages, tokenizer, "GenerateRequest.chat.messages")
+        return render_chat(messages, tokenizer, "GenerateRequest.chat.messages", max_chat_chars)
     raise RequestError("GenerateRequest.prompt is not set: give text, token_ids or chat")
 
 

@@ -135,3 +135,24 @@ def test_the_event_loop_serves_on_while_a_prompt_is_tokenized(http_server, token
         finally:
             release.set()
         assert slow.result(timeout=60) in (200, 1)
+
+
+def test_chat_contents_past_any_context_are_refused_before_tokenizing(http_server, tokenizer, monkeypatch):
+    """Raw prompts were bounded before tokenizing, chat contents not: two 14 MB messages held the
+    front ends' one tokenizer thread and another tenant's 'Hi' waited 10.7 s."""
+    # every token spells at most its longest vocabulary entry (x4 slack for normalisers)
+    bound = 4 * max(len(t) for t in tokenizer.get_vocab()) * http_server.engine.max_model_len
+    half = "a" * (bound // 2 + 1)  # two messages, together one character past the bound
+    messages = [{"role": "system", "content": half}, {"role": "user", "content": half}]
+
+    def never(*args, **kwargs):
+        raise AssertionError("the chat was rendered")
+    monkeypatch.setattr(tokenizer, "apply_chat_template", never)
+    said = f"hold {2 * len(half):,} characters of content: more tokens than the model's context holds"
+    _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, messages=messages)), "messages", said,
+             f"above {bound:,} characters")
+    with pytest.raises(grpc.RpcError) as err:
+        _grpc_generate(http_server, chat={"messages": messages})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and said in err.value.details(), err.value
+    monkeypatch.undo()
+    assert _raw(http_server, "/chat/completions", _chat_json(http_server)).status_code == 200
