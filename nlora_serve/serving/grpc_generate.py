@@ -46,7 +46,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                  admission: Admission, tokenizer, info: pb.ServerInfo):
         self.engine, self.config, self.auth = engine, config, auth
         self.metrics, self.admission, self.tokenizer, self.info = metrics, admission, tokenizer, info
-        self.max_chat_chars = max_prompt_chars(tokenizer, engine.max_model_len)  # chat contents beyond: refused
+        # chats past these (content characters, messages) surely exceed the context: refused untokenized
+        self.chat_bounds = (max_prompt_chars(tokenizer, engine.max_model_len), engine.max_model_len)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         timer = self.metrics.request("grpc")
@@ -80,7 +81,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         principal.check(adapter)
         request_id = convert.request_id_of(request)
         params = convert.sampling_params(request.sampling, self.config)
-        prompt = await off_loop(convert.prompt_of, request, self.tokenizer, self.max_chat_chars)  # tokenizing: off the event loop
+        prompt = await off_loop(convert.prompt_of, request, self.tokenizer, self.chat_bounds)  # tokenizing: off the event loop
         prompt = await off_loop(self.engine.prompt_ids, prompt)
         engine_id = f"{principal.name}/{request_id}" if request_id else None
         stream = start_request(self.engine, self.admission, prompt, params, engine_id, adapter,

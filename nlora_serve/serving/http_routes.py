@@ -65,10 +65,10 @@ class HttpContext:
     tokenizer: object  # renders chat prompts and decodes logprob tokens
     base_model: str  # the base model's served name (GetServerInfo's ``model``)
     started: int = field(default_factory=lambda: int(time.time()))  # ``created`` of /v1/models entries
-    max_chat_chars: int = 0  # chat contents beyond this many characters are refused untokenized
+    chat_bounds: tuple[int, int] = (0, 0)  # chats past these (content characters, messages): refused untokenized
 
     def __post_init__(self) -> None:
-        self.max_chat_chars = max_prompt_chars(self.tokenizer, self.engine.max_model_len)
+        self.chat_bounds = (max_prompt_chars(self.tokenizer, self.engine.max_model_len), self.engine.max_model_len)
 
 
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
@@ -194,7 +194,7 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     body = validated(ChatRequest if chat else CompletionRequest, data)
     adapter = None if body.model == ctx.base_model else body.model
     if chat:
-        prompt, params = await off_loop(chat_inputs, body, ctx.config, ctx.tokenizer, ctx.max_chat_chars)
+        prompt, params = await off_loop(chat_inputs, body, ctx.config, ctx.tokenizer, ctx.chat_bounds)
     else:
         prompt, params = completion_inputs(body, ctx.config)
         prompt = await off_loop(ctx.engine.prompt_ids, prompt)

@@ -156,3 +156,20 @@ def test_chat_contents_past_any_context_are_refused_before_tokenizing(http_serve
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and said in err.value.details(), err.value
     monkeypatch.undo()
     assert _raw(http_server, "/chat/completions", _chat_json(http_server)).status_code == 200
+
+
+def test_more_chat_messages_than_context_tokens_are_refused_before_rendering(http_server, tokenizer, monkeypatch):
+    """300k empty messages (10 MB of JSON, no content to bound) held the tokenizer thread 7 s;
+    each message renders at least its turn marker, so max_model_len + 1 of them never fit."""
+    max_model_len = 1024  # grpc_harness's SchedulerConfig
+    assert http_server.engine.max_model_len == max_model_len
+    messages = [{"role": "user", "content": ""}] * (max_model_len + 1)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the chat was rendered")
+    monkeypatch.setattr(tokenizer, "apply_chat_template", never)
+    said = f"holds {max_model_len + 1:,} messages: more turns than the model's context holds tokens"
+    _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, messages=messages)), "messages", said)
+    with pytest.raises(grpc.RpcError) as err:
+        _grpc_generate(http_server, chat={"messages": messages})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and said in err.value.details(), err.value
