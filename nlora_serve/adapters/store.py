@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlora_serve.adapters import durable
+from nlora_serve.adapters import durable, store_lock
 from nlora_serve.adapters.durable import fsync_dir, write_synced
 from nlora_serve.adapters.names import case_twin, validate_name
 from nlora_serve.errors import AdapterError, NloraError
@@ -79,11 +79,13 @@ def content_hash(files: dict[str, bytes]) -> str:
 
 
 class AdapterStore:
-    """Adapters on disk under one root; every path it touches stays inside that root."""
+    """Adapters on disk under one root; every path it touches stays inside that root. One process
+    at a time opens a root (adapters/store_lock.py): AdapterError names it when another holds it."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        store_lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
         self._lock = threading.Lock()  # serialises version allocation and renames
         shutil.rmtree(self.root / STAGING, ignore_errors=True)  # leftovers of a crash
         (self.root / STAGING).mkdir()

@@ -108,7 +108,11 @@ class Authenticator:
         Raises:
             AuthError: unreadable file, a plaintext ``key`` field, a bad hash, a duplicate hash, a
                 field it does not know (a typo such as ``admins`` or ``base_modle`` would otherwise
-                leave the server without an admin or a tenant without its grant, silently).
+                leave the server without an admin or a tenant without its grant, silently), a name
+                that is not a non-empty string, or that two entries with different grants or settings
+                share (the name is the tenant's identity: its prefix-cache group, queue quota, fair
+                share and request-id namespace; several keys of one tenant must say the same), a
+                ``base_model`` that is not true or false.
         """
         path = Path(path)
         try:
@@ -124,7 +128,7 @@ class Authenticator:
             where = f"{path}: admin_keys[{i}]"
             digest = _entry_hash(entry, where)
             _known_fields(entry, _ADMIN_FIELDS, where)
-            _add(by_hash, digest, Principal(str(entry.get("name", f"admin-{i}")), is_admin=True))
+            _add(by_hash, digest, Principal(_name(entry, f"admin-{i}", where), is_admin=True))
         for i, entry in enumerate(doc.get("tenants", [])):
             where = f"{path}: tenants[{i}]"
             digest = _entry_hash(entry, where)
@@ -132,8 +136,12 @@ class Authenticator:
             adapters = entry.get("adapters", [])
             if not isinstance(adapters, list) or not all(isinstance(a, str) and a for a in adapters):
                 raise AuthError(f"{where}.adapters must be a list of adapter names or patterns")
-            _add(by_hash, digest, Principal(str(entry.get("name", f"tenant-{i}")), False, tuple(adapters),
-                                            bool(entry.get("base_model", False)), *_quota(entry, where)))
+            base_model = entry.get("base_model", False)
+            if not isinstance(base_model, bool):  # bool("false") would grant the base model
+                raise AuthError(f"{where}.base_model must be true or false; got {base_model!r}")
+            _add(by_hash, digest, Principal(_name(entry, f"tenant-{i}", where), False, tuple(adapters),
+                                            base_model, *_quota(entry, where)))
+        _one_identity_per_name(by_hash.values(), path)
         return cls(by_hash)
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
@@ -210,8 +218,27 @@ def _known_fields(obj: dict, known: tuple[str, ...], where: str) -> None:
                         f"expected only {', '.join(map(repr, known))}")
 
 
+def _name(entry: dict, default: str, where: str) -> str:
+    name = entry.get("name", default)
+    if not isinstance(name, str) or not name:
+        raise AuthError(f"{where}.name must be a non-empty string; got {name!r}")
+    return name
+
+
 def _add(by_hash: dict[str, Principal], digest: str, principal: Principal) -> None:
     if digest in by_hash:
         raise AuthError(f"key_sha256 {digest[:12]}... is given to both {by_hash[digest].name!r} "
                         f"and {principal.name!r}")
     by_hash[digest] = principal
+
+
+def _one_identity_per_name(principals: Iterable[Principal], path: Path) -> None:
+    """Keys under one name are one tenant (prefix-cache group, quota, fair share): several keys of
+    it (a rotation) must say the same, else two customers would silently become one."""
+    by_name: dict[str, Principal] = {}
+    for principal in principals:
+        first = by_name.setdefault(principal.name, principal)
+        if first != principal:
+            raise AuthError(f"tenants file {path}: name {principal.name!r} is given to two entries with different "
+                            "grants or settings; the name is the tenant's identity (prefix-cache group, quota, "
+                            "fair share): give each tenant its own name, or the same settings to every key of it")

@@ -100,20 +100,32 @@ def cache_salt_of(principal: Principal, requested: str | None, auth: Authenticat
     return f"tenant:{principal.name}" if auth.enabled else None
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer, field: str) -> list[int]:
+def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_chars: int | None = None,
+                max_messages: int | None = None) -> list[int]:
     """Token ids of chat ``messages`` ({"role", "content"}) under the model's chat template, with the
     assistant's generation prompt appended; content text is tokenized as text, never as special
-    tokens (:func:`~nlora_serve.serving.chat_template.encode_chat`).
+    tokens (:func:`~nlora_serve.serving.chat_template.encode_chat`). ``max_chars``: contents longer
+    than this in all surely exceed the context (:func:`~nlora_serve.engine.api.max_prompt_chars`);
+    ``max_messages``: so do more messages (max_model_len: each renders at least its turn marker).
 
     Raises:
-        RequestError: no messages, a role not in :data:`CHAT_ROLES`, or from :func:`encode_chat` (the
-            message names ``field``).
+        RequestError: no messages, a role not in :data:`CHAT_ROLES`, contents over ``max_chars``
+            characters or over ``max_messages`` messages (refused before the template renders them:
+            a 15 MB message, or 300k empty ones, held the front ends' one tokenizer thread, so every
+            tenant's requests, for 6-30 s), or from :func:`encode_chat` (the message names ``field``).
     """
     if not messages:
         raise RequestError(f"{field} has no messages")
     for i, message in enumerate(messages):
         if message["role"] not in CHAT_ROLES:
             raise RequestError(f"{field}[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+    if max_messages is not None and len(messages) > max_messages:
+        raise RequestError(f"{field} holds {len(messages):,} messages: more turns than the model's context holds "
+                           f"tokens (max_model_len {max_messages}; refused before rendering)")
+    chars = sum(len(message["content"]) for message in messages)
+    if max_chars is not None and chars > max_chars:
+        raise RequestError(f"{field} hold {chars:,} characters of content: more tokens than the model's context "
+                           f"holds (max_model_len; refused before tokenizing above {max_chars:,} characters)")
     return encode_chat(messages, tokenizer, field)
 
 

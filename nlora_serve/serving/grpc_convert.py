@@ -53,11 +53,14 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
         logprobs=msg.top_logprobs or None)
 
 
-def prompt_of(request: pb.GenerateRequest, tokenizer) -> str | list[int]:
+def prompt_of(request: pb.GenerateRequest, tokenizer, chat_bounds: tuple[int | None, int | None] = (None, None)
+              ) -> str | list[int]:
     """The engine prompt: raw text, token ids, or chat messages rendered with the chat template.
 
     Raises:
-        RequestError: no prompt, an empty one, or a chat message with an unknown role.
+        RequestError: no prompt, an empty one, a chat message with an unknown role, chat contents
+            or messages over ``chat_bounds`` (max_chars, max_messages of
+            :func:`~nlora_serve.serving.frontend.render_chat`).
     """
     kind = request.WhichOneof("prompt")
     if kind == "text":
@@ -68,7 +71,7 @@ def prompt_of(request: pb.GenerateRequest, tokenizer) -> str | list[int]:
         return list(request.token_ids.ids)
     if kind == "chat":
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        return render_chat(messages, tokenizer, "GenerateRequest.chat.messages")
+        return render_chat(messages, tokenizer, "GenerateRequest.chat.messages", *chat_bounds)
     raise RequestError("GenerateRequest.prompt is not set: give text, token_ids or chat")
 
 

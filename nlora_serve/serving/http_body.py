@@ -14,25 +14,28 @@ from pydantic import ValidationError
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest
 
 
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF (halves of a pair, or lone)
 
 
 def parsed_json(raw: bytes, content_type: str | None):
     """The parsed body, as FastAPI parses a declared one: JSON when the content type is absent or
-    JSON (``application/json``, ``application/*+json``), else the bytes (which then fail validation);
-    None when empty.
+    JSON (``application/json``, ``application/*+json``).
 
     Raises:
-        RequestValidationError: not JSON (FastAPI's ``json_invalid`` error, with the character offset),
-            nested deeper than the parser recurses, or a string holding a lone UTF-16 surrogate
-            (``"\\ud800"`` is valid JSON but no Unicode text: the tokenizer and the UTF-8 error body
-            would fail on it with a 500).
+        RequestValidationError: an empty body or another content type (``curl -d`` sends
+            ``application/x-www-form-urlencoded``; the message names it), not JSON (FastAPI's
+            ``json_invalid`` error, with the character offset), nested deeper than the parser
+            recurses, or a string holding a lone UTF-16 surrogate (``"\\ud800"`` is valid JSON but
+            no Unicode text: the tokenizer and the UTF-8 error body would fail on it with a 500).
     """
     if not raw:
-        return None
+        raise _body_error("the request body is empty; expected a JSON object")
     kind = (content_type or "application/json").split(";")[0].strip().lower()
     if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
-        return raw
+        raise _body_error(f"Content-Type {kind!r} is not JSON; send the JSON body with "
+                          "'Content-Type: application/json'")
     try:
         # decoded strictly: json.loads(bytes) would pass encoded surrogates (b"\\xed\\xa0\\x80") through
         text = raw.decode(json.detect_encoding(raw))
@@ -67,6 +70,9 @@ def validated(kind: type[CompletionRequest] | type[ChatRequest], data) -> Comple
     Raises:
         RequestValidationError: the first field that does not validate comes first.
     """
+    if not isinstance(data, dict):  # pydantic would say "a valid dictionary or instance of ChatRequest"
+        raise _body_error(f"expected a JSON object, got {_JSON_KINDS.get(type(data), 'a value')}: "
+                          f"{json.dumps(data)[:40]}")
     try:
         return kind.model_validate(data)
     except ValidationError as exc:

@@ -182,12 +182,14 @@ def completion_inputs(request: CompletionRequest, config: ServerConfig) -> tuple
     return prompt, sampling_of(request, config, request.logprobs)
 
 
-def chat_inputs(request: ChatRequest, config: ServerConfig, tokenizer) -> tuple[list[int], SamplingParams]:
+def chat_inputs(request: ChatRequest, config: ServerConfig, tokenizer,
+                chat_bounds: tuple[int | None, int | None] = (None, None)) -> tuple[list[int], SamplingParams]:
     """(prompt token ids under the chat template, sampling params) of a chat request.
 
     Raises:
         ParamError: an unsupported field, no messages or an unknown role, a field out of range,
-            top_logprobs without logprobs.
+            top_logprobs without logprobs, contents or messages over ``chat_bounds`` (max_chars,
+            max_messages of :func:`~nlora_serve.serving.frontend.render_chat`).
     """
     check_fields(request)
     if request.top_logprobs is not None and not request.logprobs:
@@ -198,7 +200,7 @@ def chat_inputs(request: ChatRequest, config: ServerConfig, tokenizer) -> tuple[
     params = sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None)
     messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(request.messages)]
     with _as_param_error("messages"):
-        prompt = render_chat(messages, tokenizer, "messages")
+        prompt = render_chat(messages, tokenizer, "messages", *chat_bounds)
     return prompt, params
 
 

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator, Principal
-from nlora_serve.engine.api import Engine, EngineError, RequestAborted
+from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_chars
 from nlora_serve.serving.frontend import (Admission, adapter_versions, cache_salt_of, metered, off_loop,
                                          start_request)
 from nlora_serve.serving.grpc_status import http_status_of
@@ -65,6 +65,10 @@ class HttpContext:
     tokenizer: object  # renders chat prompts and decodes logprob tokens
     base_model: str  # the base model's served name (GetServerInfo's ``model``)
     started: int = field(default_factory=lambda: int(time.time()))  # ``created`` of /v1/models entries
+    chat_bounds: tuple[int, int] = (0, 0)  # chats past these (content characters, messages): refused untokenized
+
+    def __post_init__(self) -> None:
+        self.chat_bounds = (max_prompt_chars(self.tokenizer, self.engine.max_model_len), self.engine.max_model_len)
 
 
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
@@ -190,7 +194,7 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     body = validated(ChatRequest if chat else CompletionRequest, data)
     adapter = None if body.model == ctx.base_model else body.model
     if chat:
-        prompt, params = await off_loop(chat_inputs, body, ctx.config, ctx.tokenizer)
+        prompt, params = await off_loop(chat_inputs, body, ctx.config, ctx.tokenizer, ctx.chat_bounds)
     else:
         prompt, params = completion_inputs(body, ctx.config)
         prompt = await off_loop(ctx.engine.prompt_ids, prompt)

@@ -140,3 +140,49 @@ def test_no_auth_means_loopback_only():
     with pytest.raises(ValueError, match="binds only to 127.0.0.1"):
         ServerConfig(host="0.0.0.0")
     assert ServerConfig(host="0.0.0.0", tenants_file="tenants.json").host == "0.0.0.0"
+
+
+def _tenant(name, key, **fields) -> dict:
+    return {"name": name, "key_sha256": hash_key(key), **fields}
+
+
+@pytest.mark.parametrize("section, second", [
+    ("tenants", _tenant("acme", "k2", adapters=["globex"])),  # another customer under the same name
+    ("tenants", _tenant("acme", "k2", adapters=["acme"], weight=2)),
+    ("admin_keys", {"name": "acme", "key_sha256": hash_key("k2")}),
+])
+def test_a_name_two_entries_share_with_other_settings_is_refused(tmp_path, section, second):
+    """The name is the tenant's identity (prefix-cache group, quota, fair share): two customers
+    under one name would read each other's cached prompts, so the file is refused, naming it."""
+    path = tmp_path / "t.json"
+    doc = {"tenants": [_tenant("acme", "k1", adapters=["acme"])], "admin_keys": []}
+    doc[section].append(second)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(AuthError, match="name 'acme' is given to two entries"):
+        Authenticator.from_file(path)
+
+
+def test_several_keys_of_one_tenant_with_the_same_settings_are_one_tenant(tmp_path):
+    path = tmp_path / "t.json"  # a key rotation: old and new key, one identity
+    path.write_text(json.dumps({"tenants": [_tenant("acme", k, adapters=["acme"]) for k in ("old", "new")]}))
+    auth = Authenticator.from_file(path)
+    old, new = (auth.authenticate([("authorization", f"Bearer {k}")]) for k in ("old", "new"))
+    assert old == new and old.name == "acme" and old.adapters == ("acme",)
+
+
+@pytest.mark.parametrize("name", [5, "", None, ["acme"]])
+def test_a_name_that_is_not_a_string_is_refused(tmp_path, name):
+    path = tmp_path / "t.json"  # str() made 5 and 5 (or None and None) one tenant silently
+    path.write_text(json.dumps({"tenants": [{"name": name, "key_sha256": hash_key("k")}]}))
+    with pytest.raises(AuthError, match=r"tenants\[0\]\.name must be a non-empty string"):
+        Authenticator.from_file(path)
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, 1, None])
+def test_base_model_that_is_not_a_json_boolean_is_refused(tmp_path, value):
+    path = tmp_path / "t.json"  # bool("false") is True: the string granted the base model
+    path.write_text(json.dumps({"tenants": [_tenant("acme", "k", base_model=value)]}))
+    with pytest.raises(AuthError, match=r"tenants\[0\]\.base_model must be true or false"):
+        Authenticator.from_file(path)
+    path.write_text(json.dumps({"tenants": [_tenant("acme", "k", base_model=False)]}))
+    assert not Authenticator.from_file(path).authenticate([("authorization", "Bearer k")]).may_use(None)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from nlora_serve import cli
+from nlora_serve.adapters.store import AdapterStore
+from nlora_serve.errors import NloraError
 from nlora_serve.serving import serve_cli
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.grpc_server import NloraServer
@@ -145,3 +147,28 @@ def test_serve_process_with_a_busy_metrics_port_exits_2_without_noise(tmp_path):
     assert proc.stderr.splitlines()[-1] == \
         f"error: cannot bind the metrics port 127.0.0.1:{port} (--metrics-port): Address already in use"
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr
+
+
+def test_a_store_another_process_serves_is_refused_before_its_staging_area_is_touched(tmp_path, no_model):
+    """`make serve` started twice on one --adapter-dir: each server numbered versions from its own
+    view and pruned versions the other served (one was left serving a version deleted on disk), and
+    each start wiped the staging area of the other's in-flight writes."""
+    store = tmp_path / "store"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from nlora_serve.adapters.store import "
+                               f"AdapterStore; s = AdapterStore({str(store)!r}); print('held', flush=True); "
+                               "sys.stdin.read()"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        in_flight = store / ".staging" / "acme.x" / "adapter_model.safetensors"
+        in_flight.parent.mkdir()
+        in_flight.write_bytes(b"half-written")
+        for attempt in range(2):  # the serve command's early look into the store, and the store itself
+            with pytest.raises(NloraError) as err:
+                serve_cli.build(_args(tmp_path)) if attempt == 0 else AdapterStore(store)
+            assert str(err.value).startswith(f"adapter store {store} is in use by another process"), err.value
+        assert in_flight.read_bytes() == b"half-written"
+    finally:
+        holder.communicate("", timeout=60)
+    assert AdapterStore(store).names() == []  # the holder gone, the store opens (and drops its staging area)
+    assert not in_flight.exists()

@@ -71,6 +71,24 @@ def test_ids_past_the_vocabulary_or_int64_are_a_400(http_server, fields, param):
     _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, **fields)), param, param)
 
 
+@pytest.mark.parametrize("body, content_type, words", [
+    (None, "application/x-www-form-urlencoded", ("Content-Type 'application/x-www-form-urlencoded' is not JSON",
+                                                 "'Content-Type: application/json'")),  # what `curl -d` sends
+    (None, "text/plain; charset=utf-8", ("Content-Type 'text/plain' is not JSON",)),
+    (b"", "application/json", ("the request body is empty; expected a JSON object",)),
+    (b"[]", "application/json", ("expected a JSON object, got an array: []",)),
+    (b"null", "application/json", ("expected a JSON object, got null",)),
+    (b'"Hi"', "application/json", ('expected a JSON object, got a string: "Hi"',)),
+])
+def test_a_body_that_is_no_json_object_is_a_400_naming_why(http_server, body, content_type, words):
+    # pydantic's "Input should be a valid dictionary or instance of ChatRequest" named none of these
+    body = _chat_json(http_server) if body is None else body
+    resp = requests.post(f"{base_url(http_server)}/chat/completions", data=body, timeout=60,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": content_type})
+    _refused(resp, None, *words)
+    assert _raw(http_server, "/chat/completions", _chat_json(http_server)).status_code == 200
+
+
 def _gated(monkeypatch, owner, method: str) -> tuple[threading.Event, threading.Event]:
     """Make ``owner.method`` wait for ``release`` (at most 30 s) once called; ``entered`` is set then."""
     entered, release = threading.Event(), threading.Event()
@@ -117,3 +135,41 @@ def test_the_event_loop_serves_on_while_a_prompt_is_tokenized(http_server, token
         finally:
             release.set()
         assert slow.result(timeout=60) in (200, 1)
+
+
+def test_chat_contents_past_any_context_are_refused_before_tokenizing(http_server, tokenizer, monkeypatch):
+    """Raw prompts were bounded before tokenizing, chat contents not: two 14 MB messages held the
+    front ends' one tokenizer thread and another tenant's 'Hi' waited 10.7 s."""
+    # every token spells at most its longest vocabulary entry (x4 slack for normalisers)
+    bound = 4 * max(len(t) for t in tokenizer.get_vocab()) * http_server.engine.max_model_len
+    half = "a" * (bound // 2 + 1)  # two messages, together one character past the bound
+    messages = [{"role": "system", "content": half}, {"role": "user", "content": half}]
+
+    def never(*args, **kwargs):
+        raise AssertionError("the chat was rendered")
+    monkeypatch.setattr(tokenizer, "apply_chat_template", never)
+    said = f"hold {2 * len(half):,} characters of content: more tokens than the model's context holds"
+    _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, messages=messages)), "messages", said,
+             f"above {bound:,} characters")
+    with pytest.raises(grpc.RpcError) as err:
+        _grpc_generate(http_server, chat={"messages": messages})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and said in err.value.details(), err.value
+    monkeypatch.undo()
+    assert _raw(http_server, "/chat/completions", _chat_json(http_server)).status_code == 200
+
+
+def test_more_chat_messages_than_context_tokens_are_refused_before_rendering(http_server, tokenizer, monkeypatch):
+    """300k empty messages (10 MB of JSON, no content to bound) held the tokenizer thread 7 s;
+    each message renders at least its turn marker, so max_model_len + 1 of them never fit."""
+    max_model_len = 1024  # grpc_harness's SchedulerConfig
+    assert http_server.engine.max_model_len == max_model_len
+    messages = [{"role": "user", "content": ""}] * (max_model_len + 1)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the chat was rendered")
+    monkeypatch.setattr(tokenizer, "apply_chat_template", never)
+    said = f"holds {max_model_len + 1:,} messages: more turns than the model's context holds tokens"
+    _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, messages=messages)), "messages", said)
+    with pytest.raises(grpc.RpcError) as err:
+        _grpc_generate(http_server, chat={"messages": messages})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and said in err.value.details(), err.value
