@@ -15,6 +15,9 @@ import torch
 from nlora_serve.errors import AdapterError
 
 IGNORE = -100  # label of a token that carries no loss (prompt, template, padding)
+# the largest training file read (bytes): tune holds every example in memory, and 1 GiB of chats is
+# far beyond a CPU fine-tune of a few hundred steps; a device or pipe (`--data /dev/zero`) is refused
+MAX_DATA_BYTES = 1 << 30
 
 
 def read_examples(path: str | Path) -> list[list[dict]]:
@@ -22,10 +25,20 @@ def read_examples(path: str | Path) -> list[list[dict]]:
     ``{"messages": [{"role": ..., "content": str}, ...]}`` with at least one assistant turn.
 
     Raises:
-        AdapterError: unreadable file, or a line that is neither shape (named by line number).
+        AdapterError: not a regular file (a device, pipe or folder), larger than
+            :data:`MAX_DATA_BYTES`, unreadable, or a line that is neither shape (named by line number).
     """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        source = Path(path)
+        if not source.exists():
+            raise AdapterError(f"{path}: no such training data file")
+        if not source.is_file():
+            kind = "a folder" if source.is_dir() else "a device, pipe or socket"
+            raise AdapterError(f"{path}: training data must be a regular JSONL file, not {kind}")
+        size = source.stat().st_size
+        if size > MAX_DATA_BYTES:
+            raise AdapterError(f"{path}: training data is {size:,} bytes; at most {MAX_DATA_BYTES:,} are read")
+        lines = source.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:  # JSONL is UTF-8 text
         raise AdapterError(f"{path}: cannot read training data ({exc})") from None
     examples = [_messages(line, f"{path}:{no}") for no, line in enumerate(lines, 1) if line.strip()]

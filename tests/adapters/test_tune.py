@@ -148,6 +148,22 @@ def test_read_examples_accepts_both_shapes_and_names_bad_lines(tmp_path):
         read_examples(binary)
 
 
+def test_training_data_that_is_no_regular_file_or_too_large_is_refused_before_reading(tmp_path, monkeypatch):
+    """`--data /dev/zero` read until killed (a hostile tester's find): devices, folders and files
+    past the size cap are refused by name, without reading a byte."""
+    with pytest.raises(AdapterError, match=r"/dev/zero: training data must be a regular JSONL file, not a device"):
+        read_examples("/dev/zero")
+    with pytest.raises(AdapterError, match=r"not a folder"):
+        read_examples(tmp_path)
+    with pytest.raises(AdapterError, match=r"missing.jsonl: no such training data file"):
+        read_examples(tmp_path / "missing.jsonl")
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"prompt": "a", "response": "b"}\n' * 4)  # 4 lines of 33 bytes
+    monkeypatch.setattr("nlora_serve.adapters.tune_data.MAX_DATA_BYTES", 100)
+    with pytest.raises(AdapterError, match=r"big.jsonl: training data is 132 bytes; at most 100 are read"):
+        read_examples(big)
+
+
 def test_config_validation_and_schedule():
     with pytest.raises(AdapterError, match="n_init"):
         TuneConfig(n_init="random")
