@@ -138,7 +138,9 @@ def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> in
     """
     max_tokens = requested or config.max_tokens
     if max_tokens > config.max_tokens:
-        raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; got {max_tokens}")
+        got = str(max_tokens)  # a hostile 400-digit number is not echoed whole into the error
+        got = got if len(got) <= 20 else f"{got[:8]}... ({len(got)} digits)"
+        raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; got {got}")
     return max_tokens
 
 

@@ -173,3 +173,18 @@ def test_more_chat_messages_than_context_tokens_are_refused_before_rendering(htt
     with pytest.raises(grpc.RpcError) as err:
         _grpc_generate(http_server, chat={"messages": messages})
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and said in err.value.details(), err.value
+
+
+def test_a_huge_max_tokens_is_not_echoed_whole_in_the_refusal():
+    """A 400-digit max_tokens came back whole in the 400 (a hostile tester's find): the message
+    names the limit and abbreviates the number; an ordinary one is shown as it is."""
+    from nlora_serve.engine.sampling import RequestError
+    from nlora_serve.serving.frontend import max_tokens_of
+    from nlora_serve.serving.server_config import ServerConfig
+
+    config = ServerConfig(max_tokens=2048)
+    with pytest.raises(RequestError) as huge:
+        max_tokens_of(int("9" * 400), config, "max_tokens")
+    assert str(huge.value) == "max_tokens must be <= the server's --max-tokens 2048; got 99999999... (400 digits)"
+    with pytest.raises(RequestError, match=r"--max-tokens 2048; got 5000$"):
+        max_tokens_of(5000, config, "max_completion_tokens")
