@@ -129,7 +129,12 @@ def _runs(key: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return starts, lens, int(lens.max()) if lens.numel() else 0
 
 
-def _check_inputs(token_slots, slot_ranks, slot_scalings, slot_families) -> None:
+def check_inputs(token_slots, slot_ranks, slot_scalings, slot_families) -> None:
+    """Shapes and slot range shared by both step-metadata builders (this one and native_batch.py).
+
+    Raises:
+        ValueError: token_slots not 1-D, per-slot tables of different lengths, or a slot outside [−1, S).
+    """
     if token_slots.dim() != 1:
         raise ValueError(f"token_slots must be 1-D [T], got shape {tuple(token_slots.shape)}")
     num_slots = slot_ranks.numel()
@@ -166,7 +171,7 @@ def build_adapter_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor,
     ranks = slot_ranks.detach().to("cpu", _I64)
     scalings = slot_scalings.detach().to("cpu", torch.float32)
     families = slot_families.detach().to("cpu", _I64)
-    _check_inputs(slots, ranks, scalings, families)
+    check_inputs(slots, ranks, scalings, families)
     num = slots.numel()
     adapted = slots >= 0
     safe = slots.clamp(min=0)

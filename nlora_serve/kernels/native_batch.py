@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nlora_serve.kernels.metadata import TIED, _check_inputs
+from nlora_serve.kernels.metadata import TIED, check_inputs
 
 _I32, _I64 = torch.int32, torch.int64
 
@@ -55,7 +55,7 @@ def build_native_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor, slot
     """
     slots = token_slots.to(_I32)
     families = slot_families.to(_I32)
-    _check_inputs(slots, slot_ranks, slot_scalings, families)
+    check_inputs(slots, slot_ranks, slot_scalings, families)
     adapted = slots >= 0
     safe = slots.clamp(min=0).long()
     fam = torch.where(adapted, families[safe], torch.full_like(slots, -2))
