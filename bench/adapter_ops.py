@@ -3,12 +3,16 @@
 Runs bench/cpu_breakdown.py's workload (DESIGN §9: 64 requests × 128-token prompts × 64 new
 tokens, greedy) for one tenant mix and times every call of the native tied and group ops and of
 the adapter hook around them, by step kind (prefill / decode) and fused projection width (576: o
-and down, 960: q/k/v, 3072: gate/up on the default model), over the timed run only. In the engine
+and down, 960: q/k/v, 3072: gate/up on the default model), and the layer ops that add a tied
+delta deferred to them (SiLU · up, add + RMSNorm, add; kernels/layer_ops.py) with and without one,
+over the timed run only. ``--no-defer`` makes the tied op add every delta itself (the A/B of the
+deferral; ``--mix none`` gives the layer ops' own times). In the engine
 an op finds its inputs cold (the base GEMMs stream the weights between two calls), so its time
 here is what a step pays, unlike an isolated loop over warm inputs. Wall-clock timers, ~1 µs a
 call; run with the box quiet.
 
     .venv/bin/python bench/adapter_ops.py --mix lora8 --dtype bfloat16
+    .venv/bin/python bench/adapter_ops.py --mix tied64 --dtype float32 [--no-defer]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 
 import nlora_serve.engine.adapter_layer as adapter_layer
+import nlora_serve.kernels.layer_ops as layer_ops
 import nlora_serve.kernels.native as native
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
@@ -57,7 +62,13 @@ def instrument() -> None:
     ops.tied_apply = timed("tied op", ops.tied_apply, lambda self, y, batch, plan, *a: plan.width)
     ops.group_apply = timed("group op", ops.group_apply, lambda self, y, x, batch, plan: plan.width)
     hook = adapter_layer.AdapterHook
-    hook.__call__ = timed("hook (op included)", hook.__call__, lambda self, x, y, *a: y.shape[1])
+    hook.__call__ = timed("hook (op included)", hook.__call__, lambda self, x, y, *a, **k: y.shape[1])
+    # the layer ops that add a deferred tied delta (kernels/layer_ops.py), by whether they got one
+    layer = layer_ops.LayerOps
+    for name, tied_at in (("silu_mul", 2), ("add_rms_norm", 6), ("add", 3)):
+        setattr(layer, name, timed(name, getattr(layer, name),
+                                   lambda self, *a, _at=tied_at: "+ tied delta" if len(a) >= _at and a[_at - 1] is not None
+                                   else "-"))
     begin = timed("begin_step (metadata)", hook.begin_step, lambda *a: "-")
 
     def begin_step(self, versions, query_lens, device):
@@ -78,10 +89,14 @@ def instrument() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    parser.add_argument("--mix", choices=[m for m in MIXES if m != "none"], default="lora8")
+    parser.add_argument("--mix", choices=MIXES, default="lora8")
+    parser.add_argument("--no-defer", action="store_true",
+                        help="tied deltas added by the tied op, not by the layer ops reading the output (A/B)")
     args = parser.parse_args()
     run_args = argparse.Namespace(num_requests=64, prompt_len=128, max_tokens=64, budget=2048, seed=0)
     instrument()
+    if args.no_defer:
+        adapter_layer.AdapterHook.defers_tied = property(lambda self: False)
     with threads_for_engine() as threads:
         result = cpu_breakdown.run("default", getattr(torch, args.dtype), args.mix, run_args)
     steps = result["steps"]

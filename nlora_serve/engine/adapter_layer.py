@@ -18,7 +18,7 @@ import torch
 from nlora_serve.kernels.decode_batch import DecodeAdapterBatch, derive_decode_batch
 from nlora_serve.kernels.dispatch import apply_adapters
 from nlora_serve.kernels.metadata import NO_ADAPTER, TIED, AdapterBatch, build_adapter_batch
-from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedProjection
+from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedDelta, TiedProjection, TiedStep
 from nlora_serve.kernels.native_batch import NativeBatch, build_native_batch
 
 
@@ -46,6 +46,7 @@ class _Entry:
     token_slots: torch.Tensor  # [T] int32: each token's slot in this pool, −1 = none
     device: torch.device
     full: AdapterBatch | None = None  # built on the first projection the native ops do not serve
+    tied_step: TiedStep | None = None  # the batch's tied tokens for deferred deltas, built on first use
 
     def full_batch(self) -> AdapterBatch:
         """The step's complete AdapterBatch (the torch path's), built once."""
@@ -218,12 +219,22 @@ class AdapterHook:
         """Forget the step (no tensor of it outlives it)."""
         self._entries, self._decode = [], []
 
+    @property
+    def defers_tied(self) -> bool:
+        """Whether a call may hand back the tied delta instead of adding it (``defer_tied``)."""
+        return self.native is not None
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, layer: int, modules: tuple[str, ...],
-                 widths: list[int]) -> None:
+                 widths: list[int], defer_tied: bool = False) -> TiedDelta | None:
         """Add the step's adapter deltas into ``y`` [T, Σ widths] (a fused base output) in place.
 
         ``x`` [T, in] is the projection's input; module i owns ``widths[i]`` columns, in order.
+        With ``defer_tied``, the native tied op's delta may come back unadded instead (one pool
+        in the step, no per-tenant bias, not an AMX plan): the caller hands it to the native op
+        that reads ``y`` next (kernels/layer_ops.py), so ``y`` is read once. Returns that delta,
+        or None when every delta was added.
         """
+        deferred = None
         for entry in self._decode:
             self._apply_decode(entry, x, y, layer, modules, widths)
         for entry in self._entries:
@@ -232,7 +243,12 @@ class AdapterHook:
             if self.native is not None and not y.is_cuda and proj.native_serves(batch):
                 # Tied and group tokens are disjoint rows: neither op reads a row the other writes.
                 if batch.num_tied:
-                    self.native.tied_apply(y, batch, proj.tied)
+                    if defer_tied and len(self._entries) == 1 and not pool.bias:
+                        if entry.tied_step is None:
+                            entry.tied_step = self.native.tied_step(batch)
+                        deferred = self.native.tied_delta(entry.tied_step, proj.tied)
+                    if deferred is None:
+                        self.native.tied_apply(y, batch, proj.tied)
                 if batch.num_group:
                     self.native.group_apply(y, x, batch, proj.group)
             else:
@@ -243,6 +259,7 @@ class AdapterHook:
             if pool.bias:
                 for module, part in zip(modules, y.split(widths, dim=-1)):
                     pool.add_bias(part, batch, (layer, module))
+        return deferred
 
     def _apply_decode(self, entry: _DecodeEntry, x: torch.Tensor, y: torch.Tensor, layer: int,
                       modules: tuple[str, ...], widths: list[int]) -> None:

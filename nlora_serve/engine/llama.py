@@ -18,6 +18,7 @@ from nlora_serve.engine.batch_info import BatchInfo
 from nlora_serve.kernels.cpu_gemm import PackedLinear, can_prepack
 from nlora_serve.engine.rope import apply_rope, rope_config, rope_tables
 from nlora_serve.kernels.layer_ops import LayerOps
+from nlora_serve.kernels.native import TiedDelta
 from nlora_serve.models import BaseModel, ModelSpec
 
 # hook(x [T, in], y [T, Σ widths] (the fused output: add into it in place), layer_idx, module
@@ -57,6 +58,19 @@ class AdaptedLinear:
         if self.adapter_hook is not None:
             self.adapter_hook(x, y, self.layer_idx, self.modules, self.widths)
         return y
+
+    def deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, TiedDelta | None]:
+        """As a call, but the tied adapters' delta may come back unadded, for the native op that
+        reads ``y`` next to add (``AdapterHook.defers_tied``; kernels/layer_ops.py): ``(y, delta)``,
+        delta None when every delta is in ``y``."""
+        y = F.linear(x, self.weight, self.bias) if self.packed is None else self.packed(x)
+        hook = self.adapter_hook
+        if hook is None:
+            return y, None
+        if getattr(hook, "defers_tied", False):
+            return y, hook(x, y, self.layer_idx, self.modules, self.widths, defer_tied=True)
+        hook(x, y, self.layer_idx, self.modules, self.widths)
+        return y, None
 
     def module_weight(self, module: str) -> torch.Tensor:
         """One module's ``[out, in]`` rows of the fused weight (a view, no copy)."""
@@ -146,16 +160,21 @@ class DecoderLayer:
     def _native(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor,
                 info: BatchInfo, positions: torch.Tensor) -> torch.Tensor:
         """The same maths with the elementwise work in the native ops, one pass each; ``x`` is
-        updated in place (the residual stream is this forward's own tensor)."""
+        updated in place (the residual stream is this forward's own tensor). The tied adapters'
+        deltas of o, gate/up and down are added by the ops that read those outputs (their
+        rows kept in fp32 there: one bf16 rounding less than adding them into the output)."""
         ops, t, hd = self.ops, x.shape[0], self.head_dim
         qkv = self.qkv(ops.add_rms_norm(x, None, self.input_norm, self.eps, self.dtype))
         nq = self.num_heads + self.num_kv_heads
         qk = ops.rope(qkv[:, : nq * hd].view(t, nq, hd), positions, cos, sin)  # in place, after the hook
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, nq * hd:].view(t, self.num_kv_heads, hd)
-        normed = ops.add_rms_norm(x, self.o_proj(self.attention(q, k, v, kv_layer, info, self.scale)),
-                                  self.post_norm, self.eps, self.dtype)
-        return x.add_(self.down_proj(ops.silu_mul(self.gate_up(normed))))
+        # o, gate/up and down: their tied deltas (if any) are added by the op reading each output
+        o, o_tied = self.o_proj.deferred(self.attention(q, k, v, kv_layer, info, self.scale))
+        normed = ops.add_rms_norm(x, o, self.post_norm, self.eps, self.dtype, o_tied)
+        gate_up, gate_up_tied = self.gate_up.deferred(normed)
+        down, down_tied = self.down_proj.deferred(ops.silu_mul(gate_up, gate_up_tied))
+        return x.add_(down) if down_tied is None else ops.add(x, down, down_tied)
 
 
 class LlamaModel:

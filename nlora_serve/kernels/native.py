@@ -75,6 +75,7 @@ class TiedProjection:
     # or with ``amx`` bf16 packed in pairs (:func:`vnni_pack`)
     bias_ptrs: ctypes.Array  # [num_modules] pointers to bias[:R] (NULL: no bias)
     amx: bool = False  # the expand runs on AMX tiles (cpu/amx.h)
+    delta_args: TiedPlanArgs | None = None  # the same for a deferred delta (TiedDelta); None with amx
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,51 @@ class GroupProjection:
     bt_ptrs: ctypes.Array | None  # [num_modules] pointers to family 0 of each pool's B^T [F, R, out]
     bt_fam: ctypes.Array | None  # [num_modules] int64: its family strides (None: no B^T kept)
     amx: bool = False  # shrink and expand run on AMX tiles (cpu/group_amx.c)
+
+
+class TiedPlanArgs(ctypes.Structure):
+    """``tied_plan_t`` (cpu/tied_delta.h): what one :class:`TiedProjection` fixes of the tied op's arguments."""
+
+    _fields_ = [("num_modules", ctypes.c_int), ("r", ctypes.c_int), ("n_bf16", ctypes.c_int), ("off", _P),
+                ("width", _P), ("n", _P), ("bias", _P), ("n_slot_stride", _I64), ("n_row_stride", _I64), ("bt", _P)]
+
+
+class TiedStepArgs(ctypes.Structure):
+    """``tied_step_t`` (cpu/tied_delta.h): what one step's batch fixes (its tokens' slots, the slots' scalings)."""
+
+    _fields_ = [("slots", _P), ("scale", _P)]
+
+
+@dataclass(frozen=True, slots=True)
+class TiedStep:
+    """One step's tied tokens for deferred deltas (:meth:`NativeOps.tied_step`)."""
+
+    args: TiedStepArgs
+    address: int  # of args
+    num_tokens: int
+    keep: tuple  # the slot and scaling tensors args points at
+
+
+class TiedDelta:
+    """A fused projection's tied delta, not yet added: the op that reads the projection's output
+    next adds it row by row (``LayerOps.silu_mul``, ``add_rms_norm``, ``add``; cpu/tied_delta.h),
+    so the output is read once instead of read, written back and read again. Build with
+    :meth:`NativeOps.tied_delta`; valid while its plan and step live (the step's forward).
+    """
+
+    __slots__ = ("plan", "step", "width", "dtype")
+
+    def __init__(self, plan: TiedProjection, step: TiedStep) -> None:
+        self.plan, self.step = plan, step  # held: the C call reads their structs
+        self.width, self.dtype = plan.width, plan.dtype  # the output it belongs to: [step.num_tokens, width]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.step.num_tokens
+
+    def addresses(self) -> tuple[int, int]:
+        """(plan struct, step struct) addresses for the C call."""
+        return ctypes.addressof(self.plan.delta_args), self.step.address
 
 
 class NativeOps:
@@ -154,13 +200,17 @@ class NativeOps:
             bts = [vnni_pack(bt.to(dtype)) for bt in bts]
         biases = [s.tied_bias[:r].contiguous() if s.tied_bias is not None else None for *_, s in mods]
         keep = (*[s.n_pool for *_, s in mods], *bts, *[b for b in biases if b is not None])
+        offsets, mod_widths = _array(_I64, [o for o, _, _ in mods]), _array(_I64, [w for _, w, _ in mods])
+        n_ptrs, bt_ptrs = _array(_P, [s.n_pool.data_ptr() for *_, s in mods]), _array(_P, [b.data_ptr() for b in bts])
+        bias_ptrs = _array(_P, [b.data_ptr() if b is not None else None for b in biases])
+        addr = ctypes.addressof
+        delta_args = None if amx else TiedPlanArgs(
+            len(mods), r, int(dtype == torch.bfloat16), addr(offsets), addr(mod_widths), addr(n_ptrs),
+            addr(bias_ptrs), n0.stride(0), n0.stride(1), addr(bt_ptrs))
         return TiedProjection(
-            num_modules=len(mods), rank=r, dtype=dtype, width=sum(widths), keep=keep,
-            offsets=_array(_I64, [o for o, _, _ in mods]), widths=_array(_I64, [w for _, w, _ in mods]),
-            n_ptrs=_array(_P, [s.n_pool.data_ptr() for *_, s in mods]),
-            n_slot_stride=n0.stride(0), n_row_stride=n0.stride(1),
-            bt_ptrs=_array(_P, [b.data_ptr() for b in bts]),
-            bias_ptrs=_array(_P, [b.data_ptr() if b is not None else None for b in biases]), amx=amx)
+            num_modules=len(mods), rank=r, dtype=dtype, width=sum(widths), keep=keep, offsets=offsets,
+            widths=mod_widths, n_ptrs=n_ptrs, n_slot_stride=n0.stride(0), n_row_stride=n0.stride(1), bt_ptrs=bt_ptrs,
+            bias_ptrs=bias_ptrs, amx=amx, delta_args=delta_args)
 
     def plan_group(self, sites: list[SiteWeights | None], widths: list[int]) -> GroupProjection | None:
         """Lay out the group-path pools of one fused projection; None when the op cannot serve it.
@@ -280,6 +330,19 @@ class NativeOps:
             raise ValueError(f"native tied op refused rank {plan.rank} / {plan.num_modules} modules")
         return y
 
+
+    def tied_step(self, batch: AdapterBatch | NativeBatch) -> TiedStep:
+        """``batch``'s tied tokens, for :meth:`tied_delta` (build once per step and pool)."""
+        slots, scalings = batch.tok_tied_slot.contiguous(), batch.slot_scalings.contiguous()
+        args = TiedStepArgs(slots.data_ptr(), scalings.data_ptr())
+        return TiedStep(args, ctypes.addressof(args), batch.num_tokens, (slots, scalings))
+
+    def tied_delta(self, step: TiedStep, plan: TiedProjection) -> TiedDelta | None:
+        """The tied delta of ``plan``'s projection for ``step``'s tied tokens (:meth:`tied_step`),
+        with :meth:`tied_apply`'s semantics, to be added by the op that consumes the projection's
+        output (:class:`TiedDelta`); None when that op cannot take it (an AMX plan's packed B^T:
+        call :meth:`tied_apply` instead)."""
+        return None if plan.delta_args is None else TiedDelta(plan, step)
 
     def paged_decode(self, q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, out: torch.Tensor, num_threads: int = 1) -> torch.Tensor:

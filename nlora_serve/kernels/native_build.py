@@ -23,7 +23,8 @@ _CPU = Path(__file__).with_name("cpu")
 SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "group_amx.c", "paged_attention.c",
                                          "layer_ops.c"))
 # part of the build key
-HEADERS = tuple(_CPU / name for name in ("vec16.h", "adapter_tiles.h", "parallel.h", "amx.h", "group_mt.h"))
+HEADERS = tuple(_CPU / name for name in ("vec16.h", "adapter_tiles.h", "parallel.h", "amx.h", "group_mt.h",
+                                         "tied_delta.h"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
 # tried first: the ops' threads are then torch's own OpenMP workers (cpu/parallel.h says why); a
 # compiler without OpenMP builds without it, and every threaded call starts its own threads

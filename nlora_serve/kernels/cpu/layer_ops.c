@@ -11,13 +11,19 @@
  *                 (sin's first half negated, engine/rope.py's tables), in place
  *   silu_mul:     out[t, i] = g / (1 + e^-g) * u,   g = gate_up[t, i], u = gate_up[t, I + i]
  *
+ * add_rms_norm's delta and silu_mul's gate_up may come with a tied projection's delta to add first
+ * (tied_delta.h: rows adapted in an fp32 scratch chunk by chunk, so the projection's output is read
+ * once); add_rms_norm without an output only adds (x += delta).
+ *
  * Rows are split over num_threads jobs (parallel.h; 1 for small tensors); calls are reentrant.
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "parallel.h"
+#include "tied_delta.h"
 #include "vec16.h"
 
 #define MAX_HEAD_DIM 256
@@ -31,6 +37,8 @@ typedef struct {
     int64_t delta_stride, src_stride, out_stride, first, last, width;
     int delta_bf16, out_bf16, heads, head_dim;
     float eps;
+    tied_delta_t tied;        /* the delta's (rms) or gate_up's (silu) tied delta; plan NULL: none */
+    int rc;                   /* set by a job: 0, or < 0 (no scratch memory, a tied op's refusal) */
 } job_t;
 
 static inline vec16 load_any(const void *p, int64_t at, int bf16) {
@@ -45,21 +53,35 @@ static inline void store_any(void *p, int64_t at, vec16 v, int bf16) {
 }
 
 static void *rms_rows(void *arg) {
-    const job_t *j = arg;
+    job_t *j = arg;
     const int64_t H = j->width;
-    for (int64_t t = j->first; t < j->last; t++) {
-        float *x = j->x + t * H;
-        vec16 sq = splat(0.0f);
-        for (int64_t i = 0; i < H; i += 16) {
-            vec16 h = load16(x + i);
-            if (j->delta) h += load_any(j->delta, t * j->delta_stride + i, j->delta_bf16);
-            store16(x + i, h);
-            sq += h * h;
+    float *scratch = j->tied.plan ? malloc(sizeof(float) * TIED_CHUNK * H) : NULL;
+    if (j->tied.plan && !scratch) { j->rc = -2; return NULL; }
+    for (int64_t t0 = j->first; t0 < j->last; t0 += TIED_CHUNK) {
+        const int64_t t1 = t0 + TIED_CHUNK < j->last ? t0 + TIED_CHUNK : j->last;
+        const int adapted = j->tied.plan ? tied_delta_rows(&j->tied, j->delta, j->delta_stride, j->delta_bf16, t0, t1, H,
+                                                      scratch) : 0;
+        if (adapted < 0) { j->rc = adapted; break; }
+        for (int64_t t = t0; t < t1; t++) {
+            float *x = j->x + t * H;
+            /* the delta row: the adapted scratch copy, or delta itself */
+            const void *delta = adapted ? (const void *)(scratch + (t - t0) * H) : j->delta;
+            const int64_t at = adapted ? 0 : t * j->delta_stride;
+            const int bf16 = adapted ? 0 : j->delta_bf16;
+            vec16 sq = splat(0.0f);
+            for (int64_t i = 0; i < H; i += 16) {
+                vec16 h = load16(x + i);
+                if (delta) h += load_any(delta, at + i, bf16);
+                store16(x + i, h);
+                sq += h * h;
+            }
+            if (!j->out) continue; /* add only */
+            const float inv = 1.0f / sqrtf(hsum16(sq) / (float)H + j->eps);
+            for (int64_t i = 0; i < H; i += 16)
+                store_any(j->out, t * j->out_stride + i, load16(x + i) * inv * load16(j->weight + i), j->out_bf16);
         }
-        const float inv = 1.0f / sqrtf(hsum16(sq) / (float)H + j->eps);
-        for (int64_t i = 0; i < H; i += 16)
-            store_any(j->out, t * j->out_stride + i, load16(x + i) * inv * load16(j->weight + i), j->out_bf16);
     }
+    free(scratch);
     return NULL;
 }
 
@@ -83,19 +105,33 @@ static void *rope_rows(void *arg) {
 }
 
 static void *silu_rows(void *arg) {
-    const job_t *j = arg;
+    job_t *j = arg;
     const int64_t I = j->width;
-    for (int64_t t = j->first; t < j->last; t++)
-        for (int64_t i = 0; i < I; i += 16) {
-            vec16 g = load_any(j->src, t * j->src_stride + i, j->out_bf16);
-            vec16 u = load_any(j->src, t * j->src_stride + I + i, j->out_bf16);
-            store_any(j->out, t * j->out_stride + i, g / (1.0f + exp16(-g)) * u, j->out_bf16);
+    float *scratch = j->tied.plan ? malloc(sizeof(float) * TIED_CHUNK * 2 * I) : NULL;
+    if (j->tied.plan && !scratch) { j->rc = -2; return NULL; }
+    for (int64_t t0 = j->first; t0 < j->last; t0 += TIED_CHUNK) {
+        const int64_t t1 = t0 + TIED_CHUNK < j->last ? t0 + TIED_CHUNK : j->last;
+        const int adapted = j->tied.plan ? tied_delta_rows(&j->tied, j->src, j->src_stride, j->out_bf16, t0, t1, 2 * I,
+                                                      scratch) : 0;
+        if (adapted < 0) { j->rc = adapted; break; }
+        for (int64_t t = t0; t < t1; t++) {
+            /* the gate/up row: the adapted scratch copy, or gate_up itself */
+            const void *src = adapted ? (const void *)(scratch + (t - t0) * 2 * I) : j->src;
+            const int64_t at = adapted ? 0 : t * j->src_stride;
+            const int bf16 = adapted ? 0 : j->out_bf16;
+            for (int64_t i = 0; i < I; i += 16) {
+                vec16 g = load_any(src, at + i, bf16);
+                vec16 u = load_any(src, at + I + i, bf16);
+                store_any(j->out, t * j->out_stride + i, g / (1.0f + exp16(-g)) * u, j->out_bf16);
+            }
         }
+    }
+    free(scratch);
     return NULL;
 }
 
-/* Runs fn over rows [0, rows) split into num_threads jobs copied from *proto; returns 0, or -2
- * when no thread could be started (then the rows ran here). */
+/* Runs fn over rows [0, rows) split into num_threads jobs copied from *proto; returns 0, or the
+ * first job's error (-2: no scratch memory; -1: a tied delta the tied op refuses). */
 static int run_split(void *(*fn)(void *), const job_t *proto, int64_t rows, int num_threads) {
     num_threads = clamp_jobs(num_threads, rows);
     job_t jobs[MAX_JOBS];
@@ -103,20 +139,24 @@ static int run_split(void *(*fn)(void *), const job_t *proto, int64_t rows, int 
         jobs[t] = *proto;
         jobs[t].first = rows * t / num_threads;
         jobs[t].last = rows * (t + 1) / num_threads;
+        jobs[t].rc = 0;
     }
     parallel_jobs(fn, jobs, sizeof jobs[0], num_threads);
+    for (int t = 0; t < num_threads; t++)
+        if (jobs[t].rc) return jobs[t].rc;
     return 0;
 }
 
 /* x [T, H] fp32 contiguous (updated in place when delta is given); delta [T, H] rows delta_stride
- * apart or NULL; weight [H] fp32; out [T, H] rows out_stride apart. H a multiple of 16. */
+ * apart or NULL; weight [H] fp32; out [T, H] rows out_stride apart, or NULL: only x += delta.
+ * tied_plan, tied_step: delta's tied delta (tied_delta.h), or NULL. H a multiple of 16. */
 int nlora_add_rms_norm(float *x, int64_t rows, int64_t hidden, const void *delta, int64_t delta_stride,
                        int delta_bf16, const float *weight, float eps, void *out, int64_t out_stride, int out_bf16,
-                       int num_threads) {
-    if (hidden % 16) return -1;
+                       int num_threads, const tied_plan_t *tied_plan, const tied_step_t *tied_step) {
+    if (hidden % 16 || (tied_plan && (!delta || !tied_step))) return -1;
     job_t j = {.x = x, .delta = delta, .out = out, .weight = weight, .delta_stride = delta_stride,
                .out_stride = out_stride, .width = hidden, .delta_bf16 = delta_bf16, .out_bf16 = out_bf16,
-               .eps = eps};
+               .eps = eps, .tied = {tied_plan, tied_step}};
     return run_split(rms_rows, &j, rows, num_threads);
 }
 
@@ -131,11 +171,12 @@ int nlora_rope(void *qk, int64_t rows, int64_t row_stride, int heads, int head_d
 }
 
 /* gate_up [T, 2I] rows src_stride apart (gate then up); out [T, I] rows out_stride apart, the
- * same dtype. I a multiple of 16. */
+ * same dtype; tied_plan, tied_step: gate_up's tied delta (tied_delta.h), or NULL. I a multiple of 16. */
 int nlora_silu_mul(const void *gate_up, int64_t rows, int64_t inter, int64_t src_stride, void *out,
-                   int64_t out_stride, int is_bf16, int num_threads) {
-    if (inter % 16) return -1;
+                   int64_t out_stride, int is_bf16, int num_threads, const tied_plan_t *tied_plan,
+                   const tied_step_t *tied_step) {
+    if (inter % 16 || (tied_plan && !tied_step)) return -1;
     job_t j = {.src = gate_up, .out = out, .src_stride = src_stride, .out_stride = out_stride, .width = inter,
-               .out_bf16 = is_bf16};
+               .out_bf16 = is_bf16, .tied = {tied_plan, tied_step}};
     return run_split(silu_rows, &j, rows, num_threads);
 }

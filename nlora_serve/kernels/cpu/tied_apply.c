@@ -27,7 +27,7 @@
 
 #define CHUNK 32
 
-#define DEFINE_TIED_APPLY(NAME, YT, NT, LOAD, STORE, TILE_FN, MIX_FN)                                                      \
+#define DEFINE_TIED_APPLY(NAME, YT, NT, LOAD, STORE, NLOAD, TILE_FN, MIX_FN)                              \
 int NAME(YT *y, int64_t num_tokens, int64_t y_row_stride, const int32_t *slots, const float *scale,       \
          int num_modules, const int64_t *off, const int64_t *width, const NT *const *n,                   \
          int64_t n_slot_stride, int64_t n_row_stride, int r, const float *const *bt,                      \
@@ -44,7 +44,7 @@ int NAME(YT *y, int64_t num_tokens, int64_t y_row_stride, const int32_t *slots, 
             const YT *row = y + t * y_row_stride;                                                         \
             for (int m = 0; m < num_modules; m++) {                                                       \
                 float z[MAX_RANK];                                                                        \
-                for (int k = 0; k < r; k++) z[k] = LOAD(row[off[m] + k]) - (bias[m] ? LOAD(bias[m][k]) : 0.0f); \
+                for (int k = 0; k < r; k++) z[k] = LOAD(row[off[m] + k]) - (bias[m] ? NLOAD(bias[m][k]) : 0.0f); \
                 const NT *nm = n[m] + (int64_t)s * n_slot_stride;                                         \
                 MIX_FN(u[count][m], nm, n_row_stride, z, r, scale[s]);                                    \
             }                                                                                             \
@@ -83,8 +83,11 @@ int NAME(YT *y, int64_t num_tokens, int64_t y_row_stride, const int32_t *slots, 
     return 0;                                                                                             \
 }
 
-DEFINE_TIED_APPLY(nlora_tied_apply_f32, float, float, F32_LOAD, F32_STORE, tile_f32, mix_f32)
-DEFINE_TIED_APPLY(nlora_tied_apply_bf16, uint16_t, uint16_t, bf16_to_f32, f32_to_bf16, tile_bf16, mix_bf16)
+DEFINE_TIED_APPLY(nlora_tied_apply_f32, float, float, F32_LOAD, F32_STORE, F32_LOAD, tile_f32, mix_f32)
+DEFINE_TIED_APPLY(nlora_tied_apply_bf16, uint16_t, uint16_t, bf16_to_f32, f32_to_bf16, bf16_to_f32, tile_bf16,
+                  mix_bf16)
+/* fp32 rows with a bf16 pool's N and bias: a consumer op's fp32 copy of bf16 rows (tied_delta.h) */
+DEFINE_TIED_APPLY(nlora_tied_apply_f32_bf16n, float, uint16_t, F32_LOAD, F32_STORE, bf16_to_f32, tile_f32, mix_bf16)
 
 typedef struct {
     void *y;
