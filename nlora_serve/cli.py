@@ -17,7 +17,7 @@ log = logging.getLogger("nlora_serve")
 
 
 def _add_models(models: argparse.ArgumentParser) -> None:
-    msub = models.add_subparsers(dest="models_command", required=True, metavar="{prepare,list}")
+    msub = models.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser(
         "prepare", help="resolve a model, converting a GGUF file once into the cache",
         description="Resolve --model and print the prepared Hugging Face directory. 'default' is "
@@ -57,8 +57,8 @@ def _models_list(args: argparse.Namespace) -> int:
 def _add_adapters(adapters: argparse.ArgumentParser) -> None:
     from nlora_serve.adapters.cli import add_adapter_subcommands
 
-    add_adapter_subcommands(adapters.add_subparsers(dest="adapters_command", required=True,
-                                                    metavar="{inspect,init,convert,tune,list,upload,swap,unload,load}"))
+    # No fixed metavar: argparse lists the registered subcommands, so the usage line cannot miss one.
+    add_adapter_subcommands(adapters.add_subparsers(dest="adapters_command", required=True))
 
 
 def _add_generate(gen: argparse.ArgumentParser) -> None:
@@ -99,8 +99,9 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
 # a command's start pays only for its own imports (the engine's torch/transformers take seconds).
 COMMANDS = {
     "models": ("prepare and list base models", None, _add_models),
-    "adapters": ("create, inspect, convert and tune adapters",
-                 "Adapter tools: inspect/init/convert/tune work on directories; "
+    "adapters": ("create, inspect, convert, tune and compress adapters; list, upload, swap, unload and "
+                 "load them on a server",
+                 "Adapter tools: inspect/init/convert/tune/compress work on directories; "
                  "list/upload/swap/unload/load talk to a server (--server).", _add_adapters),
     "generate": ("generate text on the native engine (streams to stdout)",
                  "Load the model into the native engine in this process and "
@@ -110,7 +111,7 @@ COMMANDS = {
               "streaming generation and adapter admin over gRPC (with health and "
               "reflection) and, with --http-port, the OpenAI-compatible HTTP API "
               "with Prometheus /metrics. SIGTERM drains.", _add_serve),
-    "client": ("talk to a running server (generate, list, upload, swap, unload)",
+    "client": ("talk to a running server (generate, info, list, upload, swap, unload, load)",
                "gRPC client commands; admin ones need an admin key.", _add_client),
     "keys": ("make API keys and their hashes for the tenants file", None, _add_keys),
     "bench": ("load-test a server (ours over gRPC, or any OpenAI-compatible one)",
