@@ -151,8 +151,9 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark (or ``--compare``); returns 0, or 1 when every request failed.
 
     Raises:
-        BenchError: an invalid flag combination, an unreadable prompt or result file, or a run
-            stopped early because its first requests all failed alike (the cause, once).
+        BenchError: an invalid flag combination, an unreadable prompt or result file, a gRPC
+            server that does not answer, or a run stopped early because its first requests all
+            failed alike (the cause, once).
     """
     try:
         if args.compare:
@@ -163,7 +164,10 @@ def run_bench(args: argparse.Namespace) -> int:
         raise BenchError(str(exc)) from exc
     from nlora_serve.client.bench.report import Slo, summarize, table, to_json
 
-    run = asyncio.run(_run(workload, target, shape, not args.no_progress))
+    try:
+        run = asyncio.run(_run(workload, target, shape, not args.no_progress))
+    except ConnectionError as exc:  # the target could not reach its server: nothing was sent
+        raise BenchError(str(exc)) from exc
     if run.stopped:
         raise BenchError(f"bench stopped early: {run.stopped}")
     summary = summarize(run, Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2el_ms))
