@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from nlora_serve import __version__
@@ -155,7 +156,21 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``nlora-serve`` console script; returns the exit code."""
+    """Entry point of the ``nlora-serve`` console script; returns the exit code (141, as for a
+    process killed by SIGPIPE, when stdout's reader went away, e.g. ``client list | head``)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, so that a reader gone away shows below (also after --help)
+    except BrokenPipeError:
+        # quiet, as cat or grep: no traceback; stdout to /dev/null so that the interpreter's last
+        # flush of it does not raise again (Python's signal docs, "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(only=_command_of(argv) or "").parse_args(argv)  # "": no command named
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")

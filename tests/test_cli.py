@@ -1,5 +1,6 @@
 """The ``nlora-serve`` entry point: a command imports only its own modules."""
 
+import os
 import re
 import subprocess
 import sys
@@ -100,3 +101,18 @@ def test_every_option_of_every_subcommand_has_help_text():
             leaf = _subparsers(_subparsers(parser).choices[group]).choices[name]
             bare = [a.option_strings or [a.dest] for a in leaf._actions if not a.help]
             assert not bare, (group, name, bare)
+
+
+@pytest.mark.parametrize("argv, unbuffered", [(["keys", "new"], "1"), (["keys", "new"], ""),
+                                             (["adapters", "--help"], "")])
+def test_a_closed_stdout_ends_quietly_with_sigpipes_status(argv, unbuffered):
+    # A newcomer's find: `nlora-serve client list | head -5` ended in a BrokenPipeError traceback.
+    # The reader of stdout is closed before the command writes, so its write (unbuffered) or the
+    # last flush (buffered; argparse's --help swallows a failed write of its own) fails with EPIPE.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update({"PYTHONUNBUFFERED": unbuffered} if unbuffered else {})
+    proc = subprocess.Popen([sys.executable, "-m", "nlora_serve.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
