@@ -167,7 +167,9 @@ def test_cli_end_to_end_against_the_fake_server(fake_server, tmp_path, capsys):
     assert doc["summary"]["completed"] == 3 and doc["summary"]["errors"] == {"HTTP 404": 3}
     assert doc["summary"]["output_tokens"] == 36 and "secret-key" not in out.read_text()
     assert out.with_suffix(".png").stat().st_size > 10_000
-    assert "HTTP 404 × 3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "HTTP 404 × 3" in printed
+    assert printed.endswith(f"wrote {out} and {out.with_suffix('.png')}\n")  # where the plot went, too
 
 
 @pytest.mark.parametrize("mode", [["--concurrency", "2"], ["--mode", "open", "--rate", "200"]])

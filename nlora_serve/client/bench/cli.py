@@ -174,11 +174,14 @@ def run_bench(args: argparse.Namespace) -> int:
     config = {k: _jsonable(v) for k, v in vars(args).items() if k not in SECRET_FLAGS and not callable(v)}
     print(table(summary))
     to_json(run, summary, config, args.json)
+    written = [str(args.json)]
     if not args.no_plot:
         from nlora_serve.client.bench.plot import plot_run
 
-        plot_run(run, args.plot or Path(args.json).with_suffix(".png"), title=f"{args.target}: {args.json}")
-    print(f"wrote {args.json}")
+        png = args.plot or Path(args.json).with_suffix(".png")
+        plot_run(run, png, title=f"{args.target}: {args.json}")
+        written.append(str(png))
+    print(f"wrote {' and '.join(written)}")
     return 0 if summary["completed"] else 1
 
 
