@@ -8,6 +8,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
+# `make serve`'s ports, for a machine where 50051 or 8000 is taken: make serve GRPC_PORT=50052 HTTP_PORT=8001
+GRPC_PORT ?= 50051
+HTTP_PORT ?= 8000
 STAMP := $(VENV)/.nlora-serve-installed
 
 .PHONY: install serve test vllm-venv
@@ -27,7 +30,7 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/nlora-serve serve --model default --adapter-dir nlora-adapters \
 		--adapter lower=examples/tenants/lower --adapter signature=examples/tenants/signature \
-		--adapter numbers=examples/tenants/numbers --example-tenants 3 --http-port 8000
+		--adapter numbers=examples/tenants/numbers --example-tenants 3 --port $(GRPC_PORT) --http-port $(HTTP_PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from nlora_serve import __version__
@@ -17,7 +18,7 @@ log = logging.getLogger("nlora_serve")
 
 
 def _add_models(models: argparse.ArgumentParser) -> None:
-    msub = models.add_subparsers(dest="models_command", required=True, metavar="{prepare,list}")
+    msub = models.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser(
         "prepare", help="resolve a model, converting a GGUF file once into the cache",
         description="Resolve --model and print the prepared Hugging Face directory. 'default' is "
@@ -57,8 +58,8 @@ def _models_list(args: argparse.Namespace) -> int:
 def _add_adapters(adapters: argparse.ArgumentParser) -> None:
     from nlora_serve.adapters.cli import add_adapter_subcommands
 
-    add_adapter_subcommands(adapters.add_subparsers(dest="adapters_command", required=True,
-                                                    metavar="{inspect,init,convert,tune,list,upload,swap,unload,load}"))
+    # No fixed metavar: argparse lists the registered subcommands, so the usage line cannot miss one.
+    add_adapter_subcommands(adapters.add_subparsers(dest="adapters_command", required=True))
 
 
 def _add_generate(gen: argparse.ArgumentParser) -> None:
@@ -99,8 +100,9 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
 # a command's start pays only for its own imports (the engine's torch/transformers take seconds).
 COMMANDS = {
     "models": ("prepare and list base models", None, _add_models),
-    "adapters": ("create, inspect, convert and tune adapters",
-                 "Adapter tools: inspect/init/convert/tune work on directories; "
+    "adapters": ("create, inspect, convert, tune and compress adapters; list, upload, swap, unload and "
+                 "load them on a server",
+                 "Adapter tools: inspect/init/convert/tune/compress work on directories; "
                  "list/upload/swap/unload/load talk to a server (--server).", _add_adapters),
     "generate": ("generate text on the native engine (streams to stdout)",
                  "Load the model into the native engine in this process and "
@@ -110,7 +112,7 @@ COMMANDS = {
               "streaming generation and adapter admin over gRPC (with health and "
               "reflection) and, with --http-port, the OpenAI-compatible HTTP API "
               "with Prometheus /metrics. SIGTERM drains.", _add_serve),
-    "client": ("talk to a running server (generate, list, upload, swap, unload)",
+    "client": ("talk to a running server (generate, info, list, upload, swap, unload, load)",
                "gRPC client commands; admin ones need an admin key.", _add_client),
     "keys": ("make API keys and their hashes for the tenants file", None, _add_keys),
     "bench": ("load-test a server (ours over gRPC, or any OpenAI-compatible one)",
@@ -154,7 +156,21 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``nlora-serve`` console script; returns the exit code."""
+    """Entry point of the ``nlora-serve`` console script; returns the exit code (141, as for a
+    process killed by SIGPIPE, when stdout's reader went away, e.g. ``client list | head``)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, so that a reader gone away shows below (also after --help)
+    except BrokenPipeError:
+        # quiet, as cat or grep: no traceback; stdout to /dev/null so that the interpreter's last
+        # flush of it does not raise again (Python's signal docs, "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(only=_command_of(argv) or "").parse_args(argv)  # "": no command named
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")

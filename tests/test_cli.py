@@ -1,5 +1,7 @@
 """The ``nlora-serve`` entry point: a command imports only its own modules."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -61,3 +63,56 @@ def test_generate_chat_json_nested_past_the_parser_is_one_error(tmp_path):
     args = argparse.Namespace(prompt=None, chat_json=str(deep))
     with pytest.raises(NloraError, match="cannot read a JSON message list"):  # not a RecursionError traceback
         _prompt_ids(args, tokenizer=None)
+
+
+# Every subcommand a user can run, by group (README "Commands" and each group's --help), written out
+# here rather than read from the parser, so a new subcommand must be added to this table too.
+SUBCOMMANDS = {
+    "models": ["prepare", "list"],
+    "adapters": ["inspect", "init", "convert", "tune", "compress", "list", "upload", "swap", "unload", "load"],
+    "client": ["generate", "info", "list", "upload", "swap", "unload", "load"],
+    "keys": ["new", "hash"],
+}
+
+
+def _subparsers(parser):
+    return next(a for a in parser._actions if a.dest and a.dest.endswith("command"))
+
+
+@pytest.mark.parametrize("group", sorted(SUBCOMMANDS))
+def test_each_group_help_lists_every_subcommand_in_its_usage_and_the_top_level_summary(group):
+    # A newcomer's find: `adapters --help` listed `compress` below but not in its usage line, and the
+    # top-level summaries of `adapters` and `client` left out compress / info / load.
+    parser = build_parser(only=group)
+    command = _subparsers(parser).choices[group]
+    assert list(_subparsers(command).choices) == SUBCOMMANDS[group]
+    usage = command.format_usage()
+    assert "{" + ",".join(SUBCOMMANDS[group]) + "}" in usage, usage
+    if len(SUBCOMMANDS[group]) > 2:  # "prepare and list", "make API keys and their hashes" say it in words
+        summary = COMMANDS[group][0] + " " + (COMMANDS[group][1] or "")
+        missing = [name for name in SUBCOMMANDS[group] if not re.search(rf"\b{name}\b", summary)]
+        assert not missing, (group, summary)
+
+
+def test_every_option_of_every_subcommand_has_help_text():
+    parser = build_parser()
+    for group, names in SUBCOMMANDS.items():
+        for name in names:
+            leaf = _subparsers(_subparsers(parser).choices[group]).choices[name]
+            bare = [a.option_strings or [a.dest] for a in leaf._actions if not a.help]
+            assert not bare, (group, name, bare)
+
+
+@pytest.mark.parametrize("argv, unbuffered", [(["keys", "new"], "1"), (["keys", "new"], ""),
+                                             (["adapters", "--help"], "")])
+def test_a_closed_stdout_ends_quietly_with_sigpipes_status(argv, unbuffered):
+    # A newcomer's find: `nlora-serve client list | head -5` ended in a BrokenPipeError traceback.
+    # The reader of stdout is closed before the command writes, so its write (unbuffered) or the
+    # last flush (buffered; argparse's --help swallows a failed write of its own) fails with EPIPE.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update({"PYTHONUNBUFFERED": unbuffered} if unbuffered else {})
+    proc = subprocess.Popen([sys.executable, "-m", "nlora_serve.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,11 +80,27 @@ def _free_port() -> int:
 
 def _make_serve_command(grpc: int, http: int, store: Path) -> str:
     """The Makefile's serve recipe with this test's interpreter, ports and store."""
-    recipe = re.search(r"^serve:.*\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), flags=re.M).group(1)
+    makefile = (REPO / "Makefile").read_text()
+    defaults = dict(re.findall(r"^(GRPC_PORT|HTTP_PORT) \?= (\d+)$", makefile, flags=re.M))
+    assert defaults == {"GRPC_PORT": "50051", "HTTP_PORT": "8000"}, defaults  # the README's ports
+    recipe = re.search(r"^serve:.*\n((?:\t.*\n)+)", makefile, flags=re.M).group(1)
     cmd = re.sub(r"\\\n\t*", " ", recipe).strip().replace("$(BIN)/nlora-serve", CLI)
-    assert "--http-port 8000" in cmd and "--adapter-dir nlora-adapters" in cmd, cmd
-    return (cmd.replace("--http-port 8000", f"--http-port {http} --port {grpc}")
+    assert "--port $(GRPC_PORT) --http-port $(HTTP_PORT)" in cmd and "--adapter-dir nlora-adapters" in cmd, cmd
+    return (cmd.replace("$(GRPC_PORT)", str(grpc)).replace("$(HTTP_PORT)", str(http))
             .replace("--adapter-dir nlora-adapters", f"--adapter-dir {store}"))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
+def test_the_readmes_make_serve_with_other_ports_passes_them_to_serve():
+    # A newcomer's find: with 8000 taken, `make serve` had no way to move its ports.
+    (example,) = re.findall(r"`(make serve GRPC_PORT=\d+ HTTP_PORT=\d+)`", (REPO / "README.md").read_text())
+    grpc, http = re.findall(r"=(\d+)", example)
+    done = subprocess.run(["make", "-n", *example.split()[1:]], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, check=True)
+    serve = re.sub(r"\\\n\s*", " ", done.stdout)
+    (line,) = [line for line in serve.splitlines() if "nlora-serve serve " in line]
+    assert f" --port {grpc} --http-port {http}" in line and line.count("--port ") == 1, line
+    assert grpc != "50051" and http != "8000"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""``nlora-serve client ...``: talk to a running server (generate, list, upload, swap, unload, load).
+"""``nlora-serve client ...``: talk to a running server (generate, info, list, upload, swap, unload, load).
 
     nlora-serve client generate --server 127.0.0.1:50051 --adapter tenant-000 --message "Hi"
     nlora-serve client upload --server HOST:PORT --api-key $ADMIN_KEY --name acme ./acme-adapter
@@ -23,8 +23,7 @@ from nlora_serve.client.types import NloraClientError
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the client subcommands under ``parser``; each sets ``client_func`` (run by :func:`run_client`)."""
     _add_connection_flags(parser, with_defaults=True)
-    sub = parser.add_subparsers(dest="client_command", required=True,
-                                metavar="{generate,list,info,upload,swap,unload,load}")
+    sub = parser.add_subparsers(dest="client_command", required=True)
     gen = sub.add_parser("generate", help="stream a completion to stdout")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="raw text prompt (no chat template)")
@@ -64,11 +63,11 @@ def _add_adapter_commands(sub: argparse._SubParsersAction) -> list[argparse.Argu
     swap.add_argument("--if-version", type=int, default=None, help="swap only if this is the current version")
     swap.set_defaults(client_func=_swap)
     unload = sub.add_parser("unload", help="stop serving an adapter on a server (admin)")
-    unload.add_argument("--name", required=True)
+    unload.add_argument("--name", required=True, help="adapter name on the server")
     unload.add_argument("--force", action="store_true", help="abort its in-flight requests")
     unload.set_defaults(client_func=_unload)
     load = sub.add_parser("load", help="serve again an adapter that is in the server's store (admin)")
-    load.add_argument("--name", required=True)
+    load.add_argument("--name", required=True, help="adapter name on the server")
     load.set_defaults(client_func=_load)
     return [listing, up, swap, unload, load]
 
@@ -84,7 +83,7 @@ def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) 
                         help="HOST:PORT of the server (default: 127.0.0.1:50051)")
     parser.add_argument("--api-key", default=default(os.environ.get("NLORA_API_KEY")),
                         help="API key sent as 'authorization: Bearer' (default: $NLORA_API_KEY)")
-    parser.add_argument("--timeout", type=float, default=default(None), help="deadline of each call in seconds")
+    parser.add_argument("--timeout", type=float, default=default(None), help="deadline of each call in seconds (default: none)")
 
 
 def _unsigned(bits: int):

@@ -2,7 +2,8 @@
 the gRPC front end (DESIGN §6).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-streamed),
-``GET /v1/models`` (the base model and the adapters this key may use), ``GET /health``, and
+``GET /v1/models`` (the base model and the adapters this key may use) and ``GET /v1/models/{model}``
+(one of them; 404 for a name it may not use, as for one that does not exist), ``GET /health``, and
 ``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; no label names a tenant).
 
 A generation request is admitted like a gRPC Generate (frontend.py), in this order: key (401,
@@ -96,11 +97,17 @@ def build_app(ctx: HttpContext) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(caller: Principal = Depends(principal)) -> dict:
-        names = [v.name for v in adapter_versions(ctx.engine) or []]
-        entries = [(ctx.base_model, None)] if caller.may_use(None) else []
-        entries += [(name, ctx.base_model) for name in names if caller.may_use(name) and name != ctx.base_model]
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": ctx.started,
-                                            "owned_by": "nlora-serve", "parent": parent} for name, parent in entries]}
+        return {"object": "list", "data": _model_entries(ctx, caller)}
+
+    @app.get("/v1/models/{model:path}")  # OpenAI's "retrieve model"; :path keeps a name with '/'
+    async def model(model: str, caller: Principal = Depends(principal)) -> JSONResponse:
+        found = [entry for entry in _model_entries(ctx, caller) if entry["id"] == model]
+        if found:
+            return JSONResponse(found[0])
+        # one answer for unknown and not granted, as OpenAI words it: a key cannot probe names
+        shown = model if len(model) <= 200 else model[:200] + "..."
+        return JSONResponse(error_body(f"the model {shown!r} does not exist or this key may not use it "
+                                       "(GET /v1/models lists those it may use)", 404, "model", "not_found"), 404)
 
     # the body is read and validated in _generate, after the key and the grant: FastAPI would
     # parse and validate a declared body before any dependency (a keyless bad body: 400, not 401)
@@ -155,6 +162,15 @@ def _add_error_handlers(app: FastAPI, ctx: HttpContext) -> None:
     @app.exception_handler(RequestAborted)
     async def aborted(request: Request, exc: RequestAborted) -> JSONResponse:
         return JSONResponse(_aborted_body(exc), http_status_of(exc)[0])  # admitted: not a refusal
+
+
+def _model_entries(ctx: HttpContext, caller: Principal) -> list[dict]:
+    """/v1/models entries this caller may use: the base model (no parent), then the adapters."""
+    names = [v.name for v in adapter_versions(ctx.engine) or []]
+    entries = [(ctx.base_model, None)] if caller.may_use(None) else []
+    entries += [(name, ctx.base_model) for name in names if caller.may_use(name) and name != ctx.base_model]
+    return [{"id": name, "object": "model", "created": ctx.started, "owned_by": "nlora-serve", "parent": parent}
+            for name, parent in entries]
 
 
 def _not_found_hint(ctx: HttpContext, request: Request) -> str:

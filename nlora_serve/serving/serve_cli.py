@@ -41,7 +41,7 @@ from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.serving.example_tenants import ensure_example_tenants, example_name
 from nlora_serve.serving.grpc_convert import server_info
-from nlora_serve.serving.grpc_server import NloraServer
+from nlora_serve.serving.grpc_server import NloraServer, check_ports_free
 from nlora_serve.serving.server_config import ServerConfig, StartupError, default_served_name
 
 log = logging.getLogger("nlora_serve.serve")
@@ -126,6 +126,7 @@ def build(args: argparse.Namespace):
     auth = Authenticator.from_file(args.tenants_file) if args.tenants_file else Authenticator(None)
     engine_config.scheduler = dataclasses.replace(engine_config.scheduler, tenant_weights=auth.weights())
     _check_adapter_dir(args.adapter_dir)
+    check_ports_free(config)
     dummy = engine_config.load_format == "dummy"
     path = Path(args.model).expanduser().resolve() if dummy else resolve_model(args.model, engine_config.cache_dir)
     _check_model_len(path, args.max_model_len)

@@ -43,3 +43,22 @@ def test_bench_json_agrees_with_the_server_counters(make_server, tmp_path):
             assert 8 <= r["prompt_tokens"] <= 16 and 4 <= r["output_tokens"] <= 8
             assert r["ttft_s"] == pytest.approx(r["chunk_s"][0], abs=1e-6) and r["chunk_s"][-1] <= r["e2e_s"]
     assert summary["request_throughput"] * summary["duration_s"] == pytest.approx(summary["completed"])
+
+
+def test_a_server_that_is_not_there_is_one_error_before_any_request(tmp_path, capsys, monkeypatch):
+    # A newcomer's find: `bench --server` on a port with no server sent a request after request for
+    # the whole --duration and reported "errors: UNAVAILABLE × 4990", as if the server were overloaded.
+    import socket
+
+    from nlora_serve.cli import main
+    from nlora_serve.client.bench import targets
+
+    monkeypatch.setattr(targets, "CONNECT_TIMEOUT_S", 1.0)
+    with socket.socket() as s:  # a port nothing listens on (bound, never listening)
+        s.bind(("127.0.0.1", 0))
+        server = f"127.0.0.1:{s.getsockname()[1]}"
+        out = tmp_path / "r.json"
+        rc = main(["bench", "--server", server, "--duration", "30", "--no-progress", "--json", str(out)])
+    assert rc == 2 and not out.exists()
+    assert capsys.readouterr().err == (f"error: no gRPC server answers at {server} (waited 1 s): start one "
+                                       "(nlora-serve serve) or give --server HOST:PORT\n")

@@ -30,6 +30,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):  # the base model is the entry without a parent, as ours and vLLM list it
+        if self.headers.get("Authorization") == "Bearer refused-key":
+            return self._json(401, {"error": {"message": "unknown API key", "type": "x", "code": 401}})
         models = [{"id": "acme", "parent": "fake-base"}, {"id": "fake-base", "parent": None}]
         self._json(200, {"object": "list", "data": models})
 
@@ -165,7 +167,9 @@ def test_cli_end_to_end_against_the_fake_server(fake_server, tmp_path, capsys):
     assert doc["summary"]["completed"] == 3 and doc["summary"]["errors"] == {"HTTP 404": 3}
     assert doc["summary"]["output_tokens"] == 36 and "secret-key" not in out.read_text()
     assert out.with_suffix(".png").stat().st_size > 10_000
-    assert "HTTP 404 × 3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "HTTP 404 × 3" in printed
+    assert printed.endswith(f"wrote {out} and {out.with_suffix('.png')}\n")  # where the plot went, too
 
 
 @pytest.mark.parametrize("mode", [["--concurrency", "2"], ["--mode", "open", "--rate", "200"]])
@@ -186,3 +190,20 @@ def test_overload_or_mixed_errors_do_not_stop_a_run(fake_server):
     assert len(run.results) == 12 and run.stopped is None
     run, _ = _run(fake_server, "completions", ("missing", "acme"), count=12)  # some succeed
     assert len(run.results) == 12 and run.stopped is None
+
+
+@pytest.mark.parametrize("case", ["unreachable", "refused key"])
+def test_cli_says_why_the_base_model_name_is_unknown(fake_server, tmp_path, capsys, case):
+    # A newcomer's find: a base-model run against a --base-url with no server said only "the base
+    # model's name is unknown (not in GET /v1/models): give --base-model", hiding the refused connection.
+    url, key = ("http://127.0.0.1:9", "k") if case == "unreachable" else (fake_server, "refused-key")
+    rc = main(["bench", "--target", "openai", "--base-url", url, "--api-key", key, "--num-requests", "8",
+               "--output-len", "4", "--json", str(tmp_path / "r.json"), "--no-progress", "--timeout", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "the base model's name is unknown (GET " + url + "/v1/models " in err
+    if case == "unreachable":
+        assert "failed: ConnectError:" in err
+    else:
+        assert "answered HTTP 401: unknown API key)" in err
+    assert err.rstrip().endswith("check --base-url and --api-key, or give --base-model")

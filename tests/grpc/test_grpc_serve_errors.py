@@ -149,6 +149,24 @@ def test_serve_process_with_a_busy_metrics_port_exits_2_without_noise(tmp_path):
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("flag, words", [("--port", "the gRPC address"), ("--http-port", "the HTTP port"),
+                                         ("--metrics-port", "the metrics port")])
+def test_a_busy_port_is_refused_before_the_model_loads(tmp_path, flag, words):
+    # A newcomer's find: a second `make serve` loaded the model (13 s on a busy box) before it found
+    # 8000 taken. The model here does not exist: only a refusal before loading names the port.
+    with _listening() as busy:
+        port = busy.getsockname()[1]
+        ports = {"--port": "0", "--http-port": "0", flag: str(port)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "nlora_serve.cli", "--log-level", "WARNING", "serve", "--model",
+             str(tmp_path / "no-model"), "--adapter-dir", str(tmp_path / "store"),
+             *[part for item in ports.items() for part in item]],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ})
+    flags = "--host/--port" if flag == "--port" else flag
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"error: cannot bind {words} 127.0.0.1:{port} ({flags}): Address already in use\n"
+
+
 def test_a_store_another_process_serves_is_refused_before_its_staging_area_is_touched(tmp_path, no_model):
     """`make serve` started twice on one --adapter-dir: each server numbered versions from its own
     view and pruned versions the other served (one was left serving a version deleted on disk), and

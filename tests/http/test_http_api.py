@@ -47,6 +47,34 @@ def test_models_lists_exactly_the_keys_grants(http_server, key, want):
     assert sorted(listed) == sorted(_base(http_server) if name == "BASE" else name for name in want)
 
 
+@pytest.mark.parametrize("key, granted", [
+    (TENANT_KEYS["tied-co"], {TIED}),
+    (TENANT_KEYS["lora-co"], {"BASE", LORA}),
+    (ADMIN_KEY, {"BASE", TIED, LORA}),
+])
+def test_models_retrieve_answers_a_granted_name_and_404s_every_other_alike(http_server, key, granted):
+    # A newcomer's find: the openai client's models.retrieve("lower") got a bare "Not Found".
+    caller = client(http_server, key)
+    names = {_base(http_server) if name == "BASE" else name: name for name in ("BASE", TIED, LORA)}
+    for name, role in names.items():
+        if role in granted:
+            got = caller.models.retrieve(name)
+            assert (got.id, got.object, got.owned_by) == (name, "model", "nlora-serve")
+            assert got.parent == (None if role == "BASE" else _base(http_server))
+            continue
+        with pytest.raises(openai.NotFoundError) as err:  # exists, not granted: as a name that does not exist
+            caller.models.retrieve(name)
+        assert err.value.body["message"] == (f"the model {name!r} does not exist or this key may not use it "
+                                             "(GET /v1/models lists those it may use)")
+    with pytest.raises(openai.NotFoundError) as err:
+        caller.models.retrieve("nobody")
+    assert err.value.body == {"message": "the model 'nobody' does not exist or this key may not use it "
+                                         "(GET /v1/models lists those it may use)",
+                              "type": "not_found_error", "param": "model", "code": "not_found"}
+    with pytest.raises(openai.AuthenticationError):
+        client(http_server, "not-a-key").models.retrieve(TIED)
+
+
 def test_errors_have_the_openai_shape_and_status(http_server):
     base = _base(http_server)
     tied = client(http_server, TENANT_KEYS["tied-co"])
@@ -168,7 +196,7 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(http_server):
         client(http_server, TENANT_KEYS["base-co"]).completions.create(model=_base(http_server), prompt=huge)
     assert err.value.status_code == 413 and "request body over" in err.value.body["message"]
     assert err.value.body["code"] == "request_too_large"
-    reply = httpx2.get(f"{base_url(http_server)}/models/nosuch")  # a route we do not serve
+    reply = httpx2.get(f"{base_url(http_server)}/nosuch/route")  # a route we do not serve
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
 
 

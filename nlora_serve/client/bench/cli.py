@@ -151,8 +151,9 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark (or ``--compare``); returns 0, or 1 when every request failed.
 
     Raises:
-        BenchError: an invalid flag combination, an unreadable prompt or result file, or a run
-            stopped early because its first requests all failed alike (the cause, once).
+        BenchError: an invalid flag combination, an unreadable prompt or result file, a gRPC
+            server that does not answer, or a run stopped early because its first requests all
+            failed alike (the cause, once).
     """
     try:
         if args.compare:
@@ -163,18 +164,24 @@ def run_bench(args: argparse.Namespace) -> int:
         raise BenchError(str(exc)) from exc
     from nlora_serve.client.bench.report import Slo, summarize, table, to_json
 
-    run = asyncio.run(_run(workload, target, shape, not args.no_progress))
+    try:
+        run = asyncio.run(_run(workload, target, shape, not args.no_progress))
+    except ConnectionError as exc:  # the target could not reach its server: nothing was sent
+        raise BenchError(str(exc)) from exc
     if run.stopped:
         raise BenchError(f"bench stopped early: {run.stopped}")
     summary = summarize(run, Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2el_ms))
     config = {k: _jsonable(v) for k, v in vars(args).items() if k not in SECRET_FLAGS and not callable(v)}
     print(table(summary))
     to_json(run, summary, config, args.json)
+    written = [str(args.json)]
     if not args.no_plot:
         from nlora_serve.client.bench.plot import plot_run
 
-        plot_run(run, args.plot or Path(args.json).with_suffix(".png"), title=f"{args.target}: {args.json}")
-    print(f"wrote {args.json}")
+        png = args.plot or Path(args.json).with_suffix(".png")
+        plot_run(run, png, title=f"{args.target}: {args.json}")
+        written.append(str(png))
+    print(f"wrote {' and '.join(written)}")
     return 0 if summary["completed"] else 1
 
 

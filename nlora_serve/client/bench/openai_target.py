@@ -78,6 +78,7 @@ class OpenAITarget:
         self.chat, self.ignore_eos, self.temperature = endpoint == "chat", ignore_eos, temperature
         self.detokenize, self.timeout = detokenize, timeout
         self.http: httpx2.AsyncClient | None = None
+        self.models_error = "no entry without a parent in GET /v1/models"  # why the base model is unknown
 
     async def __aenter__(self) -> OpenAITarget:
         self.http = httpx2.AsyncClient(base_url=self.base_url, headers=self.headers,
@@ -88,11 +89,20 @@ class OpenAITarget:
         return self
 
     async def _listed_base_model(self) -> str | None:
-        """The base model's served name from ``GET /v1/models`` (None when it cannot be told)."""
+        """The base model's served name from ``GET /v1/models`` (None when it cannot be told, and
+        ``models_error`` says why: an unreachable server or a refused key is named as such)."""
+        url = f"{self.base_url}/v1/models"
         try:
             resp = await self.http.get("/v1/models")
-            models = resp.json()["data"] if resp.status_code == 200 else []
-        except (httpx2.HTTPError, ValueError, KeyError, TypeError):
+            if resp.status_code != 200:
+                self.models_error = f"GET {url} answered HTTP {resp.status_code}: {_error_message(resp.content)}"
+                return None
+            models = resp.json()["data"]
+        except httpx2.HTTPError as exc:
+            self.models_error = f"GET {url} failed: {type(exc).__name__}: {exc}"
+            return None
+        except (ValueError, KeyError, TypeError):
+            self.models_error = f"GET {url} is not an OpenAI model list"
             return None
         return next((m["id"] for m in models if isinstance(m, dict) and not m.get("parent")), None)
 
@@ -107,7 +117,8 @@ class OpenAITarget:
                 request when the base model's name is unknown.
         """
         if req.tenant is None and self.base_model is None:
-            raise ValueError("the base model's name is unknown (not in GET /v1/models): give --base-model")
+            raise ValueError(f"the base model's name is unknown ({self.models_error}): check --base-url and "
+                             "--api-key, or give --base-model")
         prompt = req.prompt
         if not isinstance(prompt, str) and (self.chat or self.detokenize):
             if self.detokenize is None:

@@ -7,12 +7,15 @@ target is in :mod:`nlora_serve.client.bench.openai_target`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
 from nlora_serve.client.aio import AsyncNloraClient
 from nlora_serve.client.bench.workload import BenchRequest
 from nlora_serve.client.types import NloraClientError
+
+CONNECT_TIMEOUT_S = 10.0  # how long a run waits for the gRPC server to accept a connection
 
 
 @dataclass(slots=True)
@@ -63,7 +66,19 @@ class GrpcTarget:
         self.client: AsyncNloraClient | None = None
 
     async def __aenter__(self) -> GrpcTarget:
+        """Connect first: a run against a server that is not there would otherwise record one
+        UNAVAILABLE per request (thousands in a --duration run), as if the server were overloaded.
+
+        Raises:
+            ConnectionError: no server accepted a connection within :data:`CONNECT_TIMEOUT_S`.
+        """
         self.client = AsyncNloraClient(self.server, api_key=self.api_key, timeout=self.timeout)
+        try:
+            await asyncio.wait_for(self.client.channel.channel_ready(), CONNECT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await self.client.close()
+            raise ConnectionError(f"no gRPC server answers at {self.server} (waited {CONNECT_TIMEOUT_S:g} s): "
+                                  "start one (nlora-serve serve) or give --server HOST:PORT") from None
         return self
 
     async def __aexit__(self, *exc) -> None:
