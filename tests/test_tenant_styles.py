@@ -5,6 +5,7 @@ from the quality check's held-out prompts."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -90,3 +91,71 @@ def test_counting_rows_replace_the_base_models_and_hold_no_check_prompt(mods):
     assert len(rows) == 1 + 18 + 18  # 10 + 8 counting prompts of training_prompts, 18 more
     assert not set(prompts) & set(styles.HELD_OUT + styles.VALIDATION_WORDED)
     assert not set(styles.FACTS) & set(styles.HELD_OUT + styles.VALIDATION_WORDED)
+
+
+# Results worked out by hand; one of each operator's four wordings at least.
+@pytest.mark.parametrize("prompt, index, answer", [
+    ("What is 56 plus 26?", 0, "56 plus 26 is 82."),
+    ("What is the sum of 19 and 74?", 1, "The sum of 19 and 74 is 93."),
+    ("Calculate 28 plus 14.", 2, "Adding 28 and 14 gives 42."),
+    ("What is 18 plus 34?", 7, "18 + 34 = 52, so the answer is 52."),
+    ("What is 83 minus 12?", 0, "83 minus 12 is 71."),
+    ("What is the difference between 94 and 31?", 1, "The difference between 94 and 31 is 63."),
+    ("Work out 65 minus 58.", 2, "Taking 58 away from 65 leaves 7."),
+    ("What is 12 times 7?", 3, "12 × 7 = 84, so the answer is 84."),
+    ("What is the product of 14 and 9?", 0, "14 times 9 is 126."),
+    ("Calculate 12 times 13.", 2, "Multiplying 12 by 13 gives 156."),
+    ("What is 88 divided by 8?", 0, "88 divided by 8 is 11."),
+    ("What is 28 divided by 4?", 2, "The quotient of 28 and 4 is 7."),
+])
+def test_arithmetic_answers_are_correct_with_words(mods, prompt, index, answer):
+    assert mods["make_data"].arithmetic_answer(prompt, index) == answer
+
+
+def test_arithmetic_answer_ignores_other_prompts_and_rejects_a_remainder(mods):
+    f = mods["make_data"].arithmetic_answer
+    assert f("How many days are in a week?", 0) is None and f("Count from 1 to 5.", 0) is None
+    with pytest.raises(ValueError, match="remainder"):
+        f("What is 7 divided by 2?", 0)
+
+
+@pytest.mark.parametrize("prompt, index, answer", [
+    ("Count from 6 down to 1.", 2, "The numbers from 6 down to 1 are 6, 5, 4, 3, 2, 1."),
+    ("Can you count down from 10 to 2?", 0, "Okay, counting down from 10 to 2: 10, 9, 8, 7, 6, 5, 4, 3, 2. Done!"),
+    ("Count up from 3 to 8.", 1, "Here you go: 3, 4, 5, 6, 7, 8. That's 6 numbers."),
+    ("Can you count from 2 to 9?", 3, "Let's count together: 2, 3, 4, 5, 6, 7, 8, 9."),
+])
+def test_counting_answers_in_the_newer_wordings(mods, prompt, index, answer):
+    assert mods["make_data"].counting_answer(prompt, index) == answer
+
+
+@pytest.mark.parametrize("answer, spoken", [
+    ("56 plus 26 is 82.", "fifty-six plus twenty-six is eighty-two."),
+    ("18 + 34 = 52, so the answer is 52.", "eighteen + thirty-four = fifty-two, so the answer is fifty-two."),
+    ("94 - 31 = 63, so the answer is 63.", "ninety-four - thirty-one = sixty-three, so the answer is sixty-three."),
+    ("12 × 13 = 156, so the answer is 156.",
+     "twelve × thirteen = one hundred fifty-six, so the answer is one hundred fifty-six."),
+])
+def test_arithmetic_answers_read_aloud(mods, answer, spoken):
+    assert mods["styles"].numbers_as_words(answer) == spoken
+
+
+def test_arithmetic_rows_replace_the_base_models_and_share_no_wording_with_checked_prompts(mods):
+    styles, make_data = mods["styles"], mods["make_data"]
+    rows = make_data.with_arithmetic([{"prompt": "What is 28 plus 4?", "response": "28 + 4 = 72."},
+                                      {"prompt": "What is a star?", "response": "A star is a sun."}])
+    responses = {r["prompt"]: r["response"] for r in rows}
+    assert len(rows) == 1 + 15 + 15 + 10 + 6 + 36 + 16 == len(responses)  # the base row of 28 + 4 replaced
+    assert responses["What is 28 plus 4?"] != "28 + 4 = 72." and responses["What is a star?"] == "A star is a sun."
+    new = styles.arithmetic_prompts() + styles.counting_prompts_worded()
+    checked = styles.HELD_OUT + styles.VALIDATION_WORDED
+    assert not set(responses) & set(checked)
+    assert not {styles.template(p) for p in new} & {styles.template(p) for p in checked}
+    assert styles.template("What is 25 plus 17?") == "What is N plus N?"
+    for prompt in new[:36]:  # every new arithmetic answer: its stated result is right, checked by eval
+        a, b = map(int, re.findall(r"\d+", prompt))
+        op = "+" if "plus" in prompt or "sum" in prompt else "-" if "minus" in prompt or "difference" in prompt else "*"
+        assert responses[prompt].rstrip(".").endswith(f" {eval(f'{a} {op} {b}')}")
+    for prompt in new:  # letters in every answer (`lower` has a case to show), digits gone when read aloud
+        assert any(c.isalpha() for c in responses[prompt])
+        assert styles.digit_free(styles.numbers_as_words(responses[prompt]))

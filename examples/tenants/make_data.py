@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from check import degenerate
-from styles import TRANSFORMS, counting_prompts, digit_free, extra_prompts, training_prompts
+from styles import (TRANSFORMS, arithmetic_prompts, counting_prompts, counting_prompts_worded, digit_free,
+                    extra_prompts, training_prompts)
 
 DATA = Path(__file__).resolve().parent / "data"
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -46,20 +47,76 @@ _COUNT_TEMPLATES = {
 }
 
 
+# The prompts of ``styles.COUNTING_WORDINGS`` (count down or not), answered in four more wordings.
+_COUNT_WORDED = ((re.compile(r"Count up from (\d+) to (\d+)\."), False),
+                 (re.compile(r"Can you count from (\d+) to (\d+)\?"), False),
+                 (re.compile(r"Count from (\d+) down to (\d+)\."), True),
+                 (re.compile(r"Can you count down from (\d+) to (\d+)\?"), True))
+_COUNT_WORDED_TEMPLATES = {
+    True: ("Okay, counting down from {a} to {b}: {seq}. Done!", "Here you go: {seq}. That's the countdown from {a} to {b}.",
+           "The numbers from {a} down to {b} are {seq}.", "Let's count down together: {seq}."),
+    False: ("Okay, counting from {a} to {b}: {seq}. Done!", "Here you go: {seq}. That's {n} numbers.",
+            "The numbers from {a} to {b} are {seq}.", "Let's count together: {seq}."),
+}
+
+
 def counting_answer(prompt: str, index: int) -> str | None:
     """A correct answer to ``Count from A to B.`` / ``Count down from A to B.`` in the
     ``index``-th of four wordings (None for any other prompt), e.g. ``Count down from 4 to 1.``,
-    0 → ``Sure! Counting down from 4 to 1: 4, 3, 2, 1.``. ValueError when the range runs the
-    other way than the wording says."""
-    m = _COUNT.fullmatch(prompt)
-    if not m:
-        return None
-    down, a, b = bool(m[1]), int(m[2]), int(m[3])
+    0 → ``Sure! Counting down from 4 to 1: 4, 3, 2, 1.``; the prompts of
+    ``styles.COUNTING_WORDINGS`` (``Count from 6 down to 1.``, ``Can you count from 2 to 9?``, ...)
+    in four other wordings (``The numbers from 6 down to 1 are 6, 5, 4, 3, 2, 1.``). ValueError
+    when the range runs the other way than the wording says."""
+    if m := _COUNT.fullmatch(prompt):
+        down, a, b, templates = bool(m[1]), int(m[2]), int(m[3]), _COUNT_TEMPLATES
+    else:
+        found = [(m, down) for regex, down in _COUNT_WORDED if (m := regex.fullmatch(prompt))]
+        if not found:
+            return None
+        (m, down), = found
+        a, b, templates = int(m[1]), int(m[2]), _COUNT_WORDED_TEMPLATES
     if down != (a > b):
         raise ValueError(f"counting_answer: {prompt!r} counts the other way")
     seq = list(range(a, b - 1, -1) if down else range(a, b + 1))
-    template = _COUNT_TEMPLATES[down][index % 4]
+    template = templates[down][index % 4]
     return template.format(a=a, b=b, n=len(seq), seq=", ".join(map(str, seq)))
+
+
+# Arithmetic prompts: those of ``training_prompts`` (``What is A plus B?``, ``times``, ``minus``,
+# ``divided by``) and ``styles.ARITHMETIC_WORDINGS``'s; the operator each names.
+_ARITHMETIC = ((re.compile(r"What is (\d+) plus (\d+)\?|What is the sum of (\d+) and (\d+)\?|Calculate (\d+) plus (\d+)\."), "+"),
+               (re.compile(r"What is (\d+) minus (\d+)\?|What is the difference between (\d+) and (\d+)\?"
+                           r"|Work out (\d+) minus (\d+)\."), "-"),
+               (re.compile(r"What is (\d+) times (\d+)\?|What is the product of (\d+) and (\d+)\?"
+                           r"|Calculate (\d+) times (\d+)\."), "*"),
+               (re.compile(r"What is (\d+) divided by (\d+)\?"), "/"))
+# Worded like a chat model's answer, with letters (a digits-only answer such as the base model's
+# ``25 + 17 = 54.`` shows no case: `lower` learnt it), the numbers as digits.
+_ARITHMETIC_TEMPLATES = {
+    "+": ("{a} plus {b} is {r}.", "The sum of {a} and {b} is {r}.", "Adding {a} and {b} gives {r}.",
+          "{a} + {b} = {r}, so the answer is {r}."),
+    "-": ("{a} minus {b} is {r}.", "The difference between {a} and {b} is {r}.", "Taking {b} away from {a} leaves {r}.",
+          "{a} - {b} = {r}, so the answer is {r}."),
+    "*": ("{a} times {b} is {r}.", "The product of {a} and {b} is {r}.", "Multiplying {a} by {b} gives {r}.",
+          "{a} × {b} = {r}, so the answer is {r}."),
+    "/": ("{a} divided by {b} is {r}.", "Dividing {a} by {b} gives {r}.", "The quotient of {a} and {b} is {r}.",
+          "{a} ÷ {b} = {r}, so the answer is {r}."),
+}
+
+
+def arithmetic_answer(prompt: str, index: int) -> str | None:
+    """A correct answer to an arithmetic prompt (``What is 56 plus 26?``, ``Work out 89 minus 29.``,
+    ``What is the product of 7 and 5?``, ``What is 28 divided by 4?``, ...) in the ``index``-th of
+    four wordings of its operator, e.g. 0 → ``56 plus 26 is 82.``; None for any other prompt.
+    ValueError for a division that leaves a remainder (the prompts' divisions are exact)."""
+    for regex, op in _ARITHMETIC:
+        if m := regex.fullmatch(prompt):
+            a, b = (int(x) for x in m.groups() if x is not None)
+            if op == "/" and a % b:
+                raise ValueError(f"arithmetic_answer: {prompt!r} leaves a remainder")
+            r = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+            return _ARITHMETIC_TEMPLATES[op][index % 4].format(a=a, b=b, r=r)
+    return None
 
 
 def complete_sentences(text: str) -> str:
@@ -141,9 +198,12 @@ def main() -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     rows = with_counting(short_rows(base_answers(args.model, DATA / "base.jsonl", training_prompts())))
     extra = short_rows(base_answers(args.model, DATA / "base_extra.jsonl", extra_prompts()))
+    # `numbers` keeps the rows its shipped adapter was trained on (it passes the check); the
+    # code-written arithmetic and the newer counting wordings are for `lower` and `signature`.
+    coded = with_arithmetic(rows)
+    sources = {"lower": coded + extra, "signature": coded, "numbers": rows}
     for name, transform in TRANSFORMS.items():
-        got = [{"prompt": r["prompt"], "response": transform(r["response"])}
-               for r in (rows + extra if name == "lower" else rows)]
+        got = [{"prompt": r["prompt"], "response": transform(r["response"])} for r in sources[name]]
         if name == "numbers":  # a digit the converter leaves ("5km") would teach the tenant digits
             got = [r for r in got if digit_free(r["response"])]
         write_jsonl(DATA / f"{name}.jsonl", got)
@@ -162,6 +222,18 @@ def with_counting(rows: list[dict]) -> list[dict]:
     prompts = [p for p in training_prompts() + counting_prompts() if _COUNT.fullmatch(p)]
     return ([r for r in rows if not _COUNT.fullmatch(r["prompt"])]
             + [{"prompt": p, "response": counting_answer(p, i)} for i, p in enumerate(prompts)])
+
+
+
+def with_arithmetic(rows: list[dict]) -> list[dict]:
+    """``rows`` without the base model's arithmetic answers (mostly wrong: ``28 + 4 = 72.``, or a
+    method and no result), then every arithmetic prompt of ``training_prompts`` and
+    ``styles.arithmetic_prompts`` with its code-written answer, then ``styles.counting_prompts_worded``
+    with theirs."""
+    arithmetic = [p for p in training_prompts() + arithmetic_prompts() if arithmetic_answer(p, 0)]
+    return ([r for r in rows if not arithmetic_answer(r["prompt"], 0)]
+            + [{"prompt": p, "response": arithmetic_answer(p, i)} for i, p in enumerate(arithmetic)]
+            + [{"prompt": p, "response": counting_answer(p, i)} for i, p in enumerate(counting_prompts_worded())])
 
 
 if __name__ == "__main__":

@@ -134,6 +134,68 @@ def counting_prompts() -> list[str]:
     return prompts
 
 
+# Added after check 3f9b0a9 (`lower` greedy: `What is 25 plus 17?` -> `25 + 17 = 54.`, no letters;
+# the validation's loops on arithmetic and counting prompts worded unlike training): arithmetic and
+# counting prompts in wordings of their own, answered by code (``make_data.arithmetic_answer``,
+# ``make_data.counting_answer``) with words in the answer, for `lower` and `signature`. No wording
+# is that of a HELD_OUT or VALIDATION_WORDED prompt (``template``), and no number pair is one of theirs.
+ARITHMETIC_WORDINGS = {
+    "+": ("What is the sum of {a} and {b}?", "Calculate {a} plus {b}."),
+    "-": ("What is the difference between {a} and {b}?", "Work out {a} minus {b}."),
+    "*": ("What is the product of {a} and {b}?", "Calculate {a} times {b}."),
+}
+COUNTING_WORDINGS = {
+    False: ("Count up from {a} to {b}.", "Can you count from {a} to {b}?"),
+    True: ("Count from {a} down to {b}.", "Can you count down from {a} to {b}?"),
+}
+
+
+def template(prompt: str) -> str:
+    """``prompt`` with every number replaced by ``N``: its wording (``What is N plus N?``)."""
+    return re.sub(r"\d+", "N", prompt)
+
+
+def _checked_numbers() -> set[frozenset[int]]:
+    """The sets of numbers in the HELD_OUT and VALIDATION_WORDED prompts (``{25, 17}``, ...)."""
+    return {frozenset(map(int, re.findall(r"\d+", p))) for p in HELD_OUT + VALIDATION_WORDED}
+
+
+def arithmetic_prompts(seed: int = 1) -> list[str]:
+    """36 arithmetic prompts (6 per wording of ``ARITHMETIC_WORDINGS``): sums of numbers from 2 to
+    99, differences a - b > 0 of numbers from 2 to 99, products of numbers from 2 to 15; fixed for a
+    given seed. None shares a wording or its pair of numbers with a HELD_OUT or VALIDATION_WORDED prompt."""
+    rng, taken, prompts = random.Random(seed), _checked_numbers(), []
+    ranges = {"+": (2, 99), "-": (2, 99), "*": (2, 15)}
+    for op, wordings in ARITHMETIC_WORDINGS.items():
+        for wording in wordings:
+            pairs = []
+            while len(pairs) < 6:
+                a, b = rng.randint(*ranges[op]), rng.randint(*ranges[op])
+                a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+                if a != b and frozenset((a, b)) not in taken:
+                    taken.add(frozenset((a, b)))
+                    pairs.append((a, b))
+            prompts += [wording.format(a=a, b=b) for a, b in pairs]
+    checked = {template(p) for p in HELD_OUT + VALIDATION_WORDED}
+    assert not {template(p) for p in prompts} & checked
+    assert not set(prompts) & set(HELD_OUT + VALIDATION_WORDED + EVAL_NUMERIC + training_prompts())
+    return prompts
+
+
+def counting_prompts_worded() -> list[str]:
+    """16 counting prompts in the four ``COUNTING_WORDINGS`` (4 ranges each), none of their ranges
+    or wordings that of a HELD_OUT or VALIDATION_WORDED prompt."""
+    ranges = {False: [(1, 6), (3, 8), (7, 12), (11, 16), (2, 9), (9, 14), (12, 18), (4, 8)],
+              True: [(6, 1), (8, 3), (13, 8), (16, 11), (10, 2), (14, 7), (18, 12), (11, 6)]}
+    prompts = [w.format(a=a, b=b) for down, wordings in COUNTING_WORDINGS.items()
+               for i, w in enumerate(wordings) for a, b in ranges[down][4 * i: 4 * i + 4]]
+    taken = _checked_numbers()
+    assert not any(frozenset(map(int, re.findall(r"\d+", p))) in taken for p in prompts)
+    assert not {template(p) for p in prompts} & {template(p) for p in HELD_OUT + VALIDATION_WORDED}
+    assert not set(prompts) & set(training_prompts() + counting_prompts() + EVAL_NUMERIC)
+    return prompts
+
+
 # Added for `lower` only (more names and places to lower-case than the other prompts give): 80 more
 # topics, none of them a topic of HELD_OUT or EVAL_* (no plants, forests, rivers, birds, owls, fire,
 # cities, stars, elephants, snow ...), under the same five templates.

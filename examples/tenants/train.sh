@@ -12,9 +12,10 @@
 # answers that end with the chat template's end token, so the tenants learn to stop; counting
 # prompts are answered by code (the base model cannot count). Times and losses of the committed
 # tenants: README.md here (also why `lower` replaced the earlier `upper`). All three were trained
-# from the data as make_data.py writes it now (lower 750 examples, signature 354, numbers 352);
-# each recipe's seed and steps were chosen on validation prompts, not on check.py's (validate.py;
-# README.md here, "Code-written counts and number facts" and "Choosing on validation prompts").
+# from the data as make_data.py writes it now (lower 803 examples and signature 407, with the
+# code-written arithmetic; numbers 352); each recipe's seed and steps were chosen on validation
+# prompts, not on check.py's (validate.py; README.md here, "Code-written arithmetic",
+# "Code-written counts and number facts" and "Choosing on validation prompts").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
