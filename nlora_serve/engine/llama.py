@@ -161,15 +161,15 @@ class DecoderLayer:
                 info: BatchInfo, positions: torch.Tensor) -> torch.Tensor:
         """The same maths with the elementwise work in the native ops, one pass each; ``x`` is
         updated in place (the residual stream is this forward's own tensor). The tied adapters'
-        deltas of o, gate/up and down are added by the ops that read those outputs (their
+        deltas of q/k/v, o, gate/up and down are added by the ops that read those outputs (their
         rows kept in fp32 there: one bf16 rounding less than adding them into the output)."""
         ops, t, hd = self.ops, x.shape[0], self.head_dim
-        qkv = self.qkv(ops.add_rms_norm(x, None, self.input_norm, self.eps, self.dtype))
+        qkv, qkv_tied = self.qkv.deferred(ops.add_rms_norm(x, None, self.input_norm, self.eps, self.dtype))
         nq = self.num_heads + self.num_kv_heads
-        qk = ops.rope(qkv[:, : nq * hd].view(t, nq, hd), positions, cos, sin)  # in place, after the hook
+        # in place; a tied delta is added to the whole q/k/v row first (v written back with it)
+        qk = ops.rope(qkv[:, : nq * hd].view(t, nq, hd), positions, cos, sin, qkv_tied)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, nq * hd:].view(t, self.num_kv_heads, hd)
-        # o, gate/up and down: their tied deltas (if any) are added by the op reading each output
         o, o_tied = self.o_proj.deferred(self.attention(q, k, v, kv_layer, info, self.scale))
         normed = ops.add_rms_norm(x, o, self.post_norm, self.eps, self.dtype, o_tied)
         gate_up, gate_up_tied = self.gate_up.deferred(normed)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "nlora_add_rms_norm": [_P, _I64, _I64, _P, _I64, _INT, _P, _F, _P, _I64, _INT, _INT, _P, _P],
-    "nlora_rope": [_P, _I64, _I64, _INT, _INT, _P, _P, _P, _INT, _INT],
+    "nlora_rope": [_P, _I64, _I64, _INT, _INT, _P, _P, _P, _INT, _INT, _I64, _P, _P],
     "nlora_silu_mul": [_P, _I64, _I64, _I64, _P, _I64, _INT, _INT, _P, _P],
 }
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -140,17 +140,23 @@ class LayerOps:
         if tied is not None and delta is None:
             raise ValueError("add_rms_norm: a tied delta needs the projection output (delta) it belongs to")
 
-    def rope(self, qk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rope(self, qk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             tied: TiedDelta | None = None) -> torch.Tensor:
         """Rotate ``qk`` [T, heads, D] in place by the half-rotation RoPE of HF Llama.
 
         Args:
             qk: [T, heads, D] float32 or bfloat16, heads and dims contiguous (rows may be
                 strided: the q and k heads of the fused qkv output). positions: [T] int64.
             cos, sin: [max_len, D] float32 tables from :func:`nlora_serve.engine.rope.rope_tables`.
+            tied: the tied delta (:meth:`NativeOps.tied_delta`) of the fused output whose rows
+                begin at ``qk``'s (q/k/v: the q and k heads, then v), or None. It is added to
+                each whole row in fp32 before the rotation, and the rest of the row (v) is
+                written back with it, so the fused output is read and written once.
         Returns:
             ``qk``, rotated.
         Raises:
-            ValueError: layouts or shapes the op does not take (D a multiple of 32 up to 256).
+            ValueError: layouts or shapes the op does not take (D a multiple of 32 up to 256), a
+                tied delta whose rows are not ``qk``'s. MemoryError: no scratch memory.
         """
         t, heads, d = qk.shape
         ok = (qk.dtype in _DTYPES and qk.stride(2) == 1 and qk.stride(1) == d and d % 32 == 0 and d <= 256
@@ -159,8 +165,19 @@ class LayerOps:
         if not ok:
             raise ValueError("rope: qk [T, heads, D] float32/bfloat16 with contiguous heads, D a multiple of 32 "
                              "up to 256, positions [T] int64, cos/sin [max_len, D] float32 contiguous")
-        self._fns["nlora_rope"](qk.data_ptr(), t, qk.stride(0), heads, d, positions.data_ptr(), cos.data_ptr(),
-                                sin.data_ptr(), int(qk.dtype == torch.bfloat16), _threads(t * heads * d))
+        width, addresses, stride = 0, _NO_TIED, qk.stride(0)
+        if tied is not None:
+            width = tied.width
+            if (tied.num_tokens != t or tied.dtype != qk.dtype or width < heads * d
+                    or (t > 1 and qk.stride(0) < width)):
+                raise ValueError(f"rope: the tied delta is for a [{tied.num_tokens}, {width}] {tied.dtype} output "
+                                 f"whose rows begin at qk's; got qk {tuple(qk.shape)} {qk.dtype} strides {qk.stride()}")
+            addresses = tied.addresses()
+            stride = stride if t > 1 else width  # one row: its stride is arbitrary (a size-1 dim)
+        rc = self._fns["nlora_rope"](qk.data_ptr(), t, stride, heads, d, positions.data_ptr(), cos.data_ptr(),
+                                     sin.data_ptr(), int(qk.dtype == torch.bfloat16),
+                                     _threads(t * heads * d, t, tied is not None), width, *addresses)
+        _check_rc("rope", rc)
         return qk
 
     def silu_mul(self, gate_up: torch.Tensor, tied: TiedDelta | None = None) -> torch.Tensor:

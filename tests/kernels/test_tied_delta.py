@@ -130,3 +130,43 @@ def test_an_amx_plan_gives_no_deferred_delta(native_ops, monkeypatch):
     y, sites, batch, _ = fused_case(1500, 12, 576, (576,), (16,), "distinct", torch.bfloat16)
     plan = native_ops.plan(sites, [576])
     assert plan.amx and native_ops.tied_delta(native_ops.tied_step(batch), plan) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", (1, 9, 64, 300))
+@pytest.mark.parametrize("bias", (False, True))  # Qwen2's q/k/v bias: z = y − b
+def test_rope_adds_the_qkv_delta_to_the_whole_row(ops, dtype, rows, bias):
+    """q/k/v of the default model's shape (9 q, 3 k, 3 v heads of 64): the delta goes into every
+    column, then q and k rotate; v comes back adapted, rounded once."""
+    from nlora_serve.engine.rope import rope_tables
+
+    widths = (576, 192, 192)
+    y, sites, batch, _ = fused_case(1600 + rows, rows, 576, widths, (16, 4), "with_none", dtype, bias=bias,
+                                    num_used=min(rows, 64))
+    h = adapted_rows(y, sites, batch, widths)
+    cos, sin = rope_tables(64, 4096, {"rope_type": "default", "rope_theta": 100000.0})
+    positions = torch.randint(0, 4096, (rows,), generator=torch.Generator().manual_seed(rows))
+    qk_ref = h[:, :768].view(rows, 12, 64)
+    c, s = cos[positions].double().unsqueeze(1), sin[positions].double().unsqueeze(1)
+    rotated = qk_ref * c + torch.cat((qk_ref[..., 32:], qk_ref[..., :32]), -1) * s
+    plain = batch.tok_tied_slot < 0
+    before_plain = y[plain].clone()
+    qk = y[:, :768].view(rows, 12, 64)
+    tied = ops.tied_delta(ops.tied_step(batch), ops.plan(sites, list(widths)))
+    assert ops.layer.rope(qk, positions, cos, sin, tied) is qk
+    assert rel_err(qk, rotated) < TOL[dtype]
+    assert rel_err(y[:, 768:], h[:, 768:]) < TOL[dtype]  # v: adapted, not rotated
+    expected_plain = before_plain.clone()  # rows without a slot: exactly the plain rotation
+    ops.layer.rope(expected_plain[:, :768].view(-1, 12, 64), positions[plain], cos, sin)
+    assert torch.equal(y[plain], expected_plain)
+
+
+def test_rope_refuses_a_delta_of_other_rows(ops):
+    from nlora_serve.engine.rope import rope_tables
+
+    y, sites, batch, _ = fused_case(1700, 12, 576, (576, 192, 192), (16,), "distinct", torch.float32)
+    tied = ops.tied_delta(ops.tied_step(batch), ops.plan(sites, [576, 192, 192]))
+    cos, sin = rope_tables(64, 64, {"rope_type": "default", "rope_theta": 100000.0})
+    narrow = torch.zeros(12, 768)  # rows 768 wide: the delta's 960 columns do not fit
+    with pytest.raises(ValueError, match="rope: the tied delta is for a \\[12, 960\\]"):
+        ops.layer.rope(narrow.view(12, 12, 64), torch.zeros(12, dtype=torch.int64), cos, sin, tied)

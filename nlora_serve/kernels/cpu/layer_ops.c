@@ -11,7 +11,8 @@
  *                 (sin's first half negated, engine/rope.py's tables), in place
  *   silu_mul:     out[t, i] = g / (1 + e^-g) * u,   g = gate_up[t, i], u = gate_up[t, I + i]
  *
- * add_rms_norm's delta and silu_mul's gate_up may come with a tied projection's delta to add first
+ * add_rms_norm's delta, silu_mul's gate_up and rope's fused q/k/v rows may come with a tied
+ * projection's delta to add first
  * (tied_delta.h: rows adapted in an fp32 scratch chunk by chunk, so the projection's output is read
  * once); add_rms_norm without an output only adds (x += delta).
  *
@@ -85,22 +86,52 @@ static void *rms_rows(void *arg) {
     return NULL;
 }
 
+/* one head's D values v (fp32) rotated for position tables cos, sin, stored at out[at] */
+static inline void rotate_head(const float *v, const float *cos, const float *sin, void *out, int64_t at, int D,
+                               int bf16) {
+    float rotated[MAX_HEAD_DIM];
+    const int half = D / 2;
+    memcpy(rotated, v + half, sizeof(float) * half);
+    memcpy(rotated + half, v, sizeof(float) * half);
+    for (int i = 0; i < D; i += 16)
+        store_any(out, at + i, load16(v + i) * load16(cos + i) + load16(rotated + i) * load16(sin + i), bf16);
+}
+
 static void *rope_rows(void *arg) {
-    const job_t *j = arg;
-    const int D = j->head_dim, half = D / 2;
-    float v[MAX_HEAD_DIM], rotated[MAX_HEAD_DIM];
-    for (int64_t t = j->first; t < j->last; t++) {
-        const float *cos = j->cos + j->positions[t] * D, *sin = j->sin + j->positions[t] * D;
-        for (int h = 0; h < j->heads; h++) {
-            const int64_t at = t * j->out_stride + (int64_t)h * D;
-            for (int i = 0; i < D; i += 16) store16(v + i, load_any(j->out, at + i, j->out_bf16));
-            memcpy(rotated, v + half, sizeof(float) * half);
-            memcpy(rotated + half, v, sizeof(float) * half);
-            for (int i = 0; i < D; i += 16)
-                store_any(j->out, at + i, load16(v + i) * load16(cos + i) + load16(rotated + i) * load16(sin + i),
-                          j->out_bf16);
+    job_t *j = arg;
+    const int D = j->head_dim;
+    const int64_t W = j->width; /* with a tied delta: the whole fused row (q, k heads, then the rest) */
+    float v[MAX_HEAD_DIM];
+    float *scratch = j->tied.plan ? malloc(sizeof(float) * TIED_CHUNK * W) : NULL;
+    if (j->tied.plan && !scratch) { j->rc = -2; return NULL; }
+    for (int64_t t0 = j->first; t0 < j->last; t0 += TIED_CHUNK) {
+        const int64_t t1 = t0 + TIED_CHUNK < j->last ? t0 + TIED_CHUNK : j->last;
+        const int adapted = j->tied.plan ? tied_delta_rows(&j->tied, j->out, j->out_stride, j->out_bf16, t0, t1, W,
+                                                           scratch) : 0;
+        if (adapted < 0) { j->rc = adapted; break; }
+        for (int64_t t = t0; t < t1; t++) {
+            const float *cos = j->cos + j->positions[t] * D, *sin = j->sin + j->positions[t] * D;
+            const int64_t row = t * j->out_stride;
+            if (adapted) { /* rotate the adapted q/k heads, then store the rest of the adapted row (v) */
+                const float *src = scratch + (t - t0) * W;
+                for (int h = 0; h < j->heads; h++)
+                    rotate_head(src + (int64_t)h * D, cos, sin, j->out, row + (int64_t)h * D, D, j->out_bf16);
+                int64_t i = (int64_t)j->heads * D;
+                for (; i + 16 <= W; i += 16) store_any(j->out, row + i, load16(src + i), j->out_bf16);
+                for (; i < W; i++) {
+                    if (j->out_bf16) ((uint16_t *)j->out)[row + i] = f32_to_bf16(src[i]);
+                    else ((float *)j->out)[row + i] = src[i];
+                }
+                continue;
+            }
+            for (int h = 0; h < j->heads; h++) {
+                const int64_t at = row + (int64_t)h * D;
+                for (int i = 0; i < D; i += 16) store16(v + i, load_any(j->out, at + i, j->out_bf16));
+                rotate_head(v, cos, sin, j->out, at, D, j->out_bf16);
+            }
         }
     }
+    free(scratch);
     return NULL;
 }
 
@@ -161,12 +192,17 @@ int nlora_add_rms_norm(float *x, int64_t rows, int64_t hidden, const void *delta
 }
 
 /* qk [T, heads, D] rows row_stride apart, heads contiguous, rotated in place; positions [T];
- * cos, sin [max_len, D] fp32. D a multiple of 32 up to 256. */
+ * cos, sin [max_len, D] fp32. D a multiple of 32 up to 256. tied_plan, tied_step: the tied delta
+ * of the fused output whose rows start at qk (row_width columns: the q and k heads, then the rest,
+ * e.g. v), added to the whole row before the rotation (tied_delta.h), or NULL. */
 int nlora_rope(void *qk, int64_t rows, int64_t row_stride, int heads, int head_dim, const int64_t *positions,
-               const float *cos, const float *sin, int is_bf16, int num_threads) {
+               const float *cos, const float *sin, int is_bf16, int num_threads, int64_t row_width,
+               const tied_plan_t *tied_plan, const tied_step_t *tied_step) {
     if (head_dim % 32 || head_dim > MAX_HEAD_DIM) return -1;
+    if (tied_plan && (!tied_step || row_width < (int64_t)heads * head_dim || row_width > row_stride)) return -1;
     job_t j = {.out = qk, .cos = cos, .sin = sin, .positions = positions, .out_stride = row_stride,
-               .heads = heads, .head_dim = head_dim, .out_bf16 = is_bf16};
+               .heads = heads, .head_dim = head_dim, .out_bf16 = is_bf16, .width = row_width,
+               .tied = {tied_plan, tied_step}};
     return run_split(rope_rows, &j, rows, num_threads);
 }
 
