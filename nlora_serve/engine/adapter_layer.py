@@ -18,7 +18,8 @@ import torch
 from nlora_serve.kernels.decode_batch import DecodeAdapterBatch, derive_decode_batch
 from nlora_serve.kernels.dispatch import apply_adapters
 from nlora_serve.kernels.metadata import NO_ADAPTER, TIED, AdapterBatch, build_adapter_batch
-from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedDelta, TiedProjection, TiedStep
+from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedProjection
+from nlora_serve.kernels.tied_delta import TiedDelta, TiedStep
 from nlora_serve.kernels.native_batch import NativeBatch, build_native_batch
 
 

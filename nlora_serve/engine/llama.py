@@ -18,7 +18,7 @@ from nlora_serve.engine.batch_info import BatchInfo
 from nlora_serve.kernels.cpu_gemm import PackedLinear, can_prepack
 from nlora_serve.engine.rope import apply_rope, rope_config, rope_tables
 from nlora_serve.kernels.layer_ops import LayerOps
-from nlora_serve.kernels.native import TiedDelta
+from nlora_serve.kernels.tied_delta import TiedDelta
 from nlora_serve.models import BaseModel, ModelSpec
 
 # hook(x [T, in], y [T, Σ widths] (the fused output: add into it in place), layer_idx, module

@@ -35,6 +35,7 @@ from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.kernels.metadata import AdapterBatch
 from nlora_serve.kernels.native_batch import NativeBatch
 from nlora_serve.kernels.native_build import build_library
+from nlora_serve.kernels.tied_delta import TiedDelta, TiedPlanArgs, TiedStep, TiedStepArgs
 from nlora_serve.kernels.weights import SiteWeights
 
 log = logging.getLogger(__name__)
@@ -103,51 +104,6 @@ class GroupProjection:
     bt_ptrs: ctypes.Array | None  # [num_modules] pointers to family 0 of each pool's B^T [F, R, out]
     bt_fam: ctypes.Array | None  # [num_modules] int64: its family strides (None: no B^T kept)
     amx: bool = False  # shrink and expand run on AMX tiles (cpu/group_amx.c)
-
-
-class TiedPlanArgs(ctypes.Structure):
-    """``tied_plan_t`` (cpu/tied_delta.h): what one :class:`TiedProjection` fixes of the tied op's arguments."""
-
-    _fields_ = [("num_modules", ctypes.c_int), ("r", ctypes.c_int), ("n_bf16", ctypes.c_int), ("off", _P),
-                ("width", _P), ("n", _P), ("bias", _P), ("n_slot_stride", _I64), ("n_row_stride", _I64), ("bt", _P)]
-
-
-class TiedStepArgs(ctypes.Structure):
-    """``tied_step_t`` (cpu/tied_delta.h): what one step's batch fixes (its tokens' slots, the slots' scalings)."""
-
-    _fields_ = [("slots", _P), ("scale", _P)]
-
-
-@dataclass(frozen=True, slots=True)
-class TiedStep:
-    """One step's tied tokens for deferred deltas (:meth:`NativeOps.tied_step`)."""
-
-    args: TiedStepArgs
-    address: int  # of args
-    num_tokens: int
-    keep: tuple  # the slot and scaling tensors args points at
-
-
-class TiedDelta:
-    """A fused projection's tied delta, not yet added: the op that reads the projection's output
-    next adds it row by row (``LayerOps.silu_mul``, ``add_rms_norm``, ``add``; cpu/tied_delta.h),
-    so the output is read once instead of read, written back and read again. Build with
-    :meth:`NativeOps.tied_delta`; valid while its plan and step live (the step's forward).
-    """
-
-    __slots__ = ("plan", "step", "width", "dtype")
-
-    def __init__(self, plan: TiedProjection, step: TiedStep) -> None:
-        self.plan, self.step = plan, step  # held: the C call reads their structs
-        self.width, self.dtype = plan.width, plan.dtype  # the output it belongs to: [step.num_tokens, width]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.step.num_tokens
-
-    def addresses(self) -> tuple[int, int]:
-        """(plan struct, step struct) addresses for the C call."""
-        return ctypes.addressof(self.plan.delta_args), self.step.address
 
 
 class NativeOps:
