@@ -4,8 +4,9 @@ Decode tokens of all sequences run as one batched SDPA call per layer: their blo
 to ``[N, L, kv_heads, head_dim]`` (whole blocks, so the copy is a few large memcpys) and keys past
 each context length are masked. The query heads of one KV head are folded into the query-length
 axis (``[N, kv_heads, group, head_dim]``), so grouped-query attention needs no K/V repeat.
-Prefill chunks run one SDPA call each (a step holds few of them). Where the native CPU op is
-loaded (``kernels/native.py``), decode tokens skip the gather: it reads each cached row in place.
+Prefill chunks run one SDPA call each (a step holds few of them). Where the native CPU ops are
+loaded (``kernels/native.py``), neither gathers: decode tokens and prefill chunks (flash attention's
+online softmax, cpu/paged_prefill.c) read each cached row in place.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer:
         q: [T, H, D] queries (RoPE applied). k, v: [T, KVH, D] this step's keys and values.
         kv_layer: [2, NB, BS, KVH, D] this layer's cache; k and v are written into it first.
         info: the step's layout. scale: softmax scale, usually D ** -0.5.
-        native: the native CPU ops; when given, decode tokens run through its paged decode.
+        native: the native CPU ops; when given, decode tokens run through its paged decode and
+            prefill chunks through its paged prefill.
     Returns:
         [T, H * D] attention output, same dtype as ``q``.
     """
@@ -44,6 +46,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer:
                             torch.get_num_threads())
     elif n:
         out[:n] = _decode(q[:n], kv_layer, info, scale)
+    if info.prefills and native is not None:  # every chunk in one call, straight over the cache
+        native.paged_prefill(q, kv_layer, info.block_tables[n:], info.query_starts[n:], info.context_lens[n:],
+                             scale, out, torch.get_num_threads())
+        return out.view(q.shape[0], -1)
     for chunk in info.prefills:
         out[chunk.start:chunk.end] = _prefill(q, k, v, kv_layer, chunk, scale)
     return out.view(q.shape[0], -1)

@@ -25,6 +25,10 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 static inline vec16 splat(float x) { return (vec16){0} + x; }
 
+/* x in all 16 lanes as one broadcast (splat's "0 + x" is a scalar add first: GCC may not fold it,
+ * since 0 + x is not x for x = -0) */
+static inline vec16 bcast16(float x) { return (vec16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
 static inline vec16 load16(const float *p) {
     vec16 v;
     memcpy(&v, p, sizeof v);
@@ -93,6 +97,19 @@ static inline vec16 select16(i32x16 mask, vec16 yes, vec16 no) {
     a = (a & mask) | (b & ~mask);
     memcpy(&yes, &a, sizeof yes);
     return yes;
+}
+
+/* largest of the 16 lanes (lane 0 of a four-round max with rotations; all lanes hold it) */
+static inline float hmax16(vec16 v) {
+    vec16 r = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v = select16(v > r, v, r);
+    r = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v = select16(v > r, v, r);
+    r = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v = select16(v > r, v, r);
+    r = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    v = select16(v > r, v, r);
+    return v[0];
 }
 
 /* e^x, 16 lanes: x = n ln2 + f, |f| <= ln2/2, e^f by a degree-6 Taylor polynomial (relative error
