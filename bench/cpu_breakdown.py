@@ -5,7 +5,7 @@ Issue 22's profile. The engine runs DESIGN §9's workload (``--num-requests`` re
 wrapped around the engine's own calls split every step into: base GEMMs (the seven projections
 of every layer), adapters (the adapter hook inside the projections, and the step's adapter
 metadata), attention (KV write + paged attention), the rest of the forward (layer ops: RMSNorm,
-RoPE, SiLU · up; embedding; residual adds; the final norm and the lm_head), sampling (the finite check, penalties, sampling, detokenizing, emitting) and the host's
+RoPE, SiLU · up; embedding; residual adds), the lm_head (with the final norm), sampling (the finite check, penalties, sampling, detokenizing, emitting) and the host's
 scheduling (the step minus all of those). Timers cost ~1 µs a call (~1% here).
 
     .venv/bin/python bench/cpu_breakdown.py --dtype bfloat16 --mix none tied64 lora8
@@ -47,6 +47,8 @@ def timed(part: str, fn):
 def instrument() -> None:
     """Wrap the engine's classes (every engine built afterwards is timed)."""
     llama.AdaptedLinear.__call__ = timed("gemm+adapters", llama.AdaptedLinear.__call__)
+    llama.AdaptedLinear.deferred = timed("gemm+adapters", llama.AdaptedLinear.deferred)  # the native layer ops' path
+    llama.LlamaModel.logits = timed("lm_head", llama.LlamaModel.logits)  # final norm, lm_head, to float32
     adapter_layer.AdapterHook.__call__ = timed("adapters", adapter_layer.AdapterHook.__call__)
     adapter_layer.AdapterHook.begin_step = timed("adapter_metadata", adapter_layer.AdapterHook.begin_step)
     engine_core.sample_step = timed("sampling", engine_core.sample_step)  # finite check, penalties, sampling
@@ -103,9 +105,9 @@ def run(model: str, dtype: torch.dtype, mix: str, args) -> dict:
 def split(c: collections.Counter) -> dict:
     """Seconds per part of one step kind (the parts add up to the step time)."""
     gemm = c["gemm+adapters"] - c["adapters"]
-    rest = c["forward"] - c["gemm+adapters"] - c["attention"]
+    rest = c["forward"] - c["gemm+adapters"] - c["attention"] - c["lm_head"]
     return {"step_s": c["step"], "base_gemms_s": gemm, "adapters_s": c["adapters"] + c["adapter_metadata"],
-            "attention_s": c["attention"], "layer_ops_and_rest_s": rest, "sampling_s": c["sampling"],
+            "attention_s": c["attention"], "lm_head_s": c["lm_head"], "layer_ops_and_rest_s": rest, "sampling_s": c["sampling"],
             "scheduling_s": c["step"] - c["forward"] - c["sampling"] - c["adapter_metadata"]}
 
 
@@ -125,7 +127,7 @@ def main() -> None:
     with threads_for_engine() as threads:  # first: the engine's step thread alone runs torch in parallel
         rows = [run(args.model, getattr(torch, args.dtype), mix, args) for mix in args.mix]
     print(f"{args.dtype}, {threads} threads; seconds over the run (prefill / decode steps)")
-    parts = ["step_s", "base_gemms_s", "adapters_s", "attention_s", "layer_ops_and_rest_s", "sampling_s", "scheduling_s"]
+    parts = ["step_s", "base_gemms_s", "adapters_s", "attention_s", "lm_head_s", "layer_ops_and_rest_s", "sampling_s", "scheduling_s"]
     print("| mix | tok/s | steps | " + " | ".join(p[:-2] for p in parts) + " |")
     print("|---|---|---|" + "---|" * len(parts))
     for r in rows:
