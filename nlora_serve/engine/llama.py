@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from nlora_serve.engine.attention import paged_attention
 from nlora_serve.engine.batch_info import BatchInfo
-from nlora_serve.kernels.cpu_gemm import PackedLinear, can_prepack
+from nlora_serve.kernels.cpu_gemm import NativeGemm, NativeLinear, PackedLinear, can_prepack
 from nlora_serve.engine.rope import apply_rope, rope_config, rope_tables
 from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.kernels.tied_delta import TiedDelta
@@ -35,18 +37,20 @@ class AdaptedLinear:
     ``adapter_hook`` is None while no adapter is installed: then only the base GEMM runs. When set,
     it is called once per call with the fused ``y`` and each module's width, and adds the
     adapters' deltas into it in place (the engine sets it to the kernels' dispatch).
-    ``prepack``: on the CPU, run the GEMM on a copy of the weight prepacked for oneDNN
+    ``prepack``: on the CPU, run the GEMM on a packed copy of the weight: for the native GEMM
+    (``gemm``, cpu/gemm.c) where it runs the dtype, else for oneDNN
     (kernels/cpu_gemm.py); ``weight`` stays the plain tensor the adapters read.
     """
 
     __slots__ = ("weight", "bias", "packed", "layer_idx", "modules", "widths", "adapter_hook")
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], layer_idx: int,
-                 modules: tuple[str, ...], device: torch.device, prepack: bool = False) -> None:
+                 modules: tuple[str, ...], device: torch.device, prepack: bool = False,
+                 gemm: NativeGemm | None = None) -> None:
         fused = torch.cat(weights) if len(weights) > 1 else weights[0]
         self.weight = fused.to(device).contiguous()  # [out, in] on the engine's device
         self.bias = torch.cat(biases).to(device) if all(b is not None for b in biases) else None  # [out]
-        self.packed = packed_linear(self.weight, self.bias, prepack)
+        self.packed = packed_linear(self.weight, self.bias, prepack, gemm)
         self.layer_idx = layer_idx
         self.modules = modules
         self.widths = [w.shape[0] for w in weights]  # output columns of each module, in order
@@ -87,25 +91,35 @@ class AdaptedLinear:
         return self.bias[start:start + self.widths[i]]
 
 
-def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool) -> PackedLinear | None:
-    """A :class:`PackedLinear` of ``weight`` when asked and possible here, else None (F.linear)."""
-    return PackedLinear(weight, bias) if prepack and can_prepack(weight) else None
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool,
+                  gemm: NativeGemm | None = None) -> NativeLinear | PackedLinear | None:
+    """``weight`` packed once when asked: for the native GEMM where ``gemm`` is given and runs the
+    dtype here, with a oneDNN copy for prefill-sized calls (``NLORA_CPU_GEMM=onednn`` in the
+    environment keeps oneDNN alone), else prepacked for oneDNN where possible; None: F.linear on
+    the plain weight."""
+    if not prepack:
+        return None
+    if (gemm is not None and weight.device.type == "cpu" and gemm.supports(weight.dtype)
+            and os.environ.get("NLORA_CPU_GEMM", "native") != "onednn"):
+        return NativeLinear(weight, bias, gemm, PackedLinear(weight, bias) if can_prepack(weight) else None)
+    return PackedLinear(weight, bias) if can_prepack(weight) else None
 
 
 class DecoderLayer:
     """Pre-norm attention + SiLU-gated MLP, each with a residual connection."""
 
-    def __init__(self, base: BaseModel, layer: int, eps: float, device: torch.device, prepack: bool = False) -> None:
+    def __init__(self, base: BaseModel, layer: int, eps: float, device: torch.device, prepack: bool = False,
+                 gemm: NativeGemm | None = None) -> None:
         w, spec = base.weights, base.spec
         prefix = f"model.layers.{layer}"
         bias = [w.get(f"{ModelSpec.module_path(layer, m)}.bias") for m in ("q_proj", "k_proj", "v_proj")]
         self.qkv = AdaptedLinear([base.weight(layer, m) for m in ("q_proj", "k_proj", "v_proj")], bias,
-                                 layer, ("q_proj", "k_proj", "v_proj"), device, prepack)
-        self.o_proj = AdaptedLinear([base.weight(layer, "o_proj")], [None], layer, ("o_proj",), device, prepack)
+                                 layer, ("q_proj", "k_proj", "v_proj"), device, prepack, gemm)
+        self.o_proj = AdaptedLinear([base.weight(layer, "o_proj")], [None], layer, ("o_proj",), device, prepack, gemm)
         self.gate_up = AdaptedLinear([base.weight(layer, m) for m in ("gate_proj", "up_proj")], [None, None],
-                                     layer, ("gate_proj", "up_proj"), device, prepack)
+                                     layer, ("gate_proj", "up_proj"), device, prepack, gemm)
         self.down_proj = AdaptedLinear([base.weight(layer, "down_proj")], [None], layer, ("down_proj",), device,
-                                       prepack)
+                                       prepack, gemm)
         self.input_norm = w[f"{prefix}.input_layernorm.weight"].float().to(device)
         self.post_norm = w[f"{prefix}.post_attention_layernorm.weight"].float().to(device)
         self.eps = eps
@@ -180,22 +194,23 @@ class DecoderLayer:
 class LlamaModel:
     """The whole stack: embeddings, decoder layers, final norm, (tied) lm_head.
 
-    ``prepack``: on the CPU, every GEMM (the lm_head too) runs on oneDNN-prepacked weights
-    (kernels/cpu_gemm.py); off the CPU, or with a dtype oneDNN cannot take, it is ignored.
+    ``prepack``: on the CPU, every GEMM (the lm_head too) runs on packed weights
+    (kernels/cpu_gemm.py): for the native GEMM ``gemm`` where given and it runs the dtype here,
+    else prepacked for oneDNN; off the CPU, or with a dtype neither can take, it is ignored.
     """
 
     def __init__(self, base: BaseModel, max_len: int, device: torch.device | str = "cpu",
-                 prepack: bool = False) -> None:
+                 prepack: bool = False, gemm: NativeGemm | None = None) -> None:
         rope, eps = rope_config(base.path / "config.json")
         device = torch.device(device)
         self.spec = base.spec
         self.device = device
         self.embed = base.weights["model.embed_tokens.weight"].to(device)  # [V, hidden]
         self.lm_head = self.embed if base.spec.tie_word_embeddings else base.weights["lm_head.weight"].to(device)
-        self.lm_head_packed = packed_linear(self.lm_head, None, prepack)
+        self.lm_head_packed = packed_linear(self.lm_head, None, prepack, gemm)
         self.norm = base.weights["model.norm.weight"].float().to(device)
         self.eps = eps
-        self.layers = [DecoderLayer(base, i, eps, device, prepack) for i in range(base.spec.num_layers)]
+        self.layers = [DecoderLayer(base, i, eps, device, prepack, gemm) for i in range(base.spec.num_layers)]
         self.cos, self.sin = (t.to(device) for t in rope_tables(base.spec.head_dim, max_len, rope))
         self.dtype = base.dtype
         self.layer_ops: LayerOps | None = None

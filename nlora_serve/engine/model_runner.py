@@ -20,10 +20,11 @@ class ModelRunner:
     """The model, its paged KV cache and the per-step input layout."""
 
     def __init__(self, base: BaseModel, num_blocks: int | None, block_size: int, max_model_len: int,
-                 device: torch.device | str = "cpu", prepack: bool = False) -> None:
-        """``prepack``: CPU GEMMs on oneDNN-prepacked weights (see :class:`LlamaModel`)."""
+                 device: torch.device | str = "cpu", prepack: bool = False, gemm=None) -> None:
+        """``prepack``: CPU GEMMs on packed weights, for the native ``gemm`` (a loaded
+        ``kernels.cpu_gemm.NativeGemm``) where given, else for oneDNN (see :class:`LlamaModel`)."""
         self.device = torch.device(device)
-        self.model = LlamaModel(base, max_model_len, self.device, prepack)
+        self.model = LlamaModel(base, max_model_len, self.device, prepack, gemm)
         self.spec, self.dtype = base.spec, base.dtype
         self.block_size = block_size
         self.inputs = StepInputs(block_size, 1, self.device, gather_layout=True)  # reset by set_attention

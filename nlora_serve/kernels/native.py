@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from nlora_serve.kernels.cpu_gemm import NativeGemm
 from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.kernels.metadata import AdapterBatch
 from nlora_serve.kernels.native_batch import NativeBatch
@@ -134,6 +135,7 @@ class NativeOps:
         self._prefill = lib.nlora_paged_prefill
         self._prefill.restype, self._prefill.argtypes = ctypes.c_int, _PREFILL_ARGTYPES
         self.layer = LayerOps(lib)  # RMSNorm + residual, RoPE, SiLU · up (kernels/layer_ops.py)
+        self.gemm = NativeGemm(lib)  # the base GEMMs on packed weights (kernels/cpu_gemm.py)
 
     def plan(self, sites: list[SiteWeights | None], widths: list[int]) -> TiedProjection | None:
         """Lay out the tied pools of one fused projection; None when the op cannot serve it.

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 _CPU = Path(__file__).with_name("cpu")
 SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "group_amx.c", "paged_attention.c",
-                                         "paged_prefill.c", "layer_ops.c"))
+                                         "paged_prefill.c", "layer_ops.c", "gemm.c"))
 # part of the build key
 HEADERS = tuple(_CPU / name for name in ("vec16.h", "adapter_tiles.h", "parallel.h", "amx.h", "group_mt.h",
                                          "tied_delta.h"))

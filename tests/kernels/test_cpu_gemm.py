@@ -1,4 +1,5 @@
-"""PackedLinear (oneDNN-prepacked CPU GEMMs) against float64."""
+"""The CPU base GEMMs against float64: PackedLinear (oneDNN-prepacked) and NativeLinear (ours,
+cpu/gemm.c)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlora_serve.kernels.cpu_gemm import MIN_ROWS_FP32, PackedLinear, can_prepack
+from nlora_serve.kernels.cpu_gemm import MIN_ROWS_FP32, NATIVE_MAX_ROWS, NativeLinear, PackedLinear, can_prepack
 
 # fp32: oneDNN's blocked accumulation order differs from float64's; bf16: one rounding of the
 # output (2^-8 relative) over fp32 accumulation, as F.linear in bf16
@@ -59,3 +60,68 @@ def test_refuses_what_onednn_cannot_take(weight):
     with pytest.raises(ValueError, match="cannot prepack"):
         PackedLinear(weight, None)
 
+
+
+# Our kernel (cpu/gemm.c, NativeLinear): fp32 products summed in fp32 (a different order from
+# float64's); bf16 products exact, fp32 sums, the output rounded once
+@pytest.fixture
+def gemm(native_ops):
+    if not native_ops.gemm.supports(torch.float32):
+        pytest.skip("this CPU has no AVX-512: the native GEMM is off and oneDNN serves every call")
+    return native_ops.gemm
+
+
+# (rows, out, in): blocks of 8 rows and panels of 48 columns, with partial ones; an odd `in`
+# (the bf16 pair padded); one column; the default model's q/k/v at decode and a prefill-sized call
+# that splits rows over the jobs
+SHAPES = [(1, 48, 16), (7, 100, 33), (9, 49, 1), (13, 5, 7), (3, 1, 2), (64, 960, 576), (600, 97, 40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_native_linear_matches_float64(gemm, dtype, shape):
+    if not gemm.supports(dtype):
+        pytest.skip(f"this build runs no {dtype} GEMM")
+    rows, out_features, in_features = shape
+    gen = torch.Generator().manual_seed(rows * 7 + in_features)
+    w = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    b = torch.randn(out_features, generator=gen).to(dtype)
+    x = torch.randn(rows, in_features + 5, generator=gen).to(dtype)[:, 3:3 + in_features]  # strided rows
+    for bias in (None, b):
+        out = NativeLinear(w, bias, gemm)(x)
+        ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        assert out.dtype == dtype and out.shape == (rows, out_features)
+        assert rel_err(out, ref) < TOL[dtype], bias is not None
+
+
+def test_native_linear_threads_and_handoff(gemm):
+    """The same bits on 1 and 3 threads (each output element's sum runs in one order whichever job
+    owns it); from NATIVE_MAX_ROWS rows the oneDNN copy answers, within the float64 tolerance."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(200, 96, generator=gen)
+    lin = NativeLinear(w, None, gemm, PackedLinear(w, None))
+    saved = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            outs.append(lin(torch.ones(70, 96) * torch.arange(96) / 96))
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(outs[0], outs[1])
+    for rows in (NATIVE_MAX_ROWS - 1, NATIVE_MAX_ROWS):
+        x = torch.randn(rows, 96, generator=gen)
+        assert rel_err(lin(x), F.linear(x.double(), w.double())) < TOL[torch.float32]
+    assert lin(torch.empty(0, 96)).shape == (0, 200)
+    x = torch.randn(40, 192, generator=gen)[:, ::2]  # strided columns: copied first
+    assert rel_err(lin(x), F.linear(x.double(), w.double())) < TOL[torch.float32]
+
+
+def test_native_linear_refuses_what_it_cannot_take(gemm):
+    lin = NativeLinear(torch.zeros(8, 4), None, gemm)
+    with pytest.raises(ValueError, match=r"x must be \[T, 4\]"):
+        lin(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="x must be"):
+        lin(torch.zeros(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cannot take"):
+        NativeLinear(torch.zeros(8, 4, dtype=torch.float16), None, gemm)
