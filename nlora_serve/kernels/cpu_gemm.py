@@ -2,8 +2,9 @@
 native ops are loaded and the CPU runs the dtype fast, else prepacked for oneDNN (issue 22).
 
 Our kernel (:class:`NativeLinear`) packs W into panels of 48 output columns and keeps an 8 x 48
-block of y in registers; on the default model's shapes with cold weights it ran 1.15-1.25x
-oneDNN's prepacked GEMM at 64 tokens (2x at 8, even at 2,048; ``bench/cpu_gemm.py``).
+block of y in registers; on the default model's shapes with cold weights it ran 1.02-1.17x (fp32)
+and 1.09-1.49x (bf16) oneDNN's prepacked GEMM at 64 tokens, 1.4-2.0x at 8, even at 2,048
+(``bench/cpu_gemm.py``; bench/RESULTS.md).
 
 ``F.linear`` on the CPU hands oneDNN (or MKL) the plain ``[out, in]`` weight, which it reorders
 into its blocked layout on every call; at decode's small token counts that reorder is a large

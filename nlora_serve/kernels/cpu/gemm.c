@@ -13,9 +13,10 @@
  * (bf16: x pairs) into them: 24 FMAs (or VDPBF16PS) on 3 + 8 loads. The panel's K rows (110 KB
  * fp32 at K = 576) stay in L2 while the block walks down M; x's 8 rows stay in L1.
  *
- * Why ours and not oneDNN's: at decode's token counts oneDNN's prepacked GEMMs ran 1.15-1.25x
- * slower on this kernel's shapes (2-core AMD EPYC, Zen 4, cold weights as in a model's layer walk:
- * bench/cpu_gemm.py), 2x at 8 tokens; at 2,048 tokens the two are even.
+ * Why ours and not oneDNN's: on the default model's shapes (2-core AMD EPYC, Zen 4, weights cold
+ * as in a model's walk over its layers: bench/cpu_gemm.py, bench/RESULTS.md) ours ran 1.02-1.17x
+ * oneDNN's prepacked GEMM at 64 rows in fp32 and 1.09-1.49x in bf16, 1.4-2.0x at 8 rows, even at
+ * 2,048 (kernels/cpu_gemm.py keeps oneDNN for prefill-sized calls).
  *
  * Threads: the panels are split over num_threads jobs (parallel.h), each writing its own columns.
  */
