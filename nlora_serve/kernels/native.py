@@ -1,7 +1,7 @@
-"""Native CPU ops: the Nyström-tied path of one fused projection (``cpu/tied_apply.c``), the group
-path (plain LoRA / NLoRA / families) of one fused projection (``cpu/group_apply.c``), decode
-attention over the paged KV cache (``cpu/paged_attention.c``) and the decoder layer's elementwise
-ops (``cpu/layer_ops.c``, wrapped in ``kernels/layer_ops.py``).
+"""Native CPU ops: the Nyström-tied path of one fused projection (``cpu/tied_apply.c``) and the group
+path (plain LoRA / NLoRA / families) of one fused projection (``cpu/group_apply.c``), here; loaded
+with them, attention over the paged KV cache (``kernels/native_attention.py``), the decoder layer's
+elementwise ops (``kernels/layer_ops.py``) and the base GEMMs (``kernels/cpu_gemm.py``).
 
 Why native: at decode sizes (T ≈ 64, r = 16) the tied path's arithmetic is ~2-3% of the base
 GEMMs', but in torch it is five to seven small ops per module, each with a few µs of fixed cost,
@@ -10,10 +10,6 @@ fused projection (q/k/v, o, gate/up, down) does gather + mix + expand for every 
 pass over y, with the accumulators in registers. The group path likewise: per fused projection
 one call does shrink (each A slice loaded once for four tokens of its family), mix and expand for
 every group token; torch needs ~15 ops per module for it (bench/RESULTS.md "Kernels").
-
-Decode attention: torch's CPU path must gather every decode sequence's blocks into a dense
-[N, L, KVH, D] copy per layer before SDPA; the native op reads each key and value row once, in
-place, for all query heads of its kv head.
 
 The C sources are compiled on first use (``kernels/native_build.py``). Without a compiler
 :func:`load_native` returns None and the engine keeps the torch path; nothing else changes. Loaded
@@ -34,6 +30,7 @@ import torch
 from nlora_serve.kernels.cpu_gemm import NativeGemm
 from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.kernels.metadata import AdapterBatch
+from nlora_serve.kernels.native_attention import PagedAttention
 from nlora_serve.kernels.native_batch import NativeBatch
 from nlora_serve.kernels.native_build import build_library
 from nlora_serve.kernels.tied_delta import TiedDelta, TiedPlanArgs, TiedStep, TiedStepArgs
@@ -48,10 +45,6 @@ MAX_RANK = 128  # the C side's static buffers (cpu/adapter_tiles.h MAX_RANK, MAX
 MAX_MODULES = 4
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I64, _I64, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _I64, ctypes.c_int, _P, _P, ctypes.c_int]
-_DECODE_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                    ctypes.c_int, ctypes.c_float, _P, _I64, ctypes.c_int, ctypes.c_int]
-_PREFILL_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                     ctypes.c_int, ctypes.c_float, _P, _I64, ctypes.c_int, ctypes.c_int]
 _GROUP_ARGTYPES = [_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_int, *[_P] * 14,
                    ctypes.c_int]
 _SYMBOLS = {torch.float32: "nlora_tied_apply_f32_mt", torch.bfloat16: "nlora_tied_apply_bf16_mt"}
@@ -130,10 +123,7 @@ class NativeOps:
         if self.amx:
             self._tied_amx.restype, self._tied_amx.argtypes = ctypes.c_int, _ARGTYPES
             self._group_amx.restype, self._group_amx.argtypes = ctypes.c_int, _GROUP_ARGTYPES
-        self._decode = lib.nlora_paged_decode
-        self._decode.restype, self._decode.argtypes = ctypes.c_int, _DECODE_ARGTYPES
-        self._prefill = lib.nlora_paged_prefill
-        self._prefill.restype, self._prefill.argtypes = ctypes.c_int, _PREFILL_ARGTYPES
+        self.attention = PagedAttention(lib)  # decode and prefill over the paged KV cache (kernels/native_attention.py)
         self.layer = LayerOps(lib)  # RMSNorm + residual, RoPE, SiLU · up (kernels/layer_ops.py)
         self.gemm = NativeGemm(lib)  # the base GEMMs on packed weights (kernels/cpu_gemm.py)
 
@@ -305,94 +295,6 @@ class NativeOps:
         output (:class:`TiedDelta`); None when that op cannot take it (an AMX plan's packed B^T:
         call :meth:`tied_apply` instead)."""
         return None if plan.delta_args is None else TiedDelta(plan, step)
-
-    def paged_decode(self, q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, out: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
-        """Attention of N decode tokens over their sequences' cached keys and values, in place.
-
-        Semantics: out[n, i] = Σ_p softmax_p(scale · q[n, i]·K[n, i // G, p]) · V[n, i // G, p]
-        over the first context_lens[n] positions, position p in block block_tables[n, p // BS]
-        at offset p % BS; G = H / KVH (grouped-query attention as in HF Llama). Arithmetic in fp32.
-
-        Args:
-            q: [N, H, D] queries (RoPE applied), fp32 or bf16, rows may be strided, heads and
-                dims contiguous. kv_layer: [2, NB, BS, KVH, D] contiguous, q's dtype (this step's
-                K/V already written). block_tables: [N, B] int64. context_lens: [N] int64, each
-                ≥ 1 and ≤ B · BS. scale: softmax scale. out: [N, H, D] like q, written.
-            num_threads: POSIX threads the sequences are split over.
-
-        Raises:
-            ValueError: a layout, dtype or head shape the op does not take (D a multiple of 16
-                up to 256, H / KVH ≤ 16).
-        """
-        n, num_heads, head_dim = q.shape
-        num_kv_heads, block_size = kv_layer.shape[3], kv_layer.shape[2]
-        ok = (q.dtype in _SYMBOLS and kv_layer.dtype == q.dtype == out.dtype and kv_layer.is_contiguous()
-              and q.stride(2) == 1 and q.stride(1) == head_dim and out.is_contiguous() and out.shape == q.shape
-              and block_tables.dtype == context_lens.dtype == torch.int64 and block_tables.is_contiguous()
-              and context_lens.is_contiguous() and block_tables.shape[0] == context_lens.shape[0] == n)
-        if not ok:
-            raise ValueError("paged_decode: q [N, H, D] (contiguous heads), kv_layer [2, NB, BS, KVH, D] "
-                             "contiguous, out like q, int64 contiguous block_tables [N, B] and context_lens [N]")
-        rc = self._decode(q.data_ptr(), q.stride(0), kv_layer[0].data_ptr(), kv_layer[1].data_ptr(),
-                          block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(), n, num_heads,
-                          num_kv_heads, head_dim, block_size, scale, out.data_ptr(), out.stride(0),
-                          int(q.dtype == torch.bfloat16), num_threads)
-        if rc == -1:
-            raise ValueError(f"paged_decode: head_dim {head_dim} must be a multiple of 16 up to 256 and "
-                             f"num_heads / num_kv_heads ({num_heads}/{num_kv_heads}) at most 16")
-        if rc != 0:
-            raise MemoryError("paged_decode: no memory or thread for the score buffers")
-        return out
-
-    def paged_prefill(self, q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                      query_starts: torch.Tensor, context_lens: torch.Tensor, scale: float, out: torch.Tensor,
-                      num_threads: int = 1) -> torch.Tensor:
-        """Causal attention of P prefill chunks over their sequences' cached keys and values, in place.
-
-        Semantics: chunk c owns the query rows query_starts[c] .. query_starts[c + 1] - 1 of
-        ``q`` and ``out``; its q_len tokens sit at positions context_lens[c] - q_len onwards (after
-        any cached prefix), and token r attends to every position up to its own:
-        out[t, i] = Σ_{p ≤ pos} softmax_p(scale · q[t, i]·K[c, i // G, p]) · V[c, i // G, p],
-        position p in block block_tables[c, p // BS] at offset p % BS; G = H / KVH (grouped-query
-        attention as in HF Llama). Flash attention's online softmax, arithmetic in fp32.
-
-        Args:
-            q: [T, H, D] queries (RoPE applied), fp32 or bf16, rows may be strided, heads and
-                dims contiguous. kv_layer: [2, NB, BS, KVH, D] contiguous, q's dtype (this step's
-                K/V already written). block_tables: [P, W] int32, rows contiguous.
-                query_starts: [P + 1] int64 contiguous, non-decreasing row offsets into q.
-                context_lens: [P] int64, each ≥ its chunk's q_len and ≤ W · BS. scale: softmax
-                scale. out: [T, H, D] contiguous like q; rows outside the chunks are untouched.
-            num_threads: jobs the (chunk, kv head, 32-token tile) items are shared by.
-
-        Raises:
-            ValueError: a layout, dtype or head shape the op does not take (D a multiple of 16
-                up to 256, H / KVH ≤ 16), or a chunk longer than its context.
-        """
-        num_heads, head_dim = q.shape[1:]
-        num_kv_heads, block_size = kv_layer.shape[3], kv_layer.shape[2]
-        p = context_lens.shape[0]
-        ok = (q.dtype in _SYMBOLS and kv_layer.dtype == q.dtype == out.dtype and kv_layer.is_contiguous()
-              and q.stride(2) == 1 and q.stride(1) == head_dim and out.is_contiguous() and out.shape == q.shape
-              and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1 and block_tables.shape[0] == p
-              and query_starts.dtype == context_lens.dtype == torch.int64 and query_starts.is_contiguous()
-              and context_lens.is_contiguous() and query_starts.shape[0] == p + 1)
-        if not ok:
-            raise ValueError("paged_prefill: q [T, H, D] (contiguous heads), kv_layer [2, NB, BS, KVH, D] "
-                             "contiguous, out like q, int32 block_tables [P, W] with contiguous rows, int64 "
-                             "contiguous query_starts [P + 1] and context_lens [P]")
-        rc = self._prefill(q.data_ptr(), q.stride(0), kv_layer[0].data_ptr(), kv_layer[1].data_ptr(),
-                           block_tables.data_ptr(), block_tables.stride(0), query_starts.data_ptr(),
-                           context_lens.data_ptr(), p, num_heads, num_kv_heads, head_dim, block_size, scale,
-                           out.data_ptr(), out.stride(0), int(q.dtype == torch.bfloat16), num_threads)
-        if rc == -1:
-            raise ValueError(f"paged_prefill: head_dim {head_dim} must be a multiple of 16 up to 256, "
-                             f"num_heads / num_kv_heads ({num_heads}/{num_kv_heads}) at most 16, and no chunk "
-                             "longer than its context")
-        if rc != 0:
-            raise MemoryError("paged_prefill: no memory or thread for the staging buffers")
-        return out
 
 
 def vnni_pack(bt: torch.Tensor) -> torch.Tensor:

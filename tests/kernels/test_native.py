@@ -206,7 +206,7 @@ def test_paged_decode_matches_float64(native_ops, dtype, heads, block_size):
     scale = head_dim ** -0.5
     for threads in (1, 3):
         out.fill_(float("nan"))
-        native_ops.paged_decode(q, kv, padded, torch.tensor(ctx_lens), scale, out, threads)
+        native_ops.attention.decode(q, kv, padded, torch.tensor(ctx_lens), scale, out, threads)
         truth = decode_truth(q, kv, tables, ctx_lens, scale)
         err = float((out.double() - truth).norm() / truth.norm())
         assert err <= {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype], (threads, err)
@@ -217,9 +217,9 @@ def test_paged_decode_refuses_shapes_it_cannot_take(native_ops):
     q, out = torch.zeros(3, 4, 24), torch.zeros(3, 4, 24)
     tables, lens = torch.zeros(3, 1, dtype=torch.long), torch.ones(3, dtype=torch.long)
     with pytest.raises(ValueError, match="multiple of 16"):
-        native_ops.paged_decode(q, kv, tables, lens, 0.2, out)
+        native_ops.attention.decode(q, kv, tables, lens, 0.2, out)
     with pytest.raises(ValueError, match="contiguous"):
-        native_ops.paged_decode(q.to(torch.bfloat16), kv, tables, lens, 0.2, out)
+        native_ops.attention.decode(q.to(torch.bfloat16), kv, tables, lens, 0.2, out)
 
 
 @pytest.mark.parametrize("threads", (2, 3))

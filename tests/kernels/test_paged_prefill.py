@@ -85,7 +85,7 @@ def test_paged_prefill_matches_float64(native_ops, dtype, heads, block_size):
     out = torch.empty(q.shape, dtype=dtype)
     for threads in (1, 3):
         out.fill_(float("nan"))
-        native_ops.paged_prefill(q, kv, tables, starts, ctx_lens, scale, out, threads)
+        native_ops.attention.prefill(q, kv, tables, starts, ctx_lens, scale, out, threads)
         assert rel_err(out, want, rows) <= TOL[dtype], threads
         assert out[:3].isnan().all()  # the decode rows before the chunks: untouched
 
@@ -95,7 +95,7 @@ def test_long_context_crosses_staging_spans(native_ops, dtype):
     """A 600-token chunk after a 450-token prefix: keys staged in three spans of 512 positions."""
     q, kv, tables, starts, ctx_lens, blocks = make_case(7, [(600, 450)], (4, 2, 64), 16, dtype)
     out = torch.empty(q.shape, dtype=dtype)
-    native_ops.paged_prefill(q, kv, tables, starts, ctx_lens, 0.125, out, 2)
+    native_ops.attention.prefill(q, kv, tables, starts, ctx_lens, 0.125, out, 2)
     want = truth(q, kv, blocks, starts, ctx_lens, 0.125)
     assert rel_err(out, want, slice(0, 600)) <= TOL[dtype]
 
@@ -106,7 +106,7 @@ def test_thread_count_does_not_change_a_bit(native_ops):
     outs = []
     for threads in (1, 2, 5):
         out = torch.empty(q.shape, dtype=q.dtype)
-        native_ops.paged_prefill(q, kv, tables, starts, ctx_lens, 0.125, out, threads)
+        native_ops.attention.prefill(q, kv, tables, starts, ctx_lens, 0.125, out, threads)
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
@@ -116,8 +116,8 @@ def test_one_token_chunks_equal_the_decode_op(native_ops):
     chunks = [(1, c - 1) for c in (1, 17, 40, 129)]
     q, kv, tables, starts, ctx_lens, _ = make_case(5, chunks, (9, 3, 64), 16, torch.float32)
     prefill, decode = torch.empty(q.shape), torch.empty(q.shape)
-    native_ops.paged_prefill(q, kv, tables, starts, ctx_lens, 0.125, prefill, 2)
-    native_ops.paged_decode(q, kv, tables.long(), ctx_lens, 0.125, decode, 2)
+    native_ops.attention.prefill(q, kv, tables, starts, ctx_lens, 0.125, prefill, 2)
+    native_ops.attention.decode(q, kv, tables.long(), ctx_lens, 0.125, decode, 2)
     torch.testing.assert_close(prefill, decode, rtol=1e-5, atol=1e-6)
 
 
@@ -125,11 +125,11 @@ def test_paged_prefill_refuses_what_it_cannot_take(native_ops):
     q, kv, tables, starts, ctx_lens, _ = make_case(1, [(4, 0), (3, 2)], (4, 2, 64), 16, torch.float32)
     out = torch.zeros(q.shape)
     with pytest.raises(ValueError, match="longer than its context"):
-        native_ops.paged_prefill(q, kv, tables, starts, torch.tensor([3, 5]), 0.125, out)
+        native_ops.attention.prefill(q, kv, tables, starts, torch.tensor([3, 5]), 0.125, out)
     with pytest.raises(ValueError, match="int32 block_tables"):
-        native_ops.paged_prefill(q, kv, tables.long(), starts, ctx_lens, 0.125, out)
+        native_ops.attention.prefill(q, kv, tables.long(), starts, ctx_lens, 0.125, out)
     with pytest.raises(ValueError, match="contiguous"):
-        native_ops.paged_prefill(q.to(torch.bfloat16), kv, tables, starts, ctx_lens, 0.125, out)
+        native_ops.attention.prefill(q.to(torch.bfloat16), kv, tables, starts, ctx_lens, 0.125, out)
     odd = torch.zeros(7, 4, 24)
     with pytest.raises(ValueError, match="multiple of 16"):
-        native_ops.paged_prefill(odd, torch.zeros(2, 4, 16, 2, 24), tables, starts, ctx_lens, 0.125, odd.clone())
+        native_ops.attention.prefill(odd, torch.zeros(2, 4, 16, 2, 24), tables, starts, ctx_lens, 0.125, odd.clone())
