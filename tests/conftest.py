@@ -7,10 +7,16 @@ so a fresh machine converts the GGUF once and every later run reuses it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# The suite's one process builds and drops hundreds of engines (and starts servers that inherit
+# this): glibc's defaults give the memory back between them; the serving tuning
+# (engine/host_memory.py) is tested on its own (tests/engine/test_host_memory.py).
+os.environ.setdefault("NLORA_MALLOC_TUNING", "0")
 
 DATA = Path(__file__).parent / "data"
 CASES = DATA / "cases"

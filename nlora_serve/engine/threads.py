@@ -20,10 +20,13 @@ the engine after parallel torch work elsewhere gets the same results, only slowe
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from nlora_serve.engine.host_memory import keep_freed_memory
 
 _reserved: int | None = None  # the count threads_for_engine took from its thread, while it lasts
 
@@ -33,8 +36,12 @@ def threads_for_engine() -> Iterator[int]:
     """While it lasts, the calling thread runs torch single-threaded and every engine built
     meanwhile gives that thread's count to its step thread. Enter it first, in the main thread,
     before any torch work (a team once started stays counted). Yields the count (≥ 1); the
-    calling thread gets it back on exit."""
+    calling thread gets it back on exit. Entering it also makes this a serving process for the C
+    allocator (:func:`nlora_serve.engine.host_memory.keep_freed_memory`, not undone on exit;
+    ``NLORA_MALLOC_TUNING=0`` in the environment leaves glibc's defaults)."""
     global _reserved
+    if os.environ.get("NLORA_MALLOC_TUNING", "1") != "0":  # a serving process: step buffers stay mapped
+        keep_freed_memory()  # between steps (engine/host_memory.py)
     count, previous = torch.get_num_threads(), _reserved
     _reserved = count
     torch.set_num_threads(1)
