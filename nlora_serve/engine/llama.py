@@ -93,16 +93,14 @@ class AdaptedLinear:
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool,
                   gemm: NativeGemm | None = None) -> NativeLinear | PackedLinear | None:
-    """``weight`` packed once when asked: prepacked for oneDNN where possible; None: F.linear on
-    the plain weight. ``NLORA_CPU_GEMM=native`` in the environment (opt-in) packs it for the native
-    GEMM where ``gemm`` is given and runs the dtype here, with the oneDNN copy kept for
-    prefill-sized calls: one more copy of the weights, which took the full test suite (many engines
-    alive in one process) past this box's 24 GiB, so it is not the default yet."""
+    """``weight`` packed once when asked: for the native GEMM where ``gemm`` is given and runs the
+    dtype here, else prepacked for oneDNN where possible; None: F.linear on the plain weight.
+    ``NLORA_CPU_GEMM=onednn`` in the environment keeps oneDNN's prepacked GEMMs instead."""
     if not prepack:
         return None
     if (gemm is not None and weight.device.type == "cpu" and gemm.supports(weight.dtype)
-            and os.environ.get("NLORA_CPU_GEMM", "onednn") == "native"):
-        return NativeLinear(weight, bias, gemm, PackedLinear(weight, bias) if can_prepack(weight) else None)
+            and os.environ.get("NLORA_CPU_GEMM", "native") != "onednn"):
+        return NativeLinear(weight, bias, gemm)
     return PackedLinear(weight, bias) if can_prepack(weight) else None
 
 

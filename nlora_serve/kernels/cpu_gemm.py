@@ -4,7 +4,9 @@ native ops are loaded and the CPU runs the dtype fast, else prepacked for oneDNN
 Our kernel (:class:`NativeLinear`) packs W into panels of 48 output columns and keeps an 8 x 48
 block of y in registers; on the default model's shapes with cold weights it ran 1.02-1.17x (fp32)
 and 1.09-1.49x (bf16) oneDNN's prepacked GEMM at 64 tokens, 1.4-2.0x at 8, even at 2,048
-(``bench/cpu_gemm.py``; bench/RESULTS.md).
+(``bench/cpu_gemm.py``), and in the engine its prefill steps ran as fast as oneDNN's once the
+allocator stopped faulting their buffers in (engine/host_memory.py; bench/RESULTS.md), so it
+takes every row count.
 
 ``F.linear`` on the CPU hands oneDNN (or MKL) the plain ``[out, in]`` weight, which it reorders
 into its blocked layout on every call; at decode's small token counts that reorder is a large
@@ -13,7 +15,8 @@ measured 1.2-1.4× (fp32) and 1.6-2.4× (bf16, AVX512-BF16/AMX) on the default m
 shapes at 64 tokens, and even at 2,048 (``bench/cpu_gemm.py``; numbers in bench/RESULTS.md).
 
 The plain weight stays where it was: adapters read slices of it (the tied path's W[:, :r]) and
-the lm_head is the embedding table. The packed copy costs one more copy of the base weights.
+the lm_head is the embedding table. The packed copy (either kind, one per weight) costs one more
+copy of the base weights.
 """
 
 from __future__ import annotations
@@ -71,11 +74,6 @@ class PackedLinear:
 
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-# from this many rows NativeLinear hands the call to its oneDNN copy: at prefill's 2,048-token steps
-# oneDNN's GEMM was even with ours and the layer ops that read its output ran faster in the engine
-# (SiLU · up 1.3 against 2.0 ms, add + RMSNorm 0.28 against 0.70: cause not found), so a
-# projection keeps both packed copies
-NATIVE_MAX_ROWS = 512
 
 
 class NativeGemm:
@@ -91,9 +89,15 @@ class NativeGemm:
         self._pack.restype, self._pack.argtypes = None, [_P, _I64, _I64, _I64, _P, _INT]
         self._gemm = lib.nlora_gemm
         self._gemm.restype, self._gemm.argtypes = _INT, [_P, _I64, _I64, _I64, _P, _I64, _P, _I64, _INT, _INT]
+        amx = lib.nlora_amx_init  # 1 where this build has AMX tiles and the kernel grants them
+        amx.restype, amx.argtypes = _INT, []
+        self._amx = bool(amx())
 
     def supports(self, dtype: torch.dtype) -> bool:
-        """Whether this build runs ``dtype`` fast here (float32: AVX-512; bfloat16: AVX512-BF16)."""
+        """Whether this build runs ``dtype`` fast here (float32: AVX-512; bfloat16: AVX512-BF16,
+        and no AMX tiles: there oneDNN's bf16 GEMMs run on the tiles, which ours do not use)."""
+        if dtype == torch.bfloat16 and self._amx:
+            return False
         return dtype in (torch.float32, torch.bfloat16) and bool(self._supported(int(dtype == torch.bfloat16)))
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
@@ -122,16 +126,13 @@ class NativeLinear:
             (a copy: the plain weight stays the caller's).
         bias: ``[out]``, or None.
         gemm: the loaded :class:`NativeGemm`.
-        large: the same weight prepacked for oneDNN, run from :data:`NATIVE_MAX_ROWS` rows (None:
-            ours at every row count).
     Raises:
         ValueError: a weight the kernel cannot take here.
     """
 
-    __slots__ = ("packed", "bias", "out_features", "in_features", "dtype", "gemm", "large")
+    __slots__ = ("packed", "bias", "out_features", "in_features", "dtype", "gemm")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemm: NativeGemm,
-                 large: PackedLinear | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemm: NativeGemm) -> None:
         if weight.device.type != "cpu" or weight.dim() != 2 or weight.stride(1) != 1 or not gemm.supports(weight.dtype):
             raise ValueError(f"the native GEMM cannot take a {weight.dtype} weight of shape {tuple(weight.shape)} "
                              f"on {weight.device} here")
@@ -140,7 +141,6 @@ class NativeLinear:
         self.packed = gemm.pack(weight)
         self.bias = None if bias is None else bias.to(weight.dtype)
         self.gemm = gemm
-        self.large = large
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [T, in] in the weight's dtype -> ``[T, out]`` in the same dtype.
@@ -152,7 +152,5 @@ class NativeLinear:
             raise ValueError(f"native GEMM: x must be [T, {self.in_features}] {self.dtype}, got {tuple(x.shape)} {x.dtype}")
         if x.stride(1) != 1:  # strided rows are fine, strided columns are copied
             x = x.contiguous()
-        if self.large is not None and x.shape[0] >= NATIVE_MAX_ROWS:
-            return self.large(x)
         y = self.gemm(x, self.packed, self.out_features, torch.empty(x.shape[0], self.out_features, dtype=x.dtype))
         return y if self.bias is None else y.add_(self.bias)  # bf16: rounded, then the bias added and rounded again

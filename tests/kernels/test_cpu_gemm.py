@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlora_serve.kernels.cpu_gemm import MIN_ROWS_FP32, NATIVE_MAX_ROWS, NativeLinear, PackedLinear, can_prepack
+from nlora_serve.kernels.cpu_gemm import MIN_ROWS_FP32, NativeLinear, PackedLinear, can_prepack
 
 # fp32: oneDNN's blocked accumulation order differs from float64's; bf16: one rounding of the
 # output (2^-8 relative) over fp32 accumulation, as F.linear in bf16
@@ -94,12 +94,12 @@ def test_native_linear_matches_float64(gemm, dtype, shape):
         assert rel_err(out, ref) < TOL[dtype], bias is not None
 
 
-def test_native_linear_threads_and_handoff(gemm):
+def test_native_linear_threads_and_row_counts(gemm):
     """The same bits on 1 and 3 threads (each output element's sum runs in one order whichever job
-    owns it); from NATIVE_MAX_ROWS rows the oneDNN copy answers, within the float64 tolerance."""
+    owns it); prefill-sized calls (rows split over the jobs) within the float64 tolerance."""
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(200, 96, generator=gen)
-    lin = NativeLinear(w, None, gemm, PackedLinear(w, None))
+    lin = NativeLinear(w, None, gemm)
     saved = torch.get_num_threads()
     try:
         outs = []
@@ -109,7 +109,7 @@ def test_native_linear_threads_and_handoff(gemm):
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(outs[0], outs[1])
-    for rows in (NATIVE_MAX_ROWS - 1, NATIVE_MAX_ROWS):
+    for rows in (511, 512, 2049):
         x = torch.randn(rows, 96, generator=gen)
         assert rel_err(lin(x), F.linear(x.double(), w.double())) < TOL[torch.float32]
     assert lin(torch.empty(0, 96)).shape == (0, 200)
@@ -125,3 +125,22 @@ def test_native_linear_refuses_what_it_cannot_take(gemm):
         lin(torch.zeros(2, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="cannot take"):
         NativeLinear(torch.zeros(8, 4, dtype=torch.float16), None, gemm)
+
+
+def test_bf16_stays_on_onednn_where_amx_tiles_are_granted():
+    """On an AMX CPU oneDNN's bf16 GEMMs run on the tiles and ours would not: supports() says no
+    for bf16 there, yes for fp32 (a stub library, as this CPU may have no AMX)."""
+    from types import SimpleNamespace
+
+    from nlora_serve.kernels.cpu_gemm import NativeGemm
+
+    def fn(value):
+        def call(*args):
+            return value
+        return call
+
+    for amx, bf16 in ((1, False), (0, True)):
+        lib = SimpleNamespace(nlora_gemm_supported=fn(1), nlora_gemm_packed_size=fn(0), nlora_gemm_pack=fn(None),
+                              nlora_gemm=fn(0), nlora_amx_init=fn(amx))
+        gemm = NativeGemm(lib)
+        assert gemm.supports(torch.bfloat16) is bf16 and gemm.supports(torch.float32) is True

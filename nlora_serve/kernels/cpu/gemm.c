@@ -16,7 +16,7 @@
  * Why ours and not oneDNN's: on the default model's shapes (2-core AMD EPYC, Zen 4, weights cold
  * as in a model's walk over its layers: bench/cpu_gemm.py, bench/RESULTS.md) ours ran 1.02-1.17x
  * oneDNN's prepacked GEMM at 64 rows in fp32 and 1.09-1.49x in bf16, 1.4-2.0x at 8 rows, even at
- * 2,048 (kernels/cpu_gemm.py keeps oneDNN for prefill-sized calls).
+ * 2,048; in the engine's prefill steps as fast or faster (bench/RESULTS.md), so it runs every call.
  *
  * Threads: the panels are split over num_threads jobs (parallel.h), each writing its own columns.
  */
