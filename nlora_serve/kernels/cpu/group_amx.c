@@ -101,9 +101,9 @@ int nlora_group_apply_bf16_amx(uint16_t *y, int64_t y_row, const uint16_t *x, in
         bp_off[m] = sum_wp;
         sum_wp += rp * wp[m];
     }
-    uint16_t *bp = aligned_alloc(64, ((sizeof(uint16_t) * sum_wp + 63) / 64) * 64);
-    uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * 16 * (dim_in / 2));
-    if (!bp || !xp) { free(bp); free(xp); return -2; }
+    uint16_t *bp = thread_scratch(0, sizeof(uint16_t) * sum_wp);
+    uint32_t *xp = thread_scratch(1, sizeof(uint32_t) * 16 * (dim_in / 2));
+    if (!bp || !xp) return -2;
     float z[MAX_MODULES][AMX_ROWS][MAX_RANK], u[MAX_MODULES][AMX_ROWS][MAX_RANK];
     uint16_t uh[AMX_ROWS * MAX_RANK] __attribute__((aligned(64))), ul[AMX_ROWS * MAX_RANK] __attribute__((aligned(64)));
     const uint16_t *xr[AMX_ROWS];
@@ -135,8 +135,6 @@ int nlora_group_apply_bf16_amx(uint16_t *y, int64_t y_row, const uint16_t *x, in
         i0 = i1;
     }
     _tile_release();
-    free(bp);
-    free(xp);
     return 0;
 }
 

@@ -236,10 +236,10 @@ int NAME(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,        
     /* each module's B^T [r16, width] in fp32, for the runs that do not read the pool's own */         \
     const int widened_bt = sizeof(T) != sizeof(float); /* the pool's B^T needs widening loads */      \
     const int scratch = !pool_bt || (widened_bt && num_index >= POOL_BT_MAX_RUN);                       \
-    float *bt = scratch ? malloc(sizeof(float) * r16 * sum_w) : NULL;                                   \
+    float *bt = scratch ? thread_scratch(0, sizeof(float) * r16 * sum_w) : NULL;                        \
     const int widen = sizeof(XT) != sizeof(T); /* x rows widened into scratch */                        \
-    float *xs = widen ? malloc(sizeof(float) * CHUNK * dim_in) : NULL;                                  \
-    if ((scratch && !bt) || (widen && !xs)) { free(bt); free(xs); return -2; }                         \
+    float *xs = widen ? thread_scratch(1, sizeof(float) * CHUNK * dim_in) : NULL;                       \
+    if ((scratch && !bt) || (widen && !xs)) return -2;                                                  \
     float z[CHUNK][MAX_RANK], u[CHUNK][MAX_RANK];                                                       \
     const XT *xr[CHUNK];                                                                                \
     T *dst[CHUNK];                                                                                      \
@@ -269,7 +269,6 @@ int NAME(T *y, int64_t y_row, const T *x, int64_t x_row, int64_t dim_in,        
         }                                                                                               \
         i0 = i1;                                                                                        \
     }                                                                                                   \
-    free(bt); free(xs);                                                                                 \
     return 0;                                                                                           \
 }
 

@@ -56,7 +56,7 @@ static inline void store_any(void *p, int64_t at, vec16 v, int bf16) {
 static void *rms_rows(void *arg) {
     job_t *j = arg;
     const int64_t H = j->width;
-    float *scratch = j->tied.plan ? malloc(sizeof(float) * TIED_CHUNK * H) : NULL;
+    float *scratch = j->tied.plan ? thread_scratch(0, sizeof(float) * TIED_CHUNK * H) : NULL;
     if (j->tied.plan && !scratch) { j->rc = -2; return NULL; }
     for (int64_t t0 = j->first; t0 < j->last; t0 += TIED_CHUNK) {
         const int64_t t1 = t0 + TIED_CHUNK < j->last ? t0 + TIED_CHUNK : j->last;
@@ -82,7 +82,6 @@ static void *rms_rows(void *arg) {
                 store_any(j->out, t * j->out_stride + i, load16(x + i) * inv * load16(j->weight + i), j->out_bf16);
         }
     }
-    free(scratch);
     return NULL;
 }
 
@@ -102,7 +101,7 @@ static void *rope_rows(void *arg) {
     const int D = j->head_dim;
     const int64_t W = j->width; /* with a tied delta: the whole fused row (q, k heads, then the rest) */
     float v[MAX_HEAD_DIM];
-    float *scratch = j->tied.plan ? malloc(sizeof(float) * TIED_CHUNK * W) : NULL;
+    float *scratch = j->tied.plan ? thread_scratch(0, sizeof(float) * TIED_CHUNK * W) : NULL;
     if (j->tied.plan && !scratch) { j->rc = -2; return NULL; }
     for (int64_t t0 = j->first; t0 < j->last; t0 += TIED_CHUNK) {
         const int64_t t1 = t0 + TIED_CHUNK < j->last ? t0 + TIED_CHUNK : j->last;
@@ -131,14 +130,13 @@ static void *rope_rows(void *arg) {
             }
         }
     }
-    free(scratch);
     return NULL;
 }
 
 static void *silu_rows(void *arg) {
     job_t *j = arg;
     const int64_t I = j->width;
-    float *scratch = j->tied.plan ? malloc(sizeof(float) * TIED_CHUNK * 2 * I) : NULL;
+    float *scratch = j->tied.plan ? thread_scratch(0, sizeof(float) * TIED_CHUNK * 2 * I) : NULL;
     if (j->tied.plan && !scratch) { j->rc = -2; return NULL; }
     for (int64_t t0 = j->first; t0 < j->last; t0 += TIED_CHUNK) {
         const int64_t t1 = t0 + TIED_CHUNK < j->last ? t0 + TIED_CHUNK : j->last;
@@ -157,7 +155,6 @@ static void *silu_rows(void *arg) {
             }
         }
     }
-    free(scratch);
     return NULL;
 }
 

@@ -185,11 +185,9 @@ static void *run_job(void *arg) {
     for (int64_t n = j->first; n < j->last; n++) c_max = j->ctx_lens[n] > c_max ? j->ctx_lens[n] : c_max;
     const int64_t c_pad = (c_max + 15) / 16 * 16;
     const int G = j->num_heads / j->num_kv_heads, D = j->head_dim, bf16 = j->is_bf16;
-    float *s = malloc(sizeof(float) * (size_t)(G * c_pad + 16));
-    int64_t *rows = malloc(sizeof(int64_t) * (size_t)(c_max + 1));
+    float *s = thread_scratch(0, sizeof(float) * (size_t)(G * c_pad + 16));
+    int64_t *rows = thread_scratch(1, sizeof(int64_t) * (size_t)(c_max + 1));
     if (s == NULL || rows == NULL) {
-        free(s);
-        free(rows);
         j->status = -2;
         return NULL;
     }
@@ -201,8 +199,6 @@ static void *run_job(void *arg) {
             else if (D == 128) attend(j, n, h, s, c_pad, rows, 8, 0);
             else attend(j, n, h, s, c_pad, rows, D / 16, bf16);
         }
-    free(s);
-    free(rows);
     j->status = 0;
     return NULL;
 }

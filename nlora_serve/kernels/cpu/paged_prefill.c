@@ -193,13 +193,10 @@ static void *run_job(void *arg) {
     job_t *j = arg;
     shared_t *s = j->s;
     const int G = s->num_heads / s->num_kv_heads, D = s->head_dim, KVH = s->num_kv_heads, bf16 = s->is_bf16;
-    float *kt = malloc(sizeof(float) * (size_t)SPAN * D * 2);
-    float *state = malloc(sizeof(float) * (size_t)QT * G * (17 + D));
-    int64_t *rows = malloc(sizeof(int64_t) * (size_t)(s->max_ctx + 1));
+    float *kt = thread_scratch(0, sizeof(float) * (size_t)SPAN * D * 2);
+    float *state = thread_scratch(1, sizeof(float) * (size_t)QT * G * (17 + D));
+    int64_t *rows = thread_scratch(2, sizeof(int64_t) * (size_t)(s->max_ctx + 1));
     if (kt == NULL || state == NULL || rows == NULL) {
-        free(kt);
-        free(state);
-        free(rows);
         j->status = -2;
         return NULL;
     }
@@ -217,9 +214,6 @@ static void *run_job(void *arg) {
         else if (D == 128) run_item(s, c, r0, r1, h, kt, vs, state, rows, 8, 0);
         else run_item(s, c, r0, r1, h, kt, vs, state, rows, D / 16, bf16);
     }
-    free(kt);
-    free(state);
-    free(rows);
     j->status = 0;
     return NULL;
 }
