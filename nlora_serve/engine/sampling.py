@@ -31,9 +31,24 @@ class RequestError(NloraError, ValueError):
         self.param = param
 
 
+# float32's smallest normal: the sampler compares top_p in float32, where a smaller value is 0 or
+# subnormal and top-p then kept no token at all
+FLOAT32_TINY = 1.1754944e-38
+# a repetition penalty divides float32 logits: below this one the quotient can overflow to inf
+MIN_REPETITION_PENALTY = 1e-30
+# stop strings are searched in the new text at every token, on the engine's own thread: a request's
+# count and length are bounded so that one request cannot slow every tenant's steps
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 1024
+MAX_STOP_TOKEN_IDS = 1024
+_ECHO_CHARS = 200  # an error message quotes at most this much of the offending value
+
+
 def _check(ok: bool, field: str, value, expected: str) -> None:
     if not ok:
-        raise RequestError(f"SamplingParams.{field} must be {expected}; got {value!r}")
+        shown = repr(value)
+        if len(shown) > _ECHO_CHARS:
+            shown = f"{shown[:_ECHO_CHARS]}... ({len(shown)} characters)"
+        raise RequestError(f"SamplingParams.{field} must be {expected}; got {shown}")
 
 
 @dataclass(slots=True)
@@ -78,15 +93,20 @@ class SamplingParams:
         # overflow would fail every request sharing the step
         _check(isinstance(self.top_k, int) and 0 <= self.top_k < 1 << 63, "top_k", self.top_k,
                "an integer in [0, 2^63)")
-        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
+        _check(FLOAT32_TINY <= self.top_p <= 1.0, "top_p", self.top_p,
+               f"in [{FLOAT32_TINY:.8g}, 1] (float32's smallest normal: the sampler's precision)")
         _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                      and 0 <= self.seed < 1 << 64), "seed", self.seed,
                "an integer in [0, 2^64) or None")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", self.stop, f"at most {MAX_STOP_STRINGS} strings")
+        _check(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop), "stop", self.stop,
+               f"non-empty strings of at most {MAX_STOP_CHARS} characters")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", self.stop_token_ids,
+               f"at most {MAX_STOP_TOKEN_IDS} token ids")
         _check(all(isinstance(t, int) and 0 <= t < 1 << 63 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "token ids in [0, 2^63)")
-        _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", self.repetition_penalty,
-               "in (0, 10]")
+        _check(MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10.0, "repetition_penalty",
+               self.repetition_penalty, f"in [{MIN_REPETITION_PENALTY:g}, 10] (smaller ones overflow float32 logits)")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "in [-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty,
                "in [-2, 2]")

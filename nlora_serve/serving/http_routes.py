@@ -34,6 +34,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.errors import NloraError
@@ -203,7 +204,11 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     """
     timer = ctx.metrics.request("http")
     caller = ctx.auth.authenticate(request.headers.items())
-    data = parsed_json(await request.body(), request.headers.get("content-type"))
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
+        return Response(status_code=499)
+    data = parsed_json(body, request.headers.get("content-type"))
     model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, str):  # else the validation below refuses it
         caller.check(None if model == ctx.base_model else model)
