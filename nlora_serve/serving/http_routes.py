@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.errors import NloraError
-from nlora_serve.serving.auth import Authenticator, Principal
+from nlora_serve.serving.auth import Authenticator, PermissionDenied, Principal
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_chars
 from nlora_serve.serving.frontend import (Admission, adapter_versions, cache_salt_of, metered, off_loop,
                                          start_request)
@@ -166,10 +166,14 @@ def _add_error_handlers(app: FastAPI, ctx: HttpContext) -> None:
 
 
 def _model_entries(ctx: HttpContext, caller: Principal) -> list[dict]:
-    """/v1/models entries this caller may use: the base model (no parent), then the adapters."""
+    """/v1/models entries this caller may use: the base model (no parent), then the adapters, whose
+    parent is the base model's name only for a caller granted the base model (gRPC's
+    GetServerInfo hides the name from the others too)."""
     names = [v.name for v in adapter_versions(ctx.engine) or []]
-    entries = [(ctx.base_model, None)] if caller.may_use(None) else []
-    entries += [(name, ctx.base_model) for name in names if caller.may_use(name) and name != ctx.base_model]
+    base = caller.may_use(None)
+    entries = [(ctx.base_model, None)] if base else []
+    entries += [(name, ctx.base_model if base else None) for name in names
+                if caller.may_use(name) and name != ctx.base_model]
     return [{"id": name, "object": "model", "created": ctx.started, "owned_by": "nlora-serve", "parent": parent}
             for name, parent in entries]
 
@@ -186,6 +190,15 @@ def _not_found_hint(ctx: HttpContext, request: Request) -> str:
 
 # Starlette's own refusals (body limit, unknown route, wrong method) and our code for each
 _HTTP_CODES = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}
+
+
+def _check_grant(caller: Principal, model: str, base_model: str) -> None:
+    """PermissionDenied unless the caller may use ``model`` (the base model's name: no adapter), in
+    one wording for every name, so that a key not granted the base model cannot tell its name from
+    any other."""
+    if not caller.may_use(None if model == base_model else model):
+        shown = model if len(model) <= 200 else model[:200] + "..."
+        raise PermissionDenied(f"key of {caller.name!r} is not granted model {shown!r}")
 
 
 def _aborted_body(exc: RequestAborted) -> dict:
@@ -211,7 +224,7 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     data = parsed_json(body, request.headers.get("content-type"))
     model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, str):  # else the validation below refuses it
-        caller.check(None if model == ctx.base_model else model)
+        _check_grant(caller, model, ctx.base_model)
     body = validated(ChatRequest if chat else CompletionRequest, data)
     adapter = None if body.model == ctx.base_model else body.model
     if chat:
