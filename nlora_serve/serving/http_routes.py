@@ -73,8 +73,17 @@ class HttpContext:
         self.chat_bounds = (max_prompt_chars(self.tokenizer, self.engine.max_model_len), self.engine.max_model_len)
 
 
+# an error message at most this long: messages quote the offending value, which a request may make
+# megabytes long (a model name, an unknown field's name), and a small request must not buy a big reply
+MAX_ERROR_CHARS = 1000
+
+
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
-    """OpenAI's error JSON."""
+    """OpenAI's error JSON; a message over :data:`MAX_ERROR_CHARS` is cut, saying how long it was."""
+    if len(message) > MAX_ERROR_CHARS:
+        message = f"{message[:MAX_ERROR_CHARS]}... (message cut: {len(message)} characters)"
+    if param is not None and len(param) > 200:
+        param = param[:200] + "..."
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
 
