@@ -134,7 +134,8 @@ def check_fields(request: _Request) -> None:
         if field not in NOOP_VALUES:
             raise ParamError(f"unsupported field {field!r}: this server does not implement it (at any value, "
                              "null and [] included); remove it", field)
-        if value is not None and value not in NOOP_VALUES[field]:
+        # same type and value: `True in (1,)` and `1.0 in (1,)` hold in Python, and JSON's true is no 1
+        if value is not None and not any(type(value) is type(v) and value == v for v in NOOP_VALUES[field]):
             allowed = " or ".join(repr(v) for v in NOOP_VALUES[field])
             raise ParamError(f"{field}={value!r} is not supported: this server accepts only {allowed}", field)
     if request.stream_options is not None and not request.stream:

@@ -83,3 +83,10 @@ def test_an_error_never_echoes_a_huge_input_whole(http_server, body):
     assert resp.status_code in (400, 404), resp.status_code
     assert len(resp.content) < 2_000, len(resp.content)
     assert "message cut" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("field, value", [("n", True), ("n", 1.0), ("best_of", True)])
+def test_a_no_op_field_takes_only_its_exact_json_value(http_server, field, value):
+    """JSON's true is no number, as the README says; Python's `True in (1,)` had let it through."""
+    _refused(_post(http_server, **{field: value}), field, "is not supported")
+    assert _post(http_server, temperature=0, **{field: 1}).status_code == 200
