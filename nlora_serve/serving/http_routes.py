@@ -78,12 +78,16 @@ class HttpContext:
 MAX_ERROR_CHARS = 1000
 
 
+def _shown(text: str, limit: int = 200) -> str:
+    """``text`` as an error quotes it: at most ``limit`` characters, then "..."."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error JSON; a message over :data:`MAX_ERROR_CHARS` is cut, saying how long it was."""
     if len(message) > MAX_ERROR_CHARS:
         message = f"{message[:MAX_ERROR_CHARS]}... (message cut: {len(message)} characters)"
-    if param is not None and len(param) > 200:
-        param = param[:200] + "..."
+    param = None if param is None else _shown(param)
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
 
@@ -115,8 +119,7 @@ def build_app(ctx: HttpContext) -> FastAPI:
         if found:
             return JSONResponse(found[0])
         # one answer for unknown and not granted, as OpenAI words it: a key cannot probe names
-        shown = model if len(model) <= 200 else model[:200] + "..."
-        return JSONResponse(error_body(f"the model {shown!r} does not exist or this key may not use it "
+        return JSONResponse(error_body(f"the model {_shown(model)!r} does not exist or this key may not use it "
                                        "(GET /v1/models lists those it may use)", 404, "model", "not_found"), 404)
 
     # the body is read and validated in _generate, after the key and the grant: FastAPI would
@@ -206,8 +209,7 @@ def _check_grant(caller: Principal, model: str, base_model: str) -> None:
     one wording for every name, so that a key not granted the base model cannot tell its name from
     any other."""
     if not caller.may_use(None if model == base_model else model):
-        shown = model if len(model) <= 200 else model[:200] + "..."
-        raise PermissionDenied(f"key of {caller.name!r} is not granted model {shown!r}")
+        raise PermissionDenied(f"key of {caller.name!r} is not granted model {_shown(model)!r}")
 
 
 def _aborted_body(exc: RequestAborted) -> dict:
