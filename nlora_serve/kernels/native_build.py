@@ -25,7 +25,10 @@ SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "group
 # part of the build key
 HEADERS = tuple(_CPU / name for name in ("vec16.h", "adapter_tiles.h", "parallel.h", "amx.h", "group_mt.h",
                                          "tied_delta.h"))
-FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
+# -Werror=implicit-function-declaration: GCC 14 and clang make it an error by default, so an older
+# compiler here must fail the same way rather than build what a newer one refuses
+FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread",
+         "-Werror=implicit-function-declaration")
 # tried first: the ops' threads are then torch's own OpenMP workers (cpu/parallel.h says why); a
 # compiler without OpenMP builds without it, and every threaded call starts its own threads
 OPENMP = "-fopenmp"

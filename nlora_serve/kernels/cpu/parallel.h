@@ -63,11 +63,12 @@ static inline void *thread_scratch(int slot, size_t bytes) {
     if (bytes > s->cap[slot]) {
         free(s->buf[slot]);
         s->cap[slot] = 0;
-        if (posix_memalign(&s->buf[slot], 64, bytes ? bytes : 1) != 0) {
-            s->buf[slot] = NULL;
-            return NULL;
-        }
-        s->cap[slot] = bytes;
+        /* C11's aligned_alloc (posix_memalign is undeclared under -std=c11 in some translation
+         * units, an error from GCC 14): the size must be a multiple of the alignment */
+        const size_t rounded = (bytes + 63) / 64 * 64;
+        s->buf[slot] = aligned_alloc(64, rounded ? rounded : 64);
+        if (s->buf[slot] == NULL) return NULL;
+        s->cap[slot] = rounded;
     }
     return s->buf[slot];
 }
