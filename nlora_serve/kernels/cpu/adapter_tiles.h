@@ -112,4 +112,33 @@ DEFINE_TAIL_FMA(tail_fma_bt16, uint16_t, bf16_to_f32)
 DEFINE_MIX(mix_f32, float, F32_LOAD, load16)
 DEFINE_MIX(mix_bf16, uint16_t, bf16_to_f32, load16_bf16)
 
+/* Tokens ahead in the loop whose N is prefetched: in a decode step every token has its own
+ * tenant, and its N (r x r per module) is cold, since the base GEMMs streamed the weights since
+ * the last call; perf put about a fifth of the tied op's samples on those loads (issue 22) */
+#define PREFETCH_AHEAD 4
+
+/* Prefetches slot s's N of every module (elem bytes an entry; rows n_row_stride entries apart,
+ * contiguous or not) into L1, up to PREFETCH_BYTES of each (at larger ranks the mix's own
+ * arithmetic hides the loads); nothing for s < 0 */
+#define PREFETCH_BYTES 4096
+static inline void prefetch_mix(const void *const *n, int elem, int num_modules, int32_t s, int64_t n_slot_stride,
+                                int64_t n_row_stride, int r) {
+    if (s < 0) return;
+    const int64_t row_bytes = (int64_t)r * elem;
+    const int64_t rows = row_bytes * r <= PREFETCH_BYTES ? r : (PREFETCH_BYTES + row_bytes - 1) / row_bytes;
+    for (int m = 0; m < num_modules; m++) {
+        const char *base = (const char *)n[m] + (int64_t)s * n_slot_stride * elem;
+        if (n_row_stride == r) { /* one contiguous block */
+            for (int64_t b = 0; b < row_bytes * rows; b += 64) __builtin_prefetch(base + b, 0, 3);
+            __builtin_prefetch(base + row_bytes * rows - 1, 0, 3);
+            continue;
+        }
+        for (int64_t i = 0; i < rows; i++) {
+            const char *row = base + (int64_t)i * n_row_stride * elem;
+            for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+            __builtin_prefetch(row + row_bytes - 1, 0, 3);
+        }
+    }
+}
+
 #endif

@@ -60,7 +60,7 @@ static void *rms_rows(void *arg) {
     if (j->tied.plan && !scratch) { j->rc = -2; return NULL; }
     for (int64_t t0 = j->first; t0 < j->last; t0 += TIED_CHUNK) {
         const int64_t t1 = t0 + TIED_CHUNK < j->last ? t0 + TIED_CHUNK : j->last;
-        const int adapted = j->tied.plan ? tied_delta_rows(&j->tied, j->delta, j->delta_stride, j->delta_bf16, t0, t1, H,
+        const int adapted = j->tied.plan ? tied_delta_rows(&j->tied, j->delta, j->delta_stride, j->delta_bf16, t0, t1, j->last, H,
                                                       scratch) : 0;
         if (adapted < 0) { j->rc = adapted; break; }
         for (int64_t t = t0; t < t1; t++) {
@@ -105,7 +105,7 @@ static void *rope_rows(void *arg) {
     if (j->tied.plan && !scratch) { j->rc = -2; return NULL; }
     for (int64_t t0 = j->first; t0 < j->last; t0 += TIED_CHUNK) {
         const int64_t t1 = t0 + TIED_CHUNK < j->last ? t0 + TIED_CHUNK : j->last;
-        const int adapted = j->tied.plan ? tied_delta_rows(&j->tied, j->out, j->out_stride, j->out_bf16, t0, t1, W,
+        const int adapted = j->tied.plan ? tied_delta_rows(&j->tied, j->out, j->out_stride, j->out_bf16, t0, t1, j->last, W,
                                                            scratch) : 0;
         if (adapted < 0) { j->rc = adapted; break; }
         for (int64_t t = t0; t < t1; t++) {
@@ -140,7 +140,7 @@ static void *silu_rows(void *arg) {
     if (j->tied.plan && !scratch) { j->rc = -2; return NULL; }
     for (int64_t t0 = j->first; t0 < j->last; t0 += TIED_CHUNK) {
         const int64_t t1 = t0 + TIED_CHUNK < j->last ? t0 + TIED_CHUNK : j->last;
-        const int adapted = j->tied.plan ? tied_delta_rows(&j->tied, j->src, j->src_stride, j->out_bf16, t0, t1, 2 * I,
+        const int adapted = j->tied.plan ? tied_delta_rows(&j->tied, j->src, j->src_stride, j->out_bf16, t0, t1, j->last, 2 * I,
                                                       scratch) : 0;
         if (adapted < 0) { j->rc = adapted; break; }
         for (int64_t t = t0; t < t1; t++) {

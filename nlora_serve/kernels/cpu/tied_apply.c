@@ -39,6 +39,9 @@ int NAME(YT *y, int64_t num_tokens, int64_t y_row_stride, const int32_t *slots, 
     while (t < num_tokens) {                                                                              \
         int count = 0;                                                                                    \
         for (; t < num_tokens && count < CHUNK; t++) {                                                    \
+            if (t + PREFETCH_AHEAD < num_tokens)                                                          \
+                prefetch_mix((const void *const *)n, sizeof(NT), num_modules, slots[t + PREFETCH_AHEAD],  \
+                             n_slot_stride, n_row_stride, r);                                             \
             const int32_t s = slots[t];                                                                   \
             if (s < 0) continue;                                                                          \
             const YT *row = y + t * y_row_stride;                                                         \
@@ -132,21 +135,6 @@ DEFINE_TIED_APPLY_MT(nlora_tied_apply_f32, float, float, float)
 DEFINE_TIED_APPLY_MT(nlora_tied_apply_bf16, uint16_t, uint16_t, float)
 
 #ifdef NLORA_AMX
-/* A decode step's tokens each read their own slot's N (r x r, cold: the base GEMMs streamed the
- * weights since the last call) and their row's first r outputs: loading those lines
- * PREFETCH_AHEAD tokens early overlaps the misses (perf put a third of the op's samples on them) */
-#define PREFETCH_AHEAD 4
-static inline void prefetch_token(const uint16_t *row, int32_t s, int num_modules, const int64_t *off,
-                                  const uint16_t *const *n, int64_t n_slot_stride, int64_t n_row_stride, int r) {
-    if (s < 0) return;
-    for (int m = 0; m < num_modules; m++) {
-        _mm_prefetch((const char *)(row + off[m]), _MM_HINT_T0);
-        const char *nm = (const char *)(n[m] + (int64_t)s * n_slot_stride);
-        const int64_t bytes = (int64_t)(r - 1) * n_row_stride * 2 + r * 2; /* rows of one N, contiguous or not */
-        for (int64_t b = 0; b < bytes && b < 4096; b += 64) _mm_prefetch(nm + b, _MM_HINT_T0);
-    }
-}
-
 /* 1 when the AMX ops may run in this process (amx.h), else 0 */
 int nlora_amx_init(void) { return amx_available(); }
 
@@ -167,9 +155,12 @@ int nlora_tied_apply_bf16_amx(uint16_t *y, int64_t num_tokens, int64_t y_row_str
     for (int64_t t = 0; t < num_tokens;) {
         int count = 0;
         for (; t < num_tokens && count < AMX_ROWS; t++) {
-            if (t + PREFETCH_AHEAD < num_tokens)
-                prefetch_token(y + (t + PREFETCH_AHEAD) * y_row_stride, slots[t + PREFETCH_AHEAD], num_modules,
-                               off, n, n_slot_stride, n_row_stride, r);
+            if (t + PREFETCH_AHEAD < num_tokens && slots[t + PREFETCH_AHEAD] >= 0) {
+                prefetch_mix((const void *const *)n, 2, num_modules, slots[t + PREFETCH_AHEAD], n_slot_stride,
+                             n_row_stride, r);
+                for (int m = 0; m < num_modules; m++)
+                    __builtin_prefetch(y + (t + PREFETCH_AHEAD) * y_row_stride + off[m], 0, 3);
+            }
             const int32_t s = slots[t];
             if (s < 0) continue;
             const uint16_t *row = y + t * y_row_stride;

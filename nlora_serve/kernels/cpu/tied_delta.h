@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "vec16.h"
+#include "adapter_tiles.h"
 
 /* rows of y copied and adapted at a time: a chunk of gate/up rows (2 × 1536 fp32) is 96 KB */
 #define TIED_CHUNK 8
@@ -53,11 +53,15 @@ int nlora_tied_apply_f32_bf16n(float *y, int64_t num_tokens, int64_t y_row_strid
 
 /* Rows [t0, t1) of src (width columns, rows src_stride elements apart, bf16 or fp32) with the tied
  * delta added, into scratch [t1 - t0, width] fp32, when one of them has a tied slot: returns 1
- * (read the scratch), 0 (no tied row: read src), or the tied op's error code (< 0). */
+ * (read the scratch), 0 (no tied row: read src), or the tied op's error code (< 0). The N of the
+ * first PREFETCH_AHEAD rows after t1 (up to last, the caller's end) is prefetched for the next
+ * chunk: the tied op prefetches ahead only within its own rows. */
 static inline int tied_delta_rows(const tied_delta_t *delta, const void *src, int64_t src_stride, int src_bf16,
-                                  int64_t t0, int64_t t1, int64_t width, float *scratch) {
+                                  int64_t t0, int64_t t1, int64_t last, int64_t width, float *scratch) {
     const tied_plan_t *d = delta->plan;
     const int32_t *slots = delta->step->slots;
+    for (int64_t t = t1; t < last && t < t1 + PREFETCH_AHEAD; t++)
+        prefetch_mix(d->n, d->n_bf16 ? 2 : 4, d->num_modules, slots[t], d->n_slot_stride, d->n_row_stride, d->r);
     int any = 0;
     for (int64_t t = t0; t < t1 && !any; t++) any = slots[t] >= 0;
     if (!any) return 0;
