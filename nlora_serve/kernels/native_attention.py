@@ -18,17 +18,50 @@ import torch
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _DECODE_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _P, _I64, _INT, _INT, _INT, _INT, _F, _P, _I64, _INT, _INT]
 _PREFILL_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _INT, _INT, _INT, _INT, _F, _P, _I64, _INT, _INT]
+_WRITE_ARGTYPES = [_P, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _I64]
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
 class PagedAttention:
-    """The library's two paged attention entry points, with their layouts checked."""
+    """The library's paged attention entry points and the KV write, with their layouts checked."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._decode = lib.nlora_paged_decode
         self._decode.restype, self._decode.argtypes = ctypes.c_int, _DECODE_ARGTYPES
         self._prefill = lib.nlora_paged_prefill
         self._prefill.restype, self._prefill.argtypes = ctypes.c_int, _PREFILL_ARGTYPES
+        self._write = lib.nlora_write_kv
+        self._write.restype, self._write.argtypes = ctypes.c_int, _WRITE_ARGTYPES
+
+    def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """This step's keys and values into the cache: ``kv_layer[0].view(-1, KVH, D)[slot_mapping[t]]
+        = k[t]``, and the same for v in ``kv_layer[1]`` (what ``engine/attention/cpu.write_kv`` does
+        with two ``index_copy_``; one C loop of row copies here).
+
+        Args:
+            kv_layer: [2, NB, BS, KVH, D] contiguous, fp32 or bf16. k, v: [T, KVH, D] in its dtype,
+                rows may be strided, heads and dims contiguous. slot_mapping: [T] int64 contiguous,
+                flat slots (block · BS + offset).
+
+        Raises:
+            ValueError: a layout or dtype the op does not take, or a slot outside [0, NB · BS)
+                (then nothing is written).
+        """
+        num_kv_heads, head_dim = kv_layer.shape[3:]
+        t = slot_mapping.shape[0]
+        ok = (kv_layer.dtype in _DTYPES and k.dtype == v.dtype == kv_layer.dtype and kv_layer.is_contiguous()
+              and k.shape == v.shape == (t, num_kv_heads, head_dim) and k.stride(2) == v.stride(2) == 1
+              and k.stride(1) == v.stride(1) == head_dim and slot_mapping.dtype == torch.int64
+              and slot_mapping.is_contiguous() and slot_mapping.dim() == 1)
+        if not ok:
+            raise ValueError("write_kv: kv_layer [2, NB, BS, KVH, D] contiguous, k and v [T, KVH, D] of its dtype "
+                             "(contiguous heads), slot_mapping [T] int64 contiguous")
+        elem = kv_layer.element_size()
+        rc = self._write(kv_layer[0].data_ptr(), kv_layer[1].data_ptr(), kv_layer.shape[1] * kv_layer.shape[2],
+                         k.data_ptr(), k.stride(0) * elem, v.data_ptr(), v.stride(0) * elem, slot_mapping.data_ptr(),
+                         t, num_kv_heads * head_dim * elem)
+        if rc != 0:
+            raise ValueError(f"write_kv: a slot of slot_mapping is outside [0, {kv_layer.shape[1] * kv_layer.shape[2]})")
 
     def decode(self, q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, out: torch.Tensor, num_threads: int = 1) -> torch.Tensor:

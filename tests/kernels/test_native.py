@@ -222,6 +222,37 @@ def test_paged_decode_refuses_shapes_it_cannot_take(native_ops):
         native_ops.attention.decode(q.to(torch.bfloat16), kv, tables, lens, 0.2, out)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_write_kv_matches_index_copy(native_ops, dtype):
+    """Rows land where two index_copy_ calls (the torch path) put them, bit for bit; strided k/v
+    rows as the engine's views of the fused q/k/v output; every other slot untouched."""
+    gen = torch.Generator().manual_seed(7)
+    num_blocks, block_size, kvh, d, t = 6, 16, 3, 64, 20
+    kv = torch.randn(2, num_blocks, block_size, kvh, d, generator=gen).to(dtype)
+    qkv = torch.randn(t, (9 + 2 * kvh) * d, generator=gen).to(dtype)  # [T, (H + 2 KVH) D]
+    k = qkv[:, 9 * d:(9 + kvh) * d].view(t, kvh, d)
+    v = qkv[:, (9 + kvh) * d:].view(t, kvh, d)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:t]
+    truth = kv.clone()
+    truth[0].view(-1, kvh, d).index_copy_(0, slots, k)
+    truth[1].view(-1, kvh, d).index_copy_(0, slots, v)
+    native_ops.attention.write_kv(kv, k, v, slots)
+    assert torch.equal(kv, truth)
+
+
+def test_write_kv_refuses_bad_slots_and_layouts_writing_nothing(native_ops):
+    kv = torch.zeros(2, 2, 4, 2, 16)
+    k = v = torch.ones(3, 2, 16)
+    for bad in ([0, 8, 1], [0, -1, 2]):  # 8 = NB · BS: one past the end
+        with pytest.raises(ValueError, match=r"outside \[0, 8\)"):
+            native_ops.attention.write_kv(kv, k, v, torch.tensor(bad))
+        assert not kv.any()  # the valid rows before the bad one were not written either
+    with pytest.raises(ValueError, match="contiguous"):
+        native_ops.attention.write_kv(kv, k.to(torch.bfloat16), v.to(torch.bfloat16), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="int64"):
+        native_ops.attention.write_kv(kv, k, v, torch.tensor([0, 1, 2], dtype=torch.int32))
+
+
 @pytest.mark.parametrize("threads", (2, 3))
 def test_prefill_sized_steps_split_over_threads(native_ops, tied_dtype, threads):
     """≥ PARALLEL_MIN_ROWS tokens run as one call per thread on disjoint rows: the same truth,

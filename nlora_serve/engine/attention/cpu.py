@@ -38,7 +38,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer:
     Returns:
         [T, H * D] attention output, same dtype as ``q``.
     """
-    write_kv(kv_layer, k, v, info.slot_mapping)
+    if native is not None:
+        native.attention.write_kv(kv_layer, k, v, info.slot_mapping)
+    else:
+        write_kv(kv_layer, k, v, info.slot_mapping)
     out = torch.empty_like(q)
     n = info.num_decodes
     if n and native is not None:

@@ -229,3 +229,19 @@ int nlora_paged_decode(const void *q, int64_t q_stride, const void *k_cache, con
         if (jobs[t].status) status = jobs[t].status;
     return status;
 }
+
+/* This step's keys and values into the cache: for t < T, K[slots[t]] = k[t] and V[slots[t]] = v[t],
+ * each a row of row_bytes (KVH x D entries) in a cache of num_slots rows ([NB * BS, KVH, D]); k
+ * and v rows k_stride / v_stride bytes apart. What two torch index_copy_ calls did, at ~30 µs a
+ * layer of Python and dispatch for 64 rows (issue 22). Returns 0; -1 (nothing written) when a slot
+ * is outside [0, num_slots). */
+int nlora_write_kv(void *k_cache, void *v_cache, int64_t num_slots, const void *k, int64_t k_stride, const void *v,
+                   int64_t v_stride, const int64_t *slots, int64_t num_tokens, int64_t row_bytes) {
+    for (int64_t t = 0; t < num_tokens; t++)
+        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
+    for (int64_t t = 0; t < num_tokens; t++) {
+        memcpy((char *)k_cache + slots[t] * row_bytes, (const char *)k + t * k_stride, (size_t)row_bytes);
+        memcpy((char *)v_cache + slots[t] * row_bytes, (const char *)v + t * v_stride, (size_t)row_bytes);
+    }
+    return 0;
+}
