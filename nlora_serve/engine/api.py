@@ -182,33 +182,52 @@ class Engine(abc.ABC):
         """Gauges and counters (running, waiting, kv_blocks_used, kv_blocks_total, tokens, steps)."""
 
 
-# Slack on the characters-per-token bound below: a tokenizer's normaliser may compose characters
-# (NFC: a letter and a combining accent become one), so the text it tokenizes can be shorter.
-PROMPT_CHARS_SLACK = 4
+# Slack on the bytes-per-token bound below: a tokenizer's normaliser may compose characters (NFC:
+# a letter and a combining accent become one), so the text it tokenizes can be shorter.
+PROMPT_BYTES_SLACK = 4
 
 
-def max_prompt_chars(tokenizer, max_model_len: int) -> int:
-    """Characters beyond which a text prompt surely exceeds ``max_model_len`` tokens: every token
-    spells at most as many characters as its vocabulary entry is long (byte-level BPE: one entry
-    character per byte), times :data:`PROMPT_CHARS_SLACK`. Lets :func:`prompt_ids` refuse a huge
-    prompt before tokenizing it (a 15 MB prompt took ~30 s of the front ends' tokenizer thread)."""
-    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
-    return PROMPT_CHARS_SLACK * longest * max_model_len
+def bytes_per_token(tokenizer) -> int:
+    """The most UTF-8 bytes of text one token of ``tokenizer`` can spell: its longest vocabulary
+    entry, in characters for byte-level BPE (each entry character stands for one byte: GPT-2's
+    byte-to-unicode map), else in the entry's own UTF-8 bytes (SentencePiece's "▁" spells a 1-byte
+    space, a "<0xE2>" fallback entry one byte, WordPiece's "##" nothing: never more)."""
+    vocab = tokenizer.get_vocab()
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if "ByteLevel" in repr(decoder):
+        return max((len(t) for t in vocab), default=1)
+    return max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=1)
 
 
-def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock, max_chars: int | None = None) -> list[int]:
+def max_prompt_bytes(tokenizer, max_model_len: int) -> int:
+    """UTF-8 bytes beyond which a text prompt surely exceeds ``max_model_len`` tokens:
+    :func:`bytes_per_token` times ``max_model_len`` times :data:`PROMPT_BYTES_SLACK`. Lets
+    :func:`prompt_ids` refuse a huge prompt before tokenizing it: a 15 MB prompt took ~30 s of the
+    front ends' one tokenizer thread, and at a bound in characters 663k emoji (2.6 MB) still took
+    1.9 s where the same bound in bytes lets through at most 0.4 s of any text (round-four hostile
+    review, SmolLM2's tokenizer)."""
+    return PROMPT_BYTES_SLACK * bytes_per_token(tokenizer) * max_model_len
+
+
+def text_bytes(text: str) -> int:
+    """UTF-8 length of ``text``, lone surrogates counted as 3 bytes (:func:`check_text` refuses them)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock, max_bytes: int | None = None) -> list[int]:
     """A text prompt's token ids (no special tokens added; ``lock`` guards the tokenizer), or the
     given ids as a list.
 
     Raises:
-        RequestError: text no tokenizer takes, text longer than ``max_chars`` characters (see
-            :func:`max_prompt_chars`; refused without tokenizing), or ids that are not all integers.
+        RequestError: text no tokenizer takes, text longer than ``max_bytes`` bytes of UTF-8 (see
+            :func:`max_prompt_bytes`; refused without tokenizing), or ids that are not all integers.
     """
     if isinstance(prompt, str):
         check_text(prompt)
-        if max_chars is not None and len(prompt) > max_chars:
-            raise RequestError(f"prompt is {len(prompt):,} characters: more tokens than the model's context "
-                               f"holds (max_model_len; refused before tokenizing above {max_chars:,} characters)")
+        size = text_bytes(prompt)
+        if max_bytes is not None and size > max_bytes:
+            raise RequestError(f"prompt is {size:,} bytes of UTF-8: more tokens than the model's context holds "
+                               f"(max_model_len; refused before tokenizing above {max_bytes:,} bytes)")
         with lock:
             return tokenizer.encode(prompt, add_special_tokens=False)
     ids = list(prompt)

@@ -22,7 +22,7 @@ from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.api import (SHUTDOWN_REASON, Engine, EngineError, RequestIds, RequestStream,
-                                   max_prompt_chars, prompt_ids)
+                                   max_prompt_bytes, prompt_ids)
 from nlora_serve.engine.core import EngineCore, RequestOutput
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.threads import engine_threads
@@ -45,7 +45,7 @@ class LLMEngine(Engine):
         self._stopping = False
         self._ids = RequestIds()
         self._lock = threading.Lock()  # guards tokenizer use from caller threads
-        self._max_prompt_chars: int | None = None  # set on the first prompt (api.max_prompt_chars)
+        self._max_prompt_bytes: int | None = None  # set on the first prompt (api.max_prompt_bytes)
         self._threads = engine_threads(config.cpu_threads)
         self._thread = threading.Thread(target=self._loop, name="nlora-engine", daemon=True)
         self._thread.start()
@@ -64,9 +64,9 @@ class LLMEngine(Engine):
         return self.core.config.scheduler.max_model_len
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if self._max_prompt_chars is None:  # once: a pass over the vocabulary
-            self._max_prompt_chars = max_prompt_chars(self.tokenizer, self.max_model_len)
-        return prompt_ids(prompt, self.tokenizer, self._lock, self._max_prompt_chars)
+        if self._max_prompt_bytes is None:  # once: a pass over the vocabulary
+            self._max_prompt_bytes = max_prompt_bytes(self.tokenizer, self.max_model_len)
+        return prompt_ids(prompt, self.tokenizer, self._lock, self._max_prompt_bytes)
 
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
         version = self.adapters.unload(name)

@@ -59,7 +59,7 @@ def prompt_of(request: pb.GenerateRequest, tokenizer, chat_bounds: tuple[int | N
 
     Raises:
         RequestError: no prompt, an empty one, a chat message with an unknown role, chat contents
-            or messages over ``chat_bounds`` (max_chars, max_messages of
+            or messages over ``chat_bounds`` (max_bytes, max_messages of
             :func:`~nlora_serve.serving.frontend.render_chat`).
     """
     kind = request.WhichOneof("prompt")

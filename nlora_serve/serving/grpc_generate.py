@@ -29,9 +29,8 @@ from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving import grpc_convert as convert
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_chars
-from nlora_serve.serving.frontend import (Admission, adapter_versions, cache_salt_of, metered, off_loop,
-                                         start_request)
+from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_bytes
+from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
 from nlora_serve.serving.grpc_status import status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
@@ -47,7 +46,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.engine, self.config, self.auth = engine, config, auth
         self.metrics, self.admission, self.tokenizer, self.info = metrics, admission, tokenizer, info
         # chats past these (content characters, messages) surely exceed the context: refused untokenized
-        self.chat_bounds = (max_prompt_chars(tokenizer, engine.max_model_len), engine.max_model_len)
+        self.chat_bounds = (max_prompt_bytes(tokenizer, engine.max_model_len), engine.max_model_len)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         timer = self.metrics.request("grpc")
@@ -81,13 +80,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         principal.check(adapter)
         request_id = convert.request_id_of(request)
         params = convert.sampling_params(request.sampling, self.config)
-        prompt = await off_loop(convert.prompt_of, request, self.tokenizer, self.chat_bounds)  # tokenizing: off the event loop
-        prompt = await off_loop(self.engine.prompt_ids, prompt)
+        prompt = await self.admission.tokenizer.run(principal.name, self._prompt_ids, request)  # off the event loop
         engine_id = f"{principal.name}/{request_id}" if request_id else None
         stream = start_request(self.engine, self.admission, prompt, params, engine_id, adapter,
                                max_tokens_given=request.sampling.max_tokens > 0, principal=principal,
                                cache_salt=cache_salt_of(principal, request.cache_salt, self.auth))
         return stream, request_id, principal.name
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        """The request's prompt as token ids (chat rendered, text tokenized): on the tokenizer thread."""
+        return self.engine.prompt_ids(convert.prompt_of(request, self.tokenizer, self.chat_bounds))
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext):
         try:

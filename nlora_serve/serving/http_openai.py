@@ -189,7 +189,7 @@ def chat_inputs(request: ChatRequest, config: ServerConfig, tokenizer,
 
     Raises:
         ParamError: an unsupported field, no messages or an unknown role, a field out of range,
-            top_logprobs without logprobs, contents or messages over ``chat_bounds`` (max_chars,
+            top_logprobs without logprobs, contents or messages over ``chat_bounds`` (max_bytes,
             max_messages of :func:`~nlora_serve.serving.frontend.render_chat`).
     """
     check_fields(request)

@@ -39,9 +39,8 @@ from starlette.requests import ClientDisconnect
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator, PermissionDenied, Principal
-from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_chars
-from nlora_serve.serving.frontend import (Admission, adapter_versions, cache_salt_of, metered, off_loop,
-                                         start_request)
+from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_bytes
+from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
 from nlora_serve.serving.grpc_status import http_status_of
 from nlora_serve.serving.http_body import parsed_json, validated
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_inputs, completion_inputs
@@ -70,7 +69,7 @@ class HttpContext:
     chat_bounds: tuple[int, int] = (0, 0)  # chats past these (content characters, messages): refused untokenized
 
     def __post_init__(self) -> None:
-        self.chat_bounds = (max_prompt_chars(self.tokenizer, self.engine.max_model_len), self.engine.max_model_len)
+        self.chat_bounds = (max_prompt_bytes(self.tokenizer, self.engine.max_model_len), self.engine.max_model_len)
 
 
 # an error message at most this long: messages quote the offending value, which a request may make
@@ -238,11 +237,12 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
         _check_grant(caller, model, ctx.base_model)
     body = validated(ChatRequest if chat else CompletionRequest, data)
     adapter = None if body.model == ctx.base_model else body.model
+    turns = ctx.admission.tokenizer  # each tenant's prompts tokenized one at a time (TokenizerTurns)
     if chat:
-        prompt, params = await off_loop(chat_inputs, body, ctx.config, ctx.tokenizer, ctx.chat_bounds)
+        prompt, params = await turns.run(caller.name, chat_inputs, body, ctx.config, ctx.tokenizer, ctx.chat_bounds)
     else:
         prompt, params = completion_inputs(body, ctx.config)
-        prompt = await off_loop(ctx.engine.prompt_ids, prompt)
+        prompt = await turns.run(caller.name, ctx.engine.prompt_ids, prompt)
     if adapter is not None and adapter_versions(ctx.engine) is None:
         raise AdapterNotFound(f"model {body.model!r} does not exist: this server serves no adapters")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"

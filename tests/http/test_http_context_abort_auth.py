@@ -60,14 +60,14 @@ def test_chat_over_the_context_is_400_counting_the_templated_prompt(http_server,
 def test_a_prompt_far_over_the_context_is_400_before_tokenizing(http_server, tokenizer):
     """Text longer than any MAX_MODEL_LEN tokens can spell is refused without tokenizing it (the
     tokenizer thread is shared by every request)."""
-    from nlora_serve.engine.api import max_prompt_chars
+    from nlora_serve.engine.api import max_prompt_bytes
 
-    bound = max_prompt_chars(tokenizer, MAX_MODEL_LEN)
+    bound = max_prompt_bytes(tokenizer, MAX_MODEL_LEN)
     start = time.perf_counter()
     with pytest.raises(openai.BadRequestError) as err:
         client(http_server, TENANT_KEYS["base-co"]).completions.create(
             model=_base(http_server), prompt="lighthouse " * (bound // 11 + 1), max_tokens=1)
-    assert f"refused before tokenizing above {bound:,} characters" in err.value.body["message"]
+    assert f"refused before tokenizing above {bound:,} bytes" in err.value.body["message"]
     assert time.perf_counter() - start < 5.0 and _idle(http_server)
 
 

@@ -148,9 +148,9 @@ def test_chat_contents_past_any_context_are_refused_before_tokenizing(http_serve
     def never(*args, **kwargs):
         raise AssertionError("the chat was rendered")
     monkeypatch.setattr(tokenizer, "apply_chat_template", never)
-    said = f"hold {2 * len(half):,} characters of content: more tokens than the model's context holds"
+    said = f"hold {2 * len(half):,} bytes of content (UTF-8): more tokens than the model's context holds"
     _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, messages=messages)), "messages", said,
-             f"above {bound:,} characters")
+             f"above {bound:,} bytes")
     with pytest.raises(grpc.RpcError) as err:
         _grpc_generate(http_server, chat={"messages": messages})
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and said in err.value.details(), err.value

@@ -29,7 +29,7 @@ from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.api import (SHUTDOWN_REASON, Engine, EngineError, RequestIds, RequestStream,
-                                   max_prompt_chars, prompt_ids)
+                                   max_prompt_bytes, prompt_ids)
 from nlora_serve.engine.core import RequestOutput, check_request, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
@@ -82,7 +82,7 @@ class VllmEngine(Engine):
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0}
         self._jobs: dict[str, _Job] = {}  # running requests by engine id
         self._lock = threading.Lock()  # guards _jobs, _counters and tokenizer use
-        self._max_prompt_chars: int | None = None  # set on the first prompt (api.max_prompt_chars)
+        self._max_prompt_bytes: int | None = None  # set on the first prompt (api.max_prompt_bytes)
         self._ids = RequestIds()
         self._stopping = False
         self._loop = asyncio.new_event_loop()
@@ -166,9 +166,9 @@ class VllmEngine(Engine):
         return self.config.scheduler.max_model_len
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if self._max_prompt_chars is None:  # once: a pass over the vocabulary
-            self._max_prompt_chars = max_prompt_chars(self.tokenizer, self.max_model_len)
-        return prompt_ids(prompt, self.tokenizer, self._lock, self._max_prompt_chars)
+        if self._max_prompt_bytes is None:  # once: a pass over the vocabulary
+            self._max_prompt_bytes = max_prompt_bytes(self.tokenizer, self.max_model_len)
+        return prompt_ids(prompt, self.tokenizer, self._lock, self._max_prompt_bytes)
 
     async def _run(self, job: _Job, ids: list[int], params: SamplingParams, cache_salt: str | None) -> None:
         """One request on the vLLM loop: vLLM's deltas streamed as ours, then its terminal path."""
