@@ -1,0 +1,67 @@
+"""Found by the fourth hostile review: integers past Python's digit limit, out-of-range prompt ids
+without a param, empty adapter uploads, and finite adapter values that overflow when served. Each
+is a 400 (INVALID_ARGUMENT on gRPC) naming the field or tensor, and the server serves on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import requests
+import safetensors.torch
+import torch
+
+from grpc_harness import ADMIN_KEY
+from http_harness import CASES, base_url
+
+from nlora_serve.client import InvalidArgument, NloraClient
+
+LONG = "7" * 5000  # over sys.get_int_max_str_digits() (4300): json.loads itself raised on it
+TIED = "inttune-nystrom-tied"
+
+
+def _post_raw(server, body: str, path: str = "completions") -> requests.Response:
+    return requests.post(f"{base_url(server)}/{path}", data=body.encode(), timeout=60,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
+
+
+def _body(server, raw_fields: dict[str, str], chat: bool = False) -> str:
+    """A JSON body whose ``raw_fields`` values are spliced in as written (json.dumps cannot write LONG)."""
+    fields = {"model": json.dumps(server.server.generation.info.model), "max_tokens": "2"}
+    fields["messages" if chat else "prompt"] = json.dumps([{"role": "user", "content": "hi"}] if chat else "hi hi")
+    fields.update(raw_fields)
+    return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in fields.items()) + "}"
+
+
+def _refused(resp: requests.Response, param: str, *words: str) -> None:
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and all(w in error["message"] for w in words), error
+    assert len(resp.content) < 2_000, len(resp.content)
+
+
+def _adapter_dir(tmp_path, name: str, weights: bytes | None = None, tensors: dict | None = None):
+    folder = tmp_path / name
+    shutil.copytree(CASES / TIED, folder)
+    data = weights if weights is not None else safetensors.torch.save(tensors)
+    (folder / "adapter_model.safetensors").write_bytes(data)
+    return folder
+
+
+@pytest.mark.parametrize("value", [3e38, 1e30])
+def test_an_adapter_that_overflows_when_served_is_refused_at_upload_and_swap(http_server, tmp_path, value):
+    """It had been accepted, and every request on the tenant then failed with a 500."""
+    tensors = safetensors.torch.load_file(CASES / TIED / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if k.endswith("lora_N.weight"))
+    bad = dict(tensors, **{key: torch.full_like(tensors[key], value)})
+    with NloraClient(http_server.target, api_key=ADMIN_KEY) as admin:
+        with pytest.raises(InvalidArgument, match=f"tensor '{key}'"):
+            admin.upload_adapter("overflow", _adapter_dir(tmp_path, "overflow", tensors=bad))
+        current = admin.upload_adapter(TIED, CASES / TIED).version
+        with pytest.raises(InvalidArgument, match=f"tensor '{key}'"):
+            admin.swap_adapter(TIED, safetensors.torch.save({k: v for k, v in bad.items() if "lora_N" in k}))
+    assert http_server.engine.adapters.registry.get(TIED).version == current
+    ok = _post_raw(http_server, json.dumps({"model": TIED, "prompt": "hi hi", "max_tokens": 2, "temperature": 0}))
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"], ok.text
