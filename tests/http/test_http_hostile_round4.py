@@ -50,6 +50,20 @@ def _adapter_dir(tmp_path, name: str, weights: bytes | None = None, tensors: dic
     return folder
 
 
+@pytest.mark.parametrize("weights, words", [
+    (b"", "adapter_model.safetensors is empty (0 bytes); expected a safetensors file: an 8-byte"),
+    (b"\x01\x02\x03", "adapter_model.safetensors is 3 bytes, too short; expected a safetensors file"),
+])
+def test_an_empty_or_tiny_upload_says_so(http_server, tmp_path, weights, words):
+    with NloraClient(http_server.target, api_key=ADMIN_KEY) as admin:
+        with pytest.raises(InvalidArgument, match=words.replace("(", r"\(").replace(")", r"\)")):
+            admin.upload_adapter("empty", _adapter_dir(tmp_path, "empty", weights))
+        admin.upload_adapter(TIED, CASES / TIED)
+        with pytest.raises(InvalidArgument, match=words.replace("(", r"\(").replace(")", r"\)")):
+            admin.swap_adapter(TIED, weights)
+    assert "empty" not in {v.name for v in http_server.engine.adapters.versions()}
+
+
 @pytest.mark.parametrize("value", [3e38, 1e30])
 def test_an_adapter_that_overflows_when_served_is_refused_at_upload_and_swap(http_server, tmp_path, value):
     """It had been accepted, and every request on the tenant then failed with a 500."""
