@@ -42,6 +42,34 @@ def _refused(resp: requests.Response, param: str, *words: str) -> None:
     assert len(resp.content) < 2_000, len(resp.content)
 
 
+def test_the_digit_limit_is_what_the_review_hit():
+    assert len(LONG) > sys.get_int_max_str_digits() > 0
+    with pytest.raises(ValueError, match="digits"):
+        json.loads(LONG)
+
+
+@pytest.mark.parametrize("field, raw, chat", [
+    ("max_tokens", LONG, False), ("max_tokens", "-" + LONG, False), ("n", LONG, False), ("seed", LONG, False),
+    ("top_k", LONG, False), ("logprobs", LONG, False), ("min_tokens", LONG, False),
+    ("prompt", f"[1, 2, {LONG}]", False), ("stop_token_ids", f"[{LONG}]", False),
+    ("max_completion_tokens", LONG, True), ("top_logprobs", LONG, True), ("seed", LONG, True),
+])
+def test_an_integer_past_pythons_digit_limit_is_out_of_range_not_bad_json(http_server, field, raw, chat):
+    resp = _post_raw(http_server, _body(http_server, {field: raw}, chat), "chat/completions" if chat else "completions")
+    _refused(resp, field, "out of range", "(5000 digits)")
+    if raw.startswith("["):
+        assert f"{field}[{raw.count(',')}] = 77777777... (5000 digits)" in resp.json()["error"]["message"]
+
+
+def test_a_too_large_max_tokens_names_the_same_param_whatever_its_length(http_server):
+    """The reference: an ordinary too-large max_tokens (20 digits) is a 400 on param max_tokens."""
+    short = _post_raw(http_server, _body(http_server, {"max_tokens": "7" * 20}))
+    _refused(short, "max_tokens", "max_tokens must be <=")
+    _refused(_post_raw(http_server, _body(http_server, {"max_tokens": LONG})), "max_tokens", "out of range")
+    ok = _post_raw(http_server, _body(http_server, {"temperature": "0"}))
+    assert ok.status_code == 200, ok.text
+
+
 def _adapter_dir(tmp_path, name: str, weights: bytes | None = None, tensors: dict | None = None):
     folder = tmp_path / name
     shutil.copytree(CASES / TIED, folder)
