@@ -70,6 +70,14 @@ def test_a_too_large_max_tokens_names_the_same_param_whatever_its_length(http_se
     assert ok.status_code == 200, ok.text
 
 
+@pytest.mark.parametrize("ids", [[1, 10 ** 6], [-1, 5], [49152]])
+def test_out_of_range_prompt_ids_name_the_prompt_param(http_server, base_fp32, ids):
+    vocab = json.loads((base_fp32.path / "config.json").read_text())["vocab_size"]
+    resp = _post_raw(http_server, _body(http_server, {"prompt": json.dumps(ids)}))
+    _refused(resp, "prompt", f"prompt token ids must be in [0, {vocab})")
+    assert _post_raw(http_server, _body(http_server, {"prompt": json.dumps([1, 2, 3])})).status_code == 200
+
+
 def _adapter_dir(tmp_path, name: str, weights: bytes | None = None, tensors: dict | None = None):
     folder = tmp_path / name
     shutil.copytree(CASES / TIED, folder)
