@@ -14,7 +14,8 @@ every activation x with |x_i| <= MAX_ACTIVATION (X):
 
 ‖M‖∞ is the largest row sum of |M|, the most |M x|∞ can be for |x_i| <= 1. These are upper
 bounds: an adapter near them may be refused though no real input would overflow; the adapters
-of tests/data/cases sit about 14 orders of magnitude below rule 4's limit.
+of tests/data/cases reach at most 2.4e6 in rule 4 (exactly, from s·B·N·A), 11 orders of
+magnitude below its limit (7.7e17 at out = 576).
 """
 
 from __future__ import annotations

@@ -29,8 +29,9 @@ def parsed_json(raw: bytes, content_type: str | None):
             ``application/x-www-form-urlencoded``; the message names it), not JSON (FastAPI's
             ``json_invalid`` error, with the character offset), nested deeper than the parser
             recurses, an integer of more digits than Python converts (refused as out of range,
-            naming its field: see :func:`_refuse_long_ints`), or a string holding a lone UTF-16 surrogate (``"\\ud800"`` is valid JSON but
-            no Unicode text: the tokenizer and the UTF-8 error body would fail on it with a 500).
+            naming its field: see :func:`_refuse_long_ints`), or a string holding a lone UTF-16
+            surrogate (``"\\ud800"`` is valid JSON but no Unicode text: the tokenizer and the UTF-8
+            error body would fail on it with a 500).
     """
     if not raw:
         raise _body_error("the request body is empty; expected a JSON object")
