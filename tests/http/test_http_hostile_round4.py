@@ -115,3 +115,40 @@ def test_an_adapter_that_overflows_when_served_is_refused_at_upload_and_swap(htt
     assert http_server.engine.adapters.registry.get(TIED).version == current
     ok = _post_raw(http_server, json.dumps({"model": TIED, "prompt": "hi hi", "max_tokens": 2, "temperature": 0}))
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"], ok.text
+
+
+def test_non_finite_logits_fail_only_their_own_request_with_a_clear_error(http_server, monkeypatch, caplog):
+    """What an adapter inside the bounds may still do (or a fault): its request ends with a 500
+    naming the adapter and the cause, no traceback is logged, and a base-model request sent at
+    the same time completes with the text it gets alone."""
+    import logging
+    import threading
+
+    body = lambda model: json.dumps({"model": model, "prompt": "hi hi", "max_tokens": 8, "temperature": 0,  # noqa: E731
+                                     "ignore_eos": True})
+    alone = _post_raw(http_server, body(http_server.server.generation.info.model)).json()["choices"][0]["text"]
+    runner = http_server.engine.core.runner
+    execute = runner.execute
+
+    def overflow(pairs, previous=None):
+        logits = execute(pairs, previous)
+        sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
+        for row, seq in enumerate(sampling):
+            if seq.adapter is not None:
+                logits[row, 7] = float("inf")
+        return logits
+
+    monkeypatch.setattr(runner, "execute", overflow)
+    caplog.set_level(logging.ERROR)
+    results = {}
+    threads = [threading.Thread(target=lambda m=m: results.__setitem__(m, _post_raw(http_server, body(m))))
+               for m in (TIED, http_server.server.generation.info.model)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    bad, good = results[TIED], results[http_server.server.generation.info.model]
+    assert bad.status_code == 500 and "logits on adapter 'inttune-nystrom-tied'" in bad.json()["error"]["message"]
+    assert "not finite" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and good.json()["choices"][0]["text"] == alone
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
