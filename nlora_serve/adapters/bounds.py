@@ -28,6 +28,7 @@ import torch
 from nlora_serve.adapters.adapter import SiteWeights
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, tensor_key
 from nlora_serve.errors import AdapterError
+from nlora_serve.models.base import BaseModel
 from nlora_serve.models.dtype import DTYPES
 from nlora_serve.models.spec import ModelSpec
 
@@ -39,6 +40,8 @@ FMAX = min(torch.finfo(d).max for d in DTYPES.values())
 # Activations the bounds hold for: hidden-state entries of Llama-family models reach thousands at
 # most (the "massive activations" of Sun et al. 2024, arXiv 2402.17762); 1e4 is above them.
 MAX_ACTIVATION = 1e4
+SMALL = 4096  # row_sum_max stacks tensors of at most this many elements
+MAX_TIED_FAMILIES = 64  # tied families whose A, B norms stay cached on the base model
 
 
 def check_finite(tensors: dict[str, torch.Tensor]) -> None:
@@ -69,19 +72,47 @@ def row_sum_max(tensors: list[torch.Tensor]) -> np.ndarray:
     """``‖M‖∞`` (the largest row sum of |M|) of each 2-D tensor: [len(tensors)] float64.
 
     Summed in float32 (a sum past float32's range is over FMAX however it is rounded); the ones
-    that overflow are summed again in float64, so a message can say by how much."""
-    out = torch.stack([t.abs().sum(-1, dtype=torch.float32).amax() for t in tensors]).numpy().astype(np.float64)
-    for i in np.flatnonzero(~np.isfinite(out)):
-        out[i] = float(tensors[i].to(torch.float64).abs().sum(-1).amax())
-    return out
+    that overflow are summed again in float64, so a message can say by how much. Small tensors
+    of one shape (every N of an adapter) are stacked: a few ops, not a few per tensor."""
+    out = torch.empty(len(tensors), dtype=torch.float32)
+    small: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel() <= SMALL:
+            small.setdefault(tuple(t.shape), []).append(i)
+        else:
+            out[i] = t.abs().sum(-1, dtype=torch.float32).amax()
+    for index in small.values():
+        stacked = torch.stack([tensors[i] for i in index])
+        out[index] = stacked.abs().sum(-1, dtype=torch.float32).amax(-1)
+    norms = out.numpy().astype(np.float64)
+    for i in np.flatnonzero(~np.isfinite(norms)):
+        norms[i] = float(tensors[i].to(torch.float64).abs().sum(-1).amax())
+    return norms
 
 
-def site_limits(sites: dict[Site, SiteWeights]) -> np.ndarray:
+def tied_norms(base: BaseModel, family: str, sites: dict[Site, SiteWeights]) -> tuple[np.ndarray, np.ndarray]:
+    """``(‖A‖∞, ‖B‖∞)`` per site of a tied family, from the base's own W[:r, :] and W[:, :r]: the
+    same for every tenant of the family, so kept on ``base`` (up to MAX_TIED_FAMILIES, then
+    cleared) instead of reading r·(in + out) values again at every registration."""
+    cache = base.derived.setdefault("bounds.tied_norms", {})
+    norms = cache.get(family)
+    if norms is None:
+        weights = [(base.weight(*site), s.rank) for site, s in sites.items()]
+        norms = (row_sum_max([w[:r, :] for w, r in weights]), row_sum_max([w[:, :r] for w, r in weights]))
+        if len(cache) >= MAX_TIED_FAMILIES:
+            cache.clear()
+        cache[family] = norms
+    return norms
+
+
+def site_limits(sites: dict[Site, SiteWeights],
+                ab: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Check rules 1-4 at every site; return, per site, the most s·‖N‖∞ may be there with the
     site's A, B and b (what a hot-swap of N alone checks: :func:`check_swapped_n`).
 
     Args:
         sites: validated sites (any float dtype), in the adapter's order.
+        ab: ``(‖A‖∞, ‖B‖∞)`` per site when known (:func:`tied_norms`); else read from ``sites``.
     Returns:
         [len(sites)] float64.
     Raises:
@@ -89,15 +120,21 @@ def site_limits(sites: dict[Site, SiteWeights]) -> np.ndarray:
             reaches and the limit.
     """
     values = list(sites.values())
-    a = row_sum_max([s.A for s in values])
-    b = row_sum_max([s.B for s in values])
+    a, b = ab if ab is not None else (row_sum_max([s.A for s in values]), row_sum_max([s.B for s in values]))
     n = row_sum_max([s.N for s in values])
-    limits = np.empty(len(values))
-    for i, site in enumerate(values):
-        bias = 0.0 if site.bias is None else float(site.bias.to(torch.float64).abs().max())
-        _check_site(site, a[i], n[i], b[i], bias)
-        limits[i] = _n_limit(site, a[i], b[i], bias)
-    return limits
+    bias = np.array([0.0 if s.bias is None else float(s.bias.to(torch.float64).abs().max()) for s in values])
+    scaling = np.array([abs(s.scaling) for s in values], dtype=np.float64)
+    out = np.array([s.B.shape[0] for s in values], dtype=np.float64)
+    X = MAX_ACTIVATION
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN compare False: refused below
+        ok = ((a <= FMAX) & (n <= FMAX) & (b <= FMAX) & (bias <= FMAX) & (scaling * n <= FMAX) & (a * X <= FMAX)
+              & (scaling * n * a * X <= FMAX) & (b * scaling * n * a * X + scaling * bias <= np.sqrt(FMAX / out)))
+    for i in np.flatnonzero(~ok):  # the first site that fails, with its message
+        _check_site(values[i], a[i], n[i], b[i], bias[i])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        by_a = np.where(a > 0, FMAX / (a * X), np.inf)
+        by_out = np.where(a * b > 0, (np.sqrt(FMAX / out) - scaling * bias) / (b * a * X), np.inf)
+    return np.minimum(np.minimum(by_a, by_out), FMAX)
 
 
 def check_swapped_n(sites: dict[Site, SiteWeights], limits: np.ndarray, n_norms: np.ndarray) -> None:
@@ -116,16 +153,6 @@ def check_swapped_n(sites: dict[Site, SiteWeights], limits: np.ndarray, n_norms:
         a, b = row_sum_max([site.A, site.B])
         bias = 0.0 if site.bias is None else float(site.bias.to(torch.float64).abs().max())
         _check_site(site, a, n_norms[i], b, bias)
-
-
-def _n_limit(site: SiteWeights, a: float, b: float, bias: float) -> float:
-    out = site.B.shape[0]
-    limits = [FMAX]
-    if a > 0:
-        limits.append(FMAX / (a * MAX_ACTIVATION))
-        if b > 0:
-            limits.append((math.sqrt(FMAX / out) - abs(site.scaling) * bias) / (b * a * MAX_ACTIVATION))
-    return min(limits)
 
 
 def _check_site(site: SiteWeights, a: float, n: float, b: float, bias: float) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nlora_serve.adapters.adapter import Adapter, SiteWeights, content_hash, flavour_of, sort_sites
-from nlora_serve.adapters.bounds import check_finite, site_limits
+from nlora_serve.adapters.bounds import check_finite, site_limits, tied_norms
 from nlora_serve.adapters.config import (CONFIG_NAME, AdapterConfig, SitePlan, parse_config, plan_sites,
                                          read_config)
 from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_header, read_tensors, weights_path
@@ -237,8 +237,8 @@ def assemble_adapter(cfg: AdapterConfig, sites: dict[tuple[int, str], SiteWeight
     per family, so members hold only N.
     """
     sites = sort_sites(sites)
-    limits = site_limits(sites)  # before the cast: a value the cast would make inf is named
     if shared is not None:
+        limits = site_limits(sites)  # before the cast: a value the cast would make inf is named
         digest = content_hash(sites, shared.key)
         cast = shared.in_dtype(base.dtype)
         for key, s in sites.items():
@@ -249,6 +249,7 @@ def assemble_adapter(cfg: AdapterConfig, sites: dict[tuple[int, str], SiteWeight
                        source=source, n_limits=limits)
     if family is None and is_tied(sites, base, stored_dtype):
         family = family_key(base.fingerprint, {s: w.rank for s, w in sites.items()})
+    limits = site_limits(sites, tied_norms(base, family, sites) if family is not None else None)
     digest = content_hash(sites, family)
     _cast(sites, base.dtype)
     if family is not None:
