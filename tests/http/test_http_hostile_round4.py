@@ -61,6 +61,18 @@ def test_an_integer_past_pythons_digit_limit_is_out_of_range_not_bad_json(http_s
         assert f"{field}[{raw.count(',')}] = 77777777... (5000 digits)" in resp.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("field, raw, chat", [
+    ("max_tokens", "7" * 30, False), ("n", "7" * 30, False), ("seed", "7" * 30, False),
+    ("top_k", "7" * 30, False), ("logprobs", "7" * 30, False), ("min_tokens", "7" * 30, False),
+    ("prompt", f"[1, {'7' * 30}]", False), ("stop_token_ids", f"[{'7' * 30}]", False),
+    ("max_completion_tokens", "7" * 30, True), ("top_logprobs", "7" * 30, True), ("seed", "7" * 30, True),
+])
+def test_every_integer_field_refuses_a_large_value_naming_itself(http_server, field, raw, chat):
+    """Below the digit limit each field's own range check answers, with the field as param."""
+    resp = _post_raw(http_server, _body(http_server, {field: raw}, chat), "chat/completions" if chat else "completions")
+    _refused(resp, field)
+
+
 def test_a_too_large_max_tokens_names_the_same_param_whatever_its_length(http_server):
     """The reference: an ordinary too-large max_tokens (20 digits) is a 400 on param max_tokens."""
     short = _post_raw(http_server, _body(http_server, {"max_tokens": "7" * 20}))
