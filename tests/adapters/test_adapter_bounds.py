@@ -112,3 +112,25 @@ def test_swap_of_an_overflowing_n_is_refused_and_the_tenant_serves_on(base_fp32,
     assert manager.registry.get("t") is before and manager.registry.store.versions("t") == [before.version]
     ok = manager.swap("t", safetensors.torch.save({k: 1.5 * v for k, v in tensors.items()}))
     assert ok.version == before.version + 1
+
+
+def test_a_stored_overflowing_adapter_is_not_served_after_a_restart_nor_passed_by_inspect(base_fp32, tmp_path, caplog):
+    """One written by a server without these checks: the store keeps it, the registry skips it
+    with the reason, and `adapters inspect` refuses it the same way."""
+    import shutil
+
+    from nlora_serve.adapters.inspect import inspect_adapter
+
+    manager = AdapterManager(base_fp32, tmp_path / "store")
+    good = manager.register_dir("good", CASES / TIED)
+    bad = tmp_path / "store" / "bad" / f"{1:08d}"
+    shutil.copytree(good.path, bad)
+    tensors = safetensors.torch.load_file(bad / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key] = torch.full_like(tensors[key], 1e30)
+    safetensors.torch.save_file(tensors, bad / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=rf"tensor '{re.escape(key)}'"):
+        inspect_adapter(bad, base_fp32)
+    restarted = AdapterManager(base_fp32, tmp_path / "store")
+    assert {v.name for v in restarted.versions()} == {"good"}
+    assert any("bad" in r.getMessage() and key in r.getMessage() for r in caplog.records)
