@@ -170,6 +170,9 @@ def read_adapter_bytes(config: bytes, weights: bytes, base: BaseModel, *, max_ra
     Raises:
         AdapterError: as :func:`read_adapter`.
     """
+    if not config.strip():
+        raise AdapterError(f"{CONFIG_NAME} is empty; expected a JSON object (the PEFT adapter config: "
+                           "peft_type, r, lora_alpha, target_modules, ...)")
     try:
         raw = json.loads(config)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser

@@ -8,6 +8,7 @@ import json
 import shutil
 import sys
 
+import grpc
 import pytest
 import requests
 import safetensors.torch
@@ -17,6 +18,8 @@ from grpc_harness import ADMIN_KEY
 from http_harness import CASES, base_url
 
 from nlora_serve.client import InvalidArgument, NloraClient
+from nlora_serve.proto import nlora_pb2 as pb
+from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 
 LONG = "7" * 5000  # over sys.get_int_max_str_digits() (4300): json.loads itself raised on it
 TIED = "inttune-nystrom-tied"
@@ -164,3 +167,16 @@ def test_non_finite_logits_fail_only_their_own_request_with_a_clear_error(http_s
     assert "not finite" in bad.json()["error"]["message"]
     assert good.status_code == 200 and good.json()["choices"][0]["text"] == alone
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+def test_an_upload_with_an_empty_config_says_so(http_server):
+    weights = (CASES / TIED / "adapter_model.safetensors").read_bytes()
+    header = pb.UploadAdapterRequest(header=pb.UploadHeader(name="noconfig", adapter_config_json="",
+                                                            safetensors_bytes=len(weights)))
+    with grpc.insecure_channel(http_server.target) as channel:
+        upload = pb_grpc.AdapterAdminStub(channel).UploadAdapter
+        with pytest.raises(grpc.RpcError) as err:
+            upload(iter([header, pb.UploadAdapterRequest(chunk=weights)]),
+                   metadata=(("authorization", f"Bearer {ADMIN_KEY}"),))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "adapter_config.json is empty; expected a JSON object" in err.value.details()
