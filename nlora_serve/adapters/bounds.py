@@ -138,7 +138,8 @@ def site_limits(sites: dict[Site, SiteWeights],
 
 
 def check_swapped_n(sites: dict[Site, SiteWeights], limits: np.ndarray, n_norms: np.ndarray) -> None:
-    """Rules 1, 2 and 4 for sites whose N alone changed (A, B and b passed :func:`site_limits`).
+    """Rules 1-4 for sites whose N alone changed (their A, B and b passed :func:`site_limits`,
+    whose ``limits`` fold rules 2-4 into one bound on s·‖N‖∞ per site): a few numpy ops.
 
     Args:
         sites: the new sites. limits: :func:`site_limits` of the version they replace.
