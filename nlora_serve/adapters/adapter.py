@@ -67,6 +67,9 @@ class Adapter:
     shared_family: str | None = None  # compressed family members only: family.factors_key
     base_fingerprint: str = ""  # the base model the adapter was validated against
     source: str = field(default="", repr=False)  # where it was read from, for messages
+    # [sites] float64, per site the most s·‖N‖∞ its A, B and bias allow (adapters/bounds.py): what
+    # a hot-swap of N alone is checked against. Set by loader.assemble_adapter.
+    n_limits: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def is_tied(self) -> bool:

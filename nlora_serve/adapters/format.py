@@ -57,6 +57,8 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             F32 / F16 / BF16 (named with its key).
     """
     try:
+        if path.stat().st_size < 8:
+            raise AdapterError(_too_short(str(path), path.stat().st_size))
         with safe_open(str(path), framework="pt") as f:
             header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
@@ -85,9 +87,18 @@ def read_header_bytes(data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {k: (v["dtype"], v["shape"]) for k, v in _entries(data)[0].items()}
 
 
+def _too_short(what: str, size: int) -> str:
+    """Why ``size`` bytes (< 8) of ``what`` cannot be safetensors."""
+    got = "empty (0 bytes)" if size == 0 else f"{size} bytes, too short"
+    return (f"{what} is {got}; expected a safetensors file: an 8-byte little-endian header length, "
+            "a JSON header, then the tensor data")
+
+
 def _entries(data: bytes) -> tuple[dict[str, dict], int]:
     """The header's tensor entries (``shape`` as a tuple, dtypes checked) and where the data starts."""
-    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if len(data) < 8:
+        raise AdapterError(_too_short(WEIGHTS_NAME, len(data)))
+    size = int.from_bytes(data[:8], "little")
     try:
         if not 0 < size <= len(data) - 8:
             raise ValueError(f"header length {size} does not fit {len(data)} bytes")

@@ -2,7 +2,8 @@
 
 Every check runs before the adapter exists, so a refused adapter disturbs nothing. Order:
 config fields, file format, key names, config ↔ keys agreement, rank vs max rank, shapes,
-finite values; then tied detection, the content hash, and one cast to the compute dtype.
+finite values; then the magnitude bounds (bounds.py), tied detection, the content hash, and one
+cast to the compute dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from nlora_serve.adapters.adapter import Adapter, SiteWeights, content_hash, flavour_of, sort_sites
+from nlora_serve.adapters.bounds import check_finite, site_limits, tied_norms
 from nlora_serve.adapters.config import (CONFIG_NAME, AdapterConfig, SitePlan, parse_config, plan_sites,
                                          read_config)
 from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_header, read_tensors, weights_path
@@ -88,25 +90,6 @@ def _check_shapes(grouped: dict, header: dict, plans: dict, spec: ModelSpec) -> 
                 raise AdapterError(f"tensor {key!r} has shape {list(got)}, expected {list(want)} "
                                    f"(r={plan.rank} from {CONFIG_NAME}; {plan.module} of this model is "
                                    f"[out={out}, in={inp}])")
-
-
-def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    # One pass over everything first (a hot-swap validates 210 small tensors); name the key after.
-    if all(torch.isfinite(torch.cat([t.reshape(-1) for t in group])).all()
-           for group in _by_dtype(tensors.values())):
-        return
-    for key, t in sorted(tensors.items()):
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise AdapterError(f"tensor {key!r} has {bad} non-finite value(s) (NaN or inf) of {t.numel()}; "
-                               "refusing it so no NaN reaches a shared batch")
-
-
-def _by_dtype(tensors) -> list[list[torch.Tensor]]:
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.dtype, []).append(t)
-    return list(groups.values())
 
 
 def _build_sites(grouped, tensors, plans, base: BaseModel,
@@ -187,6 +170,9 @@ def read_adapter_bytes(config: bytes, weights: bytes, base: BaseModel, *, max_ra
     Raises:
         AdapterError: as :func:`read_adapter`.
     """
+    if not config.strip():
+        raise AdapterError(f"{CONFIG_NAME} is empty; expected a JSON object (the PEFT adapter config: "
+                           "peft_type, r, lora_alpha, target_modules, ...)")
     try:
         raw = json.loads(config)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
@@ -232,7 +218,7 @@ def _read(cfg: AdapterConfig, header: dict, tensors_of, base: BaseModel, max_ran
     _check_parts(grouped, cfg)
     _check_shapes(grouped, header, plans, base.spec)
     tensors = tensors_of()
-    _check_finite(tensors)
+    check_finite(tensors)
     stored = max((STORED_DTYPES[d] for d, _ in header.values()), key=lambda d: torch.finfo(d).eps)
     if cfg.family is not None:
         factors = _family_factors(cfg, grouped, tensors, plans, base, families, near, source)
@@ -255,6 +241,7 @@ def assemble_adapter(cfg: AdapterConfig, sites: dict[tuple[int, str], SiteWeight
     """
     sites = sort_sites(sites)
     if shared is not None:
+        limits = site_limits(sites)  # before the cast: a value the cast would make inf is named
         digest = content_hash(sites, shared.key)
         cast = shared.in_dtype(base.dtype)
         for key, s in sites.items():
@@ -262,15 +249,16 @@ def assemble_adapter(cfg: AdapterConfig, sites: dict[tuple[int, str], SiteWeight
             s.A, s.B = cast[key]
         return Adapter(config=cfg, sites=sites, flavour="family", dtype=base.dtype, stored_dtype=stored_dtype,
                        content_hash=digest, shared_family=shared.key, base_fingerprint=base.fingerprint,
-                       source=source)
+                       source=source, n_limits=limits)
     if family is None and is_tied(sites, base, stored_dtype):
         family = family_key(base.fingerprint, {s: w.rank for s, w in sites.items()})
+    limits = site_limits(sites, tied_norms(base, family, sites) if family is not None else None)
     digest = content_hash(sites, family)
     _cast(sites, base.dtype)
     if family is not None:
         tie_to_base(sites, base)
     return Adapter(config=cfg, sites=sites, flavour=flavour_of(sites, family is not None), dtype=base.dtype,
                    stored_dtype=stored_dtype, content_hash=digest, family_key=family,
-                   base_fingerprint=base.fingerprint, source=source)
+                   base_fingerprint=base.fingerprint, source=source, n_limits=limits)
 
 __all__ = ["DEFAULT_MAX_RANK", "assemble_adapter", "read_adapter", "read_adapter_bytes"]

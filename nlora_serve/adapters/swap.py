@@ -2,7 +2,8 @@
 
 The current version already passed every check of the reader (config, targets, ranks, family),
 and a swap changes only N, so the payload is checked for exactly what may differ: the same
-``lora_N`` keys, shapes [r, r], an accepted dtype and finite values. This keeps the swap path
+``lora_N`` keys, shapes [r, r], an accepted dtype, finite values and the magnitude bounds of
+bounds.py (against the limits the current version's A, B and bias set). This keeps the swap path
 (DESIGN §9: p99 < 20 ms, durable write included) to one parse of the payload and a few
 tensor ops, instead of re-planning 210 sites from the config.
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from nlora_serve.adapters.adapter import Adapter, SiteWeights, content_hash
+from nlora_serve.adapters.bounds import check_swapped_n, row_sum_max
 from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_stacked
 from nlora_serve.adapters.keys import PART_N, tensor_key
 from nlora_serve.adapters.pool import serial_rows
@@ -59,6 +61,8 @@ def replace_n(current: Adapter, weights: bytes) -> Adapter:
         raise AdapterError(f"tensor {key!r} has non-finite values (NaN or inf); refusing it so no NaN "
                            "reaches a shared batch")
     sites = {s: _with_n(site, n) for (s, site), n in zip(current.sites.items(), n32)}
+    n_norms = row_sum_max(n32) if stacked is None else np.abs(stacked).sum(axis=2, dtype=np.float64).max(axis=1)
+    check_swapped_n(sites, current.n_limits, n_norms)  # finite values may still overflow when served
     digest = content_hash(sites, current.family_key or current.shared_family)
     if current.dtype != torch.float32:  # cast once, as the reader does (in pieces torch runs serially)
         if stacked is not None:

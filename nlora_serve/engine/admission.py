@@ -20,9 +20,10 @@ def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_m
             step), or see :func:`check_context`.
     """
     if not prompt_ids:
-        raise RequestError("prompt is empty: need at least one token")
+        raise RequestError("prompt is empty: need at least one token", "prompt")
     if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
-        raise RequestError(f"prompt token ids must be in [0, {vocab_size}); got {min(prompt_ids)}..{max(prompt_ids)}")
+        raise RequestError(f"prompt token ids must be in [0, {vocab_size}); got {min(prompt_ids)}..{max(prompt_ids)}",
+                           "prompt")
     outside = [t for t in stop_token_ids if not 0 <= t < vocab_size]
     if outside:
         raise RequestError(f"stop_token_ids must be in [0, {vocab_size}); got {outside[0]}", "stop_token_ids")

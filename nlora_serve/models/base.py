@@ -26,6 +26,9 @@ class BaseModel:
     weights: dict[str, torch.Tensor] = field(repr=False)  # HF name -> tensor, in ``dtype``
     fingerprint: str  # sha256 hex of the stored weights (before the cast), see weights.fingerprint
     tokenizer_dir: Path | None = None  # where the tokenizer lives, when not in ``path``
+    # values computed once from the weights by their users, by key (e.g. adapters/bounds.py's
+    # norms of a tied family's A and B); each user bounds its own entries
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def weight(self, layer: int, module: str) -> torch.Tensor:
         """``[out, in]`` weight of one projection, e.g. ``weight(3, "q_proj")``."""

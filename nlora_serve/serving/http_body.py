@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -27,8 +28,10 @@ def parsed_json(raw: bytes, content_type: str | None):
         RequestValidationError: an empty body or another content type (``curl -d`` sends
             ``application/x-www-form-urlencoded``; the message names it), not JSON (FastAPI's
             ``json_invalid`` error, with the character offset), nested deeper than the parser
-            recurses, or a string holding a lone UTF-16 surrogate (``"\\ud800"`` is valid JSON but
-            no Unicode text: the tokenizer and the UTF-8 error body would fail on it with a 500).
+            recurses, an integer of more digits than Python converts (refused as out of range,
+            naming its field: see :func:`_refuse_long_ints`), or a string holding a lone UTF-16
+            surrogate (``"\\ud800"`` is valid JSON but no Unicode text: the tokenizer and the UTF-8
+            error body would fail on it with a 500).
     """
     if not raw:
         raise _body_error("the request body is empty; expected a JSON object")
@@ -39,7 +42,7 @@ def parsed_json(raw: bytes, content_type: str | None):
     try:
         # decoded strictly: json.loads(bytes) would pass encoded surrogates (b"\\xed\\xa0\\x80") through
         text = raw.decode(json.detect_encoding(raw))
-        data = json.loads(text)
+        data = _loads(text)
     except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are no text
         at = getattr(exc, "pos", getattr(exc, "start", 0))
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", at), "msg": "JSON decode error",
@@ -49,6 +52,69 @@ def parsed_json(raw: bytes, content_type: str | None):
     if _SURROGATE_ESCAPE.search(text) and not _is_unicode(data):  # strict text: only escapes make surrogates
         raise _body_error("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): not valid Unicode")
     return data
+
+
+def _loads(text: str):
+    """``json.loads(text)``; an integer past Python's digit limit is refused as out of range.
+
+    Raises:
+        JSONDecodeError: not JSON. RecursionError: nested past the parser.
+        RequestValidationError: from :func:`_refuse_long_ints`.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # int() refused a digit string: parse again (rare), keeping long ones as text
+        long_ints: list[_LongInt] = []
+        data = json.loads(text, parse_int=lambda digits: _parse_int(digits, long_ints))
+        _refuse_long_ints(data)
+        return data
+
+
+class _LongInt:
+    """A JSON integer of more digits than Python converts (``sys.get_int_max_str_digits()``,
+    4300 by default, a guard against quadratic-time conversion): out of every field's range."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self) -> str:
+        digits = self.text.lstrip("-")
+        return f"{self.text[:len(self.text) - len(digits) + 8]}... ({len(digits)} digits)"
+
+
+def _parse_int(text: str, long_ints: list[_LongInt]) -> int | _LongInt:
+    limit = sys.get_int_max_str_digits()
+    if limit and len(text.lstrip("-")) > limit:
+        long_ints.append(_LongInt(text))
+        return long_ints[-1]
+    return int(text)
+
+
+def _refuse_long_ints(data) -> None:
+    """Refuse a :class:`_LongInt` as out of range, like any too large value, naming the top-level
+    field that holds it as ``param`` (and where inside it in the message).
+
+    Raises:
+        RequestValidationError: the first one found.
+    """
+    if not isinstance(data, dict):
+        return
+    for field, value in data.items():
+        stack = [(value, field)]  # not recursive: the parser accepts nesting deeper than a walk could
+        while stack:
+            item, path = stack.pop()
+            if isinstance(item, _LongInt):
+                what = f"{item}" if path == field else f"{path} = {item}"
+                raise RequestValidationError([{"type": "value_error", "loc": ("body", field), "input": {},
+                                               "msg": f"{what} is out of range"}])
+            if isinstance(item, list):
+                stack += [(v, f"{path}[{i}]") for i, v in reversed(list(enumerate(item)))]
+            elif isinstance(item, dict):
+                stack += [(v, f"{path}.{k}") for k, v in reversed(list(item.items()))]
 
 
 def _body_error(message: str) -> RequestValidationError:
