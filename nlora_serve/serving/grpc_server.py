@@ -28,6 +28,7 @@ from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine
 from nlora_serve.serving.grpc_admin import AdminServicer
+from nlora_serve.serving.grpc_auth import KeyFirst
 from nlora_serve.serving.grpc_decode import DecodeErrors
 from nlora_serve.serving.frontend import Admission, adapter_versions
 from nlora_serve.serving.grpc_generate import GenerationServicer
@@ -102,7 +103,7 @@ class NloraServer:
         config = dataclasses.replace(config, served_model_name=info.model)  # every servicer sees the resolved name
         for version in adapter_versions(engine) or []:
             config.check_adapter_name(version.name)
-        self.engine, self.config = engine, config
+        self.engine, self.config, self.auth = engine, config, auth
         self.metrics = ServerMetrics(engine.stats, lambda: _residency(engine))
         self.admission = Admission(config.max_queue, config.tenant_queue_shares)
         self.generation = GenerationServicer(engine, config, auth, self.metrics, self.admission, tokenizer, info)
@@ -124,7 +125,8 @@ class NloraServer:
         """
         limit = self.config.max_message_bytes
         # so_reuseport off: a second server on a busy port must fail, not share it silently
-        self._server = grpc.aio.server(interceptors=[DecodeErrors()],
+        # KeyFirst first: a call without a valid key is refused before its request is read
+        self._server = grpc.aio.server(interceptors=[KeyFirst(self.auth, self.metrics), DecodeErrors()],
                                        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
                                                 ("grpc.max_send_message_length", limit)])
         pb_grpc.add_GenerationServicer_to_server(self.generation, self._server)

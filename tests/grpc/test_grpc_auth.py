@@ -186,3 +186,91 @@ def test_base_model_that_is_not_a_json_boolean_is_refused(tmp_path, value):
         Authenticator.from_file(path)
     path.write_text(json.dumps({"tenants": [_tenant("acme", "k", base_model=False)]}))
     assert not Authenticator.from_file(path).authenticate([("authorization", "Bearer k")]).may_use(None)
+
+
+def test_calls_without_a_valid_key_are_refused_before_their_request_is_read(server, monkeypatch):
+    """Round-four hostile review: four 200 MiB Generate requests with no key were received and
+    parsed whole (+2.1 GB) before the servicer looked at the key. KeyFirst refuses on the metadata:
+    the request is never parsed (the spy below sees no call), and the refusal reads as before."""
+    import grpc
+
+    from nlora_serve.proto import nlora_pb2 as pb
+    from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
+    from nlora_serve.serving import grpc_decode
+
+    parsed = []
+    real_parser = grpc_decode._parser
+
+    def spy(deserialize, method):
+        parse = real_parser(deserialize, method)
+
+        async def recorded(raw, context):
+            parsed.append((method, len(raw)))
+            return await parse(raw, context)
+        return recorded
+    monkeypatch.setattr(grpc_decode, "_parser", spy)
+    big = pb.GenerateRequest(text="x" * (20 << 20), sampling=pb.SamplingParams(max_tokens=1))
+    with grpc.insecure_channel(server.target) as channel:
+        generation, admin = pb_grpc.GenerationStub(channel), pb_grpc.AdapterAdminStub(channel)
+        for metadata, word in (((), "missing credentials"), ((("authorization", "Bearer nope"),), "unknown API key")):
+            with pytest.raises(grpc.RpcError) as err:
+                list(generation.Generate(big, metadata=metadata, timeout=60))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and word in err.value.details()
+        tenant = (("authorization", f"Bearer {TENANT_KEYS['tied-co']}"),)
+        swap = pb.SwapAdapterRequest(name="inttune-nystrom-tied", n_safetensors=b"\0" * (20 << 20))
+        with pytest.raises(grpc.RpcError) as err:
+            admin.SwapAdapter(swap, metadata=tenant, timeout=60)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.details() == "SwapAdapter needs an admin key; 'tied-co' is a tenant key"
+        assert parsed == []  # none of the refused requests reached the parser
+        small = pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT), sampling=pb.SamplingParams(max_tokens=1))
+        assert list(generation.Generate(small, metadata=(("authorization", f"Bearer {ADMIN_KEY}"),), timeout=60))
+    assert [method for method, _ in parsed] == ["/nlora_serve.v1.Generation/Generate"]
+
+
+def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_file):
+    """The refusal handler is a request-stream handler that never iterates its stream (grpc reads a
+    streamed request's messages only as the handler asks), and nothing after KeyFirst runs."""
+    import asyncio
+
+    import grpc
+
+    from nlora_serve.serving.grpc_auth import KeyFirst
+    from nlora_serve.serving.metrics import ServerMetrics
+
+    calls = []
+
+    async def continuation(details):
+        calls.append(details.method)
+        return "next handler"
+
+    class Details:
+        def __init__(self, method, key=None):
+            self.method = method
+            self.invocation_metadata = (("authorization", f"Bearer {key}"),) if key else ()
+
+    class Context:
+        async def abort(self, code, message):
+            raise RuntimeError((code, message))
+
+    async def never_read():
+        raise AssertionError("the request was read")
+        yield  # an async generator
+
+    auth = Authenticator.from_file(tenants_file)
+    interceptor = KeyFirst(auth, ServerMetrics(lambda: {}, lambda: (0, 0)))
+    cases = [("/nlora_serve.v1.Generation/Generate", None, grpc.StatusCode.UNAUTHENTICATED),
+             ("/nlora_serve.v1.AdapterAdmin/SwapAdapter", TENANT_KEYS["lora-co"], grpc.StatusCode.PERMISSION_DENIED),
+             ("/nlora_serve.v1.AdapterAdmin/UploadAdapter", "wrong", grpc.StatusCode.UNAUTHENTICATED)]
+    for method, key, code in cases:
+        handler = asyncio.run(interceptor.intercept_service(continuation, Details(method, key)))
+        assert handler.request_streaming and handler.stream_stream is not None
+        with pytest.raises(RuntimeError) as err:
+            asyncio.run(handler.stream_stream(never_read(), Context()))
+        assert err.value.args[0][0] == code
+    assert calls == []
+    for method, key in (("/nlora_serve.v1.Generation/Generate", TENANT_KEYS["lora-co"]),
+                        ("/nlora_serve.v1.AdapterAdmin/SwapAdapter", ADMIN_KEY),
+                        ("/grpc.health.v1.Health/Check", None)):  # health needs no key
+        assert asyncio.run(interceptor.intercept_service(continuation, Details(method, key))) == "next handler"
+    assert len(calls) == 3

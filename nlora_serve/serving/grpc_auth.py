@@ -1,0 +1,58 @@
+"""Calls refused on their metadata alone, before the server reads their request.
+
+The server's receive limit is one for every method: ``--max-adapter-bytes`` plus 1 MiB, so that a
+SwapAdapter can carry a whole N. A servicer checks the caller's key only once grpc has received and
+parsed the request, so a client with no key could make the server take a 200 MiB Generate request
+whole (four at once: +2.1 GB, and 3.7 s gaps in other tenants' streams; round-four hostile review).
+:class:`KeyFirst` is a server interceptor that authenticates every call of our services
+(``nlora_serve.v1.*``) from its metadata before any message is read, and refuses a non-admin key
+on the AdapterAdmin service the same way. A refused call gets a handler that reads nothing (a
+request-stream handler that never iterates its stream) and aborts with the status and message the
+servicer would have given. Calls that pass go on to the servicers, which check again (grants,
+``require_admin``) as before. Health and reflection are left alone.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from nlora_serve.errors import NloraError
+from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.grpc_decode import PREFIX
+from nlora_serve.serving.grpc_status import status_of
+from nlora_serve.serving.metrics import ServerMetrics
+
+ADMIN_SERVICE = PREFIX + "AdapterAdmin/"
+GENERATE = PREFIX + "Generation/Generate"
+
+
+class KeyFirst(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED (no or an unknown key) or PERMISSION_DENIED (a tenant key on AdapterAdmin)
+    before the request is read; refusals of Generate are counted in ``metrics`` as its servicer
+    counts them."""
+
+    def __init__(self, auth: Authenticator, metrics: ServerMetrics) -> None:
+        self.auth, self.metrics = auth, metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if not method.startswith(PREFIX):
+            return await continuation(handler_call_details)
+        try:
+            principal = self.auth.authenticate(handler_call_details.invocation_metadata)
+            if method.startswith(ADMIN_SERVICE):
+                principal.require_admin(method.rsplit("/", 1)[-1])
+        except NloraError as exc:
+            code, reason = status_of(exc)
+            if method == GENERATE:
+                self.metrics.reject(reason, "grpc")
+            return _refusal(code, str(exc))
+        return await continuation(handler_call_details)
+
+
+def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler that aborts with ``code`` without reading the request: grpc reads a request
+    stream's messages only as the handler iterates it, and this one never does."""
+    async def abort(request_iterator, context: grpc.aio.ServicerContext):
+        await context.abort(code, message)
+    return grpc.stream_stream_rpc_method_handler(abort)
