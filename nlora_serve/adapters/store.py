@@ -141,17 +141,31 @@ class AdapterStore:
     def names(self, warn: bool = True) -> list[str]:
         """Served names: at least one complete version and not unloaded; invalid or escaping
         entries are skipped, with a warning each unless ``warn`` is False (a caller that only
-        peeks before the registry's own scan, which warns)."""
-        found = []
+        peeks before the registry's own scan, which warns).
+
+        Of names that differ only in case (one folder on a case-insensitive file system, so
+        :meth:`write` never makes them; an operator's copy can), the first in sorted order holds
+        the name, served or unloaded; each later twin is skipped with an error naming both.
+        """
+        found, holders = [], {}  # holders: case-folded name -> the entry that holds it
         for entry in sorted(self.root.iterdir()):
-            if entry.name in (STAGING, FAMILIES) or (entry / UNLOADED).exists():
+            if entry.name in (STAGING, FAMILIES):
                 continue
             try:
-                if self.versions(entry.name):
-                    found.append(entry.name)
+                if not self.versions(entry.name):
+                    continue
             except AdapterError as exc:
                 if warn:
                     log.warning("skipping store entry %s: %s", entry, exc)
+                continue
+            holder = holders.setdefault(entry.name.casefold(), entry.name)
+            if holder != entry.name:
+                if warn:
+                    log.error("adapter store entry %s not served: the name %r differs only in case from the "
+                              "stored adapter %r, which keeps the name (on a case-insensitive file system both "
+                              "are one folder); rename or remove one of the two folders", entry, entry.name, holder)
+            elif not (entry / UNLOADED).exists():
+                found.append(entry.name)
         return found
 
     def write(self, name: str, files: dict[str, bytes], same_as: dict[str, Path] | None = None) -> StoredVersion:
