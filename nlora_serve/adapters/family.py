@@ -27,6 +27,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from nlora_serve.adapters import durable
 from nlora_serve.adapters.config import FAMILY_FORMAT
 from nlora_serve.adapters.format import _atomic_write, read_bytes
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, group_keys, tensor_key
@@ -156,8 +157,12 @@ class FamilyResolver:
         places = list(self.roots) + ([Path(near).parent, Path(near).parent.parent] if near is not None else [])
         for root in places:
             path = family_file(root, key)
-            if path.is_file():
-                self._cache[key] = parse_factors(path.read_bytes(), self.spec, key, str(path))
+            try:  # no link followed below the root: a store's _families is the store's, link-free
+                found = durable.read_folder(root, path.parent.relative_to(root), (FACTORS_FILE,))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if found:
+                self._cache[key] = parse_factors(found[FACTORS_FILE], self.spec, key, str(path))
                 return self._cache[key]
         searched = ", ".join(str(Path(p) / FAMILIES_DIR) for p in places) or "nowhere (no store)"
         raise AdapterError(f"family {key[:16]}…: its shared factors ({FAMILIES_DIR}/{key}/{FACTORS_FILE}) are "

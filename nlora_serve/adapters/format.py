@@ -90,7 +90,8 @@ def _entries(data: bytes) -> tuple[dict[str, dict], int]:
     size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     try:
         if not 0 < size <= len(data) - 8:
-            raise ValueError(f"header length {size} does not fit {len(data)} bytes")
+            shown = f" {size}" if size <= len(data) else ""  # a larger one is 8 bytes of text, maybe a secret
+            raise ValueError(f"header length{shown} does not fit {len(data)} bytes")
         meta = json.loads(data[8:8 + size])
         entries = {k: {"dtype": v["dtype"], "shape": tuple(v["shape"]), "data_offsets": v["data_offsets"]}
                    for k, v in meta.items() if k != "__metadata__"}

@@ -55,12 +55,13 @@ class AdapterManager:
         self.base = base
         self.limits = limits or AdapterLimits()
         # compressed family members share one copy of their factors, found in the store's _families
-        self.families = FamilyResolver(base.spec, (Path(adapter_dir).expanduser().resolve(),))
-        load = self._load
+        store = AdapterStore(adapter_dir)
+        self.families = FamilyResolver(base.spec, (store.root,))
+        load = self._load_stored
         self.residency = residency if residency is not None else Residency(
             base, load, tied_budget=self.limits.adapter_memory, max_loras=self.limits.max_loras,
             max_rank=self.limits.max_rank, placement=placement)
-        self.registry = AdapterRegistry(AdapterStore(adapter_dir), load, self._load_files,
+        self.registry = AdapterRegistry(store, load, self._load_files,
                                         on_admit=self.residency.admit, on_free=self.residency.free)
         restored = self.registry.rebuild()
         if restored:
@@ -69,9 +70,18 @@ class AdapterManager:
     def _load(self, path: Path):
         return read_adapter(path, self.base, max_rank=self.limits.max_rank, families=self.families)
 
-    def _load_files(self, files: dict[str, bytes]):
+    def _load_stored(self, path: Path):
+        """A version folder of the store (a restore, a cold load), read through the store: no
+        link is followed at any level."""
+        files = self.registry.store.read_files(path)
+        missing = [f for f in ALLOWED_FILES if f not in files]
+        if missing:
+            raise AdapterError(f"{path}: no {' and no '.join(missing)} (a store version holds both)")
+        return self._load_files(files, source=str(path))
+
+    def _load_files(self, files: dict[str, bytes], source: str = "upload"):
         return read_adapter_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], self.base, max_rank=self.limits.max_rank,
-                                  families=self.families)
+                                  source=source, families=self.families)
 
     def acquire(self, name: str) -> AdapterVersion:
         """Pin ``name``'s current version for one request and make sure it is resident.

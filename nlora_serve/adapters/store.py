@@ -65,8 +65,10 @@ class StoredVersion:
 
         Raises:
             FileNotFoundError: the version was removed since.
+            AdapterError: as :meth:`AdapterStore.read_files`.
         """
-        return content_hash(AdapterStore.read_files(self.path))
+        root = self.path.parent.parent
+        return content_hash(durable.read_folder(root, self.path.relative_to(root), ALLOWED_FILES))
 
 
 def content_hash(files: dict[str, bytes]) -> str:
@@ -133,10 +135,20 @@ class AdapterStore:
             raise AdapterError(f"adapter {name!r} has no version {version} in {self.root}")
         return StoredVersion(name, version, path)
 
-    @staticmethod
-    def read_files(path: Path) -> dict[str, bytes]:
-        """The version folder's files by name (only the two allowed names)."""
-        return {f: (path / f).read_bytes() for f in ALLOWED_FILES if (path / f).is_file()}
+    def read_files(self, path: Path, names: tuple[str, ...] = ALLOWED_FILES) -> dict[str, bytes]:
+        """The files of one of this store's version folders by name (those of ``names`` that
+        exist), read without following a symbolic link at any level of the store.
+
+        Raises:
+            FileNotFoundError: the folder does not exist (a version removed since).
+            AdapterError: ``path`` is not inside the store, or a link or other non-regular entry
+                is on the way (named by its path relative to the root).
+        """
+        try:
+            folder = Path(path).relative_to(self.root)
+        except ValueError:
+            raise AdapterError(f"{path} is not a folder of the adapter store {self.root}") from None
+        return durable.read_folder(self.root, folder, names)
 
     def names(self, warn: bool = True) -> list[str]:
         """Served names: at least one complete version and not unloaded; invalid or escaping

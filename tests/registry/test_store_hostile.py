@@ -1,0 +1,114 @@
+"""A hostile adapter store (someone with write access to --adapter-dir): links, FIFOs and other
+non-regular files are refused by name at every level, and nothing is read through them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nlora_serve.adapters.family import FACTORS_FILE, FAMILIES_DIR, FamilyResolver
+from nlora_serve.adapters.format import read_header_bytes
+from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
+from nlora_serve.errors import AdapterError
+
+CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"
+FILES = {CONFIG_FILE: b'{"r": 4}', WEIGHTS_FILE: b"\x00" * 64}
+
+
+def _relink(target: Path, link: Path) -> None:
+    """Replace the file ``link`` by a symbolic link to ``target``."""
+    link.unlink()
+    os.symlink(target, link)
+
+
+@pytest.mark.parametrize("fname", [WEIGHTS_FILE, CONFIG_FILE])
+def test_a_linked_file_of_a_version_is_refused_by_its_path_in_the_store(tmp_path, fname):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"secret")
+    store = AdapterStore(tmp_path / "store")
+    stored = store.write("acme", FILES)
+    _relink(outside, stored.path / fname)
+    for read in (lambda: store.read_files(stored.path), lambda: stored.content_hash):
+        with pytest.raises(AdapterError) as err:
+            read()
+        assert str(err.value).startswith(f"adapter store entry acme/00000001/{fname} is a symbolic link")
+        assert "secret" not in str(err.value)
+
+
+def test_a_linked_version_folder_is_refused(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    elsewhere = store.write("zeta", FILES).path
+    os.symlink(elsewhere, tmp_path / "store" / "zeta" / "00000002")
+    assert store.versions("zeta") == [1]  # never listed as a version
+    with pytest.raises(AdapterError, match="^adapter store entry zeta/00000002 is a symbolic link"):
+        store.read_files(tmp_path / "store" / "zeta" / "00000002")
+
+
+def test_a_fifo_or_folder_in_place_of_a_file_is_refused_without_blocking(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    stored = store.write("acme", FILES)
+    (stored.path / WEIGHTS_FILE).unlink()
+    os.mkfifo(stored.path / WEIGHTS_FILE)  # an open for reading would wait for a writer forever
+    with pytest.raises(AdapterError, match=f"^adapter store entry acme/00000001/{WEIGHTS_FILE} is not a regular file"):
+        store.read_files(stored.path)
+    (stored.path / CONFIG_FILE).unlink()
+    (stored.path / CONFIG_FILE).mkdir()
+    with pytest.raises(AdapterError, match=f"^adapter store entry acme/00000001/{CONFIG_FILE} is not a regular file"):
+        store.read_files(stored.path)
+
+
+def test_a_path_outside_the_store_is_refused(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    with pytest.raises(AdapterError, match="is not a folder of the adapter store"):
+        store.read_files(CASE)
+
+
+def _store_with(tmp_path, base) -> tuple[Path, Path]:
+    """A store serving acme and sneaky (the same LoRA case); returns (root, sneaky's weights)."""
+    root = tmp_path / "store"
+    manager = AdapterManager(base, root)
+    manager.register_dir("acme", CASE)
+    sneaky = manager.register_dir("sneaky", CASE)
+    manager.registry.store.wait_deleted()
+    return root, sneaky.path / WEIGHTS_FILE
+
+
+@pytest.mark.parametrize("target", ["copy", "/proc/self/environ"])
+def test_restore_refuses_a_linked_weights_file_and_leaks_nothing_of_its_target(base_fp32, tmp_path, caplog, target):
+    root, weights = _store_with(tmp_path, base_fp32)
+    if target == "copy":  # a valid adapter outside the store
+        target = tmp_path / "outside.safetensors"
+        shutil.copy(CASE / WEIGHTS_FILE, target)
+    _relink(Path(target), weights)
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+        restarted = AdapterManager(base_fp32, root)
+    assert [v.name for v in restarted.versions()] == ["acme"]
+    (record,) = [r for r in caplog.records if "sneaky" in r.getMessage()]
+    assert f"adapter store entry sneaky/00000001/{WEIGHTS_FILE} is a symbolic link" in record.getMessage()
+    with pytest.raises(AdapterError, match="is a symbolic link"):  # LoadAdapter's read of the stored files
+        restarted.registry.store.read_files(weights.parent)
+
+
+def test_a_header_length_that_does_not_fit_is_not_printed_when_it_is_file_text():
+    environ = b"HOME=/root\x00PATH=/usr/bin\x00SECRET=hunter2\x00"
+    with pytest.raises(AdapterError) as err:
+        read_header_bytes(environ)
+    assert str(int.from_bytes(environ[:8], "little")) not in str(err.value)
+    assert f"header length does not fit {len(environ)} bytes" in str(err.value)
+    small = (9).to_bytes(8, "little") + b"{}"  # a length no larger than the file is shown
+    with pytest.raises(AdapterError, match="header length 9 does not fit 10 bytes"):
+        read_header_bytes(small)
+
+
+def test_a_linked_family_factors_file_is_refused(base_fp32, tmp_path):
+    key = "ab" * 32
+    folder = tmp_path / "store" / FAMILIES_DIR / key
+    folder.mkdir(parents=True)
+    os.symlink(CASE / WEIGHTS_FILE, folder / FACTORS_FILE)
+    with pytest.raises(AdapterError, match=f"^adapter store entry {FAMILIES_DIR}/{key}/{FACTORS_FILE} is a symbolic link"):
+        FamilyResolver(base_fp32.spec, (tmp_path / "store",)).get(key)
