@@ -116,15 +116,16 @@ def unlink(path: Path, missing_ok: bool = False) -> None:
     path.unlink(missing_ok=missing_ok)
 
 
-def read_folder(root: Path, folder: Path, names: Iterable[str]) -> dict[str, bytes]:
+def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int) -> dict[str, bytes]:
     """The bytes of those of ``names`` that exist in ``root/folder``, by name. Every folder below
     ``root`` and every file is opened with O_NOFOLLOW and checked with fstat to be a folder or a
-    regular file, so no symbolic link in the store is followed, whatever its level.
+    regular file, so no symbolic link in the store is followed, whatever its level; the files'
+    sizes (fstat) are checked against ``max_bytes`` together before any byte is read.
 
     Raises:
         FileNotFoundError: ``root/folder`` does not exist (e.g. a version removed since).
         AdapterError: a symbolic link, FIFO, device or other non-regular entry on the way, named
-            by its path relative to ``root``.
+            by its path relative to ``root``; files of more than ``max_bytes`` bytes together.
     """
     folder, fds = Path(folder), {}
     dir_fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)  # the root itself was resolved by the caller
@@ -137,7 +138,11 @@ def read_folder(root: Path, folder: Path, names: Iterable[str]) -> dict[str, byt
             fd = _open_entry(name, dir_fd, folder / name, is_dir=False)
             if fd is not None:
                 fds[name] = fd
-        return {name: _read_all(fd) for name, fd in fds.items()}
+        total = sum(os.fstat(fd).st_size for fd in fds.values())
+        if total > max_bytes:
+            raise AdapterError(f"adapter store folder {folder.as_posix()}: {' + '.join(fds)} are {total} bytes, over "
+                               f"the server's --max-adapter-bytes {max_bytes}: refusing to read them")
+        return {name: _read_all(fd, max_bytes) for name, fd in fds.items()}
     finally:
         for fd in (dir_fd, *fds.values()):
             os.close(fd)
@@ -179,9 +184,10 @@ def _not_kind(shown: Path, mode: int, is_dir: bool) -> AdapterError:
                         "refusing it")
 
 
-def _read_all(fd: int) -> bytes:
+def _read_all(fd: int, max_bytes: int) -> bytes:
+    """The file's bytes, at most ``max_bytes`` (a file grown since its fstat is cut there)."""
     with open(fd, "rb", closefd=False) as f:
-        return f.read()
+        return f.read(max_bytes)
 
 
 # link(2) failures that mean "this file system has no hard links here": copy instead

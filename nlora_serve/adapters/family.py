@@ -31,7 +31,7 @@ from nlora_serve.adapters import durable
 from nlora_serve.adapters.config import FAMILY_FORMAT
 from nlora_serve.adapters.format import _atomic_write, read_bytes
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, group_keys, tensor_key
-from nlora_serve.adapters.store import FAMILIES
+from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES, FAMILIES
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.spec import ModelSpec
 
@@ -139,11 +139,13 @@ class FamilyResolver:
 
     Looks under each of ``roots`` (a store root), then, for a member read from a folder, next to
     it: ``<folder>/../_families`` and ``<folder>/../../_families`` (a store version folder).
+    A factors file over ``max_bytes`` (--max-adapter-bytes) is refused before it is read.
     """
 
-    def __init__(self, spec: ModelSpec, roots: tuple[Path, ...] = ()):
+    def __init__(self, spec: ModelSpec, roots: tuple[Path, ...] = (), max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES):
         self.spec = spec
         self.roots = tuple(Path(r) for r in roots)
+        self.max_bytes = max_bytes
         self._cache: dict[str, FamilyFactors] = {}
 
     def get(self, key: str, near: Path | None = None) -> FamilyFactors:
@@ -158,7 +160,7 @@ class FamilyResolver:
         for root in places:
             path = family_file(root, key)
             try:  # no link followed below the root: a store's _families is the store's, link-free
-                found = durable.read_folder(root, path.parent.relative_to(root), (FACTORS_FILE,))
+                found = durable.read_folder(root, path.parent.relative_to(root), (FACTORS_FILE,), self.max_bytes)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             if found:

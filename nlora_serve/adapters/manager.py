@@ -17,7 +17,7 @@ from nlora_serve.adapters.pool import Placement
 from nlora_serve.adapters.registry import AdapterRegistry, AdapterVersion
 from nlora_serve.adapters.residency import Residency
 from nlora_serve.adapters.swap import replace_n
-from nlora_serve.adapters.store import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterStore
+from nlora_serve.adapters.store import ALLOWED_FILES, CONFIG_FILE, DEFAULT_MAX_ADAPTER_BYTES, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
 
@@ -31,9 +31,10 @@ class AdapterLimits:
     max_rank: int = DEFAULT_MAX_RANK  # --max-rank: refuse adapters of a higher rank
     max_loras: int = 8  # --max-loras: untied adapters resident at once (LRU beyond)
     adapter_memory: int = 4 << 30  # --adapter-memory: bytes all tied tenants' N may use
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES  # --max-adapter-bytes: a store version's files, bytes
 
     def __post_init__(self):
-        for name in ("max_rank", "max_loras", "adapter_memory"):
+        for name in ("max_rank", "max_loras", "adapter_memory", "max_adapter_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"AdapterLimits.{name} must be a positive integer; got {value!r}")
@@ -55,8 +56,8 @@ class AdapterManager:
         self.base = base
         self.limits = limits or AdapterLimits()
         # compressed family members share one copy of their factors, found in the store's _families
-        store = AdapterStore(adapter_dir)
-        self.families = FamilyResolver(base.spec, (store.root,))
+        store = AdapterStore(adapter_dir, max_bytes=self.limits.max_adapter_bytes)
+        self.families = FamilyResolver(base.spec, (store.root,), max_bytes=self.limits.max_adapter_bytes)
         load = self._load_stored
         self.residency = residency if residency is not None else Residency(
             base, load, tied_budget=self.limits.adapter_memory, max_loras=self.limits.max_loras,

@@ -41,6 +41,7 @@ ALLOWED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 STAGING = ".staging"
 UNLOADED = "UNLOADED"
 FAMILIES = "_families"  # shared factors of compressed families (adapters/family.py), not an adapter
+DEFAULT_MAX_ADAPTER_BYTES = 256 << 20  # --max-adapter-bytes: one version's files together, bytes
 # errors of a full or failing disk: a write refused with one is a StoreWriteError
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
 
@@ -68,7 +69,8 @@ class StoredVersion:
             AdapterError: as :meth:`AdapterStore.read_files`.
         """
         root = self.path.parent.parent
-        return content_hash(durable.read_folder(root, self.path.relative_to(root), ALLOWED_FILES))
+        return content_hash(durable.read_folder(root, self.path.relative_to(root), ALLOWED_FILES,
+                                                DEFAULT_MAX_ADAPTER_BYTES))
 
 
 def content_hash(files: dict[str, bytes]) -> str:
@@ -82,9 +84,12 @@ def content_hash(files: dict[str, bytes]) -> str:
 
 class AdapterStore:
     """Adapters on disk under one root; every path it touches stays inside that root. One process
-    at a time opens a root (adapters/store_lock.py): AdapterError names it when another holds it."""
+    at a time opens a root (adapters/store_lock.py): AdapterError names it when another holds it.
+    A version's files hold at most ``max_bytes`` together (--max-adapter-bytes, as an upload):
+    more is refused when written and when read, before a byte of it is read."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES):
+        self.max_bytes = max_bytes
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         store_lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
@@ -141,14 +146,15 @@ class AdapterStore:
 
         Raises:
             FileNotFoundError: the folder does not exist (a version removed since).
-            AdapterError: ``path`` is not inside the store, or a link or other non-regular entry
-                is on the way (named by its path relative to the root).
+            AdapterError: ``path`` is not inside the store, a link or other non-regular entry is
+                on the way (named by its path relative to the root), or the files are over
+                ``max_bytes`` together (checked with fstat, before reading).
         """
         try:
             folder = Path(path).relative_to(self.root)
         except ValueError:
             raise AdapterError(f"{path} is not a folder of the adapter store {self.root}") from None
-        return durable.read_folder(self.root, folder, names)
+        return durable.read_folder(self.root, folder, names, self.max_bytes)
 
     def names(self, warn: bool = True) -> list[str]:
         """Served names: at least one complete version and not unloaded; invalid or escaping
@@ -194,8 +200,9 @@ class AdapterStore:
 
         Raises:
             AdapterError: invalid name, an escaping folder, a name that differs only in case from a
-                stored adapter's (served or unloaded), or a file name other than
-                ``adapter_config.json`` / ``adapter_model.safetensors``.
+                stored adapter's (served or unloaded), a file name other than
+                ``adapter_config.json`` / ``adapter_model.safetensors``, or files over ``max_bytes``
+                together (the store would refuse to read them back).
             StoreWriteError: the disk refused a write (ENOSPC, EIO, ...): nothing of the new
                 version is left, the store is as before.
         """
@@ -204,6 +211,10 @@ class AdapterStore:
         if unknown:
             raise AdapterError(f"adapter {name!r}: files {unknown} are not allowed; "
                                f"a version holds only {', '.join(ALLOWED_FILES)}")
+        total = sum(map(len, files.values())) + sum(os.stat(p).st_size for p in same_as.values())
+        if total > self.max_bytes:
+            raise AdapterError(f"adapter {name!r}: {total} bytes of files is over the server's --max-adapter-bytes "
+                               f"{self.max_bytes}")
         with self._lock:
             adapter_dir = self.adapter_dir(name)
             self._check_case(name)

@@ -3,6 +3,7 @@ non-regular files are refused by name at every level, and nothing is read throug
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from nlora_serve.adapters import durable
 from nlora_serve.adapters.family import FACTORS_FILE, FAMILIES_DIR, FamilyResolver
 from nlora_serve.adapters.format import read_header_bytes
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
+from nlora_serve.serving import serve_cli
 
 CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"
 FILES = {CONFIG_FILE: b'{"r": 4}', WEIGHTS_FILE: b"\x00" * 64}
@@ -112,3 +115,57 @@ def test_a_linked_family_factors_file_is_refused(base_fp32, tmp_path):
     os.symlink(CASE / WEIGHTS_FILE, folder / FACTORS_FILE)
     with pytest.raises(AdapterError, match=f"^adapter store entry {FAMILIES_DIR}/{key}/{FACTORS_FILE} is a symbolic link"):
         FamilyResolver(base_fp32.spec, (tmp_path / "store",)).get(key)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The sizes asked of every store file read (the size check must come before any)."""
+    seen, real = [], durable._read_all
+    monkeypatch.setattr(durable, "_read_all", lambda fd, max_bytes: seen.append(os.fstat(fd).st_size) or real(fd, max_bytes))
+    return seen
+
+
+def test_files_over_max_bytes_are_refused_from_fstat_before_any_read(tmp_path, reads):
+    store = AdapterStore(tmp_path / "store", max_bytes=100)
+    stored = store.write("acme", FILES)  # 8 + 64 = 72 bytes
+    assert store.read_files(stored.path) == FILES and sorted(reads) == [8, 64]
+    reads.clear()
+    os.truncate(stored.path / WEIGHTS_FILE, 93)  # 8 + 93 = 101
+    with pytest.raises(AdapterError) as err:
+        store.read_files(stored.path)
+    assert str(err.value) == (f"adapter store folder acme/00000001: {CONFIG_FILE} + {WEIGHTS_FILE} are 101 bytes, "
+                              "over the server's --max-adapter-bytes 100: refusing to read them")
+    assert reads == []
+
+
+def test_a_version_over_max_bytes_is_not_written(tmp_path):
+    store = AdapterStore(tmp_path / "store", max_bytes=100)
+    with pytest.raises(AdapterError, match="acme.: 101 bytes of files is over the server's --max-adapter-bytes 100"):
+        store.write("acme", {CONFIG_FILE: b"{}", WEIGHTS_FILE: b"\x00" * 99})
+    assert store.names() == [] and os.listdir(tmp_path / "store" / ".staging") == []
+
+
+def test_restore_refuses_a_300_mb_weights_file_without_reading_it(base_fp32, tmp_path, caplog, reads):
+    root, weights = _store_with(tmp_path, base_fp32)
+    os.truncate(weights, 300_000_000)  # sparse: no disk used
+    reads.clear()
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+        restarted = AdapterManager(base_fp32, root)  # the default limit: 256 MiB
+    assert [v.name for v in restarted.versions()] == ["acme"]
+    assert max(reads) < 1 << 20  # acme's files only
+    (record,) = [r for r in caplog.records if "sneaky" in r.getMessage()]
+    assert f"are {300_000_000 + (CASE / CONFIG_FILE).stat().st_size} bytes, over the server's " \
+           f"--max-adapter-bytes {256 << 20}" in record.getMessage()
+
+
+def test_the_limit_is_the_servers_max_adapter_bytes_flag(base_fp32, tmp_path, caplog):
+    root, _ = _store_with(tmp_path, base_fp32)
+    size = sum((CASE / f).stat().st_size for f in (CONFIG_FILE, WEIGHTS_FILE))
+    parser = argparse.ArgumentParser()
+    serve_cli.add_serve_arguments(parser)
+    _, engine_config = serve_cli._configs(parser.parse_args(["--adapter-dir", str(root),
+                                                             "--max-adapter-bytes", str(size - 1)]))
+    assert engine_config.adapter_limits.max_adapter_bytes == size - 1
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+        assert AdapterManager(base_fp32, root, engine_config.adapter_limits).versions() == []
+    assert len([r for r in caplog.records if f"--max-adapter-bytes {size - 1}" in r.getMessage()]) == 2
