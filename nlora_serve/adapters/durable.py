@@ -138,11 +138,11 @@ def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int) 
             fd = _open_entry(name, dir_fd, folder / name, is_dir=False)
             if fd is not None:
                 fds[name] = fd
-        total = sum(os.fstat(fd).st_size for fd in fds.values())
-        if total > max_bytes:
-            raise AdapterError(f"adapter store folder {folder.as_posix()}: {' + '.join(fds)} are {total} bytes, over "
-                               f"the server's --max-adapter-bytes {max_bytes}: refusing to read them")
-        return {name: _read_all(fd, max_bytes) for name, fd in fds.items()}
+        sizes = {name: os.fstat(fd).st_size for name, fd in fds.items()}
+        if sum(sizes.values()) > max_bytes:
+            raise AdapterError(f"adapter store folder {folder.as_posix()}: {' + '.join(fds)} are {sum(sizes.values())} "
+                               f"bytes, over the server's --max-adapter-bytes {max_bytes}: refusing to read them")
+        return {name: _read_all(fd, sizes[name]) for name, fd in fds.items()}
     finally:
         for fd in (dir_fd, *fds.values()):
             os.close(fd)
@@ -184,10 +184,10 @@ def _not_kind(shown: Path, mode: int, is_dir: bool) -> AdapterError:
                         "refusing it")
 
 
-def _read_all(fd: int, max_bytes: int) -> bytes:
-    """The file's bytes, at most ``max_bytes`` (a file grown since its fstat is cut there)."""
+def _read_all(fd: int, size: int) -> bytes:
+    """The file's first ``size`` bytes (its fstat size: a file grown since is cut there)."""
     with open(fd, "rb", closefd=False) as f:
-        return f.read(max_bytes)
+        return f.read(size)
 
 
 # link(2) failures that mean "this file system has no hard links here": copy instead

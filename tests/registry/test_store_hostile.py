@@ -121,7 +121,7 @@ def test_a_linked_family_factors_file_is_refused(base_fp32, tmp_path):
 def reads(monkeypatch):
     """The sizes asked of every store file read (the size check must come before any)."""
     seen, real = [], durable._read_all
-    monkeypatch.setattr(durable, "_read_all", lambda fd, max_bytes: seen.append(os.fstat(fd).st_size) or real(fd, max_bytes))
+    monkeypatch.setattr(durable, "_read_all", lambda fd, size: seen.append(size) or real(fd, size))
     return seen
 
 
