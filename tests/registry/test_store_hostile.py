@@ -113,7 +113,8 @@ def test_a_linked_family_factors_file_is_refused(base_fp32, tmp_path):
     folder = tmp_path / "store" / FAMILIES_DIR / key
     folder.mkdir(parents=True)
     os.symlink(CASE / WEIGHTS_FILE, folder / FACTORS_FILE)
-    with pytest.raises(AdapterError, match=f"^adapter store entry {FAMILIES_DIR}/{key}/{FACTORS_FILE} is a symbolic link"):
+    shown = f"{FAMILIES_DIR}/{key}/{FACTORS_FILE}"
+    with pytest.raises(AdapterError, match=f"^adapter store entry {shown} is a symbolic link"):
         FamilyResolver(base_fp32.spec, (tmp_path / "store",)).get(key)
 
 
