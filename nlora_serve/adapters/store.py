@@ -94,8 +94,11 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
         store_lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
         self._lock = threading.Lock()  # serialises version allocation and renames
-        shutil.rmtree(self.root / STAGING, ignore_errors=True)  # leftovers of a crash
-        (self.root / STAGING).mkdir()
+        staging = self.root / STAGING
+        if staging.is_symlink() or staging.is_file():  # planted: writes would land where it points
+            staging.unlink()
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crash
+        staging.mkdir()
         self._deleter = ThreadPoolExecutor(1, thread_name_prefix="adapter-store-delete")
 
     def adapter_dir(self, name: str) -> Path:

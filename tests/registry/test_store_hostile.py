@@ -170,3 +170,20 @@ def test_the_limit_is_the_servers_max_adapter_bytes_flag(base_fp32, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
         assert AdapterManager(base_fp32, root, engine_config.adapter_limits).versions() == []
     assert len([r for r in caplog.records if f"--max-adapter-bytes {size - 1}" in r.getMessage()]) == 2
+
+
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_a_staging_area_that_is_a_link_or_a_file_is_replaced_and_nothing_outside_is_touched(tmp_path, kind):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"x")
+    root = tmp_path / "store"
+    root.mkdir()
+    if kind == "link":
+        os.symlink(outside, root / ".staging")
+    else:
+        (root / ".staging").write_bytes(b"x")
+    store = AdapterStore(root)
+    assert (root / ".staging").is_dir() and not (root / ".staging").is_symlink()
+    store.write("acme", FILES)
+    assert os.listdir(outside) == ["keep"] and store.names() == ["acme"]
