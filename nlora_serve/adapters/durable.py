@@ -125,7 +125,8 @@ def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int) 
     Raises:
         FileNotFoundError: ``root/folder`` does not exist (e.g. a version removed since).
         AdapterError: a symbolic link, FIFO, device or other non-regular entry on the way, named
-            by its path relative to ``root``; files of more than ``max_bytes`` bytes together.
+            by its path relative to ``root``; files of more than ``max_bytes`` bytes together; any
+            other error reading them (EACCES, EIO).
     """
     folder, fds = Path(folder), {}
     dir_fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)  # the root itself was resolved by the caller
@@ -143,6 +144,11 @@ def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int) 
             raise AdapterError(f"adapter store folder {folder.as_posix()}: {' + '.join(fds)} are {sum(sizes.values())} "
                                f"bytes, over the server's --max-adapter-bytes {max_bytes}: refusing to read them")
         return {name: _read_all(fd, sizes[name]) for name, fd in fds.items()}
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # EACCES, EIO, ...: a refusal of this version, not a crash of the start
+        raise AdapterError(f"adapter store folder {folder.as_posix()}: cannot read it "
+                           f"({exc.strerror or exc})") from None
     finally:
         for fd in (dir_fd, *fds.values()):
             os.close(fd)

@@ -74,7 +74,10 @@ class AdapterManager:
     def _load_stored(self, path: Path):
         """A version folder of the store (a restore, a cold load), read through the store: no
         link is followed at any level."""
-        files = self.registry.store.read_files(path)
+        try:
+            files = self.registry.store.read_files(path)
+        except FileNotFoundError:
+            raise AdapterError(f"{path}: no such adapter version folder") from None
         missing = [f for f in ALLOWED_FILES if f not in files]
         if missing:
             raise AdapterError(f"{path}: no {' and no '.join(missing)} (a store version holds both)")

@@ -4,6 +4,7 @@ non-regular files are refused by name at every level, and nothing is read throug
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shutil
@@ -187,3 +188,19 @@ def test_a_staging_area_that_is_a_link_or_a_file_is_replaced_and_nothing_outside
     assert (root / ".staging").is_dir() and not (root / ".staging").is_symlink()
     store.write("acme", FILES)
     assert os.listdir(outside) == ["keep"] and store.names() == ["acme"]
+
+
+def test_a_store_file_that_cannot_be_read_is_skipped_at_restore_not_a_crash(base_fp32, tmp_path, caplog, monkeypatch):
+    root, weights = _store_with(tmp_path, base_fp32)
+    real = durable._read_all
+
+    def failing(fd, size):  # (a chmod 000 would not stop root, who runs the tests here)
+        if os.fstat(fd).st_ino == weights.stat().st_ino:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, size)
+
+    monkeypatch.setattr(durable, "_read_all", failing)
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+        assert [v.name for v in AdapterManager(base_fp32, root).versions()] == ["acme"]
+    (record,) = [r for r in caplog.records if "sneaky" in r.getMessage()]
+    assert f"adapter store folder sneaky/00000001: cannot read it ({os.strerror(errno.EIO)})" in record.getMessage()
