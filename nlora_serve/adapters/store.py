@@ -175,7 +175,7 @@ class AdapterStore:
             try:
                 if not self.versions(entry.name):
                     continue
-            except AdapterError as exc:
+            except (AdapterError, OSError) as exc:  # OSError: EACCES, EIO; skipped, not a crash of the start
                 if warn:
                     log.warning("skipping store entry %s: %s", entry, exc)
                 continue

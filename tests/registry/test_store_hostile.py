@@ -204,3 +204,20 @@ def test_a_store_file_that_cannot_be_read_is_skipped_at_restore_not_a_crash(base
         assert [v.name for v in AdapterManager(base_fp32, root).versions()] == ["acme"]
     (record,) = [r for r in caplog.records if "sneaky" in r.getMessage()]
     assert f"adapter store folder sneaky/00000001: cannot read it ({os.strerror(errno.EIO)})" in record.getMessage()
+
+
+def test_an_unreadable_store_entry_is_skipped_with_a_warning_not_a_crash(tmp_path, caplog, monkeypatch):
+    store = AdapterStore(tmp_path)
+    store.write("acme", FILES)
+    store.write("zeta", FILES)
+    real = os.scandir
+
+    def scandir(path="."):  # (a chmod 000 would not stop root, who runs the tests here)
+        if os.path.basename(path) == "acme":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr("nlora_serve.adapters.store.os.scandir", scandir)
+    with caplog.at_level("WARNING", logger="nlora_serve.adapters.store"):
+        assert store.names() == ["zeta"]
+    assert "skipping store entry" in caplog.text and "Permission denied" in caplog.text
