@@ -6,6 +6,9 @@ Every store write path goes through these functions, in the durable order the st
 :class:`FileOp`; it may record it (the durability-order tests), raise an ``OSError`` in its place
 (a disk that fills up: ENOSPC, EIO) or kill the process there (the crash tests). Without a hook
 (always, outside tests) each point costs one global lookup.
+
+Reads go through :func:`read_folder`, which follows no symbolic link below the store's root: a
+link or a FIFO planted in the store is refused by name, never read through.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from nlora_serve.errors import AdapterError
 
 # the kinds of operation, in the order a new file goes through them
 KINDS = ("mkdir", "create", "write", "fsync_file", "link", "fsync_dir", "rename", "unlink")
@@ -108,6 +114,86 @@ def unlink(path: Path, missing_ok: bool = False) -> None:
         return
     _point("unlink", path)
     path.unlink(missing_ok=missing_ok)
+
+
+def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int) -> dict[str, bytes]:
+    """The bytes of those of ``names`` that exist in ``root/folder``, by name. Every folder below
+    ``root`` and every file is opened with O_NOFOLLOW and checked with fstat to be a folder or a
+    regular file, so no symbolic link in the store is followed, whatever its level; the files'
+    sizes (fstat) are checked against ``max_bytes`` together before any byte is read.
+
+    Raises:
+        FileNotFoundError: ``root/folder`` does not exist (e.g. a version removed since).
+        AdapterError: a symbolic link, FIFO, device or other non-regular entry on the way, named
+            by its path relative to ``root``; files of more than ``max_bytes`` bytes together; any
+            other error reading them (EACCES, EIO).
+    """
+    folder, fds = Path(folder), {}
+    dir_fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)  # the root itself was resolved by the caller
+    try:
+        for depth, part in enumerate(folder.parts):
+            child = _open_entry(part, dir_fd, Path(*folder.parts[: depth + 1]), is_dir=True)
+            os.close(dir_fd)
+            dir_fd = child
+        for name in names:
+            fd = _open_entry(name, dir_fd, folder / name, is_dir=False)
+            if fd is not None:
+                fds[name] = fd
+        sizes = {name: os.fstat(fd).st_size for name, fd in fds.items()}
+        if sum(sizes.values()) > max_bytes:
+            raise AdapterError(f"adapter store folder {folder.as_posix()}: {' + '.join(fds)} are {sum(sizes.values())} "
+                               f"bytes, over the server's --max-adapter-bytes {max_bytes}: refusing to read them")
+        return {name: _read_all(fd, sizes[name]) for name, fd in fds.items()}
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # EACCES, EIO, ...: a refusal of this version, not a crash of the start
+        raise AdapterError(f"adapter store folder {folder.as_posix()}: cannot read it "
+                           f"({exc.strerror or exc})") from None
+    finally:
+        for fd in (dir_fd, *fds.values()):
+            os.close(fd)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: a FIFO cannot block the open
+
+
+def _open_entry(name: str, dir_fd: int, shown: Path, is_dir: bool) -> int | None:
+    """An fd of ``name`` in ``dir_fd``, a folder or a regular file as ``is_dir`` asks, opened
+    without following a link; None for a file that does not exist (a missing folder raises)."""
+    is_kind = stat.S_ISDIR if is_dir else stat.S_ISREG
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode  # no open of a FIFO or device
+        if not is_kind(mode):
+            raise _not_kind(shown, mode, is_dir)
+        fd = os.open(name, _DIR_FLAGS if is_dir else _FILE_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if is_dir:
+            raise
+        return None
+    except OSError as exc:  # replaced by a link or a folder since the stat
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENXIO):
+            raise _not_kind(shown, stat.S_IFLNK if exc.errno == errno.ELOOP else 0, is_dir) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not is_kind(mode):
+        os.close(fd)
+        raise _not_kind(shown, mode, is_dir)
+    return fd
+
+
+def _not_kind(shown: Path, mode: int, is_dir: bool) -> AdapterError:
+    if stat.S_ISLNK(mode):
+        return AdapterError(f"adapter store entry {shown.as_posix()} is a symbolic link; the store follows no "
+                            "links: refusing it (put the file itself there)")
+    return AdapterError(f"adapter store entry {shown.as_posix()} is not a {'folder' if is_dir else 'regular file'}: "
+                        "refusing it")
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """The file's first ``size`` bytes (its fstat size: a file grown since is cut there)."""
+    with open(fd, "rb", closefd=False) as f:
+        return f.read(size)
 
 
 # link(2) failures that mean "this file system has no hard links here": copy instead

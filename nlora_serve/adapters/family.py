@@ -27,10 +27,11 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from nlora_serve.adapters import durable
 from nlora_serve.adapters.config import FAMILY_FORMAT
 from nlora_serve.adapters.format import _atomic_write, read_bytes
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, group_keys, tensor_key
-from nlora_serve.adapters.store import FAMILIES
+from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES, FAMILIES
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.spec import ModelSpec
 
@@ -138,11 +139,13 @@ class FamilyResolver:
 
     Looks under each of ``roots`` (a store root), then, for a member read from a folder, next to
     it: ``<folder>/../_families`` and ``<folder>/../../_families`` (a store version folder).
+    A factors file over ``max_bytes`` (--max-adapter-bytes) is refused before it is read.
     """
 
-    def __init__(self, spec: ModelSpec, roots: tuple[Path, ...] = ()):
+    def __init__(self, spec: ModelSpec, roots: tuple[Path, ...] = (), max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES):
         self.spec = spec
         self.roots = tuple(Path(r) for r in roots)
+        self.max_bytes = max_bytes
         self._cache: dict[str, FamilyFactors] = {}
 
     def get(self, key: str, near: Path | None = None) -> FamilyFactors:
@@ -156,8 +159,12 @@ class FamilyResolver:
         places = list(self.roots) + ([Path(near).parent, Path(near).parent.parent] if near is not None else [])
         for root in places:
             path = family_file(root, key)
-            if path.is_file():
-                self._cache[key] = parse_factors(path.read_bytes(), self.spec, key, str(path))
+            try:  # no link followed below the root: a store's _families is the store's, link-free
+                found = durable.read_folder(root, path.parent.relative_to(root), (FACTORS_FILE,), self.max_bytes)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if found:
+                self._cache[key] = parse_factors(found[FACTORS_FILE], self.spec, key, str(path))
                 return self._cache[key]
         searched = ", ".join(str(Path(p) / FAMILIES_DIR) for p in places) or "nowhere (no store)"
         raise AdapterError(f"family {key[:16]}…: its shared factors ({FAMILIES_DIR}/{key}/{FACTORS_FILE}) are "

@@ -24,6 +24,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # safetensors dtype names we accept; each converts exactly to float32.
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _LITTLE_ENDIAN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # safetensors byte order
+# Caps on a safetensors header, checked before the JSON is parsed / before any entry is looked at
+# (a 50 MB __metadata__, or 500,000 keys, which took 15 s to parse and refuse). An adapter has at most
+# 4 parts x 7 projections a layer (3584 tensors, a ~540 KB header at 128 layers); 256 bytes an entry.
+MAX_TENSORS = 8192
+MAX_HEADER_BYTES = MAX_TENSORS * 256  # 2 MiB
 
 
 def weights_path(adapter_dir: Path) -> Path:
@@ -100,9 +105,14 @@ def _entries(data: bytes) -> tuple[dict[str, dict], int]:
         raise AdapterError(_too_short(WEIGHTS_NAME, len(data)))
     size = int.from_bytes(data[:8], "little")
     try:
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"header length over the {MAX_HEADER_BYTES}-byte limit on an adapter's header")
         if not 0 < size <= len(data) - 8:
-            raise ValueError(f"header length {size} does not fit {len(data)} bytes")
+            shown = f" {size}" if size <= len(data) else ""  # a larger one is 8 bytes of text, maybe a secret
+            raise ValueError(f"header length{shown} does not fit {len(data)} bytes")
         meta = json.loads(data[8:8 + size])
+        if (count := len(meta) - ("__metadata__" in meta)) > MAX_TENSORS:
+            raise ValueError(f"{count} tensors, over the limit of {MAX_TENSORS} on an adapter's tensors")
         entries = {k: {"dtype": v["dtype"], "shape": tuple(v["shape"]), "data_offsets": v["data_offsets"]}
                    for k, v in meta.items() if k != "__metadata__"}
         bad = next((k for k, v in entries.items() if not all(type(d) is int and d >= 0 for d in v["shape"])), None)

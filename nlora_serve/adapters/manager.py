@@ -17,7 +17,7 @@ from nlora_serve.adapters.pool import Placement
 from nlora_serve.adapters.registry import AdapterRegistry, AdapterVersion
 from nlora_serve.adapters.residency import Residency
 from nlora_serve.adapters.swap import replace_n
-from nlora_serve.adapters.store import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterStore
+from nlora_serve.adapters.store import ALLOWED_FILES, CONFIG_FILE, DEFAULT_MAX_ADAPTER_BYTES, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
 
@@ -31,9 +31,10 @@ class AdapterLimits:
     max_rank: int = DEFAULT_MAX_RANK  # --max-rank: refuse adapters of a higher rank
     max_loras: int = 8  # --max-loras: untied adapters resident at once (LRU beyond)
     adapter_memory: int = 4 << 30  # --adapter-memory: bytes all tied tenants' N may use
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES  # --max-adapter-bytes: a store version's files, bytes
 
     def __post_init__(self):
-        for name in ("max_rank", "max_loras", "adapter_memory"):
+        for name in ("max_rank", "max_loras", "adapter_memory", "max_adapter_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"AdapterLimits.{name} must be a positive integer; got {value!r}")
@@ -55,12 +56,13 @@ class AdapterManager:
         self.base = base
         self.limits = limits or AdapterLimits()
         # compressed family members share one copy of their factors, found in the store's _families
-        self.families = FamilyResolver(base.spec, (Path(adapter_dir).expanduser().resolve(),))
-        load = self._load
+        store = AdapterStore(adapter_dir, max_bytes=self.limits.max_adapter_bytes)
+        self.families = FamilyResolver(base.spec, (store.root,), max_bytes=self.limits.max_adapter_bytes)
+        load = self._load_stored
         self.residency = residency if residency is not None else Residency(
             base, load, tied_budget=self.limits.adapter_memory, max_loras=self.limits.max_loras,
             max_rank=self.limits.max_rank, placement=placement)
-        self.registry = AdapterRegistry(AdapterStore(adapter_dir), load, self._load_files,
+        self.registry = AdapterRegistry(store, load, self._load_files,
                                         on_admit=self.residency.admit, on_free=self.residency.free)
         restored = self.registry.rebuild()
         if restored:
@@ -69,9 +71,21 @@ class AdapterManager:
     def _load(self, path: Path):
         return read_adapter(path, self.base, max_rank=self.limits.max_rank, families=self.families)
 
-    def _load_files(self, files: dict[str, bytes]):
+    def _load_stored(self, path: Path):
+        """A version folder of the store (a restore, a cold load), read through the store: no
+        link is followed at any level."""
+        try:
+            files = self.registry.store.read_files(path)
+        except FileNotFoundError:
+            raise AdapterError(f"{path}: no such adapter version folder") from None
+        missing = [f for f in ALLOWED_FILES if f not in files]
+        if missing:
+            raise AdapterError(f"{path}: no {' and no '.join(missing)} (a store version holds both)")
+        return self._load_files(files, source=str(path))
+
+    def _load_files(self, files: dict[str, bytes], source: str = "upload"):
         return read_adapter_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], self.base, max_rank=self.limits.max_rank,
-                                  families=self.families)
+                                  source=source, families=self.families)
 
     def acquire(self, name: str) -> AdapterVersion:
         """Pin ``name``'s current version for one request and make sure it is resident.

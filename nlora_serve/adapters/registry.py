@@ -170,7 +170,7 @@ class AdapterRegistry:
         while True:
             current = self.get(name)
             if validate is None or current.adapter is None:  # the full path: re-read the config
-                files = {CONFIG_FILE: (current.path / CONFIG_FILE).read_bytes(), WEIGHTS_FILE: weights}
+                files = {CONFIG_FILE: self._stored(current, CONFIG_FILE), WEIGHTS_FILE: weights}
                 return self.register(name, files, if_version)
             self._check_version(name, if_version)  # fail fast, before validating
             adapter = validate(current.adapter, weights)
@@ -198,9 +198,21 @@ class AdapterRegistry:
             FileNotFoundError: ``current``'s folder was removed (it was superseded).
             AdapterError: the new files do not validate.
         """
-        config = (current.path / CONFIG_FILE).read_bytes()
-        new = full_form_with_n((current.path / WEIGHTS_FILE).read_bytes(), weights)
+        config = self._stored(current, CONFIG_FILE)
+        new = full_form_with_n(self._stored(current, WEIGHTS_FILE), weights)
         return {WEIGHTS_FILE: new}, self._load_files({CONFIG_FILE: config, WEIGHTS_FILE: new})
+
+    def _stored(self, version: AdapterVersion, fname: str) -> bytes:
+        """One file of ``version``'s folder, read through the store (no link followed).
+
+        Raises:
+            FileNotFoundError: the folder was removed (the version was superseded).
+            AdapterError: the file is missing, a link or not a regular file.
+        """
+        files = self.store.read_files(version.path, (fname,))
+        if fname not in files:
+            raise AdapterError(f"adapter {version.name!r} v{version.version}: its folder {version.path} has no {fname}")
+        return files[fname]
 
     def get(self, name: str) -> AdapterVersion:
         """The current version of ``name`` (no reference taken).

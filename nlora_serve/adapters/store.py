@@ -41,6 +41,7 @@ ALLOWED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 STAGING = ".staging"
 UNLOADED = "UNLOADED"
 FAMILIES = "_families"  # shared factors of compressed families (adapters/family.py), not an adapter
+DEFAULT_MAX_ADAPTER_BYTES = 256 << 20  # --max-adapter-bytes: one version's files together, bytes
 # errors of a full or failing disk: a write refused with one is a StoreWriteError
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
 
@@ -65,8 +66,11 @@ class StoredVersion:
 
         Raises:
             FileNotFoundError: the version was removed since.
+            AdapterError: as :meth:`AdapterStore.read_files`.
         """
-        return content_hash(AdapterStore.read_files(self.path))
+        root = self.path.parent.parent
+        return content_hash(durable.read_folder(root, self.path.relative_to(root), ALLOWED_FILES,
+                                                DEFAULT_MAX_ADAPTER_BYTES))
 
 
 def content_hash(files: dict[str, bytes]) -> str:
@@ -80,15 +84,21 @@ def content_hash(files: dict[str, bytes]) -> str:
 
 class AdapterStore:
     """Adapters on disk under one root; every path it touches stays inside that root. One process
-    at a time opens a root (adapters/store_lock.py): AdapterError names it when another holds it."""
+    at a time opens a root (adapters/store_lock.py): AdapterError names it when another holds it.
+    A version's files hold at most ``max_bytes`` together (--max-adapter-bytes, as an upload):
+    more is refused when written and when read, before a byte of it is read."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES):
+        self.max_bytes = max_bytes
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         store_lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
         self._lock = threading.Lock()  # serialises version allocation and renames
-        shutil.rmtree(self.root / STAGING, ignore_errors=True)  # leftovers of a crash
-        (self.root / STAGING).mkdir()
+        staging = self.root / STAGING
+        if staging.is_symlink() or staging.is_file():  # planted: writes would land where it points
+            staging.unlink()
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crash
+        staging.mkdir()
         self._deleter = ThreadPoolExecutor(1, thread_name_prefix="adapter-store-delete")
 
     def adapter_dir(self, name: str) -> Path:
@@ -133,25 +143,50 @@ class AdapterStore:
             raise AdapterError(f"adapter {name!r} has no version {version} in {self.root}")
         return StoredVersion(name, version, path)
 
-    @staticmethod
-    def read_files(path: Path) -> dict[str, bytes]:
-        """The version folder's files by name (only the two allowed names)."""
-        return {f: (path / f).read_bytes() for f in ALLOWED_FILES if (path / f).is_file()}
+    def read_files(self, path: Path, names: tuple[str, ...] = ALLOWED_FILES) -> dict[str, bytes]:
+        """The files of one of this store's version folders by name (those of ``names`` that
+        exist), read without following a symbolic link at any level of the store.
+
+        Raises:
+            FileNotFoundError: the folder does not exist (a version removed since).
+            AdapterError: ``path`` is not inside the store, a link or other non-regular entry is
+                on the way (named by its path relative to the root), or the files are over
+                ``max_bytes`` together (checked with fstat, before reading).
+        """
+        try:
+            folder = Path(path).relative_to(self.root)
+        except ValueError:
+            raise AdapterError(f"{path} is not a folder of the adapter store {self.root}") from None
+        return durable.read_folder(self.root, folder, names, self.max_bytes)
 
     def names(self, warn: bool = True) -> list[str]:
         """Served names: at least one complete version and not unloaded; invalid or escaping
         entries are skipped, with a warning each unless ``warn`` is False (a caller that only
-        peeks before the registry's own scan, which warns)."""
-        found = []
+        peeks before the registry's own scan, which warns).
+
+        Of names that differ only in case (one folder on a case-insensitive file system, so
+        :meth:`write` never makes them; an operator's copy can), the first in sorted order holds
+        the name, served or unloaded; each later twin is skipped with an error naming both.
+        """
+        found, holders = [], {}  # holders: case-folded name -> the entry that holds it
         for entry in sorted(self.root.iterdir()):
-            if entry.name in (STAGING, FAMILIES) or (entry / UNLOADED).exists():
+            if entry.name in (STAGING, FAMILIES):
                 continue
             try:
-                if self.versions(entry.name):
-                    found.append(entry.name)
-            except AdapterError as exc:
+                if not self.versions(entry.name):
+                    continue
+            except (AdapterError, OSError) as exc:  # OSError: EACCES, EIO; skipped, not a crash of the start
                 if warn:
                     log.warning("skipping store entry %s: %s", entry, exc)
+                continue
+            holder = holders.setdefault(entry.name.casefold(), entry.name)
+            if holder != entry.name:
+                if warn:
+                    log.error("adapter store entry %s not served: the name %r differs only in case from the "
+                              "stored adapter %r, which keeps the name (on a case-insensitive file system both "
+                              "are one folder); rename or remove one of the two folders", entry, entry.name, holder)
+            elif not (entry / UNLOADED).exists():
+                found.append(entry.name)
         return found
 
     def write(self, name: str, files: dict[str, bytes], same_as: dict[str, Path] | None = None) -> StoredVersion:
@@ -168,8 +203,9 @@ class AdapterStore:
 
         Raises:
             AdapterError: invalid name, an escaping folder, a name that differs only in case from a
-                stored adapter's (served or unloaded), or a file name other than
-                ``adapter_config.json`` / ``adapter_model.safetensors``.
+                stored adapter's (served or unloaded), a file name other than
+                ``adapter_config.json`` / ``adapter_model.safetensors``, or files over ``max_bytes``
+                together (the store would refuse to read them back).
             StoreWriteError: the disk refused a write (ENOSPC, EIO, ...): nothing of the new
                 version is left, the store is as before.
         """
@@ -178,6 +214,10 @@ class AdapterStore:
         if unknown:
             raise AdapterError(f"adapter {name!r}: files {unknown} are not allowed; "
                                f"a version holds only {', '.join(ALLOWED_FILES)}")
+        total = sum(map(len, files.values())) + sum(os.stat(p).st_size for p in same_as.values())
+        if total > self.max_bytes:
+            raise AdapterError(f"adapter {name!r}: {total} bytes of files is over the server's --max-adapter-bytes "
+                               f"{self.max_bytes}")
         with self._lock:
             adapter_dir = self.adapter_dir(name)
             self._check_case(name)

@@ -87,7 +87,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence (default: %(default)s)")
     a("--max-rank", type=int, default=DEFAULT_MAX_RANK, help="refuse adapters above this rank (default: %(default)s)")
     a("--max-adapter-bytes", type=int, default=d.max_adapter_bytes,
-      help="largest upload (config + safetensors) or swap payload in bytes (default: %(default)s)")
+      help="largest upload (config + safetensors) or swap payload in bytes, and largest adapter version "
+           "the adapter store writes or reads back (default: %(default)s)")
     a("--max-loras", type=int, default=AdapterLimits().max_loras,
       help="untied adapters resident at once, LRU beyond (default: %(default)s)")
     a("--adapter-memory", type=int, default=AdapterLimits().adapter_memory // MiB,
@@ -180,7 +181,7 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
                               max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds,
                               tenant_queue_shares=policy == "fair")
         limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
-                               adapter_memory=args.adapter_memory * MiB)
+                               adapter_memory=args.adapter_memory * MiB, max_adapter_bytes=args.max_adapter_bytes)
         engine_config = device_config(args, cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
                                       adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching)
         engine_config.scheduler = dataclasses.replace(engine_config.scheduler, policy=policy)

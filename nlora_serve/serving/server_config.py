@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.errors import AdapterError, NloraError
 
 LOOPBACK_NAMES = ("localhost",)
@@ -62,7 +63,7 @@ class ServerConfig:
     # a request's max_tokens at most (more is INVALID_ARGUMENT); one that sends none gets the rest of
     # the context (max_model_len - prompt tokens, as vLLM), at most this
     max_tokens: int = 2048
-    max_adapter_bytes: int = 256 << 20  # an upload (config + safetensors) or a swap payload, bytes
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES  # an upload (config + safetensors) or a swap payload, bytes
     drain_seconds: float = 30.0  # graceful shutdown: how long running streams may finish
     # the base model's name in GetServerInfo, /v1/models and HTTP ``model``; None: the model's own
     # (see :func:`default_served_name`)

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
-from nlora_serve.adapters.store import AdapterStore
+from nlora_serve.adapters.store import ALLOWED_FILES, AdapterStore
 from nlora_serve.client import InvalidArgument, NloraClient, NloraClientError
 from nlora_serve.errors import AdapterError
 from nlora_serve.serving import serve_cli
@@ -115,7 +115,7 @@ def test_an_engine_adapter_named_like_the_served_model_is_refused_at_startup(bas
 ])
 def test_serve_refuses_adapter_names_equal_to_the_served_name_before_loading(tmp_path, no_model, flags, stored):
     if stored is not None:
-        AdapterStore(tmp_path / "store").write(stored, AdapterStore.read_files(CASES / TIED))
+        AdapterStore(tmp_path / "store").write(stored, {f: (CASES / TIED / f).read_bytes() for f in ALLOWED_FILES})
     with pytest.raises(AdapterError, match="is the served base model name") as err:
         serve_cli.build(_args("--port", "0", "--adapter-dir", str(tmp_path / "store"), *flags))
     assert "another --served-model-name" in str(err.value)

@@ -5,6 +5,7 @@ served base model's name."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -41,3 +42,31 @@ def test_the_served_model_name_in_any_case_is_refused(name):
     with pytest.raises(AdapterError, match="served base model name"):
         config.check_adapter_name(name)
     config.check_adapter_name("SmolLM2-135M-tenant")  # a different name passes
+
+
+def _twin(tmp_path, kept: str, twin: str) -> None:
+    """Make ``twin`` a copy of the stored ``kept`` (what an operator's cp -r does: upload refuses it)."""
+    shutil.copytree(tmp_path / kept, tmp_path / twin)
+
+
+@pytest.mark.parametrize("names", [("Lower", "lower"), ("lower", "Lower")])
+def test_restore_serves_only_the_first_of_case_twins_and_logs_both(tmp_path, caplog, names):
+    store = AdapterStore(tmp_path)
+    store.write(names[0], FILES)
+    _twin(tmp_path, names[0], names[1])
+    with caplog.at_level("ERROR", logger="nlora_serve.adapters.store"):
+        assert store.names(warn=False) == ["Lower"]  # "L" (0x4c) sorts before "l" (0x6c)
+        assert not caplog.records
+        assert AdapterStore(tmp_path).names() == ["Lower"]
+    assert len(caplog.records) == 1 and caplog.records[0].levelname == "ERROR"
+    message = caplog.records[0].getMessage()
+    assert "'lower'" in message and "'Lower'" in message and "case" in message
+
+
+def test_an_unloaded_first_twin_still_holds_the_name_at_restore(tmp_path):
+    store = AdapterStore(tmp_path)
+    store.write("Acme", FILES)
+    _twin(tmp_path, "Acme", "acme")
+    store.write("zeta", FILES)
+    store.mark_unloaded("Acme")
+    assert AdapterStore(tmp_path).names() == ["zeta"]  # neither twin: upload would refuse "acme" too

@@ -176,8 +176,8 @@ def test_unload_is_remembered_across_a_restart_until_a_new_version(tmp_path):
     again = AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files)
     assert again.rebuild() == ["zeta"]
     stored = again.store.latest("acme")  # the files stay: an operator can load them again
-    assert AdapterStore.read_files(stored.path) == files(b"\x01")
-    again.register("acme", AdapterStore.read_files(stored.path))
+    assert again.store.read_files(stored.path) == files(b"\x01")
+    again.register("acme", again.store.read_files(stored.path))
     assert AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files).rebuild() == ["acme", "zeta"]
 
 
@@ -187,7 +187,7 @@ def test_no_version_folder_is_left_behind_by_unload_load_or_restart(tmp_path):
     first.register("acme", files(b"\x01"))
     first.unload("acme")  # v1 stays on disk: it is what a load brings back
     assert store.versions("acme") == [1]
-    first.register("acme", AdapterStore.read_files(store.latest("acme").path))  # what LoadAdapter does
+    first.register("acme", store.read_files(store.latest("acme").path))  # what LoadAdapter does
     assert store.versions("acme") == [2]  # v1, unloaded and freed long ago, is gone
     held = first.acquire("acme")
     first.register("acme", files(b"\x03"))  # v2 superseded while held: kept until released

@@ -24,7 +24,7 @@ def test_versions_count_up_and_survive_a_restart(tmp_path):
     assert reopened.names() == ["acme"]
     latest = reopened.latest("acme")
     assert latest.version == 2 and latest.content_hash == second.content_hash
-    assert AdapterStore.read_files(latest.path)[WEIGHTS_FILE] == b"\x01" * 64
+    assert reopened.read_files(latest.path)[WEIGHTS_FILE] == b"\x01" * 64
 
 
 def test_a_bad_entry_is_skipped_with_one_warning_per_warning_scan(tmp_path, caplog):
@@ -86,7 +86,7 @@ def test_crash_before_rename_leaves_no_visible_version(tmp_path, monkeypatch):
     monkeypatch.undo()
     reopened = AdapterStore(tmp_path)
     assert reopened.versions("acme") == [1]
-    assert AdapterStore.read_files(reopened.latest("acme").path) == FILES
+    assert reopened.read_files(reopened.latest("acme").path) == FILES
     assert os.listdir(tmp_path / STAGING) == []
 
 
@@ -109,7 +109,7 @@ def test_concurrent_writers_get_distinct_versions(tmp_path):
     for t in threads:
         t.join()
     assert store.versions("acme") == list(range(1, 9))
-    payloads = {AdapterStore.read_files(store.get("acme", v).path)[CONFIG_FILE] for v in range(1, 9)}
+    payloads = {store.read_files(store.get("acme", v).path)[CONFIG_FILE] for v in range(1, 9)}
     assert payloads == {bytes([i]) for i in range(8)}
 
 

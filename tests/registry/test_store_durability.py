@@ -143,7 +143,7 @@ def _run_all_paths(store: AdapterStore, rec: Recorder) -> None:
 def _observed(store: AdapterStore, name: str) -> str:
     if name not in store.names():
         return "unloaded"
-    return content_hash(AdapterStore.read_files(store.latest(name).path))
+    return content_hash(store.read_files(store.latest(name).path))
 
 
 def test_a_power_loss_at_any_point_leaves_a_consistent_store(tmp_path, recorder):
@@ -174,7 +174,7 @@ def test_a_power_loss_at_any_point_leaves_a_consistent_store(tmp_path, recorder)
             last_op = ops[point - 1] if point else None
             assert seen in {acked[name], in_flight.get(name, acked[name])}, (point, name, last_op)
             for version in store.versions(name):  # nothing half-written anywhere
-                files = AdapterStore.read_files(store.get(name, version).path)
+                files = store.read_files(store.get(name, version).path)
                 assert set(files) == {CONFIG_FILE, WEIGHTS_FILE} and content_hash(files) in written, (point, name)
         assert {p.name for p in target.iterdir()} <= {"acme", "beta", STAGING}
         assert list((target / STAGING).iterdir()) == []  # no temp files pile up across restarts

@@ -1,0 +1,223 @@
+"""A hostile adapter store (someone with write access to --adapter-dir): links, FIFOs and other
+non-regular files are refused by name at every level, and nothing is read through them."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nlora_serve.adapters import durable
+from nlora_serve.adapters.family import FACTORS_FILE, FAMILIES_DIR, FamilyResolver
+from nlora_serve.adapters.format import read_header_bytes
+from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
+from nlora_serve.errors import AdapterError
+from nlora_serve.serving import serve_cli
+
+CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"
+FILES = {CONFIG_FILE: b'{"r": 4}', WEIGHTS_FILE: b"\x00" * 64}
+
+
+def _relink(target: Path, link: Path) -> None:
+    """Replace the file ``link`` by a symbolic link to ``target``."""
+    link.unlink()
+    os.symlink(target, link)
+
+
+@pytest.mark.parametrize("fname", [WEIGHTS_FILE, CONFIG_FILE])
+def test_a_linked_file_of_a_version_is_refused_by_its_path_in_the_store(tmp_path, fname):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"secret")
+    store = AdapterStore(tmp_path / "store")
+    stored = store.write("acme", FILES)
+    _relink(outside, stored.path / fname)
+    for read in (lambda: store.read_files(stored.path), lambda: stored.content_hash):
+        with pytest.raises(AdapterError) as err:
+            read()
+        assert str(err.value).startswith(f"adapter store entry acme/00000001/{fname} is a symbolic link")
+        assert "secret" not in str(err.value)
+
+
+def test_a_linked_version_folder_is_refused(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    elsewhere = store.write("zeta", FILES).path
+    os.symlink(elsewhere, tmp_path / "store" / "zeta" / "00000002")
+    assert store.versions("zeta") == [1]  # never listed as a version
+    with pytest.raises(AdapterError, match="^adapter store entry zeta/00000002 is a symbolic link"):
+        store.read_files(tmp_path / "store" / "zeta" / "00000002")
+
+
+def test_a_fifo_or_folder_in_place_of_a_file_is_refused_without_blocking(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    stored = store.write("acme", FILES)
+    (stored.path / WEIGHTS_FILE).unlink()
+    os.mkfifo(stored.path / WEIGHTS_FILE)  # an open for reading would wait for a writer forever
+    with pytest.raises(AdapterError, match=f"^adapter store entry acme/00000001/{WEIGHTS_FILE} is not a regular file"):
+        store.read_files(stored.path)
+    (stored.path / CONFIG_FILE).unlink()
+    (stored.path / CONFIG_FILE).mkdir()
+    with pytest.raises(AdapterError, match=f"^adapter store entry acme/00000001/{CONFIG_FILE} is not a regular file"):
+        store.read_files(stored.path)
+
+
+def test_a_path_outside_the_store_is_refused(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    with pytest.raises(AdapterError, match="is not a folder of the adapter store"):
+        store.read_files(CASE)
+
+
+def _store_with(tmp_path, base) -> tuple[Path, Path]:
+    """A store serving acme and sneaky (the same LoRA case); returns (root, sneaky's weights)."""
+    root = tmp_path / "store"
+    manager = AdapterManager(base, root)
+    manager.register_dir("acme", CASE)
+    sneaky = manager.register_dir("sneaky", CASE)
+    manager.registry.store.wait_deleted()
+    return root, sneaky.path / WEIGHTS_FILE
+
+
+@pytest.mark.parametrize("target", ["copy", "/proc/self/environ"])
+def test_restore_refuses_a_linked_weights_file_and_leaks_nothing_of_its_target(base_fp32, tmp_path, caplog, target):
+    root, weights = _store_with(tmp_path, base_fp32)
+    if target == "copy":  # a valid adapter outside the store
+        target = tmp_path / "outside.safetensors"
+        shutil.copy(CASE / WEIGHTS_FILE, target)
+    _relink(Path(target), weights)
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+        restarted = AdapterManager(base_fp32, root)
+    assert [v.name for v in restarted.versions()] == ["acme"]
+    (record,) = [r for r in caplog.records if "sneaky" in r.getMessage()]
+    assert f"adapter store entry sneaky/00000001/{WEIGHTS_FILE} is a symbolic link" in record.getMessage()
+    with pytest.raises(AdapterError, match="is a symbolic link"):  # LoadAdapter's read of the stored files
+        restarted.registry.store.read_files(weights.parent)
+
+
+def test_a_header_length_that_does_not_fit_is_not_printed_when_it_is_file_text():
+    environ = b"HOME=/root\x00PATH=/usr/bin\x00SECRET=hunter2\x00"
+    with pytest.raises(AdapterError) as err:
+        read_header_bytes(environ)
+    assert str(int.from_bytes(environ[:8], "little")) not in str(err.value)
+    assert "header length" in str(err.value)
+    small = (9).to_bytes(8, "little") + b"{}"  # a length no larger than the file is shown
+    with pytest.raises(AdapterError, match="header length 9 does not fit 10 bytes"):
+        read_header_bytes(small)
+
+
+def test_a_linked_family_factors_file_is_refused(base_fp32, tmp_path):
+    key = "ab" * 32
+    folder = tmp_path / "store" / FAMILIES_DIR / key
+    folder.mkdir(parents=True)
+    os.symlink(CASE / WEIGHTS_FILE, folder / FACTORS_FILE)
+    shown = f"{FAMILIES_DIR}/{key}/{FACTORS_FILE}"
+    with pytest.raises(AdapterError, match=f"^adapter store entry {shown} is a symbolic link"):
+        FamilyResolver(base_fp32.spec, (tmp_path / "store",)).get(key)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The sizes asked of every store file read (the size check must come before any)."""
+    seen, real = [], durable._read_all
+    monkeypatch.setattr(durable, "_read_all", lambda fd, size: seen.append(size) or real(fd, size))
+    return seen
+
+
+def test_files_over_max_bytes_are_refused_from_fstat_before_any_read(tmp_path, reads):
+    store = AdapterStore(tmp_path / "store", max_bytes=100)
+    stored = store.write("acme", FILES)  # 8 + 64 = 72 bytes
+    assert store.read_files(stored.path) == FILES and sorted(reads) == [8, 64]
+    reads.clear()
+    os.truncate(stored.path / WEIGHTS_FILE, 93)  # 8 + 93 = 101
+    with pytest.raises(AdapterError) as err:
+        store.read_files(stored.path)
+    assert str(err.value) == (f"adapter store folder acme/00000001: {CONFIG_FILE} + {WEIGHTS_FILE} are 101 bytes, "
+                              "over the server's --max-adapter-bytes 100: refusing to read them")
+    assert reads == []
+
+
+def test_a_version_over_max_bytes_is_not_written(tmp_path):
+    store = AdapterStore(tmp_path / "store", max_bytes=100)
+    with pytest.raises(AdapterError, match="acme.: 101 bytes of files is over the server's --max-adapter-bytes 100"):
+        store.write("acme", {CONFIG_FILE: b"{}", WEIGHTS_FILE: b"\x00" * 99})
+    assert store.names() == [] and os.listdir(tmp_path / "store" / ".staging") == []
+
+
+def test_restore_refuses_a_300_mb_weights_file_without_reading_it(base_fp32, tmp_path, caplog, reads):
+    root, weights = _store_with(tmp_path, base_fp32)
+    os.truncate(weights, 300_000_000)  # sparse: no disk used
+    reads.clear()
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+        restarted = AdapterManager(base_fp32, root)  # the default limit: 256 MiB
+    assert [v.name for v in restarted.versions()] == ["acme"]
+    assert max(reads) < 1 << 20  # acme's files only
+    (record,) = [r for r in caplog.records if "sneaky" in r.getMessage()]
+    assert f"are {300_000_000 + (CASE / CONFIG_FILE).stat().st_size} bytes, over the server's " \
+           f"--max-adapter-bytes {256 << 20}" in record.getMessage()
+
+
+def test_the_limit_is_the_servers_max_adapter_bytes_flag(base_fp32, tmp_path, caplog):
+    root, _ = _store_with(tmp_path, base_fp32)
+    size = sum((CASE / f).stat().st_size for f in (CONFIG_FILE, WEIGHTS_FILE))
+    parser = argparse.ArgumentParser()
+    serve_cli.add_serve_arguments(parser)
+    _, engine_config = serve_cli._configs(parser.parse_args(["--adapter-dir", str(root),
+                                                             "--max-adapter-bytes", str(size - 1)]))
+    assert engine_config.adapter_limits.max_adapter_bytes == size - 1
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+        assert AdapterManager(base_fp32, root, engine_config.adapter_limits).versions() == []
+    assert len([r for r in caplog.records if f"--max-adapter-bytes {size - 1}" in r.getMessage()]) == 2
+
+
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_a_staging_area_that_is_a_link_or_a_file_is_replaced_and_nothing_outside_is_touched(tmp_path, kind):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"x")
+    root = tmp_path / "store"
+    root.mkdir()
+    if kind == "link":
+        os.symlink(outside, root / ".staging")
+    else:
+        (root / ".staging").write_bytes(b"x")
+    store = AdapterStore(root)
+    assert (root / ".staging").is_dir() and not (root / ".staging").is_symlink()
+    store.write("acme", FILES)
+    assert os.listdir(outside) == ["keep"] and store.names() == ["acme"]
+
+
+def test_a_store_file_that_cannot_be_read_is_skipped_at_restore_not_a_crash(base_fp32, tmp_path, caplog, monkeypatch):
+    root, weights = _store_with(tmp_path, base_fp32)
+    real = durable._read_all
+
+    def failing(fd, size):  # (a chmod 000 would not stop root, who runs the tests here)
+        if os.fstat(fd).st_ino == weights.stat().st_ino:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, size)
+
+    monkeypatch.setattr(durable, "_read_all", failing)
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+        assert [v.name for v in AdapterManager(base_fp32, root).versions()] == ["acme"]
+    (record,) = [r for r in caplog.records if "sneaky" in r.getMessage()]
+    assert f"adapter store folder sneaky/00000001: cannot read it ({os.strerror(errno.EIO)})" in record.getMessage()
+
+
+def test_an_unreadable_store_entry_is_skipped_with_a_warning_not_a_crash(tmp_path, caplog, monkeypatch):
+    store = AdapterStore(tmp_path)
+    store.write("acme", FILES)
+    store.write("zeta", FILES)
+    real = os.scandir
+
+    def scandir(path="."):  # (a chmod 000 would not stop root, who runs the tests here)
+        if os.path.basename(path) == "acme":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr("nlora_serve.adapters.store.os.scandir", scandir)
+    with caplog.at_level("WARNING", logger="nlora_serve.adapters.store"):
+        assert store.names() == ["zeta"]
+    assert "skipping store entry" in caplog.text and "Permission denied" in caplog.text
