@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import NloraError, shown
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _BEARER = "bearer "
@@ -72,7 +72,7 @@ class Principal:
     def check(self, adapter: str | None) -> None:
         """Raises PermissionDenied unless :meth:`may_use`."""
         if not self.may_use(adapter):
-            what = f"adapter {adapter!r}" if adapter is not None else "the base model (no adapter)"
+            what = f"adapter {shown(adapter)!r}" if adapter is not None else "the base model (no adapter)"
             raise PermissionDenied(f"key of {self.name!r} is not granted {what}")
 
     def require_admin(self, rpc: str) -> None:

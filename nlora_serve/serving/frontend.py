@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import NloraError, shown
 from nlora_serve.engine.api import Engine
 from nlora_serve.engine.core import RequestOutput, check_context
 from nlora_serve.serving.auth import Authenticator, Principal
@@ -118,7 +118,7 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_chars
         raise RequestError(f"{field} has no messages")
     for i, message in enumerate(messages):
         if message["role"] not in CHAT_ROLES:
-            raise RequestError(f"{field}[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+            raise RequestError(f"{field}[{i}].role {shown(str(message['role']))!r} is not one of {', '.join(CHAT_ROLES)}")
     if max_messages is not None and len(messages) > max_messages:
         raise RequestError(f"{field} holds {len(messages):,} messages: more turns than the model's context holds "
                            f"tokens (max_model_len {max_messages}; refused before rendering)")
