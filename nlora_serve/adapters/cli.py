@@ -71,6 +71,7 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``inspect``, ``init``, ``convert``, ``tune`` (local) and ``list``, ``upload``,
     ``swap``, ``unload``, ``load`` (on a server, ``--server``) on an ``adapters`` subparsers object."""
     from nlora_serve.adapters.tune_cli import add_tune_subcommand
+    from nlora_serve.client.cli import unsigned_arg
 
     p = subparsers.add_parser("inspect", help="validate an adapter directory and describe it",
                               description="Validate DIR against the base model as the server would and print "
@@ -99,7 +100,8 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices to adapt (default: all)")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: r, so scaling 1)")
     p.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--seed", type=int, default=0, help="RNG seed for slora (default: %(default)s)")
+    p.add_argument("--seed", type=unsigned_arg(64), default=0,
+                   help="RNG seed for slora, in [0, 2^64) as torch takes it (default: %(default)s)")
     p.add_argument("--tied-form", action="store_true",
                    help="write the compact tied form (lora_N only + family key); nlora variants only")
     p.add_argument("--out", required=True, help="output directory (created; must not hold an adapter)")

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from adapter_helpers import CASES
 
 from nlora_serve.adapters.cli import add_adapter_subcommands, main
@@ -85,3 +87,15 @@ def test_init_leaves_the_model_unchanged_unless_told_it_is_a_training_start(tmp_
     assert "a training start" in capsys.readouterr().out
     n, w = _n_and_w(start, base_fp32)
     assert torch.equal(n, w[:4, :4].float())  # the NLoRA reference init, N = W[:r, :r]
+
+
+def test_init_seed_out_of_torchs_range_is_an_argparse_error(tmp_path, capsys):
+    """torch takes seeds in [0, 2^64); a bigger one was a ValueError traceback from manual_seed."""
+    for seed in ("-1", "99999999999999999999999"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["init", "--rank", "4", "--targets", "q_proj", "--out", str(tmp_path / "a"), "--seed", seed])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"nlora-serve adapters init: error: argument --seed: must be an integer in "
+            f"[0, 18446744073709551615]; got {seed}")
+    assert not (tmp_path / "a").exists()
