@@ -138,10 +138,27 @@ def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> in
     """
     max_tokens = requested or config.max_tokens
     if max_tokens > config.max_tokens:
-        got = str(max_tokens)  # a hostile 400-digit number is not echoed whole into the error
-        got = got if len(got) <= 20 else f"{got[:8]}... ({len(got)} digits)"
-        raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; got {got}")
+        raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; got {_digits(max_tokens)}")
     return max_tokens
+
+
+def check_min_tokens_unset_max(min_tokens: int, config: ServerConfig, field: str) -> None:
+    """With max_tokens unset, min_tokens in [0, the server's ``--max-tokens``] (the most max_tokens
+    can then be), refused in words that name no max_tokens the client never sent.
+
+    Raises:
+        RequestError: ``min_tokens`` outside that range (the message names ``field``).
+    """
+    if not 0 <= min_tokens <= config.max_tokens:
+        raise RequestError(f"{field} must be an integer in [0, {config.max_tokens}]; got {_digits(min_tokens)} "
+                           f"(max_tokens is unset: it defaults to the rest of the context, capped at the "
+                           f"server's --max-tokens {config.max_tokens})", param="min_tokens")
+
+
+def _digits(number: int) -> str:
+    """``number`` as an error quotes it: a hostile 400-digit number is not echoed whole."""
+    text = str(number)
+    return text if len(text) <= 20 else f"{text[:8]}... ({len(text)} digits)"
 
 
 def start_request(engine: Engine, admission: Admission, prompt: str | list[int], params: SamplingParams,
