@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nlora_serve.arg_types import integer_arg, unsigned_arg
 from nlora_serve.errors import AdapterError, NloraError
 
 
@@ -63,7 +64,7 @@ def _common(p: argparse.ArgumentParser, max_rank: bool = True) -> None:
     p.add_argument("--model", default="default",
                    help="base model: 'default', a Hugging Face model directory or a .gguf file (default: %(default)s)")
     if max_rank:
-        p.add_argument("--max-rank", type=int, default=64,
+        p.add_argument("--max-rank", type=integer_arg(1), default=64,
                        help="refuse adapters whose rank exceeds this, as the server would (default: %(default)s)")
 
 
@@ -71,7 +72,6 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``inspect``, ``init``, ``convert``, ``tune`` (local) and ``list``, ``upload``,
     ``swap``, ``unload``, ``load`` (on a server, ``--server``) on an ``adapters`` subparsers object."""
     from nlora_serve.adapters.tune_cli import add_tune_subcommand
-    from nlora_serve.client.cli import unsigned_arg
 
     p = subparsers.add_parser("inspect", help="validate an adapter directory and describe it",
                               description="Validate DIR against the base model as the server would and print "
@@ -89,7 +89,7 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
                                           "with --training-start N = W[:r,:r] (nlora, the reference code's) or "
                                           "pinv(W[:r,:r]) (nlora-pinv). slora: random A and N, B = 0.")
     _common(p, max_rank=False)
-    p.add_argument("--rank", type=int, required=True, help="rank r of every adapted projection")
+    p.add_argument("--rank", type=integer_arg(1), required=True, help="rank r of every adapted projection")
     p.add_argument("--targets", nargs="+", required=True,
                    help="projections (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or all-linear")
     p.add_argument("--variant", choices=["nlora", "nlora-pinv", "slora"], default="nlora",
@@ -97,7 +97,7 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--training-start", action="store_true",
                    help="write the variant's non-zero N (a start for training: served as is it changes every "
                         "answer); without it nlora variants get N = 0")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices to adapt (default: all)")
+    p.add_argument("--layers", type=integer_arg(0), nargs="+", default=None, help="layer indices to adapt (default: all)")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: r, so scaling 1)")
     p.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--seed", type=unsigned_arg(64), default=0,

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 
+from nlora_serve.arg_types import unsigned_arg
 from nlora_serve.client.messages import check_api_key
 from nlora_serve.client.sync import NloraClient
 from nlora_serve.client.types import InvalidInput, NloraClientError
@@ -89,20 +90,6 @@ def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) 
                         help="API key sent as 'authorization: Bearer' (default: $NLORA_API_KEY)")
     parser.add_argument("--timeout", type=_seconds, default=default(None),
                         help="deadline of each call in seconds, > 0 (default: none)")
-
-
-def unsigned_arg(bits: int):
-    """argparse type: an integer in [0, 2**bits - 1] (the proto field's range, or a library's, as
-    ``adapters init --seed``'s torch generator)."""
-    top = (1 << bits) - 1
-
-    def integer(text: str) -> int:
-        value = int(text)  # a ValueError here is argparse's "invalid integer value"
-        if not 0 <= value <= top:
-            raise argparse.ArgumentTypeError(f"must be an integer in [0, {top}]; got {value}")
-        return value
-
-    return integer
 
 
 def _seconds(text: str) -> float:
