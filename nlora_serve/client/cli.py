@@ -93,9 +93,12 @@ def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) 
 
 
 def _seconds(text: str) -> float:
-    """argparse type: a finite number of seconds > 0 (gRPC refuses a deadline of 0, nan or inf
-    only once a call is made, or never: a negative one fails every call as DEADLINE_EXCEEDED)."""
-    value = float(text)  # a ValueError here is argparse's "invalid _seconds value"
+    """argparse type: a finite number of seconds > 0 (gRPC takes any float: a negative deadline,
+    nan and inf fail every call as DEADLINE_EXCEEDED, which reads like a slow server)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0; got {text}")
     return value

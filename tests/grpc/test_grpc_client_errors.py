@@ -76,6 +76,7 @@ U64 = "18446744073709551615"
     ([], ["info", "--timeout", "0"], "argument --timeout: must be a finite number of seconds > 0; got 0"),
     ([], ["info", "--timeout", "nan"], "argument --timeout: must be a finite number of seconds > 0; got nan"),
     (["--timeout", "inf"], ["info"], "argument --timeout: must be a finite number of seconds > 0; got inf"),
+    ([], ["info", "--timeout", "soon"], "argument --timeout: must be a finite number of seconds > 0; got soon"),
     ([], ["list", "--api-key", "sk-1\n"], "argument --api-key: API key must be printable ASCII "
                                           "(characters ' ' to '~'); character 5 of its 5 is U+000A"),
     ([], ["list", "--api-key", "clé"], "argument --api-key: API key must be printable ASCII "
