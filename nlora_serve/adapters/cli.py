@@ -97,7 +97,8 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--training-start", action="store_true",
                    help="write the variant's non-zero N (a start for training: served as is it changes every "
                         "answer); without it nlora variants get N = 0")
-    p.add_argument("--layers", type=integer_arg(0), nargs="+", default=None, help="layer indices to adapt (default: all)")
+    p.add_argument("--layers", type=integer_arg(0), nargs="+", default=None,
+                   help="layer indices to adapt (default: all)")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: r, so scaling 1)")
     p.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--seed", type=unsigned_arg(64), default=0,

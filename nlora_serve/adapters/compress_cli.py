@@ -221,7 +221,8 @@ def add_compress_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=integer_arg(1), default=32, help="family rank R (default: %(default)s)")
     p.add_argument("--sweep", type=integer_arg(1), nargs="*", default=None,
                    help="also compress at these ranks and print the error-vs-R trade-off (e.g. 8 16 64)")
-    p.add_argument("--iters", type=integer_arg(0), default=2, help="alternating refinement sweeps (default: %(default)s)")
+    p.add_argument("--iters", type=integer_arg(0), default=2,
+                   help="alternating refinement sweeps (default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the SVDs run (auto: CUDA when present; default: %(default)s)")
     p.add_argument("--add", action="store_true",
@@ -234,7 +235,8 @@ def add_compress_subcommand(subparsers: argparse._SubParsersAction) -> None:
                    help="members also hold lora_A = A_f, lora_B = B_f: self-contained folders for `adapters upload` "
                         "(the server stores them compact and keeps the factors once)")
     p.add_argument("--prompts", default=None, help="held prompts, one per line (default: four built-in prompts)")
-    p.add_argument("--new-tokens", type=integer_arg(1), default=16, help="greedy tokens per prompt (default: %(default)s)")
+    p.add_argument("--new-tokens", type=integer_arg(1), default=16,
+                   help="greedy tokens per prompt (default: %(default)s)")
     p.add_argument("--eval-names", nargs="+", default=None,
                    help="compare outputs for these members only (default: all; the others get weight errors)")
     p.add_argument("--no-eval", action="store_true", help="skip the output comparison (weights errors only)")
@@ -242,5 +244,6 @@ def add_compress_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=integer_arg(1), default=None,
                    help="torch CPU threads for the run (default: torch's; 1 is much faster on an oversubscribed box)")
     p.add_argument("--model", default="default", help="base model (default: %(default)s)")
-    p.add_argument("--max-rank", type=integer_arg(1), default=64, help="refuse input adapters above this rank (default: %(default)s)")
+    p.add_argument("--max-rank", type=integer_arg(1), default=64,
+                   help="refuse input adapters above this rank (default: %(default)s)")
     p.set_defaults(func=run)

@@ -118,7 +118,8 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_chars
         raise RequestError(f"{field} has no messages")
     for i, message in enumerate(messages):
         if message["role"] not in CHAT_ROLES:
-            raise RequestError(f"{field}[{i}].role {shown(str(message['role']))!r} is not one of {', '.join(CHAT_ROLES)}")
+            role = shown(str(message['role']))
+            raise RequestError(f"{field}[{i}].role {role!r} is not one of {', '.join(CHAT_ROLES)}")
     if max_messages is not None and len(messages) > max_messages:
         raise RequestError(f"{field} holds {len(messages):,} messages: more turns than the model's context holds "
                            f"tokens (max_model_len {max_messages}; refused before rendering)")
@@ -138,7 +139,8 @@ def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> in
     """
     max_tokens = requested or config.max_tokens
     if max_tokens > config.max_tokens:
-        raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; got {_digits(max_tokens)}")
+        raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; "
+                           f"got {_digits(max_tokens)}")
     return max_tokens
 
 

@@ -3,9 +3,10 @@
 Admission (in this order, each refusal a status code and a count in
 ``nlora_requests_rejected_total{frontend="grpc"}``): key (UNAUTHENTICATED), grant
 (PERMISSION_DENIED, checked before the name is looked up, so a tenant cannot probe other tenants'
-adapter names), an adapter name outside the naming rule (INVALID_ARGUMENT), parameters and prompt (INVALID_ARGUMENT), draining (UNAVAILABLE), the bounded
-queue (RESOURCE_EXHAUSTED), then the engine: unknown adapter (NOT_FOUND), no adapter slot
-(RESOURCE_EXHAUSTED). The HTTP front end (http_routes.py) admits the same way (frontend.py). A
+adapter names), an adapter name outside the naming rule, parameters and prompt (INVALID_ARGUMENT),
+draining (UNAVAILABLE), the bounded queue (RESOURCE_EXHAUSTED), then the engine: unknown adapter
+(NOT_FOUND), no adapter slot (RESOURCE_EXHAUSTED). The HTTP front end (http_routes.py) admits the
+same way (frontend.py), but for the name rule: HTTP's ``model`` is looked up as sent (404). A
 prompt plus max_tokens over max_model_len is INVALID_ARGUMENT, as OpenAI's API refuses it (the
 vLLM 0.32 we test against lowers max_tokens instead); max_tokens 0 (unset) is the rest of the
 context.

@@ -21,7 +21,7 @@ from nlora_serve.engine.sampling import RequestError
 
 # UTF-8 bytes of a status's details at most: gRPC percent-encodes each non-ASCII byte into the
 # grpc-message trailer (3 bytes each), and a client refuses trailers over its metadata limit (8 KiB
-# by default) with RESOURCE_EXHAUSTED, which would hide the status the server meant
+# soft, 16 KiB hard by default) with RESOURCE_EXHAUSTED, which would hide the status the server meant
 MAX_DETAILS_BYTES = 2048
 
 
