@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nlora_serve.arg_types import integer_arg, unsigned_arg
 from nlora_serve.errors import AdapterError, NloraError
 
 
@@ -63,7 +64,7 @@ def _common(p: argparse.ArgumentParser, max_rank: bool = True) -> None:
     p.add_argument("--model", default="default",
                    help="base model: 'default', a Hugging Face model directory or a .gguf file (default: %(default)s)")
     if max_rank:
-        p.add_argument("--max-rank", type=int, default=64,
+        p.add_argument("--max-rank", type=integer_arg(1), default=64,
                        help="refuse adapters whose rank exceeds this, as the server would (default: %(default)s)")
 
 
@@ -88,7 +89,7 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
                                           "with --training-start N = W[:r,:r] (nlora, the reference code's) or "
                                           "pinv(W[:r,:r]) (nlora-pinv). slora: random A and N, B = 0.")
     _common(p, max_rank=False)
-    p.add_argument("--rank", type=int, required=True, help="rank r of every adapted projection")
+    p.add_argument("--rank", type=integer_arg(1), required=True, help="rank r of every adapted projection")
     p.add_argument("--targets", nargs="+", required=True,
                    help="projections (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or all-linear")
     p.add_argument("--variant", choices=["nlora", "nlora-pinv", "slora"], default="nlora",
@@ -96,10 +97,12 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--training-start", action="store_true",
                    help="write the variant's non-zero N (a start for training: served as is it changes every "
                         "answer); without it nlora variants get N = 0")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices to adapt (default: all)")
+    p.add_argument("--layers", type=integer_arg(0), nargs="+", default=None,
+                   help="layer indices to adapt (default: all)")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: r, so scaling 1)")
     p.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--seed", type=int, default=0, help="RNG seed for slora (default: %(default)s)")
+    p.add_argument("--seed", type=unsigned_arg(64), default=0,
+                   help="RNG seed for slora, in [0, 2^64) as torch takes it (default: %(default)s)")
     p.add_argument("--tied-form", action="store_true",
                    help="write the compact tied form (lora_N only + family key); nlora variants only")
     p.add_argument("--out", required=True, help="output directory (created; must not hold an adapter)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from nlora_serve.arg_types import integer_arg
 from nlora_serve.errors import AdapterError
 
 DEFAULT_ADD_THRESHOLD = 0.5  # --add refuses a mean relative error above this unless --force
@@ -217,10 +218,11 @@ def add_compress_subcommand(subparsers: argparse._SubParsersAction) -> None:
                     "outputs of the uncompressed adapters on held prompts) and saves it as JSON.")
     p.add_argument("dirs", nargs="+", help="adapter folders, or folders of adapter folders (member name = folder name)")
     p.add_argument("--out", required=True, help="the family folder (created; with --add, an existing family)")
-    p.add_argument("--rank", type=int, default=32, help="family rank R (default: %(default)s)")
-    p.add_argument("--sweep", type=int, nargs="*", default=None,
+    p.add_argument("--rank", type=integer_arg(1), default=32, help="family rank R (default: %(default)s)")
+    p.add_argument("--sweep", type=integer_arg(1), nargs="*", default=None,
                    help="also compress at these ranks and print the error-vs-R trade-off (e.g. 8 16 64)")
-    p.add_argument("--iters", type=int, default=2, help="alternating refinement sweeps (default: %(default)s)")
+    p.add_argument("--iters", type=integer_arg(0), default=2,
+                   help="alternating refinement sweeps (default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the SVDs run (auto: CUDA when present; default: %(default)s)")
     p.add_argument("--add", action="store_true",
@@ -233,13 +235,15 @@ def add_compress_subcommand(subparsers: argparse._SubParsersAction) -> None:
                    help="members also hold lora_A = A_f, lora_B = B_f: self-contained folders for `adapters upload` "
                         "(the server stores them compact and keeps the factors once)")
     p.add_argument("--prompts", default=None, help="held prompts, one per line (default: four built-in prompts)")
-    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt (default: %(default)s)")
+    p.add_argument("--new-tokens", type=integer_arg(1), default=16,
+                   help="greedy tokens per prompt (default: %(default)s)")
     p.add_argument("--eval-names", nargs="+", default=None,
                    help="compare outputs for these members only (default: all; the others get weight errors)")
     p.add_argument("--no-eval", action="store_true", help="skip the output comparison (weights errors only)")
     p.add_argument("--json", default=None, help="report path (default: OUT/compress_report.json)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=integer_arg(1), default=None,
                    help="torch CPU threads for the run (default: torch's; 1 is much faster on an oversubscribed box)")
     p.add_argument("--model", default="default", help="base model (default: %(default)s)")
-    p.add_argument("--max-rank", type=int, default=64, help="refuse input adapters above this rank (default: %(default)s)")
+    p.add_argument("--max-rank", type=integer_arg(1), default=64,
+                   help="refuse input adapters above this rank (default: %(default)s)")
     p.set_defaults(func=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from nlora_serve.errors import AdapterError
+from nlora_serve.errors import AdapterError, shown
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -18,10 +18,13 @@ def validate_name(name: str) -> str:
     never be absolute, start with ``.`` (``.``, ``..``, hidden files) or contain a path separator.
 
     Raises:
-        AdapterError: the name does not match :data:`NAME_PATTERN` (message names it and the pattern).
+        AdapterError: the name does not match :data:`NAME_PATTERN` (message quotes it, shortened
+            by :func:`~nlora_serve.errors.shown`, and names the pattern).
     """
     if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
-        raise AdapterError(f"adapter name {name!r} is not valid: expected {NAME_PATTERN} "
+        quoted = repr(shown(name)) if isinstance(name, str) else repr(name)
+        length = f" ({len(name):,} characters)" if isinstance(name, str) and len(name) > 128 else ""
+        raise AdapterError(f"adapter name {quoted}{length} is not valid: expected {NAME_PATTERN} "
                            "(1-128 letters, digits, '.', '_', '-', starting with a letter or digit)")
     return name
 

@@ -25,7 +25,7 @@ from nlora_serve.adapters.family import compact_family_files
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.save import compact_tied_files, full_form_with_n
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
-from nlora_serve.errors import AdapterError
+from nlora_serve.errors import AdapterError, shown
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class AdapterRegistry:
         with self._lock:
             found = self._current.get(name)
         if found is None:
-            raise AdapterNotFound(f"adapter {name!r} is not registered")
+            raise AdapterNotFound(f"adapter {shown(name)!r} is not registered")
         return found
 
     def acquire(self, name: str) -> AdapterVersion:
@@ -235,7 +235,7 @@ class AdapterRegistry:
         with self._lock:
             found = self._current.get(name)
             if found is None:
-                raise AdapterNotFound(f"adapter {name!r} is not registered")
+                raise AdapterNotFound(f"adapter {shown(name)!r} is not registered")
             found.refcount += 1
             return found
 
@@ -269,7 +269,7 @@ class AdapterRegistry:
         with self._write_lock:  # no registration of ``name`` between the store's record and the switch
             with self._lock:
                 if name not in self._current:
-                    raise AdapterNotFound(f"adapter {name!r} is not registered")
+                    raise AdapterNotFound(f"adapter {shown(name)!r} is not registered")
             self.store.mark_unloaded(name)  # first: should the disk refuse it, the name serves on
             with self._lock:
                 found = self._current.pop(name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from nlora_serve.arg_types import integer_arg, unsigned_arg
+
 DESCRIPTION = """\
 IntTune (NLoRA, arXiv 2502.14482): Nystrom-initialise every targeted projection (A = W[:r,:],
 B = W[:,:r], frozen views of the base weight) and train only the r x r matrix N on your chat
@@ -74,7 +76,8 @@ def add_tune_subcommand(subparsers: argparse._SubParsersAction) -> None:
                    help="output directory for the compact tied form (created; must not hold an adapter)")
     p.add_argument("--also-full-form", default=None, metavar="DIR",
                    help="also write the full reference layout (lora_A, lora_N, lora_B) to DIR, for PEFT-style tools")
-    p.add_argument("--rank", type=int, default=16, help="rank r of every adapted projection (default: %(default)s)")
+    p.add_argument("--rank", type=integer_arg(1), default=16,
+                   help="rank r of every adapted projection (default: %(default)s)")
     p.add_argument("--targets", nargs="+", default=["all-linear"],
                    help="projections (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or all-linear "
                         "(default: %(default)s)")
@@ -91,21 +94,24 @@ def add_tune_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--unlikelihood-weight", type=float, default=None, metavar="LAMBDA",
                    help="weight of the unlikelihood term (needs --unlikely-tokens; default: 1.0 with it)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=1, help="passes over the training split (default: %(default)s)")
-    length.add_argument("--steps", type=int, default=None,
+    length.add_argument("--epochs", type=integer_arg(1), default=1,
+                        help="passes over the training split (default: %(default)s)")
+    length.add_argument("--steps", type=integer_arg(1), default=None,
                         help="optimizer steps instead of --epochs (each is --batch-size x --grad-accum examples)")
-    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default: %(default)s)")
-    p.add_argument("--grad-accum", type=int, default=1,
+    p.add_argument("--batch-size", type=integer_arg(1), default=4,
+                   help="examples per micro-batch (default: %(default)s)")
+    p.add_argument("--grad-accum", type=integer_arg(1), default=1,
                    help="micro-batches per optimizer step; the loss is averaged over their tokens (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=0,
+    p.add_argument("--warmup", type=integer_arg(0), default=0,
                    help="optimizer steps of linear warm-up before the cosine decay to 0 (default: %(default)s)")
     p.add_argument("--held-out", type=_positive_fraction, default=0.1, metavar="FRACTION",
                    help="fraction of examples kept out of training; their loss is reported before and after "
                         "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=unsigned_arg(64), default=0,
                    help="seed of the split, the shuffling and torch; same seed, data and flags give the same N "
                         "(default: %(default)s)")
-    p.add_argument("--max-len", type=int, default=512, help="tokens per example; longer ones are cut (default: %(default)s)")
+    p.add_argument("--max-len", type=integer_arg(1), default=512,
+                   help="tokens per example; longer ones are cut (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_tune)
 

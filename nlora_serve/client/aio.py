@@ -22,10 +22,10 @@ class AsyncNloraClient:
     """One grpc.aio channel to ``target``; create it inside a running event loop."""
 
     def __init__(self, target: str, api_key: str | None = None, timeout: float | None = None):
+        self._md = msgs.metadata(api_key)  # first: a key gRPC cannot carry opens no channel
         self.channel = grpc.aio.insecure_channel(target)
         self._gen = pb_grpc.GenerationStub(self.channel)
         self._admin = pb_grpc.AdapterAdminStub(self.channel)
-        self._md = msgs.metadata(api_key)
         self.timeout = timeout
 
     async def close(self) -> None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
+from nlora_serve.arg_types import unsigned_arg
+from nlora_serve.client.messages import check_api_key
 from nlora_serve.client.sync import NloraClient
-from nlora_serve.client.types import NloraClientError
+from nlora_serve.client.types import InvalidInput, NloraClientError
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,10 +32,10 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", help="raw text prompt (no chat template)")
     source.add_argument("--message", help="one user message, wrapped in the model's chat template")
     gen.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
-    gen.add_argument("--max-tokens", type=_unsigned(32), default=0,
+    gen.add_argument("--max-tokens", type=unsigned_arg(32), default=0,
                      help="new tokens at most (0 = the rest of the context, at most the server's --max-tokens)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--seed", type=_unsigned(64), default=None, help="seed for reproducible sampling (>= 0)")
+    gen.add_argument("--seed", type=unsigned_arg(64), default=None, help="seed for reproducible sampling (>= 0)")
     gen.set_defaults(client_func=_generate)
     sub.add_parser("info", help="model, dtype and limits of the server").set_defaults(client_func=_info)
     _add_adapter_commands(sub)
@@ -60,7 +63,8 @@ def _add_adapter_commands(sub: argparse._SubParsersAction) -> list[argparse.Argu
     swap.add_argument("--name", required=True, help="adapter name on the server")
     swap.add_argument("n_file", help="safetensors file of lora_N keys only (a compact tied adapter's "
                                      "adapter_model.safetensors is one)")
-    swap.add_argument("--if-version", type=int, default=None, help="swap only if this is the current version")
+    swap.add_argument("--if-version", type=unsigned_arg(64), default=None,
+                      help="swap only if this is the current version")
     swap.set_defaults(client_func=_swap)
     unload = sub.add_parser("unload", help="stop serving an adapter on a server (admin)")
     unload.add_argument("--name", required=True, help="adapter name on the server")
@@ -81,22 +85,31 @@ def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) 
 
     parser.add_argument("--server", default=default("127.0.0.1:50051"),
                         help="HOST:PORT of the server (default: 127.0.0.1:50051)")
-    parser.add_argument("--api-key", default=default(os.environ.get("NLORA_API_KEY")),
+    # argparse runs ``type`` on a string default too, so a bad $NLORA_API_KEY is refused the same way
+    parser.add_argument("--api-key", type=_api_key, default=default(os.environ.get("NLORA_API_KEY")),
                         help="API key sent as 'authorization: Bearer' (default: $NLORA_API_KEY)")
-    parser.add_argument("--timeout", type=float, default=default(None), help="deadline of each call in seconds (default: none)")
+    parser.add_argument("--timeout", type=_seconds, default=default(None),
+                        help="deadline of each call in seconds, > 0 (default: none)")
 
 
-def _unsigned(bits: int):
-    """argparse type: an integer in [0, 2**bits - 1] (the proto field's range)."""
-    top = (1 << bits) - 1
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0 (gRPC takes any float: a negative deadline,
+    nan and inf fail every call as DEADLINE_EXCEEDED, which reads like a slow server)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0; got {text}")
+    return value
 
-    def integer(text: str) -> int:
-        value = int(text)  # a ValueError here is argparse's "invalid integer value"
-        if not 0 <= value <= top:
-            raise argparse.ArgumentTypeError(f"must be an integer in [0, {top}]; got {value}")
-        return value
 
-    return integer
+def _api_key(text: str) -> str:
+    """argparse type: a key gRPC metadata can carry (see :func:`~nlora_serve.client.messages.check_api_key`)."""
+    try:
+        return check_api_key(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_client(args: argparse.Namespace) -> int:

@@ -19,9 +19,27 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # never s
 _UINT_MAX = {FieldDescriptor.TYPE_UINT32: (1 << 32) - 1, FieldDescriptor.TYPE_UINT64: (1 << 64) - 1}
 
 
+def check_api_key(api_key: str) -> str:
+    """``api_key`` unchanged if gRPC metadata can carry it: printable ASCII (" " to "~").
+
+    Raises:
+        InvalidInput: another character (a newline, a non-ASCII letter, a control character); the
+            message gives its position, never the key.
+    """
+    bad = next((i for i, c in enumerate(api_key) if not " " <= c <= "~"), None)
+    if bad is not None:
+        raise InvalidInput(f"API key must be printable ASCII (characters ' ' to '~'); character {bad + 1} "
+                           f"of its {len(api_key)} is U+{ord(api_key[bad]):04X}")
+    return api_key
+
+
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying ``authorization: Bearer <key>`` (nothing without a key)."""
-    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    """Call metadata carrying ``authorization: Bearer <key>`` (nothing without a key).
+
+    Raises:
+        InvalidInput: from :func:`check_api_key`.
+    """
+    return (("authorization", f"Bearer {check_api_key(api_key)}"),) if api_key else ()
 
 
 def generate_request(prompt: str | list[int] | None = None, *, messages: list[dict] | None = None,
@@ -115,8 +133,12 @@ def swap_request(name: str, weights: bytes | str | os.PathLike, if_version: int 
     """A SwapAdapterRequest from safetensors bytes or a path to a .safetensors file of N keys.
 
     Raises:
-        InvalidInput: the path is not a readable file.
+        InvalidInput: ``if_version`` outside [0, 2^64 - 1] (the proto's uint64), the path is not a
+            readable file.
     """
+    top = _UINT_MAX[FieldDescriptor.TYPE_UINT64]
+    if if_version is not None and not (isinstance(if_version, int) and 0 <= if_version <= top):
+        raise InvalidInput(f"if_version must be an integer in [0, {top}]; got {if_version}")
     if isinstance(weights, bytes):
         data = weights
     else:

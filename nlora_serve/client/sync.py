@@ -26,10 +26,10 @@ class NloraClient:
     unless a call gives its own (None = no deadline)."""
 
     def __init__(self, target: str, api_key: str | None = None, timeout: float | None = None):
+        self._md = msgs.metadata(api_key)  # first: a key gRPC cannot carry opens no channel
         self.channel = grpc.insecure_channel(target)
         self._gen = pb_grpc.GenerationStub(self.channel)
         self._admin = pb_grpc.AdapterAdminStub(self.channel)
-        self._md = msgs.metadata(api_key)
         self.timeout = timeout
 
     def close(self) -> None:

@@ -27,9 +27,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import NloraError, shown
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"[0-9a-fA-F]*")
+_HASH_HOW = "echo -n \"$KEY\" | python -m nlora_serve.serving.keys_cli hash"
 _BEARER = "bearer "
 
 
@@ -72,7 +74,7 @@ class Principal:
     def check(self, adapter: str | None) -> None:
         """Raises PermissionDenied unless :meth:`may_use`."""
         if not self.may_use(adapter):
-            what = f"adapter {adapter!r}" if adapter is not None else "the base model (no adapter)"
+            what = f"adapter {shown(adapter)!r}" if adapter is not None else "the base model (no adapter)"
             raise PermissionDenied(f"key of {self.name!r} is not granted {what}")
 
     def require_admin(self, rpc: str) -> None:
@@ -187,11 +189,18 @@ def _entry_hash(entry: object, where: str) -> str:
     if not isinstance(entry, dict):
         raise AuthError(f"{where}: expected an object")
     if "key" in entry or "api_key" in entry:
-        raise AuthError(f"{where}: holds a plaintext key; store only 'key_sha256' "
-                        "(python -m nlora_serve.serving.keys_cli hash)")
-    digest = entry.get("key_sha256")
-    if not isinstance(digest, str) or _HEX64.fullmatch(digest.lower()) is None:
-        raise AuthError(f"{where}.key_sha256 must be 64 hex characters (sha256 of the key); got {digest!r}")
+        raise AuthError(f"{where}: holds a plaintext key; store only 'key_sha256' ({_HASH_HOW})")
+    if "key_sha256" not in entry:
+        raise AuthError(f"{where}: key_sha256 is missing; store the sha256 of the key ({_HASH_HOW})")
+    digest = entry["key_sha256"]
+    # never echoed: a wrong value here is most often the key itself, pasted in place of its hash
+    if not isinstance(digest, str):
+        raise AuthError(f"{where}.key_sha256 must be a string of 64 hex characters (sha256 of the key); "
+                        f"got a {type(digest).__name__}")
+    if _HEX64.fullmatch(digest.lower()) is None:
+        raise AuthError(f"{where}.key_sha256 must be 64 hex characters (sha256 of the key); got {len(digest)} "
+                        f"characters{'' if _HEX.fullmatch(digest) else ', not all hex'} (not shown: if it is the "
+                        f"plaintext key, store its sha256 instead: {_HASH_HOW})")
     return digest.lower()
 
 

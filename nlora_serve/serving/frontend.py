@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import NloraError, shown
 from nlora_serve.engine.api import Engine, text_bytes
 from nlora_serve.engine.core import RequestOutput, check_context
 from nlora_serve.serving.auth import Authenticator, Principal
@@ -148,7 +148,8 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes
         raise RequestError(f"{field} has no messages")
     for i, message in enumerate(messages):
         if message["role"] not in CHAT_ROLES:
-            raise RequestError(f"{field}[{i}].role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+            role = shown(str(message['role']))
+            raise RequestError(f"{field}[{i}].role {role!r} is not one of {', '.join(CHAT_ROLES)}")
     if max_messages is not None and len(messages) > max_messages:
         raise RequestError(f"{field} holds {len(messages):,} messages: more turns than the model's context holds "
                            f"tokens (max_model_len {max_messages}; refused before rendering)")
@@ -168,10 +169,28 @@ def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> in
     """
     max_tokens = requested or config.max_tokens
     if max_tokens > config.max_tokens:
-        got = str(max_tokens)  # a hostile 400-digit number is not echoed whole into the error
-        got = got if len(got) <= 20 else f"{got[:8]}... ({len(got)} digits)"
-        raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; got {got}")
+        raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; "
+                           f"got {_digits(max_tokens)}")
     return max_tokens
+
+
+def check_min_tokens_unset_max(min_tokens: int, config: ServerConfig, field: str) -> None:
+    """With max_tokens unset, min_tokens in [0, the server's ``--max-tokens``] (the most max_tokens
+    can then be), refused in words that name no max_tokens the client never sent.
+
+    Raises:
+        RequestError: ``min_tokens`` outside that range (the message names ``field``).
+    """
+    if not 0 <= min_tokens <= config.max_tokens:
+        raise RequestError(f"{field} must be an integer in [0, {config.max_tokens}]; got {_digits(min_tokens)} "
+                           f"(max_tokens is unset: it defaults to the rest of the context, capped at the "
+                           f"server's --max-tokens {config.max_tokens})", param="min_tokens")
+
+
+def _digits(number: int) -> str:
+    """``number`` as an error quotes it: a hostile 400-digit number is not echoed whole."""
+    text = str(number)
+    return text if len(text) <= 20 else f"{text[:8]}... ({len(text)} digits)"
 
 
 def start_request(engine: Engine, admission: Admission, prompt: str | list[int], params: SamplingParams,

@@ -22,13 +22,13 @@ import grpc
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE
-from nlora_serve.errors import AdapterError, NloraError
+from nlora_serve.errors import AdapterError, NloraError, shown
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving import grpc_convert as convert
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine
-from nlora_serve.serving.grpc_status import NoAdapterStore, TooLarge, status_of
+from nlora_serve.serving.grpc_status import NoAdapterStore, TooLarge, abort, status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
 
@@ -63,7 +63,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
             return await work
         except NloraError as exc:
             work.close()  # never started when auth failed; silences "never awaited"
-            await context.abort(status_of(exc)[0], str(exc))
+            await abort(context, status_of(exc)[0], str(exc))
 
     def _manager(self):
         try:
@@ -93,7 +93,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         digest = hashlib.sha256(weights).hexdigest()
         if header.safetensors_sha256 and header.safetensors_sha256.lower() != digest:
             raise AdapterError(f"upload of {header.name!r}: adapter_model.safetensors has sha256 {digest}, "
-                               f"the header says {header.safetensors_sha256}")
+                               f"the header says {shown(header.safetensors_sha256, 64)!r}")
         files = {CONFIG_FILE: header.adapter_config_json.encode(), WEIGHTS_FILE: weights}
         start = time.perf_counter()
         version = await asyncio.to_thread(manager.register, header.name, files)

@@ -19,7 +19,7 @@ import grpc
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.grpc_decode import PREFIX
-from nlora_serve.serving.grpc_status import status_of
+from nlora_serve.serving.grpc_status import abort, status_of
 from nlora_serve.serving.metrics import ServerMetrics
 
 ADMIN_SERVICE = PREFIX + "AdapterAdmin/"
@@ -53,6 +53,6 @@ class KeyFirst(grpc.aio.ServerInterceptor):
 def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler that aborts with ``code`` without reading the request: grpc reads a request
     stream's messages only as the handler iterates it, and this one never does."""
-    async def abort(request_iterator, context: grpc.aio.ServicerContext):
-        await context.abort(code, message)
-    return grpc.stream_stream_rpc_method_handler(abort)
+    async def refuse(request_iterator, context: grpc.aio.ServicerContext):
+        await abort(context, code, message)
+    return grpc.stream_stream_rpc_method_handler(refuse)

@@ -10,7 +10,7 @@ from nlora_serve import __version__
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.engine.core import RequestOutput
-from nlora_serve.serving.frontend import max_tokens_of, render_chat
+from nlora_serve.serving.frontend import check_min_tokens_unset_max, max_tokens_of, render_chat
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig, default_served_name
 
@@ -38,9 +38,12 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
     ``config.max_tokens`` (see :func:`~nlora_serve.serving.frontend.max_tokens_of`).
 
     Raises:
-        RequestError: a field out of range, or max_tokens over ``config.max_tokens``.
+        RequestError: a field out of range, max_tokens over ``config.max_tokens``, or with
+            max_tokens unset min_tokens over ``config.max_tokens``.
     """
     max_tokens = max_tokens_of(msg.max_tokens, config, "SamplingParams.max_tokens")
+    if not msg.max_tokens:
+        check_min_tokens_unset_max(msg.min_tokens, config, "SamplingParams.min_tokens")
     return SamplingParams(
         max_tokens=max_tokens, min_tokens=msg.min_tokens,
         temperature=msg.temperature if msg.HasField("temperature") else 0.0,

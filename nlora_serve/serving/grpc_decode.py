@@ -14,6 +14,8 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
+from nlora_serve.serving.grpc_status import abort
+
 PREFIX = "/nlora_serve.v1."  # the services this applies to (nlora.proto's package)
 
 
@@ -40,7 +42,7 @@ def _parser(deserialize, method: str):
         try:
             return deserialize(raw)
         except DecodeError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{method}: the request is not a valid protobuf message of its type ({exc})")
     return parse
 

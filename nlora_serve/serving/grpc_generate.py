@@ -3,9 +3,10 @@
 Admission (in this order, each refusal a status code and a count in
 ``nlora_requests_rejected_total{frontend="grpc"}``): key (UNAUTHENTICATED), grant
 (PERMISSION_DENIED, checked before the name is looked up, so a tenant cannot probe other tenants'
-adapter names), parameters and prompt (INVALID_ARGUMENT), draining (UNAVAILABLE), the bounded
-queue (RESOURCE_EXHAUSTED), then the engine: unknown adapter (NOT_FOUND), no adapter slot
-(RESOURCE_EXHAUSTED). The HTTP front end (http_routes.py) admits the same way (frontend.py). A
+adapter names), an adapter name outside the naming rule, parameters and prompt (INVALID_ARGUMENT),
+draining (UNAVAILABLE), the bounded queue (RESOURCE_EXHAUSTED), then the engine: unknown adapter
+(NOT_FOUND), no adapter slot (RESOURCE_EXHAUSTED). The HTTP front end (http_routes.py) admits the
+same way (frontend.py), but for the name rule: HTTP's ``model`` is looked up as sent (404). A
 prompt plus max_tokens over max_model_len is INVALID_ARGUMENT, as OpenAI's API refuses it (the
 vLLM 0.32 we test against lowers max_tokens instead); max_tokens 0 (unset) is the rest of the
 context.
@@ -24,6 +25,7 @@ import logging
 
 import grpc
 
+from nlora_serve.adapters.names import validate_name
 from nlora_serve.errors import NloraError
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
@@ -31,7 +33,7 @@ from nlora_serve.serving import grpc_convert as convert
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_bytes
 from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
-from nlora_serve.serving.grpc_status import status_of
+from nlora_serve.serving.grpc_status import abort, status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
 
@@ -55,7 +57,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except NloraError as exc:
             code, reason = status_of(exc)
             self.metrics.reject(reason, "grpc")
-            await context.abort(code, str(exc))
+            await abort(context, code, str(exc))
         try:
             # aclosing: on cancel, disconnect or deadline the metered stream is closed here, which
             # aborts the request, frees its KV blocks and adapter pin and releases its admission at once
@@ -69,15 +71,17 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         msg.usage.duration_s = timer.duration
                     yield msg
         except RequestAborted as exc:
-            await context.abort(status_of(exc)[0], str(exc))
+            await abort(context, status_of(exc)[0], str(exc))
         except EngineError as exc:
             log.error("%s", exc)
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            await abort(context, grpc.StatusCode.INTERNAL, str(exc))
 
     async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         principal = self.auth.authenticate(context.invocation_metadata())
         adapter = request.adapter or None
         principal.check(adapter)
+        if adapter is not None:
+            validate_name(adapter)  # a name no adapter can have: INVALID_ARGUMENT, before any other work
         request_id = convert.request_id_of(request)
         params = convert.sampling_params(request.sampling, self.config)
         prompt = await self.admission.tokenizer.run(principal.name, self._prompt_ids, request)  # off the event loop
@@ -95,7 +99,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             principal = self.auth.authenticate(context.invocation_metadata())
         except NloraError as exc:
-            await context.abort(status_of(exc)[0], str(exc))
+            await abort(context, status_of(exc)[0], str(exc))
         versions = adapter_versions(self.engine) or []
         return pb.ListAdaptersResponse(
             adapters=[convert.adapter_info(v) for v in versions if principal.may_use(v.name)],
@@ -105,7 +109,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             principal = self.auth.authenticate(context.invocation_metadata())
         except NloraError as exc:
-            await context.abort(status_of(exc)[0], str(exc))
+            await abort(context, status_of(exc)[0], str(exc))
         if principal.may_use(None):
             return self.info
         # a tenant without the base model learns neither its name nor its fingerprint, as HTTP's

@@ -2,6 +2,8 @@
 front ends read, so a failure means the same thing over gRPC and over the OpenAI-compatible HTTP API.
 
 Order matters: subclasses come before their bases (AdapterNotFound before AdapterError).
+
+Every gRPC error leaves through :func:`abort`, which bounds its details (:func:`details`).
 """
 
 from __future__ import annotations
@@ -11,10 +13,16 @@ import grpc
 from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.adapters.store import StoreWriteError
-from nlora_serve.errors import AdapterError, NloraError
+from nlora_serve.errors import MAX_ERROR_CHARS, AdapterError, NloraError, capped
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
 from nlora_serve.engine.api import RequestAborted
 from nlora_serve.engine.sampling import RequestError
+
+
+# UTF-8 bytes of a status's details at most: gRPC percent-encodes each non-ASCII byte into the
+# grpc-message trailer (3 bytes each), and a client refuses trailers over its metadata limit (8 KiB
+# soft, 16 KiB hard by default) with RESOURCE_EXHAUSTED, which would hide the status the server meant
+MAX_DETAILS_BYTES = 2048
 
 
 class QueueFull(NloraError):
@@ -67,3 +75,16 @@ def http_status_of(exc: NloraError) -> tuple[int, str]:
     """(HTTP status, rejection reason) for an expected failure; unknown kinds are 400."""
     _, status, reason = _row(exc)
     return status, reason
+
+
+def details(message: str) -> str:
+    """``message`` as a status's details: at most :data:`~nlora_serve.errors.MAX_ERROR_CHARS`
+    characters and :data:`MAX_DETAILS_BYTES` bytes of UTF-8 (before the "message cut" note)."""
+    fits = len(message.encode("utf-8", "replace")[:MAX_DETAILS_BYTES].decode("utf-8", "ignore"))
+    return capped(message, min(MAX_ERROR_CHARS, fits))
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with ``code`` and ``message`` bounded by :func:`details` (raises, as
+    ``context.abort`` does)."""
+    await context.abort(code, details(message))

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict
 
-from nlora_serve.serving.frontend import max_tokens_of, render_chat
+from nlora_serve.serving.frontend import check_min_tokens_unset_max, max_tokens_of, render_chat
 from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
 
@@ -155,6 +155,8 @@ def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None) -
         if requested is not None and requested < 1:
             raise RequestError(f"{field} must be >= 1; got {requested}")
         max_tokens = max_tokens_of(requested, config, field)
+        if requested is None:
+            check_min_tokens_unset_max(request.min_tokens, config, "min_tokens")
         return SamplingParams(
             max_tokens=max_tokens, min_tokens=request.min_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,

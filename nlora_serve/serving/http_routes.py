@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.registry import AdapterNotFound
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import NloraError, capped, shown
 from nlora_serve.serving.auth import Authenticator, PermissionDenied, Principal
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_bytes
 from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
@@ -72,22 +72,11 @@ class HttpContext:
         self.chat_bounds = (max_prompt_bytes(self.tokenizer, self.engine.max_model_len), self.engine.max_model_len)
 
 
-# an error message at most this long: messages quote the offending value, which a request may make
-# megabytes long (a model name, an unknown field's name), and a small request must not buy a big reply
-MAX_ERROR_CHARS = 1000
-
-
-def _shown(text: str, limit: int = 200) -> str:
-    """``text`` as an error quotes it: at most ``limit`` characters, then "..."."""
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
-    """OpenAI's error JSON; a message over :data:`MAX_ERROR_CHARS` is cut, saying how long it was."""
-    if len(message) > MAX_ERROR_CHARS:
-        message = f"{message[:MAX_ERROR_CHARS]}... (message cut: {len(message)} characters)"
-    param = None if param is None else _shown(param)
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+    """OpenAI's error JSON; a message over :data:`~nlora_serve.errors.MAX_ERROR_CHARS` is cut,
+    saying how long it was."""
+    param = None if param is None else shown(param)
+    return {"error": {"message": capped(message), "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
 
 
@@ -118,7 +107,7 @@ def build_app(ctx: HttpContext) -> FastAPI:
         if found:
             return JSONResponse(found[0])
         # one answer for unknown and not granted, as OpenAI words it: a key cannot probe names
-        return JSONResponse(error_body(f"the model {_shown(model)!r} does not exist or this key may not use it "
+        return JSONResponse(error_body(f"the model {shown(model)!r} does not exist or this key may not use it "
                                        "(GET /v1/models lists those it may use)", 404, "model", "not_found"), 404)
 
     # the body is read and validated in _generate, after the key and the grant: FastAPI would
@@ -208,7 +197,7 @@ def _check_grant(caller: Principal, model: str, base_model: str) -> None:
     one wording for every name, so that a key not granted the base model cannot tell its name from
     any other."""
     if not caller.may_use(None if model == base_model else model):
-        raise PermissionDenied(f"key of {caller.name!r} is not granted model {_shown(model)!r}")
+        raise PermissionDenied(f"key of {caller.name!r} is not granted model {shown(model)!r}")
 
 
 def _aborted_body(exc: RequestAborted) -> dict:
@@ -244,7 +233,7 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
         prompt, params = completion_inputs(body, ctx.config)
         prompt = await turns.run(caller.name, ctx.engine.prompt_ids, prompt)
     if adapter is not None and adapter_versions(ctx.engine) is None:
-        raise AdapterNotFound(f"model {body.model!r} does not exist: this server serves no adapters")
+        raise AdapterNotFound(f"model {shown(body.model)!r} does not exist: this server serves no adapters")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     stream = start_request(ctx.engine, ctx.admission, prompt, params, f"{caller.name}/{rid}", adapter,
                            body.max_tokens_given, caller, cache_salt_of(caller, body.cache_salt, ctx.auth))

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from adapter_helpers import CASES
 
 from nlora_serve.adapters.cli import add_adapter_subcommands, main
@@ -85,3 +87,44 @@ def test_init_leaves_the_model_unchanged_unless_told_it_is_a_training_start(tmp_
     assert "a training start" in capsys.readouterr().out
     n, w = _n_and_w(start, base_fp32)
     assert torch.equal(n, w[:4, :4].float())  # the NLoRA reference init, N = W[:r, :r]
+
+
+
+U64 = 18446744073709551615
+INIT = ["init", "--targets", "q_proj", "--out", "OUT"]
+TUNE = ["tune", "--data", "d.jsonl", "--out", "OUT"]
+COMPRESS = ["compress", "a", "--out", "OUT"]
+
+
+@pytest.mark.parametrize("argv, flag, value, expected", [
+    # torch takes seeds in [0, 2^64); a bigger one was a ValueError traceback from manual_seed
+    ([*INIT, "--rank", "4"], "--seed", "99999999999999999999999", f"an integer in [0, {U64}]"),
+    ([*INIT, "--rank", "4"], "--seed", "-1", f"an integer in [0, {U64}]"),
+    (INIT, "--rank", "0", "an integer >= 1"),
+    ([*INIT, "--rank", "4"], "--layers", "-1", "an integer >= 0"),
+    (TUNE, "--seed", "99999999999999999999999", f"an integer in [0, {U64}]"),
+    (TUNE, "--rank", "-1", "an integer >= 1"),
+    (TUNE, "--epochs", "0", "an integer >= 1"),
+    (TUNE, "--steps", "0", "an integer >= 1"),
+    (TUNE, "--batch-size", "0", "an integer >= 1"),
+    (TUNE, "--grad-accum", "-2", "an integer >= 1"),
+    (TUNE, "--warmup", "-1", "an integer >= 0"),
+    (TUNE, "--max-len", "0", "an integer >= 1"),
+    # torch.set_num_threads(-1) was a RuntimeError traceback
+    (COMPRESS, "--threads", "-1", "an integer >= 1"),
+    (COMPRESS, "--threads", "0", "an integer >= 1"),
+    (COMPRESS, "--rank", "0", "an integer >= 1"),
+    (COMPRESS, "--sweep", "-4", "an integer >= 1"),
+    (COMPRESS, "--iters", "-1", "an integer >= 0"),
+    (COMPRESS, "--new-tokens", "0", "an integer >= 1"),
+    (COMPRESS, "--max-rank", "0", "an integer >= 1"),
+    (["inspect", "a"], "--max-rank", "-1", "an integer >= 1"),
+])
+def test_integer_flags_out_of_range_are_argparse_errors(tmp_path, capsys, argv, flag, value, expected):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, flag, value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"nlora-serve adapters {argv[0]}: error: argument {flag}: must be {expected}; got {value}")
+    assert not (tmp_path / "out").exists()

@@ -109,6 +109,34 @@ def test_tenants_file_refuses_plaintext_keys_and_bad_hashes(tmp_path):
         Authenticator.from_file(path)
 
 
+PLAIN = "sk-live-" + "Zq9" * 10  # 38 characters, a plaintext key pasted where its hash belongs
+HOW = "echo -n \"$KEY\" | python -m nlora_serve.serving.keys_cli hash"
+
+
+@pytest.mark.parametrize("section, value, says", [
+    ("tenants", PLAIN, "must be 64 hex characters (sha256 of the key); got 38 characters, not all hex "
+                       f"(not shown: if it is the plaintext key, store its sha256 instead: {HOW})"),
+    ("admin_keys", "f" * 63, "must be 64 hex characters (sha256 of the key); got 63 characters "
+                             f"(not shown: if it is the plaintext key, store its sha256 instead: {HOW})"),
+    ("tenants", 12345678901234567890, "must be a string of 64 hex characters (sha256 of the key); got a int"),
+])
+def test_a_bad_key_sha256_is_described_never_echoed(tmp_path, section, value, says):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({section: [{"name": "a", "key_sha256": value}]}))
+    with pytest.raises(AuthError) as err:
+        Authenticator.from_file(path)
+    assert str(err.value) == f"{path}: {section}[0].key_sha256 {says}"
+    assert str(value) not in str(err.value)
+
+
+def test_a_missing_key_sha256_says_how_to_make_one(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"tenants": [{"name": "a"}]}))
+    with pytest.raises(AuthError) as err:
+        Authenticator.from_file(path)
+    assert str(err.value) == f"{path}: tenants[0]: key_sha256 is missing; store the sha256 of the key ({HOW})"
+
+
 @pytest.mark.parametrize("doc, field", [
     ({"admins": [{"key_sha256": hash_key("k")}]}, "'admins'"),  # would leave no admin key
     ({"tenants": [{"key_sha256": hash_key("k"), "base_modle": True}]}, "'base_modle'"),

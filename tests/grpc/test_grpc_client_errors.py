@@ -62,3 +62,53 @@ def test_library_names_the_sampling_field_out_of_range(sampling, message):
     with NloraClient(NOWHERE, timeout=5) as client, pytest.raises(InvalidInput) as err:
         list(client.generate("hi", **sampling))
     assert str(err.value) == message and isinstance(err.value, InvalidArgument)
+
+
+U64 = "18446744073709551615"
+
+
+@pytest.mark.parametrize("before, argv, message", [
+    ([], ["swap", "--name", "t", "n.safetensors", "--if-version", "-1"],
+     f"argument --if-version: must be an integer in [0, {U64}]; got -1"),
+    ([], ["swap", "--name", "t", "n.safetensors", "--if-version", "99999999999999999999"],
+     f"argument --if-version: must be an integer in [0, {U64}]; got 99999999999999999999"),
+    ([], ["info", "--timeout", "-1"], "argument --timeout: must be a finite number of seconds > 0; got -1"),
+    ([], ["info", "--timeout", "0"], "argument --timeout: must be a finite number of seconds > 0; got 0"),
+    ([], ["info", "--timeout", "nan"], "argument --timeout: must be a finite number of seconds > 0; got nan"),
+    (["--timeout", "inf"], ["info"], "argument --timeout: must be a finite number of seconds > 0; got inf"),
+    ([], ["info", "--timeout", "soon"], "argument --timeout: must be a finite number of seconds > 0; got soon"),
+    ([], ["list", "--api-key", "sk-1\n"], "argument --api-key: API key must be printable ASCII "
+                                          "(characters ' ' to '~'); character 5 of its 5 is U+000A"),
+    ([], ["list", "--api-key", "clé"], "argument --api-key: API key must be printable ASCII "
+                                       "(characters ' ' to '~'); character 3 of its 3 is U+00E9"),
+    (["--api-key", "a\x7fb"], ["list"], "argument --api-key: API key must be printable ASCII "
+                                        "(characters ' ' to '~'); character 2 of its 3 is U+007F"),
+])
+def test_bad_connection_and_swap_flags_are_argparse_errors(capsys, before, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        client_main(["--server", NOWHERE, *before, *argv])
+    assert exit_.value.code == 2
+    prog = "nlora-serve client" + ("" if before else f" {argv[0]}")
+    assert capsys.readouterr().err.splitlines()[-1] == f"{prog}: error: {message}"
+
+
+def test_a_bad_key_in_the_environment_is_refused_without_echoing_it(capsys, monkeypatch):
+    monkeypatch.setenv("NLORA_API_KEY", "sk-secret\tkey")
+    with pytest.raises(SystemExit) as exit_:
+        client_main(["--server", NOWHERE, "list"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == ("nlora-serve client: error: argument --api-key: API key must be printable "
+                                    "ASCII (characters ' ' to '~'); character 10 of its 13 is U+0009")
+    assert "secret" not in err
+
+
+def test_library_refuses_a_bad_key_and_if_version_before_any_call():
+    with pytest.raises(InvalidInput) as err:
+        NloraClient(NOWHERE, api_key="k\n")
+    assert str(err.value) == "API key must be printable ASCII (characters ' ' to '~'); character 2 of its 2 is U+000A"
+    with NloraClient(NOWHERE, timeout=5) as client:
+        for bad in (-1, 1 << 64):
+            with pytest.raises(InvalidInput) as err:
+                client.swap_adapter("t", b"", if_version=bad)
+            assert str(err.value) == f"if_version must be an integer in [0, {U64}]; got {bad}"

@@ -188,3 +188,32 @@ def test_a_huge_max_tokens_is_not_echoed_whole_in_the_refusal():
     assert str(huge.value) == "max_tokens must be <= the server's --max-tokens 2048; got 99999999... (400 digits)"
     with pytest.raises(RequestError, match=r"--max-tokens 2048; got 5000$"):
         max_tokens_of(5000, config, "max_completion_tokens")
+
+
+@pytest.mark.parametrize("min_tokens", [4294967295, 2049])
+def test_min_tokens_over_the_cap_with_max_tokens_unset_names_no_max_tokens_never_sent(http_server, min_tokens):
+    """With max_tokens unset the refusal read "must be an integer in [0, max_tokens=2048]", a
+    max_tokens the client never sent: it now says what max_tokens is when unset, on both front ends."""
+    unset = (f"must be an integer in [0, 2048]; got {min_tokens} (max_tokens is unset: it defaults to the "
+             "rest of the context, capped at the server's --max-tokens 2048)")
+    body = {"model": http_server.server.generation.info.model, "prompt": "hi", "min_tokens": min_tokens}
+    resp = requests.post(f"{base_url(http_server)}/completions", json=body, timeout=60,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert resp.status_code == 400 and resp.json()["error"]["message"] == f"min_tokens {unset}", resp.text
+    assert resp.json()["error"]["param"] == "min_tokens"
+    from nlora_serve.proto import nlora_pb2 as pb
+    from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
+    with grpc.insecure_channel(http_server.target) as channel, pytest.raises(grpc.RpcError) as err:
+        list(pb_grpc.GenerationStub(channel).Generate(
+            pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(min_tokens=min_tokens)),
+            metadata=[("authorization", f"Bearer {ADMIN_KEY}")]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == f"SamplingParams.min_tokens {unset}"
+
+
+def test_min_tokens_over_a_max_tokens_the_client_sent_still_names_it(http_server):
+    body = {"model": http_server.server.generation.info.model, "prompt": "hi", "max_tokens": 4, "min_tokens": 5}
+    resp = requests.post(f"{base_url(http_server)}/completions", json=body, timeout=60,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["message"] == "min_tokens must be an integer in [0, max_tokens=4]; got 5"

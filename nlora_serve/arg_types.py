@@ -1,0 +1,24 @@
+"""argparse types the CLIs share: a bad number is a usage error (exit 2, naming the flag and the
+range) before any work, never a traceback from deep inside (protobuf, torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def integer_arg(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high] (no upper bound when ``high`` is None)."""
+    def integer(text: str) -> int:
+        value = int(text)  # a ValueError here is argparse's "invalid integer value"
+        if value < low or (high is not None and value > high):
+            expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {expected}; got {value}")
+        return value
+
+    integer.__name__ = "integer"  # argparse's "invalid integer value: 'x'"
+    return integer
+
+
+def unsigned_arg(bits: int):
+    """argparse type: an integer in [0, 2**bits - 1] (a proto field's range, or torch's seeds')."""
+    return integer_arg(0, (1 << bits) - 1)
