@@ -4,6 +4,7 @@ range) before any work, never a traceback from deep inside (protobuf, torch)."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def integer_arg(low: int, high: int | None = None):
@@ -22,3 +23,19 @@ def integer_arg(low: int, high: int | None = None):
 def unsigned_arg(bits: int):
     """argparse type: an integer in [0, 2**bits - 1] (a proto field's range, or torch's seeds')."""
     return integer_arg(0, (1 << bits) - 1)
+
+
+def number_arg(low: float | None = None, *, above: bool = False):
+    """argparse type: a finite float, at least ``low`` (greater than it with ``above``; no bound
+    when None). nan and inf parse as floats, so a plain ``type=float`` let them through to fail
+    late or silently (a --temperature of nan, an --lr of inf)."""
+    def number(text: str) -> float:
+        value = float(text)  # a ValueError here is argparse's "invalid number value"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number; got {text}")
+        if low is not None and (value <= low if above else value < low):
+            raise argparse.ArgumentTypeError(f"must be a number {'>' if above else '>='} {low:g}; got {text}")
+        return value
+
+    number.__name__ = "number"  # argparse's "invalid number value: 'x'"
+    return number

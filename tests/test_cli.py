@@ -116,3 +116,22 @@ def test_a_closed_stdout_ends_quietly_with_sigpipes_status(argv, unbuffered):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tune", "--lr", "0"], "argument --lr: must be a number > 0; got 0"),
+    (["tune", "--lr", "inf"], "argument --lr: must be a finite number; got inf"),
+    (["tune", "--weight-decay", "-1"], "argument --weight-decay: must be a number >= 0; got -1"),
+    (["tune", "--alpha", "nan"], "argument --alpha: must be a finite number; got nan"),
+    (["init", "--alpha=-inf"], "argument --alpha: must be a finite number; got -inf"),
+    (["compress", "--threshold", "nan"], "argument --threshold: must be a finite number; got nan"),
+])
+def test_adapters_float_flags_are_finite_and_in_range(capsys, argv, message):
+    """nan and inf parse as floats: `type=float` let `--lr inf` or `--alpha nan` through to train or
+    write a useless adapter; now a usage error (exit 2) naming the flag, before any work."""
+    from nlora_serve.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["adapters", *argv])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nlora_serve.arg_types import integer_arg, unsigned_arg
+from nlora_serve.arg_types import integer_arg, number_arg, unsigned_arg
 from nlora_serve.errors import AdapterError, NloraError
 
 
@@ -99,7 +99,7 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
                         "answer); without it nlora variants get N = 0")
     p.add_argument("--layers", type=integer_arg(0), nargs="+", default=None,
                    help="layer indices to adapt (default: all)")
-    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: r, so scaling 1)")
+    p.add_argument("--alpha", type=number_arg(), default=None, help="lora_alpha (default: r, so scaling 1)")
     p.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--seed", type=unsigned_arg(64), default=0,
                    help="RNG seed for slora, in [0, 2^64) as torch takes it (default: %(default)s)")

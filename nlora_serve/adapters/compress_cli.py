@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nlora_serve.arg_types import integer_arg
+from nlora_serve.arg_types import integer_arg, number_arg
 from nlora_serve.errors import AdapterError
 
 DEFAULT_ADD_THRESHOLD = 0.5  # --add refuses a mean relative error above this unless --force
@@ -228,7 +228,7 @@ def add_compress_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--add", action="store_true",
                    help="project the adapters onto the existing family in --out (its basis unchanged)")
     p.add_argument("--family", default=None, help="with --add: the family key when --out holds several")
-    p.add_argument("--threshold", type=float, default=DEFAULT_ADD_THRESHOLD,
+    p.add_argument("--threshold", type=number_arg(0.0), default=DEFAULT_ADD_THRESHOLD,
                    help="with --add: refuse an adapter whose mean relative error is above this (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="with --add: add even above --threshold")
     p.add_argument("--full-form", action="store_true",

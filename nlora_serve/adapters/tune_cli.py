@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from nlora_serve.arg_types import integer_arg, unsigned_arg
+from nlora_serve.arg_types import integer_arg, number_arg, unsigned_arg
 
 DESCRIPTION = """\
 IntTune (NLoRA, arXiv 2502.14482): Nystrom-initialise every targeted projection (A = W[:r,:],
@@ -84,14 +84,14 @@ def add_tune_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-init", choices=["nystrom", "pinv", "zeros"], default="nystrom",
                    help="start of N: nystrom = W[:r,:r] (the NLoRA reference code), pinv = pinv(W[:r,:r]) "
                         "(classical Nystrom), zeros = start exactly at the base model (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=None, help="lora_alpha; scaling s = alpha/r (default: r, so s = 1)")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=0.0,
+    p.add_argument("--alpha", type=number_arg(), default=None, help="lora_alpha; scaling s = alpha/r (default: r, so s = 1)")
+    p.add_argument("--lr", type=number_arg(0.0, above=True), default=2e-3, help="AdamW peak learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=number_arg(0.0), default=0.0,
                    help="AdamW decoupled weight decay on N (pulls N towards 0) (default: %(default)s)")
     p.add_argument("--unlikely-tokens", default=None, metavar="REGEX",
                    help="unlikelihood training: every token whose decoded text matches REGEX (Python re.search, "
                         "e.g. '[A-Z]') is a negative candidate; special tokens never are")
-    p.add_argument("--unlikelihood-weight", type=float, default=None, metavar="LAMBDA",
+    p.add_argument("--unlikelihood-weight", type=number_arg(0.0), default=None, metavar="LAMBDA",
                    help="weight of the unlikelihood term (needs --unlikely-tokens; default: 1.0 with it)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=integer_arg(1), default=1,

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 
-from nlora_serve.arg_types import unsigned_arg
+from nlora_serve.arg_types import number_arg, unsigned_arg
 from nlora_serve.client.messages import check_api_key
 from nlora_serve.client.sync import NloraClient
 from nlora_serve.client.types import InvalidInput, NloraClientError
@@ -34,7 +34,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
     gen.add_argument("--max-tokens", type=unsigned_arg(32), default=0,
                      help="new tokens at most (0 = the rest of the context, at most the server's --max-tokens)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--temperature", type=number_arg(0.0), default=0.0, help="0 = greedy (default)")
     gen.add_argument("--seed", type=unsigned_arg(64), default=None, help="seed for reproducible sampling (>= 0)")
     gen.set_defaults(client_func=_generate)
     sub.add_parser("info", help="model, dtype and limits of the server").set_defaults(client_func=_info)

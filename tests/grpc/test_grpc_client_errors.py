@@ -44,6 +44,10 @@ def test_bad_local_files_print_one_error_line(capsys, argv, message):
     (["--max-tokens", "-1"], "argument --max-tokens: must be an integer in [0, 4294967295]; got -1"),
     (["--max-tokens", "4294967296"], "argument --max-tokens: must be an integer in [0, 4294967295]; got 4294967296"),
     (["--seed", "-5"], "argument --seed: must be an integer in [0, 18446744073709551615]; got -5"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number; got nan"),
+    (["--temperature", "inf"], "argument --temperature: must be a finite number; got inf"),
+    (["--temperature", "-0.5"], "argument --temperature: must be a number >= 0; got -0.5"),
+    (["--temperature", "warm"], "argument --temperature: invalid number value: 'warm'"),
 ])
 def test_generate_flags_out_of_range_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
