@@ -5,8 +5,10 @@ runs; when that raises, the caller sees UNKNOWN ("Exception deserializing reques
 like a server fault. :class:`DecodeErrors` is a server interceptor that takes parsing into the
 handler for our own services (``nlora_serve.v1.*``): the server hands the handler raw bytes, the
 handler parses them, and a ``DecodeError`` aborts the call with INVALID_ARGUMENT. A request
-stream (UploadAdapter) is parsed message by message the same way. Other services (health,
-reflection) are left as grpc builds them.
+stream (UploadAdapter) is parsed message by message the same way. grpc's health service is wrapped
+too: a corrupt Health/Check needs no key, and grpc logged a full traceback for each one (round-four
+hostile review: anyone could fill the log). Stream-stream methods (reflection) are left as grpc
+builds them.
 """
 
 from __future__ import annotations
@@ -16,18 +18,20 @@ from google.protobuf.message import DecodeError
 
 from nlora_serve.serving.grpc_status import abort
 
-PREFIX = "/nlora_serve.v1."  # the services this applies to (nlora.proto's package)
+PREFIX = "/nlora_serve.v1."  # our services (nlora.proto's package)
+HEALTH = "/grpc.health.v1.Health/"  # grpc's health service, unauthenticated by design
 
 
 class DecodeErrors(grpc.aio.ServerInterceptor):
-    """INVALID_ARGUMENT, not UNKNOWN, for a request (or request-stream message) that is not a valid
-    protobuf of its method's request type."""
+    """INVALID_ARGUMENT, not UNKNOWN (and no traceback in the log), for a request (or request-stream
+    message) that is not a valid protobuf of its method's request type."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None or not handler_call_details.method.startswith(PREFIX):
+        method = handler_call_details.method
+        if handler is None or handler.request_deserializer is None or not method.startswith((PREFIX, HEALTH)):
             return handler
-        parse = _parser(handler.request_deserializer, handler_call_details.method)
+        parse = _parser(handler.request_deserializer, method)
         if handler.unary_unary is not None:
             return handler._replace(request_deserializer=None, unary_unary=_unary_unary(handler.unary_unary, parse))
         if handler.unary_stream is not None:

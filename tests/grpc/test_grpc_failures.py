@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
@@ -85,10 +86,13 @@ def test_malformed_requests_are_invalid_argument(server, kwargs, message):
 
 @pytest.mark.parametrize("method, kind", [("/nlora_serve.v1.Generation/Generate", "unary_stream"),
                                           ("/nlora_serve.v1.Generation/ListAdapters", "unary_unary"),
-                                          ("/nlora_serve.v1.AdapterAdmin/UploadAdapter", "stream_unary")])
-def test_bytes_that_are_not_protobuf_are_invalid_argument(server, method, kind):
+                                          ("/nlora_serve.v1.AdapterAdmin/UploadAdapter", "stream_unary"),
+                                          ("/grpc.health.v1.Health/Check", "unary_unary"),
+                                          ("/grpc.health.v1.Health/Watch", "unary_stream")])
+def test_bytes_that_are_not_protobuf_are_invalid_argument(server, method, kind, caplog):
     """A request that does not parse as its message type is the caller's error (INVALID_ARGUMENT,
-    naming the method), not a server fault (grpc's own answer is UNKNOWN)."""
+    naming the method), not a server fault (grpc's own answer is UNKNOWN, with a traceback logged:
+    for the keyless health service, a way to fill the log)."""
     garbage = b"\xff\xff\xff\xff\xff"  # a field tag whose varint never ends
     with grpc.insecure_channel(server.target) as channel:
         call = getattr(channel, kind)(method)  # no (de)serializers: raw bytes both ways
@@ -101,6 +105,7 @@ def test_bytes_that_are_not_protobuf_are_invalid_argument(server, method, kind):
                 call(garbage)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert method in err.value.details() and "not a valid protobuf" in err.value.details()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert server.server.admission.inflight == 0
     still_serves(server.target)
 
