@@ -6,9 +6,6 @@ so a fresh machine converts the GGUF once and every later run reuses it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import json
 import os
 from pathlib import Path
@@ -20,33 +17,6 @@ import torch
 # this): glibc's defaults give the memory back between them; the serving tuning
 # (engine/host_memory.py) is tested on its own (tests/engine/test_host_memory.py).
 os.environ.setdefault("NLORA_MALLOC_TUNING", "0")
-
-
-def _glibc():
-    """glibc (for mallopt and malloc_trim), or None where the C library is another."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
-
-
-_LIBC = _glibc()
-if _LIBC is not None:
-    # Blocks of 4 MiB and more (weights, KV caches, a step's activations) are mappings of their own,
-    # unmapped when freed. With glibc's dynamic threshold (it rises to 32 MiB as big blocks are freed)
-    # they came from the heap instead, and freed engines' memory stayed there: the one pytest
-    # process reached 24 GB and was OOM-killed at 93% on a 24 GiB machine (round two, session 12).
-    _LIBC.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD (glibc's <malloc.h>)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _release_memory_after_each_module():
-    """A module's engines and servers, once dropped, go back to the system before the next module."""
-    yield
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 DATA = Path(__file__).parent / "data"
 CASES = DATA / "cases"
