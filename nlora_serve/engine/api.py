@@ -223,8 +223,7 @@ def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock, max_byt
             :func:`max_prompt_bytes`; refused without tokenizing), or ids that are not all integers.
     """
     if isinstance(prompt, str):
-        check_text(prompt)
-        size = text_bytes(prompt)
+        size = check_text(prompt)
         if max_bytes is not None and size > max_bytes:
             raise RequestError(f"prompt is {size:,} bytes of UTF-8: more tokens than the model's context holds "
                                f"(max_model_len; refused before tokenizing above {max_bytes:,} bytes)")
@@ -236,9 +235,13 @@ def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock, max_byt
     return ids
 
 
-def check_text(prompt: str) -> None:
-    """Raises RequestError for text no tokenizer can take (a lone UTF-16 surrogate, e.g. "\\ud800")."""
+def check_text(prompt: str) -> int:
+    """The text's UTF-8 length in bytes (one encoding pass serves the check and the bound).
+
+    Raises:
+        RequestError: text no tokenizer can take (a lone UTF-16 surrogate, e.g. "\\ud800").
+    """
     try:
-        prompt.encode("utf-8")
+        return len(prompt.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise RequestError(f"prompt is not valid Unicode text: {exc.reason} at character {exc.start}") from exc
