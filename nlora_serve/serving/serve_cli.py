@@ -232,7 +232,9 @@ def client_command() -> str:
 
 def client_hint(server: NloraServer, examples: list[str]) -> str:
     """A ready-to-paste client command for this server."""
-    key = " --api-key $NLORA_API_KEY" if server.generation.auth.enabled else ""
+    # quoted: with $NLORA_API_KEY unset the pasted command sends an empty key (UNAUTHENTICATED) instead of
+    # failing on "--api-key: expected one argument"
+    key = ' --api-key "$NLORA_API_KEY"' if server.generation.auth.enabled else ""
     adapter = f" --adapter {examples[0]}" if examples else ""
     host = "127.0.0.1" if server.config.host in ("0.0.0.0", "::") else server.config.host
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host  # IPv6 literal
