@@ -169,7 +169,7 @@ class FamilyResolver:
         searched = ", ".join(str(Path(p) / FAMILIES_DIR) for p in places) or "nowhere (no store)"
         raise AdapterError(f"family {key[:16]}…: its shared factors ({FAMILIES_DIR}/{key}/{FACTORS_FILE}) are "
                            f"missing; searched {searched}. Copy the family folder with its members, or "
-                           "upload the member in the full form")
+                           "upload the member in the full form (`adapters compress --full-form`)")
 
     def remember(self, factors: FamilyFactors) -> FamilyFactors:
         """Cache ``factors`` (e.g. from a full-form upload); returns the cached copy for its key."""

@@ -144,7 +144,8 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         current = manager.registry.get(request.name)
         if not current.swaps_n:
             raise AdapterError(f"adapter {request.name!r} is {current.flavour}, not a tied IntTune tenant: "
-                               "SwapAdapter replaces only N; upload the whole adapter with UploadAdapter")
+                               "SwapAdapter replaces only N; upload the whole adapter with UploadAdapter "
+                               "(`nlora-serve adapters upload`)")
         if_version = request.if_version if request.HasField("if_version") else None
 
         def swap():  # in a worker thread: the event loop keeps serving streams meanwhile
