@@ -31,7 +31,7 @@ from nlora_serve.errors import NloraError, shown
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-fA-F]*")
-_HASH_HOW = "echo -n \"$KEY\" | python -m nlora_serve.serving.keys_cli hash"
+_HASH_HOW = "echo -n \"$KEY\" | nlora-serve keys hash"
 _BEARER = "bearer "
 
 

@@ -1,7 +1,7 @@
 """``nlora-serve keys {new,hash}``: make API keys and the sha256 hashes the tenants file stores.
 
-    python -m nlora_serve.serving.keys_cli new            # prints a fresh key and its hash
-    echo -n "$KEY" | python -m nlora_serve.serving.keys_cli hash
+    nlora-serve keys new                    # prints a fresh key and its hash
+    echo -n "$KEY" | nlora-serve keys hash
 
 ``hash`` reads the key from stdin so it stays out of shell history and process listings.
 """

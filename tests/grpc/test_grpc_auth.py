@@ -110,7 +110,7 @@ def test_tenants_file_refuses_plaintext_keys_and_bad_hashes(tmp_path):
 
 
 PLAIN = "sk-live-" + "Zq9" * 10  # 38 characters, a plaintext key pasted where its hash belongs
-HOW = "echo -n \"$KEY\" | python -m nlora_serve.serving.keys_cli hash"
+HOW = "echo -n \"$KEY\" | nlora-serve keys hash"
 
 
 @pytest.mark.parametrize("section, value, says", [
