@@ -9,12 +9,24 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
+from pathlib import Path
 
 from nlora_serve import __version__
 from nlora_serve.errors import NloraError
 
 log = logging.getLogger("nlora_serve")
+
+
+def console_command() -> str:
+    """How to run ``nlora-serve`` from a shell, for the commands messages suggest: this
+    environment's console script (usually not on PATH, e.g. in .venv/bin), else this interpreter
+    with ``-m nlora_serve.cli``; shell-quoted."""
+    script = Path(sys.executable).parent / "nlora-serve"
+    if script.is_file():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m nlora_serve.cli"
 
 
 def _add_models(models: argparse.ArgumentParser) -> None:

@@ -27,12 +27,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nlora_serve.cli import console_command
 from nlora_serve.errors import NloraError, shown
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-fA-F]*")
-_HASH_HOW = "echo -n \"$KEY\" | nlora-serve keys hash"
 _BEARER = "bearer "
+
+
+def _hash_how() -> str:
+    return f'echo -n "$KEY" | {console_command()} keys hash'
 
 
 class AuthError(NloraError):
@@ -189,9 +193,9 @@ def _entry_hash(entry: object, where: str) -> str:
     if not isinstance(entry, dict):
         raise AuthError(f"{where}: expected an object")
     if "key" in entry or "api_key" in entry:
-        raise AuthError(f"{where}: holds a plaintext key; store only 'key_sha256' ({_HASH_HOW})")
+        raise AuthError(f"{where}: holds a plaintext key; store only 'key_sha256' ({_hash_how()})")
     if "key_sha256" not in entry:
-        raise AuthError(f"{where}: key_sha256 is missing; store the sha256 of the key ({_HASH_HOW})")
+        raise AuthError(f"{where}: key_sha256 is missing; store the sha256 of the key ({_hash_how()})")
     digest = entry["key_sha256"]
     # never echoed: a wrong value here is most often the key itself, pasted in place of its hash
     if not isinstance(digest, str):
@@ -200,7 +204,7 @@ def _entry_hash(entry: object, where: str) -> str:
     if _HEX64.fullmatch(digest.lower()) is None:
         raise AuthError(f"{where}.key_sha256 must be 64 hex characters (sha256 of the key); got {len(digest)} "
                         f"characters{'' if _HEX.fullmatch(digest) else ', not all hex'} (not shown: if it is the "
-                        f"plaintext key, store its sha256 instead: {_HASH_HOW})")
+                        f"plaintext key, store its sha256 instead: {_hash_how()})")
     return digest.lower()
 
 

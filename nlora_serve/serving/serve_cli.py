@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import re
-import shlex
 import signal
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
+from nlora_serve.cli import console_command
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import AdapterError, NloraError
@@ -221,15 +221,6 @@ def _check_model_len(model_dir: Path, max_model_len: int) -> None:
                            f"{limit} ({model_dir / 'config.json'})")
 
 
-def client_command() -> str:
-    """How to run ``nlora-serve`` from a shell: this environment's console script (it is usually
-    not on PATH, e.g. in .venv/bin), else this interpreter with ``-m nlora_serve.cli``."""
-    script = Path(sys.executable).parent / "nlora-serve"
-    if script.is_file():
-        return shlex.quote(str(script))
-    return f"{shlex.quote(sys.executable)} -m nlora_serve.cli"
-
-
 def client_hint(server: NloraServer, examples: list[str]) -> str:
     """A ready-to-paste client command for this server."""
     # quoted: with $NLORA_API_KEY unset the pasted command sends an empty key (UNAUTHENTICATED) instead of
@@ -240,7 +231,7 @@ def client_hint(server: NloraServer, examples: list[str]) -> str:
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host  # IPv6 literal
     # the hint's chat prompt is ~40 tokens: leave room for it under a small --max-model-len
     max_tokens = max(1, min(64, server.engine.max_model_len - 48))
-    return (f"{client_command()} client generate --server {host}:{server.port}{key}{adapter} "
+    return (f"{console_command()} client generate --server {host}:{server.port}{key}{adapter} "
             f"--max-tokens {max_tokens} --message \"Why serve many adapters on one base model?\"")
 
 

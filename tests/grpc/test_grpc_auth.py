@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
+from nlora_serve.cli import console_command
 from nlora_serve.client import NloraClient, PermissionDenied, Unauthenticated
 from nlora_serve.serving.auth import AuthError, Authenticator, hash_key
 from nlora_serve.serving.server_config import ServerConfig
@@ -110,7 +114,7 @@ def test_tenants_file_refuses_plaintext_keys_and_bad_hashes(tmp_path):
 
 
 PLAIN = "sk-live-" + "Zq9" * 10  # 38 characters, a plaintext key pasted where its hash belongs
-HOW = "echo -n \"$KEY\" | nlora-serve keys hash"
+HOW = f'echo -n "$KEY" | {console_command()} keys hash'
 
 
 @pytest.mark.parametrize("section, value, says", [
@@ -302,3 +306,9 @@ def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_fil
                         ("/grpc.health.v1.Health/Check", None)):  # health needs no key
         assert asyncio.run(interceptor.intercept_service(continuation, Details(method, key))) == "next handler"
     assert len(calls) == 3
+
+
+def test_the_hash_command_the_errors_suggest_runs_and_prints_the_keys_sha256():
+    done = subprocess.run(["bash", "-c", HOW], capture_output=True, text=True, timeout=60, check=True,
+                          env={**os.environ, "KEY": PLAIN})
+    assert done.stdout.split() == [hashlib.sha256(PLAIN.encode()).hexdigest()]

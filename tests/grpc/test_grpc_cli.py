@@ -18,7 +18,8 @@ from types import SimpleNamespace
 from nlora_serve import __version__
 from nlora_serve.client import NloraClient
 from nlora_serve.client.cli import main as client_main
-from nlora_serve.serving.serve_cli import client_command, client_hint
+from nlora_serve.cli import console_command
+from nlora_serve.serving.serve_cli import client_hint
 from nlora_serve.serving.keys_cli import main as keys_main
 
 ROOT = Path(__file__).parents[2]
@@ -97,10 +98,10 @@ def test_the_hint_of_an_auth_server_pasted_with_the_key_unset_still_parses():
                              config=SimpleNamespace(host="127.0.0.1"), port=50051,
                              engine=SimpleNamespace(max_model_len=2048))
     hint = client_hint(server, ["tenant-000"])
-    assert hint.startswith(client_command() + " ")
+    assert hint.startswith(console_command() + " ")
     env = {k: v for k, v in os.environ.items() if k != "NLORA_API_KEY"}
     for key in (None, "nls_k1"):  # bash's own word splitting of the pasted arguments
-        done = subprocess.run(["bash", "-c", "printf '%s\\n' " + hint[len(client_command()):]], capture_output=True,
+        done = subprocess.run(["bash", "-c", "printf '%s\\n' " + hint[len(console_command()):]], capture_output=True,
                               text=True, check=True, env=env if key is None else {**env, "NLORA_API_KEY": key})
         args = done.stdout.split("\n")[:-1]
         assert args[args.index("--api-key") + 1] == (key or "") and args[args.index("--adapter") + 1] == "tenant-000"
