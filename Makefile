@@ -11,6 +11,8 @@ BIN := $(VENV)/bin
 # `make serve`'s ports, for a machine where 50051 or 8000 is taken: make serve GRPC_PORT=50052 HTTP_PORT=8001
 GRPC_PORT ?= 50051
 HTTP_PORT ?= 8000
+# more `serve` flags for `make serve`: make serve SERVE_ARGS="--tenants-file tenants.json"
+SERVE_ARGS ?=
 STAMP := $(VENV)/.nlora-serve-installed
 
 .PHONY: install serve test vllm-venv
@@ -30,7 +32,7 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/nlora-serve serve --model default --adapter-dir nlora-adapters \
 		--adapter lower=examples/tenants/lower --adapter signature=examples/tenants/signature \
-		--adapter numbers=examples/tenants/numbers --example-tenants 3 --port $(GRPC_PORT) --http-port $(HTTP_PORT)
+		--adapter numbers=examples/tenants/numbers --example-tenants 3 --port $(GRPC_PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
 
 # The suite in two processes: it builds and drops hundreds of engines, and in one process its memory
 # grew past 24 GB (OOM-killed at 93% on a 24 GiB machine, round two session 12). The second takes
