@@ -26,7 +26,11 @@ once, newest sequence first (:meth:`~VirtualTokenCounter.rebalance`; the victim 
 from the prefix cache where one is on). So against a backlogged heavy tenant a light tenant below
 its share is served as if the heavy one were absent, bursts beyond its share included, while the
 heavy tenant keeps every slot nobody else wants and, once its usage falls to its share, competes
-as an equal again (no starvation). Usage rather than what is held right now, and the margins,
+as an equal again (no starvation). And no tenant waits for long with no slot at all: one that has
+waited :attr:`~VirtualTokenCounter.STARVED_STEPS` steps holding none takes a slot from an
+over-served tenant that holds at least its share rounded up plus one, waiting requests or not (a
+tenant that keeps exactly ``max_num_seqs`` long requests running, never one waiting, is below
+every threshold above: with two tenants ``2s + 1`` exceeds the slots there are). Usage rather than what is held right now, and the margins,
 keep a load with no heavy tenant (nearly) free of preemptions: there every tenant's usage hovers
 at or below its share, and trading slots at a hair's margin is what once made ``fair`` slower
 than ``fcfs`` (each trade a recompute, soon traded back).
@@ -35,6 +39,7 @@ than ``fcfs`` (each trade a recompute, soon traded back).
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter
 from collections.abc import Mapping
 
@@ -59,6 +64,9 @@ class VirtualTokenCounter:
 
     OVER_SLOTS = 0.5  # usage above its share from which a tenant is over-served (served last)
     YIELD_SLOTS = 0.75  # usage above its share from which a backlogged tenant gives up slots (rebalance)
+    # steps a tenant waits holding no slot before it takes one from an over-served tenant (rebalance):
+    # long enough that a burst which ends by itself is not preempted, short against a request's length
+    STARVED_STEPS = 16
 
     def __init__(self, weights: Mapping[str, float], prompt_weight: float = 1.0, output_weight: float = 2.0,
                  usage_half_life: float = 128.0):
@@ -74,6 +82,7 @@ class VirtualTokenCounter:
         self.share: dict[str | None, float] = {}  # slots per active tenant, as of the last observe()
         self.over: set[str | None] = set()  # over-served tenants, as of the last observe()
         self._taken: Counter = Counter()  # slots each tenant took in this step's admissions so far
+        self._starved_since: dict[str | None, int] = {}  # waiting tenants holding no slot: the step it began
 
     def enqueue(self, seq: Sequence, new: bool) -> None:
         """``seq`` joins the waiting queue (``new``: a new request, else a preempted one, which
@@ -117,6 +126,11 @@ class VirtualTokenCounter:
         self.share = {t: max_num_seqs * self.weights.get(t, 1.0) / total for t in active}
         self.over = {t for t, s in self.share.items() if self.usage(t) >= s + self.OVER_SLOTS}
         self._taken.clear()
+        for tenant in [t for t in self._starved_since if held[t] or t not in self.queues]:
+            del self._starved_since[tenant]
+        for tenant in self.queues:
+            if not held[tenant]:
+                self._starved_since.setdefault(tenant, self._steps)
 
     def admitted(self, seq: Sequence) -> None:
         """``seq`` took a slot in this step: the step's later picks see its tenant a slot fuller."""
@@ -170,6 +184,8 @@ class VirtualTokenCounter:
         until either runs out: a burst beyond the taker's share is served too, since its usage
         says it is light. :meth:`pick` serves the takers before any over-served tenant, so the
         slots are not handed straight back.
+        Then :meth:`_for_the_starved`: a tenant that has waited :attr:`STARVED_STEPS` steps
+        holding no slot takes one from an over-served tenant above ``⌈share⌉ + 1`` slots.
 
         Returns:
             The victims; the caller preempts them (nothing changes here).
@@ -179,11 +195,34 @@ class VirtualTokenCounter:
         share = self.share
         donors = {t for t in share
                   if self.usage(t) >= share[t] + (self.YIELD_SLOTS if t in self.queues else share[t] + 1.0)}
-        if not donors:
-            return []
         takers = sum(len(q) for t, q in self.queues.items() if t not in self.over)
         victims = sorted((s for s in running if s.tenant in donors), key=lambda s: (self.excess(s.tenant), s.arrival))
-        return victims[::-1][:takers]
+        victims = victims[::-1][:takers] if donors else []
+        return victims + self._for_the_starved(running, victims)
+
+    def _for_the_starved(self, running: list[Sequence], chosen: list[Sequence]) -> list[Sequence]:
+        """One slot for each tenant that has waited :attr:`STARVED_STEPS` steps holding none (and
+        is not over-served), from over-served tenants holding at least ``⌈share⌉ + 1`` slots
+        besides those in ``chosen``: the newest sequence of the one furthest above its share
+        first, none taken below ``⌈share⌉``."""
+        starved = [t for t, since in self._starved_since.items()
+                   if self._steps - since >= self.STARVED_STEPS and t not in self.over]
+        if not starved:
+            return []
+        taken = {id(s) for s in chosen}
+        held = Counter(s.tenant for s in running if id(s) not in taken)
+        spare = {t: held[t] - math.ceil(self.share[t]) for t in self.over if t in self.share}
+        victims = []
+        for _ in starved:
+            spare = {t: n for t, n in spare.items() if n >= 1}
+            if not spare:
+                break
+            donor = max(spare, key=lambda t: (self.excess(t), t is not None, str(t)))
+            victim = max((s for s in running if s.tenant == donor and id(s) not in taken), key=lambda s: s.arrival)
+            taken.add(id(victim))
+            victims.append(victim)
+            spare[donor] -= 1
+        return victims
 
     def charge(self, seq: Sequence, num_tokens: int) -> None:
         """Bill ``seq``'s tenant for computing its next ``num_tokens`` tokens (call before

@@ -34,6 +34,37 @@ def test_a_tenant_that_filled_every_slot_at_start_gives_one_at_once():
     assert batch.preempted == [heavy[3]] and light in sched.running
 
 
+def test_a_tenant_that_keeps_every_slot_with_nothing_waiting_gives_one_to_a_starved_tenant():
+    # A hostile tester's find: a tenant running exactly max_num_seqs long requests, never one
+    # waiting, sits below both donor rules (with two tenants 2s + 1 = 5 > the 4 slots), so another
+    # tenant's request waited for one of its whole generations.
+    sched = slots_sched()
+    heavy = run_heavy(sched, 4, 50)
+    light = seq("light")
+    sched.add(light)
+    wait = sched.fair.STARVED_STEPS
+    assert not any(step(sched).preempted for _ in range(wait)) and light in sched.waiting  # a burst may end
+    batch = step(sched)  # light has waited STARVED_STEPS steps holding nothing: heavy's newest goes
+    assert batch.preempted == [heavy[3]] and light in sched.running and heavy[3] in sched.waiting
+    assert not any(step(sched).preempted for _ in range(500))  # no hand-back, and heavy keeps ceil(2) + 1
+    assert sorted(s.tenant for s in sched.running) == ["heavy"] * 3 + ["light"]
+
+
+def test_a_starved_tenant_takes_no_slot_from_a_tenant_at_its_rounded_up_share():
+    sched = make(max_num_seqs=5, max_model_len=1024, blocks=BlockManager(2048, 4))
+    a = [seq("a") for _ in range(3)]
+    b = [seq("b") for _ in range(2)]
+    for s in a + b:
+        sched.add(s)
+    for _ in range(100):
+        step(sched)
+    c = seq("c")  # shares 5/3: a holds 3 = ceil(5/3) + 1 and is over-served, b holds 2
+    sched.add(c)
+    preempted = [v for _ in range(40) for v in step(sched).preempted]
+    assert preempted == [a[2]] and c in sched.running  # then a holds 2 = ceil(5/3): nothing more
+    assert not any(step(sched).preempted for _ in range(500))
+
+
 def server_of_8(heavy: int, a: int, b: int) -> tuple:
     """8 slots taken by ``heavy``, ``a`` and ``b`` requests (nothing waits), then a light request."""
     sched = make(max_num_seqs=8, max_model_len=1024, blocks=BlockManager(2048, 4))
