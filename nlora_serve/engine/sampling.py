@@ -66,7 +66,9 @@ class SamplingParams:
     """
 
     max_tokens: int = 16  # new tokens at most (finish_reason "length")
-    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens exist
+    # EOS and stop_token_ids are banned until this many tokens exist, and a stop string counts only
+    # where it ends past their text (vLLM's rule; see engine/detokenizer.py)
+    min_tokens: int = 0
     temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_k: int = 0  # keep the k most likely tokens; 0 = all
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p

@@ -216,3 +216,22 @@ def test_metrics_on_the_http_port_without_a_key(http_server):
     assert ("nlora_requests_rejected_total", (HTTP, ("reason", "unauthenticated"))) in on_api_port
     assert on_api_port[("nlora_requests_rejected_total", (HTTP, ("reason", "unauthenticated")))] == \
         separate[("nlora_requests_rejected_total", (HTTP, ("reason", "unauthenticated")))]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_stop_string_waits_for_min_tokens(http_server, tokenizer, stream):
+    """stop [" "] with min_tokens 4 cuts at the first space ending past the text of the first 4
+    tokens (vLLM's rule); the reference cut is computed by hand from a greedy run without stop."""
+    api = client(http_server, TENANT_KEYS["base-co"])
+    common = dict(model=_base(http_server), prompt="Hello there", max_tokens=8, temperature=0, logprobs=0,
+                  extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    free = api.completions.create(**common).choices[0]
+    ids = [int(t.removeprefix("token_id:")) for t in free.logprobs.tokens]
+    boundary = len(tokenizer.decode(ids[:4]))
+    assert " " in free.text[:boundary]  # a space within the first 4 tokens' text: the case of the defect
+    common["extra_body"]["min_tokens"] = 4
+    answer = api.completions.create(**common, stop=[" "], stream=stream)
+    chunks = list(answer) if stream else [answer]
+    text = "".join(c.choices[0].text for c in chunks)
+    assert text == free.text[:free.text.index(" ", boundary)] and chunks[-1].choices[0].finish_reason == "stop"
+    assert _idle(http_server)
