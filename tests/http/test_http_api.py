@@ -111,6 +111,7 @@ def test_errors_have_the_openai_shape_and_status(http_server):
     ({"seed": -5}, "seed"),
     ({"max_tokens": "5"}, "max_tokens"),  # strings and booleans are refused, never coerced
     ({"extra_body": {"temperature": True}}, "temperature"),
+    ({"extra_body": {"top_k": -2}}, "top_k"),  # -1 and 0 are off (vLLM's values); below is refused
 ])
 def test_bad_or_unsupported_fields_are_refused_naming_them(http_server, kwargs, param):
     request = {"model": _base(http_server), "prompt": "Hi", "max_tokens": 2, **kwargs}
@@ -235,3 +236,18 @@ def test_a_stop_string_waits_for_min_tokens(http_server, tokenizer, stream):
     text = "".join(c.choices[0].text for c in chunks)
     assert text == free.text[:free.text.index(" ", boundary)] and chunks[-1].choices[0].finish_reason == "stop"
     assert _idle(http_server)
+
+
+def test_top_k_minus_one_is_off_as_in_vllm(http_server):
+    """top_k -1 (what LangChain's VLLMOpenAI sends by default) and 0 sample as top_k unset: the
+    same seeded tokens; top_k 1 (greedy) is the control that top_k reaches the sampler at all."""
+    api = client(http_server, TENANT_KEYS["base-co"])
+    common = dict(model=_base(http_server), prompt="Once upon a time", max_tokens=12, temperature=1.5, seed=7,
+                  logprobs=0)
+
+    def tokens(**extra) -> list[str]:
+        return api.completions.create(**common, extra_body={"ignore_eos": True, **extra}).choices[0].logprobs.tokens
+
+    unset = tokens()
+    assert tokens(top_k=-1) == tokens(top_k=0) == unset
+    assert tokens(top_k=1) != unset
