@@ -17,6 +17,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # never sent: unpickling runs code
 _UINT_MAX = {FieldDescriptor.TYPE_UINT32: (1 << 32) - 1, FieldDescriptor.TYPE_UINT64: (1 << 64) - 1}
+# vLLM's "off" values the proto's unsigned fields cannot carry: sent as unset (the proto's "off")
+_OFF_AS_UNSET = {"top_k": -1}
 
 
 def check_api_key(api_key: str) -> str:
@@ -47,7 +49,8 @@ def generate_request(prompt: str | list[int] | None = None, *, messages: list[di
     """A GenerateRequest: ``prompt`` (text or token ids) or chat ``messages`` ({"role", "content"}).
 
     ``sampling`` takes the proto SamplingParams field names (max_tokens, min_tokens, temperature,
-    top_p, top_k, seed, stop, stop_token_ids, ignore_eos, ...); unset temperature is greedy.
+    top_p, top_k, seed, stop, stop_token_ids, ignore_eos, ...); unset temperature is greedy;
+    top_k=-1 (vLLM's "off", as 0) is sent unset.
 
     Raises:
         InvalidInput: an unsigned field (max_tokens, seed, top_k, ...) out of its range.
@@ -55,6 +58,7 @@ def generate_request(prompt: str | list[int] | None = None, *, messages: list[di
     """
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt (text or token ids) and messages")
+    sampling = {k: v for k, v in sampling.items() if k not in _OFF_AS_UNSET or v != _OFF_AS_UNSET[k]}
     _check_unsigned(sampling)
     req = pb.GenerateRequest(adapter=adapter or "", request_id=request_id,
                              sampling=pb.SamplingParams(**sampling))
@@ -78,7 +82,8 @@ def _check_unsigned(sampling: dict) -> None:
         what = f"every {name} entry" if field.is_repeated else name
         for v in value if field.is_repeated else [value]:
             if isinstance(v, int) and not 0 <= v <= top:
-                raise InvalidInput(f"{what} must be an integer in [0, {top}]; got {v}")
+                off = f" or {_OFF_AS_UNSET[name]} (off)" if name in _OFF_AS_UNSET else ""
+                raise InvalidInput(f"{what} must be an integer in [0, {top}]{off}; got {v}")
 
 
 def upload_parts(name: str, adapter_dir: str | os.PathLike, chunk_bytes: int = CHUNK_BYTES

@@ -151,7 +151,8 @@ class EngineCore:
                        adapter=adapter, tenant=tenant, cache_salt=cache_salt)
         self._arrivals += 1
         self.counters["prompt_tokens"] += len(prompt_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
+                                       min_tokens=params.min_tokens)
         ban = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         self.requests[request_id] = _Request(seq, detok, ban)
         self.scheduler.add(seq)

@@ -10,6 +10,10 @@ tokens (the offsets scheme of vLLM and text-generation-inference): ``decode(wind
 minus ``decode(window)`` is the new text, and text ending in U+FFFD (an incomplete UTF-8
 sequence) is held back until later tokens complete it. While stop strings are set the last
 ``len(longest stop) - 1`` characters are held back too, so no streamed delta is ever retracted.
+With ``min_tokens`` a stop string counts only where it ends past the text of the first
+``min_tokens`` tokens (vLLM's rule since vllm-project/vllm#22014: once the output holds
+``min_tokens`` tokens it searches only text decoded after them, so a stop string may begin inside
+that text, straddling the boundary, but must end beyond it).
 :meth:`IncrementalDetokenizer.flush` re-decodes everything once at the end, so the deltas always
 join to ``tokenizer.decode(ids)`` (cut at a stop string).
 """
@@ -38,7 +42,7 @@ class IncrementalDetokenizer:
     """Turns one request's generated tokens into text deltas."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True, stop: tuple[str, ...] = (),
-                 fast: bool = True) -> None:
+                 fast: bool = True, min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         # ``fast``: use DecodeStream where it gives the same text (False: the window path, for the bench)
         self._backend = stream_backend(tokenizer) if fast else None
@@ -50,6 +54,10 @@ class IncrementalDetokenizer:
         self.text = ""  # decoded text so far (complete characters only until flush)
         self.sent = 0  # characters of ``text`` already returned
         self.stopped = False  # a stop string was found; ``text`` ends right before it
+        self.min_tokens = min_tokens
+        # characters of ``text`` decoded from the first min_tokens tokens: a stop string must end
+        # past them; None until min_tokens tokens have been added (no stop string counts yet)
+        self._stop_after: int | None = 0 if min_tokens == 0 else None
         self._prefix_offset = 0  # window start: tokens before it are in ``text`` for good
         self._read_offset = 0  # tokens before it are in ``text``
 
@@ -88,7 +96,11 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if self._stop_after is None and len(self.ids) >= self.min_tokens:  # called once per token added
+            self._stop_after = len(self.text)
+        hits = [] if self._stop_after is None else [
+            i for i in (self.text.find(s, max(self.sent, self._stop_after - len(s) + 1)) for s in self.stop)
+            if i >= 0]
         if hits and not self.stopped:
             self.text = self.text[:min(hits)]
             self.stopped = final = True

@@ -66,9 +66,11 @@ class SamplingParams:
     """
 
     max_tokens: int = 16  # new tokens at most (finish_reason "length")
-    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens exist
+    # EOS and stop_token_ids are banned until this many tokens exist, and a stop string counts only
+    # where it ends past their text (vLLM's rule; see engine/detokenizer.py)
+    min_tokens: int = 0
     temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
-    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    top_k: int = 0  # keep the k most likely tokens; 0 = all (-1, vLLM's other "off", is taken as 0)
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
     seed: int | None = None  # per-request generator; None = the engine's shared generator
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
@@ -91,8 +93,10 @@ class SamplingParams:
         _check(0.0 <= self.temperature <= 100.0, "temperature", self.temperature, "in [0, 100]")
         # int64 bounds: the sampler builds int64 tensors of these in the batch's step, where an
         # overflow would fail every request sharing the step
-        _check(isinstance(self.top_k, int) and 0 <= self.top_k < 1 << 63, "top_k", self.top_k,
-               "an integer in [0, 2^63)")
+        _check(isinstance(self.top_k, int) and -1 <= self.top_k < 1 << 63, "top_k", self.top_k,
+               "an integer in [0, 2^63), or -1 (off, as 0)")
+        if self.top_k == -1:  # vLLM takes -1 and 0 as off; clients (LangChain's VLLMOpenAI) send -1
+            self.top_k = 0
         _check(FLOAT32_TINY <= self.top_p <= 1.0, "top_p", self.top_p,
                f"in [{FLOAT32_TINY:.8g}, 1] (float32's smallest normal: the sampler's precision)")
         _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)

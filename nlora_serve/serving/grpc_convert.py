@@ -15,6 +15,9 @@ from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig, default_served_name
 
 MAX_REQUEST_ID = 256  # characters of a client's request_id: an id, echoed in every response, not a payload
+# SamplingParams.top_k is uint32, which cannot carry vLLM's -1 ("off"): a client's -1 arrives as
+# 2^32 - 1 (cast to uint32, or an int32 field's sign-extended varint read as uint32), taken as off
+TOP_K_MINUS_ONE = (1 << 32) - 1
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 
 
@@ -35,7 +38,8 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
     """The engine's SamplingParams for a request's ``sampling`` message.
 
     Unset temperature is greedy; max_tokens 0 (unset) is the rest of the context, at most
-    ``config.max_tokens`` (see :func:`~nlora_serve.serving.frontend.max_tokens_of`).
+    ``config.max_tokens`` (see :func:`~nlora_serve.serving.frontend.max_tokens_of`); top_k unset, 0
+    or 2^32 - 1 (-1 as uint32) keeps every token.
 
     Raises:
         RequestError: a field out of range, max_tokens over ``config.max_tokens``, or with
@@ -48,7 +52,7 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
         max_tokens=max_tokens, min_tokens=msg.min_tokens,
         temperature=msg.temperature if msg.HasField("temperature") else 0.0,
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,
-        top_k=msg.top_k if msg.HasField("top_k") else 0,
+        top_k=msg.top_k if msg.HasField("top_k") and msg.top_k != TOP_K_MINUS_ONE else 0,
         seed=msg.seed if msg.HasField("seed") else None,
         stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,

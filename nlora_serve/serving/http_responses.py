@@ -8,8 +8,9 @@ One :class:`Shaper` per request turns the engine's deltas into either the whole 
 - chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``.
 
 A token's string is its own decoding (``tokenizer.decode([id])``; a byte-level token that is part
-of a multi-byte character decodes to U+FFFD), or ``"token_id:<id>"`` with
-``return_tokens_as_token_ids``.
+of a multi-byte character decodes to U+FFFD, as in vLLM), or ``"token_id:<id>"`` with
+``return_tokens_as_token_ids``. A chat entry's ``bytes`` are the token's raw bytes either way
+(:mod:`~nlora_serve.serving.token_bytes`), so the bytes of a text's tokens join to its UTF-8.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import time
 
 from nlora_serve.engine.core import RequestOutput
+from nlora_serve.serving.token_bytes import TokenBytes
 
 
 def sse(payload: dict | str) -> str:
@@ -53,6 +55,7 @@ class Shaper:
         self.token_ids_as_tokens, self.include_usage = token_ids_as_tokens, include_usage
         self.created = int(time.time())
         self._offset = 0  # characters of completion text before the next token (text_offset)
+        self._token_bytes: TokenBytes | None = None  # built on the first chat logprobs entry
 
     # -- whole responses -----------------------------------------------------------------------
 
@@ -138,5 +141,6 @@ class Shaper:
                 "text_offset": offsets}
 
     def _chat_entry(self, token_id: int, logprob: float) -> dict:
-        token = self._token(token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.tokenizer)
+        return {"token": self._token(token_id), "logprob": logprob, "bytes": list(self._token_bytes(token_id))}

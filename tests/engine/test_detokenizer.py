@@ -108,3 +108,32 @@ def test_space_clean_up_keeps_the_window_path(tokenizer):
         clean_up_tokenization_spaces = True
 
     assert stream_backend(CleaningUp()) is None
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["stream", "window"])
+@pytest.mark.parametrize("text, min_tokens, stop, want", [
+    # "a b c d e f" is 6 tokens, "a" " b" " c" " d" " e" " f": min_tokens 3 covers "a b c" (5 chars)
+    ("a b c d e f", 0, " ", "a"),
+    ("a b c d e f", 3, " ", "a b c"),  # the spaces inside "a b c" do not count
+    ("a b c d e f", 3, "c d", "a b "),  # straddles the boundary: ends past it, so it counts (as vLLM)
+    ("a b c d e f", 3, "b c", None),  # ends inside the first 3 tokens' text: never counts
+    ("a b c d e f", 2, "b c", "a "),  # "a b" is the boundary now: "b c" straddles it
+    ("a b c d e f", 6, " ", None),  # every token is within min_tokens
+    # 3 tokens per emoji: after 4 tokens the text is one emoji (the 2nd is incomplete, held back)
+    ("😀😀😀 日本語", 4, "😀", "😀"),
+    ("😀😀😀 日本語", 2, "😀", ""),  # nothing decoded after 2 tokens: the 1st emoji ends past it
+])
+def test_stop_strings_count_only_past_the_min_tokens_text(tokenizer, fast, text, min_tokens, stop, want):
+    """vLLM's rule (vllm-project/vllm#22014): a stop string counts only where it ends past the text
+    of the first min_tokens tokens; ``want`` None = no stop, the whole text. Expected cuts by hand."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+    detok = IncrementalDetokenizer(tokenizer, stop=(stop,), fast=fast, min_tokens=min_tokens)
+    deltas = []
+    for t in ids:
+        deltas.append(detok.add(t))
+        if detok.stopped:
+            break
+    deltas.append(detok.flush())
+    assert detok.stopped == (want is not None)
+    assert "".join(deltas) == (text if want is None else want)

@@ -107,6 +107,30 @@ def test_stop_string_and_stop_token(overlap, make_engine):
 
 
 @OVERLAP
+def test_stop_strings_wait_for_min_tokens(overlap, make_engine):
+    """A stop string counts only where it ends past the text of the first min_tokens tokens (vLLM's
+    rule); the reference cut is computed by hand from a greedy run without stop strings."""
+    engine = make_engine(async_scheduling=overlap)
+    ids = chat(engine, "What is the capital of France?")
+    free = engine.generate([ids], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    min_tokens = 4
+    boundary = len(engine.tokenizer.decode(free.token_ids[:min_tokens]))
+    assert " " in free.text[:boundary]  # without min_tokens a space would stop it earlier
+    straddling = free.text[boundary - 1:boundary + 1]  # its last character comes after the boundary
+    stops = [" ", straddling]
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=(s,), min_tokens=min_tokens)
+              for s in stops]
+    for stop, out in zip(stops, engine.generate([ids, ids], params)):
+        cut = free.text.find(stop, boundary - len(stop) + 1)  # the first occurrence ending past the boundary
+        assert cut >= 0 and out.finish_reason == "stop" and out.text == free.text[:cut], (stop, out.text)
+        # the tokens up to the one whose text completes the stop string
+        end = next(k for k in range(len(free.token_ids) + 1)
+                   if len(engine.tokenizer.decode(free.token_ids[:k])) >= cut + len(stop))
+        assert out.token_ids == free.token_ids[:end] and end > min_tokens
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+@OVERLAP
 def test_seeded_sampling_reproducible_across_batches(overlap, make_engine):
     engine = make_engine(async_scheduling=overlap)
     ids = chat(engine, PROMPT)

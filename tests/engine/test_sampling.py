@@ -76,7 +76,7 @@ def test_min_tokens_bans_eos_until_reached():
     assert logits[2] == -math.inf and logits[3] == 0.0
 
 
-@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 0.0), ("top_k", -1),
+@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 0.0), ("top_k", -2),
                                           ("max_tokens", 0), ("logprobs", 21), ("repetition_penalty", 0.0),
                                           ("presence_penalty", 3.0), ("stop", ("",)), ("seed", "x"),
                                           # past int64: the step's tensors would overflow (hostile review)
@@ -84,6 +84,14 @@ def test_min_tokens_bans_eos_until_reached():
 def test_invalid_params_name_field_and_value(field, value):
     with pytest.raises(RequestError, match=rf"SamplingParams\.{field} .*{value!r}"):
         SamplingParams(**{field: value})
+
+
+def test_top_k_minus_one_is_off_as_in_vllm():
+    """vLLM takes top_k -1 and 0 as off (LangChain's VLLMOpenAI sends -1); below -1 is refused."""
+    assert SamplingParams(top_k=-1).top_k == SamplingParams(top_k=0).top_k == 0
+    with pytest.raises(RequestError, match=r"SamplingParams\.top_k must be an integer in \[0, 2\^63\), or -1 "
+                                           r"\(off, as 0\); got -2"):
+        SamplingParams(top_k=-2)
 
 
 def test_step_bans_stop_ids_only_on_rows_below_min_tokens():

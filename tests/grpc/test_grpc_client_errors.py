@@ -59,7 +59,8 @@ def test_generate_flags_out_of_range_exit_2(capsys, argv, message):
 @pytest.mark.parametrize("sampling, message", [
     (dict(max_tokens=-1), "max_tokens must be an integer in [0, 4294967295]; got -1"),
     (dict(seed=-5), "seed must be an integer in [0, 18446744073709551615]; got -5"),
-    (dict(top_k=1 << 32), "top_k must be an integer in [0, 4294967295]; got 4294967296"),
+    (dict(top_k=1 << 32), "top_k must be an integer in [0, 4294967295] or -1 (off); got 4294967296"),
+    (dict(top_k=-2), "top_k must be an integer in [0, 4294967295] or -1 (off); got -2"),
     (dict(stop_token_ids=[2, -1]), "every stop_token_ids entry must be an integer in [0, 4294967295]; got -1"),
 ])
 def test_library_names_the_sampling_field_out_of_range(sampling, message):

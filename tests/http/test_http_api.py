@@ -111,6 +111,7 @@ def test_errors_have_the_openai_shape_and_status(http_server):
     ({"seed": -5}, "seed"),
     ({"max_tokens": "5"}, "max_tokens"),  # strings and booleans are refused, never coerced
     ({"extra_body": {"temperature": True}}, "temperature"),
+    ({"extra_body": {"top_k": -2}}, "top_k"),  # -1 and 0 are off (vLLM's values); below is refused
 ])
 def test_bad_or_unsupported_fields_are_refused_naming_them(http_server, kwargs, param):
     request = {"model": _base(http_server), "prompt": "Hi", "max_tokens": 2, **kwargs}
@@ -216,3 +217,59 @@ def test_metrics_on_the_http_port_without_a_key(http_server):
     assert ("nlora_requests_rejected_total", (HTTP, ("reason", "unauthenticated"))) in on_api_port
     assert on_api_port[("nlora_requests_rejected_total", (HTTP, ("reason", "unauthenticated")))] == \
         separate[("nlora_requests_rejected_total", (HTTP, ("reason", "unauthenticated")))]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_stop_string_waits_for_min_tokens(http_server, tokenizer, stream):
+    """stop [" "] with min_tokens 4 cuts at the first space ending past the text of the first 4
+    tokens (vLLM's rule); the reference cut is computed by hand from a greedy run without stop."""
+    api = client(http_server, TENANT_KEYS["base-co"])
+    common = dict(model=_base(http_server), prompt="Hello there", max_tokens=8, temperature=0, logprobs=0,
+                  extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    free = api.completions.create(**common).choices[0]
+    ids = [int(t.removeprefix("token_id:")) for t in free.logprobs.tokens]
+    boundary = len(tokenizer.decode(ids[:4]))
+    assert " " in free.text[:boundary]  # a space within the first 4 tokens' text: the case of the defect
+    common["extra_body"]["min_tokens"] = 4
+    answer = api.completions.create(**common, stop=[" "], stream=stream)
+    chunks = list(answer) if stream else [answer]
+    text = "".join(c.choices[0].text for c in chunks)
+    assert text == free.text[:free.text.index(" ", boundary)] and chunks[-1].choices[0].finish_reason == "stop"
+    assert _idle(http_server)
+
+
+def test_top_k_minus_one_is_off_as_in_vllm(http_server):
+    """top_k -1 (what LangChain's VLLMOpenAI sends by default) and 0 sample as top_k unset: the
+    same seeded tokens; top_k 1 (greedy) is the control that top_k reaches the sampler at all."""
+    api = client(http_server, TENANT_KEYS["base-co"])
+    common = dict(model=_base(http_server), prompt="Once upon a time", max_tokens=12, temperature=1.5, seed=7,
+                  logprobs=0)
+
+    def tokens(**extra) -> list[str]:
+        return api.completions.create(**common, extra_body={"ignore_eos": True, **extra}).choices[0].logprobs.tokens
+
+    unset = tokens()
+    assert tokens(top_k=-1) == tokens(top_k=0) == unset
+    assert tokens(top_k=1) != unset
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("as_ids", [False, True], ids=["tokens", "token_ids"])
+def test_chat_logprobs_bytes_join_to_the_texts_utf8(http_server, tokenizer, stream, as_ids):
+    """Greedy, the model repeats three emoji (3 byte-level tokens each, each piece's string U+FFFD
+    as in vLLM): the entries' bytes join to the content's UTF-8, and the content is the tokenizer's
+    decode of the tokens (their ids from return_tokens_as_token_ids)."""
+    answer = client(http_server, TENANT_KEYS["base-co"]).chat.completions.create(
+        model=_base(http_server), messages=[{"role": "user", "content": "Repeat exactly: 😀😀😀 日本語"}],
+        max_tokens=9, temperature=0, logprobs=True, top_logprobs=2, stream=stream,
+        extra_body={"return_tokens_as_token_ids": as_ids})
+    choices = [c.choices[0] for c in answer] if stream else [answer.choices[0]]
+    content = "".join((c.delta.content or "") if stream else c.message.content for c in choices)
+    entries = [e for c in choices if c.logprobs for e in c.logprobs.content]
+    assert len(entries) == 9 and "😀" in content
+    assert b"".join(bytes(e.bytes) for e in entries) == content.encode()
+    assert all(e.top_logprobs[0].bytes == e.bytes for e in entries)  # greedy: the top alternative is the token
+    if as_ids:
+        assert content == tokenizer.decode([int(e.token.removeprefix("token_id:")) for e in entries])
+    else:
+        assert "\ufffd" in {e.token for e in entries}

@@ -1,0 +1,53 @@
+"""A token's raw bytes, for the chat logprobs' ``bytes`` field.
+
+OpenAI's ``bytes`` is the token's UTF-8 bytes, there so that a client can rebuild characters split
+across tokens. The token's string (``decode([id])``) cannot give them: a byte-level token holding
+part of a multi-byte character decodes to U+FFFD. They come from the vocabulary entry instead:
+
+- byte-level BPE (GPT-2, SmolLM2, Llama 3: a ``ByteLevel`` decoder): each character of the entry
+  stands for one byte under GPT-2's byte-to-unicode map (openai/gpt-2 ``encoder.py``);
+- SentencePiece with byte fallback (Llama 2, Mistral: a ``ByteFallback`` decoder): an entry
+  ``<0xNN>`` is byte NN, and ``▁`` in any other entry a space;
+- added tokens (special tokens included) are stored as their own text: its UTF-8;
+- any other tokenizer: the UTF-8 of ``decode([id])``.
+"""
+
+from __future__ import annotations
+
+import re
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-to-unicode map, inverted: the 188 printable Latin-1 bytes stand for their own
+    character, the other 68 (controls, space, ...) for U+0100 onwards in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in set(printable)]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_OF_CHAR = _byte_of_char()
+
+
+class TokenBytes:
+    """``token_bytes(token_id) -> bytes`` for one tokenizer (a transformers tokenizer)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        decoder = repr(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None))
+        self.byte_level = "ByteLevel" in decoder
+        self.byte_fallback = not self.byte_level and "ByteFallback" in decoder
+        self.added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+
+    def __call__(self, token_id: int) -> bytes:
+        if token_id in self.added:
+            return self.added[token_id].encode()
+        if self.byte_level or self.byte_fallback:
+            entry = self.tokenizer.convert_ids_to_tokens(token_id)
+            if self.byte_level and all(c in BYTE_OF_CHAR for c in entry):
+                return bytes(BYTE_OF_CHAR[c] for c in entry)
+            if self.byte_fallback:
+                byte = _BYTE_FALLBACK.fullmatch(entry)
+                return bytes([int(byte.group(1), 16)]) if byte else entry.replace("\u2581", " ").encode()
+        return self.tokenizer.decode([token_id]).encode()
