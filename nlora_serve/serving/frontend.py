@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -122,12 +123,18 @@ class Admission:
 
 
 def cache_salt_of(principal: Principal, requested: str | None, auth: Authenticator) -> str | None:
-    """The engine's prefix-cache salt of a request: the caller's ``cache_salt`` (vLLM's field), else
-    with keys configured the caller's own group, else None (one group). Explicit salts and key
-    groups live in separate namespaces, so a salt can never name another tenant's group."""
-    if requested:
-        return f"salt:{requested}"
-    return f"tenant:{principal.name}" if auth.enabled else None
+    """The engine's prefix-cache salt of a request: requests share KV blocks only under equal salts.
+
+    With keys configured the salt is the pair (tenant name, the caller's ``cache_salt`` or none):
+    a ``cache_salt`` chooses a sharing group within the caller's tenant (e.g. one per end user, as
+    vLLM's field is meant), never across tenants, so no tenant can probe another's prompts by
+    sending its salt (cached tokens and TTFT would tell). JSON makes the pair unambiguous for any
+    name and salt. Without keys (auth off, one anonymous caller) vLLM's behaviour: the caller's
+    salt, or None (one group).
+    """
+    if not auth.enabled:
+        return f"salt:{requested}" if requested else None
+    return "tenant:" + json.dumps([principal.name, requested or None])
 
 
 def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes: int | None = None,

@@ -12,7 +12,8 @@ the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens``: s
 :func:`~nlora_serve.serving.frontend.start_request`). Extensions, under vLLM's
 names (send them in ``extra_body``): ``top_k``, ``min_tokens``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``return_tokens_as_token_ids`` (logprob tokens as
-``"token_id:<id>"``), ``cache_salt`` (only requests with the same salt share prefix-cache blocks).
+``"token_id:<id>"``), ``cache_salt`` (only requests with the same salt share prefix-cache blocks; with keys, only
+within the sender's tenant: see :func:`~nlora_serve.serving.frontend.cache_salt_of`).
 """
 
 from __future__ import annotations
