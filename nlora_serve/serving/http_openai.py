@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict
 
-from nlora_serve.serving.frontend import check_min_tokens_unset_max, max_tokens_of, render_chat
+from nlora_serve.serving.frontend import check_cache_salt, check_min_tokens_unset_max, max_tokens_of, render_chat
 from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
 
@@ -129,7 +129,9 @@ def check_fields(request: _Request) -> None:
     """Refuse every field we do not implement, and no-op fields at another value.
 
     Raises:
-        ParamError: the first such field (named in the message and in ``param``).
+        ParamError: the first such field (named in the message and in ``param``), stream_options
+            without stream, a cache_salt over :data:`~nlora_serve.serving.frontend.MAX_CACHE_SALT`
+            characters.
     """
     for field, value in (request.model_extra or {}).items():
         if field not in NOOP_VALUES:
@@ -141,6 +143,8 @@ def check_fields(request: _Request) -> None:
             raise ParamError(f"{field}={value!r} is not supported: this server accepts only {allowed}", field)
     if request.stream_options is not None and not request.stream:
         raise ParamError("stream_options is only allowed with stream=true", "stream_options")
+    with _as_param_error("cache_salt"):
+        check_cache_salt(request.cache_salt, "cache_salt")
 
 
 def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None) -> SamplingParams:

@@ -45,6 +45,15 @@ def test_without_keys_everybody_shares_one_group_and_cache_salt_splits_it(make_s
     assert got == [0, 32, 0, 32]  # vLLM's behaviour: requests with equal salts (or none) share
 
 
+def test_cache_salt_over_1024_characters_is_invalid_argument_naming_it(make_server):
+    server = make_server()
+    assert _usage(server, "any", "é" * 1024).completion_tokens == 2  # characters, not UTF-8 bytes
+    with pytest.raises(grpc.RpcError) as err:
+        _usage(server, "any", "s" * 1025)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("GenerateRequest.cache_salt must be at most 1024 characters; got 1025")
+
+
 def test_engine_salts_of_distinct_tenant_and_salt_pairs_differ():
     # names and salts built to collide under a naive "tenant:{name}:{salt}" join
     keys = Authenticator({"h1": Principal("a", False)})

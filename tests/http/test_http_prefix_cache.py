@@ -1,7 +1,11 @@
 """Prefix caching over HTTP: OpenAI's usage.prompt_tokens_details.cached_tokens, per-tenant sharing
-groups and vLLM's cache_salt within them, the per-frontend prefix-cache counters."""
+groups and vLLM's cache_salt within them (at most 1024 characters), the per-frontend prefix-cache
+counters."""
 
 from __future__ import annotations
+
+import openai
+import pytest
 
 from grpc_harness import TENANT_KEYS
 from http_harness import client, scrape
@@ -37,3 +41,21 @@ def test_cached_tokens_per_tenant_group_and_salt_within_the_tenant(make_http_ser
     assert samples[("nlora_prefix_cache_queries_total", http)] == 8 * n
     assert samples[("nlora_prefix_cache_hits_total", http)] == 2 * full
     assert samples[("nlora_prefix_cache_hits_total", (("frontend", "grpc"),))] == 0
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cache_salt_over_1024_characters_is_refused_naming_it(make_http_server, chat):
+    server = make_http_server()
+    api, base = client(server, TENANT_KEYS["base-co"]), server.server.generation.info.model
+
+    def create(salt: str):
+        if chat:
+            return api.chat.completions.create(model=base, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                               extra_body={"cache_salt": salt})
+        return api.completions.create(model=base, prompt="Hi", max_tokens=1, extra_body={"cache_salt": salt})
+
+    assert create("é" * 1024).usage.completion_tokens == 1  # the bound counts characters, not UTF-8 bytes
+    with pytest.raises(openai.BadRequestError) as err:
+        create("s" * 1025)
+    assert err.value.body["param"] == "cache_salt"
+    assert err.value.body["message"].startswith("cache_salt must be at most 1024 characters; got 1025")
