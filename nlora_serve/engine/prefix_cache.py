@@ -158,7 +158,9 @@ class PrefixCachingBlockManager(BlockManager):
         """``seq.block_hashes`` extended to (at least) its first ``num_blocks`` full blocks."""
         hashes, bs = seq.block_hashes, self.block_size
         if len(hashes) < num_blocks:
-            key = root_key(seq)
+            if seq.prefix_key is None:
+                seq.prefix_key = root_key(seq)
+            key = seq.prefix_key
             for i in range(len(hashes), num_blocks):
                 hashes.append(block_hash(hashes[-1] if hashes else b"", key, seq.token_ids[i * bs:(i + 1) * bs]))
         return hashes[:num_blocks]

@@ -34,9 +34,12 @@ class Sequence:
     num_preemptions: int = 0  # times this sequence lost its blocks and recomputed
     adapter: object | None = None  # pinned AdapterVersion (None = base model), released at the end
     tenant: str | None = None  # who sent it (fair scheduling, VTC); None = the anonymous tenant
-    # prefix-cache sharing group: blocks are shared only between requests with equal salts
-    # (the front ends default it per tenant key; None = the unsalted group)
+    # prefix-cache sharing group: blocks are shared only between requests with equal salts (with
+    # keys, the front ends make it (tenant, requested salt): frontend.cache_salt_of; None = unsalted)
     cache_salt: str | None = None
+    # prefix_cache.root_key of this sequence, computed once (its adapter and salt never change):
+    # re-hashing the salt each time a block fills made long salts cost every tenant engine time
+    prefix_key: bytes | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of its full blocks so far
     num_hashed_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not yet)

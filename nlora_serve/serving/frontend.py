@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,10 @@ from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
 
 CHAT_ROLES = ("system", "user", "assistant")
+# characters of a request's cache_salt: an identifier (vLLM suggests one per end user, or a random
+# secret: 43 characters of base64 hold 256 bits), not a payload. Unbounded, a 15 MB salt was
+# carried into the engine and hashed on its step thread, slowing every tenant's steps.
+MAX_CACHE_SALT = 1024
 
 # Prompt tokenization and chat rendering run here, off the event loop: a 16 MiB prompt takes ~30 s
 # to tokenize, and on the loop it froze every stream and request of every tenant meanwhile. One
@@ -122,12 +127,29 @@ class Admission:
 
 
 def cache_salt_of(principal: Principal, requested: str | None, auth: Authenticator) -> str | None:
-    """The engine's prefix-cache salt of a request: the caller's ``cache_salt`` (vLLM's field), else
-    with keys configured the caller's own group, else None (one group). Explicit salts and key
-    groups live in separate namespaces, so a salt can never name another tenant's group."""
-    if requested:
-        return f"salt:{requested}"
-    return f"tenant:{principal.name}" if auth.enabled else None
+    """The engine's prefix-cache salt of a request: requests share KV blocks only under equal salts.
+
+    With keys configured the salt is the pair (tenant name, the caller's ``cache_salt`` or none):
+    a ``cache_salt`` chooses a sharing group within the caller's tenant (e.g. one per end user, as
+    vLLM's field is meant), never across tenants, so no tenant can probe another's prompts by
+    sending its salt (cached tokens and TTFT would tell). JSON makes the pair unambiguous for any
+    name and salt. Without keys (auth off, one anonymous caller) vLLM's behaviour: the caller's
+    salt, or None (one group).
+    """
+    if not auth.enabled:
+        return f"salt:{requested}" if requested else None
+    return "tenant:" + json.dumps([principal.name, requested or None])
+
+
+def check_cache_salt(salt: str | None, field: str) -> None:
+    """Refuse a ``cache_salt`` over :data:`MAX_CACHE_SALT` characters (``field`` names it).
+
+    Raises:
+        RequestError: the salt is too long.
+    """
+    if salt is not None and len(salt) > MAX_CACHE_SALT:
+        raise RequestError(f"{field} must be at most {MAX_CACHE_SALT} characters; got {len(salt)} "
+                           "(a salt names a sharing group, e.g. an end user's id or a random token)")
 
 
 def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes: int | None = None,

@@ -10,7 +10,7 @@ from nlora_serve import __version__
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.engine.core import RequestOutput
-from nlora_serve.serving.frontend import check_min_tokens_unset_max, max_tokens_of, render_chat
+from nlora_serve.serving.frontend import check_cache_salt, check_min_tokens_unset_max, max_tokens_of, render_chat
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig, default_served_name
 
@@ -32,6 +32,16 @@ def request_id_of(msg: pb.GenerateRequest) -> str:
         raise RequestError(f"GenerateRequest.request_id must be at most {MAX_REQUEST_ID} characters; "
                            f"got {len(msg.request_id)}")
     return msg.request_id
+
+
+def cache_salt(msg: pb.GenerateRequest) -> str:
+    """The client's ``cache_salt`` ('' when unset: the unsalted group).
+
+    Raises:
+        RequestError: longer than :data:`~nlora_serve.serving.frontend.MAX_CACHE_SALT` characters.
+    """
+    check_cache_salt(msg.cache_salt, "GenerateRequest.cache_salt")
+    return msg.cache_salt
 
 
 def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingParams:

@@ -83,12 +83,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if adapter is not None:
             validate_name(adapter)  # a name no adapter can have: INVALID_ARGUMENT, before any other work
         request_id = convert.request_id_of(request)
+        salt = convert.cache_salt(request)
         params = convert.sampling_params(request.sampling, self.config)
         prompt = await self.admission.tokenizer.run(principal.name, self._prompt_ids, request)  # off the event loop
         engine_id = f"{principal.name}/{request_id}" if request_id else None
         stream = start_request(self.engine, self.admission, prompt, params, engine_id, adapter,
                                max_tokens_given=request.sampling.max_tokens > 0, principal=principal,
-                               cache_salt=cache_salt_of(principal, request.cache_salt, self.auth))
+                               cache_salt=cache_salt_of(principal, salt, self.auth))
         return stream, request_id, principal.name
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:

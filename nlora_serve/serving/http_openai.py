@@ -12,7 +12,8 @@ the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens``: s
 :func:`~nlora_serve.serving.frontend.start_request`). Extensions, under vLLM's
 names (send them in ``extra_body``): ``top_k``, ``min_tokens``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``return_tokens_as_token_ids`` (logprob tokens as
-``"token_id:<id>"``), ``cache_salt`` (only requests with the same salt share prefix-cache blocks).
+``"token_id:<id>"``), ``cache_salt`` (only requests with the same salt share prefix-cache blocks; with keys, only
+within the sender's tenant: see :func:`~nlora_serve.serving.frontend.cache_salt_of`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import re
 from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict
 
-from nlora_serve.serving.frontend import check_min_tokens_unset_max, max_tokens_of, render_chat
+from nlora_serve.serving.frontend import check_cache_salt, check_min_tokens_unset_max, max_tokens_of, render_chat
 from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
 
@@ -128,7 +129,9 @@ def check_fields(request: _Request) -> None:
     """Refuse every field we do not implement, and no-op fields at another value.
 
     Raises:
-        ParamError: the first such field (named in the message and in ``param``).
+        ParamError: the first such field (named in the message and in ``param``), stream_options
+            without stream, a cache_salt over :data:`~nlora_serve.serving.frontend.MAX_CACHE_SALT`
+            characters.
     """
     for field, value in (request.model_extra or {}).items():
         if field not in NOOP_VALUES:
@@ -140,6 +143,8 @@ def check_fields(request: _Request) -> None:
             raise ParamError(f"{field}={value!r} is not supported: this server accepts only {allowed}", field)
     if request.stream_options is not None and not request.stream:
         raise ParamError("stream_options is only allowed with stream=true", "stream_options")
+    with _as_param_error("cache_salt"):
+        check_cache_salt(request.cache_salt, "cache_salt")
 
 
 def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None) -> SamplingParams:

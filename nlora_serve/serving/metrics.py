@@ -2,8 +2,8 @@
 
 Names carry their unit; no label has an unbounded value set (no per-tenant or per-adapter
 labels): the request metrics carry ``frontend`` (:data:`FRONTENDS`: which protocol the request
-came in on) and rejections also ``reason`` (:data:`REJECT_REASONS`). Gauges are read from the
-engine when scraped, so they are never stale.
+came in on) and rejections also ``reason`` (:data:`REJECT_REASONS`). Gauges and the engine's own
+counters (preemptions) are read from the engine when scraped, so they are never stale.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
                                start_http_server)
+from prometheus_client.core import CounterMetricFamily
 
 REJECT_REASONS = ("queue_full", "draining", "invalid_argument", "not_found", "pool_full",
                   "unauthenticated", "permission_denied")
@@ -27,7 +28,8 @@ class ServerMetrics:
     """Every ``nlora_*`` metric of one server.
 
     Args:
-        engine_stats: returns the engine's ``stats()`` dict (running, waiting, kv_blocks_used).
+        engine_stats: returns the engine's ``stats()`` dict (running, waiting, kv_blocks_used,
+            preemptions).
         adapter_residency: returns (adapters resident, bytes they hold in the compute dtype).
     """
 
@@ -68,6 +70,7 @@ class ServerMetrics:
                   "nlora_adapter_bytes_resident": ("Bytes resident adapters hold", lambda: adapter_residency()[1])}
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=r).set_function(read)
+        r.register(_EngineCounters(engine_stats))
         self._http = None
 
     def reject(self, reason: str, frontend: str) -> None:
@@ -95,6 +98,26 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _EngineCounters:
+    """Counters the engine keeps itself, read at each scrape (prometheus_client's Counter cannot
+    read a value from elsewhere): ``nlora_num_preemptions_total``, vLLM's
+    ``vllm:num_preemptions_total``."""
+
+    def __init__(self, engine_stats: Callable[[], dict[str, int]]):
+        self._engine_stats = engine_stats
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [self._preemptions(0)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return [self._preemptions(self._engine_stats()["preemptions"])]
+
+    @staticmethod
+    def _preemptions(value: int) -> CounterMetricFamily:
+        return CounterMetricFamily("nlora_num_preemptions", "Running requests preempted (their KV blocks freed, "
+                                   "recomputed later) since the engine started", value=value)
 
 
 class RequestTimer:

@@ -76,7 +76,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "RESOURCE_EXHAUSTED / HTTP 429 (default: %(default)s)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
       help="share the KV blocks of equal prompt prefixes between requests on the same adapter version "
-           "(and, with --tenants-file, of the same tenant unless a request sends a cache_salt); "
+           "with the same cache_salt (and, with --tenants-file, of the same tenant only); "
            "--no-enable-prefix-caching computes every prompt whole (default: on)")
     a("--scheduling-policy", choices=SCHEDULING_POLICIES, default=None,
       help="admission order: fcfs (arrival) or fair (the tenant with the least service first, VTC, "

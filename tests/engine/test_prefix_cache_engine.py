@@ -1,6 +1,6 @@
 """The engine with prefix caching on: same greedy tokens as transformers and as the cache off, for
 the base model, tied and LoRA adapters in mixed batches, chunked prefill across cached blocks,
-preemption; blocks never cross adapters or versions."""
+preemption; blocks never cross adapters or versions; each sequence's root key is hashed once."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 import safetensors.torch
 
 from greedy_rule import matches_reference
+from nlora_serve.engine import prefix_cache
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from nlora_serve.engine.core import EngineCore
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
 from test_model import hf_greedy
@@ -122,3 +124,25 @@ def test_preempted_long_prompt_hits_its_own_blocks_and_matches_transformers(base
     for ids, out in zip(short + [long_ids], outs):
         want, margins = hf_greedy(hf_model, ids, 16)
         assert matches_reference(out.token_ids, want, margins)
+
+
+def test_root_key_is_hashed_once_per_sequence_over_a_long_generation(base_fp32, tmp_path, monkeypatch):
+    # the root key hashes the whole salt: it was hashed again each time a sequence filled a block
+    # (once per 4 tokens here: 17 times per sequence over 37-38 prompt + 64 output tokens), so a 15 MB salt
+    # cost 56 ms of the engine's step thread per block, for every tenant's requests
+    calls: list[str] = []
+    real = prefix_cache.root_key
+    monkeypatch.setattr(prefix_cache, "root_key", lambda seq: calls.append(seq.request_id) or real(seq))
+    refs = [job[1] for job in jobs_of([None])]
+    config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128),
+                          cache=CacheConfig(block_size=4, num_blocks=256), adapter_dir=str(tmp_path / "store"))
+    core = EngineCore(config, base_fp32)
+    params = SamplingParams(max_tokens=64, min_tokens=64, temperature=0.0)
+    for i, ref in enumerate(refs):
+        core.add(f"r{i}", ref["prompt_token_ids"], params, cache_salt=f"{i}" * 1024)  # the front ends' bound
+    produced = {f"r{i}": 0 for i in range(len(refs))}
+    while core.has_work():
+        for out in core.step():
+            produced[out.request_id] += len(out.token_ids)
+    assert produced == {f"r{i}": 64 for i in range(len(refs))}
+    assert sorted(calls) == sorted(produced)  # once per sequence

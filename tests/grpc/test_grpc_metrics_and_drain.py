@@ -70,6 +70,24 @@ def test_metrics_exist_and_move_under_load(make_server):
     assert after[("nlora_kv_blocks_used", ())] == 0 and after[("nlora_requests_running", ())] == 0
 
 
+def test_preemptions_counter_moves_when_the_kv_cache_runs_short(make_server):
+    # 64 KV blocks of 16 tokens (max_model_len 1024): a request of 500 + 40 tokens needs 34 and
+    # runs alone unpreempted; two running at once need 68, so one is preempted before both finish
+    server = make_server(metrics_port=0, num_blocks=64)
+    port = server.server.metrics_port
+    prompts = [list(range(start, start + 500)) for start in (1000, 2000, 3000)]  # no shared prefix
+    assert _scrape(port)[("nlora_num_preemptions_total", ())] == 0
+    with NloraClient(server.target, timeout=120) as client:
+        client.complete(prompts[0], max_tokens=40, ignore_eos=True)
+        assert _scrape(port)[("nlora_num_preemptions_total", ())] == 0
+        streams = [client.generate(prompt, max_tokens=40, ignore_eos=True) for prompt in prompts[1:]]
+        heads = [next(stream) for stream in streams]  # both admitted and running
+        got = [sum(len(d.token_ids) for d in [head, *stream]) for head, stream in zip(heads, streams)]
+    assert got == [40, 40]
+    preempted = _scrape(port)[("nlora_num_preemptions_total", ())]
+    assert preempted >= 1 and preempted == server.engine.stats()["preemptions"]
+
+
 def test_health_and_reflection(make_server):
     server = make_server()
     channel = grpc.insecure_channel(server.target)

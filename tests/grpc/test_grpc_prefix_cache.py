@@ -12,7 +12,7 @@ from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import AuthError, Authenticator, Principal, hash_key
-from nlora_serve.serving.frontend import Admission
+from nlora_serve.serving.frontend import Admission, cache_salt_of
 from nlora_serve.serving.grpc_status import QueueFull
 
 PROMPT = list(range(1000, 1040))  # 40 tokens: 2 full blocks of 16 can be cached
@@ -26,17 +26,46 @@ def _usage(server, key: str, salt: str = "") -> pb.Usage:
     return last.usage
 
 
-def test_usage_reports_cached_tokens_and_cache_salt_chooses_the_group(make_server, tenants_file):
+def test_usage_reports_cached_tokens_and_cache_salt_chooses_a_group_within_the_tenant(make_server, tenants_file):
     server = make_server(tenants_file)
-    got = [_usage(server, TENANT_KEYS["base-co"]).cached_tokens, _usage(server, TENANT_KEYS["base-co"]).cached_tokens,
-           _usage(server, TENANT_KEYS["lora-co"]).cached_tokens, _usage(server, ADMIN_KEY, "g").cached_tokens,
-           _usage(server, TENANT_KEYS["lora-co"], "g").cached_tokens]
-    assert got == [0, 32, 0, 0, 32]
+    base_co, lora_co = TENANT_KEYS["base-co"], TENANT_KEYS["lora-co"]
+    got = [_usage(server, base_co).cached_tokens, _usage(server, base_co).cached_tokens,
+           _usage(server, lora_co).cached_tokens, _usage(server, ADMIN_KEY, "g").cached_tokens,
+           _usage(server, lora_co, "g").cached_tokens, _usage(server, lora_co, "g").cached_tokens,
+           _usage(server, base_co, "g").cached_tokens]
+    # the same salt from two principals (4th, 5th; 6th, 7th) never shares a block: a salt chooses
+    # a group within its sender's tenant; the same tenant and salt do share (6th)
+    assert got == [0, 32, 0, 0, 0, 32, 0]
 
 
-def test_without_keys_everybody_shares_one_group(make_server):
+def test_without_keys_everybody_shares_one_group_and_cache_salt_splits_it(make_server):
     server = make_server()
-    assert [_usage(server, "anything").cached_tokens for _ in range(2)] == [0, 32]
+    got = [_usage(server, "anything").cached_tokens, _usage(server, "other").cached_tokens,
+           _usage(server, "anything", "g").cached_tokens, _usage(server, "other", "g").cached_tokens]
+    assert got == [0, 32, 0, 32]  # vLLM's behaviour: requests with equal salts (or none) share
+
+
+def test_cache_salt_over_1024_characters_is_invalid_argument_naming_it(make_server):
+    server = make_server()
+    assert _usage(server, "any", "é" * 1024).completion_tokens == 2  # characters, not UTF-8 bytes
+    with pytest.raises(grpc.RpcError) as err:
+        _usage(server, "any", "s" * 1025)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("GenerateRequest.cache_salt must be at most 1024 characters; got 1025")
+
+
+def test_engine_salts_of_distinct_tenant_and_salt_pairs_differ():
+    # names and salts built to collide under a naive "tenant:{name}:{salt}" join
+    keys = Authenticator({"h1": Principal("a", False)})
+    pairs = [("a", None), ("a", ""), ("a", "x"), ("b", "x"), ("a:x", None), ("a", ":x"), ('a", "x', None),
+             ('a"', '"x'), ("a", '["a", null]'), ("a", "tenant:a")]
+    salts = [cache_salt_of(Principal(name, False), salt, keys) for name, salt in pairs]
+    assert salts[0] == salts[1]  # proto3's unset string is "": no salt
+    assert len(set(salts[1:])) == len(pairs) - 1
+    assert cache_salt_of(Principal("a", False), "x", keys) == salts[2]  # deterministic
+    no_keys = Authenticator(None)
+    assert cache_salt_of(Principal("a", False), "x", no_keys) == cache_salt_of(Principal("b", False), "x", no_keys)
+    assert cache_salt_of(Principal("a", False), "", no_keys) is None
 
 
 def test_tenant_shares_of_the_queue_leave_room_for_others():

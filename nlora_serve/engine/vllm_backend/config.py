@@ -45,10 +45,11 @@ def lora_rank_limit(max_rank: int) -> int:
 
 
 class SchedulerSnapshot:
-    """A vLLM stat logger that keeps the last scheduler snapshot (our gauges read it)."""
+    """A vLLM stat logger that keeps the last scheduler snapshot (our gauges read it) and counts
+    preemptions."""
 
     def __init__(self) -> None:
-        self.running = self.waiting = self.steps = 0
+        self.running = self.waiting = self.steps = self.preemptions = 0
         self.kv_usage = 0.0
 
     def factory(self, vllm_config, engine_index: int = 0):
@@ -65,6 +66,8 @@ class SchedulerSnapshot:
                     stats.running, stats.waiting = scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
                     stats.kv_usage = scheduler_stats.kv_cache_usage
                     stats.steps += 1
+                if iteration_stats is not None:
+                    stats.preemptions += iteration_stats.num_preempted_reqs
 
             def log_engine_initialized(self):
                 pass

@@ -272,7 +272,7 @@ class VllmEngine(Engine):
         with self._lock:
             counters = dict(self._counters)
         return {"running": s.running, "waiting": s.waiting, "kv_blocks_used": round(s.kv_usage * total),
-                "kv_blocks_total": total, "steps": s.steps, **counters}
+                "kv_blocks_total": total, "steps": s.steps, "preemptions": s.preemptions, **counters}
 
     def shutdown(self) -> None:
         """Abort running requests, stop vLLM (its engine processes too) and the loop thread."""
