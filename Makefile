@@ -34,9 +34,10 @@ serve: $(STAMP)
 		--adapter lower=examples/tenants/lower --adapter signature=examples/tenants/signature \
 		--adapter numbers=examples/tenants/numbers --example-tenants 3 --port $(GRPC_PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
 
-# The suite in two processes: it builds and drops hundreds of engines, and in one process its memory
-# grew past 24 GB (OOM-killed at 93% on a 24 GiB machine, round two session 12). The second takes
-# these folders; the first everything else, so a new test folder is never left out.
+# The suite in two processes: it builds and drops hundreds of engines. In one process its memory once
+# grew past 24 GB (OOM-killed at 93% on a 24 GiB machine, round two session 12), most of it stopped
+# HTTP servers' engines that FastAPI's callable cache kept alive (fixed since: peaks now ~10 GB and
+# ~3 GB). The second takes these folders; the first everything else, so a new folder is never left out.
 TEST_SECOND = tests/kernels tests/models tests/registry tests/vllm_backend
 
 test: $(STAMP)
