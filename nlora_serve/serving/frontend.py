@@ -1,11 +1,12 @@
 """What the gRPC and HTTP front ends share: admission, chat rendering, the max_tokens policy and
 the metered engine stream (DESIGN §6).
 
-Both front ends admit a request in the same order (key, grant, parameters, then draining and the
-bounded queue and the tenant's quota, reserved in :class:`Admission` before the prompt is
-tokenized, then the prompt, then the engine), count it in the same :class:`Admission`
-(``--max-queue`` bounds gRPC and HTTP requests together) and stream it through :func:`metered`,
-so metrics and cancellation behave the same whichever protocol a tenant speaks.
+Both front ends admit a request the same way (key; draining, the bounded queue and the tenant's
+quota, reserved in :class:`Admission` before the prompt is tokenized, by HTTP before the body is
+read, by gRPC after the grant and parameters of its message; the prompt; then the engine), count
+it in the same :class:`Admission` (``--max-queue`` bounds gRPC and HTTP requests together) and
+stream it through :func:`metered`, so metrics and cancellation behave the same whichever protocol
+a tenant speaks.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Admission:
     """Counts admitted requests (running + waiting, both front ends) against ``max_queue``, in
     all and per tenant. A request counts from its :meth:`reserve`, before its prompt is tokenized
     (a 660 KB prompt takes ~0.45 s of the one tokenizer thread), so the queue bound and a tenant's
-    quota refuse it before that work and before its body waits in memory for the tokenizer.
+    quota refuse it before that work (HTTP: before its body is read).
 
     With ``tenant_shares`` (fair scheduling) a tenant may hold at most ``weight x (free places)``
     of the queue (at least one): the dynamic threshold of Choudhury and Hahne ("Dynamic queue

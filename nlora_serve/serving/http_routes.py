@@ -6,16 +6,19 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-st
 (one of them; 404 for a name it may not use, as for one that does not exist), ``GET /health``, and
 ``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; no label names a tenant).
 
-A generation request is admitted like a gRPC Generate (frontend.py), in this order: key (401,
-before the body is read), ``model`` -> adapter and grant (403, before the name is looked up and
-before the other fields are validated), JSON and fields (400), draining (503), the bounded queue
-and the tenant's quota and queue share (429), all before any prompt is tokenized or chat
-rendered: from here the request holds its place in the queue (a Reservation, given back however
-it ends, the client's going away included), then the prompt (400: empty, too long, a bad
-message), then the engine: a prompt plus max_tokens over max_model_len (400, vLLM's words),
-unknown model (404, never the base model instead), no adapter slot (429). Each refusal is counted
-in ``nlora_requests_rejected_total{frontend="http"}``. Errors have OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}`` with ``code`` our rejection reason.
+A generation request is admitted like a gRPC Generate (frontend.py), in this order: key (401),
+draining (503), the bounded queue and the tenant's quota and queue share (429), all before the
+body is read: from here the request holds its place in the queue (a Reservation, given back
+however it ends, the client's going away included), so a tenant's bodies in memory and prompts
+waiting for the tokenizer are bounded by its quota and share, and a refused body is never read;
+then ``model`` -> adapter and grant (403, before the name is looked up and before the other
+fields are validated), JSON and fields (400), the prompt (400: empty, too long, a bad message;
+only now is it tokenized or the chat rendered), then the engine: a prompt plus max_tokens over
+max_model_len (400, vLLM's words), unknown model (404, never the base model instead), no adapter
+slot (429). (gRPC decides the queue after the fields: its message has arrived whole by then.)
+Each refusal is counted in ``nlora_requests_rejected_total{frontend="http"}``. Errors have
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with ``code`` our rejection
+reason.
 
 A request the engine aborts for a reason (a forced unload of its adapter, engine shutdown) ends
 with that reason: a 409 error (code "aborted") for a whole response, an error event
@@ -244,32 +247,48 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     """
     timer = ctx.metrics.request("http")
     caller = ctx.auth.authenticate(request.headers.items())
+    # draining (503), queue and quota (429) before the body is read: a tenant's bodies in memory
+    # (16 MiB each at most) are bounded by its quota and queue share, as are its prompts waiting
+    # for the tokenizer; refused, a request's body is never read
+    reservation = ctx.admission.reserve(caller)
     try:
-        body = await request.body()
-    except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
-        return Response(status_code=499)
-    data = parsed_json(body, request.headers.get("content-type"))
-    model = data.get("model") if isinstance(data, dict) else None
-    if isinstance(model, str):  # else the validation below refuses it
-        _check_grant(caller, model, ctx.base_model)
-    body = validated(ChatRequest if chat else CompletionRequest, data)
-    prompt, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
-    reservation = ctx.admission.reserve(caller)  # draining (503), queue and quota (429): before tokenizing
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    try:
-        stream = await _unless_disconnected(request, _started(ctx, caller, body, prompt, params, rid))
+        started = await _start(ctx, request, chat, caller)
     except BaseException:
         reservation.release()
         raise
-    if stream is None:  # gone while its prompt waited for the tokenizer (or was tokenized)
+    if started is None:  # gone before its body arrived or while its prompt waited for the tokenizer
         reservation.release()
         return Response(status_code=499)
+    stream, body, params, rid = started
     deltas = metered(stream, timer, reservation)
     shaper = Shaper(rid, body.model, chat, ctx.tokenizer, params.logprobs, body.return_tokens_as_token_ids,
                     body.include_usage)
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
+
+
+async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Principal) -> tuple | None:
+    """Read and validate an admitted request's body, then tokenize its prompt and queue it in the
+    engine (:func:`_started`): (engine stream, body, sampling params, response id), or None when the
+    client went away first.
+
+    Raises:
+        NloraError, RequestValidationError: see :func:`_generate`.
+    """
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
+        return None
+    data = parsed_json(body, request.headers.get("content-type"))
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, str):  # else the validation below refuses it
+        _check_grant(caller, model, ctx.base_model)
+    body = validated(ChatRequest if chat else CompletionRequest, data)
+    prompt, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    stream = await _unless_disconnected(request, _started(ctx, caller, body, prompt, params, rid))
+    return None if stream is None else (stream, body, params, rid)
 
 
 async def _started(ctx: HttpContext, caller: Principal, body, prompt: str | list[int] | None,

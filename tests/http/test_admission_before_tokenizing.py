@@ -173,3 +173,42 @@ def test_a_client_gone_while_waiting_for_the_tokenizer_gives_its_place_back(serv
         assert blocker.result()[0] == 200
     assert held.seen == [HOLD]  # the gone request's prompt was never tokenized
     assert _idle(server)
+
+
+def _headers_only(server, key: str, content_length: int) -> socket.socket:
+    """A connection that sent a completion request's headers and holds its body back."""
+    sock = socket.create_connection(("127.0.0.1", server.server.http_port), timeout=10)
+    sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n").encode())
+    return sock
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (headers and a Content-Length body) read from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest
+
+
+def test_over_its_quota_a_request_is_refused_before_its_body_is_read(server):
+    # two requests hold capped-co's quota while their (up to 16 MiB) bodies are still on the way:
+    # a third is refused at once and its body is never read; the held ones, gone mid-body, give
+    # their places back
+    holding = [_headers_only(server, CAPPED_KEY, 15 << 20) for _ in range(QUOTA)]
+    try:
+        assert _wait(lambda: _counts(server) == (QUOTA, {"capped-co": QUOTA})), _counts(server)
+        with _headers_only(server, CAPPED_KEY, 15 << 20) as third:
+            reply = _response(third)
+        assert reply.startswith(b"HTTP/1.1 429 "), reply[:200]
+        assert b"max_concurrent_requests" in reply
+    finally:
+        for sock in holding:
+            sock.close()
+    assert _wait(lambda: _counts(server) == (0, {})), _counts(server)
+    assert _complete(server, CAPPED_KEY, "Hi")[0] == 200
