@@ -15,7 +15,7 @@ from nlora_serve.client import DeadlineExceeded, InvalidArgument, NloraClient, R
 from nlora_serve.engine.api import max_prompt_bytes
 from nlora_serve.serving.auth import hash_key
 
-CAPPED_KEY, OTHER_KEY = "key-of-capped-co", "key-of-other-co"
+CAPPED_KEY, FREE_KEY, OTHER_KEY = "key-of-capped-co", "key-of-free-co", "key-of-other-co"
 MAX_QUEUE, QUOTA = 4, 2
 HOLD = "hold the tokenizer thread"
 
@@ -25,6 +25,7 @@ def server(make_module_server, tmp_path_factory):
     path = tmp_path_factory.mktemp("admit") / "tenants.json"
     tenants = [{"name": "capped-co", "key_sha256": hash_key(CAPPED_KEY), "adapters": [], "base_model": True,
                 "max_concurrent_requests": QUOTA},
+               {"name": "free-co", "key_sha256": hash_key(FREE_KEY), "adapters": [], "base_model": True},
                {"name": "other-co", "key_sha256": hash_key(OTHER_KEY), "adapters": [], "base_model": True}]
     path.write_text(json.dumps({"tenants": tenants}))
     return make_module_server(path, max_queue=MAX_QUEUE)
@@ -72,23 +73,28 @@ def _counts(server) -> tuple[int, dict]:
     return server.server.admission.inflight, dict(server.server.admission.held)
 
 
-def test_over_its_quota_a_tenant_is_resource_exhausted_before_tokenizing(server, held):
+@pytest.mark.parametrize("key, tenant, admitted", [
+    (CAPPED_KEY, "capped-co", QUOTA),  # its max_concurrent_requests
+    (FREE_KEY, "free-co", MAX_QUEUE - 1),  # no quota: the blocker and 3 of it fill --max-queue 4
+])
+def test_over_its_quota_or_the_queue_a_request_is_resource_exhausted_before_tokenizing(server, held, key, tenant,
+                                                                                       admitted):
     seen, busy, release = held
     prompts = [f"burst prompt {i}" for i in range(5)]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         blocker = pool.submit(_complete, server, OTHER_KEY, HOLD)
         assert busy.wait(30), "the blocking prompt never reached the tokenizer"
-        burst = [pool.submit(_complete, server, CAPPED_KEY, prompt) for prompt in prompts]
-        refused_at_once = _wait(lambda: sum(f.done() for f in burst) >= 3, within=20)
+        burst = [pool.submit(_complete, server, key, prompt) for prompt in prompts]
+        refused_at_once = _wait(lambda: sum(f.done() for f in burst) >= 5 - admitted, within=20)
         counts = _counts(server)
         release.set()
         outcomes = [f.result() for f in burst]
         assert blocker.result() == "ok"
-    assert refused_at_once, "over-quota requests were not refused while the tokenizer was busy"
-    assert sorted(outcomes) == ["ResourceExhausted"] * 3 + ["ok"] * QUOTA
-    assert counts == (1 + QUOTA, {"other-co": 1, "capped-co": QUOTA})
-    admitted = [prompt for prompt, outcome in zip(prompts, outcomes) if outcome == "ok"]
-    assert sorted(seen) == sorted([HOLD, *admitted])  # the refused prompts were never tokenized
+    assert refused_at_once, "requests over the quota or the queue were not refused while the tokenizer was busy"
+    assert sorted(outcomes) == ["ResourceExhausted"] * (5 - admitted) + ["ok"] * admitted
+    assert counts == (1 + admitted, {"other-co": 1, tenant: admitted})
+    ok = [prompt for prompt, outcome in zip(prompts, outcomes) if outcome == "ok"]
+    assert sorted(seen) == sorted([HOLD, *ok])  # the refused prompts were never tokenized
     assert _wait(lambda: _counts(server) == (0, {}))
 
 
