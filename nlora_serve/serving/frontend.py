@@ -1,10 +1,12 @@
 """What the gRPC and HTTP front ends share: admission, chat rendering, the max_tokens policy and
 the metered engine stream (DESIGN §6).
 
-Both front ends admit a request in the same order (key, grant, parameters and prompt, draining,
-the bounded queue, then the engine), count it in the same :class:`Admission` (``--max-queue``
-bounds gRPC and HTTP requests together) and stream it through :func:`metered`, so metrics and
-cancellation behave the same whichever protocol a tenant speaks.
+Both front ends admit a request the same way (key; draining, the bounded queue and the tenant's
+quota, reserved in :class:`Admission` before the prompt is tokenized, by HTTP before the body is
+read, by gRPC after the grant and parameters of its message; the prompt; then the engine), count
+it in the same :class:`Admission` (``--max-queue`` bounds gRPC and HTTP requests together) and
+stream it through :func:`metered`, so metrics and cancellation behave the same whichever protocol
+a tenant speaks.
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ class TokenizerTurns:
     """Takes each tenant's prompt tokenization to the front ends' one tokenizer thread one at a
     time, so the thread's queue holds at most one job per tenant and tenants' jobs take turns.
 
-    Quotas and fair shares apply only after a prompt is tokenized (its length decides whether it
-    fits): without turns, one tenant's 16 concurrent 663k-emoji prompts (1.9 s each, all refused in
-    the end) queued ahead of everyone and another tenant's "Hi" waited 20-47 s (round-four hostile
+    Without turns, one tenant's 16 concurrent 663k-emoji prompts (1.9 s each, all refused in the
+    end) queued ahead of everyone and another tenant's "Hi" waited 20-47 s (round-four hostile
     review). Now it waits behind at most one job of each other tenant, and a job is at most
-    :func:`~nlora_serve.engine.api.max_prompt_bytes` of text (~0.4 s). Event-loop only.
+    :func:`~nlora_serve.engine.api.max_prompt_bytes` of text (~0.4 s). Only requests holding a
+    :class:`Reservation` come here, so a tenant's waiters (and the bodies they hold) are bounded by
+    its quota and queue share. Event-loop only.
     """
 
     def __init__(self) -> None:
@@ -68,9 +71,30 @@ class TokenizerTurns:
                 del self._users[tenant], self._turns[tenant]
 
 
+class Reservation:
+    """One request's place in its :class:`Admission` counts, taken before its prompt is tokenized
+    (:meth:`Admission.reserve`) and given back exactly once, whichever way the request ends: refused
+    after reserving (a bad prompt, an unknown adapter, a context overflow), its client gone while it
+    waited for the tokenizer, or its engine stream ended (:func:`metered`). Event-loop only."""
+
+    __slots__ = ("admission", "tenant", "held")
+
+    def __init__(self, admission: Admission, tenant: str | None):
+        self.admission, self.tenant, self.held = admission, tenant, True
+        admission.enter(tenant)
+
+    def release(self) -> None:
+        """Leave the admission counts; a second call does nothing."""
+        if self.held:
+            self.held = False
+            self.admission.leave(self.tenant)
+
+
 class Admission:
     """Counts admitted requests (running + waiting, both front ends) against ``max_queue``, in
-    all and per tenant.
+    all and per tenant. A request counts from its :meth:`reserve`, before its prompt is tokenized
+    (a 660 KB prompt takes ~0.45 s of the one tokenizer thread), so the queue bound and a tenant's
+    quota refuse it before that work (HTTP: before its body is read).
 
     With ``tenant_shares`` (fair scheduling) a tenant may hold at most ``weight x (free places)``
     of the queue (at least one): the dynamic threshold of Choudhury and Hahne ("Dynamic queue
@@ -109,6 +133,16 @@ class Admission:
             raise QueueFull(f"{principal.name!r} holds {held} requests running or waiting, its share of the "
                             f"queue's free places now (--max-queue {self.max_queue}, weight {principal.weight:g}); "
                             f"retry with backoff")
+
+    def reserve(self, principal: Principal | None = None) -> Reservation:
+        """:meth:`check`, then count the request (of ``principal``'s tenant) until the returned
+        reservation is released.
+
+        Raises:
+            Draining, QueueFull: from :meth:`check` (nothing is counted then).
+        """
+        self.check(principal)
+        return Reservation(self, principal.name if principal is not None else None)
 
     def enter(self, tenant: str | None = None) -> None:
         self.inflight += 1
@@ -215,24 +249,22 @@ def _digits(number: int) -> str:
     return text if len(text) <= 20 else f"{text[:8]}... ({len(text)} digits)"
 
 
-def start_request(engine: Engine, admission: Admission, prompt: str | list[int], params: SamplingParams,
-                  engine_id: str | None, adapter: str | None, max_tokens_given: bool,
-                  principal: Principal | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-    """Check the queue, queue the request in the engine and count it as admitted (for
-    ``principal``'s tenant, which the engine also gets; ``cache_salt``: see :func:`cache_salt_of`).
+def start_request(engine: Engine, prompt: str | list[int], params: SamplingParams, engine_id: str | None,
+                  adapter: str | None, max_tokens_given: bool, principal: Principal | None = None,
+                  cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+    """Queue an admitted request (its :class:`Reservation` taken) in the engine, for ``principal``'s
+    tenant (``cache_salt``: see :func:`cache_salt_of`).
 
     Without ``max_tokens_given``, max_tokens is the rest of the context (max_model_len - prompt
     tokens, as vLLM), at most ``params.max_tokens`` (the server's ``--max-tokens``, see
-    :func:`max_tokens_of`). The caller must hand the returned stream to :func:`metered`, which
-    releases the admission.
+    :func:`max_tokens_of`). The caller must hand the returned stream and the reservation to
+    :func:`metered`, which releases the reservation; if this raises, the caller releases it.
 
     Raises:
-        Draining, QueueFull: from :meth:`Admission.check`. RequestError: a prompt that leaves no
-            room to generate, min_tokens over the room left, or from :meth:`Engine.add_request`
-            (with a prompt plus max_tokens over max_model_len). AdapterNotFound, PoolFull: from
-            :meth:`Engine.add_request` (nothing is admitted then).
+        RequestError: a prompt that leaves no room to generate, min_tokens over the room left, or
+            from :meth:`Engine.add_request` (with a prompt plus max_tokens over max_model_len).
+            AdapterNotFound, PoolFull: from :meth:`Engine.add_request` (nothing is queued then).
     """
-    admission.check(principal)
     if not max_tokens_given:
         prompt = engine.prompt_ids(prompt)
         check_context(len(prompt), None, engine.max_model_len)
@@ -242,18 +274,16 @@ def start_request(engine: Engine, admission: Admission, prompt: str | list[int],
                                f"(max_model_len {engine.max_model_len}, prompt {len(prompt)} tokens)", param="min_tokens")
         params = dataclasses.replace(params, max_tokens=min(room, params.max_tokens))
     tenant = principal.name if principal is not None else None
-    stream = engine.add_request(prompt, params, request_id=engine_id, adapter=adapter, tenant=tenant,
-                                cache_salt=cache_salt)
-    admission.enter(tenant)
-    return stream
+    return engine.add_request(prompt, params, request_id=engine_id, adapter=adapter, tenant=tenant,
+                              cache_salt=cache_salt)
 
 
-async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer, admission: Admission,
-                  tenant: str | None = None) -> AsyncIterator[RequestOutput]:
+async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer,
+                  reservation: Reservation) -> AsyncIterator[RequestOutput]:
     """The engine stream's deltas, timed into ``timer`` (``timer.duration`` is set before the finished
     delta is yielded). However this generator ends (finished, closed early, cancelled), the engine
     stream is closed, which aborts an unfinished request and frees its KV blocks and adapter pin at
-    once, and the admission (of ``tenant``, as entered) is released.
+    once, and ``reservation`` is released.
 
     Raises:
         EngineError: the engine failed while running the request.
@@ -266,7 +296,7 @@ async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer, adm
                     timer.finish(out.prompt_tokens, out.cached_tokens)
                 yield out
     finally:
-        admission.leave(tenant)
+        reservation.release()
 
 
 def adapter_versions(engine: Engine) -> list | None:

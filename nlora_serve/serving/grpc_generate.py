@@ -3,13 +3,15 @@
 Admission (in this order, each refusal a status code and a count in
 ``nlora_requests_rejected_total{frontend="grpc"}``): key (UNAUTHENTICATED), grant
 (PERMISSION_DENIED, checked before the name is looked up, so a tenant cannot probe other tenants'
-adapter names), an adapter name outside the naming rule, parameters and prompt (INVALID_ARGUMENT),
-draining (UNAVAILABLE), the bounded queue (RESOURCE_EXHAUSTED), then the engine: unknown adapter
-(NOT_FOUND), no adapter slot (RESOURCE_EXHAUSTED). The HTTP front end (http_routes.py) admits the
-same way (frontend.py), but for the name rule: HTTP's ``model`` is looked up as sent (404). A
-prompt plus max_tokens over max_model_len is INVALID_ARGUMENT, as OpenAI's API refuses it (the
-vLLM 0.32 we test against lowers max_tokens instead); max_tokens 0 (unset) is the rest of the
-context.
+adapter names), an adapter name outside the naming rule, request id and parameters
+(INVALID_ARGUMENT), draining (UNAVAILABLE), the bounded queue and the tenant's quota and queue
+share (RESOURCE_EXHAUSTED; from here the request holds its place in the queue, so these are
+decided before its prompt takes the tokenizer thread), the prompt (INVALID_ARGUMENT: empty, too
+long, a bad chat message), then the engine: unknown adapter (NOT_FOUND), no adapter slot
+(RESOURCE_EXHAUSTED). The HTTP front end (http_routes.py) admits the same way (frontend.py), but
+for the name rule: HTTP's ``model`` is looked up as sent (404). A prompt plus max_tokens over
+max_model_len is INVALID_ARGUMENT, as OpenAI's API refuses it (the vLLM 0.32 we test against
+lowers max_tokens instead); max_tokens 0 (unset) is the rest of the context.
 
 A stream the engine aborts for a reason (a forced unload of its adapter, engine shutdown) ends
 with ABORTED and that reason as details; a failed engine step ends it with INTERNAL.
@@ -53,7 +55,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         timer = self.metrics.request("grpc")
         try:
-            stream, shown_id, tenant = await self._admit(request, context)
+            stream, shown_id, reservation = await self._admit(request, context)
         except NloraError as exc:
             code, reason = status_of(exc)
             self.metrics.reject(reason, "grpc")
@@ -61,7 +63,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             # aclosing: on cancel, disconnect or deadline the metered stream is closed here, which
             # aborts the request, frees its KV blocks and adapter pin and releases its admission at once
-            deltas = metered(stream, timer, self.admission, tenant)
+            deltas = metered(stream, timer, reservation)
             async with contextlib.aclosing(deltas):
                 async for out in deltas:
                     msg = convert.response(out)
@@ -85,12 +87,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         request_id = convert.request_id_of(request)
         salt = convert.cache_salt(request)
         params = convert.sampling_params(request.sampling, self.config)
-        prompt = await self.admission.tokenizer.run(principal.name, self._prompt_ids, request)  # off the event loop
-        engine_id = f"{principal.name}/{request_id}" if request_id else None
-        stream = start_request(self.engine, self.admission, prompt, params, engine_id, adapter,
-                               max_tokens_given=request.sampling.max_tokens > 0, principal=principal,
-                               cache_salt=cache_salt_of(principal, salt, self.auth))
-        return stream, request_id, principal.name
+        # draining, the queue and the tenant's quota, before the prompt takes the tokenizer thread
+        reservation = self.admission.reserve(principal)
+        try:  # a refusal from here on, or the call cancelled (client gone, deadline), gives the place back
+            prompt = await self.admission.tokenizer.run(principal.name, self._prompt_ids, request)  # off the loop
+            engine_id = f"{principal.name}/{request_id}" if request_id else None
+            stream = start_request(self.engine, prompt, params, engine_id, adapter,
+                                   max_tokens_given=request.sampling.max_tokens > 0, principal=principal,
+                                   cache_salt=cache_salt_of(principal, salt, self.auth))
+        except BaseException:
+            reservation.release()
+            raise
+        return stream, request_id, reservation
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         """The request's prompt as token ids (chat rendered, text tokenized): on the tokenizer thread."""

@@ -190,14 +190,11 @@ def completion_inputs(request: CompletionRequest, config: ServerConfig) -> tuple
     return prompt, sampling_of(request, config, request.logprobs)
 
 
-def chat_inputs(request: ChatRequest, config: ServerConfig, tokenizer,
-                chat_bounds: tuple[int | None, int | None] = (None, None)) -> tuple[list[int], SamplingParams]:
-    """(prompt token ids under the chat template, sampling params) of a chat request.
+def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
+    """The sampling params of a chat request (cheap: checked before admission, on the event loop).
 
     Raises:
-        ParamError: an unsupported field, no messages or an unknown role, a field out of range,
-            top_logprobs without logprobs, contents or messages over ``chat_bounds`` (max_bytes,
-            max_messages of :func:`~nlora_serve.serving.frontend.render_chat`).
+        ParamError: an unsupported field, a field out of range, top_logprobs without logprobs.
     """
     check_fields(request)
     if request.top_logprobs is not None and not request.logprobs:
@@ -205,11 +202,22 @@ def chat_inputs(request: ChatRequest, config: ServerConfig, tokenizer,
     if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_LOGPROBS:
         raise ParamError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}]; got {request.top_logprobs}",
                          "top_logprobs")
-    params = sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None)
+    return sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None)
+
+
+def chat_prompt(request: ChatRequest, tokenizer, chat_bounds: tuple[int | None, int | None] = (None, None)
+                ) -> list[int]:
+    """The prompt token ids of a chat request under the chat template (the expensive step: run on
+    the tokenizer thread, once the request is admitted).
+
+    Raises:
+        ParamError: no messages or an unknown role, a part that is not text, contents or messages
+            over ``chat_bounds`` (max_bytes, max_messages of
+            :func:`~nlora_serve.serving.frontend.render_chat`).
+    """
     messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(request.messages)]
     with _as_param_error("messages"):
-        prompt = render_chat(messages, tokenizer, "messages", *chat_bounds)
-    return prompt, params
+        return render_chat(messages, tokenizer, "messages", *chat_bounds)
 
 
 def _message_text(message: ChatMessage, index: int) -> str:

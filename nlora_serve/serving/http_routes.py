@@ -6,13 +6,19 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-st
 (one of them; 404 for a name it may not use, as for one that does not exist), ``GET /health``, and
 ``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; no label names a tenant).
 
-A generation request is admitted like a gRPC Generate (frontend.py), in this order: key (401,
-before the body is read), ``model`` -> adapter and grant (403, before the name is looked up and
-before the other fields are validated), JSON and fields and prompt (400), draining (503), the
-bounded queue (429), then the engine: a prompt plus max_tokens over max_model_len (400, vLLM's
-words), unknown model (404, never the base model instead), no adapter slot (429). Each refusal is
-counted in ``nlora_requests_rejected_total{frontend="http"}``. Errors have OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}`` with ``code`` our rejection reason.
+A generation request is admitted like a gRPC Generate (frontend.py), in this order: key (401),
+draining (503), the bounded queue and the tenant's quota and queue share (429), all before the
+body is read: from here the request holds its place in the queue (a Reservation, given back
+however it ends, the client's going away included), so a tenant's bodies in memory and prompts
+waiting for the tokenizer are bounded by its quota and share, and a refused body is never read;
+then ``model`` -> adapter and grant (403, before the name is looked up and before the other
+fields are validated), JSON and fields (400), the prompt (400: empty, too long, a bad message;
+only now is it tokenized or the chat rendered), then the engine: a prompt plus max_tokens over
+max_model_len (400, vLLM's words), unknown model (404, never the base model instead), no adapter
+slot (429). (gRPC decides the queue after the fields: its message has arrived whole by then.)
+Each refusal is counted in ``nlora_requests_rejected_total{frontend="http"}``. Errors have
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with ``code`` our rejection
+reason.
 
 A request the engine aborts for a reason (a forced unload of its adapter, engine shutdown) ends
 with that reason: a 409 error (code "aborted") for a whole response, an error event
@@ -43,7 +49,7 @@ from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prom
 from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
 from nlora_serve.serving.grpc_status import http_status_of
 from nlora_serve.serving.http_body import parsed_json, validated
-from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_inputs, completion_inputs
+from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
 from nlora_serve.serving.http_responses import Shaper, sse
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
@@ -241,33 +247,69 @@ async def _generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     """
     timer = ctx.metrics.request("http")
     caller = ctx.auth.authenticate(request.headers.items())
+    # draining (503), queue and quota (429) before the body is read: a tenant's bodies in memory
+    # (16 MiB each at most) are bounded by its quota and queue share, as are its prompts waiting
+    # for the tokenizer; refused, a request's body is never read
+    reservation = ctx.admission.reserve(caller)
     try:
-        body = await request.body()
-    except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
+        started = await _start(ctx, request, chat, caller)
+    except BaseException:
+        reservation.release()
+        raise
+    if started is None:  # gone before its body arrived or while its prompt waited for the tokenizer
+        reservation.release()
         return Response(status_code=499)
-    data = parsed_json(body, request.headers.get("content-type"))
-    model = data.get("model") if isinstance(data, dict) else None
-    if isinstance(model, str):  # else the validation below refuses it
-        _check_grant(caller, model, ctx.base_model)
-    body = validated(ChatRequest if chat else CompletionRequest, data)
-    adapter = None if body.model == ctx.base_model else body.model
-    turns = ctx.admission.tokenizer  # each tenant's prompts tokenized one at a time (TokenizerTurns)
-    if chat:
-        prompt, params = await turns.run(caller.name, chat_inputs, body, ctx.config, ctx.tokenizer, ctx.chat_bounds)
-    else:
-        prompt, params = completion_inputs(body, ctx.config)
-        prompt = await turns.run(caller.name, ctx.engine.prompt_ids, prompt)
-    if adapter is not None and adapter_versions(ctx.engine) is None:
-        raise AdapterNotFound(f"model {shown(body.model)!r} does not exist: this server serves no adapters")
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    stream = start_request(ctx.engine, ctx.admission, prompt, params, f"{caller.name}/{rid}", adapter,
-                           body.max_tokens_given, caller, cache_salt_of(caller, body.cache_salt, ctx.auth))
-    deltas = metered(stream, timer, ctx.admission, caller.name)
+    stream, body, params, rid = started
+    deltas = metered(stream, timer, reservation)
     shaper = Shaper(rid, body.model, chat, ctx.tokenizer, params.logprobs, body.return_tokens_as_token_ids,
                     body.include_usage)
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
+
+
+async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Principal) -> tuple | None:
+    """Read and validate an admitted request's body, then tokenize its prompt and queue it in the
+    engine (:func:`_started`): (engine stream, body, sampling params, response id), or None when the
+    client went away first.
+
+    Raises:
+        NloraError, RequestValidationError: see :func:`_generate`.
+    """
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
+        return None
+    data = parsed_json(body, request.headers.get("content-type"))
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, str):  # else the validation below refuses it
+        _check_grant(caller, model, ctx.base_model)
+    body = validated(ChatRequest if chat else CompletionRequest, data)
+    prompt, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    stream = await _unless_disconnected(request, _started(ctx, caller, body, prompt, params, rid))
+    return None if stream is None else (stream, body, params, rid)
+
+
+async def _started(ctx: HttpContext, caller: Principal, body, prompt: str | list[int] | None,
+                   params, rid: str) -> AsyncIterator:
+    """Tokenize an admitted request's prompt (chat: render it; ``prompt`` None) in its tenant's turn
+    (TokenizerTurns) and queue it in the engine; the engine stream.
+
+    Raises:
+        RequestError: the prompt (too long, a bad message), or from :func:`start_request`.
+            AdapterNotFound: an adapter asked of a server that serves none.
+    """
+    turns = ctx.admission.tokenizer
+    if prompt is None:
+        prompt = await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds)
+    else:
+        prompt = await turns.run(caller.name, ctx.engine.prompt_ids, prompt)
+    adapter = None if body.model == ctx.base_model else body.model
+    if adapter is not None and adapter_versions(ctx.engine) is None:
+        raise AdapterNotFound(f"model {shown(body.model)!r} does not exist: this server serves no adapters")
+    return start_request(ctx.engine, prompt, params, f"{caller.name}/{rid}", adapter, body.max_tokens_given,
+                         caller, cache_salt_of(caller, body.cache_salt, ctx.auth))
 
 
 async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:

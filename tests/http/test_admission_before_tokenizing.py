@@ -1,0 +1,214 @@
+"""The queue bound and a tenant's quota are decided before its prompt is tokenized (a
+hostile review, h39): tenant C (max_concurrent_requests 2) sent 40 requests at once, each a ~660 KB
+prompt (0.45 s to tokenize) with a 14 MB ``user`` field; all 40 waited for the tokenizer, server
+RSS rose 2.8 -> 4.6 GB and all were refused only after tokenizing. Now each request reserves its
+place before tokenizing: over the quota or the queue it is a 429 at once, and the place is given
+back however the request ends (a refused prompt, the client gone while it waited)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from grpc_harness import server_factory, stop_all
+from http_harness import base_url
+from nlora_serve.engine.api import max_prompt_bytes
+from nlora_serve.serving.auth import hash_key
+
+CAPPED_KEY, FREE_KEY, OTHER_KEY = "key-of-capped-co", "key-of-free-co", "key-of-other-co"
+MAX_QUEUE, QUOTA = 4, 2
+HOLD = "hold the tokenizer thread"
+
+
+def write_quota_tenants(path):
+    """capped-co (max_concurrent_requests QUOTA), free-co and other-co (no quota), all on the base
+    model only."""
+    tenants = [{"name": "capped-co", "key_sha256": hash_key(CAPPED_KEY), "adapters": [], "base_model": True,
+                "max_concurrent_requests": QUOTA},
+               {"name": "free-co", "key_sha256": hash_key(FREE_KEY), "adapters": [], "base_model": True},
+               {"name": "other-co", "key_sha256": hash_key(OTHER_KEY), "adapters": [], "base_model": True}]
+    path.write_text(json.dumps({"tenants": tenants}))
+    return path
+
+
+class HeldTokenizer:
+    """Records every text the engine's tokenizer encodes; the text HOLD blocks the front ends' one
+    tokenizer thread until ``release`` is set."""
+
+    def __init__(self, tokenizer, monkeypatch):
+        self.seen: list[str] = []
+        self.busy, self.release = threading.Event(), threading.Event()
+        original = tokenizer.encode
+
+        def encode(text, *args, **kwargs):
+            self.seen.append(text)
+            if text == HOLD:
+                self.busy.set()
+                self.release.wait(60)
+            return original(text, *args, **kwargs)
+
+        monkeypatch.setattr(tokenizer, "encode", encode)
+
+
+@pytest.fixture(scope="module")
+def server(base_fp32, tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("admit")
+    make, running = server_factory(base_fp32, tokenizer, root)
+    yield make(write_quota_tenants(root / "tenants.json"), http_port=0, max_queue=MAX_QUEUE)
+    stop_all(running)
+
+
+def _complete(server, key: str, prompt, max_tokens: int = 1) -> tuple[int, dict]:
+    body = {"model": server.server.generation.info.model, "prompt": prompt, "max_tokens": max_tokens}
+    reply = requests.post(f"{base_url(server)}/completions", data=json.dumps(body), timeout=60,
+                          headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    return reply.status_code, reply.json()
+
+
+def _wait(condition, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _counts(server) -> tuple[int, dict]:
+    admission = server.server.admission
+    return admission.inflight, dict(admission.held)
+
+
+def _idle(server) -> bool:
+    return _wait(lambda: _counts(server) == (0, {}) and server.engine.stats()["running"] == 0)
+
+
+def _burst_while_held(server, monkeypatch, key: str, count: int, refusals: int
+                      ) -> tuple[list, list[str], HeldTokenizer, tuple]:
+    """``count`` concurrent requests of ``key`` while another tenant's prompt holds the tokenizer
+    thread, ``refusals`` of them expected to be refused; (their (status, body) in order, their
+    prompts, the tokenizer, the admission counts once the refusals were all answered, before the
+    thread was released)."""
+    held = HeldTokenizer(server.engine.tokenizer, monkeypatch)
+    prompts = [f"burst prompt {i}" for i in range(count)]
+    with concurrent.futures.ThreadPoolExecutor(count + 1) as pool:
+        try:
+            blocker = pool.submit(_complete, server, OTHER_KEY, HOLD)
+            assert held.busy.wait(30), "the blocking prompt never reached the tokenizer"
+            burst = [pool.submit(_complete, server, key, prompt) for prompt in prompts]
+            # every refusal comes back while the tokenizer thread is still held: before tokenizing
+            assert _wait(lambda: sum(f.done() for f in burst) >= refusals, within=20), \
+                "over-quota requests were not refused while the tokenizer was busy"
+            counts = _counts(server)
+        finally:
+            held.release.set()
+        assert blocker.result()[0] == 200
+        return [f.result() for f in burst], prompts, held, counts
+
+
+def test_over_its_quota_a_tenant_is_refused_429_before_tokenizing(server, monkeypatch):
+    results, prompts, held, counts = _burst_while_held(server, monkeypatch, CAPPED_KEY, 5, 3)
+    assert sorted(status for status, _ in results) == [200] * QUOTA + [429] * 3, results
+    assert counts == (1 + QUOTA, {"other-co": 1, "capped-co": QUOTA})  # the refused were never counted
+    for status, body in results:
+        if status == 429:
+            assert body["error"]["code"] == "queue_full"
+            assert "max_concurrent_requests" in body["error"]["message"]
+    admitted = {prompt for (status, _), prompt in zip(results, prompts) if status == 200}
+    assert sorted(held.seen) == sorted([HOLD, *admitted])  # the refused prompts were never tokenized
+    assert _idle(server)
+
+
+def test_over_the_max_queue_requests_are_refused_429_before_tokenizing(server, monkeypatch):
+    # the blocker holds one place of MAX_QUEUE 4, free-co (no quota, no queue shares) takes the other 3
+    results, prompts, held, counts = _burst_while_held(server, monkeypatch, FREE_KEY, MAX_QUEUE + 1, 2)
+    assert sorted(status for status, _ in results) == [200] * (MAX_QUEUE - 1) + [429] * 2, results
+    assert counts == (MAX_QUEUE, {"other-co": 1, "free-co": MAX_QUEUE - 1})
+    assert all("--max-queue 4" in body["error"]["message"] for status, body in results if status == 429)
+    admitted = {prompt for (status, _), prompt in zip(results, prompts) if status == 200}
+    assert sorted(held.seen) == sorted([HOLD, *admitted])
+    assert _idle(server)
+
+
+@pytest.mark.parametrize("prompt, max_tokens, words", [
+    ("\ud800", 1, "surrogate"),  # text no tokenizer takes: refused on the tokenizer thread
+    (None, 1, "refused before tokenizing"),  # over the prompt byte bound (max_prompt_bytes)
+    ([1] + [30] * 999, 100, "maximum context length is 1024"),  # refused by the engine, after tokenizing
+])
+def test_a_prompt_refused_after_reserving_gives_its_place_back(server, prompt, max_tokens, words):
+    if prompt is None:
+        prompt = "x" * (max_prompt_bytes(server.engine.tokenizer, server.engine.max_model_len) + 1)
+    for _ in range(QUOTA + 1):  # more refusals than the quota: a leaked place would turn the last into a 429
+        status, body = _complete(server, CAPPED_KEY, prompt, max_tokens)
+        assert (status, body["error"]["code"]) == (400, "invalid_argument"), body
+        assert words in body["error"]["message"]
+    assert _counts(server) == (0, {})
+    assert [_complete(server, CAPPED_KEY, "Hi")[0] for _ in range(QUOTA + 1)] == [200] * (QUOTA + 1)
+    assert _idle(server)
+
+
+def test_a_client_gone_while_waiting_for_the_tokenizer_gives_its_place_back(server, monkeypatch):
+    held = HeldTokenizer(server.engine.tokenizer, monkeypatch)
+    body = json.dumps({"model": server.server.generation.info.model, "prompt": "gone prompt", "max_tokens": 1})
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {CAPPED_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            blocker = pool.submit(_complete, server, OTHER_KEY, HOLD)
+            assert held.busy.wait(30)
+            with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=10) as sock:
+                sock.sendall((head + body).encode())
+                assert _wait(lambda: _counts(server)[1].get("capped-co") == 1), _counts(server)
+            # closed while its prompt waits behind the held thread: its place is given back at once
+            assert _wait(lambda: _counts(server) == (1, {"other-co": 1})), _counts(server)
+            assert not held.release.is_set()
+        finally:
+            held.release.set()
+        assert blocker.result()[0] == 200
+    assert held.seen == [HOLD]  # the gone request's prompt was never tokenized
+    assert _idle(server)
+
+
+def _headers_only(server, key: str, content_length: int) -> socket.socket:
+    """A connection that sent a completion request's headers and holds its body back."""
+    sock = socket.create_connection(("127.0.0.1", server.server.http_port), timeout=10)
+    sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n").encode())
+    return sock
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (headers and a Content-Length body) read from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest
+
+
+def test_over_its_quota_a_request_is_refused_before_its_body_is_read(server):
+    # two requests hold capped-co's quota while their (up to 16 MiB) bodies are still on the way:
+    # a third is refused at once and its body is never read; the held ones, gone mid-body, give
+    # their places back
+    holding = [_headers_only(server, CAPPED_KEY, 15 << 20) for _ in range(QUOTA)]
+    try:
+        assert _wait(lambda: _counts(server) == (QUOTA, {"capped-co": QUOTA})), _counts(server)
+        with _headers_only(server, CAPPED_KEY, 15 << 20) as third:
+            reply = _response(third)
+        assert reply.startswith(b"HTTP/1.1 429 "), reply[:200]
+        assert b"max_concurrent_requests" in reply
+    finally:
+        for sock in holding:
+            sock.close()
+    assert _wait(lambda: _counts(server) == (0, {})), _counts(server)
+    assert _complete(server, CAPPED_KEY, "Hi")[0] == 200
