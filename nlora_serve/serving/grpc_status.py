@@ -37,6 +37,11 @@ class TooLarge(NloraError):
     """An upload or swap payload over ``--max-adapter-bytes``."""
 
 
+class BodyTimeout(NloraError):
+    """An HTTP request body that did not arrive in time (HTTP 408): an admitted request holds
+    its tenant's place while its body is read, so a body held back must not hold it for ever."""
+
+
 class NoAdapterStore(NloraError):
     """The server was started without an adapter store, so it has no adapters to manage."""
 
@@ -49,6 +54,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "queue_full"),
     (Draining, grpc.StatusCode.UNAVAILABLE, 503, "draining"),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_argument"),
+    (BodyTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, 408, "body_timeout"),
     (NoAdapterStore, grpc.StatusCode.FAILED_PRECONDITION, 404, "not_found"),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND, 404, "not_found"),
     (VersionConflict, grpc.StatusCode.FAILED_PRECONDITION, 409, "invalid_argument"),

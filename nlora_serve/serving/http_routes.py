@@ -11,7 +11,7 @@ draining (503), the bounded queue and the tenant's quota and queue share (429), 
 body is read: from here the request holds its place in the queue (a Reservation, given back
 however it ends, the client's going away included), so a tenant's bodies in memory and prompts
 waiting for the tokenizer are bounded by its quota and share, and a refused body is never read;
-then ``model`` -> adapter and grant (403, before the name is looked up and before the other
+then the body (408 when it has not arrived :data:`BODY_READ_SECONDS` after the headers), ``model`` -> adapter and grant (403, before the name is looked up and before the other
 fields are validated), JSON and fields (400), the prompt (400: empty, too long, a bad message;
 only now is it tokenized or the chat rendered), then the engine: a prompt plus max_tokens over
 max_model_len (400, vLLM's words), unknown model (404, never the base model instead), no adapter
@@ -47,16 +47,19 @@ from nlora_serve.errors import NloraError, capped, shown
 from nlora_serve.serving.auth import Authenticator, PermissionDenied, Principal
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_bytes
 from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
-from nlora_serve.serving.grpc_status import http_status_of
+from nlora_serve.serving.grpc_status import BodyTimeout, http_status_of
 from nlora_serve.serving.http_body import parsed_json, validated
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
 from nlora_serve.serving.http_responses import Shaper, sse
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
 
+# an admitted request holds its tenant's place (quota, queue share) while its body is read: a body
+# held back gets 408 after this long (16 MiB, the largest body, in 60 s is ~2 Mbit/s)
+BODY_READ_SECONDS = 60.0
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+               404: "not_found_error", 408: "timeout_error", 409: "conflict_error", 413: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
@@ -277,9 +280,11 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
         NloraError, RequestValidationError: see :func:`_generate`.
     """
     try:
-        body = await request.body()
+        body = await asyncio.wait_for(request.body(), BODY_READ_SECONDS)
     except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
         return None
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {BODY_READ_SECONDS:g} s of its headers") from None
     data = parsed_json(body, request.headers.get("content-type"))
     model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, str):  # else the validation below refuses it

@@ -15,9 +15,11 @@ import time
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from grpc_harness import server_factory, stop_all
 from http_harness import base_url
+from nlora_serve.serving import http_routes
 from nlora_serve.engine.api import max_prompt_bytes
 from nlora_serve.serving.auth import hash_key
 
@@ -212,3 +214,26 @@ def test_over_its_quota_a_request_is_refused_before_its_body_is_read(server):
             sock.close()
     assert _wait(lambda: _counts(server) == (0, {})), _counts(server)
     assert _complete(server, CAPPED_KEY, "Hi")[0] == 200
+
+
+def test_a_body_held_back_past_the_deadline_is_408_and_gives_its_place_back(server, monkeypatch):
+    # the reservation is taken before the body is read, so a body that never comes must not hold
+    # the tenant's quota for ever
+    monkeypatch.setattr(http_routes, "BODY_READ_SECONDS", 0.5)
+    before = _timeouts(server)
+    with _headers_only(server, CAPPED_KEY, 100) as held:
+        assert _wait(lambda: _counts(server) == (1, {"capped-co": 1})), _counts(server)
+        reply = _response(held)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+    error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "body_timeout" and "did not arrive within 0.5 s" in error["message"]
+    assert _wait(lambda: _counts(server) == (0, {})), _counts(server)
+    assert _timeouts(server) == before + 1
+    assert _complete(server, CAPPED_KEY, "Hi")[0] == 200
+
+
+def _timeouts(server) -> float:
+    """nlora_requests_rejected_total{reason="body_timeout", frontend="http"} from the HTTP port's /metrics."""
+    text = requests.get(f"http://127.0.0.1:{server.server.http_port}/metrics", timeout=10).text
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "nlora_requests_rejected_total" and s.labels == {"reason": "body_timeout", "frontend": "http"})
