@@ -25,7 +25,6 @@ import asyncio
 import json
 import platform
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
