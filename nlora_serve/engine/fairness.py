@@ -11,29 +11,29 @@ tenant that left the queue last), so idling banks no credit.
 Recomputation after a preemption and tokens found in the prefix cache are not billed: a tenant
 pays for the tokens the server computed for it, once.
 
-VTC orders admission only. With every running slot taken (``max_num_seqs`` binding), a light
-tenant first in line still waits for a heavy tenant's decode to finish, and those waits grow with
-the step time. So slots are shared too. Each active tenant (running or waiting) has a share of
-``max_num_seqs · w / Σw`` slots and a recent usage (:meth:`VirtualTokenCounter.usage`: the mean of
-the slots it held per step, decayed). A tenant whose usage is half a slot or more above its share
-is over-served: it is admitted only when no other tenant waits, and its prefill chunks take the
-step's token budget after everyone else's. Among the others, admission goes to the least recent
-usage above share first and only then to the least counter (:meth:`~VirtualTokenCounter.pick`
-says why). One that is three quarters of a slot above its share and still has requests waiting
-(a backlog: it is not a burst that ends by itself), or more than twice its share plus one with
-none waiting, gives its slots to the waiting requests of tenants that are not over-served, at
-once, newest sequence first (:meth:`~VirtualTokenCounter.rebalance`; the victim recomputes later,
-from the prefix cache where one is on). So against a backlogged heavy tenant a light tenant below
-its share is served as if the heavy one were absent, bursts beyond its share included, while the
-heavy tenant keeps every slot nobody else wants and, once its usage falls to its share, competes
-as an equal again (no starvation). And no tenant waits for long with no slot at all: one that has
-waited :attr:`~VirtualTokenCounter.STARVED_STEPS` steps holding none takes a slot from an
-over-served tenant that holds at least its share rounded up plus one, waiting requests or not (a
-tenant that keeps exactly ``max_num_seqs`` long requests running, never one waiting, is below
-every threshold above: with two tenants ``2s + 1`` exceeds the slots there are). Usage rather than what is held right now, and the margins,
-keep a load with no heavy tenant (nearly) free of preemptions: there every tenant's usage hovers
-at or below its share, and trading slots at a hair's margin is what once made ``fair`` slower
-than ``fcfs`` (each trade a recompute, soon traded back).
+VTC orders admission only. With every running slot taken (``max_num_seqs`` binding), a light tenant
+first in line still waits for a heavy tenant's decode to finish, and those waits grow with the step
+time. So slots are shared too. Each active tenant (running or waiting) has a share of ``max_num_seqs
+· w / Σw`` slots and a recent usage (:meth:`VirtualTokenCounter.usage`: the mean of the slots it
+held per step, decayed). A tenant whose usage is half a slot or more above its share is over-served:
+it is admitted only when no other tenant waits, and its prefill chunks take the step's token budget
+after everyone else's. Among the others, admission goes to the least recent usage above share first
+and only then to the least counter (:meth:`~VirtualTokenCounter.pick` says why). One that is three
+quarters of a slot above its share and still has requests waiting (a backlog: it is not a burst that
+ends by itself), or more than twice its share plus one with none waiting, gives its slots to the
+waiting requests of tenants that are not over-served, at once, newest sequence first
+(:meth:`~VirtualTokenCounter.rebalance`; the victim recomputes later, from the prefix cache where
+one is on). So against a backlogged heavy tenant a light tenant below its share is served as if the
+heavy one were absent, bursts beyond its share included, while the heavy tenant keeps every slot
+nobody else wants and, once its usage falls to its share, competes as an equal again (no
+starvation). And no tenant waits for long with no slot at all: one that has waited
+:attr:`~VirtualTokenCounter.STARVED_STEPS` steps holding none takes a slot from an over-served
+tenant that holds at least its share rounded up plus one, waiting requests or not (a tenant that
+keeps exactly ``max_num_seqs`` long requests running, never one waiting, is below every threshold
+above: with two tenants ``2s + 1`` exceeds the slots there are). Usage rather than what is held
+right now, and the margins, keep a load with no heavy tenant (nearly) free of preemptions: there
+every tenant's usage hovers at or below its share, and trading slots at a hair's margin is what once
+made ``fair`` slower than ``fcfs`` (each trade a recompute, soon traded back).
 """
 
 from __future__ import annotations

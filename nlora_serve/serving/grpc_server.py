@@ -32,7 +32,8 @@ from nlora_serve.serving.grpc_auth import KeyFirst
 from nlora_serve.serving.grpc_decode import DecodeErrors
 from nlora_serve.serving.frontend import Admission, adapter_versions
 from nlora_serve.serving.grpc_generate import GenerationServicer
-from nlora_serve.serving.http_routes import HttpContext, build_app
+from nlora_serve.serving.http_context import HttpContext
+from nlora_serve.serving.http_routes import build_app
 from nlora_serve.serving.http_server import HttpServer
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig, StartupError, is_loopback

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from grpc_harness import server_factory, stop_all
 from http_harness import base_url
-from nlora_serve.serving import http_routes
+from nlora_serve.serving import http_generate
 from nlora_serve.engine.api import max_prompt_bytes
 from nlora_serve.serving.auth import hash_key
 
@@ -219,7 +219,7 @@ def test_over_its_quota_a_request_is_refused_before_its_body_is_read(server):
 def test_a_body_held_back_past_the_deadline_is_408_and_gives_its_place_back(server, monkeypatch):
     # the reservation is taken before the body is read, so a body that never comes must not hold
     # the tenant's quota for ever
-    monkeypatch.setattr(http_routes, "BODY_READ_SECONDS", 0.5)
+    monkeypatch.setattr(http_generate, "BODY_READ_SECONDS", 0.5)
     before = _timeouts(server)
     with _headers_only(server, CAPPED_KEY, 100) as held:
         assert _wait(lambda: _counts(server) == (1, {"capped-co": 1})), _counts(server)

@@ -1,0 +1,215 @@
+"""Generation over HTTP: one completion or chat request from its admission to its answer, whole
+or SSE-streamed.
+
+A generation request is admitted like a gRPC Generate (frontend.py), in this order: key (401),
+draining (503), the bounded queue and the tenant's quota and queue share (429), all before the body
+is read: from here the request holds its place in the queue (a Reservation, given back however it
+ends, the client's going away included), so a tenant's bodies in memory and prompts waiting for the
+tokenizer are bounded by its quota and share, and a refused body is never read; then the body (408
+when it has not arrived :data:`BODY_READ_SECONDS` after the headers), ``model`` -> adapter and grant
+(403, before the name is looked up and before the other fields are validated), JSON and fields
+(400), the prompt (400: empty, too long, a bad message; only now is it tokenized or the chat
+rendered), then the engine: a prompt plus max_tokens over max_model_len (400, vLLM's words), unknown
+model (404, never the base model instead), no adapter slot (429). (gRPC decides the queue after the
+fields: its message has arrived whole by then.) Each refusal is counted in
+``nlora_requests_rejected_total{frontend="http"}``. Errors have OpenAI's shape ``{"error":
+{"message", "type", "param", "code"}}`` with ``code`` our rejection reason.
+
+A request the engine aborts for a reason (a forced unload of its adapter, engine shutdown) ends
+with that reason: a 409 error (code "aborted") for a whole response, an error event
+``data: {"error": {...}}`` in an SSE stream. A client that goes away frees the request at once,
+and is no error: a closed SSE stream, or a closed connection while a whole response is being
+generated, closes the engine stream (abort, KV blocks and adapter pin freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
+
+from nlora_serve.adapters.registry import AdapterNotFound
+from nlora_serve.engine.api import EngineError, RequestAborted
+from nlora_serve.errors import shown
+from nlora_serve.serving.auth import PermissionDenied, Principal
+from nlora_serve.serving.frontend import adapter_versions, cache_salt_of, metered, start_request
+from nlora_serve.serving.grpc_status import BodyTimeout
+from nlora_serve.serving.http_body import parsed_json, validated
+from nlora_serve.serving.http_context import HttpContext, aborted_body, error_body
+from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
+from nlora_serve.serving.http_responses import Shaper, sse
+
+# an admitted request holds its tenant's place (quota, queue share) while its body is read: a body
+# held back gets 408 after this long (16 MiB, the largest body, in 60 s is ~2 Mbit/s)
+BODY_READ_SECONDS = 60.0
+
+
+async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
+    """Admit one generation request and answer it whole or as an SSE stream.
+
+    Raises:
+        NloraError: a refusal (the app's handler answers it). RequestValidationError: a body that
+            is not JSON or not a valid request. EngineError: the engine failed before the first
+            token. RequestAborted: the engine aborted the request (whole responses, or before the
+            first token).
+    """
+    timer = ctx.metrics.request("http")
+    caller = ctx.auth.authenticate(request.headers.items())
+    # draining (503), queue and quota (429) before the body is read: a tenant's bodies in memory
+    # (16 MiB each at most) are bounded by its quota and queue share, as are its prompts waiting
+    # for the tokenizer; refused, a request's body is never read
+    reservation = ctx.admission.reserve(caller)
+    try:
+        started = await _start(ctx, request, chat, caller)
+    except BaseException:
+        reservation.release()
+        raise
+    if started is None:  # gone before its body arrived or while its prompt waited for the tokenizer
+        reservation.release()
+        return Response(status_code=499)
+    stream, body, params, rid = started
+    deltas = metered(stream, timer, reservation)
+    shaper = Shaper(rid, body.model, chat, ctx.tokenizer, params.logprobs, body.return_tokens_as_token_ids,
+                    body.include_usage)
+    if not body.stream:
+        return await _whole(request, deltas, shaper)
+    return await _streamed(request, deltas, shaper)
+
+
+async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Principal) -> tuple | None:
+    """Read and validate an admitted request's body, then tokenize its prompt and queue it in the
+    engine (:func:`_started`): (engine stream, body, sampling params, response id), or None when the
+    client went away first.
+
+    Raises:
+        NloraError, RequestValidationError: see :func:`generate`.
+    """
+    try:
+        body = await asyncio.wait_for(request.body(), BODY_READ_SECONDS)
+    except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
+        return None
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {BODY_READ_SECONDS:g} s of its headers") from None
+    data = parsed_json(body, request.headers.get("content-type"))
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, str):  # else the validation below refuses it
+        _check_grant(caller, model, ctx.base_model)
+    body = validated(ChatRequest if chat else CompletionRequest, data)
+    prompt, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    stream = await _unless_disconnected(request, _started(ctx, caller, body, prompt, params, rid))
+    return None if stream is None else (stream, body, params, rid)
+
+
+async def _started(ctx: HttpContext, caller: Principal, body, prompt: str | list[int] | None,
+                   params, rid: str) -> AsyncIterator:
+    """Tokenize an admitted request's prompt (chat: render it; ``prompt`` None) in its tenant's turn
+    (TokenizerTurns) and queue it in the engine; the engine stream.
+
+    Raises:
+        RequestError: the prompt (too long, a bad message), or from :func:`start_request`.
+            AdapterNotFound: an adapter asked of a server that serves none.
+    """
+    turns = ctx.admission.tokenizer
+    if prompt is None:
+        prompt = await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds)
+    else:
+        prompt = await turns.run(caller.name, ctx.engine.prompt_ids, prompt)
+    adapter = None if body.model == ctx.base_model else body.model
+    if adapter is not None and adapter_versions(ctx.engine) is None:
+        raise AdapterNotFound(f"model {shown(body.model)!r} does not exist: this server serves no adapters")
+    return start_request(ctx.engine, prompt, params, f"{caller.name}/{rid}", adapter, body.max_tokens_given,
+                         caller, cache_salt_of(caller, body.cache_salt, ctx.auth))
+
+
+async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:
+    async def collect() -> list:
+        async with contextlib.aclosing(deltas):
+            return [out async for out in deltas]
+
+    outs = await _unless_disconnected(request, collect())
+    return Response(status_code=499) if outs is None else JSONResponse(shaper.whole(outs))
+
+
+async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:
+    """Wait for the first delta (so an engine failure is still a proper HTTP error), then stream."""
+    async def first():
+        return await anext(deltas)
+
+    out = await _unless_disconnected(request, first())  # on any failure the metered stream is closed already
+    if out is None:
+        return Response(status_code=499)
+    return EngineStreamResponse(_events(out, deltas, shaper), deltas)
+
+
+async def _events(first, deltas: AsyncIterator, shaper: Shaper) -> AsyncIterator[str]:
+    """SSE messages: (chat: the role chunk), one chunk per delta, (the usage chunk), [DONE]."""
+    opening = shaper.first_chunk()
+    if opening is not None:
+        yield sse(opening)
+    out = first
+    try:
+        while True:
+            yield sse(shaper.chunk(out))
+            if out.finished:
+                break
+            out = await anext(deltas)
+    except EngineError as exc:  # headers are sent: report in-band, as OpenAI-compatible servers do
+        yield sse(error_body(str(exc), 500, code="engine_error"))
+        return
+    except RequestAborted as exc:
+        yield sse(aborted_body(exc))
+        return
+    if shaper.include_usage:
+        yield sse(shaper.usage_chunk(out))
+    yield sse("[DONE]")
+
+
+class EngineStreamResponse(StreamingResponse):
+    """An SSE response over a metered engine stream that is closed however the response ends
+    (finished, client gone, server shutdown): an unfinished request is aborted at once."""
+
+    def __init__(self, events: AsyncIterator[str], deltas: AsyncIterator):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._events, self._deltas = events, deltas
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+            await self._deltas.aclose()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable):
+    """``await work``, unless the client disconnects first: then ``work`` is cancelled (closing the
+    engine stream it reads) and None is returned."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return None if task.cancelled() else task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _check_grant(caller: Principal, model: str, base_model: str) -> None:
+    """PermissionDenied unless the caller may use ``model`` (the base model's name: no adapter), in
+    one wording for every name, so that a key not granted the base model cannot tell its name from
+    any other."""
+    if not caller.may_use(None if model == base_model else model):
+        raise PermissionDenied(f"key of {caller.name!r} is not granted model {shown(model)!r}")
