@@ -1,9 +1,10 @@
 """Calls refused on their metadata alone, before the server reads their request.
 
-The server's receive limit is one for every method: ``--max-adapter-bytes`` plus 1 MiB, so that a
-SwapAdapter can carry a whole N. A servicer checks the caller's key only once grpc has received and
-parsed the request, so a client with no key could make the server take a 200 MiB Generate request
-whole (four at once: +2.1 GB, and 3.7 s gaps in other tenants' streams; round-four hostile review).
+The server's receive limit is one for every method, large enough for a SwapAdapter to carry a whole
+N (grpc_limits.py; it was ``--max-adapter-bytes`` plus 1 MiB). A servicer checks the caller's key
+only once grpc has received and parsed the request, so a client with no key could make the server
+take a 200 MiB Generate request whole (four at once: +2.1 GB, and 3.7 s gaps in other tenants'
+streams; round-four hostile review).
 :class:`KeyFirst` is a server interceptor that authenticates every call of our services
 (``nlora_serve.v1.*``) from its metadata before any message is read, and refuses a non-admin key
 on the AdapterAdmin service the same way. A refused call gets a handler that reads nothing (a

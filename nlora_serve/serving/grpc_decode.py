@@ -1,4 +1,5 @@
-"""Requests that are not valid protobuf get INVALID_ARGUMENT, naming the message type.
+"""Requests over their method's size bound get RESOURCE_EXHAUSTED before they are parsed, and
+requests that are not valid protobuf get INVALID_ARGUMENT, naming the message type.
 
 grpc.aio parses a request with the handler's ``request_deserializer`` before any servicer code
 runs; when that raises, the caller sees UNKNOWN ("Exception deserializing request"), which reads
@@ -9,6 +10,13 @@ stream (UploadAdapter) is parsed message by message the same way. grpc's health 
 too: a corrupt Health/Check needs no key, and grpc logged a full traceback for each one (round-four
 hostile review: anyone could fill the log). Stream-stream methods (reflection) are left as grpc
 builds them.
+
+Each message is first held to its method's bound (grpc_limits.MessageLimits.bound: Generate the
+largest legal request, the small RPCs and health 64 KiB): grpc's own receive limit is one for every
+method and must let a whole SwapAdapter payload through, so without this a tenant's Generate
+request of several MiB would be parsed whole before validation refused it. An over-size message
+aborts the call with RESOURCE_EXHAUSTED naming the method, its size and the bound; the parser and
+the servicer never see it.
 """
 
 from __future__ import annotations
@@ -22,9 +30,17 @@ PREFIX = "/nlora_serve.v1."  # our services (nlora.proto's package)
 HEALTH = "/grpc.health.v1.Health/"  # grpc's health service, unauthenticated by design
 
 
-class DecodeErrors(grpc.aio.ServerInterceptor):
-    """INVALID_ARGUMENT, not UNKNOWN (and no traceback in the log), for a request (or request-stream
-    message) that is not a valid protobuf of its method's request type."""
+class BoundedDecode(grpc.aio.ServerInterceptor):
+    """RESOURCE_EXHAUSTED for a request (or request-stream message) over its method's bound, before
+    parsing; INVALID_ARGUMENT, not UNKNOWN (and no traceback in the log), for one that is not a
+    valid protobuf of its method's request type.
+
+    Args:
+        limits: the bounds (a grpc_limits.MessageLimits: ``bound(method)`` bytes or None).
+    """
+
+    def __init__(self, limits) -> None:
+        self.limits = limits
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -32,6 +48,9 @@ class DecodeErrors(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_deserializer is None or not method.startswith((PREFIX, HEALTH)):
             return handler
         parse = _parser(handler.request_deserializer, method)
+        max_bytes = self.limits.bound(method)
+        if max_bytes is not None:
+            parse = _bounded(parse, method, max_bytes)
         if handler.unary_unary is not None:
             return handler._replace(request_deserializer=None, unary_unary=_unary_unary(handler.unary_unary, parse))
         if handler.unary_stream is not None:
@@ -49,6 +68,18 @@ def _parser(deserialize, method: str):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{method}: the request is not a valid protobuf message of its type ({exc})")
     return parse
+
+
+def _bounded(parse, method: str, max_bytes: int):
+    async def bounded(raw: bytes, context: grpc.aio.ServicerContext):
+        if len(raw) > max_bytes:
+            name = method.rsplit("/", 1)[-1]
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{name}: the request message is {len(raw):,} bytes, over the server's bound of "
+                        f"{max_bytes:,} bytes for {name} requests (the largest a valid one can be); "
+                        "refused before parsing")
+        return await parse(raw, context)
+    return bounded
 
 
 def _unary_unary(behavior, parse):
