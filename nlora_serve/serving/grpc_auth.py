@@ -19,12 +19,11 @@ import grpc
 
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.grpc_decode import PREFIX
+from nlora_serve.serving.grpc_decode import GENERATE, PREFIX
 from nlora_serve.serving.grpc_status import abort, status_of
 from nlora_serve.serving.metrics import ServerMetrics
 
 ADMIN_SERVICE = PREFIX + "AdapterAdmin/"
-GENERATE = PREFIX + "Generation/Generate"
 
 
 class KeyFirst(grpc.aio.ServerInterceptor):

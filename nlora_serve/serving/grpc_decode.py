@@ -15,8 +15,9 @@ Each message is first held to its method's bound (grpc_limits.MessageLimits.boun
 largest legal request, the small RPCs and health 64 KiB): grpc's own receive limit is one for every
 method and must let a whole SwapAdapter payload through, so without this a tenant's Generate
 request of several MiB would be parsed whole before validation refused it. An over-size message
-aborts the call with RESOURCE_EXHAUSTED naming the method, its size and the bound; the parser and
-the servicer never see it.
+aborts the call with RESOURCE_EXHAUSTED naming the method, its size and the bound (a Generate is
+counted in nlora_requests_rejected_total, as its servicer counts a refusal); the parser and the
+servicer never see it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
-from nlora_serve.serving.grpc_status import abort
+from nlora_serve.serving.grpc_status import TooLarge, abort, status_of
+from nlora_serve.serving.metrics import ServerMetrics
 
 PREFIX = "/nlora_serve.v1."  # our services (nlora.proto's package)
+GENERATE = PREFIX + "Generation/Generate"
 HEALTH = "/grpc.health.v1.Health/"  # grpc's health service, unauthenticated by design
 
 
@@ -37,10 +40,11 @@ class BoundedDecode(grpc.aio.ServerInterceptor):
 
     Args:
         limits: the bounds (a grpc_limits.MessageLimits: ``bound(method)`` bytes or None).
+        metrics: where a refused Generate is counted.
     """
 
-    def __init__(self, limits) -> None:
-        self.limits = limits
+    def __init__(self, limits, metrics: ServerMetrics) -> None:
+        self.limits, self.metrics = limits, metrics
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -50,7 +54,7 @@ class BoundedDecode(grpc.aio.ServerInterceptor):
         parse = _parser(handler.request_deserializer, method)
         max_bytes = self.limits.bound(method)
         if max_bytes is not None:
-            parse = _bounded(parse, method, max_bytes)
+            parse = _bounded(parse, method, max_bytes, self.metrics if method == GENERATE else None)
         if handler.unary_unary is not None:
             return handler._replace(request_deserializer=None, unary_unary=_unary_unary(handler.unary_unary, parse))
         if handler.unary_stream is not None:
@@ -70,14 +74,19 @@ def _parser(deserialize, method: str):
     return parse
 
 
-def _bounded(parse, method: str, max_bytes: int):
+def _bounded(parse, method: str, max_bytes: int, metrics: ServerMetrics | None):
+    """``parse`` behind a size check: over ``max_bytes``, abort with TooLarge's status (counted in
+    ``metrics`` when given) without parsing."""
     async def bounded(raw: bytes, context: grpc.aio.ServicerContext):
         if len(raw) > max_bytes:
             name = method.rsplit("/", 1)[-1]
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"{name}: the request message is {len(raw):,} bytes, over the server's bound of "
-                        f"{max_bytes:,} bytes for {name} requests (the largest a valid one can be); "
-                        "refused before parsing")
+            exc = TooLarge(f"{name}: the request message is {len(raw):,} bytes, over the server's bound of "
+                           f"{max_bytes:,} bytes for {name} requests (the largest a valid one can be); "
+                           "refused before parsing")
+            code, reason = status_of(exc)
+            if metrics is not None:
+                metrics.reject(reason, "grpc")
+            await abort(context, code, str(exc))
         return await parse(raw, context)
     return bounded
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from nlora_serve.adapters.format import MAX_HEADER_BYTES
 from nlora_serve.models.spec import PROJECTIONS, ModelSpec
-from nlora_serve.serving.grpc_auth import ADMIN_SERVICE, GENERATE
+from nlora_serve.serving.grpc_auth import ADMIN_SERVICE
+from nlora_serve.serving.grpc_decode import GENERATE
 from nlora_serve.serving.server_config import MAX_GRPC_MESSAGE, MESSAGE_HEADROOM
 
 # bounded by the server-wide limit only: a swap carries a whole N; an upload's messages are chunks

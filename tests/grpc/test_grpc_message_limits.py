@@ -111,6 +111,8 @@ def test_an_over_size_generate_by_a_tenant_is_refused_before_parsing_and_others_
     assert parsed == [(GENERATE, other_request.ByteSize())]  # only the other tenant's request was parsed
     assert matches_reference(tokens, ref["greedy_token_ids"], ref["top2_logit_margins"]), tokens
     assert server.server.admission.inflight == 0
+    # the two refused by their bound are counted as the servicer counts a refusal (grpc's own are not)
+    assert server.server.metrics.rejected.labels("invalid_argument", "grpc")._value.get() == 2
 
 
 def test_small_rpcs_and_health_refuse_large_messages_before_parsing(make_server, tenants_file, parsed):
