@@ -3,16 +3,16 @@ requests that are not valid protobuf get INVALID_ARGUMENT, naming the message ty
 
 grpc.aio parses a request with the handler's ``request_deserializer`` before any servicer code
 runs; when that raises, the caller sees UNKNOWN ("Exception deserializing request"), which reads
-like a server fault. :class:`DecodeErrors` is a server interceptor that takes parsing into the
+like a server fault. :class:`BoundedDecode` is a server interceptor that takes parsing into the
 handler for our own services (``nlora_serve.v1.*``): the server hands the handler raw bytes, the
 handler parses them, and a ``DecodeError`` aborts the call with INVALID_ARGUMENT. A request
 stream (UploadAdapter) is parsed message by message the same way. grpc's health service is wrapped
 too: a corrupt Health/Check needs no key, and grpc logged a full traceback for each one (round-four
-hostile review: anyone could fill the log). Stream-stream methods (reflection) are left as grpc
-builds them.
+hostile review: anyone could fill the log). So is grpc's reflection service (stream-stream, keyless
+too).
 
 Each message is first held to its method's bound (grpc_limits.MessageLimits.bound: Generate the
-largest legal request, the small RPCs and health 64 KiB): grpc's own receive limit is one for every
+largest legal request, the small RPCs, health and reflection 64 KiB): grpc's own receive limit is one for every
 method and must let a whole SwapAdapter payload through, so without this a tenant's Generate
 request of several MiB would be parsed whole before validation refused it. An over-size message
 aborts the call with RESOURCE_EXHAUSTED naming the method, its size and the bound (a Generate is
@@ -31,6 +31,8 @@ from nlora_serve.serving.metrics import ServerMetrics
 PREFIX = "/nlora_serve.v1."  # our services (nlora.proto's package)
 GENERATE = PREFIX + "Generation/Generate"
 HEALTH = "/grpc.health.v1.Health/"  # grpc's health service, unauthenticated by design
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/"  # grpc's reflection service, unauthenticated too
+WRAPPED = (PREFIX, HEALTH, REFLECTION)  # the services whose requests this module parses
 
 
 class BoundedDecode(grpc.aio.ServerInterceptor):
@@ -49,7 +51,7 @@ class BoundedDecode(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or handler.request_deserializer is None or not method.startswith((PREFIX, HEALTH)):
+        if handler is None or handler.request_deserializer is None or not method.startswith(WRAPPED):
             return handler
         parse = _parser(handler.request_deserializer, method)
         max_bytes = self.limits.bound(method)
@@ -61,7 +63,10 @@ class BoundedDecode(grpc.aio.ServerInterceptor):
             return handler._replace(request_deserializer=None, unary_stream=_unary_stream(handler.unary_stream, parse))
         if handler.stream_unary is not None:
             return handler._replace(request_deserializer=None, stream_unary=_stream_unary(handler.stream_unary, parse))
-        return handler  # no stream-stream method in nlora.proto
+        if handler.stream_stream is not None:  # reflection (nlora.proto has none)
+            return handler._replace(request_deserializer=None,
+                                    stream_stream=_stream_stream(handler.stream_stream, parse))
+        return handler
 
 
 def _parser(deserialize, method: str):
@@ -110,4 +115,14 @@ def _stream_unary(behavior, parse):
             async for raw in raw_iterator:
                 yield await parse(raw, context)
         return await behavior(requests(), context)
+    return handle
+
+
+def _stream_stream(behavior, parse):
+    async def handle(raw_iterator, context):
+        async def requests():
+            async for raw in raw_iterator:
+                yield await parse(raw, context)
+        async for response in behavior(requests(), context):
+            yield response
     return handle

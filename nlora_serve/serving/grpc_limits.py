@@ -15,7 +15,7 @@ the server's memory by GBs; hostile review). Now:
   its own (:meth:`MessageLimits.bound`), checked on the raw bytes before protobuf parses them
   (grpc_decode.BoundedDecode): Generate the largest legal request (:func:`generate_request_bytes`,
   1,712,128 bytes for the default model at ``--max-model-len 2048``), the small RPCs and grpc's
-  health service :data:`SMALL_REQUEST_BYTES`.
+  health and reflection services (which need no key) :data:`SMALL_REQUEST_BYTES`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from nlora_serve.serving.server_config import MAX_GRPC_MESSAGE, MESSAGE_HEADROOM
 UNBOUNDED_METHODS = (ADMIN_SERVICE + "SwapAdapter", ADMIN_SERVICE + "UploadAdapter")
 GRPC_DEFAULT_RECEIVE = 4 << 20  # gRPC's own default max_receive_message_length
 # the other methods' requests hold a name and a flag, or nothing (ListAdapters, GetServerInfo,
-# LoadAdapter, UnloadAdapter, grpc.health.v1 Check and Watch)
+# LoadAdapter, UnloadAdapter, grpc.health.v1 Check and Watch, reflection's symbol or file name)
 SMALL_REQUEST_BYTES = 64 << 10
 SAFETENSORS_LENGTH_BYTES = 8  # the header length that opens a safetensors file (little-endian u64)
 F32_BYTES = 4  # the widest dtype a swap payload may hold (adapters.format.STORED_DTYPES)

@@ -10,6 +10,7 @@ import struct
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest, ServerReflectionResponse
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS, matches_reference
 from nlora_serve.adapters.keys import PART_N, tensor_key
@@ -129,7 +130,18 @@ def test_small_rpcs_and_health_refuse_large_messages_before_parsing(make_server,
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (method, err.value)
             assert err.value.details().startswith(f"{name}: the request message is 65,537 bytes, over the "
                                                   f"server's bound of 65,536 bytes for {name} requests")
-    assert parsed == []
+        # reflection (stream-stream, no key) too, and a small request still lists the services
+        info = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=ServerReflectionRequest.SerializeToString,
+                                     response_deserializer=ServerReflectionResponse.FromString)
+        big = ServerReflectionRequest(list_services="x" * (64 << 10))
+        with pytest.raises(grpc.RpcError) as err:
+            list(info(iter([big]), timeout=60))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"ServerReflectionInfo: the request message is {big.ByteSize():,} bytes" in err.value.details()
+        assert parsed == []
+        answer, = info(iter([ServerReflectionRequest(list_services="")]), timeout=60)
+    assert "nlora_serve.v1.Generation" in {s.name for s in answer.list_services_response.service}
 
 
 def _n_payload(keys: list[str], rank: int, header_bytes: int) -> bytes:
