@@ -1,9 +1,10 @@
 """Calls refused on their metadata alone, before the server reads their request.
 
-The server's receive limit is one for every method: ``--max-adapter-bytes`` plus 1 MiB, so that a
-SwapAdapter can carry a whole N. A servicer checks the caller's key only once grpc has received and
-parsed the request, so a client with no key could make the server take a 200 MiB Generate request
-whole (four at once: +2.1 GB, and 3.7 s gaps in other tenants' streams; round-four hostile review).
+The server's receive limit is one for every method, large enough for a SwapAdapter to carry a whole
+N (grpc_limits.py; it was ``--max-adapter-bytes`` plus 1 MiB). A servicer checks the caller's key
+only once grpc has received and parsed the request, so a client with no key could make the server
+take a 200 MiB Generate request whole (four at once: +2.1 GB, and 3.7 s gaps in other tenants'
+streams; round-four hostile review).
 :class:`KeyFirst` is a server interceptor that authenticates every call of our services
 (``nlora_serve.v1.*``) from its metadata before any message is read, and refuses a non-admin key
 on the AdapterAdmin service the same way. A refused call gets a handler that reads nothing (a
@@ -18,12 +19,11 @@ import grpc
 
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.grpc_decode import PREFIX
+from nlora_serve.serving.grpc_decode import GENERATE, PREFIX
 from nlora_serve.serving.grpc_status import abort, status_of
 from nlora_serve.serving.metrics import ServerMetrics
 
 ADMIN_SERVICE = PREFIX + "AdapterAdmin/"
-GENERATE = PREFIX + "Generation/Generate"
 
 
 class KeyFirst(grpc.aio.ServerInterceptor):

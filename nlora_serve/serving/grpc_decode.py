@@ -1,14 +1,23 @@
-"""Requests that are not valid protobuf get INVALID_ARGUMENT, naming the message type.
+"""Requests over their method's size bound get RESOURCE_EXHAUSTED before they are parsed, and
+requests that are not valid protobuf get INVALID_ARGUMENT, naming the message type.
 
 grpc.aio parses a request with the handler's ``request_deserializer`` before any servicer code
 runs; when that raises, the caller sees UNKNOWN ("Exception deserializing request"), which reads
-like a server fault. :class:`DecodeErrors` is a server interceptor that takes parsing into the
+like a server fault. :class:`BoundedDecode` is a server interceptor that takes parsing into the
 handler for our own services (``nlora_serve.v1.*``): the server hands the handler raw bytes, the
 handler parses them, and a ``DecodeError`` aborts the call with INVALID_ARGUMENT. A request
 stream (UploadAdapter) is parsed message by message the same way. grpc's health service is wrapped
 too: a corrupt Health/Check needs no key, and grpc logged a full traceback for each one (round-four
-hostile review: anyone could fill the log). Stream-stream methods (reflection) are left as grpc
-builds them.
+hostile review: anyone could fill the log). So is grpc's reflection service (stream-stream, keyless
+too).
+
+Each message is first held to its method's bound (grpc_limits.MessageLimits.bound: Generate the
+largest legal request, the small RPCs, health and reflection 64 KiB): grpc's own receive limit is one for every
+method and must let a whole SwapAdapter payload through, so without this a tenant's Generate
+request of several MiB would be parsed whole before validation refused it. An over-size message
+aborts the call with RESOURCE_EXHAUSTED naming the method, its size and the bound (a Generate is
+counted in nlora_requests_rejected_total, as its servicer counts a refusal); the parser and the
+servicer never see it.
 """
 
 from __future__ import annotations
@@ -16,29 +25,48 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
-from nlora_serve.serving.grpc_status import abort
+from nlora_serve.serving.grpc_status import TooLarge, abort, status_of
+from nlora_serve.serving.metrics import ServerMetrics
 
 PREFIX = "/nlora_serve.v1."  # our services (nlora.proto's package)
+GENERATE = PREFIX + "Generation/Generate"
 HEALTH = "/grpc.health.v1.Health/"  # grpc's health service, unauthenticated by design
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/"  # grpc's reflection service, unauthenticated too
+WRAPPED = (PREFIX, HEALTH, REFLECTION)  # the services whose requests this module parses
 
 
-class DecodeErrors(grpc.aio.ServerInterceptor):
-    """INVALID_ARGUMENT, not UNKNOWN (and no traceback in the log), for a request (or request-stream
-    message) that is not a valid protobuf of its method's request type."""
+class BoundedDecode(grpc.aio.ServerInterceptor):
+    """RESOURCE_EXHAUSTED for a request (or request-stream message) over its method's bound, before
+    parsing; INVALID_ARGUMENT, not UNKNOWN (and no traceback in the log), for one that is not a
+    valid protobuf of its method's request type.
+
+    Args:
+        limits: the bounds (a grpc_limits.MessageLimits: ``bound(method)`` bytes or None).
+        metrics: where a refused Generate is counted.
+    """
+
+    def __init__(self, limits, metrics: ServerMetrics) -> None:
+        self.limits, self.metrics = limits, metrics
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or handler.request_deserializer is None or not method.startswith((PREFIX, HEALTH)):
+        if handler is None or handler.request_deserializer is None or not method.startswith(WRAPPED):
             return handler
         parse = _parser(handler.request_deserializer, method)
+        max_bytes = self.limits.bound(method)
+        if max_bytes is not None:
+            parse = _bounded(parse, method, max_bytes, self.metrics if method == GENERATE else None)
         if handler.unary_unary is not None:
             return handler._replace(request_deserializer=None, unary_unary=_unary_unary(handler.unary_unary, parse))
         if handler.unary_stream is not None:
             return handler._replace(request_deserializer=None, unary_stream=_unary_stream(handler.unary_stream, parse))
         if handler.stream_unary is not None:
             return handler._replace(request_deserializer=None, stream_unary=_stream_unary(handler.stream_unary, parse))
-        return handler  # no stream-stream method in nlora.proto
+        if handler.stream_stream is not None:  # reflection (nlora.proto has none)
+            return handler._replace(request_deserializer=None,
+                                    stream_stream=_stream_stream(handler.stream_stream, parse))
+        return handler
 
 
 def _parser(deserialize, method: str):
@@ -49,6 +77,23 @@ def _parser(deserialize, method: str):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{method}: the request is not a valid protobuf message of its type ({exc})")
     return parse
+
+
+def _bounded(parse, method: str, max_bytes: int, metrics: ServerMetrics | None):
+    """``parse`` behind a size check: over ``max_bytes``, abort with TooLarge's status (counted in
+    ``metrics`` when given) without parsing."""
+    async def bounded(raw: bytes, context: grpc.aio.ServicerContext):
+        if len(raw) > max_bytes:
+            name = method.rsplit("/", 1)[-1]
+            exc = TooLarge(f"{name}: the request message is {len(raw):,} bytes, over the server's bound of "
+                           f"{max_bytes:,} bytes for {name} requests (the largest a valid one can be); "
+                           "refused before parsing")
+            code, reason = status_of(exc)
+            if metrics is not None:
+                metrics.reject(reason, "grpc")
+            await abort(context, code, str(exc))
+        return await parse(raw, context)
+    return bounded
 
 
 def _unary_unary(behavior, parse):
@@ -70,4 +115,14 @@ def _stream_unary(behavior, parse):
             async for raw in raw_iterator:
                 yield await parse(raw, context)
         return await behavior(requests(), context)
+    return handle
+
+
+def _stream_stream(behavior, parse):
+    async def handle(raw_iterator, context):
+        async def requests():
+            async for raw in raw_iterator:
+                yield await parse(raw, context)
+        async for response in behavior(requests(), context):
+            yield response
     return handle

@@ -26,12 +26,15 @@ from grpc_reflection.v1alpha import reflection
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.engine.api import Engine
+from nlora_serve.engine.api import Engine, max_prompt_bytes
+from nlora_serve.errors import NloraError
+from nlora_serve.models.spec import ModelSpec
 from nlora_serve.serving.grpc_admin import AdminServicer
 from nlora_serve.serving.grpc_auth import KeyFirst
-from nlora_serve.serving.grpc_decode import DecodeErrors
+from nlora_serve.serving.grpc_decode import BoundedDecode
 from nlora_serve.serving.frontend import Admission, adapter_versions
 from nlora_serve.serving.grpc_generate import GenerationServicer
+from nlora_serve.serving.grpc_limits import message_limits
 from nlora_serve.serving.http_context import HttpContext
 from nlora_serve.serving.http_routes import build_app
 from nlora_serve.serving.http_server import HttpServer
@@ -107,6 +110,10 @@ class NloraServer:
         self.engine, self.config, self.auth = engine, config, auth
         self.metrics = ServerMetrics(engine.stats, lambda: _residency(engine))
         self.admission = Admission(config.max_queue, config.tenant_queue_shares)
+        # request-size limits (grpc_limits.py): sized by what a legal request of this model can be,
+        # which ServerConfig alone does not know
+        self.limits = message_limits(_swap_shape(engine), max_prompt_bytes(tokenizer, engine.max_model_len),
+                                     engine.max_model_len, config.max_adapter_bytes)
         self.generation = GenerationServicer(engine, config, auth, self.metrics, self.admission, tokenizer, info)
         self.admin = AdminServicer(engine, config, auth, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -124,12 +131,13 @@ class NloraServer:
             StartupError: the gRPC address, the metrics port or the HTTP port cannot be bound (the
                 message names it); nothing is left bound or running then.
         """
-        limit = self.config.max_message_bytes
         # so_reuseport off: a second server on a busy port must fail, not share it silently
-        # KeyFirst first: a call without a valid key is refused before its request is read
-        self._server = grpc.aio.server(interceptors=[KeyFirst(self.auth, self.metrics), DecodeErrors()],
-                                       options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
-                                                ("grpc.max_send_message_length", limit)])
+        # KeyFirst first: a call without a valid key is refused before its request is read; then
+        # each message is held to its method's bound before it is parsed
+        self._server = grpc.aio.server(
+            interceptors=[KeyFirst(self.auth, self.metrics), BoundedDecode(self.limits, self.metrics)],
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", self.limits.receive_bytes),
+                     ("grpc.max_send_message_length", self.config.max_message_bytes)])
         pb_grpc.add_GenerationServicer_to_server(self.generation, self._server)
         pb_grpc.add_AdapterAdminServicer_to_server(self.admin, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -209,6 +217,15 @@ class NloraServer:
             await self._server.stop(grace=1.0)
         self.metrics.close()
         return drained
+
+
+def _swap_shape(engine: Engine) -> tuple[ModelSpec, int] | None:
+    """(base model spec, max rank) that bound a swap payload; None without an adapter store."""
+    try:
+        manager = engine.adapters
+    except NloraError:  # ``engine.adapters`` raises without an adapter store
+        return None
+    return manager.base.spec, manager.limits.max_rank
 
 
 def _residency(engine: Engine) -> tuple[int, int]:

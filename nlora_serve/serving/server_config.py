@@ -118,6 +118,7 @@ class ServerConfig:
 
     @property
     def max_message_bytes(self) -> int:
-        """gRPC's max receive/send message length: a whole swap payload of ``max_adapter_bytes``
-        plus headroom (gRPC's default 4 MiB would refuse a legal swap before our own checks)."""
+        """gRPC's max send message length, bytes: ``max_adapter_bytes`` plus headroom. The receive
+        limit is sized where the server is built, from the model and ``--max-rank`` (a legal swap
+        payload; grpc_limits.message_limits); the swap payload it admits is never above this."""
         return min(self.max_adapter_bytes + MESSAGE_HEADROOM, MAX_GRPC_MESSAGE)
