@@ -5,49 +5,26 @@ its place while it waits for the tokenizer gives it back when refused or cancell
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import threading
-import time
 
 import pytest
 
+from admission_harness import (CAPPED_KEY, FREE_KEY, HOLD, MAX_QUEUE, OTHER_KEY, QUOTA, HeldTokenizer, admission_counts,
+                               wait_for, write_quota_tenants)
 from nlora_serve.client import DeadlineExceeded, InvalidArgument, NloraClient, ResourceExhausted
 from nlora_serve.engine.api import max_prompt_bytes
-from nlora_serve.serving.auth import hash_key
-
-CAPPED_KEY, FREE_KEY, OTHER_KEY = "key-of-capped-co", "key-of-free-co", "key-of-other-co"
-MAX_QUEUE, QUOTA = 4, 2
-HOLD = "hold the tokenizer thread"
-
 
 @pytest.fixture(scope="module")
 def server(make_module_server, tmp_path_factory):
-    path = tmp_path_factory.mktemp("admit") / "tenants.json"
-    tenants = [{"name": "capped-co", "key_sha256": hash_key(CAPPED_KEY), "adapters": [], "base_model": True,
-                "max_concurrent_requests": QUOTA},
-               {"name": "free-co", "key_sha256": hash_key(FREE_KEY), "adapters": [], "base_model": True},
-               {"name": "other-co", "key_sha256": hash_key(OTHER_KEY), "adapters": [], "base_model": True}]
-    path.write_text(json.dumps({"tenants": tenants}))
+    path = write_quota_tenants(tmp_path_factory.mktemp("admit") / "tenants.json")
     return make_module_server(path, max_queue=MAX_QUEUE)
 
 
 @pytest.fixture
 def held(server, monkeypatch):
     """(texts the tokenizer encoded, set when HOLD holds the tokenizer thread, set to release it)."""
-    seen, busy, release = [], threading.Event(), threading.Event()
-    tokenizer = server.engine.tokenizer
-    original = tokenizer.encode
-
-    def encode(text, *args, **kwargs):
-        seen.append(text)
-        if text == HOLD:
-            busy.set()
-            release.wait(60)
-        return original(text, *args, **kwargs)
-
-    monkeypatch.setattr(tokenizer, "encode", encode)
-    yield seen, busy, release
-    release.set()
+    tokenizer = HeldTokenizer(server.engine.tokenizer, monkeypatch)
+    yield tokenizer.seen, tokenizer.busy, tokenizer.release
+    tokenizer.release.set()
 
 
 def _complete(server, key: str, prompt, **kwargs) -> str:
@@ -58,19 +35,6 @@ def _complete(server, key: str, prompt, **kwargs) -> str:
         except (ResourceExhausted, DeadlineExceeded, InvalidArgument) as exc:
             return type(exc).__name__
     return "ok"
-
-
-def _wait(condition, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def _counts(server) -> tuple[int, dict]:
-    return server.server.admission.inflight, dict(server.server.admission.held)
 
 
 @pytest.mark.parametrize("key, tenant, admitted", [
@@ -85,8 +49,8 @@ def test_over_its_quota_or_the_queue_a_request_is_resource_exhausted_before_toke
         blocker = pool.submit(_complete, server, OTHER_KEY, HOLD)
         assert busy.wait(30), "the blocking prompt never reached the tokenizer"
         burst = [pool.submit(_complete, server, key, prompt) for prompt in prompts]
-        refused_at_once = _wait(lambda: sum(f.done() for f in burst) >= 5 - admitted, within=20)
-        counts = _counts(server)
+        refused_at_once = wait_for(lambda: sum(f.done() for f in burst) >= 5 - admitted, within=20)
+        counts = admission_counts(server)
         release.set()
         outcomes = [f.result() for f in burst]
         assert blocker.result() == "ok"
@@ -95,7 +59,7 @@ def test_over_its_quota_or_the_queue_a_request_is_resource_exhausted_before_toke
     assert counts == (1 + admitted, {"other-co": 1, tenant: admitted})
     ok = [prompt for prompt, outcome in zip(prompts, outcomes) if outcome == "ok"]
     assert sorted(seen) == sorted([HOLD, *ok])  # the refused prompts were never tokenized
-    assert _wait(lambda: _counts(server) == (0, {}))
+    assert wait_for(lambda: admission_counts(server) == (0, {}))
 
 
 def test_a_deadline_while_waiting_for_the_tokenizer_gives_the_place_back(server, held):
@@ -104,13 +68,13 @@ def test_a_deadline_while_waiting_for_the_tokenizer_gives_the_place_back(server,
         blocker = pool.submit(_complete, server, OTHER_KEY, HOLD)
         assert busy.wait(30)
         assert _complete(server, CAPPED_KEY, "late prompt", timeout=0.5) == "DeadlineExceeded"
-        gave_back = _wait(lambda: _counts(server) == (1, {"other-co": 1}))  # while the thread is still held
-        counts = _counts(server)
+        gave_back = wait_for(lambda: admission_counts(server) == (1, {"other-co": 1}))  # while the thread is still held
+        counts = admission_counts(server)
         release.set()
         assert blocker.result() == "ok"
     assert gave_back, counts
     assert seen == [HOLD]  # the cancelled request's prompt was never tokenized
-    assert _wait(lambda: _counts(server) == (0, {}))
+    assert wait_for(lambda: admission_counts(server) == (0, {}))
 
 
 @pytest.mark.parametrize("case", ["over the byte bound", "over the context"])
@@ -120,5 +84,5 @@ def test_a_prompt_refused_after_reserving_gives_its_place_back(server, case):
     else:
         prompt, kwargs = [1] + [30] * 999, {"max_tokens": 100}
     assert [_complete(server, CAPPED_KEY, prompt, **kwargs) for _ in range(QUOTA + 1)] == ["InvalidArgument"] * 3
-    assert _counts(server) == (0, {})
+    assert admission_counts(server) == (0, {})
     assert [_complete(server, CAPPED_KEY, "Hi") for _ in range(QUOTA + 1)] == ["ok"] * (QUOTA + 1)

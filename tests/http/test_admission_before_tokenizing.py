@@ -10,53 +10,17 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
-import threading
-import time
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from admission_harness import (CAPPED_KEY, FREE_KEY, HOLD, MAX_QUEUE, OTHER_KEY, QUOTA, HeldTokenizer,
+                               admission_counts, wait_for, write_quota_tenants)
 from grpc_harness import server_factory, stop_all
 from http_harness import base_url
 from nlora_serve.serving import http_generate
 from nlora_serve.engine.api import max_prompt_bytes
-from nlora_serve.serving.auth import hash_key
-
-CAPPED_KEY, FREE_KEY, OTHER_KEY = "key-of-capped-co", "key-of-free-co", "key-of-other-co"
-MAX_QUEUE, QUOTA = 4, 2
-HOLD = "hold the tokenizer thread"
-
-
-def write_quota_tenants(path):
-    """capped-co (max_concurrent_requests QUOTA), free-co and other-co (no quota), all on the base
-    model only."""
-    tenants = [{"name": "capped-co", "key_sha256": hash_key(CAPPED_KEY), "adapters": [], "base_model": True,
-                "max_concurrent_requests": QUOTA},
-               {"name": "free-co", "key_sha256": hash_key(FREE_KEY), "adapters": [], "base_model": True},
-               {"name": "other-co", "key_sha256": hash_key(OTHER_KEY), "adapters": [], "base_model": True}]
-    path.write_text(json.dumps({"tenants": tenants}))
-    return path
-
-
-class HeldTokenizer:
-    """Records every text the engine's tokenizer encodes; the text HOLD blocks the front ends' one
-    tokenizer thread until ``release`` is set."""
-
-    def __init__(self, tokenizer, monkeypatch):
-        self.seen: list[str] = []
-        self.busy, self.release = threading.Event(), threading.Event()
-        original = tokenizer.encode
-
-        def encode(text, *args, **kwargs):
-            self.seen.append(text)
-            if text == HOLD:
-                self.busy.set()
-                self.release.wait(60)
-            return original(text, *args, **kwargs)
-
-        monkeypatch.setattr(tokenizer, "encode", encode)
-
 
 @pytest.fixture(scope="module")
 def server(base_fp32, tokenizer, tmp_path_factory):
@@ -73,22 +37,8 @@ def _complete(server, key: str, prompt, max_tokens: int = 1) -> tuple[int, dict]
     return reply.status_code, reply.json()
 
 
-def _wait(condition, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def _counts(server) -> tuple[int, dict]:
-    admission = server.server.admission
-    return admission.inflight, dict(admission.held)
-
-
 def _idle(server) -> bool:
-    return _wait(lambda: _counts(server) == (0, {}) and server.engine.stats()["running"] == 0)
+    return wait_for(lambda: admission_counts(server) == (0, {}) and server.engine.stats()["running"] == 0)
 
 
 def _burst_while_held(server, monkeypatch, key: str, count: int, refusals: int
@@ -105,9 +55,9 @@ def _burst_while_held(server, monkeypatch, key: str, count: int, refusals: int
             assert held.busy.wait(30), "the blocking prompt never reached the tokenizer"
             burst = [pool.submit(_complete, server, key, prompt) for prompt in prompts]
             # every refusal comes back while the tokenizer thread is still held: before tokenizing
-            assert _wait(lambda: sum(f.done() for f in burst) >= refusals, within=20), \
+            assert wait_for(lambda: sum(f.done() for f in burst) >= refusals, within=20), \
                 "over-quota requests were not refused while the tokenizer was busy"
-            counts = _counts(server)
+            counts = admission_counts(server)
         finally:
             held.release.set()
         assert blocker.result()[0] == 200
@@ -150,7 +100,7 @@ def test_a_prompt_refused_after_reserving_gives_its_place_back(server, prompt, m
         status, body = _complete(server, CAPPED_KEY, prompt, max_tokens)
         assert (status, body["error"]["code"]) == (400, "invalid_argument"), body
         assert words in body["error"]["message"]
-    assert _counts(server) == (0, {})
+    assert admission_counts(server) == (0, {})
     assert [_complete(server, CAPPED_KEY, "Hi")[0] for _ in range(QUOTA + 1)] == [200] * (QUOTA + 1)
     assert _idle(server)
 
@@ -166,9 +116,9 @@ def test_a_client_gone_while_waiting_for_the_tokenizer_gives_its_place_back(serv
             assert held.busy.wait(30)
             with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=10) as sock:
                 sock.sendall((head + body).encode())
-                assert _wait(lambda: _counts(server)[1].get("capped-co") == 1), _counts(server)
+                assert wait_for(lambda: admission_counts(server)[1].get("capped-co") == 1), admission_counts(server)
             # closed while its prompt waits behind the held thread: its place is given back at once
-            assert _wait(lambda: _counts(server) == (1, {"other-co": 1})), _counts(server)
+            assert wait_for(lambda: admission_counts(server) == (1, {"other-co": 1})), admission_counts(server)
             assert not held.release.is_set()
         finally:
             held.release.set()
@@ -204,7 +154,7 @@ def test_over_its_quota_a_request_is_refused_before_its_body_is_read(server):
     # their places back
     holding = [_headers_only(server, CAPPED_KEY, 15 << 20) for _ in range(QUOTA)]
     try:
-        assert _wait(lambda: _counts(server) == (QUOTA, {"capped-co": QUOTA})), _counts(server)
+        assert wait_for(lambda: admission_counts(server) == (QUOTA, {"capped-co": QUOTA})), admission_counts(server)
         with _headers_only(server, CAPPED_KEY, 15 << 20) as third:
             reply = _response(third)
         assert reply.startswith(b"HTTP/1.1 429 "), reply[:200]
@@ -212,7 +162,7 @@ def test_over_its_quota_a_request_is_refused_before_its_body_is_read(server):
     finally:
         for sock in holding:
             sock.close()
-    assert _wait(lambda: _counts(server) == (0, {})), _counts(server)
+    assert wait_for(lambda: admission_counts(server) == (0, {})), admission_counts(server)
     assert _complete(server, CAPPED_KEY, "Hi")[0] == 200
 
 
@@ -222,12 +172,12 @@ def test_a_body_held_back_past_the_deadline_is_408_and_gives_its_place_back(serv
     monkeypatch.setattr(http_generate, "BODY_READ_SECONDS", 0.5)
     before = _timeouts(server)
     with _headers_only(server, CAPPED_KEY, 100) as held:
-        assert _wait(lambda: _counts(server) == (1, {"capped-co": 1})), _counts(server)
+        assert wait_for(lambda: admission_counts(server) == (1, {"capped-co": 1})), admission_counts(server)
         reply = _response(held)
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
     error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
     assert error["code"] == "body_timeout" and "did not arrive within 0.5 s" in error["message"]
-    assert _wait(lambda: _counts(server) == (0, {})), _counts(server)
+    assert wait_for(lambda: admission_counts(server) == (0, {})), admission_counts(server)
     assert _timeouts(server) == before + 1
     assert _complete(server, CAPPED_KEY, "Hi")[0] == 200
 
@@ -236,4 +186,5 @@ def _timeouts(server) -> float:
     """nlora_requests_rejected_total{reason="body_timeout", frontend="http"} from the HTTP port's /metrics."""
     text = requests.get(f"http://127.0.0.1:{server.server.http_port}/metrics", timeout=10).text
     return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "nlora_requests_rejected_total" and s.labels == {"reason": "body_timeout", "frontend": "http"})
+                if s.name == "nlora_requests_rejected_total"
+                and s.labels == {"reason": "body_timeout", "frontend": "http"})
