@@ -28,7 +28,7 @@ heavy one were absent, bursts beyond its share included, while the heavy tenant 
 nobody else wants and, once its usage falls to its share, competes as an equal again (no
 starvation). And no tenant waits for long with no slot at all: one that has waited
 :attr:`~VirtualTokenCounter.STARVED_STEPS` steps holding none takes a slot from an over-served
-tenant that holds at least its share rounded up plus one, waiting requests or not (a tenant that
+tenant that holds more than its share, waiting requests or not (a tenant that
 keeps exactly ``max_num_seqs`` long requests running, never one waiting, is below every threshold
 above: with two tenants ``2s + 1`` exceeds the slots there are). Usage rather than what is held
 right now, and the margins, keep a load with no heavy tenant (nearly) free of preemptions: there
@@ -124,7 +124,10 @@ class VirtualTokenCounter:
         active = set(held) | set(self.queues)
         total = sum(self.weights.get(t, 1.0) for t in active)
         self.share = {t: max_num_seqs * self.weights.get(t, 1.0) / total for t in active}
-        self.over = {t for t, s in self.share.items() if self.usage(t) >= s + self.OVER_SLOTS}
+        # half a slot above the share; for a share within a slot of all of them (a heavy weight),
+        # half way from the share to all the slots, which a tenant holding every slot still reaches
+        self.over = {t for t, s in self.share.items()
+                     if self.usage(t) >= s + min(self.OVER_SLOTS, (max_num_seqs - s) / 2)}
         self._taken.clear()
         for tenant in [t for t in self._starved_since if held[t] or t not in self.queues]:
             del self._starved_since[tenant]
@@ -185,7 +188,7 @@ class VirtualTokenCounter:
         says it is light. :meth:`pick` serves the takers before any over-served tenant, so the
         slots are not handed straight back.
         Then :meth:`_for_the_starved`: a tenant that has waited :attr:`STARVED_STEPS` steps
-        holding no slot takes one from an over-served tenant above ``⌈share⌉ + 1`` slots.
+        holding no slot takes one from an over-served tenant holding more than its share.
 
         Returns:
             The victims; the caller preempts them (nothing changes here).
@@ -202,16 +205,17 @@ class VirtualTokenCounter:
 
     def _for_the_starved(self, running: list[Sequence], chosen: list[Sequence]) -> list[Sequence]:
         """One slot for each tenant that has waited :attr:`STARVED_STEPS` steps holding none (and
-        is not over-served), from over-served tenants holding at least ``⌈share⌉ + 1`` slots
-        besides those in ``chosen``: the newest sequence of the one furthest above its share
-        first, none taken below ``⌈share⌉``."""
+        is not over-served), from over-served tenants holding more than their share besides those
+        in ``chosen``: the newest sequence of the one furthest above its share first, none taken
+        below ``⌊share⌋`` (a weight-4 tenant holding all 3 slots against a weight-1 one, share
+        2.4, gives one: below ``⌈share⌉ + 1`` = 4, once the bar, it never did)."""
         starved = [t for t, since in self._starved_since.items()
                    if self._steps - since >= self.STARVED_STEPS and t not in self.over]
         if not starved:
             return []
         taken = {id(s) for s in chosen}
         held = Counter(s.tenant for s in running if id(s) not in taken)
-        spare = {t: held[t] - math.ceil(self.share[t]) for t in self.over if t in self.share}
+        spare = {t: held[t] - math.floor(self.share[t]) for t in self.over if t in self.share}
         victims = []
         for _ in starved:
             spare = {t: n for t, n in spare.items() if n >= 1}

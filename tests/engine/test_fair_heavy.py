@@ -50,7 +50,7 @@ def test_a_tenant_that_keeps_every_slot_with_nothing_waiting_gives_one_to_a_star
     assert sorted(s.tenant for s in sched.running) == ["heavy"] * 3 + ["light"]
 
 
-def test_a_starved_tenant_takes_no_slot_from_a_tenant_at_its_rounded_up_share():
+def test_a_starved_tenant_takes_one_slot_from_the_tenant_furthest_over_its_share():
     sched = make(max_num_seqs=5, max_model_len=1024, blocks=BlockManager(2048, 4))
     a = [seq("a") for _ in range(3)]
     b = [seq("b") for _ in range(2)]
@@ -58,11 +58,26 @@ def test_a_starved_tenant_takes_no_slot_from_a_tenant_at_its_rounded_up_share():
         sched.add(s)
     for _ in range(100):
         step(sched)
-    c = seq("c")  # shares 5/3: a holds 3 = ceil(5/3) + 1 and is over-served, b holds 2
+    c = seq("c")  # shares 5/3: a holds 3 (usage 3, over-served), b holds 2 (usage 2 < 5/3 + 1/2)
     sched.add(c)
     preempted = [v for _ in range(40) for v in step(sched).preempted]
-    assert preempted == [a[2]] and c in sched.running  # then a holds 2 = ceil(5/3): nothing more
+    assert preempted == [a[2]] and c in sched.running  # one slot: c is no longer starved
     assert not any(step(sched).preempted for _ in range(500))
+
+
+def test_a_heavy_weight_holding_every_slot_gives_one_to_a_starved_tenant():
+    # A hostile tester's find: weight 4 against 1 on 3 slots, so the heavy share is 2.4; it held all
+    # 3 with nothing queued and the light request waited its whole generation (20.6 s): a donor had
+    # to hold ceil(share) + 1 = 4 slots, and "over-served" (half a slot above 2.4) was near the top.
+    sched = make(max_num_seqs=3, max_model_len=1024, blocks=BlockManager(2048, 4), weights={"heavy": 4.0})
+    heavy = run_heavy(sched, 3, 50)
+    light = seq("light")
+    sched.add(light)
+    wait = sched.fair.STARVED_STEPS
+    assert not any(step(sched).preempted for _ in range(wait)) and light in sched.waiting
+    assert step(sched).preempted == [heavy[2]] and light in sched.running
+    assert not any(step(sched).preempted for _ in range(500))  # heavy keeps 2 = floor(2.4)
+    assert sorted(s.tenant for s in sched.running) == ["heavy", "heavy", "light"]
 
 
 def server_of_8(heavy: int, a: int, b: int) -> tuple:

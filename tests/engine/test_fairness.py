@@ -188,14 +188,19 @@ def test_slot_shares_follow_tenant_weights():
     assert [s.tenant for s in batch.preempted] == ["plain"] and newcomer in sched.running
 
 
-def test_a_backlogged_tenant_less_than_a_slot_above_its_share_keeps_its_slots():
+def test_a_backlogged_tenant_less_than_a_slot_above_its_share_keeps_its_slots_till_one_starves():
     sched = slots_sched()
     for s in [seq("a"), seq("a"), seq("b"), seq("b"), seq("a"), seq("b")]:
         sched.add(s)
     step(sched)  # a and b hold 2 slots each and have one more request waiting
     c = seq("c")
     sched.add(c)  # shares 4/3 each: a and b are 2/3 of a slot above (over-served, not yielding)
-    assert not any(step(sched).preempted for _ in range(1000)) and c in sched.waiting
+    wait = sched.fair.STARVED_STEPS
+    assert not any(step(sched).preempted for _ in range(wait)) and c in sched.waiting
+    # c has waited STARVED_STEPS steps with no slot at all: one of the 2-slot tenants gives one
+    (victim,) = step(sched).preempted
+    assert victim.tenant in ("a", "b") and c in sched.running
+    assert not any(step(sched).preempted for _ in range(1000))  # 2 / 1 / 1: nobody starves, no churn
 
 
 def test_a_free_slot_is_taken_before_anyone_is_preempted():
