@@ -111,8 +111,15 @@ class Admission:
         self.inflight = 0
         self.held: dict[str, int] = {}  # requests running or waiting per tenant name
         self.draining = False
+        self.drain_started = asyncio.Event()  # set by start_draining(): bodies still unread give up
         self.idle = asyncio.Event()
         self.idle.set()
+
+    def start_draining(self) -> None:
+        """Refuse new requests from now on (Draining), and wake the ones whose HTTP body has not
+        arrived, so that a body held back cannot hold up a shutdown."""
+        self.draining = True
+        self.drain_started.set()
 
     def check(self, principal: Principal | None = None) -> None:
         """Raises Draining or QueueFull when a new request (of ``principal``) may not start now."""

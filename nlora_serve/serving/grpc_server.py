@@ -198,7 +198,7 @@ class NloraServer:
         Returns True when every stream finished within the grace period.
         """
         grace = self.config.drain_seconds if grace is None else grace
-        self.admission.draining = True
+        self.admission.start_draining()
         await self.health.enter_graceful_shutdown()
         drained = True
         try:

@@ -37,8 +37,8 @@ from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.errors import shown
 from nlora_serve.serving.auth import PermissionDenied, Principal
-from nlora_serve.serving.frontend import adapter_versions, cache_salt_of, metered, start_request
-from nlora_serve.serving.grpc_status import BodyTimeout
+from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
+from nlora_serve.serving.grpc_status import BodyTimeout, Draining
 from nlora_serve.serving.http_body import parsed_json, validated
 from nlora_serve.serving.http_context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
@@ -58,7 +58,6 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
             token. RequestAborted: the engine aborted the request (whole responses, or before the
             first token).
     """
-    timer = ctx.metrics.request("http")
     caller = ctx.auth.authenticate(request.headers.items())
     # draining (503), queue and quota (429) before the body is read: a tenant's bodies in memory
     # (16 MiB each at most) are bounded by its quota and queue share, as are its prompts waiting
@@ -72,7 +71,7 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     if started is None:  # gone before its body arrived or while its prompt waited for the tokenizer
         reservation.release()
         return Response(status_code=499)
-    stream, body, params, rid = started
+    stream, timer, body, params, rid = started
     deltas = metered(stream, timer, reservation)
     shaper = Shaper(rid, body.model, chat, ctx.tokenizer, params.logprobs, body.return_tokens_as_token_ids,
                     body.include_usage)
@@ -83,18 +82,17 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
 
 async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Principal) -> tuple | None:
     """Read and validate an admitted request's body, then tokenize its prompt and queue it in the
-    engine (:func:`_started`): (engine stream, body, sampling params, response id), or None when the
+    engine (:func:`_started`): (engine stream, its timer, body, sampling params, response id), or None when the
     client went away first.
 
     Raises:
         NloraError, RequestValidationError: see :func:`generate`.
     """
     try:
-        body = await asyncio.wait_for(request.body(), BODY_READ_SECONDS)
+        body = await _body(request, ctx.admission)
     except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
         return None
-    except TimeoutError:
-        raise BodyTimeout(f"the request body did not arrive within {BODY_READ_SECONDS:g} s of its headers") from None
+    timer = ctx.metrics.request("http")  # TTFT from here, as vLLM's: a slow upload is not the server's time
     data = parsed_json(body, request.headers.get("content-type"))
     model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, str):  # else the validation below refuses it
@@ -103,7 +101,32 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
     prompt, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     stream = await _unless_disconnected(request, _started(ctx, caller, body, prompt, params, rid))
-    return None if stream is None else (stream, body, params, rid)
+    return None if stream is None else (stream, timer, body, params, rid)
+
+
+async def _body(request: Request, admission: Admission) -> bytes:
+    """The request's body, read while the request holds its place.
+
+    Raises:
+        ClientDisconnect: the client went away first. BodyTimeout: it has not arrived
+            :data:`BODY_READ_SECONDS` after the headers. Draining: the server began to drain first
+            (a body held back would otherwise hold the shutdown for all of ``--drain-seconds``).
+    """
+    read = asyncio.ensure_future(request.body())
+    drain = asyncio.ensure_future(admission.drain_started.wait())
+    try:
+        await asyncio.wait((read, drain), timeout=BODY_READ_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        drain.cancel()
+        if not read.done():
+            read.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await read
+    if not read.cancelled():
+        return read.result()
+    if admission.draining:
+        raise Draining("server is shutting down and this request's body had not arrived; retry on another replica")
+    raise BodyTimeout(f"the request body did not arrive within {BODY_READ_SECONDS:g} s of its headers")
 
 
 async def _started(ctx: HttpContext, caller: Principal, body, prompt: str | list[int] | None,

@@ -125,6 +125,8 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code)  # every error body carries a code
+    if exc.status_code == 413:  # a body over the limit: counted as gRPC counts its TooLarge
+        _refused(request, "invalid_argument")
     return JSONResponse(error_body(str(exc.detail), exc.status_code, code=code), exc.status_code, exc.headers)
 
 

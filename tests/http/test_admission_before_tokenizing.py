@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from admission_harness import (CAPPED_KEY, FREE_KEY, HOLD, MAX_QUEUE, OTHER_KEY, QUOTA, HeldTokenizer,
                                admission_counts, wait_for, write_quota_tenants)
 from grpc_harness import server_factory, stop_all
-from http_harness import base_url
+from http_harness import base_url, headers_only, read_response
 from nlora_serve.serving import http_generate
 from nlora_serve.engine.api import max_prompt_bytes
 
@@ -127,36 +127,15 @@ def test_a_client_gone_while_waiting_for_the_tokenizer_gives_its_place_back(serv
     assert _idle(server)
 
 
-def _headers_only(server, key: str, content_length: int) -> socket.socket:
-    """A connection that sent a completion request's headers and holds its body back."""
-    sock = socket.create_connection(("127.0.0.1", server.server.http_port), timeout=10)
-    sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n").encode())
-    return sock
-
-
-def _response(sock: socket.socket) -> bytes:
-    """One whole HTTP response (headers and a Content-Length body) read from ``sock``."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return head + b"\r\n\r\n" + rest
-
-
 def test_over_its_quota_a_request_is_refused_before_its_body_is_read(server):
     # two requests hold capped-co's quota while their (up to 16 MiB) bodies are still on the way:
     # a third is refused at once and its body is never read; the held ones, gone mid-body, give
     # their places back
-    holding = [_headers_only(server, CAPPED_KEY, 15 << 20) for _ in range(QUOTA)]
+    holding = [headers_only(server, CAPPED_KEY, 15 << 20) for _ in range(QUOTA)]
     try:
         assert wait_for(lambda: admission_counts(server) == (QUOTA, {"capped-co": QUOTA})), admission_counts(server)
-        with _headers_only(server, CAPPED_KEY, 15 << 20) as third:
-            reply = _response(third)
+        with headers_only(server, CAPPED_KEY, 15 << 20) as third:
+            reply = read_response(third)
         assert reply.startswith(b"HTTP/1.1 429 "), reply[:200]
         assert b"max_concurrent_requests" in reply
     finally:
@@ -171,9 +150,9 @@ def test_a_body_held_back_past_the_deadline_is_408_and_gives_its_place_back(serv
     # the tenant's quota for ever
     monkeypatch.setattr(http_generate, "BODY_READ_SECONDS", 0.5)
     before = _timeouts(server)
-    with _headers_only(server, CAPPED_KEY, 100) as held:
+    with headers_only(server, CAPPED_KEY, 100) as held:
         assert wait_for(lambda: admission_counts(server) == (1, {"capped-co": 1})), admission_counts(server)
-        reply = _response(held)
+        reply = read_response(held)
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
     error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
     assert error["code"] == "body_timeout" and "did not arrive within 0.5 s" in error["message"]

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from grpc_harness import TENANT_KEYS
-from http_harness import client, scrape
+from http_harness import client, headers_only, read_response, scrape
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
@@ -70,3 +70,23 @@ def test_queue_full_is_429_and_draining_is_503_while_running_streams_finish(make
 def test_one_table_maps_failures_to_grpc_and_http(exc, want):
     assert (status_of(exc)[0], http_status_of(exc)[0]) == want
     assert status_of(exc)[1] == http_status_of(exc)[1]  # the same rejection reason either way
+
+
+def test_a_drain_answers_a_request_whose_body_never_came_503_at_once(make_http_server):
+    # a hostile tester's find: admitted before its body is read, a request whose body was held
+    # back kept the drain waiting all of --drain-seconds, then got a 500 when it was cancelled
+    server = make_http_server(drain_seconds=30)
+    with headers_only(server, TENANT_KEYS["base-co"], 100) as held:
+        deadline = time.monotonic() + 10
+        while server.server.admission.inflight != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.server.admission.inflight == 1
+        start = time.monotonic()
+        drained = asyncio.run_coroutine_threadsafe(server.server.shutdown(), server.loop).result(60)
+        took = time.monotonic() - start
+        reply = read_response(held)
+    assert reply.startswith(b"HTTP/1.1 503 "), reply[:200]
+    error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "draining" and "body had not arrived" in error["message"]
+    assert drained is True and took < 5, took
+    assert server.server.admission.inflight == 0
