@@ -108,8 +108,8 @@ class NloraServer:
         for version in adapter_versions(engine) or []:
             config.check_adapter_name(version.name)
         self.engine, self.config, self.auth = engine, config, auth
-        self.metrics = ServerMetrics(engine.stats, lambda: _residency(engine))
         self.admission = Admission(config.max_queue, config.tenant_queue_shares)
+        self.metrics = ServerMetrics(engine.stats, lambda: _residency(engine), lambda: self.admission.inflight)
         # request-size limits (grpc_limits.py): sized by what a legal request of this model can be,
         # which ServerConfig alone does not know
         self.limits = message_limits(_swap_shape(engine), max_prompt_bytes(tokenizer, engine.max_model_len),

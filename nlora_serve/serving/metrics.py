@@ -31,10 +31,14 @@ class ServerMetrics:
         engine_stats: returns the engine's ``stats()`` dict (running, waiting, kv_blocks_used,
             preemptions).
         adapter_residency: returns (adapters resident, bytes they hold in the compute dtype).
+        admitted: returns the requests the front ends' admission counts against ``--max-queue``
+            (reserved before the body is read or the prompt tokenized, given back when the request
+            ends); above running + waiting by the requests still being read or tokenized, so a
+            count that stays above them with the engine idle is a leak.
     """
 
     def __init__(self, engine_stats: Callable[[], dict[str, int]],
-                 adapter_residency: Callable[[], tuple[int, int]]):
+                 adapter_residency: Callable[[], tuple[int, int]], admitted: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         fe = ["frontend"]
@@ -65,6 +69,8 @@ class ServerMetrics:
                 self.rejected.labels(reason, frontend)
         gauges = {"nlora_requests_running": ("Requests in the running batch", lambda: engine_stats()["running"]),
                   "nlora_requests_waiting": ("Requests queued in the engine", lambda: engine_stats()["waiting"]),
+                  "nlora_requests_admitted": ("Requests counted against --max-queue (both front ends): running, "
+                                              "waiting, or being read or tokenized", admitted),
                   "nlora_kv_blocks_used": ("KV cache blocks in use", lambda: engine_stats()["kv_blocks_used"]),
                   "nlora_adapters_resident": ("Adapter versions in a pool slot", lambda: adapter_residency()[0]),
                   "nlora_adapter_bytes_resident": ("Bytes resident adapters hold", lambda: adapter_residency()[1])}

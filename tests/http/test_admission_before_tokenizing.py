@@ -134,6 +134,8 @@ def test_over_its_quota_a_request_is_refused_before_its_body_is_read(server):
     holding = [headers_only(server, CAPPED_KEY, 15 << 20) for _ in range(QUOTA)]
     try:
         assert wait_for(lambda: admission_counts(server) == (QUOTA, {"capped-co": QUOTA})), admission_counts(server)
+        # what an operator sees: admitted, but neither running nor waiting in the engine yet
+        assert [_sample(server, f"nlora_requests_{g}") for g in ("admitted", "running", "waiting")] == [QUOTA, 0, 0]
         with headers_only(server, CAPPED_KEY, 15 << 20) as third:
             reply = read_response(third)
         assert reply.startswith(b"HTTP/1.1 429 "), reply[:200]
@@ -162,8 +164,12 @@ def test_a_body_held_back_past_the_deadline_is_408_and_gives_its_place_back(serv
 
 
 def _timeouts(server) -> float:
-    """nlora_requests_rejected_total{reason="body_timeout", frontend="http"} from the HTTP port's /metrics."""
+    """nlora_requests_rejected_total{reason="body_timeout", frontend="http"}."""
+    return _sample(server, "nlora_requests_rejected_total", {"reason": "body_timeout", "frontend": "http"})
+
+
+def _sample(server, name: str, labels: dict | None = None) -> float:
+    """One sample of the HTTP port's /metrics."""
     text = requests.get(f"http://127.0.0.1:{server.server.http_port}/metrics", timeout=10).text
     return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "nlora_requests_rejected_total"
-                and s.labels == {"reason": "body_timeout", "frontend": "http"})
+                if s.name == name and s.labels == (labels or {}))
