@@ -64,7 +64,15 @@ class TokenizerTurns:
         self._users[tenant] = self._users.get(tenant, 0) + 1
         try:
             async with turn:
-                return await off_loop(fn, *args)
+                job = _TOKENIZER_THREAD.submit(fn, *args)
+                try:
+                    return await asyncio.wrap_future(job)
+                except asyncio.CancelledError:
+                    # the caller is gone; a job already running on the thread keeps the turn until it
+                    # ends, or the tenant's next job would queue beside it (two ahead of the others)
+                    if not job.cancel():
+                        await asyncio.wait([asyncio.wrap_future(job)])
+                    raise
         finally:
             self._users[tenant] -= 1
             if not self._users[tenant]:  # nobody waits: forget the tenant's lock
@@ -312,9 +320,3 @@ def adapter_versions(engine: Engine) -> list | None:
         return engine.adapters.versions()
     except NloraError:  # ``engine.adapters`` raises without an adapter store
         return None
-
-
-async def off_loop(fn: Callable, *args):
-    """``fn(*args)`` on the front ends' tokenizer thread (for chat rendering and prompt
-    tokenization), awaited; its exception, if any, is raised here."""
-    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_THREAD, fn, *args)

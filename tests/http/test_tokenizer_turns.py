@@ -7,15 +7,18 @@ tokenizing at most) and each tenant's prompts go to the thread one at a time (To
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import threading
 import time
 
+import pytest
 import requests
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from http_harness import base_url
+from nlora_serve.serving.frontend import TokenizerTurns
 
 
 def _complete(server, key: str, prompt: str) -> int:
@@ -53,3 +56,34 @@ def test_another_tenant_is_tokenized_before_a_busy_tenants_queue(http_server, mo
     # the heavy tenant's whole queue (which a single FIFO thread did: order heavy 0, 1, 2, 3, light)
     assert order[:2] == [heavy[0], "light prompt"], order
     assert sorted(order[2:]) == heavy[1:]
+
+
+def test_a_cancelled_job_still_running_keeps_its_tenants_turn():
+    # a hostile tester's reading: a client gone while its prompt was on the thread freed its tenant's
+    # turn, so the tenant's next prompt queued beside the running one, two ahead of other tenants
+    started, release, order = threading.Event(), threading.Event(), []
+
+    def job(name: str) -> str:
+        order.append(name)
+        if name == "a1":
+            started.set()
+            release.wait(30)
+        return name
+
+    async def scenario() -> None:
+        turns = TokenizerTurns()
+        a1 = asyncio.create_task(turns.run("a", job, "a1"))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
+        a1.cancel()  # a1 is running on the thread: it cannot stop
+        await asyncio.sleep(0.05)
+        a2 = asyncio.create_task(turns.run("a", job, "a2"))
+        await asyncio.sleep(0.05)
+        b1 = asyncio.create_task(turns.run("b", job, "b1"))
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await b1 == "b1" and await a2 == "a2"
+        with pytest.raises(asyncio.CancelledError):
+            await a1
+
+    asyncio.run(scenario())
+    assert order == ["a1", "b1", "a2"], order
