@@ -6,14 +6,14 @@ draining (503), the bounded queue and the tenant's quota and queue share (429), 
 is read: from here the request holds its place in the queue (a Reservation, given back however it
 ends, the client's going away included), so a tenant's bodies in memory and prompts waiting for the
 tokenizer are bounded by its quota and share, and a refused body is never read; then the body (408
-when it has not arrived :data:`BODY_READ_SECONDS` after the headers), ``model`` -> adapter and grant
-(403, before the name is looked up and before the other fields are validated), JSON and fields
-(400), the prompt (400: empty, too long, a bad message; only now is it tokenized or the chat
-rendered), then the engine: a prompt plus max_tokens over max_model_len (400, vLLM's words), unknown
-model (404, never the base model instead), no adapter slot (429). (gRPC decides the queue after the
-fields: its message has arrived whole by then.) Each refusal is counted in
-``nlora_requests_rejected_total{frontend="http"}``. Errors have OpenAI's shape ``{"error":
-{"message", "type", "param", "code"}}`` with ``code`` our rejection reason.
+when it has not arrived :data:`BODY_READ_SECONDS` after the headers, 503 when the server begins to
+drain first), ``model`` -> adapter and grant (403, before the name is looked up and before the other
+fields are validated), JSON and fields (400), the prompt (400: empty, too long, a bad message; only
+now is it tokenized or the chat rendered), then the engine: a prompt plus max_tokens over
+max_model_len (400, vLLM's words), unknown model (404, never the base model instead), no adapter
+slot (429). (gRPC decides the queue after the fields: its message has arrived whole by then.) Each
+refusal is counted in ``nlora_requests_rejected_total{frontend="http"}``. Errors have OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}`` with ``code`` our rejection reason.
 
 A request the engine aborts for a reason (a forced unload of its adapter, engine shutdown) ends
 with that reason: a 409 error (code "aborted") for a whole response, an error event
