@@ -39,3 +39,14 @@ def number_arg(low: float | None = None, *, above: bool = False):
 
     number.__name__ = "number"  # argparse's "invalid number value: 'x'"
     return number
+
+
+def out_dir_arg(text: str) -> str:
+    """argparse type: an output folder's path, not empty (``Path('')`` is the current folder, so an
+    unset shell variable in ``--out "$DIR"`` wrote an adapter or a family into the cwd)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder; got an empty path")
+    return text
+
+
+out_dir_arg.__name__ = "folder"

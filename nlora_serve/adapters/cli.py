@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nlora_serve.arg_types import integer_arg, number_arg, unsigned_arg
+from nlora_serve.arg_types import integer_arg, number_arg, out_dir_arg, unsigned_arg
 from nlora_serve.errors import AdapterError, NloraError
 
 
@@ -105,14 +105,16 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
                    help="RNG seed for slora, in [0, 2^64) as torch takes it (default: %(default)s)")
     p.add_argument("--tied-form", action="store_true",
                    help="write the compact tied form (lora_N only + family key); nlora variants only")
-    p.add_argument("--out", required=True, help="output directory (created; must not hold an adapter)")
+    p.add_argument("--out", type=out_dir_arg, required=True,
+                   help="output directory (created; must not hold an adapter)")
     p.set_defaults(func=_init)
 
     p = subparsers.add_parser("convert", help="NLoRA -> plain LoRA (fold N into B) or LoRA -> NLoRA (N = I)",
                               description="Convert SRC exactly (up to float rounding) and write the full form.")
     p.add_argument("src", help="source adapter directory")
     p.add_argument("--to", choices=["lora", "nlora"], required=True, help="target form")
-    p.add_argument("--out", required=True, help="output directory (created; must not hold an adapter)")
+    p.add_argument("--out", type=out_dir_arg, required=True,
+                   help="output directory (created; must not hold an adapter)")
     _common(p)
     p.set_defaults(func=_convert)
 

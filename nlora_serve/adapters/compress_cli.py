@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nlora_serve.arg_types import integer_arg, number_arg
+from nlora_serve.arg_types import integer_arg, number_arg, out_dir_arg
 from nlora_serve.errors import AdapterError
 
 DEFAULT_ADD_THRESHOLD = 0.5  # --add refuses a mean relative error above this unless --force
@@ -52,8 +52,11 @@ def _device(choice: str) -> str:
 def _compress(args, base, dirs, adapters, out: Path):
     from tqdm import tqdm
 
-    from nlora_serve.adapters.compress_family import compress_adapters, write_family
+    from nlora_serve.adapters.compress_family import check_collection, check_rank, compress_adapters, write_family
 
+    check_collection(adapters)
+    for rank, flag in [(args.rank, "--rank"), *((r, "--sweep") for r in args.sweep or [])]:
+        check_rank(adapters, rank, flag)  # before any work, the sweep's ranks included
     sites = len(next(iter(adapters.values())).sites)
     device = _device(args.device)
     with tqdm(total=sites, desc=f"compress R={args.rank} on {device}", unit="site") as bar:
@@ -217,7 +220,8 @@ def add_compress_subcommand(subparsers: argparse._SubParsersAction) -> None:
                     "reconstruction error per module; greedy token agreement and next-token KL against PEFT's "
                     "outputs of the uncompressed adapters on held prompts) and saves it as JSON.")
     p.add_argument("dirs", nargs="+", help="adapter folders, or folders of adapter folders (member name = folder name)")
-    p.add_argument("--out", required=True, help="the family folder (created; with --add, an existing family)")
+    p.add_argument("--out", type=out_dir_arg, required=True,
+                   help="the family folder (created; with --add, an existing family)")
     p.add_argument("--rank", type=integer_arg(1), default=32, help="family rank R (default: %(default)s)")
     p.add_argument("--sweep", type=integer_arg(1), nargs="*", default=None,
                    help="also compress at these ranks and print the error-vs-R trade-off (e.g. 8 16 64)")

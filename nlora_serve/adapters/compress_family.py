@@ -72,6 +72,20 @@ def check_collection(adapters: dict[str, Adapter]) -> list[Site]:
     return list(first.sites)
 
 
+def check_rank(adapters: dict[str, Adapter], rank: int, flag: str = "rank") -> None:
+    """Refuse a family rank above min(in, out) of every site: rows past it could only be zero, and
+    an unbounded R allocated R x in factors (``--rank 100000``: a 160 GB allocation failed deep in torch).
+
+    Raises:
+        AdapterError: ``rank`` over that bound (``flag`` names the option).
+    """
+    first = next(iter(adapters.values()))
+    limit = max(min(w.A.shape[1], w.B.shape[0]) for w in first.sites.values())
+    if rank > limit:
+        raise AdapterError(f"{flag} {rank} exceeds {limit}, the most any adapted module's shape can hold "
+                           "(min(in, out) of the largest site)")
+
+
 def compress_adapters(adapters: dict[str, Adapter], rank: int, *, iters: int = 2,
                       device: str | torch.device = "cpu", progress=None) -> CompressedFamily:
     """Compress ``adapters`` (name -> adapter, read against one base) into one family of rank R.
@@ -83,9 +97,10 @@ def compress_adapters(adapters: dict[str, Adapter], rank: int, *, iters: int = 2
         progress: an optional callable(site) invoked after each site (a tqdm update).
 
     Raises:
-        AdapterError: see :func:`check_collection`; ValueError for rank < 1.
+        AdapterError: see :func:`check_collection` and :func:`check_rank`; ValueError for rank < 1.
     """
     sites = check_collection(adapters)
+    check_rank(adapters, rank)
     on_cpu = torch.device(device).type == "cpu"
     dtype = torch.float64 if on_cpu else torch.float32
     threads = torch.get_num_threads()

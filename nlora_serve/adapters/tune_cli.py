@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from nlora_serve.arg_types import integer_arg, number_arg, unsigned_arg
+from nlora_serve.arg_types import integer_arg, number_arg, out_dir_arg, unsigned_arg
 
 DESCRIPTION = """\
 IntTune (NLoRA, arXiv 2502.14482): Nystrom-initialise every targeted projection (A = W[:r,:],
@@ -72,9 +72,9 @@ def add_tune_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default",
                    help="base model: 'default', a Hugging Face model directory or a .gguf file (default: %(default)s)")
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help="training examples (see above)")
-    p.add_argument("--out", required=True, metavar="DIR",
+    p.add_argument("--out", type=out_dir_arg, required=True, metavar="DIR",
                    help="output directory for the compact tied form (created; must not hold an adapter)")
-    p.add_argument("--also-full-form", default=None, metavar="DIR",
+    p.add_argument("--also-full-form", type=out_dir_arg, default=None, metavar="DIR",
                    help="also write the full reference layout (lora_A, lora_N, lora_B) to DIR, for PEFT-style tools")
     p.add_argument("--rank", type=integer_arg(1), default=16,
                    help="rank r of every adapted projection (default: %(default)s)")

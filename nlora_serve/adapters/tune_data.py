@@ -58,6 +58,9 @@ def _messages(line: str, where: str) -> list[dict]:
     if (isinstance(msgs, list) and msgs and any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs)
             and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in msgs)):
+        if msgs[0]["role"] == "assistant":  # encode() renders the turns before each assistant turn
+            raise AdapterError(f"{where}: the first turn is the assistant's; a chat starts with a system or "
+                               "user turn (each assistant turn is learned as the answer to the turns before it)")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
     raise AdapterError(f"{where}: expected {{\"prompt\": str, \"response\": str}} or {{\"messages\": "
                        "[{\"role\": str, \"content\": str}, ...]}} with an assistant turn")

@@ -128,3 +128,16 @@ def test_integer_flags_out_of_range_are_argparse_errors(tmp_path, capsys, argv, 
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"nlora-serve adapters {argv[0]}: error: argument {flag}: must be {expected}; got {value}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["convert", "x", "--to", "lora"], ["init", "--rank", "4"], ["compress", "x"]])
+def test_an_empty_out_is_a_usage_error_not_the_current_folder(argv, capsys, tmp_path, monkeypatch):
+    # a hostile tester's find: --out '' is Path('.'): convert wrote a 19.6 MB adapter and compress a
+    # family into the current folder, exit 0
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", ""])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"nlora-serve adapters {argv[0]}: error: argument --out: must name a folder; got an empty path")
+    assert not list(tmp_path.iterdir())

@@ -142,6 +142,11 @@ def test_read_examples_accepts_both_shapes_and_names_bad_lines(tmp_path):
     deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(AdapterError, match=r"deep.jsonl:1: not JSON"):
         read_examples(deep)
+    first = tmp_path / "first.jsonl"  # an assistant turn with nothing before it: named, not a template ValueError
+    first.write_text('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"},'
+                     ' {"role": "assistant", "content": "c"}]}\n')
+    with pytest.raises(AdapterError, match=r"first.jsonl:1: the first turn is the assistant's"):
+        read_examples(first)
     binary = tmp_path / "binary.jsonl"  # not UTF-8: an AdapterError, not a UnicodeDecodeError
     binary.write_bytes(b"\xff\xfe\n")
     with pytest.raises(AdapterError, match=r"binary.jsonl: cannot read training data .*utf-8"):
@@ -172,6 +177,14 @@ def test_config_validation_and_schedule():
     f = cosine_schedule(warmup=2, total=10)
     assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]
     assert f(6) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("argv", [["--out", ""], ["--out", "x", "--also-full-form", " "]])
+def test_an_empty_output_path_is_a_usage_error_before_any_work(argv, capsys, tmp_path):
+    # a hostile tester's find: --out '' is Path('.'), so convert and compress wrote into the cwd
+    with pytest.raises(SystemExit) as exit_:
+        tune_main(["tune", "--data", str(tmp_path / "missing.jsonl"), *argv])
+    assert exit_.value.code == 2 and "must name a folder; got an empty path" in capsys.readouterr().err
 
 
 def test_help_lists_every_flag(capsys):

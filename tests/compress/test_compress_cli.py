@@ -66,6 +66,16 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     assert f"--out {out} is a file" in capsys.readouterr().err and out.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("extra, words", [(["--rank", "577"], "--rank 577 exceeds 576"),
+                                          (["--rank", "8", "--sweep", "4", "100000"], "--sweep 100000 exceeds 576")])
+def test_a_rank_no_site_can_hold_is_refused_before_any_work(tmp_path, capsys, extra, words):
+    # a hostile tester's find: --rank 100000 failed deep in torch allocating 160 GB (a traceback);
+    # the default model's sites hold at most min(576, 576) = 576 (q/o/up/down; k/v 192)
+    out = tmp_path / "fam"
+    assert main(["compress", str(TRAINED), "--out", str(out), "--no-eval", *extra]) == 2
+    assert words in capsys.readouterr().err and not out.exists()
+
+
 def test_add_projects_and_refuses_what_does_not_fit(tmp_path, base_fp32, capsys):
     out = tmp_path / "fam"
     assert main(["compress", str(TRAINED), "--out", str(out), "--rank", "32", "--no-eval"]) == 0
