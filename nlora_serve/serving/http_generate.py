@@ -112,16 +112,7 @@ async def _body(request: Request, admission: Admission) -> bytes:
             :data:`BODY_READ_SECONDS` after the headers. Draining: the server began to drain first
             (a body held back would otherwise hold the shutdown for all of ``--drain-seconds``).
     """
-    read = asyncio.ensure_future(request.body())
-    drain = asyncio.ensure_future(admission.drain_started.wait())
-    try:
-        await asyncio.wait((read, drain), timeout=BODY_READ_SECONDS, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        drain.cancel()
-        if not read.done():
-            read.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await read
+    read = await _unless(request.body(), admission.drain_started.wait(), BODY_READ_SECONDS)
     if not read.cancelled():
         return read.result()
     if admission.draining:
@@ -212,17 +203,25 @@ class EngineStreamResponse(StreamingResponse):
 async def _unless_disconnected(request: Request, work: Awaitable):
     """``await work``, unless the client disconnects first: then ``work`` is cancelled (closing the
     engine stream it reads) and None is returned."""
+    task = await _unless(work, _disconnect(request))
+    return None if task.cancelled() else task.result()
+
+
+async def _unless(work: Awaitable, rival: Awaitable, timeout: float | None = None) -> asyncio.Future:
+    """Run ``work`` until it ends, ``rival`` ends or ``timeout`` seconds pass, whichever is first;
+    ``work`` is cancelled (and awaited) in the latter cases, ``rival`` in every case. Returns
+    ``work``'s task, done: cancelled, or holding its result or exception."""
     task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnect(request))
+    other = asyncio.ensure_future(rival)
     try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((task, other), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        gone.cancel()
+        other.cancel()
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    return None if task.cancelled() else task.result()
+    return task
 
 
 async def _disconnect(request: Request) -> None:

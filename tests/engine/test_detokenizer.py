@@ -15,8 +15,9 @@ def tokenizer(base_fp32):
     return base_fp32.tokenizer()
 
 
-def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[list[str], IncrementalDetokenizer]:
-    detok = IncrementalDetokenizer(tokenizer, stop=stop)
+def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = (),
+           **options) -> tuple[list[str], IncrementalDetokenizer]:
+    detok = IncrementalDetokenizer(tokenizer, stop=stop, **options)
     deltas = []
     for t in ids:
         deltas.append(detok.add(t))
@@ -128,12 +129,6 @@ def test_stop_strings_count_only_past_the_min_tokens_text(tokenizer, fast, text,
     of the first min_tokens tokens; ``want`` None = no stop, the whole text. Expected cuts by hand."""
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids) == text
-    detok = IncrementalDetokenizer(tokenizer, stop=(stop,), fast=fast, min_tokens=min_tokens)
-    deltas = []
-    for t in ids:
-        deltas.append(detok.add(t))
-        if detok.stopped:
-            break
-    deltas.append(detok.flush())
+    deltas, detok = stream(tokenizer, ids, (stop,), fast=fast, min_tokens=min_tokens)
     assert detok.stopped == (want is not None)
     assert "".join(deltas) == (text if want is None else want)

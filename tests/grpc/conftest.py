@@ -6,6 +6,7 @@ import pytest
 
 # a uniquely named module: "conftest" is ambiguous
 from grpc_harness import server_factory, stop_all, write_tenants_file
+from nlora_serve.serving import grpc_decode
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +34,19 @@ def make_module_server(base_fp32, tokenizer, tmp_path_factory):
     make, running = server_factory(base_fp32, tokenizer, tmp_path_factory.mktemp("grpc"))
     yield make
     stop_all(running)
+
+
+@pytest.fixture
+def parsed(monkeypatch):
+    """(method, bytes) of every request message handed to the protobuf parser (a spy on grpc_decode)."""
+    seen, real_parser = [], grpc_decode._parser
+
+    def spy(deserialize, method):
+        parse = real_parser(deserialize, method)
+
+        async def recorded(raw, context):
+            seen.append((method, len(raw)))
+            return await parse(raw, context)
+        return recorded
+    monkeypatch.setattr(grpc_decode, "_parser", spy)
+    return seen

@@ -220,27 +220,15 @@ def test_base_model_that_is_not_a_json_boolean_is_refused(tmp_path, value):
     assert not Authenticator.from_file(path).authenticate([("authorization", "Bearer k")]).may_use(None)
 
 
-def test_calls_without_a_valid_key_are_refused_before_their_request_is_read(server, monkeypatch):
+def test_calls_without_a_valid_key_are_refused_before_their_request_is_read(server, parsed):
     """Round-four hostile review: four 200 MiB Generate requests with no key were received and
     parsed whole (+2.1 GB) before the servicer looked at the key. KeyFirst refuses on the metadata:
-    the request is never parsed (the spy below sees no call), and the refusal reads as before."""
+    the request is never parsed (the parser spy sees no call), and the refusal reads as before."""
     import grpc
 
     from nlora_serve.proto import nlora_pb2 as pb
     from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
-    from nlora_serve.serving import grpc_decode
 
-    parsed = []
-    real_parser = grpc_decode._parser
-
-    def spy(deserialize, method):
-        parse = real_parser(deserialize, method)
-
-        async def recorded(raw, context):
-            parsed.append((method, len(raw)))
-            return await parse(raw, context)
-        return recorded
-    monkeypatch.setattr(grpc_decode, "_parser", spy)
     big = pb.GenerateRequest(text="x" * (20 << 20), sampling=pb.SamplingParams(max_tokens=1))
     with grpc.insecure_channel(server.target) as channel:
         generation, admin = pb_grpc.GenerationStub(channel), pb_grpc.AdapterAdminStub(channel)

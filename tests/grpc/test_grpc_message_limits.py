@@ -21,7 +21,6 @@ from nlora_serve.client.messages import generate_request
 from nlora_serve.models.spec import PROJECTIONS
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
-from nlora_serve.serving import grpc_decode
 from nlora_serve.serving.grpc_limits import message_limits
 from serving_check import CASES
 
@@ -39,22 +38,6 @@ GENERATE = "/nlora_serve.v1.Generation/Generate"
 
 def _md(key: str) -> tuple:
     return (("authorization", f"Bearer {key}"),)
-
-
-@pytest.fixture
-def parsed(monkeypatch):
-    """(method, bytes) of every request message handed to the protobuf parser."""
-    seen, real_parser = [], grpc_decode._parser
-
-    def spy(deserialize, method):
-        parse = real_parser(deserialize, method)
-
-        async def recorded(raw, context):
-            seen.append((method, len(raw)))
-            return await parse(raw, context)
-        return recorded
-    monkeypatch.setattr(grpc_decode, "_parser", spy)
-    return seen
 
 
 def test_the_limits_for_the_default_model_are_the_hand_computed_numbers(make_server, base_fp32):
