@@ -18,7 +18,7 @@ from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.compress import LowRank, compress_module, project_module
 from nlora_serve.adapters.config import CONFIG_NAME
 from nlora_serve.adapters.family import FamilyFactors, make_factors, member_header, write_factors
-from nlora_serve.adapters.format import write_dir
+from nlora_serve.adapters.writing import write_dir
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, tensor_key
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.errors import AdapterError

@@ -29,7 +29,8 @@ import torch
 
 from nlora_serve.adapters import durable
 from nlora_serve.adapters.config import FAMILY_FORMAT
-from nlora_serve.adapters.format import _atomic_write, read_bytes
+from nlora_serve.adapters.format import read_bytes
+from nlora_serve.adapters.writing import _atomic_write
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, group_keys, tensor_key
 from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES, FAMILIES
 from nlora_serve.errors import AdapterError

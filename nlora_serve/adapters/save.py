@@ -10,7 +10,8 @@ import torch
 
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.config import CONFIG_NAME, TIED_FORMAT
-from nlora_serve.adapters.format import WEIGHTS_NAME, write_dir
+from nlora_serve.adapters.format import WEIGHTS_NAME
+from nlora_serve.adapters.writing import write_dir
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, tensor_key
 from nlora_serve.adapters.tied import TIED_INIT
 from nlora_serve.errors import AdapterError
