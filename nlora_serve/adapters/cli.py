@@ -34,7 +34,9 @@ def _init(args: argparse.Namespace) -> int:
     from nlora_serve.adapters.inspect import format_report, report_for
     from nlora_serve.adapters.nystrom import init_adapter
     from nlora_serve.adapters.save import write_adapter
+    from nlora_serve.adapters.writing import check_out_dir
 
+    check_out_dir(args.out)  # before the base model loads
     targets = args.targets[0] if args.targets == ["all-linear"] else args.targets
     zero_n = args.variant != "slora" and not args.training_start
     adapter = init_adapter(_base(args), rank=args.rank, targets=targets, variant=args.variant,
@@ -54,7 +56,9 @@ def _init(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from nlora_serve.adapters.convert import convert_dir
     from nlora_serve.adapters.inspect import format_report, report_for
+    from nlora_serve.adapters.writing import check_out_dir
 
+    check_out_dir(args.out)  # before the base model loads
     adapter = convert_dir(args.src, args.to, args.out, _base(args), max_rank=args.max_rank)
     print(format_report(report_for(adapter, args.out)))
     return 0

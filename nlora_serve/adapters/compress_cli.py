@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -49,10 +50,10 @@ def _device(choice: str) -> str:
     return choice
 
 
-def _compress(args, base, dirs, adapters, out: Path):
+def _compress(args, adapters):
     from tqdm import tqdm
 
-    from nlora_serve.adapters.compress_family import check_collection, check_rank, compress_adapters, write_family
+    from nlora_serve.adapters.compress_family import check_collection, check_rank, compress_adapters
 
     check_collection(adapters)
     for rank, flag in [(args.rank, "--rank"), *((r, "--sweep") for r in args.sweep or [])]:
@@ -67,7 +68,6 @@ def _compress(args, base, dirs, adapters, out: Path):
         other = compress_adapters(adapters, rank, iters=args.iters, device=device)
         tradeoff.append((rank, _mean_error(other.errors)))
     tradeoff = sorted(tradeoff + [(args.rank, _mean_error(family.errors))])
-    write_family(out, family, full=args.full_form)
     return family.factors, family.members, family.errors, family.seconds, tradeoff
 
 
@@ -77,7 +77,7 @@ def _mean_error(errors: dict) -> float:
 
 
 def _add(args, base, adapters, out: Path):
-    from nlora_serve.adapters.compress_family import project_adapter, write_member
+    from nlora_serve.adapters.compress_family import project_adapter
     from nlora_serve.adapters.family import FAMILIES_DIR, FamilyResolver
 
     keys = sorted(d.name for d in (out / FAMILIES_DIR).iterdir()) if (out / FAMILIES_DIR).is_dir() else []
@@ -93,8 +93,6 @@ def _add(args, base, adapters, out: Path):
             raise AdapterError(f"adapter {name!r}: mean relative error {mean:.3f} on the family's basis is over "
                                f"--threshold {args.threshold}; it does not fit this family (recompress the "
                                "collection with it, or pass --force)")
-    for name, n in members.items():
-        write_member(out, name, factors, n, full=args.full_form)
     return factors, members, errors, 0.0, []
 
 
@@ -160,12 +158,18 @@ def _off_merged(model, deltas, cr):
 def run(args: argparse.Namespace) -> int:
     """The subcommand: compress (or --add), write the family, print and save the report.
 
+    Nothing is written before the compression and the quality report are done; then the family,
+    its members and the report are written all or nothing.
+
     Raises:
-        AdapterError: ``--out`` is an existing file (checked before any work), or see the steps.
+        AdapterError: checked before any work: ``--out`` is a file, an adapter or not writable, a
+            member folder there already holds an adapter, ``--json`` or ``--prompts`` is unusable;
+            or see the steps.
     """
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise AdapterError(f"--out {out} is a file; the family is written as a folder there")
+    from nlora_serve.adapters.writing import check_out_dir
+
+    check_out_dir(Path(args.out), "--out")
+    _check_file_args(args)
     threads = torch.get_num_threads()
     try:
         if args.threads:
@@ -179,17 +183,20 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nlora_serve.adapters import compress_report as cr
+    from nlora_serve.adapters.compress_family import CompressedFamily, check_members, write_family
     from nlora_serve.adapters.loader import read_adapter
+    from nlora_serve.adapters.writing import Undo, atomic_write
     from nlora_serve.models import load_base
 
     base = load_base(args.model, torch.float32, cache_dir=getattr(args, "cache_dir", None))
     dirs = adapter_dirs(args.dirs)
-    adapters = {d.name: read_adapter(d, base, max_rank=args.max_rank) for d in tqdm(dirs, desc="read", unit="adapter")}
     out = Path(args.out)
+    check_members(out, [d.name for d in dirs])
+    adapters = {d.name: read_adapter(d, base, max_rank=args.max_rank) for d in tqdm(dirs, desc="read", unit="adapter")}
     if args.add:
         factors, members, errors, seconds, tradeoff = _add(args, base, adapters, out)
     else:
-        factors, members, errors, seconds, tradeoff = _compress(args, base, dirs, adapters, out)
+        factors, members, errors, seconds, tradeoff = _compress(args, adapters)
     rows = _quality(args, base, dirs, adapters, factors, members, errors)
     member_bytes = len(factors.sites) * factors.rank ** 2 * 4
     source = {n: a.full_bytes() for n, a in adapters.items()}
@@ -205,9 +212,30 @@ def _run(args: argparse.Namespace) -> int:
               "member_bytes": member_bytes, "source_bytes": source, "compress_seconds": seconds,
               "tradeoff": [{"rank": r, "mean_rel_error": e} for r, e in tradeoff], "adapters": cr.as_json(rows)}
     path = Path(args.json) if args.json else out / f"compress_report{'_add' if args.add else ''}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    with Undo() as undo:
+        write_family(out, CompressedFamily(factors, members, errors), full=args.full_form, undo=undo)
+        try:
+            if not path.exists():  # a report of an earlier run is replaced whole, or kept on a failure
+                undo.created(path)
+            atomic_write(path, lambda p: Path(p).write_text(json.dumps(report, indent=2) + "\n"))
+        except OSError as exc:
+            raise AdapterError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
     print(f"wrote {out} and {path}")
     return 0
+
+
+def _check_file_args(args) -> None:
+    """``--json``'s folder exists and ``--prompts`` is a readable file, before any work.
+
+    Raises:
+        AdapterError: naming the option.
+    """
+    if args.json:
+        report = Path(args.json)
+        if report.is_dir() or not report.parent.is_dir():
+            raise AdapterError(f"--json {report}: expected a file path in an existing folder")
+    if args.prompts and not (Path(args.prompts).is_file() and os.access(args.prompts, os.R_OK)):
+        raise AdapterError(f"--prompts {args.prompts}: not a readable file")
 
 
 def add_compress_subcommand(subparsers: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.compress import LowRank, compress_module, project_module
 from nlora_serve.adapters.config import CONFIG_NAME
 from nlora_serve.adapters.family import FamilyFactors, make_factors, member_header, write_factors
-from nlora_serve.adapters.writing import write_dir
+from nlora_serve.adapters.writing import Undo, check_out_dir, write_dir
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, tensor_key
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.errors import AdapterError
@@ -148,11 +148,12 @@ def member_config(factors: FamilyFactors) -> dict:
 
 
 def write_member(out: Path, name: str, factors: FamilyFactors, n: dict[Site, torch.Tensor], *,
-                 full: bool = False) -> Path:
+                 full: bool = False, undo: Undo | None = None) -> Path:
     """``out/<name>/``: the member's config and its N-only weights (refuses to overwrite).
 
     ``full``: also lora_A = A_f and lora_B = B_f (the full form, self-contained: what ``adapters
-    upload`` sends; the server stores it compact and writes the factors once).
+    upload`` sends; the server stores it compact and writes the factors once). ``undo``: as
+    :func:`~nlora_serve.adapters.writing.write_dir`.
     """
     validate_name(name)
     tensors = {tensor_key(layer, module, PART_N): n[(layer, module)].to(torch.float32) for layer, module in n}
@@ -160,14 +161,39 @@ def write_member(out: Path, name: str, factors: FamilyFactors, n: dict[Site, tor
         for (layer, module), (a, b) in factors.sites.items():
             tensors[tensor_key(layer, module, PART_A)] = a
             tensors[tensor_key(layer, module, PART_B)] = b
-    return write_dir(Path(out) / name, member_config(factors), tensors)
+    return write_dir(Path(out) / name, member_config(factors), tensors, undo=undo)
 
 
-def write_family(out: Path, family: CompressedFamily, *, full: bool = False) -> Path:
-    """Write the factors once and every member under ``out``; returns the factors' file path."""
-    path = write_factors(Path(out), family.factors)
-    for name, n in family.members.items():
-        write_member(out, name, family.factors, n, full=full)
+def check_members(out: Path, names) -> None:
+    """Refuse, before any work, a member folder under ``out`` that already holds an adapter.
+
+    Raises:
+        AdapterError: as :func:`~nlora_serve.adapters.writing.check_out_dir`, naming the member.
+    """
+    for name in names:
+        validate_name(name)
+        check_out_dir(Path(out) / name, f"member {name!r} folder")
+
+
+def write_family(out: Path, family: CompressedFamily, *, full: bool = False, undo: Undo | None = None) -> Path:
+    """Write the factors once and every member under ``out``, all or nothing; returns the factors'
+    file path.
+
+    Raises:
+        AdapterError: a member folder already holds an adapter (checked before anything is
+            written), or a write failed (what this call wrote is removed again).
+    """
+    check_members(out, family.members)
+    mine = Undo()
+    try:
+        with mine:
+            path = write_factors(Path(out), family.factors, mine)
+            for name, n in family.members.items():
+                write_member(out, name, family.factors, n, full=full, undo=mine)
+    except OSError as exc:
+        raise AdapterError(f"{out}: cannot write the family ({exc.strerror or exc})") from None
+    if undo is not None:
+        undo.adopt(mine)
     return path
 
 

@@ -30,7 +30,7 @@ import torch
 from nlora_serve.adapters import durable
 from nlora_serve.adapters.config import FAMILY_FORMAT
 from nlora_serve.adapters.format import read_bytes
-from nlora_serve.adapters.writing import _atomic_write
+from nlora_serve.adapters.writing import Undo, atomic_write, make_dirs
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, group_keys, tensor_key
 from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES, FAMILIES
 from nlora_serve.errors import AdapterError
@@ -123,15 +123,27 @@ def family_file(root: Path, key: str) -> Path:
     return Path(root) / FAMILIES_DIR / key / FACTORS_FILE
 
 
-def write_factors(root: Path, factors: FamilyFactors) -> Path:
+def write_factors(root: Path, factors: FamilyFactors, undo: Undo | None = None) -> Path:
     """Write the factors under ``root`` once (atomic: temp file, fsync, rename); a no-op when the
-    family is already there. Returns the file's path."""
+    family is already there. Returns the file's path.
+
+    Args:
+        undo: where to record what was created (the command's other output fails: removed again).
+
+    Raises:
+        OSError: the folder or the file cannot be written (the caller names its context).
+    """
     path = family_file(root, factors.key)
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = factors_bytes(factors)
-    _atomic_write(path, lambda p: Path(p).write_bytes(data))
+    mine = Undo()
+    with mine:
+        make_dirs(path.parent, mine)
+        mine.created(path)
+        atomic_write(path, lambda p: Path(p).write_bytes(data))
+    if undo is not None:
+        undo.adopt(mine)
     return path
 
 

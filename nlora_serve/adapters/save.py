@@ -11,7 +11,7 @@ import torch
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.config import CONFIG_NAME, TIED_FORMAT
 from nlora_serve.adapters.format import WEIGHTS_NAME
-from nlora_serve.adapters.writing import write_dir
+from nlora_serve.adapters.writing import Undo, write_dir
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, tensor_key
 from nlora_serve.adapters.tied import TIED_INIT
 from nlora_serve.errors import AdapterError
@@ -53,14 +53,16 @@ def tensor_dict(adapter: Adapter, *, tied_form: bool = False, dtype: torch.dtype
 
 
 def write_adapter(adapter: Adapter, out_dir: str | Path, *, tied_form: bool = False,
-                  dtype: torch.dtype | None = None) -> Path:
-    """Write ``adapter`` to ``out_dir`` (adapter_config.json + adapter_model.safetensors).
+                  dtype: torch.dtype | None = None, undo: Undo | None = None) -> Path:
+    """Write ``adapter`` to ``out_dir`` (adapter_config.json + adapter_model.safetensors), all or
+    nothing; ``undo`` as :func:`~nlora_serve.adapters.writing.write_dir`.
 
     Raises:
-        AdapterError: see :func:`tensor_dict`; ``out_dir`` already holds an adapter.
+        AdapterError: see :func:`tensor_dict` and :func:`~nlora_serve.adapters.writing.write_dir`
+            (``out_dir`` already holds an adapter, or cannot be written).
     """
     tensors = tensor_dict(adapter, tied_form=tied_form, dtype=dtype)
-    return write_dir(Path(out_dir), config_dict(adapter, tied_form=tied_form), tensors)
+    return write_dir(Path(out_dir), config_dict(adapter, tied_form=tied_form), tensors, undo=undo)
 
 
 def compact_tied_files(adapter: Adapter, weights: bytes) -> dict[str, bytes] | None:

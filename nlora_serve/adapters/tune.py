@@ -25,14 +25,13 @@ from torch import nn
 from tqdm import tqdm
 
 from nlora_serve.adapters.adapter import Adapter, SiteWeights
-from nlora_serve.adapters.config import CONFIG_NAME
-from nlora_serve.adapters.format import WEIGHTS_NAME
 from nlora_serve.adapters.loader import assemble_adapter
 from nlora_serve.adapters.nystrom import init_adapter
 from nlora_serve.adapters.save import write_adapter
-from nlora_serve.adapters.tune_data import IGNORE, collate, encode, read_examples, split
+from nlora_serve.adapters.tune_data import IGNORE, collate, encode, split
 from nlora_serve.adapters.unlikelihood import (compile_pattern, unlikelihood_sum, unlikely_mass,
                                                unlikely_token_mask)
+from nlora_serve.adapters.writing import Undo, check_out_dir
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel, load_hf_model
 from nlora_serve.models.spec import ModelSpec
@@ -233,6 +232,19 @@ def trained_adapter(start: Adapter, modules: dict[tuple[int, str], TunedLinear],
     return assemble_adapter(start.config, sites, base, torch.float32, family=start.family_key, source="tune")
 
 
+def check_outputs(out_dir: str | Path | None, full_out_dir: str | Path | None) -> None:
+    """Both output folders writable and free of an adapter, and not one folder.
+
+    Raises:
+        AdapterError: as :func:`~nlora_serve.adapters.writing.check_out_dir`, or both name one folder.
+    """
+    for d, what in ((out_dir, "--out"), (full_out_dir, "--also-full-form")):
+        if d is not None:
+            check_out_dir(Path(d), what)
+    if out_dir is not None and full_out_dir is not None and Path(out_dir).resolve() == Path(full_out_dir).resolve():
+        raise AdapterError(f"--out and --also-full-form name one folder ({out_dir}); the two forms need a folder each")
+
+
 def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_dir: str | Path | None = None,
          full_out_dir: str | Path | None = None, model: nn.Module | None = None,
          progress: bool = True) -> TuneResult:
@@ -251,9 +263,7 @@ def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_di
     """
     if base.dtype != torch.float32:
         raise AdapterError(f"tune runs in float32; the base model was loaded as {base.dtype}")
-    for d in (out_dir, full_out_dir):  # fail before training, not after it
-        if d is not None and any((Path(d) / n).exists() for n in (CONFIG_NAME, WEIGHTS_NAME)):
-            raise AdapterError(f"{d} already holds an adapter; refusing to overwrite it")
+    check_outputs(out_dir, full_out_dir)  # fail before training, not after it
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = init_adapter(base, rank=cfg.rank, targets=cfg.targets, variant=_VARIANT[cfg.n_init], alpha=cfg.alpha)
@@ -273,9 +283,10 @@ def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_di
                                unlikely)
     seconds = time.perf_counter() - t0
     adapter = trained_adapter(start, modules, base)
-    for d, tied_form in ((out_dir, True), (full_out_dir, False)):
-        if d is not None:
-            write_adapter(adapter, d, tied_form=tied_form)
+    with Undo() as undo:  # both forms or neither
+        for d, tied_form in ((out_dir, True), (full_out_dir, False)):
+            if d is not None:
+                write_adapter(adapter, d, tied_form=tied_form, undo=undo)
     return TuneResult(held_out_before=before, held_out_after=mean_loss(model, held_batches), train_first=first,
                       train_last=last, steps=steps, num_train=len(train_set), num_held_out=len(held),
                       seconds=seconds, adapter=adapter, unlikely_before=mass_before,

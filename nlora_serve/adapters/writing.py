@@ -1,16 +1,22 @@
-"""Adapter directory writing: every file via a temp file, fsync and rename (never half-written).
+"""Adapter directory writing: every file via a temp file, fsync and rename (never half-written),
+and a command's whole output all or nothing (:class:`Undo`).
 
-A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT layout).
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT layout). The
+offline tools (``adapters init | convert | tune | compress``) check every output folder with
+:func:`check_out_dir` before any work, and write them under one :class:`Undo`, so a refusal, a full
+disk or a read-only folder leaves nothing of theirs behind (and nothing that was there is touched).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from nlora_serve.adapters.config import CONFIG_NAME
@@ -18,7 +24,7 @@ from nlora_serve.adapters.format import WEIGHTS_NAME
 from nlora_serve.errors import AdapterError
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write via a temp file in the same directory, fsync, rename: never a half-written file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -33,30 +39,121 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def write_dir(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write ``config`` and ``tensors`` as a PEFT-style adapter directory.
+class Undo:
+    """The files and folders one command created, removed again if the command fails.
+
+    ``with Undo() as undo: write_dir(a, ..., undo=undo); write_dir(b, ..., undo=undo)``: an
+    exception inside the block removes everything recorded, newest first, then propagates. A folder
+    is recorded only where this command created it, so a folder that was there before keeps its
+    other files.
+    """
+
+    def __init__(self) -> None:
+        self._paths: list[Path] = []
+
+    def created(self, path: Path) -> None:
+        """Record ``path`` (a file or a folder this command is about to create)."""
+        self._paths.append(Path(path))
+
+    def adopt(self, other: Undo) -> None:
+        """Take over ``other``'s records (a finished step's output becomes this command's)."""
+        self._paths += other._paths
+        other._paths = []
+
+    def rollback(self) -> None:
+        """Remove every recorded path, newest first; a path already gone is skipped."""
+        for path in reversed(self._paths):
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass  # best effort: the command's own error is the one to report
+        self._paths = []
+
+    def __enter__(self) -> Undo:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is not None:
+            self.rollback()
+        return False
+
+
+def check_out_dir(out_dir: Path, what: str = "--out") -> None:
+    """Refuse, before any work, an output folder :func:`write_dir` would fail on.
 
     Args:
-        out_dir: created if missing; must not already hold an adapter.
-        config: the adapter_config.json object.
-        tensors: file key -> tensor (written contiguous, in its dtype).
+        what: how the messages name the folder (the option, or ``member 'x' folder``).
 
     Raises:
-        AdapterError: ``out_dir`` already holds adapter_config.json or adapter_model.safetensors, or
-            cannot be created or written (a file of that name, no permission, disk full: named).
+        AdapterError: naming ``what``: the path or a parent of it is a file, the nearest existing
+            folder is not writable (a read-only file system, no permission), or the folder already
+            holds adapter_config.json or adapter_model.safetensors.
     """
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # FileExistsError: a file of that name
-        raise AdapterError(f"{out_dir}: cannot create the adapter directory ({exc.strerror or exc})") from None
+    for folder in (out_dir, *out_dir.parents):
+        if os.path.lexists(folder):
+            if not folder.is_dir():
+                where = "" if folder == out_dir else f": {folder}"
+                raise AdapterError(f"{what} {out_dir}{where} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise AdapterError(f"{what} {out_dir}: cannot write into {folder} (read-only or no permission)")
+            break
     for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if (out_dir / name).exists():
-            raise AdapterError(f"{out_dir / name} already exists; refusing to overwrite an adapter")
+        if os.path.lexists(out_dir / name):
+            raise AdapterError(f"{what} {out_dir} already holds an adapter ({name}); refusing to overwrite it")
+
+
+def make_dirs(folder: Path, undo: Undo) -> None:
+    """``folder`` and its missing parents, the topmost one created recorded in ``undo``.
+
+    Raises:
+        OSError: as :meth:`Path.mkdir`.
+    """
+    folder = Path(folder)
+    top = None
+    for p in (folder, *folder.parents):
+        if os.path.lexists(p):
+            break
+        top = p
+    if top is not None:
+        undo.created(top)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def write_dir(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor], *, undo: Undo | None = None) -> Path:
+    """Write ``config`` and ``tensors`` as a PEFT-style adapter directory, all or nothing.
+
+    Args:
+        out_dir: created (with its parents) if missing; must not already hold an adapter.
+        config: the adapter_config.json object.
+        tensors: file key -> tensor (written contiguous, in its dtype).
+        undo: where to record what was created, so a later failure of the same command removes it.
+
+    Raises:
+        AdapterError: as :func:`check_out_dir`, or the folder cannot be created or written (disk
+            full, a file too large): named, with whatever this call created removed again.
+    """
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, "adapter folder")
     data = {k: v.detach().contiguous() for k, v in tensors.items()}
+    mine = Undo()
     try:
-        _atomic_write(out_dir / WEIGHTS_NAME, lambda p: save_file(data, p, metadata={"format": "pt"}))
-        _atomic_write(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
-    except OSError as exc:
-        raise AdapterError(f"{out_dir}: cannot write the adapter ({exc.strerror or exc})") from None
+        with mine:
+            make_dirs(out_dir, mine)
+            for name, write in ((WEIGHTS_NAME, lambda p: save_file(data, p, metadata={"format": "pt"})),
+                                (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))):
+                mine.created(out_dir / name)
+                atomic_write(out_dir / name, write)
+    except (OSError, SafetensorError) as exc:
+        raise AdapterError(f"{out_dir}: cannot write the adapter ({_reason(exc)})") from None
+    if undo is not None:
+        undo.adopt(mine)
     return out_dir
+
+
+def _reason(exc: Exception) -> str:
+    """An OSError's strerror (``No space left on device``), else the exception's text."""
+    return getattr(exc, "strerror", None) or str(exc)

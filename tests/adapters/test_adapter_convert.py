@@ -65,5 +65,5 @@ def test_convert_refuses_unknown_target_and_bad_sources(base_fp32, tmp_path):
     with pytest.raises(AdapterError, match="pickle"):
         convert_dir(CASES / "pickle-bin", "lora", tmp_path / "y", base_fp32)
     convert_dir(CASES / "lora-bias", "nlora", tmp_path / "z", base_fp32)
-    with pytest.raises(AdapterError, match="already exists"):
+    with pytest.raises(AdapterError, match="already holds an adapter"):
         convert_dir(CASES / "lora-bias", "nlora", tmp_path / "z", base_fp32)

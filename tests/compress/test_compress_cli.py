@@ -93,3 +93,24 @@ def test_add_projects_and_refuses_what_does_not_fit(tmp_path, base_fp32, capsys)
     assert forced["rel_error_mean"] > 0.5
     manager = AdapterManager(base_fp32, tmp_path / "store")
     assert manager.register_dir("stranger", out / "stranger").family == manager.register_dir("code2", out / "code2").family
+
+
+def test_a_member_folder_that_holds_an_adapter_is_refused_before_anything_is_written(tmp_path, capsys):
+    # a hostile tester's find: compressing into a folder that already held member 'pirate' wrote the
+    # new family's factors and the members before 'pirate', then refused (an orphan family left)
+    out = tmp_path / "fam"
+    (out / "pirate").mkdir(parents=True)
+    (out / "pirate" / "adapter_config.json").write_text('{"mine": true}')
+    assert main(["compress", str(TRAINED), "--out", str(out), "--rank", "8", "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert f"member 'pirate' folder {out / 'pirate'} already holds an adapter" in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["pirate", "pirate/adapter_config.json"]
+    assert (out / "pirate" / "adapter_config.json").read_text() == '{"mine": true}'
+
+
+def test_a_missing_prompts_file_or_report_folder_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "fam"
+    assert main(["compress", str(TRAINED), "--out", str(out), "--prompts", str(tmp_path / "none.txt")]) == 2
+    assert "--prompts" in capsys.readouterr().err and not out.exists()
+    assert main(["compress", str(TRAINED), "--out", str(out), "--json", str(tmp_path / "no" / "r.json")]) == 2
+    assert "--json" in capsys.readouterr().err and not out.exists()
