@@ -184,7 +184,6 @@ def _run(args: argparse.Namespace) -> int:
 
     from nlora_serve.adapters import compress_report as cr
     from nlora_serve.adapters.compress_family import CompressedFamily, check_members, write_family
-    from nlora_serve.adapters.loader import read_adapter
     from nlora_serve.adapters.writing import Undo, atomic_write
     from nlora_serve.models import load_base
 
@@ -192,7 +191,8 @@ def _run(args: argparse.Namespace) -> int:
     dirs = adapter_dirs(args.dirs)
     out = Path(args.out)
     check_members(out, [d.name for d in dirs])
-    adapters = {d.name: read_adapter(d, base, max_rank=args.max_rank) for d in tqdm(dirs, desc="read", unit="adapter")}
+    with tqdm(dirs, desc="read", unit="adapter") as bar:  # closed (its line ended) before an error prints
+        adapters = {d.name: _read(d, base, args.max_rank) for d in bar}
     if args.add:
         factors, members, errors, seconds, tradeoff = _add(args, base, adapters, out)
     else:
@@ -222,6 +222,20 @@ def _run(args: argparse.Namespace) -> int:
             raise AdapterError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
     print(f"wrote {out} and {path}")
     return 0
+
+
+def _read(folder: Path, base, max_rank: int):
+    """One input adapter, read as the server would; its errors name the folder.
+
+    Raises:
+        AdapterError: ``adapter 'NAME' (FOLDER): <the reader's reason>``.
+    """
+    from nlora_serve.adapters.loader import read_adapter
+
+    try:
+        return read_adapter(folder, base, max_rank=max_rank)
+    except AdapterError as exc:
+        raise AdapterError(f"adapter {folder.name!r} ({folder}): {exc}") from None
 
 
 def _check_file_args(args) -> None:

@@ -232,6 +232,28 @@ def trained_adapter(start: Adapter, modules: dict[tuple[int, str], TunedLinear],
     return assemble_adapter(start.config, sites, base, torch.float32, family=start.family_key, source="tune")
 
 
+def _encoded(tok, examples: list[list[dict]], max_len: int) -> list:
+    """The examples as (ids, labels), those cut to ``max_len`` tokens before any response token is
+    trained on left out.
+
+    Raises:
+        AdapterError: ``max_len`` leaves no example a response token to train on.
+    """
+    encoded = [encode(tok, m, max_len) for m in examples]
+    kept = [e for e in encoded if any(t != IGNORE for t in e[1][1:])]
+    if examples and not kept:
+        raise AdapterError(f"max_len {max_len} (--max-len) cuts every one of the {len(examples)} example(s) before "
+                           f"its response: the shortest prompt is {min(_prompt_len(encode(tok, m, None)) for m in examples)} tokens "
+                           "with the chat template; raise --max-len")
+    return kept
+
+
+def _prompt_len(example) -> int:
+    """Tokens before the first trained label of an encoded (ids, labels) example."""
+    labels = example[1]
+    return next((i for i, t in enumerate(labels) if t != IGNORE), len(labels))
+
+
 def check_outputs(out_dir: str | Path | None, full_out_dir: str | Path | None) -> None:
     """Both output folders writable and free of an adapter, and not one folder.
 
@@ -266,14 +288,14 @@ def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_di
     check_outputs(out_dir, full_out_dir)  # fail before training, not after it
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    tok = base.tokenizer()
+    encoded = _encoded(tok, examples, cfg.max_len)  # before the model loads: a bad --max-len fails fast
     start = init_adapter(base, rank=cfg.rank, targets=cfg.targets, variant=_VARIANT[cfg.n_init], alpha=cfg.alpha)
     model = model if model is not None else load_hf_model(base.path, torch.float32)
     modules = attach(model, start, cfg.n_init)
-    tok = base.tokenizer()
     unlikely = (None if cfg.unlikely_tokens is None else
                 unlikely_token_mask(tok, cfg.unlikely_tokens, model.get_output_embeddings().out_features))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    encoded = [e for e in (encode(tok, m, cfg.max_len) for m in examples) if any(t != IGNORE for t in e[1][1:])]
     train_set, held = split(encoded, cfg.held_out, gen)
     held_batches = [collate(held[i: i + cfg.batch_size], pad_id) for i in range(0, len(held), cfg.batch_size)]
     before = mean_loss(model, held_batches)

@@ -58,6 +58,9 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         _positive("SchedulerConfig", max_num_seqs=self.max_num_seqs,
                   max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len)
+        if self.max_model_len < 2:  # below it no request fits: a prompt is >= 1 token, and one is generated
+            raise ValueError(f"SchedulerConfig.max_model_len must be >= 2 (one prompt token and one generated "
+                             f"token); got {self.max_model_len}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             # every running sequence must be able to decode one token in every step
             raise ValueError(f"SchedulerConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) "

@@ -138,12 +138,16 @@ def build(args: argparse.Namespace):
                      engine_config.tokenizer, init_device=engine_config.device)
     with _flag_errors(args):
         engine = make_engine(engine_config, base, backend)
-    examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
-    examples += _register_named(engine, named, args.adapter_dir)
-    if isinstance(engine, LLMEngine):  # CUDA: the adapters' kernels compile before the first request
-        engine.warm_up()
-    server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
-                         base.tokenizer())
+    try:
+        examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
+        examples += _register_named(engine, named, args.adapter_dir)
+        if isinstance(engine, LLMEngine):  # CUDA: the adapters' kernels compile before the first request
+            engine.warm_up()
+        server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
+                             base.tokenizer())
+    except BaseException:
+        engine.shutdown()  # its step thread (and vLLM's workers) would outlive a refused start
+        raise
     return engine, server, examples
 
 
@@ -162,7 +166,10 @@ def _register_named(engine: LLMEngine, named: list[tuple[str, str]], store: str)
     fresh = set(engine.adapters.start_names([name for name, _ in named]))
     for name, folder in named:
         if name in fresh:
-            engine.adapters.register_dir(name, folder)
+            try:
+                engine.adapters.register_dir(name, folder)
+            except AdapterError as exc:  # the reader names a module, not which --adapter it was
+                raise AdapterError(f"--adapter {name}={folder}: {exc}") from None
         elif (served := engine.adapters.served_instead(name, folder)) is not None:
             log.warning("--adapter %s=%s: the adapter store %s already holds %r, with other weights (swapped or "
                         "uploaded since); serving %s v%d instead of that folder (`adapters swap` the folder's N, or "

@@ -195,3 +195,16 @@ def test_help_lists_every_flag(capsys):
                  "--steps", "--batch-size", "--grad-accum", "--warmup", "--held-out", "--seed", "--max-len",
                  "--also-full-form", "--unlikely-tokens", "--unlikelihood-weight"):
         assert flag in text
+
+
+def test_a_max_len_that_cuts_every_response_is_named_before_the_model_loads(base_fp32, tmp_path, monkeypatch):
+    # was "0 example(s) cannot give a held-out split", after loading the model, with 16 examples given
+    import nlora_serve.adapters.tune as tune_module
+
+    monkeypatch.setattr(tune_module, "load_hf_model", lambda *a: pytest.fail("the model loaded first"))
+    examples = read_examples(_write_data(tmp_path / "data.jsonl"))
+    prompt = next(i for i, t in enumerate(encode(base_fp32.tokenizer(), examples[0], None)[1]) if t != IGNORE)
+    with pytest.raises(AdapterError) as err:
+        tune(base_fp32, examples, TuneConfig(**{**CFG, "max_len": 8}), out_dir=tmp_path / "out")
+    assert str(err.value).startswith("max_len 8 (--max-len) cuts every one of the 16 example(s) before its response")
+    assert f"shortest prompt is {prompt} tokens" in str(err.value) and not (tmp_path / "out").exists()

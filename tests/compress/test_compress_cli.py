@@ -114,3 +114,19 @@ def test_a_missing_prompts_file_or_report_folder_is_refused_before_any_work(tmp_
     assert "--prompts" in capsys.readouterr().err and not out.exists()
     assert main(["compress", str(TRAINED), "--out", str(out), "--json", str(tmp_path / "no" / "r.json")]) == 2
     assert "--json" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_unreadable_input_adapter_is_named(tmp_path, capsys):
+    # the reader's message named a tensor, not which of the collection's adapters held it
+    from safetensors.torch import load_file, save_file
+
+    collection = tmp_path / "loras"
+    shutil.copytree(TRAINED, collection)
+    weights = collection / "pirate" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    assert main(["compress", str(collection), "--out", str(tmp_path / "fam"), "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: adapter 'pirate' ({collection / 'pirate'}): tensor " in err and "non-finite" in err
+    assert not (tmp_path / "fam").exists()

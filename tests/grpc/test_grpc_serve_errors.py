@@ -17,6 +17,7 @@ from nlora_serve import cli
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import NloraError
 from nlora_serve.serving import serve_cli
+from nlora_serve.serving.backend_cli import make_engine
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.grpc_server import NloraServer
 from nlora_serve.serving.server_config import ServerConfig, StartupError
@@ -51,6 +52,9 @@ def _args(tmp_path: Path, *flags: str) -> argparse.Namespace:
     (["--max-tokens", "0"], "--max-tokens 0: ServerConfig.max_tokens must be a positive integer; got 0"),
     (["--max-model-len", "0"], "--max-model-len 0: SchedulerConfig.max_model_len must be a positive integer; "
                                "got 0"),
+    # 1 started, though no request fits (a prompt token and a generated one)
+    (["--max-model-len", "1"], "--max-model-len 1: SchedulerConfig.max_model_len must be >= 2 (one prompt token "
+                               "and one generated token); got 1"),
     (["--host", "0.0.0.0"], "--host 0.0.0.0: ServerConfig.host='0.0.0.0' is not a loopback address and no "
                             "tenants file is configured: without auth the server binds only to 127.0.0.1 "
                             "(give --tenants-file to listen on other interfaces)"),
@@ -68,6 +72,17 @@ def test_max_model_len_over_the_model_is_refused_before_loading(tmp_path, no_mod
     # SmolLM2-135M-Instruct's config.json: max_position_embeddings 8192
     assert str(err.value) == (f"--max-model-len 100000 exceeds the model's max_position_embeddings 8192 "
                               f"({base_fp32.path / 'config.json'})")
+
+
+def test_an_adapter_the_limits_refuse_is_named_by_its_flag(tmp_path, base_fp32, monkeypatch):
+    # the reader's message named a module and the limit, not which of several --adapter flags it was
+    engines = []
+    monkeypatch.setattr(serve_cli, "make_engine", lambda *a, **k: engines.append(make_engine(*a, **k)) or engines[-1])
+    with pytest.raises(NloraError) as err:
+        serve_cli.build(_args(tmp_path, "--max-rank", "8", "--adapter", f"lower={ROOT / 'examples/tenants/lower'}"))
+    assert not engines[0]._thread.is_alive()  # the refused start stopped its engine
+    assert str(err.value).startswith(f"--adapter lower={ROOT / 'examples/tenants/lower'}: rank 16 of ")
+    assert "exceeds the server's max rank 8 (--max-rank)" in str(err.value)
 
 
 def test_unwritable_adapter_dir_is_refused_before_loading(tmp_path, no_model):
