@@ -1,4 +1,4 @@
-"""@triton.jit helpers shared by the kernels (tile loads and exact fp32 dots)."""
+"""@triton.jit helpers shared by the kernels (tile loads, exact fp32 dots, the paged-attention loop)."""
 
 import triton
 import triton.language as tl
@@ -29,3 +29,40 @@ def dot_f32(a, b):
     else:
         out = tl.dot(a, b, out_dtype=tl.float32)
     return out
+
+
+@triton.jit
+def attend_paged_kv(q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, lo, hi, pos, kvh, sk_b, sk_t, sk_h,
+                    scale_log2, offs_d, mask_d, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """Online softmax (FlashAttention-2's recurrence, in the log2 domain) of the queries q [M, D]
+    over one sequence's cached keys and values at positions lo .. hi − 1, BLOCK_N at a time.
+
+    Position p lives in cache block table_row_ptr[p // BLOCK_SIZE], row p % BLOCK_SIZE, KV head
+    ``kvh`` (element strides sk_b, sk_t, sk_h; head dim contiguous, offs_d / mask_d its lanes).
+    Scores are q·k · scale_log2 (softmax scale × log2 e); with CAUSAL, query row i sees only
+    positions ≤ pos[i]. Table entries and cache rows past ``hi`` are never read (masked loads).
+
+    Returns the running (m_i [M] max score, l_i [M] sum of exp2, acc [M, D] unnormalised output),
+    fp32, for the caller to divide (acc / l_i) or to merge across splits.
+    """
+    for k0 in range(lo, hi, BLOCK_N):
+        offs_n = k0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        block = tl.load(table_row_ptr + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
+        rows = block.to(tl.int64) * sk_b + (offs_n % BLOCK_SIZE) * sk_t + kvh * sk_h
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=mask_kv, other=0.0)
+        s = dot_f32(q, tl.trans(k)) * scale_log2  # [M, N], log2 domain
+        visible = mask_n[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=mask_kv, other=0.0)
+        acc = acc * alpha[:, None] + dot_f32(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc

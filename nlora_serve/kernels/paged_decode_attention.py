@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nlora_serve.kernels._triton_helpers import dot_f32
+from nlora_serve.kernels._triton_helpers import attend_paged_kv
 from nlora_serve.kernels.config import device_config_name, get_config
 from nlora_serve.kernels.launch import attention_op_name, check_index, check_paged_attention
 
@@ -49,23 +49,8 @@ def _paged_decode_attention_kernel(
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         end = tl.minimum(start + split_len, ctx)
-        for k0 in range(start, end, BLOCK_N):
-            offs_n = k0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < end
-            # masked loads: table entries past the context and cache rows past it are never read
-            block = tl.load(table_ptr + seq * st_n + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
-            rows = block.to(tl.int64) * sk_b + (offs_n % BLOCK_SIZE) * sk_t + kvh * sk_h
-            mask_kv = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=mask_kv, other=0.0)
-            s = dot_f32(q, tl.trans(k)) * scale_log2  # [M, N], log2 domain
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=mask_kv, other=0.0)
-            acc = acc * alpha[:, None] + dot_f32(p.to(v.dtype), v)
-            m_i = m_new
+        m_i, l_i, acc = attend_paged_kv(q, m_i, l_i, acc, k_ptr, v_ptr, table_ptr + seq * st_n, start, end, 0, kvh,
+                                        sk_b, sk_t, sk_h, scale_log2, offs_d, mask_d, False, BLOCK_SIZE, BLOCK_N)
         mask_md = mask_m[:, None] & mask_d[None, :]
         if split_len >= ctx:  # the whole context in this split: no merge needed
             o = acc / l_i[:, None]
