@@ -2,9 +2,74 @@
 
 Each step the engine calls :meth:`AdapterHook.begin_step` with the step's sequences, in packed
 order, and the adapter version each one is pinned to. For every pool those versions live in, one
-:class:`~nlora_serve.kernels.metadata.AdapterBatch` is built; then each projection's call adds
-every pool's deltas into its base output through the kernels' dispatch. A step with no adapted
-token costs one ``if`` per projection.
+:class:`~nlora_serve.kernels.metadata.AdapterBatch` is built (a
+:class:`~nlora_serve.kernels.native_batch.NativeBatch` on the native CPU path; in the Triton
+per-token form only the [T] slot row, the layout then derived on the device); then each
+projection's call adds every pool's deltas into its base output through the kernels. A step with
+no adapted token costs one ``if`` per projection.
+
+Where the tied (IntTune) delta is computed. For a token t on slot s of a Nyström-tied pool and
+each module m of a fused projection with base output y (columns of m: y[t, m]), the delta is
+
+    y[t, m] += scaling[s] · B_m · N_m[s] · (y[t, m][:r] − bias_m[:r])       B_m = W_m[:, :r]
+
+(A_m x = (W_m x)[:r] is the base output's own first r columns, so there is no shrink; bias_m is
+the base layer's bias, where it has one; the engine's pools fold the adapter's s into N, so
+scaling[s] is 1). Which call does the arithmetic depends on ``EngineConfig.kernel_backend``:
+
+CPU, native ops (``"native"``, the CPU default, and ``load_native`` built and loaded the C
+library), with the layer ops installed (``ModelRunner.set_layer_ops``: ``LayerOps.fits`` the
+model's sizes)::
+
+    DecoderLayer._native (engine/llama.py)
+      AdaptedLinear.deferred(x): y = base GEMM, then AdapterHook.__call__(..., defer_tied=True)
+        tied tokens, deferred (conditions below):
+          NativeOps.tied_step(batch) (once per step) + NativeOps.tied_delta(step, plan) -> TiedDelta,
+          a handle returned with y: no arithmetic yet. The op that reads y next adds it:
+            q/k/v   -> LayerOps.rope(qk, ..., tied)           nlora_rope
+            o       -> LayerOps.add_rms_norm(x, o, ..., tied)  nlora_add_rms_norm
+            gate/up -> LayerOps.silu_mul(gate_up, tied)        nlora_silu_mul
+            down    -> LayerOps.add(x, down, tied)             nlora_add_rms_norm (add only)
+          (cpu/layer_ops.c; each calls tied_delta_rows in cpu/tied_delta.h, which copies TIED_CHUNK
+          rows into an fp32 scratch and runs cpu/tied_apply.c's nlora_tied_apply_f32 on it, or
+          nlora_tied_apply_f32_bf16n for a bf16 pool)
+        tied tokens, not deferred:
+          NativeOps.tied_apply(y, batch, plan) -> nlora_tied_apply_{f32,bf16}_mt, or the AMX
+          form nlora_tied_apply_bf16_amx_mt (cpu/tied_apply.c): y in place
+        group tokens (LoRA, NLoRA, compressed families):
+          NativeOps.group_apply(y, x, batch, plan) -> cpu/group_apply.c (cpu/group_amx.c): y in place
+        a projection the native plans do not serve (``_Projection.native_serves`` False):
+          the torch fallback below, per module
+
+The tied delta is deferred only when all of these hold (:meth:`AdapterHook.__call__`): the call
+came through ``AdaptedLinear.deferred`` (only ``DecoderLayer._native`` makes it) and the hook has
+the native ops (``defers_tied``); y is a CPU tensor and the native plans serve the projection;
+the step has tied tokens; exactly one pool has tokens in the step (``len(self._entries) == 1``);
+that pool has no per-slot bias table (``pool.bias`` empty: no adapter with ``lora_bias`` written
+into it); and the plan is not an AMX plan (``NativeOps.tied_delta`` returns None for one:
+``TiedProjection.delta_args`` is None there). Otherwise the same call runs ``tied_apply``.
+Without the layer ops (sizes ``LayerOps.fits`` refuses) the layer runs the torch forward, whose
+``AdaptedLinear.__call__`` never defers.
+
+CPU, torch (``"torch"``; ``"native"`` when the C library cannot be built; the fallback above)::
+
+    AdaptedLinear.__call__ -> AdapterHook.__call__
+      -> kernels/dispatch.apply_adapters(part, x, batch, site) once per module
+        -> kernels/torch_ops.apply_torch: _tied_mix (z read from y before any add), the group
+           path (_group_add), then _tied_add (the expand by W[:, :r] added into y)
+
+CUDA, Triton (``"triton"``, the CUDA default; on CPU tensors only under TRITON_INTERPRET=1)::
+
+    decode steps, and steps of up to ``per_token_tokens`` tokens (piecewise graphs):
+      AdaptedLinear.__call__ -> AdapterHook.__call__ -> AdapterHook._apply_decode
+        -> kernels/triton_path.apply_triton_decode: mix (mix.py: u = N (z − bias), z read from y)
+           then bgmv_expand (bgmv_expand.py: y += scaling · B u, one program per token)
+    other steps:
+      AdaptedLinear.__call__ -> AdapterHook.__call__ -> kernels/dispatch.apply_adapters
+        -> kernels/triton_path.apply_triton: mix, then sgmv_expand over runs of tied tokens
+
+(the Triton forms named are the defaults, ``triton_path.TIED_FORM = "two_launch"``; "tiled" and
+"fused" replace the expand, or both launches, as triton_path.py describes).
 """
 
 from __future__ import annotations

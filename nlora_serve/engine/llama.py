@@ -36,7 +36,9 @@ class AdaptedLinear:
 
     ``adapter_hook`` is None while no adapter is installed: then only the base GEMM runs. When set,
     it is called once per call with the fused ``y`` and each module's width, and adds the
-    adapters' deltas into it in place (the engine sets it to the kernels' dispatch).
+    adapters' deltas into it in place (the engine sets it to its
+    :class:`~nlora_serve.engine.adapter_layer.AdapterHook`; that module's docstring traces which
+    kernel adds what on each backend).
     ``prepack``: on the CPU, run the GEMM on a packed copy of the weight: for the native GEMM
     (``gemm``, cpu/gemm.c) where it runs the dtype, else for oneDNN
     (kernels/cpu_gemm.py); ``weight`` stays the plain tensor the adapters read.
@@ -66,7 +68,8 @@ class AdaptedLinear:
     def deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, TiedDelta | None]:
         """As a call, but the tied adapters' delta may come back unadded, for the native op that
         reads ``y`` next to add (``AdapterHook.defers_tied``; kernels/layer_ops.py): ``(y, delta)``,
-        delta None when every delta is in ``y``."""
+        delta None when every delta is in ``y``. When the hook defers, and when it adds instead:
+        engine/adapter_layer.py's module docstring."""
         y = F.linear(x, self.weight, self.bias) if self.packed is None else self.packed(x)
         hook = self.adapter_hook
         if hook is None:

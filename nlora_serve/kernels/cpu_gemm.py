@@ -109,7 +109,25 @@ class NativeGemm:
         return packed
 
     def __call__(self, x: torch.Tensor, packed: torch.Tensor, n: int, out: torch.Tensor) -> torch.Tensor:
-        """``out`` [M, N] = ``x`` [M, K] @ W.T for W's ``packed`` form; rows of x and out may be strided."""
+        """``out`` [M, N] = ``x`` [M, K] @ W.T for W's ``packed`` form; rows of x and out may be strided.
+
+        Semantics: out[m, j] = Σ_k x[m, k] · W[j, k] for m < M, j < N, fp32 accumulation
+        (cpu/gemm.c): fp32 in and out, or bf16 in and out with out rounded once. Every entry of
+        out is overwritten; x and packed are not changed. Split over up to torch.get_num_threads() jobs.
+
+        Args:
+            x: [M, K] float32 or bfloat16 CPU tensor, unit column stride, K the packed W's
+                columns (not checked here: :class:`NativeLinear` checks it).
+            packed: W [N, K] of x's dtype as :meth:`pack` returns it (flat).
+            n: N, W's rows.
+            out: [M, N] of x's dtype, unit column stride, written.
+
+        Returns:
+            out.
+
+        Raises:
+            ValueError: this build cannot run x's dtype (:meth:`supports`).
+        """
         m, k = x.shape
         rc = self._gemm(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, out.data_ptr(), out.stride(0),
                         int(x.dtype == torch.bfloat16), torch.get_num_threads())

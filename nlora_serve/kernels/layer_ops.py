@@ -84,6 +84,13 @@ class LayerOps:
                      dtype: torch.dtype, tied: TiedDelta | None = None) -> torch.Tensor:
         """``x += delta`` (in place, when given), then RMSNorm of the new ``x``.
 
+        Semantics: for every row t, h = x[t] + d[t] (d = delta, or 0 without one; with ``tied``,
+        d[t] = delta[t] + Δ[t], Δ the tied delta of delta's row: Δ[t, m] = scaling[s] · B_m ·
+        N_m[s] · (delta[t, m][:r] − bias_m[:r]) for s = its tied slot ≥ 0, 0 for other rows);
+        x[t] = h (x changed in place); out[t] = h / sqrt(mean(h²) + eps) · weight, stored in
+        ``dtype``. fp32 arithmetic: a bf16 delta is widened, d is never rounded, out is rounded
+        once. ``delta`` and ``weight`` are not changed.
+
         Args:
             x: [T, H] float32 contiguous, the residual stream. delta: [T, H] float32 or bfloat16
                 (rows may be strided), or None. weight: [H] float32. eps: as the model's config.
@@ -114,6 +121,9 @@ class LayerOps:
     def add(self, x: torch.Tensor, delta: torch.Tensor, tied: TiedDelta | None = None) -> torch.Tensor:
         """``x += delta (+ tied)`` in place: the residual add of a projection's output and its tied delta.
 
+        Semantics: :meth:`add_rms_norm`'s first half, no norm: x[t] += delta[t] (+ Δ[t] with
+        ``tied``, Δ as there) for every row t, in fp32; ``delta`` is not changed.
+
         Args: as :meth:`add_rms_norm`'s ``x``, ``delta`` (required) and ``tied``.
         Returns:
             ``x``.
@@ -143,6 +153,15 @@ class LayerOps:
     def rope(self, qk: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              tied: TiedDelta | None = None) -> torch.Tensor:
         """Rotate ``qk`` [T, heads, D] in place by the half-rotation RoPE of HF Llama.
+
+        Semantics: for every row t and head h < heads, with v = qk[t, h] in fp32 and p =
+        positions[t]: qk[t, h] = v · cos[p] + swap_halves(v) · sin[p] (``sin``'s first half is
+        negated in the tables, so this is HF's q · cos + rotate_half(q) · sin), rounded once to
+        qk's dtype. With ``tied``: the fused row of ``tied.width`` columns that begins at
+        qk[t, 0, 0] first gets the tied delta (as in :meth:`add_rms_norm`, read from that row,
+        in fp32); v is read from the adapted row, and the row's columns past heads · D (the v
+        heads of q/k/v) are written back adapted, so the whole fused output is adapted after
+        the call. cos and sin are not changed.
 
         Args:
             qk: [T, heads, D] float32 or bfloat16, heads and dims contiguous (rows may be
@@ -182,6 +201,11 @@ class LayerOps:
 
     def silu_mul(self, gate_up: torch.Tensor, tied: TiedDelta | None = None) -> torch.Tensor:
         """``SiLU(gate) · up`` of the fused gate/up output.
+
+        Semantics: out[t, i] = g / (1 + exp(−g)) · u with g = G[t, i], u = G[t, I + i] for
+        i < I, where G = gate_up, or gate_up + Δ with ``tied`` (Δ the tied delta of gate_up's
+        rows, as in :meth:`add_rms_norm`, kept in fp32); fp32 arithmetic, out rounded once to
+        gate_up's dtype. ``gate_up`` is not changed.
 
         Args:
             gate_up: [T, 2I] float32 or bfloat16 (gate columns first), unit stride in a row.

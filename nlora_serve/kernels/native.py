@@ -293,7 +293,26 @@ class NativeOps:
         """The tied delta of ``plan``'s projection for ``step``'s tied tokens (:meth:`tied_step`),
         with :meth:`tied_apply`'s semantics, to be added by the op that consumes the projection's
         output (:class:`TiedDelta`); None when that op cannot take it (an AMX plan's packed B^T:
-        call :meth:`tied_apply` instead)."""
+        call :meth:`tied_apply` instead).
+
+        Semantics: no arithmetic and no write here. The returned handle stands for
+        Δ [step.num_tokens, plan.width]: Δ[t, m] = scaling[s] · B_m · N_m[s] · (y[t, m][:r] −
+        bias_m[:r]) for each token t with s = tok_tied_slot[t] ≥ 0 and each module m of the plan,
+        0 in every other row and column, where y is the projection's output as the base GEMM
+        wrote it. The :class:`~nlora_serve.kernels.layer_ops.LayerOps` op given it as ``tied``
+        (``rope``, ``add_rms_norm``, ``add``, ``silu_mul``) reads y + Δ, computing Δ in fp32 on
+        an fp32 copy of each row chunk (cpu/tied_delta.h).
+
+        Args:
+            step: from :meth:`tied_step` on the step's batch: tok_tied_slot [T] int32 and
+                slot_scalings [S] float32 on the CPU, held by the step.
+            plan: this projection's :class:`TiedProjection` (N pools [S, R, R] fp32 or bf16,
+                B^T [R, width_m] fp32 per module); the handle holds it.
+
+        Returns:
+            A :class:`TiedDelta`, valid while ``step`` and ``plan`` are (the step's forward), or
+            None for an AMX plan.
+        """
         return None if plan.delta_args is None else TiedDelta(plan, step)
 
 

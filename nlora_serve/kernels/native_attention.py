@@ -38,6 +38,12 @@ class PagedAttention:
         = k[t]``, and the same for v in ``kv_layer[1]`` (what ``engine/attention/cpu.write_kv`` does
         with two ``index_copy_``; one C loop of row copies here).
 
+        Semantics: with K = kv_layer[0] and V = kv_layer[1] viewed as [NB · BS, KVH, D], for
+        t = 0 .. T − 1 in order: K[slot_mapping[t]] = k[t] and V[slot_mapping[t]] = v[t], byte
+        copies (no dtype change; a slot named twice keeps the last t's row). kv_layer is changed
+        in place at those slots only; every slot is checked before the first copy. k, v and
+        slot_mapping are not changed.
+
         Args:
             kv_layer: [2, NB, BS, KVH, D] contiguous, fp32 or bf16. k, v: [T, KVH, D] in its dtype,
                 rows may be strided, heads and dims contiguous. slot_mapping: [T] int64 contiguous,

@@ -41,7 +41,7 @@ class TiedStep:
 
 class TiedDelta:
     """A fused projection's tied delta, not yet added: the op that reads the projection's output
-    next adds it row by row (``LayerOps.silu_mul``, ``add_rms_norm``, ``add``; cpu/tied_delta.h),
+    next adds it row by row (``LayerOps.rope``, ``silu_mul``, ``add_rms_norm``, ``add``; cpu/tied_delta.h),
     so the output is read once instead of read, written back and read again. Build with
     :meth:`NativeOps.tied_delta`; valid while its plan and step live (the step's forward).
     """

@@ -41,6 +41,25 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
                  site: SiteWeights, tied_form: str | None = None, group_form: str | None = None) -> torch.Tensor:
     """Triton form of :func:`nlora_serve.kernels.torch_ops.apply_torch` (same semantics).
 
+    Semantics: for every token t with slot s = batch.token_slots[t] ≥ 0 and r = batch.max_rank:
+    y[t] += scaling[s] · B · N[s][:r, :r] · z, where a group token (family f =
+    batch.tok_group_family[t] ≥ 0) has z = A[f][:r] · x[t] and B = b_pool[f][:, :r], and a tied
+    token has z = (y[t] − tied_bias)[:r] read before any add (tied_bias 0 when None) and
+    B = tied_b[:, :r] (the "fused" tied form recomputes z = W[:r] x instead: equal in exact
+    arithmetic); scaling[s] = batch.slot_scalings[s]. Rows of slot −1 are untouched; y is
+    changed in place, no other argument is. Accumulation is fp32, and u = N z crosses launches
+    in an fp32 [T, r] buffer whatever y's dtype.
+
+    Args:
+        y: [T, out] fp32, bf16 or fp16, CUDA (CPU only under TRITON_INTERPRET=1); may be a column
+            view of a fused output.
+        x: [T, in] the projection's input, y's dtype.
+        batch: the step's :class:`AdapterBatch`, its tensors on y's device.
+        site: this projection's :class:`SiteWeights` (n_pool [S, R, R]; a_pool [F, R, in] and
+            b_pool [F, out, R] for group tokens; tied_b [out, ≥r], tied_bias [≥r] or None for
+            tied tokens), y's dtype, on y's device.
+        tied_form, group_form: see :data:`TIED_FORM`, :data:`GROUP_FORM`.
+
     Launches: tied path = mix (z read from y into an fp32 buffer) then, after every other add,
     one expand by W[:, :r] (``tied_form``, default :data:`TIED_FORM`: "two_launch" SGMV over
     tied runs, "tiled" :func:`tied_expand` over token blocks; "fused": one :func:`tied_fused`
@@ -89,6 +108,21 @@ def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBa
                         site: SiteWeights, tied_form: str | None = None,
                         group_form: str | None = None) -> torch.Tensor:
     """The fixed-grid form for decode steps and CUDA graphs (same semantics as :func:`apply_triton`).
+
+    Semantics: :func:`apply_triton`'s, with r = batch.rank (the pool's width: entries past a
+    slot's own rank are zero), tied tokens those with batch.tok_tied_slot[t] ≥ 0, group tokens
+    those with batch.tok_group_slot[t] ≥ 0 and family batch.tok_group_family[t]; every other row
+    untouched; y changed in place, no other argument.
+
+    Args:
+        y: [T, out] fp32, bf16 or fp16 on the GPU (CPU only under TRITON_INTERPRET=1); may be a
+            column view of a fused output.
+        x: [T, in] y's dtype.
+        batch: this pool's :class:`DecodeAdapterBatch` ([T] int32 per-token keys, [S] float32
+            slot_scalings, on y's device).
+        site: as :func:`apply_triton`'s (tied_b [out, ≥R] for a pool with tied slots; a_pool
+            and b_pool for one with family slots).
+        tied_form, group_form: see :data:`TIED_FORM`, :data:`GROUP_FORM`.
 
     Launches, each with a grid of the token count (and output column blocks) only: tied path =
     mix (z read from y) then, after the group adds, one BGMV expand by W[:, :R] (``tied_form``
