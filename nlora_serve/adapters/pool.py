@@ -104,7 +104,9 @@ class _Pool:
         self.capacity = capacity
         self._free = list(range(capacity - 1, -1, -1))
         self.slot_ranks = torch.zeros(capacity, dtype=torch.int32)  # [S]
-        self.slot_scalings = torch.ones(capacity, dtype=torch.float32)  # [S]: s is folded into N
+        # [S]: always 1, the kernels' per-slot s: s can differ per module (rank_pattern /
+        # alpha_pattern) and one number per slot cannot hold that, so write() folds it into N
+        self.slot_scalings = torch.ones(capacity, dtype=torch.float32)
         self.bias: dict[Site, torch.Tensor] = {}  # site -> [S, out] s·b, allocated on first use
         self.generation = 0  # bumped whenever a tensor is replaced: cached views go stale
 

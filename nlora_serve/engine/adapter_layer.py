@@ -51,7 +51,7 @@ into it); and the plan is not an AMX plan (``NativeOps.tied_delta`` returns None
 Without the layer ops (sizes ``LayerOps.fits`` refuses) the layer runs the torch forward, whose
 ``AdaptedLinear.__call__`` never defers.
 
-CPU, torch (``"torch"``; ``"native"`` when the C library cannot be built; the fallback above)::
+CPU, torch (``"torch"``; ``"native"`` when the C library cannot be loaded; the fallback above)::
 
     AdaptedLinear.__call__ -> AdapterHook.__call__
       -> kernels/dispatch.apply_adapters(part, x, batch, site) once per module

@@ -29,7 +29,9 @@ class BatchInfo:
     """Everything about one forward step except the token ids and positions.
 
     Shapes: T packed tokens, S scheduled sequences, N = num_decodes single-token sequences,
-    B max blocks of a decode sequence, L = B * block_size, W max blocks of any sequence.
+    B max blocks of a decode sequence, L = B * block_size, W max blocks of any sequence,
+    R ≤ S logits rows, one per sequence whose last token's logits the step computes (those that
+    sample after it).
     """
 
     query_starts: torch.Tensor  # [S + 1] int64: sequence i owns tokens [query_starts[i], query_starts[i+1])

@@ -43,7 +43,10 @@ class AdapterBatch:
     # -- inputs, as given by engine/ ----------------------------------------------------------
     token_slots: torch.Tensor  # [T] int32: N-pool slot of each token, NO_ADAPTER = base only
     slot_ranks: torch.Tensor  # [S] int32: rank r of each slot (pool entries beyond r are zero)
-    slot_scalings: torch.Tensor  # [S] float32: s = alpha / r (or / sqrt(r), rsLoRA) per slot
+    # [S] float32: the kernels' s per slot (y += s · B N A x). The engine's pools (adapters/pool.py)
+    # always pass 1: PEFT's s = alpha / r (or / sqrt(r), rsLoRA) differs per module under
+    # rank_pattern / alpha_pattern, which one number per slot cannot hold, so it is folded into N
+    slot_scalings: torch.Tensor
     slot_families: torch.Tensor  # [S] int32: A/B pool row of each slot, TIED = Nyström-tied
     # -- whole-batch facts (host ints, so launchers pick a path without a device sync) ------
     num_tokens: int  # T
