@@ -46,9 +46,9 @@ class AdapterVersion:
     store); the summary fields are captured at registration and stay valid throughout.
     """
 
-    name: str
+    name: str  # the adapter's name in the store (names.validate_name), what requests ask for
     version: int  # per-name sequence number, starting at 1
-    adapter: Adapter | None
+    adapter: Adapter | None  # its validated weights in memory; None while evicted (see above)
     path: Path  # its folder in the store
     refcount: int = 0  # requests holding it
     current: bool = True  # what new requests of ``name`` get; False once superseded or unloaded
@@ -57,7 +57,7 @@ class AdapterVersion:
     slot: int | None = None  # its slot in that pool
     content_hash: str = ""  # sha256 of the adapter's maths (caches key on it)
     is_tied: bool = False  # Nyström-tied IntTune tenant: only N is held
-    flavour: str = ""  # lora / nlora / inttune-tied
+    flavour: str = ""  # lora / nlora / inttune-tied / family (adapter.FLAVOURS)
     rank: int = 0  # largest rank over its modules
     targets: tuple[str, ...] = ()  # adapted module names
     held_bytes: int = 0  # bytes it owns in the compute dtype (N only when tied)

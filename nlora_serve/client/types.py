@@ -47,15 +47,15 @@ class Delta:
 class AdapterInfo:
     """One adapter version as the server reports it."""
 
-    name: str
-    version: int
-    content_hash: str
-    flavour: str  # "lora", "nlora" or "inttune-tied"
-    rank: int
-    target_modules: tuple[str, ...]
-    tied: bool
-    resident_bytes: int
-    active_requests: int
+    name: str  # the adapter's name, what a request asks for
+    version: int  # per-name sequence number, starting at 1
+    content_hash: str  # sha256 hex of the version's content (equal hashes: equal outputs)
+    flavour: str  # "lora", "nlora", "inttune-tied" or "family" (a compressed family's member)
+    rank: int  # largest rank over its modules
+    target_modules: tuple[str, ...]  # adapted module names, e.g. "q_proj"
+    tied: bool  # A and B are the base weight's Nyström slices: the server holds only N
+    resident_bytes: int  # bytes the server holds for it in the compute dtype (0 while not resident)
+    active_requests: int  # requests running on this version now
 
     @classmethod
     def from_proto(cls, msg: pb.AdapterInfo) -> AdapterInfo:

@@ -104,9 +104,13 @@ class EngineConfig:
     dtype: torch.dtype = torch.float32  # compute dtype of weights, activations and KV cache
     cache_dir: str | None = None  # prepared-model cache root (None: $NLORA_SERVE_CACHE / XDG)
     seed: int = 0  # seeds the generator of requests that sample without their own seed
+    # continuous batching limits: running sequences, tokens per step, max_model_len, policy
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # the paged KV cache: tokens per block, and its size in blocks or bytes
     cache: CacheConfig = field(default_factory=CacheConfig)
     adapter_dir: str | None = None  # the adapter store (--adapter-dir); None: no adapters served
+    # what adapters the server takes and holds: max rank, resident untied adapters, tied tenants'
+    # bytes, a store version's bytes (adapters/manager.py)
     adapter_limits: AdapterLimits = field(default_factory=AdapterLimits)
     # "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda" or "cuda:N": where the
     # weights, the KV cache, the activations and sampling live

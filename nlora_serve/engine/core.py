@@ -60,9 +60,10 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class _Request:
-    seq: Sequence
-    detokenizer: IncrementalDetokenizer
-    ban: set[int]  # tokens banned until min_tokens: EOS and stop ids
+    seq: Sequence  # its tokens, progress and KV blocks, as the scheduler sees them
+    detokenizer: IncrementalDetokenizer  # its generated tokens to text deltas; applies stop strings
+    # EOS (unless ignore_eos) and stop_token_ids: banned until min_tokens, and a sampled one stops it
+    ban: set[int]
 
 
 class EngineCore:

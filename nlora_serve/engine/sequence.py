@@ -22,13 +22,15 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """A request's tokens and progress. Identity (``is``) is equality: ``eq=False``."""
 
+    # unique among the engine's open requests (LLMEngine passes its own engine id from
+    # api.RequestIds, not the client's)
     request_id: str
     arrival: int  # admission order, unique and increasing: FCFS and preemption order key
     token_ids: list[int]  # prompt followed by the generated tokens
-    num_prompt_tokens: int
-    params: SamplingParams
+    num_prompt_tokens: int  # the prompt's length: token_ids[:num_prompt_tokens] is the prompt
+    params: SamplingParams  # how to sample and when to stop (max_tokens, stop, min_tokens, ...)
     generator: torch.Generator | None = None  # per-request generator when params.seed is set
-    status: SequenceStatus = SequenceStatus.WAITING
+    status: SequenceStatus = SequenceStatus.WAITING  # where it is: waiting, running, finished
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)  # KV blocks, see BlockManager
     num_preemptions: int = 0  # times this sequence lost its blocks and recomputed

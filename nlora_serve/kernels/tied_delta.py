@@ -33,9 +33,9 @@ class TiedStepArgs(ctypes.Structure):
 class TiedStep:
     """One step's tied tokens for deferred deltas (:meth:`NativeOps.tied_step`)."""
 
-    args: TiedStepArgs
+    args: TiedStepArgs  # the C struct: pointers to tok_tied_slot [T] int32 and slot_scalings [S] float32
     address: int  # of args
-    num_tokens: int
+    num_tokens: int  # T: the step's tokens (rows of every projection output this step)
     keep: tuple  # the slot and scaling tensors args points at
 
 

@@ -25,15 +25,15 @@ class ModelSpec:
     """
 
     architecture: str  # e.g. "LlamaForCausalLM"
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
+    num_layers: int  # decoder layers (config ``num_hidden_layers``)
+    hidden_size: int  # width of the residual stream and the embeddings, elements
+    intermediate_size: int  # the MLP's inner width: gate_proj / up_proj out, down_proj in
+    num_heads: int  # query heads (``num_attention_heads``)
+    num_kv_heads: int  # key/value heads (``num_key_value_heads``; = num_heads without it)
+    head_dim: int  # elements per head (config ``head_dim``, else hidden_size // num_heads)
+    vocab_size: int  # token ids 0 .. vocab_size − 1: rows of the embedding (and lm_head)
     attention_bias: bool  # q/k/v carry a bias (Qwen2)
-    tie_word_embeddings: bool
+    tie_word_embeddings: bool  # lm_head reuses the embedding matrix (SmolLM2)
 
     def projection_shape(self, module: str) -> tuple[int, int]:
         """``(out_features, in_features)`` of one projection.

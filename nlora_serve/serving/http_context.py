@@ -23,10 +23,13 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 class HttpContext:
     """What the routes serve from: the gRPC server's own engine, keys, metrics and admission."""
 
-    engine: Engine
-    config: ServerConfig
+    engine: Engine  # the engine the gRPC server runs requests on (one per server)
+    config: ServerConfig  # the server's settings (max_tokens, max_queue, served_model_name, ...)
+    # API key -> Principal (tenant, grants); without a tenants file every caller is the local admin
     auth: Authenticator
-    metrics: ServerMetrics
+    metrics: ServerMetrics  # the server's nlora_* metrics, shared with gRPC
+    # the queue bound and per-tenant counts both front ends reserve against, and the tokenizer
+    # stage (``admission.tokenizer``: prompts to token ids)
     admission: Admission
     tokenizer: object  # renders chat prompts and decodes logprob tokens
     base_model: str  # the base model's served name (GetServerInfo's ``model``)
