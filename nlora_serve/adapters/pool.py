@@ -232,7 +232,7 @@ class LoraPool(_Pool):
         self.tables: dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # On the CPU, B^T [S, R, out] per site as well, written with each slot: the native group
         # op's expand reads it as is, where it would otherwise transpose every used slot's B on
-        # every call (~40% of its decode time, bench/RESULTS.md issue 22). Costs B's bytes again.
+        # every call (~40% of its decode time, bench/RESULTS.md). Costs B's bytes again.
         self.b_t: dict[Site, torch.Tensor] = {}
 
     @property

@@ -159,7 +159,7 @@ class AdapterHook:
         native: the native CPU ops (:func:`nlora_serve.kernels.native.load_native`); when given,
             CPU steps run through them, one call per fused projection and token kind (tied, group),
             its tokens split over torch's threads from 16 (kernels/native.py; the torch path cost
-            4x the native one at prefill sizes: bench/RESULTS.md, issue 22). None: the torch path of :func:`apply_adapters`, one call
+            4x the native one at prefill sizes: bench/RESULTS.md). None: the torch path of :func:`apply_adapters`, one call
             per module.
         triton: run the Triton path (:func:`apply_adapters` with backend "triton") whatever the
             device: on CUDA it is the default anyway; on CPU tensors it needs TRITON_INTERPRET=1.

@@ -203,9 +203,9 @@ def max_prompt_bytes(tokenizer, max_model_len: int) -> int:
     """UTF-8 bytes beyond which a text prompt surely exceeds ``max_model_len`` tokens:
     :func:`bytes_per_token` times ``max_model_len`` times :data:`PROMPT_BYTES_SLACK`. Lets
     :func:`prompt_ids` refuse a huge prompt before tokenizing it: a 15 MB prompt took ~30 s of the
-    front ends' one tokenizer thread, and at a bound in characters 663k emoji (2.6 MB) still took
-    1.9 s where the same bound in bytes lets through at most 0.4 s of any text (round-four hostile
-    review, SmolLM2's tokenizer)."""
+    front ends' one tokenizer thread. The bound is in bytes, not characters: at a bound in
+    characters 663k emoji (2.6 MB) still took 1.9 s, where the bound in bytes lets through at most
+    0.4 s of any text (measured with SmolLM2's tokenizer)."""
     return PROMPT_BYTES_SLACK * bytes_per_token(tokenizer) * max_model_len
 
 

@@ -59,7 +59,8 @@ class VirtualTokenCounter:
         prompt_weight, output_weight: service per prompt / output token (VTC's w_p, w_q).
         usage_half_life: steps over which a tenant's recent slot usage halves its weight on the
             past. Long enough that a light tenant's Poisson burst (a few requests of ~33 steps)
-            averages out: at 64 the nine-light-tenant load of issue 20 still preempted.
+            averages out: at 64, nine light tenants at 75% load still preempted each other
+            (bench/RESULTS.md, "Fair without a heavy tenant").
     """
 
     OVER_SLOTS = 0.5  # usage above its share from which a tenant is over-served (served last)

@@ -7,7 +7,7 @@ counts them all. Once that count exceeds the CPUs, it throttles: a worker spins 
 iterations after a region before it sleeps on a futex, so every parallel op of every thread pays
 a wake-up. The native engine steps in its own thread (``LLMEngine``); the thread that loaded the
 model, ran a reference model or anything else in parallel kept its team, and from then on the step
-thread ran throttled. Measured on a 2-core Xeon (2026-12-05, bench/RESULTS.md, issue 22): a
+thread ran throttled. Measured on a 2-core Xeon (2026-12-05, bench/RESULTS.md): a
 [64, 576] fp32 += bf16 add in a second thread 8 µs → 90-120 µs once the first thread had run one
 2-thread op, a decode GEMM on 1.4 of the 2 cores instead of 1.9, and the bf16 decode step of the
 §9 workload 78 → 57 ms when only the step thread ran parallel.

@@ -1,5 +1,5 @@
 """Base GEMMs on the CPU on weights packed once: for our own kernel (``cpu/gemm.c``) where the
-native ops are loaded and the CPU runs the dtype fast, else prepacked for oneDNN (issue 22).
+native ops are loaded and the CPU runs the dtype fast, else prepacked for oneDNN.
 
 Our kernel (:class:`NativeLinear`) packs W into panels of 48 output columns and keeps an 8 x 48
 block of y in registers; on the default model's shapes with cold weights it ran 1.02-1.17x (fp32)

@@ -1,4 +1,4 @@
-"""Native CPU ops for the decoder layer's elementwise work (``cpu/layer_ops.c``, issue 22).
+"""Native CPU ops for the decoder layer's elementwise work (``cpu/layer_ops.c``).
 
 One pass each where torch runs 3-6 ops: RMSNorm fused with the residual add, RoPE in place on
 the q/k heads, SiLU(gate) · up. The arithmetic is HF Llama's, in fp32 whatever the storage dtype

@@ -1,5 +1,5 @@
 """A tied projection's delta handed to the native op that consumes the projection's output
-(``cpu/tied_delta.h``, issue 22): the ctypes mirrors of its C structs and the Python objects the
+(``cpu/tied_delta.h``): the ctypes mirrors of its C structs and the Python objects the
 adapter hook passes to ``LayerOps`` (kernels/layer_ops.py). Built by
 :meth:`nlora_serve.kernels.native.NativeOps.tied_step` / ``tied_delta``.
 """

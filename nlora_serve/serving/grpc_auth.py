@@ -1,16 +1,17 @@
 """Calls refused on their metadata alone, before the server reads their request.
 
 The server's receive limit is one for every method, large enough for a SwapAdapter to carry a whole
-N (grpc_limits.py; it was ``--max-adapter-bytes`` plus 1 MiB). A servicer checks the caller's key
-only once grpc has received and parsed the request, so a client with no key could make the server
-take a 200 MiB Generate request whole (four at once: +2.1 GB, and 3.7 s gaps in other tenants'
-streams; round-four hostile review).
+N (grpc_limits.py). A servicer checks the caller's key only once grpc has received and parsed the
+request, so without this a client with no key could make the server take a request of that size
+whole, as many at once as it likes (the limit grows with the model and ``--max-rank``; at a
+257 MiB limit, four 200 MiB Generate requests at once cost +2.1 GB and 3.7 s gaps in other
+tenants' streams).
 :class:`KeyFirst` is a server interceptor that authenticates every call of our services
 (``nlora_serve.v1.*``) from its metadata before any message is read, and refuses a non-admin key
 on the AdapterAdmin service the same way. A refused call gets a handler that reads nothing (a
 request-stream handler that never iterates its stream) and aborts with the status and message the
 servicer would have given. Calls that pass go on to the servicers, which check again (grants,
-``require_admin``) as before. Health and reflection are left alone.
+``require_admin``). Health and reflection are left alone.
 """
 
 from __future__ import annotations

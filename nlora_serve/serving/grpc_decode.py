@@ -7,9 +7,9 @@ like a server fault. :class:`BoundedDecode` is a server interceptor that takes p
 handler for our own services (``nlora_serve.v1.*``): the server hands the handler raw bytes, the
 handler parses them, and a ``DecodeError`` aborts the call with INVALID_ARGUMENT. A request
 stream (UploadAdapter) is parsed message by message the same way. grpc's health service is wrapped
-too: a corrupt Health/Check needs no key, and grpc logged a full traceback for each one (round-four
-hostile review: anyone could fill the log). So is grpc's reflection service (stream-stream, keyless
-too).
+too: a corrupt Health/Check needs no key, and grpc logs a full traceback for each one it fails to
+parse, so without this anyone could fill the log. So is grpc's reflection service (stream-stream,
+keyless too).
 
 Each message is first held to its method's bound (grpc_limits.MessageLimits.bound: Generate the
 largest legal request, the small RPCs, health and reflection 64 KiB): grpc's own receive limit is one for every

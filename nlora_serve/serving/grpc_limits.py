@@ -1,11 +1,11 @@
 """How large a gRPC request message may be: one server-wide receive limit, and a bound per method.
 
 grpc has one receive limit for every method (``grpc.max_receive_message_length``) and takes a whole
-message up to it before any of our code runs. That limit was ``--max-adapter-bytes`` plus 1 MiB
-(257 MiB by default), so that SwapAdapter's one ``bytes n_safetensors`` message fits; so a tenant
-with a valid key could send a 250 MB Generate request (a 250 MB prompt or cache_salt): grpc received
-it, Python copied it, protobuf parsed it, and only then did validation refuse it (a 200 MB one moved
-the server's memory by GBs; hostile review). Now:
+message up to it before any of our code runs, and that limit must let SwapAdapter's one
+``bytes n_safetensors`` message through. Were it the only bound, a tenant with a valid key could
+send a Generate request of that size (a huge prompt or cache_salt) that grpc receives, Python
+copies and protobuf parses before validation refuses it (a 200 MB one moved the server's memory by
+GBs). So:
 
 * the server-wide limit (:attr:`MessageLimits.receive_bytes`) is what the largest legal SwapAdapter
   carries (:func:`swap_payload_bytes`), never below gRPC's default 4 MiB or Generate's bound, and

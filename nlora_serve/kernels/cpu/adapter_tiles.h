@@ -114,7 +114,7 @@ DEFINE_MIX(mix_bf16, uint16_t, bf16_to_f32, load16_bf16)
 
 /* Tokens ahead in the loop whose N is prefetched: in a decode step every token has its own
  * tenant, and its N (r x r per module) is cold, since the base GEMMs streamed the weights since
- * the last call; perf put about a fifth of the tied op's samples on those loads (issue 22) */
+ * the last call; perf put about a fifth of the tied op's samples on those loads */
 #define PREFETCH_AHEAD 4
 
 /* Prefetches slot s's N of every module (elem bytes an entry; rows n_row_stride entries apart,

@@ -1,4 +1,4 @@
-/* The decoder layer's elementwise ops in one pass each, for the CPU (issue 22).
+/* The decoder layer's elementwise ops in one pass each, for the CPU.
  *
  * torch runs each of these as 3-6 separate ops over the whole [T, hidden] tensor (F.rms_norm
  * decomposes into pow, mean, add, rsqrt, mul, mul; RoPE is cat, mul, addcmul, cast; the MLP's

@@ -21,7 +21,7 @@
  * every row of the sequence prefetched up front 0.83 ms a layer; one pass for the group 0.70 ms;
  * with the prefetch running DIST positions ahead of the first kv head's pass 0.64 ms (whole-
  * sequence prefetch into L1 evicted rows before use; prefetching the next sequence instead, or
- * none, 1.15-1.25 ms). On a 2-core Zen 4 (issue 22), that prefetch into L2 rather than L1: bf16
+ * none, 1.15-1.25 ms). On a 2-core Zen 4, that prefetch into L2 rather than L1: bf16
  * 0.67 -> 0.53 ms a layer, fp32 1.00 -> 0.88 (DIST 8-96 alike; an extra L1 prefetch of the next
  * few K rows gained nothing).
  *
@@ -73,7 +73,7 @@ static inline void row_offsets(const job_t *j, int64_t n, int h, int64_t c, int6
 /* every kv head's K and V rows of position p (contiguous: [pos][kvh][D]), into L2 (prefetcht1):
  * a sequence's rows (130-190 positions: 100-300 KB) fit L2, not L1, and were read back from L2
  * anyway by the other kv heads' passes and the V pass; prefetched into L1 they also evicted what
- * the pass was using (issue 22: 20.0 -> 15.8 ms a 30-layer step bf16, 30.0 -> 26.3 fp32) */
+ * the pass was using (20.0 -> 15.8 ms a 30-layer step bf16, 30.0 -> 26.3 fp32) */
 static inline __attribute__((always_inline)) void prefetch_pos(const job_t *j, const int64_t *rows, int64_t p, int h, const int bf16) {
     const int64_t span = (int64_t)j->num_kv_heads * j->head_dim * (bf16 ? 2 : 4);
     const int64_t at = (rows[p] - (int64_t)h * j->head_dim) * (bf16 ? 2 : 4);
@@ -233,7 +233,7 @@ int nlora_paged_decode(const void *q, int64_t q_stride, const void *k_cache, con
 /* This step's keys and values into the cache: for t < T, K[slots[t]] = k[t] and V[slots[t]] = v[t],
  * each a row of row_bytes (KVH x D entries) in a cache of num_slots rows ([NB * BS, KVH, D]); k
  * and v rows k_stride / v_stride bytes apart. What two torch index_copy_ calls did, at ~30 µs a
- * layer of Python and dispatch for 64 rows (issue 22). Returns 0; -1 (nothing written) when a slot
+ * layer of Python and dispatch for 64 rows. Returns 0; -1 (nothing written) when a slot
  * is outside [0, num_slots). */
 int nlora_write_kv(void *k_cache, void *v_cache, int64_t num_slots, const void *k, int64_t k_stride, const void *v,
                    int64_t v_stride, const int64_t *slots, int64_t num_tokens, int64_t row_bytes) {

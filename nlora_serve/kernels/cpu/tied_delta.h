@@ -1,4 +1,4 @@
-/* A tied projection's delta handed to the op that consumes the projection's output (issue 22).
+/* A tied projection's delta handed to the op that consumes the projection's output.
  *
  * The tied op (tied_apply.c) reads and writes the whole fused output y once more after the base
  * GEMM: at prefill sizes y is tens of MB, so that pass costs what the memory moves (a 2,048-token
