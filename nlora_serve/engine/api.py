@@ -181,6 +181,13 @@ class Engine(abc.ABC):
     def stats(self) -> dict[str, int]:
         """Gauges and counters (running, waiting, kv_blocks_used, kv_blocks_total, tokens, steps)."""
 
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine can serve no request any more (None while it can). The server then turns
+        health NOT_SERVING, drains and exits non-zero, so a supervisor restarts it (as vLLM's own
+        server does on EngineDeadError). The native engine survives a failed step: never dead."""
+        return None
+
 
 # Slack on the bytes-per-token bound below: a tokenizer's normaliser may compose characters (NFC:
 # a letter and a combining accent become one), so the text it tokenizes can be shorter.

@@ -16,7 +16,7 @@ from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.api import Engine
 from nlora_serve.serving.server_config import StartupError
-from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
+from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit
 
 BACKENDS = ("native", "vllm")
 
@@ -51,7 +51,8 @@ def backend_config(args: argparse.Namespace) -> VllmBackendConfig | None:
     """The vLLM backend's config, None for the native engine; checked before the model loads.
 
     Raises:
-        StartupError: a vLLM flag without ``--backend vllm``, a value out of range, or vllm missing.
+        StartupError: a vLLM flag without ``--backend vllm``, a value out of range (a ``--max-rank``
+            over vLLM's 512, a ``--vllm-arg`` our own flags set), or vllm missing.
     """
     vllm_flags = args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1 or args.vllm_arg
     if args.backend != "vllm":
@@ -63,9 +64,10 @@ def backend_config(args: argparse.Namespace) -> VllmBackendConfig | None:
                            "`pip install nlora-serve[vllm]`, on the CPU `make vllm-venv` and run "
                            ".venv-vllm/bin/nlora-serve")
     try:
+        lora_rank_limit(args.max_rank)
         return VllmBackendConfig(tensor_parallel_size=args.tensor_parallel_size,
                                  pipeline_parallel_size=args.pipeline_parallel_size, max_loras=args.max_loras,
-                                 engine_args=dict(args.vllm_arg))
+                                 enforce_eager=True if args.enforce_eager else None, engine_args=dict(args.vllm_arg))
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
 

@@ -59,7 +59,10 @@ def _principal(request: Request) -> Principal:
 
 @_router.get("/health")
 async def _health(request: Request) -> JSONResponse:
-    draining = _ctx(request).admission.draining
+    ctx = _ctx(request)
+    if (dead := ctx.engine.dead_reason) is not None:  # the server is on its way out: see serve_cli
+        return JSONResponse({"status": "dead", "reason": dead}, status_code=503)
+    draining = ctx.admission.draining
     return JSONResponse({"status": "draining" if draining else "ok"}, status_code=503 if draining else 200)
 
 

@@ -228,6 +228,9 @@ def _check_model_len(model_dir: Path, max_model_len: int) -> None:
                            f"{limit} ({model_dir / 'config.json'})")
 
 
+ENGINE_WATCH_SECONDS = 1.0  # how often serve() checks that the engine can still serve
+
+
 def client_hint(server: NloraServer, examples: list[str]) -> str:
     """A ready-to-paste client command for this server."""
     # quoted: with $NLORA_API_KEY unset the pasted command sends an empty key (UNAUTHENTICATED) instead of
@@ -259,14 +262,27 @@ async def serve(server: NloraServer, examples: list[str]) -> bool:
     print(f"ready on {server.config.host}:{server.port}; try:\n  {client_hint(server, examples)}", flush=True)
     if server.http_port is not None:
         print(f"OpenAI-compatible HTTP API on http://{server.config.host}:{server.http_port}/v1", flush=True)
+    watch = asyncio.create_task(_watch_engine(server.engine, stop))
     await stop.wait()
+    watch.cancel()
     log.info("shutting down: draining running streams for up to %.0f s", server.config.drain_seconds)
     return await server.shutdown()
 
 
+async def _watch_engine(engine, stop: asyncio.Event, every: float = ENGINE_WATCH_SECONDS) -> None:
+    """Set ``stop`` once the engine can serve no more (:attr:`Engine.dead_reason`): the server then
+    drains (health NOT_SERVING) and exits non-zero, so a supervisor restarts it rather than every
+    request failing behind a healthy-looking server (vLLM's own server exits on EngineDeadError)."""
+    while engine.dead_reason is None:
+        await asyncio.sleep(every)
+    log.error("the engine died: %s; shutting down", engine.dead_reason)
+    stop.set()
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Run ``serve`` until a signal; returns 0 after a graceful drain (also when requests had to be
-    aborted at the end of the grace period: that is logged).
+    aborted at the end of the grace period: that is logged), 1 when it stopped because the engine
+    died.
 
     Raises:
         StartupError, AuthError, ModelError: the server could not start (see :func:`build`).
@@ -278,9 +294,10 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             drained = asyncio.run(serve(server, examples))
         finally:
+            dead = engine.dead_reason
             engine.shutdown()
     log.info("drained, exiting" if drained else "drain period over (remaining requests aborted and told), exiting")
-    return 0
+    return 0 if dead is None else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from nlora_serve.serving.server_config import StartupError
 from nlora_serve.serving.serve_cli import add_serve_arguments
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency, write_folded_lora
 from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit
+from nlora_serve.engine.vllm_backend.engine import FOLD_PREFIX, fold_folder
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
 
@@ -53,9 +58,10 @@ def test_a_lora_b_bias_is_refused_with_the_reason(base_fp32, tmp_path):
     assert not (tmp_path / "lora").exists()
 
 
-def test_every_version_gets_a_new_id_and_freeing_removes_its_folder(base_fp32, tmp_path):
+def test_every_version_gets_a_new_id_and_freeing_hands_its_folder_over(base_fp32, tmp_path):
     freed = []
-    residency = VllmResidency(tmp_path, torch.bfloat16, tuple(base_fp32.weight(0, "q_proj").shape), freed.append)
+    residency = VllmResidency(tmp_path, torch.bfloat16, tuple(base_fp32.weight(0, "q_proj").shape),
+                              lambda lora_id, folder: freed.append((lora_id, folder.is_dir())))
     adapter = read_adapter(CASES / "inttune-nystrom-tied", base_fp32)
     versions = [argparse.Namespace(adapter=adapter, pool=None, slot=None, held_bytes=0) for _ in range(2)]
     for v in versions:
@@ -65,7 +71,8 @@ def test_every_version_gets_a_new_id_and_freeing_removes_its_folder(base_fp32, t
     # a tied tenant becomes a full LoRA on this backend: A and B at r per site, 2 bytes each in bf16
     assert versions[0].held_bytes == 2 * sum(s.rank * (s.A.shape[1] + s.B.shape[0]) for s in adapter.sites.values())
     residency.free(versions[0])
-    assert freed == [first] and not residency.path(first).exists() and versions[0].slot is None
+    # the engine drops it from vLLM first, then deletes the folder: it is still there when handed over
+    assert freed == [(first, True)] and versions[0].slot is None
     zero = residency.zero_lora()
     assert zero not in (first, second)
     assert all(t.abs().max() == 0 for t in safetensors.torch.load_file(
@@ -101,4 +108,55 @@ def test_vllm_flags_fill_the_backend_config(monkeypatch):
 
 
 def test_lora_rank_limit_is_the_smallest_rank_vllm_accepts():
-    assert [lora_rank_limit(r) for r in (1, 2, 8, 16, 17, 64, 600)] == [1, 8, 8, 16, 32, 64, 512]
+    assert [lora_rank_limit(r) for r in (1, 2, 8, 16, 17, 64, 512)] == [1, 8, 8, 16, 32, 64, 512]
+    # above 512 vLLM has no max_lora_rank: a rank-520 adapter passed registration and then killed
+    # vLLM's engine core on its first request (ValueError in the worker)
+    with pytest.raises(ValueError, match="--max-rank 600: the vLLM backend serves LoRA ranks up to 512"):
+        lora_rank_limit(600)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-rank", "600"], "--max-rank 600: the vLLM backend serves LoRA ranks up to 512"),
+    (["--vllm-arg", "max_lora_rank=8"], "--vllm-arg max_lora_rank: the backend sets it from --max-rank"),
+    (["--vllm-arg", "max_model_len=128"], "--vllm-arg max_model_len: the backend sets it from --max-model-len"),
+    (["--vllm-arg", "max_loras=2"], "--vllm-arg max_loras: the backend sets it from --max-loras"),
+])
+def test_what_our_flags_set_cannot_be_overridden(monkeypatch, flags, words):
+    # a --vllm-arg max_lora_rank=8 crashed vLLM on the first rank-16 request; max_model_len=128 made
+    # a too-long prompt a 500 while GetServerInfo still said 512
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    with pytest.raises(StartupError, match=words):
+        backend_config(_args("--backend", "vllm", *flags))
+
+
+def test_enforce_eager_reaches_vllm(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    assert backend_config(_args("--backend", "vllm", "--enforce-eager")).enforce_eager is True
+    assert backend_config(_args("--backend", "vllm")).enforce_eager is None  # vLLM's default for the platform
+
+
+def test_a_fold_that_cannot_be_written_is_named_and_leaves_nothing(base_fp32, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(AdapterError, match="cannot write the adapter folded for vLLM .*No space left on device"):
+        write_folded_lora(read_adapter(CASES / "inttune-nystrom-tied", base_fp32), tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_fold_folders_of_dead_processes_are_swept(tmp_path, monkeypatch):
+    # a kill -9 left its folded store in /tmp (57 MB for 3 adapters), and every restart another one
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{FOLD_PREFIX}{int(dead.stdout)}-abc"
+    live = tmp_path / f"{FOLD_PREFIX}{os.getppid()}-def"  # our parent runs
+    older = tmp_path / f"{FOLD_PREFIX}xyz"  # another naming: not ours to judge
+    for folder in (stale, live, older):
+        (folder / "1").mkdir(parents=True)
+    mine = fold_folder()
+    assert mine.parent == tmp_path and mine.name.startswith(f"{FOLD_PREFIX}{os.getpid()}-")
+    assert not stale.exists() and live.exists() and older.exists()
+

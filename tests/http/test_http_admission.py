@@ -90,3 +90,12 @@ def test_a_drain_answers_a_request_whose_body_never_came_503_at_once(make_http_s
     assert error["code"] == "draining" and "body had not arrived" in error["message"]
     assert drained is True and took < 5, took
     assert server.server.admission.inflight == 0
+
+
+def test_health_is_503_naming_why_once_the_engine_can_serve_no_more(make_http_server, monkeypatch):
+    # the vLLM backend's engine core can die (EngineDeadError): /health said 200 while every request
+    # failed; now it says why, and serve() exits non-zero (tests/engine/test_vllm_engine_paths.py)
+    server = make_http_server()
+    assert _health(server) == (200, "ok")
+    monkeypatch.setattr(type(server.engine), "dead_reason", property(lambda self: "the core died"))
+    assert _health(server) == (503, "dead")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.keys import PART_A, PART_B, tensor_key
@@ -40,7 +41,8 @@ def write_folded_lora(adapter: Adapter, out_dir: Path) -> int:
     one float32 rounding of s·B·N.
 
     Raises:
-        AdapterError: the adapter has a lora_B bias (vLLM's LoRA has none).
+        AdapterError: the adapter has a lora_B bias (vLLM's LoRA has none), or the folder cannot be
+            written (a full disk: named, and nothing of it left).
     """
     if any(s.bias is not None for s in adapter.sites.values()):
         raise AdapterError("the vLLM backend serves no lora_B bias (lora_bias=true); fold the bias into "
@@ -57,9 +59,14 @@ def write_folded_lora(adapter: Adapter, out_dir: Path) -> int:
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
               "target_modules": sorted({m for _, m in adapter.sites}), "lora_dropout": 0.0, "bias": "none",
               "use_rslora": False, "use_dora": False, "fan_in_fan_out": False}
-    out_dir.mkdir(parents=True)
-    (out_dir / LORA_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    safetensors.torch.save_file(tensors, str(out_dir / LORA_WEIGHTS))
+    try:
+        out_dir.mkdir(parents=True)
+        (out_dir / LORA_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        safetensors.torch.save_file(tensors, str(out_dir / LORA_WEIGHTS))
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise AdapterError(f"cannot write the adapter folded for vLLM to {out_dir} "
+                           f"({getattr(exc, 'strerror', None) or exc})") from None
     return sum(t.numel() for t in tensors.values())
 
 
@@ -68,17 +75,19 @@ class VllmResidency:
 
     ``admit`` folds a version into ``root/<id>`` and sets ``version.slot`` to its id and
     ``version.held_bytes`` to the folded LoRA's bytes in the compute dtype (what vLLM holds for it);
-    ``free`` deletes the folder and calls ``on_free(id)`` so the engine drops it from vLLM.
+    ``free`` hands the id and the folder to ``on_free(id, folder)``, which drops the version from
+    vLLM and then deletes the folder (vLLM may still read it until then).
 
     Args:
         root: folder for the folded versions (created; the engine removes it at shutdown).
         dtype: vLLM's compute dtype (for ``held_bytes``).
         q_shape: ``[out, in]`` of the base model's q_proj (for :meth:`zero_lora`).
-        on_free: called with a freed version's id (from whichever thread frees it).
+        on_free: called with a freed version's id and folder (from whichever thread frees it);
+            by default the folder is deleted at once.
     """
 
     def __init__(self, root: Path, dtype: torch.dtype, q_shape: tuple[int, int],
-                 on_free: Callable[[int], None] = lambda i: None):
+                 on_free: Callable[[int, Path], None] = lambda i, folder: shutil.rmtree(folder, ignore_errors=True)):
         self.root = Path(root)
         self._q_shape = q_shape  # [out, in] of q_proj, for the zero LoRA
         self.root.mkdir(parents=True, exist_ok=True)
@@ -122,9 +131,8 @@ class VllmResidency:
         """Nothing to do: vLLM loads the folder on the version's first request and caches it."""
 
     def free(self, version) -> None:
-        """Delete a freed version's folder and drop it from vLLM."""
+        """Drop a freed version from vLLM, then delete its folder (``on_free``)."""
         lora_id, version.pool, version.slot = version.slot, None, None
         if lora_id is None:
             return
-        shutil.rmtree(self.path(lora_id), ignore_errors=True)
-        self._on_free(lora_id)
+        self._on_free(lora_id, self.path(lora_id))

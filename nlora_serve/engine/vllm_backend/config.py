@@ -12,6 +12,17 @@ from nlora_serve.engine.sampling import SamplingParams
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 GiB = 1 << 30
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # vLLM's finish reasons as ours; else "error"
+# AsyncEngineArgs fields the backend sets from our own flags: a --vllm-arg for one of them would
+# silently override what the front end believes (a max_lora_rank under --max-rank passed adapters
+# that then killed vLLM's engine on their first request; a smaller max_model_len turned a too-long
+# prompt's 400 into a 500), so it is refused, naming the flag to use instead
+OWNED_ENGINE_ARGS = {
+    "model": "--model", "tokenizer": "--tokenizer", "dtype": "--dtype", "max_model_len": "--max-model-len",
+    "max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-num-batched-tokens",
+    "tensor_parallel_size": "--tensor-parallel-size", "pipeline_parallel_size": "--pipeline-parallel-size",
+    "enable_lora": "--adapter-dir (LoRA is on with an adapter store)", "max_loras": "--max-loras",
+    "max_lora_rank": "--max-rank", "enable_prefix_caching": "--enable-prefix-caching / --no-enable-prefix-caching",
+}
 
 
 @dataclass(slots=True)
@@ -34,14 +45,25 @@ class VllmBackendConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"VllmBackendConfig.{name} must be a positive integer; got {value!r}")
+        for key in self.engine_args:
+            if key in OWNED_ENGINE_ARGS:
+                raise ValueError(f"--vllm-arg {key}: the backend sets it from {OWNED_ENGINE_ARGS[key]}; use that")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("VllmBackendConfig.gpu_memory_utilization must be in (0, 1]; got "
                              f"{self.gpu_memory_utilization!r}")
 
 
 def lora_rank_limit(max_rank: int) -> int:
-    """vLLM's ``max_lora_rank``: the smallest value it accepts that covers our ``--max-rank``."""
-    return next((r for r in MAX_LORA_RANKS if r >= max_rank), MAX_LORA_RANKS[-1])
+    """vLLM's ``max_lora_rank``: the smallest value it accepts that covers our ``--max-rank``.
+
+    Raises:
+        ValueError: ``max_rank`` over vLLM's largest (512): an adapter of a rank between would pass
+            our registration and then kill vLLM's engine core on its first request.
+    """
+    if max_rank > MAX_LORA_RANKS[-1]:
+        raise ValueError(f"--max-rank {max_rank}: the vLLM backend serves LoRA ranks up to {MAX_LORA_RANKS[-1]} "
+                         "(vLLM's largest max_lora_rank)")
+    return next(r for r in MAX_LORA_RANKS if r >= max_rank)
 
 
 class SchedulerSnapshot:

@@ -72,7 +72,7 @@ class VllmEngine(Engine):
         base = base if base is not None else load_base(config.model, config.dtype, config.cache_dir)
         self.tokenizer = base.tokenizer()
         self.vocab_size = base.spec.vocab_size
-        self._folds = Path(tempfile.mkdtemp(prefix="nlora-vllm-loras-"))
+        self._folds = fold_folder()
         self._adapters = None
         if config.adapter_dir:
             q_shape = tuple(base.weight(0, "q_proj").shape)
@@ -89,10 +89,12 @@ class VllmEngine(Engine):
         self._thread = threading.Thread(target=self._loop.run_forever, name="nlora-vllm", daemon=True)
         self._thread.start()
         self._base_lora = None  # LoRARequest of base-model requests (the CPU workaround below)
+        self._dead: str | None = None  # why vLLM's engine core can serve no more (set once)
         try:
             self._llm = self._call(self._start(base.path))
         except BaseException:
             self._stop_loop()
+            shutil.rmtree(self._folds, ignore_errors=True)  # every version folded so far
             raise
 
     async def _start(self, model_path: Path):
@@ -126,7 +128,7 @@ class VllmEngine(Engine):
         utilization = b.gpu_memory_utilization or (0.3 if on_cpu else None)
         if utilization is not None:
             args["gpu_memory_utilization"] = utilization
-        args.update(b.engine_args)
+        args.update(b.engine_args)  # VllmBackendConfig refuses the keys set above (our flags own them)
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self._stats.factory])
 
     def _call(self, coro, timeout: float | None = None):
@@ -176,7 +178,7 @@ class VllmEngine(Engine):
             if job.ended:  # aborted before it started
                 return
             job.started = True
-        made, last = 0, None
+        made, last, cached = 0, None, 0
         try:
             prompt = {"prompt_token_ids": ids} | ({"cache_salt": cache_salt} if cache_salt is not None else {})
             stream = self._llm.generate(prompt, vllm_sampling_params(params), job.rid,
@@ -185,6 +187,7 @@ class VllmEngine(Engine):
                 done = out.outputs[0]
                 tokens = list(done.token_ids)
                 made += len(tokens)
+                cached = out.num_cached_tokens or 0
                 reason = FINISH.get(done.finish_reason, "error") if out.finished else None
                 logprobs = [{t: lp.logprob for t, lp in step.items()} for step in done.logprobs] \
                     if done.logprobs else None
@@ -192,28 +195,41 @@ class VllmEngine(Engine):
                     self._counters["generation_tokens"] += len(tokens)
                 error = f"vLLM ended it with finish reason {done.finish_reason!r}" if reason == "error" else None
                 delta = RequestOutput(job.client_id, done.text, tokens, reason, job.prompt_tokens, made, logprobs,
-                                      error, **_tag(job.pinned))
+                                      error, **_tag(job.pinned), cached_tokens=cached)
                 if reason is not None:
                     last = delta
                 elif tokens or done.text:
                     job.sink(delta)
-            self._end(job, last or self._final(job, "abort", made))
+            self._end(job, last or self._final(job, "abort", made, cached=cached))
         except asyncio.CancelledError:
-            self._end(job, self._final(job, "abort", made, job.abort_reason))
+            self._end(job, self._final(job, "abort", made, job.abort_reason, cached))
         except Exception as exc:  # noqa: BLE001 - any vLLM failure ends this request with its message
-            self._end(job, self._final(job, "error", made, f"{type(exc).__name__}: {exc}"))
+            if self._llm.errored and self._dead is None:
+                self._dead = f"vLLM's engine core died ({type(exc).__name__}: {exc})"
+            self._end(job, self._final(job, "error", made, f"{type(exc).__name__}: {exc}", cached))
 
     @staticmethod
-    def _final(job: _Job, reason: str, made: int, error: str | None = None) -> RequestOutput:
-        return RequestOutput(job.client_id, "", [], reason, job.prompt_tokens, made, error=error, **_tag(job.pinned))
+    def _final(job: _Job, reason: str, made: int, error: str | None = None, cached: int = 0) -> RequestOutput:
+        return RequestOutput(job.client_id, "", [], reason, job.prompt_tokens, made, error=error, **_tag(job.pinned),
+                             cached_tokens=cached)
 
     def _end(self, job: _Job, last: RequestOutput) -> None:
         """The single terminal path: forget the request, release its pin, send its last delta."""
         with self._lock:
-            if job.ended:
-                return
-            job.ended = True
-            self._jobs.pop(job.rid, None)
+            claimed = self._claim(job)
+        if claimed:
+            self._finish(job, last)
+
+    def _claim(self, job: _Job) -> bool:
+        """Mark ``job`` ended (the caller holds the lock); False when another path already did."""
+        if job.ended:
+            return False
+        job.ended = True
+        self._jobs.pop(job.rid, None)
+        return True
+
+    def _finish(self, job: _Job, last: RequestOutput) -> None:
+        """After :meth:`_claim`: release the request's id and pin, send its last delta."""
         self._ids.close(job.rid)
         if job.pinned is not None:
             self.adapters.release(job.pinned)
@@ -228,10 +244,23 @@ class VllmEngine(Engine):
         return LoRARequest(f"{pinned.name}@v{pinned.version}#{pinned.slot}", pinned.slot,
                            str(self._adapters.residency.path(pinned.slot)))
 
-    def _drop_lora(self, lora_id: int) -> None:
-        """A version was freed: drop its weights from vLLM's LoRA cache (fire and forget)."""
+    def _drop_lora(self, lora_id: int, folder: Path) -> None:
+        """A version was freed (from any thread): drop it from vLLM's LoRA cache, then delete its
+        folder. In that order: vLLM may still load the folder for a step already scheduled with
+        it, or for a request whose abort it has not processed yet, and a missing folder kills its
+        engine core (LoRAAdapterNotFoundError). remove_lora reaches the engine core after every
+        abort sent before it and is answered between steps, so once it returns nothing reads the
+        folder any more. At shutdown the whole fold folder goes instead."""
         if not self._stopping:
-            asyncio.run_coroutine_threadsafe(self._llm.remove_lora(lora_id), self._loop)
+            asyncio.run_coroutine_threadsafe(self._remove_lora(lora_id, folder), self._loop)
+
+    async def _remove_lora(self, lora_id: int, folder: Path) -> None:
+        try:
+            await self._llm.remove_lora(lora_id)
+        except Exception:  # noqa: BLE001 - a dead engine reads nothing: the folder can go all the same
+            pass
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def abort(self, request_id: str, reason: str | None = None) -> None:
         for rid in self._ids.engine_ids(request_id):
@@ -244,11 +273,14 @@ class VllmEngine(Engine):
             if job is None:
                 return
             job.abort_reason = reason
-            started = job.started
+            # decided under the lock that _run takes to start a job: one not started yet is ended
+            # here and never starts; a started one is cancelled, and vLLM aborts it before its pin
+            # is released (released earlier, it ran in vLLM on a version that could be freed)
+            started, claimed = job.started, not job.started and self._claim(job)
         if started:
             job.future.cancel()  # cancels its task on the vLLM loop: vLLM aborts it, the task ends it
-        else:
-            self._end(job, self._final(job, "abort", 0, reason))
+        elif claimed:
+            self._finish(job, self._final(job, "abort", 0, reason))
 
     def abort_all(self, reason: str) -> None:
         with self._lock:
@@ -265,6 +297,12 @@ class VllmEngine(Engine):
             for rid, pinned in held:
                 self._abort(rid, unloaded_reason(pinned))
         return version
+
+    @property
+    def dead_reason(self) -> str | None:
+        if self._dead is None and not self._stopping and self._llm.errored:
+            self._dead = "vLLM's engine core died (EngineDeadError)"
+        return self._dead
 
     def stats(self) -> dict[str, int]:
         s = self._stats
@@ -295,6 +333,31 @@ class VllmEngine(Engine):
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+FOLD_PREFIX = "nlora-vllm-loras-"
+
+
+def fold_folder() -> Path:
+    """A new temporary folder for this process's folded LoRAs, ``nlora-vllm-loras-<pid>-*``, after
+    removing those of processes that no longer run (a kill -9 or an OOM kill leaves its folder:
+    a restart loop would fill the disk, or a tmpfs's memory)."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{FOLD_PREFIX}*-*"):
+        pid = old.name.removeprefix(FOLD_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{FOLD_PREFIX}{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _tag(pinned: AdapterVersion | None) -> dict:

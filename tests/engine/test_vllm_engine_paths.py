@@ -1,0 +1,149 @@
+"""The vLLM engine's own bookkeeping, with vLLM's AsyncLLM replaced by a recorder (runs in CI).
+
+A hot-swap racing client cancels killed vLLM's engine core (a hostile tester's find): a version's
+folder was deleted while vLLM could still load it, and an abort between a job's check and its
+start let it run unpinned. These pin the order that prevents both. The served path itself is in
+tests/vllm_backend (where vllm is importable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+from types import SimpleNamespace
+
+from nlora_serve.engine.api import RequestIds
+from nlora_serve.engine.vllm_backend import engine as engine_module
+from nlora_serve.engine.vllm_backend.engine import VllmEngine, _Job
+from nlora_serve.serving.serve_cli import _watch_engine
+
+
+V1 = SimpleNamespace(name="a", version=1, content_hash="h")  # the adapter version a job pins
+
+
+class _Pins:
+    def __init__(self):
+        self.released = []
+
+    def release(self, version):
+        self.released.append(version)
+
+
+def _engine(llm=None) -> VllmEngine:
+    """A VllmEngine with its bookkeeping only: no vLLM, its loop in a thread."""
+    engine = VllmEngine.__new__(VllmEngine)
+    engine._lock, engine._jobs, engine._ids = threading.Lock(), {}, RequestIds()
+    engine._adapters, engine._stopping, engine._dead, engine._llm = _Pins(), False, None, llm
+    engine._base_lora = None
+    engine._loop = asyncio.new_event_loop()
+    engine._thread = threading.Thread(target=engine._loop.run_forever, daemon=True)
+    engine._thread.start()
+    return engine
+
+
+def _job(engine: VllmEngine, delivered: list) -> _Job:
+    client_id, rid = engine._ids.admit(None)
+    job = engine._jobs[rid] = _Job(rid, client_id, 3, pinned=V1, sink=delivered.append, future=Future())
+    return job
+
+
+def test_an_abort_before_the_start_ends_the_job_and_it_never_reaches_vllm():
+    class NeverCalled:
+        def generate(self, *args, **kwargs):
+            raise AssertionError("an aborted job reached vLLM")
+
+    engine, delivered = _engine(NeverCalled()), []
+    try:
+        job = _job(engine, delivered)
+        engine._abort(job.rid, "unloaded")
+        assert job.ended and engine._adapters.released == [V1] and delivered[-1].error == "unloaded"
+        asyncio.run_coroutine_threadsafe(engine._run(job, [1, 2, 3], None, None), engine._loop).result(5)
+        assert engine._adapters.released == [V1] and len(delivered) == 1  # released once, never started
+    finally:
+        engine._stop_loop()
+
+
+def test_an_abort_of_a_started_job_keeps_its_pin_until_vllm_has_aborted_it():
+    engine, delivered = _engine(), []
+    try:
+        job = _job(engine, delivered)
+        job.started = True  # its task runs on the vLLM loop: only cancelling it lets vLLM abort it first
+        engine._abort(job.rid, None)
+        assert job.future.cancelled() and not job.ended and engine._adapters.released == [] and delivered == []
+    finally:
+        engine._stop_loop()
+
+
+def test_a_freed_version_is_removed_from_vllm_before_its_folder_goes(tmp_path):
+    seen = []
+
+    class Llm:
+        async def remove_lora(self, lora_id):
+            await asyncio.sleep(0.05)  # answered between vLLM's steps: it may still read the folder
+            seen.append((lora_id, folder.is_dir()))
+            return True
+
+    folder = tmp_path / "7"
+    folder.mkdir()
+    engine = _engine(Llm())
+    try:
+        engine._drop_lora(7, folder)
+        assert folder.is_dir()  # not deleted on the freeing thread
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.2), engine._loop).result(5)
+        assert seen == [(7, True)] and not folder.exists()
+    finally:
+        engine._stop_loop()
+
+
+def test_a_dead_engine_still_has_its_folders_removed(tmp_path):
+    class DeadLlm:
+        async def remove_lora(self, lora_id):
+            raise RuntimeError("EngineDeadError")
+
+    folder = tmp_path / "8"
+    folder.mkdir()
+    engine = _engine(DeadLlm())
+    try:
+        asyncio.run_coroutine_threadsafe(engine._remove_lora(8, folder), engine._loop).result(5)
+        assert not folder.exists()
+    finally:
+        engine._stop_loop()
+
+
+def test_a_vllm_whose_core_died_reports_it_and_the_server_stops():
+    class Llm:
+        errored = False
+
+    engine = _engine(Llm())
+    try:
+        assert engine.dead_reason is None
+        engine._llm.errored = True
+        assert "vLLM's engine core died" in engine.dead_reason
+
+        async def watch():
+            stop = asyncio.Event()
+            await asyncio.wait_for(_watch_engine(engine, stop, every=0.01), 2)
+            return stop.is_set()
+
+        assert asyncio.run(watch())
+    finally:
+        engine._stop_loop()
+
+
+def test_a_failure_while_vllm_is_alive_fails_one_request_only(monkeypatch):
+    monkeypatch.setattr(engine_module, "vllm_sampling_params", lambda params: params)
+
+    class Llm:
+        errored = False
+
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    engine, delivered = _engine(Llm()), []
+    try:
+        job = _job(engine, delivered)
+        asyncio.run_coroutine_threadsafe(engine._run(job, [1], None, None), engine._loop).result(5)
+        assert delivered[-1].finish_reason == "error" and engine.dead_reason is None
+    finally:
+        engine._stop_loop()
