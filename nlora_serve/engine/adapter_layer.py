@@ -77,6 +77,7 @@ from __future__ import annotations
 from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -86,6 +87,18 @@ from nlora_serve.kernels.metadata import NO_ADAPTER, TIED, AdapterBatch, build_a
 from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedProjection
 from nlora_serve.kernels.tied_delta import TiedDelta, TiedStep
 from nlora_serve.kernels.native_batch import NativeBatch, build_native_batch
+
+
+class ProjectionHook(Protocol):
+    """What a projection (engine/llama.py ``AdaptedLinear``) calls; :class:`AdapterHook` is the engine's."""
+
+    @property
+    def defers_tied(self) -> bool:
+        """Whether a call may hand back the tied delta instead of adding it (``defer_tied``)."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, layer: int, modules: tuple[str, ...],
+                 widths: list[int], defer_tied: bool = False) -> TiedDelta | None:
+        """Add the adapters' deltas into ``y`` [T, Σ widths] in place (see :meth:`AdapterHook.__call__`)."""
 
 
 @dataclass(slots=True)

@@ -15,6 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from nlora_serve.engine.adapter_layer import ProjectionHook
 from nlora_serve.engine.attention import paged_attention
 from nlora_serve.engine.batch_info import BatchInfo
 from nlora_serve.kernels.cpu_gemm import NativeGemm, NativeLinear, PackedLinear, can_prepack
@@ -23,9 +24,6 @@ from nlora_serve.kernels.layer_ops import LayerOps
 from nlora_serve.kernels.tied_delta import TiedDelta
 from nlora_serve.models import BaseModel, ModelSpec
 
-# hook(x [T, in], y [T, Σ widths] (the fused output: add into it in place), layer_idx, module
-# names, their output widths in column order)
-AdapterHook = Callable[[torch.Tensor, torch.Tensor, int, tuple[str, ...], list[int]], None]
 # attention(q [T, H, D], k, v [T, KVH, D], kv_layer [2, NB, BS, KVH, D], info, scale) -> [T, H * D]:
 # writes this step's K/V into kv_layer, then attends (engine/attention/, one module per device)
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, BatchInfo, float], torch.Tensor]
@@ -56,7 +54,7 @@ class AdaptedLinear:
         self.layer_idx = layer_idx
         self.modules = modules
         self.widths = [w.shape[0] for w in weights]  # output columns of each module, in order
-        self.adapter_hook: AdapterHook | None = None
+        self.adapter_hook: ProjectionHook | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [T, in] -> ``y`` [T, out], in the weight's dtype."""
@@ -67,14 +65,14 @@ class AdaptedLinear:
 
     def deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, TiedDelta | None]:
         """As a call, but the tied adapters' delta may come back unadded, for the native op that
-        reads ``y`` next to add (``AdapterHook.defers_tied``; kernels/layer_ops.py): ``(y, delta)``,
+        reads ``y`` next to add (``ProjectionHook.defers_tied``; kernels/layer_ops.py): ``(y, delta)``,
         delta None when every delta is in ``y``. When the hook defers, and when it adds instead:
         engine/adapter_layer.py's module docstring."""
         y = F.linear(x, self.weight, self.bias) if self.packed is None else self.packed(x)
         hook = self.adapter_hook
         if hook is None:
             return y, None
-        if getattr(hook, "defers_tied", False):
+        if hook.defers_tied:
             return y, hook(x, y, self.layer_idx, self.modules, self.widths, defer_tied=True)
         hook(x, y, self.layer_idx, self.modules, self.widths)
         return y, None
@@ -232,7 +230,7 @@ class LlamaModel:
         """The (fused) projection of ``layer`` that computes ``module``."""
         return next(p for p in self.layers[layer].projections() if module in p.modules)
 
-    def set_adapter_hook(self, hook: AdapterHook | None) -> None:
+    def set_adapter_hook(self, hook: ProjectionHook | None) -> None:
         """Install ``hook`` on all seven projections of every layer (None removes it)."""
         for layer in self.layers:
             for proj in layer.projections():

@@ -8,7 +8,8 @@ from nlora_serve.adapters.pool import Placement
 from nlora_serve.engine.batch_info import BatchInfo
 from nlora_serve.engine.cuda_graphs import CudaGraphCapture, DecodeGraphs
 from nlora_serve.engine.kv_cache import allocate_kv_cache
-from nlora_serve.engine.llama import AdapterHook, Attention, LlamaModel
+from nlora_serve.engine.adapter_layer import AdapterHook
+from nlora_serve.engine.llama import Attention, LlamaModel
 from nlora_serve.engine.piecewise_graphs import PiecewiseGraphs
 from nlora_serve.engine.scheduler import ScheduledBatch
 from nlora_serve.engine.sequence import Sequence
@@ -28,7 +29,7 @@ class ModelRunner:
         self.spec, self.dtype = base.spec, base.dtype
         self.block_size = block_size
         self.inputs = StepInputs(block_size, 1, self.device, gather_layout=True)  # reset by set_attention
-        self.adapter_hook = None  # the AdapterHook, when adapters are served (see set_adapter_hook)
+        self.adapter_hook: AdapterHook | None = None  # the AdapterHook, when adapters are served (see set_adapter_hook)
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps (enable_graphs)
         self.pieces: PiecewiseGraphs | None = None  # piecewise graphs of prefill / mixed steps (enable_graphs)
         # decode steps replayed / prefill and mixed steps replayed piecewise / all others
@@ -103,8 +104,7 @@ class ModelRunner:
     def set_adapter_hook(self, hook: AdapterHook | None) -> None:
         """See :meth:`LlamaModel.set_adapter_hook`; a decode step's adapter slots ride in the step's copy."""
         self.model.set_adapter_hook(hook)
-        # the engine's AdapterHook takes part in the step's copy and graphs; a plain callable does not
-        self.adapter_hook = hook if hasattr(hook, "step_rows") else None
+        self.adapter_hook = hook
         self._share_threshold()
 
     def _share_threshold(self) -> None:

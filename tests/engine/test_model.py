@@ -20,10 +20,11 @@ GREEDY_24 = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)  # = H
 
 def prefill_logits(base, ids: list[int], hook=None, prepack: bool = False, layer_ops=None) -> torch.Tensor:
     """Last-token logits [V] of one prompt through our runner (in two chunks, so the cache is used);
-    ``prepack``, ``layer_ops``: the CPU's oneDNN GEMMs and native layer ops (torch ops without)."""
+    ``hook``: a ProjectionHook on the model's projections; ``prepack``, ``layer_ops``: the CPU's
+    oneDNN GEMMs and native layer ops (torch ops without)."""
     runner = ModelRunner(base, num_blocks=16, block_size=8, max_model_len=128, prepack=prepack)
     runner.set_layer_ops(layer_ops)
-    runner.set_adapter_hook(hook)
+    runner.model.set_adapter_hook(hook)
     blocks = BlockManager(16, 8)
     seq = Sequence("p", 0, list(ids), len(ids), GREEDY_24)
     blocks.grow(seq.block_table, len(ids))
@@ -88,15 +89,18 @@ def test_adapter_hook_sees_every_projection_and_its_add_reaches_the_logits(base_
     delta = torch.randn(spec.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.05
     calls = []
 
-    def hook(x, y, layer, modules, widths):
-        assert y.shape == (x.shape[0], sum(widths))
-        for module, width in zip(modules, widths):
-            calls.append((layer, module))
-            assert spec.projection_shape(module) == (width, x.shape[1])
-        if (layer, modules) == (spec.num_layers - 1, ("down_proj",)):
-            y.add_(delta)
+    class Hook:  # a ProjectionHook (engine/adapter_layer.py)
+        defers_tied = False
 
-    ours = prefill_logits(base_fp32, ids, hook)
+        def __call__(self, x, y, layer, modules, widths, defer_tied=False):
+            assert y.shape == (x.shape[0], sum(widths))
+            for module, width in zip(modules, widths):
+                calls.append((layer, module))
+                assert spec.projection_shape(module) == (width, x.shape[1])
+            if (layer, modules) == (spec.num_layers - 1, ("down_proj",)):
+                y.add_(delta)
+
+    ours = prefill_logits(base_fp32, ids, Hook())
     assert sorted(set(calls)) == sorted((i, m) for i in range(spec.num_layers) for m in PROJECTIONS)
     assert len(calls) == 2 * 7 * spec.num_layers  # two chunks
     down = hf_model.model.layers[spec.num_layers - 1].mlp.down_proj
