@@ -54,9 +54,10 @@ def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]
 def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, budget: int,
              tenants: list[Path], store: Path, native: bool = True, device: str = "cpu",
              load_format: str = "auto", warm_prompts: list[list[int]] | None = None,
-             tokenizer: str | None = None, piecewise: bool = False) -> dict:
+             tokenizer: str | None = None, piecewise: bool = False, cpu_amx: bool = True) -> dict:
     """Our engine; request i runs on tenant i mod len(tenants) (the base model when there are none).
     ``piecewise``: prefill and mixed steps as piecewise CUDA graphs (CUDA only).
+    ``cpu_amx``: False keeps the native ops' AVX-512 paths on an AMX CPU (EngineConfig.cpu_amx).
     ``warm_prompts``: the untimed pass before the timed one (other ids than ``prompts``, so the
     prefix cache cannot serve the timed prompts from it)."""
     phases, start = {}, time.perf_counter()
@@ -67,7 +68,7 @@ def run_ours(model: str, dtype: torch.dtype, prompts: list[list[int]], new_token
                                                     max_model_len=len(prompts[0]) + new_tokens),
                           cache=CacheConfig(block_size=16, num_blocks=blocks_per_seq * len(prompts)),
                           device=device, kernel_backend="auto" if native else "torch", load_format=load_format,
-                          piecewise_graphs=piecewise)
+                          piecewise_graphs=piecewise, cpu_amx=cpu_amx)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     with LLMEngine(config, base) as engine:
         warmup = engine.core.warmup

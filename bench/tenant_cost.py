@@ -10,7 +10,7 @@ bench/engine.py (DESIGN §9: 64 requests × 128-token prompts × 64 new tokens, 
 included, an untimed warm-up pass first; ours only).
 
     .venv/bin/python bench/tenant_cost.py --dtype bfloat16 --rounds 3
-    NLORA_CPU_AMX=0 .venv/bin/python bench/tenant_cost.py ...   # the AVX-512 paths on an AMX CPU
+    .venv/bin/python bench/tenant_cost.py --no-amx ...   # the AVX-512 paths on an AMX CPU
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def rounds(args: argparse.Namespace) -> dict:
                 for mix in order:
                     store = Path(scratch) / f"store-{name}-{mix}-{k}"
                     tok_s[mix] = run_ours(args.model, DTYPES[name], prompts, args.max_tokens, args.budget,
-                                          tenants[mix], store, warm_prompts=warm)["tok_per_s"]
+                                          tenants[mix], store, warm_prompts=warm, cpu_amx=args.amx)["tok_per_s"]
                     gc.collect()
                 print(f"{name} round {k + 1} ({', '.join(order)}): "
                       + ", ".join(f"{m} {tok_s[m]:.1f} tok/s" for m in MIXES), flush=True)
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=2048, help="per-step token budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/out/tenant_cost.json")
+    parser.add_argument("--no-amx", dest="amx", action="store_false",
+                        help="keep the native ops' AVX-512 paths on an AMX CPU (EngineConfig.cpu_amx)")
     args = parser.parse_args()
     with threads_for_engine() as threads:
         result = rounds(args)

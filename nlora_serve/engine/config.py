@@ -13,6 +13,7 @@ from nlora_serve.adapters.manager import AdapterLimits
 
 
 KERNEL_BACKENDS = ("auto", "native", "torch", "triton")
+CPU_GEMMS = ("native", "onednn")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,6 +145,12 @@ class EngineConfig:
     # torch threads of the step thread, the only thread of a serving process that runs torch in
     # parallel (engine/threads.py says why); None: the count the process's main thread had
     cpu_threads: int | None = None
+    # kernel_backend "native": the base GEMMs on weights packed for our GEMM (kernels/cpu_gemm.py,
+    # where the CPU runs the dtype) or, "onednn", for oneDNN's prepacked GEMMs
+    cpu_gemm: str = "native"
+    # kernel_backend "native", bf16: the adapter products on AMX tiles where the CPU has them;
+    # False keeps the AVX-512 paths (kernels/native.py)
+    cpu_amx: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in (torch.float32, torch.bfloat16):
@@ -170,6 +177,10 @@ class EngineConfig:
             self.kernel_backend = "triton" if self.device.startswith("cuda") else "native"
         if self.kernel_backend == "native" and self.device != "cpu":
             raise ValueError(f"EngineConfig.kernel_backend 'native' runs on the CPU only; device is {self.device}")
+        if self.cpu_gemm not in CPU_GEMMS:
+            raise ValueError(f"EngineConfig.cpu_gemm must be one of {', '.join(CPU_GEMMS)}; got {self.cpu_gemm!r}")
+        if not isinstance(self.cpu_amx, bool):
+            raise ValueError(f"EngineConfig.cpu_amx must be True or False; got {self.cpu_amx!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"EngineConfig.load_format must be 'auto' or 'dummy'; got {self.load_format!r}")
         if isinstance(self.gpu_memory_utilization, bool) or not 0.0 < self.gpu_memory_utilization <= 1.0:

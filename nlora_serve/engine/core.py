@@ -89,10 +89,11 @@ class EngineCore:
         self.tokenizer_path = base.tokenizer_path
         sched, cache = config.scheduler, config.cache
         check_max_len(base, sched.max_model_len)
-        native = load_native(cache_root(config.cache_dir) / "kernels") if config.kernel_backend == "native" else None
+        native = (load_native(cache_root(config.cache_dir) / "kernels", amx=config.cpu_amx)
+                  if config.kernel_backend == "native" else None)
         self.runner = ModelRunner(base, None, cache.block_size, sched.max_model_len, device,
                                   prepack=config.kernel_backend == "native",
-                                  gemm=native.gemm if native is not None else None)
+                                  gemm=native.gemm if native is not None and config.cpu_gemm == "native" else None)
         self.runner.set_attention(*select_attention(config.kernel_backend, native, sched.max_model_len))
         self.runner.set_layer_ops(native.layer if native is not None else None)
         num_blocks = num_kv_blocks(config, self.runner)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -95,12 +93,10 @@ class AdaptedLinear:
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool,
                   gemm: NativeGemm | None = None) -> NativeLinear | PackedLinear | None:
     """``weight`` packed once when asked: for the native GEMM where ``gemm`` is given and runs the
-    dtype here, else prepacked for oneDNN where possible; None: F.linear on the plain weight.
-    ``NLORA_CPU_GEMM=onednn`` in the environment keeps oneDNN's prepacked GEMMs instead."""
+    dtype here, else prepacked for oneDNN where possible; None: F.linear on the plain weight."""
     if not prepack:
         return None
-    if (gemm is not None and weight.device.type == "cpu" and gemm.supports(weight.dtype)
-            and os.environ.get("NLORA_CPU_GEMM", "native") != "onednn"):
+    if gemm is not None and weight.device.type == "cpu" and gemm.supports(weight.dtype):
         return NativeLinear(weight, bias, gemm)
     return PackedLinear(weight, bias) if can_prepack(weight) else None
 

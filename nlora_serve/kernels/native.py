@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +105,7 @@ class NativeOps:
     """The loaded library. :meth:`plan` / :meth:`plan_group` once per projection and pool
     generation, :meth:`tied_apply` / :meth:`group_apply` per step."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, amx: bool = True) -> None:
         self._fns, self._group_fns = {}, {}
         for fns, symbols, argtypes in ((self._fns, _SYMBOLS, _ARGTYPES),
                                        (self._group_fns, _GROUP_SYMBOLS, _GROUP_ARGTYPES)):
@@ -115,10 +114,10 @@ class NativeOps:
                 fn.restype, fn.argtypes = ctypes.c_int, argtypes
                 fns[dtype] = fn
         # AMX tiles for the bf16 expands where the CPU has them and the kernel grants them (cpu/amx.h);
-        # NLORA_CPU_AMX=0 in the environment (or amx = False before plan()) keeps the AVX-512 path
+        # ``amx`` False (EngineConfig.cpu_amx; or amx = False before plan()) keeps the AVX-512 path
         self._tied_amx = getattr(lib, "nlora_tied_apply_bf16_amx_mt", None)  # absent: built without AMX
         self._group_amx = getattr(lib, "nlora_group_apply_bf16_amx_mt", None)
-        self.amx = (self._tied_amx is not None and os.environ.get("NLORA_CPU_AMX", "1") != "0"
+        self.amx = (self._tied_amx is not None and amx
                     and bool(lib.nlora_amx_init()))
         if self.amx:
             self._tied_amx.restype, self._tied_amx.argtypes = ctypes.c_int, _ARGTYPES
@@ -343,14 +342,15 @@ def _array(ctype, values: list):
     return (ctype * len(values))(*values)
 
 
-def load_native(build_dir: Path) -> NativeOps | None:
+def load_native(build_dir: Path, amx: bool = True) -> NativeOps | None:
     """Compile (once) and load the native CPU op; None, with one warning, when that fails.
 
     Args:
         build_dir: folder for the compiled library (created if missing), e.g. ``<cache>/kernels``.
+        amx: bf16 adapter products on AMX tiles where the CPU has them (False: AVX-512).
     """
     try:
-        return NativeOps(ctypes.CDLL(str(build_library(Path(build_dir)))))
+        return NativeOps(ctypes.CDLL(str(build_library(Path(build_dir)))), amx)
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         log.warning("native CPU adapter op unavailable (%s); using the torch path", exc)
         return None

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from nlora_serve.adapters.manager import AdapterLimits
-from nlora_serve.engine.config import EngineConfig, resolve_device
+from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig, resolve_device
+from nlora_serve.engine.core import EngineCore
+from nlora_serve.kernels.cpu_gemm import NativeLinear, PackedLinear
 from nlora_serve.engine.memory import pool_bytes
 from nlora_serve.models import read_spec
 
@@ -24,11 +26,26 @@ def test_auto_device_and_backend_follow_what_torch_sees():
     ({"load_format": "pt"}, "load_format must be 'auto' or 'dummy'; got 'pt'"),
     ({"gpu_memory_utilization": 0.0}, "gpu_memory_utilization must be a float in (0, 1]; got 0.0"),
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be a float in (0, 1]; got 1.5"),
+    ({"cpu_gemm": "mkl"}, "cpu_gemm must be one of native, onednn; got 'mkl'"),
+    ({"cpu_amx": 0}, "cpu_amx must be True or False; got 0"),
 ])
 def test_bad_device_fields_are_refused_by_name(fields, message):
     with pytest.raises(ValueError) as err:
         EngineConfig(**fields)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("cpu_gemm", ["native", "onednn"])
+def test_cpu_gemm_and_amx_fields_reach_the_model_and_the_native_ops(base_fp32, cpu_gemm):
+    config = EngineConfig(device="cpu", kernel_backend="native", cpu_gemm=cpu_gemm, cpu_amx=False,
+                          scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64),
+                          cache=CacheConfig(num_blocks=8))
+    core = EngineCore(config, base_fp32)
+    native = core.hook.native
+    assert native is not None and native.amx is False
+    ours = cpu_gemm == "native" and native.gemm.supports(torch.float32)
+    packed = [p.packed for layer in core.runner.model.layers for p in layer.projections()]
+    assert all(type(p) is (NativeLinear if ours else PackedLinear) for p in packed)
 
 
 def test_cuda_without_a_gpu_says_so(monkeypatch):
