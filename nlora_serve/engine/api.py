@@ -12,10 +12,10 @@ import asyncio
 import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import NloraError
-from nlora_serve.engine.core import RequestOutput
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 
 
@@ -30,6 +30,30 @@ class RequestAborted(NloraError):
 
 
 SHUTDOWN_REASON = "the engine shut down while this request ran; the request was aborted"
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One streamed delta of a request."""
+
+    request_id: str
+    text: str  # new text since the previous delta
+    token_ids: list[int]  # new tokens since the previous delta
+    finish_reason: str | None  # None while running; "stop", "length", "abort" or "error" at the end
+    prompt_tokens: int  # usage: tokens in the prompt
+    completion_tokens: int  # usage: tokens generated so far
+    logprobs: list[dict[int, float]] | None = None  # per new token: {token id: log-probability}
+    # what went wrong, with finish_reason "error"; with "abort", why the engine aborted the request
+    # (a forced unload, shutdown), None when its own consumer went away
+    error: str | None = None
+    adapter: str | None = None  # adapter name the request runs on (None = base model)
+    adapter_version: int = 0  # that adapter's version, pinned at admission (0 = base model)
+    adapter_hash: str = ""  # that version's content hash ("" = base model)
+    cached_tokens: int = 0  # usage: prompt tokens found in the prefix cache (OpenAI's cached_tokens)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 class RequestStream:

@@ -18,8 +18,8 @@ from nlora_serve.kernels.native import load_native
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.models.cache import cache_root
 from nlora_serve.engine.adapter_layer import AdapterHook
-from nlora_serve.engine.admission import (  # noqa: F401 (check_context, unloaded_reason: re-exported)
-    check_context, check_max_len, check_request, eos_ids, unloaded_reason)
+from nlora_serve.engine.admission import check_max_len, check_request, eos_ids, unloaded_reason
+from nlora_serve.engine.api import RequestOutput
 from nlora_serve.engine.attention import select_attention
 from nlora_serve.engine.block_manager import BlockManager
 from nlora_serve.engine.config import EngineConfig
@@ -29,33 +29,9 @@ from nlora_serve.engine.model_runner import ModelRunner
 from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.engine.scheduler import Scheduler
-from nlora_serve.engine.sequence import Sequence, SequenceStatus
-from nlora_serve.engine.step_output import PLACEHOLDER, SampledStep, sample_step
+from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
+from nlora_serve.engine.step_output import SampledStep, sample_step
 from nlora_serve.engine.warmup import warm_up
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """One streamed delta of a request."""
-
-    request_id: str
-    text: str  # new text since the previous delta
-    token_ids: list[int]  # new tokens since the previous delta
-    finish_reason: str | None  # None while running; "stop", "length", "abort" or "error" at the end
-    prompt_tokens: int  # usage: tokens in the prompt
-    completion_tokens: int  # usage: tokens generated so far
-    logprobs: list[dict[int, float]] | None = None  # per new token: {token id: log-probability}
-    # what went wrong, with finish_reason "error"; with "abort", why the engine aborted the request
-    # (a forced unload, shutdown), None when its own consumer went away
-    error: str | None = None
-    adapter: str | None = None  # adapter name the request runs on (None = base model)
-    adapter_version: int = 0  # that adapter's version, pinned at admission (0 = base model)
-    adapter_hash: str = ""  # that version's content hash ("" = base model)
-    cached_tokens: int = 0  # usage: prompt tokens found in the prefix cache (OpenAI's cached_tokens)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 @dataclass(slots=True)

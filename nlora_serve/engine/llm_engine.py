@@ -22,8 +22,8 @@ from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.api import (SHUTDOWN_REASON, Engine, EngineError, RequestIds, RequestStream,
-                                   max_prompt_bytes, prompt_ids)
-from nlora_serve.engine.core import EngineCore, RequestOutput
+                                   RequestOutput, max_prompt_bytes, prompt_ids)
+from nlora_serve.engine.core import EngineCore
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.threads import engine_threads
 from nlora_serve.engine.warmup import WarmupReport, adapter_kinds, warm_up

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from nlora_serve.engine.sampling import apply_penalties, ban_before_min_tokens, sample
-from nlora_serve.engine.sequence import PLACEHOLDER, Sequence  # noqa: F401 (PLACEHOLDER: re-exported)
+from nlora_serve.engine.sequence import Sequence
 
 
 @dataclass(slots=True)

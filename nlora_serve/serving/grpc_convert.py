@@ -9,7 +9,7 @@ from __future__ import annotations
 from nlora_serve import __version__
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.proto import nlora_pb2 as pb
-from nlora_serve.engine.core import RequestOutput
+from nlora_serve.engine.api import RequestOutput
 from nlora_serve.serving.frontend import check_cache_salt, check_min_tokens_unset_max, max_tokens_of, render_chat
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig, default_served_name

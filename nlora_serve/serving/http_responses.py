@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 
-from nlora_serve.engine.core import RequestOutput
+from nlora_serve.engine.api import RequestOutput
 from nlora_serve.serving.token_bytes import TokenBytes
 
 

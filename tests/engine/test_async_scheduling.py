@@ -17,9 +17,9 @@ from greedy_rule import matches_reference
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.core import EngineCore
 from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.sequence import PLACEHOLDER, Sequence
 from nlora_serve.engine.step_inputs import StepInputs
-from nlora_serve.engine.step_output import PLACEHOLDER, SampledStep
+from nlora_serve.engine.step_output import SampledStep
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
 NEW = 12  # tokens per request (CI time): the references' first NEW tokens

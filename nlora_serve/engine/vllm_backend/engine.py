@@ -29,8 +29,8 @@ from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.api import (SHUTDOWN_REASON, Engine, EngineError, RequestIds, RequestStream,
-                                   max_prompt_bytes, prompt_ids)
-from nlora_serve.engine.core import RequestOutput, check_request, unloaded_reason
+                                   RequestOutput, max_prompt_bytes, prompt_ids)
+from nlora_serve.engine.admission import check_request, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
 from nlora_serve.engine.vllm_backend.config import FINISH, GiB, SchedulerSnapshot, VllmBackendConfig, lora_rank_limit, \
