@@ -53,7 +53,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # before any kernel module decorates its kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nlora_serve.kernels import TIED, SiteWeights, build_adapter_batch  # noqa: E402
+from nlora_serve.kernels import TIED, KernelSiteWeights, build_adapter_batch  # noqa: E402
 from nlora_serve.kernels.decode_batch import derive_decode_batch  # noqa: E402
 
 MODELS = Path(__file__).parent / "models"
@@ -101,7 +101,7 @@ def _width(kind: str) -> int:
 
 
 def _sites(groups, weights, kind: str, dtype, device, gen):
-    """Per fused GEMM, per module SiteWeights: tied views of W, one shared family, or 8 LoRAs
+    """Per fused GEMM, per module KernelSiteWeights: tied views of W, one shared family, or 8 LoRAs
     (rank RANK, zero beyond it in pools of width :func:`_width`)."""
     width_r = _width(kind)
 
@@ -121,7 +121,7 @@ def _sites(groups, weights, kind: str, dtype, device, gen):
             a = rnd(fams, width_r, dim_in, scale=dim_in ** -0.5, rank_dims=(1,)) if fams else None
             b = rnd(fams, width, width_r, scale=1e-2, rank_dims=(2,)) if fams else None
             tied = {} if fams else {"tied_b": w[row:row + width, :RANK], "tied_a": w[row:row + RANK]}
-            sites.append(SiteWeights(n_all[:, site], a, b, **tied))
+            sites.append(KernelSiteWeights(n_all[:, site], a, b, **tied))
             site, row = site + 1, row + width
         out.append((sites, outs))
     return out

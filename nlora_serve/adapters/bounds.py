@@ -30,9 +30,8 @@ from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, tensor_
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
 from nlora_serve.models.dtype import DTYPES
-from nlora_serve.models.spec import ModelSpec
+from nlora_serve.models.spec import ModelSpec, Site
 
-Site = tuple[int, str]
 
 # The smallest largest-finite-value of the serving dtypes (bfloat16's 3.39e38): an adapter valid on
 # one server is valid on any, whatever its --dtype, and `adapters inspect` in float32 says the same.

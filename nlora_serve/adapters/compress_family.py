@@ -22,9 +22,7 @@ from nlora_serve.adapters.writing import Undo, check_out_dir, write_dir
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, tensor_key
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.errors import AdapterError
-from nlora_serve.models.spec import PROJECTIONS
-
-Site = tuple[int, str]
+from nlora_serve.models.spec import PROJECTIONS, Site
 
 
 @dataclass(slots=True)

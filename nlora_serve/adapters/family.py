@@ -39,8 +39,6 @@ from nlora_serve.models.spec import ModelSpec
 FAMILIES_DIR = FAMILIES  # store.py skips it when listing adapter names
 FACTORS_FILE = "family.safetensors"
 
-Site = tuple[int, str]
-
 
 @dataclass(frozen=True, slots=True)
 class FamilyFactors:

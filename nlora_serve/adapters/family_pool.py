@@ -13,10 +13,9 @@ import torch
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.pool import Placement, TiedPool, copy_in
 from nlora_serve.errors import AdapterError
-from nlora_serve.kernels.weights import SiteWeights as KernelSite
+from nlora_serve.kernels.weights import KernelSiteWeights
 from nlora_serve.models.base import BaseModel
-
-Site = tuple[int, str]
+from nlora_serve.models.spec import Site
 
 
 class FamilyPool(TiedPool):
@@ -59,10 +58,10 @@ class FamilyPool(TiedPool):
             raise AdapterError(f"adapter {adapter.source!r} is not a member of family {self.family[:16]}…")
         super().write(slot, adapter)
 
-    def kernel_site(self, site: Site) -> KernelSite | None:
+    def kernel_site(self, site: Site) -> KernelSiteWeights | None:
         """The group path's view at one projection, or None if the family skips it."""
         i = self.site_index.get(site)
         if i is None:
             return None
         a, b = self.factors[site]
-        return KernelSite(n_pool=self.n[:, i], a_pool=a, b_pool=b)
+        return KernelSiteWeights(n_pool=self.n[:, i], a_pool=a, b_pool=b)

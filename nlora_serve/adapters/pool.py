@@ -24,11 +24,10 @@ import torch
 from nlora_serve.adapters.adapter import Adapter, SiteWeights
 from nlora_serve.errors import AdapterError
 from nlora_serve.kernels import metadata
-from nlora_serve.kernels.weights import SiteWeights as KernelSite
+from nlora_serve.kernels.weights import KernelSiteWeights
 from nlora_serve.models.base import BaseModel
-from nlora_serve.models.spec import ATTN_MODULES, PROJECTIONS
+from nlora_serve.models.spec import ATTN_MODULES, PROJECTIONS, Site
 
-Site = tuple[int, str]  # (layer, module)
 
 # Torch spreads an op of at least at::internal::GRAIN_SIZE elements over its intra-op threads. A
 # slot written from an admin thread (a hot-swap under load) would then compete with the engine's
@@ -202,7 +201,7 @@ class TiedPool(_Pool):
         self.slot_ranks[slot] = self.rank
         self._write_bias(slot, adapter)
 
-    def kernel_site(self, site: Site) -> KernelSite | None:
+    def kernel_site(self, site: Site) -> KernelSiteWeights | None:
         """The kernels' view of this pool at one projection, or None if the family skips it."""
         i = self.site_index.get(site)
         if i is None:
@@ -216,7 +215,7 @@ class TiedPool(_Pool):
         # the caller caches this view per generation, so the copy is made once per site. The
         # Triton expand reads the strided view directly.
         tied_bt = None if tied_b.is_cuda else tied_b.t().contiguous()
-        return KernelSite(n_pool=self.n[:, i], tied_b=tied_b, tied_a=w[: self.rank], tied_bias=tied_bias,
+        return KernelSiteWeights(n_pool=self.n[:, i], tied_b=tied_b, tied_a=w[: self.rank], tied_bias=tied_bias,
                           tied_bt=tied_bt)
 
 
@@ -271,13 +270,13 @@ class LoraPool(_Pool):
         self.slot_ranks[slot] = max(s.rank for s in adapter.sites.values())
         self._write_bias(slot, adapter)
 
-    def kernel_site(self, site: Site) -> KernelSite | None:
+    def kernel_site(self, site: Site) -> KernelSiteWeights | None:
         """The kernels' view of this pool at one projection, or None if no adapter uses it."""
         table = self.tables.get(site)
         if table is None:
             return None
         n, a, b = table
-        return KernelSite(n_pool=n, a_pool=a, b_pool=b, b_pool_t=self.b_t.get(site))
+        return KernelSiteWeights(n_pool=n, a_pool=a, b_pool=b, b_pool_t=self.b_t.get(site))
 
 
 def all_sites(base: BaseModel) -> list[Site]:

@@ -106,7 +106,7 @@ class _Projection:
     """One pool's weights at one fused projection, cached per pool generation."""
 
     generation: int  # the pool's generation these views were made from
-    sites: list  # per module, its SiteWeights (None: the pool's family skips the module)
+    sites: list  # per module, its KernelSiteWeights (None: the pool's family skips the module)
     tied: TiedProjection | None  # the native tied op's layout, when it serves this projection
     group: GroupProjection | None  # the native group op's layout, likewise
 

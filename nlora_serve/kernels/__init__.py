@@ -22,7 +22,7 @@ package does not import Triton (``dispatch.py`` imports the Triton path only whe
 
 from nlora_serve.kernels.dispatch import apply_adapters
 from nlora_serve.kernels.metadata import NO_ADAPTER, TIED, AdapterBatch, build_adapter_batch
-from nlora_serve.kernels.weights import SiteWeights
+from nlora_serve.kernels.weights import KernelSiteWeights
 
-__all__ = ["NO_ADAPTER", "TIED", "AdapterBatch", "SiteWeights", "apply_adapters",
+__all__ = ["NO_ADAPTER", "TIED", "AdapterBatch", "KernelSiteWeights", "apply_adapters",
            "build_adapter_batch"]

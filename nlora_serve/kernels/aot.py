@@ -41,7 +41,7 @@ from nlora_serve.kernels.paged_decode_attention import decode_num_splits, paged_
 from nlora_serve.kernels.paged_prefill_attention import paged_prefill_attention
 from nlora_serve.kernels.tied_fused import tied_fused
 from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
-from nlora_serve.kernels.weights import SiteWeights
+from nlora_serve.kernels.weights import KernelSiteWeights
 
 # SmolLM2-135M: hidden 576, kv 192, intermediate 1536; the engine's fused GEMMs (in, module outs)
 _GROUPS = ((576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (576,)))
@@ -140,7 +140,7 @@ def _specialise(launch: _Launch):
 
 
 def _layer_sites(dtype: torch.dtype, rank: int, bias: bool, gen: torch.Generator):
-    """Per fused GEMM: (x [T-less: in], fused out width, per-module SiteWeights)."""
+    """Per fused GEMM: (x [T-less: in], fused out width, per-module KernelSiteWeights)."""
     sites_total = sum(len(outs) for _, outs in _GROUPS)
     n_all = torch.randn(_TENANTS, sites_total, rank, rank, generator=gen).to(dtype)
     layer, site = [], 0
@@ -151,7 +151,7 @@ def _layer_sites(dtype: torch.dtype, rank: int, bias: bool, gen: torch.Generator
             a = torch.randn(8, rank, dim_in, generator=gen).to(dtype)
             b = torch.randn(8, out, rank, generator=gen).to(dtype)
             tied_b = weight[row:row + out, :rank]
-            sites.append(SiteWeights(n_all[:, site], a, b, tied_b=tied_b, tied_a=weight[row:row + rank],
+            sites.append(KernelSiteWeights(n_all[:, site], a, b, tied_b=tied_b, tied_a=weight[row:row + rank],
                                      tied_bias=torch.randn(rank).to(dtype) if bias else None))
             site, row = site + 1, row + out
         layer.append((dim_in, outs, sites))

@@ -12,11 +12,11 @@ import torch
 
 from nlora_serve.kernels.metadata import AdapterBatch
 from nlora_serve.kernels.torch_ops import apply_torch
-from nlora_serve.kernels.weights import SiteWeights
+from nlora_serve.kernels.weights import KernelSiteWeights
 
 
 def apply_adapters(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
-                   site: SiteWeights, backend: str | None = None) -> torch.Tensor:
+                   site: KernelSiteWeights, backend: str | None = None) -> torch.Tensor:
     """Add this step's adapter deltas into one projection's base output.
 
     Semantics: for every token t with slot s = batch.token_slots[t] ≥ 0, r = batch.max_rank:
@@ -29,7 +29,7 @@ def apply_adapters(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
             (qkv, gate_up) whose first r columns are this module's.
         x: [T, in] the projection input, same dtype (fp32, bf16 or fp16).
         batch: the step's :class:`AdapterBatch` (index tensors on y's device).
-        site: this projection's :class:`SiteWeights`, same dtype as y.
+        site: this projection's :class:`KernelSiteWeights`, same dtype as y.
         backend: "triton" or "torch"; None picks by device (Triton on CUDA tensors, torch on the
             CPU). "triton" on CPU tensors needs TRITON_INTERPRET=1 set before Triton is imported.
 
@@ -51,7 +51,7 @@ def apply_adapters(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
     return apply_torch(y, x, batch, site)
 
 
-def _check(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch, site: SiteWeights) -> None:
+def _check(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch, site: KernelSiteWeights) -> None:
     if y.dim() != 2 or x.dim() != 2 or y.shape[0] != x.shape[0] or x.shape[0] != batch.num_tokens:
         raise ValueError(f"y {tuple(y.shape)} and x {tuple(x.shape)} must be [T, out] / [T, in] "
                          f"with T = {batch.num_tokens} (the batch's tokens)")

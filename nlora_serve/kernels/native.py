@@ -33,7 +33,7 @@ from nlora_serve.kernels.native_attention import PagedAttention
 from nlora_serve.kernels.native_batch import NativeBatch
 from nlora_serve.kernels.native_build import build_library
 from nlora_serve.kernels.tied_delta import TiedDelta, TiedPlanArgs, TiedStep, TiedStepArgs
-from nlora_serve.kernels.weights import SiteWeights
+from nlora_serve.kernels.weights import KernelSiteWeights
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class NativeOps:
         self.layer = LayerOps(lib)  # RMSNorm + residual, RoPE, SiLU · up (kernels/layer_ops.py)
         self.gemm = NativeGemm(lib)  # the base GEMMs on packed weights (kernels/cpu_gemm.py)
 
-    def plan(self, sites: list[SiteWeights | None], widths: list[int]) -> TiedProjection | None:
+    def plan(self, sites: list[KernelSiteWeights | None], widths: list[int]) -> TiedProjection | None:
         """Lay out the tied pools of one fused projection; None when the op cannot serve it.
 
         Args:
@@ -163,7 +163,7 @@ class NativeOps:
             widths=mod_widths, n_ptrs=n_ptrs, n_slot_stride=n0.stride(0), n_row_stride=n0.stride(1), bt_ptrs=bt_ptrs,
             bias_ptrs=bias_ptrs, amx=amx, delta_args=delta_args)
 
-    def plan_group(self, sites: list[SiteWeights | None], widths: list[int]) -> GroupProjection | None:
+    def plan_group(self, sites: list[KernelSiteWeights | None], widths: list[int]) -> GroupProjection | None:
         """Lay out the group-path pools of one fused projection; None when the op cannot serve it.
 
         Args:

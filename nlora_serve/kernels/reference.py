@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from nlora_serve.kernels.metadata import NO_GROUP_KEY, AdapterBatch
-from nlora_serve.kernels.weights import SiteWeights
+from nlora_serve.kernels.weights import KernelSiteWeights
 
 
 def _runs(seg_start: torch.Tensor, seg_len: torch.Tensor):
@@ -149,7 +149,7 @@ def grouped_expand(u, b_pool, order, key, tok_slot, y, slot_scalings=None, slot_
 
 
 def apply_reference(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
-                    site: SiteWeights) -> torch.Tensor:
+                    site: KernelSiteWeights) -> torch.Tensor:
     """The dispatch entry composed of the reference ops (same composition as the Triton path).
 
     Semantics: as :func:`nlora_serve.kernels.torch_ops.apply_torch`; y modified in place.

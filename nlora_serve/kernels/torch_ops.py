@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 
 from nlora_serve.kernels.metadata import AdapterBatch
-from nlora_serve.kernels.weights import SiteWeights
+from nlora_serve.kernels.weights import KernelSiteWeights
 
 _WIDE = (torch.float32, torch.float64)  # dtypes whose small GEMMs MKL runs directly
 
 
 def apply_torch(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
-                site: SiteWeights) -> torch.Tensor:
+                site: KernelSiteWeights) -> torch.Tensor:
     """Add every token's adapter delta into the base output, in place.
 
     Semantics: y[t] += s[slot] · B[slot] N[slot] A[slot] x[t] for each token t with slot ≥ 0,
@@ -91,7 +91,7 @@ def _scaling(batch: AdapterBatch, per_token: torch.Tensor) -> float | torch.Tens
     return per_token if batch.uniform_scaling is None else batch.uniform_scaling
 
 
-def _tied_mix(y: torch.Tensor, batch: AdapterBatch, site: SiteWeights,
+def _tied_mix(y: torch.Tensor, batch: AdapterBatch, site: KernelSiteWeights,
               r: int) -> tuple[torch.Tensor, float]:
     """(u, alpha): alpha · u = s · N z, z = (y − bias)[:, :r] of the tied tokens. u [Tt, r]."""
     z = y[:, :r] if batch.tied_index is None else y[:, :r].index_select(0, batch.tied_index)
@@ -116,7 +116,7 @@ def _add_rows(y: torch.Tensor, index: torch.Tensor, delta: torch.Tensor, alpha: 
         y.index_put_((index,), torch.add(y.index_select(0, index), delta, alpha=alpha))
 
 
-def _tied_bt(site: SiteWeights, r: int) -> torch.Tensor:
+def _tied_bt(site: KernelSiteWeights, r: int) -> torch.Tensor:
     """B^T [r, out] = W[:, :r]^T: the caller's contiguous copy if any, else a strided view."""
     if site.tied_bt is not None:
         return site.tied_bt[:r]
@@ -124,7 +124,7 @@ def _tied_bt(site: SiteWeights, r: int) -> torch.Tensor:
 
 
 def _tied_add(y: torch.Tensor, mixed: tuple[torch.Tensor, float], batch: AdapterBatch,
-              site: SiteWeights, r: int) -> None:
+              site: KernelSiteWeights, r: int) -> None:
     (u, alpha), bt = mixed, _tied_bt(site, r)
     if batch.tied_index is None:
         y.addmm_(u, bt, alpha=alpha)
@@ -132,7 +132,7 @@ def _tied_add(y: torch.Tensor, mixed: tuple[torch.Tensor, float], batch: Adapter
         _add_rows(y, batch.tied_index, u @ bt, alpha)
 
 
-def _group_add(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch, site: SiteWeights,
+def _group_add(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch, site: KernelSiteWeights,
                r: int) -> None:
     """Shrink, mix and expand for the group tokens (family ≥ 0), added into y."""
     a, b, n = site.a_pool[:, :r], site.b_pool[:, :, :r], _square(site.n_pool, r)

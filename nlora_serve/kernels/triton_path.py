@@ -15,7 +15,7 @@ from nlora_serve.kernels.sgmv_expand import sgmv_expand
 from nlora_serve.kernels.sgmv_shrink import sgmv_shrink
 from nlora_serve.kernels.tied_expand import tied_expand
 from nlora_serve.kernels.tied_fused import tied_fused
-from nlora_serve.kernels.weights import SiteWeights
+from nlora_serve.kernels.weights import KernelSiteWeights
 
 # The tied path's form, decode and prefill alike: "two_launch" (mix reading z from y, then an
 # expand by W[:, :R]: per token (BGMV) at decode, over same-slot runs (SGMV) at prefill), "tiled"
@@ -38,7 +38,7 @@ _SGMV_MIN_RUN = 16
 
 
 def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
-                 site: SiteWeights, tied_form: str | None = None, group_form: str | None = None) -> torch.Tensor:
+                 site: KernelSiteWeights, tied_form: str | None = None, group_form: str | None = None) -> torch.Tensor:
     """Triton form of :func:`nlora_serve.kernels.torch_ops.apply_torch` (same semantics).
 
     Semantics: for every token t with slot s = batch.token_slots[t] ≥ 0 and r = batch.max_rank:
@@ -105,7 +105,7 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
 
 
 def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBatch,
-                        site: SiteWeights, tied_form: str | None = None,
+                        site: KernelSiteWeights, tied_form: str | None = None,
                         group_form: str | None = None) -> torch.Tensor:
     """The fixed-grid form for decode steps and CUDA graphs (same semantics as :func:`apply_triton`).
 
@@ -169,7 +169,7 @@ def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBa
     return y
 
 
-def _tied_form(tied_form: str | None, site: SiteWeights, rank: int) -> str:
+def _tied_form(tied_form: str | None, site: KernelSiteWeights, rank: int) -> str:
     """The tied form to run (``tied_form`` or :data:`TIED_FORM`), checked against the site."""
     form = TIED_FORM if tied_form is None else tied_form
     if form not in TIED_FORMS:

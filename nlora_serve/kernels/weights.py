@@ -8,7 +8,7 @@ import torch
 
 
 @dataclass(slots=True)
-class SiteWeights:
+class KernelSiteWeights:
     """Pools of one site. R = the pools' rank width (the server's max rank, or less).
 
     Contract shared by every path: in a slot or family that tokens use, entries beyond that slot's

@@ -15,6 +15,7 @@ ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 # The seven adaptable projections of one decoder layer, in forward order.
 PROJECTIONS = ATTN_MODULES + MLP_MODULES
+Site = tuple[int, str]  # (layer, module): one adapted projection of the model
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nlora_serve.kernels import SiteWeights, build_adapter_batch
+from nlora_serve.kernels import KernelSiteWeights, build_adapter_batch
 from nlora_serve.kernels.metadata import TIED
 
 TEST_DEVICE = os.environ.get("NLORA_TEST_DEVICE", "cpu")  # see conftest.py
@@ -25,7 +25,7 @@ PATHS = ("tied", "own", "shared", "mixed")
 class Case:
     x: torch.Tensor  # [T, in]
     y: torch.Tensor  # [T, out] base output (a column view of a wider buffer when fused)
-    site: SiteWeights
+    site: KernelSiteWeights
     token_slots: torch.Tensor  # [T] int64
     slot_ranks: torch.Tensor
     slot_scalings: torch.Tensor
@@ -133,7 +133,7 @@ def make_case(seed: int, num_tokens: int, dim_in: int, dim_out: int, ranks: tupl
             truth[t] = float(scal[s]) * (b_raw[s].double() @ (n_raw[s].double() @ z))
     x, weight, n_pool, a_pool, b_pool = (t.to(device) for t in (x, weight, n_pool, a_pool, b_pool))
     b_vec = None if b_vec is None else b_vec.to(device)
-    site = SiteWeights(n_pool=n_pool, a_pool=a_pool, b_pool=b_pool, tied_b=weight[:, :width],
+    site = KernelSiteWeights(n_pool=n_pool, a_pool=a_pool, b_pool=b_pool, tied_b=weight[:, :width],
                        tied_a=weight[:width],
                        tied_bias=None if b_vec is None else b_vec[:width],
                        tied_bt=weight[:, :width].t().contiguous() if tied_bt else None)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from nlora_serve.kernels import TIED, SiteWeights, build_adapter_batch
+from nlora_serve.kernels import TIED, KernelSiteWeights, build_adapter_batch
 from nlora_serve.kernels.decode_batch import derive_decode_batch
 from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
 
@@ -39,7 +39,7 @@ def _layer_launches(kind: str, form: str, monkeypatch, prefill: bool = False,
         x, y = torch.randn(len(slots), dim_in, generator=gen), torch.zeros(len(slots), sum(outs))
         row = 0
         for width, view in zip(outs, y.split(list(outs), dim=1)):
-            site = SiteWeights(torch.randn(S, R, R, generator=gen), torch.randn(S, R, dim_in, generator=gen),
+            site = KernelSiteWeights(torch.randn(S, R, R, generator=gen), torch.randn(S, R, dim_in, generator=gen),
                                torch.randn(S, width, R, generator=gen), tied_b=w[row:row + width, :R],
                                tied_a=w[row:row + R])
             (apply_triton if prefill else apply_triton_decode)(view, x, batch, site, tied_form=form,

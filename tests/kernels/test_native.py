@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernel_cases import TOL, draw_slots
-from nlora_serve.kernels import TIED, SiteWeights, build_adapter_batch
+from nlora_serve.kernels import TIED, KernelSiteWeights, build_adapter_batch
 from nlora_serve.kernels.native import PARALLEL_MIN_ROWS
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -69,7 +69,7 @@ def fused_case(seed, num_tokens, dim_in, widths, ranks, dist, dtype, *, bias=Fal
     y = wide[:, :sum(widths)]
     y.copy_(y_base.to(dtype))
     sites = [None if m in skip else
-             SiteWeights(n_pool=n_pool[:, m], tied_b=w.to(dtype)[:, :width],
+             KernelSiteWeights(n_pool=n_pool[:, m], tied_b=w.to(dtype)[:, :width],
                          tied_bias=None if b is None else b.to(dtype)[:width])
              for m, (w, b) in enumerate(zip(weights, biases))]
     batch = build_adapter_batch(slots, ranks_t, scal, torch.full((num_slots,), TIED))
@@ -152,7 +152,7 @@ def test_bf16_rounds_once_from_fp32_arithmetic(native_ops, monkeypatch, amx, ran
 
 def test_plan_refuses_what_it_cannot_serve(native_ops):
     y, sites, batch, _ = fused_case(700, 5, 576, (576,), (16,), "one", torch.float32)
-    lora = SiteWeights(n_pool=sites[0].n_pool, a_pool=torch.zeros(2, 16, 576), b_pool=torch.zeros(2, 576, 16))
+    lora = KernelSiteWeights(n_pool=sites[0].n_pool, a_pool=torch.zeros(2, 16, 576), b_pool=torch.zeros(2, 576, 16))
     assert native_ops.plan([lora], [576]) is None  # group-path pools stay on the torch path
     assert native_ops.plan([None], [576]) is None
     plan = native_ops.plan(sites, [576])

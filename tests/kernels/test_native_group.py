@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernel_cases import TOL, draw_slots
-from nlora_serve.kernels import TIED, SiteWeights, build_adapter_batch
+from nlora_serve.kernels import TIED, KernelSiteWeights, build_adapter_batch
 from nlora_serve.kernels.native import PARALLEL_MIN_ROWS
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -94,7 +94,7 @@ def group_case(seed, num_tokens, dim_in, widths, ranks, dist, dtype, *, path="ow
             z = y[t, offs[m]:offs[m] + a.shape[0]].double() if fams[s] == TIED else a @ xd[t].double()
             truth[t, offs[m]:offs[m] + widths[m]] = float(scal[s]) * (b @ (n @ z))
     sites = [None if m in skip else
-             SiteWeights(n_pool=n_pool[:, m], a_pool=a_pools[m], b_pool=b_pools[m],
+             KernelSiteWeights(n_pool=n_pool[:, m], a_pool=a_pools[m], b_pool=b_pools[m],
                          tied_b=weights[m].to(dtype)[:, :width] if path == "mixed" else None,
                          b_pool_t=b_pools[m].transpose(1, 2).contiguous() if pool_bt else None)
              for m in range(len(widths))]
@@ -172,7 +172,7 @@ def test_no_group_token_leaves_y_bitwise(native_ops):
 
 def test_plan_group_refuses_what_it_cannot_serve(native_ops):
     y, x, sites, batch, _ = group_case(700, 5, 576, (576,), (16,), "one", torch.float32)
-    tied = SiteWeights(n_pool=sites[0].n_pool, tied_b=torch.zeros(576, 16))
+    tied = KernelSiteWeights(n_pool=sites[0].n_pool, tied_b=torch.zeros(576, 16))
     assert native_ops.plan_group([tied], [576]) is None  # tied pools: the tied op's
     assert native_ops.plan_group([None], [576]) is None
     assert native_ops.plan_group(sites, [575]) is None  # B's out disagrees with the width
@@ -221,7 +221,7 @@ def test_plan_group_ignores_a_pool_bt_of_another_layout(native_ops):
     _, _, sites, _, _ = group_case(801, 5, 576, (576,), (16,), "one", torch.float32, pool_bt=True)
     site = sites[0]
     wider = torch.zeros(site.b_pool_t.shape[0], site.b_pool_t.shape[1], 600)[:, :, :576]  # rows 600 apart
-    odd = SiteWeights(n_pool=site.n_pool, a_pool=site.a_pool, b_pool=site.b_pool, b_pool_t=wider)
+    odd = KernelSiteWeights(n_pool=site.n_pool, a_pool=site.a_pool, b_pool=site.b_pool, b_pool_t=wider)
     assert native_ops.plan_group([odd], [576]).bt_ptrs is None  # transposes per call instead
     with pytest.raises(ValueError, match="b_pool_t must be"):
-        SiteWeights(n_pool=site.n_pool, a_pool=site.a_pool, b_pool=site.b_pool, b_pool_t=site.b_pool)
+        KernelSiteWeights(n_pool=site.n_pool, a_pool=site.a_pool, b_pool=site.b_pool, b_pool_t=site.b_pool)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernel_cases import TOL, delta_error, make_case
-from nlora_serve.kernels import SiteWeights, apply_adapters
+from nlora_serve.kernels import KernelSiteWeights, apply_adapters
 from nlora_serve.kernels.reference import apply_reference
 
 
@@ -37,14 +37,14 @@ def test_token_count_mismatch_is_refused():
 
 def test_missing_tied_weight_is_refused():
     case = make_case(8200, 9, 576, 192, (16,), "distinct", "tied", torch.float32)
-    site = SiteWeights(n_pool=case.site.n_pool)
+    site = KernelSiteWeights(n_pool=case.site.n_pool)
     with pytest.raises(ValueError, match="tied tokens need tied_b"):
         apply_adapters(case.y, case.x, case.batch(), site)
 
 
 def test_rank_beyond_pool_width_is_refused():
     case = case16()
-    narrow = SiteWeights(case.site.n_pool[:, :8, :8], case.site.a_pool, case.site.b_pool,
+    narrow = KernelSiteWeights(case.site.n_pool[:, :8, :8], case.site.a_pool, case.site.b_pool,
                          case.site.tied_b)
     with pytest.raises(ValueError, match="exceeds the pools' width"):
         apply_adapters(case.y, case.x, case.batch(), narrow)
@@ -52,10 +52,10 @@ def test_rank_beyond_pool_width_is_refused():
 
 def test_malformed_pools_are_refused():
     with pytest.raises(ValueError, match=r"n_pool must be \[S, R, R\]"):
-        SiteWeights(torch.zeros(2, 4, 3))
+        KernelSiteWeights(torch.zeros(2, 4, 3))
     with pytest.raises(ValueError, match="both or neither"):
-        SiteWeights(torch.zeros(2, 4, 4), a_pool=torch.zeros(1, 4, 8))
+        KernelSiteWeights(torch.zeros(2, 4, 4), a_pool=torch.zeros(1, 4, 8))
     w = torch.zeros(10, 6)
     for bad in (w[:, :4].t().contiguous(), w[:, :5].contiguous(), w[:, :5].t()):
         with pytest.raises(ValueError, match="tied_bt must be tied_b's transpose"):
-            SiteWeights(torch.zeros(2, 4, 4), tied_b=w[:, :5], tied_bt=bad)
+            KernelSiteWeights(torch.zeros(2, 4, 4), tied_b=w[:, :5], tied_bt=bad)
