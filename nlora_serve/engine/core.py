@@ -16,9 +16,10 @@ import torch
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.kernels.native import load_native
 from nlora_serve.models import BaseModel, load_base
+from nlora_serve.models.base import check_max_len, eos_ids
 from nlora_serve.models.cache import cache_root
 from nlora_serve.engine.adapter_layer import AdapterHook
-from nlora_serve.engine.admission import check_max_len, check_request, eos_ids, unloaded_reason
+from nlora_serve.engine.request_checks import check_request, unloaded_reason
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.engine.attention import select_attention
 from nlora_serve.engine.block_manager import BlockManager

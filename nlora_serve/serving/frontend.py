@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from nlora_serve.errors import NloraError, shown
 from nlora_serve.engine.api import Engine, text_bytes
-from nlora_serve.engine.admission import check_context
+from nlora_serve.engine.request_checks import check_context
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.serving.auth import Authenticator, Principal
 from nlora_serve.serving.chat_template import encode_chat

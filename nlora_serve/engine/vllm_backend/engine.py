@@ -30,7 +30,7 @@ from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.api import (SHUTDOWN_REASON, Engine, EngineError, RequestIds, RequestStream,
                                    RequestOutput, max_prompt_bytes, prompt_ids)
-from nlora_serve.engine.admission import check_request, unloaded_reason
+from nlora_serve.engine.request_checks import check_request, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
 from nlora_serve.engine.vllm_backend.config import FINISH, GiB, SchedulerSnapshot, VllmBackendConfig, lora_rank_limit, \

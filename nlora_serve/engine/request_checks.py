@@ -1,12 +1,8 @@
-"""Admission checks shared by both engines (ours and the vLLM-backed one) and the facts the
-engine reads from a model's config files at start (end-of-sequence ids, the context limit)."""
+"""Request checks shared by both engines (ours and the vLLM-backed one)."""
 
 from __future__ import annotations
 
-import json
-
 from nlora_serve.engine.sampling import RequestError
-from nlora_serve.models import BaseModel
 
 
 def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int,
@@ -51,20 +47,3 @@ def unloaded_reason(version) -> str:
     """Why a request on the AdapterVersion ``version`` was aborted by a forced unload (both backends)."""
     return (f"adapter {version.name!r} v{version.version} was unloaded by an operator (UnloadAdapter force=true) "
             "while this request ran; the request was aborted")
-
-
-def eos_ids(base: BaseModel) -> set[int]:
-    """End-of-sequence ids from generation_config.json, else config.json."""
-    ids = None
-    for name in ("generation_config.json", "config.json"):
-        path = base.path / name
-        if ids is None and path.is_file():
-            ids = json.loads(path.read_text()).get("eos_token_id")
-    return set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
-
-
-def check_max_len(base: BaseModel, max_model_len: int) -> None:
-    limit = json.loads((base.path / "config.json").read_text()).get("max_position_embeddings")
-    if limit is not None and max_model_len > limit:
-        raise ValueError(f"SchedulerConfig.max_model_len={max_model_len} exceeds the model's "
-                         f"max_position_embeddings={limit}")
