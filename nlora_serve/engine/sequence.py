@@ -37,7 +37,7 @@ class Sequence:
     adapter: object | None = None  # pinned AdapterVersion (None = base model), released at the end
     tenant: str | None = None  # who sent it (fair scheduling, VTC); None = the anonymous tenant
     # prefix-cache sharing group: blocks are shared only between requests with equal salts (with
-    # keys, the front ends make it (tenant, requested salt): frontend.cache_salt_of; None = unsalted)
+    # keys, the front ends make it (tenant, requested salt): request_policy.cache_salt_of; None = unsalted)
     cache_salt: str | None = None
     # prefix_cache.root_key of this sequence, computed once (its adapter and salt never change):
     # re-hashing the salt each time a block fills made long salts cost every tenant engine time

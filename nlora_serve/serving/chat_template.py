@@ -16,7 +16,11 @@ from __future__ import annotations
 import re
 import secrets
 
+from nlora_serve.errors import shown
+from nlora_serve.engine.api import text_bytes
 from nlora_serve.engine.sampling import RequestError
+
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "messages") -> list[int]:
@@ -56,3 +60,33 @@ def _special_texts(tokenizer) -> list[str]:
     """The text of every special added token, longest first (so a regex prefers the longest)."""
     texts = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     return sorted(texts, key=len, reverse=True)
+
+
+def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes: int | None = None,
+                max_messages: int | None = None) -> list[int]:
+    """Token ids of chat ``messages`` ({"role", "content"}) under the model's chat template, with the
+    assistant's generation prompt appended; content text is tokenized as text, never as special
+    tokens (:func:`encode_chat`). ``max_bytes``: contents longer
+    than this in all (UTF-8) surely exceed the context (:func:`~nlora_serve.engine.api.max_prompt_bytes`);
+    ``max_messages``: so do more messages (max_model_len: each renders at least its turn marker).
+
+    Raises:
+        RequestError: no messages, a role not in :data:`CHAT_ROLES`, contents over ``max_bytes``
+            bytes or over ``max_messages`` messages (refused before the template renders them:
+            a 15 MB message, or 300k empty ones, held the front ends' one tokenizer thread, so every
+            tenant's requests, for 6-30 s), or from :func:`encode_chat` (the message names ``field``).
+    """
+    if not messages:
+        raise RequestError(f"{field} has no messages")
+    for i, message in enumerate(messages):
+        if message["role"] not in CHAT_ROLES:
+            role = shown(str(message['role']))
+            raise RequestError(f"{field}[{i}].role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+    if max_messages is not None and len(messages) > max_messages:
+        raise RequestError(f"{field} holds {len(messages):,} messages: more turns than the model's context holds "
+                           f"tokens (max_model_len {max_messages}; refused before rendering)")
+    size = sum(text_bytes(message["content"]) for message in messages)
+    if max_bytes is not None and size > max_bytes:
+        raise RequestError(f"{field} hold {size:,} bytes of content (UTF-8): more tokens than the model's context "
+                           f"holds (max_model_len; refused before tokenizing above {max_bytes:,} bytes)")
+    return encode_chat(messages, tokenizer, field)

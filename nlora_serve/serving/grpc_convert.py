@@ -10,7 +10,8 @@ from nlora_serve import __version__
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.serving.frontend import check_cache_salt, check_min_tokens_unset_max, max_tokens_of, render_chat
+from nlora_serve.serving.chat_template import render_chat
+from nlora_serve.serving.request_policy import check_cache_salt, check_min_tokens_unset_max, max_tokens_of
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig, default_served_name
 
@@ -38,7 +39,7 @@ def cache_salt(msg: pb.GenerateRequest) -> str:
     """The client's ``cache_salt`` ('' when unset: the unsalted group).
 
     Raises:
-        RequestError: longer than :data:`~nlora_serve.serving.frontend.MAX_CACHE_SALT` characters.
+        RequestError: longer than :data:`~nlora_serve.serving.request_policy.MAX_CACHE_SALT` characters.
     """
     check_cache_salt(msg.cache_salt, "GenerateRequest.cache_salt")
     return msg.cache_salt
@@ -48,7 +49,7 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
     """The engine's SamplingParams for a request's ``sampling`` message.
 
     Unset temperature is greedy; max_tokens 0 (unset) is the rest of the context, at most
-    ``config.max_tokens`` (see :func:`~nlora_serve.serving.frontend.max_tokens_of`); top_k unset, 0
+    ``config.max_tokens`` (see :func:`~nlora_serve.serving.request_policy.max_tokens_of`); top_k unset, 0
     or 2^32 - 1 (-1 as uint32) keeps every token.
 
     Raises:
@@ -77,7 +78,7 @@ def prompt_of(request: pb.GenerateRequest, tokenizer, chat_bounds: tuple[int | N
     Raises:
         RequestError: no prompt, an empty one, a chat message with an unknown role, chat contents
             or messages over ``chat_bounds`` (max_bytes, max_messages of
-            :func:`~nlora_serve.serving.frontend.render_chat`).
+            :func:`~nlora_serve.serving.chat_template.render_chat`).
     """
     kind = request.WhichOneof("prompt")
     if kind == "text":

@@ -32,7 +32,8 @@ from nlora_serve.models.spec import ModelSpec
 from nlora_serve.serving.grpc_admin import AdminServicer
 from nlora_serve.serving.grpc_auth import KeyFirst
 from nlora_serve.serving.grpc_decode import BoundedDecode
-from nlora_serve.serving.frontend import Admission, adapter_versions
+from nlora_serve.serving.admission import Admission
+from nlora_serve.serving.stream import adapter_versions
 from nlora_serve.serving.grpc_generate import GenerationServicer
 from nlora_serve.serving.grpc_limits import message_limits
 from nlora_serve.serving.http_context import HttpContext

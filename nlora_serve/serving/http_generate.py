@@ -1,7 +1,7 @@
 """Generation over HTTP: one completion or chat request from its admission to its answer, whole
 or SSE-streamed.
 
-A generation request is admitted like a gRPC Generate (frontend.py), in this order: key (401),
+A generation request is admitted like a gRPC Generate (admission.py), in this order: key (401),
 draining (503), the bounded queue and the tenant's quota and queue share (429), all before the body
 is read: from here the request holds its place in the queue (a Reservation, given back however it
 ends, the client's going away included), so a tenant's bodies in memory and prompts waiting for the
@@ -37,7 +37,9 @@ from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.errors import shown
 from nlora_serve.serving.auth import PermissionDenied, Principal
-from nlora_serve.serving.frontend import Admission, adapter_versions, cache_salt_of, metered, start_request
+from nlora_serve.serving.admission import Admission
+from nlora_serve.serving.request_policy import cache_salt_of
+from nlora_serve.serving.stream import adapter_versions, metered, start_request
 from nlora_serve.serving.grpc_status import BodyTimeout, Draining
 from nlora_serve.serving.http_body import parsed_json, validated
 from nlora_serve.serving.http_context import HttpContext, aborted_body, error_body

@@ -9,11 +9,11 @@ null included: a client that sends the field expects tool calls this server neve
 
 Defaults follow the OpenAI API: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the rest of
 the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens``: see
-:func:`~nlora_serve.serving.frontend.start_request`). Extensions, under vLLM's
+:func:`~nlora_serve.serving.stream.start_request`). Extensions, under vLLM's
 names (send them in ``extra_body``): ``top_k``, ``min_tokens``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``return_tokens_as_token_ids`` (logprob tokens as
 ``"token_id:<id>"``), ``cache_salt`` (only requests with the same salt share prefix-cache blocks; with keys, only
-within the sender's tenant: see :func:`~nlora_serve.serving.frontend.cache_salt_of`).
+within the sender's tenant: see :func:`~nlora_serve.serving.request_policy.cache_salt_of`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import re
 from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict
 
-from nlora_serve.serving.frontend import check_cache_salt, check_min_tokens_unset_max, max_tokens_of, render_chat
+from nlora_serve.serving.chat_template import render_chat
+from nlora_serve.serving.request_policy import check_cache_salt, check_min_tokens_unset_max, max_tokens_of
 from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
 
@@ -72,7 +73,7 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     return_tokens_as_token_ids: bool = False
-    cache_salt: str | None = None  # prefix-cache sharing group (vLLM's field; see frontend.cache_salt_of)
+    cache_salt: str | None = None  # prefix-cache sharing group (vLLM's field; see request_policy.cache_salt_of)
 
     @property
     def include_usage(self) -> bool:
@@ -130,7 +131,7 @@ def check_fields(request: _Request) -> None:
 
     Raises:
         ParamError: the first such field (named in the message and in ``param``), stream_options
-            without stream, a cache_salt over :data:`~nlora_serve.serving.frontend.MAX_CACHE_SALT`
+            without stream, a cache_salt over :data:`~nlora_serve.serving.request_policy.MAX_CACHE_SALT`
             characters.
     """
     for field, value in (request.model_extra or {}).items():
@@ -213,7 +214,7 @@ def chat_prompt(request: ChatRequest, tokenizer, chat_bounds: tuple[int | None, 
     Raises:
         ParamError: no messages or an unknown role, a part that is not text, contents or messages
             over ``chat_bounds`` (max_bytes, max_messages of
-            :func:`~nlora_serve.serving.frontend.render_chat`).
+            :func:`~nlora_serve.serving.chat_template.render_chat`).
     """
     messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(request.messages)]
     with _as_param_error("messages"):

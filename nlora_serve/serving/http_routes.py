@@ -22,7 +22,7 @@ from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.errors import NloraError, shown
 from nlora_serve.serving.auth import Principal
-from nlora_serve.serving.frontend import adapter_versions
+from nlora_serve.serving.stream import adapter_versions
 from nlora_serve.serving.grpc_status import http_status_of
 from nlora_serve.serving.http_context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_generate import generate

@@ -58,7 +58,7 @@ class ServerConfig:
     http_port: int | None = None  # OpenAI-compatible HTTP API port on ``host``; None = off, 0 = any free
     tenants_file: str | None = None  # auth file (JSON or TOML); None = no auth, loopback only
     max_queue: int = 256  # running + waiting requests (gRPC and HTTP) at most; beyond: RESOURCE_EXHAUSTED / 429
-    # each tenant may hold only its share of the free queue (frontend.Admission); on with fair scheduling
+    # each tenant may hold only its share of the free queue (admission.Admission); on with fair scheduling
     tenant_queue_shares: bool = False
     # a request's max_tokens at most (more is INVALID_ARGUMENT); one that sends none gets the rest of
     # the context (max_model_len - prompt tokens, as vLLM), at most this

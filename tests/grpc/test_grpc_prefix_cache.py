@@ -12,7 +12,8 @@ from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import AuthError, Authenticator, Principal, hash_key
-from nlora_serve.serving.frontend import Admission, cache_salt_of
+from nlora_serve.serving.admission import Admission
+from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.grpc_status import QueueFull
 
 PROMPT = list(range(1000, 1040))  # 40 tokens: 2 full blocks of 16 can be cached

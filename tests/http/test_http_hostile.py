@@ -179,7 +179,7 @@ def test_a_huge_max_tokens_is_not_echoed_whole_in_the_refusal():
     """A 400-digit max_tokens came back whole in the 400 (a hostile tester's find): the message
     names the limit and abbreviates the number; an ordinary one is shown as it is."""
     from nlora_serve.engine.sampling import RequestError
-    from nlora_serve.serving.frontend import max_tokens_of
+    from nlora_serve.serving.request_policy import max_tokens_of
     from nlora_serve.serving.server_config import ServerConfig
 
     config = ServerConfig(max_tokens=2048)

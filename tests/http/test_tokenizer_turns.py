@@ -18,7 +18,7 @@ import requests
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from http_harness import base_url
-from nlora_serve.serving.frontend import TokenizerTurns
+from nlora_serve.serving.tokenizer_turns import TokenizerTurns
 
 
 def _complete(server, key: str, prompt: str) -> int:

@@ -1,0 +1,74 @@
+"""The request fields both front ends check alike: the cache salt and the max_tokens policy."""
+
+from __future__ import annotations
+
+import json
+
+from nlora_serve.engine.sampling import RequestError
+from nlora_serve.serving.auth import Authenticator, Principal
+from nlora_serve.serving.server_config import ServerConfig
+
+# characters of a request's cache_salt: an identifier (vLLM suggests one per end user, or a random
+# secret: 43 characters of base64 hold 256 bits), not a payload. Unbounded, a 15 MB salt was
+# carried into the engine and hashed on its step thread, slowing every tenant's steps.
+MAX_CACHE_SALT = 1024
+
+
+def cache_salt_of(principal: Principal, requested: str | None, auth: Authenticator) -> str | None:
+    """The engine's prefix-cache salt of a request: requests share KV blocks only under equal salts.
+
+    With keys configured the salt is the pair (tenant name, the caller's ``cache_salt`` or none):
+    a ``cache_salt`` chooses a sharing group within the caller's tenant (e.g. one per end user, as
+    vLLM's field is meant), never across tenants, so no tenant can probe another's prompts by
+    sending its salt (cached tokens and TTFT would tell). JSON makes the pair unambiguous for any
+    name and salt. Without keys (auth off, one anonymous caller) vLLM's behaviour: the caller's
+    salt, or None (one group).
+    """
+    if not auth.enabled:
+        return f"salt:{requested}" if requested else None
+    return "tenant:" + json.dumps([principal.name, requested or None])
+
+
+def check_cache_salt(salt: str | None, field: str) -> None:
+    """Refuse a ``cache_salt`` over :data:`MAX_CACHE_SALT` characters (``field`` names it).
+
+    Raises:
+        RequestError: the salt is too long.
+    """
+    if salt is not None and len(salt) > MAX_CACHE_SALT:
+        raise RequestError(f"{field} must be at most {MAX_CACHE_SALT} characters; got {len(salt)} "
+                           "(a salt names a sharing group, e.g. an end user's id or a random token)")
+
+
+
+def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> int:
+    """The request's max_tokens: ``requested``, or when unset (None or 0) the server's
+    ``--max-tokens``, which :func:`~nlora_serve.serving.stream.start_request` lowers to the rest of the context.
+
+    Raises:
+        RequestError: more than the server's ``--max-tokens`` (the message names ``field``).
+    """
+    max_tokens = requested or config.max_tokens
+    if max_tokens > config.max_tokens:
+        raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; "
+                           f"got {_digits(max_tokens)}")
+    return max_tokens
+
+
+def check_min_tokens_unset_max(min_tokens: int, config: ServerConfig, field: str) -> None:
+    """With max_tokens unset, min_tokens in [0, the server's ``--max-tokens``] (the most max_tokens
+    can then be), refused in words that name no max_tokens the client never sent.
+
+    Raises:
+        RequestError: ``min_tokens`` outside that range (the message names ``field``).
+    """
+    if not 0 <= min_tokens <= config.max_tokens:
+        raise RequestError(f"{field} must be an integer in [0, {config.max_tokens}]; got {_digits(min_tokens)} "
+                           f"(max_tokens is unset: it defaults to the rest of the context, capped at the "
+                           f"server's --max-tokens {config.max_tokens})", param="min_tokens")
+
+
+def _digits(number: int) -> str:
+    """``number`` as an error quotes it: a hostile 400-digit number is not echoed whole."""
+    text = str(number)
+    return text if len(text) <= 20 else f"{text[:8]}... ({len(text)} digits)"
