@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer
@@ -30,6 +31,40 @@ from nlora_serve.engine.warmup import WarmupReport, adapter_kinds, warm_up
 
 Sink = Callable[[RequestOutput], None]
 log = logging.getLogger(__name__)
+
+
+# The step thread's inbox: one command per caller action, run between steps in arrival order.
+@dataclass(slots=True)
+class _Add:
+    engine_id: str
+    ids: list[int]  # prompt token ids
+    params: SamplingParams
+    pinned: AdapterVersion | None  # the adapter version acquired for it (None = base model)
+    tenant: str | None
+    cache_salt: str | None
+
+
+@dataclass(slots=True)
+class _Abort:
+    engine_id: str
+    reason: str | None  # None: its consumer went away
+
+
+@dataclass(slots=True)
+class _AbortAll:
+    reason: str
+
+
+@dataclass(slots=True)
+class _AbortAdapter:
+    name: str  # every request on this adapter (a forced unload)
+
+
+@dataclass(slots=True)
+class _WarmUp:
+    names: tuple[str, ...]
+    done: threading.Event  # set when ``result`` holds the report or the exception
+    result: list
 
 
 class LLMEngine(Engine):
@@ -71,7 +106,7 @@ class LLMEngine(Engine):
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
         version = self.adapters.unload(name)
         if force:
-            self._inbox.put(("abort_adapter", name))
+            self._inbox.put(_AbortAdapter(name))
             self._wake.set()
         return version
 
@@ -87,7 +122,7 @@ class LLMEngine(Engine):
         pinned = self.adapters.acquire(adapter) if adapter is not None else None
         client_id, engine_id = self._ids.admit(request_id)
         self._sinks[engine_id] = sink
-        self._inbox.put(("add", engine_id, ids, params, pinned, tenant, cache_salt))
+        self._inbox.put(_Add(engine_id, ids, params, pinned, tenant, cache_salt))
         self._wake.set()
         return client_id, engine_id
 
@@ -112,11 +147,11 @@ class LLMEngine(Engine):
             self._abort(engine_id, reason)
 
     def abort_all(self, reason: str) -> None:
-        self._inbox.put(("abort_all", reason))
+        self._inbox.put(_AbortAll(reason))
         self._wake.set()
 
     def _abort(self, engine_id: str, reason: str | None) -> None:
-        self._inbox.put(("abort", engine_id, reason))
+        self._inbox.put(_Abort(engine_id, reason))
         self._wake.set()
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
@@ -169,7 +204,7 @@ class LLMEngine(Engine):
             return None
         names = tuple(adapters)
         done, result = threading.Event(), []
-        self._inbox.put(("warm_up", names, done, result))
+        self._inbox.put(_WarmUp(names, done, result))
         self._wake.set()
         done.wait()
         if isinstance(result[0], Exception):
@@ -217,35 +252,37 @@ class LLMEngine(Engine):
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if msg[0] == "add":
-                self._add(*msg[1:])
-            elif msg[0] == "abort_adapter":
-                self._deliver(self.core.abort_adapter(msg[1]))
-            elif msg[0] == "warm_up":  # on this thread, between steps: the core is not thread-safe
-                self._warm_up(*msg[1:])
-            elif msg[0] == "abort_all":  # after every "add" queued before it
-                self._deliver([self.core.abort(rid, msg[1]) for rid in list(self.core.requests)])
-            else:
-                out = self.core.abort(msg[1], msg[2])
-                if out is not None:
-                    self._deliver([out])
+            match msg:
+                case _Add():
+                    self._add(msg)
+                case _AbortAdapter():
+                    self._deliver(self.core.abort_adapter(msg.name))
+                case _WarmUp():  # on this thread, between steps: the core is not thread-safe
+                    self._warm_up(msg)
+                case _AbortAll():  # after every _Add queued before it
+                    self._deliver([self.core.abort(rid, msg.reason) for rid in list(self.core.requests)])
+                case _Abort():
+                    out = self.core.abort(msg.engine_id, msg.reason)
+                    if out is not None:
+                        self._deliver([out])
+                case _:
+                    raise TypeError(f"unknown engine inbox command {msg!r}")
 
-    def _warm_up(self, names: tuple[str, ...], done: threading.Event, result: list) -> None:
+    def _warm_up(self, cmd: _WarmUp) -> None:
         try:
-            result.append(warm_up(self.core, names))
+            cmd.result.append(warm_up(self.core, cmd.names))
         except Exception as exc:  # handed to the caller of warm_up
-            result.append(exc)
+            cmd.result.append(exc)
         finally:
-            done.set()
+            cmd.done.set()
 
-    def _add(self, rid: str, ids: list[int], params: SamplingParams, pinned: AdapterVersion | None,
-             tenant: str | None, cache_salt: str | None) -> None:
+    def _add(self, cmd: _Add) -> None:
         try:
-            self.core.add(rid, ids, params, pinned, tenant, cache_salt)
+            self.core.add(cmd.engine_id, cmd.ids, cmd.params, cmd.pinned, cmd.tenant, cmd.cache_salt)
         except Exception as exc:  # RequestError, or anything else: only this request fails
-            if pinned is not None and rid not in self.core.requests:  # never queued: the pin is ours
-                self.core.adapters.release(pinned)
-            self._deliver([RequestOutput(rid, "", [], "error", len(ids), 0, error=str(exc))])
+            if cmd.pinned is not None and cmd.engine_id not in self.core.requests:  # never queued: the pin is ours
+                self.core.adapters.release(cmd.pinned)
+            self._deliver([RequestOutput(cmd.engine_id, "", [], "error", len(cmd.ids), 0, error=str(exc))])
 
     def _deliver(self, outputs: list[RequestOutput | None]) -> None:
         """Hand each output to its request's sink, under the client's id (outputs of a request
