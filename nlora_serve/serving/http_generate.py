@@ -28,13 +28,15 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.registry import AdapterNotFound
-from nlora_serve.engine.api import EngineError, RequestAborted
+from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
+from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.errors import shown
 from nlora_serve.serving.auth import PermissionDenied, Principal
 from nlora_serve.serving.admission import Admission
@@ -45,10 +47,22 @@ from nlora_serve.serving.http_body import parsed_json, validated
 from nlora_serve.serving.http_context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
 from nlora_serve.serving.http_responses import Shaper, sse
+from nlora_serve.serving.metrics import RequestTimer
 
 # an admitted request holds its tenant's place (quota, queue share) while its body is read: a body
 # held back gets 408 after this long (16 MiB, the largest body, in 60 s is ~2 Mbit/s)
 BODY_READ_SECONDS = 60.0
+
+
+@dataclass(slots=True)
+class _Started:
+    """An admitted request read, validated and queued in the engine (:func:`_start`)."""
+
+    stream: AsyncIterator[RequestOutput]  # the engine stream, not yet metered
+    timer: RequestTimer  # the request's metrics, TTFT from its body's arrival
+    body: ChatRequest | CompletionRequest  # the validated body
+    params: SamplingParams
+    rid: str  # the response id ("chatcmpl-..." or "cmpl-...")
 
 
 async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
@@ -73,19 +87,18 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     if started is None:  # gone before its body arrived or while its prompt waited for the tokenizer
         reservation.release()
         return Response(status_code=499)
-    stream, timer, body, params, rid = started
-    deltas = metered(stream, timer, reservation)
-    shaper = Shaper(rid, body.model, chat, ctx.tokenizer, params.logprobs, body.return_tokens_as_token_ids,
-                    body.include_usage)
+    body = started.body
+    deltas = metered(started.stream, started.timer, reservation)
+    shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, started.params.logprobs,
+                    body.return_tokens_as_token_ids, body.include_usage)
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
 
 
-async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Principal) -> tuple | None:
+async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Principal) -> _Started | None:
     """Read and validate an admitted request's body, then tokenize its prompt and queue it in the
-    engine (:func:`_started`): (engine stream, its timer, body, sampling params, response id), or None when the
-    client went away first.
+    engine (:func:`_tokenize_and_queue`), or None when the client went away first.
 
     Raises:
         NloraError, RequestValidationError: see :func:`generate`.
@@ -102,8 +115,8 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
     body = validated(ChatRequest if chat else CompletionRequest, data)
     prompt, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    stream = await _unless_disconnected(request, _started(ctx, caller, body, prompt, params, rid))
-    return None if stream is None else (stream, timer, body, params, rid)
+    stream = await _unless_disconnected(request, _tokenize_and_queue(ctx, caller, body, prompt, params, rid))
+    return None if stream is None else _Started(stream, timer, body, params, rid)
 
 
 async def _body(request: Request, admission: Admission) -> bytes:
@@ -122,8 +135,8 @@ async def _body(request: Request, admission: Admission) -> bytes:
     raise BodyTimeout(f"the request body did not arrive within {BODY_READ_SECONDS:g} s of its headers")
 
 
-async def _started(ctx: HttpContext, caller: Principal, body, prompt: str | list[int] | None,
-                   params, rid: str) -> AsyncIterator:
+async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompt: str | list[int] | None,
+                              params, rid: str) -> AsyncIterator:
     """Tokenize an admitted request's prompt (chat: render it; ``prompt`` None) in its tenant's turn
     (TokenizerTurns) and queue it in the engine; the engine stream.
 
