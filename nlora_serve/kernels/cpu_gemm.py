@@ -22,6 +22,7 @@ copy of the base weights.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,15 @@ class PackedLinear:
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
+@dataclass(slots=True)
+class PackedWeight:
+    """A weight ``[N, K]`` in the native GEMM's packed form (:meth:`NativeGemm.pack`)."""
+
+    data: torch.Tensor  # flat, the weight's dtype: nlora_gemm_packed_size(N, K) elements (cpu/gemm.c)
+    n: int  # N: output columns
+    k: int  # K: input columns, the width x must have
+
+
 class NativeGemm:
     """The native library's GEMM entry points (``cpu/gemm.c``), loaded with the other native ops
     (:func:`nlora_serve.kernels.native.load_native`: ``NativeOps.gemm``)."""
@@ -100,15 +110,15 @@ class NativeGemm:
             return False
         return dtype in (torch.float32, torch.bfloat16) and bool(self._supported(int(dtype == torch.bfloat16)))
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` [N, K] (rows may be strided) -> its packed form, a flat tensor of its dtype."""
+    def pack(self, weight: torch.Tensor) -> PackedWeight:
+        """``weight`` [N, K] (rows may be strided) -> its packed form."""
         n, k = weight.shape
         bf16 = int(weight.dtype == torch.bfloat16)
         packed = torch.empty(self._size(n, k, bf16), dtype=weight.dtype)
         self._pack(weight.data_ptr(), weight.stride(0), n, k, packed.data_ptr(), bf16)
-        return packed
+        return PackedWeight(packed, n, k)
 
-    def __call__(self, x: torch.Tensor, packed: torch.Tensor, n: int, out: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, packed: PackedWeight, out: torch.Tensor) -> torch.Tensor:
         """``out`` [M, N] = ``x`` [M, K] @ W.T for W's ``packed`` form; rows of x and out may be strided.
 
         Semantics: out[m, j] = Σ_k x[m, k] · W[j, k] for m < M, j < N, fp32 accumulation
@@ -116,21 +126,27 @@ class NativeGemm:
         out is overwritten; x and packed are not changed. Split over up to torch.get_num_threads() jobs.
 
         Args:
-            x: [M, K] float32 or bfloat16 CPU tensor, unit column stride, K the packed W's
-                columns (not checked here: :class:`NativeLinear` checks it).
-            packed: W [N, K] of x's dtype as :meth:`pack` returns it (flat).
-            n: N, W's rows.
+            x: [M, K] float32 or bfloat16 CPU tensor, unit column stride, K and dtype the packed W's.
+            packed: W [N, K] as :meth:`pack` returns it.
             out: [M, N] of x's dtype, unit column stride, written.
 
         Returns:
             out.
 
         Raises:
-            ValueError: this build cannot run x's dtype (:meth:`supports`).
+            ValueError: ``x`` or ``out`` is not a CPU tensor of the packed weight's dtype and width
+                with contiguous columns, or a dtype this build cannot run (:meth:`supports`).
         """
-        m, k = x.shape
-        rc = self._gemm(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, out.data_ptr(), out.stride(0),
-                        int(x.dtype == torch.bfloat16), torch.get_num_threads())
+        dtype = packed.data.dtype
+        if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != packed.k or x.dtype != dtype or x.stride(1) != 1:
+            raise ValueError(f"native GEMM: x must be a CPU [M, {packed.k}] {dtype} tensor with contiguous columns "
+                             f"(the packed weight's K and dtype); got {tuple(x.shape)} {x.dtype} on {x.device}")
+        m = x.shape[0]
+        if out.device.type != "cpu" or out.shape != (m, packed.n) or out.dtype != dtype or out.stride(1) != 1:
+            raise ValueError(f"native GEMM: out must be a CPU [{m}, {packed.n}] {dtype} tensor with contiguous "
+                             f"columns; got {tuple(out.shape)} {out.dtype} on {out.device}")
+        rc = self._gemm(x.data_ptr(), x.stride(0), m, packed.k, packed.data.data_ptr(), packed.n, out.data_ptr(),
+                        out.stride(0), int(x.dtype == torch.bfloat16), torch.get_num_threads())
         if rc != 0:
             raise ValueError(f"native GEMM: this build cannot run {x.dtype} (NativeGemm.supports)")
         return out
@@ -170,5 +186,5 @@ class NativeLinear:
             raise ValueError(f"native GEMM: x must be [T, {self.in_features}] {self.dtype}, got {tuple(x.shape)} {x.dtype}")
         if x.stride(1) != 1:  # strided rows are fine, strided columns are copied
             x = x.contiguous()
-        y = self.gemm(x, self.packed, self.out_features, torch.empty(x.shape[0], self.out_features, dtype=x.dtype))
+        y = self.gemm(x, self.packed, torch.empty(x.shape[0], self.out_features, dtype=x.dtype))
         return y if self.bias is None else y.add_(self.bias)  # bf16: rounded, then the bias added and rounded again

@@ -127,6 +127,22 @@ def test_native_linear_refuses_what_it_cannot_take(gemm):
         NativeLinear(torch.zeros(8, 4, dtype=torch.float16), None, gemm)
 
 
+def test_native_gemm_refuses_an_x_or_out_that_does_not_fit_the_packed_weight(gemm):
+    """The launcher itself checks x against the packed weight: a wrong K read past the packed
+    panels, a float64 x ran as float32 (neither raised before)."""
+    w = torch.randn(48, 33, generator=torch.Generator().manual_seed(5))  # [N, K] float32
+    packed = gemm.pack(w)
+    out = torch.empty(2, 48)
+    for x in (torch.randn(2, 34), torch.randn(2, 32), torch.randn(2, 33, dtype=torch.float64), torch.randn(33, 2).t()):
+        with pytest.raises(ValueError, match=r"x must be a CPU \[M, 33\] torch.float32 tensor with contiguous columns"):
+            gemm(x, packed, out)
+    for bad in (torch.empty(2, 47), torch.empty(3, 48), torch.empty(2, 48, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"out must be a CPU \[2, 48\] torch.float32 tensor"):
+            gemm(torch.randn(2, 33), packed, bad)
+    x = torch.randn(2, 33)
+    assert rel_err(gemm(x, packed, out), F.linear(x.double(), w.double())) < TOL[torch.float32]  # the good call runs
+
+
 def test_bf16_stays_on_onednn_where_amx_tiles_are_granted():
     """On an AMX CPU oneDNN's bf16 GEMMs run on the tiles and ours would not: supports() says no
     for bf16 there, yes for fp32 (a stub library, as this CPU may have no AMX)."""
