@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,8 @@ def test_hot_swap_is_a_new_vllm_lora_id_and_never_reuses_the_old_weights(server)
     with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
         back = admin.swap_adapter(name, safetensors.torch.save(n))
     assert len({first, zero_id, registry.get(name).slot}) == 3 and back.version == zero.version + 1
-    assert not server.engine.adapters.residency.path(first).exists()  # freed: its folded LoRA is gone
+    # freed: its folded LoRA goes once vLLM has dropped it (remove_lora, then the folder)
+    assert _eventually(lambda: not server.engine.adapters.residency.path(first).exists())
     jobs = [(name, TENANT_KEYS["tied-co"], ref) for ref in _refs(name)]
     _check(jobs, asyncio.run(_stream_all(server.target, jobs)), {name: back})
 
@@ -137,3 +139,57 @@ def test_a_stream_closed_mid_decode_aborts_in_vllm_and_releases_its_pin(server):
             await asyncio.sleep(0.05)
     asyncio.run(go())
     assert not server.engine._jobs and server.engine.adapters.registry.get(name).refcount == 0
+
+
+def _eventually(check, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_swaps_racing_cancelled_requests_leave_vllm_serving(server):
+    """A hot-swap while the tenant's requests are dropped at once: a superseded version's folder was
+    deleted while vLLM could still load it, which killed vLLM's engine core for every tenant (after
+    ~60 s of a tester's 4-client churn). A smoke test of the served path: the order that prevents
+    it is pinned deterministically in tests/engine/test_vllm_engine_paths.py."""
+    name = "inttune-nystrom-tied"
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+        if name not in {a.name for a in admin.list_adapters()[0]}:
+            admin.upload_adapter(name, CASES / name, chunk_bytes=64 << 10)
+    n = safetensors.torch.load_file(server.engine.adapters.registry.get(name).path / "adapter_model.safetensors")
+    weights, doubled = safetensors.torch.save(n), safetensors.torch.save({k: 2 * t for k, t in n.items()})
+
+    async def churn(seconds: float):
+        async def drop_after_first():
+            async with AsyncNloraClient(server.target, api_key=TENANT_KEYS["tied-co"], timeout=60) as client:
+                async for _ in client.generate([1, 9690, 198], adapter=name, max_tokens=50, ignore_eos=True):
+                    break
+        async with AsyncNloraClient(server.target, api_key=ADMIN_KEY, timeout=60) as admin:
+            end, n = time.monotonic() + seconds, 0
+            while time.monotonic() < end:
+                await asyncio.gather(drop_after_first(), drop_after_first(), admin.swap_adapter(
+                    name, doubled if n % 2 else weights))
+                n += 1
+            return n
+    assert asyncio.run(churn(15.0)) > 5
+    assert server.engine.dead_reason is None
+    jobs = [(name, TENANT_KEYS["tied-co"], ref) for ref in _refs(name)[:1]]
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:  # end on the case's own weights
+        admin.swap_adapter(name, weights)
+    results = asyncio.run(_stream_all(server.target, jobs))
+    tokens = [t for d in results[0] for t in d.token_ids]
+    assert matches_reference(tokens, jobs[0][2]["greedy_token_ids"], jobs[0][2]["top2_logit_margins"])
+
+
+def test_a_repeated_prompt_reports_the_tokens_vllm_found_in_its_prefix_cache(server):
+    block = server.engine._llm.vllm_config.cache_config.block_size
+    prompt = [1] + [(7 * i) % 2000 + 100 for i in range(2 * block + 3)]
+
+    async def usage():
+        async with AsyncNloraClient(server.target, api_key=TENANT_KEYS["base-co"], timeout=120) as client:
+            return [d async for d in client.generate(prompt, max_tokens=2)][-1].usage
+    first, second = asyncio.run(usage()), asyncio.run(usage())
+    assert first.cached_tokens == 0 and second.cached_tokens >= 2 * block  # was always 0
