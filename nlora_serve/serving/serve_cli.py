@@ -136,6 +136,8 @@ def build(args: argparse.Namespace):
     named = [(name, str(local_or_hub(folder, AdapterError, "adapter"))) for name, folder in args.adapter]
     base = load_base(str(path), engine_config.dtype, engine_config.cache_dir, engine_config.load_format,
                      engine_config.tokenizer, init_device=engine_config.device)
+    if backend is not None:  # vLLM takes a minute to start: refuse an --adapter it cannot serve first
+        _check_for_vllm(named, base, engine_config.adapter_limits.max_rank)
     with _flag_errors(args):
         engine = make_engine(engine_config, base, backend)
     try:
@@ -157,6 +159,23 @@ def _check_adapter_names(config: ServerConfig, args: argparse.Namespace) -> None
     names = [name for name, _ in args.adapter] + [example_name(i) for i in range(args.example_tenants)]
     for name in names + AdapterStore(args.adapter_dir).names(warn=False):  # the registry's scan warns
         config.check_adapter_name(name)
+
+
+def _check_for_vllm(named: list[tuple[str, str]], base, max_rank: int) -> None:
+    """Each ``--adapter NAME=DIR`` read as registration will read it, and checked for what vLLM's
+    LoRA cannot hold, before vLLM starts (registration comes after the engine is up).
+
+    Raises:
+        AdapterError: naming the flag: ``--adapter NAME=DIR: <why>``.
+    """
+    from nlora_serve.adapters.loader import read_adapter
+    from nlora_serve.engine.vllm_backend.adapters import check_servable
+
+    for name, folder in named:
+        try:
+            check_servable(read_adapter(folder, base, max_rank=max_rank))
+        except AdapterError as exc:
+            raise AdapterError(f"--adapter {name}={folder}: {exc}") from None
 
 
 def _register_named(engine: LLMEngine, named: list[tuple[str, str]], store: str) -> list[str]:

@@ -85,6 +85,18 @@ def test_an_adapter_the_limits_refuse_is_named_by_its_flag(tmp_path, base_fp32, 
     assert "exceeds the server's max rank 8 (--max-rank)" in str(err.value)
 
 
+def test_an_adapter_vllm_cannot_serve_is_refused_before_vllm_starts(tmp_path, base_fp32, monkeypatch):
+    # a lora_B bias was refused only at registration, after vLLM's minute-long start
+    from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
+
+    monkeypatch.setattr(serve_cli, "backend_config", lambda args: VllmBackendConfig())
+    monkeypatch.setattr(serve_cli, "make_engine", lambda *a: pytest.fail("vLLM started before the check"))
+    folder = ROOT / "tests/data/cases/lora-bias"
+    with pytest.raises(NloraError) as err:
+        serve_cli.build(_args(tmp_path, "--adapter", f"biased={folder}"))
+    assert str(err.value).startswith(f"--adapter biased={folder}: the vLLM backend serves no lora_B bias")
+
+
 def test_unwritable_adapter_dir_is_refused_before_loading(tmp_path, no_model):
     (tmp_path / "a-file").write_text("not a folder")
     store = tmp_path / "a-file" / "store"

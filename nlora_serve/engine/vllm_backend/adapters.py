@@ -33,6 +33,17 @@ LORA_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 
 
+def check_servable(adapter: Adapter) -> None:
+    """What vLLM's LoRA cannot hold, beyond what every backend checks on reading.
+
+    Raises:
+        AdapterError: the adapter has a lora_B bias (vLLM's LoRA has none).
+    """
+    if any(s.bias is not None for s in adapter.sites.values()):
+        raise AdapterError("the vLLM backend serves no lora_B bias (lora_bias=true); fold the bias into "
+                           "the base model or serve this adapter on the native backend")
+
+
 def write_folded_lora(adapter: Adapter, out_dir: Path) -> int:
     """Write ``adapter`` as a plain PEFT LoRA folder with scaling folded into B; returns its bytes.
 
@@ -44,9 +55,7 @@ def write_folded_lora(adapter: Adapter, out_dir: Path) -> int:
         AdapterError: the adapter has a lora_B bias (vLLM's LoRA has none), or the folder cannot be
             written (a full disk: named, and nothing of it left).
     """
-    if any(s.bias is not None for s in adapter.sites.values()):
-        raise AdapterError("the vLLM backend serves no lora_B bias (lora_bias=true); fold the bias into "
-                           "the base model or serve this adapter on the native backend")
+    check_servable(adapter)
     rank = max(s.rank for s in adapter.sites.values())
     tensors = {}
     for (layer, module), s in adapter.sites.items():
