@@ -26,7 +26,7 @@ timed by replay (GPU time only), in interleaved rounds (median kept):
   tile read once per block of 16 of its tokens, the shrink's K split over programs at decode).
 
 Adapter cost = (path − base) / base, both from the same replays, so a slow adapter cannot hide in
-its own base time. T ≤ 256 runs the decode form the engine graphs (apply_triton_decode, fixed
+its own base time. T ≤ 256 runs the decode form the engine graphs (apply_triton_per_token, fixed
 grids, metadata derived on the device); larger T the prefill form (apply_triton: SGMV over same-slot
 runs; ``tied64_tiled``'s tied expand the same tiled launch as at decode), except ``tied64_fused``,
 whose grid is fixed at every T. Targets (issue 19, llama-8b, bf16):
@@ -54,7 +54,7 @@ if not torch.cuda.is_available():  # before any kernel module decorates its kern
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from nlora_serve.kernels import TIED, KernelSiteWeights, build_adapter_batch  # noqa: E402
-from nlora_serve.kernels.decode_batch import derive_decode_batch  # noqa: E402
+from nlora_serve.kernels.per_token_batch import derive_per_token_batch  # noqa: E402
 
 MODELS = Path(__file__).parent / "models"
 SHAPE_DIRS = {"default": "smollm2-135m", "llama-8b": "llama-8b"}
@@ -138,18 +138,18 @@ def _slots(kind: str, num_tokens: int, gen) -> tuple[torch.Tensor, torch.Tensor]
 def _adapter(kind: str, form: str | None, overrides: dict | None, num_tokens: int, device, gen):
     """apply(view, x, site) for this path at T: the decode form for T ≤ 256, else the prefill form."""
     from nlora_serve.kernels.tied_fused import tied_fused  # after the env flag
-    from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
+    from nlora_serve.kernels.triton_path import apply_triton, apply_triton_per_token
     slots, fams = _slots(kind, num_tokens, gen)
     forms = {"tied_form": form} if kind == "tied" else {"group_form": form}
     if num_tokens <= DECODE_MAX_T or form == "fused":
         ranks = None if kind == "tied" else torch.full((TENANTS,), RANK, dtype=torch.int32, device=device)
-        batch = derive_decode_batch(slots.to(device, torch.int32), fams.to(device, torch.int32),
+        batch = derive_per_token_batch(slots.to(device, torch.int32), fams.to(device, torch.int32),
                                     torch.ones(TENANTS, device=device), _width(kind), kind == "tied", kind != "tied",
                                     slot_ranks=ranks)
-        if overrides:  # what apply_triton_decode(tied_form="fused") launches, at another config
+        if overrides:  # what apply_triton_per_token(tied_form="fused") launches, at another config
             return lambda y, x, s: tied_fused(x, s.tied_a, s.tied_b, s.n_pool, batch.tok_tied_slot, y, RANK,
                                               batch.slot_scalings, overrides)
-        return lambda y, x, site: apply_triton_decode(y, x, batch, site, **forms)
+        return lambda y, x, site: apply_triton_per_token(y, x, batch, site, **forms)
     # Scaling 1: the pools fold s into N.
     batch = build_adapter_batch(slots, torch.full((TENANTS,), RANK), torch.ones(TENANTS), fams, device=device)
     return lambda y, x, site: apply_triton(y, x, batch, site, **forms)
@@ -159,7 +159,7 @@ def _zcols_run(groups, weights, xs, sites, num_tokens: int, device, gen):
     """Base GEMMs on [W; W_m[:R] per module] and one tied_fused launch per site reading z there."""
     from nlora_serve.kernels.tied_fused import tied_fused  # after the env flag
     slots, fams = _slots("tied", num_tokens, gen)
-    batch = derive_decode_batch(slots.to(device, torch.int32), fams.to(device, torch.int32),
+    batch = derive_per_token_batch(slots.to(device, torch.int32), fams.to(device, torch.int32),
                                 torch.ones(TENANTS, device=device), RANK, True, False)
     calls = []
     for w, x, (site_list, outs) in zip(weights, xs, sites):

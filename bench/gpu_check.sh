@@ -92,6 +92,6 @@ step kernels 80 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider 
 step attention_kernels 60 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/kernels/test_paged_attention.py tests/kernels/test_attention_cuda_path.py
 step tied_fused_kernels 60 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/kernels/test_tied_fused.py tests/kernels/test_decode_path.py tests/kernels/test_tied_expand.py \
-    tests/kernels/test_grouped.py -k "tied_fused or decode_path_against_truth or tied_expand or grouped"
+    tests/kernels/test_tied_fused.py tests/kernels/test_per_token_path.py tests/kernels/test_tied_expand.py \
+    tests/kernels/test_grouped.py -k "tied_fused or per_token_path_against_truth or tied_expand or grouped"
 ! grep -qv "rc=0" "$RC"

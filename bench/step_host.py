@@ -39,7 +39,7 @@ from nlora_serve.engine.model_runner import ModelRunner
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.sequence import Sequence
 from nlora_serve.engine.step_inputs import StepInputs
-from nlora_serve.kernels.decode_batch import derive_decode_batch
+from nlora_serve.kernels.per_token_batch import derive_per_token_batch
 from nlora_serve.kernels.metadata import TIED, build_adapter_batch
 
 SIZES = (32, 64, 128, 256)
@@ -97,7 +97,7 @@ def measure(n: int, device: torch.device) -> dict:
         hook.bind_rows([r.to(device) for r in hook.step_rows()])
         for e in hook._decode:
             facts = hook._pool_facts(e.pool, device)
-            derive_decode_batch(e.slots, facts.families, facts.scalings, 16, facts.has_tied, facts.has_group)
+            derive_per_token_batch(e.slots, facts.families, facts.scalings, 16, facts.has_tied, facts.has_group)
 
     def inputs():
         runner.prepare(pairs)

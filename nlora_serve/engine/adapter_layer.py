@@ -61,8 +61,8 @@ CPU, torch (``"torch"``; ``"native"`` when the C library cannot be loaded; the f
 CUDA, Triton (``"triton"``, the CUDA default; on CPU tensors only under TRITON_INTERPRET=1)::
 
     decode steps, and steps of up to ``per_token_tokens`` tokens (piecewise graphs):
-      AdaptedLinear.__call__ -> AdapterHook.__call__ -> AdapterHook._apply_decode
-        -> kernels/triton_path.apply_triton_decode: mix (mix.py: u = N (z − bias), z read from y)
+      AdaptedLinear.__call__ -> AdapterHook.__call__ -> AdapterHook._apply_per_token
+        -> kernels/triton_path.apply_triton_per_token: mix (mix.py: u = N (z − bias), z read from y)
            then bgmv_expand (bgmv_expand.py: y += scaling · B u, one program per token)
     other steps:
       AdaptedLinear.__call__ -> AdapterHook.__call__ -> kernels/dispatch.apply_adapters
@@ -81,7 +81,7 @@ from typing import Protocol
 
 import torch
 
-from nlora_serve.kernels.decode_batch import DecodeAdapterBatch, derive_decode_batch
+from nlora_serve.kernels.per_token_batch import PerTokenAdapterBatch, derive_per_token_batch
 from nlora_serve.kernels.dispatch import apply_adapters
 from nlora_serve.kernels.metadata import NO_ADAPTER, TIED, AdapterBatch, build_adapter_batch
 from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedProjection
@@ -137,13 +137,13 @@ class _Entry:
 
 
 @dataclass(slots=True)
-class _DecodeEntry:
-    """One pool in a decode step of the Triton backend: slots travel in the step's one copy."""
+class _PerTokenEntry:
+    """One pool in a per-token-form step of the Triton backend: slots travel in the step's one copy."""
 
     pool: object
     host_slots: torch.Tensor  # [T] int32 on the host: each token's slot in this pool, −1 = none
     slots: torch.Tensor | None = None  # the same on the device (a view of the step buffer)
-    batch: DecodeAdapterBatch | None = None  # derived on the device at the first projection
+    batch: PerTokenAdapterBatch | None = None  # derived on the device at the first projection
 
 
 @dataclass(slots=True)
@@ -182,7 +182,7 @@ class AdapterHook:
         self.native = native
         self.backend = "triton" if triton else None  # None: by device (Triton on CUDA, torch on the CPU)
         self._entries: list[_Entry] = []  # per pool, its batch this step
-        self._decode: list[_DecodeEntry] = []  # instead of _entries on a Triton decode step
+        self._per_token: list[_PerTokenEntry] = []  # instead of _entries on a Triton per-token-form step
         self._facts: dict[int, _PoolFacts] = {}  # id(pool) -> its device tables
         self._projections: dict[tuple[int, int, tuple[str, ...]], _Projection] = {}  # (pool id, layer, modules)
         # Triton backend: steps of up to this many tokens, prefill and mixed ones too, take the
@@ -198,7 +198,7 @@ class AdapterHook:
             query_lens: tokens each sequence contributes to this step (same order).
             device: where the activations live.
         """
-        self._entries, self._decode = [], []
+        self._entries, self._per_token = [], []
         pools = {id(v.pool): v.pool for v in versions if v is not None}
         if not pools:
             return
@@ -206,7 +206,7 @@ class AdapterHook:
         if self.backend == "triton" and (decode or sum(query_lens) <= self.per_token_tokens):
             # per-token slots only; everything else is derived on the device
             lens = None if decode else torch.tensor(query_lens, dtype=torch.int64)
-            self._decode = [_DecodeEntry(pool, _token_slots(array("i", [
+            self._per_token = [_PerTokenEntry(pool, _token_slots(array("i", [
                 v.slot if v is not None and id(v.pool) == key else NO_ADAPTER for v in versions]), lens))
                 for key, pool in pools.items()]
             for pool in pools.values():  # before the forward (and any capture or replay) reads them
@@ -229,45 +229,45 @@ class AdapterHook:
         """True when this step's adapters (if any) run the fixed-grid (per-token) form."""
         return not self._entries
 
-    def decode_pools(self) -> list:
+    def per_token_pools(self) -> list:
         """The pools of this per-token-form step, in :meth:`step_rows` order."""
-        return [e.pool for e in self._decode]
+        return [e.pool for e in self._per_token]
 
-    def decode_slot_rows(self) -> list[torch.Tensor]:
+    def per_token_slot_rows(self) -> list[torch.Tensor]:
         """This per-token-form step's slot rows on the device (after :meth:`bind_rows`)."""
-        return [e.slots for e in self._decode]
+        return [e.slots for e in self._per_token]
 
-    def static_batches(self, pools: list, slot_rows: list[torch.Tensor]) -> list[DecodeAdapterBatch]:
+    def static_batches(self, pools: list, slot_rows: list[torch.Tensor]) -> list[PerTokenAdapterBatch]:
         """Per pool, a layout over ``slot_rows`` (static [T] int32 buffers) whose tensors are static
         buffers too: derived once here (outside any capture), refreshed in place by :meth:`derive_into`."""
         out = []
         for pool, row in zip(pools, slot_rows):
             facts = self._pool_facts(pool, row.device)
-            out.append(derive_decode_batch(row, facts.families, facts.scalings, pool.rank, facts.has_tied,
+            out.append(derive_per_token_batch(row, facts.families, facts.scalings, pool.rank, facts.has_tied,
                                            facts.has_group, slot_ranks=facts.ranks if facts.has_group else None))
         return out
 
-    def derive_into(self, pools: list, batches: list[DecodeAdapterBatch]) -> None:
+    def derive_into(self, pools: list, batches: list[PerTokenAdapterBatch]) -> None:
         """Derive each pool's layout from its static slot row again and copy it into ``batches``'
         buffers (device ops only: the first piece of a piecewise graph runs it)."""
         for pool, static in zip(pools, batches):
             facts = self._pool_facts(pool, static.token_slots.device)
-            fresh = derive_decode_batch(static.token_slots, facts.families, facts.scalings, pool.rank, facts.has_tied,
+            fresh = derive_per_token_batch(static.token_slots, facts.families, facts.scalings, pool.rank, facts.has_tied,
                                         facts.has_group, slot_ranks=static.slot_ranks)
             for name in _DERIVED:
                 if getattr(static, name) is not None:
                     getattr(static, name).copy_(getattr(fresh, name))
 
     @contextmanager
-    def static_layout(self, pools: list, batches: list[DecodeAdapterBatch]):
+    def static_layout(self, pools: list, batches: list[PerTokenAdapterBatch]):
         """Within the block, the per-token form reads ``batches`` (from :meth:`static_batches`) as
         they are, derived by :meth:`derive_into` earlier in the step (a piece of a piecewise graph)."""
-        saved = self._decode
-        self._decode = [_DecodeEntry(pool, b.token_slots, b.token_slots, b) for pool, b in zip(pools, batches)]
+        saved = self._per_token
+        self._per_token = [_PerTokenEntry(pool, b.token_slots, b.token_slots, b) for pool, b in zip(pools, batches)]
         try:
             yield
         finally:
-            self._decode = saved
+            self._per_token = saved
 
     def prepare_pools(self, pools: list, device: torch.device) -> None:
         """Put each pool's per-slot tables on the device now (before a CUDA graph captures reads of them)."""
@@ -278,25 +278,25 @@ class AdapterHook:
     def static_decode(self, pools: list, slot_rows: list[torch.Tensor]):
         """Within the block, the decode form reads ``slot_rows`` (a graph's static buffers) and derives
         its layout from them afresh at the first projection, as a captured graph does at every replay."""
-        saved = self._decode
-        self._decode = [_DecodeEntry(pool, slot_rows[i], slot_rows[i]) for i, pool in enumerate(pools)]
+        saved = self._per_token
+        self._per_token = [_PerTokenEntry(pool, slot_rows[i], slot_rows[i]) for i, pool in enumerate(pools)]
         try:
             yield
         finally:
-            self._decode = saved
+            self._per_token = saved
 
     def step_rows(self) -> list[torch.Tensor]:
         """The host [T] int32 slot rows of a decode step, for the step's one host-to-device copy."""
-        return [e.host_slots for e in self._decode]
+        return [e.host_slots for e in self._per_token]
 
     def bind_rows(self, rows: list[torch.Tensor]) -> None:
         """Receive :meth:`step_rows` on the device (same order)."""
-        for entry, row in zip(self._decode, rows):
+        for entry, row in zip(self._per_token, rows):
             entry.slots = row
 
     def end_step(self) -> None:
         """Forget the step (no tensor of it outlives it)."""
-        self._entries, self._decode = [], []
+        self._entries, self._per_token = [], []
 
     @property
     def defers_tied(self) -> bool:
@@ -314,8 +314,8 @@ class AdapterHook:
         or None when every delta was added.
         """
         deferred = None
-        for entry in self._decode:
-            self._apply_decode(entry, x, y, layer, modules, widths)
+        for entry in self._per_token:
+            self._apply_per_token(entry, x, y, layer, modules, widths)
         for entry in self._entries:
             pool, batch = entry.pool, entry.batch
             proj = self._projection(pool, layer, modules, widths)
@@ -340,20 +340,20 @@ class AdapterHook:
                     pool.add_bias(part, batch, (layer, module))
         return deferred
 
-    def _apply_decode(self, entry: _DecodeEntry, x: torch.Tensor, y: torch.Tensor, layer: int,
+    def _apply_per_token(self, entry: _PerTokenEntry, x: torch.Tensor, y: torch.Tensor, layer: int,
                       modules: tuple[str, ...], widths: list[int]) -> None:
         """The fixed-grid Triton path: device ops and kernels only, no host value read back."""
         if entry.batch is None:  # the first projection of the step (inside a captured graph too)
             facts = self._pool_facts(entry.pool, y.device)
             slots = entry.slots if entry.slots is not None else entry.host_slots.to(y.device)
-            entry.batch = derive_decode_batch(slots, facts.families, facts.scalings, entry.pool.rank,
+            entry.batch = derive_per_token_batch(slots, facts.families, facts.scalings, entry.pool.rank,
                                               facts.has_tied, facts.has_group,
                                               slot_ranks=facts.ranks if facts.has_group else None)
         proj = self._projection(entry.pool, layer, modules, widths)
         for module, part, site in zip(modules, y.split(widths, dim=-1), proj.sites):
             if site is not None:
-                from nlora_serve.kernels.triton_path import apply_triton_decode  # Triton only where it runs
-                apply_triton_decode(part, x, entry.batch, site)
+                from nlora_serve.kernels.triton_path import apply_triton_per_token  # Triton only where it runs
+                apply_triton_per_token(part, x, entry.batch, site)
             table = entry.pool.bias.get((layer, module)) if entry.pool.bias else None
             if table is not None:  # dense: every token gathers a row, non-adapted ones add zero
                 slots = entry.batch.token_slots
@@ -389,7 +389,7 @@ class AdapterHook:
         return proj
 
 
-# the layout tensors derive_decode_batch computes from the slots (the rest are the slots and pool tables)
+# the layout tensors derive_per_token_batch computes from the slots (the rest are the slots and pool tables)
 _DERIVED = ("tok_tied_slot", "tok_group_slot", "tok_group_family", "group_order", "group_key")
 
 

@@ -167,7 +167,7 @@ class DecodeGraphs(KeyedGraphs):
         """One decode step through its graph. Returns [n, V] float32 logits (a view of the graph's output)."""
         n = input_ids.shape[0]
         size = self.size_for(n)
-        pools = hook.decode_pools() if hook is not None else []
+        pools = hook.per_token_pools() if hook is not None else []
         replay, out, slot_rows = self.graph_for(size, pools, hook)
         self._load(n, size, input_ids, positions, info, slot_rows, hook)
         replay()
@@ -215,6 +215,6 @@ class DecodeGraphs(KeyedGraphs):
         self.context_lens[:n].copy_(info.context_lens)
         width = info.block_tables.shape[1]
         self.block_tables[:n, :width].copy_(info.block_tables)
-        for row, step_row in zip(slot_rows, hook.decode_slot_rows() if hook is not None else []):
+        for row, step_row in zip(slot_rows, hook.per_token_slot_rows() if hook is not None else []):
             row[:n].copy_(step_row)
         self._pad(n, size, slot_rows)

@@ -23,7 +23,7 @@ never hands out), no query in attention, never sampled (the logits rows index re
 Graphs are keyed like decode graphs (engine/cuda_graphs.py): (bucket, each adapter pool of the
 step at its generation); a pool that grows or allocates bumps its generation and the next step
 captures anew. Adapters inside pieces run the per-token fixed-grid form (the hook's decode form,
-kernels/triton_path.py ``apply_triton_decode``: grids of the token count only); steps above the
+kernels/triton_path.py ``apply_triton_per_token``: grids of the token count only); steps above the
 largest bucket, or whose adapters took the segment form, run eagerly.
 
 Off by default (``EngineConfig.piecewise_graphs``) until an H200 run confirms it pays: bench/gpu_check.sh
@@ -63,7 +63,7 @@ class _Pieces:
     replays: list[Callable[[], None]]  # L + 1 pieces, in order
     logits: torch.Tensor  # [S_b, V] float32: the last piece's output
     slot_rows: list[torch.Tensor]  # per pool, [b] int32 static per-token slots (−1 = none)
-    batches: list  # per pool, its static DecodeAdapterBatch over that row
+    batches: list  # per pool, its static PerTokenAdapterBatch over that row
 
 
 class PiecewiseGraphs(KeyedGraphs):
@@ -115,7 +115,7 @@ class PiecewiseGraphs(KeyedGraphs):
         """
         n, rows = input_ids.shape[0], info.logits_indices.shape[0]
         size = self.size_for(n)
-        pools = hook.decode_pools() if hook is not None else []
+        pools = hook.per_token_pools() if hook is not None else []
         pieces = self.graph_for(size, pools, hook)
         self._load(n, size, rows, input_ids, positions, info, pieces.slot_rows, hook)
         q, out = self.qk[:n, :self.model.spec.num_heads], self.attn[:n]
@@ -197,6 +197,6 @@ class PiecewiseGraphs(KeyedGraphs):
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(info.slot_mapping)
         self.logits_indices[:r].copy_(info.logits_indices)
-        for row, step_row in zip(slot_rows, hook.decode_slot_rows() if hook is not None else []):
+        for row, step_row in zip(slot_rows, hook.per_token_slot_rows() if hook is not None else []):
             row[:n].copy_(step_row)
         self._pad(n, size, r, min(size, self.max_num_seqs), slot_rows)

@@ -1,7 +1,7 @@
 """The engine's compute ops: adapter deltas, attention, base GEMMs and layer ops, per device.
 
 - Adapter deltas y += s · B N A x for mixed tenants: step metadata (``metadata.py``,
-  ``native_batch.py``, ``decode_batch.py``), the torch path (``torch_ops.py``, reached through
+  ``native_batch.py``, ``per_token_batch.py``), the torch path (``torch_ops.py``, reached through
   ``dispatch.py``), the Triton ops one per file (shrink, mix, expand: ``bgmv_*``, ``sgmv_*``,
   ``grouped_*``, ``mix.py``, ``tied_expand.py``, ``tied_fused.py``) composed in
   ``triton_path.py``, their torch references (``reference.py``), and the pools' view

@@ -35,12 +35,12 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from nlora_serve.kernels.decode_batch import derive_decode_batch
+from nlora_serve.kernels.per_token_batch import derive_per_token_batch
 from nlora_serve.kernels.metadata import TIED, build_adapter_batch
 from nlora_serve.kernels.paged_decode_attention import decode_num_splits, paged_decode_attention
 from nlora_serve.kernels.paged_prefill_attention import paged_prefill_attention
 from nlora_serve.kernels.tied_fused import tied_fused
-from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
+from nlora_serve.kernels.triton_path import apply_triton, apply_triton_per_token
 from nlora_serve.kernels.weights import KernelSiteWeights
 
 # SmolLM2-135M: hidden 576, kv 192, intermediate 1536; the engine's fused GEMMs (in, module outs)
@@ -48,7 +48,7 @@ _GROUPS = ((576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (5
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _TENANTS = 64
 # Steps the engine runs: (name, tokens, how slots are drawn, families per slot)
-# ("-graph": the fixed-grid decode form that CUDA graphs replay, apply_triton_decode; "-fused": the
+# ("-graph": the fixed-grid decode form that CUDA graphs replay, apply_triton_per_token; "-fused": the
 # same with tied_form="fused", kernels/tied_fused.py; "-zcols": tied_fused reading z from a buffer;
 # "-tiled": tied_form="tiled", mix then kernels/tied_expand.py; "-bgmv": group_form="bgmv", the
 # earlier group kernels instead of the grouped ones; "prefill-lora-4096": one K range per program)
@@ -174,8 +174,8 @@ def _step_launches(dtype: torch.dtype, rank: int, step: tuple) -> list[_Launch]:
             if name.endswith("-zcols"):  # z: a [T, R] column view of another buffer (x's, here)
                 return tied_fused(x, None, site.tied_b, site.n_pool, b.tok_tied_slot, y, rank, b.slot_scalings,
                                   z=x[:, :rank])
-            return apply_triton_decode(y, x, b, site, tied_form=form, group_form=group_form)
-        batch = derive_decode_batch(slots.to(torch.int32), fams.to(torch.int32), torch.ones(_TENANTS), rank,
+            return apply_triton_per_token(y, x, b, site, tied_form=form, group_form=group_form)
+        batch = derive_per_token_batch(slots.to(torch.int32), fams.to(torch.int32), torch.ones(_TENANTS), rank,
                                     families == "tied", families != "tied")
     else:
         def apply(y, x, b, site):

@@ -3,7 +3,7 @@
 The adapter layer (engine/adapter_layer.py ``AdapterHook``) calls :func:`apply_adapters` on steps
 that are not in the per-token Triton form and on projections the native CPU ops do not serve. It
 calls the native CPU ops (:class:`~nlora_serve.kernels.native.NativeOps`) and the per-token form
-(:func:`~nlora_serve.kernels.triton_path.apply_triton_decode`) directly, not through here.
+(:func:`~nlora_serve.kernels.triton_path.apply_triton_per_token`) directly, not through here.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import torch
 
 from nlora_serve.kernels.bgmv_expand import bgmv_expand
 from nlora_serve.kernels.bgmv_shrink import bgmv_shrink
-from nlora_serve.kernels.decode_batch import DecodeAdapterBatch
+from nlora_serve.kernels.per_token_batch import PerTokenAdapterBatch
 from nlora_serve.kernels.grouped_expand import grouped_expand
 from nlora_serve.kernels.grouped_shrink import grouped_shrink
 from nlora_serve.kernels.metadata import AdapterBatch
@@ -104,7 +104,7 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
     return y
 
 
-def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBatch,
+def apply_triton_per_token(y: torch.Tensor, x: torch.Tensor, batch: PerTokenAdapterBatch,
                         site: KernelSiteWeights, tied_form: str | None = None,
                         group_form: str | None = None) -> torch.Tensor:
     """The fixed-grid form for decode steps and CUDA graphs (same semantics as :func:`apply_triton`).
@@ -118,7 +118,7 @@ def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBa
         y: [T, out] fp32, bf16 or fp16 on the GPU (CPU only under TRITON_INTERPRET=1); may be a
             column view of a fused output.
         x: [T, in] y's dtype.
-        batch: this pool's :class:`DecodeAdapterBatch` ([T] int32 per-token keys, [S] float32
+        batch: this pool's :class:`PerTokenAdapterBatch` ([T] int32 per-token keys, [S] float32
             slot_scalings, on y's device).
         site: as :func:`apply_triton`'s (tied_b [out, ≥R] for a pool with tied slots; a_pool
             and b_pool for one with family slots).
@@ -153,7 +153,7 @@ def apply_triton_decode(y: torch.Tensor, x: torch.Tensor, batch: DecodeAdapterBa
         u_tied = mix(y, site.n_pool, batch.tok_tied_slot, _buffer(y, num, r), site.tied_bias)
     if batch.has_group and _group_form(group_form) == "grouped":
         if batch.group_order is None:
-            raise ValueError("the grouped form needs the batch's group_order (derive_decode_batch with has_group)")
+            raise ValueError("the grouped form needs the batch's group_order (derive_per_token_batch with has_group)")
         u = grouped_shrink(x, site.a_pool, site.n_pool, batch.group_order, batch.group_key, batch.tok_group_slot,
                            _buffer(y, num, r), batch.slot_ranks)
         grouped_expand(u, site.b_pool, batch.group_order, batch.group_key, batch.tok_group_slot, y,

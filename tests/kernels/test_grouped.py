@@ -12,11 +12,11 @@ import torch
 
 from kernel_cases import TEST_DEVICE, TOL, delta_error, make_case
 from nlora_serve.kernels import reference as ref
-from nlora_serve.kernels.decode_batch import derive_decode_batch
+from nlora_serve.kernels.per_token_batch import derive_per_token_batch
 from nlora_serve.kernels.grouped_expand import grouped_expand
 from nlora_serve.kernels.grouped_shrink import grouped_shrink
 from nlora_serve.kernels.metadata import NO_GROUP_KEY, TIED, sort_group_tokens
-from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
+from nlora_serve.kernels.triton_path import apply_triton, apply_triton_per_token
 
 DTYPES = (torch.float32, torch.bfloat16)
 NAN = float("nan")
@@ -50,9 +50,9 @@ def _poison_beyond_rank(case):
             site.a_pool[fam, r:], site.b_pool[fam, :, r:] = NAN, NAN
 
 
-def _decode_batch(case, dev):
+def _per_token_batch(case, dev):
     families = case.slot_families.to(dev, torch.int32)
-    return derive_decode_batch(case.token_slots.to(dev, torch.int32), families,
+    return derive_per_token_batch(case.token_slots.to(dev, torch.int32), families,
                                case.slot_scalings.to(dev, torch.float32), case.site.rank_width,
                                bool((case.slot_families == TIED).any()), bool((case.slot_families >= 0).any()),
                                slot_ranks=case.slot_ranks.clamp(max=1 << 30).to(dev, torch.int32))
@@ -73,9 +73,9 @@ def assert_delta_matches_truth(case, before: torch.Tensor, dtype) -> None:
 def test_grouped_decode_path_against_truth(path, dist, num, shape, ranks, extra, dtype):
     case = make_case(8100 + num, num, *shape, ranks, dist, path, dtype, device=TEST_DEVICE, **extra)
     _poison_beyond_rank(case)
-    batch = _decode_batch(case, torch.device(TEST_DEVICE))
+    batch = _per_token_batch(case, torch.device(TEST_DEVICE))
     before = case.y.to("cpu", copy=True)
-    apply_triton_decode(case.y, case.x, batch, case.site, group_form="grouped")
+    apply_triton_per_token(case.y, case.x, batch, case.site, group_form="grouped")
     assert_delta_matches_truth(case, before, dtype)
 
 
@@ -95,7 +95,7 @@ def test_grouped_prefill_form_against_truth(path, dist, num, shape, ranks, extra
 def test_grouped_ops_against_reference_ops(dim_in, dtype):
     case = make_case(8300 + dim_in, 43, dim_in, 150, (16, 3), "with_none", "mixed", dtype, device=TEST_DEVICE)
     _poison_beyond_rank(case)
-    b = _decode_batch(case, torch.device(TEST_DEVICE))
+    b = _per_token_batch(case, torch.device(TEST_DEVICE))
     s, rank = case.site, b.rank
     u = grouped_shrink(case.x, s.a_pool, s.n_pool, b.group_order, b.group_key, b.tok_group_slot,
                        torch.full((43, rank), NAN, device=TEST_DEVICE), b.slot_ranks).cpu()
@@ -132,6 +132,6 @@ def test_grouped_refuses_bad_arguments():
     with pytest.raises(ValueError, match="b_pool"):
         grouped_expand(u, torch.zeros(1, 7, 2), idx, idx, idx, y)
     case = make_case(8400, 5, 40, 32, (16,), "distinct", "own", torch.float32)
-    batch = _decode_batch(case, torch.device("cpu"))
+    batch = _per_token_batch(case, torch.device("cpu"))
     with pytest.raises(ValueError, match="group_form"):
-        apply_triton_decode(case.y, case.x, batch, case.site, group_form="sgmv")
+        apply_triton_per_token(case.y, case.x, batch, case.site, group_form="sgmv")

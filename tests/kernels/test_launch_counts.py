@@ -1,7 +1,7 @@
-"""Kernel launches per decoder layer for each path of the fixed-grid decode form (apply_triton_decode),
+"""Kernel launches per decoder layer for each path of the fixed-grid decode form (apply_triton_per_token),
 counted under the interpreter by recording every Triton launch (the host code alone decides them,
 so nothing needs to run). A layer has seven adapted projections (q, k, v, o, gate, up, down) on the
-engine's four fused GEMMs. Documented counts (triton_path.apply_triton_decode, DESIGN §4):
+engine's four fused GEMMs. Documented counts (triton_path.apply_triton_per_token, DESIGN §4):
 tied two-launch = mix + expand per site, tied tiled = mix + tiled expand per site (tied_expand.py),
 tied fused = one launch per site, family/LoRA = shrink
 (mix fused) + expand per site (group form "grouped": grouped_shrink.py + grouped_expand.py over
@@ -14,8 +14,8 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 from nlora_serve.kernels import TIED, KernelSiteWeights, build_adapter_batch
-from nlora_serve.kernels.decode_batch import derive_decode_batch
-from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
+from nlora_serve.kernels.per_token_batch import derive_per_token_batch
+from nlora_serve.kernels.triton_path import apply_triton, apply_triton_per_token
 
 GROUPS = ((32, (32, 16, 16)), (32, (32,)), (32, (48, 48)), (48, (32,)))  # qkv, o, gate_up, down
 R, S = 16, 8
@@ -28,7 +28,7 @@ def _layer_launches(kind: str, form: str, monkeypatch, prefill: bool = False,
     fams = {"base": torch.full((S,), TIED), "tied": torch.full((S,), TIED), "family": torch.zeros(S),
             "lora": torch.arange(S), "mixed": torch.tensor([TIED, 0] * (S // 2))}[kind].to(torch.int32)
     has_tied, has_group = kind in ("tied", "mixed"), kind in ("family", "lora", "mixed")
-    batch = derive_decode_batch(slots, fams, torch.ones(S), R, has_tied, has_group)
+    batch = derive_per_token_batch(slots, fams, torch.ones(S), R, has_tied, has_group)
     if prefill:  # the sorted-runs form (apply_triton), as prefill chunks run
         batch = build_adapter_batch(slots.long(), torch.full((S,), R), torch.ones(S), fams.long())
     names: list[str] = []
@@ -42,7 +42,7 @@ def _layer_launches(kind: str, form: str, monkeypatch, prefill: bool = False,
             site = KernelSiteWeights(torch.randn(S, R, R, generator=gen), torch.randn(S, R, dim_in, generator=gen),
                                torch.randn(S, width, R, generator=gen), tied_b=w[row:row + width, :R],
                                tied_a=w[row:row + R])
-            (apply_triton if prefill else apply_triton_decode)(view, x, batch, site, tied_form=form,
+            (apply_triton if prefill else apply_triton_per_token)(view, x, batch, site, tied_form=form,
                                                                group_form=group_form)
             row += width
     return names

@@ -2,7 +2,7 @@
 y[t] += s[slot] · W[:, :R] · u[t] computed per token from the raw tensors, bf16 and fp32, ranks 1,
 16, 64, 128 (and 200: two K steps), token counts and widths that are not multiples of the tiles,
 slot −1 rows untouched bit for bit, mixed tenants with different scalings, a column view of a
-fused output, NaN in W's columns beyond R; then composed as apply_triton_decode / apply_triton
+fused output, NaN in W's columns beyond R; then composed as apply_triton_per_token / apply_triton
 with tied_form="tiled" against the s · W[:, :r] N W[:r] x truth of kernel_cases.py."""
 
 import pytest
@@ -10,10 +10,10 @@ import torch
 
 from kernel_cases import TEST_DEVICE, TOL, delta_error, make_case
 from nlora_serve.kernels.config import get_config
-from nlora_serve.kernels.decode_batch import derive_decode_batch
+from nlora_serve.kernels.per_token_batch import derive_per_token_batch
 from nlora_serve.kernels.metadata import TIED
 from nlora_serve.kernels.tied_expand import tied_expand
-from nlora_serve.kernels.triton_path import apply_triton, apply_triton_decode
+from nlora_serve.kernels.triton_path import apply_triton, apply_triton_per_token
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -84,8 +84,8 @@ def test_config_pads_rank_to_a_dot_and_caps_it():
     assert get_config("tied_expand", 16)["BLOCK_T"] >= 16  # tl.dot needs M ≥ 16
 
 
-def _decode_batch(case, dev):
-    return derive_decode_batch(case.token_slots.to(dev, torch.int32), case.slot_families.to(dev, torch.int32),
+def _per_token_batch(case, dev):
+    return derive_per_token_batch(case.token_slots.to(dev, torch.int32), case.slot_families.to(dev, torch.int32),
                                case.slot_scalings.to(dev, torch.float32), case.site.rank_width,
                                bool((case.slot_families == TIED).any()), bool((case.slot_families >= 0).any()))
 
@@ -103,13 +103,13 @@ def _check(case, before, dtype):
     (23, (96, 80), (16, 3), "with_none", "tied", {"bias": True, "fused": True}),
     (31, (96, 80), (16, 5), "skewed", "mixed", {}),
 ))
-def test_decode_path_tiled_form(num, shape, ranks, dist, path, extra, dtype):
+def test_per_token_path_tiled_form(num, shape, ranks, dist, path, extra, dtype):
     # mix (z read from y) then the tiled expand; group tokens in the same step add into other rows
     case = make_case(9200 + num, num, *shape, ranks, dist, path, dtype, device=TEST_DEVICE, **extra)
-    b = _decode_batch(case, torch.device(TEST_DEVICE))
+    b = _per_token_batch(case, torch.device(TEST_DEVICE))
     assert b.has_tied
     before = case.y.to("cpu", copy=True)
-    apply_triton_decode(case.y, case.x, b, case.site, tied_form="tiled")
+    apply_triton_per_token(case.y, case.x, b, case.site, tied_form="tiled")
     _check(case, before, dtype)
 
 

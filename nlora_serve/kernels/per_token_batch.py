@@ -1,7 +1,9 @@
-"""A decode step's adapter layout derived on the device, for fixed-grid (BGMV-style) launches.
+"""A step's per-token adapter layout derived on the device, for fixed-grid (BGMV-style) launches.
 
-:func:`~nlora_serve.kernels.metadata.build_adapter_batch` sorts tokens and finds runs on the host
-(what the SGMV prefill kernels need). A decode step needs none of it: every op below runs one
+Decode steps take this form, and on the Triton backend so do prefill and mixed steps of up to
+``AdapterHook.per_token_tokens`` tokens (the ones piecewise CUDA graphs replay). :func:`~nlora_serve.
+kernels.metadata.build_adapter_batch` sorts tokens and finds runs on the host (what the SGMV
+kernels of larger prefills need). The per-token form needs none of it: every op below runs one
 program per token (and column block), or per block of family-sorted tokens (the grouped form),
 so from the per-token slot tensor on the device a few elementwise ops and one sort give each
 token's tied slot, group slot and family and the family-sorted order: no segments, no host value
@@ -19,12 +21,12 @@ from nlora_serve.kernels.metadata import TIED, sort_group_tokens
 
 
 @dataclass(slots=True)
-class DecodeAdapterBatch:
-    """One pool's view of a step for :func:`~nlora_serve.kernels.triton_path.apply_triton_decode`.
+class PerTokenAdapterBatch:
+    """One pool's view of a step for :func:`~nlora_serve.kernels.triton_path.apply_triton_per_token`.
 
     The host facts (``rank``, ``has_tied``, ``has_group``) belong to the pool, not to the step's
     tokens, so the launches they pick are the same every step. Tensors live on the activations'
-    device; build it with :func:`derive_decode_batch`.
+    device; build it with :func:`derive_per_token_batch`.
     """
 
     token_slots: torch.Tensor  # [T] int32: N-pool slot of each token, −1 = not on this pool
@@ -47,9 +49,9 @@ class DecodeAdapterBatch:
         return self.token_slots.shape[0]
 
 
-def derive_decode_batch(token_slots: torch.Tensor, slot_families: torch.Tensor, slot_scalings: torch.Tensor,
+def derive_per_token_batch(token_slots: torch.Tensor, slot_families: torch.Tensor, slot_scalings: torch.Tensor,
                         rank: int, has_tied: bool, has_group: bool,
-                        slot_ranks: torch.Tensor | None = None) -> DecodeAdapterBatch:
+                        slot_ranks: torch.Tensor | None = None) -> PerTokenAdapterBatch:
     """Per-token keys from per-token slots, with elementwise device ops and one sort only.
 
     Semantics: f = slot_families[max(slot, 0)]; tok_tied_slot = slot where slot ≥ 0 and f = TIED,
@@ -59,8 +61,8 @@ def derive_decode_batch(token_slots: torch.Tensor, slot_families: torch.Tensor, 
     Args:
         token_slots: [T] int32 on the device, −1 = no adapter of this pool.
         slot_families: [S] int32 and slot_scalings: [S] float32, on the same device.
-        rank, has_tied, has_group: the pool's facts (see :class:`DecodeAdapterBatch`).
-        slot_ranks: [S] int32 on the same device, or None (see :class:`DecodeAdapterBatch`).
+        rank, has_tied, has_group: the pool's facts (see :class:`PerTokenAdapterBatch`).
+        slot_ranks: [S] int32 on the same device, or None (see :class:`PerTokenAdapterBatch`).
 
     Raises:
         ValueError: a tensor is on another device or has the wrong dtype or rank. Slot values
@@ -78,7 +80,7 @@ def derive_decode_batch(token_slots: torch.Tensor, slot_families: torch.Tensor, 
     is_group = adapted & (fam >= 0)
     tok_group_family = torch.where(is_group, fam, none)
     order, key = sort_group_tokens(tok_group_family) if has_group else (None, None)
-    return DecodeAdapterBatch(
+    return PerTokenAdapterBatch(
         token_slots=token_slots, tok_tied_slot=torch.where(adapted & (fam == TIED), token_slots, none),
         tok_group_slot=torch.where(is_group, token_slots, none), tok_group_family=tok_group_family,
         slot_scalings=slot_scalings, rank=rank, has_tied=has_tied, has_group=has_group,

@@ -1,4 +1,4 @@
-"""The fixed-grid decode path (kernels/decode_batch.py, bgmv_expand, apply_triton_decode) under
+"""The fixed-grid decode path (kernels/per_token_batch.py, bgmv_expand, apply_triton_per_token) under
 TRITON_INTERPRET=1: metadata against hand-computed keys, the expand against its float64 reference
 op, and the composed path against the per-token float64 truth of every Triton-path case."""
 
@@ -9,20 +9,20 @@ from test_triton_ops import CASES, DTYPES, d64
 from kernel_cases import TEST_DEVICE, TOL, delta_error, make_case
 from nlora_serve.kernels import reference as ref
 from nlora_serve.kernels.bgmv_expand import bgmv_expand
-from nlora_serve.kernels.decode_batch import derive_decode_batch
+from nlora_serve.kernels.per_token_batch import derive_per_token_batch
 from nlora_serve.kernels.metadata import TIED
-from nlora_serve.kernels.triton_path import apply_triton_decode
+from nlora_serve.kernels.triton_path import apply_triton_per_token
 
 
 def test_derived_keys_equal_hand_computed():
     slots = torch.tensor([2, -1, 0, 1, 2, 3], dtype=torch.int32)
     families = torch.tensor([TIED, 5, TIED, 0], dtype=torch.int32)
-    b = derive_decode_batch(slots, families, torch.ones(4), 16, True, True)
+    b = derive_per_token_batch(slots, families, torch.ones(4), 16, True, True)
     assert b.tok_tied_slot.tolist() == [2, -1, 0, -1, 2, -1]
     assert b.tok_group_slot.tolist() == [-1, -1, -1, 1, -1, 3]
     assert b.tok_group_family.tolist() == [-1, -1, -1, 5, -1, 0]
     with pytest.raises(ValueError, match="token_slots"):
-        derive_decode_batch(slots.long(), families, torch.ones(4), 16, True, True)
+        derive_per_token_batch(slots.long(), families, torch.ones(4), 16, True, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -55,15 +55,15 @@ def test_bgmv_expand_refuses_bad_shapes():
 @pytest.mark.parametrize("group_form", ("grouped", "bgmv"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("path,dist,num,shape,ranks,extra", CASES)
-def test_decode_path_against_truth(path, dist, num, shape, ranks, extra, dtype, group_form):
+def test_per_token_path_against_truth(path, dist, num, shape, ranks, extra, dtype, group_form):
     case = make_case(7000 + num, num, *shape, ranks, dist, path, dtype, device=TEST_DEVICE, **extra)
     dev = torch.device(TEST_DEVICE)
     # the pool's facts over all its slots (not the step's tokens): which paths launch, the rank width
-    batch = derive_decode_batch(case.token_slots.to(dev, torch.int32), case.slot_families.to(dev, torch.int32),
+    batch = derive_per_token_batch(case.token_slots.to(dev, torch.int32), case.slot_families.to(dev, torch.int32),
                                 case.slot_scalings.to(dev, torch.float32), case.site.rank_width,
                                 bool((case.slot_families == TIED).any()), bool((case.slot_families >= 0).any()))
     before = case.y.to("cpu", copy=True)
-    apply_triton_decode(case.y, case.x, batch, case.site, group_form=group_form)
+    apply_triton_per_token(case.y, case.x, batch, case.site, group_form=group_form)
     after = case.y.cpu()
     rows = case.token_slots >= 0
     assert not torch.isnan(after).any()
