@@ -144,8 +144,8 @@ def _adapter(kind: str, form: str | None, overrides: dict | None, num_tokens: in
     if num_tokens <= DECODE_MAX_T or form == "fused":
         ranks = None if kind == "tied" else torch.full((TENANTS,), RANK, dtype=torch.int32, device=device)
         batch = derive_per_token_batch(slots.to(device, torch.int32), fams.to(device, torch.int32),
-                                    torch.ones(TENANTS, device=device), _width(kind), kind == "tied", kind != "tied",
-                                    slot_ranks=ranks)
+                                       torch.ones(TENANTS, device=device), _width(kind), kind == "tied", kind != "tied",
+                                       slot_ranks=ranks)
         if overrides:  # what apply_triton_per_token(tied_form="fused") launches, at another config
             return lambda y, x, s: tied_fused(x, s.tied_a, s.tied_b, s.n_pool, batch.tok_tied_slot, y, RANK,
                                               batch.slot_scalings, overrides)
@@ -160,7 +160,7 @@ def _zcols_run(groups, weights, xs, sites, num_tokens: int, device, gen):
     from nlora_serve.kernels.tied_fused import tied_fused  # after the env flag
     slots, fams = _slots("tied", num_tokens, gen)
     batch = derive_per_token_batch(slots.to(device, torch.int32), fams.to(device, torch.int32),
-                                torch.ones(TENANTS, device=device), RANK, True, False)
+                                   torch.ones(TENANTS, device=device), RANK, True, False)
     calls = []
     for w, x, (site_list, outs) in zip(weights, xs, sites):
         starts = [sum(outs[:m]) for m in range(len(outs))]

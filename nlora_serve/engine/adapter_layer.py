@@ -244,7 +244,7 @@ class AdapterHook:
         for pool, row in zip(pools, slot_rows):
             facts = self._pool_facts(pool, row.device)
             out.append(derive_per_token_batch(row, facts.families, facts.scalings, pool.rank, facts.has_tied,
-                                           facts.has_group, slot_ranks=facts.ranks if facts.has_group else None))
+                                              facts.has_group, slot_ranks=facts.ranks if facts.has_group else None))
         return out
 
     def derive_into(self, pools: list, batches: list[PerTokenAdapterBatch]) -> None:
@@ -253,7 +253,7 @@ class AdapterHook:
         for pool, static in zip(pools, batches):
             facts = self._pool_facts(pool, static.token_slots.device)
             fresh = derive_per_token_batch(static.token_slots, facts.families, facts.scalings, pool.rank, facts.has_tied,
-                                        facts.has_group, slot_ranks=static.slot_ranks)
+                                           facts.has_group, slot_ranks=static.slot_ranks)
             for name in _DERIVED:
                 if getattr(static, name) is not None:
                     getattr(static, name).copy_(getattr(fresh, name))
@@ -341,14 +341,14 @@ class AdapterHook:
         return deferred
 
     def _apply_per_token(self, entry: _PerTokenEntry, x: torch.Tensor, y: torch.Tensor, layer: int,
-                      modules: tuple[str, ...], widths: list[int]) -> None:
+                         modules: tuple[str, ...], widths: list[int]) -> None:
         """The fixed-grid Triton path: device ops and kernels only, no host value read back."""
         if entry.batch is None:  # the first projection of the step (inside a captured graph too)
             facts = self._pool_facts(entry.pool, y.device)
             slots = entry.slots if entry.slots is not None else entry.host_slots.to(y.device)
             entry.batch = derive_per_token_batch(slots, facts.families, facts.scalings, entry.pool.rank,
-                                              facts.has_tied, facts.has_group,
-                                              slot_ranks=facts.ranks if facts.has_group else None)
+                                                 facts.has_tied, facts.has_group,
+                                                 slot_ranks=facts.ranks if facts.has_group else None)
         proj = self._projection(entry.pool, layer, modules, widths)
         for module, part, site in zip(modules, y.split(widths, dim=-1), proj.sites):
             if site is not None:

@@ -176,7 +176,7 @@ def _step_launches(dtype: torch.dtype, rank: int, step: tuple) -> list[_Launch]:
                                   z=x[:, :rank])
             return apply_triton_per_token(y, x, b, site, tied_form=form, group_form=group_form)
         batch = derive_per_token_batch(slots.to(torch.int32), fams.to(torch.int32), torch.ones(_TENANTS), rank,
-                                    families == "tied", families != "tied")
+                                       families == "tied", families != "tied")
     else:
         def apply(y, x, b, site):
             return apply_triton(y, x, b, site, group_form=group_form)

@@ -50,8 +50,8 @@ class PerTokenAdapterBatch:
 
 
 def derive_per_token_batch(token_slots: torch.Tensor, slot_families: torch.Tensor, slot_scalings: torch.Tensor,
-                        rank: int, has_tied: bool, has_group: bool,
-                        slot_ranks: torch.Tensor | None = None) -> PerTokenAdapterBatch:
+                           rank: int, has_tied: bool, has_group: bool,
+                           slot_ranks: torch.Tensor | None = None) -> PerTokenAdapterBatch:
     """Per-token keys from per-token slots, with elementwise device ops and one sort only.
 
     Semantics: f = slot_families[max(slot, 0)]; tok_tied_slot = slot where slot ≥ 0 and f = TIED,

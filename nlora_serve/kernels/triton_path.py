@@ -105,8 +105,8 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
 
 
 def apply_triton_per_token(y: torch.Tensor, x: torch.Tensor, batch: PerTokenAdapterBatch,
-                        site: KernelSiteWeights, tied_form: str | None = None,
-                        group_form: str | None = None) -> torch.Tensor:
+                           site: KernelSiteWeights, tied_form: str | None = None,
+                           group_form: str | None = None) -> torch.Tensor:
     """The fixed-grid form for decode steps and CUDA graphs (same semantics as :func:`apply_triton`).
 
     Semantics: :func:`apply_triton`'s, with r = batch.rank (the pool's width: entries past a

@@ -53,9 +53,9 @@ def _poison_beyond_rank(case):
 def _per_token_batch(case, dev):
     families = case.slot_families.to(dev, torch.int32)
     return derive_per_token_batch(case.token_slots.to(dev, torch.int32), families,
-                               case.slot_scalings.to(dev, torch.float32), case.site.rank_width,
-                               bool((case.slot_families == TIED).any()), bool((case.slot_families >= 0).any()),
-                               slot_ranks=case.slot_ranks.clamp(max=1 << 30).to(dev, torch.int32))
+                                  case.slot_scalings.to(dev, torch.float32), case.site.rank_width,
+                                  bool((case.slot_families == TIED).any()), bool((case.slot_families >= 0).any()),
+                                  slot_ranks=case.slot_ranks.clamp(max=1 << 30).to(dev, torch.int32))
 
 
 def assert_delta_matches_truth(case, before: torch.Tensor, dtype) -> None:

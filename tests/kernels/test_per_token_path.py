@@ -60,8 +60,8 @@ def test_per_token_path_against_truth(path, dist, num, shape, ranks, extra, dtyp
     dev = torch.device(TEST_DEVICE)
     # the pool's facts over all its slots (not the step's tokens): which paths launch, the rank width
     batch = derive_per_token_batch(case.token_slots.to(dev, torch.int32), case.slot_families.to(dev, torch.int32),
-                                case.slot_scalings.to(dev, torch.float32), case.site.rank_width,
-                                bool((case.slot_families == TIED).any()), bool((case.slot_families >= 0).any()))
+                                   case.slot_scalings.to(dev, torch.float32), case.site.rank_width,
+                                   bool((case.slot_families == TIED).any()), bool((case.slot_families >= 0).any()))
     before = case.y.to("cpu", copy=True)
     apply_triton_per_token(case.y, case.x, batch, case.site, group_form=group_form)
     after = case.y.cpu()

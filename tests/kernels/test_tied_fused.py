@@ -17,8 +17,8 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 def _per_token_batch(case, dev):
     return derive_per_token_batch(case.token_slots.to(dev, torch.int32), case.slot_families.to(dev, torch.int32),
-                               case.slot_scalings.to(dev, torch.float32), case.site.rank_width,
-                               bool((case.slot_families == TIED).any()), bool((case.slot_families >= 0).any()))
+                                  case.slot_scalings.to(dev, torch.float32), case.site.rank_width,
+                                  bool((case.slot_families == TIED).any()), bool((case.slot_families >= 0).any()))
 
 
 def _check(case, before, dtype):
