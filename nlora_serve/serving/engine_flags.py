@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from nlora_serve.engine.config import EngineConfig, SchedulerConfig, resolve_device
+from nlora_serve.engine.config import CPU_GEMMS, EngineConfig, SchedulerConfig, resolve_device
 from nlora_serve.models import resolve_dtype
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--device``, ``--load-format``, ``--tokenizer``, ``--gpu-memory-utilization``."""
+    """``--device``, ``--load-format``, ``--tokenizer``, ``--gpu-memory-utilization``, the CUDA graph
+    flags, ``--cpu-gemm`` / ``--cpu-amx`` and the scheduler's sizes."""
     d = EngineConfig.__dataclass_fields__
     a = parser.add_argument
     a("--device", default="auto", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N: where "
@@ -30,6 +31,12 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     a("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
       help="schedule step n+1 while the device runs step n, reading step n's tokens back after "
            "(default: on for CUDA, off on the CPU)")
+    a("--cpu-gemm", choices=CPU_GEMMS, default=d["cpu_gemm"].default,
+      help="CPU: the base GEMMs on our packed-panel kernel (native) or oneDNN's prepacked ones (onednn), "
+           "e.g. to rule ours out when something looks wrong (default: %(default)s)")
+    a("--cpu-amx", action=argparse.BooleanOptionalAction, default=d["cpu_amx"].default,
+      help="CPU, bf16: the adapter products on AMX tiles where the CPU has AMX-BF16; --no-cpu-amx keeps "
+           "AVX-512 (default: on)")
     a("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs,
       help="sequences running at once, at most (default: %(default)s)")
     a("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens,
@@ -50,4 +57,5 @@ def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
                         load_format=args.load_format, tokenizer=args.tokenizer,
                         gpu_memory_utilization=args.gpu_memory_utilization, scheduler=scheduler,
                         enforce_eager=args.enforce_eager, piecewise_graphs=args.piecewise_graphs,
-                        async_scheduling=args.async_scheduling, **fields)
+                        async_scheduling=args.async_scheduling, cpu_gemm=args.cpu_gemm, cpu_amx=args.cpu_amx,
+                        **fields)

@@ -61,3 +61,20 @@ def test_adapter_pool_room_is_the_tied_budget_plus_a_full_lora_pool(base_model_d
     per_layer = 16 * ((576 + 576 + 16) + 2 * (576 + 192 + 16) + (576 + 576 + 16)
                       + 2 * (576 + 1536 + 16) + (1536 + 576 + 16))
     assert pool_bytes(spec, torch.bfloat16, limits) == 1000 + 2 * 30 * per_layer * 2
+
+
+def test_cpu_gemm_and_amx_are_serve_flags():
+    # they were environment variables the model and kernels read; now config fields the CLI fills
+    import argparse
+
+    from nlora_serve.serving.serve_cli import add_serve_arguments
+    from nlora_serve.serving.engine_flags import device_config
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    default = device_config(parser.parse_args(["--device", "cpu"]))
+    assert (default.cpu_gemm, default.cpu_amx) == ("native", True)
+    chosen = device_config(parser.parse_args(["--device", "cpu", "--cpu-gemm", "onednn", "--no-cpu-amx"]))
+    assert (chosen.cpu_gemm, chosen.cpu_amx) == ("onednn", False)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cpu-gemm", "mkl"])
