@@ -211,13 +211,15 @@ def _run(args: argparse.Namespace) -> int:
     report = {"family": factors.key, "rank": factors.rank, "sites": len(factors.sites), "factor_bytes": factors.nbytes,
               "member_bytes": member_bytes, "source_bytes": source, "compress_seconds": seconds,
               "tradeoff": [{"rank": r, "mean_rel_error": e} for r, e in tradeoff], "adapters": cr.as_json(rows)}
-    path = Path(args.json) if args.json else out / f"compress_report{'_add' if args.add else ''}.json"
+    # a link is written through (its target is the report), as open() would
+    path = Path(os.path.realpath(args.json)) if args.json else out / f"compress_report{'_add' if args.add else ''}.json"
     with Undo() as undo:
         write_family(out, CompressedFamily(factors, members, errors), full=args.full_form, undo=undo)
         try:
-            if not path.exists():  # a report of an earlier run is replaced whole, or kept on a failure
-                undo.created(path)
+            earlier = os.path.lexists(path)  # an earlier run's report is replaced whole, or kept on a failure
             atomic_write(path, lambda p: Path(p).write_text(json.dumps(report, indent=2) + "\n"))
+            if not earlier:
+                undo.created(path)
         except OSError as exc:
             raise AdapterError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
     print(f"wrote {out} and {path}")

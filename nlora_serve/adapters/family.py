@@ -138,8 +138,12 @@ def write_factors(root: Path, factors: FamilyFactors, undo: Undo | None = None) 
     mine = Undo()
     with mine:
         make_dirs(path.parent, mine)
-        mine.created(path)
-        atomic_write(path, lambda p: Path(p).write_bytes(data))
+        try:
+            atomic_write(path, lambda p: Path(p).write_bytes(data), replace=False)
+        except FileExistsError:
+            pass  # another writer put the same factors there meanwhile (the key hashes them): theirs
+        else:
+            mine.created(path)
     if undo is not None:
         undo.adopt(mine)
     return path

@@ -9,9 +9,9 @@ disk or a read-only folder leaves nothing of theirs behind (and nothing that was
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,8 +24,15 @@ from nlora_serve.adapters.format import WEIGHTS_NAME
 from nlora_serve.errors import AdapterError
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same directory, fsync, rename: never a half-written file."""
+def atomic_write(path: Path, write, *, replace: bool = True) -> None:
+    """Write via a temp file in the same directory, fsync, rename: never a half-written file.
+
+    ``replace`` False: ``path`` must not exist, and that is checked in the same step that puts the
+    file there (a hard link), so a file another writer put there meanwhile is never overwritten.
+
+    Raises:
+        FileExistsError: ``replace`` is False and ``path`` exists. OSError: the write failed.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -33,26 +40,42 @@ def atomic_write(path: Path, write) -> None:
         os.chmod(tmp, 0o644)  # mkstemp makes it private; an adapter is a shareable artefact
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _place_new(tmp: str, path: Path) -> None:
+    """``tmp`` becomes ``path``, which must not exist (the temp file stays for the caller to remove)."""
+    try:
+        os.link(tmp, path)  # fails with FileExistsError rather than overwrite
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
 
 
 class Undo:
     """The files and folders one command created, removed again if the command fails.
 
     ``with Undo() as undo: write_dir(a, ..., undo=undo); write_dir(b, ..., undo=undo)``: an
-    exception inside the block removes everything recorded, newest first, then propagates. A folder
-    is recorded only where this command created it, so a folder that was there before keeps its
-    other files.
+    exception inside the block removes everything recorded, newest first, then propagates. Files
+    are recorded once this command has written them, folders where this command created them; a
+    folder is removed only once empty, so whatever anyone else put in it meanwhile (another run
+    writing into the same new --out) stays, with the folder.
     """
 
     def __init__(self) -> None:
         self._paths: list[Path] = []
 
     def created(self, path: Path) -> None:
-        """Record ``path`` (a file or a folder this command is about to create)."""
+        """Record ``path``: a file this command wrote, or a folder it is about to create."""
         self._paths.append(Path(path))
 
     def adopt(self, other: Undo) -> None:
@@ -61,11 +84,12 @@ class Undo:
         other._paths = []
 
     def rollback(self) -> None:
-        """Remove every recorded path, newest first; a path already gone is skipped."""
+        """Remove every recorded file and every recorded folder left empty, newest first; a path
+        already gone, or a folder someone else wrote into, is skipped."""
         for path in reversed(self._paths):
             try:
                 if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
+                    path.rmdir()  # only when empty
                 else:
                     path.unlink(missing_ok=True)
             except OSError:
@@ -97,7 +121,8 @@ def check_out_dir(out_dir: Path, what: str = "--out") -> None:
         if os.path.lexists(folder):
             if not folder.is_dir():
                 where = "" if folder == out_dir else f": {folder}"
-                raise AdapterError(f"{what} {out_dir}{where} is a file, not a folder")
+                kind = "a link to nothing" if folder.is_symlink() and not folder.exists() else "a file"
+                raise AdapterError(f"{what} {out_dir}{where} is {kind}, not a folder")
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise AdapterError(f"{what} {out_dir}: cannot write into {folder} (read-only or no permission)")
             break
@@ -107,19 +132,19 @@ def check_out_dir(out_dir: Path, what: str = "--out") -> None:
 
 
 def make_dirs(folder: Path, undo: Undo) -> None:
-    """``folder`` and its missing parents, the topmost one created recorded in ``undo``.
+    """``folder`` and its missing parents, each one created recorded in ``undo`` (outermost first).
 
     Raises:
         OSError: as :meth:`Path.mkdir`.
     """
     folder = Path(folder)
-    top = None
+    missing = []
     for p in (folder, *folder.parents):
         if os.path.lexists(p):
             break
-        top = p
-    if top is not None:
-        undo.created(top)
+        missing.append(p)
+    for p in reversed(missing):
+        undo.created(p)
     folder.mkdir(parents=True, exist_ok=True)
 
 
@@ -145,8 +170,8 @@ def write_dir(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor], *, 
             make_dirs(out_dir, mine)
             for name, write in ((WEIGHTS_NAME, lambda p: save_file(data, p, metadata={"format": "pt"})),
                                 (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))):
+                atomic_write(out_dir / name, write, replace=False)
                 mine.created(out_dir / name)
-                atomic_write(out_dir / name, write)
     except (OSError, SafetensorError) as exc:
         raise AdapterError(f"{out_dir}: cannot write the adapter ({_reason(exc)})") from None
     if undo is not None:

@@ -315,8 +315,11 @@ def run_serve(args: argparse.Namespace) -> int:
         finally:
             dead = engine.dead_reason
             engine.shutdown()
+    if dead is not None:
+        log.error("exiting with status 1: the engine died (%s)", dead)
+        return 1
     log.info("drained, exiting" if drained else "drain period over (remaining requests aborted and told), exiting")
-    return 0 if dead is None else 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,11 @@ def test_undo_removes_what_it_recorded_and_only_that(tmp_path):
     assert _tree(tmp_path) == ["kept", "kept/mine.txt"]
 
 
+def _a_dangling_link(tmp: Path) -> Path:
+    os.symlink(tmp / "gone", tmp / "out")
+    return tmp / "out"
+
+
 def _a_file(tmp: Path) -> Path:
     (tmp / "out").write_text("x")
     return tmp / "out"
@@ -133,6 +138,7 @@ def _holding_a_dangling_link(tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize("setup, words", [(_a_file, "is a file, not a folder"),
+                                          (_a_dangling_link, "is a link to nothing, not a folder"),
                                           (_under_a_file, "f is a file, not a folder"),
                                           (_holding_a_config, "already holds an adapter"),
                                           (_holding_a_dangling_link, "already holds an adapter")])
@@ -153,3 +159,32 @@ def test_tune_refuses_one_folder_for_both_forms_before_loading_anything(tmp_path
     (tmp_path / "taken").write_text("x")
     assert main(["tune", "--data", str(data), "--out", str(out), "--also-full-form", str(tmp_path / "taken")]) == 2
     assert "--also-full-form" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_rollback_keeps_what_another_writer_put_in_a_folder_it_created(tmp_path):
+    # two `compress` runs into one new --out: the loser's rollback removed the folder whole, and with
+    # it the winner's finished family
+    with pytest.raises(RuntimeError), Undo() as undo:
+        write_dir(tmp_path / "new" / "mine", {"r": 1}, {"x": torch.ones(2)}, undo=undo)
+        (tmp_path / "new" / "theirs").mkdir()
+        (tmp_path / "new" / "theirs" / "adapter_config.json").write_text("{}")
+        raise RuntimeError("this command fails after another wrote into its new folder")
+    assert _tree(tmp_path) == ["new", "new/theirs", "new/theirs/adapter_config.json"]
+
+
+def test_a_file_another_writer_puts_in_place_first_is_never_overwritten(tmp_path, monkeypatch):
+    # check_out_dir runs before the write: a writer racing in between must not be clobbered
+    import nlora_serve.adapters.writing as writing
+
+    out = tmp_path / "out"
+    real = writing.save_file
+
+    def racing(data, path, metadata=None):
+        out.joinpath("adapter_model.safetensors").write_text("theirs")  # lands between check and place
+        real(data, path, metadata=metadata)
+
+    monkeypatch.setattr(writing, "save_file", racing)
+    with pytest.raises(AdapterError, match="cannot write the adapter"):
+        write_dir(out, {"r": 1}, {"x": torch.ones(2)})
+    assert out.joinpath("adapter_model.safetensors").read_text() == "theirs"
+    assert _tree(tmp_path) == ["out", "out/adapter_model.safetensors"]  # no config, no temp file of ours

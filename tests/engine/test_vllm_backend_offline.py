@@ -6,10 +6,9 @@ The served path itself is tested in tests/vllm_backend (run where vllm is import
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from nlora_serve.serving.server_config import StartupError
 from nlora_serve.serving.serve_cli import add_serve_arguments
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency, write_folded_lora
 from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit
-from nlora_serve.engine.vllm_backend.engine import FOLD_PREFIX, fold_folder
+from nlora_serve.engine.vllm_backend.engine import FOLD_LOCK, FOLD_PREFIX, fold_folder
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
 
@@ -120,6 +119,9 @@ def test_lora_rank_limit_is_the_smallest_rank_vllm_accepts():
     (["--vllm-arg", "max_lora_rank=8"], "--vllm-arg max_lora_rank: the backend sets it from --max-rank"),
     (["--vllm-arg", "max_model_len=128"], "--vllm-arg max_model_len: the backend sets it from --max-model-len"),
     (["--vllm-arg", "max_loras=2"], "--vllm-arg max_loras: the backend sets it from --max-loras"),
+    # applied only q_proj of every adapter while the listing said seven modules
+    (["--vllm-arg", 'lora_target_modules=["q_proj"]'], "--vllm-arg lora_target_modules: would make vLLM serve other"),
+    (["--vllm-arg", 'hf_overrides={"num_hidden_layers": 2}'], "--vllm-arg hf_overrides: would make vLLM serve other"),
 ])
 def test_what_our_flags_set_cannot_be_overridden(monkeypatch, flags, words):
     # a --vllm-arg max_lora_rank=8 crashed vLLM on the first rank-16 request; max_model_len=128 made
@@ -147,16 +149,23 @@ def test_a_fold_that_cannot_be_written_is_named_and_leaves_nothing(base_fp32, tm
     assert not (tmp_path / "lora").exists()
 
 
-def test_fold_folders_of_dead_processes_are_swept(tmp_path, monkeypatch):
-    # a kill -9 left its folded store in /tmp (57 MB for 3 adapters), and every restart another one
+def test_fold_folders_whose_owner_is_gone_are_swept_and_live_ones_kept(tmp_path, monkeypatch):
+    # a kill -9 left its folded store in /tmp (57 MB for 3 adapters), and every restart another one.
+    # The owner's liveness is its lock, not its pid: a server in another PID namespace sharing /tmp
+    # looked dead by pid, and its live folder was swept (vLLM's engine core died on its next LoRA load)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"{FOLD_PREFIX}{int(dead.stdout)}-abc"
-    live = tmp_path / f"{FOLD_PREFIX}{os.getppid()}-def"  # our parent runs
-    older = tmp_path / f"{FOLD_PREFIX}xyz"  # another naming: not ours to judge
-    for folder in (stale, live, older):
+    abandoned = tmp_path / f"{FOLD_PREFIX}123-abc"
+    live = tmp_path / f"{FOLD_PREFIX}1-def"  # pid 1 (or any number): only the lock counts
+    older = tmp_path / f"{FOLD_PREFIX}xyz"  # no lock file: not ours to judge
+    for folder in (abandoned, live, older):
         (folder / "1").mkdir(parents=True)
-    mine = fold_folder()
-    assert mine.parent == tmp_path and mine.name.startswith(f"{FOLD_PREFIX}{os.getpid()}-")
-    assert not stale.exists() and live.exists() and older.exists()
-
+    (abandoned / FOLD_LOCK).touch()  # its owner died: nobody holds the lock
+    held = os.open(live / FOLD_LOCK, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a live owner (flock conflicts across open files, even in one process)
+    try:
+        mine, lock = fold_folder()
+        assert mine.parent == tmp_path and mine.name.startswith(f"{FOLD_PREFIX}{os.getpid()}-")
+        assert not abandoned.exists() and live.exists() and older.exists()
+        assert fold_folder()[0].exists() and mine.exists()  # a second server leaves the first's folder
+    finally:
+        os.close(held)

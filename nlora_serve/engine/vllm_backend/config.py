@@ -23,6 +23,12 @@ OWNED_ENGINE_ARGS = {
     "enable_lora": "--adapter-dir (LoRA is on with an adapter store)", "max_loras": "--max-loras",
     "max_lora_rank": "--max-rank", "enable_prefix_caching": "--enable-prefix-caching / --no-enable-prefix-caching",
 }
+# AsyncEngineArgs fields that would make vLLM serve other weights, modules or a tokenizer than the
+# ones the front end read and validated every adapter against (lora_target_modules=["q_proj"]
+# applied only q_proj of every adapter, silently): refused outright
+FOREIGN_ENGINE_ARGS = ("lora_target_modules", "hf_overrides", "hf_config_path", "model_weights", "revision",
+                       "code_revision", "tokenizer_revision", "load_format", "skip_tokenizer_init", "tokens_only",
+                       "tokenizer_mode", "quantization_config", "lora_dtype")
 
 
 @dataclass(slots=True)
@@ -48,6 +54,9 @@ class VllmBackendConfig:
         for key in self.engine_args:
             if key in OWNED_ENGINE_ARGS:
                 raise ValueError(f"--vllm-arg {key}: the backend sets it from {OWNED_ENGINE_ARGS[key]}; use that")
+            if key in FOREIGN_ENGINE_ARGS:
+                raise ValueError(f"--vllm-arg {key}: would make vLLM serve other weights, adapted modules or "
+                                 "tokenizer than the ones every adapter is validated against; not supported")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("VllmBackendConfig.gpu_memory_utilization must be in (0, 1]; got "
                              f"{self.gpu_memory_utilization!r}")

@@ -15,6 +15,8 @@ must create this engine under ``if __name__ == "__main__"`` (console scripts and
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import math
 import os
 import shutil
@@ -72,7 +74,7 @@ class VllmEngine(Engine):
         base = base if base is not None else load_base(config.model, config.dtype, config.cache_dir)
         self.tokenizer = base.tokenizer()
         self.vocab_size = base.spec.vocab_size
-        self._folds = fold_folder()
+        self._folds, self._folds_lock = fold_folder()
         self._adapters = None
         if config.adapter_dir:
             q_shape = tuple(base.weight(0, "q_proj").shape)
@@ -94,7 +96,7 @@ class VllmEngine(Engine):
             self._llm = self._call(self._start(base.path))
         except BaseException:
             self._stop_loop()
-            shutil.rmtree(self._folds, ignore_errors=True)  # every version folded so far
+            _release_folds(self._folds, self._folds_lock)  # every version folded so far
             raise
 
     async def _start(self, model_path: Path):
@@ -318,7 +320,7 @@ class VllmEngine(Engine):
         self.abort_all(SHUTDOWN_REASON)
         self._call(self._close(), timeout=60)
         self._stop_loop()
-        shutil.rmtree(self._folds, ignore_errors=True)
+        _release_folds(self._folds, self._folds_lock)
 
     async def _close(self) -> None:
         await asyncio.sleep(0)  # let cancelled requests run their abort paths first
@@ -336,28 +338,50 @@ class VllmEngine(Engine):
 
 
 FOLD_PREFIX = "nlora-vllm-loras-"
+FOLD_LOCK = ".owner.lock"  # held (flock) by the serving process for the folder's whole life
 
 
-def fold_folder() -> Path:
-    """A new temporary folder for this process's folded LoRAs, ``nlora-vllm-loras-<pid>-*``, after
-    removing those of processes that no longer run (a kill -9 or an OOM kill leaves its folder:
-    a restart loop would fill the disk, or a tmpfs's memory)."""
+def fold_folder() -> tuple[Path, int]:
+    """A new temporary folder for this process's folded LoRAs, ``nlora-vllm-loras-<pid>-*``, and
+    the descriptor of the lock it holds on it, after removing the folders whose owner is gone (a
+    kill -9 or an OOM kill leaves its folder: a restart loop would fill the disk, or a tmpfs's
+    memory).
+
+    An owner is gone when its folder's lock can be taken: a kernel lock, released when the process
+    dies, whatever PID namespace or container it ran in (a pid in the name only helps a human: two
+    containers sharing /tmp see each other's pids as dead). A folder without the lock file (being
+    created, or of an older version) is left alone.
+    """
     root = Path(tempfile.gettempdir())
-    for old in root.glob(f"{FOLD_PREFIX}*-*"):
-        pid = old.name.removeprefix(FOLD_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{FOLD_PREFIX}{os.getpid()}-"))
+    for old in root.glob(f"{FOLD_PREFIX}*"):
+        _remove_if_abandoned(old)
+    folder = Path(tempfile.mkdtemp(prefix=f"{FOLD_PREFIX}{os.getpid()}-"))
+    lock = os.open(folder / FOLD_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the folder is new: nobody else holds it
+    return folder, lock
 
 
-def _alive(pid: int) -> bool:
+def _remove_if_abandoned(folder: Path) -> None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        lock = os.open(folder / FOLD_LOCK, os.O_RDWR)
+    except OSError:  # no lock file (not ours to judge), or not ours to open
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # its owner runs
+        os.close(lock)
+        return
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(lock)
+
+
+def _release_folds(folder: Path, lock: int) -> None:
+    """Remove this process's fold folder, then drop its lock (a second call does nothing more)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.close(lock)
 
 
 def _tag(pinned: AdapterVersion | None) -> dict:
