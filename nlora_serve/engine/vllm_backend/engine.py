@@ -257,12 +257,9 @@ class VllmEngine(Engine):
             asyncio.run_coroutine_threadsafe(self._remove_lora(lora_id, folder), self._loop)
 
     async def _remove_lora(self, lora_id: int, folder: Path) -> None:
-        try:
+        with contextlib.suppress(Exception):  # a dead engine reads nothing: the folder can go all the same
             await self._llm.remove_lora(lora_id)
-        except Exception:  # noqa: BLE001 - a dead engine reads nothing: the folder can go all the same
-            pass
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
     def abort(self, request_id: str, reason: str | None = None) -> None:
         for rid in self._ids.engine_ids(request_id):
