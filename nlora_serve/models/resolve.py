@@ -6,6 +6,7 @@ under the cache root; later runs find it there and load in seconds.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -84,8 +85,28 @@ def _prepared_gguf(gguf: Path, root: Path) -> Path:
     target = models_dir(root) / f"{gguf.stem}-{digest[:12]}"
     if (target / MARKER).is_file():
         return target
-    log.info("converting %s into %s (once; later starts load the cached copy)", gguf, target)
     models_dir(root).mkdir(parents=True, exist_ok=True)
+    # Two processes starting on a fresh cache (two servers, parallel test workers) convert one at a
+    # time, under a flock on the models folder itself (no lock file left in it): the second waits,
+    # then finds the first's copy. Unlocked, the second replaced the first's finished folder while
+    # the first was loading from it.
+    lock = os.open(models_dir(root), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process converting a model in %s", models_dir(root))
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when that process finishes or dies
+        if not (target / MARKER).is_file():
+            _convert_into(gguf, root, target, digest)
+    finally:
+        os.close(lock)  # drops the flock
+    return target
+
+
+def _convert_into(gguf: Path, root: Path, target: Path, digest: str) -> None:
+    """Convert ``gguf`` beside ``target`` and move it there (the caller holds the conversion lock)."""
+    log.info("converting %s into %s (once; later starts load the cached copy)", gguf, target)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=models_dir(root)))
     try:
         _convert(gguf, tmp, digest)
@@ -95,7 +116,6 @@ def _prepared_gguf(gguf: Path, root: Path) -> Path:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _convert(gguf: Path, out: Path, digest: str) -> None:

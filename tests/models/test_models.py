@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -13,6 +16,8 @@ import torch
 from nlora_serve.errors import ModelError
 from nlora_serve.models import (cache_root, fingerprint, load_weights, read_spec, resolve_dtype,
                                 resolve_model)
+from nlora_serve.models import resolve
+from nlora_serve.models.cache import models_dir
 from nlora_serve.models.resolve import MARKER
 
 
@@ -32,6 +37,41 @@ def test_default_model_spec_and_fingerprint(base_model_dir):
     assert spec.projection_shape("down_proj") == (576, 1536)
     recorded = json.loads((base_model_dir / MARKER).read_text())["fingerprint"]
     assert recorded == fingerprint(load_weights(base_model_dir))
+
+
+def test_a_second_process_waits_for_the_first_conversion_and_loads_its_copy(tmp_path, monkeypatch, caplog):
+    # Two servers (or parallel test workers) starting on a fresh cache: the second used to convert
+    # too, then delete the first's finished folder while the first was loading from it.
+    gguf, root = tmp_path / "m.gguf", tmp_path / "cache"
+    gguf.write_bytes(b"GGUF and not much else")
+    target = models_dir(root) / f"m-{hashlib.sha256(gguf.read_bytes()).hexdigest()[:12]}"
+    models_dir(root).mkdir(parents=True)
+    converted = []
+    monkeypatch.setattr(resolve, "_convert", lambda src, out, digest: converted.append(out))
+    holder = subprocess.Popen(  # another process, converting: it holds the lock until told
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()", str(models_dir(root))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        got = {}
+        with caplog.at_level(logging.INFO, logger=resolve.__name__):
+            waiter = threading.Thread(target=lambda: got.update(path=resolve._prepared_gguf(gguf, root)))
+            waiter.start()
+            deadline = time.monotonic() + 10
+            while "waiting for another process" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert "waiting for another process" in caplog.text and waiter.is_alive()
+            target.mkdir()  # the other process's conversion lands, then it lets go
+            (target / MARKER).write_text("{}")
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            waiter.join(10)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert got["path"] == target and converted == []  # its copy, not converted a second time
+    assert (target / MARKER).read_text() == "{}"
 
 
 def test_fingerprint_matches_hand_computed_sha256():
