@@ -23,6 +23,16 @@ class EngineError(RuntimeError):
     """The engine failed while running a request (the message says what happened)."""
 
 
+class EngineDead(NloraError):
+    """A request refused because the engine can serve none any more (:attr:`Engine.dead_reason` is
+    set) and the server is on its way out: front ends answer 503 / UNAVAILABLE, so a client
+    retries on another replica."""
+
+
+ENGINE_DEAD_MESSAGE = ("the engine died and this server is shutting down; retry on another replica "
+                       "(the server's log has the cause)")
+
+
 class RequestAborted(NloraError):
     """The engine aborted a running request for a reason its client should see (a forced unload
     of its adapter, engine shutdown); the message says which. Never raised for an abort the

@@ -15,7 +15,7 @@ from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.adapters.store import StoreWriteError
 from nlora_serve.errors import MAX_ERROR_CHARS, AdapterError, NloraError, capped
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
-from nlora_serve.engine.api import RequestAborted
+from nlora_serve.engine.api import EngineDead, RequestAborted
 from nlora_serve.engine.sampling import RequestError
 
 
@@ -53,6 +53,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403, "permission_denied"),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "queue_full"),
     (Draining, grpc.StatusCode.UNAVAILABLE, 503, "draining"),
+    (EngineDead, grpc.StatusCode.UNAVAILABLE, 503, "engine_dead"),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_argument"),
     (BodyTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, 408, "body_timeout"),
     (NoAdapterStore, grpc.StatusCode.FAILED_PRECONDITION, 404, "not_found"),

@@ -13,9 +13,13 @@ import threading
 from concurrent.futures import Future
 from types import SimpleNamespace
 
-from nlora_serve.engine.api import RequestIds
+import grpc
+import pytest
+
+from nlora_serve.engine.api import ENGINE_DEAD_MESSAGE, EngineDead, RequestIds
 from nlora_serve.engine.vllm_backend import engine as engine_module
 from nlora_serve.engine.vllm_backend.engine import VllmEngine, _Job
+from nlora_serve.serving.grpc_status import http_status_of, status_of
 from nlora_serve.serving.serve_cli import _watch_engine
 
 
@@ -141,9 +145,47 @@ def test_a_failure_while_vllm_is_alive_fails_one_request_only(monkeypatch):
             raise RuntimeError("boom")
 
     engine, delivered = _engine(Llm()), []
+    engine._lora_request = lambda pinned: None  # vLLM's LoRARequest is not importable here
     try:
         job = _job(engine, delivered)
         asyncio.run_coroutine_threadsafe(engine._run(job, [1], None, None), engine._loop).result(5)
-        assert delivered[-1].finish_reason == "error" and engine.dead_reason is None
+        assert delivered[-1].finish_reason == "error" and delivered[-1].error == "RuntimeError: boom"
+        assert engine.dead_reason is None
+    finally:
+        engine._stop_loop()
+
+
+def test_a_core_death_tells_running_clients_what_to_do_and_refuses_new_requests_with_503(monkeypatch):
+    # vLLM's own text after a death is "EngineCore encountered an issue. See stack trace (above) for
+    # the root cause.": the stack trace is in the server's log, not the client's; the cause goes to
+    # the log and /health, the client reads that the server is going and to retry elsewhere.
+    monkeypatch.setattr(engine_module, "vllm_sampling_params", lambda params: params)
+
+    class EngineDeadError(Exception):
+        pass
+
+    class Llm:
+        errored = False
+
+        def generate(self, *args, **kwargs):
+            self.errored = True
+            raise EngineDeadError("EngineCore encountered an issue. See stack trace (above) for the root cause.")
+
+    engine, delivered = _engine(Llm()), []
+    engine._lora_request = lambda pinned: None  # vLLM's LoRARequest is not importable here
+    try:
+        job = _job(engine, delivered)
+        asyncio.run_coroutine_threadsafe(engine._run(job, [1], None, None), engine._loop).result(5)
+        assert delivered[-1].finish_reason == "error" and delivered[-1].error == ENGINE_DEAD_MESSAGE
+        assert "EngineDeadError: EngineCore encountered an issue" in engine.dead_reason  # for the operator
+
+        async def admit():
+            return engine.add_request([1, 2, 3])
+
+        with pytest.raises(EngineDead, match="retry on another replica") as refused:
+            asyncio.run(admit())
+        assert status_of(refused.value) == (grpc.StatusCode.UNAVAILABLE, "engine_dead")
+        assert http_status_of(refused.value)[0] == 503
+        assert engine._jobs == {}  # nothing was queued
     finally:
         engine._stop_loop()

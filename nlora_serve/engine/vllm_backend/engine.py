@@ -30,8 +30,8 @@ from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.config import EngineConfig
-from nlora_serve.engine.api import (SHUTDOWN_REASON, Engine, EngineError, RequestIds, RequestStream,
-                                   RequestOutput, max_prompt_bytes, prompt_ids)
+from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, SHUTDOWN_REASON, Engine, EngineDead, EngineError,
+                                    RequestIds, RequestOutput, RequestStream, max_prompt_bytes, prompt_ids)
 from nlora_serve.engine.request_checks import check_request, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
@@ -153,6 +153,8 @@ class VllmEngine(Engine):
         loop = asyncio.get_running_loop()
         if self._stopping:
             raise EngineError("engine is shut down")
+        if self.dead_reason is not None:
+            raise EngineDead(ENGINE_DEAD_MESSAGE)
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt)
         check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len, params.stop_token_ids)
@@ -206,9 +208,12 @@ class VllmEngine(Engine):
         except asyncio.CancelledError:
             self._end(job, self._final(job, "abort", made, job.abort_reason, cached))
         except Exception as exc:  # noqa: BLE001 - any vLLM failure ends this request with its message
-            if self._llm.errored and self._dead is None:
-                self._dead = f"vLLM's engine core died ({type(exc).__name__}: {exc})"
-            self._end(job, self._final(job, "error", made, f"{type(exc).__name__}: {exc}", cached))
+            error = f"{type(exc).__name__}: {exc}"
+            if self._llm.errored:  # the cause goes to the log and /health; the client reads what to do
+                if self._dead is None:
+                    self._dead = f"vLLM's engine core died ({error})"
+                error = ENGINE_DEAD_MESSAGE
+            self._end(job, self._final(job, "error", made, error, cached))
 
     @staticmethod
     def _final(job: _Job, reason: str, made: int, error: str | None = None, cached: int = 0) -> RequestOutput:
