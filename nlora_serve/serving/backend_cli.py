@@ -11,12 +11,14 @@ import argparse
 import importlib.util
 import json
 
+from pydantic import ValidationError
+
 from nlora_serve.models import BaseModel
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.api import Engine
 from nlora_serve.serving.server_config import StartupError
-from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit
+from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit, refusal_line
 
 BACKENDS = ("native", "vllm")
 
@@ -82,3 +84,5 @@ def make_engine(config: EngineConfig, base: BaseModel, backend: VllmBackendConfi
         return VllmEngine(config, backend, base)
     except TypeError as exc:  # AsyncEngineArgs(**...) with a name it does not have
         raise StartupError(f"--backend vllm: vLLM refused the engine arguments ({exc}); check --vllm-arg") from exc
+    except ValidationError as exc:  # a value vLLM's config models refuse
+        raise StartupError(f"--backend vllm: vLLM refused {refusal_line(exc)}; check --vllm-arg") from exc

@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import pydantic
 import pytest
 import safetensors.torch
 import torch
@@ -19,11 +20,12 @@ import torch
 from nlora_serve.adapters.keys import PART_A, PART_B, tensor_key
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.errors import AdapterError
-from nlora_serve.serving.backend_cli import backend_config
+from nlora_serve.serving.backend_cli import backend_config, make_engine
 from nlora_serve.serving.server_config import StartupError
 from nlora_serve.serving.serve_cli import add_serve_arguments
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency, write_folded_lora
-from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit
+from nlora_serve.engine.vllm_backend import engine as engine_module
+from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit, refusal_line
 from nlora_serve.engine.vllm_backend.engine import FOLD_LOCK, FOLD_PREFIX, fold_folder
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
@@ -135,6 +137,25 @@ def test_enforce_eager_reaches_vllm(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
     assert backend_config(_args("--backend", "vllm", "--enforce-eager")).enforce_eager is True
     assert backend_config(_args("--backend", "vllm")).enforce_eager is None  # vLLM's default for the platform
+
+
+def test_a_value_vllm_refuses_is_one_error_line_naming_the_argument(monkeypatch):
+    # vLLM's configs are pydantic models: its refusal was pydantic's four-line report with a link
+    @pydantic.dataclasses.dataclass
+    class CacheConfig:  # the shape of vLLM's own: a field it checks the type and range of
+        gpu_memory_utilization: float = pydantic.Field(default=0.9, gt=0, le=1)
+
+    def refuse(*args):
+        CacheConfig(gpu_memory_utilization="lots")
+
+    monkeypatch.setattr(engine_module, "VllmEngine", refuse)
+    with pytest.raises(StartupError) as refused:
+        make_engine(None, None, VllmBackendConfig(engine_args={"gpu_memory_utilization": "lots"}))
+    assert str(refused.value) == ("--backend vllm: vLLM refused gpu_memory_utilization='lots': Input should be a "
+                                  "valid number, unable to parse string as a number (CacheConfig); check --vllm-arg")
+    with pytest.raises(pydantic.ValidationError) as two:
+        CacheConfig(gpu_memory_utilization=2.0)
+    assert refusal_line(two.value) == "gpu_memory_utilization=2.0: Input should be less than or equal to 1 (CacheConfig)"
 
 
 def test_a_fold_that_cannot_be_written_is_named_and_leaves_nothing(base_fp32, tmp_path, monkeypatch):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from nlora_serve.engine.sampling import SamplingParams
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -118,3 +120,12 @@ def vllm_sampling_params(p: SamplingParams):
                               presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                               logprobs=p.logprobs, skip_special_tokens=p.skip_special_tokens,
                               output_kind=RequestOutputKind.DELTA)
+
+
+def refusal_line(exc: ValidationError) -> str:
+    """One line for vLLM's refusal of an engine-argument value: vLLM's configs are pydantic models,
+    whose message is a multi-line report with a link per field. E.g.
+    ``gpu_memory_utilization='lots': Input should be a valid number, ... (CacheConfig)``."""
+    fields = "; ".join(f"{'.'.join(str(part) for part in e['loc']) or 'value'}={e.get('input')!r}: {e['msg']}"
+                       for e in exc.errors())
+    return f"{fields} ({exc.title})"
