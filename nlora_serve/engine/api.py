@@ -264,16 +264,26 @@ def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock, max_byt
             :func:`max_prompt_bytes`; refused without tokenizing), or ids that are not all integers.
     """
     if isinstance(prompt, str):
-        size = check_text(prompt)
-        if max_bytes is not None and size > max_bytes:
-            raise RequestError(f"prompt is {size:,} bytes of UTF-8: more tokens than the model's context holds "
-                               f"(max_model_len; refused before tokenizing above {max_bytes:,} bytes)")
+        check_prompt_text(prompt, max_bytes)
         with lock:
             return tokenizer.encode(prompt, add_special_tokens=False)
     ids = list(prompt)
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise RequestError("prompt must be a string or a list of integer token ids")
     return ids
+
+
+def check_prompt_text(prompt: str, max_bytes: int | None) -> None:
+    """Refuse a text prompt no tokenizer takes, or one longer than ``max_bytes`` bytes of UTF-8
+    (:func:`max_prompt_bytes`; None: no bound), before it is tokenized.
+
+    Raises:
+        RequestError: either.
+    """
+    size = check_text(prompt)
+    if max_bytes is not None and size > max_bytes:
+        raise RequestError(f"prompt is {size:,} bytes of UTF-8: more tokens than the model's context holds "
+                           f"(max_model_len; refused before tokenizing above {max_bytes:,} bytes)")
 
 
 def check_text(prompt: str) -> int:

@@ -23,9 +23,11 @@ from nlora_serve.engine.sampling import RequestError
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "messages") -> list[int]:
+def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "messages",
+                add_generation_prompt: bool = True) -> list[int]:
     """Token ids of ``messages`` ({"role", "content"}) under the tokenizer's chat template, with
-    the assistant's generation prompt appended; no content text ever becomes a special token.
+    the assistant's generation prompt appended (unless ``add_generation_prompt`` is False); no
+    content text ever becomes a special token.
 
     Raises:
         RequestError: the template changes content text so that the sentinels do not survive
@@ -33,14 +35,15 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "message
     """
     specials = _special_texts(tokenizer)
     if not any(s in m["content"] for m in messages for s in specials):
-        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                             return_dict=False)
     nonce = secrets.token_hex(8)
     marks = [f"\ue000{nonce}.{k}\ue001" for k in range(len(specials))]
     special_re = re.compile("|".join(re.escape(s) for s in specials))
     masked = [dict(m, content=special_re.sub(lambda hit: marks[specials.index(hit.group())], m["content"]))
               for m in messages]
-    rendered = tokenizer.apply_chat_template(masked, tokenize=False, add_generation_prompt=True)
-    real = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(masked, tokenize=False, add_generation_prompt=add_generation_prompt)
+    real = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     mark_re = re.compile(f"\ue000{nonce}\\.(\\d+)\ue001")
     pieces = [mark_re.sub(lambda hit: specials[int(hit.group(1))], p)
               for p in re.split(f"({special_re.pattern})", rendered)]
@@ -63,10 +66,10 @@ def _special_texts(tokenizer) -> list[str]:
 
 
 def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes: int | None = None,
-                max_messages: int | None = None) -> list[int]:
+                max_messages: int | None = None, add_generation_prompt: bool = True) -> list[int]:
     """Token ids of chat ``messages`` ({"role", "content"}) under the model's chat template, with the
-    assistant's generation prompt appended; content text is tokenized as text, never as special
-    tokens (:func:`encode_chat`). ``max_bytes``: contents longer
+    assistant's generation prompt appended (unless ``add_generation_prompt`` is False); content text
+    is tokenized as text, never as special tokens (:func:`encode_chat`). ``max_bytes``: contents longer
     than this in all (UTF-8) surely exceed the context (:func:`~nlora_serve.engine.api.max_prompt_bytes`);
     ``max_messages``: so do more messages (max_model_len: each renders at least its turn marker).
 
@@ -89,4 +92,4 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes
     if max_bytes is not None and size > max_bytes:
         raise RequestError(f"{field} hold {size:,} bytes of content (UTF-8): more tokens than the model's context "
                            f"holds (max_model_len; refused before tokenizing above {max_bytes:,} bytes)")
-    return encode_chat(messages, tokenizer, field)
+    return encode_chat(messages, tokenizer, field, add_generation_prompt)

@@ -1,23 +1,24 @@
-"""The body of an HTTP generation request: parsed as FastAPI parses a declared JSON body, then
-validated into a request model, each failure a :class:`RequestValidationError` (HTTP 400 in
-OpenAI's error shape, see http_routes). The routes parse the body themselves, after the key and
-the grant are checked (FastAPI would parse a declared body before any dependency)."""
+"""The body of an HTTP API request (generation, /tokenize, /detokenize): parsed as FastAPI parses a
+declared JSON body, then validated into a request model, each failure a
+:class:`RequestValidationError` (HTTP 400 in OpenAI's error shape, see http_routes). The routes
+parse the body themselves, after the key and the grant are checked (FastAPI would parse a declared
+body before any dependency)."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
+from typing import TypeVar
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
-
-from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest
+from pydantic import BaseModel, ValidationError
 
 
 _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
                type(None): "null"}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF (halves of a pair, or lone)
+Body = TypeVar("Body", bound=BaseModel)  # a request model: CompletionRequest, ChatRequest, TokenizeText, ...
 
 
 def parsed_json(raw: bytes, content_type: str | None):
@@ -130,7 +131,7 @@ def _is_unicode(data) -> bool:
     return True
 
 
-def validated(kind: type[CompletionRequest] | type[ChatRequest], data) -> CompletionRequest | ChatRequest:
+def validated(kind: type[Body], data) -> Body:
     """``data`` as a ``kind`` request, validated as strictly as FastAPI would a declared body.
 
     Raises:

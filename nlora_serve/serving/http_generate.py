@@ -104,22 +104,22 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
         NloraError, RequestValidationError: see :func:`generate`.
     """
     try:
-        body = await _body(request, ctx.admission)
+        body = await read_body(request, ctx.admission)
     except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
         return None
     timer = ctx.metrics.request("http")  # TTFT from here, as vLLM's: a slow upload is not the server's time
     data = parsed_json(body, request.headers.get("content-type"))
     model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, str):  # else the validation below refuses it
-        _check_grant(caller, model, ctx.base_model)
+        check_grant(caller, model, ctx.base_model)
     body = validated(ChatRequest if chat else CompletionRequest, data)
     prompt, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    stream = await _unless_disconnected(request, _tokenize_and_queue(ctx, caller, body, prompt, params, rid))
+    stream = await unless_disconnected(request, _tokenize_and_queue(ctx, caller, body, prompt, params, rid))
     return None if stream is None else _Started(stream, timer, body, params, rid)
 
 
-async def _body(request: Request, admission: Admission) -> bytes:
+async def read_body(request: Request, admission: Admission) -> bytes:
     """The request's body, read while the request holds its place.
 
     Raises:
@@ -149,11 +149,8 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompt:
         prompt = await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds)
     else:
         prompt = await turns.run(caller.name, ctx.engine.prompt_ids, prompt)
-    adapter = None if body.model == ctx.base_model else body.model
-    if adapter is not None and adapter_versions(ctx.engine) is None:
-        raise AdapterNotFound(f"model {shown(body.model)!r} does not exist: this server serves no adapters")
-    return start_request(ctx.engine, prompt, params, f"{caller.name}/{rid}", adapter, body.max_tokens_given,
-                         caller, cache_salt_of(caller, body.cache_salt, ctx.auth))
+    return start_request(ctx.engine, prompt, params, f"{caller.name}/{rid}", adapter_of(ctx, body.model),
+                         body.max_tokens_given, caller, cache_salt_of(caller, body.cache_salt, ctx.auth))
 
 
 async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:
@@ -161,7 +158,7 @@ async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Res
         async with contextlib.aclosing(deltas):
             return [out async for out in deltas]
 
-    outs = await _unless_disconnected(request, collect())
+    outs = await unless_disconnected(request, collect())
     return Response(status_code=499) if outs is None else JSONResponse(shaper.whole(outs))
 
 
@@ -170,7 +167,7 @@ async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> 
     async def first():
         return await anext(deltas)
 
-    out = await _unless_disconnected(request, first())  # on any failure the metered stream is closed already
+    out = await unless_disconnected(request, first())  # on any failure the metered stream is closed already
     if out is None:
         return Response(status_code=499)
     return EngineStreamResponse(_events(out, deltas, shaper), deltas)
@@ -215,7 +212,7 @@ class EngineStreamResponse(StreamingResponse):
             await self._deltas.aclose()
 
 
-async def _unless_disconnected(request: Request, work: Awaitable):
+async def unless_disconnected(request: Request, work: Awaitable):
     """``await work``, unless the client disconnects first: then ``work`` is cancelled (closing the
     engine stream it reads) and None is returned."""
     task = await _unless(work, _disconnect(request))
@@ -244,7 +241,21 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-def _check_grant(caller: Principal, model: str, base_model: str) -> None:
+def adapter_of(ctx: HttpContext, model: str) -> str | None:
+    """The adapter a request's ``model`` names; None for the base model's served name.
+
+    Raises:
+        AdapterNotFound: an adapter asked of a server that serves none (whether a server that
+            serves adapters has this one, the engine says when the request is queued).
+    """
+    if model == ctx.base_model:
+        return None
+    if adapter_versions(ctx.engine) is None:
+        raise AdapterNotFound(f"model {shown(model)!r} does not exist: this server serves no adapters")
+    return model
+
+
+def check_grant(caller: Principal, model: str, base_model: str) -> None:
     """PermissionDenied unless the caller may use ``model`` (the base model's name: no adapter), in
     one wording for every name, so that a key not granted the base model cannot tell its name from
     any other."""

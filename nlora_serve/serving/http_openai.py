@@ -126,6 +126,12 @@ def _as_param_error(param: str | None = None) -> Iterator[None]:
         raise ParamError(message, param or (match.group(1) if match else None)) from None
 
 
+def unsupported(field: str) -> ParamError:
+    """The refusal of a request field this server does not implement."""
+    return ParamError(f"unsupported field {field!r}: this server does not implement it (at any value, "
+                      "null and [] included); remove it", field)
+
+
 def check_fields(request: _Request) -> None:
     """Refuse every field we do not implement, and no-op fields at another value.
 
@@ -136,8 +142,7 @@ def check_fields(request: _Request) -> None:
     """
     for field, value in (request.model_extra or {}).items():
         if field not in NOOP_VALUES:
-            raise ParamError(f"unsupported field {field!r}: this server does not implement it (at any value, "
-                             "null and [] included); remove it", field)
+            raise unsupported(field)
         # same type and value: `True in (1,)` and `1.0 in (1,)` hold in Python, and JSON's true is no 1
         if value is not None and not any(type(value) is type(v) and value == v for v in NOOP_VALUES[field]):
             allowed = " or ".join(repr(v) for v in NOOP_VALUES[field])
@@ -206,10 +211,11 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
     return sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None)
 
 
-def chat_prompt(request: ChatRequest, tokenizer, chat_bounds: tuple[int | None, int | None] = (None, None)
-                ) -> list[int]:
-    """The prompt token ids of a chat request under the chat template (the expensive step: run on
-    the tokenizer thread, once the request is admitted).
+def chat_prompt(request: ChatRequest, tokenizer, chat_bounds: tuple[int | None, int | None] = (None, None),
+                add_generation_prompt: bool = True) -> list[int]:
+    """The prompt token ids of a chat request under the chat template, the assistant's generation
+    prompt appended unless ``add_generation_prompt`` is False (the expensive step: run on the
+    tokenizer thread, once the request is admitted).
 
     Raises:
         ParamError: no messages or an unknown role, a part that is not text, contents or messages
@@ -218,7 +224,7 @@ def chat_prompt(request: ChatRequest, tokenizer, chat_bounds: tuple[int | None, 
     """
     messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(request.messages)]
     with _as_param_error("messages"):
-        return render_chat(messages, tokenizer, "messages", *chat_bounds)
+        return render_chat(messages, tokenizer, "messages", *chat_bounds, add_generation_prompt)
 
 
 def _message_text(message: ChatMessage, index: int) -> str:

@@ -3,8 +3,9 @@ the gRPC front end (DESIGN §6).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-streamed),
 ``GET /v1/models`` (the base model and the adapters this key may use) and ``GET /v1/models/{model}``
-(one of them; 404 for a name it may not use, as for one that does not exist), ``GET /health``, and
-``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; no label names a tenant).
+(one of them; 404 for a name it may not use, as for one that does not exist), ``GET /health``,
+``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; no label names a tenant),
+and vLLM's ``POST /tokenize``, ``POST /detokenize`` (http_tokenize.py) and ``GET /version``.
 
 Every refusal is counted in ``nlora_requests_rejected_total{frontend="http"}`` (generation
 routes only) and answered in OpenAI's error shape (http_context.error_body); generation itself,
@@ -18,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from nlora_serve import __version__
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.errors import NloraError, shown
@@ -26,6 +28,7 @@ from nlora_serve.serving.stream import adapter_versions
 from nlora_serve.serving.grpc_status import http_status_of
 from nlora_serve.serving.http_context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_generate import generate
+from nlora_serve.serving.http_tokenize import detokenize, tokenize
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -97,6 +100,21 @@ async def _completions(request: Request) -> Response:
 @_router.post("/v1/chat/completions")
 async def _chat_completions(request: Request) -> Response:
     return await generate(_ctx(request), request, chat=True)
+
+
+@_router.post("/tokenize")  # vLLM's extras: tokenizer only, admitted as generation is (http_tokenize)
+async def _tokenize(request: Request) -> Response:
+    return await tokenize(_ctx(request), request)
+
+
+@_router.post("/detokenize")
+async def _detokenize(request: Request) -> Response:
+    return await detokenize(_ctx(request), request)
+
+
+@_router.get("/version")
+async def _version(caller: Principal = Depends(_principal)) -> dict:  # a key, as every route that is no probe
+    return {"version": __version__}
 
 
 def _refused(request: Request, reason: str) -> None:

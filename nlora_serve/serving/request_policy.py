@@ -51,7 +51,7 @@ def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> in
     max_tokens = requested or config.max_tokens
     if max_tokens > config.max_tokens:
         raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; "
-                           f"got {_digits(max_tokens)}")
+                           f"got {shown_int(max_tokens)}")
     return max_tokens
 
 
@@ -63,12 +63,12 @@ def check_min_tokens_unset_max(min_tokens: int, config: ServerConfig, field: str
         RequestError: ``min_tokens`` outside that range (the message names ``field``).
     """
     if not 0 <= min_tokens <= config.max_tokens:
-        raise RequestError(f"{field} must be an integer in [0, {config.max_tokens}]; got {_digits(min_tokens)} "
+        raise RequestError(f"{field} must be an integer in [0, {config.max_tokens}]; got {shown_int(min_tokens)} "
                            f"(max_tokens is unset: it defaults to the rest of the context, capped at the "
                            f"server's --max-tokens {config.max_tokens})", param="min_tokens")
 
 
-def _digits(number: int) -> str:
+def shown_int(number: int) -> str:
     """``number`` as an error quotes it: a hostile 400-digit number is not echoed whole."""
     text = str(number)
     return text if len(text) <= 20 else f"{text[:8]}... ({len(text)} digits)"
