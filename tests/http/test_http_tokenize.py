@@ -11,10 +11,15 @@ import pytest
 import requests
 from tokenizers.processors import TemplateProcessing
 
-from grpc_harness import ADMIN_KEY, TENANT_KEYS
+from grpc_harness import ADMIN_KEY, TENANT_KEYS, RunningServer
 from http_harness import TENANTS, client, scrape
 from nlora_serve.engine.api import max_prompt_bytes
+from nlora_serve.engine.config import EngineConfig, SchedulerConfig
+from nlora_serve.engine.vllm_backend.engine import VllmEngine
+from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.grpc_convert import server_info
 from nlora_serve.serving.http_server import MAX_BODY_BYTES
+from nlora_serve.serving.server_config import ServerConfig
 from nlora_serve.serving.http_tokenize import TokenizeText, _tokenized
 
 TIED, LORA = TENANTS  # inttune-nystrom-tied (granted to tied-co), lora-rslora (lora-co)
@@ -210,3 +215,38 @@ def test_bodies_and_prompts_over_the_bounds(http_server, tokenizer):
     _refused(_post(http_server, "/tokenize", "[1, 2]"), 400, None, "expected a JSON object")
     _refused(_post(http_server, "/tokenize", "{"), 400, None, "not valid JSON")
     assert http_server.server.admission.inflight == 0
+
+
+def test_the_vllm_backends_server_answers_alike_through_the_engine_interface(base_fp32, tokenizer):
+    """serve --backend vllm has this front end over a VllmEngine. Nothing here reaches the engine
+    beyond the Engine interface (max_model_len, its adapters), so a VllmEngine shell without vLLM
+    (as tests/engine/test_vllm_engine_paths.py builds one) behind a real server stands for it."""
+    engine = VllmEngine.__new__(VllmEngine)
+    engine.config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512,
+                                                           max_model_len=512))
+    engine.tokenizer, engine._adapters, engine._dead = tokenizer, None, None  # no adapter store
+    config = ServerConfig(port=0, http_port=0)
+    running = RunningServer(engine, config, Authenticator(None), server_info(base_fp32, engine.config, config, "vllm"),
+                            tokenizer)
+    try:
+        model = running.server.generation.info.model
+        got = _ok(_post(running, "/tokenize", {"model": model, "messages": CHAT}, key=None))  # no keys: loopback
+        want = tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False).input_ids
+        assert got == {"count": len(want), "max_model_len": 512, "tokens": want, "token_strs": None}
+        assert _ok(_post(running, "/detokenize", {"model": model, "tokens": want[:5]}, key=None)) == \
+            {"prompt": tokenizer.decode(want[:5])}
+        _refused(_post(running, "/tokenize", {"model": "lower", "prompt": "Hi"}, key=None), 404, None,
+                 "this server serves no adapters")
+        _refused(_post(running, "/detokenize", {"model": model, "tokens": [0] * 513}, key=None), 400, "tokens",
+                 "max_model_len 512")
+        running.call(_start_draining(running.server.admission))  # on the server's loop, as SIGTERM does
+        error = _refused(_post(running, "/tokenize", {"model": model, "prompt": "Hi"}, key=None), 503, None,
+                         "shutting down")
+        assert error["code"] == "draining"
+    finally:
+        running.stop()
+
+
+async def _start_draining(admission) -> None:
+    admission.start_draining()
