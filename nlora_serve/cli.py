@@ -6,6 +6,7 @@ Expected failures (:class:`~nlora_serve.errors.NloraError`) print one line and e
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -182,9 +183,58 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
+# vLLM `serve` options a newcomer brings along, and what does their job here
+VLLM_SERVE_OPTIONS = {
+    "--enable-lora": "adapters are always on here: drop it",
+    "--lora-modules": "register adapters with --adapter NAME=DIR (repeatable)",
+    "--max-lora-rank": "the rank bound here is --max-rank",
+    "--api-key": "keys come from --tenants-file (sha256 hashes; `nlora-serve keys new` makes one)",
+}
+
+
+def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost subcommand's parser that ``args`` were parsed by (``parser`` when none)."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, sub.dest, None) if sub is not None else None
+        if name is None:
+            return parser
+        parser = sub.choices[name]
+
+
+def _unrecognized(top: argparse.ArgumentParser, leaf: argparse.ArgumentParser, command: str | None,
+                  extras: list[str]) -> str:
+    """argparse's "unrecognized arguments" message, plus what to type instead where that is clear:
+    the subcommand's closest option (``--tenant-file``, ``--max_tokens``), a global option given
+    after the command, the option that does a vLLM ``serve`` flag's job, ``--adapter`` where
+    ``--model`` names one (as HTTP's 'model' does), ``--model`` for a model given as vLLM's
+    positional."""
+    known = [s for a in leaf._actions for s in a.option_strings]
+    hints = []
+    for i, arg in enumerate(extras):
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.8)
+        if command == "serve" and flag in VLLM_SERVE_OPTIONS:
+            hints.append(f"{flag}: {VLLM_SERVE_OPTIONS[flag]}")
+        elif flag.startswith("-") and flag in top._option_string_actions:
+            hints.append(f"{flag} is an option of nlora-serve itself: put it before the command "
+                         f"(nlora-serve {flag} ... {command})")
+        elif flag == "--model" and "--adapter" in known:
+            hints.append("an adapter is chosen with --adapter NAME here (the HTTP API's 'model')")
+        elif flag.startswith("-") and close:
+            hints.append(f"did you mean {close[0]}?")
+        elif i == 0 and not arg.startswith("-") and "--model" in known:
+            hints.append(f"the model is an option here: --model {arg}")
+    return "; ".join([f"unrecognized arguments: {' '.join(extras)}", *hints])
+
+
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(only=_command_of(argv) or "").parse_args(argv)  # "": no command named
+    parser = build_parser(only=_command_of(argv) or "")  # "": no command named
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # the subcommand's usage and a hint, not the top level's usage alone
+        leaf = _leaf_parser(parser, args)
+        leaf.error(_unrecognized(parser, leaf, args.command, extras))
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -135,3 +135,49 @@ def test_adapters_float_flags_are_finite_and_in_range(capsys, argv, message):
         cli_main(["adapters", *argv])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--tenant-file", "t.json"],
+     "unrecognized arguments: --tenant-file t.json; did you mean --tenants-file?"),
+    (["client", "generate", "--max_tokens", "5", "--message", "hi"],
+     "unrecognized arguments: --max_tokens 5; did you mean --max-tokens?"),
+    (["adapters", "tune", "--data", "d.jsonl", "--out", "o", "--stpes", "3"],
+     "unrecognized arguments: --stpes 3; did you mean --steps?"),
+    (["keys", "new", "--log-level", "DEBUG"],
+     "unrecognized arguments: --log-level DEBUG; --log-level is an option of nlora-serve itself: put it "
+     "before the command (nlora-serve --log-level ... keys)"),
+    (["serve", "HuggingFaceTB/SmolLM2-135M-Instruct", "--port", "0"],
+     "unrecognized arguments: HuggingFaceTB/SmolLM2-135M-Instruct; the model is an option here: "
+     "--model HuggingFaceTB/SmolLM2-135M-Instruct"),
+    (["serve", "--enable-lora", "--lora-modules", "a=b"],
+     "unrecognized arguments: --enable-lora --lora-modules a=b; --enable-lora: adapters are always on here: "
+     "drop it; --lora-modules: register adapters with --adapter NAME=DIR (repeatable)"),
+    (["client", "generate", "--model", "lower", "--message", "hi"],
+     "unrecognized arguments: --model lower; an adapter is chosen with --adapter NAME here (the HTTP API's "
+     "'model')"),
+    (["client", "generate", "--message", "hi", "there"], "unrecognized arguments: there"),  # nothing to suggest
+])
+def test_an_unknown_argument_is_reported_by_its_subcommand_with_what_to_type_instead(capsys, argv, message):
+    """A newcomer's find: `serve --tenant-file x` or `client generate --max_tokens 5` printed the top
+    level's usage (`nlora-serve [-h] ... COMMAND ...`) and no hint; vLLM's `serve MODEL
+    --lora-modules ...` the same."""
+    from nlora_serve.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    command = " ".join(a for a in argv[:2] if a in SUBCOMMANDS.get(argv[0], []) or a == argv[0])
+    assert err[0].startswith(f"usage: nlora-serve {command} "), err[0]
+    assert err[-1] == f"nlora-serve {command}: error: {message}"
+
+
+def test_the_vllm_serve_hints_name_options_that_serve_takes():
+    from nlora_serve.cli import VLLM_SERVE_OPTIONS
+
+    serve = _subparsers(build_parser(only="serve")).choices["serve"]
+    known = {s for a in serve._actions for s in a.option_strings}
+    for flag, hint in VLLM_SERVE_OPTIONS.items():
+        assert flag not in known, flag  # else it is ours, and never reaches the hint
+        assert set(re.findall(r"--[a-z-]+", hint)) <= known, (flag, hint)
