@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,7 +140,8 @@ def swap_request(name: str, weights: bytes | str | os.PathLike, if_version: int 
 
     Raises:
         InvalidInput: ``if_version`` outside [0, 2^64 - 1] (the proto's uint64), the path is not a
-            readable file.
+            readable file, the payload names lora_A / lora_B tensors (a whole adapter, which the
+            server refuses too).
     """
     top = _UINT_MAX[FieldDescriptor.TYPE_UINT64]
     if if_version is not None and not (isinstance(if_version, int) and 0 <= if_version <= top):
@@ -155,10 +157,32 @@ def swap_request(name: str, weights: bytes | str | os.PathLike, if_version: int 
             data = path.read_bytes()
         except OSError as exc:
             raise InvalidInput(f"cannot read swap file {path}: {exc.strerror or exc}") from None
+    full = _full_adapter_keys(data)
+    if full:
+        source = "swap payload" if isinstance(weights, bytes) else f"swap file {weights}"
+        raise InvalidInput(f"{source} holds {full} weights, a whole adapter: a swap sends only N "
+                           "(lora_N keys, e.g. the adapter_model.safetensors of `adapters tune` "
+                           "or `adapters init --tied-form`); send a whole adapter with `adapters upload`")
     req = pb.SwapAdapterRequest(name=name, n_safetensors=data)
     if if_version is not None:
         req.if_version = if_version
     return req
+
+
+def _full_adapter_keys(data: bytes) -> str:
+    """"lora_A / lora_B" where ``data``'s safetensors header names such tensors, else "" (also for
+    bytes that are not safetensors: the server's own check names what is wrong with those). A whole
+    LoRA sent as a swap was refused as gRPC's bare "Received message larger than max" where it
+    exceeded the server's receive limit, with no word of what the file is."""
+    length = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    try:
+        keys = json.loads(data[8:8 + length]) if 0 < length <= len(data) - 8 else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return ""
+    if not isinstance(keys, dict):
+        return ""
+    kinds = sorted({k for k in ("lora_A", "lora_B") for key in keys if f".{k}." in str(key)})
+    return " / ".join(kinds)
 
 
 def _sha256(path: Path) -> str:

@@ -5,11 +5,12 @@ The server address is a closed port, so a check that ran only after a call would
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from nlora_serve.client import InvalidArgument, InvalidInput, NloraClient
+from nlora_serve.client import InvalidArgument, InvalidInput, NloraClient, NloraClientError
 from nlora_serve.client.cli import main as client_main
 from serving_check import CASES
 
@@ -32,6 +33,12 @@ PICKLE_MARKER = Path("/tmp/nlora-pickle-marker")  # tests/data/cases/pickle-bin/
      "swap file /nonexistent.safetensors does not exist; expected a .safetensors file of lora_N keys"),
     (["swap", "--name", "t", str(CASES)], f"swap file {CASES} is not a file; expected a .safetensors file of "
                                           "lora_N keys"),
+    # A newcomer's find: a whole LoRA (19.6 MB) sent as a swap got gRPC's bare "Received message larger
+    # than max (19593076 vs. 6586376)" from the server; under that size the server names the keys.
+    (["swap", "--name", "t", str(CASES / "lora-rslora" / "adapter_model.safetensors")],
+     f"swap file {CASES / 'lora-rslora' / 'adapter_model.safetensors'} holds lora_A / lora_B weights, a whole "
+     "adapter: a swap sends only N (lora_N keys, e.g. the adapter_model.safetensors of `adapters tune` or "
+     "`adapters init --tied-form`); send a whole adapter with `adapters upload`"),
 ])
 def test_bad_local_files_print_one_error_line(capsys, argv, message):
     assert client_main(["--server", NOWHERE, "--timeout", "5", *argv]) == 2
@@ -117,3 +124,37 @@ def test_library_refuses_a_bad_key_and_if_version_before_any_call():
             with pytest.raises(InvalidInput) as err:
                 client.swap_adapter("t", b"", if_version=bad)
             assert str(err.value) == f"if_version must be an integer in [0, {U64}]; got {bad}"
+
+
+def _safetensors(keys: list[str]) -> bytes:
+    """A safetensors file of one F32 [1, 1] tensor per key, written out by hand (the format's spec:
+    an 8-byte little-endian header length, the JSON header, the data)."""
+    header = {key: {"dtype": "F32", "shape": [1, 1], "data_offsets": [4 * i, 4 * i + 4]}
+              for i, key in enumerate(keys)}
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + b"\0" * (4 * len(keys))
+
+
+@pytest.mark.parametrize("keys, refused", [
+    (["m.layers.0.q_proj.lora_N.weight"], ""),
+    (["m.layers.0.q_proj.lora_A.weight", "m.layers.0.q_proj.lora_N.weight"], "lora_A"),
+    (["m.layers.0.q_proj.lora_B.weight", "m.layers.0.q_proj.lora_A.weight"], "lora_A / lora_B"),
+])
+def test_library_refuses_a_whole_adapter_as_a_swap_before_any_call(keys, refused):
+    with NloraClient(NOWHERE, timeout=5) as client:
+        if not refused:  # an N-only payload goes out (and finds no server)
+            with pytest.raises(NloraClientError) as err:
+                client.swap_adapter("t", _safetensors(keys))
+            assert not isinstance(err.value, InvalidInput)
+            return
+        with pytest.raises(InvalidInput) as err:
+            client.swap_adapter("t", _safetensors(keys))
+        assert str(err.value).startswith(f"swap payload holds {refused} weights, a whole adapter")
+
+
+@pytest.mark.parametrize("payload", [b"", b"x", b"not safetensors", b"\0" * 64, b"\xff" * 16,
+                                     (4).to_bytes(8, "little") + b"[1]"])
+def test_payloads_that_are_not_safetensors_are_left_to_the_servers_check(payload):
+    with NloraClient(NOWHERE, timeout=5) as client, pytest.raises(NloraClientError) as err:
+        client.swap_adapter("t", payload)
+    assert not isinstance(err.value, InvalidInput), err.value  # UNAVAILABLE: it was sent
