@@ -134,7 +134,8 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry: ``python -m nlora_serve.adapters.cli {inspect,init,convert} ...``."""
     parser = argparse.ArgumentParser(prog="nlora-serve adapters")
-    parser.add_argument("--cache-dir", default=None, help="cache root for prepared models")
+    parser.add_argument("--cache-dir", default=None, help="cache root for prepared models (default: "
+                        "$NLORA_SERVE_CACHE, else $XDG_CACHE_HOME/nlora-serve)")
     add_adapter_subcommands(parser.add_subparsers(dest="adapters_command", required=True))
     args = parser.parse_args(argv)
     try:

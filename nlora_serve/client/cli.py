@@ -33,7 +33,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--message", help="one user message, wrapped in the model's chat template")
     gen.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
     gen.add_argument("--max-tokens", type=unsigned_arg(32), default=0,
-                     help="new tokens at most (0 = the rest of the context, at most the server's --max-tokens)")
+                     help="new tokens at most (default: 0, the rest of the context, at most the server's "
+                          "--max-tokens)")
     gen.add_argument("--temperature", type=number_arg(0.0), default=0.0, help="0 = greedy (default)")
     gen.add_argument("--seed", type=unsigned_arg(64), default=None, help="seed for reproducible sampling (>= 0)")
     gen.set_defaults(client_func=_generate)

@@ -24,7 +24,8 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
       help="CUDA: share of the GPU's memory the engine may use; the KV cache gets what the weights, adapter "
            "pools and a profiling forward leave (default: %(default)s)")
     a("--enforce-eager", action="store_true",
-      help="CUDA: run every step eagerly (no CUDA graphs at all); with --backend vllm, vLLM's enforce_eager")
+      help="CUDA: run every step eagerly (no CUDA graphs at all; for serve --backend vllm, vLLM's "
+           "enforce_eager)")
     a("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=False,
       help="CUDA: also replay prefill and mixed steps as piecewise CUDA graphs around eager attention "
            "(off by default until measured on a GPU; --enforce-eager wins)")

@@ -23,13 +23,15 @@ from nlora_serve.serving.engine_flags import add_device_arguments, device_config
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``nlora-serve generate``."""
     parser.add_argument("--model", default="default",
-                        help="base model: 'default' (SmolLM2-135M-Instruct), a Hugging Face directory or a .gguf file")
+                        help="base model: 'default' (SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf "
+                             "file or a Hugging Face ORG/NAME in the HF cache (default: %(default)s)")
     # SUPPRESS: when omitted here, the top-level --cache-dir (or its default) stands
     parser.add_argument("--cache-dir", default=argparse.SUPPRESS,
-                        help="prepared-model cache root (default $NLORA_SERVE_CACHE)")
+                        help="prepared-model cache root (default: $NLORA_SERVE_CACHE, else "
+                             "$XDG_CACHE_HOME/nlora-serve)")
     parser.add_argument("--adapter", default=None,
-                        help="adapter to generate with: a name in --adapter-dir, or an adapter directory "
-                             "(default: the base model)")
+                        help="adapter to generate with: a name in --adapter-dir, an adapter directory, or a "
+                             "Hugging Face ORG/ADAPTER in the HF cache (default: the base model)")
     parser.add_argument("--adapter-dir", default=None, help="adapter store to look NAME up in")
     parser.add_argument("--max-rank", type=int, default=64, help="refuse adapters above this rank (default 64)")
     source = parser.add_mutually_exclusive_group(required=True)

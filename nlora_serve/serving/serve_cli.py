@@ -57,8 +57,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                      "(default: %(default)s)")
     a("--port", type=int, default=d.port, help="gRPC port, 0 = any free one (default: %(default)s)")
     a("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf "
-                                         "file, or a Hugging Face ORG/NAME in the HF cache ($HF_HOME)")
-    a("--cache-dir", default=argparse.SUPPRESS, help="prepared-model cache root (default $NLORA_SERVE_CACHE)")
+                                         "file, or a Hugging Face ORG/NAME in the HF cache ($HF_HOME) "
+                                         "(default: %(default)s)")
+    a("--cache-dir", default=argparse.SUPPRESS,
+      help="prepared-model cache root (default: $NLORA_SERVE_CACHE, else $XDG_CACHE_HOME/nlora-serve)")
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="compute dtype: auto = bf16 where the CPU or GPU has fast bf16, else fp32")
     a("--adapter-dir", default="./nlora-adapters", help="adapter store, rebuilt at start (default: %(default)s)")
