@@ -162,6 +162,15 @@ def test_busy_metrics_port_names_it_and_binds_no_grpc_port(make_server):
     assert server.port is None  # refused before the gRPC port was bound
 
 
+def test_a_grpc_only_server_says_at_start_that_it_serves_no_http_api(make_server, caplog):
+    # A newcomer's find: vLLM's `--port 8000` is its HTTP port; here it is gRPC's, and `serve` without
+    # --http-port serves no HTTP at all (curl got no answer), which the start did not say.
+    with caplog.at_level(logging.INFO, logger="nlora_serve.serving.grpc_server"):
+        running = make_server()
+    assert caplog.messages[-1] == (f"gRPC on {running.target}; no HTTP API (--http-port PORT serves the "
+                                   "OpenAI-compatible one)")
+
+
 def test_serve_process_with_a_busy_metrics_port_exits_2_without_noise(tmp_path):
     with _listening() as busy:
         port = busy.getsockname()[1]
