@@ -57,6 +57,19 @@ def test_unknown_or_missing_keys_are_unauthenticated(server):
             client.list_adapters()
 
 
+def test_the_client_cli_without_a_key_says_how_to_give_one(server, capsys, monkeypatch):
+    from nlora_serve.client.cli import main as client_main
+
+    monkeypatch.delenv("NLORA_API_KEY", raising=False)
+    for unset in ([], ["--api-key", ""]):  # serve's hint pastes --api-key "$NLORA_API_KEY"
+        assert client_main(["--server", server.target, *unset, "list"]) == 2
+        assert capsys.readouterr().err == (
+            "error: UNAUTHENTICATED: missing credentials: send 'authorization: Bearer <key>' (an HTTP header or "
+            "gRPC metadata); this server wants a key: --api-key KEY or $NLORA_API_KEY\n")
+    assert client_main(["--server", server.target, "--api-key", "not-a-key", "list"]) == 2
+    assert capsys.readouterr().err == "error: UNAUTHENTICATED: unknown API key\n"  # a key was given: no hint
+
+
 def test_admin_rpcs_need_an_admin_key(server):
     for key in TENANT_KEYS.values():
         with NloraClient(server.target, api_key=key) as client:

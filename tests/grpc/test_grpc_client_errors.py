@@ -158,3 +158,33 @@ def test_payloads_that_are_not_safetensors_are_left_to_the_servers_check(payload
     with NloraClient(NOWHERE, timeout=5) as client, pytest.raises(NloraClientError) as err:
         client.swap_adapter("t", payload)
     assert not isinstance(err.value, InvalidInput), err.value  # UNAVAILABLE: it was sent
+
+
+@pytest.fixture
+def http_only_port():
+    """The port of a plain HTTP/1.1 server (as `serve --http-port` is), not gRPC."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):  # its request log would go to the stderr under test
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    thread.join(10)
+
+
+@pytest.mark.parametrize("target", ["closed", "http"])
+def test_no_grpc_server_at_the_address_says_which_port_server_takes(capsys, http_only_port, target):
+    # A newcomer's find: `client info --server 127.0.0.1:8000` (the HTTP port) or a server not started
+    # printed only gRPC's "failed to connect to all addresses; ... Failed parsing HTTP/2 ...".
+    address = NOWHERE if target == "closed" else f"127.0.0.1:{http_only_port}"
+    assert client_main(["--server", address, "--timeout", "10", "info"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: UNAVAILABLE: failed to connect to all addresses")
+    assert out.err.endswith(f"; is an nlora-serve server running on {address}? --server takes its gRPC port "
+                            "(serve --port, 50051 by default), not its --http-port\n"), out.err
