@@ -74,3 +74,21 @@ def native_ops(tmp_path_factory):
     ops = load_native(tmp_path_factory.mktemp("kernels"))
     assert ops is not None, "the native CPU op did not build (is `cc` on PATH?)"
     return ops
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer_dir(base_model_dir, tmp_path_factory) -> Path:
+    """A copy of the default model's tokenizer (and chat template) whose post-processor adds its
+    BOS (``<|im_start|>``) to a text, as Llama 2/3's and Mistral's do: SmolLM2's adds none, so
+    without it no test could tell whether special tokens were added."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_model_dir)
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    out = tmp_path_factory.mktemp("bos-tokenizer")
+    tok.save_pretrained(out)
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved("Hi").input_ids == [tok.bos_token_id] + saved("Hi", add_special_tokens=False).input_ids
+    return out

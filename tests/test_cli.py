@@ -65,6 +65,24 @@ def test_generate_chat_json_nested_past_the_parser_is_one_error(tmp_path):
         _prompt_ids(args, tokenizer=None)
 
 
+@pytest.mark.parametrize("flag, special", [([], True), (["--add-special-tokens"], True),
+                                           (["--no-add-special-tokens"], False)])
+def test_generate_prompt_takes_the_tokenizers_special_tokens_unless_turned_off(bos_tokenizer_dir, flag, special):
+    """As a vLLM completion of the text (and transformers' ``tokenizer(prompt)``); a chat gets only
+    its template's, whatever the flag."""
+    from transformers import AutoTokenizer
+
+    from nlora_serve.serving.generate_cli import _prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
+    args = build_parser().parse_args(["generate", "--prompt", "Paris is the capital of", *flag])
+    want = tok("Paris is the capital of", add_special_tokens=special).input_ids
+    assert _prompt_ids(args, tok) == want and (want[0] == tok.bos_token_id) == special
+    chat = build_parser().parse_args(["generate", "--message", "Hi", *flag])
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert _prompt_ids(chat, tok) == tok(rendered, add_special_tokens=False).input_ids
+
+
 # Every subcommand a user can run, by group (README "Commands" and each group's --help), written out
 # here rather than read from the parser, so a new subcommand must be added to this table too.
 SUBCOMMANDS = {

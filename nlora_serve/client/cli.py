@@ -32,6 +32,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", help="raw text prompt (no chat template)")
     source.add_argument("--message", help="one user message, wrapped in the model's chat template")
     gen.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
+    gen.add_argument("--add-special-tokens", action=argparse.BooleanOptionalAction, default=True,
+                     help="--prompt takes the tokenizer's special tokens, e.g. a BOS (vLLM's add_special_tokens; "
+                          "default: on)")
     gen.add_argument("--max-tokens", type=unsigned_arg(32), default=0,
                      help="new tokens at most (default: 0, the rest of the context, at most the server's "
                           "--max-tokens)")
@@ -139,8 +142,9 @@ def _generate(client: NloraClient, args: argparse.Namespace) -> int:
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.seed is not None:
         sampling["seed"] = args.seed
-    source = {"prompt": args.prompt} if args.prompt is not None else \
-        {"messages": [{"role": "user", "content": args.message}]}
+    # the flag is sent for text only (off: the server's default is on); a chat never takes it
+    source = {"prompt": args.prompt, "add_special_tokens": None if args.add_special_tokens else False} \
+        if args.prompt is not None else {"messages": [{"role": "user", "content": args.message}]}
     last = None
     for last in client.generate(**source, adapter=args.adapter, **sampling):
         sys.stdout.write(last.text)

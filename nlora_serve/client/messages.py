@@ -46,8 +46,12 @@ def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
 
 
 def generate_request(prompt: str | list[int] | None = None, *, messages: list[dict] | None = None,
-                     adapter: str | None = None, request_id: str = "", **sampling) -> pb.GenerateRequest:
+                     adapter: str | None = None, request_id: str = "", add_special_tokens: bool | None = None,
+                     **sampling) -> pb.GenerateRequest:
     """A GenerateRequest: ``prompt`` (text or token ids) or chat ``messages`` ({"role", "content"}).
+
+    ``add_special_tokens``: whether the server adds the tokenizer's special tokens (a BOS) to a
+    text prompt; None leaves it unset, which the server takes as true (vLLM's default).
 
     ``sampling`` takes the proto SamplingParams field names (max_tokens, min_tokens, temperature,
     top_p, top_k, seed, stop, stop_token_ids, ignore_eos, ...); unset temperature is greedy;
@@ -63,6 +67,8 @@ def generate_request(prompt: str | list[int] | None = None, *, messages: list[di
     _check_unsigned(sampling)
     req = pb.GenerateRequest(adapter=adapter or "", request_id=request_id,
                              sampling=pb.SamplingParams(**sampling))
+    if add_special_tokens is not None:
+        req.add_special_tokens = add_special_tokens
     if messages is not None:
         req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
     elif isinstance(prompt, str):

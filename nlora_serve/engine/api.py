@@ -164,15 +164,18 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
-                    cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                    cache_salt: str | None = None, add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
         """Queue a request and return the async stream of its deltas, ending with a finished one.
 
         ``adapter`` names the adapter to run on (None = the base model); the version current now
         is pinned for the whole request and reported in every delta. Must be called from a
         running event loop. ``tenant`` names who sent it (the front ends pass the caller's key
         name; fair scheduling serves tenants, not requests, equally). ``cache_salt``: only requests
-        with the same salt share prefix-cache blocks (None = the unsalted group). Closing the
-        stream early (read or not) aborts the request: see :class:`RequestStream`.
+        with the same salt share prefix-cache blocks (None = the unsalted group).
+        ``add_special_tokens``: a text prompt takes the tokenizer's special tokens (a BOS on
+        Llama-style models), as vLLM's completions do by default; token ids run as given (see
+        :func:`prompt_ids`). Closing the stream early (read or not) aborts the request: see
+        :class:`RequestStream`.
 
         Raises:
             RequestError: invalid prompt or parameters, or a prompt plus max_tokens over
@@ -189,8 +192,9 @@ class Engine(abc.ABC):
         """Prompt plus generated tokens per request at most (tokens)."""
 
     @abc.abstractmethod
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        """The token ids :meth:`add_request` would run for ``prompt`` (safe from any thread).
+    def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """The token ids :meth:`add_request` would run for ``prompt`` with ``add_special_tokens``
+        (safe from any thread).
 
         Raises:
             RequestError: see :func:`prompt_ids`.
@@ -255,9 +259,15 @@ def text_bytes(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock, max_bytes: int | None = None) -> list[int]:
-    """A text prompt's token ids (no special tokens added; ``lock`` guards the tokenizer), or the
-    given ids as a list.
+def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock, max_bytes: int | None = None,
+               add_special_tokens: bool = True) -> list[int]:
+    """A text prompt's token ids (``lock`` guards the tokenizer), or the given ids as a list.
+
+    With ``add_special_tokens`` the tokenizer adds its special tokens as ``tokenizer(prompt)``
+    does (a BOS on Llama 2/3 and Mistral, none on SmolLM2): vLLM's default for a completion's text
+    (its CompletionRequest.add_special_tokens), and what transformers' generate is given. Chat
+    prompts come here as ids, rendered by the chat template with its own BOS
+    (serving/chat_template.py), so nothing adds a second one. Token ids are never changed.
 
     Raises:
         RequestError: text no tokenizer takes, text longer than ``max_bytes`` bytes of UTF-8 (see
@@ -266,7 +276,7 @@ def prompt_ids(prompt: str | list[int], tokenizer, lock: threading.Lock, max_byt
     if isinstance(prompt, str):
         check_prompt_text(prompt, max_bytes)
         with lock:
-            return tokenizer.encode(prompt, add_special_tokens=False)
+            return tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
     ids = list(prompt)
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise RequestError("prompt must be a string or a list of integer token ids")

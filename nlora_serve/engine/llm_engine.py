@@ -98,10 +98,10 @@ class LLMEngine(Engine):
     def max_model_len(self) -> int:
         return self.core.config.scheduler.max_model_len
 
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if self._max_prompt_bytes is None:  # once: a pass over the vocabulary
             self._max_prompt_bytes = max_prompt_bytes(self.tokenizer, self.max_model_len)
-        return prompt_ids(prompt, self.tokenizer, self._lock, self._max_prompt_bytes)
+        return prompt_ids(prompt, self.tokenizer, self._lock, self._max_prompt_bytes, add_special_tokens)
 
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
         version = self.adapters.unload(name)
@@ -112,12 +112,12 @@ class LLMEngine(Engine):
 
     def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
                 sink: Sink, adapter: str | None = None, tenant: str | None = None,
-                cache_salt: str | None = None) -> tuple[str, str]:
+                cache_salt: str | None = None, add_special_tokens: bool = True) -> tuple[str, str]:
         """Queue a request; returns its (client id, engine id)."""
         if self._stopping:
             raise EngineError("engine is shut down")
         params = params if params is not None else SamplingParams()
-        ids = self.prompt_ids(prompt)
+        ids = self.prompt_ids(prompt, add_special_tokens)
         self.core.validate(ids, params)
         pinned = self.adapters.acquire(adapter) if adapter is not None else None
         client_id, engine_id = self._ids.admit(request_id)
@@ -128,12 +128,12 @@ class LLMEngine(Engine):
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
-                    cache_salt: str | None = None) -> RequestStream:
+                    cache_salt: str | None = None, add_special_tokens: bool = True) -> RequestStream:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         client_id, engine_id = self._submit(prompt, params, request_id,
                                             lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter,
-                                            tenant, cache_salt)
+                                            tenant, cache_salt, add_special_tokens)
         return RequestStream(client_id, deltas, self._drop, engine_id)
 
     def _drop(self, engine_id: str) -> None:
@@ -157,7 +157,8 @@ class LLMEngine(Engine):
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
                  adapters: list[str | None] | None = None) -> list[RequestOutput]:
         """Run ``prompts`` to completion (blocking); one merged output per prompt, in order.
-        ``adapters`` gives each prompt's adapter name (None = base model).
+        ``adapters`` gives each prompt's adapter name (None = base model). A text prompt takes the
+        tokenizer's special tokens, as :meth:`add_request`'s default and vLLM's ``LLM.generate``.
 
         Each result holds the whole text and token ids, the finish reason and usage.
 

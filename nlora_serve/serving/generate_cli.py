@@ -39,6 +39,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--message", help="one user message, wrapped in the model's chat template")
     source.add_argument("--chat-json", metavar="FILE",
                         help='JSON list of {"role", "content"} messages, wrapped in the chat template')
+    parser.add_argument("--add-special-tokens", action=argparse.BooleanOptionalAction, default=True,
+                        help="--prompt takes the tokenizer's special tokens, e.g. a BOS, as a vLLM completion "
+                             "does (its add_special_tokens; default: on). Chats get the template's own")
     parser.add_argument("--system", help="system message placed before --message")
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -56,7 +59,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     if args.prompt is not None:
-        return tokenizer.encode(args.prompt, add_special_tokens=False)
+        return tokenizer.encode(args.prompt, add_special_tokens=args.add_special_tokens)
     if args.chat_json is not None:
         try:
             messages = json.loads(Path(args.chat_json).read_text())

@@ -93,6 +93,20 @@ def prompt_of(request: pb.GenerateRequest, tokenizer, chat_bounds: tuple[int | N
     raise RequestError("GenerateRequest.prompt is not set: give text, token_ids or chat")
 
 
+def add_special_tokens(request: pb.GenerateRequest) -> bool:
+    """Whether a text prompt takes the tokenizer's special tokens: ``add_special_tokens``, unset
+    true (vLLM's default for a completion); token ids and chats are never changed by it.
+
+    Raises:
+        RequestError: true with a chat prompt (its template writes the special tokens; vLLM's chat
+            requests default to false too).
+    """
+    if request.WhichOneof("prompt") == "chat" and request.add_special_tokens:
+        raise RequestError("GenerateRequest.add_special_tokens=true is not supported with chat: the chat "
+                           "template writes the model's special tokens itself (a second BOS would follow)")
+    return request.add_special_tokens if request.HasField("add_special_tokens") else True
+
+
 def adapter_ref(version: AdapterVersion | None) -> pb.AdapterRef:
     """The AdapterRef of a version (empty name, version 0 for the base model)."""
     if version is None:

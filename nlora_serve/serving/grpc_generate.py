@@ -88,11 +88,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             validate_name(adapter)  # a name no adapter can have: INVALID_ARGUMENT, before any other work
         request_id = convert.request_id_of(request)
         salt = convert.cache_salt(request)
+        special = convert.add_special_tokens(request)
         params = convert.sampling_params(request.sampling, self.config)
         # draining, the queue and the tenant's quota, before the prompt takes the tokenizer thread
         reservation = self.admission.reserve(principal)
         try:  # a refusal from here on, or the call cancelled (client gone, deadline), gives the place back
-            prompt = await self.admission.tokenizer.run(principal.name, self._prompt_ids, request)  # off the loop
+            # off the loop, on the tokenizer thread in the tenant's turn
+            prompt = await self.admission.tokenizer.run(principal.name, self._prompt_ids, request, special)
             engine_id = f"{principal.name}/{request_id}" if request_id else None
             stream = start_request(self.engine, prompt, params, engine_id, adapter,
                                    max_tokens_given=request.sampling.max_tokens > 0, principal=principal,
@@ -102,9 +104,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise
         return stream, request_id, reservation
 
-    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
-        """The request's prompt as token ids (chat rendered, text tokenized): on the tokenizer thread."""
-        return self.engine.prompt_ids(convert.prompt_of(request, self.tokenizer, self.chat_bounds))
+    def _prompt_ids(self, request: pb.GenerateRequest, special: bool) -> list[int]:
+        """The request's prompt as token ids (chat rendered, text tokenized, with the tokenizer's
+        special tokens when ``special``): on the tokenizer thread."""
+        return self.engine.prompt_ids(convert.prompt_of(request, self.tokenizer, self.chat_bounds), special)
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext):
         try:

@@ -148,7 +148,7 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompt:
     if prompt is None:
         prompt = await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds)
     else:
-        prompt = await turns.run(caller.name, ctx.engine.prompt_ids, prompt)
+        prompt = await turns.run(caller.name, ctx.engine.prompt_ids, prompt, body.add_special_tokens)
     return start_request(ctx.engine, prompt, params, f"{caller.name}/{rid}", adapter_of(ctx, body.model),
                          body.max_tokens_given, caller, cache_salt_of(caller, body.cache_salt, ctx.auth))
 

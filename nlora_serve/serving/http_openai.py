@@ -13,7 +13,10 @@ the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens``: s
 names (send them in ``extra_body``): ``top_k``, ``min_tokens``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``return_tokens_as_token_ids`` (logprob tokens as
 ``"token_id:<id>"``), ``cache_salt`` (only requests with the same salt share prefix-cache blocks; with keys, only
-within the sender's tenant: see :func:`~nlora_serve.serving.request_policy.cache_salt_of`).
+within the sender's tenant: see :func:`~nlora_serve.serving.request_policy.cache_salt_of`),
+``add_special_tokens``: completions true by default (a text prompt takes the tokenizer's special
+tokens, a BOS on Llama-style models; token ids run as given), chat false only (the chat template
+writes its own; true would add a second BOS), both vLLM's defaults.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ class CompletionRequest(_Request):
 
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None  # top-k log-probabilities per token (0..20)
+    # a text prompt takes the tokenizer's special tokens (a BOS), as vLLM's CompletionRequest
+    add_special_tokens: bool = True
 
 
 class ContentPart(BaseModel):
@@ -111,6 +116,7 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are set
     logprobs: bool = False
     top_logprobs: int | None = None  # 0..20, needs logprobs=true
+    add_special_tokens: bool = False  # false only (vLLM's default): the chat template writes the special tokens
 
 
 @contextlib.contextmanager
@@ -200,9 +206,13 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
     """The sampling params of a chat request (cheap: checked before admission, on the event loop).
 
     Raises:
-        ParamError: an unsupported field, a field out of range, top_logprobs without logprobs.
+        ParamError: an unsupported field, a field out of range, top_logprobs without logprobs,
+            add_special_tokens=true.
     """
     check_fields(request)
+    if request.add_special_tokens:
+        raise ParamError("add_special_tokens=true is not supported on /v1/chat/completions: the chat template "
+                         "writes the model's special tokens itself (a second BOS would follow)", "add_special_tokens")
     if request.top_logprobs is not None and not request.logprobs:
         raise ParamError("top_logprobs needs logprobs=true", "top_logprobs")
     if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_LOGPROBS:

@@ -3,7 +3,8 @@ vLLM's TokenizeCompletionRequest / TokenizeChatRequest / DetokenizeRequest and t
 
 - ``/tokenize`` with ``{"model", "prompt", "add_special_tokens": true}``: the tokenizer's ids of the
   text, special tokens (a BOS) added as the tokenizer adds them unless ``add_special_tokens`` is
-  false (``/v1/completions`` runs a text prompt as ``add_special_tokens=false``).
+  false: the ids ``/v1/completions`` runs for that text with the same ``add_special_tokens``
+  (both default to true, as vLLM's).
 - ``/tokenize`` with ``{"model", "messages", "add_generation_prompt": true}``: exactly the ids
   ``/v1/chat/completions`` runs for those messages (:func:`~nlora_serve.serving.chat_template.render_chat`:
   content text never becomes a control token); ``add_generation_prompt=false`` leaves out the
@@ -54,7 +55,7 @@ class _Body(BaseModel):
 
 class TokenizeText(_Body):
     prompt: str
-    add_special_tokens: bool = True  # vLLM's default for text
+    add_special_tokens: bool = True  # vLLM's default for text, and /v1/completions' (http_openai.CompletionRequest)
     return_token_strs: bool | None = False
 
 

@@ -1,13 +1,21 @@
-"""api.prompt_ids: text refused above api.max_prompt_bytes without tokenizing; the bound is sound."""
+"""api.prompt_ids: text refused above api.max_prompt_bytes without tokenizing; the bound is sound;
+a text prompt takes the tokenizer's special tokens unless asked not to (vLLM's add_special_tokens),
+in the vLLM backend's add_request too."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
 
-from nlora_serve.engine.api import PROMPT_BYTES_SLACK, bytes_per_token, max_prompt_bytes, prompt_ids
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.api import PROMPT_BYTES_SLACK, RequestIds, bytes_per_token, max_prompt_bytes, prompt_ids
+from nlora_serve.engine.config import EngineConfig, SchedulerConfig
+from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.vllm_backend import engine as vllm_engine_module
+from nlora_serve.engine.vllm_backend.engine import VllmEngine
+
+TEXT = "The keeper of the lighthouse wrote"
 
 
 class _Tokenizer:
@@ -58,3 +66,62 @@ def test_no_token_of_the_default_tokenizer_spells_more_bytes_than_the_bound(base
         assert tok.decode([vocab[entry]]) == spelled.decode("utf-8", "replace"), entry
     assert bytes_per_token(tok) == max(map(len, vocab))
     assert max_prompt_bytes(tok, 2048) == PROMPT_BYTES_SLACK * max(map(len, vocab)) * 2048
+
+
+def test_text_takes_the_tokenizers_special_tokens_unless_asked_not_to(bos_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
+    want = tok(TEXT).input_ids  # transformers' own: what HF generate and vLLM's completions are given
+    assert want[0] == tok.bos_token_id and want[1:] == tok(TEXT, add_special_tokens=False).input_ids
+    assert prompt_ids(TEXT, tok, threading.Lock()) == want
+    assert prompt_ids(TEXT, tok, threading.Lock(), None, add_special_tokens=False) == want[1:]
+    assert prompt_ids(want[1:], tok, threading.Lock(), None, add_special_tokens=True) == want[1:]  # ids as given
+
+
+class _RecordingLLM:
+    """vLLM's AsyncLLM as far as VllmEngine._run uses it: records the prompt it is given, ends at once."""
+
+    errored = False
+
+    def __init__(self) -> None:
+        self.prompts: list[dict] = []
+
+    async def generate(self, prompt, params, request_id, lora_request=None):
+        self.prompts.append(prompt)
+        for out in ():  # an async generator that yields nothing: the request ends at once
+            yield out
+
+
+def test_the_vllm_backend_sends_vllm_the_ids_with_special_tokens_by_default(bos_tokenizer_dir, monkeypatch):
+    """VllmEngine tokenizes and sends vLLM ids (so vLLM's own default never applies): the flag must
+    reach its tokenizing. A VllmEngine shell (as tests/engine/test_vllm_engine_paths.py builds one)
+    with vLLM's AsyncLLM replaced by a recorder."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(vllm_engine_module, "vllm_sampling_params", lambda params: params)  # no vllm here
+    tok = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
+    engine = VllmEngine.__new__(VllmEngine)
+    engine.config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
+                                                           max_model_len=64))
+    engine.tokenizer, engine.vocab_size, engine._max_prompt_bytes = tok, len(tok), None
+    engine._lock, engine._jobs, engine._ids, engine._counters = threading.Lock(), {}, RequestIds(), \
+        {"prompt_tokens": 0, "generation_tokens": 0}
+    engine._adapters, engine._stopping, engine._dead, engine._base_lora = None, False, None, None
+    engine._llm = llm = _RecordingLLM()
+    engine._loop = asyncio.new_event_loop()
+    engine._thread = threading.Thread(target=engine._loop.run_forever, daemon=True)
+    engine._thread.start()
+    want = tok(TEXT).input_ids
+
+    async def run(prompt, **flag):
+        return [out async for out in engine.add_request(prompt, SamplingParams(max_tokens=4), **flag)]
+
+    try:
+        finals = [asyncio.run(run(TEXT))[-1], asyncio.run(run(TEXT, add_special_tokens=False))[-1],
+                  asyncio.run(run(want[1:], add_special_tokens=True))[-1]]
+    finally:
+        engine._stop_loop()
+    assert [p["prompt_token_ids"] for p in llm.prompts] == [want, want[1:], want[1:]]
+    assert [out.prompt_tokens for out in finals] == [len(want), len(want) - 1, len(want) - 1]
+    assert engine.prompt_ids(TEXT) == want and engine.prompt_ids(TEXT, add_special_tokens=False) == want[1:]

@@ -115,8 +115,7 @@ def test_tokenize_counts_the_prompt_tokens_a_generation_reports(http_server, key
     answer = client(http_server, key).chat.completions.create(model=model, messages=CHAT, max_tokens=1,
                                                               temperature=0)
     assert chat["count"] == answer.usage.prompt_tokens
-    text = _ok(_post(http_server, "/tokenize", {"model": model, "prompt": TEXTS[2], "add_special_tokens": False},
-                     key))
+    text = _ok(_post(http_server, "/tokenize", {"model": model, "prompt": TEXTS[2]}, key))  # both defaults
     answer = client(http_server, key).completions.create(model=model, prompt=TEXTS[2], max_tokens=1, temperature=0)
     assert text["count"] == answer.usage.prompt_tokens
     assert http_server.server.admission.inflight == 0

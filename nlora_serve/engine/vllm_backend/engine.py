@@ -148,7 +148,7 @@ class VllmEngine(Engine):
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
-                    cache_salt: str | None = None) -> RequestStream:
+                    cache_salt: str | None = None, add_special_tokens: bool = True) -> RequestStream:
         # ``tenant`` is not used: vLLM schedules first come first served (or by priority)
         loop = asyncio.get_running_loop()
         if self._stopping:
@@ -156,7 +156,7 @@ class VllmEngine(Engine):
         if self.dead_reason is not None:
             raise EngineDead(ENGINE_DEAD_MESSAGE)
         params = params if params is not None else SamplingParams()
-        ids = self.prompt_ids(prompt)
+        ids = self.prompt_ids(prompt, add_special_tokens)  # tokenized here: vLLM gets the ids
         check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len, params.stop_token_ids)
         deltas: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -171,10 +171,10 @@ class VllmEngine(Engine):
     def max_model_len(self) -> int:
         return self.config.scheduler.max_model_len
 
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if self._max_prompt_bytes is None:  # once: a pass over the vocabulary
             self._max_prompt_bytes = max_prompt_bytes(self.tokenizer, self.max_model_len)
-        return prompt_ids(prompt, self.tokenizer, self._lock, self._max_prompt_bytes)
+        return prompt_ids(prompt, self.tokenizer, self._lock, self._max_prompt_bytes, add_special_tokens)
 
     async def _run(self, job: _Job, ids: list[int], params: SamplingParams, cache_salt: str | None) -> None:
         """One request on the vLLM loop: vLLM's deltas streamed as ours, then its terminal path."""
