@@ -223,21 +223,33 @@ class AdapterRegistry:
         with self._lock:
             found = self._current.get(name)
         if found is None:
-            raise AdapterNotFound(f"adapter {shown(name)!r} is not registered")
+            raise AdapterNotFound(self._missing(name))
         return found
+
+    def _missing(self, name: str) -> str:
+        """Why ``name`` has no current version: an operator unloaded it (its files are in the store
+        and an admin's LoadAdapter serves it again), or it was never registered."""
+        try:
+            unloaded = self.store.is_unloaded(name)
+        except (AdapterError, OSError):  # a name no adapter can have (the callers refuse those anyway)
+            unloaded = False
+        if unloaded:
+            return (f"adapter {shown(name)!r} was unloaded by an operator (its files are kept: an admin's "
+                    f"`nlora-serve adapters load --name {shown(name)}` serves it again)")
+        return f"adapter {shown(name)!r} is not registered"
 
     def acquire(self, name: str) -> AdapterVersion:
         """Pin the current version of ``name`` for one request (refcount + 1).
 
         Raises:
-            AdapterNotFound: ``name`` is not registered (or was unloaded).
+            AdapterNotFound: ``name`` is not registered, or was unloaded (the message says which).
         """
         with self._lock:
             found = self._current.get(name)
-            if found is None:
-                raise AdapterNotFound(f"adapter {shown(name)!r} is not registered")
-            found.refcount += 1
-            return found
+            if found is not None:
+                found.refcount += 1
+                return found
+        raise AdapterNotFound(self._missing(name))  # outside the lock: it may read the disk
 
     def release(self, version: AdapterVersion) -> None:
         """Drop one request's pin; frees the version if it was its last holder and not current.
@@ -268,8 +280,9 @@ class AdapterRegistry:
         """
         with self._write_lock:  # no registration of ``name`` between the store's record and the switch
             with self._lock:
-                if name not in self._current:
-                    raise AdapterNotFound(f"adapter {shown(name)!r} is not registered")
+                known = name in self._current
+            if not known:
+                raise AdapterNotFound(self._missing(name))
             self.store.mark_unloaded(name)  # first: should the disk refuse it, the name serves on
             with self._lock:
                 found = self._current.pop(name)

@@ -90,11 +90,19 @@ def test_unknown_and_unloaded_names_are_not_found(registry, freed):
     v1 = registry.register("acme", files(b"\x01"))
     held = registry.acquire("acme")
     assert registry.unload("acme") is v1
-    with pytest.raises(AdapterNotFound):
-        registry.acquire("acme")
+    # an unloaded name says so, and how to serve it again (it read "not registered", as a typo does)
+    unloaded = ("adapter 'acme' was unloaded by an operator (its files are kept: an admin's "
+                "`nlora-serve adapters load --name acme` serves it again)")
+    for refused in (registry.acquire, registry.get, registry.unload):
+        with pytest.raises(AdapterNotFound) as err:
+            refused("acme")
+        assert str(err.value) == unloaded
     assert freed == []  # in-flight request finishes first
     registry.release(held)
     assert freed == [v1]
+    for impossible in ("x" * 5000, "../acme", "a/b"):  # names no adapter can have: never a disk error
+        with pytest.raises(AdapterNotFound, match="is not registered"):
+            registry.acquire(impossible)
 
 
 def test_release_more_than_acquire_is_an_error(registry):
