@@ -30,9 +30,14 @@ def dummy_weights(model_dir: Path, spec: ModelSpec, dtype: torch.dtype,
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     std = float(cfg.get("initializer_range", 0.02))
     gen = torch.Generator(device=device).manual_seed(DUMMY_SEED)
+    # Drawn in fp32 (fp64 for fp64), then rounded: the bf16 model is the fp32 one rounded, which
+    # bench/gpu_engine_check.py's fp32 reference and tied tenants assume. On the CPU a draw straight
+    # into bf16 is another stream (torch 2.11: every value; 2.13: the last 16 of a size that is no
+    # multiple of 16); CUDA draws bf16 from fp32 values already, so GPU weights are unchanged.
+    draw_dtype = torch.promote_types(dtype, torch.float32)
 
     def normal(*shape: int) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=gen)
+        return torch.empty(shape, dtype=draw_dtype, device=device).normal_(0.0, std, generator=gen).to(dtype)
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=dtype, device=device)

@@ -42,6 +42,20 @@ def test_dummy_weights_cover_every_parameter_of_the_architecture(tmp_path):
     assert base.fingerprint == again.fingerprint and len(base.fingerprint) == 64
 
 
+def test_dummy_weights_in_bf16_are_the_fp32_ones_rounded(tmp_path):
+    # vocab 1001 x hidden 72: an embedding whose size is no multiple of 16 (torch 2.13's CPU bf16
+    # draw differs from its fp32 draw in such a tensor's last 16 values; torch 2.11's in all of them)
+    model_dir = _tiny_config(tmp_path)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg.update(vocab_size=1001, hidden_size=72, head_dim=18)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    fp32 = load_base(str(model_dir), torch.float32, load_format="dummy").weights
+    bf16 = load_base(str(model_dir), torch.bfloat16, load_format="dummy").weights
+    assert fp32.keys() == bf16.keys() and fp32["model.embed_tokens.weight"].numel() % 16
+    for name, w in fp32.items():
+        assert bf16[name].dtype == torch.bfloat16 and torch.equal(bf16[name], w.to(torch.bfloat16)), name
+
+
 def test_our_forward_on_dummy_weights_equals_transformers(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
