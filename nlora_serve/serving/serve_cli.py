@@ -266,6 +266,19 @@ def client_hint(server: NloraServer, examples: list[str]) -> str:
             f"--max-tokens {max_tokens} --message \"Why serve many adapters on one base model?\"")
 
 
+def ready_lines(server: NloraServer, examples: list[str]) -> list[str]:
+    """What a started server prints, in this order: its address and :func:`client_hint`; the
+    HTTP API's address (with ``--http-port``); with keys on, which key the hint's
+    ``$NLORA_API_KEY`` must hold (a tenant's key works only for an adapter it is granted)."""
+    lines = [f"ready on {server.config.host}:{server.port}; try:", f"  {client_hint(server, examples)}"]
+    if server.http_port is not None:
+        lines.append(f"OpenAI-compatible HTTP API on http://{server.config.host}:{server.http_port}/v1")
+    if server.generation.auth.enabled:
+        granted = f"a tenant granted {examples[0]}" if examples else "a tenant allowed the base model"
+        lines.append(f"  ($NLORA_API_KEY: an admin key, or the key of {granted})")
+    return lines
+
+
 async def serve(server: NloraServer, examples: list[str]) -> bool:
     """Start, print the client hint, wait for SIGTERM/SIGINT, drain. Returns True when drained.
 
@@ -280,9 +293,7 @@ async def serve(server: NloraServer, examples: list[str]) -> bool:
     if not server.generation.auth.enabled:
         log.warning("no --tenants-file: auth is OFF, every caller is admin; listening on loopback %s only",
                     server.config.host)
-    print(f"ready on {server.config.host}:{server.port}; try:\n  {client_hint(server, examples)}", flush=True)
-    if server.http_port is not None:
-        print(f"OpenAI-compatible HTTP API on http://{server.config.host}:{server.http_port}/v1", flush=True)
+    print("\n".join(ready_lines(server, examples)), flush=True)
     watch = asyncio.create_task(_watch_engine(server.engine, stop))
     await stop.wait()
     watch.cancel()

@@ -19,7 +19,7 @@ from nlora_serve import __version__
 from nlora_serve.client import NloraClient
 from nlora_serve.client.cli import main as client_main
 from nlora_serve.cli import console_command
-from nlora_serve.serving.serve_cli import client_hint
+from nlora_serve.serving.serve_cli import client_hint, ready_lines
 from nlora_serve.serving.keys_cli import main as keys_main
 
 ROOT = Path(__file__).parents[2]
@@ -105,3 +105,21 @@ def test_the_hint_of_an_auth_server_pasted_with_the_key_unset_still_parses():
                               text=True, check=True, env=env if key is None else {**env, "NLORA_API_KEY": key})
         args = done.stdout.split("\n")[:-1]
         assert args[args.index("--api-key") + 1] == (key or "") and args[args.index("--adapter") + 1] == "tenant-000"
+
+
+def test_the_ready_message_of_an_auth_server_says_which_key_the_hint_needs():
+    # A newcomer's find (h54): with a tenants file the hint's --adapter tenant-000 failed with
+    # PERMISSION_DENIED for the key of a tenant not granted it; nothing said an admin key was meant.
+    def server(auth: bool, http_port: int | None = 8000):
+        return SimpleNamespace(generation=SimpleNamespace(auth=SimpleNamespace(enabled=auth)),
+                               config=SimpleNamespace(host="127.0.0.1"), port=50051, http_port=http_port,
+                               engine=SimpleNamespace(max_model_len=2048))
+
+    hint = "  " + client_hint(server(True), ["tenant-000"])
+    # the HTTP line stays third, where scripts read it (tests/http/test_http_serve.py does)
+    assert ready_lines(server(True), ["tenant-000"]) == [
+        "ready on 127.0.0.1:50051; try:", hint, "OpenAI-compatible HTTP API on http://127.0.0.1:8000/v1",
+        "  ($NLORA_API_KEY: an admin key, or the key of a tenant granted tenant-000)"]
+    assert ready_lines(server(True, None), [])[2] == "  ($NLORA_API_KEY: an admin key, or the key of a tenant " \
+                                                     "allowed the base model)"
+    assert len(ready_lines(server(False), ["tenant-000"])) == 3  # no keys: nothing to say
