@@ -40,7 +40,8 @@ def _add_models(models: argparse.ArgumentParser) -> None:
     prep.add_argument("--model", default="default",
                       help="'default', a Hugging Face model directory, or a .gguf file (default: %(default)s)")
     prep.set_defaults(func=_models_prepare)
-    lst = msub.add_parser("list", help="list prepared models under the cache root")
+    lst = msub.add_parser("list", help="list prepared models under the cache root",
+                          description="List the prepared models under the cache root (--cache-dir).")
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lst.set_defaults(func=_models_list)
 

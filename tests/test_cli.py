@@ -112,6 +112,16 @@ def test_each_group_help_lists_every_subcommand_in_its_usage_and_the_top_level_s
         assert not missing, (group, summary)
 
 
+def test_every_subcommand_help_opens_with_what_it_does():
+    # A newcomer's find (h54): `client swap --help` and the other server commands had a usage line
+    # and options but no sentence of what the command does
+    parser = build_parser()
+    for group, names in SUBCOMMANDS.items():
+        for name in names:
+            leaf = _subparsers(_subparsers(parser).choices[group]).choices[name]
+            assert leaf.description and leaf.description.split("\n")[0][:20] in leaf.format_help(), (group, name)
+
+
 def test_every_option_of_every_subcommand_has_help_text():
     parser = build_parser()
     for group, names in SUBCOMMANDS.items():

@@ -27,7 +27,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the client subcommands under ``parser``; each sets ``client_func`` (run by :func:`run_client`)."""
     _add_connection_flags(parser, with_defaults=True)
     sub = parser.add_subparsers(dest="client_command", required=True)
-    gen = sub.add_parser("generate", help="stream a completion to stdout")
+    gen = _command(sub, "generate", "stream a completion to stdout")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="raw text prompt (no chat template)")
     source.add_argument("--message", help="one user message, wrapped in the model's chat template")
@@ -41,7 +41,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--temperature", type=number_arg(0.0), default=0.0, help="0 = greedy (default)")
     gen.add_argument("--seed", type=unsigned_arg(64), default=None, help="seed for reproducible sampling (>= 0)")
     gen.set_defaults(client_func=_generate)
-    sub.add_parser("info", help="model, dtype and limits of the server").set_defaults(client_func=_info)
+    _command(sub, "info", "model, dtype and limits of the server").set_defaults(client_func=_info)
     _add_adapter_commands(sub)
     for command in sub.choices.values():
         _add_connection_flags(command, with_defaults=False)
@@ -55,26 +55,31 @@ def add_server_adapter_subcommands(subparsers: argparse._SubParsersAction) -> No
         command.set_defaults(func=run_client)
 
 
+def _command(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` opens with the one-line summary the command listing shows."""
+    return sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.")
+
+
 def _add_adapter_commands(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
     """list / upload / swap / unload / load parsers, each with its ``client_func``."""
-    listing = sub.add_parser("list", help="adapters this key may use (on a server)")
+    listing = _command(sub, "list", "adapters this key may use (on a server)")
     listing.set_defaults(client_func=_list)
-    up = sub.add_parser("upload", help="upload an adapter directory to a server (admin)")
+    up = _command(sub, "upload", "upload an adapter directory to a server (admin)")
     up.add_argument("--name", required=True, help="adapter name on the server")
     up.add_argument("adapter_dir", help="directory with adapter_config.json and adapter_model.safetensors")
     up.set_defaults(client_func=_upload)
-    swap = sub.add_parser("swap", help="hot-swap a tied tenant's N on a server from a safetensors file (admin)")
+    swap = _command(sub, "swap", "hot-swap a tied tenant's N on a server from a safetensors file (admin)")
     swap.add_argument("--name", required=True, help="adapter name on the server")
     swap.add_argument("n_file", help="safetensors file of lora_N keys only (a compact tied adapter's "
                                      "adapter_model.safetensors is one)")
     swap.add_argument("--if-version", type=unsigned_arg(64), default=None,
                       help="swap only if this is the current version")
     swap.set_defaults(client_func=_swap)
-    unload = sub.add_parser("unload", help="stop serving an adapter on a server (admin)")
+    unload = _command(sub, "unload", "stop serving an adapter on a server (admin)")
     unload.add_argument("--name", required=True, help="adapter name on the server")
     unload.add_argument("--force", action="store_true", help="abort its in-flight requests")
     unload.set_defaults(client_func=_unload)
-    load = sub.add_parser("load", help="serve again an adapter that is in the server's store (admin)")
+    load = _command(sub, "load", "serve again an adapter that is in the server's store (admin)")
     load.add_argument("--name", required=True, help="adapter name on the server")
     load.set_defaults(client_func=_load)
     return [listing, up, swap, unload, load]

@@ -20,8 +20,9 @@ KEY_BYTES = 32  # 256 random bits: a hashed key is only as safe as it is hard to
 def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``new`` and ``hash`` under ``parser`` (sets ``func`` to :func:`run_keys`)."""
     sub = parser.add_subparsers(dest="keys_command", required=True, metavar="{new,hash}")
-    sub.add_parser("new", help="print a fresh random API key and its sha256 (for the tenants file)")
-    sub.add_parser("hash", help="read a key from stdin and print its sha256 (for the tenants file)")
+    for name, summary in (("new", "print a fresh random API key and its sha256 (for the tenants file)"),
+                          ("hash", "read a key from stdin and print its sha256 (for the tenants file)")):
+        sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.")
     parser.set_defaults(func=run_keys)
 
 
