@@ -26,7 +26,7 @@ from nlora_serve.serving.serve_cli import add_serve_arguments
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency, write_folded_lora
 from nlora_serve.engine.vllm_backend import engine as engine_module
 from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit, refusal_line
-from nlora_serve.engine.vllm_backend.engine import FOLD_LOCK, FOLD_PREFIX, fold_folder
+from nlora_serve.engine.vllm_backend.fold_folders import FOLD_LOCK, FOLD_PREFIX, fold_folder
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import math
 import os
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, SHUTDOWN_REASON, Engine
 from nlora_serve.engine.request_checks import check_request, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
+from nlora_serve.engine.vllm_backend.fold_folders import fold_folder, release_fold_folder
 from nlora_serve.engine.vllm_backend.config import FINISH, GiB, SchedulerSnapshot, VllmBackendConfig, lora_rank_limit, \
     vllm_sampling_params
 
@@ -96,7 +95,7 @@ class VllmEngine(Engine):
             self._llm = self._call(self._start(base.path))
         except BaseException:
             self._stop_loop()
-            _release_folds(self._folds, self._folds_lock)  # every version folded so far
+            release_fold_folder(self._folds, self._folds_lock)  # every version folded so far
             raise
 
     async def _start(self, model_path: Path):
@@ -322,7 +321,7 @@ class VllmEngine(Engine):
         self.abort_all(SHUTDOWN_REASON)
         self._call(self._close(), timeout=60)
         self._stop_loop()
-        _release_folds(self._folds, self._folds_lock)
+        release_fold_folder(self._folds, self._folds_lock)
 
     async def _close(self) -> None:
         await asyncio.sleep(0)  # let cancelled requests run their abort paths first
@@ -337,53 +336,6 @@ class VllmEngine(Engine):
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-FOLD_PREFIX = "nlora-vllm-loras-"
-FOLD_LOCK = ".owner.lock"  # held (flock) by the serving process for the folder's whole life
-
-
-def fold_folder() -> tuple[Path, int]:
-    """A new temporary folder for this process's folded LoRAs, ``nlora-vllm-loras-<pid>-*``, and
-    the descriptor of the lock it holds on it, after removing the folders whose owner is gone (a
-    kill -9 or an OOM kill leaves its folder: a restart loop would fill the disk, or a tmpfs's
-    memory).
-
-    An owner is gone when its folder's lock can be taken: a kernel lock, released when the process
-    dies, whatever PID namespace or container it ran in (a pid in the name only helps a human: two
-    containers sharing /tmp see each other's pids as dead). A folder without the lock file (being
-    created, or of an older version) is left alone.
-    """
-    root = Path(tempfile.gettempdir())
-    for old in root.glob(f"{FOLD_PREFIX}*"):
-        _remove_if_abandoned(old)
-    folder = Path(tempfile.mkdtemp(prefix=f"{FOLD_PREFIX}{os.getpid()}-"))
-    lock = os.open(folder / FOLD_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    fcntl.flock(lock, fcntl.LOCK_EX)  # the folder is new: nobody else holds it
-    return folder, lock
-
-
-def _remove_if_abandoned(folder: Path) -> None:
-    try:
-        lock = os.open(folder / FOLD_LOCK, os.O_RDWR)
-    except OSError:  # no lock file (not ours to judge), or not ours to open
-        return
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # its owner runs
-        os.close(lock)
-        return
-    try:
-        shutil.rmtree(folder, ignore_errors=True)
-    finally:
-        os.close(lock)
-
-
-def _release_folds(folder: Path, lock: int) -> None:
-    """Remove this process's fold folder, then drop its lock (a second call does nothing more)."""
-    shutil.rmtree(folder, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        os.close(lock)
 
 
 def _tag(pinned: AdapterVersion | None) -> dict:
