@@ -87,7 +87,7 @@ def start_server(scenario: str, args: argparse.Namespace) -> tuple[subprocess.Po
     tied, lora, _, _ = SCENARIOS[scenario]
     port, metrics = free_port(), free_port()
     store = args.work / f"store-{scenario}"
-    cmd = [str(Path(sys.executable).parent / "nlora-serve"), "serve", "--port", str(port), "--metrics-port",
+    cmd = [str(Path(sys.executable).parent / "nlora-serve"), "serve", "--port", str(port), "--http-port", "off", "--metrics-port",
            str(metrics), "--adapter-dir", str(store), "--dtype", args.dtype, "--max-queue", "4096",
            "--example-tenants", str(tied), "--max-loras", str(max(lora, 8))]
     for i, folder in enumerate(lora_dirs(args.work, lora, args.dtype) if lora else []):

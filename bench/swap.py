@@ -59,7 +59,7 @@ def free_port() -> int:
 def start_server(src: Path, store: Path, dump: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(src.resolve())}
-    cmd = [sys.executable, "-c", SERVER_WRAPPER, str(dump), "serve", "--port", str(port), "--adapter-dir",
+    cmd = [sys.executable, "-c", SERVER_WRAPPER, str(dump), "serve", "--port", str(port), "--http-port", "0", "--adapter-dir",
            str(store), "--example-tenants", "64", "--dtype", "float32"]
     # cwd = the tree too: ``python -c`` puts the working directory ahead of PYTHONPATH
     proc = subprocess.Popen(cmd, env=env, cwd=src.resolve(), stdout=subprocess.DEVNULL, stderr=open(f"{dump}.log", "w"))

@@ -50,3 +50,16 @@ def out_dir_arg(text: str) -> str:
 
 
 out_dir_arg.__name__ = "folder"
+
+
+def port_or_off_arg(text: str) -> int | None:
+    """argparse type: a TCP port in [0, 65535] (0 = any free one), or ``off`` (None: no listener)."""
+    if text.strip().lower() == "off":
+        return None
+    value = int(text)  # a ValueError here is argparse's "invalid port value"
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in [0, 65535] or 'off'; got {value}")
+    return value
+
+
+port_or_off_arg.__name__ = "port"

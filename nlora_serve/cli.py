@@ -121,11 +121,11 @@ COMMANDS = {
     "generate": ("generate text on the native engine (streams to stdout)",
                  "Load the model into the native engine in this process and "
                  "generate a completion for one prompt or chat.", _add_generate),
-    "serve": ("run the gRPC + HTTP server (OpenAI-compatible API with --http-port)",
+    "serve": ("run the gRPC + HTTP server (gRPC :50051, OpenAI-compatible HTTP :8000)",
               "Load the base model once, restore the adapter store, and serve "
               "streaming generation and adapter admin over gRPC (with health and "
-              "reflection) and, with --http-port, the OpenAI-compatible HTTP API "
-              "with Prometheus /metrics. SIGTERM drains.", _add_serve),
+              "reflection, --port) and the OpenAI-compatible HTTP API with "
+              "Prometheus /metrics (--http-port, 8000; 'off' for gRPC only). SIGTERM drains.", _add_serve),
     "client": ("talk to a running server (generate, info, list, upload, swap, unload, load)",
                "gRPC client commands; admin ones need an admin key.", _add_client),
     "keys": ("make API keys and their hashes for the tenants file", None, _add_keys),

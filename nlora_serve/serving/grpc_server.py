@@ -157,7 +157,7 @@ class NloraServer:
         log.info("gRPC on %s:%d%s%s", self.config.host, self.port,
                  f", metrics on http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "",
                  f", OpenAI-compatible HTTP on http://{self.config.host}:{self.http_port}/v1 (metrics at /metrics)"
-                 if self.http_port else "; no HTTP API (--http-port PORT serves the OpenAI-compatible one)")
+                 if self.http_port else "; no HTTP API (--http-port off; --http-port PORT serves the OpenAI-compatible one)")
 
     def _bind_metrics(self) -> int:
         host, port = self.config.host, self.config.metrics_port

@@ -1,5 +1,5 @@
-"""``nlora-serve serve``: the gRPC server (and, with --http-port, the OpenAI-compatible HTTP API) on
-one base model, until SIGTERM / SIGINT.
+"""``nlora-serve serve``: the gRPC server and the OpenAI-compatible HTTP API (--http-port, 8000 by
+default as vLLM's; ``off`` for gRPC only) on one base model, until SIGTERM / SIGINT.
 
     python -m nlora_serve.serving.serve_cli --adapter-dir ./adapters --example-tenants 4
 
@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
+from nlora_serve.arg_types import port_or_off_arg
 from nlora_serve.cli import console_command
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
@@ -46,6 +47,7 @@ from nlora_serve.serving.server_config import ServerConfig, StartupError, defaul
 
 log = logging.getLogger("nlora_serve.serve")
 MiB = 1 << 20
+DEFAULT_HTTP_PORT = 8000  # vLLM's: `curl localhost:8000/v1/models` works as a vLLM user expects
 _CONFIG_FIELD = re.compile(r"\b(?:ServerConfig|SchedulerConfig|AdapterLimits|EngineConfig)\.(\w+)")
 
 
@@ -71,9 +73,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--served-model-name", default=None, help="the base model's name in /v1/models and the HTTP 'model' field "
                                                "(default: the model's directory or GGUF name, e.g. "
                                                "SmolLM2-135M-Instruct.Q4_1)")
-    a("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
-                                                  "/v1/chat/completions, /v1/models) on this port, 0 = any free "
-                                                  "one; same keys, grants and queue as gRPC (default: off)")
+    a("--http-port", type=port_or_off_arg, default=DEFAULT_HTTP_PORT,
+      help="the OpenAI-compatible HTTP API's port (/v1/completions, /v1/chat/completions, /v1/models, "
+           "/metrics), 0 = any free one, 'off' = gRPC only; same keys, grants and queue as gRPC "
+           "(default: %(default)s, vLLM's)")
     a("--max-queue", type=int, default=d.max_queue, help="running + waiting requests at most; beyond that "
                                                          "RESOURCE_EXHAUSTED / HTTP 429 (default: %(default)s)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -202,6 +205,10 @@ def _register_named(engine: LLMEngine, named: list[tuple[str, str]], store: str)
 
 def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
     policy = args.scheduling_policy or ("fair" if args.tenants_file else "fcfs")
+    if args.port and args.port == args.http_port:
+        raise StartupError(f"--port {args.port} and --http-port {args.http_port}: one port for two servers; --port "
+                           f"is the gRPC port here (vLLM's --port is its HTTP port: here --http-port, default "
+                           f"{DEFAULT_HTTP_PORT})")
     with _flag_errors(args):
         config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
                               served_model_name=args.served_model_name,

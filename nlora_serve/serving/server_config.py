@@ -78,6 +78,12 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= 65535):
                 raise ValueError(f"ServerConfig.{name} must be a port number in [0, 65535]; got {value!r}")
+        ports = [(name, getattr(self, name)) for name in ("port", "http_port", "metrics_port")]
+        for i, (name, value) in enumerate(ports):
+            for other, other_value in ports[i + 1:]:
+                if value and value == other_value:
+                    raise ValueError(f"ServerConfig.{name} and ServerConfig.{other} are both {value}: each "
+                                     "endpoint needs its own port")
         if not self.drain_seconds >= 0:
             raise ValueError(f"ServerConfig.drain_seconds must be >= 0; got {self.drain_seconds!r}")
         if self.served_model_name is not None and not self.served_model_name.strip():

@@ -36,7 +36,7 @@ def test_serve_process_with_example_tenants_and_the_client_cli(tmp_path, base_fp
     log_file = tmp_path / "serve.log"
     with open(log_file, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nlora_serve.serving.serve_cli", "--port", "0", "--dtype", "float32",
+            [sys.executable, "-m", "nlora_serve.serving.serve_cli", "--port", "0", "--http-port", "off", "--dtype", "float32",
              "--adapter-dir", str(tmp_path / "store"), "--example-tenants", "2", "--max-model-len", "512",
              "--drain-seconds", "5", "--log-level", "INFO"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ})

@@ -36,7 +36,7 @@ def no_model(monkeypatch):
 def _args(tmp_path: Path, *flags: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     serve_cli.add_serve_arguments(parser)
-    return parser.parse_args(["--port", "0", "--adapter-dir", str(tmp_path / "store"), *flags])
+    return parser.parse_args(["--port", "0", "--http-port", "0", "--adapter-dir", str(tmp_path / "store"), *flags])
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -44,8 +44,12 @@ def _args(tmp_path: Path, *flags: str) -> argparse.Namespace:
     (["--port", "70000"], "--port 70000: ServerConfig.port must be a port number in [0, 65535]; got 70000"),
     (["--metrics-port", "-3"], "--metrics-port -3: ServerConfig.metrics_port must be a port number in "
                                "[0, 65535]; got -3"),
-    (["--http-port", "65536"], "--http-port 65536: ServerConfig.http_port must be a port number in "
-                               "[0, 65535]; got 65536"),
+    (["--port", "8000", "--http-port", "8000"],
+     "--port 8000 and --http-port 8000: one port for two servers; --port is the gRPC port here (vLLM's --port is "
+     "its HTTP port: here --http-port, default 8000)"),
+    (["--http-port", "9400", "--metrics-port", "9400"],
+     "--http-port 9400: ServerConfig.http_port and ServerConfig.metrics_port are both 9400: each endpoint needs "
+     "its own port"),
     (["--served-model-name", " "], "--served-model-name  : ServerConfig.served_model_name must not be empty"),
     (["--max-rank", "0"], "--max-rank 0: AdapterLimits.max_rank must be a positive integer; got 0"),
     (["--drain-seconds", "-1"], "--drain-seconds -1.0: ServerConfig.drain_seconds must be >= 0; got -1.0"),
@@ -163,12 +167,29 @@ def test_busy_metrics_port_names_it_and_binds_no_grpc_port(make_server):
 
 
 def test_a_grpc_only_server_says_at_start_that_it_serves_no_http_api(make_server, caplog):
-    # A newcomer's find: vLLM's `--port 8000` is its HTTP port; here it is gRPC's, and `serve` without
-    # --http-port serves no HTTP at all (curl got no answer), which the start did not say.
+    # A newcomer's find: `serve --http-port off` (or a server built without an HTTP port) serves no HTTP
+    # at all (curl got no answer), which the start did not say.
     with caplog.at_level(logging.INFO, logger="nlora_serve.serving.grpc_server"):
         running = make_server()
-    assert caplog.messages[-1] == (f"gRPC on {running.target}; no HTTP API (--http-port PORT serves the "
-                                   "OpenAI-compatible one)")
+    assert caplog.messages[-1] == (f"gRPC on {running.target}; no HTTP API (--http-port off; --http-port PORT "
+                                   "serves the OpenAI-compatible one)")
+
+
+def test_the_http_api_is_on_at_vllms_port_by_default_and_off_by_name(capsys):
+    # A vLLM user's `curl localhost:8000/v1/models` after a plain `serve` found nothing listening:
+    # the HTTP API was off unless --http-port named a port.
+    parser = argparse.ArgumentParser(prog="serve")
+    serve_cli.add_serve_arguments(parser)
+    assert parser.parse_args([]).http_port == 8000
+    assert parser.parse_args(["--http-port", "off"]).http_port is None
+    assert parser.parse_args(["--http-port", "OFF"]).http_port is None
+    assert parser.parse_args(["--http-port", "0"]).http_port == 0
+    for value, why in [("65536", "must be a port in [0, 65535] or 'off'; got 65536"),
+                       ("-1", "must be a port in [0, 65535] or 'off'; got -1"), ("none", "invalid port value: 'none'")]:
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["--http-port", value])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"serve: error: argument --http-port: {why}"
 
 
 def test_serve_process_with_a_busy_metrics_port_exits_2_without_noise(tmp_path):
@@ -176,7 +197,7 @@ def test_serve_process_with_a_busy_metrics_port_exits_2_without_noise(tmp_path):
         port = busy.getsockname()[1]
         proc = subprocess.run(
             [sys.executable, "-m", "nlora_serve.cli", "--log-level", "WARNING", "serve", "--port", "0",
-             "--metrics-port", str(port), "--dtype", "float32", "--adapter-dir", str(tmp_path / "store"),
+             "--http-port", "off", "--metrics-port", str(port), "--dtype", "float32", "--adapter-dir", str(tmp_path / "store"),
              "--max-model-len", "256"],
             cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ})
     assert proc.returncode == 2 and proc.stdout == ""
