@@ -46,6 +46,11 @@ class NoAdapterStore(NloraError):
     """The server was started without an adapter store, so it has no adapters to manage."""
 
 
+class RuntimeUpdatingOff(NloraError):
+    """HTTP's /v1/load_lora_adapter and /v1/unload_lora_adapter on a server started without
+    ``--allow-runtime-lora-updating`` (HTTP 404, as vLLM answers them then)."""
+
+
 # (exception, gRPC status code, HTTP status, rejection reason for nlora_requests_rejected_total and
 # the OpenAI error ``code``; RequestAborted ends an admitted request, so it is never counted there)
 _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
@@ -57,6 +62,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_argument"),
     (BodyTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, 408, "body_timeout"),
     (NoAdapterStore, grpc.StatusCode.FAILED_PRECONDITION, 404, "not_found"),
+    (RuntimeUpdatingOff, grpc.StatusCode.FAILED_PRECONDITION, 404, "not_found"),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND, 404, "not_found"),
     (VersionConflict, grpc.StatusCode.FAILED_PRECONDITION, 409, "invalid_argument"),
     (PoolFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "pool_full"),

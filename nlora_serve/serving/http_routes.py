@@ -5,7 +5,9 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-st
 ``GET /v1/models`` (the base model and the adapters this key may use) and ``GET /v1/models/{model}``
 (one of them; 404 for a name it may not use, as for one that does not exist), ``GET /health``,
 ``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; no label names a tenant),
-and vLLM's ``POST /tokenize``, ``POST /detokenize`` (http_tokenize.py) and ``GET /version``.
+vLLM's ``POST /tokenize``, ``POST /detokenize`` (http_tokenize.py) and ``GET /version``, and, with
+``--allow-runtime-lora-updating``, vLLM's ``POST /v1/load_lora_adapter`` and
+``POST /v1/unload_lora_adapter`` (http_lora_admin.py, admin keys only).
 
 Every refusal is counted in ``nlora_requests_rejected_total{frontend="http"}`` (generation
 routes only) and answered in OpenAI's error shape (http_context.error_body); generation itself,
@@ -28,9 +30,11 @@ from nlora_serve.serving.stream import adapter_versions
 from nlora_serve.serving.grpc_status import http_status_of
 from nlora_serve.serving.http_context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_generate import generate
+from nlora_serve.serving.http_lora_admin import load_lora_adapter, unload_lora_adapter
 from nlora_serve.serving.http_tokenize import detokenize, tokenize
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+LORA_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 def build_app(ctx: HttpContext) -> FastAPI:
@@ -112,6 +116,16 @@ async def _detokenize(request: Request) -> Response:
     return await detokenize(_ctx(request), request)
 
 
+@_router.post("/v1/load_lora_adapter")  # vLLM's runtime adapter loading: admin keys, off by default
+async def _load_lora_adapter(request: Request) -> Response:
+    return await load_lora_adapter(_ctx(request), request)
+
+
+@_router.post("/v1/unload_lora_adapter")
+async def _unload_lora_adapter(request: Request) -> Response:
+    return await unload_lora_adapter(_ctx(request), request)
+
+
 @_router.get("/version")
 async def _version(caller: Principal = Depends(_principal)) -> dict:  # a key, as every route that is no probe
     return {"version": __version__}
@@ -126,7 +140,7 @@ async def _expected(request: Request, exc: NloraError) -> JSONResponse:
     status, reason = http_status_of(exc)
     _refused(request, reason)
     message = str(exc)
-    if isinstance(exc, AdapterNotFound):
+    if isinstance(exc, AdapterNotFound) and request.url.path not in LORA_ADMIN_PATHS:  # those name no 'model'
         message += _not_found_hint(_ctx(request), request)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(error_body(message, status, getattr(exc, "param", None), reason), status, headers)

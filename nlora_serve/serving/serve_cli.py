@@ -43,6 +43,7 @@ from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.serving.example_tenants import ensure_example_tenants, example_name
 from nlora_serve.serving.grpc_convert import server_info
 from nlora_serve.serving.grpc_server import NloraServer, check_ports_free
+from nlora_serve.serving.http_lora_admin import env_allows_updating
 from nlora_serve.serving.server_config import ServerConfig, StartupError, default_served_name
 
 log = logging.getLogger("nlora_serve.serve")
@@ -77,6 +78,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="the OpenAI-compatible HTTP API's port (/v1/completions, /v1/chat/completions, /v1/models, "
            "/metrics), 0 = any free one, 'off' = gRPC only; same keys, grants and queue as gRPC "
            "(default: %(default)s, vLLM's)")
+    a("--allow-runtime-lora-updating", action=argparse.BooleanOptionalAction, default=env_allows_updating(),
+      help="serve vLLM's POST /v1/load_lora_adapter {lora_name, lora_path} (a folder on this server's disk) and "
+           "/v1/unload_lora_adapter over HTTP, admin keys only (default: off, on where "
+           "VLLM_ALLOW_RUNTIME_LORA_UPDATING is 1 or true, as vLLM)")
     a("--max-queue", type=int, default=d.max_queue, help="running + waiting requests at most; beyond that "
                                                          "RESOURCE_EXHAUSTED / HTTP 429 (default: %(default)s)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -133,6 +138,11 @@ def build(args: argparse.Namespace):
     engine_config.scheduler = dataclasses.replace(engine_config.scheduler, tenant_weights=auth.weights())
     _check_adapter_dir(args.adapter_dir)
     check_ports_free(config)
+    if config.allow_runtime_lora_updating:  # as vLLM warns: lora_path reads this machine's disk
+        who = "admin keys" if args.tenants_file else "any local process (no --tenants-file)"
+        log.warning("--allow-runtime-lora-updating: %s may load any adapter folder this server can read over "
+                    "HTTP's POST /v1/load_lora_adapter%s", who,
+                    "" if config.http_port is not None else " (but --http-port is off)")
     dummy = engine_config.load_format == "dummy"
     path = Path(args.model).expanduser().resolve() if dummy else resolve_model(args.model, engine_config.cache_dir)
     _check_model_len(path, args.max_model_len)
@@ -212,6 +222,7 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
     with _flag_errors(args):
         config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
                               served_model_name=args.served_model_name,
+                              allow_runtime_lora_updating=args.allow_runtime_lora_updating,
                               tenants_file=args.tenants_file, max_queue=args.max_queue, max_tokens=args.max_tokens,
                               max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds,
                               tenant_queue_shares=policy == "fair")

@@ -68,6 +68,9 @@ class ServerConfig:
     # the base model's name in GetServerInfo, /v1/models and HTTP ``model``; None: the model's own
     # (see :func:`default_served_name`)
     served_model_name: str | None = None
+    # vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (http_lora_admin.py), admin keys
+    # only: off by default, as vLLM's, since lora_path reads a folder of the server's own disk
+    allow_runtime_lora_updating: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_tokens", "max_adapter_bytes"):

@@ -1,0 +1,155 @@
+"""vLLM's runtime adapter endpoints over HTTP: ``POST /v1/load_lora_adapter`` and
+``POST /v1/unload_lora_adapter``, in the shapes of vLLM's LoadLoRAAdapterRequest /
+UnloadLoRAAdapterRequest and their plain-text answers, for operators whose scripts drive vLLM.
+
+Off unless the server starts with ``--allow-runtime-lora-updating`` (or vLLM's environment variable
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``), as vLLM gates them: ``lora_path`` is a folder on the
+server's own disk. Off, both answer 404 naming the flag (vLLM: a bare 404).
+
+- load ``{"lora_name", "lora_path", "load_inplace": false}``: registers the adapter folder
+  ``lora_path`` (``adapter_config.json`` + ``adapter_model.safetensors``, a compact family member,
+  or a Hugging Face ``ORG/NAME`` already in the HF cache, as ``serve --adapter NAME=DIR`` takes) as
+  ``lora_name``'s next version, written to the adapter store as an upload is, so it survives a
+  restart. A name already served is refused unless ``load_inplace`` (then it becomes the next
+  version: running requests finish on theirs, and the prefix cache never mixes them up, its
+  blocks being keyed by each version's content hash). 200 ``Success: LoRA adapter 'NAME' added
+  successfully.``
+- unload ``{"lora_name"}``: stops serving the name, as ``adapters unload`` without ``--force``
+  (running requests finish; the store remembers it). 200 ``Success: LoRA adapter 'NAME' removed
+  successfully.``; 404 for a name not served.
+
+Both need an admin key (401 without a key, 403 for a tenant's), as gRPC's AdapterAdmin does.
+Refusals come in OpenAI's error shape: an invalid name or an adapter the loader refuses 400 (the
+loader's message), a missing folder 404, files over ``--max-adapter-bytes`` together 413 (checked
+before any byte is read), a server without an adapter store 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict
+from starlette.requests import ClientDisconnect
+
+from nlora_serve.adapters.names import validate_name
+from nlora_serve.adapters.registry import AdapterNotFound
+from nlora_serve.adapters.store import ALLOWED_FILES
+from nlora_serve.errors import AdapterError, shown
+from nlora_serve.models.hub import local_or_hub
+from nlora_serve.serving.grpc_status import NoAdapterStore, RuntimeUpdatingOff, TooLarge
+from nlora_serve.serving.http_body import parsed_json, validated
+from nlora_serve.serving.http_context import HttpContext
+from nlora_serve.serving.http_generate import read_body
+from nlora_serve.serving.http_openai import ParamError, unsupported
+
+ENV_FLAG = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+def env_allows_updating() -> bool:
+    """vLLM's environment switch, read as vLLM reads it: ``1`` or ``true`` (any case) turns it on."""
+    return os.environ.get(ENV_FLAG, "0").strip().lower() in ("1", "true")
+
+
+class _Body(BaseModel):
+    # extra fields are refused one by one (naming each); strict: "true" is no boolean
+    model_config = ConfigDict(extra="allow", strict=True)
+    lora_name: str
+
+
+class LoadLoraAdapter(_Body):
+    lora_path: str
+    load_inplace: bool = False
+    is_3d_lora_weight: bool = False  # vLLM's MoE weight layout: false only
+
+
+class UnloadLoraAdapter(_Body):
+    lora_int_id: int | None = None  # vLLM's engine-side id: accepted and ignored (names are the ids here)
+
+
+async def load_lora_adapter(ctx: HttpContext, request: Request) -> Response:
+    """``POST /v1/load_lora_adapter``.
+
+    Raises:
+        NloraError: a refusal (the app's handler answers it in OpenAI's error shape; see the module).
+        RequestValidationError: a body that is not JSON or not a valid request.
+    """
+    body = await _admitted(ctx, request, LoadLoraAdapter)
+    if body is None:
+        return Response(status_code=499)
+    if body.is_3d_lora_weight:
+        raise ParamError("is_3d_lora_weight=true is not supported: this server serves 2-D LoRA weights only",
+                         "is_3d_lora_weight")
+    manager = _manager(ctx)
+    name = body.lora_name
+    if not body.load_inplace and name in {version.name for version in manager.versions()}:
+        raise ParamError(f"the lora adapter {name!r} has already been loaded; to load a new version in place, "
+                         "set 'load_inplace' to true", "lora_name")
+    start = time.perf_counter()
+    await asyncio.to_thread(_register, ctx, name, body.lora_path)
+    ctx.metrics.load.observe(time.perf_counter() - start)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def unload_lora_adapter(ctx: HttpContext, request: Request) -> Response:
+    """``POST /v1/unload_lora_adapter``. Raises: as :func:`load_lora_adapter`; AdapterNotFound (404)
+    for a name not served."""
+    body = await _admitted(ctx, request, UnloadLoraAdapter)
+    if body is None:
+        return Response(status_code=499)
+    _manager(ctx)
+    ctx.engine.unload_adapter(body.lora_name)  # running requests finish on their version
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+async def _admitted(ctx: HttpContext, request: Request, kind: type[_Body]) -> _Body | None:
+    """The checked body of an admin request (None: the client went away first).
+
+    Raises:
+        RuntimeUpdatingOff: the server was started without the flag. Unauthenticated,
+            PermissionDenied: no admin key. RequestValidationError, ParamError: the body.
+            AdapterError: an invalid name, or the served base model's name.
+    """
+    if not ctx.config.allow_runtime_lora_updating:
+        raise RuntimeUpdatingOff(f"{request.url.path} is off on this server: start it with "
+                                 f"--allow-runtime-lora-updating (or {ENV_FLAG}=true) to load adapters from its "
+                                 "disk over HTTP, or use `nlora-serve adapters upload` / `unload` (gRPC)")
+    ctx.auth.authenticate(request.headers.items()).require_admin(request.url.path)
+    try:
+        raw = await read_body(request, ctx.admission)
+    except ClientDisconnect:
+        return None
+    body = validated(kind, parsed_json(raw, request.headers.get("content-type")))
+    for field in body.model_extra or {}:
+        raise unsupported(field)
+    validate_name(body.lora_name)
+    ctx.config.check_adapter_name(body.lora_name)
+    return body
+
+
+def _manager(ctx: HttpContext):
+    try:
+        return ctx.engine.adapters
+    except AdapterError:
+        raise NoAdapterStore("this server has no adapter store (start it with --adapter-dir)") from None
+
+
+def _register(ctx: HttpContext, name: str, lora_path: str) -> None:
+    """Register the folder ``lora_path`` as ``name``'s next version (in a worker thread).
+
+    Raises:
+        AdapterNotFound: no folder there. TooLarge: its adapter files over ``max_adapter_bytes``
+            together. AdapterError: the loader's refusal, or a Hugging Face name not in the cache.
+    """
+    folder = local_or_hub(lora_path, AdapterError, "lora_path")
+    if not folder.is_dir():
+        raise AdapterNotFound(f"lora_path {shown(lora_path)!r}: no such folder on the server")
+    total = sum((folder / file).stat().st_size for file in ALLOWED_FILES if (folder / file).is_file())
+    if total > ctx.config.max_adapter_bytes:
+        raise TooLarge(f"lora_path {shown(lora_path)!r}: {' + '.join(ALLOWED_FILES)} are {total} bytes, over the "
+                       f"server's --max-adapter-bytes {ctx.config.max_adapter_bytes}")
+    _manager(ctx).register_dir(name, Path(folder))

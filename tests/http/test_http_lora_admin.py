@@ -1,0 +1,148 @@
+"""vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter on our HTTP port: off unless the
+server allows them, admin keys only, an adapter loaded from a server folder then answering its
+case's recorded transformers references (fp32), written to the store, and every refusal named."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import pytest
+import requests
+
+from grpc_harness import ADMIN_KEY, TENANT_KEYS, matches_reference
+from http_harness import CASES, client, references
+from nlora_serve.serving import serve_cli
+
+CASE = "inttune-nystrom-tied"  # tests/data/cases: a tied IntTune tenant with recorded references
+NAME = "inttune-loaded"  # granted to tied-co by its pattern "inttune-*" (grpc_harness.GRANTS)
+LOADED = f"Success: LoRA adapter '{NAME}' added successfully."
+
+
+def _post(server, path: str, body: dict, key: str | None = ADMIN_KEY) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    return requests.post(f"http://127.0.0.1:{server.server.http_port}{path}", data=json.dumps(body), timeout=60,
+                         headers={"Content-Type": "application/json", **headers})
+
+
+def _load(server, path=CASES / CASE, name: str = NAME, key: str | None = ADMIN_KEY, **fields) -> requests.Response:
+    return _post(server, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path), **fields}, key)
+
+
+def _refused(resp: requests.Response, status: int, message: str, param: str | None = None) -> None:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert (error["message"], error["param"]) == (message, param), error
+
+
+def _served(server) -> dict[str, int]:
+    return {v.name: v.version for v in server.engine.adapters.versions()}
+
+
+def _greedy(server, model: str, ref: dict) -> list[int]:
+    n = len(ref["greedy_token_ids"])
+    answer = client(server, TENANT_KEYS["tied-co"]).completions.create(
+        model=model, prompt=ref["prompt_token_ids"], max_tokens=n, temperature=0, logprobs=0,
+        extra_body={"min_tokens": n, "return_tokens_as_token_ids": True})
+    return [int(t.removeprefix("token_id:")) for t in answer.choices[0].logprobs.tokens]
+
+
+@pytest.fixture
+def server(make_http_server):
+    return make_http_server(allow_runtime_lora_updating=True)
+
+
+def test_off_by_default_the_routes_answer_404_naming_the_flag(make_http_server):
+    server = make_http_server()
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        _refused(_post(server, path, {"lora_name": NAME, "lora_path": str(CASES / CASE)}), 404,
+                 f"{path} is off on this server: start it with --allow-runtime-lora-updating (or "
+                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true) to load adapters from its disk over HTTP, or use "
+                 "`nlora-serve adapters upload` / `unload` (gRPC)")
+    assert _served(server) == {}
+
+
+def test_a_loaded_adapter_answers_its_references_and_is_stored(server):
+    assert _load(server, key=None).status_code == 401
+    _refused(_load(server, key=TENANT_KEYS["tied-co"]), 403,
+             "/v1/load_lora_adapter needs an admin key; 'tied-co' is a tenant key")
+    assert _served(server) == {}
+    resp = _load(server)
+    assert (resp.status_code, resp.text) == (200, LOADED)
+    assert _served(server) == {NAME: 1}
+    assert server.engine.adapters.registry.store.latest(NAME).version == 1  # durable, as an upload
+    for ref in references(CASE):
+        assert matches_reference(_greedy(server, NAME, ref), ref["greedy_token_ids"], ref["top2_logit_margins"])
+    models = client(server, TENANT_KEYS["tied-co"]).models.list()
+    assert NAME in [m.id for m in models.data]
+
+
+def test_a_served_name_loads_again_only_in_place_as_its_next_version(server):
+    assert _load(server).status_code == 200
+    _refused(_load(server), 400, f"the lora adapter {NAME!r} has already been loaded; to load a new version in "
+                                 "place, set 'load_inplace' to true", "lora_name")
+    resp = _load(server, load_inplace=True)
+    assert (resp.status_code, resp.text) == (200, LOADED)
+    assert _served(server) == {NAME: 2}
+
+
+def test_unload_stops_serving_the_name_and_an_unknown_name_is_404(server):
+    assert _load(server).status_code == 200
+    resp = _post(server, "/v1/unload_lora_adapter", {"lora_name": NAME, "lora_int_id": 7})
+    assert (resp.status_code, resp.text) == (200, f"Success: LoRA adapter '{NAME}' removed successfully.")
+    assert _served(server) == {}
+    again = _post(server, "/v1/unload_lora_adapter", {"lora_name": NAME})
+    assert again.status_code == 404 and "'model' names" not in again.json()["error"]["message"], again.text
+    _refused(_post(server, "/v1/unload_lora_adapter", {"lora_name": NAME}, TENANT_KEYS["lora-co"]), 403,
+             "/v1/unload_lora_adapter needs an admin key; 'lora-co' is a tenant key")
+
+
+def test_bad_loads_are_refused_by_name_and_serve_nothing(server, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = server.server.generation.info.model
+    _refused(_load(server, tmp_path / "nowhere"), 404, f"lora_path {str(tmp_path / 'nowhere')!r}: no such folder "
+                                                       "on the server")
+    resp = _load(server, empty)
+    assert resp.status_code == 400 and "adapter_config.json" in resp.json()["error"]["message"], resp.text
+    assert _load(server, name="../escape").status_code == 400
+    _refused(_load(server, name=base), 400,
+             f"adapter name {base!r} is the served base model name (--served-model-name): an HTTP request for "
+             f"model {base!r} runs the base model, so this adapter could never be reached; register it under "
+             "another name or serve the base model under another --served-model-name")
+    _refused(_load(server, is_3d_lora_weight=True), 400, "is_3d_lora_weight=true is not supported: this server "
+                                                         "serves 2-D LoRA weights only", "is_3d_lora_weight")
+    _refused(_load(server, base_model_name="x"), 400, "unsupported field 'base_model_name': this server does not "
+                                                      "implement it (at any value, null and [] included); remove it",
+             "base_model_name")
+    resp = _post(server, "/v1/load_lora_adapter", {"lora_name": NAME})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "lora_path", resp.text
+    assert _served(server) == {} and server.engine.adapters.registry.store.latest(NAME) is None
+    assert _load(server).status_code == 200  # and the server still loads a good one
+
+
+def test_a_folder_over_max_adapter_bytes_is_refused_before_reading(make_http_server, tmp_path):
+    folder = shutil.copytree(CASES / CASE, tmp_path / "copy")
+    total = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("adapter_"))
+    server = make_http_server(allow_runtime_lora_updating=True, max_adapter_bytes=total - 1)
+    _refused(_load(server, folder), 413, f"lora_path {str(folder)!r}: adapter_config.json + "
+                                         f"adapter_model.safetensors are {total} bytes, over the server's "
+                                         f"--max-adapter-bytes {total - 1}")
+    assert _served(server) == {}
+
+
+@pytest.mark.parametrize("env, flags, on", [(None, [], False), ("true", [], True), ("1", [], True),
+                                            ("TRUE", ["--no-allow-runtime-lora-updating"], False),
+                                            ("0", [], False), (None, ["--allow-runtime-lora-updating"], True)])
+def test_the_flag_defaults_to_vllms_environment_variable(monkeypatch, env, flags, on):
+    if env is None:
+        monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", env)
+    parser = argparse.ArgumentParser()
+    serve_cli.add_serve_arguments(parser)
+    args = parser.parse_args(flags)
+    assert args.allow_runtime_lora_updating is on
+    config, _ = serve_cli._configs(args)
+    assert config.allow_runtime_lora_updating is on
