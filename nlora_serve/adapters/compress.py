@@ -136,12 +136,6 @@ def _errors(a, b, s, a_f, b_f, ns) -> list[float]:
     return [float((e / r) ** 0.5) if r > 0 else 0.0 for e, r in zip(err2.tolist(), ref2.tolist())]
 
 
-def rel_errors(items: list[LowRank], a_f: torch.Tensor, b_f: torch.Tensor, ns: list[torch.Tensor]) -> list[float]:
-    """‖Δᵢ − B_f Nᵢ A_f‖_F / ‖Δᵢ‖_F per adapter, from the factors alone (no out×in product)."""
-    a, b, s = _stack(items, a_f.device, a_f.dtype)
-    return _errors(a, b, s, a_f, b_f, torch.stack(list(ns)).to(a_f.dtype))
-
-
 def compress_module(items: list[LowRank], rank: int, *, iters: int = 2,
                     dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> ModuleFit:
     """Shared A_f [R, in], B_f [out, R] and per-adapter N [R, R] for one module (see module doc).

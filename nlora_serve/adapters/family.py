@@ -191,12 +191,6 @@ class FamilyResolver:
         return self._cache.setdefault(factors.key, factors)
 
 
-def n_only_weights(sites: dict, n_of) -> bytes:
-    """Safetensors bytes of the lora_N keys: ``n_of(site)`` gives each [R, R] tensor."""
-    tensors = {tensor_key(layer, module, PART_N): n_of((layer, module)).contiguous() for layer, module in sites}
-    return safetensors.torch.save(tensors, metadata={"format": "pt"})
-
-
 def member_header(key: str, base_fingerprint: str) -> dict:
     """The ``nlora_serve`` object of a family member's adapter_config.json."""
     return {"format": FAMILY_FORMAT, "family": key, "base_fingerprint": base_fingerprint}

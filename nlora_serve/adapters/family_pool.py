@@ -40,11 +40,6 @@ class FamilyPool(TiedPool):
             self.factors[site] = (a, b)
 
     @property
-    def family_bytes(self) -> int:
-        """Bytes of the shared factors (once per family)."""
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.factors.values())
-
-    @property
     def slot_families(self) -> torch.Tensor:
         return torch.zeros(self.capacity, dtype=torch.int32)  # every member reads family row 0
 

@@ -15,7 +15,6 @@ from nlora_serve.models.spec import PROJECTIONS, ModelSpec
 
 PREFIX = "base_model.model."
 PART_A, PART_N, PART_B, PART_BIAS = "lora_A.weight", "lora_N.weight", "lora_B.weight", "lora_B.bias"
-PARTS = (PART_A, PART_N, PART_B, PART_BIAS)
 EXPECTED_LAYOUT = (f"{PREFIX}model.layers.{{i}}.{{self_attn|mlp}}.{{q,k,v,o,gate,up,down}}_proj."
                    "lora_{A,N,B}.weight")
 _KEY_RE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."

@@ -26,7 +26,7 @@ from nlora_serve.errors import AdapterError
 from nlora_serve.kernels import metadata
 from nlora_serve.kernels.weights import KernelSiteWeights
 from nlora_serve.models.base import BaseModel
-from nlora_serve.models.spec import ATTN_MODULES, PROJECTIONS, Site
+from nlora_serve.models.spec import ATTN_MODULES, Site
 
 
 # Torch spreads an op of at least at::internal::GRAIN_SIZE elements over its intra-op threads. A
@@ -277,8 +277,3 @@ class LoraPool(_Pool):
             return None
         n, a, b = table
         return KernelSiteWeights(n_pool=n, a_pool=a, b_pool=b, b_pool_t=self.b_t.get(site))
-
-
-def all_sites(base: BaseModel) -> list[Site]:
-    """Every adaptable (layer, module) of the base model, in forward order."""
-    return [(layer, m) for layer in range(base.spec.num_layers) for m in PROJECTIONS]

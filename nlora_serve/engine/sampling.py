@@ -123,11 +123,6 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
     @property
-    def has_penalties(self) -> bool:
-        """True when :func:`apply_penalties` has work for this request (min_tokens counts)."""
-        return self.reads_token_values or self.min_tokens > 0
-
-    @property
     def reads_token_values(self) -> bool:
         """True when a penalty depends on which tokens came before (repetition, presence,
         frequency); min_tokens only counts them."""

@@ -59,7 +59,3 @@ class Sequence:
     def num_uncomputed(self) -> int:
         """Tokens still to run through the model before this sequence can sample again."""
         return len(self.token_ids) - self.num_computed_tokens
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
