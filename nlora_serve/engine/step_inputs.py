@@ -3,7 +3,8 @@
 Every integer a step needs (token ids, positions, query starts, context lengths, KV slot mapping,
 logits indices, block tables, and any extra per-token rows such as adapter slots) is written into
 one int32 host buffer (pinned when the target is a GPU), copied to the device in one
-``copy_(non_blocking=True)``, and read there as views. Nothing loops over tokens in Python: the
+``copy_(non_blocking=True)``, and read there as views. On the CPU there is no copy: the host
+tensors are used as built (int64, the block tables int32). Nothing loops over tokens in Python: the
 loops are per sequence (their counts and new token ids), everything per token is a tensor op. Block
 tables are rows of a persistent table written only when a sequence's blocks change
 (engine/block_tables.py), gathered in the step's order.

@@ -1,7 +1,8 @@
 """Per-step batch metadata for the adapter ops (DESIGN §4), and its builder.
 
-`engine/` builds one :class:`AdapterBatch` per forward step from the slot of every token and the
-registry's per-slot rank, scaling and family, then hands the same object to every adapted
+`engine/` builds one :class:`AdapterBatch` per pool per forward step from the slot of every token
+and that pool's per-slot rank, scaling and family (``slot_ranks``, ``slot_scalings``,
+``slot_families`` of adapters/pool.py), then hands the same object to every adapted
 projection (30 layers × 7 projections on the default model). Everything a kernel needs that depends
 only on the token layout is computed here once, so no op recomputes it 210 times.
 

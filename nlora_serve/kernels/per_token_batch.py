@@ -1,7 +1,7 @@
 """A step's per-token adapter layout derived on the device, for fixed-grid (BGMV-style) launches.
 
-Decode steps take this form, and on the Triton backend so do prefill and mixed steps of up to
-``AdapterHook.per_token_tokens`` tokens (the ones piecewise CUDA graphs replay). :func:`~nlora_serve.
+On the Triton backend (CUDA) decode steps take this form, and so do prefill and mixed steps of up
+to ``AdapterHook.per_token_tokens`` tokens (the ones piecewise CUDA graphs replay). :func:`~nlora_serve.
 kernels.metadata.build_adapter_batch` sorts tokens and finds runs on the host (what the SGMV
 kernels of larger prefills need). The per-token form needs none of it: every op below runs one
 program per token (and column block), or per block of family-sorted tokens (the grouped form),

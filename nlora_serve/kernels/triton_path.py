@@ -55,7 +55,7 @@ def apply_triton(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
             view of a fused output.
         x: [T, in] the projection's input, y's dtype.
         batch: the step's :class:`AdapterBatch`, its tensors on y's device.
-        site: this projection's :class:`SiteWeights` (n_pool [S, R, R]; a_pool [F, R, in] and
+        site: this projection's :class:`KernelSiteWeights` (n_pool [S, R, R]; a_pool [F, R, in] and
             b_pool [F, out, R] for group tokens; tied_b [out, ≥r], tied_bias [≥r] or None for
             tied tokens), y's dtype, on y's device.
         tied_form, group_form: see :data:`TIED_FORM`, :data:`GROUP_FORM`.

@@ -19,7 +19,7 @@ class KernelSiteWeights:
     tied pool, ``tied_b = W[:, :R]``); nothing is copied.
     """
 
-    n_pool: torch.Tensor  # [S, R, R]: N (M) per slot; plain LoRA slots hold the identity
+    n_pool: torch.Tensor  # [S, R, R]: N (M) per slot; the engine's pools hold s · N (plain LoRA: s · I)
     a_pool: torch.Tensor | None = None  # [F, R, in]: A per family (None: no group-path slots)
     b_pool: torch.Tensor | None = None  # [F, out, R]: B per family
     tied_b: torch.Tensor | None = None  # [out, R']: W[:, :R'] of the base weight, R' ≥ R used
