@@ -8,6 +8,13 @@ per-token form only the [T] slot row, the layout then derived on the device); th
 projection's call adds every pool's deltas into its base output through the kernels. A step with
 no adapted token costs one ``if`` per projection.
 
+A step that mixes base, tied and LoRA requests has one entry per pool (here a TiedPool and the
+LoraPool), run one after another on the same ``y``. Every token is on exactly one pool (slot −1 in
+every other pool's batch; a base-model token is −1 in all of them and keeps the base output), so
+the pools write disjoint rows, and the tied path's read of a token's first r columns never sees
+another pool's add. With more than one pool the native tied delta is added at once, never
+deferred (the conditions below).
+
 Where the tied (IntTune) delta is computed. For a token t on slot s of a Nyström-tied pool and
 each module m of a fused projection with base output y (columns of m: y[t, m]), the delta is
 
@@ -286,7 +293,8 @@ class AdapterHook:
             self._per_token = saved
 
     def step_rows(self) -> list[torch.Tensor]:
-        """The host [T] int32 slot rows of a decode step, for the step's one host-to-device copy."""
+        """The host [T] int32 slot rows of a per-token-form step (a decode step, or one of up to
+        :attr:`per_token_tokens` tokens), one per pool, for the step's one host-to-device copy."""
         return [e.host_slots for e in self._per_token]
 
     def bind_rows(self, rows: list[torch.Tensor]) -> None:
