@@ -4,6 +4,34 @@ Nyström init, tied detection and the compact tied form, convert; the store and 
 The engine-facing API: :func:`read_adapter` (validated, typed :class:`Adapter`), its
 :class:`SiteWeights` per (layer, module), :func:`write_adapter`, :func:`init_adapter`,
 :func:`to_lora` / :func:`to_nlora`, :func:`inspect_adapter`, :func:`lora_scaling`.
+
+Modules, by concern::
+
+    reading and writing an adapter folder
+      keys.py          tensor key names <-> (layer, module, part)
+      config.py        adapter_config.json: parse, validate, which modules are adapted, scaling
+      format.py        safetensors bytes in (reading only; never a pickle)
+      bounds.py        the values an adapter may hold so that serving it stays finite
+      loader.py        read_adapter: one folder validated against a base model
+      adapter.py       Adapter and SiteWeights, what every reader returns
+      names.py         the adapter-name rule
+      writing.py       atomic file writes (temp, fsync, rename) and Undo
+      save.py          write_adapter: the full form or the compact tied (N-only) form
+    kinds and tools (the ``adapters`` subcommands; cli.py wires inspect, init, convert)
+      tied.py          Nyström-tied detection (A, B = slices of W) and the tied family key
+      nystrom.py       init; convert.py; inspect.py
+      family.py        compressed families on disk (shared factors, N-only members)
+      compress.py      the compression maths; compress_family.py the family it writes;
+                       compress_report.py its quality report; compress_cli.py the command
+      tune.py          IntTune training of N; tune_data.py, unlikelihood.py, tune_cli.py
+    serving them (AdapterManager is the engine's one handle)
+      store.py         one folder per name, one per version, written atomically; store_lock.py,
+                       durable.py (its file operations, observable by tests)
+      registry.py      name -> current version, pins and refcounts, register, hot-swap, unload
+      swap.py          a hot-swap's N-only payload checked against the version it replaces
+      residency.py     which version sits in which pool slot, within the memory limits
+      pool.py          TiedPool, LoraPool (and family_pool.py's FamilyPool): slots as the kernels read them
+      manager.py       AdapterManager: store + registry + residency, wired together
 """
 
 from nlora_serve.adapters.adapter import Adapter, SiteWeights

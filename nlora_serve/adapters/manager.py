@@ -1,4 +1,4 @@
-"""The serving side's one handle on adapters: store + registry + residency, wired together.
+"""The engine's one handle on adapters: store + registry + residency, wired together.
 
 Front ends call :meth:`AdapterManager.acquire` when they admit a request (NOT_FOUND at once for an
 unknown name) and the engine calls :meth:`release` exactly once when the request ends.

@@ -1,6 +1,11 @@
 """Clients of the nlora-serve gRPC server: sync and asyncio, typed deltas and errors.
 
-They depend only on ``nlora_serve.proto`` (never on the server's code).
+They depend only on ``nlora_serve.proto`` (never on the server's code)::
+
+    sync.py      NloraClient (blocking); aio.py: AsyncNloraClient, the same calls awaited
+    messages.py  request messages both build; types.py: typed results and errors
+    cli.py       ``nlora-serve client ...`` (and ``adapters list|upload|swap|unload|load``)
+    bench/       ``nlora-serve bench``, the load tester (its own docstring)
 """
 
 from nlora_serve.client.aio import AsyncNloraClient

@@ -1,6 +1,14 @@
 """Base models: resolve, convert the embedded default, load weights by name, fingerprint.
 
-The ground floor that ``adapters`` and ``serving`` both build on.
+The ground floor that ``adapters``, ``engine`` and ``serving`` build on::
+
+    resolve.py   --model default | DIR | FILE.gguf -> a prepared local directory (the default
+                 converted once); hub.py: ORG/NAME found in the Hugging Face cache; cache.py:
+                 where prepared models live
+    base.py      BaseModel: the loaded model (directory, spec, weights by name, tokenizer)
+    spec.py      ModelSpec: the shapes the rest of the code needs, from config.json
+    weights.py   weights by module name (safetensors only) and the base fingerprint
+    dtype.py     --dtype auto | float32 | bfloat16; dummy.py: random weights (--load-format dummy)
 """
 
 from nlora_serve.models.base import BaseModel, load_base, load_hf_model
