@@ -155,7 +155,17 @@ class AdapterManager:
         return self.registry.register(name, files, if_version)
 
     def swap(self, name: str, weights: bytes, if_version: int | None = None) -> AdapterVersion:
-        """Hot-swap ``name``'s weights (a tied tenant: the N-only safetensors)."""
+        """Hot-swap ``name``'s weights: a tied tenant's (or a family member's) N-only safetensors
+        ``weights``, checked by :func:`~nlora_serve.adapters.swap.replace_n`, written durably and
+        switched to (see :meth:`AdapterRegistry.swap_weights`). ``if_version``: swap only if it is
+        the current version. Returns the new version; running requests finish on their own.
+
+        Raises:
+            AdapterNotFound: ``name`` is not registered. AdapterError: the payload does not fit the
+                tenant (keys, shapes, dtype, non-finite values) or the tenant is untied.
+            VersionConflict: ``if_version`` is not the current version. PoolFull: the new N would
+                exceed ``--adapter-memory``.
+        """
         return self.registry.swap_weights(name, weights, if_version, validate=replace_n)
 
     def unload(self, name: str) -> AdapterVersion:

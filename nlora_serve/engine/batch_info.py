@@ -153,6 +153,10 @@ def decode_tables(padded: torch.Tensor, num_blocks: list[int], context_lens: tor
 
 
 def prefill_chunk(start: int, end: int, context_len: int, table: list[int], block_size: int) -> PrefillChunk:
+    """The :class:`PrefillChunk` of packed tokens ``[start, end)`` whose sequence holds ``context_len``
+    tokens after this step (cached prefix + chunk), its KV blocks in ``table``: block ids cut to the
+    ``ceil(context_len / block_size)`` that hold them, and the [q, context_len] causal mask, or None
+    when the chunk is the whole context (no cached prefix: plain causal attention)."""
     q = end - start
     blocks = torch.tensor(table[: -(-context_len // block_size)], dtype=torch.long)
     if q == context_len:
