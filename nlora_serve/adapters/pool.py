@@ -218,7 +218,7 @@ class TiedPool(_Pool):
         # Triton expand reads the strided view directly.
         tied_bt = None if tied_b.is_cuda else tied_b.t().contiguous()
         return KernelSiteWeights(n_pool=self.n[:, i], tied_b=tied_b, tied_a=w[: self.rank], tied_bias=tied_bias,
-                          tied_bt=tied_bt)
+                                 tied_bt=tied_bt)
 
 
 class LoraPool(_Pool):

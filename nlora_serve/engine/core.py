@@ -68,7 +68,9 @@ class EngineCore:
         check_max_len(base, sched.max_model_len)
         native = (load_native(cache_root(config.cache_dir) / "kernels", amx=config.cpu_amx)
                   if config.kernel_backend == "native" else None)
-        self.runner = ModelRunner(base, None, cache.block_size, sched.max_model_len, device,
+        # no KV cache yet: num_kv_blocks sizes it below (on CUDA, from the memory the placed weights leave)
+        self.runner = ModelRunner(base, num_blocks=None, block_size=cache.block_size,
+                                  max_model_len=sched.max_model_len, device=device,
                                   prepack=config.kernel_backend == "native",
                                   gemm=native.gemm if native is not None and config.cpu_gemm == "native" else None)
         self.runner.set_attention(*select_attention(config.kernel_backend, native, sched.max_model_len))

@@ -281,7 +281,6 @@ class NativeOps:
             raise ValueError(f"native tied op refused rank {plan.rank} / {plan.num_modules} modules")
         return y
 
-
     def tied_step(self, batch: AdapterBatch | NativeBatch) -> TiedStep:
         """``batch``'s tied tokens, for :meth:`tied_delta` (build once per step and pool)."""
         slots, scalings = batch.tok_tied_slot.contiguous(), batch.slot_scalings.contiguous()

@@ -46,12 +46,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer:
     n = info.num_decodes
     if n and native is not None:
         native.attention.decode(q[:n], kv_layer, info.decode_block_tables, info.context_lens[:n], scale, out[:n],
-                            torch.get_num_threads())
+                                torch.get_num_threads())
     elif n:
         out[:n] = _decode(q[:n], kv_layer, info, scale)
     if info.prefills and native is not None:  # every chunk in one call, straight over the cache
         native.attention.prefill(q, kv_layer, info.block_tables[n:], info.query_starts[n:], info.context_lens[n:],
-                             scale, out, torch.get_num_threads())
+                                 scale, out, torch.get_num_threads())
         return out.view(q.shape[0], -1)
     for chunk in info.prefills:
         out[chunk.start:chunk.end] = _prefill(q, k, v, kv_layer, chunk, scale)
