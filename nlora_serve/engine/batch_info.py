@@ -133,10 +133,10 @@ def flat_layout(qlens: torch.Tensor, computed: torch.Tensor, padded: torch.Tenso
     num = int(starts[-1])
     owner = torch.repeat_interleave(torch.arange(qlens.numel()), qlens, output_size=num)  # [T] sequence index
     positions = computed[owner] + torch.arange(num) - starts[owner]
-    slots = padded[owner, positions // block_size].long() * block_size + positions % block_size
+    kv_slots = padded[owner, positions // block_size].long() * block_size + positions % block_size
     not_one = (qlens != 1).nonzero()
     n = int(not_one[0, 0]) if not_one.numel() else qlens.numel()
-    return FlatLayout(positions, starts, slots, starts[1:][samples] - 1, padded, n,
+    return FlatLayout(positions, starts, kv_slots, starts[1:][samples] - 1, padded, n,
                       int(qlens[n:].max()) if n < qlens.numel() else 0)
 
 

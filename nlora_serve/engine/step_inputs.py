@@ -71,12 +71,12 @@ class StepInputs:
         wide = [ids, layout.positions, layout.query_starts, ctx, layout.slot_mapping, layout.logits_indices]
         feed = _feed_rows(pairs, samples, layout.query_starts, previous)
         wide, tables32, rows = self._copy(wide, layout.block_tables, list(extra) + ([feed] if feed is not None else []))
-        input_ids, positions, starts, ctx_d, slots, logits_idx = wide
+        input_ids, positions, starts, ctx_d, kv_slots, logits_idx = wide
         if feed is not None:  # placeholders: the step in flight's tokens, gathered on the device
             src = rows.pop()
             input_ids = torch.where(src >= 0, previous.tokens[src.clamp(min=0).long()], input_ids)
         n = layout.num_decodes
-        info = BatchInfo(query_starts=starts, context_lens=ctx_d, slot_mapping=slots, logits_indices=logits_idx,
+        info = BatchInfo(query_starts=starts, context_lens=ctx_d, slot_mapping=kv_slots, logits_indices=logits_idx,
                          num_decodes=n, decode_block_tables=None, decode_mask=None, prefills=[],
                          block_tables=tables32, max_query_len=layout.max_query_len,
                          decode_splits=self.decode_splits)
