@@ -102,7 +102,7 @@ class ModelRunner:
                          lambda layer, module: model.projection(layer, module).module_bias(module), stream)
 
     def set_adapter_hook(self, hook: AdapterHook | None) -> None:
-        """See :meth:`LlamaModel.set_adapter_hook`; a decode step's adapter slots ride in the step's copy."""
+        """See :meth:`LlamaModel.set_adapter_hook`; a per-token-form step's adapter slots ride in the step's copy."""
         self.model.set_adapter_hook(hook)
         self.adapter_hook = hook
         self._share_threshold()
