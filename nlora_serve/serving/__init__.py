@@ -21,6 +21,7 @@ HTTP::
                        the body parsed, validated and turned into engine inputs
     http_responses.py  engine deltas -> OpenAI response objects and SSE chunks
     http_tokenize.py   vLLM's /tokenize and /detokenize
+    http_lora_admin.py vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (admin, off by default)
     http_context.py    what the routes serve from; OpenAI's error shape
     token_bytes.py     a token's raw bytes for chat logprobs
 
