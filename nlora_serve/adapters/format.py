@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError, deserialize, safe_open
 from safetensors.torch import load
 
 from nlora_serve.adapters.config import CONFIG_NAME
@@ -147,6 +147,10 @@ def read_stacked(data: bytes, keys: list[str]) -> tuple[dict[str, tuple[str, tup
     and every tensor has one dtype and one shape (use :func:`read_bytes` then). Like safetensors'
     own loader, checks that the tensors' ``data_offsets`` tile the data exactly (no gap, no
     overlap, each the size its dtype and shape say). Decoding is exact for F32, F16 and BF16.
+    ``data`` is also parsed by safetensors itself (0.3 ms for 210 tensors of 16 x 16), which is
+    what reads it back from the store at a restart: Python's json takes headers that parser
+    refuses (UTF-16, a BOM, NaN, non-string ``__metadata__`` values, nesting past 127), and such a
+    hot-swap had served until the restart, which then dropped the tenant.
 
     Raises:
         AdapterError: as :func:`read_header_bytes`, or offsets that do not match the header.
@@ -160,6 +164,10 @@ def read_stacked(data: bytes, keys: list[str]) -> tuple[dict[str, tuple[str, tup
     if size == 0:
         return header, None
     _check_tiling(entries, len(data) - start, size)
+    try:
+        deserialize(data)
+    except SafetensorError as exc:
+        raise AdapterError(f"adapter weights are not a readable safetensors file ({exc})") from None
     rows = np.frombuffer(data, dtype=np.uint8, offset=start).reshape(-1, size)
     picked = rows[[entries[k]["data_offsets"][0] // size for k in keys]]  # [K, size] bytes, key order
     return header, _as_float32(picked.view(_LITTLE_ENDIAN[name]), name).reshape(len(keys), *shape)

@@ -171,6 +171,75 @@ def test_swap_revalidates_when_another_registration_switches_first(base_fp32, te
     assert v4.version == 4 and v4.content_hash == read_adapter_bytes(config, payload, base_fp32).content_hash
 
 
+def _rewritten_header(payload: bytes, edit) -> bytes:
+    """``payload`` with its JSON header replaced by ``edit(header dict) -> header bytes`` (padded
+    with spaces to a multiple of 8, as safetensors writes it); the data is kept."""
+    size = int.from_bytes(payload[:8], "little")
+    header = edit(json.loads(payload[8:8 + size]))
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + payload[8 + size:]
+
+
+def _with_metadata(meta: str):  # ``meta`` is spliced in as JSON text
+    return lambda h: ('{"__metadata__": ' + meta + ", " + json.dumps(h)[1:]).encode()
+
+
+def _nested_field(depth: int):  # an extra field in one entry, nested ``depth`` deep
+    def edit(h):
+        first = next(iter(h))
+        return json.dumps(h).replace(f'"{first}": {{', f'"{first}": {{"x": {"[" * depth}{"]" * depth}, ', 1).encode()
+    return edit
+
+
+# Headers Python's json reads and safetensors' own (serde) parser refuses: the stacked swap path
+# parsed only with the former, stored such a payload as the new version's file, and the restart
+# (which reads the store with safetensors) then refused it and no longer served the tenant.
+UNREADABLE_HEADERS = {
+    "utf-16": lambda h: (json.dumps(h) + " " * (-len(json.dumps(h)) % 4)).encode("utf-16-le"),  # no byte padding
+    "utf-8 BOM": lambda h: b"\xef\xbb\xbf" + json.dumps(h).encode(),
+    "metadata int": _with_metadata('{"step": 60}'),
+    "metadata list": _with_metadata("[1]"),
+    "metadata NaN": _with_metadata('{"loss": NaN}'),
+    "nested 200": _nested_field(200),
+}
+# ... and headers both read: these stay accepted
+READABLE_HEADERS = {
+    "metadata str": _with_metadata('{"step": "60"}'),
+    "metadata null": _with_metadata("null"),
+    "extra field": _nested_field(1),
+}
+
+
+@pytest.mark.parametrize("name", UNREADABLE_HEADERS)
+def test_a_swap_header_safetensors_cannot_read_is_refused(base_fp32, tenant, name):
+    payload = _rewritten_header(_payload(tenant, 2.0), UNREADABLE_HEADERS[name])
+    with pytest.raises(Exception):
+        safetensors.torch.load(payload)  # the reader a restart uses refuses it
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        replace_n(read_adapter(tenant, base_fp32), payload)
+
+
+@pytest.mark.parametrize("name", READABLE_HEADERS)
+def test_a_swap_header_safetensors_reads_is_taken(base_fp32, tenant, name):
+    payload = _rewritten_header(_payload(tenant, 2.0), READABLE_HEADERS[name])
+    want = safetensors.torch.load(payload)  # the reference: what a restart reads back
+    fast = replace_n(read_adapter(tenant, base_fp32), payload)
+    for (layer, module), site in fast.sites.items():
+        key = next(k for k in want if f"layers.{layer}." in k and f".{module}." in k)
+        assert torch.equal(site.N, want[key])
+
+
+def test_a_refused_swap_header_leaves_the_tenant_served_across_a_restart(base_fp32, tenant, tmp_path):
+    manager = AdapterManager(base_fp32, tmp_path / "store")
+    v1 = manager.register_dir("acme", tenant)
+    payload = _rewritten_header(_payload(tenant, 2.0), UNREADABLE_HEADERS["metadata int"])
+    with pytest.raises(AdapterError, match="invalid type: integer `60`, expected a string"):
+        manager.swap("acme", payload)
+    assert manager.registry.get("acme") is v1 and manager.registry.store.versions("acme") == [1]
+    restarted = AdapterManager(base_fp32, tmp_path / "store").registry.get("acme")
+    assert (restarted.version, restarted.content_hash) == (1, v1.content_hash)
+
+
 def test_pool_write_in_pieces_equals_float64_s_times_n(base_fp32):
     adapter = init_adapter(base_fp32, rank=16, targets="all-linear")  # 210 sites · 256 > one piece
     gen = torch.Generator().manual_seed(1)
