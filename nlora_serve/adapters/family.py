@@ -32,12 +32,11 @@ from nlora_serve.adapters.config import FAMILY_FORMAT
 from nlora_serve.adapters.format import read_bytes
 from nlora_serve.adapters.writing import Undo, atomic_write, make_dirs
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, group_keys, tensor_key
-from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES, FAMILIES
+from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES, FACTORS_FILE, FAMILIES, AdapterStore
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.spec import ModelSpec
 
 FAMILIES_DIR = FAMILIES  # store.py skips it when listing adapter names
-FACTORS_FILE = "family.safetensors"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +122,8 @@ def family_file(root: Path, key: str) -> Path:
 
 def write_factors(root: Path, factors: FamilyFactors, undo: Undo | None = None) -> Path:
     """Write the factors under ``root`` once (atomic: temp file, fsync, rename); a no-op when the
-    family is already there. Returns the file's path.
+    family is already there. Returns the file's path. For an output folder (``compress --out``);
+    into an adapter store they go through :meth:`AdapterStore.write_factors` (durable order).
 
     Args:
         undo: where to record what was created (the command's other output fails: removed again).
@@ -196,19 +196,23 @@ def member_header(key: str, base_fingerprint: str) -> dict:
     return {"format": FAMILY_FORMAT, "family": key, "base_fingerprint": base_fingerprint}
 
 
-def compact_family_files(adapter, weights: bytes, root: Path) -> dict[str, bytes] | None:
-    """Store files of an uploaded full-form family member: its lora_N keys as uploaded (so the
-    compact form hashes and serves exactly like the upload) and its config; the family's factors
-    are written under ``root`` first, once. None when ``adapter`` is not a family member or the
-    upload is already compact (its factors were found in the store when it was read).
+def compact_family_files(name: str, adapter, weights: bytes, store: AdapterStore) -> dict[str, bytes] | None:
+    """Store files of an uploaded full-form family member registered as ``name``: its lora_N keys
+    as uploaded (so the compact form hashes and serves exactly like the upload) and its config;
+    the family's factors are written durably into ``store`` first, once. None when ``adapter`` is
+    not a family member or the upload is already compact (its factors were found in the store
+    when it was read).
+
+    Raises:
+        StoreWriteError: the store's disk refused the factors (nothing of them is left).
     """
     if getattr(adapter, "shared_family", None) is None:  # (test doubles of Adapter lack the field)
         return None
     tensors = safetensors.torch.load(weights)
     if not any(k.endswith(PART_A) for k in tensors):
         return None
-    sites = {s: (w.A, w.B) for s, w in adapter.sites.items()}
-    write_factors(root, make_factors(sites, adapter.base_fingerprint))
+    factors = make_factors({s: (w.A, w.B) for s, w in adapter.sites.items()}, adapter.base_fingerprint)
+    store.write_factors(name, factors.key, lambda: factors_bytes(factors))
     config = {k: v for k, v in adapter.config.raw.items() if k != "nlora_serve"}
     config["nlora_serve"] = member_header(adapter.shared_family, adapter.base_fingerprint)
     n_keys = {k: v.contiguous() for k, v in tensors.items() if k.endswith(PART_N)}
@@ -216,12 +220,13 @@ def compact_family_files(adapter, weights: bytes, root: Path) -> dict[str, bytes
             "adapter_model.safetensors": safetensors.torch.save(n_keys, metadata={"format": "pt"})}
 
 
-def import_family(adapter_dir: Path, resolver: FamilyResolver, root: Path) -> None:
-    """Before a compact member folder is registered into a store: copy its family's factors
-    (found next to the folder) into the store under ``root``, once. A no-op for other adapters.
+def import_family(name: str, adapter_dir: Path, resolver: FamilyResolver, store: AdapterStore) -> None:
+    """Before a compact member folder is registered into ``store`` as ``name``: copy its family's
+    factors (found next to the folder) into the store durably, once. A no-op for other adapters.
 
     Raises:
         AdapterError: the member's factors are missing or mismatched.
+        StoreWriteError: the store's disk refused them.
     """
     config = Path(adapter_dir) / "adapter_config.json"
     try:
@@ -229,4 +234,5 @@ def import_family(adapter_dir: Path, resolver: FamilyResolver, root: Path) -> No
     except (OSError, ValueError, AttributeError, RecursionError):
         return  # the reader names what is wrong with the folder
     if isinstance(header, dict) and header.get("format") == FAMILY_FORMAT and isinstance(header.get("family"), str):
-        write_factors(root, resolver.get(header["family"], near=Path(adapter_dir)))
+        factors = resolver.get(header["family"], near=Path(adapter_dir))
+        store.write_factors(name, factors.key, lambda: factors_bytes(factors))

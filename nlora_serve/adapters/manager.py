@@ -143,7 +143,7 @@ class AdapterManager:
             AdapterError: the directory is not a servable adapter, or ``name`` is invalid.
         """
         adapter_dir = Path(adapter_dir)
-        import_family(adapter_dir, self.families, self.registry.store.root)  # a compact family member
+        import_family(name, adapter_dir, self.families, self.registry.store)  # a compact family member
         files = {f: (adapter_dir / f).read_bytes() for f in ALLOWED_FILES if (adapter_dir / f).is_file()}
         if len(files) < len(ALLOWED_FILES):
             read_adapter(adapter_dir, self.base, max_rank=self.limits.max_rank)  # names what is wrong

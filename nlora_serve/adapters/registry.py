@@ -140,7 +140,7 @@ class AdapterRegistry:
         validate_name(name)
         adapter = adapter if adapter is not None else self._validate(files)
         files = (compact_tied_files(adapter, files[WEIGHTS_FILE])  # DESIGN §3: N only on disk
-                 or compact_family_files(adapter, files[WEIGHTS_FILE], self.store.root) or files)
+                 or compact_family_files(name, adapter, files[WEIGHTS_FILE], self.store) or files)
         with self._write_lock:  # check, persist and switch as one step per registry
             self._check_version(name, if_version)
             version = self._commit(name, adapter, files)

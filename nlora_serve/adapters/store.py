@@ -6,7 +6,8 @@ Layout under the root (``--adapter-dir``)::
     <name>/<version:08d>/adapter_model.safetensors
     <name>/UNLOADED                present while the name is unloaded: not served after a restart
     .staging/                      temporary folders; whatever is here after a crash is discarded
-    _families/<key>/family.safetensors   a compressed family's shared factors (adapters/family.py)
+    _families/<key>/family.safetensors   a compressed family's shared factors (adapters/family.py),
+                                         written as durably as a version (write_factors)
 
 A version becomes visible only by ``rename`` of a fully written and fsynced folder, so a crash at
 any point leaves either the old state or the new one, never a half-written adapter (DESIGN §3).
@@ -24,6 +25,7 @@ import os
 import shutil
 import stat
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ ALLOWED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 STAGING = ".staging"
 UNLOADED = "UNLOADED"
 FAMILIES = "_families"  # shared factors of compressed families (adapters/family.py), not an adapter
+FACTORS_FILE = "family.safetensors"  # a family's file in FAMILIES/<key>/
 DEFAULT_MAX_ADAPTER_BYTES = 256 << 20  # --max-adapter-bytes: one version's files together, bytes
 # errors of a full or failing disk: a write refused with one is a StoreWriteError
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
@@ -286,6 +289,46 @@ class AdapterStore:
             raise AdapterError(f"adapter name {name!r} differs only in case from the stored adapter {twin!r}: on a "
                                "case-insensitive file system both are one folder of the store; register it under "
                                f"another name, or as a new version of {twin!r}")
+
+    def write_factors(self, name: str, key: str, data_of: Callable[[], bytes]) -> Path:
+        """Durably write a compressed family's shared factors (``data_of()``, called only when they
+        are not there yet) as ``_families/<key>/family.safetensors`` for the registration of adapter
+        ``name``, once (``key`` hashes them). In a version's durable order: the file written and fsynced in a staged folder, that
+        folder fsynced and renamed into place, ``_families`` fsynced (and the root, for a new
+        ``_families``), all before the member's version is written, which needs them to load.
+
+        Raises:
+            AdapterError: ``key`` is not 64 lowercase hex characters, or ``_families`` is a link or
+                a file (the store follows no link).
+            StoreWriteError: the disk refused a write: nothing of it is left.
+        """
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise AdapterError(f"family key {key!r:.80} is not 64 lowercase hex characters")
+        families, staged = self.root / FAMILIES, None
+        with self._lock:
+            try:
+                is_new = not os.path.lexists(families)
+                if not is_new and not stat.S_ISDIR(os.lstat(families).st_mode):
+                    raise AdapterError(f"adapter store entry {FAMILIES} is a link or a file, not a folder: refusing "
+                                       "to write a family's factors through it")
+                if os.path.isfile(families / key / FACTORS_FILE):
+                    return families / key / FACTORS_FILE
+                staged = durable.make_temp_dir(self.root / STAGING, "family.")
+                write_synced(staged / FACTORS_FILE, data_of())
+                fsync_dir(staged)
+                if is_new:
+                    durable.mkdir(families)
+                    fsync_dir(self.root)
+                elif os.path.lexists(families / key):  # without the factors: what an older version's crash left
+                    durable.rename(families / key, durable.make_temp_dir(self.root / STAGING, "trash.") / "f")
+                durable.rename(staged, families / key)
+                staged = None
+                fsync_dir(families)
+            except OSError as exc:
+                if staged is not None:
+                    shutil.rmtree(staged, ignore_errors=True)
+                raise _write_error(name, exc) if exc.errno in DISK_ERRORS else exc from exc
+        return families / key / FACTORS_FILE
 
     def is_unloaded(self, name: str) -> bool:
         """Whether an operator unloaded ``name`` (its UNLOADED marker is on disk).

@@ -3,6 +3,8 @@ adapter hook's output against the family maths in float64 (read from the files d
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 
 import pytest
@@ -131,6 +133,67 @@ def test_full_form_upload_writes_the_factors_once(base_fp32, family_dir, tmp_pat
     assert (tmp_path / "store" / "_families" / member.shared_family / "family.safetensors").is_file()
     on_disk = safetensors.torch.load_file(version.path / "adapter_model.safetensors")
     assert all(k.endswith("lora_N.weight") for k in on_disk)
+
+
+def _full_form_upload(base, family_dir):
+    """(config, weights) bytes of member alpha in the full form (lora_A = A_f, lora_N, lora_B = B_f)."""
+    from nlora_serve.adapters.save import tensor_dict
+
+    member = read_adapter(family_dir / "out" / "alpha", base)
+    weights = safetensors.torch.save({k: v.to(torch.float32) for k, v in tensor_dict(member).items()})
+    return (family_dir / "out" / "alpha" / "adapter_config.json").read_bytes(), weights, member.shared_family
+
+
+def test_a_full_form_uploads_factors_are_durable_before_its_version(base_fp32, family_dir, tmp_path):
+    """The factors were written with plain os calls and no folder fsync: after a power loss the
+    acknowledged member's version could be on disk without them (not servable at the restart)."""
+    from nlora_serve.adapters import durable
+
+    config, weights, key = _full_form_upload(base_fp32, family_dir)
+    manager = _manager(base_fp32, tmp_path / "store")
+    root, ops = manager.registry.store.root, []
+    previous = durable.set_fault_hook(ops.append)
+    try:
+        version = manager.register("up", {"adapter_config.json": config, "adapter_model.safetensors": weights})
+    finally:
+        durable.set_fault_hook(previous)
+    factors, families = root / "_families" / key, root / "_families"
+    at = {}  # each operation's first index
+    for i, op in enumerate(ops):
+        at.setdefault((op.kind, op.path, op.target), i)
+    staged = next(op.path for op in ops if op.kind == "rename" and op.target == factors)
+    member_rename = next(i for i, op in enumerate(ops) if op.kind == "rename" and op.target == version.path)
+    assert (at[("fsync_file", staged / "family.safetensors", None)] < at[("fsync_dir", staged, None)]
+            < at[("rename", staged, factors)] < at[("fsync_dir", families, None)] < member_rename)
+    assert at[("mkdir", families, None)] < at[("fsync_dir", root, None)] < at[("rename", staged, factors)]
+    on_disk = safetensors.torch.load_file(factors / "family.safetensors")
+    assert len(on_disk) == 2 * len(version.adapter.sites)
+
+
+def test_a_disk_error_writing_a_familys_factors_changes_nothing(base_fp32, family_dir, tmp_path):
+    """A full disk at the factors was a bare OSError (gRPC UNKNOWN), not the store's own refusal."""
+    from nlora_serve.adapters import durable
+    from nlora_serve.adapters.store import StoreWriteError
+
+    config, weights, key = _full_form_upload(base_fp32, family_dir)
+    manager = _manager(base_fp32, tmp_path / "store")
+    files = {"adapter_config.json": config, "adapter_model.safetensors": weights}
+
+    def disk_full(op):
+        if op.kind == "write" and op.path.name == "family.safetensors":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    previous = durable.set_fault_hook(disk_full)
+    try:
+        with pytest.raises(StoreWriteError, match=r"adapter 'up': the adapter store's disk refused the write "
+                                                  r"\(ENOSPC: No space left on device\)"):
+            manager.register("up", files)
+    finally:
+        durable.set_fault_hook(previous)
+    root = manager.registry.store.root
+    assert sorted(p.name for p in root.iterdir()) == [".staging"] and list((root / ".staging").iterdir()) == []
+    assert [v.name for v in manager.versions()] == []
+    assert manager.register("up", files).family == key  # the disk has room again
 
 
 def test_compressed_family_error_is_measured_against_the_loras(base_fp32, family_dir):

@@ -19,6 +19,7 @@ import pytest
 
 from nlora_serve.adapters import durable
 from nlora_serve.adapters.store import CONFIG_FILE, STAGING, UNLOADED, WEIGHTS_FILE, AdapterStore, content_hash
+from nlora_serve.errors import AdapterError
 from disk_model import DiskModel
 
 CONFIG = b'{"r": 4}'
@@ -189,3 +190,39 @@ def _replay(start: DiskModel, ops) -> DiskModel:
         if not isinstance(op, tuple):
             model.apply(op)
     return model
+
+
+def test_family_factors_are_whole_or_absent_at_any_power_loss_and_there_once_acknowledged(tmp_path, recorder):
+    root = (tmp_path / "store").resolve()
+    key, data = "ab" * 32, bytes(range(256)) * 4
+    leftover = root / "_families" / key  # what a crash of the older, non-atomic factors write left
+    leftover.mkdir(parents=True)
+    (leftover / ".family.safetensors.tmp1234").write_bytes(b"half")
+    AdapterStore(root)
+    model_start = DiskModel(root)
+    path = AdapterStore(root).write_factors("acme", key, lambda: data)
+    assert path == leftover / "family.safetensors" and path.read_bytes() == data
+    assert [p.name for p in leftover.iterdir()] == ["family.safetensors"]
+    ops = recorder.ops
+    for point in range(len(ops) + 1):
+        target = tmp_path / f"crash{point}"
+        _replay(model_start, ops[:point]).after_power_loss(target)
+        AdapterStore(target)  # the restart: discards the staging area
+        factors = target / "_families" / key / "family.safetensors"
+        assert not factors.exists() or factors.read_bytes() == data, point
+        assert list((target / STAGING).iterdir()) == []
+        shutil.rmtree(target)
+    target = tmp_path / "acknowledged"
+    _replay(model_start, ops).after_power_loss(target)
+    assert (target / "_families" / key / "family.safetensors").read_bytes() == data
+    assert AdapterStore(root).write_factors("acme", key, lambda: b"other") == path and path.read_bytes() == data  # once
+
+
+def test_family_factors_are_not_written_through_a_linked_families_folder(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = AdapterStore(tmp_path / "store")
+    (store.root / "_families").symlink_to(outside)
+    with pytest.raises(AdapterError, match="_families is a link or a file, not a folder"):
+        store.write_factors("acme", "ab" * 32, lambda: b"data")
+    assert list(outside.iterdir()) == []
