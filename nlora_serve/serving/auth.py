@@ -112,7 +112,7 @@ class Authenticator:
         """Read a tenants file.
 
         Raises:
-            AuthError: unreadable file, a plaintext ``key`` field, a bad hash, a duplicate hash, a
+            AuthError: unreadable file, ``tenants`` or ``admin_keys`` not a list, a plaintext ``key`` field, a bad hash, a duplicate hash, a
                 field it does not know (a typo such as ``admins`` or ``base_modle`` would otherwise
                 leave the server without an admin or a tenant without its grant, silently), a name
                 that is not a non-empty string, or that two entries with different grants or settings
@@ -129,6 +129,10 @@ class Authenticator:
         if not isinstance(doc, dict):
             raise AuthError(f"tenants file {path}: expected an object with 'tenants' and 'admin_keys'")
         _known_fields(doc, _FILE_FIELDS, f"tenants file {path}")
+        for section in _FILE_FIELDS:  # else enumerate() crashed on null or a number, and took a string's letters
+            if not isinstance(doc.get(section, []), list):
+                raise AuthError(f"tenants file {path}: {section} must be a list of entries ({{...}}, ...); got "
+                                f"{type(doc[section]).__name__}")
         by_hash: dict[str, Principal] = {}
         for i, entry in enumerate(doc.get("admin_keys", [])):
             where = f"{path}: admin_keys[{i}]"

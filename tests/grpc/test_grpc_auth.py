@@ -112,6 +112,20 @@ def test_tenants_file_nested_past_the_parser_is_an_auth_error(tmp_path):
         Authenticator.from_file(path)
 
 
+@pytest.mark.parametrize("section, value, kind", [
+    ("admin_keys", None, "NoneType"), ("tenants", 5, "int"), ("tenants", "acme", "str"),
+    ("tenants", {"name": "acme", "key_sha256": hash_key("k")}, "dict"),  # one entry, not a list of them
+])
+def test_a_section_that_is_not_a_list_is_an_auth_error_naming_it(tmp_path, section, value, kind):
+    """null or a number crashed the start with a TypeError; a string or an object was read entry by
+    entry (its letters, its keys) and refused as "tenants[0]: expected an object"."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({section: value}))
+    with pytest.raises(AuthError) as err:
+        Authenticator.from_file(path)
+    assert str(err.value) == f"tenants file {path}: {section} must be a list of entries ({{...}}, ...); got {kind}"
+
+
 def test_tenants_file_refuses_plaintext_keys_and_bad_hashes(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"tenants": [{"name": "a", "key": "plain"}]}))
