@@ -183,7 +183,7 @@ def _full_adapter_keys(data: bytes) -> str:
     length = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
     try:
         keys = json.loads(data[8:8 + length]) if 0 < length <= len(data) - 8 else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser: the server names it
         return ""
     if not isinstance(keys, dict):
         return ""

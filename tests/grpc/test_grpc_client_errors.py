@@ -152,8 +152,11 @@ def test_library_refuses_a_whole_adapter_as_a_swap_before_any_call(keys, refused
         assert str(err.value).startswith(f"swap payload holds {refused} weights, a whole adapter")
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000  # nested past the JSON parser: the client's check raised RecursionError
+
+
 @pytest.mark.parametrize("payload", [b"", b"x", b"not safetensors", b"\0" * 64, b"\xff" * 16,
-                                     (4).to_bytes(8, "little") + b"[1]"])
+                                     (4).to_bytes(8, "little") + b"[1]", len(DEEP).to_bytes(8, "little") + DEEP])
 def test_payloads_that_are_not_safetensors_are_left_to_the_servers_check(payload):
     with NloraClient(NOWHERE, timeout=5) as client, pytest.raises(NloraClientError) as err:
         client.swap_adapter("t", payload)
