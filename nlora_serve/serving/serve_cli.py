@@ -30,6 +30,7 @@ from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
 from nlora_serve.arg_types import port_or_off_arg
 from nlora_serve.cli import console_command
 from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base, resolve_model
@@ -119,6 +120,10 @@ def _named_dir(value: str) -> tuple[str, str]:
     name, sep, folder = value.partition("=")
     if not sep or not name or not folder:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    try:  # at parse time: it was refused only once the model had loaded, without naming the flag
+        validate_name(name)
+    except AdapterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return name, folder
 
 
@@ -170,9 +175,26 @@ def build(args: argparse.Namespace):
 
 def _check_adapter_names(config: ServerConfig, args: argparse.Namespace) -> None:
     """Every adapter name the server will start with (--adapter, examples, the store) against the
-    served model name, before the model loads."""
-    names = [name for name, _ in args.adapter] + [example_name(i) for i in range(args.example_tenants)]
-    for name in names + AdapterStore(args.adapter_dir).names(warn=False):  # the registry's scan warns
+    served model name, and the flags' names against each other, before the model loads.
+
+    Raises:
+        StartupError: two flags name one adapter, or names that differ only in case (one folder of
+            the store on a case-insensitive file system): the later one had registered silently as
+            a new version over the earlier (or an example over an --adapter).
+        AdapterError: as :meth:`ServerConfig.check_adapter_name`.
+    """
+    flags = [(f"--adapter {name}={folder}", name) for name, folder in args.adapter]
+    flags += [(f"--example-tenants {args.example_tenants}", example_name(i)) for i in range(args.example_tenants)]
+    seen: dict[str, tuple[str, str]] = {}  # case-folded name -> the first (flag, name) of it
+    for flag, name in flags:
+        if (first := seen.get(name.casefold())) is not None:
+            case = "" if first[1] == name else (f" (as {first[1]!r}: names differing only in case are one folder "
+                                                "of the store on a case-insensitive file system)")
+            raise StartupError(f"{flag}: adapter {name!r} is also named by {first[0]}{case}; give each adapter "
+                               "its own name")
+        seen[name.casefold()] = (flag, name)
+    stored = AdapterStore(args.adapter_dir).names(warn=False)  # the registry's scan warns
+    for name in [name for _, name in flags] + stored:
         config.check_adapter_name(name)
 
 

@@ -70,6 +70,36 @@ def test_flags_out_of_range_name_the_flag(tmp_path, no_model, flags, message):
     assert not (tmp_path / "store").exists()  # refused before anything was created
 
 
+@pytest.mark.parametrize("name", ["../x", "/etc", "a b", "ü", ".hidden", "x" * 129])
+def test_an_adapter_flag_with_a_name_no_adapter_can_have_is_a_usage_error(tmp_path, capsys, name):
+    """It was refused only after the model had loaded, by the store, without naming the flag."""
+    with pytest.raises(SystemExit) as exit_:
+        _args(tmp_path, "--adapter", f"{name}=examples/tenants/lower")
+    assert exit_.value.code == 2
+    assert f"argument --adapter: adapter name {name!r}" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adapter", "a=x", "--adapter", "a=y"], "--adapter a=y: adapter 'a' is also named by --adapter a=x; "
+                                               "give each adapter its own name"),
+    (["--adapter", "a=x", "--adapter", "a=x"], "--adapter a=x: adapter 'a' is also named by --adapter a=x; "
+                                               "give each adapter its own name"),
+    (["--adapter", "acme=x", "--adapter", "ACME=y"],
+     "--adapter ACME=y: adapter 'ACME' is also named by --adapter acme=x (as 'acme': names differing only in case "
+     "are one folder of the store on a case-insensitive file system); give each adapter its own name"),
+    (["--adapter", "tenant-001=x", "--example-tenants", "2"],
+     "--example-tenants 2: adapter 'tenant-001' is also named by --adapter tenant-001=x; give each adapter its own "
+     "name"),
+])
+def test_two_flags_naming_one_adapter_are_refused_before_loading(tmp_path, no_model, flags, message):
+    """The later one was registered as a new version over the earlier, silently (the store kept both)."""
+    with pytest.raises(StartupError) as err:
+        serve_cli.build(_args(tmp_path, *flags))
+    assert str(err.value) == message
+    assert list((tmp_path / "store").iterdir()) == []  # (created and probed) nothing written
+
+
 def test_max_model_len_over_the_model_is_refused_before_loading(tmp_path, no_model, base_fp32):
     with pytest.raises(StartupError) as err:
         serve_cli.build(_args(tmp_path, "--max-model-len", "100000"))
