@@ -123,10 +123,13 @@ class AdapterStore:
         return path
 
     def versions(self, name: str) -> list[int]:
-        """Complete versions of ``name`` on disk, ascending (empty when unknown)."""
+        """Complete versions of ``name`` on disk, ascending (empty when unknown): its folders named
+        as :meth:`write` names them, 8 ASCII digits. Others are no version: a stray ``3`` or ``٣``
+        (``str.isdigit``'s) had made :meth:`latest` look for ``00000003`` and fail the whole start,
+        a ``²`` crashed it in ``int()``."""
         try:
             with os.scandir(self.adapter_dir(name)) as entries:
-                return sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir(follow_symlinks=False))
+                return sorted(int(e.name) for e in entries if _is_version(e.name) and e.is_dir(follow_symlinks=False))
         except (FileNotFoundError, NotADirectoryError):
             return []
 
@@ -292,10 +295,11 @@ class AdapterStore:
 
     def write_factors(self, name: str, key: str, data_of: Callable[[], bytes]) -> Path:
         """Durably write a compressed family's shared factors (``data_of()``, called only when they
-        are not there yet) as ``_families/<key>/family.safetensors`` for the registration of adapter
-        ``name``, once (``key`` hashes them). In a version's durable order: the file written and fsynced in a staged folder, that
-        folder fsynced and renamed into place, ``_families`` fsynced (and the root, for a new
-        ``_families``), all before the member's version is written, which needs them to load.
+        are not there yet) as ``_families/<key>/family.safetensors`` for the registration of
+        adapter ``name``, once (``key`` hashes them). In a version's durable order: the file
+        written and fsynced in a staged folder, that folder fsynced and renamed into place,
+        ``_families`` fsynced (and the root, for a new ``_families``), all before the member's
+        version is written, which needs them to load.
 
         Raises:
             AdapterError: ``key`` is not 64 lowercase hex characters, or ``_families`` is a link or
@@ -380,6 +384,11 @@ class AdapterStore:
     def wait_deleted(self) -> None:
         """Block until the files of every version removed so far are deleted."""
         self._deleter.submit(lambda: None).result()  # one worker, first in first out
+
+
+def _is_version(folder: str) -> bool:
+    """Whether ``folder`` is a version folder's name: ``f"{version:08d}"`` of a version >= 1."""
+    return folder.isascii() and folder.isdigit() and int(folder) > 0 and folder == f"{int(folder):08d}"
 
 
 def _write_error(name: str, exc: OSError) -> StoreWriteError:

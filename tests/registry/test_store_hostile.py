@@ -221,3 +221,17 @@ def test_an_unreadable_store_entry_is_skipped_with_a_warning_not_a_crash(tmp_pat
     with caplog.at_level("WARNING", logger="nlora_serve.adapters.store"):
         assert store.names() == ["zeta"]
     assert "skipping store entry" in caplog.text and "Permission denied" in caplog.text
+
+
+@pytest.mark.parametrize("stray", ["3", "٣", "²", "000000002", "00000000", "backup"])
+def test_a_folder_not_named_as_a_version_is_no_version(base_fp32, tmp_path, stray):
+    """str.isdigit took these for versions: a stray "3" or "٣" made latest() look for 00000003 and
+    fail the whole start ("has no version 3"), "²" crashed it in int()."""
+    root, _ = _store_with(tmp_path, base_fp32)
+    (root / "acme" / stray).mkdir()
+    store = AdapterStore(root)
+    assert store.versions("acme") == [1] and store.latest("acme").path == root / "acme" / "00000001"
+    restarted = AdapterManager(base_fp32, root)
+    assert [(v.name, v.version) for v in restarted.versions()] == [("acme", 1), ("sneaky", 1)]
+    assert restarted.register_dir("acme", CASE).path == root / "acme" / "00000002"
+    assert (root / "acme" / stray).is_dir()  # not the store's to delete
