@@ -156,6 +156,15 @@ def _check_layers(cfg: AdapterConfig) -> None:
         raise AdapterError(f"{CONFIG_NAME}: layers_pattern {cfg.layers_pattern!r} needs layers_to_transform")
 
 
+def _flag(raw: dict, name: str) -> bool:
+    """A true/false field (absent or null: false). bool() of the string "false" is True: a hand-edited
+    ``"use_rslora": "false"`` scaled by alpha / sqrt(r) (as PEFT and vLLM read it too), silently."""
+    value = raw.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise AdapterError(f"{CONFIG_NAME}: {name} = {value!r}; expected true or false (a JSON boolean)")
+    return bool(value)
+
+
 def _names(value, field_name: str) -> tuple[str, ...] | str | None:
     if value is None or isinstance(value, str):
         return value
@@ -204,7 +213,7 @@ def parse_config(raw: dict) -> AdapterConfig:
             layers_to_transform=tuple(layers) if isinstance(layers, list) else layers,
             layers_pattern=(patterns,) if isinstance(patterns, str) else _names(patterns, "layers_pattern"),
             rank_pattern=dict(raw.get("rank_pattern") or {}), alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-            use_rslora=bool(raw.get("use_rslora", False)), lora_bias=bool(raw.get("lora_bias", False)),
+            use_rslora=_flag(raw, "use_rslora"), lora_bias=_flag(raw, "lora_bias"),
             init_lora_weights=raw.get("init_lora_weights", True),
             tied=TiedHeader(**tied) if isinstance(tied, dict) and tied.get("format") != FAMILY_FORMAT else None,
             family=FamilyHeader(**tied) if isinstance(tied, dict) and tied.get("format") == FAMILY_FORMAT else None,

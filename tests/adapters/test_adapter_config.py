@@ -120,6 +120,21 @@ def test_malformed_configs_are_refused_naming_field_and_value(raw, words):
         parse_config(raw)
 
 
+@pytest.mark.parametrize("field", ["use_rslora", "lora_bias"])
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, "no", []])
+def test_a_true_false_field_takes_only_a_json_boolean(field, value):
+    """bool() read the string "false" as true: a hand-edited use_rslora scaled by alpha / sqrt(r)."""
+    with pytest.raises(AdapterError) as err:
+        parse_config({"peft_type": "LORA", field: value})
+    assert str(err.value) == f"adapter_config.json: {field} = {value!r}; expected true or false (a JSON boolean)"
+
+
+@pytest.mark.parametrize("value, scaling", [(False, 16 / 4), (None, 16 / 4), (True, 16 / math.sqrt(4))])
+def test_use_rslora_false_null_or_true_scales_as_peft_defines(value, scaling):
+    cfg = parse_config({"peft_type": "LORA", "r": 4, "lora_alpha": 16, "use_rslora": value})
+    assert {p.scaling for p in plan_sites(cfg, SPEC).values()} == {scaling}
+
+
 @pytest.mark.parametrize("targets", [["lm_head", "q_proj"], ["embed_tokens"], ".*"])
 def test_embedding_and_lm_head_targets_are_refused(targets):
     with pytest.raises(AdapterError, match="embeddings or lm_head"):
