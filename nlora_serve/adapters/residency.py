@@ -136,12 +136,16 @@ class Residency:
                 raise PoolFull(f"adapter {version.name!r}: all {pool.capacity} LoRA slots are held by "
                                "running requests (--max-loras); retry shortly")
             return
-        if version.adapter is None:
-            start = time.perf_counter()
-            version.adapter = self._load(version.path)
-            self.cold_loads += 1
-            self.cold_load_seconds += time.perf_counter() - start
-        pool.write(slot, version.adapter)
+        try:
+            if version.adapter is None:
+                start = time.perf_counter()
+                version.adapter = self._load(version.path)
+                self.cold_loads += 1
+                self.cold_load_seconds += time.perf_counter() - start
+            pool.write(slot, version.adapter)
+        except BaseException:  # a failed re-read (files gone, a disk error) keeps no slot, or each would cost one
+            pool.release_slot(slot)
+            raise
         version.pool, version.slot = pool, slot
         self._lru[id(version)] = version
 

@@ -171,6 +171,29 @@ def test_pinned_lora_slots_are_never_evicted(base_fp32, residency, tmp_path):
         residency.ensure_resident(vs[2])
 
 
+def test_a_failed_cold_load_gives_its_slot_back(base_fp32, residency, tmp_path):
+    """The slot taken (an idle adapter evicted for it) stayed taken when the re-read failed: each
+    failure cost a slot for good, and once --max-loras of them were gone every untied adapter of
+    every tenant was PoolFull ("held by running requests", with none running)."""
+    from nlora_serve.errors import AdapterError
+
+    vs = []
+    for i in range(3):
+        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
+        vs.append(version(f"l{i}", a, write_adapter(a, tmp_path / f"l{i}")))
+        residency.admit(vs[-1])  # l2 evicts l0 (nothing holds either)
+    assert vs[0].slot is None and vs[0].adapter is None
+    (vs[0].path / "adapter_model.safetensors").unlink()  # its file is gone from the disk since
+    for _ in range(3):  # more failures than slots
+        with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
+            residency.ensure_resident(vs[0])
+    assert residency.lora_pool.used == 1  # only l2 (l1 was evicted for the failed loads)
+    for v in vs[1:]:
+        residency.ensure_resident(v)
+        v.refcount = 1
+    assert {v.slot for v in vs[1:]} == {0, 1} and residency.lora_pool.used == 2
+
+
 def test_tied_budget_refuses_the_tenant_that_would_exceed_it(base_fp32):
     res = Residency(base_fp32, None, tied_budget=3 * 1 * 8 * 8 * 4, max_loras=1, max_rank=16)
     tenants = [version(f"t{i}", init_adapter(base_fp32, rank=8, targets=["q_proj"], layers=[0])) for i in range(4)]
