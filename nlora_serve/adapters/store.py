@@ -89,19 +89,31 @@ class AdapterStore:
     """Adapters on disk under one root; every path it touches stays inside that root. One process
     at a time opens a root (adapters/store_lock.py): AdapterError names it when another holds it.
     A version's files hold at most ``max_bytes`` together (--max-adapter-bytes, as an upload):
-    more is refused when written and when read, before a byte of it is read."""
+    more is refused when written and when read, before a byte of it is read. The root must be
+    writable (AdapterError at construction otherwise, naming it)."""
 
     def __init__(self, root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES):
         self.max_bytes = max_bytes
         self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AdapterError(f"adapter store {self.root}: cannot create it ({exc.strerror or exc})") from None
         store_lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
         self._lock = threading.Lock()  # serialises version allocation and renames
         staging = self.root / STAGING
-        if staging.is_symlink() or staging.is_file():  # planted: writes would land where it points
-            staging.unlink()
-        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crash
-        staging.mkdir()
+        try:
+            if staging.is_symlink() or staging.is_file():  # planted: writes would land where it points
+                staging.unlink()
+            # leftovers of a crash; errors ignored: another store of this root in this process may be
+            # deleting in there too (a restart in tests, the serve command's early peek)
+            shutil.rmtree(staging, ignore_errors=True)
+            if os.path.lexists(staging):
+                shutil.rmtree(staging)  # again, to learn why it stays (a read-only store: EROFS)
+            staging.mkdir()
+        except OSError as exc:  # a read-only store: it was a bare FileExistsError of the mkdir
+            raise AdapterError(f"adapter store {self.root}: cannot clear and create its staging folder {STAGING} "
+                               f"({exc.strerror or exc}); the store must be a writable folder") from None
         self._deleter = ThreadPoolExecutor(1, thread_name_prefix="adapter-store-delete")
 
     def adapter_dir(self, name: str) -> Path:
@@ -343,7 +355,11 @@ class AdapterStore:
         return (self.adapter_dir(name) / UNLOADED).exists()
 
     def mark_unloaded(self, name: str) -> None:
-        """Record durably that ``name`` is unloaded, so a restart does not serve it again."""
+        """Record durably that ``name`` is unloaded, so a restart does not serve it again.
+
+        Raises:
+            StoreWriteError: the disk refused the record (a full or read-only store): the name serves on.
+        """
         adapter_dir = self.adapter_dir(name)
         with self._lock:
             if not adapter_dir.is_dir():
@@ -351,8 +367,13 @@ class AdapterStore:
             try:
                 write_synced(adapter_dir / UNLOADED, b"")
                 fsync_dir(adapter_dir)
-            except OSError as exc:
-                (adapter_dir / UNLOADED).unlink(missing_ok=True)  # not recorded: the name serves on
+            except OSError as exc:  # not recorded: the name serves on
+                try:  # (an unlink of nothing on a read-only store fails too: it hid exc as a bare EROFS)
+                    if os.path.lexists(adapter_dir / UNLOADED):
+                        os.unlink(adapter_dir / UNLOADED)
+                except OSError as again:
+                    log.warning("could not remove %s (%s): check it is absent, or %r stays unloaded after a "
+                                "restart", adapter_dir / UNLOADED, again.strerror or again, name)
                 raise _write_error(name, exc) if exc.errno in DISK_ERRORS else exc from exc
 
     def remove_version(self, name: str, version: int) -> None:

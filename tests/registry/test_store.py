@@ -121,3 +121,54 @@ def test_remove_version(tmp_path):
     assert store.versions("acme") == [2]
     with pytest.raises(AdapterError, match="has no version 1"):
         store.get("acme", 1)
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(root)``: from then on the calls the store makes fail under ``root`` as the kernel
+    fails them on a read-only mount (EROFS, also for an unlink or rmdir of nothing)."""
+    import errno
+
+    from nlora_serve.adapters import durable
+
+    def arm(root):
+        root = str(root)
+
+        def refuse(path):
+            if str(path).startswith(root):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+        for name in ("mkdir", "rmdir", "unlink"):
+            real = getattr(os, name)
+            monkeypatch.setattr(os, name, lambda path, *a, _real=real, **k: (refuse(path), _real(path, *a, **k))[1])
+        # the store's writes (open, link, rename) through its fault hook; monkeypatch restores it
+        monkeypatch.setattr(durable, "_hook", lambda op: None if op.kind.startswith("fsync") else refuse(op.path))
+
+    return arm
+
+
+def test_a_read_only_store_is_refused_at_open_naming_it(tmp_path, read_only):
+    """It was a bare FileExistsError traceback (the staging folder left in place)."""
+    store = AdapterStore(tmp_path / "store")
+    store.write("acme", FILES)
+    del store
+    read_only(tmp_path / "store")
+    with pytest.raises(AdapterError) as err:
+        AdapterStore(tmp_path / "store")
+    assert str(err.value) == (f"adapter store {tmp_path / 'store'}: cannot clear and create its staging folder "
+                              ".staging (Read-only file system); the store must be a writable folder")
+    with pytest.raises(AdapterError, match="cannot create it .Read-only file system.$"):
+        AdapterStore(tmp_path / "store" / "new")
+
+
+def test_an_unload_a_read_only_store_refuses_is_a_store_write_error(tmp_path, read_only):
+    """The clean-up's own unlink (EROFS even for nothing) hid it as a bare OSError (gRPC UNKNOWN)."""
+    from nlora_serve.adapters.store import StoreWriteError
+
+    store = AdapterStore(tmp_path / "store")
+    store.write("acme", FILES)
+    read_only(tmp_path / "store")
+    with pytest.raises(StoreWriteError, match=r"adapter 'acme': the adapter store's disk refused the write "
+                                              r"\(EROFS: Read-only file system\)"):
+        store.mark_unloaded("acme")
+    assert not store.is_unloaded("acme") and store.names() == ["acme"]
