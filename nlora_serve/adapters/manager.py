@@ -93,6 +93,7 @@ class AdapterManager:
         Raises:
             AdapterNotFound: unknown or unloaded name.
             PoolFull: an untied adapter found every LoRA slot busy (nothing stays pinned).
+            AdapterLoadFailed: an evicted untied adapter's files could not be read back.
         """
         version = self.registry.acquire(name)
         try:

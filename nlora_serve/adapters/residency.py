@@ -23,7 +23,7 @@ from pathlib import Path
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.family_pool import FamilyPool
 from nlora_serve.adapters.pool import LoraPool, Placement, TiedPool
-from nlora_serve.errors import AdapterError
+from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models.base import BaseModel
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 
 class PoolFull(AdapterError):
     """No room for an adapter now (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class AdapterLoadFailed(NloraError):
+    """An evicted untied adapter's stored files could not be read back (gone, corrupt, a disk
+    error): a fault of the server's, not of the request (gRPC INTERNAL, HTTP 500). The message a
+    tenant sees names the adapter and version only; the cause, with the store's paths, goes to the
+    server log."""
 
 
 class Residency:
@@ -83,7 +90,8 @@ class Residency:
         """Make sure a pinned version has a slot before its request runs (cold load if evicted).
 
         Raises:
-            PoolFull: every LoRA slot is held by running requests.
+            PoolFull: every LoRA slot is held by running requests. AdapterLoadFailed: its cold
+                load failed (the slot it took is free again).
         """
         with self._lock:
             if version.pool is not None and version.pool is not self.lora_pool:
@@ -139,7 +147,7 @@ class Residency:
         try:
             if version.adapter is None:
                 start = time.perf_counter()
-                version.adapter = self._load(version.path)
+                version.adapter = self._cold_load(version)
                 self.cold_loads += 1
                 self.cold_load_seconds += time.perf_counter() - start
             pool.write(slot, version.adapter)
@@ -148,6 +156,22 @@ class Residency:
             raise
         version.pool, version.slot = pool, slot
         self._lru[id(version)] = version
+
+    def _cold_load(self, version) -> Adapter:
+        """Re-read an evicted version from its store folder.
+
+        Raises:
+            AdapterLoadFailed: the folder cannot be read back as the adapter it was (the cause is
+                logged, with its paths; the tenant's message holds none).
+        """
+        try:
+            return self._load(version.path)
+        except (AdapterError, OSError) as exc:
+            log.error("cold load of adapter %s v%d from %s failed: %s", version.name, version.version,
+                      version.path, exc)
+            raise AdapterLoadFailed(f"adapter {version.name!r} v{version.version} could not be loaded back from "
+                                    "this server's adapter store (the server's log says why): an operator must "
+                                    "upload or swap it again") from None
 
     def _evict_lru(self) -> int | None:
         for key, victim in self._lru.items():

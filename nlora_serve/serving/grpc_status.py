@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 
 from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
-from nlora_serve.adapters.residency import PoolFull
+from nlora_serve.adapters.residency import AdapterLoadFailed, PoolFull
 from nlora_serve.adapters.store import StoreWriteError
 from nlora_serve.errors import MAX_ERROR_CHARS, AdapterError, NloraError, capped
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
@@ -66,6 +66,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND, 404, "not_found"),
     (VersionConflict, grpc.StatusCode.FAILED_PRECONDITION, 409, "invalid_argument"),
     (PoolFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "pool_full"),
+    (AdapterLoadFailed, grpc.StatusCode.INTERNAL, 500, "adapter_load_failed"),
     (StoreWriteError, grpc.StatusCode.RESOURCE_EXHAUSTED, 507, "store_write_failed"),
     (RequestAborted, grpc.StatusCode.ABORTED, 409, "aborted"),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),

@@ -16,7 +16,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from prometheus_client.core import CounterMetricFamily
 
 REJECT_REASONS = ("queue_full", "draining", "invalid_argument", "not_found", "pool_full",
-                  "unauthenticated", "permission_denied", "body_timeout", "engine_dead")
+                  "unauthenticated", "permission_denied", "body_timeout", "engine_dead", "adapter_load_failed")
 FRONTENDS = ("grpc", "http")
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

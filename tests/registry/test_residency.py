@@ -175,7 +175,7 @@ def test_a_failed_cold_load_gives_its_slot_back(base_fp32, residency, tmp_path):
     """The slot taken (an idle adapter evicted for it) stayed taken when the re-read failed: each
     failure cost a slot for good, and once --max-loras of them were gone every untied adapter of
     every tenant was PoolFull ("held by running requests", with none running)."""
-    from nlora_serve.errors import AdapterError
+    from nlora_serve.adapters.residency import AdapterLoadFailed
 
     vs = []
     for i in range(3):
@@ -185,8 +185,10 @@ def test_a_failed_cold_load_gives_its_slot_back(base_fp32, residency, tmp_path):
     assert vs[0].slot is None and vs[0].adapter is None
     (vs[0].path / "adapter_model.safetensors").unlink()  # its file is gone from the disk since
     for _ in range(3):  # more failures than slots
-        with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
+        with pytest.raises(AdapterLoadFailed) as err:
             residency.ensure_resident(vs[0])
+        assert str(err.value) == ("adapter 'l0' v1 could not be loaded back from this server's adapter store (the "
+                                  "server's log says why): an operator must upload or swap it again")
     assert residency.lora_pool.used == 1  # only l2 (l1 was evicted for the failed loads)
     for v in vs[1:]:
         residency.ensure_resident(v)
