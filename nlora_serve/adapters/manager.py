@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,19 +138,28 @@ class AdapterManager:
             return None
         return current
 
-    def register_dir(self, name: str, adapter_dir: str | os.PathLike) -> AdapterVersion:
+    def register_dir(self, name: str, adapter_dir: str | os.PathLike, if_version: int | None = None) -> AdapterVersion:
         """Register the adapter in a local directory as the next version of ``name``.
 
+        Args:
+            if_version: as :meth:`AdapterRegistry.register` (0: only while ``name`` is not served).
+
         Raises:
-            AdapterError: the directory is not a servable adapter, or ``name`` is invalid.
+            AdapterError: the directory is not a servable adapter (an adapter file that is a FIFO,
+                a device or a folder is refused before anything reads it), or ``name`` is invalid.
+            VersionConflict: ``if_version`` is not the current version.
         """
         adapter_dir = Path(adapter_dir)
+        _check_regular(adapter_dir)
         import_family(name, adapter_dir, self.families, self.registry.store)  # a compact family member
-        files = {f: (adapter_dir / f).read_bytes() for f in ALLOWED_FILES if (adapter_dir / f).is_file()}
+        try:
+            files = {f: (adapter_dir / f).read_bytes() for f in ALLOWED_FILES if (adapter_dir / f).is_file()}
+        except OSError as exc:  # EACCES, EIO: the folder's fault, not the server's
+            raise AdapterError(f"{adapter_dir}: cannot read its adapter files ({exc.strerror or exc})") from None
         if len(files) < len(ALLOWED_FILES):
             read_adapter(adapter_dir, self.base, max_rank=self.limits.max_rank)  # names what is wrong
             raise AdapterError(f"{adapter_dir}: expected {' and '.join(ALLOWED_FILES)}")
-        return self.registry.register(name, files)
+        return self.registry.register(name, files, if_version)
 
     def register(self, name: str, files: dict[str, bytes], if_version: int | None = None) -> AdapterVersion:
         """Register uploaded files (see :meth:`AdapterRegistry.register`)."""
@@ -180,3 +190,22 @@ class AdapterManager:
     def versions(self) -> list[AdapterVersion]:
         """Current versions, by name."""
         return self.registry.versions()
+
+
+def _check_regular(adapter_dir: Path) -> None:
+    """Refuse an adapter file of ``adapter_dir`` that exists but is no regular file (links to one
+    are fine: a Hugging Face snapshot's files are links to its blobs). A FIFO would block its
+    reader for good, and a link to /dev/zero or /dev/urandom would be read until memory runs out.
+
+    Raises:
+        AdapterError: naming the file and what it is.
+    """
+    for file in ALLOWED_FILES:
+        try:
+            mode = (adapter_dir / file).stat().st_mode
+        except (OSError, ValueError):  # missing (the readers name it), or not statable
+            continue
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
+            raise AdapterError(f"{adapter_dir}: {file} is {kind}, not a regular file; an adapter folder holds "
+                               f"{' and '.join(ALLOWED_FILES)} as files (or links to files)")

@@ -129,7 +129,8 @@ class AdapterRegistry:
 
         Args:
             files: ``adapter_config.json`` and ``adapter_model.safetensors`` bytes.
-            if_version: when set, succeed only if ``name``'s current version is this one.
+            if_version: when set, succeed only if ``name``'s current version is this one (0: only
+                while ``name`` is not served, a new name's first version or one unloaded).
             adapter: ``files`` already validated into this adapter.
 
         Raises:
@@ -321,6 +322,8 @@ class AdapterRegistry:
             return
         with self._lock:
             current = self._current.get(name)
+        if if_version == 0 and current is None:  # 0, no version: only while the name is not served
+            return
         if current is None or current.version != if_version:
             have = current.version if current else "none"
             raise VersionConflict(f"adapter {name!r}: expected current version {if_version}, have {have}")

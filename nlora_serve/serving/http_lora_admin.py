@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.registry import AdapterNotFound
+from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.store import ALLOWED_FILES
 from nlora_serve.errors import AdapterError, shown
 from nlora_serve.models.hub import local_or_hub
@@ -84,13 +84,18 @@ async def load_lora_adapter(ctx: HttpContext, request: Request) -> Response:
     if body.is_3d_lora_weight:
         raise ParamError("is_3d_lora_weight=true is not supported: this server serves 2-D LoRA weights only",
                          "is_3d_lora_weight")
-    manager = _manager(ctx)
     name = body.lora_name
-    if not body.load_inplace and name in {version.name for version in manager.versions()}:
-        raise ParamError(f"the lora adapter {name!r} has already been loaded; to load a new version in place, "
+    ctx.config.check_adapter_name(name)
+    served = {version.name for version in _manager(ctx).versions()}
+    already = ParamError(f"the lora adapter {name!r} has already been loaded; to load a new version in place, "
                          "set 'load_inplace' to true", "lora_name")
+    if not body.load_inplace and name in served:
+        raise already
     start = time.perf_counter()
-    await asyncio.to_thread(_register, ctx, name, body.lora_path)
+    try:  # and checked again as the version is switched to: concurrent loads of one new name, one wins
+        await asyncio.to_thread(_register, ctx, name, body.lora_path, None if body.load_inplace else 0)
+    except VersionConflict:
+        raise already from None
     ctx.metrics.load.observe(time.perf_counter() - start)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -112,7 +117,7 @@ async def _admitted(ctx: HttpContext, request: Request, kind: type[_Body]) -> _B
     Raises:
         RuntimeUpdatingOff: the server was started without the flag. Unauthenticated,
             PermissionDenied: no admin key. RequestValidationError, ParamError: the body.
-            AdapterError: an invalid name, or the served base model's name.
+            AdapterError: an invalid name.
     """
     if not ctx.config.allow_runtime_lora_updating:
         raise RuntimeUpdatingOff(f"{request.url.path} is off on this server: start it with "
@@ -127,7 +132,6 @@ async def _admitted(ctx: HttpContext, request: Request, kind: type[_Body]) -> _B
     for field in body.model_extra or {}:
         raise unsupported(field)
     validate_name(body.lora_name)
-    ctx.config.check_adapter_name(body.lora_name)
     return body
 
 
@@ -138,18 +142,24 @@ def _manager(ctx: HttpContext):
         raise NoAdapterStore("this server has no adapter store (start it with --adapter-dir)") from None
 
 
-def _register(ctx: HttpContext, name: str, lora_path: str) -> None:
-    """Register the folder ``lora_path`` as ``name``'s next version (in a worker thread).
+def _register(ctx: HttpContext, name: str, lora_path: str, if_version: int | None) -> None:
+    """Register the folder ``lora_path`` as ``name``'s next version (in a worker thread);
+    ``if_version`` as :meth:`AdapterManager.register_dir` (0: only while ``name`` is not served).
 
     Raises:
-        AdapterNotFound: no folder there. TooLarge: its adapter files over ``max_adapter_bytes``
-            together. AdapterError: the loader's refusal, or a Hugging Face name not in the cache.
+        AdapterNotFound: no folder there (or a path the system cannot look up: too long).
+            TooLarge: its adapter files over ``max_adapter_bytes`` together. AdapterError: the
+            loader's refusal, or a Hugging Face name not in the cache. VersionConflict: see ``if_version``.
     """
-    folder = local_or_hub(lora_path, AdapterError, "lora_path")
-    if not folder.is_dir():
-        raise AdapterNotFound(f"lora_path {shown(lora_path)!r}: no such folder on the server")
+    try:  # Path.is_dir raises what it does not read as "missing": ENAMETOOLONG, EACCES on the way
+        folder = local_or_hub(lora_path, AdapterError, "lora_path")
+        why = None if folder.is_dir() else ""
+    except OSError as exc:
+        why = f" ({exc.strerror or exc})"
+    if why is not None:
+        raise AdapterNotFound(f"lora_path {shown(lora_path)!r}: no such folder on the server{why}")
     total = sum((folder / file).stat().st_size for file in ALLOWED_FILES if (folder / file).is_file())
     if total > ctx.config.max_adapter_bytes:
         raise TooLarge(f"lora_path {shown(lora_path)!r}: {' + '.join(ALLOWED_FILES)} are {total} bytes, over the "
                        f"server's --max-adapter-bytes {ctx.config.max_adapter_bytes}")
-    _manager(ctx).register_dir(name, Path(folder))
+    _manager(ctx).register_dir(name, Path(folder), if_version)
