@@ -237,10 +237,7 @@ def _register_named(engine: LLMEngine, named: list[tuple[str, str]], store: str)
 
 def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
     policy = args.scheduling_policy or ("fair" if args.tenants_file else "fcfs")
-    if args.port and args.port == args.http_port:
-        raise StartupError(f"--port {args.port} and --http-port {args.http_port}: one port for two servers; --port "
-                           f"is the gRPC port here (vLLM's --port is its HTTP port: here --http-port, default "
-                           f"{DEFAULT_HTTP_PORT})")
+    _check_distinct_ports(args)
     with _flag_errors(args):
         config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
                               served_model_name=args.served_model_name,
@@ -254,6 +251,21 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
                                       adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching)
         engine_config.scheduler = dataclasses.replace(engine_config.scheduler, policy=policy)
     return config, engine_config
+
+
+def _check_distinct_ports(args: argparse.Namespace) -> None:
+    """Refuse two endpoints on one port, naming both flags (ServerConfig refuses it too, by field).
+
+    Raises:
+        StartupError: --port, --http-port or --metrics-port share a port (0, any free one, may repeat).
+    """
+    flags = [("--port", args.port), ("--http-port", args.http_port), ("--metrics-port", args.metrics_port)]
+    for i, (flag, port) in enumerate(flags):
+        for other, other_port in flags[i + 1:]:
+            if port and port == other_port:
+                hint = (f"; --port is the gRPC port here (vLLM's --port is its HTTP port: here --http-port, default "
+                        f"{DEFAULT_HTTP_PORT})" if {flag, other} == {"--port", "--http-port"} else "")
+                raise StartupError(f"{flag} {port} and {other} {other_port}: one port for two servers{hint}")
 
 
 @contextmanager

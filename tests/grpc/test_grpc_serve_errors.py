@@ -47,9 +47,8 @@ def _args(tmp_path: Path, *flags: str) -> argparse.Namespace:
     (["--port", "8000", "--http-port", "8000"],
      "--port 8000 and --http-port 8000: one port for two servers; --port is the gRPC port here (vLLM's --port is "
      "its HTTP port: here --http-port, default 8000)"),
-    (["--http-port", "9400", "--metrics-port", "9400"],
-     "--http-port 9400: ServerConfig.http_port and ServerConfig.metrics_port are both 9400: each endpoint needs "
-     "its own port"),
+    (["--http-port", "9400", "--metrics-port", "9400"], "--http-port 9400 and --metrics-port 9400: one port for two "
+                                                          "servers"),
     (["--served-model-name", " "], "--served-model-name  : ServerConfig.served_model_name must not be empty"),
     (["--max-rank", "0"], "--max-rank 0: AdapterLimits.max_rank must be a positive integer; got 0"),
     (["--drain-seconds", "-1"], "--drain-seconds -1.0: ServerConfig.drain_seconds must be >= 0; got -1.0"),
@@ -203,6 +202,14 @@ def test_a_grpc_only_server_says_at_start_that_it_serves_no_http_api(make_server
         running = make_server()
     assert caplog.messages[-1] == (f"gRPC on {running.target}; no HTTP API (--http-port off; --http-port PORT "
                                    "serves the OpenAI-compatible one)")
+
+
+def test_a_metrics_port_on_the_default_http_port_names_both_flags():
+    parser = argparse.ArgumentParser()
+    serve_cli.add_serve_arguments(parser)
+    with pytest.raises(StartupError) as err:
+        serve_cli._configs(parser.parse_args(["--metrics-port", "8000"]))
+    assert str(err.value) == "--http-port 8000 and --metrics-port 8000: one port for two servers"
 
 
 def test_the_http_api_is_on_at_vllms_port_by_default_and_off_by_name(capsys):
