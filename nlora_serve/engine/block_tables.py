@@ -60,6 +60,13 @@ class BlockTables:
                 width = n
         return self.table[:, :width].index_select(0, ints(rows))
 
+    def release(self, seq: Sequence) -> None:
+        """Free the row of a sequence that ended (no-op if it has none): the row would otherwise keep
+        the sequence, its token ids and prefix-cache hashes alive until rows ran short."""
+        st = self._state.pop(seq, None)
+        if st is not None:
+            self._free.append(st[0])
+
     def row(self, seq: Sequence) -> int | None:
         """The row ``seq`` owns, or None (never gathered, or reclaimed since)."""
         st = self._state.get(seq)

@@ -263,6 +263,7 @@ class EngineCore:
         while seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
             seq.token_ids.pop()
         self.scheduler.finish(seq)
+        self.runner.release(seq)
         del self.requests[req.seq.request_id]
         pinned, req.seq.adapter = req.seq.adapter, None
         if pinned is not None:

@@ -83,6 +83,10 @@ class ModelRunner:
         self.model.set_attention(attention)
         self.inputs = StepInputs(self.block_size, decode_splits, self.device, gather_layout)
 
+    def release(self, seq: Sequence) -> None:
+        """``seq`` ended: free what the runner kept for it across steps (its block-table row)."""
+        self.inputs.tables.release(seq)
+
     def set_layer_ops(self, ops) -> None:
         """Run RMSNorm, RoPE and SiLU · up through the native ``ops`` (kernels/layer_ops.py) where
         the model's sizes fit them; None, or sizes that do not fit, keep the torch ops."""

@@ -136,6 +136,8 @@ class TablesMachine(RuleBasedStateMachine):
 
     def _end(self, s):
         self.sched.finish(s)
+        self.tables.release(s)  # as EngineCore._retire does: its row is reused at once
+        assert self.tables.row(s) is None
         self.live.remove(s)
 
     @invariant()

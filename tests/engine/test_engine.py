@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.api import EngineError
 from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sequence import Sequence
 
 PROMPT = "Write a long story about a lighthouse keeper."
 # the engine step by step, and with async scheduling (step n+1 launched before step n's tokens are read)
@@ -221,3 +223,18 @@ def test_a_request_that_fails_to_queue_ends_alone_and_the_engine_serves_on(make_
 
     good = asyncio.run(asyncio.wait_for(scenario(), timeout=60))  # a dead step thread would hang
     assert good[-1].finish_reason == "length" and good[-1].completion_tokens == 3
+
+
+@OVERLAP
+def test_an_idle_engine_holds_no_finished_request(overlap, make_engine):
+    # A soak's find: the step's block-table rows kept every finished sequence (its prompt and
+    # output ids, its prefix-cache hashes) until rows ran short, up to twice the largest step of
+    # them for as long as the server idled.
+    engine = make_engine(async_scheduling=overlap)
+    prompts = [chat(engine, f"Tell me about the number {i}.") for i in range(12)]
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if type(o) is Sequence}  # other tests' own
+    outs = engine.generate(prompts, SamplingParams(max_tokens=3, temperature=0.0))
+    assert [o.finish_reason for o in outs] == ["length"] * 12
+    gc.collect()
+    assert [o.request_id for o in gc.get_objects() if type(o) is Sequence and id(o) not in before] == []
