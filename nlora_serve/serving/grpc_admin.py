@@ -28,7 +28,7 @@ from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving import grpc_convert as convert
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine
-from nlora_serve.serving.grpc_status import NoAdapterStore, TooLarge, abort, status_of
+from nlora_serve.serving.grpc_status import TooLarge, abort, adapter_manager, status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
 
@@ -66,10 +66,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
             await abort(context, status_of(exc)[0], str(exc))
 
     def _manager(self):
-        try:
-            return self.engine.adapters
-        except AdapterError:
-            raise NoAdapterStore("this server has no adapter store (start it with --adapter-dir)") from None
+        return adapter_manager(self.engine)
 
     async def _load(self, name: str) -> pb.AdapterInfo:
         manager = self._manager()

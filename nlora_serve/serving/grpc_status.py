@@ -46,6 +46,18 @@ class NoAdapterStore(NloraError):
     """The server was started without an adapter store, so it has no adapters to manage."""
 
 
+def adapter_manager(engine):
+    """``engine.adapters``, the admin routes' way in (gRPC's AdapterAdmin, HTTP's load_lora_adapter).
+
+    Raises:
+        NoAdapterStore: the engine was started without an adapter store.
+    """
+    try:
+        return engine.adapters
+    except AdapterError:
+        raise NoAdapterStore("this server has no adapter store (start it with --adapter-dir)") from None
+
+
 class RuntimeUpdatingOff(NloraError):
     """HTTP's /v1/load_lora_adapter and /v1/unload_lora_adapter on a server started without
     ``--allow-runtime-lora-updating`` (HTTP 404, as vLLM answers them then)."""

@@ -41,7 +41,7 @@ from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.store import ALLOWED_FILES
 from nlora_serve.errors import AdapterError, shown
 from nlora_serve.models.hub import local_or_hub
-from nlora_serve.serving.grpc_status import NoAdapterStore, RuntimeUpdatingOff, TooLarge
+from nlora_serve.serving.grpc_status import RuntimeUpdatingOff, TooLarge, adapter_manager
 from nlora_serve.serving.http_body import parsed_json, validated
 from nlora_serve.serving.http_context import HttpContext
 from nlora_serve.serving.http_generate import read_body
@@ -86,7 +86,7 @@ async def load_lora_adapter(ctx: HttpContext, request: Request) -> Response:
                          "is_3d_lora_weight")
     name = body.lora_name
     ctx.config.check_adapter_name(name)
-    served = {version.name for version in _manager(ctx).versions()}
+    served = {version.name for version in adapter_manager(ctx.engine).versions()}
     already = ParamError(f"the lora adapter {name!r} has already been loaded; to load a new version in place, "
                          "set 'load_inplace' to true", "lora_name")
     if not body.load_inplace and name in served:
@@ -106,7 +106,7 @@ async def unload_lora_adapter(ctx: HttpContext, request: Request) -> Response:
     body = await _admitted(ctx, request, UnloadLoraAdapter)
     if body is None:
         return Response(status_code=499)
-    _manager(ctx)
+    adapter_manager(ctx.engine)
     ctx.engine.unload_adapter(body.lora_name)  # running requests finish on their version
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
@@ -135,13 +135,6 @@ async def _admitted(ctx: HttpContext, request: Request, kind: type[_Body]) -> _B
     return body
 
 
-def _manager(ctx: HttpContext):
-    try:
-        return ctx.engine.adapters
-    except AdapterError:
-        raise NoAdapterStore("this server has no adapter store (start it with --adapter-dir)") from None
-
-
 def _register(ctx: HttpContext, name: str, lora_path: str, if_version: int | None) -> None:
     """Register the folder ``lora_path`` as ``name``'s next version (in a worker thread);
     ``if_version`` as :meth:`AdapterManager.register_dir` (0: only while ``name`` is not served).
@@ -162,4 +155,4 @@ def _register(ctx: HttpContext, name: str, lora_path: str, if_version: int | Non
     if total > ctx.config.max_adapter_bytes:
         raise TooLarge(f"lora_path {shown(lora_path)!r}: {' + '.join(ALLOWED_FILES)} are {total} bytes, over the "
                        f"server's --max-adapter-bytes {ctx.config.max_adapter_bytes}")
-    _manager(ctx).register_dir(name, Path(folder), if_version)
+    adapter_manager(ctx.engine).register_dir(name, Path(folder), if_version)

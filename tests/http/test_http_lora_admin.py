@@ -11,9 +11,15 @@ import shutil
 import pytest
 import requests
 
-from grpc_harness import ADMIN_KEY, TENANT_KEYS, matches_reference
+from grpc_harness import ADMIN_KEY, TENANT_KEYS, RunningServer, matches_reference
 from http_harness import CASES, client, references
+from nlora_serve.client import FailedPrecondition, NloraClient
+from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.serving import serve_cli
+from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.grpc_convert import server_info
+from nlora_serve.serving.server_config import ServerConfig
 
 CASE = "inttune-nystrom-tied"  # tests/data/cases: a tied IntTune tenant with recorded references
 NAME = "inttune-loaded"  # granted to tied-co by its pattern "inttune-*" (grpc_harness.GRANTS)
@@ -146,3 +152,22 @@ def test_the_flag_defaults_to_vllms_environment_variable(monkeypatch, env, flags
     assert args.allow_runtime_lora_updating is on
     config, _ = serve_cli._configs(args)
     assert config.allow_runtime_lora_updating is on
+
+
+def test_a_server_without_an_adapter_store_says_so_on_both_admin_surfaces(base_fp32, tokenizer):
+    engine_config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256,
+                                                           max_model_len=512), cache=CacheConfig(num_blocks=32))
+    engine = LLMEngine(engine_config, base_fp32)  # no adapter_dir: no store
+    config = ServerConfig(port=0, http_port=0, allow_runtime_lora_updating=True)
+    running = RunningServer(engine, config, Authenticator(None), server_info(base_fp32, engine_config, config),
+                            tokenizer)
+    message = "this server has no adapter store (start it with --adapter-dir)"
+    try:
+        _refused(_load(running, key=None), 404, message)
+        _refused(_post(running, "/v1/unload_lora_adapter", {"lora_name": NAME}, key=None), 404, message)
+        with NloraClient(running.target) as grpc_client, pytest.raises(FailedPrecondition) as err:
+            grpc_client.unload_adapter(NAME)
+        assert str(err.value) == f"FAILED_PRECONDITION: {message}"
+    finally:
+        running.stop()
+        engine.shutdown()
