@@ -38,8 +38,9 @@ Both front ends::
 
 Commands::
 
-    serve_cli.py       ``nlora-serve serve``; with backend_cli.py (--backend), engine_flags.py
-                       (device and size flags) and example_tenants.py (--example-tenants)
+    serve_cli.py       ``nlora-serve serve``: builds and runs the server from serve_flags.py's flags,
+                       with backend_cli.py (--backend), engine_flags.py (device and size flags) and
+                       example_tenants.py (--example-tenants)
     generate_cli.py    ``nlora-serve generate``: one prompt through the engine, no server
     keys_cli.py        ``nlora-serve keys {new,hash}``
 """

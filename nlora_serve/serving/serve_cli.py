@@ -26,105 +26,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
-from nlora_serve.arg_types import port_or_off_arg
 from nlora_serve.cli import console_command
 from nlora_serve.adapters.manager import AdapterLimits
-from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base, resolve_model
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.backend_cli import add_backend_arguments, backend_config, make_engine
-from nlora_serve.serving.engine_flags import add_device_arguments, device_config
-from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig
+from nlora_serve.serving.backend_cli import backend_config, make_engine
+from nlora_serve.serving.engine_flags import device_config
+from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.serving.example_tenants import ensure_example_tenants, example_name
 from nlora_serve.serving.grpc_convert import server_info
 from nlora_serve.serving.grpc_server import NloraServer, check_ports_free
-from nlora_serve.serving.http_lora_admin import env_allows_updating
+from nlora_serve.serving.serve_flags import DEFAULT_HTTP_PORT, MiB, add_serve_arguments
 from nlora_serve.serving.server_config import ServerConfig, StartupError, default_served_name
 
 log = logging.getLogger("nlora_serve.serve")
-MiB = 1 << 20
-DEFAULT_HTTP_PORT = 8000  # vLLM's: `curl localhost:8000/v1/models` works as a vLLM user expects
 _CONFIG_FIELD = re.compile(r"\b(?:ServerConfig|SchedulerConfig|AdapterLimits|EngineConfig)\.(\w+)")
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``nlora-serve serve``."""
-    d = ServerConfig()
-    a = parser.add_argument
-    a("--host", default=d.host, help="interface to listen on; anything but loopback needs --tenants-file "
-                                     "(default: %(default)s)")
-    a("--port", type=int, default=d.port, help="gRPC port, 0 = any free one (default: %(default)s)")
-    a("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf "
-                                         "file, or a Hugging Face ORG/NAME in the HF cache ($HF_HOME) "
-                                         "(default: %(default)s)")
-    a("--cache-dir", default=argparse.SUPPRESS,
-      help="prepared-model cache root (default: $NLORA_SERVE_CACHE, else $XDG_CACHE_HOME/nlora-serve)")
-    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-      help="compute dtype: auto = bf16 where the CPU or GPU has fast bf16, else fp32")
-    a("--adapter-dir", default="./nlora-adapters", help="adapter store, rebuilt at start (default: %(default)s)")
-    a("--tenants-file", default=None, help="JSON/TOML file of tenant and admin key hashes and grants; "
-                                           "without it there is no auth and the server binds to loopback only")
-    a("--metrics-port", type=int, default=None, help="also serve Prometheus /metrics on this port, for gRPC-only "
-                                                     "servers (--http-port serves /metrics already) (default: off)")
-    a("--served-model-name", default=None, help="the base model's name in /v1/models and the HTTP 'model' field "
-                                               "(default: the model's directory or GGUF name, e.g. "
-                                               "SmolLM2-135M-Instruct.Q4_1)")
-    a("--http-port", type=port_or_off_arg, default=DEFAULT_HTTP_PORT,
-      help="the OpenAI-compatible HTTP API's port (/v1/completions, /v1/chat/completions, /v1/models, "
-           "/metrics), 0 = any free one, 'off' = gRPC only; same keys, grants and queue as gRPC "
-           "(default: %(default)s, vLLM's)")
-    a("--allow-runtime-lora-updating", action=argparse.BooleanOptionalAction, default=env_allows_updating(),
-      help="serve vLLM's POST /v1/load_lora_adapter {lora_name, lora_path} (a folder on this server's disk) and "
-           "/v1/unload_lora_adapter over HTTP, admin keys only (default: off, on where "
-           "VLLM_ALLOW_RUNTIME_LORA_UPDATING is 1 or true, as vLLM)")
-    a("--max-queue", type=int, default=d.max_queue, help="running + waiting requests at most; beyond that "
-                                                         "RESOURCE_EXHAUSTED / HTTP 429 (default: %(default)s)")
-    a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-      help="share the KV blocks of equal prompt prefixes between requests on the same adapter version "
-           "with the same cache_salt (and, with --tenants-file, of the same tenant only); "
-           "--no-enable-prefix-caching computes every prompt whole (default: on)")
-    a("--scheduling-policy", choices=SCHEDULING_POLICIES, default=None,
-      help="admission order: fcfs (arrival) or fair (the tenant with the least service first, VTC, "
-           "with per-tenant shares of --max-queue) (default: fair with --tenants-file, else fcfs)")
-    a("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask; a request without "
-                                                           "one gets the rest of the context, at most this "
-                                                           "(default: %(default)s)")
-    a("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence (default: %(default)s)")
-    a("--max-rank", type=int, default=DEFAULT_MAX_RANK, help="refuse adapters above this rank (default: %(default)s)")
-    a("--max-adapter-bytes", type=int, default=d.max_adapter_bytes,
-      help="largest upload (config + safetensors) or swap payload in bytes, and largest adapter version "
-           "the adapter store writes or reads back (default: %(default)s)")
-    a("--max-loras", type=int, default=AdapterLimits().max_loras,
-      help="untied adapters resident at once, LRU beyond (default: %(default)s)")
-    a("--adapter-memory", type=int, default=AdapterLimits().adapter_memory // MiB,
-      help="MiB all tied tenants' N may use (default: %(default)s)")
-    a("--drain-seconds", type=float, default=d.drain_seconds,
-      help="on SIGTERM/SIGINT, how long running streams may finish; the rest are then aborted, "
-           "each told that the server shut down (default: %(default)s)")
-    a("--example-tenants", type=int, default=0, metavar="N",
-      help="register N example tied IntTune tenants (tenant-000...) at start when missing (default: 0)")
-    a("--adapter", action="append", default=[], metavar="NAME=DIR", type=_named_dir,
-      help="register the adapter directory DIR (or a Hugging Face ORG/ADAPTER in the HF cache) as NAME at "
-           "start when NAME is not in the store yet (repeatable), e.g. --adapter lower=examples/tenants/lower")
-    add_device_arguments(parser)
-    add_backend_arguments(parser)
-
-
-def _named_dir(value: str) -> tuple[str, str]:
-    name, sep, folder = value.partition("=")
-    if not sep or not name or not folder:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
-    try:  # at parse time: it was refused only once the model had loaded, without naming the flag
-        validate_name(name)
-    except AdapterError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return name, folder
 
 
 def build(args: argparse.Namespace):
