@@ -25,7 +25,7 @@ from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.models import load_base
-from nlora_serve.serving.example_tenants import ensure_example_tenants
+from nlora_serve.serving.commands.example_tenants import ensure_example_tenants
 
 
 def run(base, store: Path, device: str, caching: bool, prompts, adapters, params) -> tuple[list, dict]:

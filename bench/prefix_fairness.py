@@ -35,7 +35,7 @@ from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.models import load_base, resolve_dtype
-from nlora_serve.serving.example_tenants import ensure_example_tenants
+from nlora_serve.serving.commands.example_tenants import ensure_example_tenants
 
 
 def pct(values: list[float], q: float) -> float:

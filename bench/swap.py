@@ -38,7 +38,7 @@ TENANT = "tenant-000"
 SERVER_WRAPPER = """
 import atexit, json, sys
 import nlora_serve
-from nlora_serve.serving import grpc_admin
+from nlora_serve.serving.grpc_api import admin as grpc_admin
 print("nlora_serve from", nlora_serve.__file__, file=sys.stderr, flush=True)
 _init = grpc_admin.AdminServicer.__init__
 def _keep(self, *a, **k):

@@ -26,7 +26,7 @@ Where to start reading:
   the code";
 - where an adapter's term is computed, per device and token kind: ``engine/adapter_layer.py``'s
   module docstring;
-- a hot-swap of a tenant's N: ``client/cli.py`` ``_swap`` → ``serving/grpc_admin.py``
+- a hot-swap of a tenant's N: ``client/cli.py`` ``_swap`` → ``serving/grpc_api/admin.py``
   ``AdapterAdmin._swap`` → ``adapters/manager.py`` ``AdapterManager.swap`` →
   ``adapters/registry.py`` ``AdapterRegistry.swap_weights`` (``adapters/swap.py`` ``replace_n``
   validates the new N) → ``_commit``: ``adapters/residency.py`` ``Residency.admit`` writes it

@@ -77,14 +77,14 @@ def _add_adapters(adapters: argparse.ArgumentParser) -> None:
 
 
 def _add_generate(gen: argparse.ArgumentParser) -> None:
-    from nlora_serve.serving.generate_cli import add_generate_arguments, run_generate
+    from nlora_serve.serving.commands.generate import add_generate_arguments, run_generate
 
     add_generate_arguments(gen)
     gen.set_defaults(func=run_generate)
 
 
 def _add_serve(serve: argparse.ArgumentParser) -> None:
-    from nlora_serve.serving.serve_cli import add_serve_arguments, run_serve
+    from nlora_serve.serving.commands.serve import add_serve_arguments, run_serve
 
     add_serve_arguments(serve)
     serve.set_defaults(func=run_serve)
@@ -98,7 +98,7 @@ def _add_client(client: argparse.ArgumentParser) -> None:
 
 
 def _add_keys(keys: argparse.ArgumentParser) -> None:
-    from nlora_serve.serving.keys_cli import add_keys_arguments
+    from nlora_serve.serving.commands.keys import add_keys_arguments
 
     add_keys_arguments(keys)
 

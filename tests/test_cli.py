@@ -56,7 +56,7 @@ def test_generate_chat_json_nested_past_the_parser_is_one_error(tmp_path):
     import argparse
 
     from nlora_serve.errors import NloraError
-    from nlora_serve.serving.generate_cli import _prompt_ids
+    from nlora_serve.serving.commands.generate import _prompt_ids
 
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
@@ -72,7 +72,7 @@ def test_generate_prompt_takes_the_tokenizers_special_tokens_unless_turned_off(b
     its template's, whatever the flag."""
     from transformers import AutoTokenizer
 
-    from nlora_serve.serving.generate_cli import _prompt_ids
+    from nlora_serve.serving.commands.generate import _prompt_ids
 
     tok = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
     args = build_parser().parse_args(["generate", "--prompt", "Paris is the capital of", *flag])

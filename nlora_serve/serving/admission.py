@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 
 from nlora_serve.serving.auth import Principal
-from nlora_serve.serving.grpc_status import Draining, QueueFull
+from nlora_serve.serving.status import Draining, QueueFull
 from nlora_serve.serving.tokenizer_turns import TokenizerTurns
 
 

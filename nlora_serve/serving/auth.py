@@ -12,7 +12,7 @@ The tenants file (JSON, or TOML when it ends in ``.toml``) stores only sha256 ha
 other tenants') and ``max_concurrent_requests`` (default none: its requests running or waiting at
 most, beyond that refused as the full queue is). Admin keys may call
 every RPC and use every adapter. Keys travel as ``authorization: Bearer <key>`` metadata; make
-them random (``python -m nlora_serve.serving.keys_cli new``), since a hash only protects a key
+them random (``python -m nlora_serve.serving.commands.keys new``), since a hash only protects a key
 that cannot be guessed.
 """
 

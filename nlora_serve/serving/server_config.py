@@ -68,7 +68,7 @@ class ServerConfig:
     # the base model's name in GetServerInfo, /v1/models and HTTP ``model``; None: the model's own
     # (see :func:`default_served_name`)
     served_model_name: str | None = None
-    # vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (http_lora_admin.py), admin keys
+    # vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (http_api/lora_admin.py), admin keys
     # only: off by default, as vLLM's, since lora_path reads a folder of the server's own disk
     allow_runtime_lora_updating: bool = False
 
@@ -129,5 +129,5 @@ class ServerConfig:
     def max_message_bytes(self) -> int:
         """gRPC's max send message length, bytes: ``max_adapter_bytes`` plus headroom. The receive
         limit is sized where the server is built, from the model and ``--max-rank`` (a legal swap
-        payload; grpc_limits.message_limits); the swap payload it admits is never above this."""
+        payload; grpc_api/limits.py message_limits); the swap payload it admits is never above this."""
         return min(self.max_adapter_bytes + MESSAGE_HEADROOM, MAX_GRPC_MESSAGE)

@@ -215,7 +215,7 @@ def test_warm_up_after_the_last_request_ended_with_a_step_in_flight(base_fp32):
 def test_serve_flags_turn_it_on_and_off():
     import argparse
 
-    from nlora_serve.serving.engine_flags import add_device_arguments, device_config
+    from nlora_serve.serving.commands.engine_flags import add_device_arguments, device_config
 
     parser = argparse.ArgumentParser()
     add_device_arguments(parser)

@@ -67,8 +67,8 @@ def test_cpu_gemm_and_amx_are_serve_flags():
     # they were environment variables the model and kernels read; now config fields the CLI fills
     import argparse
 
-    from nlora_serve.serving.serve_cli import add_serve_arguments
-    from nlora_serve.serving.engine_flags import device_config
+    from nlora_serve.serving.commands.serve import add_serve_arguments
+    from nlora_serve.serving.commands.engine_flags import device_config
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)

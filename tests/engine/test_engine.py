@@ -189,7 +189,7 @@ def test_cache_too_small_for_max_model_len_is_refused(make_engine):
 def test_generate_cli_streams_the_greedy_reply(base_model_dir, base_greedy, capsys):
     import argparse
 
-    from nlora_serve.serving.generate_cli import add_generate_arguments, run_generate
+    from nlora_serve.serving.commands.generate import add_generate_arguments, run_generate
 
     parser = argparse.ArgumentParser()
     add_generate_arguments(parser)

@@ -52,7 +52,7 @@ def test_config_flag():
 def test_serve_flag():
     import argparse
 
-    from nlora_serve.serving.engine_flags import add_device_arguments, device_config
+    from nlora_serve.serving.commands.engine_flags import add_device_arguments, device_config
 
     parser = argparse.ArgumentParser()
     add_device_arguments(parser)

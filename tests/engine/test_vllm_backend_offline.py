@@ -20,9 +20,9 @@ import torch
 from nlora_serve.adapters.keys import PART_A, PART_B, tensor_key
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.errors import AdapterError
-from nlora_serve.serving.backend_cli import backend_config, make_engine
+from nlora_serve.serving.commands.backend import backend_config, make_engine
 from nlora_serve.serving.server_config import StartupError
-from nlora_serve.serving.serve_cli import add_serve_arguments
+from nlora_serve.serving.commands.serve import add_serve_arguments
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency, write_folded_lora
 from nlora_serve.engine.vllm_backend import engine as engine_module
 from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit, refusal_line

@@ -19,8 +19,8 @@ import pytest
 from nlora_serve.engine.api import ENGINE_DEAD_MESSAGE, EngineDead, RequestIds
 from nlora_serve.engine.vllm_backend import engine as engine_module
 from nlora_serve.engine.vllm_backend.engine import VllmEngine, _Job
-from nlora_serve.serving.grpc_status import http_status_of, status_of
-from nlora_serve.serving.serve_cli import _watch_engine
+from nlora_serve.serving.status import http_status_of, status_of
+from nlora_serve.serving.commands.serve import _watch_engine
 
 
 V1 = SimpleNamespace(name="a", version=1, content_hash="h")  # the adapter version a job pins

@@ -6,7 +6,7 @@ import pytest
 
 # a uniquely named module: "conftest" is ambiguous
 from grpc_harness import server_factory, stop_all, write_tenants_file
-from nlora_serve.serving import grpc_decode
+from nlora_serve.serving.grpc_api import decode as grpc_decode
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import signal
 import sys
 
 from nlora_serve.adapters import durable
-from nlora_serve.serving import serve_cli
+from nlora_serve.serving.commands import serve as serve_cli
 
 
 def main() -> None:

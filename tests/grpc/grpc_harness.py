@@ -14,8 +14,8 @@ from pathlib import Path
 from nlora_serve.serving.auth import Authenticator, hash_key
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.serving.grpc_convert import server_info
-from nlora_serve.serving.grpc_server import NloraServer
+from nlora_serve.serving.grpc_api.convert import server_info
+from nlora_serve.serving.server import NloraServer
 from nlora_serve.serving.server_config import ServerConfig
 
 ADMIN_KEY = "admin-key-for-tests"

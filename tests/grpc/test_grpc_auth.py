@@ -282,7 +282,7 @@ def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_fil
 
     import grpc
 
-    from nlora_serve.serving.grpc_auth import KeyFirst
+    from nlora_serve.serving.grpc_api.auth import KeyFirst
     from nlora_serve.serving.metrics import ServerMetrics
 
     calls = []

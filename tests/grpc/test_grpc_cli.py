@@ -19,8 +19,8 @@ from nlora_serve import __version__
 from nlora_serve.client import NloraClient
 from nlora_serve.client.cli import main as client_main
 from nlora_serve.cli import console_command
-from nlora_serve.serving.serve_cli import client_hint, ready_lines
-from nlora_serve.serving.keys_cli import main as keys_main
+from nlora_serve.serving.commands.serve import client_hint, ready_lines
+from nlora_serve.serving.commands.keys import main as keys_main
 
 ROOT = Path(__file__).parents[2]
 
@@ -36,7 +36,7 @@ def test_serve_process_with_example_tenants_and_the_client_cli(tmp_path, base_fp
     log_file = tmp_path / "serve.log"
     with open(log_file, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nlora_serve.serving.serve_cli", "--port", "0", "--http-port", "off", "--dtype", "float32",
+            [sys.executable, "-m", "nlora_serve.serving.commands.serve", "--port", "0", "--http-port", "off", "--dtype", "float32",
              "--adapter-dir", str(tmp_path / "store"), "--example-tenants", "2", "--max-model-len", "512",
              "--drain-seconds", "5", "--log-level", "INFO"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ})

@@ -14,12 +14,12 @@ from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from nlora_serve.adapters.store import ALLOWED_FILES, AdapterStore
 from nlora_serve.client import InvalidArgument, NloraClient, NloraClientError
 from nlora_serve.errors import AdapterError
-from nlora_serve.serving import serve_cli
+from nlora_serve.serving.commands import serve as serve_cli
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.config import CacheConfig, EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.serving.grpc_convert import server_info
-from nlora_serve.serving.grpc_server import NloraServer
+from nlora_serve.serving.grpc_api.convert import server_info
+from nlora_serve.serving.server import NloraServer
 from nlora_serve.serving.server_config import ServerConfig
 from serving_check import CASES, TIED, still_serves
 

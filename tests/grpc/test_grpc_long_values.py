@@ -12,7 +12,7 @@ from grpc_harness import ADMIN_KEY, TENANT_KEYS, write_tenants_file
 from nlora_serve.client import NloraClient
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
-from nlora_serve.serving.grpc_status import details
+from nlora_serve.serving.status import details
 from serving_check import CASES, TIED, still_serves
 
 RULE = ("is not valid: expected [A-Za-z0-9][A-Za-z0-9._-]{0,127} "

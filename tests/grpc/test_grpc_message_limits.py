@@ -1,4 +1,4 @@
-"""Request-size limits (serving/grpc_limits.py): the server-wide receive limit is what a legal
+"""Request-size limits (serving/grpc_api/limits.py): the server-wide receive limit is what a legal
 SwapAdapter carries, and every other method's messages are held to a bound of their own before they
 are parsed. Before, the limit was --max-adapter-bytes + 1 MiB for every method (257 MiB), so a tenant
 with a valid key could make the server take, copy and parse a 250 MB Generate request (hostile review)."""
@@ -21,7 +21,7 @@ from nlora_serve.client.messages import generate_request
 from nlora_serve.models.spec import PROJECTIONS
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
-from nlora_serve.serving.grpc_limits import message_limits
+from nlora_serve.serving.grpc_api.limits import message_limits
 from serving_check import CASES
 
 # By hand for the default model (SmolLM2-135M: 30 layers, 7 projections each) at --max-rank 64:

@@ -14,7 +14,7 @@ from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import AuthError, Authenticator, Principal, hash_key
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.request_policy import cache_salt_of
-from nlora_serve.serving.grpc_status import QueueFull
+from nlora_serve.serving.status import QueueFull
 
 PROMPT = list(range(1000, 1040))  # 40 tokens: 2 full blocks of 16 can be cached
 
@@ -140,7 +140,7 @@ def test_tenants_file_weights_and_quotas(tmp_path):
 def test_serve_flags_prefix_caching_and_scheduling_policy(tmp_path):
     import argparse
 
-    from nlora_serve.serving import serve_cli
+    from nlora_serve.serving.commands import serve as serve_cli
 
     def configs(*flags):
         parser = argparse.ArgumentParser()

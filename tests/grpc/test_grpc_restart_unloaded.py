@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from nlora_serve.serving import serve_cli
+from nlora_serve.serving.commands import serve as serve_cli
 from serving_check import CASES, TIED
 
 

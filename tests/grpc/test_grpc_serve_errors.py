@@ -16,10 +16,10 @@ import pytest
 from nlora_serve import cli
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import NloraError
-from nlora_serve.serving import serve_cli
-from nlora_serve.serving.backend_cli import make_engine
+from nlora_serve.serving.commands import serve as serve_cli
+from nlora_serve.serving.commands.backend import make_engine
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.grpc_server import NloraServer
+from nlora_serve.serving.server import NloraServer
 from nlora_serve.serving.server_config import ServerConfig, StartupError
 
 ROOT = Path(__file__).parents[2]
@@ -198,7 +198,7 @@ def test_busy_metrics_port_names_it_and_binds_no_grpc_port(make_server):
 def test_a_grpc_only_server_says_at_start_that_it_serves_no_http_api(make_server, caplog):
     # A newcomer's find: `serve --http-port off` (or a server built without an HTTP port) serves no HTTP
     # at all (curl got no answer), which the start did not say.
-    with caplog.at_level(logging.INFO, logger="nlora_serve.serving.grpc_server"):
+    with caplog.at_level(logging.INFO, logger="nlora_serve.serving.server"):
         running = make_server()
     assert caplog.messages[-1] == (f"gRPC on {running.target}; no HTTP API (--http-port off; --http-port PORT "
                                    "serves the OpenAI-compatible one)")

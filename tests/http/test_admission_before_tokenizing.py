@@ -19,7 +19,7 @@ from admission_harness import (CAPPED_KEY, FREE_KEY, HOLD, MAX_QUEUE, OTHER_KEY,
                                admission_counts, wait_for, write_quota_tenants)
 from grpc_harness import server_factory, stop_all
 from http_harness import base_url, headers_only, read_response
-from nlora_serve.serving import http_generate
+from nlora_serve.serving.http_api import generate as http_generate
 from nlora_serve.engine.api import max_prompt_bytes
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from http_harness import client, headers_only, read_response, scrape
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
-from nlora_serve.serving.grpc_status import Draining, QueueFull, http_status_of, status_of
+from nlora_serve.serving.status import Draining, QueueFull, http_status_of, status_of
 from nlora_serve.engine.sampling import RequestError
 
 

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from http_harness import TENANTS, base_url, client, scrape
-from nlora_serve.serving.http_server import MAX_BODY_BYTES
+from nlora_serve.serving.http_api.server import MAX_BODY_BYTES
 
 TIED, LORA = TENANTS  # inttune-nystrom-tied (granted to tied-co), lora-rslora (lora-co)
 HTTP = ("frontend", "http")

@@ -16,9 +16,9 @@ from http_harness import CASES, client, references
 from nlora_serve.client import FailedPrecondition, NloraClient
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.serving import serve_cli
+from nlora_serve.serving.commands import serve as serve_cli
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.grpc_convert import server_info
+from nlora_serve.serving.grpc_api.convert import server_info
 from nlora_serve.serving.server_config import ServerConfig
 
 CASE = "inttune-nystrom-tied"  # tests/data/cases: a tied IntTune tenant with recorded references

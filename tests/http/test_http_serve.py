@@ -15,7 +15,7 @@ import pytest
 
 from http_harness import client
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.grpc_server import NloraServer
+from nlora_serve.serving.server import NloraServer
 from nlora_serve.serving.server_config import ServerConfig, StartupError
 
 ROOT = Path(__file__).parents[2]
@@ -33,7 +33,7 @@ def test_serve_process_answers_openai_clients_and_drains_on_sigterm(tmp_path):
     log_file = tmp_path / "serve.log"
     with open(log_file, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nlora_serve.serving.serve_cli", "--port", "0", "--http-port", "0",
+            [sys.executable, "-m", "nlora_serve.serving.commands.serve", "--port", "0", "--http-port", "0",
              "--dtype", "float32", "--adapter-dir", str(tmp_path / "store"), "--max-model-len", "512",
              "--drain-seconds", "5", "--log-level", "INFO"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ})

@@ -17,10 +17,10 @@ from nlora_serve.engine.api import max_prompt_bytes
 from nlora_serve.engine.config import EngineConfig, SchedulerConfig
 from nlora_serve.engine.vllm_backend.engine import VllmEngine
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.grpc_convert import server_info
-from nlora_serve.serving.http_server import MAX_BODY_BYTES
+from nlora_serve.serving.grpc_api.convert import server_info
+from nlora_serve.serving.http_api.server import MAX_BODY_BYTES
 from nlora_serve.serving.server_config import ServerConfig
-from nlora_serve.serving.http_tokenize import TokenizeText, _tokenized
+from nlora_serve.serving.http_api.tokenize import TokenizeText, _tokenized
 
 TIED, LORA = TENANTS  # inttune-nystrom-tied (granted to tied-co), lora-rslora (lora-co)
 MAX_MODEL_LEN = 1024  # grpc_harness's servers

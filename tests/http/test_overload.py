@@ -103,7 +103,7 @@ async def _grpc_load(target: str, until: float, tally: Tally) -> None:
 def test_ten_times_max_queue_is_refused_at_once_with_bounded_memory_and_no_leaks(tmp_path):
     http_port, metrics_port = _free_port(), _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nlora_serve.serving.serve_cli", "--port", "0", "--http-port", str(http_port),
+        [sys.executable, "-m", "nlora_serve.serving.commands.serve", "--port", "0", "--http-port", str(http_port),
          "--metrics-port", str(metrics_port), "--dtype", "float32", "--adapter-dir", str(tmp_path / "store"),
          "--max-model-len", "256", "--max-queue", str(MAX_QUEUE), "--log-level", "WARNING"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ})

@@ -29,7 +29,7 @@ LONG = {"max_tokens": 900, "min_tokens": 900}  # far longer than the drain perio
 def _start(tmp_path: Path):
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nlora_serve.serving.serve_cli", "--port", "0", "--http-port", "0",
+        [sys.executable, "-m", "nlora_serve.serving.commands.serve", "--port", "0", "--http-port", "0",
          "--dtype", "float32", "--max-model-len", "1024", "--drain-seconds", "2", "--log-level", "INFO"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ})
     log.close()

@@ -1,4 +1,4 @@
-"""Chat logprobs' ``bytes``: each token's raw bytes (serving/token_bytes.py), so the bytes of a
+"""Chat logprobs' ``bytes``: each token's raw bytes (serving/http_api/token_bytes.py), so the bytes of a
 text's tokens join to its UTF-8 even where a token holds part of a character (its string is then
 U+FFFD). References: transformers' GPT-2 byte map and the tokenizers' own ``decode``."""
 
@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from nlora_serve.serving.token_bytes import BYTE_OF_CHAR, TokenBytes
+from nlora_serve.serving.http_api.token_bytes import BYTE_OF_CHAR, TokenBytes
 
 TEXT = "東京の天気は晴れです 🌸🎉 naïve café — 你好，世界！ 👩‍👩‍👧 done"
 

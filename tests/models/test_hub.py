@@ -98,7 +98,7 @@ def test_serve_registers_an_adapter_given_by_its_hub_name(tmp_path, monkeypatch)
     import argparse
 
     from nlora_serve.adapters.loader import read_adapter
-    from nlora_serve.serving import serve_cli
+    from nlora_serve.serving.commands import serve as serve_cli
 
     tenant = CASES / "inttune-nystrom-tied"
     snapshot = _cached_repo(tmp_path / "hf" / "hub", "acme-org/tenant",

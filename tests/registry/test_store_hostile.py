@@ -18,7 +18,7 @@ from nlora_serve.adapters.format import read_header_bytes
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
-from nlora_serve.serving import serve_cli
+from nlora_serve.serving.commands import serve as serve_cli
 
 CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"
 FILES = {CONFIG_FILE: b'{"r": 4}', WEIGHTS_FILE: b"\x00" * 64}

@@ -23,7 +23,7 @@ from nlora_serve.client import AsyncNloraClient, NloraClient
 from nlora_serve.client.types import NotFound
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.config import EngineConfig, SchedulerConfig
-from nlora_serve.serving.grpc_convert import server_info
+from nlora_serve.serving.grpc_api.convert import server_info
 from nlora_serve.serving.server_config import ServerConfig
 
 CASES = Path(__file__).parents[1] / "data" / "cases"

@@ -10,7 +10,7 @@ from nlora_serve.engine.api import Engine, RequestAborted, max_prompt_bytes
 from nlora_serve.errors import capped, shown
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.admission import Admission
-from nlora_serve.serving.grpc_status import http_status_of
+from nlora_serve.serving.status import http_status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
 

@@ -10,7 +10,7 @@ One :class:`Shaper` per request turns the engine's deltas into either the whole 
 A token's string is its own decoding (``tokenizer.decode([id])``; a byte-level token that is part
 of a multi-byte character decodes to U+FFFD, as in vLLM), or ``"token_id:<id>"`` with
 ``return_tokens_as_token_ids``. A chat entry's ``bytes`` are the token's raw bytes either way
-(:mod:`~nlora_serve.serving.token_bytes`), so the bytes of a text's tokens join to its UTF-8.
+(:mod:`~nlora_serve.serving.http_api.token_bytes`), so the bytes of a text's tokens join to its UTF-8.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import time
 
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.serving.token_bytes import TokenBytes
+from nlora_serve.serving.http_api.token_bytes import TokenBytes
 
 
 def sse(payload: dict | str) -> str:

@@ -16,7 +16,7 @@ vLLM's TokenizeCompletionRequest / TokenizeChatRequest / DetokenizeRequest and t
 - ``/detokenize`` with ``{"model", "tokens"}`` answers ``{"prompt": tokenizer.decode(tokens)}``,
   special tokens kept (vLLM's); an id outside the tokenizer's vocabulary is a 400 naming it.
 
-Admitted as a generation request is (http_generate.py), without the engine: key (401), draining
+Admitted as a generation request is (http_api/generate.py), without the engine: key (401), draining
 (503), queue and quota (429) before the body is read (408 when late), ``model`` granted (403)
 before the other fields are validated (400), ``model`` served (404, never the base model instead),
 then the tokenizer's work on the front ends' one tokenizer thread in the tenant's turn
@@ -39,10 +39,10 @@ from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.engine.api import check_prompt_text
 from nlora_serve.engine.sampling import RequestError
 from nlora_serve.errors import shown
-from nlora_serve.serving.http_body import parsed_json, validated
-from nlora_serve.serving.http_context import HttpContext
-from nlora_serve.serving.http_generate import adapter_of, check_grant, read_body, unless_disconnected
-from nlora_serve.serving.http_openai import ChatMessage, ParamError, chat_prompt, unsupported
+from nlora_serve.serving.http_api.body import parsed_json, validated
+from nlora_serve.serving.http_api.context import HttpContext
+from nlora_serve.serving.http_api.generate import adapter_of, check_grant, read_body, unless_disconnected
+from nlora_serve.serving.http_api.openai import ChatMessage, ParamError, chat_prompt, unsupported
 from nlora_serve.serving.request_policy import shown_int
 from nlora_serve.serving.stream import adapter_versions
 
@@ -55,7 +55,7 @@ class _Body(BaseModel):
 
 class TokenizeText(_Body):
     prompt: str
-    add_special_tokens: bool = True  # vLLM's default for text, and /v1/completions' (http_openai.CompletionRequest)
+    add_special_tokens: bool = True  # vLLM's default for text, and /v1/completions' (openai.py CompletionRequest)
     return_token_strs: bool | None = False
 
 

@@ -13,7 +13,7 @@ GBs). So:
   ``--max-rank 64``;
 * every method but SwapAdapter and UploadAdapter (client-streamed in 1 MiB chunks) has a bound of
   its own (:meth:`MessageLimits.bound`), checked on the raw bytes before protobuf parses them
-  (grpc_decode.BoundedDecode): Generate the largest legal request (:func:`generate_request_bytes`,
+  (decode.BoundedDecode): Generate the largest legal request (:func:`generate_request_bytes`,
   1,712,128 bytes for the default model at ``--max-model-len 2048``), the small RPCs and grpc's
   health and reflection services (which need no key) :data:`SMALL_REQUEST_BYTES`.
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from nlora_serve.adapters.format import MAX_HEADER_BYTES
 from nlora_serve.models.spec import PROJECTIONS, ModelSpec
-from nlora_serve.serving.grpc_auth import ADMIN_SERVICE
-from nlora_serve.serving.grpc_decode import GENERATE
+from nlora_serve.serving.grpc_api.auth import ADMIN_SERVICE
+from nlora_serve.serving.grpc_api.decode import GENERATE
 from nlora_serve.serving.server_config import MAX_GRPC_MESSAGE, MESSAGE_HEADROOM
 
 # bounded by the server-wide limit only: a swap carries a whole N; an upload's messages are chunks

@@ -1,6 +1,6 @@
 """uvicorn serving the OpenAI-compatible app inside the gRPC server's event loop (DESIGN §6).
 
-Lifecycle, driven by :class:`~nlora_serve.serving.grpc_server.NloraServer`::
+Lifecycle, driven by :class:`~nlora_serve.serving.server.NloraServer`::
 
     http = HttpServer(app)
     port = http.bind("127.0.0.1", 0)   # StartupError names the port when it cannot be bound

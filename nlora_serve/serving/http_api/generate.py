@@ -42,11 +42,11 @@ from nlora_serve.serving.auth import PermissionDenied, Principal
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.stream import adapter_versions, metered, start_request
-from nlora_serve.serving.grpc_status import BodyTimeout, Draining
-from nlora_serve.serving.http_body import parsed_json, validated
-from nlora_serve.serving.http_context import HttpContext, aborted_body, error_body
-from nlora_serve.serving.http_openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
-from nlora_serve.serving.http_responses import Shaper, sse
+from nlora_serve.serving.status import BodyTimeout, Draining
+from nlora_serve.serving.http_api.body import parsed_json, validated
+from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
+from nlora_serve.serving.http_api.openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
+from nlora_serve.serving.http_api.responses import Shaper, sse
 from nlora_serve.serving.metrics import RequestTimer
 
 # an admitted request holds its tenant's place (quota, queue share) while its body is read: a body

@@ -8,7 +8,7 @@ adapter names), an adapter name outside the naming rule, request id and paramete
 share (RESOURCE_EXHAUSTED; from here the request holds its place in the queue, so these are
 decided before its prompt takes the tokenizer thread), the prompt (INVALID_ARGUMENT: empty, too
 long, a bad chat message), then the engine: unknown adapter (NOT_FOUND), no adapter slot
-(RESOURCE_EXHAUSTED). The HTTP front end (http_routes.py) admits the same way (admission.py), but
+(RESOURCE_EXHAUSTED). The HTTP front end (http_api/routes.py) admits the same way (admission.py), but
 for the name rule: HTTP's ``model`` is looked up as sent (404). A prompt plus max_tokens over
 max_model_len is INVALID_ARGUMENT, as OpenAI's API refuses it (the vLLM 0.32 we test against
 lowers max_tokens instead); max_tokens 0 (unset) is the rest of the context.
@@ -31,13 +31,13 @@ from nlora_serve.adapters.names import validate_name
 from nlora_serve.errors import NloraError
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
-from nlora_serve.serving import grpc_convert as convert
+from nlora_serve.serving.grpc_api import convert
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_bytes
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.stream import adapter_versions, metered, start_request
-from nlora_serve.serving.grpc_status import abort, status_of
+from nlora_serve.serving.status import abort, status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
 

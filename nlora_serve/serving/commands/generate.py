@@ -17,7 +17,7 @@ from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.serving.chat_template import encode_chat
-from nlora_serve.serving.engine_flags import add_device_arguments, device_config
+from nlora_serve.serving.commands.engine_flags import add_device_arguments, device_config
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """The body of an HTTP API request (generation, /tokenize, /detokenize): parsed as FastAPI parses a
 declared JSON body, then validated into a request model, each failure a
-:class:`RequestValidationError` (HTTP 400 in OpenAI's error shape, see http_routes). The routes
+:class:`RequestValidationError` (HTTP 400 in OpenAI's error shape, see routes.py). The routes
 parse the body themselves, after the key and the grant are checked (FastAPI would parse a declared
 body before any dependency)."""
 

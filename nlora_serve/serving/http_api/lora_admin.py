@@ -41,11 +41,11 @@ from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.store import ALLOWED_FILES
 from nlora_serve.errors import AdapterError, shown
 from nlora_serve.models.hub import local_or_hub
-from nlora_serve.serving.grpc_status import RuntimeUpdatingOff, TooLarge, adapter_manager
-from nlora_serve.serving.http_body import parsed_json, validated
-from nlora_serve.serving.http_context import HttpContext
-from nlora_serve.serving.http_generate import read_body
-from nlora_serve.serving.http_openai import ParamError, unsupported
+from nlora_serve.serving.status import RuntimeUpdatingOff, TooLarge, adapter_manager
+from nlora_serve.serving.http_api.body import parsed_json, validated
+from nlora_serve.serving.http_api.context import HttpContext
+from nlora_serve.serving.http_api.generate import read_body
+from nlora_serve.serving.http_api.openai import ParamError, unsupported
 
 ENV_FLAG = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 

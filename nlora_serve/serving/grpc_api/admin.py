@@ -25,10 +25,10 @@ from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.errors import AdapterError, NloraError, shown
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
-from nlora_serve.serving import grpc_convert as convert
+from nlora_serve.serving.grpc_api import convert
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine
-from nlora_serve.serving.grpc_status import TooLarge, abort, adapter_manager, status_of
+from nlora_serve.serving.status import TooLarge, abort, adapter_manager, status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
 

@@ -1,6 +1,6 @@
 """The grpc.aio server over an :class:`Engine` (DESIGN §6): Generation + AdapterAdmin services,
 grpc.health.v1 health, server reflection, Prometheus metrics, graceful drain; with
-``ServerConfig.http_port`` also the OpenAI-compatible HTTP API (http_routes.py), in the same event
+``ServerConfig.http_port`` also the OpenAI-compatible HTTP API (http_api/routes.py), in the same event
 loop over the same engine, keys, admission queue and metrics.
 
 Lifecycle (all on one event loop)::
@@ -29,16 +29,16 @@ from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine, max_prompt_bytes
 from nlora_serve.errors import NloraError
 from nlora_serve.models.spec import ModelSpec
-from nlora_serve.serving.grpc_admin import AdminServicer
-from nlora_serve.serving.grpc_auth import KeyFirst
-from nlora_serve.serving.grpc_decode import BoundedDecode
+from nlora_serve.serving.grpc_api.admin import AdminServicer
+from nlora_serve.serving.grpc_api.auth import KeyFirst
+from nlora_serve.serving.grpc_api.decode import BoundedDecode
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.stream import adapter_versions
-from nlora_serve.serving.grpc_generate import GenerationServicer
-from nlora_serve.serving.grpc_limits import message_limits
-from nlora_serve.serving.http_context import HttpContext
-from nlora_serve.serving.http_routes import build_app
-from nlora_serve.serving.http_server import HttpServer
+from nlora_serve.serving.grpc_api.generate import GenerationServicer
+from nlora_serve.serving.grpc_api.limits import message_limits
+from nlora_serve.serving.http_api.context import HttpContext
+from nlora_serve.serving.http_api.routes import build_app
+from nlora_serve.serving.http_api.server import HttpServer
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig, StartupError, is_loopback
 
@@ -92,7 +92,7 @@ class NloraServer:
         engine: the engine; its ``adapters`` manager backs the admin service.
         config: where to listen and the admission limits.
         auth: keys and grants (``Authenticator(None)``: no auth, loopback only).
-        info: what GetServerInfo answers (see :func:`grpc_convert.server_info`).
+        info: what GetServerInfo answers (see :func:`nlora_serve.serving.grpc_api.convert.server_info`).
         tokenizer: renders chat prompts with the model's chat template.
 
     Raises (constructor):
@@ -111,7 +111,7 @@ class NloraServer:
         self.engine, self.config, self.auth = engine, config, auth
         self.admission = Admission(config.max_queue, config.tenant_queue_shares)
         self.metrics = ServerMetrics(engine.stats, lambda: _residency(engine), lambda: self.admission.inflight)
-        # request-size limits (grpc_limits.py): sized by what a legal request of this model can be,
+        # request-size limits (grpc_api/limits.py): sized by what a legal request of this model can be,
         # which ServerConfig alone does not know
         self.limits = message_limits(_swap_shape(engine), max_prompt_bytes(tokenizer, engine.max_model_len),
                                      engine.max_model_len, config.max_adapter_bytes)

@@ -1,7 +1,7 @@
 """Calls refused on their metadata alone, before the server reads their request.
 
 The server's receive limit is one for every method, large enough for a SwapAdapter to carry a whole
-N (grpc_limits.py). A servicer checks the caller's key only once grpc has received and parsed the
+N (grpc_api/limits.py). A servicer checks the caller's key only once grpc has received and parsed the
 request, so without this a client with no key could make the server take a request of that size
 whole, as many at once as it likes (the limit grows with the model and ``--max-rank``; at a
 257 MiB limit, four 200 MiB Generate requests at once cost +2.1 GB and 3.7 s gaps in other
@@ -20,8 +20,8 @@ import grpc
 
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.grpc_decode import GENERATE, PREFIX
-from nlora_serve.serving.grpc_status import abort, status_of
+from nlora_serve.serving.grpc_api.decode import GENERATE, PREFIX
+from nlora_serve.serving.status import abort, status_of
 from nlora_serve.serving.metrics import ServerMetrics
 
 ADMIN_SERVICE = PREFIX + "AdapterAdmin/"

@@ -11,7 +11,7 @@ too: a corrupt Health/Check needs no key, and grpc logs a full traceback for eac
 parse, so without this anyone could fill the log. So is grpc's reflection service (stream-stream,
 keyless too).
 
-Each message is first held to its method's bound (grpc_limits.MessageLimits.bound: Generate the
+Each message is first held to its method's bound (limits.MessageLimits.bound: Generate the
 largest legal request, the small RPCs, health and reflection 64 KiB): grpc's own receive limit is one for every
 method and must let a whole SwapAdapter payload through, so without this a tenant's Generate
 request of several MiB would be parsed whole before validation refused it. An over-size message
@@ -25,7 +25,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
-from nlora_serve.serving.grpc_status import TooLarge, abort, status_of
+from nlora_serve.serving.status import TooLarge, abort, status_of
 from nlora_serve.serving.metrics import ServerMetrics
 
 PREFIX = "/nlora_serve.v1."  # our services (nlora.proto's package)
@@ -41,7 +41,7 @@ class BoundedDecode(grpc.aio.ServerInterceptor):
     valid protobuf of its method's request type.
 
     Args:
-        limits: the bounds (a grpc_limits.MessageLimits: ``bound(method)`` bytes or None).
+        limits: the bounds (a limits.MessageLimits: ``bound(method)`` bytes or None).
         metrics: where a refused Generate is counted.
     """
 

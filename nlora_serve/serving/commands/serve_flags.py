@@ -1,6 +1,6 @@
 """The flags of ``nlora-serve serve`` (its server, store and adapter flags; the device and size
-flags are engine_flags.py's, --backend's backend_cli.py's), parsed and range-checked before
-anything loads; serve_cli.py builds the server from them."""
+flags are commands/engine_flags.py's, --backend's commands/backend.py's), parsed and range-checked before
+anything loads; commands/serve.py builds the server from them."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from nlora_serve.adapters.names import validate_name
 from nlora_serve.arg_types import port_or_off_arg
 from nlora_serve.engine.config import SCHEDULING_POLICIES
 from nlora_serve.errors import AdapterError
-from nlora_serve.serving.backend_cli import add_backend_arguments
-from nlora_serve.serving.engine_flags import add_device_arguments
-from nlora_serve.serving.http_lora_admin import env_allows_updating
+from nlora_serve.serving.commands.backend import add_backend_arguments
+from nlora_serve.serving.commands.engine_flags import add_device_arguments
+from nlora_serve.serving.http_api.lora_admin import env_allows_updating
 from nlora_serve.serving.server_config import ServerConfig
 
 MiB = 1 << 20

@@ -5,13 +5,13 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-st
 ``GET /v1/models`` (the base model and the adapters this key may use) and ``GET /v1/models/{model}``
 (one of them; 404 for a name it may not use, as for one that does not exist), ``GET /health``,
 ``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; no label names a tenant),
-vLLM's ``POST /tokenize``, ``POST /detokenize`` (http_tokenize.py) and ``GET /version``, and, with
+vLLM's ``POST /tokenize``, ``POST /detokenize`` (http_api/tokenize.py) and ``GET /version``, and, with
 ``--allow-runtime-lora-updating``, vLLM's ``POST /v1/load_lora_adapter`` and
-``POST /v1/unload_lora_adapter`` (http_lora_admin.py, admin keys only).
+``POST /v1/unload_lora_adapter`` (http_api/lora_admin.py, admin keys only).
 
 Every refusal is counted in ``nlora_requests_rejected_total{frontend="http"}`` (generation
-routes only) and answered in OpenAI's error shape (http_context.error_body); generation itself,
-from admission to the SSE stream, is http_generate.py.
+routes only) and answered in OpenAI's error shape (context.error_body); generation itself,
+from admission to the SSE stream, is http_api/generate.py.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.errors import NloraError, shown
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.stream import adapter_versions
-from nlora_serve.serving.grpc_status import http_status_of
-from nlora_serve.serving.http_context import HttpContext, aborted_body, error_body
-from nlora_serve.serving.http_generate import generate
-from nlora_serve.serving.http_lora_admin import load_lora_adapter, unload_lora_adapter
-from nlora_serve.serving.http_tokenize import detokenize, tokenize
+from nlora_serve.serving.status import http_status_of
+from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
+from nlora_serve.serving.http_api.generate import generate
+from nlora_serve.serving.http_api.lora_admin import load_lora_adapter, unload_lora_adapter
+from nlora_serve.serving.http_api.tokenize import detokenize, tokenize
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 LORA_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
@@ -67,7 +67,7 @@ def _principal(request: Request) -> Principal:
 @_router.get("/health")
 async def _health(request: Request) -> JSONResponse:
     ctx = _ctx(request)
-    if (dead := ctx.engine.dead_reason) is not None:  # the server is on its way out: see serve_cli
+    if (dead := ctx.engine.dead_reason) is not None:  # the server is on its way out: see commands/serve.py
         return JSONResponse({"status": "dead", "reason": dead}, status_code=503)
     draining = ctx.admission.draining
     return JSONResponse({"status": "draining" if draining else "ok"}, status_code=503 if draining else 200)
@@ -106,7 +106,7 @@ async def _chat_completions(request: Request) -> Response:
     return await generate(_ctx(request), request, chat=True)
 
 
-@_router.post("/tokenize")  # vLLM's extras: tokenizer only, admitted as generation is (http_tokenize)
+@_router.post("/tokenize")  # vLLM's extras: tokenizer only, admitted as generation is (tokenize.py)
 async def _tokenize(request: Request) -> Response:
     return await tokenize(_ctx(request), request)
 

@@ -1,7 +1,7 @@
 """``nlora-serve serve``: the gRPC server and the OpenAI-compatible HTTP API (--http-port, 8000 by
 default as vLLM's; ``off`` for gRPC only) on one base model, until SIGTERM / SIGINT.
 
-    python -m nlora_serve.serving.serve_cli --adapter-dir ./adapters --example-tenants 4
+    python -m nlora_serve.serving.commands.serve --adapter-dir ./adapters --example-tenants 4
 
 Shutdown is graceful: health turns NOT_SERVING, new Generate calls get UNAVAILABLE, running
 streams get ``--drain-seconds`` to finish; those still running then are aborted and told so (gRPC
@@ -33,15 +33,15 @@ from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base, resolve_model
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.backend_cli import backend_config, make_engine
-from nlora_serve.serving.engine_flags import device_config
+from nlora_serve.serving.commands.backend import backend_config, make_engine
+from nlora_serve.serving.commands.engine_flags import device_config
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
-from nlora_serve.serving.example_tenants import ensure_example_tenants, example_name
-from nlora_serve.serving.grpc_convert import server_info
-from nlora_serve.serving.grpc_server import NloraServer, check_ports_free
-from nlora_serve.serving.serve_flags import DEFAULT_HTTP_PORT, MiB, add_serve_arguments
+from nlora_serve.serving.commands.example_tenants import ensure_example_tenants, example_name
+from nlora_serve.serving.grpc_api.convert import server_info
+from nlora_serve.serving.server import NloraServer, check_ports_free
+from nlora_serve.serving.commands.serve_flags import DEFAULT_HTTP_PORT, MiB, add_serve_arguments
 from nlora_serve.serving.server_config import ServerConfig, StartupError, default_served_name
 
 log = logging.getLogger("nlora_serve.serve")

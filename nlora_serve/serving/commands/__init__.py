@@ -1,0 +1,8 @@
+"""The server's commands, as ``nlora_serve/cli.py`` dispatches them::
+
+    serve.py            ``nlora-serve serve``: builds and runs the server from serve_flags.py's flags,
+                        with backend.py (--backend), engine_flags.py (device and size flags) and
+                        example_tenants.py (--example-tenants)
+    generate.py         ``nlora-serve generate``: one prompt through the engine, no server
+    keys.py             ``nlora-serve keys {new,hash}``
+"""

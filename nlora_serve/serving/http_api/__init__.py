@@ -1,0 +1,14 @@
+"""The OpenAI-compatible HTTP front end (FastAPI under uvicorn, in the gRPC server's event loop),
+with vLLM's extras::
+
+    server.py      uvicorn inside the gRPC server's event loop, body size limit
+    routes.py      the FastAPI app: routes and error handlers
+    generate.py    /v1/completions and /v1/chat/completions, whole or SSE-streamed
+    body.py, openai.py
+                   the body parsed, validated and turned into engine inputs
+    responses.py   engine deltas -> OpenAI response objects and SSE chunks
+    token_bytes.py a token's raw bytes for chat logprobs
+    tokenize.py    vLLM's /tokenize and /detokenize
+    lora_admin.py  vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (admin, off by default)
+    context.py     what the routes serve from; OpenAI's error shape
+"""
