@@ -117,7 +117,7 @@ def test_serve_refuses_adapter_names_equal_to_the_served_name_before_loading(tmp
     if stored is not None:
         AdapterStore(tmp_path / "store").write(stored, {f: (CASES / TIED / f).read_bytes() for f in ALLOWED_FILES})
     with pytest.raises(AdapterError, match="is the served base model name") as err:
-        serve_cli.build(_args("--port", "0", "--adapter-dir", str(tmp_path / "store"), *flags))
+        serve_cli.build(_args("--port", "0", "--http-port", "0", "--adapter-dir", str(tmp_path / "store"), *flags))
     assert "another --served-model-name" in str(err.value)
 
 

@@ -13,7 +13,7 @@ from serving_check import CASES, TIED
 def _build(*flags: str):
     parser = argparse.ArgumentParser()
     serve_cli.add_serve_arguments(parser)
-    return serve_cli.build(parser.parse_args(["--port", "0", "--dtype", "float32", *flags]))
+    return serve_cli.build(parser.parse_args(["--port", "0", "--http-port", "0", "--dtype", "float32", *flags]))
 
 
 def _served(engine) -> dict[str, int]:

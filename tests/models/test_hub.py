@@ -108,7 +108,7 @@ def test_serve_registers_an_adapter_given_by_its_hub_name(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     parser = argparse.ArgumentParser()
     serve_cli.add_serve_arguments(parser)
-    args = parser.parse_args(["--port", "0", "--dtype", "float32", "--adapter-dir", str(tmp_path / "store"),
+    args = parser.parse_args(["--port", "0", "--http-port", "0", "--dtype", "float32", "--adapter-dir", str(tmp_path / "store"),
                               "--adapter", "acme=acme-org/tenant"])
     engine, _, names = serve_cli.build(args)
     try:
