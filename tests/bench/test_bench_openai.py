@@ -172,7 +172,7 @@ def test_cli_end_to_end_against_the_fake_server(fake_server, tmp_path, capsys):
     assert printed.endswith(f"wrote {out} and {out.with_suffix('.png')}\n")  # where the plot went, too
 
 
-@pytest.mark.parametrize("mode", [["--concurrency", "2"], ["--mode", "open", "--rate", "200"]])
+@pytest.mark.parametrize("mode", [["--concurrency", "2"], ["--mode", "open", "--rate", "50"]])
 def test_cli_stops_early_naming_the_model_when_the_first_requests_all_fail_alike(fake_server, tmp_path, capsys,
                                                                                  mode):
     out = tmp_path / "r.json"
@@ -182,7 +182,9 @@ def test_cli_stops_early_naming_the_model_when_the_first_requests_all_fail_alike
     assert rc == 2 and not out.exists()
     assert err.count("\n") == 1 and err.count("no missing") == 1  # the server's message, once
     assert "first 8 requests all failed with HTTP 404" in err and "tenants asked for: missing" in err
-    assert 8 <= len(FakeOpenAI.seen) < 20  # stopped: in-flight ones finished, no more were sent
+    # stopped: in-flight ones finished, no more were sent (open mode keeps sending until the first 8
+    # answers are in: at 50 requests/s that bound leaves a loaded 2-core box 1.8 s for them, not 0.2)
+    assert 8 <= len(FakeOpenAI.seen) < (20 if "--concurrency" in mode else 100)
 
 
 def test_overload_or_mixed_errors_do_not_stop_a_run(fake_server):
