@@ -27,7 +27,7 @@
 #   engine_8b: tied64 and lora8 against our base at the llama-8b dummy shape (issue 19);
 #   prefix_8b, fairness: issue 20 at scale (fairness's table ends with the preemptions and worst
 #     light TTFT p99 per policy, with and without the heavy tenant: fair should preempt nothing
-#     without it); tune_kernels: tied_fused configs for this device.
+#     without it); tune_kernels: tied_fused configs for this device (<device name>.json under $OUT).
 # Needs only torch + triton + transformers + peft + pytest + numpy (the device image has them);
 # the package is used from the working tree. Writes under $OUT (default bench/out/gpu).
 set -uo pipefail
@@ -72,7 +72,9 @@ if [ "${1:-}" = extra ]; then  # the second call: its own log and rc files
     step prefix_8b 120 $PY bench/prefix_fairness.py --only prefix --device cuda --model bench/models/llama-8b \
         --tokenizer bench/models/smollm2-135m --load-format dummy --dtype bfloat16 --tenants 64 --burst 128 \
         --poisson-requests 128 --budget 2048 --max-num-seqs 64 --out "$OUT/prefix_8b.json"
-    step tune_kernels 60 $PY bench/tune_adapter_kernels.py --out "$OUT/NVIDIA_H200.json"
+    # named as kernels/config.py looks it up (an H100's is not an H200's): copy it into kernels/configs/
+    CONFIG_NAME=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo unknown_device)
+    step tune_kernels 60 $PY bench/tune_adapter_kernels.py --out "$OUT/$CONFIG_NAME.json"
     ! grep -qv "rc=0" "$RC"
     exit
 fi
