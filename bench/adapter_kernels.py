@@ -12,9 +12,9 @@ timed by replay (GPU time only), in interleaved rounds (median kept):
 - ``base``: the four cuBLAS GEMMs alone;
 - per path, the same GEMMs followed by the layer's seven adapter calls: ``tied64`` (64 tied
   tenants, the two-launch form: mix reading z from y, expand by W[:, :R]), ``tied64_tiled`` (the
-  same mix, then kernels/tied_expand.py: one W[:, :R] tile per 16 tokens × 64 columns instead of
+  same mix, then kernels/triton_ops/tied_expand.py: one W[:, :R] tile per 16 tokens × 64 columns instead of
   one W read per token), ``tied64_fused`` (the
-  one-launch form, kernels/tied_fused.py, at its default config; ``tied64_fused_p64`` / ``_n128`` /
+  one-launch form, kernels/triton_ops/tied_fused.py, at its default config; ``tied64_fused_p64`` / ``_n128`` /
   ``_t64`` / ``_k256`` at candidate configs: 64 programs, 128-column or 64-token tiles, 256-wide
   K steps over 128 programs: z's K loop is the long pole at decode; tune_adapter_kernels.py
   sweeps more), ``tied64_zcols`` (the base GEMMs on [W; W[:R] of each module]: z comes out as R
@@ -22,7 +22,7 @@ timed by replay (GPU time only), in interleaved rounds (median kept):
   GEMM columns), ``family64`` (64 tenants of one shared A/B family),
   ``lora8`` (8 distinct r = 16 LoRAs), both in the per-token form ("bgmv": each token re-reads its
   A and B at decode), and ``family64_grouped`` / ``lora8_grouped``: the same in the grouped form
-  (kernels/grouped_shrink.py, grouped_expand.py: tokens sorted by family on the device, each A and B
+  (kernels/triton_ops/grouped_shrink.py, grouped_expand.py: tokens sorted by family on the device, each A and B
   tile read once per block of 16 of its tokens, the shrink's K split over programs at decode).
 
 Adapter cost = (path − base) / base, both from the same replays, so a slow adapter cannot hide in
@@ -54,7 +54,7 @@ if not torch.cuda.is_available():  # before any kernel module decorates its kern
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from nlora_serve.kernels import TIED, KernelSiteWeights, build_adapter_batch  # noqa: E402
-from nlora_serve.kernels.per_token_batch import derive_per_token_batch  # noqa: E402
+from nlora_serve.kernels.triton_ops.per_token_batch import derive_per_token_batch  # noqa: E402
 
 MODELS = Path(__file__).parent / "models"
 SHAPE_DIRS = {"default": "smollm2-135m", "llama-8b": "llama-8b"}
@@ -64,10 +64,10 @@ RANK, TENANTS, DECODE_MAX_T = 16, 64, 256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # path -> (pool kind, tied form, fused launch-config overrides); target % of base at (T ≤ 256, T > 256)
 PATHS = {"tied64": ("tied", "two_launch", None),
-         # mix, then the tiled expand (kernels/tied_expand.py): W[:, :R] read once per 16 tokens
+         # mix, then the tiled expand (kernels/triton_ops/tied_expand.py): W[:, :R] read once per 16 tokens
          "tied64_tiled": ("tied", "tiled", None),
          "tied64_fused": ("tied", "fused", None),
-         # the fused form's candidate configs (kernels/tied_fused.py; PROGRAMS is a runtime count,
+         # the fused form's candidate configs (kernels/triton_ops/tied_fused.py; PROGRAMS is a runtime count,
          # so its variants cost replays only, the block sizes one compile each)
          "tied64_fused_p64": ("tied", "fused", {"PROGRAMS": 64}),
          "tied64_fused_n128": ("tied", "fused", {"BLOCK_N": 128}),
@@ -137,8 +137,8 @@ def _slots(kind: str, num_tokens: int, gen) -> tuple[torch.Tensor, torch.Tensor]
 
 def _adapter(kind: str, form: str | None, overrides: dict | None, num_tokens: int, device, gen):
     """apply(view, x, site) for this path at T: the decode form for T ≤ 256, else the prefill form."""
-    from nlora_serve.kernels.tied_fused import tied_fused  # after the env flag
-    from nlora_serve.kernels.triton_path import apply_triton, apply_triton_per_token
+    from nlora_serve.kernels.triton_ops.tied_fused import tied_fused  # after the env flag
+    from nlora_serve.kernels.triton_ops.triton_path import apply_triton, apply_triton_per_token
     slots, fams = _slots(kind, num_tokens, gen)
     forms = {"tied_form": form} if kind == "tied" else {"group_form": form}
     if num_tokens <= DECODE_MAX_T or form == "fused":
@@ -157,7 +157,7 @@ def _adapter(kind: str, form: str | None, overrides: dict | None, num_tokens: in
 
 def _zcols_run(groups, weights, xs, sites, num_tokens: int, device, gen):
     """Base GEMMs on [W; W_m[:R] per module] and one tied_fused launch per site reading z there."""
-    from nlora_serve.kernels.tied_fused import tied_fused  # after the env flag
+    from nlora_serve.kernels.triton_ops.tied_fused import tied_fused  # after the env flag
     slots, fams = _slots("tied", num_tokens, gen)
     batch = derive_per_token_batch(slots.to(device, torch.int32), fams.to(device, torch.int32),
                                    torch.ones(TENANTS, device=device), RANK, True, False)

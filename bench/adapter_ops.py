@@ -4,7 +4,7 @@ Runs bench/cpu_breakdown.py's workload (DESIGN §9: 64 requests × 128-token pro
 tokens, greedy) for one tenant mix and times every call of the native tied and group ops and of
 the adapter hook around them, by step kind (prefill / decode) and fused projection width (576: o
 and down, 960: q/k/v, 3072: gate/up on the default model), and the layer ops that add a tied
-delta deferred to them (SiLU · up, add + RMSNorm, add, RoPE; kernels/layer_ops.py) with and without one,
+delta deferred to them (SiLU · up, add + RMSNorm, add, RoPE; kernels/cpu/layer_ops.py) with and without one,
 over the timed run only. ``--no-defer`` makes the tied op add every delta itself (the A/B of the
 deferral; ``--mix none`` gives the layer ops' own times). In the engine
 an op finds its inputs cold (the base GEMMs stream the weights between two calls), so its time
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import nlora_serve.engine.adapter_layer as adapter_layer
-import nlora_serve.kernels.layer_ops as layer_ops
-import nlora_serve.kernels.native as native
+import nlora_serve.kernels.cpu.layer_ops as layer_ops
+import nlora_serve.kernels.cpu.native as native
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 
@@ -63,7 +63,7 @@ def instrument() -> None:
     ops.group_apply = timed("group op", ops.group_apply, lambda self, y, x, batch, plan: plan.width)
     hook = adapter_layer.AdapterHook
     hook.__call__ = timed("hook (op included)", hook.__call__, lambda self, x, y, *a, **k: y.shape[1])
-    # the layer ops that add a deferred tied delta (kernels/layer_ops.py), by whether they got one
+    # the layer ops that add a deferred tied delta (kernels/cpu/layer_ops.py), by whether they got one
     layer = layer_ops.LayerOps
     for name, tied_at in (("silu_mul", 2), ("add_rms_norm", 6), ("add", 3), ("rope", 5)):
         setattr(layer, name, timed(name, getattr(layer, name),

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nlora_serve.kernels.cpu_gemm import NativeLinear, PackedLinear
-from nlora_serve.kernels.native import load_native
+from nlora_serve.kernels.cpu.gemm import NativeLinear, PackedLinear
+from nlora_serve.kernels.cpu.native import load_native
 
 # (name, out, in) of SmolLM2-135M: hidden 576, 9 q / 3 kv heads of 64, intermediate 1536, vocab 49152
 SHAPES = [("qkv", 960, 576), ("o_proj", 576, 576), ("gate_up", 3072, 576), ("down_proj", 576, 1536),

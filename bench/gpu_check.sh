@@ -72,7 +72,7 @@ if [ "${1:-}" = extra ]; then  # the second call: its own log and rc files
     step prefix_8b 120 $PY bench/prefix_fairness.py --only prefix --device cuda --model bench/models/llama-8b \
         --tokenizer bench/models/smollm2-135m --load-format dummy --dtype bfloat16 --tenants 64 --burst 128 \
         --poisson-requests 128 --budget 2048 --max-num-seqs 64 --out "$OUT/prefix_8b.json"
-    # named as kernels/config.py looks it up (an H100's is not an H200's): copy it into kernels/configs/
+    # named as kernels/triton_ops/config.py looks it up (an H100's is not an H200's): copy it into kernels/triton_ops/configs/
     CONFIG_NAME=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo unknown_device)
     step tune_kernels 60 $PY bench/tune_adapter_kernels.py --out "$OUT/$CONFIG_NAME.json"
     ! grep -qv "rc=0" "$RC"

@@ -39,7 +39,7 @@ from nlora_serve.engine.model_runner import ModelRunner
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.sequence import Sequence
 from nlora_serve.engine.step_inputs import StepInputs
-from nlora_serve.kernels.per_token_batch import derive_per_token_batch
+from nlora_serve.kernels.triton_ops.per_token_batch import derive_per_token_batch
 from nlora_serve.kernels.metadata import TIED, build_adapter_batch
 
 SIZES = (32, 64, 128, 256)

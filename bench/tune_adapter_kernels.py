@@ -1,5 +1,5 @@
 """Offline launch-config tuning for the fused tied op; writes the per-device config file the
-launchers read (nlora_serve/kernels/config.py: ``configs/<device name>.json``).
+launchers read (nlora_serve/kernels/triton_ops/config.py: ``configs/<device name>.json``).
 
     python bench/tune_adapter_kernels.py [--shape llama-8b] [--tokens 64 256] [--out FILE]
 
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import adapter_kernels as ak  # noqa: E402  (sets the interpreter flag first when there is no GPU)
 
-CONFIG_DIR = Path(__file__).parents[1] / "nlora_serve" / "kernels" / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "nlora_serve" / "kernels" / "triton_ops" / "configs"
 # Candidates around the default (BLOCK_T 16, BLOCK_K 64, BLOCK_N 64, PROGRAMS 512, 4 warps)
 CANDIDATES = [
     {"BLOCK_T": 16, "BLOCK_K": 64, "BLOCK_N": 64, "PROGRAMS": 512, "num_warps": 4},

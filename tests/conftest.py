@@ -69,7 +69,7 @@ def greedy_matches(got: list[int], ref: dict) -> bool:
 def native_ops(tmp_path_factory):
     """The native CPU op, compiled into a fresh folder (this machine has a C compiler: a failure
     to build is a failure, not a skip)."""
-    from nlora_serve.kernels.native import load_native
+    from nlora_serve.kernels.cpu.native import load_native
 
     ops = load_native(tmp_path_factory.mktemp("kernels"))
     assert ops is not None, "the native CPU op did not build (is `cc` on PATH?)"

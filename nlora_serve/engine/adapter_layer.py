@@ -3,7 +3,7 @@
 Each step the engine calls :meth:`AdapterHook.begin_step` with the step's sequences, in packed
 order, and the adapter version each one is pinned to. For every pool those versions live in, one
 :class:`~nlora_serve.kernels.metadata.AdapterBatch` is built (a
-:class:`~nlora_serve.kernels.native_batch.NativeBatch` on the native CPU path; in the Triton
+:class:`~nlora_serve.kernels.cpu.batch.NativeBatch` on the native CPU path; in the Triton
 per-token form only the [T] slot row, the layout then derived on the device); then each
 projection's call adds every pool's deltas into its base output through the kernels. A step with
 no adapted token costs one ``if`` per projection.
@@ -88,12 +88,12 @@ from typing import Protocol
 
 import torch
 
-from nlora_serve.kernels.per_token_batch import PerTokenAdapterBatch, derive_per_token_batch
+from nlora_serve.kernels.triton_ops.per_token_batch import PerTokenAdapterBatch, derive_per_token_batch
 from nlora_serve.kernels.dispatch import apply_adapters
 from nlora_serve.kernels.metadata import NO_ADAPTER, TIED, AdapterBatch, build_adapter_batch
-from nlora_serve.kernels.native import GroupProjection, NativeOps, TiedProjection
-from nlora_serve.kernels.tied_delta import TiedDelta, TiedStep
-from nlora_serve.kernels.native_batch import NativeBatch, build_native_batch
+from nlora_serve.kernels.cpu.native import GroupProjection, NativeOps, TiedProjection
+from nlora_serve.kernels.cpu.tied_delta import TiedDelta, TiedStep
+from nlora_serve.kernels.cpu.batch import NativeBatch, build_native_batch
 
 
 class ProjectionHook(Protocol):
@@ -176,9 +176,9 @@ class AdapterHook:
     attributes; pools are read through views refreshed when a pool's tensors are replaced.
 
     Args:
-        native: the native CPU ops (:func:`nlora_serve.kernels.native.load_native`); when given,
+        native: the native CPU ops (:func:`nlora_serve.kernels.cpu.native.load_native`); when given,
             CPU steps run through them, one call per fused projection and token kind (tied, group),
-            its tokens split over torch's threads from 16 (kernels/native.py; the torch path cost
+            its tokens split over torch's threads from 16 (kernels/cpu/native.py; the torch path cost
             4x the native one at prefill sizes: bench/RESULTS.md). None: the torch path of :func:`apply_adapters`, one call
             per module.
         triton: run the Triton path (:func:`apply_adapters` with backend "triton") whatever the
@@ -318,7 +318,7 @@ class AdapterHook:
         ``x`` [T, in] is the projection's input; module i owns ``widths[i]`` columns, in order.
         With ``defer_tied``, the native tied op's delta may come back unadded instead (one pool
         in the step, no per-tenant bias, not an AMX plan): the caller hands it to the native op
-        that reads ``y`` next (kernels/layer_ops.py), so ``y`` is read once. Returns that delta,
+        that reads ``y`` next (kernels/cpu/layer_ops.py), so ``y`` is read once. Returns that delta,
         or None when every delta was added.
         """
         deferred = None
@@ -360,7 +360,7 @@ class AdapterHook:
         proj = self._projection(entry.pool, layer, modules, widths)
         for module, part, site in zip(modules, y.split(widths, dim=-1), proj.sites):
             if site is not None:
-                from nlora_serve.kernels.triton_path import apply_triton_per_token  # Triton only where it runs
+                from nlora_serve.kernels.triton_ops.triton_path import apply_triton_per_token  # Triton only where it runs
                 apply_triton_per_token(part, x, entry.batch, site)
             table = entry.pool.bias.get((layer, module)) if entry.pool.bias else None
             if table is not None:  # dense: every token gathers a row, non-adapted ones add zero

@@ -117,7 +117,7 @@ class EngineConfig:
     # weights, the KV cache, the activations and sampling live
     device: str = "auto"
     # which ops run attention and the adapters: "auto" = "triton" on CUDA, "native" on the CPU;
-    # "native" = the C ops (kernels/native.py, compiled once into <cache root>/kernels; the torch
+    # "native" = the C ops (kernels/cpu/native.py, compiled once into <cache root>/kernels; the torch
     # path where no C compiler is found); "torch" = plain torch ops; "triton" = the Triton kernels
     # (on CPU tensors only under TRITON_INTERPRET=1: that is how CI runs the CUDA path)
     kernel_backend: str = "auto"
@@ -145,11 +145,11 @@ class EngineConfig:
     # torch threads of the step thread, the only thread of a serving process that runs torch in
     # parallel (engine/threads.py says why); None: the count the process's main thread had
     cpu_threads: int | None = None
-    # kernel_backend "native": the base GEMMs on weights packed for our GEMM (kernels/cpu_gemm.py,
+    # kernel_backend "native": the base GEMMs on weights packed for our GEMM (kernels/cpu/gemm.py,
     # where the CPU runs the dtype) or, "onednn", for oneDNN's prepacked GEMMs
     cpu_gemm: str = "native"
     # kernel_backend "native", bf16: the adapter products on AMX tiles where the CPU has them;
-    # False keeps the AVX-512 paths (kernels/native.py)
+    # False keeps the AVX-512 paths (kernels/cpu/native.py)
     cpu_amx: bool = True
 
     def __post_init__(self) -> None:

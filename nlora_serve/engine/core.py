@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from nlora_serve.adapters.manager import AdapterManager
-from nlora_serve.kernels.native import load_native
+from nlora_serve.kernels.cpu.native import load_native
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.models.base import check_max_len, eos_ids
 from nlora_serve.models.cache import cache_root

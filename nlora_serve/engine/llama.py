@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from nlora_serve.engine.adapter_layer import ProjectionHook
 from nlora_serve.engine.attention import paged_attention
 from nlora_serve.engine.batch_info import BatchInfo
-from nlora_serve.kernels.cpu_gemm import NativeGemm, NativeLinear, PackedLinear, can_prepack
+from nlora_serve.kernels.cpu.gemm import NativeGemm, NativeLinear, PackedLinear, can_prepack
 from nlora_serve.engine.rope import apply_rope, rope_config, rope_tables
-from nlora_serve.kernels.layer_ops import LayerOps
-from nlora_serve.kernels.tied_delta import TiedDelta
+from nlora_serve.kernels.cpu.layer_ops import LayerOps
+from nlora_serve.kernels.cpu.tied_delta import TiedDelta
 from nlora_serve.models import BaseModel, ModelSpec
 
 # attention(q [T, H, D], k, v [T, KVH, D], kv_layer [2, NB, BS, KVH, D], info, scale) -> [T, H * D]:
@@ -37,7 +37,7 @@ class AdaptedLinear:
     kernel adds what on each backend).
     ``prepack``: on the CPU, run the GEMM on a packed copy of the weight: for the native GEMM
     (``gemm``, cpu/gemm.c) where it runs the dtype, else for oneDNN
-    (kernels/cpu_gemm.py); ``weight`` stays the plain tensor the adapters read.
+    (kernels/cpu/gemm.py); ``weight`` stays the plain tensor the adapters read.
     """
 
     __slots__ = ("weight", "bias", "packed", "layer_idx", "modules", "widths", "adapter_hook")
@@ -63,7 +63,7 @@ class AdaptedLinear:
 
     def deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, TiedDelta | None]:
         """As a call, but the tied adapters' delta may come back unadded, for the native op that
-        reads ``y`` next to add (``ProjectionHook.defers_tied``; kernels/layer_ops.py): ``(y, delta)``,
+        reads ``y`` next to add (``ProjectionHook.defers_tied``; kernels/cpu/layer_ops.py): ``(y, delta)``,
         delta None when every delta is in ``y``. When the hook defers, and when it adds instead:
         engine/adapter_layer.py's module docstring."""
         y = F.linear(x, self.weight, self.bias) if self.packed is None else self.packed(x)
@@ -191,7 +191,7 @@ class LlamaModel:
     """The whole stack: embeddings, decoder layers, final norm, (tied) lm_head.
 
     ``prepack``: on the CPU, every GEMM (the lm_head too) runs on packed weights
-    (kernels/cpu_gemm.py): for the native GEMM ``gemm`` where given and it runs the dtype here,
+    (kernels/cpu/gemm.py): for the native GEMM ``gemm`` where given and it runs the dtype here,
     else prepacked for oneDNN; off the CPU, or with a dtype neither can take, it is ignored.
     """
 

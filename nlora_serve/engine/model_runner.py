@@ -23,7 +23,7 @@ class ModelRunner:
     def __init__(self, base: BaseModel, num_blocks: int | None, block_size: int, max_model_len: int,
                  device: torch.device | str = "cpu", prepack: bool = False, gemm=None) -> None:
         """``prepack``: CPU GEMMs on packed weights, for the native ``gemm`` (a loaded
-        ``kernels.cpu_gemm.NativeGemm``) where given, else for oneDNN (see :class:`LlamaModel`)."""
+        ``kernels.cpu.gemm.NativeGemm``) where given, else for oneDNN (see :class:`LlamaModel`)."""
         self.device = torch.device(device)
         self.model = LlamaModel(base, max_model_len, self.device, prepack, gemm)
         self.spec, self.dtype = base.spec, base.dtype
@@ -88,7 +88,7 @@ class ModelRunner:
         self.inputs.tables.release(seq)
 
     def set_layer_ops(self, ops) -> None:
-        """Run RMSNorm, RoPE and SiLU · up through the native ``ops`` (kernels/layer_ops.py) where
+        """Run RMSNorm, RoPE and SiLU · up through the native ``ops`` (kernels/cpu/layer_ops.py) where
         the model's sizes fit them; None, or sizes that do not fit, keep the torch ops."""
         spec = self.spec
         fits = ops is not None and ops.fits(spec.hidden_size, spec.head_dim, spec.intermediate_size)

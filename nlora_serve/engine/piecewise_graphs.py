@@ -23,7 +23,7 @@ never hands out), no query in attention, never sampled (the logits rows index re
 Graphs are keyed like decode graphs (engine/cuda_graphs.py): (bucket, each adapter pool of the
 step at its generation); a pool that grows or allocates bumps its generation and the next step
 captures anew. Adapters inside pieces run the per-token fixed-grid form (the hook's decode form,
-kernels/triton_path.py ``apply_triton_per_token``: grids of the token count only); steps above the
+kernels/triton_ops/triton_path.py ``apply_triton_per_token``: grids of the token count only); steps above the
 largest bucket, or whose adapters took the segment form, run eagerly.
 
 Off by default (``EngineConfig.piecewise_graphs``) until an H200 run confirms it pays: bench/gpu_check.sh

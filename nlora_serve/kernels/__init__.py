@@ -1,20 +1,24 @@
 """The engine's compute ops: adapter deltas, attention, base GEMMs and layer ops, per device.
 
-- Adapter deltas y += s · B N A x for mixed tenants: step metadata (``metadata.py``,
-  ``native_batch.py``, ``per_token_batch.py``), the torch path (``torch_ops.py``, reached through
-  ``dispatch.py``), the Triton ops one per file (shrink, mix, expand: ``bgmv_*``, ``sgmv_*``,
-  ``grouped_*``, ``mix.py``, ``tied_expand.py``, ``tied_fused.py``) composed in
-  ``triton_path.py``, their torch references (``reference.py``), and the pools' view
-  (``weights.py``). Which of them the engine calls when: engine/adapter_layer.py's docstring.
-- Native CPU ops in C (``cpu/``), loaded by ``native.py`` through ctypes and compiled on first use
-  by ``native_build.py``: the tied and group adapter paths (``native.py``, ``tied_delta.py``),
-  paged attention (``native_attention.py``), RMSNorm / RoPE / SiLU · up (``layer_ops.py``) and the
-  base GEMMs (``cpu_gemm.py``, with oneDNN prepacking as the alternative).
-- Triton paged attention for CUDA (``paged_decode_attention.py``, ``paged_prefill_attention.py``;
-  references in ``reference_attention.py``).
-- Launch configs (``config.py``, per-device JSON in ``configs/``), shared launcher checks
-  (``launch.py``) and ``@triton.jit`` helpers (``_triton_helpers.py``), and ``aot.py``, which
-  compiles every Triton kernel ahead of time for CUDA targets without a GPU.
+The folders::
+
+    triton_ops/   the CUDA kernels in Triton (exact on CPU tensors under TRITON_INTERPRET=1): the
+                  adapter ops (shrink, mix, expand; the tied path's fused forms), paged decode and
+                  prefill attention, their launch configs and the ahead-of-time compile check
+    cpu/          the native CPU ops: C sources compiled on first use, and their ctypes wrappers
+                  (tied and group adapter paths, paged attention, RMSNorm / RoPE / SiLU · up, the
+                  base GEMMs)
+
+Here, what every device shares::
+
+    metadata.py            the step's adapter batch (AdapterBatch): each token's adapter slot, segments
+    weights.py             KernelSiteWeights: the pools' view of one fused projection
+    dispatch.py            apply_adapters: the torch, native or Triton path, by device and flags
+    torch_ops.py           the torch path (any device; the CPU's fallback where no compiler is found)
+    reference.py           the adapter delta in float64 torch, the truth the tests compare against
+    reference_attention.py paged attention's torch reference
+
+Which of them the engine calls when: engine/adapter_layer.py's docstring.
 
 Imports nothing else of ours (DESIGN §2). The names below are the adapter path's; importing this
 package does not import Triton (``dispatch.py`` imports the Triton path only when it runs).

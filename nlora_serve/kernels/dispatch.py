@@ -2,8 +2,8 @@
 
 The adapter layer (engine/adapter_layer.py ``AdapterHook``) calls :func:`apply_adapters` on steps
 that are not in the per-token Triton form and on projections the native CPU ops do not serve. It
-calls the native CPU ops (:class:`~nlora_serve.kernels.native.NativeOps`) and the per-token form
-(:func:`~nlora_serve.kernels.triton_path.apply_triton_per_token`) directly, not through here.
+calls the native CPU ops (:class:`~nlora_serve.kernels.cpu.native.NativeOps`) and the per-token form
+(:func:`~nlora_serve.kernels.triton_ops.triton_path.apply_triton_per_token`) directly, not through here.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def apply_adapters(y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch,
     if backend not in (None, "triton", "torch"):
         raise ValueError(f"backend must be None, 'triton' or 'torch'; got {backend!r}")
     if backend == "triton" or (backend is None and y.is_cuda):
-        from nlora_serve.kernels.triton_path import apply_triton  # Triton only where it runs
+        from nlora_serve.kernels.triton_ops.triton_path import apply_triton  # Triton only where it runs
         return apply_triton(y, x, batch, site)
     return apply_torch(y, x, batch, site)
 

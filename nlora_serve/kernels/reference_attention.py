@@ -33,7 +33,7 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: 
 
 def paged_decode_attention(q, kv_layer, block_tables, context_lens, scale, out, num_splits=1,
                            workspace=None):
-    """Semantics as :func:`nlora_serve.kernels.paged_decode_attention.paged_decode_attention`:
+    """Semantics as :func:`nlora_serve.kernels.triton_ops.paged_decode_attention.paged_decode_attention`:
     out[n, h] = softmax over p < context_lens[n] of scale · q[n, h]·K[p], applied to V[p].
     num_splits and workspace are accepted and ignored (no splitting here)."""
     for n in range(q.shape[0]):
@@ -48,7 +48,7 @@ def paged_decode_attention(q, kv_layer, block_tables, context_lens, scale, out, 
 
 def paged_prefill_attention(q, kv_layer, query_starts, context_lens, block_tables, max_query_len,
                             scale, out):
-    """Semantics as :func:`nlora_serve.kernels.paged_prefill_attention.paged_prefill_attention`:
+    """Semantics as :func:`nlora_serve.kernels.triton_ops.paged_prefill_attention.paged_prefill_attention`:
     query i of sequence s sits at position c_s − q_s + i and attends to positions 0..that one.
     max_query_len is accepted and ignored."""
     for s in range(context_lens.shape[0]):

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, "bench")
 import adapter_kernels as ak
 import tune_adapter_kernels as tune
-from nlora_serve.kernels import config
+from nlora_serve.kernels.triton_ops import config
 res = ak.main(["--tokens", "4", "--rounds", "1", "--out", sys.argv[1]])
 cfg_file = Path(sys.argv[1]).parent / "Tiny_Device.json"
 cfg_file.write_text(json.dumps({"mix": {"16": {"BLOCK_T": 4}}}))  # another op's entry: kept

@@ -8,7 +8,7 @@ import torch
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig, resolve_device
 from nlora_serve.engine.core import EngineCore
-from nlora_serve.kernels.cpu_gemm import NativeLinear, PackedLinear
+from nlora_serve.kernels.cpu.gemm import NativeLinear, PackedLinear
 from nlora_serve.engine.memory import pool_bytes
 from nlora_serve.models import read_spec
 

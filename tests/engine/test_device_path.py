@@ -22,7 +22,7 @@ from tiny_llama import hf_greedy, make_tiny_llama, merged, random_factors, write
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
 from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
-from nlora_serve.kernels import triton_path  # noqa: E402
+from nlora_serve.kernels.triton_ops import triton_path  # noqa: E402
 
 RANK, ALPHA, NEW_TOKENS = 8, 16.0, 6
 TENANTS = {  # name -> (factor kind, seed)

@@ -12,7 +12,7 @@ import pytest
 RANKS = (16, 64)
 SCRIPT = """
 import dataclasses, json, sys
-from nlora_serve.kernels.aot import compile_all
+from nlora_serve.kernels.triton_ops.aot import compile_all
 for c in compile_all(capabilities=(int(sys.argv[1]),), dtypes=("fp32", "bf16"), ranks={ranks!r}):
     print(json.dumps(dataclasses.asdict(c)))
 """

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from nlora_serve.kernels import config
+from nlora_serve.kernels.triton_ops import config
 
 
 @pytest.fixture

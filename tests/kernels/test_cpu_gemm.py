@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlora_serve.kernels.cpu_gemm import MIN_ROWS_FP32, NativeLinear, PackedLinear, can_prepack
+from nlora_serve.kernels.cpu.gemm import MIN_ROWS_FP32, NativeLinear, PackedLinear, can_prepack
 
 # fp32: oneDNN's blocked accumulation order differs from float64's; bf16: one rounding of the
 # output (2^-8 relative) over fp32 accumulation, as F.linear in bf16
@@ -148,7 +148,7 @@ def test_bf16_stays_on_onednn_where_amx_tiles_are_granted():
     for bf16 there, yes for fp32 (a stub library, as this CPU may have no AMX)."""
     from types import SimpleNamespace
 
-    from nlora_serve.kernels.cpu_gemm import NativeGemm
+    from nlora_serve.kernels.cpu.gemm import NativeGemm
 
     def fn(value):
         def call(*args):

@@ -1,4 +1,4 @@
-"""The grouped (SGMV-style) group path under TRITON_INTERPRET=1: kernels/grouped_shrink.py and
+"""The grouped (SGMV-style) group path under TRITON_INTERPRET=1: kernels/triton_ops/grouped_shrink.py and
 grouped_expand.py over family-sorted tokens (metadata.sort_group_tokens), against the per-token
 float64 truth of kernel_cases.py (s · B N A x from the raw per-slot matrices) and the float64
 reference ops. Slot mixes: one slot, all distinct, Zipf, one hot tenant with −1 tokens, no group
@@ -12,11 +12,11 @@ import torch
 
 from kernel_cases import TEST_DEVICE, TOL, delta_error, make_case
 from nlora_serve.kernels import reference as ref
-from nlora_serve.kernels.per_token_batch import derive_per_token_batch
-from nlora_serve.kernels.grouped_expand import grouped_expand
-from nlora_serve.kernels.grouped_shrink import grouped_shrink
+from nlora_serve.kernels.triton_ops.per_token_batch import derive_per_token_batch
+from nlora_serve.kernels.triton_ops.grouped_expand import grouped_expand
+from nlora_serve.kernels.triton_ops.grouped_shrink import grouped_shrink
 from nlora_serve.kernels.metadata import NO_GROUP_KEY, TIED, sort_group_tokens
-from nlora_serve.kernels.triton_path import apply_triton, apply_triton_per_token
+from nlora_serve.kernels.triton_ops.triton_path import apply_triton, apply_triton_per_token
 
 DTYPES = (torch.float32, torch.bfloat16)
 NAN = float("nan")

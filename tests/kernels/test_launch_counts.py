@@ -14,8 +14,8 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 from nlora_serve.kernels import TIED, KernelSiteWeights, build_adapter_batch
-from nlora_serve.kernels.per_token_batch import derive_per_token_batch
-from nlora_serve.kernels.triton_path import apply_triton, apply_triton_per_token
+from nlora_serve.kernels.triton_ops.per_token_batch import derive_per_token_batch
+from nlora_serve.kernels.triton_ops.triton_path import apply_triton, apply_triton_per_token
 
 GROUPS = ((32, (32, 16, 16)), (32, (32,)), (32, (48, 48)), (48, (32,)))  # qkv, o, gate_up, down
 R, S = 16, 8

@@ -12,7 +12,7 @@ import torch
 
 from kernel_cases import TOL, draw_slots
 from nlora_serve.kernels import TIED, KernelSiteWeights, build_adapter_batch
-from nlora_serve.kernels.native import PARALLEL_MIN_ROWS
+from nlora_serve.kernels.cpu.native import PARALLEL_MIN_ROWS
 
 DTYPES = (torch.float32, torch.bfloat16)
 # the tied op's paths: (dtype, expand on AMX tiles); bf16 runs on AVX-512 and, where the CPU has

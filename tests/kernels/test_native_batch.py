@@ -1,4 +1,4 @@
-"""The native ops' lean step metadata (kernels/native_batch.py) against the full builder's fields.
+"""The native ops' lean step metadata (kernels/cpu/batch.py) against the full builder's fields.
 
 build_adapter_batch is the reference: every field the native ops read must hold the same values,
 for random layouts of tied, group and base tokens over shared and single-slot families.
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nlora_serve.kernels.metadata import TIED, build_adapter_batch
-from nlora_serve.kernels.native_batch import build_native_batch
+from nlora_serve.kernels.cpu.batch import build_native_batch
 
 FIELDS = ("token_slots", "slot_scalings", "tok_tied_slot", "tok_group_slot", "tok_group_family", "group_index")
 

@@ -1,4 +1,4 @@
-"""The native ops' C sources build for x86-64 CPUs without AVX-512 or AMX too (kernels/native_build.py).
+"""The native ops' C sources build for x86-64 CPUs without AVX-512 or AMX too (kernels/cpu/build.py).
 
 The library is compiled with -march=native, so a machine only ever builds its own variant; these
 compile the same sources for older instruction sets here, where a build break would otherwise
@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from nlora_serve.kernels.native_build import FLAGS, OPENMP, SOURCES
+from nlora_serve.kernels.cpu.build import FLAGS, OPENMP, SOURCES
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("cc"),
                                 reason="x86-64 instruction-set variants need an x86-64 C compiler")

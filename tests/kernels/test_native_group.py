@@ -13,7 +13,7 @@ import torch
 
 from kernel_cases import TOL, draw_slots
 from nlora_serve.kernels import TIED, KernelSiteWeights, build_adapter_batch
-from nlora_serve.kernels.native import PARALLEL_MIN_ROWS
+from nlora_serve.kernels.cpu.native import PARALLEL_MIN_ROWS
 
 DTYPES = (torch.float32, torch.bfloat16)
 QKV = (576, 192, 192)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from kernel_cases import TEST_DEVICE
 from nlora_serve.kernels import reference_attention as ref
-from nlora_serve.kernels.paged_decode_attention import (decode_num_splits, decode_workspace_numel,
+from nlora_serve.kernels.triton_ops.paged_decode_attention import (decode_num_splits, decode_workspace_numel,
                                                         paged_decode_attention)
-from nlora_serve.kernels.paged_prefill_attention import paged_prefill_attention
+from nlora_serve.kernels.triton_ops.paged_prefill_attention import paged_prefill_attention
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 NAN = float("nan")

@@ -1,4 +1,4 @@
-"""The fixed-grid decode path (kernels/per_token_batch.py, bgmv_expand, apply_triton_per_token) under
+"""The fixed-grid decode path (kernels/triton_ops/per_token_batch.py, bgmv_expand, apply_triton_per_token) under
 TRITON_INTERPRET=1: metadata against hand-computed keys, the expand against its float64 reference
 op, and the composed path against the per-token float64 truth of every Triton-path case."""
 
@@ -8,10 +8,10 @@ from test_triton_ops import CASES, DTYPES, d64
 
 from kernel_cases import TEST_DEVICE, TOL, delta_error, make_case
 from nlora_serve.kernels import reference as ref
-from nlora_serve.kernels.bgmv_expand import bgmv_expand
-from nlora_serve.kernels.per_token_batch import derive_per_token_batch
+from nlora_serve.kernels.triton_ops.bgmv_expand import bgmv_expand
+from nlora_serve.kernels.triton_ops.per_token_batch import derive_per_token_batch
 from nlora_serve.kernels.metadata import TIED
-from nlora_serve.kernels.triton_path import apply_triton_per_token
+from nlora_serve.kernels.triton_ops.triton_path import apply_triton_per_token
 
 
 def test_derived_keys_equal_hand_computed():

@@ -1,4 +1,4 @@
-"""The tiled tied expand (kernels/tied_expand.py) under TRITON_INTERPRET=1 against a float64 truth:
+"""The tiled tied expand (kernels/triton_ops/tied_expand.py) under TRITON_INTERPRET=1 against a float64 truth:
 y[t] += s[slot] · W[:, :R] · u[t] computed per token from the raw tensors, bf16 and fp32, ranks 1,
 16, 64, 128 (and 200: two K steps), token counts and widths that are not multiples of the tiles,
 slot −1 rows untouched bit for bit, mixed tenants with different scalings, a column view of a
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from kernel_cases import TEST_DEVICE, TOL, delta_error, make_case
-from nlora_serve.kernels.config import get_config
-from nlora_serve.kernels.per_token_batch import derive_per_token_batch
+from nlora_serve.kernels.triton_ops.config import get_config
+from nlora_serve.kernels.triton_ops.per_token_batch import derive_per_token_batch
 from nlora_serve.kernels.metadata import TIED
-from nlora_serve.kernels.tied_expand import tied_expand
-from nlora_serve.kernels.triton_path import apply_triton, apply_triton_per_token
+from nlora_serve.kernels.triton_ops.tied_expand import tied_expand
+from nlora_serve.kernels.triton_ops.triton_path import apply_triton, apply_triton_per_token
 
 DTYPES = (torch.float32, torch.bfloat16)
 

@@ -1,4 +1,4 @@
-"""The one-launch tied op (kernels/tied_fused.py) under TRITON_INTERPRET=1 against the float64 truth
+"""The one-launch tied op (kernels/triton_ops/tied_fused.py) under TRITON_INTERPRET=1 against the float64 truth
 (s · W[:, :r] · N · W[:r] x per token, computed from the raw matrices in kernel_cases.py): bf16 and
 fp32, ranks 1…128 and mixed ranks in one launch, slot −1 rows untouched bit for bit, NaN-filled
 free slots, and composed with group-path tokens through apply_triton_per_token(tied_form="fused")."""
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from kernel_cases import TEST_DEVICE, TOL, delta_error, make_case
-from nlora_serve.kernels.per_token_batch import derive_per_token_batch
+from nlora_serve.kernels.triton_ops.per_token_batch import derive_per_token_batch
 from nlora_serve.kernels.metadata import TIED
-from nlora_serve.kernels.tied_fused import fused_config, tied_fused
-from nlora_serve.kernels.triton_path import apply_triton, apply_triton_per_token
+from nlora_serve.kernels.triton_ops.tied_fused import fused_config, tied_fused
+from nlora_serve.kernels.triton_ops.triton_path import apply_triton, apply_triton_per_token
 
 DTYPES = (torch.float32, torch.bfloat16)
 

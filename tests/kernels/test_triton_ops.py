@@ -6,11 +6,11 @@ import torch
 
 from kernel_cases import TEST_DEVICE, TOL, delta_error, make_case
 from nlora_serve.kernels import reference as ref
-from nlora_serve.kernels.bgmv_shrink import bgmv_shrink
-from nlora_serve.kernels.mix import mix
-from nlora_serve.kernels.sgmv_expand import sgmv_expand
-from nlora_serve.kernels.sgmv_shrink import sgmv_shrink
-from nlora_serve.kernels.triton_path import apply_triton
+from nlora_serve.kernels.triton_ops.bgmv_shrink import bgmv_shrink
+from nlora_serve.kernels.triton_ops.mix import mix
+from nlora_serve.kernels.triton_ops.sgmv_expand import sgmv_expand
+from nlora_serve.kernels.triton_ops.sgmv_shrink import sgmv_shrink
+from nlora_serve.kernels.triton_ops.triton_path import apply_triton
 
 DTYPES = (torch.float32, torch.bfloat16)
 NAN = float("nan")

@@ -42,7 +42,7 @@ def reference_delta(adapter: Adapter | None, x: torch.Tensor) -> torch.Tensor:
 
 class _ServesNothing:
     """Native ops that take no projection: every step builds the native ops' lean batch
-    (kernels/native_batch.py) and then falls back to the torch path, which needs the full one."""
+    (kernels/cpu/batch.py) and then falls back to the torch path, which needs the full one."""
 
     def plan(self, sites, widths):
         return None

@@ -24,7 +24,7 @@ def select_attention(kernel_backend: str, native=None, max_model_len: int = 2048
     """
     if kernel_backend == "triton":
         from nlora_serve.engine.attention.cuda import paged_attention as triton_attention
-        from nlora_serve.kernels.paged_decode_attention import decode_num_splits
+        from nlora_serve.kernels.triton_ops.paged_decode_attention import decode_num_splits
         return triton_attention, decode_num_splits(max_model_len), False
     if kernel_backend == "native" and native is not None:
         return functools.partial(paged_attention, native=native), 1, True

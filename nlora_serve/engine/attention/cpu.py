@@ -5,7 +5,7 @@ to ``[N, L, kv_heads, head_dim]`` (whole blocks, so the copy is a few large memc
 each context length are masked. The query heads of one KV head are folded into the query-length
 axis (``[N, kv_heads, group, head_dim]``), so grouped-query attention needs no K/V repeat.
 Prefill chunks run one SDPA call each (a step holds few of them). Where the native CPU ops are
-loaded (``kernels/native.py``), neither gathers: decode tokens and prefill chunks (flash attention's
+loaded (``kernels/cpu/native.py``), neither gathers: decode tokens and prefill chunks (flash attention's
 online softmax, cpu/paged_prefill.c) read each cached row in place.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nlora_serve.kernels.native import NativeOps
+from nlora_serve.kernels.cpu.native import NativeOps
 from nlora_serve.engine.batch_info import BatchInfo, PrefillChunk
 
 

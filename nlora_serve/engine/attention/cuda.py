@@ -14,8 +14,8 @@ import torch
 
 from nlora_serve.engine.attention.cpu import write_kv
 from nlora_serve.engine.batch_info import BatchInfo
-from nlora_serve.kernels.paged_decode_attention import paged_decode_attention
-from nlora_serve.kernels.paged_prefill_attention import paged_prefill_attention
+from nlora_serve.kernels.triton_ops.paged_decode_attention import paged_decode_attention
+from nlora_serve.kernels.triton_ops.paged_prefill_attention import paged_prefill_attention
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,

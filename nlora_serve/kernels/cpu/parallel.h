@@ -1,6 +1,6 @@
 /* Running n jobs on n threads, for the native CPU ops.
  *
- * Built with -fopenmp (kernels/native.py tries that first), the jobs run in an OpenMP parallel
+ * Built with -fopenmp (kernels/cpu/native.py tries that first), the jobs run in an OpenMP parallel
  * region. The process already has torch's OpenMP runtime loaded (libgomp.so.1, the same soname),
  * so the region runs on torch's own worker threads: they are usually still spinning after the
  * last GEMM, so a hand-off costs about a microsecond, and no second set of threads competes with

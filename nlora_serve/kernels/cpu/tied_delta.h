@@ -20,7 +20,7 @@
 /* rows of y copied and adapted at a time: a chunk of gate/up rows (2 × 1536 fp32) is 96 KB */
 #define TIED_CHUNK 8
 
-/* The tied op's arguments (tied_apply.c) that one fused projection fixes (kernels/native.py
+/* The tied op's arguments (tied_apply.c) that one fused projection fixes (kernels/cpu/native.py
  * TiedProjection), and those one step fixes (its batch): y's rows are the consumer's input rows */
 typedef struct {
     int num_modules, r, n_bf16;  /* n_bf16: N and bias are bf16 (else fp32) */

@@ -2,7 +2,7 @@
 
 The interpreter runs programs one after another on the CPU, so it cannot see what the GPU
 compiler rejects (e.g. tl.dot with a dimension under 16) nor what the compiled code looks like.
-Here the Triton path (:func:`~nlora_serve.kernels.triton_path.apply_triton`) runs on CPU tensors
+Here the Triton path (:func:`~nlora_serve.kernels.triton_ops.triton_path.apply_triton`) runs on CPU tensors
 laid out as the engine lays them out (DESIGN §4, §5): one SmolLM2-135M decoder layer, q/k/v and
 gate/up fused so every module's y is a column view, N a strided slice of the [S, sites, R, R]
 pool, tied_b the strided view W[:, :R]. Each kernel launch is captured instead of run, given the
@@ -14,7 +14,7 @@ whether the dots run on tensor cores (HMMA/HGMMA) and the loads are vectorised (
 The paged attention kernels are compiled the same way at a decode and a prefill launch of the
 default model's head shape and of a Llama-3-8B one.
 
-Run it as ``python -m nlora_serve.kernels.aot [ranks...]`` (not under TRITON_INTERPRET=1: the
+Run it as ``python -m nlora_serve.kernels.triton_ops.aot [ranks...]`` (not under TRITON_INTERPRET=1: the
 kernels must be decorated as compilable JIT functions).
 """
 
@@ -35,12 +35,12 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from nlora_serve.kernels.per_token_batch import derive_per_token_batch
+from nlora_serve.kernels.triton_ops.per_token_batch import derive_per_token_batch
 from nlora_serve.kernels.metadata import TIED, build_adapter_batch
-from nlora_serve.kernels.paged_decode_attention import decode_num_splits, paged_decode_attention
-from nlora_serve.kernels.paged_prefill_attention import paged_prefill_attention
-from nlora_serve.kernels.tied_fused import tied_fused
-from nlora_serve.kernels.triton_path import apply_triton, apply_triton_per_token
+from nlora_serve.kernels.triton_ops.paged_decode_attention import decode_num_splits, paged_decode_attention
+from nlora_serve.kernels.triton_ops.paged_prefill_attention import paged_prefill_attention
+from nlora_serve.kernels.triton_ops.tied_fused import tied_fused
+from nlora_serve.kernels.triton_ops.triton_path import apply_triton, apply_triton_per_token
 from nlora_serve.kernels.weights import KernelSiteWeights
 
 # SmolLM2-135M: hidden 576, kv 192, intermediate 1536; the engine's fused GEMMs (in, module outs)
@@ -49,8 +49,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _TENANTS = 64
 # Steps the engine runs: (name, tokens, how slots are drawn, families per slot)
 # ("-graph": the fixed-grid decode form that CUDA graphs replay, apply_triton_per_token; "-fused": the
-# same with tied_form="fused", kernels/tied_fused.py; "-zcols": tied_fused reading z from a buffer;
-# "-tiled": tied_form="tiled", mix then kernels/tied_expand.py; "-bgmv": group_form="bgmv", the
+# same with tied_form="fused", kernels/triton_ops/tied_fused.py; "-zcols": tied_fused reading z from a buffer;
+# "-tiled": tied_form="tiled", mix then kernels/triton_ops/tied_expand.py; "-bgmv": group_form="bgmv", the
 # earlier group kernels instead of the grouped ones; "prefill-lora-4096": one K range per program)
 _STEPS = (("decode-tied", 64, "distinct", "tied"), ("decode-lora", 64, "distinct", "lora8"),
           ("prefill-lora", 512, "one", "lora8"), ("prefill-lora-4096", 4096, "distinct", "lora8"),

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from nlora_serve.kernels.bgmv_expand import bgmv_expand
-from nlora_serve.kernels.bgmv_shrink import bgmv_shrink
-from nlora_serve.kernels.per_token_batch import PerTokenAdapterBatch
-from nlora_serve.kernels.grouped_expand import grouped_expand
-from nlora_serve.kernels.grouped_shrink import grouped_shrink
+from nlora_serve.kernels.triton_ops.bgmv_expand import bgmv_expand
+from nlora_serve.kernels.triton_ops.bgmv_shrink import bgmv_shrink
+from nlora_serve.kernels.triton_ops.per_token_batch import PerTokenAdapterBatch
+from nlora_serve.kernels.triton_ops.grouped_expand import grouped_expand
+from nlora_serve.kernels.triton_ops.grouped_shrink import grouped_shrink
 from nlora_serve.kernels.metadata import AdapterBatch
-from nlora_serve.kernels.mix import mix
-from nlora_serve.kernels.sgmv_expand import sgmv_expand
-from nlora_serve.kernels.sgmv_shrink import sgmv_shrink
-from nlora_serve.kernels.tied_expand import tied_expand
-from nlora_serve.kernels.tied_fused import tied_fused
+from nlora_serve.kernels.triton_ops.mix import mix
+from nlora_serve.kernels.triton_ops.sgmv_expand import sgmv_expand
+from nlora_serve.kernels.triton_ops.sgmv_shrink import sgmv_shrink
+from nlora_serve.kernels.triton_ops.tied_expand import tied_expand
+from nlora_serve.kernels.triton_ops.tied_fused import tied_fused
 from nlora_serve.kernels.weights import KernelSiteWeights
 
 # The tied path's form, decode and prefill alike: "two_launch" (mix reading z from y, then an

@@ -1,7 +1,7 @@
 """A tied projection's delta handed to the native op that consumes the projection's output
 (``cpu/tied_delta.h``): the ctypes mirrors of its C structs and the Python objects the
-adapter hook passes to ``LayerOps`` (kernels/layer_ops.py). Built by
-:meth:`nlora_serve.kernels.native.NativeOps.tied_step` / ``tied_delta``.
+adapter hook passes to ``LayerOps`` (kernels/cpu/layer_ops.py). Built by
+:meth:`nlora_serve.kernels.cpu.native.NativeOps.tied_step` / ``tied_delta``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nlora_serve.kernels.native import TiedProjection
+    from nlora_serve.kernels.cpu.native import TiedProjection
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 

@@ -1,4 +1,4 @@
-"""Building the native CPU ops' shared library (``kernels/cpu/*.c``) for :mod:`kernels.native`.
+"""Building the native CPU ops' shared library (``kernels/cpu/*.c``) for :mod:`kernels.cpu.native`.
 
 The C sources are compiled on first use with the system C compiler (``cc -O3 -march=native``) into
 a build folder the caller names, keyed by a hash of the sources, headers, flags, CPU and compiler,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_CPU = Path(__file__).with_name("cpu")
+_CPU = Path(__file__).parent  # the C sources sit beside this file
 SOURCES = tuple(_CPU / name for name in ("tied_apply.c", "group_apply.c", "group_amx.c", "paged_attention.c",
                                          "paged_prefill.c", "layer_ops.c", "gemm.c"))
 # part of the build key

@@ -22,7 +22,7 @@ from nlora_serve.kernels.metadata import TIED, sort_group_tokens
 
 @dataclass(slots=True)
 class PerTokenAdapterBatch:
-    """One pool's view of a step for :func:`~nlora_serve.kernels.triton_path.apply_triton_per_token`.
+    """One pool's view of a step for :func:`~nlora_serve.kernels.triton_ops.triton_path.apply_triton_per_token`.
 
     The host facts (``rank``, ``has_tied``, ``has_group``) belong to the pool, not to the step's
     tokens, so the launches they pick are the same every step. Tensors live on the activations'

@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nlora_serve.kernels._triton_helpers import dot_f32, load_tile
-from nlora_serve.kernels.config import device_config_name, get_config
-from nlora_serve.kernels.launch import check_float, check_index, check_rows
+from nlora_serve.kernels.triton_ops._triton_helpers import dot_f32, load_tile
+from nlora_serve.kernels.triton_ops.config import device_config_name, get_config
+from nlora_serve.kernels.triton_ops.launch import check_float, check_index, check_rows
 from nlora_serve.kernels.metadata import NO_GROUP_KEY
 
 _NONE = tl.constexpr(NO_GROUP_KEY)
@@ -87,7 +87,7 @@ def grouped_shrink(x: torch.Tensor, a_pool: torch.Tensor, n_pool: torch.Tensor, 
     Semantics: for each sorted position i with key[i] = f ≠ NO_GROUP_KEY and token t = order[i],
     s = tok_slot[t], r = min(slot_ranks[s], R) (R when slot_ranks is None), R = out.shape[1]:
     out[i, :r] = N[s][:r, :r] · A[f][:r] · x[t] and out[i, r:R] = 0; rows of other positions are
-    unspecified (never read by :func:`~nlora_serve.kernels.grouped_expand.grouped_expand`). Note
+    unspecified (never read by :func:`~nlora_serve.kernels.triton_ops.grouped_expand.grouped_expand`). Note
     the row of ``out`` is the sorted position i, not the token t. fp32 accumulation; with K split
     over programs, ``out`` is zeroed and the partial sums are added atomically (so the last bits
     may differ run to run).

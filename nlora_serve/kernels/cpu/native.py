@@ -1,7 +1,7 @@
 """Native CPU ops: the Nyström-tied path of one fused projection (``cpu/tied_apply.c``) and the group
 path (plain LoRA / NLoRA / families) of one fused projection (``cpu/group_apply.c``), here; loaded
-with them, attention over the paged KV cache (``kernels/native_attention.py``), the decoder layer's
-elementwise ops (``kernels/layer_ops.py``) and the base GEMMs (``kernels/cpu_gemm.py``).
+with them, attention over the paged KV cache (``kernels/cpu/attention.py``), the decoder layer's
+elementwise ops (``kernels/cpu/layer_ops.py``) and the base GEMMs (``kernels/cpu/gemm.py``).
 
 Why native: at decode sizes (T ≈ 64, r = 16) the tied path's arithmetic is ~2-3% of the base
 GEMMs', but in torch it is five to seven small ops per module, each with a few µs of fixed cost,
@@ -11,7 +11,7 @@ pass over y, with the accumulators in registers. The group path likewise: per fu
 one call does shrink (each A slice loaded once for four tokens of its family), mix and expand for
 every group token; torch needs ~15 ops per module for it (bench/RESULTS.md "Kernels").
 
-The C sources are compiled on first use (``kernels/native_build.py``). Without a compiler
+The C sources are compiled on first use (``kernels/cpu/build.py``). Without a compiler
 :func:`load_native` returns None and the engine keeps the torch path; nothing else changes. Loaded
 through ctypes, which releases the GIL during the call.
 """
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from nlora_serve.kernels.cpu_gemm import NativeGemm
-from nlora_serve.kernels.layer_ops import LayerOps
+from nlora_serve.kernels.cpu.gemm import NativeGemm
+from nlora_serve.kernels.cpu.layer_ops import LayerOps
 from nlora_serve.kernels.metadata import AdapterBatch
-from nlora_serve.kernels.native_attention import PagedAttention
-from nlora_serve.kernels.native_batch import NativeBatch
-from nlora_serve.kernels.native_build import build_library
-from nlora_serve.kernels.tied_delta import TiedDelta, TiedPlanArgs, TiedStep, TiedStepArgs
+from nlora_serve.kernels.cpu.attention import PagedAttention
+from nlora_serve.kernels.cpu.batch import NativeBatch
+from nlora_serve.kernels.cpu.build import build_library
+from nlora_serve.kernels.cpu.tied_delta import TiedDelta, TiedPlanArgs, TiedStep, TiedStepArgs
 from nlora_serve.kernels.weights import KernelSiteWeights
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,9 @@ class NativeOps:
         if self.amx:
             self._tied_amx.restype, self._tied_amx.argtypes = ctypes.c_int, _ARGTYPES
             self._group_amx.restype, self._group_amx.argtypes = ctypes.c_int, _GROUP_ARGTYPES
-        self.attention = PagedAttention(lib)  # decode and prefill over the paged KV cache (kernels/native_attention.py)
-        self.layer = LayerOps(lib)  # RMSNorm + residual, RoPE, SiLU · up (kernels/layer_ops.py)
-        self.gemm = NativeGemm(lib)  # the base GEMMs on packed weights (kernels/cpu_gemm.py)
+        self.attention = PagedAttention(lib)  # decode and prefill over the paged KV cache (kernels/cpu/attention.py)
+        self.layer = LayerOps(lib)  # RMSNorm + residual, RoPE, SiLU · up (kernels/cpu/layer_ops.py)
+        self.gemm = NativeGemm(lib)  # the base GEMMs on packed weights (kernels/cpu/gemm.py)
 
     def plan(self, sites: list[KernelSiteWeights | None], widths: list[int]) -> TiedProjection | None:
         """Lay out the tied pools of one fused projection; None when the op cannot serve it.
@@ -297,7 +297,7 @@ class NativeOps:
         Δ [step.num_tokens, plan.width]: Δ[t, m] = scaling[s] · B_m · N_m[s] · (y[t, m][:r] −
         bias_m[:r]) for each token t with s = tok_tied_slot[t] ≥ 0 and each module m of the plan,
         0 in every other row and column, where y is the projection's output as the base GEMM
-        wrote it. The :class:`~nlora_serve.kernels.layer_ops.LayerOps` op given it as ``tied``
+        wrote it. The :class:`~nlora_serve.kernels.cpu.layer_ops.LayerOps` op given it as ``tied``
         (``rope``, ``add_rms_norm``, ``add``, ``silu_mul``) reads y + Δ, computing Δ in fp32 on
         an fp32 copy of each row chunk (cpu/tied_delta.h).
 

@@ -3,7 +3,7 @@
 :func:`~nlora_serve.kernels.metadata.build_adapter_batch` computes every layout any backend may
 need (torch form, Triton runs, padded group layout): ~40 small torch ops, ~0.8 ms a step in the
 engine (bench/RESULTS.md "The tenants' share, op by op"). The native ops
-(:class:`~nlora_serve.kernels.native.NativeOps`) read five of its tensors; this builds just those,
+(:class:`~nlora_serve.kernels.cpu.native.NativeOps`) read five of its tensors; this builds just those,
 with the same values (tests/kernels/test_native_batch.py checks them against the full builder), so
 a CPU step builds the full batch only when some projection falls back to the torch path.
 """

@@ -3,7 +3,7 @@
 One pass each where torch runs 3-6 ops: RMSNorm fused with the residual add, RoPE in place on
 the q/k heads, SiLU(gate) · up. The arithmetic is HF Llama's, in fp32 whatever the storage dtype
 (bf16 widened on load, rounded to nearest even once on store). Loaded with the other native ops
-(:func:`nlora_serve.kernels.native.load_native`); the torch ops stay the reference
+(:func:`nlora_serve.kernels.cpu.native.load_native`); the torch ops stay the reference
 (``tests/kernels/test_layer_ops.py``).
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from nlora_serve.kernels.tied_delta import TiedDelta
+    from nlora_serve.kernels.cpu.tied_delta import TiedDelta
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -28,7 +28,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 _PARALLEL_ELEMENTS = 1 << 16
 
 
-# with a tied delta, from this many rows (the adapter ops' split, kernels/native.py PARALLEL_MIN_ROWS)
+# with a tied delta, from this many rows (the adapter ops' split, kernels/cpu/native.py PARALLEL_MIN_ROWS)
 _PARALLEL_TIED_ROWS = 16
 
 

@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nlora_serve.kernels._triton_helpers import dot_f32, load_tile, store_tile
-from nlora_serve.kernels.config import device_config_name, get_config
-from nlora_serve.kernels.launch import check_float, check_index, check_rows
+from nlora_serve.kernels.triton_ops._triton_helpers import dot_f32, load_tile, store_tile
+from nlora_serve.kernels.triton_ops.config import device_config_name, get_config
+from nlora_serve.kernels.triton_ops.launch import check_float, check_index, check_rows
 
 
 @triton.jit

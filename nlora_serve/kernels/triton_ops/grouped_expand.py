@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nlora_serve.kernels._triton_helpers import dot_f32, load_tile, store_tile
-from nlora_serve.kernels.config import device_config_name, get_config
-from nlora_serve.kernels.launch import check_float, check_index, check_rows
+from nlora_serve.kernels.triton_ops._triton_helpers import dot_f32, load_tile, store_tile
+from nlora_serve.kernels.triton_ops.config import device_config_name, get_config
+from nlora_serve.kernels.triton_ops.launch import check_float, check_index, check_rows
 from nlora_serve.kernels.metadata import NO_GROUP_KEY
 
 _NONE = tl.constexpr(NO_GROUP_KEY)
@@ -78,7 +78,7 @@ def grouped_expand(u: torch.Tensor, b_pool: torch.Tensor, order: torch.Tensor, k
     Accumulates in fp32; with a bf16/fp16 B, u is rounded to that dtype first (tensor-core dot).
 
     Args:
-        u: [T, R] float (fp32 from :func:`~nlora_serve.kernels.grouped_shrink.grouped_shrink`),
+        u: [T, R] float (fp32 from :func:`~nlora_serve.kernels.triton_ops.grouped_shrink.grouped_shrink`),
             rows in sorted order, any strides; must not overlap y.
         b_pool: [F, out, ≥R], y's dtype, any strides.
         order, key: [T] int32 from :func:`~nlora_serve.kernels.metadata.sort_group_tokens`.

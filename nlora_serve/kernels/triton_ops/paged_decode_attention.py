@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nlora_serve.kernels._triton_helpers import attend_paged_kv
-from nlora_serve.kernels.config import device_config_name, get_config
-from nlora_serve.kernels.launch import attention_op_name, check_index, check_paged_attention
+from nlora_serve.kernels.triton_ops._triton_helpers import attend_paged_kv
+from nlora_serve.kernels.triton_ops.config import device_config_name, get_config
+from nlora_serve.kernels.triton_ops.launch import attention_op_name, check_index, check_paged_attention
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 16

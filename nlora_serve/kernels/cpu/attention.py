@@ -1,6 +1,6 @@
 """Attention over the paged KV cache on the CPU: decode tokens (``cpu/paged_attention.c``) and
 prefill chunks (``cpu/paged_prefill.c``), loaded with the other native ops
-(:func:`nlora_serve.kernels.native.load_native`; ``NativeOps.attention``).
+(:func:`nlora_serve.kernels.cpu.native.load_native`; ``NativeOps.attention``).
 
 Why native: torch's CPU path must gather every sequence's blocks into a dense [N, L, KVH, D] copy
 per layer before SDPA; these ops read each key and value row once, in place, for all query heads

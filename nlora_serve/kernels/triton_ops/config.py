@@ -85,7 +85,7 @@ def _config(op: str, rank: int, device_name: str) -> dict:
     cfg.update(_device_file(device_name).get(op, {}).get(str(rank), {}))
     cfg["BLOCK_R"] = block_r(rank)
     if op == "sgmv_shrink":
-        # Chosen by `python -m nlora_serve.kernels.aot` (registers and spills per cubin): the
+        # Chosen by `python -m nlora_serve.kernels.triton_ops.aot` (registers and spills per cubin): the
         # fused mix's fp32 FMA dot spills at R ≥ 64 with four warps or a wider N chunk.
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, 4096 // cfg["BLOCK_R"]))
         cfg["BLOCK_I"] = 16

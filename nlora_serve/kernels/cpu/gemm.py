@@ -88,7 +88,7 @@ class PackedWeight:
 
 class NativeGemm:
     """The native library's GEMM entry points (``cpu/gemm.c``), loaded with the other native ops
-    (:func:`nlora_serve.kernels.native.load_native`: ``NativeOps.gemm``)."""
+    (:func:`nlora_serve.kernels.cpu.native.load_native`: ``NativeOps.gemm``)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._supported = lib.nlora_gemm_supported
