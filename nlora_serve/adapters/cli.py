@@ -66,7 +66,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, max_rank: bool = True) -> None:
     p.add_argument("--model", default="default",
-                   help="base model: 'default', a Hugging Face model directory or a .gguf file (default: %(default)s)")
+                   help="base model: 'default', a Hugging Face model directory, a .gguf file or a Hugging Face "
+                        "ORG/NAME in the HF cache (default: %(default)s)")
     if max_rank:
         p.add_argument("--max-rank", type=integer_arg(1), default=64,
                        help="refuse adapters whose rank exceeds this, as the server would (default: %(default)s)")

@@ -291,7 +291,9 @@ def add_compress_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="report path (default: OUT/compress_report.json)")
     p.add_argument("--threads", type=integer_arg(1), default=None,
                    help="torch CPU threads for the run (default: torch's; 1 is much faster on an oversubscribed box)")
-    p.add_argument("--model", default="default", help="base model (default: %(default)s)")
+    p.add_argument("--model", default="default",
+                   help="base model: 'default', a Hugging Face model directory, a .gguf file or a Hugging Face "
+                        "ORG/NAME in the HF cache (default: %(default)s)")
     p.add_argument("--max-rank", type=integer_arg(1), default=64,
                    help="refuse input adapters above this rank (default: %(default)s)")
     p.set_defaults(func=run)

@@ -72,7 +72,8 @@ def add_tune_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("tune", help="IntTune: train only N after Nystrom init, on a JSONL chat file",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default",
-                   help="base model: 'default', a Hugging Face model directory or a .gguf file (default: %(default)s)")
+                   help="base model: 'default', a Hugging Face model directory, a .gguf file or a Hugging Face "
+                        "ORG/NAME in the HF cache (default: %(default)s)")
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help="training examples (see above)")
     p.add_argument("--out", type=out_dir_arg, required=True, metavar="DIR",
                    help="output directory for the compact tied form (created; must not hold an adapter)")

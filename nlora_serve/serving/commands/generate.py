@@ -50,7 +50,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="compute dtype: auto = bf16 where the CPU has fast bf16, else fp32")
+                        help="compute dtype: auto = bf16 where the CPU or GPU has fast bf16, else fp32 "
+                             "(default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens at most")
     add_device_arguments(parser)
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,

@@ -34,8 +34,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cache-dir", default=argparse.SUPPRESS,
       help="prepared-model cache root (default: $NLORA_SERVE_CACHE, else $XDG_CACHE_HOME/nlora-serve)")
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-      help="compute dtype: auto = bf16 where the CPU or GPU has fast bf16, else fp32")
-    a("--adapter-dir", default="./nlora-adapters", help="adapter store, rebuilt at start (default: %(default)s)")
+      help="compute dtype: auto = bf16 where the CPU or GPU has fast bf16, else fp32 (default: %(default)s)")
+    a("--adapter-dir", default="./nlora-adapters",
+      help="adapter store, a folder (created if missing) that keeps every registration, upload and swap; "
+           "at start each adapter's newest version there is served again (default: %(default)s)")
     a("--tenants-file", default=None, help="JSON/TOML file of tenant and admin key hashes and grants; "
                                            "without it there is no auth and the server binds to loopback only")
     a("--metrics-port", type=int, default=None, help="also serve Prometheus /metrics on this port, for gRPC-only "
