@@ -21,6 +21,8 @@ from nlora_serve.adapters.keys import PART_A, PART_B, tensor_key
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.errors import AdapterError
 from nlora_serve.serving.commands.backend import backend_config, make_engine
+from nlora_serve.serving.commands.engine_flags import device_config
+from nlora_serve.engine.config import EngineConfig
 from nlora_serve.serving.server_config import StartupError
 from nlora_serve.serving.commands.serve import add_serve_arguments
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency, write_folded_lora
@@ -137,6 +139,22 @@ def test_enforce_eager_reaches_vllm(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
     assert backend_config(_args("--backend", "vllm", "--enforce-eager")).enforce_eager is True
     assert backend_config(_args("--backend", "vllm")).enforce_eager is None  # vLLM's default for the platform
+
+
+def test_gpu_memory_utilization_reaches_vllm(monkeypatch):
+    # vLLM's own flag was read and then dropped: vLLM ran at 0.3 of host memory on the CPU and at
+    # its own 0.9 on GPUs whatever --gpu-memory-utilization said (only --vllm-arg reached it)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    assert backend_config(_args("--backend", "vllm", "--gpu-memory-utilization", "0.85")).gpu_memory_utilization == 0.85
+    assert backend_config(_args("--backend", "vllm")).gpu_memory_utilization is None  # the backend's default
+    assert backend_config(_args("--backend", "vllm", "--vllm-arg", "gpu_memory_utilization=0.7")).engine_args == {
+        "gpu_memory_utilization": 0.7}
+    with pytest.raises(StartupError, match="--gpu-memory-utilization and --vllm-arg gpu_memory_utilization: give one"):
+        backend_config(_args("--backend", "vllm", "--gpu-memory-utilization", "0.85",
+                             "--vllm-arg", "gpu_memory_utilization=0.7"))
+    # the native engine still gets EngineConfig's default when the flag is not given
+    assert device_config(_args()).gpu_memory_utilization == EngineConfig().gpu_memory_utilization == 0.9
+    assert device_config(_args("--gpu-memory-utilization", "0.5")).gpu_memory_utilization == 0.5
 
 
 def test_a_value_vllm_refuses_is_one_error_line_naming_the_argument(monkeypatch):

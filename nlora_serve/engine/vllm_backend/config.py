@@ -44,7 +44,8 @@ class VllmBackendConfig:
     tensor_parallel_size: int = 1  # --tensor-parallel-size: GPUs each layer is split over
     pipeline_parallel_size: int = 1  # --pipeline-parallel-size: stages the layers are split into
     max_loras: int = 8  # distinct adapters in one batch (vLLM max_loras)
-    gpu_memory_utilization: float | None = None  # None: 0.3 on the CPU (host memory), vLLM's default on GPUs
+    # --gpu-memory-utilization; None: 0.3 on the CPU (host memory), vLLM's default on GPUs
+    gpu_memory_utilization: float | None = None
     enforce_eager: bool | None = None  # None: eager on the CPU (no compile step), CUDA graphs on GPUs
     engine_args: dict = field(default_factory=dict)  # --vllm-arg KEY=VALUE: any other AsyncEngineArgs field
 
@@ -59,6 +60,8 @@ class VllmBackendConfig:
             if key in FOREIGN_ENGINE_ARGS:
                 raise ValueError(f"--vllm-arg {key}: would make vLLM serve other weights, adapted modules or "
                                  "tokenizer than the ones every adapter is validated against; not supported")
+        if self.gpu_memory_utilization is not None and "gpu_memory_utilization" in self.engine_args:
+            raise ValueError("--gpu-memory-utilization and --vllm-arg gpu_memory_utilization: give one")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("VllmBackendConfig.gpu_memory_utilization must be in (0, 1]; got "
                              f"{self.gpu_memory_utilization!r}")

@@ -69,6 +69,7 @@ def backend_config(args: argparse.Namespace) -> VllmBackendConfig | None:
         lora_rank_limit(args.max_rank)
         return VllmBackendConfig(tensor_parallel_size=args.tensor_parallel_size,
                                  pipeline_parallel_size=args.pipeline_parallel_size, max_loras=args.max_loras,
+                                 gpu_memory_utilization=args.gpu_memory_utilization,
                                  enforce_eager=True if args.enforce_eager else None, engine_args=dict(args.vllm_arg))
     except ValueError as exc:
         raise StartupError(str(exc)) from exc

@@ -20,9 +20,11 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
            "shapes whose weights are not here (default: %(default)s)")
     a("--tokenizer", default=None, help="tokenizer directory, when the model directory has none (e.g. with "
                                         "--load-format dummy)")
-    a("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"].default,
+    # default None: serve --backend vllm passes the flag on only when given (else vLLM's own default)
+    a("--gpu-memory-utilization", type=float, default=None,
       help="CUDA: share of the GPU's memory the engine may use; the KV cache gets what the weights, adapter "
-           "pools and a profiling forward leave (default: %(default)s)")
+           f"pools and a profiling forward leave (default: {d['gpu_memory_utilization'].default}; for serve "
+           "--backend vllm, vLLM's gpu_memory_utilization, default: vLLM's on GPUs, 0.3 of host memory on the CPU)")
     a("--enforce-eager", action="store_true",
       help="CUDA: run every step eagerly (no CUDA graphs at all; for serve --backend vllm, vLLM's "
            "enforce_eager)")
@@ -52,11 +54,12 @@ def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
         ValueError: a flag out of range (the message names the config field).
     """
     device = str(resolve_device(args.device))
+    if args.gpu_memory_utilization is not None:  # else EngineConfig's default
+        fields["gpu_memory_utilization"] = args.gpu_memory_utilization
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_model_len=args.max_model_len)
     return EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype, device), device=device,
-                        load_format=args.load_format, tokenizer=args.tokenizer,
-                        gpu_memory_utilization=args.gpu_memory_utilization, scheduler=scheduler,
+                        load_format=args.load_format, tokenizer=args.tokenizer, scheduler=scheduler,
                         enforce_eager=args.enforce_eager, piecewise_graphs=args.piecewise_graphs,
                         async_scheduling=args.async_scheduling, cpu_gemm=args.cpu_gemm, cpu_amx=args.cpu_amx,
                         **fields)
