@@ -190,6 +190,10 @@ VLLM_SERVE_OPTIONS = {
     "--enable-lora": "adapters are always on here: drop it",
     "--lora-modules": "register adapters with --adapter NAME=DIR (repeatable)",
     "--max-lora-rank": "the rank bound here is --max-rank",
+    # difflib's "did you mean --max-loras?" misled: vLLM has both, and they bound different caches
+    "--max-cpu-loras": "the native engine keeps no CPU cache of LoRAs to size: --max-loras bounds the untied "
+                       "adapters resident at once and an evicted one is read again from --adapter-dir; with "
+                       "--backend vllm, pass --vllm-arg max_cpu_loras=N",
     "--api-key": "keys come from --tenants-file (sha256 hashes; `nlora-serve keys new` makes one)",
 }
 

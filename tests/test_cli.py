@@ -181,6 +181,11 @@ def test_adapters_float_flags_are_finite_and_in_range(capsys, argv, message):
     (["serve", "--enable-lora", "--lora-modules", "a=b"],
      "unrecognized arguments: --enable-lora --lora-modules a=b; --enable-lora: adapters are always on here: "
      "drop it; --lora-modules: register adapters with --adapter NAME=DIR (repeatable)"),
+    # vLLM has --max-loras too: "did you mean --max-loras?" read as a renamed flag
+    (["serve", "--max-cpu-loras", "4"],
+     "unrecognized arguments: --max-cpu-loras 4; --max-cpu-loras: the native engine keeps no CPU cache of LoRAs "
+     "to size: --max-loras bounds the untied adapters resident at once and an evicted one is read again from "
+     "--adapter-dir; with --backend vllm, pass --vllm-arg max_cpu_loras=N"),
     (["client", "generate", "--model", "lower", "--message", "hi"],
      "unrecognized arguments: --model lower; an adapter is chosen with --adapter NAME here (the HTTP API's "
      "'model')"),
