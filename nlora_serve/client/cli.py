@@ -64,7 +64,8 @@ def _add_adapter_commands(sub: argparse._SubParsersAction) -> list[argparse.Argu
     """list / upload / swap / unload / load parsers, each with its ``client_func``."""
     listing = _command(sub, "list", "adapters this key may use (on a server)")
     listing.set_defaults(client_func=_list)
-    up = _command(sub, "upload", "upload an adapter directory to a server (admin)")
+    up = _command(sub, "upload", "upload an adapter directory to a server (admin); a name it serves "
+                                "already gets it as its next version")
     up.add_argument("--name", required=True, help="adapter name on the server")
     up.add_argument("adapter_dir", help="directory with adapter_config.json and adapter_model.safetensors")
     up.set_defaults(client_func=_upload)
@@ -79,7 +80,8 @@ def _add_adapter_commands(sub: argparse._SubParsersAction) -> list[argparse.Argu
     unload.add_argument("--name", required=True, help="adapter name on the server")
     unload.add_argument("--force", action="store_true", help="abort its in-flight requests")
     unload.set_defaults(client_func=_unload)
-    load = _command(sub, "load", "serve again an adapter that is in the server's store (admin)")
+    load = _command(sub, "load", "serve again an adapter that is in the server's store, as its next "
+                                "version (admin)")
     load.add_argument("--name", required=True, help="adapter name on the server")
     load.set_defaults(client_func=_load)
     return [listing, up, swap, unload, load]
