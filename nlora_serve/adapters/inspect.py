@@ -16,7 +16,7 @@ class InspectReport:
     """The facts ``adapters inspect`` prints. Bytes are in the compute dtype of the base model."""
 
     path: str
-    flavour: str  # lora | nlora | inttune-tied
+    flavour: str  # lora | nlora | inttune-tied | family (adapter.FLAVOURS)
     ranks: list[int]
     targets: list[str]  # projection names
     layers: list[int]
