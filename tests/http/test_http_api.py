@@ -207,6 +207,28 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(http_server):
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
 
 
+# What this server serves, as the README's "OpenAI-compatible HTTP" lists it (written out here, not
+# read from the app); /v1/load_lora_adapter and /v1/unload_lora_adapter exist off too (404 naming the flag)
+SERVED = ("GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{model}", "POST /v1/completions",
+          "POST /v1/chat/completions", "POST /tokenize", "POST /detokenize", "POST /v1/load_lora_adapter",
+          "POST /v1/unload_lora_adapter", "GET /version")
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/embeddings"), ("POST", "/v1/chat/completion"),
+                                          ("GET", "/v1")])
+def test_a_path_not_served_is_404_listing_what_is(http_server, method, path):
+    # A newcomer's find: vLLM's /v1/embeddings (or a typo) got a bare "Not Found", no word of what is served
+    reply = httpx2.request(method, base_url(http_server).removesuffix("/v1") + path)
+    assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
+    assert reply.json()["error"]["message"] == f"no endpoint {method} {path}; this server serves " + ", ".join(SERVED)
+
+
+def test_a_method_a_path_does_not_take_is_405_naming_the_one_it_does(http_server):
+    reply = httpx2.get(f"{base_url(http_server)}/chat/completions")
+    assert reply.status_code == 405 and reply.json()["error"]["code"] == "method_not_allowed"
+    assert reply.json()["error"]["message"] == "GET /v1/chat/completions: this endpoint takes POST"
+
+
 def test_metrics_on_the_http_port_without_a_key(http_server):
     """vLLM serves /metrics on its API port; so do we, keyless even with auth on, the same registry
     as --metrics-port (an unkeyed scrape must not count as a refused request)."""

@@ -162,7 +162,14 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code)  # every error body carries a code
     if exc.status_code == 413:  # a body over the limit: counted as gRPC counts its TooLarge
         _refused(request, "invalid_argument")
-    return JSONResponse(error_body(str(exc.detail), exc.status_code, code=code), exc.status_code, exc.headers)
+    message = str(exc.detail)
+    if exc.status_code == 404 and "endpoint" not in request.scope:  # no route matched (Starlette's bare 404)
+        served = ", ".join(f"{method} {route.path.replace(':path', '')}" for route in _router.routes
+                           for method in sorted(route.methods))
+        message = f"no endpoint {request.method} {shown(request.url.path)}; this server serves {served}"
+    elif exc.status_code == 405 and exc.headers and "Allow" in exc.headers:  # a route of another method
+        message = f"{request.method} {shown(request.url.path)}: this endpoint takes {exc.headers['Allow']}"
+    return JSONResponse(error_body(message, exc.status_code, code=code), exc.status_code, exc.headers)
 
 
 async def _engine_failed(request: Request, exc: EngineError) -> JSONResponse:
