@@ -1,6 +1,15 @@
 """``nlora-serve bench``: seeded multi-tenant workloads, open/closed-loop load against our gRPC
 server or an OpenAI-compatible endpoint, and vLLM-style latency / throughput / goodput reports.
 
+    cli.py            the ``bench`` command's flags, and the run they describe
+    workload.py       seeded requests: arrivals, tenant popularity, prompt and output lengths
+    runner.py         open loop (a rate) or closed loop (a concurrency) against a target
+    targets.py        what one request records; the gRPC target (our server)
+    openai_target.py  the OpenAI-compatible HTTP target (ours, vLLM's): streamed completions or chats
+    report.py         TTFT, TPOT, ITL, E2E, throughput, goodput as vLLM benchmarks/serve defines them
+    plot.py           the PNG: latency CDFs and throughput over time
+    compare.py        ``--compare A.json B.json``: B / A for every figure
+
     workload = Workload(WorkloadConfig(tenants=TenantMix(TenantMix.numbered("tenant-", 64), "zipf")))
     async with GrpcTarget("127.0.0.1:50051") as target:
         run = await run_load(workload, target, LoadShape("closed", concurrency=8, duration_s=30))

@@ -1,1 +1,7 @@
-"""The vLLM-backed engine (DESIGN §8): the same Engine interface on vLLM's AsyncLLM."""
+"""The vLLM-backed engine (``serve --backend vllm``, DESIGN §8): the same Engine interface on vLLM's AsyncLLM.
+
+    engine.py        VllmEngine: requests, streaming, aborts and stats on AsyncLLM
+    config.py        VllmBackendConfig (the flags only this backend takes) and vLLM <-> our types
+    adapters.py      each registered adapter version folded to a plain LoRA folder vLLM loads
+    fold_folders.py  where those folders live (one per serving process) and how dead ones are swept
+"""
