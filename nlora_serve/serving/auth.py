@@ -138,7 +138,7 @@ class Authenticator:
             where = f"{path}: admin_keys[{i}]"
             digest = _entry_hash(entry, where)
             _known_fields(entry, _ADMIN_FIELDS, where)
-            _add(by_hash, digest, Principal(_name(entry, f"admin-{i}", where), is_admin=True))
+            _add(by_hash, digest, Principal(_name(entry, f"admin-{i}", where), is_admin=True), where)
         for i, entry in enumerate(doc.get("tenants", [])):
             where = f"{path}: tenants[{i}]"
             digest = _entry_hash(entry, where)
@@ -150,7 +150,7 @@ class Authenticator:
             if not isinstance(base_model, bool):  # bool("false") would grant the base model
                 raise AuthError(f"{where}.base_model must be true or false; got {base_model!r}")
             _add(by_hash, digest, Principal(_name(entry, f"tenant-{i}", where), False, tuple(adapters),
-                                            base_model, *_quota(entry, where)))
+                                            base_model, *_quota(entry, where)), where)
         _one_identity_per_name(by_hash.values(), path)
         return cls(by_hash)
 
@@ -242,9 +242,9 @@ def _name(entry: dict, default: str, where: str) -> str:
     return name
 
 
-def _add(by_hash: dict[str, Principal], digest: str, principal: Principal) -> None:
+def _add(by_hash: dict[str, Principal], digest: str, principal: Principal, where: str) -> None:
     if digest in by_hash:
-        raise AuthError(f"key_sha256 {digest[:12]}... is given to both {by_hash[digest].name!r} "
+        raise AuthError(f"{where}.key_sha256 {digest[:12]}... is given to both {by_hash[digest].name!r} "
                         f"and {principal.name!r}")
     by_hash[digest] = principal
 
