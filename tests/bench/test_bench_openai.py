@@ -33,6 +33,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         if self.headers.get("Authorization") == "Bearer refused-key":
             return self._json(401, {"error": {"message": "unknown API key", "type": "x", "code": 401}})
         models = [{"id": "acme", "parent": "fake-base"}, {"id": "fake-base", "parent": None}]
+        if self.headers.get("Authorization") == "Bearer tenant-key":  # not granted the base: ours hides parents
+            models = [{"id": "acme", "parent": None}, {"id": "globex", "parent": None}]
         self._json(200, {"object": "list", "data": models})
 
     def do_POST(self):
@@ -192,6 +194,20 @@ def test_overload_or_mixed_errors_do_not_stop_a_run(fake_server):
     assert len(run.results) == 12 and run.stopped is None
     run, _ = _run(fake_server, "completions", ("missing", "acme"), count=12)  # some succeed
     assert len(run.results) == 12 and run.stopped is None
+
+
+def test_a_key_seeing_only_its_adapters_never_makes_one_of_them_the_base_model(fake_server, tmp_path, capsys):
+    # h61's find: to a key not granted the base model our /v1/models lists its adapters, each without
+    # a parent; the bench took the first adapter for the base model and sent it the base share.
+    rc = main(["bench", "--target", "openai", "--base-url", fake_server, "--api-key", "tenant-key",
+               "--num-requests", "4", "--output-len", "4", "--json", str(tmp_path / "r.json"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not FakeOpenAI.seen, FakeOpenAI.seen
+    assert ("lists 2 entries without a parent (acme, globex), so which is the base model cannot be told; a key "
+            "not granted the base model sees only its adapters so)") in err
+    rc = main(["bench", "--target", "openai", "--base-url", fake_server, "--api-key", "tenant-key", "--tenants", "acme",
+               "--num-requests", "4", "--output-len", "4", "--json", str(tmp_path / "r.json"), "--no-progress"])
+    assert rc == 0 and [s["model"] for s in FakeOpenAI.seen] == ["acme"] * 4  # tenant traffic needs no base
 
 
 @pytest.mark.parametrize("case", ["unreachable", "refused key"])

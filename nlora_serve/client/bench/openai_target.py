@@ -57,7 +57,8 @@ class OpenAITarget:
     Args:
         endpoint: "completions" or "chat".
         base_model: the ``model`` sent for requests without a tenant; None = the entry of
-            ``GET /v1/models`` without a ``parent`` (how ours and vLLM list the base model).
+            ``GET /v1/models`` without a ``parent`` (how ours and vLLM list the base model), when
+            there is exactly one.
         detokenize: token ids -> text; needed for synthetic prompts on "chat" (else ids are sent
             as the completions ``prompt``, which vLLM accepts).
         timeout: seconds per request (None = none).
@@ -104,7 +105,14 @@ class OpenAITarget:
         except (ValueError, KeyError, TypeError):
             self.models_error = f"GET {url} is not an OpenAI model list"
             return None
-        return next((m["id"] for m in models if isinstance(m, dict) and not m.get("parent")), None)
+        parentless = [m["id"] for m in models if isinstance(m, dict) and not m.get("parent")]
+        if len(parentless) > 1:  # ours lists a key's adapters without parents when it may not use the base
+            shown = ", ".join(map(str, parentless[:4])) + (", ..." if len(parentless) > 4 else "")
+            self.models_error = (f"GET {url} lists {len(parentless)} entries without a parent ({shown}), so which "
+                                 "is the base model cannot be told; a key not granted the base model sees only "
+                                 "its adapters so")
+            return None
+        return parentless[0] if parentless else None
 
     async def __aexit__(self, *exc) -> None:
         await self.http.aclose()
