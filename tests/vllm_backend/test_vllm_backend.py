@@ -193,3 +193,49 @@ def test_a_repeated_prompt_reports_the_tokens_vllm_found_in_its_prefix_cache(ser
             return [d async for d in client.generate(prompt, max_tokens=2)][-1].usage
     first, second = asyncio.run(usage()), asyncio.run(usage())
     assert first.cached_tokens == 0 and second.cached_tokens >= 2 * block  # was always 0
+
+
+def _gauges(server) -> dict[str, float]:
+    """The server's ``nlora_*`` gauges as a scrape of /metrics reads them."""
+    body, _ = server.server.metrics.exposition()
+    return {name: float(value) for name, value in
+            (line.split() for line in body.decode().splitlines() if line.startswith("nlora_") and "{" not in line)}
+
+
+def _upload_missing(server, names) -> None:
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+        have = {a.name for a in admin.list_adapters()[0]}
+        for name in set(names) - have:
+            admin.upload_adapter(name, CASES / name, chunk_bytes=64 << 10)
+
+
+def test_a_request_waiting_for_a_lora_slot_counts_as_waiting(server):
+    """One distinct adapter more than vLLM has LoRA slots: vLLM defers the extra request (it counts
+    it apart, as num_skipped_waiting_reqs), and nlora_requests_waiting read 0 while it waited.
+    Reference: the streams this test opened and that have not finished."""
+    names = ["inttune-nystrom-tied", "lora-rslora", "lora-peft-all-modules", "lora-layers-subset"]
+    slots = server.engine._llm.vllm_config.lora_config.max_loras  # --max-loras 2, plus the zero LoRA on the CPU
+    assert len(names) == slots + 1
+    _upload_missing(server, names)
+
+    async def go():
+        async with AsyncNloraClient(server.target, api_key=ADMIN_KEY, timeout=300) as client:
+            async def one(name):
+                async for _ in client.generate([1, 9690, 198, 2683], adapter=name, max_tokens=400, ignore_eos=True):
+                    pass
+            tasks = [asyncio.create_task(one(name)) for name in names]
+            seen = set()
+            for _ in range(400):  # up to 20 s: vLLM reports its scheduler's counts once per step
+                await asyncio.sleep(0.05)
+                if any(t.done() for t in tasks):
+                    break
+                gauges = _gauges(server)
+                seen.add((gauges["nlora_requests_running"], gauges["nlora_requests_waiting"]))
+                if (slots, 1) in seen:
+                    break
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return seen
+    seen = asyncio.run(go())
+    assert (slots, 1) in seen, f"(running, waiting) seen: {sorted(seen)}"

@@ -99,7 +99,10 @@ class SchedulerSnapshot:
 
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
                 if scheduler_stats is not None:
-                    stats.running, stats.waiting = scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
+                    # vLLM counts apart the waiting requests it skips for now (deferred: e.g. no LoRA
+                    # slot free for their adapter); waiting they are, as vLLM's own gauge counts them
+                    stats.running = scheduler_stats.num_running_reqs
+                    stats.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
                     stats.kv_usage = scheduler_stats.kv_cache_usage
                     stats.steps += 1
                 if iteration_stats is not None:
