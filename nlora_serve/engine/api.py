@@ -219,6 +219,11 @@ class Engine(abc.ABC):
     def stats(self) -> dict[str, int]:
         """Gauges and counters (running, waiting, kv_blocks_used, kv_blocks_total, tokens, steps)."""
 
+    def is_resident(self, version: AdapterVersion) -> bool:
+        """Whether ``version``'s weights sit in the engine's adapter memory now (what
+        ``nlora_adapters_resident`` and AdapterInfo.resident_bytes report): a pool slot here."""
+        return version.slot is not None
+
     @property
     def dead_reason(self) -> str | None:
         """Why the engine can serve no request any more (None while it can). The server then turns

@@ -72,7 +72,8 @@ class ServerMetrics:
                   "nlora_requests_admitted": ("Requests counted against --max-queue (both front ends): running, "
                                               "waiting, or being read or tokenized", admitted),
                   "nlora_kv_blocks_used": ("KV cache blocks in use", lambda: engine_stats()["kv_blocks_used"]),
-                  "nlora_adapters_resident": ("Adapter versions in a pool slot", lambda: adapter_residency()[0]),
+                  "nlora_adapters_resident": ("Adapter versions in the engine's adapter memory (a pool slot; "
+                                              "vLLM's LoRA cache on --backend vllm)", lambda: adapter_residency()[0]),
                   "nlora_adapter_bytes_resident": ("Bytes resident adapters hold", lambda: adapter_residency()[1])}
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=r).set_function(read)

@@ -230,6 +230,6 @@ def _swap_shape(engine: Engine) -> tuple[ModelSpec, int] | None:
 
 
 def _residency(engine: Engine) -> tuple[int, int]:
-    """(adapter versions in a pool slot, bytes they hold) over the current versions."""
-    resident = [v for v in adapter_versions(engine) or [] if v.slot is not None]
+    """(adapter versions resident, bytes they hold) over the current versions (Engine.is_resident)."""
+    resident = [v for v in adapter_versions(engine) or [] if engine.is_resident(v)]
     return len(resident), sum(v.held_bytes for v in resident)

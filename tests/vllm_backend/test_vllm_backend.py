@@ -239,3 +239,37 @@ def test_a_request_waiting_for_a_lora_slot_counts_as_waiting(server):
             return seen
     seen = asyncio.run(go())
     assert (slots, 1) in seen, f"(running, waiting) seen: {sorted(seen)}"
+
+
+def test_adapters_resident_are_the_ones_vllm_holds(server):
+    """Every version has its vLLM LoRA id from registration on, and nlora_adapters_resident counted
+    them all (and AdapterInfo.resident_bytes gave each its folded bytes), while vLLM loads a LoRA
+    on its first request and holds max_cpu_loras at most. References: vLLM's LoRA cache
+    (list_loras), its capacity, a version no request has used, the last one used."""
+    names = ["inttune-nystrom-tied", "lora-rslora", "lora-peft-all-modules", "lora-layers-subset"]
+    _upload_missing(server, names)
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+        unused = admin.upload_adapter("lora-regex-targets", CASES / "lora-regex-targets", chunk_bytes=64 << 10)
+        assert unused.resident_bytes == 0  # no request has asked vLLM for it
+        for name in names:  # one after another: the last one used stays in vLLM's LRU cache
+            admin.complete([1, 9690, 198], adapter=name, max_tokens=2)
+    engine = server.engine
+    capacity = engine._llm.vllm_config.lora_config.max_cpu_loras
+    current = {v.name: v for v in engine.adapters.versions()}
+    assert len(current) > capacity
+
+    def agrees() -> bool:
+        held = engine._call(engine._llm.list_loras(), timeout=60)
+        resident = [v for v in current.values() if v.slot in held]
+        gauges = _gauges(server)
+        with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+            listed = {a.name: a.resident_bytes for a in admin.list_adapters()[0]}
+        return (gauges["nlora_adapters_resident"] == len(resident)
+                and gauges["nlora_adapter_bytes_resident"] == sum(v.held_bytes for v in resident)
+                and listed == {name: v.held_bytes if v in resident else 0 for name, v in current.items()})
+    assert _eventually(agrees)
+    gauges = _gauges(server)
+    assert 1 <= gauges["nlora_adapters_resident"] <= capacity
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+        listed = {a.name: a.resident_bytes for a in admin.list_adapters()[0]}
+    assert listed["lora-regex-targets"] == 0 and listed[names[-1]] == current[names[-1]].held_bytes > 0

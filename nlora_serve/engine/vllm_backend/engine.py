@@ -90,6 +90,11 @@ class VllmEngine(Engine):
         self._thread = threading.Thread(target=self._loop.run_forever, name="nlora-vllm", daemon=True)
         self._thread.start()
         self._base_lora = None  # LoRARequest of base-model requests (the CPU workaround below)
+        # lora ids vLLM's LoRA cache held at its last list_loras (_refresh_loaded): every version has
+        # an id from its registration on, but vLLM loads it on its first request and evicts it
+        # beyond max_cpu_loras, so this, not the id, says whether it is resident
+        self._loaded: frozenset[int] = frozenset()
+        self._background: set[asyncio.Task] = set()  # _in_background's tasks, until they end
         self._dead: str | None = None  # why vLLM's engine core can serve no more (set once)
         try:
             self._llm = self._call(self._start(base.path))
@@ -181,12 +186,19 @@ class VllmEngine(Engine):
             if job.ended:  # aborted before it started
                 return
             job.started = True
-        made, last, cached = 0, None, 0
+        made, last, cached, unseen = 0, None, 0, False
         try:
+            lora = self._lora_request(job.pinned)
+            # a LoRA vLLM does not hold yet is loaded for this request's first step, which may evict
+            # another: which LoRAs vLLM holds is read again once that step has run (its first
+            # output) or the request has ended, whichever comes first
+            unseen = lora is not None and lora.lora_int_id not in self._loaded
             prompt = {"prompt_token_ids": ids} | ({"cache_salt": cache_salt} if cache_salt is not None else {})
-            stream = self._llm.generate(prompt, vllm_sampling_params(params), job.rid,
-                                        lora_request=self._lora_request(job.pinned))
+            stream = self._llm.generate(prompt, vllm_sampling_params(params), job.rid, lora_request=lora)
             async for out in stream:
+                if unseen:
+                    unseen = False
+                    self._in_background(self._refresh_loaded())
                 done = out.outputs[0]
                 tokens = list(done.token_ids)
                 made += len(tokens)
@@ -213,6 +225,21 @@ class VllmEngine(Engine):
                     self._dead = f"vLLM's engine core died ({error})"
                 error = ENGINE_DEAD_MESSAGE
             self._end(job, self._final(job, "error", made, error, cached))
+        finally:
+            if unseen:
+                self._in_background(self._refresh_loaded())
+
+    def _in_background(self, coro) -> None:
+        """Run ``coro`` as a task of the vLLM loop, referenced until it ends (the loop's own
+        reference is weak)."""
+        task = self._loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh_loaded(self) -> None:
+        """Read which LoRAs vLLM holds now (answered between steps, after every step before it)."""
+        with contextlib.suppress(Exception):  # a dead engine holds nothing that serves
+            self._loaded = frozenset(await self._llm.list_loras())
 
     @staticmethod
     def _final(job: _Job, reason: str, made: int, error: str | None = None, cached: int = 0) -> RequestOutput:
@@ -264,6 +291,7 @@ class VllmEngine(Engine):
         with contextlib.suppress(Exception):  # a dead engine reads nothing: the folder can go all the same
             await self._llm.remove_lora(lora_id)
         shutil.rmtree(folder, ignore_errors=True)
+        await self._refresh_loaded()
 
     def abort(self, request_id: str, reason: str | None = None) -> None:
         for rid in self._ids.engine_ids(request_id):
@@ -300,6 +328,10 @@ class VllmEngine(Engine):
             for rid, pinned in held:
                 self._abort(rid, unloaded_reason(pinned))
         return version
+
+    def is_resident(self, version: AdapterVersion) -> bool:
+        """In vLLM's LoRA cache at its last report (its id alone says only that it is folded)."""
+        return version.slot is not None and version.slot in self._loaded
 
     @property
     def dead_reason(self) -> str | None:

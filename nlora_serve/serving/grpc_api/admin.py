@@ -74,7 +74,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         self.config.check_adapter_name(name)
         current = {v.name: v for v in manager.versions()}.get(name)
         if current is not None:
-            return convert.adapter_info(current)
+            return convert.adapter_info(current, self.engine.is_resident(current))
         stored = manager.registry.store.latest(name)
         if stored is None:
             raise AdapterNotFound(f"adapter {name!r} has no stored version in the adapter store")
@@ -82,7 +82,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         start = time.perf_counter()
         version = await asyncio.to_thread(manager.register, name, files)
         self.metrics.load.observe(time.perf_counter() - start)
-        return convert.adapter_info(version)
+        return convert.adapter_info(version, self.engine.is_resident(version))
 
     async def _upload(self, parts) -> pb.AdapterInfo:
         manager = self._manager()
@@ -95,7 +95,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         start = time.perf_counter()
         version = await asyncio.to_thread(manager.register, header.name, files)
         self.metrics.load.observe(time.perf_counter() - start)
-        return convert.adapter_info(version)
+        return convert.adapter_info(version, self.engine.is_resident(version))
 
     async def _receive(self, parts) -> tuple[pb.UploadHeader, bytes]:
         """The header and the exact number of safetensors bytes it announced.
@@ -152,7 +152,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         version, elapsed = await asyncio.to_thread(swap)
         self.metrics.swap.observe(elapsed)
         self.swap_seconds.append(elapsed)
-        return convert.adapter_info(version)
+        return convert.adapter_info(version, self.engine.is_resident(version))
 
     async def _unload(self, request: pb.UnloadAdapterRequest) -> pb.UnloadAdapterResponse:
         self._manager()

@@ -131,11 +131,11 @@ def response(out: RequestOutput) -> pb.GenerateResponse:
     return msg
 
 
-def adapter_info(version: AdapterVersion) -> pb.AdapterInfo:
-    """What the admin and list RPCs report about one version."""
+def adapter_info(version: AdapterVersion, resident: bool) -> pb.AdapterInfo:
+    """What the admin and list RPCs report about one version; ``resident``: Engine.is_resident."""
     return pb.AdapterInfo(ref=adapter_ref(version), flavour=version.flavour, rank=version.rank,
                           target_modules=list(version.targets), tied=version.is_tied,
-                          resident_bytes=version.held_bytes if version.slot is not None else 0,
+                          resident_bytes=version.held_bytes if resident else 0,
                           active_requests=version.refcount)
 
 

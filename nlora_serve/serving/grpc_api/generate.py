@@ -116,7 +116,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await abort(context, status_of(exc)[0], str(exc))
         versions = adapter_versions(self.engine) or []
         return pb.ListAdaptersResponse(
-            adapters=[convert.adapter_info(v) for v in versions if principal.may_use(v.name)],
+            adapters=[convert.adapter_info(v, self.engine.is_resident(v)) for v in versions
+                      if principal.may_use(v.name)],
             base_model_allowed=principal.may_use(None))
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext):
