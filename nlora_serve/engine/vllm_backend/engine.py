@@ -97,13 +97,13 @@ class VllmEngine(Engine):
         self._background: set[asyncio.Task] = set()  # _in_background's tasks, until they end
         self._dead: str | None = None  # why vLLM's engine core can serve no more (set once)
         try:
-            self._llm = self._call(self._start(base.path))
+            self._llm = self._call(self._start(base.path, base.tokenizer_path))
         except BaseException:
             self._stop_loop()
             release_fold_folder(self._folds, self._folds_lock)  # every version folded so far
             raise
 
-    async def _start(self, model_path: Path):
+    async def _start(self, model_path: Path, tokenizer_path: Path):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -123,7 +123,8 @@ class VllmEngine(Engine):
             lora_id = self._adapters.residency.zero_lora()
             self._base_lora = LoRARequest(f"nlora-base#{lora_id}", lora_id, str(self._adapters.residency.path(lora_id)))
             max_loras += 1
-        args = dict(model=str(model_path), tokenizer=str(model_path), dtype=str(cfg.dtype).removeprefix("torch."),
+        # vLLM detokenizes what it generates: the tokenizer the front end reads prompts with (--tokenizer)
+        args = dict(model=str(model_path), tokenizer=str(tokenizer_path), dtype=str(cfg.dtype).removeprefix("torch."),
                     seed=cfg.seed, max_model_len=cfg.scheduler.max_model_len, max_num_seqs=cfg.scheduler.max_num_seqs,
                     max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
                     tensor_parallel_size=b.tensor_parallel_size, pipeline_parallel_size=b.pipeline_parallel_size,

@@ -1,0 +1,48 @@
+"""What VllmEngine hands vLLM's AsyncEngineArgs for our flags (vLLM's engine is not started: its
+from_engine_args is replaced by one that records the arguments and refuses)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nlora_serve.engine.config import EngineConfig, SchedulerConfig
+from nlora_serve.models import load_base
+
+
+class _Refused(Exception):
+    pass
+
+
+@pytest.fixture
+def engine_args(monkeypatch):
+    """Builds a VllmEngine from (EngineConfig fields, base model) and returns the AsyncEngineArgs it passed."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from nlora_serve.engine.vllm_backend.engine import VllmEngine
+
+    seen = []
+
+    def record(cls, args, **kwargs):
+        seen.append(args)
+        raise _Refused
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", classmethod(record))
+
+    def build(base, backend=None, **fields):
+        config = EngineConfig(dtype=torch.float32, scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256,
+                                                                             max_model_len=256), **fields)
+        with pytest.raises(_Refused):
+            VllmEngine(config, backend, base)
+        return seen[-1]
+    return build
+
+
+def test_vllm_detokenizes_with_the_tokenizer_the_front_end_uses(engine_args, base_model_dir, tmp_path):
+    # a model folder without a tokenizer, served with --tokenizer DIR: vLLM was given the model
+    # folder as its tokenizer and refused to start ("Couldn't instantiate the backend tokenizer")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(base_model_dir / name)
+    base = load_base(str(tmp_path), torch.float32, tokenizer=str(base_model_dir))
+    args = engine_args(base, model=str(tmp_path), tokenizer=str(base_model_dir))
+    assert (args.model, args.tokenizer) == (str(tmp_path), str(base_model_dir))
