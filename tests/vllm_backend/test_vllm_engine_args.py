@@ -46,3 +46,10 @@ def test_vllm_detokenizes_with_the_tokenizer_the_front_end_uses(engine_args, bas
     base = load_base(str(tmp_path), torch.float32, tokenizer=str(base_model_dir))
     args = engine_args(base, model=str(tmp_path), tokenizer=str(base_model_dir))
     assert (args.model, args.tokenizer) == (str(tmp_path), str(base_model_dir))
+
+
+def test_load_format_dummy_reaches_vllm(engine_args, base_fp32):
+    # vLLM read the folder's real weights (beside adapters folded against our random ones), or
+    # failed to start on a folder of config.json alone, the flag's use
+    assert engine_args(base_fp32, load_format="dummy").load_format == "dummy"
+    assert engine_args(base_fp32).load_format == "auto"

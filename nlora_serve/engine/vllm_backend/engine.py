@@ -131,7 +131,10 @@ class VllmEngine(Engine):
                     enforce_eager=on_cpu if b.enforce_eager is None else b.enforce_eager,
                     enable_lora=self._adapters is not None, max_loras=max_loras,
                     max_lora_rank=lora_rank_limit(limits.max_rank), disable_log_stats=True,
-                    enable_prefix_caching=cfg.enable_prefix_caching)
+                    enable_prefix_caching=cfg.enable_prefix_caching,
+                    # --load-format dummy: random weights there too (vLLM had read the folder's real
+                    # ones, or failed on a folder of config.json alone, the flag's use)
+                    load_format=cfg.load_format)
         utilization = b.gpu_memory_utilization or (0.3 if on_cpu else None)
         if utilization is not None:
             args["gpu_memory_utilization"] = utilization
