@@ -113,7 +113,7 @@ class EngineCore:
             RequestError: from :func:`check_request`.
         """
         check_request(prompt_ids, params.max_tokens, self.vocab_size, self.config.scheduler.max_model_len,
-                      params.stop_token_ids)
+                      params.stop_token_ids, params.logit_bias)
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter=None,
             tenant: str | None = None, cache_salt: str | None = None) -> None:

@@ -6,14 +6,14 @@ from nlora_serve.engine.sampling import RequestError
 
 
 def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int,
-                  stop_token_ids: tuple[int, ...] = ()) -> None:
-    """The admission check of a prompt, its max_tokens and its stop_token_ids, before any KV block
-    is used (both backends).
+                  stop_token_ids: tuple[int, ...] = (), logit_bias: tuple[tuple[int, float], ...] = ()) -> None:
+    """The admission check of a prompt, its max_tokens, its stop_token_ids and logit_bias ids,
+    before any KV block is used (both backends).
 
     Raises:
         RequestError: empty prompt, a prompt or stop token id outside ``[0, vocab_size)`` (a stop id
             there would index past the logits when min_tokens bans it, failing the whole batch's
-            step), or see :func:`check_context`.
+            step; a logit_bias id there likewise), or see :func:`check_context`.
     """
     if not prompt_ids:
         raise RequestError("prompt is empty: need at least one token", "prompt")
@@ -23,6 +23,9 @@ def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_m
     outside = [t for t in stop_token_ids if not 0 <= t < vocab_size]
     if outside:
         raise RequestError(f"stop_token_ids must be in [0, {vocab_size}); got {outside[0]}", "stop_token_ids")
+    outside = [t for t, _ in logit_bias if not 0 <= t < vocab_size]
+    if outside:
+        raise RequestError(f"logit_bias token ids must be in [0, {vocab_size}); got {outside[0]}", "logit_bias")
     check_context(len(prompt_ids), max_tokens, max_model_len)
 
 

@@ -40,6 +40,8 @@ MIN_REPETITION_PENALTY = 1e-30
 # count and length are bounded so that one request cannot slow every tenant's steps
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 1024
 MAX_STOP_TOKEN_IDS = 1024
+# logit_bias entries of a request: the sampler adds them in every step of its batch
+MAX_LOGIT_BIAS, MAX_BIAS = 1024, 100.0
 _ECHO_CHARS = 200  # an error message quotes at most this much of the offending value
 
 
@@ -55,7 +57,8 @@ def _check(ok: bool, field: str, value, expected: str) -> None:
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
-    ``temperature == 0`` is greedy. Penalties follow their usual sources: ``repetition_penalty``
+    ``temperature == 0`` is greedy. ``logit_bias`` adds to the raw logits before the penalties, as
+    OpenAI's field and vLLM's sampler do (greedy rows included). Penalties follow their usual sources: ``repetition_penalty``
     as in CTRL / transformers (divide positive logits, multiply negative ones, over prompt and
     output tokens); ``presence_penalty`` / ``frequency_penalty`` as in the OpenAI API (subtract,
     over output tokens). ``logprobs = k`` returns the top-k log-probabilities of the model's
@@ -80,12 +83,17 @@ class SamplingParams:
     presence_penalty: float = 0.0  # 0 = off
     frequency_penalty: float = 0.0  # 0 = off
     logprobs: int | None = None  # top-k log-probabilities per token (0..20); None = off
+    # (token id, bias) pairs, bias in [-100, 100], ids distinct; a dict {id: bias} is taken too
+    logit_bias: tuple[tuple[int, float], ...] = ()
     skip_special_tokens: bool = True  # leave special tokens out of the text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop, self.stop_token_ids = tuple(self.stop), tuple(self.stop_token_ids)
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = tuple(self.logit_bias.items())
+        self.logit_bias = tuple(tuple(pair) for pair in self.logit_bias)
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
                "an integer >= 1")
         _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
@@ -114,6 +122,14 @@ class SamplingParams:
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "in [-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty,
                "in [-2, 2]")
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias", self.logit_bias,
+               f"at most {MAX_LOGIT_BIAS} entries")
+        _check(all(len(pair) == 2 and isinstance(pair[0], int) and not isinstance(pair[0], bool)
+                   and 0 <= pair[0] < 1 << 63 and isinstance(pair[1], int | float) and not isinstance(pair[1], bool)
+                   and -MAX_BIAS <= pair[1] <= MAX_BIAS for pair in self.logit_bias), "logit_bias", self.logit_bias,
+               f"(token id in [0, 2^63), bias in [-{MAX_BIAS:g}, {MAX_BIAS:g}]) pairs")
+        _check(len({t for t, _ in self.logit_bias}) == len(self.logit_bias), "logit_bias", self.logit_bias,
+               "distinct token ids")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
 
@@ -147,6 +163,19 @@ def apply_penalties(logits: torch.Tensor, token_ids: list[int], num_prompt: int,
     if output and (params.presence_penalty or params.frequency_penalty):
         counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=vocab)[:vocab].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+
+
+def add_logit_bias(logits: torch.Tensor, rows: list[int], biases: list[tuple[tuple[int, float], ...]]) -> None:
+    """``logits[rows[j], t] += b`` for every ``(t, b)`` in ``biases[j]``, in one indexed add.
+
+    ``logits`` [B, V] float32; ``rows`` row indices into it; token ids checked in the vocabulary at
+    admission (:func:`~nlora_serve.engine.request_checks.check_request`), distinct within a row.
+    """
+    triples = [(r, t, b) for r, bias in zip(rows, biases) for t, b in bias]
+    if triples:
+        index = torch.tensor([(r, t) for r, t, _ in triples], dtype=torch.long, device=logits.device)
+        values = torch.tensor([b for _, _, b in triples], dtype=logits.dtype, device=logits.device)
+        logits[index[:, 0], index[:, 1]] += values
 
 
 def ban_before_min_tokens(logits: torch.Tensor, rows: list[int], bans: list[set[int]]) -> None:

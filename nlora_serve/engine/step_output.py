@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nlora_serve.engine.sampling import apply_penalties, ban_before_min_tokens, sample
+from nlora_serve.engine.sampling import add_logit_bias, apply_penalties, ban_before_min_tokens, sample
 from nlora_serve.engine.sequence import Sequence
 
 
@@ -67,7 +67,7 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
         pairs: the step's (sequence, tokens computed). seqs: the R sampling sequences.
         bans: per row, the tokens banned until min_tokens (EOS and stop ids).
         shared: the engine's generator, for rows without their own seed.
-    Log-probabilities are those of the model's distribution (before penalties and temperature):
+    Log-probabilities are those of the model's distribution (before logit_bias, penalties and temperature):
     ``log_softmax`` of the raw row, the sampled token's and the top ``logprobs`` ones.
     """
     # a row's sum is finite iff all its logits are (NaN and ±inf propagate; |logits| that could
@@ -77,6 +77,8 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     k = max((seqs[i].params.logprobs for i in wanted), default=0)
     logp = logits[wanted].log_softmax(dim=-1) if wanted else None  # before penalties change the rows
+    biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+    add_logit_bias(logits, biased, [seqs[i].params.logit_bias for i in biased])  # before penalties, as vLLM
     banned, needs_values = [], False
     for i, seq in enumerate(seqs):
         params = seq.params

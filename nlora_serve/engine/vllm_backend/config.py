@@ -124,7 +124,8 @@ def vllm_sampling_params(p: SamplingParams):
                               seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
                               ignore_eos=p.ignore_eos, repetition_penalty=p.repetition_penalty,
                               presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                              logprobs=p.logprobs, skip_special_tokens=p.skip_special_tokens,
+                              logprobs=p.logprobs, logit_bias=dict(p.logit_bias) or None,
+                              skip_special_tokens=p.skip_special_tokens,
                               output_kind=RequestOutputKind.DELTA)
 
 

@@ -165,7 +165,8 @@ class VllmEngine(Engine):
             raise EngineDead(ENGINE_DEAD_MESSAGE)
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt, add_special_tokens)  # tokenized here: vLLM gets the ids
-        check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len, params.stop_token_ids)
+        check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len, params.stop_token_ids,
+                      params.logit_bias)
         deltas: asyncio.Queue = asyncio.Queue()
         with self._lock:
             pinned = self.adapters.acquire(adapter) if adapter is not None else None

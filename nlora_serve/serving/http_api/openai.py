@@ -7,7 +7,8 @@ fields are accepted at their no-op value or null only (:data:`NOOP_VALUES`: ``n=
 null included: a client that sends the field expects tool calls this server never makes. ``user``
 (an end-user id for abuse tracking) is accepted and changes nothing, as at OpenAI.
 
-Defaults follow the OpenAI API: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the rest of
+``logit_bias`` keys are token ids as decimal strings (OpenAI's form). Defaults follow the OpenAI
+API: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the rest of
 the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens``: see
 :func:`~nlora_serve.serving.stream.start_request`). Extensions, under vLLM's
 names (send them in ``extra_body``): ``top_k``, ``min_tokens``, ``repetition_penalty``,
@@ -33,11 +34,12 @@ from nlora_serve.serving.server_config import ServerConfig
 
 # OpenAI fields we accept only at their no-op value or null; every other field is refused
 NOOP_VALUES: dict[str, tuple] = {
-    "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logit_bias": ({},),
+    "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",),
     "response_format": ({"type": "text"},), "tool_choice": ("none",), "function_call": ("none",),
     "parallel_tool_calls": (True, False),
 }
 _FIELD = re.compile(r"^(?:SamplingParams\.)?(\w+)")
+_TOKEN_ID = re.compile(r"[0-9]{1,19}")  # a logit_bias key: 19 digits reach past any vocabulary
 
 
 class ParamError(RequestError):
@@ -67,6 +69,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # {token id as a string: bias in [-100, 100]}, OpenAI's
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -182,7 +185,21 @@ def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None) -
             stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
             presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
             repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
-            logprobs=logprobs)
+            logit_bias=_logit_bias(request.logit_bias), logprobs=logprobs)
+
+
+def _logit_bias(field: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (token ids as JSON object keys, i.e. decimal strings) as pairs.
+
+    Raises:
+        RequestError: a key that is not a decimal token id (ranges: see SamplingParams).
+    """
+    pairs = []
+    for key, bias in (field or {}).items():
+        if not _TOKEN_ID.fullmatch(key):
+            raise RequestError(f"logit_bias keys must be token ids (decimal strings, e.g. \"50256\"); got {key[:40]!r}")
+        pairs.append((int(key), bias))
+    return tuple(pairs)
 
 
 def completion_inputs(request: CompletionRequest, config: ServerConfig) -> tuple[str | list[int], SamplingParams]:

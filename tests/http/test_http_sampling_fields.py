@@ -1,0 +1,90 @@
+"""Sampling fields of the OpenAI API against their OpenAI / vLLM definitions, written out here over
+the transformers model (float64 logits): what the server computes for them, not only that it
+accepts them."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+
+from grpc_harness import TENANT_KEYS
+from http_harness import client
+
+POEM = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+def _base(server) -> str:
+    return server.server.generation.info.model
+
+
+def _chat_ids(tokenizer, messages) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+def _raw_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    """[V] float64 next-token logits of the transformers reference."""
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0, -1].double()
+
+
+def _vllm_greedy(hf_model, prompt: list[int], n: int, logit_bias: dict[int, float],
+                 repetition_penalty: float = 1.0, bias_first: bool = True) -> list[int]:
+    """vLLM's sampler at temperature 0 (v1 Sampler.forward): logit_bias added to the raw logits,
+    then the repetition penalty over prompt and output tokens (divide positive logits, multiply the
+    others), then argmax. ``bias_first=False``: the other order, for a control."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = _raw_logits(hf_model, ids)
+        bias = torch.zeros_like(logits)
+        for token, value in logit_bias.items():
+            bias[token] = value
+        logits += bias if bias_first else 0.0
+        seen = torch.tensor(sorted(set(ids)))
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / repetition_penalty,
+                                   logits[seen] * repetition_penalty)
+        logits += 0.0 if bias_first else bias
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
+def test_logit_bias_is_added_to_the_raw_logits_before_the_penalties(http_server, tokenizer, hf_model,
+                                                                   repetition_penalty):
+    """Greedy under logit_bias (keys are token ids as strings, OpenAI's form) gives vLLM's tokens;
+    the logprobs stay those of the model's raw distribution (vLLM's default raw_logprobs)."""
+    prompt = _chat_ids(tokenizer, POEM)
+    first = int(_raw_logits(hf_model, prompt).argmax())
+    sea = tokenizer.encode(" sea", add_special_tokens=False)[0]
+    bias = {first: -100.0, sea: 8.0}  # ban the unbiased first token, favour " sea" (in the prompt)
+    n = 8
+    answer = client(http_server, TENANT_KEYS["base-co"]).chat.completions.create(
+        model=_base(http_server), messages=POEM, max_tokens=n, temperature=0, logprobs=True, top_logprobs=0,
+        logit_bias={str(t): b for t, b in bias.items()},
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True,
+                    "repetition_penalty": repetition_penalty})
+    entries = answer.choices[0].logprobs.content
+    got = [int(e.token.removeprefix("token_id:")) for e in entries]
+    want = _vllm_greedy(hf_model, prompt, n, bias, repetition_penalty)
+    assert got == want and first not in got
+    if repetition_penalty == 1.0:
+        assert sea in got
+    else:  # the case tells the orders apart: penalised after its bias, " sea" loses
+        assert want != _vllm_greedy(hf_model, prompt, n, bias, repetition_penalty, bias_first=False)
+    for i, entry in enumerate(entries):
+        raw = _raw_logits(hf_model, prompt + got[:i]).log_softmax(-1)
+        assert entry.logprob == pytest.approx(float(raw[got[i]]), abs=1e-3)
+
+
+@pytest.mark.parametrize("logit_bias, words", [
+    ({"x": 1}, "token ids"),
+    ({"-3": 1}, "token ids"),
+    ({"49152": 1}, r"[0, 49152)"),  # past the vocabulary
+    ({"5": 100.5}, "[-100, 100]"),
+    ({"5": 1, "05": 2}, "distinct"),
+])
+def test_bad_logit_bias_is_refused_naming_it(http_server, logit_bias, words):
+    with pytest.raises(openai.BadRequestError) as err:
+        client(http_server, TENANT_KEYS["base-co"]).completions.create(
+            model=_base(http_server), prompt="Hi", max_tokens=2, logit_bias=logit_bias)
+    assert err.value.body["param"] == "logit_bias" and words in err.value.body["message"]
