@@ -1,9 +1,10 @@
 """Per-request sampling parameters and the batched sampler.
 
-Greedy rows take the argmax; sampled rows apply temperature, top-k and top-p, then draw with the
-exponential-race trick (argmax of p / Exp(1) is a draw from p), so a seeded request draws from its
-own ``torch.Generator`` and gets the same tokens whatever else shares its batch. Everything runs on
-the logits' device (the engine's: on CUDA, sampling never leaves the GPU but for the token ids).
+Greedy rows take the argmax; sampled rows apply temperature, min-p, top-k and top-p, then draw
+with the exponential-race trick (argmax of p / Exp(1) is a draw from p), so a seeded request draws
+from its own ``torch.Generator`` and gets the same tokens whatever else shares its batch.
+Everything runs on the logits' device (the engine's: on CUDA, sampling never leaves the GPU but
+for the token ids).
 On CUDA a seed reproduces a draw for the same logits; the logits themselves can differ in the last
 bits with the batch's shape (cuBLAS picks kernels by shape), so a seeded request is reproducible
 on CUDA only up to such near-ties, as in vLLM.
@@ -57,12 +58,14 @@ def _check(ok: bool, field: str, value, expected: str) -> None:
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
-    ``temperature == 0`` is greedy. ``logit_bias`` adds to the raw logits before the penalties, as
-    OpenAI's field and vLLM's sampler do (greedy rows included). Penalties follow their usual sources: ``repetition_penalty``
-    as in CTRL / transformers (divide positive logits, multiply negative ones, over prompt and
-    output tokens); ``presence_penalty`` / ``frequency_penalty`` as in the OpenAI API (subtract,
-    over output tokens). ``logprobs = k`` returns the top-k log-probabilities of the model's
-    distribution (before penalties and temperature) plus the sampled token's.
+    ``temperature == 0`` is greedy; sampled rows divide by the temperature, then apply ``min_p``,
+    then ``top_k`` and ``top_p`` (vLLM's order). ``logit_bias`` adds to the raw logits before the
+    penalties, as OpenAI's field and vLLM's sampler do (greedy rows included). Penalties follow
+    their usual sources: ``repetition_penalty`` as in CTRL / transformers (divide positive logits,
+    multiply negative ones, over prompt and output tokens); ``presence_penalty`` /
+    ``frequency_penalty`` as in the OpenAI API (subtract, over output tokens). ``logprobs = k``
+    returns the top-k log-probabilities of the model's distribution (before logit_bias, penalties
+    and temperature) plus the sampled token's.
 
     Raises (in ``__post_init__``):
         RequestError: a field out of range; the message names it and its value.
@@ -75,6 +78,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_k: int = 0  # keep the k most likely tokens; 0 = all (-1, vLLM's other "off", is taken as 0)
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely one; 0 = off
     seed: int | None = None  # per-request generator; None = the engine's shared generator
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
     stop_token_ids: tuple[int, ...] = ()  # tokens that finish the request (kept in token_ids)
@@ -107,6 +111,7 @@ class SamplingParams:
             self.top_k = 0
         _check(FLOAT32_TINY <= self.top_p <= 1.0, "top_p", self.top_p,
                f"in [{FLOAT32_TINY:.8g}, 1] (float32's smallest normal: the sampler's precision)")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "in [0, 1]")
         _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                      and 0 <= self.seed < 1 << 64), "seed", self.seed,
                "an integer in [0, 2^64) or None")
@@ -191,6 +196,18 @@ def ban_before_min_tokens(logits: torch.Tensor, rows: list[int], bans: list[set[
         logits[index[:, 0], index[:, 1]] = float("-inf")
 
 
+def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set the logits of tokens less likely than ``min_p`` times the row's most likely one to -inf
+    (returns a new tensor); vLLM's MinPLogitsProcessor, after temperature, before top-k / top-p.
+
+    Args:
+        logits: [B, V] float32, already divided by temperature. min_p: [B] float32 in [0, 1].
+    """
+    probs = logits.softmax(dim=-1)
+    floor = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
 def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Set filtered-out logits to -inf (returns a new tensor).
 
@@ -241,6 +258,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     device = logits.device
     index = torch.tensor(rows, device=device)
     sub = logits[index] / torch.tensor([params[i].temperature for i in rows], device=device).unsqueeze(1)
+    if any(params[i].min_p > 0.0 for i in rows):
+        sub = min_p_mask(sub, torch.tensor([params[i].min_p for i in rows], dtype=torch.float32, device=device))
     top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.long, device=device)
     top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=device)
     if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):  # from the host: no device sync

@@ -88,3 +88,32 @@ def test_bad_logit_bias_is_refused_naming_it(http_server, logit_bias, words):
         client(http_server, TENANT_KEYS["base-co"]).completions.create(
             model=_base(http_server), prompt="Hi", max_tokens=2, logit_bias=logit_bias)
     assert err.value.body["param"] == "logit_bias" and words in err.value.body["message"]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_min_p_keeps_the_tokens_vllm_keeps_after_temperature(http_server, tokenizer, hf_model, temperature):
+    """vLLM's min_p (MinPLogitsProcessor, after temperature): a token is kept iff its probability is
+    at least min_p times the most likely one's. Here min_p 0.5 keeps 3 first tokens at temperature
+    1 and 2 at 0.7 (no token within 2 % of the floor: float32 cannot tip one over); 40 seeded draws
+    reach all of them (each misses with p < 1e-4) and nothing else."""
+    prompt = "My favourite colour is"
+    probs = (_raw_logits(hf_model, tokenizer.encode(prompt)) / temperature).softmax(-1)
+    ratio = probs / probs.max()
+    keep = {int(t) for t in torch.nonzero(ratio >= 0.5)}
+    assert len(keep) == {1.0: 3, 0.7: 2}[temperature] and not ((ratio - 0.5).abs() < 0.01).any()
+    api = client(http_server, TENANT_KEYS["base-co"])
+    drawn = set()
+    for seed in range(40):
+        answer = api.completions.create(model=_base(http_server), prompt=prompt, max_tokens=1, seed=seed,
+                                        temperature=temperature, logprobs=0,
+                                        extra_body={"min_p": 0.5, "return_tokens_as_token_ids": True})
+        drawn.add(int(answer.choices[0].logprobs.tokens[0].removeprefix("token_id:")))
+    assert drawn == keep
+
+
+@pytest.mark.parametrize("min_p", [-0.1, 1.5])
+def test_min_p_out_of_range_is_refused(http_server, min_p):
+    with pytest.raises(openai.BadRequestError) as err:
+        client(http_server, TENANT_KEYS["base-co"]).completions.create(
+            model=_base(http_server), prompt="Hi", max_tokens=2, extra_body={"min_p": min_p})
+    assert err.value.body["param"] == "min_p" and "[0, 1]" in err.value.body["message"]

@@ -121,6 +121,7 @@ def vllm_sampling_params(p: SamplingParams):
 
     return VllmSamplingParams(max_tokens=p.max_tokens, min_tokens=p.min_tokens,
                               temperature=0.0 if p.greedy else p.temperature, top_k=p.top_k, top_p=p.top_p,
+                              min_p=p.min_p,
                               seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
                               ignore_eos=p.ignore_eos, repetition_penalty=p.repetition_penalty,
                               presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,

@@ -11,7 +11,7 @@ null included: a client that sends the field expects tool calls this server neve
 API: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the rest of
 the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens``: see
 :func:`~nlora_serve.serving.stream.start_request`). Extensions, under vLLM's
-names (send them in ``extra_body``): ``top_k``, ``min_tokens``, ``repetition_penalty``,
+names (send them in ``extra_body``): ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``return_tokens_as_token_ids`` (logprob tokens as
 ``"token_id:<id>"``), ``cache_salt`` (only requests with the same salt share prefix-cache blocks; with keys, only
 within the sender's tenant: see :func:`~nlora_serve.serving.request_policy.cache_salt_of`),
@@ -74,6 +74,7 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     top_k: int | None = None  # extensions (vLLM's names) from here on
+    min_p: float | None = None
     min_tokens: int = 0
     repetition_penalty: float | None = None
     ignore_eos: bool = False
@@ -180,7 +181,8 @@ def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None) -
         return SamplingParams(
             max_tokens=max_tokens, min_tokens=request.min_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0, seed=request.seed,
+            top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0,
+            min_p=request.min_p or 0.0, seed=request.seed,
             stop=(request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ()),
             stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
             presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
