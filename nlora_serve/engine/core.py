@@ -133,7 +133,7 @@ class EngineCore:
         self._arrivals += 1
         self.counters["prompt_tokens"] += len(prompt_ids)
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
-                                       min_tokens=params.min_tokens)
+                                       min_tokens=params.min_tokens, include_stop=params.include_stop_str_in_output)
         ban = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         self.requests[request_id] = _Request(seq, detok, ban)
         self.scheduler.add(seq)
@@ -243,7 +243,8 @@ class EngineCore:
         """Stop checks, detokenization and the delta of ``token``, already in ``req.seq.token_ids``."""
         seq, params = req.seq, req.seq.params
         reason = "stop" if token in req.ban else None
-        text = req.detokenizer.add(token) if reason is None else ""
+        # a stop token's text is left out (vLLM's rule) unless include_stop_str_in_output
+        text = req.detokenizer.add(token) if reason is None or params.include_stop_str_in_output else ""
         if req.detokenizer.stopped:
             reason = "stop"
         elif reason is None and seq.num_output_tokens >= params.max_tokens:  # admission keeps it in max_model_len

@@ -9,7 +9,9 @@ whose stream raised, the window path: each new token is decoded in a small windo
 tokens (the offsets scheme of vLLM and text-generation-inference): ``decode(window + new)``
 minus ``decode(window)`` is the new text, and text ending in U+FFFD (an incomplete UTF-8
 sequence) is held back until later tokens complete it. While stop strings are set the last
-``len(longest stop) - 1`` characters are held back too, so no streamed delta is ever retracted.
+``len(longest stop) - 1`` characters are held back too, so no streamed delta is ever retracted
+(none with ``include_stop``, vLLM's include_stop_str_in_output: the text then ends where the first
+stop string to complete ends, so every character before that point is final).
 With ``min_tokens`` a stop string counts only where it ends past the text of the first
 ``min_tokens`` tokens (vLLM's rule since vllm-project/vllm#22014: once the output holds
 ``min_tokens`` tokens it searches only text decoded after them, so a stop string may begin inside
@@ -42,14 +44,16 @@ class IncrementalDetokenizer:
     """Turns one request's generated tokens into text deltas."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True, stop: tuple[str, ...] = (),
-                 fast: bool = True, min_tokens: int = 0) -> None:
+                 fast: bool = True, min_tokens: int = 0, include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         # ``fast``: use DecodeStream where it gives the same text (False: the window path, for the bench)
         self._backend = stream_backend(tokenizer) if fast else None
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens) if self._backend is not None else None
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
-        self.hold = max((len(s) for s in stop), default=1) - 1  # chars a stop string could still claim
+        self.include_stop = include_stop  # the text keeps the stop string (it ends where the string ends)
+        # chars a stop string could still claim (none when it is kept)
+        self.hold = 0 if include_stop else max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
         self.text = ""  # decoded text so far (complete characters only until flush)
         self.sent = 0  # characters of ``text`` already returned
@@ -98,8 +102,13 @@ class IncrementalDetokenizer:
     def _release(self, final: bool) -> str:
         if self._stop_after is None and len(self.ids) >= self.min_tokens:  # called once per token added
             self._stop_after = len(self.text)
+        # where the text ends at each stop string found: before it, or after it with include_stop
+        # (nothing is held back then: the string may begin in text already sent)
+        kept = self.include_stop
         hits = [] if self._stop_after is None else [
-            i for i in (self.text.find(s, max(self.sent, self._stop_after - len(s) + 1)) for s in self.stop)
+            i + (len(s) if kept else 0)
+            for s, i in ((s, self.text.find(s, max(self.sent - (len(s) - 1 if kept else 0),
+                                                   self._stop_after - len(s) + 1))) for s in self.stop)
             if i >= 0]
         if hits and not self.stopped:
             self.text = self.text[:min(hits)]

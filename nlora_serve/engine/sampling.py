@@ -81,6 +81,8 @@ class SamplingParams:
     min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely one; 0 = off
     seed: int | None = None  # per-request generator; None = the engine's shared generator
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    # the text keeps the stop string (ends after it) and a stop token's text (vLLM's field)
+    include_stop_str_in_output: bool = False
     stop_token_ids: tuple[int, ...] = ()  # tokens that finish the request (kept in token_ids)
     ignore_eos: bool = False  # keep going past the end-of-sequence token
     repetition_penalty: float = 1.0  # 1 = off

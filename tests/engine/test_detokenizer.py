@@ -51,6 +51,17 @@ def test_stop_string_spanning_tokens_with_multibyte_text(tokenizer):
     assert all(REPLACEMENT not in d for d in deltas)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["decode_stream", "window"])
+def test_include_stop_keeps_the_stop_string_begun_in_text_already_sent(tokenizer, fast):
+    """include_stop holds nothing back, so " sky is" is streamed before " blue." completes the stop
+    string "is blue" that began in it: the text still ends right after the stop string (vLLM's
+    include_stop_str_in_output), and nothing streamed is retracted."""
+    ids = tokenizer.encode("The sky is blue. STOP here", add_special_tokens=False)
+    deltas, detok = stream(tokenizer, ids, stop=("blue.", "is blue"), fast=fast, include_stop=True)
+    assert detok.stopped and "".join(deltas) == "The sky is blue"
+    assert "".join(deltas[:-2]).endswith("is")  # "is" went out before the stop string completed
+
+
 def test_dangling_partial_character_flushed_like_decode(tokenizer):
     ids = tokenizer.encode("ok 🌸", add_special_tokens=False)[:-1]  # cut inside the emoji's bytes
     deltas, _ = stream(tokenizer, ids)

@@ -117,3 +117,26 @@ def test_min_p_out_of_range_is_refused(http_server, min_p):
         client(http_server, TENANT_KEYS["base-co"]).completions.create(
             model=_base(http_server), prompt="Hi", max_tokens=2, extra_body={"min_p": min_p})
     assert err.value.body["param"] == "min_p" and "[0, 1]" in err.value.body["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("include", [False, True], ids=["excluded", "included"])
+def test_include_stop_str_in_output_keeps_the_stop_string_and_token(http_server, tokenizer, hf_model, stream, include):
+    """vLLM's include_stop_str_in_output: the text ends after the stop string (spanning token
+    boundaries here: " ocean" "," " a") instead of before it, and a stop token's text is kept;
+    false (the default) leaves both out. The reference text is the transformers greedy decode."""
+    prompt = _chat_ids(tokenizer, POEM)
+    free = tokenizer.decode(_vllm_greedy(hf_model, prompt, 12, {}))
+    comma = tokenizer.encode(",", add_special_tokens=False)[0]
+    api = client(http_server, TENANT_KEYS["base-co"])
+    for fields, cut in (({"stop": ["n, a"]}, free.index("n, a") + (4 if include else 0)),
+                        ({"extra_body": {"stop_token_ids": [comma]}}, free.index(",") + (1 if include else 0))):
+        extra = {**fields.get("extra_body", {}), "include_stop_str_in_output": include}
+        answer = api.chat.completions.create(model=_base(http_server), messages=POEM, max_tokens=12, temperature=0,
+                                             stream=stream, stop=fields.get("stop"), extra_body=extra)
+        if stream:
+            chunks = [c.choices[0] for c in answer]
+            text, reason = "".join(c.delta.content or "" for c in chunks), chunks[-1].finish_reason
+        else:
+            text, reason = answer.choices[0].message.content, answer.choices[0].finish_reason
+        assert (text, reason) == (free[:cut], "stop")

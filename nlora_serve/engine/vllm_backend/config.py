@@ -123,6 +123,7 @@ def vllm_sampling_params(p: SamplingParams):
                               temperature=0.0 if p.greedy else p.temperature, top_k=p.top_k, top_p=p.top_p,
                               min_p=p.min_p,
                               seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
+                              include_stop_str_in_output=p.include_stop_str_in_output,
                               ignore_eos=p.ignore_eos, repetition_penalty=p.repetition_penalty,
                               presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                               logprobs=p.logprobs, logit_bias=dict(p.logit_bias) or None,
