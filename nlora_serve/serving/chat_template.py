@@ -13,6 +13,7 @@ special-token text is tokenized by ``apply_chat_template(tokenize=True)`` itself
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 
@@ -24,26 +25,30 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "messages",
-                add_generation_prompt: bool = True) -> list[int]:
+                add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
     """Token ids of ``messages`` ({"role", "content"}) under the tokenizer's chat template, with
-    the assistant's generation prompt appended (unless ``add_generation_prompt`` is False); no
-    content text ever becomes a special token.
+    the assistant's generation prompt appended (unless ``add_generation_prompt`` is False), or the
+    final message left open for the model to continue (``continue_final_message``, transformers'
+    and vLLM's: the rendering ends where its content ends); no content text ever becomes a special
+    token.
 
     Raises:
         RequestError: the template changes content text so that the sentinels do not survive
+            rendering, or (continue_final_message) the final message's content is not in the
             rendering (the message names ``field``).
     """
     specials = _special_texts(tokenizer)
+    template = functools.partial(_apply_template, tokenizer, field, add_generation_prompt=add_generation_prompt,
+                                 continue_final_message=continue_final_message)
     if not any(s in m["content"] for m in messages for s in specials):
-        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                             return_dict=False)
+        return template(messages, tokenize=True, return_dict=False)
     nonce = secrets.token_hex(8)
     marks = [f"\ue000{nonce}.{k}\ue001" for k in range(len(specials))]
     special_re = re.compile("|".join(re.escape(s) for s in specials))
     masked = [dict(m, content=special_re.sub(lambda hit: marks[specials.index(hit.group())], m["content"]))
               for m in messages]
-    rendered = tokenizer.apply_chat_template(masked, tokenize=False, add_generation_prompt=add_generation_prompt)
-    real = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    rendered = template(masked, tokenize=False)
+    real = template(messages, tokenize=False)
     mark_re = re.compile(f"\ue000{nonce}\\.(\\d+)\ue001")
     pieces = [mark_re.sub(lambda hit: specials[int(hit.group(1))], p)
               for p in re.split(f"({special_re.pattern})", rendered)]
@@ -59,6 +64,19 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "message
     return ids
 
 
+def _apply_template(tokenizer, field: str, messages: list[dict[str, str]], **options):
+    """``tokenizer.apply_chat_template(messages, **options)``.
+
+    Raises:
+        RequestError: transformers' ValueError (with continue_final_message: the final content is
+            not in the rendering), naming ``field``.
+    """
+    try:
+        return tokenizer.apply_chat_template(messages, **options)
+    except ValueError as exc:
+        raise RequestError(f"{field}: {exc}") from None
+
+
 def _special_texts(tokenizer) -> list[str]:
     """The text of every special added token, longest first (so a regex prefers the longest)."""
     texts = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
@@ -66,9 +84,11 @@ def _special_texts(tokenizer) -> list[str]:
 
 
 def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes: int | None = None,
-                max_messages: int | None = None, add_generation_prompt: bool = True) -> list[int]:
+                max_messages: int | None = None, add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> list[int]:
     """Token ids of chat ``messages`` ({"role", "content"}) under the model's chat template, with the
-    assistant's generation prompt appended (unless ``add_generation_prompt`` is False); content text
+    assistant's generation prompt appended (unless ``add_generation_prompt`` is False; see
+    :func:`encode_chat` for ``continue_final_message``); content text
     is tokenized as text, never as special tokens (:func:`encode_chat`). ``max_bytes``: contents longer
     than this in all (UTF-8) surely exceed the context (:func:`~nlora_serve.engine.api.max_prompt_bytes`);
     ``max_messages``: so do more messages (max_model_len: each renders at least its turn marker).
@@ -92,4 +112,4 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes
     if max_bytes is not None and size > max_bytes:
         raise RequestError(f"{field} hold {size:,} bytes of content (UTF-8): more tokens than the model's context "
                            f"holds (max_model_len; refused before tokenizing above {max_bytes:,} bytes)")
-    return encode_chat(messages, tokenizer, field, add_generation_prompt)
+    return encode_chat(messages, tokenizer, field, add_generation_prompt, continue_final_message)

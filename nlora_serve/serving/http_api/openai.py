@@ -122,6 +122,8 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = None  # 0..20, needs logprobs=true
     add_special_tokens: bool = False  # false only (vLLM's default): the chat template writes the special tokens
+    add_generation_prompt: bool = True  # vLLM's: append the assistant's turn header
+    continue_final_message: bool = False  # vLLM's: leave the final message open (needs add_generation_prompt false)
 
 
 @contextlib.contextmanager
@@ -234,6 +236,9 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
     if request.add_special_tokens:
         raise ParamError("add_special_tokens=true is not supported on /v1/chat/completions: the chat template "
                          "writes the model's special tokens itself (a second BOS would follow)", "add_special_tokens")
+    if request.continue_final_message and request.add_generation_prompt:
+        raise ParamError("continue_final_message=true needs add_generation_prompt=false: the final message is "
+                         "continued, no new assistant turn is opened (vLLM's rule)", "continue_final_message")
     if request.top_logprobs is not None and not request.logprobs:
         raise ParamError("top_logprobs needs logprobs=true", "top_logprobs")
     if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_LOGPROBS:
@@ -242,10 +247,10 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
     return sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None)
 
 
-def chat_prompt(request: ChatRequest, tokenizer, chat_bounds: tuple[int | None, int | None] = (None, None),
-                add_generation_prompt: bool = True) -> list[int]:
-    """The prompt token ids of a chat request under the chat template, the assistant's generation
-    prompt appended unless ``add_generation_prompt`` is False (the expensive step: run on the
+def chat_prompt(request: ChatRequest, tokenizer,
+                chat_bounds: tuple[int | None, int | None] = (None, None)) -> list[int]:
+    """The prompt token ids of a chat request (or a /tokenize chat body) under the chat template,
+    with its ``add_generation_prompt`` and ``continue_final_message`` (the expensive step: run on the
     tokenizer thread, once the request is admitted).
 
     Raises:
@@ -255,7 +260,8 @@ def chat_prompt(request: ChatRequest, tokenizer, chat_bounds: tuple[int | None, 
     """
     messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(request.messages)]
     with _as_param_error("messages"):
-        return render_chat(messages, tokenizer, "messages", *chat_bounds, add_generation_prompt)
+        return render_chat(messages, tokenizer, "messages", *chat_bounds, request.add_generation_prompt,
+                           request.continue_final_message)
 
 
 def _message_text(message: ChatMessage, index: int) -> str:

@@ -7,9 +7,9 @@ vLLM's TokenizeCompletionRequest / TokenizeChatRequest / DetokenizeRequest and t
   (both default to true, as vLLM's).
 - ``/tokenize`` with ``{"model", "messages", "add_generation_prompt": true}``: exactly the ids
   ``/v1/chat/completions`` runs for those messages (:func:`~nlora_serve.serving.chat_template.render_chat`:
-  content text never becomes a control token); ``add_generation_prompt=false`` leaves out the
-  assistant's opening. ``add_special_tokens`` (true would add the tokenizer's special tokens
-  beside the template's) and ``continue_final_message`` are accepted at false only, vLLM's
+  content text never becomes a control token) with the same ``add_generation_prompt`` (false
+  leaves out the assistant's opening) and ``continue_final_message``. ``add_special_tokens``
+  (true would add the tokenizer's special tokens beside the template's) is accepted at false only, vLLM's
   ``chat_template`` / ``chat_template_kwargs`` / ``tools`` / ``mm_processor_kwargs`` not at all.
 - Both answer ``{"count", "max_model_len", "tokens", "token_strs"}``; ``token_strs`` (the
   vocabulary's strings of the ids) with ``return_token_strs``, else null, as vLLM answers.
@@ -62,7 +62,7 @@ class TokenizeText(_Body):
 class TokenizeChat(_Body):
     messages: list[ChatMessage]
     add_generation_prompt: bool = True
-    continue_final_message: bool = False  # false only
+    continue_final_message: bool = False  # as /v1/chat/completions (needs add_generation_prompt false)
     add_special_tokens: bool = False  # false only: the chat template writes the special tokens
     return_token_strs: bool | None = False
 
@@ -116,11 +116,12 @@ def _tokenize_work(ctx: HttpContext, data) -> tuple[_Body, Callable[[], dict]]:
         raise ParamError("send either prompt (text) or messages (a chat), not both", "prompt")
     body = validated(TokenizeChat if chat else TokenizeText, data)
     _refuse_extra(body)
-    if chat:
-        for field in ("continue_final_message", "add_special_tokens"):
-            if getattr(body, field):
-                raise ParamError(f"{field}=true is not supported: /tokenize gives the tokens "
-                                 "/v1/chat/completions runs, which does neither", field)
+    if chat and body.add_special_tokens:
+        raise ParamError("add_special_tokens=true is not supported: /tokenize gives the tokens "
+                         "/v1/chat/completions runs, which adds none", "add_special_tokens")
+    if chat and body.continue_final_message and body.add_generation_prompt:
+        raise ParamError("continue_final_message=true needs add_generation_prompt=false (as on "
+                         "/v1/chat/completions)", "continue_final_message")
     return body, functools.partial(_tokenized, body, ctx.tokenizer, ctx.chat_bounds, ctx.engine.max_model_len)
 
 
@@ -132,7 +133,7 @@ def _tokenized(body: TokenizeText | TokenizeChat, tokenizer, chat_bounds: tuple[
         ParamError: text over ``chat_bounds[0]`` bytes (or not Unicode), from :func:`chat_prompt`.
     """
     if isinstance(body, TokenizeChat):
-        ids = chat_prompt(body, tokenizer, chat_bounds, body.add_generation_prompt)
+        ids = chat_prompt(body, tokenizer, chat_bounds)
     else:
         try:
             check_prompt_text(body.prompt, chat_bounds[0])
