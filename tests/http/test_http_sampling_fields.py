@@ -140,3 +140,21 @@ def test_include_stop_str_in_output_keeps_the_stop_string_and_token(http_server,
         else:
             text, reason = answer.choices[0].message.content, answer.choices[0].finish_reason
         assert (text, reason) == (free[:cut], "stop")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("skip", [True, False], ids=["skipped", "kept"])
+def test_skip_special_tokens_false_keeps_their_text(http_server, tokenizer, hf_model, stream, skip):
+    """vLLM's skip_special_tokens: with ignore_eos the model writes '<|im_end|>' and goes on; the
+    text is the tokenizer's decode of the transformers greedy tokens with the same flag."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    want = _vllm_greedy(hf_model, _chat_ids(tokenizer, messages), 10, {})
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in want  # the case: a special token mid-answer
+    answer = client(http_server, TENANT_KEYS["base-co"]).chat.completions.create(
+        model=_base(http_server), messages=messages, max_tokens=10, temperature=0, stream=stream,
+        extra_body={"ignore_eos": True, "skip_special_tokens": skip})
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in answer)
+    else:
+        text = answer.choices[0].message.content
+    assert text == tokenizer.decode(want, skip_special_tokens=skip)

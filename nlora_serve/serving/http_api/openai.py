@@ -12,7 +12,8 @@ API: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the rest of
 the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens``: see
 :func:`~nlora_serve.serving.stream.start_request`). Extensions, under vLLM's
 names (send them in ``extra_body``): ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``,
-``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``return_tokens_as_token_ids`` (logprob tokens as
+``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
+``return_tokens_as_token_ids`` (logprob tokens as
 ``"token_id:<id>"``), ``cache_salt`` (only requests with the same salt share prefix-cache blocks; with keys, only
 within the sender's tenant: see :func:`~nlora_serve.serving.request_policy.cache_salt_of`),
 ``add_special_tokens``: completions true by default (a text prompt takes the tokenizer's special
@@ -80,6 +81,7 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # false: special tokens' text (not a stop token's) stays in the text
     return_tokens_as_token_ids: bool = False
     cache_salt: str | None = None  # prefix-cache sharing group (vLLM's field; see request_policy.cache_salt_of)
 
@@ -189,6 +191,7 @@ def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None) -
             stop=(request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ()),
             stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
             include_stop_str_in_output=request.include_stop_str_in_output,
+            skip_special_tokens=request.skip_special_tokens,
             presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
             repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
             logit_bias=_logit_bias(request.logit_bias), logprobs=logprobs)
