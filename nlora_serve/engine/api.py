@@ -60,6 +60,9 @@ class RequestOutput:
     adapter_version: int = 0  # that adapter's version, pinned at admission (0 = base model)
     adapter_hash: str = ""  # that version's content hash ("" = base model)
     cached_tokens: int = 0  # usage: prompt tokens found in the prefix cache (OpenAI's cached_tokens)
+    # vLLM's stop_reason, on the finished delta: the stop string or stop token id that ended the
+    # request; None for EOS, length and every other end
+    stop_reason: str | int | None = None
 
     @property
     def finished(self) -> bool:

@@ -251,7 +251,12 @@ class EngineCore:
             reason = "length"
         if reason is None:
             return self._output(req, text, [token], None, logprobs)
-        return self._retire(req, reason, text, [token], logprobs=logprobs)
+        out = self._retire(req, reason, text, [token], logprobs=logprobs)
+        if reason == "stop" and req.detokenizer.stopped:
+            out.stop_reason = req.detokenizer.stop_string
+        elif reason == "stop" and (params.ignore_eos or token not in self.eos_ids):
+            out.stop_reason = token  # a stop token id; EOS is no stop reason (vLLM's check_stop)
+        return out
 
     def _retire(self, req: _Request, reason: str, text: str, token_ids: list[int], error: str | None = None,
                 logprobs=None) -> RequestOutput:

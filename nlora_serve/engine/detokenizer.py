@@ -58,6 +58,7 @@ class IncrementalDetokenizer:
         self.text = ""  # decoded text so far (complete characters only until flush)
         self.sent = 0  # characters of ``text`` already returned
         self.stopped = False  # a stop string was found; ``text`` ends right before it
+        self.stop_string: str | None = None  # the stop string that ended the text, once stopped
         self.min_tokens = min_tokens
         # characters of ``text`` decoded from the first min_tokens tokens: a stop string must end
         # past them; None until min_tokens tokens have been added (no stop string counts yet)
@@ -106,12 +107,13 @@ class IncrementalDetokenizer:
         # (nothing is held back then: the string may begin in text already sent)
         kept = self.include_stop
         hits = [] if self._stop_after is None else [
-            i + (len(s) if kept else 0)
+            (i + (len(s) if kept else 0), s)
             for s, i in ((s, self.text.find(s, max(self.sent - (len(s) - 1 if kept else 0),
                                                    self._stop_after - len(s) + 1))) for s in self.stop)
             if i >= 0]
         if hits and not self.stopped:
-            self.text = self.text[:min(hits)]
+            end, self.stop_string = min(hits, key=lambda hit: hit[0])
+            self.text = self.text[:end]
             self.stopped = final = True
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
         delta, self.sent = self.text[self.sent:end], end

@@ -158,3 +158,26 @@ def test_skip_special_tokens_false_keeps_their_text(http_server, tokenizer, hf_m
     else:
         text = answer.choices[0].message.content
     assert text == tokenizer.decode(want, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_stop_reason_names_the_stop_string_or_token_as_vllm(http_server, tokenizer, hf_model, stream):
+    """vLLM's stop_reason on a choice: the stop string that ended the text (of several, the one
+    found first in it), the stop token id, or null after EOS, max_tokens or on unfinished chunks;
+    the greedy text (transformers) decides which."""
+    prompt = _chat_ids(tokenizer, POEM)
+    free = tokenizer.decode(_vllm_greedy(hf_model, prompt, 12, {}))
+    comma = tokenizer.encode(",", add_special_tokens=False)[0]
+    france = [{"role": "user", "content": "What is the capital of France?"}]  # greedy: ends with EOS
+    api = client(http_server, TENANT_KEYS["base-co"])
+    cases = [(POEM, {"stop": ["zzz", "tapestry", "n, a"]}, "stop", "n, a"),
+             (POEM, {"extra_body": {"stop_token_ids": [comma]}}, "stop", comma),
+             (france, {}, "stop", None),
+             (POEM, {}, "length", None)]
+    assert free.index("n, a") < free.index("tapestry")
+    for messages, fields, finish, stop_reason in cases:
+        answer = api.chat.completions.create(model=_base(http_server), messages=messages, max_tokens=12,
+                                             temperature=0, stream=stream, **fields)
+        choices = [c.choices[0] for c in answer] if stream else [answer.choices[0]]
+        assert choices[-1].finish_reason == finish
+        assert [c.stop_reason for c in choices] == [None] * (len(choices) - 1) + [stop_reason]

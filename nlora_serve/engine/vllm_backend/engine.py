@@ -215,7 +215,8 @@ class VllmEngine(Engine):
                     self._counters["generation_tokens"] += len(tokens)
                 error = f"vLLM ended it with finish reason {done.finish_reason!r}" if reason == "error" else None
                 delta = RequestOutput(job.client_id, done.text, tokens, reason, job.prompt_tokens, made, logprobs,
-                                      error, **_tag(job.pinned), cached_tokens=cached)
+                                      error, **_tag(job.pinned), cached_tokens=cached,
+                                      stop_reason=done.stop_reason if reason == "stop" else None)
                 if reason is not None:
                     last = delta
                 elif tokens or done.text:

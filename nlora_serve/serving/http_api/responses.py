@@ -2,7 +2,8 @@
 
 One :class:`Shaper` per request turns the engine's deltas into either the whole response
 (``text_completion`` / ``chat.completion``) or Server-Sent-Events chunks (``text_completion`` /
-``chat.completion.chunk``), with OpenAI's logprobs layouts:
+``chat.completion.chunk``), with OpenAI's logprobs layouts and, on every choice, vLLM's
+``stop_reason`` (the stop string or stop token id that ended the request, else null):
 
 - completions: ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (parallel lists);
 - chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``.
@@ -66,9 +67,10 @@ class Shaper:
         logprobs = self._merged_logprobs(outs)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": last.finish_reason}
+                      "finish_reason": last.finish_reason, "stop_reason": last.stop_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason,
+                      "stop_reason": last.stop_reason}
         return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice]),
                 "usage": usage(last)}
 
@@ -87,16 +89,17 @@ class Shaper:
         if not self.chat:
             return None
         return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None})
+                            "finish_reason": None, "stop_reason": None})
 
     def chunk(self, out: RequestOutput) -> dict:
-        """The chunk of one delta (its text, logprobs, and finish_reason once finished)."""
+        """The chunk of one delta (its text, logprobs, and finish_reason and stop_reason once finished)."""
         logprobs = self._logprobs(out) if self.top_logprobs is not None else None
         if self.chat:
             choice = {"index": 0, "delta": {"content": out.text} if out.text else {}, "logprobs": logprobs,
-                      "finish_reason": out.finish_reason}
+                      "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
         else:
-            choice = {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+            choice = {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason,
+                      "stop_reason": out.stop_reason}
         return self._chunk(choice)
 
     def usage_chunk(self, last: RequestOutput) -> dict:
