@@ -181,3 +181,21 @@ def test_stop_reason_names_the_stop_string_or_token_as_vllm(http_server, tokeniz
         choices = [c.choices[0] for c in answer] if stream else [answer.choices[0]]
         assert choices[-1].finish_reason == finish
         assert [c.stop_reason for c in choices] == [None] * (len(choices) - 1) + [stop_reason]
+
+
+def test_continuous_usage_stats_puts_the_usage_so_far_on_every_chunk(http_server, tokenizer):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk carries the
+    usage so far: the chat template's prompt tokens, 0 completion tokens on the role chunk, then
+    the tokens streamed so far (counted from the chunks' logprobs entries); the last chunk the whole."""
+    answer = client(http_server, TENANT_KEYS["base-co"]).chat.completions.create(
+        model=_base(http_server), messages=POEM, max_tokens=6, temperature=0, stream=True, logprobs=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True})
+    chunks = list(answer)
+    prompt = len(_chat_ids(tokenizer, POEM))
+    made, want = 0, []
+    for chunk in chunks[:-1]:
+        made += len(chunk.choices[0].logprobs.content) if chunk.choices[0].logprobs else 0
+        want.append((prompt, made, prompt + made))
+    assert [(c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) for c in chunks[:-1]] == want
+    assert want[0][1] == 0 and made == 6 and chunks[-1].choices == []
+    assert (chunks[-1].usage.completion_tokens, chunks[-1].usage.prompt_tokens) == (6, prompt)

@@ -90,7 +90,7 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     body = started.body
     deltas = metered(started.stream, started.timer, reservation)
     shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, started.params.logprobs,
-                    body.return_tokens_as_token_ids, body.include_usage)
+                    body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage)
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
@@ -175,7 +175,7 @@ async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> 
 
 async def _events(first, deltas: AsyncIterator, shaper: Shaper) -> AsyncIterator[str]:
     """SSE messages: (chat: the role chunk), one chunk per delta, (the usage chunk), [DONE]."""
-    opening = shaper.first_chunk()
+    opening = shaper.first_chunk(first)
     if opening is not None:
         yield sse(opening)
     out = first

@@ -54,6 +54,7 @@ class ParamError(RequestError):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False  # one last chunk with usage and no choices
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk has the usage so far
 
 
 class _Request(BaseModel):
@@ -88,6 +89,10 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     @property
     def max_tokens_given(self) -> bool:

@@ -29,10 +29,11 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def usage(out: RequestOutput) -> dict:
-    """OpenAI usage of a finished request, with the prompt tokens read from the prefix cache."""
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens,
+def usage(out: RequestOutput, completion_tokens: int | None = None) -> dict:
+    """OpenAI usage of a request so far (finished: the whole), with the prompt tokens read from the
+    prefix cache; ``completion_tokens`` overrides ``out``'s count (0 before the first token)."""
+    made = out.completion_tokens if completion_tokens is None else completion_tokens
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": made, "total_tokens": out.prompt_tokens + made,
             "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
@@ -47,13 +48,16 @@ class Shaper:
         top_logprobs: logprobs asked (top-k per token, 0 = the sampled token only); None = off.
         token_ids_as_tokens: logprob tokens as ``"token_id:<id>"`` (vLLM's return_tokens_as_token_ids).
         include_usage: streaming: end with a usage chunk (stream_options.include_usage).
+        continuous_usage: with include_usage, every chunk carries the usage so far instead of null
+            (vLLM's stream_options.continuous_usage_stats).
     """
 
     def __init__(self, request_id: str, model: str, chat: bool, tokenizer, top_logprobs: int | None,
-                 token_ids_as_tokens: bool = False, include_usage: bool = False):
+                 token_ids_as_tokens: bool = False, include_usage: bool = False, continuous_usage: bool = False):
         self.request_id, self.model, self.chat = request_id, model, chat
         self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
         self.token_ids_as_tokens, self.include_usage = token_ids_as_tokens, include_usage
+        self.continuous_usage = include_usage and continuous_usage
         self.created = int(time.time())
         self._offset = 0  # characters of completion text before the next token (text_offset)
         self._token_bytes: TokenBytes | None = None  # built on the first chat logprobs entry
@@ -84,12 +88,13 @@ class Shaper:
 
     # -- streaming -----------------------------------------------------------------------------
 
-    def first_chunk(self) -> dict | None:
-        """The chunk that opens a chat stream (the assistant role); None for completions."""
+    def first_chunk(self, first: RequestOutput) -> dict | None:
+        """The chunk that opens a chat stream (the assistant role), sent with the ``first`` delta;
+        None for completions."""
         if not self.chat:
             return None
         return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None, "stop_reason": None})
+                            "finish_reason": None, "stop_reason": None}, first, completion_tokens=0)
 
     def chunk(self, out: RequestOutput) -> dict:
         """The chunk of one delta (its text, logprobs, and finish_reason and stop_reason once finished)."""
@@ -100,15 +105,17 @@ class Shaper:
         else:
             choice = {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason,
                       "stop_reason": out.stop_reason}
-        return self._chunk(choice)
+        return self._chunk(choice, out)
 
     def usage_chunk(self, last: RequestOutput) -> dict:
         """The closing chunk of include_usage: no choices, the usage."""
         return {**self._envelope(self._chunk_object, []), "usage": usage(last)}
 
-    def _chunk(self, choice: dict) -> dict:
+    def _chunk(self, choice: dict, out: RequestOutput, completion_tokens: int | None = None) -> dict:
         body = self._envelope(self._chunk_object, [choice])
-        if self.include_usage:
+        if self.continuous_usage:
+            body["usage"] = usage(out, completion_tokens)
+        elif self.include_usage:
             body["usage"] = None  # OpenAI: null on every chunk but the last
         return body
 
