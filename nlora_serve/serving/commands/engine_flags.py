@@ -13,8 +13,9 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     flags, ``--cpu-gemm`` / ``--cpu-amx`` and the scheduler's sizes."""
     d = EngineConfig.__dataclass_fields__
     a = parser.add_argument
-    a("--device", default="auto", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N: where "
-                                       "weights, KV cache, activations and sampling live (default: %(default)s)")
+    # default None for the native engine's own flags: serve --backend vllm refuses them only when given
+    a("--device", default=None, help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N: where "
+                                     "weights, KV cache, activations and sampling live (default: auto)")
     a("--load-format", choices=["auto", "dummy"], default="auto",
       help="auto: the model's weights; dummy: random weights from its config.json alone, to serve and measure "
            "shapes whose weights are not here (default: %(default)s)")
@@ -28,16 +29,16 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     a("--enforce-eager", action="store_true",
       help="CUDA: run every step eagerly (no CUDA graphs at all; for serve --backend vllm, vLLM's "
            "enforce_eager)")
-    a("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=False,
+    a("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=None,
       help="CUDA: also replay prefill and mixed steps as piecewise CUDA graphs around eager attention "
            "(off by default until measured on a GPU; --enforce-eager wins)")
     a("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
       help="schedule step n+1 while the device runs step n, reading step n's tokens back after "
            "(default: on for CUDA, off on the CPU)")
-    a("--cpu-gemm", choices=CPU_GEMMS, default=d["cpu_gemm"].default,
+    a("--cpu-gemm", choices=CPU_GEMMS, default=None,
       help="CPU: the base GEMMs on our packed-panel kernel (native) or oneDNN's prepacked ones (onednn), "
-           "e.g. to rule ours out when something looks wrong (default: %(default)s)")
-    a("--cpu-amx", action=argparse.BooleanOptionalAction, default=d["cpu_amx"].default,
+           f"e.g. to rule ours out when something looks wrong (default: {d['cpu_gemm'].default})")
+    a("--cpu-amx", action=argparse.BooleanOptionalAction, default=None,
       help="CPU, bf16: the adapter products on AMX tiles where the CPU has AMX-BF16; --no-cpu-amx keeps "
            "AVX-512 (default: on)")
     a("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs,
@@ -53,13 +54,12 @@ def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
     Raises:
         ValueError: a flag out of range (the message names the config field).
     """
-    device = str(resolve_device(args.device))
-    if args.gpu_memory_utilization is not None:  # else EngineConfig's default
-        fields["gpu_memory_utilization"] = args.gpu_memory_utilization
+    device = str(resolve_device(args.device or "auto"))
+    for name in ("gpu_memory_utilization", "piecewise_graphs", "cpu_gemm", "cpu_amx"):
+        if getattr(args, name) is not None:  # else EngineConfig's default
+            fields[name] = getattr(args, name)
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_model_len=args.max_model_len)
     return EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype, device), device=device,
                         load_format=args.load_format, tokenizer=args.tokenizer, scheduler=scheduler,
-                        enforce_eager=args.enforce_eager, piecewise_graphs=args.piecewise_graphs,
-                        async_scheduling=args.async_scheduling, cpu_gemm=args.cpu_gemm, cpu_amx=args.cpu_amx,
-                        **fields)
+                        enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **fields)

@@ -58,8 +58,8 @@ def build(args: argparse.Namespace):
             tenants file. ModelError: a bad model. AdapterError: an --adapter, example or stored
             adapter named like the served base model (:meth:`ServerConfig.check_adapter_name`).
     """
+    backend = backend_config(args)  # first: a native engine's flag on --backend vllm is wrong whatever its value
     config, engine_config = _configs(args)
-    backend = backend_config(args)
     auth = Authenticator.from_file(args.tenants_file) if args.tenants_file else Authenticator(None)
     engine_config.scheduler = dataclasses.replace(engine_config.scheduler, tenant_weights=auth.weights())
     _check_adapter_dir(args.adapter_dir)
@@ -166,8 +166,9 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
                               tenants_file=args.tenants_file, max_queue=args.max_queue, max_tokens=args.max_tokens,
                               max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds,
                               tenant_queue_shares=policy == "fair")
+        memory = {} if args.adapter_memory is None else {"adapter_memory": args.adapter_memory * MiB}
         limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
-                               adapter_memory=args.adapter_memory * MiB, max_adapter_bytes=args.max_adapter_bytes)
+                               max_adapter_bytes=args.max_adapter_bytes, **memory)
         engine_config = device_config(args, cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
                                       adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching)
         engine_config.scheduler = dataclasses.replace(engine_config.scheduler, policy=policy)

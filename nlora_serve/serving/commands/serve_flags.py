@@ -72,8 +72,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
            "the adapter store writes or reads back (default: %(default)s)")
     a("--max-loras", type=int, default=AdapterLimits().max_loras,
       help="untied adapters resident at once, LRU beyond (default: %(default)s)")
-    a("--adapter-memory", type=int, default=AdapterLimits().adapter_memory // MiB,
-      help="MiB all tied tenants' N may use (default: %(default)s)")
+    a("--adapter-memory", type=int, default=None,  # None: serve --backend vllm refuses it only when given
+      help=f"MiB all tied tenants' N may use (default: {AdapterLimits().adapter_memory // MiB})")
     a("--drain-seconds", type=float, default=d.drain_seconds,
       help="on SIGTERM/SIGINT, how long running streams may finish; the rest are then aborted, "
            "each told that the server shut down (default: %(default)s)")
