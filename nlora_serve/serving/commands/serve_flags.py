@@ -61,7 +61,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
            "--no-enable-prefix-caching computes every prompt whole (default: on)")
     a("--scheduling-policy", choices=SCHEDULING_POLICIES, default=None,
       help="admission order: fcfs (arrival) or fair (the tenant with the least service first, VTC, "
-           "with per-tenant shares of --max-queue) (default: fair with --tenants-file, else fcfs)")
+           "with per-tenant shares of --max-queue; the native engine only: --backend vllm schedules fcfs, "
+           "keeping the shares) (default: fair with --tenants-file, else fcfs)")
     a("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask; a request without "
                                                            "one gets the rest of the context, at most this "
                                                            "(default: %(default)s)")
