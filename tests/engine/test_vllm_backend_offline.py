@@ -65,18 +65,18 @@ def test_a_lora_b_bias_is_refused_with_the_reason(base_fp32, tmp_path):
 def test_every_version_gets_a_new_id_and_freeing_hands_its_folder_over(base_fp32, tmp_path):
     freed = []
     residency = VllmResidency(tmp_path, torch.bfloat16, tuple(base_fp32.weight(0, "q_proj").shape),
-                              lambda lora_id, folder: freed.append((lora_id, folder.is_dir())))
+                              lambda lora_id, folder: freed.append((lora_id, folder)))
     adapter = read_adapter(CASES / "inttune-nystrom-tied", base_fp32)
     versions = [argparse.Namespace(adapter=adapter, pool=None, slot=None, held_bytes=0) for _ in range(2)]
     for v in versions:
         residency.admit(v)
     first, second = (v.slot for v in versions)
-    assert first != second and residency.path(first).is_dir()
+    assert first != second and not residency.path(first).exists()  # folded on its first request
     # a tied tenant becomes a full LoRA on this backend: A and B at r per site, 2 bytes each in bf16
     assert versions[0].held_bytes == 2 * sum(s.rank * (s.A.shape[1] + s.B.shape[0]) for s in adapter.sites.values())
     residency.free(versions[0])
-    # the engine drops it from vLLM first, then deletes the folder: it is still there when handed over
-    assert freed == [(first, True)] and versions[0].slot is None
+    # the engine drops it from vLLM first, then deletes its folder (if a request folded it)
+    assert freed == [(first, residency.path(first))] and versions[0].slot is None
     zero = residency.zero_lora()
     assert zero not in (first, second)
     assert all(t.abs().max() == 0 for t in safetensors.torch.load_file(

@@ -23,7 +23,7 @@ from nlora_serve.serving.status import http_status_of, status_of
 from nlora_serve.serving.commands.serve import _watch_engine
 
 
-V1 = SimpleNamespace(name="a", version=1, content_hash="h")  # the adapter version a job pins
+V1 = SimpleNamespace(name="a", version=1, content_hash="h", slot=5)  # the adapter version a job pins
 
 
 class _Pins:
@@ -34,12 +34,28 @@ class _Pins:
         self.released.append(version)
 
 
+class _Folds:
+    """The engine's FoldCache as a recorder: which versions' folders requests used and gave back."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def use(self, version):
+        self.calls.append(("use", version.slot))
+
+    def done(self, lora_id):
+        self.calls.append(("done", lora_id))
+
+    def forget(self, lora_id):
+        self.calls.append(("forget", lora_id))
+
+
 def _engine(llm=None) -> VllmEngine:
     """A VllmEngine with its bookkeeping only: no vLLM, its loop in a thread."""
     engine = VllmEngine.__new__(VllmEngine)
     engine._lock, engine._jobs, engine._ids = threading.Lock(), {}, RequestIds()
     engine._adapters, engine._stopping, engine._dead, engine._llm = _Pins(), False, None, llm
-    engine._base_lora = None
+    engine._base_lora, engine._fold_cache = None, _Folds()
     engine._loop = asyncio.new_event_loop()
     engine._thread = threading.Thread(target=engine._loop.run_forever, daemon=True)
     engine._thread.start()
@@ -64,6 +80,7 @@ def test_an_abort_before_the_start_ends_the_job_and_it_never_reaches_vllm():
         assert job.ended and engine._adapters.released == [V1] and delivered[-1].error == "unloaded"
         asyncio.run_coroutine_threadsafe(engine._run(job, [1, 2, 3], None, None), engine._loop).result(5)
         assert engine._adapters.released == [V1] and len(delivered) == 1  # released once, never started
+        assert engine._fold_cache.calls == []  # and never folded
     finally:
         engine._stop_loop()
 
@@ -95,7 +112,7 @@ def test_a_freed_version_is_removed_from_vllm_before_its_folder_goes(tmp_path):
         engine._drop_lora(7, folder)
         assert folder.is_dir()  # not deleted on the freeing thread
         asyncio.run_coroutine_threadsafe(asyncio.sleep(0.2), engine._loop).result(5)
-        assert seen == [(7, True)] and not folder.exists()
+        assert seen == [(7, True)] and not folder.exists() and engine._fold_cache.calls == [("forget", 7)]
     finally:
         engine._stop_loop()
 
@@ -151,6 +168,7 @@ def test_a_failure_while_vllm_is_alive_fails_one_request_only(monkeypatch):
         asyncio.run_coroutine_threadsafe(engine._run(job, [1], None, None), engine._loop).result(5)
         assert delivered[-1].finish_reason == "error" and delivered[-1].error == "RuntimeError: boom"
         assert engine.dead_reason is None
+        assert engine._fold_cache.calls == [("use", 5), ("done", 5)]  # its folder may go now
     finally:
         engine._stop_loop()
 

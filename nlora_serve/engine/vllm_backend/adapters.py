@@ -1,6 +1,7 @@
 """Adapters as the vLLM backend serves them: each registered version folded to plain LoRA on disk.
 
-vLLM knows two-matrix LoRA only, so every version is folded on registration (DESIGN §8): per site
+vLLM knows two-matrix LoRA only, so every version is folded (DESIGN §8), on its first request
+(fold_cache.py; registration checks that it can be): per site
 B' = s · B · N in float64, written in float32 with scaling 1 (``lora_alpha = r``, no rsLoRA, no
 patterns) and every site zero-padded to the adapter's largest rank, so the maths is exact
 whatever vLLM's own scaling rules. A tied IntTune tenant becomes a full LoRA there: 19.6 MB for r=16
@@ -56,7 +57,7 @@ def write_folded_lora(adapter: Adapter, out_dir: Path) -> int:
             written (a full disk: named, and nothing of it left).
     """
     check_servable(adapter)
-    rank = max(s.rank for s in adapter.sites.values())
+    rank = _folded_rank(adapter)
     tensors = {}
     for (layer, module), s in adapter.sites.items():
         a = torch.zeros(rank, s.A.shape[1])
@@ -79,12 +80,22 @@ def write_folded_lora(adapter: Adapter, out_dir: Path) -> int:
     return sum(t.numel() for t in tensors.values())
 
 
+def _folded_rank(adapter: Adapter) -> int:
+    return max(s.rank for s in adapter.sites.values())
+
+
+def folded_numel(adapter: Adapter) -> int:
+    """Elements of :func:`write_folded_lora`'s tensors: A [R, in] and B [out, R] per site."""
+    rank = _folded_rank(adapter)
+    return sum(rank * (s.A.shape[1] + s.B.shape[0]) for s in adapter.sites.values())
+
+
 class VllmResidency:
     """The vLLM backend's placement of registered versions (AdapterManager's ``residency``).
 
-    ``admit`` folds a version into ``root/<id>`` and sets ``version.slot`` to its id and
+    ``admit`` checks that a version can be folded, gives it an id (``version.slot``) and sets
     ``version.held_bytes`` to the folded LoRA's bytes in the compute dtype (what vLLM holds for it);
-    ``free`` hands the id and the folder to ``on_free(id, folder)``, which drops the version from
+    the engine folds it into ``root/<id>`` on its first request (FoldCache); ``free`` hands the id and the folder to ``on_free(id, folder)``, which drops the version from
     vLLM and then deletes the folder (vLLM may still read it until then).
 
     Args:
@@ -110,16 +121,17 @@ class VllmResidency:
         return self.root / str(lora_id)
 
     def admit(self, version) -> None:
-        """Fold a newly registered version (see :func:`write_folded_lora`).
+        """Check a newly registered version and give it its id; nothing is written (the engine folds
+        it on its first request: :func:`write_folded_lora`).
 
         Raises:
             AdapterError: the adapter cannot be served as a vLLM LoRA (the message says why).
         """
+        check_servable(version.adapter)
         with self._lock:
             lora_id = next(self._ids)
-        numel = write_folded_lora(version.adapter, self.path(lora_id))
         version.pool, version.slot = self, lora_id
-        version.held_bytes = numel * self._element_bytes
+        version.held_bytes = folded_numel(version.adapter) * self._element_bytes
 
     def zero_lora(self) -> int:
         """Write an all-zero rank-1 LoRA once and return its id (base-model requests run on it on the
@@ -137,7 +149,8 @@ class VllmResidency:
         return lora_id
 
     def ensure_resident(self, version) -> None:
-        """Nothing to do: vLLM loads the folder on the version's first request and caches it."""
+        """Nothing to do here: the engine folds the version on its request's way to vLLM (off the
+        caller's loop), and vLLM loads the folder then and caches it."""
 
     def free(self, version) -> None:
         """Drop a freed version from vLLM, then delete its folder (``on_free``)."""

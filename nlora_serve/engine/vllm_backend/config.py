@@ -13,6 +13,9 @@ from nlora_serve.engine.sampling import SamplingParams
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 GiB = 1 << 30
+# fold folders of idle versions kept on disk per LoRA vLLM caches on its CPU (max_cpu_loras): vLLM
+# re-reads a folder only when it loads that LoRA again, and a version beyond is folded again
+FOLD_FOLDERS_PER_CPU_LORA = 4
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # vLLM's finish reasons as ours; else "error"
 # AsyncEngineArgs fields the backend sets from our own flags: a --vllm-arg for one of them would
 # silently override what the front end believes (a max_lora_rank under --max-rank passed adapters
@@ -48,12 +51,19 @@ class VllmBackendConfig:
     gpu_memory_utilization: float | None = None
     enforce_eager: bool | None = None  # None: eager on the CPU (no compile step), CUDA graphs on GPUs
     engine_args: dict = field(default_factory=dict)  # --vllm-arg KEY=VALUE: any other AsyncEngineArgs field
+    # --max-fold-folders: fold folders of idle versions kept on disk (each version's is written on
+    # its first request); None: FOLD_FOLDERS_PER_CPU_LORA x vLLM's max_cpu_loras
+    max_fold_folders: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_loras"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"VllmBackendConfig.{name} must be a positive integer; got {value!r}")
+        if self.max_fold_folders is not None and (not isinstance(self.max_fold_folders, int)
+                                                  or self.max_fold_folders <= 0):
+            raise ValueError(f"VllmBackendConfig.max_fold_folders must be a positive integer; got "
+                             f"{self.max_fold_folders!r}")
         for key in self.engine_args:
             if key in OWNED_ENGINE_ARGS:
                 raise ValueError(f"--vllm-arg {key}: the backend sets it from {OWNED_ENGINE_ARGS[key]}; use that")

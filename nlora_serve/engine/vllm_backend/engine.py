@@ -1,9 +1,9 @@
 """The engine interface on vLLM's AsyncLLM (DESIGN §8): ``nlora-serve serve --backend vllm``.
 
 Our front ends (gRPC, auth, registry, hot-swap, metrics) stay as they are; generation runs on
-vLLM, with its tensor / pipeline parallelism. Adapters are folded to plain LoRA on registration
-(:mod:`nlora_serve.engine.vllm_backend.adapters`) and each request runs with the ``LoRARequest`` of the
-version pinned at its admission.
+vLLM, with its tensor / pipeline parallelism. Adapters are checked on registration and folded to
+plain LoRA on their first request (:mod:`nlora_serve.engine.vllm_backend.adapters`, ``fold_cache``),
+and each request runs with the ``LoRARequest`` of the version pinned at its admission.
 
 vLLM is imported only when this engine is built, so the project's venv never needs it. AsyncLLM
 belongs to one event loop, so it lives on a private loop in its own thread (as the native engine's
@@ -33,9 +33,10 @@ from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, SHUTDOWN_REASON, Engine
 from nlora_serve.engine.request_checks import check_request, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
+from nlora_serve.engine.vllm_backend.fold_cache import FoldCache
 from nlora_serve.engine.vllm_backend.fold_folders import fold_folder, release_fold_folder
-from nlora_serve.engine.vllm_backend.config import FINISH, GiB, SchedulerSnapshot, VllmBackendConfig, lora_rank_limit, \
-    vllm_sampling_params
+from nlora_serve.engine.vllm_backend.config import FINISH, FOLD_FOLDERS_PER_CPU_LORA, GiB, SchedulerSnapshot, \
+    VllmBackendConfig, lora_rank_limit, vllm_sampling_params
 
 
 @dataclass(slots=True)
@@ -100,8 +101,13 @@ class VllmEngine(Engine):
             self._llm = self._call(self._start(base.path, base.tokenizer_path))
         except BaseException:
             self._stop_loop()
-            release_fold_folder(self._folds, self._folds_lock)  # every version folded so far
+            release_fold_folder(self._folds, self._folds_lock)
             raise
+        self._fold_cache = None  # fold folders on disk, used on the vLLM loop only
+        if self._adapters is not None:
+            max_folders = self.backend.max_fold_folders or \
+                FOLD_FOLDERS_PER_CPU_LORA * self._llm.vllm_config.lora_config.max_cpu_loras
+            self._fold_cache = FoldCache(self._adapters.residency, max_folders, self._remove_lora)
 
     async def _start(self, model_path: Path, tokenizer_path: Path):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -191,9 +197,12 @@ class VllmEngine(Engine):
             if job.ended:  # aborted before it started
                 return
             job.started = True
-        made, last, cached, unseen = 0, None, 0, False
+        made, last, cached, unseen, folded = 0, None, 0, False, None
         try:
             lora = self._lora_request(job.pinned)
+            if job.pinned is not None:  # its folder is written on the version's first request
+                await self._fold_cache.use(job.pinned)
+                folded = job.pinned.slot
             # a LoRA vLLM does not hold yet is loaded for this request's first step, which may evict
             # another: which LoRAs vLLM holds is read again once that step has run (its first
             # output) or the request has ended, whichever comes first
@@ -232,6 +241,8 @@ class VllmEngine(Engine):
                 error = ENGINE_DEAD_MESSAGE
             self._end(job, self._final(job, "error", made, error, cached))
         finally:
+            if folded is not None:  # vLLM has ended it: it reads the folder no more for this request
+                self._fold_cache.done(folded)
             if unseen:
                 self._in_background(self._refresh_loaded())
 
@@ -291,9 +302,14 @@ class VllmEngine(Engine):
         abort sent before it and is answered between steps, so once it returns nothing reads the
         folder any more. At shutdown the whole fold folder goes instead."""
         if not self._stopping:
-            asyncio.run_coroutine_threadsafe(self._remove_lora(lora_id, folder), self._loop)
+            asyncio.run_coroutine_threadsafe(self._free_lora(lora_id, folder), self._loop)
+
+    async def _free_lora(self, lora_id: int, folder: Path) -> None:
+        self._fold_cache.forget(lora_id)  # no request can ask for a freed version again
+        await self._remove_lora(lora_id, folder)
 
     async def _remove_lora(self, lora_id: int, folder: Path) -> None:
+        """Drop ``lora_id`` from vLLM, then delete its folder (a freed version, an idle folder)."""
         with contextlib.suppress(Exception):  # a dead engine reads nothing: the folder can go all the same
             await self._llm.remove_lora(lora_id)
         shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,221 @@
+"""The vLLM backend's fold folders on disk (runs in CI, no vllm): a version is folded on its first
+request, not on registration, and at most ``max_folders`` folders of idle versions are kept.
+
+References: the folder tree on disk, a count of the folds written, the order of vLLM's
+``remove_lora`` against the folder's deletion (a folder vLLM may still read must not go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nlora_serve.adapters.loader import read_adapter
+from nlora_serve.engine.vllm_backend import fold_cache as fold_cache_module
+from nlora_serve.engine.vllm_backend.adapters import VllmResidency
+from nlora_serve.engine.vllm_backend.fold_cache import FoldCache
+from nlora_serve.errors import AdapterError
+
+CASES = Path(__file__).parents[1] / "data" / "cases"
+
+
+@pytest.fixture(scope="module")
+def tied(base_fp32):
+    return read_adapter(CASES / "inttune-nystrom-tied", base_fp32)
+
+
+def _residency(base_fp32, root: Path) -> VllmResidency:
+    return VllmResidency(root, torch.float32, tuple(base_fp32.weight(0, "q_proj").shape))
+
+
+def _versions(residency: VllmResidency, adapter, n: int) -> list:
+    versions = [SimpleNamespace(adapter=adapter, pool=None, slot=None, held_bytes=0) for _ in range(n)]
+    for v in versions:
+        residency.admit(v)
+    return versions
+
+
+def _folders(root: Path) -> set[int]:
+    return {int(p.name) for p in root.iterdir() if p.is_dir()}
+
+
+class _Vllm:
+    """vLLM's remove_lora as the cache sees it: records which folders still existed when called."""
+
+    def __init__(self, root: Path):
+        self.root, self.removed = root, []
+
+    async def remove(self, lora_id: int, folder: Path) -> None:
+        self.removed.append((lora_id, folder.is_dir()))  # remove_lora first: the folder is still there
+        await asyncio.sleep(0.01)  # answered between vLLM's steps
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _count_folds(monkeypatch) -> list[int]:
+    written = []
+    real = fold_cache_module.write_folded_lora
+
+    def counted(adapter, out_dir):
+        written.append(int(out_dir.name))
+        return real(adapter, out_dir)
+    monkeypatch.setattr(fold_cache_module, "write_folded_lora", counted)
+    return written
+
+
+def test_registering_writes_no_fold_folder_and_held_bytes_are_the_folded_ones(base_fp32, tied, tmp_path):
+    residency = _residency(base_fp32, tmp_path)
+    versions = _versions(residency, tied, 40)
+    assert _folders(tmp_path) == set() and len({v.slot for v in versions}) == 40
+    # what vLLM will hold for it: A [R, in] and B [out, R] per site at the largest rank, fp32 here
+    rank = max(s.rank for s in tied.sites.values())
+    assert versions[0].held_bytes == 4 * sum(rank * (s.A.shape[1] + s.B.shape[0]) for s in tied.sites.values())
+
+
+def test_the_first_request_folds_once_however_many_arrive_together(base_fp32, tied, tmp_path, monkeypatch):
+    written = _count_folds(monkeypatch)
+    residency = _residency(base_fp32, tmp_path)
+    versions = _versions(residency, tied, 3)
+    vllm = _Vllm(tmp_path)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=2, remove=vllm.remove)
+        await asyncio.gather(*(cache.use(versions[1]) for _ in range(4)))
+        return cache
+    cache = asyncio.run(go())
+    assert written == [versions[1].slot] and _folders(tmp_path) == {versions[1].slot}
+    assert (residency.path(versions[1].slot) / "adapter_model.safetensors").is_file()
+    assert cache.users(versions[1].slot) == 4
+
+
+def test_beyond_the_bound_idle_folders_go_after_vllm_drops_them_and_are_folded_again(
+        base_fp32, tied, tmp_path, monkeypatch):
+    written = _count_folds(monkeypatch)
+    residency = _residency(base_fp32, tmp_path)
+    a, b, c = _versions(residency, tied, 3)
+    vllm = _Vllm(tmp_path)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=2, remove=vllm.remove)
+        for v in (a, b):
+            await cache.use(v)
+            cache.done(v.slot)
+        first = (residency.path(a.slot) / "adapter_model.safetensors").read_bytes()
+        assert _folders(tmp_path) == {a.slot, b.slot} and vllm.removed == []
+        await cache.use(c)  # a third folder: a, the least recently used idle one, goes
+        cache.done(c.slot)
+        await asyncio.sleep(0.05)
+        assert _folders(tmp_path) == {b.slot, c.slot} and vllm.removed == [(a.slot, True)]
+        await cache.use(a)  # folded again on demand, the same bytes; b (idle, oldest) goes
+        await asyncio.sleep(0.05)
+        assert _folders(tmp_path) == {a.slot, c.slot}
+        return first == (residency.path(a.slot) / "adapter_model.safetensors").read_bytes()
+    assert asyncio.run(go())
+    assert written == [a.slot, b.slot, c.slot, a.slot]
+
+
+def test_a_folder_is_never_removed_while_its_version_has_a_request_in_flight(base_fp32, tied, tmp_path):
+    residency = _residency(base_fp32, tmp_path)
+    a, b, c = _versions(residency, tied, 3)
+    vllm = _Vllm(tmp_path)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=1, remove=vllm.remove)
+        await cache.use(a)
+        await cache.use(b)  # over the bound, but a runs: nothing may go
+        await cache.use(b)
+        await asyncio.sleep(0.05)
+        assert _folders(tmp_path) == {a.slot, b.slot} and vllm.removed == []
+        cache.done(b.slot)  # b still has a request in flight
+        await asyncio.sleep(0.05)
+        assert _folders(tmp_path) == {a.slot, b.slot}
+        cache.done(a.slot)  # a is idle now and the least recently used: it goes
+        await asyncio.sleep(0.05)
+        assert _folders(tmp_path) == {b.slot} and vllm.removed == [(a.slot, True)]
+        await cache.use(c)  # b still runs: kept, over the bound
+        await asyncio.sleep(0.05)
+        assert _folders(tmp_path) == {b.slot, c.slot}
+    asyncio.run(go())
+
+
+def test_a_request_for_a_version_being_removed_waits_and_gets_a_fresh_fold(base_fp32, tied, tmp_path):
+    residency = _residency(base_fp32, tmp_path)
+    a, b = _versions(residency, tied, 2)
+    vllm = _Vllm(tmp_path)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=1, remove=vllm.remove)
+        await cache.use(a)
+        cache.done(a.slot)
+        await cache.use(b)
+        cache.done(b.slot)  # a's removal is under way (remove_lora not answered yet)
+        await cache.use(a)  # must not be handed a folder the removal then deletes
+        assert (residency.path(a.slot) / "adapter_model.safetensors").is_file()
+        await asyncio.sleep(0.05)
+        assert (residency.path(a.slot) / "adapter_model.safetensors").is_file()
+    asyncio.run(go())
+
+
+def test_a_request_cancelled_while_its_version_folds_leaves_no_user(base_fp32, tied, tmp_path):
+    residency = _residency(base_fp32, tmp_path)
+    (a,) = _versions(residency, tied, 1)
+    vllm = _Vllm(tmp_path)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=1, remove=vllm.remove)
+        task = asyncio.create_task(cache.use(a))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cache.users(a.slot) == 0
+        await cache.use(a)  # the fold went on and serves the next request
+        return cache.users(a.slot)
+    assert asyncio.run(go()) == 1
+
+
+def test_a_fold_that_fails_fails_its_requests_and_the_next_one_tries_again(base_fp32, tied, tmp_path, monkeypatch):
+    residency = _residency(base_fp32, tmp_path)
+    (a,) = _versions(residency, tied, 1)
+    real, calls = fold_cache_module.write_folded_lora, []
+
+    def full_once(adapter, out_dir):
+        calls.append(out_dir)
+        if len(calls) == 1:
+            raise AdapterError("cannot write the adapter folded for vLLM (No space left on device)")
+        return real(adapter, out_dir)
+    monkeypatch.setattr(fold_cache_module, "write_folded_lora", full_once)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=1, remove=_Vllm(tmp_path).remove)
+        with pytest.raises(AdapterError, match="No space left"):
+            await cache.use(a)
+        assert cache.users(a.slot) == 0
+        await cache.use(a)
+    asyncio.run(go())
+    assert len(calls) == 2 and _folders(tmp_path) == {a.slot}
+
+
+def test_forgetting_a_freed_version_drops_its_entry(base_fp32, tied, tmp_path):
+    residency = _residency(base_fp32, tmp_path)
+    a, b = _versions(residency, tied, 2)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=1, remove=_Vllm(tmp_path).remove)
+        await cache.use(a)
+        cache.done(a.slot)
+        cache.forget(a.slot)  # the engine removes a freed version's folder itself
+        shutil.rmtree(residency.path(a.slot))
+        await cache.use(b)
+        await asyncio.sleep(0.05)
+        return cache.users(a.slot), _folders(tmp_path)
+    assert asyncio.run(go()) == (0, {b.slot})
+
+
+def test_the_bound_must_be_positive(base_fp32, tmp_path):
+    with pytest.raises(ValueError, match="max_folders"):
+        FoldCache(_residency(base_fp32, tmp_path), max_folders=0, remove=_Vllm(tmp_path).remove)
