@@ -93,6 +93,8 @@ def test_backend_flags_are_checked_before_the_model_loads(monkeypatch):
     assert backend_config(_args()) is None
     with pytest.raises(StartupError, match="need --backend vllm"):
         backend_config(_args("--tensor-parallel-size", "2"))
+    with pytest.raises(StartupError, match="need --backend vllm"):
+        backend_config(_args("--max-fold-folders", "8"))
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(StartupError, match=r"make vllm-venv"):
         backend_config(_args("--backend", "vllm"))
@@ -105,6 +107,10 @@ def test_vllm_flags_fill_the_backend_config(monkeypatch):
                                   "--vllm-arg", "distributed_executor_backend=ray"))
     assert (config.tensor_parallel_size, config.pipeline_parallel_size, config.max_loras) == (4, 2, 16)
     assert config.engine_args == {"enforce_eager": False, "distributed_executor_backend": "ray"}
+    assert config.max_fold_folders is None  # 4 x vLLM's max_cpu_loras, once vLLM has started
+    assert backend_config(_args("--backend", "vllm", "--max-fold-folders", "64")).max_fold_folders == 64
+    with pytest.raises(StartupError, match="max_fold_folders must be a positive integer"):
+        backend_config(_args("--backend", "vllm", "--max-fold-folders", "0"))
     with pytest.raises(StartupError, match="tensor_parallel_size"):
         backend_config(_args("--backend", "vllm", "--tensor-parallel-size", "0"))
     with pytest.raises(ValueError, match="gpu_memory_utilization"):

@@ -56,6 +56,9 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     a("--tensor-parallel-size", type=int, default=1, help="--backend vllm: GPUs each layer is split over (default: 1)")
     a("--pipeline-parallel-size", type=int, default=1,
       help="--backend vllm: pipeline stages the layers are split into, e.g. one per node (default: 1)")
+    a("--max-fold-folders", type=int, default=None, metavar="N",
+      help="--backend vllm: folded adapter folders of idle versions kept on disk; each version is folded on "
+           "its first request and again after its folder went (default: 4 x vLLM's max_cpu_loras)")
     a("--vllm-arg", action="append", default=[], metavar="KEY=VALUE", type=_engine_arg,
       help="--backend vllm: any other vLLM engine argument (an AsyncEngineArgs field), VALUE read as JSON "
            "when it parses, else as a string; repeatable, e.g. --vllm-arg enforce_eager=false "
@@ -80,10 +83,12 @@ def backend_config(args: argparse.Namespace) -> VllmBackendConfig | None:
             (:data:`NATIVE_ONLY`), a value out of range (a ``--max-rank`` over vLLM's 512, a
             ``--vllm-arg`` our own flags set), or vllm missing.
     """
-    vllm_flags = args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1 or args.vllm_arg
+    vllm_flags = args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1 or args.vllm_arg \
+        or args.max_fold_folders is not None
     if args.backend != "vllm":
         if vllm_flags:
-            raise StartupError("--tensor-parallel-size, --pipeline-parallel-size and --vllm-arg need --backend vllm")
+            raise StartupError("--tensor-parallel-size, --pipeline-parallel-size, --max-fold-folders and --vllm-arg "
+                               "need --backend vllm")
         return None
     _refuse_native_only(args)
     if args.scheduling_policy is None and args.tenants_file:
@@ -98,7 +103,8 @@ def backend_config(args: argparse.Namespace) -> VllmBackendConfig | None:
         return VllmBackendConfig(tensor_parallel_size=args.tensor_parallel_size,
                                  pipeline_parallel_size=args.pipeline_parallel_size, max_loras=args.max_loras,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
-                                 enforce_eager=True if args.enforce_eager else None, engine_args=dict(args.vllm_arg))
+                                 enforce_eager=True if args.enforce_eager else None, engine_args=dict(args.vllm_arg),
+                                 max_fold_folders=args.max_fold_folders)
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
 
