@@ -195,6 +195,14 @@ def test_a_fold_that_cannot_be_written_is_named_and_leaves_nothing(base_fp32, tm
     assert not (tmp_path / "lora").exists()
 
 
+def test_a_fold_into_a_fold_folder_already_removed_writes_nothing(base_fp32, tmp_path):
+    """A first request's fold still running at shutdown, after the fold folder went: recreating it
+    (mkdir parents) left a folder without its lock file in /tmp, which the sweep never removes."""
+    with pytest.raises(AdapterError, match="cannot write the adapter folded for vLLM"):
+        write_folded_lora(read_adapter(CASES / "inttune-nystrom-tied", base_fp32), tmp_path / "gone" / "7")
+    assert not (tmp_path / "gone").exists()
+
+
 def test_fold_folders_whose_owner_is_gone_are_swept_and_live_ones_kept(tmp_path, monkeypatch):
     # a kill -9 left its folded store in /tmp (57 MB for 3 adapters), and every restart another one.
     # The owner's liveness is its lock, not its pid: a server in another PID namespace sharing /tmp

@@ -70,7 +70,7 @@ def write_folded_lora(adapter: Adapter, out_dir: Path) -> int:
               "target_modules": sorted({m for _, m in adapter.sites}), "lora_dropout": 0.0, "bias": "none",
               "use_rslora": False, "use_dora": False, "fan_in_fan_out": False}
     try:
-        out_dir.mkdir(parents=True)
+        out_dir.mkdir()  # not its parent: gone at shutdown, a fold still running must not recreate it
         (out_dir / LORA_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         safetensors.torch.save_file(tensors, str(out_dir / LORA_WEIGHTS))
     except (OSError, SafetensorError) as exc:

@@ -380,6 +380,8 @@ class VllmEngine(Engine):
     async def _close(self) -> None:
         await asyncio.sleep(0)  # let cancelled requests run their abort paths first
         self._llm.shutdown()
+        # first requests' folds still running write into the fold folder, which goes next
+        await asyncio.get_running_loop().shutdown_default_executor()
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
