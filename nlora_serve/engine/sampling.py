@@ -79,7 +79,7 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens; 0 = all (-1, vLLM's other "off", is taken as 0)
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
     min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely one; 0 = off
-    seed: int | None = None  # per-request generator; None = the engine's shared generator
+    seed: int | None = None  # per-request generator, any int64 or uint64; None = the engine's shared one
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
     # the text keeps the stop string (ends after it) and a stop token's text (vLLM's field)
     include_stop_str_in_output: bool = False
@@ -114,9 +114,11 @@ class SamplingParams:
         _check(FLOAT32_TINY <= self.top_p <= 1.0, "top_p", self.top_p,
                f"in [{FLOAT32_TINY:.8g}, 1] (float32's smallest normal: the sampler's precision)")
         _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "in [0, 1]")
+        # vLLM takes any int64 (UIs send -1); torch's generator reads a negative seed as its two's
+        # complement, so -1 and 2^64 - 1 are one generator
         _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                     and 0 <= self.seed < 1 << 64), "seed", self.seed,
-               "an integer in [0, 2^64) or None")
+                                     and -(1 << 63) <= self.seed < 1 << 64), "seed", self.seed,
+               "an integer in [-2^63, 2^64) or None")
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", self.stop, f"at most {MAX_STOP_STRINGS} strings")
         _check(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop), "stop", self.stop,
                f"non-empty strings of at most {MAX_STOP_CHARS} characters")

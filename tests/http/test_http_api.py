@@ -108,7 +108,7 @@ def test_errors_have_the_openai_shape_and_status(http_server):
     ({"prompt": ["one", "two"]}, "prompt"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"seed": 1 << 64}, "seed"),  # beyond torch's generator: once killed the engine thread
-    ({"seed": -5}, "seed"),
+    ({"seed": -(1 << 63) - 1}, "seed"),  # vLLM's range is int64's; below it nothing is a generator
     ({"max_tokens": "5"}, "max_tokens"),  # strings and booleans are refused, never coerced
     ({"extra_body": {"temperature": True}}, "temperature"),
     ({"extra_body": {"top_k": -2}}, "top_k"),  # -1 and 0 are off (vLLM's values); below is refused
@@ -276,6 +276,20 @@ def test_top_k_minus_one_is_off_as_in_vllm(http_server):
     unset = tokens()
     assert tokens(top_k=-1) == tokens(top_k=0) == unset
     assert tokens(top_k=1) != unset
+
+
+def test_a_negative_seed_is_taken_as_vllm_takes_it(http_server):
+    """vLLM takes any int64 seed, and UIs send -1: it seeds a generator as torch reads it (two's
+    complement: -1 is 2^64 - 1), the same tokens each time; another seed is the control."""
+    api = client(http_server, TENANT_KEYS["base-co"])
+
+    def tokens(seed: int) -> list[str]:
+        return api.completions.create(model=_base(http_server), prompt="Once upon a time", max_tokens=12,
+                                      temperature=1.5, seed=seed, logprobs=0,
+                                      extra_body={"ignore_eos": True}).choices[0].logprobs.tokens
+
+    assert tokens(-1) == tokens(-1) == tokens((1 << 64) - 1)
+    assert tokens(-(1 << 63)) == tokens(1 << 63) != tokens(-1)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
