@@ -13,9 +13,9 @@ Here, what every device shares::
 
     metadata.py            the step's adapter batch (AdapterBatch): each token's adapter slot, segments
     weights.py             KernelSiteWeights: the pools' view of one fused projection
-    dispatch.py            apply_adapters: the torch, native or Triton path, by device and flags
+    dispatch.py            apply_adapters: Triton on CUDA tensors, the torch path on the CPU
     torch_ops.py           the torch path (any device; the CPU's fallback where no compiler is found)
-    reference.py           the adapter delta in float64 torch, the truth the tests compare against
+    reference.py           torch reference ops, one per Triton op (float64 inputs: the tests' truth)
     reference_attention.py paged attention's torch reference
 
 Which of them the engine calls when: engine/adapter_layer.py's docstring.
