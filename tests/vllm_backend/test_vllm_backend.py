@@ -17,6 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from admission_harness import wait_for
 from grpc_harness import ADMIN_KEY, TENANT_KEYS, RunningServer, matches_reference
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.client import AsyncNloraClient, NloraClient
@@ -107,7 +108,7 @@ def test_hot_swap_is_a_new_vllm_lora_id_and_never_reuses_the_old_weights(server)
         back = admin.swap_adapter(name, safetensors.torch.save(n))
     assert len({first, zero_id, registry.get(name).slot}) == 3 and back.version == zero.version + 1
     # freed: its folded LoRA goes once vLLM has dropped it (remove_lora, then the folder)
-    assert _eventually(lambda: not server.engine.adapters.residency.path(first).exists())
+    assert wait_for(lambda: not server.engine.adapters.residency.path(first).exists())
     jobs = [(name, TENANT_KEYS["tied-co"], ref) for ref in _refs(name)]
     _check(jobs, asyncio.run(_stream_all(server.target, jobs)), {name: back})
 
@@ -139,15 +140,6 @@ def test_a_stream_closed_mid_decode_aborts_in_vllm_and_releases_its_pin(server):
             await asyncio.sleep(0.05)
     asyncio.run(go())
     assert not server.engine._jobs and server.engine.adapters.registry.get(name).refcount == 0
-
-
-def _eventually(check, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_swaps_racing_cancelled_requests_leave_vllm_serving(server):
@@ -267,7 +259,7 @@ def test_adapters_resident_are_the_ones_vllm_holds(server):
         return (gauges["nlora_adapters_resident"] == len(resident)
                 and gauges["nlora_adapter_bytes_resident"] == sum(v.held_bytes for v in resident)
                 and listed == {name: v.held_bytes if v in resident else 0 for name, v in current.items()})
-    assert _eventually(agrees)
+    assert wait_for(agrees)
     gauges = _gauges(server)
     assert 1 <= gauges["nlora_adapters_resident"] <= capacity
     with NloraClient(server.target, api_key=ADMIN_KEY) as admin:

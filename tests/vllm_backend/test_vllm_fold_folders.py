@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from admission_harness import wait_for
 from grpc_harness import matches_reference
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.engine.config import EngineConfig, SchedulerConfig
@@ -43,15 +43,6 @@ def _folded(engine) -> set[str]:
     """Names whose current version has its fold folder on disk."""
     residency = engine.adapters.residency
     return {v.name for v in engine.adapters.versions() if residency.path(v.slot).is_dir()}
-
-
-def _eventually(check, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _greedy(engine, name: str, ref: dict) -> list[int]:
@@ -82,9 +73,9 @@ def test_beyond_the_bound_idle_folders_go_and_are_folded_again_with_the_same_tok
     first = _greedy(engine, NAMES[0], REF)
     assert _matches(first, REF)
     assert _matches(_greedy(engine, NAMES[1], REF), REF)
-    assert _eventually(lambda: _folded(engine) == {NAMES[1]})  # NAMES[0] was idle: removed
+    assert wait_for(lambda: _folded(engine) == {NAMES[1]}, within=20.0)  # NAMES[0] was idle: removed
     again = _greedy(engine, NAMES[0], REF)  # folded again on demand
-    assert again == first and _eventually(lambda: _folded(engine) == {NAMES[0]})
+    assert again == first and wait_for(lambda: _folded(engine) == {NAMES[0]}, within=20.0)
     assert engine.dead_reason is None
 
 
@@ -111,5 +102,5 @@ def test_a_folder_stays_while_its_version_has_a_request_in_flight(engine):
     asyncio.run(go())
     # ended: its folder is idle now and, beyond the bound, goes at the next request's trim
     assert _matches(_greedy(engine, NAMES[6], REF), REF)
-    assert _eventually(lambda: long_name not in _folded(engine))
+    assert wait_for(lambda: long_name not in _folded(engine), within=20.0)
     assert engine.dead_reason is None
