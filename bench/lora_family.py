@@ -79,7 +79,7 @@ def read_members(dirs: list[Path]) -> dict:
 def compress_at(adapters: dict, rank: int, out: Path) -> dict:
     """What ``adapters compress --rank R --no-eval`` does (the same two calls), on adapters read once
     for every R: compression time, bytes, per-member mean relative error; the family written to ``out``."""
-    from nlora_serve.adapters.compress_family import compress_adapters, write_family
+    from nlora_serve.adapters.compress.build import compress_adapters, write_family
 
     start = time.perf_counter()
     family = compress_adapters(adapters, rank, iters=2, device="cpu")

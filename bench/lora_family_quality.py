@@ -5,7 +5,7 @@ generates ``tokens`` greedy tokens on each held prompt, once; those tokens and P
 distributions are the reference at every R. A compressed member is read back from the family
 folder by the server's own reader (``read_adapter`` with the family's factors), its delta
 B_f N A_f merged into the base weights (float64 add) with PEFT's adapters off, and run
-teacher-forced on PEFT's tokens (nlora_serve.adapters.compress_report.compare_outputs).
+teacher-forced on PEFT's tokens (nlora_serve.adapters.compress.report.compare_outputs).
 
 Why teacher-forced: free-running greedy decoding diverges for good after one flipped near-tie,
 and every later position then compares different contexts, so one flip can cost most of the
@@ -39,7 +39,7 @@ class QualityCheck:
         from peft import PeftModel
         from transformers import AutoTokenizer
 
-        from nlora_serve.adapters.compress_report import reference_outputs
+        from nlora_serve.adapters.compress.report import reference_outputs
         from nlora_serve.models import load_base, load_hf_model
 
         if not 1 <= held <= len(HELD):
@@ -63,8 +63,8 @@ class QualityCheck:
 
     def measure(self, family: Path) -> dict[str, dict]:
         """Per real member of the family folder: agreement, mean KL (nats), positions, gate verdict."""
-        from nlora_serve.adapters import compress_report as cr
-        from nlora_serve.adapters.compress_family import low_rank
+        from nlora_serve.adapters.compress import report as cr
+        from nlora_serve.adapters.compress.build import low_rank
         from nlora_serve.adapters.family import FamilyResolver
         from nlora_serve.adapters.loader import read_adapter
 

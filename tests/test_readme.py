@@ -203,7 +203,7 @@ def test_every_readme_command_runs_as_written_and_prints_what_it_documents(serve
     assert len(run) >= 15 and len(skipped) <= 16, (run, skipped)
     tune = next(c for c in run if " adapters tune" in c)
     data = REPO / re.search(r"--data (\S+)", tune).group(1)  # the sample data it names exists and parses
-    from nlora_serve.adapters.tune_data import read_examples
+    from nlora_serve.adapters.tune.data import read_examples
     assert len(read_examples(data)) >= 100
     swaps = [c for c in run if " adapters swap" in c]
     for cmd in [c for c in run if c not in swaps]:

@@ -104,7 +104,7 @@ def choose(rule: Rule, candidates: dict[str, dict]) -> tuple[str, bool]:
 def held_out_prompts(data: Path, fraction: float, seed: int, max_len: int = 192) -> list[str]:
     """The prompts of ``adapters tune``'s held-out split of ``data`` (its seeded ``split`` on the
     encoded examples, whose generator has no earlier use)."""
-    from nlora_serve.adapters.tune_data import IGNORE, encode, read_examples, split
+    from nlora_serve.adapters.tune.data import IGNORE, encode, read_examples, split
     from nlora_serve.models import load_base
 
     tok = load_base("default").tokenizer()

@@ -21,9 +21,8 @@ Modules, by concern::
       tied.py          Nyström-tied detection (A, B = slices of W) and the tied family key
       nystrom.py       init; convert.py; inspect.py
       family.py        compressed families on disk (shared factors, N-only members)
-      compress.py      the compression maths; compress_family.py the family it writes;
-                       compress_report.py its quality report; compress_cli.py the command
-      tune.py          IntTune training of N; tune_data.py, unlikelihood.py, tune_cli.py
+      compress/        ``adapters compress``: many LoRAs into one family (maths, build, report, cli)
+      tune/            ``adapters tune``: IntTune training of N (train, data, unlikelihood, cli)
     serving them (AdapterManager is the engine's one handle)
       store.py         one folder per name, one per version, written atomically; store_lock.py,
                        durable.py (its file operations, observable by tests)

@@ -76,7 +76,7 @@ def _common(p: argparse.ArgumentParser, max_rank: bool = True) -> None:
 def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``inspect``, ``init``, ``convert``, ``tune`` (local) and ``list``, ``upload``,
     ``swap``, ``unload``, ``load`` (on a server, ``--server``) on an ``adapters`` subparsers object."""
-    from nlora_serve.adapters.tune_cli import add_tune_subcommand
+    from nlora_serve.adapters.tune.cli import add_tune_subcommand
 
     p = subparsers.add_parser("inspect", help="validate an adapter directory and describe it",
                               description="Validate DIR against the base model as the server would and print "
@@ -124,7 +124,7 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_convert)
 
     add_tune_subcommand(subparsers)
-    from nlora_serve.adapters.compress_cli import add_compress_subcommand
+    from nlora_serve.adapters.compress.cli import add_compress_subcommand
 
     add_compress_subcommand(subparsers)
     from nlora_serve.client.cli import add_server_adapter_subcommands

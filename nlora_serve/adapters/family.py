@@ -1,6 +1,6 @@
 """Compressed families on disk: shared A_f, B_f written once, one N-only folder per member.
 
-A family (``adapters compress``, see compress.py) is a set of adapters that share A_f [R, in] and
+A family (``adapters compress``, see compress/basis.py) is a set of adapters that share A_f [R, in] and
 B_f [out, R] at every site and differ only in N [R, R] (the scaling folded in: s = 1). Layout,
 in a store root or in the folder ``compress --out`` writes::
 

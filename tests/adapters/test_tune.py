@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from adapter_helpers import file_deltas, merged
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.tune import TuneConfig, attach, cosine_schedule, tune
-from nlora_serve.adapters.tune_data import IGNORE, encode, read_examples
+from nlora_serve.adapters.tune.train import TuneConfig, attach, cosine_schedule, tune
+from nlora_serve.adapters.tune.data import IGNORE, encode, read_examples
 from nlora_serve.cli import main as cli_main
 from nlora_serve.errors import AdapterError
 
@@ -164,7 +164,7 @@ def test_training_data_that_is_no_regular_file_or_too_large_is_refused_before_re
         read_examples(tmp_path / "missing.jsonl")
     big = tmp_path / "big.jsonl"
     big.write_text('{"prompt": "a", "response": "b"}\n' * 4)  # 4 lines of 33 bytes
-    monkeypatch.setattr("nlora_serve.adapters.tune_data.MAX_DATA_BYTES", 100)
+    monkeypatch.setattr("nlora_serve.adapters.tune.data.MAX_DATA_BYTES", 100)
     with pytest.raises(AdapterError, match=r"big.jsonl: training data is 132 bytes; at most 100 are read"):
         read_examples(big)
 
@@ -199,7 +199,7 @@ def test_help_lists_every_flag(capsys):
 
 def test_a_max_len_that_cuts_every_response_is_named_before_the_model_loads(base_fp32, tmp_path, monkeypatch):
     # was "0 example(s) cannot give a held-out split", after loading the model, with 16 examples given
-    import nlora_serve.adapters.tune as tune_module
+    import nlora_serve.adapters.tune.train as tune_module
 
     monkeypatch.setattr(tune_module, "load_hf_model", lambda *a: pytest.fail("the model loaded first"))
     examples = read_examples(_write_data(tmp_path / "data.jsonl"))

@@ -14,9 +14,9 @@ import string
 import pytest
 import torch
 
-from nlora_serve.adapters.tune import TuneConfig, tune
-from nlora_serve.adapters.tune_data import IGNORE, encode, read_examples
-from nlora_serve.adapters.unlikelihood import unlikelihood_sum, unlikely_token_mask
+from nlora_serve.adapters.tune.train import TuneConfig, tune
+from nlora_serve.adapters.tune.data import IGNORE, encode, read_examples
+from nlora_serve.adapters.tune.unlikelihood import unlikelihood_sum, unlikely_token_mask
 from nlora_serve.cli import main as cli_main
 from nlora_serve.errors import AdapterError
 

@@ -80,7 +80,7 @@ def test_a_family_whose_member_fails_to_write_leaves_no_factors(tmp_path):
     out = tmp_path / "family"
     done = _run_with_file_size_limit(f"""
         import torch
-        from nlora_serve.adapters.compress_family import CompressedFamily, write_family
+        from nlora_serve.adapters.compress.build import CompressedFamily, write_family
         from nlora_serve.adapters.family import make_factors
         from nlora_serve.errors import AdapterError
         torch.manual_seed(0)

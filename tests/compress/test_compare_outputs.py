@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from nlora_serve.adapters.compress_report import compare_outputs
+from nlora_serve.adapters.compress.report import compare_outputs
 
 EOS, VOCAB = 3, 5
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nlora_serve.adapters.compress import LowRank, compress_module, project_module
+from nlora_serve.adapters.compress.basis import LowRank, compress_module, project_module
 
 
 def _orth(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from family_helpers import family_deltas, lora_deltas, write_lora
 from family_helpers import key as key_of
-from nlora_serve.adapters.compress_family import compress_adapters, write_family
+from nlora_serve.adapters.compress.build import compress_adapters, write_family
 from nlora_serve.adapters.family_pool import FamilyPool
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.adapters.manager import AdapterManager

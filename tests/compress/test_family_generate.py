@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))  # the engine test
 from family_helpers import family_deltas  # noqa: E402
 from greedy_rule import matches_reference  # noqa: E402
 from tiny_llama import hf_greedy, make_tiny_llama, merged, module_path, random_factors, write_peft  # noqa: E402
-from nlora_serve.adapters.compress_family import compress_adapters, write_family  # noqa: E402
+from nlora_serve.adapters.compress.build import compress_adapters, write_family  # noqa: E402
 from nlora_serve.adapters.loader import read_adapter  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402

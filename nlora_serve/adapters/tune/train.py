@@ -28,8 +28,8 @@ from nlora_serve.adapters.adapter import Adapter, SiteWeights
 from nlora_serve.adapters.loader import assemble_adapter
 from nlora_serve.adapters.nystrom import init_adapter
 from nlora_serve.adapters.save import write_adapter
-from nlora_serve.adapters.tune_data import IGNORE, collate, encode, split
-from nlora_serve.adapters.unlikelihood import (compile_pattern, unlikelihood_sum, unlikely_mass,
+from nlora_serve.adapters.tune.data import IGNORE, collate, encode, split
+from nlora_serve.adapters.tune.unlikelihood import (compile_pattern, unlikelihood_sum, unlikely_mass,
                                                unlikely_token_mask)
 from nlora_serve.adapters.writing import Undo, check_out_dir
 from nlora_serve.errors import AdapterError

@@ -1,7 +1,7 @@
 """``adapters compress``: a collection of LoRA / NLoRA adapters into one family on disk.
 
 Reads each adapter as the server would (so what is compressed is what would be served), runs
-:func:`compress.compress_module` per site, and writes the family (layout in family.py): the
+:func:`basis.compress_module` per site, and writes the family (layout in adapters/family.py): the
 shared factors once under ``_families/<key>/`` and one N-only member folder per adapter, the
 scaling folded into N (members have r = lora_alpha = R, so s = 1).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from nlora_serve.adapters.adapter import Adapter
-from nlora_serve.adapters.compress import LowRank, compress_module, project_module
+from nlora_serve.adapters.compress.basis import LowRank, compress_module, project_module
 from nlora_serve.adapters.config import CONFIG_NAME
 from nlora_serve.adapters.family import FamilyFactors, make_factors, member_header, write_factors
 from nlora_serve.adapters.writing import Undo, check_out_dir, write_dir
@@ -90,7 +90,7 @@ def compress_adapters(adapters: dict[str, Adapter], rank: int, *, iters: int = 2
 
     Args:
         rank: R ≥ 1 (also bounded by each site's in / out dims: surplus rows are zero).
-        iters: HOOI sweeps (see compress.py).
+        iters: HOOI sweeps (see basis.py).
         device: where the SVDs run; float64 on the CPU, float32 on a GPU.
         progress: an optional callable(site) invoked after each site (a tqdm update).
 

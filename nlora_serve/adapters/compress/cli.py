@@ -3,7 +3,7 @@
     nlora-serve adapters compress --rank 32 --out FAMILY LORA_DIR... (or a folder of them)
     nlora-serve adapters compress --add --out FAMILY LORA_DIR...      (project onto FAMILY's basis)
 
-The output folder is a family (family.py): copy it into a store (``--adapter-dir``) or register its
+The output folder is a family (adapters/family.py): copy it into a store (``--adapter-dir``) or register its
 member folders (``client load`` / ``adapters upload``); the server finds the factors next to them.
 """
 
@@ -53,7 +53,7 @@ def _device(choice: str) -> str:
 def _compress(args, adapters):
     from tqdm import tqdm
 
-    from nlora_serve.adapters.compress_family import check_collection, check_rank, compress_adapters
+    from nlora_serve.adapters.compress.build import check_collection, check_rank, compress_adapters
 
     check_collection(adapters)
     for rank, flag in [(args.rank, "--rank"), *((r, "--sweep") for r in args.sweep or [])]:
@@ -77,7 +77,7 @@ def _mean_error(errors: dict) -> float:
 
 
 def _add(args, base, adapters, out: Path):
-    from nlora_serve.adapters.compress_family import project_adapter
+    from nlora_serve.adapters.compress.build import project_adapter
     from nlora_serve.adapters.family import FAMILIES_DIR, FamilyResolver
 
     keys = sorted(d.name for d in (out / FAMILIES_DIR).iterdir()) if (out / FAMILIES_DIR).is_dir() else []
@@ -97,7 +97,7 @@ def _add(args, base, adapters, out: Path):
 
 
 def _quality(args, base, dirs, adapters, factors, members, errors):
-    from nlora_serve.adapters import compress_report as cr
+    from nlora_serve.adapters.compress import report as cr
 
     rows = {n: cr.weight_errors(n, errors[n]) for n in members}
     if args.no_eval:
@@ -182,8 +182,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from nlora_serve.adapters import compress_report as cr
-    from nlora_serve.adapters.compress_family import CompressedFamily, check_members, write_family
+    from nlora_serve.adapters.compress import report as cr
+    from nlora_serve.adapters.compress.build import CompressedFamily, check_members, write_family
     from nlora_serve.adapters.writing import Undo, atomic_write
     from nlora_serve.models import load_base
 

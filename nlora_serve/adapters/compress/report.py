@@ -3,7 +3,7 @@
 Two measures per adapter:
 
 - weights: relative reconstruction error ‖Δ − B_f N A_f‖_F / ‖Δ‖_F per site (from the factors,
-  ``compress.ModuleFit.rel_error``), summarised per module (mean and max over layers);
+  ``basis.ModuleFit.rel_error``), summarised per module (mean and max over layers);
 - outputs, on held prompts: the uncompressed adapter generates greedily with PEFT itself (plain
   LoRA folders are loaded by ``peft.PeftModel``; an NLoRA folder, which PEFT cannot read, runs as
   its exact merged delta and the report says so); the compressed member is run on the same base

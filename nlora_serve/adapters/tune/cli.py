@@ -32,8 +32,8 @@ same base model serves, uploads or hot-swaps as a tenant of the Nystrom family o
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from nlora_serve.adapters.tune import TuneConfig, check_outputs, tune
-    from nlora_serve.adapters.tune_data import read_examples
+    from nlora_serve.adapters.tune.train import TuneConfig, check_outputs, tune
+    from nlora_serve.adapters.tune.data import read_examples
     from nlora_serve.models import load_base
 
     check_outputs(args.out, args.also_full_form)  # before the data and the model load (tune checks again)
