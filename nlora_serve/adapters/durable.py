@@ -5,7 +5,8 @@ Every store write path goes through these functions, in the durable order the st
 :func:`set_fault_hook` installs a callable that sees each operation just before it runs, as a
 :class:`FileOp`; it may record it (the durability-order tests), raise an ``OSError`` in its place
 (a disk that fills up: ENOSPC, EIO) or kill the process there (the crash tests). Without a hook
-(always, outside tests) each point costs one global lookup.
+(always, outside tests) each point costs one global lookup. A write the disk refuses (full, quota,
+read-only, I/O error) becomes :class:`StoreWriteError` (:func:`raise_if_disk_error`).
 
 Reads go through :func:`read_folder`, which follows no symbolic link below the store's root: a
 link or a FIFO planted in the store is refused by name, never read through.
@@ -21,10 +22,28 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlora_serve.errors import AdapterError
+from nlora_serve.errors import AdapterError, NloraError
 
+# errors of a full or failing disk: a write refused with one is a StoreWriteError
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
 # the kinds of operation, in the order a new file goes through them
 KINDS = ("mkdir", "create", "write", "fsync_file", "link", "fsync_dir", "rename", "unlink")
+
+
+class StoreWriteError(NloraError):
+    """The store's disk refused a write (no space, quota, I/O error); the store is unchanged and
+    what it served before it still serves (gRPC RESOURCE_EXHAUSTED, HTTP 507)."""
+
+
+def raise_if_disk_error(name: str, exc: OSError) -> None:
+    """Raises :class:`StoreWriteError` (from ``exc``) naming the disk's error when a write of adapter
+    ``name`` failed with one of :data:`DISK_ERRORS`; returns for any other ``exc`` (a bug, not the
+    disk), which the caller re-raises as it is."""
+    if exc.errno in DISK_ERRORS:
+        what = f"{errno.errorcode.get(exc.errno, exc.errno)}: {os.strerror(exc.errno)}"
+        raise StoreWriteError(f"adapter {name!r}: the adapter store's disk refused the write ({what}); nothing "
+                              "was changed and what was served before still serves; free space or fix the disk, "
+                              "then retry") from exc
 
 
 @dataclass(frozen=True, slots=True)

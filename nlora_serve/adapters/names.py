@@ -29,8 +29,16 @@ def validate_name(name: str) -> str:
     return name
 
 
-def case_twin(name: str, taken: Iterable[str]) -> str | None:
-    """The name in ``taken`` that differs from ``name`` only in case, or None. Two such names
-    are one folder on a case-insensitive file system (macOS, Windows), so only one may exist."""
+def check_no_case_twin(name: str, taken: Iterable[str]) -> None:
+    """Refuse ``name`` when a name in ``taken`` differs from it only in case: on a case-insensitive
+    file system (macOS, Windows) both are one folder of the store, so only one may exist.
+
+    Raises:
+        AdapterError: naming both and what to do instead.
+    """
     folded = name.casefold()
-    return next((t for t in taken if t != name and t.casefold() == folded), None)
+    twin = next((t for t in taken if t != name and t.casefold() == folded), None)
+    if twin is not None:
+        raise AdapterError(f"adapter name {name!r} differs only in case from the stored adapter {twin!r}: on a "
+                           "case-insensitive file system both are one folder of the store; register it under "
+                           f"another name, or as a new version of {twin!r}")

@@ -18,7 +18,6 @@ the adapter's folder after the rename.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -31,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nlora_serve.adapters import durable, store_lock
-from nlora_serve.adapters.durable import fsync_dir, write_synced
-from nlora_serve.adapters.names import case_twin, validate_name
-from nlora_serve.errors import AdapterError, NloraError
+from nlora_serve.adapters.durable import fsync_dir, raise_if_disk_error, write_synced
+from nlora_serve.adapters.names import check_no_case_twin, validate_name
+from nlora_serve.errors import AdapterError
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +44,6 @@ UNLOADED = "UNLOADED"
 FAMILIES = "_families"  # shared factors of compressed families (adapters/family.py), not an adapter
 FACTORS_FILE = "family.safetensors"  # a family's file in FAMILIES/<key>/
 DEFAULT_MAX_ADAPTER_BYTES = 256 << 20  # --max-adapter-bytes: one version's files together, bytes
-# errors of a full or failing disk: a write refused with one is a StoreWriteError
-DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
-
-
-class StoreWriteError(NloraError):
-    """The store's disk refused a write (no space, quota, I/O error); the store is unchanged and
-    what it served before it still serves (gRPC RESOURCE_EXHAUSTED, HTTP 507)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +128,7 @@ class AdapterStore:
 
     def versions(self, name: str) -> list[int]:
         """Complete versions of ``name`` on disk, ascending (empty when unknown): its folders named
-        as :meth:`write` names them, 8 ASCII digits. Others are no version: a stray ``3`` or ``٣``
-        (``str.isdigit``'s) had made :meth:`latest` look for ``00000003`` and fail the whole start,
-        a ``²`` crashed it in ``int()``."""
+        as :meth:`write` names them, 8 ASCII digits; a stray ``3``, ``٣`` or ``²`` is no version."""
         try:
             with os.scandir(self.adapter_dir(name)) as entries:
                 return sorted(int(e.name) for e in entries if _is_version(e.name) and e.is_dir(follow_symlinks=False))
@@ -245,9 +235,8 @@ class AdapterStore:
             try:
                 return self._write_locked(name, adapter_dir, files, same_as)
             except OSError as exc:
-                if exc.errno not in DISK_ERRORS:
-                    raise
-                raise _write_error(name, exc) from exc
+                raise_if_disk_error(name, exc)
+                raise
 
     def _write_locked(self, name: str, adapter_dir: Path, files: dict[str, bytes],
                       same_as: dict[str, Path]) -> StoredVersion:
@@ -299,11 +288,7 @@ class AdapterStore:
     def _check_case(self, name: str) -> None:
         """Raises AdapterError when a stored adapter's name differs from ``name`` only in case."""
         with os.scandir(self.root) as entries:
-            twin = case_twin(name, (e.name for e in entries if e.name != STAGING))
-        if twin is not None:
-            raise AdapterError(f"adapter name {name!r} differs only in case from the stored adapter {twin!r}: on a "
-                               "case-insensitive file system both are one folder of the store; register it under "
-                               f"another name, or as a new version of {twin!r}")
+            check_no_case_twin(name, [e.name for e in entries if e.name != STAGING])
 
     def write_factors(self, name: str, key: str, data_of: Callable[[], bytes]) -> Path:
         """Durably write a compressed family's shared factors (``data_of()``, called only when they
@@ -343,7 +328,8 @@ class AdapterStore:
             except OSError as exc:
                 if staged is not None:
                     shutil.rmtree(staged, ignore_errors=True)
-                raise _write_error(name, exc) if exc.errno in DISK_ERRORS else exc from exc
+                raise_if_disk_error(name, exc)
+                raise
         return families / key / FACTORS_FILE
 
     def is_unloaded(self, name: str) -> bool:
@@ -374,7 +360,8 @@ class AdapterStore:
                 except OSError as again:
                     log.warning("could not remove %s (%s): check it is absent, or %r stays unloaded after a "
                                 "restart", adapter_dir / UNLOADED, again.strerror or again, name)
-                raise _write_error(name, exc) if exc.errno in DISK_ERRORS else exc from exc
+                raise_if_disk_error(name, exc)
+                raise
 
     def remove_version(self, name: str, version: int) -> None:
         """Delete one version folder (the registry calls this once no request holds it).
@@ -410,9 +397,3 @@ class AdapterStore:
 def _is_version(folder: str) -> bool:
     """Whether ``folder`` is a version folder's name: ``f"{version:08d}"`` of a version >= 1."""
     return folder.isascii() and folder.isdigit() and int(folder) > 0 and folder == f"{int(folder):08d}"
-
-
-def _write_error(name: str, exc: OSError) -> StoreWriteError:
-    what = f"{errno.errorcode.get(exc.errno, exc.errno)}: {os.strerror(exc.errno)}" if exc.errno else str(exc)
-    return StoreWriteError(f"adapter {name!r}: the adapter store's disk refused the write ({what}); nothing was "
-                           "changed and what was served before still serves; free space or fix the disk, then retry")

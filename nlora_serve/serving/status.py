@@ -12,7 +12,7 @@ import grpc
 
 from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.residency import AdapterLoadFailed, PoolFull
-from nlora_serve.adapters.store import StoreWriteError
+from nlora_serve.adapters.durable import StoreWriteError
 from nlora_serve.errors import MAX_ERROR_CHARS, AdapterError, NloraError, capped
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
 from nlora_serve.engine.api import EngineDead, RequestAborted

@@ -173,7 +173,7 @@ def test_a_full_form_uploads_factors_are_durable_before_its_version(base_fp32, f
 def test_a_disk_error_writing_a_familys_factors_changes_nothing(base_fp32, family_dir, tmp_path):
     """A full disk at the factors was a bare OSError (gRPC UNKNOWN), not the store's own refusal."""
     from nlora_serve.adapters import durable
-    from nlora_serve.adapters.store import StoreWriteError
+    from nlora_serve.adapters.durable import StoreWriteError
 
     config, weights, key = _full_form_upload(base_fp32, family_dir)
     manager = _manager(base_fp32, tmp_path / "store")
