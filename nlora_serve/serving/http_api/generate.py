@@ -46,7 +46,7 @@ from nlora_serve.serving.status import BodyTimeout, Draining
 from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_api.openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
-from nlora_serve.serving.http_api.responses import Shaper, sse
+from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers
 from nlora_serve.serving.metrics import RequestTimer
 
 # an admitted request holds its tenant's place (quota, queue share) while its body is read: a body
@@ -159,7 +159,9 @@ async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Res
             return [out async for out in deltas]
 
     outs = await unless_disconnected(request, collect())
-    return Response(status_code=499) if outs is None else JSONResponse(shaper.whole(outs))
+    if outs is None:
+        return Response(status_code=499)
+    return JSONResponse(shaper.whole(outs), headers=version_headers(outs[-1]))
 
 
 async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:
@@ -170,7 +172,7 @@ async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> 
     out = await unless_disconnected(request, first())  # on any failure the metered stream is closed already
     if out is None:
         return Response(status_code=499)
-    return EngineStreamResponse(_events(out, deltas, shaper), deltas)
+    return EngineStreamResponse(_events(out, deltas, shaper), deltas, version_headers(out))
 
 
 async def _events(first, deltas: AsyncIterator, shaper: Shaper) -> AsyncIterator[str]:
@@ -200,8 +202,8 @@ class EngineStreamResponse(StreamingResponse):
     """An SSE response over a metered engine stream that is closed however the response ends
     (finished, client gone, server shutdown): an unfinished request is aborted at once."""
 
-    def __init__(self, events: AsyncIterator[str], deltas: AsyncIterator):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, events: AsyncIterator[str], deltas: AsyncIterator, headers: dict[str, str]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
         self._events, self._deltas = events, deltas
 
     async def __call__(self, scope, receive, send) -> None:

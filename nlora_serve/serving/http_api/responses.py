@@ -3,7 +3,9 @@
 One :class:`Shaper` per request turns the engine's deltas into either the whole response
 (``text_completion`` / ``chat.completion``) or Server-Sent-Events chunks (``text_completion`` /
 ``chat.completion.chunk``), with OpenAI's logprobs layouts and, on every choice, vLLM's
-``stop_reason`` (the stop string or stop token id that ended the request, else null):
+``stop_reason`` (the stop string or stop token id that ended the request, else null), and, on
+every object, the adapter version that answered as OpenAI's ``system_fingerprint``
+(:func:`fingerprint`; the same version also goes out as response headers, :func:`version_headers`):
 
 - completions: ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (parallel lists);
 - chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``.
@@ -27,6 +29,32 @@ def sse(payload: dict | str) -> str:
     """One Server-Sent-Events message (``data: ...`` and a blank line)."""
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
+
+
+def fingerprint(out: RequestOutput) -> str | None:
+    """OpenAI's ``system_fingerprint`` of a request: the adapter version it runs on,
+    ``"<adapter>:v<version>:<first 12 hex of its content hash>"`` (e.g. ``"lower:v3:1a2b3c4d5e6f"``),
+    None (JSON null) on the base model, which cannot change while the server runs.
+
+    OpenAI defines the field as the backend configuration that answered, to be compared across
+    requests to tell when a change may have changed the output; a hot-swapped N is such a change.
+    vLLM sends ``vllm-<version>-<config hash>``, one per server, which cannot tell adapter
+    versions apart. Every OpenAI client types it as an optional string.
+    """
+    if out.adapter is None:
+        return None
+    return f"{out.adapter}:v{out.adapter_version}:{out.adapter_hash[:12]}"
+
+
+def version_headers(out: RequestOutput) -> dict[str, str]:
+    """Response headers naming the adapter version a request runs on (pinned at admission, so the
+    first delta, known before the headers go out, names it for a whole stream):
+    ``X-Adapter-Version`` (the version number, ``0`` on the base model, as gRPC's
+    ``AdapterRef.version``) and, on an adapter, ``X-Adapter-Hash`` (sha256 hex of its content)."""
+    headers = {"X-Adapter-Version": str(out.adapter_version)}
+    if out.adapter is not None:
+        headers["X-Adapter-Hash"] = out.adapter_hash
+    return headers
 
 
 def usage(out: RequestOutput, completion_tokens: int | None = None) -> dict:
@@ -75,7 +103,7 @@ class Shaper:
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason,
                       "stop_reason": last.stop_reason}
-        return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice]),
+        return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice], last),
                 "usage": usage(last)}
 
     def _merged_logprobs(self, outs: list[RequestOutput]) -> dict | None:
@@ -109,10 +137,10 @@ class Shaper:
 
     def usage_chunk(self, last: RequestOutput) -> dict:
         """The closing chunk of include_usage: no choices, the usage."""
-        return {**self._envelope(self._chunk_object, []), "usage": usage(last)}
+        return {**self._envelope(self._chunk_object, [], last), "usage": usage(last)}
 
     def _chunk(self, choice: dict, out: RequestOutput, completion_tokens: int | None = None) -> dict:
-        body = self._envelope(self._chunk_object, [choice])
+        body = self._envelope(self._chunk_object, [choice], out)
         if self.continuous_usage:
             body["usage"] = usage(out, completion_tokens)
         elif self.include_usage:
@@ -123,9 +151,11 @@ class Shaper:
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _envelope(self, kind: str, choices: list[dict]) -> dict:
+    def _envelope(self, kind: str, choices: list[dict], out: RequestOutput) -> dict:
+        # the fingerprint on every chunk, as OpenAI's own streams carry it (vLLM: the last only);
+        # a request's version is pinned at admission, so it is the same on all of them
         return {"id": self.request_id, "object": kind, "created": self.created, "model": self.model,
-                "choices": choices}
+                "system_fingerprint": fingerprint(out), "choices": choices}
 
     # -- logprobs ------------------------------------------------------------------------------
 
