@@ -214,3 +214,24 @@ def test_the_vllm_serve_hints_name_options_that_serve_takes():
     for flag, hint in VLLM_SERVE_OPTIONS.items():
         assert flag not in known, flag  # else it is ours, and never reaches the hint
         assert set(re.findall(r"--[a-z-]+", hint)) <= known, (flag, hint)
+
+
+def test_generate_says_what_it_loads_on_stderr_and_prints_only_the_text_on_stdout(base_fp32, base_greedy):
+    # A newcomer's find: `generate` sat silent for 12-40 s while it loaded the model and started the
+    # engine. The log (stderr) now names each phase; stdout stays the generated text alone, here
+    # the recorded transformers greedy reference (tests/data/cases/BASE_GREEDY.json).
+    ref = base_greedy[0]
+    tokenizer = base_fp32.tokenizer()
+    prompt = tokenizer.decode(ref["prompt_token_ids"])
+    num_tokens = 6
+    proc = subprocess.run([sys.executable, "-m", "nlora_serve.cli", "generate", "--prompt", prompt,
+                           "--no-add-special-tokens", "--dtype", "float32", "--max-tokens", str(num_tokens)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == tokenizer.decode(ref["greedy_token_ids"][:num_tokens]) + "\n"
+    phases = [r"INFO nlora_serve\.generate: loading model default \(cpu, float32\)\.\.\.$",
+              r"INFO nlora_serve\.generate: model loaded from \S+ in [\d.]+ s; starting the engine",
+              r"INFO nlora_serve\.generate: engine started in [\d.]+ s; generating$"]
+    lines = proc.stderr.splitlines()
+    found = [[i for i, line in enumerate(lines) if re.search(phase, line)] for phase in phases]
+    assert all(len(at) == 1 for at in found) and found == sorted(found), proc.stderr

@@ -45,6 +45,14 @@ def test_serve_process_with_example_tenants_and_the_client_cli(tmp_path, base_fp
         hint = proc.stdout.readline()
         match = re.match(r"ready on 127\.0\.0\.1:(\d+)", ready)
         assert match, (ready, log_file.read_text())
+        # each long start-up phase is logged as it begins, in order, before the ready line
+        phases = [r"INFO nlora_serve\.serve: loading model \S+ \(cpu, float32\)\.\.\.$",
+                  r"INFO nlora_serve\.serve: model loaded in [\d.]+ s; starting the native engine and restoring "
+                  r"the adapter store \S+\.\.\.$",
+                  r"INFO nlora_serve\.serve: engine started in [\d.]+ s; registering the example tenants"]
+        lines = log_file.read_text().splitlines()
+        found = [[i for i, line in enumerate(lines) if re.search(phase, line)] for phase in phases]
+        assert all(len(at) == 1 for at in found) and found == sorted(found), lines
         server = f"127.0.0.1:{match.group(1)}"
         script = Path(sys.executable).parent / "nlora-serve"  # the console script beside this interpreter
         assert hint == (f"  {script} client generate --server {server} --adapter tenant-000 --max-tokens 64 "

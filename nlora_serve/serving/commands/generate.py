@@ -1,12 +1,20 @@
-"""``nlora-serve generate``: one prompt (or chat) through the native engine, streamed to stdout."""
+"""``nlora-serve generate``: one prompt (or chat) through the native engine, streamed to stdout.
+
+stdout holds the generated text alone; what the command is doing while it loads (the model, its
+one-time conversion, the engine's start-up: seconds to a minute on a small CPU) goes to the log on
+stderr (INFO, the CLI's default ``--log-level``), so a newcomer sees it working and a script that
+reads stdout gets the text only.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from nlora_serve.adapters.manager import AdapterLimits
@@ -18,6 +26,8 @@ from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.serving.chat_template import encode_chat
 from nlora_serve.serving.commands.engine_flags import add_device_arguments, device_config
+
+log = logging.getLogger("nlora_serve.generate")
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,9 +128,15 @@ def run_generate(args: argparse.Namespace) -> int:
                                    adapter_limits=AdapterLimits(max_rank=args.max_rank))
         except ValueError as exc:  # a flag out of range: one "error: ..." line, as for other bad input
             raise NloraError(str(exc)) from None
+        start = time.perf_counter()
+        log.info("loading model %s (%s, %s)...", args.model, config.device, str(config.dtype).removeprefix("torch."))
         base = load_base(args.model, config.dtype, cache_dir, config.load_format, config.tokenizer,
                          init_device=config.device)
+        log.info("model loaded from %s in %.1f s; starting the engine (the first run also compiles its "
+                 "CPU kernels)...", base.path, time.perf_counter() - start)
+        start = time.perf_counter()
         with LLMEngine(config, base) as engine:
+            log.info("engine started in %.1f s; generating", time.perf_counter() - start)
             if store == scratch:
                 name = engine.adapters.register_dir(Path(args.adapter).resolve().name, args.adapter).name
             ids = _prompt_ids(args, engine.tokenizer)

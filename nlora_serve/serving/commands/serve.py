@@ -22,6 +22,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,13 +76,22 @@ def build(args: argparse.Namespace):
     config = dataclasses.replace(config, served_model_name=config.served_model_name or default_served_name(path))
     _check_adapter_names(config, args)
     named = [(name, str(local_or_hub(folder, AdapterError, "adapter"))) for name, folder in args.adapter]
+    # each long phase is logged as it starts (seconds each on a small CPU; vLLM's start a minute)
+    start = time.perf_counter()
+    log.info("loading model %s (%s, %s)...", path, engine_config.device,
+             str(engine_config.dtype).removeprefix("torch."))
     base = load_base(str(path), engine_config.dtype, engine_config.cache_dir, engine_config.load_format,
                      engine_config.tokenizer, init_device=engine_config.device)
     if backend is not None:  # vLLM takes a minute to start: refuse an --adapter it cannot serve first
         _check_for_vllm(named, base, engine_config.adapter_limits.max_rank)
+    log.info("model loaded in %.1f s; starting the %s engine and restoring the adapter store %s...",
+             time.perf_counter() - start, "vLLM" if backend is not None else "native", args.adapter_dir)
+    start = time.perf_counter()
     with _flag_errors(args):
         engine = make_engine(engine_config, base, backend)
     try:
+        log.info("engine started in %.1f s; registering the example tenants and --adapter folders...",
+                 time.perf_counter() - start)
         examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
         examples += _register_named(engine, named, args.adapter_dir)
         if isinstance(engine, LLMEngine):  # CUDA: the adapters' kernels compile before the first request
