@@ -1,5 +1,6 @@
 """The ``nlora-serve`` entry point: a command imports only its own modules."""
 
+import json
 import os
 import re
 import subprocess
@@ -235,3 +236,55 @@ def test_generate_says_what_it_loads_on_stderr_and_prints_only_the_text_on_stdou
     lines = proc.stderr.splitlines()
     found = [[i for i, line in enumerate(lines) if re.search(phase, line)] for phase in phases]
     assert all(len(at) == 1 for at in found) and found == sorted(found), proc.stderr
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "--message", "Hi"]])
+@pytest.mark.parametrize("spelling, dtype", [("float32", "float32"), ("float", "float32"), ("bfloat16", "bfloat16"),
+                                             ("half", None), ("float16", None)])
+def test_dtype_takes_each_of_vllms_spellings_and_refuses_float16_by_name(command, spelling, dtype):
+    # vLLM 0.32's --dtype choices (vllm/config/model.py ModelDType): auto, half, float16, bfloat16, float,
+    # float32 ("float" is float32, "half" float16). The engine has no float16 kernels: half and float16
+    # parse, then are refused naming the spelling given and what runs instead.
+    import torch
+
+    from nlora_serve.serving.commands.engine_flags import device_config
+
+    args = build_parser().parse_args([*command, "--dtype", spelling])
+    if dtype is None:
+        with pytest.raises(ValueError, match=f"^--dtype {spelling}: this engine computes in float32 or bfloat16 only"):
+            device_config(args)
+    else:
+        assert device_config(args).dtype is getattr(torch, dtype)
+
+
+def test_dtype_choices_are_vllms(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--dtype", "fp16"])
+    assert "(choose from 'auto', 'half', 'float16', 'bfloat16', 'float', 'float32')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-model-len", "1"], "error: --max-model-len 1: must be >= 2 (one prompt token and one generated token); "
+                               "got 1\n"),
+    (["--max-num-seqs", "0"], "error: --max-num-seqs 0: must be a positive integer; got 0\n"),
+    (["--dtype", "half"], "error: --dtype half: this engine computes in float32 or bfloat16 only (it has no float16 "
+                          "kernels); use --dtype bfloat16 (2 bytes a value, as float16) or float32\n"),
+])
+def test_generate_names_a_bad_flag_as_typed_not_the_config_class_that_checked_it(capsys, argv, message):
+    # It printed "error: SchedulerConfig.max_model_len must be >= 2 ...": a class a user never sees.
+    from nlora_serve.cli import main as cli_main
+
+    assert cli_main(["generate", "--message", "Hi", *argv]) == 2
+    assert capsys.readouterr().err == message
+
+
+def test_generate_with_a_max_model_len_over_the_models_positions_is_one_error_line(capsys, base_model_dir):
+    # It ended in a ValueError traceback naming SchedulerConfig.max_model_len.
+    from nlora_serve.cli import main as cli_main
+
+    limit = json.loads((base_model_dir / "config.json").read_text())["max_position_embeddings"]
+    over = limit + 1
+    assert cli_main(["generate", "--message", "Hi", "--dtype", "float32", "--max-model-len", str(over)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"error: --max-model-len {over}: exceeds the model's max_position_embeddings {limit} "
+                       f"({base_model_dir / 'config.json'})")

@@ -65,7 +65,7 @@ class SchedulerConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             # every running sequence must be able to decode one token in every step
             raise ValueError(f"SchedulerConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) "
-                             f"must be >= max_num_seqs ({self.max_num_seqs})")
+                             f"must be >= SchedulerConfig.max_num_seqs ({self.max_num_seqs})")
         if self.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"SchedulerConfig.policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.policy!r}")
         for tenant, weight in self.tenant_weights.items():

@@ -106,7 +106,8 @@ def eos_ids(base: BaseModel) -> set[int]:
 
 
 def check_max_len(base: BaseModel, max_model_len: int) -> None:
-    limit = json.loads((base.path / "config.json").read_text()).get("max_position_embeddings")
+    config = base.path / "config.json"
+    limit = json.loads(config.read_text()).get("max_position_embeddings")
     if limit is not None and max_model_len > limit:
         raise ValueError(f"SchedulerConfig.max_model_len={max_model_len} exceeds the model's "
-                         f"max_position_embeddings={limit}")
+                         f"max_position_embeddings {limit} ({config})")

@@ -1,4 +1,4 @@
-"""The compute dtype: ``--dtype auto|float32|bfloat16`` (DESIGN §5)."""
+"""The compute dtype: ``--dtype``, in vLLM's spellings (DESIGN §5)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16}
+# vLLM's ModelDType (vllm/config/model.py): "float" is float32, "half" is float16. The engine (CPU
+# and CUDA, the vLLM backend's folds too) computes in float32 or bfloat16 only, so the float16
+# spellings are refused with the choices that run, not mapped to another dtype silently.
+HALF = ("half", "float16")
+DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
 @functools.cache
@@ -23,15 +28,21 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     """Map a ``--dtype`` value to a torch dtype.
 
-    ``auto`` is bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16, float32 elsewhere.
+    ``auto`` is bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16, float32 elsewhere (vLLM's
+    ``auto`` follows the model's config dtype instead, float16 for a float32 model); ``float`` is
+    float32, as in vLLM.
 
     Raises:
-        ValueError: ``name`` is not one of auto, float32, bfloat16.
+        ValueError: ``half`` / ``float16`` (no float16 kernels here), or a name not in
+            :data:`DTYPE_CHOICES`.
     """
     if name == "auto":
         if device.startswith("cuda") or cpu_has_fast_bf16():
             return torch.bfloat16
         return torch.float32
+    if name in HALF:
+        raise ValueError(f"--dtype {name}: this engine computes in float32 or bfloat16 only (it has no float16 "
+                         "kernels); use --dtype bfloat16 (2 bytes a value, as float16) or float32")
     if name not in DTYPES:
-        raise ValueError(f"--dtype must be one of auto, float32, bfloat16; got {name!r}")
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}; got {name!r}")
     return DTYPES[name]

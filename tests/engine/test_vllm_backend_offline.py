@@ -109,9 +109,9 @@ def test_vllm_flags_fill_the_backend_config(monkeypatch):
     assert config.engine_args == {"enforce_eager": False, "distributed_executor_backend": "ray"}
     assert config.max_fold_folders is None  # 4 x vLLM's max_cpu_loras, once vLLM has started
     assert backend_config(_args("--backend", "vllm", "--max-fold-folders", "64")).max_fold_folders == 64
-    with pytest.raises(StartupError, match="max_fold_folders must be a positive integer"):
+    with pytest.raises(StartupError, match="^--max-fold-folders 0: must be a positive integer; got 0$"):
         backend_config(_args("--backend", "vllm", "--max-fold-folders", "0"))
-    with pytest.raises(StartupError, match="tensor_parallel_size"):
+    with pytest.raises(StartupError, match="^--tensor-parallel-size 0: must be a positive integer; got 0$"):
         backend_config(_args("--backend", "vllm", "--tensor-parallel-size", "0"))
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         VllmBackendConfig(gpu_memory_utilization=1.5)

@@ -40,25 +40,30 @@ def _args(tmp_path: Path, *flags: str) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--max-queue", "0"], "--max-queue 0: ServerConfig.max_queue must be a positive integer; got 0"),
-    (["--port", "70000"], "--port 70000: ServerConfig.port must be a port number in [0, 65535]; got 70000"),
-    (["--metrics-port", "-3"], "--metrics-port -3: ServerConfig.metrics_port must be a port number in "
+    (["--max-queue", "0"], "--max-queue 0: must be a positive integer; got 0"),
+    (["--port", "70000"], "--port 70000: must be a port number in [0, 65535]; got 70000"),
+    (["--metrics-port", "-3"], "--metrics-port -3: must be a port number in "
                                "[0, 65535]; got -3"),
     (["--port", "8000", "--http-port", "8000"],
      "--port 8000 and --http-port 8000: one port for two servers; --port is the gRPC port here (vLLM's --port is "
      "its HTTP port: here --http-port, default 8000)"),
     (["--http-port", "9400", "--metrics-port", "9400"], "--http-port 9400 and --metrics-port 9400: one port for two "
                                                           "servers"),
-    (["--served-model-name", " "], "--served-model-name  : ServerConfig.served_model_name must not be empty"),
-    (["--max-rank", "0"], "--max-rank 0: AdapterLimits.max_rank must be a positive integer; got 0"),
-    (["--drain-seconds", "-1"], "--drain-seconds -1.0: ServerConfig.drain_seconds must be >= 0; got -1.0"),
-    (["--max-tokens", "0"], "--max-tokens 0: ServerConfig.max_tokens must be a positive integer; got 0"),
-    (["--max-model-len", "0"], "--max-model-len 0: SchedulerConfig.max_model_len must be a positive integer; "
+    (["--served-model-name", " "], "--served-model-name  : must not be empty"),
+    (["--max-rank", "0"], "--max-rank 0: must be a positive integer; got 0"),
+    (["--drain-seconds", "-1"], "--drain-seconds -1.0: must be >= 0; got -1.0"),
+    (["--max-tokens", "0"], "--max-tokens 0: must be a positive integer; got 0"),
+    (["--max-model-len", "0"], "--max-model-len 0: must be a positive integer; "
                                "got 0"),
     # 1 started, though no request fits (a prompt token and a generated one)
-    (["--max-model-len", "1"], "--max-model-len 1: SchedulerConfig.max_model_len must be >= 2 (one prompt token "
+    (["--max-model-len", "1"], "--max-model-len 1: must be >= 2 (one prompt token "
                                "and one generated token); got 1"),
-    (["--host", "0.0.0.0"], "--host 0.0.0.0: ServerConfig.host='0.0.0.0' is not a loopback address and no "
+    (["--max-num-batched-tokens", "8"], "--max-num-batched-tokens 8: must be >= --max-num-seqs (64)"),
+    (["--dtype", "half"], "--dtype half: this engine computes in float32 or bfloat16 only (it has no float16 "
+                          "kernels); use --dtype bfloat16 (2 bytes a value, as float16) or float32"),
+    (["--dtype", "float16"], "--dtype float16: this engine computes in float32 or bfloat16 only (it has no float16 "
+                             "kernels); use --dtype bfloat16 (2 bytes a value, as float16) or float32"),
+    (["--host", "0.0.0.0"], "--host 0.0.0.0: not a loopback address and no "
                             "tenants file is configured: without auth the server binds only to 127.0.0.1 "
                             "(give --tenants-file to listen on other interfaces)"),
 ])
@@ -151,7 +156,7 @@ def test_unwritable_adapter_dir_is_refused_before_loading(tmp_path, no_model):
 def test_cli_prints_one_error_line_exit_2_and_the_traceback_only_under_debug(monkeypatch, capsys, caplog, tmp_path):
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # keep pytest's handlers
     argv = ["serve", "--adapter-dir", str(tmp_path / "store"), "--max-queue", "0"]
-    line = "error: --max-queue 0: ServerConfig.max_queue must be a positive integer; got 0\n"
+    line = "error: --max-queue 0: must be a positive integer; got 0\n"
     assert cli.main(["--log-level", "INFO", *argv]) == 2
     assert capsys.readouterr().err == line
     with caplog.at_level(logging.DEBUG, logger="nlora_serve"):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,9 +134,19 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     assert cache_root(tmp_path / "flag") == tmp_path / "flag"
 
 
-def test_resolve_dtype():
+def test_resolve_dtype_takes_vllms_spellings_with_vllms_meaning():
+    # vLLM 0.32's ModelDType and _STR_DTYPE_TO_TORCH_DTYPE (vllm/config/model.py), written out here
     assert resolve_dtype("float32") is torch.float32
+    assert resolve_dtype("float") is torch.float32
     assert resolve_dtype("bfloat16") is torch.bfloat16
     assert resolve_dtype("auto", "cuda:0") is torch.bfloat16
-    with pytest.raises(ValueError, match="--dtype must be one of auto, float32, bfloat16; got 'fp8'"):
+    flags = Path("/proc/cpuinfo").read_text().split()
+    fast_bf16 = "amx_bf16" in flags or "avx512_bf16" in flags
+    assert resolve_dtype("auto", "cpu") is (torch.bfloat16 if fast_bf16 else torch.float32)
+    for half in ("half", "float16"):  # no float16 kernels: refused, naming what runs
+        with pytest.raises(ValueError, match=f"^--dtype {half}: this engine computes in float32 or bfloat16 only "
+                                             r"\(it has no float16 kernels\); use --dtype bfloat16"):
+            resolve_dtype(half)
+    with pytest.raises(ValueError, match="--dtype must be one of auto, half, float16, bfloat16, float, float32; "
+                                         "got 'fp8'"):
         resolve_dtype("fp8")

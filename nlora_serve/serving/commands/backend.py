@@ -19,6 +19,7 @@ from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.api import Engine
 from nlora_serve.serving.server_config import StartupError
+from nlora_serve.serving.commands.engine_flags import in_flag_words
 from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit, refusal_line
 
 log = logging.getLogger("nlora_serve.serve")
@@ -106,7 +107,7 @@ def backend_config(args: argparse.Namespace) -> VllmBackendConfig | None:
                                  enforce_eager=True if args.enforce_eager else None, engine_args=dict(args.vllm_arg),
                                  max_fold_folders=args.max_fold_folders)
     except ValueError as exc:
-        raise StartupError(str(exc)) from exc
+        raise StartupError(in_flag_words(str(exc), args)) from exc
 
 
 def _refuse_native_only(args: argparse.Namespace) -> None:

@@ -3,9 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from nlora_serve.engine.config import CPU_GEMMS, EngineConfig, SchedulerConfig, resolve_device
 from nlora_serve.models import resolve_dtype
+
+
+# a config dataclass's field as its __post_init__ names it: "ServerConfig.max_queue must be ..."
+_CONFIG_FIELD = re.compile(r"\b(?:ServerConfig|SchedulerConfig|AdapterLimits|EngineConfig|VllmBackendConfig)\.(\w+)")
+
+
+def in_flag_words(message: str, args: argparse.Namespace) -> str:
+    """A config's ValueError message in the words of the flags that set it, for the user who typed
+    them, not the class that checked them: ``ServerConfig.max_queue must be a positive integer; got 0``
+    becomes ``--max-queue 0: must be a positive integer; got 0``, ``ServerConfig.host='::1x' is not a
+    loopback address ...`` becomes ``--host ::1x: not a loopback address ...``, and another field it
+    names becomes that field's flag. A message that names no flag's field is returned as it is."""
+    match = _CONFIG_FIELD.search(message)
+    if match is None or not hasattr(args, match.group(1)):
+        return message
+    dest = match.group(1)
+    rest = message
+    if match.start() == 0:  # the subject is the flag the prefix names: "must be ...", "not a ..."
+        rest = re.sub(r"^is ", "", re.sub(r"^(?:=\S+|\s*\([^)]*\))?\s*", "", message[match.end():]))
+    rest = _CONFIG_FIELD.sub(lambda m: _flag(m.group(1)) if hasattr(args, m.group(1)) else m.group(0), rest)
+    return f"{_flag(dest)} {getattr(args, dest)}: {rest}"
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:

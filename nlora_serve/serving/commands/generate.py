@@ -20,12 +20,13 @@ from pathlib import Path
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base
+from nlora_serve.models.dtype import DTYPE_CHOICES
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.serving.chat_template import encode_chat
-from nlora_serve.serving.commands.engine_flags import add_device_arguments, device_config
+from nlora_serve.serving.commands.engine_flags import add_device_arguments, device_config, in_flag_words
 
 log = logging.getLogger("nlora_serve.generate")
 
@@ -59,9 +60,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="compute dtype: auto = bf16 where the CPU or GPU has fast bf16, else fp32 "
-                             "(default: %(default)s)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="compute dtype, in vLLM's spellings: auto = bfloat16 where the CPU or GPU has fast "
+                             "bf16, else float32; float = float32; half and float16 are refused (no float16 "
+                             "kernels here) (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens at most")
     add_device_arguments(parser)
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
@@ -127,7 +129,7 @@ def run_generate(args: argparse.Namespace) -> int:
             config = device_config(args, cache_dir=cache_dir, adapter_dir=store,
                                    adapter_limits=AdapterLimits(max_rank=args.max_rank))
         except ValueError as exc:  # a flag out of range: one "error: ..." line, as for other bad input
-            raise NloraError(str(exc)) from None
+            raise NloraError(in_flag_words(str(exc), args)) from None
         start = time.perf_counter()
         log.info("loading model %s (%s, %s)...", args.model, config.device, str(config.dtype).removeprefix("torch."))
         base = load_base(args.model, config.dtype, cache_dir, config.load_format, config.tokenizer,
@@ -135,7 +137,11 @@ def run_generate(args: argparse.Namespace) -> int:
         log.info("model loaded from %s in %.1f s; starting the engine (the first run also compiles its "
                  "CPU kernels)...", base.path, time.perf_counter() - start)
         start = time.perf_counter()
-        with LLMEngine(config, base) as engine:
+        try:
+            engine = LLMEngine(config, base)
+        except ValueError as exc:  # a flag the model refuses (--max-model-len over its positions)
+            raise NloraError(in_flag_words(str(exc), args)) from None
+        with engine:
             log.info("engine started in %.1f s; generating", time.perf_counter() - start)
             if store == scratch:
                 name = engine.adapters.register_dir(Path(args.adapter).resolve().name, args.adapter).name

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import signal
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from nlora_serve.models import load_base, resolve_model
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.commands.backend import backend_config, make_engine
-from nlora_serve.serving.commands.engine_flags import device_config
+from nlora_serve.serving.commands.engine_flags import device_config, in_flag_words
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
@@ -46,7 +45,6 @@ from nlora_serve.serving.commands.serve_flags import DEFAULT_HTTP_PORT, MiB, add
 from nlora_serve.serving.server_config import ServerConfig, StartupError, default_served_name
 
 log = logging.getLogger("nlora_serve.serve")
-_CONFIG_FIELD = re.compile(r"\b(?:ServerConfig|SchedulerConfig|AdapterLimits|EngineConfig)\.(\w+)")
 
 
 def build(args: argparse.Namespace):
@@ -202,16 +200,12 @@ def _check_distinct_ports(args: argparse.Namespace) -> None:
 
 @contextmanager
 def _flag_errors(args: argparse.Namespace) -> Iterator[None]:
-    """Turn a config's ValueError ("ServerConfig.max_queue must be ...") into a StartupError that
-    leads with the flag and the value given: "--max-queue 0: ServerConfig.max_queue must be ..."."""
+    """Turn a config's ValueError ("ServerConfig.max_queue must be ...") into a StartupError in the
+    words of the flag that set it: "--max-queue 0: must be ..." (:func:`in_flag_words`)."""
     try:
         yield
     except ValueError as exc:
-        match = _CONFIG_FIELD.search(str(exc))
-        dest = match.group(1) if match else None
-        if dest is None or not hasattr(args, dest):
-            raise StartupError(str(exc)) from exc
-        raise StartupError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: {exc}") from exc
+        raise StartupError(in_flag_words(str(exc), args)) from exc
 
 
 def _check_adapter_dir(adapter_dir: str) -> None:

@@ -12,6 +12,7 @@ from nlora_serve.adapters.names import validate_name
 from nlora_serve.arg_types import port_or_off_arg
 from nlora_serve.engine.config import SCHEDULING_POLICIES
 from nlora_serve.errors import AdapterError
+from nlora_serve.models.dtype import DTYPE_CHOICES
 from nlora_serve.serving.commands.backend import add_backend_arguments
 from nlora_serve.serving.commands.engine_flags import add_device_arguments
 from nlora_serve.serving.http_api.lora_admin import env_allows_updating
@@ -33,8 +34,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                          "(default: %(default)s)")
     a("--cache-dir", default=argparse.SUPPRESS,
       help="prepared-model cache root (default: $NLORA_SERVE_CACHE, else $XDG_CACHE_HOME/nlora-serve)")
-    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-      help="compute dtype: auto = bf16 where the CPU or GPU has fast bf16, else fp32 (default: %(default)s)")
+    a("--dtype", choices=DTYPE_CHOICES, default="auto",
+      help="compute dtype, in vLLM's spellings: auto = bfloat16 where the CPU or GPU has fast bf16, else float32; "
+           "float = float32; half and float16 are refused (no float16 kernels here) (default: %(default)s)")
     a("--adapter-dir", default="./nlora-adapters",
       help="adapter store, a folder (created if missing) that keeps every registration, upload and swap; "
            "at start each adapter's newest version there is served again (default: %(default)s)")
