@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -116,23 +117,32 @@ def _quality(args, base, dirs, adapters, factors, members, errors):
     if plain:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(plain[0]), adapter_name=plain[0].name)
+        with warnings.catch_warnings():
+            # PEFT (0.21) reads transformers' deprecated is_gradient_checkpointing while wrapping the
+            # model, and transformers (5.x) warns of it on every run; nothing of ours uses it
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(plain[0]), adapter_name=plain[0].name)
         for d in plain[1:]:
             model.load_adapter(str(d), adapter_name=d.name)
     plain_names = {d.name for d in plain}
-    for name in tqdm(names, desc="quality", unit="adapter"):
-        fam = {s: b.double() @ members[name][s].double() @ a.double() for s, (a, b) in factors.sites.items()}
-        if name in plain_names:
-            reference = lambda n=name: _peft_active(model, n)  # noqa: E731
-            compressed = lambda f=fam: _peft_off_merged(model, f, cr)  # noqa: E731
-        else:
-            full = {s: w.delta() for s, w in adapters[name].sites.items()}
-            reference = lambda f=full: _off_merged(model, f, cr)  # noqa: E731
-            compressed = lambda f=fam: _off_merged(model, f, cr)  # noqa: E731
-        agree, kl, count = cr.output_quality(model, prompts, args.new_tokens, reference, compressed)
-        row = rows[name]
-        row.agreement, row.kl, row.tokens = agree, kl, count
-        row.reference = "peft" if name in plain_names else "merged"
+    # one step per prompt and pass (reference, compressed): the time left shows after the first
+    # prompt, not after the first adapter (18 s to 205 s each on a busy 2-core box, see --no-eval)
+    with tqdm(total=2 * len(prompts) * len(names), desc="quality", unit="prompt") as bar:
+        for name in names:
+            bar.set_postfix_str(name)
+            fam = {s: b.double() @ members[name][s].double() @ a.double() for s, (a, b) in factors.sites.items()}
+            if name in plain_names:
+                reference = lambda n=name: _peft_active(model, n)  # noqa: E731
+                compressed = lambda f=fam: _peft_off_merged(model, f, cr)  # noqa: E731
+            else:
+                full = {s: w.delta() for s, w in adapters[name].sites.items()}
+                reference = lambda f=full: _off_merged(model, f, cr)  # noqa: E731
+                compressed = lambda f=fam: _off_merged(model, f, cr)  # noqa: E731
+            agree, kl, count = cr.output_quality(model, prompts, args.new_tokens, reference, compressed, bar.update)
+            row = rows[name]
+            row.agreement, row.kl, row.tokens = agree, kl, count
+            row.reference = "peft" if name in plain_names else "merged"
     return list(rows.values())
 
 
@@ -287,7 +297,10 @@ def add_compress_subcommand(subparsers: argparse._SubParsersAction) -> None:
                    help="greedy tokens per prompt (default: %(default)s)")
     p.add_argument("--eval-names", nargs="+", default=None,
                    help="compare outputs for these members only (default: all; the others get weight errors)")
-    p.add_argument("--no-eval", action="store_true", help="skip the output comparison (weights errors only)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the output comparison (weights errors only). With the default prompts it took "
+                        "18 s per member with --threads 1 on a busy 2-core box, 205 s there with torch's default "
+                        "threads; --eval-names, --prompts and --new-tokens shorten it")
     p.add_argument("--json", default=None, help="report path (default: OUT/compress_report.json)")
     p.add_argument("--threads", type=integer_arg(1), default=None,
                    help="torch CPU threads for the run (default: torch's; 1 is much faster on an oversubscribed box)")

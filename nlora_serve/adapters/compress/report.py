@@ -17,6 +17,7 @@ Two measures per adapter:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,16 +104,24 @@ def _logprobs(model, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def reference_outputs(model, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], torch.Tensor]]:
+def reference_outputs(model, prompts: list[list[int]], new_tokens: int,
+                      done: Callable[[], None] = lambda: None) -> list[tuple[list[int], torch.Tensor]]:
     """Per prompt, the greedy tokens of ``model`` as it stands and their [new_tokens, V] float64
-    next-token log-probs (the uncompressed side of :func:`compare_outputs`)."""
-    return [_reference(model, p, new_tokens) for p in prompts]
+    next-token log-probs (the uncompressed side of :func:`compare_outputs`); ``done`` is called
+    after each prompt (progress)."""
+    refs = []
+    for p in prompts:
+        refs.append(_reference(model, p, new_tokens))
+        done()
+    return refs
 
 
-def compare_outputs(model, prompts: list[list[int]], refs) -> tuple[float, float, int]:
+def compare_outputs(model, prompts: list[list[int]], refs,
+                    done: Callable[[], None] = lambda: None) -> tuple[float, float, int]:
     """(agreement, mean KL, positions) of ``model`` as it stands against ``refs`` (from
     :func:`reference_outputs` on the same prompts), teacher-forced on the reference tokens: each
-    position sees the reference's context, so one flipped near-tie costs one position, not the rest."""
+    position sees the reference's context, so one flipped near-tie costs one position, not the rest.
+    ``done`` is called after each prompt (progress)."""
     agree, kl, count = 0, 0.0, 0
     for p, (tokens, ref_lp) in zip(prompts, refs):
         lp = _logprobs(model, p, tokens)
@@ -121,10 +130,12 @@ def compare_outputs(model, prompts: list[list[int]], refs) -> tuple[float, float
         agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
         kl += float((ref_lp.exp() * (ref_lp - lp)).sum())
         count += len(tokens)
+        done()
     return agree / count, kl / count, count
 
 
-def output_quality(model, prompts: list[list[int]], new_tokens: int, reference, compressed) -> tuple[float, float, int]:
+def output_quality(model, prompts: list[list[int]], new_tokens: int, reference, compressed,
+                   done: Callable[[], None] = lambda: None) -> tuple[float, float, int]:
     """(agreement, mean KL, positions) of the compressed adapter against the uncompressed one.
 
     Args:
@@ -133,11 +144,13 @@ def output_quality(model, prompts: list[list[int]], new_tokens: int, reference, 
         new_tokens: greedy tokens generated per prompt by the reference.
         reference, compressed: zero-argument context-manager factories that put ``model`` into
             the uncompressed / compressed state for the duration of the block.
+        done: called after each of the 2 x len(prompts) passes (reference, then compressed), so a
+            progress bar can estimate the time left from the first prompt on.
     """
     with reference():
-        refs = reference_outputs(model, prompts, new_tokens)
+        refs = reference_outputs(model, prompts, new_tokens, done)
     with compressed():
-        return compare_outputs(model, prompts, refs)
+        return compare_outputs(model, prompts, refs, done)
 
 
 def format_table(rows: list[AdapterQuality]) -> str:
