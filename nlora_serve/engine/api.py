@@ -63,6 +63,10 @@ class RequestOutput:
     # vLLM's stop_reason, on the finished delta: the stop string or stop token id that ended the
     # request; None for EOS, length and every other end
     stop_reason: str | int | None = None
+    # with SamplingParams.prompt_logprobs, on the delta of the first generated token (vLLM's
+    # prompt_logprobs): per prompt token, None for the first, then {token id: log-probability},
+    # the prompt token's own first, then its top prompt_logprobs
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:

@@ -28,6 +28,7 @@ from nlora_serve.engine.detokenizer import IncrementalDetokenizer
 from nlora_serve.engine.memory import num_kv_blocks
 from nlora_serve.engine.model_runner import ModelRunner
 from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
+from nlora_serve.engine.prompt_logprobs import mark_scored, plan
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.engine.scheduler import Scheduler
 from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
@@ -41,6 +42,10 @@ class _Request:
     detokenizer: IncrementalDetokenizer  # its generated tokens to text deltas; applies stop strings
     # EOS (unless ignore_eos) and stop_token_ids: banned until min_tokens, and a sampled one stops it
     ban: set[int]
+    # with params.prompt_logprobs: [None] (the first token is scored by nothing), then each scored
+    # prompt position's {token: logprob} as steps are read back; handed out with the first token
+    # (then None), as vLLM's first output carries prompt_logprobs
+    prompt_logprobs: list | None = None
 
 
 class EngineCore:
@@ -135,7 +140,7 @@ class EngineCore:
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
                                        min_tokens=params.min_tokens, include_stop=params.include_stop_str_in_output)
         ban = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        self.requests[request_id] = _Request(seq, detok, ban)
+        self.requests[request_id] = _Request(seq, detok, ban, [None] if params.prompt_logprobs is not None else None)
         self.scheduler.add(seq)
 
     def has_work(self) -> bool:
@@ -194,18 +199,21 @@ class EngineCore:
     def _launch(self, batch, previous: SampledStep | None) -> SampledStep:
         """Run the model and sample on the device; nothing is read back here."""
         pairs = self.runner.order(batch)
+        prompt = plan(pairs)  # prompt positions to score (prompt_logprobs requests' prefill chunks)
         self.hook.begin_step([seq.adapter for seq, _ in pairs], [n for _, n in pairs], self.device)
         try:
-            logits = self.runner.execute(pairs, previous)
+            logits = self.runner.execute(pairs, previous, prompt.indices if prompt is not None else None)
         finally:
             self.hook.end_step()
+        if prompt is not None:
+            mark_scored(prompt)
         sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
         for seq, n in pairs:
             seq.num_computed_tokens += n
         self.counters["steps"] += 1
         self.counters["computed_tokens"] += batch.total_tokens
         bans = [self.requests[s.request_id].ban for s in sampling]
-        return sample_step(logits, pairs, sampling, bans, self.generator)
+        return sample_step(logits, pairs, sampling, bans, self.generator, prompt)
 
     @staticmethod
     def _place(step: SampledStep) -> None:
@@ -218,6 +226,10 @@ class EngineCore:
     def _settle(self, step: SampledStep) -> list[RequestOutput]:
         """Read ``step``'s tokens back and emit them; a row whose sequence ended since is dropped."""
         tokens, finite, logprobs = step.read()
+        for seq, entries in step.read_prompt():  # before the tokens: the first one hands them out
+            req = self.requests.get(seq.request_id)
+            if seq.status is not SequenceStatus.FINISHED and req is not None and req.prompt_logprobs is not None:
+                req.prompt_logprobs += entries
         outs, bad = [], []
         for seq, token, ok, lp in zip(step.seqs, tokens, finite, logprobs):
             if seq.status is SequenceStatus.FINISHED:  # stopped or aborted after this step was launched
@@ -285,11 +297,14 @@ class EngineCore:
                 adapter=None) -> RequestOutput:
         seq = req.seq
         adapter = adapter if adapter is not None else seq.adapter
+        prompt_logprobs = None
+        if token_ids and req.prompt_logprobs is not None:  # the first token's delta
+            prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
         return RequestOutput(seq.request_id, text, token_ids, reason, seq.num_prompt_tokens,
                              seq.num_output_tokens, logprobs, adapter=adapter and adapter.name,
                              adapter_version=adapter.version if adapter else 0,
                              adapter_hash=adapter.content_hash if adapter else "",
-                             cached_tokens=max(seq.num_cached_tokens, 0))
+                             cached_tokens=max(seq.num_cached_tokens, 0), prompt_logprobs=prompt_logprobs)
 
     def stats(self) -> dict[str, int]:
         """Counters and gauges: running/waiting requests, KV blocks used/total, tokens, steps."""

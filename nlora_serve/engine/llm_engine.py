@@ -313,4 +313,5 @@ def _merge(deltas: list[RequestOutput]) -> RequestOutput:
                          [t for d in deltas for t in d.token_ids], last.finish_reason,
                          last.prompt_tokens, last.completion_tokens, logprobs, last.error,
                          last.adapter, last.adapter_version, cached_tokens=last.cached_tokens,
-                         stop_reason=last.stop_reason)
+                         stop_reason=last.stop_reason,
+                         prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs), None))

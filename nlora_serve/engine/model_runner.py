@@ -122,29 +122,34 @@ class ModelRunner:
         pairs = list(zip(batch.seqs, batch.num_tokens))
         return [p for p in pairs if p[1] == 1] + [p for p in pairs if p[1] != 1]
 
-    def prepare(self, pairs: list[tuple[Sequence, int]], previous=None) -> tuple[torch.Tensor, torch.Tensor, BatchInfo]:
+    def prepare(self, pairs: list[tuple[Sequence, int]], previous=None, scored: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, BatchInfo]:
         """``input_ids`` [T], ``positions`` [T] (int64) and the step's :class:`BatchInfo`, on the device
         in one host-to-device copy (:class:`StepInputs`). ``previous``: the step in flight (a
-        :class:`~nlora_serve.engine.step_output.SampledStep`) whose tokens placeholders stand for."""
+        :class:`~nlora_serve.engine.step_output.SampledStep`) whose tokens placeholders stand for.
+        ``scored``: [P] packed indices of prompt positions whose logits follow the sampling rows."""
         hook = self.adapter_hook
         input_ids, positions, info, rows = self.inputs.build(pairs, hook.step_rows() if hook is not None else [],
-                                                             previous)
+                                                             previous, scored)
         if hook is not None:
             hook.bind_rows(rows)
         return input_ids, positions, info
 
     @torch.inference_mode()
-    def execute(self, pairs: list[tuple[Sequence, int]], previous=None) -> torch.Tensor:
-        """Run one step. Returns [R, V] float32 logits, one row per sampling sequence, in ``pairs`` order.
-        ``previous``: see :meth:`prepare`."""
-        input_ids, positions, info = self.prepare(pairs, previous)
+    def execute(self, pairs: list[tuple[Sequence, int]], previous=None, scored: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Run one step. Returns [R, V] float32 logits, one row per sampling sequence, in ``pairs`` order,
+        then with ``scored`` [P] (prompt positions to score, engine/prompt_logprobs.py) P rows more.
+        ``previous``: see :meth:`prepare`. A step with prompt rows runs eagerly: the graphs' logits
+        buffers hold one row per sequence (such steps are prefills of prompt-logprobs requests only)."""
+        input_ids, positions, info = self.prepare(pairs, previous, scored)
         hook = self.adapter_hook
+        graphable = scored is None and (hook is None or hook.graphable())
         if (self.graphs is not None and info.num_decodes == len(pairs) and self.graphs.size_for(len(pairs))
-                and (hook is None or hook.graphable())):
+                and graphable):
             self.step_counts["graph_steps"] += 1
             return self.graphs.run(input_ids, positions, info, hook)
-        if (self.pieces is not None and self.pieces.size_for(input_ids.shape[0])
-                and (hook is None or hook.graphable())):
+        if self.pieces is not None and self.pieces.size_for(input_ids.shape[0]) and graphable:
             self.step_counts["piecewise_steps"] += 1
             return self.pieces.run(input_ids, positions, info, hook)
         self.step_counts["eager_steps"] += 1

@@ -109,7 +109,10 @@ class PrefixCachingBlockManager(BlockManager):
 
     def match(self, seq: Sequence) -> list[int]:
         """Cached blocks of the longest prefix of ``seq``'s tokens, at most all but its last token
-        (it must compute one token to have logits to sample)."""
+        (it must compute one token to have logits to sample). A request that asks for
+        prompt logprobs finds none: cached tokens' logits were never computed (vLLM's rule too)."""
+        if seq.params.prompt_logprobs is not None:
+            return []
         limit = (seq.num_tokens - 1) // self.block_size
         hit: list[int] = []
         for h in self._hashes(seq, limit):

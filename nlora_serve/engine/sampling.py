@@ -65,7 +65,8 @@ class SamplingParams:
     multiply negative ones, over prompt and output tokens); ``presence_penalty`` /
     ``frequency_penalty`` as in the OpenAI API (subtract, over output tokens). ``logprobs = k``
     returns the top-k log-probabilities of the model's distribution (before logit_bias, penalties
-    and temperature) plus the sampled token's.
+    and temperature) plus the sampled token's; ``prompt_logprobs = k`` the same for every prompt
+    token after the first.
 
     Raises (in ``__post_init__``):
         RequestError: a field out of range; the message names it and its value.
@@ -89,6 +90,10 @@ class SamplingParams:
     presence_penalty: float = 0.0  # 0 = off
     frequency_penalty: float = 0.0  # 0 = off
     logprobs: int | None = None  # top-k log-probabilities per token (0..20); None = off
+    # vLLM's: each prompt token's log-probability given the tokens before it, plus the top-k (0..20);
+    # None = off. The engine then computes logits at every prompt position of this request
+    # (engine/prompt_logprobs.py) and never starts it from cached prefix blocks.
+    prompt_logprobs: int | None = None
     # (token id, bias) pairs, bias in [-100, 100], ids distinct; a dict {id: bias} is taken too
     logit_bias: tuple[tuple[int, float], ...] = ()
     skip_special_tokens: bool = True  # leave special tokens out of the text
@@ -141,6 +146,10 @@ class SamplingParams:
                "distinct token ids")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        _check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                                and not isinstance(self.prompt_logprobs, bool)
+                                                and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               "prompt_logprobs", self.prompt_logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:

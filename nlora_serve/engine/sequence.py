@@ -45,6 +45,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of its full blocks so far
     num_hashed_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not yet)
+    # prompt positions whose logits a launched step scored (engine/prompt_logprobs.py; with
+    # params.prompt_logprobs only): never scored twice, also when a preempted sequence recomputes
+    num_prompt_scored: int = 0
     num_charged_tokens: int = 0  # tokens billed to its tenant's fairness counter (never billed twice)
 
     @property

@@ -50,13 +50,16 @@ class StepInputs:
         self._dev = torch.empty(0, dtype=_I32, device=self.device)
         self.tables = BlockTables()  # every scheduled sequence's block table, kept across steps
 
-    def build(self, pairs: list[tuple[Sequence, int]], extra: list[torch.Tensor] = (), previous=None
-              ) -> tuple[torch.Tensor, torch.Tensor, BatchInfo, list[torch.Tensor]]:
+    def build(self, pairs: list[tuple[Sequence, int]], extra: list[torch.Tensor] = (), previous=None,
+              scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, BatchInfo, list[torch.Tensor]]:
         """Lay out one step of ``(sequence, new tokens)`` pairs, decodes (1 token) first.
 
         ``extra``: [T] int32 host rows (e.g. each token's adapter slot) carried in the same copy.
         ``previous``: the step in flight (:class:`~nlora_serve.engine.step_output.SampledStep`);
         a sequence whose last token is a placeholder takes it from ``previous.tokens``.
+        ``scored``: [P] int64 packed indices of prompt positions to score
+        (:class:`~nlora_serve.engine.prompt_logprobs.PromptRows`), appended to the logits indices
+        after the sampling rows.
         Returns int64 ``input_ids`` [T], ``positions`` [T], the :class:`BatchInfo`, and the extra
         rows on the device (int32 views of the step buffer).
         """
@@ -68,7 +71,8 @@ class StepInputs:
         layout = flat_layout(qlens, computed, self.tables.gather(seqs), samples, self.block_size)
         ids = ints(list(chain.from_iterable(
             s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n] for s, n in pairs)))
-        wide = [ids, layout.positions, layout.query_starts, ctx, layout.slot_mapping, layout.logits_indices]
+        logits_indices = layout.logits_indices if scored is None else torch.cat([layout.logits_indices, scored])
+        wide = [ids, layout.positions, layout.query_starts, ctx, layout.slot_mapping, logits_indices]
         feed = _feed_rows(pairs, samples, layout.query_starts, previous)
         wide, tables32, rows = self._copy(wide, layout.block_tables, list(extra) + ([feed] if feed is not None else []))
         input_ids, positions, starts, ctx_d, kv_slots, logits_idx = wide

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nlora_serve.engine.prompt_logprobs import PromptRows, score, unpack
 from nlora_serve.engine.sampling import add_logit_bias, apply_penalties, ban_before_min_tokens, sample
 from nlora_serve.engine.sequence import Sequence
 
@@ -26,13 +27,15 @@ class SampledStep:
     pairs: list[tuple[Sequence, int]]  # (sequence, tokens computed) as launched
     seqs: list[Sequence]  # the sampling sequences, one row each, in row order
     tokens: torch.Tensor  # [R] int64 on the device: the sampled ids, gathered by the next step
-    packed: torch.Tensor  # [2R + W(1 + 2K)] float64 on the host (pinned on CUDA): see sample_step
+    # [2R + W(1 + 2K) + P(1 + 2K')] float64 on the host (pinned on CUDA): see sample_step
+    packed: torch.Tensor
     event: torch.cuda.Event | None  # recorded after the copy into ``packed``; None on the CPU
     logprob_rows: list[int]  # rows that asked for log-probabilities (W of them)
     top_k: int  # K: the most log-probabilities one of them asked for
     computed: dict[int, int]  # id(sequence) -> tokens it computed in this step
     rows: dict[int, int]  # id(sequence) -> its row in ``tokens``
     needs_values: bool  # a sampling sequence's next sampling reads its token values (penalties)
+    prompt: PromptRows | None = None  # the prompt positions this step scored (P rows), None: none
 
     def row_of(self, seq: Sequence) -> int:
         """``seq``'s row in :attr:`tokens`, or -1 when it did not sample in this step."""
@@ -57,13 +60,25 @@ class SampledStep:
             logprobs[row] = [entry]
         return tokens, finite, logprobs
 
+    def read_prompt(self) -> list[tuple[Sequence, list[dict[int, float]]]]:
+        """Wait for the copy; the prompt positions this step scored, per sequence in row order:
+        ``[{scored prompt token: logprob, top tokens...}]`` (engine/prompt_logprobs.py); [] when none."""
+        if self.prompt is None:
+            return []
+        if self.event is not None:
+            self.event.synchronize()
+        w, k = len(self.logprob_rows), self.top_k
+        return unpack(self.packed[2 * len(self.seqs) + w * (1 + 2 * k):].tolist(), self.prompt)
+
 
 def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: list[Sequence],
-                bans: list[set[int]], shared: torch.Generator) -> SampledStep:
+                bans: list[set[int]], shared: torch.Generator, prompt: PromptRows | None = None) -> SampledStep:
     """Sample ``seqs``' rows of ``logits`` on its device and start their read-back (no host wait).
 
     Args:
-        logits: [R, V] float32, one row per sampling sequence (penalties are applied in place).
+        logits: [R, V] float32, one row per sampling sequence (penalties are applied in place),
+            then with ``prompt`` its P scored prompt positions' rows (read in the same copy:
+            :meth:`SampledStep.read_prompt`).
         pairs: the step's (sequence, tokens computed). seqs: the R sampling sequences.
         bans: per row, the tokens banned until min_tokens (EOS and stop ids).
         shared: the engine's generator, for rows without their own seed.
@@ -73,6 +88,9 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
     # a row's sum is finite iff all its logits are (NaN and ±inf propagate; |logits| that could
     # overflow a float32 sum are no model's output): one pass, where isfinite().all() took 32 ms
     # for 64 rows of 49,152 on one CPU thread
+    r = len(seqs)
+    scored = score(logits[r:], prompt) if prompt is not None else []
+    logits = logits[:r]
     finite = logits.sum(dim=1).isfinite()
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     k = max((seqs[i].params.logprobs for i in wanted), default=0)
@@ -95,7 +113,7 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
         if k:
             top_v, top_i = logp.topk(k, dim=-1)
             parts += [top_v.reshape(-1).double(), top_i.reshape(-1).double()]
-    packed = torch.cat(parts)
+    packed = torch.cat(parts + scored)
     event = None
     if packed.device.type == "cuda":
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -104,4 +122,4 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
         event.record()
         packed = host
     return SampledStep(pairs, seqs, tokens, packed, event, wanted, k, {id(s): n for s, n in pairs},
-                       {id(s): i for i, s in enumerate(seqs)}, needs_values)
+                       {id(s): i for i, s in enumerate(seqs)}, needs_values, prompt)
