@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import NloraError
+from nlora_serve.engine.prompt_logprobs import PromptLogprob
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 
 
@@ -64,9 +65,9 @@ class RequestOutput:
     # request; None for EOS, length and every other end
     stop_reason: str | int | None = None
     # with SamplingParams.prompt_logprobs, on the delta of the first generated token (vLLM's
-    # prompt_logprobs): per prompt token, None for the first, then {token id: log-probability},
-    # the prompt token's own first, then its top prompt_logprobs
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    # prompt_logprobs): per prompt token, None for the first, then its PromptLogprob
+    # ({token id: log-probability}, the prompt token's own first, then its top prompt_logprobs; its rank)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:

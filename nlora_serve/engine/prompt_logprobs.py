@@ -29,6 +29,14 @@ from nlora_serve.engine.sequence import Sequence
 
 
 @dataclass(slots=True)
+class PromptLogprob:
+    """One scored prompt position (vLLM's ``Logprob`` of a prompt token, with its top-k)."""
+
+    logprobs: dict[int, float]  # {token id: log-probability}: the prompt token's first, then its top-k
+    rank: int  # the prompt token's rank in the vocabulary (1 = the most likely)
+
+
+@dataclass(slots=True)
 class PromptRows:
     """The prompt positions one step scores, in logits-row order after the sampling rows."""
 
@@ -72,23 +80,25 @@ def mark_scored(rows: PromptRows) -> None:
 
 def score(logits: torch.Tensor, rows: PromptRows) -> list[torch.Tensor]:
     """The read-back parts of the scored rows, float64 on ``logits``' device: ``[P]`` the scored
-    tokens' log-probabilities, then ``[P * K]`` top values and ``[P * K]`` their token ids (row by
-    row, best first). ``logits`` [P, V] float32, the model's raw distribution (no bias, penalty or
+    tokens' log-probabilities, ``[P]`` their ranks (1 + the tokens strictly more likely), then
+    ``[P * K]`` top values and ``[P * K]`` their token ids (row by row, best first). ``logits`` [P, V] float32, the model's raw distribution (no bias, penalty or
     temperature: vLLM's prompt logprobs are of the raw model too)."""
     logp = logits.log_softmax(dim=-1)
     targets = rows.targets.to(logits.device, non_blocking=True)
-    parts = [logp.gather(1, targets.unsqueeze(1)).view(-1).double()]
+    scored = logp.gather(1, targets.unsqueeze(1))
+    parts = [scored.view(-1).double(), ((logp > scored).sum(dim=1) + 1).double()]
     if rows.top_k:
         top_v, top_i = logp.topk(rows.top_k, dim=-1)
         parts += [top_v.reshape(-1).double(), top_i.reshape(-1).double()]
     return parts
 
 
-def unpack(values: list[float], rows: PromptRows) -> list[tuple[Sequence, list[dict[int, float]]]]:
-    """:func:`score`'s parts read back (``values``, host floats) -> per sequence its scored positions'
-    ``{token: logprob}``: the scored prompt token first, then its top ``prompt_logprobs``."""
+def unpack(values: list[float], rows: PromptRows) -> list[tuple[Sequence, list[PromptLogprob]]]:
+    """:func:`score`'s parts read back (``values``, host floats) -> per sequence its scored positions:
+    ``{token: logprob}`` (the scored prompt token first, then its top ``prompt_logprobs``) and rank."""
     p, k = rows.num_rows, rows.top_k
-    scored, top_v, top_i = values[:p], values[p:p + p * k], values[p + p * k:p + 2 * p * k]
+    scored, ranks = values[:p], values[p:2 * p]
+    top_v, top_i = values[2 * p:2 * p + p * k], values[2 * p + p * k:2 * p + 2 * p * k]
     targets = rows.targets.tolist()
     out, at = [], 0
     for seq, n in rows.spans:
@@ -98,7 +108,7 @@ def unpack(values: list[float], rows: PromptRows) -> list[tuple[Sequence, list[d
             entry = {targets[r]: scored[r]}
             for i, v in zip(top_i[r * k:r * k + want], top_v[r * k:r * k + want]):
                 entry.setdefault(int(i), v)
-            entries.append(entry)
+            entries.append(PromptLogprob(entry, int(ranks[r])))
         out.append((seq, entries))
         at += n
     return out

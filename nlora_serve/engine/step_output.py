@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nlora_serve.engine.prompt_logprobs import PromptRows, score, unpack
+from nlora_serve.engine.prompt_logprobs import PromptLogprob, PromptRows, score, unpack
 from nlora_serve.engine.sampling import add_logit_bias, apply_penalties, ban_before_min_tokens, sample
 from nlora_serve.engine.sequence import Sequence
 
@@ -27,7 +27,7 @@ class SampledStep:
     pairs: list[tuple[Sequence, int]]  # (sequence, tokens computed) as launched
     seqs: list[Sequence]  # the sampling sequences, one row each, in row order
     tokens: torch.Tensor  # [R] int64 on the device: the sampled ids, gathered by the next step
-    # [2R + W(1 + 2K) + P(1 + 2K')] float64 on the host (pinned on CUDA): see sample_step
+    # [2R + W(1 + 2K) + P(2 + 2K')] float64 on the host (pinned on CUDA): see sample_step
     packed: torch.Tensor
     event: torch.cuda.Event | None  # recorded after the copy into ``packed``; None on the CPU
     logprob_rows: list[int]  # rows that asked for log-probabilities (W of them)
@@ -60,9 +60,9 @@ class SampledStep:
             logprobs[row] = [entry]
         return tokens, finite, logprobs
 
-    def read_prompt(self) -> list[tuple[Sequence, list[dict[int, float]]]]:
-        """Wait for the copy; the prompt positions this step scored, per sequence in row order:
-        ``[{scored prompt token: logprob, top tokens...}]`` (engine/prompt_logprobs.py); [] when none."""
+    def read_prompt(self) -> list[tuple[Sequence, list[PromptLogprob]]]:
+        """Wait for the copy; the prompt positions this step scored, per sequence in row order
+        (engine/prompt_logprobs.py); [] when none."""
         if self.prompt is None:
             return []
         if self.event is not None:

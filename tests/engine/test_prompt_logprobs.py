@@ -28,10 +28,14 @@ def reference(model, ids: list[int]) -> torch.Tensor:
 def check(got: list, ids: list[int], want: torch.Tensor, k: int) -> None:
     """``got`` (RequestOutput.prompt_logprobs) against the reference rows ``want``."""
     assert len(got) == len(ids) and got[0] is None
-    for p, entry in enumerate(got[1:]):
+    for p, scored in enumerate(got[1:]):
+        entry = scored.logprobs
         token = ids[p + 1]
         assert list(entry)[0] == token  # the scored prompt token first
-        assert entry[token] == pytest.approx(float(want[p, token]), abs=TOL), p
+        value = float(want[p, token])
+        assert entry[token] == pytest.approx(value, abs=TOL), p
+        # its vocabulary rank, up to the tokens within the tolerance of it
+        assert 1 + int((want[p] > value + TOL).sum()) <= scored.rank <= 1 + int((want[p] > value - TOL).sum()), p
         top = want[p].topk(k)
         assert set(top.indices.tolist()) <= set(entry) and len(entry) <= k + 1, p
         for t, v in zip(top.indices.tolist(), top.values.tolist()):

@@ -98,7 +98,7 @@ def test_errors_have_the_openai_shape_and_status(http_server):
 @pytest.mark.parametrize("kwargs, param", [
     ({"n": 2}, "n"),
     ({"logit_bias": {"42": 101}}, "logit_bias"),  # OpenAI's range is [-100, 100]
-    ({"echo": True}, "echo"),
+    ({"extra_body": {"prompt_logprobs": 21}}, "prompt_logprobs"),
     ({"extra_body": {"guided_json": {}}}, "guided_json"),
     ({"temperature": 101}, "temperature"),
     ({"top_p": 0}, "top_p"),

@@ -45,6 +45,7 @@ from nlora_serve.serving.stream import adapter_versions, metered, start_request
 from nlora_serve.serving.status import BodyTimeout, Draining
 from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
+from nlora_serve.serving.http_api.echo import Echo
 from nlora_serve.serving.http_api.openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
 from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers
 from nlora_serve.serving.metrics import RequestTimer
@@ -63,6 +64,8 @@ class _Started:
     body: ChatRequest | CompletionRequest  # the validated body
     params: SamplingParams
     rid: str  # the response id ("chatcmpl-..." or "cmpl-...")
+    prompt: str | list[int] | None  # the completion's prompt as sent (None: chat)
+    prompt_ids: list[int]  # its tokens, as the engine runs them
 
 
 async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
@@ -90,7 +93,8 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     body = started.body
     deltas = metered(started.stream, started.timer, reservation)
     shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, started.params.logprobs,
-                    body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage)
+                    body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage,
+                    started.prompt_ids, _echo(started, ctx.tokenizer), body.prompt_logprobs)
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
@@ -115,8 +119,18 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
     body = validated(ChatRequest if chat else CompletionRequest, data)
     prompt, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    stream = await unless_disconnected(request, _tokenize_and_queue(ctx, caller, body, prompt, params, rid))
-    return None if stream is None else _Started(stream, timer, body, params, rid)
+    queued = await unless_disconnected(request, _tokenize_and_queue(ctx, caller, body, prompt, params, rid))
+    return None if queued is None else _Started(queued[0], timer, body, params, rid, prompt, queued[1])
+
+
+def _echo(started: _Started, tokenizer) -> Echo | None:
+    """What an ``echo=true`` completion puts first: the prompt as sent, token ids decoded (vLLM's)."""
+    body = started.body
+    if not getattr(body, "echo", False):
+        return None
+    prompt = started.prompt
+    text = prompt if isinstance(prompt, str) else tokenizer.decode(started.prompt_ids)
+    return Echo(text, prompt_only=body.max_tokens == 0)
 
 
 async def read_body(request: Request, admission: Admission) -> bytes:
@@ -136,9 +150,9 @@ async def read_body(request: Request, admission: Admission) -> bytes:
 
 
 async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompt: str | list[int] | None,
-                              params, rid: str) -> AsyncIterator:
+                              params, rid: str) -> tuple[AsyncIterator, list[int]]:
     """Tokenize an admitted request's prompt (chat: render it; ``prompt`` None) in its tenant's turn
-    (TokenizerTurns) and queue it in the engine; the engine stream.
+    (TokenizerTurns) and queue it in the engine; the engine stream and the prompt's token ids.
 
     Raises:
         RequestError: the prompt (too long, a bad message), or from :func:`start_request`.
@@ -149,8 +163,9 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompt:
         prompt = await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds)
     else:
         prompt = await turns.run(caller.name, ctx.engine.prompt_ids, prompt, body.add_special_tokens)
-    return start_request(ctx.engine, prompt, params, f"{caller.name}/{rid}", adapter_of(ctx, body.model),
-                         body.max_tokens_given, caller, cache_salt_of(caller, body.cache_salt, ctx.auth))
+    stream = start_request(ctx.engine, prompt, params, f"{caller.name}/{rid}", adapter_of(ctx, body.model),
+                           body.max_tokens_given, caller, cache_salt_of(caller, body.cache_salt, ctx.auth))
+    return stream, prompt
 
 
 async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:

@@ -3,7 +3,7 @@
 Requests are pydantic models of the fields we implement. Every other field is refused with a 400
 that names it (:class:`ParamError`), never silently ignored, also when it is null; a few OpenAI
 fields are accepted at their no-op value or null only (:data:`NOOP_VALUES`: ``n=1``,
-``echo=false``, ...). Tool calling (``tools``, ``functions``) is refused at every value, ``[]`` and
+chat's ``echo=false``, ...). Tool calling (``tools``, ``functions``) is refused at every value, ``[]`` and
 null included: a client that sends the field expects tool calls this server never makes. ``user``
 (an end-user id for abuse tracking) is accepted and changes nothing, as at OpenAI.
 
@@ -18,7 +18,11 @@ names (send them in ``extra_body``): ``top_k``, ``min_p``, ``min_tokens``, ``rep
 within the sender's tenant: see :func:`~nlora_serve.serving.request_policy.cache_salt_of`),
 ``add_special_tokens``: completions true by default (a text prompt takes the tokenizer's special
 tokens, a BOS on Llama-style models; token ids run as given), chat false only (the chat template
-writes its own; true would add a second BOS), both vLLM's defaults.
+writes its own; true would add a second BOS), both vLLM's defaults. Completions take ``echo``
+(the prompt first in the text and, with ``logprobs``, in the logprobs; ``max_tokens=0`` with it
+returns the prompt alone), both endpoints vLLM's ``prompt_logprobs`` (0..20, not with ``stream``):
+shapes and rules in :mod:`~nlora_serve.serving.http_api.echo`. Chat's ``echo=true`` (vLLM's: the
+last message prepended to the reply) and ``echo`` with ``n`` > 1 are refused.
 """
 
 from __future__ import annotations
@@ -105,6 +109,8 @@ class CompletionRequest(_Request):
 
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None  # top-k log-probabilities per token (0..20)
+    echo: bool = False  # the prompt before the text (and, with logprobs, its tokens first): http_api/echo.py
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's log-probability and top-k (0..20)
     # a text prompt takes the tokenizer's special tokens (a BOS), as vLLM's CompletionRequest
     add_special_tokens: bool = True
 
@@ -131,6 +137,7 @@ class ChatRequest(_Request):
     add_special_tokens: bool = False  # false only (vLLM's default): the chat template writes the special tokens
     add_generation_prompt: bool = True  # vLLM's: append the assistant's turn header
     continue_final_message: bool = False  # vLLM's: leave the final message open (needs add_generation_prompt false)
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's log-probability and top-k (0..20)
 
 
 @contextlib.contextmanager
@@ -173,8 +180,10 @@ def check_fields(request: _Request) -> None:
         check_cache_salt(request.cache_salt, "cache_salt")
 
 
-def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None) -> SamplingParams:
-    """The engine's SamplingParams for a request (``logprobs``: top-k per token, None = off).
+def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None,
+                prompt_logprobs: int | None = None) -> SamplingParams:
+    """The engine's SamplingParams for a request (``logprobs``: top-k per token, ``prompt_logprobs``:
+    per prompt token; None = off).
 
     Raises:
         ParamError: a field out of range (named), or max_tokens over the server's ``--max-tokens``.
@@ -182,6 +191,8 @@ def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None) -
     field, requested = "max_tokens", request.max_tokens
     if getattr(request, "max_completion_tokens", None) is not None:
         field, requested = "max_completion_tokens", request.max_completion_tokens
+    if requested == 0 and getattr(request, "echo", False):
+        requested = 1  # vLLM's echo without generation: one token computed, only the prompt returned
     with _as_param_error():
         if requested is not None and requested < 1:
             raise RequestError(f"{field} must be >= 1; got {requested}")
@@ -199,7 +210,7 @@ def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None) -
             skip_special_tokens=request.skip_special_tokens,
             presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
             repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
-            logit_bias=_logit_bias(request.logit_bias), logprobs=logprobs)
+            logit_bias=_logit_bias(request.logit_bias), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 def _logit_bias(field: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
@@ -220,8 +231,12 @@ def completion_inputs(request: CompletionRequest, config: ServerConfig) -> tuple
     """(engine prompt, sampling params) of a completion request.
 
     Raises:
-        ParamError: an unsupported field, several prompts, an empty prompt, a field out of range.
+        ParamError: an unsupported field, several prompts, an empty prompt, a field out of range,
+            echo with n > 1, prompt_logprobs with stream (:func:`prompt_logprobs_of`).
     """
+    if request.echo and _n_of(request) not in (None, 1):
+        raise ParamError(f"echo=true with n={_n_of(request)!r} is not supported: this server echoes the prompt "
+                         "into one choice; send n=1 (or echo=false)", "echo")
     check_fields(request)
     prompt = request.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
@@ -230,7 +245,36 @@ def completion_inputs(request: CompletionRequest, config: ServerConfig) -> tuple
         prompt = prompt[0]
     if not prompt:
         raise ParamError("prompt is empty: need at least one token", "prompt")
-    return prompt, sampling_of(request, config, request.logprobs)
+    # echo with logprobs scores the prompt too (vLLM's: prompt_logprobs defaults to logprobs; the
+    # engine computes the larger, the response slices each)
+    wanted = prompt_logprobs_of(request)
+    if request.echo and request.logprobs is not None:
+        wanted = max(wanted if wanted is not None else 0, request.logprobs)
+    return prompt, sampling_of(request, config, request.logprobs, wanted)
+
+
+def prompt_logprobs_of(request: CompletionRequest | ChatRequest) -> int | None:
+    """The request's ``prompt_logprobs``, checked.
+
+    Raises:
+        ParamError: out of [0, MAX_LOGPROBS] (vLLM's -1, the whole vocabulary, is over its default
+            max_logprobs of 20 too), or with stream=true (vLLM refuses it above 0; a 0 would come
+            back nowhere in a stream).
+    """
+    value = request.prompt_logprobs
+    if value is None:
+        return None
+    if not 0 <= value <= MAX_LOGPROBS:
+        raise ParamError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}]; got {value}", "prompt_logprobs")
+    if request.stream:
+        raise ParamError("prompt_logprobs is not available with stream=true (as in vLLM); send stream=false, or "
+                         "echo=true with logprobs on /v1/completions", "prompt_logprobs")
+    return value
+
+
+def _n_of(request: _Request):
+    """The request's ``n`` (a field, or an extra field the checks refuse unless 1), None when unset."""
+    return getattr(request, "n", None) if "n" in type(request).model_fields else (request.model_extra or {}).get("n")
 
 
 def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
@@ -238,8 +282,12 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
 
     Raises:
         ParamError: an unsupported field, a field out of range, top_logprobs without logprobs,
-            add_special_tokens=true.
+            add_special_tokens=true, echo=true (vLLM's chat echo is another thing), prompt_logprobs
+            (:func:`prompt_logprobs_of`).
     """
+    if (request.model_extra or {}).get("echo") is True:
+        raise ParamError("echo=true is not supported on /v1/chat/completions (vLLM's chat echo prepends the last "
+                         "message to the reply); for the prompt's log-probabilities send prompt_logprobs", "echo")
     check_fields(request)
     if request.add_special_tokens:
         raise ParamError("add_special_tokens=true is not supported on /v1/chat/completions: the chat template "
@@ -252,7 +300,8 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
     if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_LOGPROBS:
         raise ParamError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}]; got {request.top_logprobs}",
                          "top_logprobs")
-    return sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None)
+    return sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None,
+                       prompt_logprobs_of(request))
 
 
 def chat_prompt(request: ChatRequest, tokenizer,

@@ -22,6 +22,7 @@ import json
 import time
 
 from nlora_serve.engine.api import RequestOutput
+from nlora_serve.serving.http_api.echo import Echo, echo_logprobs, vllm_prompt_logprobs
 from nlora_serve.serving.http_api.token_bytes import TokenBytes
 
 
@@ -78,10 +79,14 @@ class Shaper:
         include_usage: streaming: end with a usage chunk (stream_options.include_usage).
         continuous_usage: with include_usage, every chunk carries the usage so far instead of null
             (vLLM's stream_options.continuous_usage_stats).
+        prompt_ids: the prompt's tokens as the engine runs them (for echo and prompt_logprobs).
+        echo: completions with ``echo=true``: the prompt before the choice (http_api/echo.py).
+        prompt_logprobs: vLLM's ``prompt_logprobs`` asked (top-k per prompt token); None = not returned.
     """
 
     def __init__(self, request_id: str, model: str, chat: bool, tokenizer, top_logprobs: int | None,
-                 token_ids_as_tokens: bool = False, include_usage: bool = False, continuous_usage: bool = False):
+                 token_ids_as_tokens: bool = False, include_usage: bool = False, continuous_usage: bool = False,
+                 prompt_ids: list[int] | None = None, echo: Echo | None = None, prompt_logprobs: int | None = None):
         self.request_id, self.model, self.chat = request_id, model, chat
         self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
         self.token_ids_as_tokens, self.include_usage = token_ids_as_tokens, include_usage
@@ -89,27 +94,46 @@ class Shaper:
         self.created = int(time.time())
         self._offset = 0  # characters of completion text before the next token (text_offset)
         self._token_bytes: TokenBytes | None = None  # built on the first chat logprobs entry
+        self.prompt_ids, self.echo, self.prompt_logprobs = prompt_ids, echo, prompt_logprobs
+        self._echo_sent = False  # streaming with echo: the prompt went out in the first chunk
 
     # -- whole responses -----------------------------------------------------------------------
 
     def whole(self, outs: list[RequestOutput]) -> dict:
         """The non-streaming response of a request's deltas (the last one finished)."""
-        last = outs[-1]
-        text = "".join(o.text for o in outs)
-        logprobs = self._merged_logprobs(outs)
+        first, last = outs[0], outs[-1]
+        echoed = self._echoed(first)
+        if self.echo is not None and self.echo.prompt_only:
+            outs = []  # the token computed for max_tokens=0 is not returned (vLLM's echo without generation)
+        text = (self.echo.text if self.echo is not None else "") + "".join(o.text for o in outs)
+        logprobs = self._merged_logprobs(outs, echoed)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": last.finish_reason, "stop_reason": last.stop_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason,
                       "stop_reason": last.stop_reason}
-        return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice], last),
-                "usage": usage(last)}
+        body = self._envelope("chat.completion" if self.chat else "text_completion", [choice], last)
+        if self.prompt_logprobs is not None:  # vLLM's: on the completion's choice, the chat response's top level
+            (body if self.chat else choice)["prompt_logprobs"] = vllm_prompt_logprobs(
+                self.prompt_ids, first.prompt_logprobs or [], self.prompt_logprobs, self._token)
+        return {**body, "usage": usage(last)}
 
-    def _merged_logprobs(self, outs: list[RequestOutput]) -> dict | None:
+    def _echoed(self, first: RequestOutput) -> dict | None:
+        """The logprobs of an echoed prompt (None without echo or logprobs); read before the
+        generated tokens' own, so that their text offsets follow the prompt's."""
+        if self.echo is None or self.top_logprobs is None:
+            return None
+        echoed = echo_logprobs(self.prompt_ids, first.prompt_logprobs or [], self.top_logprobs, self._token,
+                               self._offset)
+        if echoed["tokens"]:
+            self._offset = echoed["text_offset"][-1] + len(echoed["tokens"][-1])
+        return echoed
+
+    def _merged_logprobs(self, outs: list[RequestOutput], echoed: dict | None = None) -> dict | None:
         if self.top_logprobs is None:
             return None
-        parts = [self._logprobs(o) for o in outs]
+        parts = ([echoed] if echoed is not None else []) + [self._logprobs(o) for o in outs]
         if self.chat:
             return {"content": [entry for p in parts for entry in p["content"]]}
         return {key: [v for p in parts for v in p[key]] for key in parts[0]}
@@ -126,12 +150,20 @@ class Shaper:
 
     def chunk(self, out: RequestOutput) -> dict:
         """The chunk of one delta (its text, logprobs, and finish_reason and stop_reason once finished)."""
-        logprobs = self._logprobs(out) if self.top_logprobs is not None else None
+        text = out.text
+        if self.echo is not None and not self._echo_sent:  # the first chunk: the prompt, then the first token's
+            self._echo_sent = True
+            echoed = self._echoed(out)
+            mine = [] if self.echo.prompt_only else [out]
+            text = self.echo.text + "".join(o.text for o in mine)
+            logprobs = self._merged_logprobs(mine, echoed)
+        else:
+            logprobs = self._logprobs(out) if self.top_logprobs is not None else None
         if self.chat:
-            choice = {"index": 0, "delta": {"content": out.text} if out.text else {}, "logprobs": logprobs,
+            choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                       "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
         else:
-            choice = {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason,
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
                       "stop_reason": out.stop_reason}
         return self._chunk(choice, out)
 

@@ -1,0 +1,80 @@
+"""``echo`` and ``prompt_logprobs`` in OpenAI / vLLM response shapes, for the HTTP front end (no I/O).
+
+vLLM's rules, which lm-evaluation-harness's ``local-completions`` model relies on to score a
+continuation (it sends context + continuation as the prompt with ``echo: true``, ``logprobs``,
+``max_tokens`` 1 or 0, ``temperature`` 0, and sums ``choices[0].logprobs.token_logprobs`` over the
+continuation's positions):
+
+- ``echo=true`` on /v1/completions puts the prompt's text before the choice's text (streamed: in
+  the first chunk, with the first token's text); with ``logprobs=N`` the prompt's tokens come first
+  in ``logprobs`` (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``), the first
+  one's log-probability and top entries null (nothing scores it), the offsets running on into the
+  completion's. ``max_tokens=0`` with echo returns the prompt alone (one token is computed and
+  counted in ``usage.completion_tokens``, as vLLM does, but not returned).
+- ``prompt_logprobs=K`` (``extra_body``; also what echo with logprobs computes, K = N) returns
+  vLLM's ``prompt_logprobs``: per prompt token null for the first, then ``{"<token id>":
+  {"logprob", "rank", "decoded_token"}}`` for the prompt token and its top K; on the completion's
+  choice, on the chat response's top level. Not with ``stream=true`` (vLLM refuses K > 0 there).
+- ``-inf`` log-probabilities are sent as -9999.0 (vLLM's clamp: JSON has no infinity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nlora_serve.engine.prompt_logprobs import PromptLogprob
+
+FLOOR = -9999.0  # vLLM's stand-in for -inf
+
+
+@dataclass(slots=True)
+class Echo:
+    """What an ``echo=true`` completion puts before its choice."""
+
+    text: str  # the prompt's text: as sent, or its token ids decoded
+    prompt_only: bool  # max_tokens=0: the prompt alone, the generated token left out
+
+
+def clamp(logprob: float) -> float:
+    return max(logprob, FLOOR)
+
+
+def echo_logprobs(token_ids: list[int], entries: list[PromptLogprob | None], top: int,
+                  token: Callable[[int], str], offset: int) -> dict:
+    """The completion ``logprobs`` object of the prompt's tokens ``token_ids`` (``entries`` from the
+    engine, one per token), ``top`` top entries each, offsets from ``offset`` (the sum of the
+    tokens' string lengths, as vLLM's ``text_offset``)."""
+    tokens = [token(t) for t in token_ids]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    token_logprobs, tops = [], []
+    for t, entry in zip(token_ids, entries):
+        if entry is None:
+            token_logprobs.append(None)
+            tops.append(None)
+            continue
+        token_logprobs.append(clamp(entry.logprobs[t]))
+        best = sorted(entry.logprobs.items(), key=lambda kv: -kv[1])[:top]
+        tops.append({token(u): clamp(lp) for u, lp in best})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(token_ids: list[int], entries: list[PromptLogprob | None], top: int,
+                         token: Callable[[int], str]) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token None, or ``{str(id): {"logprob", "rank",
+    "decoded_token"}}`` with the prompt token first (its vocabulary rank) and the ``top`` most
+    likely (ranks 1..top)."""
+    out: list[dict | None] = []
+    for t, entry in zip(token_ids, entries):
+        if entry is None:
+            out.append(None)
+            continue
+        shaped = {str(t): {"logprob": clamp(entry.logprobs[t]), "rank": entry.rank, "decoded_token": token(t)}}
+        best = sorted(entry.logprobs.items(), key=lambda kv: -kv[1])[:top]
+        for rank, (u, lp) in enumerate(best, start=1):
+            shaped.setdefault(str(u), {"logprob": clamp(lp), "rank": rank, "decoded_token": token(u)})
+        out.append(shaped)
+    return out
