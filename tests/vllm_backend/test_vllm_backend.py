@@ -265,3 +265,39 @@ def test_adapters_resident_are_the_ones_vllm_holds(server):
     with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
         listed = {a.name: a.resident_bytes for a in admin.list_adapters()[0]}
     assert listed["lora-regex-targets"] == 0 and listed[names[-1]] == current[names[-1]].held_bytes > 0
+
+
+def test_prompt_logprobs_pass_through_to_vllm(server, hf_model):
+    """SamplingParams.prompt_logprobs reaches vLLM, and its answer comes back in our shape: on the
+    base model and a tied tenant (served folded), against transformers' float64 log_softmax."""
+    import sys
+
+    from nlora_serve.engine.sampling import SamplingParams
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "adapters"))
+    from adapter_helpers import file_deltas, merged
+
+    _upload_missing(server, ["inttune-nystrom-tied"])
+    ids = _refs(None)[0]["prompt_token_ids"]
+
+    async def scored(adapter):
+        stream = server.engine.add_request(ids, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2),
+                                           adapter=adapter)
+        deltas = [d async for d in stream]
+        assert sum(d.prompt_logprobs is not None for d in deltas) == 1  # handed out once
+        return next(d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None)
+
+    for adapter in (None, "inttune-nystrom-tied"):
+        got = asyncio.run(scored(adapter))
+        deltas, biases = file_deltas(CASES / adapter) if adapter else ({}, {})
+        with merged(hf_model, deltas, biases), torch.inference_mode():
+            want = hf_model(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+        assert len(got) == len(ids) and got[0] is None
+        for p in range(1, len(ids)):
+            entry, row = got[p], want[p - 1]
+            assert list(entry.logprobs)[0] == ids[p]
+            assert entry.logprobs[ids[p]] == pytest.approx(float(row[ids[p]]), abs=1e-3), (adapter, p)
+            top = row.topk(2)
+            for t, v in zip(top.indices.tolist(), top.values.tolist()):
+                assert entry.logprobs[t] == pytest.approx(v, abs=1e-3), (adapter, p)
+            assert 1 + int((row > row[ids[p]] + 1e-3).sum()) <= entry.rank <= 1 + int((row > row[ids[p]] - 1e-3).sum())

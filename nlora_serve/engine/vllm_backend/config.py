@@ -136,7 +136,8 @@ def vllm_sampling_params(p: SamplingParams):
                               include_stop_str_in_output=p.include_stop_str_in_output,
                               ignore_eos=p.ignore_eos, repetition_penalty=p.repetition_penalty,
                               presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                              logprobs=p.logprobs, logit_bias=dict(p.logit_bias) or None,
+                              logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
+                              logit_bias=dict(p.logit_bias) or None,
                               skip_special_tokens=p.skip_special_tokens,
                               output_kind=RequestOutputKind.DELTA)
 

@@ -30,6 +30,7 @@ from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, SHUTDOWN_REASON, Engine, EngineDead, EngineError,
                                     RequestIds, RequestOutput, RequestStream, max_prompt_bytes, prompt_ids)
+from nlora_serve.engine.prompt_logprobs import PromptLogprob
 from nlora_serve.engine.request_checks import check_request, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
@@ -198,6 +199,7 @@ class VllmEngine(Engine):
                 return
             job.started = True
         made, last, cached, unseen, folded = 0, None, 0, False, None
+        scored = None  # vLLM's prompt_logprobs as ours, until a delta carries them out
         try:
             lora = self._lora_request(job.pinned)
             if job.pinned is not None:  # its folder is written on the version's first request
@@ -220,16 +222,21 @@ class VllmEngine(Engine):
                 reason = FINISH.get(done.finish_reason, "error") if out.finished else None
                 logprobs = [{t: lp.logprob for t, lp in step.items()} for step in done.logprobs] \
                     if done.logprobs else None
+                if out.prompt_logprobs and scored is None:
+                    scored = prompt_logprobs_of(ids, out.prompt_logprobs)
                 with self._lock:
                     self._counters["generation_tokens"] += len(tokens)
                 error = f"vLLM ended it with finish reason {done.finish_reason!r}" if reason == "error" else None
                 delta = RequestOutput(job.client_id, done.text, tokens, reason, job.prompt_tokens, made, logprobs,
                                       error, **_tag(job.pinned), cached_tokens=cached,
-                                      stop_reason=done.stop_reason if reason == "stop" else None)
+                                      stop_reason=done.stop_reason if reason == "stop" else None,
+                                      prompt_logprobs=scored or None)
                 if reason is not None:
                     last = delta
                 elif tokens or done.text:
                     job.sink(delta)
+                if delta.prompt_logprobs is not None and (reason is not None or tokens or done.text):
+                    scored = []  # handed out: not again
             self._end(job, last or self._final(job, "abort", made, cached=cached))
         except asyncio.CancelledError:
             self._end(job, self._final(job, "abort", made, job.abort_reason, cached))
@@ -392,6 +399,21 @@ class VllmEngine(Engine):
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def prompt_logprobs_of(ids: list[int], scored: list) -> list[PromptLogprob | None]:
+    """vLLM's ``prompt_logprobs`` (per prompt token None or ``{token id: Logprob}``) as ours: the
+    prompt token's log-probability first, then the others; its rank."""
+    out: list[PromptLogprob | None] = []
+    for token, entry in zip(ids, scored):
+        if entry is None:
+            out.append(None)
+            continue
+        mine = entry[token]
+        logprobs = {token: mine.logprob}
+        logprobs.update((t, lp.logprob) for t, lp in entry.items() if t != token)
+        out.append(PromptLogprob(logprobs, mine.rank))
+    return out
 
 
 def _tag(pinned: AdapterVersion | None) -> dict:
