@@ -92,6 +92,9 @@ def test_echo_max_tokens_zero_and_streamed_as_vllm(http_server, tokenizer, hf_mo
                                                            "max_tokens": 3, "temperature": 0})
     assert status == 200 and plain["choices"][0]["text"].startswith(CONTEXT)
     assert plain["choices"][0]["logprobs"] is None and "prompt_logprobs" not in plain["choices"][0]
+    status, off = post(http_server, key, "completions", {"model": model, "prompt": CONTEXT, "echo": None,
+                                                         "max_tokens": 3, "temperature": 0})
+    assert status == 200 and off["choices"][0]["text"] == plain["choices"][0]["text"][len(CONTEXT):]  # null: off
     # max_tokens=0 with echo: the prompt alone (vLLM's echo without generation)
     status, only = post(http_server, key, "completions", {"model": model, "prompt": CONTEXT, "echo": True,
                                                           "max_tokens": 0, "logprobs": 2, "temperature": 0})
