@@ -69,3 +69,31 @@ def test_device_layout_is_one_copy_of_one_buffer(monkeypatch):
     assert info.block_tables.untyped_storage().data_ptr() == base and rows[0].untyped_storage().data_ptr() == base
     assert ids.dtype == pos.dtype == info.slot_mapping.dtype == torch.int64
     assert ids.shape == (7,) and info.block_tables.shape == (4, 3) and info.logits_indices.shape == (3,)
+
+
+def test_prompt_rows_follow_the_sampling_rows_worked_out_by_hand(monkeypatch):
+    """engine/prompt_logprobs.py's plan on :func:`_pairs` with the chunk (positions 2..4 of 300..306)
+    and the 2-token prompt asking for prompt logprobs: the chunk's positions 2, 3, 4 score tokens
+    303, 304, 305 (packed 2..4); the whole prompt's position 0 scores 401 (packed 5; position 1 is
+    its sampling row). The decodes ask for none."""
+    from nlora_serve.engine.prompt_logprobs import mark_scored, plan
+
+    pairs = _pairs()
+    pairs[2][0].params = SamplingParams(max_tokens=4, prompt_logprobs=2)
+    pairs[3][0].params = SamplingParams(max_tokens=4, prompt_logprobs=0)
+    rows = plan(pairs)
+    assert rows.indices.tolist() == [2, 3, 4, 5] and rows.targets.tolist() == [303, 304, 305, 401]
+    assert [(s is pairs[i][0], n) for (s, n), i in zip(rows.spans, (2, 3))] == [(True, 3), (True, 1)]
+    assert rows.top_k == 2
+    _, _, info, _ = StepInputs(BS, 1, torch.device("cpu"), gather_layout=True).build(pairs, scored=rows.indices)
+    assert info.logits_indices.tolist() == [0, 1, 6, 2, 3, 4, 5]  # sampling rows first, as before
+    inputs = StepInputs(BS, 1, torch.device("meta"), gather_layout=False)
+    inputs._pinned = False
+    assert inputs.build(pairs, scored=rows.indices)[2].logits_indices.shape == (7,)  # in the one copy
+    mark_scored(rows)
+    assert pairs[2][0].num_prompt_scored == 5 and pairs[3][0].num_prompt_scored == 1
+    # recomputed after a preemption with positions 0..3 scored before: only position 4 is scored
+    pairs[2][0].num_prompt_scored = 4
+    again = plan(pairs[:3])
+    assert again.indices.tolist() == [4] and again.targets.tolist() == [305]
+    assert plan(pairs[:2]) is None  # decodes only: the step runs as before (graphs included)
