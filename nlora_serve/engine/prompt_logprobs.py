@@ -81,9 +81,13 @@ def mark_scored(rows: PromptRows) -> None:
 def score(logits: torch.Tensor, rows: PromptRows) -> list[torch.Tensor]:
     """The read-back parts of the scored rows, float64 on ``logits``' device: ``[P]`` the scored
     tokens' log-probabilities, ``[P]`` their ranks (1 + the tokens strictly more likely), then
-    ``[P * K]`` top values and ``[P * K]`` their token ids (row by row, best first). ``logits`` [P, V] float32, the model's raw distribution (no bias, penalty or
-    temperature: vLLM's prompt logprobs are of the raw model too)."""
-    logp = logits.log_softmax(dim=-1)
+    ``[P * K]`` top values and ``[P * K]`` their token ids (row by row, best first).
+
+    ``logits`` [P, V] float32, the model's raw distribution (no bias, penalty or temperature:
+    vLLM's prompt logprobs are of the raw model too), turned into log-probabilities in place: a
+    step's P can reach its token budget, and [P, V] is the largest tensor of such a step.
+    """
+    logp = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
     targets = rows.targets.to(logits.device, non_blocking=True)
     scored = logp.gather(1, targets.unsqueeze(1))
     parts = [scored.view(-1).double(), ((logp > scored).sum(dim=1) + 1).double()]
