@@ -109,7 +109,8 @@ class CompletionRequest(_Request):
 
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None  # top-k log-probabilities per token (0..20)
-    echo: bool | None = False  # (null = false, as vLLM) the prompt before the text (and, with logprobs, its tokens first): http_api/echo.py
+    # the prompt before the text (with logprobs, its tokens first: http_api/echo.py); null = false, as vLLM
+    echo: bool | None = False
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's log-probability and top-k (0..20)
     # a text prompt takes the tokenizer's special tokens (a BOS), as vLLM's CompletionRequest
     add_special_tokens: bool = True
