@@ -21,12 +21,18 @@ from nlora_serve.errors import shown
 from nlora_serve.engine.api import text_bytes
 from nlora_serve.engine.sampling import RequestError
 
-CHAT_ROLES = ("system", "user", "assistant")
+# "developer" is OpenAI's newer name for the system role: passed to the template as it is, as
+# vLLM does (a template that knows no such role renders it like any other, SmolLM2's as a
+# "<|im_start|>developer" turn)
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+# the message fields a client writes, masked against special-token text (a template may render
+# ``name``, vLLM passes it to the template)
+_TEXT_FIELDS = ("content", "name")
 
 
 def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "messages",
                 add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
-    """Token ids of ``messages`` ({"role", "content"}) under the tokenizer's chat template, with
+    """Token ids of ``messages`` ({"role", "content"}, optionally "name") under the tokenizer's chat template, with
     the assistant's generation prompt appended (unless ``add_generation_prompt`` is False), or the
     final message left open for the model to continue (``continue_final_message``, transformers'
     and vLLM's: the rendering ends where its content ends); no content text ever becomes a special
@@ -40,13 +46,13 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "message
     specials = _special_texts(tokenizer)
     template = functools.partial(_apply_template, tokenizer, field, add_generation_prompt=add_generation_prompt,
                                  continue_final_message=continue_final_message)
-    if not any(s in m["content"] for m in messages for s in specials):
+    if not any(s in m[key] for m in messages for key in _TEXT_FIELDS if key in m for s in specials):
         return template(messages, tokenize=True, return_dict=False)
     nonce = secrets.token_hex(8)
     marks = [f"\ue000{nonce}.{k}\ue001" for k in range(len(specials))]
     special_re = re.compile("|".join(re.escape(s) for s in specials))
-    masked = [dict(m, content=special_re.sub(lambda hit: marks[specials.index(hit.group())], m["content"]))
-              for m in messages]
+    masked = [dict(m, **{key: special_re.sub(lambda hit: marks[specials.index(hit.group())], m[key])
+                         for key in _TEXT_FIELDS if key in m}) for m in messages]
     rendered = template(masked, tokenize=False)
     real = template(messages, tokenize=False)
     mark_re = re.compile(f"\ue000{nonce}\\.(\\d+)\ue001")
@@ -86,7 +92,7 @@ def _special_texts(tokenizer) -> list[str]:
 def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes: int | None = None,
                 max_messages: int | None = None, add_generation_prompt: bool = True,
                 continue_final_message: bool = False) -> list[int]:
-    """Token ids of chat ``messages`` ({"role", "content"}) under the model's chat template, with the
+    """Token ids of chat ``messages`` ({"role", "content"}, optionally "name") under the model's chat template, with the
     assistant's generation prompt appended (unless ``add_generation_prompt`` is False; see
     :func:`encode_chat` for ``continue_final_message``); content text
     is tokenized as text, never as special tokens (:func:`encode_chat`). ``max_bytes``: contents longer
@@ -108,7 +114,7 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes
     if max_messages is not None and len(messages) > max_messages:
         raise RequestError(f"{field} holds {len(messages):,} messages: more turns than the model's context holds "
                            f"tokens (max_model_len {max_messages}; refused before rendering)")
-    size = sum(text_bytes(message["content"]) for message in messages)
+    size = sum(text_bytes(message[key]) for message in messages for key in _TEXT_FIELDS if key in message)
     if max_bytes is not None and size > max_bytes:
         raise RequestError(f"{field} hold {size:,} bytes of content (UTF-8): more tokens than the model's context "
                            f"holds (max_model_len; refused before tokenizing above {max_bytes:,} bytes)")

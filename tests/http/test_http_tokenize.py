@@ -163,7 +163,7 @@ def test_keys_and_grants_as_for_generation(http_server):
     ({"model": "BASE", "messages": CHAT, "add_special_tokens": True}, "add_special_tokens", ["not supported"]),
     ({"model": "BASE", "messages": [{"role": "tool", "content": "x"}]}, "messages", ["'tool' is not one of"]),
     ({"model": "BASE", "messages": []}, "messages", ["no messages"]),
-    ({"model": "BASE", "messages": [{"role": "user", "content": "x", "name": "n"}]}, "messages.0.name", []),
+    ({"model": "BASE", "messages": [{"role": "user", "content": "x", "name": 5}]}, "messages.0.name", []),
 ])
 def test_tokenize_refuses_a_bad_body_naming_the_field(http_server, body, param, words):
     body = {k: _base(http_server) if v == "BASE" else v for k, v in body.items()}

@@ -123,9 +123,10 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # tool calls, names: refused (400 naming them)
-    role: str
+    model_config = ConfigDict(extra="forbid", strict=True)  # tool calls: refused (400 naming them)
+    role: str  # system, developer (OpenAI's newer system), user or assistant
     content: str | list[ContentPart]
+    name: str | None = None  # the participant's name: passed to the chat template, as vLLM does
 
 
 class ChatRequest(_Request):
@@ -134,7 +135,7 @@ class ChatRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are set
     logprobs: bool = False
-    top_logprobs: int | None = None  # 0..20, needs logprobs=true
+    top_logprobs: int | None = None  # 0..20; above 0 needs logprobs=true (0 without it: no logprobs, as vLLM)
     add_special_tokens: bool = False  # false only (vLLM's default): the chat template writes the special tokens
     add_generation_prompt: bool = True  # vLLM's: append the assistant's turn header
     continue_final_message: bool = False  # vLLM's: leave the final message open (needs add_generation_prompt false)
@@ -282,7 +283,7 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
     """The sampling params of a chat request (cheap: checked before admission, on the event loop).
 
     Raises:
-        ParamError: an unsupported field, a field out of range, top_logprobs without logprobs,
+        ParamError: an unsupported field, a field out of range, top_logprobs > 0 without logprobs,
             add_special_tokens=true, echo=true (vLLM's chat echo is another thing), prompt_logprobs
             (:func:`prompt_logprobs_of`).
     """
@@ -296,11 +297,11 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
     if request.continue_final_message and request.add_generation_prompt:
         raise ParamError("continue_final_message=true needs add_generation_prompt=false: the final message is "
                          "continued, no new assistant turn is opened (vLLM's rule)", "continue_final_message")
-    if request.top_logprobs is not None and not request.logprobs:
-        raise ParamError("top_logprobs needs logprobs=true", "top_logprobs")
     if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_LOGPROBS:
         raise ParamError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}]; got {request.top_logprobs}",
                          "top_logprobs")
+    if request.top_logprobs and not request.logprobs:  # 0 without logprobs asks nothing: accepted, as vLLM
+        raise ParamError("top_logprobs needs logprobs=true", "top_logprobs")
     return sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None,
                        prompt_logprobs_of(request))
 
@@ -316,7 +317,8 @@ def chat_prompt(request: ChatRequest, tokenizer,
             over ``chat_bounds`` (max_bytes, max_messages of
             :func:`~nlora_serve.serving.chat_template.render_chat`).
     """
-    messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(request.messages)]
+    messages = [{"role": m.role, "content": _message_text(m, i), **({} if m.name is None else {"name": m.name})}
+                for i, m in enumerate(request.messages)]
     with _as_param_error("messages"):
         return render_chat(messages, tokenizer, "messages", *chat_bounds, request.add_generation_prompt,
                            request.continue_final_message)
