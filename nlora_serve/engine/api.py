@@ -68,6 +68,9 @@ class RequestOutput:
     # prompt_logprobs): per prompt token, None for the first, then its PromptLogprob
     # ({token id: log-probability}, the prompt token's own first, then its top prompt_logprobs; its rank)
     prompt_logprobs: list[PromptLogprob | None] | None = None
+    # which of a request's n choices this delta belongs to: the HTTP front end runs each choice of
+    # an ``n`` > 1 request as an engine request of its own and numbers them 0..n-1; else 0
+    index: int = 0
 
     @property
     def finished(self) -> bool:

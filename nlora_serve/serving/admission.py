@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
+from nlora_serve.engine.sampling import RequestError
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.status import Draining, QueueFull
 from nlora_serve.serving.tokenizer_turns import TokenizerTurns
@@ -21,19 +22,20 @@ class Reservation:
     """One request's place in its :class:`Admission` counts, taken before its prompt is tokenized
     (:meth:`Admission.reserve`) and given back exactly once, whichever way the request ends: refused
     after reserving (a bad prompt, an unknown adapter, a context overflow), its client gone while it
-    waited for the tokenizer, or its engine stream ended (:func:`~nlora_serve.serving.stream.metered`). Event-loop only."""
+    waited for the tokenizer, or its engine stream ended (:func:`~nlora_serve.serving.stream.metered`).
+    An HTTP request of ``n`` choices holds ``n`` places (:meth:`Admission.grow`). Event-loop only."""
 
-    __slots__ = ("admission", "tenant", "held")
+    __slots__ = ("admission", "tenant", "held", "places")
 
     def __init__(self, admission: Admission, tenant: str | None):
-        self.admission, self.tenant, self.held = admission, tenant, True
+        self.admission, self.tenant, self.held, self.places = admission, tenant, True, 1
         admission.enter(tenant)
 
     def release(self) -> None:
         """Leave the admission counts; a second call does nothing."""
         if self.held:
             self.held = False
-            self.admission.leave(self.tenant)
+            self.admission.leave(self.tenant, self.places)
 
 
 class Admission:
@@ -67,22 +69,24 @@ class Admission:
         self.draining = True
         self.drain_started.set()
 
-    def check(self, principal: Principal | None = None) -> None:
-        """Raises Draining or QueueFull when a new request (of ``principal``) may not start now."""
+    def check(self, principal: Principal | None = None, places: int = 1) -> None:
+        """Raises Draining or QueueFull when a new request (of ``principal``) may not take
+        ``places`` more places now."""
         if self.draining:
             raise Draining("server is shutting down; retry on another replica")
         # refusals name the caller's own count only: the server's total is other tenants' traffic
-        if self.inflight >= self.max_queue:
+        if self.inflight + places > self.max_queue:
             raise QueueFull(f"server queue is full (--max-queue {self.max_queue} requests running or waiting); "
                             f"retry with backoff")
         if principal is None:
             return
         held, limit = self.held.get(principal.name, 0), principal.max_concurrent_requests
-        if limit is not None and held >= limit:
+        if limit is not None and held + places > limit:
             raise QueueFull(f"{principal.name!r} has {held} requests running or waiting, its "
                             f"max_concurrent_requests in the tenants file; retry when one ends")
-        share = principal.weight * (self.max_queue - self.inflight)
-        if self.tenant_shares and held >= max(1.0, share):
+        # places are taken as one by one: the last must still be under the share left by the others
+        share = principal.weight * (self.max_queue - self.inflight - (places - 1))
+        if self.tenant_shares and held + places - 1 >= max(1.0, share):
             raise QueueFull(f"{principal.name!r} holds {held} requests running or waiting, its share of the "
                             f"queue's free places now (--max-queue {self.max_queue}, weight {principal.weight:g}); "
                             f"retry with backoff")
@@ -97,16 +101,40 @@ class Admission:
         self.check(principal)
         return Reservation(self, principal.name if principal is not None else None)
 
-    def enter(self, tenant: str | None = None) -> None:
-        self.inflight += 1
+    def grow(self, reservation: Reservation, places: int, principal: Principal | None = None) -> None:
+        """Count ``places`` more places for an admitted ``reservation`` (the other choices of an
+        ``n`` > 1 request: each is a request in the engine), after :meth:`check`.
+
+        Raises:
+            RequestError: more places than ``principal``'s max_concurrent_requests, or (with
+                ``tenant_shares``) its share of an otherwise empty queue, allows at all (param
+                ``n``: the request could never be admitted). Draining, QueueFull: from
+                :meth:`check` (nothing is counted then).
+        """
+        total = reservation.places + places
+        limit = principal.max_concurrent_requests if principal is not None else None
+        if limit is not None and total > limit:
+            raise RequestError(f"n={total} is more than {principal.name!r}'s max_concurrent_requests {limit} in the "
+                               "tenants file: each choice is a request running or waiting", param="n")
+        if self.tenant_shares and principal is not None and total - 1 >= max(
+                1.0, principal.weight * (self.max_queue - total + 1)):  # alone in the queue, as in check
+            raise RequestError(f"n={total} is more than {principal.name!r}'s share of the queue could ever hold "
+                               f"(--max-queue {self.max_queue}, weight {principal.weight:g}): each choice is a "
+                               "request running or waiting", param="n")
+        self.check(principal, places)
+        self.enter(reservation.tenant, places)
+        reservation.places += places
+
+    def enter(self, tenant: str | None = None, places: int = 1) -> None:
+        self.inflight += places
         if tenant is not None:
-            self.held[tenant] = self.held.get(tenant, 0) + 1
+            self.held[tenant] = self.held.get(tenant, 0) + places
         self.idle.clear()
 
-    def leave(self, tenant: str | None = None) -> None:
-        self.inflight -= 1
+    def leave(self, tenant: str | None = None, places: int = 1) -> None:
+        self.inflight -= places
         if tenant is not None:
-            self.held[tenant] -= 1
+            self.held[tenant] -= places
             if self.held[tenant] == 0:
                 del self.held[tenant]
         if self.inflight == 0:

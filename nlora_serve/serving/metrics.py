@@ -163,9 +163,15 @@ class RequestTimer:
     def finish(self, prompt_tokens: int, cached_tokens: int = 0) -> float:
         """The stream ended after ``prompt_tokens`` prompt tokens, ``cached_tokens`` of them from the
         prefix cache; returns (and keeps in ``duration``) its duration in seconds."""
+        self.prefilled(prompt_tokens, cached_tokens)
         self.duration = time.perf_counter() - self.start
         self._duration.observe(self.duration)
+        return self.duration
+
+    def prefilled(self, prompt_tokens: int, cached_tokens: int = 0) -> None:
+        """One engine sequence of the stream ended after ``prompt_tokens`` prompt tokens,
+        ``cached_tokens`` of them from the prefix cache (each choice of an ``n`` > 1 request is
+        one; the last calls :meth:`finish`)."""
         self._prompt.inc(prompt_tokens)
         self._queries.inc(prompt_tokens)
         self._hits.inc(cached_tokens)
-        return self.duration

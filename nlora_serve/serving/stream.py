@@ -45,21 +45,27 @@ def start_request(engine: Engine, prompt: str | list[int], params: SamplingParam
 
 
 async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer,
-                  reservation: Reservation) -> AsyncIterator[RequestOutput]:
-    """The engine stream's deltas, timed into ``timer`` (``timer.duration`` is set before the finished
-    delta is yielded). However this generator ends (finished, closed early, cancelled), the engine
-    stream is closed, which aborts an unfinished request and frees its KV blocks and adapter pin at
-    once, and ``reservation`` is released.
+                  reservation: Reservation, n: int = 1) -> AsyncIterator[RequestOutput]:
+    """The engine stream's deltas, timed into ``timer`` (``timer.duration`` is set before the last
+    finished delta is yielded: ``n`` choices finish one each, see
+    :func:`~nlora_serve.serving.http_api.choices.start_choices`). However this generator ends
+    (finished, closed early, cancelled), the engine stream is closed, which aborts an unfinished
+    request and frees its KV blocks and adapter pin at once, and ``reservation`` is released.
 
     Raises:
         EngineError: the engine failed while running the request.
     """
+    unfinished = n
     try:
         async with contextlib.aclosing(stream):
             async for out in stream:
                 timer.tokens(len(out.token_ids))
                 if out.finished:
-                    timer.finish(out.prompt_tokens, out.cached_tokens)
+                    unfinished -= 1
+                    if unfinished:
+                        timer.prefilled(out.prompt_tokens, out.cached_tokens)
+                    else:
+                        timer.finish(out.prompt_tokens, out.cached_tokens)
                 yield out
     finally:
         reservation.release()

@@ -96,7 +96,7 @@ def test_errors_have_the_openai_shape_and_status(http_server):
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
     ({"logit_bias": {"42": 101}}, "logit_bias"),  # OpenAI's range is [-100, 100]
     ({"extra_body": {"prompt_logprobs": 21}}, "prompt_logprobs"),
     ({"extra_body": {"guided_json": {}}}, "guided_json"),

@@ -76,7 +76,7 @@ def test_a_client_gone_mid_body_gets_no_traceback(http_server, caplog):
     ({"model": "m" * 1_000_000, "prompt": "hi", "max_tokens": 1}, f"adapter '{'m' * 200}...' is not registered"),
     # 400 quoting an unknown field's name (twice), the message cut as a whole
     ({"prompt": "hi", "max_tokens": 1, "f" * 1_000_000: 1}, "message cut"),
-    ({"prompt": "hi", "max_tokens": 1, "n": "x" * 1_000_000}, "message cut"),  # 400 quoting a value
+    ({"prompt": "hi", "max_tokens": 1, "suffix": "x" * 1_000_000}, "message cut"),  # 400 quoting a value
 ])
 def test_an_error_never_echoes_a_huge_input_whole(http_server, body, marker):
     body.setdefault("model", http_server.server.generation.info.model)
@@ -87,8 +87,10 @@ def test_an_error_never_echoes_a_huge_input_whole(http_server, body, marker):
     assert marker in resp.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("field, value", [("n", True), ("n", 1.0), ("best_of", True)])
-def test_a_no_op_field_takes_only_its_exact_json_value(http_server, field, value):
+@pytest.mark.parametrize("field, value, good, words", [
+    ("n", True, 1, "valid integer"), ("n", 1.0, 1, "valid integer"), ("best_of", True, 1, "valid integer"),
+    ("parallel_tool_calls", 1, True, "is not supported"), ("suffix", 0, "", "is not supported")])
+def test_a_no_op_field_takes_only_its_exact_json_value(http_server, field, value, good, words):
     """JSON's true is no number, as the README says; Python's `True in (1,)` had let it through."""
-    _refused(_post(http_server, **{field: value}), field, "is not supported")
-    assert _post(http_server, temperature=0, **{field: 1}).status_code == 200
+    _refused(_post(http_server, **{field: value}), field, words)
+    assert _post(http_server, temperature=0, **{field: good}).status_code == 200

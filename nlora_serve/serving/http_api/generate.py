@@ -8,8 +8,9 @@ ends, the client's going away included), so a tenant's bodies in memory and prom
 tokenizer are bounded by its quota and share, and a refused body is never read; then the body (408
 when it has not arrived :data:`BODY_READ_SECONDS` after the headers, 503 when the server begins to
 drain first), ``model`` -> adapter and grant (403, before the name is looked up and before the other
-fields are validated), JSON and fields (400), the prompt (400: empty, too long, a bad message; only
-now is it tokenized or the chat rendered), then the engine: a prompt plus max_tokens over
+fields are validated), JSON and fields (400), the other ``n - 1`` places of an ``n`` > 1 request
+(429 when they are not free now, 400 naming ``n`` when they never could be), the prompt (400:
+empty, too long, a bad message; only now is it tokenized or the chat rendered), then the engine: a prompt plus max_tokens over
 max_model_len (400, vLLM's words), unknown model (404, never the base model instead), no adapter
 slot (429). (gRPC decides the queue after the fields: its message has arrived whole by then.) Each
 refusal is counted in ``nlora_requests_rejected_total{frontend="http"}``. Errors have OpenAI's shape
@@ -39,14 +40,16 @@ from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.errors import shown
 from nlora_serve.serving.auth import PermissionDenied, Principal
-from nlora_serve.serving.admission import Admission
+from nlora_serve.serving.admission import Admission, Reservation
 from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.stream import adapter_versions, metered, start_request
 from nlora_serve.serving.status import BodyTimeout, Draining
 from nlora_serve.serving.http_api.body import parsed_json, validated
+from nlora_serve.serving.http_api.choices import check_choices, choice_params, start_choices
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_api.echo import Echo
 from nlora_serve.serving.http_api.openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
+from nlora_serve.serving.http_api.truncation import truncated, truncation_of
 from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers
 from nlora_serve.serving.metrics import RequestTimer
 
@@ -83,7 +86,7 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     # for the tokenizer; refused, a request's body is never read
     reservation = ctx.admission.reserve(caller)
     try:
-        started = await _start(ctx, request, chat, caller)
+        started = await _start(ctx, request, chat, caller, reservation)
     except BaseException:
         reservation.release()
         raise
@@ -91,18 +94,21 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
         reservation.release()
         return Response(status_code=499)
     body = started.body
-    deltas = metered(started.stream, started.timer, reservation)
+    deltas = metered(started.stream, started.timer, reservation, body.num_choices)
     shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, started.params.logprobs,
-                    body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage,
-                    started.prompt_ids, _echo(started, ctx.tokenizer), body.prompt_logprobs)
+                    body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage, n=body.num_choices,
+                    prompt_ids=started.prompt_ids, echo=_echo(started, ctx.tokenizer),
+                    prompt_logprobs=body.prompt_logprobs)
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
 
 
-async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Principal) -> _Started | None:
-    """Read and validate an admitted request's body, then tokenize its prompt and queue it in the
-    engine (:func:`_tokenize_and_queue`), or None when the client went away first.
+async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Principal,
+                 reservation: Reservation) -> _Started | None:
+    """Read and validate an admitted request's body, grow its ``reservation`` to its ``n`` choices,
+    then tokenize its prompt and queue it in the engine (:func:`_tokenize_and_queue`), or None when
+    the client went away first.
 
     Raises:
         NloraError, RequestValidationError: see :func:`generate`.
@@ -118,18 +124,25 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
         check_grant(caller, model, ctx.base_model)
     body = validated(ChatRequest if chat else CompletionRequest, data)
     prompt, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
+    check_choices(body, params, ctx.config)
+    truncation = truncation_of(body, ctx.engine.max_model_len)
+    if body.num_choices > 1:  # each choice is a request in the queue and in the tenant's counts
+        ctx.admission.grow(reservation, body.num_choices - 1, caller)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    queued = await unless_disconnected(request, _tokenize_and_queue(ctx, caller, body, prompt, params, rid))
-    return None if queued is None else _Started(queued[0], timer, body, params, rid, prompt, queued[1])
+    queued = _tokenize_and_queue(ctx, caller, body, prompt, params, rid, truncation)
+    started = await unless_disconnected(request, queued)
+    return None if started is None else _Started(started[0], timer, body, params, rid, prompt, started[1])
 
 
 def _echo(started: _Started, tokenizer) -> Echo | None:
-    """What an ``echo=true`` completion puts first: the prompt as sent, token ids decoded (vLLM's)."""
+    """What an ``echo=true`` completion puts first: the prompt as sent (as cut by
+    truncate_prompt_tokens: then its ids decoded), token ids decoded (vLLM's)."""
     body = started.body
     if not getattr(body, "echo", False):
         return None
     prompt = started.prompt
-    text = prompt if isinstance(prompt, str) else tokenizer.decode(started.prompt_ids)
+    as_sent = isinstance(prompt, str) and body.truncate_prompt_tokens is None
+    text = prompt if as_sent else tokenizer.decode(started.prompt_ids)
     return Echo(text, prompt_only=body.max_tokens == 0)
 
 
@@ -150,9 +163,11 @@ async def read_body(request: Request, admission: Admission) -> bytes:
 
 
 async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompt: str | list[int] | None,
-                              params, rid: str) -> tuple[AsyncIterator, list[int]]:
+                              params, rid: str, truncation: tuple[int, str] | None = None
+                              ) -> tuple[AsyncIterator, list[int]]:
     """Tokenize an admitted request's prompt (chat: render it; ``prompt`` None) in its tenant's turn
-    (TokenizerTurns) and queue it in the engine; the engine stream and the prompt's token ids.
+    (TokenizerTurns), cut it to ``truncation`` (:func:`~nlora_serve.serving.http_api.truncation.truncation_of`)
+    and queue it in the engine; the engine stream and the prompt's token ids as they run.
 
     Raises:
         RequestError: the prompt (too long, a bad message), or from :func:`start_request`.
@@ -163,9 +178,15 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompt:
         prompt = await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds)
     else:
         prompt = await turns.run(caller.name, ctx.engine.prompt_ids, prompt, body.add_special_tokens)
-    stream = start_request(ctx.engine, prompt, params, f"{caller.name}/{rid}", adapter_of(ctx, body.model),
-                           body.max_tokens_given, caller, cache_salt_of(caller, body.cache_salt, ctx.auth))
-    return stream, prompt
+    prompt = truncated(prompt, truncation)
+    adapter, salt, n = adapter_of(ctx, body.model), cache_salt_of(caller, body.cache_salt, ctx.auth), body.num_choices
+
+    def start(index: int) -> AsyncIterator:
+        engine_id = f"{caller.name}/{rid}" if n == 1 else f"{caller.name}/{rid}/{index}"
+        return start_request(ctx.engine, prompt, choice_params(params, index), engine_id, adapter,
+                             body.max_tokens_given, caller, salt)
+
+    return start_choices(start, n), prompt
 
 
 async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:
@@ -191,17 +212,13 @@ async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> 
 
 
 async def _events(first, deltas: AsyncIterator, shaper: Shaper) -> AsyncIterator[str]:
-    """SSE messages: (chat: the role chunk), one chunk per delta, (the usage chunk), [DONE]."""
-    opening = shaper.first_chunk(first)
-    if opening is not None:
+    """SSE messages: (chat: the role chunk of each choice), one chunk per delta, (the usage chunk), [DONE]."""
+    for opening in shaper.opening_chunks(first):
         yield sse(opening)
-    out = first
     try:
-        while True:
+        yield sse(shaper.chunk(first))
+        async for out in deltas:  # to the last choice's finished delta
             yield sse(shaper.chunk(out))
-            if out.finished:
-                break
-            out = await anext(deltas)
     except EngineError as exc:  # headers are sent: report in-band, as OpenAI-compatible servers do
         yield sse(error_body(str(exc), 500, code="engine_error"))
         return
@@ -209,7 +226,7 @@ async def _events(first, deltas: AsyncIterator, shaper: Shaper) -> AsyncIterator
         yield sse(aborted_body(exc))
         return
     if shaper.include_usage:
-        yield sse(shaper.usage_chunk(out))
+        yield sse(shaper.usage_chunk())
     yield sse("[DONE]")
 
 

@@ -2,10 +2,15 @@
 
 Requests are pydantic models of the fields we implement. Every other field is refused with a 400
 that names it (:class:`ParamError`), never silently ignored, also when it is null; a few OpenAI
-fields are accepted at their no-op value or null only (:data:`NOOP_VALUES`: ``n=1``,
-chat's ``echo=false``, ...). Tool calling (``tools``, ``functions``) is refused at every value, ``[]`` and
-null included: a client that sends the field expects tool calls this server never makes. ``user``
-(an end-user id for abuse tracking) is accepted and changes nothing, as at OpenAI.
+fields are accepted at their no-op value or null only (:data:`NOOP_VALUES`: chat's ``echo=false``, ...).
+``n`` choices are n engine requests, choice i seeded ``seed + i`` (vLLM 0.32's rule; see
+:mod:`~nlora_serve.serving.http_api.choices`); n > 1 with greedy sampling is refused as vLLM refuses
+it, ``best_of`` is accepted only null or equal to n (vLLM 0.32 drops the field). Chat messages take
+the ``developer`` role and a ``name``, both given to the chat template as they are (vLLM's way);
+``top_logprobs: 0`` without ``logprobs`` asks nothing. Tool calling (``tools``, ``functions``) is
+refused at every value, ``[]`` and null included: a client that sends the field expects tool calls
+this server never makes. ``user`` (an end-user id for abuse tracking) is accepted and changes
+nothing, as at OpenAI.
 
 ``logit_bias`` keys are token ids as decimal strings (OpenAI's form). Defaults follow the OpenAI
 API: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the rest of
@@ -16,6 +21,7 @@ names (send them in ``extra_body``): ``top_k``, ``min_p``, ``min_tokens``, ``rep
 ``return_tokens_as_token_ids`` (logprob tokens as
 ``"token_id:<id>"``), ``cache_salt`` (only requests with the same salt share prefix-cache blocks; with keys, only
 within the sender's tenant: see :func:`~nlora_serve.serving.request_policy.cache_salt_of`),
+``truncate_prompt_tokens`` / ``truncation_side`` (:mod:`~nlora_serve.serving.http_api.truncation`),
 ``add_special_tokens``: completions true by default (a text prompt takes the tokenizer's special
 tokens, a BOS on Llama-style models; token ids run as given), chat false only (the chat template
 writes its own; true would add a second BOS), both vLLM's defaults. Completions take ``echo``
@@ -39,7 +45,7 @@ from nlora_serve.serving.server_config import ServerConfig
 
 # OpenAI fields we accept only at their no-op value or null; every other field is refused
 NOOP_VALUES: dict[str, tuple] = {
-    "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",),
+    "echo": (False,), "suffix": ("",),
     "response_format": ({"type": "text"},), "tool_choice": ("none",), "function_call": ("none",),
     "parallel_tool_calls": (True, False),
 }
@@ -89,6 +95,15 @@ class _Request(BaseModel):
     skip_special_tokens: bool = True  # false: special tokens' text (not a stop token's) stays in the text
     return_tokens_as_token_ids: bool = False
     cache_salt: str | None = None  # prefix-cache sharing group (vLLM's field; see request_policy.cache_salt_of)
+    n: int | None = None  # choices (None = 1): each an engine request of its own (http_api/choices.py)
+    best_of: int | None = None  # null or n only: vLLM 0.32 drops the field (we refuse what we would ignore)
+    # vLLM's: keep the prompt's last k tokens (-1: max_model_len - 1); truncation_side "right" keeps the first k
+    truncate_prompt_tokens: int | None = None
+    truncation_side: str | None = None  # None = "left" (vLLM's side for generation)
+
+    @property
+    def num_choices(self) -> int:
+        return 1 if self.n is None else self.n
 
     @property
     def include_usage(self) -> bool:
@@ -236,8 +251,8 @@ def completion_inputs(request: CompletionRequest, config: ServerConfig) -> tuple
         ParamError: an unsupported field, several prompts, an empty prompt, a field out of range,
             echo with n > 1, prompt_logprobs with stream (:func:`prompt_logprobs_of`).
     """
-    if request.echo and _n_of(request) not in (None, 1):
-        raise ParamError(f"echo=true with n={_n_of(request)!r} is not supported: this server echoes the prompt "
+    if request.echo and request.n not in (None, 1):
+        raise ParamError(f"echo=true with n={request.n!r} is not supported: this server echoes the prompt "
                          "into one choice; send n=1 (or echo=false)", "echo")
     check_fields(request)
     prompt = request.prompt
@@ -272,11 +287,6 @@ def prompt_logprobs_of(request: CompletionRequest | ChatRequest) -> int | None:
         raise ParamError("prompt_logprobs is not available with stream=true (as in vLLM); send stream=false, or "
                          "echo=true with logprobs on /v1/completions", "prompt_logprobs")
     return value
-
-
-def _n_of(request: _Request):
-    """The request's ``n`` (a field, or an extra field the checks refuse unless 1), None when unset."""
-    return getattr(request, "n", None) if "n" in type(request).model_fields else (request.model_extra or {}).get("n")
 
 
 def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:

@@ -66,6 +66,13 @@ def usage(out: RequestOutput, completion_tokens: int | None = None) -> dict:
             "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
+def total_usage(lasts: list[RequestOutput]) -> dict:
+    """OpenAI usage of a request's choices (the latest delta of each, choice 0 first), as vLLM
+    counts ``n`` > 1: the prompt once, the completion tokens of every choice; the cached prompt
+    tokens are choice 0's (the others read the prompt choice 0 wrote to the cache)."""
+    return usage(lasts[0], sum(out.completion_tokens for out in lasts))
+
+
 class Shaper:
     """Response objects of one request.
 
@@ -78,21 +85,24 @@ class Shaper:
         token_ids_as_tokens: logprob tokens as ``"token_id:<id>"`` (vLLM's return_tokens_as_token_ids).
         include_usage: streaming: end with a usage chunk (stream_options.include_usage).
         continuous_usage: with include_usage, every chunk carries the usage so far instead of null
-            (vLLM's stream_options.continuous_usage_stats).
+            (vLLM's stream_options.continuous_usage_stats; of the chunk's own choice, as vLLM).
+        n: the request's choices; each delta's ``index`` says whose it is.
         prompt_ids: the prompt's tokens as the engine runs them (for echo and prompt_logprobs).
-        echo: completions with ``echo=true``: the prompt before the choice (http_api/echo.py).
+        echo: completions with ``echo=true``: the prompt before the choice (http_api/echo.py; n = 1 only).
         prompt_logprobs: vLLM's ``prompt_logprobs`` asked (top-k per prompt token); None = not returned.
     """
 
     def __init__(self, request_id: str, model: str, chat: bool, tokenizer, top_logprobs: int | None,
                  token_ids_as_tokens: bool = False, include_usage: bool = False, continuous_usage: bool = False,
-                 prompt_ids: list[int] | None = None, echo: Echo | None = None, prompt_logprobs: int | None = None):
+                 n: int = 1, prompt_ids: list[int] | None = None, echo: Echo | None = None,
+                 prompt_logprobs: int | None = None):
         self.request_id, self.model, self.chat = request_id, model, chat
         self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
         self.token_ids_as_tokens, self.include_usage = token_ids_as_tokens, include_usage
         self.continuous_usage = include_usage and continuous_usage
         self.created = int(time.time())
-        self._offset = 0  # characters of completion text before the next token (text_offset)
+        self._offsets = [0] * n  # per choice: characters of completion text before its next token (text_offset)
+        self._lasts: list[RequestOutput | None] = [None] * n  # per choice: its latest delta (the usage chunk)
         self._token_bytes: TokenBytes | None = None  # built on the first chat logprobs entry
         self.prompt_ids, self.echo, self.prompt_logprobs = prompt_ids, echo, prompt_logprobs
         self._echo_sent = False  # streaming with echo: the prompt went out in the first chunk
@@ -100,7 +110,18 @@ class Shaper:
     # -- whole responses -----------------------------------------------------------------------
 
     def whole(self, outs: list[RequestOutput]) -> dict:
-        """The non-streaming response of a request's deltas (the last one finished)."""
+        """The non-streaming response of a request's deltas (each choice's last one finished)."""
+        by_choice: list[list[RequestOutput]] = [[] for _ in self._lasts]
+        for out in outs:
+            by_choice[out.index].append(out)
+        choices = [self._whole_choice(index, deltas) for index, deltas in enumerate(by_choice)]
+        lasts = [deltas[-1] for deltas in by_choice]
+        body = self._envelope("chat.completion" if self.chat else "text_completion", choices, lasts[0])
+        if self.prompt_logprobs is not None and self.chat:  # vLLM's: the chat response's top level
+            body["prompt_logprobs"] = self._prompt_logprobs(by_choice[0][0])
+        return {**body, "usage": total_usage(lasts)}
+
+    def _whole_choice(self, index: int, outs: list[RequestOutput]) -> dict:
         first, last = outs[0], outs[-1]
         echoed = self._echoed(first)
         if self.echo is not None and self.echo.prompt_only:
@@ -108,16 +129,16 @@ class Shaper:
         text = (self.echo.text if self.echo is not None else "") + "".join(o.text for o in outs)
         logprobs = self._merged_logprobs(outs, echoed)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": last.finish_reason, "stop_reason": last.stop_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason,
-                      "stop_reason": last.stop_reason}
-        body = self._envelope("chat.completion" if self.chat else "text_completion", [choice], last)
-        if self.prompt_logprobs is not None:  # vLLM's: on the completion's choice, the chat response's top level
-            (body if self.chat else choice)["prompt_logprobs"] = vllm_prompt_logprobs(
-                self.prompt_ids, first.prompt_logprobs or [], self.prompt_logprobs, self._token)
-        return {**body, "usage": usage(last)}
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": last.finish_reason, "stop_reason": last.stop_reason}
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason,
+                  "stop_reason": last.stop_reason}
+        if self.prompt_logprobs is not None:  # vLLM's: on each completion choice
+            choice["prompt_logprobs"] = self._prompt_logprobs(first)
+        return choice
+
+    def _prompt_logprobs(self, first: RequestOutput) -> list[dict | None]:
+        return vllm_prompt_logprobs(self.prompt_ids, first.prompt_logprobs or [], self.prompt_logprobs, self._token)
 
     def _echoed(self, first: RequestOutput) -> dict | None:
         """The logprobs of an echoed prompt (None without echo or logprobs); read before the
@@ -125,9 +146,9 @@ class Shaper:
         if self.echo is None or self.top_logprobs is None:
             return None
         echoed = echo_logprobs(self.prompt_ids, first.prompt_logprobs or [], self.top_logprobs, self._token,
-                               self._offset)
+                               self._offsets[first.index])
         if echoed["tokens"]:
-            self._offset = echoed["text_offset"][-1] + len(echoed["tokens"][-1])
+            self._offsets[first.index] = echoed["text_offset"][-1] + len(echoed["tokens"][-1])
         return echoed
 
     def _merged_logprobs(self, outs: list[RequestOutput], echoed: dict | None = None) -> dict | None:
@@ -140,16 +161,18 @@ class Shaper:
 
     # -- streaming -----------------------------------------------------------------------------
 
-    def first_chunk(self, first: RequestOutput) -> dict | None:
-        """The chunk that opens a chat stream (the assistant role), sent with the ``first`` delta;
-        None for completions."""
+    def opening_chunks(self, first: RequestOutput) -> list[dict]:
+        """The chunks that open a chat stream (the assistant role of each choice, as vLLM), sent
+        with the ``first`` delta; none for completions."""
         if not self.chat:
-            return None
-        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None, "stop_reason": None}, first, completion_tokens=0)
+            return []
+        return [self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None, "stop_reason": None}, first, completion_tokens=0)
+                for index in range(len(self._lasts))]
 
     def chunk(self, out: RequestOutput) -> dict:
         """The chunk of one delta (its text, logprobs, and finish_reason and stop_reason once finished)."""
+        self._lasts[out.index] = out
         text = out.text
         if self.echo is not None and not self._echo_sent:  # the first chunk: the prompt, then the first token's
             self._echo_sent = True
@@ -160,16 +183,16 @@ class Shaper:
         else:
             logprobs = self._logprobs(out) if self.top_logprobs is not None else None
         if self.chat:
-            choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+            choice = {"index": out.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                       "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
+            choice = {"index": out.index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
                       "stop_reason": out.stop_reason}
         return self._chunk(choice, out)
 
-    def usage_chunk(self, last: RequestOutput) -> dict:
-        """The closing chunk of include_usage: no choices, the usage."""
-        return {**self._envelope(self._chunk_object, [], last), "usage": usage(last)}
+    def usage_chunk(self) -> dict:
+        """The closing chunk of include_usage: no choices, the usage of every choice streamed."""
+        return {**self._envelope(self._chunk_object, [], self._lasts[0]), "usage": total_usage(self._lasts)}
 
     def _chunk(self, choice: dict, out: RequestOutput, completion_tokens: int | None = None) -> dict:
         body = self._envelope(self._chunk_object, [choice], out)
@@ -206,8 +229,8 @@ class Shaper:
         tokens = [self._token(t) for t, _ in pairs]
         offsets = []
         for token in tokens:
-            offsets.append(self._offset)
-            self._offset += len(token)
+            offsets.append(self._offsets[out.index])
+            self._offsets[out.index] += len(token)
         return {"tokens": tokens, "token_logprobs": [lps[t] for t, lps in pairs],
                 "top_logprobs": [{self._token(u): lp for u, lp in self._top(lps)} for _, lps in pairs],
                 "text_offset": offsets}
