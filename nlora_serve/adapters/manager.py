@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,8 @@ class AdapterManager:
     """
 
     def __init__(self, base: BaseModel, adapter_dir: str | os.PathLike, limits: AdapterLimits | None = None,
-                 residency=None, placement: Placement | None = None):
+                 residency=None, placement: Placement | None = None,
+                 tenant_shares: Mapping[str, float] | None = None):
         self.base = base
         self.limits = limits or AdapterLimits()
         # compressed family members share one copy of their factors, found in the store's _families
@@ -62,7 +64,7 @@ class AdapterManager:
         load = self._load_stored
         self.residency = residency if residency is not None else Residency(
             base, load, tied_budget=self.limits.adapter_memory, max_loras=self.limits.max_loras,
-            max_rank=self.limits.max_rank, placement=placement)
+            max_rank=self.limits.max_rank, placement=placement, tenant_shares=tenant_shares)
         self.registry = AdapterRegistry(store, load, self._load_files,
                                         on_admit=self.residency.admit, on_free=self.residency.free)
         restored = self.registry.rebuild()
@@ -88,8 +90,9 @@ class AdapterManager:
         return read_adapter_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], self.base, max_rank=self.limits.max_rank,
                                   source=source, families=self.families)
 
-    def acquire(self, name: str) -> AdapterVersion:
-        """Pin ``name``'s current version for one request and make sure it is resident.
+    def acquire(self, name: str, tenant: str | None = None) -> AdapterVersion:
+        """Pin ``name``'s current version for one request (of ``tenant``: its share of the LoRA
+        slots, :class:`~nlora_serve.adapters.residency.Residency`) and make sure it is resident.
 
         Raises:
             AdapterNotFound: unknown or unloaded name.
@@ -98,14 +101,15 @@ class AdapterManager:
         """
         version = self.registry.acquire(name)
         try:
-            self.residency.ensure_resident(version)
+            self.residency.ensure_resident(version, tenant)
         except BaseException:
             self.registry.release(version)
             raise
         return version
 
-    def release(self, version: AdapterVersion) -> None:
-        """Unpin (exactly once per acquire)."""
+    def release(self, version: AdapterVersion, tenant: str | None = None) -> None:
+        """Unpin (exactly once per acquire, with its ``tenant``)."""
+        self.residency.unpin(version, tenant)
         self.registry.release(version)
 
     def start_names(self, names: list[str]) -> list[str]:

@@ -6,6 +6,14 @@
 - Untied adapters share one :class:`LoraPool` of ``max_loras`` slots with LRU eviction: an
   evicted adapter's tensors are dropped and re-read from its store folder on its next request
   (a timed, counted cold load). A slot held by a running request is never evicted.
+- With tenant shares (fair scheduling), the LoRA slots are shared between the tenants that contend
+  for them: a tenant refused a slot contends from then on, for as long as it keeps asking (each
+  request within :data:`CONTEND_SECONDS` of the end of its last), and while another tenant contends, a tenant
+  holding at least its share, ``max_loras · w / Σw`` over the tenants holding a slot, those
+  contending and itself (``w``: the tenants' fair-scheduling weights), takes no other. Without
+  this, one tenant granted ``max_loras`` untied adapters kept every slot pinned with as many long
+  requests (each ended one replaced at once, its adapter still resident) and every other tenant's
+  untied adapter was refused for as long as it liked.
 
 The registry calls :meth:`admit` when a version is registered and :meth:`free` when it is freed;
 the engine calls :meth:`ensure_resident` when it admits a request.
@@ -16,8 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from nlora_serve.adapters.adapter import Adapter
@@ -27,6 +35,11 @@ from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models.base import BaseModel
 
 log = logging.getLogger(__name__)
+
+# seconds after its last request ended a tenant refused a LoRA slot still contends for the slots: longer
+# than a client's retry backoff, so its next try finds the slot a tenant at its share left, and
+# than the gap between its requests, so a slot it gives back between two is not taken at once
+CONTEND_SECONDS = 10.0
 
 
 class PoolFull(AdapterError):
@@ -50,11 +63,17 @@ class Residency:
         max_loras: untied adapters resident at once (LoraPool slots).
         max_rank: the widest rank an untied adapter may have (LoraPool width).
         placement: where the pools live (None: the CPU, reading the base model's own weights).
+        tenant_shares: tenant -> weight (absent: 1) to share the LoRA slots between contending
+            tenants (module docstring); None: first come, first served.
     """
 
     def __init__(self, base: BaseModel, load: Callable[[Path], Adapter], *, tied_budget: int,
-                 max_loras: int, max_rank: int, placement: Placement | None = None):
+                 max_loras: int, max_rank: int, placement: Placement | None = None,
+                 tenant_shares: Mapping[str, float] | None = None):
         self.base = base
+        self.tenant_shares = tenant_shares
+        self._pins: dict[int, Counter] = {}  # id(version) -> tenant -> its requests on that resident untied version
+        self._contending: dict[str | None, float] = {}  # tenant -> monotonic time it last asked or ended a request
         self.placement = placement
         self._load = load
         self.tied_budget = tied_budget
@@ -86,20 +105,60 @@ class Residency:
             else:
                 self._place_untied(version, required=False)
 
-    def ensure_resident(self, version) -> None:
-        """Make sure a pinned version has a slot before its request runs (cold load if evicted).
+    def ensure_resident(self, version, tenant: str | None = None) -> None:
+        """Make sure a pinned version has a slot before its request (of ``tenant``) runs (cold
+        load if evicted); an untied version's pin is counted for ``tenant`` until :meth:`unpin`.
 
         Raises:
-            PoolFull: every LoRA slot is held by running requests. AdapterLoadFailed: its cold
-                load failed (the slot it took is free again).
+            PoolFull: every LoRA slot is held by running requests, or (tenant shares) ``tenant``
+                holds its share of them while another tenant waits for one. AdapterLoadFailed: its
+                cold load failed (the slot it took is free again).
         """
         with self._lock:
             if version.pool is not None and version.pool is not self.lora_pool:
                 return  # tied tenants and family members stay resident
+            if not self._pins.get(id(version)):  # no request holds it: this one would take its slot
+                self._check_share(version, tenant)
             if version.slot is not None:
                 self._lru.move_to_end(id(version))
-                return
-            self._place_untied(version, required=True)
+            else:
+                self._place_untied(version, required=True, tenant=tenant)
+            self._pins.setdefault(id(version), Counter())[tenant] += 1
+            if tenant in self._contending:
+                self._contending[tenant] = time.monotonic()
+
+    def unpin(self, version, tenant: str | None = None) -> None:
+        """A request of ``tenant`` on ``version`` ended (once per :meth:`ensure_resident`)."""
+        with self._lock:
+            pins = self._pins.get(id(version))
+            if pins is None:
+                return  # tied: never counted
+            pins[tenant] -= 1
+            if pins[tenant] <= 0:
+                del pins[tenant]
+            if not pins:
+                del self._pins[id(version)]
+            if tenant in self._contending:  # the gap to its next request counts from here
+                self._contending[tenant] = time.monotonic()
+
+    def _check_share(self, version, tenant: str | None) -> None:
+        """Refuse ``tenant`` a further LoRA slot while another tenant contends for the slots and it
+        holds its share (``max_loras`` over the tenants holding a slot, those contending and itself)."""
+        if self.tenant_shares is None:
+            return
+        now = time.monotonic()
+        self._contending = {t: at for t, at in self._contending.items() if now - at < CONTEND_SECONDS}
+        others = set(self._contending) - {tenant}
+        if not others:
+            return
+        holders = {t for key in self._lru for t in self._pins.get(key, ())}
+        held = sum(1 for key in self._lru if tenant in self._pins.get(key, ()))
+        weight = self.tenant_shares.get
+        share = self.lora_pool.capacity * weight(tenant, 1.0) / sum(weight(t, 1.0) for t in holders | others | {tenant})
+        if held >= max(1.0, share):
+            self._contending[tenant] = now
+            raise PoolFull(f"adapter {version.name!r}: your requests hold {held} of the {self.lora_pool.capacity} "
+                           "LoRA slots (--max-loras), your share while other tenants wait for one; retry shortly")
 
     def free(self, version) -> None:
         """Give back a freed version's slot."""
@@ -108,6 +167,7 @@ class Residency:
                 return
             version.pool.release_slot(version.slot)
             self._lru.pop(id(version), None)
+            self._pins.pop(id(version), None)
             version.pool, version.slot = None, None
 
     def _admit_tied(self, version) -> None:
@@ -134,12 +194,14 @@ class Residency:
             raise
         version.pool, version.slot = pool, slot
 
-    def _place_untied(self, version, required: bool) -> None:
+    def _place_untied(self, version, required: bool, tenant: str | None = None) -> None:
         pool = self.lora_pool
         slot = pool.take_slot()
         if slot is None:
             slot = self._evict_lru()
         if slot is None:
+            if required and self.tenant_shares is not None:
+                self._contending[tenant] = time.monotonic()
             if required:
                 raise PoolFull(f"adapter {version.name!r}: all {pool.capacity} LoRA slots are held by "
                                "running requests (--max-loras); retry shortly")

@@ -87,8 +87,10 @@ class EngineCore:
             self.runner.enable_graphs(sched.max_num_seqs, capture_now=True, piecewise_tokens=(
                 sched.max_num_batched_tokens if config.piecewise_graphs else 0))
         self.reset_scheduling(num_blocks)
-        self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits,
-                                       placement=self.runner.placement()) if config.adapter_dir else None
+        # with fair scheduling, contending tenants share the LoRA slots too (adapters/residency.py)
+        shares = sched.tenant_weights if sched.policy == "fair" else None
+        self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits, placement=self.runner.placement(),
+                                       tenant_shares=shares) if config.adapter_dir else None
         self.hook = AdapterHook(native, triton=config.kernel_backend == "triton")
         if self.adapters is not None:
             self.runner.set_adapter_hook(self.hook)
@@ -285,7 +287,7 @@ class EngineCore:
         del self.requests[req.seq.request_id]
         pinned, req.seq.adapter = req.seq.adapter, None
         if pinned is not None:
-            self.adapters.release(pinned)
+            self.adapters.release(pinned, seq.tenant)
         if reason in ("stop", "length"):
             text += req.detokenizer.flush()
         out = self._output(req, text, token_ids, reason, logprobs, pinned)

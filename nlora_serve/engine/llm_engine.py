@@ -119,7 +119,7 @@ class LLMEngine(Engine):
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt, add_special_tokens)
         self.core.validate(ids, params)
-        pinned = self.adapters.acquire(adapter) if adapter is not None else None
+        pinned = self.adapters.acquire(adapter, tenant) if adapter is not None else None
         client_id, engine_id = self._ids.admit(request_id)
         self._sinks[engine_id] = sink
         self._inbox.put(_Add(engine_id, ids, params, pinned, tenant, cache_salt))
@@ -282,7 +282,7 @@ class LLMEngine(Engine):
             self.core.add(cmd.engine_id, cmd.ids, cmd.params, cmd.pinned, cmd.tenant, cmd.cache_salt)
         except Exception as exc:  # RequestError, or anything else: only this request fails
             if cmd.pinned is not None and cmd.engine_id not in self.core.requests:  # never queued: the pin is ours
-                self.core.adapters.release(cmd.pinned)
+                self.core.adapters.release(cmd.pinned, cmd.tenant)
             self._deliver([RequestOutput(cmd.engine_id, "", [], "error", len(cmd.ids), 0, error=str(exc))])
 
     def _deliver(self, outputs: list[RequestOutput | None]) -> None:

@@ -218,3 +218,97 @@ def test_ten_thousand_tied_tenants_use_r2_sites_bytes_each(base_fp32):
     assert res.tied_bytes == 10_000 * per_tenant
     pool = next(iter(res.tied_pools.values()))
     assert pool.used == 10_000 and pool.n.nbytes == pool.capacity * per_tenant
+
+
+def test_a_tenant_holding_every_lora_slot_yields_one_to_a_tenant_refused_one(base_fp32, tmp_path):
+    """A hostile tenant granted max_loras untied adapters kept every slot pinned with one long
+    request per adapter, each replaced the moment it ended (its adapter still resident, so it never
+    even looked for a slot): every other tenant's untied adapter was PoolFull for as long as it
+    liked (a live server: carol refused 429 on every try). Now a tenant refused a slot contends for
+    the slots while it keeps asking, and a tenant holding its share (2 slots / 2 tenants) takes no
+    other meanwhile."""
+    res = Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30, max_loras=2,
+                    max_rank=16, tenant_shares={})
+    vs = {}
+    for i, name in enumerate(("bob-a", "bob-b", "carol-a", "carol-b")):
+        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
+        vs[name] = version(name, a, write_adapter(a, tmp_path / name))
+        res.admit(vs[name])
+
+    def pin(name, tenant):  # a request of ``tenant`` on ``name``: the registry's pin, then residency's
+        vs[name].refcount += 1
+        try:
+            res.ensure_resident(vs[name], tenant)
+        except PoolFull:
+            vs[name].refcount -= 1
+            raise
+
+    def unpin(name, tenant):
+        res.unpin(vs[name], tenant)
+        vs[name].refcount -= 1
+
+    pin("bob-a", "bob")
+    pin("bob-b", "bob")  # alone, bob may hold every slot
+    with pytest.raises(PoolFull, match="all 2 LoRA slots are held by running requests"):
+        pin("carol-a", "carol")
+    unpin("bob-a", "bob")  # bob's request on bob-a ends and bob sends the next at once
+    with pytest.raises(PoolFull, match=r"your requests hold 1 of the 2 LoRA slots \(--max-loras\), your share "
+                                       "while other tenants wait for one"):
+        pin("bob-a", "bob")
+    pin("carol-a", "carol")  # carol's retry takes bob-a's slot
+    assert vs["carol-a"].slot is not None and vs["bob-a"].slot is None
+    pin("carol-a", "carol")  # a second request on a version carol holds takes no further slot
+    unpin("carol-a", "carol")
+    with pytest.raises(PoolFull, match="your requests hold 1 of the 2 LoRA slots"):
+        pin("bob-a", "bob")  # one slot each while carol contends: bob contends for a second one
+    unpin("bob-b", "bob")
+    pin("carol-a", "carol")
+    with pytest.raises(PoolFull, match="your requests hold 1 of the 2 LoRA slots"):
+        pin("carol-b", "carol")  # carol, at her share, yields the slot bob-b left to bob, who waits
+    pin("bob-a", "bob")
+    assert vs["bob-a"].slot is not None and vs["bob-b"].slot is None and vs["carol-a"].slot is not None
+
+
+
+def test_a_tenant_contends_for_lora_slots_until_ten_seconds_after_its_last_request_ended(base_fp32, tmp_path,
+                                                                                          monkeypatch):
+    """Counted from a request's start, carol's contention lapsed while her request ran (12 s on a
+    loaded 2-core server) and bob took her slot back the moment it ended: 7 of her 84 one-second
+    retries got through in 2 minutes, 40 of 57 counted from its end."""
+    from nlora_serve.adapters import residency as residency_module
+
+    clock = [100.0]
+    monkeypatch.setattr(residency_module.time, "monotonic", lambda: clock[0])
+    res = Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30, max_loras=2,
+                    max_rank=16, tenant_shares={})
+    vs = {}
+    for i, name in enumerate(("bob-a", "bob-b", "carol-a")):
+        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
+        vs[name] = version(name, a, write_adapter(a, tmp_path / name))
+        res.admit(vs[name])
+
+    def pin(name, tenant, at):
+        clock[0] = at
+        vs[name].refcount += 1
+        try:
+            res.ensure_resident(vs[name], tenant)
+        except PoolFull:
+            vs[name].refcount -= 1
+            raise
+
+    def unpin(name, tenant, at):
+        clock[0] = at
+        res.unpin(vs[name], tenant)
+        vs[name].refcount -= 1
+
+    pin("bob-a", "bob", 100.0)
+    pin("bob-b", "bob", 100.0)
+    with pytest.raises(PoolFull, match="all 2 LoRA slots are held"):
+        pin("carol-a", "carol", 100.0)
+    unpin("bob-b", "bob", 101.0)
+    pin("carol-a", "carol", 101.0)
+    unpin("carol-a", "carol", 113.0)  # her request ran 12 s
+    with pytest.raises(PoolFull, match="your requests hold 1 of the 2 LoRA slots"):
+        pin("bob-b", "bob", 120.0)  # 7 s after it ended (19 s after it began): carol still contends
+    pin("bob-b", "bob", 123.5)  # 10.5 s after: she stopped asking, bob may have both again
+    assert vs["bob-b"].slot is not None and vs["carol-a"].slot is None

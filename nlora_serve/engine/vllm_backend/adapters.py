@@ -148,9 +148,12 @@ class VllmResidency:
                                      tensor_key(0, "q_proj", PART_B): torch.zeros(q[0], 1)}, str(out / LORA_WEIGHTS))
         return lora_id
 
-    def ensure_resident(self, version) -> None:
+    def ensure_resident(self, version, tenant: str | None = None) -> None:
         """Nothing to do here: the engine folds the version on its request's way to vLLM (off the
         caller's loop), and vLLM loads the folder then and caches it."""
+
+    def unpin(self, version, tenant: str | None = None) -> None:
+        """Nothing to count: vLLM holds no slots of ours (its ``max_loras`` bounds a batch)."""
 
     def free(self, version) -> None:
         """Drop a freed version from vLLM, then delete its folder (``on_free``)."""
