@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import openai
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
@@ -61,3 +62,13 @@ def read_response(sock: socket.socket) -> bytes:
     while len(rest) < length:
         rest += sock.recv(65536)
     return head + b"\r\n\r\n" + rest
+
+
+def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens of the transformers model after ``prompt`` (float64 argmax of its logits,
+    EOS included, as ``ignore_eos`` samples it): the independent reference of a greedy reply."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].double().argmax()))
+    return ids[len(prompt):]

@@ -10,23 +10,13 @@ import copy
 
 import openai
 import pytest
-import torch
 
 from grpc_harness import TENANT_KEYS
-from http_harness import client
+from http_harness import client, hf_greedy
 from nlora_serve.serving.chat_template import render_chat
 
 DEVELOPER = [{"role": "developer", "content": "Answer in one word."},
              {"role": "user", "content": "What is the capital of France?"}]
-
-
-def _greedy(hf_model, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens of the transformers model (float64 argmax of its logits)."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].double().argmax()))
-    return ids[len(prompt):]
 
 
 def _chat(server, **fields):
@@ -43,7 +33,7 @@ def test_the_developer_role_is_rendered_by_the_template_as_vllm(http_server, tok
     answer = _chat(http_server, messages=DEVELOPER, logprobs=True, extra_body={"return_tokens_as_token_ids": True})
     got = [int(e.token.removeprefix("token_id:")) for e in answer.choices[0].logprobs.content]
     assert answer.usage.prompt_tokens == len(want_prompt)
-    assert got == _greedy(hf_model, want_prompt, len(got))
+    assert got == hf_greedy(hf_model, want_prompt, len(got))
 
 
 def test_name_reaches_the_chat_template_as_text(tokenizer):
@@ -71,7 +61,7 @@ def test_name_is_accepted_and_smollm2s_template_ignores_it(http_server, tokenize
                                                 return_dict=False)
     answer = _chat(http_server, messages=messages)
     assert answer.usage.prompt_tokens == len(want_prompt)
-    assert answer.choices[0].message.content == tokenizer.decode(_greedy(hf_model, want_prompt, 5),
+    assert answer.choices[0].message.content == tokenizer.decode(hf_greedy(hf_model, want_prompt, 5),
                                                                 skip_special_tokens=True)
 
 

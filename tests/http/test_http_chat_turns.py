@@ -10,10 +10,9 @@ import urllib.request
 
 import openai
 import pytest
-import torch
 
 from grpc_harness import TENANT_KEYS
-from http_harness import client
+from http_harness import client, hf_greedy
 
 KEY = TENANT_KEYS["base-co"]
 STARTED = [{"role": "user", "content": "Write a short poem about the sea."},
@@ -32,15 +31,6 @@ def _tokenize(server, body: dict) -> list[int]:
         return json.loads(answer.read())["tokens"]
 
 
-def _greedy(hf_model, ids: list[int], n: int) -> list[int]:
-    """n argmax tokens of the transformers model, EOS included (as ignore_eos samples it)."""
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[-n:]
-
-
 @pytest.mark.parametrize("flags", [{"add_generation_prompt": False},
                                    {"add_generation_prompt": False, "continue_final_message": True}],
                          ids=["no_generation_prompt", "continue_final_message"])
@@ -51,7 +41,7 @@ def test_the_prompt_is_transformers_rendering_with_the_same_flags(http_server, t
         extra_body={**flags, "ignore_eos": True})
     assert answer.usage.prompt_tokens == len(want)
     assert _tokenize(http_server, {"messages": STARTED, **flags}) == want
-    assert answer.choices[0].message.content == tokenizer.decode(_greedy(hf_model, want, 6), skip_special_tokens=True)
+    assert answer.choices[0].message.content == tokenizer.decode(hf_greedy(hf_model, want, 6), skip_special_tokens=True)
     if flags.get("continue_final_message"):
         assert tokenizer.decode(want).endswith("<|im_start|>assistant\nThe sea is")  # left open: no <|im_end|>
 

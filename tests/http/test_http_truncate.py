@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import httpx2
 import pytest
-import torch
 
 from grpc_harness import TENANT_KEYS
-from http_harness import base_url, client
+from http_harness import base_url, client, hf_greedy
 
 KEY = TENANT_KEYS["base-co"]
 PROMPT = ("The keeper of the lighthouse wrote in his log every evening: the wind, the ships that "
           "passed, the colour of the sea and the birds on the rocks. On the last day of the year he wrote")
 CHAT = [{"role": "user", "content": "Name three rivers in Europe and say which is longest."}]
-
-
-def _greedy(hf_model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].double().argmax()))
-    return ids[len(prompt):]
 
 
 def _tokens(logprobs, chat: bool) -> list[int]:
@@ -51,7 +42,7 @@ def test_the_kept_tokens_are_the_ones_run(http_server, tokenizer, hf_model, chat
                                         extra_body=extra)
     kept = full[:12] if side == "right" else full[-12:]
     assert len(full) > 12 and answer.usage.prompt_tokens == 12
-    assert _tokens(answer.choices[0].logprobs, chat) == _greedy(hf_model, kept, 4)
+    assert _tokens(answer.choices[0].logprobs, chat) == hf_greedy(hf_model, kept, 4)
 
 
 def test_a_prompt_shorter_than_k_runs_whole(http_server, tokenizer):
@@ -69,7 +60,7 @@ def test_minus_one_keeps_max_model_len_minus_one_and_leaves_one_token_to_generat
         model=http_server.server.generation.info.model, prompt=ids, temperature=0, logprobs=0,
         extra_body={"truncate_prompt_tokens": -1, "return_tokens_as_token_ids": True})
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (1023, 1)
-    assert _tokens(answer.choices[0].logprobs, False) == _greedy(hf_model, ids[-1023:], 1)
+    assert _tokens(answer.choices[0].logprobs, False) == hf_greedy(hf_model, ids[-1023:], 1)
 
 
 @pytest.mark.parametrize("fields, param, words", [
