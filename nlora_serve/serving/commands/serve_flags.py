@@ -75,7 +75,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
            "the adapter store writes or reads back (default: %(default)s)")
     a("--max-loras", type=int, default=AdapterLimits().max_loras,
       help="untied adapters resident at once, LRU beyond; on --backend vllm, vLLM's max_loras: distinct "
-           "adapters in one batch, tied tenants included (default: %(default)s)")
+           "adapters in one batch, tied tenants included, and on the CPU the zero LoRA base requests run on "
+           "(default: %(default)s)")
     a("--adapter-memory", type=int, default=None,  # None: serve --backend vllm refuses it only when given
       help=f"MiB all tied tenants' N may use (default: {AdapterLimits().adapter_memory // MiB})")
     a("--drain-seconds", type=float, default=d.drain_seconds,
