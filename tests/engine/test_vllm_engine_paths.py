@@ -39,6 +39,7 @@ class _Folds:
 
     def __init__(self):
         self.calls = []
+        self.remove = self.root = None  # what drop hands a freed version's folder to, and where they are
 
     async def use(self, version):
         self.calls.append(("use", version.slot))
@@ -46,8 +47,9 @@ class _Folds:
     def done(self, lora_id):
         self.calls.append(("done", lora_id))
 
-    def forget(self, lora_id):
-        self.calls.append(("forget", lora_id))
+    async def drop(self, lora_id):
+        self.calls.append(("drop", lora_id))
+        await self.remove(lora_id, self.root / str(lora_id))  # FoldCache.drop of a version with no folder entry
 
 
 def _engine(llm=None) -> VllmEngine:
@@ -108,11 +110,12 @@ def test_a_freed_version_is_removed_from_vllm_before_its_folder_goes(tmp_path):
     folder = tmp_path / "7"
     folder.mkdir()
     engine = _engine(Llm())
+    engine._fold_cache.remove, engine._fold_cache.root = engine._remove_lora, tmp_path
     try:
         engine._drop_lora(7, folder)
         assert folder.is_dir()  # not deleted on the freeing thread
         asyncio.run_coroutine_threadsafe(asyncio.sleep(0.2), engine._loop).result(5)
-        assert seen == [(7, True)] and not folder.exists() and engine._fold_cache.calls == [("forget", 7)]
+        assert seen == [(7, True)] and not folder.exists() and engine._fold_cache.calls == [("drop", 7)]
     finally:
         engine._stop_loop()
 

@@ -124,19 +124,18 @@ def test_a_folder_is_never_removed_while_its_version_has_a_request_in_flight(bas
     vllm = _Vllm(tmp_path)
 
     async def go():
-        cache = FoldCache(residency, max_folders=1, remove=vllm.remove)
+        cache = FoldCache(residency, max_folders=2, remove=vllm.remove)
         await cache.use(a)
-        await cache.use(b)  # over the bound, but a runs: nothing may go
         await cache.use(b)
-        await asyncio.sleep(0.05)
-        assert _folders(tmp_path) == {a.slot, b.slot} and vllm.removed == []
+        await cache.use(b)
         cache.done(b.slot)  # b still has a request in flight
+        third = asyncio.create_task(cache.use(c))  # no room: a and b are in use, neither may go
         await asyncio.sleep(0.05)
-        assert _folders(tmp_path) == {a.slot, b.slot}
-        cache.done(a.slot)  # a is idle now and the least recently used: it goes
-        await asyncio.sleep(0.05)
-        assert _folders(tmp_path) == {b.slot} and vllm.removed == [(a.slot, True)]
-        await cache.use(c)  # b still runs: kept, over the bound
+        assert not third.done() and _folders(tmp_path) == {a.slot, b.slot} and vllm.removed == []
+        cache.done(a.slot)  # a is idle now and the least recently used: it goes, c is folded
+        await asyncio.wait_for(third, 5)
+        assert _folders(tmp_path) == {b.slot, c.slot} and vllm.removed == [(a.slot, True)]
+        cache.done(b.slot)  # idle, within the bound: kept
         await asyncio.sleep(0.05)
         assert _folders(tmp_path) == {b.slot, c.slot}
     asyncio.run(go())
@@ -200,20 +199,147 @@ def test_a_fold_that_fails_fails_its_requests_and_the_next_one_tries_again(base_
     assert len(calls) == 2 and _folders(tmp_path) == {a.slot}
 
 
-def test_forgetting_a_freed_version_drops_its_entry(base_fp32, tied, tmp_path):
+def test_a_freed_version_is_dropped_from_vllm_before_its_folder_goes(base_fp32, tied, tmp_path):
     residency = _residency(base_fp32, tmp_path)
     a, b = _versions(residency, tied, 2)
+    vllm = _Vllm(tmp_path)
 
     async def go():
-        cache = FoldCache(residency, max_folders=1, remove=_Vllm(tmp_path).remove)
+        cache = FoldCache(residency, max_folders=1, remove=vllm.remove)
         await cache.use(a)
         cache.done(a.slot)
-        cache.forget(a.slot)  # the engine removes a freed version's folder itself
-        shutil.rmtree(residency.path(a.slot))
+        await cache.drop(a.slot)  # freed: no request can ask for it again
+        await cache.drop(b.slot)  # freed before any request folded it: vLLM is told all the same
         await cache.use(b)
-        await asyncio.sleep(0.05)
         return cache.users(a.slot), _folders(tmp_path)
     assert asyncio.run(go()) == (0, {b.slot})
+    assert vllm.removed == [(a.slot, True), (b.slot, False)]
+
+
+def _watch(root: Path, seen: list[int]):
+    """A task that records how many fold folders are on disk at every turn of the loop."""
+    async def watch():
+        while True:
+            seen.append(len(_folders(root)))
+            await asyncio.sleep(0)
+    return asyncio.create_task(watch())
+
+
+def test_the_bound_holds_while_every_folder_is_in_use(base_fp32, tied, tmp_path):
+    # it was exceeded: a version whose folder was missing was folded at once, one folder more per
+    # version in flight beyond the bound (a tmpfs's memory, in containers)
+    residency = _residency(base_fp32, tmp_path)
+    a, b = _versions(residency, tied, 2)
+    vllm, seen = _Vllm(tmp_path), []
+
+    async def go():
+        cache = FoldCache(residency, max_folders=1, remove=vllm.remove)
+        watch = _watch(tmp_path, seen)
+        await cache.use(a)
+        second = asyncio.create_task(cache.use(b))  # a's request runs: b waits for room
+        await asyncio.sleep(0.1)
+        assert not second.done() and cache.waiting == 1 and _folders(tmp_path) == {a.slot}
+        await cache.use(a)  # a request of a version on disk does not wait
+        cache.done(a.slot)
+        await asyncio.sleep(0.05)
+        assert not second.done() and vllm.removed == []
+        cache.done(a.slot)  # a is idle: it goes, then b is folded
+        await asyncio.wait_for(second, 5)
+        watch.cancel()
+        return cache
+    cache = asyncio.run(go())
+    assert _folders(tmp_path) == {b.slot} and vllm.removed == [(a.slot, True)]
+    assert (cache.waiting, cache.users(b.slot), max(seen)) == (0, 1, 1)
+
+
+def test_a_request_cancelled_while_it_waits_for_room_takes_none(base_fp32, tied, tmp_path):
+    residency = _residency(base_fp32, tmp_path)
+    a, b, c = _versions(residency, tied, 3)
+    vllm = _Vllm(tmp_path)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=1, remove=vllm.remove)
+        await cache.use(a)
+        waiter = asyncio.create_task(cache.use(b))
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert cache.waiting == 0
+        cache.done(a.slot)  # idle, and nobody waits: it stays
+        await asyncio.sleep(0.05)
+        assert _folders(tmp_path) == {a.slot} and vllm.removed == []
+        await cache.use(c)  # room made for c
+        return cache
+    cache = asyncio.run(go())
+    assert _folders(tmp_path) == {c.slot} and cache.users(b.slot) == 0
+
+
+def test_a_fold_its_requests_left_is_removed_when_room_is_needed(base_fp32, tied, tmp_path):
+    residency = _residency(base_fp32, tmp_path)
+    a, b = _versions(residency, tied, 2)
+    vllm = _Vllm(tmp_path)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=1, remove=vllm.remove)
+        first = asyncio.create_task(cache.use(a))
+        await asyncio.sleep(0)
+        first.cancel()  # a's fold goes on, with no request left to end it
+        await asyncio.wait_for(cache.use(b), 10)  # waits for the fold, then its removal
+    asyncio.run(go())
+    assert _folders(tmp_path) == {b.slot} and vllm.removed == [(a.slot, True)]
+
+
+def test_swaps_racing_requests_never_exceed_the_bound(base_fp32, tied, tmp_path):
+    """Four tenants, each hot-swapped 6 times while 24 requests of their current versions run for
+    random times and some are cancelled, under a bound of 2: every request that was not cancelled
+    ran with its folder on disk, no more than 2 folders were ever on disk, and at the end only
+    the idle ones within the bound remain. References: the folder tree sampled at every turn of
+    the loop, each request's folder checked while it runs."""
+    import random
+
+    rng = random.Random(7)
+    residency = _residency(base_fp32, tmp_path)
+    vllm, seen = _Vllm(tmp_path), []
+    current = {name: _versions(residency, tied, 1)[0] for name in "wxyz"}
+    ran, cancelled = [], []
+
+    async def request(cache, name):
+        version = current[name]
+        try:
+            await cache.use(version)
+        except asyncio.CancelledError:
+            cancelled.append(version.slot)
+            raise
+        try:
+            assert (residency.path(version.slot) / "adapter_model.safetensors").is_file()
+            await asyncio.sleep(rng.uniform(0, 0.03))
+            assert (residency.path(version.slot) / "adapter_model.safetensors").is_file()
+            ran.append(version.slot)
+        finally:
+            cache.done(version.slot)
+
+    async def swap(cache, name):
+        await asyncio.sleep(rng.uniform(0, 0.05))
+        old, current[name] = current[name], _versions(residency, tied, 1)[0]
+        if cache.users(old.slot) == 0:  # freed once no request pins it: here at once if idle
+            await cache.drop(old.slot)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=2, remove=vllm.remove)
+        watch = _watch(tmp_path, seen)
+        for _ in range(6):
+            tasks = [asyncio.create_task(request(cache, rng.choice("wxyz"))) for _ in range(24)]
+            swaps = [asyncio.create_task(swap(cache, name)) for name in "wxyz"]
+            await asyncio.sleep(0.01)
+            for task in rng.sample(tasks, 4):
+                task.cancel()
+            await asyncio.wait_for(asyncio.gather(*tasks, *swaps, return_exceptions=True), 60)
+        watch.cancel()
+        return cache
+    cache = asyncio.run(go())
+    assert max(seen) <= 2 and len(ran) + len(cancelled) >= 6 * 20 and cache.waiting == 0
+    assert len(_folders(tmp_path)) <= 2
 
 
 def test_the_bound_must_be_positive(base_fp32, tmp_path):

@@ -13,8 +13,8 @@ from nlora_serve.engine.sampling import SamplingParams
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 GiB = 1 << 30
-# fold folders of idle versions kept on disk per LoRA vLLM caches on its CPU (max_cpu_loras): vLLM
-# re-reads a folder only when it loads that LoRA again, and a version beyond is folded again
+# fold folders on disk per LoRA vLLM caches on its CPU (max_cpu_loras): vLLM re-reads a folder only
+# when it loads that LoRA again, and a version beyond is folded again
 FOLD_FOLDERS_PER_CPU_LORA = 4
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # vLLM's finish reasons as ours; else "error"
 # AsyncEngineArgs fields the backend sets from our own flags: a --vllm-arg for one of them would
@@ -51,8 +51,9 @@ class VllmBackendConfig:
     gpu_memory_utilization: float | None = None
     enforce_eager: bool | None = None  # None: eager on the CPU (no compile step), CUDA graphs on GPUs
     engine_args: dict = field(default_factory=dict)  # --vllm-arg KEY=VALUE: any other AsyncEngineArgs field
-    # --max-fold-folders: fold folders of idle versions kept on disk (each version's is written on
-    # its first request); None: FOLD_FOLDERS_PER_CPU_LORA x vLLM's max_cpu_loras
+    # --max-fold-folders: fold folders on disk at most, in use or idle (each version's is written on
+    # its first request; one more waits for an idle one to go); None: FOLD_FOLDERS_PER_CPU_LORA x
+    # vLLM's max_cpu_loras
     max_fold_folders: int | None = None
 
     def __post_init__(self) -> None:

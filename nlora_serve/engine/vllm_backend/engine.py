@@ -290,11 +290,8 @@ class VllmEngine(Engine):
         abort sent before it and is answered between steps, so once it returns nothing reads the
         folder any more. At shutdown the whole fold folder goes instead."""
         if not self._stopping:
-            asyncio.run_coroutine_threadsafe(self._free_lora(lora_id, folder), self._loop)
-
-    async def _free_lora(self, lora_id: int, folder: Path) -> None:
-        self._fold_cache.forget(lora_id)  # no request can ask for a freed version again
-        await self._remove_lora(lora_id, folder)
+            # through the fold cache: the folder counts against --max-fold-folders until it is gone
+            asyncio.run_coroutine_threadsafe(self._fold_cache.drop(lora_id), self._loop)
 
     async def _remove_lora(self, lora_id: int, folder: Path) -> None:
         """Drop ``lora_id`` from vLLM, then delete its folder (a freed version, an idle folder)."""
@@ -354,7 +351,9 @@ class VllmEngine(Engine):
         total = self._llm.vllm_config.cache_config.num_gpu_blocks or 0
         with self._lock:
             counters = dict(self._counters)
-        return {"running": s.running, "waiting": s.waiting, "kv_blocks_used": round(s.kv_usage * total),
+        # requests waiting for room for their fold folder wait as those vLLM defers for a LoRA slot
+        waiting = s.waiting + (self._fold_cache.waiting if self._fold_cache is not None else 0)
+        return {"running": s.running, "waiting": waiting, "kv_blocks_used": round(s.kv_usage * total),
                 "kv_blocks_total": total, "steps": s.steps, "preemptions": s.preemptions, **counters}
 
     def shutdown(self) -> None:

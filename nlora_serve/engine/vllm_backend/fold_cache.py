@@ -1,5 +1,5 @@
 """Which versions have their fold folder on disk: written on a version's first request, and at most
-``max_folders`` of them kept, the least recently used idle ones removed beyond that.
+``max_folders`` of them on disk at any time, the least recently used idle ones removed to make room.
 
 vLLM reads a LoRA's folder (``lora_path``) only when it loads that LoRA into its CPU cache: in
 ``LRUCacheWorkerLoRAManager.add_adapter``, for a scheduled request whose LoRA id it does not hold
@@ -7,10 +7,18 @@ vLLM reads a LoRA's folder (``lora_path``) only when it loads that LoRA into its
 has finished or aborted it, and may go once no request of its version runs or waits, provided vLLM
 has processed those ends first: ``remove`` drops the LoRA from vLLM (``remove_lora`` reaches the
 engine core after every abort sent before it) and only then deletes the folder. A version asked for
-again is folded again. Folders of versions with a request in flight are never removed, so the bound
-is exceeded while more versions than ``max_folders`` are in flight.
+again is folded again.
 
-Everything here runs on the vLLM loop (one thread); the folds themselves run in worker threads.
+The bound holds while requests are in flight: a request whose version has no folder, when all
+``max_folders`` folders are in use by requests of their versions (or still being removed), waits
+(counted in :attr:`FoldCache.waiting`) until one of them is idle and removed, as vLLM's scheduler
+holds a request whose LoRA finds no free slot. The folders live in the temporary folder, often a
+tmpfs in containers, so a bound exceeded under load would take memory, not disk. Requests of a
+version whose folder is on disk never wait. A bound under vLLM's ``max_loras`` leaves some of its
+LoRA slots unused.
+
+Everything here runs on the vLLM loop (one thread, :attr:`FoldCache.waiting` aside: an int any
+thread may read); the folds themselves run in worker threads.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from nlora_serve.engine.vllm_backend.adapters import VllmResidency, write_folded
 class _Folder:
     fold: asyncio.Future  # its fold (a worker thread's), done once the folder is written
     users: int = 0  # requests of the version admitted and not ended in vLLM
-    removal: asyncio.Task | None = None  # its removal, once begun
+    removal: asyncio.Task | None = None  # its removal, once begun (the folder counts until it ends)
 
 
 class FoldCache:
@@ -36,7 +44,7 @@ class FoldCache:
 
     Args:
         residency: gives each version's folder (``path``).
-        max_folders: folders of idle versions kept on disk (> 0).
+        max_folders: folders on disk at most, in use or idle (> 0).
         remove: ``await remove(lora_id, folder)`` drops the LoRA from vLLM, then deletes the folder.
 
     Raises (constructor):
@@ -49,6 +57,8 @@ class FoldCache:
             raise ValueError(f"max_folders must be a positive integer; got {max_folders!r}")
         self._residency, self.max_folders, self._remove = residency, max_folders, remove
         self._folders: OrderedDict[int, _Folder] = OrderedDict()
+        self.waiting = 0  # requests waiting for a folder to go before theirs can be written
+        self._room = asyncio.Event()  # set (and replaced) whenever a folder has gone from disk
 
     def users(self, lora_id: int) -> int:
         """Requests of version ``lora_id`` in flight."""
@@ -58,7 +68,8 @@ class FoldCache:
     async def use(self, version) -> None:
         """Make sure ``version``'s folder is on disk for one more request (pair with :meth:`done`).
         Concurrent first requests of a version fold it once; a request for a version whose folder is
-        being removed waits for the removal, then folds it again.
+        being removed waits for the removal, then folds it again; one whose version has no folder
+        waits while ``max_folders`` folders are on disk, until one of them is idle and removed.
 
         Raises:
             AdapterError: the fold cannot be written (e.g. a full disk); nothing of it is left and
@@ -66,20 +77,27 @@ class FoldCache:
             CancelledError: the request was cancelled meanwhile (the fold goes on for the others).
         """
         lora_id = version.slot
-        while (entry := self._folders.get(lora_id)) is not None and entry.removal is not None:
-            await asyncio.shield(entry.removal)
+        while True:
+            entry = self._folders.get(lora_id)
+            if entry is not None and entry.removal is not None:
+                await asyncio.shield(entry.removal)
+            elif entry is None and len(self._folders) >= self.max_folders:
+                await self._wait_for_room()
+            else:
+                break
         if entry is None:
             out = self._residency.path(lora_id)
             fold = asyncio.get_running_loop().run_in_executor(None, write_folded_lora, version.adapter, out)
             entry = self._folders[lora_id] = _Folder(fold)
+            fold.add_done_callback(lambda _, entry=entry: self._folded(lora_id, entry))
         self._folders.move_to_end(lora_id)
         entry.users += 1
         try:
             await asyncio.shield(entry.fold)
         except BaseException:
             entry.users -= 1
-            if entry.fold.done() and entry.fold.exception() is not None and self._folders.get(lora_id) is entry:
-                del self._folders[lora_id]  # failed: the next request folds again
+            if _failed(entry.fold):
+                self._discard(lora_id, entry)  # the next request folds again
             raise
         self._trim()
 
@@ -90,14 +108,47 @@ class FoldCache:
             entry.users -= 1
             self._trim()
 
-    def forget(self, lora_id: int) -> None:
-        """A freed version: the engine removes its folder itself."""
-        self._folders.pop(lora_id, None)
+    async def drop(self, lora_id: int) -> None:
+        """A freed version (no request can ask for it again): drop it from vLLM and delete its
+        folder, folded or not (a fold still running is waited for, else it wrote the folder after)."""
+        entry = self._folders.get(lora_id)
+        if entry is None:
+            await self._remove(lora_id, self._residency.path(lora_id))
+            return
+        if entry.removal is None:
+            entry.removal = asyncio.get_running_loop().create_task(self._evict(lora_id, entry))
+        await asyncio.shield(entry.removal)
+
+    async def _wait_for_room(self) -> None:
+        room = self._room
+        self.waiting += 1
+        try:
+            self._trim()
+            await room.wait()
+        finally:
+            self.waiting -= 1
+
+    def _folded(self, lora_id: int, entry: _Folder) -> None:
+        """A fold has ended: a failed one nobody waits for goes; a written one may be idle already
+        (its requests were cancelled meanwhile), beyond the bound."""
+        if _failed(entry.fold) and entry.users == 0:
+            self._discard(lora_id, entry)
+        else:
+            self._trim()
+
+    def _discard(self, lora_id: int, entry: _Folder) -> None:
+        """Forget ``entry`` (its folder is gone, or was never written) and wake the requests waiting
+        for room."""
+        if self._folders.get(lora_id) is entry:
+            del self._folders[lora_id]
+            self._room.set()
+            self._room = asyncio.Event()
 
     def _trim(self) -> None:
-        """Begin removing the least recently used idle folders beyond ``max_folders``."""
+        """Begin removing the least recently used idle folders beyond ``max_folders``, less one per
+        request waiting for room."""
         kept = [(i, f) for i, f in self._folders.items() if f.removal is None]
-        excess = len(kept) - self.max_folders
+        excess = len(kept) + self.waiting - self.max_folders
         for lora_id, entry in kept:
             if excess <= 0:
                 return
@@ -107,7 +158,11 @@ class FoldCache:
 
     async def _evict(self, lora_id: int, entry: _Folder) -> None:
         try:
+            await asyncio.wait([entry.fold])  # a fold still running would write the folder after
             await self._remove(lora_id, self._residency.path(lora_id))
         finally:
-            if self._folders.get(lora_id) is entry:
-                del self._folders[lora_id]
+            self._discard(lora_id, entry)
+
+
+def _failed(fold: asyncio.Future) -> bool:
+    return fold.done() and (fold.cancelled() or fold.exception() is not None)

@@ -58,8 +58,9 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     a("--pipeline-parallel-size", type=int, default=1,
       help="--backend vllm: pipeline stages the layers are split into, e.g. one per node (default: 1)")
     a("--max-fold-folders", type=int, default=None, metavar="N",
-      help="--backend vllm: folded adapter folders of idle versions kept on disk; each version is folded on "
-           "its first request and again after its folder went (default: 4 x vLLM's max_cpu_loras)")
+      help="--backend vllm: folded adapter folders on disk at most; each version is folded on its first "
+           "request and again after its folder went, and a request whose version needs one more waits, "
+           "counted as waiting, until an idle one has gone (default: 4 x vLLM's max_cpu_loras)")
     a("--vllm-arg", action="append", default=[], metavar="KEY=VALUE", type=_engine_arg,
       help="--backend vllm: any other vLLM engine argument (an AsyncEngineArgs field), VALUE read as JSON "
            "when it parses, else as a string; repeatable, e.g. --vllm-arg enforce_eager=false "
