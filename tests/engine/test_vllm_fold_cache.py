@@ -1,5 +1,5 @@
 """The vLLM backend's fold folders on disk (runs in CI, no vllm): a version is folded on its first
-request, not on registration, and at most ``max_folders`` folders of idle versions are kept.
+request, not on registration, and at most ``max_folders`` folders are on disk, in use or idle.
 
 References: the folder tree on disk, a count of the folds written, the order of vLLM's
 ``remove_lora`` against the folder's deletion (a folder vLLM may still read must not go).

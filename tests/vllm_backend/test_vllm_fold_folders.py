@@ -1,5 +1,5 @@
 """The vLLM backend writes a version's fold folder on its first request, not on registration, and
-keeps at most ``max_fold_folders`` folders of idle versions on disk (here 1).
+keeps at most ``max_fold_folders`` folders on disk (here 1), in use or idle.
 
 References: the fold folder's tree on disk, and the tied IntTune case's recorded transformers greedy
 tokens (their first steps: tiny max_tokens), before and after a folder is removed and folded again.
