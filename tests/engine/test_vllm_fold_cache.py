@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -214,6 +215,31 @@ def test_a_freed_version_is_dropped_from_vllm_before_its_folder_goes(base_fp32, 
         return cache.users(a.slot), _folders(tmp_path)
     assert asyncio.run(go()) == (0, {b.slot})
     assert vllm.removed == [(a.slot, True), (b.slot, False)]
+
+
+def test_a_version_freed_while_it_folds_leaves_no_folder(base_fp32, tied, tmp_path, monkeypatch):
+    # an unload --force during a version's first fold: its request is cancelled, the version freed
+    # and its folder removed at once, and the fold, still running, then wrote it: a folder on disk
+    # until shutdown that no bound counted
+    residency = _residency(base_fp32, tmp_path)
+    (a,) = _versions(residency, tied, 1)
+    vllm, real = _Vllm(tmp_path), fold_cache_module.write_folded_lora
+
+    def slow(adapter, out_dir):
+        time.sleep(0.3)
+        return real(adapter, out_dir)
+    monkeypatch.setattr(fold_cache_module, "write_folded_lora", slow)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=1, remove=vllm.remove)
+        request = asyncio.create_task(cache.use(a))
+        await asyncio.sleep(0.05)
+        request.cancel()  # the forced unload aborts it while it folds
+        await asyncio.gather(request, return_exceptions=True)
+        await cache.drop(a.slot)  # its last pin released: the version is freed
+        await asyncio.sleep(0.5)
+    asyncio.run(go())
+    assert _folders(tmp_path) == set() and vllm.removed == [(a.slot, True)]
 
 
 def _watch(root: Path, seen: list[int]):
