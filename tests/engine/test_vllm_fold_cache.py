@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -318,8 +319,8 @@ def test_a_fold_its_requests_left_is_removed_when_room_is_needed(base_fp32, tied
 
 def test_swaps_racing_requests_never_exceed_the_bound(base_fp32, tied, tmp_path):
     """Four tenants, each hot-swapped 6 times while 24 requests of their current versions run for
-    random times and some are cancelled, under a bound of 2: every request that was not cancelled
-    ran with its folder on disk, no more than 2 folders were ever on disk, and at the end only
+    random times and 4 of each 24 are cancelled, under a bound of 2: every request that was not
+    cancelled ran with its folder on disk, no more than 2 folders were ever on disk, and at the end only
     the idle ones within the bound remain. References: the folder tree sampled at every turn of
     the loop, each request's folder checked while it runs."""
     import random
@@ -328,28 +329,38 @@ def test_swaps_racing_requests_never_exceed_the_bound(base_fp32, tied, tmp_path)
     residency = _residency(base_fp32, tmp_path)
     vllm, seen = _Vllm(tmp_path), []
     current = {name: _versions(residency, tied, 1)[0] for name in "wxyz"}
-    ran, cancelled = [], []
+    ran, cancelled, pins, superseded, drops = [], [], Counter(), set(), []
+
+    def release(cache, slot):
+        """The registry's rule: a superseded version is freed when its last pin is released."""
+        pins[slot] -= 1
+        if pins[slot] == 0 and slot in superseded:
+            drops.append(asyncio.ensure_future(cache.drop(slot)))
 
     async def request(cache, name):
         version = current[name]
+        pins[version.slot] += 1  # pinned at admission, as the engine's add_request does
         try:
             await cache.use(version)
-        except asyncio.CancelledError:
+            try:
+                assert (residency.path(version.slot) / "adapter_model.safetensors").is_file()
+                await asyncio.sleep(rng.uniform(0, 0.03))
+                assert (residency.path(version.slot) / "adapter_model.safetensors").is_file()
+                ran.append(version.slot)
+            finally:
+                cache.done(version.slot)
+        except asyncio.CancelledError:  # while it waited, folded or ran
             cancelled.append(version.slot)
             raise
-        try:
-            assert (residency.path(version.slot) / "adapter_model.safetensors").is_file()
-            await asyncio.sleep(rng.uniform(0, 0.03))
-            assert (residency.path(version.slot) / "adapter_model.safetensors").is_file()
-            ran.append(version.slot)
         finally:
-            cache.done(version.slot)
+            release(cache, version.slot)
 
     async def swap(cache, name):
         await asyncio.sleep(rng.uniform(0, 0.05))
         old, current[name] = current[name], _versions(residency, tied, 1)[0]
-        if cache.users(old.slot) == 0:  # freed once no request pins it: here at once if idle
-            await cache.drop(old.slot)
+        superseded.add(old.slot)
+        pins[old.slot] += 1  # the registry's own reference to its current version, dropped now
+        release(cache, old.slot)
 
     async def go():
         cache = FoldCache(residency, max_folders=2, remove=vllm.remove)
@@ -360,11 +371,13 @@ def test_swaps_racing_requests_never_exceed_the_bound(base_fp32, tied, tmp_path)
             await asyncio.sleep(0.01)
             for task in rng.sample(tasks, 4):
                 task.cancel()
-            await asyncio.wait_for(asyncio.gather(*tasks, *swaps, return_exceptions=True), 60)
+            results = await asyncio.wait_for(asyncio.gather(*tasks, *swaps, return_exceptions=True), 60)
+            assert not [r for r in results if isinstance(r, Exception)]  # a folder missing while it ran
+        await asyncio.gather(*drops)
         watch.cancel()
         return cache
     cache = asyncio.run(go())
-    assert max(seen) <= 2 and len(ran) + len(cancelled) >= 6 * 20 and cache.waiting == 0
+    assert max(seen) <= 2 and len(ran) + len(cancelled) == 6 * 24 and len(ran) >= 6 * 20 and cache.waiting == 0
     assert len(_folders(tmp_path)) <= 2
 
 
