@@ -266,17 +266,47 @@ def test_the_bound_holds_while_every_folder_is_in_use(base_fp32, tied, tmp_path)
         second = asyncio.create_task(cache.use(b))  # a's request runs: b waits for room
         await asyncio.sleep(0.1)
         assert not second.done() and cache.waiting == 1 and _folders(tmp_path) == {a.slot}
-        await cache.use(a)  # a request of a version on disk does not wait
-        cache.done(a.slot)
+        # a drains for b: a new request of a waits too, else a busy a kept b waiting for ever
+        third = asyncio.create_task(cache.use(a))
         await asyncio.sleep(0.05)
-        assert not second.done() and vllm.removed == []
-        cache.done(a.slot)  # a is idle: it goes, then b is folded
+        assert not third.done() and cache.waiting == 2 and vllm.removed == []
+        cache.done(a.slot)  # a's request ends: a goes, then b (which waited first) is folded
         await asyncio.wait_for(second, 5)
+        assert _folders(tmp_path) == {b.slot} and vllm.removed == [(a.slot, True)] and not third.done()
+        cache.done(b.slot)  # b drained for a meanwhile: it goes, a is folded again
+        await asyncio.wait_for(third, 5)
         watch.cancel()
         return cache
     cache = asyncio.run(go())
-    assert _folders(tmp_path) == {b.slot} and vllm.removed == [(a.slot, True)]
-    assert (cache.waiting, cache.users(b.slot), max(seen)) == (0, 1, 1)
+    assert _folders(tmp_path) == {a.slot} and vllm.removed == [(a.slot, True), (b.slot, True)]
+    assert (cache.waiting, cache.users(a.slot), cache.users(b.slot), max(seen)) == (0, 1, 0, 1)
+
+
+def test_a_busy_folder_cannot_keep_a_waiting_request_out(base_fp32, tied, tmp_path):
+    """Requests of a keep arriving, each overlapping the last, under a bound of 1: b's request gets
+    its folder once the requests a had when b came have ended (it waited for ever: a was never
+    idle). Reference: the order the requests ran in."""
+    residency = _residency(base_fp32, tmp_path)
+    a, b = _versions(residency, tied, 2)
+    order = []
+
+    async def request(cache, version, seconds):
+        await cache.use(version)
+        order.append(version.slot)
+        await asyncio.sleep(seconds)
+        cache.done(version.slot)
+
+    async def go():
+        cache = FoldCache(residency, max_folders=1, remove=_Vllm(tmp_path).remove)
+        busy = [asyncio.create_task(request(cache, a, 0.05))]
+        await asyncio.sleep(0.01)
+        waiter = asyncio.create_task(request(cache, b, 0.0))
+        for _ in range(20):  # a's next request always starts before its last one ends
+            await asyncio.sleep(0.02)
+            busy.append(asyncio.create_task(request(cache, a, 0.05)))
+        await asyncio.wait_for(asyncio.gather(waiter, *busy), 30)
+    asyncio.run(go())
+    assert order[:2] == [a.slot, b.slot] and order.count(a.slot) == 21
 
 
 def test_a_request_cancelled_while_it_waits_for_room_takes_none(base_fp32, tied, tmp_path):

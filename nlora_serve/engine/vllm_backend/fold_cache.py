@@ -11,11 +11,13 @@ again is folded again.
 
 The bound holds while requests are in flight: a request whose version has no folder, when all
 ``max_folders`` folders are in use by requests of their versions (or still being removed), waits
-(counted in :attr:`FoldCache.waiting`) until one of them is idle and removed, as vLLM's scheduler
-holds a request whose LoRA finds no free slot. The folders live in the temporary folder, often a
-tmpfs in containers, so a bound exceeded under load would take memory, not disk. Requests of a
-version whose folder is on disk never wait. A bound under vLLM's ``max_loras`` leaves some of its
-LoRA slots unused.
+(counted in :attr:`FoldCache.waiting`), first come first served, until one of them is idle and
+removed, as vLLM's scheduler holds a request whose LoRA finds no free slot. So that busy versions
+cannot keep it waiting for ever, the least recently used folders in use are drained meanwhile, one
+per request waiting for room: they take no new request (those wait too, and fold their version
+again once there is room) and go once the requests they have end. The folders live in the
+temporary folder, often a tmpfs in containers, so a bound exceeded under load would take memory,
+not disk. A bound under vLLM's ``max_loras`` leaves some of its LoRA slots unused.
 
 Everything here runs on the vLLM loop (one thread, :attr:`FoldCache.waiting` aside: an int any
 thread may read); the folds themselves run in worker threads.
@@ -37,6 +39,7 @@ class _Folder:
     fold: asyncio.Future  # its fold (a worker thread's), done once the folder is written
     users: int = 0  # requests of the version admitted and not ended in vLLM
     removal: asyncio.Task | None = None  # its removal, once begun (the folder counts until it ends)
+    draining: bool = False  # room is needed: it takes no new request and goes once its requests end
 
 
 class FoldCache:
@@ -58,6 +61,7 @@ class FoldCache:
         self._residency, self.max_folders, self._remove = residency, max_folders, remove
         self._folders: OrderedDict[int, _Folder] = OrderedDict()
         self.waiting = 0  # requests waiting for a folder to go before theirs can be written
+        self._needing_room = 0  # those of them whose version has no folder (not a draining one)
         self._room = asyncio.Event()  # set (and replaced) whenever a folder has gone from disk
 
     def users(self, lora_id: int) -> int:
@@ -69,20 +73,25 @@ class FoldCache:
         """Make sure ``version``'s folder is on disk for one more request (pair with :meth:`done`).
         Concurrent first requests of a version fold it once; a request for a version whose folder is
         being removed waits for the removal, then folds it again; one whose version has no folder
-        waits while ``max_folders`` folders are on disk, until one of them is idle and removed.
+        waits while ``max_folders`` folders are on disk, until one of them is idle and removed (and so
+        does one whose folder is draining, until it has gone and there is room again).
 
         Raises:
             AdapterError: the fold cannot be written (e.g. a full disk); nothing of it is left and
                 the next request tries again.
             CancelledError: the request was cancelled meanwhile (the fold goes on for the others).
         """
-        lora_id = version.slot
+        lora_id, woken = version.slot, False
         while True:
             entry = self._folders.get(lora_id)
             if entry is not None and entry.removal is not None:
                 await asyncio.shield(entry.removal)
-            elif entry is None and len(self._folders) >= self.max_folders:
-                await self._wait_for_room()
+            elif entry is not None and entry.draining:
+                await self._wait_for_room(needs_room=False)  # until it has gone, or is needed no more
+            elif entry is None and (len(self._folders) >= self.max_folders or (self._needing_room and not woken)):
+                # first come, first served: a new request takes no room before those already waiting
+                await self._wait_for_room(needs_room=True)
+                woken = True
             else:
                 break
         if entry is None:
@@ -90,6 +99,7 @@ class FoldCache:
             fold = asyncio.get_running_loop().run_in_executor(None, write_folded_lora, version.adapter, out)
             entry = self._folders[lora_id] = _Folder(fold)
             fold.add_done_callback(lambda _, entry=entry: self._folded(lora_id, entry))
+        self._pass_room()
         self._folders.move_to_end(lora_id)
         entry.users += 1
         try:
@@ -119,14 +129,27 @@ class FoldCache:
             entry.removal = asyncio.get_running_loop().create_task(self._evict(lora_id, entry))
         await asyncio.shield(entry.removal)
 
-    async def _wait_for_room(self) -> None:
+    async def _wait_for_room(self, needs_room: bool) -> None:
         room = self._room
-        self.waiting += 1
+        self.waiting, self._needing_room = self.waiting + 1, self._needing_room + needs_room
         try:
             self._trim()
             await room.wait()
-        finally:
-            self.waiting -= 1
+        except asyncio.CancelledError:
+            self.waiting, self._needing_room = self.waiting - 1, self._needing_room - needs_room
+            self._trim()  # a folder drained for it may be needed no more
+            self._pass_room()  # or it was woken and leaves its room to the next
+            raise
+        self.waiting, self._needing_room = self.waiting - 1, self._needing_room - needs_room
+
+    def _pass_room(self) -> None:
+        """Wake the waiting requests while room is left (one woken took none, or left some)."""
+        if self._needing_room and len(self._folders) < self.max_folders:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._room.set()
+        self._room = asyncio.Event()
 
     def _folded(self, lora_id: int, entry: _Folder) -> None:
         """A fold has ended: a failed one nobody waits for goes; a written one may be idle already
@@ -141,20 +164,26 @@ class FoldCache:
         for room."""
         if self._folders.get(lora_id) is entry:
             del self._folders[lora_id]
-            self._room.set()
-            self._room = asyncio.Event()
+            self._wake()
 
     def _trim(self) -> None:
         """Begin removing the least recently used idle folders beyond ``max_folders``, less one per
-        request waiting for room."""
+        request waiting for room; if that is not room enough, drain as many of the least recently
+        used others (and undrain those needed no more)."""
         kept = [(i, f) for i, f in self._folders.items() if f.removal is None]
-        excess = len(kept) + self.waiting - self.max_folders
+        excess = len(kept) + self._needing_room - self.max_folders
         for lora_id, entry in kept:
-            if excess <= 0:
-                return
-            if entry.users == 0 and entry.fold.done():
+            if excess > 0 and entry.users == 0 and entry.fold.done():
                 entry.removal = asyncio.get_running_loop().create_task(self._evict(lora_id, entry))
                 excess -= 1
+        undrained = False
+        for _, entry in kept:
+            if entry.removal is None:
+                drain, excess = excess > 0, excess - 1
+                undrained |= entry.draining and not drain
+                entry.draining = drain
+        if undrained:
+            self._wake()  # its requests waiting may go on
 
     async def _evict(self, lora_id: int, entry: _Folder) -> None:
         try:
