@@ -69,11 +69,11 @@ CUDA, Triton (``"triton"``, the CUDA default; on CPU tensors only under TRITON_I
 
     decode steps, and steps of up to ``per_token_tokens`` tokens (piecewise graphs):
       AdaptedLinear.__call__ -> AdapterHook.__call__ -> AdapterHook._apply_per_token
-        -> kernels/triton_path.apply_triton_per_token: mix (mix.py: u = N (z − bias), z read from y)
+        -> kernels/triton_ops/triton_path.apply_triton_per_token: mix (mix.py: u = N (z − bias), z read from y)
            then bgmv_expand (bgmv_expand.py: y += scaling · B u, one program per token)
     other steps:
       AdaptedLinear.__call__ -> AdapterHook.__call__ -> kernels/dispatch.apply_adapters
-        -> kernels/triton_path.apply_triton: mix, then sgmv_expand over runs of tied tokens
+        -> kernels/triton_ops/triton_path.apply_triton: mix, then sgmv_expand over runs of tied tokens
 
 (the Triton forms named are the defaults, ``triton_path.TIED_FORM = "two_launch"``; "tiled" and
 "fused" replace the expand, or both launches, as triton_path.py describes).
