@@ -133,7 +133,7 @@ def test_abort_error_and_forced_unload_release_every_pin(engine, monkeypatch):
     assert fresh.refcount == 0
 
 
-def _boom(pairs, previous=None):
+def _boom(pairs, previous=None, scored=None):
     raise RuntimeError("injected step failure")
 
 
@@ -173,8 +173,8 @@ def test_non_finite_logits_end_only_the_requests_they_belong_to(engine, monkeypa
     engine.adapters.register_dir(name, CASES / name)
     execute = engine.core.runner.execute
 
-    def overflow(pairs, previous=None):
-        logits = execute(pairs, previous)
+    def overflow(pairs, previous=None, scored=None):
+        logits = execute(pairs, previous, scored)
         sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
         for row, seq in enumerate(sampling):
             if seq.adapter is not None:
