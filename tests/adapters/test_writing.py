@@ -6,8 +6,6 @@ half-written output stayed (a hostile tester's find, round two session 13)."""
 from __future__ import annotations
 
 import os
-import resource
-import signal
 import subprocess
 import sys
 import textwrap
@@ -25,13 +23,14 @@ REPO = Path(__file__).parents[2]
 
 
 def _run_with_file_size_limit(code: str, limit: int) -> subprocess.CompletedProcess:
-    """``code`` in a fresh interpreter whose writes fail with EFBIG past ``limit`` bytes a file."""
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], preexec_fn=limit_file_size, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    """``code`` in a fresh interpreter whose writes fail with EFBIG past ``limit`` bytes a file.
+    The interpreter sets the limit itself, first: a ``preexec_fn`` would make subprocess fork this
+    process, whose gRPC threads (other tests' servers) then break the child."""
+    limited = ("import resource, signal\n"
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing\n"
+               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n")
+    return subprocess.run([sys.executable, "-c", limited + textwrap.dedent(code)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
 
 
 def _tree(root: Path) -> list[str]:
