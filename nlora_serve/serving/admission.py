@@ -23,7 +23,8 @@ class Reservation:
     (:meth:`Admission.reserve`) and given back exactly once, whichever way the request ends: refused
     after reserving (a bad prompt, an unknown adapter, a context overflow), its client gone while it
     waited for the tokenizer, or its engine stream ended (:func:`~nlora_serve.serving.stream.metered`).
-    An HTTP request of ``n`` choices holds ``n`` places (:meth:`Admission.grow`). Event-loop only."""
+    An HTTP request of ``n`` choices for each of P prompts holds P x n places (:meth:`Admission.grow`).
+    Event-loop only."""
 
     __slots__ = ("admission", "tenant", "held", "places")
 
@@ -101,26 +102,31 @@ class Admission:
         self.check(principal)
         return Reservation(self, principal.name if principal is not None else None)
 
-    def grow(self, reservation: Reservation, places: int, principal: Principal | None = None) -> None:
+    def grow(self, reservation: Reservation, places: int, principal: Principal | None = None,
+             asked: str | None = None, param: str = "n") -> None:
         """Count ``places`` more places for an admitted ``reservation`` (the other choices of an
-        ``n`` > 1 request: each is a request in the engine), after :meth:`check`.
+        ``n`` > 1 request, the other prompts of a batch: each is a request in the engine), after
+        :meth:`check`.
 
         Raises:
             RequestError: more places than ``principal``'s max_concurrent_requests, or (with
-                ``tenant_shares``) its share of an otherwise empty queue, allows at all (param
-                ``n``: the request could never be admitted). Draining, QueueFull: from
-                :meth:`check` (nothing is counted then).
+                ``tenant_shares``) its share of an otherwise empty queue, allows at all (``param``,
+                the field to blame, and ``asked``, what it asked, e.g. ``"n=3"`` (the default) or
+                ``"3 prompts x n=2"``: the request could never be admitted). Draining, QueueFull:
+                from :meth:`check` (nothing is counted then).
         """
         total = reservation.places + places
+        asked = f"n={total}" if asked is None else asked
         limit = principal.max_concurrent_requests if principal is not None else None
         if limit is not None and total > limit:
-            raise RequestError(f"n={total} is more than {principal.name!r}'s max_concurrent_requests {limit} in the "
-                               "tenants file: each choice is a request running or waiting", param="n")
+            raise RequestError(f"{asked} is {total} requests: more than {principal.name!r}'s max_concurrent_requests "
+                               f"{limit} in the tenants file (each choice of each prompt is a request running or "
+                               "waiting)", param=param)
         if self.tenant_shares and principal is not None and total - 1 >= max(
                 1.0, principal.weight * (self.max_queue - total + 1)):  # alone in the queue, as in check
-            raise RequestError(f"n={total} is more than {principal.name!r}'s share of the queue could ever hold "
-                               f"(--max-queue {self.max_queue}, weight {principal.weight:g}): each choice is a "
-                               "request running or waiting", param="n")
+            raise RequestError(f"{asked} is {total} requests: more than {principal.name!r}'s share of the queue could "
+                               f"ever hold (--max-queue {self.max_queue}, weight {principal.weight:g}): each choice "
+                               "of each prompt is a request running or waiting", param=param)
         self.check(principal, places)
         self.enter(reservation.tenant, places)
         reservation.places += places

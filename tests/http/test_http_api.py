@@ -105,7 +105,7 @@ def test_errors_have_the_openai_shape_and_status(http_server):
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"max_tokens": 100_000}, "max_tokens"),
     ({"logprobs": 21}, "logprobs"),
-    ({"prompt": ["one", "two"]}, "prompt"),
+    ({"prompt": ["one", [1, 2]]}, "prompt"),  # a batch mixing texts and token-id lists
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"seed": 1 << 64}, "seed"),  # beyond torch's generator: once killed the engine thread
     ({"seed": -(1 << 63) - 1}, "seed"),  # vLLM's range is int64's; below it nothing is a generator

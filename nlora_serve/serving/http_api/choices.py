@@ -1,13 +1,17 @@
-"""OpenAI's ``n``: the choices of one request, each an engine request of its own, as one stream.
+"""OpenAI's ``n`` and a batch of prompts: the choices of one request, each an engine request of its
+own, as one stream.
 
 vLLM V1 runs ``n`` > 1 the same way (v1/engine/parallel_sampling.py: a parent request fans out
 into ``n`` child requests with ``n = 1``), and its rule for seeds is kept: with a ``seed`` choice
-``i`` samples with ``seed + i`` (so it is the answer a one-choice request with that seed gets),
-without one every choice draws from the engine's shared generator. Choice 0 is queued first and
-the others once its first delta arrives: its prompt's full KV blocks are computed and committed to
-the native engine's prefix cache by then, so the other choices read the prompt from the cache
-instead of each prefilling it again (queued at once, all would be admitted in one step, before
-any block was committed).
+``j`` samples with ``seed + j`` (so it is the answer a one-choice request with that seed gets),
+without one every choice draws from the engine's shared generator. A /v1/completions batch of P
+prompts is P such parents with the same params, as vLLM 0.32's completion serving runs it: choice
+``j`` of prompt ``i`` has index ``i * n + j`` and seed ``seed + j`` (the same for every prompt).
+Each prompt's choice 0 is queued at once (the prompts prefill together) and its other choices once
+its first delta arrives: its prompt's full KV blocks are computed and committed to the native
+engine's prefix cache by then, so the other choices read the prompt from the cache instead of each
+prefilling it again (queued at once, all would be admitted in one step, before any block was
+committed).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 
 from nlora_serve.engine.api import RequestAborted, RequestOutput
-from nlora_serve.engine.sampling import GREEDY_BELOW, SamplingParams
+from nlora_serve.engine.sampling import GREEDY_BELOW, RequestError, SamplingParams
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.http_api.openai import ChatRequest, CompletionRequest, ParamError
 from nlora_serve.serving.request_policy import shown_int
@@ -27,14 +31,17 @@ from nlora_serve.serving.server_config import ServerConfig
 Start = Callable[[int], AsyncIterator[RequestOutput]]  # choice index -> its engine stream, queued now
 
 
-def check_choices(request: CompletionRequest | ChatRequest, params: SamplingParams, config: ServerConfig) -> None:
+def check_choices(request: CompletionRequest | ChatRequest, params: SamplingParams, config: ServerConfig,
+                  num_prompts: int = 1) -> None:
     """``n`` and ``best_of`` as vLLM 0.32 takes them (its SamplingParams checks and V1's
-    ParentRequest), bounded by the queue: each choice is a request running or waiting.
+    ParentRequest), bounded by the queue: each choice of each of ``num_prompts`` prompts is a
+    request running or waiting.
 
     Raises:
-        ParamError: n below 1 or over ``--max-queue``; n > 1 with greedy sampling (vLLM's rule: the
-            choices would be identical); best_of other than null or n; seed + n - 1 past the
-            seed's range (choice i samples with seed + i).
+        ParamError: n below 1 or over ``--max-queue``; prompts x n over ``--max-queue`` (param
+            ``prompt``); n > 1 with greedy sampling (vLLM's rule: the choices would be identical);
+            best_of other than null or n; seed + n - 1 past the seed's range (choice j samples with
+            seed + j).
     """
     n = request.num_choices
     if n < 1:
@@ -42,6 +49,10 @@ def check_choices(request: CompletionRequest | ChatRequest, params: SamplingPara
     if n > config.max_queue:
         raise ParamError(f"n must be at most the server's --max-queue {config.max_queue} (each choice is a request "
                          f"running or waiting); got {shown_int(n)}", "n")
+    if num_prompts * n > config.max_queue:
+        raise ParamError(f"prompt holds {num_prompts} prompts x n={n} choices = {num_prompts * n} requests: more than "
+                         f"the server's --max-queue {config.max_queue} (each is a request running or waiting)",
+                         "prompt")
     if request.best_of is not None and request.best_of != n:
         raise ParamError(f"best_of={shown_int(request.best_of)} is not supported: only null or best_of = n ({n}); "
                          "vLLM 0.32 ignores best_of, this server refuses what it would ignore", "best_of")
@@ -60,42 +71,63 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     return dataclasses.replace(params, seed=params.seed + index)
 
 
-def start_choices(start: Start, n: int) -> AsyncIterator[RequestOutput]:
-    """The deltas of ``n`` choices, each tagged with its ``index``, in the order they come; the
-    stream ends once every choice has finished. Closing it (or an error in one choice) aborts every
-    unfinished choice at once.
+async def start_choices(start: Start, n: int, num_prompts: int = 1) -> AsyncIterator[RequestOutput]:
+    """Queue each prompt's choice 0 now and return the deltas of all ``num_prompts x n`` choices,
+    each tagged with its ``index`` (prompt ``i``'s choice ``j``: ``i * n + j``), in the order they
+    come; the stream ends once every choice has finished. Closing it (or an error in one choice)
+    aborts every unfinished choice at once.
 
     Raises:
-        RequestError, AdapterNotFound, PoolFull: from ``start(0)``, now (nothing is queued then).
-        (From the stream:) EngineError, RequestAborted: a choice failed or was aborted; a choice
-        that could not be queued (its adapter unloaded meanwhile) is RequestAborted.
+        RequestError, AdapterNotFound, PoolFull: from ``start(i * n)``, now (the prompts queued
+            before it are aborted; a batch's message names the prompt). (From the stream:)
+            EngineError, RequestAborted: a choice failed or was aborted; a choice that could not be
+            queued (its adapter unloaded meanwhile) is RequestAborted.
     """
-    first = start(0)
-    return first if n == 1 else _merged(first, start, n)
+    firsts: list[AsyncIterator[RequestOutput]] = []
+    for i in range(num_prompts):
+        try:
+            firsts.append(start(i * n))
+        except NloraError as exc:
+            for stream in firsts:
+                await stream.aclose()
+            raise of_prompt(exc, i, num_prompts) from None
+    return firsts[0] if n * num_prompts == 1 else _merged(firsts, start, n)
 
 
-async def _merged(first: AsyncIterator[RequestOutput], start: Start, n: int) -> AsyncIterator[RequestOutput]:
-    streams = [first]
+def of_prompt(exc: NloraError, index: int, num_prompts: int) -> NloraError:
+    """``exc`` of prompt ``index`` of a batch: a RequestError's message names the prompt (as
+    ``prompt[index]: ...``), and so does its param unless it names another field (a context
+    overflow names none); any other error, or the one prompt's, is ``exc`` itself."""
+    if num_prompts == 1 or not isinstance(exc, RequestError):
+        return exc
+    return RequestError(f"prompt[{index}]: {exc}", exc.param or "prompt")
+
+
+async def _merged(firsts: list[AsyncIterator[RequestOutput]], start: Start, n: int) -> AsyncIterator[RequestOutput]:
+    streams = list(firsts)
     queue: asyncio.Queue = asyncio.Queue()
-    pumps: list[asyncio.Task] = []
+    pumps = [asyncio.create_task(_pump(i * n, stream, queue)) for i, stream in enumerate(firsts)]
+    waiting = [n > 1] * len(firsts)  # per prompt: its other choices are not queued yet
     try:
-        out = await anext(first)  # choice 0's prompt is in the prefix cache from here
-        yield out
-        for index in range(1, n):
-            try:
-                streams.append(start(index))
-            except NloraError as exc:
-                raise RequestAborted(f"choice {index} of {n} could not be queued: {exc}") from exc
-        pumps = [asyncio.create_task(_pump(index, stream, queue)) for index, stream in enumerate(streams)]
-        running = n
+        running = n * len(firsts)
         while running:
             out = await queue.get()
             if out is None:
                 running -= 1
-            elif isinstance(out, BaseException):
+                continue
+            if isinstance(out, BaseException):
                 raise out
-            else:
-                yield out
+            prompt = out.index // n
+            if waiting[prompt]:  # its choice 0's first delta: the prompt is in the prefix cache from here
+                waiting[prompt] = False
+                for index in range(prompt * n + 1, prompt * n + n):
+                    try:
+                        streams.append(start(index))
+                    except NloraError as exc:
+                        raise RequestAborted(f"choice {index} of {n * len(firsts)} could not be queued: "
+                                             f"{exc}") from exc
+                    pumps.append(asyncio.create_task(_pump(index, streams[-1], queue)))
+            yield out
     finally:
         for pump in pumps:
             pump.cancel()

@@ -8,11 +8,13 @@ ends, the client's going away included), so a tenant's bodies in memory and prom
 tokenizer are bounded by its quota and share, and a refused body is never read; then the body (408
 when it has not arrived :data:`BODY_READ_SECONDS` after the headers, 503 when the server begins to
 drain first), ``model`` -> adapter and grant (403, before the name is looked up and before the other
-fields are validated), JSON and fields (400), the other ``n - 1`` places of an ``n`` > 1 request
-(429 when they are not free now, 400 naming ``n`` when they never could be), the prompt (400:
-empty, too long, a bad message; only now is it tokenized or the chat rendered), then the engine: a prompt plus max_tokens over
-max_model_len (400, vLLM's words), unknown model (404, never the base model instead), no adapter
-slot (429). (gRPC decides the queue after the fields: its message has arrived whole by then.) Each
+fields are validated), JSON and fields (400), the other places of a request of ``n`` > 1 choices
+or of a batch of P prompts (P x n engine requests: 429 when they are not free now, 400 naming ``n``
+or ``prompt`` when they never could be), the prompt (400: empty, too long, a bad message; only now
+is it tokenized, each prompt of a batch in its own tokenizer turn, or the chat rendered), then the
+engine: a prompt plus max_tokens over max_model_len (400, vLLM's words; a batch's names the prompt,
+and nothing of the batch runs), unknown model (404, never the base model instead), no adapter slot
+(429). (gRPC decides the queue after the fields: its message has arrived whole by then.) Each
 refusal is counted in ``nlora_requests_rejected_total{frontend="http"}``. Errors have OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}`` with ``code`` our rejection reason.
 
@@ -37,7 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.registry import AdapterNotFound
 from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.errors import shown
 from nlora_serve.serving.auth import PermissionDenied, Principal
 from nlora_serve.serving.admission import Admission, Reservation
@@ -45,7 +47,7 @@ from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.stream import adapter_versions, metered, start_request
 from nlora_serve.serving.status import BodyTimeout, Draining
 from nlora_serve.serving.http_api.body import parsed_json, validated
-from nlora_serve.serving.http_api.choices import check_choices, choice_params, start_choices
+from nlora_serve.serving.http_api.choices import check_choices, choice_params, of_prompt, start_choices
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_api.echo import Echo
 from nlora_serve.serving.http_api.openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
@@ -67,8 +69,9 @@ class _Started:
     body: ChatRequest | CompletionRequest  # the validated body
     params: SamplingParams
     rid: str  # the response id ("chatcmpl-..." or "cmpl-...")
-    prompt: str | list[int] | None  # the completion's prompt as sent (None: chat)
-    prompt_ids: list[int]  # its tokens, as the engine runs them
+    prompts: list[str | list[int]] | None  # the completion's prompts as sent (None: chat)
+    prompt_ids: list[list[int]]  # per prompt its tokens, as the engine runs them
+    is_cut: list[bool]  # per prompt: truncate_prompt_tokens cut it
 
 
 async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
@@ -94,7 +97,7 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
         reservation.release()
         return Response(status_code=499)
     body = started.body
-    deltas = metered(started.stream, started.timer, reservation, body.num_choices)
+    deltas = metered(started.stream, started.timer, reservation, body.num_choices * len(started.prompt_ids))
     shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, started.params.logprobs,
                     body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage, n=body.num_choices,
                     prompt_ids=started.prompt_ids, echo=_echo(started, ctx.tokenizer),
@@ -106,9 +109,9 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
 
 async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Principal,
                  reservation: Reservation) -> _Started | None:
-    """Read and validate an admitted request's body, grow its ``reservation`` to its ``n`` choices,
-    then tokenize its prompt and queue it in the engine (:func:`_tokenize_and_queue`), or None when
-    the client went away first.
+    """Read and validate an admitted request's body, grow its ``reservation`` to its prompts x ``n``
+    choices, then tokenize its prompts and queue them in the engine (:func:`_tokenize_and_queue`), or
+    None when the client went away first.
 
     Raises:
         NloraError, RequestValidationError: see :func:`generate`.
@@ -123,27 +126,30 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
     if isinstance(model, str):  # else the validation below refuses it
         check_grant(caller, model, ctx.base_model)
     body = validated(ChatRequest if chat else CompletionRequest, data)
-    prompt, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
-    check_choices(body, params, ctx.config)
+    prompts, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
+    num_prompts = 1 if prompts is None else len(prompts)
+    check_choices(body, params, ctx.config, num_prompts)
     truncation = truncation_of(body, ctx.engine.max_model_len)
-    if body.num_choices > 1:  # each choice is a request in the queue and in the tenant's counts
-        ctx.admission.grow(reservation, body.num_choices - 1, caller)
+    places = body.num_choices * num_prompts
+    if places > 1:  # each choice of each prompt is a request in the queue and in the tenant's counts
+        asked = f"n={places}" if num_prompts == 1 else f"{num_prompts} prompts x n={body.num_choices}"
+        ctx.admission.grow(reservation, places - 1, caller, asked, "n" if num_prompts == 1 else "prompt")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    queued = _tokenize_and_queue(ctx, caller, body, prompt, params, rid, truncation)
+    queued = _tokenize_and_queue(ctx, caller, body, prompts, params, rid, truncation)
     started = await unless_disconnected(request, queued)
-    return None if started is None else _Started(started[0], timer, body, params, rid, prompt, started[1])
+    return None if started is None else _Started(started[0], timer, body, params, rid, prompts, *started[1:])
 
 
-def _echo(started: _Started, tokenizer) -> Echo | None:
-    """What an ``echo=true`` completion puts first: the prompt as sent (as cut by
-    truncate_prompt_tokens: then its ids decoded), token ids decoded (vLLM's)."""
+def _echo(started: _Started, tokenizer) -> list[Echo] | None:
+    """What an ``echo=true`` completion puts first, per prompt: the prompt as sent; token ids, or a
+    text cut by truncate_prompt_tokens, as its ids that run decoded (vLLM echoes a cut text whole,
+    beside the logprobs of the kept tokens only)."""
     body = started.body
     if not getattr(body, "echo", False):
         return None
-    prompt = started.prompt
-    as_sent = isinstance(prompt, str) and body.truncate_prompt_tokens is None
-    text = prompt if as_sent else tokenizer.decode(started.prompt_ids)
-    return Echo(text, prompt_only=body.max_tokens == 0)
+    return [Echo(prompt if isinstance(prompt, str) and not cut else tokenizer.decode(ids),
+                 prompt_only=body.max_tokens == 0)
+            for prompt, ids, cut in zip(started.prompts, started.prompt_ids, started.is_cut)]
 
 
 async def read_body(request: Request, admission: Admission) -> bytes:
@@ -162,31 +168,40 @@ async def read_body(request: Request, admission: Admission) -> bytes:
     raise BodyTimeout(f"the request body did not arrive within {BODY_READ_SECONDS:g} s of its headers")
 
 
-async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompt: str | list[int] | None,
+async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompts: list[str | list[int]] | None,
                               params, rid: str, truncation: tuple[int, str] | None = None
-                              ) -> tuple[AsyncIterator, list[int]]:
-    """Tokenize an admitted request's prompt (chat: render it; ``prompt`` None) in its tenant's turn
-    (TokenizerTurns), cut it to ``truncation`` (:func:`~nlora_serve.serving.http_api.truncation.truncation_of`)
-    and queue it in the engine; the engine stream and the prompt's token ids as they run.
+                              ) -> tuple[AsyncIterator, list[list[int]], list[bool]]:
+    """Tokenize an admitted request's prompts (chat: render it; ``prompts`` None), each in its own
+    turn of its tenant (TokenizerTurns), cut each to ``truncation``
+    (:func:`~nlora_serve.serving.http_api.truncation.truncation_of`) and queue them in the engine
+    (:func:`start_choices`); the engine stream, each prompt's token ids as they run, and whether
+    truncation cut each.
 
     Raises:
-        RequestError: the prompt (too long, a bad message), or from :func:`start_request`.
+        RequestError: a prompt (too long, a bad message), or from :func:`start_request`.
             AdapterNotFound: an adapter asked of a server that serves none.
     """
     turns = ctx.admission.tokenizer
-    if prompt is None:
-        prompt = await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds)
+    if prompts is None:
+        full = [await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds)]
     else:
-        prompt = await turns.run(caller.name, ctx.engine.prompt_ids, prompt, body.add_special_tokens)
-    prompt = truncated(prompt, truncation)
+        full = []
+        for i, prompt in enumerate(prompts):
+            try:
+                full.append(await turns.run(caller.name, ctx.engine.prompt_ids, prompt, body.add_special_tokens))
+            except RequestError as exc:
+                raise of_prompt(exc, i, len(prompts)) from None
+    ids = [truncated(prompt, truncation) for prompt in full]
     adapter, salt, n = adapter_of(ctx, body.model), cache_salt_of(caller, body.cache_salt, ctx.auth), body.num_choices
+    alone = n * len(ids) == 1
 
     def start(index: int) -> AsyncIterator:
-        engine_id = f"{caller.name}/{rid}" if n == 1 else f"{caller.name}/{rid}/{index}"
-        return start_request(ctx.engine, prompt, choice_params(params, index), engine_id, adapter,
+        engine_id = f"{caller.name}/{rid}" if alone else f"{caller.name}/{rid}/{index}"
+        return start_request(ctx.engine, ids[index // n], choice_params(params, index % n), engine_id, adapter,
                              body.max_tokens_given, caller, salt)
 
-    return start_choices(start, n), prompt
+    stream = await start_choices(start, n, len(ids))
+    return stream, ids, [len(cut) < len(whole) for cut, whole in zip(ids, full)]
 
 
 async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:

@@ -29,6 +29,16 @@ writes its own; true would add a second BOS), both vLLM's defaults. Completions 
 returns the prompt alone), both endpoints vLLM's ``prompt_logprobs`` (0..20, not with ``stream``):
 shapes and rules in :mod:`~nlora_serve.serving.http_api.echo`. Chat's ``echo=true`` (vLLM's: the
 last message prepended to the reply) and ``echo`` with ``n`` > 1 are refused.
+
+A completion's ``prompt`` may be a batch, as in OpenAI's and vLLM 0.32's API (lm-evaluation-harness's
+``local-completions`` sends one with ``batch_size`` > 1): a list of texts or of token-id lists, up to
+:data:`MAX_PROMPTS` (vLLM's limit), each prompt run with the same params. Choice j of prompt i has
+index ``i * n + j`` and, with a ``seed``, samples with ``seed + j``; echo, logprobs and
+``prompt_logprobs`` are each prompt's own; usage sums the prompts (each once) and every choice's
+tokens. Each (prompt, choice) is an engine request (:mod:`~nlora_serve.serving.http_api.choices`),
+so prompts x n must fit ``--max-queue`` and the tenant's quota. An empty list, a list mixing texts
+and id lists, an empty prompt inside a batch are refused naming ``prompt``
+(:meth:`CompletionRequest.prompt_shape`).
 """
 
 from __future__ import annotations
@@ -36,7 +46,8 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic_core import PydanticCustomError
 
 from nlora_serve.serving.chat_template import render_chat
 from nlora_serve.serving.request_policy import check_cache_salt, check_min_tokens_unset_max, max_tokens_of
@@ -51,6 +62,9 @@ NOOP_VALUES: dict[str, tuple] = {
 }
 _FIELD = re.compile(r"^(?:SamplingParams\.)?(\w+)")
 _TOKEN_ID = re.compile(r"[0-9]{1,19}")  # a logit_bias key: 19 digits reach past any vocabulary
+# prompts of one /v1/completions request at most: vLLM 0.32's VLLM_MAX_COMPLETION_PROMPTS default
+# (each prompt x n choices is also a request of the queue: see choices.check_choices)
+MAX_PROMPTS = 1024
 
 
 class ParamError(RequestError):
@@ -120,7 +134,8 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    """POST /v1/completions. ``prompt``: text, token ids, or a one-element list of either."""
+    """POST /v1/completions. ``prompt``: text, token ids, or a batch: a list of texts or of token-id
+    lists (:meth:`prompt_shape` refuses the others before the types are checked)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None  # top-k log-probabilities per token (0..20)
@@ -129,6 +144,46 @@ class CompletionRequest(_Request):
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's log-probability and top-k (0..20)
     # a text prompt takes the tokenizer's special tokens (a BOS), as vLLM's CompletionRequest
     add_special_tokens: bool = True
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def prompt_shape(cls, prompt):
+        """A batch's shape in words (pydantic's union errors would say "prompt.str: Input should be a
+        valid string" for all of them).
+
+        Raises:
+            PydanticCustomError: an empty list, a list mixing texts and id lists (or holding
+                anything else), an empty text or id list inside a batch, an id that is no integer.
+        """
+        if not isinstance(prompt, list):
+            return prompt
+        if not prompt:
+            raise _prompt_error("prompt is an empty list: send a text, token ids, or a non-empty list of texts or "
+                                "of token-id lists")
+        kinds = {_prompt_kind(item) for item in prompt}
+        if kinds == {"an integer"}:
+            return prompt  # one prompt of token ids
+        if len(kinds) > 1 or not kinds <= {"a text", "a list"}:
+            raise _prompt_error(f"prompt holds {' and '.join(sorted(kinds))}: a batch is a list of texts or a list "
+                                "of token-id lists, one kind only")
+        for i, item in enumerate(prompt):
+            if not item:
+                raise _prompt_error(f"prompt[{i}] is empty: every prompt of a batch needs at least one token")
+            if isinstance(item, list):
+                bad = next((j for j, t in enumerate(item) if _prompt_kind(t) != "an integer"), None)
+                if bad is not None:
+                    raise _prompt_error(f"prompt[{i}][{bad}] is {_prompt_kind(item[bad])}: token ids are integers")
+        return prompt
+
+
+def _prompt_kind(item) -> str:
+    if isinstance(item, bool):  # before int: JSON's true is no token id
+        return "a boolean"
+    return {int: "an integer", str: "a text", list: "a list"}.get(type(item), "another value")
+
+
+def _prompt_error(message: str) -> PydanticCustomError:
+    return PydanticCustomError("prompt", message)
 
 
 class ContentPart(BaseModel):
@@ -244,30 +299,33 @@ def _logit_bias(field: dict[str, float] | None) -> tuple[tuple[int, float], ...]
     return tuple(pairs)
 
 
-def completion_inputs(request: CompletionRequest, config: ServerConfig) -> tuple[str | list[int], SamplingParams]:
-    """(engine prompt, sampling params) of a completion request.
+def completion_inputs(request: CompletionRequest,
+                      config: ServerConfig) -> tuple[list[str | list[int]], SamplingParams]:
+    """(engine prompts, sampling params) of a completion request: one prompt, or each of a batch
+    (``prompt`` a list of texts or of token-id lists, as vLLM 0.32 takes it), each run with the same
+    params.
 
     Raises:
-        ParamError: an unsupported field, several prompts, an empty prompt, a field out of range,
-            echo with n > 1, prompt_logprobs with stream (:func:`prompt_logprobs_of`).
+        ParamError: an unsupported field, an empty prompt, more than :data:`MAX_PROMPTS` prompts, a
+            field out of range, echo with n > 1, prompt_logprobs with stream (:func:`prompt_logprobs_of`).
     """
     if request.echo and request.n not in (None, 1):
         raise ParamError(f"echo=true with n={request.n!r} is not supported: this server echoes the prompt "
                          "into one choice; send n=1 (or echo=false)", "echo")
     check_fields(request)
     prompt = request.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        if len(prompt) != 1:
-            raise ParamError(f"prompt holds {len(prompt)} prompts: send one prompt per request", "prompt")
-        prompt = prompt[0]
-    if not prompt:
+    prompts = prompt if isinstance(prompt, list) and isinstance(prompt[0], str | list) else [prompt]
+    if len(prompts) > MAX_PROMPTS:
+        raise ParamError(f"prompt list length {len(prompts)} exceeds the maximum allowed count of {MAX_PROMPTS} "
+                         "(vLLM's VLLM_MAX_COMPLETION_PROMPTS default)", "prompt")
+    if not prompts[0]:
         raise ParamError("prompt is empty: need at least one token", "prompt")
     # echo with logprobs scores the prompt too (vLLM's: prompt_logprobs defaults to logprobs; the
     # engine computes the larger, the response slices each)
     wanted = prompt_logprobs_of(request)
     if request.echo and request.logprobs is not None:
         wanted = max(wanted if wanted is not None else 0, request.logprobs)
-    return prompt, sampling_of(request, config, request.logprobs, wanted)
+    return prompts, sampling_of(request, config, request.logprobs, wanted)
 
 
 def prompt_logprobs_of(request: CompletionRequest | ChatRequest) -> int | None:

@@ -66,11 +66,17 @@ def usage(out: RequestOutput, completion_tokens: int | None = None) -> dict:
             "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
-def total_usage(lasts: list[RequestOutput]) -> dict:
-    """OpenAI usage of a request's choices (the latest delta of each, choice 0 first), as vLLM
-    counts ``n`` > 1: the prompt once, the completion tokens of every choice; the cached prompt
-    tokens are choice 0's (the others read the prompt choice 0 wrote to the cache)."""
-    return usage(lasts[0], sum(out.completion_tokens for out in lasts))
+def total_usage(lasts: list[RequestOutput], n: int = 1) -> dict:
+    """OpenAI usage of a request's choices (the latest delta of each, by index: ``n`` per prompt),
+    as vLLM 0.32 counts ``n`` > 1 and a batch of prompts: each prompt once, the completion tokens
+    of every choice. The cached prompt tokens are those of each prompt's choice 0 (the others read
+    the prompt it wrote to the cache), summed over the prompts (vLLM gives one prompt's: the
+    first's in a stream, the last's in a whole response)."""
+    firsts = lasts[::n]
+    made = sum(out.completion_tokens for out in lasts)
+    prompt, cached = sum(out.prompt_tokens for out in firsts), sum(out.cached_tokens for out in firsts)
+    return {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class Shaper:
@@ -86,26 +92,31 @@ class Shaper:
         include_usage: streaming: end with a usage chunk (stream_options.include_usage).
         continuous_usage: with include_usage, every chunk carries the usage so far instead of null
             (vLLM's stream_options.continuous_usage_stats; of the chunk's own choice, as vLLM).
-        n: the request's choices; each delta's ``index`` says whose it is.
-        prompt_ids: the prompt's tokens as the engine runs them (for echo and prompt_logprobs).
-        echo: completions with ``echo=true``: the prompt before the choice (http_api/echo.py; n = 1 only).
+        n: the choices of each prompt; each delta's ``index`` says whose it is (prompt ``index // n``).
+        prompt_ids: per prompt (a completions batch holds several) its tokens as the engine runs
+            them (for echo and prompt_logprobs); None: one prompt, neither asked.
+        echo: completions with ``echo=true``: per prompt what goes before each of its choices
+            (http_api/echo.py; n = 1 only).
         prompt_logprobs: vLLM's ``prompt_logprobs`` asked (top-k per prompt token); None = not returned.
     """
 
     def __init__(self, request_id: str, model: str, chat: bool, tokenizer, top_logprobs: int | None,
                  token_ids_as_tokens: bool = False, include_usage: bool = False, continuous_usage: bool = False,
-                 n: int = 1, prompt_ids: list[int] | None = None, echo: Echo | None = None,
+                 n: int = 1, prompt_ids: list[list[int]] | None = None, echo: list[Echo] | None = None,
                  prompt_logprobs: int | None = None):
         self.request_id, self.model, self.chat = request_id, model, chat
         self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
         self.token_ids_as_tokens, self.include_usage = token_ids_as_tokens, include_usage
         self.continuous_usage = include_usage and continuous_usage
         self.created = int(time.time())
-        self._offsets = [0] * n  # per choice: characters of completion text before its next token (text_offset)
-        self._lasts: list[RequestOutput | None] = [None] * n  # per choice: its latest delta (the usage chunk)
+        self.n = n
+        choices = n * (1 if prompt_ids is None else len(prompt_ids))
+        self._offsets = [0] * choices  # per choice: characters of text before its next token (text_offset)
+        self._lasts: list[RequestOutput | None] = [None] * choices  # per choice: its latest delta (the usage chunk)
         self._token_bytes: TokenBytes | None = None  # built on the first chat logprobs entry
         self.prompt_ids, self.echo, self.prompt_logprobs = prompt_ids, echo, prompt_logprobs
-        self._echo_sent = False  # streaming with echo: the prompt went out in the first chunk
+        # streaming with echo: the choices whose prompt has not gone out yet (it goes in their first chunk)
+        self._echo_unsent = set(range(choices)) if echo is not None else set()
 
     # -- whole responses -----------------------------------------------------------------------
 
@@ -119,14 +130,15 @@ class Shaper:
         body = self._envelope("chat.completion" if self.chat else "text_completion", choices, lasts[0])
         if self.prompt_logprobs is not None and self.chat:  # vLLM's: the chat response's top level
             body["prompt_logprobs"] = self._prompt_logprobs(by_choice[0][0])
-        return {**body, "usage": total_usage(lasts)}
+        return {**body, "usage": total_usage(lasts, self.n)}
 
     def _whole_choice(self, index: int, outs: list[RequestOutput]) -> dict:
         first, last = outs[0], outs[-1]
         echoed = self._echoed(first)
-        if self.echo is not None and self.echo.prompt_only:
+        echo = self._echo_of(index)
+        if echo is not None and echo.prompt_only:
             outs = []  # the token computed for max_tokens=0 is not returned (vLLM's echo without generation)
-        text = (self.echo.text if self.echo is not None else "") + "".join(o.text for o in outs)
+        text = (echo.text if echo is not None else "") + "".join(o.text for o in outs)
         logprobs = self._merged_logprobs(outs, echoed)
         if self.chat:
             return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
@@ -138,15 +150,20 @@ class Shaper:
         return choice
 
     def _prompt_logprobs(self, first: RequestOutput) -> list[dict | None]:
-        return vllm_prompt_logprobs(self.prompt_ids, first.prompt_logprobs or [], self.prompt_logprobs, self._token)
+        return vllm_prompt_logprobs(self.prompt_ids[first.index // self.n], first.prompt_logprobs or [],
+                                    self.prompt_logprobs, self._token)
+
+    def _echo_of(self, index: int) -> Echo | None:
+        """What goes before choice ``index``: its prompt's echo (None without echo)."""
+        return None if self.echo is None else self.echo[index // self.n]
 
     def _echoed(self, first: RequestOutput) -> dict | None:
-        """The logprobs of an echoed prompt (None without echo or logprobs); read before the
-        generated tokens' own, so that their text offsets follow the prompt's."""
+        """The logprobs of the echoed prompt of ``first``'s choice (None without echo or logprobs);
+        read before the generated tokens' own, so that their text offsets follow the prompt's."""
         if self.echo is None or self.top_logprobs is None:
             return None
-        echoed = echo_logprobs(self.prompt_ids, first.prompt_logprobs or [], self.top_logprobs, self._token,
-                               self._offsets[first.index])
+        echoed = echo_logprobs(self.prompt_ids[first.index // self.n], first.prompt_logprobs or [],
+                               self.top_logprobs, self._token, self._offsets[first.index])
         if echoed["tokens"]:
             self._offsets[first.index] = echoed["text_offset"][-1] + len(echoed["tokens"][-1])
         return echoed
@@ -174,11 +191,11 @@ class Shaper:
         """The chunk of one delta (its text, logprobs, and finish_reason and stop_reason once finished)."""
         self._lasts[out.index] = out
         text = out.text
-        if self.echo is not None and not self._echo_sent:  # the first chunk: the prompt, then the first token's
-            self._echo_sent = True
-            echoed = self._echoed(out)
-            mine = [] if self.echo.prompt_only else [out]
-            text = self.echo.text + "".join(o.text for o in mine)
+        if out.index in self._echo_unsent:  # the choice's first chunk: its prompt, then its first token's
+            self._echo_unsent.discard(out.index)
+            echoed, echo = self._echoed(out), self._echo_of(out.index)
+            mine = [] if echo.prompt_only else [out]
+            text = echo.text + "".join(o.text for o in mine)
             logprobs = self._merged_logprobs(mine, echoed)
         else:
             logprobs = self._logprobs(out) if self.top_logprobs is not None else None
@@ -192,7 +209,7 @@ class Shaper:
 
     def usage_chunk(self) -> dict:
         """The closing chunk of include_usage: no choices, the usage of every choice streamed."""
-        return {**self._envelope(self._chunk_object, [], self._lasts[0]), "usage": total_usage(self._lasts)}
+        return {**self._envelope(self._chunk_object, [], self._lasts[0]), "usage": total_usage(self._lasts, self.n)}
 
     def _chunk(self, choice: dict, out: RequestOutput, completion_tokens: int | None = None) -> dict:
         body = self._envelope(self._chunk_object, [choice], out)
