@@ -32,13 +32,13 @@ last message prepended to the reply) and ``echo`` with ``n`` > 1 are refused.
 
 A completion's ``prompt`` may be a batch, as in OpenAI's and vLLM 0.32's API (lm-evaluation-harness's
 ``local-completions`` sends one with ``batch_size`` > 1): a list of texts or of token-id lists, up to
-:data:`MAX_PROMPTS` (vLLM's limit), each prompt run with the same params. Choice j of prompt i has
-index ``i * n + j`` and, with a ``seed``, samples with ``seed + j``; echo, logprobs and
-``prompt_logprobs`` are each prompt's own; usage sums the prompts (each once) and every choice's
-tokens. Each (prompt, choice) is an engine request (:mod:`~nlora_serve.serving.http_api.choices`),
-so prompts x n must fit ``--max-queue`` and the tenant's quota. An empty list, a list mixing texts
-and id lists, an empty prompt inside a batch are refused naming ``prompt``
-(:meth:`CompletionRequest.prompt_shape`).
+1,024 (vLLM's limit), each prompt run with the same params (shapes and bounds:
+:mod:`~nlora_serve.serving.http_api.prompts`). Choice j of prompt i has index ``i * n + j`` and, with
+a ``seed``, samples with ``seed + j``; echo, logprobs and ``prompt_logprobs`` are each prompt's own;
+usage sums the prompts (each once) and every choice's tokens. Each (prompt, choice) is an engine
+request (:mod:`~nlora_serve.serving.http_api.choices`), so prompts x n must fit ``--max-queue`` and
+the tenant's quota. An empty list, a list mixing texts and id lists, an empty prompt inside a batch
+are refused naming ``prompt``.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ import contextlib
 import re
 from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict, field_validator
-from pydantic_core import PydanticCustomError
 
 from nlora_serve.serving.chat_template import render_chat
+from nlora_serve.serving.http_api.prompts import MAX_PROMPTS, check_prompt_shape, prompts_of
 from nlora_serve.serving.request_policy import check_cache_salt, check_min_tokens_unset_max, max_tokens_of
 from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
@@ -62,9 +62,6 @@ NOOP_VALUES: dict[str, tuple] = {
 }
 _FIELD = re.compile(r"^(?:SamplingParams\.)?(\w+)")
 _TOKEN_ID = re.compile(r"[0-9]{1,19}")  # a logit_bias key: 19 digits reach past any vocabulary
-# prompts of one /v1/completions request at most: vLLM 0.32's VLLM_MAX_COMPLETION_PROMPTS default
-# (each prompt x n choices is also a request of the queue: see choices.check_choices)
-MAX_PROMPTS = 1024
 
 
 class ParamError(RequestError):
@@ -135,7 +132,8 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     """POST /v1/completions. ``prompt``: text, token ids, or a batch: a list of texts or of token-id
-    lists (:meth:`prompt_shape` refuses the others before the types are checked)."""
+    lists (:func:`~nlora_serve.serving.http_api.prompts.check_prompt_shape` refuses the others before
+    the types are checked)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None  # top-k log-probabilities per token (0..20)
@@ -148,42 +146,8 @@ class CompletionRequest(_Request):
     @field_validator("prompt", mode="before")
     @classmethod
     def prompt_shape(cls, prompt):
-        """A batch's shape in words (pydantic's union errors would say "prompt.str: Input should be a
-        valid string" for all of them).
-
-        Raises:
-            PydanticCustomError: an empty list, a list mixing texts and id lists (or holding
-                anything else), an empty text or id list inside a batch, an id that is no integer.
-        """
-        if not isinstance(prompt, list):
-            return prompt
-        if not prompt:
-            raise _prompt_error("prompt is an empty list: send a text, token ids, or a non-empty list of texts or "
-                                "of token-id lists")
-        kinds = {_prompt_kind(item) for item in prompt}
-        if kinds == {"an integer"}:
-            return prompt  # one prompt of token ids
-        if len(kinds) > 1 or not kinds <= {"a text", "a list"}:
-            raise _prompt_error(f"prompt holds {' and '.join(sorted(kinds))}: a batch is a list of texts or a list "
-                                "of token-id lists, one kind only")
-        for i, item in enumerate(prompt):
-            if not item:
-                raise _prompt_error(f"prompt[{i}] is empty: every prompt of a batch needs at least one token")
-            if isinstance(item, list):
-                bad = next((j for j, t in enumerate(item) if _prompt_kind(t) != "an integer"), None)
-                if bad is not None:
-                    raise _prompt_error(f"prompt[{i}][{bad}] is {_prompt_kind(item[bad])}: token ids are integers")
-        return prompt
-
-
-def _prompt_kind(item) -> str:
-    if isinstance(item, bool):  # before int: JSON's true is no token id
-        return "a boolean"
-    return {int: "an integer", str: "a text", list: "a list"}.get(type(item), "another value")
-
-
-def _prompt_error(message: str) -> PydanticCustomError:
-    return PydanticCustomError("prompt", message)
+        """Raises PydanticCustomError for a list of no prompt's shape (see :func:`check_prompt_shape`)."""
+        return check_prompt_shape(prompt)
 
 
 class ContentPart(BaseModel):
@@ -306,15 +270,14 @@ def completion_inputs(request: CompletionRequest,
     params.
 
     Raises:
-        ParamError: an unsupported field, an empty prompt, more than :data:`MAX_PROMPTS` prompts, a
+        ParamError: an unsupported field, an empty prompt, more than MAX_PROMPTS prompts, a
             field out of range, echo with n > 1, prompt_logprobs with stream (:func:`prompt_logprobs_of`).
     """
     if request.echo and request.n not in (None, 1):
         raise ParamError(f"echo=true with n={request.n!r} is not supported: this server echoes the prompt "
                          "into one choice; send n=1 (or echo=false)", "echo")
     check_fields(request)
-    prompt = request.prompt
-    prompts = prompt if isinstance(prompt, list) and isinstance(prompt[0], str | list) else [prompt]
+    prompts = prompts_of(request.prompt)
     if len(prompts) > MAX_PROMPTS:
         raise ParamError(f"prompt list length {len(prompts)} exceeds the maximum allowed count of {MAX_PROMPTS} "
                          "(vLLM's VLLM_MAX_COMPLETION_PROMPTS default)", "prompt")
