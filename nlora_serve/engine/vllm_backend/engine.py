@@ -28,12 +28,12 @@ from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, SHUTDOWN_REASON, Engine, EngineDead, EngineError,
                                     RequestIds, RequestOutput, RequestStream, max_prompt_bytes, prompt_ids)
-from nlora_serve.engine.prompt_logprobs import PromptLogprob
 from nlora_serve.engine.request_checks import check_request, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
 from nlora_serve.engine.vllm_backend.fold_cache import FoldCache
 from nlora_serve.engine.vllm_backend.fold_folders import fold_folder, release_fold_folder
+from nlora_serve.engine.vllm_backend.outputs import adapter_fields, prompt_logprobs_of, threadsafe_sink
 from nlora_serve.engine.vllm_backend.scoring_gate import ScoringGate
 from nlora_serve.engine.vllm_backend.config import FINISH, FOLD_FOLDERS_PER_CPU_LORA, SchedulerSnapshot, \
     VllmBackendConfig, vllm_sampling_params
@@ -162,7 +162,7 @@ class VllmEngine(Engine):
         with self._lock:
             pinned = self.adapters.acquire(adapter) if adapter is not None else None
             client_id, rid = self._ids.admit(request_id)
-            job = self._jobs[rid] = _Job(rid, client_id, len(ids), pinned, _sink(loop, deltas))
+            job = self._jobs[rid] = _Job(rid, client_id, len(ids), pinned, threadsafe_sink(loop, deltas))
             self._counters["prompt_tokens"] += len(ids)
             job.future = asyncio.run_coroutine_threadsafe(self._run(job, ids, params, cache_salt), self._loop)
         return RequestStream(client_id, deltas, self._abort, rid)
@@ -221,7 +221,7 @@ class VllmEngine(Engine):
                     self._counters["generation_tokens"] += len(tokens)
                 error = f"vLLM ended it with finish reason {done.finish_reason!r}" if reason == "error" else None
                 delta = RequestOutput(job.client_id, done.text, tokens, reason, job.prompt_tokens, made, logprobs,
-                                      error, **_tag(job.pinned), cached_tokens=cached,
+                                      error, **adapter_fields(job.pinned), cached_tokens=cached,
                                       stop_reason=done.stop_reason if reason == "stop" else None,
                                       prompt_logprobs=scored or None)
                 if reason is not None:
@@ -262,7 +262,7 @@ class VllmEngine(Engine):
 
     @staticmethod
     def _final(job: _Job, reason: str, made: int, error: str | None = None, cached: int = 0) -> RequestOutput:
-        return RequestOutput(job.client_id, "", [], reason, job.prompt_tokens, made, error=error, **_tag(job.pinned),
+        return RequestOutput(job.client_id, "", [], reason, job.prompt_tokens, made, error=error, **adapter_fields(job.pinned),
                              cached_tokens=cached)
 
     def _end(self, job: _Job, last: RequestOutput) -> None:
@@ -393,34 +393,3 @@ class VllmEngine(Engine):
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def prompt_logprobs_of(ids: list[int], scored: list) -> list[PromptLogprob | None]:
-    """vLLM's ``prompt_logprobs`` (per prompt token None or ``{token id: Logprob}``) as ours: the
-    prompt token's log-probability first, then the others; its rank."""
-    out: list[PromptLogprob | None] = []
-    for token, entry in zip(ids, scored):
-        if entry is None:
-            out.append(None)
-            continue
-        mine = entry[token]
-        logprobs = {token: mine.logprob}
-        logprobs.update((t, lp.logprob) for t, lp in entry.items() if t != token)
-        out.append(PromptLogprob(logprobs, mine.rank))
-    return out
-
-
-def _tag(pinned: AdapterVersion | None) -> dict:
-    """The adapter fields of every RequestOutput of a request."""
-    return dict(adapter=pinned.name if pinned else None, adapter_version=pinned.version if pinned else 0,
-                adapter_hash=pinned.content_hash if pinned else "")
-
-
-def _sink(loop: asyncio.AbstractEventLoop, deltas: asyncio.Queue):
-    """Hands a delta to the caller's loop; drops it when that loop is closed (nobody listens)."""
-    def put(out: RequestOutput) -> None:
-        try:
-            loop.call_soon_threadsafe(deltas.put_nowait, out)
-        except RuntimeError:
-            pass
-    return put
