@@ -55,6 +55,13 @@ class SchedulerConfig:
     # admission order of waiting requests: "fcfs" (arrival) or "fair" (VTC across tenants, fairness.py)
     policy: str = "fcfs"
     tenant_weights: dict[str, float] = field(default_factory=dict)  # "fair": tenant -> weight (absent: 1)
+    # a prefill with more than this many tokens left is "long" and computes at most this many per
+    # step while other requests run or wait, so decodes and short prompts interleave with it
+    # (vLLM's --long-prefill-token-threshold; 0: no cap, vLLM's default)
+    long_prefill_token_threshold: int = 0
+    # floor that cap at max_num_batched_tokens // (running + waiting requests) (vLLM's
+    # --long-prefill-token-threshold-adaptive)
+    long_prefill_token_threshold_adaptive: bool = False
 
     def __post_init__(self) -> None:
         _positive("SchedulerConfig", max_num_seqs=self.max_num_seqs,
@@ -68,6 +75,14 @@ class SchedulerConfig:
                              f"must be >= SchedulerConfig.max_num_seqs ({self.max_num_seqs})")
         if self.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"SchedulerConfig.policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.policy!r}")
+        threshold = self.long_prefill_token_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or not 0 <= threshold <= self.max_model_len:
+            raise ValueError("SchedulerConfig.long_prefill_token_threshold (--long-prefill-token-threshold) must be "
+                             f"an integer from 0 (off) to max_model_len ({self.max_model_len}); got {threshold!r}")
+        if not isinstance(self.long_prefill_token_threshold_adaptive, bool):
+            raise ValueError("SchedulerConfig.long_prefill_token_threshold_adaptive "
+                             "(--long-prefill-token-threshold-adaptive) must be True or False; "
+                             f"got {self.long_prefill_token_threshold_adaptive!r}")
         for tenant, weight in self.tenant_weights.items():
             if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
                 raise ValueError(f"SchedulerConfig.tenant_weights[{tenant!r}] must be a positive number; got {weight!r}")

@@ -21,6 +21,10 @@ otherwise preempt itself, be re-admitted into the budget the deferred chunk need
 ever finished (a livelock). A deferred prefill short of blocks preempts only deferred ones (itself
 if it is the newest), so it never undoes an admission; before, it merely waited, and with the
 head of the queue short of blocks too every later step was empty (tests/engine/test_fair_heavy.py).
+With ``long_prefill_token_threshold`` > 0 and more than one request running or waiting, a prefill
+(continued or admitted) with more than the threshold left to compute gets the threshold this step,
+so one tenant's long prompts cannot fill every step and stall the others' decodes and short prompts
+(vLLM 0.32's rule, v1/core/sched/scheduler.py; alone, a prompt takes the whole budget).
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order (a re-admitted sequence goes last)
         self.fair = VirtualTokenCounter(config.tenant_weights) if config.policy == "fair" else None
         self._deferred: list[Sequence] = []  # this step's deferred prefills (over-served tenants)
+        self._cap = 0  # this step's long-prefill cap in tokens (0: none; module docstring)
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence (its ``arrival`` must be the largest so far)."""
@@ -107,6 +112,7 @@ class Scheduler:
                 batch.preempted.append(victim)
             later = [s for s in self.running if s.tenant in self.fair.over and s.num_uncomputed > 1]
         self._deferred = later
+        self._cap = self._long_prefill_cap()
         now = [s for s in self.running if s not in later]
         self._continue(sorted(now, key=lambda s: (s.num_uncomputed > 1, s.arrival)), batch)
         self._admit(batch, self.config.max_num_batched_tokens - batch.total_tokens)
@@ -125,7 +131,7 @@ class Scheduler:
             done = seq.token_ids[-1] == PLACEHOLDER and seq.num_output_tokens >= seq.params.max_tokens
             if seq.status is not SequenceStatus.RUNNING or budget == 0 or done:
                 continue
-            n = min(seq.num_uncomputed, budget)
+            n = min(self._chunk(seq.num_uncomputed), budget)
             if self._reserve(seq, n, batch):
                 batch.add(seq, n)
         if self.fair is not None:
@@ -137,7 +143,7 @@ class Scheduler:
             seq = self.waiting[0] if self.fair is None else self.fair.pick()
             hit = self.blocks.match(seq)
             cached = len(hit) * self.blocks.block_size
-            n = min(seq.num_tokens - cached, budget)
+            n = min(self._chunk(seq.num_tokens - cached), budget)
             if not self.blocks.admit(seq, hit, cached + n):
                 return  # the one picked waits for blocks; others may not overtake it
             self._unqueue(seq)
@@ -148,6 +154,21 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n
+
+    def _long_prefill_cap(self) -> int:
+        """Tokens a long prefill may compute this step: ``long_prefill_token_threshold``, floored at
+        ``max_num_batched_tokens`` // requests with ``long_prefill_token_threshold_adaptive``; 0 (no
+        cap) when it is off or one request is all there is (nobody to starve)."""
+        cfg, num_requests = self.config, len(self.running) + len(self.waiting)
+        if cfg.long_prefill_token_threshold == 0 or num_requests <= 1:
+            return 0
+        if cfg.long_prefill_token_threshold_adaptive:
+            return max(cfg.long_prefill_token_threshold, cfg.max_num_batched_tokens // num_requests)
+        return cfg.long_prefill_token_threshold
+
+    def _chunk(self, num_left: int) -> int:
+        """Tokens to compute this step for a sequence with ``num_left`` uncomputed, before the budget."""
+        return self._cap if 0 < self._cap < num_left else num_left
 
     def _reserve(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
         """Grow ``seq``'s blocks for ``n`` more tokens, preempting newest first (deferred prefills

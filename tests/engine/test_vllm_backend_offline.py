@@ -130,6 +130,8 @@ def test_lora_rank_limit_is_the_smallest_rank_vllm_accepts():
     (["--vllm-arg", "max_lora_rank=8"], "--vllm-arg max_lora_rank: the backend sets it from --max-rank"),
     (["--vllm-arg", "max_model_len=128"], "--vllm-arg max_model_len: the backend sets it from --max-model-len"),
     (["--vllm-arg", "max_loras=2"], "--vllm-arg max_loras: the backend sets it from --max-loras"),
+    (["--vllm-arg", "long_prefill_token_threshold=8"],
+     "--vllm-arg long_prefill_token_threshold: the backend sets it from --long-prefill-token-threshold"),
     # applied only q_proj of every adapter while the listing said seven modules
     (["--vllm-arg", 'lora_target_modules=["q_proj"]'], "--vllm-arg lora_target_modules: would make vLLM serve other"),
     (["--vllm-arg", 'hf_overrides={"num_hidden_layers": 2}'], "--vllm-arg hf_overrides: would make vLLM serve other"),

@@ -30,8 +30,8 @@ def engine_args(monkeypatch):
     monkeypatch.setattr(AsyncLLM, "from_engine_args", classmethod(record))
 
     def build(base, backend=None, **fields):
-        config = EngineConfig(dtype=torch.float32, scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256,
-                                                                             max_model_len=256), **fields)
+        fields.setdefault("scheduler", SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=256))
+        config = EngineConfig(dtype=torch.float32, **fields)
         with pytest.raises(_Refused):
             VllmEngine(config, backend, base)
         return seen[-1]
@@ -69,3 +69,13 @@ def test_max_loras_is_vllms_max_loras_on_the_cpu_too(engine_args, base_fp32, tmp
     assert (args.enable_lora, args.max_loras, args.max_cpu_loras) == (True, 2, 2)
     lora = LoRAConfig(max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras)
     assert (lora.max_loras, lora.max_cpu_loras) == (2, 2)
+
+
+def test_long_prefill_token_threshold_reaches_vllm(engine_args, base_fp32):
+    # vLLM 0.32 caps a long prefill per step with the same flag (its default, 0, is ours)
+    args = engine_args(base_fp32)
+    assert (args.long_prefill_token_threshold, args.long_prefill_token_threshold_adaptive) == (0, False)
+    scheduler = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=256,
+                                long_prefill_token_threshold=64, long_prefill_token_threshold_adaptive=True)
+    args = engine_args(base_fp32, scheduler=scheduler)
+    assert (args.long_prefill_token_threshold, args.long_prefill_token_threshold_adaptive) == (64, True)

@@ -24,6 +24,8 @@ FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # vLLM's finish
 OWNED_ENGINE_ARGS = {
     "model": "--model", "tokenizer": "--tokenizer", "dtype": "--dtype", "max_model_len": "--max-model-len",
     "max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-num-batched-tokens",
+    "long_prefill_token_threshold": "--long-prefill-token-threshold",
+    "long_prefill_token_threshold_adaptive": "--long-prefill-token-threshold-adaptive",
     "tensor_parallel_size": "--tensor-parallel-size", "pipeline_parallel_size": "--pipeline-parallel-size",
     "enable_lora": "--adapter-dir (LoRA is on with an adapter store)", "max_loras": "--max-loras",
     "max_lora_rank": "--max-rank", "enable_prefix_caching": "--enable-prefix-caching / --no-enable-prefix-caching",

@@ -71,6 +71,12 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
       help="sequences running at once, at most (default: %(default)s)")
     a("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens,
       help="tokens one step computes, decodes and prefill chunks together (default: %(default)s)")
+    a("--long-prefill-token-threshold", type=int, default=SchedulerConfig().long_prefill_token_threshold,
+      metavar="N", help="a prefill with more than N tokens left computes N per step while other requests run or "
+                        "wait, so one tenant's long prompts cannot stall the others' decodes (vLLM's flag; "
+                        "0: off) (default: %(default)s)")
+    a("--long-prefill-token-threshold-adaptive", action="store_true",
+      help="floor that cap at --max-num-batched-tokens / (running + waiting requests) (vLLM's flag)")
 
 
 def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
@@ -85,7 +91,9 @@ def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
         if getattr(args, name) is not None:  # else EngineConfig's default
             fields[name] = getattr(args, name)
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                max_model_len=args.max_model_len)
+                                max_model_len=args.max_model_len,
+                                long_prefill_token_threshold=args.long_prefill_token_threshold,
+                                long_prefill_token_threshold_adaptive=args.long_prefill_token_threshold_adaptive)
     return EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype, device), device=device,
                         load_format=args.load_format, tokenizer=args.tokenizer, scheduler=scheduler,
                         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **fields)
