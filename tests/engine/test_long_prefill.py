@@ -14,6 +14,7 @@ from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.scheduler import Scheduler
 from nlora_serve.engine.sequence import Sequence
 from test_model import hf_greedy
+from test_scheduler import run_step  # schedule one step and play the model
 
 
 def make(**cfg) -> Scheduler:
@@ -22,16 +23,6 @@ def make(**cfg) -> Scheduler:
 
 def seq(arrival: int, prompt_len: int, tenant: str | None = None) -> Sequence:
     return Sequence(f"r{arrival}", arrival, list(range(prompt_len)), prompt_len, SamplingParams(), tenant=tenant)
-
-
-def run_step(sched: Scheduler) -> list[tuple[str, int]]:
-    """Schedule one step and play the model: computed tokens advance, finished prefills sample a token."""
-    batch = sched.schedule()
-    for s, n in zip(batch.seqs, batch.num_tokens):
-        s.num_computed_tokens += n
-        if s.num_computed_tokens == s.num_tokens:
-            s.token_ids.append(0)
-    return [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_tokens)]
 
 
 def test_off_a_long_prompt_takes_the_budget_from_a_later_short_one():
