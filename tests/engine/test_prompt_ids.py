@@ -107,7 +107,7 @@ def test_the_vllm_backend_sends_vllm_the_ids_with_special_tokens_by_default(bos_
     engine.tokenizer, engine.vocab_size, engine._max_prompt_bytes = tok, len(tok), None
     engine._lock, engine._jobs, engine._ids, engine._counters = threading.Lock(), {}, RequestIds(), \
         {"prompt_tokens": 0, "generation_tokens": 0}
-    engine._adapters, engine._stopping, engine._dead, engine._base_lora = None, False, None, None
+    engine._adapters, engine._stopping, engine._dead, engine._base_lora, engine._gate = None, False, None, None, None
     engine._llm = llm = _RecordingLLM()
     engine._loop = asyncio.new_event_loop()
     engine._thread = threading.Thread(target=engine._loop.run_forever, daemon=True)
