@@ -184,10 +184,10 @@ class VllmEngine(Engine):
             job.started = True
         made, last, cached, unseen, folded = 0, None, 0, False, None
         scored = None  # vLLM's prompt_logprobs as ours, until a delta carries them out
-        gate = self._gate
-        scoring = gate is not None and params.prompt_logprobs is not None  # until its first output
-        entered = False
+        entered = False  # in the scoring gate (everything from here on ends the request, whatever fails)
         try:
+            gate = self._gate
+            scoring = gate is not None and params.prompt_logprobs is not None  # until its first output
             lora = self._lora_request(job.pinned)
             if job.pinned is not None:  # its folder is written on the version's first request
                 await self._fold_cache.use(job.pinned)
