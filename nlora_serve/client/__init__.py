@@ -12,10 +12,10 @@ from nlora_serve.client.aio import AsyncNloraClient
 from nlora_serve.client.sync import NloraClient
 from nlora_serve.client.types import (AdapterInfo, DeadlineExceeded, Delta, FailedPrecondition, InvalidArgument,
                                       InvalidInput, NloraClientError, NotFound, PermissionDenied,
-                                      ResourceExhausted, Unauthenticated, Unavailable, Usage)
+                                      ResourceExhausted, TokenLogprob, Unauthenticated, Unavailable, Usage)
 
 __all__ = [
     "AdapterInfo", "AsyncNloraClient", "DeadlineExceeded", "Delta", "FailedPrecondition", "InvalidArgument",
     "InvalidInput", "NloraClient", "NloraClientError", "NotFound", "PermissionDenied", "ResourceExhausted",
-    "Unauthenticated", "Unavailable", "Usage",
+    "TokenLogprob", "Unauthenticated", "Unavailable", "Usage",
 ]

@@ -21,6 +21,22 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log-probability (natural log, float32 on the wire) and the most likely tokens at
+    its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability), most likely first
+    rank: int | None = None  # the token's vocabulary rank (1 = the most likely): prompt tokens only
+
+    @classmethod
+    def from_proto(cls, msg: pb.TokenLogprobs, ranked: bool = False) -> TokenLogprob:
+        return cls(msg.token_id, msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)),
+                   msg.rank if ranked else None)
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
     """One streamed piece of a generation."""
 
@@ -32,6 +48,10 @@ class Delta:
     request_id: str
     finish_reason: str | None = None  # "stop", "length" or "abort" on the last delta, else None
     usage: Usage | None = None  # on the last delta only
+    logprobs: tuple[TokenLogprob, ...] = ()  # with top_logprobs: one per token in token_ids
+    # with prompt_logprobs, on the first delta only (vLLM's shape): one per prompt token, None for
+    # the first (nothing before it to score it), then each token's log-probability, rank and top-k
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @classmethod
     def from_proto(cls, msg: pb.GenerateResponse) -> Delta:
@@ -39,8 +59,12 @@ class Delta:
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             u = msg.usage
             usage = Usage(u.prompt_tokens, u.completion_tokens, u.time_to_first_token_s, u.duration_s, u.cached_tokens)
+        prompt = None
+        if msg.prompt_logprobs:
+            prompt = (None, *(TokenLogprob.from_proto(e, ranked=True) for e in msg.prompt_logprobs))
         return cls(msg.text, tuple(msg.token_ids), msg.adapter.name, msg.adapter.version,
-                   msg.adapter.content_hash, msg.request_id, _FINISH.get(msg.finish_reason), usage)
+                   msg.adapter.content_hash, msg.request_id, _FINISH.get(msg.finish_reason), usage,
+                   tuple(TokenLogprob.from_proto(e) for e in msg.logprobs), prompt)
 
 
 @dataclass(frozen=True, slots=True)

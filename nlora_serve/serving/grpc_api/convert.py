@@ -12,7 +12,7 @@ from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.serving.chat_template import render_chat
 from nlora_serve.serving.request_policy import check_cache_salt, check_min_tokens_unset_max, max_tokens_of
-from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig, default_served_name
 
 MAX_REQUEST_ID = 256  # characters of a client's request_id: an id, echoed in every response, not a payload
@@ -53,12 +53,16 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
     or 2^32 - 1 (-1 as uint32) keeps every token.
 
     Raises:
-        RequestError: a field out of range, max_tokens over ``config.max_tokens``, or with
-            max_tokens unset min_tokens over ``config.max_tokens``.
+        RequestError: a field out of range (top_logprobs or prompt_logprobs over
+            :data:`~nlora_serve.engine.sampling.MAX_LOGPROBS`), max_tokens over ``config.max_tokens``,
+            or with max_tokens unset min_tokens over ``config.max_tokens``.
     """
     max_tokens = max_tokens_of(msg.max_tokens, config, "SamplingParams.max_tokens")
     if not msg.max_tokens:
         check_min_tokens_unset_max(msg.min_tokens, config, "SamplingParams.min_tokens")
+    for name in ("top_logprobs", "prompt_logprobs"):
+        if getattr(msg, name) > MAX_LOGPROBS:
+            raise RequestError(f"SamplingParams.{name} must be at most {MAX_LOGPROBS}; got {getattr(msg, name)}")
     return SamplingParams(
         max_tokens=max_tokens, min_tokens=msg.min_tokens,
         temperature=msg.temperature if msg.HasField("temperature") else 0.0,
@@ -68,7 +72,8 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
         stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
         repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
-        logprobs=msg.top_logprobs or None)
+        logprobs=msg.top_logprobs or None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None)
 
 
 def prompt_of(request: pb.GenerateRequest, tokenizer, chat_bounds: tuple[int | None, int | None] = (None, None)
@@ -114,8 +119,12 @@ def adapter_ref(version: AdapterVersion | None) -> pb.AdapterRef:
     return pb.AdapterRef(name=version.name, version=version.version, content_hash=version.content_hash)
 
 
-def response(out: RequestOutput) -> pb.GenerateResponse:
-    """One streamed delta, carrying the adapter version pinned at admission (the same in every delta)."""
+def response(out: RequestOutput, scored: tuple[list[int], int] | None = None) -> pb.GenerateResponse:
+    """One streamed delta, carrying the adapter version pinned at admission (the same in every delta).
+
+    ``scored``: (the prompt's token ids, its ``prompt_logprobs``) of a request that scores its
+    prompt; the delta that carries the prompt's log-probabilities gets them, with that many most
+    likely tokens each."""
     msg = pb.GenerateResponse(text=out.text, token_ids=out.token_ids, request_id=out.request_id)
     msg.adapter.name, msg.adapter.version = out.adapter or "", out.adapter_version
     msg.adapter.content_hash = out.adapter_hash
@@ -128,6 +137,14 @@ def response(out: RequestOutput) -> pb.GenerateResponse:
         top = sorted(lps.items(), key=lambda kv: -kv[1])  # the top-k (and the sampled token), best first
         msg.logprobs.add(token_id=token, logprob=lps.get(token, 0.0),
                          top_token_ids=[t for t, _ in top], top_logprobs=[lp for _, lp in top])
+    if out.prompt_logprobs and scored is not None:
+        # the first prompt token has no context (None); each entry holds the prompt token's own
+        # log-probability and the top k, which may include it
+        prompt, k = scored
+        for token, entry in zip(prompt[1:], out.prompt_logprobs[1:]):
+            top = sorted(entry.logprobs.items(), key=lambda kv: -kv[1])[:k]
+            msg.prompt_logprobs.add(token_id=token, logprob=entry.logprobs[token], rank=entry.rank,
+                                    top_token_ids=[t for t, _ in top], top_logprobs=[lp for _, lp in top])
     return msg
 
 

@@ -57,7 +57,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         timer = self.metrics.request("grpc")
         try:
-            stream, shown_id, reservation = await self._admit(request, context)
+            stream, shown_id, reservation, scored = await self._admit(request, context)
         except NloraError as exc:
             code, reason = status_of(exc)
             self.metrics.reject(reason, "grpc")
@@ -68,7 +68,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             deltas = metered(stream, timer, reservation)
             async with contextlib.aclosing(deltas):
                 async for out in deltas:
-                    msg = convert.response(out)
+                    msg = convert.response(out, scored)
                     msg.request_id = shown_id or out.request_id
                     if out.finished:
                         msg.usage.time_to_first_token_s = timer.first or 0.0
@@ -102,7 +102,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except BaseException:
             reservation.release()
             raise
-        return stream, request_id, reservation
+        scored = None if params.prompt_logprobs is None else (prompt, params.prompt_logprobs)
+        return stream, request_id, reservation, scored
 
     def _prompt_ids(self, request: pb.GenerateRequest, special: bool) -> list[int]:
         """The request's prompt as token ids (chat rendered, text tokenized, with the tokenizer's
