@@ -54,7 +54,8 @@ def generate_request(prompt: str | list[int] | None = None, *, messages: list[di
     text prompt; None leaves it unset, which the server takes as true (vLLM's default).
 
     ``sampling`` takes the proto SamplingParams field names (max_tokens, min_tokens, temperature,
-    top_p, top_k, seed, stop, stop_token_ids, ignore_eos, ...); unset temperature is greedy;
+    top_p, top_k, seed, stop, stop_token_ids, ignore_eos, ...); an unset field takes the server's default
+    (temperature: greedy unless its --generation-config sets one);
     top_k=-1 (vLLM's "off", as 0) is sent unset.
 
     Raises:

@@ -1,4 +1,5 @@
-"""The request fields both front ends check alike: the cache salt and the max_tokens policy."""
+"""The request fields both front ends check alike: the cache salt and the max_tokens policy (with the
+server's generation-config defaults: serving/generation_config.py)."""
 
 from __future__ import annotations
 
@@ -40,32 +41,45 @@ def check_cache_salt(salt: str | None, field: str) -> None:
                            "(a salt names a sharing group, e.g. an end user's id or a random token)")
 
 
-
 def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> int:
-    """The request's max_tokens: ``requested``, or when unset (None or 0) the server's
-    ``--max-tokens``, which :func:`~nlora_serve.serving.stream.start_request` lowers to the rest of the context.
+    """The request's max_tokens: ``requested`` (lowered to the generation config's cap, as vLLM's
+    ``override_max_tokens``), or when unset (None or 0) :func:`unset_max_tokens`, which
+    :func:`~nlora_serve.serving.stream.start_request` lowers to the rest of the context.
 
     Raises:
         RequestError: more than the server's ``--max-tokens`` (the message names ``field``).
     """
-    max_tokens = requested or config.max_tokens
+    if not requested:
+        return unset_max_tokens(config)
+    cap = config.sampling_defaults.max_tokens_cap
+    max_tokens = requested if cap is None else min(requested, cap)
     if max_tokens > config.max_tokens:
         raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; "
                            f"got {shown_int(max_tokens)}")
     return max_tokens
 
 
+def unset_max_tokens(config: ServerConfig) -> int:
+    """The max_tokens of a request that sets none, before the rest of the context lowers it: the
+    server's ``--max-tokens``, or the generation config's max_new_tokens (default or cap) when lower."""
+    d = config.sampling_defaults
+    return min(v for v in (config.max_tokens, d.max_tokens, d.max_tokens_cap) if v is not None)
+
+
 def check_min_tokens_unset_max(min_tokens: int, config: ServerConfig, field: str) -> None:
-    """With max_tokens unset, min_tokens in [0, the server's ``--max-tokens``] (the most max_tokens
+    """With max_tokens unset, min_tokens in [0, :func:`unset_max_tokens`] (the most max_tokens
     can then be), refused in words that name no max_tokens the client never sent.
 
     Raises:
         RequestError: ``min_tokens`` outside that range (the message names ``field``).
     """
-    if not 0 <= min_tokens <= config.max_tokens:
-        raise RequestError(f"{field} must be an integer in [0, {config.max_tokens}]; got {shown_int(min_tokens)} "
-                           f"(max_tokens is unset: it defaults to the rest of the context, capped at the "
-                           f"server's --max-tokens {config.max_tokens})", param="min_tokens")
+    limit = unset_max_tokens(config)
+    if not 0 <= min_tokens <= limit:
+        why = (f"the server's --max-tokens {limit}" if limit == config.max_tokens
+               else f"{limit}, the max_new_tokens of the server's --generation-config")
+        raise RequestError(f"{field} must be an integer in [0, {limit}]; got {shown_int(min_tokens)} "
+                           f"(max_tokens is unset: it defaults to the rest of the context, capped at {why})",
+                           param="min_tokens")
 
 
 def shown_int(number: int) -> str:

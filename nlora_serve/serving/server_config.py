@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.errors import AdapterError, NloraError
+from nlora_serve.serving.generation_config import SamplingDefaults
 
 LOOPBACK_NAMES = ("localhost",)
 MESSAGE_HEADROOM = 1 << 20  # bytes a message may carry beyond its payload (name, framing)
@@ -71,6 +72,9 @@ class ServerConfig:
     # vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (http_api/lora_admin.py), admin keys
     # only: off by default, as vLLM's, since lora_path reads a folder of the server's own disk
     allow_runtime_lora_updating: bool = False
+    # a request's unset sampling fields: the model's generation_config.json, --override-generation-config
+    # (serving/generation_config.py); empty: the API's own defaults
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_tokens", "max_adapter_bytes"):

@@ -79,3 +79,16 @@ def test_long_prefill_token_threshold_reaches_vllm(engine_args, base_fp32):
                                 long_prefill_token_threshold=64, long_prefill_token_threshold_adaptive=True)
     args = engine_args(base_fp32, scheduler=scheduler)
     assert (args.long_prefill_token_threshold, args.long_prefill_token_threshold_adaptive) == (64, True)
+
+
+def test_the_generation_config_flags_reach_vllm(engine_args, base_fp32, tmp_path):
+    # vLLM's model config reads the same generation config as the front end (its EOS ids among them)
+    from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
+
+    args = engine_args(base_fp32)
+    assert (args.generation_config, args.override_generation_config) == ("auto", {})
+    backend = VllmBackendConfig(generation_config=str(tmp_path), override_generation_config={"temperature": 0.5})
+    args = engine_args(base_fp32, backend)
+    assert (args.generation_config, args.override_generation_config) == (str(tmp_path), {"temperature": 0.5})
+    with pytest.raises(ValueError, match="--vllm-arg generation_config: the backend sets it from --generation-config"):
+        VllmBackendConfig(engine_args={"generation_config": "vllm"})

@@ -29,6 +29,7 @@ OWNED_ENGINE_ARGS = {
     "tensor_parallel_size": "--tensor-parallel-size", "pipeline_parallel_size": "--pipeline-parallel-size",
     "enable_lora": "--adapter-dir (LoRA is on with an adapter store)", "max_loras": "--max-loras",
     "max_lora_rank": "--max-rank", "enable_prefix_caching": "--enable-prefix-caching / --no-enable-prefix-caching",
+    "generation_config": "--generation-config", "override_generation_config": "--override-generation-config",
 }
 # AsyncEngineArgs fields that would make vLLM serve other weights, modules or a tokenizer than the
 # ones the front end read and validated every adapter against (lora_target_modules=["q_proj"]
@@ -57,6 +58,11 @@ class VllmBackendConfig:
     # its first request; one more waits for an idle one to go); None: FOLD_FOLDERS_PER_CPU_LORA x
     # vLLM's max_cpu_loras
     max_fold_folders: int | None = None
+    # --generation-config ("auto", "vllm" or an absolute folder) and --override-generation-config, as
+    # vLLM's own: the front end applies the sampling defaults (serving/generation_config.py); vLLM's
+    # model config then reads the same generation config (its EOS ids among them)
+    generation_config: str = "auto"
+    override_generation_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_loras"):

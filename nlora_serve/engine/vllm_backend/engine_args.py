@@ -37,7 +37,8 @@ def engine_args(cfg: EngineConfig, b: VllmBackendConfig, model_path: Path, token
                 enable_prefix_caching=cfg.enable_prefix_caching,
                 # --load-format dummy: random weights there too (vLLM had read the folder's real
                 # ones, or failed on a folder of config.json alone, the flag's use)
-                load_format=cfg.load_format)
+                load_format=cfg.load_format, generation_config=b.generation_config,
+                override_generation_config=dict(b.override_generation_config))
     utilization = b.gpu_memory_utilization or (0.3 if on_cpu else None)
     if utilization is not None:
         args["gpu_memory_utilization"] = utilization

@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import json
 import logging
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -106,9 +107,17 @@ def backend_config(args: argparse.Namespace) -> VllmBackendConfig | None:
                                  pipeline_parallel_size=args.pipeline_parallel_size, max_loras=args.max_loras,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
                                  enforce_eager=True if args.enforce_eager else None, engine_args=dict(args.vllm_arg),
-                                 max_fold_folders=args.max_fold_folders)
+                                 max_fold_folders=args.max_fold_folders,
+                                 generation_config=_generation_config(args.generation_config),
+                                 override_generation_config=args.override_generation_config)
     except ValueError as exc:
         raise StartupError(in_flag_words(str(exc), args)) from exc
+
+
+def _generation_config(source: str) -> str:
+    """--generation-config as vLLM takes it: auto, vllm, or the folder's absolute path (vLLM's
+    engine runs in another working directory on some executors)."""
+    return source if source in ("auto", "vllm") else str(Path(source).expanduser().resolve())
 
 
 def _refuse_native_only(args: argparse.Namespace) -> None:

@@ -39,6 +39,7 @@ from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.serving.commands.example_tenants import ensure_example_tenants, example_name
+from nlora_serve.serving.generation_config import SamplingDefaults, sampling_defaults
 from nlora_serve.serving.grpc_api.convert import server_info
 from nlora_serve.serving.server import NloraServer, check_ports_free
 from nlora_serve.serving.commands.serve_flags import DEFAULT_HTTP_PORT, MiB, add_serve_arguments
@@ -71,7 +72,8 @@ def build(args: argparse.Namespace):
     dummy = engine_config.load_format == "dummy"
     path = Path(args.model).expanduser().resolve() if dummy else resolve_model(args.model, engine_config.cache_dir)
     _check_model_len(path, args.max_model_len)
-    config = dataclasses.replace(config, served_model_name=config.served_model_name or default_served_name(path))
+    config = dataclasses.replace(config, served_model_name=config.served_model_name or default_served_name(path),
+                                 sampling_defaults=_sampling_defaults(args, path))
     _check_adapter_names(config, args)
     named = [(name, str(local_or_hub(folder, AdapterError, "adapter"))) for name, folder in args.adapter]
     # each long phase is logged as it starts (seconds each on a small CPU; vLLM's start a minute)
@@ -206,6 +208,20 @@ def _flag_errors(args: argparse.Namespace) -> Iterator[None]:
         yield
     except ValueError as exc:
         raise StartupError(in_flag_words(str(exc), args)) from exc
+
+
+def _sampling_defaults(args: argparse.Namespace, model_dir: Path) -> SamplingDefaults:
+    """--generation-config's and --override-generation-config's defaults, logged as vLLM logs them.
+
+    Raises:
+        StartupError: a bad folder or file value (the message names the flag or file and the field).
+    """
+    try:
+        defaults, line = sampling_defaults(args.generation_config, args.override_generation_config, model_dir)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    (log.warning if defaults.as_dict() and args.generation_config != "vllm" else log.info)(line)
+    return defaults
 
 
 def _check_adapter_dir(adapter_dir: str) -> None:

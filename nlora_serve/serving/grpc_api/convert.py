@@ -48,14 +48,18 @@ def cache_salt(msg: pb.GenerateRequest) -> str:
 def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingParams:
     """The engine's SamplingParams for a request's ``sampling`` message.
 
-    Unset temperature is greedy; max_tokens 0 (unset) is the rest of the context, at most
-    ``config.max_tokens`` (see :func:`~nlora_serve.serving.request_policy.max_tokens_of`); top_k unset, 0
-    or 2^32 - 1 (-1 as uint32) keeps every token.
+    A field left unset takes the server's default (``config.sampling_defaults``: the model's
+    generation_config.json, ``--override-generation-config``), else this API's: temperature greedy,
+    top_p 1, top_k every token, repetition_penalty 1. presence_penalty and frequency_penalty have
+    no unset state in the proto: 0 takes the default. The proto has no min_p: the default's applies.
+    max_tokens 0 (unset) is the rest of the context, at most ``config.max_tokens`` (see
+    :func:`~nlora_serve.serving.request_policy.max_tokens_of`); top_k 0 or 2^32 - 1 (-1 as
+    uint32) keeps every token.
 
     Raises:
         RequestError: a field out of range (top_logprobs or prompt_logprobs over
             :data:`~nlora_serve.engine.sampling.MAX_LOGPROBS`), max_tokens over ``config.max_tokens``,
-            or with max_tokens unset min_tokens over ``config.max_tokens``.
+            or with max_tokens unset min_tokens over the unset max_tokens' limit.
     """
     max_tokens = max_tokens_of(msg.max_tokens, config, "SamplingParams.max_tokens")
     if not msg.max_tokens:
@@ -63,15 +67,23 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
     for name in ("top_logprobs", "prompt_logprobs"):
         if getattr(msg, name) > MAX_LOGPROBS:
             raise RequestError(f"SamplingParams.{name} must be at most {MAX_LOGPROBS}; got {getattr(msg, name)}")
+    default = config.sampling_defaults.value
+
+    def sent(name: str):
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    top_k = sent("top_k")
     return SamplingParams(
         max_tokens=max_tokens, min_tokens=msg.min_tokens,
-        temperature=msg.temperature if msg.HasField("temperature") else 0.0,
-        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
-        top_k=msg.top_k if msg.HasField("top_k") and msg.top_k != TOP_K_MINUS_ONE else 0,
+        temperature=default("temperature", sent("temperature"), 0.0),
+        top_p=default("top_p", sent("top_p"), 1.0),
+        top_k=default("top_k", 0 if top_k == TOP_K_MINUS_ONE else top_k, 0),
+        min_p=default("min_p", None, 0.0),
         seed=msg.seed if msg.HasField("seed") else None,
         stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
-        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        presence_penalty=default("presence_penalty", msg.presence_penalty or None, 0.0),
+        frequency_penalty=default("frequency_penalty", msg.frequency_penalty or None, 0.0),
+        repetition_penalty=default("repetition_penalty", sent("repetition_penalty"), 1.0),
         logprobs=msg.top_logprobs or None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None)
 

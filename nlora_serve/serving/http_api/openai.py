@@ -12,10 +12,12 @@ refused at every value, ``[]`` and null included: a client that sends the field 
 this server never makes. ``user`` (an end-user id for abuse tracking) is accepted and changes
 nothing, as at OpenAI.
 
-``logit_bias`` keys are token ids as decimal strings (OpenAI's form). Defaults follow the OpenAI
-API: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the rest of
-the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens``: see
-:func:`~nlora_serve.serving.stream.start_request`). Extensions, under vLLM's
+``logit_bias`` keys are token ids as decimal strings (OpenAI's form). An unset sampling field takes
+the server's default (the model's generation_config.json under ``--generation-config auto``, and
+``--override-generation-config``: :mod:`~nlora_serve.serving.generation_config`), else the OpenAI
+API's: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the rest of
+the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens`` and the generation
+config's max_new_tokens: see :func:`~nlora_serve.serving.stream.start_request`). Extensions, under vLLM's
 names (send them in ``extra_body``): ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
 ``return_tokens_as_token_ids`` (logprob tokens as
@@ -235,17 +237,19 @@ def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None,
         max_tokens = max_tokens_of(requested, config, field)
         if requested is None:
             check_min_tokens_unset_max(request.min_tokens, config, "min_tokens")
+        default = config.sampling_defaults.value  # the field sent, else the server's default, else the API's
         return SamplingParams(
             max_tokens=max_tokens, min_tokens=request.min_tokens,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0,
-            min_p=request.min_p or 0.0, seed=request.seed,
+            temperature=default("temperature", request.temperature, 1.0),
+            top_p=default("top_p", request.top_p, 1.0), top_k=default("top_k", request.top_k, 0),
+            min_p=default("min_p", request.min_p, 0.0), seed=request.seed,
             stop=(request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ()),
             stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
             include_stop_str_in_output=request.include_stop_str_in_output,
             skip_special_tokens=request.skip_special_tokens,
-            presence_penalty=request.presence_penalty or 0.0, frequency_penalty=request.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+            presence_penalty=default("presence_penalty", request.presence_penalty, 0.0),
+            frequency_penalty=default("frequency_penalty", request.frequency_penalty, 0.0),
+            repetition_penalty=default("repetition_penalty", request.repetition_penalty, 1.0),
             logit_bias=_logit_bias(request.logit_bias), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 

@@ -1,0 +1,199 @@
+"""``--generation-config`` and ``--override-generation-config``: a request's sampling defaults from
+the model's ``generation_config.json``, as vLLM 0.32 takes them (``ModelConfig.get_diff_sampling_param``,
+``entrypoints/serve/utils/api_utils.get_max_tokens``).
+
+vLLM's rules, kept here:
+
+- ``auto`` (the default) reads the model folder's ``generation_config.json`` (none: no defaults);
+  ``vllm`` reads nothing; a folder path reads that folder's.
+- Only the sampling fields count: temperature, top_p, top_k, min_p, repetition_penalty,
+  presence_penalty, frequency_penalty and max_new_tokens (a request's max_tokens). A null is unset.
+- ``--override-generation-config`` (a JSON object) is merged over what was read (``vllm``: over
+  nothing); its null unsets a field the file set.
+- A request's field that is set always wins; the defaults fill only the unset ones (temperature 0
+  sent stays greedy).
+- max_new_tokens is the default max_tokens; it is also a cap on every request's max_tokens when it
+  comes from a folder path (``--generation-config DIR``, after the override) or from the override
+  itself (with ``auto`` or ``vllm``): vLLM's ``override_max_tokens``, which lowers a larger
+  max_tokens silently.
+
+Where vLLM silently ignores a value, start-up is refused here instead, naming the flag or file and
+the field: a value out of the request fields' ranges, a key of the override that is no sampling
+field, a ``generation_config.json`` that is no JSON object, a folder path without one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.models.resolve import MARKER
+
+# vLLM's get_diff_sampling_param's available_params (max_new_tokens is a request's max_tokens)
+SAMPLING_FIELDS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k", "top_p",
+                   "min_p", "max_new_tokens")
+_INTEGER_FIELDS = ("top_k", "max_new_tokens")
+_FILE = "generation_config.json"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """The server's defaults for a request's unset sampling fields; None: the API's own default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    max_tokens: int | None = None  # a request's max_tokens when unset (the file's max_new_tokens)
+    max_tokens_cap: int | None = None  # every request's max_tokens at most (vLLM's override_max_tokens)
+
+    def value(self, name: str, requested, api_default):
+        """``requested`` when set (not None), else this default, else ``api_default``."""
+        if requested is not None:
+            return requested
+        default = getattr(self, name)
+        return api_default if default is None else default
+
+    def as_dict(self) -> dict:
+        """The fields set, in vLLM's log form (``max_tokens`` for max_new_tokens)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def parse_override(text: str) -> dict:
+    """``--override-generation-config``'s JSON object, each key a sampling field and each value in
+    range (or null: unset the file's).
+
+    Raises:
+        ValueError: not a JSON object, a key that is no sampling field, a value out of range; the
+            message names the key.
+    """
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc}); expected an object such as '{{\"temperature\": 0.5}}'") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"expected a JSON object such as '{{\"temperature\": 0.5}}'; got {text[:80]!r}")
+    for key in values:
+        if key not in SAMPLING_FIELDS:
+            raise ValueError(f"unknown field {key!r}: the sampling fields are {', '.join(SAMPLING_FIELDS)}")
+    check_values(values)
+    return values
+
+
+def check_values(values: dict) -> None:
+    """Each sampling field of ``values`` set (not None) in the range a request's field has.
+
+    Raises:
+        ValueError: the first one out of range (``temperature=-1: must be in [0, 100]``).
+    """
+    for key in SAMPLING_FIELDS:
+        value = values.get(key)
+        if value is None:
+            continue
+        kind = int if key in _INTEGER_FIELDS else (int, float)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}: must be {'an integer' if kind is int else 'a number'}")
+        if key == "max_new_tokens":
+            if value < 1:
+                raise ValueError(f"max_new_tokens={value!r}: must be an integer >= 1")
+            continue
+        try:
+            SamplingParams(**{key: value})
+        except RequestError as exc:  # "SamplingParams.temperature must be in [0, 100]; got -1"
+            rule = str(exc).split(" must ", 1)[1].split("; got ", 1)[0]
+            raise ValueError(f"{key}={value!r}: must be {rule.removeprefix('be ')}") from None
+
+
+def read_generation_config(folder: Path) -> tuple[dict, Path | None]:
+    """(the sampling fields a folder's ``generation_config.json`` sets, that file), or ({}, None)
+    without one. Values are not range-checked here.
+
+    vLLM falls back to the generation attributes of ``config.json`` (transformers'
+    ``GenerationConfig.from_model_config``); under transformers 5 a model config keeps no sampling
+    field (a config.json ``temperature`` comes back as nothing), so there is nothing to read there.
+
+    Raises:
+        ValueError: a file that is not a JSON object (the message names the file).
+    """
+    path = folder / _FILE
+    if not path.is_file():
+        return {}, None
+    return {k: v for k, v in _json_object(path).items() if k in SAMPLING_FIELDS and v is not None}, path
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def sampling_defaults(source: str, override: dict, model_dir: Path) -> tuple[SamplingDefaults, str]:
+    """(the defaults, one log line saying where they came from) for ``--generation-config source``
+    ("auto", "vllm" or a folder) and ``--override-generation-config override`` (checked by
+    :func:`parse_override`) on the model folder ``model_dir``.
+
+    Raises:
+        ValueError: the message starts with the flag or the file and names the field: a folder
+            that is not one or has no generation_config.json, a file value out of range.
+    """
+    read, path = {}, None
+    if source != "vllm":
+        folder = model_dir if source == "auto" else Path(source).expanduser()
+        if source != "auto" and not folder.is_dir():
+            raise ValueError(f"--generation-config {source}: not a folder; expected auto, vllm or a folder "
+                             f"holding {_FILE}")
+        read, path = read_generation_config(folder)
+        if source != "auto" and path is None:
+            raise ValueError(f"--generation-config {source}: no {_FILE} in that folder")
+        try:
+            check_values(read)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc} (--generation-config {source}; override it with "
+                             f"--override-generation-config, or use --generation-config vllm)") from None
+    merged = {k: v for k, v in {**read, **override}.items() if v is not None}
+    cap = merged.get("max_new_tokens") if source not in ("auto", "vllm") else override.get("max_new_tokens")
+    defaults = SamplingDefaults(**{k: v for k, v in merged.items() if k != "max_new_tokens"},
+                                max_tokens=merged.get("max_new_tokens"), max_tokens_cap=cap)
+    return defaults, _log_line(source, defaults, path if read else None, override, model_dir)
+
+
+def _log_line(source: str, defaults: SamplingDefaults, file: Path | None, override: dict, model_dir: Path) -> str:
+    """``file``: the generation_config.json whose fields were read, None when none was."""
+    shown = {k: v for k, v in defaults.as_dict().items() if k != "max_tokens_cap"}
+    limit = defaults.max_tokens_cap
+    cap = "" if limit is None else f"; max_tokens capped at {limit} for every request"
+    if shown and file is not None:  # vLLM's own warning, in its words
+        where = "the model's `generation_config.json`" if source == "auto" else source
+        extra = " and --override-generation-config" if override else ""
+        return (f"Default sampling parameters have been overridden by {where}{extra} ({file}): `{shown}`{cap}. If this "
+                "is not intended, relaunch with `--generation-config vllm`.")
+    if shown:
+        return f"Default sampling parameters from --override-generation-config: `{shown}`{cap}."
+    if source == "vllm":
+        return "--generation-config vllm: vLLM's default sampling parameters (the model's generation config unread)."
+    if file is not None:
+        return (f"--override-generation-config unsets every sampling field of {file}: vLLM's default sampling "
+                "parameters apply.")
+    gguf = _gguf_source(model_dir)
+    has_file = (model_dir / _FILE).is_file()
+    why = f"{model_dir / _FILE} sets no sampling field" if has_file else f"{model_dir} has no {_FILE}"
+    why += f" (converted from the GGUF file {gguf}, whose metadata carries no generation config)" if gguf else ""
+    return f"--generation-config {source}: {why}; the default sampling parameters are vLLM's."
+
+
+def _gguf_source(model_dir: Path) -> str | None:
+    """The GGUF file a prepared model folder was converted from (its nlora_model.json), else None."""
+    try:
+        source = json.loads((model_dir / MARKER).read_text()).get("source")
+    except (OSError, ValueError):
+        return None
+    return source if isinstance(source, str) and source.endswith(".gguf") else None
