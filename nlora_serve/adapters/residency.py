@@ -31,7 +31,7 @@ from pathlib import Path
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.family_pool import FamilyPool
 from nlora_serve.adapters.pool import LoraPool, Placement, TiedPool
-from nlora_serve.errors import AdapterError, NloraError
+from nlora_serve.errors import AdapterError, NloraError, shown
 from nlora_serve.models.base import BaseModel
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,14 @@ CONTEND_SECONDS = 10.0
 
 
 class PoolFull(AdapterError):
-    """No room for an adapter now (gRPC RESOURCE_EXHAUSTED)."""
+    """No room for an adapter now (gRPC RESOURCE_EXHAUSTED, HTTP 429)."""
+
+
+def no_slot_message(name: str) -> str:
+    """What a tenant refused a LoRA slot reads, in one wording whether every slot is held or its share
+    is: either would tell it of other tenants' requests (how many slots they hold, that they wait),
+    which it may not learn. The operator's log line (INFO) names the tenants and counts."""
+    return f"adapter {shown(name)!r}: no LoRA adapter slot is free for it now (the server is busy); retry shortly"
 
 
 class AdapterLoadFailed(NloraError):
@@ -157,8 +164,10 @@ class Residency:
         share = self.lora_pool.capacity * weight(tenant, 1.0) / sum(weight(t, 1.0) for t in holders | others | {tenant})
         if held >= max(1.0, share):
             self._contending[tenant] = now
-            raise PoolFull(f"adapter {version.name!r}: your requests hold {held} of the {self.lora_pool.capacity} "
-                           "LoRA slots (--max-loras), your share while other tenants wait for one; retry shortly")
+            log.info("LoRA slot refused to tenant %r for adapter %s v%d: its requests hold %d of the %d slots "
+                     "(--max-loras), its share %.3g while tenants %s wait for one", tenant, version.name,
+                     version.version, held, self.lora_pool.capacity, share, sorted(others, key=str))
+            raise PoolFull(no_slot_message(version.name))
 
     def free(self, version) -> None:
         """Give back a freed version's slot."""
@@ -203,8 +212,9 @@ class Residency:
             if required and self.tenant_shares is not None:
                 self._contending[tenant] = time.monotonic()
             if required:
-                raise PoolFull(f"adapter {version.name!r}: all {pool.capacity} LoRA slots are held by "
-                               "running requests (--max-loras); retry shortly")
+                log.info("LoRA slot refused to tenant %r for adapter %s v%d: all %d slots (--max-loras) are held "
+                         "by running requests", tenant, version.name, version.version, pool.capacity)
+                raise PoolFull(no_slot_message(version.name))
             return
         try:
             if version.adapter is None:

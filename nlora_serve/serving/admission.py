@@ -11,11 +11,14 @@ the same whichever protocol a tenant speaks.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from nlora_serve.engine.sampling import RequestError
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.status import Draining, QueueFull
 from nlora_serve.serving.tokenizer_turns import TokenizerTurns
+
+log = logging.getLogger(__name__)
 
 
 class Reservation:
@@ -75,10 +78,13 @@ class Admission:
         ``places`` more places now."""
         if self.draining:
             raise Draining("server is shutting down; retry on another replica")
-        # refusals name the caller's own count only: the server's total is other tenants' traffic
+        # a refusal tells the caller its own count and limit only: the queue's bound, beside the fact
+        # that it is full, would tell it how many requests the other tenants have (the log has it all)
+        who = principal.name if principal is not None else None
         if self.inflight + places > self.max_queue:
-            raise QueueFull(f"server queue is full (--max-queue {self.max_queue} requests running or waiting); "
-                            f"retry with backoff")
+            log.info("queue full: %r refused %d place(s), %d of --max-queue %d held (%d by it)", who, places,
+                     self.inflight, self.max_queue, self.held.get(who, 0))
+            raise QueueFull("server queue is full (the server is busy); retry with backoff")
         if principal is None:
             return
         held, limit = self.held.get(principal.name, 0), principal.max_concurrent_requests
@@ -88,9 +94,11 @@ class Admission:
         # places are taken as one by one: the last must still be under the share left by the others
         share = principal.weight * (self.max_queue - self.inflight - (places - 1))
         if self.tenant_shares and held + places - 1 >= max(1.0, share):
+            log.info("queue share: %r refused %d place(s), holding %d, its share %.3g of the %d free places of "
+                     "--max-queue %d (weight %g)", who, places, held, share, self.max_queue - self.inflight,
+                     self.max_queue, principal.weight)
             raise QueueFull(f"{principal.name!r} holds {held} requests running or waiting, its share of the "
-                            f"queue's free places now (--max-queue {self.max_queue}, weight {principal.weight:g}); "
-                            f"retry with backoff")
+                            "server's queue while the server is busy; retry with backoff")
 
     def reserve(self, principal: Principal | None = None) -> Reservation:
         """:meth:`check`, then count the request (of ``principal``'s tenant) until the returned

@@ -4,6 +4,7 @@ per-tenant shares of --max-queue and max_concurrent_requests from the tenants fi
 from __future__ import annotations
 
 import json
+import logging
 
 import grpc
 import pytest
@@ -91,8 +92,10 @@ def test_tenant_shares_of_the_queue_leave_room_for_others():
         fcfs.check(light)
 
 
-def test_a_refusal_names_the_callers_own_count_not_the_servers():
-    """Other tenants' traffic is theirs: a refused tenant learns its own count and the limits."""
+def test_a_refusal_names_the_callers_own_count_not_the_servers(caplog):
+    """Other tenants' traffic is theirs: a refused tenant learns its own count and limits, never the
+    server's total nor the queue's bound (beside "full" or "your share now", the bound minus the
+    caller's count is the other tenants' count); the operator's INFO log line has them all."""
     admission = Admission(8, tenant_shares=True)
     other, caller = Principal("other", False), Principal("caller", False)
     for _ in range(3):
@@ -101,10 +104,24 @@ def test_a_refusal_names_the_callers_own_count_not_the_servers():
     for _ in range(3):  # 0 < 5, 1 < 4, 2 < 3 free places; then 3 ≥ 2
         admission.check(caller)
         admission.enter("caller")
+    caplog.set_level(logging.INFO, logger="nlora_serve.serving.admission")
     with pytest.raises(QueueFull) as refused:
         admission.check(caller)
-    message = str(refused.value)
-    assert "'caller' holds 3 requests" in message and "6" not in message  # 6 = the server's total
+    assert str(refused.value) == ("'caller' holds 3 requests running or waiting, its share of the server's queue "
+                                  "while the server is busy; retry with backoff")
+    assert "queue share: 'caller' refused 1 place(s), holding 3, its share 2 of the 2 free places of --max-queue 8 " \
+           "(weight 1)" in caplog.text
+    full = Admission(4)
+    for _ in range(3):
+        full.check(other)
+        full.enter("other")
+    full.check(caller)
+    full.enter("caller")
+    caplog.clear()
+    with pytest.raises(QueueFull) as refused:
+        full.check(caller)
+    assert str(refused.value) == "server queue is full (the server is busy); retry with backoff"
+    assert "queue full: 'caller' refused 1 place(s), 4 of --max-queue 4 held (1 by it)" in caplog.text
 
 
 def test_max_concurrent_requests_quota():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import torch
 import pytest
 
@@ -29,6 +32,21 @@ def perturbed(adapter: Adapter, seed: int, scale: float = 0.05) -> Adapter:
 
 def version(name: str, adapter: Adapter, path=None) -> AdapterVersion:
     return AdapterVersion(name, 1, adapter, path)
+
+
+def refused(caplog, call, name: str, detail: str) -> None:
+    """``call`` is refused a LoRA slot for adapter ``name``: the tenant reads one fixed text that names
+    its adapter only (no count, no other tenant, no waiting), whether every slot is held or its share
+    is, and the operator's INFO log line matches ``detail``."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nlora_serve.adapters.residency"):
+        with pytest.raises(PoolFull) as err:
+            call()
+    text = str(err.value)
+    assert text == f"adapter {name!r}: no LoRA adapter slot is free for it now (the server is busy); retry shortly"
+    rest = text.replace(repr(name), "")
+    assert not any(c.isdigit() for c in rest) and not any(w in rest for w in ("bob", "carol", "tenant", "wait"))
+    assert re.search(detail, caplog.text), caplog.text
 
 
 def reference_delta(adapter: Adapter | None, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +175,7 @@ def test_reused_lora_slot_serves_the_new_adapter(hook, base_fp32, residency):
     assert (got - want).norm() / want.norm() < 1e-4
 
 
-def test_pinned_lora_slots_are_never_evicted(base_fp32, residency, tmp_path):
+def test_pinned_lora_slots_are_never_evicted(base_fp32, residency, tmp_path, caplog):
     vs = []
     for i in range(3):
         a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
@@ -167,8 +185,8 @@ def test_pinned_lora_slots_are_never_evicted(base_fp32, residency, tmp_path):
         v.refcount = 1  # held by a running request
     residency.admit(vs[2])  # no evictable slot: stays on disk for now
     assert vs[2].slot is None
-    with pytest.raises(PoolFull, match="all 2 LoRA slots are held by running requests"):
-        residency.ensure_resident(vs[2])
+    refused(caplog, lambda: residency.ensure_resident(vs[2]), "l2",
+            r"refused to tenant None for adapter l2 v1: all 2 slots \(--max-loras\) are held by running requests")
 
 
 def test_a_failed_cold_load_gives_its_slot_back(base_fp32, residency, tmp_path):
@@ -220,7 +238,7 @@ def test_ten_thousand_tied_tenants_use_r2_sites_bytes_each(base_fp32):
     assert pool.used == 10_000 and pool.n.nbytes == pool.capacity * per_tenant
 
 
-def test_a_tenant_holding_every_lora_slot_yields_one_to_a_tenant_refused_one(base_fp32, tmp_path):
+def test_a_tenant_holding_every_lora_slot_yields_one_to_a_tenant_refused_one(base_fp32, tmp_path, caplog):
     """A hostile tenant granted max_loras untied adapters kept every slot pinned with one long
     request per adapter, each replaced the moment it ended (its adapter still resident, so it never
     even looked for a slot): every other tenant's untied adapter was PoolFull for as long as it
@@ -249,29 +267,30 @@ def test_a_tenant_holding_every_lora_slot_yields_one_to_a_tenant_refused_one(bas
 
     pin("bob-a", "bob")
     pin("bob-b", "bob")  # alone, bob may hold every slot
-    with pytest.raises(PoolFull, match="all 2 LoRA slots are held by running requests"):
-        pin("carol-a", "carol")
+    refused(caplog, lambda: pin("carol-a", "carol"), "carol-a",
+            r"refused to tenant 'carol' for adapter carol-a v1: all 2 slots \(--max-loras\) are held by running")
     unpin("bob-a", "bob")  # bob's request on bob-a ends and bob sends the next at once
-    with pytest.raises(PoolFull, match=r"your requests hold 1 of the 2 LoRA slots \(--max-loras\), your share "
-                                       "while other tenants wait for one"):
-        pin("bob-a", "bob")
+    refused(caplog, lambda: pin("bob-a", "bob"), "bob-a",
+            r"refused to tenant 'bob' for adapter bob-a v1: its requests hold 1 of the 2 slots \(--max-loras\), "
+            r"its share 1 while tenants \['carol'\] wait for one")
     pin("carol-a", "carol")  # carol's retry takes bob-a's slot
     assert vs["carol-a"].slot is not None and vs["bob-a"].slot is None
     pin("carol-a", "carol")  # a second request on a version carol holds takes no further slot
     unpin("carol-a", "carol")
-    with pytest.raises(PoolFull, match="your requests hold 1 of the 2 LoRA slots"):
-        pin("bob-a", "bob")  # one slot each while carol contends: bob contends for a second one
+    # one slot each while carol contends: bob contends for a second one
+    refused(caplog, lambda: pin("bob-a", "bob"), "bob-a", "tenant 'bob' for adapter bob-a v1: its requests hold 1 of")
     unpin("bob-b", "bob")
     pin("carol-a", "carol")
-    with pytest.raises(PoolFull, match="your requests hold 1 of the 2 LoRA slots"):
-        pin("carol-b", "carol")  # carol, at her share, yields the slot bob-b left to bob, who waits
+    # carol, at her share, yields the slot bob-b left to bob, who waits
+    refused(caplog, lambda: pin("carol-b", "carol"), "carol-b",
+            r"tenant 'carol' for adapter carol-b v1: its requests hold 1 of the 2 slots .* tenants \['bob'\] wait")
     pin("bob-a", "bob")
     assert vs["bob-a"].slot is not None and vs["bob-b"].slot is None and vs["carol-a"].slot is not None
 
 
 
 def test_a_tenant_contends_for_lora_slots_until_ten_seconds_after_its_last_request_ended(base_fp32, tmp_path,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, caplog):
     """Counted from a request's start, carol's contention lapsed while her request ran (12 s on a
     loaded 2-core server) and bob took her slot back the moment it ended: 7 of her 84 one-second
     retries got through in 2 minutes, 40 of 57 counted from its end."""
@@ -303,12 +322,11 @@ def test_a_tenant_contends_for_lora_slots_until_ten_seconds_after_its_last_reque
 
     pin("bob-a", "bob", 100.0)
     pin("bob-b", "bob", 100.0)
-    with pytest.raises(PoolFull, match="all 2 LoRA slots are held"):
-        pin("carol-a", "carol", 100.0)
+    refused(caplog, lambda: pin("carol-a", "carol", 100.0), "carol-a", "tenant 'carol' .*: all 2 slots")
     unpin("bob-b", "bob", 101.0)
     pin("carol-a", "carol", 101.0)
     unpin("carol-a", "carol", 113.0)  # her request ran 12 s
-    with pytest.raises(PoolFull, match="your requests hold 1 of the 2 LoRA slots"):
-        pin("bob-b", "bob", 120.0)  # 7 s after it ended (19 s after it began): carol still contends
+    # 7 s after it ended (19 s after it began): carol still contends
+    refused(caplog, lambda: pin("bob-b", "bob", 120.0), "bob-b", r"tenant 'bob' .*: its requests hold 1 of the 2 slots")
     pin("bob-b", "bob", 123.5)  # 10.5 s after: she stopped asking, bob may have both again
     assert vs["bob-b"].slot is not None and vs["carol-a"].slot is None
