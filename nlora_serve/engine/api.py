@@ -32,6 +32,11 @@ class EngineDead(NloraError):
 
 ENGINE_DEAD_MESSAGE = ("the engine died and this server is shutting down; retry on another replica "
                        "(the server's log has the cause)")
+# what a request's client reads when the engine failed while running it (a step that raised, a vLLM
+# error): the exception's own text may name another tenant's adapter (a failed step ends every
+# request of its batch), memory figures or the server's paths, so it goes to the server's log only,
+# as vLLM's "EngineCore encountered an issue. See stack trace (above) for the root cause."
+ENGINE_FAILED_MESSAGE = "the engine failed while running this request (the server's log has the cause)"
 
 
 class RequestAborted(NloraError):

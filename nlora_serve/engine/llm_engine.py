@@ -22,8 +22,8 @@ from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel
 from nlora_serve.engine.config import EngineConfig
-from nlora_serve.engine.api import (SHUTDOWN_REASON, Engine, EngineError, RequestIds, RequestStream,
-                                   RequestOutput, max_prompt_bytes, prompt_ids)
+from nlora_serve.engine.api import (ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engine, EngineError, RequestIds,
+                                   RequestStream, RequestOutput, max_prompt_bytes, prompt_ids)
 from nlora_serve.engine.core import EngineCore
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.threads import engine_threads
@@ -240,9 +240,9 @@ class LLMEngine(Engine):
                     self._wake.clear()
                     continue
                 outputs = self.core.step()
-            except Exception as exc:  # any failure ends every request; the step thread keeps serving
+            except Exception:  # any failure ends every request; the step thread keeps serving
                 log.exception("engine step failed; ending every running request")
-                outputs = self.core.fail_all(f"{type(exc).__name__}: {exc}")
+                outputs = self.core.fail_all(ENGINE_FAILED_MESSAGE)  # the cause: the log's, not every tenant's
             self._deliver(outputs)
         self._drain_inbox()
         self._deliver([self.core.abort(rid, SHUTDOWN_REASON) for rid in list(self.core.requests)])

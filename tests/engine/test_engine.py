@@ -200,6 +200,40 @@ def test_generate_cli_streams_the_greedy_reply(base_model_dir, base_greedy, caps
     assert printed.startswith(base_greedy[0]["text"][:20])
 
 
+def test_a_failed_step_tells_every_request_of_its_batch_nothing_of_the_cause(make_engine, monkeypatch, caplog):
+    """A step that raises ends every request it ran, each tenant's alike: the exception's text (here
+    another tenant's adapter and the store's path, as a kernel's or a pool's check may word it) went
+    to each client; now each reads one fixed text and the server's log has the cause."""
+    engine = make_engine()
+    step, calls = engine.core.step, []
+    cause = "adapter 'acme-secret' v3 (/srv/store/acme-secret/v3): rank 64 does not fit the pool"
+
+    def failing():  # the third step (both requests prefilled and decoding) raises
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError(cause)
+        return step()
+
+    monkeypatch.setattr(engine.core, "step", failing)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+    async def scenario():
+        streams = [engine.add_request(chat(engine, PROMPT), params, request_id=rid, tenant=tenant)
+                   for rid, tenant in (("a", "bob"), ("b", "carol"))]
+        errors = []
+        for stream in streams:
+            with pytest.raises(EngineError) as err:
+                async for _ in stream:
+                    pass
+            errors.append(str(err.value))
+        return errors
+
+    errors = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    assert errors == [f"request {rid} failed: the engine failed while running this request (the server's log has "
+                      "the cause)" for rid in ("a", "b")]
+    assert "engine step failed; ending every running request" in caplog.text and cause in caplog.text
+
+
 def test_a_request_that_fails_to_queue_ends_alone_and_the_engine_serves_on(make_engine, monkeypatch):
     # Once, torch's manual_seed overflowing inside core.add killed the step thread for everyone.
     engine = make_engine()

@@ -155,21 +155,25 @@ def test_a_vllm_whose_core_died_reports_it_and_the_server_stops():
         engine._stop_loop()
 
 
-def test_a_failure_while_vllm_is_alive_fails_one_request_only(monkeypatch):
+def test_a_failure_while_vllm_is_alive_fails_one_request_only(monkeypatch, caplog):
+    """The client reads that the engine failed, not vLLM's text, which may hold the fold folder's
+    paths and other adapters' names (a LoRA load failure); the server's log has it."""
     monkeypatch.setattr(engine_module, "vllm_sampling_params", lambda params: params)
 
     class Llm:
         errored = False
 
         def generate(self, *args, **kwargs):
-            raise RuntimeError("boom")
+            raise RuntimeError("boom: /tmp/nlora-folds-x/17 of 'other-tenant-lora'")
 
     engine, delivered = _engine(Llm()), []
     engine._lora_request = lambda pinned: None  # vLLM's LoRARequest is not importable here
     try:
         job = _job(engine, delivered)
         asyncio.run_coroutine_threadsafe(engine._run(job, [1], None, None), engine._loop).result(5)
-        assert delivered[-1].finish_reason == "error" and delivered[-1].error == "RuntimeError: boom"
+        assert delivered[-1].finish_reason == "error"
+        assert delivered[-1].error == "the engine failed while running this request (the server's log has the cause)"
+        assert "failed in vLLM: RuntimeError: boom: /tmp/nlora-folds-x/17 of 'other-tenant-lora'" in caplog.text
         assert engine.dead_reason is None
         assert engine._fold_cache.calls == [("use", 5), ("done", 5)]  # its folder may go now
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import threading
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.config import EngineConfig
-from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, SHUTDOWN_REASON, Engine, EngineDead, EngineError,
-                                    RequestIds, RequestOutput, RequestStream, max_prompt_bytes, prompt_ids)
+from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engine, EngineDead,
+                                    EngineError, RequestIds, RequestOutput, RequestStream, max_prompt_bytes,
+                                    prompt_ids)
 from nlora_serve.engine.request_checks import check_request, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
@@ -38,6 +40,8 @@ from nlora_serve.engine.vllm_backend.scoring_gate import ScoringGate
 from nlora_serve.engine.vllm_backend.config import FINISH, FOLD_FOLDERS_PER_CPU_LORA, SchedulerSnapshot, \
     VllmBackendConfig, vllm_sampling_params
 from nlora_serve.engine.vllm_backend.engine_args import engine_args
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -233,12 +237,15 @@ class VllmEngine(Engine):
             self._end(job, last or self._final(job, "abort", made, cached=cached))
         except asyncio.CancelledError:
             self._end(job, self._final(job, "abort", made, job.abort_reason, cached))
-        except Exception as exc:  # noqa: BLE001 - any vLLM failure ends this request with its message
-            error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any vLLM failure ends this request
+            cause = f"{type(exc).__name__}: {exc}"
             if self._llm.errored:  # the cause goes to the log and /health; the client reads what to do
                 if self._dead is None:
-                    self._dead = f"vLLM's engine core died ({error})"
+                    self._dead = f"vLLM's engine core died ({cause})"
                 error = ENGINE_DEAD_MESSAGE
+            else:  # the cause may hold the fold folder's paths or vLLM's internals: the log's only
+                log.error("request %s failed in vLLM: %s", job.rid, cause, exc_info=exc)
+                error = ENGINE_FAILED_MESSAGE
             self._end(job, self._final(job, "error", made, error, cached))
         finally:
             if entered:
