@@ -1,0 +1,73 @@
+"""Tenants see only their adapters: every answer a tenant key gets for an adapter that exists but is
+not granted to it is the answer for one that does not exist, byte for byte but for the name (status,
+body, headers), on every route that takes a name, over HTTP and gRPC; listings hold only its own."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from grpc_harness import TENANT_KEYS
+from http_harness import TENANTS
+from nlora_serve.client import NloraClient
+from nlora_serve.client.types import NloraClientError
+
+OTHERS = "inttune-nystrom-tied"  # registered, granted to tied-co only
+NOBODYS = "inttune-nowhere-at-all"  # registered by nobody
+CALLER = "lora-co"  # granted lora-rslora and the base model
+SAME_HEADERS = ("content-type", "www-authenticate", "x-adapter-version", "x-adapter-hash")
+
+
+def _routes() -> list[tuple[str, str, object]]:
+    """(method, path, JSON body) of each route that takes a model or adapter name, the name as NAME."""
+    return [("POST", "/v1/completions", {"model": "NAME", "prompt": "Hi", "max_tokens": 1}),
+            ("POST", "/v1/chat/completions", {"model": "NAME", "messages": [{"role": "user", "content": "Hi"}],
+                                              "max_tokens": 1}),
+            ("POST", "/v1/completions", {"model": "NAME", "prompt": "Hi", "max_tokens": 1, "n": 2, "stream": True}),
+            ("GET", "/v1/models/NAME", None),
+            ("POST", "/tokenize", {"model": "NAME", "prompt": "Hi"}),
+            ("POST", "/tokenize", {"model": "NAME", "messages": [{"role": "user", "content": "Hi"}]}),
+            ("POST", "/detokenize", {"model": "NAME", "tokens": [1, 2]}),
+            ("POST", "/v1/load_lora_adapter", {"lora_name": "NAME", "lora_path": "/nowhere"}),
+            ("POST", "/v1/unload_lora_adapter", {"lora_name": "NAME"})]
+
+
+def _ask(server, method: str, path: str, body, name: str) -> tuple[int, str, dict]:
+    """(status, body with ``name`` written NAME, the headers that could tell the two apart)."""
+    fill = (lambda value: value.replace("NAME", name) if isinstance(value, str) else value)
+    url = f"http://127.0.0.1:{server.server.http_port}{fill(path)}"
+    json_body = {key: fill(value) for key, value in body.items()} if body is not None else None
+    answer = requests.request(method, url, json=json_body, timeout=60,
+                           headers={"Authorization": f"Bearer {TENANT_KEYS[CALLER]}"})
+    headers = {key: answer.headers.get(key) for key in SAME_HEADERS}
+    return answer.status_code, answer.text.replace(name, "NAME"), headers
+
+
+@pytest.mark.parametrize("runtime_updating", [False, True], ids=["lora-admin-off", "lora-admin-on"])
+def test_another_tenants_adapter_answers_as_one_that_does_not_exist_on_every_route(make_http_server,
+                                                                                    runtime_updating):
+    from http_harness import CASES
+
+    server = make_http_server(allow_runtime_lora_updating=runtime_updating)
+    for adapter in TENANTS:
+        server.engine.adapters.register_dir(adapter, CASES / adapter)
+    assert OTHERS in {v.name for v in server.engine.adapters.versions()}
+    for method, path, body in _routes():
+        others, nobodys = _ask(server, method, path, body, OTHERS), _ask(server, method, path, body, NOBODYS)
+        assert others == nobodys, (method, path, body)
+        assert others[0] in (403, 404), (method, path, others)  # refused, never served
+        assert "tied-co" not in others[1]
+    with NloraClient(server.target, api_key=TENANT_KEYS[CALLER]) as client:
+        for call in (lambda name: client.complete("Hi", adapter=name, max_tokens=1), client.load_adapter,
+                     client.unload_adapter):
+            refusals = []
+            for name in (OTHERS, NOBODYS):
+                with pytest.raises(NloraClientError) as err:
+                    call(name)
+                refusals.append((err.value.code, str(err.value).replace(name, "NAME")))
+            assert refusals[0] == refusals[1] and "tied-co" not in refusals[0][1]
+        listed, base_allowed = client.list_adapters()
+        assert [a.name for a in listed] == ["lora-rslora"] and base_allowed
+    models = requests.get(f"http://127.0.0.1:{server.server.http_port}/v1/models", timeout=60,
+                       headers={"Authorization": f"Bearer {TENANT_KEYS[CALLER]}"}).json()
+    assert sorted(m["id"] for m in models["data"]) == sorted([server.server.generation.info.model, "lora-rslora"])
