@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,10 @@ class AdapterManager:
             max_rank=self.limits.max_rank, placement=placement, tenant_shares=tenant_shares)
         self.registry = AdapterRegistry(store, load, self._load_files,
                                         on_admit=self.residency.admit, on_free=self.residency.free)
+        # (id(version), tenant) -> that tenant's requests pinned on the version: what ListAdapters tells
+        # a tenant, as an adapter granted to several tenants runs the others' requests too
+        self._pins: Counter = Counter()
+        self._pins_lock = threading.Lock()
         restored = self.registry.rebuild()
         if restored:
             log.info("restored %d adapters from %s", len(restored), adapter_dir)
@@ -105,12 +111,25 @@ class AdapterManager:
         except BaseException:
             self.registry.release(version)
             raise
+        with self._pins_lock:
+            self._pins[id(version), tenant] += 1
         return version
 
     def release(self, version: AdapterVersion, tenant: str | None = None) -> None:
         """Unpin (exactly once per acquire, with its ``tenant``)."""
+        with self._pins_lock:
+            key = (id(version), tenant)
+            self._pins[key] -= 1
+            if self._pins[key] <= 0:
+                del self._pins[key]
         self.residency.unpin(version, tenant)
         self.registry.release(version)
+
+    def requests_of(self, version: AdapterVersion, tenant: str | None) -> int:
+        """``tenant``'s requests running or queued on ``version`` now (``version.refcount`` counts
+        every tenant's)."""
+        with self._pins_lock:
+            return self._pins.get((id(version), tenant), 0)
 
     def start_names(self, names: list[str]) -> list[str]:
         """Of the adapters a start flag names, those to register now: not served yet and not

@@ -30,7 +30,7 @@ class _Pins:
     def __init__(self):
         self.released = []
 
-    def release(self, version):
+    def release(self, version, tenant=None):
         self.released.append(version)
 
 

@@ -71,3 +71,44 @@ def test_another_tenants_adapter_answers_as_one_that_does_not_exist_on_every_rou
     models = requests.get(f"http://127.0.0.1:{server.server.http_port}/v1/models", timeout=60,
                        headers={"Authorization": f"Bearer {TENANT_KEYS[CALLER]}"}).json()
     assert sorted(m["id"] for m in models["data"]) == sorted([server.server.generation.info.model, "lora-rslora"])
+
+
+def test_list_adapters_counts_the_callers_own_requests_on_an_adapter_it_shares(base_fp32, tokenizer, tmp_path):
+    """An adapter granted to two tenants runs both's requests: ListAdapters told each tenant the
+    other's count (active_requests was every tenant's); now each reads its own, the admin the sum."""
+    import json
+
+    from grpc_harness import ADMIN_KEY, server_factory, stop_all
+    from http_harness import CASES
+    from nlora_serve.serving.auth import hash_key
+
+    keys = {"ann": "key-of-ann", "ben": "key-of-ben"}
+    doc = {"admin_keys": [{"name": "ops", "key_sha256": hash_key(ADMIN_KEY)}],
+           "tenants": [{"name": name, "key_sha256": hash_key(key), "adapters": ["lora-rslora"]}
+                       for name, key in keys.items()]}
+    (tmp_path / "tenants.json").write_text(json.dumps(doc))
+    make, running = server_factory(base_fp32, tokenizer, tmp_path)
+    try:
+        server = make(tmp_path / "tenants.json")
+        server.engine.adapters.register_dir("lora-rslora", CASES / "lora-rslora")
+        clients = {who: NloraClient(server.target, api_key=key) for who, key in {**keys, "ops": ADMIN_KEY}.items()}
+
+        def counts() -> dict[str, int]:
+            return {who: [a.active_requests for a in c.list_adapters()[0] if a.name == "lora-rslora"][0]
+                    for who, c in clients.items()}
+
+        long = dict(adapter="lora-rslora", max_tokens=200, ignore_eos=True, temperature=0.0)
+        assert counts() == {"ann": 0, "ben": 0, "ops": 0}
+        ben = [clients["ben"].generate("Once upon a time", **long) for _ in range(2)]
+        for stream in ben:
+            next(stream)  # admitted and running
+        assert counts() == {"ann": 0, "ben": 2, "ops": 2}
+        ann = clients["ann"].generate("Once upon a time", **long)
+        next(ann)
+        assert counts() == {"ann": 1, "ben": 2, "ops": 3}
+        for stream in (*ben, ann):
+            stream.close()
+        for client in clients.values():
+            client.close()
+    finally:
+        stop_all(running)

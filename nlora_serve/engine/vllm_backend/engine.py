@@ -57,6 +57,7 @@ class _Job:
     started: bool = False  # its task runs (abort cancels it) rather than waits to start (abort ends it here)
     ended: bool = False  # its terminal path ran
     abort_reason: str | None = None  # why the engine aborts it (forced unload, shutdown); None: its consumer left
+    tenant: str | None = None  # whose request it is (its pin is counted for it: AdapterManager.requests_of)
 
 
 class VllmEngine(Engine):
@@ -152,7 +153,7 @@ class VllmEngine(Engine):
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
                     cache_salt: str | None = None, add_special_tokens: bool = True) -> RequestStream:
-        # ``tenant`` is not used: vLLM schedules first come first served (or by priority)
+        # ``tenant`` counts its adapter pin only: vLLM schedules first come first served (or by priority)
         loop = asyncio.get_running_loop()
         if self._stopping:
             raise EngineError("engine is shut down")
@@ -164,9 +165,9 @@ class VllmEngine(Engine):
                       params.logit_bias)
         deltas: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            pinned = self.adapters.acquire(adapter) if adapter is not None else None
+            pinned = self.adapters.acquire(adapter, tenant) if adapter is not None else None
             client_id, rid = self._ids.admit(request_id)
-            job = self._jobs[rid] = _Job(rid, client_id, len(ids), pinned, threadsafe_sink(loop, deltas))
+            job = self._jobs[rid] = _Job(rid, client_id, len(ids), pinned, threadsafe_sink(loop, deltas), tenant=tenant)
             self._counters["prompt_tokens"] += len(ids)
             job.future = asyncio.run_coroutine_threadsafe(self._run(job, ids, params, cache_salt), self._loop)
         return RequestStream(client_id, deltas, self._abort, rid)
@@ -291,7 +292,7 @@ class VllmEngine(Engine):
         """After :meth:`_claim`: release the request's id and pin, send its last delta."""
         self._ids.close(job.rid)
         if job.pinned is not None:
-            self.adapters.release(job.pinned)
+            self.adapters.release(job.pinned, job.tenant)
         job.sink(last)
 
     def _lora_request(self, pinned: AdapterVersion | None):

@@ -160,12 +160,13 @@ def response(out: RequestOutput, scored: tuple[list[int], int] | None = None) ->
     return msg
 
 
-def adapter_info(version: AdapterVersion, resident: bool) -> pb.AdapterInfo:
-    """What the admin and list RPCs report about one version; ``resident``: Engine.is_resident."""
+def adapter_info(version: AdapterVersion, resident: bool, active_requests: int | None = None) -> pb.AdapterInfo:
+    """What the admin and list RPCs report about one version; ``resident``: Engine.is_resident;
+    ``active_requests``: the requests to report (None: every tenant's, for an admin)."""
     return pb.AdapterInfo(ref=adapter_ref(version), flavour=version.flavour, rank=version.rank,
                           target_modules=list(version.targets), tied=version.is_tied,
                           resident_bytes=version.held_bytes if resident else 0,
-                          active_requests=version.refcount)
+                          active_requests=version.refcount if active_requests is None else active_requests)
 
 
 def server_info(base, engine_config, config: ServerConfig, backend: str = "native") -> pb.ServerInfo:

@@ -116,8 +116,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except NloraError as exc:
             await abort(context, status_of(exc)[0], str(exc))
         versions = adapter_versions(self.engine) or []
+
+        def active(version) -> int | None:
+            # a tenant counts its own requests only: an adapter granted to several tenants runs theirs too
+            return None if principal.is_admin else self.engine.adapters.requests_of(version, principal.name)
+
         return pb.ListAdaptersResponse(
-            adapters=[convert.adapter_info(v, self.engine.is_resident(v)) for v in versions
+            adapters=[convert.adapter_info(v, self.engine.is_resident(v), active(v)) for v in versions
                       if principal.may_use(v.name)],
             base_model_allowed=principal.may_use(None))
 
