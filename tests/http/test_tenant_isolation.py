@@ -112,3 +112,60 @@ def test_list_adapters_counts_the_callers_own_requests_on_an_adapter_it_shares(b
             client.close()
     finally:
         stop_all(running)
+
+
+def test_a_tenant_refused_a_lora_slot_reads_nothing_of_the_tenant_holding_it(base_fp32, tokenizer, tmp_path, caplog):
+    """--max-loras 1, ben's request holds the slot: ann's request on her own adapter is refused (429
+    over HTTP, RESOURCE_EXHAUSTED over gRPC, counted as pool_full) in one text naming her adapter
+    only; it read "all 1 LoRA slots are held by running requests (--max-loras)" (another tenant's
+    load) before. The server's log names the slot count for the operator."""
+    import json
+    import logging
+
+    from grpc_harness import RunningServer
+    from http_harness import CASES, scrape
+    from nlora_serve.adapters.manager import AdapterLimits
+    from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from nlora_serve.engine.llm_engine import LLMEngine
+    from nlora_serve.serving.auth import Authenticator, hash_key
+    from nlora_serve.serving.grpc_api.convert import server_info
+    from nlora_serve.serving.server_config import ServerConfig
+
+    keys = {"ann": "key-of-ann", "ben": "key-of-ben"}
+    doc = {"tenants": [{"name": name, "key_sha256": hash_key(key), "adapters": [f"{name}-*"]}
+                       for name, key in keys.items()]}
+    (tmp_path / "tenants.json").write_text(json.dumps(doc))
+    config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024),
+                          cache=CacheConfig(num_blocks=256), adapter_dir=str(tmp_path / "store"),
+                          adapter_limits=AdapterLimits(max_loras=1))
+    engine = LLMEngine(config, base_fp32)
+    serve = ServerConfig(port=0, http_port=0, metrics_port=0, tenants_file=str(tmp_path / "tenants.json"))
+    server = RunningServer(engine, serve, Authenticator.from_file(tmp_path / "tenants.json"),
+                           server_info(base_fp32, config, serve), tokenizer)
+    caplog.set_level(logging.INFO, logger="nlora_serve.adapters.residency")
+    try:
+        engine.adapters.register_dir("ben-lora", CASES / "lora-rslora")
+        engine.adapters.register_dir("ann-lora", CASES / "lora-layers-subset")  # evicts nothing held: ben's is idle
+        want = "adapter 'ann-lora': no LoRA adapter slot is free for it now (the server is busy); retry shortly"
+        with NloraClient(server.target, api_key=keys["ben"]) as ben, \
+                NloraClient(server.target, api_key=keys["ann"]) as ann:
+            held = ben.generate("Once upon a time", adapter="ben-lora", max_tokens=200, ignore_eos=True)
+            next(held)  # ben's request runs on the one slot
+            answer = requests.post(f"http://127.0.0.1:{server.server.http_port}/v1/completions", timeout=60,
+                                   headers={"Authorization": f"Bearer {keys['ann']}"},
+                                   json={"model": "ann-lora", "prompt": "Hi", "max_tokens": 1})
+            assert answer.status_code == 429
+            assert (answer.json()["error"]["message"], answer.json()["error"]["code"]) == (want, "pool_full")
+            with pytest.raises(NloraClientError) as err:
+                ann.complete("Hi", adapter="ann-lora", max_tokens=1)
+            assert str(err.value) == f"RESOURCE_EXHAUSTED: {want}"
+            held.close()
+        assert "ben" not in answer.text and "ben" not in str(err.value)
+        assert caplog.text.count("LoRA slot refused to tenant 'ann' for adapter ann-lora v1: all 1 slots "
+                                 "(--max-loras) are held by running requests") == 2
+        samples = scrape(server)
+        for frontend in ("http", "grpc"):
+            assert samples[("nlora_requests_rejected_total", (("frontend", frontend), ("reason", "pool_full")))] == 1
+    finally:
+        server.stop()
+        engine.shutdown()
