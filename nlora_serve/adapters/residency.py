@@ -31,7 +31,7 @@ from pathlib import Path
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.family_pool import FamilyPool
 from nlora_serve.adapters.pool import LoraPool, Placement, TiedPool
-from nlora_serve.errors import AdapterError, NloraError, shown
+from nlora_serve.errors import AdapterError, NloraError, RefusalLog, shown
 from nlora_serve.models.base import BaseModel
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class Residency:
         self.lora_pool = LoraPool(base, max_loras, max_rank, placement)
         self._lru: OrderedDict[int, object] = OrderedDict()  # id(version) -> version, resident untied
         self._lock = threading.Lock()
+        self._refusals = RefusalLog(log)  # what a tenant refused a slot is not told: the operator's
         self.cold_loads = 0  # untied adapters re-read from the store
         self.cold_load_seconds = 0.0
 
@@ -164,9 +165,10 @@ class Residency:
         share = self.lora_pool.capacity * weight(tenant, 1.0) / sum(weight(t, 1.0) for t in holders | others | {tenant})
         if held >= max(1.0, share):
             self._contending[tenant] = now
-            log.info("LoRA slot refused to tenant %r for adapter %s v%d: its requests hold %d of the %d slots "
-                     "(--max-loras), its share %.3g while tenants %s wait for one", tenant, version.name,
-                     version.version, held, self.lora_pool.capacity, share, sorted(others, key=str))
+            self._refusals.info(("lora_share", tenant), "LoRA slot refused to tenant %r for adapter %s v%d: its "
+                                "requests hold %d of the %d slots (--max-loras), its share %.3g while tenants %s "
+                                "wait for one", tenant, version.name, version.version, held,
+                                self.lora_pool.capacity, share, sorted(others, key=str))
             raise PoolFull(no_slot_message(version.name))
 
     def free(self, version) -> None:
@@ -212,8 +214,9 @@ class Residency:
             if required and self.tenant_shares is not None:
                 self._contending[tenant] = time.monotonic()
             if required:
-                log.info("LoRA slot refused to tenant %r for adapter %s v%d: all %d slots (--max-loras) are held "
-                         "by running requests", tenant, version.name, version.version, pool.capacity)
+                self._refusals.info(("lora_full", tenant), "LoRA slot refused to tenant %r for adapter %s v%d: all "
+                                    "%d slots (--max-loras) are held by running requests", tenant, version.name,
+                                    version.version, pool.capacity)
                 raise PoolFull(no_slot_message(version.name))
             return
         try:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 
 from nlora_serve.engine.sampling import RequestError
+from nlora_serve.errors import RefusalLog
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.status import Draining, QueueFull
 from nlora_serve.serving.tokenizer_turns import TokenizerTurns
@@ -62,6 +63,7 @@ class Admission:
         self.tokenizer = TokenizerTurns()  # the stage before admission: prompts to token ids
         self.inflight = 0
         self.held: dict[str, int] = {}  # requests running or waiting per tenant name
+        self._refusals = RefusalLog(log)  # a refusal's detail its tenant is not told: the operator's
         self.draining = False
         self.drain_started = asyncio.Event()  # set by start_draining(): bodies still unread give up
         self.idle = asyncio.Event()
@@ -82,8 +84,8 @@ class Admission:
         # that it is full, would tell it how many requests the other tenants have (the log has it all)
         who = principal.name if principal is not None else None
         if self.inflight + places > self.max_queue:
-            log.info("queue full: %r refused %d place(s), %d of --max-queue %d held (%d by it)", who, places,
-                     self.inflight, self.max_queue, self.held.get(who, 0))
+            self._refusals.info(("queue_full", who), "queue full: %r refused %d place(s), %d of --max-queue %d held "
+                               "(%d by it)", who, places, self.inflight, self.max_queue, self.held.get(who, 0))
             raise QueueFull("server queue is full (the server is busy); retry with backoff")
         if principal is None:
             return
@@ -94,9 +96,9 @@ class Admission:
         # places are taken as one by one: the last must still be under the share left by the others
         share = principal.weight * (self.max_queue - self.inflight - (places - 1))
         if self.tenant_shares and held + places - 1 >= max(1.0, share):
-            log.info("queue share: %r refused %d place(s), holding %d, its share %.3g of the %d free places of "
-                     "--max-queue %d (weight %g)", who, places, held, share, self.max_queue - self.inflight,
-                     self.max_queue, principal.weight)
+            self._refusals.info(("queue_share", who), "queue share: %r refused %d place(s), holding %d, its share "
+                               "%.3g of the %d free places of --max-queue %d (weight %g)", who, places, held, share,
+                               self.max_queue - self.inflight, self.max_queue, principal.weight)
             raise QueueFull(f"{principal.name!r} holds {held} requests running or waiting, its share of the "
                             "server's queue while the server is busy; retry with backoff")
 

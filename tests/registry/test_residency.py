@@ -34,6 +34,33 @@ def version(name: str, adapter: Adapter, path=None) -> AdapterVersion:
     return AdapterVersion(name, 1, adapter, path)
 
 
+@pytest.fixture(autouse=True)
+def every_refusal_logged(monkeypatch):
+    """Each refusal's log line is checked here: none held back by RefusalLog's 10 s per tenant."""
+    from nlora_serve import errors
+
+    monkeypatch.setattr(errors, "REFUSAL_LOG_SECONDS", 0.0)
+
+
+def test_a_tenants_refusals_of_one_kind_are_logged_once_per_ten_seconds(monkeypatch, caplog):
+    """A client retrying in a loop (or an overload) wrote a line per refusal; now one per tenant and
+    kind every 10 s, which counts those it stood for."""
+    from nlora_serve import errors
+
+    monkeypatch.setattr(errors, "REFUSAL_LOG_SECONDS", 10.0)
+    clock = [0.0]
+    monkeypatch.setattr(errors.time, "monotonic", lambda: clock[0])
+    refusals = errors.RefusalLog(logging.getLogger("refusal-log-test"))
+    caplog.set_level(logging.INFO, logger="refusal-log-test")
+    for at, kind, tenant in [(0.0, "full", "ann"), (1.0, "full", "ann"), (2.0, "full", "ben"), (9.9, "full", "ann"),
+                             (10.0, "full", "ann"), (10.5, "share", "ann"), (20.0, "full", "ann")]:
+        clock[0] = at
+        refusals.info((kind, tenant), "%s refused (%s)", tenant, kind)
+    assert caplog.messages == ["ann refused (full)", "ben refused (full)",
+                               "ann refused (full) (2 more like it since the last line)", "ann refused (share)",
+                               "ann refused (full)"]
+
+
 def refused(caplog, call, name: str, detail: str) -> None:
     """``call`` is refused a LoRA slot for adapter ``name``: the tenant reads one fixed text that names
     its adapter only (no count, no other tenant, no waiting), whether every slot is held or its share
