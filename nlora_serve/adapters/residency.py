@@ -119,8 +119,9 @@ class Residency:
 
         Raises:
             PoolFull: every LoRA slot is held by running requests, or (tenant shares) ``tenant``
-                holds its share of them while another tenant waits for one. AdapterLoadFailed: its
-                cold load failed (the slot it took is free again).
+                holds its share of them while another tenant waits for one (either way in the words
+                of :func:`no_slot_message`; the detail is logged). AdapterLoadFailed: its cold load
+                failed (the slot it took is free again).
         """
         with self._lock:
             if version.pool is not None and version.pool is not self.lora_pool:
