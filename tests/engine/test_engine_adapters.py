@@ -97,7 +97,7 @@ def test_unknown_adapter_is_not_found_and_nothing_is_disturbed(engine):
 
 
 @ASYNC
-def test_abort_error_and_forced_unload_release_every_pin(engine, monkeypatch):
+def test_abort_error_and_forced_unload_release_every_pin(engine, monkeypatch, caplog):
     name = "lora-rslora"
     engine.adapters.register_dir(name, CASES / name)
     long_run = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
@@ -128,8 +128,9 @@ def test_abort_error_and_forced_unload_release_every_pin(engine, monkeypatch):
     engine.adapters.register_dir(name, CASES / name)
     fresh = engine.adapters.registry.get(name)
     monkeypatch.setattr(engine.core.runner, "execute", _boom)
-    with pytest.raises(Exception, match="injected step failure"):
+    with pytest.raises(EngineError, match="the engine failed while running this request"):
         engine.generate([_chat(engine, "Hi")], GREEDY_24, [name])
+    assert "injected step failure" in caplog.text  # the cause: the server's log's, not the client's
     assert fresh.refcount == 0
 
 
