@@ -137,6 +137,13 @@ COMMANDS = {
 }
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Commands whose arguments import torch and the engine (serve: the front ends too): 5-13 s before
+# their first log line on a small loaded CPU, so _main says what loads before the imports start.
+SLOW_IMPORTS = {"serve": "torch, the engine and the gRPC and HTTP front ends",
+                "generate": "torch and the engine"}
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser: every subcommand listed; with ``only`` (a command name, or "" for
     none), only that one gets its arguments (and imports), the others stay bare entries for
@@ -146,7 +153,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Serve many NLoRA / IntTune adapters on one shared base LLM.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default: %(default)s)")
+                        choices=LOG_LEVELS, help="logging level (default: %(default)s)")
     parser.add_argument("--cache-dir", default=None,
                         help="cache root for prepared models (default: $NLORA_SERVE_CACHE, "
                              "else $XDG_CACHE_HOME/nlora-serve)")
@@ -158,16 +165,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _command_of(argv: list[str]) -> str | None:
-    """The subcommand ``argv`` names (skipping the global options and their values), or None."""
-    takes_value = {"--log-level", "--cache-dir"}
+def _global_options(argv: list[str]) -> tuple[str | None, dict[str, str]]:
+    """The subcommand ``argv`` names (or None) and the values of the global options before it
+    (``--log-level X`` or ``--log-level=X``), read before the parser is built."""
+    values = {}
     args = iter(argv)
     for arg in args:
-        if arg in takes_value:
-            next(args, None)
+        name, eq, value = arg.partition("=")
+        if name in ("--log-level", "--cache-dir"):
+            values[name] = value if eq else next(args, "")
         elif not arg.startswith("-"):
-            return arg if arg in COMMANDS else None
-    return None
+            return (arg if arg in COMMANDS else None), values
+    return None, values
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (skipping the global options and their values), or None."""
+    return _global_options(argv)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,12 +250,18 @@ def _unrecognized(top: argparse.ArgumentParser, leaf: argparse.ArgumentParser, c
 
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(only=_command_of(argv) or "")  # "": no command named
+    command, options = _global_options(argv)
+    # configured before the command's imports, so that a slow one says so first; a bad level is
+    # argparse's error below
+    level = options.get("--log-level", "INFO")
+    logging.basicConfig(level=level if level in LOG_LEVELS else "INFO", format="%(levelname)s %(name)s: %(message)s")
+    if command in SLOW_IMPORTS and not {"-h", "--help"} & set(argv):
+        logging.getLogger(f"nlora_serve.{command}").info("starting: loading %s...", SLOW_IMPORTS[command])
+    parser = build_parser(only=command or "")  # "": no command named
     args, extras = parser.parse_known_args(argv)
     if extras:  # the subcommand's usage and a hint, not the top level's usage alone
         leaf = _leaf_parser(parser, args)
         leaf.error(_unrecognized(parser, leaf, args.command, extras))
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except NloraError as exc:

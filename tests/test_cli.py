@@ -238,6 +238,53 @@ def test_generate_says_what_it_loads_on_stderr_and_prints_only_the_text_on_stdou
     assert all(len(at) == 1 for at in found) and found == sorted(found), proc.stderr
 
 
+# Each nlora_serve log record as it is emitted, with whether torch was imported by then.
+FIRST_LINE = """
+import logging, sys
+from nlora_serve.cli import main
+
+class Seen(logging.Handler):
+    def emit(self, record):
+        print("REC", record.levelname, record.name, record.getMessage(), "torch" in sys.modules, sep="\\t")
+
+logging.getLogger("nlora_serve").addHandler(Seen())
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+print("END", "torch" in sys.modules, sep="\\t")
+"""
+SERVE_LOADS = "starting: loading torch, the engine and the gRPC and HTTP front ends..."
+GENERATE_LOADS = "starting: loading torch and the engine..."
+
+
+@pytest.mark.parametrize("argv, first", [
+    (["serve", "--port", "8000"], ("nlora_serve.serve", SERVE_LOADS)),  # refused after the imports
+    (["generate", "--message", "Hi", "--max-num-seqs", "0"], ("nlora_serve.generate", GENERATE_LOADS)),
+    (["--log-level", "WARNING", "serve", "--port", "8000"], None),
+    (["--log-level=ERROR", "generate", "--message", "Hi", "--max-num-seqs", "0"], None),
+    (["serve", "--help"], None),
+])
+def test_serve_and_generate_say_what_they_load_before_the_imports_that_take_seconds(argv, first):
+    # A newcomer's find (h76): `serve` and `generate` import torch, the engine (and serve's front ends)
+    # while their arguments are built, 5-13 s on a loaded 2-core machine with nothing on the screen.
+    # Their first line now comes before those imports (torch not yet in sys.modules when it is
+    # emitted; it is by the end), at the level --log-level allows, and never with --help.
+    done = subprocess.run([sys.executable, "-c", FIRST_LINE.format(argv=argv)], capture_output=True, text=True,
+                          timeout=300, check=True)
+    lines = done.stdout.splitlines()
+    records = [line.split("\t")[1:] for line in lines if line.startswith("REC\t")]
+    assert lines[-1] == "END\tTrue", done.stderr  # the command does import torch
+    starting = [r for r in records if r[2].startswith("starting:")]
+    if first is None:
+        assert starting == [] and "starting:" not in done.stderr
+    else:
+        name, message = first
+        assert records[0] == ["INFO", name, message, "False"], records
+        assert starting == [records[0]]
+        assert done.stderr.splitlines()[0] == f"INFO {name}: {message}"
+
+
 @pytest.mark.parametrize("command", [["serve"], ["generate", "--message", "Hi"]])
 @pytest.mark.parametrize("spelling, dtype", [("float32", "float32"), ("float", "float32"), ("bfloat16", "bfloat16"),
                                              ("half", None), ("float16", None)])
