@@ -7,13 +7,15 @@ surface only on a user's AVX2 machine (there the engine falls back to the slower
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import platform
 import shutil
 import subprocess
 
 import pytest
 
-from nlora_serve.kernels.cpu.build import FLAGS, OPENMP, SOURCES
+from nlora_serve.kernels.cpu.build import FLAGS, OPENMP, SOURCES, build_library
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("cc"),
                                 reason="x86-64 instruction-set variants need an x86-64 C compiler")
@@ -28,3 +30,19 @@ def test_sources_compile_for_avx2_without_avx512(tmp_path):
     symbols = subprocess.run(["nm", "-D", str(tmp_path / "lib.so")], capture_output=True, text=True).stdout
     assert "nlora_tied_apply_bf16_mt" in symbols and "nlora_amx_init" in symbols
     assert "nlora_tied_apply_bf16_amx_mt" not in symbols  # no AMX code without the instruction set
+
+
+def test_the_library_is_compiled_once_and_the_compile_is_logged(tmp_path, caplog):
+    """A newcomer's find (h76): a fresh cache's first `serve` sat 19-35 s on "starting the native
+    engine" while cc compiled these sources, with no word of it. The compile is logged as it starts;
+    the next build finds the library and neither compiles nor logs."""
+    with caplog.at_level(logging.INFO, logger="nlora_serve.kernels.cpu.build"):
+        built = build_library(tmp_path)
+        first = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        again = build_library(tmp_path)
+        second = [r.getMessage() for r in caplog.records]
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert first[:1] == [f"compiling the native CPU ops with {compiler} into {built} (once; later starts load it)..."]
+    assert again == built and second == [] and [p.name for p in tmp_path.iterdir()] == [built.name]
+    assert hasattr(ctypes.CDLL(str(built)), "nlora_tied_apply_bf16_mt")

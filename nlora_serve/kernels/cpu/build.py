@@ -50,6 +50,8 @@ def build_library(build_dir: Path) -> Path:
     if target.is_file():
         return target
     build_dir.mkdir(parents=True, exist_ok=True)
+    # once per source change and CPU, but 20-40 s on 2 cores: without a word, a first start looks hung
+    log.info("compiling the native CPU ops with %s into %s (once; later starts load it)...", compiler, target)
     fd, tmp = tempfile.mkstemp(dir=build_dir, suffix=".so.tmp")
     os.close(fd)
     try:

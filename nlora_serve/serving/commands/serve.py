@@ -90,8 +90,10 @@ def build(args: argparse.Namespace):
     with _flag_errors(args):
         engine = make_engine(engine_config, base, backend)
     try:
-        log.info("engine started in %.1f s; registering the example tenants and --adapter folders...",
-                 time.perf_counter() - start)
+        registering = " and ".join(what for what, given in (("the example tenants", args.example_tenants),
+                                                              ("--adapter folders", named)) if given)
+        log.info("engine started in %.1f s%s", time.perf_counter() - start,
+                 f"; registering {registering}..." if registering else "")
         examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
         examples += _register_named(engine, named, args.adapter_dir)
         if isinstance(engine, LLMEngine):  # CUDA: the adapters' kernels compile before the first request
