@@ -209,6 +209,15 @@ VLLM_SERVE_OPTIONS = {
                        "adapters resident at once and an evicted one is read again from --adapter-dir; with "
                        "--backend vllm, pass --vllm-arg max_cpu_loras=N",
     "--api-key": "keys come from --tenants-file (sha256 hashes; `nlora-serve keys new` makes one)",
+    "--trust-remote-code": "models run on this engine's own Llama-family code, never on code from the model "
+                           "folder: drop it",
+    "--chat-template": "chats use the model folder's own template (its chat_template.jinja or "
+                       "tokenizer_config.json's chat_template); there is no override",
+    "--disable-log-requests": "requests are not logged one by one here (GET /metrics counts them): drop it",
+    "--enable-log-requests": "requests are not logged one by one here (GET /metrics counts them)",
+    "--disable-log-stats": "no stats are logged periodically here (GET /metrics has them): drop it",
+    "--uvicorn-log-level": "the HTTP server logs only its warnings and errors, with no access log; this "
+                           "server's own level is nlora-serve --log-level LEVEL serve ...",
 }
 
 
