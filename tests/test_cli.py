@@ -1,6 +1,7 @@
 """The ``nlora-serve`` entry point: a command imports only its own modules."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -333,6 +334,28 @@ def test_generate_names_a_bad_flag_as_typed_not_the_config_class_that_checked_it
 
     assert cli_main(["generate", "--message", "Hi", *argv]) == 2
     assert capsys.readouterr().err == message
+
+
+def test_generate_on_a_store_another_process_holds_is_refused_before_the_model_loads(tmp_path, capsys, caplog):
+    # A newcomer's find (h76): `generate --adapter lower --adapter-dir nlora-adapters` beside `make serve`
+    # loaded the model and started the engine (12 s under load) before saying the store was in use.
+    from nlora_serve.cli import main as cli_main
+
+    store = tmp_path / "store"
+    store.mkdir()
+    hold = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with caplog.at_level(logging.INFO, logger="nlora_serve"):
+            code = cli_main(["generate", "--message", "Hi", "--adapter", "lower", "--adapter-dir", str(store)])
+    finally:
+        holder.communicate("", timeout=60)
+    assert code == 2
+    assert capsys.readouterr().err.startswith(f"error: adapter store {store.resolve()} is in use by another process")
+    assert not [r for r in caplog.records if r.getMessage().startswith("loading model")]
 
 
 def test_generate_with_a_max_model_len_over_the_models_positions_is_one_error_line(capsys, base_model_dir):

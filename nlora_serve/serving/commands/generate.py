@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base
 from nlora_serve.models.dtype import DTYPE_CHOICES
@@ -130,6 +131,9 @@ def run_generate(args: argparse.Namespace) -> int:
                                    adapter_limits=AdapterLimits(max_rank=args.max_rank))
         except ValueError as exc:  # a flag out of range: one "error: ..." line, as for other bad input
             raise NloraError(in_flag_words(str(exc), args)) from None
+        # a store another process holds (a server on it) is refused now, not after the model and engine
+        # load; held open until the engine's own store shares the lock
+        early_store = AdapterStore(store) if store is not None and store != scratch else None
         start = time.perf_counter()
         log.info("loading model %s (%s, %s)...", args.model, config.device, str(config.dtype).removeprefix("torch."))
         base = load_base(args.model, config.dtype, cache_dir, config.load_format, config.tokenizer,
@@ -141,6 +145,7 @@ def run_generate(args: argparse.Namespace) -> int:
             engine = LLMEngine(config, base)
         except ValueError as exc:  # a flag the model refuses (--max-model-len over its positions)
             raise NloraError(in_flag_words(str(exc), args)) from None
+        del early_store
         with engine:
             log.info("engine started in %.1f s; generating", time.perf_counter() - start)
             if store == scratch:
