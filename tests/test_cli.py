@@ -35,9 +35,12 @@ def test_the_command_is_found_past_global_options(argv, command):
     assert _command_of(argv) == command
 
 
-@pytest.mark.parametrize("argv", [["client", "--help"], ["keys", "--help"], ["--help"]])
+@pytest.mark.parametrize("argv", [["client", "--help"], ["keys", "--help"], ["--help"], ["adapters", "--help"],
+                                  ["adapters", "list", "--server", "127.0.0.1:1", "--timeout", "2"]])
 def test_light_commands_do_not_import_the_engine(argv):
     # The client and key tools start in a fraction of a second: no torch / transformers / FastAPI.
+    # So do the adapters group's server commands (h76: `adapters list`, `upload`, `swap` took 4-10 s,
+    # their `client` twins 0.5 s: the adapters package imported torch on the way).
     out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True,
                          text=True, timeout=120, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"

@@ -33,18 +33,28 @@ Modules, by concern::
       manager.py       AdapterManager: store + registry + residency, wired together
 """
 
-from nlora_serve.adapters.adapter import Adapter, SiteWeights
-from nlora_serve.adapters.config import AdapterConfig, lora_scaling, parse_config, plan_sites
-from nlora_serve.adapters.convert import convert_dir, to_lora, to_nlora
-from nlora_serve.adapters.inspect import InspectReport, format_report, inspect_adapter, report_for
-from nlora_serve.adapters.loader import DEFAULT_MAX_RANK, read_adapter
-from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.save import write_adapter
-from nlora_serve.adapters.tied import family_key
+from importlib import import_module
 
-__all__ = [
-    "DEFAULT_MAX_RANK", "Adapter", "AdapterConfig", "InspectReport", "SiteWeights", "convert_dir",
-    "family_key", "format_report", "init_adapter", "inspect_adapter", "lora_scaling", "parse_config",
-    "plan_sites", "read_adapter", "report_for", "to_lora", "to_nlora", "validate_name", "write_adapter",
-]
+# name -> the module that defines it, imported on first use (PEP 562): the server commands of
+# `nlora-serve adapters` (list, upload, swap, unload, load) import this package but need none of
+# it, and its modules import torch (3-5 s on a small CPU, 10x those commands' own start)
+_EXPORTS = {
+    "Adapter": "adapter", "SiteWeights": "adapter",
+    "AdapterConfig": "config", "lora_scaling": "config", "parse_config": "config", "plan_sites": "config",
+    "convert_dir": "convert", "to_lora": "convert", "to_nlora": "convert",
+    "InspectReport": "inspect", "format_report": "inspect", "inspect_adapter": "inspect", "report_for": "inspect",
+    "DEFAULT_MAX_RANK": "loader", "read_adapter": "loader",
+    "validate_name": "names",
+    "init_adapter": "nystrom",
+    "write_adapter": "save",
+    "family_key": "tied",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

@@ -16,8 +16,6 @@ import os
 import warnings
 from pathlib import Path
 
-import torch
-
 from nlora_serve.arg_types import integer_arg, number_arg, out_dir_arg
 from nlora_serve.errors import AdapterError
 
@@ -46,6 +44,8 @@ def adapter_dirs(paths: list[str]) -> list[Path]:
 
 
 def _device(choice: str) -> str:
+    import torch  # here, not at the top: `adapters list` and the other server commands import this module
+
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice
@@ -103,6 +103,7 @@ def _quality(args, base, dirs, adapters, factors, members, errors):
     rows = {n: cr.weight_errors(n, errors[n]) for n in members}
     if args.no_eval:
         return list(rows.values())
+    import torch
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -176,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
             member folder there already holds an adapter, ``--json`` or ``--prompts`` is unusable;
             or see the steps.
     """
+    import torch
+
     from nlora_serve.adapters.writing import check_out_dir
 
     check_out_dir(Path(args.out), "--out")
@@ -190,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
     from nlora_serve.adapters.compress import report as cr
