@@ -221,6 +221,15 @@ VLLM_SERVE_OPTIONS = {
 }
 
 
+def _warn_vllm_port(argv: list[str], args: argparse.Namespace) -> None:
+    """vLLM's ``--port`` is its HTTP port; here it is gRPC's, and an OpenAI client sent to it gets
+    "Connection error." So a ``serve --port P`` without ``--http-port`` says where HTTP stays."""
+    given = {arg.split("=", 1)[0] for arg in argv}
+    if "--port" in given and "--http-port" not in given and args.http_port not in (None, args.port):
+        log.warning("--port %d is the gRPC port here; the OpenAI-compatible HTTP API stays on --http-port %d "
+                    "(vLLM's --port is its HTTP port: here --http-port)", args.port, args.http_port)
+
+
 def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The innermost subcommand's parser that ``args`` were parsed by (``parser`` when none)."""
     while True:
@@ -271,6 +280,8 @@ def _main(argv: list[str] | None) -> int:
     if extras:  # the subcommand's usage and a hint, not the top level's usage alone
         leaf = _leaf_parser(parser, args)
         leaf.error(_unrecognized(parser, leaf, args.command, extras))
+    if args.command == "serve":
+        _warn_vllm_port(argv, args)
     try:
         return args.func(args)
     except NloraError as exc:

@@ -339,6 +339,28 @@ def test_generate_names_a_bad_flag_as_typed_not_the_config_class_that_checked_it
     assert capsys.readouterr().err == message
 
 
+@pytest.mark.parametrize("flags, warned", [
+    (["--port", "8001"], True),
+    (["--port=8001"], True),
+    (["--port", "8001", "--http-port", "8002"], False),
+    (["--port", "8001", "--http-port", "off"], False),
+    (["--http-port", "8002"], False),
+])
+def test_serve_port_without_http_port_says_where_the_http_api_stays(caplog, capsys, flags, warned):
+    # A newcomer's find (h76): `serve --port 8001`, as vLLM's HTTP port, put gRPC on 8001; the OpenAI
+    # client sent there said only "Connection error." (curl: "Received HTTP/0.9"). --max-queue 0 ends
+    # the start before the model loads.
+    from nlora_serve.cli import main as cli_main
+
+    with caplog.at_level(logging.WARNING, logger="nlora_serve"):
+        assert cli_main(["serve", *flags, "--max-queue", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --max-queue 0")
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    want = ("--port 8001 is the gRPC port here; the OpenAI-compatible HTTP API stays on --http-port 8000 (vLLM's "
+            "--port is its HTTP port: here --http-port)")
+    assert messages == ([want] if warned else [])
+
+
 def test_generate_on_a_store_another_process_holds_is_refused_before_the_model_loads(tmp_path, capsys, caplog):
     # A newcomer's find (h76): `generate --adapter lower --adapter-dir nlora-adapters` beside `make serve`
     # loaded the model and started the engine (12 s under load) before saying the store was in use.
