@@ -306,3 +306,17 @@ def test_the_native_engine_still_reads_every_native_only_flag(tmp_path):
     assert engine.adapter_limits.adapter_memory == AdapterLimits().adapter_memory
     assert engine.scheduler.policy == "fcfs" and not config.tenant_queue_shares
     assert str(resolve_device("auto")) == device_config(_args()).device  # --device auto by default
+
+
+def test_seed_seeds_the_engine_for_requests_without_their_own(tmp_path):
+    """vLLM's ``--seed``: the engine's shared generator (both backends read EngineConfig.seed; vLLM
+    gets it in its engine args); EngineConfig's default without it, as vLLM's 0."""
+    from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
+    from nlora_serve.engine.vllm_backend.engine_args import engine_args
+    from nlora_serve.serving.commands import serve as serve_cli
+
+    _, engine = serve_cli._configs(_args("--device", "cpu", "--seed", "7", "--adapter-dir", str(tmp_path)))
+    assert engine.seed == 7
+    assert engine_args(engine, VllmBackendConfig(), tmp_path, tmp_path, on_cpu=False)["seed"] == 7
+    _, engine = serve_cli._configs(_args("--device", "cpu", "--adapter-dir", str(tmp_path)))
+    assert engine.seed == EngineConfig().seed == 0

@@ -182,7 +182,8 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
                                max_adapter_bytes=args.max_adapter_bytes, **memory)
         engine_config = device_config(args, cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
-                                      adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching)
+                                      adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching,
+                                      seed=args.seed)
         engine_config.scheduler = dataclasses.replace(engine_config.scheduler, policy=policy)
     return config, engine_config
 

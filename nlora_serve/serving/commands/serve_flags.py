@@ -10,7 +10,7 @@ from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.arg_types import port_or_off_arg
-from nlora_serve.engine.config import SCHEDULING_POLICIES
+from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.dtype import DTYPE_CHOICES
 from nlora_serve.serving.commands.backend import add_backend_arguments
@@ -56,6 +56,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="serve vLLM's POST /v1/load_lora_adapter {lora_name, lora_path} (a folder on this server's disk) and "
            "/v1/unload_lora_adapter over HTTP, admin keys only (default: off, on where "
            "VLLM_ALLOW_RUNTIME_LORA_UPDATING is 1 or true, as vLLM)")
+    a("--seed", type=int, default=EngineConfig.__dataclass_fields__["seed"].default,
+      help="seeds the sampling of requests that send no seed of their own (a request's seed always gives "
+           "the same tokens); vLLM's flag, passed to vLLM on --backend vllm (default: %(default)s)")
     a("--max-queue", type=int, default=d.max_queue, help="running + waiting requests at most; beyond that "
                                                          "RESOURCE_EXHAUSTED / HTTP 429 (default: %(default)s)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
