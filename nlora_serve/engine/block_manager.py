@@ -36,8 +36,9 @@ class BlockManager:
         """True when ``block_table`` can be extended to hold ``num_tokens`` tokens now."""
         return self.blocks_for(num_tokens) - len(block_table) <= len(self._free)
 
-    def grow(self, block_table: list[int], num_tokens: int) -> None:
-        """Extend ``block_table`` in place to hold ``num_tokens`` tokens.
+    def grow(self, block_table: list[int], num_tokens: int, tenant: str | None = None) -> None:
+        """Extend ``block_table`` in place to hold ``num_tokens`` tokens (``tenant``: whose share of
+        the cache the new blocks count against, with prefix caching and fair sharing; unused here).
 
         Raises:
             RuntimeError: not enough free blocks (callers check :meth:`can_grow` first).
@@ -73,7 +74,7 @@ class BlockManager:
         """Give a waiting ``seq`` blocks for ``num_tokens`` tokens; False (nothing changed) when short."""
         if not self.can_grow(seq.block_table, num_tokens):
             return False
-        self.grow(seq.block_table, num_tokens)
+        self.grow(seq.block_table, num_tokens, seq.tenant)
         seq.num_cached_tokens = max(seq.num_cached_tokens, 0)
         return True
 

@@ -102,8 +102,11 @@ class EngineCore:
         idle engine: at start, and after the warm-up's dummy requests (engine/warmup.py)."""
         config = self.config
         num_blocks = num_blocks if num_blocks is not None else self.blocks.num_blocks
-        blocks = PrefixCachingBlockManager if config.enable_prefix_caching else BlockManager
-        self.blocks = blocks(num_blocks, config.cache.block_size)
+        if config.enable_prefix_caching:  # with "fair", tenants share the cache by weight too
+            weights = config.scheduler.tenant_weights if config.scheduler.policy == "fair" else None
+            self.blocks = PrefixCachingBlockManager(num_blocks, config.cache.block_size, tenant_weights=weights)
+        else:
+            self.blocks = BlockManager(num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self._arrivals = 0

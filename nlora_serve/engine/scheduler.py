@@ -183,7 +183,7 @@ class Scheduler:
             batch.preempted.append(victim)
             if victim is seq:
                 return False
-        self.blocks.grow(seq.block_table, target)
+        self.blocks.grow(seq.block_table, target, seq.tenant)
         return True
 
     def _preempt(self, seq: Sequence) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections import Counter
 from types import SimpleNamespace
 
 import hypothesis.strategies as st
@@ -108,23 +109,29 @@ def test_blocks_short_admits_nothing_and_a_double_free_raises():
 
 
 class PoolMachine(RuleBasedStateMachine):
-    """Random admit / step / finish / abort / preempt / evict on the scheduler over a small pool;
-    after every rule the pool's counts equal a recount from the live block tables."""
+    """Random admit / step / finish / abort / preempt / evict on the scheduler over a small pool,
+    fcfs (one LRU) or fair (tenants share the cache by weight), several tenants sharing or not;
+    after every rule the pool's counts equal a recount from the live block tables, and with fair
+    every evicted block came from a tenant with the most cached blocks per unit of weight."""
 
-    @initialize(block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(12, 24))
-    def setup(self, block_size, num_blocks):
-        self.pool = PrefixCachingBlockManager(num_blocks, block_size)
-        self.sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=12 * block_size),
-                               self.pool)
+    @initialize(block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(12, 24),
+                weights=st.sampled_from([None, {}, {"x": 3.0}, {"x": 1.0, "y": 2.0, None: 0.5}]))
+    def setup(self, block_size, num_blocks, weights):
+        self.weights = weights
+        self.pool = PrefixCachingBlockManager(num_blocks, block_size, tenant_weights=weights)
+        config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=12 * block_size,
+                                 policy="fcfs" if weights is None else "fair", tenant_weights=weights or {})
+        self.sched = Scheduler(config, self.pool)
         self.arrivals = 0
         self.live: list[Sequence] = []
 
     @rule(prefix=st.integers(0, 3), length=st.integers(1, 10), adapter=st.sampled_from([None, A1, A2]),
-          salt=st.sampled_from([None, "t1"]))
-    def admit(self, prefix, length, adapter, salt):
+          tenant=st.sampled_from([None, "x", "y", "z"]), salted=st.booleans())
+    def admit(self, prefix, length, adapter, tenant, salted):
         tokens = ([7] * 4 + [prefix] * 4 + list(range(length)))[: 4 + length]  # many share a prefix
-        s = Sequence(f"r{self.arrivals}", self.arrivals, tokens, len(tokens), SamplingParams(),
-                     adapter=adapter, cache_salt=salt)
+        # salted: the tenant's own sharing group (keys configured); else shared by all tenants
+        s = Sequence(f"r{self.arrivals}", self.arrivals, tokens, len(tokens), SamplingParams(), tenant=tenant,
+                     adapter=adapter, cache_salt=f"tenant:{tenant}" if salted else None)
         self.arrivals += 1
         self.sched.add(s)
         self.live.append(s)
@@ -153,11 +160,24 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, 6))
     def evict(self, n):
-        """Someone else takes free blocks (evicting cached ones) and gives them back."""
-        table: list[int] = []
-        n = min(n, self.pool.num_free_blocks)
-        self.pool.grow(table, n * self.pool.block_size)
-        self.pool.free(table)
+        """Someone else takes free blocks (evicting cached ones), one at a time, and gives them back.
+        With fair, each comes from an uncached free block while there is one, else from a tenant
+        occupying the most blocks (held, or free and cached: recounted here) per unit of weight
+        among those with a free cached one."""
+        pool, table = self.pool, []
+        for _ in range(min(n, pool.num_free_blocks)):
+            free = {b: (pool._hash[b] is not None, pool.owner(b)) for b in range(pool.num_blocks)
+                    if pool.ref_count(b) == 0}
+            count = self._occupied()
+            pool.grow(table, (len(table) + 1) * pool.block_size)
+            hashed, owner = free[table[-1]]
+            if self.weights is not None:
+                ratio = {t: count[t] / self.weights.get(t, 1.0) for cached, t in free.values() if cached}
+                if not all(cached for cached, _ in free.values()):
+                    assert not hashed  # uncached free blocks go first
+                else:
+                    assert ratio[owner] == max(ratio.values())
+        pool.free(table)
 
     def _end(self, s):
         self.sched.finish(s)
@@ -177,6 +197,17 @@ class PoolMachine(RuleBasedStateMachine):
         assert holders == [self.pool.ref_count(b) for b in range(self.pool.num_blocks)]
         assert self.pool.num_used_blocks == sum(1 for h in holders if h)
         assert self.pool.num_free_blocks + self.pool.num_used_blocks == self.pool.num_blocks
+        if self.pool.shares is not None:
+            assert self.pool.shares.num_blocks == self._occupied()
+            # a salted sequence (keys configured) shares blocks within its tenant only: it owns them all
+            for s in self.live:
+                if s.cache_salt is not None and s.status is SequenceStatus.RUNNING:
+                    assert {self.pool.owner(b) for b in s.block_table} <= {s.tenant}
+
+    def _occupied(self) -> Counter:
+        """Blocks each tenant occupies, recounted from the blocks' owners: held, or free and cached."""
+        pool = self.pool
+        return Counter(pool.owner(b) for b in range(pool.num_blocks) if pool.ref_count(b) or pool._hash[b] is not None)
 
     @invariant()
     def shared_blocks_hold_the_same_chain(self):

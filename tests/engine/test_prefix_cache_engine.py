@@ -146,3 +146,36 @@ def test_root_key_is_hashed_once_per_sequence_over_a_long_generation(base_fp32, 
             produced[out.request_id] += len(out.token_ids)
     assert produced == {f"r{i}": 64 for i in range(len(refs))}
     assert sorted(calls) == sorted(produced)  # once per sequence
+
+
+@pytest.mark.parametrize("policy, light_cached", [("fcfs", 0), ("fair", 36)])
+def test_a_heavy_tenants_churn_evicts_its_own_blocks_under_fair(base_fp32, hf_model, policy, light_cached):
+    # 24 blocks of 4 tokens; the light tenant's prompt (37 tokens) and output fill 10 cached blocks,
+    # then the heavy tenant runs three distinct prompts of as many blocks, one after another. One LRU
+    # (fcfs) reuses the light tenant's blocks, the oldest; fair eviction takes the heavy tenant's own.
+    light = jobs_of([None])[0][1]
+    heavy = [[100 + k] + light["prompt_token_ids"][1:] for k in range(3)]  # distinct from block 0 on
+    config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
+                                                    policy=policy),
+                          cache=CacheConfig(block_size=4, num_blocks=24))
+    core = EngineCore(config, base_fp32)
+    params = SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0)
+    tokens: dict[str, list[int]] = {}
+    cached: dict[str, int] = {}
+
+    def run(rid: str, tenant: str, ids: list[int]) -> None:
+        core.add(rid, ids, params, tenant=tenant, cache_salt=f"tenant:{tenant}")
+        while core.has_work():
+            for out in core.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+                cached[out.request_id] = out.cached_tokens
+
+    run("light-0", "light", light["prompt_token_ids"])
+    for k, ids in enumerate(heavy):
+        run(f"heavy-{k}", "heavy", ids)
+    run("light-1", "light", light["prompt_token_ids"])
+    assert cached["light-1"] == light_cached
+    for rid in ("light-0", "light-1"):
+        assert matches_reference(tokens[rid], light["greedy_token_ids"][:4], light["top2_logit_margins"])
+    want, margins = hf_greedy(hf_model, heavy[2], 4)
+    assert matches_reference(tokens["heavy-2"], want, margins)
