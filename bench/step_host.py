@@ -17,12 +17,15 @@ next step, so only ``step - read-back`` is left on the critical path of a GPU st
 parts of that critical path: ``schedule`` (Scheduler.schedule), ``inputs`` (ModelRunner.prepare)
 and ``sample`` (sample_step: sampling and starting the read-back).
 
+``--policy fair`` (with ``--loop``): the fair scheduler and its per-tenant KV cache sharing
+(engine/cache_shares.py), the requests spread over 8 tenants.
+
 ``--device meta`` stands for a GPU: every op is dispatched and every buffer packed and "copied",
 but no data moves, so the numbers are the host's share of a GPU step. ``--device cpu``: the CPU
 engine's layout (no copy, gather tables included).
 
     python bench/step_host.py [--device meta|cpu] [--json out.json]
-    python bench/step_host.py --loop [--json out.json]
+    python bench/step_host.py --loop [--policy fcfs|fair] [--json out.json]
 """
 
 from __future__ import annotations
@@ -122,15 +125,15 @@ class _StubRunner(ModelRunner):
         self.step_counts = {"graph_steps": 0, "piecewise_steps": 0, "eager_steps": 0}
         self.logits = torch.randn(4096, vocab, generator=torch.Generator().manual_seed(0))
 
-    def execute(self, pairs, previous=None):
+    def execute(self, pairs, previous=None, scored=None):  # scored: prompt logprobs' rows, none here
         self.prepare(pairs, *([previous] if previous is not None else []))
         rows = sum(1 for s, n in pairs if s.num_computed_tokens + n == s.num_tokens)
         return self.logits[:rows].clone()
 
 
-def _stub_core(n: int, overlap: bool | None):
+def _stub_core(n: int, overlap: bool | None, policy: str = "fcfs"):
     """An EngineCore around :class:`_StubRunner` with ``n`` requests decoding (``overlap`` None: a
-    checkout from before async scheduling)."""
+    checkout from before async scheduling), 8 tenants' under ``policy`` "fair"."""
     from transformers import AutoTokenizer
 
     from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -138,7 +141,7 @@ def _stub_core(n: int, overlap: bool | None):
 
     fields = {} if overlap is None else {"async_scheduling": overlap}
     core = EngineCore.__new__(EngineCore)
-    core.config = EngineConfig(device="cpu", scheduler=SchedulerConfig(n, n * CONTEXT, 4096),
+    core.config = EngineConfig(device="cpu", scheduler=SchedulerConfig(n, n * CONTEXT, 4096, policy=policy),
                                cache=CacheConfig(BLOCK, n * 20), **fields)
     core.device, core.vocab_size, core.eos_ids = torch.device("cpu"), 128, set()
     core.tokenizer = AutoTokenizer.from_pretrained("bench/models/smollm2-135m")
@@ -146,7 +149,8 @@ def _stub_core(n: int, overlap: bool | None):
     core.reset_scheduling(n * 20)
     params = SamplingParams(max_tokens=90, min_tokens=90, temperature=0.0, ignore_eos=True)
     for i in range(n):
-        core.add(f"r{i}", [(7 * i + j) % 120 + 1 for j in range(CONTEXT)], params)
+        core.add(f"r{i}", [(7 * i + j) % 120 + 1 for j in range(CONTEXT)], params,
+                 tenant=f"t{i % 8}" if policy == "fair" else None)
     for _ in range(3):  # prefill, then the first decodes
         core.step()
     return core
@@ -166,10 +170,10 @@ def _timer(owner, name: str, spent: dict[str, float], label: str) -> None:
     setattr(owner, name, timed)
 
 
-def measure_loop(n: int, overlap: bool | None, steps: int = 40) -> dict:
+def measure_loop(n: int, overlap: bool | None, steps: int = 40, policy: str = "fcfs") -> dict:
     import nlora_serve.engine.core as core_module
 
-    core, spent = _stub_core(n, overlap), {}
+    core, spent = _stub_core(n, overlap, policy), {}
     _timer(core, "_settle" if overlap is not None else "_emit", spent, "readback")
     _timer(core.scheduler, "schedule", spent, "schedule")
     _timer(core.runner, "prepare", spent, "inputs")
@@ -186,14 +190,14 @@ def measure_loop(n: int, overlap: bool | None, steps: int = 40) -> dict:
             core_module.sample_step = sample_step
     part = {k: round(v / steps * 1e6) for k, v in spent.items()}
     mode = "before (main)" if overlap is None else ("async" if overlap else "step by step")
-    return {"seqs": n, "mode": mode, "step_us": round(total), "readback_us": part["readback"],
+    return {"seqs": n, "mode": mode, "policy": policy, "step_us": round(total), "readback_us": part["readback"],
             "critical_us": round(total) - part["readback"], "schedule_us": part["schedule"],
             "inputs_us": part["inputs"], "sample_us": part.get("sample", 0)}
 
 
-def main_loop(modes: list[bool | None], out: str | None) -> None:
-    rows = [measure_loop(n, m) for n in SIZES for m in modes]
-    print("host CPU time per EngineCore.step() (µs), stub model, CPU")
+def main_loop(modes: list[bool | None], out: str | None, policy: str = "fcfs") -> None:
+    rows = [measure_loop(n, m, policy=policy) for n in SIZES for m in modes]
+    print(f"host CPU time per EngineCore.step() (µs), stub model, CPU, policy {policy}")
     print("| seqs | mode | step | read-back + emit | step − read-back | of which: schedule | inputs | sample |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -209,12 +213,13 @@ def main() -> None:
     parser.add_argument("--device", default="meta", choices=("meta", "cpu"))
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--loop", action="store_true", help="time the whole EngineCore.step (see above)")
+    parser.add_argument("--policy", default="fcfs", choices=("fcfs", "fair"), help="--loop: the scheduling policy")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.loop:
         from nlora_serve.engine.config import EngineConfig
         before = "async_scheduling" not in EngineConfig.__dataclass_fields__
-        return main_loop([None] if before else [False, True], args.json)
+        return main_loop([None] if before else [False, True], args.json, args.policy)
     rows = [measure(n, torch.device(args.device)) for n in SIZES]
     print(f"device {args.device}: host time per decode step (µs), stub model")
     print("| seqs | inputs | adapters (device-derived) | total | host AdapterBatch (old form, 1 pool) |")
