@@ -207,7 +207,10 @@ class EngineCore:
         prompt = plan(pairs)  # prompt positions to score (prompt_logprobs requests' prefill chunks)
         self.hook.begin_step([seq.adapter for seq, _ in pairs], [n for _, n in pairs], self.device)
         try:
-            logits = self.runner.execute(pairs, previous, prompt.indices if prompt is not None else None)
+            if prompt is None:
+                logits, scored = self.runner.execute(pairs, previous), []
+            else:
+                logits, scored = self.runner.execute_scored(pairs, previous, prompt)
         finally:
             self.hook.end_step()
         if prompt is not None:
@@ -218,7 +221,7 @@ class EngineCore:
         self.counters["steps"] += 1
         self.counters["computed_tokens"] += batch.total_tokens
         bans = [self.requests[s.request_id].ban for s in sampling]
-        return sample_step(logits, pairs, sampling, bans, self.generator, prompt)
+        return sample_step(logits, pairs, sampling, bans, self.generator, prompt, scored)
 
     @staticmethod
     def _place(step: SampledStep) -> None:

@@ -241,6 +241,12 @@ class LlamaModel:
         Returns:
             [R, V] float32 logits for ``info.logits_indices``.
         """
+        return self.logits(self.hidden(input_ids, positions, kv_cache, info), info.logits_indices)
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+               info: BatchInfo) -> torch.Tensor:
+        """The decoder stack without the head: the residual stream [T, hidden] float32 after the
+        last layer (arguments as :meth:`__call__`), for :meth:`logits` on any of its rows."""
         x = F.embedding(input_ids, self.embed).float()  # the residual stream, float32
         if self.layer_ops is not None:  # the native RoPE indexes the tables itself
             cos, sin = self.cos, self.sin
@@ -249,7 +255,7 @@ class LlamaModel:
             sin = self.sin[positions].unsqueeze(1)
         for layer, kv_layer in zip(self.layers, kv_cache):
             x = layer(x, cos, sin, kv_layer, info, positions)
-        return self.logits(x, info.logits_indices)
+        return x
 
     def logits(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Final RMSNorm and lm_head on rows ``indices`` [R] int64 of the residual ``x`` [T, hidden]

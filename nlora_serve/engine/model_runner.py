@@ -11,6 +11,7 @@ from nlora_serve.engine.kv_cache import allocate_kv_cache
 from nlora_serve.engine.adapter_layer import AdapterHook
 from nlora_serve.engine.llama import Attention, LlamaModel
 from nlora_serve.engine.piecewise_graphs import PiecewiseGraphs
+from nlora_serve.engine.prompt_logprobs import PromptRows, chunk_rows, score
 from nlora_serve.engine.scheduler import ScheduledBatch
 from nlora_serve.engine.sequence import Sequence
 from nlora_serve.engine.step_inputs import StepInputs
@@ -34,6 +35,7 @@ class ModelRunner:
         self.pieces: PiecewiseGraphs | None = None  # piecewise graphs of prefill / mixed steps (enable_graphs)
         # decode steps replayed / prefill and mixed steps replayed piecewise / all others
         self.step_counts = {"graph_steps": 0, "piecewise_steps": 0, "eager_steps": 0}
+        self.score_chunk_rows = chunk_rows(base.spec.vocab_size, self.device.type)  # prompt rows per lm_head call
         self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
 
     def reset_counts(self) -> None:
@@ -136,15 +138,12 @@ class ModelRunner:
         return input_ids, positions, info
 
     @torch.inference_mode()
-    def execute(self, pairs: list[tuple[Sequence, int]], previous=None, scored: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """Run one step. Returns [R, V] float32 logits, one row per sampling sequence, in ``pairs`` order,
-        then with ``scored`` [P] (prompt positions to score, engine/prompt_logprobs.py) P rows more.
-        ``previous``: see :meth:`prepare`. A step with prompt rows runs eagerly: the graphs' logits
-        buffers hold one row per sequence (such steps are prefills of prompt-logprobs requests only)."""
-        input_ids, positions, info = self.prepare(pairs, previous, scored)
+    def execute(self, pairs: list[tuple[Sequence, int]], previous=None) -> torch.Tensor:
+        """Run one step. Returns [R, V] float32 logits, one row per sampling sequence, in ``pairs`` order.
+        ``previous``: see :meth:`prepare`."""
+        input_ids, positions, info = self.prepare(pairs, previous)
         hook = self.adapter_hook
-        graphable = scored is None and (hook is None or hook.graphable())
+        graphable = hook is None or hook.graphable()
         if (self.graphs is not None and info.num_decodes == len(pairs) and self.graphs.size_for(len(pairs))
                 and graphable):
             self.step_counts["graph_steps"] += 1
@@ -154,3 +153,19 @@ class ModelRunner:
             return self.pieces.run(input_ids, positions, info, hook)
         self.step_counts["eager_steps"] += 1
         return self.model(input_ids, positions, self.kv_cache, info)
+
+    @torch.inference_mode()
+    def execute_scored(self, pairs: list[tuple[Sequence, int]], previous, prompt: PromptRows
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run one step that also scores ``prompt``'s P prompt positions (engine/prompt_logprobs.py).
+        Returns the [R, V] float32 logits of :meth:`execute` and the scored rows' read-back parts
+        (:func:`~nlora_serve.engine.prompt_logprobs.score`), whose lm_head runs ``score_chunk_rows``
+        rows at a time. Eager: the graphs' logits buffers hold one row per sequence (such steps are
+        prefills of prompt-logprobs requests only)."""
+        input_ids, positions, info = self.prepare(pairs, previous, prompt.indices)
+        self.step_counts["eager_steps"] += 1
+        x = self.model.hidden(input_ids, positions, self.kv_cache, info)  # [T, hidden]
+        r = info.logits_indices.numel() - prompt.num_rows  # the sampling rows come first
+        logits = self.model.logits(x, info.logits_indices[:r])
+        return logits, score(lambda rows: self.model.logits(x, rows), info.logits_indices[r:], prompt,
+                             self.score_chunk_rows)

@@ -11,6 +11,13 @@ logits into the scored token's log-probability and the top-k, packed with the st
 (engine/step_output.py). Only such requests pay: every other sequence in the step still has its
 last position computed only.
 
+A step may score up to its whole token budget, and [P, V] float32 logits (with log_softmax's
+temporaries, about three times that) would be its largest allocation by far: 4 GiB of logits at
+llama-3-8b's 128,256-token vocabulary and an 8,192-token budget. So :func:`score` runs the lm_head
+and the scoring over at most :func:`chunk_rows` rows at a time (``SCORE_CHUNK_BYTES_*`` of logits),
+whatever the budget: each row's values do not depend on the rows beside it. (vLLM's GPU runner,
+``_get_prompt_logprobs_dict``, takes the lm_head of each request's rows of the step at once.)
+
 Each prompt position is scored once, when its chunk is computed (``Sequence.num_prompt_scored``
 counts them on the host at launch): a prompt split across steps (chunked prefill) is scored chunk
 by chunk, and a preempted sequence that recomputes its prompt does not score it again. A request
@@ -20,6 +27,7 @@ computed; vLLM's rule too: prefix_cache.py's ``match``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,23 +86,52 @@ def mark_scored(rows: PromptRows) -> None:
         seq.num_prompt_scored = max(seq.num_prompt_scored, seq.num_computed_tokens) + n
 
 
-def score(logits: torch.Tensor, rows: PromptRows) -> list[torch.Tensor]:
-    """The read-back parts of the scored rows, float64 on ``logits``' device: ``[P]`` the scored
+# Float32 logits bytes one chunk of scored rows may hold. On the CPU, below glibc's largest mmap
+# threshold (32 MiB, engine/host_memory.py), so every chunk's logits and temporaries come from the
+# heap, the same pages chunk after chunk (a 2,000-token echo on the default model: 86k minor page
+# faults against 408k unchunked, and no more CPU time). On a GPU, enough rows that the lm_head GEMM
+# stays compute-bound (512 at llama-3-8b's 128,256-token vocabulary; in bf16 a GEMM of M rows does
+# about M flops per weight byte, and an H100 needs some 300 to be busy).
+SCORE_CHUNK_BYTES_CPU = 32 << 20
+SCORE_CHUNK_BYTES_GPU = 256 << 20
+_ROW_MULTIPLE = 64  # chunks of whole GEMM row tiles, so that no chunk's lm_head runs a mostly empty tile
+
+
+def chunk_rows(vocab_size: int, device_type: str) -> int:
+    """Rows per scoring chunk on a ``device_type`` ("cpu", "cuda") device: as many as its
+    ``SCORE_CHUNK_BYTES_*`` of float32 logits strictly hold, rounded down to a multiple of 64 when
+    there are more than 64 (at least 1)."""
+    limit = SCORE_CHUNK_BYTES_CPU if device_type == "cpu" else SCORE_CHUNK_BYTES_GPU
+    rows = max(1, (limit - 1) // (4 * vocab_size))
+    return rows - rows % _ROW_MULTIPLE if rows > _ROW_MULTIPLE else rows
+
+
+def score(logits_of: Callable[[torch.Tensor], torch.Tensor], indices: torch.Tensor, rows: PromptRows,
+          chunk: int) -> list[torch.Tensor]:
+    """The read-back parts of the scored rows, float64 on ``indices``' device: ``[P]`` the scored
     tokens' log-probabilities, ``[P]`` their ranks (1 + the tokens strictly more likely), then
     ``[P * K]`` top values and ``[P * K]`` their token ids (row by row, best first).
 
-    ``logits`` [P, V] float32, the model's raw distribution (no bias, penalty or temperature:
-    vLLM's prompt logprobs are of the raw model too), turned into log-probabilities in place: a
-    step's P can reach its token budget, and [P, V] is the largest tensor of such a step.
+    ``logits_of(idx)``: [n, V] float32 logits of the step's packed tokens ``idx`` [n] int64, the
+    model's raw distribution (no bias, penalty or temperature: vLLM's prompt logprobs are of the
+    raw model too); called on ``indices`` [P] (the rows' packed tokens, on the device) ``chunk``
+    rows at a time, so no tensor here holds more than ``chunk`` rows of V. Each chunk's logits are
+    turned into log-probabilities in place.
     """
-    logp = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
-    targets = rows.targets.to(logits.device, non_blocking=True)
-    scored = logp.gather(1, targets.unsqueeze(1))
-    parts = [scored.view(-1).double(), ((logp > scored).sum(dim=1) + 1).double()]
-    if rows.top_k:
-        top_v, top_i = logp.topk(rows.top_k, dim=-1)
-        parts += [top_v.reshape(-1).double(), top_i.reshape(-1).double()]
-    return parts
+    targets = rows.targets.to(indices.device, non_blocking=True)
+    k = rows.top_k
+    scored, ranks, top_v, top_i = [], [], [], []
+    for lo in range(0, rows.num_rows, chunk):
+        logits = logits_of(indices[lo:lo + chunk])
+        logp = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
+        value = logp.gather(1, targets[lo:lo + chunk].unsqueeze(1))
+        scored.append(value.view(-1))
+        ranks.append((logp > value).sum(dim=1) + 1)
+        if k:
+            v, i = logp.topk(k, dim=-1)
+            top_v.append(v.reshape(-1))
+            top_i.append(i.reshape(-1))
+    return [torch.cat(part).double() for part in (scored, ranks, top_v, top_i) if part]
 
 
 def unpack(values: list[float], rows: PromptRows) -> list[tuple[Sequence, list[PromptLogprob]]]:

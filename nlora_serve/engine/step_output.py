@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nlora_serve.engine.prompt_logprobs import PromptLogprob, PromptRows, score, unpack
+from nlora_serve.engine.prompt_logprobs import PromptLogprob, PromptRows, unpack
 from nlora_serve.engine.sampling import add_logit_bias, apply_penalties, ban_before_min_tokens, sample
 from nlora_serve.engine.sequence import Sequence
 
@@ -72,13 +72,14 @@ class SampledStep:
 
 
 def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: list[Sequence],
-                bans: list[set[int]], shared: torch.Generator, prompt: PromptRows | None = None) -> SampledStep:
+                bans: list[set[int]], shared: torch.Generator, prompt: PromptRows | None = None,
+                scored: list[torch.Tensor] = ()) -> SampledStep:
     """Sample ``seqs``' rows of ``logits`` on its device and start their read-back (no host wait).
 
     Args:
-        logits: [R, V] float32, one row per sampling sequence (penalties are applied in place),
-            then with ``prompt`` its P scored prompt positions' rows (read in the same copy:
-            :meth:`SampledStep.read_prompt`).
+        logits: [R, V] float32, one row per sampling sequence (penalties are applied in place).
+        prompt, scored: the P prompt positions the step scored and their read-back parts
+            (engine/prompt_logprobs.py's ``score``), read in the same copy: :meth:`SampledStep.read_prompt`.
         pairs: the step's (sequence, tokens computed). seqs: the R sampling sequences.
         bans: per row, the tokens banned until min_tokens (EOS and stop ids).
         shared: the engine's generator, for rows without their own seed.
@@ -88,9 +89,6 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
     # a row's sum is finite iff all its logits are (NaN and ±inf propagate; |logits| that could
     # overflow a float32 sum are no model's output): one pass, where isfinite().all() took 32 ms
     # for 64 rows of 49,152 on one CPU thread
-    r = len(seqs)
-    scored = score(logits[r:], prompt) if prompt is not None else []
-    logits = logits[:r]
     finite = logits.sum(dim=1).isfinite()
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     k = max((seqs[i].params.logprobs for i in wanted), default=0)
@@ -113,7 +111,7 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
         if k:
             top_v, top_i = logp.topk(k, dim=-1)
             parts += [top_v.reshape(-1).double(), top_i.reshape(-1).double()]
-    packed = torch.cat(parts + scored)
+    packed = torch.cat(parts + list(scored))
     event = None
     if packed.device.type == "cuda":
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)

@@ -174,8 +174,8 @@ def test_non_finite_logits_end_only_the_requests_they_belong_to(engine, monkeypa
     engine.adapters.register_dir(name, CASES / name)
     execute = engine.core.runner.execute
 
-    def overflow(pairs, previous=None, scored=None):
-        logits = execute(pairs, previous, scored)
+    def overflow(pairs, previous=None):
+        logits = execute(pairs, previous)
         sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
         for row, seq in enumerate(sampling):
             if seq.adapter is not None:

@@ -145,8 +145,8 @@ def test_non_finite_logits_fail_only_their_own_request_with_a_clear_error(http_s
     runner = http_server.engine.core.runner
     execute = runner.execute
 
-    def overflow(pairs, previous=None, scored=None):
-        logits = execute(pairs, previous, scored)
+    def overflow(pairs, previous=None):
+        logits = execute(pairs, previous)
         sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
         for row, seq in enumerate(sampling):
             if seq.adapter is not None:
