@@ -156,7 +156,6 @@ def test_prompt_logprobs_in_vllm_shape(http_server, tokenizer, hf_model, chat):
     ("chat/completions", {"prompt_logprobs": 2, "stream": True}, "prompt_logprobs", "stream"),
     ("chat/completions", {"prompt_logprobs": 99}, "prompt_logprobs", "[0, 20]"),
     ("chat/completions", {"echo": True}, "echo", "prompt_logprobs"),
-    ("completions", {"echo": True, "n": 2}, "echo", "n=1"),
     ("completions", {"max_tokens": 0}, "max_tokens", ">= 1"),
 ])
 def test_bad_echo_and_prompt_logprobs_are_refused_naming_the_field(http_server, path, extra, param, words):

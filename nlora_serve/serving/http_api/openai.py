@@ -29,8 +29,9 @@ tokens, a BOS on Llama-style models; token ids run as given), chat false only (t
 writes its own; true would add a second BOS), both vLLM's defaults. Completions take ``echo``
 (the prompt first in the text and, with ``logprobs``, in the logprobs; ``max_tokens=0`` with it
 returns the prompt alone), both endpoints vLLM's ``prompt_logprobs`` (0..20, not with ``stream``):
-shapes and rules in :mod:`~nlora_serve.serving.http_api.echo`. Chat's ``echo=true`` (vLLM's: the
-last message prepended to the reply) and ``echo`` with ``n`` > 1 are refused.
+shapes and rules in :mod:`~nlora_serve.serving.http_api.echo`; with ``n`` > 1 every choice starts
+with the echoed prompt (and its logprobs), as vLLM 0.32's. Chat's ``echo=true`` (vLLM's: the last
+message prepended to the reply) is refused.
 
 A completion's ``prompt`` may be a batch, as in OpenAI's and vLLM 0.32's API (lm-evaluation-harness's
 ``local-completions`` sends one with ``batch_size`` > 1): a list of texts or of token-id lists, up to
@@ -275,11 +276,8 @@ def completion_inputs(request: CompletionRequest,
 
     Raises:
         ParamError: an unsupported field, an empty prompt, more than MAX_PROMPTS prompts, a
-            field out of range, echo with n > 1, prompt_logprobs with stream (:func:`prompt_logprobs_of`).
+            field out of range, prompt_logprobs with stream (:func:`prompt_logprobs_of`).
     """
-    if request.echo and request.n not in (None, 1):
-        raise ParamError(f"echo=true with n={request.n!r} is not supported: this server echoes the prompt "
-                         "into one choice; send n=1 (or echo=false)", "echo")
     check_fields(request)
     prompts = prompts_of(request.prompt)
     if len(prompts) > MAX_PROMPTS:

@@ -95,8 +95,8 @@ class Shaper:
         n: the choices of each prompt; each delta's ``index`` says whose it is (prompt ``index // n``).
         prompt_ids: per prompt (a completions batch holds several) its tokens as the engine runs
             them (for echo and prompt_logprobs); None: one prompt, neither asked.
-        echo: completions with ``echo=true``: per prompt what goes before each of its choices
-            (http_api/echo.py; n = 1 only).
+        echo: completions with ``echo=true``: per prompt what goes before each of its ``n`` choices
+            (http_api/echo.py).
         prompt_logprobs: vLLM's ``prompt_logprobs`` asked (top-k per prompt token); None = not returned.
     """
 
