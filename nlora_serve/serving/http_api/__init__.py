@@ -7,7 +7,7 @@ with vLLM's extras::
     body.py, openai.py
                    the body parsed, validated and turned into engine inputs
     responses.py   engine deltas -> OpenAI response objects and SSE chunks
-    token_bytes.py a token's raw bytes for chat logprobs
+    token_bytes.py a token's string (decoded once per server) and raw bytes, for logprobs
     tokenize.py    vLLM's /tokenize and /detokenize
     lora_admin.py  vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (admin, off by default)
     context.py     what the routes serve from; OpenAI's error shape

@@ -13,6 +13,7 @@ from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.status import http_status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
+from nlora_serve.serving.http_api.token_bytes import TokenText
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 408: "timeout_error", 409: "conflict_error", 413: "invalid_request_error",
@@ -35,8 +36,10 @@ class HttpContext:
     base_model: str  # the base model's served name (GetServerInfo's ``model``)
     started: int = field(default_factory=lambda: int(time.time()))  # ``created`` of /v1/models entries
     chat_bounds: tuple[int, int] = (0, 0)  # chats past these (content characters, messages): refused untokenized
+    token_text: TokenText = field(init=False)  # logprob tokens' strings, each decoded once per server
 
     def __post_init__(self) -> None:
+        self.token_text = TokenText(self.tokenizer)
         self.chat_bounds = (max_prompt_bytes(self.tokenizer, self.engine.max_model_len), self.engine.max_model_len)
 
 

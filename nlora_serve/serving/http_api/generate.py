@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.registry import AdapterNotFound
@@ -52,7 +52,7 @@ from nlora_serve.serving.http_api.context import HttpContext, aborted_body, erro
 from nlora_serve.serving.http_api.echo import Echo
 from nlora_serve.serving.http_api.openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
 from nlora_serve.serving.http_api.truncation import truncated, truncation_of
-from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers
+from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers, whole_json
 from nlora_serve.serving.metrics import RequestTimer
 
 # an admitted request holds its tenant's place (quota, queue share) while its body is read: a body
@@ -101,7 +101,7 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, started.params.logprobs,
                     body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage, n=body.num_choices,
                     prompt_ids=started.prompt_ids, echo=_echo(started, ctx.tokenizer),
-                    prompt_logprobs=body.prompt_logprobs)
+                    prompt_logprobs=body.prompt_logprobs, token_text=ctx.token_text)
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
@@ -212,7 +212,11 @@ async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Res
     outs = await unless_disconnected(request, collect())
     if outs is None:
         return Response(status_code=499)
-    return JSONResponse(shaper.whole(outs), headers=version_headers(outs[-1]))
+    # shaped and serialized on a worker thread: with prompt_logprobs a batch's response is up to
+    # 1,024 prompts x max_model_len positions x 21 tokens (seconds to minutes of work, which on the
+    # event loop would hold every other tenant's requests and streams)
+    content = await asyncio.to_thread(lambda: whole_json(shaper.whole(outs)))
+    return Response(content, media_type="application/json", headers=version_headers(outs[-1]))
 
 
 async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:

@@ -18,12 +18,31 @@ of a multi-byte character decodes to U+FFFD, as in vLLM), or ``"token_id:<id>"``
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.serving.http_api.echo import Echo, echo_logprobs, vllm_prompt_logprobs
-from nlora_serve.serving.http_api.token_bytes import TokenBytes
+from nlora_serve.serving.http_api.token_bytes import TokenBytes, TokenText
+
+
+# Starlette's JSONResponse.render: the bytes a whole response goes out as
+_dumps = functools.partial(json.dumps, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+
+
+def whole_json(body: dict) -> bytes:
+    """A whole response ``body`` as Starlette's JSONResponse renders it (the same bytes), each of its
+    ``choices`` serialized on its own: ``json.dumps`` holds the GIL for all it serializes, and a
+    batch's response with ``prompt_logprobs`` runs to hundreds of MB, so a thread serializing it
+    one choice at a time (one prompt's at most) lets the event loop run in between.
+
+    Raises:
+        ValueError: a NaN or infinite float (JSON has none), as JSONResponse raises.
+    """
+    fields = (f"{_dumps(key)}:" + ("[" + ",".join(map(_dumps, value)) + "]" if key == "choices" else _dumps(value))
+              for key, value in body.items())
+    return ("{" + ",".join(fields) + "}").encode()
 
 
 def sse(payload: dict | str) -> str:
@@ -98,14 +117,17 @@ class Shaper:
         echo: completions with ``echo=true``: per prompt what goes before each of its ``n`` choices
             (http_api/echo.py).
         prompt_logprobs: vLLM's ``prompt_logprobs`` asked (top-k per prompt token); None = not returned.
+        token_text: the server's :class:`TokenText` of ``tokenizer`` (each token decoded once per
+            server); None: one of this request's own.
     """
 
     def __init__(self, request_id: str, model: str, chat: bool, tokenizer, top_logprobs: int | None,
                  token_ids_as_tokens: bool = False, include_usage: bool = False, continuous_usage: bool = False,
                  n: int = 1, prompt_ids: list[list[int]] | None = None, echo: list[Echo] | None = None,
-                 prompt_logprobs: int | None = None):
+                 prompt_logprobs: int | None = None, token_text: TokenText | None = None):
         self.request_id, self.model, self.chat = request_id, model, chat
         self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
+        self._text = TokenText(tokenizer) if token_text is None else token_text
         self.token_ids_as_tokens, self.include_usage = token_ids_as_tokens, include_usage
         self.continuous_usage = include_usage and continuous_usage
         self.created = int(time.time())
@@ -232,7 +254,7 @@ class Shaper:
     # -- logprobs ------------------------------------------------------------------------------
 
     def _token(self, token_id: int) -> str:
-        return f"token_id:{token_id}" if self.token_ids_as_tokens else self.tokenizer.decode([token_id])
+        return f"token_id:{token_id}" if self.token_ids_as_tokens else self._text(token_id)
 
     def _top(self, lps: dict[int, float]) -> list[tuple[int, float]]:
         """The top_logprobs most likely tokens, best first (the engine may add the sampled one)."""

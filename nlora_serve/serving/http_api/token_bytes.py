@@ -1,4 +1,9 @@
-"""A token's raw bytes, for the chat logprobs' ``bytes`` field.
+"""A token's string and raw bytes, for the logprobs of a response (:class:`TokenText`, :class:`TokenBytes`).
+
+A token's string is its own decoding, ``decode([id])``, decoded once per server and kept
+(:class:`TokenText`): a response with ``prompt_logprobs`` names up to 21 tokens per prompt position
+(1,024 prompts of a batch, each up to ``max_model_len``), and ``decode`` costs ~20 us a call, all of
+it on the thread that shapes the response.
 
 OpenAI's ``bytes`` is the token's UTF-8 bytes, there so that a client can rebuild characters split
 across tokens. The token's string (``decode([id])``) cannot give them: a byte-level token holding
@@ -28,6 +33,23 @@ def _byte_of_char() -> dict[str, int]:
 
 
 BYTE_OF_CHAR = _byte_of_char()
+
+
+class TokenText:
+    """``token_text(token_id) -> str``: ``tokenizer.decode([token_id])`` (a transformers tokenizer),
+    each id decoded once and kept: at most one string per vocabulary entry (ids are checked against
+    the vocabulary before they run, and the model names no others). Safe across threads: a race
+    decodes an id twice and keeps either, equal, string."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
 
 class TokenBytes:
