@@ -149,7 +149,10 @@ def test_n_choices_of_each_prompt_are_indexed_i_times_n_plus_j_with_seed_plus_j(
     (["Hi", ""], "prompt[1] is empty"),
     ([[5, 6], [7, True]], "prompt[1][1] is a boolean"),
     ([[5, 6], [7, 1.5]], "prompt[1][1] is another value"),
-    ([None], "another value"),
+    ([None], "prompt holds null"),
+    (5, "prompt is an integer: send a text, token ids, or a list"),  # not "prompt.str: Input should be ..."
+    ({"text": "Hi"}, "prompt is an object"),
+    (None, "prompt is null"),
     (["Hi"] * 1025, "exceeds the maximum allowed count of 1024"),
     (["Hi"] * 129, "129 prompts x n=2 choices = 258 requests"),  # over --max-queue 256
 ])
