@@ -108,7 +108,9 @@ class IncrementalDetokenizer:
         kept = self.include_stop
         hits = [] if self._stop_after is None else [
             (i + (len(s) if kept else 0), s)
-            for s, i in ((s, self.text.find(s, max(self.sent - (len(s) - 1 if kept else 0),
+            # from 0 at least: str.find reads a negative start from the end (a stop string in the
+            # first len(s) - 1 characters of the text, kept, was never found)
+            for s, i in ((s, self.text.find(s, max(0, self.sent - (len(s) - 1 if kept else 0),
                                                    self._stop_after - len(s) + 1))) for s in self.stop)
             if i >= 0]
         if hits and not self.stopped:

@@ -62,6 +62,17 @@ def test_include_stop_keeps_the_stop_string_begun_in_text_already_sent(tokenizer
     assert "".join(deltas[:-2]).endswith("is")  # "is" went out before the stop string completed
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["decode_stream", "window"])
+def test_include_stop_finds_a_stop_string_in_the_first_characters(tokenizer, fast):
+    """The first token is the stop string " on" (vLLM: the text is " on", finish "stop"); the search
+    for it once started at -2, which str.find counts from the end, and generation ran on."""
+    ids = tokenizer.encode(" on a cliff, and", add_special_tokens=False)
+    assert tokenizer.decode(ids[:1]) == " on"
+    deltas, detok = stream(tokenizer, ids, stop=(" on",), fast=fast, include_stop=True)
+    assert detok.stopped and detok.stop_string == " on"
+    assert "".join(deltas) == " on" and len(detok.ids) == 1
+
+
 def test_dangling_partial_character_flushed_like_decode(tokenizer):
     ids = tokenizer.encode("ok 🌸", add_special_tokens=False)[:-1]  # cut inside the emoji's bytes
     deltas, _ = stream(tokenizer, ids)
