@@ -10,6 +10,7 @@ import pytest
 
 from grpc_harness import TENANT_KEYS
 from http_harness import base_url, client, hf_greedy
+from nlora_serve.engine.api import max_prompt_bytes
 
 KEY = TENANT_KEYS["base-co"]
 PROMPT = ("The keeper of the lighthouse wrote in his log every evening: the wind, the ships that "
@@ -79,3 +80,26 @@ def test_bad_truncation_is_refused_naming_the_field(http_server, fields, param, 
     assert reply.status_code == 400 and words in reply.json()["error"]["message"], reply.text
     if param is not None:
         assert reply.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_text_too_long_to_tokenize_is_refused_naming_prompt_and_saying_why_it_is_not_cut(http_server, tokenizer,
+                                                                                         batch):
+    """The engine refuses a text over max_prompt_bytes untokenized (the one tokenizer thread's guard),
+    so truncate_prompt_tokens could never cut it: refused naming ``prompt`` and the way out, before
+    any prompt of the request is tokenized (vLLM tokenizes any text whole, then cuts it)."""
+    limit = max_prompt_bytes(tokenizer, http_server.engine.max_model_len)
+    long = "é" * (limit // 2 + 1)  # two bytes a character: one byte over
+    prompt = ["Hello", long] if batch else long
+    body = {"model": http_server.server.generation.info.model, "prompt": prompt, "max_tokens": 2,
+            "truncate_prompt_tokens": 12}
+    reply = httpx2.post(base_url(http_server) + "/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == "prompt", reply.text
+    where = "prompt[1]" if batch else "prompt"
+    assert error["message"].startswith(f"{where} is {len(long.encode()):,} bytes of UTF-8, over the {limit:,}"), error
+    assert "token ids" in error["message"]
+    cut = "é" * (limit // 2)  # at the limit it is tokenized, then cut
+    body["prompt"] = ["Hello", cut] if batch else cut
+    reply = httpx2.post(base_url(http_server) + "/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == (12 + 1 if batch else 12), reply.text

@@ -51,7 +51,7 @@ from nlora_serve.serving.http_api.choices import check_choices, choice_params, o
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_api.echo import Echo
 from nlora_serve.serving.http_api.openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
-from nlora_serve.serving.http_api.truncation import truncated, truncation_of
+from nlora_serve.serving.http_api.truncation import check_truncatable, truncated, truncation_of
 from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers, whole_json
 from nlora_serve.serving.metrics import RequestTimer
 
@@ -130,6 +130,8 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
     num_prompts = 1 if prompts is None else len(prompts)
     check_choices(body, params, ctx.config, num_prompts)
     truncation = truncation_of(body, ctx.engine.max_model_len)
+    if truncation is not None and prompts is not None:
+        check_truncatable(prompts, ctx.chat_bounds[0])
     places = body.num_choices * num_prompts
     if places > 1:  # each choice of each prompt is a request in the queue and in the tenant's counts
         asked = f"n={places}" if num_prompts == 1 else f"{num_prompts} prompts x n={body.num_choices}"

@@ -32,6 +32,27 @@ def truncation_of(request: CompletionRequest | ChatRequest, max_model_len: int) 
     return (max_model_len - 1 if keep == -1 else keep), side
 
 
+def check_truncatable(prompts: list[str | list[int]], max_bytes: int) -> None:
+    """Refuse, before any prompt waits for the tokenizer, a text prompt that truncate_prompt_tokens
+    asks to cut but that is over ``max_bytes`` bytes of UTF-8 (engine/api.py's ``max_prompt_bytes``:
+    the engine refuses such a text untokenized, a guard of the one tokenizer thread, so it could
+    never be cut; vLLM tokenizes any text whole, then cuts it).
+
+    Raises:
+        ParamError: naming ``prompt`` (``prompt[i]`` in the message, for a batch's).
+    """
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or 4 * len(prompt) <= max_bytes:  # UTF-8: at most 4 bytes a character
+            continue
+        size = len(prompt.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            raise ParamError(f"{where} is {size:,} bytes of UTF-8, over the {max_bytes:,} this server tokenizes at "
+                             "most (more would surely exceed max_model_len tokens): truncate_prompt_tokens cuts a "
+                             "prompt once it is tokenized, so send at most that many bytes of the text (its end, "
+                             "for truncation_side left) or its token ids", "prompt")
+
+
 def truncated(ids: list[int], truncation: tuple[int, str] | None) -> list[int]:
     """The prompt ``ids`` cut to :func:`truncation_of`'s (tokens to keep, side)."""
     if truncation is None or len(ids) <= truncation[0]:
