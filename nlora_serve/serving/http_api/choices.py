@@ -11,7 +11,10 @@ Each prompt's choice 0 is queued at once (the prompts prefill together) and its 
 its first delta arrives: its prompt's full KV blocks are computed and committed to the native
 engine's prefix cache by then, so the other choices read the prompt from the cache instead of each
 prefilling it again (queued at once, all would be admitted in one step, before any block was
-committed).
+committed). The engine pins the adapter version current when a choice is queued, so a hot swap in
+between would run one response's choices on two versions under one ``X-Adapter-Version`` and
+``system_fingerprint``: a choice whose version differs from its request's first is aborted, with
+the whole request (``RequestAborted``, naming both versions).
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ async def _merged(firsts: list[AsyncIterator[RequestOutput]], start: Start, n: i
     queue: asyncio.Queue = asyncio.Queue()
     pumps = [asyncio.create_task(_pump(i * n, stream, queue)) for i, stream in enumerate(firsts)]
     waiting = [n > 1] * len(firsts)  # per prompt: its other choices are not queued yet
+    pinned: RequestOutput | None = None  # the request's first delta: the adapter version every choice must run on
     try:
         running = n * len(firsts)
         while running:
@@ -117,6 +121,12 @@ async def _merged(firsts: list[AsyncIterator[RequestOutput]], start: Start, n: i
                 continue
             if isinstance(out, BaseException):
                 raise out
+            pinned = pinned or out
+            if (out.adapter_version, out.adapter_hash) != (pinned.adapter_version, pinned.adapter_hash):
+                raise RequestAborted(f"adapter {pinned.adapter!r} changed from version {pinned.adapter_version} to "
+                                     f"{out.adapter_version} while this request's {n * len(firsts)} "
+                                     "choices were being queued (each pins the version current when it is queued); "
+                                     "retry")
             prompt = out.index // n
             if waiting[prompt]:  # its choice 0's first delta: the prompt is in the prefix cache from here
                 waiting[prompt] = False
