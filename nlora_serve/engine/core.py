@@ -33,6 +33,7 @@ from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.engine.scheduler import Scheduler
 from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nlora_serve.engine.step_output import SampledStep, sample_step
+from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs
 from nlora_serve.engine.warmup import warm_up
 
 
@@ -67,6 +68,7 @@ class EngineCore:
         self.vocab_size = base.spec.vocab_size
         self.eos_ids = eos_ids(base)
         self.tokenizer = base.tokenizer()
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)  # structured outputs
         self.model_path = base.path
         self.tokenizer_path = base.tokenizer_path
         sched, cache = config.scheduler, config.cache
@@ -117,13 +119,20 @@ class EngineCore:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Check a request without touching engine state (safe from any thread): see
-        :func:`check_request`.
+        :func:`check_request`; a structured-output spec is compiled here (cached), on the caller's
+        thread, so that a bad one is refused before it queues.
 
         Raises:
-            RequestError: from :func:`check_request`.
+            RequestError: from :func:`check_request` or :meth:`GrammarCompiler.compile`.
         """
         check_request(prompt_ids, params.max_tokens, self.vocab_size, self.config.scheduler.max_model_len,
                       params.stop_token_ids, params.logit_bias)
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)
+
+    def check_structured(self, spec: StructuredOutputs) -> None:
+        """Compile ``spec`` into the cache (any thread); raises RequestError as :meth:`validate`."""
+        self.grammars.compile(spec)
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter=None,
             tenant: str | None = None, cache_salt: str | None = None) -> None:
@@ -138,7 +147,9 @@ class EngineCore:
             raise RequestError(f"request_id {request_id!r} is already running")
         self.validate(prompt_ids, params)
         gen = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
-        seq = Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, gen,
+        # the grammar compiled in validate: a cache hit here, on the step thread
+        matcher = self.grammars.matcher(params.structured_outputs) if params.structured_outputs else None
+        seq = Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, gen, matcher,
                        adapter=adapter, tenant=tenant, cache_salt=cache_salt)
         self._arrivals += 1
         self.counters["prompt_tokens"] += len(prompt_ids)
@@ -263,6 +274,11 @@ class EngineCore:
         """Stop checks, detokenization and the delta of ``token``, already in ``req.seq.token_ids``."""
         seq, params = req.seq, req.seq.params
         reason = "stop" if token in req.ban else None
+        if seq.matcher is not None:
+            if not seq.matcher.accept_token(token):  # the mask allowed it: a bug, not the request's fault
+                return self._retire(req, "error", "", [], f"token {token} breaks the request's structured output")
+            if seq.matcher.is_terminated():  # it accepted a stop token where the output may end
+                reason = "stop"
         # a stop token's text is left out (vLLM's rule) unless include_stop_str_in_output
         text = req.detokenizer.add(token) if reason is None or params.include_stop_str_in_output else ""
         if req.detokenizer.stopped:

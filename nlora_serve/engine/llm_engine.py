@@ -26,6 +26,7 @@ from nlora_serve.engine.api import (ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engi
                                    RequestStream, RequestOutput, max_prompt_bytes, prompt_ids)
 from nlora_serve.engine.core import EngineCore
 from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.structured import StructuredOutputs
 from nlora_serve.engine.threads import engine_threads
 from nlora_serve.engine.warmup import WarmupReport, adapter_kinds, warm_up
 
@@ -102,6 +103,15 @@ class LLMEngine(Engine):
         if self._max_prompt_bytes is None:  # once: a pass over the vocabulary
             self._max_prompt_bytes = max_prompt_bytes(self.tokenizer, self.max_model_len)
         return prompt_ids(prompt, self.tokenizer, self._lock, self._max_prompt_bytes, add_special_tokens)
+
+    def check_structured(self, spec: StructuredOutputs) -> None:
+        """Compile a structured-output spec into the engine's cache, on the caller's thread (the
+        HTTP front end runs it on its tokenizer thread, off the event loop).
+
+        Raises:
+            RequestError: the spec does not compile; ``param`` is ``spec.param``.
+        """
+        self.core.check_structured(spec)
 
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
         version = self.adapters.unload(name)

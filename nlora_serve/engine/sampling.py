@@ -13,10 +13,14 @@ on CUDA only up to such near-ties, as in vLLM.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from nlora_serve.errors import NloraError
+
+if TYPE_CHECKING:
+    from nlora_serve.engine.structured import StructuredOutputs
 
 MAX_LOGPROBS = 20
 
@@ -97,6 +101,9 @@ class SamplingParams:
     # (token id, bias) pairs, bias in [-100, 100], ids distinct; a dict {id: bias} is taken too
     logit_bias: tuple[tuple[int, float], ...] = ()
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    # vLLM's structured outputs: a JSON schema, JSON object, regex, choice or grammar the output must
+    # follow (engine/structured.py); None = free text
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -150,6 +157,14 @@ class SamplingParams:
                                                 and not isinstance(self.prompt_logprobs, bool)
                                                 and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
                "prompt_logprobs", self.prompt_logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.structured_outputs is not None:
+            from nlora_serve.engine.structured import StructuredOutputs
+
+            _check(isinstance(self.structured_outputs, StructuredOutputs), "structured_outputs",
+                   self.structured_outputs, "a StructuredOutputs or None")
+            # the grammar decides where the output may end: banning EOS could leave no token allowed
+            _check(self.min_tokens == 0, "min_tokens", self.min_tokens, "0 with structured outputs (the grammar "
+                   "decides where the output ends)")
 
     @property
     def greedy(self) -> bool:

@@ -30,6 +30,9 @@ class Sequence:
     num_prompt_tokens: int  # the prompt's length: token_ids[:num_prompt_tokens] is the prompt
     params: SamplingParams  # how to sample and when to stop (max_tokens, stop, min_tokens, ...)
     generator: torch.Generator | None = None  # per-request generator when params.seed is set
+    # its xgrammar GrammarMatcher when params.structured_outputs is set (engine/structured.py): masks
+    # its row before sampling, accepts each token read back
+    matcher: object | None = None
     status: SequenceStatus = SequenceStatus.WAITING  # where it is: waiting, running, finished
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)  # KV blocks, see BlockManager

@@ -18,6 +18,7 @@ import torch
 from nlora_serve.engine.prompt_logprobs import PromptLogprob, PromptRows, unpack
 from nlora_serve.engine.sampling import add_logit_bias, apply_penalties, ban_before_min_tokens, sample
 from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.structured import mask_rows
 
 
 @dataclass(slots=True)
@@ -84,18 +85,23 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
         bans: per row, the tokens banned until min_tokens (EOS and stop ids).
         shared: the engine's generator, for rows without their own seed.
     Log-probabilities are those of the model's distribution (before logit_bias, penalties and temperature):
-    ``log_softmax`` of the raw row, the sampled token's and the top ``logprobs`` ones.
+    ``log_softmax`` of the raw row, the sampled token's and the top ``logprobs`` ones; a row with a
+    grammar (``seq.matcher``) is masked first, so its distribution is the masked one (vLLM's order).
     """
     # a row's sum is finite iff all its logits are (NaN and ±inf propagate; |logits| that could
     # overflow a float32 sum are no model's output): one pass, where isfinite().all() took 32 ms
     # for 64 rows of 49,152 on one CPU thread
-    finite = logits.sum(dim=1).isfinite()
+    finite = logits.sum(dim=1).isfinite()  # before grammar masks set -inf
+    constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    if constrained:
+        mask_rows(logits, constrained, [seqs[i].matcher for i in constrained])
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     k = max((seqs[i].params.logprobs for i in wanted), default=0)
     logp = logits[wanted].log_softmax(dim=-1) if wanted else None  # before penalties change the rows
     biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
     add_logit_bias(logits, biased, [seqs[i].params.logit_bias for i in biased])  # before penalties, as vLLM
-    banned, needs_values = [], False
+    # a grammar's next mask needs the token: its step is read back before the next one is launched
+    banned, needs_values = [], bool(constrained)
     for i, seq in enumerate(seqs):
         params = seq.params
         if params.min_tokens and seq.num_output_tokens < params.min_tokens and bans[i]:

@@ -1,0 +1,164 @@
+"""Structured outputs in the engine (engine/structured.py), against references that do not use xgrammar:
+every sampled answer checked by json.loads and a hand check of the schema, re.fullmatch, membership;
+greedy constrained tokens against a brute-force masked greedy on transformers' model (at each step
+the argmax over the tokens whose text keeps the output a prefix of a match, ``regex``'s partial
+matching); unconstrained rows unchanged by a constrained row in their batch."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import regex
+import torch
+
+from greedy_rule import matches_reference
+from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.structured import StructuredOutputs
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                            "admin": {"type": "boolean"}},
+          "required": ["name", "age", "admin"]}
+EMAIL = r"[a-z]{2,8}@[a-z]{2,6}\.(com|org)"
+CITIES = ("Paris", "London", "Berlin", "Madrid")
+
+
+def chat(engine, text: str) -> str:
+    return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
+
+
+def check_person(text: str) -> None:
+    """SCHEMA by hand (jsonschema is not installed): the keys, their types and bounds."""
+    value = json.loads(text)
+    assert set(value) == {"name", "age", "admin"}, text  # strict: no additional properties (vLLM's default)
+    assert isinstance(value["name"], str) and len(value["name"]) <= 12
+    assert type(value["age"]) is int and 0 <= value["age"] <= 120
+    assert type(value["admin"]) is bool
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_sampled_answers_follow_their_spec_for_every_seed(make_engine, async_scheduling):
+    engine = make_engine(async_scheduling=async_scheduling)
+    specs = [(StructuredOutputs(json=json.dumps(SCHEMA)), check_person),
+             (StructuredOutputs(json_object=True), lambda t: isinstance(json.loads(t), dict)),
+             (StructuredOutputs(regex=EMAIL), lambda t: re.fullmatch(EMAIL, t) is not None),
+             (StructuredOutputs(choice=CITIES), lambda t: t in CITIES)]
+    prompt = chat(engine, "Describe a person in JSON, or give an email address, or a city.")
+    params = [SamplingParams(max_tokens=160, temperature=1.0, seed=seed, structured_outputs=spec)
+              for spec, _ in specs for seed in range(3)]
+    outs = engine.generate([prompt] * len(params), params)
+    for i, out in enumerate(outs):
+        spec, check = specs[i // 3]
+        if spec.json_object and out.finish_reason == "length":  # free JSON can run on; its prefix is still JSON-like
+            assert out.text.lstrip().startswith("{")
+            continue
+        assert out.finish_reason == "stop", (spec.kind, out.text)
+        assert check(out.text) is not False, (spec.kind, out.text)
+        assert out.token_ids[-1] in engine.core.eos_ids  # the matcher ended on a stop token, left out of the text
+
+
+def byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted (its bytes_to_unicode): printable bytes are themselves,
+    the others are mapped to code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+class MaskedGreedy:
+    """Brute-force masked greedy on transformers' model: each step's argmax among the tokens whose
+    text keeps the output a prefix of a full match of ``pattern`` (EOS only after a full match)."""
+
+    def __init__(self, hf_model, tokenizer, eos: set[int]):
+        self.model, self.eos = hf_model, eos
+        decoder = byte_of_char()
+        special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        self.texts = {}
+        for tid, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+            if tid in special:
+                continue
+            try:
+                self.texts[tid] = bytes(decoder[c] for c in piece).decode("utf-8")
+            except (KeyError, UnicodeDecodeError):  # part of a character: no ASCII pattern's prefix
+                continue
+
+    @torch.inference_mode()
+    def run(self, prompt_ids: list[int], pattern: str, max_tokens: int) -> tuple[list[int], list[float]]:
+        ids, text, margins = list(prompt_ids), "", []
+        for _ in range(max_tokens):
+            logits = self.model(torch.tensor([ids])).logits[0, -1].double()
+            allowed = [t for t, piece in self.texts.items()
+                       if regex.fullmatch(pattern, text + piece, partial=True) is not None]
+            if regex.fullmatch(pattern, text) is not None:
+                allowed += sorted(self.eos)
+            values = logits[torch.tensor(allowed)]
+            top = values.topk(min(2, len(allowed)))
+            margins.append(float(top.values[0] - top.values[1]) if len(allowed) > 1 else float("inf"))
+            token = allowed[int(top.indices[0])]
+            ids.append(token)
+            if token in self.eos:
+                break
+            text += self.texts[token]
+        return ids[len(prompt_ids):], margins
+
+
+@pytest.mark.parametrize("pattern, question", [
+    ("|".join(CITIES), "What is the capital of Germany? Answer with one word."),
+    (EMAIL, "Write an email address for Bob at example."),
+    (r"(yes|no), because [a-z ]{4,30}\.", "Is the sky green? Answer yes or no and why."),
+], ids=["choice", "email", "sentence"])
+def test_greedy_constrained_tokens_equal_a_brute_force_masked_greedy(make_engine, hf_model, pattern, question):
+    engine = make_engine()
+    prompt = engine.tokenizer(chat(engine, question))["input_ids"]
+    spec = StructuredOutputs(choice=CITIES) if pattern == "|".join(CITIES) else StructuredOutputs(regex=pattern)
+    out = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, structured_outputs=spec))[0]
+    want, margins = MaskedGreedy(hf_model, engine.tokenizer, engine.core.eos_ids).run(prompt, pattern, 24)
+    assert matches_reference(out.token_ids, want, margins), (out.text, engine.tokenizer.decode(want))
+    assert regex.fullmatch(pattern, out.text) and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_unconstrained_rows_are_unchanged_by_a_constrained_row_in_their_batch(make_engine, async_scheduling):
+    """Two same-shaped batches: the third row constrained in one, free in the other (same prompt)."""
+    engine = make_engine(async_scheduling=async_scheduling)
+    prompts = [chat(engine, q) for q in ("Tell me a story.", "List three fruits.", "Give me a person as JSON.")]
+    free = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+            SamplingParams(max_tokens=20, temperature=1.0, seed=11, ignore_eos=True)]
+    constrained = SamplingParams(max_tokens=20, temperature=1.0, seed=5, structured_outputs=StructuredOutputs(
+        json=json.dumps(SCHEMA)))
+    with_grammar = engine.generate(prompts, free + [constrained])
+    without = engine.generate(prompts, free + [SamplingParams(max_tokens=20, temperature=1.0, seed=5)])
+    assert [o.token_ids for o in with_grammar[:2]] == [o.token_ids for o in without[:2]]
+    assert with_grammar[2].text.startswith("{") and with_grammar[2].token_ids != without[2].token_ids
+
+
+def test_logprobs_of_a_constrained_row_are_the_masked_distribution(make_engine):
+    """vLLM applies the bitmask before its sampler, so a constrained row's logprobs renormalise over
+    the allowed tokens: the choice's first tokens hold all the probability."""
+    engine = make_engine()
+    spec = StructuredOutputs(choice=("yes", "no"))
+    out = engine.generate([chat(engine, "Is water wet?")], SamplingParams(max_tokens=4, temperature=0.0, logprobs=5,
+                                                                      structured_outputs=spec))[0]
+    first = out.logprobs[0]
+    allowed = {t: lp for t, lp in first.items() if lp > float("-inf")}
+    texts = {engine.tokenizer.decode([t]) for t in allowed}
+    assert texts <= {"yes", "no", "y", "n", "ye"} and out.text in ("yes", "no")
+    assert sum(torch.tensor(list(allowed.values())).exp()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_bad_specs_are_refused_before_they_queue(make_engine):
+    engine = make_engine()
+    bad = [StructuredOutputs(json='{"type": "strnig"}', param="response_format"),
+           StructuredOutputs(json="{not json"), StructuredOutputs(regex="[a-"), StructuredOutputs(grammar="root ::= ")]
+    for spec in bad:
+        with pytest.raises(RequestError, match=f"{spec.param}: the {spec.kind} does not compile") as caught:
+            engine.generate(["hi"], SamplingParams(structured_outputs=spec))
+        assert caught.value.param == spec.param
+    assert engine.core.requests == {}
+    with pytest.raises(RequestError, match="exactly one of"):
+        StructuredOutputs(json="{}", regex="a")
+    with pytest.raises(RequestError, match="min_tokens"):
+        SamplingParams(min_tokens=2, structured_outputs=StructuredOutputs(regex="a+"))
