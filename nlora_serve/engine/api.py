@@ -18,6 +18,7 @@ from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.prompt_logprobs import PromptLogprob
 from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.structured import StructuredOutputs
 
 
 class EngineError(RuntimeError):
@@ -234,6 +235,16 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """Gauges and counters (running, waiting, kv_blocks_used, kv_blocks_total, tokens, steps)."""
+
+    def check_structured(self, spec: StructuredOutputs) -> None:
+        """Compile a structured-output spec (engine/structured.py) before its request queues, on
+        the caller's thread. This default refuses it: a backend that runs grammars overrides it.
+
+        Raises:
+            RequestError: the spec does not compile, or this backend runs none (``param`` is ``spec.param``).
+        """
+        raise RequestError(f"{spec.param}: this engine backend does not run structured outputs "
+                           "(the native engine does)", spec.param)
 
     def is_resident(self, version: AdapterVersion) -> bool:
         """Whether ``version``'s weights sit in the engine's adapter memory now (what

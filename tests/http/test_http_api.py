@@ -125,7 +125,7 @@ def test_bad_or_unsupported_fields_are_refused_naming_them(http_server, kwargs, 
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs=true
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),  # without its json_schema
 ])
 def test_bad_chat_requests_are_refused_naming_the_field(http_server, kwargs, param):
     request = {"model": _base(http_server), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,

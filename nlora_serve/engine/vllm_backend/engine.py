@@ -163,6 +163,8 @@ class VllmEngine(Engine):
         ids = self.prompt_ids(prompt, add_special_tokens)  # tokenized here: vLLM gets the ids
         check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len, params.stop_token_ids,
                       params.logit_bias)
+        if params.structured_outputs is not None:
+            self.check_structured(params.structured_outputs)  # refused: vllm_sampling_params does not pass it
         deltas: asyncio.Queue = asyncio.Queue()
         with self._lock:
             pinned = self.adapters.acquire(adapter, tenant) if adapter is not None else None

@@ -181,10 +181,13 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompts
     truncation cut each.
 
     Raises:
-        RequestError: a prompt (too long, a bad message), or from :func:`start_request`.
+        RequestError: a prompt (too long, a bad message), a structured-output spec that does not
+            compile (:meth:`Engine.check_structured`), or from :func:`start_request`.
             AdapterNotFound: an adapter asked of a server that serves none.
     """
     turns = ctx.admission.tokenizer
+    if params.structured_outputs is not None:  # compiled off the event loop; a bad spec is a 400 here
+        await turns.run(caller.name, ctx.engine.check_structured, params.structured_outputs)
     if prompts is None:
         full = [await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds)]
     else:

@@ -12,6 +12,9 @@ refused at every value, ``[]`` and null included: a client that sends the field 
 this server never makes. ``user`` (an end-user id for abuse tracking) is accepted and changes
 nothing, as at OpenAI.
 
+``response_format`` (text, json_object, json_schema) and vLLM's ``structured_outputs`` constrain the
+output (:mod:`~nlora_serve.serving.http_api.structured`).
+
 ``logit_bias`` keys are token ids as decimal strings (OpenAI's form). An unset sampling field takes
 the server's default (the model's generation_config.json under ``--generation-config auto``, and
 ``--override-generation-config``: :mod:`~nlora_serve.serving.generation_config`), else the OpenAI
@@ -53,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from nlora_serve.serving.chat_template import render_chat
 from nlora_serve.serving.http_api.prompts import MAX_PROMPTS, check_prompt_shape, prompts_of
+from nlora_serve.serving.http_api.structured import structured_of
 from nlora_serve.serving.request_policy import check_cache_salt, check_min_tokens_unset_max, max_tokens_of
 from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
 from nlora_serve.serving.server_config import ServerConfig
@@ -60,7 +64,7 @@ from nlora_serve.serving.server_config import ServerConfig
 # OpenAI fields we accept only at their no-op value or null; every other field is refused
 NOOP_VALUES: dict[str, tuple] = {
     "echo": (False,), "suffix": ("",),
-    "response_format": ({"type": "text"},), "tool_choice": ("none",), "function_call": ("none",),
+    "tool_choice": ("none",), "function_call": ("none",),
     "parallel_tool_calls": (True, False),
 }
 _FIELD = re.compile(r"^(?:SamplingParams\.)?(\w+)")
@@ -114,6 +118,9 @@ class _Request(BaseModel):
     # vLLM's: keep the prompt's last k tokens (-1: max_model_len - 1); truncation_side "right" keeps the first k
     truncate_prompt_tokens: int | None = None
     truncation_side: str | None = None  # None = "left" (vLLM's side for generation)
+    # OpenAI's text / json_object / json_schema, and vLLM's json / regex / choice / grammar (http_api/structured.py)
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
 
     @property
     def num_choices(self) -> int:
@@ -232,6 +239,10 @@ def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None,
         field, requested = "max_completion_tokens", request.max_completion_tokens
     if requested == 0 and getattr(request, "echo", False):
         requested = 1  # vLLM's echo without generation: one token computed, only the prompt returned
+    try:
+        structured = structured_of(request.response_format, request.structured_outputs)
+    except RequestError as exc:
+        raise ParamError(str(exc), exc.param) from None
     with _as_param_error():
         if requested is not None and requested < 1:
             raise RequestError(f"{field} must be >= 1; got {requested}")
@@ -251,7 +262,8 @@ def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None,
             presence_penalty=default("presence_penalty", request.presence_penalty, 0.0),
             frequency_penalty=default("frequency_penalty", request.frequency_penalty, 0.0),
             repetition_penalty=default("repetition_penalty", request.repetition_penalty, 1.0),
-            logit_bias=_logit_bias(request.logit_bias), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            logit_bias=_logit_bias(request.logit_bias), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            structured_outputs=structured)
 
 
 def _logit_bias(field: dict[str, float] | None) -> tuple[tuple[int, float], ...]:

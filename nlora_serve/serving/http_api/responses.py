@@ -23,7 +23,7 @@ import json
 import time
 
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.serving.http_api.echo import Echo, echo_logprobs, vllm_prompt_logprobs
+from nlora_serve.serving.http_api.echo import Echo, clamp, echo_logprobs, vllm_prompt_logprobs
 from nlora_serve.serving.http_api.token_bytes import TokenBytes, TokenText
 
 
@@ -270,11 +270,12 @@ class Shaper:
         for token in tokens:
             offsets.append(self._offsets[out.index])
             self._offsets[out.index] += len(token)
-        return {"tokens": tokens, "token_logprobs": [lps[t] for t, lps in pairs],
-                "top_logprobs": [{self._token(u): lp for u, lp in self._top(lps)} for _, lps in pairs],
+        return {"tokens": tokens, "token_logprobs": [clamp(lps[t]) for t, lps in pairs],
+                "top_logprobs": [{self._token(u): clamp(lp) for u, lp in self._top(lps)} for _, lps in pairs],
                 "text_offset": offsets}
 
     def _chat_entry(self, token_id: int, logprob: float) -> dict:
         if self._token_bytes is None:
             self._token_bytes = TokenBytes(self.tokenizer)
-        return {"token": self._token(token_id), "logprob": logprob, "bytes": list(self._token_bytes(token_id))}
+        # -inf (a token a grammar masks) as vLLM's -9999.0: JSON has no infinity
+        return {"token": self._token(token_id), "logprob": clamp(logprob), "bytes": list(self._token_bytes(token_id))}

@@ -1,0 +1,168 @@
+"""Structured outputs over HTTP, as a vLLM 0.32 user sends them (http_api/structured.py): OpenAI's
+``response_format`` json_object / json_schema and vLLM's ``structured_outputs`` (json, regex,
+choice) on chat and completions, streamed and not, on the base model and a LoRA tenant. Every
+answer is checked by json.loads and a hand check of the schema, re.fullmatch, membership; bad specs
+are a 400 naming the field before anything queues."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import openai
+import pytest
+
+from grpc_harness import TENANT_KEYS
+from http_harness import TENANTS, client
+
+LORA = "lora-rslora"  # granted to lora-co
+assert TENANTS[LORA] == "lora-co"
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                            "population": {"type": "integer", "minimum": 0, "maximum": 10**8},
+                                            "capital": {"type": "boolean"}},
+          "required": ["city", "population", "capital"]}
+EMAIL = r"[a-z]{2,8}@[a-z]{2,6}\.(com|org)"
+CHOICES = ["red", "green", "blue"]
+
+
+def _check_city(text: str) -> None:
+    value = json.loads(text)
+    assert set(value) == {"city", "population", "capital"}, text
+    assert isinstance(value["city"], str) and len(value["city"]) <= 16
+    assert type(value["population"]) is int and 0 <= value["population"] <= 10**8
+    assert type(value["capital"]) is bool
+
+
+CASES = [  # (request fields, check of the answer's text)
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}}},
+     _check_city),
+    ({"extra_body": {"structured_outputs": {"json": SCHEMA}}}, _check_city),
+    ({"extra_body": {"structured_outputs": {"regex": EMAIL}}}, lambda t: re.fullmatch(EMAIL, t) is not None),
+    ({"extra_body": {"structured_outputs": {"choice": CHOICES}}}, lambda t: t in CHOICES),
+]
+
+
+def _completion_fields(fields: dict) -> dict:
+    """``fields`` for the client's completions.create, which has no response_format argument (vLLM
+    takes the field on /v1/completions: it goes in the body through extra_body)."""
+    if "response_format" not in fields:
+        return fields
+    rest = {k: v for k, v in fields.items() if k != "response_format"}
+    return {**rest, "extra_body": {**rest.get("extra_body", {}), "response_format": fields["response_format"]}}
+
+
+def _server_model(server, tenant: str) -> tuple[str, str]:
+    """(model, key): the base model for base-co, the LoRA for lora-co."""
+    if tenant == "lora-co":
+        return LORA, TENANT_KEYS["lora-co"]
+    return server.server.generation.info.model, TENANT_KEYS["base-co"]
+
+
+@pytest.mark.parametrize("tenant", ["base-co", "lora-co"])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["json_schema", "so_json", "regex", "choice"])
+def test_chat_answers_follow_the_spec_for_several_seeds(http_server, tenant, case):
+    fields, check = CASES[case]
+    if tenant == "lora-co" and check is _check_city:
+        # the test LoRA likes newlines: JSON's free whitespace would fill max_tokens (vLLM's option; with
+        # response_format, structured_outputs carries options only, as vLLM merges them)
+        extra = fields.get("extra_body", {}).get("structured_outputs", {})
+        fields = {**fields, "extra_body": {"structured_outputs": {**extra, "disable_any_whitespace": True}}}
+    model, key = _server_model(http_server, tenant)
+    api = client(http_server, key)
+    for seed in range(3):
+        reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Name a city."}],
+                                            max_tokens=120, temperature=1.0, seed=seed, **fields)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        assert check(choice.message.content) is not False, choice.message.content
+        if fields.get("extra_body", {}).get("structured_outputs", {}).get("disable_any_whitespace"):
+            outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', "", choice.message.content)
+            assert not re.search(r"\s", outside_strings), choice.message.content
+
+
+def test_json_object_on_completions_streamed_and_whole(http_server):
+    model, key = _server_model(http_server, "base-co")
+    api = client(http_server, key)
+    kwargs = dict(model=model, prompt='A JSON object with a key "a":', max_tokens=60, temperature=0.0,
+                  extra_body={"response_format": {"type": "json_object"}})
+    whole = api.completions.create(**kwargs)
+    streamed = list(api.completions.create(stream=True, **kwargs))
+    text = "".join(c.choices[0].text for c in streamed if c.choices)
+    assert text == whole.choices[0].text
+    if whole.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:  # ran to max_tokens: a JSON object's prefix
+        assert text.lstrip().startswith("{")
+
+
+def test_streamed_chat_with_a_schema_parses_once_joined(http_server):
+    model, key = _server_model(http_server, "base-co")
+    chunks = client(http_server, key).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Describe Paris."}], max_tokens=120, temperature=1.0,
+        seed=3, stream=True, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}})
+    chunks = list(chunks)
+    _check_city("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+@pytest.mark.parametrize("fields, param, says", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strnig"}}}},
+     "response_format", "does not compile"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+    ({"response_format": {"type": "xml"}}, "response_format", "response_format.type"),
+    ({"extra_body": {"structured_outputs": {"regex": "[a-"}}}, "structured_outputs", "does not compile"),
+    ({"extra_body": {"structured_outputs": {"choice": []}}}, "structured_outputs", "choice"),
+    ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["a"]}}}, "structured_outputs", "exactly one"),
+    ({"extra_body": {"structured_outputs": {"whitespace_pattern": " "}}}, "structured_outputs", "whitespace_pattern"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"structured_outputs": {"regex": "a"}}},
+     "structured_outputs", "not both"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"min_tokens": 3}}, "min_tokens", "min_tokens"),
+])
+def test_bad_specs_are_a_400_naming_the_field_and_nothing_queues(http_server, fields, param, says):
+    model, key = _server_model(http_server, "base-co")
+    api = client(http_server, key)
+    before = http_server.engine.stats()["prompt_tokens"]
+    for create in (lambda: api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                       max_tokens=4, **fields),
+                   lambda: api.completions.create(model=model, prompt="Hi", max_tokens=4,
+                                                  **_completion_fields(fields))):
+        with pytest.raises(openai.BadRequestError) as err:
+            create()
+        assert err.value.body["param"] == param and says in err.value.body["message"], err.value.body
+    assert http_server.engine.stats()["prompt_tokens"] == before  # refused before the engine saw a prompt
+
+
+def test_text_response_format_and_tools_unchanged(http_server):
+    model, key = _server_model(http_server, "base-co")
+    api = client(http_server, key)
+    free = api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                       temperature=0.0, response_format={"type": "text"})
+    plain = api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                        temperature=0.0)
+    assert free.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                    tools=[{"type": "function", "function": {"name": "f"}}])
+    assert err.value.body["param"] == "tools"
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_logprobs_of_a_constrained_answer_are_the_masked_distribution_clamped(http_server, endpoint):
+    """vLLM masks before its sampler: the allowed tokens hold all the probability, masked ones in the
+    top-k come back as vLLM's -9999.0 (JSON has no -inf)."""
+    model, key = _server_model(http_server, "base-co")
+    api = client(http_server, key)
+    so = {"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}}
+    if endpoint == "chat":
+        reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Is water wet?"}],
+                                            max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=8, **so)
+        assert reply.choices[0].message.content in ("yes", "no")
+        first = {e.token: e.logprob for e in reply.choices[0].logprobs.content[0].top_logprobs}
+    else:
+        reply = api.completions.create(model=model, prompt="Is water wet? Answer:", max_tokens=4, temperature=0.0,
+                                       logprobs=8, **so)
+        assert reply.choices[0].text in ("yes", "no")
+        first = reply.choices[0].logprobs.top_logprobs[0]
+    allowed = [lp for lp in first.values() if lp > -9999.0]
+    assert -9999.0 in first.values() and sum(math.exp(lp) for lp in allowed) == pytest.approx(1.0, abs=1e-4)
