@@ -23,6 +23,7 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "age", "admin"]}
 EMAIL = r"[a-z]{2,8}@[a-z]{2,6}\.(com|org)"
 CITIES = ("Paris", "London", "Berlin", "Madrid")
+GRAMMAR = 'root ::= "The answer is " answer "."\nanswer ::= "yes" | "no"'  # EBNF (xgrammar's dialect)
 
 
 def chat(engine, text: str) -> str:
@@ -45,7 +46,8 @@ def test_sampled_answers_follow_their_spec_for_every_seed(make_engine, async_sch
     specs = [(StructuredOutputs(json=json.dumps(SCHEMA)), check_person),
              (StructuredOutputs(json_object=True), lambda t: isinstance(json.loads(t), dict)),
              (StructuredOutputs(regex=EMAIL), lambda t: re.fullmatch(EMAIL, t) is not None),
-             (StructuredOutputs(choice=CITIES), lambda t: t in CITIES)]
+             (StructuredOutputs(choice=CITIES), lambda t: t in CITIES),
+             (StructuredOutputs(grammar=GRAMMAR), lambda t: re.fullmatch(r"The answer is (yes|no)\.", t) is not None)]
     prompt = chat(engine, "Describe a person in JSON, or give an email address, or a city.")
     params = [SamplingParams(max_tokens=160, temperature=1.0, seed=seed, structured_outputs=spec)
               for spec, _ in specs for seed in range(3)]

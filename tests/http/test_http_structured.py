@@ -40,6 +40,8 @@ CASES = [  # (request fields, check of the answer's text)
     ({"extra_body": {"structured_outputs": {"json": SCHEMA}}}, _check_city),
     ({"extra_body": {"structured_outputs": {"regex": EMAIL}}}, lambda t: re.fullmatch(EMAIL, t) is not None),
     ({"extra_body": {"structured_outputs": {"choice": CHOICES}}}, lambda t: t in CHOICES),
+    ({"extra_body": {"structured_outputs": {"grammar": 'root ::= "It is " color "."\ncolor ::= "red" | "blue"'}}},
+     lambda t: t in ("It is red.", "It is blue.")),
 ]
 
 
@@ -60,7 +62,7 @@ def _server_model(server, tenant: str) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("tenant", ["base-co", "lora-co"])
-@pytest.mark.parametrize("case", range(len(CASES)), ids=["json_schema", "so_json", "regex", "choice"])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["json_schema", "so_json", "regex", "choice", "grammar"])
 def test_chat_answers_follow_the_spec_for_several_seeds(http_server, tenant, case):
     fields, check = CASES[case]
     if tenant == "lora-co" and check is _check_city:
