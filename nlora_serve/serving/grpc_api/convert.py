@@ -13,6 +13,7 @@ from nlora_serve.engine.api import RequestOutput
 from nlora_serve.serving.chat_template import render_chat
 from nlora_serve.serving.request_policy import check_cache_salt, check_min_tokens_unset_max, max_tokens_of
 from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
+from nlora_serve.engine.structured import StructuredOutputs
 from nlora_serve.serving.server_config import ServerConfig, default_served_name
 
 MAX_REQUEST_ID = 256  # characters of a client's request_id: an id, echoed in every response, not a payload
@@ -59,6 +60,7 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
     Raises:
         RequestError: a field out of range (top_logprobs or prompt_logprobs over
             :data:`~nlora_serve.engine.sampling.MAX_LOGPROBS`), max_tokens over ``config.max_tokens``,
+            a malformed structured_outputs (:func:`structured_of`),
             or with max_tokens unset min_tokens over the unset max_tokens' limit.
     """
     max_tokens = max_tokens_of(msg.max_tokens, config, "SamplingParams.max_tokens")
@@ -85,7 +87,28 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
         frequency_penalty=default("frequency_penalty", msg.frequency_penalty or None, 0.0),
         repetition_penalty=default("repetition_penalty", sent("repetition_penalty"), 1.0),
         logprobs=msg.top_logprobs or None,
-        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None)
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        structured_outputs=structured_of(msg))
+
+
+def structured_of(msg: pb.SamplingParams) -> StructuredOutputs | None:
+    """The request's ``structured_outputs`` (None: unset, free text); whether it compiles is the
+    engine's check (:meth:`~nlora_serve.engine.api.Engine.check_structured`).
+
+    Raises:
+        RequestError: set without a constraint, json_object false, an empty choice list.
+    """
+    if not msg.HasField("structured_outputs"):
+        return None
+    spec, field = msg.structured_outputs, "SamplingParams.structured_outputs"
+    kind = spec.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not spec.json_object):
+        raise RequestError(f"{field} needs a constraint: json_schema, json_object (true), regex, choice or grammar")
+    return StructuredOutputs(json=spec.json_schema if kind == "json_schema" else None,
+                             json_object=kind == "json_object", regex=spec.regex if kind == "regex" else None,
+                             choice=tuple(spec.choice.choices) if kind == "choice" else None,
+                             grammar=spec.grammar if kind == "grammar" else None,
+                             disable_any_whitespace=spec.disable_any_whitespace, param=field)
 
 
 def prompt_of(request: pb.GenerateRequest, tokenizer, chat_bounds: tuple[int | None, int | None] = (None, None)
