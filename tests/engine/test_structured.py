@@ -164,3 +164,20 @@ def test_bad_specs_are_refused_before_they_queue(make_engine):
         StructuredOutputs(json="{}", regex="a")
     with pytest.raises(RequestError, match="min_tokens"):
         SamplingParams(min_tokens=2, structured_outputs=StructuredOutputs(regex="a+"))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_preempted_constrained_requests_resume_their_grammar(make_engine, async_scheduling):
+    """A preempted request keeps its matcher and its tokens, recomputes and goes on: under a tiny KV
+    cache (preemptions) its greedy tokens equal those of a roomy engine, and stay a full match."""
+    pattern = r"(yes|no), because [a-z ]{10,40}\."
+    roomy = make_engine(async_scheduling=async_scheduling)
+    prompts = [chat(roomy, q) for q in ("Is the sky green?", "Is fire cold?", "Is ice hot?", "Is grass blue?")]
+    params = SamplingParams(max_tokens=30, temperature=0.0, structured_outputs=StructuredOutputs(regex=pattern))
+    want = roomy.generate(prompts, params)
+    # 12 blocks of 8 tokens for four 35-token prompts (5 blocks each) growing by up to 30: they cannot all stay
+    tiny = make_engine(block_size=8, num_blocks=12, max_model_len=80, async_scheduling=async_scheduling)
+    got = tiny.generate(prompts, params)
+    assert tiny.stats()["preemptions"] >= 1 and tiny.stats()["kv_blocks_used"] == 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert all(regex.fullmatch(pattern, o.text) and o.finish_reason == "stop" for o in got), [o.text for o in got]
