@@ -1,9 +1,9 @@
 """Structured outputs (vLLM's guided decoding): a grammar masks a request's logits at every step.
 
 xgrammar (vLLM 0.32's default backend) compiles a JSON schema, a regex, a choice list or an EBNF
-grammar against the model's vocabulary, once per distinct spec (its compiler's cache, bounded in
-bytes); each request runs its own ``GrammarMatcher``, which fills the row's token bitmask before the
-row is sampled and accepts the sampled token after. The rules are vLLM's
+grammar against the model's vocabulary, once per distinct spec (kept, bounded in count, and
+timed: :class:`GrammarCompiler`); each request runs its own ``GrammarMatcher``, which fills the
+row's token bitmask before the row is sampled and accepts the sampled token after. The rules are vLLM's
 (v1/structured_output/backend_xgrammar.py): ``json_object`` is the schema ``{"type": "object"}``, a
 choice is the grammar ``root ::= "a" | "b"``, JSON may hold any whitespace; the mask applies before
 the sampler, so returned logprobs are those of the masked distribution (vLLM's too); the request
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,10 @@ from nlora_serve.engine.sampling import RequestError
 # compiling runs on the caller's thread, but a huge spec would still hold a tokenizer turn
 MAX_SPEC_CHARS = 64 * 1024
 MAX_CHOICES = 1024
-# the compiler's cache of compiled grammars, in bytes (a typical schema's is ~50 KiB on a 49k vocabulary)
-CACHE_BYTES = 64 << 20
+# compiled grammars kept (a typical schema's is ~55 KB on a 49k vocabulary: ~14 MB at most)
+MAX_CACHED = 256
+COMPILE_TIMEOUT_S = 5.0  # a caller's wait for one compile (vLLM's regex compile timeout)
+MAX_COMPILING = 2  # compiles running at once (those past their timeout included)
 _KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
@@ -85,12 +88,22 @@ class GrammarCompiler:
     exceed the tokenizer's (ids past it are never allowed); ``stop_ids``: the tokens that end a
     grammar's output (the engine's EOS ids). The vocabulary is read on the first compile (~0.5 s on
     a 49k vocabulary), not at start: engines that never see a grammar never pay it.
+
+    A compile runs on a thread of its own, at most :data:`MAX_COMPILING` at once, and its caller
+    waits ``timeout_s`` at most (vLLM's VLLM_REGEX_COMPILATION_TIMEOUT_S, 5 s, for every kind
+    here): some short specs explode (``.{0,2000}`` takes ~4 s, and the time grows with the count),
+    and the caller is the server's shared tokenizer thread. A compile that runs past it cannot be
+    stopped (xgrammar's C++); it finishes in the background and lands in the cache. Compiled
+    grammars are kept by spec, the :data:`MAX_CACHED` most recently used.
     """
 
-    def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int]) -> None:
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int], timeout_s: float = COMPILE_TIMEOUT_S) -> None:
         self._tokenizer, self.vocab_size, self._stop_ids = tokenizer, vocab_size, sorted(stop_ids)
+        self.timeout_s = timeout_s
         self._compiler = None
         self._lock = threading.Lock()
+        self._cached: OrderedDict = OrderedDict()  # spec key -> xgrammar CompiledGrammar, least recent first
+        self._compiling = threading.BoundedSemaphore(MAX_COMPILING)
 
     def _get(self):
         with self._lock:
@@ -99,35 +112,65 @@ class GrammarCompiler:
 
                 info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self._stop_ids)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=True,
-                                                     cache_limit_bytes=CACHE_BYTES)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
             return self._compiler
 
     def compile(self, spec: StructuredOutputs):
-        """The compiled grammar of ``spec`` (cached: a repeated spec costs a lookup).
+        """The compiled grammar of ``spec`` (a repeated spec costs a lookup).
 
         Raises:
-            RequestError: the spec does not compile (a bad schema, regex or grammar); the message
-                names the field and says why, ``param`` is ``spec.param``.
+            RequestError: the spec does not compile (a bad schema, regex or grammar), or not within
+                ``timeout_s``; the message names the field and says why, ``param`` is ``spec.param``.
         """
-        compiler, kind = self._get(), spec.kind
-        try:
-            if kind in ("json", "json_object"):
-                compact = spec.disable_any_whitespace
-                return compiler.compile_json_schema(spec.text, any_whitespace=not compact,
-                                                    separators=(",", ":") if compact else None)
-            if kind == "regex":
-                return compiler.compile_regex(spec.text)
-            return compiler.compile_grammar(spec.text)
-        except (RuntimeError, ValueError) as exc:  # xgrammar's parse errors: "[time] file:line: why"
-            why = str(exc).strip().rsplit(": ", 1)[-1] if ": " in str(exc) else str(exc)
-            raise RequestError(f"{spec.param}: the {kind} does not compile: {why.strip()[:300]}", spec.param) from None
+        key = (spec.kind, spec.text, spec.disable_any_whitespace)
+        with self._lock:
+            if key in self._cached:
+                self._cached.move_to_end(key)
+                return self._cached[key]
+        compiler = self._get()  # bounded work (the vocabulary), outside the timed part
+        if not self._compiling.acquire(timeout=self.timeout_s):
+            raise RequestError(f"{spec.param}: the server is busy compiling other specs; retry", spec.param)
+        result: dict = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                result["grammar"] = grammar = _compile(compiler, spec)
+                with self._lock:
+                    self._cached[key] = grammar
+                    while len(self._cached) > MAX_CACHED:
+                        self._cached.popitem(last=False)
+            except (RuntimeError, ValueError) as exc:  # xgrammar's parse errors: "[time] file:line: why"
+                result["error"] = exc
+            finally:
+                self._compiling.release()
+                done.set()
+
+        threading.Thread(target=run, name="nlora-grammar", daemon=True).start()
+        if not done.wait(self.timeout_s):
+            raise RequestError(f"{spec.param}: the {spec.kind} did not compile within {self.timeout_s:g} s (too "
+                               "complex: a large repetition count or nesting)", spec.param)
+        if "error" in result:
+            text = str(result["error"]).strip()
+            why = text.rsplit(": ", 1)[-1] if ": " in text else text
+            raise RequestError(f"{spec.param}: the {spec.kind} does not compile: {why.strip()[:300]}", spec.param)
+        return result["grammar"]
 
     def matcher(self, spec: StructuredOutputs):
         """A fresh ``xgrammar.GrammarMatcher`` of ``spec`` (raises as :meth:`compile`)."""
         import xgrammar as xgr
 
         return xgr.GrammarMatcher(self.compile(spec))
+
+
+def _compile(compiler, spec: StructuredOutputs):
+    if spec.kind in ("json", "json_object"):
+        compact = spec.disable_any_whitespace
+        return compiler.compile_json_schema(spec.text, any_whitespace=not compact,
+                                            separators=(",", ":") if compact else None)
+    if spec.kind == "regex":
+        return compiler.compile_regex(spec.text)
+    return compiler.compile_grammar(spec.text)
 
 
 def mask_rows(logits: torch.Tensor, rows: list[int], matchers: list) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import regex
@@ -160,6 +161,11 @@ def test_bad_specs_are_refused_before_they_queue(make_engine):
             engine.generate(["hi"], SamplingParams(structured_outputs=spec))
         assert caught.value.param == spec.param
     assert engine.core.requests == {}
+    engine.core.grammars.timeout_s = 0.3  # .{0,1500} takes seconds (its compile goes on in the background)
+    started = time.monotonic()
+    with pytest.raises(RequestError, match=r"structured_outputs: the regex did not compile within 0.3 s"):
+        engine.generate(["hi"], SamplingParams(structured_outputs=StructuredOutputs(regex=".{0,1500}")))
+    assert time.monotonic() - started < 2.0 and engine.core.requests == {}
     with pytest.raises(RequestError, match="exactly one of"):
         StructuredOutputs(json="{}", regex="a")
     with pytest.raises(RequestError, match="min_tokens"):
