@@ -168,3 +168,14 @@ def test_logprobs_of_a_constrained_answer_are_the_masked_distribution_clamped(ht
         first = reply.choices[0].logprobs.top_logprobs[0]
     allowed = [lp for lp in first.values() if lp > -9999.0]
     assert -9999.0 in first.values() and sum(math.exp(lp) for lp in allowed) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_every_choice_of_n_follows_the_spec(http_server):
+    """n choices are n engine requests, each with a matcher of its own (seeds seed + i, as vLLM)."""
+    model, key = _server_model(http_server, "base-co")
+    reply = client(http_server, key).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Give an email address."}], max_tokens=40,
+        temperature=1.0, seed=7, n=4, extra_body={"structured_outputs": {"regex": EMAIL}})
+    assert len(reply.choices) == 4
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop" and re.fullmatch(EMAIL, choice.message.content), choice.message.content
