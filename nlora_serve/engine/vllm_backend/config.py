@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.structured import StructuredOutputs
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 GiB = 1 << 30
@@ -148,7 +149,20 @@ def vllm_sampling_params(p: SamplingParams):
                               logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
                               logit_bias=dict(p.logit_bias) or None,
                               skip_special_tokens=p.skip_special_tokens,
+                              structured_outputs=vllm_structured(p.structured_outputs),
                               output_kind=RequestOutputKind.DELTA)
+
+
+def vllm_structured(spec: StructuredOutputs | None):
+    """Our StructuredOutputs as vLLM's StructuredOutputsParams (the same fields; None stays None)."""
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=spec.json, regex=spec.regex, grammar=spec.grammar,
+                                   choice=list(spec.choice) if spec.choice is not None else None,
+                                   json_object=True if spec.json_object else None,
+                                   disable_any_whitespace=spec.disable_any_whitespace)
 
 
 def refusal_line(exc: ValidationError) -> str:

@@ -26,12 +26,14 @@ from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
+from nlora_serve.models.base import eos_ids
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engine, EngineDead,
                                     EngineError, RequestIds, RequestOutput, RequestStream, max_prompt_bytes,
                                     prompt_ids)
 from nlora_serve.engine.request_checks import check_request, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
 from nlora_serve.engine.vllm_backend.fold_cache import FoldCache
 from nlora_serve.engine.vllm_backend.fold_folders import fold_folder, release_fold_folder
@@ -80,6 +82,9 @@ class VllmEngine(Engine):
         base = base if base is not None else load_base(config.model, config.dtype, config.cache_dir)
         self.tokenizer = base.tokenizer()
         self.vocab_size = base.spec.vocab_size
+        # structured outputs are checked here with the native engine's compiler (vLLM's default backend,
+        # xgrammar, so the same specs pass), then compiled again by vLLM, which runs them
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, eos_ids(base))
         self._folds, self._folds_lock = fold_folder()
         self._adapters = None
         if config.adapter_dir:
@@ -163,8 +168,8 @@ class VllmEngine(Engine):
         ids = self.prompt_ids(prompt, add_special_tokens)  # tokenized here: vLLM gets the ids
         check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len, params.stop_token_ids,
                       params.logit_bias)
-        if params.structured_outputs is not None:
-            self.check_structured(params.structured_outputs)  # refused: vllm_sampling_params does not pass it
+        if params.structured_outputs is not None:  # a cache hit after the front ends' check_structured
+            self.check_structured(params.structured_outputs)
         deltas: asyncio.Queue = asyncio.Queue()
         with self._lock:
             pinned = self.adapters.acquire(adapter, tenant) if adapter is not None else None
@@ -173,6 +178,14 @@ class VllmEngine(Engine):
             self._counters["prompt_tokens"] += len(ids)
             job.future = asyncio.run_coroutine_threadsafe(self._run(job, ids, params, cache_salt), self._loop)
         return RequestStream(client_id, deltas, self._abort, rid)
+
+    def check_structured(self, spec: StructuredOutputs) -> None:
+        """See :meth:`Engine.check_structured`: compiled by xgrammar, as vLLM will (cached).
+
+        Raises:
+            RequestError: the spec does not compile, or not within its time (engine/structured.py).
+        """
+        self.grammars.compile(spec)
 
     @property
     def max_model_len(self) -> int:
