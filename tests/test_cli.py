@@ -393,3 +393,33 @@ def test_generate_with_a_max_model_len_over_the_models_positions_is_one_error_li
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == (f"error: --max-model-len {over}: exceeds the model's max_position_embeddings {limit} "
                        f"({base_model_dir / 'config.json'})")
+
+
+def test_serve_freezes_the_start_up_heap_before_it_serves(monkeypatch):
+    """``run_serve`` moves what start-up made out of the collector's reach before the first
+    request (a full collection walked ~340k objects, every stream stalled: bench/gc_pause.py)."""
+    import argparse
+    import gc
+
+    from nlora_serve.serving.commands import serve as serve_cli
+
+    seen = {}
+
+    class Engine:
+        dead_reason = None
+
+        def shutdown(self):
+            seen["shut down"] = True
+
+    async def serving(server, examples):
+        seen["frozen while serving"] = gc.get_freeze_count()
+        return True
+
+    monkeypatch.setattr(serve_cli, "build", lambda args: (Engine(), object(), []))
+    monkeypatch.setattr(serve_cli, "serve", serving)
+    assert gc.get_freeze_count() == 0
+    try:
+        assert serve_cli.run_serve(argparse.Namespace(backend="vllm")) == 0
+    finally:
+        gc.unfreeze()
+    assert seen["frozen while serving"] > 1000 and seen["shut down"]

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import signal
@@ -320,6 +321,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # workers are processes of their own, which take their threads themselves)
     with threads_for_engine() if args.backend == "native" else contextlib.nullcontext():
         engine, server, examples = build(args)
+        freeze_startup_heap()
         try:
             drained = asyncio.run(serve(server, examples))
         finally:
@@ -330,6 +332,17 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     log.info("drained, exiting" if drained else "drain period over (remaining requests aborted and told), exiting")
     return 0
+
+
+def freeze_startup_heap() -> None:
+    """Move every object start-up made (the model's modules, the tokenizer, the registry: ~340k
+    objects on the default model) into the collector's permanent generation, as vLLM's engine core
+    does after its start-up. Every full collection walked them all, every stream stalled meanwhile
+    (133 ms on a quiet 2-core machine, 140-330 ms loaded), and once more at exit (0.72 s from
+    "drained" to the process's end, 1.2-5 s loaded; frozen 0 ms and 0.21 s: bench/gc_pause.py).
+    Objects made later are collected as before; a cycle among start-up objects is never freed."""
+    gc.collect()  # what start-up left as garbage goes now, not frozen with the rest
+    gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> int:
