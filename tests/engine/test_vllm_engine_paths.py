@@ -18,7 +18,8 @@ import pytest
 
 from nlora_serve.engine.api import ENGINE_DEAD_MESSAGE, EngineDead, RequestIds
 from nlora_serve.engine.vllm_backend import engine as engine_module
-from nlora_serve.engine.vllm_backend.engine import VllmEngine, _Job
+from nlora_serve.engine.vllm_backend.engine import VllmEngine
+from nlora_serve.engine.vllm_backend.outputs import Job
 from nlora_serve.serving.status import http_status_of, status_of
 from nlora_serve.serving.commands.serve import _watch_engine
 
@@ -64,9 +65,9 @@ def _engine(llm=None) -> VllmEngine:
     return engine
 
 
-def _job(engine: VllmEngine, delivered: list) -> _Job:
+def _job(engine: VllmEngine, delivered: list) -> Job:
     client_id, rid = engine._ids.admit(None)
-    job = engine._jobs[rid] = _Job(rid, client_id, 3, pinned=V1, sink=delivered.append, future=Future())
+    job = engine._jobs[rid] = Job(rid, client_id, 3, pinned=V1, sink=delivered.append, future=Future())
     return job
 
 

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import shutil
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from nlora_serve.adapters.manager import AdapterManager
@@ -37,29 +36,13 @@ from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
 from nlora_serve.engine.vllm_backend.fold_cache import FoldCache
 from nlora_serve.engine.vllm_backend.fold_folders import fold_folder, release_fold_folder
-from nlora_serve.engine.vllm_backend.outputs import adapter_fields, prompt_logprobs_of, threadsafe_sink
+from nlora_serve.engine.vllm_backend.outputs import Job, delta_of, final_delta, prompt_logprobs_of, threadsafe_sink
 from nlora_serve.engine.vllm_backend.scoring_gate import ScoringGate
-from nlora_serve.engine.vllm_backend.config import FINISH, FOLD_FOLDERS_PER_CPU_LORA, SchedulerSnapshot, \
-    VllmBackendConfig, vllm_sampling_params
+from nlora_serve.engine.vllm_backend.config import FOLD_FOLDERS_PER_CPU_LORA, SchedulerSnapshot, VllmBackendConfig, \
+    vllm_sampling_params
 from nlora_serve.engine.vllm_backend.engine_args import engine_args
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Job:
-    """One request's bookkeeping (every field guarded by the engine's lock)."""
-
-    rid: str  # the engine's own id (RequestIds), also vLLM's request id
-    client_id: str  # the caller's id, in every RequestOutput
-    prompt_tokens: int
-    pinned: AdapterVersion | None  # the adapter version it runs on, released exactly once
-    sink: object  # delivers a RequestOutput to the caller's loop
-    future: object = None  # concurrent.futures.Future of its task on the vLLM loop
-    started: bool = False  # its task runs (abort cancels it) rather than waits to start (abort ends it here)
-    ended: bool = False  # its terminal path ran
-    abort_reason: str | None = None  # why the engine aborts it (forced unload, shutdown); None: its consumer left
-    tenant: str | None = None  # whose request it is (its pin is counted for it: AdapterManager.requests_of)
 
 
 class VllmEngine(Engine):
@@ -93,7 +76,7 @@ class VllmEngine(Engine):
             self._adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits, residency)
         self._stats = SchedulerSnapshot()
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0}
-        self._jobs: dict[str, _Job] = {}  # running requests by engine id
+        self._jobs: dict[str, Job] = {}  # running requests by engine id
         self._lock = threading.Lock()  # guards _jobs, _counters and tokenizer use
         self._max_prompt_bytes: int | None = None  # set on the first prompt (api.max_prompt_bytes)
         self._ids = RequestIds()
@@ -174,7 +157,7 @@ class VllmEngine(Engine):
         with self._lock:
             pinned = self.adapters.acquire(adapter, tenant) if adapter is not None else None
             client_id, rid = self._ids.admit(request_id)
-            job = self._jobs[rid] = _Job(rid, client_id, len(ids), pinned, threadsafe_sink(loop, deltas), tenant=tenant)
+            job = self._jobs[rid] = Job(rid, client_id, len(ids), pinned, threadsafe_sink(loop, deltas), tenant=tenant)
             self._counters["prompt_tokens"] += len(ids)
             job.future = asyncio.run_coroutine_threadsafe(self._run(job, ids, params, cache_salt), self._loop)
         return RequestStream(client_id, deltas, self._abort, rid)
@@ -196,7 +179,7 @@ class VllmEngine(Engine):
             self._max_prompt_bytes = max_prompt_bytes(self.tokenizer, self.max_model_len)
         return prompt_ids(prompt, self.tokenizer, self._lock, self._max_prompt_bytes, add_special_tokens)
 
-    async def _run(self, job: _Job, ids: list[int], params: SamplingParams, cache_salt: str | None) -> None:
+    async def _run(self, job: Job, ids: list[int], params: SamplingParams, cache_salt: str | None) -> None:
         """One request on the vLLM loop: vLLM's deltas streamed as ours, then its terminal path."""
         with self._lock:
             if job.ended:  # aborted before it started
@@ -228,31 +211,22 @@ class VllmEngine(Engine):
                 if unseen:
                     unseen = False
                     self._in_background(self._refresh_loaded())
-                done = out.outputs[0]
-                tokens = list(done.token_ids)
-                made += len(tokens)
-                cached = out.num_cached_tokens or 0
-                reason = FINISH.get(done.finish_reason, "error") if out.finished else None
-                logprobs = [{t: lp.logprob for t, lp in step.items()} for step in done.logprobs] \
-                    if done.logprobs else None
+                made += len(out.outputs[0].token_ids)
                 if out.prompt_logprobs and scored is None:
                     scored = prompt_logprobs_of(ids, out.prompt_logprobs)
+                delta = delta_of(out, job, made, scored)
+                cached = delta.cached_tokens
                 with self._lock:
-                    self._counters["generation_tokens"] += len(tokens)
-                error = f"vLLM ended it with finish reason {done.finish_reason!r}" if reason == "error" else None
-                delta = RequestOutput(job.client_id, done.text, tokens, reason, job.prompt_tokens, made, logprobs,
-                                      error, **adapter_fields(job.pinned), cached_tokens=cached,
-                                      stop_reason=done.stop_reason if reason == "stop" else None,
-                                      prompt_logprobs=scored or None)
-                if reason is not None:
+                    self._counters["generation_tokens"] += len(delta.token_ids)
+                if delta.finished:
                     last = delta
-                elif tokens or done.text:
+                elif delta.token_ids or delta.text:
                     job.sink(delta)
-                if delta.prompt_logprobs is not None and (reason is not None or tokens or done.text):
+                if delta.prompt_logprobs is not None and (delta.finished or delta.token_ids or delta.text):
                     scored = []  # handed out: not again
-            self._end(job, last or self._final(job, "abort", made, cached=cached))
+            self._end(job, last or final_delta(job, "abort", made, cached=cached))
         except asyncio.CancelledError:
-            self._end(job, self._final(job, "abort", made, job.abort_reason, cached))
+            self._end(job, final_delta(job, "abort", made, job.abort_reason, cached))
         except Exception as exc:  # noqa: BLE001 - any vLLM failure ends this request
             cause = f"{type(exc).__name__}: {exc}"
             if self._llm.errored:  # the cause goes to the log and /health; the client reads what to do
@@ -262,7 +236,7 @@ class VllmEngine(Engine):
             else:  # the cause may hold the fold folder's paths or vLLM's internals: the log's only
                 log.error("request %s failed in vLLM: %s", job.rid, cause, exc_info=exc)
                 error = ENGINE_FAILED_MESSAGE
-            self._end(job, self._final(job, "error", made, error, cached))
+            self._end(job, final_delta(job, "error", made, error, cached))
         finally:
             if entered:
                 await gate.leave(scoring)
@@ -283,19 +257,14 @@ class VllmEngine(Engine):
         with contextlib.suppress(Exception):  # a dead engine holds nothing that serves
             self._loaded = frozenset(await self._llm.list_loras())
 
-    @staticmethod
-    def _final(job: _Job, reason: str, made: int, error: str | None = None, cached: int = 0) -> RequestOutput:
-        return RequestOutput(job.client_id, "", [], reason, job.prompt_tokens, made, error=error, **adapter_fields(job.pinned),
-                             cached_tokens=cached)
-
-    def _end(self, job: _Job, last: RequestOutput) -> None:
+    def _end(self, job: Job, last: RequestOutput) -> None:
         """The single terminal path: forget the request, release its pin, send its last delta."""
         with self._lock:
             claimed = self._claim(job)
         if claimed:
             self._finish(job, last)
 
-    def _claim(self, job: _Job) -> bool:
+    def _claim(self, job: Job) -> bool:
         """Mark ``job`` ended (the caller holds the lock); False when another path already did."""
         if job.ended:
             return False
@@ -303,7 +272,7 @@ class VllmEngine(Engine):
         self._jobs.pop(job.rid, None)
         return True
 
-    def _finish(self, job: _Job, last: RequestOutput) -> None:
+    def _finish(self, job: Job, last: RequestOutput) -> None:
         """After :meth:`_claim`: release the request's id and pin, send its last delta."""
         self._ids.close(job.rid)
         if job.pinned is not None:
@@ -355,7 +324,7 @@ class VllmEngine(Engine):
         if started:
             job.future.cancel()  # cancels its task on the vLLM loop: vLLM aborts it, the task ends it
         elif claimed:
-            self._finish(job, self._final(job, "abort", 0, reason))
+            self._finish(job, final_delta(job, "abort", 0, reason))
 
     def abort_all(self, reason: str) -> None:
         with self._lock:
