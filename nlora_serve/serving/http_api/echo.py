@@ -9,8 +9,10 @@ continuation's positions):
   the first chunk, with the first token's text); with ``logprobs=N`` the prompt's tokens come first
   in ``logprobs`` (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``), the first
   one's log-probability and top entries null (nothing scores it), the offsets running on into the
-  completion's. ``max_tokens=0`` with echo returns the prompt alone (one token is computed and
-  counted in ``usage.completion_tokens``, as vLLM does, but not returned).
+  completion's; each other prompt token's ``top_logprobs`` holds the token itself and the N most
+  likely (:func:`with_token`: up to N + 1, as for a sampled token). ``max_tokens=0`` with echo
+  returns the prompt alone (one token is computed and counted in ``usage.completion_tokens``, as
+  vLLM does, but not returned).
 - ``prompt_logprobs=K`` (``extra_body``; also what echo with logprobs computes, K = N) returns
   vLLM's ``prompt_logprobs``: per prompt token null for the first, then ``{"<token id>":
   {"logprob", "rank", "decoded_token"}}`` for the prompt token and its top K; on the completion's
@@ -40,11 +42,28 @@ def clamp(logprob: float) -> float:
     return max(logprob, FLOOR)
 
 
+def with_token(lps: dict[int, float], token_id: int, top: int) -> list[tuple[int, float]]:
+    """One position's completions ``top_logprobs`` entries, as vLLM 0.32 builds them from its
+    ``{token id: Logprob}`` (the position's own token first, then its top k): the position's token
+    ``token_id`` (sampled, or the echoed prompt's) first, then the ``top`` most likely others, best
+    first; ``top + 1`` entries when the token is not among the ``top`` most likely, else ``top``.
+    OpenAI's rule for ``logprobs``: "the API will always return the logprob of the sampled token,
+    so there may be up to logprobs+1 elements in the response".
+
+    ``lps``: the engine's entry, the token's log-probability and at least the ``top`` most likely.
+    A tie at the boundary goes to the other token (the engine's top-k chose it), so the token then
+    comes as the extra entry, as in vLLM.
+    """
+    best = sorted(lps.items(), key=lambda kv: (-kv[1], kv[0] == token_id))[:top]
+    return [(token_id, lps[token_id])] + [(u, lp) for u, lp in best if u != token_id]
+
+
 def echo_logprobs(token_ids: list[int], entries: list[PromptLogprob | None], top: int,
                   token: Callable[[int], str], offset: int) -> dict:
     """The completion ``logprobs`` object of the prompt's tokens ``token_ids`` (``entries`` from the
-    engine, one per token), ``top`` top entries each, offsets from ``offset`` (the sum of the
-    tokens' string lengths, as vLLM's ``text_offset``)."""
+    engine, one per token), each token's ``top_logprobs`` the token and its ``top`` most likely
+    (:func:`with_token`), offsets from ``offset`` (the sum of the tokens' string lengths, as vLLM's
+    ``text_offset``)."""
     tokens = [token(t) for t in token_ids]
     offsets = []
     for text in tokens:
@@ -57,8 +76,7 @@ def echo_logprobs(token_ids: list[int], entries: list[PromptLogprob | None], top
             tops.append(None)
             continue
         token_logprobs.append(clamp(entry.logprobs[t]))
-        best = sorted(entry.logprobs.items(), key=lambda kv: -kv[1])[:top]
-        tops.append({token(u): clamp(lp) for u, lp in best})
+        tops.append({token(u): clamp(lp) for u, lp in with_token(entry.logprobs, t, top)})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 

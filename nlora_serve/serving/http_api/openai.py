@@ -146,7 +146,9 @@ class CompletionRequest(_Request):
     the types are checked)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None  # top-k log-probabilities per token (0..20)
+    # per token its log-probability and top_logprobs: the token and the top-k (0..20), so up to
+    # k + 1 entries (OpenAI's rule, vLLM's; http_api/echo.py's with_token)
+    logprobs: int | None = None
     # the prompt before the text (with logprobs, its tokens first: http_api/echo.py); null = false, as vLLM
     echo: bool | None = False
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's log-probability and top-k (0..20)

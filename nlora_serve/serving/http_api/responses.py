@@ -7,7 +7,9 @@ One :class:`Shaper` per request turns the engine's deltas into either the whole 
 every object, the adapter version that answered as OpenAI's ``system_fingerprint``
 (:func:`fingerprint`; the same version also goes out as response headers, :func:`version_headers`):
 
-- completions: ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (parallel lists);
+- completions: ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (parallel lists;
+  a token's ``top_logprobs`` holds the token itself and the ``logprobs`` most likely, so up to
+  ``logprobs`` + 1 entries, as OpenAI documents and vLLM 0.32 returns: echo.py's ``with_token``);
 - chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``.
 
 A token's string is its own decoding (``tokenizer.decode([id])``; a byte-level token that is part
@@ -23,7 +25,7 @@ import json
 import time
 
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.serving.http_api.echo import Echo, clamp, echo_logprobs, vllm_prompt_logprobs
+from nlora_serve.serving.http_api.echo import Echo, clamp, echo_logprobs, vllm_prompt_logprobs, with_token
 from nlora_serve.serving.http_api.token_bytes import TokenBytes, TokenText
 
 
@@ -257,7 +259,8 @@ class Shaper:
         return f"token_id:{token_id}" if self.token_ids_as_tokens else self._text(token_id)
 
     def _top(self, lps: dict[int, float]) -> list[tuple[int, float]]:
-        """The top_logprobs most likely tokens, best first (the engine may add the sampled one)."""
+        """Chat's ``top_logprobs`` of one position: the top_logprobs most likely tokens, best first
+        (``lps`` holds them and the sampled token)."""
         return sorted(lps.items(), key=lambda kv: -kv[1])[: self.top_logprobs]
 
     def _logprobs(self, out: RequestOutput) -> dict:
@@ -271,7 +274,8 @@ class Shaper:
             offsets.append(self._offsets[out.index])
             self._offsets[out.index] += len(token)
         return {"tokens": tokens, "token_logprobs": [clamp(lps[t]) for t, lps in pairs],
-                "top_logprobs": [{self._token(u): clamp(lp) for u, lp in self._top(lps)} for _, lps in pairs],
+                "top_logprobs": [{self._token(u): clamp(lp) for u, lp in with_token(lps, t, self.top_logprobs)}
+                                 for t, lps in pairs],
                 "text_offset": offsets}
 
     def _chat_entry(self, token_id: int, logprob: float) -> dict:

@@ -1,0 +1,80 @@
+"""The legacy completions API's ``logprobs: N``: per token the N most likely tokens and the token
+itself (sampled, or the echoed prompt's), so up to N + 1 entries in ``top_logprobs`` (OpenAI's rule,
+vLLM 0.32's completion/serving.py ``_create_completion_logprobs``), the token's first; ``logprobs: 0``
+gives the token alone. Checked against transformers' float64 log_softmax of the raw logits, with
+``logit_bias`` pushing a token far outside the top N, whole and streamed, and on echoed prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpc_harness import TENANT_KEYS
+from http_harness import client
+
+TOL = 1e-3  # fp32 server against the fp32 model's logits in float64
+PROMPT = "Question: what is the capital of France?\nAnswer: The capital of France is Paris."
+
+
+def _base(server) -> str:
+    return server.server.generation.info.model
+
+
+def _log_softmax(hf_model, ids: list[int]) -> torch.Tensor:
+    """[len(ids), V] float64: row p is log p(. | ids[:p + 1]) of the raw logits."""
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+
+
+def _check_position(top: dict[str, float], token: int, row: torch.Tensor, n: int) -> bool:
+    """``top`` (keys ``token_id:<id>``) is ``token`` first, then the ``n`` most likely others of
+    ``row``, best first, each with its reference log-probability; True when ``token`` is not among
+    the ``n`` most likely (so the entry has ``n`` + 1 tokens)."""
+    ids = [int(key.removeprefix("token_id:")) for key in top]
+    best = row.topk(n).indices.tolist() if n else []
+    assert ids[0] == token
+    assert ids[1:] == [t for t in best if t != token]
+    for t, value in zip(ids, top.values()):
+        assert value == pytest.approx(float(row[t]), abs=TOL)
+    outside = token not in best
+    assert len(top) == n + outside
+    return outside
+
+
+@pytest.mark.parametrize("n", [0, 2])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_sampled_token_outside_the_top_n_comes_as_an_extra_entry(http_server, tokenizer, hf_model, n, stream):
+    prompt = tokenizer.encode(PROMPT, add_special_tokens=False)
+    first = _log_softmax(hf_model, prompt)[-1]
+    pushed = int(first.argsort(descending=True)[12])  # rank 13: outside any top N asked here
+    answer = client(http_server, TENANT_KEYS["base-co"]).completions.create(
+        model=_base(http_server), prompt=prompt, max_tokens=5, temperature=0, logprobs=n, stream=stream,
+        logit_bias={str(pushed): 100}, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    parts = [c.choices[0].logprobs for c in answer if c.choices and c.choices[0].logprobs] if stream \
+        else [answer.choices[0].logprobs]
+    tokens = [int(t.removeprefix("token_id:")) for p in parts for t in p.tokens]
+    tops = [top for p in parts for top in p.top_logprobs]
+    assert tokens == [pushed] * 5  # the bias decides greedy; the logprobs stay the raw distribution's
+    rows = _log_softmax(hf_model, prompt + tokens)[len(prompt) - 1:-1]
+    outside = [_check_position(top, t, row, n) for top, t, row in zip(tops, tokens, rows, strict=True)]
+    assert outside[0] and len(tops[0]) == n + 1
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_echoed_prompt_tokens_come_with_their_top_n(http_server, tokenizer, hf_model, n):
+    prompt = tokenizer.encode(PROMPT, add_special_tokens=False)
+    answer = client(http_server, TENANT_KEYS["base-co"]).completions.create(
+        model=_base(http_server), prompt=prompt, max_tokens=1, temperature=0, logprobs=n, echo=True,
+        extra_body={"return_tokens_as_token_ids": True})
+    lp = answer.choices[0].logprobs
+    rows = _log_softmax(hf_model, prompt)
+    assert lp.top_logprobs[0] is None and lp.token_logprobs[0] is None
+    outside = [_check_position(lp.top_logprobs[p], prompt[p], rows[p - 1], n) for p in range(1, len(prompt))]
+    assert sum(outside) >= 3  # the case is exercised: prompt tokens the model would not have picked
+    generated = int(lp.tokens[-1].removeprefix("token_id:"))
+    assert generated == int(rows[-1].argmax())
+    assert _check_position(lp.top_logprobs[-1], generated, rows[-1], n) == (n == 0)
+    # lm-evaluation-harness's is_greedy: each token's logprob is the max of its top_logprobs; it
+    # tells greedy tokens apart with N >= 1 (it sends 1), and with 0 the token is alone
+    is_greedy = [lp.token_logprobs[p] == max(lp.top_logprobs[p].values()) for p in range(1, len(prompt))]
+    assert is_greedy == [n == 0 or int(rows[p - 1].argmax()) == prompt[p] for p in range(1, len(prompt))]
