@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import math
 
+# --dtype's choices, vLLM's spellings (models/dtype.py resolves them; half and float16 are refused there)
+DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
 
 def integer_arg(low: int, high: int | None = None):
     """argparse type: an integer in [low, high] (no upper bound when ``high`` is None)."""

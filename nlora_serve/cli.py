@@ -77,18 +77,32 @@ def _add_adapters(adapters: argparse.ArgumentParser) -> None:
     add_adapter_subcommands(adapters.add_subparsers(dest="adapters_command", required=True))
 
 
+# serve's and generate's flags load no torch, so --help and a mistyped flag answer at once; their
+# runs import torch and the engine (seconds), announced by _main first (SLOW_IMPORTS)
 def _add_generate(gen: argparse.ArgumentParser) -> None:
-    from nlora_serve.serving.commands.generate import add_generate_arguments, run_generate
+    from nlora_serve.serving.commands.generate_flags import add_generate_arguments
 
     add_generate_arguments(gen)
-    gen.set_defaults(func=run_generate)
+    gen.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from nlora_serve.serving.commands.generate import run_generate
+
+    return run_generate(args)
 
 
 def _add_serve(serve: argparse.ArgumentParser) -> None:
-    from nlora_serve.serving.commands.serve import add_serve_arguments, run_serve
+    from nlora_serve.serving.commands.serve_flags import add_serve_arguments
 
     add_serve_arguments(serve)
-    serve.set_defaults(func=run_serve)
+    serve.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from nlora_serve.serving.commands.serve import run_serve
+
+    return run_serve(args)
 
 
 def _add_client(client: argparse.ArgumentParser) -> None:
@@ -138,8 +152,8 @@ COMMANDS = {
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# Commands whose arguments import torch and the engine (serve: the front ends too): 5-13 s before
-# their first log line on a small loaded CPU, so _main says what loads before the imports start.
+# Commands whose runs import torch and the engine (serve: the front ends too): 5-13 s before their
+# first log line on a small loaded CPU, so _main says what loads before the imports start.
 SLOW_IMPORTS = {"serve": "torch, the engine and the gRPC and HTTP front ends",
                 "generate": "torch and the engine"}
 
@@ -273,13 +287,13 @@ def _main(argv: list[str] | None) -> int:
     # argparse's error below
     level = options.get("--log-level", "INFO")
     logging.basicConfig(level=level if level in LOG_LEVELS else "INFO", format="%(levelname)s %(name)s: %(message)s")
-    if command in SLOW_IMPORTS and not {"-h", "--help"} & set(argv):
-        logging.getLogger(f"nlora_serve.{command}").info("starting: loading %s...", SLOW_IMPORTS[command])
     parser = build_parser(only=command or "")  # "": no command named
     args, extras = parser.parse_known_args(argv)
     if extras:  # the subcommand's usage and a hint, not the top level's usage alone
         leaf = _leaf_parser(parser, args)
         leaf.error(_unrecognized(parser, leaf, args.command, extras))
+    if args.command in SLOW_IMPORTS:  # parsed without them (--help and a bad flag never get here)
+        logging.getLogger(f"nlora_serve.{args.command}").info("starting: loading %s...", SLOW_IMPORTS[args.command])
     if args.command == "serve":
         _warn_vllm_port(argv, args)
     try:

@@ -30,7 +30,8 @@ Modules, by concern::
       swap.py          a hot-swap's N-only payload checked against the version it replaces
       residency.py     which version sits in which pool slot, within the memory limits
       pool.py          TiedPool, LoraPool (and family_pool.py's FamilyPool): slots as the kernels read them
-      manager.py       AdapterManager: store + registry + residency, wired together
+      manager.py       AdapterManager: store + registry + residency, wired together; limits.py:
+                       AdapterLimits (torch-free, for the flags' --help)
 """
 
 from importlib import import_module

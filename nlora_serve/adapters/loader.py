@@ -18,14 +18,13 @@ from nlora_serve.adapters.bounds import check_finite, site_limits, tied_norms
 from nlora_serve.adapters.config import (CONFIG_NAME, AdapterConfig, SitePlan, parse_config, plan_sites,
                                          read_config)
 from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_header, read_tensors, weights_path
+from nlora_serve.adapters.limits import DEFAULT_MAX_RANK
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, group_keys
 from nlora_serve.adapters.family import FamilyFactors, FamilyResolver, make_factors
 from nlora_serve.adapters.tied import family_key, is_tied, tie_to_base
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
 from nlora_serve.models.spec import ModelSpec
-
-DEFAULT_MAX_RANK = 64  # --max-rank
 
 
 def _check_ranks(plans: dict[tuple[int, str], SitePlan], max_rank: int) -> None:

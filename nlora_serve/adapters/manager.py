@@ -12,36 +12,20 @@ import stat
 import threading
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from nlora_serve.adapters.family import FamilyResolver, import_family
-from nlora_serve.adapters.loader import DEFAULT_MAX_RANK, read_adapter, read_adapter_bytes
+from nlora_serve.adapters.limits import AdapterLimits
+from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
 from nlora_serve.adapters.pool import Placement
 from nlora_serve.adapters.registry import AdapterRegistry, AdapterVersion
 from nlora_serve.adapters.residency import Residency
 from nlora_serve.adapters.swap import replace_n
-from nlora_serve.adapters.store import ALLOWED_FILES, CONFIG_FILE, DEFAULT_MAX_ADAPTER_BYTES, WEIGHTS_FILE, AdapterStore
+from nlora_serve.adapters.store import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class AdapterLimits:
-    """Limits on what adapters the server takes and holds (DESIGN §3)."""
-
-    max_rank: int = DEFAULT_MAX_RANK  # --max-rank: refuse adapters of a higher rank
-    max_loras: int = 8  # --max-loras: untied adapters resident at once (LRU beyond)
-    adapter_memory: int = 4 << 30  # --adapter-memory: bytes all tied tenants' N may use
-    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES  # --max-adapter-bytes: a store version's files, bytes
-
-    def __post_init__(self):
-        for name in ("max_rank", "max_loras", "adapter_memory", "max_adapter_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"AdapterLimits.{name} must be a positive integer; got {value!r}")
 
 
 class AdapterManager:

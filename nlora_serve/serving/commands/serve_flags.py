@@ -1,26 +1,27 @@
-"""The flags of ``nlora-serve serve`` (its server, store and adapter flags; the device and size
-flags are commands/engine_flags.py's, --backend's commands/backend.py's), parsed and range-checked before
-anything loads; commands/serve.py builds the server from them."""
+"""The flags of ``nlora-serve serve`` (its server, store, adapter and --backend flags; the device and
+size flags are commands/engine_flags.py's), parsed and range-checked before anything loads;
+commands/serve.py builds the server from them (commands/backend.py the engine --backend names).
+
+Nothing here imports torch: ``serve --help`` and a mistyped flag answer in a fraction of a second,
+with the defaults read from the config dataclasses themselves (tests/test_cli.py checks both).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 
-from nlora_serve.adapters.loader import DEFAULT_MAX_RANK
-from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.adapters.limits import DEFAULT_MAX_RANK, AdapterLimits
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.arg_types import port_or_off_arg
+from nlora_serve.arg_types import DTYPE_CHOICES, port_or_off_arg
 from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig
 from nlora_serve.errors import AdapterError
-from nlora_serve.models.dtype import DTYPE_CHOICES
-from nlora_serve.serving.commands.backend import add_backend_arguments
 from nlora_serve.serving.commands.engine_flags import add_device_arguments
-from nlora_serve.serving.generation_config import parse_override
-from nlora_serve.serving.http_api.lora_admin import env_allows_updating
-from nlora_serve.serving.server_config import ServerConfig
+from nlora_serve.serving.server_config import ServerConfig, env_allows_updating
 
 MiB = 1 << 20
 DEFAULT_HTTP_PORT = 8000  # vLLM's: `curl localhost:8000/v1/models` works as a vLLM user expects
+BACKENDS = ("native", "vllm")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +106,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _override(value: str) -> dict:
+    from nlora_serve.serving.generation_config import parse_override  # its checks load torch: only when given
+
     try:
         return parse_override(value)
     except ValueError as exc:
@@ -120,3 +123,33 @@ def _named_dir(value: str) -> tuple[str, str]:
     except AdapterError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return name, folder
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that choose and configure the engine."""
+    a = parser.add_argument
+    a("--backend", choices=BACKENDS, default="native",
+      help="engine: native (ours: tied tenants cost r² per site) or vllm (vLLM's AsyncLLM with its tensor/"
+           "pipeline parallelism; every adapter is folded to a full plain LoRA, so tied tenants lose their "
+           "memory advantage there) (default: %(default)s)")
+    a("--tensor-parallel-size", type=int, default=1, help="--backend vllm: GPUs each layer is split over (default: 1)")
+    a("--pipeline-parallel-size", type=int, default=1,
+      help="--backend vllm: pipeline stages the layers are split into, e.g. one per node (default: 1)")
+    a("--max-fold-folders", type=int, default=None, metavar="N",
+      help="--backend vllm: folded adapter folders on disk at most; each version is folded on its first "
+           "request and again after its folder went, and a request whose version needs one more waits, "
+           "counted as waiting, until an idle one has gone (default: 4 x vLLM's max_cpu_loras)")
+    a("--vllm-arg", action="append", default=[], metavar="KEY=VALUE", type=_engine_arg,
+      help="--backend vllm: any other vLLM engine argument (an AsyncEngineArgs field), VALUE read as JSON "
+           "when it parses, else as a string; repeatable, e.g. --vllm-arg enforce_eager=false "
+           "--vllm-arg distributed_executor_backend=ray")
+
+
+def _engine_arg(value: str) -> tuple[str, object]:
+    key, sep, raw = value.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY an engine argument name, got {value!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw

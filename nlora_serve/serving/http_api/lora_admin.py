@@ -27,7 +27,6 @@ before any byte is read), a server without an adapter store 404.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -46,13 +45,7 @@ from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.generate import read_body
 from nlora_serve.serving.http_api.openai import ParamError, unsupported
-
-ENV_FLAG = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
-
-
-def env_allows_updating() -> bool:
-    """vLLM's environment switch, read as vLLM reads it: ``1`` or ``true`` (any case) turns it on."""
-    return os.environ.get(ENV_FLAG, "0").strip().lower() in ("1", "true")
+from nlora_serve.serving.server_config import ENV_FLAG
 
 
 class _Body(BaseModel):

@@ -1,0 +1,29 @@
+"""AdapterLimits: what adapters the server takes and holds (DESIGN §3), and the default rank bound.
+
+Kept free of torch: the ``serve`` and ``generate`` flags print these defaults in their ``--help``
+without loading the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES
+
+DEFAULT_MAX_RANK = 64  # --max-rank
+
+
+@dataclass(slots=True)
+class AdapterLimits:
+    """Limits on what adapters the server takes and holds (DESIGN §3)."""
+
+    max_rank: int = DEFAULT_MAX_RANK  # --max-rank: refuse adapters of a higher rank
+    max_loras: int = 8  # --max-loras: untied adapters resident at once (LRU beyond)
+    adapter_memory: int = 4 << 30  # --adapter-memory: bytes all tied tenants' N may use
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES  # --max-adapter-bytes: a store version's files, bytes
+
+    def __post_init__(self):
+        for name in ("max_rank", "max_loras", "adapter_memory", "max_adapter_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"AdapterLimits.{name} must be a positive integer; got {value!r}")

@@ -1,0 +1,50 @@
+"""The flags of ``nlora-serve generate``; commands/generate.py runs it. Nothing here imports torch:
+``generate --help`` and a mistyped flag answer without loading the engine (tests/test_cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from nlora_serve.adapters.limits import DEFAULT_MAX_RANK
+from nlora_serve.arg_types import DTYPE_CHOICES
+from nlora_serve.serving.commands.engine_flags import add_device_arguments
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``nlora-serve generate``."""
+    parser.add_argument("--model", default="default",
+                        help="base model: 'default' (SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf "
+                             "file or a Hugging Face ORG/NAME in the HF cache (default: %(default)s)")
+    # SUPPRESS: when omitted here, the top-level --cache-dir (or its default) stands
+    parser.add_argument("--cache-dir", default=argparse.SUPPRESS,
+                        help="prepared-model cache root (default: $NLORA_SERVE_CACHE, else "
+                             "$XDG_CACHE_HOME/nlora-serve)")
+    parser.add_argument("--adapter", default=None,
+                        help="adapter to generate with: a name in --adapter-dir, an adapter directory, or a "
+                             "Hugging Face ORG/ADAPTER in the HF cache (default: the base model)")
+    parser.add_argument("--adapter-dir", default=None, help="adapter store to look NAME up in")
+    parser.add_argument("--max-rank", type=int, default=DEFAULT_MAX_RANK,
+                        help="refuse adapters above this rank (default: %(default)s)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="raw text prompt, sent as is (no chat template)")
+    source.add_argument("--message", help="one user message, wrapped in the model's chat template")
+    source.add_argument("--chat-json", metavar="FILE",
+                        help='JSON list of {"role", "content"} messages, wrapped in the chat template')
+    parser.add_argument("--add-special-tokens", action=argparse.BooleanOptionalAction, default=True,
+                        help="--prompt takes the tokenizer's special tokens, e.g. a BOS, as a vLLM completion "
+                             "does (its add_special_tokens; default: on). Chats get the template's own")
+    parser.add_argument("--system", help="system message placed before --message")
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 or -1 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="compute dtype, in vLLM's spellings: auto = bfloat16 where the CPU or GPU has fast "
+                             "bf16, else float32; float = float32; half and float16 are refused (no float16 "
+                             "kernels here) (default: %(default)s)")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens at most")
+    add_device_arguments(parser)
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                        help="print text as it is generated (default: on)")
