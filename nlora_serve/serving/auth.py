@@ -126,6 +126,16 @@ class Authenticator:
             doc = _toml(text, path) if path.suffix == ".toml" else json.loads(text)
         except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
             raise AuthError(f"tenants file {path}: cannot read it ({exc})") from None
+        return cls.from_document(doc, path)
+
+    @classmethod
+    def from_document(cls, doc: object, path: str | Path) -> Authenticator:
+        """A tenants file's parsed contents, checked as :meth:`from_file` checks them (``path`` names
+        the source in messages; ``keys new --tenant`` checks the entry it prints here).
+
+        Raises:
+            AuthError: as :meth:`from_file`.
+        """
         if not isinstance(doc, dict):
             raise AuthError(f"tenants file {path}: expected an object with 'tenants' and 'admin_keys'")
         _known_fields(doc, _FILE_FIELDS, f"tenants file {path}")

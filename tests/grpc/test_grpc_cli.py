@@ -15,6 +15,8 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from nlora_serve import __version__
 from nlora_serve.client import NloraClient
 from nlora_serve.client.cli import main as client_main
@@ -97,6 +99,48 @@ def test_keys_hash_reads_stdin_and_matches_sha256(monkeypatch, capsys):
     assert keys_main(["new"]) == 0
     key, digest = (line.split()[-1] for line in capsys.readouterr().out.splitlines())
     assert hashlib.sha256(key.encode()).hexdigest() == digest and len(key) > 40
+
+
+def _new_entry(capsys, *flags: str) -> tuple[str, dict]:
+    assert keys_main(["new", *flags]) == 0
+    key_line, entry_line = capsys.readouterr().out.splitlines()
+    assert key_line.startswith("key:")
+    return key_line.split()[-1], json.loads(entry_line)
+
+
+def test_keys_new_prints_tenant_and_admin_entries_the_server_loads_and_authenticates(tmp_path, capsys):
+    # A newcomer's find (h80): building tenants.json meant cutting the key's hash out of `keys new`'s
+    # output by hand. The entry it prints now, pasted as it is, loads and grants what was asked.
+    from nlora_serve.serving.auth import Authenticator
+
+    key, tenant = _new_entry(capsys, "--tenant", "acme", "--adapters", "acme", "acme-*")
+    assert tenant == {"name": "acme", "key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+                      "adapters": ["acme", "acme-*"], "base_model": False}
+    admin_key, admin = _new_entry(capsys, "--admin", "ops")
+    assert admin == {"name": "ops", "key_sha256": hashlib.sha256(admin_key.encode()).hexdigest()}
+    base_key, base = _new_entry(capsys, "--tenant", "tryout", "--base-model")
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps({"admin_keys": [admin], "tenants": [tenant, base]}))
+    auth = Authenticator.from_file(path)
+    acme = auth.authenticate([("authorization", f"Bearer {key}")])
+    assert (acme.name, acme.is_admin) == ("acme", False)
+    assert [acme.may_use(a) for a in ("acme", "acme-v2", "other", None)] == [True, True, False, False]
+    tryout = auth.authenticate([("authorization", f"Bearer {base_key}")])
+    assert [tryout.may_use(a) for a in ("acme", None)] == [False, True]
+    assert auth.authenticate([("authorization", f"Bearer {admin_key}")]).is_admin
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--tenant", "", "--adapters", "acme"], "tenants[0].name must be a non-empty string"),  # the loader's rule
+    (["--tenant", "acme", "--adapters", ""], "tenants[0].adapters must be a list of adapter names"),
+    (["--tenant", "acme"], "would be granted nothing"),
+    (["--adapters", "acme"], "give --tenant NAME too"),
+    (["--admin", "ops", "--base-model"], "give --tenant NAME too"),
+])
+def test_keys_new_refuses_an_entry_the_tenants_file_would_not_load_and_prints_no_key(flags, says, capsys):
+    assert keys_main(["new", *flags]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and says in err, err
 
 
 def test_the_hint_of_an_auth_server_pasted_with_the_key_unset_still_parses():

@@ -1,6 +1,8 @@
 """``nlora-serve keys {new,hash}``: make API keys and the sha256 hashes the tenants file stores.
 
     nlora-serve keys new                    # prints a fresh key and its hash
+    nlora-serve keys new --tenant acme --adapters acme 'acme-*'   # the key and acme's tenants entry
+    nlora-serve keys new --admin ops        # the key and an admin_keys entry
     echo -n "$KEY" | nlora-serve keys hash
 
 ``hash`` reads the key from stdin so it stays out of shell history and process listings.
@@ -9,10 +11,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import sys
 
-from nlora_serve.serving.auth import hash_key
+from nlora_serve.errors import NloraError
+from nlora_serve.serving.auth import Authenticator, hash_key
 
 KEY_BYTES = 32  # 256 random bits: a hashed key is only as safe as it is hard to guess
 
@@ -23,15 +27,54 @@ def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     for name, summary in (("new", "print a fresh random API key and its sha256 (for the tenants file)"),
                           ("hash", "read a key from stdin and print its sha256 (for the tenants file)")):
         sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.")
+    new = sub.choices["new"]
+    new.epilog = ("With --tenant or --admin, the second line is the key's entry for the tenants file, as JSON: "
+                  "paste it into its \"tenants\" (or \"admin_keys\") list. The key is printed only here.")
+    who = new.add_mutually_exclusive_group()
+    who.add_argument("--tenant", metavar="NAME", help="print a \"tenants\" entry for tenant NAME instead of the hash")
+    who.add_argument("--admin", metavar="NAME", help="print an \"admin_keys\" entry for NAME instead of the hash")
+    new.add_argument("--adapters", nargs="+", default=[], metavar="PATTERN",
+                     help="with --tenant: the adapter names or shell-style patterns it may use, e.g. acme 'acme-*'")
+    new.add_argument("--base-model", action="store_true", help="with --tenant: it may also use the base model")
     parser.set_defaults(func=run_keys)
+
+
+def tenants_entry(args: argparse.Namespace, key: str) -> tuple[str, dict] | None:
+    """(section, entry) of the tenants file for ``key`` as ``keys new``'s flags ask, None without
+    --tenant / --admin; checked by the tenants file's own loader, so that the entry printed loads.
+
+    Raises:
+        NloraError: --adapters / --base-model without --tenant, a tenant granted nothing, or an
+            entry the loader refuses (its message).
+    """
+    if args.tenant is None and (args.adapters or args.base_model):
+        raise NloraError("--adapters and --base-model grant a tenant: give --tenant NAME too")
+    if args.admin is not None:
+        section, entry = "admin_keys", {"name": args.admin, "key_sha256": hash_key(key)}
+    elif args.tenant is not None:
+        if not args.adapters and not args.base_model:
+            raise NloraError(f"--tenant {args.tenant} would be granted nothing: give --adapters PATTERN... "
+                             "and/or --base-model")
+        section, entry = "tenants", {"name": args.tenant, "key_sha256": hash_key(key),
+                                     "adapters": args.adapters, "base_model": args.base_model}
+    else:
+        return None
+    Authenticator.from_document({section: [entry]}, "keys new")  # AuthError (an NloraError) names the field
+    return section, entry
 
 
 def run_keys(args: argparse.Namespace) -> int:
     """Run ``keys new`` / ``keys hash``; returns the exit status (2 on an empty key)."""
     if args.keys_command == "new":
         key = "nls_" + secrets.token_urlsafe(KEY_BYTES)
+        made = tenants_entry(args, key)
         print(f"key:        {key}")
-        print(f"key_sha256: {hash_key(key)}")
+        if made is None:
+            print(f"key_sha256: {hash_key(key)}")
+        else:
+            print(json.dumps(made[1]))
+            print(f"paste the second line into the tenants file's \"{made[0]}\" list (the key is shown only here)",
+                  file=sys.stderr)
         return 0
     key = sys.stdin.read().strip()
     if not key:
@@ -46,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_keys_arguments(parser)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except NloraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
