@@ -1,7 +1,5 @@
 """The ``nlora-serve`` entry point: a command imports only its own modules."""
 
-import json
-import logging
 import os
 import re
 import subprocess
@@ -256,54 +254,6 @@ def test_generate_says_what_it_loads_on_stderr_and_prints_only_the_text_on_stdou
     assert all(len(at) == 1 for at in found) and found == sorted(found), proc.stderr
 
 
-# Each nlora_serve log record as it is emitted, with whether torch was imported by then.
-FIRST_LINE = """
-import logging, sys
-from nlora_serve.cli import main
-
-class Seen(logging.Handler):
-    def emit(self, record):
-        print("REC", record.levelname, record.name, record.getMessage(), "torch" in sys.modules, sep="\\t")
-
-logging.getLogger("nlora_serve").addHandler(Seen())
-try:
-    main({argv!r})
-except SystemExit:
-    pass
-print("END", "torch" in sys.modules, sep="\\t")
-"""
-SERVE_LOADS = "starting: loading torch, the engine and the gRPC and HTTP front ends..."
-GENERATE_LOADS = "starting: loading torch and the engine..."
-
-
-@pytest.mark.parametrize("argv, first, loads_torch", [
-    (["serve", "--port", "8000"], ("nlora_serve.serve", SERVE_LOADS), True),  # refused after the imports
-    (["generate", "--message", "Hi", "--max-num-seqs", "0"], ("nlora_serve.generate", GENERATE_LOADS), True),
-    (["--log-level", "WARNING", "serve", "--port", "8000"], None, True),
-    (["--log-level=ERROR", "generate", "--message", "Hi", "--max-num-seqs", "0"], None, True),
-    (["serve", "--help"], None, False),
-    (["serve", "--no-such-flag"], None, False),  # argparse's error at once, not "starting: loading ..." first
-])
-def test_serve_and_generate_say_what_they_load_before_the_imports_that_take_seconds(argv, first, loads_torch):
-    # A newcomer's find (h76): `serve` and `generate` import torch, the engine (and serve's front ends),
-    # 5-13 s on a loaded 2-core machine with nothing on the screen. Their first line comes before those
-    # imports (torch not yet in sys.modules when it is emitted; it is by the end), at the level
-    # --log-level allows, and never with --help or a flag argparse refuses (h80: those load no torch).
-    done = subprocess.run([sys.executable, "-c", FIRST_LINE.format(argv=argv)], capture_output=True, text=True,
-                          timeout=300, check=True)
-    lines = done.stdout.splitlines()
-    records = [line.split("\t")[1:] for line in lines if line.startswith("REC\t")]
-    assert lines[-1] == f"END\t{loads_torch}", done.stderr
-    starting = [r for r in records if r[2].startswith("starting:")]
-    if first is None:
-        assert starting == [] and "starting:" not in done.stderr
-    else:
-        name, message = first
-        assert records[0] == ["INFO", name, message, "False"], records
-        assert starting == [records[0]]
-        assert done.stderr.splitlines()[0] == f"INFO {name}: {message}"
-
-
 @pytest.mark.parametrize("command", [["serve"], ["generate", "--message", "Hi"]])
 @pytest.mark.parametrize("spelling, dtype", [("float32", "float32"), ("float", "float32"), ("bfloat16", "bfloat16"),
                                              ("half", None), ("float16", None)])
@@ -342,89 +292,3 @@ def test_generate_names_a_bad_flag_as_typed_not_the_config_class_that_checked_it
 
     assert cli_main(["generate", "--message", "Hi", *argv]) == 2
     assert capsys.readouterr().err == message
-
-
-@pytest.mark.parametrize("flags, warned", [
-    (["--port", "8001"], True),
-    (["--port=8001"], True),
-    (["--port", "8001", "--http-port", "8002"], False),
-    (["--port", "8001", "--http-port", "off"], False),
-    (["--http-port", "8002"], False),
-])
-def test_serve_port_without_http_port_says_where_the_http_api_stays(caplog, capsys, flags, warned):
-    # A newcomer's find (h76): `serve --port 8001`, as vLLM's HTTP port, put gRPC on 8001; the OpenAI
-    # client sent there said only "Connection error." (curl: "Received HTTP/0.9"). --max-queue 0 ends
-    # the start before the model loads.
-    from nlora_serve.cli import main as cli_main
-
-    with caplog.at_level(logging.WARNING, logger="nlora_serve"):
-        assert cli_main(["serve", *flags, "--max-queue", "0"]) == 2
-    assert capsys.readouterr().err.startswith("error: --max-queue 0")
-    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    want = ("--port 8001 is the gRPC port here; the OpenAI-compatible HTTP API stays on --http-port 8000 (vLLM's "
-            "--port is its HTTP port: here --http-port)")
-    assert messages == ([want] if warned else [])
-
-
-def test_generate_on_a_store_another_process_holds_is_refused_before_the_model_loads(tmp_path, capsys, caplog):
-    # A newcomer's find (h76): `generate --adapter lower --adapter-dir nlora-adapters` beside `make serve`
-    # loaded the model and started the engine (12 s under load) before saying the store was in use.
-    from nlora_serve.cli import main as cli_main
-
-    store = tmp_path / "store"
-    store.mkdir()
-    hold = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with caplog.at_level(logging.INFO, logger="nlora_serve"):
-            code = cli_main(["generate", "--message", "Hi", "--adapter", "lower", "--adapter-dir", str(store)])
-    finally:
-        holder.communicate("", timeout=60)
-    assert code == 2
-    assert capsys.readouterr().err.startswith(f"error: adapter store {store.resolve()} is in use by another process")
-    assert not [r for r in caplog.records if r.getMessage().startswith("loading model")]
-
-
-def test_generate_with_a_max_model_len_over_the_models_positions_is_one_error_line(capsys, base_model_dir):
-    # It ended in a ValueError traceback naming SchedulerConfig.max_model_len.
-    from nlora_serve.cli import main as cli_main
-
-    limit = json.loads((base_model_dir / "config.json").read_text())["max_position_embeddings"]
-    over = limit + 1
-    assert cli_main(["generate", "--message", "Hi", "--dtype", "float32", "--max-model-len", str(over)]) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert err[-1] == (f"error: --max-model-len {over}: exceeds the model's max_position_embeddings {limit} "
-                       f"({base_model_dir / 'config.json'})")
-
-
-def test_serve_freezes_the_start_up_heap_before_it_serves(monkeypatch):
-    """``run_serve`` moves what start-up made out of the collector's reach before the first
-    request (a full collection walked ~340k objects, every stream stalled: bench/gc_pause.py)."""
-    import argparse
-    import gc
-
-    from nlora_serve.serving.commands import serve as serve_cli
-
-    seen = {}
-
-    class Engine:
-        dead_reason = None
-
-        def shutdown(self):
-            seen["shut down"] = True
-
-    async def serving(server, examples):
-        seen["frozen while serving"] = gc.get_freeze_count()
-        return True
-
-    monkeypatch.setattr(serve_cli, "build", lambda args: (Engine(), object(), []))
-    monkeypatch.setattr(serve_cli, "serve", serving)
-    assert gc.get_freeze_count() == 0
-    try:
-        assert serve_cli.run_serve(argparse.Namespace(backend="vllm")) == 0
-    finally:
-        gc.unfreeze()
-    assert seen["frozen while serving"] > 1000 and seen["shut down"]
