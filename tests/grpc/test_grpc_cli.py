@@ -130,12 +130,31 @@ def test_keys_new_prints_tenant_and_admin_entries_the_server_loads_and_authentic
     assert auth.authenticate([("authorization", f"Bearer {admin_key}")]).is_admin
 
 
+def test_keys_new_prints_a_tenants_weight_and_quota_as_the_server_reads_them(tmp_path, capsys):
+    from nlora_serve.serving.auth import Authenticator
+
+    key, entry = _new_entry(capsys, "--tenant", "big", "--adapters", "big-*", "--weight", "2.5",
+                            "--max-concurrent-requests", "64")
+    assert entry == {"name": "big", "key_sha256": hashlib.sha256(key.encode()).hexdigest(), "adapters": ["big-*"],
+                     "base_model": False, "weight": 2.5, "max_concurrent_requests": 64}
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps({"tenants": [entry]}))
+    auth = Authenticator.from_file(path)
+    big = auth.authenticate([("authorization", f"Bearer {key}")])
+    assert (big.weight, big.max_concurrent_requests) == (2.5, 64) and auth.weights() == {"big": 2.5}
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--tenant", "", "--adapters", "acme"], "tenants[0].name must be a non-empty string"),  # the loader's rule
     (["--tenant", "acme", "--adapters", ""], "tenants[0].adapters must be a list of adapter names"),
     (["--tenant", "acme"], "would be granted nothing"),
     (["--adapters", "acme"], "give --tenant NAME too"),
     (["--admin", "ops", "--base-model"], "give --tenant NAME too"),
+    (["--admin", "ops", "--weight", "2"], "give --tenant NAME too"),
+    (["--tenant", "acme", "--base-model", "--weight", "0"], "tenants[0].weight must be a positive number"),
+    (["--tenant", "acme", "--base-model", "--weight", "inf"], "tenants[0].weight must be a positive number"),
+    (["--tenant", "acme", "--base-model", "--max-concurrent-requests", "0"],
+     "tenants[0].max_concurrent_requests must be a positive integer"),
 ])
 def test_keys_new_refuses_an_entry_the_tenants_file_would_not_load_and_prints_no_key(flags, says, capsys):
     assert keys_main(["new", *flags]) == 2

@@ -2,6 +2,7 @@
 
     nlora-serve keys new                    # prints a fresh key and its hash
     nlora-serve keys new --tenant acme --adapters acme 'acme-*'   # the key and acme's tenants entry
+    nlora-serve keys new --tenant big --adapters 'big-*' --weight 2 --max-concurrent-requests 64
     nlora-serve keys new --admin ops        # the key and an admin_keys entry
     echo -n "$KEY" | nlora-serve keys hash
 
@@ -36,6 +37,11 @@ def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     new.add_argument("--adapters", nargs="+", default=[], metavar="PATTERN",
                      help="with --tenant: the adapter names or shell-style patterns it may use, e.g. acme 'acme-*'")
     new.add_argument("--base-model", action="store_true", help="with --tenant: it may also use the base model")
+    new.add_argument("--weight", type=float, metavar="W",
+                     help="with --tenant: its share of the server under --scheduling-policy fair, relative to the "
+                          "other tenants' (default 1)")
+    new.add_argument("--max-concurrent-requests", type=int, metavar="N",
+                     help="with --tenant: its requests running or waiting at most (default: no quota)")
     parser.set_defaults(func=run_keys)
 
 
@@ -44,11 +50,15 @@ def tenants_entry(args: argparse.Namespace, key: str) -> tuple[str, dict] | None
     --tenant / --admin; checked by the tenants file's own loader, so that the entry printed loads.
 
     Raises:
-        NloraError: --adapters / --base-model without --tenant, a tenant granted nothing, or an
-            entry the loader refuses (its message).
+        NloraError: --adapters / --base-model / --weight / --max-concurrent-requests without
+            --tenant, a tenant granted nothing, or an entry the loader refuses (its message: a
+            weight that is not a positive number, a quota that is not a positive integer).
     """
-    if args.tenant is None and (args.adapters or args.base_model):
-        raise NloraError("--adapters and --base-model grant a tenant: give --tenant NAME too")
+    quota = {"weight": args.weight, "max_concurrent_requests": args.max_concurrent_requests}
+    quota = {field: value for field, value in quota.items() if value is not None}
+    if args.tenant is None and (args.adapters or args.base_model or quota):
+        raise NloraError("--adapters, --base-model, --weight and --max-concurrent-requests describe a tenant: "
+                         "give --tenant NAME too")
     if args.admin is not None:
         section, entry = "admin_keys", {"name": args.admin, "key_sha256": hash_key(key)}
     elif args.tenant is not None:
@@ -56,7 +66,7 @@ def tenants_entry(args: argparse.Namespace, key: str) -> tuple[str, dict] | None
             raise NloraError(f"--tenant {args.tenant} would be granted nothing: give --adapters PATTERN... "
                              "and/or --base-model")
         section, entry = "tenants", {"name": args.tenant, "key_sha256": hash_key(key),
-                                     "adapters": args.adapters, "base_model": args.base_model}
+                                     "adapters": args.adapters, "base_model": args.base_model, **quota}
     else:
         return None
     Authenticator.from_document({section: [entry]}, "keys new")  # AuthError (an NloraError) names the field
