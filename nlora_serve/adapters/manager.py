@@ -1,7 +1,9 @@
 """The engine's one handle on adapters: store + registry + residency, wired together.
 
 Front ends call :meth:`AdapterManager.acquire` when they admit a request (NOT_FOUND at once for an
-unknown name) and the engine calls :meth:`release` exactly once when the request ends.
+unknown name) and the engine calls :meth:`release` exactly once when the request ends. A response
+of several requests (OpenAI's ``n``, a batch of prompts) takes a :meth:`hold` on a version first and
+queues each of its requests on it, so that a hot swap in between changes none of them.
 """
 
 from __future__ import annotations
@@ -80,16 +82,24 @@ class AdapterManager:
         return read_adapter_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], self.base, max_rank=self.limits.max_rank,
                                   source=source, families=self.families)
 
-    def acquire(self, name: str, tenant: str | None = None) -> AdapterVersion:
+    def acquire(self, name: str, tenant: str | None = None, version: AdapterVersion | None = None) -> AdapterVersion:
         """Pin ``name``'s current version for one request (of ``tenant``: its share of the LoRA
         slots, :class:`~nlora_serve.adapters.residency.Residency`) and make sure it is resident.
+        With ``version`` (a version of ``name`` the caller holds, :meth:`hold`): pin that one,
+        current or superseded.
 
         Raises:
-            AdapterNotFound: unknown or unloaded name.
+            AdapterNotFound: unknown or unloaded name (with ``version``: unloaded since it was held).
+            ValueError: ``version`` of another name (the caller's bug: never a tenant's).
             PoolFull: an untied adapter found every LoRA slot busy (nothing stays pinned).
             AdapterLoadFailed: an evicted untied adapter's files could not be read back.
         """
-        version = self.registry.acquire(name)
+        if version is None:
+            version = self.registry.acquire(name)
+        elif version.name != name:
+            raise ValueError(f"adapter version {version.name} v{version.version} is not one of {name!r}")
+        else:
+            version = self.registry.acquire_held(version)
         try:
             self.residency.ensure_resident(version, tenant)
         except BaseException:
@@ -108,6 +118,20 @@ class AdapterManager:
                 del self._pins[key]
         self.residency.unpin(version, tenant)
         self.registry.release(version)
+
+    def hold(self, name: str) -> AdapterVersion:
+        """Keep ``name``'s current version from being freed or evicted, for the requests of one
+        response to be queued on it (:meth:`acquire` with ``version``), until :meth:`let_go`. A
+        hold is no request: ``refcount``, :meth:`holders` and :meth:`requests_of` do not count it.
+
+        Raises:
+            AdapterNotFound: unknown or unloaded name.
+        """
+        return self.registry.hold(name)
+
+    def let_go(self, version: AdapterVersion) -> None:
+        """End one :meth:`hold` (a superseded version nobody runs on is freed now)."""
+        self.registry.let_go(version)
 
     def requests_of(self, version: AdapterVersion, tenant: str | None) -> int:
         """``tenant``'s requests running or queued on ``version`` now (``version.refcount`` counts

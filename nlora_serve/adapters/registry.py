@@ -6,10 +6,13 @@
 - acquire / release: a request pins the version current at its admission and releases it exactly
   once on every terminal path (finish, abort, error, client gone).
 - unload: new acquires get NOT_FOUND at once; the version is freed when its last holder releases.
+- hold / let_go: a request made of several engine requests (OpenAI's ``n``, a batch of prompts)
+  keeps the version it runs on from being freed while it queues them one by one, each pinned with
+  ``acquire_held``: a hot swap in between leaves all of them on the held version.
 
 A version is *freed* (its ``on_free`` callback runs: the residency layer gives back its slot and
-memory) when it is no longer current and no request holds it. The registry is thread-safe: the
-front end registers and acquires from its threads while the engine thread releases.
+memory) when it is no longer current and no request or hold keeps it. The registry is
+thread-safe: the front end registers and acquires from its threads while the engine thread releases.
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ class AdapterVersion:
     adapter: Adapter | None  # its validated weights in memory; None while evicted (see above)
     path: Path  # its folder in the store
     refcount: int = 0  # requests holding it
+    holds: int = 0  # callers keeping it for requests they have still to queue (AdapterRegistry.hold); no request
     current: bool = True  # what new requests of ``name`` get; False once superseded or unloaded
     freed: bool = False  # on_free has run
+    unloaded: bool = False  # its name was unloaded while this was served or held: acquire_held refuses it
     pool: object | None = None  # the Residency pool holding it (None while not resident)
     slot: int | None = None  # its slot in that pool
     content_hash: str = ""  # sha256 of the adapter's maths (caches key on it)
@@ -252,6 +257,51 @@ class AdapterRegistry:
                 return found
         raise AdapterNotFound(self._missing(name))  # outside the lock: it may read the disk
 
+    def acquire_held(self, version: AdapterVersion) -> AdapterVersion:
+        """Pin ``version``, current or not, for one request (refcount + 1): a version the caller
+        keeps with :meth:`hold`, so that every request of one response runs on it.
+
+        Raises:
+            AdapterNotFound: its name was unloaded since (a forced unload aborts the requests on
+                it: one queued after must not run), or it was freed (nobody held it).
+        """
+        with self._lock:
+            if not (version.unloaded or version.freed):
+                version.refcount += 1
+                return version
+        if version.unloaded:
+            raise AdapterNotFound(self._missing(version.name))
+        raise AdapterNotFound(f"adapter {shown(version.name)!r} v{version.version} was replaced and is no longer held")
+
+    def hold(self, name: str) -> AdapterVersion:
+        """Keep the current version of ``name`` from being freed (not a request: ``refcount`` and
+        :meth:`holders` do not count it) until :meth:`let_go`, for the requests of one response
+        that :meth:`acquire_held` pins on it one at a time.
+
+        Raises:
+            AdapterNotFound: as :meth:`acquire`.
+        """
+        with self._lock:
+            found = self._current.get(name)
+            if found is not None:
+                found.holds += 1
+                return found
+        raise AdapterNotFound(self._missing(name))
+
+    def let_go(self, version: AdapterVersion) -> None:
+        """End one :meth:`hold`; frees the version if nothing else needs it.
+
+        Raises:
+            RuntimeError: let go more often than held (never hidden).
+        """
+        with self._lock:
+            if version.holds <= 0:
+                raise RuntimeError(f"adapter {version.name} v{version.version} let go more often than held")
+            version.holds -= 1
+            free = self._take_if_free(version)
+        if free:
+            self._free(version)
+
     def release(self, version: AdapterVersion) -> None:
         """Drop one request's pin; frees the version if it was its last holder and not current.
 
@@ -288,6 +338,8 @@ class AdapterRegistry:
             with self._lock:
                 found = self._current.pop(name)
                 found.current = False
+                for version in (found, *self._retired.get(name, ())):
+                    version.unloaded = True
                 free = self._take_if_free(found)
                 if not free:
                     self._retired.setdefault(name, []).append(found)
@@ -385,7 +437,7 @@ class AdapterRegistry:
     @staticmethod
     def _take_if_free(version: AdapterVersion) -> bool:
         """Under the lock: mark ``version`` freed if nobody needs it; True if the caller frees it."""
-        if version.current or version.refcount or version.freed:
+        if version.current or version.refcount or version.holds or version.freed:
             return False
         version.freed = True
         return True

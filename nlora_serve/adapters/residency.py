@@ -5,7 +5,8 @@
   registration, before anything is written.
 - Untied adapters share one :class:`LoraPool` of ``max_loras`` slots with LRU eviction: an
   evicted adapter's tensors are dropped and re-read from its store folder on its next request
-  (a timed, counted cold load). A slot held by a running request is never evicted.
+  (a timed, counted cold load). A slot held by a running request, or kept for the requests of
+  one response still to be queued (AdapterRegistry.hold), is never evicted.
 - With tenant shares (fair scheduling), the LoRA slots are shared between the tenants that contend
   for them: a tenant refused a slot contends from then on, for as long as it keeps asking (each
   request within :data:`CONTEND_SECONDS` of the end of its last), and while another tenant contends, a tenant
@@ -251,7 +252,7 @@ class Residency:
 
     def _evict_lru(self) -> int | None:
         for key, victim in self._lru.items():
-            if victim.refcount == 0:
+            if victim.refcount == 0 and victim.holds == 0:
                 del self._lru[key]
                 slot = victim.slot
                 victim.pool, victim.slot = None, None

@@ -181,11 +181,14 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
-                    cache_salt: str | None = None, add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
+                    cache_salt: str | None = None, add_special_tokens: bool = True,
+                    version: AdapterVersion | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request and return the async stream of its deltas, ending with a finished one.
 
         ``adapter`` names the adapter to run on (None = the base model); the version current now
-        is pinned for the whole request and reported in every delta. Must be called from a
+        is pinned for the whole request and reported in every delta, or ``version``, a version of
+        ``adapter`` the caller holds (:meth:`AdapterManager.hold`), superseded or not: the
+        requests of one response all run on the version it held. Must be called from a
         running event loop. ``tenant`` names who sent it (the front ends pass the caller's key
         name; fair scheduling serves tenants, not requests, equally). ``cache_salt``: only requests
         with the same salt share prefix-cache blocks (None = the unsalted group).
@@ -197,7 +200,8 @@ class Engine(abc.ABC):
         Raises:
             RequestError: invalid prompt or parameters, or a prompt plus max_tokens over
                 max_model_len (:func:`check_request`; at once, nothing queued, no KV block used).
-            AdapterNotFound: no adapter of that name (never the base model instead).
+            AdapterNotFound: no adapter of that name (never the base model instead), or it was
+                unloaded since ``version`` was held.
             PoolFull: no adapter slot free now.
             EngineError: from the stream, when the engine failed while running the request.
             RequestAborted: from the stream, when the engine aborted the request with a reason.

@@ -122,14 +122,15 @@ class LLMEngine(Engine):
 
     def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
                 sink: Sink, adapter: str | None = None, tenant: str | None = None,
-                cache_salt: str | None = None, add_special_tokens: bool = True) -> tuple[str, str]:
+                cache_salt: str | None = None, add_special_tokens: bool = True,
+                version: AdapterVersion | None = None) -> tuple[str, str]:
         """Queue a request; returns its (client id, engine id)."""
         if self._stopping:
             raise EngineError("engine is shut down")
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt, add_special_tokens)
         self.core.validate(ids, params)
-        pinned = self.adapters.acquire(adapter, tenant) if adapter is not None else None
+        pinned = self.adapters.acquire(adapter, tenant, version) if adapter is not None else None
         client_id, engine_id = self._ids.admit(request_id)
         self._sinks[engine_id] = sink
         self._inbox.put(_Add(engine_id, ids, params, pinned, tenant, cache_salt))
@@ -138,12 +139,13 @@ class LLMEngine(Engine):
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
-                    cache_salt: str | None = None, add_special_tokens: bool = True) -> RequestStream:
+                    cache_salt: str | None = None, add_special_tokens: bool = True,
+                    version: AdapterVersion | None = None) -> RequestStream:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         client_id, engine_id = self._submit(prompt, params, request_id,
                                             lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter,
-                                            tenant, cache_salt, add_special_tokens)
+                                            tenant, cache_salt, add_special_tokens, version)
         return RequestStream(client_id, deltas, self._drop, engine_id)
 
     def _drop(self, engine_id: str) -> None:

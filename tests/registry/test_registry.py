@@ -105,6 +105,46 @@ def test_unknown_and_unloaded_names_are_not_found(registry, freed):
             registry.acquire(impossible)
 
 
+def test_a_hold_keeps_a_superseded_version_for_requests_queued_after_the_swap(registry, freed):
+    """The requests of one response (OpenAI's n) are queued one by one on the version held before
+    the first: a swap in between, even with none of them running, frees nothing; a hold is no
+    request (refcount, holders); the version is freed when the hold and its last request end."""
+    v1 = registry.register("acme", files(b"\x01"))
+    assert registry.hold("acme") is v1
+    v2 = registry.swap_weights("acme", b"\x02")
+    assert freed == [] and (v1.refcount, v1.holds, registry.holders("acme")) == (0, 1, 0)
+    assert registry.acquire_held(v1) is v1 and registry.acquire("acme") is v2
+    assert (v1.refcount, registry.holders("acme")) == (1, 2)
+    registry.let_go(v1)
+    assert freed == []  # its request runs on
+    registry.release(v1)
+    assert freed == [v1]
+    with pytest.raises(RuntimeError, match="let go more often than held"):
+        registry.let_go(v1)
+    with pytest.raises(AdapterNotFound, match=r"'acme' v1 was replaced and is no longer held"):
+        registry.acquire_held(v1)  # unheld, a superseded version is freed at once: nothing to pin
+    registry.swap_weights("acme", b"\x03")
+    assert freed == [v1] and v2.refcount == 1  # v2's request above holds it: freed when it ends
+    registry.release(v2)
+    assert freed == [v1, v2]
+
+
+def test_an_unload_refuses_the_held_versions_requests_still_to_come(registry, freed):
+    """A forced unload aborts the requests running on every version of a name: one queued after
+    it on a held version must not run."""
+    v1 = registry.register("acme", files(b"\x01"))
+    registry.hold("acme")
+    v2 = registry.swap_weights("acme", b"\x02")
+    registry.hold("acme")
+    registry.unload("acme")
+    for held in (v1, v2):
+        with pytest.raises(AdapterNotFound, match="'acme' was unloaded by an operator"):
+            registry.acquire_held(held)
+    registry.let_go(v1)
+    registry.let_go(v2)
+    assert freed == [v1, v2] and registry.holders("acme") == 0
+
+
 def test_release_more_than_acquire_is_an_error(registry):
     v = registry.register("acme", files(b"\x01"))
     registry.acquire("acme")

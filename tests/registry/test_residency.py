@@ -202,14 +202,15 @@ def test_reused_lora_slot_serves_the_new_adapter(hook, base_fp32, residency):
     assert (got - want).norm() / want.norm() < 1e-4
 
 
-def test_pinned_lora_slots_are_never_evicted(base_fp32, residency, tmp_path, caplog):
+@pytest.mark.parametrize("held_by", ["refcount", "holds"])  # a running request; a response's requests to come
+def test_pinned_lora_slots_are_never_evicted(base_fp32, residency, tmp_path, caplog, held_by):
     vs = []
     for i in range(3):
         a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
         vs.append(version(f"l{i}", a, write_adapter(a, tmp_path / f"l{i}")))
     for v in vs[:2]:
         residency.admit(v)
-        v.refcount = 1  # held by a running request
+        setattr(v, held_by, 1)
     residency.admit(vs[2])  # no evictable slot: stays on disk for now
     assert vs[2].slot is None
     refused(caplog, lambda: residency.ensure_resident(vs[2]), "l2",

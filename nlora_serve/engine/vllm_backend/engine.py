@@ -140,7 +140,8 @@ class VllmEngine(Engine):
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
-                    cache_salt: str | None = None, add_special_tokens: bool = True) -> RequestStream:
+                    cache_salt: str | None = None, add_special_tokens: bool = True,
+                    version: AdapterVersion | None = None) -> RequestStream:
         # ``tenant`` counts its adapter pin only: vLLM schedules first come first served (or by priority)
         loop = asyncio.get_running_loop()
         if self._stopping:
@@ -155,7 +156,7 @@ class VllmEngine(Engine):
             self.check_structured(params.structured_outputs)
         deltas: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            pinned = self.adapters.acquire(adapter, tenant) if adapter is not None else None
+            pinned = self.adapters.acquire(adapter, tenant, version) if adapter is not None else None
             client_id, rid = self._ids.admit(request_id)
             job = self._jobs[rid] = Job(rid, client_id, len(ids), pinned, threadsafe_sink(loop, deltas), tenant=tenant)
             self._counters["prompt_tokens"] += len(ids)

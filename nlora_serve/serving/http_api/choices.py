@@ -11,10 +11,12 @@ Each prompt's choice 0 is queued at once (the prompts prefill together) and its 
 its first delta arrives: its prompt's full KV blocks are computed and committed to the native
 engine's prefix cache by then, so the other choices read the prompt from the cache instead of each
 prefilling it again (queued at once, all would be admitted in one step, before any block was
-committed). The engine pins the adapter version current when a choice is queued, so a hot swap in
-between would run one response's choices on two versions under one ``X-Adapter-Version`` and
-``system_fingerprint``: a choice whose version differs from its request's first is aborted, with
-the whole request (``RequestAborted``, naming both versions).
+committed). A hot swap in between must not run one response's choices on two versions under one
+``X-Adapter-Version`` and ``system_fingerprint``, nor abort the response: as vLLM and LoRAX serve
+all ``n`` choices on one adapter, the caller holds the adapter version current before the first
+choice is queued (AdapterManager.hold) and queues every choice on it, superseded or not (its
+weights stay resident while held); :func:`start_choices` lets it go once every choice is queued
+(each pins the version itself until it ends) or the request ends first.
 """
 
 from __future__ import annotations
@@ -74,27 +76,47 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     return dataclasses.replace(params, seed=params.seed + index)
 
 
-async def start_choices(start: Start, n: int, num_prompts: int = 1) -> AsyncIterator[RequestOutput]:
+async def start_choices(start: Start, n: int, num_prompts: int = 1,
+                        let_go: Callable[[], None] | None = None) -> AsyncIterator[RequestOutput]:
     """Queue each prompt's choice 0 now and return the deltas of all ``num_prompts x n`` choices,
     each tagged with its ``index`` (prompt ``i``'s choice ``j``: ``i * n + j``), in the order they
     come; the stream ends once every choice has finished. Closing it (or an error in one choice)
-    aborts every unfinished choice at once.
+    aborts every unfinished choice at once. ``let_go`` (ends the caller's hold on the adapter
+    version ``start`` queues every choice on) is called exactly once: when every choice is queued,
+    or when this raises or the stream ends first.
 
     Raises:
         RequestError, AdapterNotFound, PoolFull: from ``start(i * n)``, now (the prompts queued
             before it are aborted; a batch's message names the prompt). (From the stream:)
             EngineError, RequestAborted: a choice failed or was aborted; a choice that could not be
-            queued (its adapter unloaded meanwhile) is RequestAborted.
+            queued (its adapter unloaded meanwhile, no LoRA slot free) is RequestAborted.
     """
+    let_go = _once(let_go)
     firsts: list[AsyncIterator[RequestOutput]] = []
     for i in range(num_prompts):
         try:
             firsts.append(start(i * n))
-        except NloraError as exc:
+        except BaseException as exc:
             for stream in firsts:
                 await stream.aclose()
-            raise of_prompt(exc, i, num_prompts) from None
-    return firsts[0] if n * num_prompts == 1 else _merged(firsts, start, n)
+            let_go()
+            if isinstance(exc, NloraError):
+                raise of_prompt(exc, i, num_prompts) from None
+            raise
+    if n == 1:  # every choice is queued
+        let_go()
+    return firsts[0] if n * num_prompts == 1 else _merged(firsts, start, n, let_go)
+
+
+def _once(let_go: Callable[[], None] | None) -> Callable[[], None]:
+    """``let_go`` as a callable that runs it the first time only (none: does nothing)."""
+    pending = [let_go] if let_go is not None else []
+
+    def call() -> None:
+        if pending:
+            pending.pop()()
+
+    return call
 
 
 def of_prompt(exc: NloraError, index: int, num_prompts: int) -> NloraError:
@@ -106,12 +128,12 @@ def of_prompt(exc: NloraError, index: int, num_prompts: int) -> NloraError:
     return RequestError(f"prompt[{index}]: {exc}", exc.param or "prompt")
 
 
-async def _merged(firsts: list[AsyncIterator[RequestOutput]], start: Start, n: int) -> AsyncIterator[RequestOutput]:
+async def _merged(firsts: list[AsyncIterator[RequestOutput]], start: Start, n: int,
+                  let_go: Callable[[], None]) -> AsyncIterator[RequestOutput]:
     streams = list(firsts)
     queue: asyncio.Queue = asyncio.Queue()
     pumps = [asyncio.create_task(_pump(i * n, stream, queue)) for i, stream in enumerate(firsts)]
     waiting = [n > 1] * len(firsts)  # per prompt: its other choices are not queued yet
-    pinned: RequestOutput | None = None  # the request's first delta: the adapter version every choice must run on
     try:
         running = n * len(firsts)
         while running:
@@ -121,12 +143,6 @@ async def _merged(firsts: list[AsyncIterator[RequestOutput]], start: Start, n: i
                 continue
             if isinstance(out, BaseException):
                 raise out
-            pinned = pinned or out
-            if (out.adapter_version, out.adapter_hash) != (pinned.adapter_version, pinned.adapter_hash):
-                raise RequestAborted(f"adapter {pinned.adapter!r} changed from version {pinned.adapter_version} to "
-                                     f"{out.adapter_version} while this request's {n * len(firsts)} "
-                                     "choices were being queued (each pins the version current when it is queued); "
-                                     "retry")
             prompt = out.index // n
             if waiting[prompt]:  # its choice 0's first delta: the prompt is in the prefix cache from here
                 waiting[prompt] = False
@@ -137,8 +153,11 @@ async def _merged(firsts: list[AsyncIterator[RequestOutput]], start: Start, n: i
                         raise RequestAborted(f"choice {index} of {n * len(firsts)} could not be queued: "
                                              f"{exc}") from exc
                     pumps.append(asyncio.create_task(_pump(index, streams[-1], queue)))
+                if not any(waiting):
+                    let_go()
             yield out
     finally:
+        let_go()
         for pump in pumps:
             pump.cancel()
         for pump in pumps:

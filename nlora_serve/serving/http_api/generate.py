@@ -183,7 +183,7 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompts
     Raises:
         RequestError: a prompt (too long, a bad message), a structured-output spec that does not
             compile (:meth:`Engine.check_structured`), or from :func:`start_request`.
-            AdapterNotFound: an adapter asked of a server that serves none.
+            AdapterNotFound: an adapter asked of a server that serves none, or not served.
     """
     turns = ctx.admission.tokenizer
     if params.structured_outputs is not None:  # compiled off the event loop; a bad spec is a 400 here
@@ -204,13 +204,16 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompts
     ids = [truncated(prompt, truncation) for prompt in full]
     adapter, salt, n = adapter_of(ctx, body.model), cache_salt_of(caller, body.cache_salt, ctx.auth), body.num_choices
     alone = n * len(ids) == 1
+    # every choice of every prompt runs on the version current now, however late it is queued
+    held = None if alone or adapter is None else ctx.engine.adapters.hold(adapter)
 
     def start(index: int) -> AsyncIterator:
         engine_id = f"{caller.name}/{rid}" if alone else f"{caller.name}/{rid}/{index}"
         return start_request(ctx.engine, ids[index // n], choice_params(params, index % n), engine_id, adapter,
-                             body.max_tokens_given, caller, salt)
+                             body.max_tokens_given, caller, salt, held)
 
-    stream = await start_choices(start, n, len(ids))
+    let_go = (lambda: ctx.engine.adapters.let_go(held)) if held is not None else None
+    stream = await start_choices(start, n, len(ids), let_go)
     return stream, ids, [len(cut) < len(whole) for cut, whole in zip(ids, full)]
 
 
