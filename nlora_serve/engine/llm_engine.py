@@ -324,6 +324,6 @@ def _merge(deltas: list[RequestOutput]) -> RequestOutput:
     return RequestOutput(last.request_id, "".join(d.text for d in deltas),
                          [t for d in deltas for t in d.token_ids], last.finish_reason,
                          last.prompt_tokens, last.completion_tokens, logprobs, last.error,
-                         last.adapter, last.adapter_version, cached_tokens=last.cached_tokens,
+                         last.adapter, last.adapter_version, last.adapter_hash, cached_tokens=last.cached_tokens,
                          stop_reason=last.stop_reason,
                          prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs), None))

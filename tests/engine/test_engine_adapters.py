@@ -47,6 +47,9 @@ def test_every_accept_case_and_the_base_model_in_one_shuffled_batch(engine):
     for (name, ref), out in zip(jobs, outs):
         assert matches_reference(out.token_ids, ref["greedy_token_ids"], ref["top2_logit_margins"]), name
         assert (out.adapter, out.adapter_version) == ((name, 1) if name else (None, 0))
+        # the merged output keeps the version's content hash (it was dropped: "" for every adapter)
+        assert out.adapter_hash == (engine.adapters.registry.get(name).content_hash if name else "")
+    assert all(len(v.content_hash) == 64 for v in engine.adapters.versions())  # sha256 hex: never ""
     assert all(v.refcount == 0 for v in engine.adapters.versions())
     tied = engine.adapters.registry.get("inttune-nystrom-tied")
     assert tied.is_tied and tied.held_bytes == 30 * 3 * 8 * 8 * 4  # N only: sites · r² · fp32
