@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+import openai
 import pytest
 import safetensors.torch
 
@@ -165,3 +166,26 @@ def test_every_choice_runs_on_the_version_held_before_a_swap(make_http_server, m
     assert sum(pool.used for pool in manager.residency.tied_pools.values()) == 1  # the new version's only
     assert manager.registry.store.versions(TIED) == [second.version]
     assert server.engine.stats()["kv_blocks_used"] == 0
+
+
+def test_an_unload_before_the_other_choices_are_queued_aborts_the_request(make_http_server, monkeypatch):
+    """A forced unload aborts every request on the adapter: choices queued after it on the held
+    version must not run. Choice 0 (one token) has ended by then: the 409 is the other choices'."""
+    server = make_http_server()
+    manager = server.engine.adapters
+    with NloraClient(server.target, api_key=ADMIN_KEY, timeout=60) as admin:
+        admin.upload_adapter(TIED, CASES / TIED)
+    old = manager.registry.get(TIED)
+    queue = generate.start_request
+
+    def start_request(engine, prompt, params, engine_id, *args):
+        if engine_id.endswith("/1"):
+            server.engine.unload_adapter(TIED, force=True)
+        return queue(engine, prompt, params, engine_id, *args)
+
+    monkeypatch.setattr(generate, "start_request", start_request)
+    with pytest.raises(openai.ConflictError) as err:
+        client(server, KEY).completions.create(model=TIED, prompt="Colours:", n=3, max_tokens=1, temperature=1.0)
+    assert err.value.body["message"].startswith(f"choice 1 of 3 could not be queued: adapter '{TIED}' was unloaded")
+    assert (old.refcount, old.holds, old.freed, old.slot) == (0, 0, True, None)
+    assert manager.holders(TIED) == 0 and server.engine.stats()["kv_blocks_used"] == 0
