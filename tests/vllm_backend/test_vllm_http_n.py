@@ -8,19 +8,26 @@ vllm is importable (see conftest.py)."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
+import safetensors.torch
 import torch
 
-from grpc_harness import TENANT_KEYS, RunningServer
+from admission_harness import wait_for
+from grpc_harness import ADMIN_KEY, TENANT_KEYS, RunningServer, matches_reference
 from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.client import NloraClient
 from nlora_serve.engine.config import EngineConfig, SchedulerConfig
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.grpc_api.convert import server_info
+from nlora_serve.serving.http_api import generate
 from nlora_serve.serving.server_config import ServerConfig
 
+CASES = Path(__file__).parents[1] / "data" / "cases"
 PROMPT = "Once upon a time, in a village by the sea,"
 PAIRS = [("Question: what is the capital of France?\nAnswer:", " The capital of France is Paris."),
          ("The sky is", " blue."),
@@ -90,6 +97,50 @@ def test_a_batch_of_prompts_is_indexed_i_times_n_plus_j_with_seed_plus_j(server,
     assert got == want and got[0] != got[1]
     assert server.engine.stats()["running"] == 0
 
+
+
+def test_choices_queued_after_a_hot_swap_run_on_the_version_held_before_it(server, monkeypatch):
+    """As tests/http/test_http_n_versions.py on the native engine: the tied tenant's N swapped
+    (x 1.5) just before choices 1 and 2 are queued; all three equal the case's recorded transformers
+    greedy reference (temperature 1 with top_k 1), the response names the uploaded version, and the
+    superseded version's folded LoRA folder goes once its last choice has ended."""
+    name = "inttune-nystrom-tied"
+    manager = server.engine.adapters
+    with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
+        first = admin.upload_adapter(name, CASES / name, chunk_bytes=64 << 10)
+    old = manager.registry.get(name)
+    old_id = old.slot
+    n_weights = safetensors.torch.load_file(old.path / "adapter_model.safetensors")
+    payload = safetensors.torch.save({k: (t * 1.5).contiguous() for k, t in n_weights.items()})
+    swapped: list = []
+    queue = generate.start_request
+
+    def start_request(engine, prompt, params, engine_id, *args):
+        if engine_id.endswith("/1") and not swapped:
+            swapped.append(manager.swap(name, payload))
+        return queue(engine, prompt, params, engine_id, *args)
+
+    monkeypatch.setattr(generate, "start_request", start_request)
+    ref = json.loads((CASES / name / "case.json").read_text())["references"][0]
+    length = len(ref["greedy_token_ids"])
+    raw = client(server, TENANT_KEYS["tied-co"]).completions.with_raw_response.create(
+        model=name, prompt=ref["prompt_token_ids"], n=3, max_tokens=length, temperature=1.0, logprobs=0,
+        extra_body={"top_k": 1, "min_tokens": length, "return_tokens_as_token_ids": True})
+    answer = raw.parse()
+    (second,) = swapped
+    assert second.version == first.version + 1
+    assert sorted(c.index for c in answer.choices) == [0, 1, 2]
+    for choice in answer.choices:
+        got = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
+        assert matches_reference(got, ref["greedy_token_ids"], ref["top2_logit_margins"]), (choice.index, got)
+    assert (raw.headers["x-adapter-version"], raw.headers["x-adapter-hash"]) == (str(first.version),
+                                                                                  first.content_hash)
+    assert answer.system_fingerprint == f"{name}:v{first.version}:{first.content_hash[:12]}"
+    after = client(server, TENANT_KEYS["tied-co"]).completions.with_raw_response.create(
+        model=name, prompt="Colours:", max_tokens=2)
+    assert after.headers["x-adapter-version"] == str(second.version)
+    assert (old.refcount, old.holds, old.freed) == (0, 0, True) and manager.holders(name) == 0
+    assert wait_for(lambda: not manager.residency.path(old_id).exists())
 
 
 def test_lm_eval_batched_loglikelihood_request_scores_each_prompt_beside_other_requests(server, base_fp32, hf_model):
