@@ -138,12 +138,14 @@ def _stub_core(n: int, overlap: bool | None, policy: str = "fcfs"):
 
     from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from nlora_serve.engine.core import EngineCore
+    from nlora_serve.engine.eos import EosTokens
 
     fields = {} if overlap is None else {"async_scheduling": overlap}
     core = EngineCore.__new__(EngineCore)
     core.config = EngineConfig(device="cpu", scheduler=SchedulerConfig(n, n * CONTEXT, 4096, policy=policy),
                                cache=CacheConfig(BLOCK, n * 20), **fields)
     core.device, core.vocab_size, core.eos_ids = torch.device("cpu"), 128, set()
+    core.eos = EosTokens(None, frozenset())
     core.tokenizer = AutoTokenizer.from_pretrained("bench/models/smollm2-135m")
     core.runner, core.adapters, core.hook, core.requests = _StubRunner(128), None, AdapterHook(), {}
     core.reset_scheduling(n * 20)

@@ -21,12 +21,12 @@ import time
 
 import torch
 
+from nlora_serve.engine.eos import eos_tokens
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.sequence import Sequence
 from nlora_serve.engine.step_output import sample_step
 from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs, mask_rows
 from nlora_serve.models import load_base, resolve_model
-from nlora_serve.models.base import eos_ids
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                             "email": {"type": "string"}, "tags": {"type": "array",
@@ -73,7 +73,8 @@ def main() -> None:
         torch.set_num_threads(1)
     base = load_base(str(resolve_model("default")), torch.float32)
     vocab = base.spec.vocab_size
-    grammars = GrammarCompiler(base.tokenizer(), vocab, eos_ids(base))
+    eos = eos_tokens(base.path, "auto", base.tokenizer().eos_token_id, vocab)
+    grammars = GrammarCompiler(base.tokenizer(), vocab, set(eos.all))
     result = {"device": str(device), "clock": clock.__name__, "vocab": vocab, "compile_ms": compile_times(grammars), "steps": []}
     spec = StructuredOutputs(json=json.dumps(SCHEMA))
     prefix = base.tokenizer()('{"name": "')["input_ids"]

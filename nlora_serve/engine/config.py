@@ -144,6 +144,10 @@ class EngineConfig:
     # (on CPU tensors only under TRITON_INTERPRET=1: that is how CI runs the CUDA path)
     kernel_backend: str = "auto"
     tokenizer: str | None = None  # a tokenizer directory (None: the model's own)
+    # whose generation config gives the EOS ids beyond the tokenizer's (engine/eos.py): "auto" and
+    # "vllm" the model folder's, else a folder's (vLLM's --generation-config; the sampling defaults
+    # it also names are the front end's, serving/generation_config.py)
+    generation_config: str = "auto"
     # "auto": the weights in the model directory; "dummy": random weights from config.json alone
     # (vLLM's --load-format dummy), for shapes with no shipped weights
     load_format: str = "auto"
@@ -207,6 +211,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.cpu_gemm must be one of {', '.join(CPU_GEMMS)}; got {self.cpu_gemm!r}")
         if not isinstance(self.cpu_amx, bool):
             raise ValueError(f"EngineConfig.cpu_amx must be True or False; got {self.cpu_amx!r}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ValueError("EngineConfig.generation_config must be 'auto', 'vllm' or a folder; "
+                             f"got {self.generation_config!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"EngineConfig.load_format must be 'auto' or 'dummy'; got {self.load_format!r}")
         if isinstance(self.gpu_memory_utilization, bool) or not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -16,7 +16,7 @@ import torch
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.kernels.cpu.native import load_native
 from nlora_serve.models import BaseModel, load_base
-from nlora_serve.models.base import check_max_len, eos_ids
+from nlora_serve.models.base import check_max_len
 from nlora_serve.models.cache import cache_root
 from nlora_serve.engine.adapter_layer import AdapterHook
 from nlora_serve.engine.request_checks import check_request, unloaded_reason
@@ -25,6 +25,7 @@ from nlora_serve.engine.attention import select_attention
 from nlora_serve.engine.block_manager import BlockManager
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.detokenizer import IncrementalDetokenizer
+from nlora_serve.engine.eos import eos_tokens
 from nlora_serve.engine.memory import num_kv_blocks
 from nlora_serve.engine.model_runner import ModelRunner
 from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
@@ -41,8 +42,10 @@ from nlora_serve.engine.warmup import warm_up
 class _Request:
     seq: Sequence  # its tokens, progress and KV blocks, as the scheduler sees them
     detokenizer: IncrementalDetokenizer  # its generated tokens to text deltas; applies stop strings
-    # EOS (unless ignore_eos) and stop_token_ids: banned until min_tokens, and a sampled one stops it
-    ban: set[int]
+    # EOS ids (unless ignore_eos) and stop_token_ids: a sampled one ends the request (engine/eos.py)
+    stops: frozenset[int]
+    # every EOS id and stop_token_ids, ignore_eos or not: banned until min_tokens (vLLM's all_stop_token_ids)
+    ban: frozenset[int]
     # with params.prompt_logprobs: [None] (the first token is scored by nothing), then each scored
     # prompt position's {token: logprob} as steps are read back; handed out with the first token
     # (then None), as vLLM's first output carries prompt_logprobs
@@ -66,8 +69,10 @@ class EngineCore:
         self.config = config
         self.device = device
         self.vocab_size = base.spec.vocab_size
-        self.eos_ids = eos_ids(base)
         self.tokenizer = base.tokenizer()
+        # the tokenizer's EOS and the generation config's eos_token_id, as vLLM's (engine/eos.py)
+        self.eos = eos_tokens(base.path, config.generation_config, self.tokenizer.eos_token_id, self.vocab_size)
+        self.eos_ids = set(self.eos.all)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)  # structured outputs
         self.model_path = base.path
         self.tokenizer_path = base.tokenizer_path
@@ -155,8 +160,9 @@ class EngineCore:
         self.counters["prompt_tokens"] += len(prompt_ids)
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
                                        min_tokens=params.min_tokens, include_stop=params.include_stop_str_in_output)
-        ban = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        self.requests[request_id] = _Request(seq, detok, ban, [None] if params.prompt_logprobs is not None else None)
+        self.requests[request_id] = _Request(seq, detok, self.eos.stops(params.stop_token_ids, params.ignore_eos),
+                                             self.eos.banned_before_min_tokens(params.stop_token_ids),
+                                             [None] if params.prompt_logprobs is not None else None)
         self.scheduler.add(seq)
 
     def has_work(self) -> bool:
@@ -273,7 +279,7 @@ class EngineCore:
     def _append(self, req: _Request, token: int, logprobs) -> RequestOutput:
         """Stop checks, detokenization and the delta of ``token``, already in ``req.seq.token_ids``."""
         seq, params = req.seq, req.seq.params
-        reason = "stop" if token in req.ban else None
+        reason = "stop" if token in req.stops else None
         if seq.matcher is not None:
             if not seq.matcher.accept_token(token):  # the mask allowed it: a bug, not the request's fault
                 return self._retire(req, "error", "", [], f"token {token} breaks the request's structured output")
@@ -290,8 +296,8 @@ class EngineCore:
         out = self._retire(req, reason, text, [token], logprobs=logprobs)
         if reason == "stop" and req.detokenizer.stopped:
             out.stop_reason = req.detokenizer.stop_string
-        elif reason == "stop" and (params.ignore_eos or token not in self.eos_ids):
-            out.stop_reason = token  # a stop token id; EOS is no stop reason (vLLM's check_stop)
+        elif reason == "stop" and token in req.stops:  # not a grammar's end
+            out.stop_reason = self.eos.stop_reason(token, params.ignore_eos)  # None for the EOS (vLLM's check_stop)
         return out
 
     def _retire(self, req: _Request, reason: str, text: str, token_ids: list[int], error: str | None = None,

@@ -95,16 +95,6 @@ def load_hf_model(path: Path, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
-def eos_ids(base: BaseModel) -> set[int]:
-    """End-of-sequence ids from generation_config.json, else config.json."""
-    ids = None
-    for name in ("generation_config.json", "config.json"):
-        path = base.path / name
-        if ids is None and path.is_file():
-            ids = json.loads(path.read_text()).get("eos_token_id")
-    return set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
-
-
 def check_max_len(base: BaseModel, max_model_len: int) -> None:
     config = base.path / "config.json"
     limit = json.loads(config.read_text()).get("max_position_embeddings")

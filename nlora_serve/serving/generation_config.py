@@ -17,6 +17,10 @@ vLLM's rules, kept here:
   itself (with ``auto`` or ``vllm``): vLLM's ``override_max_tokens``, which lowers a larger
   max_tokens silently.
 
+The same source's ``eos_token_id`` (the model folder's under ``auto`` and ``vllm`` too) gives the
+engine's stop tokens: ``EngineConfig.generation_config``, engine/eos.py. ``generate`` applies these
+defaults to the sampling flags it is not given (commands/generate.py).
+
 Where vLLM silently ignores a value, start-up is refused here instead, naming the flag or file and
 the field: a value out of the request fields' ranges, a key of the override that is no sampling
 field, a ``generation_config.json`` that is no JSON object, a folder path without one.

@@ -25,8 +25,8 @@ from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.registry import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
-from nlora_serve.models.base import eos_ids
 from nlora_serve.engine.config import EngineConfig
+from nlora_serve.engine.eos import eos_tokens
 from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engine, EngineDead,
                                     EngineError, RequestIds, RequestOutput, RequestStream, max_prompt_bytes,
                                     prompt_ids)
@@ -67,7 +67,8 @@ class VllmEngine(Engine):
         self.vocab_size = base.spec.vocab_size
         # structured outputs are checked here with the native engine's compiler (vLLM's default backend,
         # xgrammar, so the same specs pass), then compiled again by vLLM, which runs them
-        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, eos_ids(base))
+        eos = eos_tokens(base.path, self.backend.generation_config, self.tokenizer.eos_token_id, self.vocab_size)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, set(eos.all))
         self._folds, self._folds_lock = fold_folder()
         self._adapters = None
         if config.adapter_dir:

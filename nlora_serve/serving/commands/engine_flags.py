@@ -99,3 +99,28 @@ def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype, device), device=device,
                         load_format=args.load_format, tokenizer=args.tokenizer, scheduler=scheduler,
                         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **fields)
+
+
+def add_generation_config_arguments(parser: argparse.ArgumentParser, fields: str, capped: str) -> None:
+    """vLLM's ``--generation-config`` / ``--override-generation-config`` (serving/generation_config.py
+    and, for the EOS ids, engine/eos.py): ``fields`` names what the defaults fill, ``capped`` what a
+    folder's or the override's max_new_tokens caps."""
+    a = parser.add_argument
+    a("--generation-config", default="auto",
+      help=f"{fields} (temperature, top_p, top_k, min_p, repetition_penalty, presence/"
+           "frequency_penalty, max_tokens from max_new_tokens): 'auto' = the model's generation_config.json, "
+           "'vllm' = vLLM's own defaults, or a folder holding a generation_config.json (its max_new_tokens "
+           f"also caps {capped}); the model's (auto, vllm) or the folder's eos_token_id ends generation beside "
+           "the tokenizer's EOS (default: %(default)s, as vLLM)")
+    a("--override-generation-config", type=_override, default={}, metavar="JSON",
+      help="a JSON object of sampling fields merged over --generation-config's, e.g. "
+           f"'{{\"temperature\": 0.5}}' (null unsets one; its max_new_tokens caps {capped})")
+
+
+def _override(value: str) -> dict:
+    from nlora_serve.serving.generation_config import parse_override  # its checks load torch: only when given
+
+    try:
+        return parse_override(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -20,15 +20,18 @@ from pathlib import Path
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import AdapterError, NloraError
-from nlora_serve.models import load_base
+from nlora_serve.models import load_base, resolve_model
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.serving.chat_template import encode_chat
 from nlora_serve.serving.commands.engine_flags import device_config, in_flag_words
+from nlora_serve.serving.generation_config import sampling_defaults
 
 log = logging.getLogger("nlora_serve.generate")
+
+DEFAULT_MAX_TOKENS = 128  # --max-tokens when neither it nor the generation config's max_new_tokens is given
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
@@ -74,21 +77,50 @@ async def _stream(engine: LLMEngine, ids: list[int], params: SamplingParams, liv
     return "".join(text)
 
 
+def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams:
+    """The request's SamplingParams: each sampling flag given, else ``--generation-config``'s value
+    (with ``--override-generation-config``; the model's generation_config.json by default), else the
+    flag's own default (greedy, 128 tokens), as vLLM's ``LLM.generate`` takes the generation config
+    (``get_default_sampling_params``) and its server a request's unset fields. The fields with no
+    flag (min_p, the penalties) take the generation config's. ``--max-tokens`` is lowered to the
+    cap of a folder's or the override's max_new_tokens (vLLM's ``override_max_tokens``); not given,
+    :func:`run_generate` lowers the default to the rest of the context once the prompt is known (as
+    vLLM's server does). The defaults are logged as ``serve`` logs them.
+
+    Raises:
+        NloraError: a bad --generation-config folder or value (the message names it); RequestError: a
+            flag out of range.
+    """
+    try:
+        defaults, line = sampling_defaults(args.generation_config, args.override_generation_config, model_dir)
+    except ValueError as exc:
+        raise NloraError(str(exc)) from None
+    (log.warning if defaults.as_dict() and args.generation_config != "vllm" else log.info)(line)
+    value, cap = defaults.value, defaults.max_tokens_cap
+    max_tokens = value("max_tokens", args.max_tokens, DEFAULT_MAX_TOKENS)
+    return SamplingParams(max_tokens=max_tokens if cap is None else min(max_tokens, cap),
+                          temperature=value("temperature", args.temperature, 0.0),
+                          top_k=value("top_k", args.top_k, 0), top_p=value("top_p", args.top_p, 1.0),
+                          min_p=value("min_p", None, 0.0), repetition_penalty=value("repetition_penalty", None, 1.0),
+                          presence_penalty=value("presence_penalty", None, 0.0),
+                          frequency_penalty=value("frequency_penalty", None, 0.0), seed=args.seed,
+                          stop=tuple(args.stop))
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Run ``generate``; returns the exit status.
 
     Raises:
         NloraError: bad model, messages or parameters (the CLI prints the message).
     """
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     cache_dir = getattr(args, "cache_dir", None)
     # before the model loads: the step thread alone runs torch in parallel
     with threads_for_engine(), tempfile.TemporaryDirectory(prefix="nlora-generate-") as scratch:
         store, name = _adapter_store(args, scratch)
         try:
             config = device_config(args, cache_dir=cache_dir, adapter_dir=store,
-                                   adapter_limits=AdapterLimits(max_rank=args.max_rank))
+                                   adapter_limits=AdapterLimits(max_rank=args.max_rank),
+                                   generation_config=args.generation_config)
         except ValueError as exc:  # a flag out of range: one "error: ..." line, as for other bad input
             raise NloraError(in_flag_words(str(exc), args)) from None
         # a store another process holds (a server on it) is refused now, not after the model and engine
@@ -96,14 +128,17 @@ def run_generate(args: argparse.Namespace) -> int:
         early_store = AdapterStore(store) if store is not None and store != scratch else None
         start = time.perf_counter()
         log.info("loading model %s (%s, %s)...", args.model, config.device, str(config.dtype).removeprefix("torch."))
-        base = load_base(args.model, config.dtype, cache_dir, config.load_format, config.tokenizer,
+        path = (Path(args.model).expanduser().resolve() if config.load_format == "dummy"
+                else resolve_model(args.model, cache_dir))
+        params = sampling_params(args, path)  # a bad --generation-config before the weights load
+        base = load_base(str(path), config.dtype, cache_dir, config.load_format, config.tokenizer,
                          init_device=config.device)
         log.info("model loaded from %s in %.1f s; starting the engine (the first run also compiles its "
                  "CPU kernels)...", base.path, time.perf_counter() - start)
         start = time.perf_counter()
         try:
             engine = LLMEngine(config, base)
-        except ValueError as exc:  # a flag the model refuses (--max-model-len over its positions)
+        except ValueError as exc:  # a flag the model refuses (--max-model-len over its positions, a bad eos id)
             raise NloraError(in_flag_words(str(exc), args)) from None
         del early_store
         with engine:
@@ -111,6 +146,8 @@ def run_generate(args: argparse.Namespace) -> int:
             if store == scratch:
                 name = engine.adapters.register_dir(Path(args.adapter).resolve().name, args.adapter).name
             ids = _prompt_ids(args, engine.tokenizer)
+            if args.max_tokens is None:  # a default, as a server's unset max_tokens: at most the rest of the context
+                params.max_tokens = max(1, min(params.max_tokens, config.scheduler.max_model_len - len(ids)))
             text = asyncio.run(_stream(engine, ids, params, args.stream, name))
     if not args.stream:
         sys.stdout.write(text)

@@ -7,7 +7,7 @@ import argparse
 
 from nlora_serve.adapters.limits import DEFAULT_MAX_RANK
 from nlora_serve.arg_types import DTYPE_CHOICES
-from nlora_serve.serving.commands.engine_flags import add_device_arguments
+from nlora_serve.serving.commands.engine_flags import add_device_arguments, add_generation_config_arguments
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +34,20 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--prompt takes the tokenizer's special tokens, e.g. a BOS, as a vLLM completion "
                              "does (its add_special_tokens; default: on). Chats get the template's own")
     parser.add_argument("--system", help="system message placed before --message")
-    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 or -1 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    # default None: a flag not given takes --generation-config's value, else the default its help names
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="new tokens at most (default: the generation config's max_new_tokens, else 128)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy (default: the generation config's, else 0)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample from the k most likely tokens (0 or -1 = all) (default: the generation "
+                             "config's, else 0)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus sampling mass (1 = off) (default: the generation config's, else 1)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_generation_config_arguments(parser, "the sampling flags not given and the sampling fields with no flag",
+                                    "--max-tokens")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="compute dtype, in vLLM's spellings: auto = bfloat16 where the CPU or GPU has fast "
                              "bf16, else float32; float = float32; half and float16 are refused (no float16 "

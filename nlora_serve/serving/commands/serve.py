@@ -184,7 +184,7 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
                                max_adapter_bytes=args.max_adapter_bytes, **memory)
         engine_config = device_config(args, cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
                                       adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching,
-                                      seed=args.seed)
+                                      seed=args.seed, generation_config=args.generation_config)
         engine_config.scheduler = dataclasses.replace(engine_config.scheduler, policy=policy)
     return config, engine_config
 

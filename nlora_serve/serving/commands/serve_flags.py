@@ -16,7 +16,7 @@ from nlora_serve.adapters.names import validate_name
 from nlora_serve.arg_types import DTYPE_CHOICES, port_or_off_arg
 from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig
 from nlora_serve.errors import AdapterError
-from nlora_serve.serving.commands.engine_flags import add_device_arguments
+from nlora_serve.serving.commands.engine_flags import add_device_arguments, add_generation_config_arguments
 from nlora_serve.serving.server_config import ServerConfig, env_allows_updating
 
 MiB = 1 << 20
@@ -92,26 +92,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--adapter", action="append", default=[], metavar="NAME=DIR", type=_named_dir,
       help="register the adapter directory DIR (or a Hugging Face ORG/ADAPTER in the HF cache) as NAME at "
            "start when NAME is not in the store yet (repeatable), e.g. --adapter lower=examples/tenants/lower")
-    # vLLM's --generation-config / --override-generation-config (serving/generation_config.py)
-    a("--generation-config", default="auto",
-      help="a request's unset sampling fields (temperature, top_p, top_k, min_p, repetition_penalty, presence/"
-           "frequency_penalty, max_tokens from max_new_tokens): 'auto' = the model's generation_config.json, "
-           "'vllm' = vLLM's own defaults, or a folder holding a generation_config.json (its max_new_tokens "
-           "also caps every request) (default: %(default)s, as vLLM)")
-    a("--override-generation-config", type=_override, default={}, metavar="JSON",
-      help="a JSON object of sampling fields merged over --generation-config's, e.g. "
-           "'{\"temperature\": 0.5}' (null unsets one; its max_new_tokens caps every request)")
+    add_generation_config_arguments(parser, "a request's unset sampling fields", "every request")
     add_device_arguments(parser)
     add_backend_arguments(parser)
-
-
-def _override(value: str) -> dict:
-    from nlora_serve.serving.generation_config import parse_override  # its checks load torch: only when given
-
-    try:
-        return parse_override(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _named_dir(value: str) -> tuple[str, str]:
