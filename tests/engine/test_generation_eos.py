@@ -74,6 +74,18 @@ def test_the_tokenizers_eos_ends_a_request_the_generation_config_leaves_it_out_o
     assert out.token_ids == ref and (out.finish_reason, out.stop_reason) == ("stop", None)
 
 
+def test_eos_ids_end_requests_by_id_not_by_their_text(tmp_path, engine_for, answer, base_fp32):
+    """Tokens whose text the answer spells ("answer", " ans" inside " answer") but never samples end nothing."""
+    prompt, ref, _ = answer
+    tokenizer = base_fp32.tokenizer()
+    spelled = [tokenizer.encode(text, add_special_tokens=False) for text in ("answer", " ans")]
+    assert all(len(ids) == 1 and ids[0] not in ref for ids in spelled)
+    assert all(tokenizer.decode(ids) in tokenizer.decode(ref) for ids in spelled)
+    engine = engine_for(_folder(tmp_path, "spelled", generation_config={"eos_token_id": [i for i, in spelled]}))
+    out = _run(engine, prompt, max_tokens=20)
+    assert out.token_ids == ref and (out.finish_reason, out.stop_reason) == ("stop", None)
+
+
 def test_ignore_eos_turns_off_the_generation_configs_ids_and_the_tokenizers(tmp_path, engine_for, answer):
     prompt, ref, _ = answer
     engine = engine_for(_folder(tmp_path, "gen", generation_config={"eos_token_id": [TOKENIZER_EOS, ref[STEP]]}))
