@@ -232,6 +232,20 @@ VLLM_SERVE_OPTIONS = {
     "--disable-log-stats": "no stats are logged periodically here (GET /metrics has them): drop it",
     "--uvicorn-log-level": "the HTTP server logs only its warnings and errors, with no access log; this "
                            "server's own level is nlora-serve --log-level LEVEL serve ...",
+    # vLLM engine flags that said only "unrecognized arguments" (h85)
+    "--enable-chunked-prefill": "prefills are always chunked here, to --max-num-batched-tokens per step: drop it",
+    "--kv-cache-dtype": "the native engine's KV cache is in --dtype (no fp8 cache); with --backend vllm, pass "
+                        "--vllm-arg kv_cache_dtype=fp8",
+    "--block-size": "the native engine's KV blocks are 16 tokens; with --backend vllm, pass --vllm-arg block_size=N",
+    "--swap-space": "a preempted request's KV blocks are freed and recomputed (from the prefix cache where it "
+                    "holds them), never swapped to host memory: drop it",
+    "--lora-dtype": "adapters run in the model's --dtype: drop it",
+    "--fully-sharded-loras": "the native engine runs on one device; with --backend vllm, pass "
+                             "--vllm-arg fully_sharded_loras=true",
+    "--quantization": "the native engine runs the weights in --dtype (a .gguf is de-quantized when prepared); "
+                      "with --backend vllm, pass --vllm-arg quantization=METHOD",
+    "--download-dir": "nothing is downloaded here: --model ORG/NAME is read from the Hugging Face cache "
+                      "($HF_HUB_CACHE, else $HF_HOME/hub; fill it with `hf download ORG/NAME`)",
 }
 
 

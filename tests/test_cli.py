@@ -201,6 +201,26 @@ def test_adapters_float_flags_are_finite_and_in_range(capsys, argv, message):
     (["serve", "--uvicorn-log-level", "debug"],
      "unrecognized arguments: --uvicorn-log-level debug; --uvicorn-log-level: the HTTP server logs only its "
      "warnings and errors, with no access log; this server's own level is nlora-serve --log-level LEVEL serve ..."),
+    # vLLM engine flags that still said only "unrecognized arguments" (h85)
+    (["serve", "--enable-chunked-prefill", "--kv-cache-dtype", "fp8"],
+     "unrecognized arguments: --enable-chunked-prefill --kv-cache-dtype fp8; --enable-chunked-prefill: prefills "
+     "are always chunked here, to --max-num-batched-tokens per step: drop it; --kv-cache-dtype: the native "
+     "engine's KV cache is in --dtype (no fp8 cache); with --backend vllm, pass --vllm-arg kv_cache_dtype=fp8"),
+    (["serve", "--swap-space", "4", "--block-size", "32"],
+     "unrecognized arguments: --swap-space 4 --block-size 32; --swap-space: a preempted request's KV blocks are "
+     "freed and recomputed (from the prefix cache where it holds them), never swapped to host memory: drop it; "
+     "--block-size: the native engine's KV blocks are 16 tokens; with --backend vllm, pass "
+     "--vllm-arg block_size=N"),
+    (["serve", "--quantization", "awq", "--lora-dtype", "bfloat16", "--fully-sharded-loras"],
+     "unrecognized arguments: --quantization awq --lora-dtype bfloat16 --fully-sharded-loras; --quantization: "
+     "the native engine runs the weights in --dtype (a .gguf is de-quantized when prepared); with --backend "
+     "vllm, pass --vllm-arg quantization=METHOD; --lora-dtype: adapters run in the model's --dtype: drop it; "
+     "--fully-sharded-loras: the native engine runs on one device; with --backend vllm, pass "
+     "--vllm-arg fully_sharded_loras=true"),
+    (["serve", "--download-dir", "/d"],
+     "unrecognized arguments: --download-dir /d; --download-dir: nothing is downloaded here: --model ORG/NAME "
+     "is read from the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub; fill it with "
+     "`hf download ORG/NAME`)"),
     (["client", "generate", "--model", "lower", "--message", "hi"],
      "unrecognized arguments: --model lower; an adapter is chosen with --adapter NAME here (the HTTP API's "
      "'model')"),
