@@ -49,6 +49,7 @@ def _positive(owner: str, **values: int) -> None:
 
 
 SCHEDULING_POLICIES = ("fcfs", "fair")
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # the CPU's KV cache without --kv-cache-memory-bytes
 
 
 @dataclass(slots=True)
@@ -99,19 +100,24 @@ class CacheConfig:
     """Paged KV cache size: ``num_blocks`` blocks of ``block_size`` tokens each, for all layers."""
 
     block_size: int = 16  # tokens per KV block
-    num_blocks: int | None = None  # None: as many as fit in ``kv_cache_bytes``
-    kv_cache_bytes: int = 1 << 30  # used only when num_blocks is None (bytes, K and V, all layers)
+    num_blocks: int | None = None  # None: as many as fit in ``kv_cache_memory_bytes``
+    # bytes, K and V, all layers (--kv-cache-memory-bytes, vLLM's kv_cache_memory_bytes); used only when
+    # num_blocks is None. None: DEFAULT_CPU_KV_CACHE_BYTES on the CPU, what gpu_memory_utilization leaves on CUDA
+    kv_cache_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        _positive("CacheConfig", block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes)
+        _positive("CacheConfig", block_size=self.block_size)
+        if self.kv_cache_memory_bytes is not None:
+            _positive("CacheConfig", kv_cache_memory_bytes=self.kv_cache_memory_bytes)
         if self.num_blocks is not None:
             _positive("CacheConfig", num_blocks=self.num_blocks)
 
     def resolve_num_blocks(self, bytes_per_block: int) -> int:
-        """Number of blocks: ``num_blocks`` or ``kv_cache_bytes // bytes_per_block``."""
+        """Number of blocks: ``num_blocks`` or ``kv_cache_memory_bytes // bytes_per_block`` (the CPU's default
+        when ``kv_cache_memory_bytes`` is None)."""
         if self.num_blocks is not None:
             return self.num_blocks
-        return max(1, self.kv_cache_bytes // bytes_per_block)
+        return max(1, (self.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES) // bytes_per_block)
 
 
 @dataclass(slots=True)
@@ -232,4 +238,4 @@ class EngineConfig:
         if num_blocks < need:
             raise ValueError(f"KV cache of {num_blocks} blocks x {self.cache.block_size} tokens cannot hold "
                              f"one sequence of max_model_len={self.scheduler.max_model_len} tokens "
-                             f"({need} blocks); lower max_model_len or enlarge the cache")
+                             f"({need} blocks); lower --max-model-len or raise --kv-cache-memory-bytes")

@@ -1,12 +1,15 @@
 """How many KV blocks the engine gets (DESIGN §5: sized like vLLM).
 
-On the CPU the cache is ``CacheConfig.kv_cache_bytes`` (or ``num_blocks``). On CUDA it is what
+On the CPU the cache is ``CacheConfig.kv_cache_memory_bytes`` (or ``num_blocks``), 1 GiB by default. On
+CUDA, unless one of those is given (vLLM's kv_cache_memory_bytes overrides gpu_memory_utilization), it is what
 ``gpu_memory_utilization`` of the GPU leaves after everything else: the weights and whatever else
 is already allocated on the device (other processes included), the activations of a profiling
 forward at the step's full token budget, and room for the adapters' pools.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -17,18 +20,42 @@ from nlora_serve.engine.kv_cache import kv_bytes_per_block
 from nlora_serve.models import PROJECTIONS, ModelSpec
 
 GiB = 1 << 30
+log = logging.getLogger(__name__)
 
 
 def num_kv_blocks(config: EngineConfig, runner) -> int:
-    """Blocks for ``runner``'s KV cache (its model already on the device, no cache yet).
+    """Blocks for ``runner``'s KV cache (its model already on the device, no cache yet); logs what
+    they hold (:func:`kv_cache_summary`), as vLLM logs its KV cache size and maximum concurrency.
 
     Raises:
         ValueError: on CUDA, when nothing is left for the cache (the numbers are in the message).
     """
-    cache, spec, dtype = config.cache, runner.spec, runner.dtype
-    per_block = kv_bytes_per_block(spec, cache.block_size, dtype)
-    if cache.num_blocks is not None or runner.device.type != "cuda":
-        return cache.resolve_num_blocks(per_block)
+    cache = config.cache
+    per_block = kv_bytes_per_block(runner.spec, cache.block_size, runner.dtype)
+    if cache.num_blocks is not None or cache.kv_cache_memory_bytes is not None or runner.device.type != "cuda":
+        num_blocks = cache.resolve_num_blocks(per_block)
+    else:
+        num_blocks = _cuda_budget(config, runner, per_block) // per_block
+    log.info("%s", kv_cache_summary(num_blocks, per_block, cache.block_size, config.scheduler.max_model_len))
+    return num_blocks
+
+
+def kv_cache_summary(num_blocks: int, bytes_per_block: int, block_size: int, max_model_len: int) -> str:
+    """One line for the start-up log: the cache's blocks, tokens and GiB, and how many requests of
+    ``max_model_len`` tokens fit at once (vLLM's "Maximum concurrency"); the flag that sizes it."""
+    tokens = num_blocks * block_size
+    return (f"KV cache: {num_blocks} blocks of {block_size} tokens = {tokens} tokens, "
+            f"{num_blocks * bytes_per_block / GiB:.2f} GiB; {tokens / max_model_len:.1f} requests of --max-model-len "
+            f"{max_model_len} tokens at once (--kv-cache-memory-bytes sizes it)")
+
+
+def _cuda_budget(config: EngineConfig, runner, per_block: int) -> int:
+    """Bytes ``gpu_memory_utilization`` of the GPU leaves for the KV cache (at least one block).
+
+    Raises:
+        ValueError: less than one block is left (the numbers are in the message).
+    """
+    spec, dtype = runner.spec, runner.dtype
     peak_activations = profile_forward(config, runner)
     free, total = torch.cuda.mem_get_info(runner.device)
     reserve = pool_bytes(spec, dtype, config.adapter_limits) if config.adapter_dir else 0
@@ -40,7 +67,7 @@ def num_kv_blocks(config: EngineConfig, runner) -> int:
             f"{peak_activations / GiB:.2f} GiB for a step of {config.scheduler.max_num_batched_tokens} tokens, "
             f"{reserve / GiB:.2f} GiB for adapter pools; raise --gpu-memory-utilization or lower "
             "--max-num-batched-tokens")
-    return budget // per_block
+    return budget
 
 
 @torch.inference_mode()

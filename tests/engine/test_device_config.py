@@ -78,3 +78,54 @@ def test_cpu_gemm_and_amx_are_serve_flags():
     assert (chosen.cpu_gemm, chosen.cpu_amx) == ("onednn", False)
     with pytest.raises(SystemExit):
         parser.parse_args(["--cpu-gemm", "mkl"])
+
+
+# SmolLM2-135M's KV block in fp32, by hand: 30 layers x (K, V) x 16 tokens x 3 KV heads x 64 dims x 4 bytes
+SMOLLM2_FP32_BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4  # 737,280
+
+
+def test_the_cpu_kv_cache_is_one_gib_unless_kv_cache_memory_bytes_says_otherwise():
+    assert CacheConfig().resolve_num_blocks(SMOLLM2_FP32_BLOCK_BYTES) == (1 << 30) // 737_280 == 1456
+    sized = CacheConfig(kv_cache_memory_bytes=10 * SMOLLM2_FP32_BLOCK_BYTES + 1000)
+    assert sized.resolve_num_blocks(SMOLLM2_FP32_BLOCK_BYTES) == 10
+    with pytest.raises(ValueError, match=r"CacheConfig.kv_cache_memory_bytes must be a positive integer; got 0"):
+        CacheConfig(kv_cache_memory_bytes=0)
+
+
+def test_the_engine_sizes_its_kv_cache_from_the_flag_and_logs_what_it_holds(base_fp32, caplog):
+    # a newcomer found the CPU cache fixed at 1 GiB, no flag to change it, and no log of its size
+    config = EngineConfig(device="cpu", kernel_backend="torch",
+                          scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64),
+                          cache=CacheConfig(kv_cache_memory_bytes=10 * SMOLLM2_FP32_BLOCK_BYTES + 1000))
+    with caplog.at_level("INFO", logger="nlora_serve.engine.memory"):
+        core = EngineCore(config, base_fp32)
+    assert core.blocks.num_blocks == 10
+    assert tuple(core.runner.kv_cache.shape) == (30, 2, 10, 16, 3, 64)
+    assert [r.getMessage() for r in caplog.records if r.name == "nlora_serve.engine.memory"] == [
+        "KV cache: 10 blocks of 16 tokens = 160 tokens, 0.01 GiB; 2.5 requests of --max-model-len 64 tokens at "
+        "once (--kv-cache-memory-bytes sizes it)"]
+
+
+def test_a_cache_too_small_for_max_model_len_names_the_flag_that_grows_it():
+    config = EngineConfig(device="cpu", scheduler=SchedulerConfig(max_model_len=2048))
+    with pytest.raises(ValueError, match=r"KV cache of 10 blocks x 16 tokens cannot hold one sequence of "
+                                         r"max_model_len=2048 tokens \(128 blocks\); lower --max-model-len or "
+                                         r"raise --kv-cache-memory-bytes"):
+        config.check_capacity(10)
+
+
+def test_kv_cache_memory_bytes_is_a_serve_flag_in_vllms_spelling():
+    import argparse
+
+    from nlora_serve.serving.commands.serve import add_serve_arguments
+    from nlora_serve.serving.commands.engine_flags import device_config, in_flag_words
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert device_config(parser.parse_args(["--device", "cpu"])).cache.kv_cache_memory_bytes is None
+    args = parser.parse_args(["--device", "cpu", "--kv-cache-memory-bytes", "4294967296"])
+    assert device_config(args).cache.kv_cache_memory_bytes == 4 << 30
+    bad = parser.parse_args(["--device", "cpu", "--kv-cache-memory-bytes", "0"])
+    with pytest.raises(ValueError) as err:
+        device_config(bad)
+    assert in_flag_words(str(err.value), bad) == "--kv-cache-memory-bytes 0: must be a positive integer; got 0"

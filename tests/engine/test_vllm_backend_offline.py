@@ -130,6 +130,8 @@ def test_lora_rank_limit_is_the_smallest_rank_vllm_accepts():
     (["--vllm-arg", "max_lora_rank=8"], "--vllm-arg max_lora_rank: the backend sets it from --max-rank"),
     (["--vllm-arg", "max_model_len=128"], "--vllm-arg max_model_len: the backend sets it from --max-model-len"),
     (["--vllm-arg", "max_loras=2"], "--vllm-arg max_loras: the backend sets it from --max-loras"),
+    (["--vllm-arg", "kv_cache_memory_bytes=1"],
+     "--vllm-arg kv_cache_memory_bytes: the backend sets it from --kv-cache-memory-bytes"),
     (["--vllm-arg", "long_prefill_token_threshold=8"],
      "--vllm-arg long_prefill_token_threshold: the backend sets it from --long-prefill-token-threshold"),
     # applied only q_proj of every adapter while the listing said seven modules
@@ -320,3 +322,25 @@ def test_seed_seeds_the_engine_for_requests_without_their_own(tmp_path):
     assert engine_args(engine, VllmBackendConfig(), tmp_path, tmp_path, on_cpu=False)["seed"] == 7
     _, engine = serve_cli._configs(_args("--device", "cpu", "--adapter-dir", str(tmp_path)))
     assert engine.seed == EngineConfig().seed == 0
+
+
+def test_kv_cache_memory_bytes_reaches_vllm(tmp_path, monkeypatch):
+    """vLLM's ``--kv-cache-memory-bytes``: its engine argument on GPUs; on vLLM-cpu the
+    VLLM_CPU_KVCACHE_SPACE GiB it sizes its cache from (rounded up, unless the environment sets it);
+    neither without the flag (vLLM's own sizing on GPUs, our CPU default of 1 GiB)."""
+    from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
+    from nlora_serve.engine.vllm_backend.engine_args import engine_args
+    from nlora_serve.serving.commands import serve as serve_cli
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    _, engine = serve_cli._configs(_args("--device", "cpu", "--kv-cache-memory-bytes", str(3 * 2**30 + 1),
+                                         "--adapter-dir", str(tmp_path)))
+    assert engine_args(engine, VllmBackendConfig(), tmp_path, tmp_path, on_cpu=False)["kv_cache_memory_bytes"] == (
+        3 * 2**30 + 1)
+    assert "kv_cache_memory_bytes" not in engine_args(engine, VllmBackendConfig(), tmp_path, tmp_path, on_cpu=True)
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    _, engine = serve_cli._configs(_args("--device", "cpu", "--adapter-dir", str(tmp_path)))
+    assert "kv_cache_memory_bytes" not in engine_args(engine, VllmBackendConfig(), tmp_path, tmp_path, on_cpu=False)
+    engine_args(engine, VllmBackendConfig(), tmp_path, tmp_path, on_cpu=True)
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"

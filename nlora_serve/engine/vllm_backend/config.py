@@ -29,7 +29,8 @@ OWNED_ENGINE_ARGS = {
     "long_prefill_token_threshold_adaptive": "--long-prefill-token-threshold-adaptive",
     "tensor_parallel_size": "--tensor-parallel-size", "pipeline_parallel_size": "--pipeline-parallel-size",
     "enable_lora": "--adapter-dir (LoRA is on with an adapter store)", "max_loras": "--max-loras",
-    "max_lora_rank": "--max-rank", "enable_prefix_caching": "--enable-prefix-caching / --no-enable-prefix-caching",
+    "max_lora_rank": "--max-rank", "kv_cache_memory_bytes": "--kv-cache-memory-bytes",
+    "enable_prefix_caching": "--enable-prefix-caching / --no-enable-prefix-caching",
     "generation_config": "--generation-config", "override_generation_config": "--override-generation-config",
 }
 # AsyncEngineArgs fields that would make vLLM serve other weights, modules or a tokenizer than the

