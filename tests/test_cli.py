@@ -312,3 +312,19 @@ def test_generate_names_a_bad_flag_as_typed_not_the_config_class_that_checked_it
 
     assert cli_main(["generate", "--message", "Hi", *argv]) == 2
     assert capsys.readouterr().err == message
+
+
+@pytest.mark.parametrize("argv", [["client", "list"], ["client", "generate", "--message", "hi"], ["adapters", "list"],
+                                  ["adapters", "upload", "--name", "acme", "dir"], ["bench", "--num-requests", "1"]])
+def test_nlora_server_is_the_default_server_of_every_grpc_client_command(monkeypatch, argv):
+    """A newcomer on other ports (make serve GRPC_PORT=51085) typed --server on every client, adapters
+    and bench command, and a forgotten one failed to connect to 50051; $NLORA_SERVER, as
+    $NLORA_API_KEY for the key, is set once."""
+    monkeypatch.setenv("NLORA_SERVER", "10.0.0.7:51085")
+    assert build_parser(only=argv[0]).parse_args(argv).server == "10.0.0.7:51085"
+    given = [*argv[:1], "--server", "h:2", *argv[1:]] if argv[0] == "client" else [*argv, "--server", "h:2"]
+    assert build_parser(only=argv[0]).parse_args(given).server == "h:2"  # the flag wins
+    monkeypatch.delenv("NLORA_SERVER")
+    assert build_parser(only=argv[0]).parse_args(argv).server == "127.0.0.1:50051"
+    monkeypatch.setenv("NLORA_SERVER", "")  # set but empty, as an unset variable pasted
+    assert build_parser(only=argv[0]).parse_args(argv).server == "127.0.0.1:50051"

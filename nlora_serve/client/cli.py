@@ -87,6 +87,15 @@ def _add_adapter_commands(sub: argparse._SubParsersAction) -> list[argparse.Argu
     return [listing, up, swap, unload, load]
 
 
+DEFAULT_SERVER = "127.0.0.1:50051"  # serve's default --port on loopback
+SERVER_ENV = "NLORA_SERVER"  # set once where the server runs on other ports, instead of --server on every command
+
+
+def default_server() -> str:
+    """``--server``'s default: ``$NLORA_SERVER`` when set and not empty, else :data:`DEFAULT_SERVER`."""
+    return os.environ.get(SERVER_ENV) or DEFAULT_SERVER
+
+
 def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
     """--server, --api-key, --timeout, accepted before and after the subcommand (``client --server X
     generate`` and ``client generate --server X``); only the ``client`` level sets the defaults,
@@ -94,8 +103,8 @@ def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) 
     def default(value):
         return value if with_defaults else argparse.SUPPRESS
 
-    parser.add_argument("--server", default=default("127.0.0.1:50051"),
-                        help="HOST:PORT of the server (default: 127.0.0.1:50051)")
+    parser.add_argument("--server", default=default(default_server()),
+                        help=f"HOST:PORT of the server's gRPC port (default: ${SERVER_ENV}, else {DEFAULT_SERVER})")
     # argparse runs ``type`` on a string default too, so a bad $NLORA_API_KEY is refused the same way
     parser.add_argument("--api-key", type=_api_key, default=default(os.environ.get("NLORA_API_KEY")),
                         help="API key sent as 'authorization: Bearer' (default: $NLORA_API_KEY)")
@@ -138,8 +147,8 @@ def _hint(exc: NloraClientError, args: argparse.Namespace) -> str:
     connection (gRPC's "failed to connect", also its words for an HTTP server on that port) and no key
     sent; "" for the others."""
     if isinstance(exc, Unavailable) and "failed to connect" in str(exc):
-        return (f"; is an nlora-serve server running on {args.server}? --server takes its gRPC port (serve "
-                "--port, 50051 by default), not its --http-port")
+        return (f"; is an nlora-serve server running on {args.server}? --server (or ${SERVER_ENV}) takes its gRPC "
+                "port (serve --port, 50051 by default), not its --http-port")
     if isinstance(exc, Unauthenticated) and not args.api_key:  # none, or "" (an unset $NLORA_API_KEY pasted)
         return "; this server wants a key: --api-key KEY or $NLORA_API_KEY"
     return ""

@@ -189,5 +189,5 @@ def test_no_grpc_server_at_the_address_says_which_port_server_takes(capsys, http
     assert client_main(["--server", address, "--timeout", "10", "info"]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith("error: UNAVAILABLE: failed to connect to all addresses")
-    assert out.err.endswith(f"; is an nlora-serve server running on {address}? --server takes its gRPC port "
-                            "(serve --port, 50051 by default), not its --http-port\n"), out.err
+    assert out.err.endswith(f"; is an nlora-serve server running on {address}? --server (or $NLORA_SERVER) takes "
+                            "its gRPC port (serve --port, 50051 by default), not its --http-port\n"), out.err
