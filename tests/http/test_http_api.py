@@ -43,8 +43,9 @@ def _idle(server, within_s: float = 5.0) -> bool:
     (ADMIN_KEY, {"BASE", TIED, LORA}),
 ])
 def test_models_lists_exactly_the_keys_grants(http_server, key, want):
-    listed = [m.id for m in client(http_server, key).models.list()]
-    assert sorted(listed) == sorted(_base(http_server) if name == "BASE" else name for name in want)
+    models = client(http_server, key).models.list().data
+    assert sorted(m.id for m in models) == sorted(_base(http_server) if name == "BASE" else name for name in want)
+    assert [m.max_model_len for m in models] == [1024] * len(want)  # vLLM's field; the harness's max_model_len
 
 
 @pytest.mark.parametrize("key, granted", [
@@ -60,6 +61,8 @@ def test_models_retrieve_answers_a_granted_name_and_404s_every_other_alike(http_
         if role in granted:
             got = caller.models.retrieve(name)
             assert (got.id, got.object, got.owned_by) == (name, "model", "nlora-serve")
+            # vLLM's ModelCard field, on every entry: the harness's SchedulerConfig(max_model_len=1024)
+            assert got.max_model_len == 1024
             # an adapter's parent names the base model only to a key granted the base model
             assert got.parent == (_base(http_server) if role != "BASE" and "BASE" in granted else None)
             continue

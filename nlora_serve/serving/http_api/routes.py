@@ -187,14 +187,14 @@ _ERROR_HANDLERS = {NloraError: _expected, RequestValidationError: _invalid, HTTP
 def _model_entries(ctx: HttpContext, caller: Principal) -> list[dict]:
     """/v1/models entries this caller may use: the base model (no parent), then the adapters, whose
     parent is the base model's name only for a caller granted the base model (gRPC's
-    GetServerInfo hides the name from the others too)."""
+    GetServerInfo hides the name from the others too); each with vLLM's ``max_model_len``."""
     names = [v.name for v in adapter_versions(ctx.engine) or []]
     base = caller.may_use(None)
     entries = [(ctx.base_model, None)] if base else []
     entries += [(name, ctx.base_model if base else None) for name in names
                 if caller.may_use(name) and name != ctx.base_model]
-    return [{"id": name, "object": "model", "created": ctx.started, "owned_by": "nlora-serve", "parent": parent}
-            for name, parent in entries]
+    return [{"id": name, "object": "model", "created": ctx.started, "owned_by": "nlora-serve", "parent": parent,
+             "max_model_len": ctx.engine.max_model_len} for name, parent in entries]
 
 
 def _not_found_hint(ctx: HttpContext, request: Request) -> str:
