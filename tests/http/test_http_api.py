@@ -315,3 +315,20 @@ def test_chat_logprobs_bytes_join_to_the_texts_utf8(http_server, tokenizer, stre
         assert content == tokenizer.decode([int(e.token.removeprefix("token_id:")) for e in entries])
     else:
         assert "\ufffd" in {e.token for e in entries}
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
+def test_a_request_without_model_says_what_to_name(http_server, path):
+    """vLLM runs its base model for a request without 'model'; a newcomer's request here got only
+    "model: Field required". The hint names the base model only to a key that may use it."""
+    import requests
+
+    body = {"messages": [{"role": "user", "content": "Hi"}]} if path == "/chat/completions" else {"prompt": "Hi"}
+    for key, base in ((ADMIN_KEY, f", or {_base(http_server)!r} for the base model"), (TENANT_KEYS["tied-co"], "")):
+        resp = requests.post(base_url(http_server) + path, json={**body, "max_tokens": 1}, timeout=60,
+                             headers={"Authorization": f"Bearer {key}"})
+        assert resp.status_code == 400
+        assert resp.json()["error"] == {
+            "message": "model: Field required (vLLM's default of the base model does not apply here); 'model' names "
+                       f"an adapter{base} (GET /v1/models lists those this key may use)",
+            "type": "invalid_request_error", "param": "model", "code": "invalid_argument"}

@@ -154,8 +154,10 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
         return JSONResponse(error_body(f"request body is not valid JSON (at character {at})", 400, None,
                                        "invalid_argument"), 400)
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    return JSONResponse(error_body(f"{where or 'body'}: {first.get('msg')}", 400, where or None,
-                                   "invalid_argument"), 400)
+    message = f"{where or 'body'}: {first.get('msg')}"
+    if where == "model" and first.get("type") == "missing":  # vLLM runs its base model without one
+        message += " (vLLM's default of the base model does not apply here)" + _not_found_hint(_ctx(request), request)
+    return JSONResponse(error_body(message, 400, where or None, "invalid_argument"), 400)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
