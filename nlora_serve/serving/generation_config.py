@@ -77,6 +77,8 @@ def parse_override(text: str) -> dict:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON ({exc}); expected an object such as '{{\"temperature\": 0.5}}'") from None
+    except RecursionError:  # nested past the parser: was a traceback
+        raise ValueError("nested too deeply to parse; expected an object such as '{\"temperature\": 0.5}'") from None
     if not isinstance(values, dict):
         raise ValueError(f"expected a JSON object such as '{{\"temperature\": 0.5}}'; got {text[:80]!r}")
     for key in values:
@@ -136,6 +138,8 @@ def _json_object(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: cannot read it as JSON ({exc})") from None
+    except RecursionError:  # nested past the parser: was a traceback
+        raise ValueError(f"{path}: cannot read it as JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data

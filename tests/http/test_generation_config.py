@@ -119,12 +119,21 @@ def test_bad_file_values_stop_the_start_naming_the_file_and_field(tmp_path, base
     assert str(err.value) == message.format(file=folder / "generation_config.json")
 
 
+def test_a_file_nested_past_the_parser_stops_the_start_naming_it(tmp_path, base_model_dir):
+    folder = _folder(tmp_path, "deep")
+    (folder / "generation_config.json").write_text("[" * 100_000)  # was a RecursionError's traceback
+    with pytest.raises(ValueError) as err:
+        sampling_defaults(str(folder), {}, base_model_dir)
+    assert str(err.value) == f"{folder / 'generation_config.json'}: cannot read it as JSON (nested too deeply)"
+
+
 @pytest.mark.parametrize("value, message", [
     ('{"temprature": 0.5}', "unknown field 'temprature': the sampling fields are repetition_penalty, "
                             "presence_penalty, frequency_penalty, temperature, top_k, top_p, min_p, max_new_tokens"),
     ('{"temperature": -0.5}', "temperature=-0.5: must be in [0, 100]"),
     ('{"max_new_tokens": 0}', "max_new_tokens=0: must be an integer >= 1"),
     ('[0.5]', "expected a JSON object such as '{\"temperature\": 0.5}'; got '[0.5]'"),
+    ("[" * 100_000, "nested too deeply to parse; expected an object such as '{\"temperature\": 0.5}'"),  # a traceback
 ])
 def test_a_bad_override_is_a_usage_error_naming_the_flag_and_field(capsys, value, message):
     parser = argparse.ArgumentParser()
