@@ -240,12 +240,14 @@ class Engine(abc.ABC):
     def stats(self) -> dict[str, int]:
         """Gauges and counters (running, waiting, kv_blocks_used, kv_blocks_total, tokens, steps)."""
 
-    def check_structured(self, spec: StructuredOutputs) -> None:
+    def check_structured(self, spec: StructuredOutputs, tenant: str | None = None) -> None:
         """Compile a structured-output spec (engine/structured.py) before its request queues, on
-        the caller's thread. This default refuses it: a backend that runs grammars overrides it.
+        the caller's thread; ``tenant`` (who sends it) compiles one spec at a time. This default
+        refuses it: a backend that runs grammars overrides it.
 
         Raises:
-            RequestError: the spec does not compile, or this backend runs none (``param`` is ``spec.param``).
+            RequestError: the spec does not compile, ``tenant`` has another compiling, or this backend
+                runs none (``param`` is ``spec.param``).
         """
         raise RequestError(f"{spec.param}: this engine backend does not run structured outputs "
                            "(the native engine does)", spec.param)

@@ -135,9 +135,10 @@ class EngineCore:
         if params.structured_outputs is not None:
             self.grammars.compile(params.structured_outputs)
 
-    def check_structured(self, spec: StructuredOutputs) -> None:
-        """Compile ``spec`` into the cache (any thread); raises RequestError as :meth:`validate`."""
-        self.grammars.compile(spec)
+    def check_structured(self, spec: StructuredOutputs, tenant: str | None = None) -> None:
+        """Compile ``spec`` into the cache and onto the spec (any thread); raises RequestError as
+        :meth:`validate`, or ``tenant`` has another spec compiling."""
+        self.grammars.compile(spec, tenant)
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter=None,
             tenant: str | None = None, cache_salt: str | None = None) -> None:

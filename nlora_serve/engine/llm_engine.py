@@ -104,14 +104,16 @@ class LLMEngine(Engine):
             self._max_prompt_bytes = max_prompt_bytes(self.tokenizer, self.max_model_len)
         return prompt_ids(prompt, self.tokenizer, self._lock, self._max_prompt_bytes, add_special_tokens)
 
-    def check_structured(self, spec: StructuredOutputs) -> None:
-        """Compile a structured-output spec into the engine's cache, on the caller's thread (the
-        HTTP front end runs it on its tokenizer thread, off the event loop).
+    def check_structured(self, spec: StructuredOutputs, tenant: str | None = None) -> None:
+        """Compile a structured-output spec into the engine's cache and onto the spec, on the
+        caller's thread (the front ends run it on a thread of their own, off the event loop and the
+        tokenizer thread); ``tenant`` compiles one spec at a time.
 
         Raises:
-            RequestError: the spec does not compile; ``param`` is ``spec.param``.
+            RequestError: the spec does not compile, or ``tenant`` has another compiling; ``param``
+                is ``spec.param``.
         """
-        self.core.check_structured(spec)
+        self.core.check_structured(spec, tenant)
 
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
         version = self.adapters.unload(name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,7 +29,10 @@ MAX_CHOICES = 1024
 # compiled grammars kept (a typical schema's is ~55 KB on a 49k vocabulary: ~14 MB at most)
 MAX_CACHED = 256
 COMPILE_TIMEOUT_S = 5.0  # a caller's wait for one compile (vLLM's regex compile timeout)
-MAX_COMPILING = 2  # compiles running at once (those past their timeout included)
+MAX_COMPILING = 2  # compiles running at once (those past their timeout included); one per tenant
+# vLLM 0.32's MAX_STRUCTURED_OUTPUT_JSON_NESTING: a schema's objects and arrays nest at most this deep
+# (xgrammar's compile time grows ~ depth^3: 500 nested arrays took 4.8 s, 2000 would take minutes)
+MAX_JSON_NESTING = 64
 _KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
@@ -51,6 +54,9 @@ class StructuredOutputs:
     # may hold any, and a model that likes newlines can fill max_tokens with them
     disable_any_whitespace: bool = False
     param: str = "structured_outputs"  # the request field to blame in errors (HTTP's OpenAI error param)
+    # (the GrammarCompiler, its CompiledGrammar) once compiled: the request's later lookups (admission,
+    # the step thread's matcher) use it even after the compiler's cache dropped the spec
+    compiled: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.choice is not None:
@@ -65,6 +71,11 @@ class StructuredOutputs:
         if len(self.text) > MAX_SPEC_CHARS:
             raise RequestError(f"{self.param}.{self.kind} is {len(self.text)} characters; at most "
                                f"{MAX_SPEC_CHARS}", self.param)
+        if self.kind in ("json", "grammar") and not self.text.strip():  # vLLM's words
+            raise RequestError(f"{self.param}.{self.kind} cannot be an empty string", self.param)
+        if self.kind == "json" and nests_deeper(self.json, MAX_JSON_NESTING):
+            raise RequestError(f"{self.param}.json: the JSON schema is nested too deeply: objects and arrays may "
+                               f"nest at most {MAX_JSON_NESTING} levels", self.param)
 
     @property
     def kind(self) -> str:
@@ -81,6 +92,24 @@ class StructuredOutputs:
         return getattr(self, kind)
 
 
+def nests_deeper(text: str, limit: int) -> bool:
+    """Whether the JSON document ``text`` nests objects and arrays more than ``limit`` levels below its
+    top (vLLM 0.32's ``_exceeds_json_nesting``, level by level, no recursion); text that is not JSON
+    is the compiler's to refuse (False), text nested past Python's parser is too deep (True)."""
+    try:
+        level = [json.loads(text)]
+    except RecursionError:
+        return True
+    except ValueError:
+        return False
+    for _ in range(limit):
+        level = [child for node in level if isinstance(node, (dict, list))
+                 for child in (node.values() if isinstance(node, dict) else node) if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
 class GrammarCompiler:
     """Compiles specs against one vocabulary; thread-safe (callers compile on their own threads).
 
@@ -89,12 +118,14 @@ class GrammarCompiler:
     grammar's output (the engine's EOS ids). The vocabulary is read on the first compile (~0.5 s on
     a 49k vocabulary), not at start: engines that never see a grammar never pay it.
 
-    A compile runs on a thread of its own, at most :data:`MAX_COMPILING` at once, and its caller
-    waits ``timeout_s`` at most (vLLM's VLLM_REGEX_COMPILATION_TIMEOUT_S, 5 s, for every kind
-    here): some short specs explode (``.{0,2000}`` takes ~4 s, and the time grows with the count),
-    and the caller is the server's shared tokenizer thread. A compile that runs past it cannot be
-    stopped (xgrammar's C++); it finishes in the background and lands in the cache. Compiled
-    grammars are kept by spec, the :data:`MAX_CACHED` most recently used.
+    A compile runs on a thread of its own, at most :data:`MAX_COMPILING` at once and one per tenant,
+    and its caller waits ``timeout_s`` at most (vLLM's VLLM_REGEX_COMPILATION_TIMEOUT_S, 5 s, for
+    every kind here): some short specs explode (``.{0,2000}`` takes ~4 s, and the time grows with
+    the count). A compile that runs past it cannot be stopped (xgrammar's C++); it finishes in the
+    background, still holding its slot and its tenant's turn, and lands in the cache: a tenant whose
+    compile still runs is refused another spec at once, so that one tenant's slow specs hold one slot,
+    never all of them. Callers of the same spec share its compile. Compiled grammars are kept by
+    spec, the :data:`MAX_CACHED` most recently used, and on the spec itself (``spec.compiled``).
     """
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int], timeout_s: float = COMPILE_TIMEOUT_S) -> None:
@@ -104,6 +135,8 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._cached: OrderedDict = OrderedDict()  # spec key -> xgrammar CompiledGrammar, least recent first
         self._compiling = threading.BoundedSemaphore(MAX_COMPILING)
+        self._jobs: dict[tuple, _Job] = {}  # spec key -> its compile, from its slot's wait to its end
+        self._tenants: dict[str, tuple] = {}  # tenant -> the key of its compile (waiting or running)
 
     def _get(self):
         with self._lock:
@@ -115,52 +148,130 @@ class GrammarCompiler:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
             return self._compiler
 
-    def compile(self, spec: StructuredOutputs):
-        """The compiled grammar of ``spec`` (a repeated spec costs a lookup).
+    def compile(self, spec: StructuredOutputs, tenant: str | None = None):
+        """The compiled grammar of ``spec`` (a repeated spec costs a lookup); ``tenant``: who asks
+        (None: nobody to hold to one compile, e.g. the engine's own lookups).
 
         Raises:
-            RequestError: the spec does not compile (a bad schema, regex or grammar), or not within
-                ``timeout_s``; the message names the field and says why, ``param`` is ``spec.param``.
+            RequestError: the spec does not compile (a bad schema, regex or grammar), allows no token
+                at its start, or not within ``timeout_s``; ``tenant`` has another spec compiling; no
+                compile slot frees within ``timeout_s``. The message names the field and says why,
+                ``param`` is ``spec.param``.
         """
+        if spec.compiled is not None and spec.compiled[0] is self:
+            return spec.compiled[1]
         key = (spec.kind, spec.text, spec.disable_any_whitespace)
         with self._lock:
             if key in self._cached:
                 self._cached.move_to_end(key)
-                return self._cached[key]
-        compiler = self._get()  # bounded work (the vocabulary), outside the timed part
-        if not self._compiling.acquire(timeout=self.timeout_s):
-            raise RequestError(f"{spec.param}: the server is busy compiling other specs; retry", spec.param)
-        result: dict = {}
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                result["grammar"] = grammar = _compile(compiler, spec)
-                with self._lock:
-                    self._cached[key] = grammar
-                    while len(self._cached) > MAX_CACHED:
-                        self._cached.popitem(last=False)
-            except (RuntimeError, ValueError) as exc:  # xgrammar's parse errors: "[time] file:line: why"
-                result["error"] = exc
-            finally:
-                self._compiling.release()
-                done.set()
-
-        threading.Thread(target=run, name="nlora-grammar", daemon=True).start()
-        if not done.wait(self.timeout_s):
+                return self._keep(spec, self._cached[key])
+            job = self._jobs.get(key)
+            if job is None:
+                self._claim(spec, key, tenant)
+        if job is None:
+            job = self._start(spec, key, tenant)
+        if not job.done.wait(self.timeout_s):
             raise RequestError(f"{spec.param}: the {spec.kind} did not compile within {self.timeout_s:g} s (too "
                                "complex: a large repetition count or nesting)", spec.param)
-        if "error" in result:
-            text = str(result["error"]).strip()
+        if job.error is not None:
+            raise RequestError(f"{spec.param}: {job.error}", spec.param)
+        return self._keep(spec, job.grammar)
+
+    def _keep(self, spec: StructuredOutputs, grammar):
+        object.__setattr__(spec, "compiled", (self, grammar))
+        return grammar
+
+    def _claim(self, spec: StructuredOutputs, key: tuple, tenant: str | None) -> None:
+        """Hold ``tenant`` to one compile (under the lock). Raises RequestError: it has one already."""
+        if tenant is None:
+            return
+        if tenant in self._tenants:
+            raise RequestError(f"{spec.param}: an earlier spec of this tenant is still compiling (one at a time "
+                               "per tenant); retry when it is done", spec.param)
+        self._tenants[tenant] = key
+
+    def _start(self, spec: StructuredOutputs, key: tuple, tenant: str | None) -> _Job:
+        """A slot (waited for up to ``timeout_s``) and the compile's thread; or the job another caller
+        started for ``key`` meanwhile. Raises RequestError: no slot frees in time."""
+        try:
+            compiler = self._get()  # bounded work (the vocabulary), outside the timed part
+            if not self._compiling.acquire(timeout=self.timeout_s):
+                raise RequestError(f"{spec.param}: the server is busy compiling other specs; retry", spec.param)
+        except BaseException:
+            self._unclaim(key, tenant)
+            raise
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None or key in self._cached:  # the same spec, compiled or started meanwhile
+                self._compiling.release()
+                if tenant is not None and self._tenants.get(tenant) == key:
+                    del self._tenants[tenant]
+                return job if job is not None else _Job.finished(self._cached[key])
+            job = self._jobs[key] = _Job()
+        threading.Thread(target=self._run, args=(compiler, spec, key, tenant, job), name="nlora-grammar",
+                         daemon=True).start()
+        return job
+
+    def _unclaim(self, key: tuple, tenant: str | None) -> None:
+        with self._lock:
+            if tenant is not None and self._tenants.get(tenant) == key:
+                del self._tenants[tenant]
+
+    def _run(self, compiler, spec: StructuredOutputs, key: tuple, tenant: str | None, job: _Job) -> None:
+        try:
+            grammar = _compile(compiler, spec)
+            if not _allows_a_token(grammar, self.vocab_size):
+                job.error = (f"the {spec.kind} matches no text this model's tokens can write (no token, not even "
+                             "the end of the output, is allowed at its start)")
+            else:
+                job.grammar = grammar
+        except (RuntimeError, ValueError) as exc:  # xgrammar's parse errors: "[time] file:line: why"
+            text = str(exc).strip()
             why = text.rsplit(": ", 1)[-1] if ": " in text else text
-            raise RequestError(f"{spec.param}: the {spec.kind} does not compile: {why.strip()[:300]}", spec.param)
-        return result["grammar"]
+            job.error = f"the {spec.kind} does not compile: {why.strip()[:300]}"
+        finally:
+            with self._lock:
+                if job.grammar is not None:
+                    self._cached[key] = job.grammar
+                    while len(self._cached) > MAX_CACHED:
+                        self._cached.popitem(last=False)
+                del self._jobs[key]
+                if tenant is not None and self._tenants.get(tenant) == key:
+                    del self._tenants[tenant]
+            self._compiling.release()
+            job.done.set()
 
     def matcher(self, spec: StructuredOutputs):
         """A fresh ``xgrammar.GrammarMatcher`` of ``spec`` (raises as :meth:`compile`)."""
         import xgrammar as xgr
 
         return xgr.GrammarMatcher(self.compile(spec))
+
+
+class _Job:
+    """One compile in flight: its result once ``done`` is set (a grammar, or an error's words)."""
+
+    __slots__ = ("done", "grammar", "error")
+
+    def __init__(self) -> None:
+        self.done, self.grammar, self.error = threading.Event(), None, None
+
+    @classmethod
+    def finished(cls, grammar) -> _Job:
+        job = cls()
+        job.grammar = grammar
+        job.done.set()
+        return job
+
+
+def _allows_a_token(grammar, vocab_size: int) -> bool:
+    """Whether a fresh matcher of ``grammar`` allows any token (EOS included) first: a regex or
+    grammar of characters no token holds allows none, and its request could only fail."""
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    xgr.GrammarMatcher(grammar).fill_next_token_bitmask(bitmask, 0)
+    return bool(bitmask.any())
 
 
 def _compile(compiler, spec: StructuredOutputs):

@@ -17,7 +17,7 @@ from nlora_serve.engine.sampling import RequestError
 from nlora_serve.errors import RefusalLog
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.status import Draining, QueueFull
-from nlora_serve.serving.tokenizer_turns import TokenizerTurns
+from nlora_serve.serving.tokenizer_turns import GRAMMAR_THREADS, TokenizerTurns
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Admission:
         self.max_queue = max_queue
         self.tenant_shares = tenant_shares
         self.tokenizer = TokenizerTurns()  # the stage before admission: prompts to token ids
+        self.grammar = TokenizerTurns(GRAMMAR_THREADS)  # structured-output specs compiled, beside it
         self.inflight = 0
         self.held: dict[str, int] = {}  # requests running or waiting per tenant name
         self._refusals = RefusalLog(log)  # a refusal's detail its tenant is not told: the operator's

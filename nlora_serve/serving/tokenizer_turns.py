@@ -1,4 +1,4 @@
-"""The front ends' one tokenizer thread, and tenants' turns on it (both front ends)."""
+"""The front ends' one tokenizer thread, their grammar threads, and tenants' turns on each (both front ends)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 # thread, as vLLM's OpenAI server has (serving_engine's _tokenizer_executor): tokenizers are never
 # used concurrently, and a huge prompt costs at most one core.
 _TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlora-tokenize")
+# Structured-output specs are compiled (engine/structured.py) from threads of their own: a caller
+# waits up to 5 s for a compile slot and 5 s for its compile, and on the tokenizer thread that wait
+# held every other tenant's prompts back (a tenant sending slow specs doubled their TTFT). A tenant
+# has at most one job here at a time (its turn), so these threads are the tenants compiling at once.
+GRAMMAR_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nlora-grammar")
 
 
 class TokenizerTurns:
     """Takes each tenant's prompt tokenization to the front ends' one tokenizer thread one at a
-    time, so the thread's queue holds at most one job per tenant and tenants' jobs take turns.
+    time, so the thread's queue holds at most one job per tenant and tenants' jobs take turns
+    (``executor``: the threads, by default the tokenizer's; GRAMMAR_THREADS for spec compiles).
 
     Without turns, one tenant's 16 concurrent 663k-emoji prompts (1.9 s each, all refused in the
     end) queued ahead of everyone and another tenant's "Hi" waited 20-47 s (round-four hostile
@@ -25,7 +31,8 @@ class TokenizerTurns:
     its quota and queue share. Event-loop only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, executor: ThreadPoolExecutor = _TOKENIZER_THREAD) -> None:
+        self._executor = executor
         self._turns: dict[str | None, asyncio.Lock] = {}
         self._users: dict[str | None, int] = {}  # callers holding or awaiting a tenant's turn
 
@@ -36,7 +43,7 @@ class TokenizerTurns:
         self._users[tenant] = self._users.get(tenant, 0) + 1
         try:
             async with turn:
-                job = _TOKENIZER_THREAD.submit(fn, *args)
+                job = self._executor.submit(fn, *args)
                 try:
                     return await asyncio.wrap_future(job)
                 except asyncio.CancelledError:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 
 import openai
 import pytest
 
 from grpc_harness import TENANT_KEYS
 from http_harness import TENANTS, client
+from nlora_serve.engine import structured
 
 LORA = "lora-rslora"  # granted to lora-co
 assert TENANTS[LORA] == "lora-co"
@@ -179,3 +181,31 @@ def test_every_choice_of_n_follows_the_spec(http_server):
     assert len(reply.choices) == 4
     for choice in reply.choices:
         assert choice.finish_reason == "stop" and re.fullmatch(EMAIL, choice.message.content), choice.message.content
+
+
+def test_a_compile_that_runs_on_holds_no_other_tenants_prompt_back(http_server, monkeypatch):
+    """base-co's spec compiles slowly (held at a gate): lora-co's plain request is answered meanwhile.
+    Before, the compile's wait ran on the one tokenizer thread, and every other tenant's prompt
+    waited behind it (up to 10 s a spec; a flooding tenant doubled the others' TTFT)."""
+    gate, compile_for_real = threading.Event(), structured._compile
+
+    def compile_(compiler, spec):
+        if spec.text == "slow[a-z]":
+            gate.wait(60)
+        return compile_for_real(compiler, spec)
+
+    monkeypatch.setattr(structured, "_compile", compile_)
+    monkeypatch.setattr(http_server.engine.core.grammars, "timeout_s", 60.0)
+    model, key = _server_model(http_server, "base-co")
+    answers = []
+    slow = threading.Thread(target=lambda: answers.append(client(http_server, key).completions.create(
+        model=model, prompt="Hi", max_tokens=4, temperature=0, extra_body={"structured_outputs": {"regex": "slow[a-z]"}})))
+    slow.start()
+    try:
+        other = client(http_server, TENANT_KEYS["lora-co"], timeout=30).completions.create(
+            model=LORA, prompt="Hi", max_tokens=2, temperature=0)
+        assert other.usage.completion_tokens == 2 and slow.is_alive()  # answered while the compile still waits
+    finally:
+        gate.set()
+        slow.join(60)
+    assert re.fullmatch("slow[a-z]", answers[0].choices[0].text)

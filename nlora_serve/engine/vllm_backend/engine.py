@@ -164,13 +164,14 @@ class VllmEngine(Engine):
             job.future = asyncio.run_coroutine_threadsafe(self._run(job, ids, params, cache_salt), self._loop)
         return RequestStream(client_id, deltas, self._abort, rid)
 
-    def check_structured(self, spec: StructuredOutputs) -> None:
+    def check_structured(self, spec: StructuredOutputs, tenant: str | None = None) -> None:
         """See :meth:`Engine.check_structured`: compiled by xgrammar, as vLLM will (cached).
 
         Raises:
-            RequestError: the spec does not compile, or not within its time (engine/structured.py).
+            RequestError: the spec does not compile, or not within its time, or ``tenant`` has
+                another compiling (engine/structured.py).
         """
-        self.grammars.compile(spec)
+        self.grammars.compile(spec, tenant)
 
     @property
     def max_model_len(self) -> int:

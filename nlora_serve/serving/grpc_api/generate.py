@@ -95,8 +95,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:  # a refusal from here on, or the call cancelled (client gone, deadline), gives the place back
             # off the loop, on the tokenizer thread in the tenant's turn
             if params.structured_outputs is not None:  # compiled before the prompt: a bad spec costs no tokenizing
-                await self.admission.tokenizer.run(principal.name, self.engine.check_structured,
-                                                   params.structured_outputs)
+                await self.admission.grammar.run(principal.name, self.engine.check_structured,
+                                                 params.structured_outputs, principal.name)
             prompt = await self.admission.tokenizer.run(principal.name, self._prompt_ids, request, special)
             engine_id = f"{principal.name}/{request_id}" if request_id else None
             stream = start_request(self.engine, prompt, params, engine_id, adapter,

@@ -186,8 +186,9 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompts
             AdapterNotFound: an adapter asked of a server that serves none, or not served.
     """
     turns = ctx.admission.tokenizer
-    if params.structured_outputs is not None:  # compiled off the event loop; a bad spec is a 400 here
-        await turns.run(caller.name, ctx.engine.check_structured, params.structured_outputs)
+    if params.structured_outputs is not None:  # compiled off the loop and the tokenizer; a bad spec is a 400 here
+        await ctx.admission.grammar.run(caller.name, ctx.engine.check_structured, params.structured_outputs,
+                                        caller.name)
     if prompts is None:
         full = [await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds)]
     else:

@@ -1,0 +1,117 @@
+"""The structured-output compiler's bounds (engine/structured.py), on the default model's tokenizer
+alone: vLLM 0.32's JSON nesting limit (depths counted by hand), specs that allow no token refused
+at compile time, one compile slot per tenant while its slow compile runs on, and a request's
+compiled grammar kept with its spec once the cache has dropped it. A slow compile is the real
+compile held at a gate the test opens, so that no timing decides the outcome."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from transformers import AutoTokenizer
+
+from nlora_serve.engine import structured
+from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.structured import MAX_COMPILING, GrammarCompiler, StructuredOutputs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_model_dir):
+    return AutoTokenizer.from_pretrained(base_model_dir)
+
+
+@pytest.fixture
+def compiler(tokenizer):
+    return GrammarCompiler(tokenizer, len(tokenizer), {tokenizer.eos_token_id}, timeout_s=30.0)
+
+
+def nested_schema(containers: int) -> str:
+    """A schema, as JSON text, whose objects nest ``containers`` deep, the top one included: arrays
+    of arrays of integers, each level one object holding the next under "items"."""
+    text = '{"type": "integer"}'
+    for _ in range(containers - 1):
+        text = '{"type": "array", "items": ' + text + "}"
+    return text
+
+
+def alternating(containers: int) -> str:
+    """JSON text ``containers`` deep, lists and objects in turn ({"anyOf": [{"anyOf": [...]}]})."""
+    text = '{"type": "integer"}'
+    for depth in range(2, containers + 1):
+        text = f"[{text}]" if depth % 2 == 0 else '{"anyOf": ' + text + "}"
+    return text
+
+
+def test_json_nested_past_vllms_64_levels_is_refused_before_it_compiles(compiler):
+    # vLLM: objects and arrays nest at most 64 levels, the top one included (counted here by construction)
+    assert compiler.compile(StructuredOutputs(json=nested_schema(64))) is not None
+    assert StructuredOutputs(json=alternating(64)).json  # lists count as objects do
+    for text in (nested_schema(65), alternating(65), nested_schema(2000), "[" * 30_000 + "]" * 30_000):
+        with pytest.raises(RequestError, match="nested too deeply: objects and arrays may nest at most 64") as caught:
+            StructuredOutputs(json=text, param="response_format")
+        assert caught.value.param == "response_format"
+    for kind in ("json", "grammar"):  # vLLM's words
+        with pytest.raises(RequestError, match=f"structured_outputs.{kind} cannot be an empty string"):
+            StructuredOutputs(**{kind: " \n"})
+
+
+@pytest.mark.parametrize("spec", [StructuredOutputs(regex="[^\\x00-\\U0010FFFF]"),
+                                  StructuredOutputs(grammar="root ::= [^\\x00-\\U0010FFFF]", param="response_format")])
+def test_a_spec_no_token_can_start_is_refused_at_compile_time(compiler, spec):
+    """An empty character class matches nothing: no token, not even EOS, may come first. Its request
+    failed in the engine (500, 'token 0 breaks the request's structured output') before."""
+    with pytest.raises(RequestError, match=f"{spec.param}: the {spec.kind} matches no text") as caught:
+        compiler.compile(spec)
+    assert caught.value.param == spec.param
+    assert compiler.compile(StructuredOutputs(regex="")) is not None  # the empty output: EOS first, allowed
+
+
+def gated(monkeypatch, slow: set[str]) -> threading.Event:
+    """Hold the compile of every spec whose text is in ``slow`` until the returned event is set
+    (then it compiles for real): a compile that runs past its caller's timeout."""
+    gate, compile_for_real = threading.Event(), structured._compile
+
+    def compile_(compiler, spec):
+        if spec.text in slow:
+            gate.wait(60)
+        return compile_for_real(compiler, spec)
+
+    monkeypatch.setattr(structured, "_compile", compile_)
+    return gate
+
+
+def test_a_tenants_slow_specs_hold_one_slot_and_others_compile_meanwhile(compiler, monkeypatch):
+    slow = [f"x{i}[a-z]" for i in range(MAX_COMPILING + 1)]
+    gate = gated(monkeypatch, set(slow))
+    compiler.timeout_s = 0.2
+    with pytest.raises(RequestError, match="did not compile within 0.2 s"):
+        compiler.compile(StructuredOutputs(regex=slow[0]), tenant="flood")
+    for regex in slow[1:]:  # refused at once: its first still compiles (before: each took a slot)
+        with pytest.raises(RequestError, match="an earlier spec of this tenant is still compiling"):
+            compiler.compile(StructuredOutputs(regex=regex), tenant="flood")
+    compiler.timeout_s = 30.0
+    others = [StructuredOutputs(regex=f"{name}[0-9]") for name in ("bob", "carol")]
+    for spec, tenant in zip(others, ("bob", "carol")):  # before: "busy compiling other specs"
+        assert compiler.compile(spec, tenant=tenant) is not None
+    shared = StructuredOutputs(regex=slow[0])  # the flooder's own spec: joins the compile that runs
+    joined = threading.Thread(target=compiler.compile, args=(shared,))
+    joined.start()
+    gate.set()
+    joined.join(30)
+    assert shared.compiled is not None and compiler.compile(StructuredOutputs(regex=slow[1]), tenant="flood")
+
+
+def test_a_compiled_spec_survives_its_eviction_from_the_cache(compiler, monkeypatch):
+    """The engine looks a request's grammar up again at admission (the event loop) and for its
+    matcher (the step thread): once the cache has dropped it, it was compiled again there."""
+    monkeypatch.setattr(structured, "MAX_CACHED", 2)
+    spec = StructuredOutputs(json='{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    first = compiler.compile(spec, tenant="bob")
+    for i in range(3):
+        compiler.compile(StructuredOutputs(regex=f"evict{i}"), tenant="flood")
+    compiler.timeout_s = 0.0  # any compile now fails at once
+    with pytest.raises(RequestError, match="did not compile within 0 s"):  # the cache dropped it
+        compiler.compile(StructuredOutputs(json=spec.json))
+    assert compiler.compile(spec) is first
+    assert compiler.matcher(spec) is not None
