@@ -23,11 +23,14 @@ import torch
 from nlora_serve.engine.sampling import RequestError
 
 # a spec's characters at most (a schema's JSON text, a regex, a grammar, all choices together):
-# compiling runs on the caller's thread, but a huge spec would still hold a tokenizer turn
+# a huge spec would hold a compile slot for long
 MAX_SPEC_CHARS = 64 * 1024
 MAX_CHOICES = 1024
-# compiled grammars kept (a typical schema's is ~55 KB on a 49k vocabulary: ~14 MB at most)
+# compiled grammars kept (a typical schema's is ~55 KB on a 49k vocabulary)
 MAX_CACHED = 256
+# and their bytes at most (vLLM's VLLM_XGRAMMAR_CACHE_MB default): one 64 KB regex compiles to ~18 MB
+# (a 2,000-property schema to ~17 MB), so 256 of them held ~4.5 GB
+MAX_CACHED_BYTES = 512 * 1024 * 1024
 COMPILE_TIMEOUT_S = 5.0  # a caller's wait for one compile (vLLM's regex compile timeout)
 MAX_COMPILING = 2  # compiles running at once (those past their timeout included); one per tenant
 # vLLM 0.32's MAX_STRUCTURED_OUTPUT_JSON_NESTING: a schema's objects and arrays nest at most this deep
@@ -73,7 +76,18 @@ class StructuredOutputs:
                                f"{MAX_SPEC_CHARS}", self.param)
         if self.kind in ("json", "grammar") and not self.text.strip():  # vLLM's words
             raise RequestError(f"{self.param}.{self.kind} cannot be an empty string", self.param)
-        if self.kind == "json" and nests_deeper(self.json, MAX_JSON_NESTING):
+        if self.kind == "json":
+            self._check_json()
+
+    def _check_json(self) -> None:
+        """The schema is JSON and nests at most MAX_JSON_NESTING levels (vLLM's check and words)."""
+        try:
+            too_deep = nests_deeper(json.loads(self.json), MAX_JSON_NESTING)
+        except RecursionError:  # nested past Python's parser
+            too_deep = True
+        except ValueError as exc:  # xgrammar's own words for it end in "...: . The JSON string is:{"
+            raise RequestError(f"{self.param}.json is not JSON: {exc}", self.param) from None
+        if too_deep:
             raise RequestError(f"{self.param}.json: the JSON schema is nested too deeply: objects and arrays may "
                                f"nest at most {MAX_JSON_NESTING} levels", self.param)
 
@@ -92,16 +106,10 @@ class StructuredOutputs:
         return getattr(self, kind)
 
 
-def nests_deeper(text: str, limit: int) -> bool:
-    """Whether the JSON document ``text`` nests objects and arrays more than ``limit`` levels below its
-    top (vLLM 0.32's ``_exceeds_json_nesting``, level by level, no recursion); text that is not JSON
-    is the compiler's to refuse (False), text nested past Python's parser is too deep (True)."""
-    try:
-        level = [json.loads(text)]
-    except RecursionError:
-        return True
-    except ValueError:
-        return False
+def nests_deeper(document, limit: int) -> bool:
+    """Whether the parsed JSON ``document`` nests objects and arrays more than ``limit`` levels, its
+    top one included (vLLM 0.32's ``_exceeds_json_nesting``: level by level, no recursion)."""
+    level = [document]
     for _ in range(limit):
         level = [child for node in level if isinstance(node, (dict, list))
                  for child in (node.values() if isinstance(node, dict) else node) if isinstance(child, (dict, list))]
@@ -125,7 +133,8 @@ class GrammarCompiler:
     background, still holding its slot and its tenant's turn, and lands in the cache: a tenant whose
     compile still runs is refused another spec at once, so that one tenant's slow specs hold one slot,
     never all of them. Callers of the same spec share its compile. Compiled grammars are kept by
-    spec, the :data:`MAX_CACHED` most recently used, and on the spec itself (``spec.compiled``).
+    spec, the :data:`MAX_CACHED` most recently used within :data:`MAX_CACHED_BYTES`, and on the spec
+    itself (``spec.compiled``).
     """
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int], timeout_s: float = COMPILE_TIMEOUT_S) -> None:
@@ -134,6 +143,7 @@ class GrammarCompiler:
         self._compiler = None
         self._lock = threading.Lock()
         self._cached: OrderedDict = OrderedDict()  # spec key -> xgrammar CompiledGrammar, least recent first
+        self.cached_bytes = 0  # their memory_size_bytes together
         self._compiling = threading.BoundedSemaphore(MAX_COMPILING)
         self._jobs: dict[tuple, _Job] = {}  # spec key -> its compile, from its slot's wait to its end
         self._tenants: dict[str, tuple] = {}  # tenant -> the key of its compile (waiting or running)
@@ -233,8 +243,10 @@ class GrammarCompiler:
             with self._lock:
                 if job.grammar is not None:
                     self._cached[key] = job.grammar
-                    while len(self._cached) > MAX_CACHED:
-                        self._cached.popitem(last=False)
+                    self.cached_bytes += job.grammar.memory_size_bytes
+                    while len(self._cached) > 1 and (len(self._cached) > MAX_CACHED
+                                                     or self.cached_bytes > MAX_CACHED_BYTES):
+                        self.cached_bytes -= self._cached.popitem(last=False)[1].memory_size_bytes
                 del self._jobs[key]
                 if tenant is not None and self._tenants.get(tenant) == key:
                     del self._tenants[tenant]

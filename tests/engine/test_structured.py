@@ -155,7 +155,12 @@ def test_logprobs_of_a_constrained_row_are_the_masked_distribution(make_engine):
 def test_bad_specs_are_refused_before_they_queue(make_engine):
     engine = make_engine()
     bad = [StructuredOutputs(json='{"type": "strnig"}', param="response_format"),
-           StructuredOutputs(json="{not json"), StructuredOutputs(regex="[a-"), StructuredOutputs(grammar="root ::= ")]
+           StructuredOutputs(regex="[a-"), StructuredOutputs(grammar="root ::= ")]
+    try:
+        json.loads("{not json")
+    except ValueError as exc:  # text that is no JSON: refused before any compile, in the parser's words
+        with pytest.raises(RequestError, match=re.escape(f"structured_outputs.json is not JSON: {exc}")):
+            StructuredOutputs(json="{not json")
     for spec in bad:
         with pytest.raises(RequestError, match=f"{spec.param}: the {spec.kind} does not compile") as caught:
             engine.generate(["hi"], SamplingParams(structured_outputs=spec))

@@ -51,6 +51,8 @@ def test_json_nested_past_vllms_64_levels_is_refused_before_it_compiles(compiler
         with pytest.raises(RequestError, match="nested too deeply: objects and arrays may nest at most 64") as caught:
             StructuredOutputs(json=text, param="response_format")
         assert caught.value.param == "response_format"
+    with pytest.raises(RequestError, match="structured_outputs.json is not JSON: Expecting value"):
+        StructuredOutputs(json="{\"type\": }")  # was xgrammar's "does not compile: . The JSON string is:{..."
     for kind in ("json", "grammar"):  # vLLM's words
         with pytest.raises(RequestError, match=f"structured_outputs.{kind} cannot be an empty string"):
             StructuredOutputs(**{kind: " \n"})
@@ -115,3 +117,18 @@ def test_a_compiled_spec_survives_its_eviction_from_the_cache(compiler, monkeypa
         compiler.compile(StructuredOutputs(json=spec.json))
     assert compiler.compile(spec) is first
     assert compiler.matcher(spec) is not None
+
+
+def test_the_cache_holds_its_bytes_bound(compiler, monkeypatch):
+    """A 64 KB regex compiles to ~18 MB: 256 of them held ~4.5 GB. The cache keeps the most recent
+    grammars whose memory_size_bytes (xgrammar's own count) fit MAX_CACHED_BYTES."""
+    specs = [StructuredOutputs(regex="a" * 20_000 + c) for c in "bcd"]
+    sizes = [compiler.compile(spec).memory_size_bytes for spec in specs[:1]]
+    monkeypatch.setattr(structured, "MAX_CACHED_BYTES", int(sizes[0] * 2.5))  # room for two of them
+    sizes += [compiler.compile(spec).memory_size_bytes for spec in specs[1:]]
+    assert compiler.cached_bytes == sizes[1] + sizes[2] <= structured.MAX_CACHED_BYTES
+    compiler.timeout_s = 0.0  # any compile now fails at once
+    for spec in specs[1:]:
+        assert compiler.compile(StructuredOutputs(regex=spec.regex)) is not None  # still cached
+    with pytest.raises(RequestError, match="did not compile within 0 s"):  # the oldest was dropped
+        compiler.compile(StructuredOutputs(regex=specs[0].regex))
