@@ -34,7 +34,7 @@ from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.engine.scheduler import Scheduler
 from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nlora_serve.engine.step_output import SampledStep, sample_step
-from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs
+from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs, allows_a_token
 from nlora_serve.engine.warmup import warm_up
 
 
@@ -282,8 +282,8 @@ class EngineCore:
         seq, params = req.seq, req.seq.params
         reason = "stop" if token in req.stops else None
         if seq.matcher is not None:
-            if not seq.matcher.accept_token(token):  # the mask allowed it: a bug, not the request's fault
-                return self._retire(req, "error", "", [], f"token {token} breaks the request's structured output")
+            if not seq.matcher.accept_token(token):  # the mask allowed nothing (a dead end), or a bug
+                return self._retire(req, "error", "", [], self._broken_grammar(seq, token))
             if seq.matcher.is_terminated():  # it accepted a stop token where the output may end
                 reason = "stop"
         # a stop token's text is left out (vLLM's rule) unless include_stop_str_in_output
@@ -300,6 +300,13 @@ class EngineCore:
         elif reason == "stop" and token in req.stops:  # not a grammar's end
             out.stop_reason = self.eos.stop_reason(token, params.ignore_eos)  # None for the EOS (vLLM's check_stop)
         return out
+
+    def _broken_grammar(self, seq: Sequence, token: int) -> str:
+        """Why ``seq``'s matcher refused ``token``, sampled from its masked row."""
+        if not allows_a_token(seq.matcher, self.vocab_size):  # vLLM ends such a request as an error too
+            return (f"the structured output allows no token after {seq.num_output_tokens - 1} tokens: its spec has a "
+                    "dead end here (no text continues it, and the output may not end)")
+        return f"token {token} breaks the request's structured output"
 
     def _retire(self, req: _Request, reason: str, text: str, token_ids: list[int], error: str | None = None,
                 logprobs=None) -> RequestOutput:

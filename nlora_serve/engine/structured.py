@@ -281,8 +281,15 @@ def _allows_a_token(grammar, vocab_size: int) -> bool:
     grammar of characters no token holds allows none, and its request could only fail."""
     import xgrammar as xgr
 
+    return allows_a_token(xgr.GrammarMatcher(grammar), vocab_size)
+
+
+def allows_a_token(matcher, vocab_size: int) -> bool:
+    """Whether ``matcher`` (an xgrammar GrammarMatcher) allows any token next, EOS included."""
+    import xgrammar as xgr
+
     bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-    xgr.GrammarMatcher(grammar).fill_next_token_bitmask(bitmask, 0)
+    matcher.fill_next_token_bitmask(bitmask, 0)
     return bool(bitmask.any())
 
 

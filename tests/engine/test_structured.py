@@ -6,6 +6,7 @@ matching); unconstrained rows unchanged by a constrained row in their batch."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -15,6 +16,7 @@ import regex
 import torch
 
 from greedy_rule import matches_reference
+from nlora_serve.engine.api import EngineError
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.engine.structured import StructuredOutputs
 
@@ -192,3 +194,26 @@ def test_preempted_constrained_requests_resume_their_grammar(make_engine, async_
     assert tiny.stats()["preemptions"] >= 1 and tiny.stats()["kv_blocks_used"] == 0
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert all(regex.fullmatch(pattern, o.text) and o.finish_reason == "stop" for o in got), [o.text for o in got]
+
+
+def test_a_dead_end_in_a_spec_ends_its_request_saying_so_and_spares_the_batch(make_engine):
+    """After "ab" the regex wants a character of an empty class: nothing may follow, not even EOS.
+    vLLM ends such a request as an error; its message said "token 0 breaks the request's structured
+    output" (the argmax of an all -inf row), as if the engine were at fault."""
+    engine = make_engine()
+    dead = SamplingParams(max_tokens=8, temperature=0.0, structured_outputs=StructuredOutputs(regex="ab[^\\x00-\\U0010FFFF]"))
+    free = SamplingParams(max_tokens=8, temperature=0.0)
+    prompt = chat(engine, "Say ab.")
+    want = engine.generate([prompt], free)[0]
+
+
+    async def both() -> tuple[str, list[int]]:  # queued together: they share their steps
+        streams = [engine.add_request(prompt, params) for params in (dead, free)]
+        with pytest.raises(EngineError) as failed:
+            [out async for out in streams[0]]
+        return str(failed.value), [t async for out in streams[1] for t in out.token_ids]
+
+    error, free_tokens = asyncio.run(both())
+    assert "the structured output allows no token after" in error and "its spec has a dead end here" in error, error
+    assert free_tokens == want.token_ids  # the other row of the batch is unchanged
+    assert engine.core.requests == {} and engine.stats()["kv_blocks_used"] == 0
