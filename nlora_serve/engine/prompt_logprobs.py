@@ -41,7 +41,7 @@ class PromptLogprob:
     """One scored prompt position (vLLM's ``Logprob`` of a prompt token, with its top-k)."""
 
     logprobs: dict[int, float]  # {token id: log-probability}: the prompt token's first, then its top-k
-    rank: int  # the prompt token's rank in the vocabulary (1 = the most likely)
+    rank: int  # the prompt token's rank in the vocabulary: the tokens at least as likely (1 = the most likely)
 
 
 @dataclass(slots=True)
@@ -109,7 +109,8 @@ def chunk_rows(vocab_size: int, device_type: str) -> int:
 def score(logits_of: Callable[[torch.Tensor], torch.Tensor], indices: torch.Tensor, rows: PromptRows,
           chunk: int) -> list[torch.Tensor]:
     """The read-back parts of the scored rows, float64 on ``indices``' device: ``[P]`` the scored
-    tokens' log-probabilities, ``[P]`` their ranks (1 + the tokens strictly more likely), then
+    tokens' log-probabilities, ``[P]`` their ranks (the tokens at least as likely, itself included:
+    vLLM 0.32's ``batched_count_greater_than``, ``x >= value``, so tied tokens share the lowest rank), then
     ``[P * K]`` top values and ``[P * K]`` their token ids (row by row, best first).
 
     ``logits_of(idx)``: [n, V] float32 logits of the step's packed tokens ``idx`` [n] int64, the
@@ -126,7 +127,7 @@ def score(logits_of: Callable[[torch.Tensor], torch.Tensor], indices: torch.Tens
         logp = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))
         value = logp.gather(1, targets[lo:lo + chunk].unsqueeze(1))
         scored.append(value.view(-1))
-        ranks.append((logp > value).sum(dim=1) + 1)
+        ranks.append((logp >= value).sum(dim=1))
         if k:
             v, i = logp.topk(k, dim=-1)
             top_v.append(v.reshape(-1))

@@ -103,3 +103,18 @@ def test_one_token_prompt_and_the_range(make_engine):
     for bad in (-1, 21, True):
         with pytest.raises(RequestError, match="prompt_logprobs"):
             SamplingParams(prompt_logprobs=bad)
+
+
+def test_tied_tokens_rank_as_vllm_ranks_them():
+    """vLLM 0.32 ranks a prompt token by the tokens at least as likely, itself included
+    (v1/sample/ops/logprobs.py batched_count_greater_than: ``(x >= values).sum(-1)``): tied tokens
+    all take the lowest rank. bf16 logits (--dtype auto on fast-bf16 CPUs) tie often; this was
+    1 + the tokens strictly more likely (row 0: 1, row 1: 2)."""
+    from nlora_serve.engine.prompt_logprobs import PromptRows, score
+
+    logits = torch.tensor([[2.0, 2.0, 2.0, 1.0], [3.0, 1.0, 1.0, 1.0], [0.0, 5.0, 1.0, 2.0]])
+    rows = PromptRows(torch.arange(3), torch.tensor([1, 2, 1]), [], top_k=0)
+    scored, ranks = score(lambda idx: logits[idx].clone(), torch.arange(3), rows, chunk=2)
+    assert ranks.tolist() == [3, 4, 1]  # by hand: {0, 1, 2} >= 2; {0, 1, 2, 3} >= 1; only itself >= 5
+    want = torch.log_softmax(logits.double(), -1)[[0, 1, 2], [1, 2, 1]]
+    assert scored.tolist() == pytest.approx(want.tolist(), abs=1e-6)  # computed in float32
