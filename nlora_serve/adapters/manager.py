@@ -1,7 +1,9 @@
 """The engine's one handle on adapters: store + registry + residency, wired together.
 
 Front ends call :meth:`AdapterManager.acquire` when they admit a request (NOT_FOUND at once for an
-unknown name) and the engine calls :meth:`release` exactly once when the request ends. A response
+unknown name) and the engine calls :meth:`release` exactly once when the request ends; the native
+engine splits it into :meth:`~AdapterManager.reserve` and :meth:`~AdapterManager.place`, so that a
+request finding no free LoRA slot waits for one. A response
 of several requests (OpenAI's ``n``, a batch of prompts) takes a :meth:`hold` on a version first and
 queues each of its requests on it, so that a hot swap in between changes none of them.
 """
@@ -84,15 +86,30 @@ class AdapterManager:
 
     def acquire(self, name: str, tenant: str | None = None, version: AdapterVersion | None = None) -> AdapterVersion:
         """Pin ``name``'s current version for one request (of ``tenant``: its share of the LoRA
-        slots, :class:`~nlora_serve.adapters.residency.Residency`) and make sure it is resident.
-        With ``version`` (a version of ``name`` the caller holds, :meth:`hold`): pin that one,
-        current or superseded.
+        slots, :class:`~nlora_serve.adapters.residency.Residency`) and make sure it is resident:
+        :meth:`reserve`, then :meth:`place`. With ``version`` (a version of ``name`` the caller
+        holds, :meth:`hold`): pin that one, current or superseded.
+
+        Raises:
+            AdapterNotFound, ValueError: see :meth:`reserve`. SlotBusy, PoolFull,
+            AdapterLoadFailed: see :meth:`place` (nothing stays pinned).
+        """
+        version = self.reserve(name, tenant, version)
+        try:
+            self.place(version, tenant)
+        except BaseException:
+            self.unreserve(version, tenant)
+            raise
+        return version
+
+    def reserve(self, name: str, tenant: str | None = None, version: AdapterVersion | None = None) -> AdapterVersion:
+        """Pin ``name``'s current version (or ``version``, as :meth:`acquire`) for one request of
+        ``tenant`` so that it is not freed, without a LoRA slot yet: :meth:`place` gives it one,
+        :meth:`unreserve` drops a request that never got one.
 
         Raises:
             AdapterNotFound: unknown or unloaded name (with ``version``: unloaded since it was held).
             ValueError: ``version`` of another name (the caller's bug: never a tenant's).
-            PoolFull: an untied adapter found every LoRA slot busy (nothing stays pinned).
-            AdapterLoadFailed: an evicted untied adapter's files could not be read back.
         """
         if version is None:
             version = self.registry.acquire(name)
@@ -100,24 +117,38 @@ class AdapterManager:
             raise ValueError(f"adapter version {version.name} v{version.version} is not one of {name!r}")
         else:
             version = self.registry.acquire_held(version)
-        try:
-            self.residency.ensure_resident(version, tenant)
-        except BaseException:
-            self.registry.release(version)
-            raise
         with self._pins_lock:
             self._pins[id(version), tenant] += 1
         return version
 
+    def place(self, version: AdapterVersion, tenant: str | None = None) -> None:
+        """Make a version :meth:`reserve` pinned resident for its request (a cold load if evicted);
+        from here on :meth:`release` ends the request.
+
+        Raises:
+            SlotBusy: an untied adapter found every LoRA slot held, or its tenant's share of them
+                (one may free: the request stays reserved, to be placed again or unreserved).
+            AdapterLoadFailed: an evicted untied adapter's files could not be read back.
+        """
+        self.residency.ensure_resident(version, tenant)
+
+    def unreserve(self, version: AdapterVersion, tenant: str | None = None) -> None:
+        """Drop a :meth:`reserve` that :meth:`place` never placed (a refused or aborted request)."""
+        self._count_down(version, tenant)
+        self.registry.release(version)
+
     def release(self, version: AdapterVersion, tenant: str | None = None) -> None:
         """Unpin (exactly once per acquire, with its ``tenant``)."""
+        self._count_down(version, tenant)
+        self.residency.unpin(version, tenant)
+        self.registry.release(version)
+
+    def _count_down(self, version: AdapterVersion, tenant: str | None) -> None:
         with self._pins_lock:
             key = (id(version), tenant)
             self._pins[key] -= 1
             if self._pins[key] <= 0:
                 del self._pins[key]
-        self.residency.unpin(version, tenant)
-        self.registry.release(version)
 
     def hold(self, name: str) -> AdapterVersion:
         """Keep ``name``'s current version from being freed or evicted, for the requests of one

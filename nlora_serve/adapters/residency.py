@@ -6,7 +6,8 @@
 - Untied adapters share one :class:`LoraPool` of ``max_loras`` slots with LRU eviction: an
   evicted adapter's tensors are dropped and re-read from its store folder on its next request
   (a timed, counted cold load). A slot held by a running request, or kept for the requests of
-  one response still to be queued (AdapterRegistry.hold), is never evicted.
+  one response still to be queued (AdapterRegistry.hold), is never evicted. A request that finds
+  no slot it may take (:class:`SlotBusy`) waits in the engine until one frees (llm_engine.py).
 - With tenant shares (fair scheduling), the LoRA slots are shared between the tenants that contend
   for them: a tenant refused a slot contends from then on, for as long as it keeps asking (each
   request within :data:`CONTEND_SECONDS` of the end of its last), and while another tenant contends, a tenant
@@ -44,7 +45,13 @@ CONTEND_SECONDS = 10.0
 
 
 class PoolFull(AdapterError):
-    """No room for an adapter now (gRPC RESOURCE_EXHAUSTED, HTTP 429)."""
+    """No room for an adapter (gRPC RESOURCE_EXHAUSTED, HTTP 429)."""
+
+
+class SlotBusy(PoolFull):
+    """Every LoRA slot is held by requests now, or the tenant holds its share of them: one frees
+    when such a request ends, so the native engine parks the request until then (vLLM's queueing
+    on ``max_loras``) rather than refusing it."""
 
 
 def no_slot_message(name: str) -> str:
@@ -119,9 +126,9 @@ class Residency:
         load if evicted); an untied version's pin is counted for ``tenant`` until :meth:`unpin`.
 
         Raises:
-            PoolFull: every LoRA slot is held by running requests, or (tenant shares) ``tenant``
+            SlotBusy: every LoRA slot is held by running requests, or (tenant shares) ``tenant``
                 holds its share of them while another tenant waits for one (either way in the words
-                of :func:`no_slot_message`; the detail is logged). AdapterLoadFailed: its cold load
+                of :func:`no_slot_message`; the detail is logged); nothing is pinned. AdapterLoadFailed: its cold load
                 failed (the slot it took is free again).
         """
         with self._lock:
@@ -171,7 +178,7 @@ class Residency:
                                 "requests hold %d of the %d slots (--max-loras), its share %.3g while tenants %s "
                                 "wait for one", tenant, version.name, version.version, held,
                                 self.lora_pool.capacity, share, sorted(others, key=str))
-            raise PoolFull(no_slot_message(version.name))
+            raise SlotBusy(no_slot_message(version.name))
 
     def free(self, version) -> None:
         """Give back a freed version's slot."""
@@ -219,7 +226,7 @@ class Residency:
                 self._refusals.info(("lora_full", tenant), "LoRA slot refused to tenant %r for adapter %s v%d: all "
                                     "%d slots (--max-loras) are held by running requests", tenant, version.name,
                                     version.version, pool.capacity)
-                raise PoolFull(no_slot_message(version.name))
+                raise SlotBusy(no_slot_message(version.name))
             return
         try:
             if version.adapter is None:
@@ -251,8 +258,10 @@ class Residency:
                                     "upload or swap it again") from None
 
     def _evict_lru(self) -> int | None:
+        # residency's pins, not the registry's refcount: that counts requests waiting for a slot
+        # too, and one refused its share must not keep the slot it may not use
         for key, victim in self._lru.items():
-            if victim.refcount == 0 and victim.holds == 0:
+            if not self._pins.get(key) and victim.holds == 0:
                 del self._lru[key]
                 slot = victim.slot
                 victim.pool, victim.slot = None, None

@@ -19,13 +19,16 @@ from transformers import AutoTokenizer
 
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.registry import AdapterVersion
+from nlora_serve.adapters.residency import SlotBusy
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.api import (ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engine, EngineError, RequestIds,
                                    RequestStream, RequestOutput, max_prompt_bytes, prompt_ids)
 from nlora_serve.engine.core import EngineCore
+from nlora_serve.engine.request_checks import unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.slot_wait import IDLE_RETRY_SECONDS, SlotWaiters
 from nlora_serve.engine.structured import StructuredOutputs
 from nlora_serve.engine.threads import engine_threads
 from nlora_serve.engine.warmup import WarmupReport, adapter_kinds, warm_up
@@ -43,6 +46,7 @@ class _Add:
     pinned: AdapterVersion | None  # the adapter version acquired for it (None = base model)
     tenant: str | None
     cache_salt: str | None
+    placed: bool  # its adapter has its slot (False: reserved only, it waits for one; engine/slot_wait.py)
 
 
 @dataclass(slots=True)
@@ -82,6 +86,7 @@ class LLMEngine(Engine):
         self._ids = RequestIds()
         self._lock = threading.Lock()  # guards tokenizer use from caller threads
         self._max_prompt_bytes: int | None = None  # set on the first prompt (api.max_prompt_bytes)
+        self._waiters = SlotWaiters(self.core.adapters)  # requests waiting for a LoRA slot (step thread's)
         self._threads = engine_threads(config.cpu_threads)
         self._thread = threading.Thread(target=self._loop, name="nlora-engine", daemon=True)
         self._thread.start()
@@ -132,12 +137,31 @@ class LLMEngine(Engine):
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt, add_special_tokens)
         self.core.validate(ids, params)
-        pinned = self.adapters.acquire(adapter, tenant, version) if adapter is not None else None
+        pinned, placed = self._pin(adapter, tenant, version) if adapter is not None else (None, True)
         client_id, engine_id = self._ids.admit(request_id)
         self._sinks[engine_id] = sink
-        self._inbox.put(_Add(engine_id, ids, params, pinned, tenant, cache_salt))
+        self._inbox.put(_Add(engine_id, ids, params, pinned, tenant, cache_salt, placed))
         self._wake.set()
         return client_id, engine_id
+
+    def _pin(self, adapter: str, tenant: str | None, version: AdapterVersion | None) -> tuple[AdapterVersion, bool]:
+        """Reserve ``adapter`` for a request and place it now, unless requests already wait for a
+        LoRA slot (they go first) or none is free: (the version, whether it is placed).
+
+        Raises:
+            AdapterNotFound, AdapterLoadFailed: as AdapterManager.acquire (nothing stays pinned).
+        """
+        pinned = self.adapters.reserve(adapter, tenant, version)
+        if len(self._waiters):
+            return pinned, False
+        try:
+            self.adapters.place(pinned, tenant)
+        except SlotBusy:  # a slot frees when a request on one ends: it waits (engine/slot_wait.py)
+            return pinned, False
+        except BaseException:
+            self.adapters.unreserve(pinned, tenant)
+            raise
+        return pinned, True
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
@@ -227,7 +251,9 @@ class LLMEngine(Engine):
         return result[0]
 
     def stats(self) -> dict[str, int]:
-        return self.core.stats()
+        stats = self.core.stats()
+        stats["waiting"] += len(self._waiters)  # those waiting for a LoRA slot are queued too
+        return stats
 
     def shutdown(self) -> None:
         """Stop the step thread; requests still running end with finish_reason "abort" and
@@ -249,8 +275,9 @@ class LLMEngine(Engine):
         while not self._stopping:
             try:
                 self._drain_inbox()
+                self._admit_waiting()
                 if not self.core.has_work():
-                    self._wake.wait()
+                    self._wake.wait(IDLE_RETRY_SECONDS if len(self._waiters) else None)
                     self._wake.clear()
                     continue
                 outputs = self.core.step()
@@ -260,6 +287,7 @@ class LLMEngine(Engine):
             self._deliver(outputs)
         self._drain_inbox()
         self._deliver([self.core.abort(rid, SHUTDOWN_REASON) for rid in list(self.core.requests)])
+        self._deliver(self._end_waiting(lambda w: True, SHUTDOWN_REASON))
 
     def _drain_inbox(self) -> None:
         while True:
@@ -272,13 +300,17 @@ class LLMEngine(Engine):
                     self._add(msg)
                 case _AbortAdapter():
                     self._deliver(self.core.abort_adapter(msg.name))
+                    self._deliver(self._end_waiting(lambda w: w.pinned.name == msg.name, None, unloaded=True))
                 case _WarmUp():  # on this thread, between steps: the core is not thread-safe
                     self._warm_up(msg)
                 case _AbortAll():  # after every _Add queued before it
                     self._deliver([self.core.abort(rid, msg.reason) for rid in list(self.core.requests)])
+                    self._deliver(self._end_waiting(lambda w: True, msg.reason))
                 case _Abort():
                     out = self.core.abort(msg.engine_id, msg.reason)
-                    if out is not None:
+                    if out is None:
+                        self._deliver(self._end_waiting(lambda w: w.engine_id == msg.engine_id, msg.reason))
+                    else:
                         self._deliver([out])
                 case _:
                     raise TypeError(f"unknown engine inbox command {msg!r}")
@@ -291,7 +323,30 @@ class LLMEngine(Engine):
         finally:
             cmd.done.set()
 
+    def _admit_waiting(self) -> None:
+        """Queue the requests waiting for a LoRA slot that can have one now (engine/slot_wait.py)."""
+        if not len(self._waiters):
+            return
+        fair = self.core.scheduler.fair
+        placed, failed = self._waiters.admit((lambda t: fair.counters.get(t, 0.0)) if fair is not None else None)
+        for cmd in placed:
+            self._start(cmd)
+        self._deliver([_ended(cmd, "error", str(exc)) for cmd, exc in failed])
+
+    def _end_waiting(self, match: Callable[[_Add], bool], reason: str | None,
+                     unloaded: bool = False) -> list[RequestOutput]:
+        """End the requests waiting for a LoRA slot that ``match`` selects, as aborted (``reason``;
+        ``unloaded``: a forced unload's, naming the version)."""
+        return [_ended(cmd, "abort", unloaded_reason(cmd.pinned) if unloaded else reason)
+                for cmd in self._waiters.remove(match)]
+
     def _add(self, cmd: _Add) -> None:
+        if not cmd.placed:
+            self._waiters.park(cmd)
+        else:
+            self._start(cmd)
+
+    def _start(self, cmd: _Add) -> None:
         try:
             self.core.add(cmd.engine_id, cmd.ids, cmd.params, cmd.pinned, cmd.tenant, cmd.cache_salt)
         except Exception as exc:  # RequestError, or anything else: only this request fails
@@ -318,6 +373,13 @@ class LLMEngine(Engine):
             except RuntimeError:  # the consumer's event loop is closed: nobody is listening
                 self._sinks.pop(engine_id, None)
                 self._ids.close(engine_id)
+
+
+def _ended(cmd: _Add, reason: str, error: str | None) -> RequestOutput:
+    """The last delta of a request that ended while it waited for a LoRA slot."""
+    version = cmd.pinned
+    return RequestOutput(cmd.engine_id, "", [], reason, len(cmd.ids), 0, error=error, adapter=version.name,
+                         adapter_version=version.version, adapter_hash=version.content_hash)
 
 
 def _merge(deltas: list[RequestOutput]) -> RequestOutput:
