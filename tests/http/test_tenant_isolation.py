@@ -4,6 +4,8 @@ body, headers), on every route that takes a name, over HTTP and gRPC; listings h
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 
@@ -114,16 +116,19 @@ def test_list_adapters_counts_the_callers_own_requests_on_an_adapter_it_shares(b
         stop_all(running)
 
 
-def test_a_tenant_refused_a_lora_slot_reads_nothing_of_the_tenant_holding_it(base_fp32, tokenizer, tmp_path, caplog):
-    """--max-loras 1, ben's request holds the slot: ann's request on her own adapter is refused (429
-    over HTTP, RESOURCE_EXHAUSTED over gRPC, counted as pool_full) in one text naming her adapter
-    only; it read "all 1 LoRA slots are held by running requests (--max-loras)" (another tenant's
-    load) before. The server's log names the slot count for the operator."""
+def test_a_tenant_waiting_for_a_lora_slot_reads_nothing_of_the_tenant_holding_it(base_fp32, tokenizer, tmp_path,
+                                                                                 caplog):
+    """--max-loras 1, ben's request holds the slot: ann's requests on her own adapter, over HTTP and
+    gRPC, wait (counted in nlora_requests_waiting) and answer her adapter's greedy reference once
+    ben's ends. They were refused (429 pool_full, RESOURCE_EXHAUSTED) at once, as vLLM does not:
+    it queues them. Nothing she reads names ben; the server's log names the slot count for the
+    operator, once."""
     import json
     import logging
+    import threading
 
-    from grpc_harness import RunningServer
-    from http_harness import CASES, scrape
+    from grpc_harness import RunningServer, matches_reference
+    from http_harness import CASES, references, scrape
     from nlora_serve.adapters.manager import AdapterLimits
     from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from nlora_serve.engine.llm_engine import LLMEngine
@@ -143,30 +148,53 @@ def test_a_tenant_refused_a_lora_slot_reads_nothing_of_the_tenant_holding_it(bas
     server = RunningServer(engine, serve, Authenticator.from_file(tmp_path / "tenants.json"),
                            server_info(base_fp32, config, serve), tokenizer)
     caplog.set_level(logging.INFO, logger="nlora_serve.adapters.residency")
+    ref = references("lora-layers-subset")[0]
+    n = len(ref["greedy_token_ids"])
+    answers = {}
+
+    def over_http():
+        answers["http"] = requests.post(f"http://127.0.0.1:{server.server.http_port}/v1/completions", timeout=120,
+                                        headers={"Authorization": f"Bearer {keys['ann']}"},
+                                        json={"model": "ann-lora", "prompt": ref["prompt_token_ids"], "max_tokens": n,
+                                              "min_tokens": n, "temperature": 0, "logprobs": 0,
+                                              "return_tokens_as_token_ids": True})
+
+    def over_grpc():
+        answers["grpc"] = ann.complete(ref["prompt_token_ids"], adapter="ann-lora", max_tokens=n, min_tokens=n,
+                                       temperature=0.0)
+
     try:
         engine.adapters.register_dir("ben-lora", CASES / "lora-rslora")
         engine.adapters.register_dir("ann-lora", CASES / "lora-layers-subset")  # evicts nothing held: ben's is idle
-        want = "adapter 'ann-lora': no LoRA adapter slot is free for it now (the server is busy); retry shortly"
         with NloraClient(server.target, api_key=keys["ben"]) as ben, \
                 NloraClient(server.target, api_key=keys["ann"]) as ann:
-            held = ben.generate("Once upon a time", adapter="ben-lora", max_tokens=200, ignore_eos=True)
+            held = ben.generate("Once upon a time", adapter="ben-lora", max_tokens=900, ignore_eos=True)
             next(held)  # ben's request runs on the one slot
-            answer = requests.post(f"http://127.0.0.1:{server.server.http_port}/v1/completions", timeout=60,
-                                   headers={"Authorization": f"Bearer {keys['ann']}"},
-                                   json={"model": "ann-lora", "prompt": "Hi", "max_tokens": 1})
-            assert answer.status_code == 429
-            assert (answer.json()["error"]["message"], answer.json()["error"]["code"]) == (want, "pool_full")
-            with pytest.raises(NloraClientError) as err:
-                ann.complete("Hi", adapter="ann-lora", max_tokens=1)
-            assert str(err.value) == f"RESOURCE_EXHAUSTED: {want}"
+            threads = [threading.Thread(target=over_http), threading.Thread(target=over_grpc)]
+            for thread in threads:
+                thread.start()
+            waited = time.monotonic() + 60
+            while engine.stats()["waiting"] < 2:
+                assert time.monotonic() < waited, "ann's requests never queued"
+                time.sleep(0.01)
+            time.sleep(0.3)  # ben's steps run meanwhile; ann's still wait
+            assert not answers and scrape(server)[("nlora_requests_waiting", ())] == 2
             held.close()
-        assert "ben" not in answer.text and "ben" not in str(err.value)
-        # one line for her two refusals (RefusalLog: one per tenant and kind every 10 s)
+            for thread in threads:
+                thread.join(120)
+        assert answers["http"].status_code == 200, answers["http"].text
+        http_tokens = [int(t.removeprefix("token_id:")) for t in answers["http"].json()["choices"][0]["logprobs"]["tokens"]]
+        grpc_tokens = [t for d in answers["grpc"][1] for t in d.token_ids]
+        for tokens in (http_tokens, grpc_tokens):
+            assert matches_reference(tokens, ref["greedy_token_ids"], ref["top2_logit_margins"])
+        assert "ben" not in answers["http"].text and "ben" not in answers["grpc"][0]
+        # one line for her two waits (RefusalLog: one per tenant and kind every 10 s)
         assert caplog.text.count("LoRA slot refused to tenant 'ann' for adapter ann-lora v1: all 1 slots "
                                  "(--max-loras) are held by running requests") == 1
         samples = scrape(server)
-        for frontend in ("http", "grpc"):
-            assert samples[("nlora_requests_rejected_total", (("frontend", frontend), ("reason", "pool_full")))] == 1
+        assert not any(name == "nlora_requests_rejected_total" and ("reason", "pool_full") in labels and value
+                       for (name, labels), value in samples.items())
+        assert engine.stats()["waiting"] == 0 and engine.stats()["running"] == 0
     finally:
         server.stop()
         engine.shutdown()

@@ -11,7 +11,7 @@ import pytest
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.nystrom import init_adapter
 from nlora_serve.adapters.registry import AdapterVersion
-from nlora_serve.adapters.residency import PoolFull, Residency
+from nlora_serve.adapters.residency import PoolFull, Residency, SlotBusy
 from nlora_serve.adapters.save import write_adapter
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.engine.adapter_layer import AdapterHook
@@ -62,12 +62,13 @@ def test_a_tenants_refusals_of_one_kind_are_logged_once_per_ten_seconds(monkeypa
 
 
 def refused(caplog, call, name: str, detail: str) -> None:
-    """``call`` is refused a LoRA slot for adapter ``name``: the tenant reads one fixed text that names
-    its adapter only (no count, no other tenant, no waiting), whether every slot is held or its share
-    is, and the operator's INFO log line matches ``detail``."""
+    """``call`` is refused a LoRA slot for adapter ``name`` for now (SlotBusy: the native engine keeps
+    the request waiting for one, tests/engine/test_lora_slot_wait.py), in one fixed text that names its
+    adapter only (no count, no other tenant, no waiting), whether every slot is held or its share is,
+    and the operator's INFO log line matches ``detail``."""
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nlora_serve.adapters.residency"):
-        with pytest.raises(PoolFull) as err:
+        with pytest.raises(SlotBusy) as err:
             call()
     text = str(err.value)
     assert text == f"adapter {name!r}: no LoRA adapter slot is free for it now (the server is busy); retry shortly"
@@ -202,7 +203,7 @@ def test_reused_lora_slot_serves_the_new_adapter(hook, base_fp32, residency):
     assert (got - want).norm() / want.norm() < 1e-4
 
 
-@pytest.mark.parametrize("held_by", ["refcount", "holds"])  # a running request; a response's requests to come
+@pytest.mark.parametrize("held_by", ["request", "holds"])  # a running request; a response's requests to come
 def test_pinned_lora_slots_are_never_evicted(base_fp32, residency, tmp_path, caplog, held_by):
     vs = []
     for i in range(3):
@@ -210,11 +211,34 @@ def test_pinned_lora_slots_are_never_evicted(base_fp32, residency, tmp_path, cap
         vs.append(version(f"l{i}", a, write_adapter(a, tmp_path / f"l{i}")))
     for v in vs[:2]:
         residency.admit(v)
-        setattr(v, held_by, 1)
+        if held_by == "request":
+            v.refcount = 1
+            residency.ensure_resident(v)
+        else:
+            v.holds = 1
     residency.admit(vs[2])  # no evictable slot: stays on disk for now
     assert vs[2].slot is None
     refused(caplog, lambda: residency.ensure_resident(vs[2]), "l2",
             r"refused to tenant None for adapter l2 v1: all 2 slots \(--max-loras\) are held by running requests")
+
+
+def test_a_request_waiting_for_a_slot_keeps_none(base_fp32, residency, tmp_path):
+    """A request refused a slot waits with its version reserved (refcount 1, no residency pin). With
+    the registry's refcount as the eviction rule, a request refused its share on a resident idle
+    version kept that slot from every other tenant while it could not use it; residency's pins
+    decide now: l0, reserved only, is evicted for l2."""
+    vs = []
+    for i in range(3):
+        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
+        vs.append(version(f"l{i}", a, write_adapter(a, tmp_path / f"l{i}")))
+    for v in vs[:2]:
+        residency.admit(v)
+    vs[0].refcount = 1  # reserved by a waiting request
+    vs[1].refcount = 1
+    residency.ensure_resident(vs[1])  # l1 runs
+    vs[2].refcount = 1
+    residency.ensure_resident(vs[2])
+    assert (vs[0].slot, vs[0].adapter) == (None, None) and {vs[1].slot, vs[2].slot} == {0, 1}
 
 
 def test_a_failed_cold_load_gives_its_slot_back(base_fp32, residency, tmp_path):
@@ -271,8 +295,8 @@ def test_a_tenant_holding_every_lora_slot_yields_one_to_a_tenant_refused_one(bas
     request per adapter, each replaced the moment it ended (its adapter still resident, so it never
     even looked for a slot): every other tenant's untied adapter was PoolFull for as long as it
     liked (a live server: carol refused 429 on every try). Now a tenant refused a slot contends for
-    the slots while it keeps asking, and a tenant holding its share (2 slots / 2 tenants) takes no
-    other meanwhile."""
+    the slots while it keeps asking (its requests wait in the engine, which asks again between
+    steps), and a tenant holding its share (2 slots / 2 tenants) takes no other meanwhile."""
     res = Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30, max_loras=2,
                     max_rank=16, tenant_shares={})
     vs = {}
