@@ -202,7 +202,8 @@ class Engine(abc.ABC):
                 max_model_len (:func:`check_request`; at once, nothing queued, no KV block used).
             AdapterNotFound: no adapter of that name (never the base model instead), or it was
                 unloaded since ``version`` was held.
-            PoolFull: no adapter slot free now.
+            AdapterLoadFailed: an evicted adapter's files could not be read back. (A request whose
+                LoRA finds no slot free waits for one: neither engine refuses it.)
             EngineError: from the stream, when the engine failed while running the request.
             RequestAborted: from the stream, when the engine aborted the request with a reason.
         """

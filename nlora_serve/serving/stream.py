@@ -31,7 +31,7 @@ def start_request(engine: Engine, prompt: str | list[int], params: SamplingParam
     Raises:
         RequestError: a prompt that leaves no room to generate, min_tokens over the room left, or
             from :meth:`Engine.add_request` (with a prompt plus max_tokens over max_model_len).
-            AdapterNotFound, PoolFull: from :meth:`Engine.add_request` (nothing is queued then).
+            AdapterNotFound: from :meth:`Engine.add_request` (nothing is queued then).
     """
     if not max_tokens_given:
         prompt = engine.prompt_ids(prompt)

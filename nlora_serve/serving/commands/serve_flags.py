@@ -79,7 +79,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="largest upload (config + safetensors) or swap payload in bytes, and largest adapter version "
            "the adapter store writes or reads back (default: %(default)s)")
     a("--max-loras", type=int, default=AdapterLimits().max_loras,
-      help="untied adapters resident at once, LRU beyond; on --backend vllm, vLLM's max_loras: distinct "
+      help="untied adapters resident at once, LRU beyond (a request finding every slot held waits for one, "
+           "as in vLLM); on --backend vllm, vLLM's max_loras: distinct "
            "adapters in one batch, tied tenants included, and on the CPU the zero LoRA base requests run on "
            "(default: %(default)s)")
     a("--adapter-memory", type=int, default=None,  # None: serve --backend vllm refuses it only when given

@@ -7,8 +7,8 @@ adapter names), an adapter name outside the naming rule, request id and paramete
 (INVALID_ARGUMENT), draining (UNAVAILABLE), the bounded queue and the tenant's quota and queue
 share (RESOURCE_EXHAUSTED; from here the request holds its place in the queue, so these are
 decided before its prompt takes the tokenizer thread), the prompt (INVALID_ARGUMENT: empty, too
-long, a bad chat message), then the engine: unknown adapter (NOT_FOUND), no adapter slot
-(RESOURCE_EXHAUSTED). The HTTP front end (http_api/routes.py) admits the same way (admission.py), but
+long, a bad chat message), then the engine: unknown adapter (NOT_FOUND; a LoRA with no slot free
+waits for one, engine/slot_wait.py). The HTTP front end (http_api/routes.py) admits the same way (admission.py), but
 for the name rule: HTTP's ``model`` is looked up as sent (404). A prompt plus max_tokens over
 max_model_len is INVALID_ARGUMENT, as OpenAI's API refuses it (the vLLM 0.32 we test against
 lowers max_tokens instead); max_tokens 0 (unset) is the rest of the context.

@@ -86,10 +86,10 @@ async def start_choices(start: Start, n: int, num_prompts: int = 1,
     or when this raises or the stream ends first.
 
     Raises:
-        RequestError, AdapterNotFound, PoolFull: from ``start(i * n)``, now (the prompts queued
+        RequestError, AdapterNotFound: from ``start(i * n)``, now (the prompts queued
             before it are aborted; a batch's message names the prompt). (From the stream:)
             EngineError, RequestAborted: a choice failed or was aborted; a choice that could not be
-            queued (its adapter unloaded meanwhile, no LoRA slot free) is RequestAborted.
+            queued (its adapter unloaded meanwhile) is RequestAborted.
     """
     let_go = _once(let_go)
     firsts: list[AsyncIterator[RequestOutput]] = []
