@@ -1,4 +1,4 @@
-"""Requests waiting for a LoRA slot (the native engine's step thread; DESIGN §5).
+"""Requests waiting for a LoRA slot (the native engine's step thread; DESIGN §3).
 
 An untied adapter's request that finds every ``--max-loras`` slot held by requests, or its
 tenant's share of them (:class:`~nlora_serve.adapters.residency.SlotBusy`), waits here with its
