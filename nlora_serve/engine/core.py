@@ -35,6 +35,7 @@ from nlora_serve.engine.scheduler import Scheduler
 from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nlora_serve.engine.step_output import SampledStep, sample_step
 from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs, allows_a_token
+from nlora_serve.engine.token_masks import bad_words_token_ids
 from nlora_serve.engine.warmup import warm_up
 
 
@@ -131,7 +132,8 @@ class EngineCore:
             RequestError: from :func:`check_request` or :meth:`GrammarCompiler.compile`.
         """
         check_request(prompt_ids, params.max_tokens, self.vocab_size, self.config.scheduler.max_model_len,
-                      params.stop_token_ids, params.logit_bias)
+                      params.stop_token_ids, params.logit_bias, params.allowed_token_ids)
+        bad_words_token_ids(self.tokenizer, params.bad_words)
         if params.structured_outputs is not None:
             self.grammars.compile(params.structured_outputs)
 
@@ -156,7 +158,8 @@ class EngineCore:
         # the grammar compiled in validate: a cache hit here, on the step thread
         matcher = self.grammars.matcher(params.structured_outputs) if params.structured_outputs else None
         seq = Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, gen, matcher,
-                       adapter=adapter, tenant=tenant, cache_salt=cache_salt)
+                       bad_words_token_ids(self.tokenizer, params.bad_words), adapter=adapter, tenant=tenant,
+                       cache_salt=cache_salt)
         self._arrivals += 1
         self.counters["prompt_tokens"] += len(prompt_ids)
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,

@@ -6,8 +6,9 @@ from nlora_serve.engine.sampling import RequestError
 
 
 def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int,
-                  stop_token_ids: tuple[int, ...] = (), logit_bias: tuple[tuple[int, float], ...] = ()) -> None:
-    """The admission check of a prompt, its max_tokens, its stop_token_ids and logit_bias ids,
+                  stop_token_ids: tuple[int, ...] = (), logit_bias: tuple[tuple[int, float], ...] = (),
+                  allowed_token_ids: tuple[int, ...] | None = None) -> None:
+    """The admission check of a prompt, its max_tokens, its stop_token_ids, logit_bias and allowed ids,
     before any KV block is used (both backends).
 
     Raises:
@@ -26,6 +27,10 @@ def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_m
     outside = [t for t, _ in logit_bias if not 0 <= t < vocab_size]
     if outside:
         raise RequestError(f"logit_bias token ids must be in [0, {vocab_size}); got {outside[0]}", "logit_bias")
+    outside = [t for t in allowed_token_ids or () if not 0 <= t < vocab_size]
+    if outside:  # vLLM's message
+        raise RequestError(f"allowed_token_ids contains out-of-vocab token id: {outside[0]} (vocabulary size "
+                           f"{vocab_size})", "allowed_token_ids")
     check_context(len(prompt_ids), max_tokens, max_model_len)
 
 

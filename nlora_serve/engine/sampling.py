@@ -47,6 +47,9 @@ MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 1024
 MAX_STOP_TOKEN_IDS = 1024
 # logit_bias entries of a request: the sampler adds them in every step of its batch
 MAX_LOGIT_BIAS, MAX_BIAS = 1024, 100.0
+# vLLM's allowed_token_ids (one mask per row and step) and bad_words (VLLM_MAX_NUM_BAD_WORDS counts
+# their tokenizations; each word's prefix is compared with the output at every step)
+MAX_ALLOWED_TOKEN_IDS, MAX_BAD_WORDS = 1 << 20, 128
 _ECHO_CHARS = 200  # an error message quotes at most this much of the offending value
 
 
@@ -101,6 +104,14 @@ class SamplingParams:
     # (token id, bias) pairs, bias in [-100, 100], ids distinct; a dict {id: bias} is taken too
     logit_bias: tuple[tuple[int, float], ...] = ()
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    # vLLM's: only these token ids can be sampled (the others' logits are -inf before logit_bias and
+    # the penalties; logprobs stay the model's); None = every token. Ids checked in the vocabulary at
+    # admission (engine/request_checks.py)
+    allowed_token_ids: tuple[int, ...] | None = None
+    # vLLM's: words the output never spells as the tokenizer would encode them, with and without a
+    # leading space (engine/token_masks.py: a word's last token is banned where the output ends with
+    # the rest of its tokens)
+    bad_words: tuple[str, ...] = ()
     # vLLM's structured outputs: a JSON schema, JSON object, regex, choice or grammar the output must
     # follow (engine/structured.py); None = free text
     structured_outputs: StructuredOutputs | None = None
@@ -157,6 +168,17 @@ class SamplingParams:
                                                 and not isinstance(self.prompt_logprobs, bool)
                                                 and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
                "prompt_logprobs", self.prompt_logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = tuple(self.allowed_token_ids)
+            _check(0 < len(self.allowed_token_ids) <= MAX_ALLOWED_TOKEN_IDS, "allowed_token_ids",
+                   self.allowed_token_ids, f"None or 1 to {MAX_ALLOWED_TOKEN_IDS} token ids (vLLM refuses an empty list)")
+            _check(all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 63
+                       for t in self.allowed_token_ids), "allowed_token_ids", self.allowed_token_ids,
+                   "token ids in [0, 2^63)")
+        self.bad_words = (self.bad_words,) if isinstance(self.bad_words, str) else tuple(self.bad_words)
+        _check(len(self.bad_words) <= MAX_BAD_WORDS, "bad_words", self.bad_words, f"at most {MAX_BAD_WORDS} words")
+        _check(all(isinstance(w, str) and 0 < len(w) <= MAX_STOP_CHARS for w in self.bad_words), "bad_words",
+               self.bad_words, f"non-empty strings of at most {MAX_STOP_CHARS} characters")
         if self.structured_outputs is not None:
             from nlora_serve.engine.structured import StructuredOutputs
 

@@ -33,6 +33,8 @@ class Sequence:
     # its xgrammar GrammarMatcher when params.structured_outputs is set (engine/structured.py): masks
     # its row before sampling, accepts each token read back
     matcher: object | None = None
+    # params.bad_words as token sequences (engine/token_masks.py), tokenized once at admission
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
     status: SequenceStatus = SequenceStatus.WAITING  # where it is: waiting, running, finished
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)  # KV blocks, see BlockManager

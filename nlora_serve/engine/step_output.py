@@ -19,6 +19,7 @@ from nlora_serve.engine.prompt_logprobs import PromptLogprob, PromptRows, unpack
 from nlora_serve.engine.sampling import add_logit_bias, apply_penalties, ban_before_min_tokens, sample
 from nlora_serve.engine.sequence import Sequence
 from nlora_serve.engine.structured import mask_rows
+from nlora_serve.engine.token_masks import ban_bad_words, keep_allowed
 
 
 @dataclass(slots=True)
@@ -98,10 +99,18 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     k = max((seqs[i].params.logprobs for i in wanted), default=0)
     logp = logits[wanted].log_softmax(dim=-1) if wanted else None  # before penalties change the rows
+    allowed = [i for i, s in enumerate(seqs) if s.params.allowed_token_ids is not None]
+    if allowed:  # vLLM's masks: after the logprobs, before logit_bias and the penalties
+        keep_allowed(logits, allowed, [seqs[i].params.allowed_token_ids for i in allowed])
+    for i, seq in enumerate(seqs):
+        if seq.bad_words_ids:
+            ban_bad_words(logits[i], seq.bad_words_ids, seq.token_ids[seq.num_prompt_tokens:])
     biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
     add_logit_bias(logits, biased, [seqs[i].params.logit_bias for i in biased])  # before penalties, as vLLM
     # a grammar's next mask needs the token: its step is read back before the next one is launched
-    banned, needs_values = [], bool(constrained)
+    # a multi-token bad word compares the output's last tokens: read back before the next step too
+    banned = []
+    needs_values = bool(constrained) or any(len(w) > 1 for s in seqs for w in s.bad_words_ids)
     for i, seq in enumerate(seqs):
         params = seq.params
         if params.min_tokens and seq.num_output_tokens < params.min_tokens and bans[i]:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnlora_serve/proto/nlora.proto\x12\x0enlora_serve.v1\"\xab\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.nlora_serve.v1.TokenIdsH\x00\x12,\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1c.nlora_serve.v1.ChatMessagesH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x30\n\x08sampling\x18\x06 \x01(\x0b\x32\x1e.nlora_serve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x08 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x15\n\x13_add_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.nlora_serve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe8\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x04\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\r\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\x05\x88\x01\x01\x12=\n\x12structured_outputs\x18\x0f \x01(\x0b\x32!.nlora_serve.v1.StructuredOutputsB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"\xbe\x01\n\x11StructuredOutputs\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.nlora_serve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08\x42\x0c\n\nconstraint\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xb8\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.nlora_serve.v1.FinishReason\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.nlora_serve.v1.Usage\x12+\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1a.nlora_serve.v1.AdapterRef\x12/\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1d.nlora_serve.v1.TokenLogprobs\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x36\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1d.nlora_serve.v1.TokenLogprobs\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x12\n\nduration_s\x18\x04 \x01(\x01\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"A\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\"m\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\x0c\n\x04rank\x18\x05 \x01(\r\"\x15\n\x13ListAdaptersRequest\"a\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.nlora_serve.v1.AdapterInfo\x12\x1a\n\x12\x62\x61se_model_allowed\x18\x02 \x01(\x08\"\xac\x01\n\x0b\x41\x64\x61pterInfo\x12\'\n\x03ref\x18\x01 \x01(\x0b\x32\x1a.nlora_serve.v1.AdapterRef\x12\x0f\n\x07\x66lavour\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x0c\n\x04tied\x18\x05 \x01(\x08\x12\x16\n\x0eresident_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xb2\x01\n\nServerInfo\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x10\n\x08max_rank\x18\x06 \x01(\r\x12\x19\n\x11max_adapter_bytes\x18\x07 \x01(\x04\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\"\"\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"_\n\x14UploadAdapterRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.nlora_serve.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"p\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\x02 \x01(\t\x12\x19\n\x11safetensors_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12safetensors_sha256\x18\x04 \x01(\t\"a\n\x12SwapAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rn_safetensors\x18\x02 \x01(\x0c\x12\x17\n\nif_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_if_version\"3\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"u\n\x15UnloadAdapterResponse\x12\'\n\x03ref\x18\x01 \x01(\x0b\x32\x1a.nlora_serve.v1.AdapterRef\x12\x18\n\x10\x61\x62orted_requests\x18\x02 \x01(\r\x12\x19\n\x11\x64raining_requests\x18\x03 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8b\x02\n\nGeneration\x12O\n\x08Generate\x12\x1f.nlora_serve.v1.GenerateRequest\x1a .nlora_serve.v1.GenerateResponse0\x01\x12Y\n\x0cListAdapters\x12#.nlora_serve.v1.ListAdaptersRequest\x1a$.nlora_serve.v1.ListAdaptersResponse\x12Q\n\rGetServerInfo\x12$.nlora_serve.v1.GetServerInfoRequest\x1a\x1a.nlora_serve.v1.ServerInfo2\xe2\x02\n\x0c\x41\x64\x61pterAdmin\x12N\n\x0bLoadAdapter\x12\".nlora_serve.v1.LoadAdapterRequest\x1a\x1b.nlora_serve.v1.AdapterInfo\x12T\n\rUploadAdapter\x12$.nlora_serve.v1.UploadAdapterRequest\x1a\x1b.nlora_serve.v1.AdapterInfo(\x01\x12N\n\x0bSwapAdapter\x12\".nlora_serve.v1.SwapAdapterRequest\x1a\x1b.nlora_serve.v1.AdapterInfo\x12\\\n\rUnloadAdapter\x12$.nlora_serve.v1.UnloadAdapterRequest\x1a%.nlora_serve.v1.UnloadAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnlora_serve/proto/nlora.proto\x12\x0enlora_serve.v1\"\xab\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.nlora_serve.v1.TokenIdsH\x00\x12,\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1c.nlora_serve.v1.ChatMessagesH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x30\n\x08sampling\x18\x06 \x01(\x0b\x32\x1e.nlora_serve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x08 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x15\n\x13_add_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.nlora_serve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x96\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x04\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\x0c \x01(\r\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\x05\x88\x01\x01\x12=\n\x12structured_outputs\x18\x0f \x01(\x0b\x32!.nlora_serve.v1.StructuredOutputs\x12\x19\n\x11\x61llowed_token_ids\x18\x10 \x03(\r\x12\x11\n\tbad_words\x18\x11 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"\xbe\x01\n\x11StructuredOutputs\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.nlora_serve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08\x42\x0c\n\nconstraint\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xb8\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.nlora_serve.v1.FinishReason\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.nlora_serve.v1.Usage\x12+\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1a.nlora_serve.v1.AdapterRef\x12/\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1d.nlora_serve.v1.TokenLogprobs\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x36\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1d.nlora_serve.v1.TokenLogprobs\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x12\n\nduration_s\x18\x04 \x01(\x01\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"A\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\"m\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\x0c\n\x04rank\x18\x05 \x01(\r\"\x15\n\x13ListAdaptersRequest\"a\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.nlora_serve.v1.AdapterInfo\x12\x1a\n\x12\x62\x61se_model_allowed\x18\x02 \x01(\x08\"\xac\x01\n\x0b\x41\x64\x61pterInfo\x12\'\n\x03ref\x18\x01 \x01(\x0b\x32\x1a.nlora_serve.v1.AdapterRef\x12\x0f\n\x07\x66lavour\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x0c\n\x04tied\x18\x05 \x01(\x08\x12\x16\n\x0eresident_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xb2\x01\n\nServerInfo\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x10\n\x08max_rank\x18\x06 \x01(\r\x12\x19\n\x11max_adapter_bytes\x18\x07 \x01(\x04\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\"\"\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"_\n\x14UploadAdapterRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.nlora_serve.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"p\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\x02 \x01(\t\x12\x19\n\x11safetensors_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12safetensors_sha256\x18\x04 \x01(\t\"a\n\x12SwapAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rn_safetensors\x18\x02 \x01(\x0c\x12\x17\n\nif_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_if_version\"3\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"u\n\x15UnloadAdapterResponse\x12\'\n\x03ref\x18\x01 \x01(\x0b\x32\x1a.nlora_serve.v1.AdapterRef\x12\x18\n\x10\x61\x62orted_requests\x18\x02 \x01(\r\x12\x19\n\x11\x64raining_requests\x18\x03 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8b\x02\n\nGeneration\x12O\n\x08Generate\x12\x1f.nlora_serve.v1.GenerateRequest\x1a .nlora_serve.v1.GenerateResponse0\x01\x12Y\n\x0cListAdapters\x12#.nlora_serve.v1.ListAdaptersRequest\x1a$.nlora_serve.v1.ListAdaptersResponse\x12Q\n\rGetServerInfo\x12$.nlora_serve.v1.GetServerInfoRequest\x1a\x1a.nlora_serve.v1.ServerInfo2\xe2\x02\n\x0c\x41\x64\x61pterAdmin\x12N\n\x0bLoadAdapter\x12\".nlora_serve.v1.LoadAdapterRequest\x1a\x1b.nlora_serve.v1.AdapterInfo\x12T\n\rUploadAdapter\x12$.nlora_serve.v1.UploadAdapterRequest\x1a\x1b.nlora_serve.v1.AdapterInfo(\x01\x12N\n\x0bSwapAdapter\x12\".nlora_serve.v1.SwapAdapterRequest\x1a\x1b.nlora_serve.v1.AdapterInfo\x12\\\n\rUnloadAdapter\x12$.nlora_serve.v1.UnloadAdapterRequest\x1a%.nlora_serve.v1.UnloadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nlora_serve.proto.nlora_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2844
-  _globals['_FINISHREASON']._serialized_end=2964
+  _globals['_FINISHREASON']._serialized_start=2890
+  _globals['_FINISHREASON']._serialized_end=3010
   _globals['_GENERATEREQUEST']._serialized_start=50
   _globals['_GENERATEREQUEST']._serialized_end=349
   _globals['_TOKENIDS']._serialized_start=351
@@ -42,43 +42,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=439
   _globals['_CHATMESSAGE']._serialized_end=483
   _globals['_SAMPLINGPARAMS']._serialized_start=486
-  _globals['_SAMPLINGPARAMS']._serialized_end=974
-  _globals['_STRUCTUREDOUTPUTS']._serialized_start=977
-  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1167
-  _globals['_CHOICES']._serialized_start=1169
-  _globals['_CHOICES']._serialized_end=1195
-  _globals['_GENERATERESPONSE']._serialized_start=1198
-  _globals['_GENERATERESPONSE']._serialized_end=1510
-  _globals['_USAGE']._serialized_start=1513
-  _globals['_USAGE']._serialized_end=1644
-  _globals['_ADAPTERREF']._serialized_start=1646
-  _globals['_ADAPTERREF']._serialized_end=1711
-  _globals['_TOKENLOGPROBS']._serialized_start=1713
-  _globals['_TOKENLOGPROBS']._serialized_end=1822
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1824
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1845
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1847
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1944
-  _globals['_ADAPTERINFO']._serialized_start=1947
-  _globals['_ADAPTERINFO']._serialized_end=2119
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2121
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2143
-  _globals['_SERVERINFO']._serialized_start=2146
-  _globals['_SERVERINFO']._serialized_end=2324
-  _globals['_LOADADAPTERREQUEST']._serialized_start=2326
-  _globals['_LOADADAPTERREQUEST']._serialized_end=2360
-  _globals['_UPLOADADAPTERREQUEST']._serialized_start=2362
-  _globals['_UPLOADADAPTERREQUEST']._serialized_end=2457
-  _globals['_UPLOADHEADER']._serialized_start=2459
-  _globals['_UPLOADHEADER']._serialized_end=2571
-  _globals['_SWAPADAPTERREQUEST']._serialized_start=2573
-  _globals['_SWAPADAPTERREQUEST']._serialized_end=2670
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2672
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2723
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2725
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2842
-  _globals['_GENERATION']._serialized_start=2967
-  _globals['_GENERATION']._serialized_end=3234
-  _globals['_ADAPTERADMIN']._serialized_start=3237
-  _globals['_ADAPTERADMIN']._serialized_end=3591
+  _globals['_SAMPLINGPARAMS']._serialized_end=1020
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=1023
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1213
+  _globals['_CHOICES']._serialized_start=1215
+  _globals['_CHOICES']._serialized_end=1241
+  _globals['_GENERATERESPONSE']._serialized_start=1244
+  _globals['_GENERATERESPONSE']._serialized_end=1556
+  _globals['_USAGE']._serialized_start=1559
+  _globals['_USAGE']._serialized_end=1690
+  _globals['_ADAPTERREF']._serialized_start=1692
+  _globals['_ADAPTERREF']._serialized_end=1757
+  _globals['_TOKENLOGPROBS']._serialized_start=1759
+  _globals['_TOKENLOGPROBS']._serialized_end=1868
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1870
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1891
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1893
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1990
+  _globals['_ADAPTERINFO']._serialized_start=1993
+  _globals['_ADAPTERINFO']._serialized_end=2165
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2167
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2189
+  _globals['_SERVERINFO']._serialized_start=2192
+  _globals['_SERVERINFO']._serialized_end=2370
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2372
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2406
+  _globals['_UPLOADADAPTERREQUEST']._serialized_start=2408
+  _globals['_UPLOADADAPTERREQUEST']._serialized_end=2503
+  _globals['_UPLOADHEADER']._serialized_start=2505
+  _globals['_UPLOADHEADER']._serialized_end=2617
+  _globals['_SWAPADAPTERREQUEST']._serialized_start=2619
+  _globals['_SWAPADAPTERREQUEST']._serialized_end=2716
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2718
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2769
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2771
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2888
+  _globals['_GENERATION']._serialized_start=3013
+  _globals['_GENERATION']._serialized_end=3280
+  _globals['_ADAPTERADMIN']._serialized_start=3283
+  _globals['_ADAPTERADMIN']._serialized_end=3637
 # @@protoc_insertion_point(module_scope)

@@ -24,19 +24,20 @@ from nlora_serve.engine.sampling import RequestError
 # "developer" is OpenAI's newer name for the system role: passed to the template as it is, as
 # vLLM does (a template that knows no such role renders it like any other, SmolLM2's as a
 # "<|im_start|>developer" turn)
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # the message fields a client writes, masked against special-token text (a template may render
 # ``name``, vLLM passes it to the template)
 _TEXT_FIELDS = ("content", "name")
 
 
 def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "messages",
-                add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                kwargs: dict | None = None) -> list[int]:
     """Token ids of ``messages`` ({"role", "content"}, optionally "name") under the tokenizer's chat template, with
     the assistant's generation prompt appended (unless ``add_generation_prompt`` is False), or the
     final message left open for the model to continue (``continue_final_message``, transformers'
     and vLLM's: the rendering ends where its content ends); no content text ever becomes a special
-    token.
+    token. ``kwargs``: more template variables (:func:`template_kwargs`).
 
     Raises:
         RequestError: the template changes content text so that the sentinels do not survive
@@ -45,7 +46,7 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "message
     """
     specials = _special_texts(tokenizer)
     template = functools.partial(_apply_template, tokenizer, field, add_generation_prompt=add_generation_prompt,
-                                 continue_final_message=continue_final_message)
+                                 continue_final_message=continue_final_message, **(kwargs or {}))
     if not any(s in m[key] for m in messages for key in _TEXT_FIELDS if key in m for s in specials):
         return template(messages, tokenize=True, return_dict=False)
     nonce = secrets.token_hex(8)
@@ -83,6 +84,40 @@ def _apply_template(tokenizer, field: str, messages: list[dict[str, str]], **opt
         raise RequestError(f"{field}: {exc}") from None
 
 
+# apply_chat_template's own arguments: never template variables from a request
+_RESERVED = frozenset({"conversation", "messages", "chat_template", "tokenize", "add_generation_prompt",
+                       "continue_final_message", "padding", "truncation", "max_length", "return_tensors",
+                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def template_kwargs(tokenizer, requested: dict, extra: dict) -> dict:
+    """The template variables a request sets: ``requested`` (vLLM's ``chat_template_kwargs``) with
+    ``extra`` (tools, documents, ...: the request's own fields, which win where not None) over it,
+    kept where the model's chat template reads them, as vLLM 0.32 keeps them
+    (renderers/hf.py ``resolve_chat_template_kwargs``): another key changes nothing.
+
+    Raises:
+        RequestError: ``chat_template`` or ``tokenize`` among ``requested`` (vLLM refuses both).
+    """
+    if requested.get("chat_template") is not None:
+        raise RequestError("Chat template is passed with request, but --trust-request-chat-template is not set. "
+                           "Refused request with untrusted chat template.")
+    if "tokenize" in requested:
+        raise RequestError("Found unexpected chat template kwargs from request: {'tokenize'}")
+    merged = requested | {k: v for k, v in extra.items() if v is not None}
+    template = tokenizer.chat_template
+    variables = _template_variables(template if isinstance(template, str) else "")
+    return {k: v for k, v in merged.items() if k in variables and k not in _RESERVED}
+
+
+@functools.lru_cache(maxsize=8)
+def _template_variables(template: str) -> frozenset[str]:
+    import jinja2
+    from jinja2 import meta
+
+    return frozenset(meta.find_undeclared_variables(jinja2.Environment().parse(template)))
+
+
 def _special_texts(tokenizer) -> list[str]:
     """The text of every special added token, longest first (so a regex prefers the longest)."""
     texts = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
@@ -91,7 +126,7 @@ def _special_texts(tokenizer) -> list[str]:
 
 def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes: int | None = None,
                 max_messages: int | None = None, add_generation_prompt: bool = True,
-                continue_final_message: bool = False) -> list[int]:
+                continue_final_message: bool = False, kwargs: dict | None = None) -> list[int]:
     """Token ids of chat ``messages`` ({"role", "content"}, optionally "name") under the model's chat template, with the
     assistant's generation prompt appended (unless ``add_generation_prompt`` is False; see
     :func:`encode_chat` for ``continue_final_message``); content text
@@ -118,4 +153,4 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes
     if max_bytes is not None and size > max_bytes:
         raise RequestError(f"{field} hold {size:,} bytes of content (UTF-8): more tokens than the model's context "
                            f"holds (max_model_len; refused before tokenizing above {max_bytes:,} bytes)")
-    return encode_chat(messages, tokenizer, field, add_generation_prompt, continue_final_message)
+    return encode_chat(messages, tokenizer, field, add_generation_prompt, continue_final_message, kwargs)

@@ -74,7 +74,7 @@ def test_top_logprobs_zero_without_logprobs_asks_for_nothing(http_server):
     ({"top_logprobs": 1}, "top_logprobs", "needs logprobs=true"),
     ({"top_logprobs": -1, "logprobs": True}, "top_logprobs", "[0, 20]"),  # vLLM's -1 (whole vocabulary)
     ({"messages": [{"role": "user", "content": "Hi", "name": 5}]}, "messages.0.name", "string"),
-    ({"messages": [{"role": "tool", "content": "Hi"}]}, "messages", "developer"),  # the roles are listed
+    ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages", "developer"),  # the roles are listed
 ])
 def test_bad_chat_fields_are_refused_naming_them(http_server, fields, param, words):
     fields.setdefault("messages", DEVELOPER)

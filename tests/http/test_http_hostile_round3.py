@@ -89,7 +89,7 @@ def test_an_error_never_echoes_a_huge_input_whole(http_server, body, marker):
 
 @pytest.mark.parametrize("field, value, good, words", [
     ("n", True, 1, "valid integer"), ("n", 1.0, 1, "valid integer"), ("best_of", True, 1, "valid integer"),
-    ("parallel_tool_calls", 1, True, "is not supported"), ("suffix", 0, "", "is not supported")])
+    ("use_beam_search", 0, False, "is not supported"), ("suffix", 0, "", "is not supported")])
 def test_a_no_op_field_takes_only_its_exact_json_value(http_server, field, value, good, words):
     """JSON's true is no number, as the README says; Python's `True in (1,)` had let it through."""
     _refused(_post(http_server, **{field: value}), field, words)

@@ -37,11 +37,10 @@ def test_top_logprobs_over_20_names_top_logprobs(http_server):
     assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 20
 
 
-@pytest.mark.parametrize("field", ["tools", "functions"])
 @pytest.mark.parametrize("value", [[], None, [{"type": "function", "function": {"name": "f"}}]])
-def test_tools_are_refused_at_any_value(http_server, field, value):
-    message = _bad_request(_post(http_server, "/chat/completions", _chat(http_server, **{field: value})), field)
-    assert "not" in message and "support" in message or "implement" in message
+def test_legacy_functions_are_refused_at_any_value(http_server, value):
+    message = _bad_request(_post(http_server, "/chat/completions", _chat(http_server, functions=value)), "functions")
+    assert "not" in message and "implement" in message
 
 
 def test_an_unknown_field_is_refused_even_when_null(http_server):

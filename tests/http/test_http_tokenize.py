@@ -157,11 +157,11 @@ def test_keys_and_grants_as_for_generation(http_server):
     ({"model": "BASE", "prompt": [1, 2]}, "prompt", []),
     ({"model": "BASE", "prompt": "Hi", "add_special_tokens": "yes"}, "add_special_tokens", []),
     ({"model": "BASE", "messages": CHAT, "chat_template": "{{ 'x' }}"}, "chat_template", ["unsupported field"]),
-    ({"model": "BASE", "messages": CHAT, "tools": None}, "tools", ["unsupported field"]),
+    ({"model": "BASE", "messages": CHAT, "mm_processor_kwargs": None}, "mm_processor_kwargs", ["unsupported field"]),
     ({"model": "BASE", "messages": CHAT, "continue_final_message": True}, "continue_final_message",
      ["needs add_generation_prompt=false"]),
     ({"model": "BASE", "messages": CHAT, "add_special_tokens": True}, "add_special_tokens", ["not supported"]),
-    ({"model": "BASE", "messages": [{"role": "tool", "content": "x"}]}, "messages", ["'tool' is not one of"]),
+    ({"model": "BASE", "messages": [{"role": "robot", "content": "x"}]}, "messages", ["'robot' is not one of"]),
     ({"model": "BASE", "messages": []}, "messages", ["no messages"]),
     ({"model": "BASE", "messages": [{"role": "user", "content": "x", "name": 5}]}, "messages.0.name", []),
 ])

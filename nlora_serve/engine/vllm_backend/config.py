@@ -150,6 +150,8 @@ def vllm_sampling_params(p: SamplingParams):
                               logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
                               logit_bias=dict(p.logit_bias) or None,
                               skip_special_tokens=p.skip_special_tokens,
+                              allowed_token_ids=list(p.allowed_token_ids) if p.allowed_token_ids else None,
+                              bad_words=list(p.bad_words) or None,
                               structured_outputs=vllm_structured(p.structured_outputs),
                               output_kind=RequestOutputKind.DELTA)
 

@@ -30,6 +30,7 @@ from nlora_serve.engine.eos import eos_tokens
 from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engine, EngineDead,
                                     EngineError, RequestIds, RequestOutput, RequestStream, max_prompt_bytes,
                                     prompt_ids)
+from nlora_serve.engine.token_masks import bad_words_token_ids
 from nlora_serve.engine.request_checks import check_request, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs
@@ -152,7 +153,10 @@ class VllmEngine(Engine):
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt, add_special_tokens)  # tokenized here: vLLM gets the ids
         check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len, params.stop_token_ids,
-                      params.logit_bias)
+                      params.logit_bias, params.allowed_token_ids)
+        if params.bad_words:  # refused here in vLLM's words, not failed inside it
+            with self._lock:
+                bad_words_token_ids(self.tokenizer, params.bad_words)
         if params.structured_outputs is not None:  # a cache hit after the front ends' check_structured
             self.check_structured(params.structured_outputs)
         deltas: asyncio.Queue = asyncio.Queue()

@@ -88,6 +88,7 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
         repetition_penalty=default("repetition_penalty", sent("repetition_penalty"), 1.0),
         logprobs=msg.top_logprobs or None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        allowed_token_ids=tuple(msg.allowed_token_ids) or None, bad_words=tuple(msg.bad_words),
         structured_outputs=structured_of(msg))
 
 

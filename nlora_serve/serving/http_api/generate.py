@@ -102,7 +102,8 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, started.params.logprobs,
                     body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage, n=body.num_choices,
                     prompt_ids=started.prompt_ids, echo=_echo(started, ctx.tokenizer),
-                    prompt_logprobs=body.prompt_logprobs, token_text=ctx.token_text)
+                    prompt_logprobs=body.prompt_logprobs, token_text=ctx.token_text,
+                    tools=body.tool_calls()[0] if chat else None)
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)

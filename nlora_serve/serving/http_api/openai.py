@@ -7,10 +7,14 @@ fields are accepted at their no-op value or null only (:data:`NOOP_VALUES`: chat
 :mod:`~nlora_serve.serving.http_api.choices`); n > 1 with greedy sampling is refused as vLLM refuses
 it, ``best_of`` is accepted only null or equal to n (vLLM 0.32 drops the field). Chat messages take
 the ``developer`` role and a ``name``, both given to the chat template as they are (vLLM's way);
-``top_logprobs: 0`` without ``logprobs`` asks nothing. Tool calling (``tools``, ``functions``) is
-refused at every value, ``[]`` and null included: a client that sends the field expects tool calls
-this server never makes. ``user`` (an end-user id for abuse tracking) is accepted and changes
-nothing, as at OpenAI.
+``top_logprobs: 0`` without ``logprobs`` asks nothing. Chat's ``tools`` and ``tool_choice`` are served
+as vLLM 0.32 serves them (:mod:`~nlora_serve.serving.http_api.tools`: named and "required" forced
+by a JSON schema, "auto" refused in vLLM's words); the legacy ``functions`` is refused at every value.
+``chat_template_kwargs``, ``documents`` and ``reasoning_effort`` are template variables
+(:func:`~nlora_serve.serving.chat_template.template_kwargs`); ``allowed_token_ids`` and ``bad_words``
+vLLM's token masks (:mod:`~nlora_serve.engine.token_masks`). :data:`IGNORED` fields change nothing
+in vLLM on these endpoints and are accepted at any value. ``user`` (an end-user id for abuse
+tracking) is accepted and changes nothing, as at OpenAI.
 
 ``response_format`` (text, json_object, json_schema) and vLLM's ``structured_outputs`` constrain the
 output (:mod:`~nlora_serve.serving.http_api.structured`).
@@ -50,23 +54,31 @@ are refused naming ``prompt``.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from nlora_serve.serving.chat_template import render_chat
+from nlora_serve.serving.chat_template import render_chat, template_kwargs
 from nlora_serve.serving.http_api.prompts import MAX_PROMPTS, check_prompt_shape, prompts_of
 from nlora_serve.serving.http_api.structured import structured_of
+from nlora_serve.serving.http_api.tools import Tool, ToolCalls, tool_calls_of
 from nlora_serve.serving.request_policy import check_cache_salt, check_min_tokens_unset_max, max_tokens_of
 from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
+from nlora_serve.engine.structured import StructuredOutputs
 from nlora_serve.serving.server_config import ServerConfig
 
 # OpenAI fields we accept only at their no-op value or null; every other field is refused
 NOOP_VALUES: dict[str, tuple] = {
-    "echo": (False,), "suffix": ("",),
-    "tool_choice": ("none",), "function_call": ("none",),
-    "parallel_tool_calls": (True, False),
+    "echo": (False,), "suffix": ("",), "function_call": ("none",),
+    # vLLM's: beam search and watermarking change the output; priority needs priority scheduling
+    "use_beam_search": (False,), "watermarking": (False,), "priority": (0,),
 }
+# vLLM 0.32 fields that change nothing on a generation endpoint (beam search's length_penalty; the
+# render endpoints' token offsets and multimodal payloads; MoE routing data; custom extensions' args;
+# a reasoning parser's switch): accepted at any value, as vLLM accepts them
+IGNORED = frozenset({"length_penalty", "return_token_offsets", "mm_payload", "return_mm_kwargs",
+                     "routed_experts_prompt_start", "vllm_xargs", "include_reasoning"})
 _FIELD = re.compile(r"^(?:SamplingParams\.)?(\w+)")
 _TOKEN_ID = re.compile(r"[0-9]{1,19}")  # a logit_bias key: 19 digits reach past any vocabulary
 
@@ -111,6 +123,10 @@ class _Request(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # false: special tokens' text (not a stop token's) stays in the text
+    # vLLM's: false (with skip_special_tokens false) is refused: see chat_params
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled (engine/token_masks.py)
+    bad_words: list[str] | None = None  # vLLM's: words never generated (engine/token_masks.py)
     return_tokens_as_token_ids: bool = False
     cache_salt: str | None = None  # prefix-cache sharing group (vLLM's field; see request_policy.cache_salt_of)
     n: int | None = None  # choices (None = 1): each an engine request of its own (http_api/choices.py)
@@ -169,10 +185,12 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # tool calls: refused (400 naming them)
-    role: str  # system, developer (OpenAI's newer system), user or assistant
-    content: str | list[ContentPart]
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: str  # system, developer (OpenAI's newer system), user, assistant or tool
+    content: str | list[ContentPart] | None = None  # None: "" (an assistant turn of tool calls)
     name: str | None = None  # the participant's name: passed to the chat template, as vLLM does
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls: to the template, arguments parsed
+    tool_call_id: str | None = None  # a tool message's call: to the template
 
 
 class ChatRequest(_Request):
@@ -186,6 +204,18 @@ class ChatRequest(_Request):
     add_generation_prompt: bool = True  # vLLM's: append the assistant's turn header
     continue_final_message: bool = False  # vLLM's: leave the final message open (needs add_generation_prompt false)
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's log-probability and top-k (0..20)
+    tools: list[Tool] | None = None  # to the chat template; with tool_choice (http_api/tools.py)
+    tool_choice: str | dict | None = None  # unset: "auto" with tools, else "none" (vLLM's defaults)
+    parallel_tool_calls: bool | None = True  # false: one tool call at most
+    # extra chat template variables (vLLM's: the ones the template reads; see chat_template.template_kwargs)
+    chat_template_kwargs: dict | None = None
+    documents: list[dict[str, str]] | None = None  # the template's ``documents`` (RAG), as vLLM
+    reasoning_effort: str | None = None  # the template's ``reasoning_effort`` (and enable_thinking), as vLLM
+
+    def tool_calls(self) -> tuple[ToolCalls | None, dict | None]:
+        """See :func:`~nlora_serve.serving.http_api.tools.tool_calls_of` (raises RequestError)."""
+        return tool_calls_of(self.tools, self.tool_choice, "tool_choice" in self.model_fields_set,
+                             self.parallel_tool_calls)
 
 
 @contextlib.contextmanager
@@ -216,6 +246,11 @@ def check_fields(request: _Request) -> None:
             characters.
     """
     for field, value in (request.model_extra or {}).items():
+        if field in IGNORED:
+            continue
+        if field == "chat_template":  # vLLM's refusal without --trust-request-chat-template
+            raise ParamError("Chat template is passed with request, but --trust-request-chat-template is not set. "
+                             "Refused request with untrusted chat template.", field)
         if field not in NOOP_VALUES:
             raise unsupported(field)
         # same type and value: `True in (1,)` and `1.0 in (1,)` hold in Python, and JSON's true is no 1
@@ -229,9 +264,9 @@ def check_fields(request: _Request) -> None:
 
 
 def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None,
-                prompt_logprobs: int | None = None) -> SamplingParams:
+                prompt_logprobs: int | None = None, tool_schema: dict | None = None) -> SamplingParams:
     """The engine's SamplingParams for a request (``logprobs``: top-k per token, ``prompt_logprobs``:
-    per prompt token; None = off).
+    per prompt token; None = off; ``tool_schema``: the JSON schema a tool_choice forces, http_api/tools.py).
 
     Raises:
         ParamError: a field out of range (named), or max_tokens over the server's ``--max-tokens``.
@@ -245,6 +280,13 @@ def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None,
         structured = structured_of(request.response_format, request.structured_outputs)
     except RequestError as exc:
         raise ParamError(str(exc), exc.param) from None
+    if tool_schema is not None:
+        if structured is not None:  # vLLM's words
+            raise ParamError("You can only either use constraints for structured outputs or tools, not both.", None)
+        structured = StructuredOutputs(json=json.dumps(tool_schema), param="tools")
+    if not request.spaces_between_special_tokens and not request.skip_special_tokens:
+        raise ParamError("spaces_between_special_tokens=false with skip_special_tokens=false is not supported: the "
+                         "text keeps the tokenizer's own spacing between special tokens", "spaces_between_special_tokens")
     with _as_param_error():
         if requested is not None and requested < 1:
             raise RequestError(f"{field} must be >= 1; got {requested}")
@@ -265,6 +307,7 @@ def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None,
             frequency_penalty=default("frequency_penalty", request.frequency_penalty, 0.0),
             repetition_penalty=default("repetition_penalty", request.repetition_penalty, 1.0),
             logit_bias=_logit_bias(request.logit_bias), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            allowed_token_ids=request.allowed_token_ids, bad_words=tuple(request.bad_words or ()),
             structured_outputs=structured)
 
 
@@ -349,8 +392,12 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
                          "top_logprobs")
     if request.top_logprobs and not request.logprobs:  # 0 without logprobs asks nothing: accepted, as vLLM
         raise ParamError("top_logprobs needs logprobs=true", "top_logprobs")
+    try:
+        _, tool_schema = request.tool_calls()
+    except RequestError as exc:  # vLLM's messages and params (None where vLLM names none)
+        raise ParamError(str(exc), exc.param) from None
     return sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None,
-                       prompt_logprobs_of(request))
+                       prompt_logprobs_of(request), tool_schema)
 
 
 def chat_prompt(request: ChatRequest, tokenizer,
@@ -364,11 +411,46 @@ def chat_prompt(request: ChatRequest, tokenizer,
             over ``chat_bounds`` (max_bytes, max_messages of
             :func:`~nlora_serve.serving.chat_template.render_chat`).
     """
-    messages = [{"role": m.role, "content": _message_text(m, i), **({} if m.name is None else {"name": m.name})}
-                for i, m in enumerate(request.messages)]
+    messages = [_message_dict(m, i) for i, m in enumerate(request.messages)]
+    extra = {"tools": [t.template_dict() for t in request.tools] if request.tools else None,
+             "documents": request.documents, "reasoning_effort": request.reasoning_effort}
+    if request.reasoning_effort is not None:  # vLLM's: templates that need opting in to thinking
+        extra["enable_thinking"] = request.reasoning_effort != "none"
+    with _as_param_error("chat_template_kwargs"):
+        kwargs = template_kwargs(tokenizer, request.chat_template_kwargs or {}, extra)
     with _as_param_error("messages"):
         return render_chat(messages, tokenizer, "messages", *chat_bounds, request.add_generation_prompt,
-                           request.continue_final_message)
+                           request.continue_final_message, kwargs)
+
+
+def _message_dict(message: ChatMessage, index: int) -> dict:
+    """A message as the chat template reads it (vLLM's: an assistant's tool call arguments parsed
+    from their JSON text, content None as "").
+
+    Raises:
+        ParamError: a part that is not text, tool call arguments that are not JSON.
+    """
+    out = {"role": message.role, "content": "" if message.content is None else _message_text(message, index)}
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            function = call.get("function")
+            if not isinstance(function, dict):
+                raise ParamError("chat completions only support assistant tool_calls of type 'function'.",
+                                 "tool_calls")
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except ValueError:
+                    raise ParamError(f"messages[{index}].tool_calls: arguments are not JSON", "messages") from None
+            calls.append({**call, "function": {**function, "arguments": arguments}})
+        out["tool_calls"] = calls
+    return out
 
 
 def _message_text(message: ChatMessage, index: int) -> str:

@@ -27,6 +27,8 @@ import time
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.serving.http_api.echo import Echo, clamp, echo_logprobs, vllm_prompt_logprobs, with_token
 from nlora_serve.serving.http_api.token_bytes import TokenBytes, TokenText
+from nlora_serve.serving.http_api.tool_stream import NamedStream, RequiredStream
+from nlora_serve.serving.http_api.tools import ToolCalls, whole_calls
 
 
 # Starlette's JSONResponse.render: the bytes a whole response goes out as
@@ -121,12 +123,14 @@ class Shaper:
         prompt_logprobs: vLLM's ``prompt_logprobs`` asked (top-k per prompt token); None = not returned.
         token_text: the server's :class:`TokenText` of ``tokenizer`` (each token decoded once per
             server); None: one of this request's own.
+        tools: chat: the output returns as tool calls (http_api/tools.py); None: as content.
     """
 
     def __init__(self, request_id: str, model: str, chat: bool, tokenizer, top_logprobs: int | None,
                  token_ids_as_tokens: bool = False, include_usage: bool = False, continuous_usage: bool = False,
                  n: int = 1, prompt_ids: list[list[int]] | None = None, echo: list[Echo] | None = None,
-                 prompt_logprobs: int | None = None, token_text: TokenText | None = None):
+                 prompt_logprobs: int | None = None, token_text: TokenText | None = None,
+                 tools: ToolCalls | None = None):
         self.request_id, self.model, self.chat = request_id, model, chat
         self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
         self._text = TokenText(tokenizer) if token_text is None else token_text
@@ -141,6 +145,10 @@ class Shaper:
         self.prompt_ids, self.echo, self.prompt_logprobs = prompt_ids, echo, prompt_logprobs
         # streaming with echo: the choices whose prompt has not gone out yet (it goes in their first chunk)
         self._echo_unsent = set(range(choices)) if echo is not None else set()
+        self.tools = tools
+        # streaming tool calls: per choice its calls' deltas (http_api/tool_stream.py)
+        self._calls = None if tools is None else [NamedStream(tools.name) if tools.name else RequiredStream()
+                                                  for _ in range(choices)]
 
     # -- whole responses -----------------------------------------------------------------------
 
@@ -165,8 +173,14 @@ class Shaper:
         text = (echo.text if echo is not None else "") + "".join(o.text for o in outs)
         logprobs = self._merged_logprobs(outs, echoed)
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                    "finish_reason": last.finish_reason, "stop_reason": last.stop_reason}
+            message, finish = {"role": "assistant", "content": text}, last.finish_reason
+            if self.tools is not None:  # vLLM's: content "", the calls; "required" finishes "tool_calls"
+                calls = whole_calls(self.tools, text)  # none: left out, as vLLM's ChatMessage leaves it
+                message = {"role": "assistant", "content": "", **({"tool_calls": calls} if calls else {})}
+                if self.tools.finish_as_tool_calls and finish == "stop":
+                    finish = "tool_calls"
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish,
+                    "stop_reason": last.stop_reason}
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason,
                   "stop_reason": last.stop_reason}
         if self.prompt_logprobs is not None:  # vLLM's: on each completion choice
@@ -224,8 +238,14 @@ class Shaper:
         else:
             logprobs = self._logprobs(out) if self.top_logprobs is not None else None
         if self.chat:
-            choice = {"index": out.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                      "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+            delta, finish = {"content": text} if text else {}, out.finish_reason
+            if self._calls is not None:
+                calls = self._calls[out.index]
+                delta = calls.delta(text) if text else {}
+                if isinstance(calls, RequiredStream) and calls.any_call and finish == "stop":
+                    finish = "tool_calls"  # vLLM's rule, as in a whole response
+            choice = {"index": out.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                      "stop_reason": out.stop_reason}
         else:
             choice = {"index": out.index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
                       "stop_reason": out.stop_reason}

@@ -9,8 +9,9 @@ vLLM's TokenizeCompletionRequest / TokenizeChatRequest / DetokenizeRequest and t
   ``/v1/chat/completions`` runs for those messages (:func:`~nlora_serve.serving.chat_template.render_chat`:
   content text never becomes a control token) with the same ``add_generation_prompt`` (false
   leaves out the assistant's opening) and ``continue_final_message``. ``add_special_tokens``
-  (true would add the tokenizer's special tokens beside the template's) is accepted at false only, vLLM's
-  ``chat_template`` / ``chat_template_kwargs`` / ``tools`` / ``mm_processor_kwargs`` not at all.
+  (true would add the tokenizer's special tokens beside the template's) is accepted at false only;
+  ``tools``, ``chat_template_kwargs``, ``documents`` and ``reasoning_effort`` reach the template as
+  there, vLLM's ``chat_template`` / ``mm_processor_kwargs`` are refused.
 - Both answer ``{"count", "max_model_len", "tokens", "token_strs"}``; ``token_strs`` (the
   vocabulary's strings of the ids) with ``return_token_strs``, else null, as vLLM answers.
 - ``/detokenize`` with ``{"model", "tokens"}`` answers ``{"prompt": tokenizer.decode(tokens)}``,
@@ -43,6 +44,7 @@ from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.generate import adapter_of, check_grant, read_body, unless_disconnected
 from nlora_serve.serving.http_api.openai import ChatMessage, ParamError, chat_prompt, unsupported
+from nlora_serve.serving.http_api.tools import Tool
 from nlora_serve.serving.request_policy import shown_int
 from nlora_serve.serving.stream import adapter_versions
 
@@ -65,6 +67,11 @@ class TokenizeChat(_Body):
     continue_final_message: bool = False  # as /v1/chat/completions (needs add_generation_prompt false)
     add_special_tokens: bool = False  # false only: the chat template writes the special tokens
     return_token_strs: bool | None = False
+    # the chat template's variables, as /v1/chat/completions passes them (openai.py chat_prompt)
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict | None = None
+    documents: list[dict[str, str]] | None = None
+    reasoning_effort: str | None = None
 
 
 class Detokenize(_Body):

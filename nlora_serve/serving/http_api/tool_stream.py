@@ -1,0 +1,160 @@
+"""Streamed tool calls of one chat choice, as vLLM 0.32 streams them (tool_parsers/streaming.py).
+
+- a named function (:class:`NamedStream`): every delta's text is argument text; the first carries
+  the call's id, type and name.
+- ``"required"`` (:class:`RequiredStream`): the output is a JSON array of ``{"name", "parameters"}``
+  objects; a call is announced (id, type, name, the ``parameters`` text so far) once its name is
+  complete and its parameters have begun, then each delta sends the new text of every call's
+  parameters, by the call's index. The text is scanned whole at every delta, and what the previous
+  text had already revealed is read off the same scan: the spans are prefix-stable (vLLM's
+  ``_scan_required_tool_calls``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from nlora_serve.serving.http_api.tools import call_id
+
+
+class NamedStream:
+    """A named function's tool-call deltas (vLLM's ``extract_named_tool_call_streaming``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.started = name, False
+
+    def delta(self, text: str) -> dict:
+        if self.started:
+            return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+        self.started = True
+        return {"tool_calls": [{"id": call_id(), "type": "function", "index": 0,
+                                "function": {"name": self.name, "arguments": text}}]}
+
+
+class RequiredStream:
+    """"required"'s tool-call deltas (vLLM's ``extract_required_tool_call_streaming``)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.any_call = False  # a call was announced: the choice finishes "tool_calls"
+
+    def delta(self, text: str) -> dict:
+        """The delta of ``text`` (``{}`` when it completes nothing new)."""
+        previous, self.text = self.text, self.text + text
+        calls = []
+        for index, span in enumerate(_scan(self.text)):
+            if not span.ready:
+                break  # elements come in order: none after it is ready
+            end = span.args_end if span.args_end is not None else len(self.text)
+            if span.ready_at(len(previous)):
+                new = self.text[min(end, len(previous)):end]
+                if new:
+                    calls.append({"index": index, "function": {"arguments": new}})
+                continue
+            calls.append({"id": call_id(), "type": "function", "index": index,
+                          "function": {"name": span.name, "arguments": self.text[span.args_start:end]}})
+        self.any_call = self.any_call or bool(calls)
+        return {"tool_calls": calls} if calls else {}
+
+
+@dataclass(slots=True)
+class _Span:
+    """One array element: its name once its string closed (``name_end`` just past the quote), and
+    the character span of its ``parameters`` value (``args_end`` None while it is open)."""
+
+    name: str | None = None
+    name_end: int | None = None
+    args_start: int | None = None
+    args_end: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.name is not None and self.args_start is not None
+
+    def ready_at(self, length: int) -> bool:
+        """Whether the text's first ``length`` characters had made this call streamable."""
+        return self.ready and self.name_end <= length and self.args_start < length
+
+
+_KEY, _COLON, _VALUE, _STRING, _CONTAINER, _SCALAR, _AFTER = range(7)
+
+
+def _scan(text: str) -> list[_Span]:  # noqa: C901 (one state machine, vLLM's)
+    """The elements of a (possibly partial) array of calls; text after its closing ``]`` is ignored.
+    Only the element level (depth 2) is interpreted, so nested values and strings cannot confuse it."""
+    spans: list[_Span] = []
+    depth, in_string, escaped, string_start, value_start = 0, False, False, 0, 0
+    cur: _Span | None = None
+    expect, key = _KEY, None
+
+    def end_value(pos: int) -> None:
+        nonlocal expect
+        if key == "parameters":
+            cur.args_end = pos
+        elif key == "name" and expect == _STRING:
+            try:
+                cur.name, cur.name_end = json.loads(text[value_start:pos]), pos
+            except ValueError:
+                cur.name = None
+        expect = _AFTER
+
+    def start_value(pos: int, state: int) -> None:
+        nonlocal expect, value_start
+        value_start = pos
+        if key == "parameters":
+            cur.args_start = pos
+        expect = state
+
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+                if depth == 2 and cur is not None:
+                    if expect == _KEY:
+                        key, expect = text[string_start + 1:i], _COLON
+                    elif expect == _STRING:
+                        end_value(i + 1)
+            continue
+        if ch == '"':
+            in_string, string_start = True, i
+            if depth == 2 and cur is not None and expect == _VALUE:
+                start_value(i, _STRING)
+        elif ch in "{[":
+            if depth == 0 and ch != "[" or depth == 1 and ch != "{":
+                return spans
+            if depth == 1:
+                cur = _Span()
+                spans.append(cur)
+                expect, key = _KEY, None
+            elif depth == 2 and cur is not None and expect == _VALUE:
+                start_value(i, _CONTAINER)
+            depth += 1
+        elif ch in "}]":
+            if depth == 2 and cur is not None and expect == _SCALAR:
+                end_value(i)
+            depth -= 1
+            if depth == 2 and cur is not None and expect == _CONTAINER:
+                end_value(i + 1)
+            elif depth == 1:
+                cur = None
+            elif depth <= 0:
+                return spans
+        elif depth == 2 and cur is not None:
+            if ch == ":":
+                if expect == _COLON:
+                    expect = _VALUE
+            elif ch == ",":
+                if expect == _SCALAR:
+                    end_value(i)
+                expect, key = _KEY, None
+            elif ch.isspace():
+                if expect == _SCALAR:
+                    end_value(i)
+            elif expect == _VALUE:
+                start_value(i, _SCALAR)
+    return spans

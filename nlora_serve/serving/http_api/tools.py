@@ -1,0 +1,150 @@
+"""Chat ``tools`` and ``tool_choice``, as vLLM 0.32 serves them (no I/O).
+
+``tools`` go to the chat template (its ``tools`` variable) whatever the choice. ``tool_choice``:
+
+- ``"none"`` (the default without tools): plain text, as vLLM.
+- a named function (``{"type": "function", "function": {"name": ...}}``): the output is forced to a
+  JSON object of the function's ``parameters`` schema (structured outputs; no parameters: any
+  object) and returned as that function's one tool call, ``content`` ``""``, finish_reason the
+  engine's (``"stop"``), as vLLM's parser path (parser/abstract_parser.py ``_extract_tool_calls``).
+- ``"required"``: the output is forced to a JSON array of ``{"name", "parameters"}`` objects, one
+  schema per tool (``maxItems`` 1 with ``parallel_tool_calls: false``), each returned as a tool
+  call (arguments re-serialized with ``json.dumps``), finish_reason ``"tool_calls"`` where the
+  engine's is ``"stop"`` (tool_parsers/utils.py ``get_json_schema_from_tools``).
+- ``"auto"`` (the default with tools) needs a model-specific tool-call parser: refused with vLLM
+  0.32's error for a server started without ``--enable-auto-tool-choice``.
+
+vLLM 0.32 serves the named and required choices only with ``--tool-call-parser`` set (without it
+it refuses them too); their answers do not depend on the parser (the JSON is forced), so they are
+served here as vLLM serves them with one. Tool call ids are vLLM's ``chatcmpl-tool-<32 hex>``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from nlora_serve.engine.sampling import RequestError
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+    def template_dict(self) -> dict:
+        """The tool as vLLM hands it to the chat template (``strict`` only when set)."""
+        function = self.function.model_dump(exclude={"strict"} if self.function.strict is None else set())
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCalls:
+    """How a request's output is returned as tool calls: ``name`` for a named function, None for
+    ``"required"``; ``parallel`` False keeps the first call only (``parallel_tool_calls``)."""
+
+    name: str | None
+    parallel: bool = True
+
+    @property
+    def finish_as_tool_calls(self) -> bool:
+        """vLLM's finish_reason rule: "tool_calls" for "required", the engine's for a named function."""
+        return self.name is None
+
+
+_AUTO = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+
+
+def tool_calls_of(tools: list[Tool] | None, tool_choice, choice_given: bool,
+                  parallel: bool | None) -> tuple[ToolCalls | None, dict | None]:
+    """(how the output returns as tool calls, the JSON schema that forces it); (None, None) for
+    plain text. ``tool_choice`` as sent (a string or a dict), ``choice_given`` whether it was.
+
+    Raises:
+        RequestError: vLLM 0.32's refusals, in its words (``param`` as vLLM names it): ``tools``
+            empty, a choice without tools, an unknown choice, a name no tool has, ``"auto"``.
+    """
+    if tools is not None and not tools:
+        raise RequestError("`tools` must not be an empty array. Either provide at least one tool or omit the field "
+                           "entirely.", "tools")
+    if not choice_given or tool_choice is None:
+        tool_choice = "auto" if tools else "none"
+    if tool_choice == "none":
+        return None, None
+    if tools is None:
+        raise RequestError("When using `tool_choice`, `tools` must be set.", "tool_choice")
+    if tool_choice == "auto":
+        raise RequestError(_AUTO, None)  # vLLM names no param
+    if tool_choice == "required":
+        schemas = [_call_schema(t.function) for t in tools]
+        array = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": schemas}}
+        if parallel is False:
+            array["maxItems"] = 1
+        return ToolCalls(None, parallel is not False), array
+    name = _named(tool_choice)
+    function = next((t.function for t in tools if t.function.name == name), None)
+    if function is None:
+        raise RequestError("The tool specified in `tool_choice` does not match any of the specified `tools`",
+                           "tool_choice")
+    return ToolCalls(name, parallel is not False), function.parameters or {"type": "object", "properties": {}}
+
+
+def _named(tool_choice) -> str:
+    usage = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+    if not isinstance(tool_choice, dict):
+        raise RequestError(f"Invalid value for `tool_choice`: {tool_choice}! Only named tools, \"none\", \"auto\" or "
+                           "\"required\" are supported.", "tool_choice")
+    function = tool_choice.get("function")
+    if not isinstance(function, dict):
+        raise RequestError(f"Invalid value for `function`: `{function}` in `tool_choice`! {usage}", "tool_choice")
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"Invalid `name` in `function`: `{name}` in `tool_choice`! {usage}", "tool_choice")
+    if tool_choice.get("type", "function") != "function" or set(tool_choice) - {"type", "function"} \
+            or set(function) != {"name"}:
+        raise RequestError(f"Invalid value for `tool_choice`! {usage}", "tool_choice")
+    return name
+
+
+def _call_schema(function: ToolFunction) -> dict:
+    """One element of the "required" array (vLLM's ``_get_tool_schema_from_name_and_params``)."""
+    return {"properties": {"name": {"type": "string", "enum": [function.name]},
+                           "parameters": function.parameters or {"type": "object", "properties": {}}},
+            "required": ["name", "parameters"]}
+
+
+def call_id() -> str:
+    """vLLM's random tool call id."""
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+def whole_calls(tools: ToolCalls, text: str) -> list[dict]:
+    """The tool calls of a whole answer ``text`` (vLLM's: a named function's text is its
+    arguments, none when blank; "required" parses the array, none when it does not parse)."""
+    if tools.name is not None:
+        calls = [] if not text.strip() else [(tools.name, text)]
+    else:
+        try:
+            items = json.loads(text)
+        except ValueError:
+            items = None
+        if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str)
+                                                  for i in items):
+            items = []
+        calls = [(i["name"], json.dumps(i.get("parameters"), ensure_ascii=False)) for i in items]
+    if not tools.parallel:
+        calls = calls[:1]
+    return [{"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+            for name, arguments in calls]

@@ -1,0 +1,165 @@
+"""Chat ``tools`` / ``tool_choice`` as vLLM 0.32 serves them (http_api/tools.py): a named function's
+arguments and "required"'s calls, whole and streamed, sampled at temperature 1, parse as JSON and
+hold the function's parameters schema (checked by hand here); "auto", ``tools: []`` and the other
+misuses are refused with vLLM's messages; tools and chat_template_kwargs reach the chat template
+as transformers' ``apply_chat_template`` renders them."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import openai
+import pytest
+
+from grpc_harness import TENANT_KEYS
+from http_harness import client
+from nlora_serve.serving.http_api.openai import ChatRequest, chat_prompt
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "integer", "minimum": -12,
+                                                                                "maximum": 14}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _check_arguments(name: str, arguments: str) -> None:
+    """The arguments of a call of ``name`` hold its parameters schema."""
+    value = json.loads(arguments)
+    if name == "get_weather":
+        assert set(value) == {"city", "unit"} and isinstance(value["city"], str) and len(value["city"]) <= 20
+        assert value["unit"] in ("celsius", "fahrenheit")
+    else:
+        assert name == "get_time" and set(value) == {"zone"}
+        assert type(value["zone"]) is int and -12 <= value["zone"] <= 14
+
+
+def _api(server):
+    return client(server, TENANT_KEYS["base-co"]), server.server.generation.info.model
+
+
+def test_named_function_whole_and_streamed(http_server):
+    api, model = _api(http_server)
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    for seed in range(3):
+        reply = api.chat.completions.create(model=model, messages=MESSAGES, tools=[WEATHER, TIME], tool_choice=choice,
+                                            max_tokens=100, temperature=1.0, seed=seed)
+        out = reply.choices[0]
+        assert out.finish_reason == "stop" and out.message.content == "", out
+        (call,) = out.message.tool_calls
+        assert call.type == "function" and call.id.startswith("chatcmpl-tool-") and call.function.name == "get_weather"
+        _check_arguments("get_weather", call.function.arguments)
+        chunks = list(api.chat.completions.create(model=model, messages=MESSAGES, tools=[WEATHER, TIME],
+                                                  tool_choice=choice, max_tokens=100, temperature=1.0, seed=seed,
+                                                  stream=True))
+        deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        first = deltas[0][0]
+        assert first.id.startswith("chatcmpl-tool-") and first.function.name == "get_weather" and first.index == 0
+        assert all(d[0].id is None and d[0].function.name is None for d in deltas[1:])
+        streamed = "".join(d[0].function.arguments for d in deltas)
+        assert streamed == call.function.arguments  # same seed, same tokens
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_required_returns_calls_of_the_tools(http_server):
+    api, model = _api(http_server)
+    # (seed 1 with parallel calls writes get_time calls past max_tokens: finish "length", no calls)
+    for seed, temperature, parallel in ((0, 1.0, True), (1, 1.0, False), (0, 0.0, True)):
+        reply = api.chat.completions.create(model=model, messages=MESSAGES, tools=[WEATHER, TIME],
+                                            tool_choice="required", parallel_tool_calls=parallel, max_tokens=160,
+                                            temperature=temperature, seed=seed)
+        out = reply.choices[0]
+        assert out.finish_reason == "tool_calls" and out.message.content == "", out
+        assert 1 <= len(out.message.tool_calls) <= (8 if parallel else 1)
+        for call in out.message.tool_calls:
+            _check_arguments(call.function.name, call.function.arguments)
+
+
+def test_required_streamed_equals_whole(http_server):
+    """Streamed, each call's argument text joins to JSON equal to the whole response's arguments
+    (same seed, same tokens); the first delta of a call names it, the choice finishes "tool_calls"."""
+    api, model = _api(http_server)
+    common = dict(model=model, messages=MESSAGES, tools=[WEATHER, TIME], tool_choice="required", max_tokens=160,
+                  temperature=1.0, seed=0)
+    whole = api.chat.completions.create(**common).choices[0].message.tool_calls
+    chunks = list(api.chat.completions.create(stream=True, **common))
+    names: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    for chunk in chunks:
+        for call in chunk.choices[0].delta.tool_calls or []:
+            if call.index not in names:
+                assert call.id.startswith("chatcmpl-tool-") and call.type == "function"
+                names[call.index] = call.function.name
+            else:
+                assert call.id is None and call.function.name is None
+            arguments[call.index] = arguments.get(call.index, "") + call.function.arguments
+    assert [names[i] for i in sorted(names)] == [c.function.name for c in whole]
+    assert [json.loads(arguments[i]) for i in sorted(arguments)] == [json.loads(c.function.arguments) for c in whole]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("fields, message, param", [
+    ({"tools": [WEATHER]}, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+     None),
+    ({"tools": [WEATHER], "tool_choice": "auto"},
+     '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set', None),
+    ({"tools": []}, "`tools` must not be an empty array. Either provide at least one tool or omit the field entirely.",
+     "tools"),
+    ({"tool_choice": "required"}, "When using `tool_choice`, `tools` must be set.", "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "The tool specified in `tool_choice` does not match any of the specified `tools`", "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"},
+     'Invalid value for `tool_choice`: sometimes! Only named tools, "none", "auto" or "required" are supported.',
+     "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+      "response_format": {"type": "json_object"}},
+     "You can only either use constraints for structured outputs or tools, not both.", None),
+])
+def test_refusals_in_vllm_words(http_server, fields, message, param):
+    api, model = _api(http_server)
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, extra_body=fields)
+    assert caught.value.body["message"] == message and caught.value.body["param"] == param
+
+
+def test_tool_choice_none_answers_text_and_history_with_tool_turns_is_taken(http_server):
+    api, model = _api(http_server)
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call-1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "18 degrees, sunny"}]
+    reply = api.chat.completions.create(model=model, messages=history, tools=[WEATHER], tool_choice="none",
+                                        max_tokens=8, temperature=0)
+    out = reply.choices[0]
+    assert out.message.tool_calls is None and out.message.content
+
+
+TEMPLATE = ("{% for t in tools or [] %}[tool {{ t.function.name }}: {{ t.function.parameters | tojson }}]{% endfor %}"
+            "{% if custom_note %}<note {{ custom_note }}>{% endif %}"
+            "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+            "{% for c in m.tool_calls or [] %}(call {{ c.function.name }} {{ c.function.arguments.city }}){% endfor %}"
+            "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_tools_and_chat_template_kwargs_reach_the_template(tokenizer):
+    """Rendered as transformers renders the same template with the same variables (arguments parsed
+    from JSON, as vLLM hands them over); keys the template does not read change nothing."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TEMPLATE
+    history = [{"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+               {"role": "tool", "tool_call_id": "c", "content": "sunny"}]
+    body = ChatRequest.model_validate({"model": "m", "messages": history, "tools": [WEATHER], "tool_choice": "none",
+                                       "chat_template_kwargs": {"custom_note": "be brief", "unused": 1}})
+    reference_messages = copy.deepcopy(history)
+    reference_messages[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris", "unit": "celsius"}
+    expected = tok.apply_chat_template(reference_messages, tools=[WEATHER], custom_note="be brief",
+                                       add_generation_prompt=True, tokenize=False)
+    assert "[tool get_weather:" in expected and "<note be brief>" in expected and "(call get_weather Paris)" in expected
+    assert chat_prompt(body, tok) == tok.encode(expected, add_special_tokens=False)
