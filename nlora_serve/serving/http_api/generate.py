@@ -51,7 +51,8 @@ from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.choices import check_choices, choice_params, of_prompt, start_choices
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_api.echo import Echo
-from nlora_serve.serving.http_api.openai import ChatRequest, CompletionRequest, chat_params, chat_prompt, completion_inputs
+from nlora_serve.serving.http_api.openai import (ChatRequest, CompletionRequest, chat_params, chat_prompt,
+                                                 completion_inputs, response_id_of)
 from nlora_serve.serving.http_api.truncation import check_truncatable, truncated, truncation_of
 from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers, whole_json
 from nlora_serve.serving.metrics import RequestTimer
@@ -103,7 +104,7 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
                     body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage, n=body.num_choices,
                     prompt_ids=started.prompt_ids, echo=_echo(started, ctx.tokenizer),
                     prompt_logprobs=body.prompt_logprobs, token_text=ctx.token_text,
-                    tools=body.tool_calls()[0] if chat else None)
+                    tools=body.tool_calls()[0] if chat else None, token_ids=bool(body.return_token_ids))
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
@@ -138,8 +139,10 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
     if places > 1:  # each choice of each prompt is a request in the queue and in the tenant's counts
         asked = f"n={places}" if num_prompts == 1 else f"{num_prompts} prompts x n={body.num_choices}"
         ctx.admission.grow(reservation, places - 1, caller, asked, "n" if num_prompts == 1 else "prompt")
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    queued = _tokenize_and_queue(ctx, caller, body, prompts, params, rid, truncation)
+    engine_rid = uuid.uuid4().hex  # the engine's ids: unique whatever id the client gives
+    # vLLM's response id: the X-Request-Id header, else the body's request_id, else a random one
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{response_id_of(request.headers.get('x-request-id'), body) or engine_rid}"
+    queued = _tokenize_and_queue(ctx, caller, body, prompts, params, engine_rid, truncation)
     started = await unless_disconnected(request, queued)
     return None if started is None else _Started(started[0], timer, body, params, rid, prompts, *started[1:])
 

@@ -76,9 +76,10 @@ NOOP_VALUES: dict[str, tuple] = {
 }
 # vLLM 0.32 fields that change nothing on a generation endpoint (beam search's length_penalty; the
 # render endpoints' token offsets and multimodal payloads; MoE routing data; custom extensions' args;
-# a reasoning parser's switch): accepted at any value, as vLLM accepts them
+# a reasoning parser's switch; a session id for KV-transfer routing): accepted at any value, as vLLM
+# accepts them
 IGNORED = frozenset({"length_penalty", "return_token_offsets", "mm_payload", "return_mm_kwargs",
-                     "routed_experts_prompt_start", "vllm_xargs", "include_reasoning"})
+                     "routed_experts_prompt_start", "vllm_xargs", "include_reasoning", "session_id"})
 _FIELD = re.compile(r"^(?:SamplingParams\.)?(\w+)")
 _TOKEN_ID = re.compile(r"[0-9]{1,19}")  # a logit_bias key: 19 digits reach past any vocabulary
 
@@ -129,6 +130,8 @@ class _Request(BaseModel):
     bad_words: list[str] | None = None  # vLLM's: words never generated (engine/token_masks.py)
     return_tokens_as_token_ids: bool = False
     cache_salt: str | None = None  # prefix-cache sharing group (vLLM's field; see request_policy.cache_salt_of)
+    request_id: str | None = None  # vLLM's: the response id's tail ("cmpl-<request_id>"); X-Request-Id wins
+    return_token_ids: bool | None = None  # vLLM's: token ids beside the text (http_api/responses.py)
     n: int | None = None  # choices (None = 1): each an engine request of its own (http_api/choices.py)
     best_of: int | None = None  # null or n only: vLLM 0.32 drops the field (we refuse what we would ignore)
     # vLLM's: keep the prompt's last k tokens (-1: max_model_len - 1); truncation_side "right" keeps the first k
@@ -257,10 +260,29 @@ def check_fields(request: _Request) -> None:
         if value is not None and not any(type(value) is type(v) and value == v for v in NOOP_VALUES[field]):
             allowed = " or ".join(repr(v) for v in NOOP_VALUES[field])
             raise ParamError(f"{field}={value!r} is not supported: this server accepts only {allowed}", field)
+    if request.return_token_ids and getattr(request, "echo", False):
+        raise ParamError("return_token_ids with echo=true is not supported (vLLM then echoes no prompt text); "
+                         "the prompt's ids come in prompt_token_ids", "return_token_ids")
     if request.stream_options is not None and not request.stream:
         raise ParamError("stream_options is only allowed with stream=true", "stream_options")
     with _as_param_error("cache_salt"):
         check_cache_salt(request.cache_salt, "cache_salt")
+
+
+MAX_REQUEST_ID = 1024  # characters: the id goes out on every chunk of a stream
+
+
+def response_id_of(header: str | None, request: _Request) -> str | None:
+    """The client's id for the response (vLLM's: the X-Request-Id header, else the body's
+    ``request_id``); None: a random one.
+
+    Raises:
+        ParamError: one over :data:`MAX_REQUEST_ID` characters.
+    """
+    given = header if header is not None else request.request_id
+    if given is not None and len(given) > MAX_REQUEST_ID:
+        raise ParamError(f"request_id is {len(given)} characters; at most {MAX_REQUEST_ID}", "request_id")
+    return given
 
 
 def sampling_of(request: _Request, config: ServerConfig, logprobs: int | None,

@@ -124,13 +124,16 @@ class Shaper:
         token_text: the server's :class:`TokenText` of ``tokenizer`` (each token decoded once per
             server); None: one of this request's own.
         tools: chat: the output returns as tool calls (http_api/tools.py); None: as content.
+        token_ids: vLLM's return_token_ids: each choice's ``token_ids`` (a chunk's: its own) and the
+            prompt's ``prompt_token_ids`` (chat: on the response, in a stream on the role chunks;
+            completions: on each choice, in a stream on its first chunk).
     """
 
     def __init__(self, request_id: str, model: str, chat: bool, tokenizer, top_logprobs: int | None,
                  token_ids_as_tokens: bool = False, include_usage: bool = False, continuous_usage: bool = False,
                  n: int = 1, prompt_ids: list[list[int]] | None = None, echo: list[Echo] | None = None,
                  prompt_logprobs: int | None = None, token_text: TokenText | None = None,
-                 tools: ToolCalls | None = None):
+                 tools: ToolCalls | None = None, token_ids: bool = False):
         self.request_id, self.model, self.chat = request_id, model, chat
         self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
         self._text = TokenText(tokenizer) if token_text is None else token_text
@@ -146,6 +149,8 @@ class Shaper:
         # streaming with echo: the choices whose prompt has not gone out yet (it goes in their first chunk)
         self._echo_unsent = set(range(choices)) if echo is not None else set()
         self.tools = tools
+        self.token_ids = token_ids
+        self._prompt_unsent = set(range(choices)) if token_ids and not chat else set()  # completions' streams
         # streaming tool calls: per choice its calls' deltas (http_api/tool_stream.py)
         self._calls = None if tools is None else [NamedStream(tools.name) if tools.name else RequiredStream()
                                                   for _ in range(choices)]
@@ -162,6 +167,8 @@ class Shaper:
         body = self._envelope("chat.completion" if self.chat else "text_completion", choices, lasts[0])
         if self.prompt_logprobs is not None and self.chat:  # vLLM's: the chat response's top level
             body["prompt_logprobs"] = self._prompt_logprobs(by_choice[0][0])
+        if self.token_ids and self.chat:
+            body["prompt_token_ids"] = self.prompt_ids[0]
         return {**body, "usage": total_usage(lasts, self.n)}
 
     def _whole_choice(self, index: int, outs: list[RequestOutput]) -> dict:
@@ -179,10 +186,16 @@ class Shaper:
                 message = {"role": "assistant", "content": "", **({"tool_calls": calls} if calls else {})}
                 if self.tools.finish_as_tool_calls and finish == "stop":
                     finish = "tool_calls"
-            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish,
-                    "stop_reason": last.stop_reason}
+            choice = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish,
+                      "stop_reason": last.stop_reason}
+            if self.token_ids:
+                choice["token_ids"] = [t for o in outs for t in o.token_ids]
+            return choice
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason,
                   "stop_reason": last.stop_reason}
+        if self.token_ids:
+            choice["prompt_token_ids"] = self.prompt_ids[index // self.n]
+            choice["token_ids"] = [t for o in outs for t in o.token_ids]
         if self.prompt_logprobs is not None:  # vLLM's: on each completion choice
             choice["prompt_logprobs"] = self._prompt_logprobs(first)
         return choice
@@ -221,9 +234,13 @@ class Shaper:
         with the ``first`` delta; none for completions."""
         if not self.chat:
             return []
-        return [self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None, "stop_reason": None}, first, completion_tokens=0)
-                for index in range(len(self._lasts))]
+        chunks = [self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None, "stop_reason": None}, first, completion_tokens=0)
+                  for index in range(len(self._lasts))]
+        if self.token_ids:  # vLLM's: the prompt's ids on the role chunks
+            for chunk in chunks:
+                chunk["prompt_token_ids"] = self.prompt_ids[0]
+        return chunks
 
     def chunk(self, out: RequestOutput) -> dict:
         """The chunk of one delta (its text, logprobs, and finish_reason and stop_reason once finished)."""
@@ -249,6 +266,11 @@ class Shaper:
         else:
             choice = {"index": out.index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
                       "stop_reason": out.stop_reason}
+            if out.index in self._prompt_unsent:
+                self._prompt_unsent.discard(out.index)
+                choice["prompt_token_ids"] = self.prompt_ids[out.index // self.n]
+        if self.token_ids:
+            choice["token_ids"] = list(out.token_ids)
         return self._chunk(choice, out)
 
     def usage_chunk(self) -> dict:
