@@ -14,6 +14,7 @@ special-token text is tokenized by ``apply_chat_template(tokenize=True)`` itself
 from __future__ import annotations
 
 import functools
+import json
 import re
 import secrets
 
@@ -42,9 +43,16 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "message
     Raises:
         RequestError: the template changes content text so that the sentinels do not survive
             rendering, or (continue_final_message) the final message's content is not in the
-            rendering (the message names ``field``).
+            rendering, or special-token text inside tool calls or template variables (``kwargs``:
+            tools, documents, ...), which are not masked (the message names ``field``).
     """
     specials = _special_texts(tokenizer)
+    structured = json.dumps([[m.get("tool_calls"), m.get("tool_call_id")] for m in messages] + [kwargs],
+                            ensure_ascii=False, default=str)
+    hit = next((s for s in specials if s in structured), None)
+    if hit is not None:  # only content and name are masked: refused, never a forged control token
+        raise RequestError(f"{field}: special-token text {hit!r} inside tool calls, tools or template variables "
+                           "cannot be kept as plain text; remove it")
     template = functools.partial(_apply_template, tokenizer, field, add_generation_prompt=add_generation_prompt,
                                  continue_final_message=continue_final_message, **(kwargs or {}))
     if not any(s in m[key] for m in messages for key in _TEXT_FIELDS if key in m for s in specials):

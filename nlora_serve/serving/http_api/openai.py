@@ -194,6 +194,14 @@ class ChatMessage(BaseModel):
     name: str | None = None  # the participant's name: passed to the chat template, as vLLM does
     tool_calls: list[dict] | None = None  # an assistant's earlier calls: to the template, arguments parsed
     tool_call_id: str | None = None  # a tool message's call: to the template
+    # the null fields of a response message (OpenAI's, vLLM's), as a client appends it to its history:
+    # accepted at null only (a value would be something the template never sees)
+    refusal: None = None
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
+    reasoning: None = None
+    reasoning_content: None = None
 
 
 class ChatRequest(_Request):
