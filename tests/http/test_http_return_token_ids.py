@@ -60,7 +60,7 @@ def test_chat_token_ids_whole_and_streamed(http_server, tokenizer):
     assert [t for c in chunks[1:] for t in c["choices"][0]["token_ids"]] == choice["token_ids"]
 
 
-def test_request_id_names_the_response(http_server):
+def test_request_id_names_the_response_and_vllms_no_op_fields_are_taken(http_server):
     assert _post(http_server, "/completions", {"prompt": PROMPT, "request_id": "abc-1"}).json()["id"] == "cmpl-abc-1"
     chat = _post(http_server, "/chat/completions", {"messages": MESSAGES, "request_id": "abc-2"},
                  headers={"X-Request-Id": "from-header"})
@@ -75,5 +75,9 @@ def test_request_id_names_the_response(http_server):
     # vLLM's session_id (KV-transfer routing) changes nothing: accepted, the same answer
     assert _post(http_server, "/completions", {"prompt": PROMPT, "session_id": "s1"}).json()["choices"][0]["text"] \
         == _post(http_server, "/completions", {"prompt": PROMPT}).json()["choices"][0]["text"]
+    # vLLM's thinking_token_budget: unset (null, -1) without a reasoning parser, else its refusal
+    for budget, status in ((None, 200), (-1, 200), (100, 400)):
+        resp = _post(http_server, "/completions", {"prompt": PROMPT, "thinking_token_budget": budget})
+        assert resp.status_code == status and (status == 200 or "--reasoning-parser" in resp.json()["error"]["message"])
     too_long = _post(http_server, "/completions", {"prompt": PROMPT, "request_id": "x" * 1025})
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "request_id"

@@ -259,6 +259,11 @@ def check_fields(request: _Request) -> None:
     for field, value in (request.model_extra or {}).items():
         if field in IGNORED:
             continue
+        if field == "thinking_token_budget" and (value is None or (type(value) is int and value == -1)):
+            continue  # unset / unlimited, as vLLM takes them without a reasoning parser
+        if field == "thinking_token_budget":  # vLLM's refusal without --reasoning-parser
+            raise ParamError("thinking_token_budget is set but reasoning_config is not configured. Please set "
+                             "--reasoning-parser and/or --reasoning-config to use thinking_token_budget.", field)
         if field == "chat_template":  # vLLM's refusal without --trust-request-chat-template
             raise ParamError("Chat template is passed with request, but --trust-request-chat-template is not set. "
                              "Refused request with untrusted chat template.", field)
