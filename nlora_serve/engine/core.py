@@ -157,9 +157,11 @@ class EngineCore:
         gen = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
         # the grammar compiled in validate: a cache hit here, on the step thread
         matcher = self.grammars.matcher(params.structured_outputs) if params.structured_outputs else None
+        allowed = None if params.allowed_token_ids is None else torch.tensor(
+            sorted(set(params.allowed_token_ids)), dtype=torch.long, device=self.device)
         seq = Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, gen, matcher,
-                       bad_words_token_ids(self.tokenizer, params.bad_words), adapter=adapter, tenant=tenant,
-                       cache_salt=cache_salt)
+                       bad_words_token_ids(self.tokenizer, params.bad_words), allowed_ids=allowed, adapter=adapter,
+                       tenant=tenant, cache_salt=cache_salt)
         self._arrivals += 1
         self.counters["prompt_tokens"] += len(prompt_ids)
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,

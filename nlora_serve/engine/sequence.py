@@ -35,6 +35,9 @@ class Sequence:
     matcher: object | None = None
     # params.bad_words as token sequences (engine/token_masks.py), tokenized once at admission
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    # params.allowed_token_ids, distinct and sorted, as an int64 tensor on the engine's device (made
+    # once at admission: a step's mask then costs no host-side list per row); None = every token
+    allowed_ids: torch.Tensor | None = None
     status: SequenceStatus = SequenceStatus.WAITING  # where it is: waiting, running, finished
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)  # KV blocks, see BlockManager

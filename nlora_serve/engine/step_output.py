@@ -99,9 +99,9 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     k = max((seqs[i].params.logprobs for i in wanted), default=0)
     logp = logits[wanted].log_softmax(dim=-1) if wanted else None  # before penalties change the rows
-    allowed = [i for i, s in enumerate(seqs) if s.params.allowed_token_ids is not None]
+    allowed = [i for i, s in enumerate(seqs) if s.allowed_ids is not None]
     if allowed:  # vLLM's masks: after the logprobs, before logit_bias and the penalties
-        keep_allowed(logits, allowed, [seqs[i].params.allowed_token_ids for i in allowed])
+        keep_allowed(logits, allowed, [seqs[i].allowed_ids for i in allowed])
     for i, seq in enumerate(seqs):
         if seq.bad_words_ids:
             ban_bad_words(logits[i], seq.bad_words_ids, seq.token_ids[seq.num_prompt_tokens:])

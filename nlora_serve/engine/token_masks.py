@@ -39,16 +39,17 @@ def bad_words_token_ids(tokenizer, words: tuple[str, ...]) -> tuple[tuple[int, .
     return tuple(sequences)
 
 
-def keep_allowed(logits: torch.Tensor, rows: list[int], allowed: list[tuple[int, ...]]) -> None:
+def keep_allowed(logits: torch.Tensor, rows: list[int], allowed: list[torch.Tensor]) -> None:
     """Set ``logits[rows[j], t] = -inf`` for every token ``t`` not in ``allowed[j]``, in place.
 
-    ``logits`` [B, V] float32; ids checked in ``[0, V)`` at admission.
+    ``logits`` [B, V] float32; ``allowed[j]`` [A_j] int64 on its device, ids checked in ``[0, V)``
+    at admission (:attr:`Sequence.allowed_ids`).
     """
-    mask = torch.ones((len(rows), logits.shape[1]), dtype=torch.bool)
+    mask = torch.ones((len(rows), logits.shape[1]), dtype=torch.bool, device=logits.device)
     for j, ids in enumerate(allowed):
-        mask[j, list(ids)] = False
+        mask[j, ids] = False
     index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    logits[index] = logits[index].masked_fill(mask.to(logits.device), float("-inf"))
+    logits[index] = logits[index].masked_fill(mask, float("-inf"))
 
 
 def ban_bad_words(logits: torch.Tensor, words: tuple[tuple[int, ...], ...], output: list[int]) -> None:
