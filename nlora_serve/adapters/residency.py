@@ -121,6 +121,13 @@ class Residency:
             else:
                 self._place_untied(version, required=False)
 
+    def set_tenant_shares(self, weights: Mapping[str, float]) -> None:
+        """New tenant weights for the LoRA slots' shares (a tenants-file reload); nothing when
+        the slots are first come, first served (``tenant_shares`` None)."""
+        with self._lock:
+            if self.tenant_shares is not None:
+                self.tenant_shares = dict(weights)
+
     def ensure_resident(self, version, tenant: str | None = None) -> None:
         """Make sure a pinned version has a slot before its request (of ``tenant``) runs (cold
         load if evicted); an untied version's pin is counted for ``tenant`` until :meth:`unpin`.

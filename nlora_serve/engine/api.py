@@ -11,7 +11,7 @@ import abc
 import asyncio
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from nlora_serve.adapters.registry import AdapterVersion
@@ -252,6 +252,12 @@ class Engine(abc.ABC):
         """
         raise RequestError(f"{spec.param}: this engine backend does not run structured outputs "
                            "(the native engine does)", spec.param)
+
+    def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
+        """Tenant name -> fair-scheduling weight (> 0; absent: 1) from now on, replacing the start's
+        (``SchedulerConfig.tenant_weights``) after a tenants-file reload: requests submitted after
+        this call are scheduled, and share the prefix cache and the LoRA slots, by them. This
+        default has nothing to update: a backend that schedules first come first served."""
 
     def is_resident(self, version: AdapterVersion) -> bool:
         """Whether ``version``'s weights sit in the engine's adapter memory now (what

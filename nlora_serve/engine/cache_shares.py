@@ -58,6 +58,11 @@ class CacheShares:
             del self.num_blocks[tenant]
         self._dirty.add(tenant)
 
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """New weights (a tenants-file reload): every tenant's eviction key is computed afresh."""
+        self.weights = dict(weights)
+        self._dirty.update(self._key)
+
     def touch(self, tenant: str | None) -> None:
         """``tenant``'s oldest free cached block may have changed (one freed, hit or evicted)."""
         self._dirty.add(tenant)

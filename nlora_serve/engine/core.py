@@ -9,6 +9,7 @@ one place that frees a request's KV blocks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,21 @@ class EngineCore:
                          "preemptions": 0}
         self.runner.reset_counts()
         self._inflight: SampledStep | None = None  # the launched step whose tokens are not read back yet
+
+    def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
+        """Under "fair", tenant -> weight (> 0; absent: 1) from the next step on, after a
+        tenants-file reload: the scheduler's shares and service, the prefix cache's shares, and
+        what :meth:`reset_scheduling` starts from (the LoRA slots': ``adapters.residency``). A
+        tenant's service counted so far stays; one no longer named weighs 1. Nothing under "fcfs".
+        The weights are the tenants file's, checked by its loader (auth.py): runs on the step thread,
+        where a failure would end every request.
+        """
+        if self.config.scheduler.policy != "fair":
+            return
+        self.config.scheduler.tenant_weights = dict(weights)
+        self.scheduler.fair.weights = dict(weights)
+        if isinstance(self.blocks, PrefixCachingBlockManager) and self.blocks.shares is not None:
+            self.blocks.shares.set_weights(weights)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Check a request without touching engine state (safe from any thread): see

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +63,11 @@ class _AbortAll:
 @dataclass(slots=True)
 class _AbortAdapter:
     name: str  # every request on this adapter (a forced unload)
+
+
+@dataclass(slots=True)
+class _SetWeights:
+    weights: dict[str, float]  # tenant -> fair-scheduling weight (absent: 1), after a tenants-file reload
 
 
 @dataclass(slots=True)
@@ -126,6 +131,15 @@ class LLMEngine(Engine):
             self._inbox.put(_AbortAdapter(name))
             self._wake.set()
         return version
+
+    def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
+        # the LoRA slots' shares at once (residency has its lock: requests take slots on callers'
+        # threads); the scheduler's and the prefix cache's between steps, before any request
+        # submitted after this call is added
+        if self.core.adapters is not None:
+            self.core.adapters.residency.set_tenant_shares(weights)
+        self._inbox.put(_SetWeights(dict(weights)))
+        self._wake.set()
 
     def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
                 sink: Sink, adapter: str | None = None, tenant: str | None = None,
@@ -301,6 +315,8 @@ class LLMEngine(Engine):
                 case _AbortAdapter():
                     self._deliver(self.core.abort_adapter(msg.name))
                     self._deliver(self._end_waiting(lambda w: w.pinned.name == msg.name, None, unloaded=True))
+                case _SetWeights():
+                    self.core.set_tenant_weights(msg.weights)
                 case _WarmUp():  # on this thread, between steps: the core is not thread-safe
                     self._warm_up(msg)
                 case _AbortAll():  # after every _Add queued before it

@@ -96,16 +96,38 @@ class Authenticator:
     """
 
     def __init__(self, by_hash: dict[str, Principal] | None):
-        self._by_hash = by_hash
-        self._digests = {d: d for d in by_hash or {}}  # the stored digest objects, for compare_digest
+        # (digest -> principal, digest -> the stored digest object, for compare_digest): one attribute,
+        # so that a reload (:meth:`replace_keys`) swaps both at once
+        self._keys = (by_hash, {d: d for d in by_hash or {}})
 
     def weights(self) -> dict[str, float]:
         """Tenant name -> fair-scheduling weight, for every tenant whose weight is not 1."""
-        return {p.name: p.weight for p in (self._by_hash or {}).values() if p.weight != 1.0}
+        return {p.name: p.weight for p in (self._keys[0] or {}).values() if p.weight != 1.0}
+
+    def entries(self) -> dict[str, tuple[Principal, frozenset[str]]]:
+        """Name -> (its principal, the sha256 digests of its keys), admins and tenants alike."""
+        digests: dict[str, set[str]] = {}
+        principals: dict[str, Principal] = {}
+        for digest, principal in (self._keys[0] or {}).items():
+            principals[principal.name] = principal
+            digests.setdefault(principal.name, set()).add(digest)
+        return {name: (principal, frozenset(digests[name])) for name, principal in principals.items()}
+
+    def replace_keys(self, other: Authenticator) -> None:
+        """Serve ``other``'s keys from now on (a tenants-file reload): every holder of this object
+        (both front ends, the gRPC interceptor) authenticates its next call against them; a
+        principal already returned stays as it was.
+
+        Raises:
+            ValueError: one of the two has auth off (turning auth on or off at runtime is refused).
+        """
+        if not (self.enabled and other.enabled):
+            raise ValueError("a tenants-file reload needs auth on before and after")
+        self._keys = other._keys
 
     @property
     def enabled(self) -> bool:
-        return self._by_hash is not None
+        return self._keys[0] is not None
 
     @classmethod
     def from_file(cls, path: str | Path) -> Authenticator:
@@ -170,7 +192,8 @@ class Authenticator:
         Raises:
             Unauthenticated: no bearer key, or one that matches no entry.
         """
-        if self._by_hash is None:
+        by_hash, digests = self._keys
+        if by_hash is None:
             return LOCAL_ADMIN
         key = _bearer(metadata or ())
         if key is None:
@@ -179,8 +202,8 @@ class Authenticator:
         # Only sha256 digests are ever compared, never the key: the O(1) dict lookup can leak
         # timing about sha256(key) alone, which does not help forge a key (preimage resistance),
         # and the final equality is hmac.compare_digest. A full scan would be O(tenants) per RPC.
-        found = self._by_hash.get(digest)
-        stored = self._digests.get(digest, "")
+        found = by_hash.get(digest)
+        stored = digests.get(digest, "")
         if found is None or not hmac.compare_digest(stored.encode(), digest.encode()):
             raise Unauthenticated("unknown API key")
         return found

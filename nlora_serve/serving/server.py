@@ -41,6 +41,7 @@ from nlora_serve.serving.http_api.routes import build_app
 from nlora_serve.serving.http_api.server import HttpServer
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig, StartupError, is_loopback
+from nlora_serve.serving.tenants_reload import reload_tenants
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,11 @@ class NloraServer:
             raise StartupError(f"cannot bind the gRPC address {self.config.address} (--host/--port): it is in "
                                "use or not an address of this machine")
         return port
+
+    def reload_tenants(self) -> bool:
+        """Re-read ``config.tenants_file`` (serve's SIGHUP): True when the new file is in force; a
+        file the loader refuses, or a server without one, changes nothing (tenants_reload.py)."""
+        return reload_tenants(self.auth, self.config.tenants_file, self.engine)
 
     async def shutdown(self, grace: float | None = None) -> bool:
         """Graceful stop: health NOT_SERVING, new Generate calls UNAVAILABLE and HTTP requests 503,

@@ -7,7 +7,8 @@ Shutdown is graceful: health turns NOT_SERVING, new Generate calls get UNAVAILAB
 streams get ``--drain-seconds`` to finish; those still running then are aborted and told so (gRPC
 ABORTED, HTTP 409 / an SSE error event, naming the shutdown), then the process exits 0. A flag out of range, an
 unusable --adapter-dir or a port that cannot be bound prints one ``error:`` line naming it, exit 2
-(flags are checked before the model loads).
+(flags are checked before the model loads). SIGHUP re-reads --tenants-file while serving
+(serving/tenants_reload.py): a file the loader refuses changes nothing and is logged at ERROR.
 """
 
 from __future__ import annotations
@@ -278,7 +279,8 @@ def ready_lines(server: NloraServer, examples: list[str]) -> list[str]:
 
 
 async def serve(server: NloraServer, examples: list[str]) -> bool:
-    """Start, print the client hint, wait for SIGTERM/SIGINT, drain. Returns True when drained.
+    """Start, print the client hint, wait for SIGTERM/SIGINT (SIGHUP meanwhile reloads the tenants
+    file), drain. Returns True when drained.
 
     Raises:
         StartupError: an address cannot be bound.
@@ -288,6 +290,7 @@ async def serve(server: NloraServer, examples: list[str]) -> bool:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tenants)  # on the loop, between requests
     if not server.generation.auth.enabled:
         log.warning("no --tenants-file: auth is OFF, every caller is admin; listening on loopback %s only",
                     server.config.host)
@@ -319,12 +322,13 @@ def run_serve(args: argparse.Namespace) -> int:
     """
     # before the model loads: the native engine's step thread alone runs torch in parallel (vLLM's
     # workers are processes of their own, which take their threads themselves)
-    with threads_for_engine() if args.backend == "native" else contextlib.nullcontext():
+    with _hup_not_serving(), threads_for_engine() if args.backend == "native" else contextlib.nullcontext():
         engine, server, examples = build(args)
         freeze_startup_heap()
         try:
             drained = asyncio.run(serve(server, examples))
         finally:
+            signal.signal(signal.SIGHUP, _hup_logged)  # the closed loop gave SIGHUP its default back
             dead = engine.dead_reason
             engine.shutdown()
     if dead is not None:
@@ -332,6 +336,22 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     log.info("drained, exiting" if drained else "drain period over (remaining requests aborted and told), exiting")
     return 0
+
+
+@contextmanager
+def _hup_not_serving() -> Iterator[None]:
+    """SIGHUP only logged while the event loop does not take it (start-up, which reads the tenants
+    file, and teardown): its default would end the process. The previous handler comes back after."""
+    previous = signal.signal(signal.SIGHUP, _hup_logged)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _hup_logged(signum, frame) -> None:
+    log.warning("SIGHUP while not serving (starting or stopping): the tenants file is not re-read; send it "
+                "again once the server is ready")
 
 
 def freeze_startup_heap() -> None:
