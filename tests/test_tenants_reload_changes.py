@@ -1,8 +1,13 @@
 """The tenants reload's log line (serving/tenants_reload.py ``changes``): what changed, by name,
-never a key or a hash."""
+never a key or a hash; and a SIGHUP while ``serve`` is not serving yet is logged, not fatal."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+
+from nlora_serve.serving.commands import serve as serve_cli
 from nlora_serve.serving.auth import Authenticator, hash_key
 from nlora_serve.serving.tenants_reload import changes
 
@@ -40,3 +45,13 @@ def test_an_admin_turned_tenant_an_unchanged_file_and_an_empty_one():
     assert changes(old, _auth({"ops": ["k"]}, {})) == "no changes"
     assert changes(old, _auth({}, {})) == ("removed 'ops' (admin); the file holds no key: every request is "
                                           "refused until the next reload")
+
+
+def test_a_sighup_while_starting_is_logged_and_the_previous_handler_comes_back(caplog):
+    previous = signal.getsignal(signal.SIGHUP)
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.serve"), serve_cli._hup_not_serving():
+        os.kill(os.getpid(), signal.SIGHUP)  # the default action would end this process
+    assert [r.getMessage() for r in caplog.records] == [
+        "SIGHUP while not serving (starting or stopping): the tenants file is not re-read; send it again once "
+        "the server is ready"]
+    assert signal.getsignal(signal.SIGHUP) is previous
