@@ -15,7 +15,8 @@ import pytest
 from grpc_harness import TENANT_KEYS
 from http_harness import client
 from nlora_serve.engine.sampling import RequestError
-from nlora_serve.serving.http_api.openai import ChatRequest, chat_prompt
+from nlora_serve.serving.http_api.openai import chat_prompt
+from nlora_serve.serving.http_api.request_models import ChatRequest
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",

@@ -51,8 +51,8 @@ from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.choices import check_choices, choice_params, of_prompt, start_choices
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_api.echo import Echo
-from nlora_serve.serving.http_api.openai import (ChatRequest, CompletionRequest, chat_params, chat_prompt,
-                                                 completion_inputs, response_id_of)
+from nlora_serve.serving.http_api.openai import chat_params, chat_prompt, completion_inputs, response_id_of
+from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest
 from nlora_serve.serving.http_api.truncation import check_truncatable, truncated, truncation_of
 from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers, whole_json
 from nlora_serve.serving.metrics import RequestTimer

@@ -44,7 +44,7 @@ from nlora_serve.serving.status import RuntimeUpdatingOff, TooLarge, adapter_man
 from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.generate import read_body
-from nlora_serve.serving.http_api.openai import ParamError, unsupported
+from nlora_serve.serving.http_api.request_models import ParamError, unsupported
 from nlora_serve.serving.server_config import ENV_FLAG
 
 

@@ -43,7 +43,8 @@ from nlora_serve.errors import shown
 from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.generate import adapter_of, check_grant, read_body, unless_disconnected
-from nlora_serve.serving.http_api.openai import ChatMessage, ParamError, chat_prompt, unsupported
+from nlora_serve.serving.http_api.openai import chat_prompt
+from nlora_serve.serving.http_api.request_models import ChatMessage, ParamError, unsupported
 from nlora_serve.serving.http_api.tools import Tool
 from nlora_serve.serving.request_policy import shown_int
 from nlora_serve.serving.stream import adapter_versions

@@ -4,7 +4,7 @@ to k tokens after it is tokenized (a chat after its template renders it), before
 from __future__ import annotations
 
 from nlora_serve.errors import shown
-from nlora_serve.serving.http_api.openai import ChatRequest, CompletionRequest, ParamError
+from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest, ParamError
 from nlora_serve.serving.request_policy import shown_int
 
 
