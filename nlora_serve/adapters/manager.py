@@ -241,9 +241,11 @@ class AdapterManager:
         """
         return self.registry.swap_weights(name, weights, if_version, validate=replace_n)
 
-    def unload(self, name: str) -> AdapterVersion:
-        """Stop serving ``name`` (in-flight requests finish on their version)."""
-        return self.registry.unload(name)
+    def unload(self, name: str, force: bool = False) -> AdapterVersion:
+        """Stop serving ``name``: in-flight requests finish on their version, and so do those a
+        response holding it has still to queue; with ``force`` (the engine aborts the in-flight
+        ones) those are refused (:meth:`AdapterRegistry.unload`)."""
+        return self.registry.unload(name, force)
 
     def holders(self, name: str) -> int:
         """Requests running on any version of ``name`` (see :meth:`AdapterRegistry.holders`)."""

@@ -6,6 +6,8 @@
 - acquire / release: a request pins the version current at its admission and releases it exactly
   once on every terminal path (finish, abort, error, client gone).
 - unload: new acquires get NOT_FOUND at once; the version is freed when its last holder releases.
+  A forced unload also refuses the requests a hold has still to queue (the engine aborts those on
+  the name); without force they run, as the requests already running do.
 - hold / let_go: a request made of several engine requests (OpenAI's ``n``, a batch of prompts)
   keeps the version it runs on from being freed while it queues them one by one, each pinned with
   ``acquire_held``: a hot swap in between leaves all of them on the held version.
@@ -57,7 +59,7 @@ class AdapterVersion:
     holds: int = 0  # callers keeping it for requests they have still to queue (AdapterRegistry.hold); no request
     current: bool = True  # what new requests of ``name`` get; False once superseded or unloaded
     freed: bool = False  # on_free has run
-    unloaded: bool = False  # its name was unloaded while this was served or held: acquire_held refuses it
+    unloaded: bool = False  # its name was force-unloaded while this was served or held: acquire_held refuses it
     pool: object | None = None  # the Residency pool holding it (None while not resident)
     slot: int | None = None  # its slot in that pool
     content_hash: str = ""  # sha256 of the adapter's maths (caches key on it)
@@ -262,15 +264,17 @@ class AdapterRegistry:
         keeps with :meth:`hold`, so that every request of one response runs on it.
 
         Raises:
-            AdapterNotFound: its name was unloaded since (a forced unload aborts the requests on
-                it: one queued after must not run), or it was freed (nobody held it).
+            AdapterNotFound: its name was force-unloaded since (the engine aborts the requests on
+                it: one queued after must not run; the message names the version, whatever the name
+                serves now), or it was freed (nobody held it).
         """
         with self._lock:
             if not (version.unloaded or version.freed):
                 version.refcount += 1
                 return version
         if version.unloaded:
-            raise AdapterNotFound(self._missing(version.name))
+            raise AdapterNotFound(f"adapter {shown(version.name)!r} v{version.version} was unloaded by an operator "
+                                  "(UnloadAdapter force=true) while this response's requests were being queued")
         raise AdapterNotFound(f"adapter {shown(version.name)!r} v{version.version} was replaced and is no longer held")
 
     def hold(self, name: str) -> AdapterVersion:
@@ -317,9 +321,11 @@ class AdapterRegistry:
         if free:
             self._free(version)
 
-    def unload(self, name: str) -> AdapterVersion:
+    def unload(self, name: str, force: bool = False) -> AdapterVersion:
         """Stop serving ``name``: new acquires raise :class:`AdapterNotFound` at once; the version
-        is freed when its last holder releases. Its files stay in the store.
+        is freed when its last holder releases. Its files stay in the store. With ``force`` (the
+        engine aborts the requests on every version of ``name``), :meth:`acquire_held` refuses
+        its versions too; without, a response holding one queues the rest of its requests on it.
 
         Returns the unloaded version (the engine aborts its holders for a forced unload). The
         store records the unload, so a restart does not serve the name again until a new version
@@ -338,7 +344,7 @@ class AdapterRegistry:
             with self._lock:
                 found = self._current.pop(name)
                 found.current = False
-                for version in (found, *self._retired.get(name, ())):
+                for version in (found, *self._retired.get(name, ())) if force else ():
                     version.unloaded = True
                 free = self._take_if_free(found)
                 if not free:

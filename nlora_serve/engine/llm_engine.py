@@ -126,7 +126,7 @@ class LLMEngine(Engine):
         self.core.check_structured(spec, tenant)
 
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
-        version = self.adapters.unload(name)
+        version = self.adapters.unload(name, force)
         if force:
             self._inbox.put(_AbortAdapter(name))
             self._wake.set()

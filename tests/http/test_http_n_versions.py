@@ -168,24 +168,68 @@ def test_every_choice_runs_on_the_version_held_before_a_swap(make_http_server, m
     assert server.engine.stats()["kv_blocks_used"] == 0
 
 
-def test_an_unload_before_the_other_choices_are_queued_aborts_the_request(make_http_server, monkeypatch):
+def _unload_before(monkeypatch, server, index: int, force: bool, load_again: bool = False) -> None:
+    """Unload the tenant (``force`` or not; ``load_again``: then load it back, a new version) just
+    before choice ``index`` is queued in the engine."""
+    queue = generate.start_request
+
+    def start_request(engine, prompt, params, engine_id, *args):
+        if engine_id.endswith(f"/{index}"):
+            server.engine.unload_adapter(TIED, force=force)
+            if load_again:
+                server.engine.adapters.register_dir(TIED, CASES / TIED)
+        return queue(engine, prompt, params, engine_id, *args)
+
+    monkeypatch.setattr(generate, "start_request", start_request)
+
+
+@pytest.mark.parametrize("load_again", [False, True], ids=["unloaded", "loaded-again"])
+def test_a_forced_unload_before_the_other_choices_are_queued_aborts_the_request(make_http_server, monkeypatch,
+                                                                                load_again):
     """A forced unload aborts every request on the adapter: choices queued after it on the held
-    version must not run. Choice 0 (one token) has ended by then: the 409 is the other choices'."""
+    version must not run. Choice 0 (one token) has ended by then: the 409 is the other choices',
+    naming the version unloaded, also when the name was loaded again meanwhile (it read 'is not
+    registered' then)."""
     server = make_http_server()
     manager = server.engine.adapters
     with NloraClient(server.target, api_key=ADMIN_KEY, timeout=60) as admin:
         admin.upload_adapter(TIED, CASES / TIED)
     old = manager.registry.get(TIED)
-    queue = generate.start_request
-
-    def start_request(engine, prompt, params, engine_id, *args):
-        if engine_id.endswith("/1"):
-            server.engine.unload_adapter(TIED, force=True)
-        return queue(engine, prompt, params, engine_id, *args)
-
-    monkeypatch.setattr(generate, "start_request", start_request)
+    _unload_before(monkeypatch, server, 1, force=True, load_again=load_again)
     with pytest.raises(openai.ConflictError) as err:
         client(server, KEY).completions.create(model=TIED, prompt="Colours:", n=3, max_tokens=1, temperature=1.0)
-    assert err.value.body["message"].startswith(f"choice 1 of 3 could not be queued: adapter '{TIED}' was unloaded")
+    assert err.value.body["message"] == (f"choice 1 of 3 could not be queued: adapter '{TIED}' v{old.version} was "
+                                         "unloaded by an operator (UnloadAdapter force=true) while this response's "
+                                         "requests were being queued")
     assert (old.refcount, old.holds, old.freed, old.slot) == (0, 0, True, None)
     assert manager.holders(TIED) == 0 and server.engine.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_an_unload_without_force_lets_the_request_finish_on_its_version(make_http_server, monkeypatch, stream):
+    """Without force an unload lets in-flight requests finish (DESIGN §3, `/v1/unload_lora_adapter`):
+    the choices still to be queued of an admitted n=3 request run on the held version (they were a
+    409 'choice 1 of 3 could not be queued'); new requests are refused, and the version is freed
+    after its last choice, its folder kept for a load."""
+    server = make_http_server()
+    manager = server.engine.adapters
+    with NloraClient(server.target, api_key=ADMIN_KEY, timeout=60) as admin:
+        first = admin.upload_adapter(TIED, CASES / TIED)
+    old = manager.registry.get(TIED)
+    ref = references(TIED)[0]
+    _unload_before(monkeypatch, server, 1, force=False)
+    raw = client(server, KEY).completions.with_raw_response.create(
+        model=TIED, prompt=ref["prompt_token_ids"], n=3, max_tokens=24, temperature=1.0, logprobs=0, stream=stream,
+        extra_body={"top_k": 1, "min_tokens": 24, "return_tokens_as_token_ids": True})
+    tokens, fingerprints, finish = _choice_tokens(raw.parse(), stream)
+
+    assert sorted(tokens) == [0, 1, 2] and set(finish.values()) == {"length"}
+    for index, got in tokens.items():
+        assert matches_reference(got, ref["greedy_token_ids"][:24], ref["top2_logit_margins"]), (index, got)
+    assert raw.headers["x-adapter-version"] == str(first.version)
+    assert fingerprints == {f"{TIED}:v{first.version}:{first.content_hash[:12]}"}
+    with pytest.raises(openai.NotFoundError, match="was unloaded by an operator"):
+        client(server, KEY).completions.create(model=TIED, prompt="Colours:", max_tokens=1)
+    assert (old.refcount, old.holds, old.freed, old.slot) == (0, 0, True, None)
+    assert manager.holders(TIED) == 0 and server.engine.stats()["kv_blocks_used"] == 0
+    assert manager.registry.store.versions(TIED) == [first.version]

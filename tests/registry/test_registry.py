@@ -129,20 +129,40 @@ def test_a_hold_keeps_a_superseded_version_for_requests_queued_after_the_swap(re
     assert freed == [v1, v2]
 
 
-def test_an_unload_refuses_the_held_versions_requests_still_to_come(registry, freed):
+def test_a_forced_unload_refuses_the_held_versions_requests_still_to_come(registry, freed):
     """A forced unload aborts the requests running on every version of a name: one queued after
-    it on a held version must not run."""
+    it on a held version must not run, and is told which version was unloaded, however the name
+    is served since (loaded again here: 'not registered' would be false)."""
     v1 = registry.register("acme", files(b"\x01"))
     registry.hold("acme")
     v2 = registry.swap_weights("acme", b"\x02")
     registry.hold("acme")
-    registry.unload("acme")
+    registry.unload("acme", force=True)
+    registry.register("acme", files(b"\x03"))
     for held in (v1, v2):
-        with pytest.raises(AdapterNotFound, match="'acme' was unloaded by an operator"):
+        with pytest.raises(AdapterNotFound) as err:
             registry.acquire_held(held)
+        assert str(err.value) == (f"adapter 'acme' v{held.version} was unloaded by an operator (UnloadAdapter "
+                                  "force=true) while this response's requests were being queued")
     registry.let_go(v1)
     registry.let_go(v2)
     assert freed == [v1, v2] and registry.holders("acme") == 0
+
+
+def test_an_unload_without_force_lets_a_held_version_queue_the_rest_of_its_requests(registry, freed):
+    """Without force, requests in flight finish (DESIGN §3): so do the requests a response holding
+    the version has still to queue; the version is freed after them, its folder kept (the newest:
+    what a load brings back), and new requests of the name are refused."""
+    v1 = registry.register("acme", files(b"\x01"))
+    registry.hold("acme")
+    registry.unload("acme")
+    assert registry.acquire_held(v1) is v1 and registry.holders("acme") == 1
+    with pytest.raises(AdapterNotFound, match="'acme' was unloaded by an operator"):
+        registry.acquire("acme")
+    registry.let_go(v1)
+    assert freed == []  # its request runs on
+    registry.release(v1)
+    assert freed == [v1] and registry.holders("acme") == 0 and registry.store.versions("acme") == [1]
 
 
 def test_release_more_than_acquire_is_an_error(registry):

@@ -340,7 +340,7 @@ class VllmEngine(Engine):
             self._abort(rid, reason)
 
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
-        version = self.adapters.unload(name)
+        version = self.adapters.unload(name, force)
         if force:
             with self._lock:
                 held = [(rid, job.pinned) for rid, job in self._jobs.items()
