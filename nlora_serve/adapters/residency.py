@@ -134,14 +134,17 @@ class Residency:
 
         Raises:
             SlotBusy: every LoRA slot is held by running requests, or (tenant shares) ``tenant``
-                holds its share of them while another tenant waits for one (either way in the words
-                of :func:`no_slot_message`; the detail is logged); nothing is pinned. AdapterLoadFailed: its cold load
+                holds its share of them while another tenant waits for one (not for a version a
+                response holds resident: its requests to come take no further slot) (either way in
+                the words of :func:`no_slot_message`; the detail is logged); nothing is pinned. AdapterLoadFailed: its cold load
                 failed (the slot it took is free again).
         """
         with self._lock:
             if version.pool is not None and version.pool is not self.lora_pool:
                 return  # tied tenants and family members stay resident
-            if not self._pins.get(id(version)):  # no request holds it: this one would take its slot
+            # no request pins it: this one would take its slot, unless a response holds it resident for
+            # its requests to come (AdapterRegistry.hold), whose first one took the slot already
+            if not self._pins.get(id(version)) and not (version.holds and version.slot is not None):
                 self._check_share(version, tenant)
             if version.slot is not None:
                 self._lru.move_to_end(id(version))

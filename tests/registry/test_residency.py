@@ -382,3 +382,44 @@ def test_a_tenant_contends_for_lora_slots_until_ten_seconds_after_its_last_reque
     refused(caplog, lambda: pin("bob-b", "bob", 120.0), "bob-b", r"tenant 'bob' .*: its requests hold 1 of the 2 slots")
     pin("bob-b", "bob", 123.5)  # 10.5 s after: she stopped asking, bob may have both again
     assert vs["bob-b"].slot is not None and vs["carol-a"].slot is None
+
+
+def test_a_held_versions_requests_to_come_take_no_further_slot(base_fp32, tmp_path, caplog):
+    """A response's other choices, queued on the version it holds after its choice 0 ended (one
+    token), pin a slot the hold already keeps: they take no further slot and are not refused by
+    the share rule (they were PoolFull: the admitted response a 409 'choice 1 of 3 could not be
+    queued', while its slot stayed kept until the hold ended). A version without the hold is
+    still refused, as before."""
+    res = Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30, max_loras=2,
+                    max_rank=16, tenant_shares={})
+    vs = {}
+    for i, name in enumerate(("bob-a", "bob-b", "carol-a")):
+        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
+        vs[name] = version(name, a, write_adapter(a, tmp_path / name))
+        res.admit(vs[name])
+
+    def pin(name, tenant):  # a request of ``tenant`` on ``name``: the registry's pin, then residency's
+        vs[name].refcount += 1
+        try:
+            res.ensure_resident(vs[name], tenant)
+        except PoolFull:
+            vs[name].refcount -= 1
+            raise
+
+    def unpin(name, tenant):
+        res.unpin(vs[name], tenant)
+        vs[name].refcount -= 1
+
+    pin("bob-a", "bob")  # a long request of bob's
+    vs["bob-b"].holds = 1  # bob's n=3 response on bob-b holds it ...
+    pin("bob-b", "bob")  # ... its choice 0 runs
+    refused(caplog, lambda: pin("carol-a", "carol"), "carol-a", "tenant 'carol' .*: all 2 slots")
+    unpin("bob-b", "bob")  # choice 0 ended at its one token: carol contends, bob holds his share
+    for _ in range(2):  # choices 1 and 2
+        pin("bob-b", "bob")
+    assert res.lora_pool.used == 2 and vs["bob-b"].slot is not None and vs["carol-a"].slot is None
+    for _ in range(2):
+        unpin("bob-b", "bob")
+    vs["bob-b"].holds = 0  # the response ended: the share rule applies to bob-b again
+    refused(caplog, lambda: pin("bob-b", "bob"), "bob-b",
+            r"tenant 'bob' for adapter bob-b v1: its requests hold 1 of the 2 slots")
