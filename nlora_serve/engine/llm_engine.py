@@ -357,6 +357,12 @@ class LLMEngine(Engine):
                 for cmd in self._waiters.remove(match)]
 
     def _add(self, cmd: _Add) -> None:
+        if cmd.pinned is not None and cmd.pinned.unloaded:
+            # force-unloaded after it was pinned: its abort (_AbortAdapter) ran before this request
+            # was queued and missed it; it is aborted as the requests running or waiting then were
+            (self.core.adapters.release if cmd.placed else self.core.adapters.unreserve)(cmd.pinned, cmd.tenant)
+            self._deliver([_ended(cmd, "abort", unloaded_reason(cmd.pinned))])
+            return
         if not cmd.placed:
             self._waiters.park(cmd)
         else:

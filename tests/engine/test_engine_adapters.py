@@ -137,6 +137,35 @@ def test_abort_error_and_forced_unload_release_every_pin(engine, monkeypatch, ca
     assert fresh.refcount == 0
 
 
+def test_a_forced_unload_between_a_requests_pin_and_its_queueing_aborts_it(engine, monkeypatch):
+    """A request pins its version on the caller's thread, then queues itself for the step thread;
+    a forced unload whose abort reaches the step thread in between found nothing of the adapter
+    to abort, and the request, admitted before the unload, ran to its end (here all 200 tokens).
+    It is aborted like the requests already running, naming the version, its pin released."""
+    name = "lora-rslora"
+    engine.adapters.register_dir(name, CASES / name)
+    version = engine.adapters.registry.get(name)
+    admit = engine._ids.admit
+
+    def admit_after_a_forced_unload(client_id):  # the pin is taken, the request not yet queued
+        engine.unload_adapter(name, force=True)
+        return admit(client_id)
+
+    monkeypatch.setattr(engine._ids, "admit", admit_after_a_forced_unload)
+
+    async def run():
+        stream = engine.add_request(_chat(engine, "Count."), SamplingParams(max_tokens=200, ignore_eos=True),
+                                    adapter=name)
+        return [o async for o in stream]
+
+    with pytest.raises(RequestAborted) as err:
+        asyncio.run(run())
+    assert str(err.value) == (f"adapter '{name}' v{version.version} was unloaded by an operator (UnloadAdapter "
+                              "force=true) while this request ran; the request was aborted")
+    assert (version.refcount, version.freed, version.slot) == (0, True, None)
+    assert engine.stats()["kv_blocks_used"] == 0 and engine.adapters.holders(name) == 0
+
+
 def _boom(pairs, previous=None, scored=None):
     raise RuntimeError("injected step failure")
 
