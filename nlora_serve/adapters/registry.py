@@ -107,6 +107,7 @@ class AdapterRegistry:
         self._on_free = on_free
         self._current: dict[str, AdapterVersion] = {}
         self._retired: dict[str, list[AdapterVersion]] = {}  # superseded or unloaded, still held
+        self._loading: set[str] = set()  # names not served whose first (or reloaded) version is being written
         self._lock = threading.Lock()  # guards _current, _retired and every refcount
         self._write_lock = threading.Lock()  # serialises register/swap (validation runs outside)
 
@@ -235,8 +236,13 @@ class AdapterRegistry:
         return found
 
     def _missing(self, name: str) -> str:
-        """Why ``name`` has no current version: an operator unloaded it (its files are in the store
-        and an admin's LoadAdapter serves it again), or it was never registered."""
+        """Why ``name`` has no current version: an operator is loading it now (the store's unload
+        record is gone before the new version is switched to), unloaded it (its files are in the
+        store and an admin's LoadAdapter serves it again), or it was never registered."""
+        with self._lock:
+            loading = name in self._loading
+        if loading:
+            return f"adapter {shown(name)!r} is being loaded by an operator and is not served yet; retry shortly"
         try:
             unloaded = self.store.is_unloaded(name)
         except (AdapterError, OSError):  # a name no adapter can have (the callers refuse those anyway)
@@ -391,13 +397,20 @@ class AdapterRegistry:
         """Under the write lock: admit ``adapter``, persist it durably, then switch ``name`` to it."""
         version = AdapterVersion(name, 0, adapter, Path())
         self._on_admit(version)
+        with self._lock:
+            if name not in self._current:
+                self._loading.add(name)
         try:
-            stored = self.store.write(name, files, same_as)
-        except BaseException:
-            self._on_free(version)
-            raise
-        version.version, version.path = stored.version, stored.path
-        return self._switch(version)
+            try:
+                stored = self.store.write(name, files, same_as)
+            except BaseException:
+                self._on_free(version)
+                raise
+            version.version, version.path = stored.version, stored.path
+            return self._switch(version)
+        finally:
+            with self._lock:
+                self._loading.discard(name)
 
     def _prune(self, name: str) -> None:
         """Delete the folders of ``name``'s versions older than the current one that no live

@@ -269,3 +269,39 @@ def test_no_version_folder_is_left_behind_by_unload_load_or_restart(tmp_path):
     again.store.wait_deleted()
     assert again.store.versions("acme") == [5]
     assert sorted(p.name for p in (tmp_path / "acme").iterdir()) == ["00000005"]
+
+
+@pytest.mark.parametrize("unloaded_first", [True, False], ids=["loaded-again", "first-upload"])
+def test_a_name_being_loaded_says_so_while_its_version_is_written(registry, unloaded_first):
+    """Loading a name back removes the store's unload record before the new version is switched
+    to: a request in between read 'is not registered' (a live stress run: a tenant's 404 for a
+    name an operator was loading); it, and one during a first upload, is told the name is being
+    loaded. Before and after, the usual answers."""
+    if unloaded_first:
+        registry.register("acme", files(b"\x01"))
+        registry.unload("acme")
+    write = registry.store.write
+    during = []
+
+    def write_and_ask(name, *args, **kwargs):  # asked once written (the unload record gone), not switched to
+        stored = write(name, *args, **kwargs)
+        with pytest.raises(AdapterNotFound) as err:
+            registry.acquire(name)
+        during.append(str(err.value))
+        return stored
+
+    registry.store.write = write_and_ask
+    v = registry.register("acme", files(b"\x02"))
+    assert during == ["adapter 'acme' is being loaded by an operator and is not served yet; retry shortly"]
+    assert registry.acquire("acme") is v
+    registry.store.write = write
+    with pytest.raises(AdapterNotFound, match="'other' is not registered"):
+        registry.acquire("other")
+    registry.release(v)
+    registry.unload("acme")
+    registry.store.write = write_and_ask
+    with pytest.raises(AdapterError, match="bad adapter"):  # refused before the store: nothing is loading
+        registry.register("acme", files(b"\x03", bad=True))
+    assert len(during) == 1
+    with pytest.raises(AdapterNotFound, match="'acme' was unloaded by an operator"):
+        registry.acquire("acme")
