@@ -22,7 +22,8 @@ from nlora_serve.adapters.family import FamilyResolver, import_family
 from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
 from nlora_serve.adapters.pool import Placement
-from nlora_serve.adapters.registry import AdapterRegistry, AdapterVersion
+from nlora_serve.adapters.registry import AdapterRegistry
+from nlora_serve.adapters.version import AdapterVersion
 from nlora_serve.adapters.residency import Residency
 from nlora_serve.adapters.swap import replace_n
 from nlora_serve.adapters.store import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterStore

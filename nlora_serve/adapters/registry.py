@@ -22,64 +22,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.family import compact_family_files
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.save import compact_tied_files, full_form_with_n
+from nlora_serve.adapters.save import compact_tied_files
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
+from nlora_serve.adapters.swap import full_form_swap, stored_file
+from nlora_serve.adapters.version import AdapterNotFound, AdapterVersion, VersionConflict
 from nlora_serve.errors import AdapterError, shown
 
 log = logging.getLogger(__name__)
-
-
-class AdapterNotFound(AdapterError):
-    """No adapter of that name is registered (gRPC NOT_FOUND; never the base model instead)."""
-
-
-class VersionConflict(AdapterError):
-    """A compare-and-swap named a version that is no longer current (gRPC FAILED_PRECONDITION)."""
-
-
-@dataclass(eq=False, slots=True)
-class AdapterVersion:
-    """One registered version of a name. Identity, not value, equality: two versions are two.
-
-    ``adapter`` is None while an untied adapter is evicted from memory (its folder stays in the
-    store); the summary fields are captured at registration and stay valid throughout.
-    """
-
-    name: str  # the adapter's name in the store (names.validate_name), what requests ask for
-    version: int  # per-name sequence number, starting at 1
-    adapter: Adapter | None  # its validated weights in memory; None while evicted (see above)
-    path: Path  # its folder in the store
-    refcount: int = 0  # requests holding it
-    holds: int = 0  # callers keeping it for requests they have still to queue (AdapterRegistry.hold); no request
-    current: bool = True  # what new requests of ``name`` get; False once superseded or unloaded
-    freed: bool = False  # on_free has run
-    unloaded: bool = False  # its name was force-unloaded while this was served or held: acquire_held refuses it
-    pool: object | None = None  # the Residency pool holding it (None while not resident)
-    slot: int | None = None  # its slot in that pool
-    content_hash: str = ""  # sha256 of the adapter's maths (caches key on it)
-    is_tied: bool = False  # Nyström-tied IntTune tenant: only N is held
-    flavour: str = ""  # lora / nlora / inttune-tied / family (adapter.FLAVOURS)
-    rank: int = 0  # largest rank over its modules
-    targets: tuple[str, ...] = ()  # adapted module names
-    held_bytes: int = 0  # bytes it owns in the compute dtype (N only when tied)
-    family: str | None = None  # the compressed family's key (a member: only N is held, N is swappable)
-
-    @property
-    def swaps_n(self) -> bool:
-        """A hot-swap may replace only N: a tied tenant or a compressed family member."""
-        return self.is_tied or self.family is not None
-
-    def __post_init__(self):
-        a = self.adapter
-        self.content_hash, self.is_tied, self.flavour = a.content_hash, a.is_tied, a.flavour
-        self.family = getattr(a, "shared_family", None)
-        self.rank, self.targets, self.held_bytes = max(a.ranks), tuple(a.targets), a.held_bytes()
 
 
 class AdapterRegistry:
@@ -179,7 +133,7 @@ class AdapterRegistry:
         while True:
             current = self.get(name)
             if validate is None or current.adapter is None:  # the full path: re-read the config
-                files = {CONFIG_FILE: self._stored(current, CONFIG_FILE), WEIGHTS_FILE: weights}
+                files = {CONFIG_FILE: stored_file(self.store, current, CONFIG_FILE), WEIGHTS_FILE: weights}
                 return self.register(name, files, if_version)
             self._check_version(name, if_version)  # fail fast, before validating
             adapter = validate(current.adapter, weights)
@@ -187,7 +141,7 @@ class AdapterRegistry:
             same_as = {} if files else {CONFIG_FILE: current.path / CONFIG_FILE}
             if files is None and adapter.is_tied and adapter.config.tied is None:  # kept full by a bias
                 try:
-                    files, adapter = self._full_form_swap(current, weights)
+                    files, adapter = full_form_swap(self.store, self._load_files, current, weights)
                 except FileNotFoundError:  # superseded and removed meanwhile: redo against the new one
                     continue
             with self._write_lock:
@@ -196,32 +150,6 @@ class AdapterRegistry:
                 if unchanged:
                     self._check_version(name, if_version)
                     return self._commit(name, adapter, files or {WEIGHTS_FILE: weights}, same_as)
-
-    def _full_form_swap(self, current: AdapterVersion, weights: bytes) -> tuple[dict[str, bytes], Adapter]:
-        """A swap's new version of a tied tenant stored in the full form (a lora_B bias keeps it
-        there): ``current``'s weights file with the payload's N, and the adapter read back from it
-        with ``current``'s config, so that what is served is what a restart loads (content hash
-        included: the bias is hashed as stored, not in the compute dtype).
-
-        Raises:
-            FileNotFoundError: ``current``'s folder was removed (it was superseded).
-            AdapterError: the new files do not validate.
-        """
-        config = self._stored(current, CONFIG_FILE)
-        new = full_form_with_n(self._stored(current, WEIGHTS_FILE), weights)
-        return {WEIGHTS_FILE: new}, self._load_files({CONFIG_FILE: config, WEIGHTS_FILE: new})
-
-    def _stored(self, version: AdapterVersion, fname: str) -> bytes:
-        """One file of ``version``'s folder, read through the store (no link followed).
-
-        Raises:
-            FileNotFoundError: the folder was removed (the version was superseded).
-            AdapterError: the file is missing, a link or not a regular file.
-        """
-        files = self.store.read_files(version.path, (fname,))
-        if fname not in files:
-            raise AdapterError(f"adapter {version.name!r} v{version.version}: its folder {version.path} has no {fname}")
-        return files[fname]
 
     def get(self, name: str) -> AdapterVersion:
         """The current version of ``name`` (no reference taken).

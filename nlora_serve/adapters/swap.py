@@ -24,6 +24,8 @@ from nlora_serve.adapters.bounds import check_swapped_n, row_sum_max
 from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_stacked
 from nlora_serve.adapters.keys import PART_N, tensor_key
 from nlora_serve.adapters.pool import serial_rows
+from nlora_serve.adapters.save import full_form_with_n
+from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.errors import AdapterError
 
 
@@ -90,3 +92,33 @@ def _check_keys(got: set[str], want: set[str]) -> None:
               f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}")
     raise AdapterError(f"swap payload must hold exactly the tenant's {len(want)} lora_N keys; "
                        f"it has {len(got)}: {detail}")
+
+
+def full_form_swap(store, load_files, current, weights: bytes) -> tuple[dict[str, bytes], Adapter]:
+    """A swap's new version of a tied tenant stored in the full form (a lora_B bias keeps it
+    there): ``current``'s weights file (an AdapterVersion in ``store``, an AdapterStore) with the
+    payload's N, and the adapter read back from it by ``load_files`` with ``current``'s config, so
+    that what is served is what a restart loads (content hash included: the bias is hashed as
+    stored, not in the compute dtype).
+
+    Raises:
+        FileNotFoundError: ``current``'s folder was removed (it was superseded).
+        AdapterError: the new files do not validate.
+    """
+    config = stored_file(store, current, CONFIG_FILE)
+    new = full_form_with_n(stored_file(store, current, WEIGHTS_FILE), weights)
+    return {WEIGHTS_FILE: new}, load_files({CONFIG_FILE: config, WEIGHTS_FILE: new})
+
+
+def stored_file(store, version, fname: str) -> bytes:
+    """One file of ``version``'s folder (an AdapterVersion), read through ``store`` (an
+    AdapterStore; no link followed).
+
+    Raises:
+        FileNotFoundError: the folder was removed (the version was superseded).
+        AdapterError: the file is missing, a link or not a regular file.
+    """
+    files = store.read_files(version.path, (fname,))
+    if fname not in files:
+        raise AdapterError(f"adapter {version.name!r} v{version.version}: its folder {version.path} has no {fname}")
+    return files[fname]

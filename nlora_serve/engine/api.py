@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
-from nlora_serve.adapters.registry import AdapterVersion
+from nlora_serve.adapters.version import AdapterVersion
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.prompt_logprobs import PromptLogprob
 from nlora_serve.engine.sampling import RequestError, SamplingParams

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from nlora_serve.adapters.manager import AdapterManager
-from nlora_serve.adapters.registry import AdapterVersion
+from nlora_serve.adapters.version import AdapterVersion
 from nlora_serve.adapters.residency import SlotBusy
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import grpc
 
-from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
+from nlora_serve.adapters.version import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.residency import AdapterLoadFailed, PoolFull
 from nlora_serve.adapters.durable import StoreWriteError
 from nlora_serve.errors import MAX_ERROR_CHARS, AdapterError, NloraError, capped

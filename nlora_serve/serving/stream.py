@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
-from nlora_serve.adapters.registry import AdapterVersion
+from nlora_serve.adapters.version import AdapterVersion
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.api import Engine, RequestOutput
 from nlora_serve.engine.request_checks import check_context

@@ -20,7 +20,7 @@ from nlora_serve.adapters.format import read_stacked
 from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.registry import AdapterVersion, VersionConflict
+from nlora_serve.adapters.version import AdapterVersion, VersionConflict
 from nlora_serve.adapters.residency import Residency
 from nlora_serve.adapters.save import write_adapter
 from nlora_serve.adapters.store import CONFIG_FILE, STAGING, WEIGHTS_FILE

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 
 from greedy_rule import matches_reference
-from nlora_serve.adapters.registry import AdapterNotFound
+from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.api import EngineError, RequestAborted

@@ -15,7 +15,7 @@ import pytest
 
 from grpc_harness import TENANT_KEYS
 from http_harness import client, headers_only, read_response, scrape
-from nlora_serve.adapters.registry import AdapterNotFound
+from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
 from nlora_serve.serving.status import Draining, QueueFull, http_status_of, status_of

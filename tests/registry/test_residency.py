@@ -10,7 +10,7 @@ import pytest
 
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.registry import AdapterVersion
+from nlora_serve.adapters.version import AdapterVersion
 from nlora_serve.adapters.residency import PoolFull, Residency, SlotBusy
 from nlora_serve.adapters.save import write_adapter
 from nlora_serve.adapters.loader import read_adapter

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 from nlora_serve.adapters.manager import AdapterManager
-from nlora_serve.adapters.registry import AdapterVersion
+from nlora_serve.adapters.version import AdapterVersion
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.config import EngineConfig

@@ -20,7 +20,7 @@ from collections import deque
 import grpc
 
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.registry import AdapterNotFound
+from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.errors import AdapterError, NloraError, shown
 from nlora_serve.proto import nlora_pb2 as pb

@@ -37,7 +37,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from nlora_serve.adapters.registry import AdapterNotFound
+from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
 from nlora_serve.engine.request_checks import check_context
 from nlora_serve.engine.sampling import RequestError, SamplingParams

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.registry import AdapterNotFound, VersionConflict
+from nlora_serve.adapters.version import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.store import ALLOWED_FILES
 from nlora_serve.errors import AdapterError, shown
 from nlora_serve.models.hub import local_or_hub
