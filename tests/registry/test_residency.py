@@ -1,9 +1,8 @@
-"""Pools and residency over real adapters, checked through the kernels against float64 deltas."""
+"""Pools and residency over real adapters, checked through the kernels against float64 deltas:
+tied and LoRA slots freed, reused, evicted and loaded back, pinned slots never evicted, the tied
+byte budget. The share rule between tenants contending for LoRA slots is test_lora_slot_share.py."""
 
 from __future__ import annotations
-
-import logging
-import re
 
 import torch
 import pytest
@@ -11,70 +10,15 @@ import pytest
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.nystrom import init_adapter
 from nlora_serve.adapters.version import AdapterVersion
-from nlora_serve.adapters.residency import PoolFull, Residency, SlotBusy
+from nlora_serve.adapters.residency import PoolFull, Residency
 from nlora_serve.adapters.save import write_adapter
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.engine.adapter_layer import AdapterHook
+from residency_helpers import perturbed, refused, version
+
+pytestmark = pytest.mark.usefixtures("every_refusal_logged")
 
 SITE = (2, "q_proj")
-
-
-def perturbed(adapter: Adapter, seed: int, scale: float = 0.05) -> Adapter:
-    """Give every site a distinct N (and B for SLoRA, whose B starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    for s in adapter.sites.values():
-        s.N = s.N + scale * torch.randn(s.N.shape, generator=gen, dtype=s.N.dtype)
-        s.has_n = True
-        if not adapter.is_tied:
-            s.B = s.B + scale * torch.randn(s.B.shape, generator=gen, dtype=s.B.dtype)
-    return adapter
-
-
-def version(name: str, adapter: Adapter, path=None) -> AdapterVersion:
-    return AdapterVersion(name, 1, adapter, path)
-
-
-@pytest.fixture(autouse=True)
-def every_refusal_logged(monkeypatch):
-    """Each refusal's log line is checked here: none held back by RefusalLog's 10 s per tenant."""
-    from nlora_serve import errors
-
-    monkeypatch.setattr(errors, "REFUSAL_LOG_SECONDS", 0.0)
-
-
-def test_a_tenants_refusals_of_one_kind_are_logged_once_per_ten_seconds(monkeypatch, caplog):
-    """A client retrying in a loop (or an overload) wrote a line per refusal; now one per tenant and
-    kind every 10 s, which counts those it stood for."""
-    from nlora_serve import errors
-
-    monkeypatch.setattr(errors, "REFUSAL_LOG_SECONDS", 10.0)
-    clock = [0.0]
-    monkeypatch.setattr(errors.time, "monotonic", lambda: clock[0])
-    refusals = errors.RefusalLog(logging.getLogger("refusal-log-test"))
-    caplog.set_level(logging.INFO, logger="refusal-log-test")
-    for at, kind, tenant in [(0.0, "full", "ann"), (1.0, "full", "ann"), (2.0, "full", "ben"), (9.9, "full", "ann"),
-                             (10.0, "full", "ann"), (10.5, "share", "ann"), (20.0, "full", "ann")]:
-        clock[0] = at
-        refusals.info((kind, tenant), "%s refused (%s)", tenant, kind)
-    assert caplog.messages == ["ann refused (full)", "ben refused (full)",
-                               "ann refused (full) (2 more like it since the last line)", "ann refused (share)",
-                               "ann refused (full)"]
-
-
-def refused(caplog, call, name: str, detail: str) -> None:
-    """``call`` is refused a LoRA slot for adapter ``name`` for now (SlotBusy: the native engine keeps
-    the request waiting for one, tests/engine/test_lora_slot_wait.py), in one fixed text that names its
-    adapter only (no count, no other tenant, no waiting), whether every slot is held or its share is,
-    and the operator's INFO log line matches ``detail``."""
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="nlora_serve.adapters.residency"):
-        with pytest.raises(SlotBusy) as err:
-            call()
-    text = str(err.value)
-    assert text == f"adapter {name!r}: no LoRA adapter slot is free for it now (the server is busy); retry shortly"
-    rest = text.replace(repr(name), "")
-    assert not any(c.isdigit() for c in rest) and not any(w in rest for w in ("bob", "carol", "tenant", "wait"))
-    assert re.search(detail, caplog.text), caplog.text
 
 
 def reference_delta(adapter: Adapter | None, x: torch.Tensor) -> torch.Tensor:
@@ -288,138 +232,3 @@ def test_ten_thousand_tied_tenants_use_r2_sites_bytes_each(base_fp32):
     assert res.tied_bytes == 10_000 * per_tenant
     pool = next(iter(res.tied_pools.values()))
     assert pool.used == 10_000 and pool.n.nbytes == pool.capacity * per_tenant
-
-
-def test_a_tenant_holding_every_lora_slot_yields_one_to_a_tenant_refused_one(base_fp32, tmp_path, caplog):
-    """A hostile tenant granted max_loras untied adapters kept every slot pinned with one long
-    request per adapter, each replaced the moment it ended (its adapter still resident, so it never
-    even looked for a slot): every other tenant's untied adapter was PoolFull for as long as it
-    liked (a live server: carol refused 429 on every try). Now a tenant refused a slot contends for
-    the slots while it keeps asking (its requests wait in the engine, which asks again between
-    steps), and a tenant holding its share (2 slots / 2 tenants) takes no other meanwhile."""
-    res = Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30, max_loras=2,
-                    max_rank=16, tenant_shares={})
-    vs = {}
-    for i, name in enumerate(("bob-a", "bob-b", "carol-a", "carol-b")):
-        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
-        vs[name] = version(name, a, write_adapter(a, tmp_path / name))
-        res.admit(vs[name])
-
-    def pin(name, tenant):  # a request of ``tenant`` on ``name``: the registry's pin, then residency's
-        vs[name].refcount += 1
-        try:
-            res.ensure_resident(vs[name], tenant)
-        except PoolFull:
-            vs[name].refcount -= 1
-            raise
-
-    def unpin(name, tenant):
-        res.unpin(vs[name], tenant)
-        vs[name].refcount -= 1
-
-    pin("bob-a", "bob")
-    pin("bob-b", "bob")  # alone, bob may hold every slot
-    refused(caplog, lambda: pin("carol-a", "carol"), "carol-a",
-            r"refused to tenant 'carol' for adapter carol-a v1: all 2 slots \(--max-loras\) are held by running")
-    unpin("bob-a", "bob")  # bob's request on bob-a ends and bob sends the next at once
-    refused(caplog, lambda: pin("bob-a", "bob"), "bob-a",
-            r"refused to tenant 'bob' for adapter bob-a v1: its requests hold 1 of the 2 slots \(--max-loras\), "
-            r"its share 1 while tenants \['carol'\] wait for one")
-    pin("carol-a", "carol")  # carol's retry takes bob-a's slot
-    assert vs["carol-a"].slot is not None and vs["bob-a"].slot is None
-    pin("carol-a", "carol")  # a second request on a version carol holds takes no further slot
-    unpin("carol-a", "carol")
-    # one slot each while carol contends: bob contends for a second one
-    refused(caplog, lambda: pin("bob-a", "bob"), "bob-a", "tenant 'bob' for adapter bob-a v1: its requests hold 1 of")
-    unpin("bob-b", "bob")
-    pin("carol-a", "carol")
-    # carol, at her share, yields the slot bob-b left to bob, who waits
-    refused(caplog, lambda: pin("carol-b", "carol"), "carol-b",
-            r"tenant 'carol' for adapter carol-b v1: its requests hold 1 of the 2 slots .* tenants \['bob'\] wait")
-    pin("bob-a", "bob")
-    assert vs["bob-a"].slot is not None and vs["bob-b"].slot is None and vs["carol-a"].slot is not None
-
-
-
-def test_a_tenant_contends_for_lora_slots_until_ten_seconds_after_its_last_request_ended(base_fp32, tmp_path,
-                                                                                          monkeypatch, caplog):
-    """Counted from a request's start, carol's contention lapsed while her request ran (12 s on a
-    loaded 2-core server) and bob took her slot back the moment it ended: 7 of her 84 one-second
-    retries got through in 2 minutes, 40 of 57 counted from its end."""
-    from nlora_serve.adapters import residency as residency_module
-
-    clock = [100.0]
-    monkeypatch.setattr(residency_module.time, "monotonic", lambda: clock[0])
-    res = Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30, max_loras=2,
-                    max_rank=16, tenant_shares={})
-    vs = {}
-    for i, name in enumerate(("bob-a", "bob-b", "carol-a")):
-        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
-        vs[name] = version(name, a, write_adapter(a, tmp_path / name))
-        res.admit(vs[name])
-
-    def pin(name, tenant, at):
-        clock[0] = at
-        vs[name].refcount += 1
-        try:
-            res.ensure_resident(vs[name], tenant)
-        except PoolFull:
-            vs[name].refcount -= 1
-            raise
-
-    def unpin(name, tenant, at):
-        clock[0] = at
-        res.unpin(vs[name], tenant)
-        vs[name].refcount -= 1
-
-    pin("bob-a", "bob", 100.0)
-    pin("bob-b", "bob", 100.0)
-    refused(caplog, lambda: pin("carol-a", "carol", 100.0), "carol-a", "tenant 'carol' .*: all 2 slots")
-    unpin("bob-b", "bob", 101.0)
-    pin("carol-a", "carol", 101.0)
-    unpin("carol-a", "carol", 113.0)  # her request ran 12 s
-    # 7 s after it ended (19 s after it began): carol still contends
-    refused(caplog, lambda: pin("bob-b", "bob", 120.0), "bob-b", r"tenant 'bob' .*: its requests hold 1 of the 2 slots")
-    pin("bob-b", "bob", 123.5)  # 10.5 s after: she stopped asking, bob may have both again
-    assert vs["bob-b"].slot is not None and vs["carol-a"].slot is None
-
-
-def test_a_held_versions_requests_to_come_take_no_further_slot(base_fp32, tmp_path, caplog):
-    """A response's other choices, queued on the version it holds after its choice 0 ended (one
-    token), pin a slot the hold already keeps: they take no further slot and are not refused by
-    the share rule (they were PoolFull: the admitted response a 409 'choice 1 of 3 could not be
-    queued', while its slot stayed kept until the hold ended). A version without the hold is
-    still refused, as before."""
-    res = Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30, max_loras=2,
-                    max_rank=16, tenant_shares={})
-    vs = {}
-    for i, name in enumerate(("bob-a", "bob-b", "carol-a")):
-        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
-        vs[name] = version(name, a, write_adapter(a, tmp_path / name))
-        res.admit(vs[name])
-
-    def pin(name, tenant):  # a request of ``tenant`` on ``name``: the registry's pin, then residency's
-        vs[name].refcount += 1
-        try:
-            res.ensure_resident(vs[name], tenant)
-        except PoolFull:
-            vs[name].refcount -= 1
-            raise
-
-    def unpin(name, tenant):
-        res.unpin(vs[name], tenant)
-        vs[name].refcount -= 1
-
-    pin("bob-a", "bob")  # a long request of bob's
-    vs["bob-b"].holds = 1  # bob's n=3 response on bob-b holds it ...
-    pin("bob-b", "bob")  # ... its choice 0 runs
-    refused(caplog, lambda: pin("carol-a", "carol"), "carol-a", "tenant 'carol' .*: all 2 slots")
-    unpin("bob-b", "bob")  # choice 0 ended at its one token: carol contends, bob holds his share
-    for _ in range(2):  # choices 1 and 2
-        pin("bob-b", "bob")
-    assert res.lora_pool.used == 2 and vs["bob-b"].slot is not None and vs["carol-a"].slot is None
-    for _ in range(2):
-        unpin("bob-b", "bob")
-    vs["bob-b"].holds = 0  # the response ended: the share rule applies to bob-b again
-    refused(caplog, lambda: pin("bob-b", "bob"), "bob-b",
-            r"tenant 'bob' for adapter bob-b v1: its requests hold 1 of the 2 slots")
