@@ -18,7 +18,8 @@ Modules, in the order a request meets them::
     batch_info.py      BatchInfo: the attention metadata the model reads
     llama.py           the Llama-family model: AdaptedLinear, DecoderLayer, LlamaModel; rope.py
     attention/         paged attention per device (cpu.py: torch SDPA or native C; cuda.py: Triton)
-    adapter_layer.py   AdapterHook: each step's adapter slots, each projection's kernel calls
+    adapter_layer.py   AdapterHook: each step's adapter slots, each projection's kernel calls; adapter_step.py: its
+                       per-step, per-pool and per-projection records
     step_output.py     sampling on the device and the step's one read-back; sampling.py: the sampler
     detokenizer.py     tokens -> streamed text, stop strings
 
