@@ -6,7 +6,8 @@ Nothing here imports ``nlora_serve.serving`` (the front ends) or their libraries
 Modules, in the order a request meets them::
 
     api.py             the Engine interface, RequestOutput (one streamed delta), RequestStream, errors
-    llm_engine.py      LLMEngine: the native engine's step thread, its inbox, deltas handed to asyncio
+    llm_engine.py      LLMEngine: the native engine's step thread, deltas handed to asyncio; inbox.py:
+                       the commands callers send it; slot_wait.py: requests waiting for a LoRA slot
     core.py            EngineCore: add, step (schedule, launch, read back), the one retire path
     request_checks.py  prompt and parameter checks both engines share
     scheduler.py       continuous batching, chunked prefill, preemption; fairness.py: VTC across tenants

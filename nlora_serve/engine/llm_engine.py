@@ -12,7 +12,6 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer
@@ -26,6 +25,7 @@ from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.api import (ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engine, EngineError, RequestIds,
                                    RequestStream, RequestOutput, max_prompt_bytes, prompt_ids)
 from nlora_serve.engine.core import EngineCore
+from nlora_serve.engine.inbox import Abort, AbortAdapter, AbortAll, AddRequest, SetWeights, WarmUp
 from nlora_serve.engine.request_checks import unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.slot_wait import IDLE_RETRY_SECONDS, SlotWaiters
@@ -35,46 +35,6 @@ from nlora_serve.engine.warmup import WarmupReport, adapter_kinds, warm_up
 
 Sink = Callable[[RequestOutput], None]
 log = logging.getLogger(__name__)
-
-
-# The step thread's inbox: one command per caller action, run between steps in arrival order.
-@dataclass(slots=True)
-class _Add:
-    engine_id: str
-    ids: list[int]  # prompt token ids
-    params: SamplingParams
-    pinned: AdapterVersion | None  # the adapter version acquired for it (None = base model)
-    tenant: str | None
-    cache_salt: str | None
-    placed: bool  # its adapter has its slot (False: reserved only, it waits for one; engine/slot_wait.py)
-
-
-@dataclass(slots=True)
-class _Abort:
-    engine_id: str
-    reason: str | None  # None: its consumer went away
-
-
-@dataclass(slots=True)
-class _AbortAll:
-    reason: str
-
-
-@dataclass(slots=True)
-class _AbortAdapter:
-    name: str  # every request on this adapter (a forced unload)
-
-
-@dataclass(slots=True)
-class _SetWeights:
-    weights: dict[str, float]  # tenant -> fair-scheduling weight (absent: 1), after a tenants-file reload
-
-
-@dataclass(slots=True)
-class _WarmUp:
-    names: tuple[str, ...]
-    done: threading.Event  # set when ``result`` holds the report or the exception
-    result: list
 
 
 class LLMEngine(Engine):
@@ -128,7 +88,7 @@ class LLMEngine(Engine):
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
         version = self.adapters.unload(name, force)
         if force:
-            self._inbox.put(_AbortAdapter(name))
+            self._inbox.put(AbortAdapter(name))
             self._wake.set()
         return version
 
@@ -138,7 +98,7 @@ class LLMEngine(Engine):
         # submitted after this call is added
         if self.core.adapters is not None:
             self.core.adapters.residency.set_tenant_shares(weights)
-        self._inbox.put(_SetWeights(dict(weights)))
+        self._inbox.put(SetWeights(dict(weights)))
         self._wake.set()
 
     def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
@@ -154,7 +114,7 @@ class LLMEngine(Engine):
         pinned, placed = self._pin(adapter, tenant, version) if adapter is not None else (None, True)
         client_id, engine_id = self._ids.admit(request_id)
         self._sinks[engine_id] = sink
-        self._inbox.put(_Add(engine_id, ids, params, pinned, tenant, cache_salt, placed))
+        self._inbox.put(AddRequest(engine_id, ids, params, pinned, tenant, cache_salt, placed))
         self._wake.set()
         return client_id, engine_id
 
@@ -199,11 +159,11 @@ class LLMEngine(Engine):
             self._abort(engine_id, reason)
 
     def abort_all(self, reason: str) -> None:
-        self._inbox.put(_AbortAll(reason))
+        self._inbox.put(AbortAll(reason))
         self._wake.set()
 
     def _abort(self, engine_id: str, reason: str | None) -> None:
-        self._inbox.put(_Abort(engine_id, reason))
+        self._inbox.put(Abort(engine_id, reason))
         self._wake.set()
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
@@ -257,7 +217,7 @@ class LLMEngine(Engine):
             return None
         names = tuple(adapters)
         done, result = threading.Event(), []
-        self._inbox.put(_WarmUp(names, done, result))
+        self._inbox.put(WarmUp(names, done, result))
         self._wake.set()
         done.wait()
         if isinstance(result[0], Exception):
@@ -310,19 +270,19 @@ class LLMEngine(Engine):
             except queue.Empty:
                 return
             match msg:
-                case _Add():
+                case AddRequest():
                     self._add(msg)
-                case _AbortAdapter():
+                case AbortAdapter():
                     self._deliver(self.core.abort_adapter(msg.name))
                     self._deliver(self._end_waiting(lambda w: w.pinned.name == msg.name, None, unloaded=True))
-                case _SetWeights():
+                case SetWeights():
                     self.core.set_tenant_weights(msg.weights)
-                case _WarmUp():  # on this thread, between steps: the core is not thread-safe
+                case WarmUp():  # on this thread, between steps: the core is not thread-safe
                     self._warm_up(msg)
-                case _AbortAll():  # after every _Add queued before it
+                case AbortAll():  # after every AddRequest queued before it
                     self._deliver([self.core.abort(rid, msg.reason) for rid in list(self.core.requests)])
                     self._deliver(self._end_waiting(lambda w: True, msg.reason))
-                case _Abort():
+                case Abort():
                     out = self.core.abort(msg.engine_id, msg.reason)
                     if out is None:
                         self._deliver(self._end_waiting(lambda w: w.engine_id == msg.engine_id, msg.reason))
@@ -331,7 +291,7 @@ class LLMEngine(Engine):
                 case _:
                     raise TypeError(f"unknown engine inbox command {msg!r}")
 
-    def _warm_up(self, cmd: _WarmUp) -> None:
+    def _warm_up(self, cmd: WarmUp) -> None:
         try:
             cmd.result.append(warm_up(self.core, cmd.names))
         except Exception as exc:  # handed to the caller of warm_up
@@ -349,16 +309,16 @@ class LLMEngine(Engine):
             self._start(cmd)
         self._deliver([_ended(cmd, "error", str(exc)) for cmd, exc in failed])
 
-    def _end_waiting(self, match: Callable[[_Add], bool], reason: str | None,
+    def _end_waiting(self, match: Callable[[AddRequest], bool], reason: str | None,
                      unloaded: bool = False) -> list[RequestOutput]:
         """End the requests waiting for a LoRA slot that ``match`` selects, as aborted (``reason``;
         ``unloaded``: a forced unload's, naming the version)."""
         return [_ended(cmd, "abort", unloaded_reason(cmd.pinned) if unloaded else reason)
                 for cmd in self._waiters.remove(match)]
 
-    def _add(self, cmd: _Add) -> None:
+    def _add(self, cmd: AddRequest) -> None:
         if cmd.pinned is not None and cmd.pinned.unloaded:
-            # force-unloaded after it was pinned: its abort (_AbortAdapter) ran before this request
+            # force-unloaded after it was pinned: its abort (AbortAdapter) ran before this request
             # was queued and missed it; it is aborted as the requests running or waiting then were
             (self.core.adapters.release if cmd.placed else self.core.adapters.unreserve)(cmd.pinned, cmd.tenant)
             self._deliver([_ended(cmd, "abort", unloaded_reason(cmd.pinned))])
@@ -368,7 +328,7 @@ class LLMEngine(Engine):
         else:
             self._start(cmd)
 
-    def _start(self, cmd: _Add) -> None:
+    def _start(self, cmd: AddRequest) -> None:
         try:
             self.core.add(cmd.engine_id, cmd.ids, cmd.params, cmd.pinned, cmd.tenant, cmd.cache_salt)
         except Exception as exc:  # RequestError, or anything else: only this request fails
@@ -397,7 +357,7 @@ class LLMEngine(Engine):
                 self._ids.close(engine_id)
 
 
-def _ended(cmd: _Add, reason: str, error: str | None) -> RequestOutput:
+def _ended(cmd: AddRequest, reason: str, error: str | None) -> RequestOutput:
     """The last delta of a request that ended while it waited for a LoRA slot."""
     version = cmd.pinned
     return RequestOutput(cmd.engine_id, "", [], reason, len(cmd.ids), 0, error=error, adapter=version.name,
