@@ -98,9 +98,10 @@ def measure(n: int, device: torch.device) -> dict:
     def adapters():
         hook.begin_step(versions, lens, device)
         hook.bind_rows([r.to(device) for r in hook.step_rows()])
-        for e in hook._decode:
+        for e in hook._per_token:
             facts = hook._pool_facts(e.pool, device)
-            derive_per_token_batch(e.slots, facts.families, facts.scalings, 16, facts.has_tied, facts.has_group)
+            derive_per_token_batch(e.slots, facts.families, facts.scalings, 16, facts.has_tied, facts.has_group,
+                                   slot_ranks=facts.ranks if facts.has_group else None)
 
     def inputs():
         runner.prepare(pairs)
