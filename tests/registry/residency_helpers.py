@@ -1,5 +1,6 @@
 """Helpers of the residency tests (test_residency.py, test_lora_slot_share.py): adapters with
-distinct weights, their registry versions, and the check of a refused LoRA slot."""
+distinct weights, their registry versions, two LoRA slots shared by tenants, and the check of a
+refused LoRA slot."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import pytest
 import torch
 
 from nlora_serve.adapters.adapter import Adapter
+from nlora_serve.adapters.loader import read_adapter
+from nlora_serve.adapters.nystrom import init_adapter
+from nlora_serve.adapters.residency import PoolFull, Residency, SlotBusy
+from nlora_serve.adapters.save import write_adapter
 from nlora_serve.adapters.version import AdapterVersion
-from nlora_serve.adapters.residency import SlotBusy
 
 
 def perturbed(adapter: Adapter, seed: int, scale: float = 0.05) -> Adapter:
@@ -27,6 +31,34 @@ def perturbed(adapter: Adapter, seed: int, scale: float = 0.05) -> Adapter:
 
 def version(name: str, adapter: Adapter, path=None) -> AdapterVersion:
     return AdapterVersion(name, 1, adapter, path)
+
+
+class SharedSlots:
+    """A Residency of 2 LoRA slots shared by tenants (fair shares, weights 1), with a rank-4 SLoRA
+    adapter of distinct weights admitted under each of ``names`` (``versions``: name -> version)."""
+
+    def __init__(self, base, tmp_path, names: tuple[str, ...]):
+        self.residency = Residency(base, lambda p: read_adapter(p, base), tied_budget=1 << 30, max_loras=2,
+                                   max_rank=16, tenant_shares={})
+        self.versions = {}
+        for i, name in enumerate(names):
+            a = perturbed(init_adapter(base, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
+            self.versions[name] = version(name, a, write_adapter(a, tmp_path / name))
+            self.residency.admit(self.versions[name])
+
+    def pin(self, name: str, tenant: str) -> None:
+        """A request of ``tenant`` on ``name``: the registry's pin, then residency's (PoolFull: neither)."""
+        self.versions[name].refcount += 1
+        try:
+            self.residency.ensure_resident(self.versions[name], tenant)
+        except PoolFull:
+            self.versions[name].refcount -= 1
+            raise
+
+    def unpin(self, name: str, tenant: str) -> None:
+        """That request ended."""
+        self.residency.unpin(self.versions[name], tenant)
+        self.versions[name].refcount -= 1
 
 
 def refused(caplog, call, name: str, detail: str) -> None:

@@ -9,11 +9,7 @@ import logging
 
 import pytest
 
-from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.residency import PoolFull, Residency
-from nlora_serve.adapters.save import write_adapter
-from nlora_serve.adapters.loader import read_adapter
-from residency_helpers import perturbed, refused, version
+from residency_helpers import SharedSlots, refused
 
 pytestmark = pytest.mark.usefixtures("every_refusal_logged")
 
@@ -44,25 +40,8 @@ def test_a_tenant_holding_every_lora_slot_yields_one_to_a_tenant_refused_one(bas
     liked (a live server: carol refused 429 on every try). Now a tenant refused a slot contends for
     the slots while it keeps asking (its requests wait in the engine, which asks again between
     steps), and a tenant holding its share (2 slots / 2 tenants) takes no other meanwhile."""
-    res = Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30, max_loras=2,
-                    max_rank=16, tenant_shares={})
-    vs = {}
-    for i, name in enumerate(("bob-a", "bob-b", "carol-a", "carol-b")):
-        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
-        vs[name] = version(name, a, write_adapter(a, tmp_path / name))
-        res.admit(vs[name])
-
-    def pin(name, tenant):  # a request of ``tenant`` on ``name``: the registry's pin, then residency's
-        vs[name].refcount += 1
-        try:
-            res.ensure_resident(vs[name], tenant)
-        except PoolFull:
-            vs[name].refcount -= 1
-            raise
-
-    def unpin(name, tenant):
-        res.unpin(vs[name], tenant)
-        vs[name].refcount -= 1
+    slots = SharedSlots(base_fp32, tmp_path, ("bob-a", "bob-b", "carol-a", "carol-b"))
+    vs, pin, unpin = slots.versions, slots.pin, slots.unpin
 
     pin("bob-a", "bob")
     pin("bob-b", "bob")  # alone, bob may hold every slot
@@ -97,27 +76,16 @@ def test_a_tenant_contends_for_lora_slots_until_ten_seconds_after_its_last_reque
 
     clock = [100.0]
     monkeypatch.setattr(residency_module.time, "monotonic", lambda: clock[0])
-    res = Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30, max_loras=2,
-                    max_rank=16, tenant_shares={})
-    vs = {}
-    for i, name in enumerate(("bob-a", "bob-b", "carol-a")):
-        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
-        vs[name] = version(name, a, write_adapter(a, tmp_path / name))
-        res.admit(vs[name])
+    slots = SharedSlots(base_fp32, tmp_path, ("bob-a", "bob-b", "carol-a"))
+    vs = slots.versions
 
     def pin(name, tenant, at):
         clock[0] = at
-        vs[name].refcount += 1
-        try:
-            res.ensure_resident(vs[name], tenant)
-        except PoolFull:
-            vs[name].refcount -= 1
-            raise
+        slots.pin(name, tenant)
 
     def unpin(name, tenant, at):
         clock[0] = at
-        res.unpin(vs[name], tenant)
-        vs[name].refcount -= 1
+        slots.unpin(name, tenant)
 
     pin("bob-a", "bob", 100.0)
     pin("bob-b", "bob", 100.0)
@@ -137,25 +105,8 @@ def test_a_held_versions_requests_to_come_take_no_further_slot(base_fp32, tmp_pa
     the share rule (they were PoolFull: the admitted response a 409 'choice 1 of 3 could not be
     queued', while its slot stayed kept until the hold ended). A version without the hold is
     still refused, as before."""
-    res = Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30, max_loras=2,
-                    max_rank=16, tenant_shares={})
-    vs = {}
-    for i, name in enumerate(("bob-a", "bob-b", "carol-a")):
-        a = perturbed(init_adapter(base_fp32, rank=4, targets=["q_proj"], variant="slora", seed=i), i)
-        vs[name] = version(name, a, write_adapter(a, tmp_path / name))
-        res.admit(vs[name])
-
-    def pin(name, tenant):  # a request of ``tenant`` on ``name``: the registry's pin, then residency's
-        vs[name].refcount += 1
-        try:
-            res.ensure_resident(vs[name], tenant)
-        except PoolFull:
-            vs[name].refcount -= 1
-            raise
-
-    def unpin(name, tenant):
-        res.unpin(vs[name], tenant)
-        vs[name].refcount -= 1
+    slots = SharedSlots(base_fp32, tmp_path, ("bob-a", "bob-b", "carol-a"))
+    res, vs, pin, unpin = slots.residency, slots.versions, slots.pin, slots.unpin
 
     pin("bob-a", "bob")  # a long request of bob's
     vs["bob-b"].holds = 1  # bob's n=3 response on bob-b holds it ...
