@@ -184,9 +184,9 @@ class Residency:
         share = self.lora_pool.capacity * weight(tenant, 1.0) / sum(weight(t, 1.0) for t in holders | others | {tenant})
         if held >= max(1.0, share):
             self._contending[tenant] = now
-            self._refusals.info(("lora_share", tenant), "LoRA slot refused to tenant %r for adapter %s v%d: its "
-                                "requests hold %d of the %d slots (--max-loras), its share %.3g while tenants %s "
-                                "wait for one", tenant, version.name, version.version, held,
+            self._refusals.info(("lora_share", tenant), "LoRA slot not given to tenant %r for adapter %s v%d "
+                                "(its request waits): its requests hold %d of the %d slots (--max-loras), its share "
+                                "%.3g while tenants %s wait for one", tenant, version.name, version.version, held,
                                 self.lora_pool.capacity, share, sorted(others, key=str))
             raise SlotBusy(no_slot_message(version.name))
 
@@ -233,8 +233,8 @@ class Residency:
             if required and self.tenant_shares is not None:
                 self._contending[tenant] = time.monotonic()
             if required:
-                self._refusals.info(("lora_full", tenant), "LoRA slot refused to tenant %r for adapter %s v%d: all "
-                                    "%d slots (--max-loras) are held by running requests", tenant, version.name,
+                self._refusals.info(("lora_full", tenant), "LoRA slot not free for tenant %r for adapter %s v%d (its "
+                                    "request waits): all %d slots (--max-loras) are held by running requests", tenant, version.name,
                                     version.version, pool.capacity)
                 raise SlotBusy(no_slot_message(version.name))
             return

@@ -189,8 +189,8 @@ def test_a_tenant_waiting_for_a_lora_slot_reads_nothing_of_the_tenant_holding_it
             assert matches_reference(tokens, ref["greedy_token_ids"], ref["top2_logit_margins"])
         assert "ben" not in answers["http"].text and "ben" not in answers["grpc"][0]
         # one line for her two waits (RefusalLog: one per tenant and kind every 10 s)
-        assert caplog.text.count("LoRA slot refused to tenant 'ann' for adapter ann-lora v1: all 1 slots "
-                                 "(--max-loras) are held by running requests") == 1
+        assert caplog.text.count("LoRA slot not free for tenant 'ann' for adapter ann-lora v1 (its request "
+                                 "waits): all 1 slots (--max-loras) are held by running requests") == 1
         samples = scrape(server)
         assert not any(name == "nlora_requests_rejected_total" and ("reason", "pool_full") in labels and value
                        for (name, labels), value in samples.items())

@@ -46,22 +46,22 @@ def test_a_tenant_holding_every_lora_slot_yields_one_to_a_tenant_refused_one(bas
     pin("bob-a", "bob")
     pin("bob-b", "bob")  # alone, bob may hold every slot
     refused(caplog, lambda: pin("carol-a", "carol"), "carol-a",
-            r"refused to tenant 'carol' for adapter carol-a v1: all 2 slots \(--max-loras\) are held by running")
+            r"not free for tenant 'carol' for adapter carol-a v1 \(its request waits\): all 2 slots \(--max-loras\) are held by running")
     unpin("bob-a", "bob")  # bob's request on bob-a ends and bob sends the next at once
     refused(caplog, lambda: pin("bob-a", "bob"), "bob-a",
-            r"refused to tenant 'bob' for adapter bob-a v1: its requests hold 1 of the 2 slots \(--max-loras\), "
+            r"not given to tenant 'bob' for adapter bob-a v1 \(its request waits\): its requests hold 1 of the 2 slots \(--max-loras\), "
             r"its share 1 while tenants \['carol'\] wait for one")
     pin("carol-a", "carol")  # carol's retry takes bob-a's slot
     assert vs["carol-a"].slot is not None and vs["bob-a"].slot is None
     pin("carol-a", "carol")  # a second request on a version carol holds takes no further slot
     unpin("carol-a", "carol")
     # one slot each while carol contends: bob contends for a second one
-    refused(caplog, lambda: pin("bob-a", "bob"), "bob-a", "tenant 'bob' for adapter bob-a v1: its requests hold 1 of")
+    refused(caplog, lambda: pin("bob-a", "bob"), "bob-a", r"tenant 'bob' for adapter bob-a v1 \(its request waits\): its requests hold 1 of")
     unpin("bob-b", "bob")
     pin("carol-a", "carol")
     # carol, at her share, yields the slot bob-b left to bob, who waits
     refused(caplog, lambda: pin("carol-b", "carol"), "carol-b",
-            r"tenant 'carol' for adapter carol-b v1: its requests hold 1 of the 2 slots .* tenants \['bob'\] wait")
+            r"tenant 'carol' for adapter carol-b v1 \(its request waits\): its requests hold 1 of the 2 slots .* tenants \['bob'\] wait")
     pin("bob-a", "bob")
     assert vs["bob-a"].slot is not None and vs["bob-b"].slot is None and vs["carol-a"].slot is not None
 
@@ -120,4 +120,4 @@ def test_a_held_versions_requests_to_come_take_no_further_slot(base_fp32, tmp_pa
         unpin("bob-b", "bob")
     vs["bob-b"].holds = 0  # the response ended: the share rule applies to bob-b again
     refused(caplog, lambda: pin("bob-b", "bob"), "bob-b",
-            r"tenant 'bob' for adapter bob-b v1: its requests hold 1 of the 2 slots")
+            r"tenant 'bob' for adapter bob-b v1 \(its request waits\): its requests hold 1 of the 2 slots")

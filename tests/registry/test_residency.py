@@ -163,7 +163,7 @@ def test_pinned_lora_slots_are_never_evicted(base_fp32, residency, tmp_path, cap
     residency.admit(vs[2])  # no evictable slot: stays on disk for now
     assert vs[2].slot is None
     refused(caplog, lambda: residency.ensure_resident(vs[2]), "l2",
-            r"refused to tenant None for adapter l2 v1: all 2 slots \(--max-loras\) are held by running requests")
+            r"not free for tenant None for adapter l2 v1 \(its request waits\): all 2 slots \(--max-loras\) are held by running requests")
 
 
 def test_a_request_waiting_for_a_slot_keeps_none(base_fp32, residency, tmp_path):
