@@ -22,10 +22,17 @@ def _chat_ids(tokenizer, messages) -> list[int]:
     return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
 
 
+_LOGITS: dict[tuple[int, ...], torch.Tensor] = {}  # the reference's logits by token ids (the model is one)
+
+
 def _raw_logits(hf_model, ids: list[int]) -> torch.Tensor:
-    """[V] float64 next-token logits of the transformers reference."""
-    with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0, -1].double()
+    """[V] float64 next-token logits of the transformers reference (a fresh copy: callers add to it;
+    the whole / streamed cases and the greedy references ask for the same ids)."""
+    key = tuple(ids)
+    if key not in _LOGITS:
+        with torch.no_grad():
+            _LOGITS[key] = hf_model(torch.tensor([ids])).logits[0, -1].double()
+    return _LOGITS[key].clone()
 
 
 def _vllm_greedy(hf_model, prompt: list[int], n: int, logit_bias: dict[int, float],

@@ -74,7 +74,8 @@ def test_chat_answers_follow_the_spec_for_several_seeds(http_server, tenant, cas
         fields = {**fields, "extra_body": {"structured_outputs": {**extra, "disable_any_whitespace": True}}}
     model, key = _server_model(http_server, tenant)
     api = client(http_server, key)
-    for seed in range(3):
+    # so_json asks json_schema's schema through vLLM's own field: its spec is the same, one seed
+    for seed in range(1 if case == 1 else 3):
         reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": "Name a city."}],
                                             max_tokens=120, temperature=1.0, seed=seed, **fields)
         choice = reply.choices[0]
