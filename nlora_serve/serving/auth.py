@@ -140,7 +140,8 @@ class Authenticator:
                 that is not a non-empty string, or that two entries with different grants or settings
                 share (the name is the tenant's identity: its prefix-cache group, queue quota, fair
                 share and request-id namespace; several keys of one tenant must say the same), a
-                ``base_model`` that is not true or false.
+                ``base_model`` that is not true or false, a name with a character that is not printable
+                or a '/' (see :func:`_name`), a file that holds no key at all (every request refused).
         """
         path = Path(path)
         try:
@@ -184,6 +185,11 @@ class Authenticator:
             _add(by_hash, digest, Principal(_name(entry, f"tenant-{i}", where), False, tuple(adapters),
                                             base_model, *_quota(entry, where)), where)
         _one_identity_per_name(by_hash.values(), path)
+        if not by_hash:  # it parsed, but every request would be refused (401) until the file changes
+            raise AuthError(f"tenants file {path}: holds no key (no entry in 'tenants' or 'admin_keys'), so every "
+                            f"request would be refused; add one ({console_command()} keys new --tenant NAME "
+                            "--adapters PATTERN, or --admin NAME), or start without --tenants-file for a "
+                            "loopback-only server without auth")
         return cls(by_hash)
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
@@ -269,9 +275,20 @@ def _known_fields(obj: dict, known: tuple[str, ...], where: str) -> None:
 
 
 def _name(entry: dict, default: str, where: str) -> str:
+    """An entry's name: it is written into log lines and metrics labels and prefixes the tenant's
+    request ids in the engine (``name/id``), so a control character (a newline, an ANSI escape: a
+    forged log line) or any other character ``str.isprintable`` refuses (format characters such as a
+    bidi override, separators other than the space), and '/' (tenant "a/b" with id "c" would be
+    tenant "a" with id "b/c"), are refused."""
     name = entry.get("name", default)
     if not isinstance(name, str) or not name:
         raise AuthError(f"{where}.name must be a non-empty string; got {name!r}")
+    bad = next((i for i, c in enumerate(name) if c == "/" or not c.isprintable()), None)
+    if bad is not None:  # repr() escapes what isprintable() refuses: the message is safe to log
+        raise AuthError(f"{where}.name {shown(name)!r} has U+{ord(name[bad]):04X} at character {bad + 1}; a name "
+                        "must be printable characters other than '/' (no control, format or line-separator "
+                        "character: names are written into log lines and metrics labels, and prefix the "
+                        "tenant's request ids)")
     return name
 
 

@@ -3,9 +3,10 @@ Prometheus reload their configuration), so that adding a tenant or revoking a le
 restart (which would drain every stream).
 
 The new file is checked whole by the loader that read it at start (:meth:`Authenticator.from_file`)
-before anything changes: a file it refuses (unreadable, bad JSON or TOML, a field it does not take)
-leaves the old keys in force and is logged at ERROR, naming why. A file it accepts is in force for
-every request that arrives after it, on both front ends; a request already admitted runs to its end
+before anything changes: a file it refuses (unreadable, bad JSON or TOML, a field it does not take,
+a name with a control character or '/', no key at all) leaves the old keys in force and is logged
+at ERROR, naming why. A file it accepts is in force for every request that arrives after it, on
+both front ends; a request already admitted runs to its end
 on the key and grants it was admitted with. Only the :class:`Authenticator` and the engine's
 fair-scheduling weights hold the file: grants, ListAdapters' and /v1/models' visibility, the
 prefix-cache group (the tenant's name), ``max_concurrent_requests`` and the queue share are read
@@ -61,8 +62,6 @@ def changes(old: Authenticator, new: Authenticator) -> str:
                if (what := _what_changed(before[name], after[name]))]
     if changed:
         parts.append(f"changed {', '.join(changed)}")
-    if not after:
-        parts.append("the file holds no key: every request is refused until the next reload")
     return "; ".join(parts) or "no changes"
 
 

@@ -240,6 +240,50 @@ def test_a_name_that_is_not_a_string_is_refused(tmp_path, name):
         Authenticator.from_file(path)
 
 
+@pytest.mark.parametrize("section, name, bad", [
+    ("tenants", "acme\nINFO nlora_serve.tenants: forged", "U+000A at character 5"),  # a log line of its own
+    ("tenants", "acme\x1b[2K", "U+001B at character 5"),  # ANSI escape: erases the terminal's line
+    ("tenants", "\x00acme", "U+0000 at character 1"),
+    ("tenants", "acme\x7f", "U+007F at character 5"),  # DEL
+    ("admin_keys", "ops\x85", "U+0085 at character 4"),  # C1 next line
+    ("tenants", "acme\u202egnp.exe", "U+202E at character 5"),  # bidi override: the line reads otherwise
+    ("tenants", "acme\u2028x", "U+2028 at character 5"),  # line separator
+    ("tenants", "acme/other", "U+002F at character 5"),  # "acme/other" + id "x" = "acme" + id "other/x"
+])
+def test_a_name_with_a_control_character_or_a_slash_is_refused_naming_the_entry(tmp_path, section, name, bad):
+    path = tmp_path / "t.json"
+    entry = {"name": name, "key_sha256": hash_key("k")} if section == "admin_keys" else _tenant(name, "k")
+    path.write_text(json.dumps({section: [entry]}))
+    with pytest.raises(AuthError) as err:
+        Authenticator.from_file(path)
+    assert str(err.value) == (
+        f"{path}: {section}[0].name {name!r} has {bad}; a name must be printable characters other than '/' (no "
+        "control, format or line-separator character: names are written into log lines and metrics labels, and "
+        "prefix the tenant's request ids)")
+    assert all(c.isprintable() for c in str(err.value))  # the message itself is safe to log
+
+
+def test_names_of_printable_characters_are_accepted(tmp_path):
+    path = tmp_path / "t.json"
+    names = ["acme corp", "Zürich-GmbH", "ops@acme.example", "tenant_7:eu", "東京"]
+    path.write_text(json.dumps({"tenants": [_tenant(name, f"k{i}", base_model=True) for i, name in enumerate(names)]}))
+    auth = Authenticator.from_file(path)
+    assert [auth.authenticate([("authorization", f"Bearer k{i}")]).name for i in range(len(names))] == names
+
+
+@pytest.mark.parametrize("name, text", [
+    ("t.json", "{}"), ("t.json", '{"tenants": [], "admin_keys": []}'), ("t.toml", ""), ("t.toml", "tenants = []\n")])
+def test_a_file_without_a_key_is_refused(tmp_path, name, text):
+    path = tmp_path / name  # it was accepted, and every request then refused with 401
+    path.write_text(text)
+    with pytest.raises(AuthError) as err:
+        Authenticator.from_file(path)
+    assert str(err.value) == (
+        f"tenants file {path}: holds no key (no entry in 'tenants' or 'admin_keys'), so every request would be "
+        f"refused; add one ({console_command()} keys new --tenant NAME --adapters PATTERN, or --admin NAME), or "
+        "start without --tenants-file for a loopback-only server without auth")
+
+
 @pytest.mark.parametrize("value", ["false", "no", 0, 1, None])
 def test_base_model_that_is_not_a_json_boolean_is_refused(tmp_path, value):
     path = tmp_path / "t.json"  # bool("false") is True: the string granted the base model

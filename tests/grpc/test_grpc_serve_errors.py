@@ -18,7 +18,7 @@ from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.commands import serve as serve_cli
 from nlora_serve.serving.commands.backend import make_engine
-from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.auth import AuthError, Authenticator
 from nlora_serve.serving.server import NloraServer
 from nlora_serve.serving.server_config import ServerConfig, StartupError
 
@@ -151,6 +151,15 @@ def test_unwritable_adapter_dir_is_refused_before_loading(tmp_path, no_model):
     with pytest.raises(StartupError) as err:
         serve_cli.build(_args(tmp_path, "--adapter-dir", str(store)))
     assert str(err.value) == f"--adapter-dir {store}: cannot create or write the adapter store there (Not a directory)"
+
+
+def test_a_tenants_file_without_a_key_is_refused_before_loading(tmp_path, no_model):
+    path = tmp_path / "tenants.json"  # it started, and refused every request with 401
+    path.write_text('{"tenants": [], "admin_keys": []}')
+    with pytest.raises(AuthError) as err:
+        serve_cli.build(_args(tmp_path, "--tenants-file", str(path)))
+    assert str(err.value).startswith(f"tenants file {path}: holds no key (no entry in 'tenants' or 'admin_keys'), "
+                                     "so every request would be refused; ")
 
 
 def test_cli_prints_one_error_line_exit_2_and_the_traceback_only_under_debug(monkeypatch, capsys, caplog, tmp_path):

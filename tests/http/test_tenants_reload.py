@@ -182,6 +182,8 @@ def test_a_file_the_loader_refuses_leaves_the_old_keys_in_force(server, caplog):
          "unknown field(s) 'admins'"),
         (json.dumps({"tenants": [{**new, "base_modle": True}]}), "unknown field(s) 'base_modle'"),
         (json.dumps({"tenants": [{**new, "weight": 0}]}), "tenants[0].weight must be a positive number"),
+        (json.dumps({"tenants": [], "admin_keys": []}), "holds no key"),  # it was in force: every request refused
+        (json.dumps({"tenants": [{**new, "name": "new-co\nERROR forged"}]}), "tenants[0].name 'new-co\\nERROR"),
         (None, "cannot read it"),  # the file is gone
     ]
     for text, why in bad_files:
@@ -195,6 +197,7 @@ def test_a_file_the_loader_refuses_leaves_the_old_keys_in_force(server, caplog):
         [line] = caplog.records
         assert line.levelname == "ERROR" and why in line.getMessage(), line.getMessage()
         assert line.getMessage().startswith("tenants file NOT reloaded, the keys read before stay in force: ")
+        assert "\n" not in line.getMessage()  # one log line, whatever the file holds
         # the old keys, on both front ends, and not the new one
         assert _grpc_generate(server, TENANT_KEYS["base-co"])[-1].finish_reason == "length"
         assert client(server, TENANT_KEYS["lora-co"]).completions.create(
