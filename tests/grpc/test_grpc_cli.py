@@ -40,7 +40,7 @@ def test_serve_process_with_example_tenants_and_the_client_cli(tmp_path, base_fp
         proc = subprocess.Popen(
             [sys.executable, "-m", "nlora_serve.serving.commands.serve", "--port", "0", "--http-port", "off", "--dtype", "float32",
              "--adapter-dir", str(tmp_path / "store"), "--example-tenants", "2", "--max-model-len", "512",
-             "--drain-seconds", "5", "--log-level", "INFO"],
+             "--adapter", f"lower={ROOT / 'examples/tenants/lower'}", "--drain-seconds", "5", "--log-level", "INFO"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ})
     try:
         ready = proc.stdout.readline()
@@ -51,21 +51,24 @@ def test_serve_process_with_example_tenants_and_the_client_cli(tmp_path, base_fp
         phases = [r"INFO nlora_serve\.serve: loading model \S+ \(cpu, float32\)\.\.\.$",
                   r"INFO nlora_serve\.serve: model loaded in [\d.]+ s; starting the native engine and restoring "
                   r"the adapter store \S+\.\.\.$",
-                  r"INFO nlora_serve\.serve: engine started in [\d.]+ s; registering the example tenants"]
+                  r"INFO nlora_serve\.serve: engine started in [\d.]+ s; registering the example tenants and "
+                  r"--adapter folders\.\.\.$"]
         lines = log_file.read_text().splitlines()
         found = [[i for i, line in enumerate(lines) if re.search(phase, line)] for phase in phases]
         assert all(len(at) == 1 for at in found) and found == sorted(found), lines
         server = f"127.0.0.1:{match.group(1)}"
         script = Path(sys.executable).parent / "nlora-serve"  # the console script beside this interpreter
-        assert hint == (f"  {script} client generate --server {server} --adapter tenant-000 --max-tokens 64 "
+        # the trained --adapter tenant, as `make serve` starts it, not the untrained tenant-000
+        assert hint == (f"  {script} client generate --server {server} --adapter lower --max-tokens 64 "
                         "--message \"Why serve many adapters on one base model?\"\n")
         pasted = subprocess.run(hint, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                                 env={k: v for k, v in os.environ.items() if k != "NLORA_API_KEY"})
         assert pasted.returncode == 0 and pasted.stdout.strip(), pasted.stderr
-        assert re.search(r"\[tenant-000 v1; \d+ prompt \+ \d+ tokens", pasted.stderr), pasted.stderr
+        assert re.search(r"\[lower v1; \d+ prompt \+ \d+ tokens", pasted.stderr), pasted.stderr
         with NloraClient(server) as client:
             adapters, _ = client.list_adapters()
-        assert [(a.name, a.tied, a.rank) for a in adapters] == [("tenant-000", True, 16), ("tenant-001", True, 16)]
+        assert [(a.name, a.tied, a.rank) for a in adapters] == [("lower", True, 16), ("tenant-000", True, 16),
+                                                                 ("tenant-001", True, 16)]
         texts = {}
         for adapter in ("tenant-000", "tenant-001", None):
             flags = ["--adapter", adapter] if adapter else []
@@ -81,7 +84,7 @@ def test_serve_process_with_example_tenants_and_the_client_cli(tmp_path, base_fp
                                     "max_model_len": 512}
         code, unloaded = _client("--server", server, "unload", "--name", "tenant-001")
         assert code == 0 and unloaded.endswith("}\n")
-        assert json.loads(unloaded) == {"name": "tenant-001", "version": 1, "content_hash": adapters[1].content_hash,
+        assert json.loads(unloaded) == {"name": "tenant-001", "version": 1, "content_hash": adapters[2].content_hash,
                                         "aborted_requests": 0, "draining_requests": 0}
         assert _client("--server", server, "unload", "--name", "nobody")[0] == 2  # NOT_FOUND: one line, exit 2
         proc.send_signal(signal.SIGTERM)

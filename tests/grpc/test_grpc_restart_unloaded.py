@@ -25,7 +25,7 @@ def test_unloaded_adapters_stay_unloaded_when_restarted_with_the_same_flags(tmp_
     flags = ("--adapter-dir", str(store), "--example-tenants", "2", "--adapter", f"upper={CASES / TIED}")
     engine, server, names = _build(*flags)
     try:
-        assert names == ["tenant-000", "tenant-001", "upper"]
+        assert names == ["upper", "tenant-000", "tenant-001"]  # the hint's first: the --adapter one
         first = _served(engine)
         engine.unload_adapter("tenant-001")
         engine.unload_adapter("upper")
@@ -50,7 +50,7 @@ def test_unloaded_adapters_stay_unloaded_when_restarted_with_the_same_flags(tmp_
 
     engine, server, names = _build(*flags)
     try:
-        assert names == ["tenant-000", "upper"]
+        assert names == ["upper", "tenant-000"]
         assert set(_served(engine)) == {"tenant-000", "upper"}
     finally:
         engine.shutdown()

@@ -51,7 +51,10 @@ log = logging.getLogger("nlora_serve.serve")
 
 
 def build(args: argparse.Namespace):
-    """(engine, server, example names) from parsed flags; nothing is bound yet.
+    """(engine, server, hint adapters) from parsed flags; nothing is bound yet. The hint adapters
+    are the ones served now that the client hint (:func:`client_hint`) may name, best first: the
+    ``--adapter`` ones (trained tenants, e.g. ``make serve``'s ``lower``), then the untrained
+    ``--example-tenants``.
 
     Every flag is checked before the model loads, so a typo does not wait for the weights.
 
@@ -97,7 +100,7 @@ def build(args: argparse.Namespace):
         log.info("engine started in %.1f s%s", time.perf_counter() - start,
                  f"; registering {registering}..." if registering else "")
         examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
-        examples += _register_named(engine, named, args.adapter_dir)
+        hinted = _register_named(engine, named, args.adapter_dir) + examples
         if isinstance(engine, LLMEngine):  # CUDA: the adapters' kernels compile before the first request
             engine.warm_up()
         server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
@@ -105,7 +108,7 @@ def build(args: argparse.Namespace):
     except BaseException:
         engine.shutdown()  # its step thread (and vLLM's workers) would outlive a refused start
         raise
-    return engine, server, examples
+    return engine, server, hinted
 
 
 def _check_adapter_names(config: ServerConfig, args: argparse.Namespace) -> None:
@@ -251,12 +254,13 @@ def _check_model_len(model_dir: Path, max_model_len: int) -> None:
 ENGINE_WATCH_SECONDS = 1.0  # how often serve() checks that the engine can still serve
 
 
-def client_hint(server: NloraServer, examples: list[str]) -> str:
-    """A ready-to-paste client command for this server."""
+def client_hint(server: NloraServer, adapters: list[str]) -> str:
+    """A ready-to-paste client command for this server, on ``adapters[0]`` (served adapters, best
+    first: see :func:`build`), or on the base model when there is none."""
     # quoted: with $NLORA_API_KEY unset the pasted command sends an empty key (UNAUTHENTICATED) instead of
     # failing on "--api-key: expected one argument"
     key = ' --api-key "$NLORA_API_KEY"' if server.generation.auth.enabled else ""
-    adapter = f" --adapter {examples[0]}" if examples else ""
+    adapter = f" --adapter {adapters[0]}" if adapters else ""
     host = "127.0.0.1" if server.config.host in ("0.0.0.0", "::") else server.config.host
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host  # IPv6 literal
     # the hint's chat prompt is ~40 tokens: leave room for it under a small --max-model-len
@@ -265,20 +269,20 @@ def client_hint(server: NloraServer, examples: list[str]) -> str:
             f"--max-tokens {max_tokens} --message \"Why serve many adapters on one base model?\"")
 
 
-def ready_lines(server: NloraServer, examples: list[str]) -> list[str]:
-    """What a started server prints, in this order: its address and :func:`client_hint`; the
-    HTTP API's address (with ``--http-port``); with keys on, which key the hint's
-    ``$NLORA_API_KEY`` must hold (a tenant's key works only for an adapter it is granted)."""
-    lines = [f"ready on {server.config.host}:{server.port}; try:", f"  {client_hint(server, examples)}"]
+def ready_lines(server: NloraServer, adapters: list[str]) -> list[str]:
+    """What a started server prints, in this order: its address and :func:`client_hint` (on
+    ``adapters[0]``); the HTTP API's address (with ``--http-port``); with keys on, which key the
+    hint's ``$NLORA_API_KEY`` must hold (a tenant's key works only for an adapter it is granted)."""
+    lines = [f"ready on {server.config.host}:{server.port}; try:", f"  {client_hint(server, adapters)}"]
     if server.http_port is not None:
         lines.append(f"OpenAI-compatible HTTP API on http://{server.config.host}:{server.http_port}/v1")
     if server.generation.auth.enabled:
-        granted = f"a tenant granted {examples[0]}" if examples else "a tenant allowed the base model"
+        granted = f"a tenant granted {adapters[0]}" if adapters else "a tenant allowed the base model"
         lines.append(f"  ($NLORA_API_KEY: an admin key, or the key of {granted})")
     return lines
 
 
-async def serve(server: NloraServer, examples: list[str]) -> bool:
+async def serve(server: NloraServer, adapters: list[str]) -> bool:
     """Start, print the client hint, wait for SIGTERM/SIGINT (SIGHUP meanwhile reloads the tenants
     file), drain. Returns True when drained.
 
@@ -294,7 +298,7 @@ async def serve(server: NloraServer, examples: list[str]) -> bool:
     if not server.generation.auth.enabled:
         log.warning("no --tenants-file: auth is OFF, every caller is admin; listening on loopback %s only",
                     server.config.host)
-    print("\n".join(ready_lines(server, examples)), flush=True)
+    print("\n".join(ready_lines(server, adapters)), flush=True)
     watch = asyncio.create_task(_watch_engine(server.engine, stop))
     await stop.wait()
     watch.cancel()
@@ -323,10 +327,10 @@ def run_serve(args: argparse.Namespace) -> int:
     # before the model loads: the native engine's step thread alone runs torch in parallel (vLLM's
     # workers are processes of their own, which take their threads themselves)
     with _hup_not_serving(), threads_for_engine() if args.backend == "native" else contextlib.nullcontext():
-        engine, server, examples = build(args)
+        engine, server, adapters = build(args)
         freeze_startup_heap()
         try:
-            drained = asyncio.run(serve(server, examples))
+            drained = asyncio.run(serve(server, adapters))
         finally:
             signal.signal(signal.SIGHUP, _hup_logged)  # the closed loop gave SIGHUP its default back
             dead = engine.dead_reason
