@@ -3,13 +3,16 @@ at its first token (or at its end when it ends before one), once per choice, as 
 ``vllm:prompt_tokens`` in the iteration that makes a request's first output, not when it finishes
 (a minutes-long generation would otherwise show its prompt on the dashboards only at its end).
 
+And how a request ended, once, for its tenant (``nlora_tenant_requests_total``), with the tokens
+streamed to it (``nlora_tenant_generation_tokens_total``).
+
 ``metered`` runs over hand-made deltas here, so every count is known by hand."""
 
 from __future__ import annotations
 
 import asyncio
 
-from nlora_serve.engine.api import RequestOutput
+from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.stream import metered
@@ -63,3 +66,64 @@ def test_each_choice_counts_its_prompt_once_and_one_that_ends_before_a_token_cou
     assert seen == [(40, 40, 0, 1), (80, 80, 32, 2), (80, 80, 32, 3), (120, 120, 64, 3), (120, 120, 64, 4)]
     durations = metrics.registry.get_sample_value("nlora_request_duration_seconds_count", HTTP)
     assert durations == 1  # the request's duration once, at its last choice's end
+
+
+def _ended(deltas: list, n: int = 1, tenant: str | None = "acme", take: int | None = None) -> ServerMetrics:
+    """``metered`` over ``deltas`` (a delta, or an exception the engine stream raises there), its
+    consumer stopping after ``take`` deltas (None: all); the metrics after it ended."""
+    metrics, admission = _metrics(), Admission(max_queue=8)
+
+    async def stream():
+        for out in deltas:
+            if isinstance(out, Exception):
+                raise out
+            yield out
+
+    async def consume():
+        got = metered(stream(), metrics.request("grpc", tenant), admission.reserve(), n)
+        try:
+            taken = 0
+            async for _ in got:
+                taken += 1
+                if taken == take:
+                    break
+        finally:
+            await got.aclose()
+
+    try:
+        asyncio.run(consume())
+    except (RequestAborted, EngineError):
+        pass
+    assert admission.inflight == 0  # however it ended
+    return metrics
+
+
+def _tenant_counts(metrics: ServerMetrics) -> dict[tuple[str, str], float]:
+    return {(s.labels["tenant"], s.labels["outcome"]): s.value for s in metrics.tenant_requests.collect()[0].samples
+            if s.name.endswith("_total")}
+
+
+def test_how_a_request_ended_is_counted_once_for_its_tenant_with_its_tokens():
+    two = [_delta(0, [1], 4, 0), _delta(1, [2, 3], 4, 0, "stop"), _delta(0, [4], 4, 0, "length")]
+    cases = {  # outcome: deltas, n, deltas taken, tokens streamed
+        "finished": (two, 2, None, 4),
+        "aborted": (two[:2] + [_delta(0, [], 4, 0, "abort")], 2, None, 3),  # one choice aborted without a reason
+        "cancelled": (two, 2, 1, 1),  # the client went away after its first delta
+    }
+    for outcome, (deltas, n, take, streamed) in cases.items():
+        metrics = _ended(deltas, n, take=take)
+        assert _tenant_counts(metrics) == {("acme", outcome): 1}, outcome
+        tokens = metrics.registry.get_sample_value("nlora_tenant_generation_tokens_total", {"tenant": "acme"})
+        assert tokens == streamed, outcome
+    raised = {"aborted": RequestAborted("adapter 'x' was unloaded (force)"), "error": EngineError("step failed")}
+    for outcome, exc in raised.items():
+        assert _tenant_counts(_ended([_delta(0, [1], 4, 0), exc])) == {("acme", outcome): 1}, outcome
+
+
+def test_a_request_whose_key_was_not_checked_counts_for_no_tenant():
+    metrics = _ended([_delta(0, [1], 4, 0, "stop")], tenant=None)
+    assert _tenant_counts(metrics) == {}
+    assert metrics.registry.get_sample_value("nlora_generation_tokens_total", {"frontend": "grpc"}) == 1
+    metrics.reject("unauthenticated", "grpc")  # an unknown key: its reason only
+    metrics.reject("queue_full", "http", "acme")
+    assert _tenant_counts(metrics) == {("acme", "rejected"): 1}

@@ -1,23 +1,37 @@
 """Prometheus metrics of one server, on its own registry, served over HTTP (DESIGN §6).
 
-Names carry their unit; no label has an unbounded value set (no per-tenant or per-adapter
-labels): the request metrics carry ``frontend`` (:data:`FRONTENDS`: which protocol the request
-came in on) and rejections also ``reason`` (:data:`REJECT_REASONS`). Gauges and the engine's own
-counters (preemptions) are read from the engine when scraped, so they are never stale.
+Names carry their unit; no label has an unbounded value set: the request metrics carry
+``frontend`` (:data:`FRONTENDS`: which protocol the request came in on) and rejections also
+``reason`` (:data:`REJECT_REASONS`). Two counters are per tenant, as vLLM's
+``vllm:lora_requests_info`` names adapters: ``nlora_tenant_requests_total{tenant, outcome}``
+(:data:`TENANT_OUTCOMES`) and ``nlora_tenant_generation_tokens_total{tenant}``; ``tenant`` is a
+name from the tenants file (an operator's list: a key that matches no entry is counted in
+``nlora_requests_rejected_total`` only, never under a name its caller chose), or :data:`ANONYMOUS`
+without one. A tenant's series appears at its first request and stays after a reload removes it
+(a counter that vanished would read as a reset). Gauges and the engine's own counters
+(preemptions) are read from the engine when scraped, so they are never stale.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
                                start_http_server)
 from prometheus_client.core import CounterMetricFamily
 
+from nlora_serve.errors import NloraError
+from nlora_serve.serving.auth import Authenticator, Principal
+
 REJECT_REASONS = ("queue_full", "draining", "invalid_argument", "not_found", "pool_full",
                   "unauthenticated", "permission_denied", "body_timeout", "engine_dead", "adapter_load_failed")
 FRONTENDS = ("grpc", "http")
+# how a tenant's generation request ended: every choice ran to its end (stop, length); the engine
+# aborted it (a forced unload, shutdown); its client went away or its deadline passed first; the
+# engine failed; refused after its key was checked (the reason: nlora_requests_rejected_total)
+TENANT_OUTCOMES = ("finished", "aborted", "cancelled", "error", "rejected")
+ANONYMOUS = "anonymous"  # the tenant label of every request to a server without --tenants-file
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _DURATION = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -69,6 +83,11 @@ class ServerMetrics:
                                   f"prefix cache (not computed){_PER_SEQUENCE}", fe, registry=r)
         self.rejected = Counter("nlora_requests_rejected", "Requests refused, by reason", ["reason", "frontend"],
                                 registry=r)
+        self.tenant_requests = Counter("nlora_tenant_requests", "Generation requests of a tenant (its name in the "
+                                       "tenants file, 'anonymous' without one), by how they ended",
+                                       ["tenant", "outcome"], registry=r)
+        self.tenant_generation_tokens = Counter("nlora_tenant_generation_tokens", "Tokens streamed to a tenant's "
+                                                "clients", ["tenant"], registry=r)
         for frontend in FRONTENDS:  # every series exists from the start, at 0
             for metric in (self.ttft, self.itl, self.duration, self.prompt_tokens, self.generation_tokens,
                            self.cache_queries, self.cache_hits):
@@ -88,13 +107,24 @@ class ServerMetrics:
         r.register(_EngineCounters(engine_stats))
         self._http = None
 
-    def reject(self, reason: str, frontend: str) -> None:
-        """Count one refused request; ``reason`` in :data:`REJECT_REASONS`, ``frontend`` in :data:`FRONTENDS`."""
+    def reject(self, reason: str, frontend: str, tenant: str | None = None) -> None:
+        """Count one refused request; ``reason`` in :data:`REJECT_REASONS`, ``frontend`` in
+        :data:`FRONTENDS`; with ``tenant`` (its key was checked: :func:`tenant_of`,
+        :func:`tenant_of_key`), as a "rejected" request of that tenant too."""
         self.rejected.labels(reason, frontend).inc()
+        if tenant is not None:
+            self.tenant_ended(tenant, "rejected")
 
-    def request(self, frontend: str) -> RequestTimer:
-        """A timer started now, at a request's receipt on ``frontend`` (one of :data:`FRONTENDS`)."""
-        return RequestTimer(self, frontend)
+    def tenant_ended(self, tenant: str, outcome: str) -> None:
+        """Count one generation request of ``tenant`` that ended so (one of :data:`TENANT_OUTCOMES`)."""
+        if outcome not in TENANT_OUTCOMES:
+            raise ValueError(f"outcome must be one of {TENANT_OUTCOMES}; got {outcome!r}")
+        self.tenant_requests.labels(tenant, outcome).inc()
+
+    def request(self, frontend: str, tenant: str | None = None) -> RequestTimer:
+        """A timer started now, at a request's receipt on ``frontend`` (one of :data:`FRONTENDS`),
+        for ``tenant`` (or set later, once the key is checked: :meth:`RequestTimer.set_tenant`)."""
+        return RequestTimer(self, frontend, tenant)
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of a scrape in Prometheus' text format: what ``/metrics`` answers
@@ -135,16 +165,36 @@ class _EngineCounters:
                                    "recomputed later) since the engine started", value=value)
 
 
+def tenant_of(auth: Authenticator, principal: Principal) -> str:
+    """The ``tenant`` label of ``principal``'s requests: its name in the tenants file (admins'
+    included), :data:`ANONYMOUS` with auth off (every caller is then the local admin)."""
+    return principal.name if auth.enabled else ANONYMOUS
+
+
+def tenant_of_key(auth: Authenticator, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The ``tenant`` label of a request carrying ``metadata`` (HTTP headers, gRPC metadata), for a
+    refusal counted away from the principal: None for a missing or unknown key."""
+    try:
+        return tenant_of(auth, auth.authenticate(metadata))
+    except NloraError:
+        return None
+
+
 class RequestTimer:
     """TTFT, inter-token latency and duration of one request's stream (perf_counter seconds), into
-    the series of one front end."""
+    the series of one front end; its tokens and how it ended into its tenant's (once known)."""
 
-    __slots__ = ("_ttft", "_itl", "_duration", "_prompt", "_generated", "_queries", "_hits", "start", "first",
-                 "duration", "_last")
+    __slots__ = ("_metrics", "_ttft", "_itl", "_duration", "_prompt", "_generated", "_queries", "_hits",
+                 "_tenant_tokens", "tenant", "start", "first", "duration", "_last")
 
-    def __init__(self, metrics: ServerMetrics, frontend: str):
+    def __init__(self, metrics: ServerMetrics, frontend: str, tenant: str | None = None):
         if frontend not in FRONTENDS:
             raise ValueError(f"frontend must be one of {FRONTENDS}; got {frontend!r}")
+        self._metrics = metrics
+        self.tenant: str | None = None  # the tenant label, once the request's key is checked
+        self._tenant_tokens = None
+        if tenant is not None:
+            self.set_tenant(tenant)
         self._ttft, self._itl = metrics.ttft.labels(frontend), metrics.itl.labels(frontend)
         self._duration = metrics.duration.labels(frontend)
         self._prompt = metrics.prompt_tokens.labels(frontend)
@@ -167,6 +217,19 @@ class RequestTimer:
             self._itl.observe((now - self._last) / count)
         self._last = now
         self._generated.inc(count)
+        if self._tenant_tokens is not None:
+            self._tenant_tokens.inc(count)
+
+    def set_tenant(self, tenant: str) -> None:
+        """The request's key is checked: its tokens and its end count for ``tenant`` from now on."""
+        self.tenant = tenant
+        self._tenant_tokens = self._metrics.tenant_generation_tokens.labels(tenant)
+
+    def ended(self, outcome: str) -> None:
+        """The admitted request ended so (:meth:`ServerMetrics.tenant_ended`), counted for its
+        tenant once it is known."""
+        if self.tenant is not None:
+            self._metrics.tenant_ended(self.tenant, outcome)
 
     def finish(self) -> float:
         """The stream ended; returns (and keeps in ``duration``) its duration in seconds."""

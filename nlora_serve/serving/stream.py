@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from nlora_serve.adapters.version import AdapterVersion
 from nlora_serve.errors import NloraError
-from nlora_serve.engine.api import Engine, RequestOutput
+from nlora_serve.engine.api import Engine, EngineError, RequestAborted, RequestOutput
 from nlora_serve.engine.request_checks import check_context
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.admission import Reservation
@@ -52,13 +52,18 @@ async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer,
     finished delta is yielded: ``n`` choices finish one each, see
     :func:`~nlora_serve.serving.http_api.choices.start_choices`). However this generator ends
     (finished, closed early, cancelled), the engine stream is closed, which aborts an unfinished
-    request and frees its KV blocks and adapter pin at once, and ``reservation`` is released.
+    request and frees its KV blocks and adapter pin at once, ``reservation`` is released, and the
+    request's end is counted for its tenant (:meth:`RequestTimer.ended`: "finished" once every
+    choice has, "aborted" when the engine aborted one, "error", or "cancelled" before its end).
 
     Raises:
-        EngineError: the engine failed while running the request.
+        EngineError: the engine failed while running the request. RequestAborted: the engine
+            aborted it for a reason its client should see.
     """
     unfinished = n
     prefilled: set[int] = set()  # choices whose prompt tokens are counted
+    outcome = "cancelled"  # closed or cancelled before its last choice finished (client gone, deadline)
+    aborted = False  # a choice ended with finish_reason "abort"
     try:
         async with contextlib.aclosing(stream):
             async for out in stream:
@@ -66,12 +71,21 @@ async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer,
                 if out.index not in prefilled and (out.token_ids or out.finished):
                     prefilled.add(out.index)  # counted at its first token, as vLLM's, not at its end
                     timer.prefilled(out.prompt_tokens, out.cached_tokens)
+                aborted = aborted or out.finish_reason == "abort"  # by the engine, with no reason to raise
                 if out.finished:
                     unfinished -= 1
                     if not unfinished:
                         timer.finish()
+                        outcome = "aborted" if aborted else "finished"
                 yield out
+    except RequestAborted:
+        outcome = "aborted"
+        raise
+    except EngineError:
+        outcome = "error"
+        raise
     finally:
+        timer.ended(outcome)  # first: who waits for the admission count to drop then reads it counted
         reservation.release()
 
 

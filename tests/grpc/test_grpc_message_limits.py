@@ -97,6 +97,10 @@ def test_an_over_size_generate_by_a_tenant_is_refused_before_parsing_and_others_
     assert server.server.admission.inflight == 0
     # the two refused by their bound are counted as the servicer counts a refusal (grpc's own are not)
     assert server.server.metrics.rejected.labels("invalid_argument", "grpc")._value.get() == 2
+    # and as base-co's, whose key the call carried; lora-co's stream ran to its end
+    samples = {(s.labels["tenant"], s.labels["outcome"]): s.value
+               for s in server.server.metrics.tenant_requests.collect()[0].samples if s.name.endswith("_total")}
+    assert samples == {("base-co", "rejected"): 2, ("lora-co", "finished"): 1}
 
 
 def test_small_rpcs_and_health_refuse_large_messages_before_parsing(make_server, tenants_file, parsed):

@@ -41,6 +41,7 @@ def test_metrics_exist_and_move_under_load(make_server):
     for name in GAUGES:
         assert before[(name, ())] == 0
     assert before[("nlora_requests_rejected_total", (("frontend", "grpc"), ("reason", "not_found")))] == 0
+    assert not [key for key in before if key[0].startswith("nlora_tenant_")]  # a tenant's series: at its first request
     with NloraClient(server.target, timeout=60) as client:
         tied = client.upload_adapter(TIED, CASES / TIED)
         stream = client.generate(PROMPT, adapter=TIED, max_tokens=50, ignore_eos=True)
@@ -71,6 +72,13 @@ def test_metrics_exist_and_move_under_load(make_server):
     assert after[("nlora_adapter_swap_seconds_count", ())] == 1
     assert after[("nlora_adapter_load_seconds_count", ())] == 1
     assert after[("nlora_kv_blocks_used", ())] == 0 and after[("nlora_requests_running", ())] == 0
+    # without a tenants file every request is the one tenant "anonymous": 2 finished, the closed
+    # stream cancelled, the unknown adapter rejected; its tokens are every token streamed
+    tenant = {labels: value for (name, labels), value in after.items() if name == "nlora_tenant_requests_total"}
+    assert tenant == {(("outcome", outcome), ("tenant", "anonymous")): count
+                      for outcome, count in (("finished", 2), ("cancelled", 1), ("rejected", 1))}
+    assert after[("nlora_tenant_generation_tokens_total", (("tenant", "anonymous"),))] == \
+        after[("nlora_generation_tokens_total", GRPC)]
 
 
 def test_preemptions_counter_moves_when_the_kv_cache_runs_short(make_server):

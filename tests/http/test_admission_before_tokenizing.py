@@ -133,6 +133,7 @@ def test_over_its_quota_a_request_is_refused_before_its_body_is_read(server):
     # two requests hold capped-co's quota while their (up to 16 MiB) bodies are still on the way:
     # a third is refused at once and its body is never read; the held ones, gone mid-body, give
     # their places back
+    before = _tenant_counts(server, "capped-co")
     holding = [headers_only(server, CAPPED_KEY, 15 << 20) for _ in range(QUOTA)]
     try:
         assert wait_for(lambda: admission_counts(server) == (QUOTA, {"capped-co": QUOTA})), admission_counts(server)
@@ -147,6 +148,16 @@ def test_over_its_quota_a_request_is_refused_before_its_body_is_read(server):
             sock.close()
     assert wait_for(lambda: admission_counts(server) == (0, {})), admission_counts(server)
     assert _complete(server, CAPPED_KEY, "Hi")[0] == 200
+    # capped-co's requests by how they ended: the two gone mid-body, the one over its quota, the last
+    after = _tenant_counts(server, "capped-co")
+    assert {k: moved for k in after if (moved := after[k] - before.get(k, 0))} == {"cancelled": 2, "rejected": 1,
+                                                                                   "finished": 1}
+
+
+def _tenant_counts(server, tenant: str) -> dict[str, float]:
+    """nlora_tenant_requests_total of ``tenant``, by outcome."""
+    return {s.labels["outcome"]: s.value for s in server.server.metrics.tenant_requests.collect()[0].samples
+            if s.name.endswith("_total") and s.labels["tenant"] == tenant}
 
 
 def test_a_body_held_back_past_the_deadline_is_408_and_gives_its_place_back(server, monkeypatch):

@@ -7,6 +7,9 @@ every count is known by hand."""
 
 from __future__ import annotations
 
+import openai
+import pytest
+
 from grpc_harness import TENANT_KEYS
 from http_harness import client, scrape
 
@@ -50,3 +53,13 @@ def test_n_and_a_batch_count_each_choice_of_each_prompt_as_vllm_does(make_http_s
     assert {k: after_batch[k] - after_n[k] for k in COUNTERS} == {
         "nlora_prompt_tokens_total": 2 * (40 + 23), "nlora_prefix_cache_queries_total": 2 * (40 + 23),
         "nlora_prefix_cache_hits_total": _reused(40) + _reused(23), "nlora_generation_tokens_total": 4 * 2}
+
+    # per tenant, one request each (however many choices and prompts), under the tenants file's name
+    with pytest.raises(openai.PermissionDeniedError):  # after its key was checked: base-co's refusal
+        api.completions.create(prompt=one, **{**fields, "model": "lora-rslora"})
+    with pytest.raises(openai.AuthenticationError):  # a key of nobody: under no tenant name
+        client(server, "key-of-nobody").completions.create(prompt=one, **fields)
+    samples = scrape(server)
+    assert {labels: value for (name, labels), value in samples.items() if name == "nlora_tenant_requests_total"} == {
+        (("outcome", "finished"), ("tenant", "base-co")): 2, (("outcome", "rejected"), ("tenant", "base-co")): 1}
+    assert samples[("nlora_tenant_generation_tokens_total", (("tenant", "base-co"),))] == 3 * 2 + 4 * 2

@@ -16,8 +16,8 @@ largest legal request, the small RPCs, health and reflection 64 KiB): grpc's own
 method and must let a whole SwapAdapter payload through, so without this a tenant's Generate
 request of several MiB would be parsed whole before validation refused it. An over-size message
 aborts the call with RESOURCE_EXHAUSTED naming the method, its size and the bound (a Generate is
-counted in nlora_requests_rejected_total, as its servicer counts a refusal); the parser and the
-servicer never see it.
+counted in nlora_requests_rejected_total, as its servicer counts a refusal, and for the tenant of
+the key in its metadata); the parser and the servicer never see it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from nlora_serve.serving.status import TooLarge, abort, status_of
-from nlora_serve.serving.metrics import ServerMetrics
+from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.metrics import ServerMetrics, tenant_of_key
 
 PREFIX = "/nlora_serve.v1."  # our services (nlora.proto's package)
 GENERATE = PREFIX + "Generation/Generate"
@@ -43,10 +44,11 @@ class BoundedDecode(grpc.aio.ServerInterceptor):
     Args:
         limits: the bounds (a limits.MessageLimits: ``bound(method)`` bytes or None).
         metrics: where a refused Generate is counted.
+        auth: whose tenant a refused Generate is counted for.
     """
 
-    def __init__(self, limits, metrics: ServerMetrics) -> None:
-        self.limits, self.metrics = limits, metrics
+    def __init__(self, limits, metrics: ServerMetrics, auth: Authenticator) -> None:
+        self.limits, self.metrics, self.auth = limits, metrics, auth
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -56,7 +58,7 @@ class BoundedDecode(grpc.aio.ServerInterceptor):
         parse = _parser(handler.request_deserializer, method)
         max_bytes = self.limits.bound(method)
         if max_bytes is not None:
-            parse = _bounded(parse, method, max_bytes, self.metrics if method == GENERATE else None)
+            parse = _bounded(parse, method, max_bytes, (self.metrics, self.auth) if method == GENERATE else None)
         if handler.unary_unary is not None:
             return handler._replace(request_deserializer=None, unary_unary=_unary_unary(handler.unary_unary, parse))
         if handler.unary_stream is not None:
@@ -79,9 +81,9 @@ def _parser(deserialize, method: str):
     return parse
 
 
-def _bounded(parse, method: str, max_bytes: int, metrics: ServerMetrics | None):
+def _bounded(parse, method: str, max_bytes: int, counted: tuple[ServerMetrics, Authenticator] | None):
     """``parse`` behind a size check: over ``max_bytes``, abort with TooLarge's status (counted in
-    ``metrics`` when given) without parsing."""
+    ``counted``'s metrics, for the caller's tenant, when given) without parsing."""
     async def bounded(raw: bytes, context: grpc.aio.ServicerContext):
         if len(raw) > max_bytes:
             name = method.rsplit("/", 1)[-1]
@@ -89,8 +91,9 @@ def _bounded(parse, method: str, max_bytes: int, metrics: ServerMetrics | None):
                            f"{max_bytes:,} bytes for {name} requests (the largest a valid one can be); "
                            "refused before parsing")
             code, reason = status_of(exc)
-            if metrics is not None:
-                metrics.reject(reason, "grpc")
+            if counted is not None:
+                metrics, auth = counted
+                metrics.reject(reason, "grpc", tenant_of_key(auth, context.invocation_metadata()))
             await abort(context, code, str(exc))
         return await parse(raw, context)
     return bounded

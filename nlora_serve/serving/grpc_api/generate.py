@@ -38,7 +38,7 @@ from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.stream import adapter_versions, metered, start_request
 from nlora_serve.serving.status import abort, status_of
-from nlora_serve.serving.metrics import ServerMetrics
+from nlora_serve.serving.metrics import RequestTimer, ServerMetrics, tenant_of
 from nlora_serve.serving.server_config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         timer = self.metrics.request("grpc")
         try:
-            stream, shown_id, reservation, scored = await self._admit(request, context)
+            stream, shown_id, reservation, scored = await self._admit(request, context, timer)
         except NloraError as exc:
             code, reason = status_of(exc)
-            self.metrics.reject(reason, "grpc")
+            self.metrics.reject(reason, "grpc", timer.tenant)
             await abort(context, code, str(exc))
         try:
             # aclosing: on cancel, disconnect or deadline the metered stream is closed here, which
@@ -80,8 +80,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             log.error("%s", exc)
             await abort(context, grpc.StatusCode.INTERNAL, str(exc))
 
-    async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, timer: RequestTimer):
         principal = self.auth.authenticate(context.invocation_metadata())
+        timer.set_tenant(tenant_of(self.auth, principal))
         adapter = request.adapter or None
         principal.check(adapter)
         if adapter is not None:

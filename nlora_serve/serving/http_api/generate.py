@@ -55,7 +55,7 @@ from nlora_serve.serving.http_api.openai import chat_params, chat_prompt, comple
 from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest
 from nlora_serve.serving.http_api.truncation import check_truncatable, truncated, truncation_of
 from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers, whole_json
-from nlora_serve.serving.metrics import RequestTimer
+from nlora_serve.serving.metrics import RequestTimer, tenant_of
 
 # an admitted request holds its tenant's place (quota, queue share) while its body is read: a body
 # held back gets 408 after this long (16 MiB, the largest body, in 60 s is ~2 Mbit/s)
@@ -96,6 +96,7 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
         reservation.release()
         raise
     if started is None:  # gone before its body arrived or while its prompt waited for the tokenizer
+        ctx.metrics.tenant_ended(tenant_of(ctx.auth, caller), "cancelled")
         reservation.release()
         return Response(status_code=499)
     body = started.body
@@ -123,7 +124,8 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
         body = await read_body(request, ctx.admission)
     except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
         return None
-    timer = ctx.metrics.request("http")  # TTFT from here, as vLLM's: a slow upload is not the server's time
+    # TTFT from here, as vLLM's: a slow upload is not the server's time
+    timer = ctx.metrics.request("http", tenant_of(ctx.auth, caller))
     data = parsed_json(body, request.headers.get("content-type"))
     model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, str):  # else the validation below refuses it

@@ -4,7 +4,8 @@ the gRPC front end (DESIGN §6).
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-streamed),
 ``GET /v1/models`` (the base model and the adapters this key may use) and ``GET /v1/models/{model}``
 (one of them; 404 for a name it may not use, as for one that does not exist), ``GET /health``,
-``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; no label names a tenant),
+``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; the per-tenant counters
+name the tenants of the tenants file, see serving/metrics.py),
 vLLM's ``POST /tokenize``, ``POST /detokenize`` (http_api/tokenize.py) and ``GET /version``, and, with
 ``--allow-runtime-lora-updating``, vLLM's ``POST /v1/load_lora_adapter`` and
 ``POST /v1/unload_lora_adapter`` (http_api/lora_admin.py, admin keys only).
@@ -26,6 +27,7 @@ from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.errors import NloraError, shown
 from nlora_serve.serving.auth import Principal
+from nlora_serve.serving.metrics import tenant_of_key
 from nlora_serve.serving.stream import adapter_versions
 from nlora_serve.serving.status import http_status_of
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
@@ -133,7 +135,8 @@ async def _version(caller: Principal = Depends(_principal)) -> dict:  # a key, a
 
 def _refused(request: Request, reason: str) -> None:
     if request.url.path in GENERATE_PATHS:  # as gRPC counts Generate refusals only
-        _ctx(request).metrics.reject(reason, "http")
+        ctx = _ctx(request)
+        ctx.metrics.reject(reason, "http", tenant_of_key(ctx.auth, request.headers.items()))
 
 
 async def _expected(request: Request, exc: NloraError) -> JSONResponse:
