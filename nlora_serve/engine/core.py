@@ -149,7 +149,7 @@ class EngineCore:
             RequestError: from :func:`check_request` or :meth:`GrammarCompiler.compile`.
         """
         check_request(prompt_ids, params.max_tokens, self.vocab_size, self.config.scheduler.max_model_len,
-                      params.stop_token_ids, params.logit_bias, params.allowed_token_ids)
+                      params.stop_token_ids, params.logit_bias, params.allowed_token_ids, params.logprob_token_ids)
         bad_words_token_ids(self.tokenizer, params.bad_words)
         if params.structured_outputs is not None:
             self.grammars.compile(params.structured_outputs)

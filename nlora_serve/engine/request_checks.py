@@ -7,14 +7,15 @@ from nlora_serve.engine.sampling import RequestError
 
 def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int,
                   stop_token_ids: tuple[int, ...] = (), logit_bias: tuple[tuple[int, float], ...] = (),
-                  allowed_token_ids: tuple[int, ...] | None = None) -> None:
-    """The admission check of a prompt, its max_tokens, its stop_token_ids, logit_bias and allowed ids,
-    before any KV block is used (both backends).
+                  allowed_token_ids: tuple[int, ...] | None = None,
+                  logprob_token_ids: tuple[int, ...] | None = None) -> None:
+    """The admission check of a prompt, its max_tokens, its stop_token_ids, logit_bias, allowed ids and
+    logprob_token_ids, before any KV block is used (both backends).
 
     Raises:
         RequestError: empty prompt, a prompt or stop token id outside ``[0, vocab_size)`` (a stop id
             there would index past the logits when min_tokens bans it, failing the whole batch's
-            step; a logit_bias id there likewise), or see :func:`check_context`.
+            step; a logit_bias or logprob_token_ids id there likewise), or see :func:`check_context`.
     """
     if not prompt_ids:
         raise RequestError("prompt is empty: need at least one token", "prompt")
@@ -31,6 +32,10 @@ def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_m
     if outside:  # vLLM's message
         raise RequestError(f"allowed_token_ids contains out-of-vocab token id: {outside[0]} (vocabulary size "
                            f"{vocab_size})", "allowed_token_ids")
+    outside = [t for t in logprob_token_ids or () if not 0 <= t < vocab_size]
+    if outside:  # vLLM's message
+        raise RequestError(f"token_id(s) {outside} in logprob_token_ids contain out-of-vocab token ids. Vocabulary "
+                           f"size: {vocab_size}", "logprob_token_ids")
     check_context(len(prompt_ids), max_tokens, max_model_len)
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from nlora_serve.engine.structured import StructuredOutputs
 
 MAX_LOGPROBS = 20
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM 0.32's: the ids of a request's logprob_token_ids at most
 
 GREEDY_BELOW = 1e-5  # logits / 1e-5 stays finite in float32 for |logits| < 3e33
 
@@ -72,8 +73,8 @@ class SamplingParams:
     multiply negative ones, over prompt and output tokens); ``presence_penalty`` /
     ``frequency_penalty`` as in the OpenAI API (subtract, over output tokens). ``logprobs = k``
     returns the top-k log-probabilities of the model's distribution (before logit_bias, penalties
-    and temperature) plus the sampled token's; ``prompt_logprobs = k`` the same for every prompt
-    token after the first.
+    and temperature) plus the sampled token's; ``logprob_token_ids`` (vLLM's) those of the given ids
+    instead of a top-k; ``prompt_logprobs = k`` the same for every prompt token after the first.
 
     Raises (in ``__post_init__``):
         RequestError: a field out of range; the message names it and its value.
@@ -97,6 +98,10 @@ class SamplingParams:
     presence_penalty: float = 0.0  # 0 = off
     frequency_penalty: float = 0.0  # 0 = off
     logprobs: int | None = None  # top-k log-probabilities per token (0..20); None = off
+    # vLLM's: per token the log-probabilities of these ids (beside the sampled token's, which comes
+    # first), instead of a top-k: 1 to MAX_LOGPROB_TOKEN_IDS ids, checked in the vocabulary at
+    # admission (engine/request_checks.py); ``logprobs`` then None or their count (vLLM's rule)
+    logprob_token_ids: tuple[int, ...] | None = None
     # vLLM's: each prompt token's log-probability given the tokens before it, plus the top-k (0..20);
     # None = off. The engine then computes logits at every prompt position of this request
     # (engine/prompt_logprobs.py) and never starts it from cached prefix blocks.
@@ -164,6 +169,15 @@ class SamplingParams:
                "distinct token ids")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.logprob_token_ids is not None:
+            self.logprob_token_ids = tuple(self.logprob_token_ids)
+            _check(0 < len(self.logprob_token_ids) <= MAX_LOGPROB_TOKEN_IDS, "logprob_token_ids",
+                   self.logprob_token_ids, f"None or 1 to {MAX_LOGPROB_TOKEN_IDS} token ids")
+            _check(all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 63
+                       for t in self.logprob_token_ids), "logprob_token_ids", self.logprob_token_ids,
+                   "token ids in [0, 2^63)")
+            _check(self.logprobs in (None, len(self.logprob_token_ids)), "logprobs", self.logprobs,
+                   f"None or len(logprob_token_ids) = {len(self.logprob_token_ids)} with logprob_token_ids")
         _check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
                                                 and not isinstance(self.prompt_logprobs, bool)
                                                 and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
@@ -192,6 +206,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Temperatures below GREEDY_BELOW are greedy: dividing logits by them overflows to inf."""
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """True when each sampled token comes with log-probabilities (a top-k or given ids)."""
+        return self.logprobs is not None or self.logprob_token_ids is not None
 
     @property
     def reads_token_values(self) -> bool:

@@ -29,7 +29,7 @@ class SampledStep:
     pairs: list[tuple[Sequence, int]]  # (sequence, tokens computed) as launched
     seqs: list[Sequence]  # the sampling sequences, one row each, in row order
     tokens: torch.Tensor  # [R] int64 on the device: the sampled ids, gathered by the next step
-    # [2R + W(1 + 2K) + P(2 + 2K')] float64 on the host (pinned on CUDA): see sample_step
+    # [2R + W(1 + 2K) + I + P(2 + 2K')] float64 on the host (pinned on CUDA): see sample_step
     packed: torch.Tensor
     event: torch.cuda.Event | None  # recorded after the copy into ``packed``; None on the CPU
     logprob_rows: list[int]  # rows that asked for log-probabilities (W of them)
@@ -38,6 +38,7 @@ class SampledStep:
     rows: dict[int, int]  # id(sequence) -> its row in ``tokens``
     needs_values: bool  # a sampling sequence's next sampling reads its token values (penalties)
     prompt: PromptRows | None = None  # the prompt positions this step scored (P rows), None: none
+    num_picked: int = 0  # I: the logprob_token_ids of the W rows together (their values follow the top-k)
 
     def row_of(self, seq: Sequence) -> int:
         """``seq``'s row in :attr:`tokens`, or -1 when it did not sample in this step."""
@@ -45,7 +46,8 @@ class SampledStep:
 
     def read(self) -> tuple[list[int], list[bool], list[list[dict[int, float]] | None]]:
         """Wait for the copy; per row: the token id, whether its logits were finite, and its
-        log-probabilities (``[{token: logprob}]``, the sampled token's first, or None)."""
+        log-probabilities (``[{token: logprob}]``, the sampled token's first, then its top-k or its
+        ``logprob_token_ids`` in their order, or None)."""
         if self.event is not None:
             self.event.synchronize()
         values = self.packed.tolist()
@@ -54,11 +56,18 @@ class SampledStep:
         finite = [v != 0.0 for v in values[r:2 * r]]
         logprobs: list = [None] * r
         at = 2 * r + w  # after the tokens, the finite flags and the sampled tokens' log-probabilities
-        sampled_lp, top_v, top_i = values[2 * r:at], values[at:at + w * k], values[at + w * k:]
+        sampled_lp, top_v, top_i = values[2 * r:at], values[at:at + w * k], values[at + w * k:at + 2 * w * k]
+        picked = at + 2 * w * k  # the rows' logprob_token_ids values, in row order
         for j, row in enumerate(self.logprob_rows):
-            want = self.seqs[row].params.logprobs
+            params = self.seqs[row].params
             entry = {tokens[row]: sampled_lp[j]}
-            entry.update(zip((int(i) for i in top_i[j * k:j * k + want]), top_v[j * k:j * k + want]))
+            if params.logprob_token_ids is not None:  # a dict keeps the sampled token first, as vLLM's
+                n = len(params.logprob_token_ids)
+                entry.update(zip(params.logprob_token_ids, values[picked:picked + n]))
+                picked += n
+            else:
+                want = params.logprobs
+                entry.update(zip((int(i) for i in top_i[j * k:j * k + want]), top_v[j * k:j * k + want]))
             logprobs[row] = [entry]
         return tokens, finite, logprobs
 
@@ -70,7 +79,7 @@ class SampledStep:
         if self.event is not None:
             self.event.synchronize()
         w, k = len(self.logprob_rows), self.top_k
-        return unpack(self.packed[2 * len(self.seqs) + w * (1 + 2 * k):].tolist(), self.prompt)
+        return unpack(self.packed[2 * len(self.seqs) + w * (1 + 2 * k) + self.num_picked:].tolist(), self.prompt)
 
 
 def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: list[Sequence],
@@ -86,7 +95,8 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
         bans: per row, the tokens banned until min_tokens (EOS and stop ids).
         shared: the engine's generator, for rows without their own seed.
     Log-probabilities are those of the model's distribution (before logit_bias, penalties and temperature):
-    ``log_softmax`` of the raw row, the sampled token's and the top ``logprobs`` ones; a row with a
+    ``log_softmax`` of the raw row, the sampled token's and the top ``logprobs`` ones, or those of its
+    ``logprob_token_ids`` (vLLM's sampler gathers them from the same raw log-probabilities); a row with a
     grammar (``seq.matcher``) is masked first, so its distribution is the masked one (vLLM's order).
     """
     # a row's sum is finite iff all its logits are (NaN and ±inf propagate; |logits| that could
@@ -96,8 +106,10 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
     constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
     if constrained:
         mask_rows(logits, constrained, [seqs[i].matcher for i in constrained])
-    wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-    k = max((seqs[i].params.logprobs for i in wanted), default=0)
+    wanted = [i for i, s in enumerate(seqs) if s.params.wants_logprobs]
+    k = max((seqs[i].params.logprobs for i in wanted if seqs[i].params.logprob_token_ids is None), default=0)
+    picked = [(j, seqs[i].params.logprob_token_ids) for j, i in enumerate(wanted)
+              if seqs[i].params.logprob_token_ids is not None]
     logp = logits[wanted].log_softmax(dim=-1) if wanted else None  # before penalties change the rows
     allowed = [i for i, s in enumerate(seqs) if s.allowed_ids is not None]
     if allowed:  # vLLM's masks: after the logprobs, before logit_bias and the penalties
@@ -126,6 +138,10 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
         if k:
             top_v, top_i = logp.topk(k, dim=-1)
             parts += [top_v.reshape(-1).double(), top_i.reshape(-1).double()]
+        if picked:
+            rows = torch.tensor([j for j, ids in picked for _ in ids], device=logp.device)
+            cols = torch.tensor([t for _, ids in picked for t in ids], device=logp.device)
+            parts.append(logp[rows, cols].double())
     packed = torch.cat(parts + list(scored))
     event = None
     if packed.device.type == "cuda":
@@ -135,4 +151,5 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
         event.record()
         packed = host
     return SampledStep(pairs, seqs, tokens, packed, event, wanted, k, {id(s): n for s, n in pairs},
-                       {id(s): i for i, s in enumerate(seqs)}, needs_values, prompt)
+                       {id(s): i for i, s in enumerate(seqs)}, needs_values, prompt,
+                       sum(len(ids) for _, ids in picked))

@@ -112,6 +112,33 @@ def test_step_bans_stop_ids_only_on_rows_below_min_tokens():
     assert step.needs_values is False
 
 
+def test_step_reads_top_k_and_logprob_token_ids_rows_and_the_prompt_part_after_them():
+    """One step with a top-k row, a logprob_token_ids row (vLLM's: the sampled token, then the ids in
+    their order, a repeated id once) and a row asking none but prompt logprobs (one scored position): each
+    row's entry against log_softmax by hand, the prompt part read past the ids' values."""
+    from nlora_serve.engine.prompt_logprobs import PromptRows
+    from nlora_serve.engine.sequence import Sequence
+    from nlora_serve.engine.step_output import sample_step
+
+    raw = [[0.0, 1.0, 3.0, 2.0], [4.0, 0.5, 1.0, -1.0], [0.0, 0.0, 0.0, 1.0]]
+    lp = [[x - math.log(sum(math.exp(y) for y in row)) for x in row] for row in raw]
+    greedy = {"temperature": 0.0}
+    seqs = [Sequence("k", 0, [1], 1, SamplingParams(logprobs=2, **greedy)),
+            Sequence("ids", 1, [1], 1, SamplingParams(logprob_token_ids=(3, 0, 3, 1), **greedy)),
+            Sequence("none", 2, [1], 1, SamplingParams(prompt_logprobs=0, **greedy))]
+    prompt = PromptRows(torch.tensor([0]), torch.tensor([2]), [(seqs[2], 1)], 0)
+    step = sample_step(torch.tensor(raw), [(s, 1) for s in seqs], seqs, [set()] * 3, torch.Generator(), prompt,
+                       [torch.tensor([-0.25, 3.0], dtype=torch.float64)])
+    tokens, _, logprobs = step.read()
+    assert tokens == [2, 0, 3]
+    (k_row,), (ids_row,) = logprobs[0], logprobs[1]
+    assert list(k_row) == [2, 3] and list(ids_row) == [0, 3, 1] and logprobs[2] is None
+    for got, row in ((k_row, lp[0]), (ids_row, lp[1])):
+        assert all(value == pytest.approx(row[t], abs=1e-6) for t, value in got.items())
+    ((seq, (entry,)),) = step.read_prompt()
+    assert seq is seqs[2] and entry.logprobs == {2: -0.25} and entry.rank == 3
+
+
 def test_step_reads_token_values_only_for_value_penalties():
     from nlora_serve.engine.sequence import Sequence
     from nlora_serve.engine.step_output import sample_step

@@ -2,10 +2,12 @@
 itself (sampled, or the echoed prompt's), so up to N + 1 entries in ``top_logprobs`` (OpenAI's rule,
 vLLM 0.32's completion/serving.py ``_create_completion_logprobs``), the token's first; ``logprobs: 0``
 gives the token alone. Checked against transformers' float64 log_softmax of the raw logits, with
-``logit_bias`` pushing a token far outside the top N, whole and streamed, and on echoed prompts."""
+``logit_bias`` pushing a token far outside the top N, whole and streamed, and on echoed prompts.
+vLLM's ``logprob_token_ids`` replace the top N with the given ids (completions and chat)."""
 
 from __future__ import annotations
 
+import openai
 import pytest
 import torch
 
@@ -78,3 +80,69 @@ def test_echoed_prompt_tokens_come_with_their_top_n(http_server, tokenizer, hf_m
     # tells greedy tokens apart with N >= 1 (it sends 1), and with 0 the token is alone
     is_greedy = [lp.token_logprobs[p] == max(lp.top_logprobs[p].values()) for p in range(1, len(prompt))]
     assert is_greedy == [n == 0 or int(rows[p - 1].argmax()) == prompt[p] for p in range(1, len(prompt))]
+
+
+def _ids_entry(top: dict[str, float] | list, token: int, ids: list[int], row: torch.Tensor) -> None:
+    """vLLM 0.32's entry with ``logprob_token_ids``: its logprobs dict ``{sampled: lp, id: lp, ...}``
+    (the sampler's column 0 is the sampled token, then the ids in their order; a dict keeps a repeated
+    key at its first place), every entry returned; values of the raw distribution (``row``)."""
+    if isinstance(top, list):  # chat: [{"token", "logprob", "bytes"}]
+        top = {e.token: e.logprob for e in top}
+    keys = [int(key.removeprefix("token_id:")) for key in top]
+    assert keys == list(dict.fromkeys([token, *ids]))
+    for t, value in zip(keys, top.values()):
+        assert value == pytest.approx(float(row[t]), abs=TOL)
+
+
+def test_logprob_token_ids_replace_the_top_n(http_server, tokenizer, hf_model):
+    """vLLM's ``logprob_token_ids``: per generated token the sampled token's log-probability and
+    those of the given ids (a repeated id once, the sampled one not twice), in place of the top
+    ``logprobs`` / ``top_logprobs`` (whatever their count), on completions and in a chat stream."""
+    api = client(http_server, TENANT_KEYS["base-co"])
+    prompt = tokenizer.encode(PROMPT, add_special_tokens=False)
+    first = _log_softmax(hf_model, prompt)[-1]
+    greedy, unlikely = int(first.argmax()), int(first.argmin())
+    ids = [unlikely, 17, greedy, 17, int(first.argsort(descending=True)[3])]
+    answer = api.completions.create(model=_base(http_server), prompt=prompt, max_tokens=3, temperature=0, logprobs=1,
+                                    extra_body={"logprob_token_ids": ids, "return_tokens_as_token_ids": True,
+                                                "ignore_eos": True})
+    lp = answer.choices[0].logprobs
+    tokens = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    rows = _log_softmax(hf_model, prompt + tokens)[len(prompt) - 1:-1]
+    assert tokens[0] == greedy
+    for top, token, value, row in zip(lp.top_logprobs, tokens, lp.token_logprobs, rows, strict=True):
+        _ids_entry(top, token, ids, row)
+        assert value == pytest.approx(float(row[token]), abs=TOL)
+
+    chunks = list(api.chat.completions.create(
+        model=_base(http_server), messages=[{"role": "user", "content": "Name a colour."}], max_tokens=3,
+        temperature=0, logprobs=True, top_logprobs=2, stream=True,
+        extra_body={"logprob_token_ids": ids, "return_tokens_as_token_ids": True, "return_token_ids": True}))
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    chat_prompt = chunks[0].model_extra["prompt_token_ids"]
+    tokens = [int(e.token.removeprefix("token_id:")) for e in entries]
+    rows = _log_softmax(hf_model, chat_prompt + tokens)[len(chat_prompt) - 1:-1]
+    assert len(tokens) == 3
+    for entry, token, row in zip(entries, tokens, rows, strict=True):
+        _ids_entry(entry.top_logprobs, token, ids, row)
+        assert entry.logprob == pytest.approx(float(row[token]), abs=TOL)
+
+
+@pytest.mark.parametrize("chat, fields, message", [
+    (True, {"logprob_token_ids": [5]}, "when using `logprob_token_ids`, `logprobs` must be set to true."),
+    (False, {"logprob_token_ids": [5]}, "when using `logprob_token_ids`, `logprobs` must be set."),
+    (False, {"logprob_token_ids": [5], "logprobs": 0, "echo": True, "max_tokens": 0},
+     "`logprob_token_ids` is not supported when `echo=True` and `max_tokens=0` because no output tokens are "
+     "generated."),
+    (False, {"logprob_token_ids": [5, 49152, 10**6], "logprobs": 0},
+     "token_id(s) [49152, 1000000] in logprob_token_ids contain out-of-vocab token ids. Vocabulary size: 49152"),
+])
+def test_logprob_token_ids_refusals_in_vllm_words(http_server, chat, fields, message):
+    api = client(http_server, TENANT_KEYS["base-co"])
+    common = dict(model=_base(http_server), extra_body=fields)
+    with pytest.raises(openai.BadRequestError) as err:
+        if chat:
+            api.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], logprobs=False, **common)
+        else:
+            api.completions.create(prompt="Hi", **common)
+    assert err.value.body["message"] == message and err.value.body["param"] == "logprob_token_ids"

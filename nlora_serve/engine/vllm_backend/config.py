@@ -148,6 +148,7 @@ def vllm_sampling_params(p: SamplingParams):
                               ignore_eos=p.ignore_eos, repetition_penalty=p.repetition_penalty,
                               presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                               logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
+                              logprob_token_ids=list(p.logprob_token_ids) if p.logprob_token_ids else None,
                               logit_bias=dict(p.logit_bias) or None,
                               skip_special_tokens=p.skip_special_tokens,
                               allowed_token_ids=list(p.allowed_token_ids) if p.allowed_token_ids else None,

@@ -153,7 +153,7 @@ class VllmEngine(Engine):
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt, add_special_tokens)  # tokenized here: vLLM gets the ids
         check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len, params.stop_token_ids,
-                      params.logit_bias, params.allowed_token_ids)
+                      params.logit_bias, params.allowed_token_ids, params.logprob_token_ids)
         if params.bad_words:  # refused here in vLLM's words, not failed inside it
             with self._lock:
                 bad_words_token_ids(self.tokenizer, params.bad_words)

@@ -51,7 +51,8 @@ from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.choices import check_choices, choice_params, of_prompt, start_choices
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_api.echo import Echo
-from nlora_serve.serving.http_api.openai import chat_params, chat_prompt, completion_inputs, response_id_of
+from nlora_serve.serving.http_api.openai import (chat_params, chat_prompt, completion_inputs, logprobs_asked,
+                                                 response_id_of)
 from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest
 from nlora_serve.serving.http_api.truncation import check_truncatable, truncated, truncation_of
 from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers, whole_json
@@ -101,11 +102,12 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
         return Response(status_code=499)
     body = started.body
     deltas = metered(started.stream, started.timer, reservation, body.num_choices * len(started.prompt_ids))
-    shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, started.params.logprobs,
+    shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, logprobs_asked(body),
                     body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage, n=body.num_choices,
                     prompt_ids=started.prompt_ids, echo=_echo(started, ctx.tokenizer),
                     prompt_logprobs=body.prompt_logprobs, token_text=ctx.token_text,
-                    tools=body.tool_calls()[0] if chat else None, token_ids=bool(body.return_token_ids))
+                    tools=body.tool_calls()[0] if chat else None, token_ids=bool(body.return_token_ids),
+                    logprob_token_ids=bool(body.logprob_token_ids))
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)

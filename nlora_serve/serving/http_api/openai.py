@@ -29,7 +29,8 @@ config's max_new_tokens: see :func:`~nlora_serve.serving.stream.start_request`).
 names (send them in ``extra_body``): ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
 ``return_tokens_as_token_ids`` (logprob tokens as
-``"token_id:<id>"``), ``cache_salt`` (only requests with the same salt share prefix-cache blocks; with keys, only
+``"token_id:<id>"``), ``logprob_token_ids`` (with logprobs on: per generated token the log-probabilities
+of these ids, beside the sampled token's, replace the top-k: :func:`logprobs_asked`), ``cache_salt`` (only requests with the same salt share prefix-cache blocks; with keys, only
 within the sender's tenant: see :func:`~nlora_serve.serving.request_policy.cache_salt_of`),
 ``truncate_prompt_tokens`` / ``truncation_side`` (:mod:`~nlora_serve.serving.http_api.truncation`),
 ``add_special_tokens``: completions true by default (a text prompt takes the tokenizer's special
@@ -86,10 +87,45 @@ def response_id_of(header: str | None, request: OpenAIRequest) -> str | None:
     return given
 
 
+def logprobs_asked(request: OpenAIRequest) -> int | None:
+    """The top-k log-probabilities a request asks per generated token; None: none (chat: its
+    ``top_logprobs``, 0 when unset, with ``logprobs`` true; completions: its ``logprobs``).
+
+    With vLLM's ``logprob_token_ids`` (which needs logprobs on) those ids replace the top-k: each
+    token's entry is the sampled token and the ids, all of them returned in that order (vLLM 0.32's
+    ``_create_chat_logprobs`` / ``_create_completion_logprobs`` with ``logprob_token_ids``); the
+    count then only shapes an echoed prompt's entries, and the engine gets no top-k (vLLM's
+    ``to_sampling_params``: ``logprobs=None`` with ids).
+    """
+    if isinstance(request, ChatRequest):
+        return (request.top_logprobs or 0) if request.logprobs else None
+    return request.logprobs
+
+
+def _check_logprob_token_ids(request: OpenAIRequest) -> None:
+    """vLLM 0.32's protocol checks of ``logprob_token_ids`` (its ``check_logprobs``; an empty list is unset).
+
+    Raises:
+        ParamError: ids without logprobs; with echo and max_tokens 0 (completions).
+    """
+    if not request.logprob_token_ids:
+        return
+    if isinstance(request, ChatRequest):
+        if not request.logprobs:
+            raise ParamError("when using `logprob_token_ids`, `logprobs` must be set to true.", "logprob_token_ids")
+        return
+    if request.echo and request.max_tokens == 0:
+        raise ParamError("`logprob_token_ids` is not supported when `echo=True` and `max_tokens=0` because no output "
+                         "tokens are generated.", "logprob_token_ids")
+    if request.logprobs is None:
+        raise ParamError("when using `logprob_token_ids`, `logprobs` must be set.", "logprob_token_ids")
+
+
 def sampling_of(request: OpenAIRequest, config: ServerConfig, logprobs: int | None,
                 prompt_logprobs: int | None = None, tool_schema: dict | None = None) -> SamplingParams:
-    """The engine's SamplingParams for a request (``logprobs``: top-k per token, ``prompt_logprobs``:
-    per prompt token; None = off; ``tool_schema``: the JSON schema a tool_choice forces, http_api/tools.py).
+    """The engine's SamplingParams for a request (``logprobs``: top-k per token, replaced by the
+    request's ``logprob_token_ids`` where it sends some; ``prompt_logprobs``: per prompt token; None =
+    off; ``tool_schema``: the JSON schema a tool_choice forces, http_api/tools.py).
 
     Raises:
         ParamError: a field out of range (named), or max_tokens over the server's ``--max-tokens``.
@@ -129,7 +165,9 @@ def sampling_of(request: OpenAIRequest, config: ServerConfig, logprobs: int | No
             presence_penalty=default("presence_penalty", request.presence_penalty, 0.0),
             frequency_penalty=default("frequency_penalty", request.frequency_penalty, 0.0),
             repetition_penalty=default("repetition_penalty", request.repetition_penalty, 1.0),
-            logit_bias=_logit_bias(request.logit_bias), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            logit_bias=_logit_bias(request.logit_bias), prompt_logprobs=prompt_logprobs,
+            logprobs=None if request.logprob_token_ids else logprobs,
+            logprob_token_ids=tuple(request.logprob_token_ids) if request.logprob_token_ids else None,
             allowed_token_ids=request.allowed_token_ids, bad_words=tuple(request.bad_words or ()),
             structured_outputs=structured)
 
@@ -156,9 +194,11 @@ def completion_inputs(request: CompletionRequest,
 
     Raises:
         ParamError: an unsupported field, an empty prompt, more than MAX_PROMPTS prompts, a
-            field out of range, prompt_logprobs with stream (:func:`prompt_logprobs_of`).
+            field out of range, prompt_logprobs with stream (:func:`prompt_logprobs_of`),
+            logprob_token_ids without logprobs.
     """
     check_fields(request)
+    _check_logprob_token_ids(request)
     prompts = prompts_of(request.prompt)
     if len(prompts) > MAX_PROMPTS:
         raise ParamError(f"prompt list length {len(prompts)} exceeds the maximum allowed count of {MAX_PROMPTS} "
@@ -198,7 +238,7 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
     Raises:
         ParamError: an unsupported field, a field out of range, top_logprobs > 0 without logprobs,
             add_special_tokens=true, echo=true (vLLM's chat echo is another thing), prompt_logprobs
-            (:func:`prompt_logprobs_of`).
+            (:func:`prompt_logprobs_of`), logprob_token_ids without logprobs.
     """
     if (request.model_extra or {}).get("echo") is True:
         raise ParamError("echo=true is not supported on /v1/chat/completions (vLLM's chat echo prepends the last "
@@ -210,7 +250,9 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
     if request.continue_final_message and request.add_generation_prompt:
         raise ParamError("continue_final_message=true needs add_generation_prompt=false: the final message is "
                          "continued, no new assistant turn is opened (vLLM's rule)", "continue_final_message")
-    if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_LOGPROBS:
+    _check_logprob_token_ids(request)
+    top = request.top_logprobs  # with logprob_token_ids unused: any count vLLM's protocol takes
+    if top is not None and not (0 <= top <= MAX_LOGPROBS or request.logprob_token_ids and top >= -1):
         raise ParamError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}]; got {request.top_logprobs}",
                          "top_logprobs")
     if request.top_logprobs and not request.logprobs:  # 0 without logprobs asks nothing: accepted, as vLLM
@@ -219,8 +261,7 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
         _, tool_schema = request.tool_calls()
     except RequestError as exc:  # vLLM's messages and params (None where vLLM names none)
         raise ParamError(str(exc), exc.param) from None
-    return sampling_of(request, config, (request.top_logprobs or 0) if request.logprobs else None,
-                       prompt_logprobs_of(request), tool_schema)
+    return sampling_of(request, config, logprobs_asked(request), prompt_logprobs_of(request), tool_schema)
 
 
 def chat_prompt(request: ChatRequest, tokenizer,

@@ -75,6 +75,9 @@ class OpenAIRequest(BaseModel):
     allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled (engine/token_masks.py)
     bad_words: list[str] | None = None  # vLLM's: words never generated (engine/token_masks.py)
     return_tokens_as_token_ids: bool = False
+    # vLLM's: per generated token the log-probabilities of these ids (and the sampled token's) instead
+    # of the top-k; needs logprobs (http_api/openai.py's logprobs_asked)
+    logprob_token_ids: list[int] | None = None
     cache_salt: str | None = None  # prefix-cache sharing group (vLLM's field; see request_policy.cache_salt_of)
     request_id: str | None = None  # vLLM's: the response id's tail ("cmpl-<request_id>"); X-Request-Id wins
     return_token_ids: bool | None = None  # vLLM's: token ids beside the text (http_api/responses.py)

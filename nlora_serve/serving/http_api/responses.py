@@ -112,6 +112,8 @@ class Shaper:
         tokenizer: decodes single tokens for logprobs.
         top_logprobs: logprobs asked (top-k per token, 0 = the sampled token only); None = off.
         token_ids_as_tokens: logprob tokens as ``"token_id:<id>"`` (vLLM's return_tokens_as_token_ids).
+        logprob_token_ids: the request sent vLLM's ``logprob_token_ids``: a generated token's
+            ``top_logprobs`` are all its engine entry holds (the token, then the ids), in that order.
         include_usage: streaming: end with a usage chunk (stream_options.include_usage).
         continuous_usage: with include_usage, every chunk carries the usage so far instead of null
             (vLLM's stream_options.continuous_usage_stats; of the chunk's own choice, as vLLM).
@@ -133,9 +135,10 @@ class Shaper:
                  token_ids_as_tokens: bool = False, include_usage: bool = False, continuous_usage: bool = False,
                  n: int = 1, prompt_ids: list[list[int]] | None = None, echo: list[Echo] | None = None,
                  prompt_logprobs: int | None = None, token_text: TokenText | None = None,
-                 tools: ToolCalls | None = None, token_ids: bool = False):
+                 tools: ToolCalls | None = None, token_ids: bool = False, logprob_token_ids: bool = False):
         self.request_id, self.model, self.chat = request_id, model, chat
         self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
+        self.logprob_token_ids = logprob_token_ids
         self._text = TokenText(tokenizer) if token_text is None else token_text
         self.token_ids_as_tokens, self.include_usage = token_ids_as_tokens, include_usage
         self.continuous_usage = include_usage and continuous_usage
@@ -302,7 +305,9 @@ class Shaper:
 
     def _top(self, lps: dict[int, float]) -> list[tuple[int, float]]:
         """Chat's ``top_logprobs`` of one position: the top_logprobs most likely tokens, best first
-        (``lps`` holds them and the sampled token)."""
+        (``lps`` holds them and the sampled token); with logprob_token_ids every entry, in its order."""
+        if self.logprob_token_ids:
+            return list(lps.items())
         return sorted(lps.items(), key=lambda kv: -kv[1])[: self.top_logprobs]
 
     def _logprobs(self, out: RequestOutput) -> dict:
@@ -316,7 +321,8 @@ class Shaper:
             offsets.append(self._offsets[out.index])
             self._offsets[out.index] += len(token)
         return {"tokens": tokens, "token_logprobs": [clamp(lps[t]) for t, lps in pairs],
-                "top_logprobs": [{self._token(u): clamp(lp) for u, lp in with_token(lps, t, self.top_logprobs)}
+                "top_logprobs": [{self._token(u): clamp(lp) for u, lp in
+                                  (lps.items() if self.logprob_token_ids else with_token(lps, t, self.top_logprobs))}
                                  for t, lps in pairs],
                 "text_offset": offsets}
 
