@@ -182,7 +182,8 @@ class EngineCore:
         self._arrivals += 1
         self.counters["prompt_tokens"] += len(prompt_ids)
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
-                                       min_tokens=params.min_tokens, include_stop=params.include_stop_str_in_output)
+                                       min_tokens=params.min_tokens, include_stop=params.include_stop_str_in_output,
+                                       spaces_between_special_tokens=params.spaces_between_special_tokens)
         self.requests[request_id] = _Request(seq, detok, self.eos.stops(params.stop_token_ids, params.ignore_eos),
                                              self.eos.banned_before_min_tokens(params.stop_token_ids),
                                              [None] if params.prompt_logprobs is not None else None)

@@ -18,6 +18,14 @@ With ``min_tokens`` a stop string counts only where it ends past the text of the
 that text, straddling the boundary, but must end beyond it).
 :meth:`IncrementalDetokenizer.flush` re-decodes everything once at the end, so the deltas always
 join to ``tokenizer.decode(ids)`` (cut at a stop string).
+
+``spaces_between_special_tokens=False`` with ``skip_special_tokens=False`` (vLLM's fields) is vLLM
+0.32's ``FastIncrementalDetokenizer`` rule: an added token (special or not: the tokenizer's added
+tokens) right after another added token of the output is its bare text, without the space a decoder
+may put before it (a WordPiece decoder writes ``[CLS] [SEP]``, this ``[CLS][SEP]``); every other token
+is decoded as usual. The text then differs from ``decode`` where such a pair occurs, so the flush
+keeps it (it takes ``decode``'s text only where the text so far is a prefix of it). With
+``skip_special_tokens`` the flag changes nothing (vLLM's too).
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ class IncrementalDetokenizer:
     """Turns one request's generated tokens into text deltas."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True, stop: tuple[str, ...] = (),
-                 fast: bool = True, min_tokens: int = 0, include_stop: bool = False) -> None:
+                 fast: bool = True, min_tokens: int = 0, include_stop: bool = False,
+                 spaces_between_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         # ``fast``: use DecodeStream where it gives the same text (False: the window path, for the bench)
         self._backend = stream_backend(tokenizer) if fast else None
@@ -65,6 +74,12 @@ class IncrementalDetokenizer:
         self._stop_after: int | None = 0 if min_tokens == 0 else None
         self._prefix_offset = 0  # window start: tokens before it are in ``text`` for good
         self._read_offset = 0  # tokens before it are in ``text``
+        # spaces_between_special_tokens=False: the added tokens' {id: text}, and whether the last
+        # token was one (module docstring); None: the flag is on, or changes nothing
+        self._added: dict[int, str] | None = None
+        self._last_added = False
+        if not skip_special_tokens and not spaces_between_special_tokens:
+            self._added = {t: token.content for t, token in tokenizer.added_tokens_decoder.items()} or None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -74,23 +89,39 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.ids.append(token_id)
+        joined = self._joined(token_id)  # its bare text, or None
         if self._stream is not None:
             try:
-                chunk = self._stream.step(self._backend, token_id)
+                chunk = self._stream.step(self._backend, token_id)  # stepped anyway: the stream keeps its state
             except Exception:  # noqa: BLE001 (the Rust side raises plain Exception): the window path takes over
                 self._stream = None
                 self._prefix_offset = max(0, self._read_offset - WINDOW)
             else:
+                chunk = chunk if joined is None else joined
                 if chunk:
                     self.text += chunk
                     self._read_offset = len(self.ids)
                 return self._release(final=False)
+        if joined is not None:  # the previous token was added too, so all before it is in ``text``
+            self.text += joined
+            self._prefix_offset, self._read_offset = len(self.ids) - 1, len(self.ids)
+            return self._release(final=False)
         prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
         window = self._decode(self.ids[self._prefix_offset:])
         if len(window) > len(prefix) and not window.endswith(REPLACEMENT):
             self.text += window[len(prefix):]
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
         return self._release(final=False)
+
+    def _joined(self, token_id: int) -> str | None:
+        """With spaces_between_special_tokens off: ``token_id``'s bare text where it and the token
+        before it are added tokens (vLLM's ``last_special``, False at the output's start); else None."""
+        if self._added is None:
+            return None
+        text = self._added.get(token_id)
+        joined = text if text is not None and self._last_added else None
+        self._last_added = text is not None
+        return joined
 
     def flush(self) -> str:
         """The request ended: return all text not yet streamed (a dangling partial character included)."""

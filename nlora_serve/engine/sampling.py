@@ -109,6 +109,9 @@ class SamplingParams:
     # (token id, bias) pairs, bias in [-100, 100], ids distinct; a dict {id: bias} is taken too
     logit_bias: tuple[tuple[int, float], ...] = ()
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    # vLLM's: False (with skip_special_tokens False) writes an added token that follows another one
+    # without the space the decoder may put between them (engine/detokenizer.py)
+    spaces_between_special_tokens: bool = True
     # vLLM's: only these token ids can be sampled (the others' logits are -inf before logit_bias and
     # the penalties; logprobs stay the model's); None = every token. Ids checked in the vocabulary at
     # admission (engine/request_checks.py)

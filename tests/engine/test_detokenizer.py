@@ -154,3 +154,40 @@ def test_stop_strings_count_only_past_the_min_tokens_text(tokenizer, fast, text,
     deltas, detok = stream(tokenizer, ids, (stop,), fast=fast, min_tokens=min_tokens)
     assert detok.stopped == (want is not None)
     assert "".join(deltas) == (text if want is None else want)
+
+
+def _wordpiece_tokenizer():
+    """A BERT-style tokenizer (WordPiece decoder: ``decode`` puts a space before every word and
+    special token), with the special tokens [CLS] and [SEP] and the added, not special, token <x>."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "hello": 3, "world": 4, "##s": 5, "<x>": 6}
+    backend = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    backend.add_special_tokens([AddedToken("[CLS]", special=True), AddedToken("[SEP]", special=True)])
+    backend.add_tokens([AddedToken("<x>", special=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                   clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["decode_stream", "window"])
+def test_spaces_between_special_tokens_false_joins_adjacent_added_tokens(fast):
+    """vLLM 0.32's FastIncrementalDetokenizer with skip_special_tokens and spaces_between_special_tokens
+    false: an added token (special or not) right after another added token is its bare text; the
+    rest is decoded as usual. By hand from that rule (vLLM's own class, run on this tokenizer in its
+    venv, gives the same string): of "hello [CLS] [SEP] worlds [SEP] <x> [CLS] <x> <x> hello" (decode's
+    text) the four pairs lose their space. The flag on, or with skip_special_tokens, the text is decode's."""
+    tokenizer = _wordpiece_tokenizer()
+    ids = [3, 1, 2, 4, 5, 2, 6, 1, 6, 6, 3]
+    assert tokenizer.decode(ids, skip_special_tokens=False) == "hello [CLS] [SEP] worlds [SEP] <x> [CLS] <x> <x> hello"
+    for skip, spaces, want in ((False, False, "hello [CLS][SEP] worlds [SEP]<x>[CLS]<x><x> hello"),
+                               (False, True, tokenizer.decode(ids, skip_special_tokens=False)),
+                               (True, False, tokenizer.decode(ids, skip_special_tokens=True))):
+        deltas, detok = stream(tokenizer, ids, fast=fast, skip_special_tokens=skip,
+                               spaces_between_special_tokens=spaces)
+        assert (detok._stream is not None) == (fast and DecodeStream is not None)
+        assert "".join(deltas) == want, (skip, spaces)
+        if not skip and not spaces:  # token by token as vLLM's decode_next returns them
+            assert deltas == ["hello", " [CLS]", "[SEP]", " world", "s", " [SEP]", "<x>", "[CLS]", "<x>", "<x>",
+                              " hello", ""]

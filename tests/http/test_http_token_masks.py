@@ -89,12 +89,22 @@ def test_mask_refusals_name_the_field(http_server):
     for extra, param in (({"allowed_token_ids": []}, "allowed_token_ids"),
                          ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
                          ({"bad_words": [""]}, "bad_words"),
-                         ({"use_beam_search": True}, "use_beam_search"),
-                         ({"spaces_between_special_tokens": False, "skip_special_tokens": False},
-                          "spaces_between_special_tokens")):
+                         ({"use_beam_search": True}, "use_beam_search")):
         try:
             api.completions.create(model=model, prompt="Hi", max_tokens=2, extra_body=extra)
         except Exception as exc:  # openai.BadRequestError
             assert getattr(exc, "status_code", None) == 400 and exc.body["param"] == param, (extra, exc)
         else:
             raise AssertionError(f"{extra} was accepted")
+
+
+def test_spaces_between_special_tokens_false_writes_adjacent_added_tokens_bare(http_server, tokenizer):
+    """vLLM's ``spaces_between_special_tokens: false`` with ``skip_special_tokens: false`` (was refused):
+    every token here is an added token (allowed_token_ids keeps four of SmolLM2's), so each after the
+    first is its bare text (vLLM 0.32's FastIncrementalDetokenizer): the text is their contents joined."""
+    specials = [1, 2, 3, 4]
+    assert all(t in tokenizer.added_tokens_decoder for t in specials)
+    tokens, text = _complete(http_server, tokenizer.encode(PROMPT), allowed_token_ids=specials,
+                             skip_special_tokens=False, spaces_between_special_tokens=False)
+    assert len(tokens) == NUM_TOKENS and set(tokens) <= set(specials)
+    assert text == "".join(tokenizer.added_tokens_decoder[t].content for t in tokens)

@@ -151,6 +151,7 @@ def vllm_sampling_params(p: SamplingParams):
                               logprob_token_ids=list(p.logprob_token_ids) if p.logprob_token_ids else None,
                               logit_bias=dict(p.logit_bias) or None,
                               skip_special_tokens=p.skip_special_tokens,
+                              spaces_between_special_tokens=p.spaces_between_special_tokens,
                               allowed_token_ids=list(p.allowed_token_ids) if p.allowed_token_ids else None,
                               bad_words=list(p.bad_words) or None,
                               structured_outputs=vllm_structured(p.structured_outputs),

@@ -28,10 +28,12 @@ the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens`` an
 config's max_new_tokens: see :func:`~nlora_serve.serving.stream.start_request`). Extensions, under vLLM's
 names (send them in ``extra_body``): ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
-``return_tokens_as_token_ids`` (logprob tokens as
+``spaces_between_special_tokens`` (false: adjacent added tokens written without a space between them,
+:mod:`~nlora_serve.engine.detokenizer`), ``return_tokens_as_token_ids`` (logprob tokens as
 ``"token_id:<id>"``), ``logprob_token_ids`` (with logprobs on: per generated token the log-probabilities
-of these ids, beside the sampled token's, replace the top-k: :func:`logprobs_asked`), ``cache_salt`` (only requests with the same salt share prefix-cache blocks; with keys, only
-within the sender's tenant: see :func:`~nlora_serve.serving.request_policy.cache_salt_of`),
+of these ids, beside the sampled token's, replace the top-k: :func:`logprobs_asked`), ``cache_salt``
+(only requests with the same salt share prefix-cache blocks; with keys, only within the sender's tenant:
+see :func:`~nlora_serve.serving.request_policy.cache_salt_of`),
 ``truncate_prompt_tokens`` / ``truncation_side`` (:mod:`~nlora_serve.serving.http_api.truncation`),
 ``add_special_tokens``: completions true by default (a text prompt takes the tokenizer's special
 tokens, a BOS on Llama-style models; token ids run as given), chat false only (the chat template
@@ -143,9 +145,6 @@ def sampling_of(request: OpenAIRequest, config: ServerConfig, logprobs: int | No
         if structured is not None:  # vLLM's words
             raise ParamError("You can only either use constraints for structured outputs or tools, not both.", None)
         structured = StructuredOutputs(json=json.dumps(tool_schema), param="tools")
-    if not request.spaces_between_special_tokens and not request.skip_special_tokens:
-        raise ParamError("spaces_between_special_tokens=false with skip_special_tokens=false is not supported: the "
-                         "text keeps the tokenizer's own spacing between special tokens", "spaces_between_special_tokens")
     with as_param_error():
         if requested is not None and requested < 1:
             raise RequestError(f"{field} must be >= 1; got {requested}")
@@ -162,6 +161,7 @@ def sampling_of(request: OpenAIRequest, config: ServerConfig, logprobs: int | No
             stop_token_ids=tuple(request.stop_token_ids or ()), ignore_eos=request.ignore_eos,
             include_stop_str_in_output=request.include_stop_str_in_output,
             skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
             presence_penalty=default("presence_penalty", request.presence_penalty, 0.0),
             frequency_penalty=default("frequency_penalty", request.frequency_penalty, 0.0),
             repetition_penalty=default("repetition_penalty", request.repetition_penalty, 1.0),

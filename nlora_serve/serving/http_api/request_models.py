@@ -70,7 +70,8 @@ class OpenAIRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # false: special tokens' text (not a stop token's) stays in the text
-    # vLLM's: false (with skip_special_tokens false) is refused: see chat_params
+    # vLLM's: false (with skip_special_tokens false) writes adjacent added tokens without a space
+    # between them (engine/detokenizer.py)
     spaces_between_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled (engine/token_masks.py)
     bad_words: list[str] | None = None  # vLLM's: words never generated (engine/token_masks.py)
