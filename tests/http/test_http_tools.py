@@ -14,9 +14,12 @@ import pytest
 
 from grpc_harness import TENANT_KEYS
 from http_harness import client
+from nlora_serve.engine.api import RequestOutput
 from nlora_serve.engine.sampling import RequestError
 from nlora_serve.serving.http_api.openai import chat_prompt
 from nlora_serve.serving.http_api.request_models import ChatRequest
+from nlora_serve.serving.http_api.responses import Shaper
+from nlora_serve.serving.http_api.tools import ToolCalls
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -60,6 +63,7 @@ def test_named_function_whole_and_streamed(http_server):
                                                   tool_choice=choice, max_tokens=100, temperature=1.0, seed=seed,
                                                   stream=True))
         deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert len(deltas) == len(chunks) - 1  # every chunk after the role's carries the call (the last too)
         first = deltas[0][0]
         assert first.id.startswith("chatcmpl-tool-") and first.function.name == "get_weather" and first.index == 0
         assert all(d[0].id is None and d[0].function.name is None for d in deltas[1:])
@@ -103,6 +107,42 @@ def test_required_streamed_equals_whole(http_server):
     assert [names[i] for i in sorted(names)] == [c.function.name for c in whole]
     assert [json.loads(arguments[i]) for i in sorted(arguments)] == [json.loads(c.function.arguments) for c in whole]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert all(c.choices[0].delta.tool_calls for c in chunks[1:-1])  # no chunk that streams nothing new
+
+
+def _tool_chunks(tokenizer, tools: ToolCalls, texts: list[str], token_ids: bool = False) -> list[dict]:
+    """The chunks a chat stream sends for deltas of ``texts`` (one token each; the last finishes "stop")."""
+    shaper = Shaper("chatcmpl-1", "m", True, tokenizer, None, tools=tools, token_ids=token_ids)
+    outs = [RequestOutput("r", text, [100 + i], "stop" if i == len(texts) - 1 else None, 5, i + 1)
+            for i, text in enumerate(texts)]
+    return [chunk["choices"][0] for chunk in map(shaper.chunk, outs) if chunk is not None]
+
+
+def test_tool_stream_chunks_have_vllms_shapes(tokenizer):
+    """vLLM 0.32's chat_completion_stream_generator with a tool parser: a named call's every delta is
+    argument text (extract_named_tool_call_streaming), "" included, so every chunk carries the call;
+    "required" sends a delta only where a call starts or its arguments grow
+    (extract_required_tool_call_streaming returns None otherwise), and a delta of None is no chunk
+    unless it finishes (then ``{}``) or carries logprobs or token_ids."""
+    named = _tool_chunks(tokenizer, ToolCalls("get_weather"), ['{"city"', ': "Paris"', "", "}", ""])
+    arguments = [c["delta"]["tool_calls"][0]["function"]["arguments"] for c in named]
+    assert arguments == ['{"city"', ': "Paris"', "", "}", ""]
+    first = named[0]["delta"]["tool_calls"][0]
+    assert first["function"]["name"] == "get_weather" and first["id"].startswith("chatcmpl-tool-")
+    assert all(set(c["delta"]["tool_calls"][0]) == {"index", "function"} for c in named[1:])
+    assert [c["finish_reason"] for c in named] == [None] * 4 + ["stop"]
+
+    texts = ['[{"name": "get_weather", ', '"parameters": {"city": "Paris"', "}", "}", "]", ""]
+    required = _tool_chunks(tokenizer, ToolCalls(None), texts)
+    assert [c["delta"] for c in required[1:]] == [{"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]}, {}]
+    (start,) = required[0]["delta"]["tool_calls"]
+    assert start["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"'} and start["index"] == 0
+    assert [c["finish_reason"] for c in required] == [None, None, "tool_calls"]
+    # with token_ids to carry, every delta is a chunk (vLLM's DeltaMessage() for the empty ones)
+    carried = _tool_chunks(tokenizer, ToolCalls(None), texts, token_ids=True)
+    assert [c["delta"] for c in carried][2:] == [{"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]},
+                                                 {}, {}, {}]
+    assert [c["token_ids"] for c in carried] == [[100 + i] for i in range(len(texts))]
 
 
 @pytest.mark.parametrize("fields, message, param", [

@@ -253,13 +253,16 @@ async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> 
 
 
 async def _events(first, deltas: AsyncIterator, shaper: Shaper) -> AsyncIterator[str]:
-    """SSE messages: (chat: the role chunk of each choice), one chunk per delta, (the usage chunk), [DONE]."""
+    """SSE messages: (chat: the role chunk of each choice), one chunk per delta (but those of
+    :meth:`Shaper.chunk` None), (the usage chunk), [DONE]."""
     for opening in shaper.opening_chunks(first):
         yield sse(opening)
     try:
-        yield sse(shaper.chunk(first))
+        if (chunk := shaper.chunk(first)) is not None:
+            yield sse(chunk)
         async for out in deltas:  # to the last choice's finished delta
-            yield sse(shaper.chunk(out))
+            if (chunk := shaper.chunk(out)) is not None:  # None: a delta vLLM sends no chunk for
+                yield sse(chunk)
     except EngineError as exc:  # headers are sent: report in-band, as OpenAI-compatible servers do
         yield sse(error_body(str(exc), 500, code="engine_error"))
         return

@@ -245,8 +245,11 @@ class Shaper:
                 chunk["prompt_token_ids"] = self.prompt_ids[0]
         return chunks
 
-    def chunk(self, out: RequestOutput) -> dict:
-        """The chunk of one delta (its text, logprobs, and finish_reason and stop_reason once finished)."""
+    def chunk(self, out: RequestOutput) -> dict | None:
+        """The chunk of one delta (its text, logprobs, and finish_reason and stop_reason once finished);
+        None where vLLM 0.32 sends none: a tool stream's delta that streams nothing new (its parser's
+        delta None), unfinished, with neither logprobs nor token_ids to carry (serving.py's
+        ``chat_completion_stream_generator``)."""
         self._lasts[out.index] = out
         text = out.text
         if out.index in self._echo_unsent:  # the choice's first chunk: its prompt, then its first token's
@@ -261,7 +264,10 @@ class Shaper:
             delta, finish = {"content": text} if text else {}, out.finish_reason
             if self._calls is not None:
                 calls = self._calls[out.index]
-                delta = calls.delta(text) if text else {}
+                # a named call's every delta is argument text, "" too (vLLM's extract_named_tool_call_streaming)
+                delta = calls.delta(text) if text or isinstance(calls, NamedStream) else {}
+                if not delta and finish is None and logprobs is None and not self.token_ids:
+                    return None
                 if isinstance(calls, RequiredStream) and calls.any_call and finish == "stop":
                     finish = "tool_calls"  # vLLM's rule, as in a whole response
             choice = {"index": out.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
