@@ -173,7 +173,8 @@ class EngineCore:
         self.validate(prompt_ids, params)
         gen = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
         # the grammar compiled in validate: a cache hit here, on the step thread
-        matcher = self.grammars.matcher(params.structured_outputs) if params.structured_outputs else None
+        spec = params.structured_outputs
+        matcher = None if spec is None else self.grammars.matcher(spec, self.eos.grammar_stops(params.stop_token_ids))
         allowed = None if params.allowed_token_ids is None else torch.tensor(
             sorted(set(params.allowed_token_ids)), dtype=torch.long, device=self.device)
         seq = Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, gen, matcher,

@@ -9,6 +9,8 @@ and ``check_stop`` (v1/core/sched/utils.py).
   with the id as its stop reason.
 - Until ``min_tokens`` every one of them and the request's ``stop_token_ids`` is banned, with
   ``ignore_eos`` or not (vLLM's ``all_stop_token_ids``, which its MinTokensLogitsProcessor bans).
+- A structured output's grammar may end on the same set (vLLM's xgrammar matcher takes
+  ``all_stop_token_ids`` as its ``override_stop_tokens``), masked until the grammar allows the end.
 
 Tokens end requests by id alone: no text, a prompt's or a generated one, is compared with them.
 
@@ -44,6 +46,11 @@ class EosTokens:
     def banned_before_min_tokens(self, stop_token_ids: tuple[int, ...]) -> frozenset[int]:
         """The tokens a request may not sample before its ``min_tokens`` (``ignore_eos`` or not)."""
         return frozenset(stop_token_ids) | self.all
+
+    def grammar_stops(self, stop_token_ids: tuple[int, ...]) -> frozenset[int]:
+        """The tokens that end a request's structured-output grammar where it may end: the same set
+        (vLLM's ``all_stop_token_ids``, its xgrammar matcher's ``override_stop_tokens``)."""
+        return self.banned_before_min_tokens(stop_token_ids)
 
     def stop_reason(self, token: int, ignore_eos: bool) -> int | None:
         """The stop reason of a request ended by ``token``: None for the EOS, else the id."""

@@ -7,8 +7,10 @@ row's token bitmask before the row is sampled and accepts the sampled token afte
 (v1/structured_output/backend_xgrammar.py): ``json_object`` is the schema ``{"type": "object"}``, a
 choice is the grammar ``root ::= "a" | "b"``, JSON may hold any whitespace; the mask applies before
 the sampler, so returned logprobs are those of the masked distribution (vLLM's too); the request
-ends with finish_reason "stop" once its matcher terminates, i.e. has accepted a stop token (EOS)
-where the grammar allows the output to end.
+ends with finish_reason "stop" once its matcher terminates, i.e. has accepted a stop token where
+the grammar allows the output to end. A request's stop tokens there are vLLM's: every EOS id and its
+own ``stop_token_ids`` (``SamplingParams.all_stop_token_ids``, which vLLM's structured-output manager
+hands its xgrammar backend as the matcher's ``override_stop_tokens``), masked until the grammar may end.
 """
 
 from __future__ import annotations
@@ -253,11 +255,12 @@ class GrammarCompiler:
             self._compiling.release()
             job.done.set()
 
-    def matcher(self, spec: StructuredOutputs):
-        """A fresh ``xgrammar.GrammarMatcher`` of ``spec`` (raises as :meth:`compile`)."""
+    def matcher(self, spec: StructuredOutputs, stop_ids: frozenset[int] | None = None):
+        """A fresh ``xgrammar.GrammarMatcher`` of ``spec`` whose stop tokens are ``stop_ids`` (a
+        request's: see the module docstring; None: the compiler's ``stop_ids``); raises as :meth:`compile`."""
         import xgrammar as xgr
 
-        return xgr.GrammarMatcher(self.compile(spec))
+        return xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=sorted(stop_ids) if stop_ids else None)
 
 
 class _Job:

@@ -210,3 +210,18 @@ def test_a_compile_that_runs_on_holds_no_other_tenants_prompt_back(http_server, 
         gate.set()
         slow.join(60)
     assert re.fullmatch("slow[a-z]", answers[0].choices[0].text)
+
+
+def test_a_requests_stop_token_ids_end_its_grammar_as_vllms_do(http_server, tokenizer):
+    """vLLM 0.32 gives its xgrammar matcher the request's ``all_stop_token_ids`` (every EOS id and
+    its ``stop_token_ids``) as ``override_stop_tokens``: a stop token id is masked until the grammar
+    may end, then allowed. Pushed by logit_bias (added after the mask), it ends the choice right
+    after "yes" with stop_reason its id; an EOS ended it there before (the id was always masked)."""
+    model, key = _server_model(http_server, "base-co")
+    (stop,) = tokenizer.encode("!", add_special_tokens=False)
+    reply = client(http_server, key).completions.create(
+        model=model, prompt="Is water wet? Answer:", max_tokens=6, temperature=0.0, logit_bias={str(stop): 100},
+        extra_body={"structured_outputs": {"choice": ["yes"]}, "stop_token_ids": [stop], "return_token_ids": True})
+    out = reply.choices[0]
+    assert out.text == "yes" and out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.model_extra["token_ids"][-1] == stop and tokenizer.decode(out.model_extra["token_ids"][:-1]) == "yes"
