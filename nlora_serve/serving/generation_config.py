@@ -4,12 +4,16 @@ the model's ``generation_config.json``, as vLLM 0.32 takes them (``ModelConfig.g
 
 vLLM's rules, kept here:
 
-- ``auto`` (the default) reads the model folder's ``generation_config.json`` (none: no defaults);
-  ``vllm`` reads nothing; a folder path reads that folder's.
+- ``auto`` (the default) reads the model folder's ``generation_config.json``; ``vllm`` reads nothing;
+  a folder path reads that folder's. Where the file is missing, the folder's ``config.json`` stands in
+  (vLLM's ``try_get_generation_config``: transformers' ``GenerationConfig.from_model_config``, which
+  under transformers 5 keeps its ``max_new_tokens`` of the sampling fields); a folder path with
+  neither, or that is no folder, is refused (vLLM fails there too, with a repository-id error).
 - Only the sampling fields count: temperature, top_p, top_k, min_p, repetition_penalty,
   presence_penalty, frequency_penalty and max_new_tokens (a request's max_tokens). A null is unset.
 - ``--override-generation-config`` (a JSON object) is merged over what was read (``vllm``: over
-  nothing); its null unsets a field the file set.
+  nothing); its null unsets a field the file set; its keys that are no sampling field change nothing
+  (vLLM ignores them; a warning names them).
 - A request's field that is set always wins; the defaults fill only the unset ones (temperature 0
   sent stays greedy).
 - max_new_tokens is the default max_tokens; it is also a cap on every request's max_tokens when it
@@ -21,22 +25,26 @@ The same source's ``eos_token_id`` (the model folder's under ``auto`` and ``vllm
 engine's stop tokens: ``EngineConfig.generation_config``, engine/eos.py. ``generate`` applies these
 defaults to the sampling flags it is not given (commands/generate.py).
 
-Where vLLM silently ignores a value, start-up is refused here instead, naming the flag or file and
-the field: a value out of the request fields' ranges, a key of the override that is no sampling
-field, a ``generation_config.json`` that is no JSON object, a folder path without one.
+Where vLLM silently takes a bad value, start-up is refused here instead, naming the flag or file and
+the field: a sampling field's value out of the request fields' ranges, a ``generation_config.json``
+that is no JSON object.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # vLLM's get_diff_sampling_param's available_params (max_new_tokens is a request's max_tokens)
 SAMPLING_FIELDS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k", "top_p",
                    "min_p", "max_new_tokens")
 _INTEGER_FIELDS = ("top_k", "max_new_tokens")
 _FILE = "generation_config.json"
+_MODEL_CONFIG = "config.json"  # the stand-in where _FILE is missing (vLLM's fallback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +74,12 @@ class SamplingDefaults:
 
 
 def parse_override(text: str) -> dict:
-    """``--override-generation-config``'s JSON object, each key a sampling field and each value in
-    range (or null: unset the file's).
+    """``--override-generation-config``'s JSON object, each sampling field's value in range (or null:
+    unset the file's); a warning names the keys that are no sampling field, which change nothing (as
+    vLLM's ``get_diff_sampling_param`` reads only the sampling fields of the merged config).
 
     Raises:
-        ValueError: not a JSON object, a key that is no sampling field, a value out of range; the
-            message names the key.
+        ValueError: not a JSON object, a sampling field's value out of range; the message names the key.
     """
     try:
         values = json.loads(text)
@@ -81,9 +89,11 @@ def parse_override(text: str) -> dict:
         raise ValueError("nested too deeply to parse; expected an object such as '{\"temperature\": 0.5}'") from None
     if not isinstance(values, dict):
         raise ValueError(f"expected a JSON object such as '{{\"temperature\": 0.5}}'; got {text[:80]!r}")
-    for key in values:
-        if key not in SAMPLING_FIELDS:
-            raise ValueError(f"unknown field {key!r}: the sampling fields are {', '.join(SAMPLING_FIELDS)}")
+    ignored = [key for key in values if key not in SAMPLING_FIELDS]
+    if ignored:
+        log.warning("--override-generation-config: %s no sampling field, ignored as vLLM ignores it (the sampling "
+                    "fields are %s)", ", ".join(repr(k) for k in ignored) + (" is" if len(ignored) == 1 else " are"),
+                    ", ".join(SAMPLING_FIELDS))
     check_values(values)
     return values
 
@@ -117,20 +127,33 @@ def check_values(values: dict) -> None:
 
 
 def read_generation_config(folder: Path) -> tuple[dict, Path | None]:
-    """(the sampling fields a folder's ``generation_config.json`` sets, that file), or ({}, None)
-    without one. Values are not range-checked here.
+    """(the sampling fields a folder's ``generation_config.json`` sets, that file); without it those
+    of its ``config.json`` as vLLM reads them, and that file; ({}, None) without either. Values are
+    not range-checked here.
 
-    vLLM falls back to the generation attributes of ``config.json`` (transformers'
-    ``GenerationConfig.from_model_config``); under transformers 5 a model config keeps no sampling
-    field (a config.json ``temperature`` comes back as nothing), so there is nothing to read there.
+    vLLM's fallback (``try_get_generation_config``) is transformers'
+    ``GenerationConfig.from_model_config(config).to_diff_dict()``, run here the same way: under
+    transformers 5 it keeps a config.json's ``max_new_tokens`` and drops its ``temperature``,
+    ``top_p``, ``top_k`` and penalties.
 
     Raises:
-        ValueError: a file that is not a JSON object (the message names the file).
+        ValueError: a file that is not a JSON object, a config.json transformers cannot read (the
+            message names the file).
     """
     path = folder / _FILE
+    if path.is_file():
+        return {k: v for k, v in _json_object(path).items() if k in SAMPLING_FIELDS and v is not None}, path
+    path = folder / _MODEL_CONFIG
     if not path.is_file():
         return {}, None
-    return {k: v for k, v in _json_object(path).items() if k in SAMPLING_FIELDS and v is not None}, path
+    _json_object(path)  # its own words for a file that is no JSON object
+    from transformers import AutoConfig, GenerationConfig  # here: only for a folder without the file
+
+    try:
+        values = GenerationConfig.from_model_config(AutoConfig.from_pretrained(folder)).to_diff_dict()
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: cannot read it as a model config ({str(exc).splitlines()[0][:200]})") from None
+    return {k: v for k, v in values.items() if k in SAMPLING_FIELDS and v is not None}, path
 
 
 def _json_object(path: Path) -> dict:
@@ -152,7 +175,8 @@ def sampling_defaults(source: str, override: dict, model_dir: Path) -> tuple[Sam
 
     Raises:
         ValueError: the message starts with the flag or the file and names the field: a folder
-            that is not one or has no generation_config.json, a file value out of range.
+            that is not one or holds neither generation_config.json nor config.json, a file value out
+            of range.
     """
     read, path = {}, None
     if source != "vllm":
@@ -162,12 +186,14 @@ def sampling_defaults(source: str, override: dict, model_dir: Path) -> tuple[Sam
                              f"holding {_FILE}")
         read, path = read_generation_config(folder)
         if source != "auto" and path is None:
-            raise ValueError(f"--generation-config {source}: no {_FILE} in that folder")
+            raise ValueError(f"--generation-config {source}: neither {_FILE} nor {_MODEL_CONFIG} in that folder "
+                             f"(vLLM reads the latter's generation fields where the former is missing)")
         try:
             check_values(read)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc} (--generation-config {source}; override it with "
                              f"--override-generation-config, or use --generation-config vllm)") from None
+    override = {k: v for k, v in override.items() if k in SAMPLING_FIELDS}  # the others change nothing
     merged = {k: v for k, v in {**read, **override}.items() if v is not None}
     cap = merged.get("max_new_tokens") if source not in ("auto", "vllm") else override.get("max_new_tokens")
     defaults = SamplingDefaults(**{k: v for k, v in merged.items() if k != "max_new_tokens"},

@@ -69,9 +69,25 @@ def test_a_folder_path_reads_its_file_whose_max_new_tokens_caps_every_request(tm
     folder = _folder(tmp_path, "gen", generation_config={"temperature": 0.5, "max_new_tokens": 7})
     assert sampling_defaults(str(folder), {}, model_dir)[0] == SamplingDefaults(temperature=0.5, max_tokens=7,
                                                                                 max_tokens_cap=7)
-    # a folder without the file is refused (vLLM would read nothing, silently)
-    with pytest.raises(ValueError, match=f"--generation-config {tmp_path}: no generation_config.json in that folder"):
-        sampling_defaults(str(tmp_path), {}, model_dir)
+
+
+
+def test_a_folder_without_the_file_reads_its_config_json_as_vllm_does(tmp_path, model_dir):
+    """vLLM's try_get_generation_config falls back to GenerationConfig.from_model_config(config.json):
+    run on this config.json in vLLM 0.32's venv (transformers 5.19) it kept max_new_tokens 7 and none of
+    temperature, top_p, repetition_penalty; its max_new_tokens caps (a folder path's, as vLLM's
+    override_max_tokens). A folder with neither file is refused (vLLM fails there too)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    folder = _folder(tmp_path, "cfg", config={**config, "temperature": 0.3, "top_p": 0.5, "max_new_tokens": 7,
+                                             "repetition_penalty": 1.2})
+    defaults, line = sampling_defaults(str(folder), {}, model_dir)
+    assert defaults == SamplingDefaults(max_tokens=7, max_tokens_cap=7)
+    assert f"({folder / 'config.json'})" in line and "'max_tokens': 7" in line
+    empty = _folder(tmp_path, "empty")
+    with pytest.raises(ValueError) as err:
+        sampling_defaults(str(empty), {}, model_dir)
+    assert str(err.value) == (f"--generation-config {empty}: neither generation_config.json nor config.json in that "
+                              "folder (vLLM reads the latter's generation fields where the former is missing)")
 
 
 def test_the_default_gguf_model_has_no_generation_config(base_model_dir):
@@ -127,9 +143,21 @@ def test_a_file_nested_past_the_parser_stops_the_start_naming_it(tmp_path, base_
     assert str(err.value) == f"{folder / 'generation_config.json'}: cannot read it as JSON (nested too deeply)"
 
 
+def test_override_keys_that_are_no_sampling_field_are_ignored_with_a_warning(caplog, model_dir):
+    """vLLM's get_diff_sampling_param reads only its eight sampling fields of the merged config:
+    other keys of --override-generation-config change nothing (they were refused here)."""
+    parser = argparse.ArgumentParser()
+    serve_cli.add_serve_arguments(parser)
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.serving.generation_config"):
+        args = parser.parse_args(["--override-generation-config",
+                                  '{"temprature": 0.5, "do_sample": true, "top_p": 0.8}'])
+    assert args.override_generation_config == {"temprature": 0.5, "do_sample": True, "top_p": 0.8}
+    assert "'temprature', 'do_sample' are no sampling field, ignored" in caplog.text
+    defaults, _ = sampling_defaults("vllm", args.override_generation_config, model_dir)
+    assert defaults == SamplingDefaults(top_p=0.8)
+
+
 @pytest.mark.parametrize("value, message", [
-    ('{"temprature": 0.5}', "unknown field 'temprature': the sampling fields are repetition_penalty, "
-                            "presence_penalty, frequency_penalty, temperature, top_k, top_p, min_p, max_new_tokens"),
     ('{"temperature": -0.5}', "temperature=-0.5: must be in [0, 100]"),
     ('{"max_new_tokens": 0}', "max_new_tokens=0: must be an integer >= 1"),
     ('[0.5]', "expected a JSON object such as '{\"temperature\": 0.5}'; got '[0.5]'"),

@@ -43,22 +43,23 @@ def folders(tmp_path):
     other.mkdir()
     (other / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "max_new_tokens": 7}))
     # no generation_config.json, sampling fields in config.json: vLLM's fallback (transformers'
-    # from_model_config) finds none under transformers 5
+    # from_model_config) keeps only max_new_tokens of them under transformers 5
     legacy = tmp_path / "legacy"
     legacy.mkdir()
-    config = {**json.loads((model / "config.json").read_text()), "temperature": 0.8, "top_k": 9}
+    config = {**json.loads((model / "config.json").read_text()), "temperature": 0.8, "top_k": 9, "max_new_tokens": 11}
     (legacy / "config.json").write_text(json.dumps(config))
     return model, other, legacy
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(9))
 def test_the_defaults_and_the_cap_are_vllms(folders, case):
     model, other, legacy = folders
     source, override, folder = [("auto", {}, model), ("vllm", {}, model),
                                 ("vllm", {"temperature": 0.2, "max_new_tokens": 5}, model),
                                 ("auto", {"temperature": None, "top_k": 5, "max_new_tokens": 9}, model),
                                 (str(other), {}, model), (str(other), {"max_new_tokens": None, "top_p": 0.5}, model),
-                                ("auto", {}, legacy)][case]
+                                ("auto", {}, legacy), (str(legacy), {}, model),
+                                ("auto", {"do_sample": False, "eos_token_id": 7, "top_k": 3}, model)][case]
     want, cap = _vllm(source, override, folder)
     got, _ = sampling_defaults(source, override, folder)
     assert {k: v for k, v in got.as_dict().items() if k != "max_tokens_cap"} == want

@@ -116,12 +116,13 @@ def add_generation_config_arguments(parser: argparse.ArgumentParser, fields: str
     a("--generation-config", default="auto",
       help=f"{fields} (temperature, top_p, top_k, min_p, repetition_penalty, presence/"
            "frequency_penalty, max_tokens from max_new_tokens): 'auto' = the model's generation_config.json, "
-           "'vllm' = vLLM's own defaults, or a folder holding a generation_config.json (its max_new_tokens "
-           f"also caps {capped}); the model's (auto, vllm) or the folder's eos_token_id ends generation beside "
-           "the tokenizer's EOS (default: %(default)s, as vLLM)")
+           "'vllm' = vLLM's own defaults, or a folder holding a generation_config.json, else a config.json "
+           f"(its max_new_tokens also caps {capped}); the model's (auto, vllm) or the folder's eos_token_id ends "
+           "generation beside the tokenizer's EOS (default: %(default)s, as vLLM)")
     a("--override-generation-config", type=_override, default={}, metavar="JSON",
       help="a JSON object of sampling fields merged over --generation-config's, e.g. "
-           f"'{{\"temperature\": 0.5}}' (null unsets one; its max_new_tokens caps {capped})")
+           f"'{{\"temperature\": 0.5}}' (null unsets one; its max_new_tokens caps {capped}; other keys are "
+           "ignored, as vLLM ignores them)")
 
 
 def _override(value: str) -> dict:
