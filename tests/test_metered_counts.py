@@ -3,8 +3,9 @@ at its first token (or at its end when it ends before one), once per choice, as 
 ``vllm:prompt_tokens`` in the iteration that makes a request's first output, not when it finishes
 (a minutes-long generation would otherwise show its prompt on the dashboards only at its end).
 
-And how a request ended, once, for its tenant (``nlora_tenant_requests_total``), with the tokens
-streamed to it (``nlora_tenant_generation_tokens_total``).
+And, with per-tenant counters on (``serve --tenant-metrics``), how a request ended, once, for its
+tenant (``nlora_tenant_requests_total``), with the tokens streamed to it
+(``nlora_tenant_generation_tokens_total``); off, neither is in a scrape.
 
 ``metered`` runs over hand-made deltas here, so every count is known by hand."""
 
@@ -22,9 +23,9 @@ COUNTERS = ("nlora_prompt_tokens_total", "nlora_prefix_cache_queries_total", "nl
             "nlora_generation_tokens_total")
 
 
-def _metrics() -> ServerMetrics:
+def _metrics(per_tenant: bool = False) -> ServerMetrics:
     return ServerMetrics(lambda: {"running": 0, "waiting": 0, "kv_blocks_used": 0, "preemptions": 0},
-                         lambda: (0, 0))
+                         lambda: (0, 0), per_tenant=per_tenant)
 
 
 def _counts(metrics: ServerMetrics) -> tuple[float, ...]:
@@ -68,10 +69,11 @@ def test_each_choice_counts_its_prompt_once_and_one_that_ends_before_a_token_cou
     assert durations == 1  # the request's duration once, at its last choice's end
 
 
-def _ended(deltas: list, n: int = 1, tenant: str | None = "acme", take: int | None = None) -> ServerMetrics:
+def _ended(deltas: list, n: int = 1, tenant: str | None = "acme", take: int | None = None,
+           per_tenant: bool = True) -> ServerMetrics:
     """``metered`` over ``deltas`` (a delta, or an exception the engine stream raises there), its
     consumer stopping after ``take`` deltas (None: all); the metrics after it ended."""
-    metrics, admission = _metrics(), Admission(max_queue=8)
+    metrics, admission = _metrics(per_tenant), Admission(max_queue=8)
 
     async def stream():
         for out in deltas:
@@ -127,3 +129,13 @@ def test_a_request_whose_key_was_not_checked_counts_for_no_tenant():
     metrics.reject("unauthenticated", "grpc")  # an unknown key: its reason only
     metrics.reject("queue_full", "http", "acme")
     assert _tenant_counts(metrics) == {("acme", "rejected"): 1}
+
+
+def test_without_per_tenant_counters_a_tenants_request_leaves_no_tenant_series():
+    metrics = _ended([_delta(0, [1, 2], 4, 0, "stop")], per_tenant=False)
+    metrics.reject("queue_full", "http", "acme")
+    scraped = metrics.exposition()[0].decode()
+    assert "nlora_tenant_" not in scraped  # not registered: no series and no HELP or TYPE line
+    assert metrics.registry.get_sample_value("nlora_generation_tokens_total", {"frontend": "grpc"}) == 2
+    assert metrics.registry.get_sample_value("nlora_requests_rejected_total",
+                                             {"reason": "queue_full", "frontend": "http"}) == 1

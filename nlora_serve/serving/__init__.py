@@ -18,7 +18,7 @@ Both front ends, here::
     chat_template.py   chat messages -> prompt ids, each message's content tokenized as text
     request_policy.py  cache salt and max_tokens rules
     stream.py          an admitted request into the engine, its metered stream back out
-    metrics.py         Prometheus metrics (TTFT, ITL, end-to-end, tokens, adapters, rejections, per tenant)
+    metrics.py         Prometheus metrics (TTFT, ITL, end-to-end, tokens, adapters, rejections; per tenant opt-in)
     server_config.py   ServerConfig, the one dataclass the front ends read
 
 Imports go one way: ``commands`` imports ``server``; ``server`` imports ``grpc_api`` and

@@ -1,15 +1,17 @@
 """Prometheus metrics of one server, on its own registry, served over HTTP (DESIGN §6).
 
-Names carry their unit; no label has an unbounded value set: the request metrics carry
+Names carry their unit; no label has an unbounded value set by default: the request metrics carry
 ``frontend`` (:data:`FRONTENDS`: which protocol the request came in on) and rejections also
-``reason`` (:data:`REJECT_REASONS`). Two counters are per tenant, as vLLM's
-``vllm:lora_requests_info`` names adapters: ``nlora_tenant_requests_total{tenant, outcome}``
-(:data:`TENANT_OUTCOMES`) and ``nlora_tenant_generation_tokens_total{tenant}``; ``tenant`` is a
-name from the tenants file (an operator's list: a key that matches no entry is counted in
-``nlora_requests_rejected_total`` only, never under a name its caller chose), or :data:`ANONYMOUS`
-without one. A tenant's series appears at its first request and stays after a reload removes it
-(a counter that vanished would read as a reset). Gauges and the engine's own counters
-(preemptions) are read from the engine when scraped, so they are never stale.
+``reason`` (:data:`REJECT_REASONS`). Per-tenant counters come with ``serve --tenant-metrics``
+(``per_tenant``), off by default since a label per tenant is a series per tenant (thousands, with
+thousands of tenants): ``nlora_tenant_requests_total{tenant, outcome}`` (:data:`TENANT_OUTCOMES`)
+and ``nlora_tenant_generation_tokens_total{tenant}``, as vLLM's ``vllm:lora_requests_info`` names
+adapters. Off, they are not registered (no series, no HELP line in a scrape) and counting for a
+tenant is a no-op. ``tenant`` is a name from the tenants file (an operator's list: a key that
+matches no entry is counted in ``nlora_requests_rejected_total`` only, never under a name its caller
+chose), or :data:`ANONYMOUS` without one. A tenant's series appears at its first request and stays
+after a reload removes it (a counter that vanished would read as a reset). Gauges and the engine's
+own counters (preemptions) are read from the engine when scraped, so they are never stale.
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ class ServerMetrics:
             (reserved before the body is read or the prompt tokenized, given back when the request
             ends); above running + waiting by the requests still being read or tokenized, so a
             count that stays above them with the engine idle is a leak.
+        per_tenant: register and count the per-tenant counters (``serve --tenant-metrics``).
     """
 
     def __init__(self, engine_stats: Callable[[], dict[str, int]],
-                 adapter_residency: Callable[[], tuple[int, int]], admitted: Callable[[], int] = lambda: 0):
+                 adapter_residency: Callable[[], tuple[int, int]], admitted: Callable[[], int] = lambda: 0,
+                 per_tenant: bool = False):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         fe = ["frontend"]
@@ -83,11 +87,15 @@ class ServerMetrics:
                                   f"prefix cache (not computed){_PER_SEQUENCE}", fe, registry=r)
         self.rejected = Counter("nlora_requests_rejected", "Requests refused, by reason", ["reason", "frontend"],
                                 registry=r)
-        self.tenant_requests = Counter("nlora_tenant_requests", "Generation requests of a tenant (its name in the "
-                                       "tenants file, 'anonymous' without one), by how they ended",
-                                       ["tenant", "outcome"], registry=r)
-        self.tenant_generation_tokens = Counter("nlora_tenant_generation_tokens", "Tokens streamed to a tenant's "
-                                                "clients", ["tenant"], registry=r)
+        self.per_tenant = per_tenant
+        self.tenant_requests: Counter | None = None  # None: --tenant-metrics off, nothing registered
+        self.tenant_generation_tokens: Counter | None = None
+        if per_tenant:
+            self.tenant_requests = Counter("nlora_tenant_requests", "Generation requests of a tenant (its name in "
+                                           "the tenants file, 'anonymous' without one), by how they ended",
+                                           ["tenant", "outcome"], registry=r)
+            self.tenant_generation_tokens = Counter("nlora_tenant_generation_tokens", "Tokens streamed to a "
+                                                    "tenant's clients", ["tenant"], registry=r)
         for frontend in FRONTENDS:  # every series exists from the start, at 0
             for metric in (self.ttft, self.itl, self.duration, self.prompt_tokens, self.generation_tokens,
                            self.cache_queries, self.cache_hits):
@@ -110,13 +118,16 @@ class ServerMetrics:
     def reject(self, reason: str, frontend: str, tenant: str | None = None) -> None:
         """Count one refused request; ``reason`` in :data:`REJECT_REASONS`, ``frontend`` in
         :data:`FRONTENDS`; with ``tenant`` (its key was checked: :func:`tenant_of`,
-        :func:`tenant_of_key`), as a "rejected" request of that tenant too."""
+        :func:`tenant_of_key`), as a "rejected" request of that tenant too (with ``per_tenant``)."""
         self.rejected.labels(reason, frontend).inc()
         if tenant is not None:
             self.tenant_ended(tenant, "rejected")
 
     def tenant_ended(self, tenant: str, outcome: str) -> None:
-        """Count one generation request of ``tenant`` that ended so (one of :data:`TENANT_OUTCOMES`)."""
+        """Count one generation request of ``tenant`` that ended so (one of :data:`TENANT_OUTCOMES`);
+        a no-op without ``per_tenant``."""
+        if self.tenant_requests is None:
+            return
         if outcome not in TENANT_OUTCOMES:
             raise ValueError(f"outcome must be one of {TENANT_OUTCOMES}; got {outcome!r}")
         self.tenant_requests.labels(tenant, outcome).inc()
@@ -191,7 +202,8 @@ class RequestTimer:
         if frontend not in FRONTENDS:
             raise ValueError(f"frontend must be one of {FRONTENDS}; got {frontend!r}")
         self._metrics = metrics
-        self.tenant: str | None = None  # the tenant label, once the request's key is checked
+        # the tenant label, once the request's key is checked (stays None without per-tenant counters)
+        self.tenant: str | None = None
         self._tenant_tokens = None
         if tenant is not None:
             self.set_tenant(tenant)
@@ -221,9 +233,13 @@ class RequestTimer:
             self._tenant_tokens.inc(count)
 
     def set_tenant(self, tenant: str) -> None:
-        """The request's key is checked: its tokens and its end count for ``tenant`` from now on."""
+        """The request's key is checked: its tokens and its end count for ``tenant`` from now on
+        (a no-op without per-tenant counters)."""
+        counter = self._metrics.tenant_generation_tokens
+        if counter is None:
+            return
         self.tenant = tenant
-        self._tenant_tokens = self._metrics.tenant_generation_tokens.labels(tenant)
+        self._tenant_tokens = counter.labels(tenant)
 
     def ended(self, outcome: str) -> None:
         """The admitted request ended so (:meth:`ServerMetrics.tenant_ended`), counted for its

@@ -111,7 +111,8 @@ class NloraServer:
             config.check_adapter_name(version.name)
         self.engine, self.config, self.auth = engine, config, auth
         self.admission = Admission(config.max_queue, config.tenant_queue_shares)
-        self.metrics = ServerMetrics(engine.stats, lambda: _residency(engine), lambda: self.admission.inflight)
+        self.metrics = ServerMetrics(engine.stats, lambda: _residency(engine), lambda: self.admission.inflight,
+                                     per_tenant=config.tenant_metrics)
         # request-size limits (grpc_api/limits.py): sized by what a legal request of this model can be,
         # which ServerConfig alone does not know
         self.limits = message_limits(_swap_shape(engine), max_prompt_bytes(tokenizer, engine.max_model_len),

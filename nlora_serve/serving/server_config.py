@@ -64,6 +64,8 @@ class ServerConfig:
     host: str = "127.0.0.1"  # interface to bind; non-loopback needs ``tenants_file``
     port: int = 50051  # gRPC port; 0 picks a free one (see NloraServer.port)
     metrics_port: int | None = None  # Prometheus HTTP port on ``host``; None = no endpoint, 0 = any free
+    # the per-tenant counters (serving/metrics.py): a series per tenant, so off unless asked (DESIGN §6)
+    tenant_metrics: bool = False
     http_port: int | None = None  # OpenAI-compatible HTTP API port on ``host``; None = off, 0 = any free
     tenants_file: str | None = None  # auth file (JSON or TOML); None = no auth, loopback only
     max_queue: int = 256  # running + waiting requests (gRPC and HTTP) at most; beyond: RESOURCE_EXHAUSTED / 429

@@ -61,7 +61,7 @@ def test_the_limits_for_the_default_model_are_the_hand_computed_numbers(make_ser
 
 def test_an_over_size_generate_by_a_tenant_is_refused_before_parsing_and_others_stream_on(
         make_server, tenants_file, parsed):
-    server = make_server(tenants_file)
+    server = make_server(tenants_file, tenant_metrics=True)
     with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
         admin.upload_adapter("lora-rslora", CASES / "lora-rslora")
     parsed.clear()

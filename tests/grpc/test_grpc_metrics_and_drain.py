@@ -32,7 +32,7 @@ def _scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 
 def test_metrics_exist_and_move_under_load(make_server):
-    server = make_server(metrics_port=0)
+    server = make_server(metrics_port=0, tenant_metrics=True)
     port = server.server.metrics_port
     before = _scrape(port)
     for name in HISTOGRAMS:

@@ -26,7 +26,7 @@ from nlora_serve.engine.api import max_prompt_bytes
 def server(base_fp32, tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("admit")
     make, running = server_factory(base_fp32, tokenizer, root)
-    yield make(write_quota_tenants(root / "tenants.json"), http_port=0, max_queue=MAX_QUEUE)
+    yield make(write_quota_tenants(root / "tenants.json"), http_port=0, max_queue=MAX_QUEUE, tenant_metrics=True)
     stop_all(running)
 
 

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from http_harness import TENANTS, base_url, client, scrape
+from nlora_serve.client import NloraClient, PermissionDenied
 from nlora_serve.serving.http_api.server import MAX_BODY_BYTES
 
 TIED, LORA = TENANTS  # inttune-nystrom-tied (granted to tied-co), lora-rslora (lora-co)
@@ -195,6 +196,29 @@ def test_metrics_move_with_frontend_http(http_server):
     assert moved("nlora_requests_rejected_total", ("reason", "permission_denied")) == 1
     grpc = [k for k in after if ("frontend", "grpc") in k[1]]
     assert grpc and all(after[k] == before[k] for k in grpc)  # nothing came in over gRPC
+
+
+def test_without_tenant_metrics_a_scrape_has_no_tenant_series(http_server):
+    # the default (per-tenant counters are opt-in, serve --tenant-metrics: DESIGN §6): after a
+    # tenant's finished and refused requests on both front ends, no nlora_tenant_ line at all
+    before = scrape(http_server)
+    base_co = client(http_server, TENANT_KEYS["base-co"])
+    base_co.completions.create(model=_base(http_server), prompt="Hi", max_tokens=1)
+    with pytest.raises(openai.PermissionDeniedError):
+        base_co.completions.create(model=LORA, prompt="Hi", max_tokens=1)
+    with NloraClient(http_server.target, api_key=TENANT_KEYS["base-co"], timeout=60) as grpc_client:
+        grpc_client.complete([1, 9690, 198], max_tokens=1)
+        with pytest.raises(PermissionDenied):
+            list(grpc_client.generate([1, 9690, 198], adapter=LORA, max_tokens=1))
+    text = httpx2.get(base_url(http_server).removesuffix("/v1") + "/metrics").text
+    assert "nlora_tenant_" not in text
+    after = scrape(http_server)
+    for frontend in ("http", "grpc"):
+        key = (("frontend", frontend),)
+        assert after[("nlora_request_duration_seconds_count", key)] == \
+            before[("nlora_request_duration_seconds_count", key)] + 1
+        refused = ("nlora_requests_rejected_total", (("frontend", frontend), ("reason", "permission_denied")))
+        assert after[refused] == before[refused] + 1
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read(http_server):

@@ -31,7 +31,7 @@ def _reused(prompt_tokens: int) -> int:
 
 
 def test_n_and_a_batch_count_each_choice_of_each_prompt_as_vllm_does(make_http_server):
-    server = make_http_server(metrics_port=0)
+    server = make_http_server(metrics_port=0, tenant_metrics=True)
     api = client(server, TENANT_KEYS["base-co"])
     model = server.server.generation.info.model
     fields = dict(model=model, max_tokens=2, temperature=1.0, seed=0, extra_body={"ignore_eos": True})

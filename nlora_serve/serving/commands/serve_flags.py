@@ -46,6 +46,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                            "without it there is no auth and the server binds to loopback only")
     a("--metrics-port", type=int, default=None, help="also serve Prometheus /metrics on this port, for gRPC-only "
                                                      "servers (--http-port serves /metrics already) (default: off)")
+    a("--tenant-metrics", action="store_true", help="per-tenant counters in /metrics (default: off)")
     a("--served-model-name", default=None, help="the base model's name in /v1/models and the HTTP 'model' field "
                                                "(default: the model's directory or GGUF name, e.g. "
                                                "SmolLM2-135M-Instruct.Q4_1)")

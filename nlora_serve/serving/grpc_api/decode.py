@@ -16,8 +16,8 @@ largest legal request, the small RPCs, health and reflection 64 KiB): grpc's own
 method and must let a whole SwapAdapter payload through, so without this a tenant's Generate
 request of several MiB would be parsed whole before validation refused it. An over-size message
 aborts the call with RESOURCE_EXHAUSTED naming the method, its size and the bound (a Generate is
-counted in nlora_requests_rejected_total, as its servicer counts a refusal, and for the tenant of
-the key in its metadata); the parser and the servicer never see it.
+counted in nlora_requests_rejected_total, as its servicer counts a refusal, and with --tenant-metrics
+for the tenant of the key in its metadata); the parser and the servicer never see it.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def _bounded(parse, method: str, max_bytes: int, counted: tuple[ServerMetrics, A
             code, reason = status_of(exc)
             if counted is not None:
                 metrics, auth = counted
-                metrics.reject(reason, "grpc", tenant_of_key(auth, context.invocation_metadata()))
+                tenant = tenant_of_key(auth, context.invocation_metadata()) if metrics.per_tenant else None
+                metrics.reject(reason, "grpc", tenant)
             await abort(context, code, str(exc))
         return await parse(raw, context)
     return bounded

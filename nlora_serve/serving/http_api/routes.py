@@ -4,8 +4,8 @@ the gRPC front end (DESIGN §6).
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-streamed),
 ``GET /v1/models`` (the base model and the adapters this key may use) and ``GET /v1/models/{model}``
 (one of them; 404 for a name it may not use, as for one that does not exist), ``GET /health``,
-``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; the per-tenant counters
-name the tenants of the tenants file, see serving/metrics.py),
+``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; with --tenant-metrics the
+per-tenant counters name the tenants of the tenants file, see serving/metrics.py),
 vLLM's ``POST /tokenize``, ``POST /detokenize`` (http_api/tokenize.py) and ``GET /version``, and, with
 ``--allow-runtime-lora-updating``, vLLM's ``POST /v1/load_lora_adapter`` and
 ``POST /v1/unload_lora_adapter`` (http_api/lora_admin.py, admin keys only).
@@ -136,7 +136,8 @@ async def _version(caller: Principal = Depends(_principal)) -> dict:  # a key, a
 def _refused(request: Request, reason: str) -> None:
     if request.url.path in GENERATE_PATHS:  # as gRPC counts Generate refusals only
         ctx = _ctx(request)
-        ctx.metrics.reject(reason, "http", tenant_of_key(ctx.auth, request.headers.items()))
+        tenant = tenant_of_key(ctx.auth, request.headers.items()) if ctx.metrics.per_tenant else None
+        ctx.metrics.reject(reason, "http", tenant)
 
 
 async def _expected(request: Request, exc: NloraError) -> JSONResponse:
