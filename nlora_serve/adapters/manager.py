@@ -15,7 +15,7 @@ import os
 import stat
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from nlora_serve.adapters.family import FamilyResolver, import_family
@@ -56,12 +56,14 @@ class AdapterManager:
         self.residency = residency if residency is not None else Residency(
             base, load, tied_budget=self.limits.adapter_memory, max_loras=self.limits.max_loras,
             max_rank=self.limits.max_rank, placement=placement, tenant_shares=tenant_shares)
-        self.registry = AdapterRegistry(store, load, self._load_files,
-                                        on_admit=self.residency.admit, on_free=self.residency.free)
         # (id(version), tenant) -> that tenant's requests pinned on the version: what ListAdapters tells
         # a tenant, as an adapter granted to several tenants runs the others' requests too
         self._pins: Counter = Counter()
         self._pins_lock = threading.Lock()
+        self._slot_listeners: list[Callable[[], None]] = []
+        self.slot_changes = 0  # changes that may give a LoRA slot to a request refused one (on_slot_change)
+        self.registry = AdapterRegistry(store, load, self._load_files,
+                                        on_admit=self.residency.admit, on_free=self._free)
         restored = self.registry.rebuild()
         if restored:
             log.info("restored %d adapters from %s", len(restored), adapter_dir)
@@ -131,7 +133,8 @@ class AdapterManager:
                 (one may free: the request stays reserved, to be placed again or unreserved).
             AdapterLoadFailed: an evicted untied adapter's files could not be read back.
         """
-        self.residency.ensure_resident(version, tenant)
+        if self.residency.ensure_resident(version, tenant):  # a slot newly held: other tenants' requests
+            self._slot_changed()  # on its version take no further slot (the share rule lets them in)
 
     def unreserve(self, version: AdapterVersion, tenant: str | None = None) -> None:
         """Drop a :meth:`reserve` that :meth:`place` never placed (a refused or aborted request)."""
@@ -141,8 +144,36 @@ class AdapterManager:
     def release(self, version: AdapterVersion, tenant: str | None = None) -> None:
         """Unpin (exactly once per acquire, with its ``tenant``)."""
         self._count_down(version, tenant)
-        self.residency.unpin(version, tenant)
+        slot_let_go = self.residency.unpin(version, tenant)
         self.registry.release(version)
+        if slot_let_go:
+            self._slot_changed()
+
+    def on_slot_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the thread of the change, no lock held) after each change that may
+        let a request refused a LoRA slot (:class:`~nlora_serve.adapters.residency.SlotBusy`) have
+        one, with no request placed by a step: a tenant's last request on an untied version ended,
+        a hold taken or let go, a version freed, a slot newly held (see :meth:`place`), the
+        tenants' shares changed. Each is counted in :attr:`slot_changes` before the callbacks run.
+        The native engine wakes its step thread with it (engine/slot_wait.py)."""
+        self._slot_listeners.append(callback)
+
+    def _slot_changed(self) -> None:
+        with self._pins_lock:
+            self.slot_changes += 1
+        for callback in self._slot_listeners:
+            callback()
+
+    def _free(self, version: AdapterVersion) -> None:
+        """The registry freed ``version``: its slot and memory go back (residency's ``free``)."""
+        self.residency.free(version)
+        self._slot_changed()
+
+    def set_tenant_shares(self, weights: Mapping[str, float]) -> None:
+        """New tenant weights for the LoRA slots' shares (a tenants-file reload; see
+        :meth:`Residency.set_tenant_shares <nlora_serve.adapters.residency.Residency.set_tenant_shares>`)."""
+        self.residency.set_tenant_shares(weights)
+        self._slot_changed()
 
     def _count_down(self, version: AdapterVersion, tenant: str | None) -> None:
         with self._pins_lock:
@@ -159,11 +190,14 @@ class AdapterManager:
         Raises:
             AdapterNotFound: unknown or unloaded name.
         """
-        return self.registry.hold(name)
+        version = self.registry.hold(name)
+        self._slot_changed()  # its requests to come take no further slot (residency's share rule)
+        return version
 
     def let_go(self, version: AdapterVersion) -> None:
         """End one :meth:`hold` (a superseded version nobody runs on is freed now)."""
         self.registry.let_go(version)
+        self._slot_changed()  # its slot may be evicted now
 
     def requests_of(self, version: AdapterVersion, tenant: str | None) -> int:
         """``tenant``'s requests running or queued on ``version`` now (``version.refcount`` counts

@@ -128,9 +128,10 @@ class Residency:
             if self.tenant_shares is not None:
                 self.tenant_shares = dict(weights)
 
-    def ensure_resident(self, version, tenant: str | None = None) -> None:
+    def ensure_resident(self, version, tenant: str | None = None) -> bool:
         """Make sure a pinned version has a slot before its request (of ``tenant``) runs (cold
         load if evicted); an untied version's pin is counted for ``tenant`` until :meth:`unpin`.
+        Returns whether its LoRA slot is newly held by a request (the version's first pin).
 
         Raises:
             SlotBusy: every LoRA slot is held by running requests, or (tenant shares) ``tenant``
@@ -141,10 +142,11 @@ class Residency:
         """
         with self._lock:
             if version.pool is not None and version.pool is not self.lora_pool:
-                return  # tied tenants and family members stay resident
+                return False  # tied tenants and family members stay resident
+            first = not self._pins.get(id(version))
             # no request pins it: this one would take its slot, unless a response holds it resident for
             # its requests to come (AdapterRegistry.hold), whose first one took the slot already
-            if not self._pins.get(id(version)) and not (version.holds and version.slot is not None):
+            if first and not (version.holds and version.slot is not None):
                 self._check_share(version, tenant)
             if version.slot is not None:
                 self._lru.move_to_end(id(version))
@@ -153,20 +155,34 @@ class Residency:
             self._pins.setdefault(id(version), Counter())[tenant] += 1
             if tenant in self._contending:
                 self._contending[tenant] = time.monotonic()
+            return first
 
-    def unpin(self, version, tenant: str | None = None) -> None:
-        """A request of ``tenant`` on ``version`` ended (once per :meth:`ensure_resident`)."""
+    def unpin(self, version, tenant: str | None = None) -> bool:
+        """A request of ``tenant`` on ``version`` ended (once per :meth:`ensure_resident`). Returns
+        whether it was ``tenant``'s last on an untied version: the slot may be evicted, or the
+        tenant holds one slot fewer (its share), from now on."""
         with self._lock:
             pins = self._pins.get(id(version))
             if pins is None:
-                return  # tied: never counted
+                return False  # tied: never counted
             pins[tenant] -= 1
-            if pins[tenant] <= 0:
+            last = pins[tenant] <= 0
+            if last:
                 del pins[tenant]
             if not pins:
                 del self._pins[id(version)]
             if tenant in self._contending:  # the gap to its next request counts from here
                 self._contending[tenant] = time.monotonic()
+            return last
+
+    def contention_lapses_at(self) -> float | None:
+        """When the first tenant contending for the LoRA slots stops contending unless it asks
+        again (``time.monotonic`` seconds; None: none contends): from then on a request refused
+        its share may have a slot with none freed."""
+        with self._lock:
+            now = time.monotonic()
+            first = min((at for at in self._contending.values() if now - at < CONTEND_SECONDS), default=None)
+        return None if first is None else first + CONTEND_SECONDS
 
     def _check_share(self, version, tenant: str | None) -> None:
         """Refuse ``tenant`` a further LoRA slot while another tenant contends for the slots and it

@@ -50,6 +50,8 @@ class LLMEngine(Engine):
         self._lock = threading.Lock()  # guards tokenizer use from caller threads
         self._max_prompt_bytes: int | None = None  # set on the first prompt (api.max_prompt_bytes)
         self._waiters = SlotWaiters(self.core.adapters)  # requests waiting for a LoRA slot (step thread's)
+        if self.core.adapters is not None:  # a slot may free with no step running (a hold let go): try them then
+            self.core.adapters.on_slot_change(self._wake.set)
         self._threads = engine_threads(config.cpu_threads)
         self._thread = threading.Thread(target=self._loop, name="nlora-engine", daemon=True)
         self._thread.start()
@@ -105,7 +107,7 @@ class LLMEngine(Engine):
         # threads); the scheduler's and the prefix cache's between steps, before any request
         # submitted after this call is added
         if self.core.adapters is not None:
-            self.core.adapters.residency.set_tenant_shares(weights)
+            self.core.adapters.set_tenant_shares(weights)
         self._inbox.put(SetWeights(dict(weights)))
         self._wake.set()
 

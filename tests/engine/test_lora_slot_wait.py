@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from greedy_rule import matches_reference
 from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.engine import llm_engine
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
@@ -79,6 +81,52 @@ def test_a_request_waits_for_the_lora_slot_and_answers_its_reference(base_fp32, 
         tokens = asyncio.run(run())
         assert matches_reference(tokens, ref["greedy_token_ids"], ref["top2_logit_margins"])
         assert (a.refcount, b.refcount, engine.stats()["waiting"], engine.stats()["running"]) == (0, 0, 0, 0)
+    finally:
+        engine.shutdown()
+
+
+def test_a_hold_let_go_with_no_step_running_places_the_waiting_request_at_once(base_fp32, tmp_path, monkeypatch):
+    """--max-loras 1: a response's hold keeps adapter A's slot (its requests still to be queued),
+    no request runs, so no step does; a request on B waits. Letting the hold go wakes the engine,
+    which queues B's request at once: within 50 ms, its cold load aside (3-15 ms measured on a
+    loaded 2-core box). The idle engine's own retry (it polled every 50 ms) is put off to 60 s
+    here: only the wake can place it in time."""
+    monkeypatch.setattr(llm_engine, "IDLE_RETRY_SECONDS", 60.0)
+    engine = engine_of(base_fp32, tmp_path)
+    try:
+        engine.adapters.register_dir("a", CASES / "lora-rslora")
+        b = engine.adapters.register_dir("b", CASES / "lora-layers-subset")
+        pinned = engine.adapters.acquire("a", "ann")  # A takes the one slot (B's evicted) ...
+        held = engine.adapters.hold("a")
+        engine.adapters.release(pinned, "ann")  # ... and keeps it for the response's requests to come
+        queued, at = threading.Event(), []
+        add = engine.core.add
+
+        def core_add(*args):  # on the step thread: the waiting request placed and queued
+            at.append((time.perf_counter(), residency.cold_load_seconds))
+            queued.set()
+            return add(*args)
+
+        residency = engine.adapters.residency
+        monkeypatch.setattr(engine.core, "add", core_add)
+        prompt, params, _ = reference("lora-layers-subset")
+
+        async def run() -> float:
+            waiting = engine.add_request(prompt, params, adapter="b", tenant="ben")
+            await until(lambda: engine.stats()["waiting"] == 1)
+            assert not queued.is_set() and b.slot is None and engine.stats()["running"] == 0
+            loaded = residency.cold_load_seconds
+            start = time.perf_counter()
+            engine.adapters.let_go(held)
+            assert queued.wait(10)
+            (end, loaded_by_then), = at
+            await waiting.aclose()
+            await until(lambda: b.refcount == 0 and engine.stats()["running"] == engine.stats()["waiting"] == 0)
+            return end - start - (loaded_by_then - loaded)
+
+        delay = asyncio.run(run())
+        assert 0 <= delay < 0.05, delay
+        assert b.slot is not None and b.holds == 0 and residency.cold_loads >= 1
     finally:
         engine.shutdown()
 

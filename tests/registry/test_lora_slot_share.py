@@ -6,6 +6,7 @@ kind every 10 s. Pools, eviction, pinning and the tied budget are test_residency
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
@@ -121,3 +122,49 @@ def test_a_held_versions_requests_to_come_take_no_further_slot(base_fp32, tmp_pa
     vs["bob-b"].holds = 0  # the response ended: the share rule applies to bob-b again
     refused(caplog, lambda: pin("bob-b", "bob"), "bob-b",
             r"tenant 'bob' for adapter bob-b v1 \(its request waits\): its requests hold 1 of the 2 slots")
+
+
+def test_requests_waiting_keep_their_tenant_contending_and_take_a_slot_when_another_stops(base_fp32, tmp_path,
+                                                                                         monkeypatch, caplog):
+    """The engine's waiting requests (engine/slot_wait.py) are tried again after a change only (a
+    request's end here), yet a waiting tenant contends for as long as it waits, and one refused its
+    share is placed once the other tenant's contention lapses, 10 s after its last request ended,
+    with no change. Every slot held by bob, his request on bob-c and carol's on carol-a wait from
+    t=100 on, tried every second (a step): at t=130 a slot frees and goes to carol, who has waited
+    30 s (bob, first in arrival order, holds his share); her request ends at once, and bob's takes
+    the slot 10 s later, not before."""
+    from nlora_serve.adapters import residency as residency_module
+    from nlora_serve.adapters.manager import AdapterManager
+    from nlora_serve.engine.slot_wait import SlotWaiters
+
+    clock = [100.0]
+    monkeypatch.setattr(residency_module.time, "monotonic", lambda: clock[0])  # slot_wait's clock too
+    slots = SharedSlots(base_fp32, tmp_path, ("bob-a", "bob-b", "bob-c", "carol-a"))
+    vs = slots.versions
+    manager = AdapterManager(base_fp32, tmp_path / "store", residency=slots.residency)
+    waiting = SlotWaiters(manager)
+
+    def start(name: str, tenant: str) -> None:  # a request placed at once (reserve's refcount, then place)
+        vs[name].refcount += 1
+        manager.place(vs[name], tenant)
+
+    def steps(until: float) -> list[str]:
+        """admit between steps, one a second, up to ``until``; the adapters of the placed requests."""
+        placed = []
+        while clock[0] < until:
+            clock[0] += 1.0
+            placed += [f"{w.pinned.name}@{clock[0]:g}" for w in waiting.admit(None)[0]]
+        return placed
+
+    start("bob-a", "bob")
+    start("bob-b", "bob")
+    for name, tenant in (("bob-c", "bob"), ("carol-a", "carol")):
+        vs[name].refcount += 1  # reserved, no slot
+        waiting.park(SimpleNamespace(engine_id=name, pinned=vs[name], tenant=tenant))
+    assert steps(129.0) == [] and len(waiting) == 2
+    manager.release(vs["bob-a"], "bob")  # at 129: a slot frees
+    assert steps(130.0) == ["carol-a@130"]  # carol still contends: bob holds his share
+    manager.release(vs["carol-a"], "carol")  # at 130: carol's request ends; she contends until 140
+    assert steps(139.0) == []
+    assert steps(140.0) == ["bob-c@140"] and len(waiting) == 0
+    assert vs["bob-c"].slot is not None and vs["carol-a"].slot is None
