@@ -23,7 +23,7 @@ from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
 from nlora_serve.adapters.pool import Placement
 from nlora_serve.adapters.registry import AdapterRegistry
-from nlora_serve.adapters.version import AdapterVersion
+from nlora_serve.adapters.version import AdapterVersion, Hold
 from nlora_serve.adapters.residency import Residency
 from nlora_serve.adapters.swap import replace_n
 from nlora_serve.adapters.store import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterStore
@@ -87,17 +87,17 @@ class AdapterManager:
         return read_adapter_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], self.base, max_rank=self.limits.max_rank,
                                   source=source, families=self.families)
 
-    def acquire(self, name: str, tenant: str | None = None, version: AdapterVersion | None = None) -> AdapterVersion:
+    def acquire(self, name: str, tenant: str | None = None, held: Hold | None = None) -> AdapterVersion:
         """Pin ``name``'s current version for one request (of ``tenant``: its share of the LoRA
         slots, :class:`~nlora_serve.adapters.residency.Residency`) and make sure it is resident:
-        :meth:`reserve`, then :meth:`place`. With ``version`` (a version of ``name`` the caller
-        holds, :meth:`hold`): pin that one, current or superseded.
+        :meth:`reserve`, then :meth:`place`. With ``held`` (the caller's :meth:`hold` on a version
+        of ``name``): pin that version, current or superseded.
 
         Raises:
             AdapterNotFound, ValueError: see :meth:`reserve`. SlotBusy, PoolFull,
             AdapterLoadFailed: see :meth:`place` (nothing stays pinned).
         """
-        version = self.reserve(name, tenant, version)
+        version = self.reserve(name, tenant, held)
         try:
             self.place(version, tenant)
         except BaseException:
@@ -105,21 +105,21 @@ class AdapterManager:
             raise
         return version
 
-    def reserve(self, name: str, tenant: str | None = None, version: AdapterVersion | None = None) -> AdapterVersion:
-        """Pin ``name``'s current version (or ``version``, as :meth:`acquire`) for one request of
+    def reserve(self, name: str, tenant: str | None = None, held: Hold | None = None) -> AdapterVersion:
+        """Pin ``name``'s current version (or ``held``'s, as :meth:`acquire`) for one request of
         ``tenant`` so that it is not freed, without a LoRA slot yet: :meth:`place` gives it one,
         :meth:`unreserve` drops a request that never got one.
 
         Raises:
-            AdapterNotFound: unknown or unloaded name (with ``version``: unloaded since it was held).
-            ValueError: ``version`` of another name (the caller's bug: never a tenant's).
+            AdapterNotFound: unknown or unloaded name (with ``held``: unloaded since it was held).
+            ValueError: ``held`` on a version of another name (the caller's bug: never a tenant's).
         """
-        if version is None:
+        if held is None:
             version = self.registry.acquire(name)
-        elif version.name != name:
-            raise ValueError(f"adapter version {version.name} v{version.version} is not one of {name!r}")
+        elif held.version.name != name:
+            raise ValueError(f"adapter version {held.version.name} v{held.version.version} is not one of {name!r}")
         else:
-            version = self.registry.acquire_held(version)
+            version = self.registry.acquire_held(held)
         with self._pins_lock:
             self._pins[id(version), tenant] += 1
         return version
@@ -182,21 +182,22 @@ class AdapterManager:
             if self._pins[key] <= 0:
                 del self._pins[key]
 
-    def hold(self, name: str) -> AdapterVersion:
-        """Keep ``name``'s current version from being freed or evicted, for the requests of one
-        response to be queued on it (:meth:`acquire` with ``version``), until :meth:`let_go`. A
-        hold is no request: ``refcount``, :meth:`holders` and :meth:`requests_of` do not count it.
+    def hold(self, name: str, requests: int) -> Hold:
+        """Keep ``name``'s current version from being freed or evicted, for the ``requests``
+        requests of one response to be queued on it (:meth:`acquire` with ``held``), until
+        :meth:`let_go`. A hold is no request: ``refcount``, :meth:`holders` and :meth:`requests_of`
+        do not count it; :meth:`draining` counts its requests not queued yet.
 
         Raises:
             AdapterNotFound: unknown or unloaded name.
         """
-        version = self.registry.hold(name)
+        held = self.registry.hold(name, requests)
         self._slot_changed()  # its requests to come take no further slot (residency's share rule)
-        return version
+        return held
 
-    def let_go(self, version: AdapterVersion) -> None:
-        """End one :meth:`hold` (a superseded version nobody runs on is freed now)."""
-        self.registry.let_go(version)
+    def let_go(self, held: Hold) -> None:
+        """End a :meth:`hold` (a superseded version nobody runs on is freed now)."""
+        self.registry.let_go(held)
         self._slot_changed()  # its slot may be evicted now
 
     def requests_of(self, version: AdapterVersion, tenant: str | None) -> int:
@@ -285,6 +286,11 @@ class AdapterManager:
     def holders(self, name: str) -> int:
         """Requests running on any version of ``name`` (see :meth:`AdapterRegistry.holders`)."""
         return self.registry.holders(name)
+
+    def draining(self, name: str) -> int:
+        """Requests an unload of ``name`` without force lets run: those running on any version of
+        it and those the responses holding one have still to queue (:meth:`hold`)."""
+        return self.registry.holders(name) + self.registry.to_come(name)
 
     def versions(self) -> list[AdapterVersion]:
         """Current versions, by name."""

@@ -10,7 +10,8 @@
   the name); without force they run, as the requests already running do.
 - hold / let_go: a request made of several engine requests (OpenAI's ``n``, a batch of prompts)
   keeps the version it runs on from being freed while it queues them one by one, each pinned with
-  ``acquire_held``: a hot swap in between leaves all of them on the held version.
+  ``acquire_held``: a hot swap in between leaves all of them on the held version. Its requests not
+  queued yet count as draining for an unload (``to_come``).
 
 A version is *freed* (its ``on_free`` callback runs: the residency layer gives back its slot and
 memory) when it is no longer current and no request or hold keeps it. The registry is
@@ -30,7 +31,7 @@ from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.save import compact_tied_files
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from nlora_serve.adapters.swap import full_form_swap, stored_file
-from nlora_serve.adapters.version import AdapterNotFound, AdapterVersion, VersionConflict
+from nlora_serve.adapters.version import AdapterNotFound, AdapterVersion, Hold, VersionConflict
 from nlora_serve.errors import AdapterError, shown
 
 log = logging.getLogger(__name__)
@@ -193,49 +194,65 @@ class AdapterRegistry:
                 return found
         raise AdapterNotFound(self._missing(name))  # outside the lock: it may read the disk
 
-    def acquire_held(self, version: AdapterVersion) -> AdapterVersion:
-        """Pin ``version``, current or not, for one request (refcount + 1): a version the caller
-        keeps with :meth:`hold`, so that every request of one response runs on it.
+    def acquire_held(self, held: Hold) -> AdapterVersion:
+        """Pin the version ``held`` keeps (:meth:`hold`), current or not, for one of its requests
+        (refcount + 1, ``to_come`` - 1), so that every request of one response runs on it.
 
         Raises:
             AdapterNotFound: its name was force-unloaded since (the engine aborts the requests on
                 it: one queued after must not run; the message names the version, whatever the name
-                serves now), or it was freed (nobody held it).
+                serves now).
+            RuntimeError: more requests pinned through ``held`` than it was taken for, or one
+                after it was let go (never hidden).
         """
+        version = held.version
         with self._lock:
-            if not (version.unloaded or version.freed):
+            if held.to_come <= 0:
+                raise RuntimeError(f"adapter {version.name} v{version.version}: a request pinned through a hold "
+                                   "with none to come (more than it was taken for, or let go)")
+            if not version.unloaded:  # (held: never freed)
                 version.refcount += 1
+                held.to_come -= 1
+                version.to_come -= 1
                 return version
-        if version.unloaded:
-            raise AdapterNotFound(f"adapter {shown(version.name)!r} v{version.version} was unloaded by an operator "
-                                  "(UnloadAdapter force=true) while this response's requests were being queued")
-        raise AdapterNotFound(f"adapter {shown(version.name)!r} v{version.version} was replaced and is no longer held")
+        raise AdapterNotFound(f"adapter {shown(version.name)!r} v{version.version} was unloaded by an operator "
+                              "(UnloadAdapter force=true) while this response's requests were being queued")
 
-    def hold(self, name: str) -> AdapterVersion:
+    def hold(self, name: str, requests: int) -> Hold:
         """Keep the current version of ``name`` from being freed (not a request: ``refcount`` and
-        :meth:`holders` do not count it) until :meth:`let_go`, for the requests of one response
-        that :meth:`acquire_held` pins on it one at a time.
+        :meth:`holders` do not count it) until :meth:`let_go`, for the ``requests`` requests of one
+        response that :meth:`acquire_held` pins on it one at a time (:meth:`to_come` counts those
+        not pinned yet).
 
         Raises:
             AdapterNotFound: as :meth:`acquire`.
+            ValueError: ``requests`` below 1.
         """
+        if requests < 1:
+            raise ValueError(f"a hold is taken for at least one request; got {requests}")
         with self._lock:
             found = self._current.get(name)
             if found is not None:
                 found.holds += 1
-                return found
+                found.to_come += requests
+                return Hold(found, requests)
         raise AdapterNotFound(self._missing(name))
 
-    def let_go(self, version: AdapterVersion) -> None:
-        """End one :meth:`hold`; frees the version if nothing else needs it.
+    def let_go(self, held: Hold) -> None:
+        """End a :meth:`hold`: its requests not pinned yet will not be; frees the version if
+        nothing else needs it.
 
         Raises:
-            RuntimeError: let go more often than held (never hidden).
+            RuntimeError: let go twice (never hidden).
         """
+        version = held.version
         with self._lock:
-            if version.holds <= 0:
+            if held.let_go:
                 raise RuntimeError(f"adapter {version.name} v{version.version} let go more often than held")
+            held.let_go = True
             version.holds -= 1
+            version.to_come -= held.to_come
+            held.to_come = 0
             free = self._take_if_free(version)
         if free:
             self._free(version)
@@ -293,6 +310,12 @@ class AdapterRegistry:
         with self._lock:
             held = [v for v in (self._current.get(name), *self._retired.get(name, ())) if v is not None]
             return sum(v.refcount for v in held)
+
+    def to_come(self, name: str) -> int:
+        """Requests the responses holding any version of ``name`` (:meth:`hold`) have still to
+        queue on it: with :meth:`holders`, the requests an unload without force lets run."""
+        with self._lock:
+            return sum(v.to_come for v in (self._current.get(name), *self._retired.get(name, ())) if v is not None)
 
     def versions(self) -> list[AdapterVersion]:
         """Current versions, by name."""

@@ -33,6 +33,7 @@ class AdapterVersion:
     path: Path  # its folder in the store
     refcount: int = 0  # requests holding it
     holds: int = 0  # callers keeping it for requests they have still to queue (AdapterRegistry.hold); no request
+    to_come: int = 0  # the requests those holds have still to queue on it (what an unload leaves to drain)
     current: bool = True  # what new requests of ``name`` get; False once superseded or unloaded
     freed: bool = False  # on_free has run
     unloaded: bool = False  # its name was force-unloaded while this was served or held: acquire_held refuses it
@@ -56,3 +57,13 @@ class AdapterVersion:
         self.content_hash, self.is_tied, self.flavour = a.content_hash, a.is_tied, a.flavour
         self.family = getattr(a, "shared_family", None)
         self.rank, self.targets, self.held_bytes = max(a.ranks), tuple(a.targets), a.held_bytes()
+
+
+@dataclass(eq=False, slots=True)
+class Hold:
+    """One response's hold on a version (AdapterRegistry.hold): its requests (OpenAI's ``n``, a
+    batch of prompts) are queued on ``version`` one by one, each pinned through this hold."""
+
+    version: AdapterVersion
+    to_come: int  # its requests not pinned yet (AdapterRegistry.acquire_held); 0 once let go
+    let_go: bool = False  # AdapterRegistry.let_go has run

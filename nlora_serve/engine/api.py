@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
-from nlora_serve.adapters.version import AdapterVersion
+from nlora_serve.adapters.version import AdapterVersion, Hold
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.prompt_logprobs import PromptLogprob
 from nlora_serve.engine.sampling import RequestError, SamplingParams
@@ -182,16 +182,16 @@ class Engine(abc.ABC):
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
                     cache_salt: str | None = None, add_special_tokens: bool = True,
-                    version: AdapterVersion | None = None) -> AsyncIterator[RequestOutput]:
+                    held: Hold | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request and return the async stream of its deltas, ending with a finished one.
 
         ``adapter`` names the adapter to run on (None = the base model); the version current now
-        is pinned for the whole request and reported in every delta, or ``version``, a version of
-        ``adapter`` the caller holds (:meth:`AdapterManager.hold`), superseded or not: the
-        requests of one response all run on the version it held. Must be called from a
-        running event loop. ``tenant`` names who sent it (the front ends pass the caller's key
-        name; fair scheduling serves tenants, not requests, equally). ``cache_salt``: only requests
-        with the same salt share prefix-cache blocks (None = the unsalted group).
+        is pinned for the whole request and reported in every delta, or with ``held``, the
+        caller's hold on a version of ``adapter`` (:meth:`AdapterManager.hold`), that version,
+        superseded or not: the requests of one response all run on the version it held. Must be
+        called from a running event loop. ``tenant`` names who sent it (the front ends pass the
+        caller's key name; fair scheduling serves tenants, not requests, equally). ``cache_salt``:
+        only requests with the same salt share prefix-cache blocks (None = the unsalted group).
         ``add_special_tokens``: a text prompt takes the tokenizer's special tokens (a BOS on
         Llama-style models), as vLLM's completions do by default; token ids run as given (see
         :func:`prompt_ids`). Closing the stream early (read or not) aborts the request: see
@@ -201,7 +201,7 @@ class Engine(abc.ABC):
             RequestError: invalid prompt or parameters, or a prompt plus max_tokens over
                 max_model_len (:func:`check_request`; at once, nothing queued, no KV block used).
             AdapterNotFound: no adapter of that name (never the base model instead), or it was
-                unloaded since ``version`` was held.
+                unloaded since ``held`` was taken.
             AdapterLoadFailed: an evicted adapter's files could not be read back. (A request whose
                 LoRA finds no slot free waits for one: neither engine refuses it.)
             EngineError: from the stream, when the engine failed while running the request.

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from nlora_serve.adapters.manager import AdapterManager
-from nlora_serve.adapters.version import AdapterVersion
+from nlora_serve.adapters.version import AdapterVersion, Hold
 from nlora_serve.adapters.residency import SlotBusy
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel
@@ -114,28 +114,28 @@ class LLMEngine(Engine):
     def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
                 sink: Sink, adapter: str | None = None, tenant: str | None = None,
                 cache_salt: str | None = None, add_special_tokens: bool = True,
-                version: AdapterVersion | None = None) -> tuple[str, str]:
+                held: Hold | None = None) -> tuple[str, str]:
         """Queue a request; returns its (client id, engine id)."""
         if self._stopping:
             raise EngineError("engine is shut down")
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt, add_special_tokens)
         self.core.validate(ids, params)
-        pinned, placed = self._pin(adapter, tenant, version) if adapter is not None else (None, True)
+        pinned, placed = self._pin(adapter, tenant, held) if adapter is not None else (None, True)
         client_id, engine_id = self._ids.admit(request_id)
         self._sinks[engine_id] = sink
         self._inbox.put(AddRequest(engine_id, ids, params, pinned, tenant, cache_salt, placed))
         self._wake.set()
         return client_id, engine_id
 
-    def _pin(self, adapter: str, tenant: str | None, version: AdapterVersion | None) -> tuple[AdapterVersion, bool]:
+    def _pin(self, adapter: str, tenant: str | None, held: Hold | None) -> tuple[AdapterVersion, bool]:
         """Reserve ``adapter`` for a request and place it now, unless requests already wait for a
         LoRA slot (they go first) or none is free: (the version, whether it is placed).
 
         Raises:
             AdapterNotFound, AdapterLoadFailed: as AdapterManager.acquire (nothing stays pinned).
         """
-        pinned = self.adapters.reserve(adapter, tenant, version)
+        pinned = self.adapters.reserve(adapter, tenant, held)
         if len(self._waiters):
             return pinned, False
         try:
@@ -150,12 +150,12 @@ class LLMEngine(Engine):
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
                     cache_salt: str | None = None, add_special_tokens: bool = True,
-                    version: AdapterVersion | None = None) -> RequestStream:
+                    held: Hold | None = None) -> RequestStream:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         client_id, engine_id = self._submit(prompt, params, request_id,
                                             lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter,
-                                            tenant, cache_salt, add_special_tokens, version)
+                                            tenant, cache_salt, add_special_tokens, held)
         return RequestStream(client_id, deltas, self._drop, engine_id)
 
     def _drop(self, engine_id: str) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
-from nlora_serve.adapters.version import AdapterVersion
+from nlora_serve.adapters.version import Hold
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted, RequestOutput
 from nlora_serve.engine.request_checks import check_context
@@ -18,10 +18,10 @@ from nlora_serve.serving.metrics import RequestTimer
 
 def start_request(engine: Engine, prompt: str | list[int], params: SamplingParams, engine_id: str | None,
                   adapter: str | None, max_tokens_given: bool, principal: Principal | None = None,
-                  cache_salt: str | None = None, version: AdapterVersion | None = None) -> AsyncIterator[RequestOutput]:
+                  cache_salt: str | None = None, held: Hold | None = None) -> AsyncIterator[RequestOutput]:
     """Queue an admitted request (its :class:`~nlora_serve.serving.admission.Reservation` taken) in the engine, for ``principal``'s
     tenant (``cache_salt``: see :func:`~nlora_serve.serving.request_policy.cache_salt_of`), on
-    ``adapter``'s current version or on ``version``, one of it the caller holds (:meth:`Engine.add_request`).
+    ``adapter``'s current version or on the version of ``held``, the caller's hold (:meth:`Engine.add_request`).
 
     Without ``max_tokens_given``, max_tokens is the rest of the context (max_model_len - prompt
     tokens, as vLLM), at most ``params.max_tokens`` (the server's ``--max-tokens``, see
@@ -43,7 +43,7 @@ def start_request(engine: Engine, prompt: str | list[int], params: SamplingParam
         params = dataclasses.replace(params, max_tokens=min(room, params.max_tokens))
     tenant = principal.name if principal is not None else None
     return engine.add_request(prompt, params, request_id=engine_id, adapter=adapter, tenant=tenant,
-                              cache_salt=cache_salt, version=version)
+                              cache_salt=cache_salt, held=held)
 
 
 async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer,

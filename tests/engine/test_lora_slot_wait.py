@@ -97,7 +97,7 @@ def test_a_hold_let_go_with_no_step_running_places_the_waiting_request_at_once(b
         engine.adapters.register_dir("a", CASES / "lora-rslora")
         b = engine.adapters.register_dir("b", CASES / "lora-layers-subset")
         pinned = engine.adapters.acquire("a", "ann")  # A takes the one slot (B's evicted) ...
-        held = engine.adapters.hold("a")
+        held = engine.adapters.hold("a", 1)
         engine.adapters.release(pinned, "ann")  # ... and keeps it for the response's requests to come
         queued, at = threading.Event(), []
         add = engine.core.add

@@ -225,3 +225,26 @@ def test_unload_then_load_from_the_store(server):
     _wait_idle(server.engine)
     assert before.refcount == 0 and before.freed
     still_serves(server.target)
+
+
+def test_an_unload_counts_the_requests_a_held_response_has_still_to_queue_as_draining(server):
+    """An HTTP response of several requests (n > 1, a batch of prompts) holds its version and queues
+    them one by one (AdapterManager.hold, as serving/http_api/generate.py): an unload without force
+    lets those not queued yet run too. A response of 3 with its first request pinned and 2 to come,
+    beside a running gRPC stream: 1 + 1 + 2 = 4 draining (it read 2, the pinned ones only)."""
+    manager = server.engine.adapters
+    before = manager.registry.get(TIED)
+    held = manager.hold(TIED, 3)
+    first = manager.acquire(TIED, None, held)  # its first request (no engine request behind it here)
+    with NloraClient(server.target) as admin:
+        stream = admin.generate(PROMPT, adapter=TIED, **LONG)
+        next(stream)
+        unloaded = admin.unload_adapter(TIED)
+        assert (unloaded.ref.version, unloaded.aborted_requests, unloaded.draining_requests) == (before.version, 0, 4)
+        stream.close()
+        manager.release(first)
+        manager.let_go(held)  # its other two never queued
+        _wait_idle(server.engine)
+        assert (before.refcount, before.holds, before.to_come, before.freed) == (0, 0, 0, True)
+        admin.load_adapter(TIED)
+    still_serves(server.target)

@@ -111,19 +111,20 @@ def test_a_hold_keeps_a_superseded_version_for_requests_queued_after_the_swap(re
     the first: a swap in between, even with none of them running, frees nothing; a hold is no
     request (refcount, holders); the version is freed when the hold and its last request end."""
     v1 = registry.register("acme", files(b"\x01"))
-    assert registry.hold("acme") is v1
+    held = registry.hold("acme", 2)
+    assert held.version is v1
     v2 = registry.swap_weights("acme", b"\x02")
     assert freed == [] and (v1.refcount, v1.holds, registry.holders("acme")) == (0, 1, 0)
-    assert registry.acquire_held(v1) is v1 and registry.acquire("acme") is v2
+    assert registry.acquire_held(held) is v1 and registry.acquire("acme") is v2
     assert (v1.refcount, registry.holders("acme")) == (1, 2)
-    registry.let_go(v1)
+    registry.let_go(held)  # its second request was never queued
     assert freed == []  # its request runs on
     registry.release(v1)
     assert freed == [v1]
     with pytest.raises(RuntimeError, match="let go more often than held"):
-        registry.let_go(v1)
-    with pytest.raises(AdapterNotFound, match=r"'acme' v1 was replaced and is no longer held"):
-        registry.acquire_held(v1)  # unheld, a superseded version is freed at once: nothing to pin
+        registry.let_go(held)
+    with pytest.raises(RuntimeError, match="a request pinned through a hold with none to come"):
+        registry.acquire_held(held)  # let go: the superseded version was freed, nothing to pin
     registry.swap_weights("acme", b"\x03")
     assert freed == [v1] and v2.refcount == 1  # v2's request above holds it: freed when it ends
     registry.release(v2)
@@ -135,18 +136,18 @@ def test_a_forced_unload_refuses_the_held_versions_requests_still_to_come(regist
     it on a held version must not run, and is told which version was unloaded, however the name
     is served since (loaded again here: 'not registered' would be false)."""
     v1 = registry.register("acme", files(b"\x01"))
-    registry.hold("acme")
+    h1 = registry.hold("acme", 1)
     v2 = registry.swap_weights("acme", b"\x02")
-    registry.hold("acme")
+    h2 = registry.hold("acme", 1)
     registry.unload("acme", force=True)
     registry.register("acme", files(b"\x03"))
-    for held in (v1, v2):
+    for held in (h1, h2):
         with pytest.raises(AdapterNotFound) as err:
             registry.acquire_held(held)
-        assert str(err.value) == (f"adapter 'acme' v{held.version} was unloaded by an operator (UnloadAdapter "
+        assert str(err.value) == (f"adapter 'acme' v{held.version.version} was unloaded by an operator (UnloadAdapter "
                                   "force=true) while this response's requests were being queued")
-    registry.let_go(v1)
-    registry.let_go(v2)
+    registry.let_go(h1)
+    registry.let_go(h2)
     assert freed == [v1, v2] and registry.holders("acme") == 0
 
 
@@ -155,12 +156,12 @@ def test_an_unload_without_force_lets_a_held_version_queue_the_rest_of_its_reque
     the version has still to queue; the version is freed after them, its folder kept (the newest:
     what a load brings back), and new requests of the name are refused."""
     v1 = registry.register("acme", files(b"\x01"))
-    registry.hold("acme")
+    held = registry.hold("acme", 1)
     registry.unload("acme")
-    assert registry.acquire_held(v1) is v1 and registry.holders("acme") == 1
+    assert registry.acquire_held(held) is v1 and registry.holders("acme") == 1
     with pytest.raises(AdapterNotFound, match="'acme' was unloaded by an operator"):
         registry.acquire("acme")
-    registry.let_go(v1)
+    registry.let_go(held)
     assert freed == []  # its request runs on
     registry.release(v1)
     assert freed == [v1] and registry.holders("acme") == 0 and registry.store.versions("acme") == [1]
@@ -306,3 +307,30 @@ def test_a_name_being_loaded_says_so_while_its_version_is_written(registry, unlo
     assert len(during) == 1
     with pytest.raises(AdapterNotFound, match="'acme' was unloaded by an operator"):
         registry.acquire("acme")
+
+
+def test_the_requests_holds_have_still_to_queue_are_counted_until_queued_or_let_go(registry):
+    """What an unload without force leaves to run: the requests running (holders) and those the
+    responses holding a version have still to queue (to_come), over every version of the name;
+    each hold counts its own, pinned or let go (hand-counted)."""
+    v1 = registry.register("acme", files(b"\x01"))
+    n3 = registry.hold("acme", 3)  # an n=3 response
+    batch = registry.hold("acme", 4)  # 2 prompts x n=2
+    registry.acquire_held(n3)
+    registry.acquire_held(batch)
+    registry.acquire_held(batch)
+    registry.swap_weights("acme", b"\x02")
+    late = registry.hold("acme", 2)  # on v2
+    registry.acquire("acme")  # a one-request response, on v2
+    assert (registry.holders("acme"), registry.to_come("acme")) == (4, 2 + 2 + 2)
+    assert (v1.to_come, late.version.to_come, n3.to_come, batch.to_come) == (4, 2, 2, 2)
+    registry.let_go(n3)  # its request failed: the other two are never queued
+    registry.acquire_held(late)
+    assert (registry.holders("acme"), registry.to_come("acme")) == (5, 2 + 1)
+    registry.acquire_held(batch)
+    registry.acquire_held(batch)
+    with pytest.raises(RuntimeError, match="a request pinned through a hold with none to come"):
+        registry.acquire_held(batch)  # a fifth: more than it was taken for
+    registry.let_go(batch)
+    registry.let_go(late)
+    assert (registry.holders("acme"), registry.to_come("acme"), v1.to_come, v1.refcount) == (7, 0, 0, 1 + 4)

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 from nlora_serve.adapters.manager import AdapterManager
-from nlora_serve.adapters.version import AdapterVersion
+from nlora_serve.adapters.version import AdapterVersion, Hold
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.config import EngineConfig
@@ -143,7 +143,7 @@ class VllmEngine(Engine):
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None, tenant: str | None = None,
                     cache_salt: str | None = None, add_special_tokens: bool = True,
-                    version: AdapterVersion | None = None) -> RequestStream:
+                    held: Hold | None = None) -> RequestStream:
         # ``tenant`` counts its adapter pin only: vLLM schedules first come first served (or by priority)
         loop = asyncio.get_running_loop()
         if self._stopping:
@@ -161,7 +161,7 @@ class VllmEngine(Engine):
             self.check_structured(params.structured_outputs)
         deltas: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            pinned = self.adapters.acquire(adapter, tenant, version) if adapter is not None else None
+            pinned = self.adapters.acquire(adapter, tenant, held) if adapter is not None else None
             client_id, rid = self._ids.admit(request_id)
             job = self._jobs[rid] = Job(rid, client_id, len(ids), pinned, threadsafe_sink(loop, deltas), tenant=tenant)
             self._counters["prompt_tokens"] += len(ids)

@@ -157,7 +157,10 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
     async def _unload(self, request: pb.UnloadAdapterRequest) -> pb.UnloadAdapterResponse:
         self._manager()
         validate_name(request.name)
-        held = self.engine.adapters.holders(request.name)  # every version: a forced unload aborts them all
+        adapters = self.engine.adapters
+        # every version: a forced unload aborts the running requests (and refuses those a response
+        # holding one has still to queue); without force, both run
+        running, draining = adapters.holders(request.name), adapters.draining(request.name)
         version = self.engine.unload_adapter(request.name, force=request.force)
-        return pb.UnloadAdapterResponse(ref=convert.adapter_ref(version), aborted_requests=held if request.force else 0,
-                                        draining_requests=0 if request.force else held)
+        return pb.UnloadAdapterResponse(ref=convert.adapter_ref(version), aborted_requests=running if request.force else 0,
+                                        draining_requests=0 if request.force else draining)

@@ -214,7 +214,7 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompts
     adapter, salt, n = adapter_of(ctx, body.model), cache_salt_of(caller, body.cache_salt, ctx.auth), body.num_choices
     alone = n * len(ids) == 1
     # every choice of every prompt runs on the version current now, however late it is queued
-    held = None if alone or adapter is None else ctx.engine.adapters.hold(adapter)
+    held = None if alone or adapter is None else ctx.engine.adapters.hold(adapter, n * len(ids))
 
     def start(index: int) -> AsyncIterator:
         engine_id = f"{caller.name}/{rid}" if alone else f"{caller.name}/{rid}/{index}"
