@@ -7,16 +7,18 @@ And, with per-tenant counters on (``serve --tenant-metrics``), how a request end
 tenant (``nlora_tenant_requests_total``), with the tokens streamed to it
 (``nlora_tenant_generation_tokens_total``); off, neither is in a scrape.
 
-``metered`` runs over hand-made deltas here, so every count is known by hand."""
+``Metered`` runs over hand-made deltas here, so every count is known by hand."""
 
 from __future__ import annotations
 
 import asyncio
 
-from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
+import pytest
+
+from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput, RequestStream
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.metrics import ServerMetrics
-from nlora_serve.serving.stream import metered
+from nlora_serve.serving.stream import Metered
 
 HTTP = {"frontend": "http"}
 COUNTERS = ("nlora_prompt_tokens_total", "nlora_prefix_cache_queries_total", "nlora_prefix_cache_hits_total",
@@ -37,7 +39,7 @@ def _delta(index: int, tokens: list[int], prompt: int, cached: int, finish: str 
 
 
 def _after_each(deltas: list[RequestOutput], n: int) -> tuple[list[tuple[float, ...]], ServerMetrics, Admission]:
-    """The counters as seen right after each delta reaches the consumer of ``metered``."""
+    """The counters as seen right after each delta reaches the consumer of ``Metered``."""
     metrics, admission = _metrics(), Admission(max_queue=8)
 
     async def stream():
@@ -46,7 +48,7 @@ def _after_each(deltas: list[RequestOutput], n: int) -> tuple[list[tuple[float, 
 
     async def consume():
         seen = []
-        async for _ in metered(stream(), metrics.request("http"), admission.reserve(), n):
+        async for _ in Metered(stream(), metrics.request("http"), admission.reserve(), n):
             seen.append(_counts(metrics))
         return seen
 
@@ -71,7 +73,7 @@ def test_each_choice_counts_its_prompt_once_and_one_that_ends_before_a_token_cou
 
 def _ended(deltas: list, n: int = 1, tenant: str | None = "acme", take: int | None = None,
            per_tenant: bool = True) -> ServerMetrics:
-    """``metered`` over ``deltas`` (a delta, or an exception the engine stream raises there), its
+    """``Metered`` over ``deltas`` (a delta, or an exception the engine stream raises there), its
     consumer stopping after ``take`` deltas (None: all); the metrics after it ended."""
     metrics, admission = _metrics(per_tenant), Admission(max_queue=8)
 
@@ -82,7 +84,7 @@ def _ended(deltas: list, n: int = 1, tenant: str | None = "acme", take: int | No
             yield out
 
     async def consume():
-        got = metered(stream(), metrics.request("grpc", tenant), admission.reserve(), n)
+        got = Metered(stream(), metrics.request("grpc", tenant), admission.reserve(), n)
         try:
             taken = 0
             async for _ in got:
@@ -139,3 +141,23 @@ def test_without_per_tenant_counters_a_tenants_request_leaves_no_tenant_series()
     assert metrics.registry.get_sample_value("nlora_generation_tokens_total", {"frontend": "grpc"}) == 2
     assert metrics.registry.get_sample_value("nlora_requests_rejected_total",
                                              {"reason": "queue_full", "frontend": "http"}) == 1
+
+
+def test_a_metered_stream_closed_before_its_first_delta_closes_the_engine_stream_and_releases_its_place():
+    """A front end that gives up on a request before reading it (a client gone while the first delta
+    was awaited, an error shaping the response) closes the metered stream unread: an async
+    generator's aclose runs nothing before its first __anext__, which kept the request running and
+    its admission place (the tenant's quota) held for good."""
+    metrics, admission = _metrics(), Admission(max_queue=8)
+    aborted: list[str] = []
+    engine_stream = RequestStream("r", asyncio.Queue(), aborted.append)
+
+    async def close_unread():
+        deltas = Metered(engine_stream, metrics.request("http"), admission.reserve(), 1)
+        assert admission.inflight == 1
+        await deltas.aclose()
+        with pytest.raises(StopAsyncIteration):
+            await anext(deltas)
+
+    asyncio.run(close_unread())
+    assert (aborted, admission.inflight) == (["r"], 0)

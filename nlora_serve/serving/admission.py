@@ -4,7 +4,7 @@ Both front ends admit a request the same way (key; draining, the bounded queue a
 quota, reserved in :class:`Admission` before the prompt is tokenized, by HTTP before the body is
 read, by gRPC after the grant and parameters of its message; the prompt; then the engine), count
 it in the same :class:`Admission` (``--max-queue`` bounds gRPC and HTTP requests together) and
-stream it through :func:`~nlora_serve.serving.stream.metered`, so metrics and cancellation behave
+stream it through :class:`~nlora_serve.serving.stream.Metered`, so metrics and cancellation behave
 the same whichever protocol a tenant speaks.
 """
 
@@ -26,7 +26,7 @@ class Reservation:
     """One request's place in its :class:`Admission` counts, taken before its prompt is tokenized
     (:meth:`Admission.reserve`) and given back exactly once, whichever way the request ends: refused
     after reserving (a bad prompt, an unknown adapter, a context overflow), its client gone while it
-    waited for the tokenizer, or its engine stream ended (:func:`~nlora_serve.serving.stream.metered`).
+    waited for the tokenizer, or its engine stream ended (:class:`~nlora_serve.serving.stream.Metered`).
     An HTTP request of ``n`` choices for each of P prompts holds P x n places (:meth:`Admission.grow`).
     Event-loop only."""
 

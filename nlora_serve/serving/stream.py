@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -26,7 +25,7 @@ def start_request(engine: Engine, prompt: str | list[int], params: SamplingParam
     Without ``max_tokens_given``, max_tokens is the rest of the context (max_model_len - prompt
     tokens, as vLLM), at most ``params.max_tokens`` (the server's ``--max-tokens``, see
     :func:`~nlora_serve.serving.request_policy.max_tokens_of`). The caller must hand the returned stream and the reservation to
-    :func:`metered`, which releases the reservation; if this raises, the caller releases it.
+    :class:`Metered`, which releases the reservation; if this raises, the caller releases it.
 
     Raises:
         RequestError: a prompt that leaves no room to generate, min_tokens over the room left, or
@@ -46,47 +45,69 @@ def start_request(engine: Engine, prompt: str | list[int], params: SamplingParam
                               cache_salt=cache_salt, held=held)
 
 
-async def metered(stream: AsyncIterator[RequestOutput], timer: RequestTimer,
-                  reservation: Reservation, n: int = 1) -> AsyncIterator[RequestOutput]:
+class Metered:
     """The engine stream's deltas, timed into ``timer`` (``timer.duration`` is set before the last
-    finished delta is yielded: ``n`` choices finish one each, see
-    :func:`~nlora_serve.serving.http_api.choices.start_choices`). However this generator ends
-    (finished, closed early, cancelled), the engine stream is closed, which aborts an unfinished
-    request and frees its KV blocks and adapter pin at once, ``reservation`` is released, and the
-    request's end is counted for its tenant (:meth:`RequestTimer.ended`: "finished" once every
-    choice has, "aborted" when the engine aborted one, "error", or "cancelled" before its end).
+    finished delta is returned: ``n`` choices finish one each, see
+    :func:`~nlora_serve.serving.http_api.choices.start_choices`). However it ends (finished, closed
+    early, read or not, cancelled), the engine stream is closed, which aborts an unfinished request
+    and frees its KV blocks and adapter pin at once, ``reservation`` is released, and the request's
+    end is counted for its tenant (:meth:`RequestTimer.ended`: "finished" once every choice has,
+    "aborted" when the engine aborted one, "error", or "cancelled" before its end). A class, not an
+    async generator: a generator's ``aclose`` runs nothing before its first ``__anext__``, which
+    kept the request running and its reservation held for good (engine/api.py's RequestStream).
 
-    Raises:
+    Raises (from ``__anext__``):
         EngineError: the engine failed while running the request. RequestAborted: the engine
             aborted it for a reason its client should see.
     """
-    unfinished = n
-    prefilled: set[int] = set()  # choices whose prompt tokens are counted
-    outcome = "cancelled"  # closed or cancelled before its last choice finished (client gone, deadline)
-    aborted = False  # a choice ended with finish_reason "abort"
-    try:
-        async with contextlib.aclosing(stream):
-            async for out in stream:
-                timer.tokens(len(out.token_ids))
-                if out.index not in prefilled and (out.token_ids or out.finished):
-                    prefilled.add(out.index)  # counted at its first token, as vLLM's, not at its end
-                    timer.prefilled(out.prompt_tokens, out.cached_tokens)
-                aborted = aborted or out.finish_reason == "abort"  # by the engine, with no reason to raise
-                if out.finished:
-                    unfinished -= 1
-                    if not unfinished:
-                        timer.finish()
-                        outcome = "aborted" if aborted else "finished"
-                yield out
-    except RequestAborted:
-        outcome = "aborted"
-        raise
-    except EngineError:
-        outcome = "error"
-        raise
-    finally:
-        timer.ended(outcome)  # first: who waits for the admission count to drop then reads it counted
-        reservation.release()
+
+    def __init__(self, stream: AsyncIterator[RequestOutput], timer: RequestTimer, reservation: Reservation,
+                 n: int = 1) -> None:
+        self._stream, self._timer, self._reservation = stream, timer, reservation
+        self._unfinished = n  # choices not finished yet
+        self._prefilled: set[int] = set()  # choices whose prompt tokens are counted
+        self._outcome = "cancelled"  # closed or cancelled before its last choice finished (client gone, deadline)
+        self._aborted = False  # a choice ended with finish_reason "abort"
+        self._closed = False
+
+    def __aiter__(self) -> Metered:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            out = await anext(self._stream)
+        except BaseException as exc:  # its end (StopAsyncIteration), an error, a cancellation
+            if isinstance(exc, RequestAborted):
+                self._outcome = "aborted"
+            elif isinstance(exc, EngineError):
+                self._outcome = "error"
+            await self.aclose()
+            raise
+        timer = self._timer
+        timer.tokens(len(out.token_ids))
+        if out.index not in self._prefilled and (out.token_ids or out.finished):
+            self._prefilled.add(out.index)  # counted at its first token, as vLLM's, not at its end
+            timer.prefilled(out.prompt_tokens, out.cached_tokens)
+        self._aborted = self._aborted or out.finish_reason == "abort"  # by the engine, with no reason to raise
+        if out.finished:
+            self._unfinished -= 1
+            if not self._unfinished:
+                timer.finish()
+                self._outcome = "aborted" if self._aborted else "finished"
+        return out
+
+    async def aclose(self) -> None:
+        """Close the engine stream, count the request's end and release the reservation (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stream.aclose()
+        finally:
+            self._timer.ended(self._outcome)  # first: who waits for the admission count to drop then reads it counted
+            self._reservation.release()
 
 
 def adapter_versions(engine: Engine) -> list | None:

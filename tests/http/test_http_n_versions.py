@@ -17,7 +17,7 @@ import safetensors.torch
 from grpc_harness import ADMIN_KEY, TENANT_KEYS, matches_reference
 from http_harness import CASES, client, references
 from nlora_serve.client import NloraClient
-from nlora_serve.engine.api import RequestOutput
+from nlora_serve.engine.api import RequestOutput, RequestStream
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.http_api import generate
 from nlora_serve.serving.http_api.choices import start_choices
@@ -84,6 +84,28 @@ def test_the_hold_is_let_go_when_queueing_fails_or_the_stream_closes_first():
     # closed after prompt 0's first delta: prompt 1's choice 1 was never queued
     assert _run(n=2, num_prompts=2, close_early=True) == ["start 0", "start 2", "start 1", "delta 0", "let go"]
     assert _run(n=3, fail_at=2)[-2:] == ["let go", "raised"]  # choice 2 refused: the request aborts
+
+
+def test_closed_before_its_first_delta_the_hold_is_let_go_and_the_queued_choices_aborted():
+    """A front end that gives up before reading (a client gone while the first delta was awaited)
+    closes the merged stream unread: an async generator's aclose runs nothing before its first
+    __anext__, so the hold kept its version (a superseded one's memory too) for good and each
+    prompt's choice 0 ran to its end. Now each is aborted and the hold let go, once."""
+    events: list[str] = []
+
+    def start(index: int) -> RequestStream:
+        events.append(f"start {index}")
+        return RequestStream(f"choice-{index}", asyncio.Queue(), lambda rid: events.append(f"abort {rid}"))
+
+    async def close_unread():
+        merged = await start_choices(start, 2, 2, lambda: events.append("let go"))
+        await merged.aclose()
+        await merged.aclose()  # closing again does nothing
+        with pytest.raises(StopAsyncIteration):
+            await anext(merged)
+
+    asyncio.run(close_unread())
+    assert events == ["start 0", "start 2", "let go", "abort choice-0", "abort choice-2"]
 
 
 # -- a real server: a hot swap between choice 0's first delta and the other choices ----------------

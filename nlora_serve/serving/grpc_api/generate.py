@@ -36,7 +36,7 @@ from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_bytes
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.request_policy import cache_salt_of
-from nlora_serve.serving.stream import adapter_versions, metered, start_request
+from nlora_serve.serving.stream import Metered, adapter_versions, start_request
 from nlora_serve.serving.status import abort, status_of
 from nlora_serve.serving.metrics import RequestTimer, ServerMetrics, tenant_of
 from nlora_serve.serving.server_config import ServerConfig
@@ -65,7 +65,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             # aclosing: on cancel, disconnect or deadline the metered stream is closed here, which
             # aborts the request, frees its KV blocks and adapter pin and releases its admission at once
-            deltas = metered(stream, timer, reservation)
+            deltas = Metered(stream, timer, reservation)
             async with contextlib.aclosing(deltas):
                 async for out in deltas:
                     msg = convert.response(out, scored)

@@ -105,7 +105,7 @@ async def start_choices(start: Start, n: int, num_prompts: int = 1,
             raise
     if n == 1:  # every choice is queued
         let_go()
-    return firsts[0] if n * num_prompts == 1 else _merged(firsts, start, n, let_go)
+    return firsts[0] if n * num_prompts == 1 else _Merged(firsts, start, n, let_go)
 
 
 def _once(let_go: Callable[[], None] | None) -> Callable[[], None]:
@@ -128,42 +128,70 @@ def of_prompt(exc: NloraError, index: int, num_prompts: int) -> NloraError:
     return RequestError(f"prompt[{index}]: {exc}", exc.param or "prompt")
 
 
-async def _merged(firsts: list[AsyncIterator[RequestOutput]], start: Start, n: int,
-                  let_go: Callable[[], None]) -> AsyncIterator[RequestOutput]:
-    streams = list(firsts)
-    queue: asyncio.Queue = asyncio.Queue()
-    pumps = [asyncio.create_task(_pump(i * n, stream, queue)) for i, stream in enumerate(firsts)]
-    waiting = [n > 1] * len(firsts)  # per prompt: its other choices are not queued yet
-    try:
-        running = n * len(firsts)
-        while running:
-            out = await queue.get()
+class _Merged:
+    """The deltas of ``firsts`` (each prompt's choice 0, queued) and of the other choices, queued
+    through ``start`` at their prompt's first delta, as :func:`start_choices` returns them. Closing
+    it, read or not (a class, not an async generator, whose ``aclose`` runs nothing before its
+    first ``__anext__``: the hold was kept and the choices ran on), lets the hold go and aborts
+    every choice still running, as its end or an error does."""
+
+    def __init__(self, firsts: list[AsyncIterator[RequestOutput]], start: Start, n: int,
+                 let_go: Callable[[], None]) -> None:
+        self._streams, self._start, self._n, self._let_go = list(firsts), start, n, let_go
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pumps = [asyncio.create_task(_pump(i * n, stream, self._queue)) for i, stream in enumerate(firsts)]
+        self._waiting = [n > 1] * len(firsts)  # per prompt: its other choices are not queued yet
+        self._running = n * len(firsts)  # choices not finished
+        self._closed = False
+
+    def __aiter__(self) -> _Merged:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            return await self._next()
+        except BaseException:  # the end (StopAsyncIteration), a choice's error, a cancellation
+            await self.aclose()
+            raise
+
+    async def _next(self) -> RequestOutput:
+        n = self._n
+        while self._running:
+            out = await self._queue.get()
             if out is None:
-                running -= 1
+                self._running -= 1
                 continue
             if isinstance(out, BaseException):
                 raise out
             prompt = out.index // n
-            if waiting[prompt]:  # its choice 0's first delta: the prompt is in the prefix cache from here
-                waiting[prompt] = False
+            if self._waiting[prompt]:  # its choice 0's first delta: the prompt is in the prefix cache from here
+                self._waiting[prompt] = False
                 for index in range(prompt * n + 1, prompt * n + n):
                     try:
-                        streams.append(start(index))
+                        self._streams.append(self._start(index))
                     except NloraError as exc:
-                        raise RequestAborted(f"choice {index} of {n * len(firsts)} could not be queued: "
+                        raise RequestAborted(f"choice {index} of {n * len(self._waiting)} could not be queued: "
                                              f"{exc}") from exc
-                    pumps.append(asyncio.create_task(_pump(index, streams[-1], queue)))
-                if not any(waiting):
-                    let_go()
-            yield out
-    finally:
-        let_go()
-        for pump in pumps:
+                    self._pumps.append(asyncio.create_task(_pump(index, self._streams[-1], self._queue)))
+                if not any(self._waiting):
+                    self._let_go()
+            return out
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Let the hold go and abort every choice still running (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._let_go()
+        for pump in self._pumps:
             pump.cancel()
-        for pump in pumps:
+        for pump in self._pumps:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
-        for stream in streams:
+        for stream in self._streams:
             await stream.aclose()  # aborts every choice still running
 
 

@@ -45,7 +45,7 @@ from nlora_serve.errors import shown
 from nlora_serve.serving.auth import PermissionDenied, Principal
 from nlora_serve.serving.admission import Admission, Reservation
 from nlora_serve.serving.request_policy import cache_salt_of
-from nlora_serve.serving.stream import adapter_versions, metered, start_request
+from nlora_serve.serving.stream import Metered, adapter_versions, start_request
 from nlora_serve.serving.status import BodyTimeout, Draining
 from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.choices import check_choices, choice_params, of_prompt, start_choices
@@ -101,13 +101,17 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
         reservation.release()
         return Response(status_code=499)
     body = started.body
-    deltas = metered(started.stream, started.timer, reservation, body.num_choices * len(started.prompt_ids))
-    shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, logprobs_asked(body),
-                    body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage, n=body.num_choices,
-                    prompt_ids=started.prompt_ids, echo=_echo(started, ctx.tokenizer),
-                    prompt_logprobs=body.prompt_logprobs, token_text=ctx.token_text,
-                    tools=body.tool_calls()[0] if chat else None, token_ids=bool(body.return_token_ids),
-                    logprob_token_ids=bool(body.logprob_token_ids))
+    deltas = Metered(started.stream, started.timer, reservation, body.num_choices * len(started.prompt_ids))
+    try:
+        shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, logprobs_asked(body),
+                        body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage, n=body.num_choices,
+                        prompt_ids=started.prompt_ids, echo=_echo(started, ctx.tokenizer),
+                        prompt_logprobs=body.prompt_logprobs, token_text=ctx.token_text,
+                        tools=body.tool_calls()[0] if chat else None, token_ids=bool(body.return_token_ids),
+                        logprob_token_ids=bool(body.logprob_token_ids))
+    except BaseException:
+        await deltas.aclose()
+        raise
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
@@ -233,6 +237,7 @@ async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Res
 
     outs = await unless_disconnected(request, collect())
     if outs is None:
+        await deltas.aclose()  # (already, unless collect was cancelled before it began)
         return Response(status_code=499)
     # shaped and serialized on a worker thread: with prompt_logprobs a batch's response is up to
     # 1,024 prompts x max_model_len positions x 21 tokens (seconds to minutes of work, which on the
@@ -248,6 +253,7 @@ async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> 
 
     out = await unless_disconnected(request, first())  # on any failure the metered stream is closed already
     if out is None:
+        await deltas.aclose()  # (already, unless first was cancelled before it began)
         return Response(status_code=499)
     return EngineStreamResponse(_events(out, deltas, shaper), deltas, version_headers(out))
 
