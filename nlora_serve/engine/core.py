@@ -71,8 +71,7 @@ class EngineCore:
         self.config = config
         self.device = device
         self.vocab_size = base.spec.vocab_size
-        self.tokenizer = base.tokenizer()  # the step thread's (detokenizing)
-        self.base_tokenizer = base.tokenizer  # another instance for another thread
+        self.tokenizer = base.tokenizer()
         # the tokenizer's EOS and the generation config's eos_token_id, as vLLM's (engine/eos.py)
         self.eos = eos_tokens(base.path, config.generation_config, self.tokenizer.eos_token_id, self.vocab_size)
         self.eos_ids = set(self.eos.all)

@@ -8,6 +8,7 @@ interface in vllm_backend/engine.py.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import queue
 import threading
@@ -41,7 +42,8 @@ class LLMEngine(Engine):
 
     def __init__(self, config: EngineConfig, base: BaseModel | None = None) -> None:
         self.core = EngineCore(config, base)
-        self._tokenizer = None  # callers' own instance, made on first use (see tokenizer)
+        # callers tokenize with their own instance: the step thread detokenizes with the core's
+        self.tokenizer = copy.deepcopy(self.core.tokenizer)  # (no thread uses it yet)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # by engine id: the core sees engine ids only
         self._wake = threading.Event()
@@ -68,16 +70,6 @@ class LLMEngine(Engine):
     @property
     def max_model_len(self) -> int:
         return self.core.config.scheduler.max_model_len
-
-    @property
-    def tokenizer(self):
-        """The callers' tokenizer (``prompt_ids``, ``generate``): an instance of their own, used
-        under the engine's lock, as the step thread detokenizes with the core's; copied from the
-        base's on first use (~0.1 s: servers tokenize in their front ends and never ask)."""
-        with self._lock:
-            if self._tokenizer is None:
-                self._tokenizer = self.core.base_tokenizer()
-            return self._tokenizer
 
     def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if self._max_prompt_bytes is None:  # once: a pass over the vocabulary
