@@ -8,13 +8,13 @@ interface in vllm_backend/engine.py.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping
 
 import torch
+from transformers import AutoTokenizer
 
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.version import AdapterVersion, Hold
@@ -43,7 +43,7 @@ class LLMEngine(Engine):
     def __init__(self, config: EngineConfig, base: BaseModel | None = None) -> None:
         self.core = EngineCore(config, base)
         # callers tokenize with their own instance: the step thread detokenizes with the core's
-        self.tokenizer = copy.deepcopy(self.core.tokenizer)  # (no thread uses it yet)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.core.tokenizer_path)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # by engine id: the core sees engine ids only
         self._wake = threading.Event()

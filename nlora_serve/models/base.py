@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -30,24 +29,16 @@ class BaseModel:
     # values computed once from the weights by their users, by key (e.g. adapters/bounds.py's
     # norms of a tied family's A and B); each user bounds its own entries
     derived: dict = field(default_factory=dict, repr=False, compare=False)
-    # read by tokenizer(); not an init field, so dataclasses.replace (another tokenizer_dir) starts over
-    _tokenizer: object = field(default=None, init=False, repr=False, compare=False)
 
     def weight(self, layer: int, module: str) -> torch.Tensor:
         """``[out, in]`` weight of one projection, e.g. ``weight(3, "q_proj")``."""
         return self.weights[f"{ModelSpec.module_path(layer, module)}.weight"]
 
     def tokenizer(self):
-        """A Hugging Face tokenizer of the model (with its chat template), an instance of its own
-        for each call: an instance must not be shared across threads (an encode with
-        ``split_special_tokens`` flips a flag of the Rust tokenizer that a concurrent encode would
-        read: serving/chat_template.py). The files are read on the first call only; later calls
-        copy that instance (~0.1 s against ~0.25 s a read: each engine and front end takes one)."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
+        """The model's Hugging Face tokenizer (with its chat template)."""
+        from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        return copy.deepcopy(self._tokenizer)
+        return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
     @property
     def tokenizer_path(self) -> Path:
