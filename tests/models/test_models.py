@@ -206,3 +206,27 @@ def test_resolve_dtype_takes_vllms_spellings_with_vllms_meaning():
     with pytest.raises(ValueError, match="--dtype must be one of auto, half, float16, bfloat16, float, float32; "
                                          "got 'fp8'"):
         resolve_dtype("fp8")
+
+
+def test_converted_tokenizer_records_its_added_tokens_and_loads_as_transformers_own_path(base_model_dir, tmp_path):
+    # The converter writes tokenizer.json's added tokens into tokenizer_config.json (transformers 5
+    # leaves them out, and each load then parses tokenizer.json twice). Reference: the same files
+    # without the key, which transformers loads by reading tokenizer.json's list itself.
+    from transformers import AutoTokenizer
+
+    config = json.loads((base_model_dir / "tokenizer_config.json").read_text())
+    assert config["added_tokens_decoder"]["2"]["content"] == "<|im_end|>"
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        (tmp_path / name).write_bytes((base_model_dir / name).read_bytes())
+    del config["added_tokens_decoder"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, legacy = AutoTokenizer.from_pretrained(base_model_dir), AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.added_tokens_decoder == legacy.added_tokens_decoder
+    assert ours.special_tokens_map == legacy.special_tokens_map and ours.all_special_ids == legacy.all_special_ids
+    for text in ("<|im_start|>user\nhi<|im_end|>\n<|endoftext|>", " ünïcødé 🤖\t\n <repo_name>x", "<|im_end"):
+        ids = legacy(text).input_ids
+        assert ours(text).input_ids == ids
+        assert ours.decode(ids, skip_special_tokens=True) == legacy.decode(ids, skip_special_tokens=True)
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "<|im_end|> hi"}]
+    assert (ours.apply_chat_template(chat, add_generation_prompt=True)
+            == legacy.apply_chat_template(chat, add_generation_prompt=True))
