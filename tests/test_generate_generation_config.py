@@ -89,3 +89,20 @@ def test_a_bad_generation_config_folder_is_one_error_line(tmp_path, capsys):
     assert cli_main(["generate", "--message", "Hi", "--generation-config", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.endswith(f"error: --generation-config {tmp_path / 'none'}: not a folder; expected "
                                             "auto, vllm or a folder holding generation_config.json\n")
+
+
+def test_the_log_line_names_generates_own_defaults_where_the_config_sets_none(tmp_path, caplog):
+    # A newcomer's find (h95): `generate` logged "the default sampling parameters are vLLM's" (temperature 1)
+    # and then answered greedily, as its --help says; the line now names the defaults it runs with.
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    caplog.set_level("INFO")
+    for flags, why in [((), f"{folder / 'generation_config.json'} sets no sampling field"),
+                       (("--generation-config", "vllm"), "the model's generation config unread")]:
+        caplog.clear()
+        got = _fields(_params(folder, *flags))
+        assert (got["temperature"], got["top_k"], got["top_p"], got["max_new_tokens"]) == (0.0, 0, 1.0, 128)
+        source = flags[1] if flags else "auto"
+        assert caplog.messages == [f"--generation-config {source}: {why}; the default sampling parameters are "
+                                   "generate's own (greedy, 128 tokens)."]

@@ -168,10 +168,13 @@ def _json_object(path: Path) -> dict:
     return data
 
 
-def sampling_defaults(source: str, override: dict, model_dir: Path) -> tuple[SamplingDefaults, str]:
+def sampling_defaults(source: str, override: dict, model_dir: Path,
+                      fallback: str = "vLLM's") -> tuple[SamplingDefaults, str]:
     """(the defaults, one log line saying where they came from) for ``--generation-config source``
     ("auto", "vllm" or a folder) and ``--override-generation-config override`` (checked by
-    :func:`parse_override`) on the model folder ``model_dir``.
+    :func:`parse_override`) on the model folder ``model_dir``. ``fallback`` names, in the log line,
+    whose defaults a field left unset by both takes: vLLM's for ``serve``, the flags' own for
+    ``generate`` (greedy, 128 tokens).
 
     Raises:
         ValueError: the message starts with the flag or the file and names the field: a folder
@@ -198,10 +201,11 @@ def sampling_defaults(source: str, override: dict, model_dir: Path) -> tuple[Sam
     cap = merged.get("max_new_tokens") if source not in ("auto", "vllm") else override.get("max_new_tokens")
     defaults = SamplingDefaults(**{k: v for k, v in merged.items() if k != "max_new_tokens"},
                                 max_tokens=merged.get("max_new_tokens"), max_tokens_cap=cap)
-    return defaults, _log_line(source, defaults, path if read else None, override, model_dir)
+    return defaults, _log_line(source, defaults, path if read else None, override, model_dir, fallback)
 
 
-def _log_line(source: str, defaults: SamplingDefaults, file: Path | None, override: dict, model_dir: Path) -> str:
+def _log_line(source: str, defaults: SamplingDefaults, file: Path | None, override: dict, model_dir: Path,
+              fallback: str) -> str:
     """``file``: the generation_config.json whose fields were read, None when none was."""
     shown = {k: v for k, v in defaults.as_dict().items() if k != "max_tokens_cap"}
     limit = defaults.max_tokens_cap
@@ -213,16 +217,16 @@ def _log_line(source: str, defaults: SamplingDefaults, file: Path | None, overri
                 "is not intended, relaunch with `--generation-config vllm`.")
     if shown:
         return f"Default sampling parameters from --override-generation-config: `{shown}`{cap}."
+    defaults_are = f"the default sampling parameters are {fallback}."
     if source == "vllm":
-        return "--generation-config vllm: vLLM's default sampling parameters (the model's generation config unread)."
+        return f"--generation-config vllm: the model's generation config unread; {defaults_are}"
     if file is not None:
-        return (f"--override-generation-config unsets every sampling field of {file}: vLLM's default sampling "
-                "parameters apply.")
+        return f"--override-generation-config unsets every sampling field of {file}; {defaults_are}"
     gguf = _gguf_source(model_dir)
     has_file = (model_dir / _FILE).is_file()
     why = f"{model_dir / _FILE} sets no sampling field" if has_file else f"{model_dir} has no {_FILE}"
     why += f" (converted from the GGUF file {gguf}, whose metadata carries no generation config)" if gguf else ""
-    return f"--generation-config {source}: {why}; the default sampling parameters are vLLM's."
+    return f"--generation-config {source}: {why}; {defaults_are}"
 
 
 def _gguf_source(model_dir: Path) -> str | None:

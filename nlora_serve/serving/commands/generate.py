@@ -92,7 +92,8 @@ def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams
             flag out of range.
     """
     try:
-        defaults, line = sampling_defaults(args.generation_config, args.override_generation_config, model_dir)
+        defaults, line = sampling_defaults(args.generation_config, args.override_generation_config, model_dir,
+                                           fallback=f"generate's own (greedy, {DEFAULT_MAX_TOKENS} tokens)")
     except ValueError as exc:
         raise NloraError(str(exc)) from None
     (log.warning if defaults.as_dict() and args.generation_config != "vllm" else log.info)(line)
