@@ -140,7 +140,8 @@ COMMANDS = {
               "Load the base model once, restore the adapter store, and serve "
               "streaming generation and adapter admin over gRPC (with health and "
               "reflection, --port) and the OpenAI-compatible HTTP API with "
-              "Prometheus /metrics (--http-port, 8000; 'off' for gRPC only). SIGTERM drains.", _add_serve),
+              "Prometheus /metrics (--http-port, 8000; 'off' for gRPC only). SIGTERM or Ctrl-C drains "
+              "(--drain-seconds); SIGHUP re-reads --tenants-file.", _add_serve),
     "client": ("talk to a running server (generate, info, list, upload, swap, unload, load)",
                "gRPC client commands; admin ones need an admin key.", _add_client),
     "keys": ("make API keys and their hashes for the tenants file", None, _add_keys),

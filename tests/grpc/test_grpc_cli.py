@@ -191,9 +191,11 @@ def test_the_ready_message_of_an_auth_server_says_which_key_the_hint_needs():
 
     hint = "  " + client_hint(server(True), ["tenant-000"])
     # the HTTP line stays third, where scripts read it (tests/http/test_http_serve.py does)
-    assert ready_lines(server(True), ["tenant-000"]) == [
+    # and how to re-read the tenants file: the pid a shell shows under `make serve` is make's (h95)
+    assert ready_lines(server(True), ["tenant-000"], pid=4321) == [
         "ready on 127.0.0.1:50051; try:", hint, "OpenAI-compatible HTTP API on http://127.0.0.1:8000/v1",
-        "  ($NLORA_API_KEY: an admin key, or the key of a tenant granted tenant-000)"]
+        "  ($NLORA_API_KEY: an admin key, or the key of a tenant granted tenant-000)",
+        "  (kill -HUP 4321 re-reads the tenants file after an edit)"]
     assert ready_lines(server(True, None), [])[2] == "  ($NLORA_API_KEY: an admin key, or the key of a tenant " \
                                                      "allowed the base model)"
     assert len(ready_lines(server(False), ["tenant-000"])) == 3  # no keys: nothing to say

@@ -268,10 +268,12 @@ def test_serve_reloads_on_sighup_and_still_drains_on_sigterm(tmp_path):
              "--tenants-file", str(path), "--drain-seconds", "5", "--log-level", "INFO"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ})
     try:
-        lines = [proc.stdout.readline() for _ in range(4)]  # ready, the client hint, the HTTP API, the key line
+        lines = [proc.stdout.readline() for _ in range(5)]  # ready, the client hint, the HTTP API, the key line, HUP
         grpc_port = re.match(r"ready on 127\.0\.0\.1:(\d+);", lines[0])
         http_port = re.fullmatch(r"OpenAI-compatible HTTP API on http://127\.0\.0\.1:(\d+)/v1\n", lines[2])
         assert grpc_port and http_port, (lines, log_file.read_text())
+        # the pid to signal is the server's own (under `make serve` a shell shows make's)
+        assert lines[4] == f"  (kill -HUP {proc.pid} re-reads the tenants file after an edit)\n"
         target = f"127.0.0.1:{grpc_port.group(1)}"
         http = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port.group(1)}/v1", api_key=NEW_KEY, max_retries=0)
         with pytest.raises(Unauthenticated):

@@ -20,6 +20,7 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -270,16 +271,19 @@ def client_hint(server: NloraServer, adapters: list[str]) -> str:
             f"--max-tokens {max_tokens} --message \"Why serve many adapters on one base model?\"")
 
 
-def ready_lines(server: NloraServer, adapters: list[str]) -> list[str]:
+def ready_lines(server: NloraServer, adapters: list[str], pid: int | None = None) -> list[str]:
     """What a started server prints, in this order: its address and :func:`client_hint` (on
     ``adapters[0]``); the HTTP API's address (with ``--http-port``); with keys on, which key the
-    hint's ``$NLORA_API_KEY`` must hold (a tenant's key works only for an adapter it is granted)."""
+    hint's ``$NLORA_API_KEY`` must hold (a tenant's key works only for an adapter it is granted), and
+    the command that re-reads the tenants file (SIGHUP to ``pid``, this process's by default: under
+    ``make serve`` the pid a shell shows is make's)."""
     lines = [f"ready on {server.config.host}:{server.port}; try:", f"  {client_hint(server, adapters)}"]
     if server.http_port is not None:
         lines.append(f"OpenAI-compatible HTTP API on http://{server.config.host}:{server.http_port}/v1")
     if server.generation.auth.enabled:
         granted = f"a tenant granted {adapters[0]}" if adapters else "a tenant allowed the base model"
         lines.append(f"  ($NLORA_API_KEY: an admin key, or the key of {granted})")
+        lines.append(f"  (kill -HUP {os.getpid() if pid is None else pid} re-reads the tenants file after an edit)")
     return lines
 
 

@@ -42,7 +42,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--adapter-dir", default="./nlora-adapters",
       help="adapter store, a folder (created if missing) that keeps every registration, upload and swap; "
            "at start each adapter's newest version there is served again (default: %(default)s)")
-    a("--tenants-file", default=None, help="JSON/TOML file of tenant and admin key hashes and grants; "
+    a("--tenants-file", default=None, help="JSON/TOML file of tenant and admin key hashes and grants, re-read on "
+                                           "SIGHUP (kill -HUP PID; the ready message prints the command); "
                                            "without it there is no auth and the server binds to loopback only")
     a("--metrics-port", type=int, default=None, help="also serve Prometheus /metrics on this port, for gRPC-only "
                                                      "servers (--http-port serves /metrics already) (default: off)")
