@@ -1,15 +1,16 @@
 """The README's command blocks, run as written against a server started as `make serve` starts it.
 
-The server command is the Makefile's own `serve` recipe (ports and the store folder swapped for
-free ones); every line of the README's ```sh blocks is either run (the interpreter of this test in
-place of `.venv/bin/`, ports substituted, a `--server` added where the README relies on the default
-port) or skipped for a stated reason, and the ```python OpenAI block is run too. Each documented
-output is checked for its shape and the style it claims (lower case, a signature); the tenants' answer
-quality (repetition, content) is examples/tenants/check.py's table. The hot-swap runs last (it
-changes `lower` for every later request). A README example cannot rot silently. Commands run in a scratch
-folder that links `examples/` from the repository, so their relative paths hold and their outputs
-(my-tenant/, tied3.json, ...) land there. Bench runs are shortened (--duration 4, --num-requests 6),
-the tune example to one step (its refusals of an existing --out and bad data come before training).
+The server command is the Makefile's own `serve` recipe (ports and the store folder swapped for free
+ones); every line of the README's ```sh blocks is either run (the interpreter of this test in place of
+`.venv/bin/`, ports substituted, a `--server` added where the README relies on the default port) or
+skipped for a stated reason, and the ```python blocks (the OpenAI client, the gRPC client) run too.
+Each documented output is checked for its shape and the style it claims (lower case, a signature); the
+tenants' answer quality (repetition, content) is examples/tenants/check.py's table. The hot-swap runs
+last (it changes `lower` for every later request). A README example cannot rot silently. Commands run
+in a scratch folder that links `examples/` from the repository, so their relative paths hold and their
+outputs (my-tenant/, tied3.json, ...) land there. Bench runs are shortened (--duration 4,
+--num-requests 6), the tune example to one step (its refusals of an existing --out and bad data come
+before training).
 """
 
 from __future__ import annotations
@@ -108,7 +109,10 @@ def served(tmp_path_factory):
     """(work folder, environment, gRPC port, HTTP port) of a running `make serve` server."""
     work = tmp_path_factory.mktemp("readme")
     (work / "examples").symlink_to(REPO / "examples")
+    # OMP_WAIT_POLICY=PASSIVE as `make test` sets it, so that this file run alone on shared cores (as the
+    # README shows) is timed as in the suite: without it the one-step tune ran past 180 s at load 5 (h95)
     env = dict(os.environ, PYTHONPATH=str(REPO), NLORA_API_KEY="any-key")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     grpc, http = _free_port(), _free_port()
     proc = subprocess.Popen(["bash", "-c", _make_serve_command(grpc, http, work / "nlora-adapters")], cwd=work,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -208,11 +212,14 @@ def test_every_readme_command_runs_as_written_and_prints_what_it_documents(serve
     swaps = [c for c in run if " adapters swap" in c]
     for cmd in [c for c in run if c not in swaps]:
         _check(cmd, _bash(_localized(cmd, grpc, http), work, env), work)
-    (python,) = [b for b in fenced(readme, "python") if "from openai import OpenAI" in b]
-    done = subprocess.run([sys.executable, "-c", python.replace("127.0.0.1:8000", f"127.0.0.1:{http}")],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr
-    assert all_lower(done.stdout), done.stdout  # the tenants' quality: examples/tenants/check.py
+    (openai_block,) = [b for b in fenced(readme, "python") if "from openai import OpenAI" in b]
+    (grpc_block,) = [b for b in fenced(readme, "python") if "import NloraClient" in b]  # never run before (h95)
+    for python in (openai_block.replace("127.0.0.1:8000", f"127.0.0.1:{http}"),
+                   grpc_block.replace("127.0.0.1:50051", f"127.0.0.1:{grpc}")):
+        done = subprocess.run([sys.executable, "-c", python], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert all_lower(done.stdout), done.stdout  # the tenants' quality: examples/tenants/check.py
     for cmd in swaps:  # last: the hot-swap changes `lower` for every later request
         _check(cmd, _bash(_localized(cmd, grpc, http), work, env), work)
 
