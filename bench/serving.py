@@ -244,8 +244,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="openai", help="openai target: results go to <scenario>-<tag>.json")
     p.add_argument("--work", type=Path, default=Path("/tmp/nlora-bench-serving"),
                    help="adapter stores and tenant folders, kept between runs (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "serving", help="result folder")
-    p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to start")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "serving",
+                   help="result folder (default: bench/out/serving in this checkout)")
+    p.add_argument("--start-timeout", type=float, default=900.0,
+                   help="seconds a server may take to start (default: %(default)s)")
     return p.parse_args(argv)
 
 
