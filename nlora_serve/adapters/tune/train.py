@@ -165,10 +165,11 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], unlikely: torch.T
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float | None:
-    """Token-weighted mean loss over ``batches`` (None when there are none)."""
+def mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], desc: str | None = None) -> float | None:
+    """Token-weighted mean loss over ``batches`` (None when there are none); ``desc`` shows a
+    progress bar with that label (the held-out passes take a while on the CPU before training)."""
     total, count = 0.0, sum(num_targets(b) for b in batches)
-    for b in batches:
+    for b in tqdm(batches, desc=desc, unit="batch", disable=desc is None, leave=False):
         total += float(loss_sum(model, b))
     return total / count if count else None
 
@@ -298,7 +299,8 @@ def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_di
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     train_set, held = split(encoded, cfg.held_out, gen)
     held_batches = [collate(held[i: i + cfg.batch_size], pad_id) for i in range(0, len(held), cfg.batch_size)]
-    before = mean_loss(model, held_batches)
+    label = "held-out loss" if progress else None  # its bar: minutes on a busy CPU, before the first step
+    before = mean_loss(model, held_batches, label)
     mass_before = None if unlikely is None else mean_unlikely_mass(model, held_batches, unlikely)
     t0 = time.perf_counter()
     steps, first, last = train(model, [m.N for m in modules.values()], train_set, cfg, pad_id, gen, progress,
@@ -309,7 +311,7 @@ def tune(base: BaseModel, examples: list[list[dict]], cfg: TuneConfig, *, out_di
         for d, tied_form in ((out_dir, True), (full_out_dir, False)):
             if d is not None:
                 write_adapter(adapter, d, tied_form=tied_form, undo=undo)
-    return TuneResult(held_out_before=before, held_out_after=mean_loss(model, held_batches), train_first=first,
+    return TuneResult(held_out_before=before, held_out_after=mean_loss(model, held_batches, label), train_first=first,
                       train_last=last, steps=steps, num_train=len(train_set), num_held_out=len(held),
                       seconds=seconds, adapter=adapter, unlikely_before=mass_before,
                       unlikely_after=None if unlikely is None else mean_unlikely_mass(model, held_batches, unlikely))
