@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -70,7 +72,8 @@ def test_the_client_cli_without_a_key_says_how_to_give_one(server, capsys, monke
     assert capsys.readouterr().err == "error: UNAUTHENTICATED: unknown API key\n"  # a key was given: no hint
 
 
-def test_admin_rpcs_need_an_admin_key(server):
+def test_admin_rpcs_need_an_admin_key_and_each_change_is_logged_naming_the_admin(server, caplog):
+    caplog.set_level(logging.INFO, logger="nlora_serve.serving.grpc_api.admin")
     for key in TENANT_KEYS.values():
         with NloraClient(server.target, api_key=key) as client:
             with pytest.raises(PermissionDenied, match="SwapAdapter needs an admin key"):
@@ -85,6 +88,14 @@ def test_admin_rpcs_need_an_admin_key(server):
         client.unload_adapter("lora-rslora")
     with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
         assert {a.name for a in admin.list_adapters()[0]} == {"inttune-nystrom-tied", "lora-rslora"}
+        assert [r.getMessage() for r in caplog.records] == []  # refused calls changed nothing
+        admin.unload_adapter("lora-rslora")
+        admin.load_adapter("lora-rslora")
+        admin.upload_adapter("inttune-nystrom-tied", CASES / "inttune-nystrom-tied")
+    said = [re.sub(r"\(\d+ ms\)$", "(N ms)", r.getMessage()) for r in caplog.records]
+    assert said == ["UnloadAdapter by 'ops': adapter 'lora-rslora' v1 unloaded (0 requests aborted, 0 draining) (N ms)",
+                    "LoadAdapter by 'ops': adapter 'lora-rslora' v2 serving (lora, rank 16) (N ms)",
+                    "UploadAdapter by 'ops': adapter 'inttune-nystrom-tied' v2 serving (inttune-tied, rank 8) (N ms)"]
 
 
 def test_list_adapters_shows_only_the_callers_grants(server):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections import deque
 
@@ -32,6 +33,7 @@ from nlora_serve.serving.status import TooLarge, abort, adapter_manager, status_
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.server_config import ServerConfig
 
+log = logging.getLogger(__name__)
 SWAP_SAMPLES = 4096  # recent swap latencies kept for tests and benchmarks (seconds)
 
 
@@ -57,10 +59,15 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         return await self._guard(context, "UnloadAdapter", self._unload(request))
 
     async def _guard(self, context: grpc.aio.ServicerContext, rpc: str, work):
-        """Authorize as admin, then run ``work``; expected failures become status codes."""
+        """Authorize as admin, then run ``work``; expected failures become status codes. A change
+        done is logged (INFO): what, by whom, how long."""
         try:
-            self.auth.authenticate(context.invocation_metadata()).require_admin(rpc)
-            return await work
+            principal = self.auth.authenticate(context.invocation_metadata())
+            principal.require_admin(rpc)
+            start = time.perf_counter()
+            reply = await work
+            log.info("%s by %r: %s (%.0f ms)", rpc, principal.name, _done(reply), 1e3 * (time.perf_counter() - start))
+            return reply
         except NloraError as exc:
             work.close()  # never started when auth failed; silences "never awaited"
             await abort(context, status_of(exc)[0], str(exc))
@@ -164,3 +171,11 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         version = self.engine.unload_adapter(request.name, force=request.force)
         return pb.UnloadAdapterResponse(ref=convert.adapter_ref(version), aborted_requests=running if request.force else 0,
                                         draining_requests=0 if request.force else draining)
+
+
+def _done(reply: pb.AdapterInfo | pb.UnloadAdapterResponse) -> str:
+    """An admin RPC's reply as a log line's words."""
+    if isinstance(reply, pb.UnloadAdapterResponse):
+        return (f"adapter {reply.ref.name!r} v{reply.ref.version} unloaded ({reply.aborted_requests} requests "
+                f"aborted, {reply.draining_requests} draining)")
+    return f"adapter {reply.ref.name!r} v{reply.ref.version} serving ({reply.flavour}, rank {reply.rank})"
