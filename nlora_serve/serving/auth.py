@@ -22,7 +22,9 @@ import fnmatch
 import hashlib
 import hmac
 import json
+import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +147,7 @@ class Authenticator:
         """
         path = Path(path)
         try:
-            text = path.read_text()
+            text = _read_regular(path)
             doc = _toml(text, path) if path.suffix == ".toml" else json.loads(text)
         except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
             raise AuthError(f"tenants file {path}: cannot read it ({exc})") from None
@@ -213,6 +215,24 @@ class Authenticator:
         if found is None or not hmac.compare_digest(stored.encode(), digest.encode()):
             raise Unauthenticated("unknown API key")
         return found
+
+
+def _read_regular(path: Path) -> str:
+    """The text of ``path``, a regular file (a link to one is followed). SIGHUP reads the file on
+    the event loop: a FIFO put in its place blocked the open until a writer came (every stream and
+    request of every tenant froze, SIGTERM included), and a link to a device such as /dev/zero read
+    without end; both are opened without blocking and refused before any read.
+
+    Raises:
+        OSError: unreadable, or not a regular file (the message names what it is).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, closefd=True) as file:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
+            raise OSError(f"not a regular file: {kind}")
+        return file.read()
 
 
 def _toml(text: str, path: Path) -> dict:

@@ -3,7 +3,7 @@ Prometheus reload their configuration), so that adding a tenant or revoking a le
 restart (which would drain every stream).
 
 The new file is checked whole by the loader that read it at start (:meth:`Authenticator.from_file`)
-before anything changes: a file it refuses (unreadable, bad JSON or TOML, a field it does not take,
+before anything changes: a file it refuses (unreadable, not a regular file, bad JSON or TOML, a field it does not take,
 a name with a control character or '/', no key at all) leaves the old keys in force and is logged
 at ERROR, naming why. A file it accepts is in force for every request that arrives after it, on
 both front ends; a request already admitted runs to its end

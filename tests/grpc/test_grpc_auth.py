@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,29 @@ def test_tenants_file_nested_past_the_parser_is_an_auth_error(tmp_path):
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(AuthError, match="cannot read it"):
         Authenticator.from_file(path)
+
+
+def test_a_tenants_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    """SIGHUP reads the file on the event loop: a FIFO put in its place blocked the open until a
+    writer came, freezing every tenant's requests (and SIGTERM) for good."""
+    path = tmp_path / "tenants.json"
+    os.mkfifo(path)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(_auth_error(path)), daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # blocked in open(): release it (a writer that opens without blocking)
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+    assert outcome == [f"tenants file {path}: cannot read it (not a regular file: a FIFO)"]
+
+
+def _auth_error(path) -> str | None:
+    try:
+        Authenticator.from_file(path)
+    except AuthError as exc:
+        return str(exc)
+    return None
 
 
 @pytest.mark.parametrize("section, value, kind", [
