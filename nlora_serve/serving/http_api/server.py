@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 
+import h11
 import uvicorn
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from nlora_serve.serving.http_api.context import error_body
 from nlora_serve.serving.server_config import StartupError
 
 GRACEFUL_SHUTDOWN_S = 1.0  # after the drain, how long open HTTP requests may take before cancellation
 MAX_BODY_BYTES = 16 << 20  # a request body at most: a 128k-token prompt as JSON ids is ~1 MB
+HEAD_READ_SECONDS = 60.0  # a request line and headers at most this long after the connection (or its last response)
 
 
 class BodyLimit:
@@ -52,6 +57,57 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol, with a deadline on each request's head: a connection that has not sent
+    a whole request line and headers :data:`HEAD_READ_SECONDS` after it opened (or after its last
+    response) gets 408 and is closed, as nginx's ``client_header_timeout`` (60 s) does.
+
+    uvicorn times only the idle gap between requests (``timeout_keep_alive``, which any byte
+    cancels), so a connection that never finished its headers was held for ever: no key is needed
+    to send them, and 3,000 such connections opened in 0.3 s were all still held after 70 s, each
+    an open file of the server's (at its ``ulimit -n`` nothing else, adapter files included, could
+    be opened). Bodies have their own deadline once the key is checked (generate.BODY_READ_SECONDS).
+    """
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the head is in: the request is the app's now
+            self._cancel_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:  # kept alive for the next
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(HEAD_READ_SECONDS, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        body = json.dumps(error_body(f"the request line and headers did not arrive within {HEAD_READ_SECONDS:g} s "
+                                     "of the connection or its last response", 408, code="head_timeout")).encode()
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
 
 
 class _Server(uvicorn.Server):
@@ -99,7 +155,7 @@ class HttpServer:
         Raises:
             StartupError: uvicorn stopped while starting.
         """
-        config = uvicorn.Config(self.app, http="h11", ws="none", lifespan="off", log_config=None,
+        config = uvicorn.Config(self.app, http=HeadDeadline, ws="none", lifespan="off", log_config=None,
                                 log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         self._server = _Server(config)
