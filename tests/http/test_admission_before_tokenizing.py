@@ -177,24 +177,30 @@ def test_a_body_held_back_past_the_deadline_is_408_and_gives_its_place_back(serv
     assert _complete(server, CAPPED_KEY, "Hi")[0] == 200
 
 
-def test_a_connection_without_a_whole_request_head_is_408_and_closed(server, monkeypatch):
-    """uvicorn held a connection that never finished its headers for ever (no key is needed to send
-    them): 3,000 of them, each an open file of the server's, were all still held after 70 s."""
+def test_a_connection_without_a_whole_request_head_or_trickling_an_unread_body_is_closed(server, monkeypatch):
+    """uvicorn held a connection that never finished its headers, or kept sending a body the app
+    answered without reading, for ever (no key is needed for either): 3,000 of them, each an open
+    file of the server's, were all still held after 70 s."""
     monkeypatch.setattr(http_server_module, "HEAD_READ_SECONDS", 0.3)
     port = server.server.http_port
     with socket.create_connection(("127.0.0.1", port), timeout=10) as silent, \
             socket.create_connection(("127.0.0.1", port), timeout=10) as partial, \
-            socket.create_connection(("127.0.0.1", port), timeout=10) as kept:
+            socket.create_connection(("127.0.0.1", port), timeout=10) as kept, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as trickling:
         partial.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the blank line never comes
         kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert read_response(kept).endswith(b'{"status":"ok"}')
         kept.sendall(b"GET /health HTTP/1.1\r\n")  # its next request's head, cut short
+        trickling.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n")
+        assert read_response(trickling).startswith(b"HTTP/1.1 401 ")  # refused before its body is read
+        trickling.sendall(b"{")  # a byte of that body: uvicorn's keep-alive timer ends at each one
         for sock in (silent, partial, kept):
             reply = read_response(sock)
             assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
             error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
             assert (error["code"], error["message"]) == ("head_timeout", "the request line and headers did not "
                                                          "arrive within 0.3 s of the connection or its last response")
+        for sock in (silent, partial, kept, trickling):
             assert sock.recv(1) == b""  # closed
     assert _complete(server, FREE_KEY, "Hi")[0] == 200
 

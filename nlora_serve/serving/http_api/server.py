@@ -60,53 +60,64 @@ class BodyLimit:
 
 
 class HeadDeadline(H11Protocol):
-    """uvicorn's h11 protocol, with a deadline on each request's head: a connection that has not sent
-    a whole request line and headers :data:`HEAD_READ_SECONDS` after it opened (or after its last
-    response) gets 408 and is closed, as nginx's ``client_header_timeout`` (60 s) does.
+    """uvicorn's h11 protocol, with a deadline on the time a connection spends with no request of
+    the app's: a connection that has not sent a whole request line and headers
+    :data:`HEAD_READ_SECONDS` after it opened (or after its last response) gets 408 and is closed,
+    as nginx's ``client_header_timeout`` (60 s) does; one still sending a body the app answered
+    without reading (a 401, GET /health with a Content-Length) is closed that long after the
+    response, as nginx bounds its lingering close.
 
     uvicorn times only the idle gap between requests (``timeout_keep_alive``, which any byte
-    cancels), so a connection that never finished its headers was held for ever: no key is needed
-    to send them, and 3,000 such connections opened in 0.3 s were all still held after 70 s, each
-    an open file of the server's (at its ``ulimit -n`` nothing else, adapter files included, could
-    be opened). Bodies have their own deadline once the key is checked (generate.BODY_READ_SECONDS).
+    cancels), so a connection that never finished its headers, or trickled an unread body, was held
+    for ever: no key is needed for either, and 3,000 such connections opened in 0.3 s were all still
+    held after 70 s, each an open file of the server's (at its ``ulimit -n`` nothing else, adapter
+    files included, could be opened). A body the app reads has its own deadline once the key is
+    checked (generate.BODY_READ_SECONDS).
     """
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._arm_head_timer()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._follow()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the head is in: the request is the app's now
-            self._cancel_head_timer()
+        self._follow()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:  # kept alive for the next
-            self._arm_head_timer()
+        self._follow()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_timer()
+        self._set_deadline(False)
         super().connection_lost(exc)
 
-    def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(HEAD_READ_SECONDS, self._head_timed_out)
+    def _waiting_on_client(self) -> bool:
+        """True while the app holds no request: no head yet, or its body unread after the response."""
+        their, ours = self.conn.their_state, self.conn.our_state
+        return their is h11.IDLE or (ours is h11.DONE and their is h11.SEND_BODY)
 
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _follow(self) -> None:
+        """Arm the deadline when the connection starts waiting on its client (a byte received meanwhile
+        does not move it), cancel it when the app has a request."""
+        self._set_deadline(self._waiting_on_client() and not self.transport.is_closing())
 
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+    def _set_deadline(self, on: bool) -> None:
+        if on and self._deadline is None:
+            self._deadline = self.loop.call_later(HEAD_READ_SECONDS, self._timed_out)
+        elif not on and self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or not self._waiting_on_client():
             return
-        body = json.dumps(error_body(f"the request line and headers did not arrive within {HEAD_READ_SECONDS:g} s "
-                                     "of the connection or its last response", 408, code="head_timeout")).encode()
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        if self.conn.their_state is h11.IDLE:  # nothing answered yet: say why
+            body = json.dumps(error_body(f"the request line and headers did not arrive within {HEAD_READ_SECONDS:g} "
+                                         "s of the connection or its last response", 408, code="head_timeout"))
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body.encode()))
         self.transport.close()
 
 
