@@ -347,9 +347,16 @@ class EngineCore:
         pinned, req.seq.adapter = req.seq.adapter, None
         if pinned is not None:
             self.adapters.release(pinned, seq.tenant)
+        flush_stopped = False
         if reason in ("stop", "length"):
+            stopped = req.detokenizer.stopped
             text += req.detokenizer.flush()
-        out = self._output(req, text, token_ids, reason, logprobs, pinned)
+            # the flush's text (a dangling partial character as U+FFFD) completed a stop string: the
+            # text is cut there, so the request stopped on it, not on its length
+            flush_stopped = reason == "length" and req.detokenizer.stopped and not stopped
+        out = self._output(req, text, token_ids, "stop" if flush_stopped else reason, logprobs, pinned)
+        if flush_stopped:
+            out.stop_reason = req.detokenizer.stop_string
         out.error = error
         return out
 
