@@ -244,11 +244,21 @@ def _toml(text: str, path: Path) -> dict:
 
 
 def _bearer(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
-    for name, value in metadata:
-        if name.lower() == "authorization":
-            value = value.decode() if isinstance(value, bytes) else value
-            if value[: len(_BEARER)].lower() == _BEARER and value[len(_BEARER):].strip():
-                return value[len(_BEARER):].strip()
+    """The key of the one ``authorization: Bearer <key>`` entry; None without one.
+
+    Raises:
+        Unauthenticated: more than one ``authorization`` entry. The first Bearer one was taken, so
+            which key a call ran on depended on the order a client or a proxy on the way (one that
+            adds its own header, or checks the last) wrote them in.
+    """
+    values = [value for name, value in metadata if name.lower() == "authorization"]
+    if len(values) > 1:
+        raise Unauthenticated(f"{len(values)} 'authorization' headers (or gRPC metadata entries): send one, "
+                              "'authorization: Bearer <key>'")
+    value = values[0] if values else ""
+    value = value.decode() if isinstance(value, bytes) else value
+    if value[: len(_BEARER)].lower() == _BEARER and value[len(_BEARER):].strip():
+        return value[len(_BEARER):].strip()
     return None
 
 

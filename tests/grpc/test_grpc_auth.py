@@ -17,6 +17,7 @@ from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from nlora_serve.cli import console_command
 from nlora_serve.client import NloraClient, PermissionDenied, Unauthenticated
 from nlora_serve.serving.auth import AuthError, Authenticator, hash_key
+from nlora_serve.serving import auth as serving_auth
 from nlora_serve.serving.server_config import ServerConfig
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
@@ -137,6 +138,22 @@ def test_a_tenants_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
         os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
         reader.join(5)
     assert outcome == [f"tenants file {path}: cannot read it (not a regular file: a FIFO)"]
+
+
+@pytest.mark.parametrize("headers", [
+    [("authorization", "Bearer k1"), ("Authorization", "Bearer k2")],  # two tenants' keys
+    [("authorization", "Bearer k1"), ("authorization", "Bearer k1")],  # the same key twice
+    [("authorization", "Basic dXNlcg=="), ("authorization", "Bearer k2")],
+])
+def test_more_than_one_authorization_entry_is_refused(tmp_path, headers):
+    """The first Bearer entry was taken: which key a call ran on depended on the order of the
+    headers, which a proxy adding or checking its own one may not share."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"tenants": [_tenant("a", "k1"), _tenant("b", "k2")]}))
+    auth = Authenticator.from_file(path)
+    assert auth.authenticate([("authorization", "Bearer k2")]).name == "b"
+    with pytest.raises(serving_auth.Unauthenticated, match="^2 'authorization' headers \\(or gRPC metadata entries\\): send one"):
+        auth.authenticate(headers)
 
 
 def _auth_error(path) -> str | None:
