@@ -15,7 +15,7 @@ import pytest
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from nlora_serve.cli import console_command
-from nlora_serve.client import NloraClient, PermissionDenied, Unauthenticated
+from nlora_serve.client import InvalidArgument, NloraClient, PermissionDenied, Unauthenticated
 from nlora_serve.serving.auth import AuthError, Authenticator, hash_key
 from nlora_serve.serving import auth as serving_auth
 from nlora_serve.serving.server_config import ServerConfig
@@ -51,6 +51,14 @@ def test_a_tenant_cannot_use_another_tenants_adapter(server):
     assert _generate(server, TENANT_KEYS["tied-co"], "inttune-nystrom-tied")[-1].adapter_version == 1
     assert _generate(server, TENANT_KEYS["lora-co"], "lora-rslora")[-1].adapter == "lora-rslora"
     assert _generate(server, TENANT_KEYS["lora-co"])[-1].adapter == ""
+    # the base model's name, as HTTP's 'model' takes it: said so to a caller granted the base model
+    # (it read "not granted adapter"), the refusal of any other name to one that is not
+    with pytest.raises(InvalidArgument, match="^INVALID_ARGUMENT: GenerateRequest.adapter 'SmolLM2-135M-Instruct.Q4_1' is the base "
+                                              "model's name: leave adapter empty to run the base model$"):
+        _generate(server, TENANT_KEYS["lora-co"], "SmolLM2-135M-Instruct.Q4_1")
+    with pytest.raises(PermissionDenied, match="^PERMISSION_DENIED: key of 'tied-co' is not granted adapter "
+                                               "'SmolLM2-135M-Instruct.Q4_1'$"):
+        _generate(server, TENANT_KEYS["tied-co"], "SmolLM2-135M-Instruct.Q4_1")
 
 
 def test_unknown_or_missing_keys_are_unauthenticated(server):

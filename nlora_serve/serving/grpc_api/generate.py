@@ -28,7 +28,7 @@ import logging
 import grpc
 
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.grpc_api import convert
@@ -84,6 +84,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         principal = self.auth.authenticate(context.invocation_metadata())
         timer.set_tenant(tenant_of(self.auth, principal))
         adapter = request.adapter or None
+        if adapter is not None and adapter == self.config.served_model_name and principal.may_use(None):
+            # HTTP's 'model' takes the base model's name; here the base model is no adapter (a caller
+            # not granted the base model gets the refusal of any other name, below)
+            raise AdapterError(f"GenerateRequest.adapter {adapter!r} is the base model's name: leave adapter "
+                               "empty to run the base model")
         principal.check(adapter)
         if adapter is not None:
             validate_name(adapter)  # a name no adapter can have: INVALID_ARGUMENT, before any other work
