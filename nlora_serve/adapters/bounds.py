@@ -156,6 +156,9 @@ def check_swapped_n(sites: dict[Site, SiteWeights], limits: np.ndarray, n_norms:
 
 
 def _check_site(site: SiteWeights, a: float, n: float, b: float, bias: float) -> None:
+    # Python floats: a product past float64 is inf, where numpy's scalars wrote "RuntimeWarning:
+    # overflow encountered in scalar multiply" to the server's stderr (lora_alpha 1e308)
+    a, n, b, bias = float(a), float(n), float(b), float(bias)
     key = lambda part: tensor_key(site.layer, site.module, part)  # noqa: E731
     for part, value, what in ((PART_A, a, "a row of |A| sums to"), (PART_N, n, "a row of |N| sums to"),
                               (PART_B, b, "a row of |B| sums to"), (PART_BIAS, bias, "an entry of |b| is")):

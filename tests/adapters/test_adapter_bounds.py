@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,18 @@ def test_finite_but_overflowing_n_is_refused_naming_the_key(base_fp32, n):
     config, weights = rank_one(n)
     with pytest.raises(AdapterError, match=rf"tensor '{SITE}.lora_N.weight'"):
         read_adapter_bytes(config, weights, base_fp32)
+
+
+def test_a_scaling_whose_products_pass_float64_is_refused_without_a_warning(base_fp32):
+    """lora_alpha 1e308: the bound's products overflowed numpy's float64, and every such upload wrote
+    'RuntimeWarning: overflow encountered in scalar multiply' to the server's stderr."""
+    config, weights = rank_one(1.0)
+    config = json.dumps({**json.loads(config), "lora_alpha": 1e308}).encode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AdapterError, match=rf"^tensor '{SITE}.lora_N.weight' at .*: scaling times N can "
+                                                r"reach 1e\+308, over the 3.39e\+38"):
+            read_adapter_bytes(config, weights, base_fp32)
 
 
 def test_a_value_that_is_inf_in_bfloat16_is_refused_on_a_float32_base_too(base_fp32):
