@@ -7,6 +7,8 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nlora_serve.client import (DeadlineExceeded, FailedPrecondition, InvalidArgument, NloraClient,
                                 NloraClientError, NotFound, ResourceExhausted)
@@ -108,6 +110,21 @@ def test_bytes_that_are_not_protobuf_are_invalid_argument(server, method, kind, 
     assert method in err.value.details() and "not a valid protobuf" in err.value.details()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert server.server.admission.inflight == 0
+    still_serves(server.target)
+
+
+def test_health_watch_and_reflection_answer_through_the_request_parser(server):
+    """Parsing in the handler (BoundedDecode) iterated every server-streaming handler: Health/Watch,
+    which writes with context.write, failed with UNKNOWN ("'async for' requires an object with
+    __aiter__ method, got coroutine"), so grpc's client-side health checking could not watch us."""
+    with grpc.insecure_channel(server.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                     timeout=10))
+        assert "nlora_serve.v1.Generation" in [s.name for s in reply.list_services_response.service]
     still_serves(server.target)
 
 

@@ -22,6 +22,8 @@ for the tenant of the key in its metadata); the parser and the servicer never se
 
 from __future__ import annotations
 
+import inspect
+
 import grpc
 from google.protobuf.message import DecodeError
 
@@ -107,6 +109,15 @@ def _unary_unary(behavior, parse):
 
 
 def _unary_stream(behavior, parse):
+    """A server-streaming handler either yields its responses (an async generator: Generate) or
+    writes them with ``context.write`` (a coroutine: grpc's Health/Watch, which failed with UNKNOWN
+    "'async for' requires an object with __aiter__ method, got coroutine" while every handler was
+    iterated); the wrapper keeps the handler's shape."""
+    if not inspect.isasyncgenfunction(behavior):
+        async def write(raw, context):
+            await behavior(await parse(raw, context), context)
+        return write
+
     async def handle(raw, context):
         async for response in behavior(await parse(raw, context), context):
             yield response
@@ -123,10 +134,16 @@ def _stream_unary(behavior, parse):
 
 
 def _stream_stream(behavior, parse):
+    async def requests(raw_iterator, context):
+        async for raw in raw_iterator:
+            yield await parse(raw, context)
+
+    if not inspect.isasyncgenfunction(behavior):  # writes with context.write (see _unary_stream)
+        async def write(raw_iterator, context):
+            await behavior(requests(raw_iterator, context), context)
+        return write
+
     async def handle(raw_iterator, context):
-        async def requests():
-            async for raw in raw_iterator:
-                yield await parse(raw, context)
-        async for response in behavior(requests(), context):
+        async for response in behavior(requests(raw_iterator, context), context):
             yield response
     return handle
