@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nlora_serve.adapters import durable, store_lock
-from nlora_serve.adapters.durable import fsync_dir, raise_if_disk_error, write_synced
+from nlora_serve.adapters.durable import StoreWriteError, fsync_dir, raise_if_disk_error, write_synced
 from nlora_serve.adapters.names import check_no_case_twin, validate_name
 from nlora_serve.errors import AdapterError
 
@@ -215,9 +215,10 @@ class AdapterStore:
                 ``adapter_config.json`` / ``adapter_model.safetensors``, or files over ``max_bytes``
                 together (the store would refuse to read them back).
             StoreWriteError: the disk refused a write (ENOSPC, EIO, ...): nothing of the new
-                version is left, the store is as before.
+                version is left, the store is as before; or the store's folder is gone.
         """
         same_as = same_as or {}
+        self._check_root(name)
         unknown = sorted((set(files) | set(same_as)) - set(ALLOWED_FILES))
         if unknown:
             raise AdapterError(f"adapter {name!r}: files {unknown} are not allowed; "
@@ -285,6 +286,15 @@ class AdapterStore:
         except OSError as exc:  # the next start discards whatever is left in the staging area
             log.warning("could not roll back a failed adapter write (%s); the next start cleans up", exc)
 
+    def _check_root(self, name: str) -> None:
+        """Raises StoreWriteError when the store's folder is gone (removed or unmounted while the
+        server runs): an upload, swap or unload then failed with UNKNOWN "Unexpected <class
+        'FileNotFoundError'>" and a traceback in the log."""
+        if not self.root.is_dir():
+            raise StoreWriteError(f"adapter {name!r}: the adapter store {self.root} is gone (no such folder: removed "
+                                  "or unmounted while the server runs); nothing was changed and what was served "
+                                  "before still serves; put the store back, or restart the server on one")
+
     def _check_case(self, name: str) -> None:
         """Raises AdapterError when a stored adapter's name differs from ``name`` only in case."""
         with os.scandir(self.root) as entries:
@@ -344,9 +354,11 @@ class AdapterStore:
         """Record durably that ``name`` is unloaded, so a restart does not serve it again.
 
         Raises:
-            StoreWriteError: the disk refused the record (a full or read-only store): the name serves on.
+            StoreWriteError: the disk refused the record (a full or read-only store), or the store's
+                folder is gone: the name serves on.
         """
         adapter_dir = self.adapter_dir(name)
+        self._check_root(name)
         with self._lock:
             if not adapter_dir.is_dir():
                 return

@@ -66,6 +66,22 @@ def test_a_fifo_or_folder_in_place_of_a_file_is_refused_without_blocking(tmp_pat
         store.read_files(stored.path)
 
 
+def test_a_store_folder_gone_while_serving_is_a_store_error_naming_it(tmp_path):
+    """An upload, a swap (its config linked from the version before) or an unload on a store removed
+    or unmounted under the server failed with UNKNOWN "Unexpected <class 'FileNotFoundError'>"."""
+    store = AdapterStore(tmp_path / "store")
+    stored = store.write("acme", FILES)
+    moved = Path(shutil.move(store.root, tmp_path / "moved"))
+    swap = {CONFIG_FILE: stored.path / CONFIG_FILE}
+    for name, write in (("acme", lambda: store.write("acme", FILES)), ("globex", lambda: store.write("globex", FILES)),
+                        ("acme", lambda: store.write("acme", {WEIGHTS_FILE: FILES[WEIGHTS_FILE]}, swap)),
+                        ("acme", lambda: store.mark_unloaded("acme"))):
+        with pytest.raises(durable.StoreWriteError, match=rf"^adapter '{name}': the adapter store {store.root} is "
+                                                          r"gone \(no such folder: removed or unmounted"):
+            write()
+    assert not store.root.exists() and sorted(os.listdir(moved / "acme")) == ["00000001"]
+
+
 def test_a_path_outside_the_store_is_refused(tmp_path):
     store = AdapterStore(tmp_path / "store")
     with pytest.raises(AdapterError, match="is not a folder of the adapter store"):
