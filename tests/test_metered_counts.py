@@ -7,16 +7,20 @@ And, with per-tenant counters on (``serve --tenant-metrics``), how a request end
 tenant (``nlora_tenant_requests_total``), with the tokens streamed to it
 (``nlora_tenant_generation_tokens_total``); off, neither is in a scrape.
 
-``Metered`` runs over hand-made deltas here, so every count is known by hand."""
+``Metered`` runs over hand-made deltas here, so every count is known by hand. Last, the
+``--metrics-port`` endpoint that serves them closes a connection whose request does not arrive."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import urllib.request
 
 import pytest
 
 from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput, RequestStream
 from nlora_serve.serving.admission import Admission
+from nlora_serve.serving import metrics_http
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.stream import Metered
 
@@ -161,3 +165,20 @@ def test_a_metered_stream_closed_before_its_first_delta_closes_the_engine_stream
 
     asyncio.run(close_unread())
     assert (aborted, admission.inflight) == (["r"], 0)
+
+
+def test_the_metrics_port_closes_a_connection_whose_request_does_not_arrive(monkeypatch):
+    """prometheus_client's server read a request with no timeout: each idle connection (no key
+    needed) held a thread of the serving process for as long as it stayed open."""
+    monkeypatch.setattr(metrics_http, "READ_SECONDS", 0.3)
+    metrics = _metrics()
+    port = metrics.serve_http("127.0.0.1", 0)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as silent, \
+                socket.create_connection(("127.0.0.1", port), timeout=10) as partial:
+            partial.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the blank line never comes
+            assert (silent.recv(1), partial.recv(1)) == (b"", b"")  # closed, no answer
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as scrape:
+            assert b"nlora_requests_running 0.0" in scrape.read()
+    finally:
+        metrics.close()

@@ -19,11 +19,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
-                               start_http_server)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 from nlora_serve.errors import NloraError
+from nlora_serve.serving.metrics_http import serve_metrics
 from nlora_serve.serving.auth import Authenticator, Principal
 
 REJECT_REASONS = ("queue_full", "draining", "invalid_argument", "not_found", "pool_full",
@@ -143,8 +143,9 @@ class ServerMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def serve_http(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread; returns the port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread (a deadline on each
+        request: metrics_http.py); returns the port."""
+        server = serve_metrics(self.registry, host, port)
         self._http = server
         return server.server_port
 

@@ -1,0 +1,72 @@
+"""``--metrics-port``: Prometheus' ``/metrics`` on a port of its own, served from a thread per
+connection as prometheus_client's ``start_http_server`` serves it, with a deadline on each request.
+
+prometheus_client's server reads a request with no timeout, so a connection that sends nothing (or
+half a request line) held its thread for as long as it stayed open: 2,000 idle connections, which
+need no key, were 2,000 threads of the serving process, all still there later, and at the process's
+thread limit nothing else in it (the engine's workers, grpc's) could start one. Here a request's
+line and headers must arrive within :data:`READ_SECONDS` of the connection, however they trickle
+in; then the connection is closed and its thread ends.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+READ_SECONDS = 10.0  # a request's line and headers at most this long after the connection (Prometheus' scrape timeout)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each given only the time left until ``deadline`` (time.monotonic())."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
+class _Handler(WSGIRequestHandler):
+    """One request per connection, read before its deadline; logs nothing (as prometheus_client's)."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + READ_SECONDS))
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except TimeoutError:  # too slow: closed without an answer, as an idle keep-alive connection is
+            pass
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> ThreadingWSGIServer:
+    """Serve ``registry`` at ``http://host:port/metrics`` (0 = a free port) from a daemon thread;
+    returns the server (``server_port``; ``shutdown()`` and ``server_close()`` stop it).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    # the address family of the host, as prometheus_client's start_http_server picks it
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server = make_server(sockaddr[0], port, make_wsgi_app(registry), server_class, handler_class=_Handler)
+    threading.Thread(target=server.serve_forever, name="nlora-metrics", daemon=True).start()
+    return server
