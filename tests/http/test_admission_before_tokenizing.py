@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import socket
 
 import pytest
@@ -203,6 +204,21 @@ def test_a_connection_without_a_whole_request_head_or_trickling_an_unread_body_i
         for sock in (silent, partial, kept, trickling):
             assert sock.recv(1) == b""  # closed
     assert _complete(server, FREE_KEY, "Hi")[0] == 200
+
+
+def test_requests_that_are_no_http_or_upgrades_write_one_log_line_each_kind_not_one_each(server, caplog):
+    """uvicorn wrote a WARNING per request that is no HTTP, and two per WebSocket upgrade (the second
+    asking the operator to install a WebSocket library): 400 such keyless requests were 600 lines."""
+    caplog.set_level(logging.INFO)
+    for request in [b"\x16\x03\x01 no http\r\n\r\n"] * 3 + [b"GET /health HTTP/1.1\r\nHost: x\r\n"
+                                                         b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n"] * 3:
+        with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=10) as sock:
+            sock.sendall(request)
+            assert sock.recv(12) in (b"HTTP/1.1 400", b"HTTP/1.1 200")
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name in ("uvicorn.error", "nlora_serve.http")]
+    assert lines == [("INFO", "HTTP API: requests that are no valid HTTP/1.1 refused with 400"),
+                     ("INFO", "HTTP API: upgrade requests (WebSocket) served as plain HTTP: this server has no "
+                              "WebSocket endpoint")]
 
 
 def _timeouts(server) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 
 import h11
@@ -24,9 +25,11 @@ import uvicorn
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from nlora_serve.errors import RefusalLog
 from nlora_serve.serving.http_api.context import error_body
 from nlora_serve.serving.server_config import StartupError
 
+log = logging.getLogger("nlora_serve.http")
 GRACEFUL_SHUTDOWN_S = 1.0  # after the drain, how long open HTTP requests may take before cancellation
 MAX_BODY_BYTES = 16 << 20  # a request body at most: a 128k-token prompt as JSON ids is ~1 MB
 HEAD_READ_SECONDS = 60.0  # a request line and headers at most this long after the connection (or its last response)
@@ -59,6 +62,34 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+# uvicorn's warnings that a client's request alone causes, keyless: a request that is no HTTP (a TLS
+# hello, garbage) and an upgrade to WebSocket (one line, then a second telling the operator to
+# install a WebSocket library this server does not want); the second is dropped
+_CLIENT_WARNINGS = {"Invalid HTTP request received.": "requests that are no valid HTTP/1.1 refused with 400",
+                    "Unsupported upgrade request.": "upgrade requests (WebSocket) served as plain HTTP: this "
+                                                    "server has no WebSocket endpoint"}
+_DROPPED_WARNING = "No supported WebSocket library detected."
+
+
+class _ClientErrorLog:
+    """uvicorn's protocol logger ("uvicorn.error") with :data:`_CLIENT_WARNINGS` at most one INFO line
+    per kind every 10 s (errors.RefusalLog): anyone could otherwise write one or two WARNING lines
+    per request into the server's log (400 garbage or upgrade requests: 600 lines). The rest passes."""
+
+    def __init__(self) -> None:
+        # uvicorn's own logger stays at --log-level warning (uvicorn.Config sets it): the INFO lines go to ours
+        self._logger, self._refusals = logging.getLogger("uvicorn.error"), RefusalLog(log)
+
+    def warning(self, msg, *args, **kwargs) -> None:
+        if msg in _CLIENT_WARNINGS:
+            self._refusals.info(("client", msg), "HTTP API: %s", _CLIENT_WARNINGS[msg])
+        elif not (isinstance(msg, str) and msg.startswith(_DROPPED_WARNING)):
+            self._logger.warning(msg, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._logger, name)
+
+
 class HeadDeadline(H11Protocol):
     """uvicorn's h11 protocol, with a deadline on the time a connection spends with no request of
     the app's: a connection that has not sent a whole request line and headers
@@ -75,8 +106,11 @@ class HeadDeadline(H11Protocol):
     checked (generate.BODY_READ_SECONDS).
     """
 
+    client_errors = _ClientErrorLog()  # HttpServer gives each server its own
+
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self.logger = self.client_errors
         self._deadline: asyncio.TimerHandle | None = None
         self._follow()
 
@@ -166,7 +200,8 @@ class HttpServer:
         Raises:
             StartupError: uvicorn stopped while starting.
         """
-        config = uvicorn.Config(self.app, http=HeadDeadline, ws="none", lifespan="off", log_config=None,
+        protocol = type("Protocol", (HeadDeadline,), {"client_errors": _ClientErrorLog()})
+        config = uvicorn.Config(self.app, http=protocol, ws="none", lifespan="off", log_config=None,
                                 log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         self._server = _Server(config)
