@@ -109,6 +109,9 @@ def test_echo_max_tokens_zero_and_streamed_as_vllm(http_server, tokenizer, hf_mo
         assert choice["logprobs"]["token_logprobs"][p] == pytest.approx(float(want[p - 1, ids[p]]), abs=TOL)
         top2 = want[p - 1].topk(2).indices.tolist()  # the prompt token and the 2 most likely: 2 or 3
         assert len(choice["logprobs"]["top_logprobs"][p]) == len({ids[p], *top2})
+    # vLLM's: the prompt scored to logprobs comes back as prompt_logprobs too (the token and its top 2)
+    assert [None if e is None else len(e) for e in choice["prompt_logprobs"]] == \
+        [None] + [len({ids[p], *want[p - 1].topk(2).indices.tolist()}) for p in range(1, len(ids))]
     # streamed: the first chunk holds the prompt and the first token, prompt logprobs first
     whole_body = {"model": model, "prompt": CONTEXT, "echo": True, "max_tokens": 4, "logprobs": 1, "temperature": 0}
     status, whole = post(http_server, key, "completions", whole_body)
@@ -122,6 +125,27 @@ def test_echo_max_tokens_zero_and_streamed_as_vllm(http_server, tokenizer, hf_mo
         streamed = [v for c in chunks for v in c["choices"][0]["logprobs"][field]]
         assert streamed == pytest.approx(whole["choices"][0]["logprobs"][field]) if field == "token_logprobs" \
             else streamed == whole["choices"][0]["logprobs"][field]
+
+
+@pytest.mark.parametrize("logprobs,prompt_logprobs", [(1, 3), (3, 1)])
+def test_echo_with_prompt_logprobs_of_another_size_as_vllm(http_server, tokenizer, hf_model, logprobs,
+                                                           prompt_logprobs):
+    """vLLM 0.32 scores the prompt to prompt_logprobs K when sent (CompletionRequest.to_sampling_params)
+    and gives each echoed token the first logprobs + 1 items of that position's {token id: Logprob},
+    the token first, then its top K (_create_completion_logprobs): with K > N always N + 1 entries,
+    the token among the N most likely or not; with K < N at most K + 1."""
+    ids = tokenizer.encode("The capital of France is", add_special_tokens=False)
+    status, answer = post(http_server, TENANT_KEYS["base-co"], "completions",
+                          {"model": base_name(http_server), "prompt": ids, "echo": True, "max_tokens": 1,
+                           "temperature": 0, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs})
+    assert status == 200, answer
+    choice, want = answer["choices"][0], rows(hf_model, ids)
+    tops = choice["logprobs"]["top_logprobs"][:len(ids)]
+    assert tops[0] is None and choice["prompt_logprobs"][0] is None
+    for p in range(1, len(ids)):
+        entry = list(dict.fromkeys([ids[p], *want[p - 1].topk(prompt_logprobs).indices.tolist()]))
+        assert list(tops[p]) == [tokenizer.decode([t]) for t in entry[:logprobs + 1]], p
+        assert list(choice["prompt_logprobs"][p]) == [str(t) for t in entry], p
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])

@@ -9,14 +9,18 @@ continuation's positions):
   the first chunk, with the first token's text); with ``logprobs=N`` the prompt's tokens come first
   in ``logprobs`` (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``), the first
   one's log-probability and top entries null (nothing scores it), the offsets running on into the
-  completion's; each other prompt token's ``top_logprobs`` holds the token itself and the N most
-  likely (:func:`with_token`: up to N + 1, as for a sampled token). ``max_tokens=0`` with echo
-  returns the prompt alone (one token is computed and counted in ``usage.completion_tokens``, as
-  vLLM does, but not returned).
+  completion's. The prompt is scored to ``prompt_logprobs=K`` when the request sends it, else to
+  K = N (vLLM's ``CompletionRequest.to_sampling_params``), and each other prompt token's
+  ``top_logprobs`` are the first N + 1 of its entry (the token itself, then its top K, the token
+  once): N + 1 entries even where the token is among the most likely, K + 1 at most when K < N
+  (vLLM's ``_create_completion_logprobs``, :func:`echoed_top`). ``max_tokens=0`` with echo returns
+  the prompt alone (one token is computed and counted in ``usage.completion_tokens``, as vLLM
+  does, but not returned).
 - ``prompt_logprobs=K`` (``extra_body``; also what echo with logprobs computes, K = N) returns
   vLLM's ``prompt_logprobs``: per prompt token null for the first, then ``{"<token id>":
   {"logprob", "rank", "decoded_token"}}`` for the prompt token and its top K; on the completion's
-  choice, on the chat response's top level. Not with ``stream=true`` (vLLM refuses K > 0 there).
+  choice (echo with logprobs too, as vLLM), on the chat response's top level. Not with
+  ``stream=true`` (vLLM refuses K > 0 there).
 - ``-inf`` log-probabilities are sent as -9999.0 (vLLM's clamp: JSON has no infinity).
 """
 
@@ -58,11 +62,21 @@ def with_token(lps: dict[int, float], token_id: int, top: int) -> list[tuple[int
     return [(token_id, lps[token_id])] + [(u, lp) for u, lp in best if u != token_id]
 
 
+def echoed_top(entry: PromptLogprob, top: int) -> list[tuple[int, float]]:
+    """An echoed prompt token's completions ``top_logprobs`` entries: the first ``top`` + 1 of its
+    engine entry, which holds the token first, then the K most likely (K the prompt_logprobs it was
+    scored to), the token once. vLLM 0.32's ``_create_completion_logprobs`` keeps the items ``i <=
+    logprobs`` of the prompt position's ``{token id: Logprob}``, built in that order, so the count
+    depends on K, not on where the token ranks: N + 1 where K > N, even for a token among the
+    N most likely (a sampled token's entry, scored to N, has N then)."""
+    return list(entry.logprobs.items())[:top + 1]
+
+
 def echo_logprobs(token_ids: list[int], entries: list[PromptLogprob | None], top: int,
                   token: Callable[[int], str], offset: int) -> dict:
     """The completion ``logprobs`` object of the prompt's tokens ``token_ids`` (``entries`` from the
-    engine, one per token), each token's ``top_logprobs`` the token and its ``top`` most likely
-    (:func:`with_token`), offsets from ``offset`` (the sum of the tokens' string lengths, as vLLM's
+    engine, one per token), each token's ``top_logprobs`` the first ``top`` + 1 of its entry
+    (:func:`echoed_top`), offsets from ``offset`` (the sum of the tokens' string lengths, as vLLM's
     ``text_offset``)."""
     tokens = [token(t) for t in token_ids]
     offsets = []
@@ -76,7 +90,7 @@ def echo_logprobs(token_ids: list[int], entries: list[PromptLogprob | None], top
             tops.append(None)
             continue
         token_logprobs.append(clamp(entry.logprobs[t]))
-        tops.append({token(u): clamp(lp) for u, lp in with_token(entry.logprobs, t, top)})
+        tops.append({token(u): clamp(lp) for u, lp in echoed_top(entry, top)})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 

@@ -106,7 +106,7 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
         shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, logprobs_asked(body),
                         body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage, n=body.num_choices,
                         prompt_ids=started.prompt_ids, echo=_echo(started, ctx.tokenizer),
-                        prompt_logprobs=body.prompt_logprobs, token_text=ctx.token_text,
+                        prompt_logprobs=started.params.prompt_logprobs, token_text=ctx.token_text,
                         tools=body.tool_calls()[0] if chat else None, token_ids=bool(body.return_token_ids),
                         logprob_token_ids=bool(body.logprob_token_ids))
     except BaseException:

@@ -205,12 +205,21 @@ def completion_inputs(request: CompletionRequest,
                          "(vLLM's VLLM_MAX_COMPLETION_PROMPTS default)", "prompt")
     if not prompts[0]:
         raise ParamError("prompt is empty: need at least one token", "prompt")
-    # echo with logprobs scores the prompt too (vLLM's: prompt_logprobs defaults to logprobs; the
-    # engine computes the larger, the response slices each)
+    return prompts, sampling_of(request, config, request.logprobs, scored_prompt_logprobs(request))
+
+
+def scored_prompt_logprobs(request: CompletionRequest) -> int | None:
+    """The top-k each prompt token of a completion request is scored to: its ``prompt_logprobs``,
+    else with echo its ``logprobs`` (vLLM 0.32's ``CompletionRequest.to_sampling_params``, whose
+    response then carries them as ``prompt_logprobs`` too), else None. An echoed token's entries
+    are cut from that score (echo.py's ``echoed_top``), so a K below the ``logprobs`` N gives it
+    at most K + 1, as in vLLM.
+
+    Raises:
+        ParamError: a bad ``prompt_logprobs`` (:func:`prompt_logprobs_of`).
+    """
     wanted = prompt_logprobs_of(request)
-    if request.echo and request.logprobs is not None:
-        wanted = max(wanted if wanted is not None else 0, request.logprobs)
-    return prompts, sampling_of(request, config, request.logprobs, wanted)
+    return request.logprobs if wanted is None and request.echo else wanted
 
 
 def prompt_logprobs_of(request: CompletionRequest | ChatRequest) -> int | None:
