@@ -56,6 +56,7 @@ from nlora_serve.serving.http_api.openai import (chat_params, chat_prompt, compl
 from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest
 from nlora_serve.serving.http_api.truncation import check_truncatable, truncated, truncation_of
 from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers, whole_json
+from nlora_serve.serving.http_api.token_bytes import TokenText
 from nlora_serve.serving.metrics import RequestTimer, tenant_of
 
 # an admitted request holds its tenant's place (quota, queue share) while its body is read: a body
@@ -103,18 +104,31 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     body = started.body
     deltas = Metered(started.stream, started.timer, reservation, body.num_choices * len(started.prompt_ids))
     try:
-        shaper = Shaper(started.rid, body.model, chat, ctx.tokenizer, logprobs_asked(body),
-                        body.return_tokens_as_token_ids, body.include_usage, body.continuous_usage, n=body.num_choices,
-                        prompt_ids=started.prompt_ids, echo=_echo(started, ctx.tokenizer),
-                        prompt_logprobs=started.params.prompt_logprobs, token_text=ctx.token_text,
-                        tools=body.tool_calls()[0] if chat else None, token_ids=bool(body.return_token_ids),
-                        logprob_token_ids=bool(body.logprob_token_ids))
+        shaper = shaper_of(started.rid, body, started.params, ctx.tokenizer, started.prompt_ids,
+                           _echo(started, ctx.tokenizer), ctx.token_text)
     except BaseException:
         await deltas.aclose()
         raise
     if not body.stream:
         return await _whole(request, deltas, shaper)
     return await _streamed(request, deltas, shaper)
+
+
+def shaper_of(rid: str, body: ChatRequest | CompletionRequest, params: SamplingParams, tokenizer,
+              prompt_ids: list[list[int]], echo: list[Echo] | None, token_text: TokenText | None = None) -> Shaper:
+    """The :class:`Shaper` of a validated request ``body`` with the engine ``params`` it runs with
+    (the prompt scored to ``params.prompt_logprobs``), response id ``rid``, per prompt its tokens
+    ``prompt_ids`` and what ``echo`` puts first (:func:`_echo`).
+
+    Raises:
+        RequestError: the body's tools (checked already where the request was refused before).
+    """
+    chat = isinstance(body, ChatRequest)
+    return Shaper(rid, body.model, chat, tokenizer, logprobs_asked(body), body.return_tokens_as_token_ids,
+                  body.include_usage, body.continuous_usage, n=body.num_choices, prompt_ids=prompt_ids, echo=echo,
+                  prompt_logprobs=params.prompt_logprobs, token_text=token_text,
+                  tools=body.tool_calls()[0] if chat else None, token_ids=bool(body.return_token_ids),
+                  logprob_token_ids=bool(body.logprob_token_ids))
 
 
 async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Principal,

@@ -3,9 +3,18 @@
 One :class:`Shaper` per request turns the engine's deltas into either the whole response
 (``text_completion`` / ``chat.completion``) or Server-Sent-Events chunks (``text_completion`` /
 ``chat.completion.chunk``), with OpenAI's logprobs layouts and, on every choice, vLLM's
-``stop_reason`` (the stop string or stop token id that ended the request, else null), and, on
-every object, the adapter version that answered as OpenAI's ``system_fingerprint``
-(:func:`fingerprint`; the same version also goes out as response headers, :func:`version_headers`):
+``stop_reason`` (the stop string or stop token id that ended the request, else null; in a chat
+stream on a choice's finishing chunk only), and, on every object, the adapter version that answered
+as OpenAI's ``system_fingerprint`` (:func:`fingerprint`; the same version also goes out as
+response headers, :func:`version_headers`).
+
+Each object has the keys vLLM 0.32's has, as its ``model_dump()`` (whole) or
+``model_dump_json(exclude_unset=True)`` (chunks) writes them: the vLLM fields this server never
+fills go out null (:data:`MESSAGE_NULLS`, ...), a chat stream's content deltas are
+``{"content": text}``, ``""`` included, and a chunk carries ``usage`` only with
+``continuous_usage_stats`` or as the closing usage chunk. Deliberately not as vLLM: the
+``system_fingerprint`` (vLLM's: one per server, on the last chunk only) and ``usage``'s
+``prompt_tokens_details.cached_tokens`` (vLLM's with ``--enable-prompt-tokens-details``).
 
 - completions: ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (parallel lists;
   a token's ``top_logprobs`` holds the token itself and the ``logprobs`` most likely, so up to
@@ -30,6 +39,12 @@ from nlora_serve.serving.http_api.token_bytes import TokenBytes, TokenText
 from nlora_serve.serving.http_api.tool_stream import NamedStream, RequiredStream
 from nlora_serve.serving.http_api.tools import ToolCalls, whole_calls
 
+
+# vLLM 0.32's response fields this server never fills, sent null as vLLM's ``model_dump()`` sends them:
+# an OpenAI SDK client reads an extra field that is absent as an AttributeError, a null one as None
+MESSAGE_NULLS = {"refusal": None, "annotations": None, "audio": None, "function_call": None}  # chat message
+WHOLE_NULLS = {"service_tier": None}  # a whole response, before its usage
+TRANSFER_NULLS = {"kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}  # ... its last fields
 
 # Starlette's JSONResponse.render: the bytes a whole response goes out as
 _dumps = functools.partial(json.dumps, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
@@ -122,13 +137,16 @@ class Shaper:
             them (for echo and prompt_logprobs); None: one prompt, neither asked.
         echo: completions with ``echo=true``: per prompt what goes before each of its ``n`` choices
             (http_api/echo.py).
-        prompt_logprobs: vLLM's ``prompt_logprobs`` asked (top-k per prompt token); None = not returned.
+        prompt_logprobs: the top-k per prompt token the prompt was scored to (vLLM's
+            ``prompt_logprobs``, else echo's ``logprobs``: openai.py's ``scored_prompt_logprobs``),
+            returned as vLLM's ``prompt_logprobs``; None = not returned.
         token_text: the server's :class:`TokenText` of ``tokenizer`` (each token decoded once per
             server); None: one of this request's own.
         tools: chat: the output returns as tool calls (http_api/tools.py); None: as content.
         token_ids: vLLM's return_token_ids: each choice's ``token_ids`` (a chunk's: its own) and the
             prompt's ``prompt_token_ids`` (chat: on the response, in a stream on the role chunks;
-            completions: on each choice, in a stream on its first chunk).
+            completions: on each choice, in a stream on its first chunk, which with echo carries them
+            anyway, as vLLM's); without it both are null, as vLLM sends them.
     """
 
     def __init__(self, request_id: str, model: str, chat: bool, tokenizer, top_logprobs: int | None,
@@ -153,7 +171,9 @@ class Shaper:
         self._echo_unsent = set(range(choices)) if echo is not None else set()
         self.tools = tools
         self.token_ids = token_ids
-        self._prompt_unsent = set(range(choices)) if token_ids and not chat else set()  # completions' streams
+        # completions' streams: the choices whose first chunk, which carries the prompt's ids with
+        # return_token_ids or echo (vLLM's completion_stream_generator), has not gone out yet
+        self._prompt_unsent = set(range(choices)) if (token_ids or echo is not None) and not chat else set()
         # streaming tool calls: per choice its calls' deltas (http_api/tool_stream.py)
         self._calls = None if tools is None else [NamedStream(tools.name) if tools.name else RequiredStream()
                                                   for _ in range(choices)]
@@ -167,12 +187,14 @@ class Shaper:
             by_choice[out.index].append(out)
         choices = [self._whole_choice(index, deltas) for index, deltas in enumerate(by_choice)]
         lasts = [deltas[-1] for deltas in by_choice]
-        body = self._envelope("chat.completion" if self.chat else "text_completion", choices, lasts[0])
-        if self.prompt_logprobs is not None and self.chat:  # vLLM's: the chat response's top level
-            body["prompt_logprobs"] = self._prompt_logprobs(by_choice[0][0])
-        if self.token_ids and self.chat:
-            body["prompt_token_ids"] = self.prompt_ids[0]
-        return {**body, "usage": total_usage(lasts, self.n)}
+        body = {**self._envelope("chat.completion" if self.chat else "text_completion", choices, lasts[0]),
+                **WHOLE_NULLS, "usage": total_usage(lasts, self.n)}
+        if self.chat:  # vLLM's: the prompt's logprobs and ids on the chat response's top level
+            body["prompt_logprobs"] = (self._prompt_logprobs(by_choice[0][0]) if self.prompt_logprobs is not None
+                                       else None)
+            body["prompt_token_ids"] = self.prompt_ids[0] if self.token_ids else None
+            body["prompt_text"] = None
+        return {**body, **TRANSFER_NULLS}
 
     def _whole_choice(self, index: int, outs: list[RequestOutput]) -> dict:
         first, last = outs[0], outs[-1]
@@ -182,26 +204,24 @@ class Shaper:
             outs = []  # the token computed for max_tokens=0 is not returned (vLLM's echo without generation)
         text = (echo.text if echo is not None else "") + "".join(o.text for o in outs)
         logprobs = self._merged_logprobs(outs, echoed)
+        token_ids = [t for o in outs for t in o.token_ids] if self.token_ids else None
         if self.chat:
-            message, finish = {"role": "assistant", "content": text}, last.finish_reason
+            message, finish = {"role": "assistant", "content": text, **MESSAGE_NULLS}, last.finish_reason
             if self.tools is not None:  # vLLM's: content "", the calls; "required" finishes "tool_calls"
                 calls = whole_calls(self.tools, text)  # none: left out, as vLLM's ChatMessage leaves it
-                message = {"role": "assistant", "content": "", **({"tool_calls": calls} if calls else {})}
+                message = {"role": "assistant", "content": "", **MESSAGE_NULLS,
+                           **({"tool_calls": calls} if calls else {})}
                 if self.tools.finish_as_tool_calls and finish == "stop":
                     finish = "tool_calls"
-            choice = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish,
-                      "stop_reason": last.stop_reason}
-            if self.token_ids:
-                choice["token_ids"] = [t for o in outs for t in o.token_ids]
-            return choice
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason,
-                  "stop_reason": last.stop_reason}
-        if self.token_ids:
-            choice["prompt_token_ids"] = self.prompt_ids[index // self.n]
-            choice["token_ids"] = [t for o in outs for t in o.token_ids]
-        if self.prompt_logprobs is not None:  # vLLM's: on each completion choice
-            choice["prompt_logprobs"] = self._prompt_logprobs(first)
-        return choice
+            message["reasoning"] = None
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish,
+                    "stop_reason": last.stop_reason, "token_ids": token_ids, "routed_experts": None}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": last.finish_reason,
+                "stop_reason": last.stop_reason, "token_ids": token_ids,
+                # vLLM's: on each completion choice, whenever the prompt was scored
+                "prompt_logprobs": self._prompt_logprobs(first) if self.prompt_logprobs is not None else None,
+                "prompt_token_ids": self.prompt_ids[index // self.n] if self.token_ids else None,
+                "routed_experts": None}
 
     def _prompt_logprobs(self, first: RequestOutput) -> list[dict | None]:
         return vllm_prompt_logprobs(self.prompt_ids[first.index // self.n], first.prompt_logprobs or [],
@@ -238,11 +258,11 @@ class Shaper:
         if not self.chat:
             return []
         chunks = [self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                               "finish_reason": None, "stop_reason": None}, first, completion_tokens=0)
+                               "finish_reason": None}, first, completion_tokens=0)
                   for index in range(len(self._lasts))]
-        if self.token_ids:  # vLLM's: the prompt's ids on the role chunks
-            for chunk in chunks:
-                chunk["prompt_token_ids"] = self.prompt_ids[0]
+        for chunk in chunks:  # vLLM's: the prompt's ids (with return_token_ids) on the role chunks
+            chunk["prompt_token_ids"] = self.prompt_ids[0] if self.token_ids else None
+            chunk["prompt_text"] = None
         return chunks
 
     def chunk(self, out: RequestOutput) -> dict | None:
@@ -261,7 +281,7 @@ class Shaper:
         else:
             logprobs = self._logprobs(out) if self.top_logprobs is not None else None
         if self.chat:
-            delta, finish = {"content": text} if text else {}, out.finish_reason
+            delta, finish = {"content": text}, out.finish_reason  # "" too: vLLM's DeltaMessage(content=text)
             if self._calls is not None:
                 calls = self._calls[out.index]
                 # a named call's every delta is argument text, "" too (vLLM's extract_named_tool_call_streaming)
@@ -270,16 +290,16 @@ class Shaper:
                     return None
                 if isinstance(calls, RequiredStream) and calls.any_call and finish == "stop":
                     finish = "tool_calls"  # vLLM's rule, as in a whole response
-            choice = {"index": out.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
-                      "stop_reason": out.stop_reason}
+            choice = {"index": out.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:  # vLLM's: stop_reason on a choice's finishing chunk only
+                choice["stop_reason"] = out.stop_reason
         else:
             choice = {"index": out.index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
-                      "stop_reason": out.stop_reason}
+                      "stop_reason": out.stop_reason, "prompt_token_ids": None}
             if out.index in self._prompt_unsent:
                 self._prompt_unsent.discard(out.index)
                 choice["prompt_token_ids"] = self.prompt_ids[out.index // self.n]
-        if self.token_ids:
-            choice["token_ids"] = list(out.token_ids)
+        choice["token_ids"] = list(out.token_ids) if self.token_ids else None
         return self._chunk(choice, out)
 
     def usage_chunk(self) -> dict:
@@ -288,10 +308,8 @@ class Shaper:
 
     def _chunk(self, choice: dict, out: RequestOutput, completion_tokens: int | None = None) -> dict:
         body = self._envelope(self._chunk_object, [choice], out)
-        if self.continuous_usage:
+        if self.continuous_usage:  # else none: vLLM leaves it out but on the usage chunk (OpenAI: null)
             body["usage"] = usage(out, completion_tokens)
-        elif self.include_usage:
-            body["usage"] = None  # OpenAI: null on every chunk but the last
         return body
 
     @property
