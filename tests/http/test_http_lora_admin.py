@@ -95,8 +95,14 @@ def test_a_served_name_loads_again_only_in_place_as_its_next_version(server):
 
 def test_unload_stops_serving_the_name_and_an_unknown_name_is_404(server):
     assert _load(server).status_code == 200
+    # one request running on it: vLLM's body, the count that drains in a header (gRPC's draining_requests)
+    running = client(server, TENANT_KEYS["tied-co"]).completions.create(
+        model=NAME, prompt="Once upon a time", max_tokens=500, stream=True, extra_body={"ignore_eos": True})
+    next(iter(running))
     resp = _post(server, "/v1/unload_lora_adapter", {"lora_name": NAME, "lora_int_id": 7})
+    running.close()
     assert (resp.status_code, resp.text) == (200, f"Success: LoRA adapter '{NAME}' removed successfully.")
+    assert resp.headers["X-Draining-Requests"] == "1"
     assert _served(server) == {}
     again = _post(server, "/v1/unload_lora_adapter", {"lora_name": NAME})
     assert again.status_code == 404 and "'model' names" not in again.json()["error"]["message"], again.text

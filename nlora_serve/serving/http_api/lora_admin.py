@@ -16,7 +16,9 @@ server's own disk. Off, both answer 404 naming the flag (vLLM: a bare 404).
   successfully.``
 - unload ``{"lora_name"}``: stops serving the name, as ``adapters unload`` without ``--force``
   (running requests finish; the store remembers it). 200 ``Success: LoRA adapter 'NAME' removed
-  successfully.``; 404 for a name not served.
+  successfully.`` (vLLM's body, which says nothing more), with the requests still running on the
+  name, or still to be queued by a response holding it, in the header ``X-Draining-Requests``
+  (gRPC UnloadAdapter's ``draining_requests``) and the server's log; 404 for a name not served.
 
 Both need an admin key (401 without a key, 403 for a tenant's), as gRPC's AdapterAdmin does.
 Refusals come in OpenAI's error shape: an invalid name or an adapter the loader refuses 400 (the
@@ -27,6 +29,7 @@ before any byte is read), a server without an adapter store 404.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -46,6 +49,8 @@ from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.generate import read_body
 from nlora_serve.serving.http_api.request_models import ParamError, unsupported
 from nlora_serve.serving.server_config import ENV_FLAG
+
+log = logging.getLogger(__name__)
 
 
 class _Body(BaseModel):
@@ -99,9 +104,12 @@ async def unload_lora_adapter(ctx: HttpContext, request: Request) -> Response:
     body = await _admitted(ctx, request, UnloadLoraAdapter)
     if body is None:
         return Response(status_code=499)
-    adapter_manager(ctx.engine)
-    ctx.engine.unload_adapter(body.lora_name)  # running requests finish on their version
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+    name = body.lora_name
+    draining = adapter_manager(ctx.engine).draining(name)  # as gRPC's UnloadAdapter counts them
+    ctx.engine.unload_adapter(name)  # running requests finish on their version
+    log.info("adapter %r unloaded over HTTP; %d requests still finish on it", name, draining)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.",
+                             headers={"X-Draining-Requests": str(draining)})
 
 
 async def _admitted(ctx: HttpContext, request: Request, kind: type[_Body]) -> _Body | None:
