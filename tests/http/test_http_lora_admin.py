@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import shutil
 
 import pytest
@@ -93,7 +95,8 @@ def test_a_served_name_loads_again_only_in_place_as_its_next_version(server):
     assert _served(server) == {NAME: 2}
 
 
-def test_unload_stops_serving_the_name_and_an_unknown_name_is_404(server):
+def test_unload_stops_serving_the_name_and_an_unknown_name_is_404(server, caplog):
+    caplog.set_level(logging.INFO, logger="nlora_serve.serving.http_api.lora_admin")
     assert _load(server).status_code == 200
     # one request running on it: vLLM's body, the count that drains in a header (gRPC's draining_requests)
     running = client(server, TENANT_KEYS["tied-co"]).completions.create(
@@ -103,6 +106,10 @@ def test_unload_stops_serving_the_name_and_an_unknown_name_is_404(server):
     running.close()
     assert (resp.status_code, resp.text) == (200, f"Success: LoRA adapter '{NAME}' removed successfully.")
     assert resp.headers["X-Draining-Requests"] == "1"
+    said = [re.sub(r"\(\d+ ms\)$", "(N ms)", r.getMessage()) for r in caplog.records]
+    assert said == [f"/v1/load_lora_adapter by 'ops': adapter '{NAME}' v1 serving (inttune-tied, rank 8) from "
+                    f"{str(CASES / CASE)!r} (N ms)",  # who changed what, as gRPC's admin RPCs log it
+                    f"/v1/unload_lora_adapter by 'ops': adapter '{NAME}' v1 unloaded (1 requests draining)"]
     assert _served(server) == {}
     again = _post(server, "/v1/unload_lora_adapter", {"lora_name": NAME})
     assert again.status_code == 404 and "'model' names" not in again.json()["error"]["message"], again.text

@@ -39,10 +39,11 @@ from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.version import AdapterNotFound, VersionConflict
+from nlora_serve.adapters.version import AdapterNotFound, AdapterVersion, VersionConflict
 from nlora_serve.adapters.store import ALLOWED_FILES
 from nlora_serve.errors import AdapterError, shown
 from nlora_serve.models.hub import local_or_hub
+from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.status import RuntimeUpdatingOff, TooLarge, adapter_manager
 from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.context import HttpContext
@@ -76,9 +77,10 @@ async def load_lora_adapter(ctx: HttpContext, request: Request) -> Response:
         NloraError: a refusal (the app's handler answers it in OpenAI's error shape; see the module).
         RequestValidationError: a body that is not JSON or not a valid request.
     """
-    body = await _admitted(ctx, request, LoadLoraAdapter)
-    if body is None:
+    admitted = await _admitted(ctx, request, LoadLoraAdapter)
+    if admitted is None:
         return Response(status_code=499)
+    body, admin = admitted
     if body.is_3d_lora_weight:
         raise ParamError("is_3d_lora_weight=true is not supported: this server serves 2-D LoRA weights only",
                          "is_3d_lora_weight")
@@ -91,29 +93,34 @@ async def load_lora_adapter(ctx: HttpContext, request: Request) -> Response:
         raise already
     start = time.perf_counter()
     try:  # and checked again as the version is switched to: concurrent loads of one new name, one wins
-        await asyncio.to_thread(_register, ctx, name, body.lora_path, None if body.load_inplace else 0)
+        version = await asyncio.to_thread(_register, ctx, name, body.lora_path, None if body.load_inplace else 0)
     except VersionConflict:
         raise already from None
-    ctx.metrics.load.observe(time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    ctx.metrics.load.observe(seconds)
+    log.info("%s by %r: adapter %r v%d serving (%s, rank %d) from %r (%.0f ms)", request.url.path, admin.name, name,
+             version.version, version.flavour, version.rank, shown(body.lora_path), 1e3 * seconds)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
 async def unload_lora_adapter(ctx: HttpContext, request: Request) -> Response:
     """``POST /v1/unload_lora_adapter``. Raises: as :func:`load_lora_adapter`; AdapterNotFound (404)
     for a name not served."""
-    body = await _admitted(ctx, request, UnloadLoraAdapter)
-    if body is None:
+    admitted = await _admitted(ctx, request, UnloadLoraAdapter)
+    if admitted is None:
         return Response(status_code=499)
+    body, admin = admitted
     name = body.lora_name
     draining = adapter_manager(ctx.engine).draining(name)  # as gRPC's UnloadAdapter counts them
-    ctx.engine.unload_adapter(name)  # running requests finish on their version
-    log.info("adapter %r unloaded over HTTP; %d requests still finish on it", name, draining)
+    version = ctx.engine.unload_adapter(name)  # running requests finish on their version
+    log.info("%s by %r: adapter %r v%d unloaded (%d requests draining)", request.url.path, admin.name, name,
+             version.version, draining)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.",
                              headers={"X-Draining-Requests": str(draining)})
 
 
-async def _admitted(ctx: HttpContext, request: Request, kind: type[_Body]) -> _Body | None:
-    """The checked body of an admin request (None: the client went away first).
+async def _admitted(ctx: HttpContext, request: Request, kind: type[_Body]) -> tuple[_Body, Principal] | None:
+    """The checked body of an admin request and the admin who sent it (None: the client went away first).
 
     Raises:
         RuntimeUpdatingOff: the server was started without the flag. Unauthenticated,
@@ -124,7 +131,8 @@ async def _admitted(ctx: HttpContext, request: Request, kind: type[_Body]) -> _B
         raise RuntimeUpdatingOff(f"{request.url.path} is off on this server: start it with "
                                  f"--allow-runtime-lora-updating (or {ENV_FLAG}=true) to load adapters from its "
                                  "disk over HTTP, or use `nlora-serve adapters upload` / `unload` (gRPC)")
-    ctx.auth.authenticate(request.headers.items()).require_admin(request.url.path)
+    admin = ctx.auth.authenticate(request.headers.items())
+    admin.require_admin(request.url.path)
     try:
         raw = await read_body(request, ctx.admission)
     except ClientDisconnect:
@@ -133,11 +141,11 @@ async def _admitted(ctx: HttpContext, request: Request, kind: type[_Body]) -> _B
     for field in body.model_extra or {}:
         raise unsupported(field)
     validate_name(body.lora_name)
-    return body
+    return body, admin
 
 
-def _register(ctx: HttpContext, name: str, lora_path: str, if_version: int | None) -> None:
-    """Register the folder ``lora_path`` as ``name``'s next version (in a worker thread);
+def _register(ctx: HttpContext, name: str, lora_path: str, if_version: int | None) -> AdapterVersion:
+    """Register the folder ``lora_path`` as ``name``'s next version and return it (in a worker thread);
     ``if_version`` as :meth:`AdapterManager.register_dir` (0: only while ``name`` is not served).
 
     Raises:
@@ -156,4 +164,4 @@ def _register(ctx: HttpContext, name: str, lora_path: str, if_version: int | Non
     if total > ctx.config.max_adapter_bytes:
         raise TooLarge(f"lora_path {shown(lora_path)!r}: {' + '.join(ALLOWED_FILES)} are {total} bytes, over the "
                        f"server's --max-adapter-bytes {ctx.config.max_adapter_bytes}")
-    adapter_manager(ctx.engine).register_dir(name, Path(folder), if_version)
+    return adapter_manager(ctx.engine).register_dir(name, Path(folder), if_version)
