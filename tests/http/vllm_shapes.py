@@ -1,5 +1,5 @@
 """Records vLLM 0.32's own response objects for hand-made engine outputs, the reference of
-tests/http/test_http_api.py's ``test_responses_have_vllms_shapes``: each case's chunks (SSE) or
+tests/http/test_http_vllm_shapes.py's ``test_responses_have_vllms_shapes``: each case's chunks (SSE) or
 whole response as vLLM's OpenAIServingChat.chat_completion_stream_generator /
 chat_completion_full_generator and OpenAIServingCompletion.completion_stream_generator /
 request_output_to_completion_response write them, run on vLLM RequestOutputs built from the case
