@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -26,3 +28,5 @@ def make_engine(base_fp32):
     yield make
     for engine in engines:
         engine.shutdown()
+    engines.clear()
+    gc.collect()  # free them now, not when the cycle collector next runs (grpc_harness.stop_all)
