@@ -135,8 +135,15 @@ class DeadlineExceeded(NloraClientError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Aborted(NloraClientError):
+    """The server ended the request: a forced unload of its adapter (the message names the
+    version), or a shutdown past its drain deadline."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, ResourceExhausted, Unauthenticated,
-                                      PermissionDenied, FailedPrecondition, Unavailable, DeadlineExceeded)}
+                                      PermissionDenied, FailedPrecondition, Unavailable, DeadlineExceeded, Aborted)}
 
 
 def error_from(exc: grpc.RpcError) -> NloraClientError:

@@ -12,7 +12,7 @@ import pytest
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from nlora_serve.adapters.store import ALLOWED_FILES, AdapterStore
-from nlora_serve.client import InvalidArgument, NloraClient, NloraClientError
+from nlora_serve.client import Aborted, InvalidArgument, NloraClient
 from nlora_serve.errors import AdapterError
 from nlora_serve.serving.commands import serve as serve_cli
 from nlora_serve.serving.auth import Authenticator
@@ -84,7 +84,7 @@ def test_a_forced_unload_ends_its_streams_with_aborted_naming_the_version(make_s
         other = base.generate(_prompt(8), max_tokens=40, min_tokens=40)
         next(victim), next(other)  # both running
         assert admin.unload_adapter(TIED, force=True).aborted_requests == 1
-        with pytest.raises(NloraClientError) as err:
+        with pytest.raises(Aborted) as err:  # the README: failures raise classes named after their status
             list(victim)
         rest = list(other)  # the base-model tenant's stream runs on to its end
     assert err.value.code == grpc.StatusCode.ABORTED
