@@ -68,6 +68,9 @@ class VirtualTokenCounter:
     # steps a tenant waits holding no slot before it takes one from an over-served tenant (rebalance):
     # long enough that a burst which ends by itself is not preempted, short against a request's length
     STARVED_STEPS = 16
+    # steps between drops of the counters of tenants gone idle (:meth:`_forget_idle`): a long-running
+    # server otherwise keeps a counter for every tenant name it ever served
+    FORGET_EVERY = 1024
 
     def __init__(self, weights: Mapping[str, float], prompt_weight: float = 1.0, output_weight: float = 2.0,
                  usage_half_life: float = 128.0):
@@ -135,6 +138,22 @@ class VirtualTokenCounter:
         for tenant in self.queues:
             if not held[tenant]:
                 self._starved_since.setdefault(tenant, self._steps)
+        if self._steps % self.FORGET_EVERY == 0:
+            self._forget_idle(held)
+
+    def _forget_idle(self, running: Counter) -> None:
+        """Drop the counters of idle tenants (none running or waiting) that are at or below every
+        counter still in play (the running and waiting tenants', and that of the tenant whose
+        requests left the queue last, which :meth:`enqueue` lifts a returning tenant to when nobody
+        waits). Exact: those counters only grow, and a tenant joining later is lifted to at least
+        one of them, so a forgotten tenant that returns is lifted to the same counter it would have
+        been lifted to anyway. Idle tenants above that floor (served more than everyone active)
+        keep their counters. (Requests waiting for a LoRA slot, outside this queue, are ordered by
+        their tenants' counters as stored: a forgotten tenant's reads 0 there, as a new tenant's.)"""
+        in_play = set(running) | set(self.queues) | {self._last_left}
+        floor = min(self.counters.get(t, 0.0) for t in in_play)
+        for tenant in [t for t, c in self.counters.items() if c <= floor and t not in in_play]:
+            del self.counters[tenant]
 
     def admitted(self, seq: Sequence) -> None:
         """``seq`` took a slot in this step: the step's later picks see its tenant a slot fuller."""

@@ -38,6 +38,8 @@ class FairScheduler(RuleBasedStateMachine):
                                  max_model_len=max_len, tenant_weights=weights)
         self.blocks = (PrefixCachingBlockManager if prefix else BlockManager)(num_blocks, block_size)
         self.sched = Scheduler(config, self.blocks)
+        self.sched.fair.FORGET_EVERY = 1  # idle tenants' counters dropped at every step, checked below
+        self.forgotten: dict = {}  # tenant -> its counter when the scheduler dropped it
         self.seqs: list[Sequence] = []
         self.finished: list[Sequence] = []
         self.counters: dict = {}  # the least each tenant's VTC counter may be (counters never decrease)
@@ -85,9 +87,19 @@ class FairScheduler(RuleBasedStateMachine):
             split.setdefault(s.tenant, []).append(s)
         assert {t: [s.request_id for s in q] for t, q in sched.fair.queues.items()} == \
             {t: [s.request_id for s in q] for t, q in split.items()}
+        fair = sched.fair
         for tenant, least in self.counters.items():
-            assert sched.fair.counters[tenant] >= least
-        self.counters = dict(sched.fair.counters)
+            if tenant in fair.counters:
+                assert fair.counters[tenant] >= least
+            else:
+                self.forgotten[tenant] = least
+        # a forgotten counter never exceeds a counter in play: a returning tenant is lifted to one of
+        # those (enqueue), so forgetting changed nothing (and one back in play is tracked again)
+        in_play = {s.tenant for s in sched.running} | set(fair.queues) | {fair._last_left}
+        floor = min(fair.counters.get(t, 0.0) for t in in_play)
+        self.forgotten = {t: c for t, c in self.forgotten.items() if t not in fair.counters}
+        assert all(c <= floor for c in self.forgotten.values()), (self.forgotten, floor)
+        self.counters = dict(fair.counters)
         self._check_blocks()
 
     def teardown(self):

@@ -266,3 +266,18 @@ def test_a_load_where_no_tenant_is_heavy_preempts_nothing_and_admits_like_fcfs(s
     fair_preempted, fair_admitted = replay("fair", 9, rate, 1500, seed)
     assert fcfs_preempted == 0 and fair_preempted == 0
     assert fair_admitted == fcfs_admitted and sum(fcfs_admitted) > 300
+
+
+def test_idle_tenants_counters_are_forgotten_and_a_return_is_lifted_as_before():
+    """A server that has served thousands of tenant names keeps counters only for those in play (and
+    idle ones served more than all of them); a forgotten tenant's return is lifted to the floor."""
+    sched = make()
+    for i in range(3 * sched.fair.FORGET_EVERY):  # each tenant sends one request, then goes idle
+        sched.add(seq(f"t{i}"))
+        serve_one(sched)
+    # each new tenant was lifted to the last one's counter and served 4 prompt tokens: t_i ends at 4(i + 1)
+    last = f"t{3 * sched.fair.FORGET_EVERY - 1}"
+    assert sched.fair.counters[last] == 4.0 * 3 * sched.fair.FORGET_EVERY
+    assert len(sched.fair.counters) <= sched.fair.FORGET_EVERY and "t0" not in sched.fair.counters
+    sched.add(seq("t0"))  # remembered, it would be lifted from 4 to max(4, the last one's counter)
+    assert sched.fair.counters["t0"] == sched.fair.counters[last]
