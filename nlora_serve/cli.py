@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from nlora_serve import __version__
+from nlora_serve import __version__, log_format
 from nlora_serve.errors import NloraError
 
 log = logging.getLogger("nlora_serve")
@@ -301,7 +301,7 @@ def _main(argv: list[str] | None) -> int:
     # configured before the command's imports, so that a slow one says so first; a bad level is
     # argparse's error below
     level = options.get("--log-level", "INFO")
-    logging.basicConfig(level=level if level in LOG_LEVELS else "INFO", format="%(levelname)s %(name)s: %(message)s")
+    log_format.configure(level if level in LOG_LEVELS else "INFO", timed=command == "serve")
     parser = build_parser(only=command or "")  # "": no command named
     args, extras = parser.parse_known_args(argv)
     if extras:  # the subcommand's usage and a hint, not the top level's usage alone

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from nlora_serve import log_format
 from nlora_serve.cli import console_command
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_arguments(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    log_format.configure(args.log_level, timed=True)
     try:
         return run_serve(args)
     except NloraError as exc:  # as ``nlora-serve serve`` does: one line, exit 2
