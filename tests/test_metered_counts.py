@@ -145,6 +145,8 @@ def test_without_per_tenant_counters_a_tenants_request_leaves_no_tenant_series()
     assert metrics.registry.get_sample_value("nlora_generation_tokens_total", {"frontend": "grpc"}) == 2
     assert metrics.registry.get_sample_value("nlora_requests_rejected_total",
                                              {"reason": "queue_full", "frontend": "http"}) == 1
+    assert metrics.registry.get_sample_value("nlora_requests_rejected_total",  # a series from the start
+                                             {"reason": "tenant_quota", "frontend": "http"}) == 0
 
 
 def test_a_metered_stream_closed_before_its_first_delta_closes_the_engine_stream_and_releases_its_place():

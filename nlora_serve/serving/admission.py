@@ -16,7 +16,7 @@ import logging
 from nlora_serve.engine.sampling import RequestError
 from nlora_serve.errors import RefusalLog
 from nlora_serve.serving.auth import Principal
-from nlora_serve.serving.status import Draining, QueueFull
+from nlora_serve.serving.status import Draining, QueueFull, QuotaExceeded
 from nlora_serve.serving.tokenizer_turns import GRAMMAR_THREADS, TokenizerTurns
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ class Admission:
 
     def check(self, principal: Principal | None = None, places: int = 1) -> None:
         """Raises Draining or QueueFull when a new request (of ``principal``) may not take
-        ``places`` more places now."""
+        ``places`` more places now: QuotaExceeded (a QueueFull) when its tenant's
+        ``max_concurrent_requests`` is what refuses it."""
         if self.draining:
             raise Draining("server is shutting down; retry on another replica")
         # a refusal tells the caller its own count and limit only: the queue's bound, beside the fact
@@ -92,7 +93,7 @@ class Admission:
             return
         held, limit = self.held.get(principal.name, 0), principal.max_concurrent_requests
         if limit is not None and held + places > limit:
-            raise QueueFull(f"{principal.name!r} has {held} requests running or waiting, its "
+            raise QuotaExceeded(f"{principal.name!r} has {held} requests running or waiting, its "
                             f"max_concurrent_requests in the tenants file; retry when one ends")
         # places are taken as one by one: the last must still be under the share left by the others
         share = principal.weight * (self.max_queue - self.inflight - (places - 1))

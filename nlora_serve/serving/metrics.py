@@ -26,7 +26,7 @@ from nlora_serve.errors import NloraError
 from nlora_serve.serving.metrics_http import serve_metrics
 from nlora_serve.serving.auth import Authenticator, Principal
 
-REJECT_REASONS = ("queue_full", "draining", "invalid_argument", "not_found", "pool_full",
+REJECT_REASONS = ("queue_full", "tenant_quota", "draining", "invalid_argument", "not_found", "pool_full",
                   "unauthenticated", "permission_denied", "body_timeout", "engine_dead", "adapter_load_failed")
 FRONTENDS = ("grpc", "http")
 # how a tenant's generation request ended: every choice ran to its end (stop, length); the engine

@@ -26,7 +26,14 @@ MAX_DETAILS_BYTES = 2048
 
 
 class QueueFull(NloraError):
-    """Running + waiting requests are at ``--max-queue``."""
+    """Running + waiting requests are at ``--max-queue`` (or, with fair scheduling, the caller's
+    tenant holds its share of it while the server is busy)."""
+
+
+class QuotaExceeded(QueueFull):
+    """The caller's tenant has its ``max_concurrent_requests`` (the tenants file) running or
+    waiting: a refusal of that tenant alone, counted apart from a full queue (reason
+    ``tenant_quota``), so that an alert on ``queue_full`` means the server is busy."""
 
 
 class Draining(NloraError):
@@ -68,6 +75,7 @@ class RuntimeUpdatingOff(NloraError):
 _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401, "unauthenticated"),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403, "permission_denied"),
+    (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "tenant_quota"),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "queue_full"),
     (Draining, grpc.StatusCode.UNAVAILABLE, 503, "draining"),
     (EngineDead, grpc.StatusCode.UNAVAILABLE, 503, "engine_dead"),

@@ -15,7 +15,7 @@ from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import AuthError, Authenticator, Principal, hash_key
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.request_policy import cache_salt_of
-from nlora_serve.serving.status import QueueFull
+from nlora_serve.serving.status import QueueFull, http_status_of, status_of
 
 PROMPT = list(range(1000, 1040))  # 40 tokens: 2 full blocks of 16 can be cached
 
@@ -88,8 +88,9 @@ def test_tenant_shares_of_the_queue_leave_room_for_others():
     for _ in range(2):
         fcfs.check(heavy)
         fcfs.enter("heavy")
-    with pytest.raises(QueueFull, match="server queue is full"):
+    with pytest.raises(QueueFull, match="server queue is full") as full:
         fcfs.check(light)
+    assert http_status_of(full.value) == (429, "queue_full")
 
 
 def test_a_refusal_names_the_callers_own_count_not_the_servers(caplog):
@@ -130,8 +131,13 @@ def test_max_concurrent_requests_quota():
     for _ in range(2):
         admission.check(capped)
         admission.enter("capped")
-    with pytest.raises(QueueFull, match="'capped' has 2 requests running or waiting, its max_concurrent_requests"):
+    with pytest.raises(QueueFull, match="'capped' has 2 requests running or waiting, its max_concurrent_requests") \
+            as refused:
         admission.check(capped)
+    # a 429 counted apart from a full queue (h99): an alert on queue_full must mean the server is busy,
+    # not that one tenant is at its own cap
+    assert http_status_of(refused.value) == (429, "tenant_quota")
+    assert status_of(refused.value) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant_quota")
     admission.leave("capped")
     admission.check(capped)
 

@@ -72,7 +72,7 @@ def test_over_its_quota_a_tenant_is_refused_429_before_tokenizing(server, monkey
     assert counts == (1 + QUOTA, {"other-co": 1, "capped-co": QUOTA})  # the refused were never counted
     for status, body in results:
         if status == 429:
-            assert body["error"]["code"] == "queue_full"
+            assert body["error"]["code"] == "tenant_quota"  # its own cap, not a full queue (h99)
             assert "max_concurrent_requests" in body["error"]["message"]
     admitted = {prompt for (status, _), prompt in zip(results, prompts) if status == 200}
     assert sorted(held.seen) == sorted([HOLD, *admitted])  # the refused prompts were never tokenized
