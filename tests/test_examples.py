@@ -16,7 +16,8 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
 def _exported_sample_names() -> set[str]:
-    metrics = ServerMetrics(lambda: {"running": 0, "waiting": 0, "kv_blocks_used": 0, "preemptions": 0},
+    metrics = ServerMetrics(lambda: {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_total": 0,
+                                     "preemptions": 0},
                             lambda: (0, 0))
     text = generate_latest(metrics.registry).decode()
     return {s.name for f in text_string_to_metric_families(text) for s in f.samples}

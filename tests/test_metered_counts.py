@@ -30,7 +30,8 @@ COUNTERS = ("nlora_prompt_tokens_total", "nlora_prefix_cache_queries_total", "nl
 
 
 def _metrics(per_tenant: bool = False) -> ServerMetrics:
-    return ServerMetrics(lambda: {"running": 0, "waiting": 0, "kv_blocks_used": 0, "preemptions": 0},
+    return ServerMetrics(lambda: {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_total": 0,
+                                  "preemptions": 0},
                          lambda: (0, 0), per_tenant=per_tenant)
 
 

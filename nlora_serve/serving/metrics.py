@@ -48,7 +48,7 @@ class ServerMetrics:
 
     Args:
         engine_stats: returns the engine's ``stats()`` dict (running, waiting, kv_blocks_used,
-            preemptions).
+            kv_blocks_total, preemptions).
         adapter_residency: returns (adapters resident, bytes they hold in the compute dtype).
         admitted: returns the requests the front ends' admission counts against ``--max-queue``
             (reserved before the body is read or the prompt tokenized, given back when the request
@@ -107,6 +107,10 @@ class ServerMetrics:
                   "nlora_requests_admitted": ("Requests counted against --max-queue (both front ends): running, "
                                               "waiting, or being read or tokenized", admitted),
                   "nlora_kv_blocks_used": ("KV cache blocks in use", lambda: engine_stats()["kv_blocks_used"]),
+                  # the pool's size, so that used / total (vLLM's vllm:kv_cache_usage_perc) needs no log line
+                  "nlora_kv_blocks_total": ("KV cache blocks the engine holds, used or free (--kv-cache-memory-bytes "
+                                            "or --gpu-memory-utilization sizes it)",
+                                            lambda: engine_stats()["kv_blocks_total"]),
                   "nlora_adapters_resident": ("Adapter versions in the engine's adapter memory (a pool slot; "
                                               "vLLM's LoRA cache on --backend vllm)", lambda: adapter_residency()[0]),
                   "nlora_adapter_bytes_resident": ("Bytes resident adapters hold", lambda: adapter_residency()[1])}

@@ -41,6 +41,7 @@ def test_metrics_exist_and_move_under_load(make_server):
     for name in GAUGES:
         assert before[(name, ())] == 0
     assert before[("nlora_requests_rejected_total", (("frontend", "grpc"), ("reason", "not_found")))] == 0
+    assert before[("nlora_kv_blocks_total", ())] == 256  # the harness's CacheConfig(num_blocks=256): used / total
     assert not [key for key in before if key[0].startswith("nlora_tenant_")]  # a tenant's series: at its first request
     with NloraClient(server.target, timeout=60) as client:
         tied = client.upload_adapter(TIED, CASES / TIED)
@@ -72,6 +73,7 @@ def test_metrics_exist_and_move_under_load(make_server):
     assert after[("nlora_adapter_swap_seconds_count", ())] == 1
     assert after[("nlora_adapter_load_seconds_count", ())] == 1
     assert after[("nlora_kv_blocks_used", ())] == 0 and after[("nlora_requests_running", ())] == 0
+    assert during[("nlora_kv_blocks_total", ())] == after[("nlora_kv_blocks_total", ())] == 256
     # without a tenants file every request is the one tenant "anonymous": 2 finished, the closed
     # stream cancelled, the unknown adapter rejected; its tokens are every token streamed
     tenant = {labels: value for (name, labels), value in after.items() if name == "nlora_tenant_requests_total"}
