@@ -13,6 +13,7 @@ Both front ends, here::
     server.py          NloraServer: both front ends' lifecycle, health, reflection, graceful drain
     status.py          expected failures -> gRPC codes and HTTP statuses, one table for both
     auth.py            tenants file, API keys, grants (who may use which adapter)
+    admin_log.py       log lines of refused admin calls (both front ends), beside each change's line
     admission.py       draining, the bounded queue, tenant quotas: a request's place before its prompt
     tokenizer_turns.py the one tokenizer thread, tenants taking turns on it
     chat_template.py   chat messages -> prompt ids, each message's content tokenized as text

@@ -138,7 +138,8 @@ class NloraServer:
         # KeyFirst first: a call without a valid key is refused before its request is read; then
         # each message is held to its method's bound before it is parsed
         self._server = grpc.aio.server(
-            interceptors=[KeyFirst(self.auth, self.metrics), BoundedDecode(self.limits, self.metrics, self.auth)],
+            interceptors=[KeyFirst(self.auth, self.metrics, self.admin.refusals),
+                          BoundedDecode(self.limits, self.metrics, self.auth)],
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", self.limits.receive_bytes),
                      ("grpc.max_send_message_length", self.config.max_message_bytes)])
         pb_grpc.add_GenerationServicer_to_server(self.generation, self._server)

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
-from nlora_serve.client import InvalidArgument, NloraClient, PermissionDenied, Unauthenticated
-from nlora_serve.serving.auth import Authenticator
+from nlora_serve.client import InvalidArgument, NloraClient, NotFound, PermissionDenied, Unauthenticated
+from nlora_serve.errors import NloraError
+from nlora_serve.serving.admin_log import AdminRefusals
+from nlora_serve.serving.auth import Authenticator, Principal
+from nlora_serve.serving.auth import PermissionDenied as AuthPermissionDenied
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
 PROMPT = [1, 9690, 198, 2683]
@@ -89,14 +92,23 @@ def test_admin_rpcs_need_an_admin_key_and_each_change_is_logged_naming_the_admin
                 client.load_adapter("lora-rslora")
     with NloraClient(server.target, api_key="nobody") as client, pytest.raises(Unauthenticated):
         client.unload_adapter("lora-rslora")
+    # refused calls changed nothing; each known key's refusal is logged naming it (h99: an operator
+    # reading the log after an incident sees a tenant key calling admin RPCs), a key-less one is not
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"{rpc} by tenant {name!r} refused (PERMISSION_DENIED): {rpc} needs an admin key; {name!r} is a "
+                    "tenant key" for name in TENANT_KEYS for rpc in ("SwapAdapter", "UploadAdapter", "UnloadAdapter",
+                                                                     "LoadAdapter")]
+    caplog.clear()
     with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
         assert {a.name for a in admin.list_adapters()[0]} == {"inttune-nystrom-tied", "lora-rslora"}
-        assert [r.getMessage() for r in caplog.records] == []  # refused calls changed nothing
+        with pytest.raises(NotFound):
+            admin.unload_adapter("nobody")
         admin.unload_adapter("lora-rslora")
         admin.load_adapter("lora-rslora")
         admin.upload_adapter("inttune-nystrom-tied", CASES / "inttune-nystrom-tied")
     said = [re.sub(r"\(\d+ ms\)$", "(N ms)", r.getMessage()) for r in caplog.records]
-    assert said == ["UnloadAdapter by 'ops': adapter 'lora-rslora' v1 unloaded (0 requests aborted, 0 draining) (N ms)",
+    assert said == ["UnloadAdapter by 'ops' refused (NOT_FOUND): adapter 'nobody' is not registered",
+                    "UnloadAdapter by 'ops': adapter 'lora-rslora' v1 unloaded (0 requests aborted, 0 draining) (N ms)",
                     "LoadAdapter by 'ops': adapter 'lora-rslora' v2 serving (lora, rank 16) (N ms)",
                     "UploadAdapter by 'ops': adapter 'inttune-nystrom-tied' v2 serving (inttune-tied, rank 8) (N ms)"]
 
@@ -193,3 +205,16 @@ def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_fil
                         ("/grpc.health.v1.Health/Check", None)):  # health needs no key
         assert asyncio.run(interceptor.intercept_service(continuation, Details(method, key))) == "next handler"
     assert len(calls) == 3
+
+
+def test_an_admins_refusals_are_logged_each_a_tenant_keys_at_most_once_per_interval(caplog):
+    refusals = AdminRefusals(logging.getLogger("test.admin_log"))
+    caplog.set_level(logging.INFO, logger="test.admin_log")
+    tenant, admin = Principal("acme", False), Principal("ops", True)
+    for _ in range(3):  # a tenant's tooling in a loop: one line, the rest counted in the next one
+        refusals.refused("SwapAdapter", tenant, "PERMISSION_DENIED", AuthPermissionDenied("SwapAdapter needs an admin key"))
+    for version in (1, 2, 3):  # an operator's refused changes: each one
+        refusals.refused("SwapAdapter", admin, "FAILED_PRECONDITION", NloraError(f"expected v{version}"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "SwapAdapter by tenant 'acme' refused (PERMISSION_DENIED): SwapAdapter needs an admin key",
+        *(f"SwapAdapter by 'ops' refused (FAILED_PRECONDITION): expected v{v}" for v in (1, 2, 3))]

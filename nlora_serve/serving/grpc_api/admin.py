@@ -27,6 +27,7 @@ from nlora_serve.errors import AdapterError, NloraError, shown
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.grpc_api import convert
+from nlora_serve.serving.admin_log import AdminRefusals
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine
 from nlora_serve.serving.status import TooLarge, abort, adapter_manager, status_of
@@ -45,6 +46,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         # SwapAdapter receipt -> new version admitted (switched to in the registry, durable write
         # included), taken in the worker thread: the reply's trip back is the client's round trip
         self.swap_seconds: deque[float] = deque(maxlen=SWAP_SAMPLES)
+        self.refusals = AdminRefusals(log)
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext):
         return await self._guard(context, "LoadAdapter", self._load(request.name))
@@ -60,7 +62,9 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
 
     async def _guard(self, context: grpc.aio.ServicerContext, rpc: str, work):
         """Authorize as admin, then run ``work``; expected failures become status codes. A change
-        done is logged (INFO): what, by whom, how long."""
+        done is logged (INFO): what, by whom, how long; so is a refusal of a known key's call
+        (admin_log.py)."""
+        principal = None
         try:
             principal = self.auth.authenticate(context.invocation_metadata())
             principal.require_admin(rpc)
@@ -70,7 +74,10 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
             return reply
         except NloraError as exc:
             work.close()  # never started when auth failed; silences "never awaited"
-            await abort(context, status_of(exc)[0], str(exc))
+            code = status_of(exc)[0]
+            if principal is not None:  # a key the tenants file knows (admin_log.py)
+                self.refusals.refused(rpc, principal, code.name, exc)
+            await abort(context, code, str(exc))
 
     def _manager(self):
         return adapter_manager(self.engine)

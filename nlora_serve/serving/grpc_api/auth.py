@@ -19,6 +19,7 @@ from __future__ import annotations
 import grpc
 
 from nlora_serve.errors import NloraError
+from nlora_serve.serving.admin_log import AdminRefusals
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.grpc_api.decode import GENERATE, PREFIX
 from nlora_serve.serving.status import abort, status_of
@@ -30,15 +31,18 @@ ADMIN_SERVICE = PREFIX + "AdapterAdmin/"
 class KeyFirst(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED (no or an unknown key) or PERMISSION_DENIED (a tenant key on AdapterAdmin)
     before the request is read; refusals of Generate are counted in ``metrics`` as its servicer
-    counts them."""
+    counts them, a tenant key's AdapterAdmin calls logged in ``admin_refusals`` (the AdminServicer's:
+    admin_log.py)."""
 
-    def __init__(self, auth: Authenticator, metrics: ServerMetrics) -> None:
-        self.auth, self.metrics = auth, metrics
+    def __init__(self, auth: Authenticator, metrics: ServerMetrics,
+                 admin_refusals: AdminRefusals | None = None) -> None:
+        self.auth, self.metrics, self.admin_refusals = auth, metrics, admin_refusals
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if not method.startswith(PREFIX):
             return await continuation(handler_call_details)
+        principal = None
         try:
             principal = self.auth.authenticate(handler_call_details.invocation_metadata)
             if method.startswith(ADMIN_SERVICE):
@@ -47,6 +51,8 @@ class KeyFirst(grpc.aio.ServerInterceptor):
             code, reason = status_of(exc)
             if method == GENERATE:
                 self.metrics.reject(reason, "grpc")
+            elif principal is not None and self.admin_refusals is not None:  # a tenant key on AdapterAdmin
+                self.admin_refusals.refused(method.rsplit("/", 1)[-1], principal, code.name, exc)
             return _refusal(code, str(exc))
         return await continuation(handler_call_details)
 

@@ -3,11 +3,13 @@ and admission) and OpenAI's error shape they answer in."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from nlora_serve.engine.api import Engine, RequestAborted, max_prompt_bytes
 from nlora_serve.errors import capped, shown
+from nlora_serve.serving.admin_log import AdminRefusals
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.status import http_status_of
@@ -37,9 +39,12 @@ class HttpContext:
     started: int = field(default_factory=lambda: int(time.time()))  # ``created`` of /v1/models entries
     chat_bounds: tuple[int, int] = (0, 0)  # chats past these (content characters, messages): refused untokenized
     token_text: TokenText = field(init=False)  # logprob tokens' strings, each decoded once per server
+    # refused /v1/load_lora_adapter and /v1/unload_lora_adapter calls of known keys, in lora_admin's log
+    admin_refusals: AdminRefusals = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_text = TokenText(self.tokenizer)
+        self.admin_refusals = AdminRefusals(logging.getLogger("nlora_serve.serving.http_api.lora_admin"))
         self.chat_bounds = (max_prompt_bytes(self.tokenizer, self.engine.max_model_len), self.engine.max_model_len)
 
 

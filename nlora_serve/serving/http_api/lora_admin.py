@@ -41,10 +41,10 @@ from starlette.requests import ClientDisconnect
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.version import AdapterNotFound, AdapterVersion, VersionConflict
 from nlora_serve.adapters.store import ALLOWED_FILES
-from nlora_serve.errors import AdapterError, shown
+from nlora_serve.errors import AdapterError, NloraError, shown
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.serving.auth import Principal
-from nlora_serve.serving.status import RuntimeUpdatingOff, TooLarge, adapter_manager
+from nlora_serve.serving.status import RuntimeUpdatingOff, TooLarge, adapter_manager, http_status_of
 from nlora_serve.serving.http_api.body import parsed_json, validated
 from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.generate import read_body
@@ -77,10 +77,18 @@ async def load_lora_adapter(ctx: HttpContext, request: Request) -> Response:
         NloraError: a refusal (the app's handler answers it in OpenAI's error shape; see the module).
         RequestValidationError: a body that is not JSON or not a valid request.
     """
-    admitted = await _admitted(ctx, request, LoadLoraAdapter)
-    if admitted is None:
+    caller = _caller(ctx, request)
+    try:
+        return await _load(ctx, request, caller)
+    except NloraError as exc:  # logged naming the caller (admin_log.py), then answered by the app's handler
+        ctx.admin_refusals.refused(request.url.path, caller, str(http_status_of(exc)[0]), exc)
+        raise
+
+
+async def _load(ctx: HttpContext, request: Request, admin: Principal) -> Response:
+    body = await _admitted(ctx, request, admin, LoadLoraAdapter)
+    if body is None:
         return Response(status_code=499)
-    body, admin = admitted
     if body.is_3d_lora_weight:
         raise ParamError("is_3d_lora_weight=true is not supported: this server serves 2-D LoRA weights only",
                          "is_3d_lora_weight")
@@ -106,10 +114,18 @@ async def load_lora_adapter(ctx: HttpContext, request: Request) -> Response:
 async def unload_lora_adapter(ctx: HttpContext, request: Request) -> Response:
     """``POST /v1/unload_lora_adapter``. Raises: as :func:`load_lora_adapter`; AdapterNotFound (404)
     for a name not served."""
-    admitted = await _admitted(ctx, request, UnloadLoraAdapter)
-    if admitted is None:
+    caller = _caller(ctx, request)
+    try:
+        return await _unload(ctx, request, caller)
+    except NloraError as exc:  # logged naming the caller (admin_log.py), then answered by the app's handler
+        ctx.admin_refusals.refused(request.url.path, caller, str(http_status_of(exc)[0]), exc)
+        raise
+
+
+async def _unload(ctx: HttpContext, request: Request, admin: Principal) -> Response:
+    body = await _admitted(ctx, request, admin, UnloadLoraAdapter)
+    if body is None:
         return Response(status_code=499)
-    body, admin = admitted
     name = body.lora_name
     draining = adapter_manager(ctx.engine).draining(name)  # as gRPC's UnloadAdapter counts them
     version = ctx.engine.unload_adapter(name)  # running requests finish on their version
@@ -119,19 +135,27 @@ async def unload_lora_adapter(ctx: HttpContext, request: Request) -> Response:
                              headers={"X-Draining-Requests": str(draining)})
 
 
-async def _admitted(ctx: HttpContext, request: Request, kind: type[_Body]) -> tuple[_Body, Principal] | None:
-    """The checked body of an admin request and the admin who sent it (None: the client went away first).
+def _caller(ctx: HttpContext, request: Request) -> Principal:
+    """Who sends an admin request: its key's principal, admin or not (refusals from here on are
+    logged naming it: admin_log.py).
 
     Raises:
-        RuntimeUpdatingOff: the server was started without the flag. Unauthenticated,
-            PermissionDenied: no admin key. RequestValidationError, ParamError: the body.
-            AdapterError: an invalid name.
+        RuntimeUpdatingOff: the server was started without the flag. Unauthenticated: no known key.
     """
     if not ctx.config.allow_runtime_lora_updating:
         raise RuntimeUpdatingOff(f"{request.url.path} is off on this server: start it with "
                                  f"--allow-runtime-lora-updating (or {ENV_FLAG}=true) to load adapters from its "
                                  "disk over HTTP, or use `nlora-serve adapters upload` / `unload` (gRPC)")
-    admin = ctx.auth.authenticate(request.headers.items())
+    return ctx.auth.authenticate(request.headers.items())
+
+
+async def _admitted(ctx: HttpContext, request: Request, admin: Principal, kind: type[_Body]) -> _Body | None:
+    """The checked body of ``admin``'s request (None: the client went away first).
+
+    Raises:
+        PermissionDenied: not an admin key. RequestValidationError, ParamError: the body.
+            AdapterError: an invalid name.
+    """
     admin.require_admin(request.url.path)
     try:
         raw = await read_body(request, ctx.admission)
@@ -141,7 +165,7 @@ async def _admitted(ctx: HttpContext, request: Request, kind: type[_Body]) -> tu
     for field in body.model_extra or {}:
         raise unsupported(field)
     validate_name(body.lora_name)
-    return body, admin
+    return body
 
 
 def _register(ctx: HttpContext, name: str, lora_path: str, if_version: int | None) -> AdapterVersion:
