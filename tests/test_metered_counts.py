@@ -129,6 +129,25 @@ def test_how_a_request_ended_is_counted_once_for_its_tenant_with_its_tokens():
         assert _tenant_counts(_ended([_delta(0, [1], 4, 0), exc])) == {("acme", outcome): 1}, outcome
 
 
+def _ends(metrics: ServerMetrics) -> dict[tuple[str, str], float]:
+    return {(s.labels["frontend"], s.labels["outcome"]): s.value for s in metrics.ended.collect()[0].samples
+            if s.name.endswith("_total")}
+
+
+def test_how_a_request_ended_is_counted_by_front_end_without_per_tenant_counters():
+    """h99: an error or abort rate needed --tenant-metrics (a series per tenant, off by default):
+    nlora_requests_ended_total{frontend, outcome} counts every admitted request's end, whoever sent it."""
+    two = [_delta(0, [1], 4, 0), _delta(1, [2, 3], 4, 0, "stop"), _delta(0, [4], 4, 0, "length")]
+    cases = {"finished": _ended(two, 2, per_tenant=False),
+             "aborted": _ended(two[:2] + [_delta(0, [], 4, 0, "abort")], 2, per_tenant=False),
+             "cancelled": _ended(two, 2, take=1, per_tenant=False),
+             "error": _ended([_delta(0, [1], 4, 0), EngineError("step failed")], per_tenant=False)}
+    for outcome, metrics in cases.items():
+        ends = _ends(metrics)
+        assert ends[("grpc", outcome)] == 1 and sum(ends.values()) == 1, (outcome, ends)
+        assert set(ends) == {(f, o) for f in ("grpc", "http") for o in ("finished", "aborted", "cancelled", "error")}
+
+
 def test_a_request_whose_key_was_not_checked_counts_for_no_tenant():
     metrics = _ended([_delta(0, [1], 4, 0, "stop")], tenant=None)
     assert _tenant_counts(metrics) == {}

@@ -33,6 +33,7 @@ FRONTENDS = ("grpc", "http")
 # aborted it (a forced unload, shutdown); its client went away or its deadline passed first; the
 # engine failed; refused after its key was checked (the reason: nlora_requests_rejected_total)
 TENANT_OUTCOMES = ("finished", "aborted", "cancelled", "error", "rejected")
+ENDED_OUTCOMES = TENANT_OUTCOMES[:-1]  # an admitted request's end (a refusal: nlora_requests_rejected_total)
 ANONYMOUS = "anonymous"  # the tenant label of every request to a server without --tenants-file
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -87,6 +88,12 @@ class ServerMetrics:
                                   f"prefix cache (not computed){_PER_SEQUENCE}", fe, registry=r)
         self.rejected = Counter("nlora_requests_rejected", "Requests refused, by reason", ["reason", "frontend"],
                                 registry=r)
+        # every admitted request's end, whatever the tenant (the per-tenant counters are opt-in): without
+        # it an error or abort rate needed --tenant-metrics; "finished" is vLLM's vllm:request_success_total
+        self.ended = Counter("nlora_requests_ended", "Admitted generation requests by how they ended: finished "
+                             "(every choice ran to a stop or its length), aborted by the server (a forced unload, "
+                             "shutdown), cancelled (its client went away or its deadline passed), error (the engine "
+                             "failed)", ["frontend", "outcome"], registry=r)
         self.per_tenant = per_tenant
         self.tenant_requests: Counter | None = None  # None: --tenant-metrics off, nothing registered
         self.tenant_generation_tokens: Counter | None = None
@@ -102,6 +109,8 @@ class ServerMetrics:
                 metric.labels(frontend)
             for reason in REJECT_REASONS:
                 self.rejected.labels(reason, frontend)
+            for outcome in ENDED_OUTCOMES:
+                self.ended.labels(frontend, outcome)
         gauges = {"nlora_requests_running": ("Requests in the running batch", lambda: engine_stats()["running"]),
                   "nlora_requests_waiting": ("Requests queued in the engine", lambda: engine_stats()["waiting"]),
                   "nlora_requests_admitted": ("Requests counted against --max-queue (both front ends): running, "
@@ -126,6 +135,15 @@ class ServerMetrics:
         self.rejected.labels(reason, frontend).inc()
         if tenant is not None:
             self.tenant_ended(tenant, "rejected")
+
+    def request_ended(self, frontend: str, outcome: str, tenant: str | None = None) -> None:
+        """Count one admitted request of ``frontend`` that ended so (one of :data:`ENDED_OUTCOMES`),
+        and for ``tenant`` too when given (:meth:`tenant_ended`)."""
+        if outcome not in ENDED_OUTCOMES:
+            raise ValueError(f"outcome must be one of {ENDED_OUTCOMES}; got {outcome!r}")
+        self.ended.labels(frontend, outcome).inc()
+        if tenant is not None:
+            self.tenant_ended(tenant, outcome)
 
     def tenant_ended(self, tenant: str, outcome: str) -> None:
         """Count one generation request of ``tenant`` that ended so (one of :data:`TENANT_OUTCOMES`);
@@ -200,13 +218,13 @@ class RequestTimer:
     """TTFT, inter-token latency and duration of one request's stream (perf_counter seconds), into
     the series of one front end; its tokens and how it ended into its tenant's (once known)."""
 
-    __slots__ = ("_metrics", "_ttft", "_itl", "_duration", "_prompt", "_generated", "_queries", "_hits",
+    __slots__ = ("_metrics", "_frontend", "_ttft", "_itl", "_duration", "_prompt", "_generated", "_queries", "_hits",
                  "_tenant_tokens", "tenant", "start", "first", "duration", "_last")
 
     def __init__(self, metrics: ServerMetrics, frontend: str, tenant: str | None = None):
         if frontend not in FRONTENDS:
             raise ValueError(f"frontend must be one of {FRONTENDS}; got {frontend!r}")
-        self._metrics = metrics
+        self._metrics, self._frontend = metrics, frontend
         # the tenant label, once the request's key is checked (stays None without per-tenant counters)
         self.tenant: str | None = None
         self._tenant_tokens = None
@@ -247,10 +265,9 @@ class RequestTimer:
         self._tenant_tokens = counter.labels(tenant)
 
     def ended(self, outcome: str) -> None:
-        """The admitted request ended so (:meth:`ServerMetrics.tenant_ended`), counted for its
-        tenant once it is known."""
-        if self.tenant is not None:
-            self._metrics.tenant_ended(self.tenant, outcome)
+        """The admitted request ended so (:meth:`ServerMetrics.request_ended`), counted for its
+        front end, and for its tenant once it is known."""
+        self._metrics.request_ended(self._frontend, outcome, self.tenant)
 
     def finish(self) -> float:
         """The stream ended; returns (and keeps in ``duration``) its duration in seconds."""

@@ -98,7 +98,7 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
         reservation.release()
         raise
     if started is None:  # gone before its body arrived or while its prompt waited for the tokenizer
-        ctx.metrics.tenant_ended(tenant_of(ctx.auth, caller), "cancelled")
+        ctx.metrics.request_ended("http", "cancelled", tenant_of(ctx.auth, caller))
         reservation.release()
         return Response(status_code=499)
     body = started.body
