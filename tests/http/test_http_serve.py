@@ -46,8 +46,15 @@ def test_serve_process_answers_openai_clients_and_drains_on_sigterm(tmp_path):
         answer = openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
                                                        max_tokens=4, extra_body={"min_tokens": 4})
         assert answer.usage.completion_tokens == 4 and answer.choices[0].message.content
+        # stopped with a stream running: it finishes in the drain, and the log says how many the stop caught
+        stream = iter(openai_client.completions.create(model=model, prompt="Once upon a time", max_tokens=12,
+                                                       stream=True, extra_body={"min_tokens": 12}))
+        next(stream)
         proc.send_signal(signal.SIGTERM)
+        assert [c.choices[0].finish_reason for c in stream][-1] == "length"
         assert proc.wait(timeout=30) == 0
+        assert log_file.read_text().splitlines()[-2].endswith(
+            "Z INFO nlora_serve.serve: shutting down: draining 1 admitted requests for up to 5 s")  # h99: how many
         assert log_file.read_text().splitlines()[-1].endswith("Z INFO nlora_serve.serve: drained, exiting")  # timed
     finally:
         if proc.poll() is None:

@@ -308,7 +308,10 @@ async def serve(server: NloraServer, adapters: list[str]) -> bool:
     watch = asyncio.create_task(_watch_engine(server.engine, stop))
     await stop.wait()
     watch.cancel()
-    log.info("shutting down: draining running streams for up to %.0f s", server.config.drain_seconds)
+    # how many requests the stop caught (both front ends: running, queued, or still being read or
+    # tokenized); those still running when the period ends are counted again as they are aborted
+    log.info("shutting down: draining %d admitted requests for up to %.0f s", server.admission.inflight,
+             server.config.drain_seconds)
     return await server.shutdown()
 
 
