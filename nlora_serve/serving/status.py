@@ -70,6 +70,13 @@ class RuntimeUpdatingOff(NloraError):
     ``--allow-runtime-lora-updating`` (HTTP 404, as vLLM answers them then)."""
 
 
+class ResponseNotFound(NloraError):
+    """/v1/responses' ``previous_response_id``: this server stores no responses (HTTP 404, as vLLM
+    0.32 answers it without its response store)."""
+
+    param = "response_id"  # vLLM's error param
+
+
 # (exception, gRPC status code, HTTP status, rejection reason for nlora_requests_rejected_total and
 # the OpenAI error ``code``; RequestAborted ends an admitted request, so it is never counted there)
 _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
@@ -84,6 +91,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (NoAdapterStore, grpc.StatusCode.FAILED_PRECONDITION, 404, "not_found"),
     (RuntimeUpdatingOff, grpc.StatusCode.FAILED_PRECONDITION, 404, "not_found"),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND, 404, "not_found"),
+    (ResponseNotFound, grpc.StatusCode.NOT_FOUND, 404, "not_found"),
     (VersionConflict, grpc.StatusCode.FAILED_PRECONDITION, 409, "invalid_argument"),
     (PoolFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "pool_full"),
     (AdapterLoadFailed, grpc.StatusCode.INTERNAL, 500, "adapter_load_failed"),

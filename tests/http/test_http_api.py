@@ -238,7 +238,7 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(http_server):
 # What this server serves, as the README's "OpenAI-compatible HTTP" lists it (written out here, not
 # read from the app); /v1/load_lora_adapter and /v1/unload_lora_adapter exist off too (404 naming the flag)
 SERVED = ("GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{model}", "POST /v1/completions",
-          "POST /v1/chat/completions", "POST /tokenize", "POST /detokenize", "POST /v1/load_lora_adapter",
+          "POST /v1/chat/completions", "POST /v1/responses", "POST /tokenize", "POST /detokenize", "POST /v1/load_lora_adapter",
           "POST /v1/unload_lora_adapter", "GET /version")
 
 

@@ -1,7 +1,9 @@
 """The chat fields that shape the prompt (vLLM's ``add_generation_prompt`` and
 ``continue_final_message``) against transformers' ``apply_chat_template`` with the same flags:
 the prompt tokens (``usage.prompt_tokens``, ``/tokenize``) and the greedy continuation of the
-transformers model."""
+transformers model. And /v1/responses, which runs a chat turn: an adapter's greedy text, whole and
+streamed through the openai SDK's ``client.responses.create``, against the case's transformers
+reference; ``instructions`` as the system message; its grants and refusals as chat's."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import openai
 import pytest
 
 from grpc_harness import TENANT_KEYS
-from http_harness import client, hf_greedy
+from http_harness import TENANTS, client, hf_greedy, references
 
 KEY = TENANT_KEYS["base-co"]
 STARTED = [{"role": "user", "content": "Write a short poem about the sea."},
@@ -62,3 +64,75 @@ def test_continue_final_message_with_a_generation_prompt_is_refused(http_server)
         client(http_server, KEY).chat.completions.create(
             model=_base(http_server), messages=STARTED, max_tokens=2, extra_body={"continue_final_message": True})
     assert err.value.body["param"] == "continue_final_message"
+
+
+LORA = "lora-rslora"  # granted to lora-co (http_harness.TENANTS)
+
+
+def _user_text(tokenizer, prompt_ids: list[int]) -> str:
+    """The user message a case's reference prompt was rendered from."""
+    return tokenizer.decode(prompt_ids).split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+
+
+def test_responses_greedy_text_is_the_adapters_transformers_reference(http_server, tokenizer):
+    """An adapter's greedy answer, whole and streamed, is the case's transformers + PEFT reference
+    text; cut by max_output_tokens it is "incomplete"; every stream event parses as the SDK's type."""
+    assert TENANTS[LORA] == "lora-co"
+    ref = references(LORA)[0]
+    n = 6  # the reference masks EOS (min_tokens), which the model picks at its 9th token here
+    want = tokenizer.decode(ref["greedy_token_ids"][:n], skip_special_tokens=True)
+    sdk = client(http_server, TENANT_KEYS["lora-co"])
+    ask = dict(model=LORA, input=_user_text(tokenizer, ref["prompt_token_ids"]), max_output_tokens=n, temperature=0)
+    whole = sdk.responses.create(**ask, metadata={"k": "v"})
+    assert (whole.output_text, whole.status, whole.incomplete_details.reason) == (want, "incomplete",
+                                                                                   "max_output_tokens")
+    assert whole.id.startswith("resp_") and whole.metadata == {"k": "v"} and whole.model == LORA
+    assert (whole.usage.input_tokens, whole.usage.output_tokens) == (len(ref["prompt_token_ids"]), n)
+    events = list(sdk.responses.create(**ask, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:4]] == ["response.created", "response.in_progress", "response.output_item.added",
+                                            "response.content_part.added"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == want
+    assert events[-1].response.output[0].id == events[2].item.id
+
+
+def test_responses_instructions_are_the_system_message(http_server, tokenizer):
+    messages = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}]
+    want = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=True)
+    answer = client(http_server, KEY).responses.create(model=_base(http_server), instructions="Answer in French.",
+                                                       input=[{"role": "user", "content": [
+                                                           {"type": "input_text", "text": "Hi"}]}],
+                                                       max_output_tokens=1)
+    assert answer.usage.input_tokens == len(want) and answer.instructions == "Answer in French."
+
+
+def test_responses_json_schema_is_the_chat_structured_output(http_server):
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}}, "required": ["color"],
+              "additionalProperties": False}
+    answer = client(http_server, KEY).responses.create(
+        model=_base(http_server), input="Pick a color.", max_output_tokens=20, temperature=0,
+        text={"format": {"type": "json_schema", "name": "pick", "schema": schema, "strict": True}})
+    assert json.loads(answer.output_text)["color"] in ("red", "blue") and answer.text.format.type == "json_schema"
+
+
+@pytest.mark.parametrize("kwargs, error, param", [
+    ({"model": LORA}, openai.PermissionDeniedError, None),  # base-co is not granted it, as chat refuses
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, openai.BadRequestError,
+     "input"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, openai.BadRequestError, "input"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, openai.BadRequestError, "tools"),
+    ({"background": True}, openai.BadRequestError, "background"),  # vLLM's without its store
+    ({"previous_response_id": "resp_1"}, openai.NotFoundError, "response_id"),  # no response is stored
+    ({"max_output_tokens": 0}, openai.BadRequestError, "max_output_tokens"),
+    ({"max_output_tokens": 10**6}, openai.BadRequestError, "max_output_tokens"),  # over --max-tokens
+    ({"include": ["message.output_text.logprobs"]}, openai.BadRequestError, "include"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, openai.BadRequestError, "text.format"),
+    ({"temperature": "0"}, openai.BadRequestError, "temperature"),
+    ({"extra_body": {"conversation": "c"}}, openai.BadRequestError, "conversation"),
+])
+def test_responses_refusals_name_the_field(http_server, kwargs, error, param):
+    with pytest.raises(error) as err:
+        client(http_server, KEY).responses.create(**{"model": _base(http_server), "input": "Hi",
+                                                     "max_output_tokens": 2, **kwargs})
+    assert err.value.body["param"] == param

@@ -1,5 +1,6 @@
-"""Generation over HTTP: one completion or chat request from its admission to its answer, whole
-or SSE-streamed.
+"""Generation over HTTP: one completion, chat or Responses API request (an :class:`Endpoint` says
+how each route reads its body and shapes its answer) from its admission to its answer, whole or
+SSE-streamed.
 
 A generation request is admitted like a gRPC Generate (admission.py), in this order: key (401),
 draining (503), the bounded queue and the tenant's quota and queue share (429), all before the body
@@ -30,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -76,10 +77,30 @@ class _Started:
     prompts: list[str | list[int]] | None  # the completion's prompts as sent (None: chat)
     prompt_ids: list[list[int]]  # per prompt its tokens, as the engine runs them
     is_cut: list[bool]  # per prompt: truncate_prompt_tokens cut it
+    own: object = None  # the route's own request, where it runs as another (/v1/responses: its ResponsesRequest)
 
 
-async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
-    """Admit one generation request and answer it whole or as an SSE stream.
+Body = ChatRequest | CompletionRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """What one generation route does its own way; the admission, the tokenizer, the engine, the
+    metering and the client's going away are :func:`generate`'s, the same for every route."""
+
+    # (JSON body, context) -> (validated body, prompts or None for a chat, engine params, the route's
+    # own request or None); raises ParamError, RequestValidationError
+    read: Callable[[object, HttpContext], tuple[Body, list | None, SamplingParams, object]]
+    # (HTTP request, body, own request, engine id) -> the response id
+    response_id: Callable[[Request, Body, object, str], str]
+    # (started request, context) -> its shaper: ``whole(outs) -> dict`` and what ``events`` reads
+    shaper: Callable[[_Started, HttpContext], object]
+    # (first delta, the other deltas, shaper) -> the SSE messages of a stream
+    events: Callable[[RequestOutput, AsyncIterator[RequestOutput], object], AsyncIterator[str]]
+
+
+async def generate(ctx: HttpContext, request: Request, endpoint: Endpoint) -> Response:
+    """Admit one generation request of ``endpoint`` and answer it whole or as an SSE stream.
 
     Raises:
         NloraError: a refusal (the app's handler answers it). RequestValidationError: a body that
@@ -93,7 +114,7 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     # for the tokenizer; refused, a request's body is never read
     reservation = ctx.admission.reserve(caller)
     try:
-        started = await _start(ctx, request, chat, caller, reservation)
+        started = await _start(ctx, request, endpoint, caller, reservation)
     except BaseException:
         reservation.release()
         raise
@@ -104,14 +125,39 @@ async def generate(ctx: HttpContext, request: Request, chat: bool) -> Response:
     body = started.body
     deltas = Metered(started.stream, started.timer, reservation, body.num_choices * len(started.prompt_ids))
     try:
-        shaper = shaper_of(started.rid, body, started.params, ctx.tokenizer, started.prompt_ids,
-                           _echo(started, ctx.tokenizer), ctx.token_text)
+        shaper = endpoint.shaper(started, ctx)
     except BaseException:
         await deltas.aclose()
         raise
     if not body.stream:
         return await _whole(request, deltas, shaper)
-    return await _streamed(request, deltas, shaper)
+    return await _streamed(request, deltas, shaper, endpoint.events)
+
+
+def _read_openai(data, ctx: HttpContext, chat: bool) -> tuple[Body, list | None, SamplingParams, None]:
+    """A chat or completion body, validated, with its prompts (None: a chat) and engine params."""
+    body = validated(ChatRequest if chat else CompletionRequest, data)
+    prompts, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
+    return body, prompts, params, None
+
+
+def _openai_id(chat: bool) -> Callable[[Request, Body, object, str], str]:
+    def response_id(request: Request, body: Body, own, engine_rid: str) -> str:
+        # vLLM's response id: the X-Request-Id header, else the body's request_id, else a random one
+        given = response_id_of(request.headers.get("x-request-id"), body)
+        return f"{'chatcmpl' if chat else 'cmpl'}-{given or engine_rid}"
+    return response_id
+
+
+def _openai_shaper(started: _Started, ctx: HttpContext) -> Shaper:
+    return shaper_of(started.rid, started.body, started.params, ctx.tokenizer, started.prompt_ids,
+                     _echo(started, ctx.tokenizer), ctx.token_text)
+
+
+CHAT = Endpoint(lambda data, ctx: _read_openai(data, ctx, True), _openai_id(True), _openai_shaper,
+                lambda first, deltas, shaper: _events(first, deltas, shaper))
+COMPLETIONS = Endpoint(lambda data, ctx: _read_openai(data, ctx, False), _openai_id(False), _openai_shaper,
+                       lambda first, deltas, shaper: _events(first, deltas, shaper))
 
 
 def shaper_of(rid: str, body: ChatRequest | CompletionRequest, params: SamplingParams, tokenizer,
@@ -131,7 +177,7 @@ def shaper_of(rid: str, body: ChatRequest | CompletionRequest, params: SamplingP
                   logprob_token_ids=bool(body.logprob_token_ids))
 
 
-async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Principal,
+async def _start(ctx: HttpContext, request: Request, endpoint: Endpoint, caller: Principal,
                  reservation: Reservation) -> _Started | None:
     """Read and validate an admitted request's body, grow its ``reservation`` to its prompts x ``n``
     choices, then tokenize its prompts and queue them in the engine (:func:`_tokenize_and_queue`), or
@@ -150,8 +196,7 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
     model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, str):  # else the validation below refuses it
         check_grant(caller, model, ctx.base_model)
-    body = validated(ChatRequest if chat else CompletionRequest, data)
-    prompts, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
+    body, prompts, params, own = endpoint.read(data, ctx)
     num_prompts = 1 if prompts is None else len(prompts)
     check_choices(body, params, ctx.config, num_prompts)
     truncation = truncation_of(body, ctx.engine.max_model_len)
@@ -162,11 +207,10 @@ async def _start(ctx: HttpContext, request: Request, chat: bool, caller: Princip
         asked = f"n={places}" if num_prompts == 1 else f"{num_prompts} prompts x n={body.num_choices}"
         ctx.admission.grow(reservation, places - 1, caller, asked, "n" if num_prompts == 1 else "prompt")
     engine_rid = uuid.uuid4().hex  # the engine's ids: unique whatever id the client gives
-    # vLLM's response id: the X-Request-Id header, else the body's request_id, else a random one
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{response_id_of(request.headers.get('x-request-id'), body) or engine_rid}"
+    rid = endpoint.response_id(request, body, own, engine_rid)
     queued = _tokenize_and_queue(ctx, caller, body, prompts, params, engine_rid, truncation)
     started = await unless_disconnected(request, queued)
-    return None if started is None else _Started(started[0], timer, body, params, rid, prompts, *started[1:])
+    return None if started is None else _Started(started[0], timer, body, params, rid, prompts, *started[1:], own)
 
 
 def _echo(started: _Started, tokenizer) -> list[Echo] | None:
@@ -260,7 +304,7 @@ async def _whole(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Res
     return Response(content, media_type="application/json", headers=version_headers(outs[-1]))
 
 
-async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> Response:
+async def _streamed(request: Request, deltas: AsyncIterator, shaper, events: Callable) -> Response:
     """Wait for the first delta (so an engine failure is still a proper HTTP error), then stream."""
     async def first():
         return await anext(deltas)
@@ -269,7 +313,7 @@ async def _streamed(request: Request, deltas: AsyncIterator, shaper: Shaper) -> 
     if out is None:
         await deltas.aclose()  # (already, unless first was cancelled before it began)
         return Response(status_code=499)
-    return EngineStreamResponse(_events(out, deltas, shaper), deltas, version_headers(out))
+    return EngineStreamResponse(events(out, deltas, shaper), deltas, version_headers(out))
 
 
 async def _events(first, deltas: AsyncIterator, shaper: Shaper) -> AsyncIterator[str]:

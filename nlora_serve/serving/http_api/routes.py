@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the same engine, keys, admission and metrics as
 the gRPC front end (DESIGN §6).
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (whole or SSE-streamed),
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/responses`` (OpenAI's
+Responses API for text, stateless: http_api/responses_route.py) (whole or SSE-streamed),
 ``GET /v1/models`` (the base model and the adapters this key may use) and ``GET /v1/models/{model}``
 (one of them; 404 for a name it may not use, as for one that does not exist), ``GET /health``,
 ``GET /metrics`` (Prometheus, no key: as vLLM serves it on its API port; with --tenant-metrics the
@@ -31,11 +32,12 @@ from nlora_serve.serving.metrics import tenant_of_key
 from nlora_serve.serving.stream import adapter_versions
 from nlora_serve.serving.status import http_status_of
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
-from nlora_serve.serving.http_api.generate import generate
+from nlora_serve.serving.http_api.generate import CHAT, COMPLETIONS, generate
 from nlora_serve.serving.http_api.lora_admin import load_lora_adapter, unload_lora_adapter
+from nlora_serve.serving.http_api.responses_route import RESPONSES
 from nlora_serve.serving.http_api.tokenize import detokenize, tokenize
 
-GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 LORA_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
@@ -100,12 +102,17 @@ async def _model(request: Request, model: str, caller: Principal = Depends(_prin
 # parse and validate a declared body before any dependency (a keyless bad body: 400, not 401)
 @_router.post("/v1/completions")
 async def _completions(request: Request) -> Response:
-    return await generate(_ctx(request), request, chat=False)
+    return await generate(_ctx(request), request, COMPLETIONS)
 
 
 @_router.post("/v1/chat/completions")
 async def _chat_completions(request: Request) -> Response:
-    return await generate(_ctx(request), request, chat=True)
+    return await generate(_ctx(request), request, CHAT)
+
+
+@_router.post("/v1/responses")  # OpenAI's Responses API, text only: run as a chat request (responses_route.py)
+async def _responses(request: Request) -> Response:
+    return await generate(_ctx(request), request, RESPONSES)
 
 
 @_router.post("/tokenize")  # vLLM's extras: tokenizer only, admitted as generation is (tokenize.py)

@@ -1,0 +1,252 @@
+"""OpenAI's Responses API request (``POST /v1/responses``) as vLLM 0.32 serves it for text, and
+its translation to the chat request it runs as (no I/O).
+
+A Responses request is a chat turn: ``instructions`` is a system message put first, ``input`` a
+user message (a string) or a list of message items (``{"role", "content"}``, content a string or
+``input_text`` / ``output_text`` parts, joined by newlines as vLLM joins them); a final assistant
+item whose ``status`` is ``in_progress`` or ``incomplete`` is continued instead of answered
+(vLLM's ``should_continue_final_message``). It runs as the equivalent
+:class:`~nlora_serve.serving.http_api.request_models.ChatRequest` (:func:`chat_body_of`), so
+sampling, structured output, admission and the engine are /v1/chat/completions' own:
+``max_output_tokens`` is ``max_tokens``, ``text.format`` (text, json_object, json_schema) is
+``response_format``, ``reasoning.effort`` the template's ``reasoning_effort``, and vLLM's extras
+(``top_k``, ``min_p``, ``stop``, ``structured_outputs``, ... :data:`FORWARDED`) go through as they are.
+
+vLLM 0.32 without its response store (``VLLM_ENABLE_RESPONSES_API_STORE`` unset, its default):
+``store`` is accepted and ignored (nothing is stored), ``previous_response_id`` is a 404 (no stored
+response has that id), ``background: true`` a 400 naming ``background``. Tools: ``tools`` empty and
+``tool_choice`` ``"auto"`` / ``"none"`` only (vLLM then answers ``"none"``); ``include``'s
+``message.output_text.logprobs`` (logprobs) is not implemented and refused, its other values change
+nothing for text and are accepted, as are ``top_logprobs`` without it, ``prompt_cache_key``,
+``service_tier``, ``metadata``, ``user`` (echoed). Items other than messages (function calls,
+reasoning, images, files) and parts other than text are refused with a 400 naming ``input``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.serving.http_api.request_models import IGNORED, ChatRequest, ParamError, unsupported
+from nlora_serve.serving.status import ResponseNotFound
+
+# vLLM 0.32 ResponsesRequest fields that are chat request fields under the same name: given to the chat request
+FORWARDED = frozenset({"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias",
+                       "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                       "cache_salt", "chat_template_kwargs", "structured_outputs", "priority", "watermarking"})
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+_INCLUDE = Literal["code_interpreter_call.outputs", "computer_call_output.output.image_url",
+                   "file_search_call.results", "message.input_image.image_url", "message.output_text.logprobs",
+                   "reasoning.encrypted_content"]
+REASONING_KEYS = ("context", "effort", "generate_summary", "mode", "summary")  # OpenAI's Reasoning, as vLLM echoes it
+
+
+class InputPart(BaseModel):
+    """A content part of an input message: ``input_text`` (or an ``output_text`` fed back)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # an output_text's annotations / logprobs: dropped
+    type: str
+    text: str | None = None
+
+
+class InputMessage(BaseModel):
+    """A message item of ``input`` (an earlier response's output message included)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputPart]
+    id: str | None = None  # an output message fed back: its id, status and phase
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    phase: str | None = None
+
+
+class TextFormat(BaseModel):
+    """``text.format``: OpenAI's ``{"type": "text" | "json_object" | "json_schema", ...}`` (flat)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None  # json_schema's: its name, schema, description and strict
+    schema_: dict | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # vLLM takes it and changes nothing
+
+
+class Reasoning(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    context: Literal["auto", "current_turn", "all_turns"] | None = None
+    effort: str | None = None  # the chat template's reasoning_effort, as vLLM's build_chat_params
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+    mode: str | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses (the fields vLLM 0.32 reads for text; extras: :data:`FORWARDED`)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # extras: checked in chat_body_of
+    model: str  # an adapter name, or the base model's served name
+    input: str | list[InputMessage]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    text: TextConfig | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = True
+    background: bool | None = False
+    previous_response_id: str | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = "auto"
+    parallel_tool_calls: bool | None = True
+    max_tool_calls: int | None = None
+    reasoning: Reasoning | None = None
+    include: list[_INCLUDE] | None = None
+    top_logprobs: int | None = 0
+    truncation: Literal["auto", "disabled"] | None = "disabled"
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] = "auto"
+    prompt_cache_key: str | None = None  # vLLM: "not implemented yet", ignored
+    request_id: str | None = None  # vLLM's: the response id (default "resp_<uuid>")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _items(cls, value):
+        """Raises PydanticCustomError for an item that is not a message (a function call, ...)."""
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                kind = item.get("type", "message") if isinstance(item, dict) else None
+                if kind != "message":
+                    what = f"a {kind!r} item" if isinstance(kind, str) else "not a message object"
+                    raise PydanticCustomError("input", f"input[{i}] is {what}: this server takes message items only "
+                                              "({'role', 'content'}; no tools)")
+        return value
+
+
+def check_stateless(request: ResponsesRequest) -> None:
+    """vLLM 0.32's answers without its response store, in its order and words.
+
+    Raises:
+        ParamError: ``background`` true (param ``background``). ResponseNotFound:
+            ``previous_response_id`` given (no response is stored).
+    """
+    if request.background:
+        if not request.store:
+            raise ParamError("background can only be used when `store` is true", "background")
+        raise ParamError("This vLLM engine does not support `store=True` and therefore does not support the "
+                         "background mode. To enable these features, set the environment variable "
+                         "`VLLM_ENABLE_RESPONSES_API_STORE=1` when launching the vLLM server.", "background")
+    if request.previous_response_id is not None:
+        raise ResponseNotFound(f"Response with id '{request.previous_response_id}' not found.")
+
+
+def chat_body_of(request: ResponsesRequest) -> dict:
+    """The chat request body ``request`` runs as (validated as a ChatRequest by the caller).
+
+    Raises:
+        ParamError: a field this server does not implement (an unknown one, ``prompt``, tools, the
+            logprobs ``include``, ``truncation: "auto"``, text.format json_schema without its schema
+            or with structured_outputs), a part that is not text, an input without messages.
+    """
+    _check_unsupported(request)
+    extras = request.model_extra or {}
+    messages = ([{"role": "system", "content": request.instructions}] if request.instructions else [])
+    if isinstance(request.input, str):
+        messages.append({"role": "user", "content": request.input})
+    else:
+        messages += [{"role": item.role, "content": _text(item, i)} for i, item in enumerate(request.input)]
+    if not messages:
+        raise ParamError("input holds no message", "input")
+    last = request.input[-1] if isinstance(request.input, list) and request.input else None
+    continued = last is not None and last.role == "assistant" and last.status in ("in_progress", "incomplete")
+    body = {"model": request.model, "messages": messages, "stream": bool(request.stream),
+            "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed, "user": request.user,
+            "max_tokens": request.max_output_tokens, "response_format": _response_format(request),
+            "reasoning_effort": request.reasoning.effort if request.reasoning is not None else None,
+            **{name: value for name, value in extras.items() if name in FORWARDED or name in IGNORED}}
+    if continued:
+        body.update(add_generation_prompt=False, continue_final_message=True)
+    return body
+
+
+def chat_params_of(run, body: ChatRequest, config) -> SamplingParams:
+    """``run(body, config)`` (openai.chat_params) with its refusals named as this request names
+    the fields (``max_tokens`` is ``max_output_tokens``), and a structured-output spec that does not
+    compile blamed on ``text.format``."""
+    try:
+        params = run(body, config)
+    except ParamError as exc:
+        if exc.param != "max_tokens":
+            raise
+        raise ParamError(str(exc).replace("max_tokens", "max_output_tokens"), "max_output_tokens") from None
+    structured = params.structured_outputs
+    if structured is not None and structured.param == "response_format":
+        params = dataclasses.replace(params, structured_outputs=dataclasses.replace(structured, param="text.format"))
+    return params
+
+
+def _check_unsupported(request: ResponsesRequest) -> None:
+    for name in request.model_extra or {}:
+        if name == "prompt" and request.model_extra[name] is not None:
+            raise ParamError("prompt template is not supported", "prompt")  # vLLM's words
+        if name not in FORWARDED and name not in IGNORED and name != "prompt":
+            raise unsupported(name)
+    if request.tools:
+        raise ParamError("tools are not supported on /v1/responses by this server (text generation only); send "
+                         "tools: [] or leave it out", "tools")
+    if request.tool_choice not in ("auto", "none", None):
+        raise ParamError("tool_choice needs tools (vLLM's rule); this server takes 'auto' or 'none' only",
+                         "tool_choice")
+    if request.include and LOGPROBS_INCLUDE in request.include:
+        raise ParamError(f"include {LOGPROBS_INCLUDE!r} (log-probabilities) is not supported on /v1/responses "
+                         "by this server", "include")
+    if request.truncation == "auto":
+        raise ParamError("truncation 'auto' is not supported by this server; send 'disabled'", "truncation")
+    if request.max_output_tokens is not None and request.max_output_tokens < 1:
+        raise ParamError(f"max_output_tokens must be >= 1; got {request.max_output_tokens}", "max_output_tokens")
+
+
+def _text(item: InputMessage, index: int) -> str:
+    """A message item's text: its string, or its text parts joined by newlines.
+
+    Raises:
+        ParamError: a part that is not ``input_text`` / ``output_text`` (images, files, audio).
+    """
+    if isinstance(item.content, str):
+        return item.content
+    for j, part in enumerate(item.content):
+        if part.type not in ("input_text", "output_text") or part.text is None:
+            raise ParamError(f"input[{index}].content[{j}] is a {part.type!r} part: this server reads text parts "
+                             "only ({'type': 'input_text', 'text': ...})", "input")
+    return "\n".join(part.text for part in item.content)
+
+
+def _response_format(request: ResponsesRequest) -> dict | None:
+    """``text.format`` as chat's ``response_format`` (None: free text).
+
+    Raises:
+        ParamError: json_schema without ``schema`` or ``name``; text.format with structured_outputs.
+    """
+    fmt = request.text.format if request.text is not None else None
+    if fmt is None:
+        return None
+    if (request.model_extra or {}).get("structured_outputs") is not None:  # vLLM's words
+        raise ParamError("Cannot specify both structured_outputs and text.format", "structured_outputs")
+    if fmt.type != "json_schema":
+        return {"type": fmt.type}
+    if fmt.schema_ is None or fmt.name is None:
+        raise ParamError("text.format of type 'json_schema' needs 'name' and 'schema'", "text.format")
+    return {"type": "json_schema", "json_schema": {"name": fmt.name, "schema": fmt.schema_,
+                                                   "description": fmt.description, "strict": fmt.strict}}

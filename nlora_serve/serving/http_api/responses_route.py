@@ -1,0 +1,46 @@
+"""``POST /v1/responses`` (OpenAI's Responses API, text generation) as a generation route of
+:func:`~nlora_serve.serving.http_api.generate.generate`: admitted, granted, metered and run as the
+equivalent /v1/chat/completions request (http_api/responses_request.py), answered in the Responses
+API's objects (http_api/responses_shape.py)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.serving.http_api.body import validated
+from nlora_serve.serving.http_api.context import HttpContext
+from nlora_serve.serving.http_api.generate import Endpoint
+from nlora_serve.serving.http_api.openai import MAX_REQUEST_ID, chat_params
+from nlora_serve.serving.http_api.request_models import ChatRequest, ParamError
+from nlora_serve.serving.http_api.responses_request import (ResponsesRequest, chat_body_of, chat_params_of,
+                                                            check_stateless)
+from nlora_serve.serving.http_api.responses_shape import ResponseShaper, random_id
+
+
+def _read(data, ctx: HttpContext) -> tuple[ChatRequest, None, SamplingParams, ResponsesRequest]:
+    """The request, its chat request and engine params (raises ParamError, ResponseNotFound,
+    RequestValidationError naming the field)."""
+    request = validated(ResponsesRequest, data)
+    check_stateless(request)
+    body = validated(ChatRequest, chat_body_of(request))
+    return body, None, chat_params_of(chat_params, body, ctx.config), request
+
+
+def _response_id(http: Request, body: ChatRequest, request: ResponsesRequest, engine_rid: str) -> str:
+    """vLLM's: the body's ``request_id`` as it is, else ``resp_<16 hex>``."""
+    given = request.request_id
+    if given is not None and len(given) > MAX_REQUEST_ID:
+        raise ParamError(f"request_id is {len(given)} characters; at most {MAX_REQUEST_ID}", "request_id")
+    return given if given is not None else f"resp_{random_id()}"
+
+
+def _shaper(started, ctx: HttpContext) -> ResponseShaper:
+    params = started.params
+    limit = params.max_tokens
+    if not started.body.max_tokens_given:  # the rest of the context, as start_request lowers it
+        limit = min(limit, ctx.engine.max_model_len - len(started.prompt_ids[0]))
+    return ResponseShaper(started.rid, started.own, params, limit)
+
+
+RESPONSES = Endpoint(_read, _response_id, _shaper, lambda first, deltas, shaper: shaper.events(first, deltas))

@@ -1,0 +1,91 @@
+"""/v1/responses objects with vLLM 0.32's keys and values, event by event and whole: our
+ResponseShaper on hand-made engine outputs against vLLM's own OpenAIServingResponses' answers to
+the same outputs, recorded by tests/http/vllm_responses_shapes.py (run in the vLLM venv) in
+tests/data/vllm_responses_shapes.json; and the SDK's own pydantic types parse every one. No server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from nlora_serve.engine.api import RequestOutput
+from nlora_serve.serving.http_api.body import validated
+from nlora_serve.serving.http_api.openai import chat_params
+from nlora_serve.serving.http_api.request_models import ChatRequest
+from nlora_serve.serving.http_api.responses_request import ResponsesRequest, chat_body_of, chat_params_of
+from nlora_serve.serving.http_api.responses_shape import ResponseShaper
+from nlora_serve.serving.server_config import ServerConfig
+
+VLLM = json.loads((Path(__file__).parents[1] / "data" / "vllm_responses_shapes.json").read_text())["cases"]
+_IDS = re.compile(r"\b(resp|msg)_[0-9a-f]{16}\b")
+
+
+def _normal(value):
+    """``value`` with vLLM's random ids as ``resp_*`` / ``msg_*`` and no ``created_at`` (a clock)."""
+    text = _IDS.sub(lambda m: f"{m.group(1)}_*", json.dumps(value))
+    return json.loads(text, object_hook=lambda d: {k: v for k, v in d.items() if k != "created_at"})
+
+
+def _ours(case: dict) -> list | dict:
+    request = validated(ResponsesRequest, {"model": "m", "input": "hi", **case["request"]})
+    params = chat_params_of(chat_params, validated(ChatRequest, chat_body_of(request)), ServerConfig())
+    shaper = ResponseShaper("resp_0123456789abcdef", request, params, case["max_tokens"])
+    prompt, outs, made = len(case.get("prompt_ids", [0] * 4)), [], 0
+    for step in case["steps"]:
+        made += len(step["token_ids"])
+        outs.append(RequestOutput("r", step["text"], step["token_ids"], step.get("finish_reason"), prompt, made,
+                                  cached_tokens=case.get("cached", 0)))
+    if not request.stream:
+        return shaper.whole(outs)
+
+    async def events():
+        async def rest():
+            for out in outs[1:]:
+                yield out
+        return [event async for event in shaper.events(outs[0], rest())]
+
+    parsed = []
+    for event in asyncio.run(events()):
+        head, data = event.split("\n", 1)
+        assert event.endswith("\n\n") and data.startswith("data: ")
+        parsed.append((head.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return parsed
+
+
+@pytest.mark.parametrize("name", list(VLLM))
+def test_responses_api_has_vllms_shapes(name):
+    """Whole responses and every stream event as vLLM 0.32's (ids and clocks aside), and the openai
+    SDK's Response / ResponseStreamEvent types parse each of them."""
+    case = VLLM[name]["case"]
+    ours = _ours(case)
+    assert _normal(ours) == _normal(VLLM[name]["vllm"])
+    if isinstance(ours, dict):
+        assert Response.model_validate(ours).output_text == "".join(s["text"] for s in case["steps"])
+    else:
+        events = [TypeAdapter(ResponseStreamEvent).validate_python(data) for _, data in ours]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert [e.type for e in events] == [kind for kind, _ in ours]
+
+
+def test_input_items_become_the_chat_messages_vllm_renders():
+    """instructions first as the system message, input_text parts joined by newlines, an earlier
+    response's output item (as the SDK dumps it) fed back as the assistant's text, continued when
+    its status is "incomplete" (vLLM's should_continue_final_message); text.format as response_format."""
+    earlier = {"id": "msg_1", "content": [{"annotations": [], "text": "The sea", "type": "output_text",
+                                           "logprobs": None}], "role": "assistant", "status": "incomplete",
+               "type": "message", "phase": None}
+    request = validated(ResponsesRequest, {
+        "model": "m", "instructions": "Be brief.", "max_output_tokens": 5, "text": {"format": {"type": "json_object"}},
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "a"},
+                                               {"type": "input_text", "text": "b"}]}, earlier]})
+    body = chat_body_of(request)
+    assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"},
+                                {"role": "assistant", "content": "The sea"}]
+    assert (body["continue_final_message"], body["add_generation_prompt"]) == (True, False)
+    assert (body["max_tokens"], body["response_format"]) == (5, {"type": "json_object"})

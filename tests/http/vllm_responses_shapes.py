@@ -1,0 +1,112 @@
+"""Records vLLM 0.32's own /v1/responses objects for hand-made engine outputs, the reference of
+tests/http/test_http_responses_shapes.py: each case's SSE events or whole response as vLLM's
+OpenAIServingResponses.responses_stream_generator / responses_full_generator write them (its
+SimpleContext, no tool or reasoning parser, no response store: ``vllm serve``'s defaults), run on
+vLLM RequestOutputs built from the case (no engine, no model), written to
+tests/data/vllm_responses_shapes.json. Run it in the vLLM venv after changing CASES or vLLM:
+
+    .venv-vllm/bin/python tests/http/vllm_responses_shapes.py
+
+A case: ``request`` (body fields besides model and input), ``max_tokens`` (the effective limit vLLM
+would compute), ``prompt_ids``, ``cached`` (prompt tokens from the prefix cache), ``steps`` (engine
+deltas ``{text, token_ids, finish_reason}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+OUT = Path(__file__).parents[1] / "data" / "vllm_responses_shapes.json"
+P = [1, 504, 3, 8]
+TWO = [{"text": "Hi", "token_ids": [5]}, {"text": " there", "token_ids": [6]},
+       {"text": "", "token_ids": [2], "finish_reason": "stop"}]
+CUT = [{"text": "Hi", "token_ids": [5]}, {"text": " x", "token_ids": [6], "finish_reason": "length"}]
+EMPTY = [{"text": "", "token_ids": [2], "finish_reason": "stop"}]
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+CASES = {
+    "whole": {"request": {}, "max_tokens": 100, "steps": TWO},
+    "whole cut": {"request": {"max_output_tokens": 2, "temperature": 0.0, "instructions": "Be brief.",
+                              "metadata": {"k": "v"}, "user": "u1"}, "max_tokens": 2, "steps": CUT, "cached": 2},
+    "whole empty": {"request": {"text": {"format": {"type": "text"}}}, "max_tokens": 100, "steps": EMPTY},
+    "whole json_schema": {"request": {"text": {"format": {"type": "json_schema", "name": "n", "schema": SCHEMA,
+                                                          "strict": True}},
+                                      "reasoning": {"effort": "low"}, "top_p": 0.5, "store": False},
+                          "max_tokens": 100, "steps": TWO},
+    "stream": {"request": {"stream": True}, "max_tokens": 100, "steps": TWO},
+    "stream cut": {"request": {"stream": True, "max_output_tokens": 2, "text": {"format": {"type": "json_object"}}},
+                   "max_tokens": 2, "steps": CUT},
+    "stream empty": {"request": {"stream": True}, "max_tokens": 100, "steps": EMPTY},
+}
+
+
+def _outputs(case: dict, cumulative: bool):
+    from vllm.outputs import CompletionOutput, RequestOutput
+
+    text, ids = "", []
+    for step in case["steps"]:
+        text, ids = (text + step["text"], ids + step["token_ids"]) if cumulative else (step["text"], step["token_ids"])
+        out = CompletionOutput(index=0, text=text, token_ids=list(ids), cumulative_logprob=None, logprobs=None,
+                               finish_reason=step.get("finish_reason"), stop_reason=None)
+        yield RequestOutput(request_id="r", prompt="p", prompt_token_ids=case.get("prompt_ids", P), prompt_logprobs=None,
+                            outputs=[out], finished=out.finish_reason is not None,
+                            num_cached_tokens=case.get("cached", 0))
+
+
+def _serving():
+    """vLLM's OpenAIServingResponses with the attributes its generators read, as ``vllm serve`` sets
+    them by default (no harmony model, no parsers, no store, no per-request metrics)."""
+    from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
+
+    serving = object.__new__(OpenAIServingResponses)
+    for name, value in {"use_harmony": False, "enable_store": False, "enable_log_outputs": False,
+                        "request_logger": None, "enable_per_request_metrics": False, "tool_server": None,
+                        "return_tokens_as_token_ids": False, "enable_auto_tools": False, "response_store": {},
+                        "msg_store": {}, "parser": None}.items():
+        setattr(serving, name, value)
+    return serving
+
+
+def vllm_response(case: dict) -> list | dict:
+    """vLLM's answer to ``case``: its SSE events' (type, JSON), or its whole response's JSON."""
+    from vllm.entrypoints.generate.base.protocol import RequestResponseMetadata
+    from vllm.entrypoints.openai.responses.context import SimpleContext
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    request = ResponsesRequest(model="m", input="hi", **case["request"])
+    request.store = False  # _create_responses' step without a store: store=true is ignored
+    params = request.to_sampling_params(case["max_tokens"], {})
+    context, serving = SimpleContext(), _serving()
+    meta = RequestResponseMetadata(request_id=request.request_id)
+
+    async def generator():
+        for out in _outputs(case, cumulative=False):
+            context.append_output(out)
+            yield context
+
+    if not request.stream:
+        whole = asyncio.run(serving.responses_full_generator(request, params, generator(), context, "m", None, meta))
+        return whole.model_dump(mode="json", by_alias=True)
+
+    async def collect():
+        return [(event.type, json.loads(event.model_dump_json(indent=None, by_alias=True))) async for event in
+                serving.responses_stream_generator(request, params, generator(), context, "m", None, meta)]
+
+    return asyncio.run(collect())
+
+
+def main() -> None:
+    logging.disable(logging.CRITICAL)
+    import vllm
+
+    recorded = {"vllm": vllm.__version__,
+                "cases": {name: {"case": case, "vllm": vllm_response(case)} for name, case in CASES.items()}}
+    OUT.write_text(json.dumps(recorded, indent=1) + "\n")
+    print(f"wrote {OUT} ({len(CASES)} cases, vLLM {vllm.__version__})")
+
+
+if __name__ == "__main__":
+    main()
