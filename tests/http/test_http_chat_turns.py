@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from grpc_harness import TENANT_KEYS
-from http_harness import TENANTS, client, hf_greedy, references
+from http_harness import TENANTS, client, hf_greedy, references, scrape
 
 KEY = TENANT_KEYS["base-co"]
 STARTED = [{"role": "user", "content": "Write a short poem about the sea."},
@@ -125,7 +125,6 @@ def test_responses_json_schema_is_the_chat_structured_output(http_server):
     ({"background": True}, openai.BadRequestError, "background"),  # vLLM's without its store
     ({"previous_response_id": "resp_1"}, openai.NotFoundError, "response_id"),  # no response is stored
     ({"max_output_tokens": 0}, openai.BadRequestError, "max_output_tokens"),
-    ({"max_output_tokens": 10**6}, openai.BadRequestError, "max_output_tokens"),  # over --max-tokens
     ({"include": ["message.output_text.logprobs"]}, openai.BadRequestError, "include"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, openai.BadRequestError, "text.format"),
     ({"temperature": "0"}, openai.BadRequestError, "temperature"),
@@ -136,3 +135,23 @@ def test_responses_refusals_name_the_field(http_server, kwargs, error, param):
         client(http_server, KEY).responses.create(**{"model": _base(http_server), "input": "Hi",
                                                      "max_output_tokens": 2, **kwargs})
     assert err.value.body["param"] == param
+
+
+def test_responses_are_admitted_and_metered_as_chat(http_server):
+    """A bad key is 401, a refusal and a generation are counted under frontend="http" as chat's."""
+    with pytest.raises(openai.AuthenticationError):
+        client(http_server, "not-a-key").responses.create(model=_base(http_server), input="Hi", max_output_tokens=1)
+    before = scrape(http_server)
+    with pytest.raises(openai.PermissionDeniedError):
+        client(http_server, KEY).responses.create(model=LORA, input="Hi", max_output_tokens=1)
+    answer = client(http_server, KEY).responses.create(model=_base(http_server), input="Hi", max_output_tokens=2,
+                                                       temperature=0)
+    after = scrape(http_server)
+
+    def moved(name: str, *labels: tuple[str, str]) -> float:
+        key = (name, tuple(sorted((("frontend", "http"), *labels))))
+        return after[key] - before.get(key, 0)
+
+    assert moved("nlora_requests_rejected_total", ("reason", "permission_denied")) == 1
+    assert moved("nlora_generation_tokens_total") == answer.usage.output_tokens
+    assert moved("nlora_prompt_tokens_total") == answer.usage.input_tokens

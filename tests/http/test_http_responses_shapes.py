@@ -34,7 +34,7 @@ def _normal(value):
 
 def _ours(case: dict) -> list | dict:
     request = validated(ResponsesRequest, {"model": "m", "input": "hi", **case["request"]})
-    params = chat_params_of(chat_params, validated(ChatRequest, chat_body_of(request)), ServerConfig())
+    params = chat_params_of(chat_params, validated(ChatRequest, chat_body_of(request)), request, ServerConfig())
     shaper = ResponseShaper("resp_0123456789abcdef", request, params, case["max_tokens"])
     prompt, outs, made = len(case.get("prompt_ids", [0] * 4)), [], 0
     for step in case["steps"]:
@@ -88,4 +88,14 @@ def test_input_items_become_the_chat_messages_vllm_renders():
     assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"},
                                 {"role": "assistant", "content": "The sea"}]
     assert (body["continue_final_message"], body["add_generation_prompt"]) == (True, False)
-    assert (body["max_tokens"], body["response_format"]) == (5, {"type": "json_object"})
+    assert body["response_format"] == {"type": "json_object"}
+
+
+@pytest.mark.parametrize("asked, limit", [(5, 5), (10**6, 77), (None, 77)])
+def test_max_output_tokens_is_lowered_to_the_servers_limit_as_vllm_lowers_it(asked, limit):
+    """vLLM's min(max_output_tokens, default_max_tokens), never a refusal (chat refuses max_tokens
+    over --max-tokens); the rest of the context lowers it further when the request starts."""
+    request = validated(ResponsesRequest, {"model": "m", "input": "hi", "max_output_tokens": asked})
+    body = validated(ChatRequest, chat_body_of(request))
+    assert not body.max_tokens_given
+    assert chat_params_of(chat_params, body, request, ServerConfig(max_tokens=77)).max_tokens == limit

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -152,12 +153,6 @@ def _openai_id(chat: bool) -> Callable[[Request, Body, object, str], str]:
 def _openai_shaper(started: _Started, ctx: HttpContext) -> Shaper:
     return shaper_of(started.rid, started.body, started.params, ctx.tokenizer, started.prompt_ids,
                      _echo(started, ctx.tokenizer), ctx.token_text)
-
-
-CHAT = Endpoint(lambda data, ctx: _read_openai(data, ctx, True), _openai_id(True), _openai_shaper,
-                lambda first, deltas, shaper: _events(first, deltas, shaper))
-COMPLETIONS = Endpoint(lambda data, ctx: _read_openai(data, ctx, False), _openai_id(False), _openai_shaper,
-                       lambda first, deltas, shaper: _events(first, deltas, shaper))
 
 
 def shaper_of(rid: str, body: ChatRequest | CompletionRequest, params: SamplingParams, tokenizer,
@@ -403,3 +398,7 @@ def check_grant(caller: Principal, model: str, base_model: str) -> None:
     any other."""
     if not caller.may_use(None if model == base_model else model):
         raise PermissionDenied(f"key of {caller.name!r} is not granted model {shown(model)!r}")
+
+
+CHAT = Endpoint(functools.partial(_read_openai, chat=True), _openai_id(True), _openai_shaper, _events)
+COMPLETIONS = Endpoint(functools.partial(_read_openai, chat=False), _openai_id(False), _openai_shaper, _events)

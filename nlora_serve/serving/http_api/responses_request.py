@@ -8,7 +8,8 @@ item whose ``status`` is ``in_progress`` or ``incomplete`` is continued instead 
 (vLLM's ``should_continue_final_message``). It runs as the equivalent
 :class:`~nlora_serve.serving.http_api.request_models.ChatRequest` (:func:`chat_body_of`), so
 sampling, structured output, admission and the engine are /v1/chat/completions' own:
-``max_output_tokens`` is ``max_tokens``, ``text.format`` (text, json_object, json_schema) is
+``max_output_tokens`` is a limit lowered to the server's and to the rest of the context, as vLLM
+lowers it (:func:`chat_params_of`; chat refuses a ``max_tokens`` over them), ``text.format`` (text, json_object, json_schema) is
 ``response_format``, ``reasoning.effort`` the template's ``reasoning_effort``, and vLLM's extras
 (``top_k``, ``min_p``, ``stop``, ``structured_outputs``, ... :data:`FORWARDED`) go through as they are.
 
@@ -173,7 +174,7 @@ def chat_body_of(request: ResponsesRequest) -> dict:
     continued = last is not None and last.role == "assistant" and last.status in ("in_progress", "incomplete")
     body = {"model": request.model, "messages": messages, "stream": bool(request.stream),
             "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed, "user": request.user,
-            "max_tokens": request.max_output_tokens, "response_format": _response_format(request),
+            "response_format": _response_format(request),
             "reasoning_effort": request.reasoning.effort if request.reasoning is not None else None,
             **{name: value for name, value in extras.items() if name in FORWARDED or name in IGNORED}}
     if continued:
@@ -181,16 +182,16 @@ def chat_body_of(request: ResponsesRequest) -> dict:
     return body
 
 
-def chat_params_of(run, body: ChatRequest, config) -> SamplingParams:
-    """``run(body, config)`` (openai.chat_params) with its refusals named as this request names
-    the fields (``max_tokens`` is ``max_output_tokens``), and a structured-output spec that does not
-    compile blamed on ``text.format``."""
-    try:
-        params = run(body, config)
-    except ParamError as exc:
-        if exc.param != "max_tokens":
-            raise
-        raise ParamError(str(exc).replace("max_tokens", "max_output_tokens"), "max_output_tokens") from None
+def chat_params_of(run, body: ChatRequest, request: ResponsesRequest, config) -> SamplingParams:
+    """``run(body, config)`` (openai.chat_params: the engine params of ``request``'s chat ``body``)
+    with ``max_output_tokens`` as vLLM 0.32 takes it: a limit lowered to the server's (``--max-tokens``,
+    the generation config's cap) and, as the body sets no max_tokens, to the rest of the context
+    (:func:`~nlora_serve.serving.stream.start_request`), never refused for being over them
+    (vLLM's ``min(max_output_tokens, default_max_tokens)``); a structured-output spec that does not
+    compile is blamed on ``text.format``."""
+    params = run(body, config)
+    if request.max_output_tokens is not None:
+        params = dataclasses.replace(params, max_tokens=min(params.max_tokens, request.max_output_tokens))
     structured = params.structured_outputs
     if structured is not None and structured.param == "response_format":
         params = dataclasses.replace(params, structured_outputs=dataclasses.replace(structured, param="text.format"))
@@ -198,10 +199,12 @@ def chat_params_of(run, body: ChatRequest, config) -> SamplingParams:
 
 
 def _check_unsupported(request: ResponsesRequest) -> None:
-    for name in request.model_extra or {}:
-        if name == "prompt" and request.model_extra[name] is not None:
+    for name, value in (request.model_extra or {}).items():
+        if name == "prompt" and value is not None:
             raise ParamError("prompt template is not supported", "prompt")  # vLLM's words
-        if name not in FORWARDED and name not in IGNORED and name != "prompt":
+        if name == "enable_response_messages" and value is not None and value is not False:  # raw tokens out
+            raise ParamError("enable_response_messages=true is not supported by this server", name)
+        if name not in FORWARDED and name not in IGNORED and name not in ("prompt", "enable_response_messages"):
             raise unsupported(name)
     if request.tools:
         raise ParamError("tools are not supported on /v1/responses by this server (text generation only); send "

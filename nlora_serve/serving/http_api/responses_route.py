@@ -24,7 +24,7 @@ def _read(data, ctx: HttpContext) -> tuple[ChatRequest, None, SamplingParams, Re
     request = validated(ResponsesRequest, data)
     check_stateless(request)
     body = validated(ChatRequest, chat_body_of(request))
-    return body, None, chat_params_of(chat_params, body, ctx.config), request
+    return body, None, chat_params_of(chat_params, body, request, ctx.config), request
 
 
 def _response_id(http: Request, body: ChatRequest, request: ResponsesRequest, engine_rid: str) -> str:
@@ -36,11 +36,9 @@ def _response_id(http: Request, body: ChatRequest, request: ResponsesRequest, en
 
 
 def _shaper(started, ctx: HttpContext) -> ResponseShaper:
-    params = started.params
-    limit = params.max_tokens
-    if not started.body.max_tokens_given:  # the rest of the context, as start_request lowers it
-        limit = min(limit, ctx.engine.max_model_len - len(started.prompt_ids[0]))
-    return ResponseShaper(started.rid, started.own, params, limit)
+    # the chat body sets no max_tokens: start_request lowers the limit to the rest of the context
+    limit = min(started.params.max_tokens, ctx.engine.max_model_len - len(started.prompt_ids[0]))
+    return ResponseShaper(started.rid, started.own, started.params, limit)
 
 
 RESPONSES = Endpoint(_read, _response_id, _shaper, lambda first, deltas, shaper: shaper.events(first, deltas))
