@@ -19,7 +19,8 @@ response has that id), ``background: true`` a 400 naming ``background``. Tools: 
 ``tool_choice`` ``"auto"`` / ``"none"`` only (vLLM then answers ``"none"``); ``include``'s
 ``message.output_text.logprobs`` (logprobs) is not implemented and refused, its other values change
 nothing for text and are accepted, as are ``top_logprobs`` without it, ``prompt_cache_key``,
-``service_tier``, ``metadata``, ``user`` (echoed). Items other than messages (function calls,
+``service_tier``, ``metadata``, ``user`` (echoed), and OpenAI's ``safety_identifier`` and
+``prompt_cache_retention`` (:data:`HINTS`). Any other field is refused, naming it. Items other than messages (function calls,
 reasoning, images, files) and parts other than text are refused with a 400 naming ``input``.
 """
 
@@ -39,6 +40,9 @@ from nlora_serve.serving.status import ResponseNotFound
 FORWARDED = frozenset({"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias",
                        "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
                        "cache_salt", "chat_template_kwargs", "structured_outputs", "priority", "watermarking"})
+# OpenAI fields vLLM 0.32's model lacks (it ignores them) that change nothing here either: an end-user
+# id (the successor of ``user``) and a prompt-cache retention hint; accepted at any value
+HINTS = frozenset({"safety_identifier", "prompt_cache_retention"})
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _INCLUDE = Literal["code_interpreter_call.outputs", "computer_call_output.output.image_url",
                    "file_search_call.results", "message.input_image.image_url", "message.output_text.logprobs",
@@ -204,7 +208,7 @@ def _check_unsupported(request: ResponsesRequest) -> None:
             raise ParamError("prompt template is not supported", "prompt")  # vLLM's words
         if name == "enable_response_messages" and value is not None and value is not False:  # raw tokens out
             raise ParamError("enable_response_messages=true is not supported by this server", name)
-        if name not in FORWARDED and name not in IGNORED and name not in ("prompt", "enable_response_messages"):
+        if name not in FORWARDED | IGNORED | HINTS and name not in ("prompt", "enable_response_messages"):
             raise unsupported(name)
     if request.tools:
         raise ParamError("tools are not supported on /v1/responses by this server (text generation only); send "

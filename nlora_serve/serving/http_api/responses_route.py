@@ -23,16 +23,16 @@ def _read(data, ctx: HttpContext) -> tuple[ChatRequest, None, SamplingParams, Re
     RequestValidationError naming the field)."""
     request = validated(ResponsesRequest, data)
     check_stateless(request)
+    if request.request_id is not None and len(request.request_id) > MAX_REQUEST_ID:
+        raise ParamError(f"request_id is {len(request.request_id)} characters; at most {MAX_REQUEST_ID}",
+                         "request_id")
     body = validated(ChatRequest, chat_body_of(request))
     return body, None, chat_params_of(chat_params, body, request, ctx.config), request
 
 
 def _response_id(http: Request, body: ChatRequest, request: ResponsesRequest, engine_rid: str) -> str:
-    """vLLM's: the body's ``request_id`` as it is, else ``resp_<16 hex>``."""
-    given = request.request_id
-    if given is not None and len(given) > MAX_REQUEST_ID:
-        raise ParamError(f"request_id is {len(given)} characters; at most {MAX_REQUEST_ID}", "request_id")
-    return given if given is not None else f"resp_{random_id()}"
+    """vLLM's: the body's ``request_id`` as it is (checked in :func:`_read`), else ``resp_<16 hex>``."""
+    return request.request_id if request.request_id is not None else f"resp_{random_id()}"
 
 
 def _shaper(started, ctx: HttpContext) -> ResponseShaper:
