@@ -75,9 +75,27 @@ def test_top_logprobs_zero_without_logprobs_asks_for_nothing(http_server):
     ({"top_logprobs": -1, "logprobs": True}, "top_logprobs", "[0, 20]"),  # vLLM's -1 (whole vocabulary)
     ({"messages": [{"role": "user", "content": "Hi", "name": 5}]}, "messages.0.name", "string"),
     ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages", "developer"),  # the roles are listed
+    ({"modalities": ["text", "audio"]}, "modalities", "['text']"),  # no audio output here
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "null"),
+    ({"verbosity": "low"}, "verbosity", "unsupported field"),  # would change the answer: still refused
 ])
 def test_bad_chat_fields_are_refused_naming_them(http_server, fields, param, words):
     fields.setdefault("messages", DEVELOPER)
     with pytest.raises(openai.BadRequestError) as err:
         _chat(http_server, **fields)
     assert err.value.body["param"] == param and words in err.value.body["message"]
+
+
+def test_openai_fields_that_change_no_answer_are_accepted_as_vllm_accepts_them(http_server, tokenizer, hf_model):
+    """What an OpenAI application may send along (store and tags for OpenAI's dashboards, its service
+    tier, prompt-cache hints, an end user's id, a Predicted Output, text modalities) answers as the
+    request without them: the transformers model's greedy answer. They were a 400 each."""
+    want_prompt = tokenizer.apply_chat_template(DEVELOPER, tokenize=True, add_generation_prompt=True,
+                                                return_dict=False)
+    answer = _chat(http_server, messages=DEVELOPER, store=True, metadata={"app": "faq"}, service_tier="auto",
+                   prompt_cache_key="user-7", prompt_cache_retention="24h", prompt_cache_options={"mode": "implicit"},
+                   safety_identifier="hashed-user-7", prediction={"type": "content", "content": "Paris"},
+                   modalities=["text"], audio=None, logprobs=True, extra_body={"return_tokens_as_token_ids": True})
+    got = [int(e.token.removeprefix("token_id:")) for e in answer.choices[0].logprobs.content]
+    assert answer.usage.prompt_tokens == len(want_prompt)
+    assert got == hf_greedy(hf_model, want_prompt, len(got))

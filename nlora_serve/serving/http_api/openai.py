@@ -15,7 +15,9 @@ by a JSON schema, "auto" refused in vLLM's words); the legacy ``functions`` is r
 (:func:`~nlora_serve.serving.chat_template.template_kwargs`); ``allowed_token_ids`` and ``bad_words``
 vLLM's token masks (:mod:`~nlora_serve.engine.token_masks`). ``IGNORED`` fields change nothing
 in vLLM on these endpoints and are accepted at any value. ``user`` (an end-user id for abuse
-tracking) is accepted and changes nothing, as at OpenAI.
+tracking) is accepted and changes nothing, as at OpenAI; so are ``OPENAI_IGNORED``'s fields (``store``,
+``metadata``, ``service_tier``, prompt-cache hints, ``prediction``, ...) at any value, and ``modalities``
+``["text"]`` (``audio`` null only), as vLLM 0.32 accepts them.
 
 ``response_format`` (text, json_object, json_schema) and vLLM's ``structured_outputs`` constrain the
 output (:mod:`~nlora_serve.serving.http_api.structured`).

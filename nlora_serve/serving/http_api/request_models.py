@@ -18,6 +18,8 @@ from nlora_serve.engine.sampling import RequestError
 # OpenAI fields we accept only at their no-op value or null; every other field is refused
 NOOP_VALUES: dict[str, tuple] = {
     "echo": (False,), "suffix": ("",), "function_call": ("none",),
+    # chat's output modalities: text only (audio output, and its ``audio`` parameters, null only)
+    "modalities": (["text"],), "audio": (),
     # vLLM's: beam search and watermarking change the output; priority needs priority scheduling
     "use_beam_search": (False,), "watermarking": (False,), "priority": (0,),
 }
@@ -27,6 +29,13 @@ NOOP_VALUES: dict[str, tuple] = {
 # accepts them
 IGNORED = frozenset({"length_penalty", "return_token_offsets", "mm_payload", "return_mm_kwargs",
                      "routed_experts_prompt_start", "vllm_xargs", "include_reasoning", "session_id"})
+# OpenAI chat fields that change nothing in an answer here: storage and tags for OpenAI's own dashboards
+# (store, metadata), its billing tier, its prompt-cache routing hints (prefix caching here is automatic),
+# an end user's id (as ``user``), a Predicted Output (a latency hint: the answer is the same). vLLM 0.32
+# takes them too (its request models allow extra fields), so clients that send them keep working;
+# accepted at any value
+OPENAI_IGNORED = frozenset({"metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
+                            "prompt_cache_options", "safety_identifier", "prediction"})
 _FIELD = re.compile(r"^(?:SamplingParams\.)?(\w+)")
 
 
@@ -207,7 +216,7 @@ def check_fields(request: OpenAIRequest) -> None:
             characters.
     """
     for field, value in (request.model_extra or {}).items():
-        if field in IGNORED:
+        if field in IGNORED or field in OPENAI_IGNORED:
             continue
         if field == "thinking_token_budget" and (value is None or (type(value) is int and value == -1)):
             continue  # unset / unlimited, as vLLM takes them without a reasoning parser
@@ -221,7 +230,7 @@ def check_fields(request: OpenAIRequest) -> None:
             raise unsupported(field)
         # same type and value: `True in (1,)` and `1.0 in (1,)` hold in Python, and JSON's true is no 1
         if value is not None and not any(type(value) is type(v) and value == v for v in NOOP_VALUES[field]):
-            allowed = " or ".join(repr(v) for v in NOOP_VALUES[field])
+            allowed = " or ".join(repr(v) for v in NOOP_VALUES[field]) or "null"
             raise ParamError(f"{field}={value!r} is not supported: this server accepts only {allowed}", field)
     if request.return_token_ids and getattr(request, "echo", False):
         raise ParamError("return_token_ids with echo=true is not supported (vLLM then echoes no prompt text); "
