@@ -78,6 +78,8 @@ def test_top_logprobs_zero_without_logprobs_asks_for_nothing(http_server):
     ({"modalities": ["text", "audio"]}, "modalities", "['text']"),  # no audio output here
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "null"),
     ({"verbosity": "low"}, "verbosity", "unsupported field"),  # would change the answer: still refused
+    ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation",
+     "pads no chunk"),
 ])
 def test_bad_chat_fields_are_refused_naming_them(http_server, fields, param, words):
     fields.setdefault("messages", DEVELOPER)
@@ -99,3 +101,15 @@ def test_openai_fields_that_change_no_answer_are_accepted_as_vllm_accepts_them(h
     got = [int(e.token.removeprefix("token_id:")) for e in answer.choices[0].logprobs.content]
     assert answer.usage.prompt_tokens == len(want_prompt)
     assert got == hf_greedy(hf_model, want_prompt, len(got))
+
+
+def test_stream_options_include_obfuscation_false_is_accepted(http_server, tokenizer):
+    """The SDK's ``include_obfuscation: false`` (OpenAI's padding of chunks, which this server never
+    adds) streams as without it; it was a 400 'Extra inputs are not permitted'."""
+    chunks = list(_chat(http_server, messages=DEVELOPER, stream=True,
+                        stream_options={"include_usage": True, "include_obfuscation": False},
+                        extra_body={"ignore_eos": True}))
+    want_prompt = tokenizer.apply_chat_template(DEVELOPER, tokenize=True, add_generation_prompt=True,
+                                                return_dict=False)
+    assert chunks[-1].choices == [] and (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) \
+        == (len(want_prompt), 5)

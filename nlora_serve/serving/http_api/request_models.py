@@ -51,6 +51,8 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False  # one last chunk with usage and no choices
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk has the usage so far
+    # OpenAI's random padding of chunks (a side-channel mitigation): none here, so false or null only
+    include_obfuscation: bool | None = None
 
 
 class OpenAIRequest(BaseModel):
@@ -237,5 +239,8 @@ def check_fields(request: OpenAIRequest) -> None:
                          "the prompt's ids come in prompt_token_ids", "return_token_ids")
     if request.stream_options is not None and not request.stream:
         raise ParamError("stream_options is only allowed with stream=true", "stream_options")
+    if request.stream_options is not None and request.stream_options.include_obfuscation:
+        raise ParamError("stream_options.include_obfuscation=true is not supported: this server pads no chunk with "
+                         "an obfuscation field; send false or leave it out", "stream_options.include_obfuscation")
     with as_param_error("cache_salt"):
         check_cache_salt(request.cache_salt, "cache_salt")
