@@ -52,6 +52,7 @@ def test_a_404_names_the_base_model_only_to_callers_that_may_use_it(http_server)
     body = {"model": "inttune-nobody", "prompt": "Hi", "max_tokens": 1}
     hidden = _post(http_server, "/completions", body, TENANT_KEYS["tied-co"])  # granted inttune-*, no base
     assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found", hidden.text
+    assert hidden.json()["error"]["param"] == "model"  # vLLM 0.32's _check_model names the field too
     assert base not in hidden.text and "inttune-nobody" in hidden.text
     shown = _post(http_server, "/completions", body, ADMIN_KEY)
     assert shown.status_code == 404 and base in shown.json()["error"]["message"]

@@ -141,7 +141,7 @@ def test_keys_and_grants_as_for_generation(http_server):
             error = _refused(_post(http_server, path, {"model": model}, key=tied), 403, None, "not granted")
             assert error["code"] == "permission_denied"
         # a name its grant matches that is not registered: 404 as /v1/completions, never the base model
-        error = _refused(_post(http_server, path, {**body, "model": "inttune-nosuch"}, key=tied), 404, None,
+        error = _refused(_post(http_server, path, {**body, "model": "inttune-nosuch"}, key=tied), 404, "model",
                          "'inttune-nosuch' is not registered")
         assert error["code"] == "not_found" and base not in error["message"]  # tied-co may not use the base
         assert _post(http_server, path, body, key=tied).status_code == 200
@@ -236,7 +236,7 @@ def test_the_vllm_backends_server_answers_alike_through_the_engine_interface(bas
         assert got == {"count": len(want), "max_model_len": 512, "tokens": want, "token_strs": None}
         assert _ok(_post(running, "/detokenize", {"model": model, "tokens": want[:5]}, key=None)) == \
             {"prompt": tokenizer.decode(want[:5])}
-        _refused(_post(running, "/tokenize", {"model": "lower", "prompt": "Hi"}, key=None), 404, None,
+        _refused(_post(running, "/tokenize", {"model": "lower", "prompt": "Hi"}, key=None), 404, "model",
                  "this server serves no adapters")
         _refused(_post(running, "/detokenize", {"model": model, "tokens": [0] * 513}, key=None), 400, "tokens",
                  "max_model_len 512")

@@ -150,11 +150,12 @@ def _refused(request: Request, reason: str) -> None:
 async def _expected(request: Request, exc: NloraError) -> JSONResponse:
     status, reason = http_status_of(exc)
     _refused(request, reason)
-    message = str(exc)
+    message, param = str(exc), getattr(exc, "param", None)
     if isinstance(exc, AdapterNotFound) and request.url.path not in LORA_ADMIN_PATHS:  # those name no 'model'
         message += _not_found_hint(_ctx(request), request)
+        param = "model"  # as vLLM 0.32's 404 for an unknown model names it
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(error_body(message, status, getattr(exc, "param", None), reason), status, headers)
+    return JSONResponse(error_body(message, status, param, reason), status, headers)
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
