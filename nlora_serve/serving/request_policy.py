@@ -59,6 +59,30 @@ def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> in
     return max_tokens
 
 
+# /v1/completions' max_tokens when a request sends none (or null): OpenAI's documented default, and vLLM
+# 0.32's (CompletionRequest.max_tokens = 16, null normalized to it); chat and gRPC take the rest of the context
+COMPLETION_MAX_TOKENS = 16
+
+
+def completion_unset_max_tokens(config: ServerConfig, min_tokens: int) -> int:
+    """The max_tokens of a /v1/completions request that sends none: :data:`COMPLETION_MAX_TOKENS`,
+    lowered to the server's ``--max-tokens`` and the generation config's cap (vLLM's
+    ``override_max_tokens``; its default max_new_tokens does not apply, as in vLLM, where the field's
+    16 is never unset), then by :func:`~nlora_serve.serving.stream.start_request` to the rest of the
+    context (vLLM's ``get_max_tokens``).
+
+    Raises:
+        RequestError: ``min_tokens`` over that default (named, with the default explained).
+    """
+    cap = config.sampling_defaults.max_tokens_cap
+    limit = min(v for v in (COMPLETION_MAX_TOKENS, config.max_tokens, cap) if v is not None)
+    if not 0 <= min_tokens <= limit:
+        raise RequestError(f"min_tokens must be an integer in [0, {limit}]; got {shown_int(min_tokens)} (max_tokens "
+                           f"is unset: on /v1/completions it defaults to {limit}, as in vLLM and OpenAI; send "
+                           "max_tokens for more)", param="min_tokens")
+    return limit
+
+
 def unset_max_tokens(config: ServerConfig) -> int:
     """The max_tokens of a request that sets none, before the rest of the context lowers it: the
     server's ``--max-tokens``, or the generation config's max_new_tokens (default or cap) when lower."""

@@ -80,23 +80,34 @@ def test_a_prompt_far_over_the_context_is_400_before_tokenizing(http_server, tok
     assert time.perf_counter() - start < 5.0 and _idle(http_server)
 
 
-def test_unset_max_tokens_is_the_rest_of_the_context(http_server):
+def test_unset_max_tokens_is_16_on_completions_and_the_rest_of_the_context_on_chat(http_server, tokenizer):
+    """vLLM 0.32's CompletionRequest.max_tokens defaults to 16 (null too), lowered to the context left
+    (its get_max_tokens); chat's unset max_tokens is the rest of the context."""
     api = client(http_server, TENANT_KEYS["base-co"])
-    out = api.completions.create(model=_base(http_server), prompt=_prompt(1000), temperature=0,
-                                 extra_body={"ignore_eos": True})
-    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == MAX_MODEL_LEN - 1000
+    for prompt, extra, want in ((_prompt(1000), {}, 16), (_prompt(1012), {"max_tokens": None}, MAX_MODEL_LEN - 1012)):
+        out = api.completions.create(model=_base(http_server), prompt=prompt, temperature=0,
+                                     extra_body={"ignore_eos": True, **extra})
+        assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == want
+    messages = [{"role": "user", "content": "hi " * 976}]  # 1007 tokens: 17 left
+    prompt_tokens = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    out = api.chat.completions.create(model=_base(http_server), messages=messages, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == MAX_MODEL_LEN - prompt_tokens > 16
     with pytest.raises(openai.BadRequestError, match="you requested 1024 tokens in the messages"):
         api.completions.create(model=_base(http_server), prompt=_prompt(MAX_MODEL_LEN))
 
 
 def test_min_tokens_over_the_context_left_names_min_tokens(http_server):
-    # max_tokens unset: its default (the room left, 24 tokens) must not show up as the culprit
+    # max_tokens unset: its default (16, or the room left, 10 tokens) must not show up as the culprit
     api = client(http_server, TENANT_KEYS["base-co"])
     with pytest.raises(openai.BadRequestError) as err:
-        api.completions.create(model=_base(http_server), prompt=_prompt(1000), extra_body={"min_tokens": 30})
+        api.completions.create(model=_base(http_server), prompt=_prompt(1014), extra_body={"min_tokens": 12})
     assert err.value.body["param"] == "min_tokens"
-    assert err.value.body["message"] == ("min_tokens 30 is more than the 24 tokens of context left "
-                                         "(max_model_len 1024, prompt 1000 tokens)")
+    assert err.value.body["message"] == ("min_tokens 12 is more than the 10 tokens of context left "
+                                         "(max_model_len 1024, prompt 1014 tokens)")
+    with pytest.raises(openai.BadRequestError) as err:
+        api.completions.create(model=_base(http_server), prompt=_prompt(10), extra_body={"min_tokens": 17})
+    assert err.value.body["param"] == "min_tokens" and "defaults to 16" in err.value.body["message"]
     assert _idle(http_server)
 
 

@@ -196,8 +196,9 @@ def test_min_tokens_over_the_cap_with_max_tokens_unset_names_no_max_tokens_never
     max_tokens the client never sent: it now says what max_tokens is when unset, on both front ends."""
     unset = (f"must be an integer in [0, 2048]; got {min_tokens} (max_tokens is unset: it defaults to the "
              "rest of the context, capped at the server's --max-tokens 2048)")
-    body = {"model": http_server.server.generation.info.model, "prompt": "hi", "min_tokens": min_tokens}
-    resp = requests.post(f"{base_url(http_server)}/completions", json=body, timeout=60,
+    body = {"model": http_server.server.generation.info.model, "messages": [{"role": "user", "content": "hi"}],
+            "min_tokens": min_tokens}  # chat: /v1/completions' unset max_tokens is 16 (test_http_context_abort_auth)
+    resp = requests.post(f"{base_url(http_server)}/chat/completions", json=body, timeout=60,
                          headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert resp.status_code == 400 and resp.json()["error"]["message"] == f"min_tokens {unset}", resp.text
     assert resp.json()["error"]["param"] == "min_tokens"

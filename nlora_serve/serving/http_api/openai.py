@@ -25,9 +25,10 @@ output (:mod:`~nlora_serve.serving.http_api.structured`).
 ``logit_bias`` keys are token ids as decimal strings (OpenAI's form). An unset sampling field takes
 the server's default (the model's generation_config.json under ``--generation-config auto``, and
 ``--override-generation-config``: :mod:`~nlora_serve.serving.generation_config`), else the OpenAI
-API's: ``temperature`` 1, ``top_p`` 1; ``max_tokens`` unset is the rest of
+API's: ``temperature`` 1, ``top_p`` 1; chat's ``max_tokens`` unset is the rest of
 the context (max_model_len - prompt tokens, as vLLM; at most ``--max-tokens`` and the generation
-config's max_new_tokens: see :func:`~nlora_serve.serving.stream.start_request`). Extensions, under vLLM's
+config's max_new_tokens: see :func:`~nlora_serve.serving.stream.start_request`), completions' 16 (vLLM
+0.32's and OpenAI's default: :func:`~nlora_serve.serving.request_policy.completion_unset_max_tokens`). Extensions, under vLLM's
 names (send them in ``extra_body``): ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
 ``spaces_between_special_tokens`` (false: adjacent added tokens written without a space between them,
@@ -67,7 +68,7 @@ from nlora_serve.serving.http_api.prompts import MAX_PROMPTS, prompts_of
 from nlora_serve.serving.http_api.request_models import (ChatMessage, ChatRequest, CompletionRequest, OpenAIRequest,
                                                          ParamError, as_param_error, check_fields)
 from nlora_serve.serving.http_api.structured import structured_of
-from nlora_serve.serving.request_policy import check_min_tokens_unset_max, max_tokens_of
+from nlora_serve.serving.request_policy import check_min_tokens_unset_max, completion_unset_max_tokens, max_tokens_of
 from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
 from nlora_serve.engine.structured import StructuredOutputs
 from nlora_serve.serving.server_config import ServerConfig
@@ -150,9 +151,12 @@ def sampling_of(request: OpenAIRequest, config: ServerConfig, logprobs: int | No
     with as_param_error():
         if requested is not None and requested < 1:
             raise RequestError(f"{field} must be >= 1; got {requested}")
-        max_tokens = max_tokens_of(requested, config, field)
-        if requested is None:
-            check_min_tokens_unset_max(request.min_tokens, config, "min_tokens")
+        if requested is None and isinstance(request, CompletionRequest):
+            max_tokens = completion_unset_max_tokens(config, request.min_tokens)  # vLLM's and OpenAI's 16
+        else:
+            max_tokens = max_tokens_of(requested, config, field)
+            if requested is None:
+                check_min_tokens_unset_max(request.min_tokens, config, "min_tokens")
         default = config.sampling_defaults.value  # the field sent, else the server's default, else the API's
         return SamplingParams(
             max_tokens=max_tokens, min_tokens=request.min_tokens,
