@@ -68,6 +68,10 @@ def test_name_is_accepted_and_smollm2s_template_ignores_it(http_server, tokenize
 def test_top_logprobs_zero_without_logprobs_asks_for_nothing(http_server):
     answer = _chat(http_server, messages=DEVELOPER[1:], top_logprobs=0)
     assert answer.choices[0].logprobs is None and answer.usage.completion_tokens >= 1
+    # logprobs=None (sent as null by the SDK, e.g. a wrapper passing its own default on) is false, as
+    # vLLM's bool | None; it was a 400 "Input should be a valid boolean"
+    answer = _chat(http_server, messages=DEVELOPER[1:], logprobs=None)
+    assert answer.choices[0].logprobs is None and answer.usage.completion_tokens >= 1
 
 
 @pytest.mark.parametrize("fields, param, words", [

@@ -170,7 +170,7 @@ class ChatRequest(OpenAIRequest):
 
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are set
-    logprobs: bool = False
+    logprobs: bool | None = False  # null: false (vLLM's bool | None; the SDK sends null for logprobs=None)
     top_logprobs: int | None = None  # 0..20; above 0 needs logprobs=true (0 without it: no logprobs, as vLLM)
     add_special_tokens: bool = False  # false only (vLLM's default): the chat template writes the special tokens
     add_generation_prompt: bool = True  # vLLM's: append the assistant's turn header
