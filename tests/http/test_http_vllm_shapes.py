@@ -15,7 +15,7 @@ from nlora_serve.engine.api import RequestOutput
 from nlora_serve.engine.prompt_logprobs import PromptLogprob
 from nlora_serve.serving.http_api.body import validated
 from nlora_serve.serving.http_api.echo import Echo
-from nlora_serve.serving.http_api.generate import _events, shaper_of
+from nlora_serve.serving.http_api.openai_route import _events, shaper_of
 from nlora_serve.serving.http_api.openai import chat_params, completion_inputs
 from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest
 from nlora_serve.serving.server_config import ServerConfig

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.version import AdapterNotFound
-from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
+from nlora_serve.engine.api import RequestOutput
 from nlora_serve.engine.request_checks import check_context
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.errors import shown
@@ -49,16 +48,13 @@ from nlora_serve.serving.admission import Admission, Reservation
 from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.stream import Metered, adapter_versions, start_request
 from nlora_serve.serving.status import BodyTimeout, Draining
-from nlora_serve.serving.http_api.body import parsed_json, validated
+from nlora_serve.serving.http_api.body import parsed_json
 from nlora_serve.serving.http_api.choices import check_choices, choice_params, of_prompt, start_choices
-from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
-from nlora_serve.serving.http_api.echo import Echo
-from nlora_serve.serving.http_api.openai import (chat_params, chat_prompt, completion_inputs, logprobs_asked,
-                                                 response_id_of)
+from nlora_serve.serving.http_api.context import HttpContext
+from nlora_serve.serving.http_api.openai import chat_prompt
 from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest
 from nlora_serve.serving.http_api.truncation import check_truncatable, truncated, truncation_of
-from nlora_serve.serving.http_api.responses import Shaper, sse, version_headers, whole_json
-from nlora_serve.serving.http_api.token_bytes import TokenText
+from nlora_serve.serving.http_api.responses import Shaper, version_headers, whole_json
 from nlora_serve.serving.metrics import RequestTimer, tenant_of
 
 # an admitted request holds its tenant's place (quota, queue share) while its body is read: a body
@@ -67,14 +63,14 @@ BODY_READ_SECONDS = 60.0
 
 
 @dataclass(slots=True)
-class _Started:
+class Started:
     """An admitted request read, validated and queued in the engine (:func:`_start`)."""
 
     stream: AsyncIterator[RequestOutput]  # the engine stream, not yet metered
     timer: RequestTimer  # the request's metrics, TTFT from its body's arrival
     body: ChatRequest | CompletionRequest  # the validated body
     params: SamplingParams
-    rid: str  # the response id ("chatcmpl-..." or "cmpl-...")
+    rid: str  # the response id ("chatcmpl-...", "cmpl-...", "resp_...")
     prompts: list[str | list[int]] | None  # the completion's prompts as sent (None: chat)
     prompt_ids: list[list[int]]  # per prompt its tokens, as the engine runs them
     is_cut: list[bool]  # per prompt: truncate_prompt_tokens cut it
@@ -95,7 +91,7 @@ class Endpoint:
     # (HTTP request, body, own request, engine id) -> the response id
     response_id: Callable[[Request, Body, object, str], str]
     # (started request, context) -> its shaper: ``whole(outs) -> dict`` and what ``events`` reads
-    shaper: Callable[[_Started, HttpContext], object]
+    shaper: Callable[[Started, HttpContext], object]
     # (first delta, the other deltas, shaper) -> the SSE messages of a stream
     events: Callable[[RequestOutput, AsyncIterator[RequestOutput], object], AsyncIterator[str]]
 
@@ -135,45 +131,8 @@ async def generate(ctx: HttpContext, request: Request, endpoint: Endpoint) -> Re
     return await _streamed(request, deltas, shaper, endpoint.events)
 
 
-def _read_openai(data, ctx: HttpContext, chat: bool) -> tuple[Body, list | None, SamplingParams, None]:
-    """A chat or completion body, validated, with its prompts (None: a chat) and engine params."""
-    body = validated(ChatRequest if chat else CompletionRequest, data)
-    prompts, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
-    return body, prompts, params, None
-
-
-def _openai_id(chat: bool) -> Callable[[Request, Body, object, str], str]:
-    def response_id(request: Request, body: Body, own, engine_rid: str) -> str:
-        # vLLM's response id: the X-Request-Id header, else the body's request_id, else a random one
-        given = response_id_of(request.headers.get("x-request-id"), body)
-        return f"{'chatcmpl' if chat else 'cmpl'}-{given or engine_rid}"
-    return response_id
-
-
-def _openai_shaper(started: _Started, ctx: HttpContext) -> Shaper:
-    return shaper_of(started.rid, started.body, started.params, ctx.tokenizer, started.prompt_ids,
-                     _echo(started, ctx.tokenizer), ctx.token_text)
-
-
-def shaper_of(rid: str, body: ChatRequest | CompletionRequest, params: SamplingParams, tokenizer,
-              prompt_ids: list[list[int]], echo: list[Echo] | None, token_text: TokenText | None = None) -> Shaper:
-    """The :class:`Shaper` of a validated request ``body`` with the engine ``params`` it runs with
-    (the prompt scored to ``params.prompt_logprobs``), response id ``rid``, per prompt its tokens
-    ``prompt_ids`` and what ``echo`` puts first (:func:`_echo`).
-
-    Raises:
-        RequestError: the body's tools (checked already where the request was refused before).
-    """
-    chat = isinstance(body, ChatRequest)
-    return Shaper(rid, body.model, chat, tokenizer, logprobs_asked(body), body.return_tokens_as_token_ids,
-                  body.include_usage, body.continuous_usage, n=body.num_choices, prompt_ids=prompt_ids, echo=echo,
-                  prompt_logprobs=params.prompt_logprobs, token_text=token_text,
-                  tools=body.tool_calls()[0] if chat else None, token_ids=bool(body.return_token_ids),
-                  logprob_token_ids=bool(body.logprob_token_ids))
-
-
 async def _start(ctx: HttpContext, request: Request, endpoint: Endpoint, caller: Principal,
-                 reservation: Reservation) -> _Started | None:
+                 reservation: Reservation) -> Started | None:
     """Read and validate an admitted request's body, grow its ``reservation`` to its prompts x ``n``
     choices, then tokenize its prompts and queue them in the engine (:func:`_tokenize_and_queue`), or
     None when the client went away first.
@@ -205,19 +164,7 @@ async def _start(ctx: HttpContext, request: Request, endpoint: Endpoint, caller:
     rid = endpoint.response_id(request, body, own, engine_rid)
     queued = _tokenize_and_queue(ctx, caller, body, prompts, params, engine_rid, truncation)
     started = await unless_disconnected(request, queued)
-    return None if started is None else _Started(started[0], timer, body, params, rid, prompts, *started[1:], own)
-
-
-def _echo(started: _Started, tokenizer) -> list[Echo] | None:
-    """What an ``echo=true`` completion puts first, per prompt: the prompt as sent; token ids, or a
-    text cut by truncate_prompt_tokens, as its ids that run decoded (vLLM echoes a cut text whole,
-    beside the logprobs of the kept tokens only)."""
-    body = started.body
-    if not getattr(body, "echo", False):
-        return None
-    return [Echo(prompt if isinstance(prompt, str) and not cut else tokenizer.decode(ids),
-                 prompt_only=body.max_tokens == 0)
-            for prompt, ids, cut in zip(started.prompts, started.prompt_ids, started.is_cut)]
+    return None if started is None else Started(started[0], timer, body, params, rid, prompts, *started[1:], own)
 
 
 async def read_body(request: Request, admission: Admission) -> bytes:
@@ -311,28 +258,6 @@ async def _streamed(request: Request, deltas: AsyncIterator, shaper, events: Cal
     return EngineStreamResponse(events(out, deltas, shaper), deltas, version_headers(out))
 
 
-async def _events(first, deltas: AsyncIterator, shaper: Shaper) -> AsyncIterator[str]:
-    """SSE messages: (chat: the role chunk of each choice), one chunk per delta (but those of
-    :meth:`Shaper.chunk` None), (the usage chunk), [DONE]."""
-    for opening in shaper.opening_chunks(first):
-        yield sse(opening)
-    try:
-        if (chunk := shaper.chunk(first)) is not None:
-            yield sse(chunk)
-        async for out in deltas:  # to the last choice's finished delta
-            if (chunk := shaper.chunk(out)) is not None:  # None: a delta vLLM sends no chunk for
-                yield sse(chunk)
-    except EngineError as exc:  # headers are sent: report in-band, as OpenAI-compatible servers do
-        yield sse(error_body(str(exc), 500, code="engine_error"))
-        return
-    except RequestAborted as exc:
-        yield sse(aborted_body(exc))
-        return
-    if shaper.include_usage:
-        yield sse(shaper.usage_chunk())
-    yield sse("[DONE]")
-
-
 class EngineStreamResponse(StreamingResponse):
     """An SSE response over a metered engine stream that is closed however the response ends
     (finished, client gone, server shutdown): an unfinished request is aborted at once."""
@@ -398,7 +323,3 @@ def check_grant(caller: Principal, model: str, base_model: str) -> None:
     any other."""
     if not caller.may_use(None if model == base_model else model):
         raise PermissionDenied(f"key of {caller.name!r} is not granted model {shown(model)!r}")
-
-
-CHAT = Endpoint(functools.partial(_read_openai, chat=True), _openai_id(True), _openai_shaper, _events)
-COMPLETIONS = Endpoint(functools.partial(_read_openai, chat=False), _openai_id(False), _openai_shaper, _events)

@@ -32,7 +32,8 @@ from nlora_serve.serving.metrics import tenant_of_key
 from nlora_serve.serving.stream import adapter_versions
 from nlora_serve.serving.status import http_status_of
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
-from nlora_serve.serving.http_api.generate import CHAT, COMPLETIONS, generate
+from nlora_serve.serving.http_api.generate import generate
+from nlora_serve.serving.http_api.openai_route import CHAT, COMPLETIONS
 from nlora_serve.serving.http_api.lora_admin import load_lora_adapter, unload_lora_adapter
 from nlora_serve.serving.http_api.responses_route import RESPONSES
 from nlora_serve.serving.http_api.tokenize import detokenize, tokenize
