@@ -3,7 +3,9 @@ with vLLM's extras::
 
     server.py      uvicorn inside the gRPC server's event loop, body size limit
     routes.py      the FastAPI app: routes and error handlers
-    generate.py    /v1/completions and /v1/chat/completions, whole or SSE-streamed
+    generate.py    a generation request from admission to answer, whole or SSE-streamed, for
+                   each route's Endpoint: openai_route.py (/v1/completions, /v1/chat/completions),
+                   responses_route.py (/v1/responses; responses_request.py, responses_shape.py)
     body.py, openai.py
                    the body parsed, validated and turned into engine inputs
     responses.py   engine deltas -> OpenAI response objects and SSE chunks
