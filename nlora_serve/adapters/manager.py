@@ -23,7 +23,7 @@ from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
 from nlora_serve.adapters.pool import Placement
 from nlora_serve.adapters.registry import AdapterRegistry
-from nlora_serve.adapters.version import AdapterVersion, Hold
+from nlora_serve.adapters.version import AdapterVersion, Hold, restored_summary
 from nlora_serve.adapters.residency import Residency
 from nlora_serve.adapters.swap import replace_n
 from nlora_serve.adapters.store import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE, AdapterStore
@@ -64,9 +64,9 @@ class AdapterManager:
         self.slot_changes = 0  # changes that may give a LoRA slot to a request refused one (on_slot_change)
         self.registry = AdapterRegistry(store, load, self._load_files,
                                         on_admit=self.residency.admit, on_free=self._free)
-        restored = self.registry.rebuild()
-        if restored:
-            log.info("restored %d adapters from %s", len(restored), adapter_dir)
+        restored = [self.registry.get(name) for name in self.registry.rebuild()]
+        if restored:  # named, as an operator asks `client list` what a restart serves
+            log.info("%s", restored_summary(restored, adapter_dir))
 
     def _load(self, path: Path):
         return read_adapter(path, self.base, max_rank=self.limits.max_rank, families=self.families)

@@ -4,6 +4,7 @@ versions and their counts."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,3 +68,21 @@ class Hold:
     version: AdapterVersion
     to_come: int  # its requests not pinned yet (AdapterRegistry.acquire_held); 0 once let go
     let_go: bool = False  # AdapterRegistry.let_go has run
+
+
+RESTORE_LOG_SHOWN = 20  # adapters a restore's log line names; past that it counts the others
+
+
+def restored_summary(versions: list[AdapterVersion], root: object, shown: int = RESTORE_LOG_SHOWN) -> str:
+    """The log line of a restart's restore from the store at ``root``: the adapters' number by
+    flavour, then the first ``shown`` as ``name vN (flavour, rank R)`` and a count of the rest (a
+    1,000-adapter store's start log stays one readable line; ``client list`` names them all), e.g.
+    ``restored 3 adapters from STORE (2 inttune-tied, 1 lora): lower v4 (inttune-tied, rank 16), ...``.
+    """
+    kinds = Counter(v.flavour for v in versions)
+    by_kind = ", ".join(f"{count} {flavour}" for flavour, count in sorted(kinds.items()))
+    named = ", ".join(f"{v.name} v{v.version} ({v.flavour}, rank {v.rank})" for v in versions[:shown])
+    rest = len(versions) - shown
+    more = f", and {rest} more (`client list` names all)" if rest > 0 else ""
+    plural = "s" if len(versions) != 1 else ""
+    return f"restored {len(versions)} adapter{plural} from {root} ({by_kind}): {named}{more}"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
 import safetensors.torch
 import pytest
 import torch
@@ -11,7 +15,10 @@ from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.nystrom import init_adapter
 from nlora_serve.adapters.save import write_adapter
 from nlora_serve.adapters.swap import replace_n
+from nlora_serve.adapters.version import restored_summary
 from nlora_serve.errors import AdapterError
+
+LORA_CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"
 
 
 @pytest.fixture
@@ -80,3 +87,24 @@ def test_manager_swap_persists_and_serves_the_new_version(base_fp32, tenant, tmp
     restarted = AdapterManager(base_fp32, tmp_path / "store").registry.get("acme")
     assert (restarted.version, restarted.content_hash) == (2, v2.content_hash)
     assert v1.freed and v1.slot is None and v2.pool.used == 1  # v1's slot given back at the switch
+
+
+def test_a_restart_logs_each_restored_adapter_by_name_version_flavour_and_rank(base_fp32, tenant, tmp_path, caplog):
+    _, path = tenant
+    manager = AdapterManager(base_fp32, tmp_path / "store")
+    manager.register_dir("acme", path)
+    manager.swap("acme", n_payload(path, 2.0))
+    manager.register_dir("zeta", LORA_CASE)  # r 8 in its adapter_config.json
+    with caplog.at_level(logging.INFO, logger="nlora_serve.adapters.manager"):
+        AdapterManager(base_fp32, tmp_path / "store")
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("restored")]
+    assert line == (f"restored 2 adapters from {tmp_path / 'store'} (1 inttune-tied, 1 lora): "
+                    "acme v2 (inttune-tied, rank 4), zeta v1 (lora, rank 8)")
+
+
+def test_a_large_restore_names_the_first_twenty_and_counts_the_rest():
+    versions = [SimpleNamespace(name=f"t{i:04d}", version=1, flavour="inttune-tied", rank=16) for i in range(1000)]
+    line = restored_summary(versions, "STORE")
+    assert line.startswith("restored 1000 adapters from STORE (1000 inttune-tied): t0000 v1 (inttune-tied, rank 16), t0001 v1")
+    assert "t0019 v1 (inttune-tied, rank 16), and 980 more (`client list` names all)" in line
+    assert "t0020" not in line and len(line) < 1000
