@@ -61,4 +61,5 @@ def test_a_server_that_is_not_there_is_one_error_before_any_request(tmp_path, ca
         rc = main(["bench", "--server", server, "--duration", "30", "--no-progress", "--json", str(out)])
     assert rc == 2 and not out.exists()
     assert capsys.readouterr().err == (f"error: no gRPC server answers at {server} (waited 1 s): start one "
-                                       "(nlora-serve serve) or give --server HOST:PORT\n")
+                                       "(nlora-serve serve) or give --server HOST:PORT, its gRPC port (serve "
+                                       "--port, 50051 by default), not its --http-port\n")

@@ -225,3 +225,31 @@ def test_cli_says_why_the_base_model_name_is_unknown(fake_server, tmp_path, caps
     else:
         assert "answered HTTP 401: unknown API key)" in err
     assert err.rstrip().endswith("check --base-url and --api-key, or give --base-model")
+
+
+@pytest.fixture
+def grpc_port():
+    """A gRPC server (HTTP/2 only, no services) on loopback: what `serve --port` listens with."""
+    import grpc
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(None)
+
+
+@pytest.mark.parametrize("tenants", [[], ["--tenants", "acme"]])
+def test_the_grpc_port_as_base_url_names_the_http_port_flag(grpc_port, tmp_path, capsys, tenants):
+    # helper-99's find: --base-url at the gRPC port stopped with "RemoteProtocolError: illegal request
+    # line" and no word of which port to give (h11's words for a reply in binary: HTTP/2 frames)
+    url = f"http://127.0.0.1:{grpc_port}"
+    rc = main(["bench", "--target", "openai", "--base-url", url, *tenants, "--num-requests", "8",
+               "--output-len", "4", "--json", str(tmp_path / "r.json"), "--no-progress", "--timeout", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "RemoteProtocolError" in err and "illegal request line" in err
+    assert (f"{url} answered in no HTTP/1.1: is it nlora-serve's gRPC port (serve --port, 50051 by default)? "
+            "--base-url takes the OpenAI HTTP port (serve --http-port, 8000 by default); --target grpc --server "
+            "HOST:PORT benches the gRPC port") in err

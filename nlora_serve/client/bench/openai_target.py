@@ -43,6 +43,16 @@ def error_code(status: int | str | None, fallback: str) -> str:
     return status or fallback
 
 
+def port_hint(exc: httpx2.HTTPError, base_url: str) -> str:
+    """What to do when the server's reply is no HTTP/1.x response: h11 says "illegal request line"
+    (or status line) of a reply in binary, as a gRPC port (HTTP/2 only) answers; "" for other errors."""
+    if isinstance(exc, httpx2.RemoteProtocolError) and str(exc).startswith("illegal"):
+        return (f"; {base_url} answered in no HTTP/1.1: is it nlora-serve's gRPC port (serve --port, 50051 by "
+                "default)? --base-url takes the OpenAI HTTP port (serve --http-port, 8000 by default); "
+                "--target grpc --server HOST:PORT benches the gRPC port")
+    return ""
+
+
 def _error_message(body: bytes) -> str:
     try:
         error = json.loads(body).get("error", {})
@@ -100,7 +110,7 @@ class OpenAITarget:
                 return None
             models = resp.json()["data"]
         except httpx2.HTTPError as exc:
-            self.models_error = f"GET {url} failed: {type(exc).__name__}: {exc}"
+            self.models_error = f"GET {url} failed: {type(exc).__name__}: {exc}{port_hint(exc, self.base_url)}"
             return None
         except (ValueError, KeyError, TypeError):
             self.models_error = f"GET {url} is not an OpenAI model list"
@@ -153,7 +163,7 @@ class OpenAITarget:
                 else:
                     await self._read(resp, res, t0)
         except httpx2.HTTPError as exc:
-            res.fail(type(exc).__name__, str(exc) or type(exc).__name__)
+            res.fail(type(exc).__name__, (str(exc) or type(exc).__name__) + port_hint(exc, self.base_url))
         res.e2e_s = time.perf_counter() - t0
         return res
 

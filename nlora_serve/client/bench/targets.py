@@ -78,7 +78,8 @@ class GrpcTarget:
         except asyncio.TimeoutError:
             await self.client.close()
             raise ConnectionError(f"no gRPC server answers at {self.server} (waited {CONNECT_TIMEOUT_S:g} s): "
-                                  "start one (nlora-serve serve) or give --server HOST:PORT") from None
+                                  "start one (nlora-serve serve) or give --server HOST:PORT, its gRPC port "
+                                  "(serve --port, 50051 by default), not its --http-port") from None
         return self
 
     async def __aexit__(self, *exc) -> None:
