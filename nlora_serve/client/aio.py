@@ -39,11 +39,17 @@ class AsyncNloraClient:
 
     async def generate(self, prompt: str | list[int] | None = None, *, messages: list[dict] | None = None,
                        adapter: str | None = None, request_id: str = "", timeout: float | None = None,
-                       **sampling) -> AsyncIterator[Delta]:
-        """Stream a generation; closing the iterator early cancels the call on the server."""
+                       api_key: str | None = None, **sampling) -> AsyncIterator[Delta]:
+        """Stream a generation; closing the iterator early cancels the call on the server.
+        ``api_key``: this call's key instead of the client's (a load test sending as several tenants).
+
+        Raises:
+            InvalidInput: ``api_key`` has a character gRPC metadata cannot carry (before any call).
+        """
+        md = self._md if api_key is None else msgs.metadata(api_key)
         req = msgs.generate_request(prompt, messages=messages, adapter=adapter, request_id=request_id,
                                         **sampling)
-        call = self._gen.Generate(req, metadata=self._md, timeout=timeout or self.timeout)
+        call = self._gen.Generate(req, metadata=md, timeout=timeout or self.timeout)
         try:
             async for msg in call:
                 yield Delta.from_proto(msg)

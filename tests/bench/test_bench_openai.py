@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from nlora_serve.cli import main
+from nlora_serve.client.bench.keys import check_keys_cover
 from nlora_serve.client.bench.openai_target import OpenAITarget, sse_data
 from nlora_serve.client.bench.runner import LoadShape, run_load
 from nlora_serve.client.bench.workload import LengthDist, TenantMix, Workload, WorkloadConfig
@@ -253,3 +254,30 @@ def test_the_grpc_port_as_base_url_names_the_http_port_flag(grpc_port, tmp_path,
     assert (f"{url} answered in no HTTP/1.1: is it nlora-serve's gRPC port (serve --port, 50051 by default)? "
             "--base-url takes the OpenAI HTTP port (serve --http-port, 8000 by default); --target grpc --server "
             "HOST:PORT benches the gRPC port") in err
+
+
+KEYS = {"acme": "key-acme", "globex": "key-globex"}
+
+
+def test_http_requests_send_their_tenants_key_through_the_cli(fake_server, tmp_path, capsys):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    rc = main(["bench", "--target", "openai", "--base-url", fake_server, "--tenants", "acme,globex",
+               "--popularity", "round-robin", "--num-requests", "4", "--output-len", "2", "--keys-file", str(keys),
+               "--json", str(tmp_path / "r.json"), "--no-progress", "--no-plot"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted((b["model"], b["auth"]) for b in FakeOpenAI.seen) == [
+        ("acme", "Bearer key-acme")] * 2 + [("globex", "Bearer key-globex")] * 2
+    assert "key-acme" not in (tmp_path / "r.json").read_text()  # the path is recorded, never a key
+
+
+def test_a_keys_file_that_leaves_a_request_without_a_key_is_refused_before_any(fake_server, tmp_path, capsys):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    rc = main(["bench", "--target", "openai", "--base-url", fake_server, "--tenants", "acme,initech",
+               "--base-share", "0.5", "--num-requests", "4", "--keys-file", str(keys),
+               "--json", str(tmp_path / "r.json"), "--no-progress"])
+    assert rc == 2 and not FakeOpenAI.seen
+    assert capsys.readouterr().err == ("error: --keys-file has no key for initech, (base model): add them, or give "
+                                       "--api-key for the requests it does not cover\n")
+    check_keys_cover(KEYS, ("acme", "initech"), 0.5, "key-default")  # --api-key covers the rest

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from nlora_serve.client.bench.compare import compare_files
+from nlora_serve.client.bench.keys import check_keys_cover, read_keys_file
 from nlora_serve.client.cli import DEFAULT_SERVER, SERVER_ENV, default_server
 from nlora_serve.client.bench.runner import MODES, LoadShape, run_load
 from nlora_serve.client.bench.workload import POPULARITY, LengthDist, TenantMix, Workload, WorkloadConfig
@@ -44,7 +45,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                    help="OpenAI target: the model name sent for base-model requests (default: the entry of "
                         "GET /v1/models without a parent, as ours and vLLM list the base model)")
     t.add_argument("--api-key", default=os.environ.get("NLORA_API_KEY"),
-                   help="bearer key for every request (default: $NLORA_API_KEY; never written to the JSON)")
+                   help="bearer key for every request that --keys-file does not name (default: $NLORA_API_KEY; "
+                        "never written to the JSON)")
+    t.add_argument("--keys-file", default=None,
+                   help="JSON object of tenant (adapter) name -> API key: each request sends its tenant's key, "
+                        "to load-test several tenants under auth as themselves (never written to the JSON)")
     t.add_argument("--tokenizer", default=None,
                    help="'default' or a Hugging Face directory: decode synthetic prompts to text "
                         "(needed for --endpoint chat; otherwise token ids are sent)")
@@ -116,18 +121,27 @@ def workload_config(args: argparse.Namespace) -> WorkloadConfig:
                           prompt_file=args.prompt_file, rate=args.rate, burstiness=args.burstiness)
 
 
-def make_target(args: argparse.Namespace):
-    """The target the flags name (not yet entered)."""
+def make_target(args: argparse.Namespace, keys: dict[str, str] | None = None):
+    """The target the flags name (not yet entered); ``keys``: the ``--keys-file``'s tenant -> key."""
     if args.target == "grpc":
         from nlora_serve.client.bench.targets import GrpcTarget
 
-        return GrpcTarget(args.server, args.api_key, args.timeout, ignore_eos=args.ignore_eos,
+        return GrpcTarget(args.server, args.api_key, args.timeout, ignore_eos=args.ignore_eos, keys=keys,
                           temperature=args.temperature)
     from nlora_serve.client.bench.openai_target import OpenAITarget
 
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # not one INFO line per request
     return OpenAITarget(args.base_url, args.api_key, args.endpoint, args.base_model, args.ignore_eos,
-                        args.temperature, _detokenizer(args), args.timeout)
+                        args.temperature, _detokenizer(args), args.timeout, keys)
+
+
+def _keys(args: argparse.Namespace, config: WorkloadConfig) -> dict[str, str] | None:
+    """The ``--keys-file``'s tenant -> key, checked to give every request of the workload a key."""
+    if args.keys_file is None:
+        return None
+    keys = read_keys_file(args.keys_file)
+    check_keys_cover(keys, config.tenants.names, config.tenants.base_share, args.api_key)
+    return keys
 
 
 def _detokenizer(args: argparse.Namespace):
@@ -161,7 +175,9 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.compare:
             print(compare_files(*args.compare))
             return 0
-        workload, shape, target = Workload(workload_config(args)), load_shape(args), make_target(args)
+        cfg = workload_config(args)
+        keys = _keys(args, cfg)
+        workload, shape, target = Workload(cfg), load_shape(args), make_target(args, keys)
     except (OSError, ValueError, KeyError) as exc:
         raise BenchError(str(exc)) from exc
     from nlora_serve.client.bench.report import Slo, summarize, table, to_json

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import httpx2
 
@@ -72,6 +72,7 @@ class OpenAITarget:
         detokenize: token ids -> text; needed for synthetic prompts on "chat" (else ids are sent
             as the completions ``prompt``, which vLLM accepts).
         timeout: seconds per request (None = none).
+        keys: tenant -> API key, sent by that tenant's requests instead of ``api_key`` (bench/keys.py).
 
     Error codes: "HTTP <status>" for a refused request, the error object's code (or "HTTP <code>")
     for an error event inside the stream, the exception name for a transport failure.
@@ -81,11 +82,13 @@ class OpenAITarget:
 
     def __init__(self, base_url: str, api_key: str | None = None, endpoint: str = "completions",
                  base_model: str | None = None, ignore_eos: bool = True, temperature: float = 0.0,
-                 detokenize: Callable[[list[int]], str] | None = None, timeout: float | None = None):
+                 detokenize: Callable[[list[int]], str] | None = None, timeout: float | None = None,
+                 keys: Mapping[str, str] | None = None):
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}; got {endpoint!r}")
         self.base_url, self.path, self.base_model = base_url.rstrip("/"), ENDPOINTS[endpoint], base_model
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.tenant_headers = {tenant: {"Authorization": f"Bearer {key}"} for tenant, key in (keys or {}).items()}
         self.chat, self.ignore_eos, self.temperature = endpoint == "chat", ignore_eos, temperature
         self.detokenize, self.timeout = detokenize, timeout
         self.http: httpx2.AsyncClient | None = None
@@ -157,7 +160,8 @@ class OpenAITarget:
         body = self.body(req)
         t0 = time.perf_counter()
         try:
-            async with self.http.stream("POST", self.path, json=body) as resp:
+            async with self.http.stream("POST", self.path, json=body,
+                                        headers=self.tenant_headers.get(req.tenant)) as resp:
                 if resp.status_code >= 400:
                     res.fail(f"HTTP {resp.status_code}", _error_message(await resp.aread()))
                 else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from nlora_serve.client.aio import AsyncNloraClient
@@ -53,6 +54,8 @@ class GrpcTarget:
     """Our gRPC server. Prompts go as token ids (or text from a prompt file); ``tenant`` is the
     adapter name (None = base model); ``sampling`` adds SamplingParams fields (temperature, ...).
 
+    ``keys``: tenant -> API key, sent by that tenant's requests instead of ``api_key`` (bench/keys.py).
+
     Error codes are gRPC status names (NOT_FOUND, RESOURCE_EXHAUSTED, ...); a stream that ends
     with finish reason "abort" is recorded as ABORTED.
     """
@@ -60,8 +63,8 @@ class GrpcTarget:
     name = "grpc"
 
     def __init__(self, server: str, api_key: str | None = None, timeout: float | None = None,
-                 ignore_eos: bool = True, **sampling):
-        self.server, self.api_key, self.timeout = server, api_key, timeout
+                 ignore_eos: bool = True, keys: Mapping[str, str] | None = None, **sampling):
+        self.server, self.api_key, self.timeout, self.keys = server, api_key, timeout, dict(keys or {})
         self.sampling = dict(sampling, ignore_eos=ignore_eos)
         self.client: AsyncNloraClient | None = None
 
@@ -91,7 +94,8 @@ class GrpcTarget:
         t0 = time.perf_counter()
         try:
             async for delta in self.client.generate(prompt, adapter=req.tenant, max_tokens=req.output_len,
-                                                    seed=req.seed, **self.sampling):
+                                                    seed=req.seed, api_key=self.keys.get(req.tenant),
+                                                    **self.sampling):
                 if delta.token_ids:
                     res.chunk(t0)
                     res.output_tokens += len(delta.token_ids)
