@@ -28,7 +28,7 @@ def test_openai_target_on_our_http_port_agrees_with_the_server_counters(make_ser
     ghosts = sum(r["tenant"] == "ghost" for r in requests)
     assert [r["tenant"] for r in requests] == [r.tenant for r in seeded(12, (*TENANTS, "ghost"), 6)]
     assert ghosts == 4 and sum(r["tenant"] is None for r in requests) == 2 and summary["completed"] == 8
-    assert summary["errors"] == {"HTTP 404": ghosts}
+    assert summary["errors"] == {"HTTP 404 not_found": ghosts}  # the error object's code: our reason
     for name, key in (("nlora_request_duration_seconds_count", "completed"),
                       ("nlora_prompt_tokens_total", "prompt_tokens"),
                       ("nlora_generation_tokens_total", "output_tokens")):

@@ -23,7 +23,8 @@ PIECES = ["Hel", "lo", "", " wor", "ld"]  # "" is a chunk without text: no ITL s
 
 class FakeOpenAI(BaseHTTPRequestHandler):
     """Streams PIECES (completions or chat) with a usage chunk; models "missing" / "busy" are
-    refused with 404 / 429, "midfail" fails inside the stream. Bodies are kept in ``seen``."""
+    refused with 404 / 429 and vLLM's numeric code, "quota" with 429 and our word (nlora-serve's
+    rejection reason), "midfail" fails inside the stream. Bodies are kept in ``seen``."""
 
     seen: list[dict] = []
 
@@ -41,9 +42,10 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-        status = {"missing": 404, "busy": 429}.get(body["model"])
+        status = {"missing": 404, "busy": 429, "quota": 429}.get(body["model"])
         if status:
-            return self._json(status, {"error": {"message": f"no {body['model']}", "type": "x", "code": status}})
+            code = "tenant_quota" if body["model"] == "quota" else status
+            return self._json(status, {"error": {"message": f"no {body['model']}", "type": "x", "code": code}})
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
@@ -122,10 +124,13 @@ def test_streamed_chunks_become_ttft_itl_and_usage(fake_server, endpoint):
 
 
 def test_error_statuses_and_stream_errors_get_their_codes(fake_server):
-    run, _ = _run(fake_server, "completions", ("missing", "busy", "midfail", "ok"), base_model="base")
+    run, _ = _run(fake_server, "completions", ("missing", "busy", "midfail", "ok", "quota"), count=5,
+                  base_model="base")
     by_tenant = {r.tenant: r for r in run.results}
     assert by_tenant["missing"].error == "HTTP 404" and by_tenant["missing"].error_message == "no missing"
-    assert by_tenant["busy"].error == "HTTP 429"
+    assert by_tenant["busy"].error == "HTTP 429"  # vLLM's code: the status again
+    # helper-99's find: our 429s read "HTTP 429" whether the queue or a tenant quota refused them
+    assert by_tenant["quota"].error == "HTTP 429 tenant_quota" and by_tenant["quota"].error_message == "no quota"
     assert by_tenant["midfail"].error == "HTTP 500" and by_tenant["midfail"].error_message == "engine died"
     assert len(by_tenant["midfail"].chunk_s) == 2 and by_tenant["ok"].ok
 
@@ -191,8 +196,9 @@ def test_cli_stops_early_naming_the_model_when_the_first_requests_all_fail_alike
 
 
 def test_overload_or_mixed_errors_do_not_stop_a_run(fake_server):
-    run, _ = _run(fake_server, "completions", ("busy",), count=12)  # 429: the server is there, just full
-    assert len(run.results) == 12 and run.stopped is None
+    for busy in ("busy", "quota"):  # 429: the server is there, just full
+        run, _ = _run(fake_server, "completions", (busy,), count=12)
+        assert len(run.results) == 12 and run.stopped is None
     run, _ = _run(fake_server, "completions", ("missing", "acme"), count=12)  # some succeed
     assert len(run.results) == 12 and run.stopped is None
 

@@ -61,6 +61,20 @@ def _error_message(body: bytes) -> str:
         return body.decode(errors="replace")
 
 
+def refusal_code(status: int, body: bytes) -> str:
+    """A refused request's error code: "HTTP <status>", then the error object's ``code`` where it is
+    a word (ours: the rejection reason, so a 429 reads "HTTP 429 queue_full" or "HTTP 429
+    tenant_quota"; OpenAI's "rate_limit_exceeded"); vLLM's numeric code repeats the status and is left out."""
+    try:
+        error = json.loads(body).get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        code = None
+    if isinstance(code, str) and code and not code.isdigit() and code.isprintable():
+        return f"HTTP {status} {code[:64]}"
+    return f"HTTP {status}"
+
+
 class OpenAITarget:
     """Any OpenAI-compatible server at ``base_url`` (scheme://host:port, without /v1).
 
@@ -74,7 +88,8 @@ class OpenAITarget:
         timeout: seconds per request (None = none).
         keys: tenant -> API key, sent by that tenant's requests instead of ``api_key`` (bench/keys.py).
 
-    Error codes: "HTTP <status>" for a refused request, the error object's code (or "HTTP <code>")
+    Error codes: "HTTP <status>" for a refused request (and the error object's code, where a word:
+    "HTTP 429 queue_full"), the error object's code (or "HTTP <code>")
     for an error event inside the stream, the exception name for a transport failure.
     """
 
@@ -163,7 +178,8 @@ class OpenAITarget:
             async with self.http.stream("POST", self.path, json=body,
                                         headers=self.tenant_headers.get(req.tenant)) as resp:
                 if resp.status_code >= 400:
-                    res.fail(f"HTTP {resp.status_code}", _error_message(await resp.aread()))
+                    body = await resp.aread()
+                    res.fail(refusal_code(resp.status_code, body), _error_message(body))
                 else:
                     await self._read(resp, res, t0)
         except httpx2.HTTPError as exc:

@@ -28,6 +28,12 @@ FIRST_REQUESTS = 8  # results that decide an early stop (fewer when the run send
 TRANSIENT = ("HTTP 429", "HTTP 503", "RESOURCE_EXHAUSTED", "UNAVAILABLE")  # overload: no reason to stop
 
 
+def is_transient(code: str) -> bool:
+    """An overload's error code (one of :data:`TRANSIENT`, an HTTP one with the server's reason
+    after it: "HTTP 429 queue_full")."""
+    return any(code == t or code.startswith(t + " ") for t in TRANSIENT)
+
+
 @dataclass(frozen=True, slots=True)
 class LoadShape:
     """How requests are sent; exactly one of ``num_requests`` and ``duration_s`` bounds the run."""
@@ -62,7 +68,7 @@ def stop_cause(results: list[RequestResult], first: int) -> str | None:
     code, naming the code, the tenants (models) asked for and the server's message; else None."""
     head = results[:first]
     codes = {r.error for r in head}
-    if len(head) < first or len(codes) != 1 or None in codes or head[0].error in TRANSIENT:
+    if len(head) < first or len(codes) != 1 or None in codes or is_transient(head[0].error):
         return None
     tenants = sorted({r.tenant or "(base model)" for r in head})
     return (f"the first {first} requests all failed with {head[0].error} (tenants asked for: {', '.join(tenants)}): "

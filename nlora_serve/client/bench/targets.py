@@ -32,7 +32,7 @@ class RequestResult:
     chunk_s: list[float] = field(default_factory=list)  # send -> each chunk carrying output, in order
     prompt_tokens: int = 0  # as the server reports it (0 when it does not)
     output_tokens: int = 0  # as the server reports it, else the number of output chunks
-    error: str | None = None  # failure code: a gRPC status name, "HTTP 429", an exception name
+    error: str | None = None  # failure code: a gRPC status name, "HTTP 429 queue_full", an exception name
     error_message: str = ""
 
     @property
