@@ -16,7 +16,7 @@ from nlora_serve.engine.api import max_prompt_bytes
 @pytest.fixture(scope="module")
 def server(make_module_server, tmp_path_factory):
     path = write_quota_tenants(tmp_path_factory.mktemp("admit") / "tenants.json")
-    return make_module_server(path, max_queue=MAX_QUEUE)
+    return make_module_server(path, max_queue=MAX_QUEUE, tenant_metrics=True)
 
 
 @pytest.fixture
@@ -62,8 +62,17 @@ def test_over_its_quota_or_the_queue_a_request_is_resource_exhausted_before_toke
     assert wait_for(lambda: admission_counts(server) == (0, {}))
 
 
+def _cancelled(server) -> tuple[float, float]:
+    """(grpc requests ended cancelled, capped-co's requests ended cancelled) in the server's metrics."""
+    registry = server.server.metrics.registry
+    return (registry.get_sample_value("nlora_requests_ended_total", {"frontend": "grpc", "outcome": "cancelled"}),
+            registry.get_sample_value("nlora_tenant_requests_total", {"tenant": "capped-co", "outcome": "cancelled"})
+            or 0.0)
+
+
 def test_a_deadline_while_waiting_for_the_tokenizer_gives_the_place_back(server, held):
     seen, busy, release = held
+    before = _cancelled(server)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         blocker = pool.submit(_complete, server, OTHER_KEY, HOLD)
         assert busy.wait(30)
@@ -74,6 +83,8 @@ def test_a_deadline_while_waiting_for_the_tokenizer_gives_the_place_back(server,
         assert blocker.result() == "ok"
     assert gave_back, counts
     assert seen == [HOLD]  # the cancelled request's prompt was never tokenized
+    # helper-99's find: counted in no outcome (HTTP counts a client gone then as cancelled)
+    assert _cancelled(server) == (before[0] + 1, before[1] + 1)
     assert wait_for(lambda: admission_counts(server) == (0, {}))
 
 

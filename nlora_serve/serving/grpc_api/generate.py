@@ -22,6 +22,7 @@ never collide with (or learn about) each other's ids; responses echo the id the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -108,8 +109,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             stream = start_request(self.engine, prompt, params, engine_id, adapter,
                                    max_tokens_given=request.sampling.max_tokens > 0, principal=principal,
                                    cache_salt=cache_salt_of(principal, salt, self.auth))
-        except BaseException:
-            reservation.release()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):  # the client went away (cancel, deadline) while its
+                timer.ended("cancelled")  # prompt waited or was tokenized: an admitted request's end, as HTTP's
+            reservation.release()  # after the count: who waits for the admission count to drop reads it counted
             raise
         scored = None if params.prompt_logprobs is None else (prompt, params.prompt_logprobs)
         return stream, request_id, reservation, scored
