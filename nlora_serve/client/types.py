@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from nlora_serve.proto import REASON_KEY
 from nlora_serve.proto import nlora_pb2 as pb
 
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
@@ -88,14 +89,18 @@ class AdapterInfo:
 
 
 class NloraClientError(Exception):
-    """A call failed; ``code`` is the gRPC status code, the message is the server's."""
+    """A call failed; ``code`` is the gRPC status code, the message is the server's, ``reason`` the
+    server's word for a refusal where it sent one (``queue_full`` or ``tenant_quota`` for
+    RESOURCE_EXHAUSTED: the reasons of ``nlora_requests_rejected_total``), else None."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    reason: str | None = None
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, reason: str | None = None):
         super().__init__(message)
         if code is not None:
             self.code = code
+        self.reason = reason
 
 
 class InvalidArgument(NloraClientError):
@@ -149,4 +154,7 @@ _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, ResourceExhaust
 def error_from(exc: grpc.RpcError) -> NloraClientError:
     """The typed exception for a failed call (NloraClientError for codes without their own class)."""
     code = exc.code()
-    return _BY_CODE.get(code, NloraClientError)(f"{code.name}: {exc.details()}", code)
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    reason = next((value for key, value in trailing or () if key == REASON_KEY and isinstance(value, str)
+                   and value.isprintable() and len(value) <= 64), None)
+    return _BY_CODE.get(code, NloraClientError)(f"{code.name}: {exc.details()}", code, reason)

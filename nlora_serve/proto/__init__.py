@@ -4,3 +4,8 @@ server (``serving/``) and the clients (``client/``) share (DESIGN §2, §6).
 The stubs are committed; ``python -m nlora_serve.proto.generate`` regenerates them after the proto
 changes (generate.py).
 """
+
+# Trailing metadata of a refused call: the server's reason (the ``reason`` label of
+# nlora_requests_rejected_total, HTTP's error ``code``: ``queue_full``, ``tenant_quota``, ...), which
+# tells apart the refusals one status code covers (RESOURCE_EXHAUSTED: the queue or a tenant's quota).
+REASON_KEY = "nlora-reason"

@@ -14,6 +14,7 @@ from nlora_serve.adapters.version import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.residency import AdapterLoadFailed, PoolFull
 from nlora_serve.adapters.durable import StoreWriteError
 from nlora_serve.errors import MAX_ERROR_CHARS, AdapterError, NloraError, capped
+from nlora_serve.proto import REASON_KEY
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
 from nlora_serve.engine.api import EngineDead, RequestAborted
 from nlora_serve.engine.sampling import RequestError
@@ -126,7 +127,9 @@ def details(message: str) -> str:
     return capped(message, min(MAX_ERROR_CHARS, fits))
 
 
-async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                reason: str | None = None) -> None:
     """End the call with ``code`` and ``message`` bounded by :func:`details` (raises, as
-    ``context.abort`` does)."""
-    await context.abort(code, details(message))
+    ``context.abort`` does); with ``reason`` (:func:`status_of`'s: ``queue_full``, ``tenant_quota``,
+    ...) in the trailing metadata under :data:`REASON_KEY`, which tells apart what one code covers."""
+    await context.abort(code, details(message), trailing_metadata=((REASON_KEY, reason),) if reason else ())

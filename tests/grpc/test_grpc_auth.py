@@ -181,8 +181,8 @@ def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_fil
             self.invocation_metadata = (("authorization", f"Bearer {key}"),) if key else ()
 
     class Context:
-        async def abort(self, code, message):
-            raise RuntimeError((code, message))
+        async def abort(self, code, message, trailing_metadata=()):
+            raise RuntimeError((code, message, dict(trailing_metadata)))
 
     async def never_read():
         raise AssertionError("the request was read")
@@ -199,6 +199,7 @@ def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_fil
         with pytest.raises(RuntimeError) as err:
             asyncio.run(handler.stream_stream(never_read(), Context()))
         assert err.value.args[0][0] == code
+        assert err.value.args[0][2] == {"nlora-reason": code.name.lower()}  # the reason, as HTTP's error code
     assert calls == []
     for method, key in (("/nlora_serve.v1.Generation/Generate", TENANT_KEYS["lora-co"]),
                         ("/nlora_serve.v1.AdapterAdmin/SwapAdapter", ADMIN_KEY),

@@ -56,8 +56,9 @@ class GrpcTarget:
 
     ``keys``: tenant -> API key, sent by that tenant's requests instead of ``api_key`` (bench/keys.py).
 
-    Error codes are gRPC status names (NOT_FOUND, RESOURCE_EXHAUSTED, ...); a stream that ends
-    with finish reason "abort" is recorded as ABORTED.
+    Error codes are gRPC status names (NOT_FOUND, RESOURCE_EXHAUSTED, ...), with the server's reason
+    where it sends one other than the code's name (``RESOURCE_EXHAUSTED queue_full``,
+    proto.REASON_KEY); a stream that ends with finish reason "abort" is recorded as ABORTED.
     """
 
     name = "grpc"
@@ -103,7 +104,8 @@ class GrpcTarget:
                     res.prompt_tokens, res.output_tokens = delta.usage.prompt_tokens, delta.usage.completion_tokens
                 if delta.finish_reason == "abort":
                     res.fail("ABORTED", "the server aborted the stream")
-        except NloraClientError as exc:
-            res.fail(exc.code.name, str(exc))
+        except NloraClientError as exc:  # the server's reason where it says more: RESOURCE_EXHAUSTED tenant_quota
+            said = exc.reason and exc.reason != exc.code.name.lower()
+            res.fail(f"{exc.code.name} {exc.reason}" if said else exc.code.name, str(exc))
         res.e2e_s = time.perf_counter() - t0
         return res

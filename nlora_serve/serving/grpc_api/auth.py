@@ -53,13 +53,13 @@ class KeyFirst(grpc.aio.ServerInterceptor):
                 self.metrics.reject(reason, "grpc")
             elif principal is not None and self.admin_refusals is not None:  # a tenant key on AdapterAdmin
                 self.admin_refusals.refused(method.rsplit("/", 1)[-1], principal, code.name, exc)
-            return _refusal(code, str(exc))
+            return _refusal(code, str(exc), reason)
         return await continuation(handler_call_details)
 
 
-def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _refusal(code: grpc.StatusCode, message: str, reason: str) -> grpc.RpcMethodHandler:
     """A handler that aborts with ``code`` without reading the request: grpc reads a request
     stream's messages only as the handler iterates it, and this one never does."""
     async def refuse(request_iterator, context: grpc.aio.ServicerContext):
-        await abort(context, code, message)
+        await abort(context, code, message, reason)
     return grpc.stream_stream_rpc_method_handler(refuse)

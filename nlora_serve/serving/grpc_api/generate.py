@@ -62,7 +62,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except NloraError as exc:
             code, reason = status_of(exc)
             self.metrics.reject(reason, "grpc", timer.tenant)
-            await abort(context, code, str(exc))
+            await abort(context, code, str(exc), reason)
         try:
             # aclosing: on cancel, disconnect or deadline the metered stream is closed here, which
             # aborts the request, frees its KV blocks and adapter pin and releases its admission at once
