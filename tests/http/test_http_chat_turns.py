@@ -88,7 +88,8 @@ def test_responses_greedy_text_is_the_adapters_transformers_reference(http_serve
                                                                                    "max_output_tokens")
     assert whole.id.startswith("resp_") and whole.metadata == {"k": "v"} and whole.model == LORA
     assert (whole.usage.input_tokens, whole.usage.output_tokens) == (len(ref["prompt_token_ids"]), n)
-    events = list(sdk.responses.create(**ask, stream=True))
+    # the SDK's stream_options (include_obfuscation false: no padding, which this server never adds)
+    events = list(sdk.responses.create(**ask, stream=True, stream_options={"include_obfuscation": False}))
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert [e.type for e in events[:4]] == ["response.created", "response.in_progress", "response.output_item.added",
                                             "response.content_part.added"]
@@ -133,6 +134,8 @@ def test_responses_json_schema_is_the_chat_structured_output(http_server):
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, openai.BadRequestError, "text.format"),
     ({"temperature": "0"}, openai.BadRequestError, "temperature"),
     ({"extra_body": {"conversation": "c"}}, openai.BadRequestError, "conversation"),
+    # more bytes than the context holds tokens: refused before rendering, naming input (was "messages")
+    ({"input": "a" * 400_000}, openai.BadRequestError, "input"),
 ])
 def test_responses_refusals_name_the_field(http_server, kwargs, error, param):
     with pytest.raises(error) as err:

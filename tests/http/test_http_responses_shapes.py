@@ -11,13 +11,14 @@ import re
 from pathlib import Path
 
 import pytest
+from fastapi.exceptions import RequestValidationError
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.serving.http_api.body import validated
 from nlora_serve.serving.http_api.openai import chat_params
-from nlora_serve.serving.http_api.request_models import ChatRequest
+from nlora_serve.serving.http_api.request_models import ChatRequest, ParamError
 from nlora_serve.serving.http_api.responses_request import ResponsesRequest, chat_body_of, chat_params_of
 from nlora_serve.serving.http_api.responses_shape import ResponseShaper
 from nlora_serve.serving.server_config import ServerConfig
@@ -99,3 +100,42 @@ def test_max_output_tokens_is_lowered_to_the_servers_limit_as_vllm_lowers_it(ask
     body = validated(ChatRequest, chat_body_of(request))
     assert not body.max_tokens_given
     assert chat_params_of(chat_params, body, request, ServerConfig(max_tokens=77)).max_tokens == limit
+
+
+@pytest.mark.parametrize("given, message", [
+    (None, "must be a string or a list of message items; got null"),
+    ({"role": "user", "content": "x"}, "must be a string or a list of message items; got an object"),
+    ([{"role": "tool", "content": "x"}], "input[0].role: Input should be 'user', 'assistant', 'system' or 'developer'"),
+    ([{"content": "x"}], "input[0].role: Field required"),
+    ([{"role": "user", "content": None}], "input[0].content: must be a string or a list of content parts"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "input_text", "text": 5}]}],
+     "input[1].content[0].text: Input should be a valid string"),
+], ids=["null", "object", "tool_role", "no_role", "null_content", "int_text"])
+def test_an_input_item_refusal_names_the_items_field(given, message):
+    """A bad ``input`` is refused naming where in it it is wrong (the client reads "input: <msg>",
+    param "input"); pydantic's union named its first member only, whatever was wrong ("input.str:
+    Input should be a valid string", param "input.str")."""
+    with pytest.raises(RequestValidationError) as err:
+        validated(ResponsesRequest, {"model": "m", "input": given})
+    first = err.value.errors()[0]
+    assert first["loc"] == ("input",) and first["msg"].startswith(message)
+
+
+def _refusal(**fields) -> ParamError:
+    with pytest.raises(ParamError) as err:
+        chat_body_of(validated(ResponsesRequest, {"model": "m", "input": "hi", **fields}))
+    return err.value
+
+
+def test_the_sdks_stream_options_and_prompt_cache_options_are_taken_as_chats():
+    """The openai SDK's responses.create(stream_options={"include_obfuscation": False}) and
+    prompt_cache_options (which chat accepts) were 400 'unsupported field'; obfuscation asked, or
+    stream_options without stream, is refused as chat refuses it; a json_object format with a
+    schema is refused (the answer would not follow the schema)."""
+    request = validated(ResponsesRequest, {"model": "m", "input": "hi", "stream": True, "prompt_cache_options": {
+        "mode": "implicit"}, "stream_options": {"include_obfuscation": False}})
+    assert chat_body_of(request)["stream"] is True
+    assert _refusal(stream=True, stream_options={"include_obfuscation": True}).param == \
+        "stream_options.include_obfuscation"
+    assert _refusal(stream_options={"include_obfuscation": False}).param == "stream_options"
+    assert _refusal(text={"format": {"type": "json_object", "schema": {"type": "object"}}}).param == "text.format"

@@ -94,6 +94,8 @@ class Endpoint:
     shaper: Callable[[Started, HttpContext], object]
     # (first delta, the other deltas, shaper) -> the SSE messages of a stream
     events: Callable[[RequestOutput, AsyncIterator[RequestOutput], object], AsyncIterator[str]]
+    # the request field a refusal of a chat's messages names (too many, too long: render_chat)
+    messages_field: str = "messages"
 
 
 async def generate(ctx: HttpContext, request: Request, endpoint: Endpoint) -> Response:
@@ -162,7 +164,7 @@ async def _start(ctx: HttpContext, request: Request, endpoint: Endpoint, caller:
         ctx.admission.grow(reservation, places - 1, caller, asked, "n" if num_prompts == 1 else "prompt")
     engine_rid = uuid.uuid4().hex  # the engine's ids: unique whatever id the client gives
     rid = endpoint.response_id(request, body, own, engine_rid)
-    queued = _tokenize_and_queue(ctx, caller, body, prompts, params, engine_rid, truncation)
+    queued = _tokenize_and_queue(ctx, caller, body, prompts, params, engine_rid, truncation, endpoint.messages_field)
     started = await unless_disconnected(request, queued)
     return None if started is None else Started(started[0], timer, body, params, rid, prompts, *started[1:], own)
 
@@ -184,10 +186,10 @@ async def read_body(request: Request, admission: Admission) -> bytes:
 
 
 async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompts: list[str | list[int]] | None,
-                              params, rid: str, truncation: tuple[int, str] | None = None
-                              ) -> tuple[AsyncIterator, list[list[int]], list[bool]]:
+                              params, rid: str, truncation: tuple[int, str] | None = None,
+                              messages_field: str = "messages") -> tuple[AsyncIterator, list[list[int]], list[bool]]:
     """Tokenize an admitted request's prompts (chat: render it; ``prompts`` None), each in its own
-    turn of its tenant (TokenizerTurns), cut each to ``truncation``
+    turn of its tenant (TokenizerTurns; a chat's refusals name ``messages_field``), cut each to ``truncation``
     (:func:`~nlora_serve.serving.http_api.truncation.truncation_of`) and queue them in the engine
     (:func:`start_choices`); the engine stream, each prompt's token ids as they run, and whether
     truncation cut each.
@@ -202,7 +204,7 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompts
         await ctx.admission.grammar.run(caller.name, ctx.engine.check_structured, params.structured_outputs,
                                         caller.name)
     if prompts is None:
-        full = [await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds)]
+        full = [await turns.run(caller.name, chat_prompt, body, ctx.tokenizer, ctx.chat_bounds, messages_field)]
     else:
         full = []
         for i, prompt in enumerate(prompts):

@@ -280,10 +280,11 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
 
 
 def chat_prompt(request: ChatRequest, tokenizer,
-                chat_bounds: tuple[int | None, int | None] = (None, None)) -> list[int]:
+                chat_bounds: tuple[int | None, int | None] = (None, None), field: str = "messages") -> list[int]:
     """The prompt token ids of a chat request (or a /tokenize chat body) under the chat template,
     with its ``add_generation_prompt`` and ``continue_final_message`` (the expensive step: run on the
-    tokenizer thread, once the request is admitted).
+    tokenizer thread, once the request is admitted). ``field``: the request field a refusal of the
+    messages names (/v1/responses': ``input``, whose messages they are).
 
     Raises:
         ParamError: no messages or an unknown role, a part that is not text, contents or messages
@@ -297,8 +298,8 @@ def chat_prompt(request: ChatRequest, tokenizer,
         extra["enable_thinking"] = request.reasoning_effort != "none"
     with as_param_error("chat_template_kwargs"):
         kwargs = template_kwargs(tokenizer, request.chat_template_kwargs or {}, extra)
-    with as_param_error("messages"):
-        return render_chat(messages, tokenizer, "messages", *chat_bounds, request.add_generation_prompt,
+    with as_param_error(field):
+        return render_chat(messages, tokenizer, field, *chat_bounds, request.add_generation_prompt,
                            request.continue_final_message, kwargs)
 
 

@@ -19,9 +19,11 @@ response has that id), ``background: true`` a 400 naming ``background``. Tools: 
 ``tool_choice`` ``"auto"`` / ``"none"`` only (vLLM then answers ``"none"``); ``include``'s
 ``message.output_text.logprobs`` (logprobs) is not implemented and refused, its other values change
 nothing for text and are accepted, as are ``top_logprobs`` without it, ``prompt_cache_key``,
-``service_tier``, ``metadata``, ``user`` (echoed), and OpenAI's ``safety_identifier`` and
-``prompt_cache_retention`` (:data:`HINTS`). Any other field is refused, naming it. Items other than messages (function calls,
-reasoning, images, files) and parts other than text are refused with a 400 naming ``input``.
+``service_tier``, ``metadata``, ``user`` (echoed), OpenAI's ``safety_identifier``,
+``prompt_cache_retention`` and ``prompt_cache_options`` (:data:`HINTS`), and, with ``stream``,
+``stream_options`` with ``include_obfuscation`` false or null (as chat's). Any other field is
+refused, naming it. Items other than messages (function calls, reasoning, images, files) and parts
+other than text are refused with a 400 naming ``input``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from nlora_serve.engine.sampling import SamplingParams
@@ -41,8 +43,9 @@ FORWARDED = frozenset({"top_k", "min_p", "repetition_penalty", "presence_penalty
                        "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
                        "cache_salt", "chat_template_kwargs", "structured_outputs", "priority", "watermarking"})
 # OpenAI fields vLLM 0.32's model lacks (it ignores them) that change nothing here either: an end-user
-# id (the successor of ``user``) and a prompt-cache retention hint; accepted at any value
-HINTS = frozenset({"safety_identifier", "prompt_cache_retention"})
+# id (the successor of ``user``) and prompt-cache retention and options hints (prefix caching here is
+# automatic; chat accepts the same, request_models.OPENAI_IGNORED); accepted at any value
+HINTS = frozenset({"safety_identifier", "prompt_cache_retention", "prompt_cache_options"})
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _INCLUDE = Literal["code_interpreter_call.outputs", "computer_call_output.output.image_url",
                    "file_search_call.results", "message.input_image.image_url", "message.output_text.logprobs",
@@ -68,6 +71,17 @@ class InputMessage(BaseModel):
     id: str | None = None  # an output message fed back: its id, status and phase
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     phase: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value):
+        """Raises PydanticCustomError for a content neither a string nor a list (pydantic would
+        name the union's first member only: "content.str: Input should be a valid string")."""
+        if not isinstance(value, (str, list)):
+            raise PydanticCustomError("content", "must be a string or a list of content parts "
+                                      "([{'type': 'input_text', 'text': ...}]); got {kind}",
+                                      {"kind": _kind(value)})
+        return value
 
 
 class TextFormat(BaseModel):
@@ -96,6 +110,14 @@ class Reasoning(BaseModel):
     summary: Literal["auto", "concise", "detailed"] | None = None
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's Responses ``stream_options``: its random padding of stream events (a side-channel
+    mitigation) only, none here: false or null only, as chat's."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_obfuscation: bool | None = None
+
+
 class ResponsesRequest(BaseModel):
     """POST /v1/responses (the fields vLLM 0.32 reads for text; extras: :data:`FORWARDED`)."""
 
@@ -108,6 +130,7 @@ class ResponsesRequest(BaseModel):
     top_p: float | None = None
     seed: int | None = None
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     text: TextConfig | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -129,15 +152,49 @@ class ResponsesRequest(BaseModel):
     @field_validator("input", mode="before")
     @classmethod
     def _items(cls, value):
-        """Raises PydanticCustomError for an item that is not a message (a function call, ...)."""
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                kind = item.get("type", "message") if isinstance(item, dict) else None
-                if kind != "message":
-                    what = f"a {kind!r} item" if isinstance(kind, str) else "not a message object"
-                    raise PydanticCustomError("input", f"input[{i}] is {what}: this server takes message items only "
-                                              "({'role', 'content'}; no tools)")
-        return value
+        """The message items of a list ``input`` validated here, so that a refusal names the item's
+        field (pydantic's union would name its first member: "input.str: Input should be a valid string").
+
+        Raises:
+            PydanticCustomError: an input neither a string nor a list, an item that is not a message
+                (a function call, ...), a message that does not validate (its first error, located).
+        """
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise PydanticCustomError("input", "must be a string or a list of message items; got {kind}",
+                                      {"kind": _kind(value)})
+        for i, item in enumerate(value):
+            kind = item.get("type", "message") if isinstance(item, dict) else None
+            if kind != "message":
+                what = f"a {kind!r} item" if isinstance(kind, str) else "not a message object"
+                raise PydanticCustomError("input", f"input[{i}] is {what}: this server takes message items only "
+                                          "({'role', 'content'}; no tools)")
+        try:
+            return _MESSAGES.validate_python(value)
+        except ValidationError as exc:
+            where, message = _located(exc)
+            raise PydanticCustomError("input", "input{where}: {message}",
+                                      {"where": where, "message": message}) from None
+
+
+_MESSAGES = TypeAdapter(list[InputMessage])
+_JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+               list: "an array", dict: "an object"}
+
+
+def _kind(value) -> str:
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _located(exc: ValidationError) -> tuple[str, str]:
+    """(where, message) of the most specific error of a list of messages: its location as
+    ``[0].content[1].text`` (the union members' tags left out), its message."""
+    errors = exc.errors(include_url=False)
+    first = max(errors, key=lambda error: len(error["loc"]))  # the deepest: the union member that matched
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
+                    if isinstance(part, int) or (part != "str" and "[" not in part))
+    return where, first["msg"]
 
 
 def check_stateless(request: ResponsesRequest) -> None:
@@ -219,6 +276,11 @@ def _check_unsupported(request: ResponsesRequest) -> None:
     if request.include and LOGPROBS_INCLUDE in request.include:
         raise ParamError(f"include {LOGPROBS_INCLUDE!r} (log-probabilities) is not supported on /v1/responses "
                          "by this server", "include")
+    if request.stream_options is not None and not request.stream:  # as chat refuses it
+        raise ParamError("stream_options is only allowed with stream=true", "stream_options")
+    if request.stream_options is not None and request.stream_options.include_obfuscation:
+        raise ParamError("stream_options.include_obfuscation=true is not supported: this server pads no event with "
+                         "an obfuscation field; send false or leave it out", "stream_options.include_obfuscation")
     if request.truncation == "auto":
         raise ParamError("truncation 'auto' is not supported by this server; send 'disabled'", "truncation")
     if request.max_output_tokens is not None and request.max_output_tokens < 1:
@@ -244,7 +306,8 @@ def _response_format(request: ResponsesRequest) -> dict | None:
     """``text.format`` as chat's ``response_format`` (None: free text).
 
     Raises:
-        ParamError: json_schema without ``schema`` or ``name``; text.format with structured_outputs.
+        ParamError: json_schema without ``schema`` or ``name``; text or json_object with one of
+            json_schema's fields; text.format with structured_outputs.
     """
     fmt = request.text.format if request.text is not None else None
     if fmt is None:
@@ -252,6 +315,11 @@ def _response_format(request: ResponsesRequest) -> dict | None:
     if (request.model_extra or {}).get("structured_outputs") is not None:  # vLLM's words
         raise ParamError("Cannot specify both structured_outputs and text.format", "structured_outputs")
     if fmt.type != "json_schema":
+        given = [key for key, value in (("name", fmt.name), ("schema", fmt.schema_), ("description", fmt.description),
+                                        ("strict", fmt.strict)) if value is not None]
+        if given:  # a schema sent with json_object would be ignored: the answer would not follow it
+            raise ParamError(f"text.format of type {fmt.type!r} takes no {given[0]!r} (name, schema, description "
+                             "and strict are type 'json_schema''s fields)", "text.format")
         return {"type": fmt.type}
     if fmt.schema_ is None or fmt.name is None:
         raise ParamError("text.format of type 'json_schema' needs 'name' and 'schema'", "text.format")

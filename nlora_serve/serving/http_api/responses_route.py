@@ -41,4 +41,5 @@ def _shaper(started, ctx: HttpContext) -> ResponseShaper:
     return ResponseShaper(started.rid, started.own, started.params, limit)
 
 
-RESPONSES = Endpoint(_read, _response_id, _shaper, lambda first, deltas, shaper: shaper.events(first, deltas))
+RESPONSES = Endpoint(_read, _response_id, _shaper, lambda first, deltas, shaper: shaper.events(first, deltas),
+                     messages_field="input")  # its messages are input's (and instructions')
