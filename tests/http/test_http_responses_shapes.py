@@ -16,6 +16,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from nlora_serve.engine.api import RequestOutput
+from nlora_serve.engine.sampling import RequestError
 from nlora_serve.serving.http_api.body import validated
 from nlora_serve.serving.http_api.openai import chat_params
 from nlora_serve.serving.http_api.request_models import ChatRequest, ParamError
@@ -139,3 +140,17 @@ def test_the_sdks_stream_options_and_prompt_cache_options_are_taken_as_chats():
         "stream_options.include_obfuscation"
     assert _refusal(stream_options={"include_obfuscation": False}).param == "stream_options"
     assert _refusal(text={"format": {"type": "json_object", "schema": {"type": "object"}}}).param == "text.format"
+
+
+def test_a_schema_chat_refuses_before_compiling_is_blamed_on_text_format():
+    """A schema nested past vLLM's 64 levels is refused naming text.format.schema, the request's
+    field (it named chat's response_format.json, param response_format)."""
+    schema = {"type": "string"}
+    for _ in range(70):
+        schema = {"type": "object", "properties": {"a": schema}}
+    request = validated(ResponsesRequest, {"model": "m", "input": "hi", "text": {
+        "format": {"type": "json_schema", "name": "deep", "schema": schema}}})
+    with pytest.raises(RequestError) as err:
+        chat_params_of(chat_params, validated(ChatRequest, chat_body_of(request)), request, ServerConfig())
+    assert err.value.param == "text.format"
+    assert str(err.value).startswith("text.format.schema: the JSON schema is nested too deeply")

@@ -34,7 +34,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.http_api.request_models import IGNORED, ChatRequest, ParamError, unsupported
 from nlora_serve.serving.status import ResponseNotFound
 
@@ -249,8 +249,20 @@ def chat_params_of(run, body: ChatRequest, request: ResponsesRequest, config) ->
     the generation config's cap) and, as the body sets no max_tokens, to the rest of the context
     (:func:`~nlora_serve.serving.stream.start_request`), never refused for being over them
     (vLLM's ``min(max_output_tokens, default_max_tokens)``); a structured-output spec that does not
-    compile is blamed on ``text.format``."""
-    params = run(body, config)
+    compile, or that chat refuses before compiling (nested too deeply, too long), is blamed on
+    ``text.format``, the field the request has (chat's words name ``response_format``).
+
+    Raises:
+        RequestError: from ``run``; a ``response_format`` refusal as a ParamError naming ``text.format``.
+    """
+    try:
+        params = run(body, config)
+    except RequestError as exc:
+        if exc.param != "response_format":
+            raise
+        message = str(exc).replace("response_format.json", "text.format.schema", 1).replace(
+            "response_format", "text.format")
+        raise ParamError(message, "text.format") from None
     if request.max_output_tokens is not None:
         params = dataclasses.replace(params, max_tokens=min(params.max_tokens, request.max_output_tokens))
     structured = params.structured_outputs
