@@ -188,10 +188,12 @@ def _kind(value) -> str:
 
 
 def _located(exc: ValidationError) -> tuple[str, str]:
-    """(where, message) of the most specific error of a list of messages: its location as
+    """(where, message) of the first message's most specific error: its location as
     ``[0].content[1].text`` (the union members' tags left out), its message."""
     errors = exc.errors(include_url=False)
-    first = max(errors, key=lambda error: len(error["loc"]))  # the deepest: the union member that matched
+    item = min(error["loc"][0] for error in errors)
+    # the deepest of the item's errors: in the union member that matched its shape
+    first = max((error for error in errors if error["loc"][0] == item), key=lambda error: len(error["loc"]))
     where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
                     if isinstance(part, int) or (part != "str" and "[" not in part))
     return where, first["msg"]
