@@ -113,8 +113,16 @@ def _check_rank(name: str, r) -> None:
 
 
 def _check_alpha(name: str, alpha) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise AdapterError(f"{CONFIG_NAME}: {name} = {alpha!r}; expected a finite number")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not _finite(alpha):
+        raise AdapterError(f"{CONFIG_NAME}: {name} = {alpha!r:.80}; expected a finite number")
+
+
+def _finite(value: int | float) -> bool:
+    """Whether ``value`` is a finite float64: a JSON integer past it (10**400) raised OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_regex(name: str, pattern: str) -> None:

@@ -105,12 +105,31 @@ def parse_factors(data: bytes, spec: ModelSpec, key: str, source: str) -> Family
         if set(parts) != {PART_A, PART_B}:
             raise AdapterError(f"{source}: family factors of {ModelSpec.module_path(*site)} need lora_A and lora_B; "
                                f"found {sorted(parts)}")
-        sites[site] = (tensors[parts[PART_A]].to(torch.float32), tensors[parts[PART_B]].to(torch.float32))
+        a, b = tensors[parts[PART_A]], tensors[parts[PART_B]]
+        _check_factor_shapes(site, a, b, spec, source)
+        sites[site] = (a.to(torch.float32), b.to(torch.float32))
     factors = make_factors(sites, fingerprint)
     if factors.key != key:
         raise AdapterError(f"{source}: the family factors hash to {factors.key[:16]}…, not to the family "
                            f"{key[:16]}… the adapter names: they were changed or belong to another family")
     return factors
+
+
+def _check_factor_shapes(site: tuple[int, str], a: torch.Tensor, b: torch.Tensor, spec: ModelSpec,
+                         source: str) -> None:
+    """A_f [R, in] and B_f [out, R] of one site, as the model's projection and one R: factors of
+    another shape (the key hashes whatever the file holds) were served, and every step that ran
+    the member failed, ending every running request of every tenant.
+
+    Raises:
+        AdapterError: naming the site, both shapes and the projection's [out, in].
+    """
+    out, inp = spec.projection_shape(site[1])
+    rank = a.shape[0] if a.dim() == 2 else -1
+    if a.dim() != 2 or tuple(a.shape) != (rank, inp) or tuple(b.shape) != (out, rank) or rank < 1:
+        raise AdapterError(f"{source}: family factors of {ModelSpec.module_path(*site)} have lora_A "
+                           f"{list(a.shape)} and lora_B {list(b.shape)}; expected [R, {inp}] and [{out}, R] "
+                           f"({site[1]} of this model is [out={out}, in={inp}])")
 
 
 def family_file(root: Path, key: str) -> Path:

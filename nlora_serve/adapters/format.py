@@ -72,7 +72,8 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def _check_dtypes(header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
     for key, (dtype, _) in header.items():
-        if dtype not in STORED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in STORED_DTYPES:  # a list or object is no dtype name
+            dtype = dtype if isinstance(dtype, str) else f"{dtype!r:.80}"
             raise AdapterError(f"tensor {key!r} has dtype {dtype}; expected one of "
                                f"{', '.join(STORED_DTYPES)} (float16, bfloat16, float32)")
 

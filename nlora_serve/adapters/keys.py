@@ -36,6 +36,9 @@ def _why_unmapped(key: str, spec: ModelSpec) -> str:
     if m is None:
         return f"it does not follow the layout {EXPECTED_LAYOUT}"
     layer, block, module = int(m.group(1)), m.group(2), m.group(3)
+    if m.group(1) != str(layer):
+        return (f"its layer index {m.group(1)!r} is not written as PEFT writes it ({str(layer)!r}): two keys "
+                "could name one module")
     if layer >= spec.num_layers:
         return f"layer {layer} is out of range: the model has {spec.num_layers} layers (0-{spec.num_layers - 1})"
     if module not in PROJECTIONS:
@@ -48,10 +51,12 @@ def parse_key(key: str, spec: ModelSpec) -> tuple[int, str, str] | None:
     m = _KEY_RE.fullmatch(key)
     if m is None:
         return None
-    layer, block, module, part = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+    layer, module, part = int(m.group(1)), m.group(3), m.group(4)
     if layer >= spec.num_layers or module not in PROJECTIONS:
         return None
-    if ModelSpec.module_path(layer, module) != f"model.layers.{layer}.{block}.{module}":
+    # one spelling, PEFT's: not "layers.00" or a non-ASCII digit (int() reads both as 0), nor a module under
+    # the other block
+    if key != tensor_key(layer, module, part):
         return None
     return layer, module, part
 

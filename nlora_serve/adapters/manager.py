@@ -248,12 +248,19 @@ class AdapterManager:
             VersionConflict: ``if_version`` is not the current version.
         """
         adapter_dir = Path(adapter_dir)
-        _check_regular(adapter_dir)
+        total = _check_regular(adapter_dir)
+        if total > self.limits.max_adapter_bytes:  # before any read: a sparse 1 TB file was a MemoryError
+            raise AdapterError(f"{adapter_dir}: {' + '.join(ALLOWED_FILES)} are {total} bytes, over the server's "
+                               f"--max-adapter-bytes {self.limits.max_adapter_bytes}")
         import_family(name, adapter_dir, self.families, self.registry.store)  # a compact family member
         try:
-            files = {f: (adapter_dir / f).read_bytes() for f in ALLOWED_FILES if (adapter_dir / f).is_file()}
+            files = {f: _read_at_most(adapter_dir / f, self.limits.max_adapter_bytes)
+                     for f in ALLOWED_FILES if (adapter_dir / f).is_file()}
         except OSError as exc:  # EACCES, EIO: the folder's fault, not the server's
             raise AdapterError(f"{adapter_dir}: cannot read its adapter files ({exc.strerror or exc})") from None
+        if sum(map(len, files.values())) > self.limits.max_adapter_bytes:  # grown since the check
+            raise AdapterError(f"{adapter_dir}: its adapter files grew past the server's --max-adapter-bytes "
+                               f"{self.limits.max_adapter_bytes} while being read")
         if len(files) < len(ALLOWED_FILES):
             read_adapter(adapter_dir, self.base, max_rank=self.limits.max_rank)  # names what is wrong
             raise AdapterError(f"{adapter_dir}: expected {' and '.join(ALLOWED_FILES)}")
@@ -297,20 +304,32 @@ class AdapterManager:
         return self.registry.versions()
 
 
-def _check_regular(adapter_dir: Path) -> None:
+def _read_at_most(path: Path, limit: int) -> bytes:
+    """The first ``limit`` + 1 bytes of ``path`` at most: a file grown since it was sized is not
+    read whole."""
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
+
+
+def _check_regular(adapter_dir: Path) -> int:
     """Refuse an adapter file of ``adapter_dir`` that exists but is no regular file (links to one
     are fine: a Hugging Face snapshot's files are links to its blobs). A FIFO would block its
     reader for good, and a link to /dev/zero or /dev/urandom would be read until memory runs out.
+    Returns the bytes of those files together (missing ones count 0).
 
     Raises:
         AdapterError: naming the file and what it is.
     """
+    total = 0
     for file in ALLOWED_FILES:
         try:
-            mode = (adapter_dir / file).stat().st_mode
+            found = (adapter_dir / file).stat()
         except (OSError, ValueError):  # missing (the readers name it), or not statable
             continue
+        mode = found.st_mode
         if not stat.S_ISREG(mode):
             kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
             raise AdapterError(f"{adapter_dir}: {file} is {kind}, not a regular file; an adapter folder holds "
                                f"{' and '.join(ALLOWED_FILES)} as files (or links to files)")
+        total += found.st_size
+    return total
