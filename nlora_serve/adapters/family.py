@@ -209,6 +209,11 @@ class FamilyResolver:
         """Cache ``factors`` (e.g. from a full-form upload); returns the cached copy for its key."""
         return self._cache.setdefault(factors.key, factors)
 
+    def known(self, factors: FamilyFactors) -> FamilyFactors:
+        """The cached copy of ``factors``' family, else ``factors`` itself, not cached: a full-form
+        member's own factors are remembered only once the member is accepted (:meth:`remember`)."""
+        return self._cache.get(factors.key, factors)
+
 
 def member_header(key: str, base_fingerprint: str) -> dict:
     """The ``nlora_serve`` object of a family member's adapter_config.json."""

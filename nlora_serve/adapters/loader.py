@@ -151,7 +151,7 @@ def _family_factors(cfg: AdapterConfig, grouped: dict, tensors: dict, plans: dic
         if own.key != header.family:
             raise AdapterError(f"{source}: its lora_A / lora_B hash to family {own.key[:16]}…, not to the "
                                f"family {header.family[:16]}… its {CONFIG_NAME} names")
-        factors = families.remember(own)
+        factors = families.known(own)  # remembered by _read once the member is accepted
     else:
         factors = families.get(header.family, near)
     if set(factors.sites) != set(plans) or any(p.rank != factors.rank for p in plans.values()):
@@ -220,9 +220,12 @@ def _read(cfg: AdapterConfig, header: dict, tensors_of, base: BaseModel, max_ran
     check_finite(tensors)
     stored = max((STORED_DTYPES[d] for d, _ in header.values()), key=lambda d: torch.finfo(d).eps)
     if cfg.family is not None:
+        families = families if families is not None else FamilyResolver(base.spec)
         factors = _family_factors(cfg, grouped, tensors, plans, base, families, near, source)
         sites = _build_sites(grouped, tensors, plans, base, factors)
-        return assemble_adapter(cfg, sites, base, stored, shared=factors, source=source)
+        adapter = assemble_adapter(cfg, sites, base, stored, shared=factors, source=source)
+        families.remember(factors)  # not before: a refused upload's factors (up to 78 MB at rank 64) stayed cached
+        return adapter
     sites = _build_sites(grouped, tensors, plans, base)
     family = _check_family(cfg, plans, base) if cfg.tied else None
     return assemble_adapter(cfg, sites, base, stored, family=family, source=source)

@@ -211,3 +211,18 @@ def test_compressed_family_error_is_measured_against_the_loras(base_fp32, family
     assert 0.05 < max(dense_all) < 1  # lossy at R=8, never worse than dropping the adapter
     exact = compress_adapters(adapters, 12, iters=0)
     assert max(max(e.values()) for e in exact.errors.values()) < 1e-4
+
+
+def test_a_refused_full_form_upload_leaves_its_factors_uncached(base_fp32, family_dir, tmp_path):
+    """The reader cached a full-form member's own factors before the magnitude bounds ran: each
+    refused upload of another family kept its factors (~31 MB at rank 16 on every projection)
+    for the server's life (10 such uploads: +310 MB resident, 10 families cached)."""
+    config, weights, key = _full_form_upload(base_fp32, family_dir)
+    tensors = safetensors.torch.load(weights)
+    huge = safetensors.torch.save({k: v * 1e30 if "lora_N" in k else v for k, v in tensors.items()})
+    manager = _manager(base_fp32, tmp_path / "store")
+    with pytest.raises(AdapterError, match="lora_N.weight' at model.layers.0.self_attn.q_proj: the layer's output"):
+        manager.register("up", {"adapter_config.json": config, "adapter_model.safetensors": huge})
+    assert key not in manager.families._cache
+    version = manager.register("up", {"adapter_config.json": config, "adapter_model.safetensors": weights})
+    assert version.family == key and key in manager.families._cache  # an accepted member's factors are shared
