@@ -275,7 +275,11 @@ class Residency:
                 logged, with its paths; the tenant's message holds none).
         """
         try:
-            return self._load(version.path)
+            adapter = self._load(version.path)
+            if adapter.content_hash != version.content_hash:  # bit rot, or a hand edit: not what requests report
+                raise AdapterError(f"its files changed on disk since it was registered: they hash to "
+                                   f"{adapter.content_hash[:16]}…, the version is {version.content_hash[:16]}…")
+            return adapter
         except (AdapterError, OSError) as exc:
             log.error("cold load of adapter %s v%d from %s failed: %s", version.name, version.version,
                       version.path, exc)

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from nlora_serve.adapters.adapter import Adapter
+from nlora_serve.adapters.adapter import Adapter, content_hash
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.adapters.nystrom import init_adapter
 from nlora_serve.adapters.residency import PoolFull, Residency, SlotBusy
@@ -26,6 +26,8 @@ def perturbed(adapter: Adapter, seed: int, scale: float = 0.05) -> Adapter:
         s.has_n = True
         if not adapter.is_tied:
             s.B = s.B + scale * torch.randn(s.B.shape, generator=gen, dtype=s.B.dtype)
+    # the hash of its new maths, as a read of its written folder gives it: a cold load checks it
+    adapter.content_hash = content_hash(adapter.sites, adapter.family_key)
     return adapter
 
 

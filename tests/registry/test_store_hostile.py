@@ -251,3 +251,26 @@ def test_a_folder_not_named_as_a_version_is_no_version(base_fp32, tmp_path, stra
     assert [(v.name, v.version) for v in restarted.versions()] == [("acme", 1), ("sneaky", 1)]
     assert restarted.register_dir("acme", CASE).path == root / "acme" / "00000002"
     assert (root / "acme" / stray).is_dir()  # not the store's to delete
+
+
+def test_an_evicted_lora_whose_files_changed_on_disk_is_not_loaded_back(base_fp32, tmp_path, caplog):
+    """A cold load re-read the store folder and served whatever it held under the registered
+    version and hash (bit rot or a hand edit that is still a valid adapter): responses named the old
+    hash, and prefix-cache blocks computed with the old weights were reused with the new ones."""
+    from safetensors.torch import load, save
+
+    from nlora_serve.adapters.limits import AdapterLimits
+    from nlora_serve.adapters.residency import AdapterLoadFailed
+
+    manager = AdapterManager(base_fp32, tmp_path / "store", limits=AdapterLimits(max_loras=1))
+    acme = manager.register_dir("acme", CASE)
+    manager.register_dir("zeta", CASE.parent / "lora-rslora")
+    manager.release(manager.acquire("zeta"))
+    assert acme.adapter is None  # evicted: zeta holds the one slot
+    weights = acme.path / WEIGHTS_FILE
+    weights.write_bytes(save({k: 2 * t for k, t in load(weights.read_bytes()).items()}))
+    with caplog.at_level(logging.ERROR, logger="nlora_serve.adapters.residency"):
+        with pytest.raises(AdapterLoadFailed, match="^adapter 'acme' v1 could not be loaded back"):
+            manager.acquire("acme")
+    assert "its files changed on disk since it was registered: they hash to" in caplog.text
+    assert acme.adapter is None and acme.refcount == 0 and manager.residency.lora_pool.used == 0  # no slot kept
