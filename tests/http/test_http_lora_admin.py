@@ -9,6 +9,8 @@ import json
 import logging
 import re
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -102,7 +104,14 @@ def test_unload_stops_serving_the_name_and_an_unknown_name_is_404(server, caplog
     running = client(server, TENANT_KEYS["tied-co"]).completions.create(
         model=NAME, prompt="Once upon a time", max_tokens=500, stream=True, extra_body={"ignore_eos": True})
     next(iter(running))
-    resp = _post(server, "/v1/unload_lora_adapter", {"lora_name": NAME, "lora_int_id": 7})
+    with ThreadPoolExecutor(1) as pool:
+        with server.engine.adapters.registry._write_lock:  # an upload's or swap's durable write under way
+            unloading = pool.submit(_post, server, "/v1/unload_lora_adapter", {"lora_name": NAME, "lora_int_id": 7})
+            time.sleep(0.2)
+            start = time.perf_counter()  # the unload waits for the lock in a thread, not on the event loop
+            health = requests.get(f"http://127.0.0.1:{server.server.http_port}/health", timeout=2)
+            assert (health.status_code, unloading.done()) == (200, False) and time.perf_counter() - start < 0.5
+        resp = unloading.result()
     running.close()
     assert (resp.status_code, resp.text) == (200, f"Success: LoRA adapter '{NAME}' removed successfully.")
     assert resp.headers["X-Draining-Requests"] == "1"

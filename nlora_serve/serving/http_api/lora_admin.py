@@ -128,7 +128,9 @@ async def _unload(ctx: HttpContext, request: Request, admin: Principal) -> Respo
         return Response(status_code=499)
     name = body.lora_name
     draining = adapter_manager(ctx.engine).draining(name)  # as gRPC's UnloadAdapter counts them
-    version = ctx.engine.unload_adapter(name)  # running requests finish on their version
+    # running requests finish on their version; in a worker thread, as gRPC's UnloadAdapter: the unload
+    # waits for the registry's write lock, held by an upload's or swap's durable write
+    version = await asyncio.to_thread(ctx.engine.unload_adapter, name)
     log.info("%s by %r: adapter %r v%d unloaded (%d requests draining)", request.url.path, admin.name, name,
              version.version, draining)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.",
