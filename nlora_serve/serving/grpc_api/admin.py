@@ -99,19 +99,25 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
 
     async def _upload(self, parts) -> pb.AdapterInfo:
         manager = self._manager()
-        header, weights = await self._receive(parts)
-        digest = hashlib.sha256(weights).hexdigest()
-        if header.safetensors_sha256 and header.safetensors_sha256.lower() != digest:
-            raise AdapterError(f"upload of {header.name!r}: adapter_model.safetensors has sha256 {digest}, "
-                               f"the header says {shown(header.safetensors_sha256, 64)!r}")
-        files = {CONFIG_FILE: header.adapter_config_json.encode(), WEIGHTS_FILE: weights}
+        header, received = await self._receive(parts)
+
+        def register():  # in a worker thread, the copy and the hash too (0.13 + 0.05 s of the loop for 78 MB)
+            weights = bytes(received)
+            digest = hashlib.sha256(weights).hexdigest()
+            if header.safetensors_sha256 and header.safetensors_sha256.lower() != digest:
+                raise AdapterError(f"upload of {header.name!r}: adapter_model.safetensors has sha256 {digest}, "
+                                   f"the header says {shown(header.safetensors_sha256, 64)!r}")
+            return manager.register(header.name, {CONFIG_FILE: header.adapter_config_json.encode(),
+                                                  WEIGHTS_FILE: weights})
+
         start = time.perf_counter()
-        version = await asyncio.to_thread(manager.register, header.name, files)
+        version = await asyncio.to_thread(register)
         self.metrics.load.observe(time.perf_counter() - start)
         return convert.adapter_info(version, self.engine.is_resident(version))
 
-    async def _receive(self, parts) -> tuple[pb.UploadHeader, bytes]:
-        """The header and the exact number of safetensors bytes it announced.
+    async def _receive(self, parts) -> tuple[pb.UploadHeader, bytearray]:
+        """The header and the exact number of safetensors bytes it announced (not copied into bytes here:
+        the caller does that off the event loop).
 
         Raises:
             AdapterError: no header first, a bad name, a second header, a size mismatch.
@@ -139,7 +145,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         if len(weights) != header.safetensors_bytes:
             raise AdapterError(f"upload of {header.name!r}: received {len(weights)} bytes of "
                                f"adapter_model.safetensors, the header announced {header.safetensors_bytes}")
-        return header, bytes(weights)
+        return header, weights
 
     def _check_size(self, name: str, total: int) -> None:
         if total > self.config.max_adapter_bytes:
