@@ -185,7 +185,8 @@ class AdapterStore:
                     continue
             except (AdapterError, OSError) as exc:  # OSError: EACCES, EIO; skipped, not a crash of the start
                 if warn:
-                    log.warning("skipping store entry %s: %s", entry, exc)
+                    # quoted: a folder's name may hold a newline or an escape (a forged log line)
+                    log.warning("skipping store entry %r: %s", str(entry), exc)
                 continue
             holder = holders.setdefault(entry.name.casefold(), entry.name)
             if holder != entry.name:

@@ -36,7 +36,7 @@ def test_a_bad_entry_is_skipped_with_one_warning_per_warning_scan(tmp_path, capl
         assert not caplog.records
         assert store.names() == ["acme"]
     assert len(caplog.records) == 1
-    assert caplog.records[0].getMessage().startswith(f"skipping store entry {tmp_path / 'not a name!'}: ")
+    assert caplog.records[0].getMessage().startswith(f"skipping store entry {str(tmp_path / 'not a name!')!r}: ")
 
 
 def test_content_hash_matches_hand_computed_sha256(tmp_path):

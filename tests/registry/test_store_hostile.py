@@ -274,3 +274,15 @@ def test_an_evicted_lora_whose_files_changed_on_disk_is_not_loaded_back(base_fp3
             manager.acquire("acme")
     assert "its files changed on disk since it was registered: they hash to" in caplog.text
     assert acme.adapter is None and acme.refcount == 0 and manager.residency.lora_pool.used == 0  # no slot kept
+
+
+def test_a_store_folder_named_with_a_newline_cannot_forge_a_log_line(tmp_path, caplog):
+    """The warning printed the entry's path raw: a folder 'x\\nERROR ...: forged' wrote two lines, the
+    second one the forger's, and an ANSI escape reached the operator's terminal."""
+    forged = "x\nERROR nlora_serve.serving: forged\x1b[31m"
+    (tmp_path / "store" / forged / "00000001").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.store"):
+        assert AdapterStore(tmp_path / "store").names() == []
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"skipping store entry {str(tmp_path / 'store' / forged)!r}: adapter name")
+    assert "\n" not in record.getMessage() and "\x1b" not in record.getMessage()
