@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,29 @@ def test_an_adapter_folder_over_max_adapter_bytes_is_refused_before_it_is_read(b
                                            rf"{total} bytes, over the server's --max-adapter-bytes 268435456$"):
         manager.register_dir("big", folder)
     assert manager.registry.store.names() == []
+
+
+def test_a_fifo_config_in_an_adapter_folder_already_served_is_refused_not_waited_on(base_fp32, tmp_path):
+    """``serve --adapter NAME=DIR`` for a NAME the store serves compares DIR with it
+    (served_instead): a FIFO as DIR's adapter_config.json blocked that read, and the start, for good."""
+    folder = tmp_path / "fifo"
+    folder.mkdir()
+    os.mkfifo(folder / "adapter_config.json")
+    (folder / "adapter_model.safetensors").write_bytes((CASE / "adapter_model.safetensors").read_bytes())
+    manager = AdapterManager(base_fp32, tmp_path / "store")
+    manager.register_dir("acme", CASE)
+    result = {}
+
+    def compare():
+        try:
+            manager.served_instead("acme", folder)
+        except AdapterError as exc:
+            result["error"] = str(exc)
+
+    thread = threading.Thread(target=compare, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # blocked in the open: a writer lets it go
+        os.close(os.open(folder / "adapter_config.json", os.O_WRONLY | os.O_NONBLOCK))
+    assert result == {"error": f"{folder}: adapter_config.json is a FIFO, not a regular file; an adapter folder "
+                               "holds adapter_config.json and adapter_model.safetensors as files (or links to files)"}

@@ -161,16 +161,17 @@ def _register_named(engine: LLMEngine, named: list[tuple[str, str]], store: str)
     store serves with other weights than DIR (swapped or uploaded since), naming that version."""
     fresh = set(engine.adapters.start_names([name for name, _ in named]))
     for name, folder in named:
-        if name in fresh:
-            try:
+        try:
+            instead = None if name in fresh else engine.adapters.served_instead(name, folder)
+            if name in fresh:
                 engine.adapters.register_dir(name, folder)
-            except AdapterError as exc:  # the reader names a module, not which --adapter it was
-                raise AdapterError(f"--adapter {name}={folder}: {exc}") from None
-        elif (served := engine.adapters.served_instead(name, folder)) is not None:
+        except AdapterError as exc:  # the reader names a module, not which --adapter it was
+            raise AdapterError(f"--adapter {name}={folder}: {exc}") from None
+        if instead is not None:
             log.warning("--adapter %s=%s: the adapter store %s already holds %r, with other weights (swapped or "
                         "uploaded since); serving %s v%d instead of that folder (`adapters swap` the folder's N, or "
                         "start with a fresh --adapter-dir)", name, folder, store,
-                        name, name, served.version)
+                        name, name, instead.version)
     served = {v.name for v in engine.adapters.versions()}
     return [name for name, _ in named if name in served]
 
