@@ -233,7 +233,7 @@ class AdapterManager:
         """
         current = {v.name: v for v in self.versions()}.get(name)
         if current is not None:
-            self._check_folder(Path(adapter_dir))  # a FIFO config blocked the start for good
+            check_folder(Path(adapter_dir), self.limits.max_adapter_bytes)  # a FIFO config blocked the start
         if current is None or self._load(Path(adapter_dir)).content_hash == current.content_hash:
             return None
         return current
@@ -250,7 +250,7 @@ class AdapterManager:
             VersionConflict: ``if_version`` is not the current version.
         """
         adapter_dir = Path(adapter_dir)
-        self._check_folder(adapter_dir)
+        check_folder(adapter_dir, self.limits.max_adapter_bytes)
         import_family(name, adapter_dir, self.families, self.registry.store)  # a compact family member
         try:
             files = {f: _read_at_most(adapter_dir / f, self.limits.max_adapter_bytes)
@@ -264,19 +264,6 @@ class AdapterManager:
             read_adapter(adapter_dir, self.base, max_rank=self.limits.max_rank)  # names what is wrong
             raise AdapterError(f"{adapter_dir}: expected {' and '.join(ALLOWED_FILES)}")
         return self.registry.register(name, files, if_version)
-
-    def _check_folder(self, adapter_dir: Path) -> None:
-        """Refuse, before reading anything, an adapter folder whose files are no regular files
-        (:func:`_check_regular`) or are over ``--max-adapter-bytes`` together (a sparse 1 TB file
-        was read whole: a MemoryError).
-
-        Raises:
-            AdapterError: naming the folder and the file or the sizes.
-        """
-        total = _check_regular(adapter_dir)
-        if total > self.limits.max_adapter_bytes:
-            raise AdapterError(f"{adapter_dir}: {' + '.join(ALLOWED_FILES)} are {total} bytes, over the server's "
-                               f"--max-adapter-bytes {self.limits.max_adapter_bytes}")
 
     def register(self, name: str, files: dict[str, bytes], if_version: int | None = None) -> AdapterVersion:
         """Register uploaded files (see :meth:`AdapterRegistry.register`)."""
@@ -314,6 +301,19 @@ class AdapterManager:
     def versions(self) -> list[AdapterVersion]:
         """Current versions, by name."""
         return self.registry.versions()
+
+
+def check_folder(adapter_dir: Path, max_bytes: int) -> None:
+    """Refuse, before reading anything, an adapter folder whose files are no regular files
+    (:func:`_check_regular`) or are over ``max_bytes`` (--max-adapter-bytes) together.
+
+    Raises:
+        AdapterError: naming the folder and the file or the sizes.
+    """
+    total = _check_regular(Path(adapter_dir))
+    if total > max_bytes:
+        raise AdapterError(f"{adapter_dir}: {' + '.join(ALLOWED_FILES)} are {total} bytes, over the server's "
+                           f"--max-adapter-bytes {max_bytes}")
 
 
 def _read_at_most(path: Path, limit: int) -> bytes:

@@ -133,6 +133,11 @@ def test_an_adapter_vllm_cannot_serve_is_refused_before_vllm_starts(tmp_path, ba
     with pytest.raises(NloraError) as err:
         serve_cli.build(_args(tmp_path, "--adapter", f"biased={folder}"))
     assert str(err.value).startswith(f"--adapter biased={folder}: the vLLM backend serves no lora_B bias")
+    fifo = tmp_path / "fifo"  # its config a FIFO: the check's read blocked the start for good
+    fifo.mkdir()
+    os.mkfifo(fifo / "adapter_config.json")
+    with pytest.raises(NloraError, match=f"^--adapter f={fifo}: {fifo}: adapter_config.json is a FIFO, not a regular"):
+        serve_cli.build(_args(tmp_path, "--adapter", f"f={fifo}"))
 
 
 def test_a_native_only_flag_on_the_vllm_backend_is_its_first_refusal(tmp_path, no_model, monkeypatch):

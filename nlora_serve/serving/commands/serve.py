@@ -90,7 +90,7 @@ def build(args: argparse.Namespace):
     base = load_base(str(path), engine_config.dtype, engine_config.cache_dir, engine_config.load_format,
                      engine_config.tokenizer, init_device=engine_config.device)
     if backend is not None:  # vLLM takes a minute to start: refuse an --adapter it cannot serve first
-        _check_for_vllm(named, base, engine_config.adapter_limits.max_rank)
+        _check_for_vllm(named, base, engine_config.adapter_limits)
     log.info("model loaded in %.1f s; starting the %s engine and restoring the adapter store %s...",
              time.perf_counter() - start, "vLLM" if backend is not None else "native", args.adapter_dir)
     start = time.perf_counter()
@@ -138,7 +138,7 @@ def _check_adapter_names(config: ServerConfig, args: argparse.Namespace) -> None
         config.check_adapter_name(name)
 
 
-def _check_for_vllm(named: list[tuple[str, str]], base, max_rank: int) -> None:
+def _check_for_vllm(named: list[tuple[str, str]], base, limits) -> None:
     """Each ``--adapter NAME=DIR`` read as registration will read it, and checked for what vLLM's
     LoRA cannot hold, before vLLM starts (registration comes after the engine is up).
 
@@ -146,11 +146,13 @@ def _check_for_vllm(named: list[tuple[str, str]], base, max_rank: int) -> None:
         AdapterError: naming the flag: ``--adapter NAME=DIR: <why>``.
     """
     from nlora_serve.adapters.loader import read_adapter
+    from nlora_serve.adapters.manager import check_folder
     from nlora_serve.engine.vllm_backend.adapters import check_servable
 
     for name, folder in named:
         try:
-            check_servable(read_adapter(folder, base, max_rank=max_rank))
+            check_folder(folder, limits.max_adapter_bytes)  # a FIFO config blocked this read for good
+            check_servable(read_adapter(folder, base, max_rank=limits.max_rank))
         except AdapterError as exc:
             raise AdapterError(f"--adapter {name}={folder}: {exc}") from None
 
