@@ -17,6 +17,7 @@ from pathlib import Path
 
 import regex
 
+from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.spec import PROJECTIONS, ModelSpec
 
@@ -242,6 +243,9 @@ def read_config(adapter_dir: Path) -> AdapterConfig:
                                                  else "no such adapter directory"))
     path = Path(adapter_dir) / CONFIG_NAME
     try:
+        if (size := path.stat().st_size) > DEFAULT_MAX_ADAPTER_BYTES:  # a sparse 1 TB file was a MemoryError
+            raise AdapterError(f"{path}: {size} bytes, over the {DEFAULT_MAX_ADAPTER_BYTES} bytes an adapter's "
+                               "files may hold (--max-adapter-bytes' default); expected a small JSON object")
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise AdapterError(f"{adapter_dir}: no {CONFIG_NAME}; a PEFT adapter directory needs "

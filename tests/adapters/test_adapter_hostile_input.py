@@ -124,3 +124,17 @@ def test_a_fifo_config_in_an_adapter_folder_already_served_is_refused_not_waited
         os.close(os.open(folder / "adapter_config.json", os.O_WRONLY | os.O_NONBLOCK))
     assert result == {"error": f"{folder}: adapter_config.json is a FIFO, not a regular file; an adapter folder "
                                "holds adapter_config.json and adapter_model.safetensors as files (or links to files)"}
+
+
+def test_a_huge_adapter_config_is_refused_from_its_size(base_fp32, tmp_path):
+    """read_config read the file whole: a sparse 1 TB adapter_config.json was a MemoryError traceback
+    (adapters inspect exited 1), one under the machine's memory was read into it."""
+    from nlora_serve.adapters.loader import read_adapter
+
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    with open(folder / "adapter_config.json", "wb") as f:
+        f.truncate(1 << 40)
+    with pytest.raises(AdapterError, match=rf"^{folder}/adapter_config.json: {1 << 40} bytes, over the 268435456 "
+                                           "bytes an adapter's files may hold"):
+        read_adapter(folder, base_fp32)
