@@ -189,3 +189,18 @@ def test_pattern_fields_of_the_wrong_type_are_named(field_name):
 
     with pytest.raises(AdapterError, match=f"{field_name} must be a JSON object, got str"):
         parse_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8, field_name: "x"})
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules", "rank_pattern", "alpha_pattern"])
+def test_a_pattern_field_over_the_entry_limit_is_refused_before_any_match(field):
+    """Each entry is matched against every module name: 20,000 rank_pattern keys (a 250 KB config)
+    took 104 s of an upload's thread on this model, 200,000 target_modules names 9 s."""
+    from nlora_serve.adapters.config import MAX_PATTERN_ENTRIES
+
+    names = [f"m{i}" for i in range(MAX_PATTERN_ENTRIES + 1)]
+    value = dict.fromkeys(names, 4) if field.endswith("pattern") else names
+    with pytest.raises(AdapterError, match=rf"^adapter_config.json: {field} has {MAX_PATTERN_ENTRIES + 1} entries, "
+                                           rf"over the limit of {MAX_PATTERN_ENTRIES}"):
+        parse_config({"peft_type": "LORA", "target_modules": ["q_proj"], field: value})
+    if not field.endswith("pattern"):  # (8192 pattern keys take 1 s to compile: the limit itself passes for lists)
+        parse_config({"peft_type": "LORA", "target_modules": ["q_proj"], field: names[:MAX_PATTERN_ENTRIES]})
