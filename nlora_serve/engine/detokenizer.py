@@ -129,6 +129,10 @@ class IncrementalDetokenizer:
             full = self._decode(self.ids)
             if full.startswith(self.text):  # always, for byte-level and sentencepiece tokenizers
                 self.text = full
+            if len(self.ids) <= self.min_tokens:
+                # every token is within min_tokens: the text the flush adds (a dangling partial
+                # character as U+FFFD) is theirs too, so no stop string may end in it
+                self._stop_after = len(self.text)
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:

@@ -156,6 +156,18 @@ def test_stop_strings_count_only_past_the_min_tokens_text(tokenizer, fast, text,
     assert "".join(deltas) == (text if want is None else want)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["stream", "window"])
+def test_a_partial_character_flushed_within_min_tokens_completes_no_stop_string(tokenizer, fast):
+    """Every token within min_tokens: the flush's U+FFFD (a dangling partial character, never streamed)
+    is the min_tokens text too, so a stop string ending in it does not count (it did: fuzzing found it)."""
+    ids = tokenizer.encode("😀", add_special_tokens=False)[:2]  # 3 tokens per emoji: 2 leave it incomplete
+    assert tokenizer.decode(ids).endswith(REPLACEMENT)
+    for stop in (REPLACEMENT, tokenizer.decode(ids)):
+        deltas, detok = stream(tokenizer, ids, (stop,), fast=fast, min_tokens=2)
+        assert not detok.stopped
+        assert "".join(deltas) == tokenizer.decode(ids)
+
+
 def _wordpiece_tokenizer():
     """A BERT-style tokenizer (WordPiece decoder: ``decode`` puts a space before every word and
     special token), with the special tokens [CLS] and [SEP] and the added, not special, token <x>."""
