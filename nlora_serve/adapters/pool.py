@@ -28,7 +28,7 @@ from nlora_serve.errors import AdapterError
 from nlora_serve.kernels import metadata
 from nlora_serve.kernels.weights import KernelSiteWeights
 from nlora_serve.models.base import BaseModel
-from nlora_serve.models.spec import ATTN_MODULES, Site
+from nlora_serve.models.spec import Site
 
 
 # Torch spreads an op of at least at::internal::GRAIN_SIZE elements over its intra-op threads. A
@@ -211,7 +211,7 @@ class TiedPool(_Pool):
         layer, module = site
         w = self.placement.weight(layer, module)
         bias = self.placement.bias(layer, module)
-        tied_bias = bias[: self.rank] if bias is not None and module in ATTN_MODULES else None
+        tied_bias = bias[: self.rank] if bias is not None else None
         tied_b = w[:, : self.rank]
         # A contiguous W[:, :r]^T (r · out elements) spares the CPU expand a strided read per call;
         # the caller caches this view per generation, so the copy is made once per site. The

@@ -108,14 +108,20 @@ class DecoderLayer:
                  gemm: NativeGemm | None = None) -> None:
         w, spec = base.weights, base.spec
         prefix = f"model.layers.{layer}"
-        bias = [w.get(f"{ModelSpec.module_path(layer, m)}.bias") for m in ("q_proj", "k_proj", "v_proj")]
-        self.qkv = AdaptedLinear([base.weight(layer, m) for m in ("q_proj", "k_proj", "v_proj")], bias,
-                                 layer, ("q_proj", "k_proj", "v_proj"), device, prepack, gemm)
-        self.o_proj = AdaptedLinear([base.weight(layer, "o_proj")], [None], layer, ("o_proj",), device, prepack, gemm)
-        self.gate_up = AdaptedLinear([base.weight(layer, m) for m in ("gate_proj", "up_proj")], [None, None],
-                                     layer, ("gate_proj", "up_proj"), device, prepack, gemm)
-        self.down_proj = AdaptedLinear([base.weight(layer, "down_proj")], [None], layer, ("down_proj",), device,
-                                       prepack, gemm)
+        # every projection's bias where the checkpoint has one: Qwen2's q/k/v, and Llama's q/k/v/o
+        # with attention_bias and gate/up/down with mlp_bias (transformers' LlamaAttention / LlamaMLP)
+        def bias(*modules: str) -> list[torch.Tensor | None]:
+            return [w.get(f"{ModelSpec.module_path(layer, m)}.bias") for m in modules]
+
+        self.qkv = AdaptedLinear([base.weight(layer, m) for m in ("q_proj", "k_proj", "v_proj")],
+                                 bias("q_proj", "k_proj", "v_proj"), layer, ("q_proj", "k_proj", "v_proj"), device,
+                                 prepack, gemm)
+        self.o_proj = AdaptedLinear([base.weight(layer, "o_proj")], bias("o_proj"), layer, ("o_proj",), device,
+                                    prepack, gemm)
+        self.gate_up = AdaptedLinear([base.weight(layer, m) for m in ("gate_proj", "up_proj")],
+                                     bias("gate_proj", "up_proj"), layer, ("gate_proj", "up_proj"), device, prepack, gemm)
+        self.down_proj = AdaptedLinear([base.weight(layer, "down_proj")], bias("down_proj"), layer, ("down_proj",),
+                                       device, prepack, gemm)
         self.input_norm = w[f"{prefix}.input_layernorm.weight"].float().to(device)
         self.post_norm = w[f"{prefix}.post_attention_layernorm.weight"].float().to(device)
         self.eps = eps
