@@ -96,8 +96,37 @@ def load_hf_model(path: Path, dtype: torch.dtype = torch.float32):
 
 
 def check_max_len(base: BaseModel, max_model_len: int) -> None:
+    """Refuse a ``max_model_len`` the model cannot serve exactly: past its max_position_embeddings, or
+    past a sliding attention window (:func:`sliding_window`), which the engine does not run: it attends
+    to the whole context, where transformers and vLLM see only the window's last tokens.
+
+    Raises:
+        ValueError: the numbers and the config file are in the message.
+    """
     config = base.path / "config.json"
-    limit = json.loads(config.read_text()).get("max_position_embeddings")
+    cfg = json.loads(config.read_text())
+    limit = cfg.get("max_position_embeddings")
     if limit is not None and max_model_len > limit:
         raise ValueError(f"SchedulerConfig.max_model_len={max_model_len} exceeds the model's "
                          f"max_position_embeddings {limit} ({config})")
+    window = sliding_window(cfg)
+    if window is not None and max_model_len > window:
+        raise ValueError(f"SchedulerConfig.max_model_len={max_model_len} exceeds the model's sliding_window {window} "
+                         f"({config}): the engine runs full attention only, which equals the model's sliding-window "
+                         f"attention up to {window} tokens; lower --max-model-len to {window}")
+
+
+def sliding_window(cfg: dict) -> int | None:
+    """The attention window (tokens) some layer of a config.json's model slides, or None when every
+    layer attends to the whole context: transformers' ``layer_types`` where the config lists them,
+    else Mistral's ``sliding_window``, Qwen2's with ``use_sliding_window`` on a layer at or past
+    ``max_window_layers``."""
+    window = cfg.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool):
+        return None
+    if cfg.get("layer_types") is not None:
+        return window if "sliding_attention" in cfg["layer_types"] else None
+    if cfg.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in (cfg.get("architectures") or []):
+        slides = cfg.get("use_sliding_window") and cfg.get("max_window_layers", 0) < cfg.get("num_hidden_layers", 0)
+        return window if slides else None
+    return window

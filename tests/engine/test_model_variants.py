@@ -5,6 +5,10 @@ the window would cut)."""
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from greedy_rule import matches_reference
@@ -12,6 +16,7 @@ from tiny_llama import hf_greedy, merged, random_factors, write_peft
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.models.base import check_max_len, sliding_window
 
 RANK, ALPHA, NEW_TOKENS = 4, 8.0, 4
 SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -58,3 +63,33 @@ def test_llama_attention_and_mlp_biases_with_tied_and_untied_adapters_equal_tran
     for (name, prompt), out in zip(jobs, outs):
         want, margins = hf_greedy(refs[name], prompt, NEW_TOKENS)
         assert matches_reference(out.token_ids, want, margins), (name, out.token_ids, want)
+
+
+CONFIGS = {  # config.json fields -> the window the model slides (None: full attention everywhere)
+    "mistral": ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16}, 16),
+    "mistral-null": ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None}, None),
+    "qwen2-off": ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 16,
+                   "use_sliding_window": False, "max_window_layers": 0, "num_hidden_layers": 2}, None),
+    "qwen2-on": ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 16,
+                  "use_sliding_window": True, "max_window_layers": 1, "num_hidden_layers": 2}, 16),
+    "qwen2-all-full": ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 16,
+                        "use_sliding_window": True, "max_window_layers": 2, "num_hidden_layers": 2}, None),
+    "layer-types": ({"architectures": ["Qwen2ForCausalLM"], "sliding_window": 16,
+                     "layer_types": ["full_attention", "sliding_attention"]}, 16),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_sliding_window_shorter_than_max_model_len_is_refused(tmp_path, name):
+    # the engine attends to the whole context: past the window its tokens differed from transformers'
+    # (a Mistral with sliding_window 8 diverged at the 9th position); within it both are the same
+    cfg, window = CONFIGS[name]
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 256}))
+    base = SimpleNamespace(path=tmp_path)
+    assert sliding_window(cfg) == window
+    check_max_len(base, 16)
+    if window is None:
+        check_max_len(base, 128)
+    else:
+        with pytest.raises(ValueError, match=r"max_model_len=128 exceeds the model's sliding_window 16"):
+            check_max_len(base, 128)
