@@ -59,7 +59,8 @@ def read_spec(model_dir: Path) -> ModelSpec:
     """Read and check ``model_dir/config.json``.
 
     Raises:
-        ModelError: the file is missing or unreadable, or the architecture is not Llama-family.
+        ModelError: the file is missing or unreadable, the architecture is not Llama-family, or its
+            MLP's activation (``hidden_act``) is not SiLU, the only one the engine runs.
     """
     path = Path(model_dir) / "config.json"
     try:
@@ -73,6 +74,10 @@ def read_spec(model_dir: Path) -> ModelSpec:
     if arch is None:
         raise ModelError(f"{path}: architecture {archs or cfg.get('model_type')!r} is not supported; "
                          f"expected one of {', '.join(SUPPORTED_ARCHITECTURES)}")
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):  # transformers' ACT2FN: "swish" is SiLU too
+        raise ModelError(f"{path}: hidden_act {act!r} is not supported: the engine's MLP is SiLU-gated "
+                         "(hidden_act 'silu'), as Llama, Mistral and Qwen2 ship")
     try:
         heads = cfg["num_attention_heads"]
         return ModelSpec(

@@ -16,7 +16,9 @@ from tiny_llama import hf_greedy, merged, random_factors, write_peft
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.errors import ModelError
 from nlora_serve.models.base import check_max_len, sliding_window
+from nlora_serve.models.spec import read_spec
 
 RANK, ALPHA, NEW_TOKENS = 4, 8.0, 4
 SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -93,3 +95,16 @@ def test_a_sliding_window_shorter_than_max_model_len_is_refused(tmp_path, name):
     else:
         with pytest.raises(ValueError, match=r"max_model_len=128 exceeds the model's sliding_window 16"):
             check_max_len(base, 128)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
+def test_an_mlp_activation_other_than_silu_is_refused(tmp_path, act):
+    # the engine's MLP is SiLU-gated whatever the config said: a Llama with hidden_act "gelu" gave
+    # other tokens than transformers from the second one
+    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_act": act, "num_attention_heads": 4, "num_hidden_layers": 2,
+           "hidden_size": 64, "intermediate_size": 96, "vocab_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match=f"hidden_act '{act}' is not supported"):
+        read_spec(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_act": "silu"}))
+    assert read_spec(tmp_path).num_layers == 2
