@@ -77,10 +77,16 @@ async def load_lora_adapter(ctx: HttpContext, request: Request) -> Response:
         NloraError: a refusal (the app's handler answers it in OpenAI's error shape; see the module).
         RequestValidationError: a body that is not JSON or not a valid request.
     """
+    return await _refusals_logged(ctx, request, _load)
+
+
+async def _refusals_logged(ctx: HttpContext, request: Request, handler) -> Response:
+    """``handler(ctx, request, caller)``; a refusal is logged naming the caller (admin_log.py), then
+    raised for the app's handler to answer."""
     caller = _caller(ctx, request)
     try:
-        return await _load(ctx, request, caller)
-    except NloraError as exc:  # logged naming the caller (admin_log.py), then answered by the app's handler
+        return await handler(ctx, request, caller)
+    except NloraError as exc:
         ctx.admin_refusals.refused(request.url.path, caller, str(http_status_of(exc)[0]), exc)
         raise
 
@@ -114,12 +120,7 @@ async def _load(ctx: HttpContext, request: Request, admin: Principal) -> Respons
 async def unload_lora_adapter(ctx: HttpContext, request: Request) -> Response:
     """``POST /v1/unload_lora_adapter``. Raises: as :func:`load_lora_adapter`; AdapterNotFound (404)
     for a name not served."""
-    caller = _caller(ctx, request)
-    try:
-        return await _unload(ctx, request, caller)
-    except NloraError as exc:  # logged naming the caller (admin_log.py), then answered by the app's handler
-        ctx.admin_refusals.refused(request.url.path, caller, str(http_status_of(exc)[0]), exc)
-        raise
+    return await _refusals_logged(ctx, request, _unload)
 
 
 async def _unload(ctx: HttpContext, request: Request, admin: Principal) -> Response:
