@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.metrics_http import serve_metrics
 from nlora_serve.serving.auth import Authenticator, Principal
+from nlora_serve.serving.request_log import RequestLog
 
 REJECT_REASONS = ("queue_full", "tenant_quota", "draining", "invalid_argument", "not_found", "pool_full",
                   "unauthenticated", "permission_denied", "body_timeout", "engine_dead", "adapter_load_failed")
@@ -56,11 +57,13 @@ class ServerMetrics:
             ends); above running + waiting by the requests still being read or tokenized, so a
             count that stays above them with the engine idle is a leak.
         per_tenant: register and count the per-tenant counters (``serve --tenant-metrics``).
+        request_log: where each request's end and each refusal is also logged (``serve
+            --enable-log-requests``: request_log.py); None: nothing is logged.
     """
 
     def __init__(self, engine_stats: Callable[[], dict[str, int]],
                  adapter_residency: Callable[[], tuple[int, int]], admitted: Callable[[], int] = lambda: 0,
-                 per_tenant: bool = False):
+                 per_tenant: bool = False, request_log: RequestLog | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         fe = ["frontend"]
@@ -95,6 +98,7 @@ class ServerMetrics:
                              "shutdown), cancelled (its client went away or its deadline passed), error (the engine "
                              "failed)", ["frontend", "outcome"], registry=r)
         self.per_tenant = per_tenant
+        self.request_log = request_log
         self.tenant_requests: Counter | None = None  # None: --tenant-metrics off, nothing registered
         self.tenant_generation_tokens: Counter | None = None
         if per_tenant:
@@ -128,13 +132,22 @@ class ServerMetrics:
         r.register(_EngineCounters(engine_stats))
         self._http = None
 
-    def reject(self, reason: str, frontend: str, tenant: str | None = None) -> None:
+    def reject(self, reason: str, frontend: str, tenant: str | None = None, message: str | None = None) -> None:
         """Count one refused request; ``reason`` in :data:`REJECT_REASONS`, ``frontend`` in
         :data:`FRONTENDS`; with ``tenant`` (its key was checked: :func:`tenant_of`,
-        :func:`tenant_of_key`), as a "rejected" request of that tenant too (with ``per_tenant``)."""
+        :func:`tenant_of_key`), as a "rejected" request of that tenant too (with ``per_tenant``).
+        With a ``request_log``, logged too, with ``message`` (what the client was told)."""
         self.rejected.labels(reason, frontend).inc()
+        if self.request_log is not None:
+            self.request_log.refused(frontend, reason, tenant, message)
         if tenant is not None:
             self.tenant_ended(tenant, "rejected")
+
+    @property
+    def wants_tenant(self) -> bool:
+        """Whether a refusal's tenant is worth looking up (its key checked again): per-tenant counters
+        or a request log."""
+        return self.per_tenant or self.request_log is not None
 
     def request_ended(self, frontend: str, outcome: str, tenant: str | None = None) -> None:
         """Count one admitted request of ``frontend`` that ended so (one of :data:`ENDED_OUTCOMES`),
@@ -219,7 +232,7 @@ class RequestTimer:
     the series of one front end; its tokens and how it ended into its tenant's (once known)."""
 
     __slots__ = ("_metrics", "_frontend", "_ttft", "_itl", "_duration", "_prompt", "_generated", "_queries", "_hits",
-                 "_tenant_tokens", "tenant", "start", "first", "duration", "_last")
+                 "_tenant_tokens", "tenant", "caller", "record", "start", "first", "duration", "_last")
 
     def __init__(self, metrics: ServerMetrics, frontend: str, tenant: str | None = None):
         if frontend not in FRONTENDS:
@@ -227,7 +240,10 @@ class RequestTimer:
         self._metrics, self._frontend = metrics, frontend
         # the tenant label, once the request's key is checked (stays None without per-tenant counters)
         self.tenant: str | None = None
+        self.caller: str | None = None  # the same name, whatever the counters (the request log's)
         self._tenant_tokens = None
+        # what the request log's line says, filled in as the request runs; None: no request log
+        self.record = None if metrics.request_log is None else metrics.request_log.record()
         if tenant is not None:
             self.set_tenant(tenant)
         self._ttft, self._itl = metrics.ttft.labels(frontend), metrics.itl.labels(frontend)
@@ -257,17 +273,30 @@ class RequestTimer:
 
     def set_tenant(self, tenant: str) -> None:
         """The request's key is checked: its tokens and its end count for ``tenant`` from now on
-        (a no-op without per-tenant counters)."""
+        (a no-op without per-tenant counters); its log line names it in any case."""
+        self.caller = tenant
         counter = self._metrics.tenant_generation_tokens
         if counter is None:
             return
         self.tenant = tenant
         self._tenant_tokens = counter.labels(tenant)
 
+    def describe(self, request_id: str | None, adapter: str | None, prompt_ids: list[int] | None,
+                 choices: int = 1) -> None:
+        """What the request log's line names before a delta does: the id its client sees, the adapter
+        it asked for (None: the base model), its (first) prompt's token ids, its choices per prompt
+        (``n``). A no-op without a request log."""
+        record = self.record
+        if record is not None:
+            record.request_id, record.adapter, record.prompt_ids, record.choices = request_id, adapter, prompt_ids, choices
+
     def ended(self, outcome: str) -> None:
         """The admitted request ended so (:meth:`ServerMetrics.request_ended`), counted for its
-        front end, and for its tenant once it is known."""
+        front end, and for its tenant once it is known; with a request log, its line is written."""
         self._metrics.request_ended(self._frontend, outcome, self.tenant)
+        if self.record is not None:
+            self._metrics.request_log.ended(self._frontend, self.caller, self.record, outcome, self.first, self.start,
+                                            self.duration)
 
     def finish(self) -> float:
         """The stream ended; returns (and keeps in ``duration``) its duration in seconds."""

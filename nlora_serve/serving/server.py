@@ -40,6 +40,7 @@ from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.routes import build_app
 from nlora_serve.serving.http_api.server import HttpServer
 from nlora_serve.serving.metrics import ServerMetrics
+from nlora_serve.serving.request_log import RequestLog
 from nlora_serve.serving.server_config import ServerConfig, StartupError, is_loopback
 from nlora_serve.serving.tenants_reload import reload_tenants
 
@@ -112,7 +113,7 @@ class NloraServer:
         self.engine, self.config, self.auth = engine, config, auth
         self.admission = Admission(config.max_queue, config.tenant_queue_shares)
         self.metrics = ServerMetrics(engine.stats, lambda: _residency(engine), lambda: self.admission.inflight,
-                                     per_tenant=config.tenant_metrics)
+                                     per_tenant=config.tenant_metrics, request_log=_request_log(config, tokenizer))
         # request-size limits (grpc_api/limits.py): sized by what a legal request of this model can be,
         # which ServerConfig alone does not know
         self.limits = message_limits(_swap_shape(engine), max_prompt_bytes(tokenizer, engine.max_model_len),
@@ -241,3 +242,11 @@ def _residency(engine: Engine) -> tuple[int, int]:
     """(adapter versions resident, bytes they hold) over the current versions (Engine.is_resident)."""
     resident = [v for v in adapter_versions(engine) or [] if engine.is_resident(v)]
     return len(resident), sum(v.held_bytes for v in resident)
+
+
+def _request_log(config: ServerConfig, tokenizer) -> RequestLog | None:
+    """``--enable-log-requests``' log (prompts decoded with ``tokenizer``), or None when off."""
+    if not config.enable_log_requests:
+        return None
+    decode = None if tokenizer is None else tokenizer.decode
+    return RequestLog(config.max_log_len, decode)

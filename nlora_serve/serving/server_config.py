@@ -66,6 +66,11 @@ class ServerConfig:
     metrics_port: int | None = None  # Prometheus HTTP port on ``host``; None = no endpoint, 0 = any free
     # the per-tenant counters (serving/metrics.py): a series per tenant, so off unless asked (DESIGN §6)
     tenant_metrics: bool = False
+    # one INFO line per generation request's end or refusal (serving/request_log.py), as vLLM's
+    # --enable-log-requests; with max_log_len > 0 the first that many characters of its prompt and
+    # output too (tenants' text in the operator's log: off unless asked)
+    enable_log_requests: bool = False
+    max_log_len: int = 0
     http_port: int | None = None  # OpenAI-compatible HTTP API port on ``host``; None = off, 0 = any free
     tenants_file: str | None = None  # auth file (JSON or TOML); None = no auth, loopback only
     max_queue: int = 256  # running + waiting requests (gRPC and HTTP) at most; beyond: RESOURCE_EXHAUSTED / 429
@@ -101,6 +106,11 @@ class ServerConfig:
                 if value and value == other_value:
                     raise ValueError(f"ServerConfig.{name} and ServerConfig.{other} are both {value}: each "
                                      "endpoint needs its own port")
+        if not isinstance(self.max_log_len, int) or isinstance(self.max_log_len, bool) or self.max_log_len < 0:
+            raise ValueError(f"ServerConfig.max_log_len must be an integer >= 0; got {self.max_log_len!r}")
+        if self.max_log_len and not self.enable_log_requests:
+            raise ValueError(f"ServerConfig.max_log_len={self.max_log_len} logs request text only with "
+                             "enable_log_requests (--enable-log-requests): give both, or neither")
         if not self.drain_seconds >= 0:
             raise ValueError(f"ServerConfig.drain_seconds must be >= 0; got {self.drain_seconds!r}")
         if self.served_model_name is not None and not self.served_model_name.strip():

@@ -52,7 +52,8 @@ class Metered:
     early, read or not, cancelled), the engine stream is closed, which aborts an unfinished request
     and frees its KV blocks and adapter pin at once, ``reservation`` is released, and the request's
     end is counted for its tenant (:meth:`RequestTimer.ended`: "finished" once every choice has,
-    "aborted" when the engine aborted one, "error", or "cancelled" before its end). A class, not an
+    "aborted" when the engine aborted one, "error", or "cancelled" before its end), and logged with
+``--enable-log-requests`` (request_log.py). A class, not an
     async generator: a generator's ``aclose`` runs nothing before its first ``__anext__``, which
     kept the request running and its reservation held for good (engine/api.py's RequestStream).
 
@@ -83,10 +84,14 @@ class Metered:
                 self._outcome = "aborted"
             elif isinstance(exc, EngineError):
                 self._outcome = "error"
+            if isinstance(exc, (RequestAborted, EngineError)) and self._timer.record is not None:
+                self._timer.record.reason = str(exc)
             await self.aclose()
             raise
         timer = self._timer
         timer.tokens(len(out.token_ids))
+        if timer.record is not None:  # serve --enable-log-requests
+            timer.record.seen(out)
         if out.index not in self._prefilled and (out.token_ids or out.finished):
             self._prefilled.add(out.index)  # counted at its first token, as vLLM's, not at its end
             timer.prefilled(out.prompt_tokens, out.cached_tokens)

@@ -6,6 +6,7 @@ against vLLM's own: test_http_vllm_shapes.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import httpx2
@@ -358,3 +359,45 @@ def test_a_request_without_model_says_what_to_name(http_server, path):
                        f"an adapter{base} (GET /v1/models lists those this key may use)",
             "type": "invalid_request_error", "param": "model", "code": "invalid_argument"}
 
+
+
+def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
+    """``serve --enable-log-requests --max-log-len 64`` (request_log.py): one line per request on
+    each front end whose fields are the response's own (id, usage, adapter version, finish), one per
+    refusal naming its reason, a hostile prompt escaped; none while it is off (the server's default).
+    Set on this module's running server (the server reads ``metrics.request_log`` per request)."""
+    from nlora_serve.serving.request_log import RequestLog
+
+    caplog.set_level(logging.INFO, "nlora_serve.requests")
+    lora_co = client(http_server, TENANT_KEYS["lora-co"])
+    lora_co.completions.create(model=LORA, prompt="Hi", max_tokens=2)  # off: no line
+    assert not [r for r in caplog.records if r.name == "nlora_serve.requests"]
+    metrics = http_server.server.metrics
+    metrics.request_log = RequestLog(64, tokenizer.decode)
+    try:
+        hostile = "Hi\nINFO forged line\x1b[31m"
+        raw = lora_co.completions.with_raw_response.create(model=LORA, prompt=hostile, max_tokens=3, temperature=0)
+        answer = raw.parse()
+        with NloraClient(http_server.target, api_key=TENANT_KEYS["lora-co"], timeout=60) as grpc_client:
+            _, deltas = grpc_client.complete("Hi", adapter=LORA, max_tokens=2, request_id="job-42")
+        with pytest.raises(openai.PermissionDeniedError):
+            client(http_server, TENANT_KEYS["base-co"]).completions.create(model=LORA, prompt="Hi", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            client(http_server, "key-of-nobody").completions.create(model=LORA, prompt="Hi", max_tokens=2)
+    finally:
+        metrics.request_log = None
+    lines = [r.getMessage() for r in caplog.records if r.name == "nlora_serve.requests"]
+    assert len(lines) == 4, lines
+    version = raw.headers["x-adapter-version"]
+    assert lines[0].startswith(f"request {answer.id!r} ended: frontend=http tenant='lora-co' adapter={LORA!r} "
+                               f"v{version} prompt_tokens={answer.usage.prompt_tokens} "
+                               f"output_tokens={answer.usage.completion_tokens} ttft_ms=")
+    assert "outcome=finished finish_reason='length'" in lines[0]
+    assert f" prompt={hostile!r} output={answer.choices[0].text!r}" in lines[0]
+    usage = deltas[-1].usage
+    assert lines[1].startswith(f"request 'job-42' ended: frontend=grpc tenant='lora-co' adapter={LORA!r} "
+                               f"v{deltas[-1].adapter_version} prompt_tokens={usage.prompt_tokens} "
+                               f"output_tokens={usage.completion_tokens} ttft_ms=")
+    assert lines[2].startswith("request refused: frontend=http tenant='base-co' reason=permission_denied message=")
+    assert lines[3] == "request refused: frontend=http tenant=- reason=unauthenticated message='unknown API key'"
+    assert all(line.isprintable() for line in lines)

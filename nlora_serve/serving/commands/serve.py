@@ -183,8 +183,8 @@ def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
     _check_distinct_ports(args)
     with _flag_errors(args):
         config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
-                              tenant_metrics=args.tenant_metrics,
-                              served_model_name=args.served_model_name,
+                              tenant_metrics=args.tenant_metrics, enable_log_requests=args.enable_log_requests,
+                              max_log_len=args.max_log_len, served_model_name=args.served_model_name,
                               allow_runtime_lora_updating=args.allow_runtime_lora_updating,
                               tenants_file=args.tenants_file, max_queue=args.max_queue, max_tokens=args.max_tokens,
                               max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds,

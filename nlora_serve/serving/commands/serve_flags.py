@@ -13,7 +13,7 @@ import json
 
 from nlora_serve.adapters.limits import DEFAULT_MAX_RANK, AdapterLimits
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.arg_types import DTYPE_CHOICES, port_or_off_arg
+from nlora_serve.arg_types import DTYPE_CHOICES, integer_arg, port_or_off_arg
 from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig
 from nlora_serve.errors import AdapterError
 from nlora_serve.serving.commands.engine_flags import add_device_arguments, add_generation_config_arguments
@@ -48,6 +48,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--metrics-port", type=int, default=None, help="also serve Prometheus /metrics on this port, for gRPC-only "
                                                      "servers (--http-port serves /metrics already) (default: off)")
     a("--tenant-metrics", action="store_true", help="per-tenant counters in /metrics (default: off)")
+    a("--enable-log-requests", action="store_true",
+      help="log one INFO line per generation request (gRPC and HTTP) when it ends: its id, front end, tenant "
+           "name (never its key), adapter and version, prompt and output tokens, TTFT and total ms, outcome; and "
+           "one per request refused, with the reason (default: off, as vLLM's)")
+    a("--max-log-len", type=integer_arg(0), default=0,
+      help="with --enable-log-requests, also log the first N characters of each request's prompt and output "
+           "(quoted and escaped); tenants' text then sits in the server's log: mind who reads it and how long it "
+           "is kept. 0 logs no text (default: %(default)s; vLLM's default logs it whole)")
     a("--served-model-name", default=None, help="the base model's name in /v1/models and the HTTP 'model' field "
                                                "(default: the model's directory or GGUF name, e.g. "
                                                "SmolLM2-135M-Instruct.Q4_1)")

@@ -50,7 +50,7 @@ class KeyFirst(grpc.aio.ServerInterceptor):
         except NloraError as exc:
             code, reason = status_of(exc)
             if method == GENERATE:
-                self.metrics.reject(reason, "grpc")
+                self.metrics.reject(reason, "grpc", None, str(exc))  # no key checked yet: no tenant
             elif principal is not None and self.admin_refusals is not None:  # a tenant key on AdapterAdmin
                 self.admin_refusals.refused(method.rsplit("/", 1)[-1], principal, code.name, exc)
             return _refusal(code, str(exc), reason)

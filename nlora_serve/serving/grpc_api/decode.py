@@ -95,8 +95,8 @@ def _bounded(parse, method: str, max_bytes: int, counted: tuple[ServerMetrics, A
             code, reason = status_of(exc)
             if counted is not None:
                 metrics, auth = counted
-                tenant = tenant_of_key(auth, context.invocation_metadata()) if metrics.per_tenant else None
-                metrics.reject(reason, "grpc", tenant)
+                tenant = tenant_of_key(auth, context.invocation_metadata()) if metrics.wants_tenant else None
+                metrics.reject(reason, "grpc", tenant, str(exc))
             await abort(context, code, str(exc))
         return await parse(raw, context)
     return bounded

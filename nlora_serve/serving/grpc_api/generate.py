@@ -61,7 +61,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             stream, shown_id, reservation, scored = await self._admit(request, context, timer)
         except NloraError as exc:
             code, reason = status_of(exc)
-            self.metrics.reject(reason, "grpc", timer.tenant)
+            self.metrics.reject(reason, "grpc", timer.caller, str(exc))
             await abort(context, code, str(exc), reason)
         try:
             # aclosing: on cancel, disconnect or deadline the metered stream is closed here, which
@@ -94,6 +94,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if adapter is not None:
             validate_name(adapter)  # a name no adapter can have: INVALID_ARGUMENT, before any other work
         request_id = convert.request_id_of(request)
+        timer.describe(request_id or None, adapter, None)  # the request log's line names them, refused or not
         salt = convert.cache_salt(request)
         special = convert.add_special_tokens(request)
         params = convert.sampling_params(request.sampling, self.config)
@@ -105,6 +106,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 await self.admission.grammar.run(principal.name, self.engine.check_structured,
                                                  params.structured_outputs, principal.name)
             prompt = await self.admission.tokenizer.run(principal.name, self._prompt_ids, request, special)
+            timer.describe(request_id or None, adapter, prompt)
             engine_id = f"{principal.name}/{request_id}" if request_id else None
             stream = start_request(self.engine, prompt, params, engine_id, adapter,
                                    max_tokens_given=request.sampling.max_tokens > 0, principal=principal,

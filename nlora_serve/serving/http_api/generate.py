@@ -118,7 +118,7 @@ async def generate(ctx: HttpContext, request: Request, endpoint: Endpoint) -> Re
         reservation.release()
         raise
     if started is None:  # gone before its body arrived or while its prompt waited for the tokenizer
-        ctx.metrics.request_ended("http", "cancelled", tenant_of(ctx.auth, caller))
+        ctx.metrics.request("http", tenant_of(ctx.auth, caller)).ended("cancelled")  # counted, and logged
         reservation.release()
         return Response(status_code=499)
     body = started.body
@@ -164,8 +164,11 @@ async def _start(ctx: HttpContext, request: Request, endpoint: Endpoint, caller:
         ctx.admission.grow(reservation, places - 1, caller, asked, "n" if num_prompts == 1 else "prompt")
     engine_rid = uuid.uuid4().hex  # the engine's ids: unique whatever id the client gives
     rid = endpoint.response_id(request, body, own, engine_rid)
+    timer.describe(rid, None, None, body.num_choices)  # the request log's line names it, refused or not
     queued = _tokenize_and_queue(ctx, caller, body, prompts, params, engine_rid, truncation, endpoint.messages_field)
     started = await unless_disconnected(request, queued)
+    if started is not None:
+        timer.describe(rid, None, started[1][0], body.num_choices)
     return None if started is None else Started(started[0], timer, body, params, rid, prompts, *started[1:], own)
 
 

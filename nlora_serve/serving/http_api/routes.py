@@ -141,16 +141,16 @@ async def _version(caller: Principal = Depends(_principal)) -> dict:  # a key, a
     return {"version": __version__}
 
 
-def _refused(request: Request, reason: str) -> None:
+def _refused(request: Request, reason: str, message: str | None = None) -> None:
     if request.url.path in GENERATE_PATHS:  # as gRPC counts Generate refusals only
         ctx = _ctx(request)
-        tenant = tenant_of_key(ctx.auth, request.headers.items()) if ctx.metrics.per_tenant else None
-        ctx.metrics.reject(reason, "http", tenant)
+        tenant = tenant_of_key(ctx.auth, request.headers.items()) if ctx.metrics.wants_tenant else None
+        ctx.metrics.reject(reason, "http", tenant, message)
 
 
 async def _expected(request: Request, exc: NloraError) -> JSONResponse:
     status, reason = http_status_of(exc)
-    _refused(request, reason)
+    _refused(request, reason, str(exc))
     message, param = str(exc), getattr(exc, "param", None)
     if isinstance(exc, AdapterNotFound) and request.url.path not in LORA_ADMIN_PATHS:  # those name no 'model'
         message += _not_found_hint(_ctx(request), request)
@@ -161,7 +161,7 @@ async def _expected(request: Request, exc: NloraError) -> JSONResponse:
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
-    _refused(request, "invalid_argument")
+    _refused(request, "invalid_argument", f"{first.get('type')} at {first.get('loc')}")
     if first.get("type") == "json_invalid":  # loc is ("body", <character offset>)
         at = first.get("loc", ("body", "?"))[-1]
         return JSONResponse(error_body(f"request body is not valid JSON (at character {at})", 400, None,
@@ -176,7 +176,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code)  # every error body carries a code
     if exc.status_code == 413:  # a body over the limit: counted as gRPC counts its TooLarge
-        _refused(request, "invalid_argument")
+        _refused(request, "invalid_argument", str(exc.detail))
     message = str(exc.detail)
     if exc.status_code == 404 and "endpoint" not in request.scope:  # no route matched (Starlette's bare 404)
         served = ", ".join(f"{method} {route.path.replace(':path', '')}" for route in _router.routes

@@ -1,0 +1,144 @@
+"""``serve --enable-log-requests``: one INFO line per generation request, for an operator who must
+find after the fact who sent the request that failed at 04:10 (DESIGN §6). Off by default, as vLLM's.
+
+Both front ends (gRPC Generate; HTTP completions, chat completions, responses) write the same
+lines, to the ``nlora_serve.requests`` logger, whichever engine runs behind them (``--backend vllm``
+too). An admitted request writes one line when it ends, from where its end is counted for the
+metrics (:meth:`~nlora_serve.serving.metrics.RequestTimer.ended`)::
+
+    request cmpl-3f2a ended: frontend=http tenant='acme' adapter='lower' v2 prompt_tokens=12
+    output_tokens=8 ttft_ms=35.1 total_ms=120.4 outcome=finished finish_reason='stop'
+
+(one line; ``outcome`` is one of :data:`~nlora_serve.serving.metrics.ENDED_OUTCOMES`, with
+``reason=`` the engine's message for aborted and error). A request refused before it ran writes
+one line naming the reason (a ``nlora_requests_rejected_total`` reason) and the refusal's message::
+
+    request refused: frontend=grpc tenant='acme' reason=queue_full message='server queue is full ...'
+
+``tenant`` is the caller's name in the tenants file (never its key; ``-`` for a key missing or
+unknown, ``anonymous`` without a tenants file). Unlike vLLM, which logs each request at its arrival
+too, there is no admission line: the end line's time less ``total_ms`` is the arrival, and the
+requests running now are in ``/metrics``. The prompt's and the first choice's text are logged only
+with ``--max-log-len N`` > 0 (vLLM's default, None, logs them whole): their first N characters,
+the prompt as the engine ran it (a chat rendered by its template), decoded from its first N tokens.
+Every value a client chose (text, ids, adapter names, messages) is written with Python's ``repr``
+quoting, so a newline or a terminal escape in it cannot forge a log line or drive the operator's
+terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from nlora_serve.errors import capped
+
+log = logging.getLogger("nlora_serve.requests")
+
+
+def quoted(text: str, limit: int | None = None) -> str:
+    """``text`` (its first ``limit`` characters, saying how many were left out) in ``repr`` quoting:
+    newlines, carriage returns, ANSI escapes and every other non-printable character (Unicode's line
+    separators and bidi overrides included) come out as backslash escapes, so the result is one line
+    of printable characters."""
+    if limit is not None and len(text) > limit:
+        return f"{text[:limit]!r}... (+{len(text) - limit} chars)"
+    return repr(text)
+
+
+class RequestRecord:
+    """What the end line of one admitted request says, filled in as the request runs (the front end
+    sets its id, adapter and prompt; :class:`~nlora_serve.serving.stream.Metered` its deltas)."""
+
+    __slots__ = ("request_id", "adapter", "version", "prompt_ids", "choices", "usage", "finish_reason", "reason",
+                 "text", "_keep")
+
+    def __init__(self, keep_text: int = 0):
+        self.request_id: str | None = None  # the id its client sees (the response id on HTTP)
+        self.adapter: str | None = None  # the adapter it asked for, then the one it ran on (None: the base model)
+        self.version: int | None = None  # that adapter's version, once a delta names it (0: the base model)
+        self.prompt_ids: list[int] | None = None  # its (first) prompt, for --max-log-len
+        self.choices = 1  # choices per prompt (``n``): usage counts each prompt once, as responses.total_usage
+        self.usage: dict[int, tuple[int, int]] = {}  # choice index -> (prompt tokens, completion tokens) so far
+        self.finish_reason: str | None = None  # the last finished choice's
+        self.reason: str | None = None  # why the engine aborted it or failed
+        self.text: list[str] = []  # choice 0's text, its first ``keep_text`` characters
+        self._keep = keep_text
+
+    def seen(self, out) -> None:
+        """One delta (:class:`~nlora_serve.engine.api.RequestOutput`) of the request."""
+        if self.request_id is None:
+            self.request_id = out.request_id
+        self.adapter, self.version = out.adapter, out.adapter_version
+        self.usage[out.index] = (out.prompt_tokens, out.completion_tokens)
+        if out.finish_reason is not None:
+            self.finish_reason = out.finish_reason
+        if out.error:
+            self.reason = out.error
+        if self._keep and out.index == 0 and out.text and sum(map(len, self.text)) <= self._keep:
+            self.text.append(out.text)
+
+    def tokens(self) -> tuple[int, int]:
+        """(prompt tokens, output tokens): each prompt once, every choice's output, as the response's usage."""
+        prompt = sum(p for i, (p, _) in self.usage.items() if i % self.choices == 0)
+        return prompt, sum(c for _, c in self.usage.values())
+
+
+class RequestLog:
+    """Writes one server's request lines to ``logger`` (INFO). ``max_log_len`` > 0 adds the first
+    that many characters of the prompt (decoded with ``decode``: token ids -> text) and of the output."""
+
+    def __init__(self, max_log_len: int = 0, decode: Callable[[list[int]], str] | None = None,
+                 logger: logging.Logger = log):
+        if max_log_len < 0:
+            raise ValueError(f"max_log_len must be >= 0; got {max_log_len!r}")
+        self.max_log_len, self._decode, self._log = max_log_len, decode, logger
+        if not logger.isEnabledFor(logging.INFO):
+            logger.warning("--enable-log-requests is on but the log level is above INFO: no request is logged")
+
+    def record(self) -> RequestRecord:
+        """A new request's record."""
+        return RequestRecord(self.max_log_len)
+
+    def ended(self, frontend: str, tenant: str | None, record: RequestRecord, outcome: str,
+              ttft: float | None, start: float, duration: float | None) -> None:
+        """Log that an admitted request of ``tenant`` on ``frontend`` ended with ``outcome``
+        (``ttft``, ``duration``: seconds, None when it had no token / did not run to its end;
+        ``start``: its receipt, perf_counter seconds)."""
+        total = duration if duration is not None else time.perf_counter() - start
+        prompt, output = record.tokens()
+        adapter = "base" if record.adapter is None else f"{quoted(record.adapter, 200)} v{record.version or '?'}"
+        line = (f"request {quoted(record.request_id or '-', 200)} ended: frontend={frontend} tenant={_who(tenant)} "
+                f"adapter={adapter} prompt_tokens={prompt} output_tokens={output} "
+                f"ttft_ms={'-' if ttft is None else f'{ttft * 1e3:.1f}'} total_ms={total * 1e3:.1f} outcome={outcome}")
+        if record.finish_reason is not None:
+            line += f" finish_reason={quoted(record.finish_reason)}"
+        if record.reason and outcome in ("aborted", "error"):
+            line += f" reason={quoted(capped(record.reason))}"
+        if self.max_log_len:
+            line += f" prompt={self._prompt(record)} output={quoted(''.join(record.text), self.max_log_len)}"
+        self._log.info("%s", line)
+
+    def refused(self, frontend: str, reason: str, tenant: str | None, message: str | None) -> None:
+        """Log that a request of ``tenant`` (None: its key was missing or unknown, or not checked
+        yet) on ``frontend`` was refused for ``reason`` (a ``nlora_requests_rejected_total`` reason)
+        with ``message`` (what its client was told)."""
+        line = f"request refused: frontend={frontend} tenant={_who(tenant)} reason={reason}"
+        if message is not None:
+            line += f" message={quoted(capped(message))}"
+        self._log.info("%s", line)
+
+    def _prompt(self, record: RequestRecord) -> str:
+        if record.prompt_ids is None or self._decode is None:
+            return "-"
+        ids = record.prompt_ids
+        # a token is at least one character but for a few byte pieces: 2N tokens hold N characters
+        text = self._decode(ids[:2 * self.max_log_len])
+        if len(ids) <= 2 * self.max_log_len:
+            return quoted(text, self.max_log_len)
+        return f"{text[:self.max_log_len]!r}... (prompt of {len(ids)} tokens)"
+
+
+def _who(tenant: str | None) -> str:
+    return "-" if tenant is None else quoted(tenant, 200)

@@ -1,0 +1,145 @@
+"""``serve --enable-log-requests`` / ``--max-log-len`` (serving/request_log.py) at unit level: the
+end line's fields against hand-made deltas run through ``Metered`` (the hook the metrics use), the
+refusal line, hostile text escaped onto one printable line, text only with ``max_log_len`` > 0, and
+nothing logged without the flag. Through a server: tests/http/test_http_api.py's
+test_request_log_lines_on_both_front_ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import pytest
+
+from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
+from nlora_serve.serving.admission import Admission
+from nlora_serve.serving.metrics import ServerMetrics
+from nlora_serve.serving.request_log import RequestLog, quoted
+from nlora_serve.serving.server import _request_log
+from nlora_serve.serving.server_config import ServerConfig
+from nlora_serve.serving.stream import Metered
+
+HOSTILE = "hi\n2026-12-07T04:10:00.000Z INFO nlora_serve.requests: forged\r\x1b[2J\x1b]0;pwned\x07\u2028\u202e"
+LOGGER = "nlora_serve.requests"
+
+
+def _metrics(log: RequestLog | None) -> ServerMetrics:
+    return ServerMetrics(lambda: {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_total": 0,
+                                  "preemptions": 0}, lambda: (0, 0), request_log=log)
+
+
+def _delta(index: int, text: str, tokens: list[int], prompt: int, made: int, finish: str | None = None,
+           error: str | None = None) -> RequestOutput:
+    return RequestOutput("acme/engine-id", text, tokens, finish, prompt, made, error=error, adapter="lower",
+                         adapter_version=3, index=index)
+
+
+def _run(log: RequestLog | None, deltas: list, raise_at_end: BaseException | None = None, n: int = 1,
+         choices: int = 1, prompt_ids: list[int] | None = None, take: int | None = None) -> None:
+    metrics, admission = _metrics(log), Admission(max_queue=8)
+
+    async def stream():
+        for out in deltas:
+            yield out
+        if raise_at_end is not None:
+            raise raise_at_end
+
+    async def consume():
+        timer = metrics.request("http", "acme")
+        timer.describe("cmpl-7", "lower", prompt_ids, choices)
+        metered = Metered(stream(), timer, admission.reserve(), n)
+        try:
+            seen = 0
+            async for _ in metered:
+                seen += 1
+                if seen == take:  # the client goes away
+                    break
+        except (EngineError, RequestAborted):
+            pass
+        finally:
+            await metered.aclose()
+
+    asyncio.run(consume())
+
+
+def _line(caplog) -> str:
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(re.findall(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+)""", line))
+
+
+def test_a_finished_request_logs_one_line_with_its_usage_version_and_times(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    # n=2 on one prompt of 5 tokens: usage counts the prompt once, both choices' outputs (2 + 3)
+    deltas = [_delta(0, "a", [1], 5, 1), _delta(1, "b", [2], 5, 1), _delta(0, "c", [3], 5, 2, "stop"),
+              _delta(1, "d", [4, 5], 5, 3, "length")]
+    _run(RequestLog(), deltas, n=2, choices=2)
+    line = _line(caplog)
+    assert line.startswith("request 'cmpl-7' ended: ")
+    fields = _fields(line)
+    assert fields["frontend"] == "http" and fields["tenant"] == "'acme'" and fields["adapter"] == "'lower'"
+    assert " adapter='lower' v3 " in line
+    assert (fields["prompt_tokens"], fields["output_tokens"]) == ("5", "5")
+    assert fields["outcome"] == "finished" and fields["finish_reason"] == "'length'"
+    assert float(fields["ttft_ms"]) <= float(fields["total_ms"]) < 5000
+    assert "prompt=" not in line and "output=" not in line and "'a'" not in line  # no text without max_log_len
+
+
+@pytest.mark.parametrize("exc, outcome", [(EngineError("step failed: CUDA error"), "error"),
+                                          (RequestAborted("adapter 'lower' was unloaded (force)"), "aborted")])
+def test_an_engine_failure_or_abort_names_its_reason(caplog, exc, outcome):
+    caplog.set_level(logging.INFO, LOGGER)
+    _run(RequestLog(), [_delta(0, "a", [1], 5, 1)], raise_at_end=exc)
+    fields = _fields(_line(caplog))
+    assert fields["outcome"] == outcome and fields["reason"] == repr(str(exc))
+    assert (fields["prompt_tokens"], fields["output_tokens"]) == ("5", "1")
+
+
+def test_a_request_closed_before_its_end_is_cancelled(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    _run(RequestLog(), [_delta(0, "a", [1], 5, 1), _delta(0, "b", [2], 5, 2), _delta(0, "c", [3], 5, 3, "stop")],
+         take=1)
+    fields = _fields(_line(caplog))
+    assert fields["outcome"] == "cancelled" and "finish_reason" not in fields and fields["output_tokens"] == "1"
+
+
+def test_hostile_text_stays_on_one_printable_line_and_is_cut_to_max_log_len(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    log = RequestLog(max_log_len=len(HOSTILE), decode=lambda ids: HOSTILE + "tail" * len(ids))
+    _run(log, [_delta(0, HOSTILE, [1], 3, 1), _delta(0, "more", [2], 3, 2, "stop")], prompt_ids=[1, 2, 3])
+    line = _line(caplog)
+    assert line.isprintable()  # no newline, carriage return, ESC, BEL, line separator, bidi override
+    assert "\\n2026-12-07T04:10:00.000Z INFO" in line and "\\x1b[2J" in line and "\\u202e" in line
+    fields = _fields(line)
+    assert fields["prompt"] == repr(HOSTILE) and fields["output"] == repr(HOSTILE)
+    assert line.endswith("... (+12 chars) output=" + repr(HOSTILE) + "... (+4 chars)")
+    assert quoted("abcdef", 2) == "'ab'... (+4 chars)"
+
+
+def test_refusals_name_the_reason_and_tenant_and_nothing_is_logged_off(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    _metrics(RequestLog()).reject("permission_denied", "grpc", "acme", "not granted 'x\n'")
+    assert _line(caplog) == "request refused: frontend=grpc tenant='acme' reason=permission_denied " \
+                            "message=\"not granted 'x\\n'\""
+    caplog.clear()
+    _metrics(RequestLog()).reject("unauthenticated", "http", None, "unknown API key")
+    assert _line(caplog) == "request refused: frontend=http tenant=- reason=unauthenticated message='unknown API key'"
+    caplog.clear()
+    _metrics(None).reject("queue_full", "http", "acme", "full")  # off: counted, not logged
+    _run(None, [_delta(0, "a", [1], 5, 1, "stop")])
+    assert not [r for r in caplog.records if r.name == LOGGER]
+
+
+def test_server_config_fields():
+    assert _request_log(ServerConfig(), None) is None  # off by default
+    on = _request_log(ServerConfig(enable_log_requests=True, max_log_len=7), None)
+    assert on is not None and on.max_log_len == 7
+    with pytest.raises(ValueError, match="max_log_len must be an integer >= 0"):
+        ServerConfig(enable_log_requests=True, max_log_len=-1)
+    with pytest.raises(ValueError, match="only with enable_log_requests"):
+        ServerConfig(max_log_len=10)
