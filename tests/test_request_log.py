@@ -141,5 +141,5 @@ def test_server_config_fields():
     assert on is not None and on.max_log_len == 7
     with pytest.raises(ValueError, match="max_log_len must be an integer >= 0"):
         ServerConfig(enable_log_requests=True, max_log_len=-1)
-    with pytest.raises(ValueError, match="only with enable_log_requests"):
+    with pytest.raises(ValueError, match="only with ServerConfig.enable_log_requests on"):
         ServerConfig(max_log_len=10)

@@ -288,7 +288,8 @@ class RequestTimer:
         (``n``). A no-op without a request log."""
         record = self.record
         if record is not None:
-            record.request_id, record.adapter, record.prompt_ids, record.choices = request_id, adapter, prompt_ids, choices
+            record.request_id, record.adapter = request_id, adapter
+            record.prompt_ids, record.choices = prompt_ids, choices
 
     def ended(self, outcome: str) -> None:
         """The admitted request ended so (:meth:`ServerMetrics.request_ended`), counted for its

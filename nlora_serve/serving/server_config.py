@@ -110,7 +110,7 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.max_log_len must be an integer >= 0; got {self.max_log_len!r}")
         if self.max_log_len and not self.enable_log_requests:
             raise ValueError(f"ServerConfig.max_log_len={self.max_log_len} logs request text only with "
-                             "enable_log_requests (--enable-log-requests): give both, or neither")
+                             "ServerConfig.enable_log_requests on: give both, or neither")
         if not self.drain_seconds >= 0:
             raise ValueError(f"ServerConfig.drain_seconds must be >= 0; got {self.drain_seconds!r}")
         if self.served_model_name is not None and not self.served_model_name.strip():

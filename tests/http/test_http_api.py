@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from http_harness import TENANTS, base_url, client, scrape
 from nlora_serve.client import NloraClient, PermissionDenied
+from nlora_serve.serving.request_log import RequestLog
 from nlora_serve.serving.http_api.server import MAX_BODY_BYTES
 
 TIED, LORA = TENANTS  # inttune-nystrom-tied (granted to tied-co), lora-rslora (lora-co)
@@ -366,8 +367,6 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
     each front end whose fields are the response's own (id, usage, adapter version, finish), one per
     refusal naming its reason, a hostile prompt escaped; none while it is off (the server's default).
     Set on this module's running server (the server reads ``metrics.request_log`` per request)."""
-    from nlora_serve.serving.request_log import RequestLog
-
     caplog.set_level(logging.INFO, "nlora_serve.requests")
     lora_co = client(http_server, TENANT_KEYS["lora-co"])
     lora_co.completions.create(model=LORA, prompt="Hi", max_tokens=2)  # off: no line
