@@ -6,6 +6,7 @@ test_request_log_lines_on_both_front_ends."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import re
@@ -17,7 +18,8 @@ from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.request_log import RequestLog, quoted
 from nlora_serve.serving.server import _request_log
-from nlora_serve.serving.server_config import ServerConfig
+from nlora_serve.serving.commands import serve as serve_cli
+from nlora_serve.serving.server_config import ServerConfig, StartupError
 from nlora_serve.serving.stream import Metered
 
 HOSTILE = "hi\n2026-12-07T04:10:00.000Z INFO nlora_serve.requests: forged\r\x1b[2J\x1b]0;pwned\x07\u2028\u202e"
@@ -143,3 +145,20 @@ def test_server_config_fields():
         ServerConfig(enable_log_requests=True, max_log_len=-1)
     with pytest.raises(ValueError, match="only with ServerConfig.enable_log_requests on"):
         ServerConfig(max_log_len=10)
+
+
+def test_serve_flags_fill_the_config_and_a_bad_one_names_its_flag(capsys):
+    def configs(*flags: str) -> ServerConfig:
+        parser = argparse.ArgumentParser()
+        serve_cli.add_serve_arguments(parser)
+        return serve_cli._configs(parser.parse_args(["--http-port", "off", *flags]))[0]
+
+    default = configs()
+    assert (default.enable_log_requests, default.max_log_len) == (False, 0)
+    given = configs("--enable-log-requests", "--max-log-len", "80")
+    assert (given.enable_log_requests, given.max_log_len) == (True, 80)
+    with pytest.raises(StartupError, match="^--max-log-len 5: logs request text only with --enable-log-requests on"):
+        configs("--max-log-len", "5")
+    with pytest.raises(SystemExit):
+        configs("--enable-log-requests", "--max-log-len", "-1")
+    assert "--max-log-len: must be an integer >= 0; got -1" in capsys.readouterr().err
