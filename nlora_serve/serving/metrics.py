@@ -232,7 +232,7 @@ class RequestTimer:
     the series of one front end; its tokens and how it ended into its tenant's (once known)."""
 
     __slots__ = ("_metrics", "_frontend", "_ttft", "_itl", "_duration", "_prompt", "_generated", "_queries", "_hits",
-                 "_tenant_tokens", "tenant", "caller", "record", "start", "first", "duration", "_last")
+                 "_tenant_tokens", "tenant", "caller", "record", "_log", "start", "first", "duration", "_last")
 
     def __init__(self, metrics: ServerMetrics, frontend: str, tenant: str | None = None):
         if frontend not in FRONTENDS:
@@ -243,7 +243,8 @@ class RequestTimer:
         self.caller: str | None = None  # the same name, whatever the counters (the request log's)
         self._tenant_tokens = None
         # what the request log's line says, filled in as the request runs; None: no request log
-        self.record = None if metrics.request_log is None else metrics.request_log.record()
+        self._log = metrics.request_log
+        self.record = None if self._log is None else self._log.record()
         if tenant is not None:
             self.set_tenant(tenant)
         self._ttft, self._itl = metrics.ttft.labels(frontend), metrics.itl.labels(frontend)
@@ -296,8 +297,7 @@ class RequestTimer:
         front end, and for its tenant once it is known; with a request log, its line is written."""
         self._metrics.request_ended(self._frontend, outcome, self.tenant)
         if self.record is not None:
-            self._metrics.request_log.ended(self._frontend, self.caller, self.record, outcome, self.first, self.start,
-                                            self.duration)
+            self._log.ended(self._frontend, self.caller, self.record, outcome, self.first, self.start, self.duration)
 
     def finish(self) -> float:
         """The stream ended; returns (and keeps in ``duration``) its duration in seconds."""
