@@ -129,6 +129,9 @@ def test_refusals_name_the_reason_and_tenant_and_nothing_is_logged_off(caplog):
     assert _line(caplog) == "request refused: frontend=grpc tenant='acme' reason=permission_denied " \
                             "message=\"not granted 'x\\n'\""
     caplog.clear()
+    _metrics(RequestLog()).reject("queue_full", "grpc", "acme", "full", request_id="job\x1b-7")
+    assert _line(caplog) == "request 'job\\x1b-7' refused: frontend=grpc tenant='acme' reason=queue_full message='full'"
+    caplog.clear()
     _metrics(RequestLog()).reject("unauthenticated", "http", None, "unknown API key")
     assert _line(caplog) == "request refused: frontend=http tenant=- reason=unauthenticated message='unknown API key'"
     caplog.clear()

@@ -132,14 +132,16 @@ class ServerMetrics:
         r.register(_EngineCounters(engine_stats))
         self._http = None
 
-    def reject(self, reason: str, frontend: str, tenant: str | None = None, message: str | None = None) -> None:
+    def reject(self, reason: str, frontend: str, tenant: str | None = None, message: str | None = None,
+               request_id: str | None = None) -> None:
         """Count one refused request; ``reason`` in :data:`REJECT_REASONS`, ``frontend`` in
         :data:`FRONTENDS`; with ``tenant`` (its key was checked: :func:`tenant_of`,
         :func:`tenant_of_key`), as a "rejected" request of that tenant too (with ``per_tenant``).
-        With a ``request_log``, logged too, with ``message`` (what the client was told)."""
+        With a ``request_log``, logged too, with ``message`` (what the client was told) and the
+        client's ``request_id`` when it sent one."""
         self.rejected.labels(reason, frontend).inc()
         if self.request_log is not None:
-            self.request_log.refused(frontend, reason, tenant, message)
+            self.request_log.refused(frontend, reason, tenant, message, request_id)
         if tenant is not None:
             self.tenant_ended(tenant, "rejected")
 

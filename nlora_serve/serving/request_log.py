@@ -13,14 +13,14 @@ metrics (:meth:`~nlora_serve.serving.metrics.RequestTimer.ended`)::
 ``reason=`` the engine's message for aborted and error). A request refused before it ran writes
 one line naming the reason (a ``nlora_requests_rejected_total`` reason) and the refusal's message::
 
-    request refused: frontend=grpc tenant='acme' reason=queue_full message='server queue is full ...'
+    request 'job-42' refused: frontend=grpc tenant='acme' reason=queue_full message='server queue is full ...'
 
-``tenant`` is the caller's name in the tenants file (never its key; ``-`` for a key missing or
+(the id when its client chose one: gRPC's ``request_id``). ``tenant`` is the caller's name in the tenants file (never its key; ``-`` for a key missing or
 unknown, ``anonymous`` without a tenants file). Unlike vLLM, which logs each request at its arrival
 too, there is no admission line: the end line's time less ``total_ms`` is the arrival, and the
 requests running now are in ``/metrics``. The prompt's and the first choice's text are logged only
 with ``--max-log-len N`` > 0 (vLLM's default, None, logs them whole): their first N characters,
-the prompt as the engine ran it (a chat rendered by its template), decoded from its first N tokens.
+the prompt as the engine ran it (a chat rendered by its template), decoded from its first 2N tokens.
 Every value a client chose (text, ids, adapter names, messages) is written with Python's ``repr``
 quoting, so a newline or a terminal escape in it cannot forge a log line or drive the operator's
 terminal.
@@ -120,11 +120,14 @@ class RequestLog:
             line += f" prompt={self._prompt(record)} output={quoted(''.join(record.text), self.max_log_len)}"
         self._log.info("%s", line)
 
-    def refused(self, frontend: str, reason: str, tenant: str | None, message: str | None) -> None:
+    def refused(self, frontend: str, reason: str, tenant: str | None, message: str | None,
+                request_id: str | None = None) -> None:
         """Log that a request of ``tenant`` (None: its key was missing or unknown, or not checked
         yet) on ``frontend`` was refused for ``reason`` (a ``nlora_requests_rejected_total`` reason)
-        with ``message`` (what its client was told)."""
-        line = f"request refused: frontend={frontend} tenant={_who(tenant)} reason={reason}"
+        with ``message`` (what its client was told); ``request_id``: the id its client chose (gRPC's
+        ``request_id``), when known."""
+        named = "" if request_id is None else f" {quoted(request_id, 200)}"
+        line = f"request{named} refused: frontend={frontend} tenant={_who(tenant)} reason={reason}"
         if message is not None:
             line += f" message={quoted(capped(message))}"
         self._log.info("%s", line)

@@ -53,9 +53,9 @@ class Metered:
     and frees its KV blocks and adapter pin at once, ``reservation`` is released, and the request's
     end is counted for its tenant (:meth:`RequestTimer.ended`: "finished" once every choice has,
     "aborted" when the engine aborted one, "error", or "cancelled" before its end), and logged with
-``--enable-log-requests`` (request_log.py). A class, not an
-    async generator: a generator's ``aclose`` runs nothing before its first ``__anext__``, which
-    kept the request running and its reservation held for good (engine/api.py's RequestStream).
+    ``--enable-log-requests`` (request_log.py). A class, not an async generator: a generator's
+    ``aclose`` runs nothing before its first ``__anext__``, which kept the request running and its
+    reservation held for good (engine/api.py's RequestStream).
 
     Raises (from ``__anext__``):
         EngineError: the engine failed while running the request. RequestAborted: the engine

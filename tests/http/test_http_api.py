@@ -379,6 +379,9 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
         answer = raw.parse()
         with NloraClient(http_server.target, api_key=TENANT_KEYS["lora-co"], timeout=60) as grpc_client:
             _, deltas = grpc_client.complete("Hi", adapter=LORA, max_tokens=2, request_id="job-42")
+        with NloraClient(http_server.target, api_key=TENANT_KEYS["base-co"], timeout=60) as grpc_client:
+            with pytest.raises(PermissionDenied):
+                grpc_client.complete("Hi", adapter=LORA, max_tokens=2, request_id="job-43")
         with pytest.raises(openai.PermissionDeniedError):
             client(http_server, TENANT_KEYS["base-co"]).completions.create(model=LORA, prompt="Hi", max_tokens=2)
         chunks = list(lora_co.chat.completions.create(model=LORA, messages=[{"role": "user", "content": "Hi"}],
@@ -390,7 +393,7 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
     finally:
         metrics.request_log = None
     lines = [r.getMessage() for r in caplog.records if r.name == "nlora_serve.requests"]
-    assert len(lines) == 5, lines
+    assert len(lines) == 6, lines
     # the SSE stream's line is written as its stream closes, which may come after the next request's
     streamed = [line for line in lines if line.startswith(f"request {chunks[0].id!r} ended: ")]
     lines = [line for line in lines if line not in streamed]
@@ -404,10 +407,12 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
     assert lines[1].startswith(f"request 'job-42' ended: frontend=grpc tenant='lora-co' adapter={LORA!r} "
                                f"v{deltas[-1].adapter_version} prompt_tokens={usage.prompt_tokens} "
                                f"output_tokens={usage.completion_tokens} ttft_ms=")
-    assert lines[2].startswith("request refused: frontend=http tenant='base-co' reason=permission_denied message=")
+    assert lines[2].startswith("request 'job-43' refused: frontend=grpc tenant='base-co' reason=permission_denied "
+                               "message=")
+    assert lines[3].startswith("request refused: frontend=http tenant='base-co' reason=permission_denied message=")
     chat_usage = chunks[-1].usage
     assert len(streamed) == 1 and streamed[0].startswith(
         f"request {chunks[0].id!r} ended: frontend=http tenant='lora-co' adapter={LORA!r} v{version} "
         f"prompt_tokens={chat_usage.prompt_tokens} output_tokens={chat_usage.completion_tokens} ttft_ms=")
-    assert lines[3] == "request refused: frontend=http tenant=- reason=unauthenticated message='unknown API key'"
+    assert lines[4] == "request refused: frontend=http tenant=- reason=unauthenticated message='unknown API key'"
     assert all(line.isprintable() for line in lines + streamed)

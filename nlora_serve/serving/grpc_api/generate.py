@@ -61,7 +61,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             stream, shown_id, reservation, scored = await self._admit(request, context, timer)
         except NloraError as exc:
             code, reason = status_of(exc)
-            self.metrics.reject(reason, "grpc", timer.caller, str(exc))
+            self.metrics.reject(reason, "grpc", timer.caller, str(exc), timer.record and timer.record.request_id)
             await abort(context, code, str(exc), reason)
         try:
             # aclosing: on cancel, disconnect or deadline the metered stream is closed here, which
@@ -84,6 +84,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, timer: RequestTimer):
         principal = self.auth.authenticate(context.invocation_metadata())
         timer.set_tenant(tenant_of(self.auth, principal))
+        # the request log's line names them, refused or not (an id over the limit: its first 200 characters)
+        timer.describe(request.request_id or None, request.adapter or None, None)
         adapter = request.adapter or None
         if adapter is not None and adapter == self.config.served_model_name and principal.may_use(None):
             # HTTP's 'model' takes the base model's name; here the base model is no adapter (a caller
@@ -94,7 +96,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if adapter is not None:
             validate_name(adapter)  # a name no adapter can have: INVALID_ARGUMENT, before any other work
         request_id = convert.request_id_of(request)
-        timer.describe(request_id or None, adapter, None)  # the request log's line names them, refused or not
         salt = convert.cache_salt(request)
         special = convert.add_special_tokens(request)
         params = convert.sampling_params(request.sampling, self.config)
