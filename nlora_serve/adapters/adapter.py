@@ -65,6 +65,9 @@ class Adapter:
     content_hash: str  # 64 hex chars
     family_key: str | None = None  # tied adapters only: tied.family_key
     shared_family: str | None = None  # compressed family members only: family.factors_key
+    # compressed family members only: the family.FamilyFactors whose cast factors A and B are (held
+    # once per family by the manager's FamilyResolver while admitted versions use it)
+    family_factors: object | None = field(default=None, repr=False, compare=False)
     base_fingerprint: str = ""  # the base model the adapter was validated against
     source: str = field(default="", repr=False)  # where it was read from, for messages
     # [sites] float64, per site the most s·‖N‖∞ its A, B and bias allow (adapters/bounds.py): what

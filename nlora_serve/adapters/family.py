@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,27 +171,36 @@ def write_factors(root: Path, factors: FamilyFactors, undo: Undo | None = None) 
 
 
 class FamilyResolver:
-    """Finds and caches family factors by key, so every member of a family shares one copy.
+    """Finds family factors by key, and keeps one copy per family while registered members use it.
 
     Looks under each of ``roots`` (a store root), then, for a member read from a folder, next to
     it: ``<folder>/../_families`` and ``<folder>/../../_families`` (a store version folder).
     A factors file over ``max_bytes`` (--max-adapter-bytes) is refused before it is read.
+
+    The cache holds exactly the families of the members :meth:`hold` admitted and :meth:`let_go`
+    has not freed (counted per member version): a read alone caches nothing, so a member the
+    reader or the registry refused (bounds, pool full, disk error) leaves nothing behind, and a
+    family whose last member is unloaded or replaced is dropped with it. Thread-safe.
     """
 
     def __init__(self, spec: ModelSpec, roots: tuple[Path, ...] = (), max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES):
         self.spec = spec
         self.roots = tuple(Path(r) for r in roots)
         self.max_bytes = max_bytes
-        self._cache: dict[str, FamilyFactors] = {}
+        self._cache: dict[str, FamilyFactors] = {}  # the families of admitted members only
+        self._users: Counter = Counter()  # key -> admitted member versions using it
+        self._lock = threading.Lock()
 
     def get(self, key: str, near: Path | None = None) -> FamilyFactors:
-        """The factors of family ``key``.
+        """The factors of family ``key``: the registered members' copy, else read (not cached).
 
         Raises:
             AdapterError: not found anywhere searched (the message lists where), or mismatched.
         """
-        if key in self._cache:
-            return self._cache[key]
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         places = list(self.roots) + ([Path(near).parent, Path(near).parent.parent] if near is not None else [])
         for root in places:
             path = family_file(root, key)
@@ -198,21 +209,49 @@ class FamilyResolver:
             except (FileNotFoundError, NotADirectoryError):
                 continue
             if found:
-                self._cache[key] = parse_factors(found[FACTORS_FILE], self.spec, key, str(path))
-                return self._cache[key]
+                return parse_factors(found[FACTORS_FILE], self.spec, key, str(path))
         searched = ", ".join(str(Path(p) / FAMILIES_DIR) for p in places) or "nowhere (no store)"
         raise AdapterError(f"family {key[:16]}…: its shared factors ({FAMILIES_DIR}/{key}/{FACTORS_FILE}) are "
                            f"missing; searched {searched}. Copy the family folder with its members, or "
                            "upload the member in the full form (`adapters compress --full-form`)")
 
-    def remember(self, factors: FamilyFactors) -> FamilyFactors:
-        """Cache ``factors`` (e.g. from a full-form upload); returns the cached copy for its key."""
-        return self._cache.setdefault(factors.key, factors)
-
     def known(self, factors: FamilyFactors) -> FamilyFactors:
-        """The cached copy of ``factors``' family, else ``factors`` itself, not cached: a full-form
-        member's own factors are remembered only once the member is accepted (:meth:`remember`)."""
-        return self._cache.get(factors.key, factors)
+        """The registered members' copy of ``factors``' family, else ``factors`` itself (not cached)."""
+        with self._lock:
+            return self._cache.get(factors.key, factors)
+
+    def hold(self, adapter) -> None:
+        """A member version is admitted: its family's factors stay cached until :meth:`let_go` of
+        every member version holding them. A member read before another of its family was
+        admitted (two uploads at once) is re-pointed to the cached copy, so the family is held
+        once. No-op for an adapter that is no family member."""
+        factors = getattr(adapter, "family_factors", None)
+        if factors is None:
+            return
+        with self._lock:
+            kept = self._cache.setdefault(factors.key, factors)
+            self._users[factors.key] += 1
+        if kept is not factors:  # equal values (the key hashes them): share the cached tensors
+            cast = kept.in_dtype(adapter.dtype)
+            for site, w in adapter.sites.items():
+                w.A, w.B = cast[site]
+            adapter.family_factors = kept
+
+    def let_go(self, key: str | None) -> None:
+        """A member version of family ``key`` (held by :meth:`hold`) is freed; the factors leave
+        the cache with the last one. No-op for None or a key no member holds."""
+        with self._lock:
+            if self._users.get(key, 0) <= 0:
+                return
+            self._users[key] -= 1
+            if self._users[key] == 0:
+                del self._users[key]
+                self._cache.pop(key, None)
+
+    def cached(self) -> set[str]:
+        """Keys of the families held now (for tests and diagnostics)."""
+        with self._lock:
+            return set(self._cache)
 
 
 def member_header(key: str, base_fingerprint: str) -> dict:

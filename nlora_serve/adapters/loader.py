@@ -151,7 +151,7 @@ def _family_factors(cfg: AdapterConfig, grouped: dict, tensors: dict, plans: dic
         if own.key != header.family:
             raise AdapterError(f"{source}: its lora_A / lora_B hash to family {own.key[:16]}…, not to the "
                                f"family {header.family[:16]}… its {CONFIG_NAME} names")
-        factors = families.known(own)  # remembered by _read once the member is accepted
+        factors = families.known(own)  # cached by the manager once a member version is admitted
     else:
         factors = families.get(header.family, near)
     if set(factors.sites) != set(plans) or any(p.rank != factors.rank for p in plans.values()):
@@ -223,9 +223,9 @@ def _read(cfg: AdapterConfig, header: dict, tensors_of, base: BaseModel, max_ran
         families = families if families is not None else FamilyResolver(base.spec)
         factors = _family_factors(cfg, grouped, tensors, plans, base, families, near, source)
         sites = _build_sites(grouped, tensors, plans, base, factors)
-        adapter = assemble_adapter(cfg, sites, base, stored, shared=factors, source=source)
-        families.remember(factors)  # not before: a refused upload's factors (up to 78 MB at rank 64) stayed cached
-        return adapter
+        # not cached here: a refused member's factors (up to 78 MB at rank 64) stayed cached; the
+        # manager holds them while an admitted version uses them (FamilyResolver.hold / let_go)
+        return assemble_adapter(cfg, sites, base, stored, shared=factors, source=source)
     sites = _build_sites(grouped, tensors, plans, base)
     family = _check_family(cfg, plans, base) if cfg.tied else None
     return assemble_adapter(cfg, sites, base, stored, family=family, source=source)
@@ -250,8 +250,8 @@ def assemble_adapter(cfg: AdapterConfig, sites: dict[tuple[int, str], SiteWeight
             s.N, s.bias = s.N.to(base.dtype), None if s.bias is None else s.bias.to(base.dtype)
             s.A, s.B = cast[key]
         return Adapter(config=cfg, sites=sites, flavour="family", dtype=base.dtype, stored_dtype=stored_dtype,
-                       content_hash=digest, shared_family=shared.key, base_fingerprint=base.fingerprint,
-                       source=source, n_limits=limits)
+                       content_hash=digest, shared_family=shared.key, family_factors=shared,
+                       base_fingerprint=base.fingerprint, source=source, n_limits=limits)
     if family is None and is_tied(sites, base, stored_dtype):
         family = family_key(base.fingerprint, {s: w.rank for s, w in sites.items()})
     limits = site_limits(sites, tied_norms(base, family, sites) if family is not None else None)

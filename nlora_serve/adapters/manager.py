@@ -63,7 +63,7 @@ class AdapterManager:
         self._slot_listeners: list[Callable[[], None]] = []
         self.slot_changes = 0  # changes that may give a LoRA slot to a request refused one (on_slot_change)
         self.registry = AdapterRegistry(store, load, self._load_files,
-                                        on_admit=self.residency.admit, on_free=self._free)
+                                        on_admit=self._admit, on_free=self._free)
         restored = [self.registry.get(name) for name in self.registry.rebuild()]
         if restored:  # named, as an operator asks `client list` what a restart serves
             log.info("%s", restored_summary(restored, adapter_dir))
@@ -164,9 +164,23 @@ class AdapterManager:
         for callback in self._slot_listeners:
             callback()
 
+    def _admit(self, version: AdapterVersion) -> None:
+        """The registry admits ``version`` (residency's ``admit``); a family member holds its
+        family's factors in :attr:`families` until :meth:`_free` (not when admit refuses it)."""
+        self.families.hold(version.adapter)
+        try:
+            self.residency.admit(version)
+        except BaseException:
+            self.families.let_go(version.family)
+            raise
+
     def _free(self, version: AdapterVersion) -> None:
-        """The registry freed ``version``: its slot and memory go back (residency's ``free``)."""
-        self.residency.free(version)
+        """The registry freed ``version``: its slot and memory go back (residency's ``free``), and
+        its family's factors leave :attr:`families` with the family's last version."""
+        try:
+            self.residency.free(version)
+        finally:
+            self.families.let_go(version.family)
         self._slot_changed()
 
     def set_tenant_shares(self, weights: Mapping[str, float]) -> None:

@@ -226,3 +226,55 @@ def test_a_refused_full_form_upload_leaves_its_factors_uncached(base_fp32, famil
     assert key not in manager.families._cache
     version = manager.register("up", {"adapter_config.json": config, "adapter_model.safetensors": weights})
     assert version.family == key and key in manager.families._cache  # an accepted member's factors are shared
+
+
+def test_a_familys_factors_leave_the_cache_with_its_last_member(base_fp32, family_dir, tmp_path):
+    """The factors cache kept a family after every member was unloaded or replaced (for the
+    server's life: up to 78 MB per family at rank 64)."""
+    manager = _manager(base_fp32, tmp_path / "store")
+    for n in NAMES:
+        manager.register_dir(n, family_dir / "out" / n)
+    key = manager.registry.get("alpha").family
+    assert manager.families.cached() == {key}
+    shared = manager.registry.get("alpha").adapter.sites
+    assert all(shared[s].A is w.A for s, w in manager.registry.get("gamma").adapter.sites.items())  # one copy
+    manager.register_dir("alpha", family_dir / "loras" / "alpha")  # replaced by a plain LoRA
+    manager.unload("beta")
+    stored = safetensors.torch.load_file(manager.registry.get("gamma").path / "adapter_model.safetensors")
+    manager.swap("gamma", safetensors.torch.save({k: 2 * v for k, v in stored.items()}))  # v1 freed, v2 holds
+    assert manager.families.cached() == {key}
+    manager.unload("gamma")
+    assert manager.families.cached() == set()
+    manager.register_dir("beta", family_dir / "out" / "beta")  # read again from the store
+    assert manager.families.cached() == {key}
+
+
+def test_a_member_the_registry_refuses_leaves_its_factors_uncached(base_fp32, family_dir, tmp_path):
+    """A member the reader accepted and the registry then refused (a disk error writing its
+    factors, --adapter-memory full) kept its family's factors cached."""
+    from nlora_serve.adapters import durable
+    from nlora_serve.adapters.durable import StoreWriteError
+    from nlora_serve.adapters.limits import AdapterLimits
+    from nlora_serve.adapters.residency import PoolFull
+
+    config, weights, key = _full_form_upload(base_fp32, family_dir)
+    files = {"adapter_config.json": config, "adapter_model.safetensors": weights}
+    manager = _manager(base_fp32, tmp_path / "store")
+
+    def disk_full(op):
+        if op.kind == "write" and op.path.name == "family.safetensors":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    previous = durable.set_fault_hook(disk_full)
+    try:
+        with pytest.raises(StoreWriteError):
+            manager.register("up", files)
+    finally:
+        durable.set_fault_hook(previous)
+    assert manager.families.cached() == set()
+    full = AdapterManager(base_fp32, tmp_path / "full", AdapterLimits(adapter_memory=1))
+    with pytest.raises(PoolFull, match="--adapter-memory"):
+        full.register_dir("alpha", family_dir / "out" / "alpha")
+    with pytest.raises(PoolFull, match="--adapter-memory"):
+        full.register("up", files)
+    assert full.families.cached() == set()
