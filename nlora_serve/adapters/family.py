@@ -274,7 +274,11 @@ def compact_family_files(name: str, adapter, weights: bytes, store: AdapterStore
     tensors = safetensors.torch.load(weights)
     if not any(k.endswith(PART_A) for k in tensors):
         return None
-    factors = make_factors({s: (w.A, w.B) for s, w in adapter.sites.items()}, adapter.base_fingerprint)
+    # the float32 factors the key hashes: A, B of the sites are cast to the server's dtype, and on a
+    # bfloat16 server factors rebuilt from them hashed to another key than the config names
+    factors = getattr(adapter, "family_factors", None)
+    if factors is None:
+        factors = make_factors({s: (w.A, w.B) for s, w in adapter.sites.items()}, adapter.base_fingerprint)
     store.write_factors(name, factors.key, lambda: factors_bytes(factors))
     config = {k: v for k, v in adapter.config.raw.items() if k != "nlora_serve"}
     config["nlora_serve"] = member_header(adapter.shared_family, adapter.base_fingerprint)

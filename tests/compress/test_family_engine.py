@@ -278,3 +278,18 @@ def test_a_member_the_registry_refuses_leaves_its_factors_uncached(base_fp32, fa
     with pytest.raises(PoolFull, match="--adapter-memory"):
         full.register("up", files)
     assert full.families.cached() == set()
+
+
+def test_a_full_form_upload_on_a_bfloat16_server_is_served_again_after_a_restart(base_fp32, base_model_dir,
+                                                                                family_dir, tmp_path):
+    """The factors were rebuilt from the member's bfloat16-cast A and B: written under another key
+    than its config names, so a restart refused the member (its factors "missing")."""
+    from nlora_serve.models import load_base
+
+    base = load_base(str(base_model_dir), torch.bfloat16)
+    config, weights, key = _full_form_upload(base_fp32, family_dir)  # float32 factors, as compress writes
+    version = _manager(base, tmp_path / "store").register(
+        "up", {"adapter_config.json": config, "adapter_model.safetensors": weights})
+    assert [p.name for p in (tmp_path / "store" / "_families").iterdir()] == [key]
+    again = _manager(base, tmp_path / "store")
+    assert [(v.name, v.content_hash) for v in again.versions()] == [("up", version.content_hash)]
