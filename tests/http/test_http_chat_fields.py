@@ -88,6 +88,7 @@ def test_top_logprobs_zero_without_logprobs_asks_for_nothing(http_server):
     ({"top_logprobs": 1}, "top_logprobs", "needs logprobs=true"),
     ({"top_logprobs": -1, "logprobs": True}, "top_logprobs", "[0, 20]"),  # vLLM's -1 (whole vocabulary)
     ({"messages": [{"role": "user", "content": "Hi", "name": 5}]}, "messages.0.name", "string"),
+    ({"tool_choice": 5}, "tool_choice", "or as dict"),  # was "tool_choice.str" (the union's first member)
     ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages", "developer"),  # the roles are listed
     ({"modalities": ["text", "audio"]}, "modalities", "['text']"),  # no audio output here
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "null"),

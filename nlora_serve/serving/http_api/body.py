@@ -143,4 +143,58 @@ def validated(kind: type[Body], data) -> Body:
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
+        raise RequestValidationError(without_union_labels(exc.errors(include_url=False), data)) from None
+
+
+_MAX_BRANCHES_SHOWN = 4  # a union's other members named in the message
+
+
+def without_union_labels(errors: list[dict], data) -> list[dict]:
+    """pydantic's ``errors`` for ``data`` with each union member's label taken out of ``loc``, so
+    that the error names the field the client sent (``tool_choice``, ``stop``,
+    ``messages.0.content``), not the member's type (``tool_choice.str``: its first member only,
+    whatever was wrong). The message of such an error says the member it is about and what each
+    other member of the union found.
+
+    A label is a ``loc`` part that is no key (dict) or index (list) of ``data`` at that point; the
+    last part of a ``missing`` error names the absent field and stays. Errors outside a union are
+    returned as they are.
+    """
+    walked = [_walk(e.get("loc", ()), data, e.get("type") == "missing") for e in errors]
+    out = []
+    for error, (where, labels) in zip(errors, walked):
+        if not labels:
+            out.append(error)
+            continue
+        at, label = labels[0]
+        loc = tuple(error["loc"])
+        seen, alternatives = {label}, []
+        for other, (other_where, other_labels) in zip(errors, walked):  # the union's other members
+            if (not other_labels or other_labels[0][0] != at or tuple(other["loc"])[:at] != loc[:at]
+                    or other_labels[0][1] in seen or len(seen) > _MAX_BRANCHES_SHOWN):
+                continue
+            seen.add(other_labels[0][1])
+            inside = f"at {'.'.join(map(str, other_where))}: " if other_where != where else ""
+            alternatives.append(f"as {other_labels[0][1]}: {inside}{other.get('msg')}")
+        msg = f"{error.get('msg')} (as {label})" + "".join(f"; or {a}" for a in alternatives)
+        out.append({**error, "loc": where, "msg": msg})
+    return out
+
+
+def _walk(loc, data, missing: bool) -> tuple[tuple, list[tuple[int, str]]]:
+    """(``loc`` without union labels, [(index in ``loc``, label)]) following ``loc`` through ``data``."""
+    where, labels, here, found = [], [], data, True
+    for i, part in enumerate(loc):
+        if found and isinstance(here, dict) and isinstance(part, str) and part in here:
+            here = here[part]
+        elif found and isinstance(here, list) and type(part) is int and -len(here) <= part < len(here):
+            here = here[part]
+        elif missing and i == len(loc) - 1:  # the absent field a "missing" error names
+            found = False
+        elif isinstance(part, str):
+            labels.append((i, part))
+            continue
+        else:
+            found = False
+        where.append(part)
+    return tuple(where), labels
