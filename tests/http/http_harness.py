@@ -51,6 +51,22 @@ def headers_only(server, key: str, content_length: int) -> socket.socket:
     return sock
 
 
+def answer_then_closed(port: int, request: str) -> bytes:
+    """The head of the answer to ``request`` (raw HTTP/1.1, kept alive: no Connection header); fails
+    unless the server then closes the connection within 2 s (a draining server's 503)."""
+    import pytest
+
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(request.encode())
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except TimeoutError:
+            pytest.fail(f"the connection stayed open after the answer {got[:200]!r}")
+    return got.partition(b"\r\n\r\n")[0]
+
+
 def read_response(sock: socket.socket) -> bytes:
     """One whole HTTP response (headers and a Content-Length body) read from ``sock``."""
     data = b""

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+from types import SimpleNamespace
 
 import pytest
 import requests
 from tokenizers.processors import TemplateProcessing
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS, RunningServer
-from http_harness import TENANTS, client, scrape
+from http_harness import TENANTS, answer_then_closed, client, scrape
 from nlora_serve.engine.api import max_prompt_bytes
 from nlora_serve.engine.config import EngineConfig, SchedulerConfig
 from nlora_serve.engine.vllm_backend.engine import VllmEngine
@@ -244,8 +245,15 @@ def test_the_vllm_backends_server_answers_alike_through_the_engine_interface(bas
         error = _refused(_post(running, "/tokenize", {"model": model, "prompt": "Hi"}, key=None), 503, None,
                          "shutting down")
         assert error["code"] == "draining"
+        body = json.dumps({"model": model, "prompt": "Hi"})
+        engine._stopping, engine._llm = False, SimpleNamespace(errored=False)  # a live core, for /health
+        for request in (f"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n{body}", "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"):
+            head = answer_then_closed(running.server.http_port, request)  # the SDK's retry: a new connection
+            assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nconnection: close\r\n" in head.lower(), head
     finally:
         running.stop()
+
 
 
 async def _start_draining(admission) -> None:

@@ -30,7 +30,7 @@ from nlora_serve.errors import NloraError, shown
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.metrics import tenant_of_key
 from nlora_serve.serving.stream import adapter_versions
-from nlora_serve.serving.status import http_status_of
+from nlora_serve.serving.status import Draining, http_status_of
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_api.generate import generate
 from nlora_serve.serving.http_api.openai_route import CHAT, COMPLETIONS
@@ -69,13 +69,20 @@ def _principal(request: Request) -> Principal:
     return _ctx(request).auth.authenticate(request.headers.items())
 
 
+# a draining server's 503 closes the connection (uvicorn closes it after the answer): a client's
+# retry (the openai SDK retries a 503 twice) opens a new one, which a load balancer can send to
+# another replica; on the kept-alive connection every retry came back to this server
+DRAINING_HEADERS = {"Connection": "close"}
+
+
 @_router.get("/health")
 async def _health(request: Request) -> JSONResponse:
     ctx = _ctx(request)
     if (dead := ctx.engine.dead_reason) is not None:  # the server is on its way out: see commands/serve.py
         return JSONResponse({"status": "dead", "reason": dead}, status_code=503)
     draining = ctx.admission.draining
-    return JSONResponse({"status": "draining" if draining else "ok"}, status_code=503 if draining else 200)
+    return JSONResponse({"status": "draining" if draining else "ok"}, status_code=503 if draining else 200,
+                        headers=DRAINING_HEADERS if draining else None)
 
 
 @_router.get("/metrics")
@@ -156,6 +163,8 @@ async def _expected(request: Request, exc: NloraError) -> JSONResponse:
         message += _not_found_hint(_ctx(request), request)
         param = "model"  # as vLLM 0.32's 404 for an unknown model names it
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if isinstance(exc, Draining):
+        headers = DRAINING_HEADERS
     return JSONResponse(error_body(message, status, param, reason), status, headers)
 
 
