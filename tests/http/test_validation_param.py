@@ -7,17 +7,17 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 
 from nlora_serve.serving.http_api.body import validated
-from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest
-from nlora_serve.serving.http_api.responses_request import ResponsesRequest
+from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest, ParamError
+from nlora_serve.serving.http_api.responses_request import ResponsesRequest, chat_body_of
 
 HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("kind, fields, loc, words", [
     (ChatRequest, {"tool_choice": 5}, ("tool_choice",),
-     "Input should be a valid string (as str); or as dict[any,any]: Input should be a valid dictionary"),
+     "Input should be a valid string, got 5 (as str); or as dict[any,any]: Input should be a valid dictionary, got 5"),
     (ChatRequest, {"stop": 5}, ("stop",), "or as list[str]: Input should be a valid list"),
-    (ChatRequest, {"stop": ["a", 5]}, ("stop",), "or as list[str]: at stop.1: Input should be a valid string"),
+    (ChatRequest, {"stop": ["a", 5]}, ("stop",), "got an array (as str); or as list[str]: at stop.1: Input should be a valid string, got 5"),
     (ChatRequest, {"messages": [{"role": "user", "content": 5}]}, ("messages", 0, "content"), "valid list"),
     (ChatRequest, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
      ("messages", 0, "content"), "at messages.0.content.0.text: Input should be a valid string"),
@@ -26,7 +26,7 @@ HI = [{"role": "user", "content": "hi"}]
     # no union: as they were
     (ChatRequest, {"messages": [{"role": "user", "content": "Hi", "name": 5}]}, ("messages", 0, "name"),
      "Input should be a valid string"),
-    (ChatRequest, {"logit_bias": {"1": "x"}}, ("logit_bias", "1"), "Input should be a valid number"),
+    (ChatRequest, {"logit_bias": {"1": "x"}}, ("logit_bias", "1"), 'Input should be a valid number, got "x"'),
     (ChatRequest, {"tools": [{"type": "function", "function": {"name": 5}}]}, ("tools", 0, "function", "name"),
      "Input should be a valid string"),
     (ChatRequest, {"tools": [{"type": "function", "function": {}}]}, ("tools", 0, "function", "name"),
@@ -40,3 +40,27 @@ def test_a_union_fields_error_names_the_field(kind, fields, loc, words):
         validated(kind, body)
     first = err.value.errors()[0]
     assert first["loc"] == loc and words in first["msg"], first
+
+
+@pytest.mark.parametrize("value, words", [
+    (0, "enable_response_messages: Input should be a valid boolean, got 0"),  # said "=true is not supported"
+    ("yes", 'enable_response_messages: Input should be a valid boolean, got "yes"'),
+    ({}, "enable_response_messages: Input should be a valid boolean, got an object"),
+])
+def test_a_responses_boolean_flag_that_is_no_boolean_is_refused_as_the_others(value, words):
+    """enable_response_messages took any value but false / null as true and refused it as
+    "enable_response_messages=true is not supported"; it is refused as store or stream are."""
+    for name in ("enable_response_messages", "store"):
+        with pytest.raises(RequestValidationError) as err:
+            validated(ResponsesRequest, {"model": "m", "input": "hi", name: value})
+        first = err.value.errors()[0]
+        assert first["loc"] == (name,) and f"{name}: {first['msg']}" == words.replace("enable_response_messages", name)
+
+
+def test_enable_response_messages_true_says_what_to_send():
+    request = validated(ResponsesRequest, {"model": "m", "input": "hi", "enable_response_messages": True})
+    with pytest.raises(ParamError) as err:
+        chat_body_of(request)
+    assert err.value.param == "enable_response_messages" and "send false or leave it out" in str(err.value)
+    for value in (False, None):
+        chat_body_of(validated(ResponsesRequest, {"model": "m", "input": "hi", "enable_response_messages": value}))

@@ -15,8 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 
-_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-               type(None): "null"}
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF (halves of a pair, or lone)
 Body = TypeVar("Body", bound=BaseModel)  # a request model: CompletionRequest, ChatRequest, TokenizeText, ...
 
@@ -143,7 +143,19 @@ def validated(kind: type[Body], data) -> Body:
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
-        raise RequestValidationError(without_union_labels(exc.errors(include_url=False), data)) from None
+        errors = [_saying_what_was_sent(error) for error in exc.errors(include_url=False)]
+        raise RequestValidationError(without_union_labels(errors, data)) from None
+
+
+def _saying_what_was_sent(error: dict) -> dict:
+    """A wrong-type error (``Input should be a valid boolean``) with the value sent added: ", got 0"
+    (JSON, at most 40 characters, or the JSON kind of an object or array)."""
+    if not (error.get("type", "").endswith("_type") or error.get("type") == "literal_error") or "input" not in error:
+        return error
+    value = error["input"]
+    got = (_JSON_KINDS[type(value)] if isinstance(value, dict | list) else
+           json.dumps(value)[:40] if isinstance(value, str | int | float | bool | None) else None)
+    return error if got is None else {**error, "msg": f"{error.get('msg')}, got {got}"}
 
 
 _MAX_BRANCHES_SHOWN = 4  # a union's other members named in the message

@@ -148,6 +148,7 @@ class ResponsesRequest(BaseModel):
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] = "auto"
     prompt_cache_key: str | None = None  # vLLM: "not implemented yet", ignored
     request_id: str | None = None  # vLLM's: the response id (default "resp_<uuid>")
+    enable_response_messages: bool | None = False  # vLLM's: raw prompt/output token messages; false only
 
     @field_validator("input", mode="before")
     @classmethod
@@ -277,10 +278,11 @@ def _check_unsupported(request: ResponsesRequest) -> None:
     for name, value in (request.model_extra or {}).items():
         if name == "prompt" and value is not None:
             raise ParamError("prompt template is not supported", "prompt")  # vLLM's words
-        if name == "enable_response_messages" and value is not None and value is not False:  # raw tokens out
-            raise ParamError("enable_response_messages=true is not supported by this server", name)
-        if name not in FORWARDED | IGNORED | HINTS and name not in ("prompt", "enable_response_messages"):
+        if name not in FORWARDED | IGNORED | HINTS and name != "prompt":
             raise unsupported(name)
+    if request.enable_response_messages:  # a boolean, as the model's other flags (0 or "yes" is a 400 there)
+        raise ParamError("enable_response_messages=true is not supported: this server returns no raw input / "
+                         "output messages; send false or leave it out", "enable_response_messages")
     if request.tools:
         raise ParamError("tools are not supported on /v1/responses by this server (text generation only); send "
                          "tools: [] or leave it out", "tools")
