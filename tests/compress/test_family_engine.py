@@ -293,3 +293,17 @@ def test_a_full_form_upload_on_a_bfloat16_server_is_served_again_after_a_restart
     assert [p.name for p in (tmp_path / "store" / "_families").iterdir()] == [key]
     again = _manager(base, tmp_path / "store")
     assert [(v.name, v.content_hash) for v in again.versions()] == [("up", version.content_hash)]
+
+
+def test_members_read_at_once_share_one_copy_of_their_factors_once_admitted(base_fp32, family_dir, tmp_path):
+    """No member is cached before it is admitted, so two uploads of a new family read at once each
+    hold a copy: the second admitted is re-pointed to the first's (the family held once)."""
+    config, weights, key = _full_form_upload(base_fp32, family_dir)
+    files = {"adapter_config.json": config, "adapter_model.safetensors": weights}
+    manager = _manager(base_fp32, tmp_path / "store")
+    first, second = manager._load_files(files), manager._load_files(files)
+    assert first.family_factors is not second.family_factors and manager.families.cached() == set()
+    manager.registry.register("one", files, adapter=first)
+    manager.registry.register("two", files, adapter=second)
+    assert second.family_factors is first.family_factors and manager.families.cached() == {key}
+    assert all(second.sites[s].A is w.A and second.sites[s].B is w.B for s, w in first.sites.items())
