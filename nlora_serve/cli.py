@@ -228,8 +228,8 @@ VLLM_SERVE_OPTIONS = {
                            "folder: drop it",
     "--chat-template": "chats use the model folder's own template (its chat_template.jinja or "
                        "tokenizer_config.json's chat_template); there is no override",
-    "--disable-log-requests": "requests are not logged one by one here (GET /metrics counts them): drop it",
-    "--enable-log-requests": "requests are not logged one by one here (GET /metrics counts them)",
+    "--disable-log-requests": "requests are logged one by one only with --enable-log-requests (off by default): "
+                              "drop it",
     "--disable-log-stats": "no stats are logged periodically here (GET /metrics has them): drop it",
     "--uvicorn-log-level": "the HTTP server logs only its warnings and errors, with no access log; this "
                            "server's own level is nlora-serve --log-level LEVEL serve ...",

@@ -197,7 +197,7 @@ def test_adapters_float_flags_are_finite_and_in_range(capsys, argv, message):
     (["serve", "--trust-remote-code", "--disable-log-requests"],
      "unrecognized arguments: --trust-remote-code --disable-log-requests; --trust-remote-code: models run on this "
      "engine's own Llama-family code, never on code from the model folder: drop it; --disable-log-requests: "
-     "requests are not logged one by one here (GET /metrics counts them): drop it"),
+     "requests are logged one by one only with --enable-log-requests (off by default): drop it"),
     (["serve", "--uvicorn-log-level", "debug"],
      "unrecognized arguments: --uvicorn-log-level debug; --uvicorn-log-level: the HTTP server logs only its "
      "warnings and errors, with no access log; this server's own level is nlora-serve --log-level LEVEL serve ..."),
