@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,15 +31,22 @@ def _health(server) -> tuple[int, str]:
         return exc.code, json.loads(exc.read())["status"]
 
 
-def test_queue_full_is_429_and_draining_is_503_while_running_streams_finish(make_http_server):
+def test_queue_full_is_429_and_draining_is_503_while_running_streams_finish(make_http_server, monkeypatch):
     server = make_http_server(max_queue=1, metrics_port=0)
     base = server.server.generation.info.model
     tenant = client(server, TENANT_KEYS["base-co"])
     assert _health(server) == (200, "ok")
+    # The running stream's steps wait while the drain is checked: had it finished first, the drained
+    # server would have closed the tenant's idle kept-alive connection under the next request (a
+    # reset, not a 503: a race this test lost under load).
+    stepping, step = threading.Event(), server.engine.core.step
+    stepping.set()
+    monkeypatch.setattr(server.engine.core, "step", lambda: stepping.wait(60) and step())
     stream = tenant.completions.create(model=base, prompt="Once upon a time", max_tokens=12, temperature=0,
                                        stream=True, extra_body={"min_tokens": 12})
     chunks = iter(stream)
     got = [next(chunks)]
+    stepping.clear()  # at most the step under way ends now: the stream runs on until set again
     with pytest.raises(openai.RateLimitError) as err:  # the one running request fills --max-queue 1
         tenant.completions.create(model=base, prompt="Hi", max_tokens=2)
     assert err.value.body["code"] == "queue_full"
@@ -50,6 +58,7 @@ def test_queue_full_is_429_and_draining_is_503_while_running_streams_finish(make
         tenant.chat.completions.create(model=base, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert err.value.status_code == 503 and err.value.body["code"] == "draining"
     rejected = scrape(server)
+    stepping.set()
     got += list(chunks)
     assert drain.result(60) is True  # the running stream finished inside the grace period
     assert got[-1].choices[0].finish_reason == "length" and all(c.choices[0].finish_reason is None for c in got[:-1])
