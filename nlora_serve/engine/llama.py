@@ -38,17 +38,25 @@ class AdaptedLinear:
     ``prepack``: on the CPU, run the GEMM on a packed copy of the weight: for the native GEMM
     (``gemm``, cpu/gemm.c) where it runs the dtype, else for oneDNN
     (kernels/cpu/gemm.py); ``weight`` stays the plain tensor the adapters read.
+    ``built``: where the fused weight, bias and packed copy are kept by ``(layer_idx, modules)``
+    (a :class:`LlamaModel`'s entry of ``BaseModel.derived``): an engine built on the same base, device
+    and packing takes them from there instead of building its own (they are never written).
     """
 
     __slots__ = ("weight", "bias", "packed", "layer_idx", "modules", "widths", "adapter_hook")
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], layer_idx: int,
                  modules: tuple[str, ...], device: torch.device, prepack: bool = False,
-                 gemm: NativeGemm | None = None) -> None:
-        fused = torch.cat(weights) if len(weights) > 1 else weights[0]
-        self.weight = fused.to(device).contiguous()  # [out, in] on the engine's device
-        self.bias = torch.cat(biases).to(device) if all(b is not None for b in biases) else None  # [out]
-        self.packed = packed_linear(self.weight, self.bias, prepack, gemm)
+                 gemm: NativeGemm | None = None, built: dict | None = None) -> None:
+        made = None if built is None else built.get((layer_idx, modules))
+        if made is None:
+            fused = torch.cat(weights) if len(weights) > 1 else weights[0]
+            weight = fused.to(device).contiguous()  # [out, in] on the engine's device
+            bias = torch.cat(biases).to(device) if all(b is not None for b in biases) else None  # [out]
+            made = weight, bias, packed_linear(weight, bias, prepack, gemm)
+            if built is not None:
+                built[(layer_idx, modules)] = made
+        self.weight, self.bias, self.packed = made
         self.layer_idx = layer_idx
         self.modules = modules
         self.widths = [w.shape[0] for w in weights]  # output columns of each module, in order
@@ -105,7 +113,7 @@ class DecoderLayer:
     """Pre-norm attention + SiLU-gated MLP, each with a residual connection."""
 
     def __init__(self, base: BaseModel, layer: int, eps: float, device: torch.device, prepack: bool = False,
-                 gemm: NativeGemm | None = None) -> None:
+                 gemm: NativeGemm | None = None, built: dict | None = None) -> None:
         w, spec = base.weights, base.spec
         prefix = f"model.layers.{layer}"
         # every projection's bias where the checkpoint has one: Qwen2's q/k/v, and Llama's q/k/v/o
@@ -113,15 +121,14 @@ class DecoderLayer:
         def bias(*modules: str) -> list[torch.Tensor | None]:
             return [w.get(f"{ModelSpec.module_path(layer, m)}.bias") for m in modules]
 
-        self.qkv = AdaptedLinear([base.weight(layer, m) for m in ("q_proj", "k_proj", "v_proj")],
-                                 bias("q_proj", "k_proj", "v_proj"), layer, ("q_proj", "k_proj", "v_proj"), device,
-                                 prepack, gemm)
-        self.o_proj = AdaptedLinear([base.weight(layer, "o_proj")], bias("o_proj"), layer, ("o_proj",), device,
-                                    prepack, gemm)
-        self.gate_up = AdaptedLinear([base.weight(layer, m) for m in ("gate_proj", "up_proj")],
-                                     bias("gate_proj", "up_proj"), layer, ("gate_proj", "up_proj"), device, prepack, gemm)
-        self.down_proj = AdaptedLinear([base.weight(layer, "down_proj")], bias("down_proj"), layer, ("down_proj",),
-                                       device, prepack, gemm)
+        def linear(*modules: str) -> AdaptedLinear:
+            return AdaptedLinear([base.weight(layer, m) for m in modules], bias(*modules), layer, modules, device,
+                                 prepack, gemm, built)
+
+        self.qkv = linear("q_proj", "k_proj", "v_proj")
+        self.o_proj = linear("o_proj")
+        self.gate_up = linear("gate_proj", "up_proj")
+        self.down_proj = linear("down_proj")
         self.input_norm = w[f"{prefix}.input_layernorm.weight"].float().to(device)
         self.post_norm = w[f"{prefix}.post_attention_layernorm.weight"].float().to(device)
         self.eps = eps
@@ -209,10 +216,17 @@ class LlamaModel:
         self.device = device
         self.embed = base.weights["model.embed_tokens.weight"].to(device)  # [V, hidden]
         self.lm_head = self.embed if base.spec.tie_word_embeddings else base.weights["lm_head.weight"].to(device)
-        self.lm_head_packed = packed_linear(self.lm_head, None, prepack, gemm)
+        # the fused and packed weights, built once per base, device and packing: every engine on
+        # one base (a bench's side by side, the test suite's hundreds) shares them. SmolLM2 fp32 on the
+        # CPU: 0.4 s and ~0.6 GB each otherwise, ~110 CPU-s of the suite (py-spy, round two session 24)
+        packing = (prepack, None if gemm is None else gemm.library)
+        built = base.derived.setdefault(("engine.llama.projections", device, packing), {})
+        if "lm_head" not in built:
+            built["lm_head"] = packed_linear(self.lm_head, None, prepack, gemm)
+        self.lm_head_packed = built["lm_head"]
         self.norm = base.weights["model.norm.weight"].float().to(device)
         self.eps = eps
-        self.layers = [DecoderLayer(base, i, eps, device, prepack, gemm) for i in range(base.spec.num_layers)]
+        self.layers = [DecoderLayer(base, i, eps, device, prepack, gemm, built) for i in range(base.spec.num_layers)]
         self.cos, self.sin = (t.to(device) for t in rope_tables(base.spec.head_dim, max_len, rope))
         self.dtype = base.dtype
         self.layer_ops: LayerOps | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import random
 
 import pytest
@@ -132,3 +133,22 @@ def test_model_prepacks_only_when_asked(base_fp32):
     assert packed.lm_head_packed is not None
     # the plain weight stays the one adapters read (tied A/B are its slices)
     assert packed.layers[0].qkv.weight.data_ptr() == packed.layers[0].qkv.module_weight("q_proj").data_ptr()
+
+
+def test_models_on_one_base_share_its_fused_and_packed_weights(base_fp32, native_ops):
+    """Built once per base, device and packing (``BaseModel.derived``): a second engine's model takes
+    the first's tensors, never a copy (an engine loads its own native library handle: the same file);
+    another packing builds its own. That shared weights compute what fresh ones do: the prepacked
+    tests above, each of whose models after the first takes them."""
+    first = LlamaModel(base_fp32, 64, "cpu", prepack=True, gemm=native_ops.gemm)
+    second = LlamaModel(base_fp32, 64, "cpu", prepack=True, gemm=type(native_ops.gemm)(ctypes.CDLL(
+        native_ops.gemm.library)))
+    onednn, plain = LlamaModel(base_fp32, 64, "cpu", prepack=True), LlamaModel(base_fp32, 64, "cpu")
+    pairs = [(p, q) for a, b in zip(first.layers, second.layers) for p, q in zip(a.projections(), b.projections())]
+    assert len(pairs) == 4 * base_fp32.spec.num_layers
+    assert all(p.weight is q.weight and p.packed is q.packed and p.bias is q.bias for p, q in pairs)
+    assert first.lm_head_packed is second.lm_head_packed is not None
+    assert all(p.packed is not q.packed for layer, other in zip(first.layers, onednn.layers)
+               for p, q in zip(layer.projections(), other.projections()))
+    assert plain.layers[0].qkv.packed is None and plain.layers[0].qkv.weight is not first.layers[0].qkv.weight
+

@@ -91,6 +91,7 @@ class NativeGemm:
     (:func:`nlora_serve.kernels.cpu.native.load_native`: ``NativeOps.gemm``)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
+        self.library = str(lib._name)  # the loaded file: what fixes the packed layout (engines share packs by it)
         self._supported = lib.nlora_gemm_supported
         self._supported.restype, self._supported.argtypes = _INT, [_INT]
         self._size = lib.nlora_gemm_packed_size
