@@ -32,16 +32,23 @@ def _resident_bytes() -> int:
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_memory_after_each_module():
-    """After a module's own fixtures (its servers, engines) are torn down, collect the reference
-    cycles they sit in and give glibc's free heap back (malloc_trim): a stopped engine (~1 GB) waits
-    for the cycle collector, which counts objects, not bytes, and a worker of the two-worker run
-    grew to 14.8 GB and was OOM-killed on a 24 GiB box (round two, session 23). Only past 3 GB
-    resident, so small modules pay nothing."""
+    """After a module's own fixtures (its servers, engines) are torn down: collect the reference
+    cycles they sit in, give glibc's free heap back past 3 GB resident (malloc_trim), then freeze
+    what survived (gc.freeze, as ``serve`` freezes its start-up heap).
+
+    A stopped engine (~1 GB) waits for the cycle collector, which counts objects, not bytes: a
+    worker of the two-worker run grew to 14.8 GB and was OOM-killed on a 24 GiB box (round two,
+    session 23). Every engine and server teardown collects for that reason, and each full
+    collection walked the ~0.5M objects the session's models, tokenizers and imports hold: 0.24 s
+    alone, ~160 CPU-s of the suite's first part (py-spy, session 24). Frozen, they are walked no
+    more; only what outlived its module is frozen, and a cycle among those is never freed."""
     yield
-    if _resident_bytes() > _FREE_ABOVE_BYTES:
-        gc.collect()
-        if hasattr(_LIBC, "malloc_trim"):
-            _LIBC.malloc_trim(0)
+    gc.collect()
+    if _resident_bytes() > _FREE_ABOVE_BYTES and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+    gc.freeze()
+
+
 CASES = DATA / "cases"
 
 
@@ -55,10 +62,23 @@ def base_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def base_fp32(base_model_dir):
-    """The default model's :class:`~nlora_serve.models.BaseModel` in float32."""
-    from nlora_serve.models import load_base
+    """The default model's :class:`~nlora_serve.models.BaseModel` in float32, whose ``tokenizer()``
+    is loaded once: the session's hundreds of engines share it (a load takes 0.09 s, ~130 CPU-s of
+    the suite's first part: py-spy, round two session 24). Nothing in nlora_serve writes to a
+    tokenizer, and tests that change one change a copy. The front ends' ``tokenizer`` fixtures
+    (tests/grpc, tests/http) load their own, as ``serve`` gives its front end its own."""
+    import dataclasses
 
-    return load_base(str(base_model_dir), torch.float32)
+    from nlora_serve.models import BaseModel, load_base
+
+    class SessionBase(BaseModel):
+        def tokenizer(self):
+            if "_shared_tokenizer" not in self.__dict__:
+                self.__dict__["_shared_tokenizer"] = BaseModel.tokenizer(self)
+            return self.__dict__["_shared_tokenizer"]
+
+    base = load_base(str(base_model_dir), torch.float32)
+    return SessionBase(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
 
 
 @pytest.fixture(scope="session")

@@ -138,6 +138,7 @@ def test_serve_freezes_the_start_up_heap_before_it_serves(monkeypatch):
 
     monkeypatch.setattr(serve_cli, "build", lambda args: (Engine(), object(), []))
     monkeypatch.setattr(serve_cli, "serve", serving)
+    gc.unfreeze()  # what the suite froze after earlier modules (tests/conftest.py)
     assert gc.get_freeze_count() == 0
     try:
         assert serve_cli.run_serve(argparse.Namespace(backend="vllm")) == 0

@@ -11,7 +11,10 @@ from nlora_serve.serving.grpc_api import decode as grpc_decode
 
 @pytest.fixture(scope="session")
 def tokenizer(base_fp32):
-    return base_fp32.tokenizer()
+    """The front end's own tokenizer, as ``serve`` loads one beside the engine's."""
+    from nlora_serve.models import BaseModel
+
+    return BaseModel.tokenizer(base_fp32)
 
 
 @pytest.fixture

@@ -16,7 +16,10 @@ from http_harness import CASES, TENANTS  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tokenizer(base_fp32):
-    return base_fp32.tokenizer()
+    """The front end's own tokenizer, as ``serve`` loads one beside the engine's."""
+    from nlora_serve.models import BaseModel
+
+    return BaseModel.tokenizer(base_fp32)
 
 
 @pytest.fixture(scope="module")
