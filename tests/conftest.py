@@ -22,7 +22,6 @@ os.environ.setdefault("NLORA_MALLOC_TUNING", "0")
 
 DATA = Path(__file__).parent / "data"
 _LIBC = ctypes.CDLL(None)
-_FREE_ABOVE_BYTES = 3 << 30  # resident size past which a module's end frees what it dropped
 
 
 def _resident_bytes() -> int:
@@ -30,22 +29,36 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _free_memory_after_each_module():
-    """After a module's own fixtures (its servers, engines) are torn down: collect the reference
-    cycles they sit in, give glibc's free heap back past 3 GB resident (malloc_trim), then freeze
+_FULL_AFTER_GROWTH_BYTES = 1 << 30  # resident growth since the last full collection that calls for one
+_last_full = {"resident": 0}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """After a module's last test, once its fixtures are torn down and pytest has let go of the
+    test's arguments (a fixture's list of stopped servers: ~3 GB of two engines, pinned by a module
+    fixture's teardown running before that): collect the reference cycles they sit in, then freeze
     what survived (gc.freeze, as ``serve`` freezes its start-up heap).
 
     A stopped engine (~1 GB) waits for the cycle collector, which counts objects, not bytes: a
     worker of the two-worker run grew to 14.8 GB and was OOM-killed on a 24 GiB box (round two,
-    session 23). Every engine and server teardown collects for that reason, and each full
-    collection walked the ~0.5M objects the session's models, tokenizers and imports hold: 0.24 s
-    alone, ~160 CPU-s of the suite's first part (py-spy, session 24). Frozen, they are walked no
-    more; only what outlived its module is frozen, and a cycle among those is never freed."""
+    session 23). So every engine and server teardown collects, and each full collection walked the
+    ~0.5M objects of the session's models, tokenizers and imports: 0.24 s alone, ~160 CPU-s of the
+    suite's first part (py-spy, session 24). Frozen, they are walked no more. A cycle among frozen
+    objects is never freed (an object a global held at a module's end and let go later), so once
+    the process has grown by 1 GiB since the last full collection, everything is unfrozen and
+    collected, and glibc's free heap given back (malloc_trim); frozen anew after."""
     yield
-    gc.collect()
-    if _resident_bytes() > _FREE_ABOVE_BYTES and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
+    if nextitem is not None and nextitem.module is item.module:
+        return
+    if _resident_bytes() - _last_full["resident"] > _FULL_AFTER_GROWTH_BYTES:
+        gc.unfreeze()
+        gc.collect()
+        if hasattr(_LIBC, "malloc_trim"):
+            _LIBC.malloc_trim(0)
+        _last_full["resident"] = _resident_bytes()
+    else:
+        gc.collect()  # what this module made: the rest is frozen
     gc.freeze()
 
 
