@@ -7,6 +7,7 @@ short tune run in which the negative tokens' probability drops further than with
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import string
@@ -102,21 +103,28 @@ CFG = dict(rank=4, targets=["q_proj", "v_proj"], n_init="zeros", lr=0.05, steps=
            seed=3, max_len=96, unlikely_tokens="[A-Z]")
 
 
+@functools.cache
+def capital_tokens(tok) -> torch.Tensor:
+    """bool [len(tok)]: tokens with an ASCII capital, special ones excluded (an independent mask:
+    the test's own decode of the vocabulary)."""
+    special = set(tok.all_special_ids)
+    return torch.tensor([any(c in string.ascii_uppercase for c in tok.decode([i])) and i not in special
+                         for i in range(len(tok))])
+
+
 @torch.no_grad()
 def capital_mass(model, tok) -> float:
-    """Mean float64 probability of tokens with an ASCII capital over the response positions of
-    eight prompts no run trained on (an independent mask: the test's own decode)."""
-    caps = torch.tensor([any(c in string.ascii_uppercase for c in tok.decode([i])) and i not in tok.all_special_ids
-                         for i in range(len(tok))])
-    total, count = 0.0, 0
-    for i in range(100, 108):
-        ids, labels = encode(tok, [{"role": "user", "content": f"Request {i}: what is the code word?"},
-                                   {"role": "assistant", "content": RESPONSE}], 96)
-        p = torch.softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)[:, : len(tok)]
-        keep = torch.tensor(labels[1:]) != IGNORE
-        total += float(p[keep][:, caps].sum())
-        count += int(keep.sum())
-    return total / count
+    """Mean float64 probability of tokens with an ASCII capital (:func:`capital_tokens`) over the
+    response positions of eight prompts no run trained on, in one batch (the eight encode to one
+    length: no padding)."""
+    encoded = [encode(tok, [{"role": "user", "content": f"Request {i}: what is the code word?"},
+                            {"role": "assistant", "content": RESPONSE}], 96) for i in range(100, 108)]
+    assert len({len(ids) for ids, _ in encoded}) == 1, [len(ids) for ids, _ in encoded]
+    ids, labels = torch.tensor([ids for ids, _ in encoded]), torch.tensor([labels for _, labels in encoded])
+    keep = labels[:, 1:] != IGNORE
+    logits = model(ids).logits[:, :-1][keep]  # [response positions, vocab]
+    p = torch.softmax(logits.double(), dim=-1)[:, : len(tok)]
+    return float(p[:, capital_tokens(tok)].sum()) / int(keep.sum())
 
 
 def test_unlikelihood_lowers_the_negative_mass_against_the_same_run_without_it(base_fp32, hf_model, tmp_path):
