@@ -31,10 +31,10 @@ from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
 from nlora_serve.engine.piecewise_graphs import PIECEWISE_SIZES, piecewise_sizes  # noqa: E402
 from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
 
-RANK, ALPHA, NEW, BUDGET = 8, 16.0, 3, 64
-# step 1: 5 + 9 + the first 50 tokens of the 70-token prompt (64, chunked); step 2: two decodes,
-# the last 20 tokens over 50 cached ones and the 12-token prompt (34 tokens: bucket 64)
-LENGTHS = (5, 9, 70, 12)
+RANK, ALPHA, NEW, BUDGET = 8, 16.0, 3, 32
+# step 1: 3 + 5 + the first 24 tokens of the 35-token prompt (32, chunked); step 2: two decodes,
+# the last 11 tokens over 24 cached ones and the 6-token prompt (19 tokens: bucket 32)
+LENGTHS = (3, 5, 35, 6)
 
 
 def test_buckets():
@@ -105,7 +105,7 @@ def test_pieces_safe_and_equal_to_eager_and_transformers(tiny, tmp_path, monkeyp
     with _engine(tiny, tmp_path) as engine:
         runner = engine.core.runner
         runner.enable_graphs(8, capture, capture_now=True, piecewise_tokens=BUDGET)
-        assert sorted(k for k in runner.pieces.graphs) == [(16, ()), (32, ()), (64, ())]  # base pieces, start-up
+        assert sorted(k for k in runner.pieces.graphs) == [(16, ()), (32, ())]  # base pieces, start-up
         # the base pieces (captured with no adapter layout), replayed with the adapter hook installed
         got.append(_generate(engine, _prompts(0, rounds[0][2]), rounds[0][0]))
         for name in ("tied", "lora_attn"):
@@ -120,7 +120,7 @@ def test_pieces_safe_and_equal_to_eager_and_transformers(tiny, tmp_path, monkeyp
         recaptured = set(runner.pieces.graphs) - first
         # every step replayed a graph: piecewise 1 + 2 + 2 (see LENGTHS), the rest decodes
         assert stats["eager_steps"] == 0 and stats["piecewise_steps"] == 5 and stats["graph_steps"] >= 3 * (NEW - 1)
-        assert runner.pieces.replayed == 5 and all(size == 64 for size, _ in recaptured) and recaptured
+        assert runner.pieces.replayed == 5 and all(size == 32 for size, _ in recaptured) and recaptured
         # eager: the same engine with every graph off (and the adapters' segment form at prefill)
         runner.graphs = runner.pieces = None
         runner.set_adapter_hook(engine.core.hook)
