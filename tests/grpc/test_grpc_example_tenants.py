@@ -38,6 +38,12 @@ async def _answers(target: str, adapter: str | None, prompts: list[str], max_tok
     return await asyncio.gather(*(one(p) for p in prompts))
 
 
+async def _batch(target: str, jobs: list[tuple[str | None, list[str], int]]) -> list[list[str]]:
+    """The answers of every (adapter, prompts, max_tokens) job, all queued at once: the engine
+    batches them into one run of steps instead of one run per job."""
+    return await asyncio.gather(*(_answers(target, adapter, prompts, n) for adapter, prompts, n in jobs))
+
+
 def signed_share(answers: list[str]) -> float:
     return sum(a.rstrip().endswith("-- Acme Support") for a in answers) / len(answers)
 
@@ -48,15 +54,15 @@ def test_trained_tenants_change_behaviour_and_the_base_model_does_not(make_serve
     server = make_server()
     for name in ("lower", "signature", "numbers"):
         server.engine.adapters.register_dir(name, EXAMPLES / name)
-    lower = asyncio.run(_answers(server.target, "lower", prompts, 40))
-    signed = asyncio.run(_answers(server.target, "signature", prompts, 96))
-    base = asyncio.run(_answers(server.target, None, prompts, 96))
+    numeric = _styles().EVAL_NUMERIC[:10]
+    assert len(numeric) == 10
+    # two runs of steps (96, then 48 tokens), each of 20-30 sequences: one run a job took 328 steps
+    signed, base = asyncio.run(_batch(server.target, [("signature", prompts, 96), (None, prompts, 96)]))
+    lower, in_words, base_numeric = asyncio.run(_batch(server.target, [
+        ("lower", prompts, 40), ("numbers", numeric, 48), (None, numeric, 48)]))
     assert lower_share(lower) >= 0.8
     assert signed_share(signed) >= 0.8
     assert lower_share(base) < 0.8 and signed_share(base) < 0.8
-    numeric = _styles().EVAL_NUMERIC[:10]
-    in_words = asyncio.run(_answers(server.target, "numbers", numeric, 48))
-    base_numeric = asyncio.run(_answers(server.target, None, numeric, 48))
     assert digit_free_share(in_words) >= 0.8 and digit_free_share(base_numeric) < 0.8
 
 
