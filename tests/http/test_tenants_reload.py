@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from nlora_serve.serving.server_config import ServerConfig
 ROOT = Path(__file__).parents[2]
 PROMPT = [1, 9690, 198, 2683]
 NEW_KEY = "key-of-new-co"
-LONG = 96  # tokens of a stream that must still run when the test reloads (a few seconds on the CPU)
+LONG = 48  # tokens of a stream that must still run when the test reloads (its steps are held meanwhile)
 
 
 def _entries(**changes) -> list[dict]:
@@ -68,14 +69,34 @@ def server(make_http_server):
     return server
 
 
+@pytest.fixture
+def hold_steps(monkeypatch):
+    """hold_steps(server) -> an Event, set: the server's engine steps only while it is set. A test
+    clears it once its streams run and the file is reloaded, so that they still run while it checks
+    the refusals (none of which needs a step) whatever the load, and sets it to let them finish;
+    set again at teardown, so that a failed test's server can stop."""
+    events = []
+
+    def hold(server) -> threading.Event:
+        stepping, step = threading.Event(), server.engine.core.step
+        stepping.set()
+        monkeypatch.setattr(server.engine.core, "step", lambda: stepping.wait(60) and step())
+        events.append(stepping)
+        return stepping
+    yield hold
+    for stepping in events:
+        stepping.set()
+
+
 def _grpc_generate(server, key: str, adapter: str | None = None):
     with NloraClient(server.target, api_key=key, timeout=60) as grpc_client:
         return grpc_client.complete(PROMPT, adapter=adapter, max_tokens=2)[1]
 
 
-def test_a_revoked_key_is_refused_on_both_front_ends_while_its_running_streams_finish(server, caplog):
+def test_a_revoked_key_is_refused_on_both_front_ends_while_its_running_streams_finish(server, hold_steps, caplog):
     base = server.server.generation.info.model
     key = TENANT_KEYS["base-co"]
+    stepping = hold_steps(server)
     http_stream = iter(client(server, key).completions.create(
         model=base, prompt="Once upon a time", max_tokens=LONG, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"min_tokens": LONG}))
@@ -85,7 +106,8 @@ def test_a_revoked_key_is_refused_on_both_front_ends_while_its_running_streams_f
         grpc_got = [next(grpc_stream)]
         _write(_tenants_file(server), _entries(**{"base-co": None}))
         with caplog.at_level(logging.INFO, logger="nlora_serve.tenants"):
-            assert _reload(server) is True
+            assert _reload(server) is True  # between the streams' steps
+        stepping.clear()  # at most the step under way ends now: both streams run on until set again
         with pytest.raises(openai.AuthenticationError) as refused:
             client(server, key).completions.create(model=base, prompt="Hi", max_tokens=2)
         assert refused.value.status_code == 401 and "unknown API key" in str(refused.value)
@@ -94,6 +116,7 @@ def test_a_revoked_key_is_refused_on_both_front_ends_while_its_running_streams_f
         with pytest.raises(Unauthenticated):
             grpc_client.list_adapters()
         assert server.server.admission.held == {"base-co": 2}  # both streams ran through the refusals
+        stepping.set()
         grpc_got += list(grpc_stream)
     http_got += list(http_stream)
     assert http_got[-2].choices[0].finish_reason == "length" and http_got[-1].usage.completion_tokens == LONG
@@ -134,9 +157,10 @@ def test_a_new_tenant_gets_exactly_its_grants_on_both_front_ends(server, caplog)
             http.completions.create(model=ungranted, prompt="Hi", max_tokens=2)
 
 
-def test_a_changed_quota_and_weight_bound_the_next_admissions(make_http_server):
+def test_a_changed_quota_and_weight_bound_the_next_admissions(make_http_server, hold_steps):
     # --max-queue 4 with queue shares: a weight-w tenant alone may hold places while held < max(1, w * free)
     server = make_http_server(max_queue=4, tenant_queue_shares=True)
+    stepping = hold_steps(server)
     base, key = server.server.generation.info.model, TENANT_KEYS["base-co"]
 
     def stream():
@@ -149,6 +173,7 @@ def test_a_changed_quota_and_weight_bound_the_next_admissions(make_http_server):
     second = stream()  # weight 1: held 1 < 1 x 3 free places
     _write(_tenants_file(server), _entries(**{"base-co": {"max_concurrent_requests": 2}}))
     assert _reload(server) is True
+    stepping.clear()  # the streams run on, held, until the refusals are checked
     with pytest.raises(openai.RateLimitError, match="'base-co' has 2 requests running or waiting, its "
                                                      "max_concurrent_requests"):
         client(server, key).completions.create(model=base, prompt="Hi", max_tokens=2)
@@ -156,6 +181,7 @@ def test_a_changed_quota_and_weight_bound_the_next_admissions(make_http_server):
             pytest.raises(ResourceExhausted, match="max_concurrent_requests"):
         list(grpc_client.generate(PROMPT, max_tokens=2))
     assert server.server.admission.held == {"base-co": 2}  # both ran through the refusals
+    stepping.set()
     for got, chunks in (first, second):
         got += list(chunks)
         assert got[-1].choices[0].finish_reason == "length"
@@ -163,10 +189,12 @@ def test_a_changed_quota_and_weight_bound_the_next_admissions(make_http_server):
     third = stream()  # quota 2, none held: admitted
     _write(_tenants_file(server), _entries(**{"base-co": {"weight": 0.25}}))
     assert _reload(server) is True
+    stepping.clear()
     # weight 0.25, one held: share max(1, 0.25 x 3 free places) = 1, held 1 >= 1: refused (before: 3)
     with pytest.raises(openai.RateLimitError, match="its share of the server's queue"):
         client(server, key).completions.create(model=base, prompt="Hi", max_tokens=2)
     assert server.server.admission.held == {"base-co": 1}
+    stepping.set()
     third[0].extend(third[1])
     assert third[0][-1].choices[0].finish_reason == "length"
     _idle(server)
