@@ -4,6 +4,8 @@ accepts them."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
 import torch
@@ -23,15 +25,23 @@ def _chat_ids(tokenizer, messages) -> list[int]:
 
 
 _LOGITS: dict[tuple[int, ...], torch.Tensor] = {}  # the reference's logits by token ids (the model is one)
+_LATEST: list = []  # [(ids, transformers KV cache)] of the latest forward, which a greedy step extends
 
 
 def _raw_logits(hf_model, ids: list[int]) -> torch.Tensor:
     """[V] float64 next-token logits of the transformers reference (a fresh copy: callers add to it;
-    the whole / streamed cases and the greedy references ask for the same ids)."""
+    the whole / streamed cases and the greedy references ask for the same ids). One token past the
+    latest forward, transformers' own KV cache feeds that token alone (as its generate does; the
+    logits agree with a whole forward's to ~5e-5): a greedy reference is one forward, not n."""
     key = tuple(ids)
     if key not in _LOGITS:
         with torch.no_grad():
-            _LOGITS[key] = hf_model(torch.tensor([ids])).logits[0, -1].double()
+            if _LATEST and _LATEST[0][0] == key[:-1]:
+                out = hf_model(torch.tensor([key[-1:]]), cache=_LATEST[0][1], use_cache=True)
+            else:
+                out = hf_model(torch.tensor([ids]), use_cache=True)
+        _LOGITS[key] = out.logits[0, -1].double()
+        _LATEST[:] = [(key, out.cache)]
     return _LOGITS[key].clone()
 
 
@@ -109,12 +119,14 @@ def test_min_p_keeps_the_tokens_vllm_keeps_after_temperature(http_server, tokeni
     keep = {int(t) for t in torch.nonzero(ratio >= 0.5)}
     assert len(keep) == {1.0: 3, 0.7: 2}[temperature] and not ((ratio - 0.5).abs() < 0.01).any()
     api = client(http_server, TENANT_KEYS["base-co"])
-    drawn = set()
-    for seed in range(40):
+
+    def draw(seed: int) -> int:
         answer = api.completions.create(model=_base(http_server), prompt=prompt, max_tokens=1, seed=seed,
                                         temperature=temperature, logprobs=0,
                                         extra_body={"min_p": 0.5, "return_tokens_as_token_ids": True})
-        drawn.add(int(answer.choices[0].logprobs.tokens[0].removeprefix("token_id:")))
+        return int(answer.choices[0].logprobs.tokens[0].removeprefix("token_id:"))
+    with ThreadPoolExecutor(8) as pool:  # sent 8 at a time: the engine batches them
+        drawn = set(pool.map(draw, range(40)))
     assert drawn == keep
 
 
@@ -183,10 +195,15 @@ def test_stop_reason_names_the_stop_string_or_token_as_vllm(http_server, tokeniz
              (france, {}, "stop", None),
              (POEM, {}, "length", None)]
     assert free.index("n, a") < free.index("tapestry")
-    for messages, fields, finish, stop_reason in cases:
+
+    def choices_of(case):
+        messages, fields = case[:2]
         answer = api.chat.completions.create(model=_base(http_server), messages=messages, max_tokens=12,
                                              temperature=0, stream=stream, **fields)
-        choices = [c.choices[0] for c in answer] if stream else [answer.choices[0]]
+        return [c.choices[0] for c in answer] if stream else [answer.choices[0]]
+    with ThreadPoolExecutor(len(cases)) as pool:  # sent together: the engine batches them
+        answers = list(pool.map(choices_of, cases))
+    for (messages, fields, finish, stop_reason), choices in zip(cases, answers):
         assert choices[-1].finish_reason == finish
         assert [getattr(c, "stop_reason", "unset") for c in choices] == ["unset"] * (len(choices) - 1) + [stop_reason]
 
