@@ -58,9 +58,19 @@ def _choices(answer, chat: bool, stream: bool) -> dict[int, tuple[str, list[int]
     return got
 
 
-def _logprob(hf_model, ids: list[int], token: int) -> float:
-    with torch.no_grad():
-        return float(hf_model(torch.tensor([ids])).logits[0, -1].double().log_softmax(-1)[token])
+_LOGPROBS: dict[tuple[int, ...], list[float]] = {}  # the reference's, by prompt + tokens (the model is one)
+
+
+def _logprobs(hf_model, prompt: list[int], tokens: list[int]) -> list[float]:
+    """The transformers model's (float64) logprob of each of ``tokens`` after ``prompt`` and the
+    tokens before it: one causal forward over them all (the whole and streamed cases ask for the
+    same choices)."""
+    key = tuple(prompt + tokens)
+    if key not in _LOGPROBS:
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:].double()
+        _LOGPROBS[key] = logits.log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    return _LOGPROBS[key]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -71,7 +81,8 @@ def test_seeded_choices_are_the_one_choice_answers_of_seed_plus_i(http_server, t
     the transformers model's (float64) for its own continuation of the prompt."""
     fields = dict(max_tokens=8, temperature=1.0, stop=["\n\n"],
                   extra_body={"return_tokens_as_token_ids": True, "top_k": 50})
-    got = _choices(_create(http_server, chat, n=3, seed=11, stream=stream, **fields), chat, stream)
+    first = _create(http_server, chat, n=3, seed=11, stream=stream, **fields)
+    got = _choices(first, chat, stream)
     want = {i: _choices(_create(http_server, chat, seed=11 + i, **fields), chat, False)[0] for i in range(3)}
     assert got == want
     assert len({tuple(tokens) for _, tokens, _ in got.values()}) > 1
@@ -79,14 +90,15 @@ def test_seeded_choices_are_the_one_choice_answers_of_seed_plus_i(http_server, t
         prompt = tokenizer.apply_chat_template(POEM, tokenize=True, add_generation_prompt=True, return_dict=False)
     else:
         prompt = tokenizer.encode(PROMPT)
-    answer = _create(http_server, chat, n=3, seed=11, **{k: v for k, v in fields.items() if k != "extra_body"},
-                     extra_body={"return_tokens_as_token_ids": True, "top_k": 50})
+    # the whole answer's logprobs (the whole case's first answer is that request's)
+    answer = first if not stream else _create(http_server, chat, n=3, seed=11, **fields)
     for choice in answer.choices[:2]:
         entries = choice.logprobs.content if chat else None
         tokens = _tokens(choice.logprobs, chat)
         values = [e.logprob for e in entries] if chat else choice.logprobs.token_logprobs
+        reference = _logprobs(hf_model, prompt, tokens)
         for k in (0, len(tokens) - 1):
-            assert values[k] == pytest.approx(_logprob(hf_model, prompt + tokens[:k], tokens[k]), abs=1e-3)
+            assert values[k] == pytest.approx(reference[k], abs=1e-3)
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
