@@ -145,11 +145,13 @@ def _choice_tokens(answer, stream: bool) -> tuple[dict[int, list[int]], set[str 
     return tokens, {c.system_fingerprint for c in chunks}, finish
 
 
+# 8 tokens tell the versions apart: the swapped version's greedy tokens leave the reference at the
+# second (each test checks it on its own server, after the request)
 @pytest.mark.parametrize("num_prompts, n, swap_at, length", [
-    (1, 3, 1, 24),  # between choice 0's first delta and choices 1, 2
+    (1, 3, 1, 8),  # between choice 0's first delta and choices 1, 2
     (1, 3, 1, 1),  # choice 0 has ended (its one token) when the others are queued: only the hold keeps v1
-    (2, 2, 1, 24),  # a batch: prompt 0's choice 1
-    (2, 2, 2, 24),  # a batch: prompt 1's choice 0, queued right after prompt 0's
+    (2, 2, 1, 8),  # a batch: prompt 0's choice 1
+    (2, 2, 2, 8),  # a batch: prompt 1's choice 0, queued right after prompt 0's
 ])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_every_choice_runs_on_the_version_held_before_a_swap(make_http_server, monkeypatch, num_prompts, n,
@@ -179,9 +181,14 @@ def test_every_choice_runs_on_the_version_held_before_a_swap(make_http_server, m
                                                                                   first.content_hash)
     assert fingerprints == {f"{TIED}:v{first.version}:{first.content_hash[:12]}"}
 
-    after = client(server, KEY).completions.with_raw_response.create(model=TIED, prompt="Colours:", max_tokens=2)
+    after = client(server, KEY).completions.with_raw_response.create(
+        model=TIED, prompt=refs[0]["prompt_token_ids"], max_tokens=2, temperature=0, logprobs=0,
+        extra_body={"min_tokens": 2, "return_tokens_as_token_ids": True})
     assert (after.headers["x-adapter-version"], after.headers["x-adapter-hash"]) == (str(second.version),
                                                                                    second.content_hash)
+    # the swapped version answers otherwise: the tokens checked above tell the versions apart
+    on_new = _choice_tokens(after.parse(), False)[0][0]
+    assert not matches_reference(on_new, refs[0]["greedy_token_ids"][:2], refs[0]["top2_logit_margins"]), on_new
     # the superseded version is let go: no pin, no hold, its tied slot and its folder freed
     assert (old.refcount, old.holds, old.freed, old.pool, old.slot) == (0, 0, True, None, None)
     assert manager.holders(TIED) == 0 and manager.requests_of(old, "tied-co") == 0
@@ -241,13 +248,13 @@ def test_an_unload_without_force_lets_the_request_finish_on_its_version(make_htt
     ref = references(TIED)[0]
     _unload_before(monkeypatch, server, 1, force=False)
     raw = client(server, KEY).completions.with_raw_response.create(
-        model=TIED, prompt=ref["prompt_token_ids"], n=3, max_tokens=24, temperature=1.0, logprobs=0, stream=stream,
-        extra_body={"top_k": 1, "min_tokens": 24, "return_tokens_as_token_ids": True})
+        model=TIED, prompt=ref["prompt_token_ids"], n=3, max_tokens=8, temperature=1.0, logprobs=0, stream=stream,
+        extra_body={"top_k": 1, "min_tokens": 8, "return_tokens_as_token_ids": True})
     tokens, fingerprints, finish = _choice_tokens(raw.parse(), stream)
 
     assert sorted(tokens) == [0, 1, 2] and set(finish.values()) == {"length"}
     for index, got in tokens.items():
-        assert matches_reference(got, ref["greedy_token_ids"][:24], ref["top2_logit_margins"]), (index, got)
+        assert matches_reference(got, ref["greedy_token_ids"][:8], ref["top2_logit_margins"]), (index, got)
     assert raw.headers["x-adapter-version"] == str(first.version)
     assert fingerprints == {f"{TIED}:v{first.version}:{first.content_hash[:12]}"}
     with pytest.raises(openai.NotFoundError, match="was unloaded by an operator"):
