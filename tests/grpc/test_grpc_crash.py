@@ -58,7 +58,8 @@ def _start(store: Path, kill_at: int, note: Path) -> tuple[subprocess.Popen, int
     env = {**os.environ, "NLORA_TEST_KILL_AT": str(kill_at), "NLORA_TEST_KILL_NOTE": str(note)}
     proc = subprocess.Popen(
         [sys.executable, "-c", LAUNCH, "--port", "0", "--http-port", "off", "--dtype", "float32", "--adapter-dir", str(store),
-         "--max-model-len", "256", "--log-level", "WARNING"],
+         "--max-model-len", "256", "--log-level", "WARNING",
+         "--kv-cache-memory-bytes", str(32 << 20)],  # it generates nothing: 45 blocks, not 1 GiB of zeroed pages
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     match = re.match(r"ready on 127\.0\.0\.1:(\d+);", proc.stdout.readline())
     assert match, "the server did not start"
