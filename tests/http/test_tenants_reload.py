@@ -293,7 +293,8 @@ def test_serve_reloads_on_sighup_and_still_drains_on_sigterm(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "nlora_serve.serving.commands.serve", "--port", "0", "--http-port", "0",
              "--dtype", "float32", "--adapter-dir", str(tmp_path / "store"), "--max-model-len", "512",
-             "--tenants-file", str(path), "--drain-seconds", "5", "--log-level", "INFO"],
+             "--tenants-file", str(path), "--drain-seconds", "5", "--log-level", "INFO",
+             "--kv-cache-memory-bytes", str(32 << 20)],  # 2-token answers: 45 blocks, not 1 GiB of zeroed pages
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ})
     try:
         lines = [proc.stdout.readline() for _ in range(5)]  # ready, the client hint, the HTTP API, the key line, HUP
