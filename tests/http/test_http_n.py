@@ -169,8 +169,8 @@ def test_n_over_max_num_seqs_runs_in_waves_and_holds_n_places(make_http_server):
     assert wait_for(lambda: server.engine.stats()["kv_blocks_used"] == 0 and admission_counts(server) == (0, {}))
 
 
-def test_a_dropped_stream_aborts_every_choice(make_http_server):
-    server = make_http_server()
+def test_a_dropped_stream_aborts_every_choice(http_server):
+    server = http_server  # the module's: left idle, as checked below
 
     async def drop():
         body = {"model": _base(server), "prompt": PROMPT, "n": 3, "max_tokens": 1000, "temperature": 1.0,
