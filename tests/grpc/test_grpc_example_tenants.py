@@ -12,6 +12,8 @@ import asyncio
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from nlora_serve.client import AsyncNloraClient
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "tenants"
@@ -48,10 +50,16 @@ def signed_share(answers: list[str]) -> float:
     return sum(a.rstrip().endswith("-- Acme Support") for a in answers) / len(answers)
 
 
-def test_trained_tenants_change_behaviour_and_the_base_model_does_not(make_server):
+@pytest.fixture(scope="module")
+def server(make_module_server):
+    """One server for the module: each test registers adapters of its own names (lower, signature,
+    numbers; acme) and leaves it idle."""
+    return make_module_server()
+
+
+def test_trained_tenants_change_behaviour_and_the_base_model_does_not(server):
     prompts = _styles().EVAL_GENERAL[:10]
     assert len(prompts) == 10
-    server = make_server()
     for name in ("lower", "signature", "numbers"):
         server.engine.adapters.register_dir(name, EXAMPLES / name)
     numeric = _styles().EVAL_NUMERIC[:10]
@@ -70,10 +78,9 @@ def digit_free_share(answers: list[str]) -> float:
     return sum(not any(c in "0123456789" for c in a) for a in answers) / len(answers)
 
 
-def test_adapters_swap_cli_retrains_a_tenant_in_place(make_server, capsys):
+def test_adapters_swap_cli_retrains_a_tenant_in_place(server, capsys):
     from nlora_serve.cli import main as cli_main
 
-    server = make_server()
     server.engine.adapters.register_dir("acme", EXAMPLES / "lower")
     prompt = [_styles().EVAL_GENERAL[0]]
     before = asyncio.run(_answers(server.target, "acme", prompt, 96))[0]
