@@ -9,6 +9,7 @@ sees each module's own output columns.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +220,7 @@ class LlamaModel:
         # the fused and packed weights, built once per base, device and packing: every engine on
         # one base (a bench's side by side, the test suite's hundreds) shares them. SmolLM2 fp32 on the
         # CPU: 0.4 s and ~0.6 GB each otherwise, ~110 CPU-s of the suite (py-spy, round two session 24)
-        packing = (prepack, None if gemm is None else gemm.library)
+        packing = (prepack, None if gemm is None else Path(gemm.library).name)  # named by its sources' hash
         built = base.derived.setdefault(("engine.llama.projections", device, packing), {})
         if "lm_head" not in built:
             built["lm_head"] = packed_linear(self.lm_head, None, prepack, gemm)
