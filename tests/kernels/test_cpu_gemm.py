@@ -156,7 +156,7 @@ def test_bf16_stays_on_onednn_where_amx_tiles_are_granted():
         return call
 
     for amx, bf16 in ((1, False), (0, True)):
-        lib = SimpleNamespace(nlora_gemm_supported=fn(1), nlora_gemm_packed_size=fn(0), nlora_gemm_pack=fn(None),
-                              nlora_gemm=fn(0), nlora_amx_init=fn(amx))
+        lib = SimpleNamespace(_name="nlora-cpu-stub.so", nlora_gemm_supported=fn(1), nlora_gemm_packed_size=fn(0),
+                              nlora_gemm_pack=fn(None), nlora_gemm=fn(0), nlora_amx_init=fn(amx))
         gemm = NativeGemm(lib)
         assert gemm.supports(torch.bfloat16) is bf16 and gemm.supports(torch.float32) is True
