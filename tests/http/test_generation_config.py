@@ -115,6 +115,7 @@ def _args(tmp_path: Path, model_dir: Path, tokenizer: Path, *flags: str) -> argp
     serve_cli.add_serve_arguments(parser)
     return parser.parse_args(["--model", str(model_dir), "--tokenizer", str(tokenizer), "--port", "0",
                               "--http-port", "0", "--dtype", "float32", "--max-model-len", "256",
+                              "--kv-cache-memory-bytes", str(32 << 20),  # 45 blocks, not 1 GiB
                               "--adapter-dir", str(tmp_path / "store"), *flags])
 
 

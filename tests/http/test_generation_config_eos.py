@@ -41,7 +41,8 @@ class _Served:
         parser = argparse.ArgumentParser()
         serve_cli.add_serve_arguments(parser)
         args = parser.parse_args(["--model", str(model), "--port", "0", "--http-port", "0", "--dtype", "float32",
-                                  "--max-model-len", "256", "--adapter-dir", str(root / "store"), *flags])
+                                  "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 << 20),  # 45 blocks, not 1 GiB
+                                  "--adapter-dir", str(root / "store"), *flags])
         engine, server, _ = serve_cli.build(args)
         self.running = RunningServer(engine, server.config, server.generation.auth, server.generation.info,
                                      server.generation.tokenizer)
