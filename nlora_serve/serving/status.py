@@ -78,6 +78,9 @@ class ResponseNotFound(NloraError):
     param = "response_id"  # vLLM's error param
 
 
+# the reason of a failed engine step (gRPC INTERNAL, HTTP 500): an admitted request's end, never a refusal
+ENGINE_ERROR = "engine_error"
+
 # (exception, gRPC status code, HTTP status, rejection reason for nlora_requests_rejected_total and
 # the OpenAI error ``code``; RequestAborted ends an admitted request, so it is never counted there)
 _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (

@@ -108,6 +108,7 @@ def test_bytes_that_are_not_protobuf_are_invalid_argument(server, method, kind, 
                 call(garbage)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert method in err.value.details() and "not a valid protobuf" in err.value.details()
+    assert dict(err.value.trailing_metadata() or ()) == {"nlora-reason": "invalid_argument"}
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert server.server.admission.inflight == 0
     still_serves(server.target)
@@ -140,6 +141,7 @@ def test_invalid_adapter_upload_is_invalid_argument_with_the_reason(server, case
     with NloraClient(server.target) as admin, pytest.raises(InvalidArgument) as err:
         admin.upload_adapter("bad", CASES / case)
     assert any(w in str(err.value).lower() for w in words), str(err.value)
+    assert err.value.reason == "invalid_argument"  # nlora-reason, as HTTP's load_lora_adapter answers the code
     assert "bad" not in {v.name for v in server.engine.adapters.versions()}
     still_serves(server.target)
 
@@ -209,15 +211,20 @@ def test_swap_refusals(server):
     current = server.engine.adapters.registry.get(TIED).version
     with NloraClient(server.target) as admin:
         admin.upload_adapter("lora-rslora", CASES / "lora-rslora")
-        with pytest.raises(InvalidArgument, match="not a tied IntTune tenant"):
+        # each with its reason in nlora-reason (status.py's table; HTTP's error code for the same refusal)
+        with pytest.raises(InvalidArgument, match="not a tied IntTune tenant") as tied:
             admin.swap_adapter("lora-rslora", b"whatever")
-        with pytest.raises(InvalidArgument):
+        with pytest.raises(InvalidArgument) as garbage:
             admin.swap_adapter(TIED, b"not safetensors")
-        with pytest.raises(FailedPrecondition, match=f"expected current version 70, have {current}"):
+        with pytest.raises(FailedPrecondition, match=f"expected current version 70, have {current}") as stale:
             admin.swap_adapter(TIED, (server.engine.adapters.registry.get(TIED).path
                                       / "adapter_model.safetensors").read_bytes(), if_version=70)
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFound) as unknown:
             admin.swap_adapter("nobody", b"x")
+        with pytest.raises(InvalidArgument, match="is not valid") as bad_name:
+            admin.unload_adapter("../escape")
+    assert [e.value.reason for e in (tied, garbage, stale, unknown, bad_name)] == \
+        ["invalid_argument", "invalid_argument", "invalid_argument", "not_found", "invalid_argument"]
     assert server.engine.adapters.registry.get(TIED).version == current
     still_serves(server.target)
 
@@ -231,14 +238,15 @@ def test_unload_then_load_from_the_store(server):
         assert unloaded.ref.version == before.version and unloaded.aborted_requests == 1
         with pytest.raises(NloraClientError) as err:  # the stream ends with the reason, not a bare "abort"
             list(stream)
-        assert err.value.code == grpc.StatusCode.ABORTED
+        assert err.value.code == grpc.StatusCode.ABORTED and err.value.reason == "aborted"  # HTTP's code too
         assert f"adapter '{TIED}' v{before.version} was unloaded" in str(err.value)
         with pytest.raises(NotFound):
             list(admin.generate(PROMPT, adapter=TIED, max_tokens=2))
         loaded = admin.load_adapter(TIED)
         assert (loaded.version, loaded.content_hash) == (before.version + 1, before.content_hash)
-        with pytest.raises(NotFound, match="no stored version"):
+        with pytest.raises(NotFound, match="no stored version") as err:
             admin.load_adapter("never-stored")
+        assert err.value.reason == "not_found"
     _wait_idle(server.engine)
     assert before.refcount == 0 and before.freed
     still_serves(server.target)

@@ -76,6 +76,7 @@ def test_a_disk_error_at_each_write_point_changes_nothing_and_the_server_serves_
                     hook(None)
                     message = str(exc)
                     assert "disk refused the write" in message and ("ENOSPC" in message or "EIO" in message), message
+                    assert exc.reason == "store_write_failed", (label, exc.reason)  # nlora-reason: HTTP's code (507)
                     store.wait_deleted()
                     assert _tree(store.root) == before, (label, at, fault.fired)
                     assert client.list_adapters()[0] == listed, (label, at)

@@ -7,7 +7,9 @@ Status codes: a name outside ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` (e.g. one that
 store) and an adapter the loader refuses are INVALID_ARGUMENT with the loader's message; a payload
 over ``--max-adapter-bytes`` is RESOURCE_EXHAUSTED (refused from the header, before any chunk is
 buffered); a size or sha256 mismatch is INVALID_ARGUMENT; a stale ``if_version`` is
-FAILED_PRECONDITION; an unknown name is NOT_FOUND.
+FAILED_PRECONDITION; an unknown name is NOT_FOUND. Every refusal carries its reason in the trailing
+metadata ``nlora-reason`` (status.py's table: ``invalid_argument``, ``not_found``, ``pool_full``,
+``store_write_failed``, ...; what HTTP's /v1/load_lora_adapter answers as its error ``code``).
 """
 
 from __future__ import annotations
@@ -74,10 +76,10 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
             return reply
         except NloraError as exc:
             work.close()  # never started when auth failed; silences "never awaited"
-            code = status_of(exc)[0]
+            code, reason = status_of(exc)
             if principal is not None:  # a key the tenants file knows (admin_log.py)
                 self.refusals.refused(rpc, principal, code.name, exc)
-            await abort(context, code, str(exc))
+            await abort(context, code, str(exc), reason)
 
     def _manager(self):
         return adapter_manager(self.engine)

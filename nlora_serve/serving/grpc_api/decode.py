@@ -17,7 +17,14 @@ method and must let a whole SwapAdapter payload through, so without this a tenan
 request of several MiB would be parsed whole before validation refused it. An over-size message
 aborts the call with RESOURCE_EXHAUSTED naming the method, its size and the bound (a Generate is
 counted in nlora_requests_rejected_total, as its servicer counts a refusal, and with --tenant-metrics
-for the tenant of the key in its metadata); the parser and the servicer never see it.
+for the tenant of the key in its metadata); the parser and the servicer never see it. Both refusals
+carry the reason ``invalid_argument`` in the trailing metadata ``nlora-reason`` (the reason an
+over-size Generate is counted under, as HTTP counts a body over its limit).
+
+A message over grpc's own receive limit (limits.MessageLimits.receive_bytes) never reaches this
+module: grpc's core refuses it (RESOURCE_EXHAUSTED, "Received message larger than max") and ends
+the call itself before any handler runs (a unary handler is never called; a request stream just
+ends), so no server code can add a reason to that refusal.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from nlora_serve.serving.status import TooLarge, abort, status_of
+
+INVALID = "invalid_argument"  # the reason (nlora-reason) of a request that does not parse, as of any bad request
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.metrics import ServerMetrics, tenant_of_key
 
@@ -79,7 +88,7 @@ def _parser(deserialize, method: str):
             return deserialize(raw)
         except DecodeError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{method}: the request is not a valid protobuf message of its type ({exc})")
+                        f"{method}: the request is not a valid protobuf message of its type ({exc})", INVALID)
     return parse
 
 
@@ -97,7 +106,7 @@ def _bounded(parse, method: str, max_bytes: int, counted: tuple[ServerMetrics, A
                 metrics, auth = counted
                 tenant = tenant_of_key(auth, context.invocation_metadata()) if metrics.wants_tenant else None
                 metrics.reject(reason, "grpc", tenant, str(exc))
-            await abort(context, code, str(exc))
+            await abort(context, code, str(exc), reason)
         return await parse(raw, context)
     return bounded
 

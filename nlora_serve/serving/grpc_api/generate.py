@@ -14,7 +14,9 @@ max_model_len is INVALID_ARGUMENT, as OpenAI's API refuses it (the vLLM 0.32 we 
 lowers max_tokens instead); max_tokens 0 (unset) is the rest of the context.
 
 A stream the engine aborts for a reason (a forced unload of its adapter, engine shutdown) ends
-with ABORTED and that reason as details; a failed engine step ends it with INTERNAL.
+with ABORTED and that reason as details; a failed engine step ends it with INTERNAL. Every refusal
+and every such end carries its reason in the trailing metadata ``nlora-reason`` (``queue_full``,
+``not_found``, ...; ``aborted``; ``engine_error``), as HTTP's error ``code`` names it.
 
 Client-chosen request ids are prefixed with the caller's name inside the engine, so tenants
 never collide with (or learn about) each other's ids; responses echo the id the client sent.
@@ -38,7 +40,7 @@ from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prom
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.stream import Metered, adapter_versions, start_request
-from nlora_serve.serving.status import abort, status_of
+from nlora_serve.serving.status import ENGINE_ERROR, abort, status_of
 from nlora_serve.serving.metrics import RequestTimer, ServerMetrics, tenant_of
 from nlora_serve.serving.server_config import ServerConfig
 
@@ -76,10 +78,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         msg.usage.duration_s = timer.duration
                     yield msg
         except RequestAborted as exc:
-            await abort(context, status_of(exc)[0], str(exc))
+            code, reason = status_of(exc)
+            await abort(context, code, str(exc), reason)
         except EngineError as exc:
             log.error("%s", exc)
-            await abort(context, grpc.StatusCode.INTERNAL, str(exc))
+            await abort(context, grpc.StatusCode.INTERNAL, str(exc), ENGINE_ERROR)
 
     async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, timer: RequestTimer):
         principal = self.auth.authenticate(context.invocation_metadata())
@@ -129,7 +132,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             principal = self.auth.authenticate(context.invocation_metadata())
         except NloraError as exc:
-            await abort(context, status_of(exc)[0], str(exc))
+            code, reason = status_of(exc)
+            await abort(context, code, str(exc), reason)
         versions = adapter_versions(self.engine) or []
 
         def active(version) -> int | None:
@@ -145,7 +149,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             principal = self.auth.authenticate(context.invocation_metadata())
         except NloraError as exc:
-            await abort(context, status_of(exc)[0], str(exc))
+            code, reason = status_of(exc)
+            await abort(context, code, str(exc), reason)
         if principal.may_use(None):
             return self.info
         # a tenant without the base model learns neither its name nor its fingerprint, as HTTP's
