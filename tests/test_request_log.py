@@ -125,19 +125,90 @@ def test_hostile_text_stays_on_one_printable_line_and_is_cut_to_max_log_len(capl
 
 def test_refusals_name_the_reason_and_tenant_and_nothing_is_logged_off(caplog):
     caplog.set_level(logging.INFO, LOGGER)
-    _metrics(RequestLog()).reject("permission_denied", "grpc", "acme", "not granted 'x\n'")
-    assert _line(caplog) == "request refused: frontend=grpc tenant='acme' reason=permission_denied " \
-                            "message=\"not granted 'x\\n'\""
+    _metrics(RequestLog()).reject("permission_denied", "grpc", "acme", "not granted 'x\n'",
+                                  client="ipv4:10.0.0.7:51234")
+    assert _line(caplog) == "request refused: frontend=grpc client=10.0.0.7:51234 tenant='acme' " \
+                            "reason=permission_denied message=\"not granted 'x\\n'\""
     caplog.clear()
     _metrics(RequestLog()).reject("queue_full", "grpc", "acme", "full", request_id="job\x1b-7")
-    assert _line(caplog) == "request 'job\\x1b-7' refused: frontend=grpc tenant='acme' reason=queue_full message='full'"
+    assert _line(caplog) == "request 'job\\x1b-7' refused: frontend=grpc client=- tenant='acme' reason=queue_full " \
+                            "message='full'"
     caplog.clear()
-    _metrics(RequestLog()).reject("unauthenticated", "http", None, "unknown API key")
-    assert _line(caplog) == "request refused: frontend=http tenant=- reason=unauthenticated message='unknown API key'"
+    _metrics(RequestLog()).reject("unauthenticated", "http", None, "unknown API key", client=("192.0.2.1", 443))
+    assert _line(caplog) == "request refused: frontend=http client=192.0.2.1:443 tenant=- reason=unauthenticated " \
+                            "message='unknown API key'"
     caplog.clear()
     _metrics(None).reject("queue_full", "http", "acme", "full")  # off: counted, not logged
     _run(None, [_delta(0, "a", [1], 5, 1, "stop")])
     assert not [r for r in caplog.records if r.name == LOGGER]
+
+
+@pytest.mark.parametrize("client, shown", [
+    (("192.0.2.1", 443), "192.0.2.1:443"),  # HTTP's request.client
+    (("::1", 8000), "[::1]:8000"),
+    (("testclient", 50000), "testclient:50000"),
+    ("ipv4:10.0.0.7:51234", "10.0.0.7:51234"),  # gRPC's context.peer()
+    ("ipv6:[fe80::1%eth0]:51234", "[fe80::1%eth0]:51234"),
+    ("unix:/run/nlora.sock", "unix:/run/nlora.sock"),
+    (None, "-"), ("", "-"),
+    (("1.2.3.4\nINFO forged", 1), "'1.2.3.4\\nINFO forged:1'"),  # a proxy's forwarded address: quoted
+])
+def test_refusal_lines_name_the_clients_address(caplog, client, shown):
+    caplog.set_level(logging.INFO, LOGGER)
+    RequestLog().refused("http", "queue_full", None, None, client=client)
+    assert _line(caplog) == f"request refused: frontend=http client={shown} tenant=- reason=queue_full"
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_refusal_lines_are_limited_per_reason_then_summarized_and_end_lines_never(caplog):
+    """A client sending bad requests in a loop: 10 lines of a reason at once, then 2 a second
+    (log_limit.py: the kernel's printk_ratelimit 10 per 5 s); the lines left out are counted in one
+    summary line before the next line written; another reason keeps its own lines; end lines are
+    not limited."""
+    caplog.set_level(logging.INFO, LOGGER)
+    clock = FakeClock()
+    log = RequestLog(clock=clock)
+    metrics = _metrics(log)
+
+    def refuse(reason="unauthenticated", n=1):
+        for _ in range(n):
+            metrics.reject(reason, "http", None, "unknown API key", client=("192.0.2.9", 4000))
+
+    def lines():
+        out = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+        caplog.clear()
+        return out
+
+    line = "request refused: frontend=http client=192.0.2.9:4000 tenant=- reason={} message='unknown API key'"
+    refuse(n=10_000)  # at one instant: the burst of 10
+    assert lines() == [line.format("unauthenticated")] * 10
+    refuse("queue_full", n=3)  # another reason has its own bucket
+    assert lines() == [line.format("queue_full")] * 3
+    _run(log, [_delta(0, "a", [1], 5, 1, "stop")])  # a request that ran: its end line, whatever the flood
+    assert [ended.split(":")[0] for ended in lines()] == ["request 'cmpl-7' ended"]
+    clock.now += 0.4  # 0.8 of a line earned: still nothing
+    refuse(n=100)
+    assert lines() == []
+    clock.now += 0.1  # one line earned: the summary of the 9,990 + 100 left out, then the line
+    refuse(n=5)
+    assert lines() == ["suppressed 10090 refusal lines (reason=unauthenticated) in the last 0.5 s",
+                       line.format("unauthenticated")]
+    refuse(n=7)  # counted from here
+    clock.now += 30  # the flood stopped; the next refusal of any reason writes what is still owed
+    refuse("queue_full")
+    assert lines() == ["suppressed 11 refusal lines (reason=unauthenticated) in the last 30.0 s",
+                       line.format("queue_full")]
+    refuse(n=10)  # refilled to 10 (not 60) over those 30 s
+    assert lines() == [line.format("unauthenticated")] * 10
+    refuse()
+    assert lines() == []
 
 
 def test_server_config_fields():

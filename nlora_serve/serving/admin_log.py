@@ -5,9 +5,13 @@ A refused change leaves nothing in the engine, but an operator reading the log a
 needs it: an admin's upload the loader refused or a swap that lost its ``if_version`` race (a deploy
 that "went through" but serves the old weights), a tenant's key calling an admin operation (a
 customer's tooling pointed at the wrong endpoint, or a leaked key probing). Each names the
-operation, the caller's name from the tenants file, the status and the refusal's message:
+operation, the caller's name from the tenants file, the address its call came from (when the front
+end knows it: request_log.client_address), the status and the refusal's message:
 
-    SwapAdapter by 'ops' refused (FAILED_PRECONDITION): adapter 'lower': expected current version 1, have 2
+    SwapAdapter by 'ops' from 10.0.0.7:51234 refused (FAILED_PRECONDITION): adapter 'lower': expected
+    current version 1, have 2
+
+(one line; no ``from`` where the front end does not know the address).
 
 An admin's refusals are logged one by one (operators' calls are few and each matters); a tenant
 key's at most once per 10 s per operation and tenant (:class:`~nlora_serve.errors.RefusalLog`,
@@ -21,6 +25,7 @@ import logging
 
 from nlora_serve.errors import RefusalLog, capped
 from nlora_serve.serving.auth import Principal
+from nlora_serve.serving.request_log import client_address
 
 
 class AdminRefusals:
@@ -30,12 +35,15 @@ class AdminRefusals:
         self._log = logger
         self._tenants = RefusalLog(logger)
 
-    def refused(self, what: str, principal: Principal, status: str, exc: BaseException) -> None:
+    def refused(self, what: str, principal: Principal, status: str, exc: BaseException,
+                client: str | tuple | None = None) -> None:
         """Log that ``principal``'s ``what`` (an RPC or an HTTP path) was refused with ``status``
-        (a gRPC status code's name or an HTTP status) for ``exc``."""
+        (a gRPC status code's name or an HTTP status) for ``exc``; ``client``: where the call came
+        from (HTTP's ``request.client``, gRPC's ``context.peer()``), None: not said."""
         message = capped(str(exc))
+        source = "" if client is None else f" from {client_address(client)}"
         if principal.is_admin:
-            self._log.info("%s by %r refused (%s): %s", what, principal.name, status, message)
+            self._log.info("%s by %r%s refused (%s): %s", what, principal.name, source, status, message)
         else:
-            self._tenants.info((what, principal.name), "%s by tenant %r refused (%s): %s", what, principal.name,
-                               status, message)
+            self._tenants.info((what, principal.name), "%s by tenant %r%s refused (%s): %s", what, principal.name,
+                               source, status, message)

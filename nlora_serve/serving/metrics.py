@@ -133,15 +133,16 @@ class ServerMetrics:
         self._http = None
 
     def reject(self, reason: str, frontend: str, tenant: str | None = None, message: str | None = None,
-               request_id: str | None = None) -> None:
+               request_id: str | None = None, client: str | tuple | None = None) -> None:
         """Count one refused request; ``reason`` in :data:`REJECT_REASONS`, ``frontend`` in
         :data:`FRONTENDS`; with ``tenant`` (its key was checked: :func:`tenant_of`,
         :func:`tenant_of_key`), as a "rejected" request of that tenant too (with ``per_tenant``).
         With a ``request_log``, logged too, with ``message`` (what the client was told) and the
-        client's ``request_id`` when it sent one."""
+        client's ``request_id`` when it sent one and its address ``client`` (HTTP's ``request.client``,
+        gRPC's ``context.peer()``: request_log.client_address)."""
         self.rejected.labels(reason, frontend).inc()
         if self.request_log is not None:
-            self.request_log.refused(frontend, reason, tenant, message, request_id)
+            self.request_log.refused(frontend, reason, tenant, message, request_id, client)
         if tenant is not None:
             self.tenant_ended(tenant, "rejected")
 

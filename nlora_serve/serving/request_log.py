@@ -13,11 +13,17 @@ metrics (:meth:`~nlora_serve.serving.metrics.RequestTimer.ended`)::
 ``reason=`` the engine's message for aborted and error). A request refused before it ran writes
 one line naming the reason (a ``nlora_requests_rejected_total`` reason) and the refusal's message::
 
-    request 'job-42' refused: frontend=grpc tenant='acme' reason=queue_full message='server queue is full ...'
+    request 'job-42' refused: frontend=grpc client=10.0.0.7:51234 tenant='acme' reason=queue_full
+    message='server queue is full ...'
 
-(the id when its client chose one: gRPC's ``request_id``). ``tenant`` is the caller's name in the tenants file (never its key; ``-`` for a key missing or
-unknown, ``anonymous`` without a tenants file). Unlike vLLM, which logs each request at its arrival
-too, there is no admission line: the end line's time less ``total_ms`` is the arrival, and the
+(one line; the id when its client chose one: gRPC's ``request_id``; ``client`` the address the
+connection came from: HTTP's ``request.client``, gRPC's ``context.peer()`` without its ``ipv4:`` /
+``ipv6:`` scheme, ``-`` when unknown: :func:`client_address`). Refusal lines are rate-limited per
+reason (log_limit.py: 10 at once, then 2 a second, the Linux kernel's printk defaults), the lines
+left out counted in a line ``suppressed K refusal lines (reason=R) in the last T s``; end lines
+never are. ``tenant`` is the caller's name in the tenants file (never its key; ``-`` for a key
+missing or unknown, ``anonymous`` without a tenants file). Unlike vLLM, which logs each request at
+its arrival too, there is no admission line: the end line's time less ``total_ms`` is the arrival, and the
 requests running now are in ``/metrics``. The prompt's and the first choice's text are logged only
 with ``--max-log-len N`` > 0 (vLLM's default, None, logs them whole): their first N characters,
 the prompt as the engine ran it (a chat rendered by its template), decoded from its first 2N tokens.
@@ -29,10 +35,12 @@ terminal.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 
 from nlora_serve.errors import capped
+from nlora_serve.serving.log_limit import RefusalLineLimit
 
 log = logging.getLogger("nlora_serve.requests")
 
@@ -90,10 +98,11 @@ class RequestLog:
     that many characters of the prompt (decoded with ``decode``: token ids -> text) and of the output."""
 
     def __init__(self, max_log_len: int = 0, decode: Callable[[list[int]], str] | None = None,
-                 logger: logging.Logger = log):
+                 logger: logging.Logger = log, clock: Callable[[], float] = time.monotonic):
         if max_log_len < 0:
             raise ValueError(f"max_log_len must be >= 0; got {max_log_len!r}")
         self.max_log_len, self._decode, self._log = max_log_len, decode, logger
+        self._limit = RefusalLineLimit(clock)  # refusal lines per reason (log_limit.py); clock: monotonic seconds
         if not logger.isEnabledFor(logging.INFO):
             logger.warning("--enable-log-requests is on but the log level is above INFO: no request is logged")
 
@@ -121,13 +130,21 @@ class RequestLog:
         self._log.info("%s", line)
 
     def refused(self, frontend: str, reason: str, tenant: str | None, message: str | None,
-                request_id: str | None = None) -> None:
+                request_id: str | None = None, client: str | tuple | None = None) -> None:
         """Log that a request of ``tenant`` (None: its key was missing or unknown, or not checked
         yet) on ``frontend`` was refused for ``reason`` (a ``nlora_requests_rejected_total`` reason)
         with ``message`` (what its client was told); ``request_id``: the id its client chose (gRPC's
-        ``request_id``), when known."""
+        ``request_id``), when known; ``client``: where it came from (:func:`client_address`'s
+        input). Rate-limited per reason (log_limit.py): a line left out is counted in a later
+        ``suppressed ...`` line."""
+        write, summaries = self._limit.take(reason)
+        for summary in summaries:
+            self._log.info("%s", summary)
+        if not write:
+            return
         named = "" if request_id is None else f" {quoted(request_id, 200)}"
-        line = f"request{named} refused: frontend={frontend} tenant={_who(tenant)} reason={reason}"
+        line = (f"request{named} refused: frontend={frontend} client={client_address(client)} tenant={_who(tenant)} "
+                f"reason={reason}")
         if message is not None:
             line += f" message={quoted(capped(message))}"
         self._log.info("%s", line)
@@ -141,6 +158,32 @@ class RequestLog:
         if len(ids) <= 2 * self.max_log_len:
             return quoted(text, self.max_log_len)
         return f"{text[:self.max_log_len]!r}... (prompt of {len(ids)} tokens)"
+
+
+_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9.:\[\]%_/-]{1,300}")  # hosts, ports, IPv6 brackets and zones, paths
+
+
+def client_address(client: str | tuple | None) -> str:
+    """A client's address as a log line writes it: ``host:port`` (``[v6addr]:port`` for IPv6).
+
+    Args:
+        client: HTTP's ``request.client`` (a (host, port) pair, or None when the server does not
+            know it), gRPC's ``context.peer()`` (``ipv4:10.0.0.7:51234``, ``ipv6:[::1]:51234``,
+            ``unix:/path``: the ``ipv4:`` / ``ipv6:`` scheme is dropped, others kept), or None.
+
+    Returns:
+        The address; ``-`` for None or an empty one; ``repr``-quoted when it holds anything but
+        address characters (a proxy's forwarded address is the client's to choose).
+    """
+    if not client:
+        return "-"
+    if isinstance(client, tuple):
+        host, port = str(client[0]), client[1] if len(client) > 1 else None
+        host = f"[{host}]" if ":" in host else host
+        text = host if port is None else f"{host}:{port}"
+    else:
+        text = client.removeprefix("ipv4:").removeprefix("ipv6:")
+    return text if _PLAIN_ADDRESS.fullmatch(text) else quoted(text, 200)
 
 
 def _who(tenant: str | None) -> str:

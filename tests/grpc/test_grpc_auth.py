@@ -15,6 +15,7 @@ from nlora_serve.errors import NloraError
 from nlora_serve.serving.admin_log import AdminRefusals
 from nlora_serve.serving.auth import Authenticator, Principal
 from nlora_serve.serving.auth import PermissionDenied as AuthPermissionDenied
+from nlora_serve.serving.request_log import RequestLog
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
 PROMPT = [1, 9690, 198, 2683]
@@ -94,20 +95,24 @@ def test_admin_rpcs_need_an_admin_key_and_each_change_is_logged_naming_the_admin
         client.unload_adapter("lora-rslora")
     # refused calls changed nothing; each known key's refusal is logged naming it (h99: an operator
     # reading the log after an incident sees a tenant key calling admin RPCs), a key-less one is not
-    said = [r.getMessage() for r in caplog.records]
-    assert said == [f"{rpc} by tenant {name!r} refused (PERMISSION_DENIED): {rpc} needs an admin key; {name!r} is a "
-                    "tenant key" for name in TENANT_KEYS for rpc in ("SwapAdapter", "UploadAdapter", "UnloadAdapter",
-                                                                     "LoadAdapter")]
+    # (and the address the call came from: the client's port is its own, so only its form is checked)
+    said = [re.sub(r" from 127\.0\.0\.1:\d+ ", " from 127.0.0.1:PORT ", r.getMessage()) for r in caplog.records]
+    assert said == [f"{rpc} by tenant {name!r} from 127.0.0.1:PORT refused (PERMISSION_DENIED): {rpc} needs an admin "
+                    f"key; {name!r} is a tenant key" for name in TENANT_KEYS
+                    for rpc in ("SwapAdapter", "UploadAdapter", "UnloadAdapter", "LoadAdapter")]
     caplog.clear()
     with NloraClient(server.target, api_key=ADMIN_KEY) as admin:
         assert {a.name for a in admin.list_adapters()[0]} == {"inttune-nystrom-tied", "lora-rslora"}
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFound) as err:
             admin.unload_adapter("nobody")
+        assert err.value.reason == "not_found"  # nlora-reason, as HTTP's unload answers the code
         admin.unload_adapter("lora-rslora")
         admin.load_adapter("lora-rslora")
         admin.upload_adapter("inttune-nystrom-tied", CASES / "inttune-nystrom-tied")
-    said = [re.sub(r"\(\d+ ms\)$", "(N ms)", r.getMessage()) for r in caplog.records]
-    assert said == ["UnloadAdapter by 'ops' refused (NOT_FOUND): adapter 'nobody' is not registered",
+    said = [re.sub(r"\(\d+ ms\)$", "(N ms)", re.sub(r" from 127\.0\.0\.1:\d+ ", " from 127.0.0.1:PORT ", r.getMessage()))
+            for r in caplog.records]
+    assert said == ["UnloadAdapter by 'ops' from 127.0.0.1:PORT refused (NOT_FOUND): adapter 'nobody' is not "
+                    "registered",
                     "UnloadAdapter by 'ops': adapter 'lora-rslora' v1 unloaded (0 requests aborted, 0 draining) (N ms)",
                     "LoadAdapter by 'ops': adapter 'lora-rslora' v2 serving (lora, rank 16) (N ms)",
                     "UploadAdapter by 'ops': adapter 'inttune-nystrom-tied' v2 serving (inttune-tied, rank 8) (N ms)"]
@@ -159,7 +164,7 @@ def test_calls_without_a_valid_key_are_refused_before_their_request_is_read(serv
     assert [method for method, _ in parsed] == ["/nlora_serve.v1.Generation/Generate"]
 
 
-def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_file):
+def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_file, caplog):
     """The refusal handler is a request-stream handler that never iterates its stream (grpc reads a
     streamed request's messages only as the handler asks), and nothing after KeyFirst runs."""
     import asyncio
@@ -184,12 +189,16 @@ def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_fil
         async def abort(self, code, message, trailing_metadata=()):
             raise RuntimeError((code, message, dict(trailing_metadata)))
 
+        def peer(self):
+            return "ipv4:192.0.2.5:40000"
+
     async def never_read():
         raise AssertionError("the request was read")
         yield  # an async generator
 
     auth = Authenticator.from_file(tenants_file)
-    interceptor = KeyFirst(auth, ServerMetrics(lambda: {}, lambda: (0, 0)))
+    caplog.set_level(logging.INFO, logger="nlora_serve.requests")
+    interceptor = KeyFirst(auth, ServerMetrics(lambda: {}, lambda: (0, 0), request_log=RequestLog()))
     cases = [("/nlora_serve.v1.Generation/Generate", None, grpc.StatusCode.UNAUTHENTICATED),
              ("/nlora_serve.v1.AdapterAdmin/SwapAdapter", TENANT_KEYS["lora-co"], grpc.StatusCode.PERMISSION_DENIED),
              ("/nlora_serve.v1.AdapterAdmin/UploadAdapter", "wrong", grpc.StatusCode.UNAUTHENTICATED)]
@@ -201,6 +210,10 @@ def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_fil
         assert err.value.args[0][0] == code
         assert err.value.args[0][2] == {"nlora-reason": code.name.lower()}  # the reason, as HTTP's error code
     assert calls == []
+    # the refused Generate's request-log line names the address the call came from (context.peer())
+    assert [r.getMessage() for r in caplog.records if r.name == "nlora_serve.requests"] == [
+        "request refused: frontend=grpc client=192.0.2.5:40000 tenant=- reason=unauthenticated "
+        "message=" + repr("missing credentials: send 'authorization: Bearer <key>' (an HTTP header or gRPC metadata)")]
     for method, key in (("/nlora_serve.v1.Generation/Generate", TENANT_KEYS["lora-co"]),
                         ("/nlora_serve.v1.AdapterAdmin/SwapAdapter", ADMIN_KEY),
                         ("/grpc.health.v1.Health/Check", None)):  # health needs no key
@@ -216,6 +229,11 @@ def test_an_admins_refusals_are_logged_each_a_tenant_keys_at_most_once_per_inter
         refusals.refused("SwapAdapter", tenant, "PERMISSION_DENIED", AuthPermissionDenied("SwapAdapter needs an admin key"))
     for version in (1, 2, 3):  # an operator's refused changes: each one
         refusals.refused("SwapAdapter", admin, "FAILED_PRECONDITION", NloraError(f"expected v{version}"))
+    # with the address the call came from (gRPC's context.peer(), HTTP's request.client)
+    refusals.refused("SwapAdapter", admin, "NOT_FOUND", NloraError("no 'x'"), "ipv6:[::1]:40000")
+    refusals.refused("/v1/unload_lora_adapter", admin, "404", NloraError("no 'x'"), ("10.0.0.7", 51234))
     assert [r.getMessage() for r in caplog.records] == [
         "SwapAdapter by tenant 'acme' refused (PERMISSION_DENIED): SwapAdapter needs an admin key",
-        *(f"SwapAdapter by 'ops' refused (FAILED_PRECONDITION): expected v{v}" for v in (1, 2, 3))]
+        *(f"SwapAdapter by 'ops' refused (FAILED_PRECONDITION): expected v{v}" for v in (1, 2, 3)),
+        "SwapAdapter by 'ops' from [::1]:40000 refused (NOT_FOUND): no 'x'",
+        "/v1/unload_lora_adapter by 'ops' from 10.0.0.7:51234 refused (404): no 'x'"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import httpx2
@@ -392,7 +393,10 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
         assert _idle(http_server)  # every stream closed: its line written
     finally:
         metrics.request_log = None
-    lines = [r.getMessage() for r in caplog.records if r.name == "nlora_serve.requests"]
+    # refusal lines name the address the request came from (HTTP's request.client, gRPC's context.peer());
+    # the client's port is its own, so only its form is checked
+    lines = [re.sub(r" client=127\.0\.0\.1:\d+ ", " client=127.0.0.1:PORT ", r.getMessage())
+             for r in caplog.records if r.name == "nlora_serve.requests"]
     assert len(lines) == 6, lines
     # the SSE stream's line is written as its stream closes, which may come after the next request's
     streamed = [line for line in lines if line.startswith(f"request {chunks[0].id!r} ended: ")]
@@ -407,12 +411,14 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
     assert lines[1].startswith(f"request 'job-42' ended: frontend=grpc tenant='lora-co' adapter={LORA!r} "
                                f"v{deltas[-1].adapter_version} prompt_tokens={usage.prompt_tokens} "
                                f"output_tokens={usage.completion_tokens} ttft_ms=")
-    assert lines[2].startswith("request 'job-43' refused: frontend=grpc tenant='base-co' reason=permission_denied "
-                               "message=")
-    assert lines[3].startswith("request refused: frontend=http tenant='base-co' reason=permission_denied message=")
+    assert lines[2].startswith("request 'job-43' refused: frontend=grpc client=127.0.0.1:PORT tenant='base-co' "
+                               "reason=permission_denied message=")
+    assert lines[3].startswith("request refused: frontend=http client=127.0.0.1:PORT tenant='base-co' "
+                               "reason=permission_denied message=")
     chat_usage = chunks[-1].usage
     assert len(streamed) == 1 and streamed[0].startswith(
         f"request {chunks[0].id!r} ended: frontend=http tenant='lora-co' adapter={LORA!r} v{version} "
         f"prompt_tokens={chat_usage.prompt_tokens} output_tokens={chat_usage.completion_tokens} ttft_ms=")
-    assert lines[4] == "request refused: frontend=http tenant=- reason=unauthenticated message='unknown API key'"
+    assert lines[4] == ("request refused: frontend=http client=127.0.0.1:PORT tenant=- reason=unauthenticated "
+                        "message='unknown API key'")
     assert all(line.isprintable() for line in lines + streamed)

@@ -124,11 +124,13 @@ def test_unload_stops_serving_the_name_and_an_unknown_name_is_404(server, caplog
     assert again.status_code == 404 and "'model' names" not in again.json()["error"]["message"], again.text
     _refused(_post(server, "/v1/unload_lora_adapter", {"lora_name": NAME}, TENANT_KEYS["lora-co"]), 403,
              "/v1/unload_lora_adapter needs an admin key; 'lora-co' is a tenant key")
-    # refusals of a known key are logged naming it (h99), as gRPC's AdapterAdmin logs them
-    assert [r.getMessage() for r in caplog.records][len(said):] == [
-        f"/v1/unload_lora_adapter by 'ops' refused (404): {again.json()['error']['message']}",
-        "/v1/unload_lora_adapter by tenant 'lora-co' refused (403): /v1/unload_lora_adapter needs an admin key; "
-        "'lora-co' is a tenant key"]
+    # refusals of a known key are logged naming it (h99) and the address it came from (request.client),
+    # as gRPC's AdapterAdmin logs them
+    assert [re.sub(r" from 127\.0\.0\.1:\d+ ", " from 127.0.0.1:PORT ", r.getMessage())
+            for r in caplog.records][len(said):] == [
+        f"/v1/unload_lora_adapter by 'ops' from 127.0.0.1:PORT refused (404): {again.json()['error']['message']}",
+        "/v1/unload_lora_adapter by tenant 'lora-co' from 127.0.0.1:PORT refused (403): /v1/unload_lora_adapter "
+        "needs an admin key; 'lora-co' is a tenant key"]
 
 
 def test_bad_loads_are_refused_by_name_and_serve_nothing(server, tmp_path):

@@ -51,7 +51,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--enable-log-requests", action="store_true",
       help="log one INFO line per generation request (gRPC and HTTP) when it ends: its id, front end, tenant "
            "name (never its key), adapter and version, prompt and output tokens, TTFT and total ms, outcome; and "
-           "one per request refused, with the reason (default: off, as vLLM's)")
+           "one per request refused, with the reason and the client's address, at most 10 at once then 2/s per "
+           "reason (the rest counted in a 'suppressed K refusal lines' line) (default: off, as vLLM's)")
     a("--max-log-len", type=integer_arg(0), default=0,
       help="with --enable-log-requests, also log the first N characters of each request's prompt and output "
            "(quoted and escaped); tenants' text then sits in the server's log: mind who reads it and how long it "

@@ -78,7 +78,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
             work.close()  # never started when auth failed; silences "never awaited"
             code, reason = status_of(exc)
             if principal is not None:  # a key the tenants file knows (admin_log.py)
-                self.refusals.refused(rpc, principal, code.name, exc)
+                self.refusals.refused(rpc, principal, code.name, exc, context.peer())
             await abort(context, code, str(exc), reason)
 
     def _manager(self):

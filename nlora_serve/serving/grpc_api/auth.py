@@ -20,7 +20,7 @@ import grpc
 
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.admin_log import AdminRefusals
-from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.auth import Authenticator, Principal
 from nlora_serve.serving.grpc_api.decode import GENERATE, PREFIX
 from nlora_serve.serving.status import abort, status_of
 from nlora_serve.serving.metrics import ServerMetrics
@@ -48,18 +48,19 @@ class KeyFirst(grpc.aio.ServerInterceptor):
             if method.startswith(ADMIN_SERVICE):
                 principal.require_admin(method.rsplit("/", 1)[-1])
         except NloraError as exc:
-            code, reason = status_of(exc)
-            if method == GENERATE:
-                self.metrics.reject(reason, "grpc", None, str(exc))  # no key checked yet: no tenant
-            elif principal is not None and self.admin_refusals is not None:  # a tenant key on AdapterAdmin
-                self.admin_refusals.refused(method.rsplit("/", 1)[-1], principal, code.name, exc)
-            return _refusal(code, str(exc), reason)
+            return self._refusal(method, principal, exc)
         return await continuation(handler_call_details)
 
+    def _refusal(self, method: str, principal: Principal | None, exc: NloraError) -> grpc.RpcMethodHandler:
+        """A handler that counts or logs the refusal (with the caller's address, which only a
+        call's context knows) and aborts with ``exc``'s status without reading the request: grpc
+        reads a request stream's messages only as the handler iterates it, and this one never does."""
+        code, reason = status_of(exc)
 
-def _refusal(code: grpc.StatusCode, message: str, reason: str) -> grpc.RpcMethodHandler:
-    """A handler that aborts with ``code`` without reading the request: grpc reads a request
-    stream's messages only as the handler iterates it, and this one never does."""
-    async def refuse(request_iterator, context: grpc.aio.ServicerContext):
-        await abort(context, code, message, reason)
-    return grpc.stream_stream_rpc_method_handler(refuse)
+        async def refuse(request_iterator, context: grpc.aio.ServicerContext):
+            if method == GENERATE:  # no key checked yet: no tenant
+                self.metrics.reject(reason, "grpc", None, str(exc), client=context.peer())
+            elif principal is not None and self.admin_refusals is not None:  # a tenant key on AdapterAdmin
+                self.admin_refusals.refused(method.rsplit("/", 1)[-1], principal, code.name, exc, context.peer())
+            await abort(context, code, str(exc), reason)
+        return grpc.stream_stream_rpc_method_handler(refuse)

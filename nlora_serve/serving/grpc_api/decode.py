@@ -105,7 +105,7 @@ def _bounded(parse, method: str, max_bytes: int, counted: tuple[ServerMetrics, A
             if counted is not None:
                 metrics, auth = counted
                 tenant = tenant_of_key(auth, context.invocation_metadata()) if metrics.wants_tenant else None
-                metrics.reject(reason, "grpc", tenant, str(exc))
+                metrics.reject(reason, "grpc", tenant, str(exc), client=context.peer())
             await abort(context, code, str(exc), reason)
         return await parse(raw, context)
     return bounded

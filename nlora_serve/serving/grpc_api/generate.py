@@ -63,7 +63,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             stream, shown_id, reservation, scored = await self._admit(request, context, timer)
         except NloraError as exc:
             code, reason = status_of(exc)
-            self.metrics.reject(reason, "grpc", timer.caller, str(exc), timer.record and timer.record.request_id)
+            self.metrics.reject(reason, "grpc", timer.caller, str(exc), timer.record and timer.record.request_id,
+                                context.peer())
             await abort(context, code, str(exc), reason)
         try:
             # aclosing: on cancel, disconnect or deadline the metered stream is closed here, which

@@ -87,7 +87,7 @@ async def _refusals_logged(ctx: HttpContext, request: Request, handler) -> Respo
     try:
         return await handler(ctx, request, caller)
     except NloraError as exc:
-        ctx.admin_refusals.refused(request.url.path, caller, str(http_status_of(exc)[0]), exc)
+        ctx.admin_refusals.refused(request.url.path, caller, str(http_status_of(exc)[0]), exc, request.client)
         raise
 
 

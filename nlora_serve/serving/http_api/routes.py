@@ -152,7 +152,7 @@ def _refused(request: Request, reason: str, message: str | None = None) -> None:
     if request.url.path in GENERATE_PATHS:  # as gRPC counts Generate refusals only
         ctx = _ctx(request)
         tenant = tenant_of_key(ctx.auth, request.headers.items()) if ctx.metrics.wants_tenant else None
-        ctx.metrics.reject(reason, "http", tenant, message)
+        ctx.metrics.reject(reason, "http", tenant, message, client=request.client)
 
 
 async def _expected(request: Request, exc: NloraError) -> JSONResponse:
