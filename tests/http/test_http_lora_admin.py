@@ -192,11 +192,13 @@ def test_a_server_without_an_adapter_store_says_so_on_both_admin_surfaces(base_f
                             tokenizer)
     message = "this server has no adapter store (start it with --adapter-dir)"
     try:
-        _refused(_load(running, key=None), 404, message)
+        loaded = _load(running, key=None)
+        _refused(loaded, 404, message)
         _refused(_post(running, "/v1/unload_lora_adapter", {"lora_name": NAME}, key=None), 404, message)
         with NloraClient(running.target) as grpc_client, pytest.raises(FailedPrecondition) as err:
             grpc_client.unload_adapter(NAME)
         assert str(err.value) == f"FAILED_PRECONDITION: {message}"
+        assert err.value.reason == loaded.json()["error"]["code"] == "not_found"  # nlora-reason: HTTP's code
     finally:
         running.stop()
         engine.shutdown()
