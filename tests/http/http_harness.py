@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +18,21 @@ TENANTS = {"inttune-nystrom-tied": "tied-co", "lora-rslora": "lora-co"}  # adapt
 
 def base_url(server) -> str:
     return f"http://127.0.0.1:{server.server.http_port}/v1"
+
+
+def idle(server, within_s: float = 5.0) -> bool:
+    """Whether the server holds no running or waiting request, KV block or admitted request within
+    ``within_s`` seconds (polled: a client has its last bytes slightly before the server's own
+    clean-up of the request ends; the check without waiting failed about one run in two on a
+    loaded box)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        stats = server.engine.stats()
+        if stats["kv_blocks_used"] == stats["running"] == stats["waiting"] == server.server.admission.inflight == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
 
 
 def client(server, api_key: str, timeout: float = 120.0) -> openai.OpenAI:

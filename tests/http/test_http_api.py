@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 
 import httpx2
 import openai
@@ -16,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
-from http_harness import TENANTS, base_url, client, scrape
+from http_harness import TENANTS, base_url, client, idle, scrape
 from nlora_serve.client import NloraClient, PermissionDenied
 from nlora_serve.serving.request_log import RequestLog
 from nlora_serve.serving.http_api.server import MAX_BODY_BYTES
@@ -27,18 +26,6 @@ HTTP = ("frontend", "http")
 
 def _base(server) -> str:
     return server.server.generation.info.model
-
-
-def _idle(server, within_s: float = 5.0) -> bool:
-    """True once nothing runs, no KV block is held and no request is admitted (polled)."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        stats = server.engine.stats()
-        inflight = server.server.admission.inflight
-        if stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == inflight == 0:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.mark.parametrize("key, want", [
@@ -168,7 +155,7 @@ def test_a_closed_stream_frees_its_blocks_and_adapter_at_once(http_server):
     assert http_server.engine.stats()["kv_blocks_used"] >= 1 and version.refcount == 1
     finished_before = scrape(http_server)[("nlora_request_duration_seconds_count", (HTTP,))]
     stream.close()
-    assert _idle(http_server) and version.refcount == 0
+    assert idle(http_server) and version.refcount == 0
     # aborted, not run to its 500 tokens: a finished request would count a duration
     assert scrape(http_server)[("nlora_request_duration_seconds_count", (HTTP,))] == finished_before
 
@@ -178,7 +165,7 @@ def test_a_client_that_times_out_on_a_whole_response_frees_it(http_server):
     with pytest.raises(openai.APITimeoutError):
         impatient.completions.create(model=_base(http_server), prompt="Once upon a time", max_tokens=500,
                                      extra_body={"ignore_eos": True})
-    assert _idle(http_server)
+    assert idle(http_server)
 
 
 def test_metrics_move_with_frontend_http(http_server):
@@ -275,76 +262,6 @@ def test_metrics_on_the_http_port_without_a_key(http_server):
         separate[("nlora_requests_rejected_total", (HTTP, ("reason", "unauthenticated")))]
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_a_stop_string_waits_for_min_tokens(http_server, tokenizer, stream):
-    """stop [" "] with min_tokens 4 cuts at the first space ending past the text of the first 4
-    tokens (vLLM's rule); the reference cut is computed by hand from a greedy run without stop."""
-    api = client(http_server, TENANT_KEYS["base-co"])
-    common = dict(model=_base(http_server), prompt="Hello there", max_tokens=8, temperature=0, logprobs=0,
-                  extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
-    free = api.completions.create(**common).choices[0]
-    ids = [int(t.removeprefix("token_id:")) for t in free.logprobs.tokens]
-    boundary = len(tokenizer.decode(ids[:4]))
-    assert " " in free.text[:boundary]  # a space within the first 4 tokens' text: the case of the defect
-    common["extra_body"]["min_tokens"] = 4
-    answer = api.completions.create(**common, stop=[" "], stream=stream)
-    chunks = list(answer) if stream else [answer]
-    text = "".join(c.choices[0].text for c in chunks)
-    assert text == free.text[:free.text.index(" ", boundary)] and chunks[-1].choices[0].finish_reason == "stop"
-    assert _idle(http_server)
-
-
-def test_top_k_minus_one_is_off_as_in_vllm(http_server):
-    """top_k -1 (what LangChain's VLLMOpenAI sends by default) and 0 sample as top_k unset: the
-    same seeded tokens; top_k 1 (greedy) is the control that top_k reaches the sampler at all."""
-    api = client(http_server, TENANT_KEYS["base-co"])
-    common = dict(model=_base(http_server), prompt="Once upon a time", max_tokens=12, temperature=1.5, seed=7,
-                  logprobs=0)
-
-    def tokens(**extra) -> list[str]:
-        return api.completions.create(**common, extra_body={"ignore_eos": True, **extra}).choices[0].logprobs.tokens
-
-    unset = tokens()
-    assert tokens(top_k=-1) == tokens(top_k=0) == unset
-    assert tokens(top_k=1) != unset
-
-
-def test_a_negative_seed_is_taken_as_vllm_takes_it(http_server):
-    """vLLM takes any int64 seed, and UIs send -1: it seeds a generator as torch reads it (two's
-    complement: -1 is 2^64 - 1), the same tokens each time; another seed is the control."""
-    api = client(http_server, TENANT_KEYS["base-co"])
-
-    def tokens(seed: int) -> list[str]:
-        return api.completions.create(model=_base(http_server), prompt="Once upon a time", max_tokens=12,
-                                      temperature=1.5, seed=seed, logprobs=0,
-                                      extra_body={"ignore_eos": True}).choices[0].logprobs.tokens
-
-    assert tokens(-1) == tokens(-1) == tokens((1 << 64) - 1)
-    assert tokens(-(1 << 63)) == tokens(1 << 63) != tokens(-1)
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-@pytest.mark.parametrize("as_ids", [False, True], ids=["tokens", "token_ids"])
-def test_chat_logprobs_bytes_join_to_the_texts_utf8(http_server, tokenizer, stream, as_ids):
-    """Greedy, the model repeats three emoji (3 byte-level tokens each, each piece's string U+FFFD
-    as in vLLM): the entries' bytes join to the content's UTF-8, and the content is the tokenizer's
-    decode of the tokens (their ids from return_tokens_as_token_ids)."""
-    answer = client(http_server, TENANT_KEYS["base-co"]).chat.completions.create(
-        model=_base(http_server), messages=[{"role": "user", "content": "Repeat exactly: 😀😀😀 日本語"}],
-        max_tokens=9, temperature=0, logprobs=True, top_logprobs=2, stream=stream,
-        extra_body={"return_tokens_as_token_ids": as_ids})
-    choices = [c.choices[0] for c in answer] if stream else [answer.choices[0]]
-    content = "".join((c.delta.content or "") if stream else c.message.content for c in choices)
-    entries = [e for c in choices if c.logprobs for e in c.logprobs.content]
-    assert len(entries) == 9 and "😀" in content
-    assert b"".join(bytes(e.bytes) for e in entries) == content.encode()
-    assert all(e.top_logprobs[0].bytes == e.bytes for e in entries)  # greedy: the top alternative is the token
-    if as_ids:
-        assert content == tokenizer.decode([int(e.token.removeprefix("token_id:")) for e in entries])
-    else:
-        assert "\ufffd" in {e.token for e in entries}
-
-
 @pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
 def test_a_request_without_model_says_what_to_name(http_server, path):
     """vLLM runs its base model for a request without 'model'; a newcomer's request here got only
@@ -390,7 +307,7 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
                                                       stream_options={"include_usage": True}))
         with pytest.raises(openai.AuthenticationError):
             client(http_server, "key-of-nobody").completions.create(model=LORA, prompt="Hi", max_tokens=2)
-        assert _idle(http_server)  # every stream closed: its line written
+        assert idle(http_server)  # every stream closed: its line written
     finally:
         metrics.request_log = None
     # refusal lines name the address the request came from (HTTP's request.client, gRPC's context.peer());

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
-from http_harness import CASES, TENANTS, base_url, client
+from http_harness import CASES, TENANTS, base_url, client, idle
 from nlora_serve.client import NloraClient
 
 TIED, LORA = TENANTS  # inttune-nystrom-tied (granted to tied-co), lora-rslora (lora-co)
@@ -29,20 +29,6 @@ def _prompt(n: int) -> list[int]:
     return [1] + [30] * (n - 1)
 
 
-def _idle(server, within: float = 5.0) -> bool:
-    """Whether the server holds no request, KV block or admission within ``within`` seconds: a
-    client has its last bytes slightly before the server's own clean-up of the request ends (the
-    check without waiting failed about one run in two on a loaded box)."""
-    deadline = time.monotonic() + within
-    while True:
-        stats = server.engine.stats()
-        if stats["kv_blocks_used"] == stats["running"] == stats["waiting"] == server.server.admission.inflight == 0:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-
-
 def test_completion_over_the_context_is_400_in_vllms_words(http_server):
     api = client(http_server, TENANT_KEYS["base-co"])
     with pytest.raises(openai.BadRequestError) as err:
@@ -50,7 +36,7 @@ def test_completion_over_the_context_is_400_in_vllms_words(http_server):
     assert err.value.body["message"] == (
         "This model's maximum context length is 1024 tokens. However, you requested 1100 tokens (1000 in the "
         "messages, 100 in the completion). Please reduce the length of the messages or completion.")
-    assert _idle(http_server)
+    assert idle(http_server)
 
 
 def test_chat_over_the_context_is_400_counting_the_templated_prompt(http_server, tokenizer):
@@ -63,7 +49,7 @@ def test_chat_over_the_context_is_400_counting_the_templated_prompt(http_server,
             model=_base(http_server), messages=messages, max_completion_tokens=max_tokens)
     assert (f"However, you requested {MAX_MODEL_LEN + 1} tokens ({prompt_tokens} in the messages, {max_tokens} in "
             "the completion)") in err.value.body["message"]
-    assert _idle(http_server)
+    assert idle(http_server)
 
 
 def test_a_prompt_far_over_the_context_is_400_before_tokenizing(http_server, tokenizer):
@@ -77,7 +63,7 @@ def test_a_prompt_far_over_the_context_is_400_before_tokenizing(http_server, tok
         client(http_server, TENANT_KEYS["base-co"]).completions.create(
             model=_base(http_server), prompt="lighthouse " * (bound // 11 + 1), max_tokens=1)
     assert f"refused before tokenizing above {bound:,} bytes" in err.value.body["message"]
-    assert time.perf_counter() - start < 5.0 and _idle(http_server)
+    assert time.perf_counter() - start < 5.0 and idle(http_server)
 
 
 def test_unset_max_tokens_is_16_on_completions_and_the_rest_of_the_context_on_chat(http_server, tokenizer):
@@ -108,7 +94,7 @@ def test_min_tokens_over_the_context_left_names_min_tokens(http_server):
     with pytest.raises(openai.BadRequestError) as err:
         api.completions.create(model=_base(http_server), prompt=_prompt(10), extra_body={"min_tokens": 17})
     assert err.value.body["param"] == "min_tokens" and "defaults to 16" in err.value.body["message"]
-    assert _idle(http_server)
+    assert idle(http_server)
 
 
 def _post(server, key: str | None, body: bytes) -> httpx2.Response:
@@ -175,7 +161,7 @@ def test_a_forced_unload_ends_whole_and_streamed_responses_with_the_reason(make_
     rest = list(other)  # the other tenant's stream runs to its end
     assert rest[-1].choices[0].finish_reason == "length"
     assert sum(bool(c.choices[0].delta.content) for c in rest) >= 1
-    assert version.refcount == 0 and _idle(server)
+    assert version.refcount == 0 and idle(server)
 
 
 def test_the_stream_error_event_is_openai_shaped(make_http_server):

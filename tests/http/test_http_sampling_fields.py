@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grpc_harness import TENANT_KEYS
-from http_harness import client
+from http_harness import client, idle
 
 POEM = [{"role": "user", "content": "Write a short poem about the sea."}]
 
@@ -224,3 +224,51 @@ def test_continuous_usage_stats_puts_the_usage_so_far_on_every_chunk(http_server
     assert [(c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) for c in chunks[:-1]] == want
     assert want[0][1] == 0 and made == 6 and chunks[-1].choices == []
     assert (chunks[-1].usage.completion_tokens, chunks[-1].usage.prompt_tokens) == (6, prompt)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_stop_string_waits_for_min_tokens(http_server, tokenizer, stream):
+    """stop [" "] with min_tokens 4 cuts at the first space ending past the text of the first 4
+    tokens (vLLM's rule); the reference cut is computed by hand from a greedy run without stop."""
+    api = client(http_server, TENANT_KEYS["base-co"])
+    common = dict(model=_base(http_server), prompt="Hello there", max_tokens=8, temperature=0, logprobs=0,
+                  extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    free = api.completions.create(**common).choices[0]
+    ids = [int(t.removeprefix("token_id:")) for t in free.logprobs.tokens]
+    boundary = len(tokenizer.decode(ids[:4]))
+    assert " " in free.text[:boundary]  # a space within the first 4 tokens' text: the case of the defect
+    common["extra_body"]["min_tokens"] = 4
+    answer = api.completions.create(**common, stop=[" "], stream=stream)
+    chunks = list(answer) if stream else [answer]
+    text = "".join(c.choices[0].text for c in chunks)
+    assert text == free.text[:free.text.index(" ", boundary)] and chunks[-1].choices[0].finish_reason == "stop"
+    assert idle(http_server)
+
+
+def test_top_k_minus_one_is_off_as_in_vllm(http_server):
+    """top_k -1 (what LangChain's VLLMOpenAI sends by default) and 0 sample as top_k unset: the
+    same seeded tokens; top_k 1 (greedy) is the control that top_k reaches the sampler at all."""
+    api = client(http_server, TENANT_KEYS["base-co"])
+    common = dict(model=_base(http_server), prompt="Once upon a time", max_tokens=12, temperature=1.5, seed=7,
+                  logprobs=0)
+
+    def tokens(**extra) -> list[str]:
+        return api.completions.create(**common, extra_body={"ignore_eos": True, **extra}).choices[0].logprobs.tokens
+
+    unset = tokens()
+    assert tokens(top_k=-1) == tokens(top_k=0) == unset
+    assert tokens(top_k=1) != unset
+
+
+def test_a_negative_seed_is_taken_as_vllm_takes_it(http_server):
+    """vLLM takes any int64 seed, and UIs send -1: it seeds a generator as torch reads it (two's
+    complement: -1 is 2^64 - 1), the same tokens each time; another seed is the control."""
+    api = client(http_server, TENANT_KEYS["base-co"])
+
+    def tokens(seed: int) -> list[str]:
+        return api.completions.create(model=_base(http_server), prompt="Once upon a time", max_tokens=12,
+                                      temperature=1.5, seed=seed, logprobs=0,
+                                      extra_body={"ignore_eos": True}).choices[0].logprobs.tokens
+
+    assert tokens(-1) == tokens(-1) == tokens((1 << 64) - 1)
+    assert tokens(-(1 << 63)) == tokens(1 << 63) != tokens(-1)

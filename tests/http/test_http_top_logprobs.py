@@ -146,3 +146,25 @@ def test_logprob_token_ids_refusals_in_vllm_words(http_server, chat, fields, mes
         else:
             api.completions.create(prompt="Hi", **common)
     assert err.value.body["message"] == message and err.value.body["param"] == "logprob_token_ids"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("as_ids", [False, True], ids=["tokens", "token_ids"])
+def test_chat_logprobs_bytes_join_to_the_texts_utf8(http_server, tokenizer, stream, as_ids):
+    """Greedy, the model repeats three emoji (3 byte-level tokens each, each piece's string U+FFFD
+    as in vLLM): the entries' bytes join to the content's UTF-8, and the content is the tokenizer's
+    decode of the tokens (their ids from return_tokens_as_token_ids)."""
+    answer = client(http_server, TENANT_KEYS["base-co"]).chat.completions.create(
+        model=_base(http_server), messages=[{"role": "user", "content": "Repeat exactly: 😀😀😀 日本語"}],
+        max_tokens=9, temperature=0, logprobs=True, top_logprobs=2, stream=stream,
+        extra_body={"return_tokens_as_token_ids": as_ids})
+    choices = [c.choices[0] for c in answer] if stream else [answer.choices[0]]
+    content = "".join((c.delta.content or "") if stream else c.message.content for c in choices)
+    entries = [e for c in choices if c.logprobs for e in c.logprobs.content]
+    assert len(entries) == 9 and "😀" in content
+    assert b"".join(bytes(e.bytes) for e in entries) == content.encode()
+    assert all(e.top_logprobs[0].bytes == e.bytes for e in entries)  # greedy: the top alternative is the token
+    if as_ids:
+        assert content == tokenizer.decode([int(e.token.removeprefix("token_id:")) for e in entries])
+    else:
+        assert "\ufffd" in {e.token for e in entries}
