@@ -29,7 +29,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from nlora_serve.adapters import durable
+from nlora_serve.adapters import durable, store_factors
 from nlora_serve.adapters.config import FAMILY_FORMAT
 from nlora_serve.adapters.format import read_bytes
 from nlora_serve.adapters.writing import Undo, atomic_write, make_dirs
@@ -144,7 +144,7 @@ def family_file(root: Path, key: str) -> Path:
 def write_factors(root: Path, factors: FamilyFactors, undo: Undo | None = None) -> Path:
     """Write the factors under ``root`` once (atomic: temp file, fsync, rename); a no-op when the
     family is already there. Returns the file's path. For an output folder (``compress --out``);
-    into an adapter store they go through :meth:`AdapterStore.write_factors` (durable order).
+    into an adapter store they go through :func:`store_factors.write_factors` (durable order).
 
     Args:
         undo: where to record what was created (the command's other output fails: removed again).
@@ -279,7 +279,7 @@ def compact_family_files(name: str, adapter, weights: bytes, store: AdapterStore
     factors = getattr(adapter, "family_factors", None)
     if factors is None:
         factors = make_factors({s: (w.A, w.B) for s, w in adapter.sites.items()}, adapter.base_fingerprint)
-    store.write_factors(name, factors.key, lambda: factors_bytes(factors))
+    store_factors.write_factors(store, name, factors.key, lambda: factors_bytes(factors))
     config = {k: v for k, v in adapter.config.raw.items() if k != "nlora_serve"}
     config["nlora_serve"] = member_header(adapter.shared_family, adapter.base_fingerprint)
     n_keys = {k: v.contiguous() for k, v in tensors.items() if k.endswith(PART_N)}
@@ -302,4 +302,4 @@ def import_family(name: str, adapter_dir: Path, resolver: FamilyResolver, store:
         return  # the reader names what is wrong with the folder
     if isinstance(header, dict) and header.get("format") == FAMILY_FORMAT and isinstance(header.get("family"), str):
         factors = resolver.get(header["family"], near=Path(adapter_dir))
-        store.write_factors(name, factors.key, lambda: factors_bytes(factors))
+        store_factors.write_factors(store, name, factors.key, lambda: factors_bytes(factors))

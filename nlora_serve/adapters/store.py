@@ -7,7 +7,7 @@ Layout under the root (``--adapter-dir``)::
     <name>/UNLOADED                present while the name is unloaded: not served after a restart
     .staging/                      temporary folders; whatever is here after a crash is discarded
     _families/<key>/family.safetensors   a compressed family's shared factors (adapters/family.py),
-                                         written as durably as a version (write_factors)
+                                         written as durably as a version (store_factors.py)
 
 A version becomes visible only by ``rename`` of a fully written and fsynced folder, so a crash at
 any point leaves either the old state or the new one, never a half-written adapter (DESIGN §3).
@@ -24,7 +24,6 @@ import os
 import shutil
 import stat
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +91,8 @@ class AdapterStore:
         except OSError as exc:
             raise AdapterError(f"adapter store {self.root}: cannot create it ({exc.strerror or exc})") from None
         store_lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
-        self._lock = threading.Lock()  # serialises version allocation and renames
+        # serialises version allocation and renames (and store_factors.py's writes of _families)
+        self.write_lock = threading.Lock()
         staging = self.root / STAGING
         try:
             if staging.is_symlink() or staging.is_file():  # planted: writes would land where it points
@@ -228,7 +228,7 @@ class AdapterStore:
         if total > self.max_bytes:
             raise AdapterError(f"adapter {name!r}: {total} bytes of files is over the server's --max-adapter-bytes "
                                f"{self.max_bytes}")
-        with self._lock:
+        with self.write_lock:
             adapter_dir = self.adapter_dir(name)
             self._check_case(name)
             foreign = [str(p) for p in same_as.values() if Path(p).parent.parent != adapter_dir]
@@ -301,48 +301,6 @@ class AdapterStore:
         with os.scandir(self.root) as entries:
             check_no_case_twin(name, [e.name for e in entries if e.name != STAGING])
 
-    def write_factors(self, name: str, key: str, data_of: Callable[[], bytes]) -> Path:
-        """Durably write a compressed family's shared factors (``data_of()``, called only when they
-        are not there yet) as ``_families/<key>/family.safetensors`` for the registration of
-        adapter ``name``, once (``key`` hashes them). In a version's durable order: the file
-        written and fsynced in a staged folder, that folder fsynced and renamed into place,
-        ``_families`` fsynced (and the root, for a new ``_families``), all before the member's
-        version is written, which needs them to load.
-
-        Raises:
-            AdapterError: ``key`` is not 64 lowercase hex characters, or ``_families`` is a link or
-                a file (the store follows no link).
-            StoreWriteError: the disk refused a write: nothing of it is left.
-        """
-        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
-            raise AdapterError(f"family key {key!r:.80} is not 64 lowercase hex characters")
-        families, staged = self.root / FAMILIES, None
-        with self._lock:
-            try:
-                is_new = not os.path.lexists(families)
-                if not is_new and not stat.S_ISDIR(os.lstat(families).st_mode):
-                    raise AdapterError(f"adapter store entry {FAMILIES} is a link or a file, not a folder: refusing "
-                                       "to write a family's factors through it")
-                if os.path.isfile(families / key / FACTORS_FILE):
-                    return families / key / FACTORS_FILE
-                staged = durable.make_temp_dir(self.root / STAGING, "family.")
-                write_synced(staged / FACTORS_FILE, data_of())
-                fsync_dir(staged)
-                if is_new:
-                    durable.mkdir(families)
-                    fsync_dir(self.root)
-                elif os.path.lexists(families / key):  # without the factors: what an older version's crash left
-                    durable.rename(families / key, durable.make_temp_dir(self.root / STAGING, "trash.") / "f")
-                durable.rename(staged, families / key)
-                staged = None
-                fsync_dir(families)
-            except OSError as exc:
-                if staged is not None:
-                    shutil.rmtree(staged, ignore_errors=True)
-                raise_if_disk_error(name, exc)
-                raise
-        return families / key / FACTORS_FILE
-
     def is_unloaded(self, name: str) -> bool:
         """Whether an operator unloaded ``name`` (its UNLOADED marker is on disk).
 
@@ -360,7 +318,7 @@ class AdapterStore:
         """
         adapter_dir = self.adapter_dir(name)
         self._check_root(name)
-        with self._lock:
+        with self.write_lock:
             if not adapter_dir.is_dir():
                 return
             try:

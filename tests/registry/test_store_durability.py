@@ -19,6 +19,7 @@ import pytest
 
 from nlora_serve.adapters import durable
 from nlora_serve.adapters.store import CONFIG_FILE, STAGING, UNLOADED, WEIGHTS_FILE, AdapterStore, content_hash
+from nlora_serve.adapters.store_factors import write_factors
 from nlora_serve.errors import AdapterError
 from disk_model import DiskModel
 
@@ -200,7 +201,7 @@ def test_family_factors_are_whole_or_absent_at_any_power_loss_and_there_once_ack
     (leftover / ".family.safetensors.tmp1234").write_bytes(b"half")
     AdapterStore(root)
     model_start = DiskModel(root)
-    path = AdapterStore(root).write_factors("acme", key, lambda: data)
+    path = write_factors(AdapterStore(root), "acme", key, lambda: data)
     assert path == leftover / "family.safetensors" and path.read_bytes() == data
     assert [p.name for p in leftover.iterdir()] == ["family.safetensors"]
     ops = recorder.ops
@@ -215,7 +216,7 @@ def test_family_factors_are_whole_or_absent_at_any_power_loss_and_there_once_ack
     target = tmp_path / "acknowledged"
     _replay(model_start, ops).after_power_loss(target)
     assert (target / "_families" / key / "family.safetensors").read_bytes() == data
-    assert AdapterStore(root).write_factors("acme", key, lambda: b"other") == path and path.read_bytes() == data  # once
+    assert write_factors(AdapterStore(root), "acme", key, lambda: b"other") == path and path.read_bytes() == data  # once
 
 
 def test_family_factors_are_not_written_through_a_linked_families_folder(tmp_path):
@@ -224,5 +225,5 @@ def test_family_factors_are_not_written_through_a_linked_families_folder(tmp_pat
     store = AdapterStore(tmp_path / "store")
     (store.root / "_families").symlink_to(outside)
     with pytest.raises(AdapterError, match="_families is a link or a file, not a folder"):
-        store.write_factors("acme", "ab" * 32, lambda: b"data")
+        write_factors(store, "acme", "ab" * 32, lambda: b"data")
     assert list(outside.iterdir()) == []
