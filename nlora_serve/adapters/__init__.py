@@ -26,7 +26,8 @@ Modules, by concern::
     serving them (AdapterManager is the engine's one handle)
       store.py         one folder per name, one per version, written atomically; store_lock.py,
                        durable.py (its file operations, observable by tests), store_factors.py
-                       (a compressed family's shared factors in the store's _families)
+                       (a compressed family's shared factors in the store's _families),
+                       store_sums.py (each version's SHA256SUMS, checked at every read)
       registry.py      name -> current version, pins and refcounts, register, hot-swap, unload
       swap.py          a hot-swap's N-only payload checked against the version it replaces
       residency.py     which version sits in which pool slot, within the memory limits

@@ -73,15 +73,20 @@ class AdapterManager:
 
     def _load_stored(self, path: Path):
         """A version folder of the store (a restore, a cold load), read through the store: no
-        link is followed at any level."""
+        link is followed at any level, and its files are checked against the sha256 the store
+        recorded (StoredHashMismatch refuses that version only). A version an older nlora-serve
+        wrote, without them, has them recorded once it validated (AdapterStore.record_sums)."""
+        store = self.registry.store
         try:
-            files = self.registry.store.read_files(path)
+            files = store.read_files(path)
         except FileNotFoundError:
             raise AdapterError(f"{path}: no such adapter version folder") from None
         missing = [f for f in ALLOWED_FILES if f not in files]
         if missing:
             raise AdapterError(f"{path}: no {' and no '.join(missing)} (a store version holds both)")
-        return self._load_files(files, source=str(path))
+        adapter = self._load_files(files, source=str(path))
+        store.record_sums(path, files)
+        return adapter
 
     def _load_files(self, files: dict[str, bytes], source: str = "upload"):
         return read_adapter_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], self.base, max_rank=self.limits.max_rank,

@@ -4,6 +4,9 @@ Layout under the root (``--adapter-dir``)::
 
     <name>/<version:08d>/adapter_config.json
     <name>/<version:08d>/adapter_model.safetensors
+    <name>/<version:08d>/SHA256SUMS    the files' sha256, written with them and checked on every read
+                                       (store_sums.py); a version an older nlora-serve wrote gets
+                                       it at its first load (record_sums)
     <name>/UNLOADED                present while the name is unloaded: not served after a restart
     .staging/                      temporary folders; whatever is here after a crash is discarded
     _families/<key>/family.safetensors   a compressed family's shared factors (adapters/family.py),
@@ -12,8 +15,8 @@ Layout under the root (``--adapter-dir``)::
 A version becomes visible only by ``rename`` of a fully written and fsynced folder, so a crash at
 any point leaves either the old state or the new one, never a half-written adapter (DESIGN §3).
 A version written as a hot-swap shares the unchanged config with the version before it (a hard
-link to a file already on disk), so it costs three fsyncs: the new weights, the staged folder and
-the adapter's folder after the rename.
+link to a file already on disk), so it costs four fsyncs: the new weights, their SHA256SUMS, the
+staged folder and the adapter's folder after the rename.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from nlora_serve.adapters import durable, store_lock
 from nlora_serve.adapters.durable import StoreWriteError, fsync_dir, raise_if_disk_error, write_synced
 from nlora_serve.adapters.names import check_no_case_twin, validate_name
+from nlora_serve.adapters.store_sums import MAX_SUMS_BYTES, SUMS_FILE, check_sums, parse_sums, record, sums_bytes
 from nlora_serve.errors import AdapterError
 
 log = logging.getLogger(__name__)
@@ -153,19 +157,36 @@ class AdapterStore:
 
     def read_files(self, path: Path, names: tuple[str, ...] = ALLOWED_FILES) -> dict[str, bytes]:
         """The files of one of this store's version folders by name (those of ``names`` that
-        exist), read without following a symbolic link at any level of the store.
+        exist), read without following a symbolic link at any level of the store, and checked
+        against the sha256 the folder's SHA256SUMS recorded (where it has one: see
+        :meth:`record_sums` for a version written before it existed).
 
         Raises:
             FileNotFoundError: the folder does not exist (a version removed since).
             AdapterError: ``path`` is not inside the store, a link or other non-regular entry is
                 on the way (named by its path relative to the root), or the files are over
                 ``max_bytes`` together (checked with fstat, before reading).
+            StoredHashMismatch: a file is not the one the store wrote (store_sums.py).
         """
         try:
             folder = Path(path).relative_to(self.root)
         except ValueError:
             raise AdapterError(f"{path} is not a folder of the adapter store {self.root}") from None
-        return durable.read_folder(self.root, folder, names, self.max_bytes)
+        files = durable.read_folder(self.root, folder, names, self.max_bytes)
+        sums = durable.read_folder(self.root, folder, (SUMS_FILE,), MAX_SUMS_BYTES)  # its own cap: no file's
+        if sums:
+            recorded = parse_sums(sums[SUMS_FILE], self.root / folder / SUMS_FILE)
+            check_sums(folder.parent.name, self.root / folder, files, recorded)
+        return files
+
+    def record_sums(self, path: Path, files: dict[str, bytes]) -> None:
+        """Record the sha256 of ``files`` (all of version folder ``path``'s, read through
+        :meth:`read_files` and validated) in its SHA256SUMS where it has none: a version an older
+        nlora-serve wrote (store_sums.record). Best effort: a disk refusing it is logged."""
+        if os.path.lexists(Path(path) / SUMS_FILE):  # recorded: no wait on a write's fsyncs (a cold load)
+            return
+        with self.write_lock:
+            record(self.root / STAGING, Path(path), files)
 
     def names(self, warn: bool = True) -> list[str]:
         """Served names: at least one complete version and not unloaded; invalid or escaping
@@ -242,9 +263,10 @@ class AdapterStore:
 
     def _write_locked(self, name: str, adapter_dir: Path, files: dict[str, bytes],
                       same_as: dict[str, Path]) -> StoredVersion:
-        """:meth:`write` under the lock. Durable order: files written and fsynced, the staged folder
-        fsynced, renamed into place, the adapter's folder fsynced (and the root's, for a new name);
-        only then is an UNLOADED marker removed (fsynced again). Any failure rolls back."""
+        """:meth:`write` under the lock. Durable order: files and their SHA256SUMS written and
+        fsynced, the staged folder fsynced, renamed into place, the adapter's folder fsynced (and
+        the root's, for a new name); only then is an UNLOADED marker removed (fsynced again). Any
+        failure rolls back."""
         unloaded, created = (adapter_dir / UNLOADED).exists(), not adapter_dir.exists()
         staged, final = durable.make_temp_dir(self.root / STAGING, f"{name}."), None
         try:
@@ -252,6 +274,8 @@ class AdapterStore:
                 durable.link_or_copy(source, staged / fname)
             for fname, data in files.items():
                 write_synced(staged / fname, data)
+            linked = {fname: (staged / fname).read_bytes() for fname in same_as}
+            write_synced(staged / SUMS_FILE, sums_bytes({**files, **linked}))  # in the folder the rename makes visible
             fsync_dir(staged)
             version = (self.versions(name) or [0])[-1] + 1
             is_new = version == 1  # (the folder may be left from a failed write: make it durable now)

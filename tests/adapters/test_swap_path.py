@@ -123,9 +123,10 @@ def test_swap_writes_the_durable_minimum_and_shares_the_config(base_fp32, tenant
     v2 = manager.swap("acme", _payload(tenant, 2.0), if_version=1)
     monkeypatch.undo()
     store = tmp_path / "store"
-    # weights file, its (staged) folder, then the adapter folder holding the renamed version
-    assert len(seen) == 3 and seen[0].endswith(WEIGHTS_FILE) and f"/{STAGING}/acme." in seen[0]
-    assert os.path.dirname(seen[0]) == seen[1] and seen[2] == str(store / "acme")
+    # weights file, its SHA256SUMS, their (staged) folder, then the adapter folder holding the renamed version
+    assert len(seen) == 4 and seen[0].endswith(WEIGHTS_FILE) and f"/{STAGING}/acme." in seen[0]
+    assert seen[1] == os.path.join(os.path.dirname(seen[0]), "SHA256SUMS")
+    assert os.path.dirname(seen[0]) == seen[2] and seen[3] == str(store / "acme")
     assert os.stat(v2.path / CONFIG_FILE).st_ino == os.stat(v1.path / CONFIG_FILE).st_ino  # a hard link
     manager.release(held)
     manager.registry.store.wait_deleted()  # the old folder's files are gone too

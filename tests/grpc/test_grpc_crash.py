@@ -29,6 +29,7 @@ import safetensors.torch
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.store import ALLOWED_FILES, STAGING, UNLOADED
+from nlora_serve.adapters.store_sums import SUMS_FILE
 from nlora_serve.client import NloraClient
 from serving_check import CASES, TIED
 
@@ -122,7 +123,7 @@ def _check_files(store: Path) -> None:
         for child in entry.iterdir():
             assert child.name == UNLOADED or (child.name.isdigit() and child.is_dir()), child
             if child.is_dir():
-                assert sorted(p.name for p in child.iterdir()) == sorted(ALLOWED_FILES), child
+                assert sorted(p.name for p in child.iterdir()) == sorted((*ALLOWED_FILES, SUMS_FILE)), child
 
 
 def _reopen_and_compare(store: Path, acked: dict[str, str], flight, hashes: dict[str, str], base) -> str:

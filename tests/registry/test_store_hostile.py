@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -146,7 +147,8 @@ def reads(monkeypatch):
 def test_files_over_max_bytes_are_refused_from_fstat_before_any_read(tmp_path, reads):
     store = AdapterStore(tmp_path / "store", max_bytes=100)
     stored = store.write("acme", FILES)  # 8 + 64 = 72 bytes
-    assert store.read_files(stored.path) == FILES and sorted(reads) == [8, 64]
+    sums = sum(64 + 2 + len(f) + 1 for f in FILES)  # SHA256SUMS: "<hex>  <name>\n" a file, its own cap
+    assert store.read_files(stored.path) == FILES and sorted(reads) == [8, 64, sums]
     reads.clear()
     os.truncate(stored.path / WEIGHTS_FILE, 93)  # 8 + 93 = 101
     with pytest.raises(AdapterError) as err:
@@ -272,7 +274,8 @@ def test_an_evicted_lora_whose_files_changed_on_disk_is_not_loaded_back(base_fp3
     with caplog.at_level(logging.ERROR, logger="nlora_serve.adapters.residency"):
         with pytest.raises(AdapterLoadFailed, match="^adapter 'acme' v1 could not be loaded back"):
             manager.acquire("acme")
-    assert "its files changed on disk since it was registered: they hash to" in caplog.text
+    found = hashlib.sha256(weights.read_bytes()).hexdigest()  # refused by the version's SHA256SUMS first
+    assert f"its stored file {weights} has sha256 {found}, but the store recorded sha256" in caplog.text
     assert acme.adapter is None and acme.refcount == 0 and manager.residency.lora_pool.used == 0  # no slot kept
 
 

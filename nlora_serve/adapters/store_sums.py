@@ -1,0 +1,104 @@
+"""A stored version's recorded content hashes: ``SHA256SUMS`` in its folder.
+
+The store writes it with the version's files, in the same staged, fsynced folder that one rename
+makes visible (store.py), so a version on disk has its hashes from the moment it exists. Every
+read of the version's files through the store checks them: a file replaced since it was written
+(another valid adapter copied over it between restarts, a restored backup of another version) was
+served at the next start under a fresh content hash, silently; now that version is refused with
+:class:`StoredHashMismatch`, naming the adapter, the file and both hashes, and nothing on disk is
+touched. It guards against replaced or corrupted files, not an attacker who may write the store
+(they can rewrite the hashes too).
+
+Format: ``sha256sum``'s, one ``<64 lowercase hex>  <file name>`` line per file, names sorted, so
+``cd <version folder> && sha256sum -c SHA256SUMS`` checks a version by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+from nlora_serve.adapters import durable
+from nlora_serve.errors import AdapterError
+
+log = logging.getLogger(__name__)
+
+SUMS_FILE = "SHA256SUMS"
+MAX_SUMS_BYTES = 4096  # a version's SHA256SUMS: two lines of ~90 bytes; more is refused unread
+
+
+class StoredHashMismatch(AdapterError):
+    """A stored version's file is not what the store wrote: its sha256 differs from the one
+    recorded in the version's SHA256SUMS (or is not recorded there). The version is refused."""
+
+
+def sums_bytes(files: dict[str, bytes]) -> bytes:
+    """The SHA256SUMS of ``files`` (file name -> bytes): ``<sha256 hex>  <name>\\n`` per file, names sorted."""
+    return "".join(f"{hashlib.sha256(files[f]).hexdigest()}  {f}\n" for f in sorted(files)).encode()
+
+
+def parse_sums(data: bytes, path: Path) -> dict[str, str]:
+    """File name -> sha256 hex of a SHA256SUMS file's bytes (``path``: where it was read, for the error).
+
+    Raises:
+        StoredHashMismatch: not the format :func:`sums_bytes` writes (the version is refused).
+    """
+    sums = {}
+    try:
+        for line in data.decode("ascii").splitlines():
+            digest, name = line.split("  ", 1)
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or name in sums:
+                raise ValueError(line)
+            sums[name] = digest
+    except ValueError as exc:  # (UnicodeDecodeError is one)
+        raise StoredHashMismatch(f"{path}: not a SHA256SUMS file as the store writes it ({str(exc)!r:.80}); "
+                                 "refusing the version, whose files cannot be checked; nothing on disk was "
+                                 "changed") from None
+    return sums
+
+
+def check_sums(name: str, folder: Path, files: dict[str, bytes], sums: dict[str, str]) -> None:
+    """Check each of ``files`` (read from version folder ``folder`` of adapter ``name``) against
+    ``sums`` (:func:`parse_sums`).
+
+    Raises:
+        StoredHashMismatch: a file whose sha256 is not the recorded one, or is not recorded;
+            the message names the adapter, the file, the expected and the found sha256.
+    """
+    for fname in sorted(files):
+        found, expected = hashlib.sha256(files[fname]).hexdigest(), sums.get(fname)
+        if found != expected:
+            recorded = f"the store recorded sha256 {expected}" if expected else "the store recorded no sha256 for it"
+            raise StoredHashMismatch(
+                f"adapter {name!r}: its stored file {folder / fname} has sha256 {found}, "
+                f"but {recorded} in {SUMS_FILE} when it wrote the version: the file was replaced or changed "
+                "since: refusing this version. Nothing on disk was changed; put the original file back, or "
+                "upload the adapter again")
+
+
+def record(staging: Path, folder: Path, files: dict[str, bytes]) -> None:
+    """Write the SHA256SUMS of ``files`` into version folder ``folder`` where it has none (a
+    version an older nlora-serve wrote, once its files were read and validated), so that from
+    then on a file replaced there is refused, as in a version written with its sums. Durable as
+    a version: written and fsynced in a folder of ``staging`` (the store's staging area), renamed
+    into ``folder``, ``folder`` fsynced. The caller holds the store's write lock.
+
+    Best effort: should the disk refuse it (or the version be removed meanwhile), the version
+    stays as it was (served, unchecked until a later load records its sums), with a warning.
+    """
+    if (folder / SUMS_FILE).exists() or (folder / SUMS_FILE).is_symlink():
+        return
+    staged = None
+    try:
+        staged = durable.make_temp_dir(staging, "sums.")
+        durable.write_synced(staged / SUMS_FILE, sums_bytes(files))
+        durable.rename(staged / SUMS_FILE, folder / SUMS_FILE)
+        durable.fsync_dir(folder)
+    except OSError as exc:
+        log.warning("could not record the sha256 of the files of %s in its %s (%s); it serves, unchecked "
+                    "until a later load records them", folder, SUMS_FILE, exc.strerror or exc)
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""Each stored version's files' sha256, recorded on disk when written (SHA256SUMS) and checked at
+every read: a stored file replaced between restarts by another valid adapter was served at the next
+start under a fresh content hash, silently. Expected hashes come from hashlib over the bytes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+from pathlib import Path
+
+from safetensors.torch import load, save
+
+from nlora_serve.adapters import durable
+from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.store import CONFIG_FILE, STAGING, WEIGHTS_FILE, AdapterStore
+
+CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"
+SUMS = "SHA256SUMS"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sums_text(files: dict[str, bytes]) -> str:
+    """sha256sum's output for ``files``, names sorted."""
+    return "".join(f"{_sha(files[f])}  {f}\n" for f in sorted(files))
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file of the store but the staging area's, by path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and STAGING not in p.parts}
+
+
+def _another_valid_adapter(weights: Path) -> bytes:
+    """The same keys and shapes, other values: still a valid adapter of the same config."""
+    return save({k: 2 * t for k, t in load(weights.read_bytes()).items()})
+
+
+def test_a_version_is_written_with_the_sha256_of_its_files_also_when_its_config_is_linked(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    files = {CONFIG_FILE: b'{"r": 4}', WEIGHTS_FILE: bytes(range(64))}
+    first = store.write("acme", files)
+    assert (first.path / SUMS).read_text() == _sums_text(files)
+    swapped = store.write("acme", {WEIGHTS_FILE: b"\x01" * 64}, same_as={CONFIG_FILE: first.path / CONFIG_FILE})
+    linked = {CONFIG_FILE: files[CONFIG_FILE], WEIGHTS_FILE: b"\x01" * 64}
+    assert (swapped.path / SUMS).read_text() == _sums_text(linked)
+
+
+def test_a_file_replaced_between_restarts_refuses_that_version_only_and_changes_nothing(base_fp32, tmp_path, caplog):
+    root = tmp_path / "store"
+    manager = AdapterManager(base_fp32, root)
+    acme, beta = manager.register_dir("acme", CASE), manager.register_dir("beta", CASE)
+    weights = acme.path / WEIGHTS_FILE
+    original = weights.read_bytes()
+    expected = _sha(original)
+    weights.write_bytes(_another_valid_adapter(weights))
+    found = _sha(weights.read_bytes())
+    before = _snapshot(root)
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+        restarted = AdapterManager(base_fp32, root)
+    assert [(v.name, v.content_hash) for v in restarted.versions()] == [("beta", beta.content_hash)]
+    (line,) = [r.getMessage() for r in caplog.records if "acme" in r.getMessage()]
+    assert all(part in line for part in ("'acme'", str(weights), f"sha256 {found}", f"recorded sha256 {expected}"))
+    assert _snapshot(root) == before  # nothing lost or rewritten: the operator can put the file back
+    weights.write_bytes(original)  # put back: served again
+    assert [v.name for v in AdapterManager(base_fp32, root).versions()] == ["acme", "beta"]
+
+
+def test_a_malformed_sums_file_refuses_the_version_naming_it(base_fp32, tmp_path, caplog):
+    root = tmp_path / "store"
+    sums = AdapterManager(base_fp32, root).register_dir("acme", CASE).path / SUMS
+    sums.write_bytes(b"\xff not sums\n")
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+        assert AdapterManager(base_fp32, root).versions() == []
+    assert f"{sums}: not a SHA256SUMS file" in caplog.text and sums.read_bytes() == b"\xff not sums\n"
+
+
+def test_a_version_an_older_server_wrote_loads_and_gets_its_sums_recorded(base_fp32, tmp_path):
+    root = tmp_path / "store"
+    stored = AdapterManager(base_fp32, root).register_dir("acme", CASE).path
+    (stored / SUMS).unlink()  # as a store written before SHA256SUMS existed
+    assert [v.name for v in AdapterManager(base_fp32, root).versions()] == ["acme"]
+    files = {f: (stored / f).read_bytes() for f in (CONFIG_FILE, WEIGHTS_FILE)}
+    assert (stored / SUMS).read_text() == _sums_text(files)  # recorded at that first load: checked from now on
+    (stored / WEIGHTS_FILE).write_bytes(_another_valid_adapter(stored / WEIGHTS_FILE))
+    assert AdapterManager(base_fp32, root).versions() == []
+
+
+def test_a_disk_refusing_the_sums_of_an_older_version_still_serves_it(base_fp32, tmp_path, caplog):
+    root = tmp_path / "store"
+    stored = AdapterManager(base_fp32, root).register_dir("acme", CASE).path
+    (stored / SUMS).unlink()
+
+    def full(op):
+        if op.kind == "create" and op.path.name == SUMS:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    previous = durable.set_fault_hook(full)
+    try:
+        with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.store_sums"):
+            assert [v.name for v in AdapterManager(base_fp32, root).versions()] == ["acme"]
+    finally:
+        durable.set_fault_hook(previous)
+    assert "could not record the sha256" in caplog.text and not (stored / SUMS).exists()
+    assert list((root / STAGING).iterdir()) == []
