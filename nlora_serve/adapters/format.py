@@ -1,20 +1,27 @@
 """Adapter directory reading: safetensors in (writing.py writes them). A pickle is never opened.
 
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT layout).
+Adapter files are read into memory with read(2) (:func:`read_file`) and parsed from bytes, never
+memory-mapped (safetensors' ``safe_open`` maps the file): a page of a mapping past the end of a
+file truncated meanwhile raises SIGBUS on access, which kills the process (a server's start, or
+every tenant's requests); a read of such a file returns fewer bytes, a parse error naming it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, deserialize, safe_open
+from safetensors import SafetensorError, deserialize
 from safetensors.torch import load
 
 from nlora_serve.adapters.config import CONFIG_NAME
+from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.errors import AdapterError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,27 +60,46 @@ def weights_path(adapter_dir: Path) -> Path:
 
 
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{key: (safetensors dtype, shape)}`` without reading tensor data.
+    """``{key: (safetensors dtype, shape)}`` of safetensors file ``path``, from its first 8 bytes
+    and the header they announce (read(2), not mapped; the tensor data is not read or checked:
+    :func:`read_file` and :func:`read_bytes` do that).
 
     Raises:
-        AdapterError: not a readable safetensors file, or a tensor of a dtype other than
-            F32 / F16 / BF16 (named with its key).
+        AdapterError: naming ``path``: unreadable, not a safetensors header, over the caps on
+            a header, or a tensor of a dtype other than F32 / F16 / BF16 (named with its key).
     """
     try:
-        if path.stat().st_size < 8:
-            raise AdapterError(_too_short(str(path), path.stat().st_size))
-        with open(path, "rb") as f:  # the caps of an upload's header (read_header_bytes), before any parse:
-            length = int.from_bytes(f.read(8), "little")  # a 39 MB header of 500,000 keys took 6 s here
-        if length > MAX_HEADER_BYTES:
-            raise ValueError(f"header length over the {MAX_HEADER_BYTES}-byte limit on an adapter's header")
-        with safe_open(str(path), framework="pt") as f:
-            if len(f.keys()) > MAX_TENSORS:
-                raise ValueError(f"{len(f.keys())} tensors, over the limit of {MAX_TENSORS} on an adapter's tensors")
-            header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise AdapterError(f"{path}: not a readable safetensors file ({exc})") from None
-    _check_dtypes(header)
-    return header
+        with open(path, "rb") as f:
+            data = f.read(8)
+            length = int.from_bytes(data, "little") if len(data) == 8 else 0
+            data += f.read(min(length, MAX_HEADER_BYTES))  # a longer one is refused unread
+    except OSError as exc:
+        raise AdapterError(f"{path}: not a readable safetensors file ({exc.strerror or exc})") from None
+    return {k: (v["dtype"], v["shape"]) for k, v in _entries(data, str(path))[0].items()}
+
+
+def read_file(path: Path, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> bytes:
+    """The whole of adapter file ``path``, read into memory with read(2), never memory-mapped (see
+    the module's docstring): a file truncated meanwhile gives fewer bytes, which the parsers refuse
+    naming the file, not a SIGBUS. Its size (fstat) is checked against ``max_bytes``
+    (--max-adapter-bytes) before a byte is read, and a file grown since is read to that size.
+
+    Raises:
+        AdapterError: naming ``path``: over ``max_bytes``, not a regular file (a FIFO put there
+            cannot block the open), or unreadable (EACCES, EIO).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode):
+                raise AdapterError(f"{path}: not a regular file; expected a safetensors file")
+            if found.st_size > max_bytes:
+                raise AdapterError(f"{path}: {found.st_size} bytes, over the {max_bytes} bytes an adapter's files "
+                                   "may hold (--max-adapter-bytes): refusing to read it")
+            return f.read(found.st_size)
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def _check_dtypes(header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
@@ -84,7 +110,7 @@ def _check_dtypes(header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
                                f"{', '.join(STORED_DTYPES)} (float16, bfloat16, float32)")
 
 
-def read_header_bytes(data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
+def read_header_bytes(data: bytes, source: str | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
     """:func:`read_header` for safetensors bytes in memory (an upload or a swap payload).
     See :func:`read_bytes` for the header and the tensors in one parse.
 
@@ -92,9 +118,10 @@ def read_header_bytes(data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
     ``{key: {"dtype", "shape", "data_offsets"}}`` (plus optional ``__metadata__``).
 
     Raises:
-        AdapterError: not safetensors, or a tensor of a dtype other than F32 / F16 / BF16.
+        AdapterError: not safetensors, or a tensor of a dtype other than F32 / F16 / BF16;
+            the message names ``source`` (the file read) when given.
     """
-    return {k: (v["dtype"], v["shape"]) for k, v in _entries(data)[0].items()}
+    return {k: (v["dtype"], v["shape"]) for k, v in _entries(data, source)[0].items()}
 
 
 def _too_short(what: str, size: int) -> str:
@@ -104,10 +131,11 @@ def _too_short(what: str, size: int) -> str:
             "a JSON header, then the tensor data")
 
 
-def _entries(data: bytes) -> tuple[dict[str, dict], int]:
-    """The header's tensor entries (``shape`` as a tuple, dtypes checked) and where the data starts."""
+def _entries(data: bytes, source: str | None = None) -> tuple[dict[str, dict], int]:
+    """The header's tensor entries (``shape`` as a tuple, dtypes checked) and where the data starts.
+    Errors name ``source`` (a file's path) when given."""
     if len(data) < 8:
-        raise AdapterError(_too_short(WEIGHTS_NAME, len(data)))
+        raise AdapterError(_too_short(source or WEIGHTS_NAME, len(data)))
     size = int.from_bytes(data[:8], "little")
     try:
         if size > MAX_HEADER_BYTES:
@@ -124,23 +152,31 @@ def _entries(data: bytes) -> tuple[dict[str, dict], int]:
         if bad is not None:
             raise ValueError(f"tensor {bad!r} has shape {list(entries[bad]['shape'])}")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-        raise AdapterError(f"adapter weights are not a readable safetensors file ({exc})") from None
+        raise AdapterError(f"{_unreadable(source)} ({exc})") from None
     _check_dtypes({k: (v["dtype"], v["shape"]) for k, v in entries.items()})
     return entries, 8 + size
 
 
-def read_bytes(data: bytes) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, torch.Tensor]]:
+def read_bytes(data: bytes, source: str | None = None) -> tuple[dict[str, tuple[str, tuple[int, ...]]],
+                                                                 dict[str, torch.Tensor]]:
     """(header, tensors) of safetensors bytes: the header checked first, then one full parse
-    (which also checks that offsets and sizes agree with it).
+    (which also checks that offsets and sizes agree with it; the tensors are copies in memory).
 
     Raises:
-        AdapterError: as :func:`read_header_bytes`, or data that does not match its header.
+        AdapterError: as :func:`read_header_bytes`, or data that does not match its header
+            (a file cut short); the message names ``source`` (the file read) when given.
     """
-    header = read_header_bytes(data)
+    header = read_header_bytes(data, source)
     try:
         return header, load(data)
     except (ValueError, SafetensorError) as exc:
-        raise AdapterError(f"adapter weights are not a readable safetensors file ({exc})") from None
+        raise AdapterError(f"{_unreadable(source)} ({exc})") from None
+
+
+def _unreadable(source: str | None) -> str:
+    """The start of a parse error's message, naming ``source`` (a file's path) when given."""
+    return f"{source}: not a readable safetensors file" if source else \
+        "adapter weights are not a readable safetensors file"
 
 
 def read_stacked(data: bytes, keys: list[str]) -> tuple[dict[str, tuple[str, tuple[int, ...]]], np.ndarray | None]:
@@ -206,16 +242,3 @@ def _check_tiling(entries: dict[str, dict], length: int, size: int) -> None:
     if end != length:
         raise AdapterError(f"adapter weights are not a readable safetensors file (the tensors cover {end} "
                            f"bytes of data, the file has {length})")
-
-
-def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
-    """The named tensors in their stored dtype.
-
-    Raises:
-        AdapterError: the file cannot be read.
-    """
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in keys}
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise AdapterError(f"{path}: cannot read tensors ({exc})") from None

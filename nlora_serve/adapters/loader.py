@@ -17,8 +17,9 @@ from nlora_serve.adapters.adapter import Adapter, SiteWeights, content_hash, fla
 from nlora_serve.adapters.bounds import check_finite, site_limits, tied_norms
 from nlora_serve.adapters.config import (CONFIG_NAME, AdapterConfig, SitePlan, parse_config, plan_sites,
                                          read_config)
-from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_header, read_tensors, weights_path
+from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_file, read_header_bytes, weights_path
 from nlora_serve.adapters.limits import DEFAULT_MAX_RANK
+from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, group_keys
 from nlora_serve.adapters.family import FamilyFactors, FamilyResolver, make_factors
 from nlora_serve.adapters.tied import family_key, is_tied, tie_to_base
@@ -183,7 +184,7 @@ def read_adapter_bytes(config: bytes, weights: bytes, base: BaseModel, *, max_ra
 
 
 def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DEFAULT_MAX_RANK,
-                 families: FamilyResolver | None = None) -> Adapter:
+                 families: FamilyResolver | None = None, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> Adapter:
     """Read, validate and type one adapter directory for ``base``.
 
     Accepts the PEFT LoRA layout (lora_A / lora_B), the NLoRA reference layout (+ lora_N), and the
@@ -191,16 +192,21 @@ def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DE
     members (``"family-n"``: lora_N only, the shared factors found by ``families`` or next to the
     folder; see family.py). Tensors (F32/F16/BF16) are
     cast once to ``base.dtype``; a tied adapter's A and B become views of the base weight.
+    The weights file (at most ``max_bytes``, --max-adapter-bytes) is read whole into memory and
+    parsed from there, never memory-mapped: a file truncated meanwhile is an AdapterError naming
+    it, not a SIGBUS (format.read_file).
 
     Raises:
         AdapterError: anything that cannot be served exactly; the message names the key or field
-            and the numbers (rank vs ``max_rank``, shape vs the model's shape, count of NaNs).
+            and the numbers (rank vs ``max_rank``, shape vs the model's shape, count of NaNs), or
+            the file that cannot be read or parsed.
     """
     adapter_dir = Path(adapter_dir)
     cfg = read_config(adapter_dir)
     path = weights_path(adapter_dir)
-    header = read_header(path)
-    return _read(cfg, header, lambda: read_tensors(path, list(header)), base, max_rank, str(adapter_dir),
+    data = read_file(path, max_bytes)
+    header = read_header_bytes(data, str(path))
+    return _read(cfg, header, lambda: read_bytes(data, str(path))[1], base, max_rank, str(adapter_dir),
                  families, adapter_dir)
 
 

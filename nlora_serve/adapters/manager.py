@@ -69,7 +69,8 @@ class AdapterManager:
             log.info("%s", restored_summary(restored, adapter_dir))
 
     def _load(self, path: Path):
-        return read_adapter(path, self.base, max_rank=self.limits.max_rank, families=self.families)
+        return read_adapter(path, self.base, max_rank=self.limits.max_rank, families=self.families,
+                            max_bytes=self.limits.max_adapter_bytes)
 
     def _load_stored(self, path: Path):
         """A version folder of the store (a restore, a cold load), read through the store: no
@@ -280,7 +281,8 @@ class AdapterManager:
             raise AdapterError(f"{adapter_dir}: its adapter files grew past the server's --max-adapter-bytes "
                                f"{self.limits.max_adapter_bytes} while being read")
         if len(files) < len(ALLOWED_FILES):
-            read_adapter(adapter_dir, self.base, max_rank=self.limits.max_rank)  # names what is wrong
+            read_adapter(adapter_dir, self.base, max_rank=self.limits.max_rank,  # names what is wrong
+                         max_bytes=self.limits.max_adapter_bytes)
             raise AdapterError(f"{adapter_dir}: expected {' and '.join(ALLOWED_FILES)}")
         return self.registry.register(name, files, if_version)
 

@@ -171,8 +171,12 @@ def as_json(rows: list[AdapterQuality]) -> list[dict]:
 
 
 def is_plain_lora(adapter_dir: Path) -> bool:
-    """True when the folder holds no lora_N (PEFT can load it as a LoRA)."""
-    from safetensors import safe_open
+    """True when the folder holds no lora_N (PEFT can load it as a LoRA); only its header is read
+    (read(2), not memory-mapped: see format.py).
 
-    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
-        return not any(k.endswith("lora_N.weight") for k in f.keys())
+    Raises:
+        AdapterError: the weights file's header cannot be read, naming it.
+    """
+    from nlora_serve.adapters.format import read_header
+
+    return not any(k.endswith("lora_N.weight") for k in read_header(Path(adapter_dir) / "adapter_model.safetensors"))

@@ -152,7 +152,7 @@ def _check_for_vllm(named: list[tuple[str, str]], base, limits) -> None:
     for name, folder in named:
         try:
             check_folder(folder, limits.max_adapter_bytes)  # a FIFO config blocked this read for good
-            check_servable(read_adapter(folder, base, max_rank=limits.max_rank))
+            check_servable(read_adapter(folder, base, max_rank=limits.max_rank, max_bytes=limits.max_adapter_bytes))
         except AdapterError as exc:
             raise AdapterError(f"--adapter {name}={folder}: {exc}") from None
 

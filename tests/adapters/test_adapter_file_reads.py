@@ -1,0 +1,74 @@
+"""Adapter files read from a folder (serve --adapter, the vLLM backend's pre-start check, adapters
+inspect / convert / compress) are read into memory, never memory-mapped: safetensors' safe_open
+maps the file, and a file truncated while mapped raised SIGBUS at the next access of a page past
+its new end, which kills the process. A read of a truncated file returns fewer bytes instead."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from nlora_serve.adapters.compress.report import is_plain_lora
+from nlora_serve.adapters.loader import read_adapter
+from nlora_serve.errors import AdapterError
+
+CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _mapped(path: Path) -> bool:
+    """Whether ``path`` is memory-mapped in this process now (/proc/self/maps names mapped files)."""
+    with open("/proc/self/maps") as f:
+        return str(path) in f.read()
+
+
+def test_an_adapter_folder_is_never_memory_mapped_while_it_is_read(base_fp32, tmp_path):
+    """A watcher samples this process's mappings while the folder is read, over and over (the
+    interpreter switching threads every microsecond): the weights file never shows among them."""
+    folder = Path(shutil.copytree(CASE, tmp_path / "acme"))
+    weights, stop, seen = folder / WEIGHTS, threading.Event(), []
+
+    def watch():
+        while not stop.is_set():
+            if _mapped(weights):
+                seen.append(True)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(40):
+            read_adapter(folder, base_fp32)
+            is_plain_lora(folder)
+            if _mapped(weights):  # a mapping kept past the read (until garbage collected)
+                seen.append(True)
+    finally:
+        stop.set()
+        watcher.join()
+        sys.setswitchinterval(interval)
+    assert not seen, f"{weights} was memory-mapped {len(seen)} times while read"
+
+
+@pytest.mark.parametrize("keep", [0, 5, 20, "half"])
+def test_a_truncated_weights_file_is_an_error_naming_it(base_fp32, tmp_path, keep):
+    folder = Path(shutil.copytree(CASE, tmp_path / "acme"))
+    weights = folder / WEIGHTS
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2 if keep == "half" else keep])
+    with pytest.raises(AdapterError, match=f"^{re.escape(str(weights))}(: | is )"):
+        read_adapter(folder, base_fp32)
+
+
+def test_a_weights_file_over_the_byte_cap_is_refused_before_it_is_read(base_fp32, tmp_path):
+    folder = Path(shutil.copytree(CASE, tmp_path / "acme"))
+    size = (folder / WEIGHTS).stat().st_size
+    with pytest.raises(AdapterError, match=f"^{re.escape(str(folder / WEIGHTS))}: {size} bytes, over the "
+                                           f"{size - 1} bytes an adapter's files may hold"):
+        read_adapter(folder, base_fp32, max_bytes=size - 1)
+    assert read_adapter(folder, base_fp32, max_bytes=size).ranks  # at the cap: read
