@@ -60,7 +60,7 @@ def convert_dir(src: str | Path, to: str, out: str | Path, base: BaseModel, *,
     """
     if to not in CONVERSIONS:
         raise AdapterError(f"--to {to!r}: expected one of {', '.join(CONVERSIONS)}")
-    adapter = read_adapter(src, base, max_rank=max_rank)
+    adapter = read_adapter(src, base, max_rank=max_rank, max_bytes=None)
     converted = (to_lora if to == "lora" else to_nlora)(adapter, base)
     write_adapter(converted, out)
     return converted

@@ -78,11 +78,12 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {k: (v["dtype"], v["shape"]) for k, v in _entries(data, str(path))[0].items()}
 
 
-def read_file(path: Path, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> bytes:
+def read_file(path: Path, max_bytes: int | None = DEFAULT_MAX_ADAPTER_BYTES) -> bytes:
     """The whole of adapter file ``path``, read into memory with read(2), never memory-mapped (see
     the module's docstring): a file truncated meanwhile gives fewer bytes, which the parsers refuse
     naming the file, not a SIGBUS. Its size (fstat) is checked against ``max_bytes``
-    (--max-adapter-bytes) before a byte is read, and a file grown since is read to that size.
+    (--max-adapter-bytes; None: no cap, the offline tools' reads of an operator's own folders)
+    before a byte is read, and a file grown since is read to that size.
 
     Raises:
         AdapterError: naming ``path``: over ``max_bytes``, not a regular file (a FIFO put there
@@ -94,7 +95,7 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> bytes:
             found = os.fstat(fd)
             if not stat.S_ISREG(found.st_mode):
                 raise AdapterError(f"{path}: not a regular file; expected a safetensors file")
-            if found.st_size > max_bytes:
+            if max_bytes is not None and found.st_size > max_bytes:
                 raise AdapterError(f"{path}: {found.st_size} bytes, over the {max_bytes} bytes an adapter's files "
                                    "may hold (--max-adapter-bytes): refusing to read it")
             return f.read(found.st_size)

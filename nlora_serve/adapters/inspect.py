@@ -52,7 +52,7 @@ def inspect_adapter(path: str | Path, base: BaseModel, *, max_rank: int = DEFAUL
     Raises:
         AdapterError: the adapter is refused (see :func:`~nlora_serve.adapters.loader.read_adapter`).
     """
-    return report_for(read_adapter(path, base, max_rank=max_rank), str(path))
+    return report_for(read_adapter(path, base, max_rank=max_rank, max_bytes=None), str(path))
 
 
 def _ranges(values: list[int]) -> str:

@@ -184,7 +184,8 @@ def read_adapter_bytes(config: bytes, weights: bytes, base: BaseModel, *, max_ra
 
 
 def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DEFAULT_MAX_RANK,
-                 families: FamilyResolver | None = None, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> Adapter:
+                 families: FamilyResolver | None = None,
+                 max_bytes: int | None = DEFAULT_MAX_ADAPTER_BYTES) -> Adapter:
     """Read, validate and type one adapter directory for ``base``.
 
     Accepts the PEFT LoRA layout (lora_A / lora_B), the NLoRA reference layout (+ lora_N), and the
@@ -192,7 +193,8 @@ def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DE
     members (``"family-n"``: lora_N only, the shared factors found by ``families`` or next to the
     folder; see family.py). Tensors (F32/F16/BF16) are
     cast once to ``base.dtype``; a tied adapter's A and B become views of the base weight.
-    The weights file (at most ``max_bytes``, --max-adapter-bytes) is read whole into memory and
+    The weights file (at most ``max_bytes``, --max-adapter-bytes; None: any size, for the offline
+    tools) is read whole into memory and
     parsed from there, never memory-mapped: a file truncated meanwhile is an AdapterError naming
     it, not a SIGBUS (format.read_file).
 

@@ -72,3 +72,20 @@ def test_a_weights_file_over_the_byte_cap_is_refused_before_it_is_read(base_fp32
                                            f"{size - 1} bytes an adapter's files may hold"):
         read_adapter(folder, base_fp32, max_bytes=size - 1)
     assert read_adapter(folder, base_fp32, max_bytes=size).ranks  # at the cap: read
+
+
+def test_the_offline_tools_read_a_folder_of_any_size(base_fp32, tmp_path, monkeypatch):
+    """The byte cap is the server's (--max-adapter-bytes bounds what tenants make it hold); inspect
+    and convert read an operator's own folder whatever its size: a plain LoRA of a large model at a
+    high rank exceeds 256 MiB. The read they ask for carries no cap."""
+    import nlora_serve.adapters.loader as loader
+    from nlora_serve.adapters.convert import convert_dir
+    from nlora_serve.adapters.inspect import inspect_adapter
+
+    folder = Path(shutil.copytree(CASE, tmp_path / "acme"))
+    caps = []
+    real = loader.read_file
+    monkeypatch.setattr(loader, "read_file", lambda path, max_bytes: caps.append(max_bytes) or real(path, max_bytes))
+    assert inspect_adapter(folder, base_fp32).num_sites > 0
+    convert_dir(folder, "lora", tmp_path / "out", base_fp32)
+    assert caps == [None, None]

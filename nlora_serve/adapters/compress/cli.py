@@ -249,7 +249,7 @@ def _read(folder: Path, base, max_rank: int):
     from nlora_serve.adapters.loader import read_adapter
 
     try:
-        return read_adapter(folder, base, max_rank=max_rank)
+        return read_adapter(folder, base, max_rank=max_rank, max_bytes=None)
     except AdapterError as exc:
         raise AdapterError(f"adapter {folder.name!r} ({folder}): {exc}") from None
 
