@@ -6,8 +6,27 @@ from __future__ import annotations
 import argparse
 import math
 
-# --dtype's choices, vLLM's spellings (models/dtype.py resolves them; half and float16 are refused there)
+# --dtype's choices, vLLM's spellings (models/dtype.py resolves them; half and float16 are refused by
+# check_dtype, which needs no torch: serve and generate refuse them before the engine's imports)
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+# vLLM's ModelDType (vllm/config/model.py): "float" is float32, "half" is float16. The engine (CPU
+# and CUDA, the vLLM backend's folds too) computes in float32 or bfloat16 only, so the float16
+# spellings are refused with the choices that run, not mapped to another dtype silently.
+HALF = ("half", "float16")
+
+
+def check_dtype(name: str) -> None:
+    """Refuse a ``--dtype`` value the engine cannot compute in (no torch needed).
+
+    Raises:
+        ValueError: ``half`` / ``float16`` (no float16 kernels here), or a name not in
+            :data:`DTYPE_CHOICES`.
+    """
+    if name in HALF:
+        raise ValueError(f"--dtype {name}: this engine computes in float32 or bfloat16 only (it has no float16 "
+                         "kernels); use --dtype bfloat16 (2 bytes a value, as float16) or float32")
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}; got {name!r}")
 
 
 def integer_arg(low: int, high: int | None = None):

@@ -78,7 +78,8 @@ def _add_adapters(adapters: argparse.ArgumentParser) -> None:
 
 
 # serve's and generate's flags load no torch, so --help and a mistyped flag answer at once; their
-# runs import torch and the engine (seconds), announced by _main first (SLOW_IMPORTS)
+# runs check every flag that needs no torch first (a refused start answers at once too), then say
+# what they load (SLOW_IMPORTS) and import torch and the engine (seconds)
 def _add_generate(gen: argparse.ArgumentParser) -> None:
     from nlora_serve.serving.commands.generate_flags import add_generate_arguments
 
@@ -87,9 +88,13 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    from nlora_serve.serving.commands.generate_flags import check_generate_flags
+
+    sizes = check_generate_flags(args)
+    _say_loading("generate")
     from nlora_serve.serving.commands.generate import run_generate
 
-    return run_generate(args)
+    return run_generate(args, sizes)
 
 
 def _add_serve(serve: argparse.ArgumentParser) -> None:
@@ -100,9 +105,13 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from nlora_serve.serving.commands.serve_checks import check_serve_flags
+
+    flags = check_serve_flags(args)
+    _say_loading("serve")
     from nlora_serve.serving.commands.serve import run_serve
 
-    return run_serve(args)
+    return run_serve(args, flags)
 
 
 def _add_client(client: argparse.ArgumentParser) -> None:
@@ -154,9 +163,15 @@ COMMANDS = {
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Commands whose runs import torch and the engine (serve: the front ends too): 5-13 s before their
-# first log line on a small loaded CPU, so _main says what loads before the imports start.
+# first log line on a small loaded CPU, so _say_loading says what loads before the imports start.
 SLOW_IMPORTS = {"serve": "torch, the engine and the gRPC and HTTP front ends",
                 "generate": "torch and the engine"}
+
+
+def _say_loading(command: str) -> None:
+    """Log what ``command`` imports next (:data:`SLOW_IMPORTS`), once its flags passed the checks
+    that need no torch (--help, a bad flag and a refused start never get here)."""
+    logging.getLogger(f"nlora_serve.{command}").info("starting: loading %s...", SLOW_IMPORTS[command])
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -307,8 +322,6 @@ def _main(argv: list[str] | None) -> int:
     if extras:  # the subcommand's usage and a hint, not the top level's usage alone
         leaf = _leaf_parser(parser, args)
         leaf.error(_unrecognized(parser, leaf, args.command, extras))
-    if args.command in SLOW_IMPORTS:  # parsed without them (--help and a bad flag never get here)
-        logging.getLogger(f"nlora_serve.{args.command}").info("starting: loading %s...", SLOW_IMPORTS[args.command])
     if args.command == "serve":
         _warn_vllm_port(argv, args)
     try:

@@ -7,13 +7,9 @@ from pathlib import Path
 
 import torch
 
-from nlora_serve.arg_types import DTYPE_CHOICES
+from nlora_serve.arg_types import check_dtype
 
 DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16}
-# vLLM's ModelDType (vllm/config/model.py): "float" is float32, "half" is float16. The engine (CPU
-# and CUDA, the vLLM backend's folds too) computes in float32 or bfloat16 only, so the float16
-# spellings are refused with the choices that run, not mapped to another dtype silently.
-HALF = ("half", "float16")
 
 
 @functools.cache
@@ -34,16 +30,12 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     float32, as in vLLM.
 
     Raises:
-        ValueError: ``half`` / ``float16`` (no float16 kernels here), or a name not in
-            :data:`DTYPE_CHOICES`.
+        ValueError: as :func:`nlora_serve.arg_types.check_dtype` (``half`` / ``float16``, or a name
+            not in its choices).
     """
+    check_dtype(name)
     if name == "auto":
         if device.startswith("cuda") or cpu_has_fast_bf16():
             return torch.bfloat16
         return torch.float32
-    if name in HALF:
-        raise ValueError(f"--dtype {name}: this engine computes in float32 or bfloat16 only (it has no float16 "
-                         "kernels); use --dtype bfloat16 (2 bytes a value, as float16) or float32")
-    if name not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}; got {name!r}")
     return DTYPES[name]

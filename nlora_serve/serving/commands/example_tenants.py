@@ -9,19 +9,18 @@ answers coherently yet differently from the base model and from each other. The 
 from __future__ import annotations
 
 import tempfile
+from typing import TYPE_CHECKING
 
-import torch
-
-from nlora_serve.adapters.manager import AdapterManager
-from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.save import write_adapter
-from nlora_serve.models.base import BaseModel
+if TYPE_CHECKING:  # they load torch: imported where the examples are made, not for example_name
+    from nlora_serve.adapters.manager import AdapterManager
+    from nlora_serve.models.base import BaseModel
 
 EXAMPLE_RANK = 16
 NOISE = 0.1  # size of N's entries relative to the RMS of the Nyström N (W[:r, :r])
 
 
 def example_name(index: int) -> str:
+    """The ``index``-th example's adapter name (serve's flag checks use it without torch)."""
     return f"tenant-{index:03d}"
 
 
@@ -32,6 +31,11 @@ def ensure_example_tenants(base: BaseModel, adapters: AdapterManager, count: int
     Deterministic: tenant i's N is ``NOISE * rms(W[:r, :r]) * randn`` from seed i.
     Returns the example names served now (new and existing), in order.
     """
+    import torch
+
+    from nlora_serve.adapters.nystrom import init_adapter
+    from nlora_serve.adapters.save import write_adapter
+
     names = [example_name(i) for i in range(count)]
     fresh = set(adapters.start_names(names))
     missing = [i for i, name in enumerate(names) if name in fresh]

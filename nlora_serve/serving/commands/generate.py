@@ -26,7 +26,9 @@ from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.serving.chat_template import encode_chat
+from nlora_serve.engine.config import CacheConfig, SchedulerConfig
 from nlora_serve.serving.commands.engine_flags import device_config, in_flag_words
+from nlora_serve.serving.commands.generate_flags import check_generate_flags
 from nlora_serve.serving.generation_config import sampling_defaults
 
 log = logging.getLogger("nlora_serve.generate")
@@ -108,18 +110,20 @@ def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams
                           stop=tuple(args.stop))
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    """Run ``generate``; returns the exit status.
+def run_generate(args: argparse.Namespace, sizes: tuple[SchedulerConfig, CacheConfig] | None = None) -> int:
+    """Run ``generate``; returns the exit status. ``sizes``: :func:`check_generate_flags`' answer
+    for ``args`` where the caller ran it before this module's imports (None: run here).
 
     Raises:
         NloraError: bad model, messages or parameters (the CLI prints the message).
     """
+    sizes = check_generate_flags(args) if sizes is None else sizes
     cache_dir = getattr(args, "cache_dir", None)
     # before the model loads: the step thread alone runs torch in parallel
     with threads_for_engine(), tempfile.TemporaryDirectory(prefix="nlora-generate-") as scratch:
         store, name = _adapter_store(args, scratch)
         try:
-            config = device_config(args, cache_dir=cache_dir, adapter_dir=store,
+            config = device_config(args, sizes, cache_dir=cache_dir, adapter_dir=store,
                                    adapter_limits=AdapterLimits(max_rank=args.max_rank),
                                    generation_config=args.generation_config)
         except ValueError as exc:  # a flag out of range: one "error: ..." line, as for other bad input

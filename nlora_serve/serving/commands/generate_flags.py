@@ -7,7 +7,23 @@ import argparse
 
 from nlora_serve.adapters.limits import DEFAULT_MAX_RANK
 from nlora_serve.arg_types import DTYPE_CHOICES
-from nlora_serve.serving.commands.engine_flags import add_device_arguments, add_generation_config_arguments
+from nlora_serve.engine.config import CacheConfig, SchedulerConfig
+from nlora_serve.errors import NloraError
+from nlora_serve.serving.commands.engine_flags import (add_device_arguments, add_generation_config_arguments,
+                                                       engine_sizes, in_flag_words)
+
+
+def check_generate_flags(args: argparse.Namespace) -> tuple[SchedulerConfig, CacheConfig]:
+    """``generate``'s engine sizes and --dtype checked without torch (:func:`engine_sizes`), so that
+    a refused run answers before the engine's imports; returns them for commands/generate.py.
+
+    Raises:
+        NloraError: a flag out of range, in the flag's words (one ``error:`` line, exit 2).
+    """
+    try:
+        return engine_sizes(args)
+    except ValueError as exc:
+        raise NloraError(in_flag_words(str(exc), args)) from None
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,54 +23,52 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from nlora_serve import log_format
+from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.cli import console_command
-from nlora_serve.adapters.manager import AdapterLimits
-from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base, resolve_model
 from nlora_serve.models.hub import local_or_hub
-from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.commands.backend import backend_config, make_engine
-from nlora_serve.serving.commands.engine_flags import device_config, in_flag_words
-from nlora_serve.engine.config import EngineConfig
+from nlora_serve.serving.commands.backend import make_engine
+from nlora_serve.serving.commands.engine_flags import device_config
+from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
-from nlora_serve.serving.commands.example_tenants import ensure_example_tenants, example_name
+from nlora_serve.serving.commands.example_tenants import ensure_example_tenants
 from nlora_serve.serving.generation_config import SamplingDefaults, sampling_defaults
 from nlora_serve.serving.grpc_api.convert import server_info
-from nlora_serve.serving.server import NloraServer, check_ports_free
-from nlora_serve.serving.commands.serve_flags import DEFAULT_HTTP_PORT, MiB, add_serve_arguments
+from nlora_serve.serving.server import NloraServer
+from nlora_serve.serving.commands.serve_checks import (ServeFlags, check_serve_flags, flag_adapter_names, flag_errors,
+                                                       server_configs)
+from nlora_serve.serving.commands.serve_flags import add_serve_arguments
 from nlora_serve.serving.server_config import ServerConfig, StartupError, default_served_name
 
 log = logging.getLogger("nlora_serve.serve")
 
 
-def build(args: argparse.Namespace):
+def build(args: argparse.Namespace, flags: ServeFlags | None = None):
     """(engine, server, hint adapters) from parsed flags; nothing is bound yet. The hint adapters
     are the ones served now that the client hint (:func:`client_hint`) may name, best first: the
     ``--adapter`` ones (trained tenants, e.g. ``make serve``'s ``lower``), then the untrained
     ``--example-tenants``.
 
-    Every flag is checked before the model loads, so a typo does not wait for the weights.
+    Every flag is checked before the model loads, so a typo does not wait for the weights: those
+    that need no torch by serve_checks.py (``flags``, its answer when the CLI ran it before this
+    module's imports; None: run here), then the device and dtype, then what needs the model's folder.
 
     Raises:
         StartupError: a flag out of range or unusable (the message names it). AuthError: a bad
             tenants file. ModelError: a bad model. AdapterError: an --adapter, example or stored
             adapter named like the served base model (:meth:`ServerConfig.check_adapter_name`).
     """
-    backend = backend_config(args)  # first: a native engine's flag on --backend vllm is wrong whatever its value
-    config, engine_config = _configs(args)
-    auth = Authenticator.from_file(args.tenants_file) if args.tenants_file else Authenticator(None)
-    engine_config.scheduler = dataclasses.replace(engine_config.scheduler, tenant_weights=auth.weights())
-    _check_adapter_dir(args.adapter_dir)
-    check_ports_free(config)
+    flags = check_serve_flags(args) if flags is None else flags
+    backend, config, auth = flags.backend, flags.config, flags.auth
+    engine_config = _engine_config(args, flags.limits, (flags.scheduler, flags.cache))
     if config.allow_runtime_lora_updating:  # as vLLM warns: lora_path reads this machine's disk
         who = "admin keys" if args.tenants_file else "any local process (no --tenants-file)"
         log.warning("--allow-runtime-lora-updating: %s may load any adapter folder this server can read over "
@@ -81,7 +79,8 @@ def build(args: argparse.Namespace):
     _check_model_len(path, args.max_model_len)
     config = dataclasses.replace(config, served_model_name=config.served_model_name or default_served_name(path),
                                  sampling_defaults=_sampling_defaults(args, path))
-    _check_adapter_names(config, args)
+    for name in [name for _, name in flag_adapter_names(args)] + flags.stored:
+        config.check_adapter_name(name)  # AdapterError
     named = [(name, str(local_or_hub(folder, AdapterError, "adapter"))) for name, folder in args.adapter]
     # each long phase is logged as it starts (seconds each on a small CPU; vLLM's start a minute)
     start = time.perf_counter()
@@ -94,7 +93,7 @@ def build(args: argparse.Namespace):
     log.info("model loaded in %.1f s; starting the %s engine and restoring the adapter store %s...",
              time.perf_counter() - start, "vLLM" if backend is not None else "native", args.adapter_dir)
     start = time.perf_counter()
-    with _flag_errors(args):
+    with flag_errors(args):
         engine = make_engine(engine_config, base, backend)
     try:
         registering = " and ".join(what for what, given in (("the example tenants", args.example_tenants),
@@ -111,31 +110,6 @@ def build(args: argparse.Namespace):
         engine.shutdown()  # its step thread (and vLLM's workers) would outlive a refused start
         raise
     return engine, server, hinted
-
-
-def _check_adapter_names(config: ServerConfig, args: argparse.Namespace) -> None:
-    """Every adapter name the server will start with (--adapter, examples, the store) against the
-    served model name, and the flags' names against each other, before the model loads.
-
-    Raises:
-        StartupError: two flags name one adapter, or names that differ only in case (one folder of
-            the store on a case-insensitive file system): the later one had registered silently as
-            a new version over the earlier (or an example over an --adapter).
-        AdapterError: as :meth:`ServerConfig.check_adapter_name`.
-    """
-    flags = [(f"--adapter {name}={folder}", name) for name, folder in args.adapter]
-    flags += [(f"--example-tenants {args.example_tenants}", example_name(i)) for i in range(args.example_tenants)]
-    seen: dict[str, tuple[str, str]] = {}  # case-folded name -> the first (flag, name) of it
-    for flag, name in flags:
-        if (first := seen.get(name.casefold())) is not None:
-            case = "" if first[1] == name else (f" (as {first[1]!r}: names differing only in case are one folder "
-                                                "of the store on a case-insensitive file system)")
-            raise StartupError(f"{flag}: adapter {name!r} is also named by {first[0]}{case}; give each adapter "
-                               "its own name")
-        seen[name.casefold()] = (flag, name)
-    stored = AdapterStore(args.adapter_dir).names(warn=False)  # the registry's scan warns
-    for name in [name for _, name in flags] + stored:
-        config.check_adapter_name(name)
 
 
 def _check_for_vllm(named: list[tuple[str, str]], base, limits) -> None:
@@ -179,49 +153,28 @@ def _register_named(engine: LLMEngine, named: list[tuple[str, str]], store: str)
 
 
 def _configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
-    policy = args.scheduling_policy or ("fair" if args.tenants_file else "fcfs")
-    _check_distinct_ports(args)
-    with _flag_errors(args):
-        config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
-                              tenant_metrics=args.tenant_metrics, enable_log_requests=args.enable_log_requests,
-                              max_log_len=args.max_log_len, served_model_name=args.served_model_name,
-                              allow_runtime_lora_updating=args.allow_runtime_lora_updating,
-                              tenants_file=args.tenants_file, max_queue=args.max_queue, max_tokens=args.max_tokens,
-                              max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds,
-                              tenant_queue_shares=policy == "fair")
-        memory = {} if args.adapter_memory is None else {"adapter_memory": args.adapter_memory * MiB}
-        limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
-                               max_adapter_bytes=args.max_adapter_bytes, **memory)
-        engine_config = device_config(args, cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
-                                      adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching,
-                                      seed=args.seed, generation_config=args.generation_config)
-        engine_config.scheduler = dataclasses.replace(engine_config.scheduler, policy=policy)
-    return config, engine_config
-
-
-def _check_distinct_ports(args: argparse.Namespace) -> None:
-    """Refuse two endpoints on one port, naming both flags (ServerConfig refuses it too, by field).
+    """The server's and the engine's configs from the flags (serve_checks.py's ranges, then the
+    device's and dtype's, which load torch), without the checks that touch the disk or the ports.
 
     Raises:
-        StartupError: --port, --http-port or --metrics-port share a port (0, any free one, may repeat).
+        StartupError: a flag out of range, in the flag's words.
     """
-    flags = [("--port", args.port), ("--http-port", args.http_port), ("--metrics-port", args.metrics_port)]
-    for i, (flag, port) in enumerate(flags):
-        for other, other_port in flags[i + 1:]:
-            if port and port == other_port:
-                hint = (f"; --port is the gRPC port here (vLLM's --port is its HTTP port: here --http-port, default "
-                        f"{DEFAULT_HTTP_PORT})" if {flag, other} == {"--port", "--http-port"} else "")
-                raise StartupError(f"{flag} {port} and {other} {other_port}: one port for two servers{hint}")
+    config, limits, scheduler, cache = server_configs(args)
+    return config, _engine_config(args, limits, (scheduler, cache))
 
 
-@contextmanager
-def _flag_errors(args: argparse.Namespace) -> Iterator[None]:
-    """Turn a config's ValueError ("ServerConfig.max_queue must be ...") into a StartupError in the
-    words of the flag that set it: "--max-queue 0: must be ..." (:func:`in_flag_words`)."""
-    try:
-        yield
-    except ValueError as exc:
-        raise StartupError(in_flag_words(str(exc), args)) from exc
+def _engine_config(args: argparse.Namespace, limits: AdapterLimits,
+                   sizes: tuple[SchedulerConfig, CacheConfig]) -> EngineConfig:
+    """The engine's config from the checked ``limits`` and ``sizes``, the device and dtype resolved
+    (the first of serve's checks that load torch).
+
+    Raises:
+        StartupError: --device or another device flag refused, in the flag's words.
+    """
+    with flag_errors(args):
+        return device_config(args, sizes, cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
+                             adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching,
+                             seed=args.seed, generation_config=args.generation_config)
 
 
 def _sampling_defaults(args: argparse.Namespace, model_dir: Path) -> SamplingDefaults:
@@ -236,17 +189,6 @@ def _sampling_defaults(args: argparse.Namespace, model_dir: Path) -> SamplingDef
         raise StartupError(str(exc)) from None
     (log.warning if defaults.as_dict() and args.generation_config != "vllm" else log.info)(line)
     return defaults
-
-
-def _check_adapter_dir(adapter_dir: str) -> None:
-    """Create the store folder and write a probe file in it, before the model loads."""
-    try:
-        root = Path(adapter_dir).expanduser().resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=root).close()
-    except OSError as exc:
-        raise StartupError(f"--adapter-dir {adapter_dir}: cannot create or write the adapter store there "
-                           f"({exc.strerror or exc})") from exc
 
 
 def _check_model_len(model_dir: Path, max_model_len: int) -> None:
@@ -328,10 +270,11 @@ async def _watch_engine(engine, stop: asyncio.Event, every: float = ENGINE_WATCH
     stop.set()
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace, flags: ServeFlags | None = None) -> int:
     """Run ``serve`` until a signal; returns 0 after a graceful drain (also when requests had to be
     aborted at the end of the grace period: that is logged), 1 when it stopped because the engine
-    died.
+    died. ``flags``: serve_checks.py's answer for ``args`` where the caller ran it (None: :func:`build`
+    runs it).
 
     Raises:
         StartupError, AuthError, ModelError: the server could not start (see :func:`build`).
@@ -339,7 +282,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # before the model loads: the native engine's step thread alone runs torch in parallel (vLLM's
     # workers are processes of their own, which take their threads themselves)
     with _hup_not_serving(), threads_for_engine() if args.backend == "native" else contextlib.nullcontext():
-        engine, server, adapters = build(args)
+        engine, server, adapters = build(args, flags)
         freeze_startup_heap()
         try:
             drained = asyncio.run(serve(server, adapters))
