@@ -9,8 +9,11 @@ life (``gc.freeze`` keeps start-up objects) nanobind printed "leaked ..." lines 
 child also takes the float32 copy transformers loads with it when it ends.
 
 The child's stdout carries only its error message (anything printed while converting goes to
-stderr, with the progress bar); exit 0 converted, 2 a :class:`ModelError` (its message on stdout), 1
-any other failure (its traceback on stderr, its last line on stdout).
+stderr, with the progress bar: its four steps, each named as it starts, and on a terminal the time
+spent redrawn every second, since loading the weights takes most of the time with nothing to count:
+a newcomer's first ``make serve`` showed a bar frozen at 25% for 12-50 s); exit 0 converted, 2 a
+:class:`ModelError` (its message on stdout), 1 any other failure (its traceback on stderr, its last
+line on stdout).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from nlora_serve.errors import ModelError
@@ -40,20 +45,46 @@ def convert(gguf: Path, out: Path, digest: str) -> None:
     """
     from tqdm import tqdm
 
-    with tqdm(total=4, desc=f"preparing {gguf.name}", unit="step") as steps:
+    with tqdm(total=4, desc=f"preparing {gguf.name}", unit="step") as steps, _redrawn(steps):
         _convert_steps(gguf, out, digest, steps)
 
 
+@contextlib.contextmanager
+def _redrawn(bar, every: float = 1.0) -> Iterator[None]:
+    """Redraw ``bar`` every ``every`` seconds while the block runs, so that its elapsed time moves
+    through a long step; only where stderr is a terminal (in a log file each redraw would add to
+    one ever longer line)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(every):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, name="progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+
+
 def _convert_steps(gguf: Path, out: Path, digest: str, steps) -> None:
+    steps.set_postfix_str("reading the tokenizer", refresh=True)
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        steps.set_postfix_str("de-quantizing the weights (the longest step)", refresh=False)
         steps.update()
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
+        steps.set_postfix_str("saving safetensors, config and tokenizer", refresh=False)
         steps.update()
     except Exception as exc:  # transformers raises many types for a bad GGUF file
         raise ModelError(f"{gguf}: cannot load as a GGUF model ({type(exc).__name__}: {exc})") from None
@@ -69,10 +100,12 @@ def _convert_steps(gguf: Path, out: Path, digest: str, steps) -> None:
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     record_added_tokens(out)
+    steps.set_postfix_str("fingerprinting the weights", refresh=False)
     steps.update()
     read_spec(out)
     marker = {"source": str(gguf), "source_sha256": digest, "fingerprint": fingerprint(state)}
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    steps.set_postfix_str("done", refresh=False)
     steps.update()
 
 

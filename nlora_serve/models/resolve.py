@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from nlora_serve.errors import ModelError
@@ -112,10 +113,15 @@ def _prepared_gguf(gguf: Path, root: Path) -> Path:
 
 def _convert_into(gguf: Path, root: Path, target: Path, digest: str) -> None:
     """Convert ``gguf`` beside ``target`` and move it there (the caller holds the conversion lock)."""
-    log.info("converting %s into %s (once; later starts load the cached copy)", gguf, target)
+    # the first start's longest wait (18-30 s on an idle 2-core machine, ~100 s on a loaded one), so
+    # it says that it happens once, where to, and how long it takes; the child draws the progress
+    log.info("converting %s into %s: a one-time step (later starts load the cached copy), de-quantizing the "
+             "weights to float32, about 20 s on an idle 2-core CPU and up to 2 min on a busy one...", gguf, target)
+    start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=models_dir(root)))
     try:
         _convert(gguf, tmp, digest)
+        log.info("converted in %.1f s", time.perf_counter() - start)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is a shared read-only artefact
         if target.exists():  # an incomplete earlier attempt (no marker)
             shutil.rmtree(target)

@@ -155,6 +155,34 @@ def test_the_converter_answers_on_stdout_only_with_its_error(monkeypatch, capsys
     assert out == "RuntimeError: boom\n" and "Traceback" in err and err.endswith("RuntimeError: boom\n")
 
 
+def test_the_converters_bar_is_redrawn_every_second_on_a_terminal_only(monkeypatch):
+    # A newcomer's find (h110): the first `make serve` showed "preparing ...gguf: 25%" frozen for 12 s
+    # (50 s on a loaded box) while transformers loaded the weights: nothing moved, nothing said what ran.
+    from nlora_serve.models import gguf_convert
+
+    class Bar:
+        redraws = 0
+
+        def refresh(self):
+            self.redraws += 1
+
+    class Stderr:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    for tty in (True, False):
+        bar = Bar()
+        monkeypatch.setattr(sys, "stderr", Stderr(tty))
+        with gguf_convert._redrawn(bar, every=0.01):
+            time.sleep(0.1)
+        redraws = bar.redraws
+        time.sleep(0.03)
+        assert (redraws >= 3) is tty and bar.redraws == redraws  # and none once the block is left
+
+
 @pytest.mark.parametrize("config, message", [
     ("{not json", r"cannot read config\.json as JSON"),
     (json.dumps({"architectures": ["GPT2LMHeadModel"]}), r"'GPT2LMHeadModel'\] is not supported; expected one of LlamaForCausalLM"),
