@@ -262,7 +262,8 @@ def test_generate_says_what_it_loads_on_stderr_and_prints_only_the_text_on_stdou
     prompt = tokenizer.decode(ref["prompt_token_ids"])
     num_tokens = 6
     proc = subprocess.run([sys.executable, "-m", "nlora_serve.cli", "generate", "--prompt", prompt,
-                           "--no-add-special-tokens", "--dtype", "float32", "--max-tokens", str(num_tokens)],
+                           "--no-add-special-tokens", "--dtype", "float32", "--max-tokens", str(num_tokens),
+                           "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 << 20)],  # not 1 GiB
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == tokenizer.decode(ref["greedy_token_ids"][:num_tokens]) + "\n"
