@@ -25,7 +25,6 @@ from nlora_serve.errors import ModelError
 from nlora_serve.models.cache import cache_root, models_dir
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.models.spec import read_spec
-from nlora_serve.models.weights import safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +70,8 @@ def resolve_model(model: str, cache_dir: str | os.PathLike | None = None) -> Pat
         raise ModelError(f"{path}: no such model; expected 'default', a Hugging Face model "
                          "directory (config.json + *.safetensors), a .gguf file or a cached ORG/NAME")
     if path.is_dir():
+        from nlora_serve.models.weights import safetensors_files  # here: it loads torch (`models list` does not)
+
         read_spec(path)
         safetensors_files(path)
         return path.resolve()
@@ -116,7 +117,7 @@ def _convert_into(gguf: Path, root: Path, target: Path, digest: str) -> None:
     # the first start's longest wait (18-30 s on an idle 2-core machine, ~100 s on a loaded one), so
     # it says that it happens once, where to, and how long it takes; the child draws the progress
     log.info("converting %s into %s: a one-time step (later starts load the cached copy), de-quantizing the "
-             "weights to float32, about 20 s on an idle 2-core CPU and up to 2 min on a busy one...", gguf, target)
+             "weights to float32, about 20-30 s on an idle 2-core CPU and up to 2 min on a busy one...", gguf, target)
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=models_dir(root)))
     try:
