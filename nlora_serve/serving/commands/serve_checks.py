@@ -3,9 +3,10 @@
 A refused start (a flag out of range, two flags on one port, a port in use, an unusable
 --adapter-dir or tenants file, two flags naming one adapter, a store another server holds) answers
 in a fraction of a second: nothing here imports torch, transformers or grpc (the CLI runs
-:func:`check_serve_flags` before it imports commands/serve.py, which loads them: 2-3 s on a
-small CPU; tests/test_cli.py checks that a refused start loads none of them). commands/serve.py
-goes on from :class:`ServeFlags` with what needs torch (the device, the dtype) and the model.
+:func:`check_serve_flags` before it imports commands/serve.py, which loads them: 2-3 s on a small
+CPU; tests/test_serve_generate_start.py checks that a refused start loads no torch).
+commands/serve.py goes on from :class:`ServeFlags` with what needs torch (the device, the dtype)
+and the model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
@@ -28,6 +30,9 @@ from nlora_serve.serving.commands.engine_flags import engine_sizes, in_flag_word
 from nlora_serve.serving.commands.example_tenants import example_name
 from nlora_serve.serving.commands.serve_flags import DEFAULT_HTTP_PORT, MiB
 from nlora_serve.serving.server_config import ServerConfig, StartupError
+
+if TYPE_CHECKING:  # its module loads torch: backend_config imports it for --backend vllm only
+    from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
 
 # what each port is called in a refusal, as the binds of NloraServer.start word it
 _PORT_NAMES = {"port": ("the gRPC address", "--host/--port"), "http_port": ("the HTTP port", "--http-port"),
@@ -42,7 +47,7 @@ class ServeFlags:
     policy and the tenants file's weights; ``stored`` are the adapter store's names at the check.
     """
 
-    backend: object | None  # VllmBackendConfig (its module loads torch: not imported here)
+    backend: VllmBackendConfig | None
     config: ServerConfig
     limits: AdapterLimits
     scheduler: SchedulerConfig
