@@ -30,9 +30,11 @@ SERVE_LOADS = "starting: loading torch, the engine and the gRPC and HTTP front e
 GENERATE_LOADS = "starting: loading torch and the engine..."
 
 
-# serve's and generate's runs refused after the imports: by a model that does not exist
+# runs refused after the imports: generate's by a model that does not exist, serve's (which resolves
+# --model before them) by a device no torch has
 NO_MODEL = ["--model", "{tmp}/no-model"]
-SERVE_NO_MODEL = ["serve", "--port", "0", "--http-port", "0", "--adapter-dir", "{tmp}/store", *NO_MODEL]
+SERVE_NO_MODEL = ["serve", "--port", "0", "--http-port", "0", "--adapter-dir", "{tmp}/store", "--model", "{model}",
+                  "--device", "tpu"]
 
 
 @pytest.mark.parametrize("argv, first, loads_torch", [
@@ -44,17 +46,18 @@ SERVE_NO_MODEL = ["serve", "--port", "0", "--http-port", "0", "--adapter-dir", "
     (["serve", "--no-such-flag"], None, False),  # argparse's error at once, not "starting: loading ..." first
     # refused by the checks that need no torch, before the imports and so without "starting: loading ..."
     (["serve", "--port", "8000"], None, False),  # two servers on one port (--http-port's default)
+    (["serve", "--port", "0", "--http-port", "0", "--adapter-dir", "{tmp}/store", *NO_MODEL], None, False),
     (["generate", "--message", "Hi", "--max-num-seqs", "0"], None, False),
 ])
 def test_serve_and_generate_say_what_they_load_before_the_imports_that_take_seconds(argv, first, loads_torch,
-                                                                                     tmp_path):
+                                                                                     tmp_path, base_model_dir):
     # A newcomer's find (h76): `serve` and `generate` import torch, the engine (and serve's front ends),
     # 5-13 s on a loaded 2-core machine with nothing on the screen. Their first line comes before those
     # imports (torch not yet in sys.modules when it is emitted; it is by the end), at the level
     # --log-level allows, and never with --help or a flag argparse refuses (h80: those load no torch),
     # nor for a start refused by a check that needs no torch (h110: `serve --port 8000` said
     # "starting: loading ..." and took 3 s of imports to refuse a flag, now 0.15 s without torch).
-    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    argv = [arg.format(tmp=tmp_path, model=base_model_dir) for arg in argv]
     done = subprocess.run([sys.executable, "-c", FIRST_LINE.format(argv=argv)], capture_output=True, text=True,
                           timeout=300, check=True)
     lines = done.stdout.splitlines()

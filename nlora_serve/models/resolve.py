@@ -25,6 +25,7 @@ from nlora_serve.errors import ModelError
 from nlora_serve.models.cache import cache_root, models_dir
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.models.spec import read_spec
+from nlora_serve.models.weights import safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ def resolve_model(model: str, cache_dir: str | os.PathLike | None = None) -> Pat
         raise ModelError(f"{path}: no such model; expected 'default', a Hugging Face model "
                          "directory (config.json + *.safetensors), a .gguf file or a cached ORG/NAME")
     if path.is_dir():
-        from nlora_serve.models.weights import safetensors_files  # here: it loads torch (`models list` does not)
-
         read_spec(path)
         safetensors_files(path)
         return path.resolve()

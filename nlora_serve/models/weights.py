@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from nlora_serve.errors import ModelError
+
+if TYPE_CHECKING:  # torch loads where tensors are read or hashed: resolving a model folder needs none
+    import torch
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -52,6 +55,8 @@ def fingerprint(weights: dict[str, torch.Tensor]) -> str:
     Independent of sharding and file layout; adapters pin it in their family key (DESIGN §3).
     Returns a 64-character hex string.
     """
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(weights):
         t = weights[name].detach().contiguous()

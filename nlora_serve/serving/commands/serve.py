@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import os
 import signal
@@ -32,7 +31,7 @@ from nlora_serve import log_format
 from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.cli import console_command
 from nlora_serve.errors import AdapterError, NloraError
-from nlora_serve.models import load_base, resolve_model
+from nlora_serve.models import load_base
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.serving.commands.backend import make_engine
 from nlora_serve.serving.commands.engine_flags import device_config
@@ -59,7 +58,8 @@ def build(args: argparse.Namespace, flags: ServeFlags | None = None):
 
     Every flag is checked before the model loads, so a typo does not wait for the weights: those
     that need no torch by serve_checks.py (``flags``, its answer when the CLI ran it before this
-    module's imports; None: run here), then the device and dtype, then what needs the model's folder.
+    module's imports; None: run here; the model's folder resolved there too, converted on first use),
+    then the device and dtype, then what needs the model's folder read.
 
     Raises:
         StartupError: a flag out of range or unusable (the message names it). AuthError: a bad
@@ -74,9 +74,7 @@ def build(args: argparse.Namespace, flags: ServeFlags | None = None):
         log.warning("--allow-runtime-lora-updating: %s may load any adapter folder this server can read over "
                     "HTTP's POST /v1/load_lora_adapter%s", who,
                     "" if config.http_port is not None else " (but --http-port is off)")
-    dummy = engine_config.load_format == "dummy"
-    path = Path(args.model).expanduser().resolve() if dummy else resolve_model(args.model, engine_config.cache_dir)
-    _check_model_len(path, args.max_model_len)
+    path = flags.model_dir
     config = dataclasses.replace(config, served_model_name=config.served_model_name or default_served_name(path),
                                  sampling_defaults=_sampling_defaults(args, path))
     for name in [name for _, name in flag_adapter_names(args)] + flags.stored:
@@ -189,14 +187,6 @@ def _sampling_defaults(args: argparse.Namespace, model_dir: Path) -> SamplingDef
         raise StartupError(str(exc)) from None
     (log.warning if defaults.as_dict() and args.generation_config != "vllm" else log.info)(line)
     return defaults
-
-
-def _check_model_len(model_dir: Path, max_model_len: int) -> None:
-    """The engine refuses this too, but only once the weights are loaded."""
-    limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
-    if limit is not None and max_model_len > limit:
-        raise StartupError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings "
-                           f"{limit} ({model_dir / 'config.json'})")
 
 
 ENGINE_WATCH_SECONDS = 1.0  # how often serve() checks that the engine can still serve

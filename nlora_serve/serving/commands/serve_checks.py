@@ -1,8 +1,8 @@
 """``nlora-serve serve``'s checks that need neither torch nor the model, run before either loads.
 
 A refused start (a flag out of range, two flags on one port, a port in use, an unusable
---adapter-dir or tenants file, two flags naming one adapter, a store another server holds) answers
-in a fraction of a second: nothing here imports torch, transformers or grpc (the CLI runs
+--adapter-dir or tenants file, two flags naming one adapter, a store another server holds, a
+--model that does not exist or is shorter than --max-model-len) answers in a fraction of a second: nothing here imports torch, transformers or grpc (the CLI runs
 :func:`check_serve_flags` before it imports commands/serve.py, which loads them: 2-3 s on a small
 CPU; tests/test_serve_generate_start.py checks that a refused start loads no torch).
 commands/serve.py goes on from :class:`ServeFlags` with what needs torch (the device, the dtype)
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.engine.config import CacheConfig, SchedulerConfig
+from nlora_serve.models import resolve_model
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.commands.backend import backend_config
 from nlora_serve.serving.commands.engine_flags import engine_sizes, in_flag_words
@@ -44,7 +46,8 @@ class ServeFlags:
     """``serve``'s flags, checked (:func:`check_serve_flags`): what commands/serve.py builds on.
 
     ``backend`` is the vLLM backend's config (None: the native engine); ``scheduler`` carries the
-    policy and the tenants file's weights; ``stored`` are the adapter store's names at the check.
+    policy and the tenants file's weights; ``stored`` are the adapter store's names at the check;
+    ``model_dir`` is --model's prepared folder (:func:`nlora_serve.models.resolve_model`).
     """
 
     backend: VllmBackendConfig | None
@@ -54,6 +57,7 @@ class ServeFlags:
     cache: CacheConfig
     auth: Authenticator
     stored: list[str]
+    model_dir: Path
 
 
 def check_serve_flags(args: argparse.Namespace) -> ServeFlags:
@@ -61,11 +65,13 @@ def check_serve_flags(args: argparse.Namespace) -> ServeFlags:
     refusal names the first one wrong: the backend's flags, the ports' flags, the config ranges,
     the tenants file, --adapter-dir (created, and a probe file written), each port bound once
     and let go, the adapter names the flags give against each other and the store (opened: one
-    another process serves is refused).
+    another process serves is refused), then --model resolved (the default converted on first use,
+    in a child process: this process loads no torch for it) and --max-model-len against its config.
 
     Raises:
         StartupError: a flag out of range or unusable (the message names it). AuthError: a bad
-            tenants file. AdapterError / NloraError: the store is in use or unreadable.
+            tenants file. AdapterError / NloraError: the store is in use or unreadable. ModelError:
+            a bad model.
     """
     backend = backend_config(args)  # first: a native engine's flag on --backend vllm is wrong whatever its value
     config, limits, scheduler, cache = server_configs(args)
@@ -74,8 +80,11 @@ def check_serve_flags(args: argparse.Namespace) -> ServeFlags:
     check_adapter_dir(args.adapter_dir)
     check_ports_free(config)
     stored = check_flag_adapter_names(args)
+    model_dir = (Path(args.model).expanduser().resolve() if args.load_format == "dummy"
+                 else resolve_model(args.model, getattr(args, "cache_dir", None)))
+    check_model_len(model_dir, args.max_model_len)
     return ServeFlags(backend=backend, config=config, limits=limits, scheduler=scheduler, cache=cache, auth=auth,
-                      stored=stored)
+                      stored=stored, model_dir=model_dir)
 
 
 def server_configs(args: argparse.Namespace) -> tuple[ServerConfig, AdapterLimits, SchedulerConfig, CacheConfig]:
@@ -140,6 +149,19 @@ def check_adapter_dir(adapter_dir: str) -> None:
     except OSError as exc:
         raise StartupError(f"--adapter-dir {adapter_dir}: cannot create or write the adapter store there "
                            f"({exc.strerror or exc})") from exc
+
+
+def check_model_len(model_dir: Path, max_model_len: int) -> None:
+    """--max-model-len against the model's max_position_embeddings (the engine refuses it too, but
+    only once the weights are loaded).
+
+    Raises:
+        StartupError: it exceeds them (the message names both and the config file).
+    """
+    limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    if limit is not None and max_model_len > limit:
+        raise StartupError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings "
+                           f"{limit} ({model_dir / 'config.json'})")
 
 
 def check_ports_free(config: ServerConfig) -> None:
