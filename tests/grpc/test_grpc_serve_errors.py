@@ -15,7 +15,7 @@ import pytest
 
 from nlora_serve import cli
 from nlora_serve.adapters.store import AdapterStore
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import ModelError, NloraError
 from nlora_serve.serving.commands import serve as serve_cli
 from nlora_serve.serving.commands import serve_checks
 from nlora_serve.serving.commands.backend import make_engine
@@ -111,6 +111,13 @@ def test_max_model_len_over_the_model_is_refused_before_loading(tmp_path, no_mod
     # SmolLM2-135M-Instruct's config.json: max_position_embeddings 8192
     assert str(err.value) == (f"--max-model-len 100000 exceeds the model's max_position_embeddings 8192 "
                               f"({base_fp32.path / 'config.json'})")
+
+
+def test_a_dummy_model_without_a_config_is_one_error_line_before_loading(tmp_path, no_model):
+    # `serve --load-format dummy --model DIR` on a DIR without config.json ended in a FileNotFoundError traceback
+    with pytest.raises(ModelError) as err:
+        serve_cli.build(_args(tmp_path, "--load-format", "dummy", "--model", str(tmp_path / "none")))
+    assert str(err.value) == f"{tmp_path / 'none' / 'config.json'}: no config.json; expected a Hugging Face model directory"
 
 
 def test_an_adapter_the_limits_refuse_is_named_by_its_flag(tmp_path, base_fp32, monkeypatch):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.engine.config import CacheConfig, SchedulerConfig
-from nlora_serve.models import resolve_model
+from nlora_serve.models import read_spec, resolve_model
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.commands.backend import backend_config
 from nlora_serve.serving.commands.engine_flags import engine_sizes, in_flag_words
@@ -80,8 +80,11 @@ def check_serve_flags(args: argparse.Namespace) -> ServeFlags:
     check_adapter_dir(args.adapter_dir)
     check_ports_free(config)
     stored = check_flag_adapter_names(args)
-    model_dir = (Path(args.model).expanduser().resolve() if args.load_format == "dummy"
-                 else resolve_model(args.model, getattr(args, "cache_dir", None)))
+    if args.load_format == "dummy":  # a config.json alone, read as load_base reads it (a missing one
+        model_dir = Path(args.model).expanduser().resolve()  # was a FileNotFoundError's traceback here)
+        read_spec(model_dir)
+    else:
+        model_dir = resolve_model(args.model, getattr(args, "cache_dir", None))
     check_model_len(model_dir, args.max_model_len)
     return ServeFlags(backend=backend, config=config, limits=limits, scheduler=scheduler, cache=cache, auth=auth,
                       stored=stored, model_dir=model_dir)
