@@ -135,11 +135,13 @@ def unlink(path: Path, missing_ok: bool = False) -> None:
     path.unlink(missing_ok=missing_ok)
 
 
-def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int) -> dict[str, bytes]:
+def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int,
+                cap: str | None = None) -> dict[str, bytes]:
     """The bytes of those of ``names`` that exist in ``root/folder``, by name. Every folder below
     ``root`` and every file is opened with O_NOFOLLOW and checked with fstat to be a folder or a
     regular file, so no symbolic link in the store is followed, whatever its level; the files'
-    sizes (fstat) are checked against ``max_bytes`` together before any byte is read.
+    sizes (fstat) are checked against ``max_bytes`` together before any byte is read (``cap``: that
+    bound in the refusal's words; by default the server's --max-adapter-bytes).
 
     Raises:
         FileNotFoundError: ``root/folder`` does not exist (e.g. a version removed since).
@@ -160,8 +162,9 @@ def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int) 
                 fds[name] = fd
         sizes = {name: os.fstat(fd).st_size for name, fd in fds.items()}
         if sum(sizes.values()) > max_bytes:
+            cap = cap or f"the server's --max-adapter-bytes {max_bytes}"
             raise AdapterError(f"adapter store folder {folder.as_posix()}: {' + '.join(fds)} are {sum(sizes.values())} "
-                               f"bytes, over the server's --max-adapter-bytes {max_bytes}: refusing to read them")
+                               f"bytes, over {cap}: refusing to read them")
         return {name: _read_all(fd, sizes[name]) for name, fd in fds.items()}
     except FileNotFoundError:
         raise

@@ -111,6 +111,7 @@ class AdapterStore:
             raise AdapterError(f"adapter store {self.root}: cannot clear and create its staging folder {STAGING} "
                                f"({exc.strerror or exc}); the store must be a writable folder") from None
         self._deleter = ThreadPoolExecutor(1, thread_name_prefix="adapter-store-delete")
+        self._unrecorded: set[Path] = set()  # versions whose SHA256SUMS the disk refused: not retried
 
     def adapter_dir(self, name: str) -> Path:
         """The folder of ``name``, checked to be a real directory inside the root (or absent).
@@ -173,7 +174,8 @@ class AdapterStore:
         except ValueError:
             raise AdapterError(f"{path} is not a folder of the adapter store {self.root}") from None
         files = durable.read_folder(self.root, folder, names, self.max_bytes)
-        sums = durable.read_folder(self.root, folder, (SUMS_FILE,), MAX_SUMS_BYTES)  # its own cap: no file's
+        sums = durable.read_folder(self.root, folder, (SUMS_FILE,), MAX_SUMS_BYTES,  # its own cap: no file's
+                                   f"the {MAX_SUMS_BYTES} bytes a {SUMS_FILE} may hold")
         if sums:
             recorded = parse_sums(sums[SUMS_FILE], self.root / folder / SUMS_FILE)
             check_sums(folder.parent.name, self.root / folder, files, recorded)
@@ -182,11 +184,14 @@ class AdapterStore:
     def record_sums(self, path: Path, files: dict[str, bytes]) -> None:
         """Record the sha256 of ``files`` (all of version folder ``path``'s, read through
         :meth:`read_files` and validated) in its SHA256SUMS where it has none: a version an older
-        nlora-serve wrote (store_sums.record). Best effort: a disk refusing it is logged."""
-        if os.path.lexists(Path(path) / SUMS_FILE):  # recorded: no wait on a write's fsyncs (a cold load)
+        nlora-serve wrote (store_sums.record). Best effort: a disk refusing it is logged once; this
+        store does not try that version again (each cold load would wait for the write lock, fsync
+        and log again), a restart does."""
+        if os.path.lexists(Path(path) / SUMS_FILE) or Path(path) in self._unrecorded:  # no wait on a write
             return
         with self.write_lock:
-            record(self.root / STAGING, Path(path), files)
+            if not record(self.root / STAGING, Path(path), files):
+                self._unrecorded.add(Path(path))
 
     def names(self, warn: bool = True) -> list[str]:
         """Served names: at least one complete version and not unloaded; invalid or escaping

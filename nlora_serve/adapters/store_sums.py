@@ -78,7 +78,7 @@ def check_sums(name: str, folder: Path, files: dict[str, bytes], sums: dict[str,
                 "upload the adapter again")
 
 
-def record(staging: Path, folder: Path, files: dict[str, bytes]) -> None:
+def record(staging: Path, folder: Path, files: dict[str, bytes]) -> bool:
     """Write the SHA256SUMS of ``files`` into version folder ``folder`` where it has none (a
     version an older nlora-serve wrote, once its files were read and validated), so that from
     then on a file replaced there is refused, as in a version written with its sums. Durable as
@@ -86,19 +86,22 @@ def record(staging: Path, folder: Path, files: dict[str, bytes]) -> None:
     into ``folder``, ``folder`` fsynced. The caller holds the store's write lock.
 
     Best effort: should the disk refuse it (or the version be removed meanwhile), the version
-    stays as it was (served, unchecked until a later load records its sums), with a warning.
+    stays as it was (served, unchecked until a restart records its sums), with a warning, and
+    False is returned (True: recorded, or there already).
     """
     if (folder / SUMS_FILE).exists() or (folder / SUMS_FILE).is_symlink():
-        return
+        return True
     staged = None
     try:
         staged = durable.make_temp_dir(staging, "sums.")
         durable.write_synced(staged / SUMS_FILE, sums_bytes(files))
         durable.rename(staged / SUMS_FILE, folder / SUMS_FILE)
         durable.fsync_dir(folder)
+        return True
     except OSError as exc:
         log.warning("could not record the sha256 of the files of %s in its %s (%s); it serves, unchecked "
-                    "until a later load records them", folder, SUMS_FILE, exc.strerror or exc)
+                    "until a restart records them", folder, SUMS_FILE, exc.strerror or exc)
+        return False
     finally:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)

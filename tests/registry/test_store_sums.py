@@ -9,6 +9,7 @@ import hashlib
 import logging
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load, save
 
 from nlora_serve.adapters import durable
@@ -106,3 +107,43 @@ def test_a_disk_refusing_the_sums_of_an_older_version_still_serves_it(base_fp32,
         durable.set_fault_hook(previous)
     assert "could not record the sha256" in caplog.text and not (stored / SUMS).exists()
     assert list((root / STAGING).iterdir()) == []
+
+
+def test_a_sums_file_over_its_own_cap_is_refused_naming_that_cap_not_max_adapter_bytes(tmp_path):
+    """The refusal said "over the server's --max-adapter-bytes 4096": a flag the operator had not set to that."""
+    from nlora_serve.adapters.store_sums import MAX_SUMS_BYTES
+    from nlora_serve.errors import AdapterError
+
+    store = AdapterStore(tmp_path / "store")
+    stored = store.write("acme", {CONFIG_FILE: b'{"r": 4}', WEIGHTS_FILE: bytes(range(64))})
+    (stored.path / SUMS).write_bytes((stored.path / SUMS).read_bytes() + b"\n" * MAX_SUMS_BYTES)
+    with pytest.raises(AdapterError, match=f"over the {MAX_SUMS_BYTES} bytes a SHA256SUMS may hold") as info:
+        store.read_files(stored.path)
+    assert "--max-adapter-bytes" not in str(info.value)
+
+
+def test_sums_the_disk_refused_are_tried_and_warned_once_not_at_every_cold_load(tmp_path, caplog):
+    """Each load of such a version (every cold load of it) waited for the store's write lock, wrote
+    and fsynced the file again and logged the warning again."""
+    store = AdapterStore(tmp_path / "store")
+    files = {CONFIG_FILE: b'{"r": 4}', WEIGHTS_FILE: bytes(range(64))}
+    stored = store.write("acme", files).path
+    (stored / SUMS).unlink()
+    tries = []
+
+    def full(op):
+        if op.kind == "create" and op.path.name == SUMS:
+            tries.append(op.path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    previous = durable.set_fault_hook(full)
+    try:
+        with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.store_sums"):
+            for _ in range(3):
+                store.record_sums(stored, store.read_files(stored))
+    finally:
+        durable.set_fault_hook(previous)
+    assert len(tries) == 1 and caplog.text.count("could not record the sha256") == 1
+    assert not (stored / SUMS).exists()
+    AdapterStore(tmp_path / "store").record_sums(stored, files)  # a restart tries again
+    assert (stored / SUMS).read_text() == _sums_text(files)
