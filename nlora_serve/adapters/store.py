@@ -34,7 +34,7 @@ from pathlib import Path
 from nlora_serve.adapters import durable, store_lock
 from nlora_serve.adapters.durable import StoreWriteError, fsync_dir, raise_if_disk_error, write_synced
 from nlora_serve.adapters.names import check_no_case_twin, validate_name
-from nlora_serve.adapters.store_sums import MAX_SUMS_BYTES, SUMS_FILE, check_sums, parse_sums, record, sums_bytes
+from nlora_serve.adapters.store_sums import SUMS_FILE, check_linked, check_sums, record, recorded, sums_bytes
 from nlora_serve.errors import AdapterError
 
 log = logging.getLogger(__name__)
@@ -174,11 +174,9 @@ class AdapterStore:
         except ValueError:
             raise AdapterError(f"{path} is not a folder of the adapter store {self.root}") from None
         files = durable.read_folder(self.root, folder, names, self.max_bytes)
-        sums = durable.read_folder(self.root, folder, (SUMS_FILE,), MAX_SUMS_BYTES,  # its own cap: no file's
-                                   f"the {MAX_SUMS_BYTES} bytes a {SUMS_FILE} may hold")
-        if sums:
-            recorded = parse_sums(sums[SUMS_FILE], self.root / folder / SUMS_FILE)
-            check_sums(folder.parent.name, self.root / folder, files, recorded)
+        sums = recorded(self.root, folder)  # its own cap: no file's
+        if sums is not None:
+            check_sums(folder.parent.name, self.root / folder, files, sums)
         return files
 
     def record_sums(self, path: Path, files: dict[str, bytes]) -> None:
@@ -280,6 +278,7 @@ class AdapterStore:
             for fname, data in files.items():
                 write_synced(staged / fname, data)
             linked = {fname: (staged / fname).read_bytes() for fname in same_as}
+            check_linked(self.root, name, same_as, linked)  # one replaced since is not recorded as the store's
             write_synced(staged / SUMS_FILE, sums_bytes({**files, **linked}))  # in the folder the rename makes visible
             fsync_dir(staged)
             version = (self.versions(name) or [0])[-1] + 1

@@ -59,6 +59,20 @@ def parse_sums(data: bytes, path: Path) -> dict[str, str]:
     return sums
 
 
+def recorded(root: Path, folder: Path) -> dict[str, str] | None:
+    """What the SHA256SUMS of version folder ``root/folder`` (``folder`` relative to the store's
+    root) records, read as the store reads a version (no link followed, capped at
+    :data:`MAX_SUMS_BYTES`); None where it has none (a version an older nlora-serve wrote).
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        AdapterError: a link or not a regular file, or over the cap. StoredHashMismatch: malformed.
+    """
+    found = durable.read_folder(root, folder, (SUMS_FILE,), MAX_SUMS_BYTES,
+                                f"the {MAX_SUMS_BYTES} bytes a {SUMS_FILE} may hold")
+    return parse_sums(found[SUMS_FILE], root / folder / SUMS_FILE) if found else None
+
+
 def check_sums(name: str, folder: Path, files: dict[str, bytes], sums: dict[str, str]) -> None:
     """Check each of ``files`` (read from version folder ``folder`` of adapter ``name``) against
     ``sums`` (:func:`parse_sums`).
@@ -76,6 +90,22 @@ def check_sums(name: str, folder: Path, files: dict[str, bytes], sums: dict[str,
                 f"but {recorded} in {SUMS_FILE} when it wrote the version: the file was replaced or changed "
                 "since: refusing this version. Nothing on disk was changed; put the original file back, or "
                 "upload the adapter again")
+
+
+def check_linked(root: Path, name: str, same_as: dict[str, Path], linked: dict[str, bytes]) -> None:
+    """Check the bytes ``linked`` (file name -> bytes) of files a new version of adapter ``name``
+    hard-links from earlier versions (``same_as``: file name -> that file's path in the store
+    ``root``) against the sums their own versions recorded, before the new version's SHA256SUMS
+    records them: a hot-swap linking a config replaced on disk since would otherwise record the
+    replacement as what the store wrote, and the next start would serve it unchecked.
+
+    Raises:
+        StoredHashMismatch: a linked file is not the one its version recorded (the write is refused).
+    """
+    for fname, source in same_as.items():
+        sums = recorded(root, source.parent.relative_to(root))
+        if sums is not None:  # (an older nlora-serve's version: nothing to check against)
+            check_sums(name, source.parent, {fname: linked[fname]}, sums)
 
 
 def record(staging: Path, folder: Path, files: dict[str, bytes]) -> bool:

@@ -147,3 +147,31 @@ def test_sums_the_disk_refused_are_tried_and_warned_once_not_at_every_cold_load(
     assert not (stored / SUMS).exists()
     AdapterStore(tmp_path / "store").record_sums(stored, files)  # a restart tries again
     assert (stored / SUMS).read_text() == _sums_text(files)
+
+
+def test_a_swap_linking_a_config_replaced_on_disk_is_refused_as_the_stores_fault_not_recorded(base_fp32, tmp_path):
+    """A hot-swap hard-links the current version's config into the new version and its SHA256SUMS
+    recorded the linked file's bytes as they were: a config replaced on disk since was recorded as
+    what the store wrote, and the next start served it unchecked. Refused now, the store untouched,
+    as INTERNAL / 500 ``adapter_load_failed`` (the store's fault, not the admin's payload's)."""
+    import grpc
+
+    from nlora_serve.adapters.nystrom import init_adapter
+    from nlora_serve.adapters.save import write_adapter
+    from nlora_serve.adapters.store_sums import StoredHashMismatch
+    from nlora_serve.serving.status import http_status_of, status_of
+
+    adapter = init_adapter(base_fp32, rank=4, targets=["q_proj"], layers=[0])
+    root, tied = tmp_path / "store", write_adapter(adapter, tmp_path / "tied", tied_form=True)
+    manager = AdapterManager(base_fp32, root)
+    config = manager.register_dir("acme", tied).path / CONFIG_FILE
+    expected = _sha(config.read_bytes())
+    config.write_bytes(config.read_bytes() + b" ")  # still a valid config, not the bytes the store wrote
+    before = _snapshot(root)
+    payload = save({k: 2 * t for k, t in load((tied / WEIGHTS_FILE).read_bytes()).items()})  # its N only
+    with pytest.raises(StoredHashMismatch, match=f"its stored file {config} has sha256 {_sha(config.read_bytes())}, "
+                                                 f"but the store recorded sha256 {expected}") as info:
+        manager.swap("acme", payload)
+    assert _snapshot(root) == before and list((root / STAGING).iterdir()) == []
+    assert status_of(info.value) == (grpc.StatusCode.INTERNAL, "adapter_load_failed")
+    assert http_status_of(info.value) == (500, "adapter_load_failed")
