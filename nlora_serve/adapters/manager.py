@@ -72,11 +72,13 @@ class AdapterManager:
         return read_adapter(path, self.base, max_rank=self.limits.max_rank, families=self.families,
                             max_bytes=self.limits.max_adapter_bytes)
 
-    def _load_stored(self, path: Path):
+    def _load_stored(self, path: Path, content_hash: str | None = None):
         """A version folder of the store (a restore, a cold load), read through the store: no
         link is followed at any level, and its files are checked against the sha256 the store
         recorded (StoredHashMismatch refuses that version only). A version an older nlora-serve
-        wrote, without them, has them recorded once it validated (AdapterStore.record_sums)."""
+        wrote, without them, has them recorded once it validated (AdapterStore.record_sums) and,
+        for a cold load, hashes to ``content_hash``, the version's (else the cold load refuses it:
+        recorded, a restart would serve the changed files as the store's)."""
         store = self.registry.store
         try:
             files = store.read_files(path)
@@ -86,7 +88,8 @@ class AdapterManager:
         if missing:
             raise AdapterError(f"{path}: no {' and no '.join(missing)} (a store version holds both)")
         adapter = self._load_files(files, source=str(path))
-        store.record_sums(path, files)
+        if content_hash is None or adapter.content_hash == content_hash:
+            store.record_sums(path, files)
         return adapter
 
     def _load_files(self, files: dict[str, bytes], source: str = "upload"):

@@ -73,7 +73,8 @@ class Residency:
 
     Args:
         base: the served base model (dtype, shapes, the tied A/B slices).
-        load: re-reads an adapter folder (for an evicted untied adapter's cold load).
+        load: re-reads an adapter folder (for an evicted untied adapter's cold load), given the
+            content hash the version was registered with (what it must read back as).
         tied_budget: bytes all tied tenants' N may occupy together.
         max_loras: untied adapters resident at once (LoraPool slots).
         max_rank: the widest rank an untied adapter may have (LoraPool width).
@@ -82,7 +83,7 @@ class Residency:
             tenants (module docstring); None: first come, first served.
     """
 
-    def __init__(self, base: BaseModel, load: Callable[[Path], Adapter], *, tied_budget: int,
+    def __init__(self, base: BaseModel, load: Callable[[Path, str], Adapter], *, tied_budget: int,
                  max_loras: int, max_rank: int, placement: Placement | None = None,
                  tenant_shares: Mapping[str, float] | None = None):
         self.base = base
@@ -275,7 +276,7 @@ class Residency:
                 logged, with its paths; the tenant's message holds none).
         """
         try:
-            adapter = self._load(version.path)
+            adapter = self._load(version.path, version.content_hash)
             if adapter.content_hash != version.content_hash:  # bit rot, or a hand edit: not what requests report
                 raise AdapterError(f"its files changed on disk since it was registered: they hash to "
                                    f"{adapter.content_hash[:16]}…, the version is {version.content_hash[:16]}…")

@@ -40,7 +40,7 @@ class SharedSlots:
     adapter of distinct weights admitted under each of ``names`` (``versions``: name -> version)."""
 
     def __init__(self, base, tmp_path, names: tuple[str, ...]):
-        self.residency = Residency(base, lambda p: read_adapter(p, base), tied_budget=1 << 30, max_loras=2,
+        self.residency = Residency(base, lambda p, _hash: read_adapter(p, base), tied_budget=1 << 30, max_loras=2,
                                    max_rank=16, tenant_shares={})
         self.versions = {}
         for i, name in enumerate(names):

@@ -60,7 +60,7 @@ def run_site(hook, base, versions, lens, x):
 
 @pytest.fixture
 def residency(base_fp32):
-    return Residency(base_fp32, lambda p: read_adapter(p, base_fp32), tied_budget=1 << 30,
+    return Residency(base_fp32, lambda p, _hash: read_adapter(p, base_fp32), tied_budget=1 << 30,
                      max_loras=2, max_rank=16)
 
 

@@ -175,3 +175,23 @@ def test_a_swap_linking_a_config_replaced_on_disk_is_refused_as_the_stores_fault
     assert _snapshot(root) == before and list((root / STAGING).iterdir()) == []
     assert status_of(info.value) == (grpc.StatusCode.INTERNAL, "adapter_load_failed")
     assert http_status_of(info.value) == (500, "adapter_load_failed")
+
+
+def test_a_cold_load_refusing_changed_files_of_an_older_version_does_not_record_them(base_fp32, tmp_path):
+    """An evicted version without sums (an older store whose record the disk refused at start) whose
+    weights were replaced: the cold load recorded the replacement's sha256 before comparing the
+    content hash, refused it, and left a SHA256SUMS that `sha256sum -c` passes and a restart trusts."""
+    from nlora_serve.adapters.limits import AdapterLimits
+    from nlora_serve.adapters.residency import AdapterLoadFailed
+
+    manager = AdapterManager(base_fp32, tmp_path / "store", limits=AdapterLimits(max_loras=1))
+    acme = manager.register_dir("acme", CASE)
+    manager.register_dir("zeta", CASE.parent / "lora-rslora")
+    manager.release(manager.acquire("zeta"))
+    assert acme.adapter is None  # evicted: zeta holds the one slot
+    (acme.path / SUMS).unlink()
+    weights = acme.path / WEIGHTS_FILE
+    weights.write_bytes(_another_valid_adapter(weights))
+    with pytest.raises(AdapterLoadFailed):
+        manager.acquire("acme")
+    assert not (acme.path / SUMS).exists()
