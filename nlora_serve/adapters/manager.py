@@ -79,18 +79,27 @@ class AdapterManager:
         wrote, without them, has them recorded once it validated (AdapterStore.record_sums) and,
         for a cold load, hashes to ``content_hash``, the version's (else the cold load refuses it:
         recorded, a restart would serve the changed files as the store's)."""
-        store = self.registry.store
+        store, files = self.registry.store, self._stored_files(path)
+        adapter = self._load_files(files, source=str(path))
+        if content_hash is None or adapter.content_hash == content_hash:
+            store.record_sums(path, files)
+        return adapter
+
+    def _stored_files(self, path: Path) -> dict[str, bytes]:
+        """Both files of the store's version folder ``path``, read through the store (checked
+        against its SHA256SUMS, no link followed).
+
+        Raises:
+            AdapterError: as AdapterStore.read_files, a file missing, or no such folder.
+        """
         try:
-            files = store.read_files(path)
+            files = self.registry.store.read_files(path)
         except FileNotFoundError:
             raise AdapterError(f"{path}: no such adapter version folder") from None
         missing = [f for f in ALLOWED_FILES if f not in files]
         if missing:
             raise AdapterError(f"{path}: no {' and no '.join(missing)} (a store version holds both)")
-        adapter = self._load_files(files, source=str(path))
-        if content_hash is None or adapter.content_hash == content_hash:
-            store.record_sums(path, files)
-        return adapter
+        return files
 
     def _load_files(self, files: dict[str, bytes], source: str = "upload"):
         return read_adapter_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], self.base, max_rank=self.limits.max_rank,
@@ -272,8 +281,10 @@ class AdapterManager:
                 a device or a folder is refused before anything reads it), or ``name`` is invalid.
             VersionConflict: ``if_version`` is not the current version.
         """
-        adapter_dir = Path(adapter_dir)
+        adapter_dir, store = Path(adapter_dir), self.registry.store
         check_folder(adapter_dir, self.limits.max_adapter_bytes)
+        if adapter_dir.resolve().is_relative_to(store.root):  # a stored version (an HTTP load of its folder):
+            return self.registry.register(name, self._stored_files(adapter_dir.resolve()), if_version)  # checked
         import_family(name, adapter_dir, self.families, self.registry.store)  # a compact family member
         try:
             files = {f: _read_at_most(adapter_dir / f, self.limits.max_adapter_bytes)

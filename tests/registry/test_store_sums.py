@@ -195,3 +195,21 @@ def test_a_cold_load_refusing_changed_files_of_an_older_version_does_not_record_
     with pytest.raises(AdapterLoadFailed):
         manager.acquire("acme")
     assert not (acme.path / SUMS).exists()
+
+
+def test_loading_a_stored_versions_folder_by_path_checks_its_sums(base_fp32, tmp_path):
+    """HTTP's /v1/load_lora_adapter registers the folder ``lora_path``: an operator's reload of an
+    unloaded tenant from its stored folder read the files unchecked and recorded a replaced file's
+    sha256 in the new version, served from then on; gRPC's LoadAdapter of the same version refused it."""
+    from nlora_serve.adapters.store_sums import StoredHashMismatch
+
+    root = tmp_path / "store"
+    manager = AdapterManager(base_fp32, root)
+    stored = manager.register_dir("acme", CASE)
+    assert manager.register_dir("beta", stored.path).content_hash == stored.content_hash  # unchanged: loads
+    weights = stored.path / WEIGHTS_FILE
+    weights.write_bytes(_another_valid_adapter(weights))
+    before = _snapshot(root)
+    with pytest.raises(StoredHashMismatch, match=f"its stored file {weights} has sha256"):
+        manager.register_dir("gamma", stored.path)
+    assert _snapshot(root) == before and "gamma" not in [v.name for v in manager.versions()]
