@@ -6,11 +6,15 @@ read of the version's files through the store checks them: a file replaced since
 (another valid adapter copied over it between restarts, a restored backup of another version) was
 served at the next start under a fresh content hash, silently; now that version is refused with
 :class:`StoredHashMismatch`, naming the adapter, the file and both hashes, and nothing on disk is
-touched. It guards against replaced or corrupted files, not an attacker who may write the store
-(they can rewrite the hashes too).
+touched. So is a hot-swap whose new version would hard-link such a file (:func:`check_linked`),
+and a folder of the store registered by its path (HTTP's lora_path): no path records a replaced
+file as the store's. It guards against replaced or corrupted files, not an attacker who may write
+the store (they can rewrite the hashes too).
 
 Format: ``sha256sum``'s, one ``<64 lowercase hex>  <file name>`` line per file, names sorted, so
-``cd <version folder> && sha256sum -c SHA256SUMS`` checks a version by hand.
+``cd <version folder> && sha256sum -c SHA256SUMS`` checks a version by hand. Read strictly: what
+the store writes (CRLF line ends pass); sha256sum's binary-mode ``*name``, uppercase hex, blank
+or repeated lines are refused as malformed. Names other than the version's files are ignored.
 """
 
 from __future__ import annotations
