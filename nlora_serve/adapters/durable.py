@@ -18,7 +18,9 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +84,70 @@ def write_synced(path: Path, data: bytes) -> None:
         f.flush()
         _point("fsync_file", path)
         os.fsync(f.fileno())
+
+
+def write_unsynced(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data``, not yet durable: the caller fsyncs it with
+    :func:`fsync_together` before anything that relies on it (the rename that publishes it)."""
+    _point("create", path)
+    with open(path, "wb") as f:
+        _point("write", path, data=data)
+        f.write(data)
+
+
+_fsync_pool: ThreadPoolExecutor | None = None
+_fsync_pool_lock = threading.Lock()
+
+
+def fsync_together(files: Sequence[Path] = (), folders: Sequence[Path] = ()) -> None:
+    """fsync every one of ``files`` and ``folders`` at once; returns when all of them are durable.
+
+    Each fsync waits for a journal commit (ext4's jbd2, XFS's log force): issued in turn, n fsyncs
+    wait for n commits (~4 ms each on this project's virtual disks, so a hot-swap's four cost 16 ms);
+    issued together from threads, the file system batches them into one commit (measured here: a
+    file, a small file and their folder 12-16 ms in turn, ~4 ms together). The guarantee is that of
+    calling them in turn: each is durable when this returns, with no order among them, so callers
+    group only operations that need none (a staged folder's files and the folder itself, before the
+    rename that publishes it). Each one's fault point (:func:`set_fault_hook`) is taken in order on
+    the calling thread just before its fsync is issued, files first.
+
+    Raises:
+        OSError: the first fsync that failed (once every one has finished).
+    """
+    global _fsync_pool
+    jobs = [(path, False) for path in files] + [(path, True) for path in folders]
+    if len(jobs) == 1:
+        (path, is_dir), = jobs
+        fsync_dir(path) if is_dir else _fsync_path(path)
+        return
+    with _fsync_pool_lock:
+        if _fsync_pool is None:
+            _fsync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store-fsync")
+    futures = []
+    try:
+        for path, is_dir in jobs:
+            _point("fsync_dir" if is_dir else "fsync_file", path)
+            futures.append(_fsync_pool.submit(_fsync_fd, path))
+    finally:  # a fault point that raised: the fsyncs issued before it end before the caller rolls back
+        errors = [f.exception() for f in futures]  # waits for every one
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+
+
+def _fsync_path(path: Path) -> None:
+    _point("fsync_file", path)
+    _fsync_fd(path)
+
+
+def _fsync_fd(path: Path) -> None:
+    """fsync ``path`` through a fresh descriptor (Linux flushes the file's or folder's every dirty
+    page and entry, whichever descriptor wrote them)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def link_or_copy(source: Path, path: Path) -> None:

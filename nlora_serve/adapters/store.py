@@ -15,8 +15,9 @@ Layout under the root (``--adapter-dir``)::
 A version becomes visible only by ``rename`` of a fully written and fsynced folder, so a crash at
 any point leaves either the old state or the new one, never a half-written adapter (DESIGN §3).
 A version written as a hot-swap shares the unchanged config with the version before it (a hard
-link to a file already on disk), so it costs four fsyncs: the new weights, their SHA256SUMS, the
-staged folder and the adapter's folder after the rename.
+link to a file already on disk). Its fsyncs are issued together where no order is needed
+(durable.fsync_together), so it waits for two journal commits: one for the new weights, their
+SHA256SUMS and the staged folder, one for the adapter's folder after the rename.
 """
 
 from __future__ import annotations
@@ -266,8 +267,8 @@ class AdapterStore:
 
     def _write_locked(self, name: str, adapter_dir: Path, files: dict[str, bytes],
                       same_as: dict[str, Path]) -> StoredVersion:
-        """:meth:`write` under the lock. Durable order: files and their SHA256SUMS written and
-        fsynced, the staged folder fsynced, renamed into place, the adapter's folder fsynced (and
+        """:meth:`write` under the lock. Durable order: files and their SHA256SUMS written, then
+        they and the staged folder fsynced (together), renamed into place, the adapter's folder fsynced (and
         the root's, for a new name); only then is an UNLOADED marker removed (fsynced again). Any
         failure rolls back."""
         unloaded, created = (adapter_dir / UNLOADED).exists(), not adapter_dir.exists()
@@ -276,20 +277,19 @@ class AdapterStore:
             for fname, source in same_as.items():
                 durable.link_or_copy(source, staged / fname)
             for fname, data in files.items():
-                write_synced(staged / fname, data)
+                durable.write_unsynced(staged / fname, data)
             linked = {fname: (staged / fname).read_bytes() for fname in same_as}
             check_linked(self.root, name, same_as, linked)  # one replaced since is not recorded as the store's
-            write_synced(staged / SUMS_FILE, sums_bytes({**files, **linked}))  # in the folder the rename makes visible
-            fsync_dir(staged)
+            durable.write_unsynced(staged / SUMS_FILE, sums_bytes({**files, **linked}))  # in the folder the rename makes visible
+            durable.fsync_together([staged / fname for fname in (*files, SUMS_FILE)], [staged])  # one journal commit
             version = (self.versions(name) or [0])[-1] + 1
             is_new = version == 1  # (the folder may be left from a failed write: make it durable now)
             if is_new:
                 durable.mkdir(adapter_dir, exist_ok=True)
             durable.rename(staged, adapter_dir / f"{version:08d}")
             final, staged = adapter_dir / f"{version:08d}", None
-            fsync_dir(adapter_dir)
-            if is_new:  # the root's entry for a new name must be durable too
-                fsync_dir(self.root)
+            # the root's entry for a new name must be durable too
+            durable.fsync_together(folders=[adapter_dir, self.root] if is_new else [adapter_dir])
             if unloaded:  # a new version serves again
                 durable.unlink(adapter_dir / UNLOADED)
                 fsync_dir(adapter_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -109,9 +110,21 @@ def test_swap_on_a_bfloat16_server_equals_a_full_read(base_model_dir, tmp_path):
         assert fast.sites[site].N.dtype == torch.bfloat16 and torch.equal(fast.sites[site].N, want.N)
 
 
-def _fsync_targets(monkeypatch) -> list[str]:
-    seen, real = [], os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (seen.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+def _fsync_targets(monkeypatch, together: int = 0) -> list[str]:
+    """The paths fsynced from now on, in the order their fsyncs began; the first ``together`` of them
+    must be in flight at once (each waits at a barrier for the others: fsyncs issued in turn time out)."""
+    seen, real, lock = [], os.fsync, threading.Lock()
+    barrier = threading.Barrier(together, timeout=5) if together else None
+
+    def fsync(fd):
+        with lock:
+            seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+            waits = len(seen) <= together
+        if waits:
+            barrier.wait()
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     return seen
 
 
@@ -119,14 +132,16 @@ def test_swap_writes_the_durable_minimum_and_shares_the_config(base_fp32, tenant
     manager = AdapterManager(base_fp32, tmp_path / "store")
     v1 = manager.register_dir("acme", tenant)
     held = manager.acquire("acme")  # keeps v1's folder on disk through the swap
-    seen = _fsync_targets(monkeypatch)
+    seen = _fsync_targets(monkeypatch, together=3)
     v2 = manager.swap("acme", _payload(tenant, 2.0), if_version=1)
     monkeypatch.undo()
     store = tmp_path / "store"
-    # weights file, its SHA256SUMS, their (staged) folder, then the adapter folder holding the renamed version
-    assert len(seen) == 4 and seen[0].endswith(WEIGHTS_FILE) and f"/{STAGING}/acme." in seen[0]
-    assert seen[1] == os.path.join(os.path.dirname(seen[0]), "SHA256SUMS")
-    assert os.path.dirname(seen[0]) == seen[2] and seen[3] == str(store / "acme")
+    # weights file, its SHA256SUMS and their (staged) folder at once (one journal commit), then the
+    # adapter folder holding the renamed version
+    staged = next(p for p in seen if p.endswith(WEIGHTS_FILE)).removesuffix(f"/{WEIGHTS_FILE}")
+    assert f"/{STAGING}/acme." in staged and len(seen) == 4
+    assert sorted(seen[:3]) == sorted([f"{staged}/{WEIGHTS_FILE}", f"{staged}/SHA256SUMS", staged])
+    assert seen[3] == str(store / "acme")
     assert os.stat(v2.path / CONFIG_FILE).st_ino == os.stat(v1.path / CONFIG_FILE).st_ino  # a hard link
     manager.release(held)
     manager.registry.store.wait_deleted()  # the old folder's files are gone too
