@@ -60,7 +60,10 @@ class CudaGraphCapture:
 class EagerCapture:
     """The CPU seam: replay re-runs the step on the same static buffers into the same output.
 
-    ``check``: run capture and every replay under a :class:`GraphSafetyMode` (one per graph).
+    ``check``: run capture and every replay under a :class:`GraphSafetyMode` (one per graph),
+    after one unchecked call, as :class:`CudaGraphCapture` warms up before it captures: what a
+    first call fills once (cached views, contiguous copies) is then in neither the capture's
+    launches nor any replay's.
     """
 
     def __init__(self, check: bool = False) -> None:
@@ -74,6 +77,7 @@ class EagerCapture:
         if mode is None:
             out = fn()
         else:
+            fn()
             with mode.run(capture=True):
                 out = fn()
 

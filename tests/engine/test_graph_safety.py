@@ -48,6 +48,43 @@ def test_mode_refuses_syncs_data_dependent_shapes_and_new_addresses():
         x @ grown  # a tensor the capture never read: a pool's new tensor after it grew
 
 
+def test_mode_refuses_a_replay_whose_host_values_differ():
+    """A replay re-runs the Python on the CPU, a graph does not: a host value of the step that reaches
+    a launch (an op's slice end, a Triton kernel's scalar or grid) must be the captured one, or the
+    CPU passes where the GPU replays the capture's value. The earlier checks saw none of it: a
+    slice of a static buffer reads no new address, and Triton launches are no torch ops."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _scale_kernel(x_ptr, n, factor, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * factor, mask=offs < n)
+
+    static, weight = torch.ones(8, 4), torch.randn(4, 4)
+    step = {"rows": 3, "factor": 2.0, "grid": (1,)}
+
+    def run():
+        _scale_kernel[step["grid"]](static, static.shape[0], step["factor"], BLOCK=8)
+        return static[:step["rows"]] @ weight
+
+    mode = GraphSafetyMode()
+    with mode.run(capture=True):
+        run()
+    with mode.run(capture=False):  # the same host values: a replay
+        run()
+    assert [c[0] for c in mode.launches] == ["_scale_kernel", "aten.mm.default"]
+    for change in ({"rows": 2}, {"factor": 3.0}, {"grid": (2,)}):
+        with pytest.raises(GraphSafetyError, match="a replay launched other than the capture did"), \
+                mode.run(capture=False):
+            run_with = dict(step)
+            step.update(change)
+            try:
+                run()
+            finally:
+                step.update(run_with)
+
+
 def test_capture_sizes_are_vllm_buckets():
     assert capture_sizes(64)[:5] == (1, 2, 4, 8, 16) and capture_sizes(64)[-1] == 64
     assert capture_sizes(20) == (1, 2, 4, 8, 16, 20)

@@ -127,7 +127,9 @@ def test_pieces_safe_and_equal_to_eager_and_transformers(tiny, tmp_path, monkeyp
         eager = [_generate(engine, _prompts(seed, lengths), names) for names, seed, lengths in rounds]
         assert engine.stats()["eager_steps"] > 0 and engine.core.hook.per_token_tokens == 0
     # capture.replays counts decode graphs too; every replay of a piece ran under the safety check
-    assert capture.checked_ops > 5000
+    # (ops and Triton launches of the step, 1,910 here; the Triton interpreter's own torch calls
+    # inside a launch are not counted)
+    assert capture.checked_ops > 1500
     assert got == eager
     for (names, seed, lengths), tokens in zip(rounds, got):
         _check_reference(tiny, _prompts(seed, lengths), names, tokens)
