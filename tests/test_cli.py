@@ -37,14 +37,17 @@ def test_the_command_is_found_past_global_options(argv, command):
                                   ["adapters", "list", "--server", "127.0.0.1:1", "--timeout", "2"],
                                   ["serve", "--help"], ["generate", "--help"], ["serve", "--no-such-flag"],
                                   ["generate", "--message", "Hi", "--max-tokns", "8"], ["models", "list"],
-                                  ["models", "prepare", "--model", "no/such/model/dir"]])
+                                  ["models", "prepare", "--model", "no/such/model/dir"],
+                                  ["adapters", "inspect", "no/such/adapter/dir"],
+                                  ["adapters", "convert", "no/such/adapter/dir", "--to", "lora", "--out", "x"]])
 def test_light_commands_do_not_import_the_engine(argv):
     # The client and key tools start in a fraction of a second: no torch / transformers / FastAPI.
     # So do the adapters group's server commands (h76: `adapters list`, `upload`, `swap` took 4-10 s,
     # their `client` twins 0.5 s: the adapters package imported torch on the way), and serve's and
     # generate's --help and a mistyped flag of theirs (h80: 2-10 s before argparse's answer, as their
     # flags' defaults came from modules that import torch), and `models list` or a --model that does not
-    # exist (h110: 1.4 s of torch's import first, the models package imported all its modules).
+    # exist (h110: 1.4 s of torch's import first, the models package imported all its modules), and
+    # `adapters inspect` or `convert` of a folder that does not exist (1.7 s before naming it).
     out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True,
                          text=True, timeout=120, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"

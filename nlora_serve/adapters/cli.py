@@ -21,11 +21,13 @@ def _base(args: argparse.Namespace):
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from nlora_serve.adapters.inspect import format_report, inspect_adapter
-
+    from nlora_serve.adapters.config import check_adapter_dir
     from nlora_serve.models.hub import local_or_hub
 
-    folder = local_or_hub(args.dir, AdapterError, "adapter")
+    folder = check_adapter_dir(local_or_hub(args.dir, AdapterError, "adapter"))  # named before torch loads
+
+    from nlora_serve.adapters.inspect import format_report, inspect_adapter
+
     print(format_report(inspect_adapter(folder, _base(args), max_rank=args.max_rank), as_json=args.json))
     return 0
 
@@ -54,12 +56,17 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from nlora_serve.adapters.config import check_adapter_dir
+    from nlora_serve.models.hub import local_or_hub
+
+    src = check_adapter_dir(local_or_hub(args.src, AdapterError, "adapter"))  # named before torch loads
+
     from nlora_serve.adapters.convert import convert_dir
     from nlora_serve.adapters.inspect import format_report, report_for
     from nlora_serve.adapters.writing import check_out_dir
 
     check_out_dir(args.out)  # before the base model loads
-    adapter = convert_dir(args.src, args.to, args.out, _base(args), max_rank=args.max_rank)
+    adapter = convert_dir(src, args.to, args.out, _base(args), max_rank=args.max_rank)
     print(format_report(report_for(adapter, args.out)))
     return 0
 

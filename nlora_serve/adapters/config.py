@@ -249,16 +249,28 @@ def parse_config(raw: dict) -> AdapterConfig:
         raise AdapterError(f"{CONFIG_NAME}: malformed field ({exc})") from None
 
 
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """``adapter_dir`` as a Path, once it is a directory (torch-free: the CLI checks a folder's
+    name before it imports torch).
+
+    Raises:
+        AdapterError: naming ``adapter_dir``: it does not exist, or is a file.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"{adapter_dir}: " + ("is a file, not an adapter directory (a folder with adapter_config.json "
+                                                 "and adapter_model.safetensors)" if adapter_dir.is_file()
+                                                 else "no such adapter directory"))
+    return adapter_dir
+
+
 def read_config(adapter_dir: Path) -> AdapterConfig:
     """Read and validate ``adapter_dir/adapter_config.json``.
 
     Raises:
         AdapterError: the file is missing or not JSON, or :func:`parse_config` refuses it.
     """
-    if not Path(adapter_dir).is_dir():
-        raise AdapterError(f"{adapter_dir}: " + ("is a file, not an adapter directory (a folder with adapter_config.json "
-                                                 "and adapter_model.safetensors)" if Path(adapter_dir).is_file()
-                                                 else "no such adapter directory"))
+    check_adapter_dir(adapter_dir)
     path = Path(adapter_dir) / CONFIG_NAME
     try:
         if (size := path.stat().st_size) > DEFAULT_MAX_ADAPTER_BYTES:  # a sparse 1 TB file was a MemoryError

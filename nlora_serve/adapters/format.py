@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, deserialize
 from safetensors.torch import load
 
-from nlora_serve.adapters.config import CONFIG_NAME
+from nlora_serve.adapters.config import CONFIG_NAME, check_adapter_dir
 from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.errors import AdapterError
 
@@ -43,11 +43,7 @@ def weights_path(adapter_dir: Path) -> Path:
         AdapterError: the directory is missing, or holds no safetensors file (a pickled
             ``adapter_model.bin``/``.pt`` is named and refused without being opened).
     """
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise AdapterError(f"{adapter_dir}: " + ("is a file, not an adapter directory (a folder with adapter_config.json "
-                                                 "and adapter_model.safetensors)" if Path(adapter_dir).is_file()
-                                                 else "no such adapter directory"))
+    adapter_dir = check_adapter_dir(adapter_dir)
     path = adapter_dir / WEIGHTS_NAME
     if path.is_file():
         return path
