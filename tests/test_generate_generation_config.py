@@ -108,3 +108,21 @@ def test_the_log_line_names_generates_own_defaults_where_the_config_sets_none(tm
         source = flags[1] if flags else "auto"
         assert caplog.messages == [f"--generation-config {source}: {why}; the default sampling parameters are "
                                    "generate's own (greedy, 128 tokens)."]
+
+
+def test_a_sampling_flag_out_of_range_is_named_as_typed_and_a_files_value_as_the_files(tmp_path):
+    """A bad --temperature is refused in the flag's words (it said SamplingParams.temperature, the
+    class that checked it); a generation config's own bad value is named by its file and field, not
+    as a flag the user never typed."""
+    from nlora_serve.errors import NloraError
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with pytest.raises(NloraError, match=r"^--temperature -1\.0: must be in \[0, 100\]; got -1\.0$"):
+        _params(folder, "--temperature", "-1")
+    with pytest.raises(NloraError, match=r"^--top-k -5: must be an integer in \[0, 2\^63\)"):
+        _params(folder, "--top-k", "-5")
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 500.0}))
+    with pytest.raises(NloraError, match=r"generation_config\.json: temperature=500\.0: must be in \[0, 100\]") as err:
+        _params(folder)
+    assert "--temperature" not in str(err.value)

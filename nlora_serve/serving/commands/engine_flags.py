@@ -12,8 +12,8 @@ from nlora_serve.engine.config import (CPU_GEMMS, DEFAULT_CPU_KV_CACHE_BYTES, Ca
 
 
 # a config dataclass's field as its __post_init__ names it: "ServerConfig.max_queue must be ..."
-_CONFIG_FIELD = re.compile(
-    r"\b(?:ServerConfig|SchedulerConfig|CacheConfig|AdapterLimits|EngineConfig|VllmBackendConfig)\.(\w+)")
+_CONFIG_FIELD = re.compile(r"\b(?:ServerConfig|SchedulerConfig|CacheConfig|AdapterLimits|EngineConfig|"
+                           r"VllmBackendConfig|SamplingParams)\.(\w+)")
 
 
 def in_flag_words(message: str, args: argparse.Namespace) -> str:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ from nlora_serve.models import load_base, resolve_model
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.chat_template import encode_chat
 from nlora_serve.engine.config import CacheConfig, SchedulerConfig
 from nlora_serve.serving.commands.engine_flags import device_config, in_flag_words
@@ -101,13 +102,19 @@ def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams
     (log.warning if defaults.as_dict() and args.generation_config != "vllm" else log.info)(line)
     value, cap = defaults.value, defaults.max_tokens_cap
     max_tokens = value("max_tokens", args.max_tokens, DEFAULT_MAX_TOKENS)
-    return SamplingParams(max_tokens=max_tokens if cap is None else min(max_tokens, cap),
-                          temperature=value("temperature", args.temperature, 0.0),
-                          top_k=value("top_k", args.top_k, 0), top_p=value("top_p", args.top_p, 1.0),
-                          min_p=value("min_p", None, 0.0), repetition_penalty=value("repetition_penalty", None, 1.0),
-                          presence_penalty=value("presence_penalty", None, 0.0),
-                          frequency_penalty=value("frequency_penalty", None, 0.0), seed=args.seed,
-                          stop=tuple(args.stop))
+    try:
+        return SamplingParams(max_tokens=max_tokens if cap is None else min(max_tokens, cap),
+                              temperature=value("temperature", args.temperature, 0.0),
+                              top_k=value("top_k", args.top_k, 0), top_p=value("top_p", args.top_p, 1.0),
+                              min_p=value("min_p", None, 0.0),
+                              repetition_penalty=value("repetition_penalty", None, 1.0),
+                              presence_penalty=value("presence_penalty", None, 0.0),
+                              frequency_penalty=value("frequency_penalty", None, 0.0), seed=args.seed,
+                              stop=tuple(args.stop))
+    except RequestError as exc:  # in the words of the flag the user typed (a generation config's value: as is)
+        field = re.match(r"SamplingParams\.(\w+)", str(exc))
+        given = field is not None and getattr(args, field.group(1), None) not in (None, [])
+        raise NloraError(in_flag_words(str(exc), args) if given else str(exc)) from None
 
 
 def run_generate(args: argparse.Namespace, sizes: tuple[SchedulerConfig, CacheConfig] | None = None) -> int:
