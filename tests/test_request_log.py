@@ -236,3 +236,23 @@ def test_serve_flags_fill_the_config_and_a_bad_one_names_its_flag(capsys):
     with pytest.raises(SystemExit):
         configs("--enable-log-requests", "--max-log-len", "-1")
     assert "--max-log-len: must be an integer >= 0; got -1" in capsys.readouterr().err
+
+
+def test_a_flood_that_stopped_is_summed_up_at_the_next_end_line(caplog):
+    """A refusal flood ends and only admitted requests follow: the count left out is written before
+    the next end line once its reason may write again (it waited for the next refusal, maybe forever)."""
+    caplog.set_level(logging.INFO, LOGGER)
+    clock = FakeClock()
+    log = RequestLog(clock=clock)
+    metrics = _metrics(log)
+    for _ in range(25):
+        metrics.reject("unauthenticated", "http", None, "unknown API key", client=("192.0.2.9", 4000))
+    caplog.clear()
+    _run(log, [_delta(0, "a", [1], 5, 1, "stop")])  # no budget yet: the end line alone
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.name == LOGGER] == ["request 'cmpl-7' ended"]
+    caplog.clear()
+    clock.now += 2.0
+    _run(log, [_delta(0, "a", [1], 5, 1, "stop")])
+    got = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert got[0] == "suppressed 15 refusal lines (reason=unauthenticated) in the last 2.0 s"
+    assert got[1].startswith("request 'cmpl-") and " ended: " in got[1] and len(got) == 2

@@ -5,8 +5,8 @@ not 10,000, and a flood of one reason does not hide the others.
 The numbers are the Linux kernel's ``printk_ratelimit`` defaults (``DEFAULT_RATELIMIT_BURST`` 10
 lines per ``DEFAULT_RATELIMIT_INTERVAL`` 5 s): each reason may write :data:`BURST` lines at once and
 then :data:`LINES_PER_SECOND` (2) a second on average. A refusal line left out is counted; the
-next refusal line of any reason, once that reason has a line to spend again, is preceded by one
-summary line per reason with lines left out::
+next line of the log (a refusal of any reason, or a request's end), once that reason has a line to
+spend again, is preceded by one summary line per reason with lines left out::
 
     suppressed 990 refusal lines (reason=queue_full) in the last 4.5 s
 
@@ -63,14 +63,7 @@ class RefusalLineLimit:
             bucket = self._buckets.get(reason)
             if bucket is None:
                 bucket = self._buckets[reason] = _Bucket(now)
-            summaries = []
-            for name, other in self._buckets.items():
-                if other.suppressed:
-                    other.refill(now, self._rate, self._burst)
-                    if other.tokens >= 1.0:
-                        summaries.append(f"suppressed {other.suppressed} refusal lines (reason={name}) "
-                                         f"in the last {now - other.since:.1f} s")
-                        other.suppressed = 0
+            summaries = self._due(now)
             bucket.refill(now, self._rate, self._burst)
             if bucket.tokens >= 1.0:
                 bucket.tokens -= 1.0
@@ -79,3 +72,22 @@ class RefusalLineLimit:
                 bucket.since = now
             bucket.suppressed += 1
             return False, summaries
+
+    def due(self) -> list[str]:
+        """The summary lines due now (every reason's lines left out whose reason may write again),
+        for a line of another kind to write first: a flood that stopped is summed up at the next
+        line of the log, not only at the next refusal."""
+        now = self._clock()
+        with self._lock:
+            return self._due(now)
+
+    def _due(self, now: float) -> list[str]:
+        summaries = []
+        for name, other in self._buckets.items():
+            if other.suppressed:
+                other.refill(now, self._rate, self._burst)
+                if other.tokens >= 1.0:
+                    summaries.append(f"suppressed {other.suppressed} refusal lines (reason={name}) "
+                                     f"in the last {now - other.since:.1f} s")
+                    other.suppressed = 0
+        return summaries

@@ -127,6 +127,8 @@ class RequestLog:
             line += f" reason={quoted(capped(record.reason))}"
         if self.max_log_len:
             line += f" prompt={self._prompt(record)} output={quoted(''.join(record.text), self.max_log_len)}"
+        for summary in self._limit.due():  # a flood of refusals that stopped is summed up here too
+            self._log.info("%s", summary)
         self._log.info("%s", line)
 
     def refused(self, frontend: str, reason: str, tenant: str | None, message: str | None,
