@@ -37,6 +37,13 @@ class StoreWriteError(NloraError):
     what it served before it still serves (gRPC RESOURCE_EXHAUSTED, HTTP 507)."""
 
 
+class StoreReadError(AdapterError):
+    """A file or folder of the store cannot be read as the store wrote it: a symbolic link, FIFO or
+    other non-regular entry planted there, files over --max-adapter-bytes, or a read the disk
+    refused (EACCES, EIO). The store's fault, not the call's that read it (gRPC INTERNAL, HTTP 500
+    adapter_load_failed); at a start the version is skipped with a warning."""
+
+
 def raise_if_disk_error(name: str, exc: OSError) -> None:
     """Raises :class:`StoreWriteError` (from ``exc``) naming the disk's error when a write of adapter
     ``name`` failed with one of :data:`DISK_ERRORS`; returns for any other ``exc`` (a bug, not the
@@ -211,7 +218,7 @@ def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int,
 
     Raises:
         FileNotFoundError: ``root/folder`` does not exist (e.g. a version removed since).
-        AdapterError: a symbolic link, FIFO, device or other non-regular entry on the way, named
+        StoreReadError: a symbolic link, FIFO, device or other non-regular entry on the way, named
             by its path relative to ``root``; files of more than ``max_bytes`` bytes together; any
             other error reading them (EACCES, EIO).
     """
@@ -229,14 +236,14 @@ def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int,
         sizes = {name: os.fstat(fd).st_size for name, fd in fds.items()}
         if sum(sizes.values()) > max_bytes:
             cap = cap or f"the server's --max-adapter-bytes {max_bytes}"
-            raise AdapterError(f"adapter store folder {folder.as_posix()}: {' + '.join(fds)} are {sum(sizes.values())} "
-                               f"bytes, over {cap}: refusing to read them")
+            raise StoreReadError(f"adapter store folder {folder.as_posix()}: {' + '.join(fds)} are "
+                                 f"{sum(sizes.values())} bytes, over {cap}: refusing to read them")
         return {name: _read_all(fd, sizes[name]) for name, fd in fds.items()}
     except FileNotFoundError:
         raise
     except OSError as exc:  # EACCES, EIO, ...: a refusal of this version, not a crash of the start
-        raise AdapterError(f"adapter store folder {folder.as_posix()}: cannot read it "
-                           f"({exc.strerror or exc})") from None
+        raise StoreReadError(f"adapter store folder {folder.as_posix()}: cannot read it "
+                             f"({exc.strerror or exc})") from None
     finally:
         for fd in (dir_fd, *fds.values()):
             os.close(fd)
@@ -270,12 +277,12 @@ def _open_entry(name: str, dir_fd: int, shown: Path, is_dir: bool) -> int | None
     return fd
 
 
-def _not_kind(shown: Path, mode: int, is_dir: bool) -> AdapterError:
+def _not_kind(shown: Path, mode: int, is_dir: bool) -> StoreReadError:
     if stat.S_ISLNK(mode):
-        return AdapterError(f"adapter store entry {shown.as_posix()} is a symbolic link; the store follows no "
-                            "links: refusing it (put the file itself there)")
-    return AdapterError(f"adapter store entry {shown.as_posix()} is not a {'folder' if is_dir else 'regular file'}: "
-                        "refusing it")
+        return StoreReadError(f"adapter store entry {shown.as_posix()} is a symbolic link; the store follows no "
+                              "links: refusing it (put the file itself there)")
+    return StoreReadError(f"adapter store entry {shown.as_posix()} is not a {'folder' if is_dir else 'regular file'}: "
+                          "refusing it")
 
 
 def _read_all(fd: int, size: int) -> bytes:

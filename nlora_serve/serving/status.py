@@ -12,7 +12,7 @@ import grpc
 
 from nlora_serve.adapters.version import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.residency import AdapterLoadFailed, PoolFull
-from nlora_serve.adapters.durable import StoreWriteError
+from nlora_serve.adapters.durable import StoreReadError, StoreWriteError
 from nlora_serve.adapters.store_sums import StoredHashMismatch
 from nlora_serve.errors import MAX_ERROR_CHARS, AdapterError, NloraError, capped
 from nlora_serve.proto import REASON_KEY
@@ -101,6 +101,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (PoolFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "pool_full"),
     (AdapterLoadFailed, grpc.StatusCode.INTERNAL, 500, "adapter_load_failed"),
     (StoredHashMismatch, grpc.StatusCode.INTERNAL, 500, "adapter_load_failed"),  # the store's fault, not the call's
+    (StoreReadError, grpc.StatusCode.INTERNAL, 500, "adapter_load_failed"),  # a link or FIFO planted there, EIO: too
     (StoreWriteError, grpc.StatusCode.RESOURCE_EXHAUSTED, 507, "store_write_failed"),
     (RequestAborted, grpc.StatusCode.ABORTED, 409, "aborted"),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),

@@ -25,6 +25,19 @@ CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-sub
 FILES = {CONFIG_FILE: b'{"r": 4}', WEIGHTS_FILE: b"\x00" * 64}
 
 
+def _the_stores_fault(exc: AdapterError) -> None:
+    """A store entry that cannot be read is the store's fault, not the admin call's that read it
+    (gRPC LoadAdapter, HTTP /v1/load_lora_adapter): INTERNAL / 500 adapter_load_failed, as a file
+    that fails its SHA256SUMS (it was INVALID_ARGUMENT / 400, blaming the call)."""
+    import grpc
+
+    from nlora_serve.serving.status import http_status_of, status_of
+
+    assert isinstance(exc, durable.StoreReadError)
+    assert status_of(exc) == (grpc.StatusCode.INTERNAL, "adapter_load_failed")
+    assert http_status_of(exc) == (500, "adapter_load_failed")
+
+
 def _relink(target: Path, link: Path) -> None:
     """Replace the file ``link`` by a symbolic link to ``target``."""
     link.unlink()
@@ -43,6 +56,7 @@ def test_a_linked_file_of_a_version_is_refused_by_its_path_in_the_store(tmp_path
             read()
         assert str(err.value).startswith(f"adapter store entry acme/00000001/{fname} is a symbolic link")
         assert "secret" not in str(err.value)
+        _the_stores_fault(err.value)
 
 
 def test_a_linked_version_folder_is_refused(tmp_path):
@@ -59,8 +73,9 @@ def test_a_fifo_or_folder_in_place_of_a_file_is_refused_without_blocking(tmp_pat
     stored = store.write("acme", FILES)
     (stored.path / WEIGHTS_FILE).unlink()
     os.mkfifo(stored.path / WEIGHTS_FILE)  # an open for reading would wait for a writer forever
-    with pytest.raises(AdapterError, match=f"^adapter store entry acme/00000001/{WEIGHTS_FILE} is not a regular file"):
+    with pytest.raises(AdapterError, match=f"^adapter store entry acme/00000001/{WEIGHTS_FILE} is not a regular file") as err:
         store.read_files(stored.path)
+    _the_stores_fault(err.value)
     (stored.path / CONFIG_FILE).unlink()
     (stored.path / CONFIG_FILE).mkdir()
     with pytest.raises(AdapterError, match=f"^adapter store entry acme/00000001/{CONFIG_FILE} is not a regular file"):
