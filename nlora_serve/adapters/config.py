@@ -18,6 +18,7 @@ from pathlib import Path
 
 import regex
 
+from nlora_serve.adapters.file_read import read_file
 from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.spec import PROJECTIONS, ModelSpec
@@ -272,15 +273,14 @@ def read_config(adapter_dir: Path) -> AdapterConfig:
     """
     check_adapter_dir(adapter_dir)
     path = Path(adapter_dir) / CONFIG_NAME
-    try:
-        if (size := path.stat().st_size) > DEFAULT_MAX_ADAPTER_BYTES:  # a sparse 1 TB file was a MemoryError
-            raise AdapterError(f"{path}: {size} bytes, over the {DEFAULT_MAX_ADAPTER_BYTES} bytes an adapter's "
-                               "files may hold (--max-adapter-bytes' default); expected a small JSON object")
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         raise AdapterError(f"{adapter_dir}: no {CONFIG_NAME}; a PEFT adapter directory needs "
-                           f"{CONFIG_NAME} next to adapter_model.safetensors") from None
-    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
+                           f"{CONFIG_NAME} next to adapter_model.safetensors")
+    # a sparse 1 TB file was a MemoryError, a FIFO blocked forever: read_file refuses both unread
+    data = read_file(path, DEFAULT_MAX_ADAPTER_BYTES, expected="a JSON file")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
         raise AdapterError(f"{path}: cannot read {CONFIG_NAME} as JSON ({exc})") from None
     return parse_config(raw)
 

@@ -1,18 +1,14 @@
 """Adapter directory reading: safetensors in (writing.py writes them). A pickle is never opened.
 
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT layout).
-Adapter files are read into memory with read(2) (:func:`read_file`) and parsed from bytes, never
-memory-mapped (safetensors' ``safe_open`` maps the file): a page of a mapping past the end of a
-file truncated meanwhile raises SIGBUS on access, which kills the process (a server's start, or
-every tenant's requests); a read of such a file returns fewer bytes, a parse error naming it.
+Adapter files are read into memory with read(2) (file_read.py: never memory-mapped, never a FIFO
+or device opened) and parsed from bytes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +17,7 @@ from safetensors import SafetensorError, deserialize
 from safetensors.torch import load
 
 from nlora_serve.adapters.config import CONFIG_NAME, check_adapter_dir
-from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.adapters.file_read import open_regular
 from nlora_serve.errors import AdapterError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -58,45 +54,20 @@ def weights_path(adapter_dir: Path) -> Path:
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{key: (safetensors dtype, shape)}`` of safetensors file ``path``, from its first 8 bytes
     and the header they announce (read(2), not mapped; the tensor data is not read or checked:
-    :func:`read_file` and :func:`read_bytes` do that).
+    file_read.read_file and :func:`read_bytes` do that).
 
     Raises:
         AdapterError: naming ``path``: unreadable, not a safetensors header, over the caps on
             a header, or a tensor of a dtype other than F32 / F16 / BF16 (named with its key).
     """
     try:
-        with open(path, "rb") as f:
+        with open(open_regular(path, "a safetensors file"), "rb") as f:
             data = f.read(8)
             length = int.from_bytes(data, "little") if len(data) == 8 else 0
             data += f.read(min(length, MAX_HEADER_BYTES))  # a longer one is refused unread
     except OSError as exc:
         raise AdapterError(f"{path}: not a readable safetensors file ({exc.strerror or exc})") from None
     return {k: (v["dtype"], v["shape"]) for k, v in _entries(data, str(path))[0].items()}
-
-
-def read_file(path: Path, max_bytes: int | None = DEFAULT_MAX_ADAPTER_BYTES) -> bytes:
-    """The whole of adapter file ``path``, read into memory with read(2), never memory-mapped (see
-    the module's docstring): a file truncated meanwhile gives fewer bytes, which the parsers refuse
-    naming the file, not a SIGBUS. Its size (fstat) is checked against ``max_bytes``
-    (--max-adapter-bytes; None: no cap, the offline tools' reads of an operator's own folders)
-    before a byte is read, and a file grown since is read to that size.
-
-    Raises:
-        AdapterError: naming ``path``: over ``max_bytes``, not a regular file (a FIFO put there
-            cannot block the open), or unreadable (EACCES, EIO).
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as f:
-            found = os.fstat(fd)
-            if not stat.S_ISREG(found.st_mode):
-                raise AdapterError(f"{path}: not a regular file; expected a safetensors file")
-            if max_bytes is not None and found.st_size > max_bytes:
-                raise AdapterError(f"{path}: {found.st_size} bytes, over the {max_bytes} bytes an adapter's files "
-                                   "may hold (--max-adapter-bytes): refusing to read it")
-            return f.read(found.st_size)
-    except OSError as exc:
-        raise AdapterError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def _check_dtypes(header: dict[str, tuple[str, tuple[int, ...]]]) -> None:

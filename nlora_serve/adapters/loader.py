@@ -17,7 +17,8 @@ from nlora_serve.adapters.adapter import Adapter, SiteWeights, content_hash, fla
 from nlora_serve.adapters.bounds import check_finite, site_limits, tied_norms
 from nlora_serve.adapters.config import (CONFIG_NAME, AdapterConfig, SitePlan, parse_config, plan_sites,
                                          read_config)
-from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_file, read_header_bytes, weights_path
+from nlora_serve.adapters.file_read import read_file
+from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_header_bytes, weights_path
 from nlora_serve.adapters.limits import DEFAULT_MAX_RANK
 from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, group_keys
@@ -196,7 +197,7 @@ def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DE
     The weights file (at most ``max_bytes``, --max-adapter-bytes; None: any size, for the offline
     tools) is read whole into memory and
     parsed from there, never memory-mapped: a file truncated meanwhile is an AdapterError naming
-    it, not a SIGBUS (format.read_file).
+    it, not a SIGBUS (file_read.read_file).
 
     Raises:
         AdapterError: anything that cannot be served exactly; the message names the key or field

@@ -5,6 +5,7 @@ its new end, which kills the process. A read of a truncated file returns fewer b
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -89,3 +90,32 @@ def test_the_offline_tools_read_a_folder_of_any_size(base_fp32, tmp_path, monkey
     assert inspect_adapter(folder, base_fp32).num_sites > 0
     convert_dir(folder, "lora", tmp_path / "out", base_fp32)
     assert caps == [None, None]
+
+
+@pytest.mark.parametrize("fname", ["adapter_config.json", WEIGHTS])
+def test_a_fifo_in_place_of_a_file_is_refused_without_opening_it(base_fp32, tmp_path, fname):
+    """A FIFO planted as adapter_config.json blocked its read forever (`adapters inspect`, or an
+    admin's /v1/load_lora_adapter thread); each file is refused by name before it is opened. The
+    read runs in a daemon thread: one blocked on the FIFO fails the join, not the suite."""
+    folder = Path(shutil.copytree(CASE, tmp_path / "acme"))
+    (folder / fname).unlink()
+    os.mkfifo(folder / fname)
+    outcome = []
+
+    def read():
+        for reader in (lambda: read_adapter(folder, base_fp32), lambda: is_plain_lora(folder)):
+            try:
+                reader()
+                outcome.append("read")
+            except AdapterError as exc:
+                outcome.append(str(exc))
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), f"blocked on the FIFO {fname}"
+    if fname == WEIGHTS:  # read_adapter finds no weights file (is_file); compress's header-only read names it
+        assert outcome[0].endswith(f"acme: no {WEIGHTS}; expected it next to adapter_config.json")
+        assert outcome[1] == f"{folder / fname}: not a regular file; expected a safetensors file"
+    else:  # (compress's header read does not read the config)
+        assert outcome == [f"{folder / fname}: not a regular file; expected a JSON file", "read"]

@@ -1,0 +1,56 @@
+"""An adapter folder's files read whole into memory with read(2): never memory-mapped, never
+blocking, nothing opened but a regular file. Torch-free (config.py reads adapter_config.json here).
+
+Why not a mapping: safetensors' ``safe_open`` maps the file, and a page of a mapping past the end of
+a file truncated meanwhile raises SIGBUS on access, which kills the process; a read of such a file
+returns fewer bytes, which the parsers refuse naming it. Why the type check before the open: a
+FIFO planted as ``adapter_config.json`` blocked its read forever (an ``adapters inspect``, or an
+admin's ``/v1/load_lora_adapter`` thread), and opening a device can act on it (a tape rewinds).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from nlora_serve.adapters.store import DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.errors import AdapterError
+
+
+def open_regular(path: Path, expected: str) -> int:
+    """A read-only descriptor of ``path`` once it is a regular file (links followed: an
+    operator's folder may link its files), checked before the open and again on the open file.
+
+    Raises:
+        AdapterError: naming ``path`` and ``expected`` (what it should be): a FIFO, device, folder
+            or other non-regular file; OSError: it cannot be opened (missing, EACCES).
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device is never opened
+        raise AdapterError(f"{path}: not a regular file; expected {expected}")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: one swapped in since cannot block
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise AdapterError(f"{path}: not a regular file; expected {expected}")
+    return fd
+
+
+def read_file(path: Path, max_bytes: int | None = DEFAULT_MAX_ADAPTER_BYTES,
+              expected: str = "a safetensors file") -> bytes:
+    """The whole of adapter file ``path``: its size (fstat) checked against ``max_bytes``
+    (--max-adapter-bytes; None: no cap, the offline tools' reads of an operator's own folders)
+    before a byte is read; a file grown since is read to that size, one truncated gives fewer bytes.
+
+    Raises:
+        AdapterError: naming ``path``: over ``max_bytes``, not a regular file, or unreadable
+            (missing, EACCES, EIO).
+    """
+    try:
+        with open(open_regular(path, expected), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise AdapterError(f"{path}: {size} bytes, over the {max_bytes} bytes an adapter's files "
+                                   "may hold (--max-adapter-bytes): refusing to read it")
+            return f.read(size)
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot read it ({exc.strerror or exc})") from None
