@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,8 +54,10 @@ def build_library(build_dir: Path) -> Path:
     if target.is_file():
         return target
     build_dir.mkdir(parents=True, exist_ok=True)
-    # once per source change and CPU, but 20-40 s on 2 cores: without a word, a first start looks hung
-    log.info("compiling the native CPU ops with %s into %s (once; later starts load it)...", compiler, target)
+    # once per source change and CPU, but 10-40 s on 2 cores: without a word, a first start looks hung
+    log.info("compiling the native CPU ops with %s into %s (once; later starts load it; about 10-40 s on "
+             "2 cores)...", compiler, target)
+    start = time.perf_counter()
     fd, tmp = tempfile.mkstemp(dir=build_dir, suffix=".so.tmp")
     os.close(fd)
     try:
@@ -67,6 +70,7 @@ def build_library(build_dir: Path) -> Path:
                     raise
                 log.info("native CPU ops: %s without OpenMP; threaded calls start their own threads", compiler)
         os.replace(tmp, target)
+        log.info("compiled the native CPU ops in %.1f s", time.perf_counter() - start)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
