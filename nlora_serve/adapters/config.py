@@ -271,8 +271,7 @@ def read_config(adapter_dir: Path) -> AdapterConfig:
     Raises:
         AdapterError: the file is missing or not JSON, or :func:`parse_config` refuses it.
     """
-    check_adapter_dir(adapter_dir)
-    path = Path(adapter_dir) / CONFIG_NAME
+    path = check_adapter_dir(adapter_dir) / CONFIG_NAME
     if not path.exists():
         raise AdapterError(f"{adapter_dir}: no {CONFIG_NAME}; a PEFT adapter directory needs "
                            f"{CONFIG_NAME} next to adapter_model.safetensors")

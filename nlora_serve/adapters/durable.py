@@ -84,13 +84,8 @@ def _point(kind: str, path: Path, target: Path | None = None, data: bytes | None
 
 def write_synced(path: Path, data: bytes) -> None:
     """Create ``path`` with ``data`` and fsync it (the folder entry is the caller's to fsync)."""
-    _point("create", path)
-    with open(path, "wb") as f:
-        _point("write", path, data=data)
-        f.write(data)
-        f.flush()
-        _point("fsync_file", path)
-        os.fsync(f.fileno())
+    write_unsynced(path, data)
+    _fsync_path(path)
 
 
 def write_unsynced(path: Path, data: bytes) -> None:
@@ -171,11 +166,7 @@ def link_or_copy(source: Path, path: Path) -> None:
 def fsync_dir(path: Path) -> None:
     """fsync a folder, so that the entries created, renamed or removed in it are durable."""
     _point("fsync_dir", path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_fd(path)
 
 
 def mkdir(path: Path, exist_ok: bool = False) -> None:
