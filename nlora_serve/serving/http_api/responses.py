@@ -334,6 +334,12 @@ class Shaper:
             return list(lps.items())
         return sorted(lps.items(), key=lambda kv: -kv[1])[: self.top_logprobs]
 
+    def content_logprobs(self, out: RequestOutput) -> list[dict]:
+        """A chat delta's logprobs entries (``logprobs.content``): per token ``{"token", "logprob",
+        "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}`` (/v1/responses' output_text
+        ``logprobs`` are these)."""
+        return self._logprobs(out)["content"]
+
     def _logprobs(self, out: RequestOutput) -> dict:
         pairs = list(zip(out.token_ids, out.logprobs or []))
         if self.chat:

@@ -2,28 +2,33 @@
 its translation to the chat request it runs as (no I/O).
 
 A Responses request is a chat turn: ``instructions`` is a system message put first, ``input`` a
-user message (a string) or a list of message items (``{"role", "content"}``, content a string or
-``input_text`` / ``output_text`` parts, joined by newlines as vLLM joins them); a final assistant
-item whose ``status`` is ``in_progress`` or ``incomplete`` is continued instead of answered
-(vLLM's ``should_continue_final_message``). It runs as the equivalent
-:class:`~nlora_serve.serving.http_api.request_models.ChatRequest` (:func:`chat_body_of`), so
-sampling, structured output, admission and the engine are /v1/chat/completions' own:
-``max_output_tokens`` is a limit lowered to the server's and to the rest of the context, as vLLM
-lowers it (:func:`chat_params_of`; chat refuses a ``max_tokens`` over them), ``text.format`` (text, json_object, json_schema) is
-``response_format``, ``reasoning.effort`` the template's ``reasoning_effort``, and vLLM's extras
-(``top_k``, ``min_p``, ``stop``, ``structured_outputs``, ... :data:`FORWARDED`) go through as they are.
+user message (a string) or a list of items: messages (``{"role", "content"}``, content a string or
+``input_text`` / ``output_text`` parts, joined by newlines as vLLM joins them), ``function_call``
+and ``function_call_output`` items (an assistant message's tool call, a ``tool`` message:
+http_api/responses_tools.py); a final assistant message whose ``status`` is ``in_progress`` or
+``incomplete`` is continued instead of answered (vLLM's ``should_continue_final_message``). It runs
+as the equivalent :class:`~nlora_serve.serving.http_api.request_models.ChatRequest`
+(:func:`chat_body_of`), so sampling, structured output, tools, logprobs, admission and the engine
+are /v1/chat/completions' own: ``max_output_tokens`` is a limit lowered to the server's and to the
+rest of the context, as vLLM lowers it (:func:`chat_params_of`; chat refuses a ``max_tokens`` over
+them), ``text.format`` (text, json_object, json_schema) is ``response_format``, ``reasoning.effort``
+the template's ``reasoning_effort``, function ``tools`` / ``tool_choice`` / ``parallel_tool_calls``
+chat's (responses_tools.py: "required" and a named function answer ``function_call`` items,
+"auto" and "none" text), ``include: ["message.output_text.logprobs"]`` with ``top_logprobs`` chat's
+``logprobs`` / ``top_logprobs``, and vLLM's extras (``top_k``, ``min_p``, ``stop``,
+``structured_outputs``, ... :data:`FORWARDED`) go through as they are.
 
 vLLM 0.32 without its response store (``VLLM_ENABLE_RESPONSES_API_STORE`` unset, its default):
 ``store`` is accepted and ignored (nothing is stored), ``previous_response_id`` is a 404 (no stored
-response has that id), ``background: true`` a 400 naming ``background``. Tools: ``tools`` empty and
-``tool_choice`` ``"auto"`` / ``"none"`` only (vLLM then answers ``"none"``); ``include``'s
-``message.output_text.logprobs`` (logprobs) is not implemented and refused, its other values change
-nothing for text and are accepted, as are ``top_logprobs`` without it, ``prompt_cache_key``,
-``service_tier``, ``metadata``, ``user`` (echoed), OpenAI's ``safety_identifier``,
-``prompt_cache_retention`` and ``prompt_cache_options`` (:data:`HINTS`), and, with ``stream``,
-``stream_options`` with ``include_obfuscation`` false or null (as chat's). Any other field is
-refused, naming it. Items other than messages (function calls, reasoning, images, files) and parts
-other than text are refused with a 400 naming ``input``.
+response has that id), ``background: true`` a 400 naming ``background``. ``include``'s other values
+change nothing for text and are accepted, as are ``top_logprobs`` without the logprobs include,
+``prompt_cache_key``, ``service_tier``, ``metadata``, ``user`` (echoed), OpenAI's
+``safety_identifier``, ``prompt_cache_retention`` and ``prompt_cache_options`` (:data:`HINTS`), and,
+with ``stream``, ``stream_options`` with ``include_obfuscation`` false or null (as chat's). Any
+other field is refused, naming it. Tools other than functions (hosted tools, MCP, custom: vLLM runs
+them with a tool server or a harmony model only), items other than messages and function calls and
+their outputs (reasoning, images, files) and parts other than text are refused with a 400 naming
+``tools`` / ``input``.
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.http_api.request_models import IGNORED, ChatRequest, ParamError, unsupported
+from nlora_serve.serving.http_api.responses_tools import (FunctionCallItem, FunctionCallOutputItem, FunctionTool,
+                                                          add_assistant_text, add_item, chat_tool_choice,
+                                                          function_tools)
 from nlora_serve.serving.status import ResponseNotFound
 
 # vLLM 0.32 ResponsesRequest fields that are chat request fields under the same name: given to the chat request
@@ -123,7 +131,7 @@ class ResponsesRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)  # extras: checked in chat_body_of
     model: str  # an adapter name, or the base model's served name
-    input: str | list[InputMessage]
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem]
     instructions: str | None = None
     max_output_tokens: int | None = None
     temperature: float | None = None
@@ -137,8 +145,8 @@ class ResponsesRequest(BaseModel):
     store: bool | None = True
     background: bool | None = False
     previous_response_id: str | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = "auto"
+    tools: list | None = None  # function tools (http_api/responses_tools.py)
+    tool_choice: str | dict | None = "auto"  # null: "auto"
     parallel_tool_calls: bool | None = True
     max_tool_calls: int | None = None
     reasoning: Reasoning | None = None
@@ -150,36 +158,45 @@ class ResponsesRequest(BaseModel):
     request_id: str | None = None  # vLLM's: the response id (default "resp_<uuid>")
     enable_response_messages: bool | None = False  # vLLM's: raw prompt/output token messages; false only
 
+    @property
+    def logprobs_included(self) -> bool:
+        """``include`` asks for the output text's logprobs (vLLM's ``is_include_output_logprobs``)."""
+        return bool(self.include) and LOGPROBS_INCLUDE in self.include
+
     @field_validator("input", mode="before")
     @classmethod
     def _items(cls, value):
-        """The message items of a list ``input`` validated here, so that a refusal names the item's
-        field (pydantic's union would name its first member: "input.str: Input should be a valid string").
+        """The items of a list ``input`` validated here, each by its ``type``, so that a refusal
+        names the item's field (pydantic's union would name its first member: "input.str: Input
+        should be a valid string").
 
         Raises:
-            PydanticCustomError: an input neither a string nor a list, an item that is not a message
-                (a function call, ...), a message that does not validate (its first error, located).
+            PydanticCustomError: an input neither a string nor a list, an item that is not a message,
+                ``function_call`` or ``function_call_output`` (reasoning, images, ...), an item that
+                does not validate (its first error, located).
         """
         if isinstance(value, str):
             return value
         if not isinstance(value, list):
             raise PydanticCustomError("input", "must be a string or a list of message items; got {kind}",
                                       {"kind": _kind(value)})
+        items = []
         for i, item in enumerate(value):
             kind = item.get("type", "message") if isinstance(item, dict) else None
-            if kind != "message":
+            model = _ITEMS.get(kind) if isinstance(kind, str) else None
+            if model is None:
                 what = f"a {kind!r} item" if isinstance(kind, str) else "not a message object"
-                raise PydanticCustomError("input", f"input[{i}] is {what}: this server takes message items only "
-                                          "({'role', 'content'}; no tools)")
-        try:
-            return _MESSAGES.validate_python(value)
-        except ValidationError as exc:
-            where, message = _located(exc)
-            raise PydanticCustomError("input", "input{where}: {message}",
-                                      {"where": where, "message": message}) from None
+                raise PydanticCustomError("input", f"input[{i}] is {what}: this server takes message, function_call "
+                                          "and function_call_output items only")
+            try:
+                items.append(model.model_validate(item))
+            except ValidationError as exc:
+                raise PydanticCustomError("input", "input[{i}]{where}: {message}",
+                                          {"i": i, **_located(exc)}) from None
+        return items
 
 
-_MESSAGES = TypeAdapter(list[InputMessage])
+_ITEMS = {"message": InputMessage, "function_call": FunctionCallItem, "function_call_output": FunctionCallOutputItem}
 _JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
                list: "an array", dict: "an object"}
 
@@ -188,16 +205,14 @@ def _kind(value) -> str:
     return _JSON_KINDS.get(type(value), type(value).__name__)
 
 
-def _located(exc: ValidationError) -> tuple[str, str]:
-    """(where, message) of the first message's most specific error: its location as
-    ``[0].content[1].text`` (the union members' tags left out), its message."""
-    errors = exc.errors(include_url=False)
-    item = min(error["loc"][0] for error in errors)
-    # the deepest of the item's errors: in the union member that matched its shape
-    first = max((error for error in errors if error["loc"][0] == item), key=lambda error: len(error["loc"]))
+def _located(exc: ValidationError) -> dict[str, str]:
+    """``where`` and ``message`` of an item's most specific error: its location as
+    ``.content[1].text`` (the union members' tags left out), its message."""
+    # the deepest error: in the union member that matched its shape
+    first = max(exc.errors(include_url=False), key=lambda error: len(error["loc"]))
     where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
                     if isinstance(part, int) or (part != "str" and "[" not in part))
-    return where, first["msg"]
+    return {"where": where, "message": first["msg"]}
 
 
 def check_stateless(request: ResponsesRequest) -> None:
@@ -221,29 +236,49 @@ def chat_body_of(request: ResponsesRequest) -> dict:
     """The chat request body ``request`` runs as (validated as a ChatRequest by the caller).
 
     Raises:
-        ParamError: a field this server does not implement (an unknown one, ``prompt``, tools, the
-            logprobs ``include``, ``truncation: "auto"``, text.format json_schema without its schema
-            or with structured_outputs), a part that is not text, an input without messages.
+        ParamError: a field this server does not implement (an unknown one, ``prompt``,
+            ``truncation: "auto"``, text.format json_schema without its schema or with
+            structured_outputs), a tool or tool_choice responses_tools.py refuses, a part that is
+            not text, an input without messages.
     """
     _check_unsupported(request)
+    tools = function_tools(request.tools)
+    _, tool_choice = chat_tool_choice(request.tool_choice, tools)
     extras = request.model_extra or {}
     messages = ([{"role": "system", "content": request.instructions}] if request.instructions else [])
     if isinstance(request.input, str):
         messages.append({"role": "user", "content": request.input})
     else:
-        messages += [{"role": item.role, "content": _text(item, i)} for i, item in enumerate(request.input)]
+        for i, item in enumerate(request.input):
+            if not isinstance(item, InputMessage):
+                add_item(messages, item)
+            elif item.role == "assistant":
+                add_assistant_text(messages, _text(item, i))
+            else:
+                messages.append({"role": item.role, "content": _text(item, i)})
     if not messages:
         raise ParamError("input holds no message", "input")
     last = request.input[-1] if isinstance(request.input, list) and request.input else None
-    continued = last is not None and last.role == "assistant" and last.status in ("in_progress", "incomplete")
+    continued = (isinstance(last, InputMessage) and last.role == "assistant"
+                 and last.status in ("in_progress", "incomplete"))
     body = {"model": request.model, "messages": messages, "stream": bool(request.stream),
             "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed, "user": request.user,
             "response_format": _response_format(request),
             "reasoning_effort": request.reasoning.effort if request.reasoning is not None else None,
+            "tools": [tool.chat_tool() for tool in tools] or None, "tool_choice": tool_choice,
+            "parallel_tool_calls": request.parallel_tool_calls,
             **{name: value for name, value in extras.items() if name in FORWARDED or name in IGNORED}}
+    if request.logprobs_included:  # vLLM's: top_logprobs counts only with the include
+        body.update(logprobs=True, top_logprobs=request.top_logprobs or 0)
     if continued:
         body.update(add_generation_prompt=False, continue_final_message=True)
     return body
+
+
+def tools_echo(request: ResponsesRequest) -> tuple[str | dict, list[dict]]:
+    """(``tool_choice``, ``tools``) as vLLM 0.32's response echoes them (checked by :func:`chat_body_of`)."""
+    tools: list[FunctionTool] = function_tools(request.tools)
+    return chat_tool_choice(request.tool_choice, tools)[0], [tool.echo() for tool in tools]
 
 
 def chat_params_of(run, body: ChatRequest, request: ResponsesRequest, config) -> SamplingParams:
@@ -283,15 +318,6 @@ def _check_unsupported(request: ResponsesRequest) -> None:
     if request.enable_response_messages:  # a boolean, as the model's other flags (0 or "yes" is a 400 there)
         raise ParamError("enable_response_messages=true is not supported: this server returns no raw input / "
                          "output messages; send false or leave it out", "enable_response_messages")
-    if request.tools:
-        raise ParamError("tools are not supported on /v1/responses by this server (text generation only); send "
-                         "tools: [] or leave it out", "tools")
-    if request.tool_choice not in ("auto", "none", None):
-        raise ParamError("tool_choice needs tools (vLLM's rule); this server takes 'auto' or 'none' only",
-                         "tool_choice")
-    if request.include and LOGPROBS_INCLUDE in request.include:
-        raise ParamError(f"include {LOGPROBS_INCLUDE!r} (log-probabilities) is not supported on /v1/responses "
-                         "by this server", "include")
     if request.stream_options is not None and not request.stream:  # as chat refuses it
         raise ParamError("stream_options is only allowed with stream=true", "stream_options")
     if request.stream_options is not None and request.stream_options.include_obfuscation:

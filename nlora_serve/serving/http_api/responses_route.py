@@ -1,4 +1,4 @@
-"""``POST /v1/responses`` (OpenAI's Responses API, text generation) as a generation route of
+"""``POST /v1/responses`` (OpenAI's Responses API: text, function tool calls, logprobs) as a generation route of
 :func:`~nlora_serve.serving.http_api.generate.generate`: admitted, granted, metered and run as the
 equivalent /v1/chat/completions request (http_api/responses_request.py), answered in the Responses
 API's objects (http_api/responses_shape.py)."""
@@ -12,6 +12,7 @@ from nlora_serve.serving.http_api.body import validated
 from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.generate import Endpoint
 from nlora_serve.serving.http_api.openai import MAX_REQUEST_ID, chat_params
+from nlora_serve.serving.http_api.openai_route import shaper_of
 from nlora_serve.serving.http_api.request_models import ChatRequest, ParamError
 from nlora_serve.serving.http_api.responses_request import (ResponsesRequest, chat_body_of, chat_params_of,
                                                             check_stateless)
@@ -38,7 +39,11 @@ def _response_id(http: Request, body: ChatRequest, request: ResponsesRequest, en
 def _shaper(started, ctx: HttpContext) -> ResponseShaper:
     # the chat body sets no max_tokens: start_request lowers the limit to the rest of the context
     limit = min(started.params.max_tokens, ctx.engine.max_model_len - len(started.prompt_ids[0]))
-    return ResponseShaper(started.rid, started.own, started.params, limit)
+    body: ChatRequest = started.body
+    # the chat request's own Shaper writes the logprobs (its tools: "required" / a named function)
+    chat = (shaper_of(started.rid, body, started.params, ctx.tokenizer, started.prompt_ids, None, ctx.token_text)
+            if body.logprobs else None)
+    return ResponseShaper(started.rid, started.own, started.params, limit, chat, body.tool_calls()[0])
 
 
 RESPONSES = Endpoint(_read, _response_id, _shaper, lambda first, deltas, shaper: shaper.events(first, deltas),
