@@ -125,12 +125,13 @@ def test_responses_json_schema_is_the_chat_structured_output(http_server):
     ({"model": LORA}, openai.PermissionDeniedError, None),  # base-co is not granted it, as chat refuses
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, openai.BadRequestError,
      "input"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, openai.BadRequestError, "input"),
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, openai.BadRequestError, "tools"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, openai.BadRequestError, "input"),
+    ({"tools": [{"type": "web_search_preview"}]}, openai.BadRequestError, "tools"),  # function tools only
+    ({"tool_choice": "required"}, openai.BadRequestError, "tool_choice"),  # vLLM's: needs tools
     ({"background": True}, openai.BadRequestError, "background"),  # vLLM's without its store
     ({"previous_response_id": "resp_1"}, openai.NotFoundError, "response_id"),  # no response is stored
     ({"max_output_tokens": 0}, openai.BadRequestError, "max_output_tokens"),
-    ({"include": ["message.output_text.logprobs"]}, openai.BadRequestError, "include"),
+    ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, openai.BadRequestError, "top_logprobs"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, openai.BadRequestError, "text.format"),
     ({"temperature": "0"}, openai.BadRequestError, "temperature"),
     ({"extra_body": {"conversation": "c"}}, openai.BadRequestError, "conversation"),

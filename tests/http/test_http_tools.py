@@ -2,7 +2,8 @@
 arguments and "required"'s calls, whole and streamed, sampled at temperature 1, parse as JSON and
 hold the function's parameters schema (checked by hand here); "auto", ``tools: []`` and the other
 misuses are refused with vLLM's messages; tools and chat_template_kwargs reach the chat template
-as transformers' ``apply_chat_template`` renders them."""
+as transformers' ``apply_chat_template`` renders them. /v1/responses' function tools, tool items and
+logprobs on the same server answer what /v1/chat/completions answers for the same turn."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import json
 
 import openai
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from grpc_harness import TENANT_KEYS
 from http_harness import client
@@ -236,3 +239,71 @@ def test_tools_and_chat_template_kwargs_reach_the_template(tokenizer):
                                        add_generation_prompt=True, tokenize=False)
     assert "[tool get_weather:" in expected and "<note be brief>" in expected and "(call get_weather Paris)" in expected
     assert chat_prompt(body, tok) == tok.encode(expected, add_special_tokens=False)
+
+
+FLAT = {"type": "function", **WEATHER["function"]}  # the Responses API's function tool
+_RESPONSE = {"id": "resp_1", "created_at": 0, "model": "m", "object": "response", "parallel_tool_calls": True,
+             "tool_choice": "none", "tools": []}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_responses_function_call_is_chats_tool_call_whole_and_streamed(http_server):
+    """A named function's greedy call as a function_call item whose arguments are chat's for the
+    same turn (and hold the schema); streamed, the added item, argument deltas and done item
+    assemble to it; the SDK's pydantic types parse the raw JSON and every event."""
+    api, model = _api(http_server)
+    chat = api.chat.completions.create(model=model, messages=MESSAGES, tools=[WEATHER], tool_choice=NAMED,
+                                       max_tokens=60, temperature=0)
+    (expected,) = chat.choices[0].message.tool_calls
+    ask = dict(model=model, input=MESSAGES[0]["content"], tools=[FLAT], max_output_tokens=60, temperature=0,
+               tool_choice={"type": "function", "name": "get_weather"})
+    whole = Response.model_validate(api.responses.with_raw_response.create(**ask).http_response.json())
+    (item,) = whole.output
+    assert (item.type, item.name, item.status) == ("function_call", "get_weather", "completed")
+    assert item.arguments == expected.function.arguments and item.call_id.startswith("chatcmpl-tool-")
+    _check_arguments("get_weather", item.arguments)
+    assert whole.usage.input_tokens == chat.usage.prompt_tokens
+    events = [TypeAdapter(ResponseStreamEvent).validate_python(e.model_dump())
+              for e in api.responses.create(**ask, stream=True)]
+    (added,) = [e.item for e in events if e.type == "response.output_item.added"]
+    (done,) = [e.item for e in events if e.type == "response.output_item.done"]
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert added.arguments == "" and added.id == done.id and deltas == done.arguments == item.arguments
+    assert events[-1].response.output == [done]
+
+
+def test_responses_tool_round_trip_renders_chats_tool_turns(http_server):
+    """The call fed back as a function_call item (the SDK's model of our output item) and its result
+    as function_call_output: the
+    prompt is chat's with the assistant's tool call and the tool message (same prompt tokens, the
+    same greedy reply)."""
+    api, model = _api(http_server)
+    call = {"id": "call-1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    history = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "call-1", "content": "18 degrees, sunny"}]
+    chat = api.chat.completions.create(model=model, messages=history, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=3, temperature=0)
+    # the call as an earlier response's output item, fed back as the SDK serializes its pydantic model
+    item = Response.model_validate({**_RESPONSE, "output": [{
+        "arguments": call["function"]["arguments"], "call_id": "call-1", "name": "get_weather", "type": "function_call",
+        "id": "fc_1", "async": None, "caller": None, "namespace": None, "status": "completed"}]}).output[0]
+    items = MESSAGES + [item, {"type": "function_call_output", "call_id": "call-1", "output": "18 degrees, sunny"}]
+    reply = api.responses.create(model=model, input=items, tools=[FLAT], tool_choice="none", max_output_tokens=3,
+                                 temperature=0)
+    assert reply.usage.input_tokens == chat.usage.prompt_tokens
+    assert reply.output_text == chat.choices[0].message.content
+
+
+def test_responses_logprobs_are_chats(http_server):
+    """include message.output_text.logprobs with top_logprobs: the output_text part's logprobs are
+    chat's logprobs content for the same greedy turn (tokens, logprobs, bytes, top-2)."""
+    api, model = _api(http_server)
+    chat = api.chat.completions.with_raw_response.create(model=model, messages=MESSAGES, max_tokens=5, temperature=0,
+                                                         logprobs=True, top_logprobs=2).http_response.json()
+    raw = api.responses.with_raw_response.create(model=model, input=MESSAGES[0]["content"], max_output_tokens=5,
+                                                 temperature=0, include=["message.output_text.logprobs"],
+                                                 top_logprobs=2).http_response.json()
+    (part,) = raw["output"][0]["content"]
+    assert part["logprobs"] == chat["choices"][0]["logprobs"]["content"] and len(part["logprobs"]) == 5
+    assert raw["top_logprobs"] == 2 and Response.model_validate(raw).output_text == part["text"]
