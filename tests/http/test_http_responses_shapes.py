@@ -1,4 +1,5 @@
-"""/v1/responses objects with vLLM 0.32's keys and values, event by event and whole: our
+"""/v1/responses objects with vLLM 0.32's keys and values, event by event and whole (text, and
+function_call items of "required" and named tool choices): our
 ResponseShaper on hand-made engine outputs against vLLM's own OpenAIServingResponses' answers to
 the same outputs, recorded by tests/http/vllm_responses_shapes.py (run in the vLLM venv) in
 tests/data/vllm_responses_shapes.json; and the SDK's own pydantic types parse every one. No server."""
@@ -25,19 +26,21 @@ from nlora_serve.serving.http_api.responses_shape import ResponseShaper
 from nlora_serve.serving.server_config import ServerConfig
 
 VLLM = json.loads((Path(__file__).parents[1] / "data" / "vllm_responses_shapes.json").read_text())["cases"]
-_IDS = re.compile(r"\b(resp|msg)_[0-9a-f]{16}\b")
+_IDS = re.compile(r"\b(resp_|msg_|fc_|chatcmpl-tool-)[0-9a-f]{16,32}\b")
 
 
 def _normal(value):
-    """``value`` with vLLM's random ids as ``resp_*`` / ``msg_*`` and no ``created_at`` (a clock)."""
-    text = _IDS.sub(lambda m: f"{m.group(1)}_*", json.dumps(value))
+    """``value`` with the random ids as ``resp_*`` / ``msg_*`` / ``fc_*`` / ``chatcmpl-tool-*`` (a
+    call id: vLLM's 16 hex, chat's 32) and no ``created_at`` (a clock)."""
+    text = _IDS.sub(lambda m: f"{m.group(1)}*", json.dumps(value))
     return json.loads(text, object_hook=lambda d: {k: v for k, v in d.items() if k != "created_at"})
 
 
 def _ours(case: dict) -> list | dict:
     request = validated(ResponsesRequest, {"model": "m", "input": "hi", **case["request"]})
-    params = chat_params_of(chat_params, validated(ChatRequest, chat_body_of(request)), request, ServerConfig())
-    shaper = ResponseShaper("resp_0123456789abcdef", request, params, case["max_tokens"])
+    body = validated(ChatRequest, chat_body_of(request))
+    params = chat_params_of(chat_params, body, request, ServerConfig())
+    shaper = ResponseShaper("resp_0123456789abcdef", request, params, case["max_tokens"], None, body.tool_calls()[0])
     prompt, outs, made = len(case.get("prompt_ids", [0] * 4)), [], 0
     for step in case["steps"]:
         made += len(step["token_ids"])
@@ -68,7 +71,8 @@ def test_responses_api_has_vllms_shapes(name):
     ours = _ours(case)
     assert _normal(ours) == _normal(VLLM[name]["vllm"])
     if isinstance(ours, dict):
-        assert Response.model_validate(ours).output_text == "".join(s["text"] for s in case["steps"])
+        text = "".join(s["text"] for s in case["steps"])
+        assert Response.model_validate(ours).output_text == ("" if case.get("parser") else text)
     else:
         events = [TypeAdapter(ResponseStreamEvent).validate_python(data) for _, data in ours]
         assert [e.sequence_number for e in events] == list(range(len(events)))

@@ -1,7 +1,9 @@
 """Records vLLM 0.32's own /v1/responses objects for hand-made engine outputs, the reference of
 tests/http/test_http_responses_shapes.py: each case's SSE events or whole response as vLLM's
 OpenAIServingResponses.responses_stream_generator / responses_full_generator write them (its
-SimpleContext, no tool or reasoning parser, no response store: ``vllm serve``'s defaults), run on
+SimpleContext, no reasoning parser, no response store: ``vllm serve``'s defaults; the tool cases
+with ``--enable-auto-tool-choice --tool-call-parser pythonic``, a parser that serves "required" and
+named tool choices from their forced JSON as every such parser does), run on
 vLLM RequestOutputs built from the case (no engine, no model), written to
 tests/data/vllm_responses_shapes.json. Run it in the vLLM venv after changing CASES or vLLM:
 
@@ -26,6 +28,14 @@ TWO = [{"text": "Hi", "token_ids": [5]}, {"text": " there", "token_ids": [6]},
 CUT = [{"text": "Hi", "token_ids": [5]}, {"text": " x", "token_ids": [6], "finish_reason": "length"}]
 EMPTY = [{"text": "", "token_ids": [2], "finish_reason": "stop"}]
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather", "parameters": SCHEMA},
+         {"type": "function", "name": "get_time", "parameters": {"type": "object"}, "strict": True}]
+NAMED = {"tools": TOOLS, "tool_choice": {"type": "function", "name": "get_weather"}}
+ARGS = [{"text": '{"a"', "token_ids": [5]}, {"text": ": 1", "token_ids": [6]}, {"text": "}", "token_ids": [7]},
+        {"text": "", "token_ids": [2], "finish_reason": "stop"}]
+CALLS = [{"text": '[{"name": "get_weather", ', "token_ids": [5]}, {"text": '"parameters": {"a": 1', "token_ids": [6]},
+         {"text": '}}, {"name": "get_time", "parameters": {}}', "token_ids": [7]}, {"text": "]", "token_ids": [8]},
+         {"text": "", "token_ids": [2], "finish_reason": "stop"}]
 
 CASES = {
     "whole": {"request": {}, "max_tokens": 100, "steps": TWO},
@@ -40,6 +50,15 @@ CASES = {
     "stream cut": {"request": {"stream": True, "max_output_tokens": 2, "text": {"format": {"type": "json_object"}}},
                    "max_tokens": 2, "steps": CUT},
     "stream empty": {"request": {"stream": True}, "max_tokens": 100, "steps": EMPTY},
+    "whole named": {"request": NAMED, "max_tokens": 100, "steps": ARGS, "parser": True},
+    "whole required": {"request": {"tools": TOOLS, "tool_choice": "required"}, "max_tokens": 100, "steps": CALLS,
+                       "parser": True},
+    "whole one required": {"request": {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False},
+                           "max_tokens": 100, "steps": CALLS, "parser": True},
+    "stream named": {"request": {**NAMED, "stream": True}, "max_tokens": 100, "steps": ARGS, "parser": True},
+    "stream required": {"request": {"tools": TOOLS, "tool_choice": "required", "stream": True}, "max_tokens": 100,
+                        "steps": CALLS, "parser": True},
+    "whole auto": {"request": {"tools": TOOLS}, "max_tokens": 100, "steps": TWO},
 }
 
 
@@ -56,17 +75,21 @@ def _outputs(case: dict, cumulative: bool):
                             num_cached_tokens=case.get("cached", 0))
 
 
-def _serving():
+def _serving(parser: bool = False):
     """vLLM's OpenAIServingResponses with the attributes its generators read, as ``vllm serve`` sets
-    them by default (no harmony model, no parsers, no store, no per-request metrics)."""
+    them by default (no harmony model, no parsers, no store, no per-request metrics); ``parser``:
+    with ``--enable-auto-tool-choice --tool-call-parser pythonic``."""
     from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
+    from vllm.parser.parser_manager import ParserManager
 
     serving = object.__new__(OpenAIServingResponses)
     for name, value in {"use_harmony": False, "enable_store": False, "enable_log_outputs": False,
                         "request_logger": None, "enable_per_request_metrics": False, "tool_server": None,
-                        "return_tokens_as_token_ids": False, "enable_auto_tools": False, "response_store": {},
+                        "return_tokens_as_token_ids": False, "enable_auto_tools": parser, "response_store": {},
                         "msg_store": {}, "parser": None}.items():
         setattr(serving, name, value)
+    if parser:
+        serving.parser = ParserManager.get_parser(tool_parser_name="pythonic", enable_auto_tools=True)
     return serving
 
 
@@ -79,7 +102,9 @@ def vllm_response(case: dict) -> list | dict:
     request = ResponsesRequest(model="m", input="hi", **case["request"])
     request.store = False  # _create_responses' step without a store: store=true is ignored
     params = request.to_sampling_params(case["max_tokens"], {})
-    context, serving = SimpleContext(), _serving()
+    serving = _serving(case.get("parser", False))
+    # the parser's own tokenizer is not read by a JSON parse of forced calls
+    context = SimpleContext(response_parser=serving.parser(None, request.tools) if serving.parser else None)
     meta = RequestResponseMetadata(request_id=request.request_id)
 
     async def generator():

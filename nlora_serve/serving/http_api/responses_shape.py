@@ -65,10 +65,9 @@ def message_item(item_id: str, text: str | None, status: str = "completed", logp
 
 def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
     """A ``function_call`` output item (OpenAI's ResponseFunctionToolCall dumped by alias, as vLLM
-    0.32 writes it; the item an ``output_item.added`` event carries has ``created_by`` too)."""
-    item = {"arguments": arguments, "call_id": call_id, "name": name, "type": "function_call", "id": item_id,
+    0.32 writes it)."""
+    return {"arguments": arguments, "call_id": call_id, "name": name, "type": "function_call", "id": item_id,
             "async": None, "caller": None, "namespace": None, "status": status}
-    return item if status == "completed" else {**item, "created_by": None}
 
 
 def stream_logprobs(entries: list[dict]) -> list[dict]:
