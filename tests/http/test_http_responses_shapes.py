@@ -21,11 +21,13 @@ from nlora_serve.engine.sampling import RequestError
 from nlora_serve.serving.http_api.body import validated
 from nlora_serve.serving.http_api.openai import chat_params
 from nlora_serve.serving.http_api.request_models import ChatRequest, ParamError
+from nlora_serve.serving.http_api.responses import Shaper
 from nlora_serve.serving.http_api.responses_request import ResponsesRequest, chat_body_of, chat_params_of
 from nlora_serve.serving.http_api.responses_shape import ResponseShaper
 from nlora_serve.serving.server_config import ServerConfig
 
-VLLM = json.loads((Path(__file__).parents[1] / "data" / "vllm_responses_shapes.json").read_text())["cases"]
+RECORDED = json.loads((Path(__file__).parents[1] / "data" / "vllm_responses_shapes.json").read_text())
+VLLM, VOCAB = RECORDED["cases"], RECORDED["vocab"]
 _IDS = re.compile(r"\b(resp_|msg_|fc_|chatcmpl-tool-)[0-9a-f]{16,32}\b")
 
 
@@ -36,16 +38,28 @@ def _normal(value):
     return json.loads(text, object_hook=lambda d: {k: v for k, v in d.items() if k != "created_at"})
 
 
-def _ours(case: dict) -> list | dict:
+class _Vocab:
+    """A tokenizer of the recorded cases' few tokens (vllm_responses_shapes.VOCAB, JSON keys)."""
+
+    def __init__(self, vocab: dict[str, str]) -> None:
+        self.vocab = {int(i): text for i, text in vocab.items()}
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.vocab[i] for i in ids)
+
+
+def _ours(case: dict, vocab: dict[str, str]) -> list | dict:
     request = validated(ResponsesRequest, {"model": "m", "input": "hi", **case["request"]})
     body = validated(ChatRequest, chat_body_of(request))
     params = chat_params_of(chat_params, body, request, ServerConfig())
-    shaper = ResponseShaper("resp_0123456789abcdef", request, params, case["max_tokens"], None, body.tool_calls()[0])
+    chat = Shaper("resp_0123456789abcdef", "m", True, _Vocab(vocab), body.top_logprobs) if body.logprobs else None
+    shaper = ResponseShaper("resp_0123456789abcdef", request, params, case["max_tokens"], chat, body.tool_calls()[0])
     prompt, outs, made = len(case.get("prompt_ids", [0] * 4)), [], 0
     for step in case["steps"]:
         made += len(step["token_ids"])
+        logprobs = [dict(entries) for entries in step["logprobs"]] if "logprobs" in step else None
         outs.append(RequestOutput("r", step["text"], step["token_ids"], step.get("finish_reason"), prompt, made,
-                                  cached_tokens=case.get("cached", 0)))
+                                  cached_tokens=case.get("cached", 0), logprobs=logprobs))
     if not request.stream:
         return shaper.whole(outs)
 
@@ -68,7 +82,7 @@ def test_responses_api_has_vllms_shapes(name):
     """Whole responses and every stream event as vLLM 0.32's (ids and clocks aside), and the openai
     SDK's Response / ResponseStreamEvent types parse each of them."""
     case = VLLM[name]["case"]
-    ours = _ours(case)
+    ours = _ours(case, VOCAB)
     assert _normal(ours) == _normal(VLLM[name]["vllm"])
     if isinstance(ours, dict):
         text = "".join(s["text"] for s in case["steps"])

@@ -11,7 +11,8 @@ tests/data/vllm_responses_shapes.json. Run it in the vLLM venv after changing CA
 
 A case: ``request`` (body fields besides model and input), ``max_tokens`` (the effective limit vLLM
 would compute), ``prompt_ids``, ``cached`` (prompt tokens from the prefix cache), ``steps`` (engine
-deltas ``{text, token_ids, finish_reason}``).
+deltas ``{text, token_ids, finish_reason, logprobs}``: per token its ``[[id, logprob], ...]``, the
+sampled token first then the others best first, each id's text :data:`VOCAB`'s).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ EMPTY = [{"text": "", "token_ids": [2], "finish_reason": "stop"}]
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather", "parameters": SCHEMA},
          {"type": "function", "name": "get_time", "parameters": {"type": "object"}, "strict": True}]
+VOCAB = {5: "Hi", 6: " there", 9: "Yo", 10: " here", 11: "!", 2: ""}
+SCORED = [{"text": "Hi", "token_ids": [5], "logprobs": [[[5, -0.25], [9, -1.5], [11, -3.0]]]},
+          {"text": " there", "token_ids": [6], "logprobs": [[[6, -0.5], [10, -1.0], [11, -4.0]]]},
+          {"text": "", "token_ids": [2], "finish_reason": "stop", "logprobs": [[[2, -0.125], [11, -2.5], [9, -5.0]]]}]
+LOGPROBS = {"include": ["message.output_text.logprobs"], "top_logprobs": 2, "temperature": 0.0}
 NAMED = {"tools": TOOLS, "tool_choice": {"type": "function", "name": "get_weather"}}
 ARGS = [{"text": '{"a"', "token_ids": [5]}, {"text": ": 1", "token_ids": [6]}, {"text": "}", "token_ids": [7]},
         {"text": "", "token_ids": [2], "finish_reason": "stop"}]
@@ -59,16 +65,23 @@ CASES = {
     "stream required": {"request": {"tools": TOOLS, "tool_choice": "required", "stream": True}, "max_tokens": 100,
                         "steps": CALLS, "parser": True},
     "whole auto": {"request": {"tools": TOOLS}, "max_tokens": 100, "steps": TWO},
+    "whole logprobs": {"request": LOGPROBS, "max_tokens": 100, "steps": SCORED},
+    "stream logprobs": {"request": {**LOGPROBS, "stream": True}, "max_tokens": 100, "steps": SCORED},
 }
 
 
 def _outputs(case: dict, cumulative: bool):
+    from vllm.logprobs import Logprob
     from vllm.outputs import CompletionOutput, RequestOutput
 
-    text, ids = "", []
+    text, ids, scored = "", [], []
     for step in case["steps"]:
+        step_scored = [{i: Logprob(lp, rank, VOCAB[i]) for rank, (i, lp) in enumerate(entries, 1)}
+                       for entries in step.get("logprobs", [])]
         text, ids = (text + step["text"], ids + step["token_ids"]) if cumulative else (step["text"], step["token_ids"])
-        out = CompletionOutput(index=0, text=text, token_ids=list(ids), cumulative_logprob=None, logprobs=None,
+        scored = scored + step_scored if cumulative else step_scored
+        out = CompletionOutput(index=0, text=text, token_ids=list(ids), cumulative_logprob=None,
+                               logprobs=list(scored) if "logprobs" in step else None,
                                finish_reason=step.get("finish_reason"), stop_reason=None)
         yield RequestOutput(request_id="r", prompt="p", prompt_token_ids=case.get("prompt_ids", P), prompt_logprobs=None,
                             outputs=[out], finished=out.finish_reason is not None,
@@ -127,7 +140,7 @@ def main() -> None:
     logging.disable(logging.CRITICAL)
     import vllm
 
-    recorded = {"vllm": vllm.__version__,
+    recorded = {"vllm": vllm.__version__, "vocab": VOCAB,
                 "cases": {name: {"case": case, "vllm": vllm_response(case)} for name, case in CASES.items()}}
     OUT.write_text(json.dumps(recorded, indent=1) + "\n")
     print(f"wrote {OUT} ({len(CASES)} cases, vLLM {vllm.__version__})")
