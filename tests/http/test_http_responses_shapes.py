@@ -28,6 +28,7 @@ from nlora_serve.serving.server_config import ServerConfig
 
 RECORDED = json.loads((Path(__file__).parents[1] / "data" / "vllm_responses_shapes.json").read_text())
 VLLM, VOCAB = RECORDED["cases"], RECORDED["vocab"]
+_EVENTS = TypeAdapter(ResponseStreamEvent)  # built once: ~0.1 s a build
 _IDS = re.compile(r"\b(resp_|msg_|fc_|chatcmpl-tool-)[0-9a-f]{16,32}\b")
 
 
@@ -88,7 +89,7 @@ def test_responses_api_has_vllms_shapes(name):
         text = "".join(s["text"] for s in case["steps"])
         assert Response.model_validate(ours).output_text == ("" if case.get("parser") else text)
     else:
-        events = [TypeAdapter(ResponseStreamEvent).validate_python(data) for _, data in ours]
+        events = [_EVENTS.validate_python(data) for _, data in ours]
         assert [e.sequence_number for e in events] == list(range(len(events)))
         assert [e.type for e in events] == [kind for kind, _ in ours]
 

@@ -251,19 +251,24 @@ def chat_body_of(request: ResponsesRequest) -> dict:
     else:
         for i, item in enumerate(request.input):
             if not isinstance(item, InputMessage):
-                add_item(messages, item)
+                add_item(messages, item, i)
             elif item.role == "assistant":
                 add_assistant_text(messages, _text(item, i))
             else:
                 messages.append({"role": item.role, "content": _text(item, i)})
     if not messages:
         raise ParamError("input holds no message", "input")
+    response_format = _response_format(request)
+    if response_format is not None and response_format["type"] != "text" and tool_choice != "none":
+        # chat's refusal, naming the Responses field (vLLM's tool parser drops the format unsaid)
+        raise ParamError("text.format cannot be used with tool_choice 'required' or a named function: the output "
+                         "is forced to the tool calls' JSON", "text.format")
     last = request.input[-1] if isinstance(request.input, list) and request.input else None
     continued = (isinstance(last, InputMessage) and last.role == "assistant"
                  and last.status in ("in_progress", "incomplete"))
     body = {"model": request.model, "messages": messages, "stream": bool(request.stream),
             "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed, "user": request.user,
-            "response_format": _response_format(request),
+            "response_format": response_format,
             "reasoning_effort": request.reasoning.effort if request.reasoning is not None else None,
             "tools": [tool.chat_tool() for tool in tools] or None, "tool_choice": tool_choice,
             "parallel_tool_calls": request.parallel_tool_calls,

@@ -25,6 +25,7 @@ serves them with a tool server or a harmony model only), other ``tool_choice`` f
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -136,12 +137,21 @@ def chat_tool_choice(tool_choice, tools: list[FunctionTool]) -> tuple[str | dict
     return tool_choice, "none" if tool_choice == "auto" else tool_choice
 
 
-def add_item(messages: list[dict], item: FunctionCallItem | FunctionCallOutputItem) -> None:
-    """Append a tool item to the chat ``messages`` (vLLM's ``_construct_message_from_response_item``):
-    a call joins the assistant message before it, else opens one; an output is a tool message."""
+def add_item(messages: list[dict], item: FunctionCallItem | FunctionCallOutputItem, index: int) -> None:
+    """Append ``input[index]``, a tool item, to the chat ``messages`` (vLLM's
+    ``_construct_message_from_response_item``): a call joins the assistant message before it, else
+    opens one; an output is a tool message.
+
+    Raises:
+        ParamError: a call's ``arguments`` that are not JSON (the chat template gets them parsed).
+    """
     if isinstance(item, FunctionCallOutputItem):
         messages.append({"role": "tool", "content": item.output, "tool_call_id": item.call_id})
         return
+    try:
+        json.loads(item.arguments)
+    except ValueError:
+        raise ParamError(f"input[{index}].arguments is not JSON: {item.arguments[:80]!r}", "input") from None
     call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
     if messages and messages[-1]["role"] == "assistant":
         messages[-1].setdefault("tool_calls", []).append(call)
