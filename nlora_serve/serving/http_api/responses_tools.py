@@ -7,13 +7,15 @@ utils.py's ``construct_tool_dicts`` and ``construct_chat_messages_with_tool_call
 - ``tools``: function tools in the Responses API's flat form (``{"type": "function", "name",
   "description", "parameters", "strict"}``), given to the chat template as chat's
   ``{"type": "function", "function": {...}}``; ``[]`` is no tools.
-- ``tool_choice``: ``"none"``, and ``"auto"`` (the default) with tools: the tools reach the chat
-  template and the answer is text (vLLM without ``--enable-auto-tool-choice`` parses no calls out of
-  it; its Responses route does not refuse "auto" as its chat route does); ``"required"`` and
-  ``{"type": "function", "name"}``: the output is forced to the calls' JSON and returned as
-  ``function_call`` items, as chat's ``"required"`` / named function (vLLM with a JSON
-  ``--tool-call-parser``). Without tools, ``"auto"`` / ``"none"`` are ``"none"`` and the others are
-  refused in vLLM's words.
+- ``tool_choice``: ``"required"`` and ``{"type": "function", "name"}``: the output is forced to the
+  calls' JSON and returned as ``function_call`` items, as chat's ``"required"`` / named function
+  (vLLM with ``--enable-auto-tool-choice`` and a ``--tool-call-parser`` that serves them from the
+  forced JSON: vLLM builds no tool parser without that flag, and then answers text whatever the
+  choice). ``"none"``, and ``"auto"`` (the default) with tools: the tools reach the chat template
+  and the answer is text, as vLLM's without the flag ("auto"'s calls need the model's own parser,
+  which this server has none of; vLLM's Responses route, unlike its chat route, does not refuse
+  "auto"). Without tools, ``"auto"`` / ``"none"`` are ``"none"`` and the others are refused in
+  vLLM's words.
 - input items: ``function_call`` is an assistant message's tool call (joined to the assistant
   message before it, as vLLM joins them), ``function_call_output`` a ``tool`` message; an assistant
   message right after a call-only assistant message becomes its content.
