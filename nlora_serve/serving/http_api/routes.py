@@ -184,8 +184,8 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code)  # every error body carries a code
-    if exc.status_code == 413:  # a body over the limit: counted as gRPC counts its TooLarge
-        _refused(request, "invalid_argument", str(exc.detail))
+    if exc.status_code == 413:  # a body over the limit: counted under the code its body gives
+        _refused(request, code, str(exc.detail))
     message = str(exc.detail)
     if exc.status_code == 404 and "endpoint" not in request.scope:  # no route matched (Starlette's bare 404)
         served = ", ".join(f"{method} {route.path.replace(':path', '')}" for route in _router.routes
