@@ -219,8 +219,9 @@ class Authenticator:
 
 def _read_regular(path: Path) -> str:
     """The text of ``path``, a regular file (a link to one is followed). SIGHUP reads the file on
-    the event loop: a FIFO put in its place blocked the open until a writer came (every stream and
-    request of every tenant froze, SIGTERM included), and a link to a device such as /dev/zero read
+    the reload thread (tenants_reload.py; it read it on the event loop before): a FIFO put in its
+    place blocked the open until a writer came (every stream and request of every tenant froze,
+    SIGTERM included; on the thread, every later reload), and a link to a device such as /dev/zero read
     without end; both are opened without blocking and refused before any read.
 
     Raises:

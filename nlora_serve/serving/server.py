@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from concurrent.futures import Future
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,7 +42,7 @@ from nlora_serve.serving.http_api.server import HttpServer
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.request_log import RequestLog
 from nlora_serve.serving.server_config import ServerConfig, StartupError, is_loopback
-from nlora_serve.serving.tenants_reload import reload_tenants
+from nlora_serve.serving.tenants_reload import reload_off_loop, reload_tenants
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,12 @@ class NloraServer:
         """Re-read ``config.tenants_file`` (serve's SIGHUP): True when the new file is in force; a
         file the loader refuses, or a server without one, changes nothing (tenants_reload.py)."""
         return reload_tenants(self.auth, self.config.tenants_file, self.engine)
+
+    def reload_tenants_soon(self) -> Future:
+        """:meth:`reload_tenants` on the reload thread (tenants_reload.reload_off_loop), after any
+        reload asked for before: serve's SIGHUP handler, which returns at once, so the event loop
+        keeps serving every stream while a large file is read and checked."""
+        return reload_off_loop(self.reload_tenants)
 
     async def shutdown(self, grace: float | None = None) -> bool:
         """Graceful stop: health NOT_SERVING, new Generate calls UNAVAILABLE and HTTP requests 503,

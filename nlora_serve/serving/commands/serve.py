@@ -235,7 +235,7 @@ async def serve(server: NloraServer, adapters: list[str]) -> bool:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tenants)  # on the loop, between requests
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tenants_soon)  # read and checked off the loop, in order
     if not server.generation.auth.enabled:
         log.warning("no --tenants-file: auth is OFF, every caller is admin; listening on loopback %s only",
                     server.config.host)
