@@ -6,7 +6,9 @@ A real NloraServer (both front ends, auth on, the default model in float32, an a
 private event loop in a thread, as tests/grpc/grpc_harness.py runs one; the actions come from this
 thread over HTTP and gRPC, as a client's would. Each action runs ``--reps`` times; the line gives
 the largest overshot of each run (ms) and the action's answer. ``idle`` is the box's own noise:
-on a loaded 2-core machine it reaches tens of ms, so compare runs side by side, several times.
+on a loaded 2-core machine it reaches tens of ms, so compare runs side by side, several times. The
+clients run in this process (their own copies and hashing share the server's GIL), so a few ms of
+each number are theirs.
 
     .venv/bin/python bench/loop_lag.py [--reps 3] [--only NAME ...]
     PYTHONPATH=/path/to/other/checkout .venv/bin/python bench/loop_lag.py   # another version's code
@@ -129,6 +131,7 @@ def actions(server: Server, root: Path) -> dict:
     with open(garbage / "adapter_model.safetensors", "wb") as file:
         file.write(os.urandom(server.server.config.max_adapter_bytes - 4096))
     grpc = NloraClient(server.target, api_key=ADMIN_KEY, timeout=600)
+    swap = os.urandom(server.server.limits.receive_bytes - 4096)  # made before: this process's GIL is the server's
     server.engine.adapters.register_dir("inttune-nystrom-tied", ROOT / "tests/data/cases/inttune-nystrom-tied")
 
     def tenants(count: int):
@@ -151,7 +154,7 @@ def actions(server: Server, root: Path) -> dict:
         "detokenize: 2,600,000 ids (16 MiB)": post("/detokenize", {"model": model, "tokens": [100] * 2_600_000}),
         "gRPC UploadAdapter: 256 MiB (refused)": lambda: grpc.upload_adapter("garbage", garbage),
         "gRPC SwapAdapter: largest payload (refused)": lambda: grpc.swap_adapter(
-            "inttune-nystrom-tied", os.urandom(server.server.limits.receive_bytes - 4096)),
+            "inttune-nystrom-tied", swap),
         "HTTP load_lora_adapter: 256 MiB folder (refused)": lambda: http.post(
             server.http + "/v1/load_lora_adapter", json={"lora_name": "garbage", "lora_path": str(garbage)},
             headers=admin).status_code,
