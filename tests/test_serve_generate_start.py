@@ -160,3 +160,51 @@ def test_serve_freezes_the_start_up_heap_before_it_serves(monkeypatch):
     finally:
         gc.unfreeze()
     assert seen["frozen while serving"] > 1000 and seen["shut down"]
+
+
+LOWER = "examples/tenants/lower"
+
+
+def _start_refusal(capsys, tmp_path, adapter: str) -> str:
+    """``serve --adapter ADAPTER`` with a --model that does not exist: the start's ``error:`` line
+    (the model's refusal when nothing before it refused the --adapter)."""
+    from nlora_serve.cli import main as cli_main
+
+    argv = ["serve", "--port", "0", "--http-port", "0", "--adapter-dir", str(tmp_path / "store"),
+            "--adapter", adapter, "--model", str(tmp_path / "no-model")]
+    assert cli_main(argv) == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("folder, why", [
+    ("{tmp}/nonexistent", "{tmp}/nonexistent: no such adapter directory"),
+    ("examples/tenants", "examples/tenants: no adapter_config.json;"),  # the folder above the adapter
+    (LOWER + "/adapter_config.json", LOWER + "/adapter_config.json: is a file, not an adapter directory"),
+])
+def test_serve_adapter_folder_that_cannot_serve_is_refused_before_the_model_loads(capsys, tmp_path, folder, why):
+    # A newcomer's find (h117): `serve --adapter x=/nonexistent` loaded torch, the model and the engine
+    # (~5 s, 12 s under load) before naming the folder; the model's refusal here shows how far it got.
+    folder, why = folder.format(tmp=tmp_path), why.format(tmp=tmp_path)
+    assert _start_refusal(capsys, tmp_path, f"x={folder}").startswith(f"error: --adapter x={folder}: {why}")
+
+
+@pytest.mark.parametrize("unloaded", [True, False])
+def test_serve_adapter_folder_of_a_name_the_store_holds(capsys, tmp_path, unloaded):
+    # The store holds `x`: served again at start, where a start reads the --adapter folder to compare
+    # weights (refused when missing, as before, now before the model); unloaded by an operator, the
+    # start never reads it and leaves the name unloaded (AdapterManager.start_names): no refusal.
+    from pathlib import Path
+
+    from nlora_serve.adapters.store import AdapterStore
+
+    store = AdapterStore(tmp_path / "store")
+    store.write("x", {f.name: f.read_bytes() for f in Path(LOWER).iterdir()})
+    if unloaded:
+        store.mark_unloaded("x")
+    del store
+    missing = tmp_path / "moved-away"
+    err = _start_refusal(capsys, tmp_path, f"x={missing}")
+    if unloaded:
+        assert not err.startswith("error: --adapter") and str(tmp_path / "no-model") in err, err
+    else:
+        assert err.startswith(f"error: --adapter x={missing}: {missing}: no such adapter directory"), err

@@ -1,8 +1,9 @@
 """``nlora-serve serve``'s checks that need neither torch nor the model, run before either loads.
 
 A refused start (a flag out of range, two flags on one port, a port in use, an unusable
---adapter-dir or tenants file, two flags naming one adapter, a store another server holds, a
---model that does not exist or is shorter than --max-model-len) answers in a fraction of a second: nothing here imports torch, transformers or grpc (the CLI runs
+--adapter-dir or tenants file, two flags naming one adapter, a store another server holds, an
+--adapter folder the start would fail to read, a --model that does not exist or is shorter than
+--max-model-len) answers in a fraction of a second: nothing here imports torch, transformers or grpc (the CLI runs
 :func:`check_serve_flags` before it imports commands/serve.py, which loads them: 2-3 s on a small
 CPU; tests/test_serve_generate_start.py checks that a refused start loads no torch).
 commands/serve.py goes on from :class:`ServeFlags` with what needs torch (the device, the dtype)
@@ -22,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nlora_serve.adapters import config as adapter_config
 from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.engine.config import CacheConfig, SchedulerConfig
+from nlora_serve.errors import AdapterError
 from nlora_serve.models import read_spec, resolve_model
+from nlora_serve.models.hub import local_or_hub
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.commands.backend import backend_config
 from nlora_serve.serving.commands.engine_flags import engine_sizes, in_flag_words
@@ -65,8 +69,9 @@ def check_serve_flags(args: argparse.Namespace) -> ServeFlags:
     refusal names the first one wrong: the backend's flags, the ports' flags, the config ranges,
     the tenants file, --adapter-dir (created, and a probe file written), each port bound once
     and let go, the adapter names the flags give against each other and the store (opened: one
-    another process serves is refused), then --model resolved (the default converted on first use,
-    in a child process: this process loads no torch for it) and --max-model-len against its config.
+    another process serves is refused), each --adapter folder the start will read, then --model
+    resolved (the default converted on first use, in a child process: this process loads no torch
+    for it) and --max-model-len against its config.
 
     Raises:
         StartupError: a flag out of range or unusable (the message names it). AuthError: a bad
@@ -200,6 +205,8 @@ def check_flag_adapter_names(args: argparse.Namespace) -> list[str]:
         StartupError: two flags name one adapter, or names that differ only in case (one folder of
             the store on a case-insensitive file system): the later one had registered silently as
             a new version over the earlier (or an example over an --adapter).
+        AdapterError: an --adapter folder the start will read is missing or has no readable
+            adapter_config.json (:func:`check_flag_adapter_folders`).
         NloraError: the store is in use by another process, or unreadable.
     """
     seen: dict[str, tuple[str, str]] = {}  # case-folded name -> the first (flag, name) of it
@@ -210,7 +217,32 @@ def check_flag_adapter_names(args: argparse.Namespace) -> list[str]:
             raise StartupError(f"{flag}: adapter {name!r} is also named by {first[0]}{case}; give each adapter "
                                "its own name")
         seen[name.casefold()] = (flag, name)
-    return AdapterStore(args.adapter_dir).names(warn=False)  # the registry's scan warns
+    store = AdapterStore(args.adapter_dir)
+    check_flag_adapter_folders(args.adapter, store)
+    return store.names(warn=False)  # the registry's scan warns
+
+
+def check_flag_adapter_folders(adapters: list[tuple[str, str]], store: AdapterStore) -> None:
+    """Each ``--adapter NAME=DIR`` (``adapters``: (NAME, DIR) pairs) whose DIR the start will read
+    (to register NAME, or to compare it with the weights the store serves as NAME) is a folder with a
+    valid adapter_config.json (torch-free: adapters/config.py), so that a typo in DIR is named before
+    the model and engine load rather than after. A NAME the store marks unloaded by an operator is
+    skipped: the start leaves it unloaded without reading DIR (AdapterManager.start_names).
+
+    Raises:
+        AdapterError: ``--adapter NAME=DIR: <why>``: DIR is missing or a file, names no cached
+            Hugging Face adapter, or its adapter_config.json is missing, unreadable or invalid; or
+            NAME is no valid adapter name.
+    """
+    for name, folder in adapters:
+        try:
+            if store.is_unloaded(name):
+                continue
+            adapter_config.read_config(local_or_hub(folder, AdapterError, "adapter"))
+        except AdapterError as exc:
+            raise AdapterError(f"--adapter {name}={folder}: {exc}") from None
+        except OSError as exc:  # EACCES on the folder or its config
+            raise AdapterError(f"--adapter {name}={folder}: cannot read it ({exc.strerror or exc})") from None
 
 
 def flag_adapter_names(args: argparse.Namespace) -> list[tuple[str, str]]:
