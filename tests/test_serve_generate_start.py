@@ -208,3 +208,20 @@ def test_serve_adapter_folder_of_a_name_the_store_holds(capsys, tmp_path, unload
         assert not err.startswith("error: --adapter") and str(tmp_path / "no-model") in err, err
     else:
         assert err.startswith(f"error: --adapter x={missing}: {missing}: no such adapter directory"), err
+
+
+@pytest.mark.parametrize("folder, why", [
+    ("{tmp}/nonexistent", "not a directory; to use a stored adapter by name, give its store with --adapter-dir"),
+    ("examples/tenants", "examples/tenants: no adapter_config.json;"),
+])
+def test_generate_adapter_folder_that_cannot_serve_is_refused_before_torch_loads(capsys, caplog, tmp_path, folder,
+                                                                                   why):
+    # h117: `generate --adapter /nonexistent` imported torch and the engine first (6.8 s on a 2-core box);
+    # a folder without adapter_config.json was refused only once the model and engine had loaded
+    from nlora_serve.cli import main as cli_main
+
+    folder = folder.format(tmp=tmp_path)
+    with caplog.at_level(logging.INFO, logger="nlora_serve"):
+        assert cli_main(["generate", "--message", "Hi", "--adapter", folder]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --adapter {folder}: {why}")
+    assert not [r for r in caplog.records if r.getMessage().startswith("starting:")]

@@ -5,25 +5,53 @@ from __future__ import annotations
 
 import argparse
 
+from nlora_serve.adapters import config as adapter_config
 from nlora_serve.adapters.limits import DEFAULT_MAX_RANK
 from nlora_serve.arg_types import DTYPE_CHOICES
 from nlora_serve.engine.config import CacheConfig, SchedulerConfig
-from nlora_serve.errors import NloraError
+from nlora_serve.errors import AdapterError, NloraError
+from nlora_serve.models.hub import local_or_hub
 from nlora_serve.serving.commands.engine_flags import (add_device_arguments, add_generation_config_arguments,
                                                        engine_sizes, in_flag_words)
 
 
 def check_generate_flags(args: argparse.Namespace) -> tuple[SchedulerConfig, CacheConfig]:
-    """``generate``'s engine sizes and --dtype checked without torch (:func:`engine_sizes`), so that
-    a refused run answers before the engine's imports; returns them for commands/generate.py.
+    """``generate``'s engine sizes and --dtype checked without torch (:func:`engine_sizes`), and an
+    ``--adapter`` folder (:func:`check_adapter_folder`), so that a refused run answers before the
+    engine's imports; returns the sizes for commands/generate.py.
 
     Raises:
-        NloraError: a flag out of range, in the flag's words (one ``error:`` line, exit 2).
+        NloraError: a flag out of range, in the flag's words (one ``error:`` line, exit 2), or a bad
+            --adapter folder.
     """
     try:
-        return engine_sizes(args)
+        sizes = engine_sizes(args)
     except ValueError as exc:
         raise NloraError(in_flag_words(str(exc), args)) from None
+    check_adapter_folder(args.adapter, args.adapter_dir)
+    return sizes
+
+
+def check_adapter_folder(adapter: str | None, adapter_dir: str | None) -> None:
+    """Without ``--adapter-dir``, ``--adapter`` must be an adapter folder (or a cached Hugging Face
+    ORG/ADAPTER) with a valid adapter_config.json (torch-free: adapters/config.py). With a store, a
+    name that is no folder is looked up there once the engine runs.
+
+    Raises:
+        NloraError / AdapterError: ``--adapter X: <why>`` (not a folder: how to name a stored one).
+    """
+    if adapter is None or adapter_dir is not None:
+        return
+    folder = local_or_hub(adapter, AdapterError, "adapter")
+    if not folder.is_dir():
+        raise NloraError(f"--adapter {adapter}: not a directory; to use a stored adapter by name, "
+                         "give its store with --adapter-dir")
+    try:
+        adapter_config.read_config(folder)
+    except AdapterError as exc:
+        raise AdapterError(f"--adapter {adapter}: {exc}") from None
+    except OSError as exc:  # EACCES on its config
+        raise AdapterError(f"--adapter {adapter}: cannot read it ({exc.strerror or exc})") from None
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
