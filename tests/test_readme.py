@@ -226,3 +226,38 @@ def test_every_readme_command_runs_as_written_and_prints_what_it_documents(serve
 
 def _bash(cmd: str, work: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True, timeout=180)
+
+
+def _defined(name: str, files: list[Path]) -> bool:
+    """Whether one of ``files`` defines ``name`` at any indentation (def, class, or an assignment)."""
+    pattern = re.compile(rf"^\s*(?:(?:async\s+)?def|class)\s+{re.escape(name)}\b|^{re.escape(name)}\s*[:=]", re.M)
+    return any(pattern.search(f.read_text()) for f in files)
+
+
+def _files(path: str) -> list[Path]:
+    """The package's files whose path ends with ``path`` (``http_api/body.py``, ``auth.py``)."""
+    return [f for f in (REPO / "nlora_serve").rglob("*.py") if f.as_posix().endswith("/" + path)]
+
+
+def test_the_readmes_walk_through_the_code_names_what_the_code_defines():
+    # h117: a newcomer following "One request through the code" and "Terms" met `stream.metered` (the
+    # class is stream.Metered), FamilyPool under adapters/pool.py and AdapterVersion under registry.py
+    # (both moved to modules of their own). Each `module.Name`, each `file.py` and each name that
+    # follows a file in the same clause must exist where the README says.
+    readme = (REPO / "README.md").read_text()
+    text = readme[readme.index("### One request through the code"):]
+    wrong = []
+    for ref in re.findall(r"`([\w/]+\.py)`", text):
+        if not _files(ref):
+            wrong.append(f"{ref}: no such file")
+    for module, names in re.findall(r"`((?:\w+/)*[a-z_]+)\.([A-Z_a-z][\w.]*)`", text):
+        files = _files(module + ".py") if names != "py" else []
+        if files and not _defined(names.split(".")[-1], files):
+            wrong.append(f"{module}.{names}: not defined in {module}.py")
+    # `file.py` then, in the same clause (up to ; ) → or the next file), the names it defines
+    for ref, clause in re.findall(r"`([\w/]+\.py)`(.*?)(?=[;)→]|`[\w/]+\.py`|\n\n|$)", text, flags=re.S):
+        files = _files(ref)
+        for name in re.findall(r"`([A-Za-z_]\w*)`", clause):
+            if files and not _defined(name, files):
+                wrong.append(f"{name}: not defined in {ref}")
+    assert wrong == []
