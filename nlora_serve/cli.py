@@ -262,6 +262,18 @@ VLLM_SERVE_OPTIONS = {
                       "with --backend vllm, pass --vllm-arg quantization=METHOD",
     "--download-dir": "nothing is downloaded here: --model ORG/NAME is read from the Hugging Face cache "
                       "($HF_HUB_CACHE, else $HF_HOME/hub; fill it with `hf download ORG/NAME`)",
+    # h117: difflib's guesses misled here ("did you mean --max-loras?", "--tensor-parallel-size?"), or
+    # there was no hint at all
+    "--max-logprobs": "a request asks at most 20 log-probabilities per token (top_logprobs, logprobs and "
+                      "prompt_logprobs: 0..20, vLLM's default max_logprobs), fixed here: drop it",
+    "--data-parallel-size": "one server is one engine replica: run a server per replica (each with its own "
+                            "--adapter-dir) behind a load balancer",
+    "--enable-auto-tool-choice": "tool_choice \"auto\" needs a model's tool-call parser, which this server has "
+                                 "not; named and \"required\" tool choices work without one: drop it",
+    "--tool-call-parser": "tool_choice \"auto\" needs a model's tool-call parser, which this server has not; "
+                          "named and \"required\" tool choices work without one: drop it",
+    "--ssl-keyfile": "both servers speak plain HTTP and gRPC: terminate TLS in a proxy in front (nginx, Envoy)",
+    "--ssl-certfile": "both servers speak plain HTTP and gRPC: terminate TLS in a proxy in front (nginx, Envoy)",
 }
 
 

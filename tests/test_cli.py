@@ -226,6 +226,16 @@ def test_adapters_float_flags_are_finite_and_in_range(capsys, argv, message):
      "unrecognized arguments: --download-dir /d; --download-dir: nothing is downloaded here: --model ORG/NAME "
      "is read from the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub; fill it with "
      "`hf download ORG/NAME`)"),
+    # h117: difflib's guesses misled (vLLM has --max-loras and --tensor-parallel-size too, meaning other things)
+    (["serve", "--max-logprobs", "5"],
+     "unrecognized arguments: --max-logprobs 5; --max-logprobs: a request asks at most 20 log-probabilities per "
+     "token (top_logprobs, logprobs and prompt_logprobs: 0..20, vLLM's default max_logprobs), fixed here: drop it"),
+    (["serve", "--data-parallel-size", "2"],
+     "unrecognized arguments: --data-parallel-size 2; --data-parallel-size: one server is one engine replica: run a "
+     "server per replica (each with its own --adapter-dir) behind a load balancer"),
+    (["serve", "--ssl-certfile", "c.pem"],
+     "unrecognized arguments: --ssl-certfile c.pem; --ssl-certfile: both servers speak plain HTTP and gRPC: "
+     "terminate TLS in a proxy in front (nginx, Envoy)"),
     (["client", "generate", "--model", "lower", "--message", "hi"],
      "unrecognized arguments: --model lower; an adapter is chosen with --adapter NAME here (the HTTP API's "
      "'model')"),
