@@ -73,11 +73,14 @@ class Hold:
 RESTORE_LOG_SHOWN = 20  # adapters a restore's log line names; past that it counts the others
 
 
-def restored_summary(versions: list[AdapterVersion], root: object, shown: int = RESTORE_LOG_SHOWN) -> str:
+def restored_summary(versions: list[AdapterVersion], root: object, shown: int = RESTORE_LOG_SHOWN,
+                     done: str = "restored", where: str = "from") -> str:
     """The log line of a restart's restore from the store at ``root``: the adapters' number by
     flavour, then the first ``shown`` as ``name vN (flavour, rank R)`` and a count of the rest (a
     1,000-adapter store's start log stays one readable line; ``client list`` names them all), e.g.
     ``restored 3 adapters from STORE (2 inttune-tied, 1 lora): lower v4 (inttune-tied, rank 16), ...``.
+    ``done`` and ``where`` word another event: serve's start logs the adapters its flags registered
+    as ``registered 3 adapters into the store STORE (...)``.
     """
     kinds = Counter(v.flavour for v in versions)
     by_kind = ", ".join(f"{count} {flavour}" for flavour, count in sorted(kinds.items()))
@@ -85,4 +88,4 @@ def restored_summary(versions: list[AdapterVersion], root: object, shown: int = 
     rest = len(versions) - shown
     more = f", and {rest} more (`client list` names all)" if rest > 0 else ""
     plural = "s" if len(versions) != 1 else ""
-    return f"restored {len(versions)} adapter{plural} from {root} ({by_kind}): {named}{more}"
+    return f"{done} {len(versions)} adapter{plural} {where} {root} ({by_kind}): {named}{more}"

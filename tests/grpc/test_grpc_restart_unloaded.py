@@ -28,9 +28,16 @@ def _served(engine) -> dict[str, int]:
 def test_unloaded_adapters_stay_unloaded_when_restarted_with_the_same_flags(tmp_path, caplog):
     store = tmp_path / "store"
     flags = ("--adapter-dir", str(store), "--example-tenants", "2", "--adapter", f"upper={CASES / TIED}")
-    engine, server, names = _build(*flags)
+    with caplog.at_level(logging.INFO, logger="nlora_serve.serve"):
+        engine, server, names = _build(*flags)
     try:
         assert names == ["upper", "tenant-000", "tenant-001"]  # the hint's first: the --adapter one
+        # h117: a first start named none of what it registered (a restart's restore names what it serves)
+        registered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("registered ")]
+        assert registered == [f"registered 3 adapters into the store {store} (3 inttune-tied): tenant-000 v1 "
+                              "(inttune-tied, rank 16), tenant-001 v1 (inttune-tied, rank 16), upper v1 "
+                              "(inttune-tied, rank 8)"], registered
+        caplog.clear()
         first = _served(engine)
         engine.unload_adapter("tenant-001")
         engine.unload_adapter("upper")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from nlora_serve import log_format
 from nlora_serve.adapters.limits import AdapterLimits
+from nlora_serve.adapters.version import restored_summary
 from nlora_serve.cli import console_command
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base
@@ -98,8 +99,12 @@ def build(args: argparse.Namespace, flags: ServeFlags | None = None):
                                                               ("--adapter folders", named)) if given)
         log.info("engine started in %.1f s%s", time.perf_counter() - start,
                  f"; registering {registering}..." if registering else "")
+        before = {v.name: v.version for v in engine.adapters.versions()}
         examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
         hinted = _register_named(engine, named, args.adapter_dir) + examples
+        # named, as a restart's restore names what it serves (a first start said nothing of them)
+        if added := [v for v in engine.adapters.versions() if before.get(v.name) != v.version]:
+            log.info("%s", restored_summary(added, args.adapter_dir, done="registered", where="into the store"))
         if isinstance(engine, LLMEngine):  # CUDA: the adapters' kernels compile before the first request
             engine.warm_up()
         server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
