@@ -344,3 +344,19 @@ def test_nlora_server_is_the_default_server_of_every_grpc_client_command(monkeyp
     assert build_parser(only=argv[0]).parse_args(argv).server == "127.0.0.1:50051"
     monkeypatch.setenv("NLORA_SERVER", "")  # set but empty, as an unset variable pasted
     assert build_parser(only=argv[0]).parse_args(argv).server == "127.0.0.1:50051"
+
+
+@pytest.mark.parametrize("value, hint", [
+    ("examples/tenants/lower", "; to serve that folder as 'lower': --adapter lower=examples/tenants/lower"),
+    ("examples/tenants/lower/", "; to serve that folder as 'lower': --adapter lower=examples/tenants/lower/"),
+    ('{"name": "x", "path": "/a"}', " (vLLM's JSON form of --lora-modules is not taken: give --adapter NAME=DIR)"),
+    ("=x", ""),
+])
+def test_an_adapter_flag_without_a_name_says_what_to_type(capsys, value, hint):
+    # h117: `serve --adapter examples/tenants/lower` said only "expected NAME=DIR"
+    from nlora_serve.cli import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--adapter", value])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == f"nlora-serve serve: error: argument --adapter: expected NAME=DIR, got {value!r}{hint}"

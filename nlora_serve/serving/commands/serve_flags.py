@@ -112,12 +112,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def _named_dir(value: str) -> tuple[str, str]:
     name, sep, folder = value.partition("=")
     if not sep or not name or not folder:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}{_named_dir_hint(value)}")
     try:  # at parse time: it was refused only once the model had loaded, without naming the flag
         validate_name(name)
     except AdapterError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return name, folder
+
+
+def _named_dir_hint(value: str) -> str:
+    """What to type for an --adapter value without NAME= (h117): a folder alone, as vLLM's
+    ``--lora-modules`` JSON form or a path, gets ``NAME=`` from its last part where that is a valid
+    name."""
+    if value.lstrip().startswith("{"):
+        return " (vLLM's JSON form of --lora-modules is not taken: give --adapter NAME=DIR)"
+    stem = value.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        validate_name(stem)
+    except AdapterError:
+        return ""
+    return f"; to serve that folder as {stem!r}: --adapter {stem}={value}"
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
