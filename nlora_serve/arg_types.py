@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 # --dtype's choices, vLLM's spellings (models/dtype.py resolves them; half and float16 are refused by
 # check_dtype, which needs no torch: serve and generate refuse them before the engine's imports)
@@ -40,6 +41,37 @@ def integer_arg(low: int, high: int | None = None):
 
     integer.__name__ = "integer"  # argparse's "invalid integer value: 'x'"
     return integer
+
+
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_readable_int(text: str) -> int:
+    """argparse type of the size flags vLLM reads this way (``--max-model-len``,
+    ``--max-num-batched-tokens``, ``--kv-cache-memory-bytes``; vllm/engine/arg_utils.py
+    ``human_readable_int``): a plain integer, or a number with a decimal suffix k / m / g / t
+    (``1k`` = 1,000, ``25.6k`` = 25,600) or a binary one K / M / G / T (``1K`` = 1,024, ``2G`` =
+    2**31; a whole number only). The flag's range is checked where its config is built.
+
+    Raises:
+        argparse.ArgumentTypeError: a decimal before a binary suffix (``1.5K``: vLLM's refusal).
+        ValueError: anything else that is no integer (argparse's "invalid int value").
+    """
+    value = text.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT])", value)
+    if match is None:
+        return int(value)
+    number, suffix = match.groups()
+    if suffix in _DECIMAL:
+        return int(float(number) * _DECIMAL[suffix])
+    if "." in number:
+        raise argparse.ArgumentTypeError(f"{text!r}: a binary suffix ({suffix}) takes a whole number; did you mean "
+                                         f"{number}{suffix.lower()}?")
+    return int(number) * _BINARY[suffix]
+
+
+human_readable_int.__name__ = "int"  # argparse's "invalid int value: 'x'", as before
 
 
 def unsigned_arg(bits: int):

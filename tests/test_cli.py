@@ -360,3 +360,21 @@ def test_an_adapter_flag_without_a_name_says_what_to_type(capsys, value, hint):
         cli_main(["serve", "--adapter", value])
     err = capsys.readouterr().err.splitlines()[-1]
     assert err == f"nlora-serve serve: error: argument --adapter: expected NAME=DIR, got {value!r}{hint}"
+
+
+@pytest.mark.parametrize("text, value", [("2048", 2048), ("1k", 1000), ("25.6k", 25600), ("1K", 1024),
+                                         ("8K", 8192), ("2G", 2 * 1024 ** 3), ("1m", 10 ** 6)])
+@pytest.mark.parametrize("command", [["serve"], ["generate", "--message", "Hi"]])
+def test_size_flags_take_vllms_human_readable_integers(command, text, value):
+    # h117: vLLM reads --max-model-len, --max-num-batched-tokens and --kv-cache-memory-bytes with
+    # human_readable_int (vllm/engine/arg_utils.py): `--max-model-len 8k` was "invalid int value: '8k'" here
+    args = build_parser().parse_args([*command, "--max-model-len", text, "--max-num-batched-tokens", text,
+                                      "--kv-cache-memory-bytes", text])
+    assert (args.max_model_len, args.max_num_batched_tokens, args.kv_cache_memory_bytes) == (value, value, value)
+
+
+def test_a_binary_size_suffix_takes_a_whole_number(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-model-len", "1.5K"])
+    assert capsys.readouterr().err.splitlines()[-1] == ("nlora-serve serve: error: argument --max-model-len: '1.5K': "
+                                                        "a binary suffix (K) takes a whole number; did you mean 1.5k?")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from nlora_serve.arg_types import check_dtype
+from nlora_serve.arg_types import check_dtype, human_readable_int
 from nlora_serve.engine.config import (CPU_GEMMS, DEFAULT_CPU_KV_CACHE_BYTES, CacheConfig, EngineConfig,
                                        SchedulerConfig, resolve_device)
 
@@ -55,7 +55,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
       help="CUDA: share of the GPU's memory the engine may use; the KV cache gets what the weights, adapter "
            f"pools and a profiling forward leave (default: {d['gpu_memory_utilization'].default}; for serve "
            "--backend vllm, vLLM's gpu_memory_utilization, default: vLLM's on GPUs, 0.3 of host memory on the CPU)")
-    a("--kv-cache-memory-bytes", type=int, default=None, metavar="BYTES",
+    a("--kv-cache-memory-bytes", type=human_readable_int, default=None, metavar="BYTES",
       help="the KV cache's size in bytes (vLLM's flag; it sets how many tokens the running requests hold "
            f"at once; the start-up log prints that count) (default: {DEFAULT_CPU_KV_CACHE_BYTES} on the CPU; on "
            "CUDA what --gpu-memory-utilization leaves, which this overrides)")
@@ -76,7 +76,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
            "AVX-512 (default: on)")
     a("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs,
       help="sequences running at once, at most (default: %(default)s)")
-    a("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens,
+    a("--max-num-batched-tokens", type=human_readable_int, default=SchedulerConfig().max_num_batched_tokens,
       help="tokens one step computes, decodes and prefill chunks together (default: %(default)s)")
     a("--long-prefill-token-threshold", type=int, default=SchedulerConfig().long_prefill_token_threshold,
       metavar="N", help="a prefill with more than N tokens left computes N per step while other requests run or "

@@ -7,7 +7,7 @@ import argparse
 
 from nlora_serve.adapters import config as adapter_config
 from nlora_serve.adapters.limits import DEFAULT_MAX_RANK
-from nlora_serve.arg_types import DTYPE_CHOICES
+from nlora_serve.arg_types import DTYPE_CHOICES, human_readable_int
 from nlora_serve.engine.config import CacheConfig, SchedulerConfig
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models.hub import local_or_hub
@@ -96,7 +96,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype, in vLLM's spellings: auto = bfloat16 where the CPU or GPU has fast "
                              "bf16, else float32; float = float32; half and float16 are refused (no float16 "
                              "kernels here) (default: %(default)s)")
-    parser.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens at most")
+    parser.add_argument("--max-model-len", type=human_readable_int, default=2048, help="prompt + output tokens at most")
     add_device_arguments(parser)
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                         help="print text as it is generated (default: on)")

@@ -13,7 +13,7 @@ import json
 
 from nlora_serve.adapters.limits import DEFAULT_MAX_RANK, AdapterLimits
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.arg_types import DTYPE_CHOICES, integer_arg, port_or_off_arg
+from nlora_serve.arg_types import DTYPE_CHOICES, human_readable_int, integer_arg, port_or_off_arg
 from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig
 from nlora_serve.errors import AdapterError
 from nlora_serve.serving.commands.engine_flags import add_device_arguments, add_generation_config_arguments
@@ -84,7 +84,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask; a request without "
                                                            "one gets the rest of the context, at most this "
                                                            "(default: %(default)s)")
-    a("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence (default: %(default)s)")
+    a("--max-model-len", type=human_readable_int, default=2048,
+      help="prompt + output tokens per sequence; as vLLM, 8k = 8000 and 8K = 8192 (default: %(default)s)")
     a("--max-rank", type=int, default=DEFAULT_MAX_RANK, help="refuse adapters above this rank (default: %(default)s)")
     a("--max-adapter-bytes", type=int, default=d.max_adapter_bytes,
       help="largest upload (config + safetensors) or swap payload in bytes, and largest adapter version "
