@@ -296,19 +296,38 @@ def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
         parser = sub.choices[name]
 
 
+def _after_served_names(argv: list[str]) -> set[int]:
+    """Indexes in ``argv`` of the words that follow ``--served-model-name``'s value up to the next
+    option: vLLM's flag takes several names (``--served-model-name a b``), ours one."""
+    after, inside = set(), False
+    for i, arg in enumerate(argv):
+        if arg.startswith("-"):
+            inside = arg.startswith("--served-model-name=")
+        elif i > 0 and argv[i - 1] == "--served-model-name":
+            inside = True
+        elif inside:
+            after.add(i)
+    return after
+
+
 def _unrecognized(top: argparse.ArgumentParser, leaf: argparse.ArgumentParser, command: str | None,
-                  extras: list[str]) -> str:
+                  extras: list[str], argv: list[str] = ()) -> str:
     """argparse's "unrecognized arguments" message, plus what to type instead where that is clear:
     the subcommand's closest option (``--tenant-file``, ``--max_tokens``), a global option given
     after the command, the option that does a vLLM ``serve`` flag's job, ``--adapter`` where
     ``--model`` names one (as HTTP's 'model' does), ``--model`` for a model given as vLLM's
     positional."""
     known = [s for a in leaf._actions for s in a.option_strings]
+    served_names = {argv[i] for i in _after_served_names(list(argv))} if command == "serve" else set()
     hints = []
     for i, arg in enumerate(extras):
         flag = arg.split("=", 1)[0]
         close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.8)
-        if command == "serve" and flag in VLLM_SERVE_OPTIONS:
+        if arg in served_names:  # not "the model is an option here: --model b" (h117)
+            if not any(h.startswith("--served-model-name") for h in hints):
+                hints.append("--served-model-name takes one name here (vLLM's takes several): the base model "
+                             "answers to that one")
+        elif command == "serve" and flag in VLLM_SERVE_OPTIONS:
             hints.append(f"{flag}: {VLLM_SERVE_OPTIONS[flag]}")
         elif flag.startswith("-") and flag in top._option_string_actions:
             hints.append(f"{flag} is an option of nlora-serve itself: put it before the command "
@@ -333,7 +352,7 @@ def _main(argv: list[str] | None) -> int:
     args, extras = parser.parse_known_args(argv)
     if extras:  # the subcommand's usage and a hint, not the top level's usage alone
         leaf = _leaf_parser(parser, args)
-        leaf.error(_unrecognized(parser, leaf, args.command, extras))
+        leaf.error(_unrecognized(parser, leaf, args.command, extras, argv))
     if args.command == "serve":
         _warn_vllm_port(argv, args)
     try:

@@ -236,6 +236,15 @@ def test_adapters_float_flags_are_finite_and_in_range(capsys, argv, message):
     (["serve", "--ssl-certfile", "c.pem"],
      "unrecognized arguments: --ssl-certfile c.pem; --ssl-certfile: both servers speak plain HTTP and gRPC: "
      "terminate TLS in a proxy in front (nginx, Envoy)"),
+    # h117: vLLM's --served-model-name takes several names; the second was read as a model given positionally
+    (["serve", "--served-model-name", "a", "b", "c", "--port", "0"],
+     "unrecognized arguments: b c; --served-model-name takes one name here (vLLM's takes several): the base model "
+     "answers to that one"),
+    (["serve", "--served-model-name=a", "b"],
+     "unrecognized arguments: b; --served-model-name takes one name here (vLLM's takes several): the base model "
+     "answers to that one"),
+    (["serve", "Qwen/Qwen3-8B", "--served-model-name", "a"],
+     "unrecognized arguments: Qwen/Qwen3-8B; the model is an option here: --model Qwen/Qwen3-8B"),
     (["client", "generate", "--model", "lower", "--message", "hi"],
      "unrecognized arguments: --model lower; an adapter is chosen with --adapter NAME here (the HTTP API's "
      "'model')"),
