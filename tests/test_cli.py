@@ -387,3 +387,21 @@ def test_a_binary_size_suffix_takes_a_whole_number(capsys):
         build_parser().parse_args(["serve", "--max-model-len", "1.5K"])
     assert capsys.readouterr().err.splitlines()[-1] == ("nlora-serve serve: error: argument --max-model-len: '1.5K': "
                                                         "a binary suffix (K) takes a whole number; did you mean 1.5k?")
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["adapters", "unload", "acme"], "; the adapter's name goes after --name: --name acme"),
+    (["client", "load", "--server=h:1", "acme"], "; the adapter's name goes after --name: --name acme"),
+    (["client", "--server", "h:1", "unload", "--api-key", "k", "acme"],  # option values are no name
+     "; the adapter's name goes after --name: --name acme"),
+    (["adapters", "upload", "./my-tenant"], "; the adapter's name on the server goes after --name, e.g. --name acme"),
+    (["adapters", "unload"], ""),
+])
+def test_a_missing_name_names_the_word_meant_as_one(capsys, argv, hint):
+    # h117: `adapters unload acme` said only "the following arguments are required: --name"
+    from nlora_serve.cli import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(argv)
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.endswith(f"error: the following arguments are required: --name{hint}"), err
