@@ -14,27 +14,7 @@ INTERPRET = os.environ.get("NLORA_TEST_DEVICE", "cpu") == "cpu"
 if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import numpy as np  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime import interpreter as _interp  # noqa: E402
-
-_create_dot = _interp.InterpreterBuilder.create_dot
-
-
-def _widen_bf16(handle):
-    """The interpreter stores bf16 as raw uint16 bits; widen exactly to fp32 (as a GPU does)."""
-    if handle.dtype.scalar != tl.bfloat16:
-        return handle
-    data = _interp._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
-    return _interp.TensorHandle(data, tl.float32)
-
-
-def _create_dot_bf16_safe(self, a, b, d, input_precision, max_num_imprecise_acc):
-    # Triton 3.9's interpreter multiplies bf16 operands' raw bit patterns as integers (its
-    # create_dot only converts fp8), which turns a correct bf16 tl.dot into garbage on the CPU.
-    return _create_dot(self, _widen_bf16(a), _widen_bf16(b), d, input_precision,
-                       max_num_imprecise_acc)
-
+from triton_interpreter import patch_interpreter_bf16  # noqa: E402 (tests/, on sys.path through tests/conftest.py)
 
 if INTERPRET:
-    _interp.InterpreterBuilder.create_dot = _create_dot_bf16_safe
+    patch_interpreter_bf16()  # the interpreter's bf16 tl.dot multiplies bit patterns (tests/triton_interpreter.py)
