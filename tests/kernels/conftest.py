@@ -17,4 +17,4 @@ if INTERPRET:
 from triton_interpreter import patch_interpreter_bf16  # noqa: E402 (tests/, on sys.path through tests/conftest.py)
 
 if INTERPRET:
-    patch_interpreter_bf16()  # the interpreter's bf16 tl.dot multiplies bit patterns (tests/triton_interpreter.py)
+    patch_interpreter_bf16()  # its bf16 tl.dot and fp32 -> bf16 cast, as a GPU does them (tests/triton_interpreter.py)
