@@ -1,11 +1,14 @@
 """argparse types the CLIs share: a bad number is a usage error (exit 2, naming the flag and the
-range) before any work, never a traceback from deep inside (protobuf, torch)."""
+range) before any work, never a traceback from deep inside (protobuf, torch); and the parser whose
+usage errors name the word a missing option's value was meant to be (:class:`WordsParser`)."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import re
+import shlex
+import sys
 
 # --dtype's choices, vLLM's spellings (models/dtype.py resolves them; half and float16 are refused by
 # check_dtype, which needs no torch: serve and generate refuse them before the engine's imports)
@@ -117,3 +120,40 @@ def port_or_off_arg(text: str) -> int | None:
 
 
 port_or_off_arg.__name__ = "port"
+
+
+class WordsParser(argparse.ArgumentParser):
+    """argparse's parser, whose subcommands keep the words they were given, so that a missing
+    option can name the word meant as its value: ``adapters unload acme`` said only "the following
+    arguments are required: --name" (h117), ``client generate "hi"`` only "one of the arguments
+    --prompt --message is required". Subcommand parsers are of this class too (argparse's
+    ``add_subparsers`` makes them of the parent's class)."""
+
+    words: list[str] = []
+
+    def _loose_words(self) -> list[str]:
+        """The words given that are no option and no option's value."""
+        loose, words = [], iter(self.words)
+        for word in words:
+            action = self._option_string_actions.get(word)
+            if action is not None and action.nargs != 0:
+                next(words, None)
+            elif not word.startswith("-"):
+                loose.append(word)
+        return loose
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        loose = self._loose_words()
+        if loose and re.search(r"required: .*--name\b", message):
+            if not any(not a.option_strings for a in self._actions):  # unload / load: the word is the name
+                message += f"; the adapter's name goes after --name: --name {loose[0]}"
+            else:  # upload / swap: the word is their folder or file
+                message += "; the adapter's name on the server goes after --name, e.g. --name acme"
+        elif loose and "--prompt --message is required" in message:  # client generate "hi"
+            message += ("; the text goes after --message (one chat turn) or --prompt (raw text): "
+                        f"--message {shlex.quote(loose[0])}")
+        super().error(message)

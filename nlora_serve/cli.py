@@ -10,12 +10,12 @@ import difflib
 import json
 import logging
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
 
 from nlora_serve import __version__, log_format
+from nlora_serve.arg_types import WordsParser
 from nlora_serve.errors import NloraError
 
 log = logging.getLogger("nlora_serve")
@@ -175,40 +175,11 @@ def _say_loading(command: str) -> None:
     logging.getLogger(f"nlora_serve.{command}").info("starting: loading %s...", SLOW_IMPORTS[command])
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser, whose subcommands keep the words they were given, so that a missing
-    ``--name`` can name the word meant as one: ``adapters unload acme`` said only "the following
-    arguments are required: --name" (h117). Subcommand parsers are of this class too (argparse's
-    ``add_subparsers`` makes them of the parent's class)."""
-
-    words: list[str] = []
-
-    def parse_known_args(self, args=None, namespace=None):
-        self.words = list(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(args, namespace)
-
-    def error(self, message: str):
-        if re.search(r"required: .*--name\b", message):
-            loose, words = [], iter(self.words)
-            for word in words:  # the words that are no option and no option's value
-                action = self._option_string_actions.get(word)
-                if action is not None and action.nargs != 0:
-                    next(words, None)
-                elif not word.startswith("-"):
-                    loose.append(word)
-            takes = {a.dest for a in self._actions if not a.option_strings}  # its positional arguments
-            if loose and not takes:  # unload / load: the word is the name
-                message += f"; the adapter's name goes after --name: --name {loose[0]}"
-            elif loose:  # upload / swap: the word is their folder or file
-                message += "; the adapter's name on the server goes after --name, e.g. --name acme"
-        super().error(message)
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser: every subcommand listed; with ``only`` (a command name, or "" for
     none), only that one gets its arguments (and imports), the others stay bare entries for
     ``--help``; None registers all of them."""
-    parser = _Parser(
+    parser = WordsParser(
         prog="nlora-serve",
         description="Serve many NLoRA / IntTune adapters on one shared base LLM.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

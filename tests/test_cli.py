@@ -405,3 +405,18 @@ def test_a_missing_name_names_the_word_meant_as_one(capsys, argv, hint):
         cli_main(argv)
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.endswith(f"error: the following arguments are required: --name{hint}"), err
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["client", "generate", "--adapter", "lower", "hi there"],
+     "; the text goes after --message (one chat turn) or --prompt (raw text): --message 'hi there'"),
+    (["client", "generate", "--adapter", "lower"], ""),
+])
+def test_client_generate_names_the_text_meant_as_a_message(capsys, argv, hint):
+    # h117: `client generate --adapter lower "hi"` said only "one of the arguments --prompt --message is required"
+    from nlora_serve.cli import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(argv)
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.endswith(f"error: one of the arguments --prompt --message is required{hint}"), err
