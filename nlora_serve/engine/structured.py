@@ -134,9 +134,11 @@ class GrammarCompiler:
     the count). A compile that runs past it cannot be stopped (xgrammar's C++); it finishes in the
     background, still holding its slot and its tenant's turn, and lands in the cache: a tenant whose
     compile still runs is refused another spec at once, so that one tenant's slow specs hold one slot,
-    never all of them. Callers of the same spec share its compile. Compiled grammars are kept by
-    spec, the :data:`MAX_CACHED` most recently used within :data:`MAX_CACHED_BYTES`, and on the spec
-    itself (``spec.compiled``).
+    never all of them. A tenant's callers of the same spec share its compile. Compiled grammars are kept by
+    tenant and spec, the :data:`MAX_CACHED` most recently used within :data:`MAX_CACHED_BYTES`, and on
+    the spec itself (``spec.compiled``): a tenant never shares another's compile or cached grammar (as
+    the prefix cache is salted per tenant), whose answer in microseconds, against a miss's compile time,
+    would tell it that another tenant had sent the same spec.
     """
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int], timeout_s: float = COMPILE_TIMEOUT_S) -> None:
@@ -161,8 +163,9 @@ class GrammarCompiler:
             return self._compiler
 
     def compile(self, spec: StructuredOutputs, tenant: str | None = None):
-        """The compiled grammar of ``spec`` (a repeated spec costs a lookup); ``tenant``: who asks
-        (None: nobody to hold to one compile, e.g. the engine's own lookups).
+        """The compiled grammar of ``spec`` (the same tenant's repeated spec costs a lookup); ``tenant``:
+        who asks, the cache's sharing group (None: nobody to hold to one compile, e.g. the engine's own
+        lookups, which find the grammar on the spec).
 
         Raises:
             RequestError: the spec does not compile (a bad schema, regex or grammar), allows no token
@@ -172,7 +175,9 @@ class GrammarCompiler:
         """
         if spec.compiled is not None and spec.compiled[0] is self:
             return spec.compiled[1]
-        key = (spec.kind, spec.text, spec.disable_any_whitespace)
+        # per tenant, as the prefix cache is: a hit on another tenant's compile would answer in
+        # microseconds where a miss takes 10 ms to seconds, telling whether it had sent this spec
+        key = (tenant, spec.kind, spec.text, spec.disable_any_whitespace)
         with self._lock:
             if key in self._cached:
                 self._cached.move_to_end(key)
