@@ -97,8 +97,8 @@ def test_a_tenants_slow_specs_hold_one_slot_and_others_compile_meanwhile(compile
     others = [StructuredOutputs(regex=f"{name}[0-9]") for name in ("bob", "carol")]
     for spec, tenant in zip(others, ("bob", "carol")):  # before: "busy compiling other specs"
         assert compiler.compile(spec, tenant=tenant) is not None
-    shared = StructuredOutputs(regex=slow[0])  # the flooder's own spec: joins the compile that runs
-    joined = threading.Thread(target=compiler.compile, args=(shared,))
+    shared = StructuredOutputs(regex=slow[0])  # the flooder's own spec again: joins its compile that runs
+    joined = threading.Thread(target=compiler.compile, args=(shared, "flood"))
     joined.start()
     gate.set()
     joined.join(30)
