@@ -111,8 +111,8 @@ def test_a_compiled_spec_survives_its_eviction_from_the_cache(compiler, monkeypa
     monkeypatch.setattr(structured, "MAX_CACHED", 2)
     spec = StructuredOutputs(json='{"type": "object", "properties": {"a": {"type": "integer"}}}')
     first = compiler.compile(spec, tenant="bob")
-    for i in range(3):
-        compiler.compile(StructuredOutputs(regex=f"evict{i}"), tenant="flood")
+    for i in range(3):  # bob's own newer specs (another tenant's would evict their own first)
+        compiler.compile(StructuredOutputs(regex=f"evict{i}"), tenant="bob")
     gate = gated(monkeypatch, {spec.text})  # any compile of it from here runs past its caller's timeout
     compiler.timeout_s = 0.0
     with pytest.raises(RequestError, match="did not compile within 0 s"):  # the cache dropped it
@@ -163,3 +163,28 @@ def test_a_tenant_never_meets_another_tenants_compile(compiler, monkeypatch):
     gate.set()
     bobs.join(30), eves.join(30)
     assert compiled.count("in-flight[0-9]") == 2
+
+
+def test_a_tenants_stream_of_new_specs_evicts_its_own_grammars_first(compiler, monkeypatch):
+    """Plain LRU: a tenant sending new specs pushed every other tenant's grammar out (28 regexes of
+    64 KB fill the 512 MiB), and each of their requests compiled again, up to 5 s. Now, past a bound,
+    the tenant holding the most loses its least recent; the others keep theirs."""
+    monkeypatch.setattr(structured, "MAX_CACHED", 4)
+    compiled, compile_for_real = [], structured._compile
+    monkeypatch.setattr(structured, "_compile", lambda c, spec: compiled.append(spec.text) or compile_for_real(c, spec))
+    kept = {"bob": StructuredOutputs(regex="bob[0-9]"), "carol": StructuredOutputs(regex="carol[0-9]")}
+    for tenant, spec in kept.items():
+        compiler.compile(spec, tenant)
+    for i in range(6):
+        compiler.compile(StructuredOutputs(regex=f"flood{i}"), tenant="flood")
+    for tenant, spec in kept.items():  # before: both dropped, compiled again here
+        compiler.compile(StructuredOutputs(regex=spec.regex), tenant)
+    assert [text for text in compiled if not text.startswith("flood")] == ["bob[0-9]", "carol[0-9]"]
+    compiler.compile(StructuredOutputs(regex="flood5"), tenant="flood")  # its newest two stayed
+    compiler.compile(StructuredOutputs(regex="flood4"), tenant="flood")
+    assert len(compiled) == 8
+    monkeypatch.setattr(structured, "MAX_CACHED_BYTES", compiler.cached_bytes - 1)  # the bytes bound: the same rule
+    compiler.compile(StructuredOutputs(regex="bob[a-z]"), tenant="bob")
+    assert compiler.cached_bytes <= structured.MAX_CACHED_BYTES
+    compiler.compile(StructuredOutputs(regex="carol[0-9]"), tenant="carol")
+    assert len(compiled) == 9
