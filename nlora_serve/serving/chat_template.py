@@ -146,7 +146,9 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes
         RequestError: no messages, a role not in :data:`CHAT_ROLES`, contents over ``max_bytes``
             bytes or over ``max_messages`` messages (refused before the template renders them:
             a 15 MB message, or 300k empty ones, held the front ends' one tokenizer thread, so every
-            tenant's requests, for 6-30 s), or from :func:`encode_chat` (the message names ``field``).
+            tenant's requests, for 6-30 s), values (tool call arguments, tools, template variables)
+            nested deeper than the renderer recurses, or from :func:`encode_chat` (the message names
+            ``field``).
     """
     if not messages:
         raise RequestError(f"{field} has no messages")
@@ -161,4 +163,8 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes
     if max_bytes is not None and size > max_bytes:
         raise RequestError(f"{field} hold {size:,} bytes of content (UTF-8): more tokens than the model's context "
                            f"holds (max_model_len; refused before tokenizing above {max_bytes:,} bytes)")
-    return encode_chat(messages, tokenizer, field, add_generation_prompt, continue_final_message, kwargs)
+    try:
+        return encode_chat(messages, tokenizer, field, add_generation_prompt, continue_final_message, kwargs)
+    except RecursionError:  # transformers and Jinja walk values recursively: a 500 and its trace before
+        raise RequestError(f"{field}: tool calls, tools or template variables are nested too deeply to render "
+                           "(JSON values nested some hundreds of levels)") from None

@@ -91,11 +91,30 @@ def test_auto_with_tools_answers_text_with_the_tools_in_the_template():
     ({"tools": [FLAT], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
      "text.format cannot be used with tool_choice 'required'", "text.format"),
     ({"input": [{**CALL, "arguments": "{city"}]}, "input[0].arguments is not JSON: '{city'", "input"),
+    # nested past Python's parser: was a RecursionError, a 500 with its trace in the log
+    ({"input": [{**CALL, "arguments": "[" * 100_000 + "]" * 100_000}]}, "input[0].arguments is nested too deeply",
+     "input"),
 ])
 def test_what_vllm_does_not_serve_is_refused_naming_the_field(fields, message, param):
     with pytest.raises(ParamError) as err:
         chat_body_of(_request(**fields))
     assert str(err.value).startswith(message) and err.value.param == param
+
+
+def test_tool_call_arguments_nested_too_deeply_to_render_are_refused_naming_the_field(tokenizer):
+    """Arguments that parse but nest past what the template's renderer recurses through (transformers
+    walks every message value recursively) are a 400 naming the messages' field, on chat and on
+    /v1/responses (were a RecursionError: a 500 and its trace in the log)."""
+    deep = '{"a":' * 700 + "1" + "}" * 700
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": deep}}
+    chat = validated(ChatRequest, {"model": "m", "messages": [{"role": "assistant", "tool_calls": [call]}]})
+    responses = validated(ChatRequest, chat_body_of(_request(input=[{**CALL, "arguments": deep}])))
+    call["function"]["arguments"] = "[" * 100_000 + "]" * 100_000  # past the parser itself
+    past = validated(ChatRequest, {"model": "m", "messages": [{"role": "assistant", "tool_calls": [call]}]})
+    for body, field in ((chat, "messages"), (responses, "input"), (past, "messages")):
+        with pytest.raises(ParamError) as err:
+            chat_prompt(body, tokenizer, field=field)
+        assert "nested too deeply" in str(err.value) and err.value.param == field
 
 
 def test_a_function_call_output_that_is_not_text_is_refused_naming_it():

@@ -328,6 +328,9 @@ def _message_dict(message: ChatMessage, index: int) -> dict:
                     arguments = json.loads(arguments)
                 except ValueError:
                     raise ParamError(f"messages[{index}].tool_calls: arguments are not JSON", "messages") from None
+                except RecursionError:  # nested past the parser: was a 500
+                    raise ParamError(f"messages[{index}].tool_calls: arguments are nested too deeply to parse",
+                                     "messages") from None
             calls.append({**call, "function": {**function, "arguments": arguments}})
         out["tool_calls"] = calls
     return out

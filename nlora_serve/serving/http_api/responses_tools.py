@@ -145,7 +145,8 @@ def add_item(messages: list[dict], item: FunctionCallItem | FunctionCallOutputIt
     opens one; an output is a tool message.
 
     Raises:
-        ParamError: a call's ``arguments`` that are not JSON (the chat template gets them parsed).
+        ParamError: a call's ``arguments`` that are not JSON or nest past the parser (the chat
+            template gets them parsed).
     """
     if isinstance(item, FunctionCallOutputItem):
         messages.append({"role": "tool", "content": item.output, "tool_call_id": item.call_id})
@@ -154,6 +155,8 @@ def add_item(messages: list[dict], item: FunctionCallItem | FunctionCallOutputIt
         json.loads(item.arguments)
     except ValueError:
         raise ParamError(f"input[{index}].arguments is not JSON: {item.arguments[:80]!r}", "input") from None
+    except RecursionError:  # nested past the parser: was a 500
+        raise ParamError(f"input[{index}].arguments is nested too deeply to parse", "input") from None
     call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
     if messages and messages[-1]["role"] == "assistant":
         messages[-1].setdefault("tool_calls", []).append(call)
