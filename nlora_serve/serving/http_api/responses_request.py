@@ -34,6 +34,7 @@ their outputs (reasoning, images, files) and parts other than text are refused w
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -158,6 +159,12 @@ class ResponsesRequest(BaseModel):
     request_id: str | None = None  # vLLM's: the response id (default "resp_<uuid>")
     enable_response_messages: bool | None = False  # vLLM's: raw prompt/output token messages; false only
 
+    @functools.cached_property
+    def function_tools(self) -> list[FunctionTool]:
+        """``tools`` validated, once per request (:func:`chat_body_of` and every response object's
+        echo read them; raises ParamError as responses_tools.function_tools)."""
+        return function_tools(self.tools)
+
     @property
     def logprobs_included(self) -> bool:
         """``include`` asks for the output text's logprobs (vLLM's ``is_include_output_logprobs``)."""
@@ -242,7 +249,7 @@ def chat_body_of(request: ResponsesRequest) -> dict:
             not text, an input without messages.
     """
     _check_unsupported(request)
-    tools = function_tools(request.tools)
+    tools = request.function_tools
     _, tool_choice = chat_tool_choice(request.tool_choice, tools)
     extras = request.model_extra or {}
     messages = ([{"role": "system", "content": request.instructions}] if request.instructions else [])
@@ -282,7 +289,7 @@ def chat_body_of(request: ResponsesRequest) -> dict:
 
 def tools_echo(request: ResponsesRequest) -> tuple[str | dict, list[dict]]:
     """(``tool_choice``, ``tools``) as vLLM 0.32's response echoes them (checked by :func:`chat_body_of`)."""
-    tools: list[FunctionTool] = function_tools(request.tools)
+    tools = request.function_tools
     return chat_tool_choice(request.tool_choice, tools)[0], [tool.echo() for tool in tools]
 
 

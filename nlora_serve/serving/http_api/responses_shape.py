@@ -103,6 +103,7 @@ class ResponseShaper:
         self._open: dict | None = None  # a stream's item being streamed: its output_item.done's item
         self._logprobs: list[dict] = []  # ... a message's logprobs so far
         self._output: list[dict] = []  # a stream's items done
+        self._tools_echo = tools_echo(request)  # once: a stream writes 3 response objects
 
     def response(self, status: str, output: list[dict], last: RequestOutput | None) -> dict:
         """The ``response`` object (vLLM's ``ResponsesResponse.from_request``); usage from ``last``
@@ -113,7 +114,7 @@ class ResponseShaper:
             fmt = request.text.format
             text = {"format": None if fmt is None else _format(fmt), "verbosity": request.text.verbosity}
         reasoning = None
-        tool_choice, tools = tools_echo(request)
+        tool_choice, tools = self._tools_echo
         if request.reasoning is not None:
             reasoning = {key: getattr(request.reasoning, key) for key in REASONING_KEYS}
         return {"id": self.response_id, "created_at": self.created_at,
