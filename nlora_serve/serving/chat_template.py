@@ -47,12 +47,9 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "message
             tools, documents, ...), which are not masked (the message names ``field``).
     """
     specials = _special_texts(tokenizer)
-    structured = json.dumps([[m.get("tool_calls"), m.get("tool_call_id")] for m in messages] + [kwargs],
-                            ensure_ascii=False, default=str)
-    hit = next((s for s in specials if s in structured), None)
-    if hit is not None:  # only content and name are masked: refused, never a forged control token
-        raise RequestError(f"{field}: special-token text {hit!r} inside tool calls, tools or template variables "
-                           "cannot be kept as plain text; remove it")
+    # only content and name are masked: special-token text anywhere else is refused, never a forged control token
+    check_plain([[m.get("tool_calls"), m.get("tool_call_id")] for m in messages] + [kwargs], tokenizer,
+                f"{field}: special-token text {{hit!r}} inside tool calls, tools or template variables")
     template = functools.partial(_apply_template, tokenizer, field, add_generation_prompt=add_generation_prompt,
                                  continue_final_message=continue_final_message, **(kwargs or {}))
     if not any(s in m[key] for m in messages for key in _TEXT_FIELDS if key in m for s in specials):
@@ -77,6 +74,20 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "message
         elif piece:
             ids += tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True)
     return ids
+
+
+def check_plain(value, tokenizer, what: str) -> None:
+    """Refuse special-token text anywhere in ``value`` (JSON-like: its strings and keys), which the
+    template would render unmasked.
+
+    Raises:
+        RequestError: ``what`` (formatted with ``hit``, the special-token text found) followed by
+            "cannot be kept as plain text; remove it".
+    """
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    hit = next((s for s in _special_texts(tokenizer) if s in text), None)
+    if hit is not None:
+        raise RequestError(what.format(hit=hit) + " cannot be kept as plain text; remove it")
 
 
 def _apply_template(tokenizer, field: str, messages: list[dict[str, str]], **options):

@@ -63,7 +63,7 @@ from __future__ import annotations
 import json
 import re
 
-from nlora_serve.serving.chat_template import render_chat, template_kwargs
+from nlora_serve.serving.chat_template import check_plain, render_chat, template_kwargs
 from nlora_serve.serving.http_api.prompts import MAX_PROMPTS, prompts_of
 from nlora_serve.serving.http_api.request_models import (ChatMessage, ChatRequest, CompletionRequest, OpenAIRequest,
                                                          ParamError, as_param_error, check_fields)
@@ -287,8 +287,9 @@ def chat_prompt(request: ChatRequest, tokenizer,
     messages names (/v1/responses': ``input``, whose messages they are).
 
     Raises:
-        ParamError: no messages or an unknown role, a part that is not text, contents or messages
-            over ``chat_bounds`` (max_bytes, max_messages of
+        ParamError: no messages or an unknown role, a part that is not text, special-token text
+            inside the tools the template renders (param ``tools``), contents or messages over
+            ``chat_bounds`` (max_bytes, max_messages of
             :func:`~nlora_serve.serving.chat_template.render_chat`).
     """
     messages = [_message_dict(m, i) for i, m in enumerate(request.messages)]
@@ -298,6 +299,9 @@ def chat_prompt(request: ChatRequest, tokenizer,
         extra["enable_thinking"] = request.reasoning_effort != "none"
     with as_param_error("chat_template_kwargs"):
         kwargs = template_kwargs(tokenizer, request.chat_template_kwargs or {}, extra)
+    if request.tools and "tools" in kwargs:  # rendered: refused naming tools (else render_chat's names field)
+        with as_param_error("tools"):
+            check_plain(extra["tools"], tokenizer, "tools: special-token text {hit!r} inside a tool")
     with as_param_error(field):
         return render_chat(messages, tokenizer, field, *chat_bounds, request.add_generation_prompt,
                            request.continue_final_message, kwargs)
