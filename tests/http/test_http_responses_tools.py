@@ -91,6 +91,9 @@ def test_auto_with_tools_answers_text_with_the_tools_in_the_template():
     ({"tools": [FLAT], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
      "text.format cannot be used with tool_choice 'required'", "text.format"),
     ({"input": [{**CALL, "arguments": "{city"}]}, "input[0].arguments is not JSON: '{city'", "input"),
+    # Python's parser takes NaN / Infinity; the tools are echoed: a 500 after generating (whole), NaN in events
+    ({"tools": [FLAT, {**FLAT, "parameters": {"x": {"maximum": float("inf")}}}]},
+     "tools[1].parameters holds NaN or Infinity", "tools"),
     # nested past Python's parser: was a RecursionError, a 500 with its trace in the log
     ({"input": [{**CALL, "arguments": "[" * 100_000 + "]" * 100_000}]}, "input[0].arguments is nested too deeply",
      "input"),

@@ -91,7 +91,8 @@ def function_tools(tools: list | None) -> list[FunctionTool]:
     """``tools`` validated (``[]``: none).
 
     Raises:
-        ParamError: a tool not a function tool (param ``tools``), one that does not validate.
+        ParamError: a tool not a function tool (param ``tools``), one that does not validate, one
+            whose ``parameters`` hold NaN or Infinity (the response echoes them as JSON).
     """
     out = []
     for i, tool in enumerate(tools or []):
@@ -107,7 +108,21 @@ def function_tools(tools: list | None) -> list[FunctionTool]:
             error = exc.errors(include_url=False)[0]
             where = "".join(f".{part}" for part in error["loc"])
             raise ParamError(f"tools[{i}]{where}: {error['msg']}", "tools") from None
+    try:  # one pass over all: the response echoes them, and JSON has no NaN (Python's parser takes it)
+        json.dumps([tool.parameters for tool in out], allow_nan=False)
+    except ValueError:
+        bad = next(i for i, tool in enumerate(out) if not _finite(tool.parameters))
+        raise ParamError(f"tools[{bad}].parameters holds NaN or Infinity, which JSON has no number for", "tools") \
+            from None
     return out
+
+
+def _finite(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
 
 
 def chat_tool_choice(tool_choice, tools: list[FunctionTool]) -> tuple[str | dict, str | dict]:
