@@ -318,3 +318,21 @@ def test_responses_logprobs_are_chats(http_server):
     (part,) = raw["output"][0]["content"]
     assert part["logprobs"] == chat["choices"][0]["logprobs"]["content"] and len(part["logprobs"]) == 5
     assert raw["top_logprobs"] == 2 and Response.model_validate(raw).output_text == part["text"]
+
+
+def test_a_named_choice_of_a_name_two_tools_share_forces_the_last_ones_parameters():
+    """vLLM 0.32 maps tools by name (tool_parsers/utils.py get_json_schema_from_tools: a dict, the
+    last tool of a name wins), for chat's and the Responses API's named choices alike; the first
+    one's schema was forced here."""
+    from nlora_serve.serving.http_api.responses_request import ResponsesRequest, chat_body_of
+
+    other = copy.deepcopy(TIME)
+    other["function"]["name"] = "get_weather"
+    chat = ChatRequest.model_validate({"model": "m", "messages": MESSAGES, "tools": [WEATHER, other],
+                                       "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    flat = [{"type": "function", **tool["function"]} for tool in (WEATHER, other)]
+    responses = ChatRequest.model_validate(chat_body_of(ResponsesRequest.model_validate(
+        {"model": "m", "input": "Hi", "tools": flat, "tool_choice": {"type": "function", "name": "get_weather"}})))
+    for body in (chat, responses):
+        calls, schema = body.tool_calls()
+        assert calls.name == "get_weather" and schema == other["function"]["parameters"]

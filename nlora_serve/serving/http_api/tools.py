@@ -94,7 +94,8 @@ def tool_calls_of(tools: list[Tool] | None, tool_choice, choice_given: bool,
             array["maxItems"] = 1
         return ToolCalls(None, parallel is not False), array
     name = _named(tool_choice)
-    function = next((t.function for t in tools if t.function.name == name), None)
+    # vLLM's map by name: of tools sharing the name, the last one's parameters are forced
+    function = next((t.function for t in reversed(tools) if t.function.name == name), None)
     if function is None:
         raise RequestError("The tool specified in `tool_choice` does not match any of the specified `tools`",
                            "tool_choice")
