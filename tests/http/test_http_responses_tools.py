@@ -140,3 +140,23 @@ def test_tools_are_validated_once_per_request(monkeypatch):
     for _ in range(3):
         assert [tool["name"] for tool in shaper.response("in_progress", [], None)["tools"]] == ["get_weather", "other"]
     assert len(calls) == 1
+
+
+def test_more_turns_than_the_context_holds_are_refused_before_the_items_are_validated(monkeypatch):
+    """Items that each open a chat turn (a non-assistant message, a function_call_output), more of
+    them than max_model_len (each turn renders one token at least), are refused as the chat's
+    messages are, before each is validated: 200k items held the event loop 3.3 s (chat's 200k
+    messages: 1.4 s). function_calls and assistant text may join a turn: not counted."""
+    from types import SimpleNamespace
+
+    from nlora_serve.serving.http_api import responses_route
+
+    monkeypatch.setattr(responses_route, "validated", lambda *a: pytest.fail("validated before the bound"))
+    ctx = SimpleNamespace(chat_bounds=(10**6, 4), config=ServerConfig())
+    turns = [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c", "output": "y"}] * 3
+    with pytest.raises(ParamError) as err:
+        responses_route._read({"model": "m", "input": turns[:5]}, ctx)
+    assert str(err.value).startswith("input holds 5 items that open a turn each") and err.value.param == "input"
+    monkeypatch.undo()
+    joined = [CALL] * 5 + [{"role": "assistant", "content": "z"}] + turns[:4]  # 4 turns: served
+    responses_route._read({"model": "m", "input": joined}, ctx)

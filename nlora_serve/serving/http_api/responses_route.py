@@ -15,13 +15,14 @@ from nlora_serve.serving.http_api.openai import MAX_REQUEST_ID, chat_params
 from nlora_serve.serving.http_api.openai_route import shaper_of
 from nlora_serve.serving.http_api.request_models import ChatRequest, ParamError
 from nlora_serve.serving.http_api.responses_request import (ResponsesRequest, chat_body_of, chat_params_of,
-                                                            check_stateless)
+                                                            check_stateless, check_turns)
 from nlora_serve.serving.http_api.responses_shape import ResponseShaper, random_id
 
 
 def _read(data, ctx: HttpContext) -> tuple[ChatRequest, None, SamplingParams, ResponsesRequest]:
     """The request, its chat request and engine params (raises ParamError, ResponseNotFound,
     RequestValidationError naming the field)."""
+    check_turns(data, ctx.chat_bounds[1])
     request = validated(ResponsesRequest, data)
     check_stateless(request)
     if request.request_id is not None and len(request.request_id) > MAX_REQUEST_ID:
