@@ -154,10 +154,11 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes
     ``max_messages``: so do more messages (max_model_len: each renders at least its turn marker).
 
     Raises:
-        RequestError: no messages, a role not in :data:`CHAT_ROLES`, contents over ``max_bytes``
-            bytes or over ``max_messages`` messages (refused before the template renders them:
-            a 15 MB message, or 300k empty ones, held the front ends' one tokenizer thread, so every
-            tenant's requests, for 6-30 s), values (tool call arguments, tools, template variables)
+        RequestError: no messages, a role not in :data:`CHAT_ROLES`, contents (with the tool calls'
+            and template variables' JSON) over ``max_bytes`` bytes or over ``max_messages`` messages
+            (refused before the template renders them: a 15 MB message, or 300k empty ones, held
+            the front ends' one tokenizer thread, so every tenant's requests, for 6-30 s; 4 MB of
+            tool call arguments 4.3 s), values (tool call arguments, tools, template variables)
             nested deeper than the renderer recurses, or from :func:`encode_chat` (the message names
             ``field``).
     """
@@ -175,6 +176,13 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes
         raise RequestError(f"{field} hold {size:,} bytes of content (UTF-8): more tokens than the model's context "
                            f"holds (max_model_len; refused before tokenizing above {max_bytes:,} bytes)")
     try:
+        if max_bytes is not None:  # tool calls and tools render too (a template may skip them: counted anyway)
+            structured = text_bytes(json.dumps([m.get("tool_calls") for m in messages if m.get("tool_calls")]
+                                               + [kwargs or {}], ensure_ascii=False, default=str))
+            if size + structured > max_bytes:
+                raise RequestError(f"{field} hold {structured:,} bytes of tool calls, tools and template variables "
+                                   f"(JSON, UTF-8) and {size:,} of content: more tokens than the model's context "
+                                   f"holds (max_model_len; refused before tokenizing above {max_bytes:,} bytes)")
         return encode_chat(messages, tokenizer, field, add_generation_prompt, continue_final_message, kwargs)
     except RecursionError:  # transformers and Jinja walk values recursively: a 500 and its trace before
         raise RequestError(f"{field}: tool calls, tools or template variables are nested too deeply to render "
