@@ -336,3 +336,34 @@ def test_a_named_choice_of_a_name_two_tools_share_forces_the_last_ones_parameter
     for body in (chat, responses):
         calls, schema = body.tool_calls()
         assert calls.name == "get_weather" and schema == other["function"]["parameters"]
+
+
+def test_required_hoists_the_tools_defs_to_the_schemas_top_as_vllm():
+    """A tool whose parameters reference its own ``$defs`` (pydantic's nested models) is served for
+    "required" as vLLM serves it (tool_parsers/utils.py ``_get_tool_schema_defs``): every tool's
+    ``$defs`` joined at the array schema's top, where ``#/$defs/...`` resolves; two different
+    schemas of one name are refused in vLLM's words. Was a 400: "Cannot find field '$defs'"."""
+    from nlora_serve.serving.http_api.openai import chat_params
+    from nlora_serve.serving.http_api.responses_request import ResponsesRequest, chat_body_of
+    from nlora_serve.serving.server_config import ServerConfig
+
+    loc = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    params = {"type": "object", "properties": {"loc": {"$ref": "#/$defs/Loc"}}, "required": ["loc"],
+              "$defs": {"Loc": loc}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": params}}
+    chat = ChatRequest.model_validate({"model": "m", "messages": MESSAGES, "tools": [tool, TIME],
+                                       "tool_choice": "required"})
+    responses = ChatRequest.model_validate(chat_body_of(ResponsesRequest.model_validate(
+        {"model": "m", "input": "Hi", "tools": [{"type": "function", "name": "f", "parameters": params}],
+         "tool_choice": "required"})))
+    for body in (chat, responses):
+        _, schema = body.tool_calls()
+        assert schema["$defs"] == {"Loc": loc} and "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+        chat_params(body, ServerConfig())  # compiles
+    assert tool["function"]["parameters"]["$defs"] == {"Loc": loc}  # the request's tool is left as sent
+    clash = copy.deepcopy(tool)
+    clash["function"]["parameters"]["$defs"]["Loc"] = {"type": "string"}
+    clash["function"]["name"] = "g"
+    with pytest.raises(RequestError, match="Tool definition 'Loc' has multiple schemas, which is not supported."):
+        ChatRequest.model_validate({"model": "m", "messages": MESSAGES, "tools": [tool, clash],
+                                    "tool_choice": "required"}).tool_calls()

@@ -8,7 +8,8 @@
   object) and returned as that function's one tool call, ``content`` ``""``, finish_reason the
   engine's (``"stop"``), as vLLM's parser path (parser/abstract_parser.py ``_extract_tool_calls``).
 - ``"required"``: the output is forced to a JSON array of ``{"name", "parameters"}`` objects, one
-  schema per tool (``maxItems`` 1 with ``parallel_tool_calls: false``), each returned as a tool
+  schema per tool (``maxItems`` 1 with ``parallel_tool_calls: false``; the tools' ``$defs`` joined
+  at the array's top, where their ``#/$defs/...`` references resolve), each returned as a tool
   call (arguments re-serialized with ``json.dumps``), finish_reason ``"tool_calls"`` where the
   engine's is ``"stop"`` (tool_parsers/utils.py ``get_json_schema_from_tools``).
 - ``"auto"`` (the default with tools) needs a model-specific tool-call parser: refused with vLLM
@@ -92,6 +93,9 @@ def tool_calls_of(tools: list[Tool] | None, tool_choice, choice_given: bool,
         array = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": schemas}}
         if parallel is False:
             array["maxItems"] = 1
+        defs = _joined_defs(tools)
+        if defs:  # where the tools' "#/$defs/..." references resolve
+            array["$defs"] = defs
         return ToolCalls(None, parallel is not False), array
     name = _named(tool_choice)
     # vLLM's map by name: of tools sharing the name, the last one's parameters are forced
@@ -120,10 +124,29 @@ def _named(tool_choice) -> str:
 
 
 def _call_schema(function: ToolFunction) -> dict:
-    """One element of the "required" array (vLLM's ``_get_tool_schema_from_name_and_params``)."""
-    return {"properties": {"name": {"type": "string", "enum": [function.name]},
-                           "parameters": function.parameters or {"type": "object", "properties": {}}},
+    """One element of the "required" array (vLLM's ``_get_tool_schema_from_name_and_params``), the
+    parameters' ``$defs`` left out (:func:`_joined_defs` puts them at the top)."""
+    parameters = {k: v for k, v in (function.parameters or {"type": "object", "properties": {}}).items()
+                  if k != "$defs"}
+    return {"properties": {"name": {"type": "string", "enum": [function.name]}, "parameters": parameters},
             "required": ["name", "parameters"]}
+
+
+def _joined_defs(tools: list[Tool]) -> dict:
+    """Every tool's parameters' ``$defs``, joined (vLLM's ``_get_tool_schema_defs``, which moves
+    them to the "required" array schema's top, where ``#/$defs/...`` references resolve).
+
+    Raises:
+        RequestError: two tools define one name differently (vLLM's words, param ``tools``).
+    """
+    joined: dict = {}
+    for tool in tools:
+        defs = (tool.function.parameters or {}).get("$defs")
+        for name, schema in (defs.items() if isinstance(defs, dict) else ()):
+            if name in joined and joined[name] != schema:
+                raise RequestError(f"Tool definition '{name}' has multiple schemas, which is not supported.", "tools")
+            joined[name] = schema
+    return joined
 
 
 def call_id() -> str:
