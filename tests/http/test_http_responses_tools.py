@@ -88,6 +88,9 @@ def test_auto_with_tools_answers_text_with_the_tools_in_the_template():
     ({"tools": [FLAT], "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}},
      "tool_choice {'type': 'allowed_tools'", "tool_choice"),
     ({"tools": [{"type": "web_search_preview"}]}, "tools[0] is a 'web_search_preview' tool", "tools"),
+    # was chat's refusal, whose "correct usage" is chat's {"type": "function", "function": {"name": ...}}
+    ({"tools": [{**FLAT, "name": ""}], "tool_choice": {"type": "function", "name": ""}},
+     "tool_choice.name is empty", "tool_choice"),
     ({"tools": [{**FLAT, "parameters": "x"}]}, "tools[0].parameters: Input should be a valid dictionary", "tools"),
     ({"tools": [FLAT], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
      "text.format cannot be used with tool_choice 'required'", "text.format"),

@@ -130,13 +130,17 @@ def chat_tool_choice(tool_choice, tools: list[FunctionTool]) -> tuple[str | dict
 
     Raises:
         ParamError: vLLM 0.32's refusals in its words ("required" or a named function without
-            tools, a name no tool has), a form other than a string or ``{"type": "function", "name"}``.
+            tools, a name no tool has), a form other than a string or ``{"type": "function", "name"}``,
+            an empty name.
     """
     tool_choice = "auto" if tool_choice is None else tool_choice
     named = isinstance(tool_choice, dict) and tool_choice.get("type") == "function"
     if named and (set(tool_choice) != {"type", "name"} or not isinstance(tool_choice["name"], str)):
         raise ParamError("tool_choice of type 'function' takes 'name' (a string) only: "
                          "{'type': 'function', 'name': ...}", "tool_choice")
+    if named and not tool_choice["name"]:  # chat refuses it later, in the words of chat's form
+        raise ParamError("tool_choice.name is empty: name one of the tools ({'type': 'function', 'name': ...})",
+                         "tool_choice")
     if not named and tool_choice not in ("auto", "none", "required"):
         raise ParamError(f"tool_choice {tool_choice!r} is not supported: this server takes 'auto', 'none', "
                          "'required' or {'type': 'function', 'name': ...}", "tool_choice")
