@@ -269,10 +269,6 @@ VLLM_SERVE_OPTIONS = {
                       "prompt_logprobs: 0..20, vLLM's default max_logprobs), fixed here: drop it",
     "--data-parallel-size": "one server is one engine replica: run a server per replica (each with its own "
                             "--adapter-dir) behind a load balancer",
-    "--enable-auto-tool-choice": "tool_choice \"auto\" needs a model's tool-call parser, which this server has "
-                                 "not; named and \"required\" tool choices work without one: drop it",
-    "--tool-call-parser": "tool_choice \"auto\" needs a model's tool-call parser, which this server has not; "
-                          "named and \"required\" tool choices work without one: drop it",
     "--ssl-keyfile": "both servers speak plain HTTP and gRPC: terminate TLS in a proxy in front (nginx, Envoy)",
     "--ssl-certfile": "both servers speak plain HTTP and gRPC: terminate TLS in a proxy in front (nginx, Envoy)",
 }

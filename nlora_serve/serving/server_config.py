@@ -19,6 +19,8 @@ from nlora_serve.serving.generation_config import SamplingDefaults
 LOOPBACK_NAMES = ("localhost",)
 MESSAGE_HEADROOM = 1 << 20  # bytes a message may carry beyond its payload (name, framing)
 MAX_GRPC_MESSAGE = (1 << 31) - 1  # gRPC's message-size options are int32
+# "auto" tool choice's parsers (http_api/tool_parsers.py), vLLM's --tool-call-parser names
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 ENV_FLAG = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for /v1/load_lora_adapter (http_api/lora_admin.py)
 
 
@@ -87,6 +89,10 @@ class ServerConfig:
     # vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (http_api/lora_admin.py), admin keys
     # only: off by default, as vLLM's, since lora_path reads a folder of the server's own disk
     allow_runtime_lora_updating: bool = False
+    # tool_choice "auto" (vLLM's --enable-auto-tool-choice, needing --tool-call-parser): the model's
+    # tool-call text read by this parser (one of TOOL_CALL_PARSERS); without it "auto" is refused
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
     # a request's unset sampling fields: the model's generation_config.json, --override-generation-config
     # (serving/generation_config.py); empty: the API's own defaults
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
@@ -115,10 +121,20 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.drain_seconds must be >= 0; got {self.drain_seconds!r}")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("ServerConfig.served_model_name must not be empty")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"ServerConfig.tool_call_parser={self.tool_call_parser!r} is not a tool call parser "
+                             f"here; known: {', '.join(TOOL_CALL_PARSERS)}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("ServerConfig.enable_auto_tool_choice requires ServerConfig.tool_call_parser")
         if self.tenants_file is None and not is_loopback(self.host):
             raise ValueError(f"ServerConfig.host={self.host!r} is not a loopback address and no tenants "
                              "file is configured: without auth the server binds only to 127.0.0.1 "
                              "(give --tenants-file to listen on other interfaces)")
+
+    @property
+    def auto_tool_parser(self) -> str | None:
+        """The parser of tool_choice "auto"; None where "auto" is refused."""
+        return self.tool_call_parser if self.enable_auto_tool_choice else None
 
     def check_adapter_name(self, name: str) -> None:
         """Refuse an adapter name equal to the served base model name: HTTP's ``model`` field would

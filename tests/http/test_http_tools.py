@@ -367,3 +367,29 @@ def test_required_hoists_the_tools_defs_to_the_schemas_top_as_vllm():
     with pytest.raises(RequestError, match="Tool definition 'Loc' has multiple schemas, which is not supported."):
         ChatRequest.model_validate({"model": "m", "messages": MESSAGES, "tools": [tool, clash],
                                     "tool_choice": "required"}).tool_calls()
+
+
+def test_auto_on_a_server_with_the_hermes_parser_parses_the_models_text(http_server):
+    """``serve --enable-auto-tool-choice --tool-call-parser hermes`` (the fixture's config switched
+    for this test): the model's text, forced here to a hermes call by structured_outputs' choice,
+    comes back as a tool call on chat and as a function_call item on /v1/responses (streaming and
+    the parse itself: test_http_auto_tools.py); the expected parse is written by hand."""
+    api, model = _api(http_server)
+    config = http_server.server.config
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    fields = {"structured_outputs": {"choice": ['Hi<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>']}}
+    config.enable_auto_tool_choice, config.tool_call_parser = True, "hermes"
+    try:
+        out = api.chat.completions.create(model=model, messages=MESSAGES, tools=[tool], max_tokens=60, temperature=0,
+                                          extra_body=fields).choices[0]
+        assert out.finish_reason == "tool_calls" and out.message.content == "Hi", out
+        (tool_call,) = out.message.tool_calls
+        assert tool_call.id.startswith("chatcmpl-tool-") and tool_call.function.name == "f"
+        assert tool_call.function.arguments == '{"a": 1}'
+        response = api.responses.create(model=model, input=MESSAGES[0]["content"], max_output_tokens=60,
+                                        temperature=0, tools=[{"type": "function", **tool["function"]}],
+                                        extra_body=fields)
+        assert [item.type for item in response.output] == ["message", "function_call"]
+        assert (response.output[1].name, response.output[1].arguments) == ("f", '{"a": 1}')
+    finally:
+        config.enable_auto_tool_choice, config.tool_call_parser = False, None

@@ -35,7 +35,7 @@ from nlora_serve.serving.commands.backend import backend_config
 from nlora_serve.serving.commands.engine_flags import engine_sizes, in_flag_words
 from nlora_serve.serving.commands.example_tenants import example_name
 from nlora_serve.serving.commands.serve_flags import DEFAULT_HTTP_PORT, MiB
-from nlora_serve.serving.server_config import ServerConfig, StartupError
+from nlora_serve.serving.server_config import TOOL_CALL_PARSERS, ServerConfig, StartupError
 
 if TYPE_CHECKING:  # its module loads torch: backend_config imports it for --backend vllm only
     from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
@@ -104,6 +104,9 @@ def server_configs(args: argparse.Namespace) -> tuple[ServerConfig, AdapterLimit
     """
     policy = args.scheduling_policy or ("fair" if args.tenants_file else "fcfs")
     check_distinct_ports(args)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:  # vLLM's rule, in its words
+        raise StartupError("--enable-auto-tool-choice requires --tool-call-parser (here: "
+                           f"{' or '.join(TOOL_CALL_PARSERS)})")
     with flag_errors(args):
         config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
                               tenant_metrics=args.tenant_metrics, enable_log_requests=args.enable_log_requests,
@@ -111,7 +114,9 @@ def server_configs(args: argparse.Namespace) -> tuple[ServerConfig, AdapterLimit
                               allow_runtime_lora_updating=args.allow_runtime_lora_updating,
                               tenants_file=args.tenants_file, max_queue=args.max_queue, max_tokens=args.max_tokens,
                               max_adapter_bytes=args.max_adapter_bytes, drain_seconds=args.drain_seconds,
-                              tenant_queue_shares=policy == "fair")
+                              tenant_queue_shares=policy == "fair",
+                              enable_auto_tool_choice=args.enable_auto_tool_choice,
+                              tool_call_parser=args.tool_call_parser)
         memory = {} if args.adapter_memory is None else {"adapter_memory": args.adapter_memory * MiB}
         limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
                                max_adapter_bytes=args.max_adapter_bytes, **memory)

@@ -17,7 +17,7 @@ from nlora_serve.arg_types import DTYPE_CHOICES, human_readable_int, integer_arg
 from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig
 from nlora_serve.errors import AdapterError
 from nlora_serve.serving.commands.engine_flags import add_device_arguments, add_generation_config_arguments
-from nlora_serve.serving.server_config import ServerConfig, env_allows_updating
+from nlora_serve.serving.server_config import TOOL_CALL_PARSERS, ServerConfig, env_allows_updating
 
 MiB = 1 << 20
 DEFAULT_HTTP_PORT = 8000  # vLLM's: `curl localhost:8000/v1/models` works as a vLLM user expects
@@ -68,6 +68,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
       help="serve vLLM's POST /v1/load_lora_adapter {lora_name, lora_path} (a folder on this server's disk) and "
            "/v1/unload_lora_adapter over HTTP, admin keys only (default: off, on where "
            "VLLM_ALLOW_RUNTIME_LORA_UPDATING is 1 or true, as vLLM)")
+    a("--enable-auto-tool-choice", action="store_true",
+      help="serve chat's and /v1/responses' tool_choice \"auto\" (the default with tools): the model's own "
+           "tool-call text is read by --tool-call-parser's parser; without it \"auto\" is refused on chat, "
+           "as vLLM's (default: off)")
+    a("--tool-call-parser", type=_tool_call_parser, default=None, metavar="{" + ",".join(TOOL_CALL_PARSERS) + "}",
+      help="the model's tool-call format, for --enable-auto-tool-choice (vLLM's names): hermes = "
+           "<tool_call>{\"name\", \"arguments\"}</tool_call> (Hermes, Qwen2.5, Qwen3); llama3_json = "
+           "{\"name\", \"parameters\"} objects, <|python_tag|> optional (Llama 3.1/3.2/3.3) (default: none)")
     a("--seed", type=int, default=EngineConfig.__dataclass_fields__["seed"].default,
       help="seeds the sampling of requests that send no seed of their own (a request's seed always gives "
            "the same tokens); vLLM's flag, passed to vLLM on --backend vllm (default: %(default)s)")
@@ -108,6 +116,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_generation_config_arguments(parser, "a request's unset sampling fields", "every request")
     add_device_arguments(parser)
     add_backend_arguments(parser)
+
+
+def _tool_call_parser(value: str) -> str:
+    if value not in TOOL_CALL_PARSERS:
+        raise argparse.ArgumentTypeError(f"invalid tool call parser: {value!r} (known here: "
+                                          f"{', '.join(TOOL_CALL_PARSERS)})")
+    return value
 
 
 def _named_dir(value: str) -> tuple[str, str]:

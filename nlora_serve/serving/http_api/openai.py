@@ -60,6 +60,7 @@ are refused naming ``prompt``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -273,10 +274,14 @@ def chat_params(request: ChatRequest, config: ServerConfig) -> SamplingParams:
     if request.top_logprobs and not request.logprobs:  # 0 without logprobs asks nothing: accepted, as vLLM
         raise ParamError("top_logprobs needs logprobs=true", "top_logprobs")
     try:
-        _, tool_schema = request.tool_calls()
+        tools, tool_schema = request.tool_calls(config.auto_tool_parser)
     except RequestError as exc:  # vLLM's messages and params (None where vLLM names none)
         raise ParamError(str(exc), exc.param) from None
-    return sampling_of(request, config, logprobs_asked(request), prompt_logprobs_of(request), tool_schema)
+    params = sampling_of(request, config, logprobs_asked(request), prompt_logprobs_of(request), tool_schema)
+    if tools is not None and config.tool_call_parser == "hermes":
+        # vLLM's hermes parser keeps special tokens in the text: <tool_call> is one in some models
+        params = dataclasses.replace(params, skip_special_tokens=False)
+    return params
 
 
 def chat_prompt(request: ChatRequest, tokenizer,

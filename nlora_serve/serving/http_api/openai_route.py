@@ -39,14 +39,16 @@ def _openai_id(chat: bool) -> Callable[[Request, Body, object, str], str]:
 
 def _openai_shaper(started: Started, ctx: HttpContext) -> Shaper:
     return shaper_of(started.rid, started.body, started.params, ctx.tokenizer, started.prompt_ids,
-                     _echo(started, ctx.tokenizer), ctx.token_text)
+                     _echo(started, ctx.tokenizer), ctx.token_text, ctx.config.auto_tool_parser)
 
 
 def shaper_of(rid: str, body: ChatRequest | CompletionRequest, params: SamplingParams, tokenizer,
-              prompt_ids: list[list[int]], echo: list[Echo] | None, token_text: TokenText | None = None) -> Shaper:
+              prompt_ids: list[list[int]], echo: list[Echo] | None, token_text: TokenText | None = None,
+              auto_parser: str | None = None) -> Shaper:
     """The :class:`Shaper` of a validated request ``body`` with the engine ``params`` it runs with
     (the prompt scored to ``params.prompt_logprobs``), response id ``rid``, per prompt its tokens
-    ``prompt_ids`` and what ``echo`` puts first (:func:`_echo`).
+    ``prompt_ids`` and what ``echo`` puts first (:func:`_echo`); ``auto_parser``: the server's
+    parser of tool_choice "auto" (ServerConfig.auto_tool_parser).
 
     Raises:
         RequestError: the body's tools (checked already where the request was refused before).
@@ -55,7 +57,7 @@ def shaper_of(rid: str, body: ChatRequest | CompletionRequest, params: SamplingP
     return Shaper(rid, body.model, chat, tokenizer, logprobs_asked(body), body.return_tokens_as_token_ids,
                   body.include_usage, body.continuous_usage, n=body.num_choices, prompt_ids=prompt_ids, echo=echo,
                   prompt_logprobs=params.prompt_logprobs, token_text=token_text,
-                  tools=body.tool_calls()[0] if chat else None, token_ids=bool(body.return_token_ids),
+                  tools=body.tool_calls(auto_parser)[0] if chat else None, token_ids=bool(body.return_token_ids),
                   logprob_token_ids=bool(body.logprob_token_ids))
 
 

@@ -184,10 +184,11 @@ class ChatRequest(OpenAIRequest):
     documents: list[dict[str, str]] | None = None  # the template's ``documents`` (RAG), as vLLM
     reasoning_effort: str | None = None  # the template's ``reasoning_effort`` (and enable_thinking), as vLLM
 
-    def tool_calls(self) -> tuple[ToolCalls | None, dict | None]:
-        """See :func:`~nlora_serve.serving.http_api.tools.tool_calls_of` (raises RequestError)."""
+    def tool_calls(self, auto_parser: str | None = None) -> tuple[ToolCalls | None, dict | None]:
+        """See :func:`~nlora_serve.serving.http_api.tools.tool_calls_of` (raises RequestError);
+        ``auto_parser``: the server's parser of tool_choice "auto" (ServerConfig.auto_tool_parser)."""
         return tool_calls_of(self.tools, self.tool_choice, "tool_choice" in self.model_fields_set,
-                             self.parallel_tool_calls)
+                             self.parallel_tool_calls, auto_parser)
 
 
 @contextlib.contextmanager

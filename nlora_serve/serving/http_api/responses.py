@@ -36,6 +36,7 @@ import time
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.serving.http_api.echo import Echo, clamp, echo_logprobs, vllm_prompt_logprobs, with_token
 from nlora_serve.serving.http_api.token_bytes import TokenBytes, TokenText
+from nlora_serve.serving.http_api.tool_parsers import AutoStream, auto_answer
 from nlora_serve.serving.http_api.tool_stream import NamedStream, RequiredStream
 from nlora_serve.serving.http_api.tools import ToolCalls, whole_calls
 
@@ -117,6 +118,13 @@ def total_usage(lasts: list[RequestOutput], n: int = 1) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def tool_stream(tools: ToolCalls) -> NamedStream | RequiredStream | AutoStream:
+    """A choice's streamed tool calls: a named function's, "required"'s, "auto"'s parser's."""
+    if tools.parser is not None:
+        return AutoStream(tools.parser, tools.parallel)
+    return NamedStream(tools.name) if tools.name else RequiredStream()
+
+
 class Shaper:
     """Response objects of one request.
 
@@ -175,8 +183,7 @@ class Shaper:
         # return_token_ids or echo (vLLM's completion_stream_generator), has not gone out yet
         self._prompt_unsent = set(range(choices)) if (token_ids or echo is not None) and not chat else set()
         # streaming tool calls: per choice its calls' deltas (http_api/tool_stream.py)
-        self._calls = None if tools is None else [NamedStream(tools.name) if tools.name else RequiredStream()
-                                                  for _ in range(choices)]
+        self._calls = None if tools is None else [tool_stream(tools) for _ in range(choices)]
 
     # -- whole responses -----------------------------------------------------------------------
 
@@ -207,7 +214,12 @@ class Shaper:
         token_ids = [t for o in outs for t in o.token_ids] if self.token_ids else None
         if self.chat:
             message, finish = {"role": "assistant", "content": text, **MESSAGE_NULLS}, last.finish_reason
-            if self.tools is not None:  # vLLM's: content "", the calls; "required" finishes "tool_calls"
+            if self.tools is not None and self.tools.parser is not None:  # "auto": the parser's calls
+                calls, content = auto_answer(self.tools, text)  # vLLM's: "tool_calls" whenever calls were found
+                message = {"role": "assistant", "content": content, **MESSAGE_NULLS,
+                           **({"tool_calls": calls} if calls else {})}
+                finish = "tool_calls" if calls else finish
+            elif self.tools is not None:  # vLLM's: content "", the calls; "required" finishes "tool_calls"
                 calls = whole_calls(self.tools, text)  # none: left out, as vLLM's ChatMessage leaves it
                 message = {"role": "assistant", "content": "", **MESSAGE_NULLS,
                            **({"tool_calls": calls} if calls else {})}
@@ -285,10 +297,13 @@ class Shaper:
             if self._calls is not None:
                 calls = self._calls[out.index]
                 # a named call's every delta is argument text, "" too (vLLM's extract_named_tool_call_streaming)
-                delta = calls.delta(text) if text or isinstance(calls, NamedStream) else {}
+                if isinstance(calls, AutoStream):  # its finishing delta sends what it held back
+                    delta = calls.delta(text, finish is not None) if text or finish is not None else {}
+                else:
+                    delta = calls.delta(text) if text or isinstance(calls, NamedStream) else {}
                 if not delta and finish is None and logprobs is None and not self.token_ids:
                     return None
-                if isinstance(calls, RequiredStream) and calls.any_call and finish == "stop":
+                if not isinstance(calls, NamedStream) and calls.any_call and finish == "stop":
                     finish = "tool_calls"  # vLLM's rule, as in a whole response
             choice = {"index": out.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             if finish is not None:  # vLLM's: stop_reason on a choice's finishing chunk only

@@ -260,8 +260,10 @@ def check_stateless(request: ResponsesRequest) -> None:
         raise ResponseNotFound(f"Response with id '{request.previous_response_id}' not found.")
 
 
-def chat_body_of(request: ResponsesRequest) -> dict:
-    """The chat request body ``request`` runs as (validated as a ChatRequest by the caller).
+def chat_body_of(request: ResponsesRequest, auto: bool = False) -> dict:
+    """The chat request body ``request`` runs as (validated as a ChatRequest by the caller);
+    ``auto``: the server parses tool_choice "auto"'s calls (--enable-auto-tool-choice), else "auto"
+    runs as "none".
 
     Raises:
         ParamError: a field this server does not implement (an unknown one, ``prompt``,
@@ -271,7 +273,7 @@ def chat_body_of(request: ResponsesRequest) -> dict:
     """
     _check_unsupported(request)
     tools = request.function_tools
-    _, tool_choice = chat_tool_choice(request.tool_choice, tools)
+    _, tool_choice = chat_tool_choice(request.tool_choice, tools, auto)
     extras = request.model_extra or {}
     messages = ([{"role": "system", "content": request.instructions}] if request.instructions else [])
     if isinstance(request.input, str):
@@ -287,7 +289,7 @@ def chat_body_of(request: ResponsesRequest) -> dict:
     if not messages:
         raise ParamError("input holds no message", "input")
     response_format = _response_format(request)
-    if response_format is not None and response_format["type"] != "text" and tool_choice != "none":
+    if response_format is not None and response_format["type"] != "text" and tool_choice not in ("none", "auto"):
         # chat's refusal, naming the Responses field (vLLM's tool parser drops the format unsaid)
         raise ParamError("text.format cannot be used with tool_choice 'required' or a named function: the output "
                          "is forced to the tool calls' JSON", "text.format")

@@ -28,7 +28,7 @@ def _read(data, ctx: HttpContext) -> tuple[ChatRequest, None, SamplingParams, Re
     if request.request_id is not None and len(request.request_id) > MAX_REQUEST_ID:
         raise ParamError(f"request_id is {len(request.request_id)} characters; at most {MAX_REQUEST_ID}",
                          "request_id")
-    body = validated(ChatRequest, chat_body_of(request))
+    body = validated(ChatRequest, chat_body_of(request, ctx.config.auto_tool_parser is not None))
     return body, None, chat_params_of(chat_params, body, request, ctx.config), request
 
 
@@ -41,10 +41,11 @@ def _shaper(started, ctx: HttpContext) -> ResponseShaper:
     # the chat body sets no max_tokens: start_request lowers the limit to the rest of the context
     limit = min(started.params.max_tokens, ctx.engine.max_model_len - len(started.prompt_ids[0]))
     body: ChatRequest = started.body
-    # the chat request's own Shaper writes the logprobs (its tools: "required" / a named function)
-    chat = (shaper_of(started.rid, body, started.params, ctx.tokenizer, started.prompt_ids, None, ctx.token_text)
-            if body.logprobs else None)
-    return ResponseShaper(started.rid, started.own, started.params, limit, chat, body.tool_calls()[0])
+    # the chat request's own Shaper writes the logprobs
+    auto = ctx.config.auto_tool_parser
+    chat = (shaper_of(started.rid, body, started.params, ctx.tokenizer, started.prompt_ids, None, ctx.token_text,
+                      auto) if body.logprobs else None)
+    return ResponseShaper(started.rid, started.own, started.params, limit, chat, body.tool_calls(auto)[0])
 
 
 RESPONSES = Endpoint(_read, _response_id, _shaper, lambda first, deltas, shaper: shaper.events(first, deltas),

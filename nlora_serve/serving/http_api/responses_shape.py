@@ -33,9 +33,10 @@ from collections.abc import AsyncIterator
 
 from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
 from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.serving.http_api.responses import Shaper
+from nlora_serve.serving.http_api.responses import Shaper, tool_stream
 from nlora_serve.serving.http_api.responses_request import REASONING_KEYS, ResponsesRequest, tools_echo
-from nlora_serve.serving.http_api.tool_stream import NamedStream, RequiredStream
+from nlora_serve.serving.http_api.tool_parsers import AutoStream, auto_answer
+from nlora_serve.serving.http_api.tool_stream import NamedStream
 from nlora_serve.serving.http_api.tools import ToolCalls, whole_calls
 from nlora_serve.serving.status import http_status_of
 
@@ -99,7 +100,7 @@ class ResponseShaper:
         self.chat, self.tools = chat, tools
         self.created_at = int(time.time())
         self._sequence = 0
-        self._calls = None if tools is None else NamedStream(tools.name) if tools.name else RequiredStream()
+        self._calls = None if tools is None else tool_stream(tools)
         self._open: dict | None = None  # a stream's item being streamed: its output_item.done's item
         self._logprobs: list[dict] = []  # ... a message's logprobs so far
         self._output: list[dict] = []  # a stream's items done
@@ -136,11 +137,16 @@ class ResponseShaper:
         as ``function_call`` items (none when the text holds none), else one message item whose
         text part has the tokens' logprobs when included (vLLM's ``_make_response_output_items``)."""
         text = "".join(out.text for out in outs)
-        if self.tools is not None:
+        logprobs = None if self.chat is None else [e for out in outs for e in self.chat.content_logprobs(out)]
+        if self.tools is not None and self.tools.parser is not None:  # "auto": vLLM's build_response_output_items
+            calls, content = auto_answer(self.tools, text)
+            output = [message_item(f"msg_{random_id()}", content, logprobs=logprobs)] if content else []
+            output += [call_item(f"fc_{random_id()}", call["id"], call["function"]["name"],
+                                 call["function"]["arguments"]) for call in calls]
+        elif self.tools is not None:
             output = [call_item(f"fc_{random_id()}", call["id"], call["function"]["name"],
                                 call["function"]["arguments"]) for call in whole_calls(self.tools, text)]
         else:
-            logprobs = None if self.chat is None else [e for out in outs for e in self.chat.content_logprobs(out)]
             output = [message_item(f"msg_{random_id()}", text, logprobs=logprobs)]
         return self.response(_status(outs[-1]), output, outs[-1])
 
@@ -163,9 +169,13 @@ class ResponseShaper:
             yield event
         yield self._event("response.completed", response=self.response(_status(last), self._output, last))
 
-    def _text_events(self, out: RequestOutput) -> list[str]:
-        """A text delta's events (none without text, as vLLM): the message opened at the first."""
-        if not out.text:
+    def _text_events(self, out: RequestOutput, text: str | None = None) -> list[str]:
+        """A text delta's events (none without text, as vLLM): the message opened at the first.
+        ``text``: the part of ``out``'s text that is content ("auto"'s parser's; logprobs go with
+        the delta's whole text only)."""
+        whole = text is None or text == out.text
+        text = out.text if text is None else text
+        if not text:
             return []
         events = []
         if self._open is None:
@@ -173,10 +183,10 @@ class ResponseShaper:
             events.append(self._event("response.output_item.added", output_index=len(self._output),
                                       item=message_item(self._open["id"], None, "in_progress")))
             events.append(self._event("response.content_part.added", **self._where(), part=text_part("", [])))
-        entries = [] if self.chat is None else self.chat.content_logprobs(out)
+        entries = [] if self.chat is None or not whole else self.chat.content_logprobs(out)
         self._logprobs += entries
-        self._open["content"] = [text_part(self._text() + out.text)]
-        events.append(self._event("response.output_text.delta", **self._where(), delta=out.text,
+        self._open["content"] = [text_part(self._text() + text)]
+        events.append(self._event("response.output_text.delta", **self._where(), delta=text,
                                   logprobs=stream_logprobs(entries)))
         return events
 
@@ -184,17 +194,21 @@ class ResponseShaper:
         """A delta's tool-call events (vLLM's SimpleStreamingEventProcessor on its tool parser's
         deltas): a call's item opened when it is announced (the one before it done), then its
         argument text as ``function_call_arguments.delta``."""
-        calls = self._calls.delta(out.text) if out.text or isinstance(self._calls, NamedStream) else {}
-        events = []
+        finished = out.finish_reason is not None
+        if isinstance(self._calls, AutoStream):  # "auto": text outside the calls is a message's
+            calls = self._calls.delta(out.text, finished) if out.text or finished else {}
+        else:
+            calls = self._calls.delta(out.text) if out.text or isinstance(self._calls, NamedStream) else {}
+        events = self._text_events(out, calls["content"]) if calls.get("content") else []
         for call in calls.get("tool_calls", []):
             if not self.tools.parallel and call["index"] != 0:
                 continue  # vLLM's maybe_filter_parallel_tool_calls
-            if "id" in call:  # announced: a new item
+            if "id" in call:  # announced: a new item (the one before it done)
                 events += self._close()
                 self._open = call_item(f"fc_{random_id()}", call["id"], call["function"]["name"], "", "in_progress")
                 events.append(self._event("response.output_item.added", output_index=len(self._output),
                                           item=dict(self._open)))
-            arguments = call["function"]["arguments"]
+            arguments = call["function"].get("arguments")  # "auto"'s announcing entry has none
             if arguments:
                 self._open["arguments"] += arguments
                 events.append(self._event("response.function_call_arguments.delta", item_id=self._open["id"],

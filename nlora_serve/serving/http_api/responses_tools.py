@@ -11,10 +11,13 @@ utils.py's ``construct_tool_dicts`` and ``construct_chat_messages_with_tool_call
   calls' JSON and returned as ``function_call`` items, as chat's ``"required"`` / named function
   (vLLM with ``--enable-auto-tool-choice`` and a ``--tool-call-parser`` that serves them from the
   forced JSON: vLLM builds no tool parser without that flag, and then answers text whatever the
-  choice). ``"none"``, and ``"auto"`` (the default) with tools: the tools reach the chat template
-  and the answer is text, as vLLM's without the flag ("auto"'s calls need the model's own parser,
-  which this server has none of; vLLM's Responses route, unlike its chat route, does not refuse
-  "auto"). Without tools, ``"auto"`` / ``"none"`` are ``"none"`` and the others are refused in
+  choice). ``"auto"`` (the default) with tools on a server started with
+  ``--enable-auto-tool-choice --tool-call-parser NAME``: the answer's text is read by that parser
+  (http_api/tool_parsers.py), its calls ``function_call`` items after a message item of the text
+  outside them (none when that is empty), as vLLM's ``build_response_output_items``. ``"none"``,
+  and ``"auto"`` on a server without the flag: the tools reach the chat template and the answer
+  is text, as vLLM's (its Responses route, unlike its chat route, does not refuse "auto" then).
+  Without tools, ``"auto"`` / ``"none"`` are ``"none"`` and the others are refused in
   vLLM's words.
 - input items: ``function_call`` is an assistant message's tool call (joined to the assistant
   message before it, as vLLM joins them), ``function_call_output`` a ``tool`` message; an assistant
@@ -125,8 +128,9 @@ def _finite(value) -> bool:
     return True
 
 
-def chat_tool_choice(tool_choice, tools: list[FunctionTool]) -> tuple[str | dict, str | dict]:
-    """(the choice as vLLM echoes it, the chat request's ``tool_choice``).
+def chat_tool_choice(tool_choice, tools: list[FunctionTool], auto: bool = False) -> tuple[str | dict, str | dict]:
+    """(the choice as vLLM echoes it, the chat request's ``tool_choice``); ``auto``: the server
+    parses "auto"'s calls (--enable-auto-tool-choice), else "auto" runs as "none".
 
     Raises:
         ParamError: vLLM 0.32's refusals in its words ("required" or a named function without
@@ -155,7 +159,7 @@ def chat_tool_choice(tool_choice, tools: list[FunctionTool]) -> tuple[str | dict
             raise ParamError("Tool choice 'function' not found in 'tools' parameter.", "tool_choice")
         return {"name": tool_choice["name"], "type": "function"}, {"type": "function",
                                                                     "function": {"name": tool_choice["name"]}}
-    return tool_choice, "none" if tool_choice == "auto" else tool_choice
+    return tool_choice, "none" if tool_choice == "auto" and not auto else tool_choice
 
 
 def add_item(messages: list[dict], item: FunctionCallItem | FunctionCallOutputItem, index: int) -> None:

@@ -43,7 +43,7 @@ class RequiredStream:
         """The delta of ``text`` (``{}`` when it completes nothing new)."""
         previous, self.text = self.text, self.text + text
         calls = []
-        for index, span in enumerate(_scan(self.text)):
+        for index, span in enumerate(scan(self.text)):
             if not span.ready:
                 break  # elements come in order: none after it is ready
             end = span.args_end if span.args_end is not None else len(self.text)
@@ -80,9 +80,11 @@ class _Span:
 _KEY, _COLON, _VALUE, _STRING, _CONTAINER, _SCALAR, _AFTER = range(7)
 
 
-def _scan(text: str) -> list[_Span]:  # noqa: C901 (one state machine, vLLM's)
+def scan(text: str, args_keys: tuple[str, ...] = ("parameters",)) -> list[_Span]:  # noqa: C901 (one state machine)
     """The elements of a (possibly partial) array of calls; text after its closing ``]`` is ignored.
-    Only the element level (depth 2) is interpreted, so nested values and strings cannot confuse it."""
+    Only the element level (depth 2) is interpreted, so nested values and strings cannot confuse it;
+    text between elements other than brackets is skipped (the ``; `` between Llama's calls).
+    ``args_keys``: the keys whose value is a call's arguments."""
     spans: list[_Span] = []
     depth, in_string, escaped, string_start, value_start = 0, False, False, 0, 0
     cur: _Span | None = None
@@ -90,7 +92,7 @@ def _scan(text: str) -> list[_Span]:  # noqa: C901 (one state machine, vLLM's)
 
     def end_value(pos: int) -> None:
         nonlocal expect
-        if key == "parameters":
+        if key in args_keys:
             cur.args_end = pos
         elif key == "name" and expect == _STRING:
             try:
@@ -102,7 +104,7 @@ def _scan(text: str) -> list[_Span]:  # noqa: C901 (one state machine, vLLM's)
     def start_value(pos: int, state: int) -> None:
         nonlocal expect, value_start
         value_start = pos
-        if key == "parameters":
+        if key in args_keys:
             cur.args_start = pos
         expect = state
 

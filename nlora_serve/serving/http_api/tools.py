@@ -12,8 +12,11 @@
   at the array's top, where their ``#/$defs/...`` references resolve), each returned as a tool
   call (arguments re-serialized with ``json.dumps``), finish_reason ``"tool_calls"`` where the
   engine's is ``"stop"`` (tool_parsers/utils.py ``get_json_schema_from_tools``).
-- ``"auto"`` (the default with tools) needs a model-specific tool-call parser: refused with vLLM
-  0.32's error for a server started without ``--enable-auto-tool-choice``.
+- ``"auto"`` (the default with tools): the model answers freely and its text is read by the
+  server's tool-call parser (``serve --enable-auto-tool-choice --tool-call-parser hermes|llama3_json``,
+  http_api/tool_parsers.py): the calls it finds are ``tool_calls`` (finish_reason ``"tool_calls"``),
+  the text outside them ``content`` (null when none); no calls: the text. A server started
+  without ``--enable-auto-tool-choice`` refuses it with vLLM 0.32's error.
 
 vLLM 0.32 serves the named and required choices only with ``--tool-call-parser`` set (without it
 it refuses them too); their answers do not depend on the parser (the JSON is forced), so they are
@@ -54,24 +57,29 @@ class Tool(BaseModel):
 @dataclass(frozen=True, slots=True)
 class ToolCalls:
     """How a request's output is returned as tool calls: ``name`` for a named function, None for
-    ``"required"``; ``parallel`` False keeps the first call only (``parallel_tool_calls``)."""
+    ``"required"`` or ``"auto"``; ``parallel`` False keeps the first call only
+    (``parallel_tool_calls``); ``parser``: ``"auto"``'s tool-call parser (http_api/tool_parsers.py),
+    None for the forced choices."""
 
     name: str | None
     parallel: bool = True
+    parser: str | None = None
 
     @property
     def finish_as_tool_calls(self) -> bool:
-        """vLLM's finish_reason rule: "tool_calls" for "required", the engine's for a named function."""
-        return self.name is None
+        """vLLM's finish_reason rule: "tool_calls" for "required", the engine's for a named function
+        ("auto": "tool_calls" where calls were found, http_api/tool_parsers.py's ``auto_answer``)."""
+        return self.name is None and self.parser is None
 
 
 _AUTO = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
 
 
 def tool_calls_of(tools: list[Tool] | None, tool_choice, choice_given: bool,
-                  parallel: bool | None) -> tuple[ToolCalls | None, dict | None]:
-    """(how the output returns as tool calls, the JSON schema that forces it); (None, None) for
-    plain text. ``tool_choice`` as sent (a string or a dict), ``choice_given`` whether it was.
+                  parallel: bool | None, auto_parser: str | None = None) -> tuple[ToolCalls | None, dict | None]:
+    """(how the output returns as tool calls, the JSON schema that forces it, None for "auto");
+    (None, None) for plain text. ``tool_choice`` as sent (a string or a dict), ``choice_given``
+    whether it was; ``auto_parser``: the server's tool-call parser for "auto" (None: refused).
 
     Raises:
         RequestError: vLLM 0.32's refusals, in its words (``param`` as vLLM names it): ``tools``
@@ -87,7 +95,9 @@ def tool_calls_of(tools: list[Tool] | None, tool_choice, choice_given: bool,
     if tools is None:
         raise RequestError("When using `tool_choice`, `tools` must be set.", "tool_choice")
     if tool_choice == "auto":
-        raise RequestError(_AUTO, None)  # vLLM names no param
+        if auto_parser is None:
+            raise RequestError(_AUTO, None)  # vLLM names no param
+        return ToolCalls(None, parallel is not False, auto_parser), None
     if tool_choice == "required":
         schemas = [_call_schema(t.function) for t in tools]
         array = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": schemas}}
@@ -172,3 +182,4 @@ def whole_calls(tools: ToolCalls, text: str) -> list[dict]:
         calls = calls[:1]
     return [{"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
             for name, arguments in calls]
+

@@ -1,0 +1,199 @@
+"""``tool_choice: "auto"``'s tool-call parsers (``serve --enable-auto-tool-choice --tool-call-parser
+NAME``): the model's own tool-call text -> OpenAI tool calls, as vLLM 0.32's parsers of the same
+names read it (vllm/tool_parsers/hermes_tool_parser.py, llama_tool_parser.py). No I/O.
+
+- ``hermes`` (Hermes 2 Pro, Qwen2.5, Qwen3): each call is ``<tool_call>{"name": ..., "arguments":
+  {...}}</tool_call>`` (the last one may lack its closing tag). The content is the text before the
+  first ``<tool_call>``. The tags may be special tokens (Qwen's are added tokens): the request's
+  text keeps special tokens (openai.py's ``sampling_of``), as vLLM's parser asks.
+- ``llama3_json`` (Llama 3.1 / 3.2 / 3.3): calls are JSON objects ``{"name": ..., "parameters":
+  {...}}`` (or ``"arguments"``), optionally after ``<|python_tag|>``, several joined by ``; ``.
+  A whole answer's calls are every such object in the text; its content is then null. Streamed, the
+  answer is calls only when it starts with ``{`` or ``<|python_tag|>``, else it is content.
+
+A call's ``arguments`` are ``json.dumps`` of the parsed value in a whole answer; streamed, the
+argument text as the model wrote it (vLLM's hermes streams that too; its llama3_json streams
+``json.dumps`` of partial parses, the same JSON value). A call that does not parse (bad JSON, a
+missing ``name`` or arguments key) leaves the whole text as content with no calls, as vLLM's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from nlora_serve.serving.http_api.tool_stream import scan
+from nlora_serve.serving.http_api.tools import ToolCalls, call_id
+
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # serving/server_config.py lists the same names
+_START, _END = "<tool_call>", "</tool_call>"
+_HERMES = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+_PYTHON_TAG = "<|python_tag|>"
+
+
+def parse_whole(parser: str, text: str) -> tuple[list[tuple[str, str]], str | None]:
+    """(calls as (name, arguments JSON text), content) of a whole answer ``text``; no calls: the
+    text as content. Content of only whitespace beside calls is None (vLLM's serving rule).
+
+    Raises:
+        ValueError: an unknown ``parser``.
+    """
+    try:
+        if parser == "hermes":
+            calls, content = _hermes(text)
+        elif parser == "llama3_json":
+            calls, content = _llama(text)
+        else:
+            raise ValueError(f"unknown tool call parser {parser!r}; known: {', '.join(TOOL_CALL_PARSERS)}")
+    except (ValueError, KeyError, TypeError):  # a call that does not parse: all text, as vLLM's
+        return [], text
+    if not calls:
+        return [], text
+    return calls, content if content and content.strip() else None
+
+
+def auto_answer(tools: ToolCalls, text: str) -> tuple[list[dict], str | None]:
+    """("auto"'s tool calls as chat's ``tool_calls`` entries, content) of a whole answer ``text``
+    by ``tools.parser`` (no calls: ``[]`` and the text); ``parallel`` False keeps the first call
+    (vLLM's maybe_filter_parallel_tool_calls)."""
+    calls, content = parse_whole(tools.parser, text)
+    if not tools.parallel:
+        calls = calls[:1]
+    return [{"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+            for name, arguments in calls], content
+
+
+def _hermes(text: str) -> tuple[list[tuple[str, str]], str | None]:
+    if _START not in text:
+        return [], text
+    calls = []
+    for closed, open_ in _HERMES.findall(text):
+        obj = json.loads(closed or open_)
+        calls.append((_name(obj), json.dumps(obj["arguments"], ensure_ascii=False)))
+    return calls, text[:text.find(_START)]
+
+
+def _llama(text: str) -> tuple[list[tuple[str, str]], str | None]:
+    """Every JSON object found from a ``{`` on (a nested one is read as part of its parent)."""
+    calls, decoder, pos = [], json.JSONDecoder(), 0
+    while (start := text.find("{", pos)) >= 0:
+        obj, end = decoder.raw_decode(text, start)
+        arguments = obj["arguments"] if "arguments" in obj else obj["parameters"]
+        calls.append((_name(obj), json.dumps(arguments, ensure_ascii=False)))
+        pos = end
+    return calls, None
+
+
+def _name(obj: dict) -> str:
+    name = obj["name"]
+    if not isinstance(name, str):
+        raise TypeError("a call's name is not a string")
+    return name
+
+
+class AutoStream:
+    """The streamed deltas of one choice under ``"auto"`` (vLLM's ``extract_tool_calls_streaming``
+    of the named parser): ``content`` for text outside calls, and per call ``tool_calls`` entries by
+    ``index``: first ``{"id", "type", "index", "function": {"name"}}`` once its name is complete,
+    then ``{"index", "function": {"arguments"}}`` with each new piece of its argument text. The text
+    is re-read whole at every delta; argument spans are prefix-stable, so only new text is sent.
+
+    A call still without argument text when the stream finishes gets ``{}`` on the finishing
+    delta, as vLLM's stream ends (where that delta carries calls). Unlike vLLM's (which drop it), text held back as a possible call that never became one (a
+    ``<tool_call>`` without a name, a ``{...}`` that is not a call) is sent as content with the
+    finishing delta, so a stream says what a whole answer says.
+
+    Args:
+        parser: one of :data:`TOOL_CALL_PARSERS`.
+        parallel: False sends the first call only (``parallel_tool_calls: false``).
+    """
+
+    def __init__(self, parser: str, parallel: bool = True) -> None:
+        if parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"unknown tool call parser {parser!r}; known: {', '.join(TOOL_CALL_PARSERS)}")
+        self.parser, self.parallel = parser, parallel
+        self.text = ""
+        self._sent = 0  # characters of text sent as content
+        self._args: list[str] = []  # per announced call: its argument text sent
+        self.any_call = False  # a call was announced: the choice finishes "tool_calls"
+
+    def delta(self, text: str, finished: bool = False) -> dict:
+        """The delta message of ``text`` (``{}`` when it sends nothing): ``{"content": ...}``,
+        ``{"tool_calls": [...]}`` or (hermes) ``{"content": str | None, "tool_calls": [...]}``."""
+        self.text += text
+        if self.parser == "hermes":
+            cut = self.text.find(_START)
+            if cut < 0:  # hold back what may be the start of a tag
+                cut = len(self.text) - _overlap(self.text, _START)
+            regions = _hermes_regions(self.text)
+        elif self.text.startswith(("{", _PYTHON_TAG)) or _PYTHON_TAG.startswith(self.text):
+            cut, regions = 0, _llama_regions(self.text)  # (a tag split over deltas is held too)
+        else:
+            cut, regions = len(self.text), []
+        calls = self._calls(regions)
+        if finished and calls and not self._args[-1] and (self.parallel or len(self._args) == 1):
+            # a call without arguments closes as "{}" (vLLM's stream ends with the parsed arguments' rest)
+            self._args[-1] = "{}"
+            calls.append({"index": len(self._args) - 1, "function": {"arguments": "{}"}})
+        if finished and not self.any_call:
+            cut = len(self.text)  # nothing became a call: the held text is content
+        content = self.text[self._sent:cut] if cut > self._sent else None
+        self._sent = max(self._sent, cut)
+        if not calls:
+            return {"content": content} if content else {}
+        return {"content": content, "tool_calls": calls} if self.parser == "hermes" else {"tool_calls": calls}
+
+    def _calls(self, regions: list[tuple[str | None, str | None]]) -> list[dict]:
+        """The new entries of the calls' (name, argument text so far) ``regions``, in order."""
+        out = []
+        for index, (name, args) in enumerate(regions):
+            if index == len(self._args):
+                if name is None:
+                    break  # a call is announced only after every one before it
+                self._args.append("")
+                if self.parallel or index == 0:
+                    out.append({"id": call_id(), "type": "function", "index": index, "function": {"name": name}})
+            sent = self._args[index]
+            if args is not None and len(args) > len(sent) and args.startswith(sent):
+                self._args[index] = args
+                if self.parallel or index == 0:
+                    out.append({"index": index, "function": {"arguments": args[len(sent):]}})
+        self.any_call = self.any_call or bool(self._args)
+        return out
+
+
+def _overlap(text: str, tag: str) -> int:
+    """The length of the longest proper prefix of ``tag`` that ``text`` ends with."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
+
+
+def _hermes_regions(text: str) -> list[tuple[str | None, str | None]]:
+    """Per ``<tool_call>`` of ``text``: (name, argument text so far) of its JSON body."""
+    out, pos = [], 0
+    while (start := text.find(_START, pos)) >= 0:
+        start += len(_START)
+        end = text.find(_END, start)
+        body = text[start:] if end < 0 else text[start:end]
+        if end < 0:  # an unfinished call: not the part of </tool_call> it may end with
+            body = body[:len(body) - _overlap(body, _END)]
+        out.append(_region(scan("[" + body, ("arguments",)), "[" + body))
+        if end < 0:
+            break
+        pos = end + len(_END)
+    return out
+
+
+def _llama_regions(text: str) -> list[tuple[str | None, str | None]]:
+    """Per JSON object after the optional ``<|python_tag|>``: (name, argument text so far)."""
+    body = "[" + text.removeprefix(_PYTHON_TAG)
+    spans = scan(body, ("parameters", "arguments"))
+    return [_region([span], body) for span in spans]
+
+
+def _region(spans: list, body: str) -> tuple[str | None, str | None]:
+    if not spans:
+        return None, None
+    span = spans[0]
+    if span.args_start is None:
+        return span.name, None
+    return span.name, body[span.args_start:span.args_end if span.args_end is not None else len(body)]
