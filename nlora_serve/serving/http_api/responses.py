@@ -150,7 +150,8 @@ class Shaper:
             returned as vLLM's ``prompt_logprobs``; None = not returned.
         token_text: the server's :class:`TokenText` of ``tokenizer`` (each token decoded once per
             server); None: one of this request's own.
-        tools: chat: the output returns as tool calls (http_api/tools.py); None: as content.
+        tools: chat: the output returns as tool calls (http_api/tools.py; "auto": those its parser
+            finds, http_api/tool_parsers.py); None: as content.
         token_ids: vLLM's return_token_ids: each choice's ``token_ids`` (a chunk's: its own) and the
             prompt's ``prompt_token_ids`` (chat: on the response, in a stream on the role chunks;
             completions: on each choice, in a stream on its first chunk, which with echo carries them

@@ -1,12 +1,14 @@
 """Engine outputs -> OpenAI Responses API objects (``POST /v1/responses``), as vLLM 0.32 writes
-them with a JSON tool-call parser for "required" / named tool choices and without one otherwise
+them with a JSON tool-call parser for "required" / named tool choices, with the server's
+``--tool-call-parser`` for "auto" (``--enable-auto-tool-choice``), and without one otherwise
 (no I/O).
 
 A whole response is vLLM's ``ResponsesResponse.model_dump(by_alias=True)``: status ``completed``,
 or ``incomplete`` with ``incomplete_details: {"reason": "max_output_tokens"}`` when the limit cut
 it; ``output`` one assistant ``message`` item (``content`` one ``output_text`` part, ``[]`` when no
 text came; the part's ``logprobs`` chat's logprobs entries when included, else null) or, for
-"required" / a named function, one ``function_call`` item per call (``{"arguments", "call_id",
+"required" / a named function, one ``function_call`` item per call ("auto": after a message item
+of the text outside the calls, when there is some) (``{"arguments", "call_id",
 "name", "type", "id", "async", "caller", "namespace", "status"}``, ``fc_<16 hex>``, the call id
 chat's, none when the text holds no call); the request's settings echoed with the values it ran
 with (temperature, top_p, penalties, the effective ``max_output_tokens``, ``tool_choice``, ``tools``,
@@ -90,7 +92,8 @@ class ResponseShaper:
         chat: the chat :class:`Shaper` of the chat request it runs as, whose logprobs entries an
             ``output_text`` part's are; None: logprobs not included.
         tools: the output returns as ``function_call`` items ("required" or a named function,
-            http_api/tools.py); None: as a message.
+            http_api/tools.py; "auto": those its parser finds, after a message of the other text);
+            None: as a message.
     """
 
     def __init__(self, response_id: str, request: ResponsesRequest, params: SamplingParams, max_output_tokens: int,

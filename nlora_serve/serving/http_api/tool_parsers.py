@@ -99,9 +99,10 @@ class AutoStream:
     is re-read whole at every delta; argument spans are prefix-stable, so only new text is sent.
 
     A call still without argument text when the stream finishes gets ``{}`` on the finishing
-    delta, as vLLM's stream ends (where that delta carries calls). Unlike vLLM's (which drop it), text held back as a possible call that never became one (a
-    ``<tool_call>`` without a name, a ``{...}`` that is not a call) is sent as content with the
-    finishing delta, so a stream says what a whole answer says.
+    delta, as vLLM's stream ends (where that delta carries calls). Unlike vLLM's (which drop it),
+    text held back as a possible call that never became one (a ``<tool_call>`` without a name, a
+    ``{...}`` that is not a call) is sent as content with the finishing delta, so a stream says
+    what a whole answer says.
 
     Args:
         parser: one of :data:`TOOL_CALL_PARSERS`.
