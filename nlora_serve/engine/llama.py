@@ -1,9 +1,10 @@
-"""Our own Llama-family forward (Llama, Mistral, Qwen2 layout) over a packed ragged batch.
+"""Our own Llama-family forward (Llama, Mistral, Qwen2, Qwen3 layout) over a packed ragged batch.
 
 Built from :class:`nlora_serve.models.BaseModel` weights; no transformers modules. Every one of a
 layer's seven projections goes through :class:`AdaptedLinear`, where the engine plugs the adapter
 kernels' dispatch in (DESIGN §4). q/k/v and gate/up are fused into one GEMM each; the hook still
-sees each module's own output columns.
+sees each module's own output columns. Qwen3 RMS-normalises each q and k head after the projection
+(adapters included, as PEFT on transformers' Qwen3Attention) and before RoPE (:func:`head_norm`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from nlora_serve.kernels.cpu.gemm import NativeGemm, NativeLinear, PackedLinear,
 from nlora_serve.engine.rope import apply_rope, rope_config, rope_tables
 from nlora_serve.kernels.cpu.layer_ops import LayerOps
 from nlora_serve.kernels.cpu.tied_delta import TiedDelta
+from nlora_serve.errors import ModelError
 from nlora_serve.models import BaseModel, ModelSpec
 
 # attention(q [T, H, D], k, v [T, KVH, D], kv_layer [2, NB, BS, KVH, D], info, scale) -> [T, H * D]:
@@ -110,8 +112,37 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool
     return PackedLinear(weight, bias) if can_prepack(weight) else None
 
 
+def head_norm(qk: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's q/k norm: each head of ``qk`` [T, heads, D] (any float dtype; rows may be strided)
+    RMS-normalised over its D elements in float32, times its row of ``weight`` [heads, D] float32
+    (q_norm's row for the query heads, k_norm's for the key heads). Returns a new [T, heads, D]
+    float32 tensor; ``qk`` is not changed."""
+    return F.rms_norm(qk.float(), qk.shape[-1:], None, eps).mul_(weight)
+
+
+def qk_norm_rows(base: BaseModel, layer: int, device: torch.device) -> torch.Tensor | None:
+    """Layer ``layer``'s q_norm weight repeated per query head, then k_norm's per key head:
+    [H + KVH, D] float32 on ``device``, for :func:`head_norm`; None for a model without q/k norms.
+
+    Raises:
+        ModelError: the spec asks for them (Qwen3) and the checkpoint lacks one, or one is not [D].
+    """
+    spec = base.spec
+    if not spec.qk_norm:
+        return None
+    rows = []
+    for name, heads in zip(ModelSpec.qk_norm_paths(layer), (spec.num_heads, spec.num_kv_heads)):
+        weight = base.weights.get(name)
+        if weight is None or tuple(weight.shape) != (spec.head_dim,):
+            found = "missing" if weight is None else f"of shape {tuple(weight.shape)}"
+            raise ModelError(f"{base.path}: {spec.architecture} needs {name} of shape ({spec.head_dim},) "
+                             f"(head_dim), {found}")
+        rows.append(weight.float().expand(heads, -1))
+    return torch.cat(rows).to(device)
+
+
 class DecoderLayer:
-    """Pre-norm attention + SiLU-gated MLP, each with a residual connection."""
+    """Pre-norm attention + SiLU-gated MLP, each with a residual connection (Qwen3: q/k head norms)."""
 
     def __init__(self, base: BaseModel, layer: int, eps: float, device: torch.device, prepack: bool = False,
                  gemm: NativeGemm | None = None, built: dict | None = None) -> None:
@@ -132,6 +163,7 @@ class DecoderLayer:
         self.down_proj = linear("down_proj")
         self.input_norm = w[f"{prefix}.input_layernorm.weight"].float().to(device)
         self.post_norm = w[f"{prefix}.post_attention_layernorm.weight"].float().to(device)
+        self.qk_norm = qk_norm_rows(base, layer, device)  # [H + KVH, D] float32, or None
         self.eps = eps
         self.dtype = base.dtype
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -159,16 +191,21 @@ class DecoderLayer:
 
     def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          qk_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer up to attention (torch path): RMSNorm, q/k/v projection (adapters included), RoPE.
+        """The layer up to attention (torch path): RMSNorm, q/k/v projection (adapters included),
+        the q/k head norms (Qwen3), RoPE.
 
         Returns ``qk`` [T, H + KVH, D] (queries then keys, rotated; ``qk_out`` when given) and
-        ``v`` [T, KVH, D] (a view of the projection's output), in the compute dtype.
+        ``v`` [T, KVH, D] (a view of the projection's output), in the compute dtype. The head
+        norms' float32 output is rotated as it is and rounded once, after RoPE.
         """
         t, hd = x.shape[0], self.head_dim
         qkv = self.qkv(F.rms_norm(x, x.shape[-1:], self.input_norm, self.eps).to(self.dtype))
         nq = self.num_heads + self.num_kv_heads
-        qk = apply_rope(qkv[:, : nq * hd].view(t, nq, hd), cos, sin, qk_out)  # q and k heads rotated together
-        return qk, qkv[:, nq * hd:].view(t, self.num_kv_heads, hd)
+        qk = qkv[:, : nq * hd].view(t, nq, hd)
+        if self.qk_norm is not None:
+            qk = head_norm(qk, self.qk_norm, self.eps)
+        qk = apply_rope(qk, cos, sin, qk_out)  # q and k heads rotated together
+        return qk.to(self.dtype), qkv[:, nq * hd:].view(t, self.num_kv_heads, hd)
 
     def attention_output(self, x: torch.Tensor, attn: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The layer after attention (torch path): o_proj + residual, RMSNorm, SiLU-gated MLP + residual.
@@ -186,10 +223,19 @@ class DecoderLayer:
         """The same maths with the elementwise work in the native ops, one pass each; ``x`` is
         updated in place (the residual stream is this forward's own tensor). The tied adapters'
         deltas of q/k/v, o, gate/up and down are added by the ops that read those outputs (their
-        rows kept in fp32 there: one bf16 rounding less than adding them into the output)."""
+        rows kept in fp32 there: one bf16 rounding less than adding them into the output). With
+        q/k head norms (Qwen3) every q/k/v delta is added by the projection (the norms read the
+        adapted q and k) and the normed heads are written back in place (in bf16, one rounding
+        before RoPE's) for the native RoPE."""
         ops, t, hd = self.ops, x.shape[0], self.head_dim
-        qkv, qkv_tied = self.qkv.deferred(ops.add_rms_norm(x, None, self.input_norm, self.eps, self.dtype))
+        normed = ops.add_rms_norm(x, None, self.input_norm, self.eps, self.dtype)
         nq = self.num_heads + self.num_kv_heads
+        if self.qk_norm is None:
+            qkv, qkv_tied = self.qkv.deferred(normed)
+        else:
+            qkv, qkv_tied = self.qkv(normed), None
+            qk = qkv[:, : nq * hd].view(t, nq, hd)
+            qk.copy_(head_norm(qk, self.qk_norm, self.eps))
         # in place; a tied delta is added to the whole q/k/v row first (v written back with it)
         qk = ops.rope(qkv[:, : nq * hd].view(t, nq, hd), positions, cos, sin, qkv_tied)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]

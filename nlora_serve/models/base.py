@@ -119,14 +119,15 @@ def check_max_len(base: BaseModel, max_model_len: int) -> None:
 def sliding_window(cfg: dict) -> int | None:
     """The attention window (tokens) some layer of a config.json's model slides, or None when every
     layer attends to the whole context: transformers' ``layer_types`` where the config lists them,
-    else Mistral's ``sliding_window``, Qwen2's with ``use_sliding_window`` on a layer at or past
-    ``max_window_layers``."""
+    else Mistral's ``sliding_window``, Qwen2's and Qwen3's with ``use_sliding_window`` on a layer at
+    or past ``max_window_layers``."""
     window = cfg.get("sliding_window")
     if not isinstance(window, int) or isinstance(window, bool):
         return None
     if cfg.get("layer_types") is not None:
         return window if "sliding_attention" in cfg["layer_types"] else None
-    if cfg.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in (cfg.get("architectures") or []):
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") in ("qwen2", "qwen3") or {"Qwen2ForCausalLM", "Qwen3ForCausalLM"} & set(archs):
         slides = cfg.get("use_sliding_window") and cfg.get("max_window_layers", 0) < cfg.get("num_hidden_layers", 0)
         return window if slides else None
     return window

@@ -2,7 +2,8 @@
 
 For model shapes that ship no weights here (e.g. a Llama-3-8B-shaped config under ``bench/``), so
 they can be served and measured. Initialised as transformers initialises a Llama: projections and
-embeddings ~ N(0, initializer_range²), norms = 1, biases = 0; seeded, so two loads are identical.
+embeddings ~ N(0, initializer_range²), norms = 1 (Qwen3's q/k head norms too), biases = 0; seeded,
+so two loads are identical.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def dummy_weights(model_dir: Path, spec: ModelSpec, dtype: torch.dtype,
         prefix = f"model.layers.{layer}"
         weights[f"{prefix}.input_layernorm.weight"] = ones(spec.hidden_size)
         weights[f"{prefix}.post_attention_layernorm.weight"] = ones(spec.hidden_size)
+        if spec.qk_norm:
+            for name in ModelSpec.qk_norm_paths(layer):
+                weights[name] = ones(spec.head_dim)
         for module in PROJECTIONS:
             name = ModelSpec.module_path(layer, module)
             weights[f"{name}.weight"] = normal(*spec.projection_shape(module))

@@ -8,8 +8,12 @@ from pathlib import Path
 
 from nlora_serve.errors import ModelError
 
-# Llama-family causal LMs share module names and the decoder layer structure.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Llama-family causal LMs share module names and the decoder layer structure; Qwen3 (dense) adds a
+# per-head RMSNorm on q and k (``ModelSpec.qk_norm``). Qwen3-MoE (Qwen3MoeForCausalLM) is not one.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# architectures whose attention RMS-normalises each q and k head (weights ``self_attn.q_norm`` and
+# ``self_attn.k_norm``, [head_dim]) after the projection and before RoPE
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -35,6 +39,7 @@ class ModelSpec:
     vocab_size: int  # token ids 0 .. vocab_size − 1: rows of the embedding (and lm_head)
     attention_bias: bool  # q/k/v carry a bias (Qwen2)
     tie_word_embeddings: bool  # lm_head reuses the embedding matrix (SmolLM2)
+    qk_norm: bool = False  # each q and k head is RMS-normalised before RoPE (Qwen3)
 
     def projection_shape(self, module: str) -> tuple[int, int]:
         """``(out_features, in_features)`` of one projection.
@@ -54,13 +59,19 @@ class ModelSpec:
         block = "self_attn" if module in ATTN_MODULES else "mlp"
         return f"model.layers.{layer}.{block}.{module}"
 
+    @staticmethod
+    def qk_norm_paths(layer: int) -> tuple[str, str]:
+        """Weight names of one layer's q and k head norms (Qwen3), each ``[head_dim]``."""
+        return (f"model.layers.{layer}.self_attn.q_norm.weight", f"model.layers.{layer}.self_attn.k_norm.weight")
+
 
 def read_spec(model_dir: Path) -> ModelSpec:
     """Read and check ``model_dir/config.json``.
 
     Raises:
-        ModelError: the file is missing or unreadable, the architecture is not Llama-family, or its
-            MLP's activation (``hidden_act``) is not SiLU, the only one the engine runs.
+        ModelError: the file is missing or unreadable, the architecture is not one of
+            :data:`SUPPORTED_ARCHITECTURES` (Qwen3-MoE is refused with the others), or its MLP's
+            activation (``hidden_act``) is not SiLU, the only one the engine runs.
     """
     path = Path(model_dir) / "config.json"
     try:
@@ -77,7 +88,7 @@ def read_spec(model_dir: Path) -> ModelSpec:
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):  # transformers' ACT2FN: "swish" is SiLU too
         raise ModelError(f"{path}: hidden_act {act!r} is not supported: the engine's MLP is SiLU-gated "
-                         "(hidden_act 'silu'), as Llama, Mistral and Qwen2 ship")
+                         "(hidden_act 'silu'), as Llama, Mistral, Qwen2 and Qwen3 ship")
     try:
         heads = cfg["num_attention_heads"]
         return ModelSpec(
@@ -91,6 +102,7 @@ def read_spec(model_dir: Path) -> ModelSpec:
             vocab_size=cfg["vocab_size"],
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qk_norm=arch in QK_NORM_ARCHITECTURES,
         )
     except KeyError as exc:
         raise ModelError(f"{path}: config.json lacks the field {exc.args[0]!r}") from None
