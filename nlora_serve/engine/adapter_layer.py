@@ -49,7 +49,8 @@ model's sizes)::
           the torch fallback below, per module
 
 The tied delta is deferred only when all of these hold (:meth:`AdapterHook.__call__`): the call
-came through ``AdaptedLinear.deferred`` (only ``DecoderLayer._native`` makes it) and the hook has
+came through ``AdaptedLinear.deferred`` (only ``DecoderLayer._native`` makes it, and not for q/k/v
+of a model with q/k head norms, Qwen3: the norms read the adapted q and k) and the hook has
 the native ops (``defers_tied``); y is a CPU tensor and the native plans serve the projection;
 the step has tied tokens; exactly one pool has tokens in the step (``len(self._entries) == 1``);
 that pool has no per-slot bias table (``pool.bias`` empty: no adapter with ``lora_bias`` written
