@@ -143,6 +143,18 @@ def _special_texts(tokenizer) -> list[str]:
     return sorted(texts, key=len, reverse=True)
 
 
+def check_message_count(count: int, field: str, max_messages: int | None) -> None:
+    """Refuse more than ``max_messages`` (max_model_len) chat messages: each renders at least its
+    turn marker, a token, so more never fit the context (None: no bound).
+
+    Raises:
+        RequestError: naming ``field`` and the count.
+    """
+    if max_messages is not None and count > max_messages:
+        raise RequestError(f"{field} holds {count:,} messages: more turns than the model's context holds "
+                           f"tokens (max_model_len {max_messages}; refused before rendering)")
+
+
 def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes: int | None = None,
                 max_messages: int | None = None, add_generation_prompt: bool = True,
                 continue_final_message: bool = False, kwargs: dict | None = None) -> list[int]:
@@ -168,9 +180,7 @@ def render_chat(messages: list[dict[str, str]], tokenizer, field: str, max_bytes
         if message["role"] not in CHAT_ROLES:
             role = shown(str(message['role']))
             raise RequestError(f"{field}[{i}].role {role!r} is not one of {', '.join(CHAT_ROLES)}")
-    if max_messages is not None and len(messages) > max_messages:
-        raise RequestError(f"{field} holds {len(messages):,} messages: more turns than the model's context holds "
-                           f"tokens (max_model_len {max_messages}; refused before rendering)")
+    check_message_count(len(messages), field, max_messages)
     size = sum(text_bytes(message[key]) for message in messages for key in _TEXT_FIELDS if key in message)
     if max_bytes is not None and size > max_bytes:
         raise RequestError(f"{field} hold {size:,} bytes of content (UTF-8): more tokens than the model's context "

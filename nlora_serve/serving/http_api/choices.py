@@ -54,10 +54,7 @@ def check_choices(request: CompletionRequest | ChatRequest, params: SamplingPara
     if n > config.max_queue:
         raise ParamError(f"n must be at most the server's --max-queue {config.max_queue} (each choice is a request "
                          f"running or waiting); got {shown_int(n)}", "n")
-    if num_prompts * n > config.max_queue:
-        raise ParamError(f"prompt holds {num_prompts} prompts x n={n} choices = {num_prompts * n} requests: more than "
-                         f"the server's --max-queue {config.max_queue} (each is a request running or waiting)",
-                         "prompt")
+    check_places(num_prompts, n, config.max_queue)
     if request.best_of is not None and request.best_of != n:
         raise ParamError(f"best_of={shown_int(request.best_of)} is not supported: only null or best_of = n ({n}); "
                          "vLLM 0.32 ignores best_of, this server refuses what it would ignore", "best_of")
@@ -67,6 +64,17 @@ def check_choices(request: CompletionRequest | ChatRequest, params: SamplingPara
     if params.seed is not None and params.seed + n - 1 >= 1 << 64:
         raise ParamError(f"seed + n - 1 must be below 2^64: choice i samples with seed + i (vLLM's rule); got seed "
                          f"{params.seed} with n {n}", "seed")
+
+
+def check_places(num_prompts: int, n: int, max_queue: int) -> None:
+    """Refuse ``num_prompts`` prompts x ``n`` choices over ``max_queue`` (--max-queue) requests.
+
+    Raises:
+        ParamError: param ``prompt``.
+    """
+    if num_prompts * n > max_queue:
+        raise ParamError(f"prompt holds {num_prompts} prompts x n={n} choices = {num_prompts * n} requests: more than "
+                         f"the server's --max-queue {max_queue} (each is a request running or waiting)", "prompt")
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -65,7 +65,8 @@ import json
 import re
 
 from nlora_serve.serving.chat_template import check_plain, render_chat, template_kwargs
-from nlora_serve.serving.http_api.prompts import MAX_PROMPTS, prompts_of
+from nlora_serve.serving.http_api.body_bounds import check_prompt_count
+from nlora_serve.serving.http_api.prompts import prompts_of
 from nlora_serve.serving.http_api.request_models import (ChatMessage, ChatRequest, CompletionRequest, OpenAIRequest,
                                                          ParamError, as_param_error, check_fields)
 from nlora_serve.serving.http_api.structured import structured_of
@@ -207,9 +208,7 @@ def completion_inputs(request: CompletionRequest,
     check_fields(request)
     _check_logprob_token_ids(request)
     prompts = prompts_of(request.prompt)
-    if len(prompts) > MAX_PROMPTS:
-        raise ParamError(f"prompt list length {len(prompts)} exceeds the maximum allowed count of {MAX_PROMPTS} "
-                         "(vLLM's VLLM_MAX_COMPLETION_PROMPTS default)", "prompt")
+    check_prompt_count(len(prompts))
     if not prompts[0]:
         raise ParamError("prompt is empty: need at least one token", "prompt")
     return prompts, sampling_of(request, config, request.logprobs, scored_prompt_logprobs(request))

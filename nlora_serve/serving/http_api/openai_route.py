@@ -13,6 +13,7 @@ from fastapi import Request
 from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.serving.http_api.body import validated
+from nlora_serve.serving.http_api.body_bounds import refuse_chat, refuse_completion
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_api.echo import Echo
 from nlora_serve.serving.http_api.generate import Body, Endpoint, Started
@@ -24,6 +25,10 @@ from nlora_serve.serving.http_api.token_bytes import TokenText
 
 def _read_openai(data, ctx: HttpContext, chat: bool) -> tuple[Body, list | None, SamplingParams, None]:
     """A chat or completion body, validated, with its prompts (None: a chat) and engine params."""
+    if chat:  # counts no request can serve, refused before the (GIL-holding) validation
+        refuse_chat(data, ctx.engine.max_model_len)
+    else:
+        refuse_completion(data, ctx.config.max_queue)
     body = validated(ChatRequest if chat else CompletionRequest, data)
     prompts, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
     return body, prompts, params, None

@@ -41,6 +41,7 @@ from nlora_serve.engine.api import check_prompt_text
 from nlora_serve.engine.sampling import RequestError
 from nlora_serve.errors import shown
 from nlora_serve.serving.http_api.body import parsed_json, validated
+from nlora_serve.serving.http_api.body_bounds import check_token_count, refuse_chat, refuse_detokenize
 from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.generate import adapter_of, check_grant, read_body, unless_disconnected
 from nlora_serve.serving.http_api.openai import chat_prompt
@@ -122,6 +123,8 @@ def _tokenize_work(ctx: HttpContext, data) -> tuple[_Body, Callable[[], dict]]:
     chat = isinstance(data, dict) and "messages" in data
     if chat and "prompt" in data:
         raise ParamError("send either prompt (text) or messages (a chat), not both", "prompt")
+    if chat:  # more messages than the context holds: refused before the (GIL-holding) validation
+        refuse_chat(data, ctx.engine.max_model_len)
     body = validated(TokenizeChat if chat else TokenizeText, data)
     _refuse_extra(body)
     if chat and body.add_special_tokens:
@@ -154,12 +157,10 @@ def _tokenized(body: TokenizeText | TokenizeChat, tokenizer, chat_bounds: tuple[
 
 def _detokenize_work(ctx: HttpContext, data) -> tuple[_Body, Callable[[], dict]]:
     """Raises: RequestValidationError, ParamError (a field refused, more ids than max_model_len)."""
+    refuse_detokenize(data, ctx.engine.max_model_len)  # before the (GIL-holding) validation of millions of ids
     body = validated(Detokenize, data)
     _refuse_extra(body)
-    limit = ctx.engine.max_model_len  # no prompt or output of this server holds more
-    if len(body.tokens) > limit:
-        raise ParamError(f"tokens holds {len(body.tokens):,} ids: more than the model's context holds "
-                         f"(max_model_len {limit})", "tokens")
+    check_token_count(len(body.tokens), ctx.engine.max_model_len)
     return body, functools.partial(_detokenized, body.tokens, ctx.tokenizer)
 
 
