@@ -173,21 +173,27 @@ def without_union_labels(errors: list[dict], data) -> list[dict]:
     returned as they are.
     """
     walked = [_walk(e.get("loc", ()), data, e.get("type") == "missing") for e in errors]
+    # per union (where its label sits in loc, the loc before it): each member's first error, in order;
+    # linear in the errors (comparing each error with every other took 38 s for 8,000 errors)
+    members: dict[tuple, dict[str, tuple[dict, tuple]]] = {}
+    for error, (where, labels) in zip(errors, walked):
+        if labels:
+            at, label = labels[0]
+            members.setdefault((at, tuple(error["loc"])[:at]), {}).setdefault(label, (error, where))
     out = []
     for error, (where, labels) in zip(errors, walked):
         if not labels:
             out.append(error)
             continue
         at, label = labels[0]
-        loc = tuple(error["loc"])
-        seen, alternatives = {label}, []
-        for other, (other_where, other_labels) in zip(errors, walked):  # the union's other members
-            if (not other_labels or other_labels[0][0] != at or tuple(other["loc"])[:at] != loc[:at]
-                    or other_labels[0][1] in seen or len(seen) > _MAX_BRANCHES_SHOWN):
+        alternatives = []
+        for other_label, (other, other_where) in members[at, tuple(error["loc"])[:at]].items():
+            if other_label == label:
                 continue
-            seen.add(other_labels[0][1])
+            if len(alternatives) == _MAX_BRANCHES_SHOWN:
+                break
             inside = f"at {'.'.join(map(str, other_where))}: " if other_where != where else ""
-            alternatives.append(f"as {other_labels[0][1]}: {inside}{other.get('msg')}")
+            alternatives.append(f"as {other_label}: {inside}{other.get('msg')}")
         msg = f"{error.get('msg')} (as {label})" + "".join(f"; or {a}" for a in alternatives)
         out.append({**error, "loc": where, "msg": msg})
     return out
