@@ -28,9 +28,11 @@ def check_prompt_shape(prompt):
     if not prompt:
         raise _error("prompt is an empty list: send a text, token ids, or a non-empty list of texts or of "
                      "token-id lists")
-    # by type, in C (set(map(type, ...))): a body of up to 16 MiB holds millions of ids, checked on the
-    # event loop (a loop over them in Python held it ~1 s per 2M ids)
-    types = set(map(type, prompt))
+    # by type, in C (set(map(type, ...))): a body of up to 16 MiB holds millions of ids (a loop over them in
+    # Python took ~1 s per 2M ids); 64k ids a call, so that other threads run between the calls
+    types = set()
+    for start in range(0, len(prompt), 1 << 16):
+        types.update(map(type, prompt[start:start + (1 << 16)]))
     if types == {int}:
         return prompt  # one prompt of token ids
     kinds = {_kind(t) for t in types}

@@ -1,0 +1,153 @@
+"""A large HTTP body is parsed and validated in pieces (body_json.py, body_pieces.py) so that the
+GIL, which json.loads and pydantic-core hold for a whole call, is free between them: the value, and
+the error of a bad body, are those of one ``json.loads`` / one ``model_validate`` (the references
+here), and no single call gets the whole of a long list."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from pydantic import ValidationError
+
+from nlora_serve.serving.http_api import body_json, body_pieces
+from nlora_serve.serving.http_api.body_json import loads_in_pieces
+from nlora_serve.serving.http_api.body_pieces import PieceErrors, validate_in_pieces
+from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest
+from nlora_serve.serving.http_api.tokenize import Detokenize, TokenizeChat
+
+
+def _outcome(loads, text: str):
+    try:
+        return "ok", json.dumps(loads(text))
+    except json.JSONDecodeError as exc:
+        return "error", exc.msg, exc.pos
+    except RecursionError:
+        return "too deep"
+
+
+def _document(rng: random.Random, depth: int = 0):
+    scalars = [0, -1, 12, 1.5, -2e10, True, False, None, "", "a", "x y", "é😀", 'q"uote', "tab\t", "[]{},:"]
+    roll = rng.random()
+    if depth > 3 or roll < 0.3:
+        return rng.choice(scalars)
+    if roll < 0.6:
+        return [_document(rng, depth + 1) for _ in range(rng.choice([0, 1, 3, 40]))]
+    if roll < 0.8:
+        return {f"k{i}": rng.choice(scalars) for i in range(rng.choice([0, 1, 3]))}
+    return {rng.choice(["a", "messages", "prompt"]): _document(rng, depth + 1) for _ in range(2)}
+
+
+def test_json_in_pieces_is_json_loads_value_and_error():
+    rng = random.Random(7)
+    marks = list('[]{},:" \n0123456789-.eEtrufalsn\\') + ['"a"', "1,", '{"a":1}', "\x01", "NaN"]
+    for _ in range(1500):
+        text = json.dumps(_document(rng), indent=rng.choice([None, 1]))
+        for _ in range(rng.choice([0, 1, 2])):  # a mark inserted, a character cut, or the text cut short
+            at, roll = rng.randrange(len(text) + 1), rng.random()
+            text = (text[:at] + rng.choice(marks) + text[at:] if roll < 0.5 else
+                    text[:at] + text[at + 1:] if roll < 0.8 else text[:at])
+        assert _outcome(loads_in_pieces, text) == _outcome(json.loads, text), text
+    for text in ["\ufeff{}", "[" * 100_000 + "]" * 100_000, "[" * 700 + "]" * 700, " [1, 2] x"]:
+        assert _outcome(loads_in_pieces, text) == _outcome(json.loads, text)
+
+
+def test_json_in_pieces_gives_the_c_scanner_no_long_list_at_once(monkeypatch):
+    calls = []
+    scan = body_json._scan_c
+    monkeypatch.setattr(body_json, "_scan_c", lambda s, i: calls.append(i) or scan(s, i))
+    loads = json.loads
+    monkeypatch.setattr(body_json.json, "loads", lambda text: calls.append(text) or loads(text))
+    body = {"messages": [{"role": "user", "content": "a"}] * 5000, "prompt": [list(range(3000))] * 3,
+            "tokens": [7] * 5000, "texts": ["a\\b"] * 5000}
+    text = json.dumps(body)
+    assert loads_in_pieces(text) == body
+    runs = [len(loads(c)) - 1 for c in calls if isinstance(c, str)]
+    assert runs and max(runs) <= body_json.RUN and sum(runs) == 5000 + 9000 + 5000 - 5  # each list but its last item
+    assert len(calls) > 60 and all(not isinstance(c, str) or len(c) < 64 << 10 for c in calls)
+
+
+def _outcomes(kind, data):
+    """(reference: one model_validate; in pieces) as comparable values."""
+    def run(validate):
+        try:
+            return "ok", validate(kind, data)
+        except ValidationError as exc:
+            return "error", exc.errors(include_url=False)
+        except PieceErrors as exc:
+            return "error", exc.errors
+    return run(lambda k, d: k.model_validate(d)), run(validate_in_pieces)
+
+
+MESSAGES = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+            {"role": 5, "content": "a"}, {"role": "user", "content": 3}, {"role": "user", "extra": 1}, "text",
+            {"role": "user", "content": [{"type": "text", "text": "x"}]}, {"role": "user", "content": [5]}, {}]
+
+
+@pytest.mark.parametrize("kind", [ChatRequest, TokenizeChat])
+def test_messages_in_pieces_are_one_validation(monkeypatch, kind):
+    monkeypatch.setattr(body_pieces, "PIECE", 3)
+    rng, kinds = random.Random(3), set()
+    for _ in range(150):
+        data = {"model": rng.choice(["m", 5]), "messages": [rng.choice(MESSAGES[:2] * 6 + MESSAGES)
+                                                             for _ in range(rng.choice([2, 7, 20]))]}
+        if rng.random() < 0.5:
+            data[rng.choice(["max_tokens", "tools", "documents", "add_generation_prompt"])] = rng.choice(
+                [1, "x", [{"type": "function", "function": {"name": "f"}}] * 5, [{"a": "b"}] * 4 + [{"a": 1}], None])
+        reference, pieces = _outcomes(kind, data)
+        assert reference == pieces, data
+        kinds.add(reference[0] if reference[0] == "ok" else len(reference[1]) > 1)
+    assert kinds == {"ok", True, False}  # valid bodies, one error, several
+
+
+def test_prompts_in_pieces_are_one_validation(monkeypatch):
+    monkeypatch.setattr(body_pieces, "PIECE", 3)
+    validations = []
+    validate = CompletionRequest.model_validate
+    monkeypatch.setattr(CompletionRequest, "model_validate", lambda d: validations.append(d) or validate(d))
+    prompts = [[1, 2, 3] * 5, [[1, 2]] * 9, ["ab"] * 9, [2 ** 70, 1], [[1], []], [[1], ["a"]], [1, True], ["a", 1],
+               [[1, 2.5]], "text", [], 5]
+    for prompt in prompts:
+        for extra in ({}, {"max_tokens": "5", "stop_token_ids": [1, 2, 3, "x", 5]}, {"stop_token_ids": list(range(9))}):
+            data = {"model": "m", "prompt": prompt, **extra}
+            validations.clear()
+            reference, pieces = _outcomes(CompletionRequest, data)
+            assert reference == pieces, data
+    good = {"model": "m", "prompt": [list(range(1000))] * 4}
+    validations.clear()
+    assert validate_in_pieces(CompletionRequest, good).prompt is good["prompt"]
+    assert all(len(json.dumps(d["prompt"])) < 20 for d in validations)  # pydantic never gets the 4,000 ids
+
+
+def test_a_long_list_reaches_pydantic_a_piece_at_a_time(monkeypatch):
+    monkeypatch.setattr(body_pieces, "PIECE", 4)
+    seen = []
+    real = body_pieces._adapter
+
+    def adapter(kind, name):
+        inner = real(kind, name)
+        return type("Spy", (), {"validate_python": lambda self, v: seen.append(len(v)) or inner.validate_python(v)})()
+    monkeypatch.setattr(body_pieces, "_adapter", adapter)
+    data = {"model": "m", "tokens": list(range(10))}
+    assert validate_in_pieces(Detokenize, data) == Detokenize.model_validate(data)
+    assert seen == [4, 4, 2]
+
+
+def test_a_large_body_is_parsed_off_the_event_loop():
+    import asyncio
+    import threading
+
+    from nlora_serve.serving.http_api.body import PIECES_CHARS, off_loop
+    small, large = (asyncio.run(off_loop(size, threading.get_ident)) for size in (PIECES_CHARS, PIECES_CHARS + 1))
+    assert small == threading.get_ident() != large
+
+
+def test_lone_surrogates_are_found_a_piece_at_a_time(monkeypatch):
+    from nlora_serve.serving.http_api import body
+
+    monkeypatch.setattr(body.json, "dumps", None)  # json.dumps of the whole body held the GIL ~0.6 s for 2.6M ids
+    lone = [{"a": ["x", [["\ud800"]]]}, {"\udc00": 1}, ["ok"] * 10_000 + ["\ud83d"], "\ud800", {"k": {"k": "\udfff"}}]
+    fine = [{"a": ["x", [["😀"]]]}, {"é": 1}, ["ok"] * 10_000 + [1, None, 2.5], "", {"k": {"k": "日本"}}, ["\ud83d\ude00"]]
+    assert [body._is_unicode(d) for d in lone] == [False] * len(lone)
+    assert [body._is_unicode(d) for d in fine] == [True] * (len(fine) - 1) + [False]  # two halves, no pair: lone
