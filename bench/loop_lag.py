@@ -151,6 +151,10 @@ def actions(server: Server, root: Path) -> dict:
                                                                           "prompt": ["ab"] * 2_500_000}),
         "completion: 1024 prompts x 1000 ids (5 MB)": post("/v1/completions", {
             "model": model, "max_tokens": 1, "prompt": [list(range(1, 1001))] * 1024}),
+        "completion: one prompt of 2,600,000 ids, truncated (served)": post("/v1/completions", {
+            "model": model, "max_tokens": 1, "prompt": [100] * 2_600_000, "truncate_prompt_tokens": 512}),
+        "chat: 1,000 messages of a bad content (35 KB)": post("/v1/chat/completions", {
+            "model": model, "max_tokens": 1, "messages": [{"role": "user", "content": 5}] * 1000}),
         "tokenize: 16 MiB text": post("/tokenize", {"model": model, "prompt": words}),
         "detokenize: 2,600,000 ids (16 MiB)": post("/detokenize", {"model": model, "tokens": [100] * 2_600_000}),
         "gRPC UploadAdapter: 256 MiB (refused)": lambda: grpc.upload_adapter("garbage", garbage),

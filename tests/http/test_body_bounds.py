@@ -63,6 +63,18 @@ REFUSED = [
      "prompt holds 151 prompts x n=2 choices = 302 requests: more than the server's --max-queue 300"),
     (_detokenize, {"model": "m", "tokens": [100] * 9}, "tokens",
      "tokens holds 9 ids: more than the model's context holds (max_model_len 8)"),
+    (_completion, {"model": "m", "prompt": "a", "stop": ["ab"] * 65}, "stop",
+     "stop must be at most 64 strings; got ('ab', 'ab',"),
+    (_chat, {"model": "m", "messages": [MESSAGE], "stop_token_ids": [7] * 1025}, "stop_token_ids",
+     "stop_token_ids must be at most 1024 token ids; got (7, 7, "),
+    (_chat, {"model": "m", "messages": [MESSAGE], "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias",
+     "logit_bias must be at most 1024 entries; got (('0', 1), ('1', 1), "),
+    (_completion, {"model": "m", "prompt": "a", "logprob_token_ids": [1] * 129}, "logprob_token_ids",
+     "logprob_token_ids must be None or 1 to 128 token ids; got (1, 1, "),
+    (_completion, {"model": "m", "prompt": "a", "allowed_token_ids": [1] * ((1 << 20) + 1)}, "allowed_token_ids",
+     "allowed_token_ids must be None or 1 to 1048576 token ids (vLLM refuses an empty list); got (1, 1, "),
+    (_chat, {"model": "m", "messages": [MESSAGE], "bad_words": ["w"] * 129}, "bad_words",
+     f"bad_words must be at most 128 words; got {repr(('w',) * 129)[:200]}... ({len(repr(('w',) * 129))} characters)"),
 ]
 
 
@@ -83,8 +95,18 @@ def test_a_count_no_request_can_serve_is_refused_before_validation(spy, read, da
     (_completion, {"model": "m", "prompt": [True] * 2000}),  # no batch: the validation names what is wrong
     (_chat, {"model": "m", "messages": "hi"}),
     (_detokenize, {"model": "m", "tokens": [100] * 8}),
+    (_completion, {"model": "m", "prompt": "a", "stop": ["ab"] * 64, "logit_bias": {"1": 1}, "bad_words": "w" * 500}),
     (_detokenize, ["tokens"]),
 ])
 def test_what_could_be_served_or_is_no_such_count_is_validated_as_before(spy, read, data):
     with pytest.raises(Validated):
         read(data)
+
+
+@pytest.mark.parametrize("value", [("ab",) * 300_000, tuple(range(5000)), tuple((i, 1.5) for i in range(3000)),
+                                   ["x"] * 1000, ("a",) * 256, ("a",) * 257, ("a" * 300,), (), "s" * 300, 5])
+def test_a_long_value_is_shown_as_its_repr_cut(value):
+    from nlora_serve.engine.sampling import shown_value
+
+    whole = repr(value)  # the reference: the repr of all of it, as _check showed it before
+    assert shown_value(value) == (f"{whole[:200]}... ({len(whole)} characters)" if len(whole) > 200 else whole)

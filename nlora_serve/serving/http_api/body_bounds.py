@@ -12,7 +12,8 @@ two faults may now get this one first.
 
 from __future__ import annotations
 
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sampling import (MAX_ALLOWED_TOKEN_IDS, MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_LOGPROB_TOKEN_IDS,
+                                         MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, RequestError, shown_value)
 from nlora_serve.serving.chat_template import check_message_count
 from nlora_serve.serving.http_api.choices import check_places
 from nlora_serve.serving.http_api.prompts import MAX_PROMPTS
@@ -86,3 +87,31 @@ def refuse_detokenize(data, max_model_len: int) -> None:
     tokens = data.get("tokens") if isinstance(data, dict) else None
     if isinstance(tokens, list):
         check_token_count(len(tokens), max_model_len)
+
+
+# the sampling fields SamplingParams bounds by count: (field, most items, its words)
+_COUNTED = (("stop", MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} strings"),
+            ("stop_token_ids", MAX_STOP_TOKEN_IDS, f"at most {MAX_STOP_TOKEN_IDS} token ids"),
+            ("logit_bias", MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} entries"),
+            ("logprob_token_ids", MAX_LOGPROB_TOKEN_IDS, f"None or 1 to {MAX_LOGPROB_TOKEN_IDS} token ids"),
+            ("allowed_token_ids", MAX_ALLOWED_TOKEN_IDS,
+             f"None or 1 to {MAX_ALLOWED_TOKEN_IDS} token ids (vLLM refuses an empty list)"),
+            ("bad_words", MAX_BAD_WORDS, f"at most {MAX_BAD_WORDS} words"))
+
+
+def refuse_sampling_counts(data) -> None:
+    """Before validation: a /v1/completions or chat body whose ``stop``, ``stop_token_ids``,
+    ``logit_bias``, ``logprob_token_ids``, ``allowed_token_ids`` or ``bad_words`` holds more items
+    than SamplingParams takes (the words of its refusal; ``logit_bias`` shown as its (key, bias)
+    pairs). A 15 MB ``stop`` list held the GIL ~0.2 s in pydantic and as much in the refusal's repr.
+
+    Raises:
+        ParamError: naming the field.
+    """
+    if not isinstance(data, dict):
+        return
+    for field, most, words in _COUNTED:
+        value = data.get(field)
+        if isinstance(value, list | dict) and len(value) > most:
+            shown = shown_value(tuple(value.items()) if isinstance(value, dict) else tuple(value))
+            raise ParamError(f"{field} must be {words}; got {shown}", field)

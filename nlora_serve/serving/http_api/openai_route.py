@@ -13,7 +13,7 @@ from fastapi import Request
 from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.serving.http_api.body import validated
-from nlora_serve.serving.http_api.body_bounds import refuse_chat, refuse_completion
+from nlora_serve.serving.http_api.body_bounds import refuse_chat, refuse_completion, refuse_sampling_counts
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
 from nlora_serve.serving.http_api.echo import Echo
 from nlora_serve.serving.http_api.generate import Body, Endpoint, Started
@@ -29,6 +29,7 @@ def _read_openai(data, ctx: HttpContext, chat: bool) -> tuple[Body, list | None,
         refuse_chat(data, ctx.engine.max_model_len)
     else:
         refuse_completion(data, ctx.config.max_queue)
+    refuse_sampling_counts(data)
     body = validated(ChatRequest if chat else CompletionRequest, data)
     prompts, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
     return body, prompts, params, None
