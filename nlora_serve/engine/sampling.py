@@ -12,6 +12,8 @@ on CUDA only up to such near-ties, as in vLLM.
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,12 +65,24 @@ _ECHO_ITEMS = 256  # a tuple or list longer than this is shown from its first it
 
 
 def shown_value(value) -> str:
-    """``repr(value)``, cut to :data:`_ECHO_CHARS` characters with its length said. A long tuple or
-    list is measured a piece at a time: its whole repr held the GIL ~0.2 s for 2.6M items."""
-    if isinstance(value, tuple | list) and len(value) > _ECHO_ITEMS:
-        length = 2 + 2 * (len(value) - 1) + sum(sum(map(len, map(repr, value[i:i + 4096])))
-                                                for i in range(0, len(value), 4096))
-        return f"{repr(value[:_ECHO_ITEMS])[:_ECHO_CHARS]}... ({length} characters)"
+    """``repr(value)`` (a dict's: as the tuple of its items), cut to :data:`_ECHO_CHARS` characters
+    with its length said. A long tuple, list or dict is measured a piece at a time, its items never
+    all made at once: its whole repr held the GIL ~0.2 s for 2.6M items."""
+    if isinstance(value, dict):
+        if len(value) <= _ECHO_ITEMS:
+            return shown_value(tuple(value.items()))
+        items = iter(value.items())
+        head = repr(tuple(itertools.islice(items, _ECHO_ITEMS)))
+    elif isinstance(value, tuple | list) and len(value) > _ECHO_ITEMS:
+        items = iter(value)
+        head = repr(type(value)(itertools.islice(items, _ECHO_ITEMS)))
+    else:
+        shown = repr(value)
+        return f"{shown[:_ECHO_CHARS]}... ({len(shown)} characters)" if len(shown) > _ECHO_CHARS else shown
+    length = len(head) + 2 * (len(value) - _ECHO_ITEMS)
+    for _ in range(0, len(value) - _ECHO_ITEMS, 4096):
+        length += sum(map(len, map(repr, itertools.islice(items, 4096))))
+    return f"{head[:_ECHO_CHARS]}... ({length} characters)"
     shown = repr(value)
     return f"{shown[:_ECHO_CHARS]}... ({len(shown)} characters)" if len(shown) > _ECHO_CHARS else shown
 

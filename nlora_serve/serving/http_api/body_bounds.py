@@ -113,5 +113,5 @@ def refuse_sampling_counts(data) -> None:
     for field, most, words in _COUNTED:
         value = data.get(field)
         if isinstance(value, list | dict) and len(value) > most:
-            shown = shown_value(tuple(value.items()) if isinstance(value, dict) else tuple(value))
+            shown = shown_value(value if isinstance(value, dict) else tuple(value))  # a dict: as its items
             raise ParamError(f"{field} must be {words}; got {shown}", field)
