@@ -13,7 +13,6 @@ on CUDA only up to such near-ties, as in vLLM.
 from __future__ import annotations
 
 import itertools
-
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
