@@ -155,6 +155,11 @@ def actions(server: Server, root: Path) -> dict:
             "model": model, "max_tokens": 1, "prompt": [100] * 2_600_000, "truncate_prompt_tokens": 512}),
         "chat: 1,000 messages of a bad content (35 KB)": post("/v1/chat/completions", {
             "model": model, "max_tokens": 1, "messages": [{"role": "user", "content": 5}] * 1000}),
+        "completion: stop of 2,500,000 strings (15 MB)": post("/v1/completions", {
+            "model": model, "max_tokens": 1, "prompt": "hi", "stop": ["ab"] * 2_500_000}),
+        "chat: logit_bias of 1,000,000 entries (14 MB)": post("/v1/chat/completions", {
+            "model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "a"}],
+            "logit_bias": {str(i): 1.0 for i in range(1_000_000)}}),
         "tokenize: 16 MiB text": post("/tokenize", {"model": model, "prompt": words}),
         "detokenize: 2,600,000 ids (16 MiB)": post("/detokenize", {"model": model, "tokens": [100] * 2_600_000}),
         "gRPC UploadAdapter: 256 MiB (refused)": lambda: grpc.upload_adapter("garbage", garbage),

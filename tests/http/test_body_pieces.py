@@ -51,6 +51,14 @@ def test_json_in_pieces_is_json_loads_value_and_error():
         assert _outcome(loads_in_pieces, text) == _outcome(json.loads, text), text
     for text in ["\ufeff{}", "[" * 100_000 + "]" * 100_000, "[" * 700 + "]" * 700, " [1, 2] x"]:
         assert _outcome(loads_in_pieces, text) == _outcome(json.loads, text)
+    # objects of many flat pairs (parsed in runs), a key sent twice, each broken at random places
+    for text in [json.dumps({**{f"k{i}": i for i in range(100)}, "n": {"a": [1, {"b": 2}]}, "k3": "v"}),
+                 '{"a": 1, "b": 2, "a": 3, "c": [1], "b": 5}', '{"a":1 ,"b" :2 , "c": {"d":[]}}']:
+        assert _outcome(loads_in_pieces, text) == _outcome(json.loads, text)
+        for _ in range(400):
+            at = rng.randrange(len(text))
+            broken = text[:at] + rng.choice(["", "x", ",", '"', ":", " ", "}", "{", "1"]) + text[at + 1:]
+            assert _outcome(loads_in_pieces, broken) == _outcome(json.loads, broken), broken
 
 
 def test_json_in_pieces_gives_the_c_scanner_no_long_list_at_once(monkeypatch):
@@ -60,11 +68,12 @@ def test_json_in_pieces_gives_the_c_scanner_no_long_list_at_once(monkeypatch):
     loads = json.loads
     monkeypatch.setattr(body_json.json, "loads", lambda text: calls.append(text) or loads(text))
     body = {"messages": [{"role": "user", "content": "a"}] * 5000, "prompt": [list(range(3000))] * 3,
-            "tokens": [7] * 5000, "texts": ["a\\b"] * 5000}
+            "tokens": [7] * 5000, "texts": ["a\\b"] * 5000, "logit_bias": {str(i): 1.5 for i in range(5000)}}
     text = json.dumps(body)
     assert loads_in_pieces(text) == body
-    runs = [len(loads(c)) - 1 for c in calls if isinstance(c, str)]
-    assert runs and max(runs) <= body_json.RUN and sum(runs) == 5000 + 9000 + 5000 - 5  # each list but its last item
+    runs = [len(loads(c)) - (c[0] == "[") for c in calls if isinstance(c, str)]
+    assert runs and max(runs) <= body_json.RUN
+    assert sum(runs) == 5000 + 9000 + 5000 - 5 + 5000 - 1  # each list but its last item, the object but its last pair
     assert len(calls) > 60 and all(not isinstance(c, str) or len(c) < 64 << 10 for c in calls)
 
 

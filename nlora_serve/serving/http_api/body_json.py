@@ -3,20 +3,20 @@
 ``json.loads`` is one C call: it holds the GIL for all of a body, ~0.15-0.4 s for 16 MiB on a loaded
 2-core box, and every other tenant's stream (the event loop) and the engine's step thread wait that
 long, even with the parse in a worker thread. :func:`loads_in_pieces` walks arrays and objects in
-Python (the pure-Python decoder's ``JSONObject``, and a copy of its ``JSONArray``: the interpreter
+Python (copies of the pure-Python decoder's ``JSONObject`` and ``JSONArray``: the interpreter
 hands the GIL over between their steps, every ``sys.getswitchinterval()`` when another thread asks)
 and leaves the C scanner bounded pieces: one string, number or literal; a flat object (at most
-:data:`FLAT_PAIRS` keys of such scalars, e.g. a chat message); or a run of at most :data:`RUN`
-such items of an array, parsed together. The value, and the JSONDecodeError of a body that is not
-JSON (message and position), are ``json.loads``' own: CPython checks its C and pure-Python decoders
-against each other.
+:data:`FLAT_PAIRS` keys of such scalars, e.g. a chat message); a run of at most :data:`RUN` such
+items of an array, or of an object's pairs of such scalars, parsed together. The value, and the
+JSONDecodeError of a body that is not JSON (message and position), are ``json.loads``' own:
+CPython checks its C and pure-Python decoders against each other.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from json.decoder import JSONDecodeError, JSONObject, WHITESPACE
+from json.decoder import WHITESPACE, JSONDecodeError, scanstring
 
 RUN = 1024  # items of an array parsed in one C call (~1 ms of flat messages, less of numbers)
 FLAT_PAIRS = 64  # keys of an object the C scanner parses whole (each value a string, number or literal)
@@ -34,6 +34,7 @@ _PAIR = rf"{_STRING}{_S}:{_S}{_SCALAR}"
 _FLAT_OBJECT = rf"\{{{_S}(?:{_PAIR}{_S},{_S}){{0,{FLAT_PAIRS - 1}}}{_PAIR}{_S}\}}"
 _FLAT = re.compile(_FLAT_OBJECT)
 _RUN = re.compile(rf"(?:(?:{_SCALAR}|{_FLAT_OBJECT}){_S},{_S}){{2,{RUN}}}")  # items, each with its comma
+_PAIRS = re.compile(rf"(?:{_PAIR}{_S},{_S}){{1,{RUN - 1}}}{_PAIR}(?={_S},)")  # an object's pairs, the comma after left
 
 
 def loads_in_pieces(text: str):
@@ -64,8 +65,57 @@ def _scan(s: str, idx: int):
     if first == "[":
         return _array(s, idx + 1)
     if first == "{" and not _FLAT.match(s, idx):
-        return JSONObject((s, idx + 1), True, _scan, None, None)
+        return _object(s, idx + 1)
     return _scan_c(s, idx)
+
+
+def _object(s: str, end: int) -> tuple[dict, int]:
+    """The pure-Python decoder's ``JSONObject`` (same errors at the same positions), filling the dict
+    as it goes: its list of (key, value) tuples, a million of them for a large ``logit_bias``, made
+    the collector walk them all, the GIL held."""
+    pairs = {}
+    nextchar = s[end:end + 1]
+    if nextchar != '"':
+        if nextchar in _WS:
+            end = _whitespace(s, end).end()
+            nextchar = s[end:end + 1]
+        if nextchar == "}":
+            return pairs, end + 1
+        if nextchar != '"':
+            raise JSONDecodeError("Expecting property name enclosed in double quotes", s, end)
+    end += 1
+    while True:
+        run = _PAIRS.match(s, end - 1)  # from the key's quote: pairs of flat values, a comma after the last
+        if run is not None:
+            pairs.update(json.loads(f"{{{run.group()}}}"))  # a key sent twice: its last value, first place
+            end = run.end()
+        else:
+            key, end = scanstring(s, end, True)
+            if s[end:end + 1] != ":":
+                end = _whitespace(s, end).end()
+                if s[end:end + 1] != ":":
+                    raise JSONDecodeError("Expecting ':' delimiter", s, end)
+            end = _whitespace(s, end + 1).end()
+            try:
+                value, end = _scan(s, end)
+            except StopIteration as err:
+                raise JSONDecodeError("Expecting value", s, err.value) from None
+            pairs[key] = value
+        nextchar = s[end:end + 1]
+        if nextchar and nextchar in _WS:
+            end = _whitespace(s, end + 1).end()
+            nextchar = s[end:end + 1]
+        end += 1
+        if nextchar == "}":
+            break
+        if nextchar != ",":
+            raise JSONDecodeError("Expecting ',' delimiter", s, end - 1)
+        end = _whitespace(s, end).end()
+        nextchar = s[end:end + 1]
+        end += 1
+        if nextchar != '"':
+            raise JSONDecodeError("Expecting property name enclosed in double quotes", s, end - 1)
+    return pairs, end
 
 
 def _array(s: str, end: int) -> tuple[list, int]:
