@@ -20,7 +20,8 @@ from nlora_serve.serving.commands import serve as serve_cli
 from nlora_serve.serving.http_api.openai import chat_params
 from nlora_serve.serving.http_api.request_models import ChatRequest
 from nlora_serve.serving.http_api.responses import Shaper
-from nlora_serve.serving.http_api.responses_request import ResponsesRequest, chat_body_of, chat_params_of
+from nlora_serve.serving.http_api.responses_chat import chat_body_of, chat_params_of
+from nlora_serve.serving.http_api.responses_request import ResponsesRequest
 from nlora_serve.serving.http_api.responses_shape import ResponseShaper
 from nlora_serve.serving.http_api.tool_parsers import AutoStream, parse_whole
 from nlora_serve.serving.http_api.tools import ToolCalls, tool_calls_of

@@ -205,7 +205,8 @@ def test_special_token_text_in_tools_or_kwargs_is_refused(tokenizer):
     """Only contents and names are masked against special-token text (chat_template.py): anywhere
     else a template may render it, it is refused, never tokenized into a forged turn, naming the
     field it is in: a tool's is ``tools`` on chat and on /v1/responses (was the messages' field)."""
-    from nlora_serve.serving.http_api.responses_request import ResponsesRequest, chat_body_of
+    from nlora_serve.serving.http_api.responses_chat import chat_body_of
+    from nlora_serve.serving.http_api.responses_request import ResponsesRequest
 
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = TEMPLATE
@@ -324,7 +325,8 @@ def test_a_named_choice_of_a_name_two_tools_share_forces_the_last_ones_parameter
     """vLLM 0.32 maps tools by name (tool_parsers/utils.py get_json_schema_from_tools: a dict, the
     last tool of a name wins), for chat's and the Responses API's named choices alike; the first
     one's schema was forced here."""
-    from nlora_serve.serving.http_api.responses_request import ResponsesRequest, chat_body_of
+    from nlora_serve.serving.http_api.responses_chat import chat_body_of
+    from nlora_serve.serving.http_api.responses_request import ResponsesRequest
 
     other = copy.deepcopy(TIME)
     other["function"]["name"] = "get_weather"
@@ -344,7 +346,8 @@ def test_required_hoists_the_tools_defs_to_the_schemas_top_as_vllm():
     ``$defs`` joined at the array schema's top, where ``#/$defs/...`` resolves; two different
     schemas of one name are refused in vLLM's words. Was a 400: "Cannot find field '$defs'"."""
     from nlora_serve.serving.http_api.openai import chat_params
-    from nlora_serve.serving.http_api.responses_request import ResponsesRequest, chat_body_of
+    from nlora_serve.serving.http_api.responses_chat import chat_body_of
+    from nlora_serve.serving.http_api.responses_request import ResponsesRequest
     from nlora_serve.serving.server_config import ServerConfig
 
     loc = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}

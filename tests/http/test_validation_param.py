@@ -8,7 +8,8 @@ from fastapi.exceptions import RequestValidationError
 
 from nlora_serve.serving.http_api.body import validated
 from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest, ParamError
-from nlora_serve.serving.http_api.responses_request import ResponsesRequest, chat_body_of
+from nlora_serve.serving.http_api.responses_chat import chat_body_of
+from nlora_serve.serving.http_api.responses_request import ResponsesRequest
 
 HI = [{"role": "user", "content": "hi"}]
 

@@ -14,8 +14,8 @@ from nlora_serve.serving.http_api.generate import Endpoint
 from nlora_serve.serving.http_api.openai import MAX_REQUEST_ID, chat_params
 from nlora_serve.serving.http_api.openai_route import shaper_of
 from nlora_serve.serving.http_api.request_models import ChatRequest, ParamError
-from nlora_serve.serving.http_api.responses_request import (ResponsesRequest, chat_body_of, chat_params_of,
-                                                            check_stateless, check_turns)
+from nlora_serve.serving.http_api.responses_chat import chat_body_of, chat_params_of
+from nlora_serve.serving.http_api.responses_request import ResponsesRequest, check_stateless, check_turns
 from nlora_serve.serving.http_api.responses_shape import ResponseShaper, random_id
 
 

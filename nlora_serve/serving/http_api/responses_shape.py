@@ -36,7 +36,8 @@ from collections.abc import AsyncIterator
 from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.serving.http_api.responses import Shaper, tool_stream
-from nlora_serve.serving.http_api.responses_request import REASONING_KEYS, ResponsesRequest, tools_echo
+from nlora_serve.serving.http_api.responses_chat import tools_echo
+from nlora_serve.serving.http_api.responses_request import REASONING_KEYS, ResponsesRequest
 from nlora_serve.serving.http_api.tool_parsers import AutoStream, auto_answer
 from nlora_serve.serving.http_api.tool_stream import NamedStream
 from nlora_serve.serving.http_api.tools import ToolCalls, whole_calls
