@@ -203,3 +203,10 @@ def test_serve_flags_as_vllms(capsys):
     with pytest.raises(SystemExit):
         _configs("--tool-call-parser", "mistral")
     assert "invalid tool call parser: 'mistral' (known here: hermes, llama3_json)" in capsys.readouterr().err
+
+
+def test_an_unknown_parser_name_is_an_error_not_text():
+    # the unknown-name ValueError was raised inside the try that turns unparsable text into content,
+    # so it came back as ([], text), against the docstring
+    with pytest.raises(ValueError, match="unknown tool call parser 'mistral'; known: hermes, llama3_json"):
+        parse_whole("mistral", '{"name": "f", "arguments": {}}')

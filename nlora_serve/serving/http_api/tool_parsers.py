@@ -38,13 +38,10 @@ def parse_whole(parser: str, text: str) -> tuple[list[tuple[str, str]], str | No
     Raises:
         ValueError: an unknown ``parser``.
     """
+    if parser not in TOOL_CALL_PARSERS:  # before the try, which takes a ValueError for text that does not parse
+        raise ValueError(f"unknown tool call parser {parser!r}; known: {', '.join(TOOL_CALL_PARSERS)}")
     try:
-        if parser == "hermes":
-            calls, content = _hermes(text)
-        elif parser == "llama3_json":
-            calls, content = _llama(text)
-        else:
-            raise ValueError(f"unknown tool call parser {parser!r}; known: {', '.join(TOOL_CALL_PARSERS)}")
+        calls, content = _hermes(text) if parser == "hermes" else _llama(text)
     except (ValueError, KeyError, TypeError):  # a call that does not parse: all text, as vLLM's
         return [], text
     if not calls:
