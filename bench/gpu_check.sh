@@ -8,6 +8,11 @@
 #   engine_check: the native engine on CUDA against transformers, step by step, on a random model
 #     of the default's shape (base, tied and LoRA mixed; fp32 TF32 off <= 1e-4 and top token equal
 #     where decided; bf16 <= 2e-2);
+#   qwen3_check (~25 s, mostly start-up and the Triton kernels' compiles at head_dim 128): the same
+#     check on a Qwen3ForCausalLM of that shape (4 layers, head_dim 128, q/k head-norm weights drawn in
+#     [0.3, 2]; 6 requests, one prompt of 300 tokens), fp32 and bf16, decode CUDA graphs on: the
+#     first Qwen3 on CUDA (its table is in the log; its JSON stays off $OUT, which holds the 8 files a
+#     call returns);
 #   engine_bench / engine_256: bench/engine.py on CUDA (bf16, after start-up warm-up and an untimed
 #     pass; base, tied64, lora8) against HF generate at 64 requests, base at 256 (issue 18);
 #   piecewise_check (~30 s): the smoke check with prefill and mixed steps as piecewise CUDA graphs
@@ -27,7 +32,9 @@
 #   engine_8b: tied64 and lora8 against our base at the llama-8b dummy shape (issue 19);
 #   prefix_8b, fairness: issue 20 at scale (fairness's table ends with the preemptions and worst
 #     light TTFT p99 per policy, with and without the heavy tenant: fair should preempt nothing
-#     without it); tune_kernels: tied_fused configs for this device (<device name>.json under $OUT).
+#     without it); tune_kernels: tied_fused configs for this device (<device name>.json under $OUT);
+#   qwen3_piecewise (~25 s, last: with the time left): qwen3_check's model (2 layers) with piecewise
+#     CUDA graphs, fp32 and bf16 (table in extra_log.txt).
 # Needs only torch + triton + transformers + peft + pytest + numpy (the device image has them);
 # the package is used from the working tree. Writes under $OUT (default bench/out/gpu).
 set -uo pipefail
@@ -75,6 +82,9 @@ if [ "${1:-}" = extra ]; then  # the second call: its own log and rc files
     # named as kernels/triton_ops/config.py looks it up (an H100's is not an H200's): copy it into kernels/triton_ops/configs/
     CONFIG_NAME=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))" 2>/dev/null || echo unknown_device)
     step tune_kernels 60 $PY bench/tune_adapter_kernels.py --out "$OUT/$CONFIG_NAME.json"
+    # with the time left: Qwen3 through the piecewise graphs too (its q/k head norms inside the captured pieces)
+    step qwen3_piecewise 40 $PY bench/gpu_engine_check.py --arch qwen3 --layers 2 --requests 3 --new-tokens 2 \
+        --long-prompt 300 --piecewise-graphs --out "${TMPDIR:-/tmp}/qwen3_piecewise.json"
     ! grep -qv "rc=0" "$RC"
     exit
 fi
@@ -83,6 +93,8 @@ step smoke 60 $PY bench/gpu_engine_check.py --layers 2 --requests 3 --new-tokens
     --dtype float32 --out "$OUT/smoke.json"
 grep -q "smoke rc=0" "$RC" || { echo "smoke test failed: stopping" | tee -a "$LOG"; exit 1; }
 step engine_check 90 $PY bench/gpu_engine_check.py --out "$OUT/engine_check.json"
+step qwen3_check 45 $PY bench/gpu_engine_check.py --arch qwen3 --layers 4 --requests 6 --new-tokens 4 \
+    --long-prompt 300 --out "${TMPDIR:-/tmp}/qwen3_check.json"
 step engine_bench 90 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
     --dtype bfloat16 --mix none tied64 lora8 --peer-mixes none --vllm-mixes --out "$OUT/engine.json"
 step engine_256 50 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \

@@ -8,12 +8,19 @@ recorded and the next token is forced to transformers' greedy token, so both sid
 sequence; transformers' logits come from one forward over prompt + its greedy tokens (adapters
 folded into its weights in float64).
 
+``--arch qwen3`` serves the same shape as a Qwen3ForCausalLM instead: ``head_dim`` from
+``--head-dim`` (Qwen3's 128, not hidden / heads: q_proj is wider than the hidden size), a per-head
+RMSNorm of q and k before RoPE whose weights are drawn in [0.3, 2] (dummy weights hold ones: q and k
+swapped, or a norm dropped, would not show), so the weights are saved beside the config and served
+from there (``load_format`` "auto") rather than drawn by the engine.
+
 Checks (DESIGN §5 / the issue): fp32 with TF32 off, relative logit error <= 1e-4 per step and the
 top token equal wherever transformers' top-2 margin is > 1e-3; bf16 logits within 2e-2 of the
 fp32 reference. Prints a table and writes JSON; exit status 1 if a check fails.
 
     python bench/gpu_engine_check.py --device cuda --dtype float32 bfloat16 --out $OUT/engine_check.json
     python bench/gpu_engine_check.py --device cpu --kernel-backend torch --layers 2   # the logic, here
+    python bench/gpu_engine_check.py --arch qwen3 --layers 4 --requests 6 --new-tokens 4 --long-prompt 300
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +49,13 @@ from nlora_serve.models import load_base  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 RANK, ALPHA = 16, 32.0
+ARCHES = ("llama", "qwen3")
+QK_NORMS = ("q_norm.weight", "k_norm.weight")
 
 
-def shrink_config(src: Path, dst: Path, layers: int | None) -> Path:
-    """``src`` copied to ``dst`` (config and tokenizer), with ``layers`` decoder layers if given."""
+def shrink_config(src: Path, dst: Path, layers: int | None, arch: str = "llama", head_dim: int = 128) -> Path:
+    """``src`` copied to ``dst`` (config and tokenizer), with ``layers`` decoder layers if given; for
+    ``arch`` "qwen3" the config says Qwen3ForCausalLM with ``head_dim`` (no sliding window)."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.name != "config.json":
@@ -52,8 +63,28 @@ def shrink_config(src: Path, dst: Path, layers: int | None) -> Path:
     cfg = json.loads((src / "config.json").read_text())
     if layers is not None:
         cfg["num_hidden_layers"] = layers
+    if arch == "qwen3":
+        cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=head_dim,
+                   use_sliding_window=False, sliding_window=None)
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
+
+
+def qwen3_weights(model_dir: Path, weights: dict[str, torch.Tensor], seed: int = 3) -> None:
+    """Redraw ``weights``' q/k head-norm weights (in place) uniform in [0.3, 2] and save every tensor
+    to ``model_dir``/model.safetensors, for the engine to load as a checkpoint.
+
+    Raises:
+        ValueError: ``weights`` holds no q/k norm (not a Qwen3's).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    names = sorted(n for n in weights if n.endswith(QK_NORMS))
+    if not names:
+        raise ValueError("qwen3_weights: no self_attn.q_norm / k_norm weights (not a Qwen3 config?)")
+    for name in names:
+        w = weights[name]
+        weights[name] = (0.3 + 1.7 * torch.rand(w.shape, generator=gen)).to(w.dtype)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()}, str(model_dir / "model.safetensors"))
 
 
 def hf_model(model_dir: Path, weights: dict[str, torch.Tensor], device: str):
@@ -135,6 +166,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "bench" / "models" / "smollm2-135m"))
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quick run)")
+    parser.add_argument("--arch", choices=ARCHES, default="llama",
+                        help="qwen3: the model's shape as Qwen3ForCausalLM (q/k head norms, --head-dim)")
+    parser.add_argument("--head-dim", type=int, default=128,
+                        help="with --arch qwen3: elements per head (Qwen3's 128; the default model's is 64)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--kernel-backend", default="auto")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
@@ -143,6 +178,8 @@ def main() -> int:
     parser.add_argument("--long-prompt", type=int, default=1100, help="one prompt this long (chunked prefill)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.async_scheduling (default: the device's, on for CUDA)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="EngineConfig.enforce_eager: no CUDA graphs (tells a graph defect from a kernel's)")
     parser.add_argument("--piecewise-graphs", action="store_true",
                         help="EngineConfig.piecewise_graphs: prefill and mixed steps as piecewise CUDA graphs")
     parser.add_argument("--out", default="bench/out/engine_check.json")
@@ -152,9 +189,15 @@ def main() -> int:
     start = time.perf_counter()
     rows, ok = [], True
     with tempfile.TemporaryDirectory(prefix="nlora-gpu-check-") as scratch:
-        model_dir = shrink_config(Path(args.model), Path(scratch) / "model", args.layers)
+        model_dir = shrink_config(Path(args.model), Path(scratch) / "model", args.layers, args.arch,
+                                  args.head_dim)
         base = load_base(str(model_dir), torch.float32, load_format="dummy", init_device=args.device)
+        load_format = "dummy"
+        if args.arch == "qwen3":  # head norms away from 1, in a checkpoint the engine loads
+            qwen3_weights(model_dir, base.weights)
+            load_format = "auto"
         hf = hf_model(model_dir, base.weights, args.device)
+        assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[args.arch], type(hf)
         tenants, refs = {}, {None: hf}
         # At W ~ N(0, 0.02²) and r = 16 a tied N ~ N(0, 1) moves each weight by ~30% of its size,
         # LoRA A, B ~ N(0, 0.05²) at s = 2 by ~25%: tenants that change every token's logits.
@@ -177,9 +220,9 @@ def main() -> int:
             print(f"tenant {name}: logits moved {moved:.2f} (relative) from the base model's", flush=True)
         print(f"references ready in {time.perf_counter() - start:.1f} s", flush=True)
         for name in args.dtype:
-            config = EngineConfig(model=str(model_dir), dtype=DTYPES[name], load_format="dummy", device=args.device,
+            config = EngineConfig(model=str(model_dir), dtype=DTYPES[name], load_format=load_format, device=args.device,
                                   kernel_backend=args.kernel_backend, async_scheduling=args.async_scheduling,
-                                  piecewise_graphs=args.piecewise_graphs,
+                                  piecewise_graphs=args.piecewise_graphs, enforce_eager=args.enforce_eager,
                                   adapter_dir=str(Path(scratch) / f"store-{name}"),
                                   scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256,
                                                             max_model_len=2048),
@@ -188,7 +231,7 @@ def main() -> int:
             for adapter in (None, "tied", "lora"):
                 picked = [(lg, j) for lg, j in zip(logits, jobs) if j["adapter"] == adapter]
                 stats = [compare(lg, j["ref"]) for lg, j in picked]
-                row = {"dtype": name, "mix": adapter or "base", "requests": len(picked),
+                row = {"arch": args.arch, "dtype": name, "mix": adapter or "base", "requests": len(picked),
                        "max_rel_err": max(s["rel_err"] for s in stats),
                        "transformers_max_rel_err": max(  # transformers in the same dtype, same reference
                            compare(hf_logits_in(refs[adapter], DTYPES[name], j["prompt"], j["tokens"]),
@@ -198,7 +241,8 @@ def main() -> int:
                 row["pass"] = row["max_rel_err"] <= TOLERANCE[name] and (name != "float32" or row["top_equal"])
                 ok &= row["pass"]
                 rows.append(row)
-                print(f"{name:9} {row['mix']:5} requests {row['requests']:3}  max rel err {row['max_rel_err']:.2e} "
+                print(f"{args.arch:5} {name:9} {row['mix']:5} requests {row['requests']:3}  "
+                      f"max rel err {row['max_rel_err']:.2e} "
                       f"(<= {TOLERANCE[name]:g}; transformers in {name}: {row['transformers_max_rel_err']:.2e})"
                       f"  top token equal {row['top_equal']} over {row['decided_steps']} "
                       f"decided steps  {'PASS' if row['pass'] else 'FAIL'}", flush=True)
