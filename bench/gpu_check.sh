@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check in two device calls on one warm machine (bench/RESULTS.md "On a GPU"), most
+# Every GPU check in two device calls on one warm machine (bench/RESULTS.md: "The native engine on
+# CUDA (round two)" says what each step should show; the last H200 run's tables follow it), most
 # valuable first, each step under its own time limit and all under the call's deadline
 # (GPU_CHECK_SECONDS, default 570: a step starts only with 15 s left and is cut at the deadline),
 # results written under $OUT as they come (at most 8 files come back from a call).
@@ -16,11 +17,6 @@
 #     its JSON stays off $OUT, which holds the 8 files a call returns;
 #   engine_bench / engine_256: bench/engine.py on CUDA (bf16, after start-up warm-up and an untimed
 #     pass; base, tied64, lora8) against HF generate at 64 requests, base at 256 (issue 18);
-#   piecewise_check (~30 s): the smoke check with prefill and mixed steps as piecewise CUDA graphs
-#     (EngineConfig.piecewise_graphs: base, tied and LoRA against transformers, fp32, 2 layers);
-#   piecewise_256: the same 256-request base run (ours only) with prefill and mixed steps as piecewise
-#     CUDA graphs off and on side by side (rows none, none/pw; issue 18; the table, phases and step
-#     counts are in the log: its JSON stays off $OUT, which already holds the 8 files a call returns);
 #   decode_step: our decode step per loop iteration (graphs with async scheduling on and off side by
 #     side, --enforce-eager) against a lean plain-torch CUDA-graphed step at B = 64 and 256, with a
 #     profiler breakdown (issue 18);
@@ -29,11 +25,17 @@
 #   kernels, attention_kernels, tied_fused_kernels: the Triton ops compiled on the GPU against the
 #     float64 truth (the interpreter's cases, both group forms; the last step also runs the tiled
 #     tied expand's and the grouped group path's own cases).
-# Call 2, `bash bench/gpu_check.sh extra` (GPU_CHECK_SECONDS = the device time left):
+# Call 2, `bash bench/gpu_check.sh extra` (GPU_CHECK_SECONDS = the device time left), in this order:
+#   piecewise_check (~30 s): the smoke check with prefill and mixed steps as piecewise CUDA graphs
+#     (EngineConfig.piecewise_graphs: base, tied and LoRA against transformers, fp32, 2 layers);
+#   piecewise_256: engine_256's run (ours only) with prefill and mixed steps as piecewise CUDA graphs
+#     off and on side by side (rows none, none/pw; issue 18; the table, phases and step counts are in
+#     the log: its JSON stays off $OUT);
+#   fairness: issue 20's fairness at scale (its table ends with the preemptions and worst light TTFT
+#     p99 per policy, with and without the heavy tenant: fair should preempt nothing without it);
 #   engine_8b: tied64 and lora8 against our base at the llama-8b dummy shape (issue 19);
-#   prefix_8b, fairness: issue 20 at scale (fairness's table ends with the preemptions and worst
-#     light TTFT p99 per policy, with and without the heavy tenant: fair should preempt nothing
-#     without it); tune_kernels: tied_fused configs for this device (<device name>.json under $OUT);
+#   prefix_8b: issue 20's prefix caching at the llama-8b shape;
+#   tune_kernels: tied_fused configs for this device (<device name>.json under $OUT);
 #   qwen3_piecewise (~25 s, last: with the time left): qwen3_check's model (2 layers) with piecewise
 #     CUDA graphs, fp32 and bf16 (table in extra_log.txt).
 # Needs only torch + triton + transformers + peft + pytest + numpy (the device image has them);
