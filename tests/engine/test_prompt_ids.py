@@ -99,7 +99,7 @@ def test_the_vllm_backend_sends_vllm_the_ids_with_special_tokens_by_default(bos_
     with vLLM's AsyncLLM replaced by a recorder."""
     from transformers import AutoTokenizer
 
-    monkeypatch.setattr(vllm_engine_module, "vllm_sampling_params", lambda params: params)  # no vllm here
+    monkeypatch.setattr(vllm_engine_module, "vllm_sampling_params", lambda params, tenant=None: params)  # no vllm here
     tok = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
     engine = VllmEngine.__new__(VllmEngine)
     engine.config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,

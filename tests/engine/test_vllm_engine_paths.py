@@ -159,7 +159,7 @@ def test_a_vllm_whose_core_died_reports_it_and_the_server_stops():
 def test_a_failure_while_vllm_is_alive_fails_one_request_only(monkeypatch, caplog):
     """The client reads that the engine failed, not vLLM's text, which may hold the fold folder's
     paths and other adapters' names (a LoRA load failure); the server's log has it."""
-    monkeypatch.setattr(engine_module, "vllm_sampling_params", lambda params: params)
+    monkeypatch.setattr(engine_module, "vllm_sampling_params", lambda params, tenant=None: params)
 
     class Llm:
         errored = False
@@ -185,7 +185,7 @@ def test_a_core_death_tells_running_clients_what_to_do_and_refuses_new_requests_
     # vLLM's own text after a death is "EngineCore encountered an issue. See stack trace (above) for
     # the root cause.": the stack trace is in the server's log, not the client's; the cause goes to
     # the log and /health, the client reads that the server is going and to retry elsewhere.
-    monkeypatch.setattr(engine_module, "vllm_sampling_params", lambda params: params)
+    monkeypatch.setattr(engine_module, "vllm_sampling_params", lambda params, tenant=None: params)
 
     class EngineDeadError(Exception):
         pass

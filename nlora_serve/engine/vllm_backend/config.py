@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.vllm_backend.grammar_salt import salted_fields
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 GiB = 1 << 30
@@ -135,8 +136,9 @@ class SchedulerSnapshot:
         return Logger(vllm_config, engine_index)
 
 
-def vllm_sampling_params(p: SamplingParams):
-    """Our SamplingParams as vLLM's, streaming deltas (same meanings: DESIGN §5)."""
+def vllm_sampling_params(p: SamplingParams, tenant: str | None = None):
+    """Our SamplingParams as vLLM's, streaming deltas (same meanings: DESIGN §5); ``tenant``: who sent
+    the request (its structured-output spec gets a key of its own in vLLM's grammar cache)."""
     from vllm.sampling_params import RequestOutputKind
     from vllm.sampling_params import SamplingParams as VllmSamplingParams
 
@@ -154,20 +156,18 @@ def vllm_sampling_params(p: SamplingParams):
                               spaces_between_special_tokens=p.spaces_between_special_tokens,
                               allowed_token_ids=list(p.allowed_token_ids) if p.allowed_token_ids else None,
                               bad_words=list(p.bad_words) or None,
-                              structured_outputs=vllm_structured(p.structured_outputs),
+                              structured_outputs=vllm_structured(p.structured_outputs, tenant),
                               output_kind=RequestOutputKind.DELTA)
 
 
-def vllm_structured(spec: StructuredOutputs | None):
-    """Our StructuredOutputs as vLLM's StructuredOutputsParams (the same fields; None stays None)."""
+def vllm_structured(spec: StructuredOutputs | None, tenant: str | None = None):
+    """Our StructuredOutputs as vLLM's StructuredOutputsParams (None stays None), keyed in vLLM's
+    grammar cache for ``tenant`` by a prefix that changes nothing the grammar accepts (grammar_salt.py)."""
     if spec is None:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    return StructuredOutputsParams(json=spec.json, regex=spec.regex, grammar=spec.grammar,
-                                   choice=list(spec.choice) if spec.choice is not None else None,
-                                   json_object=True if spec.json_object else None,
-                                   disable_any_whitespace=spec.disable_any_whitespace)
+    return StructuredOutputsParams(**salted_fields(spec, tenant))
 
 
 def refusal_line(exc: ValidationError) -> str:

@@ -210,7 +210,8 @@ class VllmEngine(Engine):
             if gate is not None:
                 await gate.enter(scoring)
                 entered = True
-            stream = self._llm.generate(prompt, vllm_sampling_params(params), job.rid, lora_request=lora)
+            stream = self._llm.generate(prompt, vllm_sampling_params(params, job.tenant), job.rid,
+                                       lora_request=lora)
             async for out in stream:
                 if entered and scoring:
                     scoring = False

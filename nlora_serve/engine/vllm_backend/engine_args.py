@@ -17,7 +17,8 @@ from nlora_serve.engine.vllm_backend.config import GiB, VllmBackendConfig, lora_
 def engine_args(cfg: EngineConfig, b: VllmBackendConfig, model_path: Path, tokenizer_path: Path,
                 on_cpu: bool) -> dict:
     """AsyncEngineArgs keyword arguments (``--vllm-arg`` ones last); on the CPU also sets
-    ``VLLM_CPU_KVCACHE_SPACE`` (GiB) from our KV cache size unless the environment has it.
+    ``VLLM_CPU_KVCACHE_SPACE`` (GiB) from our KV cache size unless the environment has it, and
+    everywhere ``VLLM_XGRAMMAR_CACHE_MB`` to 0 unless the environment has it (vLLM keeps the last grammar only).
 
     Raises:
         ValueError: ``--max-rank`` over vLLM's largest LoRA rank (:func:`lora_rank_limit`).
@@ -25,6 +26,10 @@ def engine_args(cfg: EngineConfig, b: VllmBackendConfig, model_path: Path, token
     if on_cpu:  # vLLM-cpu sizes its KV cache from this variable (GiB), not from memory utilization
         kv_bytes = cfg.cache.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(kv_bytes / GiB))))
+    # vLLM's xgrammar compiler caches compiled grammars for all requests (by the spec's text and by
+    # the grammar it parses to): a tenant could tell another's JSON schema by its shorter time to first
+    # token (grammar_salt.py). At 0 MB it keeps the last one compiled only, keyed per tenant there.
+    os.environ.setdefault("VLLM_XGRAMMAR_CACHE_MB", "0")
     # vLLM detokenizes what it generates: the tokenizer the front end reads prompts with (--tokenizer)
     args = dict(model=str(model_path), tokenizer=str(tokenizer_path), dtype=str(cfg.dtype).removeprefix("torch."),
                 seed=cfg.seed, max_model_len=cfg.scheduler.max_model_len, max_num_seqs=cfg.scheduler.max_num_seqs,
