@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 
-from nlora_serve.serving.http_api.tool_stream import scan
+from nlora_serve.serving.http_api.tool_stream import Scanner
 from nlora_serve.serving.http_api.tools import ToolCalls, call_id
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # serving/server_config.py lists the same names
@@ -93,7 +93,8 @@ class AutoStream:
     of the named parser): ``content`` for text outside calls, and per call ``tool_calls`` entries by
     ``index``: first ``{"id", "type", "index", "function": {"name"}}`` once its name is complete,
     then ``{"index", "function": {"arguments"}}`` with each new piece of its argument text. The text
-    is re-read whole at every delta; argument spans are prefix-stable, so only new text is sent.
+    is read once (a :class:`~nlora_serve.serving.http_api.tool_stream.Scanner` per call, each fed
+    its call's text as it grows); argument spans are prefix-stable, so only new text is sent.
 
     A call still without argument text when the stream finishes gets ``{}`` on the finishing
     delta, as vLLM's stream ends (where that delta carries calls). Unlike vLLM's (which drop it),
@@ -113,6 +114,7 @@ class AutoStream:
         self.text = ""
         self._sent = 0  # characters of text sent as content
         self._args: list[str] = []  # per announced call: its argument text sent
+        self._scanners: dict[int, Scanner] = {}  # per call's start in the text (llama3_json: one, at 0)
         self.any_call = False  # a call was announced: the choice finishes "tool_calls"
 
     def delta(self, text: str, finished: bool = False) -> dict:
@@ -123,9 +125,11 @@ class AutoStream:
             cut = self.text.find(_START)
             if cut < 0:  # hold back what may be the start of a tag
                 cut = len(self.text) - _overlap(self.text, _START)
-            regions = _hermes_regions(self.text)
-        elif self.text.startswith(("{", _PYTHON_TAG)) or _PYTHON_TAG.startswith(self.text):
-            cut, regions = 0, _llama_regions(self.text)  # (a tag split over deltas is held too)
+            regions = _hermes_regions(self.text, self._scanners)
+        elif self.text.startswith(("{", _PYTHON_TAG)):
+            cut, regions = 0, _llama_regions(self.text, self._scanners)
+        elif _PYTHON_TAG.startswith(self.text):  # a tag split over deltas is held
+            cut, regions = 0, []
         else:
             cut, regions = len(self.text), []
         calls = self._calls(regions)
@@ -165,8 +169,9 @@ def _overlap(text: str, tag: str) -> int:
     return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
 
 
-def _hermes_regions(text: str) -> list[tuple[str | None, str | None]]:
-    """Per ``<tool_call>`` of ``text``: (name, argument text so far) of its JSON body."""
+def _hermes_regions(text: str, scanners: dict[int, Scanner]) -> list[tuple[str | None, str | None]]:
+    """Per ``<tool_call>`` of ``text``: (name, argument text so far) of its JSON body, read by
+    ``scanners`` (by the body's start; a body only grows: the held end is a tag's prefix)."""
     out, pos = [], 0
     while (start := text.find(_START, pos)) >= 0:
         start += len(_START)
@@ -174,17 +179,19 @@ def _hermes_regions(text: str) -> list[tuple[str | None, str | None]]:
         body = text[start:] if end < 0 else text[start:end]
         if end < 0:  # an unfinished call: not the part of </tool_call> it may end with
             body = body[:len(body) - _overlap(body, _END)]
-        out.append(_region(scan("[" + body, ("arguments",)), "[" + body))
+        scanner = scanners.get(start) or scanners.setdefault(start, Scanner(("arguments",)))
+        out.append(_region(scanner.feed("[" + body), "[" + body))
         if end < 0:
             break
         pos = end + len(_END)
     return out
 
 
-def _llama_regions(text: str) -> list[tuple[str | None, str | None]]:
+def _llama_regions(text: str, scanners: dict[int, Scanner]) -> list[tuple[str | None, str | None]]:
     """Per JSON object after the optional ``<|python_tag|>``: (name, argument text so far)."""
     body = "[" + text.removeprefix(_PYTHON_TAG)
-    spans = scan(body, ("parameters", "arguments"))
+    scanner = scanners.get(0) or scanners.setdefault(0, Scanner(("parameters", "arguments")))
+    spans = scanner.feed(body)
     return [_region([span], body) for span in spans]
 
 
