@@ -37,3 +37,12 @@ def test_a_long_streamed_call_costs_linear_time():
     sent = [required.delta(text[i:i + 4]) for i in range(0, len(text), 4)]
     assert "".join(d["function"]["arguments"] for s in sent for d in s.get("tool_calls", [])) == args
     assert time.perf_counter() - start < 1.0  # 3 x 5,000 deltas: ~0.1 s; each re-reading all the text: 10-15 s
+
+
+def test_many_streamed_hermes_calls_cost_linear_time():
+    one = '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n'
+    text, stream, start = one * 500, AutoStream("hermes"), time.perf_counter()
+    sent = [stream.delta(text[i:i + 4], i + 4 >= len(text)) for i in range(0, len(text), 4)]
+    assert time.perf_counter() - start < 1.0  # 7,500 deltas: ~0.05 s; each re-reading every call: 2.7 s
+    assert [d["function"]["name"] for s in sent for d in s.get("tool_calls", []) if "name" in d["function"]] == ["f"] * 500
+    assert "".join(d["function"].get("arguments", "") for s in sent for d in s.get("tool_calls", [])) == '{"a": 1}' * 500

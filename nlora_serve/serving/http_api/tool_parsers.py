@@ -115,6 +115,8 @@ class AutoStream:
         self._sent = 0  # characters of text sent as content
         self._args: list[str] = []  # per announced call: its argument text sent
         self._scanners: dict[int, Scanner] = {}  # per call's start in the text (llama3_json: one, at 0)
+        self._closed: list = [0]  # hermes: where the text after the last closed call starts, then their regions
+        self._final = 0  # leading calls closed and announced: they send nothing more
         self.any_call = False  # a call was announced: the choice finishes "tool_calls"
 
     def delta(self, text: str, finished: bool = False) -> dict:
@@ -125,7 +127,7 @@ class AutoStream:
             cut = self.text.find(_START)
             if cut < 0:  # hold back what may be the start of a tag
                 cut = len(self.text) - _overlap(self.text, _START)
-            regions = _hermes_regions(self.text, self._scanners)
+            regions = _hermes_regions(self.text, self._scanners, self._closed)
         elif self.text.startswith(("{", _PYTHON_TAG)):
             cut, regions = 0, _llama_regions(self.text, self._scanners)
         elif _PYTHON_TAG.startswith(self.text):  # a tag split over deltas is held
@@ -133,6 +135,8 @@ class AutoStream:
         else:
             cut, regions = len(self.text), []
         calls = self._calls(regions)
+        while self._final < min(len(self._closed) - 1, len(self._args)):
+            self._final += 1
         if finished and calls and not self._args[-1] and (self.parallel or len(self._args) == 1):
             # a call without arguments closes as "{}" (vLLM's stream ends with the parsed arguments' rest)
             self._args[-1] = "{}"
@@ -148,7 +152,8 @@ class AutoStream:
     def _calls(self, regions: list[tuple[str | None, str | None]]) -> list[dict]:
         """The new entries of the calls' (name, argument text so far) ``regions``, in order."""
         out = []
-        for index, (name, args) in enumerate(regions):
+        for index in range(self._final if self.parser == "hermes" else 0, len(regions)):
+            name, args = regions[index]
             if index == len(self._args):
                 if name is None:
                     break  # a call is announced only after every one before it
@@ -169,10 +174,12 @@ def _overlap(text: str, tag: str) -> int:
     return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
 
 
-def _hermes_regions(text: str, scanners: dict[int, Scanner]) -> list[tuple[str | None, str | None]]:
+def _hermes_regions(text: str, scanners: dict[int, Scanner], closed: list) -> list[tuple[str | None, str | None]]:
     """Per ``<tool_call>`` of ``text``: (name, argument text so far) of its JSON body, read by
-    ``scanners`` (by the body's start; a body only grows: the held end is a tag's prefix)."""
-    out, pos = [], 0
+    ``scanners`` (by the body's start; a body only grows: the held end is a tag's prefix). ``closed``:
+    [the end of the last closed call, the regions of the closed calls], kept across calls, so that
+    each delta reads only the text after them."""
+    out, pos = closed[1:], closed[0]
     while (start := text.find(_START, pos)) >= 0:
         start += len(_START)
         end = text.find(_END, start)
@@ -184,6 +191,9 @@ def _hermes_regions(text: str, scanners: dict[int, Scanner]) -> list[tuple[str |
         if end < 0:
             break
         pos = end + len(_END)
+        closed[0] = pos
+        closed.append(out[-1])
+        scanners.pop(start, None)
     return out
 
 
