@@ -7,6 +7,8 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
+
 from nlora_serve.serving.http_api.tool_parsers import AutoStream
 from nlora_serve.serving.http_api.tool_stream import RequiredStream, Scanner, scan
 
@@ -39,10 +41,12 @@ def test_a_long_streamed_call_costs_linear_time():
     assert time.perf_counter() - start < 1.0  # 3 x 5,000 deltas: ~0.1 s; each re-reading all the text: 10-15 s
 
 
-def test_many_streamed_hermes_calls_cost_linear_time():
-    one = '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n'
-    text, stream, start = one * 500, AutoStream("hermes"), time.perf_counter()
+@pytest.mark.parametrize("parser, one, count", [
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n', 500),
+    ("llama3_json", '{"name": "f", "parameters": {"a": 1}}; ', 1500)])
+def test_many_streamed_calls_cost_linear_time(parser, one, count):
+    text, stream, start = one * count, AutoStream(parser), time.perf_counter()
     sent = [stream.delta(text[i:i + 4], i + 4 >= len(text)) for i in range(0, len(text), 4)]
-    assert time.perf_counter() - start < 1.0  # 7,500 deltas: ~0.05 s; each re-reading every call: 2.7 s
-    assert [d["function"]["name"] for s in sent for d in s.get("tool_calls", []) if "name" in d["function"]] == ["f"] * 500
-    assert "".join(d["function"].get("arguments", "") for s in sent for d in s.get("tool_calls", [])) == '{"a": 1}' * 500
+    assert time.perf_counter() - start < 1.0  # ~7,500-15,000 deltas: ~0.05-0.1 s; each re-reading every call: 2.7-3.5 s
+    assert [d["function"]["name"] for s in sent for d in s.get("tool_calls", []) if "name" in d["function"]] == ["f"] * count
+    assert "".join(d["function"].get("arguments", "") for s in sent for d in s.get("tool_calls", [])) == '{"a": 1}' * count

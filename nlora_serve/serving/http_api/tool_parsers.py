@@ -129,14 +129,19 @@ class AutoStream:
                 cut = len(self.text) - _overlap(self.text, _START)
             regions = _hermes_regions(self.text, self._scanners, self._closed)
         elif self.text.startswith(("{", _PYTHON_TAG)):
-            cut, regions = 0, _llama_regions(self.text, self._scanners)
+            cut, regions = 0, _llama_regions(self.text, self._scanners, self._final)
         elif _PYTHON_TAG.startswith(self.text):  # a tag split over deltas is held
             cut, regions = 0, []
         else:
             cut, regions = len(self.text), []
         calls = self._calls(regions)
-        while self._final < min(len(self._closed) - 1, len(self._args)):
-            self._final += 1
+        # the leading announced calls that are closed send nothing more: later deltas skip them
+        if self.parser == "hermes":
+            self._final = min(len(self._closed) - 1, len(self._args))
+        else:
+            spans = self._scanners[0].spans if self._scanners else []
+            while self._final < len(self._args) and spans[self._final].closed:
+                self._final += 1
         if finished and calls and not self._args[-1] and (self.parallel or len(self._args) == 1):
             # a call without arguments closes as "{}" (vLLM's stream ends with the parsed arguments' rest)
             self._args[-1] = "{}"
@@ -152,7 +157,7 @@ class AutoStream:
     def _calls(self, regions: list[tuple[str | None, str | None]]) -> list[dict]:
         """The new entries of the calls' (name, argument text so far) ``regions``, in order."""
         out = []
-        for index in range(self._final if self.parser == "hermes" else 0, len(regions)):
+        for index in range(self._final, len(regions)):
             name, args = regions[index]
             if index == len(self._args):
                 if name is None:
@@ -197,12 +202,13 @@ def _hermes_regions(text: str, scanners: dict[int, Scanner], closed: list) -> li
     return out
 
 
-def _llama_regions(text: str, scanners: dict[int, Scanner]) -> list[tuple[str | None, str | None]]:
-    """Per JSON object after the optional ``<|python_tag|>``: (name, argument text so far)."""
+def _llama_regions(text: str, scanners: dict[int, Scanner], first: int) -> list[tuple[str | None, str | None]]:
+    """Per JSON object after the optional ``<|python_tag|>``: (name, argument text so far); the
+    ``first`` ones (closed and sent) as None."""
     body = "[" + text.removeprefix(_PYTHON_TAG)
     scanner = scanners.get(0) or scanners.setdefault(0, Scanner(("parameters", "arguments")))
     spans = scanner.feed(body)
-    return [_region([span], body) for span in spans]
+    return [None] * first + [_region([span], body) for span in spans[first:]]
 
 
 def _region(spans: list, body: str) -> tuple[str | None, str | None]:

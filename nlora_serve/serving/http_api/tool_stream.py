@@ -68,6 +68,7 @@ class _Span:
     name_end: int | None = None
     args_start: int | None = None
     args_end: int | None = None
+    closed: bool = False  # its object's closing brace read
 
     @property
     def ready(self) -> bool:
@@ -166,6 +167,8 @@ class Scanner:
                 if depth == 2 and cur is not None and expect == _CONTAINER:
                     end_value(i + 1)
                 elif depth == 1:
+                    if cur is not None:
+                        cur.closed = True
                     cur = None
                 elif depth <= 0:
                     self._done = True
