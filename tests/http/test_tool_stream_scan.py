@@ -50,3 +50,11 @@ def test_many_streamed_calls_cost_linear_time(parser, one, count):
     assert time.perf_counter() - start < 1.0  # ~7,500-15,000 deltas: ~0.05-0.1 s; each re-reading every call: 2.7-3.5 s
     assert [d["function"]["name"] for s in sent for d in s.get("tool_calls", []) if "name" in d["function"]] == ["f"] * count
     assert "".join(d["function"].get("arguments", "") for s in sent for d in s.get("tool_calls", [])) == '{"a": 1}' * count
+
+
+def test_many_required_calls_cost_linear_time():
+    text = "[" + ", ".join(['{"name": "f", "parameters": {"a": 1}}'] * 1500) + "]"
+    stream, start = RequiredStream(), time.perf_counter()
+    sent = [stream.delta(text[i:i + 4]) for i in range(0, len(text), 4)]
+    assert time.perf_counter() - start < 1.0  # 14,600 deltas: ~0.05 s; each re-reading every call: ~5 s
+    assert "".join(d["function"]["arguments"] for s in sent for d in s.get("tool_calls", [])) == '{"a": 1}' * 1500

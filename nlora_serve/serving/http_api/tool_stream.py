@@ -39,12 +39,14 @@ class RequiredStream:
         self.text = ""
         self.any_call = False  # a call was announced: the choice finishes "tool_calls"
         self._scanner = Scanner()  # reads each character once over the stream
+        self._final = 0  # leading calls closed and sent whole
 
     def delta(self, text: str) -> dict:
         """The delta of ``text`` (``{}`` when it completes nothing new)."""
         previous, self.text = self.text, self.text + text
-        calls = []
-        for index, span in enumerate(self._scanner.feed(self.text)):
+        calls, spans = [], self._scanner.feed(self.text)
+        for index in range(self._final, len(spans)):
+            span = spans[index]
             if not span.ready:
                 break  # elements come in order: none after it is ready
             end = span.args_end if span.args_end is not None else len(self.text)
@@ -55,6 +57,8 @@ class RequiredStream:
                 continue
             calls.append({"id": call_id(), "type": "function", "index": index,
                           "function": {"name": span.name, "arguments": self.text[span.args_start:end]}})
+        while self._final < len(spans) and spans[self._final].closed and spans[self._final].ready:
+            self._final += 1  # all its text sent: later deltas skip it
         self.any_call = self.any_call or bool(calls)
         return {"tool_calls": calls} if calls else {}
 
