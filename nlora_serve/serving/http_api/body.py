@@ -7,6 +7,7 @@ body before any dependency)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import sys
@@ -84,7 +85,9 @@ def _loads(text: str):
         raise
     except ValueError:  # int() refused a digit string: parse again (rare), keeping long ones as text
         long_ints: list[_LongInt] = []
-        data = json.loads(text, parse_int=lambda digits: _parse_int(digits, long_ints))
+        parse_int = functools.partial(_parse_int, long_ints=long_ints)
+        # a large body in pieces again: json.loads of it all held the GIL ~0.2 s (16 MiB, one long int at its end)
+        data = (loads_in_pieces(text, parse_int) if len(text) > PIECES_CHARS else json.loads(text, parse_int=parse_int))
         _refuse_long_ints(data)
         return data
 

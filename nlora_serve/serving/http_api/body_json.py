@@ -37,8 +37,9 @@ _RUN = re.compile(rf"(?:(?:{_SCALAR}|{_FLAT_OBJECT}){_S},{_S}){{2,{RUN}}}")  # i
 _PAIRS = re.compile(rf"(?:{_PAIR}{_S},{_S}){{1,{RUN - 1}}}{_PAIR}(?={_S},)")  # an object's pairs, the comma after left
 
 
-def loads_in_pieces(text: str):
-    """``json.loads(text)``, in pieces (see the module's docstring).
+def loads_in_pieces(text: str, parse_int=None):
+    """``json.loads(text, parse_int=parse_int)``, in pieces (see the module's docstring); ``parse_int``
+    is called for each integer longer than the runs take (over 40 digits), as ``json.loads`` would.
 
     Raises:
         JSONDecodeError: as ``json.loads`` raises it (same message and position). ValueError: an
@@ -47,29 +48,31 @@ def loads_in_pieces(text: str):
     """
     if text.startswith("\ufeff"):
         raise JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    scan_c = _scan_c if parse_int is None else json.JSONDecoder(parse_int=parse_int).scan_once
     try:
-        value, end = _scan(text, _whitespace(text, 0).end())
+        value, end = _scan(text, _whitespace(text, 0).end(), scan_c)
     except StopIteration as err:
         raise JSONDecodeError("Expecting value", text, err.value) from None
     except RecursionError:  # this walk takes ~2 frames a level, the C scanner ~1: let it decide
-        return json.loads(text)
+        return json.loads(text, parse_int=parse_int)
     end = _whitespace(text, end).end()
     if end != len(text):
         raise JSONDecodeError("Extra data", text, end)
     return value
 
 
-def _scan(s: str, idx: int):
-    """(the JSON value at ``idx``, its end); StopIteration(idx) when none starts there."""
+def _scan(s: str, idx: int, scan_c=None):
+    """(the JSON value at ``idx``, its end); StopIteration(idx) when none starts there. ``scan_c``:
+    the C scanner of a value (default :data:`_scan_c`)."""
     first = s[idx:idx + 1]
     if first == "[":
-        return _array(s, idx + 1)
+        return _array(s, idx + 1, scan_c)
     if first == "{" and not _FLAT.match(s, idx):
-        return _object(s, idx + 1)
-    return _scan_c(s, idx)
+        return _object(s, idx + 1, scan_c)
+    return (scan_c or _scan_c)(s, idx)
 
 
-def _object(s: str, end: int) -> tuple[dict, int]:
+def _object(s: str, end: int, scan_c=None) -> tuple[dict, int]:
     """The pure-Python decoder's ``JSONObject`` (same errors at the same positions), filling the dict
     as it goes: its list of (key, value) tuples, a million of them for a large ``logit_bias``, made
     the collector walk them all, the GIL held."""
@@ -97,7 +100,7 @@ def _object(s: str, end: int) -> tuple[dict, int]:
                     raise JSONDecodeError("Expecting ':' delimiter", s, end)
             end = _whitespace(s, end + 1).end()
             try:
-                value, end = _scan(s, end)
+                value, end = _scan(s, end, scan_c)
             except StopIteration as err:
                 raise JSONDecodeError("Expecting value", s, err.value) from None
             pairs[key] = value
@@ -118,7 +121,7 @@ def _object(s: str, end: int) -> tuple[dict, int]:
     return pairs, end
 
 
-def _array(s: str, end: int) -> tuple[list, int]:
+def _array(s: str, end: int, scan_c=None) -> tuple[list, int]:
     """The pure-Python decoder's ``JSONArray`` (same errors at the same positions), with runs of
     flat items parsed :data:`RUN` at a time."""
     values = []
@@ -135,7 +138,7 @@ def _array(s: str, end: int) -> tuple[list, int]:
             end = run.end()
             continue
         try:
-            value, end = _scan(s, end)
+            value, end = _scan(s, end, scan_c)
         except StopIteration as err:
             raise JSONDecodeError("Expecting value", s, err.value) from None
         values.append(value)
