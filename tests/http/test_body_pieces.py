@@ -179,3 +179,17 @@ def test_a_large_body_with_a_long_integer_is_parsed_again_in_pieces(monkeypatch)
     assert err.value.errors()[0]["msg"] == "stop_token_ids[1] = 77777777... (4301 digits) is out of range"
     assert whole and max(whole) < 64 << 10
     assert parsed_json(json.dumps(body).encode(), None) == body
+
+
+@pytest.mark.parametrize("raw, message", [(b"[1, " + b"7" * 4301 + b"]", "body[1] = 77777777... (4301 digits) is out of range"),
+                                          (b"-" + b"7" * 4301, "-77777777... (4301 digits) is out of range")])
+def test_a_long_integer_in_a_body_that_is_no_object_is_refused(raw, message):
+    """Such a body kept the integer as a _LongInt, and its refusal ("expected a JSON object") failed
+    in json.dumps of it: a 500 with a trace."""
+    from fastapi.exceptions import RequestValidationError
+
+    from nlora_serve.serving.http_api.body import parsed_json
+
+    with pytest.raises(RequestValidationError) as err:
+        parsed_json(raw, None)
+    assert err.value.errors() == [{"type": "value_error", "loc": ("body",), "input": {}, "msg": message}]

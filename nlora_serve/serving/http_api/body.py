@@ -116,20 +116,20 @@ def _parse_int(text: str, long_ints: list[_LongInt]) -> int | _LongInt:
 
 def _refuse_long_ints(data) -> None:
     """Refuse a :class:`_LongInt` as out of range, like any too large value, naming the top-level
-    field that holds it as ``param`` (and where inside it in the message).
+    field that holds it as ``param`` (and where inside it in the message); in a body that is no
+    object, the body (a _LongInt left in it made the refusal's ``json.dumps`` a 500).
 
     Raises:
         RequestValidationError: the first one found.
     """
-    if not isinstance(data, dict):
-        return
-    for field, value in data.items():
+    for field, value in data.items() if isinstance(data, dict) else [("body", data)]:
         stack = [(value, field)]  # not recursive: the parser accepts nesting deeper than a walk could
         while stack:
             item, path = stack.pop()
             if isinstance(item, _LongInt):
                 what = f"{item}" if path == field else f"{path} = {item}"
-                raise RequestValidationError([{"type": "value_error", "loc": ("body", field), "input": {},
+                loc = ("body", field) if isinstance(data, dict) else ("body",)
+                raise RequestValidationError([{"type": "value_error", "loc": loc, "input": {},
                                                "msg": f"{what} is out of range"}])
             if isinstance(item, list):
                 stack += [(v, f"{path}[{i}]") for i, v in reversed(list(enumerate(item)))]
