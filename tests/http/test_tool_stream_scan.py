@@ -58,3 +58,11 @@ def test_many_required_calls_cost_linear_time():
     sent = [stream.delta(text[i:i + 4]) for i in range(0, len(text), 4)]
     assert time.perf_counter() - start < 1.0  # 14,600 deltas: ~0.05 s; each re-reading every call: ~5 s
     assert "".join(d["function"]["arguments"] for s in sent for d in s.get("tool_calls", [])) == '{"a": 1}' * 1500
+
+
+def test_long_plain_text_under_hermes_costs_linear_time():
+    text = ("plain words <b> here " * 8000)[:160_000]  # 40,000 deltas of text that holds no call
+    stream, start = AutoStream("hermes"), time.perf_counter()
+    sent = [stream.delta(text[i:i + 4], i + 4 >= len(text)) for i in range(0, len(text), 4)]
+    assert time.perf_counter() - start < 1.5  # ~0.25 s; each delta searching all the text for <tool_call>: ~3.5 s
+    assert "".join(s.get("content") or "" for s in sent) == text

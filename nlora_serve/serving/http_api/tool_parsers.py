@@ -115,7 +115,8 @@ class AutoStream:
         self._sent = 0  # characters of text sent as content
         self._args: list[str] = []  # per announced call: its argument text sent
         self._scanners: dict[int, Scanner] = {}  # per call's start in the text (llama3_json: one, at 0)
-        self._closed: list = [0]  # hermes: where the text after the last closed call starts, then their regions
+        self._first = -1  # hermes: where the first <tool_call> starts (-1: none yet)
+        self._closed: list = [0]  # hermes: where a next <tool_call> may start, then the closed calls' regions
         self._final = 0  # leading calls closed and announced: they send nothing more
         self.any_call = False  # a call was announced: the choice finishes "tool_calls"
 
@@ -124,10 +125,12 @@ class AutoStream:
         ``{"tool_calls": [...]}`` or (hermes) ``{"content": str | None, "tool_calls": [...]}``."""
         self.text += text
         if self.parser == "hermes":
-            cut = self.text.find(_START)
+            if self._first < 0:  # searched from where the text searched before could start a tag
+                self._first = self.text.find(_START, max(0, len(self.text) - len(text) - len(_START) + 1))
+            cut = self._first
             if cut < 0:  # hold back what may be the start of a tag
                 cut = len(self.text) - _overlap(self.text, _START)
-            regions = _hermes_regions(self.text, self._scanners, self._closed)
+            regions = _hermes_regions(self.text, self._scanners, self._closed) if self._first >= 0 else []
         elif self.text.startswith(("{", _PYTHON_TAG)):
             cut, regions = 0, _llama_regions(self.text, self._scanners, self._final)
         elif _PYTHON_TAG.startswith(self.text):  # a tag split over deltas is held
@@ -182,10 +185,14 @@ def _overlap(text: str, tag: str) -> int:
 def _hermes_regions(text: str, scanners: dict[int, Scanner], closed: list) -> list[tuple[str | None, str | None]]:
     """Per ``<tool_call>`` of ``text``: (name, argument text so far) of its JSON body, read by
     ``scanners`` (by the body's start; a body only grows: the held end is a tag's prefix). ``closed``:
-    [the end of the last closed call, the regions of the closed calls], kept across calls, so that
-    each delta reads only the text after them."""
+    [where a next call may start (after the last closed call, and the text searched before), the
+    regions of the closed calls], kept across calls, so that each delta reads only the text after them."""
     out, pos = closed[1:], closed[0]
-    while (start := text.find(_START, pos)) >= 0:
+    while True:
+        start = text.find(_START, pos)
+        if start < 0:  # no call starts before the tag's length from the end
+            closed[0] = max(pos, len(text) - len(_START) + 1)
+            break
         start += len(_START)
         end = text.find(_END, start)
         body = text[start:] if end < 0 else text[start:end]
