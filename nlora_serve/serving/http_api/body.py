@@ -12,6 +12,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from fastapi.exceptions import RequestValidationError
@@ -29,13 +30,19 @@ Body = TypeVar("Body", bound=BaseModel)  # a request model: CompletionRequest, C
 # bodies over this are parsed in pieces (body_json.py) and, with their validation, off the event loop
 # (:func:`off_loop`): json.loads of 64 KiB holds the GIL ~2 ms on a loaded 2-core box
 PIECES_CHARS = 64 << 10
+# large bodies' threads, their own: on asyncio's default pool (6 threads on 2 cores), a few crafted bodies
+# (escaped strings, 65-pair objects: 3-8 s of CPU each at 16 MiB, 9-15x json.loads') held every thread
+# that finishes tenants' whole (non-streamed) responses (generate.py) and the admin's loads for seconds
+BODY_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nlora-body")
 
 
 async def off_loop(size: int, work: Callable[..., T], *args) -> T:
-    """``work(*args)``: here for a body of ``size`` bytes up to :data:`PIECES_CHARS`, else in a worker
-    thread, where its pieces (:func:`parsed_json`, :func:`validated`) let the event loop run between
-    them. Raises what ``work`` raises."""
-    return work(*args) if size <= PIECES_CHARS else await asyncio.to_thread(work, *args)
+    """``work(*args)``: here for a body of ``size`` bytes up to :data:`PIECES_CHARS`, else on one of
+    :data:`BODY_THREADS`, where its pieces (:func:`parsed_json`, :func:`validated`) let the event loop
+    run between them. Raises what ``work`` raises."""
+    if size <= PIECES_CHARS:
+        return work(*args)
+    return await asyncio.get_running_loop().run_in_executor(BODY_THREADS, functools.partial(work, *args))
 
 
 def parsed_json(raw: bytes, content_type: str | None):
