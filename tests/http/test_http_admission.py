@@ -54,8 +54,11 @@ def test_queue_full_is_429_and_draining_is_503_while_running_streams_finish(make
     while not server.server.admission.draining:
         time.sleep(0.001)
     assert _health(server) == (503, "draining")
+    # on a connection of its own: the 429's kept-alive one may reach uvicorn's 5 s keep-alive timeout on a
+    # loaded box, and a request sent as the server closes it is reset (CI, 2026-12-07), not answered
     with pytest.raises(openai.InternalServerError, match="shutting down") as err:
-        tenant.chat.completions.create(model=base, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        client(server, TENANT_KEYS["base-co"]).chat.completions.create(
+            model=base, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert err.value.status_code == 503 and err.value.body["code"] == "draining"
     rejected = scrape(server)
     stepping.set()
