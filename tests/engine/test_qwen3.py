@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from greedy_rule import matches_reference  # noqa: E402
-from tiny_llama import hf_greedy, merged, random_factors, write_peft  # noqa: E402
+from tiny_llama import hf_greedy, make_tiny_qwen3, merged, random_factors, write_peft  # noqa: E402
 from nlora_serve.engine.block_manager import BlockManager  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.cuda_graphs import EagerCapture  # noqa: E402
@@ -39,23 +39,6 @@ from nlora_serve.models.base import sliding_window  # noqa: E402
 from nlora_serve.models.dummy import dummy_weights  # noqa: E402
 
 RANK, ALPHA, NEW_TOKENS = 4, 8.0, 4
-# head_dim 32, not hidden / heads = 16; sizes the native layer ops take (head_dim a multiple of 32)
-SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6,
-             initializer_range=0.08, bos_token_id=1, eos_token_id=2)
-
-
-def _save(folder, tie: bool):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(**SMALL, tie_word_embeddings=tie)).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.uniform_(0.3, 2.0)
-    model.save_pretrained(folder, safe_serialization=True)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +48,7 @@ def qwen3(tmp_path_factory):
 
     def get(tie: bool):
         if tie not in made:
-            made[tie] = (root / f"tie-{tie}", _save(root / f"tie-{tie}", tie))
+            made[tie] = (root / f"tie-{tie}", make_tiny_qwen3(root / f"tie-{tie}", tie=tie))
         return made[tie]
     return get
 

@@ -37,6 +37,29 @@ def make_tiny_llama(out: Path, *, vocab_size: int = 49152, hidden: int = 96, lay
     return model
 
 
+# a tiny Qwen3: head_dim 32, not hidden / heads = 16, so a head_dim taken from the shape shows (a multiple
+# of 32, as the native layer ops take)
+QWEN3_SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6,
+                   initializer_range=0.08, bos_token_id=1, eos_token_id=2)
+
+
+def make_tiny_qwen3(out: Path, *, tie: bool = True):
+    """Save a random Qwen3ForCausalLM (safetensors, :data:`QWEN3_SMALL`) to ``out``; returns the
+    transformers model. Its q/k head-norm weights are drawn in [0.3, 2] (transformers starts them at
+    1), so a norm missing or q's and k's swapped changes the logits."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_SMALL, tie_word_embeddings=tie)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.3, 2.0)
+    model.save_pretrained(out, safe_serialization=True)
+    return model
+
+
 def module_path(layer: int, module: str) -> str:
     block = "self_attn" if module in MODULES[:4] else "mlp"
     return f"model.layers.{layer}.{block}.{module}"

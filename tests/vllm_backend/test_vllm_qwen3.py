@@ -20,33 +20,16 @@ from nlora_serve.engine.config import EngineConfig, SchedulerConfig
 from nlora_serve.engine.sampling import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))  # tiny_llama: the adapters and references
-from tiny_llama import hf_greedy, merged, random_factors, write_peft  # noqa: E402
+from tiny_llama import hf_greedy, make_tiny_qwen3, merged, random_factors, write_peft  # noqa: E402
 
 RANK, ALPHA, NEW_TOKENS = 4, 8.0, 4
-SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6,
-             initializer_range=0.08, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-
-
-def _tiny_qwen3(folder: Path):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(**SMALL)).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.uniform_(0.3, 2.0)
-    model.save_pretrained(folder, safe_serialization=True)
-    return model
-
 
 def test_qwen3_base_lora_and_tied_tenants_on_vllm_equal_transformers(base_model_dir, tmp_path):
     from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
     from nlora_serve.engine.vllm_backend.engine import VllmEngine
     from nlora_serve.models import load_base
 
-    model = _tiny_qwen3(tmp_path / "qwen3")
+    model = make_tiny_qwen3(tmp_path / "qwen3")
     lora = random_factors(model, rank=RANK, with_n=False, seed=2, scale=0.2)
     tied = random_factors(model, rank=RANK, tied=True, with_n=True, seed=1)
     refs = {None: model, "lora": merged(model, lora, rank=RANK, alpha=ALPHA),
