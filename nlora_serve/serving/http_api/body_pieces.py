@@ -92,8 +92,14 @@ def _pieces(adapter: TypeAdapter, values: list, name: str) -> tuple[list, list[d
 
 @functools.cache
 def _list_fields(kind: type[BaseModel]) -> tuple[str, ...]:
-    """The fields of ``kind`` typed ``list[X]`` or ``list[X] | None``, without constraints."""
-    return tuple(name for name, info in kind.model_fields.items() if _list_type(info.annotation) and not info.metadata)
+    """The fields of ``kind`` typed ``list[X]`` or ``list[X] | None``, without constraints and without
+    a validator that would see the ``[]`` put in their place (none where ``kind`` has a model validator)."""
+    decorators = kind.__pydantic_decorators__
+    if decorators.model_validators:
+        return ()
+    checked = {field for d in decorators.field_validators.values() for field in d.info.fields}
+    return tuple(name for name, info in kind.model_fields.items()
+                 if _list_type(info.annotation) and not info.metadata and not checked & {name, "*"})
 
 
 @functools.cache
