@@ -29,7 +29,8 @@ Modules, by concern::
                        durable.py (its file operations, observable by tests), store_factors.py
                        (a compressed family's shared factors in the store's _families),
                        store_sums.py (each version's SHA256SUMS, checked at every read)
-      registry.py      name -> current version, pins and refcounts, register, hot-swap, unload
+      registry.py      name -> current version: register, hot-swap, unload, free; registry_pins.py
+                       the requests' pins and refcounts on them (acquire / release, hold / let_go)
       swap.py          a hot-swap's N-only payload checked against the version it replaces
       residency.py     which version sits in which pool slot, within the memory limits
       pool.py          TiedPool, LoraPool (and family_pool.py's FamilyPool): slots as the kernels read them
