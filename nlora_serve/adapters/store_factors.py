@@ -15,7 +15,8 @@ from pathlib import Path
 
 from nlora_serve.adapters import durable
 from nlora_serve.adapters.durable import fsync_dir, raise_if_disk_error, write_synced
-from nlora_serve.adapters.store import FACTORS_FILE, FAMILIES, STAGING, AdapterStore
+from nlora_serve.adapters.store import AdapterStore
+from nlora_serve.adapters.store_layout import FACTORS_FILE, FAMILIES, STAGING
 from nlora_serve.errors import AdapterError
 
 

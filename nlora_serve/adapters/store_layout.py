@@ -1,0 +1,62 @@
+"""Where an adapter store keeps what: its file and folder names, one stored version, a content hash.
+
+Layout under the root (``--adapter-dir``)::
+
+    <name>/<version:08d>/adapter_config.json
+    <name>/<version:08d>/adapter_model.safetensors
+    <name>/<version:08d>/SHA256SUMS    the files' sha256, written with them and checked on every read
+                                       (store_sums.py); a version an older nlora-serve wrote gets
+                                       it at its first load (record_sums)
+    <name>/UNLOADED                present while the name is unloaded: not served after a restart
+    .staging/                      temporary folders; whatever is here after a crash is discarded
+    _families/<key>/family.safetensors   a compressed family's shared factors (adapters/family.py),
+                                         written as durably as a version (store_factors.py)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from nlora_serve.adapters import durable
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ALLOWED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+STAGING = ".staging"
+UNLOADED = "UNLOADED"
+FAMILIES = "_families"  # shared factors of compressed families (adapters/family.py), not an adapter
+FACTORS_FILE = "family.safetensors"  # a family's file in FAMILIES/<key>/
+DEFAULT_MAX_ADAPTER_BYTES = 256 << 20  # --max-adapter-bytes: one version's files together, bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """One complete version of an adapter on disk."""
+
+    name: str
+    version: int  # per-name sequence number, starting at 1
+    path: Path  # the version folder
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 hex over the folder's files (see :func:`content_hash`), read when asked: the
+        serving path keys on the adapter's own hash and never needs this one.
+
+        Raises:
+            FileNotFoundError: the version was removed since.
+            AdapterError: as :meth:`AdapterStore.read_files`.
+        """
+        root = self.path.parent.parent
+        return content_hash(durable.read_folder(root, self.path.relative_to(root), ALLOWED_FILES,
+                                                DEFAULT_MAX_ADAPTER_BYTES))
+
+
+def content_hash(files: dict[str, bytes]) -> str:
+    """sha256 hex over each file's name, size and bytes, names sorted."""
+    h = hashlib.sha256()
+    for fname in sorted(files):
+        h.update(f"{fname}|{len(files[fname])}\n".encode())
+        h.update(files[fname])
+    return h.hexdigest()
