@@ -6,7 +6,7 @@ Every store write path goes through these functions, in the durable order the st
 :class:`FileOp`; it may record it (the durability-order tests), raise an ``OSError`` in its place
 (a disk that fills up: ENOSPC, EIO) or kill the process there (the crash tests). Without a hook
 (always, outside tests) each point costs one global lookup. A write the disk refuses (full, quota,
-read-only, I/O error) becomes :class:`StoreWriteError` (:func:`raise_if_disk_error`).
+read-only, I/O error, no permission) becomes :class:`StoreWriteError` (:func:`raise_if_disk_error`).
 
 Reads go through :func:`read_folder`, which follows no symbolic link below the store's root: a
 link or a FIFO planted in the store is refused by name, never read through.
@@ -28,13 +28,17 @@ from nlora_serve.errors import AdapterError, NloraError
 
 # errors of a full or failing disk: a write refused with one is a StoreWriteError
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+# a store (or a folder of it) the server may not write: another user's, or an immutable one
+# (chattr +i). These were re-raised as bugs: gRPC UNKNOWN "Unexpected <class 'PermissionError'>",
+# HTTP 500, a traceback in the log, where a read-only mount (EROFS) was a StoreWriteError
+ACCESS_ERRORS = frozenset({errno.EACCES, errno.EPERM})
 # the kinds of operation, in the order a new file goes through them
 KINDS = ("mkdir", "create", "write", "fsync_file", "link", "fsync_dir", "rename", "unlink")
 
 
 class StoreWriteError(NloraError):
-    """The store's disk refused a write (no space, quota, I/O error); the store is unchanged and
-    what it served before it still serves (gRPC RESOURCE_EXHAUSTED, HTTP 507)."""
+    """The store's disk refused a write (no space, quota, I/O error, read-only, no permission); the
+    store is unchanged and what it served before it still serves (gRPC RESOURCE_EXHAUSTED, HTTP 507)."""
 
 
 class StoreReadError(AdapterError):
@@ -46,12 +50,20 @@ class StoreReadError(AdapterError):
 
 def raise_if_disk_error(name: str, exc: OSError) -> None:
     """Raises :class:`StoreWriteError` (from ``exc``) naming the disk's error when a write of adapter
-    ``name`` failed with one of :data:`DISK_ERRORS`; returns for any other ``exc`` (a bug, not the
-    disk), which the caller re-raises as it is."""
-    if exc.errno in DISK_ERRORS:
+    ``name`` failed with one of :data:`DISK_ERRORS` or :data:`ACCESS_ERRORS` (the latter naming the
+    path refused); returns for any other ``exc`` (a bug, not the disk), which the caller re-raises
+    as it is."""
+    if exc.errno in DISK_ERRORS or exc.errno in ACCESS_ERRORS:
         what = f"{errno.errorcode.get(exc.errno, exc.errno)}: {os.strerror(exc.errno)}"
-        raise StoreWriteError(f"adapter {name!r}: the adapter store's disk refused the write ({what}); nothing "
-                              "was changed and what was served before still serves; free space or fix the disk, "
+        if exc.errno in ACCESS_ERRORS:
+            where = f" on {exc.filename}" if exc.filename else ""
+            if exc.filename and exc.filename2:  # a rename: the folder refused is the target's
+                where = f" on the rename of {exc.filename} to {exc.filename2}"
+            fix = "give the server's user write access to the store (or clear an immutable flag: chattr -i)"
+        else:
+            where, fix = "", "free space or fix the disk"
+        raise StoreWriteError(f"adapter {name!r}: the adapter store's disk refused the write ({what}){where}; "
+                              f"nothing was changed and what was served before still serves; {fix}, "
                               "then retry") from exc
 
 

@@ -98,6 +98,50 @@ def test_a_store_folder_gone_while_serving_is_a_store_error_naming_it(tmp_path):
     assert not store.root.exists() and sorted(os.listdir(moved / "acme")) == ["00000001"]
 
 
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM])
+@pytest.mark.parametrize("kind", ["mkdir", "create", "rename"])
+def test_a_store_folder_the_server_may_not_write_is_a_store_error_naming_the_path(tmp_path, code, kind):
+    """A version folder of another user's (EACCES) or an immutable one (chattr +i: EPERM, root
+    included) failed an upload, a swap or an unload with gRPC UNKNOWN "Unexpected <class
+    'PermissionError'>" and a traceback, where a read-only mount (EROFS) was a StoreWriteError."""
+    import grpc
+
+    from nlora_serve.serving.status import http_status_of, status_of
+
+    store = AdapterStore(tmp_path / "store")
+    stored = store.write("acme", FILES)
+    before = sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*"))
+
+    def refuse(op: durable.FileOp) -> None:  # as os raises them: a rename names both paths
+        if op.kind == kind:
+            raise OSError(code, os.strerror(code), str(op.path), None, op.target and str(op.target))
+    swap = {CONFIG_FILE: stored.path / CONFIG_FILE}
+    writes = [("acme", lambda: store.write("acme", FILES)), ("globex", lambda: store.write("globex", FILES)),
+              ("acme", lambda: store.write("acme", {WEIGHTS_FILE: FILES[WEIGHTS_FILE]}, swap))]
+    if kind == "create":  # an unload's record is one file, created in the adapter's folder
+        writes.append(("acme", lambda: store.mark_unloaded("acme")))
+    previous = durable.set_fault_hook(refuse)
+    try:
+        for name, write in writes:
+            with pytest.raises(durable.StoreWriteError) as err:
+                write()
+            message = str(err.value)
+            assert message.startswith(f"adapter {name!r}: the adapter store's disk refused the write "
+                                      f"({errno.errorcode[code]}: {os.strerror(code)}) on "), message
+            if kind == "rename":  # the version's move into place: the folder refused is where it goes
+                assert f" to {store.root / name}/0000000" in message, message
+            else:
+                assert f" on {store.root}/" in message, message
+            assert "write access to the store" in message, message
+            assert status_of(err.value) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "store_write_failed")
+            assert http_status_of(err.value) == (507, "store_write_failed")
+    finally:
+        durable.set_fault_hook(previous)
+    store.wait_deleted()
+    assert sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*")) == before
+    assert not store.is_unloaded("acme")
+
+
 def test_a_path_outside_the_store_is_refused(tmp_path):
     store = AdapterStore(tmp_path / "store")
     with pytest.raises(AdapterError, match="is not a folder of the adapter store"):
