@@ -112,10 +112,11 @@ def _entries(data: bytes, source: str | None = None) -> tuple[dict[str, dict], i
             shown = f" {size}" if size <= len(data) else ""  # a larger one is 8 bytes of text, maybe a secret
             raise ValueError(f"header length{shown} does not fit {len(data)} bytes")
         meta = json.loads(data[8:8 + size])
+        if not isinstance(meta, dict):
+            raise ValueError(f"the header is a JSON {_json_kind(meta)}; expected an object of tensor entries")
         if (count := len(meta) - ("__metadata__" in meta)) > MAX_TENSORS:
             raise ValueError(f"{count} tensors, over the limit of {MAX_TENSORS} on an adapter's tensors")
-        entries = {k: {"dtype": v["dtype"], "shape": tuple(v["shape"]), "data_offsets": v["data_offsets"]}
-                   for k, v in meta.items() if k != "__metadata__"}
+        entries = {k: _entry(k, v) for k, v in meta.items() if k != "__metadata__"}
         bad = next((k for k, v in entries.items() if not all(type(d) is int and d >= 0 for d in v["shape"])), None)
         if bad is not None:
             raise ValueError(f"tensor {bad!r} has shape {list(entries[bad]['shape'])}")
@@ -123,6 +124,29 @@ def _entries(data: bytes, source: str | None = None) -> tuple[dict[str, dict], i
         raise AdapterError(f"{_unreadable(source)} ({exc})") from None
     _check_dtypes({k: (v["dtype"], v["shape"]) for k, v in entries.items()})
     return entries, 8 + size
+
+
+def _json_kind(value: object) -> str:
+    """JSON's name for the type of a parsed ``value`` (an error names what it got)."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _entry(key: str, value: object) -> dict:
+    """Header entry ``key``'s dtype, shape (a tuple) and data_offsets; a ValueError naming the key
+    and the field when the entry is no object, lacks a field or has a shape that is no array (these
+    were Python's own words: "'int' object is not subscriptable", "'int' object is not iterable")."""
+    if not isinstance(value, dict):
+        raise ValueError(f"tensor {key!r} has a JSON {_json_kind(value)} as its entry; expected an object "
+                         "with dtype, shape and data_offsets")
+    missing = [field for field in ("dtype", "shape", "data_offsets") if field not in value]
+    if missing:
+        raise ValueError(f"tensor {key!r} has no {', '.join(missing)}; expected an object with dtype, shape and "
+                         "data_offsets")
+    if not isinstance(value["shape"], list):
+        raise ValueError(f"tensor {key!r} has a JSON {_json_kind(value['shape'])} as its shape; expected an array "
+                         "of sizes")
+    return {"dtype": value["dtype"], "shape": tuple(value["shape"]), "data_offsets": value["data_offsets"]}
 
 
 def read_bytes(data: bytes, source: str | None = None) -> tuple[dict[str, tuple[str, tuple[int, ...]]],

@@ -38,6 +38,23 @@ def test_a_dtype_that_is_no_string_is_refused_naming_the_key(dtype):
             read(weights)
 
 
+@pytest.mark.parametrize("meta, said", [
+    ([1, 2], "the header is a JSON array; expected an object of tensor entries"),
+    ({"k": 1}, "tensor 'k' has a JSON number as its entry; expected an object with dtype, shape and data_offsets"),
+    ({"k": {"dtype": "F32", "data_offsets": [0, 4]}}, "tensor 'k' has no shape; expected an object with dtype"),
+    ({"k": {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}},
+     "tensor 'k' has a JSON number as its shape; expected an array of sizes"),
+])
+def test_a_header_entry_of_the_wrong_json_type_is_refused_naming_it(meta, said):
+    """These were Python's own words ("'int' object is not subscriptable", "'list' object has no
+    attribute 'items'", "'int' object is not iterable", "('shape')"), naming no key or field."""
+    weights = _safetensors(meta, b"\x00" * 4)
+    for read in (read_header_bytes, lambda data: read_stacked(data, ["k"])):  # upload, hot-swap
+        with pytest.raises(AdapterError) as err:
+            read(weights)
+        assert str(err.value).startswith(f"adapter weights are not a readable safetensors file ({said}"), str(err.value)
+
+
 @pytest.mark.parametrize("field", ["lora_alpha", "alpha_pattern"])
 def test_an_alpha_integer_past_float64_is_refused_as_not_finite(field):
     """JSON 1e400 reads as inf and was refused; the integer 10**400 raised OverflowError."""
