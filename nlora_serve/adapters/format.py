@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +38,16 @@ def weights_path(adapter_dir: Path) -> Path:
 
     Raises:
         AdapterError: the directory is missing, or holds no safetensors file (a pickled
-            ``adapter_model.bin``/``.pt`` is named and refused without being opened).
+            ``adapter_model.bin``/``.pt`` is named and refused without being opened), or its
+            ``adapter_model.safetensors`` is no regular file (a folder, FIFO, a link to nothing).
     """
     adapter_dir = check_adapter_dir(adapter_dir)
     path = adapter_dir / WEIGHTS_NAME
     if path.is_file():
         return path
+    if os.path.lexists(path):  # was "no adapter_model.safetensors", beside the folder or FIFO of that name
+        what = "a folder" if path.is_dir() else "a link to nothing" if not path.exists() else "a FIFO, socket or device"
+        raise AdapterError(f"{path}: not a regular file ({what}); expected a safetensors file")
     pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise AdapterError(f"{adapter_dir}: found only {', '.join(pickles)} (a pickle, which can run code "

@@ -114,8 +114,27 @@ def test_a_fifo_in_place_of_a_file_is_refused_without_opening_it(base_fp32, tmp_
     thread.start()
     thread.join(timeout=10)
     assert not thread.is_alive(), f"blocked on the FIFO {fname}"
-    if fname == WEIGHTS:  # read_adapter finds no weights file (is_file); compress's header-only read names it
-        assert outcome[0].endswith(f"acme: no {WEIGHTS}; expected it next to adapter_config.json")
+    if fname == WEIGHTS:  # each says what it is (read_adapter said "no adapter_model.safetensors")
+        assert outcome[0] == (f"{folder / fname}: not a regular file (a FIFO, socket or device); "
+                              "expected a safetensors file")
         assert outcome[1] == f"{folder / fname}: not a regular file; expected a safetensors file"
     else:  # (compress's header read does not read the config)
         assert outcome == [f"{folder / fname}: not a regular file; expected a JSON file", "read"]
+
+
+@pytest.mark.parametrize("kind, said", [("folder", "a folder"), ("fifo", "a FIFO, socket or device"),
+                                        ("dangling", "a link to nothing")])
+def test_a_weights_name_that_is_no_file_is_named_as_what_it_is(tmp_path, kind, said):
+    """It was "no adapter_model.safetensors; expected it next to adapter_config.json", beside the
+    folder, FIFO or link of that very name."""
+    from nlora_serve.adapters.format import WEIGHTS_NAME, weights_path
+
+    folder = tmp_path / "acme"
+    folder.mkdir()
+    shutil.copy(CASE / "adapter_config.json", folder)
+    weights = folder / WEIGHTS_NAME
+    {"folder": weights.mkdir, "fifo": lambda: os.mkfifo(weights),
+     "dangling": lambda: os.symlink(tmp_path / "gone", weights)}[kind]()
+    with pytest.raises(AdapterError, match=rf"^{re.escape(str(weights))}: not a regular file \({said}\); "
+                                           "expected a safetensors file$"):
+        weights_path(folder)
