@@ -47,11 +47,14 @@ def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
 
 def generate_request(prompt: str | list[int] | None = None, *, messages: list[dict] | None = None,
                      adapter: str | None = None, request_id: str = "", add_special_tokens: bool | None = None,
-                     **sampling) -> pb.GenerateRequest:
+                     cache_salt: str = "", **sampling) -> pb.GenerateRequest:
     """A GenerateRequest: ``prompt`` (text or token ids) or chat ``messages`` ({"role", "content"}).
 
     ``add_special_tokens``: whether the server adds the tokenizer's special tokens (a BOS) to a
     text prompt; None leaves it unset, which the server takes as true (vLLM's default).
+    ``cache_salt``: the prefix-cache sharing group within the tenant (GenerateRequest.cache_salt,
+    at most 1024 characters; "" = none). :meth:`NloraClient.generate` passes it on; it could not be
+    sent before ("Protocol message SamplingParams has no "cache_salt" field").
 
     ``sampling`` takes the proto SamplingParams field names (max_tokens, min_tokens, temperature,
     top_p, top_k, seed, stop, stop_token_ids, ignore_eos, ...); an unset field takes the server's default
@@ -66,7 +69,7 @@ def generate_request(prompt: str | list[int] | None = None, *, messages: list[di
         raise ValueError("give exactly one of prompt (text or token ids) and messages")
     sampling = {k: v for k, v in sampling.items() if k not in _OFF_AS_UNSET or v != _OFF_AS_UNSET[k]}
     _check_unsigned(sampling)
-    req = pb.GenerateRequest(adapter=adapter or "", request_id=request_id,
+    req = pb.GenerateRequest(adapter=adapter or "", request_id=request_id, cache_salt=cache_salt,
                              sampling=pb.SamplingParams(**sampling))
     if add_special_tokens is not None:
         req.add_special_tokens = add_special_tokens

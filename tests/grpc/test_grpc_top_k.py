@@ -21,6 +21,13 @@ def test_the_client_sends_minus_one_unset():
     assert generate_request("hi", top_k=0).sampling.HasField("top_k")
 
 
+def test_the_client_sends_a_cache_salt():
+    """GenerateRequest.cache_salt (README: a sharing group within the tenant) could not be sent by
+    the Python client: it went into SamplingParams, which has no such field (ValueError)."""
+    assert generate_request("hi", cache_salt="user-7", max_tokens=2).cache_salt == "user-7"
+    assert generate_request("hi").cache_salt == ""
+
+
 def test_a_sign_extended_minus_one_reads_as_uint32_max():
     """An int32 -1 is the varint of 2^64 - 1 (ten bytes); protobuf reads it into uint32 as 2^32 - 1."""
     field_4_varint = bytes([4 << 3]) + b"\xff" * 9 + b"\x01"
