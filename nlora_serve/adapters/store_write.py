@@ -64,6 +64,8 @@ class StoreWrites:
                 together (the store would refuse to read them back).
             StoreWriteError: the disk refused a write (ENOSPC, EIO, ...): nothing of the new
                 version is left, the store is as before; or the store's folder is gone.
+            StoreReadError: a file of ``same_as`` is gone (its version folder removed by hand
+                while the server runs): nothing was written.
         """
         same_as = same_as or {}
         self._check_root(name)
@@ -71,7 +73,7 @@ class StoreWrites:
         if unknown:
             raise AdapterError(f"adapter {name!r}: files {unknown} are not allowed; "
                                f"a version holds only {', '.join(ALLOWED_FILES)}")
-        total = sum(map(len, files.values())) + sum(os.stat(p).st_size for p in same_as.values())
+        total = sum(map(len, files.values())) + sum(_linked_size(name, Path(p)) for p in same_as.values())
         if total > self.max_bytes:
             raise AdapterError(f"adapter {name!r}: {total} bytes of files is over the server's --max-adapter-bytes "
                                f"{self.max_bytes}")
@@ -83,6 +85,10 @@ class StoreWrites:
                 raise AdapterError(f"adapter {name!r}: {foreign} are not files of its versions in {self.root}")
             try:
                 return self._write_locked(name, adapter_dir, files, same_as)
+            except FileNotFoundError as exc:  # a linked file removed since it was stat'ed above
+                if exc.filename in {str(p) for p in same_as.values()}:
+                    raise _linked_gone(name, Path(exc.filename)) from None
+                raise
             except OSError as exc:
                 raise_if_disk_error(name, exc)
                 raise
@@ -205,3 +211,25 @@ class StoreWrites:
     def wait_deleted(self) -> None:
         """Block until the files of every version removed so far are deleted."""
         self._deleter.submit(lambda: None).result()  # one worker, first in first out
+
+
+def _linked_size(name: str, path: Path) -> int:
+    """The size of ``path``, a file of an earlier version of ``name`` that a new version links.
+
+    Raises:
+        StoreReadError: it is gone (:func:`_linked_gone`).
+    """
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        raise _linked_gone(name, path) from None
+
+
+def _linked_gone(name: str, path: Path) -> durable.StoreReadError:
+    """The error for a linked file of adapter ``name`` that is gone: a hot-swap of a name whose
+    store folder was deleted while the server ran failed with gRPC UNKNOWN "Unexpected <class
+    'FileNotFoundError'>" and a traceback."""
+    return durable.StoreReadError(
+        f"adapter {name!r}: its stored file {path} is gone (its version folder was removed while the server runs); "
+        "a hot-swap links the current version's config from there, so nothing was written and the current version "
+        "serves on; upload the whole adapter again (`nlora-serve adapters upload`)")

@@ -142,6 +142,34 @@ def test_a_store_folder_the_server_may_not_write_is_a_store_error_naming_the_pat
     assert not store.is_unloaded("acme")
 
 
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_swap_whose_linked_config_is_gone_is_the_stores_fault_naming_it(tmp_path, when):
+    """An operator who deletes STORE/NAME while the server runs (README: only with it stopped):
+    a hot-swap, which links the current version's config, failed with gRPC UNKNOWN "Unexpected
+    <class 'FileNotFoundError'>" and a traceback. ``during``: removed after the size check, as the
+    link is made."""
+    store = AdapterStore(tmp_path / "store")
+    stored = store.write("acme", FILES)
+    config = stored.path / CONFIG_FILE
+
+    def remove_at_link(op: durable.FileOp) -> None:
+        if op.kind == "link" and os.path.exists(config):
+            shutil.rmtree(stored.path.parent)
+    if when == "before":
+        shutil.rmtree(stored.path.parent)
+    previous = durable.set_fault_hook(remove_at_link if when == "during" else None)
+    try:
+        with pytest.raises(AdapterError) as err:
+            store.write("acme", {WEIGHTS_FILE: FILES[WEIGHTS_FILE]}, {CONFIG_FILE: config})
+    finally:
+        durable.set_fault_hook(previous)
+    assert str(err.value).startswith(f"adapter 'acme': its stored file {config} is gone (its version folder was "
+                                     "removed while the server runs)"), str(err.value)
+    _the_stores_fault(err.value)
+    store.wait_deleted()
+    assert not store.versions("acme") and os.listdir(store.root / ".staging") == []
+
+
 def test_a_path_outside_the_store_is_refused(tmp_path):
     store = AdapterStore(tmp_path / "store")
     with pytest.raises(AdapterError, match="is not a folder of the adapter store"):
