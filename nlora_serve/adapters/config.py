@@ -57,8 +57,8 @@ class TiedHeader:
 
     def __post_init__(self):
         if self.format != TIED_FORMAT:
-            raise AdapterError(f"{CONFIG_NAME}: nlora_serve.format {self.format!r} is not supported; "
-                               f"expected {TIED_FORMAT!r}")
+            raise AdapterError(f"{CONFIG_NAME}: nlora_serve.format {self.format!r} is not supported; expected "
+                               f"{TIED_FORMAT!r} (a tied IntTune tenant) or {FAMILY_FORMAT!r} (a family member)")
         for name in ("family", "base_fingerprint", "init"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise AdapterError(f"{CONFIG_NAME}: nlora_serve.{name} must be a non-empty string")

@@ -113,7 +113,8 @@ def test_unservable_fields_are_refused_by_name(field, value):
     ({"peft_type": "LORA", "layers_pattern": "layers"}, "needs layers_to_transform"),
     ({"peft_type": "LORA", "layers_to_transform": [-1]}, "-1"),
     ({"peft_type": "LORA", "target_modules": 5}, "target_modules = 5"),
-    ({"peft_type": "LORA", "nlora_serve": {"format": "zip", "family": "x", "base_fingerprint": "y"}}, "'zip'"),
+    ({"peft_type": "LORA", "nlora_serve": {"format": "zip", "family": "x", "base_fingerprint": "y"}},
+     "'zip' is not supported; expected 'tied-n' (a tied IntTune tenant) or 'family-n' (a family member)"),
 ])
 def test_malformed_configs_are_refused_naming_field_and_value(raw, words):
     with pytest.raises(AdapterError, match=re.escape(words)):
