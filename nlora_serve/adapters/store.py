@@ -61,6 +61,10 @@ class AdapterStore(StoreWrites):
                                f"({exc.strerror or exc}); the store must be a writable folder") from None
         self._deleter = ThreadPoolExecutor(1, thread_name_prefix="adapter-store-delete")
         self._unrecorded: set[Path] = set()  # versions whose SHA256SUMS the disk refused: not retried
+        # the highest version of each name listed or written by this process: a name's folder deleted
+        # by hand while the server runs does not make its next version reuse a number still served
+        self._highest: dict[str, int] = {}
+        self._highest_lock = threading.Lock()
 
     def adapter_dir(self, name: str) -> Path:
         """The folder of ``name``, checked to be a real directory inside the root (or absent).
@@ -85,9 +89,26 @@ class AdapterStore(StoreWrites):
         as :meth:`write` names them, 8 ASCII digits; a stray ``3``, ``٣`` or ``²`` is no version."""
         try:
             with os.scandir(self.adapter_dir(name)) as entries:
-                return sorted(int(e.name) for e in entries if _is_version(e.name) and e.is_dir(follow_symlinks=False))
+                found = sorted(int(e.name) for e in entries if _is_version(e.name) and e.is_dir(follow_symlinks=False))
         except (FileNotFoundError, NotADirectoryError):
             return []
+        if found:
+            self.note_version(name, found[-1])
+        return found
+
+    def note_version(self, name: str, version: int) -> None:
+        """Remember that ``name`` has had ``version`` (listed or written): :meth:`write` numbers
+        the next one above every version this process has seen, not only above what is on disk.
+        Before, an operator who deleted ``STORE/NAME`` while it served v5 got v1 from the next
+        upload, a second v2, ... (versions are per-name sequence numbers, DESIGN §3), and the old
+        v2's release, once its last request ended, deleted the new v2's folder (same number)."""
+        with self._highest_lock:
+            self._highest[name] = max(self._highest.get(name, 0), version)
+
+    def highest_version(self, name: str) -> int:
+        """The highest version of ``name`` this process has listed or written (0: none)."""
+        with self._highest_lock:
+            return self._highest.get(name, 0)
 
     def latest(self, name: str) -> StoredVersion | None:
         """The newest complete version of ``name``, or None."""

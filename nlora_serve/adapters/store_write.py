@@ -29,8 +29,8 @@ class StoreWrites:
     """The writing half of :class:`~nlora_serve.adapters.store.AdapterStore` (a mixin).
 
     It uses the store's ``root``, ``max_bytes``, ``write_lock`` (serialises version allocation and
-    renames), ``adapter_dir`` and ``versions``, the deleter thread ``_deleter`` and the set
-    ``_unrecorded``; the store owns all of these.
+    renames), ``adapter_dir``, ``versions``, ``note_version`` and ``highest_version``, the deleter
+    thread ``_deleter`` and the set ``_unrecorded``; the store owns all of these.
     """
 
     def record_sums(self, path: Path, files: dict[str, bytes]) -> None:
@@ -84,7 +84,9 @@ class StoreWrites:
             if foreign:
                 raise AdapterError(f"adapter {name!r}: {foreign} are not files of its versions in {self.root}")
             try:
-                return self._write_locked(name, adapter_dir, files, same_as)
+                stored = self._write_locked(name, adapter_dir, files, same_as)
+                self.note_version(name, stored.version)
+                return stored
             except FileNotFoundError as exc:  # a linked file removed since it was stat'ed above
                 if exc.filename in {str(p) for p in same_as.values()}:
                     raise _linked_gone(name, Path(exc.filename)) from None
@@ -110,8 +112,10 @@ class StoreWrites:
             check_linked(self.root, name, same_as, linked)  # one replaced since is not recorded as the store's
             durable.write_unsynced(staged / SUMS_FILE, sums_bytes({**files, **linked}))  # in the folder the rename makes visible
             durable.fsync_together([staged / fname for fname in (*files, SUMS_FILE)], [staged])  # one journal commit
-            version = (self.versions(name) or [0])[-1] + 1
-            is_new = version == 1  # (the folder may be left from a failed write: make it durable now)
+            version = max((self.versions(name) or [0])[-1], self.highest_version(name)) + 1
+            # (the folder may be left from a failed write: make it durable now; or deleted by hand since
+            # this process last wrote the name, whose version then goes on from the number it had)
+            is_new = version == 1 or created
             if is_new:
                 durable.mkdir(adapter_dir, exist_ok=True)
             durable.rename(staged, adapter_dir / f"{version:08d}")

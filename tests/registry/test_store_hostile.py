@@ -170,6 +170,23 @@ def test_a_swap_whose_linked_config_is_gone_is_the_stores_fault_naming_it(tmp_pa
     assert not store.versions("acme") and os.listdir(store.root / ".staging") == []
 
 
+def test_a_name_deleted_by_hand_while_served_goes_on_from_its_version_number(tmp_path):
+    """Versions are per-name sequence numbers (DESIGN §3). After ``rm -rf STORE/acme`` while acme
+    v2 served, the next upload was v1 again, then a second v2, ...: two live versions of one
+    number, and the old v2's release (registry._free, by number, once a v3 was on disk) deleted
+    the new v2's folder. A restart starts from what is on disk."""
+    store = AdapterStore(tmp_path / "store")
+    assert [store.write("acme", FILES).version for _ in range(2)] == [1, 2]
+    shutil.rmtree(store.root / "acme")
+    assert store.write("acme", FILES).version == 3  # was 1
+    restarted_root = tmp_path / "other"
+    shutil.copytree(store.root / "acme", restarted_root / "acme")
+    restarted = AdapterStore(restarted_root)
+    assert restarted.versions("acme") == [3]  # as a start lists it, then the folder goes
+    shutil.rmtree(restarted_root / "acme")
+    assert restarted.write("acme", FILES).version == 4
+
+
 def test_a_path_outside_the_store_is_refused(tmp_path):
     store = AdapterStore(tmp_path / "store")
     with pytest.raises(AdapterError, match="is not a folder of the adapter store"):
