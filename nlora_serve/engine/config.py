@@ -52,6 +52,20 @@ SCHEDULING_POLICIES = ("fcfs", "fair")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # the CPU's KV cache without --kv-cache-memory-bytes
 
 
+# A tenant's fair-scheduling weight, bounded so that shares and service counters stay finite and
+# meaningful: two tenants at 1e308 summed to inf (every share NaN), one at 5e-324 had a queue share
+# of ~7e-323 requests. The bounds allow a 10^6 ratio between the heaviest and the lightest tenant.
+MIN_TENANT_WEIGHT, MAX_TENANT_WEIGHT = 1e-3, 1e3
+TENANT_WEIGHT_RULE = f"a positive number from {MIN_TENANT_WEIGHT:g} to {MAX_TENANT_WEIGHT:g} (default 1)"
+
+
+def is_tenant_weight(weight: object) -> bool:
+    """Whether ``weight`` is a valid tenant weight: an int or float (not bool) in
+    [MIN_TENANT_WEIGHT, MAX_TENANT_WEIGHT]."""
+    return (not isinstance(weight, bool) and isinstance(weight, int | float)
+            and MIN_TENANT_WEIGHT <= weight <= MAX_TENANT_WEIGHT)
+
+
 @dataclass(slots=True)
 class SchedulerConfig:
     """Continuous batching limits (DESIGN §5)."""
@@ -91,8 +105,8 @@ class SchedulerConfig:
                              "(--long-prefill-token-threshold-adaptive) must be True or False; "
                              f"got {self.long_prefill_token_threshold_adaptive!r}")
         for tenant, weight in self.tenant_weights.items():
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
-                raise ValueError(f"SchedulerConfig.tenant_weights[{tenant!r}] must be a positive number; got {weight!r}")
+            if not is_tenant_weight(weight):
+                raise ValueError(f"SchedulerConfig.tenant_weights[{tenant!r}] must be {TENANT_WEIGHT_RULE}; got {weight!r}")
 
 
 @dataclass(slots=True)

@@ -8,8 +8,8 @@ The tenants file (JSON, or TOML when it ends in ``.toml``) stores only sha256 ha
 
 ``adapters`` holds adapter names or shell-style patterns (``fnmatch``, case-sensitive);
 ``base_model`` (default false) lets the tenant generate without an adapter. Optional, per tenant:
-``weight`` (default 1; its share of the server under ``--scheduling-policy fair``, relative to the
-other tenants') and ``max_concurrent_requests`` (default none: its requests running or waiting at
+``weight`` (default 1, from 0.001 to 1000; its share of the server under ``--scheduling-policy fair``,
+relative to the other tenants') and ``max_concurrent_requests`` (default none: its requests running or waiting at
 most, beyond that refused as the full queue is). Admin keys may call
 every RPC and use every adapter. Keys travel as ``authorization: Bearer <key>`` metadata; make
 them random (``python -m nlora_serve.serving.commands.keys new``), since a hash only protects a key
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nlora_serve.cli import console_command
+from nlora_serve.engine.config import TENANT_WEIGHT_RULE, is_tenant_weight
 from nlora_serve.errors import NloraError, shown
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -290,8 +291,8 @@ _TENANT_FIELDS = ("name", "key_sha256", "adapters", "base_model", "weight", "max
 def _quota(entry: dict, where: str) -> tuple[float, int | None]:
     """(weight, max_concurrent_requests) of a tenant entry."""
     weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
-        raise AuthError(f"{where}.weight must be a positive number; got {weight!r}")
+    if not is_tenant_weight(weight):
+        raise AuthError(f"{where}.weight must be {TENANT_WEIGHT_RULE}; got {weight!r}")
     limit = entry.get("max_concurrent_requests")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise AuthError(f"{where}.max_concurrent_requests must be a positive integer; got {limit!r}")

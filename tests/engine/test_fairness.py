@@ -106,6 +106,10 @@ def test_recompute_after_preemption_and_cached_tokens_are_not_billed():
 def test_weights_must_be_positive():
     with pytest.raises(ValueError, match=r"SchedulerConfig.tenant_weights\['x'\] must be a positive number"):
         SchedulerConfig(policy="fair", tenant_weights={"x": 0})
+    for weight in (1e308, 5e-324, float("nan"), 1000.5, 0.0009):
+        with pytest.raises(ValueError, match=r"tenant_weights\['x'\] must be a positive number from 0.001 to 1000"):
+            SchedulerConfig(policy="fair", tenant_weights={"x": weight})
+    assert SchedulerConfig(policy="fair", tenant_weights={"x": 1000, "y": 0.001}).tenant_weights["y"] == 0.001
     with pytest.raises(ValueError, match="SchedulerConfig.policy must be one of fcfs, fair; got 'lifo'"):
         SchedulerConfig(policy="lifo")
 

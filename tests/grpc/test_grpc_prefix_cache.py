@@ -150,8 +150,14 @@ def test_tenants_file_weights_and_quotas(tmp_path):
     acme = auth.authenticate([("authorization", "Bearer k")])
     assert (acme.weight, acme.max_concurrent_requests) == (3.0, 5)
     assert auth.weights() == {"acme": 3.0}
+    for bound in (0.001, 1000):  # the range's ends are weights
+        path.write_text(json.dumps({"tenants": [{**entry, "weight": bound}]}))
+        assert Authenticator.from_file(path).weights() == {"acme": bound}
     for field, value, says in (("weight", 0, "weight must be a positive number"),
                                ("weight", True, "weight must be a positive number"),
+                               # two at 1e308 summed to inf (every fair share NaN); 5e-324 had a share of ~0
+                               ("weight", 1e308, "weight must be a positive number from 0.001 to 1000"),
+                               ("weight", 5e-324, "weight must be a positive number from 0.001 to 1000"),
                                ("max_concurrent_requests", 0, "max_concurrent_requests must be a positive integer"),
                                ("max_concurrent_requests", 1.5, "max_concurrent_requests must be a positive integer"),
                                ("weigth", 2, r"unknown field\(s\) 'weigth'")):

@@ -39,7 +39,7 @@ def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     new.add_argument("--base-model", action="store_true", help="with --tenant: it may also use the base model")
     new.add_argument("--weight", type=float, metavar="W",
                      help="with --tenant: its share of the server under --scheduling-policy fair, relative to the "
-                          "other tenants' (default 1)")
+                          "other tenants', from 0.001 to 1000 (default 1)")
     new.add_argument("--max-concurrent-requests", type=int, metavar="N",
                      help="with --tenant: its requests running or waiting at most (default: no quota)")
     parser.set_defaults(func=run_keys)
@@ -52,7 +52,7 @@ def tenants_entry(args: argparse.Namespace, key: str) -> tuple[str, dict] | None
     Raises:
         NloraError: --adapters / --base-model / --weight / --max-concurrent-requests without
             --tenant, a tenant granted nothing, or an entry the loader refuses (its message: a
-            weight that is not a positive number, a quota that is not a positive integer).
+            weight that is not a number from 0.001 to 1000, a quota that is not a positive integer).
     """
     quota = {"weight": args.weight, "max_concurrent_requests": args.max_concurrent_requests}
     quota = {field: value for field, value in quota.items() if value is not None}
