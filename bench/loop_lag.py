@@ -113,6 +113,14 @@ class Server:
         self.engine.shutdown()
 
 
+def _nested(depth: int) -> list:
+    """``[[...[1]...]]``, ``depth`` arrays deep (made without recursion)."""
+    value: list = [1]
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 def actions(server: Server, root: Path) -> dict:
     """name -> action (each at the server's cap: a 16 MiB body, --max-adapter-bytes, ...)."""
     http = httpx2.Client(timeout=600)
@@ -160,6 +168,20 @@ def actions(server: Server, root: Path) -> dict:
         "chat: logit_bias of 1,000,000 entries (14 MB)": post("/v1/chat/completions", {
             "model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "a"}],
             "logit_bias": {str(i): 1.0 for i in range(1_000_000)}}),
+        "chat: 290,000 messages, a field nested 900 deep (10 MB)": post("/v1/chat/completions", {
+            "model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "a"}] * 290_000,
+            "deep": _nested(900)}),
+        "completion: 3,000,000 one-id prompts (15 MB)": post("/v1/completions", {
+            "model": model, "max_tokens": 1, "prompt": [[1]] * 3_000_000}),
+        "responses: 100,000 function_call items (8 MB)": post("/v1/responses", {
+            "model": model, "max_output_tokens": 1, "input": [{"role": "user", "content": "a"}] + [
+                {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}] * 100_000}),
+        "chat: 100,000 tools (5 MB)": post("/v1/chat/completions", {
+            "model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "a"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}] * 100_000}),
+        "responses: 100,000 tools (4 MB)": post("/v1/responses", {
+            "model": model, "max_output_tokens": 1, "input": "a",
+            "tools": [{"type": "function", "name": "f"}] * 100_000}),
         "tokenize: 16 MiB text": post("/tokenize", {"model": model, "prompt": words}),
         "detokenize: 2,600,000 ids (16 MiB)": post("/detokenize", {"model": model, "tokens": [100] * 2_600_000}),
         "gRPC UploadAdapter: 256 MiB (refused)": lambda: grpc.upload_adapter("garbage", garbage),

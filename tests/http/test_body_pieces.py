@@ -77,6 +77,60 @@ def test_json_in_pieces_gives_the_c_scanner_no_long_list_at_once(monkeypatch):
     assert len(calls) > 60 and all(not isinstance(c, str) or len(c) < 64 << 10 for c in calls)
 
 
+def _deep(rng: random.Random, levels: int) -> str:
+    """JSON text ``levels`` arrays and objects deep, each level one of a few shapes (flat items and
+    pairs around it, parsed in runs), the innermost a flat object, a run of them, or a scalar."""
+    opens, closes = [], []
+    for _ in range(levels):
+        shape = rng.choice(["[", "[1, ", '[{"a": 1}, {"b": [] }, ', '{"k": ', '{"a": 1, "b": "x", "k": '])
+        opens.append(shape)
+        closes.append("]" if shape[0] == "[" else "}")
+    inner = rng.choice(['{"a": 1}', "[]", "{}", "7", '[{"a": 1}, {"a": 2}, 3]', '[1, 2, 3, 4]'])
+    return "".join(opens) + inner + "".join(reversed(closes))
+
+
+def test_json_in_pieces_of_any_depth_is_json_loads():
+    """Nested past the walk's old recursion (~500 levels, then one json.loads of all the body) and
+    past json.loads' own limit (~990 levels, its RecursionError): the outcome is json.loads' called
+    in the same place, broken texts included."""
+    def parses(levels):
+        return _outcome(json.loads, "[" * levels + "]" * levels) != "too deep"
+    limit = next(n for n in range(2, 5000) if not parses(n)) - 1  # json.loads' levels here
+    rng, outcomes = random.Random(11), set()
+    for _ in range(100):
+        text = _deep(rng, rng.choice([body_json.SHALLOW - 1, body_json.SHALLOW, limit - 2, limit - 1, limit,
+                                      limit + 1, limit + 2, rng.randrange(limit - 5)]))
+        if rng.random() < 0.5:
+            at = rng.randrange(len(text))
+            text = text[:at] + rng.choice(["", "x", ",", '"', "]", "}", "[", "{"]) + text[at + 1:]
+        outcome = _outcome(loads_in_pieces, text)
+        assert outcome == _outcome(json.loads, text), text
+        outcomes.add(outcome if outcome == "too deep" else outcome[0])
+    assert outcomes == {"ok", "error", "too deep"}
+
+
+def test_a_deep_large_body_is_parsed_in_pieces(monkeypatch):
+    """A body over 64 KiB with a value 900 levels deep: in pieces (it was one json.loads of all of it,
+    the GIL held ~0.2 s at 16 MiB); deeper than json.loads goes, a 400 that says how deep it goes."""
+    from fastapi.exceptions import RequestValidationError
+
+    from nlora_serve.serving.http_api.body import parsed_json
+
+    whole = []
+    loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda text, **kw: whole.append(len(text)) or loads(text, **kw))
+    body = '{"messages": %s, "deep": %s}' % (json.dumps([{"role": "user", "content": "hi"}] * 3000),
+                                             "[" * 900 + "1" + "]" * 900)
+    assert parsed_json(body.encode(), None) == loads(body)
+    assert whole and max(whole) < 64 << 10
+    too_deep = body.replace("[" * 900 + "1" + "]" * 900, "[" * 5000 + "]" * 5000)
+    with pytest.raises(RequestValidationError) as err:
+        parsed_json(too_deep.encode(), None)
+    message = err.value.errors()[0]["msg"]
+    assert message.startswith("JSON nested deeper than 9") and message.endswith("levels of arrays and objects, "
+                                                                                 "the parser's limit"), message
+
+
 def _outcomes(kind, data):
     """(reference: one model_validate; in pieces) as comparable values."""
     def run(validate):

@@ -18,7 +18,7 @@ from typing import TypeVar
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from nlora_serve.serving.http_api.body_json import loads_in_pieces
+from nlora_serve.serving.http_api.body_json import TooDeep, loads_in_pieces
 from nlora_serve.serving.http_api.body_pieces import PieceErrors, validate_in_pieces
 
 
@@ -72,8 +72,8 @@ def parsed_json(raw: bytes, content_type: str | None):
         at = getattr(exc, "pos", getattr(exc, "start", 0))
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", at), "msg": "JSON decode error",
                                        "input": {}, "ctx": {"error": str(exc)}}]) from None
-    except RecursionError:
-        raise _body_error("JSON nested too deeply") from None
+    except RecursionError as exc:  # a large body's (body_json.TooDeep) says how deep the parser goes
+        raise _body_error(f"JSON {exc}" if isinstance(exc, TooDeep) else "JSON nested too deeply") from None
     if _SURROGATE_ESCAPE.search(text) and not _is_unicode(data):  # strict text: only escapes make surrogates
         raise _body_error("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): not valid Unicode")
     return data

@@ -3,7 +3,8 @@
 ``json.loads`` is one C call: it holds the GIL for all of a body, ~0.15-0.4 s for 16 MiB on a loaded
 2-core box, and every other tenant's stream (the event loop) and the engine's step thread wait that
 long, even with the parse in a worker thread. :func:`loads_in_pieces` walks arrays and objects in
-Python (copies of the pure-Python decoder's ``JSONObject`` and ``JSONArray``: the interpreter
+Python, on a stack of its own, not by recursion (the pure-Python decoder's ``JSONObject`` and
+``JSONArray``, step for step: the interpreter
 hands the GIL over between their steps, every ``sys.getswitchinterval()`` when another thread asks)
 and leaves the C scanner bounded pieces: one string, number or literal; a flat object (at most
 :data:`FLAT_PAIRS` keys of such scalars, e.g. a chat message); a run of at most :data:`RUN` such
@@ -14,6 +15,7 @@ CPython checks its C and pure-Python decoders against each other.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from json.decoder import WHITESPACE, JSONDecodeError, scanstring
@@ -41,115 +43,214 @@ def loads_in_pieces(text: str, parse_int=None):
     """``json.loads(text, parse_int=parse_int)``, in pieces (see the module's docstring); ``parse_int``
     is called for each integer longer than the runs take (over 40 digits), as ``json.loads`` would.
 
+    Nesting: arrays and objects are walked with a stack of their own, not by recursion, so a body of
+    any depth is parsed in pieces (a deep one fell back to one ``json.loads`` of all of it: ~0.2 s of
+    GIL at 16 MiB). Where ``json.loads`` called in this function's place would stop with a
+    RecursionError (~990 levels under Python's default recursion limit, fewer the deeper the caller's
+    stack), this stops too, at the same array or object: nothing it refuses is accepted, nothing it
+    accepts refused, and an error earlier in the text still comes first, as it would there.
+
     Raises:
         JSONDecodeError: as ``json.loads`` raises it (same message and position). ValueError: an
-            integer of more digits than Python converts, as ``json.loads``. RecursionError:
-            nested deeper than ``json.loads`` parses.
+            integer of more digits than Python converts, as ``json.loads``. TooDeep (a
+            RecursionError): nested deeper than ``json.loads`` would parse here; ``levels`` says
+            how deep it would.
     """
     if text.startswith("\ufeff"):
         raise JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
     scan_c = _scan_c if parse_int is None else json.JSONDecoder(parse_int=parse_int).scan_once
-    try:
-        value, end = _scan(text, _whitespace(text, 0).end(), scan_c)
-    except StopIteration as err:
-        raise JSONDecodeError("Expecting value", text, err.value) from None
-    except RecursionError:  # this walk takes ~2 frames a level, the C scanner ~1: let it decide
-        return json.loads(text, parse_int=parse_int)
+    value, end = _walk(text, _whitespace(text, 0).end(), scan_c)
     end = _whitespace(text, end).end()
     if end != len(text):
         raise JSONDecodeError("Extra data", text, end)
     return value
 
 
-def _scan(s: str, idx: int, scan_c=None):
-    """(the JSON value at ``idx``, its end); StopIteration(idx) when none starts there. ``scan_c``:
-    the C scanner of a value (default :data:`_scan_c`)."""
-    first = s[idx:idx + 1]
-    if first == "[":
-        return _array(s, idx + 1, scan_c)
-    if first == "{" and not _FLAT.match(s, idx):
-        return _object(s, idx + 1, scan_c)
-    return (scan_c or _scan_c)(s, idx)
+class TooDeep(RecursionError):
+    """A body nested deeper than ``json.loads`` parses (``levels``: the arrays and objects it would
+    parse, one inside the other, where it was called)."""
+
+    def __init__(self, levels: int):
+        super().__init__(f"nested deeper than {levels} levels of arrays and objects, the parser's limit")
+        self.levels = levels
 
 
-def _object(s: str, end: int, scan_c=None) -> tuple[dict, int]:
-    """The pure-Python decoder's ``JSONObject`` (same errors at the same positions), filling the dict
-    as it goes: its list of (key, value) tuples, a million of them for a large ``logit_bias``, made
-    the collector walk them all, the GIL held."""
-    pairs = {}
-    nextchar = s[end:end + 1]
-    if nextchar != '"':
-        if nextchar in _WS:
-            end = _whitespace(s, end).end()
+SHALLOW = 64  # levels of nesting walked before asking how deep json.loads would go (any caller's stack has room for that many)
+_WALK_FRAMES = 5  # frames between loads_in_pieces' caller and _parses' json.loads: loads_in_pieces, _walk, _room, _levels, _parses
+
+
+def _walk(s: str, end: int, scan_c):
+    """(the JSON value at ``end``, its end), its arrays and objects on a stack: the pure-Python
+    decoder's ``JSONArray`` and ``JSONObject`` (same errors at the same positions), with runs of
+    flat items or pairs parsed by the C scanner :data:`RUN` at a time."""
+    stack: list = []  # the arrays and objects open around the value at ``end``, innermost last
+    keys: list[str] = []  # of each open object, the key whose value comes next
+    room = None  # levels json.loads would parse in loads_in_pieces' place, once deeper than SHALLOW
+    while True:
+        first = s[end:end + 1]
+        if first == "[" or first == "{":  # a level deeper: json.loads counts flat objects too
+            if room is None and len(stack) + 1 >= SHALLOW:
+                room = _room()
+            if room is not None and len(stack) >= room:
+                raise TooDeep(room)
+            end += 1
             nextchar = s[end:end + 1]
-        if nextchar == "}":
-            return pairs, end + 1
-        if nextchar != '"':
-            raise JSONDecodeError("Expecting property name enclosed in double quotes", s, end)
+            if first == "[":
+                if nextchar in _WS:
+                    end = _whitespace(s, end + 1).end()
+                    nextchar = s[end:end + 1]
+                if nextchar != "]":
+                    stack.append([])
+                    end = _runs(stack[-1], s, end, room is None or len(stack) < room)
+                    continue
+                value, end = [], end + 1
+            elif _FLAT.match(s, end - 1):  # a flat object: the C scanner's, whole
+                value, end = scan_c(s, end - 1)
+            else:
+                if nextchar != '"':
+                    if nextchar in _WS:
+                        end = _whitespace(s, end).end()
+                        nextchar = s[end:end + 1]
+                    if nextchar != "}" and nextchar != '"':
+                        raise JSONDecodeError("Expecting property name enclosed in double quotes", s, end)
+                if nextchar == "}":
+                    value, end = {}, end + 1
+                else:
+                    value = {}
+                    key, end = _key(value, s, end + 1)
+                    if key is not None:
+                        stack.append(value)
+                        keys.append(key)
+                        continue
+        else:
+            try:
+                value, end = scan_c(s, end)
+            except StopIteration as err:
+                raise JSONDecodeError("Expecting value", s, err.value) from None
+        while stack:  # the value is whole: into the array or object around it, and close those it ends
+            top = stack[-1]
+            if type(top) is list:
+                top.append(value)
+                closed, end = _after_item(s, end)
+                if not closed:
+                    end = _runs(top, s, end, room is None or len(stack) < room)
+                    break
+            else:
+                top[keys.pop()] = value
+                closed, end = _after_pair(s, end)
+                if not closed:
+                    key, end = _key(top, s, end)
+                    if key is not None:
+                        keys.append(key)
+                        break
+            value = stack.pop()
+        else:
+            return value, end
+
+
+def _runs(values: list, s: str, end: int, flat_objects_fit: bool) -> int:
+    """Where the next single item of an array starts, from ``end`` (an item's start): runs of flat
+    items parsed :data:`RUN` at a time on the way, appended to ``values``; none where a flat object
+    in them would be nested deeper than json.loads parses (``flat_objects_fit`` false)."""
+    while flat_objects_fit:
+        run = _RUN.match(s, end)
+        if run is None:
+            break
+        values += json.loads(f"[{run.group()}0]")[:-1]  # whole items, each with its comma: valid JSON
+        end = run.end()
+    return end
+
+
+def _after_item(s: str, end: int) -> tuple[bool, int]:
+    """After an array's item: (True, past its ``]``) or (False, where the next item starts)."""
+    nextchar = s[end:end + 1]
+    if nextchar in _WS:
+        end = _whitespace(s, end + 1).end()
+        nextchar = s[end:end + 1]
     end += 1
+    if nextchar == "]":
+        return True, end
+    if nextchar != ",":
+        raise JSONDecodeError("Expecting ',' delimiter", s, end - 1)
+    return False, _whitespace(s, end).end()
+
+
+def _after_pair(s: str, end: int) -> tuple[bool, int]:
+    """After an object's value: (True, past its ``}``) or (False, past the next key's opening quote)."""
+    nextchar = s[end:end + 1]
+    if nextchar and nextchar in _WS:
+        end = _whitespace(s, end + 1).end()
+        nextchar = s[end:end + 1]
+    end += 1
+    if nextchar == "}":
+        return True, end
+    if nextchar != ",":
+        raise JSONDecodeError("Expecting ',' delimiter", s, end - 1)
+    end = _whitespace(s, end).end()
+    nextchar = s[end:end + 1]
+    end += 1
+    if nextchar != '"':
+        raise JSONDecodeError("Expecting property name enclosed in double quotes", s, end - 1)
+    return False, end
+
+
+def _key(pairs: dict, s: str, end: int) -> tuple[str | None, int]:
+    """From past a key's opening quote: (the key, where its value starts), runs of flat pairs put
+    into ``pairs`` on the way; (None, past the ``}``) when a run ends the object. A key sent twice:
+    its last value, in its first place, as ``json.loads``."""
     while True:
         run = _PAIRS.match(s, end - 1)  # from the key's quote: pairs of flat values, a comma after the last
-        if run is not None:
-            pairs.update(json.loads(f"{{{run.group()}}}"))  # a key sent twice: its last value, first place
-            end = run.end()
-        else:
+        if run is None:
             key, end = scanstring(s, end, True)
             if s[end:end + 1] != ":":
                 end = _whitespace(s, end).end()
                 if s[end:end + 1] != ":":
                     raise JSONDecodeError("Expecting ':' delimiter", s, end)
-            end = _whitespace(s, end + 1).end()
-            try:
-                value, end = _scan(s, end, scan_c)
-            except StopIteration as err:
-                raise JSONDecodeError("Expecting value", s, err.value) from None
-            pairs[key] = value
-        nextchar = s[end:end + 1]
-        if nextchar and nextchar in _WS:
-            end = _whitespace(s, end + 1).end()
-            nextchar = s[end:end + 1]
-        end += 1
-        if nextchar == "}":
-            break
-        if nextchar != ",":
-            raise JSONDecodeError("Expecting ',' delimiter", s, end - 1)
-        end = _whitespace(s, end).end()
-        nextchar = s[end:end + 1]
-        end += 1
-        if nextchar != '"':
-            raise JSONDecodeError("Expecting property name enclosed in double quotes", s, end - 1)
-    return pairs, end
+            return key, _whitespace(s, end + 1).end()
+        pairs.update(json.loads(f"{{{run.group()}}}"))
+        closed, end = _after_pair(s, run.end())
+        if closed:
+            return None, end
 
 
-def _array(s: str, end: int, scan_c=None) -> tuple[list, int]:
-    """The pure-Python decoder's ``JSONArray`` (same errors at the same positions), with runs of
-    flat items parsed :data:`RUN` at a time."""
-    values = []
-    nextchar = s[end:end + 1]
-    if nextchar in _WS:
-        end = _whitespace(s, end + 1).end()
-        nextchar = s[end:end + 1]
-    if nextchar == "]":
-        return values, end + 1
-    while True:
-        run = _RUN.match(s, end)
-        if run is not None:  # whole items, each followed by its comma: valid JSON, then a value (or an error) next
-            values += json.loads(f"[{run.group()}0]")[:-1]
-            end = run.end()
-            continue
-        try:
-            value, end = _scan(s, end, scan_c)
-        except StopIteration as err:
-            raise JSONDecodeError("Expecting value", s, err.value) from None
-        values.append(value)
-        nextchar = s[end:end + 1]
-        if nextchar in _WS:
-            end = _whitespace(s, end + 1).end()
-            nextchar = s[end:end + 1]
-        end += 1
-        if nextchar == "]":
-            break
-        if nextchar != ",":
-            raise JSONDecodeError("Expecting ',' delimiter", s, end - 1)
-        end = _whitespace(s, end).end()
-    return values, end
+def _room() -> int:
+    """The levels of arrays and objects ``json.loads`` would parse if called in the place of
+    :func:`loads_in_pieces` (its caller's stack, Python's recursion limit): measured, as it depends
+    on both (and on how the interpreter counts frames against the limit), ~2 json.loads of 1 KB."""
+    return _levels() + _WALK_FRAMES * _frame_cost()
+
+
+@functools.cache
+def _frame_cost() -> int:
+    """Levels of json.loads that one more Python frame takes (1 where frames and C recursion share
+    the limit, as in Python 3.11; 0 where they do not)."""
+    return _levels() - _levels(1)
+
+
+_hint = [0]  # the last answer of _levels: the callers' stacks are alike (the body threads)
+
+
+def _levels(extra_frames: int = 0) -> int:
+    """The most levels ``json.loads`` parses called from :func:`_parses` here (``extra_frames``
+    deeper)."""
+    if extra_frames:
+        return _levels(extra_frames - 1)
+    hint = _hint[0]
+    if hint and _parses(hint) and not _parses(hint + 1):
+        return hint
+    good, bad = 0, 256
+    while _parses(bad):
+        good, bad = bad, bad * 2
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if _parses(mid) else (good, mid)
+    _hint[0] = good
+    return good
+
+
+def _parses(levels: int) -> bool:
+    try:
+        json.loads("[" * levels + "]" * levels)
+    except RecursionError:
+        return False
+    return True
