@@ -85,7 +85,7 @@ def _deep(rng: random.Random, levels: int) -> str:
         shape = rng.choice(["[", "[1, ", '[{"a": 1}, {"b": [] }, ', '{"k": ', '{"a": 1, "b": "x", "k": '])
         opens.append(shape)
         closes.append("]" if shape[0] == "[" else "}")
-    inner = rng.choice(['{"a": 1}', "[]", "{}", "7", '[{"a": 1}, {"a": 2}, 3]', '[1, 2, 3, 4]'])
+    inner = rng.choice(['{"a": 1}', "[]", "{}", "7", '[{"a": 1}, {"a": 2}, 3]', '[1, 2, 3, 4]', '[[1], [2, "a"], 3]'])
     return "".join(opens) + inner + "".join(reversed(closes))
 
 

@@ -8,7 +8,7 @@ Python, on a stack of its own, not by recursion (the pure-Python decoder's ``JSO
 hands the GIL over between their steps, every ``sys.getswitchinterval()`` when another thread asks)
 and leaves the C scanner bounded pieces: one string, number or literal; a flat object (at most
 :data:`FLAT_PAIRS` keys of such scalars, e.g. a chat message); a run of at most :data:`RUN` such
-items of an array, or of an object's pairs of such scalars, parsed together. The value, and the
+items (or flat arrays of at most :data:`FLAT_PAIRS` scalars) of an array, or of an object's pairs of such scalars, parsed together. The value, and the
 JSONDecodeError of a body that is not JSON (message and position), are ``json.loads``' own:
 CPython checks its C and pure-Python decoders against each other.
 """
@@ -21,7 +21,7 @@ import re
 from json.decoder import WHITESPACE, JSONDecodeError, scanstring
 
 RUN = 1024  # items of an array parsed in one C call (~1 ms of flat messages, less of numbers)
-FLAT_PAIRS = 64  # keys of an object the C scanner parses whole (each value a string, number or literal)
+FLAT_PAIRS = 64  # keys of an object (items of an array in a run) the C scanner parses whole, each a scalar
 
 _scan_c = json.JSONDecoder().scan_once  # the C scanner: (value, end) of the JSON value at an index
 _whitespace = WHITESPACE.match
@@ -35,7 +35,9 @@ _SCALAR = rf"(?:{_NUMBER}|{_STRING}|true|false|null)"
 _PAIR = rf"{_STRING}{_S}:{_S}{_SCALAR}"
 _FLAT_OBJECT = rf"\{{{_S}(?:{_PAIR}{_S},{_S}){{0,{FLAT_PAIRS - 1}}}{_PAIR}{_S}\}}"
 _FLAT = re.compile(_FLAT_OBJECT)
-_RUN = re.compile(rf"(?:(?:{_SCALAR}|{_FLAT_OBJECT}){_S},{_S}){{2,{RUN}}}")  # items, each with its comma
+_FLAT_ARRAY = rf"\[{_S}(?:{_SCALAR}{_S},{_S}){{0,{FLAT_PAIRS - 1}}}{_SCALAR}{_S}\]"  # a few token ids: a prompt
+# items, each with its comma (3M one-id prompts, each walked in Python, took 3-16 s of CPU per 15 MB body)
+_RUN = re.compile(rf"(?:(?:{_SCALAR}|{_FLAT_OBJECT}|{_FLAT_ARRAY}){_S},{_S}){{2,{RUN}}}")
 _PAIRS = re.compile(rf"(?:{_PAIR}{_S},{_S}){{1,{RUN - 1}}}{_PAIR}(?={_S},)")  # an object's pairs, the comma after left
 
 
@@ -148,11 +150,11 @@ def _walk(s: str, end: int, scan_c):
             return value, end
 
 
-def _runs(values: list, s: str, end: int, flat_objects_fit: bool) -> int:
+def _runs(values: list, s: str, end: int, flat_fits: bool) -> int:
     """Where the next single item of an array starts, from ``end`` (an item's start): runs of flat
-    items parsed :data:`RUN` at a time on the way, appended to ``values``; none where a flat object
-    in them would be nested deeper than json.loads parses (``flat_objects_fit`` false)."""
-    while flat_objects_fit:
+    items parsed :data:`RUN` at a time on the way, appended to ``values``; none where a flat
+    object or array in them would be nested deeper than json.loads parses (``flat_fits`` false)."""
+    while flat_fits:
         run = _RUN.match(s, end)
         if run is None:
             break
