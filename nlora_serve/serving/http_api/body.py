@@ -11,6 +11,7 @@ import functools
 import json
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -18,6 +19,7 @@ from typing import TypeVar
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from nlora_serve.serving.http_api.body_gc import full_collections_held, let_go
 from nlora_serve.serving.http_api.body_json import TooDeep, loads_in_pieces
 from nlora_serve.serving.http_api.body_pieces import PieceErrors, validate_in_pieces
 
@@ -43,6 +45,45 @@ async def off_loop(size: int, work: Callable[..., T], *args) -> T:
     if size <= PIECES_CHARS:
         return work(*args)
     return await asyncio.get_running_loop().run_in_executor(BODY_THREADS, functools.partial(work, *args))
+
+
+async def read_off_loop(raw: bytes, content_type: str | None, check: Callable[[object], None],
+                        read: Callable[..., T], *args) -> T:
+    """``read(data, *args)`` after ``check(data)``, ``data`` the body parsed (:func:`parsed_json`),
+    all in one :func:`off_loop` call: a large body lives and dies in its body thread, its pieces
+    letting the loop run, the collector's full passes held off until it is freed, in pieces
+    (body_gc.py; a refused body is freed there, not on the loop: the traceback's frames are
+    cleared of it, their lines kept).
+
+    Raises:
+        RequestValidationError: from :func:`parsed_json`. What ``check`` and ``read`` raise.
+    """
+    return await off_loop(len(raw), _parse_and_read, raw, content_type, check, read, args)
+
+
+def _parse_and_read(raw: bytes, content_type: str | None, check, read, args):
+    large = len(raw) > PIECES_CHARS
+    with full_collections_held(large):
+        box = [parsed_json(raw, content_type)]
+        try:
+            check(box[0])
+            return read(box[0], *args)
+        except BaseException as exc:
+            _clear_frames(exc)
+            raise
+        finally:
+            if large:  # freed in pieces, what no validated model or error holds
+                let_go(box)
+
+
+def _clear_frames(exc: BaseException) -> None:
+    """The locals of the finished frames in ``exc``'s traceback and those of the exceptions it
+    chains (``read``'s own ``data``) let go; the traceback's lines stay."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def parsed_json(raw: bytes, content_type: str | None):

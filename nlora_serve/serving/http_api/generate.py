@@ -48,7 +48,7 @@ from nlora_serve.serving.admission import Admission, Reservation
 from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.stream import Metered, adapter_versions, start_request
 from nlora_serve.serving.status import BodyTimeout, Draining
-from nlora_serve.serving.http_api.body import off_loop, parsed_json
+from nlora_serve.serving.http_api.body import read_off_loop
 from nlora_serve.serving.http_api.choices import check_choices, choice_params, of_prompt, start_choices
 from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.openai import chat_prompt
@@ -148,12 +148,14 @@ async def _start(ctx: HttpContext, request: Request, endpoint: Endpoint, caller:
         return None
     # TTFT from here, as vLLM's: a slow upload is not the server's time
     timer = ctx.metrics.request("http", tenant_of(ctx.auth, caller))
-    size = len(body)  # a large body is parsed and validated in a worker thread, in pieces (body.off_loop)
-    data = await off_loop(size, parsed_json, body, request.headers.get("content-type"))
-    model = data.get("model") if isinstance(data, dict) else None
-    if isinstance(model, str):  # else the validation below refuses it
-        check_grant(caller, model, ctx.base_model)
-    body, prompts, params, own = await off_loop(size, endpoint.read, data, ctx)
+    def granted(data) -> None:
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, str):  # else the validation refuses it
+            check_grant(caller, model, ctx.base_model)
+
+    # a large body is parsed and validated in a worker thread, in pieces (body.read_off_loop)
+    body, prompts, params, own = await read_off_loop(body, request.headers.get("content-type"), granted,
+                                                     endpoint.read, ctx)
     num_prompts = 1 if prompts is None else len(prompts)
     check_choices(body, params, ctx.config, num_prompts)
     truncation = truncation_of(body, ctx.engine.max_model_len)
