@@ -167,6 +167,33 @@ def test_more_turns_than_the_context_holds_are_refused_before_the_items_are_vali
     responses_route._read({"model": "m", "input": joined}, ctx)
 
 
+def test_more_function_calls_than_the_bytes_bound_holds_are_refused_before_validation(monkeypatch, tokenizer):
+    """function_call items open no turn, so the turn count let 100k of them through to be validated
+    (the GIL held ~1 s in all); each adds CALL_BYTES at least to the tool calls' JSON that the
+    chat's render counts against its bytes bound: more than the bound holds are refused first, in
+    the words of the turn bound; the render refuses the same body (the reference)."""
+    from types import SimpleNamespace
+
+    from nlora_serve.serving.http_api import responses_route
+    from nlora_serve.serving.http_api.responses_request import CALL_BYTES
+
+    bounds = (2000, 4)
+    ctx = SimpleNamespace(chat_bounds=bounds, config=ServerConfig())
+    shortest = {"type": "function_call", "call_id": "", "name": "", "arguments": "0"}
+    body = {"model": "m", "input": [{"role": "user", "content": "x"}] + [shortest] * (bounds[0] // CALL_BYTES + 1)}
+    monkeypatch.setattr(responses_route, "validated", lambda *a: pytest.fail("validated before the bound"))
+    with pytest.raises(ParamError) as err:
+        responses_route._read(body, ctx)
+    assert str(err.value).startswith("input holds 28 function_call items: their tool calls render 2,072 bytes")
+    assert err.value.param == "input"
+    monkeypatch.undo()
+    with pytest.raises(ParamError) as err:
+        chat_prompt(validated(ChatRequest, chat_body_of(validated(ResponsesRequest, body))), tokenizer, bounds,
+                    field="input")
+    assert "bytes of tool calls, tools and template variables" in str(err.value)
+    responses_route._read({**body, "input": body["input"][:-2]}, ctx)  # 26 calls: left to the render
+
+
 def test_tool_call_arguments_and_tools_count_toward_the_bytes_bound(tokenizer):
     """The prompt bytes bound (max_prompt_bytes: refused before tokenizing) counts the tool calls'
     and the rendered tools' JSON, not the contents only: 4 MB of arguments under a template that

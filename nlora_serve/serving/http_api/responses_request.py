@@ -35,6 +35,7 @@ their outputs (reasoning, images, files) and parts other than text are refused w
 from __future__ import annotations
 
 import functools
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -220,25 +221,38 @@ def _located(exc: ValidationError) -> dict[str, str]:
     return {"where": where, "message": first["msg"]}
 
 
-def check_turns(data, max_turns: int | None) -> None:
-    """Refuse a body whose ``input`` opens more chat turns than the context holds tokens (each
-    renders one at least: chat's ``max_messages`` bound), counted on the raw items before they are
-    validated one by one (200k items held the event loop 3.3 s): a non-assistant message and a
-    ``function_call_output`` open a turn each; a ``function_call`` and an assistant message may join
-    the turn before them, and are not counted. Anything malformed is left to validation.
+# the fewest bytes one function_call item adds to the tool calls' JSON a chat's render counts against
+# its bound (chat_template.render_chat): empty call id and name, the shortest JSON arguments
+CALL_BYTES = len(json.dumps({"id": "", "type": "function", "function": {"name": "", "arguments": "0"}}))
+
+
+def check_turns(data, max_turns: int | None, max_bytes: int | None = None) -> None:
+    """Refuse a body whose ``input`` no chat of this server can render, counted on the raw items
+    before they are validated one by one (200k items held the event loop 3.3 s, 100k function
+    calls ~1 s): more items that open a chat turn each than the context holds tokens (each renders
+    one at least: chat's ``max_messages`` bound; a non-assistant message and a
+    ``function_call_output`` open a turn, a ``function_call`` and an assistant message may join
+    the turn before them), or more ``function_call`` items than ``max_bytes`` holds of their tool
+    calls' JSON (each :data:`CALL_BYTES` at least: chat's bound on content and tool calls). Anything
+    malformed is left to validation.
 
     Raises:
-        ParamError: more such items than ``max_turns`` (param ``input``).
+        ParamError: param ``input``.
     """
     items = data.get("input") if isinstance(data, dict) else None
     if not max_turns or not isinstance(items, list) or len(items) <= max_turns:
         return
-    turns = sum(1 for item in items if isinstance(item, dict) and (
-        item.get("type") == "function_call_output" or item.get("type", "message") == "message"
-        and item.get("role") != "assistant"))
+    kinds = [item.get("type", "message") if isinstance(item, dict) else None for item in items]
+    turns = sum(1 for kind, item in zip(kinds, items) if kind == "function_call_output" or kind == "message"
+                and item.get("role") != "assistant")
     if turns > max_turns:
         raise ParamError(f"input holds {turns:,} items that open a turn each: more turns than the model's context "
                          f"holds tokens (max_model_len {max_turns}; refused before validating them)", "input")
+    calls = kinds.count("function_call")
+    if max_bytes is not None and calls * CALL_BYTES > max_bytes:
+        raise ParamError(f"input holds {calls:,} function_call items: their tool calls render {calls * CALL_BYTES:,} "
+                         "bytes of JSON at least, more tokens than the model's context holds (max_model_len; "
+                         f"refused before validating them above {max_bytes:,} bytes)", "input")
 
 
 def check_stateless(request: ResponsesRequest) -> None:

@@ -22,7 +22,7 @@ from nlora_serve.serving.http_api.responses_shape import ResponseShaper, random_
 def _read(data, ctx: HttpContext) -> tuple[ChatRequest, None, SamplingParams, ResponsesRequest]:
     """The request, its chat request and engine params (raises ParamError, ResponseNotFound,
     RequestValidationError naming the field)."""
-    check_turns(data, ctx.chat_bounds[1])
+    check_turns(data, ctx.chat_bounds[1], ctx.chat_bounds[0])
     request = validated(ResponsesRequest, data)
     check_stateless(request)
     if request.request_id is not None and len(request.request_id) > MAX_REQUEST_ID:
