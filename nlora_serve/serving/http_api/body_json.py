@@ -4,13 +4,13 @@
 2-core box, and every other tenant's stream (the event loop) and the engine's step thread wait that
 long, even with the parse in a worker thread. :func:`loads_in_pieces` walks arrays and objects in
 Python, on a stack of its own, not by recursion (the pure-Python decoder's ``JSONObject`` and
-``JSONArray``, step for step: the interpreter
-hands the GIL over between their steps, every ``sys.getswitchinterval()`` when another thread asks)
-and leaves the C scanner bounded pieces: one string, number or literal; a flat object (at most
+``JSONArray``, step for step: the interpreter hands the GIL over between their steps, every
+``sys.getswitchinterval()`` when another thread asks) and leaves the C scanner bounded pieces: one string, number or literal; a flat object (at most
 :data:`FLAT_PAIRS` keys of such scalars, e.g. a chat message); a run of at most :data:`RUN` such
-items (or flat arrays of at most :data:`FLAT_PAIRS` scalars) of an array, or of an object's pairs of such scalars, parsed together. The value, and the
-JSONDecodeError of a body that is not JSON (message and position), are ``json.loads``' own:
-CPython checks its C and pure-Python decoders against each other.
+items (or flat arrays of at most :data:`FLAT_PAIRS` scalars) of an array, or of an object's pairs
+of such scalars, parsed together. The value, and the JSONDecodeError of a body that is not JSON
+(message and position), are ``json.loads``' own: CPython checks its C and pure-Python decoders
+against each other.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ class TooDeep(RecursionError):
         self.levels = levels
 
 
-SHALLOW = 64  # levels of nesting walked before asking how deep json.loads would go (any caller's stack has room for that many)
-_WALK_FRAMES = 5  # frames between loads_in_pieces' caller and _parses' json.loads: loads_in_pieces, _walk, _room, _levels, _parses
+SHALLOW = 64  # levels walked before asking how deep json.loads would go (any caller's stack holds that many)
+# frames between loads_in_pieces' caller and _parses' json.loads: loads_in_pieces, _walk, _room, _levels, _parses
+_WALK_FRAMES = 5
 
 
 def _walk(s: str, end: int, scan_c):

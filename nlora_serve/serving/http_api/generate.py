@@ -148,14 +148,9 @@ async def _start(ctx: HttpContext, request: Request, endpoint: Endpoint, caller:
         return None
     # TTFT from here, as vLLM's: a slow upload is not the server's time
     timer = ctx.metrics.request("http", tenant_of(ctx.auth, caller))
-    def granted(data) -> None:
-        model = data.get("model") if isinstance(data, dict) else None
-        if isinstance(model, str):  # else the validation refuses it
-            check_grant(caller, model, ctx.base_model)
-
     # a large body is parsed and validated in a worker thread, in pieces (body.read_off_loop)
-    body, prompts, params, own = await read_off_loop(body, request.headers.get("content-type"), granted,
-                                                     endpoint.read, ctx)
+    body, prompts, params, own = await read_off_loop(body, request.headers.get("content-type"),
+                                                     grant_check(caller, ctx.base_model), endpoint.read, ctx)
     num_prompts = 1 if prompts is None else len(prompts)
     check_choices(body, params, ctx.config, num_prompts)
     truncation = truncation_of(body, ctx.engine.max_model_len)
@@ -323,6 +318,16 @@ def adapter_of(ctx: HttpContext, model: str) -> str | None:
     if adapter_versions(ctx.engine) is None:
         raise AdapterNotFound(f"model {shown(model)!r} does not exist: this server serves no adapters")
     return model
+
+
+def grant_check(caller: Principal, base_model: str) -> Callable[[object], None]:
+    """A parsed body's check: :func:`check_grant` of its ``model`` where that is a string (else
+    the validation refuses it)."""
+    def check(data) -> None:
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, str):
+            check_grant(caller, model, base_model)
+    return check
 
 
 def check_grant(caller: Principal, model: str, base_model: str) -> None:

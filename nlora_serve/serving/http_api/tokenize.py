@@ -43,7 +43,7 @@ from nlora_serve.errors import shown
 from nlora_serve.serving.http_api.body import read_off_loop, validated
 from nlora_serve.serving.http_api.body_bounds import check_token_count, refuse_chat, refuse_detokenize
 from nlora_serve.serving.http_api.context import HttpContext
-from nlora_serve.serving.http_api.generate import adapter_of, check_grant, read_body, unless_disconnected
+from nlora_serve.serving.http_api.generate import adapter_of, grant_check, read_body, unless_disconnected
 from nlora_serve.serving.http_api.openai import chat_prompt
 from nlora_serve.serving.http_api.request_models import ChatMessage, ParamError, unsupported
 from nlora_serve.serving.http_api.tools import Tool
@@ -106,13 +106,8 @@ async def _answer(ctx: HttpContext, request: Request,
             raw = await read_body(request, ctx.admission)
         except ClientDisconnect:
             return Response(status_code=499)
-        def granted(data) -> None:
-            model = data.get("model") if isinstance(data, dict) else None
-            if isinstance(model, str):  # else the validation refuses it
-                check_grant(caller, model, ctx.base_model)
-
         # a large body is parsed and validated in a worker thread, in pieces (body.read_off_loop)
-        body, work = await read_off_loop(raw, request.headers.get("content-type"), granted,
+        body, work = await read_off_loop(raw, request.headers.get("content-type"), grant_check(caller, ctx.base_model),
                                          lambda data: parse(ctx, data))
         _check_served(ctx, body.model)
         answer = await unless_disconnected(request, ctx.admission.tokenizer.run(caller.name, work))
