@@ -65,10 +65,25 @@ def test_each_logprob_token_is_decoded_once_and_as_decode_decodes_it(tokenizer):
     {"id": "x", "choices": [{"index": 0, "text": "naïve café 東京 🌸 \" \\ \n \u2028", "logprobs": None},
                             {"index": 1, "text": "", "logprobs": {"token_logprobs": [None, -9999.0, -1e-300, 0.1]}}],
      "system_fingerprint": None, "usage": {"total_tokens": 10 ** 18}},
+    {"id": "resp_1", "output": [{"type": "message", "content": [{"text": "é"}]}], "tools": [{"name": "f"}] * 3,
+     "metadata": {"k": ["v"]}, "empty": []},
 ])
 def test_whole_json_is_the_bytes_jsonresponse_renders(body):
     assert whole_json(body) == JSONResponse(body).body
     assert json.loads(whole_json(body)) == body
+
+
+def test_whole_json_serializes_a_responses_tools_echo_a_tool_at_a_time(monkeypatch):
+    """/v1/responses echoes the request's tools: 100k of them were 4 MB in one json.dumps (the GIL
+    held ~0.18 s, every stream waiting)."""
+    from nlora_serve.serving.http_api import responses
+
+    sizes = []
+    dumps = responses._dumps
+    monkeypatch.setattr(responses, "_dumps", lambda value: sizes.append(len(dumps(value))) or dumps(value))
+    body = {"id": "resp_1", "tools": [{"name": "f", "parameters": {"type": "object"}}] * 1000, "usage": None}
+    assert whole_json(body) == JSONResponse(body).body
+    assert max(sizes) < 100
 
 
 def test_whole_json_refuses_what_jsonresponse_refuses():
