@@ -25,11 +25,9 @@ Modules, by concern::
       compress/        ``adapters compress``: many LoRAs into one family (maths, build, report, cli)
       tune/            ``adapters tune``: IntTune training of N (train, data, unlikelihood, cli)
     serving them (AdapterManager is the engine's one handle)
-      store.py         one folder per name, one per version, written atomically: opened and
-                       read there, named in store_layout.py, written in store_write.py; store_lock.py,
-                       durable.py (its file operations, observable by tests), store_factors.py
-                       (a compressed family's shared factors in the store's _families),
-                       store_sums.py (each version's SHA256SUMS, checked at every read)
+      store/           one folder per name, one per version, written atomically and durably:
+                       AdapterStore (reads.py, writes.py), layout, durable file operations, SHA256SUMS,
+                       the root's lock, a family's shared factors (its __init__ maps them)
       registry.py      name -> current version: register, hot-swap, unload, free; registry_pins.py
                        the requests' pins and refcounts on them (acquire / release, hold / let_go)
       swap.py          a hot-swap's N-only payload checked against the version it replaces

@@ -19,7 +19,7 @@ from pathlib import Path
 import regex
 
 from nlora_serve.adapters.file_read import read_file
-from nlora_serve.adapters.store_layout import DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.spec import PROJECTIONS, ModelSpec
 

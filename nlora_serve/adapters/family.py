@@ -29,17 +29,17 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from nlora_serve.adapters import durable, store_factors
+from nlora_serve.adapters.store import durable, factors as store_factors
 from nlora_serve.adapters.config import FAMILY_FORMAT
 from nlora_serve.adapters.format import read_bytes
 from nlora_serve.adapters.writing import Undo, atomic_write, make_dirs
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, group_keys, tensor_key
 from nlora_serve.adapters.store import AdapterStore
-from nlora_serve.adapters.store_layout import DEFAULT_MAX_ADAPTER_BYTES, FACTORS_FILE, FAMILIES
+from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES, FACTORS_FILE, FAMILIES
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.spec import ModelSpec
 
-FAMILIES_DIR = FAMILIES  # store.py skips it when listing adapter names
+FAMILIES_DIR = FAMILIES  # the store (store/reads.py) skips it when listing adapter names
 
 
 @dataclass(frozen=True, slots=True)

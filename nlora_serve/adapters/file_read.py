@@ -14,7 +14,7 @@ import os
 import stat
 from pathlib import Path
 
-from nlora_serve.adapters.store_layout import DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.errors import AdapterError
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nlora_serve.adapters.store_layout import DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES
 
 DEFAULT_MAX_RANK = 64  # --max-rank
 

@@ -27,7 +27,7 @@ from nlora_serve.adapters.version import AdapterVersion, Hold, restored_summary
 from nlora_serve.adapters.residency import Residency
 from nlora_serve.adapters.swap import replace_n
 from nlora_serve.adapters.store import AdapterStore
-from nlora_serve.adapters.store_layout import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE
+from nlora_serve.adapters.store.layout import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
 

@@ -12,8 +12,8 @@ import grpc
 
 from nlora_serve.adapters.version import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.residency import AdapterLoadFailed, PoolFull
-from nlora_serve.adapters.durable import StoreReadError, StoreWriteError
-from nlora_serve.adapters.store_sums import StoredHashMismatch
+from nlora_serve.adapters.store.durable import StoreReadError, StoreWriteError
+from nlora_serve.adapters.store.sums import StoredHashMismatch
 from nlora_serve.errors import MAX_ERROR_CHARS, AdapterError, NloraError, capped
 from nlora_serve.proto import REASON_KEY
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated

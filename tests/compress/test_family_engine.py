@@ -147,7 +147,7 @@ def _full_form_upload(base, family_dir):
 def test_a_full_form_uploads_factors_are_durable_before_its_version(base_fp32, family_dir, tmp_path):
     """The factors were written with plain os calls and no folder fsync: after a power loss the
     acknowledged member's version could be on disk without them (not servable at the restart)."""
-    from nlora_serve.adapters import durable
+    from nlora_serve.adapters.store import durable
 
     config, weights, key = _full_form_upload(base_fp32, family_dir)
     manager = _manager(base_fp32, tmp_path / "store")
@@ -172,8 +172,8 @@ def test_a_full_form_uploads_factors_are_durable_before_its_version(base_fp32, f
 
 def test_a_disk_error_writing_a_familys_factors_changes_nothing(base_fp32, family_dir, tmp_path):
     """A full disk at the factors was a bare OSError (gRPC UNKNOWN), not the store's own refusal."""
-    from nlora_serve.adapters import durable
-    from nlora_serve.adapters.durable import StoreWriteError
+    from nlora_serve.adapters.store import durable
+    from nlora_serve.adapters.store.durable import StoreWriteError
 
     config, weights, key = _full_form_upload(base_fp32, family_dir)
     manager = _manager(base_fp32, tmp_path / "store")
@@ -252,8 +252,8 @@ def test_a_familys_factors_leave_the_cache_with_its_last_member(base_fp32, famil
 def test_a_member_the_registry_refuses_leaves_its_factors_uncached(base_fp32, family_dir, tmp_path):
     """A member the reader accepted and the registry then refused (a disk error writing its
     factors, --adapter-memory full) kept its family's factors cached."""
-    from nlora_serve.adapters import durable
-    from nlora_serve.adapters.durable import StoreWriteError
+    from nlora_serve.adapters.store import durable
+    from nlora_serve.adapters.store.durable import StoreWriteError
     from nlora_serve.adapters.limits import AdapterLimits
     from nlora_serve.adapters.residency import PoolFull
 

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from nlora_serve.adapters import durable
+from nlora_serve.adapters.store import durable
 from nlora_serve.serving.commands import serve as serve_cli
 
 

@@ -29,7 +29,7 @@ import safetensors.torch
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.store import ALLOWED_FILES, STAGING, UNLOADED
-from nlora_serve.adapters.store_sums import SUMS_FILE
+from nlora_serve.adapters.store.sums import SUMS_FILE
 from nlora_serve.client import NloraClient
 from serving_check import CASES, TIED
 

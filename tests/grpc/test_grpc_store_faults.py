@@ -1,5 +1,5 @@
 """A disk that fills up or fails during an upload, a swap or an unload (issue 16): ENOSPC / EIO
-injected at each store write point (nlora_serve.adapters.durable's fault hook) answers
+injected at each store write point (nlora_serve.adapters.store.durable's fault hook) answers
 RESOURCE_EXHAUSTED naming the disk error, leaves the store byte-for-byte unchanged, and the
 server serves on (the adapter still answers the transformers reference)."""
 
@@ -12,7 +12,7 @@ import os
 import pytest
 import safetensors.torch
 
-from nlora_serve.adapters import durable
+from nlora_serve.adapters.store import durable
 from nlora_serve.client import NloraClient, ResourceExhausted
 from serving_check import CASES, TIED, still_serves
 

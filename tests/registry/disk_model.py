@@ -1,6 +1,6 @@
 """A model of what a disk keeps across a power loss, for the store's crash-replay test.
 
-It replays the store's recorded file operations (:class:`nlora_serve.adapters.durable.FileOp`)
+It replays the store's recorded file operations (:class:`nlora_serve.adapters.store.durable.FileOp`)
 on inodes: a file's bytes survive only once the file was fsynced, a folder's entries (created,
 renamed, linked, removed) only once the folder was fsynced; everything else is dropped. This is
 the POSIX minimum an application may rely on (what ALICE, Pillai et al., OSDI 2014, calls the

@@ -129,7 +129,7 @@ def read_only(monkeypatch):
     fails them on a read-only mount (EROFS, also for an unlink or rmdir of nothing)."""
     import errno
 
-    from nlora_serve.adapters import durable
+    from nlora_serve.adapters.store import durable
 
     def arm(root):
         root = str(root)
@@ -163,7 +163,7 @@ def test_a_read_only_store_is_refused_at_open_naming_it(tmp_path, read_only):
 
 def test_an_unload_a_read_only_store_refuses_is_a_store_write_error(tmp_path, read_only):
     """The clean-up's own unlink (EROFS even for nothing) hid it as a bare OSError (gRPC UNKNOWN)."""
-    from nlora_serve.adapters.durable import StoreWriteError
+    from nlora_serve.adapters.store.durable import StoreWriteError
 
     store = AdapterStore(tmp_path / "store")
     store.write("acme", FILES)

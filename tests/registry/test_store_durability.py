@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from nlora_serve.adapters import durable
+from nlora_serve.adapters.store import durable
 from nlora_serve.adapters.store import CONFIG_FILE, STAGING, UNLOADED, WEIGHTS_FILE, AdapterStore, content_hash
-from nlora_serve.adapters.store_factors import write_factors
+from nlora_serve.adapters.store.factors import write_factors
 from nlora_serve.errors import AdapterError
 from disk_model import DiskModel
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nlora_serve.adapters import durable
+from nlora_serve.adapters.store import durable
 from nlora_serve.adapters.family import FACTORS_FILE, FAMILIES_DIR, FamilyResolver
 from nlora_serve.adapters.format import read_header_bytes
 from nlora_serve.adapters.manager import AdapterManager
@@ -339,7 +339,7 @@ def test_an_unreadable_store_entry_is_skipped_with_a_warning_not_a_crash(tmp_pat
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
 
-    monkeypatch.setattr("nlora_serve.adapters.store.os.scandir", scandir)
+    monkeypatch.setattr("nlora_serve.adapters.store.reads.os.scandir", scandir)
     with caplog.at_level("WARNING", logger="nlora_serve.adapters.store"):
         assert store.names() == ["zeta"]
     assert "skipping store entry" in caplog.text and "Permission denied" in caplog.text

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load, save
 
-from nlora_serve.adapters import durable
+from nlora_serve.adapters.store import durable
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.store import CONFIG_FILE, STAGING, WEIGHTS_FILE, AdapterStore
 
@@ -101,7 +101,7 @@ def test_a_disk_refusing_the_sums_of_an_older_version_still_serves_it(base_fp32,
 
     previous = durable.set_fault_hook(full)
     try:
-        with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.store_sums"):
+        with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.store.sums"):
             assert [v.name for v in AdapterManager(base_fp32, root).versions()] == ["acme"]
     finally:
         durable.set_fault_hook(previous)
@@ -111,7 +111,7 @@ def test_a_disk_refusing_the_sums_of_an_older_version_still_serves_it(base_fp32,
 
 def test_a_sums_file_over_its_own_cap_is_refused_naming_that_cap_not_max_adapter_bytes(tmp_path):
     """The refusal said "over the server's --max-adapter-bytes 4096": a flag the operator had not set to that."""
-    from nlora_serve.adapters.store_sums import MAX_SUMS_BYTES
+    from nlora_serve.adapters.store.sums import MAX_SUMS_BYTES
     from nlora_serve.errors import AdapterError
 
     store = AdapterStore(tmp_path / "store")
@@ -138,7 +138,7 @@ def test_sums_the_disk_refused_are_tried_and_warned_once_not_at_every_cold_load(
 
     previous = durable.set_fault_hook(full)
     try:
-        with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.store_sums"):
+        with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.store.sums"):
             for _ in range(3):
                 store.record_sums(stored, store.read_files(stored))
     finally:
@@ -158,7 +158,7 @@ def test_a_swap_linking_a_config_replaced_on_disk_is_refused_as_the_stores_fault
 
     from nlora_serve.adapters.nystrom import init_adapter
     from nlora_serve.adapters.save import write_adapter
-    from nlora_serve.adapters.store_sums import StoredHashMismatch
+    from nlora_serve.adapters.store.sums import StoredHashMismatch
     from nlora_serve.serving.status import http_status_of, status_of
 
     adapter = init_adapter(base_fp32, rank=4, targets=["q_proj"], layers=[0])
@@ -201,7 +201,7 @@ def test_loading_a_stored_versions_folder_by_path_checks_its_sums(base_fp32, tmp
     """HTTP's /v1/load_lora_adapter registers the folder ``lora_path``: an operator's reload of an
     unloaded tenant from its stored folder read the files unchecked and recorded a replaced file's
     sha256 in the new version, served from then on; gRPC's LoadAdapter of the same version refused it."""
-    from nlora_serve.adapters.store_sums import StoredHashMismatch
+    from nlora_serve.adapters.store.sums import StoredHashMismatch
 
     root = tmp_path / "store"
     manager = AdapterManager(base_fp32, root)

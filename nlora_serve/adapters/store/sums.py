@@ -1,7 +1,7 @@
 """A stored version's recorded content hashes: ``SHA256SUMS`` in its folder.
 
 The store writes it with the version's files, in the same staged, fsynced folder that one rename
-makes visible (store.py), so a version on disk has its hashes from the moment it exists. Every
+makes visible (writes.py), so a version on disk has its hashes from the moment it exists. Every
 read of the version's files through the store checks them: a file replaced since it was written
 (another valid adapter copied over it between restarts, a restored backup of another version) was
 served at the next start under a fresh content hash, silently; now that version is refused with
@@ -24,7 +24,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from nlora_serve.adapters import durable
+from nlora_serve.adapters.store import durable
 from nlora_serve.errors import AdapterError
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,6 @@
-"""The adapter store: one folder per adapter name, one sub-folder per version, written atomically.
+"""AdapterStore: opens a store and reads it (names, versions, files checked against their SHA256SUMS).
 
-This module opens a store and reads it (names, versions, files checked against their SHA256SUMS);
-store_layout.py names what lies where, store_write.py writes, unloads and removes versions.
+Its writes (write, unload, remove) come from writes.py's StoreWrites; layout.py names what lies where.
 """
 
 from __future__ import annotations
@@ -14,24 +13,20 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nlora_serve.adapters import durable, store_lock
+from nlora_serve.adapters.store import durable, lock
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.store_layout import (ALLOWED_FILES, CONFIG_FILE, DEFAULT_MAX_ADAPTER_BYTES, FAMILIES,
-                                               STAGING, UNLOADED, WEIGHTS_FILE, StoredVersion, content_hash)
-from nlora_serve.adapters.store_sums import check_sums, recorded
-from nlora_serve.adapters.store_write import StoreWrites
+from nlora_serve.adapters.store.layout import (ALLOWED_FILES, DEFAULT_MAX_ADAPTER_BYTES, FAMILIES, STAGING, UNLOADED,
+                                               StoredVersion)
+from nlora_serve.adapters.store.sums import check_sums, recorded
+from nlora_serve.adapters.store.writes import StoreWrites
 from nlora_serve.errors import AdapterError
-
-# AdapterStore and the layout names (store_layout.py) that serving/ and tests/ import from here
-__all__ = ["ALLOWED_FILES", "CONFIG_FILE", "DEFAULT_MAX_ADAPTER_BYTES", "STAGING", "UNLOADED", "WEIGHTS_FILE",
-           "AdapterStore", "StoredVersion", "content_hash"]
 
 log = logging.getLogger(__name__)
 
 
 class AdapterStore(StoreWrites):
     """Adapters on disk under one root; every path it touches stays inside that root. One process
-    at a time opens a root (adapters/store_lock.py): AdapterError names it when another holds it.
+    at a time opens a root (lock.py): AdapterError names it when another holds it.
     A version's files hold at most ``max_bytes`` together (--max-adapter-bytes, as an upload):
     more is refused when written and when read, before a byte of it is read. The root must be
     writable (AdapterError at construction otherwise, naming it)."""
@@ -43,8 +38,8 @@ class AdapterStore(StoreWrites):
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise AdapterError(f"adapter store {self.root}: cannot create it ({exc.strerror or exc})") from None
-        store_lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
-        # serialises version allocation and renames (and store_factors.py's writes of _families)
+        lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
+        # serialises version allocation and renames (and factors.py's writes of _families)
         self.write_lock = threading.Lock()
         staging = self.root / STAGING
         try:
@@ -137,7 +132,7 @@ class AdapterStore(StoreWrites):
             AdapterError: ``path`` is not inside the store, a link or other non-regular entry is
                 on the way (named by its path relative to the root), or the files are over
                 ``max_bytes`` together (checked with fstat, before reading).
-            StoredHashMismatch: a file is not the one the store wrote (store_sums.py).
+            StoredHashMismatch: a file is not the one the store wrote (sums.py).
         """
         try:
             folder = Path(path).relative_to(self.root)

@@ -1,6 +1,6 @@
 """The adapter store's ``_families`` folder: a compressed family's shared factors, written once.
 
-Layout (see store.py): ``<root>/_families/<key>/family.safetensors``, ``key`` the sha256 the
+Layout (see layout.py): ``<root>/_families/<key>/family.safetensors``, ``key`` the sha256 the
 factors hash to (adapters/family.py). Written in a version's durable order, through the store's
 staging area and under its write lock, before the member version that needs them to load.
 """
@@ -13,10 +13,10 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from nlora_serve.adapters import durable
-from nlora_serve.adapters.durable import fsync_dir, raise_if_disk_error, write_synced
-from nlora_serve.adapters.store import AdapterStore
-from nlora_serve.adapters.store_layout import FACTORS_FILE, FAMILIES, STAGING
+from nlora_serve.adapters.store import durable
+from nlora_serve.adapters.store.durable import fsync_dir, raise_if_disk_error, write_synced
+from nlora_serve.adapters.store.reads import AdapterStore
+from nlora_serve.adapters.store.layout import FACTORS_FILE, FAMILIES, STAGING
 from nlora_serve.errors import AdapterError
 
 

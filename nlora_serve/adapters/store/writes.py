@@ -15,11 +15,11 @@ import os
 import shutil
 from pathlib import Path
 
-from nlora_serve.adapters import durable
-from nlora_serve.adapters.durable import StoreWriteError, fsync_dir, raise_if_disk_error, write_synced
+from nlora_serve.adapters.store import durable
+from nlora_serve.adapters.store.durable import StoreWriteError, fsync_dir, raise_if_disk_error, write_synced
 from nlora_serve.adapters.names import check_no_case_twin
-from nlora_serve.adapters.store_layout import ALLOWED_FILES, STAGING, UNLOADED, StoredVersion
-from nlora_serve.adapters.store_sums import SUMS_FILE, check_linked, record, sums_bytes
+from nlora_serve.adapters.store.layout import ALLOWED_FILES, STAGING, UNLOADED, StoredVersion
+from nlora_serve.adapters.store.sums import SUMS_FILE, check_linked, record, sums_bytes
 from nlora_serve.errors import AdapterError
 
 log = logging.getLogger("nlora_serve.adapters.store")  # the store's records keep the logger name they had
@@ -36,7 +36,7 @@ class StoreWrites:
     def record_sums(self, path: Path, files: dict[str, bytes]) -> None:
         """Record the sha256 of ``files`` (all of version folder ``path``'s, read through
         :meth:`read_files` and validated) in its SHA256SUMS where it has none: a version an older
-        nlora-serve wrote (store_sums.record). Best effort: a disk refusing it is logged once; this
+        nlora-serve wrote (sums.record). Best effort: a disk refusing it is logged once; this
         store does not try that version again (each cold load would wait for the write lock, fsync
         and log again), a restart does."""
         if os.path.lexists(Path(path) / SUMS_FILE) or Path(path) in self._unrecorded:  # no wait on a write

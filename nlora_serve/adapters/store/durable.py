@@ -1,7 +1,7 @@
 """The adapter store's file operations, each one a named point a test can observe or fail.
 
 Every store write path goes through these functions, in the durable order the store relies on
-(write, fsync the file, fsync its folder, rename into place, fsync the parent): see store_write.py.
+(write, fsync the file, fsync its folder, rename into place, fsync the parent): see writes.py.
 :func:`set_fault_hook` installs a callable that sees each operation just before it runs, as a
 :class:`FileOp`; it may record it (the durability-order tests), raise an ``OSError`` in its place
 (a disk that fills up: ENOSPC, EIO) or kill the process there (the crash tests). Without a hook

@@ -5,12 +5,12 @@ Layout under the root (``--adapter-dir``)::
     <name>/<version:08d>/adapter_config.json
     <name>/<version:08d>/adapter_model.safetensors
     <name>/<version:08d>/SHA256SUMS    the files' sha256, written with them and checked on every read
-                                       (store_sums.py); a version an older nlora-serve wrote gets
+                                       (sums.py); a version an older nlora-serve wrote gets
                                        it at its first load (record_sums)
     <name>/UNLOADED                present while the name is unloaded: not served after a restart
     .staging/                      temporary folders; whatever is here after a crash is discarded
     _families/<key>/family.safetensors   a compressed family's shared factors (adapters/family.py),
-                                         written as durably as a version (store_factors.py)
+                                         written as durably as a version (factors.py)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlora_serve.adapters import durable
+from nlora_serve.adapters.store import durable
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
