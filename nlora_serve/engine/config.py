@@ -7,7 +7,7 @@ print these defaults in their ``--help`` without loading torch (seconds on a sma
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from nlora_serve.adapters.limits import AdapterLimits
@@ -49,6 +49,11 @@ def _positive(owner: str, **values: int) -> None:
 
 
 SCHEDULING_POLICIES = ("fcfs", "fair")
+# the long-prefill cap of "fair" on the CPU when --long-prefill-token-threshold is not given, applied
+# while requests of more than one tenant run or wait (scheduler.py; bench/RESULTS.md, "Long prompts
+# against another tenant's stream"). Not on CUDA: unmeasured there, and a GPU's prefill is
+# efficient well above 128 tokens a step
+FAIR_LONG_PREFILL_TOKEN_THRESHOLD = 128
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # the CPU's KV cache without --kv-cache-memory-bytes
 
 
@@ -78,8 +83,11 @@ class SchedulerConfig:
     tenant_weights: dict[str, float] = field(default_factory=dict)  # "fair": tenant -> weight (absent: 1)
     # a prefill with more than this many tokens left is "long" and computes at most this many per
     # step while other requests run or wait, so decodes and short prompts interleave with it
-    # (vLLM's --long-prefill-token-threshold; 0: no cap, vLLM's default)
-    long_prefill_token_threshold: int = 0
+    # (vLLM's --long-prefill-token-threshold; 0: no cap, vLLM's default). None (not given): no cap
+    # under "fcfs"; under "fair" FAIR_LONG_PREFILL_TOKEN_THRESHOLD while requests of more than one
+    # tenant run or wait, so one tenant's long prompts cannot stall another's stream (the CPU's:
+    # EngineConfig makes None 0 on CUDA)
+    long_prefill_token_threshold: int | None = None
     # floor that cap at max_num_batched_tokens // (running + waiting requests) (vLLM's
     # --long-prefill-token-threshold-adaptive)
     long_prefill_token_threshold_adaptive: bool = False
@@ -97,7 +105,8 @@ class SchedulerConfig:
         if self.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"SchedulerConfig.policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.policy!r}")
         threshold = self.long_prefill_token_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or not 0 <= threshold <= self.max_model_len:
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int)
+                                      or not 0 <= threshold <= self.max_model_len):
             raise ValueError("SchedulerConfig.long_prefill_token_threshold (--long-prefill-token-threshold) must be "
                              f"an integer from 0 (off) to max_model_len ({self.max_model_len}); got {threshold!r}")
         if not isinstance(self.long_prefill_token_threshold_adaptive, bool):
@@ -215,6 +224,10 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"EngineConfig.enable_prefix_caching must be True or False; got {self.enable_prefix_caching!r}")
         self.device = str(resolve_device(self.device))
+        if self.scheduler.long_prefill_token_threshold is None and self.device != "cpu":
+            # "fair"'s default long-prefill cap is the CPU's (FAIR_LONG_PREFILL_TOKEN_THRESHOLD): a copy,
+            # not the caller's config changed
+            self.scheduler = replace(self.scheduler, long_prefill_token_threshold=0)
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda")
         if not isinstance(self.async_scheduling, bool):

@@ -24,7 +24,12 @@ head of the queue short of blocks too every later step was empty (tests/engine/t
 With ``long_prefill_token_threshold`` > 0 and more than one request running or waiting, a prefill
 (continued or admitted) with more than the threshold left to compute gets the threshold this step,
 so one tenant's long prompts cannot fill every step and stall the others' decodes and short prompts
-(vLLM 0.32's rule, v1/core/sched/scheduler.py; alone, a prompt takes the whole budget).
+(vLLM 0.32's rule, v1/core/sched/scheduler.py; alone, a prompt takes the whole budget). Left unset
+(None), the threshold is 0 (off, vLLM's default) under "fcfs" and, under "fair",
+``FAIR_LONG_PREFILL_TOKEN_THRESHOLD`` (128) in the steps where requests of more than one tenant run
+or wait: on the CPU a tenant's two 1,218-token prompts otherwise held another tenant's stream to
+gaps of seconds (bench/RESULTS.md), while one tenant alone keeps whole-budget prefills. An explicit
+0 is off, as in vLLM; on CUDA EngineConfig turns the unset threshold into 0 (unmeasured there).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nlora_serve.engine.block_manager import BlockManager
-from nlora_serve.engine.config import SchedulerConfig
+from nlora_serve.engine.config import FAIR_LONG_PREFILL_TOKEN_THRESHOLD, SchedulerConfig
 from nlora_serve.engine.fairness import VirtualTokenCounter
 from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
@@ -156,15 +161,20 @@ class Scheduler:
             budget -= n
 
     def _long_prefill_cap(self) -> int:
-        """Tokens a long prefill may compute this step: ``long_prefill_token_threshold``, floored at
-        ``max_num_batched_tokens`` // requests with ``long_prefill_token_threshold_adaptive``; 0 (no
-        cap) when it is off or one request is all there is (nobody to starve)."""
+        """Tokens a long prefill may compute this step: ``long_prefill_token_threshold`` (unset: the
+        policy's default, module docstring), floored at ``max_num_batched_tokens`` // requests with
+        ``long_prefill_token_threshold_adaptive``; 0 (no cap) when it is off or one request is all
+        there is (nobody to starve). Call after ``fair.observe`` (its ``share`` has this step's
+        active tenants)."""
         cfg, num_requests = self.config, len(self.running) + len(self.waiting)
-        if cfg.long_prefill_token_threshold == 0 or num_requests <= 1:
+        threshold = cfg.long_prefill_token_threshold
+        if threshold is None:  # between tenants under "fair" only
+            threshold = FAIR_LONG_PREFILL_TOKEN_THRESHOLD if self.fair is not None and len(self.fair.share) > 1 else 0
+        if threshold == 0 or num_requests <= 1:
             return 0
         if cfg.long_prefill_token_threshold_adaptive:
-            return max(cfg.long_prefill_token_threshold, cfg.max_num_batched_tokens // num_requests)
-        return cfg.long_prefill_token_threshold
+            return max(threshold, cfg.max_num_batched_tokens // num_requests)
+        return threshold
 
     def _chunk(self, num_left: int) -> int:
         """Tokens to compute this step for a sequence with ``num_left`` uncomputed, before the budget."""

@@ -8,7 +8,7 @@ import pytest
 
 from greedy_rule import matches_reference
 from nlora_serve.engine.block_manager import BlockManager
-from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from nlora_serve.engine.config import FAIR_LONG_PREFILL_TOKEN_THRESHOLD, CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.scheduler import Scheduler
@@ -70,6 +70,40 @@ def test_adaptive_floors_the_threshold_at_a_fair_share_of_the_budget():
         plans[adaptive] = run_step(sched)
     assert plans[False] == [("r0", 2), ("r1", 2), ("r2", 2)]
     assert plans[True] == [("r0", 5), ("r1", 5), ("r2", 5)]  # max(2, 16 // 3)
+
+
+def test_fair_caps_long_prefills_between_tenants_by_default_and_an_explicit_0_is_off():
+    def plan(policy: str, tenants: tuple[str, str], steps: int = 2, **cfg) -> list[list[tuple[str, int]]]:
+        sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=512,
+                                          policy=policy, **cfg), BlockManager(256, 4))
+        sched.add(seq(0, 300, tenants[0]))  # bob's long prompt first, then another request's short one
+        sched.add(seq(1, 8, tenants[1]))
+        return [run_step(sched) for _ in range(steps)]
+
+    assert FAIR_LONG_PREFILL_TOKEN_THRESHOLD == 128
+    # unset under fair, two tenants: 128 a step while carol prefills, then decodes
+    assert plan("fair", ("bob", "carol"), 3) == [[("r0", 128), ("r1", 8)], [("r1", 1), ("r0", 128)],
+                                                 [("r1", 1), ("r0", 44)]]
+    whole = [[("r0", 300), ("r1", 8)], [("r0", 1), ("r1", 1)]]
+    assert plan("fair", ("bob", "carol"), long_prefill_token_threshold=0) == whole  # explicit 0: off, as vLLM
+    assert plan("fair", ("bob", "bob")) == whole  # one tenant: no other tenant's stream to stall
+    assert plan("fcfs", ("bob", "carol")) == whole  # fcfs keeps vLLM's default
+    assert plan("fair", ("bob", "carol"), 1, long_prefill_token_threshold=64) == [[("r0", 64), ("r1", 8)]]
+    assert plan("fcfs", ("bob", "bob"), 1, long_prefill_token_threshold=64) == [[("r0", 64), ("r1", 8)]]
+
+
+def test_the_fair_default_is_the_cpus(monkeypatch):
+    import torch
+
+    from nlora_serve.engine import config as config_module
+
+    scheduler = SchedulerConfig(policy="fair")
+    assert EngineConfig(device="cpu", scheduler=scheduler).scheduler.long_prefill_token_threshold is None
+    monkeypatch.setattr(config_module, "resolve_device", lambda name: torch.device("cuda"))  # no GPU needed
+    assert EngineConfig(device="cuda", scheduler=scheduler).scheduler.long_prefill_token_threshold == 0
+    assert scheduler.long_prefill_token_threshold is None  # a copy changed, not the caller's
+    chosen = SchedulerConfig(policy="fair", long_prefill_token_threshold=256)
+    assert EngineConfig(device="cuda", scheduler=chosen).scheduler.long_prefill_token_threshold == 256
 
 
 def test_config_validation_names_the_flag():
@@ -159,7 +193,10 @@ def test_the_flags_fill_the_scheduler_config_and_errors_name_the_flag(command):
     (add_serve_arguments if command == "serve" else add_generate_arguments)(parser)
     extra = ["--prompt", "x"] if command == "generate" else []
     default = device_config(parser.parse_args(["--device", "cpu", *extra])).scheduler
-    assert (default.long_prefill_token_threshold, default.long_prefill_token_threshold_adaptive) == (0, False)
+    # unset: the scheduler's default for the policy (0 under fcfs; 128 between tenants under fair)
+    assert (default.long_prefill_token_threshold, default.long_prefill_token_threshold_adaptive) == (None, False)
+    args = parser.parse_args(["--device", "cpu", "--long-prefill-token-threshold", "0", *extra])
+    assert device_config(args).scheduler.long_prefill_token_threshold == 0  # explicit 0: off
     args = parser.parse_args(["--device", "cpu", "--long-prefill-token-threshold", "256",
                               "--long-prefill-token-threshold-adaptive", *extra])
     chosen = device_config(args).scheduler

@@ -72,9 +72,14 @@ def test_max_loras_is_vllms_max_loras_on_the_cpu_too(engine_args, base_fp32, tmp
 
 
 def test_long_prefill_token_threshold_reaches_vllm(engine_args, base_fp32):
-    # vLLM 0.32 caps a long prefill per step with the same flag (its default, 0, is ours)
+    # vLLM 0.32 caps a long prefill per step with the same flag; unset, vLLM gets its own default, 0,
+    # under "fair" too (the native scheduler's 128 between tenants is no vLLM default, and vLLM
+    # schedules fcfs)
     args = engine_args(base_fp32)
     assert (args.long_prefill_token_threshold, args.long_prefill_token_threshold_adaptive) == (0, False)
+    args = engine_args(base_fp32, scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256,
+                                                            max_model_len=256, policy="fair"))
+    assert args.long_prefill_token_threshold == 0
     scheduler = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=256,
                                 long_prefill_token_threshold=64, long_prefill_token_threshold_adaptive=True)
     args = engine_args(base_fp32, scheduler=scheduler)

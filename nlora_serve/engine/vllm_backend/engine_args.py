@@ -34,7 +34,8 @@ def engine_args(cfg: EngineConfig, b: VllmBackendConfig, model_path: Path, token
     args = dict(model=str(model_path), tokenizer=str(tokenizer_path), dtype=str(cfg.dtype).removeprefix("torch."),
                 seed=cfg.seed, max_model_len=cfg.scheduler.max_model_len, max_num_seqs=cfg.scheduler.max_num_seqs,
                 max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
-                long_prefill_token_threshold=cfg.scheduler.long_prefill_token_threshold,
+                # unset: vLLM's default, 0 (the "fair" default is the native scheduler's; vLLM schedules fcfs)
+                long_prefill_token_threshold=cfg.scheduler.long_prefill_token_threshold or 0,
                 long_prefill_token_threshold_adaptive=cfg.scheduler.long_prefill_token_threshold_adaptive,
                 tensor_parallel_size=b.tensor_parallel_size, pipeline_parallel_size=b.pipeline_parallel_size,
                 enforce_eager=on_cpu if b.enforce_eager is None else b.enforce_eager,

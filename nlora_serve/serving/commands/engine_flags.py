@@ -7,8 +7,8 @@ import argparse
 import re
 
 from nlora_serve.arg_types import check_dtype, human_readable_int
-from nlora_serve.engine.config import (CPU_GEMMS, DEFAULT_CPU_KV_CACHE_BYTES, CacheConfig, EngineConfig,
-                                       SchedulerConfig, resolve_device)
+from nlora_serve.engine.config import (CPU_GEMMS, DEFAULT_CPU_KV_CACHE_BYTES, FAIR_LONG_PREFILL_TOKEN_THRESHOLD,
+                                       CacheConfig, EngineConfig, SchedulerConfig, resolve_device)
 
 
 # a config dataclass's field as its __post_init__ names it: "ServerConfig.max_queue must be ..."
@@ -78,10 +78,12 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
       help="sequences running at once, at most (default: %(default)s)")
     a("--max-num-batched-tokens", type=human_readable_int, default=SchedulerConfig().max_num_batched_tokens,
       help="tokens one step computes, decodes and prefill chunks together (default: %(default)s)")
-    a("--long-prefill-token-threshold", type=int, default=SchedulerConfig().long_prefill_token_threshold,
+    a("--long-prefill-token-threshold", type=int, default=None,
       metavar="N", help="a prefill with more than N tokens left computes N per step while other requests run or "
                         "wait, so one tenant's long prompts cannot stall the others' decodes (vLLM's flag; "
-                        "0: off) (default: %(default)s)")
+                        "0: off) (default: 0 (off, vLLM's) under --scheduling-policy fcfs and on CUDA; under "
+                        f"fair on the CPU {FAIR_LONG_PREFILL_TOKEN_THRESHOLD} while requests of more than one "
+                        "tenant run or wait)")
     a("--long-prefill-token-threshold-adaptive", action="store_true",
       help="floor that cap at --max-num-batched-tokens / (running + waiting requests) (vLLM's flag)")
 
