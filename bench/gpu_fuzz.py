@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from tiny_llama import make_tiny_llama, merged, random_factors, write_peft  # noqa: E402
 
 from nlora_serve.adapters.limits import AdapterLimits  # noqa: E402
+from nlora_serve.engine.api import EngineError, RequestAborted  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
 from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
@@ -163,6 +164,9 @@ async def run_round(engine: LLMEngine, jobs: list[Job], swap: tuple[int, str, by
                     aborted = True
             got[job.rid] = {"tokens": tokens, "finish": last.finish_reason, "version": last.adapter_version,
                             "cached": last.cached_tokens, "aborted": aborted}
+        except (EngineError, RequestAborted) as exc:  # the engine failed it (or aborted it itself)
+            got[job.rid] = {"tokens": [], "finish": "error", "version": None, "cached": 0, "aborted": False,
+                            "error": f"{type(exc).__name__}: {exc}"}
         finally:
             state["running"] -= 1
 
@@ -179,6 +183,8 @@ async def run_round(engine: LLMEngine, jobs: list[Job], swap: tuple[int, str, by
 def check(world: World, job: Job, result: dict, nset: int, tie: float) -> dict | None:
     """None when the request's tokens are the reference's greedy ones (up to near-ties) and its
     length and finish fit; else what differs, with the first differing position."""
+    if "error" in result:
+        return {"what": "error", "got": result["error"]}
     tokens = result["tokens"]
     done = "abort" if result["aborted"] else "length"
     short = done == "length" and (result["finish"], len(tokens)) != ("length", job.max_tokens)
@@ -247,14 +253,21 @@ def fuzz_config(world: World, name: str, args, sizes: dict, rng: random.Random, 
                 payload = safetensors.torch.save({k: (sign * t).contiguous() for k, t in n_files[tenant].items()})
                 swap = (rng.randint(0, 2 * sizes["new"]), tenant, payload)
             start = time.monotonic()
-            got, swapped = asyncio.run(run_round(engine, jobs, swap))
+            try:
+                got, swapped = asyncio.run(asyncio.wait_for(run_round(engine, jobs, swap), args.round_timeout))
+            except TimeoutError:  # a request never finished: report what is left and stop here
+                stall = [{"job": asdict(job) | {"prompt_len": len(job.prompt)}, "what": "stall",
+                          "got": f"not finished after {args.round_timeout} s"} for job in jobs]
+                report(name, round_no, jobs, {}, stall, leftovers(engine, 0.0), swap is not None,
+                       time.monotonic() - start, engine.stats())
+                return
             if swapped is not None:
                 current[swap[1]] = 1 - current[swap[1]]
                 nsets[swap[1]][swapped.version] = current[swap[1]]
             mismatches = []
             for job in jobs:
                 result = got[job.rid]
-                nset = nsets[job.tenant].get(result["version"]) if job.tenant else 0
+                nset = nsets[job.tenant].get(result["version"]) if job.tenant and "error" not in result else 0
                 problem = ({"what": "unknown version", "got": result["version"]} if nset is None
                            else check(world, job, result, nset, args.tie_margin))
                 if problem:
@@ -319,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="time for the whole run, start-up included")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=None, help="at most this many rounds per configuration")
+    ap.add_argument("--round-timeout", type=float, default=300.0,
+                    help="a round not done by then is a stall: reported, and the run ends")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's 2)")
     ap.add_argument("--kernel-backend", choices=["triton", "torch"], default="triton",
                     help="torch: the plain torch ops (the scheduling and slots without the kernels; fast here)")

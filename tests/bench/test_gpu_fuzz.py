@@ -80,6 +80,8 @@ def test_the_check_finds_the_first_wrong_token_and_passes_near_ties():
     aborted = {**result, "tokens": [4], "finish": "abort", "aborted": True}
     assert gpu_fuzz.check(world, job, aborted, 0, 1e-3) is None
     assert gpu_fuzz.check(world, job, {**aborted, "aborted": False}, 0, 1e-3)["what"] == "length/finish"
+    failed = {**result, "tokens": [], "finish": "error", "error": "EngineError: request r0-0 failed: boom"}
+    assert gpu_fuzz.check(world, job, failed, 0, 1e-3) == {"what": "error", "got": failed["error"]}
 
 
 def test_gpu_check_runs_the_fuzz_on_cuda_in_its_extra_call():
