@@ -29,7 +29,7 @@
 # Call 2, `bash bench/gpu_check.sh extra` (GPU_CHECK_SECONDS = the device time left), in this order:
 #   piecewise_check (~30 s): the smoke check with prefill and mixed steps as piecewise CUDA graphs
 #     (EngineConfig.piecewise_graphs: base, tied and LoRA against transformers, fp32, 2 layers);
-#   fuzz (~70 s: 60 s of rounds, start-up included, then the last round): bench/gpu_fuzz.py, random
+#   fuzz (~40 s: 30 s of rounds, start-up included, then the last round): bench/gpu_fuzz.py, random
 #     rounds of base / tied / LoRA requests of several ranks on one engine with async scheduling,
 #     max_loras 1 and decode CUDA graphs, then one with piecewise graphs too (chunked prefills,
 #     aborts, preemptions, hot swaps of a tied N mid-round), every greedy token against transformers
@@ -77,7 +77,7 @@ if [ "${1:-}" = extra ]; then  # the second call: its own log and rc files
     # issue 18's piecewise prefill graphs (off by default until this runs), then issue 20's fairness
     step piecewise_check 45 $PY bench/gpu_engine_check.py --layers 2 --requests 3 --new-tokens 2 --long-prompt 300 \
         --dtype float32 --piecewise-graphs --out "${TMPDIR:-/tmp}/piecewise_check.json"
-    step fuzz 80 $PY bench/gpu_fuzz.py --seconds 60 --out "$OUT/gpu_fuzz.json"
+    step fuzz 50 $PY bench/gpu_fuzz.py --seconds 30 --out "$OUT/gpu_fuzz.json"
     step piecewise_256 60 $PY bench/engine.py --device cuda --model bench/models/smollm2-135m --load-format dummy \
         --dtype bfloat16 --mix none --peer-mixes --vllm-mixes --num-requests 256 --piecewise both \
         --out "${TMPDIR:-/tmp}/piecewise_256.json"
