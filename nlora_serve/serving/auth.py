@@ -149,9 +149,13 @@ class Authenticator:
         path = Path(path)
         try:
             text = _read_regular(path)
-            doc = _toml(text, path) if path.suffix == ".toml" else json.loads(text)
-        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8
             raise AuthError(f"tenants file {path}: cannot read it ({exc})") from None
+        toml = path.suffix == ".toml"
+        try:  # a newcomer's find: "cannot read it (Expecting value: ...)" read as a permission problem
+            doc = _toml(text, path) if toml else json.loads(text)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
+            raise AuthError(f"tenants file {path}: cannot read it as {'TOML' if toml else 'JSON'} ({exc})") from None
         return cls.from_document(doc, path)
 
     @classmethod
@@ -261,6 +265,9 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     value = value.decode() if isinstance(value, bytes) else value
     if value[: len(_BEARER)].lower() == _BEARER and value[len(_BEARER):].strip():
         return value[len(_BEARER):].strip()
+    if value.strip() and value.strip().lower() != _BEARER.strip():  # never echoed: it may be the key itself
+        raise Unauthenticated("the 'authorization' header (or gRPC metadata) is not 'Bearer <key>': send the key "
+                              "after 'Bearer '")
     return None
 
 

@@ -55,6 +55,33 @@ def test_more_than_one_authorization_entry_is_refused(tmp_path, headers):
         auth.authenticate(headers)
 
 
+@pytest.mark.parametrize("headers, says", [
+    ([("authorization", "k1")], "not 'Bearer <key>'"),  # the key without its scheme (h130)
+    ([("authorization", "Basic dXNlcg==")], "not 'Bearer <key>'"),
+    ([("authorization", "Bearer ")], "^missing credentials"),  # an unset $NLORA_API_KEY after Bearer
+    ([], "^missing credentials"),
+])
+def test_an_authorization_entry_that_is_not_bearer_says_so_without_echoing_it(tmp_path, headers, says):
+    """A newcomer's find: curl -H "Authorization: $KEY" got "missing credentials" though a key was sent."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"tenants": [_tenant("a", "k1")]}))
+    with pytest.raises(serving_auth.Unauthenticated, match=says) as err:
+        Authenticator.from_file(path).authenticate(headers)
+    assert "k1" not in str(err.value) and "dXNlcg" not in str(err.value)
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("t.json", '{"tenants": [{"name": "a", "key_sha256": "%s"},]}' % ("0" * 64),  # a trailing comma (h130)
+     "cannot read it as JSON (Expecting value: line 1 column 110 (char 109))"),  # 109: the "]" after it
+    ("t.toml", '[[tenants]]\nname = "a\n', "cannot read it as TOML (Illegal character"),
+])
+def test_a_tenants_file_with_a_syntax_error_names_the_format_and_the_place(tmp_path, name, text, says):
+    """A newcomer's find: "cannot read it (Expecting value: ...)" read as a file-permission problem."""
+    path = tmp_path / name
+    path.write_text(text)
+    assert _auth_error(path).startswith(f"tenants file {path}: {says}")
+
+
 def _auth_error(path) -> str | None:
     try:
         Authenticator.from_file(path)
