@@ -20,7 +20,7 @@ import sys
 from nlora_serve.arg_types import number_arg, unsigned_arg
 from nlora_serve.client.messages import check_api_key
 from nlora_serve.client.sync import NloraClient
-from nlora_serve.client.types import InvalidInput, NloraClientError, Unauthenticated, Unavailable
+from nlora_serve.client.types import InvalidInput, NloraClientError, NotFound, Unauthenticated, Unavailable
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,13 +144,16 @@ def run_client(args: argparse.Namespace) -> int:
 
 def _hint(exc: NloraClientError, args: argparse.Namespace) -> str:
     """What to do, for the failures whose status message does not say it in the CLI's terms: no
-    connection (gRPC's "failed to connect", also its words for an HTTP server on that port) and no key
-    sent; "" for the others."""
+    connection (gRPC's "failed to connect", also its words for an HTTP server on that port), no key
+    sent and an unknown adapter name (HTTP's 404 names GET /v1/models; gRPC's said nothing); "" for the
+    others."""
     if isinstance(exc, Unavailable) and "failed to connect" in str(exc):
         return (f"; is an nlora-serve server running on {args.server}? --server (or ${SERVER_ENV}) takes its gRPC "
                 "port (serve --port, 50051 by default), not its --http-port")
     if isinstance(exc, Unauthenticated) and not args.api_key:  # none, or "" (an unset $NLORA_API_KEY pasted)
         return "; this server wants a key: --api-key KEY or $NLORA_API_KEY"
+    if isinstance(exc, NotFound) and str(exc).endswith("is not registered"):  # a typo'd --adapter / --name
+        return "; `nlora-serve client list` names the adapters this key may use"
     return ""
 
 

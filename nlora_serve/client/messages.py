@@ -161,8 +161,10 @@ def swap_request(name: str, weights: bytes | str | os.PathLike, if_version: int 
     else:
         path = Path(weights)
         if not path.is_file():
+            inside = path / "adapter_model.safetensors"  # an adapter folder given for its file (h130)
+            also = f" (the adapter folder's is {inside})" if inside.is_file() else ""
             raise InvalidInput(f"swap file {path} {'is not a file' if path.exists() else 'does not exist'}; "
-                               "expected a .safetensors file of lora_N keys")
+                               f"expected a .safetensors file of lora_N keys{also}")
         try:
             data = path.read_bytes()
         except OSError as exc:

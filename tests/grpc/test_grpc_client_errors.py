@@ -33,6 +33,10 @@ PICKLE_MARKER = Path("/tmp/nlora-pickle-marker")  # tests/data/cases/pickle-bin/
      "swap file /nonexistent.safetensors does not exist; expected a .safetensors file of lora_N keys"),
     (["swap", "--name", "t", str(CASES)], f"swap file {CASES} is not a file; expected a .safetensors file of "
                                           "lora_N keys"),
+    # h130: the adapter folder given for its file, as `adapters upload` takes it
+    (["swap", "--name", "t", str(CASES / "lora-rslora")],
+     f"swap file {CASES / 'lora-rslora'} is not a file; expected a .safetensors file of lora_N keys (the adapter "
+     f"folder's is {CASES / 'lora-rslora' / 'adapter_model.safetensors'})"),
     # A newcomer's find: a whole LoRA (19.6 MB) sent as a swap got gRPC's bare "Received message larger
     # than max (19593076 vs. 6586376)" from the server; under that size the server names the keys.
     (["swap", "--name", "t", str(CASES / "lora-rslora" / "adapter_model.safetensors")],
@@ -191,3 +195,15 @@ def test_no_grpc_server_at_the_address_says_which_port_server_takes(capsys, http
     assert out.out == "" and out.err.startswith("error: UNAVAILABLE: failed to connect to all addresses")
     assert out.err.endswith(f"; is an nlora-serve server running on {address}? --server (or $NLORA_SERVER) takes "
                             "its gRPC port (serve --port, 50051 by default), not its --http-port\n"), out.err
+
+
+@pytest.mark.parametrize("message, hinted", [
+    ("NOT_FOUND: adapter 'lowr' is not registered", True),  # h130: gRPC's 404 named no way to list them
+    ("NOT_FOUND: adapter 'x' was unloaded by an operator (its files are kept: ...)", False),  # says what to do
+])
+def test_an_unknown_adapter_names_the_command_that_lists_them(message, hinted):
+    from argparse import Namespace
+    from nlora_serve.client import NotFound
+    from nlora_serve.client.cli import _hint
+    hint = _hint(NotFound(message), Namespace(server=NOWHERE, api_key=None))
+    assert hint == ("; `nlora-serve client list` names the adapters this key may use" if hinted else "")
