@@ -26,7 +26,7 @@ from nlora_serve.adapters.family import FamilyFactors, FamilyResolver, make_fact
 from nlora_serve.adapters.tied import family_key, is_tied, tie_to_base
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
-from nlora_serve.models.spec import ModelSpec
+from nlora_serve.models.spec import PROJECTIONS, ModelSpec
 
 
 def _check_ranks(plans: dict[tuple[int, str], SitePlan], max_rank: int) -> None:
@@ -40,9 +40,14 @@ def _check_coverage(grouped: dict, plans: dict, cfg: AdapterConfig) -> None:
     extra = [s for s in grouped if s not in plans]
     if extra:
         key = next(iter(grouped[extra[0]].values()))
+        # h130: a typo'd entry ("q_prj") left only this tensor-level message, which does not name it
+        unknown = [] if isinstance(cfg.target_modules, str) else \
+            [t for t in cfg.target_modules if t.rsplit(".", 1)[-1] not in PROJECTIONS]
+        typo = (f"; target_modules {', '.join(map(repr, unknown))} names no projection of this model "
+                f"({', '.join(PROJECTIONS)})") if unknown else ""
         raise AdapterError(f"tensor {key!r} adapts {ModelSpec.module_path(*extra[0])}, which {CONFIG_NAME} "
                            f"does not target (target_modules={cfg.target_modules!r}, layers_to_transform="
-                           f"{cfg.layers_to_transform!r}, exclude_modules={cfg.exclude_modules!r})")
+                           f"{cfg.layers_to_transform!r}, exclude_modules={cfg.exclude_modules!r}){typo}")
     missing = [s for s in plans if s not in grouped]
     if missing:
         raise AdapterError(f"{CONFIG_NAME} targets {ModelSpec.module_path(*missing[0])} but the weights hold "

@@ -104,6 +104,11 @@ REFUSED = {
                                                       f"{P}.0.mlp.q_proj.lora_A.weight": torch.ones(4, 576)}),
                                  "not under mlp"),
     "untargeted-module": (lambda: (_one()[0], {**_one()[1], **_pair(0, "k_proj")}), "does not target"),
+    # h130: a typo'd entry beside a good one, as a hand-edited PEFT config has it
+    "typo-in-targets": (lambda: (lora_config(target_modules=["v_proj", "q_prj"]), {**_pair(0, "q_proj"),
+                                                                               **_pair(0, "v_proj")}),
+                        r"does not target .*; target_modules 'q_prj' names no projection of this model \(q_proj, "
+                        r"k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj\)$"),
     "config-rank-disagrees": (lambda: (_one(r=8)[0], _one()[1]), r"shape \[4, 576\], expected \[8, 576\]"),
     "rank-at-max-plus-one": (lambda: (_one(r=65)[0], _pair(0, "q_proj", r=65)), "rank 65 .* max rank 64"),
     "int-tensor": (lambda: (_one()[0], {**_one()[1], f"{P}.0.self_attn.q_proj.lora_A.weight":
