@@ -153,6 +153,16 @@ def test_read_examples_accepts_both_shapes_and_names_bad_lines(tmp_path):
         read_examples(binary)
 
 
+def test_a_line_of_other_keys_shows_both_shapes_as_json_and_names_its_keys(tmp_path):
+    # h130: {"prompt", "answer"} got '... {"messages": [...]}} with an assistant turn' (a stray brace, its keys unnamed)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n')
+    with pytest.raises(AdapterError) as err:
+        read_examples(bad)
+    assert str(err.value) == (f'{bad}:1: expected {{"prompt": str, "response": str}} or {{"messages": [{{"role": str, '
+                              '"content": str}, ...]} with an assistant turn; got keys \'prompt\', \'answer\'')
+
+
 def test_training_data_that_is_no_regular_file_or_too_large_is_refused_before_reading(tmp_path, monkeypatch):
     """`--data /dev/zero` read until killed (a hostile tester's find): devices, folders and files
     past the size cap are refused by name, without reading a byte."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from nlora_serve.errors import AdapterError
+from nlora_serve.errors import AdapterError, shown
 
 IGNORE = -100  # label of a token that carries no loss (prompt, template, padding)
 # the largest training file read (bytes): tune holds every example in memory, and 1 GiB of chats is
@@ -62,8 +62,9 @@ def _messages(line: str, where: str) -> list[dict]:
             raise AdapterError(f"{where}: the first turn is the assistant's; a chat starts with a system or "
                                "user turn (each assistant turn is learned as the answer to the turns before it)")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    got = f"; got keys {', '.join(repr(shown(k, 40)) for k in list(obj)[:8])}" if isinstance(obj, dict) else ""
     raise AdapterError(f"{where}: expected {{\"prompt\": str, \"response\": str}} or {{\"messages\": "
-                       "[{\"role\": str, \"content\": str}, ...]}} with an assistant turn")
+                       f"[{{\"role\": str, \"content\": str}}, ...]}} with an assistant turn{got}")
 
 
 def encode(tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
