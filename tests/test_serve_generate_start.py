@@ -211,7 +211,9 @@ def test_serve_adapter_folder_of_a_name_the_store_holds(capsys, tmp_path, unload
 
 
 @pytest.mark.parametrize("folder, why", [
-    ("{tmp}/nonexistent", "not a directory; to use a stored adapter by name, give its store with --adapter-dir"),
+    ("{tmp}/nonexistent", "no such adapter directory"),  # h130: a mistyped path got the by-name hint below
+    ("lowr", "not a directory; to use a stored adapter by name, give its store with --adapter-dir"),
+    ("README.md", "is a file, not an adapter directory"),
     ("examples/tenants", "examples/tenants: no adapter_config.json;"),
 ])
 def test_generate_adapter_folder_that_cannot_serve_is_refused_before_torch_loads(capsys, caplog, tmp_path, folder,

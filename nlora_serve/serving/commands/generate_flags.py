@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from nlora_serve.adapters import config as adapter_config
 from nlora_serve.adapters.limits import DEFAULT_MAX_RANK
@@ -43,9 +44,14 @@ def check_adapter_folder(adapter: str | None, adapter_dir: str | None) -> None:
     if adapter is None or adapter_dir is not None:
         return
     folder = local_or_hub(adapter, AdapterError, "adapter")
-    if not folder.is_dir():
-        raise NloraError(f"--adapter {adapter}: not a directory; to use a stored adapter by name, "
-                         "give its store with --adapter-dir")
+    if not folder.is_dir():  # h130: a mistyped path got the by-name hint, as if it were a name
+        if folder.exists():
+            why = "is a file, not an adapter directory (a folder with adapter_config.json)"
+        elif "/" in adapter or os.sep in adapter:  # a name has no '/'; an ORG/ADAPTER not cached was named above
+            why = "no such adapter directory"
+        else:
+            why = "not a directory; to use a stored adapter by name, give its store with --adapter-dir"
+        raise NloraError(f"--adapter {adapter}: {why}")
     try:
         adapter_config.read_config(folder)
     except AdapterError as exc:
