@@ -119,7 +119,10 @@ def upload_parts(name: str, adapter_dir: str | os.PathLike, chunk_bytes: int = C
 def _checked_config(folder: Path) -> str:
     """adapter_config.json's text from a folder checked to hold both upload files."""
     if not folder.is_dir():
-        raise InvalidInput(f"adapter folder {folder} {'is not a directory' if folder.exists() else 'does not exist'}")
+        # h130: a file of the folder given for the folder, as `adapters swap` takes it
+        also = f" (upload takes the folder that holds it: {folder.parent})" if folder.is_file() else ""
+        raise InvalidInput(f"adapter folder {folder} {'is not a directory' if folder.exists() else 'does not exist'}"
+                           f"{also}")
     if not (folder / WEIGHTS_FILE).is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:

@@ -28,7 +28,8 @@ PICKLE_MARKER = Path("/tmp/nlora-pickle-marker")  # tests/data/cases/pickle-bin/
      "adapter_config.json and adapter_model.safetensors"),
     (["upload", "--name", "x", "/nonexistent"], "adapter folder /nonexistent does not exist"),
     (["upload", "--name", "x", str(CASES / "dora" / "case.json")],
-     f"adapter folder {CASES / 'dora' / 'case.json'} is not a directory"),
+     f"adapter folder {CASES / 'dora' / 'case.json'} is not a directory (upload takes the folder that holds it: "
+     f"{CASES / 'dora'})"),  # h130: the folder's safetensors file given, as `adapters swap` takes it
     (["swap", "--name", "t", "/nonexistent.safetensors"],
      "swap file /nonexistent.safetensors does not exist; expected a .safetensors file of lora_N keys"),
     (["swap", "--name", "t", str(CASES)], f"swap file {CASES} is not a file; expected a .safetensors file of "
