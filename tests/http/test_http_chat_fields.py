@@ -93,6 +93,7 @@ def test_top_logprobs_zero_without_logprobs_asks_for_nothing(http_server):
     ({"modalities": ["text", "audio"]}, "modalities", "['text']"),  # no audio output here
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "null"),
     ({"verbosity": "low"}, "verbosity", "unsupported field"),  # would change the answer: still refused
+    ({"extra_body": {"adapter_id": "lower"}}, "adapter_id", "remove it; name the adapter in 'model' instead"),  # h130
     ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation",
      "pads no chunk"),
 ])

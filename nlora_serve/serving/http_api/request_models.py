@@ -204,10 +204,15 @@ def as_param_error(param: str | None = None) -> Iterator[None]:
         raise ParamError(message, param or (match.group(1) if match else None)) from None
 
 
+# what to send instead of another server's field that means something here (h130: a LoRAX user's adapter_id)
+_INSTEAD = {"adapter_id": "name the adapter in 'model' instead (LoRAX's adapter_id; as vLLM's LoRA requests)"}
+
+
 def unsupported(field: str) -> ParamError:
     """The refusal of a request field this server does not implement."""
+    instead = f"; {_INSTEAD[field]}" if field in _INSTEAD else ""
     return ParamError(f"unsupported field {field!r}: this server does not implement it (at any value, "
-                      "null and [] included); remove it", field)
+                      f"null and [] included); remove it{instead}", field)
 
 
 def check_fields(request: OpenAIRequest) -> None:
