@@ -96,6 +96,20 @@ def default_server() -> str:
     return os.environ.get(SERVER_ENV) or DEFAULT_SERVER
 
 
+def server_address(text: str) -> str:
+    """argparse type of ``--server``: a gRPC target, refused where it reads as an HTTP URL or a bare
+    port (h130: ``--server http://127.0.0.1:50051`` got gRPC's "errors resolving ...: Misformatted
+    domain name"); gRPC's own target forms (``dns:///HOST:PORT``, ``unix:PATH``) pass."""
+    if text.lower().startswith(("http://", "https://")):
+        address = text.split("://", 1)[1].split("/", 1)[0]
+        raise argparse.ArgumentTypeError(f"HOST:PORT of the gRPC port, not a URL (as also ${SERVER_ENV}): "
+                                         f"{address}; got {text}")
+    if text.isdigit():
+        raise argparse.ArgumentTypeError(f"HOST:PORT, not a port alone (as also ${SERVER_ENV}): 127.0.0.1:{text}; "
+                                         f"got {text}")
+    return text
+
+
 def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
     """--server, --api-key, --timeout, accepted before and after the subcommand (``client --server X
     generate`` and ``client generate --server X``); only the ``client`` level sets the defaults,
@@ -103,7 +117,7 @@ def _add_connection_flags(parser: argparse.ArgumentParser, with_defaults: bool) 
     def default(value):
         return value if with_defaults else argparse.SUPPRESS
 
-    parser.add_argument("--server", default=default(default_server()),
+    parser.add_argument("--server", type=server_address, default=default(default_server()),
                         help=f"HOST:PORT of the server's gRPC port (default: ${SERVER_ENV}, else {DEFAULT_SERVER})")
     # argparse runs ``type`` on a string default too, so a bad $NLORA_API_KEY is refused the same way
     parser.add_argument("--api-key", type=_api_key, default=default(os.environ.get("NLORA_API_KEY")),

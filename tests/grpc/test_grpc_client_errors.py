@@ -94,6 +94,12 @@ U64 = "18446744073709551615"
     ([], ["info", "--timeout", "nan"], "argument --timeout: must be a finite number of seconds > 0; got nan"),
     (["--timeout", "inf"], ["info"], "argument --timeout: must be a finite number of seconds > 0; got inf"),
     ([], ["info", "--timeout", "soon"], "argument --timeout: must be a finite number of seconds > 0; got soon"),
+    # h130: an HTTP URL or a bare port got gRPC's "errors resolving ...: Misformatted domain name"
+    ([], ["info", "--server", "http://127.0.0.1:8001/v1"], "argument --server: HOST:PORT of the gRPC port, not a URL "
+                                                          "(as also $NLORA_SERVER): 127.0.0.1:8001; got "
+                                                          "http://127.0.0.1:8001/v1"),
+    ([], ["info", "--server", "50052"], "argument --server: HOST:PORT, not a port alone (as also $NLORA_SERVER): "
+                                        "127.0.0.1:50052; got 50052"),
     ([], ["list", "--api-key", "sk-1\n"], "argument --api-key: API key must be printable ASCII "
                                           "(characters ' ' to '~'); character 5 of its 5 is U+000A"),
     ([], ["list", "--api-key", "clé"], "argument --api-key: API key must be printable ASCII "

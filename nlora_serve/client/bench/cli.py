@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nlora_serve.client.bench.compare import compare_files
 from nlora_serve.client.bench.keys import check_keys_cover, read_keys_file
-from nlora_serve.client.cli import DEFAULT_SERVER, SERVER_ENV, default_server
+from nlora_serve.client.cli import DEFAULT_SERVER, SERVER_ENV, default_server, server_address
 from nlora_serve.client.bench.runner import MODES, LoadShape, run_load
 from nlora_serve.client.bench.workload import POPULARITY, LengthDist, TenantMix, Workload, WorkloadConfig
 from nlora_serve.errors import NloraError
@@ -35,7 +35,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     t = parser.add_argument_group("target")
     t.add_argument("--target", choices=["grpc", "openai"], default="grpc",
                    help="our gRPC server, or an OpenAI-compatible HTTP server such as vLLM's (default: %(default)s)")
-    t.add_argument("--server", default=default_server(),
+    t.add_argument("--server", type=server_address, default=default_server(),
                    help=f"gRPC HOST:PORT (default: ${SERVER_ENV}, else {DEFAULT_SERVER})")
     t.add_argument("--base-url", default="http://127.0.0.1:8000",
                    help="OpenAI-compatible server, without /v1 (default: %(default)s)")
