@@ -267,6 +267,11 @@ def test_the_http_api_is_on_at_vllms_port_by_default_and_off_by_name(capsys):
         assert capsys.readouterr().err.splitlines()[-1] == f"serve: error: argument --http-port: {why}"
 
 
+# h130: what holds a busy port and how to move (a second `make serve` met it)
+BUSY = " (another server's? stop it, or choose a free one: --metrics-port N)"
+MAKE = ", or `make serve GRPC_PORT=N HTTP_PORT=M`"
+
+
 def test_serve_process_with_a_busy_metrics_port_exits_2_without_noise(tmp_path):
     with _listening() as busy:
         port = busy.getsockname()[1]
@@ -277,7 +282,7 @@ def test_serve_process_with_a_busy_metrics_port_exits_2_without_noise(tmp_path):
             cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ})
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines()[-1] == \
-        f"error: cannot bind the metrics port 127.0.0.1:{port} (--metrics-port): Address already in use"
+        f"error: cannot bind the metrics port 127.0.0.1:{port} (--metrics-port): Address already in use{BUSY}"
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr
 
 
@@ -296,7 +301,8 @@ def test_a_busy_port_is_refused_before_the_model_loads(tmp_path, flag, words):
             cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ})
     flags = "--host/--port" if flag == "--port" else flag
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == f"error: cannot bind {words} 127.0.0.1:{port} ({flags}): Address already in use\n"
+    busy = BUSY if flag == "--metrics-port" else BUSY.replace("--metrics-port N", f"{flag} N{MAKE}")
+    assert proc.stderr == f"error: cannot bind {words} 127.0.0.1:{port} ({flags}): Address already in use{busy}\n"
 
 
 def test_a_store_another_process_serves_is_refused_before_its_staging_area_is_touched(tmp_path, no_model):

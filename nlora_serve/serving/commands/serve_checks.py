@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import socket
 import tempfile
@@ -198,7 +199,11 @@ def check_ports_free(config: ServerConfig) -> None:
                 sock.bind((bare, port))
             except OSError as exc:
                 where = config.address if field == "port" else f"{config.host}:{port}"
-                raise StartupError(f"cannot bind {what} {where} ({flag}): {exc.strerror or exc}") from exc
+                # h130: a second `make serve` met this; say what holds it and how to move
+                make = ", or `make serve GRPC_PORT=N HTTP_PORT=M`" if field != "metrics_port" else ""
+                busy = (f" (another server's? stop it, or choose a free one: {flag.split('/')[-1]} N{make})"
+                        if exc.errno == errno.EADDRINUSE else "")
+                raise StartupError(f"cannot bind {what} {where} ({flag}): {exc.strerror or exc}{busy}") from exc
 
 
 def check_flag_adapter_names(args: argparse.Namespace) -> list[str]:
