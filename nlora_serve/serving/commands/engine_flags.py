@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Mapping
 
 from nlora_serve.arg_types import check_dtype, human_readable_int
 from nlora_serve.engine.config import (CPU_GEMMS, DEFAULT_CPU_KV_CACHE_BYTES, FAIR_LONG_PREFILL_TOKEN_THRESHOLD,
@@ -37,54 +38,68 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+def flag_groups(parser: argparse.ArgumentParser, specs: Mapping[str, tuple[str, str]]) -> dict[str, object]:
+    """``--help``'s groups of a command's flags, by concern as vLLM's ``serve --help`` groups them:
+    ``specs`` maps a key to a group's (title, one-line description), in the order ``--help`` lists
+    them; returns key -> argparse argument group (its ``add_argument`` adds to the parser)."""
+    return {key: parser.add_argument_group(title, description) for key, (title, description) in specs.items()}
+
+
+def group_adders(parser: argparse.ArgumentParser, groups: Mapping[str, object] | None, *keys: str) -> list:
+    """The ``add_argument`` of each group ``keys`` name in ``groups``, the parser's own where none
+    (a bare parser, as tests build)."""
+    return [(parser if groups is None or key not in groups else groups[key]).add_argument for key in keys]
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, groups: Mapping[str, object] | None = None) -> None:
     """``--device``, ``--load-format``, ``--tokenizer``, ``--gpu-memory-utilization``, the CUDA graph
-    flags, ``--cpu-gemm`` / ``--cpu-amx`` and the scheduler's sizes."""
+    flags, ``--cpu-gemm`` / ``--cpu-amx`` and the scheduler's sizes; in ``groups``' "model", "device",
+    "cache" and "scheduler" groups (:func:`flag_groups`) where given."""
     d = EngineConfig.__dataclass_fields__
-    a = parser.add_argument
+    m, e, c, s = group_adders(parser, groups, "model", "device", "cache", "scheduler")  # e: the engine's device
     # default None for the native engine's own flags: serve --backend vllm refuses them only when given
-    a("--device", default=None, help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N: where "
+    e("--device", default=None, help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N: where "
                                      "weights, KV cache, activations and sampling live (default: auto)")
-    a("--load-format", choices=["auto", "dummy"], default="auto",
+    m("--load-format", choices=["auto", "dummy"], default="auto",
       help="auto: the model's weights; dummy: random weights from its config.json alone, to serve and measure "
            "shapes whose weights are not here (default: %(default)s)")
-    a("--tokenizer", default=None, help="tokenizer directory, when the model directory has none (e.g. with "
+    m("--tokenizer", default=None, help="tokenizer directory, when the model directory has none (e.g. with "
                                         "--load-format dummy)")
     # default None: serve --backend vllm passes the flag on only when given (else vLLM's own default)
-    a("--gpu-memory-utilization", type=float, default=None,
+    c("--gpu-memory-utilization", type=float, default=None,
       help="CUDA: share of the GPU's memory the engine may use; the KV cache gets what the weights, adapter "
            f"pools and a profiling forward leave (default: {d['gpu_memory_utilization'].default}; for serve "
            "--backend vllm, vLLM's gpu_memory_utilization, default: vLLM's on GPUs, 0.3 of host memory on the CPU)")
-    a("--kv-cache-memory-bytes", type=human_readable_int, default=None, metavar="BYTES",
+    c("--kv-cache-memory-bytes", type=human_readable_int, default=None, metavar="BYTES",
       help="the KV cache's size in bytes (vLLM's flag; it sets how many tokens the running requests hold "
            f"at once; the start-up log prints that count) (default: {DEFAULT_CPU_KV_CACHE_BYTES} on the CPU; on "
            "CUDA what --gpu-memory-utilization leaves, which this overrides)")
-    a("--enforce-eager", action="store_true",
+    e("--enforce-eager", action="store_true",
       help="CUDA: run every step eagerly (no CUDA graphs at all; for serve --backend vllm, vLLM's "
            "enforce_eager)")
-    a("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=None,
+    e("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=None,
       help="CUDA: also replay prefill and mixed steps as piecewise CUDA graphs around eager attention "
            "(off by default until measured on a GPU; --enforce-eager wins)")
-    a("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+    s("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
       help="schedule step n+1 while the device runs step n, reading step n's tokens back after "
            "(default: on for CUDA, off on the CPU)")
-    a("--cpu-gemm", choices=CPU_GEMMS, default=None,
+    e("--cpu-gemm", choices=CPU_GEMMS, default=None,
       help="CPU: the base GEMMs on our packed-panel kernel (native) or oneDNN's prepacked ones (onednn), "
            f"e.g. to rule ours out when something looks wrong (default: {d['cpu_gemm'].default})")
-    a("--cpu-amx", action=argparse.BooleanOptionalAction, default=None,
+    e("--cpu-amx", action=argparse.BooleanOptionalAction, default=None,
       help="CPU, bf16: the adapter products on AMX tiles where the CPU has AMX-BF16; --no-cpu-amx keeps "
            "AVX-512 (default: on)")
-    a("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs,
+    s("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs,
       help="sequences running at once, at most (default: %(default)s)")
-    a("--max-num-batched-tokens", type=human_readable_int, default=SchedulerConfig().max_num_batched_tokens,
+    s("--max-num-batched-tokens", type=human_readable_int, default=SchedulerConfig().max_num_batched_tokens,
       help="tokens one step computes, decodes and prefill chunks together (default: %(default)s)")
-    a("--long-prefill-token-threshold", type=int, default=None,
+    s("--long-prefill-token-threshold", type=int, default=None,
       metavar="N", help="a prefill with more than N tokens left computes N per step while other requests run or "
                         "wait, so one tenant's long prompts cannot stall the others' decodes (vLLM's flag; "
                         "0: off) (default: 0 (off, vLLM's) under --scheduling-policy fcfs and on CUDA; under "
                         f"fair on the CPU {FAIR_LONG_PREFILL_TOKEN_THRESHOLD} while requests of more than one "
                         "tenant run or wait)")
-    a("--long-prefill-token-threshold-adaptive", action="store_true",
+    s("--long-prefill-token-threshold-adaptive", action="store_true",
       help="floor that cap at --max-num-batched-tokens / (running + waiting requests) (vLLM's flag)")
 
 
@@ -128,7 +143,8 @@ def device_config(args: argparse.Namespace, sizes: tuple[SchedulerConfig, CacheC
                         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **fields)
 
 
-def add_generation_config_arguments(parser: argparse.ArgumentParser, fields: str, capped: str) -> None:
+def add_generation_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, fields: str,
+                                    capped: str) -> None:
     """vLLM's ``--generation-config`` / ``--override-generation-config`` (serving/generation_config.py
     and, for the EOS ids, engine/eos.py): ``fields`` names what the defaults fill, ``capped`` what a
     folder's or the override's max_new_tokens caps."""

@@ -13,7 +13,7 @@ from nlora_serve.engine.config import CacheConfig, SchedulerConfig
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.serving.commands.engine_flags import (add_device_arguments, add_generation_config_arguments,
-                                                       engine_sizes, in_flag_words)
+                                                       engine_sizes, flag_groups, in_flag_words)
 
 
 def check_generate_flags(args: argparse.Namespace) -> tuple[SchedulerConfig, CacheConfig]:
@@ -60,49 +60,64 @@ def check_adapter_folder(adapter: str | None, adapter_dir: str | None) -> None:
         raise AdapterError(f"--adapter {adapter}: cannot read it ({exc.strerror or exc})") from None
 
 
+# generate --help's groups, by concern as serve's (serve_flags.SERVE_GROUPS)
+GENERATE_GROUPS = {
+    "model": ("model and loading", "the base model, its weights, dtype and tokenizer"),
+    "adapter": ("adapter", "the adapter to generate with (default: the base model)"),
+    "prompt": ("prompt", "the text to continue, or the chat to answer (one of --prompt, --message, --chat-json)"),
+    "sampling": ("sampling", "how the tokens are chosen, and when generation stops"),
+    "device": ("device", "where the engine runs, and how"),
+    "cache": ("KV cache", "the attention keys' and values' memory"),
+    "scheduler": ("scheduler", "the engine's step sizes"),
+    "output": ("output", "how the text is printed"),
+}
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``nlora-serve generate``."""
-    parser.add_argument("--model", default="default",
-                        help="base model: 'default' (SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf "
-                             "file or a Hugging Face ORG/NAME in the HF cache (default: %(default)s)")
+    """Flags of ``nlora-serve generate``, in ``--help``'s groups (:data:`GENERATE_GROUPS`)."""
+    groups = flag_groups(parser, GENERATE_GROUPS)
+    model, adapter, prompt, sampling, output = (groups[k] for k in ("model", "adapter", "prompt", "sampling", "output"))
+    model.add_argument("--model", default="default",
+                       help="base model: 'default' (SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf "
+                            "file or a Hugging Face ORG/NAME in the HF cache (default: %(default)s)")
     # SUPPRESS: when omitted here, the top-level --cache-dir (or its default) stands
-    parser.add_argument("--cache-dir", default=argparse.SUPPRESS,
-                        help="prepared-model cache root (default: $NLORA_SERVE_CACHE, else "
-                             "$XDG_CACHE_HOME/nlora-serve)")
-    parser.add_argument("--adapter", default=None,
-                        help="adapter to generate with: a name in --adapter-dir, an adapter directory, or a "
-                             "Hugging Face ORG/ADAPTER in the HF cache (default: the base model)")
-    parser.add_argument("--adapter-dir", default=None, help="adapter store to look NAME up in")
-    parser.add_argument("--max-rank", type=int, default=DEFAULT_MAX_RANK,
-                        help="refuse adapters above this rank (default: %(default)s)")
-    source = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--cache-dir", default=argparse.SUPPRESS,
+                       help="prepared-model cache root (default: $NLORA_SERVE_CACHE, else "
+                            "$XDG_CACHE_HOME/nlora-serve)")
+    adapter.add_argument("--adapter", default=None,
+                         help="adapter to generate with: a name in --adapter-dir, an adapter directory, or a "
+                              "Hugging Face ORG/ADAPTER in the HF cache (default: the base model)")
+    adapter.add_argument("--adapter-dir", default=None, help="adapter store to look NAME up in")
+    adapter.add_argument("--max-rank", type=int, default=DEFAULT_MAX_RANK,
+                         help="refuse adapters above this rank (default: %(default)s)")
+    source = prompt.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="raw text prompt, sent as is (no chat template)")
     source.add_argument("--message", help="one user message, wrapped in the model's chat template")
     source.add_argument("--chat-json", metavar="FILE",
                         help='JSON list of {"role", "content"} messages, wrapped in the chat template')
-    parser.add_argument("--add-special-tokens", action=argparse.BooleanOptionalAction, default=True,
+    prompt.add_argument("--add-special-tokens", action=argparse.BooleanOptionalAction, default=True,
                         help="--prompt takes the tokenizer's special tokens, e.g. a BOS, as a vLLM completion "
                              "does (its add_special_tokens; default: on). Chats get the template's own")
-    parser.add_argument("--system", help="system message placed before --message")
+    prompt.add_argument("--system", help="system message placed before --message")
     # default None: a flag not given takes --generation-config's value, else the default its help names
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="new tokens at most (default: the generation config's max_new_tokens, else 128)")
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="0 = greedy (default: the generation config's, else 0)")
-    parser.add_argument("--top-k", type=int, default=None,
-                        help="sample from the k most likely tokens (0 or -1 = all) (default: the generation "
-                             "config's, else 0)")
-    parser.add_argument("--top-p", type=float, default=None,
-                        help="nucleus sampling mass (1 = off) (default: the generation config's, else 1)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    add_generation_config_arguments(parser, "the sampling flags not given and the sampling fields with no flag",
+    sampling.add_argument("--max-tokens", type=int, default=None,
+                          help="new tokens at most (default: the generation config's max_new_tokens, else 128)")
+    sampling.add_argument("--temperature", type=float, default=None,
+                          help="0 = greedy (default: the generation config's, else 0)")
+    sampling.add_argument("--top-k", type=int, default=None,
+                          help="sample from the k most likely tokens (0 or -1 = all) (default: the generation "
+                               "config's, else 0)")
+    sampling.add_argument("--top-p", type=float, default=None,
+                          help="nucleus sampling mass (1 = off) (default: the generation config's, else 1)")
+    sampling.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_generation_config_arguments(sampling, "the sampling flags not given and the sampling fields with no flag",
                                     "--max-tokens")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help="compute dtype, in vLLM's spellings: auto = bfloat16 where the CPU or GPU has fast "
-                             "bf16, else float32; float = float32; half and float16 are refused (no float16 "
-                             "kernels here) (default: %(default)s)")
-    parser.add_argument("--max-model-len", type=human_readable_int, default=2048, help="prompt + output tokens at most")
-    add_device_arguments(parser)
-    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+    model.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                       help="compute dtype, in vLLM's spellings: auto = bfloat16 where the CPU or GPU has fast "
+                            "bf16, else float32; float = float32; half and float16 are refused (no float16 "
+                            "kernels here) (default: %(default)s)")
+    model.add_argument("--max-model-len", type=human_readable_int, default=2048, help="prompt + output tokens at most")
+    add_device_arguments(parser, groups)
+    output.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                         help="print text as it is generated (default: on)")
