@@ -122,6 +122,10 @@ def port_or_off_arg(text: str) -> int | None:
 port_or_off_arg.__name__ = "port"
 
 
+# a usage error shows the full usage up to this many lines; past them one line that says where it is
+LONG_USAGE_LINES = 10
+
+
 class WordsParser(argparse.ArgumentParser):
     """argparse's parser, whose subcommands keep the words they were given, so that a missing
     option can name the word meant as its value: ``adapters unload acme`` said only "the following
@@ -156,4 +160,19 @@ class WordsParser(argparse.ArgumentParser):
         elif loose and "--prompt --message is required" in message:  # client generate "hi"
             message += ("; the text goes after --message (one chat turn) or --prompt (raw text): "
                         f"--message {shlex.quote(loose[0])}")
-        super().error(message)
+        if self.format_usage().count("\n") <= LONG_USAGE_LINES:
+            super().error(message)
+        self._print_message(self.short_usage(), sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def short_usage(self) -> str:
+        """The usage line of an error, for a command whose full usage is long (serve's was 40 lines
+        above the one that said what was wrong, h130): what it requires, ``[options]``, and where
+        the rest are, e.g. ``usage: nlora-serve serve [options] (all of them: nlora-serve serve --help)``."""
+        required = [a for a in self._actions if not a.option_strings or a.required]
+        required += [a for g in self._mutually_exclusive_groups if g.required for a in g._group_actions]
+        formatter = self._get_formatter()
+        formatter.add_usage(None, [a for a in self._actions if a in required], self._mutually_exclusive_groups,
+                            prefix="")
+        words = " ".join(formatter.format_help().split())[len(self.prog):].strip()
+        return f"usage: {self.prog} {words + ' ' if words else ''}[options] (all of them: {self.prog} --help)\n"

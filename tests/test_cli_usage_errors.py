@@ -208,3 +208,40 @@ def test_client_generate_names_the_text_meant_as_a_message(capsys, argv, hint):
         cli_main(argv)
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.endswith(f"error: one of the arguments --prompt --message is required{hint}"), err
+
+
+@pytest.mark.parametrize("argv, usage, message", [
+    (["serve", "--enable-prefix-cachng"], "usage: nlora-serve serve [options] (all of them: nlora-serve serve --help)",
+     "unrecognized arguments: --enable-prefix-cachng; did you mean --enable-prefix-caching?"),
+    (["serve", "--lora-modules", "a=b"], "usage: nlora-serve serve [options] (all of them: nlora-serve serve --help)",
+     "unrecognized arguments: --lora-modules a=b; --lora-modules: register adapters with --adapter NAME=DIR "
+     "(repeatable)"),
+    (["serve", "--port", "x"], "usage: nlora-serve serve [options] (all of them: nlora-serve serve --help)",
+     "argument --port: invalid int value: 'x'"),
+    (["generate", "--max-tokns", "3"], "usage: nlora-serve generate (--prompt PROMPT | --message MESSAGE | "
+     "--chat-json FILE) [options] (all of them: nlora-serve generate --help)",
+     "one of the arguments --prompt --message --chat-json is required"),
+    (["adapters", "tune", "--stpes", "3"], "usage: nlora-serve adapters tune --data FILE.jsonl --out DIR [options] "
+     "(all of them: nlora-serve adapters tune --help)", "the following arguments are required: --data, --out"),
+])
+def test_a_usage_error_of_a_long_command_is_two_lines_not_its_whole_usage(capsys, argv, usage, message):
+    """h130: a vLLM flag or a typo given to serve printed its 40-line usage above the line that said
+    what was wrong (generate 26, bench 21, adapters tune 14); now that line, below one usage line
+    with what the command requires and where its options are listed."""
+    from nlora_serve.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(argv)
+    assert exit_.value.code == 2
+    command = " ".join(argv[:2] if argv[0] == "adapters" else argv[:1])
+    assert capsys.readouterr().err.splitlines() == [usage, f"nlora-serve {command}: error: {message}"]
+
+
+def test_a_usage_error_of_a_short_command_keeps_its_whole_usage(capsys):
+    from nlora_serve.cli import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["client", "generate", "--max-tokens", "3"])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("usage: nlora-serve client generate [-h] (--prompt PROMPT | --message MESSAGE)")
+    assert "[--timeout TIMEOUT]" in err[-2] and len(err) > 3
