@@ -282,6 +282,24 @@ def test_a_request_without_model_says_what_to_name(http_server, path):
             "type": "invalid_request_error", "param": "model", "code": "invalid_argument"}
 
 
+@pytest.mark.parametrize("path, body, param, words", [
+    ("/completions", {"messages": [{"role": "user", "content": "Hi"}]}, "prompt",
+     "'messages' is a chat's field: send chats to POST /v1/chat/completions (this endpoint takes a 'prompt')"),
+    ("/chat/completions", {"prompt": "Hi"}, "messages",
+     "'prompt' is a completion's field: send raw-text prompts to POST /v1/completions (this endpoint takes "
+     "'messages')"),
+])
+def test_a_body_sent_to_the_other_endpoint_says_where_it_goes(http_server, path, body, param, words):
+    """h130: a chat body sent to /v1/completions got "prompt: Field required" and nothing more."""
+    import requests
+
+    resp = requests.post(base_url(http_server) + path, json={"model": LORA, **body, "max_tokens": 1}, timeout=60,
+                         headers={"Authorization": f"Bearer {TENANT_KEYS['lora-co']}"})
+    assert resp.status_code == 400
+    assert resp.json()["error"] == {"message": f"{param}: Field required; {words}", "type": "invalid_request_error",
+                                    "param": param, "code": "invalid_argument"}
+
+
 
 def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
     """``serve --enable-log-requests --max-log-len 64`` (request_log.py): one line per request on

@@ -65,3 +65,24 @@ def test_enable_response_messages_true_says_what_to_send():
     assert err.value.param == "enable_response_messages" and "send false or leave it out" in str(err.value)
     for value in (False, None):
         chat_body_of(validated(ResponsesRequest, {"model": "m", "input": "hi", "enable_response_messages": value}))
+
+
+@pytest.mark.parametrize("chat, body, loc, words", [
+    (False, {"model": "m", "messages": HI}, ("prompt",), "Field required; 'messages' is a chat's field: send chats to "
+     "POST /v1/chat/completions (this endpoint takes a 'prompt')"),
+    (False, {"messages": HI}, ("prompt",), "send chats to POST /v1/chat/completions"),  # before model's error
+    (True, {"model": "m", "prompt": "hi"}, ("messages",), "Field required; 'prompt' is a completion's field: send "
+     "raw-text prompts to POST /v1/completions (this endpoint takes 'messages')"),
+    (False, {"model": "m"}, ("prompt",), "Field required"),  # nothing sent for the other endpoint: as before
+])
+def test_a_body_for_the_other_openai_endpoint_says_where_it_goes(chat, body, loc, words):
+    """h130: a chat body sent to /v1/completions was told only "prompt: Field required" (param
+    prompt, as vLLM's "Either prompt or prompt_embeds must be provided"); now also where it belongs."""
+    from nlora_serve.serving.http_api.openai_route import validated_openai
+
+    with pytest.raises(RequestValidationError) as err:
+        validated_openai(body, chat)
+    first = err.value.errors()[0]
+    assert first["loc"] == loc and first["msg"].startswith("Field required") and words in first["msg"], first
+    if len(body) == 1 and "model" in body:
+        assert first["msg"] == "Field required"

@@ -9,6 +9,7 @@ import functools
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 
 from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.engine.sampling import SamplingParams
@@ -30,9 +31,37 @@ def _read_openai(data, ctx: HttpContext, chat: bool) -> tuple[Body, list | None,
     else:
         refuse_completion(data, ctx.config.max_queue)
     refuse_sampling_counts(data)
-    body = validated(ChatRequest if chat else CompletionRequest, data)
+    body = validated_openai(data, chat)
     prompts, params = (None, chat_params(body, ctx.config)) if chat else completion_inputs(body, ctx.config)
     return body, prompts, params, None
+
+
+# chat -> the field the endpoint needs, the other endpoint's field, and where a body with that one goes
+_OTHER_ENDPOINT = {False: ("prompt", "messages", "a chat's field: send chats to POST /v1/chat/completions (this "
+                                                 "endpoint takes a 'prompt')"),
+                   True: ("messages", "prompt", "a completion's field: send raw-text prompts to POST /v1/completions "
+                                                "(this endpoint takes 'messages')")}
+
+
+def validated_openai(data, chat: bool) -> Body:
+    """``data`` validated as a ChatRequest (``chat``) or a CompletionRequest (:func:`validated`); a
+    body of the other endpoint (a chat's ``messages`` sent to /v1/completions, a ``prompt`` to
+    /v1/chat/completions) is refused first for the field it lacks, with where it belongs: h130 met a
+    bare "prompt: Field required" (vLLM: "Either prompt or prompt_embeds must be provided", param prompt).
+
+    Raises:
+        RequestValidationError: as :func:`validated`'s, that one first.
+    """
+    try:
+        return validated(ChatRequest if chat else CompletionRequest, data)
+    except RequestValidationError as exc:
+        needed, sent, where = _OTHER_ENDPOINT[chat]
+        errors = list(exc.errors())
+        missing = next((e for e in errors if e.get("type") == "missing" and tuple(e.get("loc", ())) == (needed,)), None)
+        if missing is None or sent not in data:
+            raise
+        hinted = {**missing, "msg": f"{missing.get('msg')}; '{sent}' is {where}"}
+        raise RequestValidationError([hinted, *(e for e in errors if e is not missing)]) from None
 
 
 def _openai_id(chat: bool) -> Callable[[Request, Body, object, str], str]:
