@@ -20,7 +20,8 @@ import sys
 from nlora_serve.arg_types import number_arg, unsigned_arg
 from nlora_serve.client.messages import check_api_key
 from nlora_serve.client.sync import NloraClient
-from nlora_serve.client.types import InvalidInput, NloraClientError, NotFound, Unauthenticated, Unavailable
+from nlora_serve.client.types import (AdapterInfo, InvalidInput, NloraClientError, NotFound, Unauthenticated,
+                                      Unavailable)
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +64,9 @@ def _command(sub: argparse._SubParsersAction, name: str, summary: str) -> argpar
 def _add_adapter_commands(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
     """list / upload / swap / unload / load parsers, each with its ``client_func``."""
     listing = _command(sub, "list", "adapters this key may use (on a server)")
+    listing.add_argument("--json", action="store_true",
+                         help="print every field as JSON (content hash, target modules, tied, bytes, active requests) "
+                              "instead of a table")
     listing.set_defaults(client_func=_list)
     up = _command(sub, "upload", "upload an adapter directory to a server (admin); a name it serves "
                                 "already gets it as its next version")
@@ -202,8 +206,35 @@ def _info_dict(info) -> dict:
 
 def _list(client: NloraClient, args: argparse.Namespace) -> int:
     adapters, base_allowed = client.list_adapters()
-    _print({"base_model_allowed": base_allowed, "adapters": [_info_dict(a) for a in adapters]})
+    if args.json:
+        _print({"base_model_allowed": base_allowed, "adapters": [_info_dict(a) for a in adapters]})
+    else:
+        print(adapter_table(adapters, base_allowed))
     return 0
+
+
+def adapter_table(adapters: list[AdapterInfo], base_allowed: bool) -> str:
+    """``client list``'s table: one line per adapter (name, version, flavour, rank, the bytes the
+    server holds for it, "no" while not resident, and its running requests), then whether the key
+    may use the base model; ``--json`` prints every field (h130: ~18 JSON lines an adapter)."""
+    rows = [("NAME", "VERSION", "FLAVOUR", "RANK", "RESIDENT", "ACTIVE")]
+    rows += [(a.name, str(a.version), a.flavour, str(a.rank), _size(a.resident_bytes), str(a.active_requests))
+             for a in adapters]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = {1, 3, 4, 5}  # numbers right-aligned
+    lines = ["  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             .rstrip() for row in rows]
+    if not adapters:
+        lines = ["no adapters this key may use"]
+    lines.append(f"base model: {'this key may use it' if base_allowed else 'not for this key'}")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    """Bytes as ``client list`` shows them: "no" for 0 (not resident), else KiB under 1 MiB, else MiB."""
+    if n == 0:
+        return "no"
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
 
 
 def _info(client: NloraClient, args: argparse.Namespace) -> int:

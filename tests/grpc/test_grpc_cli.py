@@ -82,6 +82,13 @@ def test_serve_process_with_example_tenants_and_the_client_cli(tmp_path, base_fp
                                     "model_fingerprint": base_fp32.fingerprint, "dtype": "float32",
                                     "backend": "native", "max_rank": 64, "max_adapter_bytes": 256 << 20,
                                     "max_model_len": 512}
+        code, listed = _client("--server", server, "list")  # a table: a line an adapter, then the base model's
+        assert code == 0 and [line.split()[:4] for line in listed.splitlines()] == [
+            ["NAME", "VERSION", "FLAVOUR", "RANK"], *([a.name, "1", a.flavour, "16"] for a in adapters),
+            ["base", "model:", "this", "key"]]
+        code, listed = _client("--server", server, "list", "--json")
+        assert code == 0 and [a["content_hash"] for a in json.loads(listed)["adapters"]] == \
+            [a.content_hash for a in adapters]
         code, unloaded = _client("--server", server, "unload", "--name", "tenant-001")
         assert code == 0 and unloaded.endswith("}\n")
         assert json.loads(unloaded) == {"name": "tenant-001", "version": 1, "content_hash": adapters[2].content_hash,
@@ -93,6 +100,23 @@ def test_serve_process_with_example_tenants_and_the_client_cli(tmp_path, base_fp
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_client_list_is_a_table_of_an_adapter_a_line():
+    """h130: `client list` printed ~18 JSON lines an adapter; now a line each (the JSON under --json)."""
+    from nlora_serve.client.cli import adapter_table
+    from nlora_serve.client.types import AdapterInfo
+
+    adapters = [AdapterInfo("lower", 1, "ab" * 32, "inttune-tied", 16, ("q_proj",), True, 215 * 1024, 0),
+                AdapterInfo("plain-lora-x", 12, "cd" * 32, "lora", 8, ("q_proj", "v_proj"), False, 0, 3),
+                AdapterInfo("big", 2, "ef" * 32, "nlora", 64, ("o_proj",), False, 5 << 20, 0)]
+    assert adapter_table(adapters, True).splitlines() == [
+        "NAME          VERSION  FLAVOUR       RANK   RESIDENT  ACTIVE",
+        "lower               1  inttune-tied    16  215.0 KiB       0",
+        "plain-lora-x       12  lora             8         no       3",
+        "big                 2  nlora           64    5.0 MiB       0",
+        "base model: this key may use it"]
+    assert adapter_table([], False).splitlines() == ["no adapters this key may use", "base model: not for this key"]
 
 
 def test_keys_hash_reads_stdin_and_matches_sha256(monkeypatch, capsys):
