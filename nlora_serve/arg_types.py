@@ -165,6 +165,17 @@ class WordsParser(argparse.ArgumentParser):
         self._print_message(self.short_usage(), sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def format_help(self) -> str:
+        """The help, opened by the short usage line where the full one is long (serve's was 40
+        lines above its first flag group; vLLM's is one line): the flags follow, by group."""
+        if self.usage is not None or self.format_usage().count("\n") <= LONG_USAGE_LINES:
+            return super().format_help()
+        self.usage = self.short_usage().removeprefix("usage: ").split(" (all of them:")[0].replace("%", "%%")
+        try:
+            return super().format_help()
+        finally:
+            self.usage = None
+
     def short_usage(self) -> str:
         """The usage line of an error, for a command whose full usage is long (serve's was 40 lines
         above the one that said what was wrong, h130): what it requires, ``[options]``, and where

@@ -245,3 +245,34 @@ def test_a_usage_error_of_a_short_command_keeps_its_whole_usage(capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("usage: nlora-serve client generate [-h] (--prompt PROMPT | --message MESSAGE)")
     assert "[--timeout TIMEOUT]" in err[-2] and len(err) > 3
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["serve"], "usage: nlora-serve serve [options]"),
+    (["generate"], "usage: nlora-serve generate (--prompt PROMPT | --message MESSAGE | --chat-json FILE) [options]"),
+    (["adapters", "tune"], "usage: nlora-serve adapters tune --data FILE.jsonl --out DIR [options]"),
+])
+def test_the_help_of_a_long_command_opens_with_one_usage_line(capsys, argv, usage):
+    """serve --help opened with 40 lines of usage before its first flag group (vLLM's is one line);
+    now one line with what the command requires, every flag still listed below it by group."""
+    from nlora_serve.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*argv, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[:2] == [usage, ""]
+    parser = build_parser()
+    for word in argv:
+        parser = _subparsers(parser).choices[word]
+    # every flag is still in the help, and the parser's usage is its full one again (for errors)
+    assert all(o in out for a in parser._actions for o in a.option_strings)
+    assert parser.usage is None and parser.format_usage().count("\n") > 10
+
+
+def test_the_help_of_a_short_command_keeps_its_whole_usage(capsys):
+    from nlora_serve.cli import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["client", "generate", "--help"])
+    assert capsys.readouterr().out.startswith("usage: nlora-serve client generate [-h] (--prompt PROMPT | --message")
