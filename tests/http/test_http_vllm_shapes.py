@@ -87,3 +87,29 @@ def test_responses_have_vllms_shapes(tokenizer, name):
         assert [_without_ours(c) for c in ours] == [_without_ours(c) for c in want]
     else:
         assert _without_ours(ours) == _without_ours(want)
+
+
+# vLLM 0.32's answers where byte-level tokens split characters (its engine's logprob token strings),
+# recorded by tests/http/vllm_split_characters.py from a vLLM server on the default model
+SPLIT = json.loads((Path(__file__).parents[1] / "data" / "vllm_split_characters.json").read_text())["cases"]
+
+
+def _logprob_fields(body: dict) -> dict:
+    """A whole response's logprobs and prompt_logprobs; chat entries without ``bytes`` (ours are the
+    token's own bytes, OpenAI's rule; vLLM's the UTF-8 of its string, none for an incomplete character)."""
+    choice = body["choices"][0]
+    if "message" not in choice:
+        return {"logprobs": choice["logprobs"], "prompt_logprobs": choice["prompt_logprobs"]}
+    strip = lambda e: {k: v for k, v in e.items() if k != "bytes"}  # noqa: E731
+    return {"content": [{**strip(e), "top_logprobs": [strip(t) for t in e["top_logprobs"]]}
+                        for e in choice["logprobs"]["content"]]}
+
+
+@pytest.mark.parametrize("name", list(SPLIT))
+def test_split_characters_logprobs_as_vllms(tokenizer, name):
+    """A token that ends inside a multi-byte character is "" and the one completing it the whole
+    character (decoded after up to 4 tokens before it, generated or prompt), as vLLM 0.32's tokens,
+    top_logprobs keys and prompt_logprobs' decoded_token; text_offset then indexes the text. Was each
+    token's own decoding, U+FFFD, with offsets past the text's end."""
+    recorded = SPLIT[name]
+    assert _logprob_fields(_our_response(recorded["case"], tokenizer)) == _logprob_fields(recorded["vllm"])

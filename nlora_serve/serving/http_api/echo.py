@@ -72,41 +72,56 @@ def echoed_top(entry: PromptLogprob, top: int) -> list[tuple[int, float]]:
     return list(entry.logprobs.items())[:top + 1]
 
 
+def _contexts(token_ids: list[int], entries: list[PromptLogprob | None]) -> list[list[int] | None]:
+    """Per prompt position the tokens its strings are decoded after (TokenText.in_context), as
+    vLLM 0.32's prompt logprobs: the last 4 scored prompt tokens before it; None for an unscored one
+    (the first: its own decoding, as vLLM's echo writes it)."""
+    contexts, scored = [], []
+    for t, entry in zip(token_ids, entries):
+        contexts.append(None if entry is None else scored[-4:])
+        if entry is not None:
+            scored.append(t)
+    return contexts + [None] * (len(token_ids) - len(contexts))
+
+
 def echo_logprobs(token_ids: list[int], entries: list[PromptLogprob | None], top: int,
-                  token: Callable[[int], str], offset: int) -> dict:
+                  token: Callable[[int, list[int] | None], str], offset: int) -> dict:
     """The completion ``logprobs`` object of the prompt's tokens ``token_ids`` (``entries`` from the
     engine, one per token), each token's ``top_logprobs`` the first ``top`` + 1 of its entry
     (:func:`echoed_top`), offsets from ``offset`` (the sum of the tokens' string lengths, as vLLM's
-    ``text_offset``)."""
-    tokens = [token(t) for t in token_ids]
+    ``text_offset``). ``token(id, context)``: a token's string at a position after the prompt tokens
+    ``context`` (None: its own decoding; :func:`_contexts`)."""
+    contexts = _contexts(token_ids, entries)
+    tokens = [token(t, context) for t, context in zip(token_ids, contexts)]
     offsets = []
     for text in tokens:
         offsets.append(offset)
         offset += len(text)
     token_logprobs, tops = [], []
-    for t, entry in zip(token_ids, entries):
+    for t, entry, context in zip(token_ids, entries, contexts):
         if entry is None:
             token_logprobs.append(None)
             tops.append(None)
             continue
         token_logprobs.append(clamp(entry.logprobs[t]))
-        tops.append({token(u): clamp(lp) for u, lp in echoed_top(entry, top)})
+        tops.append({token(u, context): clamp(lp) for u, lp in echoed_top(entry, top)})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
 def vllm_prompt_logprobs(token_ids: list[int], entries: list[PromptLogprob | None], top: int,
-                         token: Callable[[int], str]) -> list[dict | None]:
+                         token: Callable[[int, list[int] | None], str]) -> list[dict | None]:
     """vLLM's ``prompt_logprobs``: per prompt token None, or ``{str(id): {"logprob", "rank",
     "decoded_token"}}`` with the prompt token first (its vocabulary rank) and the ``top`` most
     likely (ranks 1..top)."""
     out: list[dict | None] = []
-    for t, entry in zip(token_ids, entries):
+    for t, entry, context in zip(token_ids, entries, _contexts(token_ids, entries)):
         if entry is None:
             out.append(None)
             continue
-        shaped = {str(t): {"logprob": clamp(entry.logprobs[t]), "rank": entry.rank, "decoded_token": token(t)}}
+        shaped = {str(t): {"logprob": clamp(entry.logprobs[t]), "rank": entry.rank,
+                           "decoded_token": token(t, context)}}
         best = sorted(entry.logprobs.items(), key=lambda kv: -kv[1])[:top]
         for rank, (u, lp) in enumerate(best, start=1):
-            shaped.setdefault(str(u), {"logprob": clamp(lp), "rank": rank, "decoded_token": token(u)})
+            shaped.setdefault(str(u), {"logprob": clamp(lp), "rank": rank, "decoded_token": token(u, context)})
         out.append(shaped)
     return out

@@ -21,8 +21,10 @@ fills go out null (:data:`MESSAGE_NULLS`, ...), a chat stream's content deltas a
   ``logprobs`` + 1 entries, as OpenAI documents and vLLM 0.32 returns: echo.py's ``with_token``);
 - chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``.
 
-A token's string is its own decoding (``tokenizer.decode([id])``; a byte-level token that is part
-of a multi-byte character decodes to U+FFFD, as in vLLM), or ``"token_id:<id>"`` with
+A token's string is its own decoding (``tokenizer.decode([id])``), but for a byte-level token that
+ends inside a multi-byte character: "" until a token completes it, which has the whole character,
+as vLLM 0.32 decodes it after up to 4 tokens before it (token_bytes.py's ``TokenText.in_context``;
+so ``text_offset`` indexes the text), or ``"token_id:<id>"`` with
 ``return_tokens_as_token_ids``. A chat entry's ``bytes`` are the token's raw bytes either way
 (:mod:`~nlora_serve.serving.http_api.token_bytes`), so the bytes of a text's tokens join to its UTF-8.
 """
@@ -174,6 +176,7 @@ class Shaper:
         self.n = n
         choices = n * (1 if prompt_ids is None else len(prompt_ids))
         self._offsets = [0] * choices  # per choice: characters of text before its next token (text_offset)
+        self._context: list[list[int]] = [[] for _ in range(choices)]  # per choice: its last 4 tokens
         self._lasts: list[RequestOutput | None] = [None] * choices  # per choice: its latest delta (the usage chunk)
         self._token_bytes: TokenBytes | None = None  # built on the first chat logprobs entry
         self.prompt_ids, self.echo, self.prompt_logprobs = prompt_ids, echo, prompt_logprobs
@@ -341,8 +344,11 @@ class Shaper:
 
     # -- logprobs ------------------------------------------------------------------------------
 
-    def _token(self, token_id: int) -> str:
-        return f"token_id:{token_id}" if self.token_ids_as_tokens else self._text(token_id)
+    def _token(self, token_id: int, context: list[int] | None = None) -> str:
+        """``token_id``'s string after the tokens ``context`` (None: its own decoding)."""
+        if self.token_ids_as_tokens:
+            return f"token_id:{token_id}"
+        return self._text(token_id) if context is None else self._text.in_context(token_id, context)
 
     def _top(self, lps: dict[int, float]) -> list[tuple[int, float]]:
         """Chat's ``top_logprobs`` of one position: the top_logprobs most likely tokens, best first
@@ -359,22 +365,33 @@ class Shaper:
 
     def _logprobs(self, out: RequestOutput) -> dict:
         pairs = list(zip(out.token_ids, out.logprobs or []))
+        # per position the choice's tokens before it (read once per delta, in order: vLLM's context
+        # of a generated token's strings is the generated tokens only)
+        history = self._context[out.index]
+        contexts = []
+        for t, _ in pairs:
+            contexts.append(history[-4:])
+            history.append(t)
+        del history[:-4]
         if self.chat:
-            return {"content": [{**self._chat_entry(t, lps[t]), "top_logprobs":
-                                 [self._chat_entry(u, lp) for u, lp in self._top(lps)]} for t, lps in pairs]}
-        tokens = [self._token(t) for t, _ in pairs]
+            return {"content": [{**self._chat_entry(t, lps[t], c), "top_logprobs":
+                                 [self._chat_entry(u, lp, c) for u, lp in self._top(lps)]}
+                                for (t, lps), c in zip(pairs, contexts)]}
+        tokens = [self._token(t, c) for (t, _), c in zip(pairs, contexts)]
         offsets = []
         for token in tokens:
             offsets.append(self._offsets[out.index])
             self._offsets[out.index] += len(token)
         return {"tokens": tokens, "token_logprobs": [clamp(lps[t]) for t, lps in pairs],
-                "top_logprobs": [{self._token(u): clamp(lp) for u, lp in
+                "top_logprobs": [{self._token(u, c): clamp(lp) for u, lp in
                                   (lps.items() if self.logprob_token_ids else with_token(lps, t, self.top_logprobs))}
-                                 for t, lps in pairs],
+                                 for (t, lps), c in zip(pairs, contexts)],
                 "text_offset": offsets}
 
-    def _chat_entry(self, token_id: int, logprob: float) -> dict:
+    def _chat_entry(self, token_id: int, logprob: float, context: list[int]) -> dict:
         if self._token_bytes is None:
             self._token_bytes = TokenBytes(self.tokenizer)
-        # -inf (a token a grammar masks) as vLLM's -9999.0: JSON has no infinity
-        return {"token": self._token(token_id), "logprob": clamp(logprob), "bytes": list(self._token_bytes(token_id))}
+        # -inf (a token a grammar masks) as vLLM's -9999.0: JSON has no infinity; the bytes are the
+        # token's own, whatever its string (vLLM's: the string's UTF-8, none for "")
+        return {"token": self._token(token_id, context), "logprob": clamp(logprob),
+                "bytes": list(self._token_bytes(token_id))}

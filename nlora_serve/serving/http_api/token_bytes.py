@@ -1,9 +1,13 @@
 """A token's string and raw bytes, for the logprobs of a response (:class:`TokenText`, :class:`TokenBytes`).
 
 A token's string is its own decoding, ``decode([id])``, decoded once per server and kept
-(:class:`TokenText`): a response with ``prompt_logprobs`` names up to 21 tokens per prompt position
-(1,024 prompts of a batch, each up to ``max_model_len``), and ``decode`` costs ~20 us a call, all of
-it on the thread that shapes the response.
+(:class:`TokenText`), but where that ends in U+FFFD (a byte-level token ending inside a multi-byte
+character) and the token has a place in a sequence: then, as vLLM 0.32's
+``LogprobsProcessor._correct_decoded_token``, its text after up to 4 tokens before it
+(:meth:`TokenText.in_context`), "" while the character is still incomplete. A response with
+``prompt_logprobs`` names up to 21 tokens per prompt position (1,024 prompts of a batch, each up to
+``max_model_len``), and ``decode`` costs ~20 us a call, all of it on the thread that shapes the
+response.
 
 OpenAI's ``bytes`` is the token's UTF-8 bytes, there so that a client can rebuild characters split
 across tokens. The token's string (``decode([id])``) cannot give them: a byte-level token holding
@@ -20,6 +24,7 @@ part of a multi-byte character decodes to U+FFFD. They come from the vocabulary 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -33,6 +38,7 @@ def _byte_of_char() -> dict[str, int]:
 
 
 BYTE_OF_CHAR = _byte_of_char()
+REPLACEMENT = "\ufffd"
 
 
 class TokenText:
@@ -50,6 +56,32 @@ class TokenText:
         if text is None:
             text = self._texts[token_id] = self.tokenizer.decode([token_id])
         return text
+
+    def in_context(self, token_id: int, context: Sequence[int]) -> str:
+        """``token_id``'s string after the sequence tokens ``context`` (oldest first; the last 4 are
+        read), vLLM 0.32's: its own decoding unless that ends in U+FFFD; then the text it adds after
+        the fewest trailing context tokens with which it ends a character, counting the text of the
+        context's own trailing partial tokens (each "" where it came) as its; "" when none does."""
+        text = self(token_id)
+        if not text.endswith(REPLACEMENT):
+            return text
+        context = list(context[-4:])
+        for size in range(1, len(context) + 1):
+            before = context[-size:]
+            full = self.tokenizer.decode(before + [token_id])
+            if full.endswith(REPLACEMENT):
+                continue
+            clean = len(before)  # the context tokens before its trailing partial ones
+            while clean > 0 and self(before[clean - 1]).endswith(REPLACEMENT):
+                clean -= 1
+            prefix = self.tokenizer.decode(before[:clean]) if clean else ""
+            if full.startswith(prefix):
+                return full[len(prefix):]
+            common = 0  # the tokenizer normalized the joint text: after the common prefix
+            while common < min(len(prefix), len(full)) and prefix[common] == full[common]:
+                common += 1
+            return full[common:]
+        return ""
 
 
 class TokenBytes:
