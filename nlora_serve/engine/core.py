@@ -351,8 +351,8 @@ class EngineCore:
         if reason in ("stop", "length"):
             stopped = req.detokenizer.stopped
             text += req.detokenizer.flush()
-            # the flush's text (a dangling partial character as U+FFFD) completed a stop string: the
-            # text is cut there, so the request stopped on it, not on its length
+            # the flush's text (held back by the window path, never a dangling partial character)
+            # completed a stop string: the text is cut there, so the request stopped on it, not on its length
             flush_stopped = reason == "length" and req.detokenizer.stopped and not stopped
         out = self._output(req, text, token_ids, "stop" if flush_stopped else reason, logprobs, pinned)
         if flush_stopped:

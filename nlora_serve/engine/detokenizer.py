@@ -17,7 +17,10 @@ With ``min_tokens`` a stop string counts only where it ends past the text of the
 ``min_tokens`` tokens it searches only text decoded after them, so a stop string may begin inside
 that text, straddling the boundary, but must end beyond it).
 :meth:`IncrementalDetokenizer.flush` re-decodes everything once at the end, so the deltas always
-join to ``tokenizer.decode(ids)`` (cut at a stop string).
+join to ``tokenizer.decode(ids)`` (cut at a stop string), less a dangling partial character at its
+end (``decode``'s trailing U+FFFD: the bytes of a character the last tokens leave incomplete), which
+vLLM 0.32 never writes either (its ``FastIncrementalDetokenizer`` holds them; "は、メ", not "は、メ\ufffd").
+A U+FFFD the text really ends in is dropped too (both paths hold it back as incomplete, as vLLM's).
 
 ``spaces_between_special_tokens=False`` with ``skip_special_tokens=False`` (vLLM's fields) is vLLM
 0.32's ``FastIncrementalDetokenizer`` rule: an added token (special or not: the tokenizer's added
@@ -124,14 +127,16 @@ class IncrementalDetokenizer:
         return joined
 
     def flush(self) -> str:
-        """The request ended: return all text not yet streamed (a dangling partial character included)."""
+        """The request ended: return all text not yet streamed but a dangling partial character
+        (vLLM 0.32's: its detokenizer never writes the bytes of an incomplete character)."""
         if not self.stopped:
             full = self._decode(self.ids)
             if full.startswith(self.text):  # always, for byte-level and sentencepiece tokenizers
-                self.text = full
+                # the tail decode writes as U+FFFD: the bytes no later token completes
+                self.text = self.text + full[len(self.text):].rstrip(REPLACEMENT)
             if len(self.ids) <= self.min_tokens:
-                # every token is within min_tokens: the text the flush adds (a dangling partial
-                # character as U+FFFD) is theirs too, so no stop string may end in it
+                # every token is within min_tokens: the text the flush adds is theirs too, so no
+                # stop string may end in it
                 self._stop_after = len(self.text)
         return self._release(final=True)
 

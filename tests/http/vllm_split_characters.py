@@ -12,7 +12,9 @@ sequence (``LogprobsProcessor._correct_decoded_token``): "" while the character 
 whole character on the token that completes it. Each case here is one of tests/http/vllm_shapes.py's
 (``kind``, ``request``, ``prompt_ids``, ``prompt_text``, ``prompt_logprobs``, ``steps``), its engine
 outputs read from vLLM's answer with ``return_tokens_as_token_ids`` (every token as its id), beside
-``vllm``: vLLM's answer to ``request`` itself, written to tests/data/vllm_split_characters.json.
+``vllm``: vLLM's answer to ``request`` itself; and ``cut_texts``: completions whose last tokens leave
+a character incomplete (tests/engine/test_detokenizer.py's reference: vLLM writes no U+FFFD for
+it), written to tests/data/vllm_split_characters.json.
 """
 
 from __future__ import annotations
@@ -75,15 +77,28 @@ def _chat_case(url: str, request: dict) -> dict:
             "vllm": _post(url, "/v1/chat/completions", {**request, "messages": MESSAGES})}
 
 
+def _cut_text(url: str, request: dict) -> dict:
+    """A completion that ends inside a character: its tokens and vLLM's text (no trailing U+FFFD)."""
+    answer = _post(url, "/v1/completions", {**request, "prompt": PROMPT, "return_token_ids": True})
+    choice = answer["choices"][0]
+    return {"request": request, "token_ids": choice["token_ids"], "text": choice["text"],
+            "finish_reason": choice["finish_reason"], "stop_reason": choice["stop_reason"]}
+
+
 def main() -> None:
     url = sys.argv[1].rstrip("/")
     cases = {"completion logprobs 3": _completion_case(url, {"max_tokens": 4, "logprobs": 3}),
              "completion echo logprobs 1": _completion_case(url, {"max_tokens": 2, "logprobs": 1, "echo": True}),
              "completion prompt_logprobs 1": _completion_case(url, {"max_tokens": 1, "prompt_logprobs": 1}),
              "chat top_logprobs 2": _chat_case(url, {"max_tokens": 4, "logprobs": True, "top_logprobs": 2})}
+    # the byte 0xC3 alone (byte-level entry "Ã", id 131): never completed, with and without a stop string
+    cut = {"max_tokens 6": _cut_text(url, {"max_tokens": 6}),
+           "byte 0xC3": _cut_text(url, {"max_tokens": 1, "allowed_token_ids": [131]}),
+           "byte 0xC3 stop U+FFFD": _cut_text(url, {"max_tokens": 1, "allowed_token_ids": [131], "stop": ["\ufffd"]})}
     version = urllib.request.urlopen(url + "/version", timeout=30).read()
     OUT.write_text(json.dumps({"vllm": json.loads(version)["version"], "model": "SmolLM2-135M-Instruct",
-                               "prompt": PROMPT, "messages": MESSAGES, "cases": cases}, indent=1,
+                               "prompt": PROMPT, "messages": MESSAGES, "cases": cases,
+                               "cut_texts": cut}, indent=1,
                               ensure_ascii=False) + "\n")
     print(f"wrote {len(cases)} cases to {OUT}")
 
