@@ -28,14 +28,13 @@ VLLM_SHAPES = json.loads((Path(__file__).parents[1] / "data" / "vllm_shapes.json
 
 def _without_ours(body):
     """A response object less what is deliberately ours: ``created`` (a clock), the
-    ``system_fingerprint`` (the adapter version; vLLM's names the server) and usage's token details
-    (our cached_tokens is vLLM's with --enable-prompt-tokens-details)."""
+    ``system_fingerprint`` (the adapter version; vLLM's names the server) and usage's
+    prompt_tokens_details (our cached_tokens is vLLM's with --enable-prompt-tokens-details)."""
     if isinstance(body, str):
         return body
     body = {key: value for key, value in body.items() if key not in ("created", "system_fingerprint")}
     if isinstance(body.get("usage"), dict):
-        body["usage"] = {key: value for key, value in body["usage"].items()
-                         if key not in ("prompt_tokens_details", "completion_tokens_details")}
+        body["usage"] = {key: value for key, value in body["usage"].items() if key != "prompt_tokens_details"}
     return body
 
 

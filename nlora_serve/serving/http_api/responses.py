@@ -10,8 +10,8 @@ response headers, :func:`version_headers`).
 
 Each object has the keys vLLM 0.32's has, as its ``model_dump()`` (whole) or
 ``model_dump_json(exclude_unset=True)`` (chunks) writes them: the vLLM fields this server never
-fills go out null (:data:`MESSAGE_NULLS`, ...), a chat stream's content deltas are
-``{"content": text}``, ``""`` included, and a chunk carries ``usage`` only with
+fills go out null (:data:`MESSAGE_NULLS`, ..., usage's ``completion_tokens_details`` where vLLM's
+has it), a chat stream's content deltas are ``{"content": text}``, ``""`` included, and a chunk carries ``usage`` only with
 ``continuous_usage_stats`` or as the closing usage chunk. Deliberately not as vLLM: the
 ``system_fingerprint`` (vLLM's: one per server, on the last chunk only) and ``usage``'s
 ``prompt_tokens_details.cached_tokens`` (vLLM's with ``--enable-prompt-tokens-details``).
@@ -200,7 +200,7 @@ class Shaper:
         choices = [self._whole_choice(index, deltas) for index, deltas in enumerate(by_choice)]
         lasts = [deltas[-1] for deltas in by_choice]
         body = {**self._envelope("chat.completion" if self.chat else "text_completion", choices, lasts[0]),
-                **WHOLE_NULLS, "usage": total_usage(lasts, self.n)}
+                **WHOLE_NULLS, "usage": {**total_usage(lasts, self.n), "completion_tokens_details": None}}
         if self.chat:  # vLLM's: the prompt's logprobs and ids on the chat response's top level
             body["prompt_logprobs"] = (self._prompt_logprobs(by_choice[0][0]) if self.prompt_logprobs is not None
                                        else None)
@@ -330,6 +330,8 @@ class Shaper:
         body = self._envelope(self._chunk_object, [choice], out)
         if self.continuous_usage:  # else none: vLLM leaves it out but on the usage chunk (OpenAI: null)
             body["usage"] = usage(out, completion_tokens)
+            if self.chat:  # vLLM's chat chunks' UsageInfo sets it (null); its completions' do not
+                body["usage"]["completion_tokens_details"] = None
         return body
 
     @property
