@@ -22,9 +22,8 @@ from nlora_serve.errors import shown
 from nlora_serve.engine.api import text_bytes
 from nlora_serve.engine.sampling import RequestError
 
-# "developer" is OpenAI's newer name for the system role: passed to the template as it is, as
-# vLLM does (a template that knows no such role renders it like any other, SmolLM2's as a
-# "<|im_start|>developer" turn)
+# "developer" is OpenAI's newer name for the system role: passed to a template that names it as it
+# is, else made a system message (:func:`developer_as_system`), as vLLM 0.32 renders it
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # the message fields a client writes, masked against special-token text (a template may render
 # ``name``, vLLM passes it to the template)
@@ -46,6 +45,7 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "message
             rendering, or special-token text inside tool calls or template variables (``kwargs``:
             tools, documents, ...), which are not masked (the message names ``field``).
     """
+    messages = developer_as_system(messages, tokenizer.chat_template)
     specials = _special_texts(tokenizer)
     # only content and name are masked: special-token text anywhere else is refused, never a forged control token
     check_plain([[m.get("tool_calls"), m.get("tool_call_id")] for m in messages] + [kwargs], tokenizer,
@@ -74,6 +74,32 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, field: str = "message
         elif piece:
             ids += tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True)
     return ids
+
+
+def developer_as_system(messages: list[dict], template) -> list[dict]:
+    """``messages`` as vLLM 0.32 renders them (renderers/hf.py) where the chat ``template`` (a string)
+    never names the role "developer" (in quotes): each developer message a system message (its
+    ``tools`` dropped), and where a system message is then not first, or not alone, all of them
+    merged into one first ``{"role": "system", "content"}``, their non-empty contents joined by a
+    blank line (a content's text parts by a newline). SmolLM2's template would otherwise write a
+    ``<|im_start|>developer`` turn after its default system prompt. Unchanged otherwise."""
+    template = template if isinstance(template, str) else ""
+    if not any(m["role"] == "developer" for m in messages) or '"developer"' in template or "'developer'" in template:
+        return messages
+    converted = [{k: v for k, v in m.items() if k != "tools"} | {"role": "system"} if m["role"] == "developer"
+                 else m for m in messages]
+    systems = [i for i, m in enumerate(converted) if m["role"] == "system"]
+    if systems in ([], [0]):
+        return converted
+    contents = []
+    for i in systems:
+        content = converted[i].get("content") or ""
+        if isinstance(content, list):
+            content = "\n".join(p["text"] if isinstance(p, dict) else p for p in content
+                                if isinstance(p, str) or (isinstance(p, dict) and "text" in p))
+        if content:
+            contents.append(content)
+    return [{"role": "system", "content": "\n\n".join(contents)}] + [m for m in converted if m["role"] != "system"]
 
 
 def check_plain(value, tokenizer, what: str) -> None:

@@ -1,5 +1,6 @@
-"""Chat message fields real OpenAI clients send, as vLLM takes them: the ``developer`` role and a
-message's ``name`` go to the chat template as they are (vLLM's parse_chat_messages), and
+"""Chat message fields real OpenAI clients send, as vLLM takes them: the ``developer`` role (a system
+message under a template that names no such role, vLLM 0.32's renderers/hf.py) and a message's
+``name`` go to the chat template (vLLM's parse_chat_messages), and
 ``top_logprobs: 0`` without ``logprobs`` asks for nothing (vLLM's validator refuses only a
 positive value or -1 without logprobs). References: transformers' own apply_chat_template and
 greedy decoding over the transformers model."""
@@ -7,6 +8,8 @@ greedy decoding over the transformers model."""
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -14,7 +17,13 @@ import pytest
 from grpc_harness import TENANT_KEYS
 from http_harness import client, hf_greedy
 from nlora_serve.serving.chat_template import render_chat
+from nlora_serve.serving.http_api.body import validated
+from nlora_serve.serving.http_api.openai import chat_prompt
+from nlora_serve.serving.http_api.request_models import ChatRequest
 
+# vLLM 0.32's prompts of chats with the developer role, recorded by tests/http/vllm_split_characters.py
+DEVELOPER_CHATS = json.loads((Path(__file__).parents[1] / "data" / "vllm_split_characters.json").read_text())[
+    "developer_chats"]
 DEVELOPER = [{"role": "developer", "content": "Answer in one word."},
              {"role": "user", "content": "What is the capital of France?"}]
 
@@ -34,16 +43,27 @@ def _chat(server, **fields):
         model=server.server.generation.info.model, max_tokens=5, temperature=0, **fields)
 
 
-def test_the_developer_role_is_rendered_by_the_template_as_vllm(http_server, tokenizer, hf_model):
-    """SmolLM2's template writes any role as ``<|im_start|>{role}``: the developer turn is its own
-    turn after the template's default system prompt, as transformers (and so vLLM) render it."""
-    want_prompt = tokenizer.apply_chat_template(DEVELOPER, tokenize=True, add_generation_prompt=True,
-                                                return_dict=False)
-    assert "<|im_start|>developer\n" in tokenizer.decode(want_prompt)
+def test_the_developer_role_is_rendered_by_the_template_as_vllm(http_server, hf_model):
+    """SmolLM2's template names no developer role: vLLM 0.32 makes the developer message the system
+    message (no default system prompt then), and so does the server; greedy tokens as transformers'
+    on that prompt. Was a ``<|im_start|>developer`` turn after the template's default system prompt."""
+    want_prompt = DEVELOPER_CHATS["developer, user"]["prompt_ids"]
+    assert DEVELOPER_CHATS["developer, user"]["messages"] == DEVELOPER
     answer = _chat(http_server, messages=DEVELOPER, logprobs=True, extra_body={"return_tokens_as_token_ids": True})
     got = [int(e.token.removeprefix("token_id:")) for e in answer.choices[0].logprobs.content]
     assert answer.usage.prompt_tokens == len(want_prompt)
     assert got == _hf_greedy(hf_model, want_prompt, len(got))
+
+
+@pytest.mark.parametrize("name", list(DEVELOPER_CHATS))
+def test_developer_messages_become_one_first_system_message_as_vllm(tokenizer, name):
+    """vLLM 0.32's prompt ids (its /tokenize, recorded by tests/http/vllm_split_characters.py) of
+    chats with developer messages: each a system message, and the system messages merged into one
+    first (contents joined by a blank line) where one is not first or not alone."""
+    case = DEVELOPER_CHATS[name]
+    request = validated(ChatRequest, {"model": "m", "messages": case["messages"]})
+    assert chat_prompt(request, tokenizer) == case["prompt_ids"]
+    assert "developer" not in tokenizer.decode(case["prompt_ids"])
 
 
 def test_name_reaches_the_chat_template_as_text(tokenizer):
@@ -104,12 +124,11 @@ def test_bad_chat_fields_are_refused_naming_them(http_server, fields, param, wor
     assert err.value.body["param"] == param and words in err.value.body["message"]
 
 
-def test_openai_fields_that_change_no_answer_are_accepted_as_vllm_accepts_them(http_server, tokenizer, hf_model):
+def test_openai_fields_that_change_no_answer_are_accepted_as_vllm_accepts_them(http_server, hf_model):
     """What an OpenAI application may send along (store and tags for OpenAI's dashboards, its service
     tier, prompt-cache hints, an end user's id, a Predicted Output, text modalities) answers as the
     request without them: the transformers model's greedy answer. They were a 400 each."""
-    want_prompt = tokenizer.apply_chat_template(DEVELOPER, tokenize=True, add_generation_prompt=True,
-                                                return_dict=False)
+    want_prompt = DEVELOPER_CHATS["developer, user"]["prompt_ids"]  # vLLM 0.32's
     answer = _chat(http_server, messages=DEVELOPER, store=True, metadata={"app": "faq"}, service_tier="auto",
                    prompt_cache_key="user-7", prompt_cache_retention="24h", prompt_cache_options={"mode": "implicit"},
                    safety_identifier="hashed-user-7", prediction={"type": "content", "content": "Paris"},
@@ -119,13 +138,12 @@ def test_openai_fields_that_change_no_answer_are_accepted_as_vllm_accepts_them(h
     assert got == _hf_greedy(hf_model, want_prompt, len(got))
 
 
-def test_stream_options_include_obfuscation_false_is_accepted(http_server, tokenizer):
+def test_stream_options_include_obfuscation_false_is_accepted(http_server):
     """The SDK's ``include_obfuscation: false`` (OpenAI's padding of chunks, which this server never
     adds) streams as without it; it was a 400 'Extra inputs are not permitted'."""
     chunks = list(_chat(http_server, messages=DEVELOPER, stream=True,
                         stream_options={"include_usage": True, "include_obfuscation": False},
                         extra_body={"ignore_eos": True}))
-    want_prompt = tokenizer.apply_chat_template(DEVELOPER, tokenize=True, add_generation_prompt=True,
-                                                return_dict=False)
+    want_prompt = DEVELOPER_CHATS["developer, user"]["prompt_ids"]  # vLLM 0.32's
     assert chunks[-1].choices == [] and (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) \
         == (len(want_prompt), 5)

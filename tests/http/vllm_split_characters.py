@@ -14,7 +14,8 @@ whole character on the token that completes it. Each case here is one of tests/h
 outputs read from vLLM's answer with ``return_tokens_as_token_ids`` (every token as its id), beside
 ``vllm``: vLLM's answer to ``request`` itself; and ``cut_texts``: completions whose last tokens leave
 a character incomplete (tests/engine/test_detokenizer.py's reference: vLLM writes no U+FFFD for
-it), written to tests/data/vllm_split_characters.json.
+it); and ``developer_chats``: the prompt ids vLLM's /tokenize gives chats with the developer role
+(tests/http/test_http_chat_fields.py's reference), written to tests/data/vllm_split_characters.json.
 """
 
 from __future__ import annotations
@@ -85,6 +86,21 @@ def _cut_text(url: str, request: dict) -> dict:
             "finish_reason": choice["finish_reason"], "stop_reason": choice["stop_reason"]}
 
 
+# chat messages with OpenAI's developer role: vLLM 0.32 renders them as system messages, merged into
+# one first, under a template that names no developer role (SmolLM2's; renderers/hf.py)
+DEVELOPER_CHATS = {
+    "developer, user": [{"role": "developer", "content": "Answer in one word."},
+                        {"role": "user", "content": "What is the capital of France?"}],
+    "system, developer, user": [{"role": "system", "content": "Be kind."}, {"role": "developer", "content": "Be brief."},
+                                {"role": "user", "content": "Hi"}],
+    "user, developer, user": [{"role": "user", "content": "Hi"}, {"role": "developer", "content": "Be brief."},
+                              {"role": "user", "content": "Colors?"}],
+    "developer parts, user": [{"role": "developer", "content": [{"type": "text", "text": "Be brief."},
+                                                                {"type": "text", "text": "Be kind."}]},
+                              {"role": "user", "content": "Hi"}],
+}
+
+
 def main() -> None:
     url = sys.argv[1].rstrip("/")
     cases = {"completion logprobs 3": _completion_case(url, {"max_tokens": 4, "logprobs": 3}),
@@ -95,10 +111,12 @@ def main() -> None:
     cut = {"max_tokens 6": _cut_text(url, {"max_tokens": 6}),
            "byte 0xC3": _cut_text(url, {"max_tokens": 1, "allowed_token_ids": [131]}),
            "byte 0xC3 stop U+FFFD": _cut_text(url, {"max_tokens": 1, "allowed_token_ids": [131], "stop": ["\ufffd"]})}
+    chats = {name: {"messages": messages, "prompt_ids": _post(url, "/tokenize", {"messages": messages})["tokens"]}
+             for name, messages in DEVELOPER_CHATS.items()}
     version = urllib.request.urlopen(url + "/version", timeout=30).read()
     OUT.write_text(json.dumps({"vllm": json.loads(version)["version"], "model": "SmolLM2-135M-Instruct",
                                "prompt": PROMPT, "messages": MESSAGES, "cases": cases,
-                               "cut_texts": cut}, indent=1,
+                               "cut_texts": cut, "developer_chats": chats}, indent=1,
                               ensure_ascii=False) + "\n")
     print(f"wrote {len(cases)} cases to {OUT}")
 
