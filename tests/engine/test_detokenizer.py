@@ -77,8 +77,8 @@ def test_include_stop_finds_a_stop_string_in_the_first_characters(tokenizer, fas
 
 
 # vLLM 0.32's texts of completions whose last tokens leave a character incomplete, recorded by
-# tests/http/vllm_split_characters.py from a vLLM server on the default model
-CUT_TEXTS = json.loads((Path(__file__).parents[1] / "data" / "vllm_split_characters.json").read_text())["cut_texts"]
+# tests/http/vllm_live.py from a vLLM server on the default model
+CUT_TEXTS = json.loads((Path(__file__).parents[1] / "data" / "vllm_live.json").read_text())["cut_texts"]
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["stream", "window"])

@@ -21,8 +21,8 @@ from nlora_serve.serving.http_api.body import validated
 from nlora_serve.serving.http_api.openai import chat_prompt
 from nlora_serve.serving.http_api.request_models import ChatRequest
 
-# vLLM 0.32's prompts of chats with the developer role, recorded by tests/http/vllm_split_characters.py
-DEVELOPER_CHATS = json.loads((Path(__file__).parents[1] / "data" / "vllm_split_characters.json").read_text())[
+# vLLM 0.32's prompts of chats with the developer role, recorded by tests/http/vllm_live.py
+DEVELOPER_CHATS = json.loads((Path(__file__).parents[1] / "data" / "vllm_live.json").read_text())[
     "developer_chats"]
 DEVELOPER = [{"role": "developer", "content": "Answer in one word."},
              {"role": "user", "content": "What is the capital of France?"}]
@@ -57,7 +57,7 @@ def test_the_developer_role_is_rendered_by_the_template_as_vllm(http_server, hf_
 
 @pytest.mark.parametrize("name", list(DEVELOPER_CHATS))
 def test_developer_messages_become_one_first_system_message_as_vllm(tokenizer, name):
-    """vLLM 0.32's prompt ids (its /tokenize, recorded by tests/http/vllm_split_characters.py) of
+    """vLLM 0.32's prompt ids (its /tokenize, recorded by tests/http/vllm_live.py) of
     chats with developer messages: each a system message, and the system messages merged into one
     first (contents joined by a blank line) where one is not first or not alone."""
     case = DEVELOPER_CHATS[name]

@@ -113,7 +113,7 @@ def test_spaces_between_special_tokens_false_writes_adjacent_added_tokens_bare(h
 def test_a_final_partial_character_is_not_written_and_completes_no_stop_string(http_server, tokenizer):
     """The last token leaves a partial UTF-8 character (byte 0xC3 alone): vLLM 0.32 writes nothing
     for it, so a stop string U+FFFD finds nothing ("", "length", null both ways; its recorded answers,
-    tests/data/vllm_split_characters.json). Ours wrote U+FFFD, and with the stop string stopped on it."""
+    tests/data/vllm_live.json). Ours wrote U+FFFD, and with the stop string stopped on it."""
     partial = tokenizer.convert_tokens_to_ids("Ã")  # byte-level BPE: the byte 0xC3 alone
     assert tokenizer.decode([partial]) == "\ufffd"
     api = client(http_server, TENANT_KEYS["base-co"])

@@ -89,8 +89,8 @@ def test_responses_have_vllms_shapes(tokenizer, name):
 
 
 # vLLM 0.32's answers where byte-level tokens split characters (its engine's logprob token strings),
-# recorded by tests/http/vllm_split_characters.py from a vLLM server on the default model
-SPLIT = json.loads((Path(__file__).parents[1] / "data" / "vllm_split_characters.json").read_text())["cases"]
+# recorded by tests/http/vllm_live.py from a vLLM server on the default model
+SPLIT = json.loads((Path(__file__).parents[1] / "data" / "vllm_live.json").read_text())["cases"]
 
 
 def _logprob_fields(body: dict) -> dict:

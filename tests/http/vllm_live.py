@@ -1,10 +1,13 @@
-"""Records vLLM 0.32's logprob token strings where byte-level tokens split a character, the reference
-of tests/http/test_http_vllm_shapes.py's ``test_split_characters_logprobs_as_vllms``, from a running
-vLLM OpenAI server on the tests' default model (SmolLM2-135M-Instruct, float32, greedy):
+"""Records answers of a running vLLM 0.32 OpenAI server on the tests' default model
+(SmolLM2-135M-Instruct, float32, greedy) that engine-free recordings (tests/http/vllm_shapes.py)
+cannot give, as they come from vLLM's engine or renderer: logprob token strings where byte-level
+tokens split a character (tests/http/test_http_vllm_shapes.py's
+``test_split_characters_logprobs_as_vllms``), texts that end inside a character, chat prompts with
+the developer role. Start vLLM, then record:
 
     .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model DIR --served-model-name default \\
         --dtype float32 --enforce-eager --port 8000 &
-    .venv/bin/python tests/http/vllm_split_characters.py http://127.0.0.1:8000
+    .venv/bin/python tests/http/vllm_live.py http://127.0.0.1:8000
 
 DIR: the converted model folder in the prepared-model cache (``~/.cache/nlora-serve/models/...``).
 vLLM decodes a token whose own decoding ends in U+FFFD again after up to 4 preceding tokens of the
@@ -15,7 +18,7 @@ outputs read from vLLM's answer with ``return_tokens_as_token_ids`` (every token
 ``vllm``: vLLM's answer to ``request`` itself; and ``cut_texts``: completions whose last tokens leave
 a character incomplete (tests/engine/test_detokenizer.py's reference: vLLM writes no U+FFFD for
 it); and ``developer_chats``: the prompt ids vLLM's /tokenize gives chats with the developer role
-(tests/http/test_http_chat_fields.py's reference), written to tests/data/vllm_split_characters.json.
+(tests/http/test_http_chat_fields.py's reference), written to tests/data/vllm_live.json.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-OUT = Path(__file__).parents[1] / "data" / "vllm_split_characters.json"
+OUT = Path(__file__).parents[1] / "data" / "vllm_live.json"
 PROMPT = "日本語で"  # 3 byte-level tokens per character, some characters merged
 MESSAGES = [{"role": "user", "content": "日本語で話して"}]
 
