@@ -93,7 +93,8 @@ def reference(model, prompt: list[int]) -> dict:
     for _ in range(NEW_TOKENS):
         ids = torch.cat([ids, model(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
     out = model(ids[:, :-1], use_cache=True)
-    layer = out.cache.layers[0]
+    # transformers 5.25 names the output's KV cache ``cache``; 5.17 (the GPU image's) ``past_key_values``
+    layer = (out.cache if hasattr(out, "cache") else out.past_key_values).layers[0]
     return {"tokens": ids[0, len(prompt):].tolist(), "logits": out.logits[0, len(prompt) - 1:].float(),
             "k": layer.keys[0].transpose(0, 1).float(), "v": layer.values[0].transpose(0, 1).float()}
 
