@@ -182,7 +182,8 @@ def bench_fairness(args, base, store: Path) -> dict:
                 served = sum(1 for j in jobs if j.done is not None and j.done <= args.duration) / args.duration
                 row["served_per_s"] = served
                 # the premise: each light tenant below its share, C / tenants, of this capacity
-                row["light_rate_over_share"] = light_rate / (served / args.tenants_fair)
+                # (none finished within --duration: the share is 0 and every rate is over it)
+                row["light_rate_over_share"] = light_rate / (served / args.tenants_fair) if served else float("inf")
                 log(f"{policy} with heavy: served requests/s, light rate / share", [served, row["light_rate_over_share"]])
             row[f"{key}_engine"] = counts
             log(f"{policy} {'with' if heavy else 'without'} heavy: light TTFT p99", row[key])
