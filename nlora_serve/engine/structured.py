@@ -36,7 +36,11 @@ MAX_CACHED = 256
 # (a 2,000-property schema to ~17 MB), so 256 of them held ~4.5 GB
 MAX_CACHED_BYTES = 512 * 1024 * 1024
 COMPILE_TIMEOUT_S = 5.0  # a caller's wait for one compile (vLLM's regex compile timeout)
-MAX_COMPILING = 2  # compiles running at once (those past their timeout included); one per tenant
+MAX_COMPILING = 2  # compiles running at once within their caller's timeout; one per tenant
+# compiles past their caller's timeout (finishing in the background) that gave their slot back; one
+# past it while these are all taken keeps its slot. Two tenants' slow specs (a 50 KB schema compiles
+# for minutes) held both slots, and every other tenant's new spec was refused for that long
+MAX_OVERDUE = 4
 # vLLM 0.32's MAX_STRUCTURED_OUTPUT_JSON_NESTING: a schema's objects and arrays nest at most this deep
 # (xgrammar's compile time grows ~ depth^3: 500 nested arrays took 4.8 s, 2000 would take minutes)
 MAX_JSON_NESTING = 64
@@ -135,20 +139,23 @@ class GrammarCompiler:
     grammar's output (the engine's EOS ids). The vocabulary is read on the first compile (~0.5 s on
     a 49k vocabulary), not at start: engines that never see a grammar never pay it.
 
-    A compile runs on a thread of its own, at most :data:`MAX_COMPILING` at once and one per tenant,
-    and its caller waits ``timeout_s`` at most (vLLM's VLLM_REGEX_COMPILATION_TIMEOUT_S, 5 s, for
-    every kind here): some short specs explode (``.{0,2000}`` takes ~4 s, and the time grows with
-    the count). A compile that runs past it cannot be stopped (xgrammar's C++); it finishes in the
-    background, still holding its slot and its tenant's turn, and lands in the cache: a tenant whose
-    compile still runs is refused another spec at once, so that one tenant's slow specs hold one slot,
-    never all of them. On Linux the compile's thread and the workers xgrammar starts from it run at
+    A compile runs on a thread of its own, at most :data:`MAX_COMPILING` at once and one per tenant, and
+    its caller waits ``timeout_s`` at most (vLLM's VLLM_REGEX_COMPILATION_TIMEOUT_S, 5 s, for every kind
+    here): some short specs explode (``.{0,2000}`` takes ~4 s, and the time grows with the count). A
+    compile that runs past it cannot be stopped (xgrammar's C++); it finishes in the background, still
+    holding its tenant's turn, and lands in the cache: a tenant whose compile still runs is refused
+    another spec at once, so that one tenant's slow specs hold one slot, never all of them; and it gives
+    its slot back to run on as one of at most :data:`MAX_OVERDUE` such compiles (keeping it while those
+    are all running), so that the slow specs of a few tenants do not hold every slot for the minutes
+    they take. On Linux the compile's thread and the workers xgrammar starts from it run at
     :data:`COMPILE_NICENESS` above the server's nice value, so that such a compile takes the CPU the
-    engine's step thread leaves, not the CPU the other tenants' streams need. A tenant's callers of the same spec share its compile. Compiled grammars are kept by
-    tenant and spec, at most :data:`MAX_CACHED` within :data:`MAX_CACHED_BYTES` (past either, the least
-    recently used of the tenant holding the most goes first: one tenant's new specs evict its own), and on
-    the spec itself (``spec.compiled``): a tenant never shares another's compile or cached grammar (as
-    the prefix cache is salted per tenant), whose answer in microseconds, against a miss's compile time,
-    would tell it that another tenant had sent the same spec.
+    engine's step thread leaves, not the CPU the other tenants' streams need. A tenant's callers of the
+    same spec share its compile. Compiled grammars are kept by tenant and spec, at most
+    :data:`MAX_CACHED` within :data:`MAX_CACHED_BYTES` (past either, the least recently used of the
+    tenant holding the most goes first: one tenant's new specs evict its own), and on the spec itself
+    (``spec.compiled``): a tenant never shares another's compile or cached grammar (as the prefix cache
+    is salted per tenant), whose answer in microseconds, against a miss's compile time, would tell it
+    that another tenant had sent the same spec.
     """
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int], timeout_s: float = COMPILE_TIMEOUT_S) -> None:
@@ -159,6 +166,7 @@ class GrammarCompiler:
         self._cached: OrderedDict = OrderedDict()  # spec key -> xgrammar CompiledGrammar, least recent first
         self.cached_bytes = 0  # their memory_size_bytes together
         self._compiling = threading.BoundedSemaphore(MAX_COMPILING)
+        self._overdue = threading.BoundedSemaphore(MAX_OVERDUE)  # slots of compiles past their timeout
         self._jobs: dict[tuple, _Job] = {}  # spec key -> its compile, from its slot's wait to its end
         self._tenants: dict[str, tuple] = {}  # tenant -> the key of its compile (waiting or running)
 
@@ -198,6 +206,7 @@ class GrammarCompiler:
         if job is None:
             job = self._start(spec, key, tenant)
         if not job.done.wait(self.timeout_s):
+            self._overdue_slot(job)
             raise RequestError(f"{spec.param}: the {spec.kind} did not compile within {self.timeout_s:g} s (too "
                                "complex: a large repetition count or nesting)", spec.param)
         if job.error is not None:
@@ -239,6 +248,13 @@ class GrammarCompiler:
                          daemon=True).start()
         return job
 
+    def _overdue_slot(self, job: _Job) -> None:
+        """Move ``job``, past its caller's timeout, from its compile slot to an overdue one, if one is free."""
+        with self._lock:
+            if not job.ended and not job.overdue and self._overdue.acquire(blocking=False):
+                job.overdue = True
+                self._compiling.release()
+
     def _unclaim(self, key: tuple, tenant: str | None) -> None:
         with self._lock:
             if tenant is not None and self._tenants.get(tenant) == key:
@@ -268,7 +284,8 @@ class GrammarCompiler:
                 del self._jobs[key]
                 if tenant is not None and self._tenants.get(tenant) == key:
                     del self._tenants[tenant]
-            self._compiling.release()
+                job.ended = True  # under the lock: its slot moves no more
+            (self._overdue if job.overdue else self._compiling).release()
             job.done.set()
 
     def _drop_one(self, keep: tuple) -> None:
@@ -312,15 +329,17 @@ def lower_thread_priority(niceness: int) -> None:
 class _Job:
     """One compile in flight: its result once ``done`` is set (a grammar, or an error's words)."""
 
-    __slots__ = ("done", "grammar", "error")
+    __slots__ = ("done", "grammar", "error", "overdue", "ended")
 
     def __init__(self) -> None:
         self.done, self.grammar, self.error = threading.Event(), None, None
+        self.overdue = False  # holds an overdue slot (past its caller's timeout), not a compile slot
+        self.ended = False  # its slot released (set under the compiler's lock)
 
     @classmethod
     def finished(cls, grammar) -> _Job:
         job = cls()
-        job.grammar = grammar
+        job.grammar, job.ended = grammar, True
         job.done.set()
         return job
 

@@ -217,3 +217,27 @@ def test_a_compile_and_the_workers_it_starts_run_niced_and_the_caller_does_not(c
     expected = min(19, caller + getattr(structured, "COMPILE_NICENESS", 19))
     assert seen == {"worker": expected, "compile": expected}
     assert niceness(threading.get_native_id()) == caller
+
+
+def test_compiles_past_their_timeout_give_their_slot_to_other_tenants(compiler, monkeypatch):
+    """Two tenants' slow specs (a 50 KB schema compiles for minutes) held both compile slots: every
+    other tenant's new spec was refused, 'busy compiling other specs', until they ended. A compile
+    past its caller's timeout now runs on as one of MAX_OVERDUE; past those it keeps its slot."""
+    floods = [f"flood{i}" for i in range(structured.MAX_OVERDUE + MAX_COMPILING)]
+    slow = {tenant: f"{tenant}[a-z]" for tenant in floods}
+    gate = gated(monkeypatch, set(slow.values()))
+    compiler.timeout_s = 0.2
+    for i, tenant in enumerate(floods):
+        if i == structured.MAX_OVERDUE:
+            assert compiler.compile(StructuredOutputs(regex="bob[0-9]"), tenant="bob") is not None  # before: busy
+        with pytest.raises(RequestError, match="did not compile within 0.2 s"):
+            compiler.compile(StructuredOutputs(regex=slow[tenant]), tenant=tenant)
+    with pytest.raises(RequestError, match="busy compiling other specs"):  # every slot of either kind taken
+        compiler.compile(StructuredOutputs(regex="carol[0-9]"), tenant="carol")
+    gate.set()
+    compiler.timeout_s = 30.0
+    for tenant in floods:  # each compile ended and gave back its slot; its grammar is cached
+        assert compiler.compile(StructuredOutputs(regex=slow[tenant]), tenant=tenant) is not None
+    specs = [StructuredOutputs(regex=f"after{i}[0-9]") for i in range(structured.MAX_OVERDUE + MAX_COMPILING)]
+    for i, spec in enumerate(specs):
+        assert compiler.compile(spec, tenant=f"t{i}") is not None
