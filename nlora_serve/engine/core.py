@@ -36,7 +36,7 @@ from nlora_serve.engine.scheduler import Scheduler
 from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nlora_serve.engine.step_output import SampledStep, sample_step
 from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs, allows_a_token
-from nlora_serve.engine.token_masks import bad_words_token_ids
+from nlora_serve.engine.token_masks import bad_words_token_ids, check_a_first_token
 from nlora_serve.engine.warmup import warm_up
 
 
@@ -149,7 +149,8 @@ class EngineCore:
         """
         check_request(prompt_ids, params.max_tokens, self.vocab_size, self.config.scheduler.max_model_len,
                       params.stop_token_ids, params.logit_bias, params.allowed_token_ids, params.logprob_token_ids)
-        bad_words_token_ids(self.tokenizer, params.bad_words)
+        check_a_first_token(params.allowed_token_ids, bad_words_token_ids(self.tokenizer, params.bad_words),
+                            params.min_tokens, self.eos.banned_before_min_tokens(params.stop_token_ids))
         if params.structured_outputs is not None:
             self.grammars.compile(params.structured_outputs)
 

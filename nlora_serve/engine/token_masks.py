@@ -39,6 +39,28 @@ def bad_words_token_ids(tokenizer, words: tuple[str, ...]) -> tuple[tuple[int, .
     return tuple(sequences)
 
 
+def check_a_first_token(allowed: tuple[int, ...] | None, bad_words_ids: tuple[tuple[int, ...], ...],
+                        min_tokens: int, banned_before_min_tokens: frozenset[int]) -> None:
+    """Refuse masks that leave no token to sample first: every ``allowed`` id a one-token bad word
+    (banned at every step), or, with ``min_tokens`` > 0, an EOS or stop id (``banned_before_min_tokens``).
+    The sampler then drew from a row of -inf: token 0, outside ``allowed``, at every step.
+
+    Raises:
+        RequestError: such masks, naming both fields (``param`` allowed_token_ids).
+    """
+    if allowed is None or not (bad_words_ids or min_tokens):
+        return
+    one_token = {ids[0] for ids in bad_words_ids if len(ids) == 1}
+    # all() stops at the first id left: a request that samples costs a look or two (this runs on the step thread too)
+    if all(t in one_token for t in allowed):
+        raise RequestError("allowed_token_ids: bad_words bans every one of them, so no token could be sampled",
+                           "allowed_token_ids")
+    if min_tokens and all(t in one_token or t in banned_before_min_tokens for t in allowed):
+        raise RequestError(f"allowed_token_ids: every one left is an end-of-sequence or stop token, which "
+                           f"min_tokens={min_tokens} bans until then, so no token could be sampled first",
+                           "allowed_token_ids")
+
+
 def keep_allowed(logits: torch.Tensor, rows: list[int], allowed: list[torch.Tensor]) -> None:
     """Set ``logits[rows[j], t] = -inf`` for every token ``t`` not in ``allowed[j]``, in place.
 

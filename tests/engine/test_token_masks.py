@@ -71,3 +71,24 @@ def test_bad_words_tokenize_as_vllm_does(base_fp32):
         bad_words_token_ids(tok, (" ",))
     with pytest.raises(RequestError, match="Too many bad words"):
         bad_words_token_ids(tok, tuple(f"word{i}" for i in range(100)))
+
+
+def test_masks_that_leave_no_first_token_are_refused_at_admission(base_fp32):
+    """allowed_token_ids all banned by bad_words, or all EOS / stop ids under min_tokens, left a row
+    of -inf: the sampler drew token 0 (<|endoftext|>, never allowed) at every step, 200 OK."""
+    tok = base_fp32.tokenizer()
+    core = EngineCore(EngineConfig(scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64,
+                                                             max_model_len=256),
+                                   cache=CacheConfig(block_size=16, num_blocks=16)), base_fp32)
+    prompt, start, eos = tok.encode("Hi"), tok.convert_tokens_to_ids("<|im_start|>"), tok.eos_token_id
+    refused = {"bad_words bans every one": dict(allowed_token_ids=(start,), bad_words=("<|im_start|>",)),
+               "min_tokens=2 bans until then": dict(allowed_token_ids=(eos,), min_tokens=2),
+               "min_tokens=1 bans": dict(allowed_token_ids=(eos, 7), stop_token_ids=(7,), min_tokens=1)}
+    for words, fields in refused.items():
+        with pytest.raises(RequestError, match=words) as caught:
+            core.validate(prompt, SamplingParams(max_tokens=4, **fields))
+        assert caught.value.param == "allowed_token_ids"
+    for fields in (dict(allowed_token_ids=(start, 5), bad_words=("<|im_start|>",)),  # 5 is left
+                   dict(allowed_token_ids=(eos,)), dict(allowed_token_ids=(eos, 5), min_tokens=2),
+                   dict(allowed_token_ids=(start,), bad_words=("x<|im_start|>",))):  # banned only after x
+        core.validate(prompt, SamplingParams(max_tokens=4, **fields))
