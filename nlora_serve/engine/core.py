@@ -330,6 +330,9 @@ class EngineCore:
         if not allows_a_token(seq.matcher, self.vocab_size):  # vLLM ends such a request as an error too
             return (f"the structured output allows no token after {seq.num_output_tokens - 1} tokens: its spec has a "
                     "dead end here (no text continues it, and the output may not end)")
+        if seq.allowed_ids is not None or seq.bad_words_ids:  # the request's masks took the grammar's last tokens
+            return (f"allowed_token_ids / bad_words ban every token the structured output allows after "
+                    f"{seq.num_output_tokens - 1} tokens: the request's masks and its spec contradict each other")
         return f"token {token} breaks the request's structured output"
 
     def _retire(self, req: _Request, reason: str, text: str, token_ids: list[int], error: str | None = None,

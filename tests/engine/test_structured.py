@@ -217,3 +217,19 @@ def test_a_dead_end_in_a_spec_ends_its_request_saying_so_and_spares_the_batch(ma
     assert "the structured output allows no token after" in error and "its spec has a dead end here" in error, error
     assert free_tokens == want.token_ids  # the other row of the batch is unchanged
     assert engine.core.requests == {} and engine.stats()["kv_blocks_used"] == 0
+
+    # allowed_token_ids of digits under a letters-only regex: a row of -inf too, and the same words
+    # blamed the engine; they now name the request's masks (the same engine: no second start)
+    digits = tuple(engine.tokenizer.convert_tokens_to_ids(list("0123456789")))
+    assert all(engine.tokenizer.decode([t]).isdigit() for t in digits)
+    masked = SamplingParams(max_tokens=4, temperature=0.0, allowed_token_ids=digits,
+                            structured_outputs=StructuredOutputs(regex="[a-z]+"))
+
+    async def contradicted() -> str:
+        with pytest.raises(EngineError) as failed:
+            [out async for out in engine.add_request(prompt, masked)]
+        return str(failed.value)
+
+    error = asyncio.run(contradicted())
+    assert "allowed_token_ids / bad_words ban every token the structured output allows after 0 tokens" in error, error
+    assert engine.core.requests == {} and engine.stats()["kv_blocks_used"] == 0
