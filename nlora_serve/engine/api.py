@@ -198,8 +198,10 @@ class Engine(abc.ABC):
         :class:`RequestStream`.
 
         Raises:
-            RequestError: invalid prompt or parameters, or a prompt plus max_tokens over
-                max_model_len (:func:`check_request`; at once, nothing queued, no KV block used).
+            RequestError: invalid prompt or parameters, a prompt that leaves no room in
+                max_model_len for one generated token, or min_tokens over the room it leaves
+                (:func:`check_request`, :func:`fit_to_context`; at once, nothing queued, no KV block
+                used). A max_tokens over the room left is lowered to it, as vLLM lowers it.
             AdapterNotFound: no adapter of that name (never the base model instead), or it was
                 unloaded since ``held`` was taken.
             AdapterLoadFailed: an evicted adapter's files could not be read back. (A request whose

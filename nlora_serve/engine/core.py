@@ -20,7 +20,7 @@ from nlora_serve.models import BaseModel, load_base
 from nlora_serve.models.base import check_max_len
 from nlora_serve.models.cache import cache_root
 from nlora_serve.engine.adapter_layer import AdapterHook
-from nlora_serve.engine.request_checks import check_request, unloaded_reason
+from nlora_serve.engine.request_checks import check_request, fit_to_context, unloaded_reason
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.engine.attention import select_attention
 from nlora_serve.engine.block_manager import BlockManager
@@ -147,8 +147,9 @@ class EngineCore:
         Raises:
             RequestError: from :func:`check_request` or :meth:`GrammarCompiler.compile`.
         """
-        check_request(prompt_ids, params.max_tokens, self.vocab_size, self.config.scheduler.max_model_len,
+        check_request(prompt_ids, self.vocab_size, self.config.scheduler.max_model_len,
                       params.stop_token_ids, params.logit_bias, params.allowed_token_ids, params.logprob_token_ids)
+        fit_to_context(len(prompt_ids), params, self.config.scheduler.max_model_len)
         check_a_first_token(params.allowed_token_ids, bad_words_token_ids(self.tokenizer, params.bad_words),
                             params.min_tokens, self.eos.banned_before_min_tokens(params.stop_token_ids))
         if params.structured_outputs is not None:
@@ -171,6 +172,8 @@ class EngineCore:
         if request_id in self.requests:
             raise RequestError(f"request_id {request_id!r} is already running")
         self.validate(prompt_ids, params)
+        # a max_tokens over the context left is lowered to it (vLLM's get_max_tokens), never refused
+        params = fit_to_context(len(prompt_ids), params, self.config.scheduler.max_model_len)
         gen = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
         # the grammar compiled in validate: a cache hit here, on the step thread
         spec = params.structured_outputs

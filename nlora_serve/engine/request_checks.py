@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from nlora_serve.engine.sampling import RequestError
+import dataclasses
+
+from nlora_serve.engine.sampling import RequestError, SamplingParams
 
 
-def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_model_len: int,
+def check_request(prompt_ids: list[int], vocab_size: int, max_model_len: int,
                   stop_token_ids: tuple[int, ...] = (), logit_bias: tuple[tuple[int, float], ...] = (),
                   allowed_token_ids: tuple[int, ...] | None = None,
                   logprob_token_ids: tuple[int, ...] | None = None) -> None:
-    """The admission check of a prompt, its max_tokens, its stop_token_ids, logit_bias, allowed ids and
-    logprob_token_ids, before any KV block is used (both backends).
+    """The admission check of a prompt, its stop_token_ids, logit_bias, allowed ids and
+    logprob_token_ids, before any KV block is used (both backends); max_tokens is not checked here
+    but lowered to the context left (:func:`fit_to_context`).
 
     Raises:
         RequestError: empty prompt, a prompt or stop token id outside ``[0, vocab_size)`` (a stop id
@@ -36,24 +39,38 @@ def check_request(prompt_ids: list[int], max_tokens: int, vocab_size: int, max_m
     if outside:  # vLLM's message
         raise RequestError(f"token_id(s) {outside} in logprob_token_ids contain out-of-vocab token ids. Vocabulary "
                            f"size: {vocab_size}", "logprob_token_ids")
-    check_context(len(prompt_ids), max_tokens, max_model_len)
+    check_context(len(prompt_ids), max_model_len)
 
 
-def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int) -> None:
-    """vLLM's context rule, in its words (OpenAI server, ``serving_engine._validate_input`` up to
-    vLLM 0.10): ``num_prompt + max_tokens`` tokens must fit in ``max_model_len``; with
-    ``max_tokens`` None (the rest of the context) the prompt must leave room for one token.
+def check_context(num_prompt: int, max_model_len: int) -> None:
+    """vLLM 0.32's context rule for the prompt alone (``InputProcessor._validate_model_input``):
+    the prompt must leave room for one generated token, ``num_prompt < max_model_len``. A
+    ``max_tokens`` over the room left is lowered, not refused (:func:`fit_to_context`).
 
     Raises:
-        RequestError: the request does not fit (the message gives both numbers and the limit).
+        RequestError: the prompt leaves no room (the message gives its length and the limit).
     """
-    if max_tokens is None and num_prompt >= max_model_len:
+    if num_prompt >= max_model_len:
         raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                            f"{num_prompt} tokens in the messages. Please reduce the length of the messages.")
-    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
-        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                           f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the "
-                           "completion). Please reduce the length of the messages or completion.")
+
+
+def fit_to_context(num_prompt: int, params: SamplingParams, max_model_len: int) -> SamplingParams:
+    """``params`` with max_tokens lowered to the context left, ``min(max_tokens, max_model_len -
+    num_prompt)``, as vLLM 0.32's ``get_max_tokens`` lowers it silently (the request then ends with
+    finish_reason "length" at the context's end, as one with max_tokens unset); ``params`` itself
+    when it fits. ``num_prompt``: prompt tokens, as they run (after any truncation).
+
+    Raises:
+        RequestError: a prompt that leaves no room (:func:`check_context`), or ``min_tokens`` over the
+            room left (vLLM refuses it too: its SamplingParams' min_tokens <= the lowered max_tokens).
+    """
+    check_context(num_prompt, max_model_len)
+    room = max_model_len - num_prompt
+    if params.min_tokens > room:  # else SamplingParams would name a max_tokens never sent
+        raise RequestError(f"min_tokens {params.min_tokens} is more than the {room} tokens of context left "
+                           f"(max_model_len {max_model_len}, prompt {num_prompt} tokens)", param="min_tokens")
+    return params if params.max_tokens <= room else dataclasses.replace(params, max_tokens=room)
 
 
 def unloaded_reason(version) -> str:

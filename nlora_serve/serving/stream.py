@@ -2,44 +2,39 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator
 
 from nlora_serve.adapters.version import Hold
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted, RequestOutput
-from nlora_serve.engine.request_checks import check_context
-from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.request_checks import fit_to_context
+from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.serving.admission import Reservation
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.metrics import RequestTimer
 
 
 def start_request(engine: Engine, prompt: str | list[int], params: SamplingParams, engine_id: str | None,
-                  adapter: str | None, max_tokens_given: bool, principal: Principal | None = None,
+                  adapter: str | None, principal: Principal | None = None,
                   cache_salt: str | None = None, held: Hold | None = None) -> AsyncIterator[RequestOutput]:
     """Queue an admitted request (its :class:`~nlora_serve.serving.admission.Reservation` taken) in the engine, for ``principal``'s
     tenant (``cache_salt``: see :func:`~nlora_serve.serving.request_policy.cache_salt_of`), on
     ``adapter``'s current version or on the version of ``held``, the caller's hold (:meth:`Engine.add_request`).
 
-    Without ``max_tokens_given``, max_tokens is the rest of the context (max_model_len - prompt
-    tokens, as vLLM), at most ``params.max_tokens`` (the server's ``--max-tokens``, see
-    :func:`~nlora_serve.serving.request_policy.max_tokens_of`). The caller must hand the returned stream and the reservation to
-    :class:`Metered`, which releases the reservation; if this raises, the caller releases it.
+    max_tokens is lowered to the rest of the context (max_model_len - prompt tokens), as vLLM
+    0.32's ``get_max_tokens`` lowers it: ``params.max_tokens`` is the request's or, when it sets
+    none, its default (the server's ``--max-tokens``, see
+    :func:`~nlora_serve.serving.request_policy.max_tokens_of`); either way a request that reaches
+    the context's end finishes with "length". The caller must hand the returned stream and the
+    reservation to :class:`Metered`, which releases the reservation; if this raises, the caller releases it.
 
     Raises:
-        RequestError: a prompt that leaves no room to generate, min_tokens over the room left, or
-            from :meth:`Engine.add_request` (with a prompt plus max_tokens over max_model_len).
+        RequestError: a prompt that leaves no room to generate, min_tokens over the room left
+            (:func:`~nlora_serve.engine.request_checks.fit_to_context`), or from :meth:`Engine.add_request`.
             AdapterNotFound: from :meth:`Engine.add_request` (nothing is queued then).
     """
-    if not max_tokens_given:
-        prompt = engine.prompt_ids(prompt)
-        check_context(len(prompt), None, engine.max_model_len)
-        room = engine.max_model_len - len(prompt)
-        if params.min_tokens > room:  # else SamplingParams would name a max_tokens never sent
-            raise RequestError(f"min_tokens {params.min_tokens} is more than the {room} tokens of context left "
-                               f"(max_model_len {engine.max_model_len}, prompt {len(prompt)} tokens)", param="min_tokens")
-        params = dataclasses.replace(params, max_tokens=min(room, params.max_tokens))
+    prompt = engine.prompt_ids(prompt)
+    params = fit_to_context(len(prompt), params, engine.max_model_len)
     tenant = principal.name if principal is not None else None
     return engine.add_request(prompt, params, request_id=engine_id, adapter=adapter, tenant=tenant,
                               cache_salt=cache_salt, held=held)

@@ -170,15 +170,31 @@ def test_invalid_requests_rejected_at_once(make_engine):
     with pytest.raises(RequestError, match=r"stop_token_ids must be in \[0, 49152\); got 49152") as err:
         engine.generate([[5]], SamplingParams(min_tokens=1, stop_token_ids=(3, 49152)))
     assert err.value.param == "stop_token_ids"
-    # vLLM's rule and words: prompt + max_tokens must fit in max_model_len (60 + 5 > 64)
+    # vLLM's rule and words: a prompt must leave room for one generated token (64 >= 64)
     with pytest.raises(RequestError) as err:
-        engine.generate([[5] * 60], SamplingParams(max_tokens=5))
-    assert str(err.value) == ("This model's maximum context length is 64 tokens. However, you requested 65 tokens "
-                              "(60 in the messages, 5 in the completion). Please reduce the length of the messages "
-                              "or completion.")
+        engine.generate([[5] * 64], SamplingParams(max_tokens=1))
+    assert str(err.value) == ("This model's maximum context length is 64 tokens. However, you requested 64 tokens "
+                              "in the messages. Please reduce the length of the messages.")
+    # min_tokens over the room left cannot be met: refused, as vLLM refuses it once it lowered max_tokens
+    with pytest.raises(RequestError, match="min_tokens 5 is more than the 4 tokens of context left") as err:
+        engine.generate([[5] * 60], SamplingParams(max_tokens=5, min_tokens=5))
+    assert err.value.param == "min_tokens"
     assert engine.stats()["kv_blocks_used"] == engine.stats()["waiting"] == 0
-    out = engine.generate([[5] * 60], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
-    assert out.finish_reason == "length" and out.completion_tokens == 4  # exactly fills the context
+
+
+def test_max_tokens_over_the_context_is_lowered_to_it(make_engine):
+    """vLLM 0.32's get_max_tokens: prompt + max_tokens over max_model_len runs with max_tokens
+    lowered to max_model_len - prompt (60 + 5 > 64: 4 tokens), ending with "length", the tokens of
+    the request that asks for exactly the room left."""
+    engine = make_engine(max_model_len=64, num_blocks=8)
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    over, exact = engine.generate([[5] * 60, [5] * 60], [SamplingParams(max_tokens=4096, **greedy),
+                                                         SamplingParams(max_tokens=4, **greedy)])
+    assert over.finish_reason == exact.finish_reason == "length"
+    assert over.completion_tokens == 64 - 60 == exact.completion_tokens
+    assert over.token_ids == exact.token_ids
+    one = engine.generate([[5] * 63], SamplingParams(max_tokens=5, **greedy))[0]  # room for one token
+    assert one.finish_reason == "length" and one.completion_tokens == 1
 
 
 def test_cache_too_small_for_max_model_len_is_refused(make_engine):

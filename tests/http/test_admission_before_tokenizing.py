@@ -95,7 +95,7 @@ def test_over_the_max_queue_requests_are_refused_429_before_tokenizing(server, m
 @pytest.mark.parametrize("prompt, max_tokens, words", [
     ("\ud800", 1, "surrogate"),  # text no tokenizer takes: refused on the tokenizer thread
     (None, 1, "refused before tokenizing"),  # over the prompt byte bound (max_prompt_bytes)
-    ([1] + [30] * 999, 100, "maximum context length is 1024"),  # refused by the engine, after tokenizing
+    ([1] + [30] * 1023, 100, "maximum context length is 1024"),  # no room to generate: refused after tokenizing
 ])
 def test_a_prompt_refused_after_reserving_gives_its_place_back(server, prompt, max_tokens, words):
     if prompt is None:

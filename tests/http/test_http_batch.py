@@ -257,7 +257,7 @@ def test_echo_with_truncate_prompt_tokens_echoes_the_prompt_as_it_ran(http_serve
     assert status == 200 and whole["choices"][0]["text"].startswith(PROMPT)
 
 
-@pytest.mark.parametrize("truncate, max_tokens", [(None, 4), (1000, 100)])
+@pytest.mark.parametrize("truncate, max_tokens", [(None, 4), (1024, 100)])
 def test_a_batch_is_refused_at_its_first_prompt_over_the_context_before_the_rest_are_tokenized(
         http_server, tokenizer, monkeypatch, truncate, max_tokens):
     """The context rule is applied to each prompt as soon as it is tokenized (and cut): a batch of
@@ -273,12 +273,12 @@ def test_a_batch_is_refused_at_its_first_prompt_over_the_context_before_the_rest
     body = {"model": base_name(http_server), "prompt": ["Hi", long, long, "Hello"], "max_tokens": max_tokens,
             "temperature": 0}
     if truncate is not None:
-        body["truncate_prompt_tokens"] = truncate  # 1000 kept + 100 to generate: still over 1024
+        body["truncate_prompt_tokens"] = truncate  # 1024 kept: no room left to generate (max_tokens is lowered)
     status, answer = post(http_server, KEY, "completions", body)
     assert status == 400 and answer["error"]["param"] == "prompt", answer
-    asked = len(tokenizer.encode(long)) + max_tokens if truncate is None else truncate + max_tokens
+    asked = len(tokenizer.encode(long)) if truncate is None else truncate
     assert answer["error"]["message"].startswith(f"prompt[1]: This model's maximum context length is 1024 tokens. "
-                                                 f"However, you requested {asked} tokens"), answer
+                                                 f"However, you requested {asked} tokens in the messages"), answer
     assert tokenized == ["Hi", long]  # prompt[2] and prompt[3] never took the tokenizer
     stats = engine.stats
     assert wait_for(lambda: (stats()["running"], stats()["waiting"], stats()["kv_blocks_used"]) == (0, 0, 0))

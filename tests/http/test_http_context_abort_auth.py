@@ -1,5 +1,6 @@
-"""What a vLLM/OpenAI user expects over HTTP: prompt + max_tokens over max_model_len is a 400 in
-vLLM's words (an unset max_tokens is the rest of the context); a forced unload ends whole
+"""What a vLLM/OpenAI user expects over HTTP: prompt + max_tokens over max_model_len runs with
+max_tokens lowered to the rest of the context (vLLM 0.32's get_max_tokens), as an unset max_tokens
+does on chat; a prompt that leaves no room is a 400 in vLLM's words; a forced unload ends whole
 responses with a 409 and streams with an error event, naming the adapter version, other tenants'
 streams untouched; the key (401) and the grant (403) are checked before the body is parsed."""
 
@@ -29,26 +30,13 @@ def _prompt(n: int) -> list[int]:
     return [1] + [30] * (n - 1)
 
 
-def test_completion_over_the_context_is_400_in_vllms_words(http_server):
-    api = client(http_server, TENANT_KEYS["base-co"])
+def test_a_prompt_that_fills_the_context_is_400_in_vllms_words(http_server):
     with pytest.raises(openai.BadRequestError) as err:
-        api.completions.create(model=_base(http_server), prompt=_prompt(1000), max_tokens=100)
+        client(http_server, TENANT_KEYS["base-co"]).completions.create(model=_base(http_server),
+                                                                      prompt=_prompt(1024), max_tokens=1)
     assert err.value.body["message"] == (
-        "This model's maximum context length is 1024 tokens. However, you requested 1100 tokens (1000 in the "
-        "messages, 100 in the completion). Please reduce the length of the messages or completion.")
-    assert idle(http_server)
-
-
-def test_chat_over_the_context_is_400_counting_the_templated_prompt(http_server, tokenizer):
-    messages = [{"role": "user", "content": "lighthouse " * 300}]
-    prompt_tokens = len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                                      return_dict=False))
-    max_tokens = MAX_MODEL_LEN - prompt_tokens + 1
-    with pytest.raises(openai.BadRequestError) as err:
-        client(http_server, TENANT_KEYS["base-co"]).chat.completions.create(
-            model=_base(http_server), messages=messages, max_completion_tokens=max_tokens)
-    assert (f"However, you requested {MAX_MODEL_LEN + 1} tokens ({prompt_tokens} in the messages, {max_tokens} in "
-            "the completion)") in err.value.body["message"]
+        "This model's maximum context length is 1024 tokens. However, you requested 1024 tokens in the "
+        "messages. Please reduce the length of the messages.")
     assert idle(http_server)
 
 
@@ -66,19 +54,29 @@ def test_a_prompt_far_over_the_context_is_400_before_tokenizing(http_server, tok
     assert time.perf_counter() - start < 5.0 and idle(http_server)
 
 
-def test_unset_max_tokens_is_16_on_completions_and_the_rest_of_the_context_on_chat(http_server, tokenizer):
+def test_unset_or_over_the_context_max_tokens_is_the_rest_of_the_context(http_server, tokenizer):
     """vLLM 0.32's CompletionRequest.max_tokens defaults to 16 (null too), lowered to the context left
-    (its get_max_tokens); chat's unset max_tokens is the rest of the context."""
+    (its get_max_tokens); chat's unset max_tokens is the rest of the context; a max_tokens over the
+    context left is lowered to it as well, silently (1012 + 100 > 1024: the greedy tokens of the
+    request without max_tokens; chat: one over the room its templated prompt leaves)."""
     api = client(http_server, TENANT_KEYS["base-co"])
-    for prompt, extra, want in ((_prompt(1000), {}, 16), (_prompt(1012), {"max_tokens": None}, MAX_MODEL_LEN - 1012)):
+    outs = []
+    for prompt, extra, want in ((_prompt(1000), {}, 16), (_prompt(1012), {"max_tokens": None}, MAX_MODEL_LEN - 1012),
+                                (_prompt(1012), {"max_tokens": 100}, MAX_MODEL_LEN - 1012)):
         out = api.completions.create(model=_base(http_server), prompt=prompt, temperature=0,
-                                     extra_body={"ignore_eos": True, **extra})
+                                     extra_body={"ignore_eos": True, "return_token_ids": True, **extra})
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == want
+        outs.append(out.choices[0].token_ids)
+    assert outs[1] == outs[2] and len(outs[2]) == 12
     messages = [{"role": "user", "content": "hi " * 976}]  # 1007 tokens: 17 left
     prompt_tokens = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
-    out = api.chat.completions.create(model=_base(http_server), messages=messages, temperature=0,
-                                      extra_body={"ignore_eos": True})
-    assert out.usage.completion_tokens == MAX_MODEL_LEN - prompt_tokens > 16
+    unset, over = (api.chat.completions.create(model=_base(http_server), messages=messages, temperature=0,
+                                               extra_body={"ignore_eos": True, **extra})
+                   for extra in ({}, {"max_completion_tokens": MAX_MODEL_LEN - prompt_tokens + 1}))
+    for out in (unset, over):
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage.completion_tokens == MAX_MODEL_LEN - prompt_tokens > 16
+    assert over.choices[0].message.content == unset.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="you requested 1024 tokens in the messages"):
         api.completions.create(model=_base(http_server), prompt=_prompt(MAX_MODEL_LEN))
 

@@ -70,9 +70,10 @@ def test_minus_one_keeps_max_model_len_minus_one_and_leaves_one_token_to_generat
     ({"truncate_prompt_tokens": 1025}, "truncate_prompt_tokens", "cannot be greater than max_model_len = 1024"),
     ({"truncate_prompt_tokens": "5"}, "truncate_prompt_tokens", "integer"),
     ({"truncate_prompt_tokens": 5, "truncation_side": "middle"}, "truncation_side", "'left' or 'right'"),
-    # the cut prompt plus max_tokens must still fit the context (this server's rule, README)
-    ({"truncate_prompt_tokens": 1000, "max_tokens": 100, "prompt": list(range(5, 1105))}, None,
-     "maximum context length is 1024 tokens"),
+    # the cut prompt must still leave room for one generated token (vLLM's rule; a max_tokens over
+    # the room left is lowered to it, README)
+    ({"truncate_prompt_tokens": 1024, "max_tokens": 100, "prompt": list(range(5, 1105))}, None,
+     "maximum context length is 1024 tokens. However, you requested 1024 tokens in the messages"),
 ])
 def test_bad_truncation_is_refused_naming_the_field(http_server, fields, param, words):
     body = {"model": http_server.server.generation.info.model, "prompt": PROMPT, "max_tokens": 2, **fields}

@@ -305,3 +305,16 @@ def test_prompt_logprobs_pass_through_to_vllm(server, hf_model):
             for t, v in zip(top.indices.tolist(), top.values.tolist()):
                 assert entry.logprobs[t] == pytest.approx(v, abs=1e-3), (adapter, p)
             assert 1 + int((row > row[ids[p]] + 1e-3).sum()) <= entry.rank <= 1 + int((row > row[ids[p]] - 1e-3).sum())
+
+
+def test_max_tokens_over_the_context_is_lowered_before_vllm(server):
+    """Our pre-check no longer refuses prompt + max_tokens over max_model_len (500 + 100 > 512): the
+    request runs with max_tokens lowered to the 12 tokens left, as vLLM 0.32's server lowers it, the
+    greedy tokens of the request that leaves max_tokens unset (gRPC 0: the rest of the context)."""
+    prompt = [1] + [(7 * i) % 2000 + 100 for i in range(499)]
+    with NloraClient(server.target, api_key=TENANT_KEYS["base-co"], timeout=120) as client:
+        over, unset = ([d for d in client.generate(prompt, max_tokens=max_tokens, ignore_eos=True, temperature=0.0)]
+                       for max_tokens in (100, 0))
+    for deltas in (over, unset):
+        assert deltas[-1].finish_reason == "length" and deltas[-1].usage.completion_tokens == 512 - 500
+    assert [t for d in over for t in d.token_ids] == [t for d in unset for t in d.token_ids]

@@ -31,7 +31,7 @@ from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, ENGINE_FAILED_MESSAGE, 
                                     EngineError, RequestIds, RequestOutput, RequestStream, max_prompt_bytes,
                                     prompt_ids)
 from nlora_serve.engine.token_masks import bad_words_token_ids
-from nlora_serve.engine.request_checks import check_request, unloaded_reason
+from nlora_serve.engine.request_checks import check_request, fit_to_context, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
@@ -152,8 +152,11 @@ class VllmEngine(Engine):
             raise EngineDead(ENGINE_DEAD_MESSAGE)
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt, add_special_tokens)  # tokenized here: vLLM gets the ids
-        check_request(ids, params.max_tokens, self.vocab_size, self.max_model_len, params.stop_token_ids,
+        check_request(ids, self.vocab_size, self.max_model_len, params.stop_token_ids,
                       params.logit_bias, params.allowed_token_ids, params.logprob_token_ids)
+        # a max_tokens over the context left: lowered here as vLLM's server lowers it (get_max_tokens;
+        # its engine alone would stop at max_model_len but keep the larger max_tokens, min_tokens too)
+        params = fit_to_context(len(ids), params, self.max_model_len)
         if params.bad_words:  # refused here in vLLM's words, not failed inside it
             with self._lock:
                 bad_words_token_ids(self.tokenizer, params.bad_words)

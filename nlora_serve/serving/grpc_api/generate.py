@@ -9,9 +9,10 @@ share (RESOURCE_EXHAUSTED; from here the request holds its place in the queue, s
 decided before its prompt takes the tokenizer thread), the prompt (INVALID_ARGUMENT: empty, too
 long, a bad chat message), then the engine: unknown adapter (NOT_FOUND; a LoRA with no slot free
 waits for one, engine/slot_wait.py). The HTTP front end (http_api/routes.py) admits the same way (admission.py), but
-for the name rule: HTTP's ``model`` is looked up as sent (404). A prompt plus max_tokens over
-max_model_len is INVALID_ARGUMENT, as OpenAI's API refuses it (the vLLM 0.32 we test against
-lowers max_tokens instead); max_tokens 0 (unset) is the rest of the context.
+for the name rule: HTTP's ``model`` is looked up as sent (404). A prompt that leaves no
+room in max_model_len for one generated token is INVALID_ARGUMENT; a max_tokens over the room left
+is lowered to it, as vLLM 0.32 lowers it (the stream then ends with LENGTH at the context's end);
+max_tokens 0 (unset) is the rest of the context.
 
 A stream the engine aborts for a reason (a forced unload of its adapter, engine shutdown) ends
 with ABORTED and that reason as details; a failed engine step ends it with INTERNAL. Every refusal
@@ -113,8 +114,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             prompt = await self.admission.tokenizer.run(principal.name, self._prompt_ids, request, special)
             timer.describe(request_id or None, adapter, prompt)
             engine_id = f"{principal.name}/{request_id}" if request_id else None
-            stream = start_request(self.engine, prompt, params, engine_id, adapter,
-                                   max_tokens_given=request.sampling.max_tokens > 0, principal=principal,
+            stream = start_request(self.engine, prompt, params, engine_id, adapter, principal=principal,
                                    cache_salt=cache_salt_of(principal, salt, self.auth))
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):  # the client went away (cancel, deadline) while its

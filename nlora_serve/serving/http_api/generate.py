@@ -13,9 +13,10 @@ fields are validated), JSON and fields (400), the other places of a request of `
 or of a batch of P prompts (P x n engine requests: 429 when they are not free now, 400 naming ``n``
 or ``prompt`` when they never could be), the prompt (400: empty, too long, a bad message; only now
 is it tokenized, each prompt of a batch in its own tokenizer turn, or the chat rendered), then the
-engine: a prompt plus max_tokens over max_model_len (400, vLLM's words; a batch's names the prompt,
-and nothing of the batch runs), unknown model (404, never the base model instead), no adapter slot
-(429). (gRPC decides the queue after the fields: its message has arrived whole by then.) Each
+engine: a prompt that leaves no room in max_model_len for one generated token, or min_tokens over
+the room it leaves (400, vLLM's words; a batch's names the prompt, and nothing of the batch runs; a
+max_tokens over the room left is lowered to it, as vLLM 0.32 lowers it), unknown model (404, never
+the base model instead), no adapter slot (429). (gRPC decides the queue after the fields: its message has arrived whole by then.) Each
 refusal is counted in ``nlora_requests_rejected_total{frontend="http"}``. Errors have OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}`` with ``code`` our rejection reason.
 
@@ -40,7 +41,7 @@ from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.engine.request_checks import check_context
+from nlora_serve.engine.request_checks import fit_to_context
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.errors import shown
 from nlora_serve.serving.auth import PermissionDenied, Principal
@@ -213,8 +214,7 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompts
                 full.append(await turns.run(caller.name, ctx.engine.prompt_ids, prompt, body.add_special_tokens))
                 # the context rule start_request applies, now: a batch's prompt that cannot run is
                 # refused before the prompts after it take the tokenizer (100 texts of 160 KB: 22 s)
-                check_context(len(truncated(full[-1], truncation)), params.max_tokens if body.max_tokens_given
-                              else None, ctx.engine.max_model_len)
+                fit_to_context(len(truncated(full[-1], truncation)), params, ctx.engine.max_model_len)
             except RequestError as exc:
                 raise of_prompt(exc, i, len(prompts)) from None
     ids = [truncated(prompt, truncation) for prompt in full]
@@ -226,7 +226,7 @@ async def _tokenize_and_queue(ctx: HttpContext, caller: Principal, body, prompts
     def start(index: int) -> AsyncIterator:
         engine_id = f"{caller.name}/{rid}" if alone else f"{caller.name}/{rid}/{index}"
         return start_request(ctx.engine, ids[index // n], choice_params(params, index % n), engine_id, adapter,
-                             body.max_tokens_given, caller, salt, held)
+                             caller, salt, held)
 
     let_go = (lambda: ctx.engine.adapters.let_go(held)) if held is not None else None
     stream = await start_choices(start, n, len(ids), let_go)

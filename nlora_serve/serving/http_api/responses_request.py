@@ -12,7 +12,7 @@ as the equivalent :class:`~nlora_serve.serving.http_api.request_models.ChatReque
 (:func:`~nlora_serve.serving.http_api.responses_chat.chat_body_of`), so sampling, structured output, tools, logprobs, admission and the engine
 are /v1/chat/completions' own: ``max_output_tokens`` is a limit lowered to the server's and to the
 rest of the context, as vLLM lowers it (:func:`~nlora_serve.serving.http_api.responses_chat.chat_params_of`; chat refuses a ``max_tokens`` over
-them), ``text.format`` (text, json_object, json_schema) is ``response_format``, ``reasoning.effort``
+the server's and lowers one over the context), ``text.format`` (text, json_object, json_schema) is ``response_format``, ``reasoning.effort``
 the template's ``reasoning_effort``, function ``tools`` / ``tool_choice`` / ``parallel_tool_calls``
 chat's (responses_tools.py: "required" and a named function answer ``function_call`` items,
 "auto" and "none" text), ``include: ["message.output_text.logprobs"]`` with ``top_logprobs`` chat's
