@@ -41,22 +41,16 @@ def check_cache_salt(salt: str | None, field: str) -> None:
                            "(a salt names a sharing group, e.g. an end user's id or a random token)")
 
 
-def max_tokens_of(requested: int | None, config: ServerConfig, field: str) -> int:
-    """The request's max_tokens: ``requested`` (lowered to the generation config's cap, as vLLM's
-    ``override_max_tokens``), or when unset (None or 0) :func:`unset_max_tokens`, which
-    :func:`~nlora_serve.serving.stream.start_request` lowers to the rest of the context.
-
-    Raises:
-        RequestError: more than the server's ``--max-tokens`` (the message names ``field``).
+def max_tokens_of(requested: int | None, config: ServerConfig) -> int:
+    """The request's max_tokens: ``requested`` lowered to the server's ``--max-tokens`` and the
+    generation config's cap, silently, as vLLM 0.32 lowers it to its ``override_max_tokens`` (a
+    client's max_tokens of 4,096 was refused by a default server's 2,048, where vLLM serves it), or
+    when unset (None or 0) :func:`unset_max_tokens`; either way
+    :func:`~nlora_serve.serving.stream.start_request` then lowers it to the rest of the context.
     """
     if not requested:
         return unset_max_tokens(config)
-    cap = config.sampling_defaults.max_tokens_cap
-    max_tokens = requested if cap is None else min(requested, cap)
-    if max_tokens > config.max_tokens:
-        raise RequestError(f"{field} must be <= the server's --max-tokens {config.max_tokens}; "
-                           f"got {shown_int(max_tokens)}")
-    return max_tokens
+    return min(v for v in (requested, config.max_tokens, config.sampling_defaults.max_tokens_cap) if v is not None)
 
 
 # /v1/completions' max_tokens when a request sends none (or null): OpenAI's documented default, and vLLM

@@ -78,7 +78,7 @@ class ServerConfig:
     max_queue: int = 256  # running + waiting requests (gRPC and HTTP) at most; beyond: RESOURCE_EXHAUSTED / 429
     # each tenant may hold only its share of the free queue (admission.Admission); on with fair scheduling
     tenant_queue_shares: bool = False
-    # a request's max_tokens at most (more is INVALID_ARGUMENT); one that sends none gets the rest of
+    # a request's max_tokens at most (more is lowered to it, silently); one that sends none gets the rest of
     # the context (max_model_len - prompt tokens, as vLLM), at most this
     max_tokens: int = 2048
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES  # an upload (config + safetensors) or a swap payload, bytes

@@ -175,19 +175,18 @@ def test_more_chat_messages_than_context_tokens_are_refused_before_rendering(htt
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and said in err.value.details(), err.value
 
 
-def test_a_huge_max_tokens_is_not_echoed_whole_in_the_refusal():
-    """A 400-digit max_tokens came back whole in the 400 (a hostile tester's find): the message
-    names the limit and abbreviates the number; an ordinary one is shown as it is."""
-    from nlora_serve.engine.sampling import RequestError
+def test_a_max_tokens_over_the_servers_cap_is_lowered_to_it_as_vllm_lowers():
+    """A max_tokens over --max-tokens was a 400 (a 400-digit one once came back whole in it); vLLM
+    0.32 lowers it silently to its override_max_tokens, so a client sending 4,096 to a default
+    server (2,048) was refused where vLLM serves it: now lowered, the generation config's cap too."""
+    from nlora_serve.serving.generation_config import SamplingDefaults
     from nlora_serve.serving.request_policy import max_tokens_of
     from nlora_serve.serving.server_config import ServerConfig
 
     config = ServerConfig(max_tokens=2048)
-    with pytest.raises(RequestError) as huge:
-        max_tokens_of(int("9" * 400), config, "max_tokens")
-    assert str(huge.value) == "max_tokens must be <= the server's --max-tokens 2048; got 99999999... (400 digits)"
-    with pytest.raises(RequestError, match=r"--max-tokens 2048; got 5000$"):
-        max_tokens_of(5000, config, "max_completion_tokens")
+    assert [max_tokens_of(n, config) for n in (int("9" * 400), 4096, 2049, 2048, 100)] == [2048, 2048, 2048, 2048, 100]
+    capped = ServerConfig(max_tokens=2048, sampling_defaults=SamplingDefaults(max_tokens_cap=300))
+    assert [max_tokens_of(n, capped) for n in (4096, 300, 299)] == [300, 300, 299]
 
 
 @pytest.mark.parametrize("min_tokens", [4294967295, 2049])

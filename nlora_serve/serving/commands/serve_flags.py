@@ -55,9 +55,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
            "(default: %(default)s, vLLM's)")
     f("--max-queue", type=int, default=d.max_queue, help="running + waiting requests at most; beyond that "
                                                          "RESOURCE_EXHAUSTED / HTTP 429 (default: %(default)s)")
-    f("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask; a request without "
-                                                           "one gets the rest of the context, at most this "
-                                                           "(default: %(default)s)")
+    f("--max-tokens", type=int, default=d.max_tokens, help="new tokens per request at most: a larger max_tokens "
+                                                           "is lowered to it (as vLLM lowers to its generation "
+                                                           "config's), and a request without one gets the rest "
+                                                           "of the context, at most this (default: %(default)s)")
     f("--drain-seconds", type=float, default=d.drain_seconds,
       help="on SIGTERM/SIGINT, how long running streams may finish; the rest are then aborted, "
            "each told that the server shut down (default: %(default)s)")

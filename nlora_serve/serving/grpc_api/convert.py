@@ -63,7 +63,7 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
             a malformed structured_outputs (:func:`structured_of`),
             or with max_tokens unset min_tokens over the unset max_tokens' limit.
     """
-    max_tokens = max_tokens_of(msg.max_tokens, config, "SamplingParams.max_tokens")
+    max_tokens = max_tokens_of(msg.max_tokens, config)
     if not msg.max_tokens:
         check_min_tokens_unset_max(msg.min_tokens, config, "SamplingParams.min_tokens")
     for name in ("top_logprobs", "prompt_logprobs"):

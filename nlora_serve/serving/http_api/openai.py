@@ -135,7 +135,7 @@ def sampling_of(request: OpenAIRequest, config: ServerConfig, logprobs: int | No
     off; ``tool_schema``: the JSON schema a tool_choice forces, http_api/tools.py).
 
     Raises:
-        ParamError: a field out of range (named), or max_tokens over the server's ``--max-tokens``.
+        ParamError: a field out of range (named).
     """
     field, requested = "max_tokens", request.max_tokens
     if getattr(request, "max_completion_tokens", None) is not None:
@@ -156,7 +156,7 @@ def sampling_of(request: OpenAIRequest, config: ServerConfig, logprobs: int | No
         if requested is None and isinstance(request, CompletionRequest):
             max_tokens = completion_unset_max_tokens(config, request.min_tokens)  # vLLM's and OpenAI's 16
         else:
-            max_tokens = max_tokens_of(requested, config, field)
+            max_tokens = max_tokens_of(requested, config)
             if requested is None:
                 check_min_tokens_unset_max(request.min_tokens, config, "min_tokens")
         default = config.sampling_defaults.value  # the field sent, else the server's default, else the API's
