@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import time
@@ -84,26 +85,50 @@ async def load(engine: LLMEngine, args, vocab: int) -> dict:
             "light_cached_tokens": [c for _, c, _ in light]}
 
 
+def parse_thresholds(spec: str) -> dict[str, int | None]:
+    """``--thresholds`` ("default,0"): arm suffix -> long_prefill_token_threshold (``default``: None, the
+    scheduler's own rule; N: that value, 0 off)."""
+    out: dict[str, int | None] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if item == "default":
+            out["default"] = None
+        elif item.isdigit():
+            out[f"t{int(item)}"] = int(item)
+        else:
+            raise SystemExit(f"--thresholds: {item!r} is neither 'default' nor a non-negative integer")
+    return out
+
+
 def bench_engine(args) -> dict:
+    """Per arm (eviction x threshold, the thresholds of one eviction run back to back, their order
+    reversed for the second eviction): the light tenant's hit rate and TTFT, the heavy tenant's requests
+    done, the 1-minute load average at the end."""
     base = load_base(args.model, resolve_dtype(args.dtype, args.device), load_format=args.load_format,
                      init_device=args.device)
     max_len = args.prefix_tokens + args.suffix_tokens + args.new_tokens
+    thresholds = parse_thresholds(args.thresholds)
+    single = list(thresholds) == ["default"]
     result = {}
     real = core_module.PrefixCachingBlockManager
-    for arm in ("lru", "fair"):
-        if arm == "lru":  # the fair scheduler with fcfs's eviction: one LRU over every tenant's blocks
-            core_module.PrefixCachingBlockManager = lambda n, size, tenant_weights: real(n, size)
-        config = EngineConfig(model=args.model, dtype=base.dtype, device=args.device, load_format=args.load_format,
-                              scheduler=SchedulerConfig(max_num_seqs=args.heavy_inflight + 1,
-                                                        max_num_batched_tokens=args.budget, max_model_len=max_len,
-                                                        policy="fair"),
-                              cache=CacheConfig(block_size=16, num_blocks=args.num_blocks))
-        try:
-            with LLMEngine(config, base) as engine:
-                result[arm] = asyncio.run(load(engine, args, base.spec.vocab_size))
-        finally:
-            core_module.PrefixCachingBlockManager = real
-        print(f"[{time.strftime('%H:%M:%S')}] {arm}: {json.dumps(result[arm])}", flush=True)
+    for i, eviction in enumerate(("lru", "fair")):
+        order = list(thresholds.items())
+        for suffix, threshold in (order if i % 2 == 0 else order[::-1]):
+            arm = eviction if single else f"{eviction}/{suffix}"
+            if eviction == "lru":  # the fair scheduler with fcfs's eviction: one LRU over every tenant's blocks
+                core_module.PrefixCachingBlockManager = lambda n, size, tenant_weights: real(n, size)
+            config = EngineConfig(model=args.model, dtype=base.dtype, device=args.device, load_format=args.load_format,
+                                  scheduler=SchedulerConfig(max_num_seqs=args.heavy_inflight + 1,
+                                                            max_num_batched_tokens=args.budget, max_model_len=max_len,
+                                                            policy="fair", long_prefill_token_threshold=threshold),
+                                  cache=CacheConfig(block_size=16, num_blocks=args.num_blocks))
+            try:
+                with LLMEngine(config, base) as engine:
+                    result[arm] = asyncio.run(load(engine, args, base.spec.vocab_size))
+            finally:
+                core_module.PrefixCachingBlockManager = real
+            result[arm]["load_average_1m"] = os.getloadavg()[0]
+            print(f"[{time.strftime('%H:%M:%S')}] {arm}: {json.dumps(result[arm])}", flush=True)
     return result
 
 
@@ -144,6 +169,10 @@ def main() -> None:
     ap.add_argument("--num-blocks", type=int, default=256, help="KV blocks of 16 tokens (256: 4,096 tokens)")
     ap.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens")
     ap.add_argument("--duration", type=float, default=90.0, help="seconds of load per arm")
+    ap.add_argument("--thresholds", default="default",
+                    help="long_prefill_token_threshold per arm, comma-separated: 'default' (unset: 128 under fair "
+                         "on the CPU while two tenants are active) or N (0: off); more than one runs each eviction "
+                         "once per value, side by side")
     ap.add_argument("--out", default="bench/out/cache_share.json")
     args = ap.parse_args()
     res = {"args": vars(args), "machine": platform.platform(), "threads": torch.get_num_threads()}
@@ -155,13 +184,14 @@ def main() -> None:
             print(f"{k:>12}                                          {v['lru']:7.2f}   {v['fair']:7.2f}")
     if args.only in (None, "engine"):
         res["engine"] = e = bench_engine(args)
-        print("light tenant against a heavy one            one LRU    fair eviction")
-        print(f"light hit rate (cached / prompt tokens)   {e['lru']['light_hit_rate']:8.1%}  {e['fair']['light_hit_rate']:8.1%}")
+        arms = list(e)
+        print("light tenant against a heavy one   " + "".join(f"{a:>14}" for a in arms))
+        print("light hit rate (cached / prompt)   " + "".join(f"{e[a]['light_hit_rate']:14.1%}" for a in arms))
         for q in ("p50", "p90"):
-            print(f"light TTFT {q} (s)                        {e['lru'][f'light_ttft_{q}_s']:8.3f}  "
-                  f"{e['fair'][f'light_ttft_{q}_s']:8.3f}")
-        print(f"light / heavy requests done               {e['lru']['light_requests']:4d} / {e['lru']['heavy_requests']:3d}"
-              f"  {e['fair']['light_requests']:4d} / {e['fair']['heavy_requests']:3d}")
+            print(f"light TTFT {q} (s)                 " + "".join(f"{e[a][f'light_ttft_{q}_s']:14.3f}" for a in arms))
+        print("light / heavy requests done        " + "".join(f"{e[a]['light_requests']:>9d} / {e[a]['heavy_requests']:<2d}"
+                                                              for a in arms))
+        print("load average 1-min at arm's end    " + "".join(f"{e[a]['load_average_1m']:14.1f}" for a in arms))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
 

@@ -89,7 +89,8 @@ def make_engine(args, base, store: Path, caching: bool, policy: str, max_len: in
     config = EngineConfig(model=args.model, dtype=base.dtype, adapter_dir=str(store), device=args.device,
                           load_format=args.load_format,
                           scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.budget,
-                                                    max_model_len=max_len, policy=policy),
+                                                    max_model_len=max_len, policy=policy,
+                                                    long_prefill_token_threshold=args.long_prefill_token_threshold),
                           cache=CacheConfig(block_size=16, num_blocks=blocks), enable_prefix_caching=caching)
     return LLMEngine(config, base)
 
@@ -110,7 +111,7 @@ def bench_prefix(args, base, store: Path) -> dict:
     max_len = args.prefix_tokens + args.suffix_tokens + args.new_tokens
     result = {}
     for caching in (False, True):
-        with make_engine(args, base, store, caching, "fcfs", max_len) as engine:
+        with make_engine(args, base, store, caching, args.prefix_policy, max_len) as engine:
             ensure_example_tenants(base, engine.adapters, args.tenants)
             jobs = prefix_jobs(args, random.Random(1), vocab, [0.0] * args.burst)
             wall = asyncio.run(drive(engine, jobs, params))
@@ -125,7 +126,7 @@ def bench_prefix(args, base, store: Path) -> dict:
         t += rng.expovariate(rate)
         arrivals.append(t)
     for caching in (False, True):
-        with make_engine(args, base, store, caching, "fcfs", max_len) as engine:
+        with make_engine(args, base, store, caching, args.prefix_policy, max_len) as engine:
             jobs = prefix_jobs(args, random.Random(3), vocab, arrivals)
             wall = asyncio.run(drive(engine, jobs, params))
             ttfts = [j.ttft for j in jobs]
@@ -254,6 +255,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--burst", type=int, default=256, help="prefix: requests in the burst")
     ap.add_argument("--poisson-requests", type=int, default=256)
+    ap.add_argument("--prefix-policy", choices=["fcfs", "fair"], default="fcfs",
+                    help="prefix: the scheduling policy of both sides (fcfs: the recorded tables; fair: what a "
+                         "server with a tenants file runs, where the default long-prefill cap applies)")
+    ap.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                    help="both parts: the scheduler's long_prefill_token_threshold (unset: its default rule, "
+                         "128 under fair on the CPU while two tenants are active; 0: off)")
     ap.add_argument("--tenants-fair", type=int, default=10)
     ap.add_argument("--fair-prompt", type=int, default=64)
     ap.add_argument("--fair-new-tokens", type=int, default=32)
