@@ -95,7 +95,8 @@ def test_a_prompt_refused_after_reserving_gives_its_place_back(server, case):
     if case == "over the byte bound":
         prompt, kwargs = "x" * (max_prompt_bytes(server.engine.tokenizer, server.engine.max_model_len) + 1), {}
     else:
-        prompt, kwargs = [1] + [30] * 999, {"max_tokens": 100}
+        # a prompt leaving no room to generate (a max_tokens over the room left is lowered, as vLLM)
+        prompt, kwargs = [1] + [30] * (server.engine.max_model_len - 1), {"max_tokens": 100}
     assert [_complete(server, CAPPED_KEY, prompt, **kwargs) for _ in range(QUOTA + 1)] == ["InvalidArgument invalid_argument"] * 3
     assert admission_counts(server) == (0, {})
     assert [_complete(server, CAPPED_KEY, "Hi") for _ in range(QUOTA + 1)] == ["ok"] * (QUOTA + 1)
