@@ -181,6 +181,7 @@ def test_prompt_logprobs_in_vllm_shape(http_server, tokenizer, hf_model, chat):
     ("completions", {"prompt_logprobs": -1}, "prompt_logprobs", "[0, 20]"),
     ("completions", {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "stream"),
     ("chat/completions", {"prompt_logprobs": 2, "stream": True}, "prompt_logprobs", "stream"),
+    ("chat/completions", {"prompt_logprobs": 0, "stream": True}, "prompt_logprobs", "vLLM accepts 0"),
     ("chat/completions", {"prompt_logprobs": 99}, "prompt_logprobs", "[0, 20]"),
     ("chat/completions", {"echo": True}, "echo", "prompt_logprobs"),
     ("completions", {"max_tokens": 0}, "max_tokens", ">= 1"),

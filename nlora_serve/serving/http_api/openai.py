@@ -242,7 +242,9 @@ def prompt_logprobs_of(request: CompletionRequest | ChatRequest) -> int | None:
     if not 0 <= value <= MAX_LOGPROBS:
         raise ParamError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}]; got {value}", "prompt_logprobs")
     if request.stream:
-        raise ParamError("prompt_logprobs is not available with stream=true (as in vLLM); send stream=false, or "
+        why = ("as in vLLM" if value else
+               "a stream has no place for them; vLLM accepts 0 here and returns nothing")
+        raise ParamError(f"prompt_logprobs is not available with stream=true ({why}); send stream=false, or "
                          "echo=true with logprobs on /v1/completions", "prompt_logprobs")
     return value
 
