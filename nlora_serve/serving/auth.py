@@ -144,7 +144,10 @@ class Authenticator:
                 share (the name is the tenant's identity: its prefix-cache group, queue quota, fair
                 share and request-id namespace; several keys of one tenant must say the same), a
                 ``base_model`` that is not true or false, a name with a character that is not printable
-                or a '/' (see :func:`_name`), a file that holds no key at all (every request refused).
+                or a '/' (see :func:`_name`), a file that holds no key at all (every request refused),
+                a field written twice in one object (JSON keeps the last silently: a second ``tenants``
+                list dropped the first's tenants, a second ``key_sha256`` or ``adapters`` in an entry
+                replaced its key or grants; TOML's parser refuses these itself).
         """
         path = Path(path)
         try:
@@ -153,7 +156,9 @@ class Authenticator:
             raise AuthError(f"tenants file {path}: cannot read it ({exc})") from None
         toml = path.suffix == ".toml"
         try:  # a newcomer's find: "cannot read it (Expecting value: ...)" read as a permission problem
-            doc = _toml(text, path) if toml else json.loads(text)
+            doc = _toml(text, path) if toml else json.loads(text, object_pairs_hook=_no_duplicate_fields)
+        except _DuplicateField as exc:  # a ValueError too: named before the parser's other refusals
+            raise AuthError(f"tenants file {path}: {exc}") from None
         except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
             raise AuthError(f"tenants file {path}: cannot read it as {'TOML' if toml else 'JSON'} ({exc})") from None
         return cls.from_document(doc, path)
@@ -239,6 +244,28 @@ def _read_regular(path: Path) -> str:
             kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
             raise OSError(f"not a regular file: {kind}")
         return file.read()
+
+
+class _DuplicateField(ValueError):
+    """A JSON object that names one field twice."""
+
+
+def _no_duplicate_fields(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads``' object_pairs_hook: the object, refusing a field given twice (the field's name
+    is shown, never its values: a second ``key_sha256`` may be a pasted key).
+
+    Raises:
+        _DuplicateField: naming the field and, where the object has one, its entry's ``name``.
+    """
+    doc: dict = {}
+    for field, value in pairs:
+        if field in doc:
+            name = next((v for k, v in pairs if k == "name" and isinstance(v, str)), None)
+            entry = "" if name is None else f" (in the entry named {shown(name)!r})"
+            raise _DuplicateField(f"field {shown(field)!r} is given twice in one object{entry}; JSON would keep the "
+                                  "last silently: write it once")
+        doc[field] = value
+    return doc
 
 
 def _toml(text: str, path: Path) -> dict:
