@@ -14,6 +14,10 @@ from test_cli import SUBCOMMANDS, _subparsers  # tests/, on sys.path as pytest p
     (["tune", "--lr", "inf"], "argument --lr: must be a finite number; got inf"),
     (["tune", "--weight-decay", "-1"], "argument --weight-decay: must be a number >= 0; got -1"),
     (["tune", "--alpha", "nan"], "argument --alpha: must be a finite number; got nan"),
+    # h143: at alpha 0 the delta is 0 whatever N is: N's gradient is 0, the run trained nothing
+    (["tune", "--alpha", "0"], "argument --alpha: must be a number > 0; got 0"),
+    (["tune", "--alpha", "-16"], "argument --alpha: must be a number > 0; got -16"),
+    (["tune", "--unlikelihood-weight", "0"], "argument --unlikelihood-weight: must be a number > 0; got 0"),
     (["init", "--alpha=-inf"], "argument --alpha: must be a finite number; got -inf"),
     (["compress", "--threshold", "nan"], "argument --threshold: must be a finite number; got nan"),
 ])

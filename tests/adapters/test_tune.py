@@ -184,6 +184,10 @@ def test_config_validation_and_schedule():
         TuneConfig(n_init="random")
     with pytest.raises(AdapterError, match="batch_size"):
         TuneConfig(batch_size=0)
+    for alpha in (0, 0.0, -8, float("nan"), float("inf")):  # at 0 the delta is 0: nothing trained (h143)
+        with pytest.raises(AdapterError, match=r"alpha = .*expected a finite number > 0"):
+            TuneConfig(alpha=alpha)
+    assert TuneConfig(alpha=0.5).alpha == 0.5
     f = cosine_schedule(warmup=2, total=10)
     assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]
     assert f(6) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)

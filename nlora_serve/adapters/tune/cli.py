@@ -87,15 +87,19 @@ def add_tune_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-init", choices=["nystrom", "pinv", "zeros"], default="nystrom",
                    help="start of N: nystrom = W[:r,:r] (the NLoRA reference code), pinv = pinv(W[:r,:r]) "
                         "(classical Nystrom), zeros = start exactly at the base model (default: %(default)s)")
-    p.add_argument("--alpha", type=number_arg(), default=None, help="lora_alpha; scaling s = alpha/r (default: r, so s = 1)")
+    # > 0: at 0 the delta s * B N A is 0 whatever N is, so N's gradient is 0 and the run trains nothing
+    # (and writes an adapter equal to the base model); a negative one only flips the sign N learns
+    p.add_argument("--alpha", type=number_arg(0.0, above=True), default=None,
+                   help="lora_alpha, > 0; scaling s = alpha/r (default: r, so s = 1)")
     p.add_argument("--lr", type=number_arg(0.0, above=True), default=2e-3, help="AdamW peak learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=number_arg(0.0), default=0.0,
                    help="AdamW decoupled weight decay on N (pulls N towards 0) (default: %(default)s)")
     p.add_argument("--unlikely-tokens", default=None, metavar="REGEX",
                    help="unlikelihood training: every token whose decoded text matches REGEX (Python re.search, "
                         "e.g. '[A-Z]') is a negative candidate; special tokens never are")
-    p.add_argument("--unlikelihood-weight", type=number_arg(0.0), default=None, metavar="LAMBDA",
-                   help="weight of the unlikelihood term (needs --unlikely-tokens; default: 1.0 with it)")
+    p.add_argument("--unlikelihood-weight", type=number_arg(0.0, above=True), default=None, metavar="LAMBDA",
+                   help="weight of the unlikelihood term, > 0 (needs --unlikely-tokens; default: 1.0 with it; "
+                        "to train without the term, leave out --unlikely-tokens)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=integer_arg(1), default=1,
                         help="passes over the training split (default: %(default)s)")

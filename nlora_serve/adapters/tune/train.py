@@ -80,6 +80,9 @@ class TuneConfig:
         for name, value in ints.items():
             if not isinstance(value, int) or value < 1:
                 raise AdapterError(f"tune: {name} = {value!r}; expected an integer >= 1")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < math.inf):
+            raise AdapterError(f"tune: alpha = {self.alpha!r}; expected a finite number > 0 (at 0 the adapter's "
+                               "delta is 0 whatever N is: nothing would be trained)")
         if not (self.lr > 0 and 0 <= self.held_out < 1 and self.warmup >= 0 and self.weight_decay >= 0):
             raise AdapterError(f"tune: need lr > 0 (got {self.lr}), 0 <= held_out < 1 (got {self.held_out}), "
                                f"warmup >= 0 (got {self.warmup}), weight_decay >= 0 (got {self.weight_decay})")
