@@ -35,6 +35,7 @@ from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine
 from nlora_serve.serving.status import TooLarge, abort, adapter_manager, status_of
 from nlora_serve.serving.metrics import ServerMetrics
+from nlora_serve.serving.request_log import client_address
 from nlora_serve.serving.server_config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         return await self._guard(context, "LoadAdapter", self._load(request.name))
 
     async def UploadAdapter(self, request_iterator, context: grpc.aio.ServicerContext):
-        return await self._guard(context, "UploadAdapter", self._upload(request_iterator))
+        progress: list[str] = []
+        return await self._guard(context, "UploadAdapter", self._upload(request_iterator, context, progress),
+                                 progress)
 
     async def SwapAdapter(self, request: pb.SwapAdapterRequest, context: grpc.aio.ServicerContext):
         return await self._guard(context, "SwapAdapter", self._swap(request, time.perf_counter()))
@@ -63,11 +66,12 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext):
         return await self._guard(context, "UnloadAdapter", self._unload(request))
 
-    async def _guard(self, context: grpc.aio.ServicerContext, rpc: str, work):
+    async def _guard(self, context: grpc.aio.ServicerContext, rpc: str, work, progress: list[str] | None = None):
         """Authorize as admin, then run ``work``; expected failures become status codes. A change
         done is logged (INFO): what, by whom, how long; so is a refusal of a known key's call
-        (admin_log.py)."""
+        (admin_log.py), and a call its client cancelled (with ``progress``' last word: how far it got)."""
         principal = None
+        start = time.perf_counter()
         try:
             principal = self.auth.authenticate(context.invocation_metadata())
             principal.require_admin(rpc)
@@ -75,6 +79,12 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
             reply = await work
             log.info("%s by %r: %s (%.0f ms)", rpc, principal.name, _done(reply), 1e3 * (time.perf_counter() - start))
             return reply
+        except asyncio.CancelledError:  # the client cancelled (or went away): no refusal, the call is gone
+            if principal is not None and principal.is_admin:
+                where = client_address(context.peer())
+                log.info("%s by %r from %s cancelled by the client after %.0f ms%s", rpc, principal.name, where,
+                         1e3 * (time.perf_counter() - start), f": {progress[-1]}" if progress else "")
+            raise
         except NloraError as exc:
             work.close()  # never started when auth failed; silences "never awaited"
             code, reason = status_of(exc)
@@ -100,14 +110,20 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         self.metrics.load.observe(time.perf_counter() - start)
         return convert.adapter_info(version, self.engine.is_resident(version))
 
-    async def _upload(self, parts) -> pb.AdapterInfo:
+    async def _upload(self, parts, context: grpc.aio.ServicerContext | None = None,
+                      progress: list[str] | None = None) -> pb.AdapterInfo:
+        """``progress`` gets a line on how far the upload got, for the log line of a cancelled call."""
         manager = self._manager()
         spool = Spool()  # not a bytearray: its copy into bytes held the GIL, so the loop, for 0.16-0.26 s
+        progress = [] if progress is None else progress
+        progress.append("before its header; nothing stored")
         try:
-            header = await self._receive(parts, spool)
+            header = await self._receive(parts, spool, context, progress)
         except BaseException:
-            spool.close()
+            spool.close()  # a memfd: nothing of a refused or cancelled upload is left, in memory or on disk
             raise
+        progress.append(f"all {spool.size} bytes received, the store write goes on (its adapter is served if it "
+                        "passes the checks)")
 
         def register():  # in a worker thread: the read into bytes (GIL released: spool.py) and the hash
             try:
@@ -126,15 +142,18 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         self.metrics.load.observe(time.perf_counter() - start)
         return convert.adapter_info(version, self.engine.is_resident(version))
 
-    async def _receive(self, parts, spool: Spool) -> pb.UploadHeader:
+    async def _receive(self, parts, spool: Spool, context: grpc.aio.ServicerContext | None = None,
+                       progress: list[str] | None = None) -> pb.UploadHeader:
         """The header; the exact number of safetensors bytes it announced go into ``spool`` (read
         back into bytes by the caller, off the event loop).
 
         Raises:
             AdapterError: no header first, a bad name, a second header, a size mismatch.
             TooLarge: the announced total is over ``max_adapter_bytes``.
+            asyncio.CancelledError: the client cancelled the call (see :func:`_cancelled_short`).
         """
         header = None
+        progress = [] if progress is None else progress
         async for part in parts:
             kind = part.WhichOneof("part")
             if header is None:
@@ -151,6 +170,11 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
                                    f"{header.safetensors_bytes} bytes of adapter_model.safetensors")
             else:
                 spool.append(part.chunk)
+            if header is not None:
+                progress[-1] = (f"{spool.size} of {header.safetensors_bytes} bytes of {header.name!r} received; "
+                                "nothing stored")
+        if (header is None or spool.size != header.safetensors_bytes) and context is not None:
+            await _cancelled_short(context)
         if header is None:
             raise AdapterError("UploadAdapter: empty upload (no header)")
         if spool.size != header.safetensors_bytes:
@@ -196,6 +220,27 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         version = await asyncio.to_thread(self.engine.unload_adapter, request.name, force=request.force)
         return pb.UnloadAdapterResponse(ref=convert.adapter_ref(version), aborted_requests=running if request.force else 0,
                                         draining_requests=0 if request.force else draining)
+
+
+# how long a stream that ended short waits for gRPC to say whether its client cancelled it (s)
+CANCEL_GRACE_S = 0.2
+
+
+async def _cancelled_short(context: grpc.aio.ServicerContext) -> None:
+    """Let a cancellation that ended a stream reach the handler before the stream is refused as short.
+
+    A client's cancel mid-upload ends the server's message iterator as a half-close does; gRPC
+    cancels the handler's task a moment later, from the close it reads apart. Refused at once,
+    the upload was logged as an admin's INVALID_ARGUMENT refusal ("received 1000 bytes ..., the
+    header announced 100000") for what was the client's cancel. A stream that really was short
+    (a client bug) is refused :data:`CANCEL_GRACE_S` later at most.
+
+    Raises:
+        asyncio.CancelledError: the client cancelled the call.
+    """
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    while time.monotonic() < deadline and not context.done():
+        await asyncio.sleep(0.005)  # gRPC's cancel is delivered into this task as CancelledError
 
 
 def _load_stored(manager, stored):

@@ -1,0 +1,106 @@
+"""An UploadAdapter its client cancels mid-stream is logged as a cancellation, not as an admin's
+refusal, and leaves nothing behind (h143). gRPC ends the server's message iterator on a cancel as
+on a half-close, and cancels the handler's task a moment later: the upload was refused at once as
+short, "UploadAdapter by 'ops' refused (INVALID_ARGUMENT): ... received 1000 bytes ..., the header
+announced 100000", for what was the client's cancel. Unit level: the servicer with a fake manager
+and context (a real server's cancel: /work/scratch/helper-143/cancel_upload.py in the report)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from types import SimpleNamespace
+
+import grpc
+
+from nlora_serve.proto import nlora_pb2 as pb
+from nlora_serve.serving.admin_log import AdminRefusals
+from nlora_serve.serving.auth import Authenticator
+from nlora_serve.serving.grpc_api import admin
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    def __init__(self):
+        self.aborted = None
+
+    def invocation_metadata(self):
+        return ()
+
+    def peer(self):
+        return "ipv4:10.0.0.7:51234"
+
+    def done(self):
+        return False
+
+    async def abort(self, code, details, trailing_metadata=()):
+        self.aborted = code
+        raise _Aborted(details)
+
+
+def _servicer(registered: list) -> admin.AdminServicer:
+    servicer = admin.AdminServicer.__new__(admin.AdminServicer)
+    manager = SimpleNamespace(register=lambda name, files: registered.append(name) or "version")
+    servicer._manager = lambda: manager
+    servicer.config = SimpleNamespace(max_adapter_bytes=1 << 20, check_adapter_name=lambda name: None)
+    servicer.metrics = SimpleNamespace(load=SimpleNamespace(observe=lambda seconds: None))
+    servicer.engine = SimpleNamespace(is_resident=lambda version: False)
+    servicer.auth, servicer.refusals = Authenticator(None), AdminRefusals(admin.log)
+    return servicer
+
+
+def _header(size: int) -> pb.UploadAdapterRequest:
+    return pb.UploadAdapterRequest(header=pb.UploadHeader(name="up", adapter_config_json="{}", safetensors_bytes=size))
+
+
+def test_a_cancelled_upload_is_logged_as_cancelled_and_leaves_nothing(caplog):
+    registered, context = [], _Context()
+    servicer = _servicer(registered)
+    fds = len(os.listdir("/proc/self/fd"))
+
+    async def run():
+        ended = asyncio.Event()
+
+        async def parts():  # the iterator ends as gRPC's does on a cancel; the task's cancel comes after
+            yield _header(100_000)
+            yield pb.UploadAdapterRequest(chunk=b"x" * 1000)
+            ended.set()
+
+        task = asyncio.create_task(servicer.UploadAdapter(parts(), context))
+        await ended.wait()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        except _Aborted as exc:
+            return f"aborted: {exc}"
+
+    with caplog.at_level(logging.INFO, admin.log.name):
+        assert asyncio.run(run()) == "cancelled"
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [lines[0]] and "refused" not in lines[0]
+    assert lines[0].startswith("UploadAdapter by 'local' from 10.0.0.7:51234 cancelled by the client after ")
+    assert lines[0].endswith(": 1000 of 100000 bytes of 'up' received; nothing stored")
+    assert registered == [] and context.aborted is None and len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_stream_that_really_ends_short_is_still_refused(caplog):
+    registered, context = [], _Context()
+
+    async def parts():
+        yield _header(10)
+        yield pb.UploadAdapterRequest(chunk=b"abc")
+
+    with caplog.at_level(logging.INFO, admin.log.name):
+        try:
+            asyncio.run(_servicer(registered).UploadAdapter(parts(), context))
+        except _Aborted as exc:
+            assert "received 3 bytes" in str(exc)
+    assert context.aborted == grpc.StatusCode.INVALID_ARGUMENT and registered == []
+    assert [r.getMessage() for r in caplog.records][-1].startswith(
+        "UploadAdapter by 'local' from 10.0.0.7:51234 refused (INVALID_ARGUMENT): upload of 'up': received 3 bytes")
