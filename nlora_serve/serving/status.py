@@ -46,6 +46,11 @@ class TooLarge(NloraError):
     """An upload or swap payload over ``--max-adapter-bytes``."""
 
 
+class UploadsBusy(NloraError):
+    """UploadAdapter while :data:`~nlora_serve.serving.grpc_api.admin.MAX_UPLOADS_IN_FLIGHT` uploads
+    are in flight (each holds up to ``--max-adapter-bytes`` in memory): retry when one ends."""
+
+
 class BodyTimeout(NloraError):
     """An HTTP request body that did not arrive in time (HTTP 408): an admitted request holds
     its tenant's place while its body is read, so a body held back must not hold it for ever."""
@@ -92,6 +97,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (Draining, grpc.StatusCode.UNAVAILABLE, 503, "draining"),
     (EngineDead, grpc.StatusCode.UNAVAILABLE, 503, "engine_dead"),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_argument"),
+    (UploadsBusy, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "uploads_busy"),
     (BodyTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, 408, "body_timeout"),
     (NoAdapterStore, grpc.StatusCode.FAILED_PRECONDITION, 404, "not_found"),
     (RuntimeUpdatingOff, grpc.StatusCode.FAILED_PRECONDITION, 404, "not_found"),

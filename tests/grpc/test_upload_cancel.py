@@ -104,3 +104,43 @@ def test_a_stream_that_really_ends_short_is_still_refused(caplog):
     assert context.aborted == grpc.StatusCode.INVALID_ARGUMENT and registered == []
     assert [r.getMessage() for r in caplog.records][-1].startswith(
         "UploadAdapter by 'local' from 10.0.0.7:51234 refused (INVALID_ARGUMENT): upload of 'up': received 3 bytes")
+
+
+def test_uploads_over_the_in_flight_cap_are_refused_before_a_byte_is_read(caplog, monkeypatch):
+    """Each upload in flight holds up to --max-adapter-bytes in memory and, waiting for the registry's
+    write lock, a thread of the default executor: nothing bounded how many (h143)."""
+    registered, context = [], _Context()
+    servicer = _servicer(registered)
+    cap, read = admin.MAX_UPLOADS_IN_FLIGHT, []
+    monkeypatch.setattr(admin.convert, "adapter_info", lambda version, resident: pb.AdapterInfo(
+        ref=pb.AdapterRef(name="up", version=1)))
+
+    async def run():
+        gate = asyncio.Event()
+
+        async def held():  # an upload that sent its header and waits on the network
+            yield _header(3)
+            await gate.wait()
+            yield pb.UploadAdapterRequest(chunk=b"abc")
+
+        async def over():
+            read.append("over")
+            yield _header(3)
+            yield pb.UploadAdapterRequest(chunk=b"abc")
+
+        tasks = [asyncio.create_task(servicer.UploadAdapter(held(), _Context())) for _ in range(cap)]
+        await asyncio.sleep(0.01)
+        try:
+            await servicer.UploadAdapter(over(), context)
+        except _Aborted as exc:
+            refused = str(exc)
+        gate.set()
+        await asyncio.gather(*tasks)
+        await servicer.UploadAdapter(over(), _Context())  # the slots are given back: taken again
+        return refused
+
+    with caplog.at_level(logging.INFO, admin.log.name):
+        refused = asyncio.run(run())
+    assert context.aborted == grpc.StatusCode.RESOURCE_EXHAUSTED and read == ["over"]  # the refused one: none
+    assert refused.startswith(f"{cap} uploads are in flight on this server") and "retry" in refused
+    assert registered == ["up"] * (cap + 1) and servicer.uploads == 0

@@ -7,7 +7,8 @@ Status codes: a name outside ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` (e.g. one that
 store) and an adapter the loader refuses are INVALID_ARGUMENT with the loader's message; a payload
 over ``--max-adapter-bytes`` is RESOURCE_EXHAUSTED (refused from the header, before any chunk is
 buffered); a size or sha256 mismatch is INVALID_ARGUMENT; a stale ``if_version`` is
-FAILED_PRECONDITION; an unknown name is NOT_FOUND. Every refusal carries its reason in the trailing
+FAILED_PRECONDITION; an unknown name is NOT_FOUND; an upload while :data:`MAX_UPLOADS_IN_FLIGHT` are in
+flight is RESOURCE_EXHAUSTED (reason ``uploads_busy``), before it reads a byte. Every refusal carries its reason in the trailing
 metadata ``nlora-reason`` (status.py's table: ``invalid_argument``, ``not_found``, ``pool_full``,
 ``store_write_failed``, ...; what HTTP's /v1/load_lora_adapter answers as its error ``code``).
 """
@@ -33,13 +34,20 @@ from nlora_serve.serving.grpc_api.spool import Spool
 from nlora_serve.serving.admin_log import AdminRefusals
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine
-from nlora_serve.serving.status import TooLarge, abort, adapter_manager, status_of
+from nlora_serve.serving.status import TooLarge, UploadsBusy, abort, adapter_manager, status_of
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.request_log import client_address
 from nlora_serve.serving.server_config import ServerConfig
 
 log = logging.getLogger(__name__)
 SWAP_SAMPLES = 4096  # recent swap latencies kept for tests and benchmarks (seconds)
+# UploadAdapter calls in flight at most. Each holds up to --max-adapter-bytes (256 MiB by default) in
+# memory while it streams, and again as bytes while it waits in a worker thread of the default executor
+# for the registry's write lock (registrations are serialised): a script uploading 50 tenants at
+# once could hold 50 x the payload in RAM and every thread of that executor, where HTTP's whole
+# (non-streamed) responses are turned into JSON too. vLLM caps nothing here, but its
+# /v1/load_lora_adapter reads from its own disk; this takes bytes from the network.
+MAX_UPLOADS_IN_FLIGHT = 4
 
 
 class AdminServicer(pb_grpc.AdapterAdminServicer):
@@ -51,6 +59,8 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         # included), taken in the worker thread: the reply's trip back is the client's round trip
         self.swap_seconds: deque[float] = deque(maxlen=SWAP_SAMPLES)
         self.refusals = AdminRefusals(log)
+
+    uploads = 0  # UploadAdapter calls in flight (event loop only)
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext):
         return await self._guard(context, "LoadAdapter", self._load(request.name))
@@ -114,6 +124,16 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
                       progress: list[str] | None = None) -> pb.AdapterInfo:
         """``progress`` gets a line on how far the upload got, for the log line of a cancelled call."""
         manager = self._manager()
+        if self.uploads >= MAX_UPLOADS_IN_FLIGHT:
+            raise UploadsBusy(f"{self.uploads} uploads are in flight on this server, the most it takes at once "
+                              f"(each holds up to --max-adapter-bytes in memory): retry when one has ended")
+        self.uploads += 1
+        try:
+            return await self._upload_one(manager, parts, context, progress)
+        finally:
+            self.uploads -= 1
+
+    async def _upload_one(self, manager, parts, context, progress) -> pb.AdapterInfo:
         spool = Spool()  # not a bytearray: its copy into bytes held the GIL, so the loop, for 0.16-0.26 s
         progress = [] if progress is None else progress
         progress.append("before its header; nothing stored")
