@@ -55,3 +55,20 @@ def test_a_reload_of_a_file_with_a_field_written_twice_keeps_the_keys_in_force(t
         assert reload_tenants(auth, str(path), engine) is False
     assert "NOT reloaded" in caplog.text and "field 'tenants' is given twice" in caplog.text
     assert auth.authenticate([("authorization", "Bearer ka")]).name == "acme" and weights == []
+
+
+@pytest.mark.parametrize("entry, says", [
+    ({"name": "n" * 257}, "is 257 characters; at most 256"),
+    ({"name": "acme", "base_model": "x" * 100_000}, ".base_model must be true or false; got 'xxx"),
+    ({"name": "acme", "weight": [1] * 100_000}, ".weight must be"),
+    ({"name": ["n"] * 100_000}, ".name must be a non-empty string; got ['n'"),
+    ({"name": "acme", **{f"f{i}" * 1000: 1 for i in range(1000)}}, "and 995 more; expected only"),
+])
+def test_a_refusal_quotes_at_most_a_few_hundred_characters_of_the_file(entry, says):
+    """The message goes to stderr at start and to the log on a reload: a 100,000-character value
+    (or 1,000 unknown fields, or a name of any length, which every log line and metrics label of the
+    tenant then carried) was a line of that size (h143)."""
+    doc = {"tenants": [{"key_sha256": hash_key("ka"), **entry}]}
+    with pytest.raises(AuthError) as caught:
+        Authenticator.from_document(doc, "t.json")
+    assert says in str(caught.value) and len(str(caught.value)) < 1500, len(str(caught.value))

@@ -144,7 +144,7 @@ class Authenticator:
                 share (the name is the tenant's identity: its prefix-cache group, queue quota, fair
                 share and request-id namespace; several keys of one tenant must say the same), a
                 ``base_model`` that is not true or false, a name with a character that is not printable
-                or a '/' (see :func:`_name`), a file that holds no key at all (every request refused),
+                or a '/', or over 256 characters (see :func:`_name`), a file that holds no key at all (every request refused),
                 a field written twice in one object (JSON keeps the last silently: a second ``tenants``
                 list dropped the first's tenants, a second ``key_sha256`` or ``adapters`` in an entry
                 replaced its key or grants; TOML's parser refuses these itself).
@@ -193,7 +193,7 @@ class Authenticator:
                 raise AuthError(f"{where}.adapters must be a list of adapter names or patterns")
             base_model = entry.get("base_model", False)
             if not isinstance(base_model, bool):  # bool("false") would grant the base model
-                raise AuthError(f"{where}.base_model must be true or false; got {base_model!r}")
+                raise AuthError(f"{where}.base_model must be true or false; got {_got(base_model)}")
             _add(by_hash, digest, Principal(_name(entry, f"tenant-{i}", where), False, tuple(adapters),
                                             base_model, *_quota(entry, where)), where)
         _one_identity_per_name(by_hash.values(), path)
@@ -317,6 +317,7 @@ def _entry_hash(entry: object, where: str) -> str:
     return digest.lower()
 
 
+MAX_NAME_CHARS = 256  # a tenant's or admin's name (an adapter's: 128)
 _FILE_FIELDS = ("tenants", "admin_keys")
 _ADMIN_FIELDS = ("name", "key_sha256")
 _TENANT_FIELDS = ("name", "key_sha256", "adapters", "base_model", "weight", "max_concurrent_requests")
@@ -326,17 +327,24 @@ def _quota(entry: dict, where: str) -> tuple[float, int | None]:
     """(weight, max_concurrent_requests) of a tenant entry."""
     weight = entry.get("weight", 1.0)
     if not is_tenant_weight(weight):
-        raise AuthError(f"{where}.weight must be {TENANT_WEIGHT_RULE}; got {weight!r}")
+        raise AuthError(f"{where}.weight must be {TENANT_WEIGHT_RULE}; got {_got(weight)}")
     limit = entry.get("max_concurrent_requests")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise AuthError(f"{where}.max_concurrent_requests must be a positive integer; got {limit!r}")
+        raise AuthError(f"{where}.max_concurrent_requests must be a positive integer; got {_got(limit)}")
     return float(weight), limit
+
+
+def _got(value: object) -> str:
+    """``value`` as a refusal quotes it: its ``repr``, at most :func:`shown`'s length (the message goes
+    to the log on a reload: a value of megabytes was a line of megabytes)."""
+    return shown(repr(value))
 
 
 def _known_fields(obj: dict, known: tuple[str, ...], where: str) -> None:
     unknown = sorted(set(obj) - set(known))
     if unknown:
-        raise AuthError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise AuthError(f"{where}: unknown field(s) {', '.join(repr(shown(f)) for f in unknown[:5])}{more}; "
                         f"expected only {', '.join(map(repr, known))}")
 
 
@@ -345,10 +353,12 @@ def _name(entry: dict, default: str, where: str) -> str:
     request ids in the engine (``name/id``), so a control character (a newline, an ANSI escape: a
     forged log line) or any other character ``str.isprintable`` refuses (format characters such as a
     bidi override, separators other than the space), and '/' (tenant "a/b" with id "c" would be
-    tenant "a" with id "b/c"), are refused."""
+    tenant "a" with id "b/c"), are refused, and so is one over :data:`MAX_NAME_CHARS` characters."""
     name = entry.get("name", default)
     if not isinstance(name, str) or not name:
-        raise AuthError(f"{where}.name must be a non-empty string; got {name!r}")
+        raise AuthError(f"{where}.name must be a non-empty string; got {_got(name)}")
+    if len(name) > MAX_NAME_CHARS:  # it is in every log line and metrics label of the tenant's requests
+        raise AuthError(f"{where}.name {shown(name)!r} is {len(name)} characters; at most {MAX_NAME_CHARS}")
     bad = next((i for i, c in enumerate(name) if c == "/" or not c.isprintable()), None)
     if bad is not None:  # repr() escapes what isprintable() refuses: the message is safe to log
         raise AuthError(f"{where}.name {shown(name)!r} has U+{ord(name[bad]):04X} at character {bad + 1}; a name "
