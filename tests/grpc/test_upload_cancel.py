@@ -144,3 +144,39 @@ def test_uploads_over_the_in_flight_cap_are_refused_before_a_byte_is_read(caplog
     assert context.aborted == grpc.StatusCode.RESOURCE_EXHAUSTED and read == ["over"]  # the refused one: none
     assert refused.startswith(f"{cap} uploads are in flight on this server") and "retry" in refused
     assert registered == ["up"] * (cap + 1) and servicer.uploads == 0
+
+
+def test_a_swap_cancelled_in_its_worker_thread_is_logged_as_still_landing(caplog):
+    """A cancel does not stop the worker thread a change was handed to: the line must not read as
+    "nothing happened" while the new version goes on to serve."""
+    import threading
+
+    started, release, swapped = threading.Event(), threading.Event(), []
+    servicer = _servicer([])
+
+    def swap(name, weights, if_version):
+        started.set()
+        release.wait(5)
+        swapped.append(name)
+        return "version"
+
+    manager = SimpleNamespace(swap=swap, registry=SimpleNamespace(get=lambda name: SimpleNamespace(swaps_n=True)))
+    servicer._manager = lambda: manager
+
+    async def run():
+        task = asyncio.create_task(servicer.SwapAdapter(pb.SwapAdapterRequest(name="lower", n_safetensors=b"n"),
+                                                        _Context()))
+        await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        release.set()
+
+    with caplog.at_level(logging.INFO, admin.log.name):
+        asyncio.run(run())
+    assert swapped == ["lower"]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("SwapAdapter by 'local' from 10.0.0.7:51234 cancelled by the client after ")
+    assert line.endswith(": a change already handed to its worker thread still completes (ListAdapters shows what serves)")

@@ -92,8 +92,11 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         except asyncio.CancelledError:  # the client cancelled (or went away): no refusal, the call is gone
             if principal is not None and principal.is_admin:
                 where = client_address(context.peer())
-                log.info("%s by %r from %s cancelled by the client after %.0f ms%s", rpc, principal.name, where,
-                         1e3 * (time.perf_counter() - start), f": {progress[-1]}" if progress else "")
+                # the worker thread a change was handed to is not stopped by a cancel: it may still land
+                note = progress[-1] if progress else ("a change already handed to its worker thread still completes "
+                                                      "(ListAdapters shows what serves)")
+                log.info("%s by %r from %s cancelled by the client after %.0f ms: %s", rpc, principal.name, where,
+                         1e3 * (time.perf_counter() - start), note)
             raise
         except NloraError as exc:
             work.close()  # never started when auth failed; silences "never awaited"
