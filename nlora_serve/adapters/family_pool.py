@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from nlora_serve.adapters.adapter import Adapter
-from nlora_serve.adapters.pool import Placement, TiedPool, copy_in
+from nlora_serve.adapters.pool import Placement, TiedPool
 from nlora_serve.errors import AdapterError
 from nlora_serve.kernels.weights import KernelSiteWeights
 from nlora_serve.models.base import BaseModel
@@ -35,8 +35,8 @@ class FamilyPool(TiedPool):
             w = adapter.sites[site]
             a = torch.empty(1, *w.A.shape, dtype=base.dtype, device=self.device)
             b = torch.empty(1, *w.B.shape, dtype=base.dtype, device=self.device)
-            copy_in(a[0], w.A, self.placement.stream)
-            copy_in(b[0], w.B, self.placement.stream)
+            self._copy_in(a[0], w.A)
+            self._copy_in(b[0], w.B)
             self.factors[site] = (a, b)
 
     @property

@@ -68,6 +68,9 @@ def copy_in(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream | No
 
     With a CUDA ``stream`` the copy runs from pinned memory on it and this thread waits for it
     alone: the engine's stream is never stalled (the slot being written is one no step reads).
+    The side stream does not wait for the engine's stream here: a write into memory allocated or
+    filled on that stream since (a new pool tensor, a grown one) must be ordered after it first
+    (:meth:`_Pool._copy_in` does so).
     """
     if stream is None or not dst.is_cuda:
         dst.copy_(src)
@@ -110,6 +113,25 @@ class _Pool:
         self.slot_scalings = torch.ones(capacity, dtype=torch.float32)
         self.bias: dict[Site, torch.Tensor] = {}  # site -> [S, out] s·b, allocated on first use
         self.generation = 0  # bumped whenever a tensor is replaced: cached views go stale
+        self._ordered: int | None = None  # the generation the side stream was last ordered after
+
+    def _copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """:func:`copy_in` on the placement's side stream, ordered after the allocating stream's work
+        whenever a pool tensor was allocated since the last write (a new pool, ``generation`` bumped).
+
+        Pool tensors are allocated and zero-filled (grown, concatenated) on this thread's current
+        stream, from memory the caching allocator may have just taken back from the engine's step
+        still queued there. The side stream runs apart from it (torch's streams do not sync with
+        the default one): unordered, a slot write could land before the zero fill (which then
+        erases it) or while an in-flight step still writes that memory. Writes into a tensor that
+        existed before need no wait: their slot is one no step reads (a step still in flight may read
+        it for a request that has ended: that row's token is dropped).
+        """
+        stream = self.placement.stream
+        if stream is not None and self._ordered != self.generation:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._ordered = self.generation
+        copy_in(dst, src, stream)
 
     @property
     def used(self) -> int:
@@ -131,8 +153,8 @@ class _Pool:
         for key, table in self.bias.items():
             site = adapter.sites.get(key)
             none = site is None or site.bias is None
-            copy_in(table[slot], torch.zeros(table.shape[1:], dtype=table.dtype) if none
-                    else site.bias_delta(self.base.dtype), self.placement.stream)
+            self._copy_in(table[slot], torch.zeros(table.shape[1:], dtype=table.dtype) if none
+                          else site.bias_delta(self.base.dtype))
 
     def add_bias(self, y: torch.Tensor, batch: metadata.AdapterBatch, site: Site) -> None:
         """y[t] += s·b[slot(t)] for the adapted tokens, where some resident adapter has a bias."""
@@ -196,10 +218,9 @@ class TiedPool(_Pool):
                 if not torch.isfinite(scaled).all():
                     bad = int((~torch.isfinite(scaled)).flatten(1).any(1).nonzero()[0])
                     _finite(scaled[bad], part[bad])
-                copy_in(self.n[slot, lo:lo + step], scaled, self.placement.stream)
+                self._copy_in(self.n[slot, lo:lo + step], scaled)
         else:  # rank_pattern: ranks differ per module; zero-pad each to r
-            copy_in(self.n[slot], torch.stack([_scaled_n(s, self.rank, self.n.dtype) for s in sites]),
-                    self.placement.stream)
+            self._copy_in(self.n[slot], torch.stack([_scaled_n(s, self.rank, self.n.dtype) for s in sites]))
         self.slot_ranks[slot] = self.rank
         self._write_bias(slot, adapter)
 
@@ -261,14 +282,14 @@ class LoraPool(_Pool):
             a_slot[:r] = site.A
             b_slot = torch.zeros(b.shape[1:], dtype=b.dtype)
             b_slot[:, :r] = site.B
-            copy_in(n[slot], _scaled_n(site, self.rank, n.dtype), self.placement.stream)
-            copy_in(a[slot], a_slot, self.placement.stream)
-            copy_in(b[slot], b_slot, self.placement.stream)
+            self._copy_in(n[slot], _scaled_n(site, self.rank, n.dtype))
+            self._copy_in(a[slot], a_slot)
+            self._copy_in(b[slot], b_slot)
             if key in self.b_t:
                 self.b_t[key][slot].copy_(b_slot.t())
         for key, (n, _, _) in self.tables.items():
             if key not in adapter.sites:
-                copy_in(n[slot], torch.zeros(n.shape[1:], dtype=n.dtype), self.placement.stream)
+                self._copy_in(n[slot], torch.zeros(n.shape[1:], dtype=n.dtype))
         self.slot_ranks[slot] = max(s.rank for s in adapter.sites.values())
         self._write_bias(slot, adapter)
 
