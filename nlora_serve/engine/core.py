@@ -38,6 +38,7 @@ from nlora_serve.engine.step_output import SampledStep, sample_step
 from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs, allows_a_token
 from nlora_serve.engine.token_masks import bad_words_token_ids, check_a_first_token
 from nlora_serve.engine.warmup import warm_up
+from nlora_serve.engine.device_values import to_device
 
 
 @dataclass(slots=True)
@@ -178,8 +179,8 @@ class EngineCore:
         # the grammar compiled in validate: a cache hit here, on the step thread
         spec = params.structured_outputs
         matcher = None if spec is None else self.grammars.matcher(spec, self.eos.grammar_stops(params.stop_token_ids))
-        allowed = None if params.allowed_token_ids is None else torch.tensor(
-            sorted(set(params.allowed_token_ids)), dtype=torch.long, device=self.device)
+        allowed = None if params.allowed_token_ids is None else to_device(
+            sorted(set(params.allowed_token_ids)), self.device, torch.long)
         seq = Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, gen, matcher,
                        bad_words_token_ids(self.tokenizer, params.bad_words), allowed_ids=allowed, adapter=adapter,
                        tenant=tenant, cache_salt=cache_salt)

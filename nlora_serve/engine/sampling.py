@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nlora_serve.engine.device_values import to_device
 from nlora_serve.errors import NloraError
 
 if TYPE_CHECKING:
@@ -254,15 +255,15 @@ def apply_penalties(logits: torch.Tensor, token_ids: list[int], num_prompt: int,
     """
     vocab = logits.shape[0]
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
+        seen = to_device(sorted(set(token_ids)), logits.device, torch.long)
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
                                    picked * params.repetition_penalty)
     output = token_ids[num_prompt:]
     if len(output) < params.min_tokens and ban:
-        logits[torch.tensor(sorted(ban), device=logits.device)] = float("-inf")
+        logits[to_device(sorted(ban), logits.device, torch.long)] = float("-inf")
     if output and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=vocab)[:vocab].to(logits.dtype)
+        counts = torch.bincount(to_device(output, logits.device, torch.long), minlength=vocab)[:vocab].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
 
 
@@ -274,8 +275,8 @@ def add_logit_bias(logits: torch.Tensor, rows: list[int], biases: list[tuple[tup
     """
     triples = [(r, t, b) for r, bias in zip(rows, biases) for t, b in bias]
     if triples:
-        index = torch.tensor([(r, t) for r, t, _ in triples], dtype=torch.long, device=logits.device)
-        values = torch.tensor([b for _, _, b in triples], dtype=logits.dtype, device=logits.device)
+        index = to_device([(r, t) for r, t, _ in triples], logits.device, torch.long)
+        values = to_device([b for _, _, b in triples], logits.device, logits.dtype)
         logits[index[:, 0], index[:, 1]] += values
 
 
@@ -288,7 +289,7 @@ def ban_before_min_tokens(logits: torch.Tensor, rows: list[int], bans: list[set[
     """
     pairs = [(r, t) for r, ban in zip(rows, bans) for t in ban]
     if pairs:
-        index = torch.tensor(pairs, dtype=torch.long, device=logits.device)
+        index = to_device(pairs, logits.device, torch.long)
         logits[index[:, 0], index[:, 1]] = float("-inf")
 
 
@@ -352,12 +353,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if not rows:
         return tokens
     device = logits.device
-    index = torch.tensor(rows, device=device)
-    sub = logits[index] / torch.tensor([params[i].temperature for i in rows], device=device).unsqueeze(1)
+    index = to_device(rows, device, torch.long)
+    sub = logits[index] / to_device([params[i].temperature for i in rows], device, torch.float32).unsqueeze(1)
     if any(params[i].min_p > 0.0 for i in rows):
-        sub = min_p_mask(sub, torch.tensor([params[i].min_p for i in rows], dtype=torch.float32, device=device))
-    top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.long, device=device)
-    top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=device)
+        sub = min_p_mask(sub, to_device([params[i].min_p for i in rows], device, torch.float32))
+    top_k = to_device([params[i].top_k for i in rows], device, torch.long)
+    top_p = to_device([params[i].top_p for i in rows], device, torch.float32)
     if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):  # from the host: no device sync
         sub = top_k_top_p_mask(sub, top_k, top_p)
     probs = sub.softmax(dim=-1)

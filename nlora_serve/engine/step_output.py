@@ -20,6 +20,7 @@ from nlora_serve.engine.sampling import add_logit_bias, apply_penalties, ban_bef
 from nlora_serve.engine.sequence import Sequence
 from nlora_serve.engine.structured import mask_rows
 from nlora_serve.engine.token_masks import ban_bad_words, keep_allowed
+from nlora_serve.engine.device_values import to_device
 
 
 @dataclass(slots=True)
@@ -139,8 +140,8 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
             top_v, top_i = logp.topk(k, dim=-1)
             parts += [top_v.reshape(-1).double(), top_i.reshape(-1).double()]
         if picked:
-            rows = torch.tensor([j for j, ids in picked for _ in ids], device=logp.device)
-            cols = torch.tensor([t for _, ids in picked for t in ids], device=logp.device)
+            rows = to_device([j for j, ids in picked for _ in ids], logp.device, torch.long)
+            cols = to_device([t for _, ids in picked for t in ids], logp.device, torch.long)
             parts.append(logp[rows, cols].double())
     packed = torch.cat(parts + list(scored))
     event = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from nlora_serve.engine.sampling import MAX_BAD_WORDS, RequestError
+from nlora_serve.engine.device_values import to_device
 
 
 def bad_words_token_ids(tokenizer, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
@@ -70,7 +71,7 @@ def keep_allowed(logits: torch.Tensor, rows: list[int], allowed: list[torch.Tens
     mask = torch.ones((len(rows), logits.shape[1]), dtype=torch.bool, device=logits.device)
     for j, ids in enumerate(allowed):
         mask[j, ids] = False
-    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    index = to_device(rows, logits.device, torch.long)
     logits[index] = logits[index].masked_fill(mask, float("-inf"))
 
 

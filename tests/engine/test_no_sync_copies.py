@@ -1,0 +1,52 @@
+"""No blocking host-to-device copy of a Python list on the engine's step path (engine/device_values.py).
+
+``torch.tensor(values, device=...)`` on CUDA copies from pageable memory and synchronizes the
+stream: the host waits for the step in flight, which undoes async scheduling's overlap. Only a
+GPU shows the stall (as lost throughput, never a wrong token), so this is a source check: every
+such call in the engine and the kernels' Python goes through :func:`to_device` instead.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import torch
+
+from nlora_serve.engine.device_values import to_device
+
+ROOT = Path(__file__).resolve().parents[2] / "nlora_serve"
+SCANNED = ("engine", "kernels")
+ALLOWED = {"engine/device_values.py"}  # the helper itself (its CPU branch)
+
+
+def _device_lists(path: Path) -> list[int]:
+    """Lines of ``torch.tensor`` / ``torch.as_tensor`` calls given a ``device`` other than "cpu"."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("tensor", "as_tensor") and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"):
+            continue
+        device = next((k.value for k in node.keywords if k.arg == "device"), None)
+        if device is not None and not (isinstance(device, ast.Constant) and device.value == "cpu"):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_list_is_copied_to_a_device_with_a_stream_sync():
+    found = []
+    for part in SCANNED:
+        for path in sorted((ROOT / part).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel not in ALLOWED:
+                found += [f"{rel}:{line}" for line in _device_lists(path)]
+    assert not found, f"torch.tensor(..., device=...) syncs a CUDA stream; use to_device: {found}"
+
+
+def test_to_device_builds_the_same_tensor_on_the_cpu():
+    for values, dtype in (([3, 1, 2], torch.long), ([(0, 5), (1, 7)], torch.long), ([0.5, 2.0], torch.float32),
+                          ([1.5], torch.bfloat16), ([4, 5], None)):
+        got = to_device(values, torch.device("cpu"), dtype)
+        want = torch.tensor(values, dtype=dtype)
+        assert got.dtype == want.dtype and torch.equal(got, want)
