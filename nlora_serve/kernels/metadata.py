@@ -206,7 +206,11 @@ def build_adapter_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor,
     g_order, g_key = sort_group_tokens(torch.where(is_group, fam, minus1))
 
     def dev(t: torch.Tensor, dtype: torch.dtype = _I32) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype)
+        if device.type != "cuda":
+            return t.to(device=device, dtype=dtype)
+        # from pinned memory, non_blocking: a pageable copy synchronizes the stream, and this runs
+        # while the step before may still be queued (async scheduling), ~25 times per pool per step
+        return t.to(dtype).pin_memory().to(device, non_blocking=True)
 
     return AdapterBatch(
         token_slots=dev(slots), slot_ranks=dev(ranks), slot_scalings=dev(scalings, torch.float32),
