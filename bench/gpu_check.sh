@@ -25,7 +25,9 @@
 #     replays, llama-8b and default shapes (issue 19);
 #   kernels, attention_kernels, tied_fused_kernels: the Triton ops compiled on the GPU against the
 #     float64 truth (the interpreter's cases, both group forms; the last step also runs the tiled
-#     tied expand's and the grouped group path's own cases).
+#     tied expand's and the grouped group path's own cases); attention_kernels also runs
+#     tests/kernels/test_cuda_stream_order.py (~1 s: a pool slot write ordered after a zero fill
+#     queued behind a busy stream; sampling and adapter batches under sync_debug_mode "error").
 # Call 2, `bash bench/gpu_check.sh extra` (GPU_CHECK_SECONDS = the device time left), in this order:
 #   piecewise_check (~30 s): the smoke check with prefill and mixed steps as piecewise CUDA graphs
 #     (EngineConfig.piecewise_graphs: base, tied and LoRA against transformers, fp32, 2 layers);
@@ -114,7 +116,7 @@ step adapter_kernels 150 $PY bench/adapter_kernels.py --rounds 5 --out "$OUT/ada
 step kernels 80 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/kernels/test_triton_ops.py -k triton_path_against_truth
 step attention_kernels 60 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/kernels/test_paged_attention.py tests/kernels/test_attention_cuda_path.py
+    tests/kernels/test_paged_attention.py tests/kernels/test_attention_cuda_path.py tests/kernels/test_cuda_stream_order.py
 step tied_fused_kernels 60 env NLORA_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/kernels/test_tied_fused.py tests/kernels/test_per_token_path.py tests/kernels/test_tied_expand.py \
     tests/kernels/test_grouped.py -k "tied_fused or per_token_path_against_truth or tied_expand or grouped"
