@@ -9,6 +9,7 @@ one place that frees a request's KV blocks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ from nlora_serve.engine.step_output import SampledStep, sample_step
 from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs, allows_a_token
 from nlora_serve.engine.token_masks import bad_words_token_ids, check_a_first_token
 from nlora_serve.engine.warmup import warm_up
+
+log = logging.getLogger(__name__)
 from nlora_serve.engine.device_values import to_device
 
 
@@ -214,7 +217,17 @@ class EngineCore:
         """End every request with finish_reason "error" (after a failed step)."""
         outs = [self._retire(req, "error", "", [], message) for req in list(self.requests.values())]
         self._inflight = None
+        self._wait_device()
         return outs
+
+    def _wait_device(self) -> None:
+        """On CUDA, wait for every launched step: after a failed one nothing in flight is read back,
+        the only sign that the copies out of the staging buffers (step_inputs.py) have run."""
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.device)
+            except RuntimeError:  # a sticky CUDA error: the next step raises it again
+                log.exception("waiting for the device after a failed step")
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
