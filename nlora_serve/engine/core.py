@@ -37,6 +37,7 @@ from nlora_serve.engine.scheduler import Scheduler
 from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nlora_serve.engine.step_output import SampledStep, sample_step
 from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs, allows_a_token
+from nlora_serve.engine.threads import on_device
 from nlora_serve.engine.token_masks import bad_words_token_ids, check_a_first_token
 from nlora_serve.engine.warmup import warm_up
 
@@ -66,6 +67,10 @@ class EngineCore:
     """
 
     def __init__(self, config: EngineConfig, base: BaseModel | None = None) -> None:
+        with on_device(torch.device(config.device)):  # the kernels of start-up on the engine's GPU
+            self._build(config, base)
+
+    def _build(self, config: EngineConfig, base: BaseModel | None) -> None:
         device = torch.device(config.device)
         if base is None:
             base = load_base(config.model, config.dtype, config.cache_dir, config.load_format, config.tokenizer,

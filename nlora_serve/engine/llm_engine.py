@@ -30,7 +30,7 @@ from nlora_serve.engine.request_checks import unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.slot_wait import IDLE_RETRY_SECONDS, SlotWaiters
 from nlora_serve.engine.structured import StructuredOutputs
-from nlora_serve.engine.threads import engine_threads
+from nlora_serve.engine.threads import engine_threads, on_device
 from nlora_serve.engine.warmup import WarmupReport, adapter_kinds, warm_up
 
 Sink = Callable[[RequestOutput], None]
@@ -247,6 +247,10 @@ class LLMEngine(Engine):
     # -- the step thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        with on_device(self.core.device):  # the step thread's kernels and events on the engine's GPU
+            self._serve()
+
+    def _serve(self) -> None:
         torch.set_num_threads(self._threads)  # this thread's own count (engine/threads.py)
         while not self._stopping:
             try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -58,3 +58,12 @@ def engine_threads(configured: int | None) -> int:
     if configured is not None:
         return configured
     return _reserved if _reserved is not None else torch.get_num_threads()
+
+
+def on_device(device: torch.device) -> AbstractContextManager:
+    """The calling thread's current CUDA device is ``device`` within the block (a no-op context
+    for a CPU device). Triton launches, ``torch.cuda.current_stream()``, ``torch.cuda.Stream()``
+    and ``Event.record()`` act on the thread's current device, not on their tensors': with
+    ``--device cuda:1`` and no such context the engine's kernels, graph captures and read-back
+    events went to GPU 0. The engine's constructor and its step thread run inside it."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
