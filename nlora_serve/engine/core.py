@@ -89,6 +89,9 @@ class EngineCore:
         self.tokenizer_path = base.tokenizer_path
         sched, cache = config.scheduler, config.cache
         check_max_len(base, sched.max_model_len)
+        if config.kernel_backend == "triton" and config.adapter_dir:
+            from nlora_serve.kernels.triton_ops.launch import check_token_offsets  # imports no Triton
+            check_token_offsets(sched.max_num_batched_tokens, base.spec)
         native = (load_native(cache_root(config.cache_dir) / "kernels", amx=config.cpu_amx)
                   if config.kernel_backend == "native" else None)
         # no KV cache yet: num_kv_blocks sizes it below (on CUDA, from the memory the placed weights leave)

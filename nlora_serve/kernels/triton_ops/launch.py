@@ -6,6 +6,7 @@ import torch
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _INTS = (torch.int32, torch.int64)
+INT32_ELEMENTS = 2 ** 31  # element offsets the adapter kernels compute as token * row stride in int32
 
 
 def check_float(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
@@ -27,6 +28,24 @@ def check_rows(name: str, t: torch.Tensor, num_tokens: int) -> None:
     """Raise ValueError unless ``t`` is 2-D with ``num_tokens`` rows."""
     if t.dim() != 2 or t.shape[0] != num_tokens:
         raise ValueError(f"{name} must be [{num_tokens}, ...], got {tuple(t.shape)}")
+
+
+def check_token_offsets(num_tokens: int, spec) -> None:
+    """Raise ValueError unless every [tokens, columns] operand of the Triton adapter kernels at
+    ``num_tokens`` tokens (the step budget) is indexable in int32.
+
+    The bgmv / sgmv / tied kernels address a token's row as ``token * row stride`` in int32 (the
+    grouped ones widen to int64); the widest rows are a fused q/k/v or gate/up output and the
+    down projection's input. Past 2^31 elements the offsets wrap and the kernels read and write
+    other rows, silently. ``spec``: the model's :class:`~nlora_serve.models.spec.ModelSpec`.
+    """
+    shapes = {m: spec.projection_shape(m) for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")}
+    widest = max(sum(shapes[m][0] for m in ("q_proj", "k_proj", "v_proj")),
+                 shapes["gate_proj"][0] + shapes["up_proj"][0], max(inp for _, inp in shapes.values()))
+    if num_tokens * widest >= INT32_ELEMENTS:
+        raise ValueError(f"{num_tokens} tokens per step x {widest} columns is past the Triton adapter kernels' "
+                         f"int32 row offsets (2^31 elements); lower --max-num-batched-tokens to at most "
+                         f"{(INT32_ELEMENTS - 1) // widest}")
 
 
 def check_paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
