@@ -282,6 +282,22 @@ def test_a_request_without_model_says_what_to_name(http_server, path):
             "type": "invalid_request_error", "param": "model", "code": "invalid_argument"}
 
 
+def test_a_null_model_says_what_to_name_as_a_missing_one_does(http_server):
+    """h141: the openai SDK's ``model=None`` sends ``"model": null``, which got only "model: Input should
+    be a valid string, got null", without the hint a request with no 'model' gets."""
+    import requests
+
+    resp = requests.post(base_url(http_server) + "/chat/completions", timeout=60,
+                         json={"model": None, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == "model" and error["code"] == "invalid_argument"
+    assert error["message"].startswith("model: Input should be a valid string, got null (vLLM's default of the base "
+                                       "model does not apply here); 'model' names an adapter, or "
+                                       f"{_base(http_server)!r} for the base model"), error["message"]
+
+
 @pytest.mark.parametrize("path, body, param, words", [
     ("/completions", {"messages": [{"role": "user", "content": "Hi"}]}, "prompt",
      "'messages' is a chat's field: send chats to POST /v1/chat/completions (this endpoint takes a 'prompt')"),

@@ -177,7 +177,9 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
                                        "invalid_argument"), 400)
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
     message = f"{where or 'body'}: {first.get('msg')}"
-    if where == "model" and first.get("type") == "missing":  # vLLM runs its base model without one
+    # vLLM runs its base model without one; the openai SDK's model=None sends null, which means the same
+    no_model = first.get("type") == "missing" or ("input" in first and first["input"] is None)
+    if where == "model" and no_model:
         message += " (vLLM's default of the base model does not apply here)" + _not_found_hint(_ctx(request), request)
     return JSONResponse(error_body(message, 400, where or None, "invalid_argument"), 400)
 
