@@ -103,7 +103,8 @@ def test_generate_on_a_store_another_process_holds_is_refused_before_the_model_l
     from nlora_serve.cli import main as cli_main
 
     store = tmp_path / "store"
-    store.mkdir()
+    (store / "lower" / "00000002").mkdir(parents=True)  # a server's stored versions of 'lower'
+    (store / "lower" / "00000010").mkdir()
     hold = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY); "
             "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -115,7 +116,11 @@ def test_generate_on_a_store_another_process_holds_is_refused_before_the_model_l
     finally:
         holder.communicate("", timeout=60)
     assert code == 2
-    assert capsys.readouterr().err.startswith(f"error: adapter store {store.resolve()} is in use by another process")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: adapter store {store.resolve()} is in use by another process")
+    # h141: it said only "give each server its own --adapter-dir"; generate can read the stored folder itself
+    assert err.rstrip("\n").endswith("; to generate with 'lower' while the server runs, give its stored folder "
+                                      f"without --adapter-dir: --adapter {store / 'lower' / '00000010'}"), err
     assert not [r for r in caplog.records if r.getMessage().startswith("loading model")]
 
 

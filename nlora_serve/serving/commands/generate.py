@@ -69,6 +69,18 @@ def _adapter_store(args: argparse.Namespace, scratch: str) -> tuple[str | None, 
     return args.adapter_dir, args.adapter
 
 
+def _held_store_hint(store: Path, name: str | None) -> str:
+    """For a store a server holds: how ``generate`` reads one of its adapters anyway, without the
+    store (its newest stored version folder, which is an adapter folder of its own)."""
+    if name is None:
+        return ""
+    versions = sorted((p.name for p in (store / name).glob("[0-9]*") if p.name.isdigit()), key=int) \
+        if (store / name).is_dir() else []
+    folder = store / name / (versions[-1] if versions else "VERSION")
+    return (f"; to generate with {name!r} while the server runs, give its stored folder without --adapter-dir: "
+            f"--adapter {folder}")
+
+
 async def _stream(engine: LLMEngine, ids: list[int], params: SamplingParams, live: bool,
                   adapter: str | None) -> str:
     text = []
@@ -137,7 +149,10 @@ def run_generate(args: argparse.Namespace, sizes: tuple[SchedulerConfig, CacheCo
             raise NloraError(in_flag_words(str(exc), args)) from None
         # a store another process holds (a server on it) is refused now, not after the model and engine
         # load; held open until the engine's own store shares the lock
-        early_store = AdapterStore(store) if store is not None and store != scratch else None
+        try:
+            early_store = AdapterStore(store) if store is not None and store != scratch else None
+        except AdapterError as exc:
+            raise AdapterError(f"{exc}{_held_store_hint(Path(store), name)}") from None
         start = time.perf_counter()
         log.info("loading model %s (%s, %s)...", args.model, config.device, str(config.dtype).removeprefix("torch."))
         path = (Path(args.model).expanduser().resolve() if config.load_format == "dummy"
