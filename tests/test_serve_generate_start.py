@@ -232,3 +232,32 @@ def test_generate_adapter_folder_that_cannot_serve_is_refused_before_torch_loads
         assert cli_main(["generate", "--message", "Hi", "--adapter", folder]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --adapter {folder}: {why}")
     assert not [r for r in caplog.records if r.getMessage().startswith("starting:")]
+
+
+def test_serve_adapter_folder_the_store_serves_otherwise_warns_with_the_command_to_serve_it_again(caplog):
+    # h141: after the README's `adapters swap --name lower <signature's N>`, a restart of `make serve`
+    # warned "`adapters swap` the folder's N": which file, to which name, and a LoRA folder has no N
+    # to swap. The warning now prints the upload that serves the folder again (any flavour).
+    from types import SimpleNamespace
+
+    from nlora_serve.serving.commands.serve import _register_named
+
+    class Adapters:
+        def start_names(self, names):
+            return []  # the store serves every name already
+
+        def served_instead(self, name, folder):
+            return SimpleNamespace(version=4)
+
+        def versions(self):
+            return [SimpleNamespace(name="lower")]
+
+    with caplog.at_level(logging.WARNING, logger="nlora_serve"):
+        served = _register_named(SimpleNamespace(adapters=Adapters()), [("lower", "examples/tenants/lower")],
+                                 "nlora-adapters")
+    assert served == ["lower"]
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert line == ("--adapter lower=examples/tenants/lower: the adapter store nlora-adapters already holds 'lower', "
+                    "with other weights (swapped or uploaded since); serving lower v4 instead of that folder (to "
+                    "serve the folder again, once the server is up: `nlora-serve adapters upload --name lower "
+                    "examples/tenants/lower`; or start with a fresh --adapter-dir)")

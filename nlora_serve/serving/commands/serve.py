@@ -148,9 +148,9 @@ def _register_named(engine: LLMEngine, named: list[tuple[str, str]], store: str)
             raise AdapterError(f"--adapter {name}={folder}: {exc}") from None
         if instead is not None:
             log.warning("--adapter %s=%s: the adapter store %s already holds %r, with other weights (swapped or "
-                        "uploaded since); serving %s v%d instead of that folder (`adapters swap` the folder's N, or "
-                        "start with a fresh --adapter-dir)", name, folder, store,
-                        name, name, instead.version)
+                        "uploaded since); serving %s v%d instead of that folder (to serve the folder again, once "
+                        "the server is up: `nlora-serve adapters upload --name %s %s`; or start with a fresh "
+                        "--adapter-dir)", name, folder, store, name, name, instead.version, name, folder)
     served = {v.name for v in engine.adapters.versions()}
     return [name for name, _ in named if name in served]
 
