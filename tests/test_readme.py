@@ -263,3 +263,24 @@ def test_the_readmes_walk_through_the_code_names_what_the_code_defines():
             if files and not _defined(name, files):
                 wrong.append(f"{name}: not defined in {ref}")
     assert wrong == []
+
+
+def test_the_readmes_tenants_file_block_writes_a_file_the_server_reads(tmp_path):
+    # h141: the README showed the file's shape with "<64 hex>" placeholders and `keys new`'s entries to
+    # paste; a newcomer assembled tenants.json by hand. Its ```bash block (a whole script, so not run line
+    # by line as the ```sh blocks above) is run here as written, bar the `make serve` it ends with.
+    from nlora_serve.serving.auth import Authenticator
+
+    (block,) = [b for b in fenced((REPO / "README.md").read_text(), "bash") if "> tenants.json" in b]
+    script = "\n".join(line for line in block.splitlines() if not line.startswith("make "))
+    done = subprocess.run(["bash", "-e", "-c", script.replace(".venv/bin/nlora-serve", CLI)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    keys = dict(re.findall(r"^(acme|ops)'s key: +(\S+)$", done.stdout, flags=re.M))
+    assert set(keys) == {"acme", "ops"}, done.stdout
+    auth = Authenticator.from_file(tmp_path / "tenants.json")  # as serve --tenants-file reads it
+    acme = auth.authenticate([("authorization", f"Bearer {keys['acme']}")])
+    ops = auth.authenticate([("authorization", f"Bearer {keys['ops']}")])
+    assert (acme.name, acme.is_admin, acme.may_use("lower"), acme.may_use("acme-x"), acme.may_use(None)) == \
+        ("acme", False, True, True, False)
+    assert (ops.name, ops.is_admin) == ("ops", True)
