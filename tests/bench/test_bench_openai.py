@@ -149,6 +149,20 @@ def test_base_requests_use_the_listed_base_model_or_the_given_one(fake_server):
         assert {b["model"] for b in FakeOpenAI.seen} == {"acme", want}
 
 
+def test_a_base_url_ending_in_v1_as_the_openai_sdk_spells_it_is_taken(fake_server):
+    # h141: --base-url http://HOST:8000/v1 (the openai SDK's base_url, as the README's Python example has
+    # it) sent every request to /v1/v1/completions: all 404, and the bench stopped.
+    workload = Workload(WorkloadConfig(tenants=TenantMix(("acme",)), prompt_len=LengthDist(3, 3),
+                                       output_len=LengthDist(2, 2)))
+
+    async def go():
+        async with OpenAITarget(fake_server + "/v1/") as t:
+            return await run_load(workload, t, LoadShape("closed", 1, num_requests=2), False)
+    FakeOpenAI.seen = []
+    run = asyncio.run(go())
+    assert [r.ok for r in run.results] == [True, True], [r.error for r in run.results]
+    assert [(b["path"], b["model"]) for b in FakeOpenAI.seen] == [("/v1/completions", "acme")] * 2
+
 def test_connection_refused_is_recorded_not_raised():
     run, _ = _run("http://127.0.0.1:9", "completions", ("a",), count=2, timeout=5)
     assert [r.error for r in run.results] == ["ConnectError", "ConnectError"]

@@ -38,7 +38,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--server", type=server_address, default=default_server(),
                    help=f"gRPC HOST:PORT (default: ${SERVER_ENV}, else {DEFAULT_SERVER})")
     t.add_argument("--base-url", default="http://127.0.0.1:8000",
-                   help="OpenAI-compatible server, without /v1 (default: %(default)s)")
+                   help="OpenAI-compatible server; a trailing /v1, as the openai SDK's base_url has it, is taken too "
+                        "(default: %(default)s)")
     t.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
                    help="OpenAI target: /v1/completions or /v1/chat/completions (default: %(default)s)")
     t.add_argument("--base-model", default=None,

@@ -76,7 +76,7 @@ def refusal_code(status: int, body: bytes) -> str:
 
 
 class OpenAITarget:
-    """Any OpenAI-compatible server at ``base_url`` (scheme://host:port, without /v1).
+    """Any OpenAI-compatible server at ``base_url`` (scheme://host:port; a trailing /v1 is dropped).
 
     Args:
         endpoint: "completions" or "chat".
@@ -101,7 +101,9 @@ class OpenAITarget:
                  keys: Mapping[str, str] | None = None):
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}; got {endpoint!r}")
-        self.base_url, self.path, self.base_model = base_url.rstrip("/"), ENDPOINTS[endpoint], base_model
+        # the openai SDK's base_url ends in /v1 (the README's example): taken too, not sent as /v1/v1/...
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.path, self.base_model = ENDPOINTS[endpoint], base_model
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.tenant_headers = {tenant: {"Authorization": f"Bearer {key}"} for tenant, key in (keys or {}).items()}
         self.chat, self.ignore_eos, self.temperature = endpoint == "chat", ignore_eos, temperature
