@@ -31,6 +31,9 @@ class InspectReport:
     compute_dtype: str
     content_hash: str
     base_fingerprint: str
+    # adapter_config.json's base_model_name_or_path as written (None: absent); never checked, as in vLLM:
+    # the weights' shapes against the served model are
+    config_base_model: str | None = None
 
 
 def report_for(adapter: Adapter, path: str = "") -> InspectReport:
@@ -43,7 +46,12 @@ def report_for(adapter: Adapter, path: str = "") -> InspectReport:
         family_key=adapter.family_key, held_bytes=adapter.held_bytes(), full_bytes=adapter.full_bytes(),
         stored_dtype=str(adapter.stored_dtype).removeprefix("torch."),
         compute_dtype=str(adapter.dtype).removeprefix("torch."), content_hash=adapter.content_hash,
-        base_fingerprint=adapter.base_fingerprint)
+        base_fingerprint=adapter.base_fingerprint, config_base_model=_config_base_model(adapter))
+
+
+def _config_base_model(adapter: Adapter) -> str | None:
+    named = adapter.config.raw.get("base_model_name_or_path")
+    return named if isinstance(named, str) and named else None
 
 
 def inspect_adapter(path: str | Path, base: BaseModel, *, max_rank: int = DEFAULT_MAX_RANK) -> InspectReport:
@@ -85,5 +93,8 @@ def format_report(report: InspectReport, *, as_json: bool = False) -> str:
         ("stored dtype", report.stored_dtype),
         ("content hash", report.content_hash),
     ]
+    if report.config_base_model is not None:  # a PEFT adapter of another model loads where its shapes fit
+        rows.insert(1, ("trained on", f"{report.config_base_model} (adapter_config.json's base_model_name_or_path; "
+                                      "not checked: the shapes are)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
