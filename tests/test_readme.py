@@ -85,7 +85,9 @@ def _make_serve_command(grpc: int, http: int, store: Path) -> str:
     defaults = dict(re.findall(r"^(GRPC_PORT|HTTP_PORT) \?= (\d+)$", makefile, flags=re.M))
     assert defaults == {"GRPC_PORT": "50051", "HTTP_PORT": "8000"}, defaults  # the README's ports
     recipe = re.search(r"^serve:.*\n((?:\t.*\n)+)", makefile, flags=re.M).group(1)
+    examples = re.search(r"^EXAMPLES \?= ((?:.*\\\n)*.*)$", makefile, flags=re.M).group(1)
     cmd = re.sub(r"\\\n\t*", " ", recipe).strip().replace("$(BIN)/nlora-serve", CLI)
+    cmd = cmd.replace("$(EXAMPLES)", re.sub(r"\\\n\t*", " ", examples))
     assert "--port $(GRPC_PORT) --http-port $(HTTP_PORT)" in cmd and "--adapter-dir nlora-adapters" in cmd, cmd
     return (cmd.replace("$(GRPC_PORT)", str(grpc)).replace("$(HTTP_PORT)", str(http))
             .replace("--adapter-dir nlora-adapters", f"--adapter-dir {store}"))
@@ -103,6 +105,20 @@ def test_the_readmes_make_serve_with_other_ports_passes_them_to_serve():
     assert f" --port {grpc} --http-port {http}" in line and line.count("--port ") == 1, line
     assert grpc != "50051" and http != "8000"
 
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
+def test_make_serve_on_another_model_leaves_the_default_models_examples_out():
+    # h141: `make serve SERVE_ARGS="--model DIR"` always registered the example adapters, which are the
+    # default model's, so the start failed on any other model ("layer 10 is out of range") and make
+    # offered no way round it. The README's command for another model:
+    (example,) = re.findall(r'`(make serve EXAMPLES= SERVE_ARGS="[^"]*")`', (REPO / "README.md").read_text())
+    done = subprocess.run(["make", "-n", "serve", "EXAMPLES=", 'SERVE_ARGS=--model DIR --adapter-dir DIR-adapters'],
+                          cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    assert example == 'make serve EXAMPLES= SERVE_ARGS="--model DIR --adapter-dir DIR-adapters"', example
+    (line,) = [line for line in re.sub(r"\\\n\s*", " ", done.stdout).splitlines() if "nlora-serve serve " in line]
+    assert "--adapter " not in line and "--example-tenants" not in line, line
+    assert line.endswith("--model DIR --adapter-dir DIR-adapters"), line
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
