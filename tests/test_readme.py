@@ -300,3 +300,19 @@ def test_the_readmes_tenants_file_block_writes_a_file_the_server_reads(tmp_path)
     assert (acme.name, acme.is_admin, acme.may_use("lower"), acme.may_use("acme-x"), acme.may_use(None)) == \
         ("acme", False, True, True, False)
     assert (ops.name, ops.is_admin) == ("ops", True)
+
+
+def _github_slug(heading: str) -> str:
+    """GitHub's anchor for a markdown heading: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_in_page_link_of_the_readme_names_a_heading():
+    # The README's contents line and its cross-references jump to headings by GitHub's anchors; a
+    # renamed heading must not leave a dead link. Headings inside code blocks are not headings.
+    text = (REPO / "README.md").read_text()
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    anchors = {_github_slug(h) for h in re.findall(r"^#{1,6} (.+)$", prose, flags=re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", prose)
+    assert [link for link in links if link not in anchors] == []
+    assert len(links) >= 10  # the contents line's
