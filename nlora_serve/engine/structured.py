@@ -52,6 +52,13 @@ COMPILE_NICENESS = 19
 _KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
+class CompileBusy(RequestError):
+    """A spec refused for the server's load, not for itself: no compile slot freed in time, or its
+    tenant has another spec compiling. The front ends answer 429 / RESOURCE_EXHAUSTED
+    ``compile_busy`` (serving/status.py), which clients retry as a full queue; a 400 the OpenAI SDK
+    never retries."""
+
+
 @dataclass(frozen=True, slots=True)
 class StructuredOutputs:
     """One constraint of a request's output: exactly one of the fields (vLLM's StructuredOutputsParams).
@@ -187,9 +194,10 @@ class GrammarCompiler:
 
         Raises:
             RequestError: the spec does not compile (a bad schema, regex or grammar), allows no token
-                at its start, or not within ``timeout_s``; ``tenant`` has another spec compiling; no
-                compile slot frees within ``timeout_s``. The message names the field and says why,
+                at its start, or not within ``timeout_s``. The message names the field and says why,
                 ``param`` is ``spec.param``.
+            CompileBusy: (a RequestError) ``tenant`` has another spec compiling, or no compile slot
+                frees within ``timeout_s``.
         """
         if spec.compiled is not None and spec.compiled[0] is self:
             return spec.compiled[1]
@@ -218,21 +226,21 @@ class GrammarCompiler:
         return grammar
 
     def _claim(self, spec: StructuredOutputs, key: tuple, tenant: str | None) -> None:
-        """Hold ``tenant`` to one compile (under the lock). Raises RequestError: it has one already."""
+        """Hold ``tenant`` to one compile (under the lock). Raises CompileBusy: it has one already."""
         if tenant is None:
             return
         if tenant in self._tenants:
-            raise RequestError(f"{spec.param}: an earlier spec of this tenant is still compiling (one at a time "
+            raise CompileBusy(f"{spec.param}: an earlier spec of this tenant is still compiling (one at a time "
                                "per tenant); retry when it is done", spec.param)
         self._tenants[tenant] = key
 
     def _start(self, spec: StructuredOutputs, key: tuple, tenant: str | None) -> _Job:
         """A slot (waited for up to ``timeout_s``) and the compile's thread; or the job another caller
-        started for ``key`` meanwhile. Raises RequestError: no slot frees in time."""
+        started for ``key`` meanwhile. Raises CompileBusy: no slot frees in time."""
         try:
             compiler = self._get()  # bounded work (the vocabulary), outside the timed part
             if not self._compiling.acquire(timeout=self.timeout_s):
-                raise RequestError(f"{spec.param}: the server is busy compiling other specs; retry", spec.param)
+                raise CompileBusy(f"{spec.param}: the server is busy compiling other specs; retry", spec.param)
         except BaseException:
             self._unclaim(key, tenant)
             raise

@@ -19,6 +19,7 @@ from nlora_serve.proto import REASON_KEY
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
 from nlora_serve.engine.api import EngineDead, RequestAborted
 from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.structured import CompileBusy
 
 
 # UTF-8 bytes of a status's details at most: gRPC percent-encodes each non-ASCII byte into the
@@ -110,6 +111,8 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (StoreReadError, grpc.StatusCode.INTERNAL, 500, "adapter_load_failed"),  # a link or FIFO planted there, EIO: too
     (StoreWriteError, grpc.StatusCode.RESOURCE_EXHAUSTED, 507, "store_write_failed"),
     (RequestAborted, grpc.StatusCode.ABORTED, 409, "aborted"),
+    # a RequestError, but for the server's load: retried as a full queue is (a 400 is never retried)
+    (CompileBusy, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "compile_busy"),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_argument"),
 )

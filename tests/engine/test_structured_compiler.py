@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from nlora_serve.engine import structured
 from nlora_serve.engine.sampling import RequestError
-from nlora_serve.engine.structured import MAX_COMPILING, GrammarCompiler, StructuredOutputs
+from nlora_serve.engine.structured import MAX_COMPILING, CompileBusy, GrammarCompiler, StructuredOutputs
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_a_tenants_slow_specs_hold_one_slot_and_others_compile_meanwhile(compile
     with pytest.raises(RequestError, match="did not compile within 0.2 s"):
         compiler.compile(StructuredOutputs(regex=slow[0]), tenant="flood")
     for regex in slow[1:]:  # refused at once: its first still compiles (before: each took a slot)
-        with pytest.raises(RequestError, match="an earlier spec of this tenant is still compiling"):
+        with pytest.raises(CompileBusy, match="an earlier spec of this tenant is still compiling"):
             compiler.compile(StructuredOutputs(regex=regex), tenant="flood")
     compiler.timeout_s = 30.0
     others = [StructuredOutputs(regex=f"{name}[0-9]") for name in ("bob", "carol")]
@@ -232,7 +232,7 @@ def test_compiles_past_their_timeout_give_their_slot_to_other_tenants(compiler, 
             assert compiler.compile(StructuredOutputs(regex="bob[0-9]"), tenant="bob") is not None  # before: busy
         with pytest.raises(RequestError, match="did not compile within 0.2 s"):
             compiler.compile(StructuredOutputs(regex=slow[tenant]), tenant=tenant)
-    with pytest.raises(RequestError, match="busy compiling other specs"):  # every slot of either kind taken
+    with pytest.raises(CompileBusy, match="busy compiling other specs"):  # every slot of either kind taken
         compiler.compile(StructuredOutputs(regex="carol[0-9]"), tenant="carol")
     gate.set()
     compiler.timeout_s = 30.0

@@ -19,6 +19,7 @@ from http_harness import client, headers_only, read_response, scrape
 from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
+from nlora_serve.engine.structured import CompileBusy
 from nlora_serve.serving.status import Draining, QueueFull, http_status_of, status_of
 from nlora_serve.engine.sampling import RequestError
 
@@ -78,6 +79,8 @@ def test_queue_full_is_429_and_draining_is_503_while_running_streams_finish(make
     (QueueFull("x"), (grpc.StatusCode.RESOURCE_EXHAUSTED, 429)),
     (PoolFull("x"), (grpc.StatusCode.RESOURCE_EXHAUSTED, 429)),  # no adapter slot free now
     (Draining("x"), (grpc.StatusCode.UNAVAILABLE, 503)),
+    # the server's load, not the spec: retried as a full queue (was a 400, never retried by the SDK)
+    (CompileBusy("x"), (grpc.StatusCode.RESOURCE_EXHAUSTED, 429)),
 ])
 def test_one_table_maps_failures_to_grpc_and_http(exc, want):
     assert (status_of(exc)[0], http_status_of(exc)[0]) == want
