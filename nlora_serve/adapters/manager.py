@@ -15,7 +15,8 @@ import os
 import stat
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from nlora_serve.adapters.family import FamilyResolver, import_family
@@ -27,6 +28,7 @@ from nlora_serve.adapters.version import AdapterVersion, Hold, restored_summary
 from nlora_serve.adapters.residency import Residency
 from nlora_serve.adapters.swap import replace_n
 from nlora_serve.adapters.store import AdapterStore
+from nlora_serve.adapters.store.base_record import BaseIdentity, adopt_after_restore, check_base
 from nlora_serve.adapters.store.layout import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
@@ -41,8 +43,9 @@ class AdapterManager:
     (:class:`Residency`); another engine passes its own object with the same ``admit`` /
     ``ensure_resident`` / ``free`` methods (the vLLM backend folds each version to a LoRA folder).
 
-    Raises (constructor): ValueError for bad limits. Registered adapters found in the store are
-    loaded at construction (invalid ones are skipped with a warning, never served).
+    Raises (constructor): ValueError for bad limits. AdapterError: the store is another base
+    model's (store/base_record.py), or in use by another process. Registered adapters found in the
+    store are loaded at construction (invalid ones are skipped with a warning, never served).
     """
 
     def __init__(self, base: BaseModel, adapter_dir: str | os.PathLike, limits: AdapterLimits | None = None,
@@ -52,6 +55,7 @@ class AdapterManager:
         self.limits = limits or AdapterLimits()
         # compressed family members share one copy of their factors, found in the store's _families
         store = AdapterStore(adapter_dir, max_bytes=self.limits.max_adapter_bytes)
+        check_base(store, BaseIdentity(base.fingerprint, str(base.path)))  # another model's store: refused
         self.families = FamilyResolver(base.spec, (store.root,), max_bytes=self.limits.max_adapter_bytes)
         load = self._load_stored
         self.residency = residency if residency is not None else Residency(
@@ -66,6 +70,7 @@ class AdapterManager:
         self.registry = AdapterRegistry(store, load, self._load_files,
                                         on_admit=self._admit, on_free=self._free)
         restored = [self.registry.get(name) for name in self.registry.rebuild()]
+        adopt_after_restore(store, len(restored))  # an older store none of whose adapters fits: not recorded
         if restored:  # named, as an operator asks `client list` what a restart serves
             log.info("%s", restored_summary(restored, adapter_dir))
 
@@ -255,6 +260,31 @@ class AdapterManager:
                 continue
             fresh.append(name)
         return fresh
+
+    @contextmanager
+    def start_batch(self) -> Iterator[None]:
+        """The registrations of a start, undone together should it fail: versions written inside
+        are taken back out of the store and the removals they caused never happen (store/batch.py);
+        on success the removals happen and the store records its base model (store/base_record.py).
+        For a start only: after a failure the registry still lists what was undone."""
+        store = self.registry.store
+        store.begin_batch()
+        try:
+            yield
+        except BaseException:
+            store.abort_batch()
+            raise
+        store.commit_batch()
+
+    def check_dir(self, adapter_dir: str | os.PathLike) -> None:
+        """Read and validate the adapter in ``adapter_dir`` against the base model (shapes, layers,
+        targets, rank, dtype, a tied tenant's base), as :meth:`register_dir` would, writing nothing.
+
+        Raises:
+            AdapterError: it is not a servable adapter for this base model (the message names why).
+        """
+        check_folder(Path(adapter_dir), self.limits.max_adapter_bytes)
+        self._load(Path(adapter_dir))
 
     def served_instead(self, name: str, adapter_dir: str | os.PathLike) -> AdapterVersion | None:
         """The version served under ``name`` when its maths differ from the adapter in

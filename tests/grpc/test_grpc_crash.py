@@ -1,8 +1,8 @@
 """SIGKILL a serve process at seeded random points of uploads, swaps, unloads and loads, reopen
 its store, and check (issue 16): every name serves exactly its last acknowledged state (the
 content hash of its last acknowledged version, or unloaded) or the whole result of the one
-operation in flight, no version folder is half-written, nothing but versions and UNLOADED
-markers lies outside the staging area, and the staging area is empty after the restart.
+operation in flight, no version folder is half-written, nothing but versions, UNLOADED
+markers and the store's base-model record lies outside the staging area, and the staging area is empty after the restart.
 
 The kill comes from a store fault hook (tests/grpc/crash_serve.py) just before a chosen file
 operation (write, fsync, rename, ...). SIGKILL keeps the page cache, so this tests the order of
@@ -15,6 +15,7 @@ is ``NLORA_CRASH_TRIALS=100 pytest -s tests/grpc/test_grpc_crash.py`` (prints th
 from __future__ import annotations
 
 import collections
+import json
 import os
 import random
 import re
@@ -29,6 +30,7 @@ import safetensors.torch
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.store import ALLOWED_FILES, STAGING, UNLOADED
+from nlora_serve.adapters.store.base_record import BASE_FILE
 from nlora_serve.adapters.store.sums import SUMS_FILE
 from nlora_serve.client import NloraClient
 from serving_check import CASES, TIED
@@ -110,15 +112,19 @@ def _run_trial(seed: int, tmp: Path, payloads, base) -> tuple[str, str, str]:
         proc.wait(30)
         proc.stdout.close()
     killed_before = note.read_text() if note.exists() else "(after the last operation)"
-    _check_files(store)
+    _check_files(store, base.fingerprint)
     outcome = _reopen_and_compare(store, acked, flight, hashes, base)
     return outcome, flight[1] if flight else "none", killed_before
 
 
-def _check_files(store: Path) -> None:
-    """As the kill left it: nothing half-written, nothing but versions and markers outside staging."""
+def _check_files(store: Path, base_fingerprint: str) -> None:
+    """As the kill left it: nothing half-written, nothing but versions, markers and the store's
+    base-model record (of ``base_fingerprint``) outside staging."""
     for entry in store.iterdir():  # nothing half-written, nothing but versions and markers
         if entry.name == STAGING:
+            continue
+        if entry.name == BASE_FILE:  # the store's base model (written whole, by a rename)
+            assert json.loads(entry.read_text())["fingerprint"] == base_fingerprint, entry
             continue
         for child in entry.iterdir():
             assert child.name == UNLOADED or (child.name.isdigit() and child.is_dir()), child

@@ -202,7 +202,7 @@ def test_path_escaping_names_are_invalid_argument(server, name, tmp_path):
             admin.load_adapter(name)
     store = server.engine.adapters.registry.store.root
     assert not any(p.name.startswith("escape") for p in store.parent.iterdir())
-    assert all(p.name in (".staging", TIED, "lora-rslora") for p in store.iterdir())
+    assert all(p.name in (".staging", ".base_model.json", TIED, "lora-rslora") for p in store.iterdir())
     still_serves(server.target)
 
 

@@ -4,8 +4,10 @@ names the flag or the host:port, exit 2, and no traceback (README: expected fail
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -147,6 +149,37 @@ def test_an_adapter_vllm_cannot_serve_is_refused_before_vllm_starts(tmp_path, ba
     # refused by serve_checks' folder check, before the model loads (h117), as read_config refuses a FIFO
     with pytest.raises(NloraError, match=f"^--adapter f={fifo}: {fifo}/adapter_config.json: not a regular file"):
         serve_cli.build(_args(tmp_path, "--adapter", f"f={fifo}"))
+
+
+def test_a_failed_start_leaves_the_store_byte_identical(base_fp32, tmp_path, monkeypatch):
+    # h141: a start on another model wrote its examples, then refused an --adapter made for the default
+    # model ("layer 10 is out of range"); the examples' versions stayed, those they replaced were pruned.
+    # Here the --adapter is made for another model (its config names another base fingerprint).
+    from types import SimpleNamespace
+
+    from nlora_serve.adapters.manager import AdapterManager
+
+    root, lower = tmp_path / "store", ROOT / "examples/tenants/lower"
+    AdapterManager(base_fp32, root).register_dir("keep", ROOT / "tests/data/cases/lora-layers-subset")
+    bad = tmp_path / "other-models-lower"
+    shutil.copytree(lower, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["nlora_serve"]["base_fingerprint"] = "0" * 64
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(serve_cli, "load_base", lambda *a, **k: base_fp32)
+    # the engine's adapters alone (a real AdapterManager on the store): what the start registers with
+    monkeypatch.setattr(serve_cli, "make_engine", lambda config, base, backend: SimpleNamespace(
+        adapters=AdapterManager(base, config.adapter_dir), shutdown=lambda: None))
+    before = _store_files(root)
+    with pytest.raises(NloraError, match=f"^--adapter bad={bad}: .*not of the loaded base"):
+        serve_cli.build(_args(tmp_path, "--dtype", "float32", "--example-tenants", "2",
+                              "--adapter", f"lower={lower}", "--adapter", f"bad={bad}"))
+    assert _store_files(root) == before
+
+
+def _store_files(root: Path) -> dict[str, bytes | None]:
+    """Every entry under the store, staging area included, by path: a file's bytes, None for a folder."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
 def test_a_native_only_flag_on_the_vllm_backend_is_its_first_refusal(tmp_path, no_model, monkeypatch):

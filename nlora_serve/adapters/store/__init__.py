@@ -11,6 +11,8 @@ Modules, by concern::
     sums.py      each version's SHA256SUMS: recorded with the files, checked on every read
     lock.py      one process per root (an flock), one AdapterStore per root in a process
     factors.py   a compressed family's shared factors under the store's _families/
+    base_record.py  which base model the store serves (.base_model.json): another's is refused
+    batch.py     a start's writes, taken back out should the start fail
 
 ``from nlora_serve.adapters.store import AdapterStore, CONFIG_FILE, ...`` reads the names most
 callers need from here.

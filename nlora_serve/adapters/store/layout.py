@@ -9,6 +9,7 @@ Layout under the root (``--adapter-dir``)::
                                        it at its first load (record_sums)
     <name>/UNLOADED                present while the name is unloaded: not served after a restart
     .staging/                      temporary folders; whatever is here after a crash is discarded
+    .base_model.json               the base model the store serves (base_record.py)
     _families/<key>/family.safetensors   a compressed family's shared factors (adapters/family.py),
                                          written as durably as a version (factors.py)
 """

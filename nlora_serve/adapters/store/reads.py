@@ -15,6 +15,8 @@ from pathlib import Path
 
 from nlora_serve.adapters.store import durable, lock
 from nlora_serve.adapters.names import validate_name
+from nlora_serve.adapters.store.base_record import BASE_FILE, BaseIdentity
+from nlora_serve.adapters.store.batch import StartBatch
 from nlora_serve.adapters.store.layout import (ALLOWED_FILES, DEFAULT_MAX_ADAPTER_BYTES, FAMILIES, STAGING, UNLOADED,
                                                StoredVersion)
 from nlora_serve.adapters.store.sums import check_sums, recorded
@@ -60,6 +62,9 @@ class AdapterStore(StoreWrites):
         # by hand while the server runs does not make its next version reuse a number still served
         self._highest: dict[str, int] = {}
         self._highest_lock = threading.Lock()
+        self._batch: StartBatch | None = None  # a start's writes, undone should it fail (batch.py)
+        # the base model to record as the store's (base_record.py), once a start commits or a version is written
+        self.base_pending: BaseIdentity | None = None
 
     def adapter_dir(self, name: str) -> Path:
         """The folder of ``name``, checked to be a real directory inside the root (or absent).
@@ -155,7 +160,7 @@ class AdapterStore(StoreWrites):
         """
         found, holders = [], {}  # holders: case-folded name -> the entry that holds it
         for entry in sorted(self.root.iterdir()):
-            if entry.name in (STAGING, FAMILIES):
+            if entry.name in (STAGING, FAMILIES, BASE_FILE):
                 continue
             try:
                 if not self.versions(entry.name):

@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 
 from nlora_serve.adapters.store import durable
+from nlora_serve.adapters.store.base_record import write_record
+from nlora_serve.adapters.store.batch import StartBatch
 from nlora_serve.adapters.store.durable import StoreWriteError, fsync_dir, raise_if_disk_error, write_synced
 from nlora_serve.adapters.names import check_no_case_twin
 from nlora_serve.adapters.store.layout import ALLOWED_FILES, STAGING, UNLOADED, StoredVersion
@@ -29,8 +31,9 @@ class StoreWrites:
     """The writing half of :class:`~nlora_serve.adapters.store.AdapterStore` (a mixin).
 
     It uses the store's ``root``, ``max_bytes``, ``write_lock`` (serialises version allocation and
-    renames), ``adapter_dir``, ``versions``, ``note_version`` and ``highest_version``, the deleter
-    thread ``_deleter`` and the set ``_unrecorded``; the store owns all of these.
+    renames), ``adapter_dir``, ``versions``, ``note_version``, ``highest_version`` and
+    ``record_base``, the deleter thread ``_deleter``, the set ``_unrecorded`` and the start batch
+    ``_batch`` (None outside one); the store owns all of these.
     """
 
     def record_sums(self, path: Path, files: dict[str, bytes]) -> None:
@@ -77,6 +80,8 @@ class StoreWrites:
         if total > self.max_bytes:
             raise AdapterError(f"adapter {name!r}: {total} bytes of files is over the server's --max-adapter-bytes "
                                f"{self.max_bytes}")
+        if self._batch is None:  # the store's first version (a start records it at its commit)
+            self.record_base(name)
         with self.write_lock:
             adapter_dir = self.adapter_dir(name)
             self._check_case(name)
@@ -128,6 +133,8 @@ class StoreWrites:
         except BaseException:
             self._roll_back(staged, final, unloaded, adapter_dir if created else None)
             raise
+        if self._batch is not None:  # a start's write: taken back out should the start fail
+            self._batch.wrote(final, adapter_dir if created else None)
         return StoredVersion(name, version, final)
 
     def _roll_back(self, staged: Path | None, final: Path | None, unloaded: bool, created: Path | None) -> None:
@@ -196,6 +203,10 @@ class StoreWrites:
         """
         # Not under the write lock: a rename of one old folder cannot disturb a write (which only
         # adds the next number), and the engine thread must not wait out a swap's fsyncs here.
+        batch = self._batch
+        if batch is not None:  # a start's: removed once it succeeds (commit_batch), kept if it fails
+            batch.removals.append((name, version))
+            return
         path = self.adapter_dir(name) / f"{version:08d}"
         if not path.is_dir():
             return
@@ -211,6 +222,57 @@ class StoreWrites:
             self._deleter.submit(shutil.rmtree, trash, ignore_errors=True)
         except RuntimeError:  # the interpreter is shutting down: the next start discards it
             log.info("left %s for the next start to delete", trash)
+
+    def begin_batch(self) -> None:
+        """Record this store's writes from now on, and defer its removals, until
+        :meth:`commit_batch` or :meth:`abort_batch` (batch.py: a ``serve`` start's registrations)."""
+        self._batch = StartBatch()
+
+    def commit_batch(self) -> None:
+        """End the batch: the removals it deferred happen now (the versions its writes superseded),
+        and where it wrote a version the store's base-model record is written if still due
+        (base_record.py: a start that writes nothing records nothing, as a store is recorded at
+        its first version).
+
+        Raises:
+            StoreWriteError: the disk refused the base-model record (the versions stay written).
+        """
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        for name, version in batch.removals:
+            self.remove_version(name, version)
+        if batch.written:
+            self.record_base()
+
+    def abort_batch(self) -> None:
+        """End the batch by taking its writes back out of the store (newest first, each by one
+        rename, durably); its deferred removals never happen, so the store is as the batch found it.
+        For a start that failed: the registry's view of the names written is stale afterwards."""
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            with self.write_lock:
+                batch.undo(self.root, self.root / STAGING)
+
+    def record_base(self, name: str = "(the store's base-model record)") -> None:
+        """Write the store's base-model record where it is still due (``base_pending``, set by
+        base_record.check_base): at a start's commit, or before the first version written outside
+        one (of adapter ``name``, which a refusal names).
+
+        Raises:
+            StoreWriteError: the disk refused it (it is due again at the next write).
+        """
+        if self.base_pending is None:
+            return
+        with self.write_lock:
+            if self.base_pending is None:
+                return
+            try:
+                write_record(self.root, self.base_pending)
+            except OSError as exc:
+                raise_if_disk_error(name, exc)
+                raise
+            self.base_pending = None
 
     def wait_deleted(self) -> None:
         """Block until the files of every version removed so far are deleted."""

@@ -100,15 +100,20 @@ def build(args: argparse.Namespace, flags: ServeFlags | None = None):
         log.info("engine started in %.1f s%s", time.perf_counter() - start,
                  f"; registering {registering}..." if registering else "")
         before = {v.name: v.version for v in engine.adapters.versions()}
-        examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
-        hinted = _register_named(engine, named, args.adapter_dir) + examples
-        # named, as a restart's restore names what it serves (a first start said nothing of them)
-        if added := [v for v in engine.adapters.versions() if before.get(v.name) != v.version]:
-            log.info("%s", restored_summary(added, args.adapter_dir, done="registered", where="into the store"))
-        if isinstance(engine, LLMEngine):  # CUDA: the adapters' kernels compile before the first request
-            engine.warm_up()
-        server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
-                             base.tokenizer())
+        # a start that fails leaves the store as it found it: every --adapter folder is checked against
+        # the model before anything is written (the examples are made from it), and what was written
+        # before a later failure is taken back out (h141: a failed start had written and pruned versions)
+        with engine.adapters.start_batch():
+            named_served = _register_named(engine, named, args.adapter_dir)
+            examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
+            hinted = named_served + examples
+            # named, as a restart's restore names what it serves (a first start said nothing of them)
+            if added := [v for v in engine.adapters.versions() if before.get(v.name) != v.version]:
+                log.info("%s", restored_summary(added, args.adapter_dir, done="registered", where="into the store"))
+            if isinstance(engine, LLMEngine):  # CUDA: the adapters' kernels compile before the first request
+                engine.warm_up()
+            server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
+                                 base.tokenizer())
     except BaseException:
         engine.shutdown()  # its step thread (and vLLM's workers) would outlive a refused start
         raise
@@ -136,21 +141,31 @@ def _check_for_vllm(named: list[tuple[str, str]], base, limits) -> None:
 
 def _register_named(engine: LLMEngine, named: list[tuple[str, str]], store: str) -> list[str]:
     """Register each ``--adapter NAME=DIR`` whose NAME the store neither serves yet nor marks
-    unloaded by an operator; returns the named adapters served now. Logs one warning per NAME the
-    store serves with other weights than DIR (swapped or uploaded since), naming that version."""
+    unloaded by an operator; returns the named adapters served now. Every DIR is read and checked
+    against the model first, so one that does not fit it (another model's: "layer 10 is out of
+    range") is refused before any is written. Logs one warning per NAME the store serves with
+    other weights than DIR (swapped or uploaded since), naming that version."""
     fresh = set(engine.adapters.start_names([name for name, _ in named]))
+    instead = {}
     for name, folder in named:
         try:
-            instead = None if name in fresh else engine.adapters.served_instead(name, folder)
             if name in fresh:
-                engine.adapters.register_dir(name, folder)
+                engine.adapters.check_dir(folder)
+            else:
+                instead[name] = engine.adapters.served_instead(name, folder)
         except AdapterError as exc:  # the reader names a module, not which --adapter it was
             raise AdapterError(f"--adapter {name}={folder}: {exc}") from None
-        if instead is not None:
+    for name, folder in named:
+        try:
+            if name in fresh:
+                engine.adapters.register_dir(name, folder)
+        except AdapterError as exc:
+            raise AdapterError(f"--adapter {name}={folder}: {exc}") from None
+        if (served_as := instead.get(name)) is not None:
             log.warning("--adapter %s=%s: the adapter store %s already holds %r, with other weights (swapped or "
                         "uploaded since); serving %s v%d instead of that folder (to serve the folder again, once "
                         "the server is up: `nlora-serve adapters upload --name %s %s`; or start with a fresh "
-                        "--adapter-dir)", name, folder, store, name, name, instead.version, name, folder)
+                        "--adapter-dir)", name, folder, store, name, name, served_as.version, name, folder)
     served = {v.name for v in engine.adapters.versions()}
     return [name for name, _ in named if name in served]
 

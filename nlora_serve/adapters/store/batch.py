@@ -1,0 +1,69 @@
+"""A start's writes to the adapter store, kept undoable until the start succeeds (``serve``).
+
+A ``serve`` start registers its ``--adapter`` folders and ``--example-tenants`` into the store one
+version at a time, and each registration prunes the name's older versions. A start that failed
+half-way (an ``--adapter`` folder made for another base model: "layer 10 is out of range") left
+the versions written before the failure in the store, and had deleted the versions they replaced:
+the next start served those, or warned about them and wrote yet more (h141). Between
+:meth:`~nlora_serve.adapters.store.AdapterStore.begin_batch` and its commit, the store records
+what it writes (versions, a family's shared factors, the folders they created) and defers every
+removal; :meth:`~nlora_serve.adapters.store.AdapterStore.abort_batch` takes the writes back out
+(each one leaves by one rename, durably) and forgets the removals, so the store is as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nlora_serve.adapters.store import durable
+
+log = logging.getLogger("nlora_serve.adapters.store")
+
+
+@dataclass
+class StartBatch:
+    """What one start wrote to the store and what it would have removed, in order."""
+
+    written: list[Path] = field(default_factory=list)  # version folders and family folders, as written
+    created: list[Path] = field(default_factory=list)  # folders made for them (a new name's, _families)
+    removals: list[tuple[str, int]] = field(default_factory=list)  # (name, version) to remove at commit
+
+    def wrote(self, path: Path, created: Path | None = None) -> None:
+        """Record a folder renamed into place by the start (and the folder made for it, if any)."""
+        self.written.append(Path(path))
+        if created is not None:
+            self.created.append(Path(created))
+
+    def undo(self, root: Path, staging: Path) -> None:
+        """Take every recorded write back out of the store under ``root``, newest first: each
+        folder leaves by one rename into ``staging`` (then deleted), the folders made for them are
+        removed once empty, and each parent is fsynced, so a crash after this does not bring a
+        write back. Best effort: what cannot be undone is logged (naming it), never raised."""
+        parents: set[Path] = set()
+        for path in reversed(self.written):
+            try:
+                trash = durable.make_temp_dir(staging, "undone.")
+                durable.rename(path, trash / "v")
+                parents.add(path.parent)
+                shutil.rmtree(trash, ignore_errors=True)
+            except OSError as exc:
+                log.error("a failed start could not take back %s (%s): remove that folder by hand", path, exc)
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+                parents.add(folder.parent)
+            except OSError as exc:
+                log.error("a failed start could not remove the folder it made, %s (%s)", folder, exc)
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):  # children first
+            try:
+                if os.path.isdir(parent):
+                    durable.fsync_dir(parent)
+            except OSError as exc:
+                log.warning("could not fsync %s after taking a failed start's writes back (%s)", parent, exc)
+        self.written.clear()
+        self.created.clear()
+        self.removals.clear()
