@@ -37,6 +37,17 @@ CASES = [  # (parser, pieces of the model's text)
     ("llama3_json", ["The answer ", "is 4."]),
     ("llama3_json", ["{\"answer\": 4}"]),  # JSON, not a call
     ("llama3_json", ["Sure: ", "{\"name\": \"a\", \"parameters\": {}}"]),  # a call after text
+    # streamed and whole answers that differed (tests/http/test_tool_stream_whole.py)
+    ("hermes", ["<tool_call>{\"name\": \"a\"", "}</tool_call>"]),  # no arguments, streamed
+    ("hermes", ["<tool_call>{\"name\": \"a\", \"arguments\": {}}}</tool_call>"]),  # bad JSON, one delta
+    ("hermes", ["<tool_call>{\"name\": \"a\", \"arguments\": {}} x"]),  # unclosed, text after the JSON
+    ("llama3_json", ["{\"name\": \"a\"", " }"]),  # no arguments, streamed
+    ("llama3_json", ["{\"name\": \"a\", \"parameters\": {}}}", "; {\"name\": \"b\", \"parameters\": {}}"]),
+    ("llama3_json", ["{\"name\": \"a\", \"parameters\": {}]"]),  # bad JSON, one delta
+    # ... that still differ: the stream cannot know in time (as vLLM's)
+    ("hermes", ["<tool_call>{\"name\": \"a\", \"arguments\": {\"x\": 1", "}}}</tool_call>"]),
+    ("hermes", ["<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>", "<tool_call>{\"name\": \"b\"}</tool_call>"]),
+    ("hermes", ["<tool_call>{\"name\": \"a\", \"arguments\": {\"x\": 1}, ", "\"arguments\": {\"y\": 2}}</tool_call>"]),
 ]
 
 

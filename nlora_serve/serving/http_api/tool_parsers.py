@@ -13,7 +13,8 @@ names read it (vllm/tool_parsers/hermes_tool_parser.py, llama_tool_parser.py). N
 
 A call's ``arguments`` are ``json.dumps`` of the parsed value in a whole answer; streamed, the
 argument text as the model wrote it (vLLM's hermes streams that too; its llama3_json streams
-``json.dumps`` of partial parses, the same JSON value). A call that does not parse (bad JSON, a
+``json.dumps`` of partial parses, the same JSON value), but for calls that all come in the last
+delta, which is read as a whole answer. A call that does not parse (bad JSON, a
 missing ``name`` or arguments key) leaves the whole text as content with no calls, as vLLM's.
 """
 
@@ -91,16 +92,24 @@ def _name(obj: dict) -> str:
 class AutoStream:
     """The streamed deltas of one choice under ``"auto"`` (vLLM's ``extract_tool_calls_streaming``
     of the named parser): ``content`` for text outside calls, and per call ``tool_calls`` entries by
-    ``index``: first ``{"id", "type", "index", "function": {"name"}}`` once its name is complete,
-    then ``{"index", "function": {"arguments"}}`` with each new piece of its argument text. The text
-    is read once (a :class:`~nlora_serve.serving.http_api.tool_stream.Scanner` per call, each fed
-    its call's text as it grows); argument spans are prefix-stable, so only new text is sent.
+    ``index``: first ``{"id", "type", "index", "function": {"name"}}`` once its name is complete
+    and its arguments' value has begun, then ``{"index", "function": {"arguments"}}`` with each new
+    piece of its argument text. The text is read once (a
+    :class:`~nlora_serve.serving.http_api.tool_stream.Scanner` per call, each fed its call's text
+    as it grows); argument spans are prefix-stable, so only new text is sent.
 
-    A call still without argument text when the stream finishes gets ``{}`` on the finishing
-    delta, as vLLM's stream ends (where that delta carries calls). Unlike vLLM's (which drop it),
-    text held back as a possible call that never became one (a ``<tool_call>`` without a name, a
-    ``{...}`` that is not a call) is sent as content with the finishing delta, so a stream says
-    what a whole answer says.
+    A stream says what a whole answer (:func:`parse_whole`) says wherever it can know it in time
+    (tests/http/test_tool_stream_whole.py), where vLLM's streams differ from its whole answers:
+    a call is not announced before its arguments begin (vLLM's announces ``{"name": "f"}``, then
+    ``{}``; its whole answer has no call); text held back as a possible call that never became one
+    (a ``<tool_call>`` without a name or arguments, a ``{...}`` that is not a call) is sent as
+    content with the finishing delta (vLLM's drop it); hermes' blank text before its first call is
+    not sent (vLLM's sends it; its whole answer's content is None); llama3_json reads a call from
+    each ``{`` after the one before, whatever lies between (vLLM's skips two characters). Not
+    known in time, so as vLLM's: a call announced whose JSON later breaks, or whose answer has a
+    broken call after it (a whole answer then has no calls, all text content); llama3_json's text
+    that does not start with ``{`` or ``<|python_tag|>`` (content; a whole answer takes the calls
+    in it, as vLLM's).
 
     Args:
         parser: one of :data:`TOOL_CALL_PARSERS`.
@@ -124,6 +133,8 @@ class AutoStream:
         """The delta message of ``text`` (``{}`` when it sends nothing): ``{"content": ...}``,
         ``{"tool_calls": [...]}`` or (hermes) ``{"content": str | None, "tool_calls": [...]}``."""
         self.text += text
+        if finished and not self._args and (self.parser == "hermes" or self.text.startswith(("{", _PYTHON_TAG))):
+            return self._whole()  # all text known and no call sent: the rest of the whole answer
         if self.parser == "hermes":
             if self._first < 0:  # searched from where the text searched before could start a tag
                 self._first = self.text.find(_START, max(0, len(self.text) - len(text) - len(_START) + 1))
@@ -145,17 +156,30 @@ class AutoStream:
             spans = self._scanners[0].spans if self._scanners else []
             while self._final < len(self._args) and spans[self._final].closed:
                 self._final += 1
-        if finished and calls and not self._args[-1] and (self.parallel or len(self._args) == 1):
-            # a call without arguments closes as "{}" (vLLM's stream ends with the parsed arguments' rest)
-            self._args[-1] = "{}"
-            calls.append({"index": len(self._args) - 1, "function": {"arguments": "{}"}})
         if finished and not self.any_call:
             cut = len(self.text)  # nothing became a call: the held text is content
+        elif self._sent == 0 and self.parser == "hermes" and self.text[:cut].isspace():
+            cut = 0  # blank content before a call is None in a whole answer: held until it is not blank
         content = self.text[self._sent:cut] if cut > self._sent else None
         self._sent = max(self._sent, cut)
         if not calls:
             return {"content": content} if content else {}
         return {"content": content, "tool_calls": calls} if self.parser == "hermes" else {"tool_calls": calls}
+
+    def _whole(self) -> dict:
+        """The finishing delta of a stream that announced no call: the rest of :func:`auto_answer`'s
+        answer of the whole text (its content after the content sent)."""
+        calls, content = parse_whole(self.parser, self.text)
+        calls = calls if self.parallel else calls[:1]
+        rest = (content or "")[self._sent:] or None
+        self._sent, self.any_call = len(self.text), bool(calls)
+        if not calls:
+            return {"content": rest} if rest else {}
+        entries = []
+        for index, (name, arguments) in enumerate(calls):
+            entries += [{"id": call_id(), "type": "function", "index": index, "function": {"name": name}},
+                        {"index": index, "function": {"arguments": arguments}}]
+        return {"content": rest, "tool_calls": entries} if self.parser == "hermes" else {"tool_calls": entries}
 
     def _calls(self, regions: list[tuple[str | None, str | None]]) -> list[dict]:
         """The new entries of the calls' (name, argument text so far) ``regions``, in order."""
@@ -163,8 +187,8 @@ class AutoStream:
         for index in range(self._final, len(regions)):
             name, args = regions[index]
             if index == len(self._args):
-                if name is None:
-                    break  # a call is announced only after every one before it
+                if name is None or args is None:
+                    break  # announced once its arguments begin (a whole answer needs them), after every call before it
                 self._args.append("")
                 if self.parallel or index == 0:
                     out.append({"id": call_id(), "type": "function", "index": index, "function": {"name": name}})
@@ -213,7 +237,7 @@ def _llama_regions(text: str, scanners: dict[int, Scanner], first: int) -> list[
     """Per JSON object after the optional ``<|python_tag|>``: (name, argument text so far); the
     ``first`` ones (closed and sent) as None."""
     body = "[" + text.removeprefix(_PYTHON_TAG)
-    scanner = scanners.get(0) or scanners.setdefault(0, Scanner(("parameters", "arguments")))
+    scanner = scanners.get(0) or scanners.setdefault(0, Scanner(("parameters", "arguments"), loose=True))
     spans = scanner.feed(body)
     return [None] * first + [_region([span], body) for span in spans[first:]]
 

@@ -98,12 +98,17 @@ class Scanner:
     """:func:`scan` resumed as the text grows: :meth:`feed` reads only the characters after those
     it read before, so a stream of n characters costs O(n), not O(n^2) (each delta re-read the whole
     text: 10,000 tokens of a call's arguments took 15-20 s of the event loop). Each character's
-    effect depends only on the characters before it, so the spans equal ``scan`` of the whole text."""
+    effect depends only on the characters before it, so the spans equal ``scan`` of the whole text.
 
-    __slots__ = ("args_keys", "spans", "_pos", "_done", "_state")
+    ``loose``: False reads the text between elements as an array's (a bracket there ends it); True
+    skips every character there but ``{`` (Llama's calls: a whole answer reads an object from each
+    ``{`` after the one before, whatever lies between).
+    """
 
-    def __init__(self, args_keys: tuple[str, ...] = ("parameters",)) -> None:
-        self.args_keys, self.spans, self._pos, self._done = args_keys, [], 0, False
+    __slots__ = ("args_keys", "loose", "spans", "_pos", "_done", "_state")
+
+    def __init__(self, args_keys: tuple[str, ...] = ("parameters",), loose: bool = False) -> None:
+        self.args_keys, self.loose, self.spans, self._pos, self._done = args_keys, loose, [], 0, False
         # depth, in_string, escaped, string_start, value_start, cur, expect, key
         self._state = (0, False, False, 0, 0, None, _KEY, None)
 
@@ -134,8 +139,11 @@ class Scanner:
                 cur.args_start = pos
             expect = state
 
+        loose = self.loose
         for i in range(self._pos, len(text)):
             ch = text[i]
+            if loose and depth == 1 and ch != "{":
+                continue  # between Llama's calls (never inside a string: none starts at depth 1 then)
             if in_string:
                 if escaped:
                     escaped = False
