@@ -26,6 +26,7 @@ Modules, in the order a request meets them::
 
 Around them: config.py (EngineConfig, SchedulerConfig, CacheConfig), kv_cache.py (the cache tensor),
 memory.py (how many KV blocks), warmup.py (compile and capture before the first request),
+dummy_sampler.py (the sampler's worst case, for both),
 cuda_graphs.py (decode graphs), piecewise_graphs.py (prefill and mixed-step graphs),
 graph_safety.py (a CPU check that a step can be captured), threads.py and host_memory.py (the
 serving process's CPU threads and allocator). ``vllm_backend/``: the same interface on vLLM's

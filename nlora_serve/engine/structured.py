@@ -384,13 +384,16 @@ def mask_rows(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
 
     ``logits`` [B, V] float32 on the engine's device; the bitmask [B, ceil(V / 32)] int32 is filled
     on the host (by xgrammar, per row) and applied by xgrammar's kernel for that device, after one
-    host-to-device copy on CUDA. Only called in steps that hold a grammar row.
+    host-to-device copy on CUDA. Only called in steps that hold a grammar row, and by the dummy
+    sampler run (engine/dummy_sampler.py), whose matchers are None: a None leaves its row's mask
+    all ones (every token allowed) and the row unchanged.
     """
     import xgrammar as xgr
 
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
+    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])  # all -1: every token allowed
     for row, matcher in zip(rows, matchers):
-        matcher.fill_next_token_bitmask(bitmask, row)
+        if matcher is not None:
+            matcher.fill_next_token_bitmask(bitmask, row)
     if logits.device.type != "cpu":
         bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)

@@ -233,3 +233,19 @@ def test_a_dead_end_in_a_spec_ends_its_request_saying_so_and_spares_the_batch(ma
     error = asyncio.run(contradicted())
     assert "allowed_token_ids / bad_words ban every token the structured output allows after 0 tokens" in error, error
     assert engine.core.requests == {} and engine.stats()["kv_blocks_used"] == 0
+
+
+def test_a_row_without_a_matcher_keeps_every_token():
+    """mask_rows' None matcher (the dummy sampler run's, engine/dummy_sampler.py) leaves its row
+    as it was; a matcher's row beside it is still masked (hand-built: a choice of one token)."""
+    import xgrammar as xgr
+
+    from nlora_serve.engine.structured import mask_rows
+
+    vocab = ["a", "b", "c", "</s>"]
+    info = xgr.TokenizerInfo(vocab, stop_token_ids=[3])
+    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_regex("b"))
+    logits = torch.arange(8, dtype=torch.float32).view(2, 4)
+    mask_rows(logits, [0, 1], [None, matcher])
+    inf = float("-inf")
+    assert logits.tolist() == [[0.0, 1.0, 2.0, 3.0], [inf, 5.0, inf, inf]]
