@@ -7,8 +7,12 @@ the engine runs a few dummy requests through its real step loop first: prefills 
 tokens packed into one step; decodes of three sequences; a prompt longer than the chunked-prefill
 budget (a full-budget chunk, then a chunk over cached context) beside a new short prompt (a mixed
 decode + prefill step). Each request runs on the base model or, given adapter versions, on each
-of them in turn (one per adapter pool kind covers that kind's kernels). Then every trace is
-removed: the dummy requests retire (their KV blocks are freed), the block manager and scheduler
+of them in turn (one per adapter pool kind covers that kind's kernels). The second request of each
+round samples with every option at once (min-p, top-k, top-p, 20 logprobs, penalties, a logit bias:
+:data:`SAMPLED`), the others are greedy, so a step's mixed greedy and sampled rows run once; then the
+sampler's worst case runs on ``max_num_seqs`` rows (engine/dummy_sampler.py, with the grammar bitmask
+on CUDA), as vLLM's dummy sampler run after its captures, so neither the sampled path's kernels nor
+the allocator's growth to its largest shapes fall on a live request. Then every trace is removed: the dummy requests retire (their KV blocks are freed), the block manager and scheduler
 are built anew (the prefix cache forgets the dummy prompts) and the counters start at zero.
 """
 
@@ -18,11 +22,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import torch
+
+from nlora_serve.engine.dummy_sampler import WORST_CASE, dummy_sampler_run
 from nlora_serve.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 DUMMY_TOKEN = 100  # clear of the low ids where tokenizers keep their special tokens
+GREEDY = SamplingParams(max_tokens=3, min_tokens=3, temperature=0.0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=3, min_tokens=3, ignore_eos=True, seed=0, temperature=WORST_CASE.temperature,
+                         top_k=WORST_CASE.top_k, top_p=WORST_CASE.top_p, min_p=WORST_CASE.min_p,
+                         logprobs=WORST_CASE.logprobs, repetition_penalty=WORST_CASE.repetition_penalty,
+                         presence_penalty=WORST_CASE.presence_penalty, frequency_penalty=WORST_CASE.frequency_penalty,
+                         logit_bias=WORST_CASE.logit_bias)
 
 
 @dataclass(slots=True)
@@ -34,6 +47,7 @@ class WarmupReport:
     graph_steps: int = 0  # steps that replayed a decode graph
     piecewise_steps: int = 0  # prefill and mixed steps that replayed piecewise graphs (EngineConfig.piecewise_graphs)
     eager_steps: int = 0  # steps that ran eagerly (prefill, mixed, or graphs off)
+    sampler_rows: int = 0  # rows of the dummy sampler run (max_num_seqs)
 
 
 def warmup_rounds(budget: int, max_model_len: int, num_blocks: int, block_size: int) -> list[list[int]]:
@@ -66,10 +80,13 @@ def adapter_kinds(versions) -> tuple[str, ...]:
     return tuple(first.values())
 
 
-def warm_up(core, adapters: tuple[str, ...] = ()) -> WarmupReport:
-    """Run the dummy requests of :func:`warmup_rounds` through ``core`` (an idle EngineCore), then
-    reset its scheduling state. ``adapters``: registered adapter names; request i of a round runs
-    on ``adapters[i % len]`` (pinned for that request), or on the base model when empty.
+def warm_up(core, adapters: tuple[str, ...] = (), grammar_mask: bool | None = None) -> WarmupReport:
+    """Run the dummy requests of :func:`warmup_rounds` through ``core`` (an idle EngineCore) and, on
+    the base model, the dummy sampler run at ``max_num_seqs`` rows; then reset its scheduling state.
+    ``adapters``: registered adapter names; request i of a round runs on ``adapters[i % len]``
+    (pinned for that request), or on the base model when empty. ``grammar_mask``: whether the
+    sampler run applies a grammar bitmask (xgrammar's kernel); None: on CUDA only (importing
+    xgrammar takes seconds in a cold process, and on the CPU there is nothing to compile).
 
     Raises:
         RuntimeError: ``core`` has requests (warm-up would disturb them).
@@ -81,7 +98,6 @@ def warm_up(core, adapters: tuple[str, ...] = ()) -> WarmupReport:
         raise RuntimeError("warm-up needs an idle engine: requests are running or waiting")
     sched, cache = core.config.scheduler, core.config.cache
     report, start = WarmupReport(), time.perf_counter()
-    params = SamplingParams(max_tokens=3, min_tokens=3, temperature=0.0, ignore_eos=True)
     choices = list(adapters) or [None]
     for name in set(adapters):  # an unknown name fails here, before any dummy request is queued
         core.adapters.release(core.adapters.acquire(name))
@@ -95,12 +111,19 @@ def warm_up(core, adapters: tuple[str, ...] = ()) -> WarmupReport:
                 pinned = core.adapters.acquire(name) if name is not None else None
                 # one token id per request: no dummy prompt shares a prefix-cache block with another
                 token = (DUMMY_TOKEN + 16 * p + 8 * r + i) % core.vocab_size
-                core.add(f"__warmup-{p}-{r}-{i}", [token] * n, params, pinned)
+                core.add(f"__warmup-{p}-{r}-{i}", [token] * n, SAMPLED if i == 1 else GREEDY, pinned)
             _run(core, report)
+    if not adapters:  # the sampler does not depend on the adapter: once, at start, is enough
+        rows = sched.max_num_seqs
+        logits = torch.randn(rows, core.vocab_size, device=core.device,
+                             generator=torch.Generator(core.device).manual_seed(0))
+        dummy_sampler_run(logits, core.generator, core.device.type == "cuda" if grammar_mask is None else grammar_mask)
+        report.sampler_rows = rows
     core.reset_scheduling()
     report.seconds = time.perf_counter() - start
-    log.info("engine warm-up: %d steps (%d replayed a decode graph, %d piecewise graphs), step tokens %s, %.2f s",
-             len(report.step_tokens), report.graph_steps, report.piecewise_steps, report.step_tokens, report.seconds)
+    log.info("engine warm-up: %d steps (%d replayed a decode graph, %d piecewise graphs), step tokens %s, "
+             "sampler run on %d rows, %.2f s", len(report.step_tokens), report.graph_steps, report.piecewise_steps,
+             report.step_tokens, report.sampler_rows, report.seconds)
     return report
 
 

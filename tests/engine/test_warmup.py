@@ -146,3 +146,31 @@ def test_warm_up_replays_decode_graphs_on_the_triton_path(tiny, piecewise):
     assert capture.replays == (5 if piecewise else 2) and capture.checked_ops > 0
     assert core.runner.graphs.replayed == 0 and core.runner.step_counts["graph_steps"] == 0
     assert core.blocks.num_free_blocks == 16
+
+
+def test_warm_up_runs_the_sampled_path_and_the_sampler_at_max_num_seqs_rows(tiny, monkeypatch):
+    """One request per round samples with every option (its three steps filter one row), then the
+    dummy sampler filters max_num_seqs = 8 rows of the whole vocabulary; the grammar bitmask only
+    when asked (on CUDA by default). The engine still answers as transformers' greedy afterwards
+    (test_warm_up_runs_the_shapes_and_leaves_no_state: the seed generator is reset)."""
+    from nlora_serve.engine import dummy_sampler, sampling, step_output
+
+    model_dir, model, tokenizer_dir = tiny
+    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="torch",
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64),
+                          cache=CacheConfig(block_size=16, num_blocks=16))
+    core = EngineCore(config)
+    filtered, penalised, masked = [], [], []
+    top_k_top_p, penalties = sampling.top_k_top_p_mask, step_output.apply_penalties
+    monkeypatch.setattr(sampling, "top_k_top_p_mask", lambda x, k, p: filtered.append(tuple(x.shape)) or
+                        top_k_top_p(x, k, p))
+    monkeypatch.setattr(step_output, "apply_penalties", lambda row, *a: penalised.append(row.shape[0]) or
+                        penalties(row, *a))
+    monkeypatch.setattr(dummy_sampler, "mask_rows", lambda x, rows, matchers: masked.append((rows, matchers)))
+    vocab = model.config.vocab_size
+    report = warm_up(core)
+    assert report.step_tokens == [34, 3, 3] and report.sampler_rows == 8
+    assert filtered == [(1, vocab)] * 3 + [(8, vocab)] and penalised == [vocab] * (3 + 8) and masked == []
+    assert not core.requests and core.blocks.num_free_blocks == 16
+    warm_up(core, grammar_mask=True)
+    assert masked == [(list(range(8)), [None] * 8)]
