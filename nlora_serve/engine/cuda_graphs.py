@@ -147,12 +147,16 @@ class DecodeGraphs(KeyedGraphs):
         model: the runner's LlamaModel. kv_cache: its cache, whose last block is the pad sink.
         max_num_seqs: the largest capture size. max_blocks: block-table width of a sequence.
         decode_splits: the Triton decode attention's splits. capture: the seam.
+        logits: [max_num_seqs, V] float32, the output every graph writes its first rows of (one
+            buffer, not one per graph: at 256 sequences and a 128k vocabulary the per-size outputs
+            took 2 GiB); shared with the piecewise graphs. A step's logits are sampled before the
+            next step replays a graph (same stream), as they were with one output per size.
     """
 
     def __init__(self, model, kv_cache: torch.Tensor, max_num_seqs: int, max_blocks: int, decode_splits: int,
-                 capture) -> None:
+                 capture, logits: torch.Tensor) -> None:
         super().__init__()
-        self.model, self.kv_cache, self.capture = model, kv_cache, capture
+        self.model, self.kv_cache, self.capture, self.logits = model, kv_cache, capture, logits
         self.sizes = capture_sizes(max_num_seqs)
         self.sink_block = kv_cache.shape[2] - 1
         self.block_size = kv_cache.shape[3]
@@ -195,7 +199,8 @@ class DecodeGraphs(KeyedGraphs):
             # fresh hook state per call: the warm-up call must not leave the capture a layout
             # derived outside the graph (it would replay that one forever)
             with hook.static_decode(pools, slot_rows) if hook is not None else nullcontext():
-                return self.model(self.input_ids[:size], self.positions[:size], self.kv_cache, info)
+                x = self.model.hidden(self.input_ids[:size], self.positions[:size], self.kv_cache, info)
+                return self.model.logits(x, info.logits_indices, out=self.logits[:size])
 
         replay, out = self.capture.capture(step)
         return replay, out, slot_rows

@@ -324,9 +324,10 @@ class LlamaModel:
             x = layer(x, cos, sin, kv_layer, info, positions)
         return x
 
-    def logits(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Final RMSNorm and lm_head on rows ``indices`` [R] int64 of the residual ``x`` [T, hidden]
-        float32. Returns [R, V] float32."""
+        float32. Returns [R, V] float32: ``out`` (written) when given, the graphs' shared output
+        buffer (the float32 conversion writes it: no extra copy), else a new tensor."""
         last = F.rms_norm(x[indices], x.shape[-1:], self.norm, self.eps).to(self.dtype)
         logits = F.linear(last, self.lm_head) if self.lm_head_packed is None else self.lm_head_packed(last)
-        return logits.float()
+        return logits.float() if out is None else out.copy_(logits)

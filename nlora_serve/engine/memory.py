@@ -19,7 +19,6 @@ import torch
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.engine.batch_info import build_batch_info
 from nlora_serve.engine.config import EngineConfig
-from nlora_serve.engine.cuda_graphs import capture_sizes
 from nlora_serve.engine.dummy_sampler import dummy_sampler_run
 from nlora_serve.engine.kv_cache import kv_bytes_per_block
 from nlora_serve.engine.piecewise_graphs import piecewise_sizes
@@ -156,20 +155,17 @@ def graphs_enabled(config: EngineConfig, device: torch.device) -> bool:
 
 
 def graph_held_bytes(config: EngineConfig, spec: ModelSpec, dtype: torch.dtype) -> int:
-    """Bytes the captured graphs keep for good: each decode graph's [size, V] float32 logits output
-    (one per capture size, engine/cuda_graphs.py) and static inputs; with piecewise graphs, each
-    bucket's [min(size, max_num_seqs), V] float32 logits and the largest bucket's static buffers
-    (engine/piecewise_graphs.py). Adapter graphs captured later add their own outputs (not counted)."""
+    """Bytes the graphs keep outside their pool: the [max_num_seqs, V] float32 logits output all of
+    them share and the decode graphs' static inputs (engine/cuda_graphs.py); with piecewise graphs,
+    the largest bucket's static buffers (engine/piecewise_graphs.py)."""
     sched = config.scheduler
     max_blocks = -(-sched.max_model_len // config.cache.block_size)
-    decode = capture_sizes(sched.max_num_seqs)
-    held = sum(decode) * spec.vocab_size * 4 + decode[-1] * (5 * 8 + max_blocks * 4)
+    held = sched.max_num_seqs * (spec.vocab_size * 4 + 5 * 8 + max_blocks * 4)
     if config.piecewise_graphs:
-        buckets = piecewise_sizes(sched.max_num_batched_tokens)
         itemsize = torch.empty((), dtype=dtype).element_size()
         heads, kv_heads, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         per_token = 3 * 8 + 2 * hd * 4 + spec.hidden_size * 4 + (2 * heads + kv_heads) * hd * itemsize
-        held += sum(min(b, sched.max_num_seqs) for b in buckets) * spec.vocab_size * 4 + buckets[-1] * per_token
+        held += piecewise_sizes(sched.max_num_batched_tokens)[-1] * per_token
     return held
 
 

@@ -68,9 +68,11 @@ class ModelRunner:
         self.allocate_kv_cache(num_blocks + 1)
         max_blocks = -(-self.model.cos.shape[0] // self.block_size)
         capture = capture if capture is not None else CudaGraphCapture()
+        # one logits output for every graph (a step samples its rows before the next step replays)
+        logits = torch.empty(max_num_seqs, self.spec.vocab_size, device=self.device)
         self.graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, max_blocks, self.inputs.decode_splits,
-                                   capture)
-        self.pieces = (PiecewiseGraphs(self.model, self.kv_cache, piecewise_tokens, max_num_seqs, capture)
+                                   capture, logits)
+        self.pieces = (PiecewiseGraphs(self.model, self.kv_cache, piecewise_tokens, max_num_seqs, capture, logits)
                        if piecewise_tokens else None)
         self._share_threshold()
         if capture_now:

@@ -61,7 +61,7 @@ class _Pieces:
     """The captured pieces of one (bucket, pools) key."""
 
     replays: list[Callable[[], None]]  # L + 1 pieces, in order
-    logits: torch.Tensor  # [S_b, V] float32: the last piece's output
+    logits: torch.Tensor  # [S_b, V] float32: the last piece's output (rows of the shared buffer)
     slot_rows: list[torch.Tensor]  # per pool, [b] int32 static per-token slots (−1 = none)
     batches: list  # per pool, its static PerTokenAdapterBatch over that row
 
@@ -75,18 +75,20 @@ class PiecewiseGraphs(KeyedGraphs):
             pad sink. max_num_batched_tokens: the step budget (sizes the buckets).
         max_num_seqs: sequences per step at most (sizes the logits rows). capture: the seam
             (:class:`~nlora_serve.engine.cuda_graphs.CudaGraphCapture` or ``EagerCapture``).
+        logits: [max_num_seqs, V] float32, the output every bucket's last piece writes its first
+            rows of (shared with the decode graphs; see :class:`~nlora_serve.engine.cuda_graphs.DecodeGraphs`).
     Raises:
         ValueError: the model runs native layer ops (CPU only; not capturable).
     """
 
     def __init__(self, model, kv_cache: torch.Tensor, max_num_batched_tokens: int, max_num_seqs: int,
-                 capture) -> None:
+                 capture, logits: torch.Tensor) -> None:
         if model.layer_ops is not None:
             raise ValueError("piecewise graphs need the torch layer path (no native layer ops)")
         from nlora_serve.engine.attention.cuda import attend_cached  # Triton: imported where it runs
         super().__init__()
         self.attend = attend_cached
-        self.model, self.kv_cache, self.capture = model, kv_cache, capture
+        self.model, self.kv_cache, self.capture, self.logits = model, kv_cache, capture, logits
         self.sink_slot = (kv_cache.shape[2] - 1) * kv_cache.shape[3]  # first slot of the sink block
         self.sizes = piecewise_sizes(max_num_batched_tokens)
         self.max_num_seqs = max_num_seqs
@@ -175,7 +177,7 @@ class PiecewiseGraphs(KeyedGraphs):
 
         def last() -> torch.Tensor:
             layers[-1].attention_output(x, attn, out=x)
-            return model.logits(x, self.logits_indices[:rows])
+            return model.logits(x, self.logits_indices[:rows], out=self.logits[:rows])
 
         return first if i == 0 else last if i == len(layers) else middle
 

@@ -146,6 +146,11 @@ def test_warm_up_replays_decode_graphs_on_the_triton_path(tiny, piecewise):
     assert capture.replays == (5 if piecewise else 2) and capture.checked_ops > 0
     assert core.runner.graphs.replayed == 0 and core.runner.step_counts["graph_steps"] == 0
     assert core.blocks.num_free_blocks == 16
+    # every graph (each decode size, each bucket's last piece) writes rows of one [8, V] logits buffer
+    outputs = [g[1] for g in core.runner.graphs.graphs.values()]
+    outputs += [p.logits for p in core.runner.pieces.graphs.values()] if piecewise else []
+    assert len(outputs) == (4 + 3 if piecewise else 4)  # decode sizes 1, 2, 4, 8; buckets 16, 32, 64
+    assert {t.untyped_storage().data_ptr() for t in outputs} == {core.runner.graphs.logits.data_ptr()}
 
 
 def test_warm_up_runs_the_sampled_path_and_the_sampler_at_max_num_seqs_rows(tiny, monkeypatch):
