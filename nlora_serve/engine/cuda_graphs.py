@@ -17,8 +17,9 @@ around capture and replays.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from contextlib import nullcontext
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -34,8 +35,31 @@ def capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
     return sizes + (max_num_seqs,)
 
 
+@contextmanager
+def quiet_capture() -> Iterator[None]:
+    """Make ``gc.collect``, ``torch.cuda.empty_cache`` and (where torch has it) the pinned host
+    cache's ``torch._C._host_emptyCache`` no-ops for the block, as vLLM patches the first two around
+    its captures. ``torch.cuda.graph`` calls them on every capture (gc.collect only under torch's
+    ``force_cudagraph_gc``): a piecewise bucket is L + 1 captures, and an adapter graph captured on
+    first use mid-serving would hand the allocator's cached device and pinned blocks back to the
+    driver, so the next steps pay cudaMalloc / cudaHostAlloc again (the sampler pins a buffer per
+    step). Process-wide while it lasts: another thread's call in that window is a no-op too.
+    """
+    saved = [(gc, "collect", gc.collect), (torch.cuda, "empty_cache", torch.cuda.empty_cache)]
+    if hasattr(torch._C, "_host_emptyCache"):
+        saved.append((torch._C, "_host_emptyCache", torch._C._host_emptyCache))
+    for owner, name, _ in saved:
+        setattr(owner, name, (lambda *args, **kwargs: 0) if name == "collect" else (lambda *args, **kwargs: None))
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
 class CudaGraphCapture:
-    """The GPU seam: warm up on a side stream, capture into a pool shared by all graphs."""
+    """The GPU seam: warm up on a side stream, capture into a pool shared by all graphs (under
+    :func:`quiet_capture`)."""
 
     def __init__(self) -> None:
         self.pool = None
@@ -51,7 +75,7 @@ class CudaGraphCapture:
         # during a capture on the step thread must neither fail nor invalidate the capture; the
         # default "global" mode turns both into errors (seen on an H200 when tenants were loaded
         # while the step thread captured a graph)
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with quiet_capture(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
         self.pool = graph.pool()
         return graph.replay, out
