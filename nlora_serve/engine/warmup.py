@@ -12,8 +12,11 @@ round samples with every option at once (min-p, top-k, top-p, 20 logprobs, penal
 :data:`SAMPLED`), the others are greedy, so a step's mixed greedy and sampled rows run once; then the
 sampler's worst case runs on ``max_num_seqs`` rows (engine/dummy_sampler.py, with the grammar bitmask
 on CUDA), as vLLM's dummy sampler run after its captures, so neither the sampled path's kernels nor
-the allocator's growth to its largest shapes fall on a live request. Then every trace is removed: the dummy requests retire (their KV blocks are freed), the block manager and scheduler
-are built anew (the prefix cache forgets the dummy prompts) and the counters start at zero.
+the allocator's growth to its largest shapes fall on a live request. On adapters, every decode
+graph size and piecewise bucket of each adapter's pool is captured too (:func:`capture_adapter_graphs`).
+Then every other trace is removed: the dummy requests retire (their KV blocks are freed), the block
+manager and scheduler are built anew (the prefix cache forgets the dummy prompts) and the counters
+start at zero.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class WarmupReport:
     piecewise_steps: int = 0  # prefill and mixed steps that replayed piecewise graphs (EngineConfig.piecewise_graphs)
     eager_steps: int = 0  # steps that ran eagerly (prefill, mixed, or graphs off)
     sampler_rows: int = 0  # rows of the dummy sampler run (max_num_seqs)
+    adapter_graphs: int = 0  # graphs captured for the adapters' pools beyond those the steps captured
 
 
 def warmup_rounds(budget: int, max_model_len: int, num_blocks: int, block_size: int) -> list[list[int]]:
@@ -113,6 +117,8 @@ def warm_up(core, adapters: tuple[str, ...] = (), grammar_mask: bool | None = No
                 token = (DUMMY_TOKEN + 16 * p + 8 * r + i) % core.vocab_size
                 core.add(f"__warmup-{p}-{r}-{i}", [token] * n, SAMPLED if i == 1 else GREEDY, pinned)
             _run(core, report)
+    if adapters and core.runner.graphs is not None:
+        report.adapter_graphs = capture_adapter_graphs(core, adapters)
     if not adapters:  # the sampler does not depend on the adapter: once, at start, is enough
         rows = sched.max_num_seqs
         logits = torch.randn(rows, core.vocab_size, device=core.device,
@@ -125,6 +131,34 @@ def warm_up(core, adapters: tuple[str, ...] = (), grammar_mask: bool | None = No
              "sampler run on %d rows, %.2f s", len(report.step_tokens), report.graph_steps, report.piecewise_steps,
              report.step_tokens, report.sampler_rows, report.seconds)
     return report
+
+
+@torch.inference_mode()
+def capture_adapter_graphs(core, names) -> int:
+    """Capture every decode graph size (and piecewise bucket) of each named adapter's pool alone, as
+    the engine captured the base model's at start, so a step of a new size on that pool replays
+    instead of capturing mid-serving (a sync, a warm-up forward and a capture on the step thread).
+    Steps mixing pools, and a pool that grows later (its generation bumps), still capture on first
+    use. Returns the number of (size, pools) keys captured here. ``names``: registered adapters,
+    each pinned (made resident) for its captures and released.
+    """
+    runner, hook, captured = core.runner, core.hook, 0
+    for name in dict.fromkeys(names):
+        version = core.adapters.acquire(name)
+        try:
+            hook.begin_step([version], [1], core.device)  # a decode: the per-token form, ranks on the device
+            if not hook.graphable():
+                continue
+            pools = hook.per_token_pools()
+            for graphs in (runner.graphs, runner.pieces):
+                for size in reversed(graphs.sizes if graphs is not None else ()):
+                    if graphs.key(size, pools) not in graphs.graphs:
+                        graphs.graph_for(size, pools, hook)
+                        captured += 1
+        finally:
+            hook.end_step()
+            core.adapters.release(version)
+    return captured
 
 
 def _run(core, report: WarmupReport) -> None:

@@ -179,3 +179,51 @@ def test_warm_up_runs_the_sampled_path_and_the_sampler_at_max_num_seqs_rows(tiny
     assert not core.requests and core.blocks.num_free_blocks == 16
     warm_up(core, grammar_mask=True)
     assert masked == [(list(range(8)), [None] * 8)]
+
+
+
+def test_adapter_warm_up_captures_every_graph_size_of_each_pool():
+    """capture_adapter_graphs on fakes (the real KeyedGraphs keys): each named adapter's pool alone
+    gets every decode size and piecewise bucket, largest first, except keys a warm-up step already
+    captured; an adapter whose step is not graphable (the segment form) gets none; each name is
+    pinned once and released. (On the real Triton path, interpreted, the same check took 25 s: run
+    by hand, it left sizes 1, 2, 4, 8 of a LoRA pool with 3 captured here.)"""
+    from nlora_serve.engine.cuda_graphs import KeyedGraphs
+    from nlora_serve.engine.warmup import capture_adapter_graphs
+
+    class Graphs(KeyedGraphs):
+        def __init__(self, sizes):
+            super().__init__()
+            self.sizes, self.captured = sizes, []
+
+        def _capture(self, size, pools, hook):
+            self.captured.append((size, [p.name for p in pools]))
+
+    pools = {n: SimpleNamespace(name=n, generation=g) for n, g in (("a", 0), ("b", 3), ("seg", 0))}
+    versions = {n: SimpleNamespace(name=n, pool=p) for n, p in pools.items()}
+    log = []
+
+    class Hook:
+        def begin_step(self, step_versions, lens, device):
+            assert lens == [1]
+            self.version = step_versions[0]
+
+        def graphable(self):
+            return self.version.name != "seg"
+
+        def per_token_pools(self):
+            return [self.version.pool]
+
+        def end_step(self):
+            log.append("end")
+
+    adapters = SimpleNamespace(acquire=lambda n: log.append(f"+{n}") or versions[n],
+                               release=lambda v: log.append(f"-{v.name}"))
+    decode, pieces = Graphs((1, 2, 4, 8)), Graphs((16, 32, 64))
+    decode.graph_for(4, [pools["a"]], None)  # a warm-up decode step's capture
+    core = SimpleNamespace(runner=SimpleNamespace(graphs=decode, pieces=pieces), hook=Hook(), adapters=adapters,
+                           device="cpu")
+    assert capture_adapter_graphs(core, ("a", "b", "a", "seg")) == 3 + 3 + 4 + 3
+    assert decode.captured == [(4, ["a"]), (8, ["a"]), (2, ["a"]), (1, ["a"])] + [(s, ["b"]) for s in (8, 4, 2, 1)]
+    assert pieces.captured == [(s, [n]) for n in "ab" for s in (64, 32, 16)]
+    assert log == ["+a", "end", "-a", "+b", "end", "-b", "+seg", "end", "-seg"]
