@@ -33,6 +33,7 @@ log = logging.getLogger("nlora_serve.http")
 GRACEFUL_SHUTDOWN_S = 1.0  # after the drain, how long open HTTP requests may take before cancellation
 MAX_BODY_BYTES = 16 << 20  # a request body at most: a 128k-token prompt as JSON ids is ~1 MB
 HEAD_READ_SECONDS = 60.0  # a request line and headers at most this long after the connection (or its last response)
+SEND_SECONDS = 60.0  # a response's writes stalled (the client reads nothing) at most this long: nginx's send_timeout
 
 
 class BodyLimit:
@@ -86,6 +87,11 @@ class _ClientErrorLog:
         elif not (isinstance(msg, str) and msg.startswith(_DROPPED_WARNING)):
             self._logger.warning(msg, *args, **kwargs)
 
+    def send_timeout(self) -> None:
+        """One INFO line every 10 s at most: a connection aborted by the send deadline (HeadDeadline)."""
+        self._refusals.info(("client", "send_timeout"), "HTTP API: connections whose client read nothing of "
+                            "its response for %g s aborted", SEND_SECONDS)
+
     def __getattr__(self, name: str):
         return getattr(self._logger, name)
 
@@ -104,6 +110,15 @@ class HeadDeadline(H11Protocol):
     held after 70 s, each an open file of the server's (at its ``ulimit -n`` nothing else, adapter
     files included, could be opened). A body the app reads has its own deadline once the key is
     checked (generate.BODY_READ_SECONDS).
+
+    And on the response: a connection whose client has read nothing of it for :data:`SEND_SECONDS`
+    while the server has more to send (the transport's buffer over its high-water mark, uvicorn's
+    ``send`` waiting for it to drain) is aborted, as nginx's ``send_timeout`` (60 s) closes it. uvicorn
+    waited for ever: a client that stopped reading a stream (a hung process, a full pipe) held its
+    request's places of ``--max-queue`` and of its tenant's quota, and the output queued for it, after
+    the engine had finished it (a soak's stream of 8 echoed prompts' logprobs: ``nlora_requests_admitted``
+    stayed at 8 with nothing running, until the client closed). Aborted, the connection is lost as a
+    client's close is: the app sees the disconnect and the request ends, "cancelled".
     """
 
     client_errors = _ClientErrorLog()  # HttpServer gives each server its own
@@ -112,6 +127,8 @@ class HeadDeadline(H11Protocol):
         super().connection_made(transport)
         self.logger = self.client_errors
         self._deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes buffered when the send deadline was armed
         self._follow()
 
     def data_received(self, data: bytes) -> None:
@@ -124,7 +141,37 @@ class HeadDeadline(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._set_deadline(False)
+        self._stop_send_deadline()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_deadline is None:
+            self._arm_send_deadline()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_send_deadline()
+
+    def _arm_send_deadline(self) -> None:
+        self._unsent = self.transport.get_write_buffer_size()
+        self._send_deadline = self.loop.call_later(SEND_SECONDS, self._send_timed_out)
+
+    def _stop_send_deadline(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_timed_out(self) -> None:
+        """Still paused :data:`SEND_SECONDS` after the deadline was armed: a client that read some
+        of it since gets another period (nginx's rule: between two successive writes), one that read
+        nothing is aborted (``close`` would wait for the unread bytes to be flushed, for ever)."""
+        self._send_deadline = None
+        if self.transport.get_write_buffer_size() < self._unsent:
+            self._arm_send_deadline()
+            return
+        self.client_errors.send_timeout()
+        self.transport.abort()
 
     def _waiting_on_client(self) -> bool:
         """True while the app holds no request: no head yet, or its body unread after the response."""
