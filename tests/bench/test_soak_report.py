@@ -1,0 +1,65 @@
+"""bench/soak_report.py: the numbers and verdict of a soak run (bench/soak.py), on made-up samples
+and on a real ServerMetrics exposition (so a renamed gauge fails here, not silently in a soak)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from soak_report import GAUGES, parse_metrics, proc_sample, slope_per_hour, verdict  # noqa: E402
+
+from nlora_serve.serving.metrics import ServerMetrics  # noqa: E402
+
+STATS = {"running": 3, "waiting": 2, "kv_blocks_used": 7, "kv_blocks_total": 136, "preemptions": 5}
+
+
+def _run(rss=lambda t: 1150.0, admitted_idle=0.0, fds_idle=15, log=""):
+    base = {"t": 0.0, "phase": "baseline", "rss_mb": 1120.0, "fds": 15, "threads": 15, "nlora_kv_blocks_total": 136.0}
+    load = [{"t": float(t), "phase": "load", "rss_mb": rss(t), "fds": 19, "threads": 26, "nlora_kv_blocks_used": 20.0,
+             "nlora_kv_blocks_total": 136.0, "nlora_requests_admitted": 4.0} for t in range(15, 1500, 15)]
+    idle = {"t": 1600.0, "phase": "idle", "rss_mb": 1150.0, "fds": fds_idle, "threads": 26, "nlora_kv_blocks_used": 0.0,
+            "nlora_kv_blocks_total": 136.0, "nlora_requests_admitted": admitted_idle, "nlora_requests_running": 0.0,
+            "adapter_active": 0}
+    return [base, *load, idle], log
+
+
+def test_slope_per_hour_is_least_squares_in_units_per_hour():
+    assert slope_per_hour([(t, 100 + 0.01 * t) for t in range(0, 600, 15)]) == pytest.approx(36.0)
+    assert slope_per_hour([(t, 5.0) for t in range(0, 100, 10)]) == 0.0
+    assert slope_per_hour([(1.0, 2.0)]) != slope_per_hour([(1.0, 2.0)])  # NaN: one point
+
+
+def test_parse_metrics_reads_every_gauge_of_a_server_exposition():
+    metrics = ServerMetrics(lambda: STATS, lambda: (6, 645120), admitted=lambda: 4)
+    metrics.ended.labels("http", "finished").inc(3)
+    metrics.rejected.labels("queue_full", "grpc").inc()
+    got = parse_metrics(metrics.exposition()[0].decode())
+    assert set(GAUGES) <= set(got), set(GAUGES) - set(got)
+    assert (got["nlora_requests_running"], got["nlora_requests_waiting"], got["nlora_requests_admitted"]) == (3, 2, 4)
+    assert (got["nlora_kv_blocks_used"], got["nlora_num_preemptions_total"], got["nlora_adapters_resident"]) == (7, 5, 6)
+    assert got['ended{frontend="http",outcome="finished"}'] == 3
+    assert got['rej{frontend="grpc",reason="queue_full"}'] == 1
+    assert not any(k.startswith("rej") and "draining" in k for k in got)  # zero refusals are left out
+
+
+def test_verdict_is_empty_for_a_clean_run_and_names_each_problem():
+    assert verdict(*_run()) == []
+    problems = verdict(*_run(rss=lambda t: 1100 + t / 36, admitted_idle=1.0, fds_idle=30,
+                             log="2026-12-07T18:00:00.000Z ERROR nlora_serve.x: boom\nTraceback (most recent call last):"))
+    text = "\n".join(problems)
+    assert "nlora_requests_admitted is 1.0" in text
+    assert "fds 15 at baseline, 30 at idle" in text
+    assert "RSS grew 100.0 MB/h" in text
+    assert sum(p.startswith("log: ") for p in problems) == 2
+    with pytest.raises(ValueError, match="baseline, load and idle"):
+        verdict(_run()[0][:-1])
+
+
+def test_proc_sample_reads_this_process():
+    s = proc_sample(os.getpid())
+    assert s["rss_mb"] > 10 and s["threads"] >= 1
+    assert abs(s["fds"] - len(os.listdir("/proc/self/fd"))) <= 2 and sum(s["fd_kinds"].values()) <= s["fds"]
