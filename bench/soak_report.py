@@ -90,11 +90,12 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
 
 
 def verdict(samples: list[dict], log_text: str = "", rss_slope_mb_h: float = 20.0, fd_slack: int = 2,
-            thread_cap: int = 40) -> list[str]:
+            thread_cap: int = 40, min_half_seconds: float = 300.0) -> list[str]:
     """What a soak run did wrong, one line each (empty: nothing): an :data:`IDLE_ZERO` gauge above 0
     at the last sample, free KV blocks not back to the total, fds above the baseline by more than
     ``fd_slack``, threads above ``thread_cap`` (the pools are bounded: grpc's, asyncio's, the store's),
-    the RSS slope over the second half of the load phase above ``rss_slope_mb_h`` MB/h, and each
+    the RSS slope over the second half of the load phase above ``rss_slope_mb_h`` MB/h (judged only
+    when that half spans ``min_half_seconds``: a shorter one is the start-up's warm-up), and each
     ERROR / Traceback line of ``log_text``.
 
     Raises:
@@ -118,7 +119,7 @@ def verdict(samples: list[dict], log_text: str = "", rss_slope_mb_h: float = 20.
         problems.append(f"threads {last.get('threads')} at idle, over {thread_cap}")
     half = load[len(load) // 2:]
     slope = slope_per_hour([(s["t"], s["rss_mb"]) for s in half])
-    if slope > rss_slope_mb_h:
+    if half[-1]["t"] - half[0]["t"] >= min_half_seconds and slope > rss_slope_mb_h:
         problems.append(f"RSS grew {slope:.1f} MB/h over the second half of the load (limit {rss_slope_mb_h})")
     problems += [f"log: {line[:300]}" for line in log_text.splitlines() if LOG_PROBLEM.search(line)]
     return problems

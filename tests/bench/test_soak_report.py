@@ -55,6 +55,8 @@ def test_verdict_is_empty_for_a_clean_run_and_names_each_problem():
     assert "fds 15 at baseline, 30 at idle" in text
     assert "RSS grew 100.0 MB/h" in text
     assert sum(p.startswith("log: ") for p in problems) == 2
+    short = [s for s in _run(rss=lambda t: 1100 + t / 36)[0] if s["t"] < 400 or s["phase"] != "load"]
+    assert verdict(short) == []  # 200 s of second half: warm-up, not judged
     with pytest.raises(ValueError, match="baseline, load and idle"):
         verdict(_run()[0][:-1])
 
