@@ -8,18 +8,21 @@ tenant (``nlora_tenant_requests_total``), with the tokens streamed to it
 (``nlora_tenant_generation_tokens_total``); off, neither is in a scrape.
 
 ``Metered`` runs over hand-made deltas here, so every count is known by hand. Last, the
-``--metrics-port`` endpoint that serves them closes a connection whose request does not arrive."""
+``--metrics-port`` endpoint that serves them closes a connection whose request does not arrive, and
+answers /health with the server's state and any other path with a 404."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import urllib.error
 import urllib.request
 
 import pytest
 
 from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput, RequestStream
 from nlora_serve.serving.admission import Admission
+from nlora_serve.serving.health_state import health_answer
 from nlora_serve.serving import metrics_http
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.stream import Metered
@@ -204,3 +207,32 @@ def test_the_metrics_port_closes_a_connection_whose_request_does_not_arrive(monk
             assert b"nlora_requests_running 0.0" in scrape.read()
     finally:
         metrics.close()
+
+
+def test_the_metrics_port_serves_metrics_and_health_only():
+    """prometheus_client's app answered every path with the metrics and a 200: a probe on
+    ``--metrics-port``'s /health read 200 while the server drained. Now /health gives the server's
+    state (health_state.py: 503 while draining) and any other path is a 404."""
+    state = {"draining": False}
+    metrics = _metrics()
+    port = metrics.serve_http("127.0.0.1", 0, lambda: health_answer(None, state["draining"]))
+
+    def get(path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    try:
+        assert get("/health") == (200, b'{"status": "ok"}')
+        state["draining"] = True
+        assert get("/health") == (503, b'{"status": "draining"}')
+        status, body = get("/healthz")
+        assert status == 404 and b"/metrics and /health" in body
+        assert get("/")[0] == 404
+        status, body = get("/metrics?name[]=nlora_requests_running")
+        assert status == 200 and b"nlora_requests_running 0.0" in body
+    finally:
+        metrics.close()
+    assert health_answer("step failed", True) == (503, {"status": "dead", "reason": "step failed"})

@@ -183,10 +183,11 @@ class ServerMetrics:
         on the HTTP API port and on ``--metrics-port``."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def serve_http(self, host: str, port: int) -> int:
+    def serve_http(self, host: str, port: int, health: Callable[[], tuple[int, dict]] | None = None) -> int:
         """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread (a deadline on each
-        request: metrics_http.py); returns the port."""
-        server = serve_metrics(self.registry, host, port)
+        request: metrics_http.py), and ``/health`` where ``health`` gives its (status, JSON body);
+        any other path is a 404. Returns the port."""
+        server = serve_metrics(self.registry, host, port, health)
         self._http = server
         return server.server_port
 

@@ -7,14 +7,21 @@ need no key, were 2,000 threads of the serving process, all still there later, a
 thread limit nothing else in it (the engine's workers, grpc's) could start one. Here a request's
 line and headers must arrive within :data:`READ_SECONDS` of the connection, however they trickle
 in; then the connection is closed and its thread ends.
+
+Only ``/metrics`` (and ``/health``, where the server gives its state: health_state.py) are served;
+any other path is a 404. prometheus_client's app answers every path with the metrics and a 200, so
+a probe pointed at ``--metrics-port``'s ``/health`` read 200 while the server drained or its engine
+was dead.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
@@ -57,9 +64,35 @@ class _Handler(WSGIRequestHandler):
         pass
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> ThreadingWSGIServer:
-    """Serve ``registry`` at ``http://host:port/metrics`` (0 = a free port) from a daemon thread;
-    returns the server (``server_port``; ``shutdown()`` and ``server_close()`` stop it).
+def _app(registry: CollectorRegistry, health: Callable[[], tuple[int, dict]] | None):
+    """The WSGI app: ``/metrics`` from ``registry``, ``/health`` from ``health`` ((status, JSON
+    body); None: a 404 as any other path), anything else a 404 naming the paths served."""
+    metrics = make_wsgi_app(registry)
+    served = "/metrics and /health" if health is not None else "/metrics"
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        if path == "/health" and health is not None:
+            status, body = health()
+            reason = "OK" if status == 200 else "Service Unavailable"
+            text, kind = json.dumps(body).encode(), "application/json"
+        else:
+            status, reason, kind = 404, "Not Found", "text/plain; charset=utf-8"
+            text = f"not found: this port (--metrics-port) serves {served} only\n".encode()
+        start_response(f"{status} {reason}", [("Content-Type", kind), ("Content-Length", str(len(text)))])
+        return [text]
+
+    return app
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int,
+                  health: Callable[[], tuple[int, dict]] | None = None) -> ThreadingWSGIServer:
+    """Serve ``registry`` at ``http://host:port/metrics`` (0 = a free port) from a daemon thread, and
+    ``health()``'s (HTTP status, JSON body) at ``/health`` where given (called from that thread);
+    any other path is a 404. Returns the server (``server_port``; ``shutdown()`` and
+    ``server_close()`` stop it).
 
     Raises:
         OSError: the address cannot be bound.
@@ -67,6 +100,6 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Threadin
     # the address family of the host, as prometheus_client's start_http_server picks it
     family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
-    server = make_server(sockaddr[0], port, make_wsgi_app(registry), server_class, handler_class=_Handler)
+    server = make_server(sockaddr[0], port, _app(registry, health), server_class, handler_class=_Handler)
     threading.Thread(target=server.serve_forever, name="nlora-metrics", daemon=True).start()
     return server

@@ -33,6 +33,7 @@ from nlora_serve.serving.grpc_api.admin import AdminServicer
 from nlora_serve.serving.grpc_api.auth import KeyFirst
 from nlora_serve.serving.grpc_api.decode import BoundedDecode
 from nlora_serve.serving.admission import Admission
+from nlora_serve.serving.health_state import health_answer
 from nlora_serve.serving.stream import adapter_versions
 from nlora_serve.serving.grpc_api.generate import GenerationServicer
 from nlora_serve.serving.grpc_api.limits import message_limits
@@ -137,7 +138,8 @@ class NloraServer:
     def _bind_metrics(self) -> int:
         host, port = self.config.host, self.config.metrics_port
         try:
-            return self.metrics.serve_http(host, port)
+            return self.metrics.serve_http(  # /health as the HTTP API's, for a gRPC-only server's HTTP probe
+                host, port, lambda: health_answer(self.engine.dead_reason, self.admission.draining))
         except OSError as exc:
             raise StartupError(f"cannot bind the metrics port {host}:{port} (--metrics-port): "
                                f"{exc.strerror or exc}") from exc

@@ -28,6 +28,7 @@ from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.errors import NloraError, shown
 from nlora_serve.serving.auth import Principal
+from nlora_serve.serving.health_state import health_answer
 from nlora_serve.serving.metrics import tenant_of_key
 from nlora_serve.serving.stream import adapter_versions
 from nlora_serve.serving.status import Draining, http_status_of
@@ -77,12 +78,10 @@ DRAINING_HEADERS = {"Connection": "close"}
 
 @_router.get("/health")
 async def _health(request: Request) -> JSONResponse:
-    ctx = _ctx(request)
-    if (dead := ctx.engine.dead_reason) is not None:  # the server is on its way out: see commands/serve.py
-        return JSONResponse({"status": "dead", "reason": dead}, status_code=503)
-    draining = ctx.admission.draining
-    return JSONResponse({"status": "draining" if draining else "ok"}, status_code=503 if draining else 200,
-                        headers=DRAINING_HEADERS if draining else None)
+    ctx = _ctx(request)  # dead: the server is on its way out (commands/serve.py); see health_state.py
+    status, body = health_answer(ctx.engine.dead_reason, ctx.admission.draining)
+    return JSONResponse(body, status_code=status,
+                        headers=DRAINING_HEADERS if body["status"] == "draining" else None)
 
 
 @_router.get("/metrics")
