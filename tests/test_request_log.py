@@ -15,7 +15,8 @@ import pytest
 
 from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
 from nlora_serve.serving.admission import Admission
-from nlora_serve.serving.metrics import ServerMetrics
+from nlora_serve.serving.auth import LOCAL_ADMIN, Authenticator, hash_key
+from nlora_serve.serving.metrics import ServerMetrics, key_of
 from nlora_serve.serving.request_log import RequestLog, quoted
 from nlora_serve.serving.server import _request_log
 from nlora_serve.serving.commands import serve as serve_cli
@@ -256,3 +257,27 @@ def test_a_flood_that_stopped_is_summed_up_at_the_next_end_line(caplog):
     got = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert got[0] == "suppressed 15 refusal lines (reason=unauthenticated) in the last 2.0 s"
     assert got[1].startswith("request 'cmpl-") and " ended: " in got[1] and len(got) == 2
+
+
+def test_lines_name_which_key_of_a_tenant_sent_the_request(caplog):
+    """A key rotation (two entries of one tenant, then the old one removed) needs to know when the
+    old key stops being sent: every line names the key by the first 8 hex digits of its sha256, as
+    the tenants file's key_sha256 starts; with only the tenant's name, both keys' lines were alike."""
+    old, new = hash_key("old-key-of-acme"), hash_key("new-key-of-acme")
+    auth = Authenticator.from_document({"tenants": [
+        {"name": "acme", "key_sha256": digest, "adapters": ["lower"]} for digest in (old, new)]}, "t.json")
+    callers = [auth.authenticate([("authorization", f"Bearer {key}")]) for key in ("old-key-of-acme", "new-key-of-acme")]
+    assert callers[0] == callers[1]  # one tenant: the key's id is no part of its identity
+    assert [key_of(auth, p) for p in callers] == [old[:8], new[:8]]
+    assert key_of(Authenticator(None), LOCAL_ADMIN) is None  # auth off: no key to name
+    caplog.set_level(logging.INFO, LOGGER)
+    metrics = _metrics(RequestLog())
+    metrics.reject("queue_full", "http", "acme", "full", key=key_of(auth, callers[0]))
+    assert _line(caplog) == f"request refused: frontend=http client=- tenant='acme' key={old[:8]} reason=queue_full " \
+                            "message='full'"
+    caplog.clear()
+    timer = metrics.request("grpc")
+    timer.set_tenant("acme", key_of(auth, callers[1]))
+    timer.describe("job-1", None, None)
+    timer.ended("cancelled")
+    assert _line(caplog).startswith(f"request 'job-1' ended: frontend=grpc tenant='acme' key={new[:8]} adapter=base ")

@@ -26,7 +26,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field, replace
 from pathlib import Path
 
 from nlora_serve.cli import console_command
@@ -36,6 +36,7 @@ from nlora_serve.errors import NloraError, shown
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-fA-F]*")
 _BEARER = "bearer "
+KEY_ID_HEX = 8  # hex digits of a key's sha256 that name it in log lines (key_id)
 
 
 def _hash_how() -> str:
@@ -69,6 +70,10 @@ class Principal:
     base_model: bool = False  # may generate without an adapter
     weight: float = 1.0  # share of the server under fair scheduling, relative to other tenants
     max_concurrent_requests: int | None = None  # its requests running or waiting at most (None: no quota)
+    # the first 8 hex digits of this key's sha256 ("" without auth): which of a tenant's keys sent a
+    # request, in the request log (a rotation is done when the old key's id stops appearing); not
+    # part of the identity (several keys of one tenant are one tenant)
+    key_id: str = dataclass_field(default="", compare=False)
 
     def may_use(self, adapter: str | None) -> bool:
         """True when this caller may run on ``adapter`` (None = the base model)."""
@@ -372,7 +377,13 @@ def _add(by_hash: dict[str, Principal], digest: str, principal: Principal, where
     if digest in by_hash:
         raise AuthError(f"{where}.key_sha256 {digest[:12]}... is given to both {by_hash[digest].name!r} "
                         f"and {principal.name!r}")
-    by_hash[digest] = principal
+    by_hash[digest] = replace(principal, key_id=key_id(digest))
+
+
+def key_id(digest: str) -> str:
+    """A key's id in log lines: the first 8 hex digits of its sha256 ``digest`` (the tenants file's
+    ``key_sha256``), enough to tell a tenant's keys apart and nothing to guess the key from."""
+    return digest[:KEY_ID_HEX]
 
 
 def _one_identity_per_name(principals: Iterable[Principal], path: Path) -> None:

@@ -136,16 +136,17 @@ class ServerMetrics:
         self._http = None
 
     def reject(self, reason: str, frontend: str, tenant: str | None = None, message: str | None = None,
-               request_id: str | None = None, client: str | tuple | None = None) -> None:
+               request_id: str | None = None, client: str | tuple | None = None, key: str | None = None) -> None:
         """Count one refused request; ``reason`` in :data:`REJECT_REASONS`, ``frontend`` in
         :data:`FRONTENDS`; with ``tenant`` (its key was checked: :func:`tenant_of`,
-        :func:`tenant_of_key`), as a "rejected" request of that tenant too (with ``per_tenant``).
+        :func:`caller_of_key`), as a "rejected" request of that tenant too (with ``per_tenant``).
         With a ``request_log``, logged too, with ``message`` (what the client was told) and the
         client's ``request_id`` when it sent one and its address ``client`` (HTTP's ``request.client``,
-        gRPC's ``context.peer()``: request_log.client_address)."""
+        gRPC's ``context.peer()``: request_log.client_address) and the id of its ``key``
+        (:func:`key_of`)."""
         self.rejected.labels(reason, frontend).inc()
         if self.request_log is not None:
-            self.request_log.refused(frontend, reason, tenant, message, request_id, client)
+            self.request_log.refused(frontend, reason, tenant, message, request_id, client, key)
         if tenant is not None:
             self.tenant_ended(tenant, "rejected")
 
@@ -173,10 +174,11 @@ class ServerMetrics:
             raise ValueError(f"outcome must be one of {TENANT_OUTCOMES}; got {outcome!r}")
         self.tenant_requests.labels(tenant, outcome).inc()
 
-    def request(self, frontend: str, tenant: str | None = None) -> RequestTimer:
+    def request(self, frontend: str, tenant: str | None = None, key: str | None = None) -> RequestTimer:
         """A timer started now, at a request's receipt on ``frontend`` (one of :data:`FRONTENDS`),
-        for ``tenant`` (or set later, once the key is checked: :meth:`RequestTimer.set_tenant`)."""
-        return RequestTimer(self, frontend, tenant)
+        for ``tenant`` and its ``key``'s id (or set later, once the key is checked:
+        :meth:`RequestTimer.set_tenant`)."""
+        return RequestTimer(self, frontend, tenant, key)
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of a scrape in Prometheus' text format: what ``/metrics`` answers
@@ -225,13 +227,22 @@ def tenant_of(auth: Authenticator, principal: Principal) -> str:
     return principal.name if auth.enabled else ANONYMOUS
 
 
-def tenant_of_key(auth: Authenticator, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-    """The ``tenant`` label of a request carrying ``metadata`` (HTTP headers, gRPC metadata), for a
-    refusal counted away from the principal: None for a missing or unknown key."""
+def key_of(auth: Authenticator, principal: Principal) -> str | None:
+    """The id of the key ``principal`` came with, as the request log names it (auth.key_id: the
+    first 8 hex digits of its sha256); None with auth off."""
+    return principal.key_id or None if auth.enabled else None
+
+
+def caller_of_key(auth: Authenticator,
+                  metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str | None, str | None]:
+    """(the ``tenant`` label, :func:`key_of`) of a request carrying ``metadata`` (HTTP headers, gRPC
+    metadata), for a refusal counted away from the principal: (None, None) for a missing or unknown
+    key."""
     try:
-        return tenant_of(auth, auth.authenticate(metadata))
+        principal = auth.authenticate(metadata)
     except NloraError:
-        return None
+        return None, None
+    return tenant_of(auth, principal), key_of(auth, principal)
 
 
 class RequestTimer:
@@ -239,21 +250,23 @@ class RequestTimer:
     the series of one front end; its tokens and how it ended into its tenant's (once known)."""
 
     __slots__ = ("_metrics", "_frontend", "_ttft", "_itl", "_duration", "_prompt", "_generated", "_queries", "_hits",
-                 "_tenant_tokens", "tenant", "caller", "record", "_log", "start", "first", "duration", "_last")
+                 "_tenant_tokens", "tenant", "caller", "caller_key", "record", "_log", "start", "first", "duration",
+                 "_last")
 
-    def __init__(self, metrics: ServerMetrics, frontend: str, tenant: str | None = None):
+    def __init__(self, metrics: ServerMetrics, frontend: str, tenant: str | None = None, key: str | None = None):
         if frontend not in FRONTENDS:
             raise ValueError(f"frontend must be one of {FRONTENDS}; got {frontend!r}")
         self._metrics, self._frontend = metrics, frontend
         # the tenant label, once the request's key is checked (stays None without per-tenant counters)
         self.tenant: str | None = None
         self.caller: str | None = None  # the same name, whatever the counters (the request log's)
+        self.caller_key: str | None = None  # the id of its key (key_of), for the request log
         self._tenant_tokens = None
         # what the request log's line says, filled in as the request runs; None: no request log
         self._log = metrics.request_log
         self.record = None if self._log is None else self._log.record()
         if tenant is not None:
-            self.set_tenant(tenant)
+            self.set_tenant(tenant, key)
         self._ttft, self._itl = metrics.ttft.labels(frontend), metrics.itl.labels(frontend)
         self._duration = metrics.duration.labels(frontend)
         self._prompt = metrics.prompt_tokens.labels(frontend)
@@ -279,10 +292,11 @@ class RequestTimer:
         if self._tenant_tokens is not None:
             self._tenant_tokens.inc(count)
 
-    def set_tenant(self, tenant: str) -> None:
+    def set_tenant(self, tenant: str, key: str | None = None) -> None:
         """The request's key is checked: its tokens and its end count for ``tenant`` from now on
-        (a no-op without per-tenant counters); its log line names it in any case."""
-        self.caller = tenant
+        (a no-op without per-tenant counters); its log line names it, and the ``key``'s id
+        (:func:`key_of`), in any case."""
+        self.caller, self.caller_key = tenant, key
         counter = self._metrics.tenant_generation_tokens
         if counter is None:
             return
@@ -304,7 +318,8 @@ class RequestTimer:
         front end, and for its tenant once it is known; with a request log, its line is written."""
         self._metrics.request_ended(self._frontend, outcome, self.tenant)
         if self.record is not None:
-            self._log.ended(self._frontend, self.caller, self.record, outcome, self.first, self.start, self.duration)
+            self._log.ended(self._frontend, self.caller, self.record, outcome, self.first, self.start, self.duration,
+                            self.caller_key)
 
     def finish(self) -> float:
         """The stream ended; returns (and keeps in ``duration``) its duration in seconds."""

@@ -6,14 +6,14 @@ lines, to the ``nlora_serve.requests`` logger, whichever engine runs behind them
 too). An admitted request writes one line when it ends, from where its end is counted for the
 metrics (:meth:`~nlora_serve.serving.metrics.RequestTimer.ended`)::
 
-    request cmpl-3f2a ended: frontend=http tenant='acme' adapter='lower' v2 prompt_tokens=12
+    request cmpl-3f2a ended: frontend=http tenant='acme' key=88e1ad5f adapter='lower' v2 prompt_tokens=12
     output_tokens=8 ttft_ms=35.1 total_ms=120.4 outcome=finished finish_reason='stop'
 
 (one line; ``outcome`` is one of :data:`~nlora_serve.serving.metrics.ENDED_OUTCOMES`, with
 ``reason=`` the engine's message for aborted and error). A request refused before it ran writes
 one line naming the reason (a ``nlora_requests_rejected_total`` reason) and the refusal's message::
 
-    request 'job-42' refused: frontend=grpc client=10.0.0.7:51234 tenant='acme' reason=queue_full
+    request 'job-42' refused: frontend=grpc client=10.0.0.7:51234 tenant='acme' key=88e1ad5f reason=queue_full
     message='server queue is full ...'
 
 (one line; the id when its client chose one: gRPC's ``request_id``; ``client`` the address the
@@ -22,7 +22,9 @@ connection came from: HTTP's ``request.client``, gRPC's ``context.peer()`` witho
 reason (log_limit.py: 10 at once, then 2 a second, the Linux kernel's printk defaults), the lines
 left out counted in a line ``suppressed K refusal lines (reason=R) in the last T s``; end lines
 never are. ``tenant`` is the caller's name in the tenants file (never its key; ``-`` for a key
-missing or unknown, ``anonymous`` without a tenants file). Unlike vLLM, which logs each request at
+missing or unknown, ``anonymous`` without a tenants file), followed by ``key=`` and the first 8 hex
+digits of its key's sha256 (the tenants file's ``key_sha256``): during a key rotation, the old key's
+id still appearing says a client still sends it. Unlike vLLM, which logs each request at
 its arrival too, there is no admission line: the end line's time less ``total_ms`` is the arrival, and the
 requests running now are in ``/metrics``. The prompt's and the first choice's text are logged only
 with ``--max-log-len N`` > 0 (vLLM's default, None, logs them whole): their first N characters,
@@ -111,14 +113,15 @@ class RequestLog:
         return RequestRecord(self.max_log_len)
 
     def ended(self, frontend: str, tenant: str | None, record: RequestRecord, outcome: str,
-              ttft: float | None, start: float, duration: float | None) -> None:
+              ttft: float | None, start: float, duration: float | None, key: str | None = None) -> None:
         """Log that an admitted request of ``tenant`` on ``frontend`` ended with ``outcome``
         (``ttft``, ``duration``: seconds, None when it had no token / did not run to its end;
-        ``start``: its receipt, perf_counter seconds)."""
+        ``start``: its receipt, perf_counter seconds; ``key``: the id of the key it came with,
+        auth.key_id, None: not said)."""
         total = duration if duration is not None else time.perf_counter() - start
         prompt, output = record.tokens()
         adapter = "base" if record.adapter is None else f"{quoted(record.adapter, 200)} v{record.version or '?'}"
-        line = (f"request {quoted(record.request_id or '-', 200)} ended: frontend={frontend} tenant={_who(tenant)} "
+        line = (f"request {quoted(record.request_id or '-', 200)} ended: frontend={frontend} tenant={_who(tenant, key)} "
                 f"adapter={adapter} prompt_tokens={prompt} output_tokens={output} "
                 f"ttft_ms={'-' if ttft is None else f'{ttft * 1e3:.1f}'} total_ms={total * 1e3:.1f} outcome={outcome}")
         if record.finish_reason is not None:
@@ -132,12 +135,12 @@ class RequestLog:
         self._log.info("%s", line)
 
     def refused(self, frontend: str, reason: str, tenant: str | None, message: str | None,
-                request_id: str | None = None, client: str | tuple | None = None) -> None:
+                request_id: str | None = None, client: str | tuple | None = None, key: str | None = None) -> None:
         """Log that a request of ``tenant`` (None: its key was missing or unknown, or not checked
         yet) on ``frontend`` was refused for ``reason`` (a ``nlora_requests_rejected_total`` reason)
         with ``message`` (what its client was told); ``request_id``: the id its client chose (gRPC's
         ``request_id``), when known; ``client``: where it came from (:func:`client_address`'s
-        input). Rate-limited per reason (log_limit.py): a line left out is counted in a later
+        input); ``key``: the id of the key it came with (auth.key_id), None: not said. Rate-limited per reason (log_limit.py): a line left out is counted in a later
         ``suppressed ...`` line."""
         write, summaries = self._limit.take(reason)
         for summary in summaries:
@@ -145,7 +148,7 @@ class RequestLog:
         if not write:
             return
         named = "" if request_id is None else f" {quoted(request_id, 200)}"
-        line = (f"request{named} refused: frontend={frontend} client={client_address(client)} tenant={_who(tenant)} "
+        line = (f"request{named} refused: frontend={frontend} client={client_address(client)} tenant={_who(tenant, key)} "
                 f"reason={reason}")
         if message is not None:
             line += f" message={quoted(capped(message))}"
@@ -188,5 +191,8 @@ def client_address(client: str | tuple | None) -> str:
     return text if _PLAIN_ADDRESS.fullmatch(text) else quoted(text, 200)
 
 
-def _who(tenant: str | None) -> str:
-    return "-" if tenant is None else quoted(tenant, 200)
+def _who(tenant: str | None, key: str | None = None) -> str:
+    """``'acme'``, with ``key=3f2a9c1b`` after it where the key's id is known; ``-`` for no tenant."""
+    if tenant is None:
+        return "-"
+    return quoted(tenant, 200) if key is None else f"{quoted(tenant, 200)} key={key}"

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from http_harness import TENANTS, base_url, client, idle, scrape
 from nlora_serve.client import NloraClient, PermissionDenied
+from nlora_serve.serving.auth import hash_key
 from nlora_serve.serving.request_log import RequestLog
 from nlora_serve.serving.http_api.server import MAX_BODY_BYTES
 
@@ -356,22 +357,26 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
     streamed = [line for line in lines if line.startswith(f"request {chunks[0].id!r} ended: ")]
     lines = [line for line in lines if line not in streamed]
     version = raw.headers["x-adapter-version"]
-    assert lines[0].startswith(f"request {answer.id!r} ended: frontend=http tenant='lora-co' adapter={LORA!r} "
+    # each line names the key too: the first 8 hex digits of its sha256, the tenants file's key_sha256
+    lora_key, base_key = (hash_key(TENANT_KEYS[name])[:8] for name in ("lora-co", "base-co"))
+    assert lines[0].startswith(f"request {answer.id!r} ended: frontend=http tenant='lora-co' key={lora_key} "
+                               f"adapter={LORA!r} "
                                f"v{version} prompt_tokens={answer.usage.prompt_tokens} "
                                f"output_tokens={answer.usage.completion_tokens} ttft_ms=")
     assert "outcome=finished finish_reason='length'" in lines[0]
     assert f" prompt={hostile!r} output={answer.choices[0].text!r}" in lines[0]
     usage = deltas[-1].usage
-    assert lines[1].startswith(f"request 'job-42' ended: frontend=grpc tenant='lora-co' adapter={LORA!r} "
+    assert lines[1].startswith(f"request 'job-42' ended: frontend=grpc tenant='lora-co' key={lora_key} "
+                               f"adapter={LORA!r} "
                                f"v{deltas[-1].adapter_version} prompt_tokens={usage.prompt_tokens} "
                                f"output_tokens={usage.completion_tokens} ttft_ms=")
     assert lines[2].startswith("request 'job-43' refused: frontend=grpc client=127.0.0.1:PORT tenant='base-co' "
-                               "reason=permission_denied message=")
+                               f"key={base_key} reason=permission_denied message=")
     assert lines[3].startswith("request refused: frontend=http client=127.0.0.1:PORT tenant='base-co' "
-                               "reason=permission_denied message=")
+                               f"key={base_key} reason=permission_denied message=")
     chat_usage = chunks[-1].usage
     assert len(streamed) == 1 and streamed[0].startswith(
-        f"request {chunks[0].id!r} ended: frontend=http tenant='lora-co' adapter={LORA!r} v{version} "
+        f"request {chunks[0].id!r} ended: frontend=http tenant='lora-co' key={lora_key} adapter={LORA!r} v{version} "
         f"prompt_tokens={chat_usage.prompt_tokens} output_tokens={chat_usage.completion_tokens} ttft_ms=")
     assert lines[4] == ("request refused: frontend=http client=127.0.0.1:PORT tenant=- reason=unauthenticated "
                         "message='unknown API key'")

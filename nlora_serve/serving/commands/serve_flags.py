@@ -125,7 +125,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     o("--tenant-metrics", action="store_true", help="per-tenant counters in /metrics (default: off)")
     o("--enable-log-requests", action="store_true",
       help="log one INFO line per generation request (gRPC and HTTP) when it ends: its id, front end, tenant "
-           "name (never its key), adapter and version, prompt and output tokens, TTFT and total ms, outcome; and "
+           "name and key id (its sha256's first 8 hex digits, never the key), adapter and version, prompt and "
+           "output tokens, TTFT and total ms, outcome; and "
            "one per request refused, with the reason and the client's address, at most 10 at once then 2/s per "
            "reason (the rest counted in a 'suppressed K refusal lines' line) (default: off, as vLLM's)")
     o("--max-log-len", type=integer_arg(0), default=0,

@@ -38,7 +38,7 @@ from nlora_serve.serving.status import TooLarge, abort, status_of
 
 INVALID = "invalid_argument"  # the reason (nlora-reason) of a request that does not parse, as of any bad request
 from nlora_serve.serving.auth import Authenticator
-from nlora_serve.serving.metrics import ServerMetrics, tenant_of_key
+from nlora_serve.serving.metrics import ServerMetrics, caller_of_key
 
 PREFIX = "/nlora_serve.v1."  # our services (nlora.proto's package)
 GENERATE = PREFIX + "Generation/Generate"
@@ -104,8 +104,9 @@ def _bounded(parse, method: str, max_bytes: int, counted: tuple[ServerMetrics, A
             code, reason = status_of(exc)
             if counted is not None:
                 metrics, auth = counted
-                tenant = tenant_of_key(auth, context.invocation_metadata()) if metrics.wants_tenant else None
-                metrics.reject(reason, "grpc", tenant, str(exc), client=context.peer())
+                tenant, key = (caller_of_key(auth, context.invocation_metadata()) if metrics.wants_tenant
+                               else (None, None))
+                metrics.reject(reason, "grpc", tenant, str(exc), client=context.peer(), key=key)
             await abort(context, code, str(exc), reason)
         return await parse(raw, context)
     return bounded

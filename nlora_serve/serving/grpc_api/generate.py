@@ -42,7 +42,7 @@ from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.stream import Metered, adapter_versions, start_request
 from nlora_serve.serving.status import ENGINE_ERROR, abort, status_of
-from nlora_serve.serving.metrics import RequestTimer, ServerMetrics, tenant_of
+from nlora_serve.serving.metrics import RequestTimer, ServerMetrics, key_of, tenant_of
 from nlora_serve.serving.server_config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except NloraError as exc:
             code, reason = status_of(exc)
             self.metrics.reject(reason, "grpc", timer.caller, str(exc), timer.record and timer.record.request_id,
-                                context.peer())
+                                context.peer(), timer.caller_key)
             await abort(context, code, str(exc), reason)
         try:
             # aclosing: on cancel, disconnect or deadline the metered stream is closed here, which
@@ -88,7 +88,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, timer: RequestTimer):
         principal = self.auth.authenticate(context.invocation_metadata())
-        timer.set_tenant(tenant_of(self.auth, principal))
+        timer.set_tenant(tenant_of(self.auth, principal), key_of(self.auth, principal))
         # the request log's line names them, refused or not (an id over the limit: its first 200 characters)
         timer.describe(request.request_id or None, request.adapter or None, None)
         adapter = request.adapter or None

@@ -56,7 +56,7 @@ from nlora_serve.serving.http_api.openai import chat_prompt
 from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest
 from nlora_serve.serving.http_api.truncation import check_truncatable, truncated, truncation_of
 from nlora_serve.serving.http_api.responses import Shaper, version_headers, whole_json
-from nlora_serve.serving.metrics import RequestTimer, tenant_of
+from nlora_serve.serving.metrics import RequestTimer, key_of, tenant_of
 
 # an admitted request holds its tenant's place (quota, queue share) while its body is read: a body
 # held back gets 408 after this long (16 MiB, the largest body, in 60 s is ~2 Mbit/s)
@@ -119,7 +119,7 @@ async def generate(ctx: HttpContext, request: Request, endpoint: Endpoint) -> Re
         reservation.release()
         raise
     if started is None:  # gone before its body arrived or while its prompt waited for the tokenizer
-        ctx.metrics.request("http", tenant_of(ctx.auth, caller)).ended("cancelled")  # counted, and logged
+        ctx.metrics.request("http", tenant_of(ctx.auth, caller), key_of(ctx.auth, caller)).ended("cancelled")  # counted, and logged
         reservation.release()
         return Response(status_code=499)
     body = started.body
@@ -148,7 +148,7 @@ async def _start(ctx: HttpContext, request: Request, endpoint: Endpoint, caller:
     except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
         return None
     # TTFT from here, as vLLM's: a slow upload is not the server's time
-    timer = ctx.metrics.request("http", tenant_of(ctx.auth, caller))
+    timer = ctx.metrics.request("http", tenant_of(ctx.auth, caller), key_of(ctx.auth, caller))
     # a large body is parsed and validated in a worker thread, in pieces (body.read_off_loop)
     body, prompts, params, own = await read_off_loop(body, request.headers.get("content-type"),
                                                      grant_check(caller, ctx.base_model), endpoint.read, ctx)

@@ -29,7 +29,7 @@ from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.errors import NloraError, shown
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.health_state import health_answer
-from nlora_serve.serving.metrics import tenant_of_key
+from nlora_serve.serving.metrics import caller_of_key
 from nlora_serve.serving.stream import adapter_versions
 from nlora_serve.serving.status import Draining, http_status_of
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body
@@ -150,8 +150,8 @@ async def _version(caller: Principal = Depends(_principal)) -> dict:  # a key, a
 def _refused(request: Request, reason: str, message: str | None = None) -> None:
     if request.url.path in GENERATE_PATHS:  # as gRPC counts Generate refusals only
         ctx = _ctx(request)
-        tenant = tenant_of_key(ctx.auth, request.headers.items()) if ctx.metrics.wants_tenant else None
-        ctx.metrics.reject(reason, "http", tenant, message, client=request.client)
+        tenant, key = caller_of_key(ctx.auth, request.headers.items()) if ctx.metrics.wants_tenant else (None, None)
+        ctx.metrics.reject(reason, "http", tenant, message, client=request.client, key=key)
 
 
 async def _expected(request: Request, exc: NloraError) -> JSONResponse:
