@@ -158,6 +158,15 @@ def test_a_request_whose_key_was_not_checked_counts_for_no_tenant():
     metrics.reject("unauthenticated", "grpc")  # an unknown key: its reason only
     metrics.reject("queue_full", "http", "acme")
     assert _tenant_counts(metrics) == {("acme", "rejected"): 1}
+    # and by reason: a tenant at its quota stands apart from its other refusals (one series before)
+    metrics.reject("tenant_quota", "grpc", "acme")
+    metrics.reject("tenant_quota", "http", "acme")
+    metrics.reject("permission_denied", "http", "acme")
+    by_reason = {(s.labels["tenant"], s.labels["reason"]): s.value
+                 for family in metrics.registry.collect() if family.name == "nlora_tenant_requests_rejected"
+                 for s in family.samples if s.name.endswith("_total")}
+    assert by_reason == {("acme", "queue_full"): 1, ("acme", "tenant_quota"): 2, ("acme", "permission_denied"): 1}
+    assert _tenant_counts(metrics) == {("acme", "rejected"): 4}
 
 
 def test_without_per_tenant_counters_a_tenants_request_leaves_no_tenant_series():

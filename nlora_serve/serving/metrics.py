@@ -104,12 +104,18 @@ class ServerMetrics:
         self.request_log = request_log
         self.tenant_requests: Counter | None = None  # None: --tenant-metrics off, nothing registered
         self.tenant_generation_tokens: Counter | None = None
+        self.tenant_rejected: Counter | None = None
         if per_tenant:
             self.tenant_requests = Counter("nlora_tenant_requests", "Generation requests of a tenant (its name in "
                                            "the tenants file, 'anonymous' without one), by how they ended",
                                            ["tenant", "outcome"], registry=r)
             self.tenant_generation_tokens = Counter("nlora_tenant_generation_tokens", "Tokens streamed to a "
                                                     "tenant's clients", ["tenant"], registry=r)
+            # the "rejected" outcome above by reason: a tenant at its max_concurrent_requests
+            # (tenant_quota) apart from its 403s and 400s, which one series counted together
+            self.tenant_rejected = Counter("nlora_tenant_requests_rejected", "Generation requests of a tenant "
+                                           "refused after its key was checked, by reason (those of "
+                                           "nlora_requests_rejected_total)", ["tenant", "reason"], registry=r)
         for frontend in FRONTENDS:  # every series exists from the start, at 0
             for metric in (self.ttft, self.itl, self.duration, self.prompt_tokens, self.generation_tokens,
                            self.cache_queries, self.cache_hits):
@@ -139,7 +145,8 @@ class ServerMetrics:
                request_id: str | None = None, client: str | tuple | None = None, key: str | None = None) -> None:
         """Count one refused request; ``reason`` in :data:`REJECT_REASONS`, ``frontend`` in
         :data:`FRONTENDS`; with ``tenant`` (its key was checked: :func:`tenant_of`,
-        :func:`caller_of_key`), as a "rejected" request of that tenant too (with ``per_tenant``).
+        :func:`caller_of_key`), as a "rejected" request of that tenant too, and by ``reason`` in
+        ``nlora_tenant_requests_rejected_total`` (both with ``per_tenant``).
         With a ``request_log``, logged too, with ``message`` (what the client was told) and the
         client's ``request_id`` when it sent one and its address ``client`` (HTTP's ``request.client``,
         gRPC's ``context.peer()``: request_log.client_address) and the id of its ``key``
@@ -149,6 +156,8 @@ class ServerMetrics:
             self.request_log.refused(frontend, reason, tenant, message, request_id, client, key)
         if tenant is not None:
             self.tenant_ended(tenant, "rejected")
+            if self.tenant_rejected is not None:
+                self.tenant_rejected.labels(tenant, reason).inc()
 
     @property
     def wants_tenant(self) -> bool:
