@@ -53,10 +53,25 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 ABORT_FLUSH_S = 5.0  # after the drain, how long aborted requests get to send their error to the client
 
 
-def shutdown_reason(grace: float) -> str:
-    """What a request still running when the drain period ends is told (as RequestAborted)."""
-    return (f"the server is shutting down: this request was still running when the drain period "
-            f"(--drain-seconds {grace:g}) ended, so it was aborted; retry it on another replica")
+def shutdown_reason(grace: float, cut: bool = False) -> str:
+    """What a request still running when the drain period ends is told (as RequestAborted);
+    ``cut``: the operator ended the drain early (a second SIGTERM / SIGINT)."""
+    when = ("when the drain was ended early (a second SIGTERM or Ctrl-C)" if cut else
+            f"when the drain period (--drain-seconds {grace:g}) ended")
+    return f"the server is shutting down: this request was still running {when}, so it was aborted; " \
+           "retry it on another replica"
+
+
+async def wait_idle(idle: asyncio.Event, grace: float, now: asyncio.Event | None = None) -> bool:
+    """Wait until ``idle`` is set, for at most ``grace`` seconds, or until ``now`` is set (an
+    operator's second signal) if that comes first. Returns whether ``idle`` is set."""
+    waits = [asyncio.ensure_future(idle.wait())] + ([asyncio.ensure_future(now.wait())] if now is not None else [])
+    try:
+        await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+    return idle.is_set()
 
 
 class NloraServer:
@@ -177,27 +192,25 @@ class NloraServer:
         keeps serving every stream while a large file is read and checked."""
         return reload_off_loop(self.reload_tenants)
 
-    async def shutdown(self, grace: float | None = None) -> bool:
+    async def shutdown(self, grace: float | None = None, now: asyncio.Event | None = None) -> bool:
         """Graceful stop: health NOT_SERVING, new Generate calls UNAVAILABLE and HTTP requests 503,
         running requests (both front ends) get up to ``grace`` seconds (default
-        ``config.drain_seconds``) to finish; the rest are then aborted with :func:`shutdown_reason`,
-        so that each client is told (gRPC ABORTED, an HTTP 409 error or SSE error event), and get
-        up to :data:`ABORT_FLUSH_S` to send that; then the servers stop.
+        ``config.drain_seconds``) to finish, or until ``now`` is set (serve's second signal); the
+        rest are then aborted with :func:`shutdown_reason`, so that each client is told (gRPC
+        ABORTED, an HTTP 409 error or SSE error event), and get up to :data:`ABORT_FLUSH_S` to send
+        that; then the servers stop.
 
         Returns True when every stream finished within the grace period.
         """
         grace = self.config.drain_seconds if grace is None else grace
         self.admission.start_draining()
         await self.health.enter_graceful_shutdown()
-        drained = True
-        try:
-            if not self.admission.idle.is_set():
-                await asyncio.wait_for(self.admission.idle.wait(), timeout=grace)
-        except TimeoutError:
-            drained = False
-            log.warning("%d streams still running after %.1f s of drain; aborting them",
-                        self.admission.inflight, grace)
-            self.engine.abort_all(shutdown_reason(grace))
+        drained = await wait_idle(self.admission.idle, grace, now)
+        if not drained:
+            cut = now is not None and now.is_set()
+            log.warning("%d streams still running %s; aborting them", self.admission.inflight,
+                        "as the drain was ended early" if cut else f"after {grace:.1f} s of drain")
+            self.engine.abort_all(shutdown_reason(grace, cut))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.admission.idle.wait(), timeout=ABORT_FLUSH_S)
         if self.http is not None:

@@ -20,6 +20,7 @@ from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
 from nlora_serve.engine.structured import CompileBusy
+from nlora_serve.serving.server import shutdown_reason, wait_idle
 from nlora_serve.serving.status import Draining, QueueFull, http_status_of, status_of
 from nlora_serve.engine.sampling import RequestError
 
@@ -114,3 +115,28 @@ def test_health_is_503_naming_why_once_the_engine_can_serve_no_more(make_http_se
     assert _health(server) == (200, "ok")
     monkeypatch.setattr(type(server.engine), "dead_reason", property(lambda self: "the core died"))
     assert _health(server) == (503, "dead")
+
+
+def test_a_second_signal_ends_the_drain_at_once():
+    """serve's drain waits for the running requests, at most --drain-seconds; a second SIGTERM or
+    Ctrl-C sets ``now`` (commands/serve.py), which ends the wait at once (it was ignored: Ctrl-C
+    again did nothing for up to 30 s), and the requests then aborted are told why."""
+
+    async def run(set_idle: bool, set_now: bool, grace: float) -> tuple[bool, float]:
+        idle, now = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if set_idle:
+            loop.call_later(0.05, idle.set)
+        if set_now:
+            loop.call_later(0.05, now.set)
+        start = time.monotonic()
+        return await wait_idle(idle, grace, now), time.monotonic() - start
+
+    drained, took = asyncio.run(run(set_idle=False, set_now=True, grace=30))
+    assert not drained and took < 5  # cut short, not the 30 s grace
+    drained, took = asyncio.run(run(set_idle=True, set_now=False, grace=30))
+    assert drained and took < 5
+    drained, took = asyncio.run(run(set_idle=False, set_now=False, grace=0.1))
+    assert not drained and 0.05 < took < 5
+    assert "ended early (a second SIGTERM or Ctrl-C)" in shutdown_reason(30, cut=True)
+    assert "(--drain-seconds 30) ended" in shutdown_reason(30)

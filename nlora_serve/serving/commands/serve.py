@@ -265,9 +265,12 @@ async def serve(server: NloraServer, adapters: list[str]) -> bool:
     watch.cancel()
     # how many requests the stop caught (both front ends: running, queued, or still being read or
     # tokenized); those still running when the period ends are counted again as they are aborted
-    log.info("shutting down: draining %d admitted requests for up to %.0f s", server.admission.inflight,
-             server.config.drain_seconds)
-    return await server.shutdown()
+    log.info("shutting down: draining %d admitted requests for up to %.0f s (a second SIGTERM or Ctrl-C "
+             "ends the drain now)", server.admission.inflight, server.config.drain_seconds)
+    now = asyncio.Event()  # a second signal: the requests still running are aborted (and told) at once
+    for sig in (signal.SIGTERM, signal.SIGINT):  # was ignored: Ctrl-C again did nothing for --drain-seconds
+        loop.add_signal_handler(sig, now.set)
+    return await server.shutdown(now=now)
 
 
 async def _watch_engine(engine, stop: asyncio.Event, every: float = ENGINE_WATCH_SECONDS) -> None:

@@ -61,7 +61,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                                            "of the context, at most this (default: %(default)s)")
     f("--drain-seconds", type=float, default=d.drain_seconds,
       help="on SIGTERM/SIGINT, how long running streams may finish; the rest are then aborted, "
-           "each told that the server shut down (default: %(default)s)")
+           "each told that the server shut down; a second signal ends the drain at once (default: %(default)s)")
     m("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf "
                                          "file, or a Hugging Face ORG/NAME in the HF cache ($HF_HOME) "
                                          "(default: %(default)s)")
