@@ -266,7 +266,8 @@ def test_lines_name_which_key_of_a_tenant_sent_the_request(caplog):
     old, new = hash_key("old-key-of-acme"), hash_key("new-key-of-acme")
     auth = Authenticator.from_document({"tenants": [
         {"name": "acme", "key_sha256": digest, "adapters": ["lower"]} for digest in (old, new)]}, "t.json")
-    callers = [auth.authenticate([("authorization", f"Bearer {key}")]) for key in ("old-key-of-acme", "new-key-of-acme")]
+    callers = [auth.authenticate([("authorization", f"Bearer {key}")])
+               for key in ("old-key-of-acme", "new-key-of-acme")]
     assert callers[0] == callers[1]  # one tenant: the key's id is no part of its identity
     assert [key_of(auth, p) for p in callers] == [old[:8], new[:8]]
     assert key_of(Authenticator(None), LOCAL_ADMIN) is None  # auth off: no key to name

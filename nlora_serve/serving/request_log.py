@@ -121,7 +121,8 @@ class RequestLog:
         total = duration if duration is not None else time.perf_counter() - start
         prompt, output = record.tokens()
         adapter = "base" if record.adapter is None else f"{quoted(record.adapter, 200)} v{record.version or '?'}"
-        line = (f"request {quoted(record.request_id or '-', 200)} ended: frontend={frontend} tenant={_who(tenant, key)} "
+        line = (f"request {quoted(record.request_id or '-', 200)} ended: frontend={frontend} "
+                f"tenant={_who(tenant, key)} "
                 f"adapter={adapter} prompt_tokens={prompt} output_tokens={output} "
                 f"ttft_ms={'-' if ttft is None else f'{ttft * 1e3:.1f}'} total_ms={total * 1e3:.1f} outcome={outcome}")
         if record.finish_reason is not None:
@@ -140,7 +141,8 @@ class RequestLog:
         yet) on ``frontend`` was refused for ``reason`` (a ``nlora_requests_rejected_total`` reason)
         with ``message`` (what its client was told); ``request_id``: the id its client chose (gRPC's
         ``request_id``), when known; ``client``: where it came from (:func:`client_address`'s
-        input); ``key``: the id of the key it came with (auth.key_id), None: not said. Rate-limited per reason (log_limit.py): a line left out is counted in a later
+        input); ``key``: the id of the key it came with (auth.key_id), None: not said.
+        Rate-limited per reason (log_limit.py): a line left out is counted in a later
         ``suppressed ...`` line."""
         write, summaries = self._limit.take(reason)
         for summary in summaries:
@@ -148,7 +150,8 @@ class RequestLog:
         if not write:
             return
         named = "" if request_id is None else f" {quoted(request_id, 200)}"
-        line = (f"request{named} refused: frontend={frontend} client={client_address(client)} tenant={_who(tenant, key)} "
+        line = (f"request{named} refused: frontend={frontend} client={client_address(client)} "
+                f"tenant={_who(tenant, key)} "
                 f"reason={reason}")
         if message is not None:
             line += f" message={quoted(capped(message))}"

@@ -119,7 +119,8 @@ async def generate(ctx: HttpContext, request: Request, endpoint: Endpoint) -> Re
         reservation.release()
         raise
     if started is None:  # gone before its body arrived or while its prompt waited for the tokenizer
-        ctx.metrics.request("http", tenant_of(ctx.auth, caller), key_of(ctx.auth, caller)).ended("cancelled")  # counted, and logged
+        timer = ctx.metrics.request("http", tenant_of(ctx.auth, caller), key_of(ctx.auth, caller))
+        timer.ended("cancelled")  # counted, and logged
         reservation.release()
         return Response(status_code=499)
     body = started.body
