@@ -16,7 +16,7 @@ import pytest
 from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.auth import LOCAL_ADMIN, Authenticator, hash_key
-from nlora_serve.serving.metrics import ServerMetrics, key_of
+from nlora_serve.serving.metrics import ServerMetrics, caller_of_key, key_of
 from nlora_serve.serving.request_log import RequestLog, quoted
 from nlora_serve.serving.server import _request_log
 from nlora_serve.serving.commands import serve as serve_cli
@@ -282,3 +282,13 @@ def test_lines_name_which_key_of_a_tenant_sent_the_request(caplog):
     timer.describe("job-1", None, None)
     timer.ended("cancelled")
     assert _line(caplog).startswith(f"request 'job-1' ended: frontend=grpc tenant='acme' key={new[:8]} adapter=base ")
+    # the old key revoked (the new entry alone), its 401s still name it: the client has not switched
+    auth.replace_keys(Authenticator.from_document({"tenants": [
+        {"name": "acme", "key_sha256": new, "adapters": ["lower"]}]}, "t.json"))
+    sent = [("authorization", "Bearer old-key-of-acme")]
+    assert caller_of_key(auth, sent) == (None, old[:8])
+    assert auth.presented_key_id([]) is None and Authenticator(None).presented_key_id(sent) is None
+    caplog.clear()
+    metrics.reject("unauthenticated", "http", None, "unknown API key", key=caller_of_key(auth, sent)[1])
+    assert _line(caplog) == f"request refused: frontend=http client=- tenant=- key={old[:8]} " \
+                            "reason=unauthenticated message='unknown API key'"

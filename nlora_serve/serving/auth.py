@@ -209,6 +209,18 @@ class Authenticator:
                             "loopback-only server without auth")
         return cls(by_hash)
 
+    def presented_key_id(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+        """The id (:func:`key_id`) of the bearer key ``metadata`` carries, known or not: a refused
+        call's log line names it, so that a key revoked (or mistyped) that a client still sends can be
+        told apart from others. None with auth off, or without one bearer key."""
+        if self._keys[0] is None:
+            return None
+        try:
+            key = _bearer(metadata or ())
+        except Unauthenticated:
+            return None
+        return None if key is None else key_id(hash_key(key))
+
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
         """The principal of a call's ``authorization: Bearer <key>`` metadata.
 

@@ -245,12 +245,12 @@ def key_of(auth: Authenticator, principal: Principal) -> str | None:
 def caller_of_key(auth: Authenticator,
                   metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str | None, str | None]:
     """(the ``tenant`` label, :func:`key_of`) of a request carrying ``metadata`` (HTTP headers, gRPC
-    metadata), for a refusal counted away from the principal: (None, None) for a missing or unknown
-    key."""
+    metadata), for a refusal counted away from the principal: no tenant for a missing or unknown
+    key, and an unknown one's id (Authenticator.presented_key_id: a revoked key still sent)."""
     try:
         principal = auth.authenticate(metadata)
     except NloraError:
-        return None, None
+        return None, auth.presented_key_id(metadata)
     return tenant_of(auth, principal), key_of(auth, principal)
 
 

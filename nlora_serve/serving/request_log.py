@@ -24,7 +24,8 @@ left out counted in a line ``suppressed K refusal lines (reason=R) in the last T
 never are. ``tenant`` is the caller's name in the tenants file (never its key; ``-`` for a key
 missing or unknown, ``anonymous`` without a tenants file), followed by ``key=`` and the first 8 hex
 digits of its key's sha256 (the tenants file's ``key_sha256``): during a key rotation, the old key's
-id still appearing says a client still sends it. Unlike vLLM, which logs each request at
+id still appearing says a client still sends it; a refusal of an unknown key names its id too
+(``tenant=- key=...``: a revoked key, whose id the old entry's hash starts with). Unlike vLLM, which logs each request at
 its arrival too, there is no admission line: the end line's time less ``total_ms`` is the arrival, and the
 requests running now are in ``/metrics``. The prompt's and the first choice's text are logged only
 with ``--max-log-len N`` > 0 (vLLM's default, None, logs them whole): their first N characters,
@@ -195,7 +196,7 @@ def client_address(client: str | tuple | None) -> str:
 
 
 def _who(tenant: str | None, key: str | None = None) -> str:
-    """``'acme'``, with ``key=3f2a9c1b`` after it where the key's id is known; ``-`` for no tenant."""
-    if tenant is None:
-        return "-"
-    return quoted(tenant, 200) if key is None else f"{quoted(tenant, 200)} key={key}"
+    """``'acme'`` (``-`` for no tenant: a key missing or unknown), with ``key=3f2a9c1b`` after it
+    where the key's id is given."""
+    who = "-" if tenant is None else quoted(tenant, 200)
+    return who if key is None else f"{who} key={key}"

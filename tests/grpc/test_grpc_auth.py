@@ -13,7 +13,7 @@ from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from nlora_serve.client import InvalidArgument, NloraClient, NotFound, PermissionDenied, Unauthenticated
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.admin_log import AdminRefusals
-from nlora_serve.serving.auth import Authenticator, Principal
+from nlora_serve.serving.auth import Authenticator, Principal, hash_key
 from nlora_serve.serving.auth import PermissionDenied as AuthPermissionDenied
 from nlora_serve.serving.request_log import RequestLog
 
@@ -201,7 +201,8 @@ def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_fil
     interceptor = KeyFirst(auth, ServerMetrics(lambda: {}, lambda: (0, 0), request_log=RequestLog()))
     cases = [("/nlora_serve.v1.Generation/Generate", None, grpc.StatusCode.UNAUTHENTICATED),
              ("/nlora_serve.v1.AdapterAdmin/SwapAdapter", TENANT_KEYS["lora-co"], grpc.StatusCode.PERMISSION_DENIED),
-             ("/nlora_serve.v1.AdapterAdmin/UploadAdapter", "wrong", grpc.StatusCode.UNAUTHENTICATED)]
+             ("/nlora_serve.v1.AdapterAdmin/UploadAdapter", "wrong", grpc.StatusCode.UNAUTHENTICATED),
+             ("/nlora_serve.v1.Generation/Generate", "revoked-key", grpc.StatusCode.UNAUTHENTICATED)]
     for method, key, code in cases:
         handler = asyncio.run(interceptor.intercept_service(continuation, Details(method, key)))
         assert handler.request_streaming and handler.stream_stream is not None
@@ -213,7 +214,10 @@ def test_key_first_hands_a_refused_call_a_handler_that_reads_nothing(tenants_fil
     # the refused Generate's request-log line names the address the call came from (context.peer())
     assert [r.getMessage() for r in caplog.records if r.name == "nlora_serve.requests"] == [
         "request refused: frontend=grpc client=192.0.2.5:40000 tenant=- reason=unauthenticated "
-        "message=" + repr("missing credentials: send 'authorization: Bearer <key>' (an HTTP header or gRPC metadata)")]
+        "message=" + repr("missing credentials: send 'authorization: Bearer <key>' (an HTTP header or gRPC metadata)"),
+        # an unknown key is named by its id (a revoked key a client still sends: its old entry's hash starts so)
+        f"request refused: frontend=grpc client=192.0.2.5:40000 tenant=- key={hash_key('revoked-key')[:8]} "
+        "reason=unauthenticated message='unknown API key'"]
     for method, key in (("/nlora_serve.v1.Generation/Generate", TENANT_KEYS["lora-co"]),
                         ("/nlora_serve.v1.AdapterAdmin/SwapAdapter", ADMIN_KEY),
                         ("/grpc.health.v1.Health/Check", None)):  # health needs no key

@@ -378,6 +378,7 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
     assert len(streamed) == 1 and streamed[0].startswith(
         f"request {chunks[0].id!r} ended: frontend=http tenant='lora-co' key={lora_key} adapter={LORA!r} v{version} "
         f"prompt_tokens={chat_usage.prompt_tokens} output_tokens={chat_usage.completion_tokens} ttft_ms=")
-    assert lines[4] == ("request refused: frontend=http client=127.0.0.1:PORT tenant=- reason=unauthenticated "
+    assert lines[4] == ("request refused: frontend=http client=127.0.0.1:PORT tenant=- "
+                        f"key={hash_key('key-of-nobody')[:8]} reason=unauthenticated "
                         "message='unknown API key'")
     assert all(line.isprintable() for line in lines + streamed)

@@ -48,18 +48,21 @@ class KeyFirst(grpc.aio.ServerInterceptor):
             if method.startswith(ADMIN_SERVICE):
                 principal.require_admin(method.rsplit("/", 1)[-1])
         except NloraError as exc:
-            return self._refusal(method, principal, exc)
+            key = (self.auth.presented_key_id(handler_call_details.invocation_metadata)
+                   if method == GENERATE and self.metrics.wants_tenant else None)  # an unknown key's id, for the log
+            return self._refusal(method, principal, exc, key)
         return await continuation(handler_call_details)
 
-    def _refusal(self, method: str, principal: Principal | None, exc: NloraError) -> grpc.RpcMethodHandler:
+    def _refusal(self, method: str, principal: Principal | None, exc: NloraError,
+                 key: str | None = None) -> grpc.RpcMethodHandler:
         """A handler that counts or logs the refusal (with the caller's address, which only a
-        call's context knows) and aborts with ``exc``'s status without reading the request: grpc
+        call's context knows, and ``key``, the id of the unknown key it came with) and aborts with ``exc``'s status without reading the request: grpc
         reads a request stream's messages only as the handler iterates it, and this one never does."""
         code, reason = status_of(exc)
 
         async def refuse(request_iterator, context: grpc.aio.ServicerContext):
             if method == GENERATE:  # no key checked yet: no tenant
-                self.metrics.reject(reason, "grpc", None, str(exc), client=context.peer())
+                self.metrics.reject(reason, "grpc", None, str(exc), client=context.peer(), key=key)
             elif principal is not None and self.admin_refusals is not None:  # a tenant key on AdapterAdmin
                 self.admin_refusals.refused(method.rsplit("/", 1)[-1], principal, code.name, exc, context.peer())
             await abort(context, code, str(exc), reason)
