@@ -107,3 +107,37 @@ def test_a_start_batch_that_fails_takes_its_writes_back_and_prunes_nothing(base_
         manager.register_dir("acme", LOWER)
     manager.registry.store.wait_deleted()
     assert manager.registry.store.versions("acme") == [3]
+
+
+def _unreadable(monkeypatch, folder: Path) -> None:
+    """``os.scandir`` of ``folder`` fails with EACCES (as for a non-root server on another user's 0700
+    folder; the tests may run as root, where chmod does not refuse)."""
+    import os
+
+    real = os.scandir
+
+    def scandir(path="."):
+        if not isinstance(path, int) and Path(os.fsdecode(path)) == folder:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unreadable_name_folder_is_skipped_by_the_base_check_as_by_the_scan(base_fp32, tmp_path, monkeypatch):
+    # the registry's scan skips such a folder with a warning (reads.py: "EACCES, EIO; not a crash of
+    # the start"); the base check read it unguarded and the start died with a bare PermissionError
+    root = tmp_path / "store"
+    old = AdapterStore(root)  # an older nlora-serve's store: no record, so the configs are read
+    files = {name: (PEFT / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+    old.write("lora", files)
+    old.write("locked", files)
+    del old
+    _unreadable(monkeypatch, root / "locked")
+    assert [v.name for v in AdapterManager(base_fp32, root).versions()] == ["lora"]
+    # a record of another model: a folder it cannot read may hold adapters, so it is refused, clearly
+    (root / "lora" / "00000001").rename(tmp_path / "moved")
+    from nlora_serve.adapters.store.base_record import BaseIdentity, write_record
+    write_record(root, BaseIdentity("f" * 64, "/models/Other-1B"))
+    with pytest.raises(AdapterError, match=r"is for base model /models/Other-1B"):
+        AdapterManager(base_fp32, root)

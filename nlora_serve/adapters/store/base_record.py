@@ -137,12 +137,18 @@ def write_record(root: Path, identity: BaseIdentity) -> None:
 
 
 def _holds_adapters(root: Path) -> bool:
-    """Whether the store holds any adapter: a name with a version folder, or family factors."""
-    for entry in os.scandir(root):
-        if entry.name in (STAGING, BASE_FILE) or not entry.is_dir(follow_symlinks=False):
-            continue
-        with os.scandir(entry.path) as inner:
-            if any(e.is_dir(follow_symlinks=False) for e in inner):
+    """Whether the store holds any adapter: a name with a version folder, or family factors. A
+    folder that cannot be read (EACCES, EIO) may hold one: counted as holding (nothing is taken
+    for another model on a guess)."""
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name in (STAGING, BASE_FILE) or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                with os.scandir(entry.path) as inner:
+                    if any(e.is_dir(follow_symlinks=False) for e in inner):
+                        return True
+            except OSError:
                 return True
     return False
 
@@ -152,11 +158,16 @@ def _config_fingerprints(root: Path) -> dict[str, list[str]]:
     family members), each with the names recording it; names whose config records none (PEFT
     LoRAs) or cannot be read are left out (the registry's scan names what is wrong with those)."""
     found: dict[str, list[str]] = {}
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+    with os.scandir(root) as entries:
+        listed = sorted(entries, key=lambda e: e.name)
+    for entry in listed:
         if entry.name in (STAGING, FAMILIES, BASE_FILE) or not entry.is_dir(follow_symlinks=False):
             continue
-        with os.scandir(entry.path) as inner:
-            versions = sorted(e.name for e in inner if e.name.isascii() and e.name.isdigit() and len(e.name) == 8)
+        try:  # EACCES, EIO: skipped here as by the registry's scan (reads.py), which warns
+            with os.scandir(entry.path) as inner:
+                versions = sorted(e.name for e in inner if e.name.isascii() and e.name.isdigit() and len(e.name) == 8)
+        except OSError:
+            continue
         if not versions:
             continue
         try:
