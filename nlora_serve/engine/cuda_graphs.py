@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import gc
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -44,17 +45,33 @@ def quiet_capture() -> Iterator[None]:
     first use mid-serving would hand the allocator's cached device and pinned blocks back to the
     driver, so the next steps pay cudaMalloc / cudaHostAlloc again (the sampler pins a buffer per
     step). Process-wide while it lasts: another thread's call in that window is a no-op too.
+    Windows may overlap (two engines' threads): the originals are saved by the first to begin and
+    put back when the last ends.
     """
-    saved = [(gc, "collect", gc.collect), (torch.cuda, "empty_cache", torch.cuda.empty_cache)]
-    if hasattr(torch._C, "_host_emptyCache"):
-        saved.append((torch._C, "_host_emptyCache", torch._C._host_emptyCache))
-    for owner, name, _ in saved:
-        setattr(owner, name, (lambda *args, **kwargs: 0) if name == "collect" else (lambda *args, **kwargs: None))
+    global _quiet_depth, _quiet_saved
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved = [(gc, "collect", gc.collect), (torch.cuda, "empty_cache", torch.cuda.empty_cache)]
+            if hasattr(torch._C, "_host_emptyCache"):
+                _quiet_saved.append((torch._C, "_host_emptyCache", torch._C._host_emptyCache))
+            for owner, name, _ in _quiet_saved:
+                setattr(owner, name, (lambda *args, **kwargs: 0) if name == "collect"
+                        else (lambda *args, **kwargs: None))
+        _quiet_depth += 1
     try:
         yield
     finally:
-        for owner, name, original in saved:
-            setattr(owner, name, original)
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for owner, name, original in _quiet_saved:
+                    setattr(owner, name, original)
+                _quiet_saved = []
+
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0  # quiet_capture windows open now
+_quiet_saved: list = []  # (owner, name, original) the first window replaced
 
 
 class CudaGraphCapture:

@@ -78,3 +78,18 @@ def test_cuda_graph_capture_enters_torch_cuda_graph_quietly(monkeypatch):
     _, out = capture.capture(lambda: torch.ones(2))
     assert seen == [(False, False)] and capture.pool == "pool" and out.tolist() == [1.0, 1.0]
     assert (gc.collect, torch.cuda.empty_cache) == real
+
+
+def test_overlapping_windows_restore_the_originals_once_the_last_ends():
+    # two captures overlapping (two engines' step threads in one process): the second saved the
+    # first's no-ops as "originals" and, ending last, left gc.collect and empty_cache no-ops for good
+    from contextlib import ExitStack
+
+    real = gc.collect, torch.cuda.empty_cache
+    first, second = ExitStack(), ExitStack()
+    first.enter_context(quiet_capture())
+    second.enter_context(quiet_capture())
+    first.close()
+    assert gc.collect() == 0 and torch.cuda.empty_cache is not real[1]  # the second's window still holds
+    second.close()
+    assert (gc.collect, torch.cuda.empty_cache) == real
