@@ -180,3 +180,44 @@ def test_a_swap_cancelled_in_its_worker_thread_is_logged_as_still_landing(caplog
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("SwapAdapter by 'local' from 10.0.0.7:51234 cancelled by the client after ")
     assert line.endswith(": a change already handed to its worker thread still completes (ListAdapters shows what serves)")
+
+
+def test_a_cancelled_upload_holds_its_slot_until_its_worker_thread_ends(caplog):
+    """A cancel does not stop the worker thread (it holds the payload as bytes, waiting for the
+    registry's write lock): its slot was given back at the cancel, so a client cancelling each
+    upload after its last byte had any number of payloads in memory and threads, the cap unbounded."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    servicer = _servicer([])
+
+    def register(name, files):
+        started.set()
+        release.wait(5)
+        return "version"
+
+    servicer._manager = lambda: SimpleNamespace(register=register)
+
+    async def run():
+        async def parts():
+            yield _header(3)
+            yield pb.UploadAdapterRequest(chunk=b"abc")
+
+        task = asyncio.create_task(servicer.UploadAdapter(parts(), _Context()))
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        held = servicer.uploads  # the thread still holds the bytes
+        release.set()
+        for _ in range(200):
+            if servicer.uploads == 0:
+                break
+            await asyncio.sleep(0.005)
+        return held, servicer.uploads
+
+    with caplog.at_level(logging.INFO, admin.log.name):
+        assert asyncio.run(run()) == (1, 0)

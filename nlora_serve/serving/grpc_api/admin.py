@@ -131,12 +131,20 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
             raise UploadsBusy(f"{self.uploads} uploads are in flight on this server, the most it takes at once "
                               f"(each holds up to --max-adapter-bytes in memory): retry when one has ended")
         self.uploads += 1
+        slot = {"handed": False}  # True once the worker thread holds it (given back as that ends)
         try:
-            return await self._upload_one(manager, parts, context, progress)
+            return await self._upload_one(manager, parts, context, progress, slot)
         finally:
-            self.uploads -= 1
+            if not slot["handed"]:
+                self.uploads -= 1
 
-    async def _upload_one(self, manager, parts, context, progress) -> pb.AdapterInfo:
+    def _upload_thread_ended(self, work: asyncio.Future) -> None:
+        """The upload's worker thread ended: its slot is free (on the event loop, as the count)."""
+        self.uploads -= 1
+        if not work.cancelled():
+            work.exception()  # retrieved: a handler cancelled meanwhile never awaits it
+
+    async def _upload_one(self, manager, parts, context, progress, slot) -> pb.AdapterInfo:
         spool = Spool()  # not a bytearray: its copy into bytes held the GIL, so the loop, for 0.16-0.26 s
         progress = [] if progress is None else progress
         progress.append("before its header; nothing stored")
@@ -161,7 +169,12 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
                                                   WEIGHTS_FILE: weights})
 
         start = time.perf_counter()
-        version = await asyncio.to_thread(register)
+        # a cancel does not stop the thread, which holds the payload as bytes until it ends: so does
+        # the upload's slot of MAX_UPLOADS_IN_FLIGHT (given back at the cancel, the cap bounded nothing)
+        work = asyncio.ensure_future(asyncio.to_thread(register))
+        slot["handed"] = True
+        work.add_done_callback(self._upload_thread_ended)
+        version = await asyncio.shield(work)
         self.metrics.load.observe(time.perf_counter() - start)
         return convert.adapter_info(version, self.engine.is_resident(version))
 
