@@ -141,3 +141,28 @@ def test_an_unreadable_name_folder_is_skipped_by_the_base_check_as_by_the_scan(b
     write_record(root, BaseIdentity("f" * 64, "/models/Other-1B"))
     with pytest.raises(AdapterError, match=r"is for base model /models/Other-1B"):
         AdapterManager(base_fp32, root)
+
+
+def test_a_failed_start_deletes_the_files_it_takes_back_only_once_their_renames_are_durable(base_fp32, tmp_path,
+                                                                                           monkeypatch):
+    # rename, rmtree, then fsync of the parent: a crash in between could keep the unlinks of the
+    # files and lose the rename (POSIX orders neither), bringing back the newest version of a name,
+    # emptied: the next start would skip it ("not served") rather than serve its older version
+    from nlora_serve.adapters.store import batch as batch_module, durable
+
+    root = tmp_path / "store"
+    manager = AdapterManager(base_fp32, root)
+    manager.register_dir("acme", PEFT)
+    ops: list[tuple[str, str]] = []
+    real_rmtree = batch_module.shutil.rmtree
+    monkeypatch.setattr(batch_module.shutil, "rmtree", lambda path, **kw: (ops.append(("rmtree", str(path))),
+                                                                          real_rmtree(path, **kw)))
+    with pytest.raises(RuntimeError), manager.start_batch():
+        manager.register_dir("acme", LOWER)
+        previous = durable.set_fault_hook(lambda op: ops.append((op.kind, str(op.path))))
+        raise RuntimeError("a later step failed")
+    durable.set_fault_hook(previous)
+    kinds = [kind for kind, _ in ops]
+    assert ("fsync_dir", str(root / "acme")) in ops and "rmtree" in kinds
+    assert kinds.index("rmtree") > ops.index(("fsync_dir", str(root / "acme")))
+    assert manager.registry.store.versions("acme") == [1]

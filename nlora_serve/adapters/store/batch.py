@@ -42,14 +42,17 @@ class StartBatch:
         """Take every recorded write back out of the store under ``root``, newest first: each
         folder leaves by one rename into ``staging`` (then deleted), the folders made for them are
         removed once empty, and each parent is fsynced, so a crash after this does not bring a
-        write back. Best effort: what cannot be undone is logged (naming it), never raised."""
+        write back; only then are the files deleted (deleted first, a crash could keep their
+        unlinks and lose the rename: the name's newest version back, emptied, and not served).
+        Best effort: what cannot be undone is logged (naming it), never raised."""
         parents: set[Path] = set()
+        trashes: list[Path] = []
         for path in reversed(self.written):
             try:
                 trash = durable.make_temp_dir(staging, "undone.")
+                trashes.append(trash)
                 durable.rename(path, trash / "v")
                 parents.add(path.parent)
-                shutil.rmtree(trash, ignore_errors=True)
             except OSError as exc:
                 log.error("a failed start could not take back %s (%s): remove that folder by hand", path, exc)
         for folder in reversed(self.created):
@@ -64,6 +67,8 @@ class StartBatch:
                     durable.fsync_dir(parent)
             except OSError as exc:
                 log.warning("could not fsync %s after taking a failed start's writes back (%s)", parent, exc)
+        for trash in trashes:  # the staging area: whatever a crash leaves here is discarded at the next start
+            shutil.rmtree(trash, ignore_errors=True)
         self.written.clear()
         self.created.clear()
         self.removals.clear()
