@@ -111,7 +111,9 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
     k = max((seqs[i].params.logprobs for i in wanted if seqs[i].params.logprob_token_ids is None), default=0)
     picked = [(j, seqs[i].params.logprob_token_ids) for j, i in enumerate(wanted)
               if seqs[i].params.logprob_token_ids is not None]
-    logp = logits[wanted].log_softmax(dim=-1) if wanted else None  # before penalties change the rows
+    # the rows as a device index: a list (a CPU index) is copied to the device blocking, a stream sync
+    wanted_rows = to_device(wanted, logits.device, torch.long) if wanted else None
+    logp = logits[wanted_rows].log_softmax(dim=-1) if wanted else None  # before penalties change the rows
     allowed = [i for i, s in enumerate(seqs) if s.allowed_ids is not None]
     if allowed:  # vLLM's masks: after the logprobs, before logit_bias and the penalties
         keep_allowed(logits, allowed, [seqs[i].allowed_ids for i in allowed])
@@ -135,7 +137,7 @@ def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: l
     tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], shared)
     parts = [tokens.double(), finite.double()]
     if wanted:
-        parts.append(logp.gather(1, tokens[wanted].unsqueeze(1)).view(-1).double())
+        parts.append(logp.gather(1, tokens[wanted_rows].unsqueeze(1)).view(-1).double())
         if k:
             top_v, top_i = logp.topk(k, dim=-1)
             parts += [top_v.reshape(-1).double(), top_i.reshape(-1).double()]

@@ -50,3 +50,24 @@ def test_to_device_builds_the_same_tensor_on_the_cpu():
         got = to_device(values, torch.device("cpu"), dtype)
         want = torch.tensor(values, dtype=dtype)
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_the_sampler_indexes_no_tensor_with_a_python_list(monkeypatch):
+    # a CUDA tensor indexed by a list (or any CPU index) copies the index to the device blocking:
+    # a stream sync (torch's IndexingUtils: index.to(self.device())), here on every step with a
+    # logprobs row (logits[wanted], tokens[wanted]); the sampler's worst case takes every path
+    from nlora_serve.engine.dummy_sampler import dummy_sampler_run
+
+    seen = []
+    real = torch.Tensor.__getitem__
+
+    def getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        seen.extend(type(p).__name__ for p in parts if isinstance(p, list))
+        return real(self, index)
+
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+    step = dummy_sampler_run(logits, torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert seen == [] and len(step.read()[0]) == 4
