@@ -166,3 +166,15 @@ def test_a_failed_start_deletes_the_files_it_takes_back_only_once_their_renames_
     assert ("fsync_dir", str(root / "acme")) in ops and "rmtree" in kinds
     assert kinds.index("rmtree") > ops.index(("fsync_dir", str(root / "acme")))
     assert manager.registry.store.versions("acme") == [1]
+
+
+@pytest.mark.parametrize("body", ['{"fingerprint": null}', '{"fingerprint": 7}', '{"fingerprint": ["a"]}',
+                                  '{"fingerprint": "abc"}', '{"fingerprint": "' + "f" * 64 + '", "model": {}}'])
+def test_a_record_whose_fields_are_not_a_records_is_refused_as_not_a_record(tmp_path, body):
+    # str() of anything was taken: null read as the fingerprint "None", and a store holding adapters
+    # was then refused as "for base model ? (fingerprint None…)"
+    from nlora_serve.adapters.store.base_record import read_record
+
+    (tmp_path / BASE_FILE).write_text(body)
+    with pytest.raises(AdapterError, match=rf"^adapter store {tmp_path}: {BASE_FILE} is not a base-model record"):
+        read_record(tmp_path)

@@ -65,11 +65,19 @@ def read_record(root: Path) -> BaseIdentity | None:
         return None
     try:
         record = json.loads(data[BASE_FILE])
-        identity = BaseIdentity(str(record["fingerprint"]), str(record.get("model", "?")))
+        fingerprint, model = record["fingerprint"], record.get("model", "?")
+        if not (_is_fingerprint(fingerprint) and isinstance(model, str)):  # str() took null as "None"
+            raise ValueError(BASE_FILE)
+        identity = BaseIdentity(fingerprint, model)
     except (ValueError, TypeError, KeyError, RecursionError):
         raise AdapterError(f"adapter store {root}: {BASE_FILE} is not a base-model record (JSON with a "
                            "'fingerprint'); remove it and the next start records the model it serves") from None
     return identity
+
+
+def _is_fingerprint(value: object) -> bool:
+    """Whether ``value`` is a fingerprint as :func:`write_record` writes one: 64 hex characters."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
 
 
 def check_base(store, identity: BaseIdentity) -> None:
