@@ -27,6 +27,7 @@ from nlora_serve.engine.attention import select_attention
 from nlora_serve.engine.block_manager import BlockManager
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.detokenizer import IncrementalDetokenizer
+from nlora_serve.engine.device_values import to_device
 from nlora_serve.engine.eos import eos_tokens
 from nlora_serve.engine.memory import num_kv_blocks
 from nlora_serve.engine.model_runner import ModelRunner
@@ -42,7 +43,6 @@ from nlora_serve.engine.token_masks import bad_words_token_ids, check_a_first_to
 from nlora_serve.engine.warmup import warm_up
 
 log = logging.getLogger(__name__)
-from nlora_serve.engine.device_values import to_device
 
 
 @dataclass(slots=True)

@@ -68,8 +68,9 @@ class ModelRunner:
         self.allocate_kv_cache(num_blocks + 1)
         max_blocks = -(-self.model.cos.shape[0] // self.block_size)
         capture = capture if capture is not None else CudaGraphCapture()
-        # one logits output for every graph (a step samples its rows before the next step replays)
-        logits = torch.empty(max_num_seqs, self.spec.vocab_size, device=self.device)
+        # one logits output for every graph (a step samples its rows before the next step replays);
+        # float32 whatever the weights' dtype, as the sampler and the KV budget's dummy sampler assume
+        logits = torch.empty(max_num_seqs, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         self.graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, max_blocks, self.inputs.decode_splits,
                                    capture, logits)
         self.pieces = (PiecewiseGraphs(self.model, self.kv_cache, piecewise_tokens, max_num_seqs, capture, logits)
