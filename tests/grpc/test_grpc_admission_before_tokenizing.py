@@ -1,17 +1,23 @@
 """gRPC's twin of tests/http/test_admission_before_tokenizing.py: a Generate over its tenant's
 quota or the queue is RESOURCE_EXHAUSTED before its prompt is tokenized, and a request that holds
-its place while it waits for the tokenizer gives it back when refused or cancelled (deadline)."""
+its place while it waits for the tokenizer gives it back when refused or cancelled (deadline), and
+one whose client reads nothing of its stream gives it back after the send deadline."""
 
 from __future__ import annotations
 
 import concurrent.futures
 
+import grpc
 import pytest
 
 from admission_harness import (CAPPED_KEY, FREE_KEY, HOLD, MAX_QUEUE, OTHER_KEY, QUOTA, HeldTokenizer, admission_counts,
                                wait_for, write_quota_tenants)
 from nlora_serve.client import DeadlineExceeded, InvalidArgument, NloraClient, ResourceExhausted
 from nlora_serve.engine.api import max_prompt_bytes
+from nlora_serve.proto import REASON_KEY
+from nlora_serve.proto import nlora_pb2 as pb
+from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
+from nlora_serve.serving.grpc_api import send_deadline
 
 @pytest.fixture(scope="module")
 def server(make_module_server, tmp_path_factory):
@@ -100,3 +106,27 @@ def test_a_prompt_refused_after_reserving_gives_its_place_back(server, case):
     assert [_complete(server, CAPPED_KEY, prompt, **kwargs) for _ in range(QUOTA + 1)] == ["InvalidArgument invalid_argument"] * 3
     assert admission_counts(server) == (0, {})
     assert [_complete(server, CAPPED_KEY, "Hi") for _ in range(QUOTA + 1)] == ["ok"] * (QUOTA + 1)
+
+
+def test_a_stream_whose_client_reads_nothing_gives_its_place_back_after_the_send_deadline(server, monkeypatch):
+    """A client whose HTTP/2 window is 1 KiB and that never reads: the first response (prompt
+    logprobs, several KiB) cannot be sent. Before send_deadline.py the handler's write waited for
+    ever, holding the request's place in --max-queue and its tenant's quota after the engine had
+    finished it (nlora_requests_admitted stayed 1 until the client read)."""
+    monkeypatch.setattr(send_deadline, "SEND_SECONDS", 0.5)
+    options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]  # a 1 KiB window
+    request = pb.GenerateRequest(text=" ".join(["word"] * 30), sampling=pb.SamplingParams(max_tokens=1, prompt_logprobs=20))
+    with grpc.insecure_channel(server.target, options=options) as channel:
+        call = pb_grpc.GenerationStub(channel).Generate(request, metadata=[("authorization", f"Bearer {CAPPED_KEY}")],
+                                                        timeout=60)
+        assert wait_for(lambda: admission_counts(server)[0] == 1, within=10)
+        gave_back = wait_for(lambda: admission_counts(server) == (0, {}), within=10)
+        assert gave_back, f"a client that reads nothing held its request for 10 s: {admission_counts(server)}"
+        received = []
+        with pytest.raises(grpc.RpcError) as failure:
+            received.extend(call)  # what was queued before the status, then the status
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert dict(failure.value.trailing_metadata())[REASON_KEY] == "send_timeout"
+    assert "read nothing of it for 0.5 s" in failure.value.details()
+    # the stalled response (30 prompt tokens: every one after the first scored), then the status
+    assert len(received) == 1 and len(received[0].prompt_logprobs) == 29, received

@@ -119,10 +119,10 @@ def _unary_unary(behavior, parse):
 
 
 def _unary_stream(behavior, parse):
-    """A server-streaming handler either yields its responses (an async generator: Generate) or
-    writes them with ``context.write`` (a coroutine: grpc's Health/Watch, which failed with UNKNOWN
-    "'async for' requires an object with __aiter__ method, got coroutine" while every handler was
-    iterated); the wrapper keeps the handler's shape."""
+    """A server-streaming handler either yields its responses (an async generator) or writes them
+    with ``context.write`` (a coroutine: Generate, whose writes have a deadline, send_deadline.py;
+    grpc's Health/Watch, which failed with UNKNOWN "'async for' requires an object with __aiter__
+    method, got coroutine" while every handler was iterated); the wrapper keeps the handler's shape."""
     if not inspect.isasyncgenfunction(behavior):
         async def write(raw, context):
             await behavior(await parse(raw, context), context)

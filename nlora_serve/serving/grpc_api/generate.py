@@ -19,6 +19,9 @@ with ABORTED and that reason as details; a failed engine step ends it with INTER
 and every such end carries its reason in the trailing metadata ``nlora-reason`` (``queue_full``,
 ``not_found``, ...; ``aborted``; ``engine_error``), as HTTP's error ``code`` names it.
 
+A client that reads nothing of its stream for 60 s (its HTTP/2 window full) loses it: the request
+ends as a cancel ends it, and the call DEADLINE_EXCEEDED with ``send_timeout`` (send_deadline.py).
+
 Client-chosen request ids are prefixed with the caller's name inside the engine, so tenants
 never collide with (or learn about) each other's ids; responses echo the id the client sent.
 """
@@ -36,6 +39,7 @@ from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.grpc_api import convert
+from nlora_serve.serving.grpc_api.send_deadline import send_all
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted, max_prompt_bytes
 from nlora_serve.serving.admission import Admission
@@ -59,6 +63,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.chat_bounds = (max_prompt_bytes(tokenizer, engine.max_model_len), engine.max_model_len)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        # each write within SEND_SECONDS: a client that reads nothing must not hold its request for ever
+        await send_all(self._responses(request, context), context)
+
+    async def _responses(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        """Generate's responses, admitted and streamed from the engine (aborts the call on a refusal)."""
         timer = self.metrics.request("grpc")
         try:
             stream, shown_id, reservation, scored = await self._admit(request, context, timer)
