@@ -152,11 +152,11 @@ def test_serve_freezes_the_start_up_heap_before_it_serves(monkeypatch):
         def shutdown(self):
             seen["shut down"] = True
 
-    async def serving(server, examples):
+    async def serving(server, examples, batch):
         seen["frozen while serving"] = gc.get_freeze_count()
         return True
 
-    monkeypatch.setattr(serve_cli, "build", lambda args, flags: (Engine(), object(), []))
+    monkeypatch.setattr(serve_cli, "build", lambda args, flags: (Engine(), object(), [], None))
     monkeypatch.setattr(serve_cli, "serve", serving)
     gc.unfreeze()  # what the suite froze after earlier modules (tests/conftest.py)
     assert gc.get_freeze_count() == 0

@@ -15,8 +15,7 @@ import os
 import stat
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from nlora_serve.adapters.family import FamilyResolver, import_family
@@ -28,6 +27,7 @@ from nlora_serve.adapters.version import AdapterVersion, Hold, restored_summary
 from nlora_serve.adapters.residency import Residency
 from nlora_serve.adapters.swap import replace_n
 from nlora_serve.adapters.store import AdapterStore
+from nlora_serve.adapters.store.batch import OpenBatch
 from nlora_serve.adapters.store.base_record import BaseIdentity, adopt_after_restore, check_base
 from nlora_serve.adapters.store.layout import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.errors import AdapterError
@@ -261,20 +261,14 @@ class AdapterManager:
             fresh.append(name)
         return fresh
 
-    @contextmanager
-    def start_batch(self) -> Iterator[None]:
-        """The registrations of a start, undone together should it fail: versions written inside
-        are taken back out of the store and the removals they caused never happen (store/batch.py);
-        on success the removals happen and the store records its base model (store/base_record.py).
-        For a start only: after a failure the registry still lists what was undone."""
-        store = self.registry.store
-        store.begin_batch()
-        try:
-            yield
-        except BaseException:
-            store.abort_batch()
-            raise
-        store.commit_batch()
+    def start_batch(self) -> OpenBatch:
+        """The registrations of a start, undone together should it fail, open from now: versions
+        written until its ``abort()`` are taken back out of the store and the removals they caused
+        never happen (store/batch.py); at its ``commit()`` the removals happen and the store records
+        its base model (store/base_record.py). As a context manager, committed when the block ends,
+        aborted when it raises. For a start only: after an abort the registry still lists what was
+        undone."""
+        return OpenBatch(self.registry.store)
 
     def check_dir(self, adapter_dir: str | os.PathLike) -> None:
         """Read and validate the adapter in ``adapter_dir`` against the base model (shapes, layers,

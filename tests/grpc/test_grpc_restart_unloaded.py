@@ -12,13 +12,17 @@ from serving_check import CASES, TIED
 
 
 def _build(*flags: str):
-    """``serve``'s build from flags; a small KV cache (these engines generate nothing): five builds at
+    """(engine, server, hint adapters): ``serve``'s build from flags, its store writes committed as
+    serve's start commits them; a small KV cache (these engines generate nothing): five builds at
     the default 1 GiB each, with their own model weights, peaked at 14.6 GB in one test worker."""
     gc.collect()  # the engines shut down before this one: their cycles hold weights and KV cache
     parser = argparse.ArgumentParser()
     serve_cli.add_serve_arguments(parser)
-    return serve_cli.build(parser.parse_args(["--port", "0", "--http-port", "0", "--dtype", "float32",
-                                              "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 << 20), *flags]))
+    *built, batch = serve_cli.build(parser.parse_args(["--port", "0", "--http-port", "0", "--dtype", "float32",
+                                                       "--max-model-len", "256", "--kv-cache-memory-bytes",
+                                                       str(32 << 20), *flags]))
+    batch.commit()
+    return built
 
 
 def _served(engine) -> dict[str, int]:

@@ -177,6 +177,39 @@ def test_a_failed_start_leaves_the_store_byte_identical(base_fp32, tmp_path, mon
     assert _store_files(root) == before
 
 
+def test_a_start_whose_port_is_taken_after_the_checks_leaves_the_store_byte_identical(base_fp32, tmp_path,
+                                                                                      monkeypatch):
+    # The start's registrations were committed when build() returned: a port taken while the model
+    # loaded (serve_checks found it free) failed the bind in serve() after the examples, the --adapter
+    # and the base-model record had been written. A real engine and a real bind; the model load faked.
+    root, lower = tmp_path / "store", ROOT / "examples/tenants/lower"
+    from nlora_serve.adapters.manager import AdapterManager
+
+    AdapterManager(base_fp32, root).register_dir("keep", ROOT / "tests/data/cases/lora-layers-subset")
+    with _listening() as probe:
+        port = probe.getsockname()[1]  # free when the flags are checked
+    monkeypatch.setattr(serve_cli, "load_base", lambda *a, **k: base_fp32)
+    monkeypatch.setattr(serve_cli, "freeze_startup_heap", lambda: None)  # the test worker's heap stays collectable
+    taken, build = [], serve_cli.build
+
+    def build_then_lose_the_port(*args):
+        built = build(*args)
+        taken.append(socket.create_server(("127.0.0.1", port)))  # another process's, now
+        return built
+
+    monkeypatch.setattr(serve_cli, "build", build_then_lose_the_port)
+    before = _store_files(root)
+    try:
+        with pytest.raises(StartupError, match=f"^cannot bind the gRPC address 127.0.0.1:{port} "):
+            serve_cli.run_serve(_args(tmp_path, "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes",
+                                      str(32 << 20), "--example-tenants", "2", "--adapter", f"lower={lower}",
+                                      "--port", str(port), "--http-port", "off"))
+    finally:
+        for sock in taken:
+            sock.close()
+    assert taken and _store_files(root) == before
+
+
 def _store_files(root: Path) -> dict[str, bytes | None]:
     """Every entry under the store, staging area included, by path: a file's bytes, None for a folder."""
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}

@@ -43,7 +43,8 @@ class _Served:
         args = parser.parse_args(["--model", str(model), "--port", "0", "--http-port", "0", "--dtype", "float32",
                                   "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 << 20),  # 45 blocks, not 1 GiB
                                   "--adapter-dir", str(root / "store"), *flags])
-        engine, server, _ = serve_cli.build(args)
+        engine, server, _, batch = serve_cli.build(args)
+        batch.commit()  # as serve commits it once its servers are started
         self.running = RunningServer(engine, server.config, server.generation.auth, server.generation.info,
                                      server.generation.tokenizer)
         self.model = server.config.served_model_name

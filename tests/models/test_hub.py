@@ -110,7 +110,8 @@ def test_serve_registers_an_adapter_given_by_its_hub_name(tmp_path, monkeypatch)
     serve_cli.add_serve_arguments(parser)
     args = parser.parse_args(["--port", "0", "--http-port", "0", "--dtype", "float32", "--adapter-dir", str(tmp_path / "store"),
                               "--adapter", "acme=acme-org/tenant"])
-    engine, _, names = serve_cli.build(args)
+    engine, _, names, batch = serve_cli.build(args)
+    batch.commit()
     try:
         assert names == ["acme"]
         served = {v.name: v for v in engine.adapters.versions()}["acme"]

@@ -9,6 +9,8 @@ the next start served those, or warned about them and wrote yet more (h141). Bet
 what it writes (versions, a family's shared factors, the folders they created) and defers every
 removal; :meth:`~nlora_serve.adapters.store.AdapterStore.abort_batch` takes the writes back out
 (each one leaves by one rename, durably) and forgets the removals, so the store is as before.
+``serve`` commits only once its servers are bound and started (:class:`OpenBatch`, threaded from
+``build`` through ``run_serve``): a start refused later (a port taken) leaves the store untouched too.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nlora_serve.adapters.store import durable
+
+if TYPE_CHECKING:
+    from nlora_serve.adapters.store.writes import StoreWrites
 
 log = logging.getLogger("nlora_serve.adapters.store")
 
@@ -72,3 +78,40 @@ class StartBatch:
         self.written.clear()
         self.created.clear()
         self.removals.clear()
+
+
+class OpenBatch:
+    """A start's batch, open on ``store`` from construction until :meth:`commit` or :meth:`abort`,
+    whichever comes first (the other is then a no-op). As a context manager: committed when its
+    block ends, aborted when it raises."""
+
+    def __init__(self, store: StoreWrites) -> None:
+        self._store = store
+        store.begin_batch()
+        self._open = True
+
+    def commit(self) -> None:
+        """The start succeeded: the deferred removals happen and the base model is recorded
+        (:meth:`~nlora_serve.adapters.store.AdapterStore.commit_batch`).
+
+        Raises:
+            StoreWriteError: the disk refused the base-model record (the versions stay written).
+        """
+        if self._open:
+            self._open = False
+            self._store.commit_batch()
+
+    def abort(self) -> None:
+        """The start failed: its writes are taken back out, its removals never happen."""
+        if self._open:
+            self._open = False
+            self._store.abort_batch()
+
+    def __enter__(self) -> OpenBatch:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from nlora_serve import log_format
 from nlora_serve.adapters.limits import AdapterLimits
+from nlora_serve.adapters.store.batch import OpenBatch
 from nlora_serve.adapters.version import restored_summary
 from nlora_serve.cli import console_command
 from nlora_serve.errors import AdapterError, NloraError
@@ -52,10 +53,13 @@ log = logging.getLogger("nlora_serve.serve")
 
 
 def build(args: argparse.Namespace, flags: ServeFlags | None = None):
-    """(engine, server, hint adapters) from parsed flags; nothing is bound yet. The hint adapters
-    are the ones served now that the client hint (:func:`client_hint`) may name, best first: the
-    ``--adapter`` ones (trained tenants, e.g. ``make serve``'s ``lower``), then the untrained
-    ``--example-tenants``.
+    """(engine, server, hint adapters, batch) from parsed flags; nothing is bound yet. The hint
+    adapters are the ones served now that the client hint (:func:`client_hint`) may name, best
+    first: the ``--adapter`` ones (trained tenants, e.g. ``make serve``'s ``lower``), then the
+    untrained ``--example-tenants``. ``batch`` is the start's adapter-store writes, still open
+    (store/batch.py's OpenBatch): the caller commits it once the servers are bound and started
+    (:func:`serve`), or aborts it when anything fails before, so that a failed start leaves the
+    store as it found it; a build that raises has aborted it.
 
     Every flag is checked before the model loads, so a typo does not wait for the weights: those
     that need no torch by serve_checks.py (``flags``, its answer when the CLI ran it before this
@@ -94,6 +98,7 @@ def build(args: argparse.Namespace, flags: ServeFlags | None = None):
     start = time.perf_counter()
     with flag_errors(args):
         engine = make_engine(engine_config, base, backend)
+    batch = None
     try:
         registering = " and ".join(what for what, given in (("the example tenants", args.example_tenants),
                                                               ("--adapter folders", named)) if given)
@@ -102,22 +107,25 @@ def build(args: argparse.Namespace, flags: ServeFlags | None = None):
         before = {v.name: v.version for v in engine.adapters.versions()}
         # a start that fails leaves the store as it found it: every --adapter folder is checked against
         # the model before anything is written (the examples are made from it), and what was written
-        # before a later failure is taken back out (h141: a failed start had written and pruned versions)
-        with engine.adapters.start_batch():
-            named_served = _register_named(engine, named, args.adapter_dir)
-            examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
-            hinted = named_served + examples
-            # named, as a restart's restore names what it serves (a first start said nothing of them)
-            if added := [v for v in engine.adapters.versions() if before.get(v.name) != v.version]:
-                log.info("%s", restored_summary(added, args.adapter_dir, done="registered", where="into the store"))
-            if isinstance(engine, LLMEngine):  # CUDA: the adapters' kernels compile before the first request
-                engine.warm_up()
-            server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
-                                 base.tokenizer())
+        # before a later failure, here or in serve() (a port taken), is taken back out (h141: a failed
+        # start had written and pruned versions)
+        batch = engine.adapters.start_batch()
+        named_served = _register_named(engine, named, args.adapter_dir)
+        examples = ensure_example_tenants(base, engine.adapters, args.example_tenants) if args.example_tenants else []
+        hinted = named_served + examples
+        # named, as a restart's restore names what it serves (a first start said nothing of them)
+        if added := [v for v in engine.adapters.versions() if before.get(v.name) != v.version]:
+            log.info("%s", restored_summary(added, args.adapter_dir, done="registered", where="into the store"))
+        if isinstance(engine, LLMEngine):  # CUDA: the adapters' kernels compile before the first request
+            engine.warm_up()
+        server = NloraServer(engine, config, auth, server_info(base, engine_config, config, args.backend),
+                             base.tokenizer())
     except BaseException:
+        if batch is not None:
+            batch.abort()
         engine.shutdown()  # its step thread (and vLLM's workers) would outlive a refused start
         raise
-    return engine, server, hinted
+    return engine, server, hinted, batch
 
 
 def _check_for_vllm(named: list[tuple[str, str]], base, limits) -> None:
@@ -243,14 +251,22 @@ def ready_lines(server: NloraServer, adapters: list[str], pid: int | None = None
     return lines
 
 
-async def serve(server: NloraServer, adapters: list[str]) -> bool:
-    """Start, print the client hint, wait for SIGTERM/SIGINT (SIGHUP meanwhile reloads the tenants
-    file), drain. Returns True when drained.
+async def serve(server: NloraServer, adapters: list[str], batch: OpenBatch | None = None) -> bool:
+    """Start, commit ``batch`` (the start's adapter-store writes, :func:`build`'s), print the client
+    hint, wait for SIGTERM/SIGINT (SIGHUP meanwhile reloads the tenants file), drain. Returns True
+    when drained.
 
     Raises:
-        StartupError: an address cannot be bound.
+        StartupError: an address cannot be bound (``batch`` left open: the caller aborts it).
+        StoreWriteError: the commit's base-model record refused by the disk (the server stopped).
     """
     await server.start()
+    if batch is not None:
+        try:
+            batch.commit()  # only now: a start refused before (a port taken) leaves the store as it was
+        except BaseException:
+            await server.shutdown(0.0)
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -295,10 +311,13 @@ def run_serve(args: argparse.Namespace, flags: ServeFlags | None = None) -> int:
     # before the model loads: the native engine's step thread alone runs torch in parallel (vLLM's
     # workers are processes of their own, which take their threads themselves)
     with _hup_not_serving(), threads_for_engine() if args.backend == "native" else contextlib.nullcontext():
-        engine, server, adapters = build(args, flags)
-        freeze_startup_heap()
+        engine, server, adapters, batch = build(args, flags)
         try:
-            drained = asyncio.run(serve(server, adapters))
+            freeze_startup_heap()
+            drained = asyncio.run(serve(server, adapters, batch))
+        except BaseException:
+            batch.abort()  # a start that failed (a port taken): its store writes taken back; once committed, nothing
+            raise
         finally:
             signal.signal(signal.SIGHUP, _hup_logged)  # the closed loop gave SIGHUP its default back
             dead = engine.dead_reason
