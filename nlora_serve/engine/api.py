@@ -270,7 +270,8 @@ class Engine(abc.ABC):
     def dead_reason(self) -> str | None:
         """Why the engine can serve no request any more (None while it can). The server then turns
         health NOT_SERVING, drains and exits non-zero, so a supervisor restarts it (as vLLM's own
-        server does on EngineDeadError). The native engine survives a failed step: never dead."""
+        server does on EngineDeadError). The native engine survives a failed step; it is dead only
+        when its device is (a sticky CUDA error)."""
         return None
 
 

@@ -135,6 +135,8 @@ class EngineCore:
                          "preemptions": 0}
         self.runner.reset_counts()
         self._inflight: SampledStep | None = None  # the launched step whose tokens are not read back yet
+        # why the device can run nothing more (a sticky CUDA error found after a failed step); None: fine
+        self.device_error: str | None = None
 
     def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
         """Under "fair", tenant -> weight (> 0; absent: 1) from the next step on, after a
@@ -230,12 +232,15 @@ class EngineCore:
 
     def _wait_device(self) -> None:
         """On CUDA, wait for every launched step: after a failed one nothing in flight is read back,
-        the only sign that the copies out of the staging buffers (step_inputs.py) have run."""
+        the only sign that the copies out of the staging buffers (step_inputs.py) have run. A wait
+        that raises is a sticky CUDA error (an illegal address, an ECC fault): the context can run
+        nothing more, so :attr:`device_error` says why and the engine reports itself dead."""
         if self.device.type == "cuda":
             try:
                 torch.cuda.synchronize(self.device)
-            except RuntimeError:  # a sticky CUDA error: the next step raises it again
+            except RuntimeError as exc:  # every later step would raise it again
                 log.exception("waiting for the device after a failed step")
+                self.device_error = f"the device failed ({str(exc).splitlines()[0][:200]})"
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:

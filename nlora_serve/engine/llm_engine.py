@@ -22,8 +22,9 @@ from nlora_serve.adapters.residency import SlotBusy
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel
 from nlora_serve.engine.config import EngineConfig
-from nlora_serve.engine.api import (ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engine, EngineError, RequestIds,
-                                   RequestStream, RequestOutput, max_prompt_bytes, prompt_ids)
+from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engine, EngineDead,
+                                   EngineError, RequestIds, RequestStream, RequestOutput, max_prompt_bytes,
+                                   prompt_ids)
 from nlora_serve.engine.core import EngineCore
 from nlora_serve.engine.inbox import Abort, AbortAdapter, AbortAll, AddRequest, SetWeights, WarmUp
 from nlora_serve.engine.request_checks import unloaded_reason
@@ -71,6 +72,13 @@ class LLMEngine(Engine):
     def max_model_len(self) -> int:
         return self.core.config.scheduler.max_model_len
 
+    @property
+    def dead_reason(self) -> str | None:
+        """See :attr:`Engine.dead_reason`. A failed step ends its requests and the engine serves on,
+        unless the device itself failed (a sticky CUDA error: :attr:`EngineCore.device_error`), after
+        which every step would fail while health said serving; then the server drains and exits 1."""
+        return self.core.device_error
+
     def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if self._max_prompt_bytes is None:  # once: a pass over the vocabulary
             self._max_prompt_bytes = max_prompt_bytes(self.tokenizer, self.max_model_len)
@@ -110,6 +118,8 @@ class LLMEngine(Engine):
         """Queue a request; returns its (client id, engine id)."""
         if self._stopping:
             raise EngineError("engine is shut down")
+        if self.dead_reason is not None:
+            raise EngineDead(ENGINE_DEAD_MESSAGE)
         params = params if params is not None else SamplingParams()
         ids = self.prompt_ids(prompt, add_special_tokens)
         self.core.validate(ids, params)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.api import EngineError
+from nlora_serve.engine.api import EngineDead, EngineError
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.engine.sequence import Sequence
 
@@ -249,6 +249,34 @@ def test_a_failed_step_tells_every_request_of_its_batch_nothing_of_the_cause(mak
     assert errors == [f"request {rid} failed: the engine failed while running this request (the server's log has "
                       "the cause)" for rid in ("a", "b")]
     assert "engine step failed; ending every running request" in caplog.text and cause in caplog.text
+
+
+def test_a_device_that_fails_after_a_step_makes_the_engine_dead(make_engine, monkeypatch, caplog):
+    """A failed step's requests end and the engine serves on; but when waiting for the device then
+    raises (a sticky CUDA error: every later step would fail too), the engine reports itself dead, so
+    the server's health turns 503 and it drains and exits 1 (serve._watch_engine), and new requests
+    are refused with 503 rather than each failing. helper-148 found /health at 200 behind such an
+    engine. CUDA is faked: only fail_all's wait reads the device here."""
+    engine = make_engine()
+    assert engine.dead_reason is None
+
+    def sticky(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors ...")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sticky)
+    cpu, engine.core.device = engine.core.device, torch.device("cuda")
+    try:
+        engine.core.fail_all("x")  # what the step thread runs after a step raised; no request in flight
+    finally:
+        engine.core.device = cpu
+    assert engine.dead_reason == "the device failed (CUDA error: an illegal memory access was encountered)"
+    assert "waiting for the device after a failed step" in caplog.text
+
+    async def submit():
+        engine.add_request(chat(engine, PROMPT), SamplingParams(max_tokens=2))
+
+    with pytest.raises(EngineDead):
+        asyncio.run(submit())
 
 
 def test_a_request_that_fails_to_queue_ends_alone_and_the_engine_serves_on(make_engine, monkeypatch):
