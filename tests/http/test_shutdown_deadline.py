@@ -103,3 +103,4 @@ def test_requests_running_at_the_drain_deadline_are_told_and_the_process_exits_c
     assert "shutting down" in str(err)
     assert "Traceback" not in log and "CancelledError" not in log, log
     assert log.splitlines()[-1].endswith("exiting"), log
+    assert "drain ended after --drain-seconds" in log, log  # not by a second signal

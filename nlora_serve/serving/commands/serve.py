@@ -286,7 +286,11 @@ async def serve(server: NloraServer, adapters: list[str], batch: OpenBatch | Non
     now = asyncio.Event()  # a second signal: the requests still running are aborted (and told) at once
     for sig in (signal.SIGTERM, signal.SIGINT):  # was ignored: Ctrl-C again did nothing for --drain-seconds
         loop.add_signal_handler(sig, now.set)
-    return await server.shutdown(now=now)
+    drained = await server.shutdown(now=now)
+    if not drained:
+        log.info("drain ended %s: the requests still running were aborted and told",
+                 "by a second signal" if now.is_set() else f"after --drain-seconds {server.config.drain_seconds:g}")
+    return drained
 
 
 async def _watch_engine(engine, stop: asyncio.Event, every: float = ENGINE_WATCH_SECONDS) -> None:
@@ -325,7 +329,7 @@ def run_serve(args: argparse.Namespace, flags: ServeFlags | None = None) -> int:
     if dead is not None:
         log.error("exiting with status 1: the engine died (%s)", dead)
         return 1
-    log.info("drained, exiting" if drained else "drain period over (remaining requests aborted and told), exiting")
+    log.info("drained, exiting" if drained else "exiting")
     return 0
 
 
