@@ -47,7 +47,8 @@ def in_process(collections: int, store: str) -> dict:
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    engine, _, _ = serve.build(parser.parse_args([*SERVE_FLAGS, "--adapter-dir", store]))
+    engine, _, _, batch = serve.build(parser.parse_args([*SERVE_FLAGS, "--adapter-dir", store]))
+    batch.commit()  # as serve commits the start's adapters once its servers are started
     try:
         tracked = len(gc.get_objects())
         before = collection_ms(collections)

@@ -180,7 +180,8 @@ class _Served:
     """A server built by ``serve`` from flags, recording the SamplingParams its engine receives."""
 
     def __init__(self, args: argparse.Namespace):
-        engine, server, _ = serve_cli.build(args)
+        engine, server, _, batch = serve_cli.build(args)
+        batch.commit()  # as serve commits it once its servers are started
         self.received = []
         add_request = engine.add_request
 
