@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -179,6 +180,70 @@ def test_without_per_tenant_counters_a_tenants_request_leaves_no_tenant_series()
                                              {"reason": "queue_full", "frontend": "http"}) == 1
     assert metrics.registry.get_sample_value("nlora_requests_rejected_total",  # a series from the start
                                              {"reason": "tenant_quota", "frontend": "http"}) == 0
+
+
+def _timed_requests(monkeypatch, per_tenant: bool) -> ServerMetrics:
+    """Three requests on a hand-set clock (seconds): acme's over HTTP (first delta 0.25 s after its
+    receipt, 2 tokens then 1 token 0.5 s apart, finished at 1.0 s) and over gRPC (first token at
+    0.5 s, one more at 1.5 s, finished at 2.0 s), and beta's over gRPC, its key checked after its
+    receipt (first token at 4.0 s, cancelled: no duration)."""
+    clock = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    metrics = _metrics(per_tenant)
+
+    def run(frontend, tenant, steps, finish_at=None, late_tenant=False):
+        start = clock[0]
+        timer = metrics.request(frontend, None if late_tenant else tenant)
+        if late_tenant:
+            timer.set_tenant(tenant)
+        for at, count in steps:
+            clock[0] = start + at
+            timer.tokens(count)
+        if finish_at is not None:
+            clock[0] = start + finish_at
+            timer.finish()
+        timer.ended("finished" if finish_at is not None else "cancelled")
+
+    run("http", "acme", [(0.25, 2), (0.75, 1)], finish_at=1.0)
+    run("grpc", "acme", [(0.5, 1), (1.5, 1)], finish_at=2.0)
+    run("grpc", "beta", [(4.0, 1)], late_tenant=True)
+    return metrics
+
+
+def test_each_tenant_has_its_own_latency_histograms_with_the_front_ends_observations(monkeypatch):
+    """helper-148: one customer's latency was not in /metrics (TTFT and duration by front end only)."""
+    metrics = _timed_requests(monkeypatch, per_tenant=True)
+    value = metrics.registry.get_sample_value
+    ttft, duration = "nlora_tenant_time_to_first_token_seconds", "nlora_tenant_request_duration_seconds"
+    tpot = "nlora_tenant_request_time_per_output_token_seconds"
+    acme, beta = {"tenant": "acme"}, {"tenant": "beta"}
+    assert (value(f"{ttft}_count", acme), value(f"{ttft}_sum", acme)) == (2, 0.25 + 0.5)
+    assert (value(f"{ttft}_count", beta), value(f"{ttft}_sum", beta)) == (1, 4.0)
+    assert (value(f"{duration}_count", acme), value(f"{duration}_sum", acme)) == (2, 1.0 + 2.0)
+    assert value(f"{duration}_count", beta) == 0  # cancelled: no duration, as the front ends' histogram
+    # first delta to last over the tokens after the first delta's: 0.5 s / 1 and 1.0 s / 1
+    assert (value(f"{tpot}_count", acme), value(f"{tpot}_sum", acme)) == (2, 0.5 + 1.0)
+    assert value(f"{tpot}_count", beta) == 0
+    assert value(f"{ttft}_bucket", {**acme, "le": "0.25"}) == 1 and value(f"{ttft}_bucket", {**acme, "le": "0.5"}) == 2
+    # the front ends' own histograms hold the same observations, split by front end instead
+    for name in ("time_to_first_token_seconds", "request_duration_seconds"):
+        for suffix in ("count", "sum"):
+            by_frontend = sum(value(f"nlora_{name}_{suffix}", {"frontend": f}) for f in ("grpc", "http"))
+            by_tenant = sum(value(f"nlora_tenant_{name}_{suffix}", t) or 0 for t in (acme, beta))
+            assert by_tenant == by_frontend, (name, suffix)
+    buckets = {s.labels["le"] for f in metrics.registry.collect() if f.name == ttft
+               for s in f.samples if s.name.endswith("_bucket")}
+    front = {s.labels["le"] for f in metrics.registry.collect() if f.name == "nlora_time_to_first_token_seconds"
+             for s in f.samples if s.name.endswith("_bucket")}
+    assert buckets and buckets == front
+
+
+def test_without_per_tenant_counters_the_latencies_go_to_the_front_ends_only(monkeypatch):
+    metrics = _timed_requests(monkeypatch, per_tenant=False)
+    assert "nlora_tenant_" not in metrics.exposition()[0].decode()
+    value = metrics.registry.get_sample_value
+    assert value("nlora_time_to_first_token_seconds_sum", {"frontend": "grpc"}) == 0.5 + 4.0
+    assert value("nlora_request_duration_seconds_count", {"frontend": "http"}) == 1
 
 
 def test_a_metered_stream_closed_before_its_first_delta_closes_the_engine_stream_and_releases_its_place():

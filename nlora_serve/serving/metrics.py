@@ -6,8 +6,13 @@ Names carry their unit; no label has an unbounded value set by default: the requ
 (``per_tenant``), off by default since a label per tenant is a series per tenant (thousands, with
 thousands of tenants): ``nlora_tenant_requests_total{tenant, outcome}`` (:data:`TENANT_OUTCOMES`)
 and ``nlora_tenant_generation_tokens_total{tenant}``, as vLLM's ``vllm:lora_requests_info`` names
-adapters. Off, they are not registered (no series, no HELP line in a scrape) and counting for a
-tenant is a no-op. ``tenant`` is a name from the tenants file (an operator's list: a key that
+adapters, and a tenant's latency histograms ``{tenant}``, per request (the front ends' buckets):
+``nlora_tenant_time_to_first_token_seconds`` and ``nlora_tenant_request_duration_seconds`` observed
+with the front ends' own, and ``nlora_tenant_request_time_per_output_token_seconds`` (vLLM's
+``vllm:request_time_per_output_token_seconds``: a finished request's mean time between its streamed
+tokens) rather than an inter-token histogram per tenant, whose observe() per token costs ~1-1.6 us.
+Off, they are not registered (no series, no HELP line in a scrape) and counting for a tenant is a
+no-op. ``tenant`` is a name from the tenants file (an operator's list: a key that
 matches no entry is counted in ``nlora_requests_rejected_total`` only, never under a name its caller
 chose), or :data:`ANONYMOUS` without one. A tenant's series appears at its first request and stays
 after a reload removes it (a counter that vanished would read as a reset). Gauges and the engine's
@@ -105,6 +110,9 @@ class ServerMetrics:
         self.tenant_requests: Counter | None = None  # None: --tenant-metrics off, nothing registered
         self.tenant_generation_tokens: Counter | None = None
         self.tenant_rejected: Counter | None = None
+        self.tenant_ttft: Histogram | None = None
+        self.tenant_tpot: Histogram | None = None
+        self.tenant_duration: Histogram | None = None
         if per_tenant:
             self.tenant_requests = Counter("nlora_tenant_requests", "Generation requests of a tenant (its name in "
                                            "the tenants file, 'anonymous' without one), by how they ended",
@@ -116,6 +124,17 @@ class ServerMetrics:
             self.tenant_rejected = Counter("nlora_tenant_requests_rejected", "Generation requests of a tenant "
                                            "refused after its key was checked, by reason (those of "
                                            "nlora_requests_rejected_total)", ["tenant", "reason"], registry=r)
+            # a tenant's latency (SLO alerts per customer): the front ends' histograms again, by tenant
+            # rather than by front end (tenant x frontend would double the series per tenant)
+            tenant = ["tenant"]
+            self.tenant_ttft = Histogram("nlora_tenant_time_to_first_token_seconds", "Receipt of a tenant's "
+                                         "request to its first token", tenant, buckets=_LATENCY, registry=r)
+            # once per request at its end, not per token (nlora_inter_token_latency_seconds' observe())
+            self.tenant_tpot = Histogram("nlora_tenant_request_time_per_output_token_seconds", "A tenant's "
+                                         "finished request's first streamed token to its last, per token after "
+                                         "the first delta's", tenant, buckets=_ITL, registry=r)
+            self.tenant_duration = Histogram("nlora_tenant_request_duration_seconds", "Receipt of a tenant's "
+                                             "request to its last token", tenant, buckets=_DURATION, registry=r)
         for frontend in FRONTENDS:  # every series exists from the start, at 0
             for metric in (self.ttft, self.itl, self.duration, self.prompt_tokens, self.generation_tokens,
                            self.cache_queries, self.cache_hits):
@@ -256,11 +275,12 @@ def caller_of_key(auth: Authenticator,
 
 class RequestTimer:
     """TTFT, inter-token latency and duration of one request's stream (perf_counter seconds), into
-    the series of one front end; its tokens and how it ended into its tenant's (once known)."""
+    the series of one front end; those, its tokens and how it ended into its tenant's too (once known,
+    with per-tenant counters)."""
 
     __slots__ = ("_metrics", "_frontend", "_ttft", "_itl", "_duration", "_prompt", "_generated", "_queries", "_hits",
-                 "_tenant_tokens", "tenant", "caller", "caller_key", "record", "_log", "start", "first", "duration",
-                 "_last")
+                 "_tenant_tokens", "_tenant_ttft", "_tenant_tpot", "_tenant_duration", "tenant", "caller", "caller_key",
+                 "record", "_log", "start", "first", "duration", "_last", "_later")
 
     def __init__(self, metrics: ServerMetrics, frontend: str, tenant: str | None = None, key: str | None = None):
         if frontend not in FRONTENDS:
@@ -270,7 +290,7 @@ class RequestTimer:
         self.tenant: str | None = None
         self.caller: str | None = None  # the same name, whatever the counters (the request log's)
         self.caller_key: str | None = None  # the id of its key (key_of), for the request log
-        self._tenant_tokens = None
+        self._tenant_tokens = self._tenant_ttft = self._tenant_tpot = self._tenant_duration = None
         # what the request log's line says, filled in as the request runs; None: no request log
         self._log = metrics.request_log
         self.record = None if self._log is None else self._log.record()
@@ -284,7 +304,8 @@ class RequestTimer:
         self.start = time.perf_counter()
         self.first: float | None = None  # seconds from receipt to the first token
         self.duration: float | None = None  # seconds from receipt to the end, once finished
-        self._last = self.start
+        self._last = self.start  # when the last delta was streamed
+        self._later = 0  # tokens streamed after the first delta's
 
     def tokens(self, count: int) -> None:
         """``count`` tokens were just streamed (one delta)."""
@@ -294,16 +315,19 @@ class RequestTimer:
         if self.first is None:
             self.first = now - self.start
             self._ttft.observe(self.first)
+            if self._tenant_ttft is not None:
+                self._tenant_ttft.observe(self.first)
         else:
             self._itl.observe((now - self._last) / count)
+            self._later += count
         self._last = now
         self._generated.inc(count)
         if self._tenant_tokens is not None:
             self._tenant_tokens.inc(count)
 
     def set_tenant(self, tenant: str, key: str | None = None) -> None:
-        """The request's key is checked: its tokens and its end count for ``tenant`` from now on
-        (a no-op without per-tenant counters); its log line names it, and the ``key``'s id
+        """The request's key is checked: its tokens, latencies and end count for ``tenant`` from now
+        on (a no-op without per-tenant counters); its log line names it, and the ``key``'s id
         (:func:`key_of`), in any case."""
         self.caller, self.caller_key = tenant, key
         counter = self._metrics.tenant_generation_tokens
@@ -311,6 +335,9 @@ class RequestTimer:
             return
         self.tenant = tenant
         self._tenant_tokens = counter.labels(tenant)
+        metrics = self._metrics
+        self._tenant_ttft, self._tenant_tpot = metrics.tenant_ttft.labels(tenant), metrics.tenant_tpot.labels(tenant)
+        self._tenant_duration = metrics.tenant_duration.labels(tenant)
 
     def describe(self, request_id: str | None, adapter: str | None, prompt_ids: list[int] | None,
                  choices: int = 1) -> None:
@@ -331,9 +358,15 @@ class RequestTimer:
                             self.caller_key)
 
     def finish(self) -> float:
-        """The stream ended; returns (and keeps in ``duration``) its duration in seconds."""
+        """The stream ended (every choice finished); returns (and keeps in ``duration``) its duration
+        in seconds. Its tenant's duration too, and its time per output token: first delta to last over
+        the tokens streamed after the first delta's (none observed without such tokens)."""
         self.duration = time.perf_counter() - self.start
         self._duration.observe(self.duration)
+        if self._tenant_duration is not None:
+            self._tenant_duration.observe(self.duration)
+            if self._later:
+                self._tenant_tpot.observe((self._last - self.start - self.first) / self._later)
         return self.duration
 
     def prefilled(self, prompt_tokens: int, cached_tokens: int = 0) -> None:

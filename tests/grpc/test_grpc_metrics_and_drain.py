@@ -81,6 +81,13 @@ def test_metrics_exist_and_move_under_load(make_server):
                       for outcome, count in (("finished", 2), ("cancelled", 1), ("rejected", 1))}
     assert after[("nlora_tenant_generation_tokens_total", (("tenant", "anonymous"),))] == \
         after[("nlora_generation_tokens_total", GRPC)]
+    # its latencies: the front end's observations (one tenant, one front end here), at the same points
+    anonymous = (("tenant", "anonymous"),)
+    for name in ("time_to_first_token_seconds", "request_duration_seconds"):
+        for suffix in ("count", "sum"):
+            assert after[(f"nlora_tenant_{name}_{suffix}", anonymous)] == after[(f"nlora_{name}_{suffix}", GRPC)]
+    # per finished request with tokens after its first delta's (the two 5-token ones)
+    assert after[("nlora_tenant_request_time_per_output_token_seconds_count", anonymous)] == 2
 
 
 def test_preemptions_counter_moves_when_the_kv_cache_runs_short(make_server):

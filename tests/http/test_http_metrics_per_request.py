@@ -36,6 +36,8 @@ def test_n_and_a_batch_count_each_choice_of_each_prompt_as_vllm_does(make_http_s
     model = server.server.generation.info.model
     fields = dict(model=model, max_tokens=2, temperature=1.0, seed=0, extra_body={"ignore_eos": True})
     before = _counts(server)
+    before_sums = {name: scrape(server)[(f"nlora_{name}_sum", HTTP)]
+                   for name in ("time_to_first_token_seconds", "request_duration_seconds")}
 
     one = list(range(1000, 1040))  # 40 tokens
     answer = api.completions.create(prompt=one, n=3, **fields)
@@ -63,3 +65,9 @@ def test_n_and_a_batch_count_each_choice_of_each_prompt_as_vllm_does(make_http_s
     assert {labels: value for (name, labels), value in samples.items() if name == "nlora_tenant_requests_total"} == {
         (("outcome", "finished"), ("tenant", "base-co")): 2, (("outcome", "rejected"), ("tenant", "base-co")): 1}
     assert samples[("nlora_tenant_generation_tokens_total", (("tenant", "base-co"),))] == 3 * 2 + 4 * 2
+    # its latencies once per request too, as the front end's histograms observe them
+    base_co = (("tenant", "base-co"),)
+    for name in ("time_to_first_token_seconds", "request_duration_seconds"):
+        assert samples[(f"nlora_tenant_{name}_count", base_co)] == 2
+        assert samples[(f"nlora_tenant_{name}_sum", base_co)] == \
+            samples[(f"nlora_{name}_sum", HTTP)] - before_sums[name]
