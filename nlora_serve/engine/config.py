@@ -55,6 +55,13 @@ SCHEDULING_POLICIES = ("fcfs", "fair")
 # efficient well above 128 tokens a step
 FAIR_LONG_PREFILL_TOKEN_THRESHOLD = 128
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # the CPU's KV cache without --kv-cache-memory-bytes
+# the longest an engine step may run, seconds, without --engine-step-timeout (engine/step_watchdog.py).
+# CUDA: vLLM's execute_model timeout (VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS); a first-use Triton compile
+# inside a step takes seconds to a minute. CPU: the default model's worst step on a busy 2-core box
+# was 15 s (fp32, a 2048-token prefill chunk after 2048 tokens of context); a 7B model's 2048-token
+# prefill at ~100 GFLOP/s is ~5 min: 30 min leaves room for bigger models, longer contexts and
+# slower CPUs, and still ends a hang
+DEFAULT_STEP_TIMEOUT_S = {"cpu": 1800.0, "cuda": 300.0}
 
 
 # A tenant's fair-scheduling weight, bounded so that shares and service counters stay finite and
@@ -206,6 +213,9 @@ class EngineConfig:
     # kernel_backend "native", bf16: the adapter products on AMX tiles where the CPU has them;
     # False keeps the AVX-512 paths (kernels/cpu/native.py)
     cpu_amx: bool = True
+    # the longest one engine step may run, seconds, before the engine is declared dead (hung: health
+    # 503, drain, exit 1; engine/step_watchdog.py); 0: no limit; None: DEFAULT_STEP_TIMEOUT_S by device
+    step_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         import torch
@@ -228,6 +238,13 @@ class EngineConfig:
             # "fair"'s default long-prefill cap is the CPU's (FAIR_LONG_PREFILL_TOKEN_THRESHOLD): a copy,
             # not the caller's config changed
             self.scheduler = replace(self.scheduler, long_prefill_token_threshold=0)
+        timeout = self.step_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                    or not 0 <= timeout < float("inf")):
+            raise ValueError("EngineConfig.step_timeout_s (--engine-step-timeout) must be a number of seconds >= 0 "
+                             f"(0: no limit) or None; got {timeout!r}")
+        if timeout is None:
+            self.step_timeout_s = DEFAULT_STEP_TIMEOUT_S["cpu" if self.device == "cpu" else "cuda"]
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda")
         if not isinstance(self.async_scheduling, bool):

@@ -30,6 +30,7 @@ from nlora_serve.engine.inbox import Abort, AbortAdapter, AbortAll, AddRequest, 
 from nlora_serve.engine.request_checks import unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.slot_wait import IDLE_RETRY_SECONDS, SlotWaiters
+from nlora_serve.engine.step_watchdog import StepWatchdog
 from nlora_serve.engine.structured import StructuredOutputs
 from nlora_serve.engine.threads import engine_threads, on_device
 from nlora_serve.engine.warmup import WarmupReport, adapter_kinds, warm_up
@@ -56,6 +57,7 @@ class LLMEngine(Engine):
         if self.core.adapters is not None:  # a slot may free with no step running (a hold let go): try them then
             self.core.adapters.on_slot_change(self._wake.set)
         self._threads = engine_threads(config.cpu_threads)
+        self._watchdog = StepWatchdog(self.core.config.step_timeout_s)  # start-up above is not timed
         self._thread = threading.Thread(target=self._loop, name="nlora-engine", daemon=True)
         self._thread.start()
 
@@ -76,8 +78,10 @@ class LLMEngine(Engine):
     def dead_reason(self) -> str | None:
         """See :attr:`Engine.dead_reason`. A failed step ends its requests and the engine serves on,
         unless the device itself failed (a sticky CUDA error: :attr:`EngineCore.device_error`), after
-        which every step would fail while health said serving; then the server drains and exits 1."""
-        return self.core.device_error
+        which every step would fail while health said serving, or a step has run past
+        ``EngineConfig.step_timeout_s`` (hung: engine/step_watchdog.py, read here, on the caller's
+        thread, not the stuck one's); then the server drains and exits 1."""
+        return self.core.device_error or self._watchdog.reason()
 
     def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if self._max_prompt_bytes is None:  # once: a pass over the vocabulary
@@ -246,7 +250,11 @@ class LLMEngine(Engine):
         :data:`SHUTDOWN_REASON` (their streams raise RequestAborted)."""
         self._stopping = True
         self._wake.set()
-        self._thread.join()
+        while self._thread.is_alive():  # not for ever behind a hung step: the thread is a daemon, left behind
+            if self._watchdog.in_step and self._watchdog.reason() is not None:
+                log.error("the engine's step thread is stuck in a step; shutting down without it")
+                return
+            self._thread.join(timeout=1.0)
 
     def __enter__(self) -> LLMEngine:
         return self
@@ -270,10 +278,12 @@ class LLMEngine(Engine):
                     self._wake.wait(IDLE_RETRY_SECONDS if len(self._waiters) else None)
                     self._wake.clear()
                     continue
-                outputs = self.core.step()
+                with self._watchdog.timing():
+                    outputs = self.core.step()
             except Exception:  # any failure ends every request; the step thread keeps serving
                 log.exception("engine step failed; ending every running request")
-                outputs = self.core.fail_all(ENGINE_FAILED_MESSAGE)  # the cause: the log's, not every tenant's
+                with self._watchdog.timing():  # it waits for the device, which may hang too
+                    outputs = self.core.fail_all(ENGINE_FAILED_MESSAGE)  # the cause: the log's, not every tenant's
             self._deliver(outputs)
         self._drain_inbox()
         self._deliver([self.core.abort(rid, SHUTDOWN_REASON) for rid in list(self.core.requests)])

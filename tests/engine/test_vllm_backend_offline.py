@@ -256,6 +256,10 @@ NATIVE_ONLY = [
     (["--adapter-memory", "64"], "--adapter-memory 64: the native engine's flag, not carried out by vLLM: every "
                                  "tied tenant is folded to a full LoRA there, held in vLLM's --max-loras slots on "
                                  "the device and its CPU LoRA cache (--vllm-arg max_cpu_loras=N)"),
+    (["--engine-step-timeout", "60"], "--engine-step-timeout 60.0: the native engine's flag, not carried out by "
+                                      "vLLM: set vLLM's own, VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS, in the environment "
+                                      "(vLLM's multiprocess executor; its engine core's death already makes the "
+                                      "server exit 1)"),
 ]
 
 

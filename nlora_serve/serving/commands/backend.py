@@ -43,6 +43,8 @@ NATIVE_ONLY = {
                                 "'compilation_config={\"cudagraph_mode\": \"FULL_DECODE_ONLY\"}'"},
     "cpu_gemm": _KERNELS,
     "cpu_amx": _KERNELS,
+    "engine_step_timeout": "set vLLM's own, VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS, in the environment (vLLM's "
+                           "multiprocess executor; its engine core's death already makes the server exit 1)",
     "adapter_memory": "every tied tenant is folded to a full LoRA there, held in vLLM's --max-loras slots on the "
                       "device and its CPU LoRA cache (--vllm-arg max_cpu_loras=N)",
 }

@@ -1,0 +1,115 @@
+"""The engine-step watchdog (engine/step_watchdog.py): a step that hangs makes the engine dead, found
+from another thread; a slow step that ends within the limit does not."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from nlora_serve.engine.api import EngineDead
+from nlora_serve.engine.config import DEFAULT_STEP_TIMEOUT_S, EngineConfig
+from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.step_watchdog import StepWatchdog
+from nlora_serve.serving.commands.serve import _watch_engine
+from nlora_serve.serving.health_state import health_answer
+
+LIMIT_S = 0.3  # the engines' patched limit: a tiny one, so that a hang is found at once
+
+
+class Clock:
+    """A fake monotonic clock, seconds."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_step_past_the_limit_is_found_by_a_reader_while_it_runs_and_sticks():
+    clock = Clock()
+    dog = StepWatchdog(300.0, clock)
+    with dog.timing():
+        clock.now += 300.0  # at the limit: not past it
+        assert dog.reason() is None and dog.in_step
+        clock.now += 12.0
+        assert dog.reason() == "an engine step has run for 312 s (limit 300 s, --engine-step-timeout)"
+    assert not dog.in_step
+    with dog.timing():  # later steps within the limit do not bring it back
+        pass
+    assert dog.reason() == "an engine step has run for 312 s (limit 300 s, --engine-step-timeout)"
+
+
+def test_a_step_that_ended_past_the_limit_trips_it_unread_and_zero_is_no_limit():
+    clock = Clock()
+    dog, off = StepWatchdog(300.0, clock), StepWatchdog(0, clock)
+    for d in (dog, off):
+        with d.timing():
+            clock.now += 400.0
+    assert "has run for 400 s (limit 300 s" in dog.reason() and off.reason() is None
+    clock.now += 1e6  # between steps no time counts
+    assert StepWatchdog(300.0, clock).reason() is None
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), True, "60"])
+def test_a_bad_limit_is_refused_naming_the_flag(value):
+    with pytest.raises(ValueError, match=r"step_timeout_s \(--engine-step-timeout\) must be a number of seconds"):
+        EngineConfig(device="cpu", step_timeout_s=value)
+
+
+def test_the_default_limit_is_the_devices():
+    assert EngineConfig(device="cpu").step_timeout_s == DEFAULT_STEP_TIMEOUT_S["cpu"] == 1800.0
+    assert EngineConfig(device="cpu", step_timeout_s=0).step_timeout_s == 0
+
+
+def _patch_step(engine, before) -> None:
+    real = engine.core.step
+
+    def step():
+        before()
+        return real()
+
+    engine.core.step = step
+
+
+def test_a_hung_step_makes_the_engine_dead_health_503_and_new_requests_refused(make_engine):
+    """The step thread blocks in a step (a deadlocked kernel, faked by an Event): nothing on it can
+    report, yet the engine's watcher finds it dead past the limit, /health turns 503, serve's
+    watcher stops the server, new requests are refused, and shutdown does not wait for ever."""
+    engine = make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64)
+    engine._watchdog.limit_s = LIMIT_S
+    entered, release = threading.Event(), threading.Event()
+    _patch_step(engine, lambda: (entered.set(), release.wait(30)))
+
+    async def scenario():
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+        assert await asyncio.to_thread(entered.wait, 10)
+        assert engine.dead_reason is None  # within the limit it is not hung yet
+        stop = asyncio.Event()
+        await asyncio.wait_for(_watch_engine(engine, stop, every=0.05), 5)
+        assert stop.is_set()
+        with pytest.raises(EngineDead):
+            engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+
+    try:
+        asyncio.run(scenario())
+        assert engine.dead_reason.startswith("an engine step has run for ")
+        assert "(limit 0.3 s, --engine-step-timeout)" in engine.dead_reason
+        assert health_answer(engine.dead_reason, False) == (503, {"status": "dead", "reason": engine.dead_reason})
+        started = time.monotonic()
+        engine.shutdown()  # the step is still stuck: it returns without the thread
+        assert time.monotonic() - started < 1 and engine._thread.is_alive()
+    finally:
+        release.set()
+    engine._thread.join(10)
+
+
+def test_a_slow_step_within_the_limit_does_not_trip_it(make_engine):
+    engine = make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64)
+    engine._watchdog.limit_s = 2.0
+    _patch_step(engine, lambda: time.sleep(LIMIT_S))  # each step slower than the other test's limit
+    [out] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=1))
+    assert len(out.token_ids) == 1 and engine.dead_reason is None
