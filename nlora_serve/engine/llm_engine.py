@@ -175,6 +175,11 @@ class LLMEngine(Engine):
             self._abort(engine_id, reason)
 
     def abort_all(self, reason: str) -> None:
+        if self._watchdog.in_step and self._watchdog.reason() is not None:
+            # hung: the step thread will never read the inbox; end every stream from here, so that
+            # the drain's clients are told rather than cut (the core is the stuck thread's: untouched)
+            self._deliver([RequestOutput(eid, "", [], "abort", 0, 0, error=reason) for eid in list(self._sinks)])
+            return
         self._inbox.put(AbortAll(reason))
         self._wake.set()
 

@@ -55,7 +55,7 @@ class StepWatchdog:
 
     def reason(self) -> str | None:
         """None while every step has kept within the limit, else why the engine is dead, e.g. "an
-        engine step has run for 312 s (limit 300 s, --engine-step-timeout)"; from any thread."""
+        engine step has run for 312.0 s (limit 300 s, --engine-step-timeout)"; from any thread."""
         if self._reason is None:
             self._check(self._started)
         return self._reason
@@ -65,6 +65,6 @@ class StepWatchdog:
             return
         elapsed = self._clock() - started
         if elapsed > self.limit_s:
-            self._reason = (f"an engine step has run for {elapsed:.0f} s (limit {self.limit_s:g} s, "
+            self._reason = (f"an engine step has run for {elapsed:.1f} s (limit {self.limit_s:g} s, "
                             "--engine-step-timeout)")
             log.error("%s: the engine is treated as hung", self._reason)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from nlora_serve.engine.api import EngineDead
+from nlora_serve.engine.api import EngineDead, RequestAborted
 from nlora_serve.engine.config import DEFAULT_STEP_TIMEOUT_S, EngineConfig
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.step_watchdog import StepWatchdog
@@ -36,11 +36,11 @@ def test_a_step_past_the_limit_is_found_by_a_reader_while_it_runs_and_sticks():
         clock.now += 300.0  # at the limit: not past it
         assert dog.reason() is None and dog.in_step
         clock.now += 12.0
-        assert dog.reason() == "an engine step has run for 312 s (limit 300 s, --engine-step-timeout)"
+        assert dog.reason() == "an engine step has run for 312.0 s (limit 300 s, --engine-step-timeout)"
     assert not dog.in_step
     with dog.timing():  # later steps within the limit do not bring it back
         pass
-    assert dog.reason() == "an engine step has run for 312 s (limit 300 s, --engine-step-timeout)"
+    assert dog.reason() == "an engine step has run for 312.0 s (limit 300 s, --engine-step-timeout)"
 
 
 def test_a_step_that_ended_past_the_limit_trips_it_unread_and_zero_is_no_limit():
@@ -49,7 +49,7 @@ def test_a_step_that_ended_past_the_limit_trips_it_unread_and_zero_is_no_limit()
     for d in (dog, off):
         with d.timing():
             clock.now += 400.0
-    assert "has run for 400 s (limit 300 s" in dog.reason() and off.reason() is None
+    assert "has run for 400.0 s (limit 300 s" in dog.reason() and off.reason() is None
     clock.now += 1e6  # between steps no time counts
     assert StepWatchdog(300.0, clock).reason() is None
 
@@ -78,14 +78,15 @@ def _patch_step(engine, before) -> None:
 def test_a_hung_step_makes_the_engine_dead_health_503_and_new_requests_refused(make_engine):
     """The step thread blocks in a step (a deadlocked kernel, faked by an Event): nothing on it can
     report, yet the engine's watcher finds it dead past the limit, /health turns 503, serve's
-    watcher stops the server, new requests are refused, and shutdown does not wait for ever."""
+    watcher stops the server, new requests are refused, the drain's abort reaches the stuck
+    request's client, and shutdown does not wait for ever."""
     engine = make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64)
     engine._watchdog.limit_s = LIMIT_S
     entered, release = threading.Event(), threading.Event()
     _patch_step(engine, lambda: (entered.set(), release.wait(30)))
 
     async def scenario():
-        engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+        stream = engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
         assert await asyncio.to_thread(entered.wait, 10)
         assert engine.dead_reason is None  # within the limit it is not hung yet
         stop = asyncio.Event()
@@ -93,6 +94,9 @@ def test_a_hung_step_makes_the_engine_dead_health_503_and_new_requests_refused(m
         assert stop.is_set()
         with pytest.raises(EngineDead):
             engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+        engine.abort_all("the drain ended")  # the server's drain: the stuck thread cannot deliver it
+        with pytest.raises(RequestAborted, match="the drain ended"):
+            await asyncio.wait_for(anext(aiter(stream)), 5)
 
     try:
         asyncio.run(scenario())
