@@ -57,14 +57,15 @@ class StepWatchdog:
         """None while every step has kept within the limit, else why the engine is dead, e.g. "an
         engine step has run for 312.0 s (limit 300 s, --engine-step-timeout)"; from any thread."""
         if self._reason is None:
-            self._check(self._started)
+            self._check(self._started, running=True)
         return self._reason
 
-    def _check(self, started: float | None) -> None:
+    def _check(self, started: float | None, running: bool = False) -> None:
         if started is None or not self.limit_s or self._reason is not None:
             return
         elapsed = self._clock() - started
-        if elapsed > self.limit_s:
+        # running: the step read is still the one running (it may have ended, in time, since)
+        if elapsed > self.limit_s and (not running or self._started == started):
             self._reason = (f"an engine step has run for {elapsed:.1f} s (limit {self.limit_s:g} s, "
                             "--engine-step-timeout)")
             log.error("%s: the engine is treated as hung", self._reason)

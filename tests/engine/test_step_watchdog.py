@@ -54,6 +54,24 @@ def test_a_step_that_ended_past_the_limit_trips_it_unread_and_zero_is_no_limit()
     assert StepWatchdog(300.0, clock).reason() is None
 
 
+def test_a_step_that_ends_in_time_while_a_reader_looks_does_not_trip_it():
+    """The reader took the start stamp, then the step ended within the limit before the reader's
+    clock read came back late (a descheduled watcher): not a hang."""
+    clock = Clock()
+    dog = StepWatchdog(300.0, clock)
+    with dog.timing():
+        clock.now += 100.0
+
+        def late() -> float:  # the reader's clock read: meanwhile the step ended, at +100 s
+            dog._started = None
+            return clock.now + 400.0
+
+        dog._clock = late
+        assert dog.reason() is None
+        dog._clock = clock
+    assert dog.reason() is None
+
+
 @pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), True, "60"])
 def test_a_bad_limit_is_refused_naming_the_flag(value):
     with pytest.raises(ValueError, match=r"step_timeout_s \(--engine-step-timeout\) must be a number of seconds"):
