@@ -44,8 +44,11 @@
 #   engine_8b: tied64 and lora8 against our base at the llama-8b dummy shape (issue 19);
 #   prefix_8b: issue 20's prefix caching at the llama-8b shape;
 #   tune_kernels: tied_fused configs for this device (<device name>.json under $OUT);
-#   qwen3_piecewise (~25 s, last: with the time left): qwen3_check's model (2 layers) with piecewise
-#     CUDA graphs, fp32 and bf16 (table in extra_log.txt).
+#   qwen3_piecewise (~25 s, with the time left): qwen3_check's model (2 layers) with piecewise
+#     CUDA graphs, fp32 and bf16 (table in extra_log.txt);
+#   kv_budget (last, with what is left; an 8B start takes a minute or more): bench/kv_budget_check.py,
+#     256 worst-case sampled (top-p/k, 20 logprobs, penalties) and 256 greedy requests at the llama-8b
+#     shape: no OOM and memory in use under utilization x total (engine/memory.py's budget).
 # Needs only torch + triton + transformers + peft + pytest + numpy (the device image has them);
 # the package is used from the working tree. Writes under $OUT (default bench/out/gpu).
 set -uo pipefail
@@ -97,6 +100,8 @@ if [ "${1:-}" = extra ]; then  # the second call: its own log and rc files
     # with the time left: Qwen3 through the piecewise graphs too (its q/k head norms inside the captured pieces)
     step qwen3_piecewise 40 $PY bench/gpu_engine_check.py --arch qwen3 --layers 2 --requests 3 --new-tokens 2 \
         --long-prompt 300 --piecewise-graphs --bf16-within-transformers --out "${TMPDIR:-/tmp}/qwen3_piecewise.json"
+    # with what is still left: the KV budget under the sampler's worst case (llama-8b, 256 sampled rows)
+    step kv_budget 150 $PY bench/kv_budget_check.py --out "$OUT/kv_budget.json"
     ! grep -qv "rc=0" "$RC"
     exit
 fi

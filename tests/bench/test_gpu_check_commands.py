@@ -82,7 +82,7 @@ def _steps(text: str) -> list[tuple[str, list[str]]]:
 def test_the_script_has_its_steps():
     names = [name for name, _ in _steps(SCRIPT.read_text())]
     for expected in ("smoke", "engine_check", "qwen3_check", "engine_bench", "decode_step", "adapter_kernels",
-                     "kernels", "engine_8b", "prefix_8b", "fairness", "fuzz"):
+                     "kernels", "engine_8b", "prefix_8b", "fairness", "fuzz", "kv_budget"):
         assert expected in names, f"bench/gpu_check.sh lost its {expected} step: {names}"
 
 
