@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nlora_serve.adapters.store import durable
-from nlora_serve.adapters.store.layout import CONFIG_FILE, FAMILIES, STAGING
+from nlora_serve.adapters.store.layout import CONFIG_FILE, FAMILIES, STAGING, is_version_name
 from nlora_serve.errors import AdapterError
 
 log = logging.getLogger("nlora_serve.adapters.store")
@@ -58,9 +58,10 @@ def read_record(root: Path) -> BaseIdentity | None:
             module writes (the message names the file and how to recover).
     """
     try:
-        data = durable.read_folder(root, Path(), (BASE_FILE,), _MAX_BYTES, cap=f"{_MAX_BYTES} bytes")
+        data = durable.read_folder(root, Path(), (BASE_FILE,), _MAX_BYTES, cap=f"{_MAX_BYTES} bytes", full_paths=True)
     except durable.StoreReadError as exc:
-        raise AdapterError(f"{exc}; it should hold the store's base-model record") from None
+        raise AdapterError(f"{exc}; it should hold the store's base-model record: remove it and the next start "
+                           "records the model it serves") from None
     if BASE_FILE not in data:
         return None
     try:
@@ -145,16 +146,18 @@ def write_record(root: Path, identity: BaseIdentity) -> None:
 
 
 def _holds_adapters(root: Path) -> bool:
-    """Whether the store holds any adapter: a name with a version folder, or family factors. A
-    folder that cannot be read (EACCES, EIO) may hold one: counted as holding (nothing is taken
-    for another model on a guess)."""
+    """Whether the store holds any adapter: a name with a version folder (named as layout.py names
+    them: another subfolder of a name's folder is no version, and the registry serves none), or a
+    family's factors (a folder under ``_families``). A folder that cannot be read (EACCES, EIO) may
+    hold one: counted as holding (nothing is taken for another model on a guess)."""
     with os.scandir(root) as entries:
         for entry in entries:
             if entry.name in (STAGING, BASE_FILE) or not entry.is_dir(follow_symlinks=False):
                 continue
             try:
                 with os.scandir(entry.path) as inner:
-                    if any(e.is_dir(follow_symlinks=False) for e in inner):
+                    if any((entry.name == FAMILIES or is_version_name(e.name)) and e.is_dir(follow_symlinks=False)
+                           for e in inner):
                         return True
             except OSError:
                 return True
@@ -173,7 +176,7 @@ def _config_fingerprints(root: Path) -> dict[str, list[str]]:
             continue
         try:  # EACCES, EIO: skipped here as by the registry's scan (reads.py), which warns
             with os.scandir(entry.path) as inner:
-                versions = sorted(e.name for e in inner if e.name.isascii() and e.name.isdigit() and len(e.name) == 8)
+                versions = sorted(e.name for e in inner if is_version_name(e.name))
         except OSError:
             continue
         if not versions:

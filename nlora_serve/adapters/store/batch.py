@@ -9,12 +9,16 @@ the next start served those, or warned about them and wrote yet more (h141). Bet
 what it writes (versions, a family's shared factors, the folders they created) and defers every
 removal; :meth:`~nlora_serve.adapters.store.AdapterStore.abort_batch` takes the writes back out
 (each one leaves by one rename, durably) and forgets the removals, so the store is as before.
+A batch is the starting thread's only: what any other thread writes or removes meanwhile (an
+admin upload or hot-swap arriving once the servers are up, before the commit) is not recorded,
+not deferred and never undone; the store holds one batch at a time (a second begin raises).
 ``serve`` commits only once its servers are bound and started (:class:`OpenBatch`, threaded from
 ``build`` through ``run_serve``): a start refused later (a port taken) leaves the store untouched too.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -32,8 +36,10 @@ log = logging.getLogger("nlora_serve.adapters.store")
 
 @dataclass
 class StartBatch:
-    """What one start wrote to the store and what it would have removed, in order."""
+    """What one start wrote to the store and what it would have removed, in order: the writes and
+    removals of thread ``thread`` (``threading.get_ident()``, the one that began it) only."""
 
+    thread: int
     written: list[Path] = field(default_factory=list)  # version folders and family folders, as written
     created: list[Path] = field(default_factory=list)  # folders made for them (a new name's, _families)
     removals: list[tuple[str, int]] = field(default_factory=list)  # (name, version) to remove at commit
@@ -59,6 +65,8 @@ class StartBatch:
                 trashes.append(trash)
                 durable.rename(path, trash / "v")
                 parents.add(path.parent)
+            except FileNotFoundError:  # removed since: another thread's write superseded it
+                log.info("a failed start's write %s is gone already (superseded since)", path)
             except OSError as exc:
                 log.error("a failed start could not take back %s (%s): remove that folder by hand", path, exc)
         for folder in reversed(self.created):
@@ -66,6 +74,8 @@ class StartBatch:
                 folder.rmdir()
                 parents.add(folder.parent)
             except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):  # another thread's version is there
+                    continue
                 log.error("a failed start could not remove the folder it made, %s (%s)", folder, exc)
         for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):  # children first
             try:

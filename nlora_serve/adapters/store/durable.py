@@ -212,7 +212,7 @@ def unlink(path: Path, missing_ok: bool = False) -> None:
 
 
 def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int,
-                cap: str | None = None) -> dict[str, bytes]:
+                cap: str | None = None, full_paths: bool = False) -> dict[str, bytes]:
     """The bytes of those of ``names`` that exist in ``root/folder``, by name. Every folder below
     ``root`` and every file is opened with O_NOFOLLOW and checked with fstat to be a folder or a
     regular file, so no symbolic link in the store is followed, whatever its level; the files'
@@ -222,30 +222,32 @@ def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int,
     Raises:
         FileNotFoundError: ``root/folder`` does not exist (e.g. a version removed since).
         StoreReadError: a symbolic link, FIFO, device or other non-regular entry on the way, named
-            by its path relative to ``root``; files of more than ``max_bytes`` bytes together; any
-            other error reading them (EACCES, EIO).
+            by its path relative to ``root`` (its full path where ``full_paths``: an entry at the
+            root itself, which relative to it would be "."); files of more than ``max_bytes``
+            bytes together; any other error reading them (EACCES, EIO).
     """
     folder, fds = Path(folder), {}
+    shown = Path(root) if full_paths else Path()  # what the messages name paths relative to
     dir_fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)  # the root itself was resolved by the caller
     try:
         for depth, part in enumerate(folder.parts):
-            child = _open_entry(part, dir_fd, Path(*folder.parts[: depth + 1]), is_dir=True)
+            child = _open_entry(part, dir_fd, shown.joinpath(*folder.parts[: depth + 1]), is_dir=True)
             os.close(dir_fd)
             dir_fd = child
         for name in names:
-            fd = _open_entry(name, dir_fd, folder / name, is_dir=False)
+            fd = _open_entry(name, dir_fd, shown / folder / name, is_dir=False)
             if fd is not None:
                 fds[name] = fd
         sizes = {name: os.fstat(fd).st_size for name, fd in fds.items()}
         if sum(sizes.values()) > max_bytes:
             cap = cap or f"the server's --max-adapter-bytes {max_bytes}"
-            raise StoreReadError(f"adapter store folder {folder.as_posix()}: {' + '.join(fds)} are "
+            raise StoreReadError(f"adapter store folder {(shown / folder).as_posix()}: {' + '.join(fds)} are "
                                  f"{sum(sizes.values())} bytes, over {cap}: refusing to read them")
         return {name: _read_all(fd, sizes[name]) for name, fd in fds.items()}
     except FileNotFoundError:
         raise
     except OSError as exc:  # EACCES, EIO, ...: a refusal of this version, not a crash of the start
-        raise StoreReadError(f"adapter store folder {folder.as_posix()}: cannot read it "
+        raise StoreReadError(f"adapter store folder {(shown / folder).as_posix()}: cannot read it "
                              f"({exc.strerror or exc})") from None
     finally:
         for fd in (dir_fd, *fds.values()):

@@ -55,8 +55,9 @@ def write_factors(store: AdapterStore, name: str, key: str, data_of: Callable[[]
             durable.rename(staged, families / key)
             staged = None
             fsync_dir(families)
-            if store._batch is not None:  # a start's write: taken back out should the start fail (batch.py)
-                store._batch.wrote(families / key, families if is_new else None)
+            batch = store.batch_of_caller()
+            if batch is not None:  # a start's write: taken back out should the start fail (batch.py)
+                batch.wrote(families / key, families if is_new else None)
         except OSError as exc:
             if staged is not None:
                 shutil.rmtree(staged, ignore_errors=True)

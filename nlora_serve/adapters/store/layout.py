@@ -61,3 +61,9 @@ def content_hash(files: dict[str, bytes]) -> str:
         h.update(f"{fname}|{len(files[fname])}\n".encode())
         h.update(files[fname])
     return h.hexdigest()
+
+
+def is_version_name(folder: str) -> bool:
+    """Whether ``folder`` is a version folder's name: ``f"{version:08d}"`` of a version >= 1 (8
+    ASCII digits; a stray ``3``, ``٣``, ``²`` or ``notes`` beside the versions is no version)."""
+    return folder.isascii() and folder.isdigit() and int(folder) > 0 and folder == f"{int(folder):08d}"

@@ -18,7 +18,7 @@ from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.store.base_record import BASE_FILE, BaseIdentity
 from nlora_serve.adapters.store.batch import StartBatch
 from nlora_serve.adapters.store.layout import (ALLOWED_FILES, DEFAULT_MAX_ADAPTER_BYTES, FAMILIES, STAGING, UNLOADED,
-                                               StoredVersion)
+                                               StoredVersion, is_version_name)
 from nlora_serve.adapters.store.sums import check_sums, recorded
 from nlora_serve.adapters.store.writes import StoreWrites
 from nlora_serve.errors import AdapterError
@@ -89,7 +89,8 @@ class AdapterStore(StoreWrites):
         as :meth:`write` names them, 8 ASCII digits; a stray ``3``, ``٣`` or ``²`` is no version."""
         try:
             with os.scandir(self.adapter_dir(name)) as entries:
-                found = sorted(int(e.name) for e in entries if _is_version(e.name) and e.is_dir(follow_symlinks=False))
+                found = sorted(int(e.name) for e in entries
+                               if is_version_name(e.name) and e.is_dir(follow_symlinks=False))
         except (FileNotFoundError, NotADirectoryError):
             return []
         if found:
@@ -188,7 +189,3 @@ class AdapterStore(StoreWrites):
         """
         return (self.adapter_dir(name) / UNLOADED).exists()
 
-
-def _is_version(folder: str) -> bool:
-    """Whether ``folder`` is a version folder's name: ``f"{version:08d}"`` of a version >= 1."""
-    return folder.isascii() and folder.isdigit() and int(folder) > 0 and folder == f"{int(folder):08d}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from nlora_serve.adapters.store import durable
@@ -80,7 +81,8 @@ class StoreWrites:
         if total > self.max_bytes:
             raise AdapterError(f"adapter {name!r}: {total} bytes of files is over the server's --max-adapter-bytes "
                                f"{self.max_bytes}")
-        if self._batch is None:  # the store's first version (a start records it at its commit)
+        batch = self.batch_of_caller()
+        if batch is None:  # the store's first version (a start records it at its commit)
             self.record_base(name)
         with self.write_lock:
             adapter_dir = self.adapter_dir(name)
@@ -89,7 +91,7 @@ class StoreWrites:
             if foreign:
                 raise AdapterError(f"adapter {name!r}: {foreign} are not files of its versions in {self.root}")
             try:
-                stored = self._write_locked(name, adapter_dir, files, same_as)
+                stored = self._write_locked(name, adapter_dir, files, same_as, batch)
                 self.note_version(name, stored.version)
                 return stored
             except FileNotFoundError as exc:  # a linked file removed since it was stat'ed above
@@ -101,7 +103,7 @@ class StoreWrites:
                 raise
 
     def _write_locked(self, name: str, adapter_dir: Path, files: dict[str, bytes],
-                      same_as: dict[str, Path]) -> StoredVersion:
+                      same_as: dict[str, Path], batch: StartBatch | None) -> StoredVersion:
         """:meth:`write` under the lock. Durable order: files and their SHA256SUMS written, then
         they and the staged folder fsynced (together), renamed into place, the adapter's folder fsynced (and
         the root's, for a new name); only then is an UNLOADED marker removed (fsynced again). Any
@@ -133,8 +135,8 @@ class StoreWrites:
         except BaseException:
             self._roll_back(staged, final, unloaded, adapter_dir if created else None)
             raise
-        if self._batch is not None:  # a start's write: taken back out should the start fail
-            self._batch.wrote(final, adapter_dir if created else None)
+        if batch is not None:  # a start's write: taken back out should the start fail
+            batch.wrote(final, adapter_dir if created else None)
         return StoredVersion(name, version, final)
 
     def _roll_back(self, staged: Path | None, final: Path | None, unloaded: bool, created: Path | None) -> None:
@@ -203,7 +205,7 @@ class StoreWrites:
         """
         # Not under the write lock: a rename of one old folder cannot disturb a write (which only
         # adds the next number), and the engine thread must not wait out a swap's fsyncs here.
-        batch = self._batch
+        batch = self.batch_of_caller()
         if batch is not None:  # a start's: removed once it succeeds (commit_batch), kept if it fails
             batch.removals.append((name, version))
             return
@@ -224,9 +226,27 @@ class StoreWrites:
             log.info("left %s for the next start to delete", trash)
 
     def begin_batch(self) -> None:
-        """Record this store's writes from now on, and defer its removals, until
-        :meth:`commit_batch` or :meth:`abort_batch` (batch.py: a ``serve`` start's registrations)."""
-        self._batch = StartBatch()
+        """Record the calling thread's writes to this store from now on, and defer its removals,
+        until :meth:`commit_batch` or :meth:`abort_batch` (batch.py: a ``serve`` start's
+        registrations). Only this thread's: a write or removal from any other thread while the
+        batch is open (an admin upload or hot-swap once the servers are up, a version freed by the
+        engine thread) is no part of the start and is never undone or deferred.
+
+        Raises:
+            RuntimeError: a batch is open on this store already (a programming error: one start
+                per store; the open batch is left as it was).
+        """
+        with self.write_lock:
+            if self._batch is not None:
+                raise RuntimeError(f"adapter store {self.root}: a start batch is open on it already (opened by "
+                                   f"thread {self._batch.thread}); commit or abort it before beginning another")
+            self._batch = StartBatch(threading.get_ident())
+
+    def batch_of_caller(self) -> StartBatch | None:
+        """The open start batch where the calling thread began it, else None (another thread's
+        write is not the start's)."""
+        batch = self._batch
+        return batch if batch is not None and batch.thread == threading.get_ident() else None
 
     def commit_batch(self) -> None:
         """End the batch: the removals it deferred happen now (the versions its writes superseded),

@@ -1,0 +1,111 @@
+"""A start's batch on the adapter store (store/batch.py) and the base-model record's edges
+(store/base_record.py), at the store's level: no model, no server (helper-150's review of h141's fix).
+
+The failed ``serve`` start itself: tests/grpc/test_grpc_serve_errors.py; the manager's view:
+test_store_base_model.py.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from nlora_serve.adapters.store import AdapterStore
+from nlora_serve.adapters.store.base_record import BASE_FILE, BaseIdentity, check_base, read_record, write_record
+from nlora_serve.errors import AdapterError
+
+FILES = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"weights"}
+
+
+def _in_thread(fn) -> None:
+    """Run ``fn`` in another thread (an admin call's), re-raising what it raised."""
+    raised: list[BaseException] = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if raised:
+        raise raised[0]
+
+
+def test_another_threads_writes_and_removals_during_a_start_batch_are_not_the_starts(tmp_path):
+    # the batch was the store's: an admin upload between server.start() and the commit was
+    # recorded and undone by an abort (an acknowledged upload lost), and its removals deferred
+    store = AdapterStore(tmp_path / "store")
+    store.write("acme", FILES)  # v1
+    store.write("acme", FILES)  # v2
+    store.begin_batch()
+    store.write("start", FILES)  # the start's own: undone
+    _in_thread(lambda: store.write("upload", FILES))  # an admin's, meanwhile: stays
+    _in_thread(lambda: store.write("acme", FILES))  # v3, and its prune of v1: happens now
+    _in_thread(lambda: store.remove_version("acme", 1))
+    assert store.versions("acme") == [2, 3]
+    store.abort_batch()
+    assert store.versions("start") == [] and not (store.root / "start").exists()
+    assert store.versions("upload") == [1] and store.versions("acme") == [2, 3]
+
+
+def test_an_abort_after_another_thread_superseded_the_starts_version_keeps_the_new_one(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    store.begin_batch()
+    store.write("acme", FILES)  # v1, the start's, in a folder it made
+    _in_thread(lambda: store.write("acme", FILES))  # v2, an admin's hot-swap
+    _in_thread(lambda: store.remove_version("acme", 1))  # its prune of the start's v1
+    store.abort_batch()  # v1 gone already; the folder holds v2: kept
+    assert store.versions("acme") == [2]
+
+
+def test_a_second_batch_on_one_store_is_refused_and_the_first_stays_open(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    store.begin_batch()
+    store.write("acme", FILES)
+    with pytest.raises(RuntimeError, match=rf"^adapter store {store.root}: a start batch is open on it already"):
+        store.begin_batch()
+    store.abort_batch()  # the first batch's write is still recorded: undone
+    assert store.versions("acme") == []
+
+
+def test_a_subfolder_of_a_name_that_is_no_version_holds_no_adapter(tmp_path):
+    # _holds_adapters counted any subfolder: a store of another model whose only "adapter" was a
+    # stray folder (a copy's notes/, a 3/) was refused as holding adapters
+    store = AdapterStore(tmp_path / "store")
+    write_record(store.root, BaseIdentity("f" * 64, "/models/Other-1B"))
+    for stray in ("notes", "3", "00000000", "٣٣٣٣٣٣٣٣"):
+        os.makedirs(store.root / "acme" / stray)
+    mine = BaseIdentity("a" * 64, "/models/Mine-1B")
+    check_base(store, mine)  # nothing served: taken for this model
+    assert store.base_pending == mine
+    os.makedirs(store.root / "acme" / "00000001")
+    store.base_pending = None
+    with pytest.raises(AdapterError, match=r"is for base model /models/Other-1B"):
+        check_base(store, mine)
+
+
+@pytest.mark.parametrize("kind", ["folder", "link", "oversized"])
+def test_a_record_that_is_not_a_file_or_too_large_is_refused_naming_its_full_path(tmp_path, kind):
+    # the messages named "adapter store entry .base_model.json" / "adapter store folder .": not the store
+    root = tmp_path / "store"
+    root.mkdir()
+    record = root / BASE_FILE
+    if kind == "folder":
+        record.mkdir()
+    elif kind == "link":
+        (tmp_path / "elsewhere.json").write_text("{}")
+        record.symlink_to(tmp_path / "elsewhere.json")
+    else:
+        record.write_bytes(b" " * (1 << 17))
+    with pytest.raises(AdapterError) as err:
+        read_record(root)
+    shown = str(record) if kind != "oversized" else f"adapter store folder {root}: {BASE_FILE} are"
+    assert shown in str(err.value), str(err.value)
+    assert "folder .:" not in str(err.value) and f"entry {BASE_FILE}" not in str(err.value)
+    assert record.is_symlink() if kind == "link" else record.exists()  # left as it was
