@@ -8,12 +8,13 @@ test_store_base_model.py.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from pathlib import Path
 
 import pytest
 
-from nlora_serve.adapters.store import AdapterStore
+from nlora_serve.adapters.store import STAGING, AdapterStore, durable
 from nlora_serve.adapters.store.base_record import BASE_FILE, BaseIdentity, check_base, read_record, write_record
 from nlora_serve.errors import AdapterError
 
@@ -109,3 +110,91 @@ def test_a_record_that_is_not_a_file_or_too_large_is_refused_naming_its_full_pat
     assert shown in str(err.value), str(err.value)
     assert "folder .:" not in str(err.value) and f"entry {BASE_FILE}" not in str(err.value)
     assert record.is_symlink() if kind == "link" else record.exists()  # left as it was
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """The store outside its staging area: a file's bytes, None for a folder, by path."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*")) if p.relative_to(root).parts[0] != STAGING}
+
+
+def _wait(pid: int, seconds: float = 20.0) -> int:
+    """The signal that ended child ``pid`` (0: it exited); a child still running after
+    ``seconds`` is killed and the test fails."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked start hung")
+
+
+def _start(root: Path) -> None:
+    """A start's registrations on the store at ``root``: acme v2 (its v1's removal deferred), a new
+    name, and a family's factors, then the commit."""
+    store = AdapterStore(root)
+    store.begin_batch()
+    store.write("acme", {**FILES, "adapter_model.safetensors": b"new weights"})
+    store.remove_version("acme", 1)  # as the registry prunes the version v2 replaced
+    store.write("fresh", FILES)
+    from nlora_serve.adapters.store.factors import write_factors
+    write_factors(store, "fresh", "ab" * 32, lambda: b"factors")
+    store.commit_batch()
+    store.wait_deleted()
+
+
+def test_a_start_killed_at_any_store_operation_is_undone_at_the_next_open(tmp_path):
+    # SIGKILL mid-start kept the versions it wrote (the undo lived in the killed process): the next
+    # start served them and pruned the ones they replaced. Now the next open rolls back whatever the
+    # start's journal lists: the store is as before the start, or as after its commit. A fork per
+    # file operation of the start (as tests/grpc/test_grpc_crash.py kills at a store operation,
+    # without a server: ~5 ms a kill)
+    def fresh(root: Path) -> dict[str, bytes | None]:
+        store = AdapterStore(root)
+        store.write("acme", FILES)
+        del store
+        return _tree(root)
+
+    ops: list[durable.FileOp] = []
+    before = fresh(tmp_path / "counted")
+    previous = durable.set_fault_hook(ops.append)
+    try:
+        _start(tmp_path / "counted")
+    finally:
+        durable.set_fault_hook(previous)
+    after = _tree(tmp_path / "counted")
+    pruned_later = {**after, **{k: v for k, v in before.items() if k.startswith("acme/00000001")}}
+    assert len(ops) > 20 and before != after
+    outcomes = set()
+    for kill_at in range(1, len(ops) + 1):
+        root = tmp_path / f"k{kill_at}"
+        assert fresh(root) == before
+        pid = os.fork()
+        if pid == 0:  # the start, killed just before its kill_at-th store file operation
+            seen = [0]
+
+            def kill(op, seen=seen, kill_at=kill_at):
+                seen[0] += 1
+                if seen[0] == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            durable._fsync_pool = None  # the parent's: its threads are not in this child
+            durable.set_fault_hook(kill)
+            try:
+                _start(root)
+            finally:
+                os._exit(3)  # not killed: the test fails below
+        assert _wait(pid) == signal.SIGKILL, f"not killed at {ops[kill_at - 1]}"
+        AdapterStore(root).wait_deleted()  # the next open: rolls a journal back
+        got = _tree(root)
+        match = [name for ref, name in ((before, "before"), (after, "after"), (pruned_later, "pruned later"))
+                 if got == ref]
+        assert match, f"killed before {ops[kill_at - 1]}: the store is {sorted(got)}"
+        outcomes.add(match[0])
+        assert list((root / STAGING).iterdir()) == []
+    assert outcomes == {"before", "pruned later"}  # (the last operation is v1's removal: "after" needs no kill)

@@ -13,6 +13,7 @@ Modules, by concern::
     factors.py   a compressed family's shared factors under the store's _families/
     base_record.py  which base model the store serves (.base_model.json): another's is refused
     batch.py     a start's writes, taken back out should the start fail
+    journal.py   the same on disk: a start killed before its commit is undone at the next open
 
 ``from nlora_serve.adapters.store import AdapterStore, CONFIG_FILE, ...`` reads the names most
 callers need from here.

@@ -12,6 +12,8 @@ removal; :meth:`~nlora_serve.adapters.store.AdapterStore.abort_batch` takes the 
 A batch is the starting thread's only: what any other thread writes or removes meanwhile (an
 admin upload or hot-swap arriving once the servers are up, before the commit) is not recorded,
 not deferred and never undone; the store holds one batch at a time (a second begin raises).
+A start killed before either (SIGKILL, a power cut) is undone at the next open of the store from
+the batch's journal on disk (journal.py), written before each of its writes is made.
 ``serve`` commits only once its servers are bound and started (:class:`OpenBatch`, threaded from
 ``build`` through ``run_serve``): a start refused later (a port taken) leaves the store untouched too.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nlora_serve.adapters.store import durable
+from nlora_serve.adapters.store.journal import Journal
 
 if TYPE_CHECKING:
     from nlora_serve.adapters.store.writes import StoreWrites
@@ -40,9 +43,20 @@ class StartBatch:
     removals of thread ``thread`` (``threading.get_ident()``, the one that began it) only."""
 
     thread: int
+    journal: Journal | None = None  # on disk while the batch has written (journal.py); None: recovery's own
     written: list[Path] = field(default_factory=list)  # version folders and family folders, as written
     created: list[Path] = field(default_factory=list)  # folders made for them (a new name's, _families)
     removals: list[tuple[str, int]] = field(default_factory=list)  # (name, version) to remove at commit
+
+    def announce(self, path: Path, created: Path | None = None) -> None:
+        """Journal ``path`` (and the folder ``created`` for it) durably before it is made, so that a
+        start killed after making it is undone at the next open (journal.py).
+
+        Raises:
+            OSError: the disk refused the journal: the caller makes nothing.
+        """
+        if self.journal is not None:
+            self.journal.announce(path, created)
 
     def wrote(self, path: Path, created: Path | None = None) -> None:
         """Record a folder renamed into place by the start (and the folder made for it, if any)."""

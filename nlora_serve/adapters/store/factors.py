@@ -47,6 +47,9 @@ def write_factors(store: AdapterStore, name: str, key: str, data_of: Callable[[]
             staged = durable.make_temp_dir(store.root / STAGING, "family.")
             write_synced(staged / FACTORS_FILE, data_of())
             fsync_dir(staged)
+            batch = store.batch_of_caller()
+            if batch is not None:  # listed on disk first: a start killed after the rename is undone (journal.py)
+                batch.announce(families / key, families if is_new else None)
             if is_new:
                 durable.mkdir(families)
                 fsync_dir(store.root)
@@ -55,7 +58,6 @@ def write_factors(store: AdapterStore, name: str, key: str, data_of: Callable[[]
             durable.rename(staged, families / key)
             staged = None
             fsync_dir(families)
-            batch = store.batch_of_caller()
             if batch is not None:  # a start's write: taken back out should the start fail (batch.py)
                 batch.wrote(families / key, families if is_new else None)
         except OSError as exc:

@@ -2,7 +2,7 @@
 
 Layout under the root (``--adapter-dir``)::
 
-    <name>/<version:08d>/adapter_config.json
+    <name>/<version:08d>/adapter_config.json   (is_version_name: only such a folder is a version)
     <name>/<version:08d>/adapter_model.safetensors
     <name>/<version:08d>/SHA256SUMS    the files' sha256, written with them and checked on every read
                                        (sums.py); a version an older nlora-serve wrote gets
@@ -10,6 +10,8 @@ Layout under the root (``--adapter-dir``)::
     <name>/UNLOADED                present while the name is unloaded: not served after a restart
     .staging/                      temporary folders; whatever is here after a crash is discarded
     .base_model.json               the base model the store serves (base_record.py)
+    .start_batch.json              present while a start that wrote is uncommitted: what it wrote,
+                                   undone at the next open should it be killed (journal.py)
     _families/<key>/family.safetensors   a compressed family's shared factors (adapters/family.py),
                                          written as durably as a version (factors.py)
 """

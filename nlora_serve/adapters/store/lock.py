@@ -22,15 +22,18 @@ _guard = threading.Lock()
 _held: dict[Path, list[int]] = {}  # resolved root -> [open fd of the root holding the flock, stores using it]
 
 
-def claim(owner: object, root: Path) -> None:
-    """Hold the store lock of ``root`` (resolved) for as long as ``owner`` lives.
+def claim(owner: object, root: Path) -> bool:
+    """Hold the store lock of ``root`` (resolved) for as long as ``owner`` lives. Returns True
+    where this call took the flock (this process's first open store of ``root``), False where
+    another store of this process holds it already.
 
     Raises:
         AdapterError: another process holds it (the message names the root and what to do).
     """
     with _guard:
         entry = _held.get(root)
-        if entry is None:
+        first = entry is None
+        if first:
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -43,6 +46,7 @@ def claim(owner: object, root: Path) -> None:
             entry = _held[root] = [fd, 0]
         entry[1] += 1
     weakref.finalize(owner, _release, root)
+    return first
 
 
 def _release(root: Path) -> None:

@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nlora_serve.adapters.store import durable, lock
+from nlora_serve.adapters.store import durable, journal, lock
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.store.base_record import BASE_FILE, BaseIdentity
 from nlora_serve.adapters.store.batch import StartBatch
@@ -40,7 +40,7 @@ class AdapterStore(StoreWrites):
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise AdapterError(f"adapter store {self.root}: cannot create it ({exc.strerror or exc})") from None
-        lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
+        first = lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
         # serialises version allocation and renames (and factors.py's writes of _families)
         self.write_lock = threading.Lock()
         staging = self.root / STAGING
@@ -56,6 +56,8 @@ class AdapterStore(StoreWrites):
         except OSError as exc:  # a read-only store: it was a bare FileExistsError of the mkdir
             raise AdapterError(f"adapter store {self.root}: cannot clear and create its staging folder {STAGING} "
                                f"({exc.strerror or exc}); the store must be a writable folder") from None
+        if first:  # a start killed before its commit is undone (another store of this process may hold it open)
+            journal.recover(self.root)
         self._deleter = ThreadPoolExecutor(1, thread_name_prefix="adapter-store-delete")
         self._unrecorded: set[Path] = set()  # versions whose SHA256SUMS the disk refused: not retried
         # the highest version of each name listed or written by this process: a name's folder deleted
@@ -161,7 +163,7 @@ class AdapterStore(StoreWrites):
         """
         found, holders = [], {}  # holders: case-folded name -> the entry that holds it
         for entry in sorted(self.root.iterdir()):
-            if entry.name in (STAGING, FAMILIES, BASE_FILE):
+            if entry.name in (STAGING, FAMILIES, BASE_FILE, journal.JOURNAL_FILE):
                 continue
             try:
                 if not self.versions(entry.name):

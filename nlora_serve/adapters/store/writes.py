@@ -19,6 +19,7 @@ from pathlib import Path
 from nlora_serve.adapters.store import durable
 from nlora_serve.adapters.store.base_record import write_record
 from nlora_serve.adapters.store.batch import StartBatch
+from nlora_serve.adapters.store.journal import Journal
 from nlora_serve.adapters.store.durable import StoreWriteError, fsync_dir, raise_if_disk_error, write_synced
 from nlora_serve.adapters.names import check_no_case_twin
 from nlora_serve.adapters.store.layout import ALLOWED_FILES, STAGING, UNLOADED, StoredVersion
@@ -123,6 +124,8 @@ class StoreWrites:
             # (the folder may be left from a failed write: make it durable now; or deleted by hand since
             # this process last wrote the name, whose version then goes on from the number it had)
             is_new = version == 1 or created
+            if batch is not None:  # listed on disk first: a start killed after the rename is undone at the next open
+                batch.announce(adapter_dir / f"{version:08d}", adapter_dir if created else None)
             if is_new:
                 durable.mkdir(adapter_dir, exist_ok=True)
             durable.rename(staged, adapter_dir / f"{version:08d}")
@@ -240,7 +243,7 @@ class StoreWrites:
             if self._batch is not None:
                 raise RuntimeError(f"adapter store {self.root}: a start batch is open on it already (opened by "
                                    f"thread {self._batch.thread}); commit or abort it before beginning another")
-            self._batch = StartBatch(threading.get_ident())
+            self._batch = StartBatch(threading.get_ident(), Journal(self.root))
 
     def batch_of_caller(self) -> StartBatch | None:
         """The open start batch where the calling thread began it, else None (another thread's
@@ -252,7 +255,9 @@ class StoreWrites:
         """End the batch: the removals it deferred happen now (the versions its writes superseded),
         and where it wrote a version the store's base-model record is written if still due
         (base_record.py: a start that writes nothing records nothing, as a store is recorded at
-        its first version).
+        its first version). The batch's journal (journal.py) is removed before the removals; where
+        the disk refuses that (logged), the removals are skipped: the older versions stay, since
+        the next open takes the batch's writes back out.
 
         Raises:
             StoreWriteError: the disk refused the base-model record (the versions stay written).
@@ -260,10 +265,14 @@ class StoreWrites:
         batch, self._batch = self._batch, None
         if batch is None:
             return
-        for name, version in batch.removals:
-            self.remove_version(name, version)
-        if batch.written:
-            self.record_base()
+        try:
+            if batch.written:
+                self.record_base()
+        finally:
+            # the journal goes first: a crash after a removal must not undo the start's writes too
+            if batch.journal is None or batch.journal.remove():
+                for name, version in batch.removals:
+                    self.remove_version(name, version)
 
     def abort_batch(self) -> None:
         """End the batch by taking its writes back out of the store (newest first, each by one
@@ -273,6 +282,8 @@ class StoreWrites:
         if batch is not None:
             with self.write_lock:
                 batch.undo(self.root, self.root / STAGING)
+                if batch.journal is not None:
+                    batch.journal.remove()
 
     def record_base(self, name: str = "(the store's base-model record)") -> None:
         """Write the store's base-model record where it is still due (``base_pending``, set by
