@@ -198,3 +198,19 @@ def test_a_start_killed_at_any_store_operation_is_undone_at_the_next_open(tmp_pa
         outcomes.add(match[0])
         assert list((root / STAGING).iterdir()) == []
     assert outcomes == {"before", "pruned later"}  # (the last operation is v1's removal: "after" needs no kill)
+
+
+@pytest.mark.parametrize("body", ['{"entries": [{"written": "../outside/00000001"}]}',
+                                  '{"entries": [{"written": "acme/notes"}]}', '{"entries": 7}', "not json"])
+def test_a_journal_naming_anything_but_a_starts_folders_is_refused_and_nothing_is_touched(tmp_path, body):
+    from nlora_serve.adapters.store.journal import JOURNAL_FILE
+
+    root = tmp_path / "store"
+    AdapterStore(root).write("acme", FILES)
+    (root / "acme" / "notes").mkdir()
+    (tmp_path / "outside" / "00000001").mkdir(parents=True)
+    (root / JOURNAL_FILE).write_text(body)
+    before = _tree(root)
+    with pytest.raises(AdapterError, match=rf"^adapter store {root}: its start journal {root / JOURNAL_FILE} cannot"):
+        AdapterStore(root)
+    assert _tree(root) == before and (tmp_path / "outside" / "00000001").is_dir()
