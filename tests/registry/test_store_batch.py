@@ -106,7 +106,7 @@ def test_a_record_that_is_not_a_file_or_too_large_is_refused_naming_its_full_pat
         record.write_bytes(b" " * (1 << 17))
     with pytest.raises(AdapterError) as err:
         read_record(root)
-    shown = str(record) if kind != "oversized" else f"adapter store folder {root}: {BASE_FILE} are"
+    shown = str(record) if kind != "oversized" else f"adapter store folder {root}: {BASE_FILE} is"
     assert shown in str(err.value), str(err.value)
     assert "folder .:" not in str(err.value) and f"entry {BASE_FILE}" not in str(err.value)
     assert record.is_symlink() if kind == "link" else record.exists()  # left as it was

@@ -241,8 +241,9 @@ def read_folder(root: Path, folder: Path, names: Iterable[str], max_bytes: int,
         sizes = {name: os.fstat(fd).st_size for name, fd in fds.items()}
         if sum(sizes.values()) > max_bytes:
             cap = cap or f"the server's --max-adapter-bytes {max_bytes}"
-            raise StoreReadError(f"adapter store folder {(shown / folder).as_posix()}: {' + '.join(fds)} are "
-                                 f"{sum(sizes.values())} bytes, over {cap}: refusing to read them")
+            verb, them = ("are", "them") if len(fds) > 1 else ("is", "it")
+            raise StoreReadError(f"adapter store folder {(shown / folder).as_posix()}: {' + '.join(fds)} {verb} "
+                                 f"{sum(sizes.values())} bytes, over {cap}: refusing to read {them}")
         return {name: _read_all(fd, sizes[name]) for name, fd in fds.items()}
     except FileNotFoundError:
         raise
