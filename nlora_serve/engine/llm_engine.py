@@ -39,6 +39,9 @@ Sink = Callable[[RequestOutput], None]
 log = logging.getLogger(__name__)
 
 
+HUNG_POLL_SECONDS = 1.0  # how often a blocking call (generate, shutdown) looks for a hung step
+
+
 class LLMEngine(Engine):
     """The native engine: :class:`EngineCore` stepped by one background thread."""
 
@@ -197,6 +200,8 @@ class LLMEngine(Engine):
 
         Raises:
             RequestError: a prompt or parameter set is invalid. EngineError: a step failed.
+            EngineDead: the engine is dead (:attr:`dead_reason`) before the prompts were queued, or
+                its step hung past ``EngineConfig.step_timeout_s`` while they ran.
         """
         plist = params if isinstance(params, list) else [params] * len(prompts)
         done = threading.Event()
@@ -214,7 +219,9 @@ class LLMEngine(Engine):
             return []
         names = adapters if adapters is not None else [None] * len(prompts)
         rids = [self._submit(p, sp, None, collect, a)[0] for p, sp, a in zip(prompts, plist, names)]
-        done.wait()
+        while not done.wait(HUNG_POLL_SECONDS):  # in slices: a hung step thread never sets it
+            if self._watchdog.in_step and (hung := self._watchdog.reason()) is not None:
+                raise EngineDead(f"{ENGINE_DEAD_MESSAGE}: {hung}")
         merged = [_merge(results[rid]) for rid in rids]
         failed = next((m for m in merged if m.finish_reason == "error"), None)
         if failed is not None:
@@ -259,7 +266,7 @@ class LLMEngine(Engine):
             if self._watchdog.in_step and self._watchdog.reason() is not None:
                 log.error("the engine's step thread is stuck in a step; shutting down without it")
                 return
-            self._thread.join(timeout=1.0)
+            self._thread.join(timeout=HUNG_POLL_SECONDS)
 
     def __enter__(self) -> LLMEngine:
         return self

@@ -135,3 +135,19 @@ def test_a_slow_step_within_the_limit_does_not_trip_it(make_engine):
     _patch_step(engine, lambda: time.sleep(LIMIT_S))  # each step slower than the other test's limit
     [out] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=1))
     assert len(out.token_ids) == 1 and engine.dead_reason is None
+
+
+def test_generate_on_a_hung_step_raises_engine_dead_rather_than_waiting_for_ever(make_engine):
+    """The blocking generate() (bench, offline use) waited on an Event only the stuck step thread
+    could set: it returned once the step did, or never. Past the limit it raises EngineDead."""
+    engine = make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64)
+    engine._watchdog.limit_s = LIMIT_S
+    release = threading.Event()
+    _patch_step(engine, lambda: release.wait(8))  # the safety: the step ends by itself after 8 s
+    started = time.monotonic()
+    try:
+        with pytest.raises(EngineDead, match=r"an engine step has run for .* \(limit 0.3 s"):
+            engine.generate([[1, 2, 3]], SamplingParams(max_tokens=1))
+        assert time.monotonic() - started < 4
+    finally:
+        release.set()
