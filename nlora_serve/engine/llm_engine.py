@@ -178,7 +178,7 @@ class LLMEngine(Engine):
             self._abort(engine_id, reason)
 
     def abort_all(self, reason: str) -> None:
-        if self._watchdog.in_step and self._watchdog.reason() is not None:
+        if self._watchdog.stuck():
             # hung: the step thread will never read the inbox; end every stream from here, so that
             # the drain's clients are told rather than cut (the core is the stuck thread's: untouched)
             self._deliver([RequestOutput(eid, "", [], "abort", 0, 0, error=reason) for eid in list(self._sinks)])
@@ -220,8 +220,8 @@ class LLMEngine(Engine):
         names = adapters if adapters is not None else [None] * len(prompts)
         rids = [self._submit(p, sp, None, collect, a)[0] for p, sp, a in zip(prompts, plist, names)]
         while not done.wait(HUNG_POLL_SECONDS):  # in slices: a hung step thread never sets it
-            if self._watchdog.in_step and (hung := self._watchdog.reason()) is not None:
-                raise EngineDead(f"{ENGINE_DEAD_MESSAGE}: {hung}")
+            if self._watchdog.stuck():
+                raise EngineDead(f"{ENGINE_DEAD_MESSAGE}: {self._watchdog.reason()}")
         merged = [_merge(results[rid]) for rid in rids]
         failed = next((m for m in merged if m.finish_reason == "error"), None)
         if failed is not None:
@@ -263,7 +263,7 @@ class LLMEngine(Engine):
         self._stopping = True
         self._wake.set()
         while self._thread.is_alive():  # not for ever behind a hung step: the thread is a daemon, left behind
-            if self._watchdog.in_step and self._watchdog.reason() is not None:
+            if self._watchdog.stuck():
                 log.error("the engine's step thread is stuck in a step; shutting down without it")
                 return
             self._thread.join(timeout=HUNG_POLL_SECONDS)

@@ -53,6 +53,15 @@ class StepWatchdog:
             self._started = None
             self._check(started)
 
+    def stuck(self) -> bool:
+        """Whether the step running now has run past the limit: its thread reads nothing more (a
+        hung step). False between steps, and during a step within the limit after an earlier one
+        tripped the watchdog (a slow step that ended: its thread serves on). From any thread."""
+        started = self._started
+        if started is None or self.reason() is None:
+            return False
+        return self._started == started and self._clock() - started > self.limit_s
+
     def reason(self) -> str | None:
         """None while every step has kept within the limit, else why the engine is dead, e.g. "an
         engine step has run for 312.0 s (limit 300 s, --engine-step-timeout)"; from any thread."""

@@ -72,6 +72,20 @@ def test_a_step_that_ends_in_time_while_a_reader_looks_does_not_trip_it():
     assert dog.reason() is None
 
 
+def test_stuck_is_the_running_step_past_the_limit_not_an_earlier_trip():
+    clock = Clock()
+    dog = StepWatchdog(300.0, clock)
+    with dog.timing():
+        clock.now += 400.0  # a slow step that ends: the engine is dead, its thread not stuck
+    assert dog.reason() is not None and not dog.stuck()
+    with dog.timing():
+        clock.now += 100.0
+        assert not dog.stuck()
+        clock.now += 250.0
+        assert dog.stuck()
+    assert not StepWatchdog(0, clock).stuck()
+
+
 @pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), True, "60"])
 def test_a_bad_limit_is_refused_naming_the_flag(value):
     with pytest.raises(ValueError, match=r"step_timeout_s \(--engine-step-timeout\) must be a number of seconds"):
@@ -151,3 +165,42 @@ def test_generate_on_a_hung_step_raises_engine_dead_rather_than_waiting_for_ever
         assert time.monotonic() - started < 4
     finally:
         release.set()
+
+
+def test_after_a_slow_step_tripped_it_abort_all_still_goes_through_the_step_thread(make_engine):
+    """A step that ended past the limit leaves the engine dead for good, but its step thread serves
+    on: the drain's abort_all took the hung path (streams ended from the caller's thread) whenever a
+    later, healthy step was running, so the core never aborted its requests (they ran on, holding
+    their KV blocks, while that thread delivered to the same sinks) and shutdown left the thread
+    mid-step. Only a step running past the limit now is a hung thread."""
+    engine = make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64)
+    engine._watchdog.limit_s = LIMIT_S
+    steps, entered, gate = [], threading.Event(), threading.Event()
+
+    def before():
+        steps.append(1)
+        if len(steps) == 1:
+            time.sleep(LIMIT_S + 0.1)  # the first step ends past the limit: tripped, not stuck
+        elif len(steps) == 2:
+            entered.set()
+            gate.wait(5)
+
+    _patch_step(engine, before)
+    aborted, real_abort = [], engine.core.abort
+    engine.core.abort = lambda rid, reason=None: (aborted.append(reason), real_abort(rid, reason))[1]
+
+    async def scenario():
+        stream = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+        assert await asyncio.to_thread(entered.wait, 10)
+        assert engine.dead_reason is not None and engine._watchdog.in_step
+        engine.abort_all("the drain ended")
+        gate.set()
+        with pytest.raises(RequestAborted, match="the drain ended"):
+            async for _ in stream:
+                pass
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        gate.set()
+    assert aborted == ["the drain ended"] and not engine.core.requests
