@@ -204,3 +204,30 @@ def test_after_a_slow_step_tripped_it_abort_all_still_goes_through_the_step_thre
     finally:
         gate.set()
     assert aborted == ["the drain ended"] and not engine.core.requests
+
+
+def test_serve_ends_the_drain_at_once_when_the_engine_is_dead(monkeypatch):
+    """No request can finish on a dead engine (a hung step, a failed device): the drain waited the
+    whole --drain-seconds (30 s by default) before aborting, and telling, the requests a stuck step
+    held, delaying the exit and its restart by as much. A fake server, no engine."""
+    from types import SimpleNamespace
+
+    from nlora_serve.serving.commands import serve as serve_cli
+
+    calls = []
+
+    async def start():
+        pass
+
+    async def shutdown(grace=None, now=None):
+        calls.append(now is not None and now.is_set())
+        return False
+
+    server = SimpleNamespace(
+        start=start, shutdown=shutdown, reload_tenants_soon=lambda: None,
+        engine=SimpleNamespace(dead_reason="an engine step has run for 301.0 s"),
+        generation=SimpleNamespace(auth=SimpleNamespace(enabled=True)),
+        config=SimpleNamespace(host="127.0.0.1", drain_seconds=30.0), admission=SimpleNamespace(inflight=1))
+    monkeypatch.setattr(serve_cli, "ready_lines", lambda server, adapters: [])
+    assert asyncio.run(asyncio.wait_for(serve_cli.serve(server, []), 5)) is False
+    assert calls == [True]

@@ -282,15 +282,22 @@ async def serve(server: NloraServer, adapters: list[str], batch: OpenBatch | Non
     watch.cancel()
     # how many requests the stop caught (both front ends: running, queued, or still being read or
     # tokenized); those still running when the period ends are counted again as they are aborted
-    log.info("shutting down: draining %d admitted requests for up to %.0f s (a second SIGTERM or Ctrl-C "
-             "ends the drain now)", server.admission.inflight, server.config.drain_seconds)
     now = asyncio.Event()  # a second signal: the requests still running are aborted (and told) at once
+    dead = server.engine.dead_reason is not None
+    if dead:  # none can finish (a hung step, a failed device): a drain would only delay the exit and restart
+        now.set()
+        log.info("shutting down: the engine is dead; aborting the %d admitted requests now",
+                 server.admission.inflight)
+    else:
+        log.info("shutting down: draining %d admitted requests for up to %.0f s (a second SIGTERM or Ctrl-C "
+                 "ends the drain now)", server.admission.inflight, server.config.drain_seconds)
     for sig in (signal.SIGTERM, signal.SIGINT):  # was ignored: Ctrl-C again did nothing for --drain-seconds
         loop.add_signal_handler(sig, now.set)
     drained = await server.shutdown(now=now)
     if not drained:
-        log.info("drain ended %s: the requests still running were aborted and told",
-                 "by a second signal" if now.is_set() else f"after --drain-seconds {server.config.drain_seconds:g}")
+        cause = ("as the engine is dead" if dead else "by a second signal" if now.is_set()
+                 else f"after --drain-seconds {server.config.drain_seconds:g}")
+        log.info("drain ended %s: the requests still running were aborted and told", cause)
     return drained
 
 
