@@ -76,7 +76,7 @@ def test_serve_reloads_on_sighup_off_the_event_loop_one_reload_at_a_time(monkeyp
         runs.append((threading.current_thread(), start, time.perf_counter()))
         return True
 
-    async def noop(*args):
+    async def noop(*args, **kwargs):
         return True
 
     fake = SimpleNamespace(start=noop, shutdown=noop, reload_tenants=reload_tenants,
