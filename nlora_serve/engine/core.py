@@ -163,6 +163,7 @@ class EngineCore:
         """
         check_request(prompt_ids, self.vocab_size, self.config.scheduler.max_model_len,
                       params.stop_token_ids, params.logit_bias, params.allowed_token_ids, params.logprob_token_ids)
+        # its refusals only (no room left, min_tokens over the room); add() lowers max_tokens with it
         fit_to_context(len(prompt_ids), params, self.config.scheduler.max_model_len)
         check_a_first_token(params.allowed_token_ids, bad_words_token_ids(self.tokenizer, params.bad_words),
                             params.min_tokens, self.eos.banned_before_min_tokens(params.stop_token_ids))
