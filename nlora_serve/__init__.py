@@ -14,7 +14,7 @@ The folders are the architecture (DESIGN §2); each package's docstring maps its
                that start them
     proto/     nlora.proto and its generated stubs: all that server and client share
     client/    gRPC clients (sync, asyncio), the ``client`` CLI and the ``bench`` load tester
-    cli.py     the ``nlora-serve`` command (log_format.py: its log lines, timed for ``serve``);
+    cli.py     the ``nlora-serve`` command (log_format.py: its log lines, timed for ``serve``, or JSON);
                errors.py and arg_types.py are shared by all of these
 
 Imports point one way: ``kernels`` imports nothing of ours; ``adapters`` may import ``models`` and

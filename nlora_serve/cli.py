@@ -210,6 +210,19 @@ def _global_options(argv: list[str]) -> tuple[str | None, dict[str, str]]:
     return None, values
 
 
+def _serve_log_format(argv: list[str]) -> str:
+    """``serve --log-format``'s value in ``argv`` (``--log-format X`` or ``--log-format=X``), read
+    before the parser is built (the slow imports' lines are in it too); "text" when absent or not one
+    of log_format.FORMATS (argparse's error then says so)."""
+    value = "text"
+    args = iter(argv)
+    for arg in args:
+        name, eq, given = arg.partition("=")
+        if name == "--log-format":
+            value = given if eq else next(args, "")
+    return value if value in log_format.FORMATS else "text"
+
+
 def _command_of(argv: list[str]) -> str | None:
     """The subcommand ``argv`` names (skipping the global options and their values), or None."""
     return _global_options(argv)[0]
@@ -344,7 +357,8 @@ def _main(argv: list[str] | None) -> int:
     # configured before the command's imports, so that a slow one says so first; a bad level is
     # argparse's error below
     level = options.get("--log-level", "INFO")
-    log_format.configure(level if level in LOG_LEVELS else "INFO", timed=command == "serve")
+    fmt = _serve_log_format(argv) if command == "serve" else "text"
+    log_format.configure(level if level in LOG_LEVELS else "INFO", timed=command == "serve", fmt=fmt)
     parser = build_parser(only=command or "")  # "": no command named
     args, extras = parser.parse_known_args(argv)
     if extras:  # the subcommand's usage and a hint, not the top level's usage alone
@@ -356,7 +370,7 @@ def _main(argv: list[str] | None) -> int:
         return args.func(args)
     except NloraError as exc:
         log.debug("%s failed", args.command, exc_info=True)  # the traceback, only under --log-level DEBUG
-        print(f"error: {exc}", file=sys.stderr)
+        log_format.error_line(exc, getattr(args, "log_format", "text"))
         return 2
     except KeyboardInterrupt:
         return 130

@@ -55,8 +55,9 @@ class RefusalLog:
         self._last: dict[tuple, tuple[float, int]] = {}  # key -> (monotonic time of its last line, refusals since)
         self._lock = threading.Lock()
 
-    def info(self, key: tuple, message: str, *args) -> None:
-        """Log ``message % args`` at INFO unless ``key`` was logged less than REFUSAL_LOG_SECONDS ago."""
+    def info(self, key: tuple, message: str, *args, extra: dict | None = None) -> None:
+        """Log ``message % args`` at INFO (with logging's ``extra``) unless ``key`` was logged less
+        than REFUSAL_LOG_SECONDS ago."""
         now = time.monotonic()
         with self._lock:
             last, unlogged = self._last.get(key, (None, 0))
@@ -66,4 +67,4 @@ class RefusalLog:
             self._last[key] = (now, 0)
         if unlogged:
             message, args = message + " (%d more like it since the last line)", (*args, unlogged)
-        self._log.info(message, *args)
+        self._log.info(message, *args, extra=extra)

@@ -6,31 +6,102 @@ the time, UTC in ISO 8601 to the millisecond (``2026-12-07T04:05:35.123Z INFO nl
 ...``), as vLLM's and nginx's lines carry theirs, so that a plain log file (``2> serve.log``,
 ``docker logs`` without ``-t``) still says when. The one-shot commands (generate, adapters, models,
 keys, client, bench) write to a terminal, where a time adds nothing: level, logger, message.
+
+``serve --log-format json`` writes one JSON object per line instead, for a log pipeline (Loki,
+Elasticsearch, CloudWatch) to index without a parser of ours, as structlog's ``JSONRenderer`` or
+python-json-logger do::
+
+    {"time": "2026-12-07T04:05:35.123Z", "level": "INFO", "logger": "nlora_serve.requests",
+     "message": "request 'cmpl-3f2a' ended: ...", "event": "request_ended", "request_id": "cmpl-3f2a", ...}
+
+(one line): ``time`` as the text lines', ``level``, ``logger``, ``message`` (the text line's message,
+whole), then the record's fields (:func:`fields`: the request log's and the admin lines' values, each
+its own key), ``exception`` (the traceback, one string) where the record has one. Every record of the
+process goes through the root logger's handler, uvicorn's (``log_config=None``) and gRPC's Python
+loggers included, and ``warnings.warn`` too (``py.warnings``), so no plain line is mixed in; what
+C code writes to stderr itself (gRPC's core, at ``GRPC_VERBOSITY``, ERROR by default) cannot be.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import time
 
 PLAIN = "%(levelname)s %(name)s: %(message)s"
 TIMED = "%(asctime)s " + PLAIN
+FORMATS = ("text", "json")  # serve --log-format
+_FIELDS = "log_fields"  # the LogRecord attribute :func:`fields` sets
+
+
+def utc_time(record: logging.LogRecord) -> str:
+    """``record``'s time as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (UTC, whatever the machine's time zone)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
 class UtcFormatter(logging.Formatter):
-    """:data:`TIMED` lines, ``%(asctime)s`` as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (UTC, whatever the
-    machine's time zone)."""
+    """:data:`TIMED` lines, ``%(asctime)s`` as :func:`utc_time`."""
 
     converter = time.gmtime
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
-        return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + f".{int(record.msecs):03d}Z"
+        return utc_time(record)
 
 
-def configure(level: str, timed: bool) -> None:
+def fields(**values) -> dict[str, dict]:
+    """``extra=`` for a logging call whose record carries ``values`` (JSON-serializable; None is
+    ``null``): separate keys in a :class:`JsonFormatter` object, nothing in a text line.
+
+    Example: ``log.info("%s", line, extra=log_format.fields(event="request_ended", total_ms=120.4))``.
+    """
+    return {_FIELDS: values}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (see the module docstring). Non-ASCII characters and
+    control characters come out as ``\\uXXXX`` escapes, so no value a client chose can break the line
+    or drive a terminal; a value JSON cannot hold is written as its ``str``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": utc_time(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        for key, value in getattr(record, _FIELDS, {}).items():
+            entry.setdefault(key, value)  # the four above are never overwritten
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str)
+
+
+def error_line(exc: BaseException, fmt: str = "text") -> None:
+    """A command's failure, its last word: ``error: MESSAGE`` on stderr in text, an ERROR record of
+    the ``nlora_serve`` logger in json (no plain line in a JSON log)."""
+    if fmt == "json":
+        logging.getLogger("nlora_serve").error("error: %s", exc)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+
+
+def configure(level: str, timed: bool, fmt: str = "text") -> None:
     """Configure the root logger once (as :func:`logging.basicConfig`: a no-op when it has handlers
     already): records at ``level`` and above to stderr, with the time first when ``timed``
-    (``serve``), else :data:`PLAIN`."""
+    (``serve``), else :data:`PLAIN`; ``fmt`` "json" writes :class:`JsonFormatter` objects instead
+    (``timed`` or not) and routes ``warnings.warn`` through logging.
+
+    Raises:
+        ValueError: ``fmt`` is not one of :data:`FORMATS`.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {FORMATS}; got {fmt!r}")
     handler = logging.StreamHandler()
-    handler.setFormatter(UtcFormatter(TIMED) if timed else logging.Formatter(PLAIN))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(UtcFormatter(TIMED) if timed else logging.Formatter(PLAIN))
     logging.basicConfig(level=level, handlers=[handler])
+    if fmt == "json":
+        logging.captureWarnings(True)

@@ -1,6 +1,7 @@
 """The ``nlora-serve`` entry point: a command imports only its own modules."""
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from nlora_serve.cli import COMMANDS, _command_of, build_parser
+from nlora_serve.cli import COMMANDS, _command_of, _serve_log_format, build_parser
 
 PROBE = """
 import sys
@@ -142,6 +143,31 @@ def test_every_option_of_every_subcommand_has_help_text():
             leaf = _subparsers(_subparsers(parser).choices[group]).choices[name]
             bare = [a.option_strings or [a.dest] for a in leaf._actions if not a.help]
             assert not bare, (group, name, bare)
+
+
+@pytest.mark.parametrize("argv, fmt", [
+    (["serve", "--log-format", "json"], "json"), (["serve", "--log-format=json", "--port", "1"], "json"),
+    (["serve"], "text"), (["serve", "--log-format", "xml"], "text"),  # argparse's error names it
+    (["serve", "--log-format"], "text"),
+])
+def test_serve_log_format_is_read_before_the_parser(argv, fmt):
+    assert _serve_log_format(argv) == fmt
+
+
+def test_serve_log_format_flag_takes_text_or_json_and_a_refused_start_says_so_in_json(capsys):
+    parser = build_parser(only="serve")
+    assert parser.parse_args(["serve"]).log_format == "text"
+    assert parser.parse_args(["serve", "--log-format", "json"]).log_format == "json"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--log-format", "xml"])
+    assert "argument --log-format: invalid choice: 'xml' (choose from 'text', 'json')" in capsys.readouterr().err
+    # a flag refused before the model loads: its one error line is a JSON object too
+    run = subprocess.run([sys.executable, "-m", "nlora_serve.cli", "serve", "--log-format", "json", "--max-queue",
+                          "0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    [entry] = [json.loads(line) for line in run.stderr.splitlines()]
+    assert (entry["level"], entry["logger"]) == ("ERROR", "nlora_serve")
+    assert entry["message"] == "error: --max-queue 0: must be a positive integer; got 0"
 
 
 @pytest.mark.parametrize("argv, unbuffered", [(["keys", "new"], "1"), (["keys", "new"], ""),

@@ -1,8 +1,16 @@
-"""serve's log lines say when (an operator reads them after an incident); one-shot commands' do not."""
+"""serve's log lines say when (an operator reads them after an incident); one-shot commands' do not;
+``serve --log-format json`` writes each record as one JSON object, whatever logger wrote it. The
+request log's values in it: tests/test_request_log.py; through a server: tests/http/test_http_api.py's
+test_request_log_lines_on_both_front_ends; the flag: tests/test_cli.py."""
 
 import datetime
+import json
 import logging
+import subprocess
+import sys
 import time
+
+import pytest
 
 from nlora_serve import log_format
 
@@ -29,3 +37,56 @@ def test_serve_lines_start_with_the_utc_time_to_the_millisecond_whatever_the_tim
                    "adapter 'lower' v2 serving"
     assert logging.Formatter(log_format.PLAIN).format(_record(created)) == \
         "INFO nlora_serve.serving.grpc_api.admin: SwapAdapter by 'ops': adapter 'lower' v2 serving"
+
+
+def test_json_lines_are_one_object_with_the_text_lines_time_and_the_records_fields():
+    """``serve --log-format json``: time as the text line's, level, logger, message, the record's
+    fields as keys (never over those four), the exception's traceback as one string."""
+    created = 1796616335.1234
+    record = _record(created)
+    record.log_fields = {"event": "admin_done", "adapter": "lower\n\x1b[2J", "adapter_version": 2, "message": "no"}
+    try:
+        raise ValueError("bad weights")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    line = log_format.JsonFormatter().format(record)
+    assert "\n" not in line and line.isascii() and line.isprintable()
+    entry = json.loads(line)
+    assert entry.pop("exception").splitlines()[-1] == "ValueError: bad weights"
+    assert entry == {"time": "2026-12-07T04:05:35.123Z", "level": "INFO",
+                     "logger": "nlora_serve.serving.grpc_api.admin",
+                     "message": "SwapAdapter by 'ops': adapter 'lower' v2 serving", "event": "admin_done",
+                     "adapter": "lower\n\x1b[2J", "adapter_version": 2}
+    assert log_format.fields(a=1) == {"log_fields": {"a": 1}}
+    with pytest.raises(ValueError, match="log format must be one of"):
+        log_format.configure("INFO", True, "xml")
+
+
+JSON_PROCESS = """
+import logging, sys, warnings
+import uvicorn
+from nlora_serve import log_format
+log_format.configure("INFO", True, "json")
+uvicorn.Config(None, log_config=None, log_level="warning", access_log=False)  # as http_api/server.py's
+logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
+logging.getLogger("uvicorn.error").info("not at uvicorn's level")
+try:
+    1 / 0
+except ZeroDivisionError:
+    logging.getLogger("grpc._cython.cygrpc").exception("Unexpected error in RPC")
+warnings.warn("a library's warning")
+log_format.error_line(ValueError("bad flag"), "json")
+"""
+
+
+def test_json_mode_writes_uvicorns_grpcs_and_warnings_records_as_json_too():
+    """No plain line in a JSON log: uvicorn's loggers (configured as the HTTP server configures them),
+    gRPC's Python logger, ``warnings.warn`` and the failure's last ``error:`` line."""
+    run = subprocess.run([sys.executable, "-c", JSON_PROCESS], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    entries = [json.loads(line) for line in run.stderr.splitlines()]
+    assert [(e["logger"], e["level"]) for e in entries] == [
+        ("uvicorn.error", "WARNING"), ("grpc._cython.cygrpc", "ERROR"), ("py.warnings", "WARNING"),
+        ("nlora_serve", "ERROR")]
+    assert entries[1]["exception"].endswith("ZeroDivisionError: division by zero")
+    assert "a library's warning" in entries[2]["message"] and entries[3]["message"] == "error: bad flag"

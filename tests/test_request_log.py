@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import re
 
 import pytest
 
 from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
+from nlora_serve.log_format import JsonFormatter
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.auth import LOCAL_ADMIN, Authenticator, hash_key
 from nlora_serve.serving.metrics import ServerMetrics, caller_of_key, key_of
@@ -39,7 +41,8 @@ def _delta(index: int, text: str, tokens: list[int], prompt: int, made: int, fin
 
 
 def _run(log: RequestLog | None, deltas: list, raise_at_end: BaseException | None = None, n: int = 1,
-         choices: int = 1, prompt_ids: list[int] | None = None, take: int | None = None) -> None:
+         choices: int = 1, prompt_ids: list[int] | None = None, take: int | None = None,
+         client: str | tuple | None = None) -> None:
     metrics, admission = _metrics(log), Admission(max_queue=8)
 
     async def stream():
@@ -49,7 +52,7 @@ def _run(log: RequestLog | None, deltas: list, raise_at_end: BaseException | Non
             raise raise_at_end
 
     async def consume():
-        timer = metrics.request("http", "acme")
+        timer = metrics.request("http", "acme", client=client)
         timer.describe("cmpl-7", "lower", prompt_ids, choices)
         metered = Metered(stream(), timer, admission.reserve(), n)
         try:
@@ -158,6 +161,51 @@ def test_refusal_lines_name_the_clients_address(caplog, client, shown):
     caplog.set_level(logging.INFO, LOGGER)
     RequestLog().refused("http", "queue_full", None, None, client=client)
     assert _line(caplog) == f"request refused: frontend=http client={shown} tenant=- reason=queue_full"
+
+
+@pytest.mark.parametrize("client, shown", [(("192.0.2.1", 443), "192.0.2.1:443"),  # HTTP's request.client
+                                          ("ipv6:[::1]:51234", "[::1]:51234"),  # gRPC's context.peer()
+                                          (None, "-")])
+def test_end_lines_name_the_clients_address(caplog, client, shown):
+    caplog.set_level(logging.INFO, LOGGER)
+    _run(RequestLog(), [_delta(0, "a", [1], 5, 1, "stop")], client=client)
+    assert _line(caplog).startswith(f"request 'cmpl-7' ended: frontend=http client={shown} tenant='acme' ")
+
+
+def _json(caplog) -> dict:
+    records = [r for r in caplog.records if r.name == LOGGER]
+    assert len(records) == 1
+    line = JsonFormatter().format(records[0])
+    assert "\n" not in line and line.isascii() and line.isprintable()  # one line, no terminal escape
+    return json.loads(line)
+
+
+def test_json_lines_carry_each_value_as_its_own_key(caplog):
+    """``serve --log-format json``: the end line's values unquoted, hostile text whole (JSON escapes
+    it), ``null`` where the text line says ``-``; a refusal's too; never the key, only its id."""
+    caplog.set_level(logging.INFO, LOGGER)
+    log = RequestLog(max_log_len=len(HOSTILE), decode=lambda ids: HOSTILE)
+    _run(log, [_delta(0, HOSTILE, [1], 3, 1), _delta(0, "x", [2], 3, 2, "stop")], prompt_ids=[1, 2],
+         client="ipv4:10.0.0.7:51234")
+    entry = _json(caplog)
+    assert entry["message"] == _line(caplog)
+    ttft, total = entry.pop("ttft_ms"), entry.pop("total_ms")
+    assert 0 <= ttft <= total < 5000
+    assert {k: v for k, v in entry.items() if k not in ("time", "message")} == {
+        "level": "INFO", "logger": LOGGER, "event": "request_ended", "request_id": "cmpl-7", "frontend": "http",
+        "client": "10.0.0.7:51234", "tenant": "acme", "key_id": None, "adapter": "lower", "adapter_version": 3,
+        "prompt_tokens": 3, "output_tokens": 2, "outcome": "finished", "finish_reason": "stop", "reason": None,
+        "prompt": HOSTILE, "output": HOSTILE + "... (+1 chars)"}  # HOSTILE + "x", cut at max_log_len
+    caplog.clear()
+    auth = Authenticator.from_document({"tenants": [{"name": "acme", "key_sha256": hash_key("secret-key-of-acme"),
+                                                     "adapters": ["lower"]}]}, "t.json")
+    key = caller_of_key(auth, [("authorization", "Bearer secret-key-of-acme")])[1]
+    _metrics(RequestLog()).reject("queue_full", "grpc", "acme", "full\n", request_id="job-7", client=None, key=key)
+    entry = _json(caplog)
+    assert "secret-key-of-acme" not in json.dumps(entry)
+    assert {k: v for k, v in entry.items() if k not in ("time", "message", "level", "logger")} == {
+        "event": "request_refused", "request_id": "job-7", "frontend": "grpc", "client": None, "tenant": "acme",
+        "key_id": hash_key("secret-key-of-acme")[:8], "reason": "queue_full", "error": "full\n"}
 
 
 class FakeClock:
@@ -281,7 +329,8 @@ def test_lines_name_which_key_of_a_tenant_sent_the_request(caplog):
     timer.set_tenant("acme", key_of(auth, callers[1]))
     timer.describe("job-1", None, None)
     timer.ended("cancelled")
-    assert _line(caplog).startswith(f"request 'job-1' ended: frontend=grpc tenant='acme' key={new[:8]} adapter=base ")
+    assert _line(caplog).startswith(f"request 'job-1' ended: frontend=grpc client=- tenant='acme' key={new[:8]} "
+                                    "adapter=base ")
     # the old key revoked (the new entry alone), its 401s still name it: the client has not switched
     auth.replace_keys(Authenticator.from_document({"tenants": [
         {"name": "acme", "key_sha256": new, "adapters": ["lower"]}]}, "t.json"))

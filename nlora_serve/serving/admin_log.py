@@ -11,7 +11,11 @@ end knows it: request_log.client_address), the status and the refusal's message:
     SwapAdapter by 'ops' from 10.0.0.7:51234 refused (FAILED_PRECONDITION): adapter 'lower': expected
     current version 1, have 2
 
-(one line; no ``from`` where the front end does not know the address).
+(one line; no ``from`` where the front end does not know the address). With ``serve --log-format
+json`` its values are keys of the line's object too: ``event`` ``admin_refused``, ``operation``,
+``caller``, ``is_admin``, ``client``, ``status``, ``error``; a change done (grpc_api/admin.py,
+http_api/lora_admin.py) writes ``event`` ``admin_done``, ``operation``, ``caller``, ``adapter``,
+``adapter_version``, ``duration_ms`` where its line names them.
 
 An admin's refusals are logged one by one (operators' calls are few and each matters); a tenant
 key's at most once per 10 s per operation and tenant (:class:`~nlora_serve.errors.RefusalLog`,
@@ -23,9 +27,10 @@ from __future__ import annotations
 
 import logging
 
+from nlora_serve import log_format
 from nlora_serve.errors import RefusalLog, capped
 from nlora_serve.serving.auth import Principal
-from nlora_serve.serving.request_log import client_address
+from nlora_serve.serving.request_log import client_address, peer
 
 
 class AdminRefusals:
@@ -42,8 +47,10 @@ class AdminRefusals:
         from (HTTP's ``request.client``, gRPC's ``context.peer()``), None: not said."""
         message = capped(str(exc))
         source = "" if client is None else f" from {client_address(client)}"
+        extra = log_format.fields(event="admin_refused", operation=what, caller=principal.name,
+                                  is_admin=principal.is_admin, client=peer(client), status=status, error=message)
         if principal.is_admin:
-            self._log.info("%s by %r%s refused (%s): %s", what, principal.name, source, status, message)
+            self._log.info("%s by %r%s refused (%s): %s", what, principal.name, source, status, message, extra=extra)
         else:
             self._tenants.info((what, principal.name), "%s by tenant %r%s refused (%s): %s", what, principal.name,
-                               source, status, message)
+                               source, status, message, extra=extra)

@@ -202,11 +202,13 @@ class ServerMetrics:
             raise ValueError(f"outcome must be one of {TENANT_OUTCOMES}; got {outcome!r}")
         self.tenant_requests.labels(tenant, outcome).inc()
 
-    def request(self, frontend: str, tenant: str | None = None, key: str | None = None) -> RequestTimer:
+    def request(self, frontend: str, tenant: str | None = None, key: str | None = None,
+                client: str | tuple | None = None) -> RequestTimer:
         """A timer started now, at a request's receipt on ``frontend`` (one of :data:`FRONTENDS`),
         for ``tenant`` and its ``key``'s id (or set later, once the key is checked:
-        :meth:`RequestTimer.set_tenant`)."""
-        return RequestTimer(self, frontend, tenant, key)
+        :meth:`RequestTimer.set_tenant`); ``client``: where it came from, for the request log
+        (HTTP's ``request.client``, gRPC's ``context.peer()``: request_log.client_address)."""
+        return RequestTimer(self, frontend, tenant, key, client)
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of a scrape in Prometheus' text format: what ``/metrics`` answers
@@ -282,7 +284,8 @@ class RequestTimer:
                  "_tenant_tokens", "_tenant_ttft", "_tenant_tpot", "_tenant_duration", "tenant", "caller", "caller_key",
                  "record", "_log", "start", "first", "duration", "_last", "_later")
 
-    def __init__(self, metrics: ServerMetrics, frontend: str, tenant: str | None = None, key: str | None = None):
+    def __init__(self, metrics: ServerMetrics, frontend: str, tenant: str | None = None, key: str | None = None,
+                 client: str | tuple | None = None):
         if frontend not in FRONTENDS:
             raise ValueError(f"frontend must be one of {FRONTENDS}; got {frontend!r}")
         self._metrics, self._frontend = metrics, frontend
@@ -294,6 +297,8 @@ class RequestTimer:
         # what the request log's line says, filled in as the request runs; None: no request log
         self._log = metrics.request_log
         self.record = None if self._log is None else self._log.record()
+        if self.record is not None:
+            self.record.client = client
         if tenant is not None:
             self.set_tenant(tenant, key)
         self._ttft, self._itl = metrics.ttft.labels(frontend), metrics.itl.labels(frontend)

@@ -6,8 +6,8 @@ lines, to the ``nlora_serve.requests`` logger, whichever engine runs behind them
 too). An admitted request writes one line when it ends, from where its end is counted for the
 metrics (:meth:`~nlora_serve.serving.metrics.RequestTimer.ended`)::
 
-    request cmpl-3f2a ended: frontend=http tenant='acme' key=88e1ad5f adapter='lower' v2 prompt_tokens=12
-    output_tokens=8 ttft_ms=35.1 total_ms=120.4 outcome=finished finish_reason='stop'
+    request cmpl-3f2a ended: frontend=http client=10.0.0.7:51234 tenant='acme' key=88e1ad5f adapter='lower' v2
+    prompt_tokens=12 output_tokens=8 ttft_ms=35.1 total_ms=120.4 outcome=finished finish_reason='stop'
 
 (one line; ``outcome`` is one of :data:`~nlora_serve.serving.metrics.ENDED_OUTCOMES`, with
 ``reason=`` the engine's message for aborted and error). A request refused before it ran writes
@@ -16,12 +16,12 @@ one line naming the reason (a ``nlora_requests_rejected_total`` reason) and the 
     request 'job-42' refused: frontend=grpc client=10.0.0.7:51234 tenant='acme' key=88e1ad5f reason=queue_full
     message='server queue is full ...'
 
-(one line; the id when its client chose one: gRPC's ``request_id``; ``client`` the address the
-connection came from: HTTP's ``request.client``, gRPC's ``context.peer()`` without its ``ipv4:`` /
-``ipv6:`` scheme, ``-`` when unknown: :func:`client_address`). Refusal lines are rate-limited per
-reason (log_limit.py: 10 at once, then 2 a second, the Linux kernel's printk defaults), the lines
-left out counted in a line ``suppressed K refusal lines (reason=R) in the last T s``; end lines
-never are. ``tenant`` is the caller's name in the tenants file (never its key; ``-`` for a key
+(one line; the id when its client chose one: gRPC's ``request_id``; ``client``, on both kinds of
+line, the address the request came from: HTTP's ``request.client``, gRPC's ``context.peer()``
+without its ``ipv4:`` / ``ipv6:`` scheme, ``-`` when unknown: :func:`client_address`). Refusal
+lines are rate-limited per reason (log_limit.py: 10 at once, then 2 a second, the Linux kernel's
+printk defaults), the lines left out counted in a line ``suppressed K refusal lines (reason=R) in
+the last T s``; end lines never are. ``tenant`` is the caller's name in the tenants file (never its key; ``-`` for a key
 missing or unknown, ``anonymous`` without a tenants file), followed by ``key=`` and the first 8 hex
 digits of its key's sha256 (the tenants file's ``key_sha256``): during a key rotation, the old key's
 id still appearing says a client still sends it; a refusal of an unknown key names its id too
@@ -32,7 +32,12 @@ with ``--max-log-len N`` > 0 (vLLM's default, None, logs them whole): their firs
 the prompt as the engine ran it (a chat rendered by its template), decoded from its first 2N tokens.
 Every value a client chose (text, ids, adapter names, messages) is written with Python's ``repr``
 quoting, so a newline or a terminal escape in it cannot forge a log line or drive the operator's
-terminal.
+terminal. With ``serve --log-format json`` (log_format.py) each line is a JSON object whose
+``message`` is the line above and whose other keys are its values, unquoted (``event``
+``request_ended`` / ``request_refused``, ``request_id``, ``frontend``, ``client``, ``tenant``,
+``key_id``, ``adapter``, ``adapter_version``, ``prompt_tokens``, ``output_tokens``, ``ttft_ms``,
+``total_ms``, ``outcome``, ``finish_reason``, ``reason``, ``error`` (a refusal's message),
+``prompt``, ``output``; ``null`` for what the text line writes as ``-``), cut at the same lengths.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import re
 import time
 from collections.abc import Callable
 
+from nlora_serve import log_format
 from nlora_serve.errors import capped
 from nlora_serve.serving.log_limit import RefusalLineLimit
 
@@ -62,11 +68,12 @@ class RequestRecord:
     """What the end line of one admitted request says, filled in as the request runs (the front end
     sets its id, adapter and prompt; :class:`~nlora_serve.serving.stream.Metered` its deltas)."""
 
-    __slots__ = ("request_id", "adapter", "version", "prompt_ids", "choices", "usage", "finish_reason", "reason",
-                 "text", "_keep")
+    __slots__ = ("request_id", "client", "adapter", "version", "prompt_ids", "choices", "usage", "finish_reason",
+                 "reason", "text", "_keep")
 
     def __init__(self, keep_text: int = 0):
         self.request_id: str | None = None  # the id its client sees (the response id on HTTP)
+        self.client: str | tuple | None = None  # where it came from (:func:`client_address`'s input)
         self.adapter: str | None = None  # the adapter it asked for, then the one it ran on (None: the base model)
         self.version: int | None = None  # that adapter's version, once a delta names it (0: the base model)
         self.prompt_ids: list[int] | None = None  # its (first) prompt, for --max-log-len
@@ -122,19 +129,28 @@ class RequestLog:
         total = duration if duration is not None else time.perf_counter() - start
         prompt, output = record.tokens()
         adapter = "base" if record.adapter is None else f"{quoted(record.adapter, 200)} v{record.version or '?'}"
+        ttft_ms = None if ttft is None else round(ttft * 1e3, 1)
+        reason = capped(record.reason) if record.reason and outcome in ("aborted", "error") else None
+        values = dict(event="request_ended", request_id=_cut(record.request_id, 200), frontend=frontend,
+                      client=peer(record.client), tenant=_cut(tenant, 200), key_id=key,
+                      adapter=_cut(record.adapter, 200), adapter_version=record.version if record.adapter else None,
+                      prompt_tokens=prompt, output_tokens=output, ttft_ms=ttft_ms, total_ms=round(total * 1e3, 1),
+                      outcome=outcome, finish_reason=record.finish_reason, reason=reason)
         line = (f"request {quoted(record.request_id or '-', 200)} ended: frontend={frontend} "
-                f"tenant={_who(tenant, key)} "
+                f"client={client_address(record.client)} tenant={_who(tenant, key)} "
                 f"adapter={adapter} prompt_tokens={prompt} output_tokens={output} "
                 f"ttft_ms={'-' if ttft is None else f'{ttft * 1e3:.1f}'} total_ms={total * 1e3:.1f} outcome={outcome}")
         if record.finish_reason is not None:
             line += f" finish_reason={quoted(record.finish_reason)}"
-        if record.reason and outcome in ("aborted", "error"):
-            line += f" reason={quoted(capped(record.reason))}"
+        if reason is not None:
+            line += f" reason={quoted(reason)}"
         if self.max_log_len:
-            line += f" prompt={self._prompt(record)} output={quoted(''.join(record.text), self.max_log_len)}"
+            text, (shown, prompt_text) = ''.join(record.text), self._prompt(record)
+            line += f" prompt={shown} output={quoted(text, self.max_log_len)}"
+            values.update(prompt=prompt_text, output=_cut(text, self.max_log_len))
         for summary in self._limit.due():  # a flood of refusals that stopped is summed up here too
             self._log.info("%s", summary)
-        self._log.info("%s", line)
+        self._log.info("%s", line, extra=log_format.fields(**values))
 
     def refused(self, frontend: str, reason: str, tenant: str | None, message: str | None,
                 request_id: str | None = None, client: str | tuple | None = None, key: str | None = None) -> None:
@@ -156,20 +172,43 @@ class RequestLog:
                 f"reason={reason}")
         if message is not None:
             line += f" message={quoted(capped(message))}"
-        self._log.info("%s", line)
+        values = dict(event="request_refused", request_id=_cut(request_id, 200), frontend=frontend,
+                      client=peer(client), tenant=_cut(tenant, 200), key_id=key, reason=reason,
+                      error=None if message is None else capped(message))
+        self._log.info("%s", line, extra=log_format.fields(**values))
 
-    def _prompt(self, record: RequestRecord) -> str:
+    def _prompt(self, record: RequestRecord) -> tuple[str, str | None]:
+        """The prompt's first ``max_log_len`` characters: (``repr``-quoted, ``-`` when unknown; as
+        they are, None when unknown: JSON's value)."""
         if record.prompt_ids is None or self._decode is None:
-            return "-"
+            return "-", None
         ids = record.prompt_ids
         # a token is at least one character but for a few byte pieces: 2N tokens hold N characters
         text = self._decode(ids[:2 * self.max_log_len])
         if len(ids) <= 2 * self.max_log_len:
-            return quoted(text, self.max_log_len)
-        return f"{text[:self.max_log_len]!r}... (prompt of {len(ids)} tokens)"
+            return quoted(text, self.max_log_len), _cut(text, self.max_log_len)
+        head, more = text[:self.max_log_len], f"... (prompt of {len(ids)} tokens)"
+        return repr(head) + more, head + more
 
 
 _PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9.:\[\]%_/-]{1,300}")  # hosts, ports, IPv6 brackets and zones, paths
+
+
+def peer(client: str | tuple | None) -> str | None:
+    """A client's address unquoted (:func:`client_address`'s, for a JSON value), its first 300
+    characters; None for None or an empty one."""
+    text = _address(client)
+    return None if text is None else text[:300]
+
+
+def _address(client: str | tuple | None) -> str | None:
+    if not client:
+        return None
+    if isinstance(client, tuple):
+        host, port = str(client[0]), client[1] if len(client) > 1 else None
+        host = f"[{host}]" if ":" in host else host
+        return host if port is None else f"{host}:{port}"
+    return client.removeprefix("ipv4:").removeprefix("ipv6:") or None
 
 
 def client_address(client: str | tuple | None) -> str:
@@ -177,22 +216,27 @@ def client_address(client: str | tuple | None) -> str:
 
     Args:
         client: HTTP's ``request.client`` (a (host, port) pair, or None when the server does not
-            know it), gRPC's ``context.peer()`` (``ipv4:10.0.0.7:51234``, ``ipv6:[::1]:51234``,
+            know it; uvicorn's: ``X-Forwarded-For``'s address where the connection comes from an
+            address ``FORWARDED_ALLOW_IPS`` trusts, loopback by default, else the connection's),
+            gRPC's ``context.peer()`` (``ipv4:10.0.0.7:51234``, ``ipv6:[::1]:51234``,
             ``unix:/path``: the ``ipv4:`` / ``ipv6:`` scheme is dropped, others kept), or None.
 
     Returns:
         The address; ``-`` for None or an empty one; ``repr``-quoted when it holds anything but
         address characters (a proxy's forwarded address is the client's to choose).
     """
-    if not client:
+    text = _address(client)
+    if text is None:
         return "-"
-    if isinstance(client, tuple):
-        host, port = str(client[0]), client[1] if len(client) > 1 else None
-        host = f"[{host}]" if ":" in host else host
-        text = host if port is None else f"{host}:{port}"
-    else:
-        text = client.removeprefix("ipv4:").removeprefix("ipv6:")
     return text if _PLAIN_ADDRESS.fullmatch(text) else quoted(text, 200)
+
+
+def _cut(text: str | None, limit: int) -> str | None:
+    """``text``'s first ``limit`` characters, saying how many were left out (:func:`quoted`'s cut,
+    unquoted: a JSON value); None stays None."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}... (+{len(text) - limit} chars)"
 
 
 def _who(tenant: str | None, key: str | None = None) -> str:

@@ -3,6 +3,7 @@ tenants file's own checks: test_tenants_file.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from nlora_serve.client import InvalidArgument, NloraClient, NotFound, PermissionDenied, Unauthenticated
 from nlora_serve.errors import NloraError
+from nlora_serve.log_format import JsonFormatter
 from nlora_serve.serving.admin_log import AdminRefusals
 from nlora_serve.serving.auth import Authenticator, Principal, hash_key
 from nlora_serve.serving.auth import PermissionDenied as AuthPermissionDenied
@@ -116,6 +118,12 @@ def test_admin_rpcs_need_an_admin_key_and_each_change_is_logged_naming_the_admin
                     "UnloadAdapter by 'ops': adapter 'lora-rslora' v1 unloaded (0 requests aborted, 0 draining) (N ms)",
                     "LoadAdapter by 'ops': adapter 'lora-rslora' v2 serving (lora, rank 16) (N ms)",
                     "UploadAdapter by 'ops': adapter 'inttune-nystrom-tied' v2 serving (inttune-tied, rank 8) (N ms)"]
+    entries = [json.loads(JsonFormatter().format(r)) for r in caplog.records]  # serve --log-format json
+    assert [(e["event"], e["operation"], e["caller"], e.get("adapter"), e.get("adapter_version")) for e in entries] == [
+        ("admin_refused", "UnloadAdapter", "ops", None, None), ("admin_done", "UnloadAdapter", "ops", "lora-rslora", 1),
+        ("admin_done", "LoadAdapter", "ops", "lora-rslora", 2),
+        ("admin_done", "UploadAdapter", "ops", "inttune-nystrom-tied", 2)]
+    assert all(e["duration_ms"] >= 0 for e in entries[1:])
 
 
 def test_list_adapters_shows_only_the_callers_grants(server):
@@ -241,3 +249,9 @@ def test_an_admins_refusals_are_logged_each_a_tenant_keys_at_most_once_per_inter
         *(f"SwapAdapter by 'ops' refused (FAILED_PRECONDITION): expected v{v}" for v in (1, 2, 3)),
         "SwapAdapter by 'ops' from [::1]:40000 refused (NOT_FOUND): no 'x'",
         "/v1/unload_lora_adapter by 'ops' from 10.0.0.7:51234 refused (404): no 'x'"]
+    # serve --log-format json: each value its own key
+    entries = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
+    keys = ("event", "operation", "caller", "is_admin", "client", "status", "error")
+    assert [tuple(e[k] for k in keys) for e in (entries[0], entries[4])] == [
+        ("admin_refused", "SwapAdapter", "acme", False, None, "PERMISSION_DENIED", "SwapAdapter needs an admin key"),
+        ("admin_refused", "SwapAdapter", "ops", True, "[::1]:40000", "NOT_FOUND", "no 'x'")]

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
 from http_harness import TENANTS, base_url, client, idle, scrape
 from nlora_serve.client import NloraClient, PermissionDenied
+from nlora_serve.log_format import JsonFormatter
 from nlora_serve.serving.auth import hash_key
 from nlora_serve.serving.request_log import RequestLog
 from nlora_serve.serving.http_api.server import MAX_BODY_BYTES
@@ -348,10 +349,12 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
         assert idle(http_server)  # every stream closed: its line written
     finally:
         metrics.request_log = None
-    # refusal lines name the address the request came from (HTTP's request.client, gRPC's context.peer());
+    # every line names the address the request came from (HTTP's request.client, gRPC's context.peer());
     # the client's port is its own, so only its form is checked
-    lines = [re.sub(r" client=127\.0\.0\.1:\d+ ", " client=127.0.0.1:PORT ", r.getMessage())
-             for r in caplog.records if r.name == "nlora_serve.requests"]
+    records = [r for r in caplog.records if r.name == "nlora_serve.requests"]
+    lines = [re.sub(r" client=127\.0\.0\.1:\d+ ", " client=127.0.0.1:PORT ", r.getMessage()) for r in records]
+    # --log-format json: the same lines as objects, each value its own key
+    entries = {e.get("request_id"): e for e in (json.loads(JsonFormatter().format(r)) for r in records)}
     assert len(lines) == 6, lines
     # the SSE stream's line is written as its stream closes, which may come after the next request's
     streamed = [line for line in lines if line.startswith(f"request {chunks[0].id!r} ended: ")]
@@ -359,14 +362,16 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
     version = raw.headers["x-adapter-version"]
     # each line names the key too: the first 8 hex digits of its sha256, the tenants file's key_sha256
     lora_key, base_key = (hash_key(TENANT_KEYS[name])[:8] for name in ("lora-co", "base-co"))
-    assert lines[0].startswith(f"request {answer.id!r} ended: frontend=http tenant='lora-co' key={lora_key} "
+    assert lines[0].startswith(f"request {answer.id!r} ended: frontend=http client=127.0.0.1:PORT tenant='lora-co' "
+                               f"key={lora_key} "
                                f"adapter={LORA!r} "
                                f"v{version} prompt_tokens={answer.usage.prompt_tokens} "
                                f"output_tokens={answer.usage.completion_tokens} ttft_ms=")
     assert "outcome=finished finish_reason='length'" in lines[0]
     assert f" prompt={hostile!r} output={answer.choices[0].text!r}" in lines[0]
     usage = deltas[-1].usage
-    assert lines[1].startswith(f"request 'job-42' ended: frontend=grpc tenant='lora-co' key={lora_key} "
+    assert lines[1].startswith(f"request 'job-42' ended: frontend=grpc client=127.0.0.1:PORT tenant='lora-co' "
+                               f"key={lora_key} "
                                f"adapter={LORA!r} "
                                f"v{deltas[-1].adapter_version} prompt_tokens={usage.prompt_tokens} "
                                f"output_tokens={usage.completion_tokens} ttft_ms=")
@@ -376,9 +381,18 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
                                f"key={base_key} reason=permission_denied message=")
     chat_usage = chunks[-1].usage
     assert len(streamed) == 1 and streamed[0].startswith(
-        f"request {chunks[0].id!r} ended: frontend=http tenant='lora-co' key={lora_key} adapter={LORA!r} v{version} "
+        f"request {chunks[0].id!r} ended: frontend=http client=127.0.0.1:PORT tenant='lora-co' key={lora_key} "
+        f"adapter={LORA!r} v{version} "
         f"prompt_tokens={chat_usage.prompt_tokens} output_tokens={chat_usage.completion_tokens} ttft_ms=")
     assert lines[4] == ("request refused: frontend=http client=127.0.0.1:PORT tenant=- "
                         f"key={hash_key('key-of-nobody')[:8]} reason=unauthenticated "
                         "message='unknown API key'")
     assert all(line.isprintable() for line in lines + streamed)
+    whole, grpc_end = entries[answer.id], entries["job-42"]
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", whole["client"]) and re.fullmatch(r"127\.0\.0\.1:\d+", grpc_end["client"])
+    assert (whole["event"], whole["frontend"], whole["tenant"], whole["key_id"], whole["adapter"]) == \
+        ("request_ended", "http", "lora-co", lora_key, LORA)
+    assert (whole["adapter_version"], whole["prompt_tokens"], whole["output_tokens"], whole["prompt"]) == \
+        (int(version), answer.usage.prompt_tokens, answer.usage.completion_tokens, hostile)
+    assert (grpc_end["frontend"], grpc_end["output_tokens"]) == ("grpc", usage.completion_tokens)
+    assert (entries["job-43"]["event"], entries["job-43"]["reason"]) == ("request_refused", "permission_denied")

@@ -374,12 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_arguments(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
-    log_format.configure(args.log_level, timed=True)
+    log_format.configure(args.log_level, timed=True, fmt=args.log_format)
     try:
         return run_serve(args)
     except NloraError as exc:  # as ``nlora-serve serve`` does: one line, exit 2
         log.debug("serve failed", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
+        log_format.error_line(exc, args.log_format)
         return 2
 
 

@@ -17,6 +17,7 @@ from nlora_serve.adapters.names import validate_name
 from nlora_serve.arg_types import DTYPE_CHOICES, human_readable_int, integer_arg, port_or_off_arg
 from nlora_serve.engine.config import DEFAULT_STEP_TIMEOUT_S, SCHEDULING_POLICIES, EngineConfig
 from nlora_serve.errors import AdapterError
+from nlora_serve.log_format import FORMATS
 from nlora_serve.serving.commands.engine_flags import (add_device_arguments, add_generation_config_arguments,
                                                       flag_groups, group_adders)
 from nlora_serve.serving.server_config import TOOL_CALL_PARSERS, ServerConfig, env_allows_updating
@@ -129,6 +130,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
            "output tokens, TTFT and total ms, outcome; and "
            "one per request refused, with the reason and the client's address, at most 10 at once then 2/s per "
            "reason (the rest counted in a 'suppressed K refusal lines' line) (default: off, as vLLM's)")
+    o("--log-format", choices=FORMATS, default="text",
+      help="text: one line per record, 'TIME LEVEL LOGGER: MESSAGE'; json: one JSON object per line (time, "
+           "level, logger, message, and the request log's and admin lines' values as keys; uvicorn's and "
+           "gRPC's records too), for a log pipeline (default: %(default)s)")
     o("--max-log-len", type=integer_arg(0), default=0,
       help="with --enable-log-requests, also log the first N characters of each request's prompt and output "
            "(quoted and escaped); tenants' text then sits in the server's log: mind who reads it and how long it "

@@ -23,6 +23,7 @@ from collections import deque
 
 import grpc
 
+from nlora_serve import log_format
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE
@@ -36,7 +37,7 @@ from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine
 from nlora_serve.serving.status import TooLarge, UploadsBusy, abort, adapter_manager, status_of
 from nlora_serve.serving.metrics import ServerMetrics
-from nlora_serve.serving.request_log import client_address
+from nlora_serve.serving.request_log import client_address, peer
 from nlora_serve.serving.server_config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,11 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
             principal.require_admin(rpc)
             start = time.perf_counter()
             reply = await work
-            log.info("%s by %r: %s (%.0f ms)", rpc, principal.name, _done(reply), 1e3 * (time.perf_counter() - start))
+            ms = 1e3 * (time.perf_counter() - start)
+            log.info("%s by %r: %s (%.0f ms)", rpc, principal.name, _done(reply), ms,
+                     extra=log_format.fields(event="admin_done", operation=rpc, caller=principal.name,
+                                             adapter=reply.ref.name, adapter_version=reply.ref.version,
+                                             duration_ms=round(ms)))
             return reply
         except asyncio.CancelledError:  # the client cancelled (or went away): no refusal, the call is gone
             if principal is not None and principal.is_admin:
@@ -95,8 +100,11 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
                 # the worker thread a change was handed to is not stopped by a cancel: it may still land
                 note = progress[-1] if progress else ("a change already handed to its worker thread still completes "
                                                       "(ListAdapters shows what serves)")
+                ms = 1e3 * (time.perf_counter() - start)
                 log.info("%s by %r from %s cancelled by the client after %.0f ms: %s", rpc, principal.name, where,
-                         1e3 * (time.perf_counter() - start), note)
+                         ms, note, extra=log_format.fields(event="admin_cancelled", operation=rpc,
+                                                           caller=principal.name, client=peer(context.peer()),
+                                                           duration_ms=round(ms), note=note))
             raise
         except NloraError as exc:
             work.close()  # never started when auth failed; silences "never awaited"

@@ -68,7 +68,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def _responses(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         """Generate's responses, admitted and streamed from the engine (aborts the call on a refusal)."""
-        timer = self.metrics.request("grpc")
+        timer = self.metrics.request("grpc", client=context.peer())
         try:
             stream, shown_id, reservation, scored = await self._admit(request, context, timer)
         except NloraError as exc:

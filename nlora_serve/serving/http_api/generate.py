@@ -119,7 +119,8 @@ async def generate(ctx: HttpContext, request: Request, endpoint: Endpoint) -> Re
         reservation.release()
         raise
     if started is None:  # gone before its body arrived or while its prompt waited for the tokenizer
-        timer = ctx.metrics.request("http", tenant_of(ctx.auth, caller), key_of(ctx.auth, caller))
+        timer = ctx.metrics.request("http", tenant_of(ctx.auth, caller), key_of(ctx.auth, caller),
+                                    request.client)
         timer.ended("cancelled")  # counted, and logged
         reservation.release()
         return Response(status_code=499)
@@ -149,7 +150,8 @@ async def _start(ctx: HttpContext, request: Request, endpoint: Endpoint, caller:
     except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing to log
         return None
     # TTFT from here, as vLLM's: a slow upload is not the server's time
-    timer = ctx.metrics.request("http", tenant_of(ctx.auth, caller), key_of(ctx.auth, caller))
+    timer = ctx.metrics.request("http", tenant_of(ctx.auth, caller), key_of(ctx.auth, caller),
+                                request.client)
     # a large body is parsed and validated in a worker thread, in pieces (body.read_off_loop)
     body, prompts, params, own = await read_off_loop(body, request.headers.get("content-type"),
                                                      grant_check(caller, ctx.base_model), endpoint.read, ctx)

@@ -38,6 +38,7 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
+from nlora_serve import log_format
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.version import AdapterNotFound, AdapterVersion, VersionConflict
 from nlora_serve.adapters.store import ALLOWED_FILES
@@ -113,7 +114,9 @@ async def _load(ctx: HttpContext, request: Request, admin: Principal) -> Respons
     seconds = time.perf_counter() - start
     ctx.metrics.load.observe(seconds)
     log.info("%s by %r: adapter %r v%d serving (%s, rank %d) from %r (%.0f ms)", request.url.path, admin.name, name,
-             version.version, version.flavour, version.rank, shown(body.lora_path), 1e3 * seconds)
+             version.version, version.flavour, version.rank, shown(body.lora_path), 1e3 * seconds,
+             extra=log_format.fields(event="admin_done", operation=request.url.path, caller=admin.name, adapter=name,
+                                     adapter_version=version.version, duration_ms=round(1e3 * seconds)))
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
@@ -133,7 +136,9 @@ async def _unload(ctx: HttpContext, request: Request, admin: Principal) -> Respo
     # waits for the registry's write lock, held by an upload's or swap's durable write
     version = await asyncio.to_thread(ctx.engine.unload_adapter, name)
     log.info("%s by %r: adapter %r v%d unloaded (%d requests draining)", request.url.path, admin.name, name,
-             version.version, draining)
+             version.version, draining,
+             extra=log_format.fields(event="admin_done", operation=request.url.path, caller=admin.name, adapter=name,
+                                     adapter_version=version.version, draining_requests=draining))
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.",
                              headers={"X-Draining-Requests": str(draining)})
 
