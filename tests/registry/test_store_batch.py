@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,6 @@ def test_a_start_killed_at_any_store_operation_is_undone_at_the_next_open(tmp_pa
                 if seen[0] == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            durable._fsync_pool = None  # the parent's: its threads are not in this child
             durable.set_fault_hook(kill)
             try:
                 _start(root)
@@ -198,6 +198,36 @@ def test_a_start_killed_at_any_store_operation_is_undone_at_the_next_open(tmp_pa
         outcomes.add(match[0])
         assert list((root / STAGING).iterdir()) == []
     assert outcomes == {"before", "pruned later"}  # (the last operation is v1's removal: "after" needs no kill)
+
+
+def test_a_forked_child_writes_and_removes_with_the_store_its_parent_used(tmp_path):
+    # the parent's fsync pool and deleter had counted their threads idle, and fork copies no
+    # thread: the child's first write (fsync_together) and removal (wait_deleted) queued their work
+    # to nobody and hung for ever (a multiprocessing fork after the store was used)
+    store = AdapterStore(tmp_path / "store")
+    store.write("acme", FILES)
+    store.write("acme", FILES)  # the fsync pool's threads, started and idle
+    store.remove_version("acme", 1)
+    store.wait_deleted()  # the deleter's thread too
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            store.write("acme", FILES)
+            store.remove_version("acme", 2)
+            store.wait_deleted()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 10.0
+    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if not done[0]:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child hung on the store")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert store.versions("acme") == [3] and not (tmp_path / "store" / "acme" / "00000002").exists()
 
 
 @pytest.mark.parametrize("body", ['{"entries": [{"written": "../outside/00000001"}]}',

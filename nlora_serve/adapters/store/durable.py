@@ -113,6 +113,18 @@ _fsync_pool: ThreadPoolExecutor | None = None
 _fsync_pool_lock = threading.Lock()
 
 
+def _forget_fsync_pool() -> None:
+    """In a forked child: the parent's pool has no threads here (fork copies only the forking
+    thread), yet it counted its workers as idle, so a child's first fsync_together queued its
+    fsyncs to nobody and hung for ever (a ``multiprocessing`` fork after the store had written).
+    The child makes its own pool at its first use; the lock may have been held by a parent thread."""
+    global _fsync_pool, _fsync_pool_lock
+    _fsync_pool, _fsync_pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_fsync_pool)
+
+
 def fsync_together(files: Sequence[Path] = (), folders: Sequence[Path] = ()) -> None:
     """fsync every one of ``files`` and ``folders`` at once; returns when all of them are durable.
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +25,23 @@ from nlora_serve.adapters.store.writes import StoreWrites
 from nlora_serve.errors import AdapterError
 
 log = logging.getLogger(__name__)
+
+_open_stores: weakref.WeakSet[AdapterStore] = weakref.WeakSet()  # this process's, for a fork's child
+
+
+def _new_deleter() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="adapter-store-delete")
+
+
+def _new_deleters_after_fork() -> None:
+    """In a forked child, each store inherited gets a deleter of its own: the parent's thread is
+    not in the child, and its pool, which counted it idle, queued every removal (and
+    ``wait_deleted``) to nobody: the child hung."""
+    for store in list(_open_stores):
+        store._deleter = _new_deleter()
+
+
+os.register_at_fork(after_in_child=_new_deleters_after_fork)
 
 
 class AdapterStore(StoreWrites):
@@ -58,7 +76,8 @@ class AdapterStore(StoreWrites):
                                f"({exc.strerror or exc}); the store must be a writable folder") from None
         if first:  # a start killed before its commit is undone (another store of this process may hold it open)
             journal.recover(self.root)
-        self._deleter = ThreadPoolExecutor(1, thread_name_prefix="adapter-store-delete")
+        self._deleter = _new_deleter()  # replaced in a forked child (_new_deleters_after_fork)
+        _open_stores.add(self)
         self._unrecorded: set[Path] = set()  # versions whose SHA256SUMS the disk refused: not retried
         # the highest version of each name listed or written by this process: a name's folder deleted
         # by hand while the server runs does not make its next version reuse a number still served
