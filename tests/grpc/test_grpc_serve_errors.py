@@ -394,3 +394,20 @@ def test_a_store_another_process_serves_is_refused_before_its_staging_area_is_to
         holder.communicate("", timeout=60)
     assert AdapterStore(store).names() == []  # the holder gone, the store opens (and drops its staging area)
     assert not in_flight.exists()
+
+
+def test_a_second_replica_on_the_store_is_refused_at_its_check_not_after_the_model_load(tmp_path, base_model_dir):
+    """Two replicas started on one store at the same instant: the check opened the store and let
+    it go, both loaded the model (~20 s), and the loser's engine was refused the store only then.
+    The check's answer now holds the store's lock until the engine's store shares it."""
+    import fcntl
+
+    flags = serve_checks.check_serve_flags(_args(tmp_path, "--model", str(base_model_dir)))
+    # the other replica's claim (store/lock.py): a flock on a descriptor of its own, refused while held
+    fd = os.open(tmp_path / "store", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    assert flags.store.root == (tmp_path / "store").resolve()

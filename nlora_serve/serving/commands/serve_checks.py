@@ -52,7 +52,11 @@ class ServeFlags:
 
     ``backend`` is the vLLM backend's config (None: the native engine); ``scheduler`` carries the
     policy and the tenants file's weights; ``stored`` are the adapter store's names at the check;
-    ``model_dir`` is --model's prepared folder (:func:`nlora_serve.models.resolve_model`).
+    ``model_dir`` is --model's prepared folder (:func:`nlora_serve.models.resolve_model`). ``store``
+    is the store the check opened, kept open while the flags are: its lock (store/lock.py) is this
+    process's from the check on, so a second replica started on the store at the same instant is
+    refused at its own check, not ~20 s later when its engine opens the store after the model load
+    (the engine's store shares the lock).
     """
 
     backend: VllmBackendConfig | None
@@ -63,16 +67,17 @@ class ServeFlags:
     auth: Authenticator
     stored: list[str]
     model_dir: Path
+    store: AdapterStore
 
 
 def check_serve_flags(args: argparse.Namespace) -> ServeFlags:
     """Every check of ``serve``'s flags that needs neither torch nor the model, in the order a
     refusal names the first one wrong: the backend's flags, the ports' flags, the config ranges,
     the tenants file, --adapter-dir (created, and a probe file written), each port bound once
-    and let go, the adapter names the flags give against each other and the store (opened: one
-    another process serves is refused), each --adapter folder the start will read, then --model
-    resolved (the default converted on first use, in a child process: this process loads no torch
-    for it) and --max-model-len against its config.
+    and let go, the adapter names the flags give against each other and the store (opened, and
+    held open in the answer: one another process serves is refused), each --adapter folder the
+    start will read, then --model resolved (the default converted on first use, in a child
+    process: this process loads no torch for it) and --max-model-len against its config.
 
     Raises:
         StartupError: a flag out of range or unusable (the message names it). AuthError: a bad
@@ -85,7 +90,7 @@ def check_serve_flags(args: argparse.Namespace) -> ServeFlags:
     scheduler = dataclasses.replace(scheduler, tenant_weights=auth.weights())
     check_adapter_dir(args.adapter_dir)
     check_ports_free(config)
-    stored = check_flag_adapter_names(args)
+    store = check_flag_adapter_names(args)
     if args.load_format == "dummy":  # a config.json alone, read as load_base reads it (a missing one
         model_dir = Path(args.model).expanduser().resolve()  # was a FileNotFoundError's traceback here)
         read_spec(model_dir)
@@ -93,7 +98,7 @@ def check_serve_flags(args: argparse.Namespace) -> ServeFlags:
         model_dir = resolve_model(args.model, getattr(args, "cache_dir", None))
     check_model_len(model_dir, args.max_model_len)
     return ServeFlags(backend=backend, config=config, limits=limits, scheduler=scheduler, cache=cache, auth=auth,
-                      stored=stored, model_dir=model_dir)
+                      stored=store.names(warn=False), model_dir=model_dir, store=store)  # the registry's scan warns
 
 
 def server_configs(args: argparse.Namespace) -> tuple[ServerConfig, AdapterLimits, SchedulerConfig, CacheConfig]:
@@ -206,10 +211,11 @@ def check_ports_free(config: ServerConfig) -> None:
                 raise StartupError(f"cannot bind {what} {where} ({flag}): {exc.strerror or exc}{busy}") from exc
 
 
-def check_flag_adapter_names(args: argparse.Namespace) -> list[str]:
+def check_flag_adapter_names(args: argparse.Namespace) -> AdapterStore:
     """The flags' adapter names (--adapter, --example-tenants) against each other, and the store
     opened for its names (commands/serve.py checks them all against the served model's name once
-    the model is resolved). Returns the store's adapter names.
+    the model is resolved). Returns the store, open: the caller holds it (and its lock) until the
+    engine's own store has the lock too.
 
     Raises:
         StartupError: two flags name one adapter, or names that differ only in case (one folder of
@@ -229,7 +235,7 @@ def check_flag_adapter_names(args: argparse.Namespace) -> list[str]:
         seen[name.casefold()] = (flag, name)
     store = AdapterStore(args.adapter_dir)
     check_flag_adapter_folders(args.adapter, store)
-    return store.names(warn=False)  # the registry's scan warns
+    return store
 
 
 def check_flag_adapter_folders(adapters: list[tuple[str, str]], store: AdapterStore) -> None:
