@@ -91,11 +91,11 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     from nlora_serve.serving.commands.generate_flags import check_generate_flags
 
-    sizes = check_generate_flags(args)
+    flags = check_generate_flags(args)  # a store a server holds refused here too, before torch
     _say_loading("generate")
     from nlora_serve.serving.commands.generate import run_generate
 
-    return run_generate(args, sizes)
+    return run_generate(args, flags)
 
 
 def _add_serve(serve: argparse.ArgumentParser) -> None:

@@ -97,31 +97,32 @@ def test_serve_port_without_http_port_says_where_the_http_api_stays(caplog, caps
     assert messages == ([want] if warned else [])
 
 
-def test_generate_on_a_store_another_process_holds_is_refused_before_the_model_loads(tmp_path, capsys, caplog):
+def test_generate_on_a_store_another_process_holds_is_refused_before_torch_loads(tmp_path):
     # A newcomer's find (h76): `generate --adapter lower --adapter-dir nlora-adapters` beside `make serve`
-    # loaded the model and started the engine (12 s under load) before saying the store was in use.
-    from nlora_serve.cli import main as cli_main
+    # loaded the model and started the engine (12 s under load) before saying the store was in use;
+    # then (s29) still after importing torch and the engine (3-8 s): now the flag check refuses it
+    import fcntl
+    import os
 
     store = tmp_path / "store"
     (store / "lower" / "00000002").mkdir(parents=True)  # a server's stored versions of 'lower'
     (store / "lower" / "00000010").mkdir()
-    hold = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    argv = ["generate", "--message", "Hi", "--adapter", "lower", "--adapter-dir", str(store)]
+    fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)  # this process is the server holding it (store/lock.py)
     try:
-        assert holder.stdout.readline() == "held\n"
-        with caplog.at_level(logging.INFO, logger="nlora_serve"):
-            code = cli_main(["generate", "--message", "Hi", "--adapter", "lower", "--adapter-dir", str(store)])
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        done = subprocess.run([sys.executable, "-c", FIRST_LINE.format(argv=argv)], capture_output=True, text=True,
+                              timeout=60, check=True)
     finally:
-        holder.communicate("", timeout=60)
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: adapter store {store.resolve()} is in use by another process")
+        os.close(fd)
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "END\tFalse", done.stderr  # refused before torch was imported
+    assert not [line for line in lines if line.startswith("REC\t")], lines  # no "starting: loading ...", no model
+    err = done.stderr
+    assert err.startswith(f"error: adapter store {store.resolve()} is in use by another process"), err
     # h141: it said only "give each server its own --adapter-dir"; generate can read the stored folder itself
     assert err.rstrip("\n").endswith("; to generate with 'lower' while the server runs, give its stored folder "
                                       f"without --adapter-dir: --adapter {store / 'lower' / '00000010'}"), err
-    assert not [r for r in caplog.records if r.getMessage().startswith("loading model")]
 
 
 def test_generate_with_a_max_model_len_over_the_models_positions_is_one_error_line(capsys, base_model_dir):

@@ -18,6 +18,11 @@ from pathlib import Path
 
 from nlora_serve.errors import AdapterError
 
+
+class StoreInUse(AdapterError):
+    """Another process holds the store's lock (a server on that --adapter-dir)."""
+
+
 _guard = threading.Lock()
 _held: dict[Path, list[int]] = {}  # resolved root -> [open fd of the root holding the flock, stores using it]
 
@@ -28,7 +33,7 @@ def claim(owner: object, root: Path) -> bool:
     another store of this process holds it already.
 
     Raises:
-        AdapterError: another process holds it (the message names the root and what to do).
+        StoreInUse: another process holds it (the message names the root and what to do).
     """
     with _guard:
         entry = _held.get(root)
@@ -39,7 +44,7 @@ def claim(owner: object, root: Path) -> bool:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise AdapterError(f"adapter store {root} is in use by another process (a server on this "
+                raise StoreInUse(f"adapter store {root} is in use by another process (a server on this "
                                    "--adapter-dir?); two processes on one store would overwrite and delete each "
                                    "other's versions: give each server its own --adapter-dir, or stop the other "
                                    "one first") from None

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from nlora_serve.adapters.manager import AdapterLimits
-from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base, resolve_model
 from nlora_serve.models.hub import local_or_hub
@@ -27,9 +26,8 @@ from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.chat_template import encode_chat
-from nlora_serve.engine.config import CacheConfig, SchedulerConfig
 from nlora_serve.serving.commands.engine_flags import device_config, in_flag_words
-from nlora_serve.serving.commands.generate_flags import check_generate_flags
+from nlora_serve.serving.commands.generate_flags import GenerateFlags, check_generate_flags
 from nlora_serve.serving.generation_config import sampling_defaults
 
 log = logging.getLogger("nlora_serve.generate")
@@ -67,18 +65,6 @@ def _adapter_store(args: argparse.Namespace, scratch: str) -> tuple[str | None, 
         raise NloraError(f"--adapter {args.adapter}: not a directory; to use a stored adapter by name, "
                          "give its store with --adapter-dir")
     return args.adapter_dir, args.adapter
-
-
-def _held_store_hint(store: Path, name: str | None) -> str:
-    """For a store a server holds: how ``generate`` reads one of its adapters anyway, without the
-    store (its newest stored version folder, which is an adapter folder of its own)."""
-    if name is None:
-        return ""
-    versions = sorted((p.name for p in (store / name).glob("[0-9]*") if p.name.isdigit()), key=int) \
-        if (store / name).is_dir() else []
-    folder = store / name / (versions[-1] if versions else "VERSION")
-    return (f"; to generate with {name!r} while the server runs, give its stored folder without --adapter-dir: "
-            f"--adapter {folder}")
 
 
 async def _stream(engine: LLMEngine, ids: list[int], params: SamplingParams, live: bool,
@@ -129,14 +115,16 @@ def sampling_params(args: argparse.Namespace, model_dir: Path) -> SamplingParams
         raise NloraError(in_flag_words(str(exc), args) if given else str(exc)) from None
 
 
-def run_generate(args: argparse.Namespace, sizes: tuple[SchedulerConfig, CacheConfig] | None = None) -> int:
-    """Run ``generate``; returns the exit status. ``sizes``: :func:`check_generate_flags`' answer
-    for ``args`` where the caller ran it before this module's imports (None: run here).
+def run_generate(args: argparse.Namespace, flags: GenerateFlags | None = None) -> int:
+    """Run ``generate``; returns the exit status. ``flags``: :func:`check_generate_flags`' answer
+    for ``args`` where the caller ran it before this module's imports (None: run here); its store
+    (a server's is refused there, before torch loads) is held until the run ends.
 
     Raises:
         NloraError: bad model, messages or parameters (the CLI prints the message).
     """
-    sizes = check_generate_flags(args) if sizes is None else sizes
+    flags = check_generate_flags(args) if flags is None else flags
+    sizes = flags.sizes
     cache_dir = getattr(args, "cache_dir", None)
     # before the model loads: the step thread alone runs torch in parallel
     with threads_for_engine(), tempfile.TemporaryDirectory(prefix="nlora-generate-") as scratch:
@@ -147,12 +135,6 @@ def run_generate(args: argparse.Namespace, sizes: tuple[SchedulerConfig, CacheCo
                                    generation_config=args.generation_config)
         except ValueError as exc:  # a flag out of range: one "error: ..." line, as for other bad input
             raise NloraError(in_flag_words(str(exc), args)) from None
-        # a store another process holds (a server on it) is refused now, not after the model and engine
-        # load; held open until the engine's own store shares the lock
-        try:
-            early_store = AdapterStore(store) if store is not None and store != scratch else None
-        except AdapterError as exc:
-            raise AdapterError(f"{exc}{_held_store_hint(Path(store), name)}") from None
         start = time.perf_counter()
         log.info("loading model %s (%s, %s)...", args.model, config.device, str(config.dtype).removeprefix("torch."))
         path = (Path(args.model).expanduser().resolve() if config.load_format == "dummy"
@@ -167,7 +149,6 @@ def run_generate(args: argparse.Namespace, sizes: tuple[SchedulerConfig, CacheCo
             engine = LLMEngine(config, base)
         except ValueError as exc:  # a flag the model refuses (--max-model-len over its positions, a bad eos id)
             raise NloraError(in_flag_words(str(exc), args)) from None
-        del early_store
         with engine:
             log.info("engine started in %.1f s; generating", time.perf_counter() - start)
             if store == scratch:

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 from nlora_serve.adapters import config as adapter_config
 from nlora_serve.adapters.limits import DEFAULT_MAX_RANK
+from nlora_serve.adapters.store import AdapterStore
+from nlora_serve.adapters.store.lock import StoreInUse
 from nlora_serve.arg_types import DTYPE_CHOICES, human_readable_int
 from nlora_serve.engine.config import CacheConfig, SchedulerConfig
 from nlora_serve.errors import AdapterError, NloraError
@@ -16,21 +20,66 @@ from nlora_serve.serving.commands.engine_flags import (add_device_arguments, add
                                                        engine_sizes, flag_groups, in_flag_words)
 
 
-def check_generate_flags(args: argparse.Namespace) -> tuple[SchedulerConfig, CacheConfig]:
-    """``generate``'s engine sizes and --dtype checked without torch (:func:`engine_sizes`), and an
-    ``--adapter`` folder (:func:`check_adapter_folder`), so that a refused run answers before the
-    engine's imports; returns the sizes for commands/generate.py.
+@dataclass(frozen=True, slots=True)
+class GenerateFlags:
+    """``generate``'s flags, checked (:func:`check_generate_flags`): what commands/generate.py builds on.
+
+    ``sizes``: the scheduler's and the KV cache's (:func:`engine_sizes`). ``store``: the
+    ``--adapter-dir`` store the run reads, opened by the check and held open while the flags are
+    (its lock: the engine's store shares it), or None where the run reads none (no --adapter-dir,
+    or an --adapter folder, registered in a scratch store).
+    """
+
+    sizes: tuple[SchedulerConfig, CacheConfig]
+    store: AdapterStore | None
+
+
+def check_generate_flags(args: argparse.Namespace) -> GenerateFlags:
+    """``generate``'s engine sizes and --dtype checked without torch (:func:`engine_sizes`), an
+    ``--adapter`` folder (:func:`check_adapter_folder`) and the ``--adapter-dir`` store it reads
+    (:func:`open_generate_store`), so that a refused run answers before the engine's imports (3-8
+    s); returns what commands/generate.py needs.
 
     Raises:
         NloraError: a flag out of range, in the flag's words (one ``error:`` line, exit 2), or a bad
-            --adapter folder.
+            --adapter folder. AdapterError: the store is in use by another process (a server on it).
     """
     try:
         sizes = engine_sizes(args)
     except ValueError as exc:
         raise NloraError(in_flag_words(str(exc), args)) from None
     check_adapter_folder(args.adapter, args.adapter_dir)
-    return sizes
+    return GenerateFlags(sizes, open_generate_store(args.adapter, args.adapter_dir))
+
+
+def open_generate_store(adapter: str | None, adapter_dir: str | None) -> AdapterStore | None:
+    """The ``adapter_dir`` store a run with ``--adapter adapter`` reads (none where ``adapter`` is a
+    folder: it is registered in a scratch store), opened (torch-free) so that a store another
+    process holds is refused before the model and engine load; None without one.
+
+    Raises:
+        StoreInUse (an AdapterError): another process holds it (a server on it): the message says
+            how to generate with one of its adapters anyway (:func:`held_store_hint`).
+        AdapterError: it cannot be created or written.
+    """
+    if adapter_dir is None or (adapter is not None and Path(adapter).is_dir()):
+        return None
+    try:
+        return AdapterStore(adapter_dir)
+    except StoreInUse as exc:
+        raise StoreInUse(f"{exc}{held_store_hint(Path(adapter_dir), adapter)}") from None
+
+
+def held_store_hint(store: Path, name: str | None) -> str:
+    """For a store a server holds: how ``generate`` reads one of its adapters anyway, without the
+    store (its newest stored version folder, which is an adapter folder of its own)."""
+    if name is None:
+        return ""
+    versions = sorted((p.name for p in (store / name).glob("[0-9]*") if p.name.isdigit()), key=int) \
+        if (store / name).is_dir() else []
+    folder = store / name / (versions[-1] if versions else "VERSION")
+    return (f"; to generate with {name!r} while the server runs, give its stored folder without --adapter-dir: "
+            f"--adapter {folder}")
 
 
 def check_adapter_folder(adapter: str | None, adapter_dir: str | None) -> None:
