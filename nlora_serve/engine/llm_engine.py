@@ -268,6 +268,13 @@ class LLMEngine(Engine):
                 return
             self._thread.join(timeout=HUNG_POLL_SECONDS)
 
+    def step_thread_alive(self, wait_s: float = 0.0) -> bool:
+        """Whether the step thread still runs after waiting up to ``wait_s`` seconds for it to end.
+        After :meth:`shutdown`, only where a step hung: the thread is a daemon, left in its step, and
+        the process must not wait for it (serve exits with ``os._exit``: commands/exit_now.py)."""
+        self._thread.join(wait_s)
+        return self._thread.is_alive()
+
     def __enter__(self) -> LLMEngine:
         return self
 

@@ -231,3 +231,46 @@ def test_serve_ends_the_drain_at_once_when_the_engine_is_dead(monkeypatch):
     monkeypatch.setattr(serve_cli, "ready_lines", lambda server, adapters: [])
     assert asyncio.run(asyncio.wait_for(serve_cli.serve(server, []), 5)) is False
     assert calls == [True]
+
+
+def test_serve_exits_at_once_past_a_step_thread_stuck_in_its_step(make_engine, monkeypatch, caplog):
+    """A hung step's thread never returns: serve drained and returned 1, but the interpreter's exit
+    could then wait behind that thread (its exit hooks join thread-pool workers that wait on the
+    step; CUDA's teardown, a hung kernel): no exit, no restart. Now a dead engine whose step thread
+    is still in its step ends the process with exit_now (os._exit; tests/test_exit_now.py)."""
+    import argparse
+    import logging
+
+    from nlora_serve.serving.commands import serve as serve_cli
+
+    engine = make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64)
+    engine._watchdog.limit_s = LIMIT_S
+    entered, release = threading.Event(), threading.Event()
+    _patch_step(engine, lambda: (entered.set(), release.wait(30)))
+    exits = []
+
+    def exit_now(code, why):
+        exits.append((code, why))
+        raise SystemExit(code)
+
+    async def serving(server, adapters, batch):  # the server ran until the watcher found the engine dead
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+        assert await asyncio.to_thread(entered.wait, 10)
+        while engine.dead_reason is None:
+            await asyncio.sleep(0.05)
+        return False
+
+    monkeypatch.setattr(serve_cli, "build", lambda args, flags: (engine, object(), [], None))
+    monkeypatch.setattr(serve_cli, "serve", serving)
+    monkeypatch.setattr(serve_cli, "freeze_startup_heap", lambda: None)
+    monkeypatch.setattr(serve_cli, "exit_now", exit_now)
+    monkeypatch.setattr(serve_cli, "STUCK_STEP_JOIN_SECONDS", 0.05)
+    try:
+        with caplog.at_level(logging.ERROR, logger="nlora_serve"), pytest.raises(SystemExit):
+            serve_cli.run_serve(argparse.Namespace(backend="native"))
+        assert exits == [(1, "the engine's step thread is still in its hung step")]
+        assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("exiting with status 1")] == \
+            [f"exiting with status 1: the engine died ({engine.dead_reason})"]
+    finally:
+        release.set()
+    engine._thread.join(10)

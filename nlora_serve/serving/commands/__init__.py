@@ -9,4 +9,5 @@
                         generate_flags.py's flags (serve_flags.py, engine_flags.py and generate_flags.py
                         import no torch: ``--help`` and a mistyped flag answer at once)
     keys.py             ``nlora-serve keys {new,hash}``
+    exit_now.py         a dead engine's exit past its stuck step thread (``os._exit``, stdio flushed)
 """

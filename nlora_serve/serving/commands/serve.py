@@ -41,6 +41,7 @@ from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.serving.commands.example_tenants import ensure_example_tenants
+from nlora_serve.serving.commands.exit_now import exit_now
 from nlora_serve.serving.generation_config import SamplingDefaults, sampling_defaults
 from nlora_serve.serving.grpc_api.convert import server_info
 from nlora_serve.serving.server import NloraServer
@@ -219,6 +220,8 @@ def _sampling_defaults(args: argparse.Namespace, model_dir: Path) -> SamplingDef
 
 
 ENGINE_WATCH_SECONDS = 1.0  # how often serve() checks that the engine can still serve
+# how long a dead engine's exit waits for its step thread to end before leaving it behind (exit_now.py)
+STUCK_STEP_JOIN_SECONDS = 1.0
 
 
 def client_hint(server: NloraServer, adapters: list[str]) -> str:
@@ -314,7 +317,9 @@ async def _watch_engine(engine, stop: asyncio.Event, every: float = ENGINE_WATCH
 def run_serve(args: argparse.Namespace, flags: ServeFlags | None = None) -> int:
     """Run ``serve`` until a signal; returns 0 after a graceful drain (also when requests had to be
     aborted at the end of the grace period: that is logged), 1 when it stopped because the engine
-    died. ``flags``: serve_checks.py's answer for ``args`` where the caller ran it (None: :func:`build`
+    died; where the native engine's step thread is still in a hung step then, the process exits 1
+    at once instead (exit_now.py: the interpreter's teardown could wait behind that step).
+    ``flags``: serve_checks.py's answer for ``args`` where the caller ran it (None: :func:`build`
     runs it).
 
     Raises:
@@ -336,6 +341,8 @@ def run_serve(args: argparse.Namespace, flags: ServeFlags | None = None) -> int:
             engine.shutdown()
     if dead is not None:
         log.error("exiting with status 1: the engine died (%s)", dead)
+        if isinstance(engine, LLMEngine) and engine.step_thread_alive(STUCK_STEP_JOIN_SECONDS):
+            exit_now(1, "the engine's step thread is still in its hung step")
         return 1
     log.info("drained, exiting" if drained else "exiting")
     return 0
