@@ -244,3 +244,30 @@ def test_a_journal_naming_anything_but_a_starts_folders_is_refused_and_nothing_i
     with pytest.raises(AdapterError, match=rf"^adapter store {root}: its start journal {root / JOURNAL_FILE} cannot"):
         AdapterStore(root)
     assert _tree(root) == before and (tmp_path / "outside" / "00000001").is_dir()
+
+
+def test_a_retry_while_the_refused_open_is_kept_is_refused_too_and_later_opens_never_undo_a_live_start(tmp_path):
+    # A journal is undone by a process's first open of the store only: a later open in the process
+    # sees no journal but its own (the flock excludes every other process since that first open),
+    # and must leave it: a start still open, or one committed whose journal the disk kept (the
+    # versions it serves). But a first open that refused the journal held the lock until the refused
+    # store was collected: a retry meanwhile (the error kept, as here) opened past the journal,
+    # unchecked, and a start's own journal would then have replaced it.
+    from nlora_serve.adapters.store.journal import JOURNAL_FILE
+
+    root = tmp_path / "store"
+    AdapterStore(root).write("acme", FILES)
+    (root / JOURNAL_FILE).write_text("not json")
+    with pytest.raises(AdapterError, match="its start journal") as refused:
+        AdapterStore(root)
+    with pytest.raises(AdapterError, match="its start journal"):
+        AdapterStore(root)  # the retry, while the first open's store lives on in its traceback
+    assert refused.value is not None
+    (root / JOURNAL_FILE).unlink()
+    store = AdapterStore(root)
+    store.begin_batch()
+    store.write("acme", FILES)  # the start's v2, journaled
+    again = AdapterStore(root)  # a later open in this process, the start still open: its write stays
+    assert (root / JOURNAL_FILE).exists() and again.versions("acme") == [1, 2]
+    store.commit_batch()
+    assert again.versions("acme") == [1, 2] and not (root / JOURNAL_FILE).exists()

@@ -12,7 +12,12 @@ version of that number: see :class:`Journal`). A batch that writes nothing write
 It is removed at the commit (before the removals the batch deferred: a crash after them would
 undo the writes of a start whose older versions were already gone) and after an abort's undo.
 :func:`recover`, run by each process's first open of the store, undoes what a journal lists
-(batch.StartBatch.undo: newest first, each by one rename, durably) and then removes it.
+(batch.StartBatch.undo: newest first, each by one rename, durably) and then removes it. Only the
+first: from then on the process holds the store's flock (lock.py), so a journal a later open of
+the process finds is the process's own, of a start still open or of one committed whose journal
+the disk kept (its versions served now; the next process undoes them): neither is to be undone
+then. A first open that fails (a journal refused) lets the lock go at once, so that a retry is a
+first open again and meets the journal too.
 """
 
 from __future__ import annotations

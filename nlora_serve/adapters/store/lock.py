@@ -14,6 +14,7 @@ import fcntl
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from nlora_serve.errors import AdapterError
@@ -27,10 +28,11 @@ _guard = threading.Lock()
 _held: dict[Path, list[int]] = {}  # resolved root -> [open fd of the root holding the flock, stores using it]
 
 
-def claim(owner: object, root: Path) -> bool:
-    """Hold the store lock of ``root`` (resolved) for as long as ``owner`` lives. Returns True
-    where this call took the flock (this process's first open store of ``root``), False where
-    another store of this process holds it already.
+def claim(owner: object, root: Path) -> tuple[bool, Callable[[], object]]:
+    """Hold the store lock of ``root`` (resolved) for as long as ``owner`` lives. Returns whether
+    this call took the flock (True: this process's first open store of ``root``; False: another
+    store of this process holds it already), and a callable that lets go of ``owner``'s hold at
+    once (a store that failed to open; its later collection then does nothing).
 
     Raises:
         StoreInUse: another process holds it (the message names the root and what to do).
@@ -50,8 +52,7 @@ def claim(owner: object, root: Path) -> bool:
                                    "one first") from None
             entry = _held[root] = [fd, 0]
         entry[1] += 1
-    weakref.finalize(owner, _release, root)
-    return first
+    return first, weakref.finalize(owner, _release, root)
 
 
 def _release(root: Path) -> None:

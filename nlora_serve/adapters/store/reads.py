@@ -58,9 +58,37 @@ class AdapterStore(StoreWrites):
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise AdapterError(f"adapter store {self.root}: cannot create it ({exc.strerror or exc})") from None
-        first = lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
+        first, unlock = lock.claim(self, self.root)  # before the staging area is wiped: it may be another server's
         # serialises version allocation and renames (and factors.py's writes of _families)
         self.write_lock = threading.Lock()
+        try:
+            self._clear_staging()
+            if first:  # a start killed before its commit is undone (another store of this process may hold it open)
+                journal.recover(self.root)
+        except BaseException:
+            # let go of the lock now, not once this half-opened store is collected: while a caller kept
+            # the error (its traceback holds the store), a retry in this process was no first open, and
+            # opened past the journal it had just refused, unchecked (and its own start's journal then
+            # replaced that one: the killed start's writes were never taken back)
+            unlock()
+            raise
+        self._deleter = _new_deleter()  # replaced in a forked child (_new_deleters_after_fork)
+        _open_stores.add(self)
+        self._unrecorded: set[Path] = set()  # versions whose SHA256SUMS the disk refused: not retried
+        # the highest version of each name listed or written by this process: a name's folder deleted
+        # by hand while the server runs does not make its next version reuse a number still served
+        self._highest: dict[str, int] = {}
+        self._highest_lock = threading.Lock()
+        self._batch: StartBatch | None = None  # a start's writes, undone should it fail (batch.py)
+        # the base model to record as the store's (base_record.py), once a start commits or a version is written
+        self.base_pending: BaseIdentity | None = None
+
+    def _clear_staging(self) -> None:
+        """Empty the staging area (what a crash left there), made anew.
+
+        Raises:
+            AdapterError: it cannot be cleared or made (a read-only store).
+        """
         staging = self.root / STAGING
         try:
             if staging.is_symlink() or staging.is_file():  # planted: writes would land where it points
@@ -74,18 +102,6 @@ class AdapterStore(StoreWrites):
         except OSError as exc:  # a read-only store: it was a bare FileExistsError of the mkdir
             raise AdapterError(f"adapter store {self.root}: cannot clear and create its staging folder {STAGING} "
                                f"({exc.strerror or exc}); the store must be a writable folder") from None
-        if first:  # a start killed before its commit is undone (another store of this process may hold it open)
-            journal.recover(self.root)
-        self._deleter = _new_deleter()  # replaced in a forked child (_new_deleters_after_fork)
-        _open_stores.add(self)
-        self._unrecorded: set[Path] = set()  # versions whose SHA256SUMS the disk refused: not retried
-        # the highest version of each name listed or written by this process: a name's folder deleted
-        # by hand while the server runs does not make its next version reuse a number still served
-        self._highest: dict[str, int] = {}
-        self._highest_lock = threading.Lock()
-        self._batch: StartBatch | None = None  # a start's writes, undone should it fail (batch.py)
-        # the base model to record as the store's (base_record.py), once a start commits or a version is written
-        self.base_pending: BaseIdentity | None = None
 
     def adapter_dir(self, name: str) -> Path:
         """The folder of ``name``, checked to be a real directory inside the root (or absent).
