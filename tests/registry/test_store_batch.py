@@ -271,3 +271,34 @@ def test_a_retry_while_the_refused_open_is_kept_is_refused_too_and_later_opens_n
     assert (root / JOURNAL_FILE).exists() and again.versions("acme") == [1, 2]
     store.commit_batch()
     assert again.versions("acme") == [1, 2] and not (root / JOURNAL_FILE).exists()
+
+
+def test_a_forked_child_that_outlives_its_parents_store_does_not_keep_the_store_locked(tmp_path):
+    # fork shares the open file that holds the store's flock: a child still running (a
+    # multiprocessing worker, vLLM's engine core) kept the store locked after its parent let go
+    # or died, and the restarted server was refused the store as "in use by another process"
+    import fcntl
+    import gc
+
+    root = tmp_path / "store"
+    store = AdapterStore(root)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(write_end)
+            os.read(read_end, 1)  # runs on until the parent closes its end
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    try:
+        del store
+        gc.collect()  # the parent lets go of the store
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the next server's claim (store/lock.py)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(write_end)  # the child's read ends: it exits
+        os.waitpid(pid, 0)

@@ -5,7 +5,8 @@ from their own view, prune versions the other still serves, and wipe the other's
 start. The lock is taken on the root folder itself (no lock file in the store's listing); a store
 opened again in the same process (a restart in tests, the serve command's early peek) shares it,
 and it is released when the last :class:`~nlora_serve.adapters.store.AdapterStore` of that root in
-this process is gone, or when the process exits (also on SIGKILL: the kernel drops flocks).
+this process is gone, or when the process exits (also on SIGKILL: the kernel drops flocks; a
+forked child keeps none of it: :func:`_forget_after_fork`).
 """
 
 from __future__ import annotations
@@ -57,8 +58,27 @@ def claim(owner: object, root: Path) -> tuple[bool, Callable[[], object]]:
 
 def _release(root: Path) -> None:
     with _guard:
-        entry = _held[root]
+        entry = _held.get(root)
+        if entry is None:  # a store a forked child inherited: the lock is the parent's (_forget_after_fork)
+            return
         entry[1] -= 1
         if entry[1] == 0:
             os.close(entry[0])  # closing the last descriptor drops the flock
             del _held[root]
+
+
+def _forget_after_fork() -> None:
+    """In a forked child, the stores' locks stay the parent's: the child closes its copies of their
+    descriptors and forgets them. A flock belongs to the open file, which fork shares: a child that
+    outlived its parent (a multiprocessing worker, vLLM's engine core) kept the store locked, and
+    the restarted server was refused it as "in use by another process". A store the child opens
+    anew is another process's claim (refused while the parent holds the lock); the stores it
+    inherited work on, holding no lock of their own."""
+    global _guard
+    _guard = threading.Lock()  # another thread of the parent may have held it at the fork
+    for fd, _ in _held.values():
+        os.close(fd)  # the parent's descriptor still holds the flock
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
