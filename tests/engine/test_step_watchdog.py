@@ -274,3 +274,50 @@ def test_serve_exits_at_once_past_a_step_thread_stuck_in_its_step(make_engine, m
     finally:
         release.set()
     engine._thread.join(10)
+
+
+def test_generate_cli_on_a_hung_step_says_so_and_exits_past_the_stuck_thread(base_fp32, base_model_dir,
+                                                                              monkeypatch, capsys):
+    """`nlora-serve generate` read its stream until the last token: a hung step's never came, and
+    nothing looked at the watchdog: the command waited for ever. It now ends with the engine's
+    death as its error line, and exits past the step thread still stuck (exit_now)."""
+    import argparse
+
+    from nlora_serve.engine.llm_engine import LLMEngine
+    from nlora_serve.serving.commands import generate as generate_cli
+    from nlora_serve.serving.commands.generate_flags import add_generate_arguments
+
+    release, engines, exits = threading.Event(), [], []
+
+    def hung_engine(config, base):
+        engine = LLMEngine(config, base)
+        engine._watchdog.limit_s = LIMIT_S
+        _patch_step(engine, lambda: release.wait(30))
+        engines.append(engine)
+        return engine
+
+    def exit_now(code, why, log):
+        exits.append((code, why))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(generate_cli, "load_base", lambda *args, **kwargs: base_fp32)
+    monkeypatch.setattr(generate_cli, "LLMEngine", hung_engine)
+    monkeypatch.setattr(generate_cli, "exit_now", exit_now)
+    monkeypatch.setattr(generate_cli, "DEAD_POLL_SECONDS", 0.05)
+    monkeypatch.setattr(generate_cli, "STUCK_STEP_JOIN_SECONDS", 0.05)
+    parser = argparse.ArgumentParser()
+    add_generate_arguments(parser)
+    args = parser.parse_args(["--model", str(base_model_dir), "--prompt", "Hi", "--max-tokens", "2", "--dtype",
+                              "float32", "--max-model-len", "64", "--kv-cache-memory-bytes", "4M"])
+    started = time.monotonic()
+    try:
+        with pytest.raises(SystemExit):
+            generate_cli.run_generate(args)
+        assert time.monotonic() - started < 20
+        assert exits == [(2, "the engine's step thread is still in its hung step")]
+        err = capsys.readouterr().err.splitlines()
+        assert [line for line in err if line.startswith("error: ")] == \
+            [f"error: the engine is dead: {engines[0].dead_reason}"], err
+    finally:
+        release.set()
+    engines[0]._thread.join(10)

@@ -24,9 +24,11 @@ from nlora_serve.models import load_base, resolve_model
 from nlora_serve.models.hub import local_or_hub
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
+from nlora_serve.engine.api import EngineDead
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.serving.chat_template import encode_chat
 from nlora_serve.serving.commands.engine_flags import device_config, in_flag_words
+from nlora_serve.serving.commands.exit_now import STUCK_STEP_JOIN_SECONDS, exit_now
 from nlora_serve.serving.commands.generate_flags import GenerateFlags, check_generate_flags
 from nlora_serve.serving.generation_config import sampling_defaults
 
@@ -67,14 +69,32 @@ def _adapter_store(args: argparse.Namespace, scratch: str) -> tuple[str | None, 
     return args.adapter_dir, args.adapter
 
 
+DEAD_POLL_SECONDS = 1.0  # how often a running generate looks for a dead engine (a hung step)
+
+
 async def _stream(engine: LLMEngine, ids: list[int], params: SamplingParams, live: bool,
                   adapter: str | None) -> str:
+    """The reply's text, printed as it comes where ``live``.
+
+    Raises:
+        EngineDead: the engine died meanwhile (:attr:`LLMEngine.dead_reason`: a step hung past its
+            limit, whose stream waited for ever before).
+    """
     text = []
-    async for out in engine.add_request(ids, params, adapter=adapter):
-        text.append(out.text)
-        if live:
-            sys.stdout.write(out.text)
-            sys.stdout.flush()
+
+    async def read() -> None:
+        async for out in engine.add_request(ids, params, adapter=adapter):
+            text.append(out.text)
+            if live:
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+
+    reading = asyncio.ensure_future(read())
+    while not (await asyncio.wait({reading}, timeout=DEAD_POLL_SECONDS))[0]:
+        if engine.dead_reason is not None:
+            reading.cancel()
+            raise EngineDead(f"the engine is dead: {engine.dead_reason}")  # (the server's message: a retry elsewhere)
+    reading.result()  # its error, if any
     return "".join(text)
 
 
@@ -149,14 +169,20 @@ def run_generate(args: argparse.Namespace, flags: GenerateFlags | None = None) -
             engine = LLMEngine(config, base)
         except ValueError as exc:  # a flag the model refuses (--max-model-len over its positions, a bad eos id)
             raise NloraError(in_flag_words(str(exc), args)) from None
-        with engine:
-            log.info("engine started in %.1f s; generating", time.perf_counter() - start)
-            if store == scratch:
-                name = engine.adapters.register_dir(Path(args.adapter).resolve().name, args.adapter).name
-            ids = _prompt_ids(args, engine.tokenizer)
-            if args.max_tokens is None:  # a default, as a server's unset max_tokens: at most the rest of the context
-                params.max_tokens = max(1, min(params.max_tokens, config.scheduler.max_model_len - len(ids)))
-            text = asyncio.run(_stream(engine, ids, params, args.stream, name))
+        try:
+            with engine:
+                log.info("engine started in %.1f s; generating", time.perf_counter() - start)
+                if store == scratch:
+                    name = engine.adapters.register_dir(Path(args.adapter).resolve().name, args.adapter).name
+                ids = _prompt_ids(args, engine.tokenizer)
+                if args.max_tokens is None:  # a default, as a server's unset max_tokens: at most the context left
+                    params.max_tokens = max(1, min(params.max_tokens, config.scheduler.max_model_len - len(ids)))
+                text = asyncio.run(_stream(engine, ids, params, args.stream, name))
+        except EngineDead as exc:
+            if engine.step_thread_alive(STUCK_STEP_JOIN_SECONDS):  # the exit could wait behind it (exit_now.py)
+                print(f"error: {exc}", file=sys.stderr)  # as the CLI prints an expected failure
+                exit_now(2, "the engine's step thread is still in its hung step", log)
+            raise
     if not args.stream:
         sys.stdout.write(text)
     sys.stdout.write("\n")

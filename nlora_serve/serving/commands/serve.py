@@ -41,7 +41,7 @@ from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.serving.commands.example_tenants import ensure_example_tenants
-from nlora_serve.serving.commands.exit_now import exit_now
+from nlora_serve.serving.commands.exit_now import STUCK_STEP_JOIN_SECONDS, exit_now
 from nlora_serve.serving.generation_config import SamplingDefaults, sampling_defaults
 from nlora_serve.serving.grpc_api.convert import server_info
 from nlora_serve.serving.server import NloraServer
@@ -220,8 +220,6 @@ def _sampling_defaults(args: argparse.Namespace, model_dir: Path) -> SamplingDef
 
 
 ENGINE_WATCH_SECONDS = 1.0  # how often serve() checks that the engine can still serve
-# how long a dead engine's exit waits for its step thread to end before leaving it behind (exit_now.py)
-STUCK_STEP_JOIN_SECONDS = 1.0
 
 
 def client_hint(server: NloraServer, adapters: list[str]) -> str:
