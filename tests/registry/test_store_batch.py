@@ -283,15 +283,20 @@ def test_a_forked_child_that_outlives_its_parents_store_does_not_keep_the_store_
     root = tmp_path / "store"
     store = AdapterStore(root)
     read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(write_end)
+            os.write(ready_write, b"r")  # fork has returned here: the after-fork hooks have run
             os.read(read_end, 1)  # runs on until the parent closes its end
         finally:
             os._exit(0)
     os.close(read_end)
+    os.close(ready_write)
     try:
+        assert os.read(ready_read, 1) == b"r"  # else the claim below could win the race with the hook
+        os.close(ready_read)
         del store
         gc.collect()  # the parent lets go of the store
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
