@@ -180,6 +180,8 @@ def test_without_per_tenant_counters_a_tenants_request_leaves_no_tenant_series()
                                              {"reason": "queue_full", "frontend": "http"}) == 1
     assert metrics.registry.get_sample_value("nlora_requests_rejected_total",  # a series from the start
                                              {"reason": "tenant_quota", "frontend": "http"}) == 0
+    assert metrics.registry.get_sample_value("nlora_requests_rejected_total",
+                                             {"reason": "tenant_queue_share", "frontend": "grpc"}) == 0
 
 
 def _timed_requests(monkeypatch, per_tenant: bool) -> ServerMetrics:

@@ -16,7 +16,7 @@ import logging
 from nlora_serve.engine.sampling import RequestError
 from nlora_serve.errors import RefusalLog
 from nlora_serve.serving.auth import Principal
-from nlora_serve.serving.status import Draining, QueueFull, QuotaExceeded
+from nlora_serve.serving.status import Draining, QueueFull, QueueShareExceeded, QuotaExceeded
 from nlora_serve.serving.tokenizer_turns import GRAMMAR_THREADS, TokenizerTurns
 
 log = logging.getLogger(__name__)
@@ -78,15 +78,18 @@ class Admission:
 
     def check(self, principal: Principal | None = None, places: int = 1) -> None:
         """Raises Draining or QueueFull when a new request (of ``principal``) may not take
-        ``places`` more places now: QuotaExceeded (a QueueFull) when its tenant's
-        ``max_concurrent_requests`` is what refuses it."""
+        ``places`` more places now: QueueFull itself (reason ``queue_full``) only when the whole
+        ``--max-queue`` is; QuotaExceeded (``tenant_quota``) when its tenant's
+        ``max_concurrent_requests`` refuses it; QueueShareExceeded (``tenant_queue_share``) when,
+        with ``tenant_shares``, its tenant holds its share of the free places. The operator's INFO
+        line starts with the reason's word."""
         if self.draining:
             raise Draining("server is shutting down; retry on another replica")
         # a refusal tells the caller its own count and limit only: the queue's bound, beside the fact
         # that it is full, would tell it how many requests the other tenants have (the log has it all)
         who = principal.name if principal is not None else None
         if self.inflight + places > self.max_queue:
-            self._refusals.info(("queue_full", who), "queue full: %r refused %d place(s), %d of --max-queue %d held "
+            self._refusals.info(("queue_full", who), "queue_full: %r refused %d place(s), %d of --max-queue %d held "
                                "(%d by it)", who, places, self.inflight, self.max_queue, self.held.get(who, 0))
             raise QueueFull("server queue is full (the server is busy); retry with backoff")
         if principal is None:
@@ -98,10 +101,10 @@ class Admission:
         # places are taken as one by one: the last must still be under the share left by the others
         share = principal.weight * (self.max_queue - self.inflight - (places - 1))
         if self.tenant_shares and held + places - 1 >= max(1.0, share):
-            self._refusals.info(("queue_share", who), "queue share: %r refused %d place(s), holding %d, its share "
+            self._refusals.info(("tenant_queue_share", who), "tenant_queue_share: %r refused %d place(s), holding %d, its share "
                                "%.3g of the %d free places of --max-queue %d (weight %g)", who, places, held, share,
                                self.max_queue - self.inflight, self.max_queue, principal.weight)
-            raise QueueFull(f"{principal.name!r} holds {held} requests running or waiting, its share of the "
+            raise QueueShareExceeded(f"{principal.name!r} holds {held} requests running or waiting, its share of the "
                             "server's queue while the server is busy; retry with backoff")
 
     def reserve(self, principal: Principal | None = None) -> Reservation:

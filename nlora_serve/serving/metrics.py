@@ -34,9 +34,9 @@ from nlora_serve.serving.request_log import RequestLog
 
 # "request_too_large": an HTTP body over the front end's limit (http_api/server.py's 413), the code its
 # error body gives
-REJECT_REASONS = ("queue_full", "tenant_quota", "draining", "invalid_argument", "not_found", "pool_full",
-                  "unauthenticated", "permission_denied", "body_timeout", "engine_dead", "adapter_load_failed",
-                  "request_too_large", "compile_busy")
+REJECT_REASONS = ("queue_full", "tenant_quota", "tenant_queue_share", "draining", "invalid_argument", "not_found",
+                  "pool_full", "unauthenticated", "permission_denied", "body_timeout", "engine_dead",
+                  "adapter_load_failed", "request_too_large", "compile_busy")
 FRONTENDS = ("grpc", "http")
 # how a tenant's generation request ended: every choice ran to its end (stop, length); the engine
 # aborted it (a forced unload, shutdown); its client went away or its deadline passed first; the

@@ -29,14 +29,22 @@ MAX_DETAILS_BYTES = 2048
 
 
 class QueueFull(NloraError):
-    """Running + waiting requests are at ``--max-queue`` (or, with fair scheduling, the caller's
-    tenant holds its share of it while the server is busy)."""
+    """Running + waiting requests are at ``--max-queue`` (reason ``queue_full``); its subclasses
+    are one tenant's refusals while the queue has room (:class:`QuotaExceeded`,
+    :class:`QueueShareExceeded`)."""
 
 
 class QuotaExceeded(QueueFull):
     """The caller's tenant has its ``max_concurrent_requests`` (the tenants file) running or
     waiting: a refusal of that tenant alone, counted apart from a full queue (reason
     ``tenant_quota``), so that an alert on ``queue_full`` means the server is busy."""
+
+
+class QueueShareExceeded(QueueFull):
+    """With fair scheduling (``tenant_queue_shares``), the caller's tenant holds its share of the
+    free ``--max-queue`` places while the server is busy (:class:`~nlora_serve.serving.admission.Admission`):
+    that tenant's refusal alone, the queue not full (reason ``tenant_queue_share``), so that an
+    alert on ``queue_full`` means the whole queue is full."""
 
 
 class Draining(NloraError):
@@ -94,6 +102,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401, "unauthenticated"),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403, "permission_denied"),
     (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "tenant_quota"),
+    (QueueShareExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "tenant_queue_share"),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "queue_full"),
     (Draining, grpc.StatusCode.UNAVAILABLE, 503, "draining"),
     (EngineDead, grpc.StatusCode.UNAVAILABLE, 503, "engine_dead"),

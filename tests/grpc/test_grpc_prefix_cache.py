@@ -14,6 +14,7 @@ from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import AuthError, Authenticator, Principal, hash_key
 from nlora_serve.serving.admission import Admission
+from nlora_serve.serving.metrics import REJECT_REASONS
 from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.status import QueueFull, http_status_of, status_of
 
@@ -93,6 +94,28 @@ def test_tenant_shares_of_the_queue_leave_room_for_others():
     assert http_status_of(full.value) == (429, "queue_full")
 
 
+def test_a_tenant_over_its_queue_share_has_a_reason_of_its_own():
+    """A tenant refused its share of a queue with room (4 of 8 places held) is its own refusal, not
+    a busy server: reason tenant_queue_share in the 429 body's code, the gRPC trailer and the metric
+    label; queue_full stays the whole queue's (an alert on it means the server is busy)."""
+    admission = Admission(8, tenant_shares=True)
+    alone = Principal("alone", False)
+    for _ in range(4):  # weight 1 alone: held < 1 x free places, 3 < 5 admitted, 4 < 4 not
+        admission.check(alone)
+        admission.enter("alone")
+    with pytest.raises(QueueFull) as refused:
+        admission.check(alone)
+    assert admission.inflight == 4 < admission.max_queue  # the queue has room: not queue_full
+    assert http_status_of(refused.value) == (429, "tenant_queue_share")
+    assert status_of(refused.value) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant_queue_share")
+    assert "tenant_queue_share" in REJECT_REASONS
+    for _ in range(4):
+        admission.enter("others")
+    with pytest.raises(QueueFull) as full:
+        admission.check(Principal("newcomer", False))
+    assert http_status_of(full.value) == (429, "queue_full")
+
+
 def test_a_refusal_names_the_callers_own_count_not_the_servers(caplog):
     """Other tenants' traffic is theirs: a refused tenant learns its own count and limits, never the
     server's total nor the queue's bound (beside "full" or "your share now", the bound minus the
@@ -110,7 +133,8 @@ def test_a_refusal_names_the_callers_own_count_not_the_servers(caplog):
         admission.check(caller)
     assert str(refused.value) == ("'caller' holds 3 requests running or waiting, its share of the server's queue "
                                   "while the server is busy; retry with backoff")
-    assert "queue share: 'caller' refused 1 place(s), holding 3, its share 2 of the 2 free places of --max-queue 8 " \
+    assert "tenant_queue_share: 'caller' refused 1 place(s), holding 3, its share 2 of the 2 free places of " \
+           "--max-queue 8 " \
            "(weight 1)" in caplog.text
     full = Admission(4)
     for _ in range(3):
@@ -122,7 +146,7 @@ def test_a_refusal_names_the_callers_own_count_not_the_servers(caplog):
     with pytest.raises(QueueFull) as refused:
         full.check(caller)
     assert str(refused.value) == "server queue is full (the server is busy); retry with backoff"
-    assert "queue full: 'caller' refused 1 place(s), 4 of --max-queue 4 held (1 by it)" in caplog.text
+    assert "queue_full: 'caller' refused 1 place(s), 4 of --max-queue 4 held (1 by it)" in caplog.text
 
 
 def test_max_concurrent_requests_quota():

@@ -191,8 +191,9 @@ def test_a_changed_quota_and_weight_bound_the_next_admissions(make_http_server, 
     assert _reload(server) is True
     stepping.clear()
     # weight 0.25, one held: share max(1, 0.25 x 3 free places) = 1, held 1 >= 1: refused (before: 3)
-    with pytest.raises(openai.RateLimitError, match="its share of the server's queue"):
+    with pytest.raises(openai.RateLimitError, match="its share of the server's queue") as refused:
         client(server, key).completions.create(model=base, prompt="Hi", max_tokens=2)
+    assert (refused.value.type, refused.value.code) == ("rate_limit_error", "tenant_queue_share")  # not queue_full
     assert server.server.admission.held == {"base-co": 1}
     stepping.set()
     third[0].extend(third[1])
