@@ -154,7 +154,8 @@ COMMANDS = {
               "(--drain-seconds); SIGHUP re-reads --tenants-file.", _add_serve),
     "client": ("talk to a running server (generate, info, list, upload, swap, unload, load)",
                "gRPC client commands; admin ones need an admin key.", _add_client),
-    "keys": ("make API keys and their hashes for the tenants file", None, _add_keys),
+    "keys": ("make API keys and their hashes for the tenants file (new, hash); list a tenants file's keys and "
+             "grants (list)", None, _add_keys),
     "bench": ("load-test a server (ours over gRPC, or any OpenAI-compatible one)",
               "Send a seeded multi-tenant workload (open or closed loop) and report "
               "TTFT, TPOT, ITL, E2E latency, throughput, goodput and errors as "

@@ -103,7 +103,7 @@ SUBCOMMANDS = {
     "models": ["prepare", "list"],
     "adapters": ["inspect", "init", "convert", "tune", "compress", "list", "upload", "swap", "unload", "load"],
     "client": ["generate", "info", "list", "upload", "swap", "unload", "load"],
-    "keys": ["new", "hash"],
+    "keys": ["new", "hash", "list"],
 }
 
 

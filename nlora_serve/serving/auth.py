@@ -121,6 +121,11 @@ class Authenticator:
             digests.setdefault(principal.name, set()).add(digest)
         return {name: (principal, frozenset(digests[name])) for name, principal in principals.items()}
 
+    def principals(self) -> list[Principal]:
+        """Every key's principal (its ``key_id`` set), in the file's order: admin_keys, then tenants;
+        [] with auth off. ``keys list`` prints these: never a key nor its whole sha256."""
+        return list((self._keys[0] or {}).values())
+
     def replace_keys(self, other: Authenticator) -> None:
         """Serve ``other``'s keys from now on (a tenants-file reload): every holder of this object
         (both front ends, the gRPC interceptor) authenticates its next call against them; a

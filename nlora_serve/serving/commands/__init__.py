@@ -8,6 +8,6 @@
     generate.py         ``nlora-serve generate``: one prompt through the engine, no server, from
                         generate_flags.py's flags (serve_flags.py, engine_flags.py and generate_flags.py
                         import no torch: ``--help`` and a mistyped flag answer at once)
-    keys.py             ``nlora-serve keys {new,hash}``
+    keys.py             ``nlora-serve keys {new,hash,list}``
     exit_now.py         a dead engine's exit past its stuck step thread (``os._exit``, stdio flushed)
 """

@@ -1,0 +1,80 @@
+"""``nlora-serve keys list``: a tenants file's keys, tenants, grants and quotas, read with the server's
+own parser; never a key nor its sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from nlora_serve.cli import main
+from nlora_serve.serving.auth import AuthError, Authenticator
+
+
+def _sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+DOC = {"admin_keys": [{"name": "ops", "key_sha256": _sha("k-ops")}],
+       "tenants": [{"name": "acme", "key_sha256": _sha("k-acme-1"), "adapters": ["acme", "acme-*"],
+                    "base_model": True, "weight": 2, "max_concurrent_requests": 8},
+                   {"name": "acme", "key_sha256": _sha("k-acme-2"), "adapters": ["acme", "acme-*"],
+                    "base_model": True, "weight": 2, "max_concurrent_requests": 8},  # a rotation: two keys
+                   {"name": "globex", "key_sha256": _sha("k-globex"), "adapters": ["globex\x1b[2J"]}]}
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["keys", "list", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_keys_list_prints_each_key_its_tenant_grants_and_quota_never_the_key_or_hash(tmp_path, capsys):
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps(DOC))
+    code, out, _ = _run(capsys, "--tenants-file", str(path), "--json")
+    assert code == 0
+    assert json.loads(out) == [  # the file's order, admin_keys first; ids by hand: sha256's first 8 hex digits
+        {"key_id": _sha("k-ops")[:8], "name": "ops", "role": "admin", "adapters": ["*"], "base_model": True,
+         "weight": 1.0, "max_concurrent_requests": None},
+        {"key_id": _sha("k-acme-1")[:8], "name": "acme", "role": "tenant", "adapters": ["acme", "acme-*"],
+         "base_model": True, "weight": 2.0, "max_concurrent_requests": 8},
+        {"key_id": _sha("k-acme-2")[:8], "name": "acme", "role": "tenant", "adapters": ["acme", "acme-*"],
+         "base_model": True, "weight": 2.0, "max_concurrent_requests": 8},
+        {"key_id": _sha("k-globex")[:8], "name": "globex", "role": "tenant", "adapters": ["globex\x1b[2J"],
+         "base_model": False, "weight": 1.0, "max_concurrent_requests": None}]
+    code, table, _ = _run(capsys, "--tenants-file", str(path))
+    assert code == 0
+    ids = [_sha(k)[:8] for k in ("k-ops", "k-acme-1", "k-acme-2", "k-globex")]
+    assert table.splitlines() == [
+        "KEY_ID    NAME    ROLE    ADAPTERS       BASE_MODEL  WEIGHT  MAX_CONCURRENT",
+        f"{ids[0]}  ops     admin   *              yes         1       -",
+        f"{ids[1]}  acme    tenant  acme,acme-*    yes         2       8",
+        f"{ids[2]}  acme    tenant  acme,acme-*    yes         2       8",
+        f"{ids[3]}  globex  tenant  globex\\x1b[2J  no          1       -"]  # a control character escaped
+    for secret in ("k-ops", "k-acme-1", "k-globex", *(_sha(k)[8:] for k in ("k-ops", "k-acme-1", "k-globex"))):
+        assert secret not in out + table
+
+
+def test_keys_list_reads_toml_as_the_server_does(tmp_path, capsys):
+    path = tmp_path / "tenants.toml"
+    path.write_text(f'[[tenants]]\nname = "acme"\nkey_sha256 = "{_sha("k")}"\nadapters = ["acme"]\n')
+    code, out, _ = _run(capsys, "--tenants-file", str(path), "--json")
+    assert code == 0 and [(r["name"], r["adapters"]) for r in json.loads(out)] == [("acme", ["acme"])]
+
+
+@pytest.mark.parametrize("text", [
+    '{"tenants": [{"name": "x", "key_sha256": "abc"}]}',  # a short hash
+    '{"tenants": [{"name": "x", "key": "nls_s3cret"}]}',  # a plaintext key
+    '{"tenants": []}',  # no key at all
+    '{"tenant": []}',  # a typo'd section
+    "{not json"])
+def test_a_file_the_server_refuses_is_refused_with_the_servers_message(tmp_path, capsys, text):
+    path = tmp_path / "tenants.json"
+    path.write_text(text)
+    with pytest.raises(AuthError) as server:
+        Authenticator.from_file(path)
+    code, out, err = _run(capsys, "--tenants-file", str(path))
+    assert (code, out, err) == (2, "", f"error: {server.value}\n")
+    assert "s3cret" not in err
