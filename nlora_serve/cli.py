@@ -140,9 +140,10 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "models": ("prepare and list base models", None, _add_models),
     "adapters": ("create, inspect, convert, tune and compress adapters; list, upload, swap, unload and "
-                 "load them on a server",
+                 "load them on a server; list their kept versions and roll back in a store",
                  "Adapter tools: inspect/init/convert/tune/compress work on directories; "
-                 "list/upload/swap/unload/load talk to a server (--server).", _add_adapters),
+                 "list/upload/swap/unload/load talk to a server (--server); versions/rollback read and "
+                 "write a store folder (--adapter-dir).", _add_adapters),
     "generate": ("generate text on the native engine (streams to stdout)",
                  "Load the model into the native engine in this process and "
                  "generate a completion for one prompt or chat.", _add_generate),

@@ -101,7 +101,8 @@ def test_generate_prompt_takes_the_tokenizers_special_tokens_unless_turned_off(b
 # here rather than read from the parser, so a new subcommand must be added to this table too.
 SUBCOMMANDS = {
     "models": ["prepare", "list"],
-    "adapters": ["inspect", "init", "convert", "tune", "compress", "list", "upload", "swap", "unload", "load"],
+    "adapters": ["inspect", "init", "convert", "tune", "compress", "list", "upload", "swap", "unload", "load",
+                 "versions", "rollback"],
     "client": ["generate", "info", "list", "upload", "swap", "unload", "load"],
     "keys": ["new", "hash", "list"],
 }
@@ -257,8 +258,9 @@ SERVE_DEFAULTS = {
     "enable_log_requests": False, "enable_prefix_caching": True, "enforce_eager": False, "engine_step_timeout": None,
     "example_tenants": 0,
     "generation_config": "auto", "gpu_memory_utilization": None, "host": "127.0.0.1", "http_port": 8000,
-    "kv_cache_memory_bytes": None, "load_format": "auto", "log_format": "text",
-    "long_prefill_token_threshold": None, "long_prefill_token_threshold_adaptive": False, "max_adapter_bytes": 268435456, "max_fold_folders": None,
+    "keep_versions": 1, "kv_cache_memory_bytes": None, "load_format": "auto", "log_format": "text",
+    "long_prefill_token_threshold": None, "long_prefill_token_threshold_adaptive": False,
+    "max_adapter_bytes": 268435456, "max_fold_folders": None,
     "max_log_len": 0, "max_loras": 8, "max_model_len": 2048, "max_num_batched_tokens": 2048, "max_num_seqs": 64,
     "max_queue": 256, "max_rank": 64, "max_tokens": 2048, "metrics_port": None, "model": "default",
     "override_generation_config": {}, "piecewise_graphs": None, "pipeline_parallel_size": 1, "port": 50051,

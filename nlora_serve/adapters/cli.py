@@ -81,8 +81,9 @@ def _common(p: argparse.ArgumentParser, max_rank: bool = True) -> None:
 
 
 def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``inspect``, ``init``, ``convert``, ``tune`` (local) and ``list``, ``upload``,
-    ``swap``, ``unload``, ``load`` (on a server, ``--server``) on an ``adapters`` subparsers object."""
+    """Register ``inspect``, ``init``, ``convert``, ``tune`` (local), ``list``, ``upload``,
+    ``swap``, ``unload``, ``load`` (on a server, ``--server``) and ``versions``, ``rollback`` (on a
+    store folder) on an ``adapters`` subparsers object."""
     from nlora_serve.adapters.tune.cli import add_tune_subcommand
 
     p = subparsers.add_parser("inspect", help="validate an adapter directory and describe it",
@@ -137,6 +138,9 @@ def add_adapter_subcommands(subparsers: argparse._SubParsersAction) -> None:
     from nlora_serve.client.cli import add_server_adapter_subcommands
 
     add_server_adapter_subcommands(subparsers)
+    from nlora_serve.adapters.history_cli import add_history_subcommands
+
+    add_history_subcommands(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,9 +21,12 @@ class AdapterLimits:
     max_loras: int = 8  # --max-loras: untied adapters resident at once (LRU beyond)
     adapter_memory: int = 4 << 30  # --adapter-memory: bytes all tied tenants' N may use
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES  # --max-adapter-bytes: a store version's files, bytes
+    # --keep-versions: the newest versions of each name kept in the store, the current one included
+    # (1: only the current one; more: older ones to roll back to with `adapters rollback`)
+    keep_versions: int = 1
 
     def __post_init__(self):
-        for name in ("max_rank", "max_loras", "adapter_memory", "max_adapter_bytes"):
+        for name in ("max_rank", "max_loras", "adapter_memory", "max_adapter_bytes", "keep_versions"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"AdapterLimits.{name} must be a positive integer; got {value!r}")

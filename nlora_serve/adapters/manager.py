@@ -67,8 +67,8 @@ class AdapterManager:
         self._pins_lock = threading.Lock()
         self._slot_listeners: list[Callable[[], None]] = []
         self.slot_changes = 0  # changes that may give a LoRA slot to a request refused one (on_slot_change)
-        self.registry = AdapterRegistry(store, load, self._load_files,
-                                        on_admit=self._admit, on_free=self._free)
+        self.registry = AdapterRegistry(store, load, self._load_files, on_admit=self._admit, on_free=self._free,
+                                        keep_versions=self.limits.keep_versions)
         restored = [self.registry.get(name) for name in self.registry.rebuild()]
         adopt_after_restore(store, len(restored))  # an older store none of whose adapters fits: not recorded
         if restored:  # named, as an operator asks `client list` what a restart serves

@@ -53,13 +53,17 @@ class AdapterRegistry(RegistryPins):
         on_admit: places a validated version (e.g. into a pool slot) before it is persisted and
             switched to; raising :class:`AdapterError` refuses the registration.
         on_free: called once per version, outside the lock, when it is neither current nor held.
+        keep_versions: the newest versions of each name kept on disk (``--keep-versions``, the
+            current one included): 1 deletes every older one once no request holds it; more keeps
+            that many to roll back to (``adapters versions`` / ``adapters rollback``).
     """
 
     def __init__(self, store: AdapterStore, load: Callable[[Path], Adapter],
                  load_files: Callable[[dict[str, bytes]], Adapter],
                  on_admit: Callable[[AdapterVersion], None] = lambda v: None,
-                 on_free: Callable[[AdapterVersion], None] = lambda v: None):
+                 on_free: Callable[[AdapterVersion], None] = lambda v: None, keep_versions: int = 1):
         self.store = store
+        self.keep_versions = keep_versions  # newest versions of a name kept on disk, the current one included
         self._load = load
         self._load_files = load_files
         self._on_admit = on_admit
@@ -233,16 +237,20 @@ class AdapterRegistry(RegistryPins):
 
     def _prune(self, name: str) -> None:
         """Delete the folders of ``name``'s versions older than the current one that no live
-        version uses: an unloaded version loaded back, or what a restart or crash left behind.
+        version uses and that are not among the newest ``keep_versions`` on disk: an unloaded version
+        loaded back, what a restart or crash left behind, the oldest of those kept to roll back to.
         Not on the swap path: a swap supersedes a current version, which :meth:`_free` deletes
-        when let go. Safe outside the write lock (a version older than current never revives)."""
+        when let go (or keeps, with ``keep_versions`` > 1, pruning the oldest then). Safe outside
+        the write lock (a version older than current never revives; a write only adds a newer one)."""
         with self._lock:
             current = self._current.get(name)
             live = {v.version for v in self._retired.get(name, [])}
         if current is None:
             return
-        for old in self.store.versions(name):
-            if old < current.version and old not in live:
+        older = [v for v in self.store.versions(name) if v < current.version]
+        kept = set(older[len(older) - (self.keep_versions - 1):]) if self.keep_versions > 1 else set()
+        for old in older:
+            if old not in live and old not in kept:
                 self.store.remove_version(name, old)
 
     def _switch(self, new: AdapterVersion) -> AdapterVersion:
@@ -260,8 +268,8 @@ class AdapterRegistry(RegistryPins):
         return new
 
     def _free(self, version: AdapterVersion) -> None:
-        """Give back a version's memory; delete its folder once a newer version is on disk (the
-        newest stays, so an unloaded name can be loaded again)."""
+        """Give back a version's memory; delete its folder once ``keep_versions`` newer ones are on
+        disk (the newest stays, so an unloaded name can be loaded again)."""
         with self._lock:
             retired = self._retired.get(version.name, [])
             if version in retired:
@@ -269,8 +277,11 @@ class AdapterRegistry(RegistryPins):
             if not retired:
                 self._retired.pop(version.name, None)
         self._on_free(version)
-        if version.version < (self.store.versions(version.name) or [0])[-1]:
+        on_disk = self.store.versions(version.name) or [0]
+        if version.version < on_disk[-min(self.keep_versions, len(on_disk))]:
             self.store.remove_version(version.name, version.version)
+        elif self.keep_versions > 1:  # kept to roll back to: the oldest kept one may leave the window now
+            self._prune(version.name)
 
     @staticmethod
     def _take_if_free(version: AdapterVersion) -> bool:

@@ -14,6 +14,7 @@ Modules, by concern::
     base_record.py  which base model the store serves (.base_model.json): another's is refused
     batch.py     a start's writes, taken back out should the start fail
     journal.py   the same on disk: a start killed before its commit is undone at the next open
+    history.py   a name's kept versions (serve --keep-versions) listed, and rolled back offline
 
 ``from nlora_serve.adapters.store import AdapterStore, CONFIG_FILE, ...`` reads the names most
 callers need from here.

@@ -125,7 +125,7 @@ def server_configs(args: argparse.Namespace) -> tuple[ServerConfig, AdapterLimit
                               tool_call_parser=args.tool_call_parser)
         memory = {} if args.adapter_memory is None else {"adapter_memory": args.adapter_memory * MiB}
         limits = AdapterLimits(max_rank=args.max_rank, max_loras=args.max_loras,
-                               max_adapter_bytes=args.max_adapter_bytes, **memory)
+                               max_adapter_bytes=args.max_adapter_bytes, keep_versions=args.keep_versions, **memory)
         scheduler, cache = engine_sizes(args, policy=policy)
     return config, limits, scheduler, cache
 

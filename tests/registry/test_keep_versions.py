@@ -1,0 +1,137 @@
+"""serve --keep-versions N: the store keeps a name's newest N versions (1, the default: only the
+current one), and the offline history commands list and roll them back (store/history.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from nlora_serve.adapters.registry import AdapterRegistry
+from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
+from nlora_serve.adapters.store.history import list_versions, rollback
+from nlora_serve.cli import main
+from nlora_serve.errors import AdapterError
+from test_registry import fake_load, fake_load_files, files
+
+
+def _registry(root, keep: int) -> AdapterRegistry:
+    return AdapterRegistry(AdapterStore(root), fake_load, fake_load_files, keep_versions=keep)
+
+
+def _on_disk(registry: AdapterRegistry, name: str = "acme") -> list[int]:
+    registry.store.wait_deleted()
+    return sorted(int(p.name) for p in (registry.store.root / name).iterdir() if p.name.isdigit())
+
+
+def test_the_newest_n_versions_stay_on_disk_and_a_held_older_one_until_released(tmp_path):
+    registry = _registry(tmp_path, keep=3)
+    registry.register("acme", files(b"\x01"))
+    held = registry.acquire("acme")  # v1, outside the newest 3 once v4 is written
+    for payload in (b"\x02", b"\x03", b"\x04"):
+        registry.swap_weights("acme", payload)
+    registry.register("acme", files(b"\x05"))  # an upload prunes as a swap does
+    assert _on_disk(registry) == [1, 3, 4, 5]  # v2 pruned; v1 held by a request
+    registry.release(held)
+    assert _on_disk(registry) == [3, 4, 5]
+    # a restart with a smaller N prunes to it; the default keeps only the current version
+    assert _registry(tmp_path, keep=2).rebuild() == ["acme"]
+    assert _on_disk(_registry(tmp_path, keep=2)) == [4, 5]
+    default = AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files)
+    default.rebuild()
+    assert _on_disk(default) == [5]
+
+
+def test_an_unloaded_name_keeps_its_newest_version_and_a_load_prunes_to_n(tmp_path):
+    registry = _registry(tmp_path, keep=2)
+    registry.register("acme", files(b"\x01"))
+    registry.swap_weights("acme", b"\x02")
+    registry.unload("acme")
+    assert _on_disk(registry) == [1, 2]
+    registry.register("acme", registry.store.read_files(registry.store.latest("acme").path))  # LoadAdapter
+    assert _on_disk(registry) == [2, 3]
+
+
+def test_a_live_rollback_is_an_upload_of_the_kept_folder(tmp_path):
+    # what `adapters upload --name acme STORE/acme/00000001` sends: the folder's two files
+    registry = _registry(tmp_path, keep=3)
+    registry.register("acme", files(b"\x01"))
+    registry.swap_weights("acme", b"\x02")
+    kept = registry.store.get("acme", 1).path
+    sent = {f: (kept / f).read_bytes() for f in (CONFIG_FILE, WEIGHTS_FILE)}
+    back = registry.register("acme", sent)
+    assert (back.version, back.content_hash) == (3, "01")  # the next number, v1's content
+    assert registry.acquire("acme") is back  # requests admitted from now on run on it
+
+
+def _sha_over(payload: bytes) -> str:
+    """layout.content_hash by hand: sha256 over 'name|size\\n' + bytes per file, names sorted."""
+    h = hashlib.sha256()
+    for name, data in sorted(files(payload).items()):
+        h.update(f"{name}|{len(data)}\n".encode() + data)
+    return h.hexdigest()
+
+
+def test_versions_lists_and_rollback_writes_the_old_files_as_the_next_version(tmp_path, capsys):
+    registry = _registry(tmp_path, keep=3)
+    registry.register("acme", files(b"\x01"))
+    registry.swap_weights("acme", b"\x02\x02")
+    registry.swap_weights("acme", b"\x03")
+    os.utime(tmp_path / "acme" / "00000001", (0, 86400))  # 1970-01-02 00:00:00 UTC
+    (tmp_path / "acme" / "00000002" / WEIGHTS_FILE).write_bytes(b"\x09\x09")  # changed on disk since
+    found = list_versions(tmp_path, "acme")
+    size = len(files(b"\x01")[CONFIG_FILE]) + 1
+    assert [(v.version, v.files_sha256, v.size, v.state, v.intact) for v in found] == [
+        (1, _sha_over(b"\x01"), size, "kept", True), (2, _sha_over(b"\x09\x09"), size + 1, "kept", False),
+        (3, _sha_over(b"\x03"), size, "current", True)]
+    assert found[0].created == 86400
+    assert main(["adapters", "versions", "acme", "--adapter-dir", str(tmp_path)]) == 0
+    lines, first = capsys.readouterr().out.splitlines(), _sha_over(b"\x01")[:16]
+    assert lines[1] == f"      1  1970-01-02 00:00:00  {first}  {size:>10}  kept"
+    assert lines[2].endswith("kept (files CHANGED since written)") and lines[3].endswith("current")
+    store_root = registry.store.root  # (this process holds the store's lock: another one's refusal is below)
+    with pytest.raises(AdapterError, match="v3 is its current version already"):
+        rollback(store_root, "acme", 3)
+    with pytest.raises(AdapterError, match="has no version 7 .*: it keeps v1, v2, v3"):
+        rollback(store_root, "acme", 7)
+    with pytest.raises(AdapterError, match="adapter_model.safetensors"):  # v2's files fail their sums
+        rollback(store_root, "acme", 2)
+    assert main(["adapters", "rollback", "acme", "--to", "1", "--adapter-dir", str(store_root)]) == 0
+    assert capsys.readouterr().out.startswith("acme: v4 written with v1's files")
+    assert (store_root / "acme" / "00000004" / WEIGHTS_FILE).read_bytes() == b"\x01"
+    assert json.loads((store_root / "acme" / "00000004" / CONFIG_FILE).read_text()) == {"bad": False}
+    again = _registry(store_root, keep=3)  # the next start serves it, and prunes to its N
+    assert again.rebuild() == ["acme"] and again.get("acme").content_hash == "01"
+    assert _on_disk(again) == [2, 3, 4]
+
+
+def test_a_rollback_while_a_server_holds_the_store_says_how_to_roll_back_live(tmp_path):
+    registry = _registry(tmp_path, keep=2)
+    registry.register("acme", files(b"\x01"))
+    registry.swap_weights("acme", b"\x02")
+    # the lock is per process (a second store of this root in this process shares it): take it in a child
+    import subprocess
+    import sys
+    code = (f"import sys, time; from nlora_serve.adapters.store import AdapterStore; s = AdapterStore({str(tmp_path)!r}); "
+            "print('held', flush=True); sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        del registry  # this process's lock released, so the child's claim holds it
+        assert child.stdout.readline() == "held\n"
+        with pytest.raises(AdapterError, match=r"in use by another process.*To roll back on the running server, "
+                                               r"upload the kept version .*adapters upload --name acme "
+                                               rf"{tmp_path.resolve()}/acme/00000001"):
+            rollback(tmp_path, "acme", 1)
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+
+
+def test_versions_of_an_unknown_name_or_store_is_a_clear_error(tmp_path, capsys):
+    assert main(["adapters", "versions", "acme", "--adapter-dir", str(tmp_path / "none")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["adapters", "versions", "acme", "--adapter-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: adapter 'acme' is not in the store {tmp_path.resolve()}\n"
