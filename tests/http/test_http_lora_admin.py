@@ -97,6 +97,23 @@ def test_a_served_name_loads_again_only_in_place_as_its_next_version(server):
     assert _served(server) == {NAME: 2}
 
 
+
+def test_a_live_rollback_loads_a_kept_store_folder_in_place_as_the_next_version(server):
+    # serve --keep-versions 3 (set on the running registry: the fixture's server keeps 1)
+    registry = server.engine.adapters.registry
+    registry.keep_versions = 3
+    assert _load(server).status_code == 200
+    first = registry.get(NAME).content_hash
+    assert _load(server, CASES / "lora-rslora", load_inplace=True).status_code == 200  # an upgrade, v2
+    assert registry.get(NAME).content_hash != first
+    kept = registry.store.root / NAME / "00000001"  # what `adapters versions` lists; read on the server's disk
+    resp = _load(server, kept, load_inplace=True)
+    assert (resp.status_code, resp.text) == (200, LOADED)
+    assert _served(server) == {NAME: 3} and registry.get(NAME).content_hash == first  # v1's maths, as v3
+    registry.store.wait_deleted()
+    assert registry.store.versions(NAME) == [1, 2, 3]
+
+
 def test_unload_stops_serving_the_name_and_an_unknown_name_is_404(server, caplog):
     caplog.set_level(logging.INFO, logger="nlora_serve.serving.http_api.lora_admin")
     assert _load(server).status_code == 200
