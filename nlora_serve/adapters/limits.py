@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES
 
 DEFAULT_MAX_RANK = 64  # --max-rank
+# keep_versions of a command that only reads the store (generate --adapter-dir): it prunes no version a
+# server's --keep-versions kept to roll back to
+KEEP_ALL_VERSIONS = 1 << 31
 
 
 @dataclass(slots=True)

@@ -135,3 +135,29 @@ def test_versions_of_an_unknown_name_or_store_is_a_clear_error(tmp_path, capsys)
     assert "no such folder" in capsys.readouterr().err
     assert main(["adapters", "versions", "acme", "--adapter-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: adapter 'acme' is not in the store {tmp_path.resolve()}\n"
+
+
+def test_generate_on_a_store_prunes_no_version_a_server_kept(monkeypatch, tmp_path):
+    # `generate --adapter-dir STORE` only reads the store: with the default limits its start pruned
+    # every version a server's --keep-versions kept to roll back to
+    from nlora_serve.cli import build_parser
+    from nlora_serve.serving.commands import generate
+
+    served = _registry(tmp_path, keep=3)
+    served.register("acme", files(b"\x01"))
+    served.swap_weights("acme", b"\x02")
+    served.swap_weights("acme", b"\x03")
+    del served
+    seen = {}
+
+    def config_then_stop(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stopped before the model loads")
+
+    monkeypatch.setattr(generate, "device_config", config_then_stop)
+    args = build_parser(only="generate").parse_args(["generate", "--adapter-dir", str(tmp_path), "--prompt", "Hi"])
+    with pytest.raises(RuntimeError, match="stopped before"):
+        generate.run_generate(args)
+    reader = AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files,
+                             keep_versions=seen["adapter_limits"].keep_versions)
+    assert reader.rebuild() == ["acme"] and _on_disk(reader) == [1, 2, 3]

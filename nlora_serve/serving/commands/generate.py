@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from nlora_serve.adapters.limits import KEEP_ALL_VERSIONS
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base, resolve_model
@@ -151,7 +152,9 @@ def run_generate(args: argparse.Namespace, flags: GenerateFlags | None = None) -
         store, name = _adapter_store(args, scratch)
         try:
             config = device_config(args, sizes, cache_dir=cache_dir, adapter_dir=store,
-                                   adapter_limits=AdapterLimits(max_rank=args.max_rank),
+                                   # it only reads the store: a version kept for a rollback stays
+                                   adapter_limits=AdapterLimits(max_rank=args.max_rank,
+                                                                keep_versions=KEEP_ALL_VERSIONS),
                                    generation_config=args.generation_config)
         except ValueError as exc:  # a flag out of range: one "error: ..." line, as for other bad input
             raise NloraError(in_flag_words(str(exc), args)) from None
