@@ -70,8 +70,11 @@ class AsyncNloraClient:
     async def server_info(self) -> pb.ServerInfo:
         return await self._unary(self._gen.GetServerInfo, pb.GetServerInfoRequest())
 
-    async def load_adapter(self, name: str) -> AdapterInfo:
-        return AdapterInfo.from_proto(await self._unary(self._admin.LoadAdapter, pb.LoadAdapterRequest(name=name)))
+    async def load_adapter(self, name: str, version: int = 0) -> AdapterInfo:
+        """Serve ``name``'s newest stored version again; with ``version``, roll back to that version
+        kept in the server's store (``serve --keep-versions``), as the name's next version."""
+        request = pb.LoadAdapterRequest(name=name, version=version)
+        return AdapterInfo.from_proto(await self._unary(self._admin.LoadAdapter, request))
 
     async def upload_adapter(self, name: str, adapter_dir: str | os.PathLike,
                              chunk_bytes: int = msgs.CHUNK_BYTES) -> AdapterInfo:

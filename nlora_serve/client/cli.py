@@ -87,6 +87,10 @@ def _add_adapter_commands(sub: argparse._SubParsersAction) -> list[argparse.Argu
     load = _command(sub, "load", "serve again an adapter that is in the server's store, as its next "
                                 "version (admin)")
     load.add_argument("--name", required=True, help="adapter name on the server")
+    load.add_argument("--version", type=unsigned_arg(64), default=0, metavar="V",
+                      help="roll back: serve version V kept in the server's store (serve --keep-versions; "
+                           "`adapters versions NAME` lists them) as the name's next version, a hot swap as an "
+                           "upload's (default: the newest stored version of a name not served)")
     load.set_defaults(client_func=_load)
     return [listing, up, swap, unload, load]
 
@@ -261,7 +265,7 @@ def _unload(client: NloraClient, args: argparse.Namespace) -> int:
 
 
 def _load(client: NloraClient, args: argparse.Namespace) -> int:
-    _print(_info_dict(client.load_adapter(args.name)))
+    _print(_info_dict(client.load_adapter(args.name, args.version)))
     return 0
 
 

@@ -72,8 +72,11 @@ class NloraClient:
     def server_info(self) -> pb.ServerInfo:
         return self._unary(self._gen.GetServerInfo, pb.GetServerInfoRequest())
 
-    def load_adapter(self, name: str) -> AdapterInfo:
-        return AdapterInfo.from_proto(self._unary(self._admin.LoadAdapter, pb.LoadAdapterRequest(name=name)))
+    def load_adapter(self, name: str, version: int = 0) -> AdapterInfo:
+        """Serve ``name``'s newest stored version again; with ``version``, roll back to that version
+        kept in the server's store (``serve --keep-versions``), as the name's next version."""
+        request = pb.LoadAdapterRequest(name=name, version=version)
+        return AdapterInfo.from_proto(self._unary(self._admin.LoadAdapter, request))
 
     def upload_adapter(self, name: str, adapter_dir: str | os.PathLike,
                        chunk_bytes: int = msgs.CHUNK_BYTES) -> AdapterInfo:

@@ -230,6 +230,9 @@ class AdapterAdminServicer:
         """Serve again an adapter whose files are in the server's store (e.g. after UnloadAdapter): its
         newest stored version is validated and registered as the name's next version (same content
         hash). A name already being served is returned as is. NOT_FOUND when the store lacks it.
+        With a version: that version kept in the store (serve --keep-versions) is registered as the
+        name's next version, a hot swap as an upload's (a rollback); the current one is returned as is;
+        NOT_FOUND names the versions kept when it is not one of them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

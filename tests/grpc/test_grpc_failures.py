@@ -272,3 +272,29 @@ def test_an_unload_counts_the_requests_a_held_response_has_still_to_queue_as_dra
         assert (before.refcount, before.holds, before.to_come, before.freed) == (0, 0, 0, True)
         admin.load_adapter(TIED)
     still_serves(server.target)
+
+
+def test_a_rollback_to_a_version_not_kept_is_not_found_naming_those_kept(server, capsys):
+    # LoadAdapter with a version (`adapters load --name NAME --version V`): a live rollback to a version
+    # kept in the store (serve --keep-versions), registered as the name's next version as an upload is
+    from nlora_serve.cli import main
+
+    registry = server.engine.adapters.registry
+    registry.keep_versions = 2  # as serve --keep-versions 2 sets it (this module's server keeps 1)
+    try:
+        with NloraClient(server.target, timeout=120) as admin:
+            first = admin.upload_adapter("rollback-co", CASES / TIED)
+            upgrade = admin.upload_adapter("rollback-co", CASES / "lora-rslora")
+            assert (first.version, upgrade.version) == (1, 2) and upgrade.content_hash != first.content_hash
+            assert admin.load_adapter("rollback-co", 2).version == 2  # the current version: returned as is
+            with pytest.raises(NotFound, match=r"adapter 'rollback-co' has no version 7 kept in the adapter store "
+                                               r"\(kept: v1, v2; serve --keep-versions N keeps the newest N\)"):
+                admin.load_adapter("rollback-co", 7)
+        assert main(["adapters", "load", "--server", server.target, "--name", "rollback-co", "--version", "1"]) == 0
+        assert '"version": 3' in capsys.readouterr().out
+        back = registry.get("rollback-co")
+        assert (back.version, back.content_hash) == (3, first.content_hash)  # v1's maths, the next number
+        registry.store.wait_deleted()
+        assert registry.store.versions("rollback-co") == [2, 3]  # the newest 2 kept
+    finally:
+        registry.keep_versions = 1

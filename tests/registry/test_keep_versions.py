@@ -121,9 +121,9 @@ def test_a_rollback_while_a_server_holds_the_store_says_how_to_roll_back_live(tm
     try:
         del registry  # this process's lock released, so the child's claim holds it
         assert child.stdout.readline() == "held\n"
-        with pytest.raises(AdapterError, match=r"in use by another process.*To roll back on the running server, "
-                                               r"upload the kept version .*adapters upload --name acme "
-                                               rf"{tmp_path.resolve()}/acme/00000001"):
+        with pytest.raises(AdapterError, match=r"in use by another process.*To roll back on the running server \(a "
+                                               r"hot swap, as an upload\): nlora-serve adapters load --name acme "
+                                               r"--version 1 \(admin key\)"):
             rollback(tmp_path, "acme", 1)
     finally:
         child.stdin.close()

@@ -5,7 +5,7 @@ A store keeps the newest ``serve --keep-versions`` versions of each name (1 by d
 one only). A rollback writes the chosen version's files again as the name's next version, so version
 numbers only grow (every response names the version it ran on) and the content hash of the rolled-back
 version is the old one's. Offline it takes the store's lock (a server running on the store refuses
-it, naming the live way: an upload of the kept folder, a hot swap).
+it, naming the live way: ``adapters load --name NAME --version V``, a hot swap).
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def rollback(root: str | os.PathLike, name: str, to: int,
     except AdapterError as exc:
         if "in use by another process" not in str(exc):
             raise
-        raise AdapterError(f"{exc}. To roll back on the running server, upload the kept version (a hot swap, "
-                           f"as any upload): nlora-serve adapters upload --name {name} {folder / f'{to:08d}'}") from None
+        raise AdapterError(f"{exc}. To roll back on the running server (a hot swap, as an upload): nlora-serve "
+                           f"adapters load --name {name} --version {to} (admin key)") from None
     kept = store.versions(name)
     if to not in kept:
         raise AdapterError(f"adapter {name!r} has no version {to} in {root}: it keeps "

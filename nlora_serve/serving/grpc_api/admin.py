@@ -64,7 +64,7 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
     uploads = 0  # UploadAdapter calls in flight (event loop only)
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext):
-        return await self._guard(context, "LoadAdapter", self._load(request.name))
+        return await self._guard(context, "LoadAdapter", self._load(request.name, request.version))
 
     async def UploadAdapter(self, request_iterator, context: grpc.aio.ServicerContext):
         progress: list[str] = []
@@ -116,14 +116,22 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
     def _manager(self):
         return adapter_manager(self.engine)
 
-    async def _load(self, name: str) -> pb.AdapterInfo:
+    async def _load(self, name: str, version: int = 0) -> pb.AdapterInfo:
+        """Serve ``name``'s newest stored version again (``version`` 0), or roll it back to a
+        version kept in the store (``serve --keep-versions``) as its next version."""
         manager = self._manager()
         validate_name(name)
         self.config.check_adapter_name(name)
         current = {v.name: v for v in manager.versions()}.get(name)
-        if current is not None:
+        if current is not None and version in (0, current.version):
             return convert.adapter_info(current, self.engine.is_resident(current))
-        stored = manager.registry.store.latest(name)
+        store = manager.registry.store
+        kept = store.versions(name)
+        if version and version not in kept:
+            raise AdapterNotFound(f"adapter {name!r} has no version {version} kept in the adapter store (kept: "
+                                  f"{', '.join(f'v{v}' for v in kept) or 'none'}; serve --keep-versions N keeps "
+                                  "the newest N)")
+        stored = store.get(name, version) if version else store.latest(name)
         if stored is None:
             raise AdapterNotFound(f"adapter {name!r} has no stored version in the adapter store")
         start = time.perf_counter()
@@ -288,7 +296,8 @@ async def _cancelled_short(context: grpc.aio.ServicerContext) -> None:
 
 
 def _load_stored(manager, stored):
-    """Register ``stored``'s files (the newest stored version of an unloaded name) as its next version.
+    """Register ``stored``'s files (the newest stored version of an unloaded name, or a kept one to
+    roll back to) as its next version.
 
     Raises:
         AdapterNotFound: the folder was removed meanwhile (a concurrent upload of the name pruned it).
