@@ -24,10 +24,12 @@ Modules, by concern::
       family.py        compressed families on disk (shared factors, N-only members)
       compress/        ``adapters compress``: many LoRAs into one family (maths, build, report, cli)
       tune/            ``adapters tune``: IntTune training of N (train, data, unlikelihood, cli)
+      history_cli.py   ``adapters versions`` / ``adapters rollback`` on a store folder (store/history.py)
     serving them (AdapterManager is the engine's one handle)
       store/           one folder per name, one per version, written atomically and durably:
                        AdapterStore (reads.py, writes.py), layout, durable file operations, SHA256SUMS,
-                       the root's lock, a family's shared factors (its __init__ maps them)
+                       the root's lock, a family's shared factors, the versions kept (--keep-versions)
+                       and their offline rollback (its __init__ maps them)
       registry.py      name -> current version: register, hot-swap, unload, free; registry_pins.py
                        the requests' pins and refcounts on them (acquire / release, hold / let_go)
       swap.py          a hot-swap's N-only payload checked against the version it replaces
