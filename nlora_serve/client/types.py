@@ -90,8 +90,9 @@ class AdapterInfo:
 
 class NloraClientError(Exception):
     """A call failed; ``code`` is the gRPC status code, the message is the server's, ``reason`` the
-    server's word for a refusal where it sent one (``queue_full`` or ``tenant_quota`` for
-    RESOURCE_EXHAUSTED: the reasons of ``nlora_requests_rejected_total``), else None."""
+    server's word for a refusal where it sent one (``queue_full``, ``tenant_quota`` or
+    ``tenant_queue_share`` for RESOURCE_EXHAUSTED: the reasons of ``nlora_requests_rejected_total``),
+    else None."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
     reason: str | None = None

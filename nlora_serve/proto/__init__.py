@@ -7,5 +7,6 @@ changes (generate.py).
 
 # Trailing metadata of a refused call: the server's reason (the ``reason`` label of
 # nlora_requests_rejected_total, HTTP's error ``code``: ``queue_full``, ``tenant_quota``, ...), which
-# tells apart the refusals one status code covers (RESOURCE_EXHAUSTED: the queue or a tenant's quota).
+# tells apart the refusals one status code covers (RESOURCE_EXHAUSTED: the queue, a tenant's quota or
+# its share of the queue).
 REASON_KEY = "nlora-reason"
