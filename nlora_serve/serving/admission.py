@@ -101,11 +101,11 @@ class Admission:
         # places are taken as one by one: the last must still be under the share left by the others
         share = principal.weight * (self.max_queue - self.inflight - (places - 1))
         if self.tenant_shares and held + places - 1 >= max(1.0, share):
-            self._refusals.info(("tenant_queue_share", who), "tenant_queue_share: %r refused %d place(s), holding %d, its share "
-                               "%.3g of the %d free places of --max-queue %d (weight %g)", who, places, held, share,
-                               self.max_queue - self.inflight, self.max_queue, principal.weight)
-            raise QueueShareExceeded(f"{principal.name!r} holds {held} requests running or waiting, its share of the "
-                            "server's queue while the server is busy; retry with backoff")
+            self._refusals.info(("tenant_queue_share", who), "tenant_queue_share: %r refused %d place(s), holding "
+                                "%d, its share %.3g of the %d free places of --max-queue %d (weight %g)", who, places,
+                                held, share, self.max_queue - self.inflight, self.max_queue, principal.weight)
+            raise QueueShareExceeded(f"{principal.name!r} holds {held} requests running or waiting, its share of "
+                                     "the server's queue while the server is busy; retry with backoff")
 
     def reserve(self, principal: Principal | None = None) -> Reservation:
         """:meth:`check`, then count the request (of ``principal``'s tenant) until the returned
