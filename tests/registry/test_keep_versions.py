@@ -161,3 +161,16 @@ def test_generate_on_a_store_prunes_no_version_a_server_kept(monkeypatch, tmp_pa
     reader = AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files,
                              keep_versions=seen["adapter_limits"].keep_versions)
     assert reader.rebuild() == ["acme"] and _on_disk(reader) == [1, 2, 3]
+
+
+def test_serve_keep_versions_reaches_the_adapter_limits_and_zero_is_refused(capsys):
+    from nlora_serve.cli import build_parser
+    from nlora_serve.serving.commands.serve_checks import server_configs
+
+    def limits(*flags):
+        return server_configs(build_parser(only="serve").parse_args(["serve", *flags]))[1]
+
+    assert (limits().keep_versions, limits("--keep-versions", "3").keep_versions) == (1, 3)
+    with pytest.raises(SystemExit):
+        limits("--keep-versions", "0")
+    assert "argument --keep-versions: must be an integer >= 1; got 0" in capsys.readouterr().err
