@@ -11,52 +11,32 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
 from nlora_serve.adapters.manager import AdapterManager
-from nlora_serve.kernels.cpu.native import load_native
 from nlora_serve.models import BaseModel, load_base
-from nlora_serve.models.base import check_max_len
-from nlora_serve.models.cache import cache_root
 from nlora_serve.engine.adapter_layer import AdapterHook
 from nlora_serve.engine.request_checks import check_request, fit_to_context, unloaded_reason
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.engine.attention import select_attention
 from nlora_serve.engine.block_manager import BlockManager
 from nlora_serve.engine.config import EngineConfig
-from nlora_serve.engine.detokenizer import IncrementalDetokenizer
-from nlora_serve.engine.device_values import to_device
 from nlora_serve.engine.eos import eos_tokens
-from nlora_serve.engine.memory import num_kv_blocks
-from nlora_serve.engine.model_runner import ModelRunner
 from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
 from nlora_serve.engine.prompt_logprobs import mark_scored, plan
+from nlora_serve.engine.request_state import (RequestState, broken_grammar, new_request, nonfinite_error,
+                                              request_output)
+from nlora_serve.engine.runner_setup import build_runner
 from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.engine.scheduler import Scheduler
 from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nlora_serve.engine.step_output import SampledStep, sample_step
-from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs, allows_a_token
+from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs
 from nlora_serve.engine.threads import on_device
 from nlora_serve.engine.token_masks import bad_words_token_ids, check_a_first_token
 from nlora_serve.engine.warmup import warm_up
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Request:
-    seq: Sequence  # its tokens, progress and KV blocks, as the scheduler sees them
-    detokenizer: IncrementalDetokenizer  # its generated tokens to text deltas; applies stop strings
-    # EOS ids (unless ignore_eos) and stop_token_ids: a sampled one ends the request (engine/eos.py)
-    stops: frozenset[int]
-    # every EOS id and stop_token_ids, ignore_eos or not: banned until min_tokens (vLLM's all_stop_token_ids)
-    ban: frozenset[int]
-    # with params.prompt_logprobs: [None] (the first token is scored by nothing), then each scored
-    # prompt position's {token: logprob} as steps are read back; handed out with the first token
-    # (then None), as vLLM's first output carries prompt_logprobs
-    prompt_logprobs: list | None = None
 
 
 class EngineCore:
@@ -87,35 +67,17 @@ class EngineCore:
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)  # structured outputs
         self.model_path = base.path
         self.tokenizer_path = base.tokenizer_path
-        sched, cache = config.scheduler, config.cache
-        check_max_len(base, sched.max_model_len)
-        if config.kernel_backend == "triton" and config.adapter_dir:
-            from nlora_serve.kernels.triton_ops.launch import check_token_offsets  # imports no Triton
-            check_token_offsets(sched.max_num_batched_tokens, base.spec)
-        native = (load_native(cache_root(config.cache_dir) / "kernels", amx=config.cpu_amx)
-                  if config.kernel_backend == "native" else None)
-        # no KV cache yet: num_kv_blocks sizes it below (on CUDA, from the memory the placed weights leave)
-        self.runner = ModelRunner(base, num_blocks=None, block_size=cache.block_size,
-                                  max_model_len=sched.max_model_len, device=device,
-                                  prepack=config.kernel_backend == "native",
-                                  gemm=native.gemm if native is not None and config.cpu_gemm == "native" else None)
-        self.runner.set_attention(*select_attention(config.kernel_backend, native, sched.max_model_len))
-        self.runner.set_layer_ops(native.layer if native is not None else None)
-        num_blocks = num_kv_blocks(config, self.runner)
-        config.check_capacity(num_blocks)
-        self.runner.allocate_kv_cache(num_blocks)
-        if self.device.type == "cuda" and config.kernel_backend == "triton" and not config.enforce_eager:
-            self.runner.enable_graphs(sched.max_num_seqs, capture_now=True, piecewise_tokens=(
-                sched.max_num_batched_tokens if config.piecewise_graphs else 0))
+        self.runner, native, num_blocks = build_runner(config, base, device)
         self.reset_scheduling(num_blocks)
         # with fair scheduling, contending tenants share the LoRA slots too (adapters/residency.py)
+        sched = config.scheduler
         shares = sched.tenant_weights if sched.policy == "fair" else None
         self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits, placement=self.runner.placement(),
                                        tenant_shares=shares) if config.adapter_dir else None
         self.hook = AdapterHook(native, triton=config.kernel_backend == "triton")
         if self.adapters is not None:
             self.runner.set_adapter_hook(self.hook)
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, RequestState] = {}
         self.warmup = warm_up(self) if device.type == "cuda" else None  # kernels compiled before serving
 
     def reset_scheduling(self, num_blocks: int | None = None) -> None:
@@ -189,24 +151,12 @@ class EngineCore:
         self.validate(prompt_ids, params)
         # a max_tokens over the context left is lowered to it (vLLM's get_max_tokens), never refused
         params = fit_to_context(len(prompt_ids), params, self.config.scheduler.max_model_len)
-        gen = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
-        # the grammar compiled in validate: a cache hit here, on the step thread
-        spec = params.structured_outputs
-        matcher = None if spec is None else self.grammars.matcher(spec, self.eos.grammar_stops(params.stop_token_ids))
-        allowed = None if params.allowed_token_ids is None else to_device(
-            sorted(set(params.allowed_token_ids)), self.device, torch.long)
-        seq = Sequence(request_id, self._arrivals, list(prompt_ids), len(prompt_ids), params, gen, matcher,
-                       bad_words_token_ids(self.tokenizer, params.bad_words), allowed_ids=allowed, adapter=adapter,
-                       tenant=tenant, cache_salt=cache_salt)
+        req = new_request(request_id, self._arrivals, prompt_ids, params, adapter, tenant, cache_salt,
+                          device=self.device, tokenizer=self.tokenizer, eos=self.eos, grammars=self.grammars)
         self._arrivals += 1
         self.counters["prompt_tokens"] += len(prompt_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
-                                       min_tokens=params.min_tokens, include_stop=params.include_stop_str_in_output,
-                                       spaces_between_special_tokens=params.spaces_between_special_tokens)
-        self.requests[request_id] = _Request(seq, detok, self.eos.stops(params.stop_token_ids, params.ignore_eos),
-                                             self.eos.banned_before_min_tokens(params.stop_token_ids),
-                                             [None] if params.prompt_logprobs is not None else None)
-        self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.scheduler.add(req.seq)
 
     def has_work(self) -> bool:
         """True while requests wait or run, or a launched step's tokens are not yet read back."""
@@ -326,19 +276,16 @@ class EngineCore:
     def _fail_nonfinite(self, seqs: list[Sequence]) -> list[RequestOutput]:
         outs = []
         for seq in seqs:
-            on = f"adapter {seq.adapter.name!r} v{seq.adapter.version}" if seq.adapter else "the base model"
-            outs.append(self._retire(self.requests[seq.request_id], "error", "", [],
-                                     f"the model's logits on {on} are not finite (inf or NaN); the adapter's "
-                                     "weights or scaling overflow the compute dtype"))
+            outs.append(self._retire(self.requests[seq.request_id], "error", "", [], nonfinite_error(seq)))
         return outs
 
-    def _append(self, req: _Request, token: int, logprobs) -> RequestOutput:
+    def _append(self, req: RequestState, token: int, logprobs) -> RequestOutput:
         """Stop checks, detokenization and the delta of ``token``, already in ``req.seq.token_ids``."""
         seq, params = req.seq, req.seq.params
         reason = "stop" if token in req.stops else None
         if seq.matcher is not None:
             if not seq.matcher.accept_token(token):  # the mask allowed nothing (a dead end), or a bug
-                return self._retire(req, "error", "", [], self._broken_grammar(seq, token))
+                return self._retire(req, "error", "", [], broken_grammar(seq, token, self.vocab_size))
             if seq.matcher.is_terminated():  # it accepted a stop token where the output may end
                 reason = "stop"
         # a stop token's text is left out (vLLM's rule) unless include_stop_str_in_output
@@ -348,7 +295,7 @@ class EngineCore:
         elif reason is None and seq.num_output_tokens >= params.max_tokens:  # admission keeps it in max_model_len
             reason = "length"
         if reason is None:
-            return self._output(req, text, [token], None, logprobs)
+            return request_output(req, text, [token], None, logprobs)
         out = self._retire(req, reason, text, [token], logprobs=logprobs)
         if reason == "stop" and req.detokenizer.stopped:
             out.stop_reason = req.detokenizer.stop_string
@@ -356,17 +303,7 @@ class EngineCore:
             out.stop_reason = self.eos.stop_reason(token, params.ignore_eos)  # None for the EOS (vLLM's check_stop)
         return out
 
-    def _broken_grammar(self, seq: Sequence, token: int) -> str:
-        """Why ``seq``'s matcher refused ``token``, sampled from its masked row."""
-        if not allows_a_token(seq.matcher, self.vocab_size):  # vLLM ends such a request as an error too
-            return (f"the structured output allows no token after {seq.num_output_tokens - 1} tokens: its spec has a "
-                    "dead end here (no text continues it, and the output may not end)")
-        if seq.allowed_ids is not None or seq.bad_words_ids:  # the request's masks took the grammar's last tokens
-            return (f"allowed_token_ids / bad_words ban every token the structured output allows after "
-                    f"{seq.num_output_tokens - 1} tokens: the request's masks and its spec contradict each other")
-        return f"token {token} breaks the request's structured output"
-
-    def _retire(self, req: _Request, reason: str, text: str, token_ids: list[int], error: str | None = None,
+    def _retire(self, req: RequestState, reason: str, text: str, token_ids: list[int], error: str | None = None,
                 logprobs=None) -> RequestOutput:
         """The single terminal path: frees the blocks, forgets the request, returns the last delta.
         A step in flight that computed for it is undone on the host (its token will be dropped), so
@@ -389,25 +326,11 @@ class EngineCore:
             # the flush's text (held back by the window path, never a dangling partial character)
             # completed a stop string: the text is cut there, so the request stopped on it, not on its length
             flush_stopped = reason == "length" and req.detokenizer.stopped and not stopped
-        out = self._output(req, text, token_ids, "stop" if flush_stopped else reason, logprobs, pinned)
+        out = request_output(req, text, token_ids, "stop" if flush_stopped else reason, logprobs, pinned)
         if flush_stopped:
             out.stop_reason = req.detokenizer.stop_string
         out.error = error
         return out
-
-    @staticmethod
-    def _output(req: _Request, text: str, token_ids: list[int], reason: str | None, logprobs,
-                adapter=None) -> RequestOutput:
-        seq = req.seq
-        adapter = adapter if adapter is not None else seq.adapter
-        prompt_logprobs = None
-        if token_ids and req.prompt_logprobs is not None:  # the first token's delta
-            prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
-        return RequestOutput(seq.request_id, text, token_ids, reason, seq.num_prompt_tokens,
-                             seq.num_output_tokens, logprobs, adapter=adapter and adapter.name,
-                             adapter_version=adapter.version if adapter else 0,
-                             adapter_hash=adapter.content_hash if adapter else "",
-                             cached_tokens=max(seq.num_cached_tokens, 0), prompt_logprobs=prompt_logprobs)
 
     def stats(self) -> dict[str, int]:
         """Counters and gauges: running/waiting requests, KV blocks used/total, tokens, steps."""
