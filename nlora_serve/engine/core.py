@@ -65,7 +65,6 @@ class EngineCore:
         self.eos = eos_tokens(base.path, config.generation_config, self.tokenizer.eos_token_id, self.vocab_size)
         self.eos_ids = set(self.eos.all)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)  # structured outputs
-        self.model_path = base.path
         self.tokenizer_path = base.tokenizer_path
         self.runner, native, num_blocks = build_runner(config, base, device)
         self.reset_scheduling(num_blocks)
