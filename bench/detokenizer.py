@@ -1,6 +1,6 @@
 """Incremental detokenization cost per decode step: the window path vs DecodeStream (engine/detokenizer.py).
 
-B requests each get one new token per step, as in the engine's ``_append`` (``add`` for every
+B requests each get one new token per step, as in the engine's ``_emit_token`` (``add`` for every
 sequence of the step), for K steps; the token streams are the default tokenizer's encoding of a
 mixed English / CJK / emoji text, each request starting at its own offset. Reports microseconds
 per token per sequence and per step of B, CPU thread time (the machine may be shared), best of R.

@@ -214,7 +214,7 @@ class EngineCore:
         if previous is not None:
             outputs += self._settle(previous)
         if self._inflight is not None:
-            self._place(self._inflight)
+            self._add_placeholders(self._inflight)
             if not self.config.async_scheduling:
                 outputs += self._settle(self._take_inflight())
         return outputs
@@ -246,7 +246,7 @@ class EngineCore:
         return sample_step(logits, pairs, sampling, bans, self.generator, prompt, scored)
 
     @staticmethod
-    def _place(step: SampledStep) -> None:
+    def _add_placeholders(step: SampledStep) -> None:
         """Stand a placeholder for each live sampling sequence's token until it is read back, so the
         scheduler sees the token (its length and blocks) before its value is known."""
         for seq in step.seqs:
@@ -269,7 +269,7 @@ class EngineCore:
                 continue
             seq.token_ids[-1] = token  # the placeholder (the step after has placed none yet)
             self.counters["generation_tokens"] += 1
-            outs.append(self._append(self.requests[seq.request_id], token, lp))
+            outs.append(self._emit_token(self.requests[seq.request_id], token, lp))
         return self._fail_nonfinite(bad) + outs
 
     def _fail_nonfinite(self, seqs: list[Sequence]) -> list[RequestOutput]:
@@ -278,7 +278,7 @@ class EngineCore:
             outs.append(self._retire(self.requests[seq.request_id], "error", "", [], nonfinite_error(seq)))
         return outs
 
-    def _append(self, req: RequestState, token: int, logprobs) -> RequestOutput:
+    def _emit_token(self, req: RequestState, token: int, logprobs) -> RequestOutput:
         """Stop checks, detokenization and the delta of ``token``, already in ``req.seq.token_ids``."""
         seq, params = req.seq, req.seq.params
         reason = "stop" if token in req.stops else None
@@ -314,8 +314,8 @@ class EngineCore:
             seq.token_ids.pop()
         self.scheduler.finish(seq)
         self.runner.release(seq)
-        del self.requests[req.seq.request_id]
-        pinned, req.seq.adapter = req.seq.adapter, None
+        del self.requests[seq.request_id]
+        pinned, seq.adapter = seq.adapter, None
         if pinned is not None:
             self.adapters.release(pinned, seq.tenant)
         flush_stopped = False
