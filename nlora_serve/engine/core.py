@@ -3,8 +3,11 @@
 No threads here; :class:`nlora_serve.engine.llm_engine.LLMEngine` drives it from its step thread.
 With async scheduling a step's tokens are read back during the next call, after the next step is
 launched (:meth:`EngineCore.step`), so the device never waits for the host's detokenizing.
-Every terminal path (finish, stop, abort, error) goes through :meth:`EngineCore._retire`, the
-one place that frees a request's KV blocks.
+Every terminal path (finish reasons "stop", "length", "abort", "error") goes through
+:meth:`EngineCore._retire`, the one place that frees a request's KV blocks.
+
+Beside it: request_state.py (what is kept per request, the deltas made from it), runner_setup.py
+(the model runner built at start-up), scheduler.py, step_output.py (sampling and the read-back).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from nlora_serve.engine.request_state import (RequestState, broken_grammar, new_
                                               request_output)
 from nlora_serve.engine.runner_setup import build_runner
 from nlora_serve.engine.sampling import RequestError, SamplingParams
-from nlora_serve.engine.scheduler import Scheduler
+from nlora_serve.engine.scheduler import ScheduledBatch, Scheduler
 from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nlora_serve.engine.step_output import SampledStep, sample_step
 from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs
@@ -41,6 +44,9 @@ log = logging.getLogger(__name__)
 
 class EngineCore:
     """Scheduler + model runner + sampler + detokenizers for one base model.
+
+    It runs on the engine's step thread (engine/llm_engine.py); :meth:`validate` and
+    :meth:`check_structured` are safe from any thread too.
 
     Raises (constructor):
         ModelError: the model cannot be loaded. ValueError: the config does not fit the model.
@@ -120,7 +126,9 @@ class EngineCore:
         thread, so that a bad one is refused before it queues.
 
         Raises:
-            RequestError: from :func:`check_request` or :meth:`GrammarCompiler.compile`.
+            RequestError: from :func:`check_request`, :func:`fit_to_context` (no room left, or
+                min_tokens over it), :func:`check_a_first_token` (masks that leave no first token) or
+                :meth:`GrammarCompiler.compile`.
         """
         check_request(prompt_ids, self.vocab_size, self.config.scheduler.max_model_len,
                       params.stop_token_ids, params.logit_bias, params.allowed_token_ids, params.logprob_token_ids)
@@ -174,7 +182,9 @@ class EngineCore:
         return [self._retire(r, "abort", "", [], unloaded_reason(r.seq.adapter)) for r in held]
 
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """End every request with finish_reason "error" (after a failed step)."""
+        """End every request with finish_reason "error" and ``message`` as its error (after a failed
+        step); returns their last deltas. The step in flight is dropped unread and, on CUDA, waited
+        for (:meth:`_wait_device`)."""
         outs = [self._retire(req, "error", "", [], message) for req in list(self.requests.values())]
         self._inflight = None
         self._wait_device()
@@ -223,8 +233,10 @@ class EngineCore:
         step, self._inflight = self._inflight, None
         return step
 
-    def _launch(self, batch, previous: SampledStep | None) -> SampledStep:
-        """Run the model and sample on the device; nothing is read back here."""
+    def _launch(self, batch: ScheduledBatch, previous: SampledStep | None) -> SampledStep:
+        """Run the model on ``batch`` and sample on the device; nothing is read back here.
+        ``previous``: the step still in flight (async scheduling), whose sampled tokens, still on
+        the device, are this step's input ids where its placeholders stand (engine/step_inputs.py)."""
         pairs = self.runner.order(batch)
         prompt = plan(pairs)  # prompt positions to score (prompt_logprobs requests' prefill chunks)
         self.hook.begin_step([seq.adapter for seq, _ in pairs], [n for _, n in pairs], self.device)
@@ -237,6 +249,7 @@ class EngineCore:
             self.hook.end_step()
         if prompt is not None:
             mark_scored(prompt)
+        # a sequence samples when this step computes up to its last token (not a prefill chunk before it)
         sampling = [seq for seq, n in pairs if seq.num_computed_tokens + n == seq.num_tokens]
         for seq, n in pairs:
             seq.num_computed_tokens += n
@@ -254,7 +267,9 @@ class EngineCore:
                 seq.token_ids.append(PLACEHOLDER)
 
     def _settle(self, step: SampledStep) -> list[RequestOutput]:
-        """Read ``step``'s tokens back and emit them; a row whose sequence ended since is dropped."""
+        """Read ``step``'s tokens back and return their deltas (first those of rows whose logits were
+        not finite: their requests end with an error); a row whose sequence ended since the step was
+        launched is dropped."""
         tokens, finite, logprobs = step.read()
         for seq, entries in step.read_prompt():  # before the tokens: the first one hands them out
             req = self.requests.get(seq.request_id)
@@ -273,13 +288,15 @@ class EngineCore:
         return self._fail_nonfinite(bad) + outs
 
     def _fail_nonfinite(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """End ``seqs``, whose logits were not finite this step, with finish_reason "error"."""
         outs = []
         for seq in seqs:
             outs.append(self._retire(self.requests[seq.request_id], "error", "", [], nonfinite_error(seq)))
         return outs
 
     def _emit_token(self, req: RequestState, token: int, logprobs) -> RequestOutput:
-        """Stop checks, detokenization and the delta of ``token``, already in ``req.seq.token_ids``."""
+        """The delta of ``token``, already in ``req.seq.token_ids``: its grammar, stop token, stop
+        string and length checks, its text, and the request's end (:meth:`_retire`) when one ends it."""
         seq, params = req.seq, req.seq.params
         reason = "stop" if token in req.stops else None
         if seq.matcher is not None:
@@ -291,7 +308,8 @@ class EngineCore:
         text = req.detokenizer.add(token) if reason is None or params.include_stop_str_in_output else ""
         if req.detokenizer.stopped:
             reason = "stop"
-        elif reason is None and seq.num_output_tokens >= params.max_tokens:  # admission keeps it in max_model_len
+        # add() lowered max_tokens to the context left, so this also ends a request at max_model_len
+        elif reason is None and seq.num_output_tokens >= params.max_tokens:
             reason = "length"
         if reason is None:
             return request_output(req, text, [token], None, logprobs)
@@ -304,9 +322,18 @@ class EngineCore:
 
     def _retire(self, req: RequestState, reason: str, text: str, token_ids: list[int], error: str | None = None,
                 logprobs=None) -> RequestOutput:
-        """The single terminal path: frees the blocks, forgets the request, returns the last delta.
-        A step in flight that computed for it is undone on the host (its token will be dropped), so
-        the computed count, and the prefix cache's blocks, are those of a step-by-step engine."""
+        """The single terminal path: frees the blocks, releases the adapter pin, forgets the request,
+        returns the last delta. A step in flight that computed for it is undone on the host (its
+        token will be dropped), so the computed count, and the prefix cache's blocks, are those of a
+        step-by-step engine.
+
+        Args:
+            reason: the finish reason: "stop", "length", "abort" or "error".
+            text, token_ids: the last delta's text and tokens ("" and [] when no token ends it);
+                on "stop" and "length" the detokenizer's held-back text is added to ``text``.
+            error: why the engine ended it (the delta's ``error``), None for a normal end.
+            logprobs: the last token's log-probabilities, as :meth:`SampledStep.read` gives them.
+        """
         seq = req.seq
         if self._inflight is not None:
             seq.num_computed_tokens -= self._inflight.computed.get(id(seq), 0)
@@ -332,7 +359,9 @@ class EngineCore:
         return out
 
     def stats(self) -> dict[str, int]:
-        """Counters and gauges: running/waiting requests, KV blocks used/total, tokens, steps."""
+        """Counters (since the last :meth:`reset_scheduling`) and gauges: running / waiting requests,
+        KV blocks used / total, prefix-cache queries and hits (tokens), prompt / generation /
+        computed tokens, steps, preemptions, and the runner's graph / piecewise / eager steps."""
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_used": self.blocks.num_used_blocks, "kv_blocks_total": self.blocks.num_blocks,
                 "prefix_cache_queries": getattr(self.blocks, "num_queries", 0),

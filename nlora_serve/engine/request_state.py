@@ -19,6 +19,8 @@ from nlora_serve.engine.token_masks import bad_words_token_ids
 
 @dataclass(slots=True)
 class RequestState:
+    """One open request, as :class:`~nlora_serve.engine.core.EngineCore` keeps it from add to retire."""
+
     seq: Sequence  # its tokens, progress and KV blocks, as the scheduler sees them
     detokenizer: IncrementalDetokenizer  # its generated tokens to text deltas; applies stop strings
     # EOS ids (unless ignore_eos) and stop_token_ids: a sampled one ends the request (engine/eos.py)
@@ -34,6 +36,11 @@ class RequestState:
 def new_request(request_id: str, arrival: int, prompt_ids: list[int], params: SamplingParams, adapter,
                 tenant: str | None, cache_salt: str | None, *, device: torch.device, tokenizer, eos: EosTokens,
                 grammars: GrammarCompiler) -> RequestState:
+    """A request's state at admission, from a checked ``params`` (max_tokens already fitted to the
+    context). ``arrival``: its admission order (see :class:`Sequence`); ``adapter``: its pinned
+    AdapterVersion or None; ``device``: where its seeded generator and allowed-ids tensor live;
+    ``grammars``: where its structured-output spec was compiled (at validation; a cache hit here).
+    """
     gen = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
     # the grammar compiled in validate: a cache hit here, on the step thread
     spec = params.structured_outputs
@@ -53,6 +60,10 @@ def new_request(request_id: str, arrival: int, prompt_ids: list[int], params: Sa
 
 def request_output(req: RequestState, text: str, token_ids: list[int], reason: str | None, logprobs,
                    adapter=None) -> RequestOutput:
+    """The delta of ``req``: ``text`` and ``token_ids`` new since the last one, ``reason`` its
+    finish reason (None while it runs), ``logprobs`` per token (or None). The first delta with a
+    token carries the prompt's log-probabilities, once. ``adapter``: the version to report when the
+    sequence no longer holds it (a retired request's pin, released before its last delta)."""
     seq = req.seq
     adapter = adapter if adapter is not None else seq.adapter
     prompt_logprobs = None
@@ -66,6 +77,7 @@ def request_output(req: RequestState, text: str, token_ids: list[int], reason: s
 
 
 def nonfinite_error(seq: Sequence) -> str:
+    """Why ``seq`` ends with an error when its logits are not finite (inf or NaN)."""
     on = f"adapter {seq.adapter.name!r} v{seq.adapter.version}" if seq.adapter else "the base model"
     return (f"the model's logits on {on} are not finite (inf or NaN); the adapter's "
             "weights or scaling overflow the compute dtype")
