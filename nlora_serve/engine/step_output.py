@@ -27,7 +27,10 @@ from nlora_serve.engine.device_values import to_device
 class SampledStep:
     """One launched step: what it computed and its sampled tokens, maybe still on the device."""
 
-    pairs: list[tuple[Sequence, int]]  # (sequence, tokens computed) as launched
+    # (sequence, tokens computed) as launched. Not read, but holding them keeps every sequence of
+    # the step alive while it is in flight, so no new sequence reuses an id() that keys ``computed``
+    # or ``rows`` (a request added and aborted before the next step looks its id up in ``computed``)
+    pairs: list[tuple[Sequence, int]]
     seqs: list[Sequence]  # the sampling sequences, one row each, in row order
     tokens: torch.Tensor  # [R] int64 on the device: the sampled ids, gathered by the next step
     # [2R + W(1 + 2K) + I + P(2 + 2K')] float64 on the host (pinned on CUDA): see sample_step
@@ -84,17 +87,18 @@ class SampledStep:
 
 
 def sample_step(logits: torch.Tensor, pairs: list[tuple[Sequence, int]], seqs: list[Sequence],
-                bans: list[set[int]], shared: torch.Generator, prompt: PromptRows | None = None,
+                bans: list[frozenset[int]], shared: torch.Generator, prompt: PromptRows | None = None,
                 scored: list[torch.Tensor] = ()) -> SampledStep:
     """Sample ``seqs``' rows of ``logits`` on its device and start their read-back (no host wait).
 
     Args:
-        logits: [R, V] float32, one row per sampling sequence (penalties are applied in place).
-        prompt, scored: the P prompt positions the step scored and their read-back parts
-            (engine/prompt_logprobs.py's ``score``), read in the same copy: :meth:`SampledStep.read_prompt`.
+        logits: [R, V] float32, one row per sampling sequence (masks, logit_bias and penalties are
+            applied in place).
         pairs: the step's (sequence, tokens computed). seqs: the R sampling sequences.
         bans: per row, the tokens banned until min_tokens (EOS and stop ids).
         shared: the engine's generator, for rows without their own seed.
+        prompt, scored: the P prompt positions the step scored and their read-back parts
+            (engine/prompt_logprobs.py's ``score``), read in the same copy: :meth:`SampledStep.read_prompt`.
     Log-probabilities are those of the model's distribution (before logit_bias, penalties and temperature):
     ``log_softmax`` of the raw row, the sampled token's and the top ``logprobs`` ones, or those of its
     ``logprob_token_ids`` (vLLM's sampler gathers them from the same raw log-probabilities); a row with a
