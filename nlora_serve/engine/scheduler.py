@@ -5,8 +5,8 @@ Every step the scheduler admits and retires sequences (DESIGN §5). Order of ser
 2. running sequences still in prefill, oldest first, each a chunk of what the budget leaves;
 3. waiting sequences: with policy "fcfs" strictly first come first served, with "fair" the oldest
    request of the tenant with the least recent slot usage above its share, then the least service
-   (VTC; fairness.py), over-served tenants (usage well above their share) last; the one picked is admitted or nobody is, so a long prompt
-   is never overtaken forever (no starvation). With "fair" and every slot taken, tenants that are
+   (VTC; fairness.py), over-served tenants (usage well above their share) last; the one picked is
+   admitted or nobody is, so a long prompt is never overtaken forever (no starvation). With "fair" and every slot taken, tenants that are
    not over-served first take slots from a backlogged tenant clearly above its share (its newest
    sequences are preempted; fairness.py's rebalance has the rule, which keeps a load with no heavy
    tenant free of preemptions); and an over-served tenant's prefill chunks (step 2) come after the
@@ -90,6 +90,7 @@ class Scheduler:
             self.fair.enqueue(seq, new=True)
 
     def has_work(self) -> bool:
+        """True while a sequence waits or runs."""
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence) -> None:
@@ -144,6 +145,8 @@ class Scheduler:
                 self.fair.charge(seq, n)
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        """Admit waiting sequences (step 3 of the module docstring) into ``batch`` while ``budget``
+        (tokens) and the running slots (``max_num_seqs``) last, each after its prefix-cache hit."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0] if self.fair is None else self.fair.pick()
             hit = self.blocks.match(seq)
@@ -210,6 +213,7 @@ class Scheduler:
             self.fair.enqueue(seq, new=False)
 
     def _unqueue(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the waiting queue (and the fair scheduler's)."""
         self.waiting.remove(seq)
         if self.fair is not None:
             self.fair.dequeue(seq)
