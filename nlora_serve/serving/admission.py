@@ -22,6 +22,16 @@ from nlora_serve.serving.tokenizer_turns import GRAMMAR_THREADS, TokenizerTurns
 log = logging.getLogger(__name__)
 
 
+def queue_share(weight: float, free: int) -> float:
+    """The places of ``--max-queue`` a tenant of ``weight`` may hold when ``free`` are free as it
+    takes its next one: ``weight x free`` (Choudhury and Hahne's dynamic threshold), except that the
+    last free place is kept for a tenant holding none (1.0 there: one place, which
+    :meth:`Admission.check` grants only to such a tenant). Without that, a weight over
+    ``--max-queue`` - 1 let one tenant take every place (weight 300 alone held all 256), and every
+    other tenant got queue_full until its backlog drained. Units: requests."""
+    return weight * free if free > 1 else 1.0
+
+
 class Reservation:
     """One request's place in its :class:`Admission` counts, taken before its prompt is tokenized
     (:meth:`Admission.reserve`) and given back exactly once, whichever way the request ends: refused
@@ -53,7 +63,8 @@ class Admission:
     of the queue (at least one): the dynamic threshold of Choudhury and Hahne ("Dynamic queue
     length thresholds for shared-memory packet switches", IEEE/ACM ToN 1998), so one tenant never
     fills the queue before the fair scheduler sees the others: alone it gets half of it, and a
-    newcomer always finds room. A tenant's ``max_concurrent_requests`` bounds it in any case.
+    newcomer always finds room (whatever the weights: :func:`queue_share` keeps the last place). A
+    tenant's ``max_concurrent_requests`` bounds it in any case.
     Only touched from the server's event loop, so plain integers suffice.
     """
 
@@ -99,7 +110,7 @@ class Admission:
             raise QuotaExceeded(f"{principal.name!r} has {held} requests running or waiting, its "
                             f"max_concurrent_requests in the tenants file; retry when one ends")
         # places are taken as one by one: the last must still be under the share left by the others
-        share = principal.weight * (self.max_queue - self.inflight - (places - 1))
+        share = queue_share(principal.weight, self.max_queue - self.inflight - (places - 1))
         if self.tenant_shares and held + places - 1 >= max(1.0, share):
             self._refusals.info(("tenant_queue_share", who), "tenant_queue_share: %r refused %d place(s), holding "
                                 "%d, its share %.3g of the %d free places of --max-queue %d (weight %g)", who, places,
@@ -138,7 +149,7 @@ class Admission:
                                f"{limit} in the tenants file (each choice of each prompt is a request running or "
                                "waiting)", param=param)
         if self.tenant_shares and principal is not None and total - 1 >= max(
-                1.0, principal.weight * (self.max_queue - total + 1)):  # alone in the queue, as in check
+                1.0, queue_share(principal.weight, self.max_queue - total + 1)):  # alone in the queue, as in check
             raise RequestError(f"{asked} is {total} requests: more than {principal.name!r}'s share of the queue could "
                                f"ever hold (--max-queue {self.max_queue}, weight {principal.weight:g}): each choice "
                                "of each prompt is a request running or waiting", param=param)

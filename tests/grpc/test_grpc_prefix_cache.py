@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from grpc_harness import ADMIN_KEY, TENANT_KEYS
+from nlora_serve.engine.sampling import RequestError
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.auth import AuthError, Authenticator, Principal, hash_key
@@ -114,6 +115,31 @@ def test_a_tenant_over_its_queue_share_has_a_reason_of_its_own():
     with pytest.raises(QueueFull) as full:
         admission.check(Principal("newcomer", False))
     assert http_status_of(full.value) == (429, "queue_full")
+
+
+def test_a_heavy_weight_never_takes_the_last_place_of_the_queue():
+    """A weight above --max-queue - 1 made weight x free places exceed the free places themselves:
+    alone, a weight-300 tenant took all 8 (all 256 of a default queue) and every other tenant got
+    queue_full until its backlog drained. The last free place is kept for a tenant holding none."""
+    admission = Admission(8, tenant_shares=True)
+    heavy, light = Principal("premium", False, weight=300.0), Principal("light", False)
+    for _ in range(7):  # 6 < 300 x 2 free; the 8th would be the last free place
+        admission.check(heavy)
+        admission.enter("premium")
+    with pytest.raises(QueueFull, match="'premium' holds 7 requests running or waiting, its share"):
+        admission.check(heavy)
+    admission.check(light)  # a newcomer finds room
+    admission.enter("light")
+    with pytest.raises(QueueFull, match="server queue is full"):
+        admission.check(heavy)
+    alone = Admission(8, tenant_shares=True)  # n choices the same: 7 can be admitted, 8 never could
+    seven = alone.reserve(heavy)
+    with pytest.raises(RequestError, match="share of the queue could ever hold"):
+        alone.grow(seven, 7, heavy)
+    alone.grow(seven, 6, heavy)
+    assert (alone.inflight, alone.held) == (7, {"premium": 7})
+    one = Admission(1, tenant_shares=True)  # a queue of one place: its tenant holding none takes it
+    one.check(heavy)
 
 
 def test_a_refusal_names_the_callers_own_count_not_the_servers(caplog):
