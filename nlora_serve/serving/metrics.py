@@ -16,7 +16,9 @@ no-op. ``tenant`` is a name from the tenants file (an operator's list: a key tha
 matches no entry is counted in ``nlora_requests_rejected_total`` only, never under a name its caller
 chose), or :data:`ANONYMOUS` without one. A tenant's series appears at its first request and stays
 after a reload removes it (a counter that vanished would read as a reset). Gauges and the engine's
-own counters (preemptions) are read from the engine when scraped, so they are never stale.
+own counters (preemptions) are read from the engine when scraped, so they are never stale, but on
+the API port a rendering that took 50 ms or more (thousands of tenants' series) answers the scrapes
+of the next ten times as long (metrics_scrape.py: /metrics takes no key).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.metrics_http import serve_metrics
+from nlora_serve.serving.metrics_scrape import SharedScrape
 from nlora_serve.serving.auth import Authenticator, Principal
 from nlora_serve.serving.request_log import RequestLog
 
@@ -159,6 +162,8 @@ class ServerMetrics:
             Gauge(name, doc, registry=r).set_function(read)
         r.register(_EngineCounters(engine_stats))
         self._http = None
+        # the API port's /metrics: exposition() off the event loop, shared by overlapping scrapes
+        self.scrape = SharedScrape(self.exposition)
 
     def reject(self, reason: str, frontend: str, tenant: str | None = None, message: str | None = None,
                request_id: str | None = None, client: str | tuple | None = None, key: str | None = None) -> None:

@@ -86,7 +86,7 @@ async def _health(request: Request) -> JSONResponse:
 
 @_router.get("/metrics")
 async def _metrics(request: Request) -> Response:
-    body, content_type = _ctx(request).metrics.exposition()
+    body, content_type = await _ctx(request).metrics.scrape()  # off the loop: metrics_scrape.py
     return Response(body, media_type=content_type)
 
 
