@@ -19,7 +19,8 @@ RENDER_SECONDS = 0.3
 
 
 class _SlowCollector:
-    """A collector whose rendering holds its thread RENDER_SECONDS (as thousands of series do)."""
+    """A collector whose rendering burns RENDER_SECONDS of its thread's CPU time (as thousands of
+    series do; a sleep would be a rendering that only waited, which is not reused)."""
 
     def __init__(self) -> None:
         self.renders = 0
@@ -29,7 +30,9 @@ class _SlowCollector:
 
     def collect(self) -> list:
         self.renders += 1
-        time.sleep(RENDER_SECONDS)
+        end = time.thread_time() + RENDER_SECONDS
+        while time.thread_time() < end:
+            pass
         return []
 
 
@@ -60,7 +63,8 @@ def test_scrapes_run_off_the_event_loop_and_overlapping_ones_share_one_rendering
         await asyncio.sleep(0.03)  # the ticker's tick after a stall, if there was one
         ticker.cancel()
         renders = slow.renders
-        await asyncio.sleep(RENDER_SECONDS + 0.05)  # past REUSE_FACTOR x its 0.3 s: a new rendering
+        reused_until = metrics.scrape._last[0]  # REUSE_FACTOR x its wall time after it ended
+        await asyncio.sleep(max(0.0, reused_until - time.monotonic()) + 0.05)  # past it: a new rendering
         await routes._metrics(request)
         return max(b - a for a, b in zip(ticks, ticks[1:])), answers, renders
 
@@ -75,6 +79,27 @@ def test_a_fast_rendering_is_never_reused():
     scrape afresh: a request counted between two scrapes shows in the second."""
     stats = dict(running=0, waiting=0, kv_blocks_used=0, kv_blocks_total=0, preemptions=0)
     metrics = ServerMetrics(lambda: stats, lambda: (0, 0))
+    request = _scrape_request(metrics)
+
+    async def main() -> tuple[bytes, bytes]:
+        before = (await routes._metrics(request)).body
+        metrics.reject("queue_full", "http")
+        return before, (await routes._metrics(request)).body
+
+    before, after = asyncio.run(main())
+    line = b'nlora_requests_rejected_total{frontend="http",reason="queue_full"}'
+    assert line + b" 0.0" in before and line + b" 1.0" in after
+
+
+def test_a_rendering_slow_only_by_waiting_is_never_reused():
+    """What decides reuse is the rendering's CPU time: a small registry on a loaded box (CI's, a
+    busy server's) can wait 60 ms for the GIL, and a wall-time rule then served its stale counts for
+    0.6 s to the scrape a test makes right after the request it counts."""
+    stats = dict(running=0, waiting=0, kv_blocks_used=0, kv_blocks_total=0, preemptions=0)
+    metrics = ServerMetrics(lambda: stats, lambda: (0, 0))
+    waiting = _SlowCollector()
+    waiting.collect = lambda: time.sleep(0.1) or []  # 0.1 s of wall time, none of CPU
+    metrics.registry.register(waiting)
     request = _scrape_request(metrics)
 
     async def main() -> tuple[bytes, bytes]:
