@@ -110,7 +110,7 @@ class EngineCore:
         tenants-file reload: the scheduler's shares and service, the prefix cache's shares, and
         what :meth:`reset_scheduling` starts from (the LoRA slots': ``adapters.residency``). A
         tenant's service counted so far stays; one no longer named weighs 1. Nothing under "fcfs".
-        The weights are the tenants file's, checked by its loader (auth.py): runs on the step thread,
+        The weights are the tenants file's, checked by its loader (tenants_file.py): runs on the step thread,
         where a failure would end every request.
         """
         if self.config.scheduler.policy != "fair":

@@ -12,7 +12,8 @@ Both front ends, here::
 
     server.py          NloraServer: both front ends' lifecycle, health, reflection, graceful drain
     status.py          expected failures -> gRPC codes and HTTP statuses, one table for both
-    auth.py            tenants file, API keys, grants (who may use which adapter)
+    auth.py            API keys and grants: who is calling, may they use this adapter
+    tenants_file.py    the tenants file: its format, checked entry by entry into auth.py's principals
     admin_log.py       log lines of refused admin calls (both front ends), beside each change's line
     admission.py       draining, the bounded queue, tenant quotas: a request's place before its prompt
     tokenizer_turns.py the one tokenizer thread, tenants taking turns on it
