@@ -15,16 +15,18 @@ hands its xgrammar backend as the matcher's ``override_stop_tokens``), masked un
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
-import sys
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.thread_priority import (lower_thread_priority, name_thread, named_threads, renice_named,
+                                               thread_nice)
 
 # a spec's characters at most (a schema's JSON text, a regex, a grammar, all choices together):
 # a huge spec would hold a compile slot for long
@@ -44,11 +46,21 @@ MAX_OVERDUE = 4
 # vLLM 0.32's MAX_STRUCTURED_OUTPUT_JSON_NESTING: a schema's objects and arrays nest at most this deep
 # (xgrammar's compile time grows ~ depth^3: 500 nested arrays took 4.8 s, 2000 would take minutes)
 MAX_JSON_NESTING = 64
-# a compile's thread (and xgrammar's workers, which it starts and which inherit it) runs this much
-# nicer than the server (Linux): a 50 KB schema of 1,000 patterned strings compiles for minutes in
-# the background, and on 2 cores its 2 workers took the CPU of the engine's step thread: another
-# tenant's 150-token stream took 184 s instead of 28 s (46 s reniced)
+# a compile whose threads (its own and xgrammar's workers) have used COMPILE_GRACE_CPU_S together, or
+# that runs past its caller's timeout, runs this much nicer than the server from then on (Linux): a
+# 50 KB schema of 1,000 patterned strings compiles for minutes in the background, and on 2 cores its
+# 2 workers took the CPU of the engine's step thread: another tenant's 150-token stream took 184 s
+# instead of 28 s (46 s reniced)
 COMPILE_NICENESS = 19
+# and not before: niced from its start, a regex of 0.19 CPU-s took 7 to 27 s beside 2 busy cores and was
+# refused past the 5 s timeout (as on CI, 2026-12-07); at the server's nice 0.5 to 1.3 s. CPU time,
+# not wall time: a wall-clock grace of 0.5 s let it pass the grace on the busy box and crawl (2.6 to
+# 10 s); 1 CPU-s costs another tenant's stream ~0.5 s once per slow compile (bench/compile_priority.py)
+COMPILE_GRACE_CPU_S = 1.0
+# how often the caller reads its compile's CPU time during the grace (a read: ~2 ms of CPU among 100
+# threads; a compile on 2 cores may pass the grace by up to 0.2 CPU-s)
+_GRACE_POLL_S = 0.1
+_names = itertools.count()  # a compile thread's name: nlgram-<n>, unique while it runs
 _KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
@@ -154,8 +166,10 @@ class GrammarCompiler:
     another spec at once, so that one tenant's slow specs hold one slot, never all of them; and it gives
     its slot back to run on as one of at most :data:`MAX_OVERDUE` such compiles (keeping it while those
     are all running), so that the slow specs of a few tenants do not hold every slot for the minutes
-    they take. On Linux the compile's thread and the workers xgrammar starts from it run at
-    :data:`COMPILE_NICENESS` above the server's nice value, so that such a compile takes the CPU the
+    they take. On Linux a compile runs at its caller's priority until its threads have used
+    :data:`COMPILE_GRACE_CPU_S` (or its caller's timeout passed), so that a small spec compiles as
+    fast as any other work on a busy server, and from then on, its thread and the workers xgrammar
+    started from it, at :data:`COMPILE_NICENESS` above it, so that a slow compile takes the CPU the
     engine's step thread leaves, not the CPU the other tenants' streams need. A tenant's callers of the
     same spec share its compile. Compiled grammars are kept by tenant and spec, at most
     :data:`MAX_CACHED` within :data:`MAX_CACHED_BYTES` (past either, the least recently used of the
@@ -211,15 +225,44 @@ class GrammarCompiler:
             job = self._jobs.get(key)
             if job is None:
                 self._claim(spec, key, tenant)
+        watch = job is None
         if job is None:
             job = self._start(spec, key, tenant)
-        if not job.done.wait(self.timeout_s):
+        if not self._wait(job, watch):
             self._overdue_slot(job)
             raise RequestError(f"{spec.param}: the {spec.kind} did not compile within {self.timeout_s:g} s (too "
                                "complex: a large repetition count or nesting)", spec.param)
         if job.error is not None:
             raise RequestError(f"{spec.param}: {job.error}", spec.param)
         return self._keep(spec, job.grammar)
+
+    def _wait(self, job: _Job, watch: bool) -> bool:
+        """Whether ``job`` ended within ``timeout_s``. ``watch`` (its first caller, who started it): nice
+        it once its threads have used :data:`COMPILE_GRACE_CPU_S` together; any caller: at the timeout
+        (again: a worker it was starting during the first renice may have kept the server's nice value)."""
+        deadline = time.monotonic() + self.timeout_s
+        used: dict[int, float] = {}  # thread -> CPU seconds (a worker that ended keeps its last count)
+        while watch and not job.niced:
+            if job.done.wait(max(0.0, min(_GRACE_POLL_S, deadline - time.monotonic()))):
+                return True
+            if time.monotonic() >= deadline:
+                break
+            used.update(named_threads(job.name))
+            if sum(used.values()) >= COMPILE_GRACE_CPU_S:
+                self._nice(job)
+        if job.done.wait(max(0.0, deadline - time.monotonic())):
+            return True
+        self._nice(job)
+        return False
+
+    def _nice(self, job: _Job) -> None:
+        """Renice ``job``'s threads (its own, xgrammar's workers: all named ``job.name``) to ``job.nice``;
+        a job whose thread has not started yet nices itself when it does."""
+        with self._lock:
+            job.niced = True
+            started = job.started
+        if started:
+            renice_named(job.name, job.nice)
 
     def _keep(self, spec: StructuredOutputs, grammar):
         object.__setattr__(spec, "compiled", (self, grammar))
@@ -251,7 +294,7 @@ class GrammarCompiler:
                 if tenant is not None and self._tenants.get(tenant) == key:
                     del self._tenants[tenant]
                 return job if job is not None else _Job.finished(self._cached[key])
-            job = self._jobs[key] = _Job()
+            job = self._jobs[key] = _Job(f"nlgram-{next(_names) % 10 ** 8}", thread_nice() + COMPILE_NICENESS)
         threading.Thread(target=self._run, args=(compiler, spec, key, tenant, job), name="nlora-grammar",
                          daemon=True).start()
         return job
@@ -270,7 +313,12 @@ class GrammarCompiler:
 
     def _run(self, compiler, spec: StructuredOutputs, key: tuple, tenant: str | None, job: _Job) -> None:
         try:
-            lower_thread_priority(COMPILE_NICENESS)
+            name_thread(job.name)  # before xgrammar's workers start: they inherit it
+            with self._lock:
+                job.started = True
+                niced = job.niced
+            if niced:
+                lower_thread_priority(job.nice)
             grammar = _compile(compiler, spec)
             if not _allows_a_token(grammar, self.vocab_size):
                 job.error = (f"the {spec.kind} matches no text this model's tokens can write (no token, not even "
@@ -321,26 +369,17 @@ class GrammarCompiler:
         return xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=sorted(stop_ids) if stop_ids else None)
 
 
-def lower_thread_priority(niceness: int) -> None:
-    """Raise the calling thread's nice value by ``niceness`` (at most 19), on Linux, where a thread
-    has its own and threads it starts inherit it; elsewhere (``setpriority`` would renice the whole
-    process) and where the system refuses, nothing changes."""
-    if not sys.platform.startswith("linux") or niceness <= 0:
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
-    except OSError:
-        pass
-
-
 class _Job:
-    """One compile in flight: its result once ``done`` is set (a grammar, or an error's words)."""
+    """One compile in flight: its result once ``done`` is set (a grammar, or an error's words).
+    ``name``: its thread's, inherited by xgrammar's workers; ``nice``: their nice value once niced."""
 
-    __slots__ = ("done", "grammar", "error", "overdue", "ended")
+    __slots__ = ("done", "grammar", "error", "overdue", "ended", "name", "nice", "started", "niced")
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "", nice: int = 19) -> None:
         self.done, self.grammar, self.error = threading.Event(), None, None
+        self.name, self.nice = name, min(19, nice)
+        self.started = False  # its thread named (set under the compiler's lock)
+        self.niced = False  # past its grace or timeout: its thread nices itself at its start if not started yet
         self.overdue = False  # holds an overdue slot (past its caller's timeout), not a compile slot
         self.ended = False  # its slot released (set under the compiler's lock)
 

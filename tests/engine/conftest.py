@@ -23,9 +23,9 @@ def make_engine(base_fp32):
                                       max_model_len=max_model_len),
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks))
         engines.append(LLMEngine(config, base_fp32))
-        # the compile thread runs at nice 19: on CI's 2 saturated cores a spec that compiles in
-        # milliseconds once waited past the 5 s deadline (test_structured[sentence], 2026-12-07);
-        # these tests check the tokens a grammar allows, not the deadline (test_structured_compiler's)
+        # these tests check the tokens a grammar allows, not the deadline (test_structured_compiler's):
+        # on CI's 2 saturated cores a spec that compiles in 0.2 s once waited past 5 s
+        # (test_structured[sentence], 2026-12-07, when compiles ran at nice 19 from their start)
         engines[-1].core.grammars.timeout_s = 60.0
         return engines[-1]
 
