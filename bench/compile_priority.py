@@ -1,4 +1,4 @@
-"""A grammar compile's CPU priority (engine/structured.py): small specs on a busy server, and a huge
+"""A grammar compile's CPU priority (engine/grammar_compiler.py): small specs on a busy server, and a huge
 spec's compile beside another tenant's stream, under these rules side by side:
 
 - ``nice0``: never niced (the rule before session 27);
@@ -29,25 +29,25 @@ import sys
 import threading
 import time
 
-from nlora_serve.engine.structured import COMPILE_GRACE_CPU_S as GRACE_CPU_S
+from nlora_serve.engine.grammar_compiler import COMPILE_GRACE_CPU_S as GRACE_CPU_S
 
 RULES = {"nice0": 0, "nice19": 19, "nice10": 10, "grace": 19}  # rule -> COMPILE_NICENESS
 
 
 def set_rule(rule: str) -> None:
-    from nlora_serve.engine import structured
+    from nlora_serve.engine import grammar_compiler
     from nlora_serve.engine.thread_priority import lower_thread_priority, thread_nice
 
-    real = getattr(structured._compile, "real", structured._compile)
+    real = getattr(grammar_compiler._compile, "real", grammar_compiler._compile)
 
     def niced_from_start(compiler, spec):  # the rule before: no grace
         lower_thread_priority(thread_nice() + RULES[rule])
         return real(compiler, spec)
 
     niced_from_start.real = real
-    structured.COMPILE_NICENESS = RULES[rule]
-    structured.COMPILE_GRACE_CPU_S = GRACE_CPU_S if rule == "grace" else float("inf")
-    structured._compile = real if rule == "grace" else niced_from_start
+    grammar_compiler.COMPILE_NICENESS = RULES[rule]
+    grammar_compiler.COMPILE_GRACE_CPU_S = GRACE_CPU_S if rule == "grace" else float("inf")
+    grammar_compiler._compile = real if rule == "grace" else niced_from_start
 
 
 def small_specs(i: int):
@@ -75,7 +75,7 @@ def run_small(busy: int, reps: int) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from nlora_serve.engine.structured import GrammarCompiler
+    from nlora_serve.engine.grammar_compiler import GrammarCompiler
     from nlora_serve.models import resolve_model
 
     torch.set_num_threads(1)

@@ -25,7 +25,8 @@ from nlora_serve.engine.eos import eos_tokens
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.sequence import Sequence
 from nlora_serve.engine.step_output import sample_step
-from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs, mask_rows
+from nlora_serve.engine.grammar_compiler import GrammarCompiler
+from nlora_serve.engine.structured import StructuredOutputs, mask_rows
 from nlora_serve.models import load_base, resolve_model
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},

@@ -32,7 +32,8 @@ Modules, one line each, in the order a request meets them::
     step_output.py       sampling on the device and the step's one read-back (SampledStep)
     sampling.py          SamplingParams and the batched sampler
     token_masks.py       allowed_token_ids and bad_words masks
-    structured.py        structured outputs: grammars compiled by xgrammar, their token masks
+    structured.py        structured outputs: the spec (StructuredOutputs), its token masks
+    grammar_compiler.py  specs compiled by xgrammar within a timeout, per-tenant slots, their cache
     prompt_logprobs.py   prompt log-probabilities: which prompt positions a step scores, their read-back
     eos.py               a request's EOS and stop token ids, as vLLM takes them
     detokenizer.py       tokens -> streamed text, stop strings
@@ -49,6 +50,7 @@ Around them (start-up, memory and threads)::
     piecewise_graphs.py  prefill and mixed steps as piecewise CUDA graphs
     graph_safety.py      a CPU check that a step can be captured
     threads.py           torch's CPU threads belong to the step thread
+    thread_priority.py   per-thread nice values: a long grammar compile yields the CPU to the step thread
     host_memory.py       the serving process's C allocator
     vllm_backend/        the same Engine interface on vLLM's AsyncLLM (DESIGN §8)
 """

@@ -34,7 +34,8 @@ from nlora_serve.engine.sampling import RequestError, SamplingParams
 from nlora_serve.engine.scheduler import ScheduledBatch, Scheduler
 from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nlora_serve.engine.step_output import SampledStep, sample_step
-from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs
+from nlora_serve.engine.grammar_compiler import GrammarCompiler
+from nlora_serve.engine.structured import StructuredOutputs
 from nlora_serve.engine.threads import on_device
 from nlora_serve.engine.token_masks import bad_words_token_ids, check_a_first_token
 from nlora_serve.engine.warmup import warm_up

@@ -13,7 +13,8 @@ from nlora_serve.engine.device_values import to_device
 from nlora_serve.engine.eos import EosTokens
 from nlora_serve.engine.sampling import SamplingParams
 from nlora_serve.engine.sequence import Sequence
-from nlora_serve.engine.structured import GrammarCompiler, allows_a_token
+from nlora_serve.engine.grammar_compiler import GrammarCompiler
+from nlora_serve.engine.structured import allows_a_token
 from nlora_serve.engine.token_masks import bad_words_token_ids
 
 

@@ -1,4 +1,4 @@
-"""The structured-output compiler's bounds (engine/structured.py), on the default model's tokenizer
+"""The structured-output compiler's bounds (engine/grammar_compiler.py), on the default model's tokenizer
 alone: vLLM 0.32's JSON nesting limit (depths counted by hand), specs that allow no token refused
 at compile time, one compile slot per tenant while its slow compile runs on, and a request's
 compiled grammar kept with its spec once the cache has dropped it. A slow compile is the real
@@ -13,9 +13,10 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from nlora_serve.engine import structured
+from nlora_serve.engine import grammar_compiler
 from nlora_serve.engine.sampling import RequestError
-from nlora_serve.engine.structured import MAX_COMPILING, CompileBusy, GrammarCompiler, StructuredOutputs
+from nlora_serve.engine.grammar_compiler import MAX_COMPILING, CompileBusy, GrammarCompiler
+from nlora_serve.engine.structured import StructuredOutputs
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +82,14 @@ def test_a_spec_no_token_can_start_is_refused_at_compile_time(compiler, spec):
 def gated(monkeypatch, slow: set[str]) -> threading.Event:
     """Hold the compile of every spec whose text is in ``slow`` until the returned event is set
     (then it compiles for real): a compile that runs past its caller's timeout."""
-    gate, compile_for_real = threading.Event(), structured._compile
+    gate, compile_for_real = threading.Event(), grammar_compiler._compile
 
     def compile_(compiler, spec):
         if spec.text in slow:
             gate.wait(60)
         return compile_for_real(compiler, spec)
 
-    monkeypatch.setattr(structured, "_compile", compile_)
+    monkeypatch.setattr(grammar_compiler, "_compile", compile_)
     return gate
 
 
@@ -116,7 +117,7 @@ def test_a_tenants_slow_specs_hold_one_slot_and_others_compile_meanwhile(compile
 def test_a_compiled_spec_survives_its_eviction_from_the_cache(compiler, monkeypatch):
     """The engine looks a request's grammar up again at admission (the event loop) and for its
     matcher (the step thread): once the cache has dropped it, it was compiled again there."""
-    monkeypatch.setattr(structured, "MAX_CACHED", 2)
+    monkeypatch.setattr(grammar_compiler, "MAX_CACHED", 2)
     spec = StructuredOutputs(json='{"type": "object", "properties": {"a": {"type": "integer"}}}')
     first = compiler.compile(spec, tenant="bob")
     for i in range(3):  # bob's own newer specs (another tenant's would evict their own first)
@@ -135,9 +136,9 @@ def test_the_cache_holds_its_bytes_bound(compiler, monkeypatch):
     grammars whose memory_size_bytes (xgrammar's own count) fit MAX_CACHED_BYTES."""
     specs = [StructuredOutputs(regex="a" * 20_000 + c) for c in "bcd"]
     sizes = [compiler.compile(spec).memory_size_bytes for spec in specs[:1]]
-    monkeypatch.setattr(structured, "MAX_CACHED_BYTES", int(sizes[0] * 2.5))  # room for two of them
+    monkeypatch.setattr(grammar_compiler, "MAX_CACHED_BYTES", int(sizes[0] * 2.5))  # room for two of them
     sizes += [compiler.compile(spec).memory_size_bytes for spec in specs[1:]]
-    assert compiler.cached_bytes == sizes[1] + sizes[2] <= structured.MAX_CACHED_BYTES
+    assert compiler.cached_bytes == sizes[1] + sizes[2] <= grammar_compiler.MAX_CACHED_BYTES
     gate = gated(monkeypatch, {spec.text for spec in specs})  # a compile from here runs past its timeout
     compiler.timeout_s = 0.0
     for spec in specs[1:]:
@@ -153,8 +154,9 @@ def test_a_tenant_never_meets_another_tenants_compile(compiler, monkeypatch):
     every try), so it could test guesses of another tenant's schema. Now each tenant compiles its own,
     cached or in flight, as the prefix cache is salted per tenant."""
     gate = gated(monkeypatch, {"in-flight[0-9]"})
-    compiled, compile_gated = [], structured._compile
-    monkeypatch.setattr(structured, "_compile", lambda c, spec: compiled.append(spec.text) or compile_gated(c, spec))
+    compiled, compile_gated = [], grammar_compiler._compile
+    monkeypatch.setattr(grammar_compiler, "_compile",
+                        lambda c, spec: compiled.append(spec.text) or compile_gated(c, spec))
     secret = '{"type": "object", "properties": {"diagnosis": {"type": "string"}}}'
     compiler.compile(StructuredOutputs(json=secret), tenant="bob")
     compiler.compile(StructuredOutputs(json=secret), tenant="bob")  # bob's own repeat: a lookup
@@ -177,9 +179,10 @@ def test_a_tenants_stream_of_new_specs_evicts_its_own_grammars_first(compiler, m
     """Plain LRU: a tenant sending new specs pushed every other tenant's grammar out (28 regexes of
     64 KB fill the 512 MiB), and each of their requests compiled again, up to 5 s. Now, past a bound,
     the tenant holding the most loses its least recent; the others keep theirs."""
-    monkeypatch.setattr(structured, "MAX_CACHED", 4)
-    compiled, compile_for_real = [], structured._compile
-    monkeypatch.setattr(structured, "_compile", lambda c, spec: compiled.append(spec.text) or compile_for_real(c, spec))
+    monkeypatch.setattr(grammar_compiler, "MAX_CACHED", 4)
+    compiled, compile_for_real = [], grammar_compiler._compile
+    monkeypatch.setattr(grammar_compiler, "_compile",
+                        lambda c, spec: compiled.append(spec.text) or compile_for_real(c, spec))
     kept = {"bob": StructuredOutputs(regex="bob[0-9]"), "carol": StructuredOutputs(regex="carol[0-9]")}
     for tenant, spec in kept.items():
         compiler.compile(spec, tenant)
@@ -191,9 +194,10 @@ def test_a_tenants_stream_of_new_specs_evicts_its_own_grammars_first(compiler, m
     compiler.compile(StructuredOutputs(regex="flood5"), tenant="flood")  # its newest two stayed
     compiler.compile(StructuredOutputs(regex="flood4"), tenant="flood")
     assert len(compiled) == 8
-    monkeypatch.setattr(structured, "MAX_CACHED_BYTES", compiler.cached_bytes - 1)  # the bytes bound: the same rule
+    # the bytes bound: the same rule
+    monkeypatch.setattr(grammar_compiler, "MAX_CACHED_BYTES", compiler.cached_bytes - 1)
     compiler.compile(StructuredOutputs(regex="bob[a-z]"), tenant="bob")
-    assert compiler.cached_bytes <= structured.MAX_CACHED_BYTES
+    assert compiler.cached_bytes <= grammar_compiler.MAX_CACHED_BYTES
     compiler.compile(StructuredOutputs(regex="carol[0-9]"), tenant="carol")
     assert len(compiled) == 9
 
@@ -217,8 +221,8 @@ def test_a_compile_runs_at_its_callers_priority_for_its_cpu_grace_then_niced_wit
     5 s timeout, and was refused. A compile now runs at its caller's nice value until its threads
     have used COMPILE_GRACE_CPU_S, however long it waits for a CPU, then it and the workers it
     started (xgrammar starts them at once) run niced."""
-    monkeypatch.setattr(structured, "COMPILE_GRACE_CPU_S", 0.05)
-    seen, compile_for_real = {}, structured._compile
+    monkeypatch.setattr(grammar_compiler, "COMPILE_GRACE_CPU_S", 0.05)
+    seen, compile_for_real = {}, grammar_compiler._compile
 
     def compile_(compiler, spec):
         me, finish = threading.get_native_id(), threading.Event()
@@ -243,9 +247,9 @@ def test_a_compile_runs_at_its_callers_priority_for_its_cpu_grace_then_niced_wit
     caller = niceness(threading.get_native_id())
     if caller >= 19:
         pytest.skip("the tests already run at the largest nice value")
-    expected = min(19, caller + structured.COMPILE_NICENESS)
+    expected = min(19, caller + grammar_compiler.COMPILE_NICENESS)
     assert compiler.compile(StructuredOutputs(regex="[0-9]{3}"), tenant="bob") is not None
-    monkeypatch.setattr(structured, "_compile", compile_)
+    monkeypatch.setattr(grammar_compiler, "_compile", compile_)
     assert compiler.compile(StructuredOutputs(regex="[0-9]{4}"), tenant="bob") is not None
     # before: niced from the first instruction (caller + 19 at start)
     assert seen == {"compile at start": caller, "compile after a wait": caller, "worker at start": caller,
@@ -262,12 +266,12 @@ def test_compiles_past_their_timeout_give_their_slot_to_other_tenants(compiler, 
     """Two tenants' slow specs (a 50 KB schema compiles for minutes) held both compile slots: every
     other tenant's new spec was refused, 'busy compiling other specs', until they ended. A compile
     past its caller's timeout now runs on as one of MAX_OVERDUE; past those it keeps its slot."""
-    floods = [f"flood{i}" for i in range(structured.MAX_OVERDUE + MAX_COMPILING)]
+    floods = [f"flood{i}" for i in range(grammar_compiler.MAX_OVERDUE + MAX_COMPILING)]
     slow = {tenant: f"{tenant}[a-z]" for tenant in floods}
     gate = gated(monkeypatch, set(slow.values()))
     compiler.timeout_s = 0.2
     for i, tenant in enumerate(floods):
-        if i == structured.MAX_OVERDUE:
+        if i == grammar_compiler.MAX_OVERDUE:
             assert compiler.compile(StructuredOutputs(regex="bob[0-9]"), tenant="bob") is not None  # before: busy
         with pytest.raises(RequestError, match="did not compile within 0.2 s"):
             compiler.compile(StructuredOutputs(regex=slow[tenant]), tenant=tenant)
@@ -277,6 +281,7 @@ def test_compiles_past_their_timeout_give_their_slot_to_other_tenants(compiler, 
     compiler.timeout_s = 30.0
     for tenant in floods:  # each compile ended and gave back its slot; its grammar is cached
         assert compiler.compile(StructuredOutputs(regex=slow[tenant]), tenant=tenant) is not None
-    specs = [StructuredOutputs(regex=f"after{i}[0-9]") for i in range(structured.MAX_OVERDUE + MAX_COMPILING)]
+    specs = [StructuredOutputs(regex=f"after{i}[0-9]")
+             for i in range(grammar_compiler.MAX_OVERDUE + MAX_COMPILING)]
     for i, spec in enumerate(specs):
         assert compiler.compile(spec, tenant=f"t{i}") is not None

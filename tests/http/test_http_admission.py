@@ -19,7 +19,7 @@ from http_harness import client, headers_only, read_response, scrape
 from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
-from nlora_serve.engine.structured import CompileBusy
+from nlora_serve.engine.grammar_compiler import CompileBusy
 from nlora_serve.serving.server import shutdown_reason, wait_idle
 from nlora_serve.serving.status import Draining, QueueFull, http_status_of, status_of
 from nlora_serve.engine.sampling import RequestError

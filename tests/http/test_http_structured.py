@@ -17,7 +17,7 @@ import pytest
 
 from grpc_harness import TENANT_KEYS
 from http_harness import TENANTS, client
-from nlora_serve.engine import structured
+from nlora_serve.engine import grammar_compiler
 
 LORA = "lora-rslora"  # granted to lora-co
 assert TENANTS[LORA] == "lora-co"
@@ -197,14 +197,14 @@ def test_a_compile_that_runs_on_holds_no_other_tenants_prompt_back(http_server, 
     """base-co's spec compiles slowly (held at a gate): lora-co's plain request is answered meanwhile.
     Before, the compile's wait ran on the one tokenizer thread, and every other tenant's prompt
     waited behind it (up to 10 s a spec; a flooding tenant doubled the others' TTFT)."""
-    gate, compile_for_real = threading.Event(), structured._compile
+    gate, compile_for_real = threading.Event(), grammar_compiler._compile
 
     def compile_(compiler, spec):
         if spec.text == "slow[a-z]":
             gate.wait(60)
         return compile_for_real(compiler, spec)
 
-    monkeypatch.setattr(structured, "_compile", compile_)
+    monkeypatch.setattr(grammar_compiler, "_compile", compile_)
     monkeypatch.setattr(http_server.engine.core.grammars, "timeout_s", 60.0)
     model, key = _server_model(http_server, "base-co")
     answers = []

@@ -33,7 +33,8 @@ from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, ENGINE_FAILED_MESSAGE, 
 from nlora_serve.engine.token_masks import bad_words_token_ids
 from nlora_serve.engine.request_checks import check_request, fit_to_context, unloaded_reason
 from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.structured import GrammarCompiler, StructuredOutputs
+from nlora_serve.engine.grammar_compiler import GrammarCompiler
+from nlora_serve.engine.structured import StructuredOutputs
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
 from nlora_serve.engine.vllm_backend.fold_cache import FoldCache
 from nlora_serve.engine.vllm_backend.fold_folders import fold_folder, release_fold_folder
