@@ -10,7 +10,8 @@ Modules, by concern::
     reading and writing an adapter folder
       keys.py          tensor key names <-> (layer, module, part)
       config.py        adapter_config.json: parse, validate, which modules are adapted, scaling
-      file_read.py     an adapter folder's files read whole (never mapped, no FIFO or device opened)
+      file_read.py     an adapter folder's files read whole (never mapped, no FIFO or device opened),
+                       the folder checked before any read (check_folder)
       format.py        safetensors bytes in (reading only; never a pickle)
       bounds.py        the values an adapter may hold so that serving it stays finite
       loader.py        read_adapter: one folder validated against a base model

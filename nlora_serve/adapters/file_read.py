@@ -1,5 +1,7 @@
 """An adapter folder's files read whole into memory with read(2): never memory-mapped, never
-blocking, nothing opened but a regular file. Torch-free (config.py reads adapter_config.json here).
+blocking, nothing opened but a regular file; and a folder refused before any of its files is read
+when one is no regular file or they are over --max-adapter-bytes together (:func:`check_folder`).
+Torch-free (config.py reads adapter_config.json here).
 
 Why not a mapping: safetensors' ``safe_open`` maps the file, and a page of a mapping past the end of
 a file truncated meanwhile raises SIGBUS on access, which kills the process; a read of such a file
@@ -14,7 +16,7 @@ import os
 import stat
 from pathlib import Path
 
-from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.adapters.store.layout import ALLOWED_FILES, DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.errors import AdapterError
 
 
@@ -54,3 +56,40 @@ def read_file(path: Path, max_bytes: int | None = DEFAULT_MAX_ADAPTER_BYTES,
             return f.read(size)
     except OSError as exc:
         raise AdapterError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def check_folder(adapter_dir: Path, max_bytes: int) -> None:
+    """Refuse, before reading anything, an adapter folder whose files are no regular files
+    (:func:`_check_regular`) or are over ``max_bytes`` (--max-adapter-bytes) together.
+
+    Raises:
+        AdapterError: naming the folder and the file or the sizes.
+    """
+    total = _check_regular(Path(adapter_dir))
+    if total > max_bytes:
+        raise AdapterError(f"{adapter_dir}: {' + '.join(ALLOWED_FILES)} are {total} bytes, over the server's "
+                           f"--max-adapter-bytes {max_bytes}")
+
+
+def _check_regular(adapter_dir: Path) -> int:
+    """Refuse an adapter file of ``adapter_dir`` that exists but is no regular file (links to one
+    are fine: a Hugging Face snapshot's files are links to its blobs). A FIFO would block its
+    reader for good, and a link to /dev/zero or /dev/urandom would be read until memory runs out.
+    Returns the bytes of those files together (missing ones count 0).
+
+    Raises:
+        AdapterError: naming the file and what it is.
+    """
+    total = 0
+    for file in ALLOWED_FILES:
+        try:
+            found = (adapter_dir / file).stat()
+        except (OSError, ValueError):  # missing (the readers name it), or not statable
+            continue
+        mode = found.st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
+            raise AdapterError(f"{adapter_dir}: {file} is {kind}, not a regular file; an adapter folder holds "
+                               f"{' and '.join(ALLOWED_FILES)} as files (or links to files)")
+        total += found.st_size
+    return total

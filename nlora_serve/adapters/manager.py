@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from nlora_serve.adapters.family import FamilyResolver, import_family
+from nlora_serve.adapters.file_read import check_folder
 from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
 from nlora_serve.adapters.pool import Placement
@@ -363,45 +363,8 @@ class AdapterManager:
         return self.registry.versions()
 
 
-def check_folder(adapter_dir: Path, max_bytes: int) -> None:
-    """Refuse, before reading anything, an adapter folder whose files are no regular files
-    (:func:`_check_regular`) or are over ``max_bytes`` (--max-adapter-bytes) together.
-
-    Raises:
-        AdapterError: naming the folder and the file or the sizes.
-    """
-    total = _check_regular(Path(adapter_dir))
-    if total > max_bytes:
-        raise AdapterError(f"{adapter_dir}: {' + '.join(ALLOWED_FILES)} are {total} bytes, over the server's "
-                           f"--max-adapter-bytes {max_bytes}")
-
-
 def _read_at_most(path: Path, limit: int) -> bytes:
     """The first ``limit`` + 1 bytes of ``path`` at most: a file grown since it was sized is not
     read whole."""
     with open(path, "rb") as f:
         return f.read(limit + 1)
-
-
-def _check_regular(adapter_dir: Path) -> int:
-    """Refuse an adapter file of ``adapter_dir`` that exists but is no regular file (links to one
-    are fine: a Hugging Face snapshot's files are links to its blobs). A FIFO would block its
-    reader for good, and a link to /dev/zero or /dev/urandom would be read until memory runs out.
-    Returns the bytes of those files together (missing ones count 0).
-
-    Raises:
-        AdapterError: naming the file and what it is.
-    """
-    total = 0
-    for file in ALLOWED_FILES:
-        try:
-            found = (adapter_dir / file).stat()
-        except (OSError, ValueError):  # missing (the readers name it), or not statable
-            continue
-        mode = found.st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
-            raise AdapterError(f"{adapter_dir}: {file} is {kind}, not a regular file; an adapter folder holds "
-                               f"{' and '.join(ALLOWED_FILES)} as files (or links to files)")
-        total += found.st_size
-    return total

@@ -137,7 +137,7 @@ def _check_for_vllm(named: list[tuple[str, str]], base, limits) -> None:
         AdapterError: naming the flag: ``--adapter NAME=DIR: <why>``.
     """
     from nlora_serve.adapters.loader import read_adapter
-    from nlora_serve.adapters.manager import check_folder
+    from nlora_serve.adapters.file_read import check_folder
     from nlora_serve.engine.vllm_backend.adapters import check_servable
 
     for name, folder in named:
