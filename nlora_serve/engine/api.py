@@ -200,8 +200,10 @@ class Engine(abc.ABC):
         Raises:
             RequestError: invalid prompt or parameters, a prompt that leaves no room in
                 max_model_len for one generated token, or min_tokens over the room it leaves
-                (:func:`check_request`, :func:`fit_to_context`; at once, nothing queued, no KV block
-                used). A max_tokens over the room left is lowered to it, as vLLM lowers it.
+                (engine/request_checks.py's
+                :func:`~nlora_serve.engine.request_checks.check_request` and
+                :func:`~nlora_serve.engine.request_checks.fit_to_context`; at once, nothing queued,
+                no KV block used). A max_tokens over the room left is lowered to it, as vLLM lowers it.
             AdapterNotFound: no adapter of that name (never the base model instead), or it was
                 unloaded since ``held`` was taken.
             AdapterLoadFailed: an evicted adapter's files could not be read back. (A request whose
