@@ -276,6 +276,47 @@ def test_serve_exits_at_once_past_a_step_thread_stuck_in_its_step(make_engine, m
     engine._thread.join(10)
 
 
+def test_serve_on_a_dead_engine_exits_past_an_admin_call_stuck_in_the_loops_executor(monkeypatch):
+    """asyncio.run (3.11) joins its default executor's threads without a time limit as the loop
+    closes: an admin call in asyncio.to_thread that waits on the hung step (or a store's fsync) held
+    the process there, before run_serve's exit_now. Now a dead engine's loop waits
+    STUCK_STEP_JOIN_SECONDS for them, then the process exits at once naming the thread. No engine."""
+    import argparse
+    from types import SimpleNamespace
+
+    from nlora_serve.serving.commands import serve as serve_cli
+
+    blocked, exits = threading.Event(), []
+    engine = SimpleNamespace(dead_reason=None, shutdown=lambda: None)
+
+    def exit_now(code, why):
+        exits.append((code, why))
+        raise SystemExit(code)
+
+    async def serving(server, adapters, batch):  # an admin call handed to its thread, then the engine died
+        asyncio.ensure_future(asyncio.to_thread(blocked.wait))
+        await asyncio.sleep(0.05)
+        engine.dead_reason = "an engine step has run for 2.0 s (limit 1 s, --engine-step-timeout)"
+        return False
+
+    monkeypatch.setattr(serve_cli, "build", lambda args, flags: (engine, object(), [], None))
+    monkeypatch.setattr(serve_cli, "serve", serving)
+    monkeypatch.setattr(serve_cli, "freeze_startup_heap", lambda: None)
+    monkeypatch.setattr(serve_cli, "exit_now", exit_now)
+    monkeypatch.setattr(serve_cli, "STUCK_STEP_JOIN_SECONDS", 0.1)
+    freed = threading.Timer(5.0, blocked.set)  # before: the close waited for the call, freed here
+    freed.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(SystemExit):
+            serve_cli.run_serve(argparse.Namespace(backend="vllm"))
+        assert time.monotonic() - started < 3, "the loop's close waited for the stuck admin call"
+        assert exits == [(1, "the event loop's worker threads asyncio_0 are still in their calls")]
+    finally:
+        freed.cancel()
+        blocked.set()
+
+
 def test_generate_cli_on_a_hung_step_says_so_and_exits_past_the_stuck_thread(base_fp32, base_model_dir,
                                                                               monkeypatch, capsys):
     """`nlora-serve generate` read its stream until the last token: a hung step's never came, and

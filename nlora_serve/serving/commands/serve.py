@@ -41,7 +41,7 @@ from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.serving.commands.example_tenants import ensure_example_tenants
-from nlora_serve.serving.commands.exit_now import STUCK_STEP_JOIN_SECONDS, exit_now
+from nlora_serve.serving.commands.exit_now import STUCK_STEP_JOIN_SECONDS, LoopThreads, exit_now
 from nlora_serve.serving.generation_config import SamplingDefaults, sampling_defaults
 from nlora_serve.serving.grpc_api.convert import server_info
 from nlora_serve.serving.server import NloraServer
@@ -315,8 +315,9 @@ async def _watch_engine(engine, stop: asyncio.Event, every: float = ENGINE_WATCH
 def run_serve(args: argparse.Namespace, flags: ServeFlags | None = None) -> int:
     """Run ``serve`` until a signal; returns 0 after a graceful drain (also when requests had to be
     aborted at the end of the grace period: that is logged), 1 when it stopped because the engine
-    died; where the native engine's step thread is still in a hung step then, the process exits 1
-    at once instead (exit_now.py: the interpreter's teardown could wait behind that step).
+    died; where the native engine's step thread is still in a hung step then, or a call in the
+    event loop's worker threads (an admin call) has not returned within STUCK_STEP_JOIN_SECONDS, the
+    process exits 1 at once instead (exit_now.py: the interpreter's teardown could wait behind it).
     ``flags``: serve_checks.py's answer for ``args`` where the caller ran it (None: :func:`build`
     runs it).
 
@@ -327,9 +328,18 @@ def run_serve(args: argparse.Namespace, flags: ServeFlags | None = None) -> int:
     # workers are processes of their own, which take their threads themselves)
     with _hup_not_serving(), threads_for_engine() if args.backend == "native" else contextlib.nullcontext():
         engine, server, adapters, batch = build(args, flags)
+        # asyncio.run's default executor, whose threads the loop's close joins (admin calls): not for
+        # ever where the engine is dead, as a call there may wait on its hung step (exit_now.py)
+        threads = LoopThreads(thread_name_prefix="asyncio")
         try:
             freeze_startup_heap()
-            drained = asyncio.run(serve(server, adapters, batch))
+            with asyncio.Runner() as runner:  # asyncio.run, with the executor set first
+                runner.get_loop().set_default_executor(threads)
+                try:
+                    drained = runner.run(serve(server, adapters, batch))
+                finally:
+                    if engine.dead_reason is not None:
+                        threads.join_s = STUCK_STEP_JOIN_SECONDS
         except BaseException:
             batch.abort()  # a start that failed (a port taken): its store writes taken back; once committed, nothing
             raise
@@ -341,6 +351,8 @@ def run_serve(args: argparse.Namespace, flags: ServeFlags | None = None) -> int:
         log.error("exiting with status 1: the engine died (%s)", dead)
         if isinstance(engine, LLMEngine) and engine.step_thread_alive(STUCK_STEP_JOIN_SECONDS):
             exit_now(1, "the engine's step thread is still in its hung step")
+        if stuck := threads.busy():  # the interpreter's exit would join them
+            exit_now(1, f"the event loop's worker threads {', '.join(stuck)} are still in their calls")
         return 1
     log.info("drained, exiting" if drained else "exiting")
     return 0
