@@ -269,7 +269,7 @@ SERVE_DEFAULTS = {
 GENERATE_DEFAULTS = {
     "adapter": None, "adapter_dir": None, "add_special_tokens": True, "async_scheduling": None,
     "cache_dir": argparse.SUPPRESS, "chat_json": None, "cpu_amx": None, "cpu_gemm": None, "device": None,
-    "dtype": "auto", "enforce_eager": False, "generation_config": "auto", "gpu_memory_utilization": None,
+    "dtype": "auto", "enforce_eager": False, "engine_step_timeout": None, "generation_config": "auto", "gpu_memory_utilization": None,
     "kv_cache_memory_bytes": None, "load_format": "auto", "long_prefill_token_threshold": None,
     "long_prefill_token_threshold_adaptive": False, "max_model_len": 2048, "max_num_batched_tokens": 2048,
     "max_num_seqs": 64, "max_rank": 64, "max_tokens": None, "message": None, "model": "default",

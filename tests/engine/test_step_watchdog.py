@@ -321,7 +321,8 @@ def test_generate_cli_on_a_hung_step_says_so_and_exits_past_the_stuck_thread(bas
                                                                               monkeypatch, capsys):
     """`nlora-serve generate` read its stream until the last token: a hung step's never came, and
     nothing looked at the watchdog: the command waited for ever. It now ends with the engine's
-    death as its error line, and exits past the step thread still stuck (exit_now)."""
+    death as its error line, and exits past the step thread still stuck (exit_now). That line names
+    --engine-step-timeout, which was serve's flag alone: generate takes it too now."""
     import argparse
 
     from nlora_serve.engine.llm_engine import LLMEngine
@@ -331,8 +332,7 @@ def test_generate_cli_on_a_hung_step_says_so_and_exits_past_the_stuck_thread(bas
     release, engines, exits = threading.Event(), [], []
 
     def hung_engine(config, base):
-        engine = LLMEngine(config, base)
-        engine._watchdog.limit_s = LIMIT_S
+        engine = LLMEngine(config, base)  # its limit from --engine-step-timeout
         _patch_step(engine, lambda: release.wait(30))
         engines.append(engine)
         return engine
@@ -349,7 +349,8 @@ def test_generate_cli_on_a_hung_step_says_so_and_exits_past_the_stuck_thread(bas
     parser = argparse.ArgumentParser()
     add_generate_arguments(parser)
     args = parser.parse_args(["--model", str(base_model_dir), "--prompt", "Hi", "--max-tokens", "2", "--dtype",
-                              "float32", "--max-model-len", "64", "--kv-cache-memory-bytes", "4M"])
+                              "float32", "--max-model-len", "64", "--kv-cache-memory-bytes", "4M",
+                              "--engine-step-timeout", str(LIMIT_S)])
     started = time.monotonic()
     try:
         with pytest.raises(SystemExit):
@@ -359,6 +360,8 @@ def test_generate_cli_on_a_hung_step_says_so_and_exits_past_the_stuck_thread(bas
         err = capsys.readouterr().err.splitlines()
         assert [line for line in err if line.startswith("error: ")] == \
             [f"error: the engine is dead: {engines[0].dead_reason}"], err
+        # the reason names the flag that set the limit: generate's own since it has one (serve-only before)
+        assert engines[0].dead_reason.endswith(f"(limit {LIMIT_S:g} s, --engine-step-timeout)")
     finally:
         release.set()
     engines[0]._thread.join(10)

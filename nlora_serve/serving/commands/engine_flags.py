@@ -8,8 +8,9 @@ import re
 from collections.abc import Mapping
 
 from nlora_serve.arg_types import check_dtype, human_readable_int
-from nlora_serve.engine.config import (CPU_GEMMS, DEFAULT_CPU_KV_CACHE_BYTES, FAIR_LONG_PREFILL_TOKEN_THRESHOLD,
-                                       CacheConfig, EngineConfig, SchedulerConfig, resolve_device)
+from nlora_serve.engine.config import (CPU_GEMMS, DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_STEP_TIMEOUT_S,
+                                       FAIR_LONG_PREFILL_TOKEN_THRESHOLD, CacheConfig, EngineConfig, SchedulerConfig,
+                                       resolve_device)
 
 
 # a config dataclass's field as its __post_init__ names it: "ServerConfig.max_queue must be ..."
@@ -53,7 +54,7 @@ def group_adders(parser: argparse.ArgumentParser, groups: Mapping[str, object] |
 
 def add_device_arguments(parser: argparse.ArgumentParser, groups: Mapping[str, object] | None = None) -> None:
     """``--device``, ``--load-format``, ``--tokenizer``, ``--gpu-memory-utilization``, the CUDA graph
-    flags, ``--cpu-gemm`` / ``--cpu-amx`` and the scheduler's sizes; in ``groups``' "model", "device",
+    flags, ``--cpu-gemm`` / ``--cpu-amx``, ``--engine-step-timeout`` and the scheduler's sizes; in ``groups``' "model", "device",
     "cache" and "scheduler" groups (:func:`flag_groups`) where given."""
     d = EngineConfig.__dataclass_fields__
     m, e, c, s = group_adders(parser, groups, "model", "device", "cache", "scheduler")  # e: the engine's device
@@ -89,6 +90,13 @@ def add_device_arguments(parser: argparse.ArgumentParser, groups: Mapping[str, o
     e("--cpu-amx", action=argparse.BooleanOptionalAction, default=None,
       help="CPU, bf16: the adapter products on AMX tiles where the CPU has AMX-BF16; --no-cpu-amx keeps "
            "AVX-512 (default: on)")
+    # generate's engine is native: the reason of a hung step, which names this flag, is its error line
+    e("--engine-step-timeout", type=float, default=None, metavar="SECONDS",
+      help="native engine: the longest one engine step may run; past it the engine counts as hung (a "
+           "deadlocked kernel, a stuck op): serve's /health turns 503 and the server exits 1 for its "
+           "supervisor to restart it (vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS), generate ends with an error "
+           "(exit 2); 0: no limit (default: "
+           f"{DEFAULT_STEP_TIMEOUT_S['cpu']:g} on the CPU, {DEFAULT_STEP_TIMEOUT_S['cuda']:g} on CUDA)")
     s("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs,
       help="sequences running at once, at most (default: %(default)s)")
     s("--max-num-batched-tokens", type=human_readable_int, default=SchedulerConfig().max_num_batched_tokens,
@@ -138,6 +146,7 @@ def device_config(args: argparse.Namespace, sizes: tuple[SchedulerConfig, CacheC
     for name in ("gpu_memory_utilization", "piecewise_graphs", "cpu_gemm", "cpu_amx"):
         if getattr(args, name) is not None:  # else EngineConfig's default
             fields[name] = getattr(args, name)
+    fields.setdefault("step_timeout_s", args.engine_step_timeout)  # None: the device's default
     return EngineConfig(model=args.model, dtype=resolve_dtype(args.dtype, device), device=device,
                         load_format=args.load_format, tokenizer=args.tokenizer, scheduler=scheduler, cache=cache,
                         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **fields)

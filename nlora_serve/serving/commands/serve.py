@@ -201,8 +201,7 @@ def _engine_config(args: argparse.Namespace, limits: AdapterLimits,
     with flag_errors(args):
         return device_config(args, sizes, cache_dir=getattr(args, "cache_dir", None), adapter_dir=args.adapter_dir,
                              adapter_limits=limits, enable_prefix_caching=args.enable_prefix_caching,
-                             seed=args.seed, generation_config=args.generation_config,
-                             step_timeout_s=args.engine_step_timeout)
+                             seed=args.seed, generation_config=args.generation_config)
 
 
 def _sampling_defaults(args: argparse.Namespace, model_dir: Path) -> SamplingDefaults:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from nlora_serve.adapters.limits import DEFAULT_MAX_RANK, AdapterLimits
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.arg_types import DTYPE_CHOICES, human_readable_int, integer_arg, port_or_off_arg
-from nlora_serve.engine.config import DEFAULT_STEP_TIMEOUT_S, SCHEDULING_POLICIES, EngineConfig
+from nlora_serve.engine.config import SCHEDULING_POLICIES, EngineConfig
 from nlora_serve.errors import AdapterError
 from nlora_serve.log_format import FORMATS
 from nlora_serve.serving.commands.engine_flags import (add_device_arguments, add_generation_config_arguments,
@@ -187,11 +187,6 @@ def add_backend_arguments(parser: argparse.ArgumentParser, groups: Mapping[str, 
       help="engine: native (ours: tied tenants cost r² per site) or vllm (vLLM's AsyncLLM with its tensor/"
            "pipeline parallelism; every adapter is folded to a full plain LoRA, so tied tenants lose their "
            "memory advantage there) (default: %(default)s)")
-    a("--engine-step-timeout", type=float, default=None, metavar="SECONDS",
-      help="native engine: the longest one engine step may run; past it the engine counts as hung (a "
-           "deadlocked kernel, a stuck op): /health turns 503 and the server drains and exits 1 for its "
-           "supervisor to restart it (vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS); 0: no limit (default: "
-           f"{DEFAULT_STEP_TIMEOUT_S['cpu']:g} on the CPU, {DEFAULT_STEP_TIMEOUT_S['cuda']:g} on CUDA)")
     a("--tensor-parallel-size", type=int, default=1, help="--backend vllm: GPUs each layer is split over (default: 1)")
     a("--pipeline-parallel-size", type=int, default=1,
       help="--backend vllm: pipeline stages the layers are split into, e.g. one per node (default: 1)")
