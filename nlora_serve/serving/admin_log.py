@@ -13,8 +13,13 @@ end knows it: request_log.client_address), the status and the refusal's message:
 
 (one line; no ``from`` where the front end does not know the address). With ``serve --log-format
 json`` its values are keys of the line's object too: ``event`` ``admin_refused``, ``operation``,
-``caller``, ``is_admin``, ``client``, ``status``, ``error``; a change done (grpc_api/admin.py,
-http_api/lora_admin.py) writes ``event`` ``admin_done``, ``operation``, ``caller``, ``adapter``,
+``caller``, ``is_admin``, ``client``, ``status``, ``error``. A change done (grpc_api/admin.py,
+http_api/lora_admin.py) is logged by :func:`log_done` the same way, with the address its call came
+from (as the request log's ``client=``):
+
+    SwapAdapter by 'ops' from 10.0.0.7:51234: adapter 'lower' v3 serving (inttune-tied, rank 8) (41 ms)
+
+and the keys ``event`` ``admin_done``, ``operation``, ``caller``, ``client``, ``adapter``,
 ``adapter_version``, ``duration_ms`` where its line names them.
 
 An admin's refusals are logged one by one (operators' calls are few and each matters); a tenant
@@ -54,3 +59,16 @@ class AdminRefusals:
         else:
             self._tenants.info((what, principal.name), "%s by tenant %r%s refused (%s): %s", what, principal.name,
                                source, status, message, extra=extra)
+
+
+def log_done(logger: logging.Logger, what: str, caller: str, client: str | tuple | None, summary: str,
+             **fields: object) -> None:
+    """Log (INFO) that ``caller``'s ``what`` (an RPC or an HTTP path) changed what the server serves:
+    ``{what} by {caller!r} from {client}: {summary}`` (no ``from`` where ``client`` is None; HTTP's
+    ``request.client`` or gRPC's ``context.peer()``: request_log.client_address). ``fields``: the
+    line's values as JSON keys beside ``event`` ``admin_done``, ``operation``, ``caller``, ``client``
+    (``adapter``, ``adapter_version``, ``duration_ms``, ...)."""
+    source = "" if client is None else f" from {client_address(client)}"
+    logger.info("%s by %r%s: %s", what, caller, source, summary,
+                extra=log_format.fields(event="admin_done", operation=what, caller=caller, client=peer(client),
+                                        **fields))

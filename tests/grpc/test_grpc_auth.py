@@ -111,18 +111,22 @@ def test_admin_rpcs_need_an_admin_key_and_each_change_is_logged_naming_the_admin
         admin.unload_adapter("lora-rslora")
         admin.load_adapter("lora-rslora")
         admin.upload_adapter("inttune-nystrom-tied", CASES / "inttune-nystrom-tied")
-    said = [re.sub(r"\(\d+ ms\)$", "(N ms)", re.sub(r" from 127\.0\.0\.1:\d+ ", " from 127.0.0.1:PORT ", r.getMessage()))
-            for r in caplog.records]
+    # a change done names where its call came from too, as the refusals and the request log do
+    said = [re.sub(r"\(\d+ ms\)$", "(N ms)", re.sub(r" from 127\.0\.0\.1:\d+([ :])", r" from 127.0.0.1:PORT\1",
+                                                     r.getMessage())) for r in caplog.records]
     assert said == ["UnloadAdapter by 'ops' from 127.0.0.1:PORT refused (NOT_FOUND): adapter 'nobody' is not "
                     "registered",
-                    "UnloadAdapter by 'ops': adapter 'lora-rslora' v1 unloaded (0 requests aborted, 0 draining) (N ms)",
-                    "LoadAdapter by 'ops': adapter 'lora-rslora' v2 serving (lora, rank 16) (N ms)",
-                    "UploadAdapter by 'ops': adapter 'inttune-nystrom-tied' v2 serving (inttune-tied, rank 8) (N ms)"]
+                    "UnloadAdapter by 'ops' from 127.0.0.1:PORT: adapter 'lora-rslora' v1 unloaded (0 requests aborted, "
+                    "0 draining) (N ms)",
+                    "LoadAdapter by 'ops' from 127.0.0.1:PORT: adapter 'lora-rslora' v2 serving (lora, rank 16) (N ms)",
+                    "UploadAdapter by 'ops' from 127.0.0.1:PORT: adapter 'inttune-nystrom-tied' v2 serving "
+                    "(inttune-tied, rank 8) (N ms)"]
     entries = [json.loads(JsonFormatter().format(r)) for r in caplog.records]  # serve --log-format json
     assert [(e["event"], e["operation"], e["caller"], e.get("adapter"), e.get("adapter_version")) for e in entries] == [
         ("admin_refused", "UnloadAdapter", "ops", None, None), ("admin_done", "UnloadAdapter", "ops", "lora-rslora", 1),
         ("admin_done", "LoadAdapter", "ops", "lora-rslora", 2),
         ("admin_done", "UploadAdapter", "ops", "inttune-nystrom-tied", 2)]
+    assert all(re.fullmatch(r"127\.0\.0\.1:\d+", e["client"]) for e in entries), entries
     assert all(e["duration_ms"] >= 0 for e in entries[1:])
 
 

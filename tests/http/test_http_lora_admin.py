@@ -18,6 +18,7 @@ import requests
 from grpc_harness import ADMIN_KEY, TENANT_KEYS, RunningServer, matches_reference
 from http_harness import CASES, client, references
 from nlora_serve.client import FailedPrecondition, NloraClient
+from nlora_serve.log_format import JsonFormatter
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.serving.commands import serve as serve_cli
@@ -132,10 +133,15 @@ def test_unload_stops_serving_the_name_and_an_unknown_name_is_404(server, caplog
     running.close()
     assert (resp.status_code, resp.text) == (200, f"Success: LoRA adapter '{NAME}' removed successfully.")
     assert resp.headers["X-Draining-Requests"] == "1"
-    said = [re.sub(r"\(\d+ ms\)$", "(N ms)", r.getMessage()) for r in caplog.records]
-    assert said == [f"/v1/load_lora_adapter by 'ops': adapter '{NAME}' v1 serving (inttune-tied, rank 8) from "
-                    f"{str(CASES / CASE)!r} (N ms)",  # who changed what, as gRPC's admin RPCs log it
-                    f"/v1/unload_lora_adapter by 'ops': adapter '{NAME}' v1 unloaded (1 requests draining)"]
+    said = [re.sub(r"\(\d+ ms\)$", "(N ms)", re.sub(r" from 127\.0\.0\.1:\d+:", " from 127.0.0.1:PORT:",
+                                                     r.getMessage())) for r in caplog.records]
+    # who changed what from where, as gRPC's admin RPCs log it (and as the request log names a client)
+    assert said == [f"/v1/load_lora_adapter by 'ops' from 127.0.0.1:PORT: adapter '{NAME}' v1 serving (inttune-tied, "
+                    f"rank 8) from {str(CASES / CASE)!r} (N ms)",
+                    f"/v1/unload_lora_adapter by 'ops' from 127.0.0.1:PORT: adapter '{NAME}' v1 unloaded (1 requests "
+                    "draining)"]
+    entries = [json.loads(JsonFormatter().format(r)) for r in caplog.records]  # serve --log-format json
+    assert [(e["event"], re.sub(r":\d+$", ":PORT", e["client"])) for e in entries] == [("admin_done", "127.0.0.1:PORT")] * 2
     assert _served(server) == {}
     again = _post(server, "/v1/unload_lora_adapter", {"lora_name": NAME})
     assert again.status_code == 404 and "'model' names" not in again.json()["error"]["message"], again.text

@@ -32,7 +32,7 @@ from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.proto import nlora_pb2_grpc as pb_grpc
 from nlora_serve.serving.grpc_api import convert
 from nlora_serve.serving.grpc_api.spool import Spool
-from nlora_serve.serving.admin_log import AdminRefusals
+from nlora_serve.serving.admin_log import AdminRefusals, log_done
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.api import Engine
 from nlora_serve.serving.status import TooLarge, UploadsBusy, abort, adapter_manager, status_of
@@ -89,10 +89,8 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
             start = time.perf_counter()
             reply = await work
             ms = 1e3 * (time.perf_counter() - start)
-            log.info("%s by %r: %s (%.0f ms)", rpc, principal.name, _done(reply), ms,
-                     extra=log_format.fields(event="admin_done", operation=rpc, caller=principal.name,
-                                             adapter=reply.ref.name, adapter_version=reply.ref.version,
-                                             duration_ms=round(ms)))
+            log_done(log, rpc, principal.name, context.peer(), f"{_done(reply)} ({ms:.0f} ms)",
+                     adapter=reply.ref.name, adapter_version=reply.ref.version, duration_ms=round(ms))
             return reply
         except asyncio.CancelledError:  # the client cancelled (or went away): no refusal, the call is gone
             if principal is not None and principal.is_admin:

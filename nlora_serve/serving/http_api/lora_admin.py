@@ -38,12 +38,12 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
-from nlora_serve import log_format
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.version import AdapterNotFound, AdapterVersion, VersionConflict
 from nlora_serve.adapters.store import ALLOWED_FILES
 from nlora_serve.errors import AdapterError, NloraError, shown
 from nlora_serve.models.hub import local_or_hub
+from nlora_serve.serving.admin_log import log_done
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.status import RuntimeUpdatingOff, TooLarge, adapter_manager, http_status_of
 from nlora_serve.serving.http_api.body import parsed_json, validated
@@ -113,10 +113,10 @@ async def _load(ctx: HttpContext, request: Request, admin: Principal) -> Respons
         raise already from None
     seconds = time.perf_counter() - start
     ctx.metrics.load.observe(seconds)
-    log.info("%s by %r: adapter %r v%d serving (%s, rank %d) from %r (%.0f ms)", request.url.path, admin.name, name,
-             version.version, version.flavour, version.rank, shown(body.lora_path), 1e3 * seconds,
-             extra=log_format.fields(event="admin_done", operation=request.url.path, caller=admin.name, adapter=name,
-                                     adapter_version=version.version, duration_ms=round(1e3 * seconds)))
+    log_done(log, request.url.path, admin.name, request.client,
+             f"adapter {name!r} v{version.version} serving ({version.flavour}, rank {version.rank}) from "
+             f"{shown(body.lora_path)!r} ({1e3 * seconds:.0f} ms)", adapter=name, adapter_version=version.version,
+             duration_ms=round(1e3 * seconds))
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
@@ -135,10 +135,9 @@ async def _unload(ctx: HttpContext, request: Request, admin: Principal) -> Respo
     # running requests finish on their version; in a worker thread, as gRPC's UnloadAdapter: the unload
     # waits for the registry's write lock, held by an upload's or swap's durable write
     version = await asyncio.to_thread(ctx.engine.unload_adapter, name)
-    log.info("%s by %r: adapter %r v%d unloaded (%d requests draining)", request.url.path, admin.name, name,
-             version.version, draining,
-             extra=log_format.fields(event="admin_done", operation=request.url.path, caller=admin.name, adapter=name,
-                                     adapter_version=version.version, draining_requests=draining))
+    log_done(log, request.url.path, admin.name, request.client,
+             f"adapter {name!r} v{version.version} unloaded ({draining} requests draining)", adapter=name,
+             adapter_version=version.version, draining_requests=draining)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.",
                              headers={"X-Draining-Requests": str(draining)})
 
