@@ -100,6 +100,21 @@ def test_half_written_staging_folder_is_discarded_on_start(tmp_path):
     assert reopened.versions("acme") == [1]
 
 
+def test_a_second_open_in_the_process_leaves_the_first_stores_writes_in_flight(tmp_path):
+    # every open wiped the staging area, also one of a root this process already held open (the lock
+    # is shared in a process): that store's version being staged there went with it, and its rename
+    # into place failed. Only the first open, which took the lock, can find a crash's leftovers.
+    store = AdapterStore(tmp_path)
+    staged = tmp_path / STAGING / "acme.in-flight"  # as StoreWrites.write stages a version
+    staged.mkdir()
+    (staged / WEIGHTS_FILE).write_bytes(b"\x03" * 10)
+    again = AdapterStore(tmp_path)
+    assert (staged / WEIGHTS_FILE).read_bytes() == b"\x03" * 10
+    del store, again  # the lock goes with the last of them: the next open is a first one again
+    AdapterStore(tmp_path)
+    assert os.listdir(tmp_path / STAGING) == []
+
+
 def test_concurrent_writers_get_distinct_versions(tmp_path):
     store = AdapterStore(tmp_path)
     threads = [threading.Thread(target=store.write, args=("acme", {CONFIG_FILE: bytes([i])}))

@@ -62,9 +62,9 @@ class AdapterStore(StoreWrites):
         # serialises version allocation and renames (and factors.py's writes of _families)
         self.write_lock = threading.Lock()
         try:
-            self._clear_staging()
-            if first:  # a start killed before its commit is undone (another store of this process may hold it open)
-                journal.recover(self.root)
+            if first:  # what a crash left (another store of this process may hold it open, writing in there)
+                self._clear_staging()
+                journal.recover(self.root)  # a start killed before its commit is undone
         except BaseException:
             # let go of the lock now, not once this half-opened store is collected: while a caller kept
             # the error (its traceback holds the store), a retry in this process was no first open, and
@@ -84,7 +84,9 @@ class AdapterStore(StoreWrites):
         self.base_pending: BaseIdentity | None = None
 
     def _clear_staging(self) -> None:
-        """Empty the staging area (what a crash left there), made anew.
+        """Empty the staging area (what a crash left there), made anew; at this process's first open
+        of the root only: a later open while an earlier store lives would delete that store's
+        writes in flight (a version being staged, a rollback's copy).
 
         Raises:
             AdapterError: it cannot be cleared or made (a read-only store).
@@ -93,8 +95,8 @@ class AdapterStore(StoreWrites):
         try:
             if staging.is_symlink() or staging.is_file():  # planted: writes would land where it points
                 staging.unlink()
-            # leftovers of a crash; errors ignored: another store of this root in this process may be
-            # deleting in there too (a restart in tests, the serve command's early peek)
+            # leftovers of a crash; errors ignored: a store of this root this process opened earlier, now
+            # gone, may have left its deleter thread still deleting in there (a restart in tests)
             shutil.rmtree(staging, ignore_errors=True)
             if os.path.lexists(staging):
                 shutil.rmtree(staging)  # again, to learn why it stays (a read-only store: EROFS)
