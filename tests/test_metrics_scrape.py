@@ -8,10 +8,7 @@ key scraping in a loop made a stream's inter-token latency p50 288 ms -> 1,777 m
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 from nlora_serve.serving import metrics_scrape
@@ -112,52 +109,3 @@ def test_a_rendering_slow_only_by_waiting_is_never_reused():
     before, after = asyncio.run(main())
     line = b'nlora_requests_rejected_total{frontend="http",reason="queue_full"}'
     assert line + b" 0.0" in before and line + b" 1.0" in after
-
-
-class _GatedCollector:
-    """A collector whose renderings wait for ``release`` (as a slow one runs) and count themselves."""
-
-    def __init__(self) -> None:
-        self.renders, self.entered, self.release = 0, threading.Event(), threading.Event()
-
-    def describe(self) -> list:
-        return []
-
-    def collect(self) -> list:
-        self.renders += 1
-        self.entered.set()
-        self.release.wait(10)
-        return []
-
-
-def test_the_metrics_ports_overlapping_scrapes_share_one_rendering():
-    """--metrics-port rendered once per scrape, each on its connection's thread (prometheus_client's
-    app): N keyless scrapers at once were N renderings side by side, taking the GIL from the engine.
-    Scrapes that arrive while one renders now get that rendering; the next one renders afresh (a
-    fast rendering is not reused: metrics_scrape.REUSE_ABOVE_S)."""
-    stats = dict(running=0, waiting=0, kv_blocks_used=0, kv_blocks_total=0, preemptions=0)
-    metrics = ServerMetrics(lambda: stats, lambda: (0, 0))
-    gated = _GatedCollector()
-    metrics.registry.register(gated)
-    port = metrics.serve_http("127.0.0.1", 0)
-
-    def scrape() -> tuple[int, bytes]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-            return answer.status, answer.read()
-
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            first = pool.submit(scrape)
-            assert gated.entered.wait(10)
-            others = [pool.submit(scrape) for _ in range(3)]
-            deadline = time.monotonic() + 10
-            while metrics.port_scrape.sharers < 3 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            gated.release.set()
-            answers = [future.result() for future in (first, *others)]
-        assert gated.renders == 1
-        assert answers == [answers[0]] * 4 and b"nlora_requests_running 0.0" in answers[0][1]
-        assert scrape() == answers[0] and gated.renders == 2
-    finally:
-        gated.release.set()
-        metrics.close()

@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.metrics_http import serve_metrics
-from nlora_serve.serving.metrics_scrape import SharedScrape, SharedScrapeThreads
+from nlora_serve.serving.metrics_scrape import SharedScrape
 from nlora_serve.serving.auth import Authenticator, Principal
 from nlora_serve.serving.request_log import RequestLog
 
@@ -164,7 +164,6 @@ class ServerMetrics:
         self._http = None
         # the API port's /metrics: exposition() off the event loop, shared by overlapping scrapes
         self.scrape = SharedScrape(self.exposition)
-        self.port_scrape = SharedScrapeThreads(self.exposition)  # --metrics-port's: the same, its threads'
 
     def reject(self, reason: str, frontend: str, tenant: str | None = None, message: str | None = None,
                request_id: str | None = None, client: str | tuple | None = None, key: str | None = None) -> None:
@@ -223,10 +222,9 @@ class ServerMetrics:
 
     def serve_http(self, host: str, port: int, health: Callable[[], tuple[int, dict]] | None = None) -> int:
         """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread (a deadline on each
-        request: metrics_http.py; overlapping scrapes share a rendering, as the API port's), and
-        ``/health`` where ``health`` gives its (status, JSON body); any other path is a 404. Returns
-        the port."""
-        server = serve_metrics(self.port_scrape, host, port, health)
+        request: metrics_http.py), and ``/health`` where ``health`` gives its (status, JSON body);
+        any other path is a 404. Returns the port."""
+        server = serve_metrics(self.registry, host, port, health)
         self._http = server
         return server.server_port
 

@@ -11,11 +11,7 @@ in; then the connection is closed and its thread ends.
 Only ``/metrics`` (and ``/health``, where the server gives its state: health_state.py) are served;
 any other path is a 404. prometheus_client's app answers every path with the metrics and a 200, so
 a probe pointed at ``--metrics-port``'s ``/health`` read 200 while the server drained or its engine
-was dead. ``/metrics`` answers what the API port's does, Prometheus' text format, from renderings
-shared by overlapping scrapes (metrics_scrape.SharedScrapeThreads): prometheus_client's app rendered
-once per scrape, each on its connection's thread, so keyless clients scraping at once (~0.4 s of the
-GIL each with 1,000 tenants' series) took it from the engine's step thread side by side; its
-OpenMetrics, gzip and ``name[]`` variants are gone with it (each was a rendering of its own).
+was dead.
 """
 
 from __future__ import annotations
@@ -27,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -67,16 +64,17 @@ class _Handler(WSGIRequestHandler):
         pass
 
 
-def _app(scrape: Callable[[], tuple[bytes, str]], health: Callable[[], tuple[int, dict]] | None):
-    """The WSGI app: ``/metrics`` from ``scrape`` ((body, content type)), ``/health`` from ``health``
-    ((status, JSON body); None: a 404 as any other path), anything else a 404 naming the paths served."""
+def _app(registry: CollectorRegistry, health: Callable[[], tuple[int, dict]] | None):
+    """The WSGI app: ``/metrics`` from ``registry``, ``/health`` from ``health`` ((status, JSON
+    body); None: a 404 as any other path), anything else a 404 naming the paths served."""
+    metrics = make_wsgi_app(registry)
     served = "/metrics and /health" if health is not None else "/metrics"
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
-            status, reason, (text, kind) = 200, "OK", scrape()
-        elif path == "/health" and health is not None:
+            return metrics(environ, start_response)
+        if path == "/health" and health is not None:
             status, body = health()
             reason = "OK" if status == 200 else "Service Unavailable"
             text, kind = json.dumps(body).encode(), "application/json"
@@ -89,11 +87,11 @@ def _app(scrape: Callable[[], tuple[bytes, str]], health: Callable[[], tuple[int
     return app
 
 
-def serve_metrics(scrape: Callable[[], tuple[bytes, str]], host: str, port: int,
+def serve_metrics(registry: CollectorRegistry, host: str, port: int,
                   health: Callable[[], tuple[int, dict]] | None = None) -> ThreadingWSGIServer:
-    """Serve ``scrape()``'s (body, content type) at ``http://host:port/metrics`` (0 = a free port;
-    called from each scrape's thread: metrics_scrape.SharedScrapeThreads), and ``health()``'s (HTTP
-    status, JSON body) at ``/health`` where given (called from that thread); any other path is a 404. Returns the server (``server_port``; ``shutdown()`` and
+    """Serve ``registry`` at ``http://host:port/metrics`` (0 = a free port) from a daemon thread, and
+    ``health()``'s (HTTP status, JSON body) at ``/health`` where given (called from that thread);
+    any other path is a 404. Returns the server (``server_port``; ``shutdown()`` and
     ``server_close()`` stop it).
 
     Raises:
@@ -102,6 +100,6 @@ def serve_metrics(scrape: Callable[[], tuple[bytes, str]], host: str, port: int,
     # the address family of the host, as prometheus_client's start_http_server picks it
     family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
-    server = make_server(sockaddr[0], port, _app(scrape, health), server_class, handler_class=_Handler)
+    server = make_server(sockaddr[0], port, _app(registry, health), server_class, handler_class=_Handler)
     threading.Thread(target=server.serve_forever, name="nlora-metrics", daemon=True).start()
     return server

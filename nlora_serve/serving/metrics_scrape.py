@@ -9,14 +9,12 @@ that length into every stream's inter-token latency. :class:`SharedScrape` rende
 own (the loop keeps running, sharing the GIL) and hands one rendering to every scrape that arrives
 while it runs, so N clients scraping at once cost one rendering, not N; a slow rendering also answers
 the scrapes of a while after it (:data:`REUSE_FACTOR`), which Prometheus, scraping every 15 s or so,
-never notices. :class:`SharedScrapeThreads` applies the same rule to ``--metrics-port``'s
-scrapes, each served on a thread of its own (metrics_http.py).
+never notices.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,74 +62,13 @@ class SharedScrape:
         return (await asyncio.shield(running))[0]
 
     def _timed(self) -> tuple[tuple[bytes, str], float]:
-        return _timed(self._render)
+        start, cpu = time.monotonic(), time.thread_time()
+        out = self._render()
+        end, cpu = time.monotonic(), time.thread_time() - cpu
+        return out, end + (REUSE_FACTOR * (end - start) if cpu >= REUSE_ABOVE_S else 0.0)
 
     def _done(self, finished: asyncio.Future) -> None:
         if self._running is finished:
             self._running = None
         if not finished.cancelled() and finished.exception() is None:  # retrieved: its scrapers may all be gone
             self._last = (finished.result()[1], finished)
-
-
-class SharedScrapeThreads:
-    """``--metrics-port``'s renderings of ``render`` (returns (body, content type)), for callers on
-    threads of their own (a scrape per connection): a call while one renders waits for that one and
-    gets its result, and a call within :data:`REUSE_FACTOR` times as long after a rendering that took
-    :data:`REUSE_ABOVE_S` of CPU time or more gets that one's (:class:`SharedScrape`'s rule). Without
-    it, N scrapers at once were N renderings side by side, each 0.4 s of the GIL at 1,000 tenants."""
-
-    def __init__(self, render: Callable[[], tuple[bytes, str]]) -> None:
-        self._render = render
-        self._cond = threading.Condition()
-        self._rendering = False
-        self._ended = 0  # renderings ended so far
-        # the last one's (reused until, its result or None, the error it raised or None)
-        self._last: tuple[float, tuple[bytes, str] | None, BaseException | None] = (0.0, None, None)
-        self.sharers = 0  # calls waiting for the rendering running now (for tests)
-
-    def __call__(self) -> tuple[bytes, str]:
-        """(body, content type) of the rendering running now or just ended, else of a new one.
-
-        Raises:
-            Whatever ``render`` raised, to every scrape that shared it.
-        """
-        with self._cond:
-            if self._rendering:
-                ended = self._ended
-                self.sharers += 1
-                try:
-                    while self._ended == ended:
-                        self._cond.wait()
-                finally:
-                    self.sharers -= 1
-                return self._result()
-            if time.monotonic() < self._last[0]:
-                return self._result()
-            self._rendering = True
-        out = error = None
-        until = 0.0
-        try:
-            out, until = _timed(self._render)
-        except BaseException as exc:
-            error = exc
-        with self._cond:
-            self._last = (until, out, error)
-            self._rendering = False
-            self._ended += 1
-            self._cond.notify_all()
-            return self._result()
-
-    def _result(self) -> tuple[bytes, str]:
-        _, out, error = self._last
-        if error is not None:
-            raise error
-        return out
-
-
-def _timed(render: Callable[[], tuple[bytes, str]]) -> tuple[tuple[bytes, str], float]:
-    """``render()``'s result and until when (time.monotonic()) it may answer later scrapes: its end,
-    plus :data:`REUSE_FACTOR` times its wall time where it took :data:`REUSE_ABOVE_S` of CPU time."""
-    start, cpu = time.monotonic(), time.thread_time()
-    out = render()
-    end, cpu = time.monotonic(), time.thread_time() - cpu
-    return out, end + (REUSE_FACTOR * (end - start) if cpu >= REUSE_ABOVE_S else 0.0)
