@@ -111,22 +111,34 @@ def parse(doc: object, path: str | Path) -> dict[str, Principal]:
 
 
 def _read_regular(path: Path) -> str:
-    """The text of ``path``, a regular file (a link to one is followed). SIGHUP reads the file on
-    the reload thread (tenants_reload.py; it read it on the event loop before): a FIFO put in its
-    place blocked the open until a writer came (every stream and request of every tenant froze,
-    SIGTERM included; on the thread, every later reload), and a link to a device such as /dev/zero read
-    without end; both are opened without blocking and refused before any read.
+    """The text of ``path``, a regular file (a link to one is followed) of at most
+    :data:`MAX_FILE_BYTES`, as UTF-8. SIGHUP reads the file on the reload thread (tenants_reload.py;
+    it read it on the event loop before): a FIFO put in its place blocked the open until a writer came
+    (every stream and request of every tenant froze, SIGTERM included; on the thread, every later
+    reload), and a link to a device such as /dev/zero read without end; both are opened without
+    blocking and refused before any read. A huge regular file (a sparse ``truncate -s 20G``, a log
+    written to the wrong path) was read whole into memory, twice (bytes, then text): a SIGHUP could
+    take the serving process to the OOM killer; it is refused by its size before any read, and one
+    whose size the kernel does not say (procfs) after :data:`MAX_FILE_BYTES` + 1 bytes.
 
     Raises:
-        OSError: unreadable, or not a regular file (the message names what it is).
+        OSError: unreadable, not a regular file (the message names what it is), or over
+            :data:`MAX_FILE_BYTES`.
+        ValueError: not UTF-8.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, closefd=True) as file:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+    with open(fd, "rb", closefd=True) as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            mode = info.st_mode
             kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
             raise OSError(f"not a regular file: {kind}")
-        return file.read()
+        data = b"" if info.st_size > MAX_FILE_BYTES else file.read(MAX_FILE_BYTES + 1)
+        if info.st_size > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
+            size = f"{info.st_size:,} bytes" if info.st_size > MAX_FILE_BYTES else "more bytes"
+            raise OSError(f"{size}: a tenants file holds at most {MAX_FILE_BYTES:,} bytes "
+                          f"({MAX_FILE_BYTES // 2**20} MiB, some 450,000 tenants); is it the right file?")
+        return data.decode("utf-8")
 
 
 class _DuplicateField(ValueError):
@@ -179,6 +191,8 @@ def _entry_hash(entry: object, where: str) -> str:
 
 
 MAX_NAME_CHARS = 256  # a tenant's or admin's name (an adapter's: 128)
+# a tenants file's size at most: 10,000 tenants are 1.4 MB; bounds what a reload may read into memory
+MAX_FILE_BYTES = 64 * 2**20
 _FILE_FIELDS = ("tenants", "admin_keys")
 _ADMIN_FIELDS = ("name", "key_sha256")
 _TENANT_FIELDS = ("name", "key_sha256", "adapters", "base_model", "weight", "max_concurrent_requests")

@@ -39,6 +39,22 @@ def test_a_tenants_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
     assert outcome == [f"tenants file {path}: cannot read it (not a regular file: a FIFO)"]
 
 
+def test_a_tenants_file_over_its_size_bound_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A huge file (here sparse: no disk) was read whole into memory, as bytes then text: a SIGHUP
+    with a 20 GB file in the tenants file's place took the serving process to the OOM killer."""
+    from nlora_serve.serving import tenants_file
+
+    path = tmp_path / "tenants.json"
+    with open(path, "wb") as f:
+        f.truncate(tenants_file.MAX_FILE_BYTES + 1)
+    assert _auth_error(path) == (f"tenants file {path}: cannot read it ({tenants_file.MAX_FILE_BYTES + 1:,} bytes: a "
+                                 "tenants file holds at most 67,108,864 bytes (64 MiB, some 450,000 tenants); is it "
+                                 "the right file?)")
+    # a file whose size the kernel does not say (procfs: st_size 0) is cut after the bound + 1 bytes
+    monkeypatch.setattr(tenants_file, "MAX_FILE_BYTES", 10)
+    assert "(more bytes: a tenants file holds at most 10 bytes" in _auth_error("/proc/self/status")
+
+
 @pytest.mark.parametrize("headers", [
     [("authorization", "Bearer k1"), ("Authorization", "Bearer k2")],  # two tenants' keys
     [("authorization", "Bearer k1"), ("authorization", "Bearer k1")],  # the same key twice
