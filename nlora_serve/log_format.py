@@ -18,8 +18,10 @@ python-json-logger do::
 whole), then the record's fields (:func:`fields`: the request log's and the admin lines' values, each
 its own key), ``exception`` (the traceback, one string) where the record has one. Every record of the
 process goes through the root logger's handler, uvicorn's (``log_config=None``) and gRPC's Python
-loggers included, and ``warnings.warn`` too (``py.warnings``), so no plain line is mixed in; what
-C code writes to stderr itself (gRPC's core, at ``GRPC_VERBOSITY``, ERROR by default) cannot be.
+loggers included, and ``warnings.warn`` too (``py.warnings``), and the tracebacks Python writes to
+stderr by itself (an exception no code caught: in a thread, ``Exception ignored in`` from a
+``__del__``, or the process's own; :func:`route_uncaught`), so no plain line is mixed in; what C code
+writes to stderr itself (gRPC's core, at ``GRPC_VERBOSITY``, ERROR by default) cannot be.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 
 PLAIN = "%(levelname)s %(name)s: %(message)s"
@@ -90,7 +93,8 @@ def configure(level: str, timed: bool, fmt: str = "text") -> None:
     """Configure the root logger once (as :func:`logging.basicConfig`: a no-op when it has handlers
     already): records at ``level`` and above to stderr, with the time first when ``timed``
     (``serve``), else :data:`PLAIN`; ``fmt`` "json" writes :class:`JsonFormatter` objects instead
-    (``timed`` or not) and routes ``warnings.warn`` through logging.
+    (``timed`` or not) and routes ``warnings.warn`` and Python's own tracebacks
+    (:func:`route_uncaught`) through logging.
 
     Raises:
         ValueError: ``fmt`` is not one of :data:`FORMATS`.
@@ -105,3 +109,35 @@ def configure(level: str, timed: bool, fmt: str = "text") -> None:
     logging.basicConfig(level=level, handlers=[handler])
     if fmt == "json":
         logging.captureWarnings(True)
+        if handler in logging.getLogger().handlers:  # not where basicConfig was a no-op (a test's own handlers)
+            route_uncaught()
+
+
+UNCAUGHT = logging.getLogger("nlora_serve.uncaught")
+
+
+def route_uncaught(logger: logging.Logger = UNCAUGHT) -> None:
+    """Make the tracebacks Python prints to stderr itself records of ``logger`` (ERROR, the
+    traceback as the record's exception): an exception no code caught in a thread
+    (``threading.excepthook``, "Exception in thread NAME:"), one raised where it cannot be
+    (``sys.unraisablehook``, "Exception ignored in: ..."), and the process's own
+    (``sys.excepthook``). Their default hooks write several plain lines, which broke a JSON log's
+    one-object-per-line rule (a log pipeline indexes each line of the traceback as a record of its own)."""
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:  # as the default hook: a thread's sys.exit() is silent
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        logger.error("exception in thread %s", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    def unraisable_hook(args) -> None:
+        try:
+            where = repr(args.object)
+        except Exception:  # noqa: BLE001 (a repr that raises, as the default hook allows)
+            where = f"<{type(args.object).__name__} object>"
+        logger.error("%s: %s", args.err_msg or "Exception ignored in", where,
+                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    def process_hook(exc_type, exc, traceback) -> None:
+        logger.error("uncaught exception", exc_info=(exc_type, exc, traceback))
+
+    threading.excepthook, sys.unraisablehook, sys.excepthook = thread_hook, unraisable_hook, process_hook

@@ -76,17 +76,30 @@ except ZeroDivisionError:
     logging.getLogger("grpc._cython.cygrpc").exception("Unexpected error in RPC")
 warnings.warn("a library's warning")
 log_format.error_line(ValueError("bad flag"), "json")
+import threading
+worker = threading.Thread(target=lambda: 1 / 0, name="worker")
+worker.start(); worker.join()
+class Closing:
+    def __del__(self): raise OSError("in __del__")
+Closing()
+raise KeyError("not caught")
 """
 
 
 def test_json_mode_writes_uvicorns_grpcs_and_warnings_records_as_json_too():
     """No plain line in a JSON log: uvicorn's loggers (configured as the HTTP server configures them),
-    gRPC's Python logger, ``warnings.warn`` and the failure's last ``error:`` line."""
+    gRPC's Python logger, ``warnings.warn``, the failure's last ``error:`` line, and the tracebacks
+    Python writes itself (a thread's uncaught exception, one in ``__del__``, the process's own: 7-9
+    plain lines each before)."""
     run = subprocess.run([sys.executable, "-c", JSON_PROCESS], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 1, run.stderr  # the uncaught KeyError at the end
     entries = [json.loads(line) for line in run.stderr.splitlines()]
     assert [(e["logger"], e["level"]) for e in entries] == [
         ("uvicorn.error", "WARNING"), ("grpc._cython.cygrpc", "ERROR"), ("py.warnings", "WARNING"),
-        ("nlora_serve", "ERROR")]
+        ("nlora_serve", "ERROR")] + [("nlora_serve.uncaught", "ERROR")] * 3
+    assert [e["message"].split(":")[0] for e in entries[4:]] == [
+        "exception in thread worker", "Exception ignored in", "uncaught exception"]
+    assert [e["exception"].splitlines()[-1] for e in entries[4:]] == [
+        "ZeroDivisionError: division by zero", "OSError: in __del__", "KeyError: 'not caught'"]
     assert entries[1]["exception"].endswith("ZeroDivisionError: division by zero")
     assert "a library's warning" in entries[2]["message"] and entries[3]["message"] == "error: bad flag"
