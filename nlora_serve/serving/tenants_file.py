@@ -49,7 +49,7 @@ def read(path: str | Path) -> dict[str, Principal]:
             share (the name is the tenant's identity: its prefix-cache group, queue quota, fair
             share and request-id namespace; several keys of one tenant must say the same), a
             ``base_model`` that is not true or false, a name with a character that is not printable
-            or a '/', or over 256 characters (see :func:`_name`), a file that holds no key at all (every request refused),
+            or a '/', over 256 characters, or starting with ``nls_`` as a key does (see :func:`_name`), a file that holds no key at all (every request refused),
             a field written twice in one object (JSON keeps the last silently: a second ``tenants``
             list dropped the first's tenants, a second ``key_sha256`` or ``adapters`` in an entry
             replaced its key or grants; TOML's parser refuses these itself).
@@ -156,8 +156,8 @@ def _no_duplicate_fields(pairs: list[tuple[str, object]]) -> dict:
     for field, value in pairs:
         if field in doc:
             name = next((v for k, v in pairs if k == "name" and isinstance(v, str)), None)
-            entry = "" if name is None else f" (in the entry named {shown(name)!r})"
-            raise _DuplicateField(f"field {shown(field)!r} is given twice in one object{entry}; JSON would keep the "
+            entry = "" if name is None else f" (in the entry named {_quoted(name)})"
+            raise _DuplicateField(f"field {_quoted(field)} is given twice in one object{entry}; JSON would keep the "
                                   "last silently: write it once")
         doc[field] = value
     return doc
@@ -193,6 +193,7 @@ def _entry_hash(entry: object, where: str) -> str:
 MAX_NAME_CHARS = 256  # a tenant's or admin's name (an adapter's: 128)
 # a tenants file's size at most: 10,000 tenants are 1.4 MB; bounds what a reload may read into memory
 MAX_FILE_BYTES = 64 * 2**20
+KEY_PREFIX = "nls_"  # what `keys new` starts a key with: never echoed, never a name
 _FILE_FIELDS = ("tenants", "admin_keys")
 _ADMIN_FIELDS = ("name", "key_sha256")
 _TENANT_FIELDS = ("name", "key_sha256", "adapters", "base_model", "weight", "max_concurrent_requests")
@@ -211,15 +212,25 @@ def _quota(entry: dict, where: str) -> tuple[float, int | None]:
 
 def _got(value: object) -> str:
     """``value`` as a refusal quotes it: its ``repr``, at most :func:`shown`'s length (the message goes
-    to the log on a reload: a value of megabytes was a line of megabytes)."""
-    return shown(repr(value))
+    to the log on a reload: a value of megabytes was a line of megabytes); a string that starts as an
+    API key does is not shown (:func:`_quoted`)."""
+    return _quoted(value) if isinstance(value, str) else shown(repr(value))
+
+
+def _quoted(text: str) -> str:
+    """``text`` quoted for a refusal (``repr``, at most :func:`shown`'s length), except a string that
+    starts with :data:`KEY_PREFIX`: a key pasted into the wrong field (a name, a weight, a field's
+    name) was echoed whole into the refusal, which SIGHUP's reload writes to the server's log."""
+    if text.startswith(KEY_PREFIX):
+        return f"a string starting {KEY_PREFIX!r} ({len(text)} characters, not shown: an API key?)"
+    return repr(shown(text))
 
 
 def _known_fields(obj: dict, known: tuple[str, ...], where: str) -> None:
     unknown = sorted(set(obj) - set(known))
     if unknown:
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise AuthError(f"{where}: unknown field(s) {', '.join(repr(shown(f)) for f in unknown[:5])}{more}; "
+        raise AuthError(f"{where}: unknown field(s) {', '.join(_quoted(f) for f in unknown[:5])}{more}; "
                         f"expected only {', '.join(map(repr, known))}")
 
 
@@ -232,6 +243,10 @@ def _name(entry: dict, default: str, where: str) -> str:
     name = entry.get("name", default)
     if not isinstance(name, str) or not name:
         raise AuthError(f"{where}.name must be a non-empty string; got {_got(name)}")
+    if name.startswith(KEY_PREFIX):  # not a name: a key pasted there would be in every log line and /metrics
+        raise AuthError(f"{where}.name is {_quoted(name)}: a name must not start with {KEY_PREFIX!r}, as the API keys "
+                        "`keys new` makes do; is a key pasted there? (the name is written into log lines and "
+                        "metrics labels; /metrics takes no key)")
     if len(name) > MAX_NAME_CHARS:  # it is in every log line and metrics label of the tenant's requests
         raise AuthError(f"{where}.name {shown(name)!r} is {len(name)} characters; at most {MAX_NAME_CHARS}")
     bad = next((i for i, c in enumerate(name) if c == "/" or not c.isprintable()), None)

@@ -202,6 +202,28 @@ def _tenant(name, key, **fields) -> dict:
     return {"name": name, "key_sha256": hash_key(key), **fields}
 
 
+_KEY = "nls_" + "k3y" * 14 + "Z"  # as `keys new` makes one: 47 characters
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps({"tenants": [{"name": _KEY, "key_sha256": "0" * 64, "adapters": ["a"]}]}),  # name and key swapped
+    json.dumps({"tenants": [_tenant("a", "k", adapters=["a"], weight=_KEY)]}),
+    json.dumps({"tenants": [_tenant("a", "k", adapters=["a"], max_concurrent_requests=_KEY)]}),
+    json.dumps({"tenants": [_tenant("a", "k", adapters=["a"], base_model=_KEY)]}),
+    json.dumps({"tenants": [{**_tenant("a", "k", adapters=["a"]), _KEY: True}]}),  # pasted as a field
+    json.dumps({_KEY: []}),
+    '{"tenants": [{"name": "%s", "name": "%s", "key_sha256": "%s"}]}' % (_KEY, _KEY, "0" * 64),  # duplicate field
+])
+def test_a_key_pasted_into_the_wrong_field_is_refused_without_echoing_it(tmp_path, text):
+    """A refusal quoted the misplaced value (SIGHUP's reload writes it to the server's log), and a
+    key as a tenant's name was accepted: written into every log line and /metrics' tenant label."""
+    path = tmp_path / "tenants.json"
+    path.write_text(text)
+    message = _auth_error(path)
+    assert message is not None and "k3y" not in message, message
+    assert "'nls_' (47 characters, not shown: an API key?)" in message
+
+
 @pytest.mark.parametrize("section, second", [
     ("tenants", _tenant("acme", "k2", adapters=["globex"])),  # another customer under the same name
     ("tenants", _tenant("acme", "k2", adapters=["acme"], weight=2)),

@@ -22,6 +22,7 @@ import sys
 
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator, Principal, hash_key
+from nlora_serve.serving.tenants_file import KEY_PREFIX
 
 KEY_BYTES = 32  # 256 random bits: a hashed key is only as safe as it is hard to guess
 
@@ -128,7 +129,7 @@ def run_keys(args: argparse.Namespace) -> int:
         print(list_keys(args.tenants_file, args.json))
         return 0
     if args.keys_command == "new":
-        key = "nls_" + secrets.token_urlsafe(KEY_BYTES)
+        key = KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
         made = tenants_entry(args, key)
         print(f"key:        {key}")
         if made is None:
