@@ -130,6 +130,23 @@ def test_a_rollback_while_a_server_holds_the_store_says_how_to_roll_back_live(tm
         child.wait(timeout=30)
 
 
+@pytest.mark.parametrize("left", [(), (CONFIG_FILE,), (CONFIG_FILE, "SHA256SUMS")])
+def test_a_rollback_to_a_version_folder_emptied_by_hand_is_refused(tmp_path, left):
+    """An empty folder (or one whose weights were deleted) counted as a kept version, and the
+    offline rollback wrote its nothing as the current version (b'' files, no start could serve it)."""
+    registry = _registry(tmp_path, keep=3)
+    registry.register("acme", files(b"\x01"))
+    registry.register("acme", files(b"\x02"))
+    emptied = tmp_path / "acme" / "00000001"
+    for name in os.listdir(emptied):
+        if name not in left:
+            os.remove(emptied / name)
+    lacks = " and ".join(f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in left)
+    with pytest.raises(AdapterError, match=f"v1 in .* lacks {lacks} \\(a folder emptied or made by hand"):
+        rollback(tmp_path, "acme", 1)
+    assert sorted(os.listdir(tmp_path / "acme")) == ["00000001", "00000002"]  # nothing written
+
+
 def test_versions_of_an_unknown_name_or_store_is_a_clear_error(tmp_path, capsys):
     assert main(["adapters", "versions", "acme", "--adapter-dir", str(tmp_path / "none")]) == 2
     assert "no such folder" in capsys.readouterr().err

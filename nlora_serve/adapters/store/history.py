@@ -100,8 +100,9 @@ def rollback(root: str | os.PathLike, name: str, to: int,
 
     Raises:
         AdapterError: as :func:`_adapter_dir`; the store is in use (a server on it: the message says
-            how to roll back live), ``to`` is not kept (the message lists those kept), or is the
-            current version already; StoredHashMismatch: its files changed on disk since written.
+            how to roll back live), ``to`` is not kept (the message lists those kept), is the
+            current version already, or lacks one of its two files (a folder emptied or made by
+            hand); StoredHashMismatch: its files changed on disk since written.
         StoreWriteError: the disk refused the write (nothing was written).
     """
     root, folder = _adapter_dir(root, name)
@@ -120,4 +121,9 @@ def rollback(root: str | os.PathLike, name: str, to: int,
     if to == kept[-1] and not unloaded:
         raise AdapterError(f"adapter {name!r}: v{to} is its current version already; nothing to roll back")
     files = store.read_files(store.get(name, to).path)  # StoredHashMismatch: changed since written
+    missing = [f for f in ALLOWED_FILES if f not in files]
+    if missing:  # a folder emptied or made by hand: written as the current version, no start could serve it
+        raise AdapterError(f"adapter {name!r}: v{to} in {root} lacks {' and '.join(missing)} (a folder emptied or "
+                           "made by hand?): not rolled back; pick another kept version (adapters versions "
+                           f"{name} --adapter-dir {root})")
     return store.write(name, files), unloaded
