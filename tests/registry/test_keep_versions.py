@@ -142,6 +142,8 @@ def test_a_rollback_to_a_version_folder_emptied_by_hand_is_refused(tmp_path, lef
         if name not in left:
             os.remove(emptied / name)
     lacks = " and ".join(f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in left)
+    # adapters versions: the weights deleted beside their SHA256SUMS said "intact" (True) before
+    assert list_versions(tmp_path, "acme")[0].intact is (False if "SHA256SUMS" in left else None)
     with pytest.raises(AdapterError, match=f"v1 in .* lacks {lacks} \\(a folder emptied or made by hand"):
         rollback(tmp_path, "acme", 1)
     assert sorted(os.listdir(tmp_path / "acme")) == ["00000001", "00000002"]  # nothing written

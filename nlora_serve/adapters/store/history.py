@@ -78,8 +78,9 @@ def list_versions(root: str | os.PathLike, name: str,
             created = os.lstat(root / relative).st_mtime
         except FileNotFoundError:  # pruned by a running server since the scan
             continue
-        try:
-            intact = None if sums is None else check_sums(name, root / relative, files, sums) is None
+        try:  # a file SHA256SUMS recorded and the folder lacks (deleted by hand) is a change too
+            intact = None if sums is None else (check_sums(name, root / relative, files, sums) is None
+                                                and set(sums) <= set(files))
         except StoredHashMismatch:
             intact = False
         state = ("unloaded" if unloaded else "current") if number == numbers[-1] else "kept"
