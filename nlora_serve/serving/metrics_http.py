@@ -8,6 +8,10 @@ thread limit nothing else in it (the engine's workers, grpc's) could start one. 
 line and headers must arrive within :data:`READ_SECONDS` of the connection, however they trickle
 in; then the connection is closed and its thread ends.
 
+Scrapes that overlap share one rendering (:class:`_SharedMetrics`), as the API port's do
+(metrics_scrape.py): each connection's thread rendered its own, so N keyless clients scraping at once
+were N renderings of every tenant's series competing for the GIL with the engine's step thread.
+
 Only ``/metrics`` (and ``/health``, where the server gives its state: health_state.py) are served;
 any other path is a 404. prometheus_client's app answers every path with the metrics and a 200, so
 a probe pointed at ``--metrics-port``'s ``/health`` read 200 while the server drained or its engine
@@ -26,6 +30,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from nlora_serve.serving.metrics_scrape import REUSE_ABOVE_S, REUSE_FACTOR
 
 READ_SECONDS = 10.0  # a request's line and headers at most this long after the connection (Prometheus' scrape timeout)
 
@@ -64,10 +70,43 @@ class _Handler(WSGIRequestHandler):
         pass
 
 
+class _SharedMetrics:
+    """prometheus_client's ``/metrics`` WSGI app, one rendering at a time: a scrape that waited for
+    another's rendering takes its answer when it has the same format (``Accept``,
+    ``Accept-Encoding``, query string: OpenMetrics, gzip and ``name[]`` stay negotiated), and so does
+    one within :data:`REUSE_FACTOR` times as long after a rendering of :data:`REUSE_ABOVE_S` CPU
+    seconds or more (metrics_scrape.py's rule). Thread-safe."""
+
+    MAX_FORMATS = 8  # answers kept, one per format (the client picks the headers: bounded)
+
+    def __init__(self, app) -> None:
+        self._app, self._lock = app, threading.Lock()
+        self._answers: dict[tuple, tuple[float, float, str, list, bytes]] = {}  # format -> (ended, reused until, ...)
+
+    def __call__(self, environ, start_response):
+        arrived = time.monotonic()
+        key = tuple(environ.get(k, "") for k in ("HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING", "QUERY_STRING"))
+        with self._lock:  # a scrape arriving while one renders waits here, then takes its answer
+            answer = self._answers.get(key)
+            if answer is None or (answer[0] < arrived and time.monotonic() >= answer[1]):
+                answer = self._answers[key] = self._render(environ)
+                while len(self._answers) > self.MAX_FORMATS:
+                    del self._answers[next(iter(self._answers))]
+        start_response(answer[2], answer[3])
+        return [answer[4]]
+
+    def _render(self, environ) -> tuple[float, float, str, list, bytes]:
+        start, cpu, got = time.monotonic(), time.thread_time(), []
+        body = b"".join(self._app(environ, lambda status, headers, exc_info=None: got.append((status, headers))))
+        end, cpu = time.monotonic(), time.thread_time() - cpu
+        return end, end + (REUSE_FACTOR * (end - start) if cpu >= REUSE_ABOVE_S else 0.0), *got[-1], body
+
+
 def _app(registry: CollectorRegistry, health: Callable[[], tuple[int, dict]] | None):
-    """The WSGI app: ``/metrics`` from ``registry``, ``/health`` from ``health`` ((status, JSON
-    body); None: a 404 as any other path), anything else a 404 naming the paths served."""
-    metrics = make_wsgi_app(registry)
+    """The WSGI app: ``/metrics`` from ``registry`` (:class:`_SharedMetrics`), ``/health`` from
+    ``health`` ((status, JSON body); None: a 404 as any other path), anything else a 404 naming the
+    paths served."""
+    metrics = _SharedMetrics(make_wsgi_app(registry))
     served = "/metrics and /health" if health is not None else "/metrics"
 
     def app(environ, start_response):
