@@ -280,3 +280,17 @@ def test_the_help_of_a_short_command_keeps_its_whole_usage(capsys):
     with pytest.raises(SystemExit):
         cli_main(["client", "generate", "--help"])
     assert capsys.readouterr().out.startswith("usage: nlora-serve client generate [-h] (--prompt PROMPT | --message")
+
+
+@pytest.mark.parametrize("argv", [["adapters", "load", "--name", "lower", "--version", "0"],
+                                  ["client", "load", "--name", "lower", "--version", "0"]])
+def test_a_rollback_to_version_0_is_a_usage_error_not_a_plain_load(capsys, argv):
+    """Versions start at 1 (`adapters rollback --to` takes >= 1): `adapters load --version 0` was taken,
+    sent as the proto's unset 0, and ran a plain load, exit 0, rolling nothing back (s29-newcomer)."""
+    from nlora_serve.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: argument --version: must be an integer in [1, 18446744073709551615]; got 0")

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 
-from nlora_serve.arg_types import number_arg, unsigned_arg
+from nlora_serve.arg_types import integer_arg, number_arg, unsigned_arg
 from nlora_serve.client.messages import check_api_key
 from nlora_serve.client.sync import NloraClient
 from nlora_serve.client.types import (AdapterInfo, InvalidInput, NloraClientError, NotFound, Unauthenticated,
@@ -87,7 +87,8 @@ def _add_adapter_commands(sub: argparse._SubParsersAction) -> list[argparse.Argu
     load = _command(sub, "load", "serve again an adapter that is in the server's store, as its next "
                                 "version (admin)")
     load.add_argument("--name", required=True, help="adapter name on the server")
-    load.add_argument("--version", type=unsigned_arg(64), default=0, metavar="V",
+    # versions start at 1 (as rollback's --to); 0, the proto's unset value, would be a plain load
+    load.add_argument("--version", type=integer_arg(1, (1 << 64) - 1), default=0, metavar="V",
                       help="roll back: serve version V kept in the server's store (serve --keep-versions; "
                            "`adapters versions NAME` lists them) as the name's next version, a hot swap as an "
                            "upload's (default: the newest stored version of a name not served)")
