@@ -80,6 +80,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def json_active() -> bool:
+    """Whether the root logger writes :class:`JsonFormatter` lines (``serve --log-format json``):
+    then a child process's stderr must come through logging too (see
+    :func:`nlora_serve.models.resolve`'s conversion), or its plain lines would break the JSON log."""
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
+
+
 def error_line(exc: BaseException, fmt: str = "text") -> None:
     """A command's failure, its last word: ``error: MESSAGE`` on stderr in text, an ERROR record of
     the ``nlora_serve`` logger in json (no plain line in a JSON log)."""

@@ -9,6 +9,7 @@ import logging
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,38 @@ def test_json_mode_writes_uvicorns_grpcs_and_warnings_records_as_json_too():
         "ZeroDivisionError: division by zero", "OSError: in __del__", "KeyError: 'not caught'"]
     assert entries[1]["exception"].endswith("ZeroDivisionError: division by zero")
     assert "a library's warning" in entries[2]["message"] and entries[3]["message"] == "error: bad flag"
+
+
+FAKE_CONVERTER = """
+import sys
+from tqdm import tqdm
+for _ in tqdm(range(3), desc="Loading weights"):  # as transformers' bars in the real conversion
+    pass
+print("a transformers warning", file=sys.stderr)
+"""
+
+CONVERT_PROCESS = """
+import logging, sys
+from pathlib import Path
+from nlora_serve import log_format
+from nlora_serve.models import resolve
+log_format.configure("INFO", timed=True, fmt="json")
+resolve.CONVERTER = "fake_converter"
+resolve._convert(Path("model.gguf"), Path("."), "0" * 64)
+"""
+
+
+def test_json_mode_keeps_the_model_conversions_child_output_json_too(tmp_path, monkeypatch):
+    """The first start converts the default model in a child process whose progress bars and
+    warnings went to stderr as they were: under --log-format json, `jq` on the log stopped at the
+    first bar ("parse error: Invalid numeric literal at line 2"), never reading the lines after it
+    (s29-newcomer). Now no bar is drawn there, and the child's lines are records."""
+    (tmp_path / "fake_converter.py").write_text(FAKE_CONVERTER)
+    tree = Path(log_format.__file__).parents[1]  # the nlora_serve under test, not the installed one
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{tree}")  # _convert's child finds the fake through it
+    run = subprocess.run([sys.executable, "-c", CONVERT_PROCESS], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    entries = [json.loads(line) for line in run.stderr.splitlines()]  # a plain line fails here
+    assert [(e["logger"], e["level"], e["message"]) for e in entries] == [
+        ("nlora_serve.models.resolve", "WARNING", "conversion: a transformers warning")]

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from nlora_serve import log_format
 from nlora_serve.errors import ModelError
 from nlora_serve.models.cache import cache_root, models_dir
 from nlora_serve.models.hub import local_or_hub
@@ -142,8 +143,17 @@ def _convert(gguf: Path, out: Path, digest: str) -> None:
     """
     root = str(Path(__file__).parents[2])  # the child imports the nlora_serve this process runs
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    # under serve --log-format json every stderr line must be a JSON object (an operator's `jq` stops
+    # at the first that is not): no progress bars then, and the child's other lines (transformers'
+    # warnings, a traceback) are logged, one record each, once it ends
+    json_log = log_format.json_active()
+    if json_log:
+        env["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads its defaults from TQDM_* (transformers' bars too)
     done = subprocess.run([sys.executable, "-m", CONVERTER, str(gguf), str(out), digest], stdout=subprocess.PIPE,
-                          text=True, env=env, check=False)
+                          stderr=subprocess.PIPE if json_log else None, text=True, env=env, check=False)
+    for line in (done.stderr or "").splitlines() if json_log else ():
+        if line.strip():
+            log.warning("conversion: %s", line.rstrip())
     said = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     if done.returncode == EXIT_MODEL_ERROR and said:
         raise ModelError(done.stdout.strip())
