@@ -53,9 +53,14 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 ABORT_FLUSH_S = 5.0  # after the drain, how long aborted requests get to send their error to the client
 
 
-def shutdown_reason(grace: float, cut: bool = False) -> str:
+def shutdown_reason(grace: float, cut: bool = False, dead: bool = False) -> str:
     """What a request still running when the drain period ends is told (as RequestAborted);
-    ``cut``: the operator ended the drain early (a second SIGTERM / SIGINT)."""
+    ``cut``: the operator ended the drain early (a second SIGTERM / SIGINT); ``dead``: the engine
+    failed (serve ends the drain at once then), whose reason only the server's log names (a
+    tenant is told that it failed, not how)."""
+    if dead:
+        return "the server is shutting down: its engine failed (the server's log says why), so this request, " \
+               "still running, was aborted; retry it on another replica"
     when = ("when the drain was ended early (a second SIGTERM or Ctrl-C)" if cut else
             f"when the drain period (--drain-seconds {grace:g}) ended")
     return f"the server is shutting down: this request was still running {when}, so it was aborted; " \
@@ -208,9 +213,11 @@ class NloraServer:
         drained = await wait_idle(self.admission.idle, grace, now)
         if not drained:
             cut = now is not None and now.is_set()
+            dead = self.engine.dead_reason is not None  # serve() then sets ``now`` itself: no signal came
             log.warning("%d streams still running %s; aborting them", self.admission.inflight,
-                        "as the drain was ended early" if cut else f"after {grace:.1f} s of drain")
-            self.engine.abort_all(shutdown_reason(grace, cut))
+                        "as the engine is dead" if dead else "as the drain was ended early" if cut
+                        else f"after {grace:.1f} s of drain")
+            self.engine.abort_all(shutdown_reason(grace, cut, dead))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.admission.idle.wait(), timeout=ABORT_FLUSH_S)
         if self.http is not None:

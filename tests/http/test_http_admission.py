@@ -140,3 +140,38 @@ def test_a_second_signal_ends_the_drain_at_once():
     assert not drained and 0.05 < took < 5
     assert "ended early (a second SIGTERM or Ctrl-C)" in shutdown_reason(30, cut=True)
     assert "(--drain-seconds 30) ended" in shutdown_reason(30)
+
+
+def test_requests_aborted_because_the_engine_died_are_told_so_not_a_second_signal(caplog):
+    """serve ends the drain at once when the engine is dead (a hung step, a failed device), by setting
+    ``now`` as a second signal does: the requests aborted then were told "the drain was ended early (a
+    second SIGTERM or Ctrl-C)", and the log said the same, though no one sent a signal (seen with
+    --engine-step-timeout 0.001, s29-newcomer). Now both say the engine failed."""
+    from types import SimpleNamespace
+
+    from nlora_serve.serving.server import NloraServer
+
+    told = []
+
+    async def noop(*args, **kwargs):
+        return None
+
+    idle = asyncio.Event()  # one request still running
+    engine = SimpleNamespace(dead_reason="an engine step has run for 0.1 s (limit 0.001 s, --engine-step-timeout)",
+                             abort_all=told.append)
+    fake = SimpleNamespace(config=SimpleNamespace(drain_seconds=30.0), engine=engine, http=None, _server=None,
+                           admission=SimpleNamespace(start_draining=lambda: None, idle=idle, inflight=1),
+                           health=SimpleNamespace(enter_graceful_shutdown=noop), metrics=SimpleNamespace(close=lambda: None))
+
+    async def run() -> bool:
+        now = asyncio.Event()
+        now.set()  # as serve() sets it for a dead engine
+        asyncio.get_running_loop().call_later(0.05, idle.set)  # the abort ends the request
+        return await NloraServer.shutdown(fake, now=now)
+
+    with caplog.at_level("WARNING", logger="nlora_serve.serving.server"):
+        assert asyncio.run(run()) is False
+    assert told == ["the server is shutting down: its engine failed (the server's log says why), so this "
+                    "request, still running, was aborted; retry it on another replica"]
+    assert "1 streams still running as the engine is dead; aborting them" in caplog.text
+    assert "SIGTERM" not in told[0] and "ended early" not in caplog.text
