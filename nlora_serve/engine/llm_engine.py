@@ -83,7 +83,7 @@ class LLMEngine(Engine):
         unless the device itself failed (a sticky CUDA error: :attr:`EngineCore.device_error`), after
         which every step would fail while health said serving, or a step has run past
         ``EngineConfig.step_timeout_s`` (hung: engine/step_watchdog.py, read here, on the caller's
-        thread, not the stuck one's); then the server drains and exits 1."""
+        thread, not the stuck one's); then the server aborts its requests, without a drain, and exits 1."""
         return self.core.device_error or self._watchdog.reason()
 
     def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:

@@ -6,7 +6,8 @@ same on ``--port``: SERVING, then NOT_SERVING once draining or dead).
 - ``503 {"status": "draining"}``: SIGTERM / Ctrl-C received; running requests finish, new ones are
   refused (503, code ``draining``) until ``--drain-seconds`` ends and the process exits 0.
 - ``503 {"status": "dead", "reason": ...}``: the engine can serve no request any more
-  (:attr:`~nlora_serve.engine.api.Engine.dead_reason`); the server drains and exits 1.
+  (:attr:`~nlora_serve.engine.api.Engine.dead_reason`); the server aborts the requests it holds,
+  without a drain (none could finish), and exits 1.
 
 Before the model and engine are up nothing listens at all (connection refused): a probe then fails,
 as it should for readiness, and a liveness probe needs a ``startupProbe`` (or a delay) in front of it.

@@ -254,7 +254,7 @@ def test_a_failed_step_tells_every_request_of_its_batch_nothing_of_the_cause(mak
 def test_a_device_that_fails_after_a_step_makes_the_engine_dead(make_engine, monkeypatch, caplog):
     """A failed step's requests end and the engine serves on; but when waiting for the device then
     raises (a sticky CUDA error: every later step would fail too), the engine reports itself dead, so
-    the server's health turns 503 and it drains and exits 1 (serve._watch_engine), and new requests
+    the server's health turns 503 and it exits 1, its requests aborted without a drain (serve._watch_engine), and new requests
     are refused with 503 rather than each failing. helper-148 found /health at 200 behind such an
     engine. CUDA is faked: only fail_all's wait reads the device here."""
     engine = make_engine()

@@ -93,8 +93,8 @@ def add_device_arguments(parser: argparse.ArgumentParser, groups: Mapping[str, o
     # generate's engine is native: the reason of a hung step, which names this flag, is its error line
     e("--engine-step-timeout", type=float, default=None, metavar="SECONDS",
       help="native engine: the longest one engine step may run; past it the engine counts as hung (a "
-           "deadlocked kernel, a stuck op): serve's /health turns 503 and the server exits 1 for its "
-           "supervisor to restart it (vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS), generate ends with an error "
+           "deadlocked kernel, a stuck op): serve's /health turns 503, the requests it held are aborted (each "
+           "told the engine failed) and the server exits 1, without a drain, for its supervisor to restart it (vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS), generate ends with an error "
            "(exit 2); 0: no limit (default: "
            f"{DEFAULT_STEP_TIMEOUT_S['cpu']:g} on the CPU, {DEFAULT_STEP_TIMEOUT_S['cuda']:g} on CUDA)")
     s("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs,

@@ -108,8 +108,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
            "the adapter store writes or reads back (default: %(default)s)")
     a("--keep-versions", type=integer_arg(1), default=AdapterLimits().keep_versions, metavar="N",
       help="versions of each adapter kept in the store, the current one included: 1 deletes an older version "
-           "once no request runs on it; more keeps the older ones to roll back to (`adapters versions NAME`, "
-           "`adapters rollback NAME --to V`; each costs its files' disk space) (default: %(default)s)")
+           "once no request runs on it; more keeps the older ones to roll back to (`adapters versions NAME` "
+           "lists them; live: `adapters load --name NAME --version V`; server stopped: `adapters rollback NAME "
+           "--to V`; each costs its files' disk space) (default: %(default)s)")
     a("--allow-runtime-lora-updating", action=argparse.BooleanOptionalAction, default=env_allows_updating(),
       help="serve vLLM's POST /v1/load_lora_adapter {lora_name, lora_path} (a folder on this server's disk) and "
            "/v1/unload_lora_adapter over HTTP, admin keys only (default: off, on where "
