@@ -151,6 +151,8 @@ def test_refusals_name_the_reason_and_tenant_and_nothing_is_logged_off(caplog):
     (("192.0.2.1", 443), "192.0.2.1:443"),  # HTTP's request.client
     (("::1", 8000), "[::1]:8000"),
     (("testclient", 50000), "testclient:50000"),
+    # uvicorn's X-Forwarded-For address has no port, given as 0: the line said 203.0.113.7:0 (s29-newcomer)
+    (("203.0.113.7", 0), "203.0.113.7"), (("2001:db8::7", 0), "[2001:db8::7]"),
     ("ipv4:10.0.0.7:51234", "10.0.0.7:51234"),  # gRPC's context.peer()
     ("ipv6:[fe80::1%eth0]:51234", "[fe80::1%eth0]:51234"),
     ("unix:/run/nlora.sock", "unix:/run/nlora.sock"),

@@ -207,12 +207,14 @@ def _address(client: str | tuple | None) -> str | None:
     if isinstance(client, tuple):
         host, port = str(client[0]), client[1] if len(client) > 1 else None
         host = f"[{host}]" if ":" in host else host
-        return host if port is None else f"{host}:{port}"
+        # port 0: none known (uvicorn's for an X-Forwarded-For address, which carries none)
+        return host if not port else f"{host}:{port}"
     return client.removeprefix("ipv4:").removeprefix("ipv6:") or None
 
 
 def client_address(client: str | tuple | None) -> str:
-    """A client's address as a log line writes it: ``host:port`` (``[v6addr]:port`` for IPv6).
+    """A client's address as a log line writes it: ``host:port`` (``[v6addr]:port`` for IPv6; the
+    host alone where the port is 0, an ``X-Forwarded-For`` address's).
 
     Args:
         client: HTTP's ``request.client`` (a (host, port) pair, or None when the server does not
