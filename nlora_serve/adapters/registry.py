@@ -80,7 +80,7 @@ class AdapterRegistry(RegistryPins):
         An adapter that no longer validates is skipped with a warning, never served.
         Returns the names registered.
         """
-        names = []
+        names, pruned, count = [], [], 0
         for name in self.store.names():
             stored = self.store.latest(name)
             try:
@@ -90,8 +90,14 @@ class AdapterRegistry(RegistryPins):
                 log.warning("store adapter %s v%d not served: %s", name, stored.version, exc)
                 continue
             self._switch(version)
-            self._prune(name)
+            if removed := self._prune(name):
+                pruned.append(f"{name} " + ", ".join(f"v{v}" for v in removed))
+                count += len(removed)
             names.append(name)
+        if pruned:  # a restart with a smaller --keep-versions than the store was kept with
+            log.warning("--keep-versions %d: deleting %d older version%s the adapter store kept: %s (start with "
+                        "--keep-versions N to keep each name's newest N)", self.keep_versions, count,
+                        "s" if count != 1 else "", "; ".join(pruned))
         return names
 
     def register(self, name: str, files: dict[str, bytes], if_version: int | None = None,
@@ -235,23 +241,25 @@ class AdapterRegistry(RegistryPins):
             with self._lock:
                 self._loading.discard(name)
 
-    def _prune(self, name: str) -> None:
+    def _prune(self, name: str) -> list[int]:
         """Delete the folders of ``name``'s versions older than the current one that no live
         version uses and that are not among the newest ``keep_versions`` on disk: an unloaded version
         loaded back, what a restart or crash left behind, the oldest of those kept to roll back to.
         Not on the swap path: a swap supersedes a current version, which :meth:`_free` deletes
         when let go (or keeps, with ``keep_versions`` > 1, pruning the oldest then). Safe outside
-        the write lock (a version older than current never revives; a write only adds a newer one)."""
+        the write lock (a version older than current never revives; a write only adds a newer one).
+        Returns the versions deleted, oldest first."""
         with self._lock:
             current = self._current.get(name)
             live = {v.version for v in self._retired.get(name, [])}
         if current is None:
-            return
+            return []
         older = [v for v in self.store.versions(name) if v < current.version]
         kept = set(older[len(older) - (self.keep_versions - 1):]) if self.keep_versions > 1 else set()
-        for old in older:
-            if old not in live and old not in kept:
-                self.store.remove_version(name, old)
+        removed = [old for old in older if old not in live and old not in kept]
+        for old in removed:
+            self.store.remove_version(name, old)
+        return removed
 
     def _switch(self, new: AdapterVersion) -> AdapterVersion:
         with self._lock:

@@ -193,3 +193,22 @@ def test_serve_keep_versions_reaches_the_adapter_limits_and_zero_is_refused(caps
     with pytest.raises(SystemExit):
         limits("--keep-versions", "0")
     assert "argument --keep-versions: must be an integer >= 1; got 0" in capsys.readouterr().err
+
+
+def test_a_restart_with_a_smaller_n_says_which_kept_versions_it_deletes(tmp_path, caplog):
+    """A restart without the --keep-versions the store was kept with (the default 1) deleted every
+    version kept to roll back to, and the log said nothing: `adapters load --version` then found none
+    (s29-newcomer). Now one WARNING names them and the flag; a restart that deletes nothing is silent."""
+    registry = _registry(tmp_path, keep=3)
+    registry.register("acme", files(b"\x01"))
+    registry.register("globex", files(b"\x01"))
+    for payload in (b"\x02", b"\x03"):
+        registry.swap_weights("acme", payload)
+    with caplog.at_level("WARNING", logger="nlora_serve.adapters.registry"):
+        _registry(tmp_path, keep=3).rebuild()
+        assert not caplog.records
+        _registry(tmp_path, keep=1).rebuild()
+    assert [r.getMessage() for r in caplog.records] == [
+        "--keep-versions 1: deleting 2 older versions the adapter store kept: acme v1, v2 (start with "
+        "--keep-versions N to keep each name's newest N)"]
+    assert _on_disk(_registry(tmp_path, keep=1)) == [3]
