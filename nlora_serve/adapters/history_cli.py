@@ -33,9 +33,9 @@ def add_history_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "rollback", help="write a kept version of an adapter again as its next version (offline)",
         description="Write version --to of NAME again as its next version in the adapter store (the version "
-                    "numbers only grow; the content is the old version's). Offline: a server running on the "
-                    "store refuses it, and the message gives the live way (adapters load --name NAME "
-                    "--version V, a hot swap). The next start serves the new version.")
+                    "numbers only grow; the content is the old version's). Offline: refused while a server "
+                    "runs on the store (it holds the store's lock), the message giving the live way (adapters "
+                    "load --name NAME --version V, a hot swap). The next start serves the new version.")
     _store_argument(p)
     p.add_argument("--to", type=integer_arg(1), required=True, metavar="VERSION",
                    help="the kept version to roll back to (see adapters versions NAME)")
