@@ -116,7 +116,8 @@ class Admission:
                                 "%d, its share %.3g of the %d free places of --max-queue %d (weight %g)", who, places,
                                 held, share, self.max_queue - self.inflight, self.max_queue, principal.weight)
             raise QueueShareExceeded(f"{principal.name!r} holds {held} requests running or waiting, its share of "
-                                     "the server's queue while the server is busy; retry with backoff")
+                                     "the server's queue (its weight x the free places, so that other tenants "
+                                     "always find room); retry when one ends, or with backoff")
 
     def reserve(self, principal: Principal | None = None) -> Reservation:
         """:meth:`check`, then count the request (of ``principal``'s tenant) until the returned

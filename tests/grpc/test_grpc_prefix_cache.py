@@ -158,7 +158,8 @@ def test_a_refusal_names_the_callers_own_count_not_the_servers(caplog):
     with pytest.raises(QueueFull) as refused:
         admission.check(caller)
     assert str(refused.value) == ("'caller' holds 3 requests running or waiting, its share of the server's queue "
-                                  "while the server is busy; retry with backoff")
+                                  "(its weight x the free places, so that other tenants always find room); retry "
+                                  "when one ends, or with backoff")
     assert "tenant_queue_share: 'caller' refused 1 place(s), holding 3, its share 2 of the 2 free places of " \
            "--max-queue 8 " \
            "(weight 1)" in caplog.text
