@@ -15,9 +15,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 
-from nlora_serve.serving import metrics_scrape
+from nlora_serve.serving import metrics_http, metrics_scrape
 from nlora_serve.serving.http_api import routes
 from nlora_serve.serving.metrics import ServerMetrics
 from nlora_serve.serving.metrics_http import serve_metrics
@@ -133,9 +133,16 @@ class _HeldCollector:
         return []
 
 
-def test_overlapping_scrapes_of_the_metrics_port_share_one_rendering_in_their_format():
+def test_overlapping_scrapes_of_the_metrics_port_share_one_rendering_in_their_format(monkeypatch):
     """--metrics-port rendered once per connection's thread: 8 keyless clients scraping at once
     were 8 renderings (1.4 s each at 45,000 series on a loaded box) holding the GIL by turns."""
+    arrivals, shared_call = [], metrics_http._SharedMetrics.__call__
+
+    def counted(self, environ, start_response):  # a scrape that reached the shared rendering
+        arrivals.append(1)
+        return shared_call(self, environ, start_response)
+
+    monkeypatch.setattr(metrics_http._SharedMetrics, "__call__", counted)
     registry, held = CollectorRegistry(), _HeldCollector()
     registry.register(held)
     server = serve_metrics(registry, "127.0.0.1", 0)
@@ -148,7 +155,12 @@ def test_overlapping_scrapes_of_the_metrics_port_share_one_rendering_in_their_fo
     try:
         with ThreadPoolExecutor(6) as pool:
             answers = [pool.submit(scrape) for _ in range(5)] + [pool.submit(scrape, {"Accept-Encoding": "gzip"})]
-            time.sleep(0.5)  # all six connected and waiting on the first rendering
+            # all six arrived and waiting on the first rendering (a fixed 0.5 s sleep: on a loaded box
+            # a scrape that came later rendered again)
+            deadline = time.monotonic() + 10
+            while len(arrivals) < 6 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)
             held.release.set()
             got = [a.result() for a in answers]
         assert held.renders == 2  # one per format: plain (5 scrapes), gzip (1)
@@ -160,3 +172,53 @@ def test_overlapping_scrapes_of_the_metrics_port_share_one_rendering_in_their_fo
         held.release.set()
         server.shutdown()
         server.server_close()
+
+
+def _call(app, method: str, environ_class: type = dict) -> tuple[str, list, bytes]:
+    got = []
+    environ = environ_class(REQUEST_METHOD=method, PATH_INFO="/metrics", QUERY_STRING="")
+    body = b"".join(app(environ, lambda status, headers, exc_info=None: got.append((status, headers))))
+    return got[-1][0], got[-1][1], body
+
+
+def test_a_metrics_port_scrape_never_takes_the_answer_of_another_method():
+    """The port's shared answers were keyed by headers and query string only: a GET that arrived
+    while a POST, HEAD or OPTIONS of /metrics (no key needed) was answered took that answer, a 405
+    or an empty 200, so a client sending those in a loop blanked Prometheus' scrapes."""
+    registry = CollectorRegistry()
+    Counter("nlora_probe", "a series every scrape must hold", registry=registry).inc()
+    plain = make_wsgi_app(registry)
+    in_post, get_arrived = threading.Event(), threading.Event()
+
+    def gated(environ, start_response):  # the POST is answered only once the GET has arrived
+        if environ["REQUEST_METHOD"] == "POST":
+            in_post.set()
+            get_arrived.wait(10)
+        return plain(environ, start_response)
+
+    class ArrivedEnviron(dict):  # the shared app reads the headers once the scrape has arrived
+        def get(self, *args):
+            get_arrived.set()
+            return super().get(*args)
+
+    shared = metrics_http._SharedMetrics(gated)
+    with ThreadPoolExecutor(1) as pool:
+        post = pool.submit(_call, shared, "POST")
+        assert in_post.wait(10)
+        status, _, body = _call(shared, "GET", ArrivedEnviron)
+        assert post.result()[0].startswith("405")
+    assert status == "200 OK" and b"nlora_probe_total 1.0" in body
+    assert _call(shared, "OPTIONS")[0] == "200 OK" and _call(shared, "GET")[2] == body
+
+
+def test_a_reused_metrics_port_answer_hands_each_scrape_its_own_headers(monkeypatch):
+    """wsgiref's handler adds Content-Length to the header list it is given: the list of an answer
+    shared between the port's threads was changed by one while another wrote it out."""
+    monkeypatch.setattr(metrics_http, "REUSE_ABOVE_S", 0.0)  # every rendering reused a while
+    shared = metrics_http._SharedMetrics(make_wsgi_app(CollectorRegistry()))
+
+    def adding(environ, start_response):  # as wsgiref's set_content_length on the list it was given
+        return shared(environ, lambda status, headers, exc_info=None: headers.append(("Content-Length", "1")))
+
+    adding(dict(REQUEST_METHOD="GET", PATH_INFO="/metrics", QUERY_STRING=""), None)
+    assert [name for name, _ in _call(shared, "GET")[1]] == ["Content-Type"]  # no Content-Length of the first

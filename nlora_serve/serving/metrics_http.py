@@ -75,7 +75,10 @@ class _SharedMetrics:
     another's rendering takes its answer when it has the same format (``Accept``,
     ``Accept-Encoding``, query string: OpenMetrics, gzip and ``name[]`` stay negotiated), and so does
     one within :data:`REUSE_FACTOR` times as long after a rendering of :data:`REUSE_ABOVE_S` CPU
-    seconds or more (metrics_scrape.py's rule). Thread-safe."""
+    seconds or more (metrics_scrape.py's rule). Only a GET renders and shares: another method's
+    answer (OPTIONS' empty 200, a POST's or HEAD's 405) is the app's own, never handed to a GET that
+    waited (a client with no key sending those in a loop blanked Prometheus' scrapes). Each answer
+    gets a copy of its header list (wsgiref adds Content-Length to it). Thread-safe."""
 
     MAX_FORMATS = 8  # answers kept, one per format (the client picks the headers: bounded)
 
@@ -85,6 +88,8 @@ class _SharedMetrics:
 
     def __call__(self, environ, start_response):
         arrived = time.monotonic()
+        if environ.get("REQUEST_METHOD") != "GET":  # nothing rendered: answered apart
+            return self._app(environ, start_response)
         key = tuple(environ.get(k, "") for k in ("HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING", "QUERY_STRING"))
         with self._lock:  # a scrape arriving while one renders waits here, then takes its answer
             answer = self._answers.get(key)
@@ -92,7 +97,7 @@ class _SharedMetrics:
                 answer = self._answers[key] = self._render(environ)
                 while len(self._answers) > self.MAX_FORMATS:
                     del self._answers[next(iter(self._answers))]
-        start_response(answer[2], answer[3])
+        start_response(answer[2], list(answer[3]))  # its own: the handler adds to it as it writes
         return [answer[4]]
 
     def _render(self, environ) -> tuple[float, float, str, list, bytes]:
