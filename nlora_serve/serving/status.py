@@ -42,9 +42,10 @@ class QuotaExceeded(QueueFull):
 
 class QueueShareExceeded(QueueFull):
     """With fair scheduling (``tenant_queue_shares``), the caller's tenant holds its share of the
-    free ``--max-queue`` places while the server is busy (:class:`~nlora_serve.serving.admission.Admission`):
-    that tenant's refusal alone, the queue not full (reason ``tenant_queue_share``), so that an
-    alert on ``queue_full`` means the whole queue is full."""
+    free ``--max-queue`` places, its weight x the free places (:func:`~nlora_serve.serving.admission.queue_share`):
+    refused even alone on an idle server, at half of ``--max-queue`` for weight 1. That tenant's
+    refusal alone, the queue not full (reason ``tenant_queue_share``), so that an alert on
+    ``queue_full`` means the whole queue is full."""
 
 
 class Draining(NloraError):
