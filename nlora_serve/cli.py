@@ -213,14 +213,17 @@ def _global_options(argv: list[str]) -> tuple[str | None, dict[str, str]]:
 
 
 def _serve_log_format(argv: list[str]) -> str:
-    """``serve --log-format``'s value in ``argv`` (``--log-format X`` or ``--log-format=X``), read
-    before the parser is built (the slow imports' lines are in it too); "text" when absent or not one
-    of log_format.FORMATS (argparse's error then says so)."""
+    """``serve --log-format``'s value in ``argv`` (``--log-format X`` or ``--log-format=X``, or an
+    abbreviation argparse takes for it: ``--log-f json`` was parsed as json while the log stayed
+    text), read before the parser is built (the slow imports' lines are in it too); "text" when
+    absent or not one of log_format.FORMATS (argparse's error then says so)."""
     value = "text"
     args = iter(argv)
     for arg in args:
         name, eq, given = arg.partition("=")
-        if name == "--log-format":
+        # argparse takes any prefix of an option that no other option of serve starts with; one that
+        # others start with too is its error, whatever is configured here
+        if len(name) > 2 and "--log-format".startswith(name):
             value = given if eq else next(args, "")
     return value if value in log_format.FORMATS else "text"
 

@@ -150,6 +150,9 @@ def test_every_option_of_every_subcommand_has_help_text():
     (["serve", "--log-format", "json"], "json"), (["serve", "--log-format=json", "--port", "1"], "json"),
     (["serve"], "text"), (["serve", "--log-format", "xml"], "text"),  # argparse's error names it
     (["serve", "--log-format"], "text"),
+    # abbreviations argparse takes: the log stayed text while args.log_format said json
+    (["serve", "--log-f", "json"], "json"), (["serve", "--log-form=json"], "json"),
+    (["serve", "--log", "json"], "json"),
 ])
 def test_serve_log_format_is_read_before_the_parser(argv, fmt):
     assert _serve_log_format(argv) == fmt
