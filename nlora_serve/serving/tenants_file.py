@@ -213,8 +213,14 @@ def _quota(entry: dict, where: str) -> tuple[float, int | None]:
 def _got(value: object) -> str:
     """``value`` as a refusal quotes it: its ``repr``, at most :func:`shown`'s length (the message goes
     to the log on a reload: a value of megabytes was a line of megabytes); a string that starts as an
-    API key does is not shown (:func:`_quoted`)."""
-    return _quoted(value) if isinstance(value, str) else shown(repr(value))
+    API key does is not shown (:func:`_quoted`), nor a list or object that holds one (its ``repr``
+    quoted the key whole)."""
+    if isinstance(value, str):
+        return _quoted(value)
+    text = repr(value)
+    if KEY_PREFIX in text:
+        return f"a {type(value).__name__} holding a string with {KEY_PREFIX!r} (not shown: an API key?)"
+    return shown(text)
 
 
 def _quoted(text: str) -> str:

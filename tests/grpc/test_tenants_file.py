@@ -212,6 +212,9 @@ _KEY = "nls_" + "k3y" * 14 + "Z"  # as `keys new` makes one: 47 characters
     json.dumps({"tenants": [_tenant("a", "k", adapters=["a"], base_model=_KEY)]}),
     json.dumps({"tenants": [{**_tenant("a", "k", adapters=["a"]), _KEY: True}]}),  # pasted as a field
     json.dumps({_KEY: []}),
+    # inside a list or an object: its repr quoted it whole
+    json.dumps({"tenants": [{"name": [_KEY], "key_sha256": "0" * 64, "adapters": ["a"]}]}),
+    json.dumps({"tenants": [_tenant("a", "k", adapters=["a"], weight={"key": _KEY})]}),
     '{"tenants": [{"name": "%s", "name": "%s", "key_sha256": "%s"}]}' % (_KEY, _KEY, "0" * 64),  # duplicate field
 ])
 def test_a_key_pasted_into_the_wrong_field_is_refused_without_echoing_it(tmp_path, text):
@@ -221,7 +224,8 @@ def test_a_key_pasted_into_the_wrong_field_is_refused_without_echoing_it(tmp_pat
     path.write_text(text)
     message = _auth_error(path)
     assert message is not None and "k3y" not in message, message
-    assert "'nls_' (47 characters, not shown: an API key?)" in message
+    assert "'nls_' (47 characters, not shown: an API key?)" in message or \
+        "holding a string with 'nls_' (not shown: an API key?)" in message
 
 
 @pytest.mark.parametrize("section, second", [
