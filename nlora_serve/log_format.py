@@ -64,11 +64,17 @@ def fields(**values) -> dict[str, dict]:
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line (see the module docstring). Non-ASCII characters and
     control characters come out as ``\\uXXXX`` escapes, so no value a client chose can break the line
-    or drive a terminal; a value JSON cannot hold is written as its ``str``."""
+    or drive a terminal; a value JSON cannot hold is written as its ``str``. A record whose message
+    cannot be formatted (a library's ``log.warning("%d", "x")``) is one object too, its format string
+    as the message: logging's handleError wrote ~18 plain lines for it ("--- Logging error ---", a
+    traceback, the call's arguments)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": utc_time(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+        try:
+            message = record.getMessage()
+        except Exception as exc:  # noqa: BLE001 (whatever a caller's format and arguments raise)
+            message = f"{record.msg} (not formatted: {type(exc).__name__}: {exc})"
+        entry = {"time": utc_time(record), "level": record.levelname, "logger": record.name, "message": message}
         for key, value in getattr(record, _FIELDS, {}).items():
             entry.setdefault(key, value)  # the four above are never overwritten
         if record.exc_info:

@@ -77,6 +77,7 @@ except ZeroDivisionError:
     logging.getLogger("grpc._cython.cygrpc").exception("Unexpected error in RPC")
 warnings.warn("a library's warning")
 log_format.error_line(ValueError("bad flag"), "json")
+logging.getLogger("lib").warning("%d items", "x")  # a library's bad call: logging's handleError wrote 18 lines
 import threading
 worker = threading.Thread(target=lambda: 1 / 0, name="worker")
 worker.start(); worker.join()
@@ -97,10 +98,11 @@ def test_json_mode_writes_uvicorns_grpcs_and_warnings_records_as_json_too():
     entries = [json.loads(line) for line in run.stderr.splitlines()]
     assert [(e["logger"], e["level"]) for e in entries] == [
         ("uvicorn.error", "WARNING"), ("grpc._cython.cygrpc", "ERROR"), ("py.warnings", "WARNING"),
-        ("nlora_serve", "ERROR")] + [("nlora_serve.uncaught", "ERROR")] * 3
-    assert [e["message"].split(":")[0] for e in entries[4:]] == [
+        ("nlora_serve", "ERROR"), ("lib", "WARNING")] + [("nlora_serve.uncaught", "ERROR")] * 3
+    assert entries[4]["message"] == "%d items (not formatted: TypeError: %d format: a real number is required, not str)"
+    assert [e["message"].split(":")[0] for e in entries[5:]] == [
         "exception in thread worker", "Exception ignored in", "uncaught exception"]
-    assert [e["exception"].splitlines()[-1] for e in entries[4:]] == [
+    assert [e["exception"].splitlines()[-1] for e in entries[5:]] == [
         "ZeroDivisionError: division by zero", "OSError: in __del__", "KeyError: 'not caught'"]
     assert entries[1]["exception"].endswith("ZeroDivisionError: division by zero")
     assert "a library's warning" in entries[2]["message"] and entries[3]["message"] == "error: bad flag"
