@@ -20,7 +20,10 @@ from (as the request log's ``client=``):
     SwapAdapter by 'ops' from 10.0.0.7:51234: adapter 'lower' v3 serving (inttune-tied, rank 8) (41 ms)
 
 and the keys ``event`` ``admin_done``, ``operation``, ``caller``, ``client``, ``adapter``,
-``adapter_version``, ``duration_ms`` where its line names them.
+``adapter_version``, ``duration_ms`` where its line names them (HTTP's unload: ``draining_requests``,
+no ``duration_ms``). A gRPC call its client cancelled (grpc_api/admin.py) is ``event``
+``admin_cancelled`` with ``operation``, ``caller``, ``client``, ``duration_ms`` and ``note`` (how far
+it got).
 
 An admin's refusals are logged one by one (operators' calls are few and each matters); a tenant
 key's at most once per 10 s per operation and tenant (:class:`~nlora_serve.errors.RefusalLog`,
