@@ -16,9 +16,10 @@ no-op. ``tenant`` is a name from the tenants file (an operator's list: a key tha
 matches no entry is counted in ``nlora_requests_rejected_total`` only, never under a name its caller
 chose), or :data:`ANONYMOUS` without one. A tenant's series appears at its first request and stays
 after a reload removes it (a counter that vanished would read as a reset). Gauges and the engine's
-own counters (preemptions) are read from the engine when scraped, so they are never stale, but on
-the API port a rendering that took 50 ms or more (thousands of tenants' series) answers the scrapes
-of the next ten times as long (metrics_scrape.py: /metrics takes no key).
+own counters (preemptions) are read from the engine when scraped, so they are never stale, but a
+rendering that took 50 ms of CPU or more (thousands of tenants' series) answers the scrapes of the
+next ten times as long, on the API port (metrics_scrape.py: /metrics takes no key) and on
+``--metrics-port`` (metrics_http.py, per format) alike.
 """
 
 from __future__ import annotations
