@@ -53,14 +53,15 @@ def claim(owner: object, root: Path) -> tuple[bool, Callable[[], object]]:
                                    "one first") from None
             entry = _held[root] = [fd, 0]
         entry[1] += 1
-    return first, weakref.finalize(owner, _release, root)
+    # the entry itself, not the root: a store a forked child inherited lets go of nothing, even once
+    # the child claims the root anew (a new entry, which that store's collection must not count down)
+    return first, weakref.finalize(owner, _release, root, entry)
 
 
-def _release(root: Path) -> None:
+def _release(root: Path, entry: list[int]) -> None:
     with _guard:
-        entry = _held.get(root)
-        if entry is None:  # a store a forked child inherited: the lock is the parent's (_forget_after_fork)
-            return
+        if _held.get(root) is not entry:  # a store a forked child inherited: the lock is the parent's
+            return  # (_forget_after_fork)
         entry[1] -= 1
         if entry[1] == 0:
             os.close(entry[0])  # closing the last descriptor drops the flock

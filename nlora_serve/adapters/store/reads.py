@@ -33,15 +33,17 @@ def _new_deleter() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="adapter-store-delete")
 
 
-def _new_deleters_after_fork() -> None:
-    """In a forked child, each store inherited gets a deleter of its own: the parent's thread is
-    not in the child, and its pool, which counted it idle, queued every removal (and
-    ``wait_deleted``) to nobody: the child hung."""
+def _own_threads_after_fork() -> None:
+    """In a forked child, each store inherited gets a deleter and locks of its own: the parent's
+    deleter thread is not in the child, and its pool, which counted it idle, queued every removal
+    (and ``wait_deleted``) to nobody; a lock a parent thread held at the fork (a write in progress)
+    stays held in the child, where no thread will release it. Either way the child hung."""
     for store in list(_open_stores):
         store._deleter = _new_deleter()
+        store.write_lock, store._highest_lock = threading.Lock(), threading.Lock()
 
 
-os.register_at_fork(after_in_child=_new_deleters_after_fork)
+os.register_at_fork(after_in_child=_own_threads_after_fork)
 
 
 class AdapterStore(StoreWrites):
@@ -72,7 +74,7 @@ class AdapterStore(StoreWrites):
             # replaced that one: the killed start's writes were never taken back)
             unlock()
             raise
-        self._deleter = _new_deleter()  # replaced in a forked child (_new_deleters_after_fork)
+        self._deleter = _new_deleter()  # replaced in a forked child (_own_threads_after_fork)
         _open_stores.add(self)
         self._unrecorded: set[Path] = set()  # versions whose SHA256SUMS the disk refused: not retried
         # the highest version of each name listed or written by this process: a name's folder deleted
