@@ -8,6 +8,7 @@ import json
 import time
 from dataclasses import asdict
 
+from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.arg_types import integer_arg
 
 DEFAULT_STORE = "./nlora-adapters"  # serve's --adapter-dir default
@@ -17,6 +18,10 @@ def _store_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="adapter name in the store")
     p.add_argument("--adapter-dir", default=DEFAULT_STORE,
                    help="the adapter store, as serve's --adapter-dir (default: %(default)s)")
+    # a server started with a larger --max-adapter-bytes stores larger versions: read with its value
+    p.add_argument("--max-adapter-bytes", type=integer_arg(1), default=DEFAULT_MAX_ADAPTER_BYTES, metavar="BYTES",
+                   help="largest version read back, its files together, as the server's --max-adapter-bytes "
+                        "(give the server's value where it raised it; default: %(default)s)")
 
 
 def add_history_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +50,7 @@ def add_history_subcommands(subparsers: argparse._SubParsersAction) -> None:
 def _versions(args: argparse.Namespace) -> int:
     from nlora_serve.adapters.store.history import list_versions
 
-    found = list_versions(args.adapter_dir, args.name)
+    found = list_versions(args.adapter_dir, args.name, args.max_adapter_bytes)
     if args.json:
         print(json.dumps([asdict(v) for v in found], indent=2))
         return 0
@@ -60,7 +65,7 @@ def _versions(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     from nlora_serve.adapters.store.history import rollback
 
-    stored, was_unloaded = rollback(args.adapter_dir, args.name, args.to)
+    stored, was_unloaded = rollback(args.adapter_dir, args.name, args.to, args.max_adapter_bytes)
     again = " (it was unloaded: it serves again)" if was_unloaded else ""
     print(f"{args.name}: v{stored.version} written with v{args.to}'s files ({stored.path}); the next start on this "
           f"store serves it{again}")

@@ -212,3 +212,22 @@ def test_a_restart_with_a_smaller_n_says_which_kept_versions_it_deletes(tmp_path
         "--keep-versions 1: deleting 2 older versions the adapter store kept: acme v1, v2 (start with "
         "--keep-versions N to keep each name's newest N)"]
     assert _on_disk(_registry(tmp_path, keep=1)) == [3]
+
+
+def test_versions_and_rollback_read_versions_as_large_as_the_servers_max_adapter_bytes(tmp_path, capsys):
+    # both read with the default --max-adapter-bytes (256 MiB) and had no flag to change it: a server
+    # started with a larger one stored versions that `adapters versions` and `adapters rollback` refused
+    # ("over the server's --max-adapter-bytes 268435456"), with no way to read them
+    registry = _registry(tmp_path, keep=2)
+    registry.register("acme", files(b"\x01"))
+    registry.swap_weights("acme", b"\x02")
+    size = len(files(b"\x01")[CONFIG_FILE]) + 1  # each version's files, bytes
+    common = ["--adapter-dir", str(tmp_path), "--max-adapter-bytes"]
+    assert main(["adapters", "versions", "acme", *common, str(size - 1)]) == 2
+    assert f"--max-adapter-bytes {size - 1}" in capsys.readouterr().err
+    assert main(["adapters", "versions", "acme", *common, str(size)]) == 0
+    assert capsys.readouterr().out.splitlines()[2].endswith("current")
+    assert main(["adapters", "rollback", "acme", "--to", "1", *common, str(size - 1)]) == 2
+    assert f"--max-adapter-bytes {size - 1}" in capsys.readouterr().err
+    assert main(["adapters", "rollback", "acme", "--to", "1", *common, str(size)]) == 0
+    assert capsys.readouterr().out.startswith("acme: v3 written with v1's files")
