@@ -286,16 +286,22 @@ def test_serve_on_a_dead_engine_exits_past_an_admin_call_stuck_in_the_loops_exec
 
     from nlora_serve.serving.commands import serve as serve_cli
 
-    blocked, exits = threading.Event(), []
+    called, blocked, exits = threading.Event(), threading.Event(), []
     engine = SimpleNamespace(dead_reason=None, shutdown=lambda: None)
 
     def exit_now(code, why):
         exits.append((code, why))
         raise SystemExit(code)
 
+    def admin_call():
+        called.set()
+        blocked.wait()
+
     async def serving(server, adapters, batch):  # an admin call handed to its thread, then the engine died
-        asyncio.ensure_future(asyncio.to_thread(blocked.wait))
-        await asyncio.sleep(0.05)
+        asyncio.ensure_future(asyncio.to_thread(admin_call))
+        # in its thread (not only queued: the close would cancel a queued one, and no thread would be busy)
+        while not called.is_set():
+            await asyncio.sleep(0.01)
         engine.dead_reason = "an engine step has run for 2.0 s (limit 1 s, --engine-step-timeout)"
         return False
 
