@@ -19,6 +19,7 @@ from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.store import durable
 from nlora_serve.adapters.store.layout import (ALLOWED_FILES, DEFAULT_MAX_ADAPTER_BYTES, UNLOADED, StoredVersion,
                                                content_hash, is_version_name)
+from nlora_serve.adapters.store.lock import StoreInUse
 from nlora_serve.adapters.store.reads import AdapterStore
 from nlora_serve.adapters.store.sums import StoredHashMismatch, check_sums, recorded
 from nlora_serve.errors import AdapterError
@@ -109,11 +110,9 @@ def rollback(root: str | os.PathLike, name: str, to: int,
     root, folder = _adapter_dir(root, name)
     try:
         store = AdapterStore(root, max_bytes=max_bytes)
-    except AdapterError as exc:
-        if "in use by another process" not in str(exc):
-            raise
-        raise AdapterError(f"{exc}. To roll back on the running server (a hot swap, as an upload): nlora-serve "
-                           f"adapters load --name {name} --version {to} (admin key)") from None
+    except StoreInUse as exc:
+        raise StoreInUse(f"{exc}. To roll back on the running server (a hot swap, as an upload): nlora-serve "
+                         f"adapters load --name {name} --version {to} (admin key)") from None
     kept = store.versions(name)
     if to not in kept:
         raise AdapterError(f"adapter {name!r} has no version {to} in {root}: it keeps "

@@ -54,8 +54,8 @@ def group_adders(parser: argparse.ArgumentParser, groups: Mapping[str, object] |
 
 def add_device_arguments(parser: argparse.ArgumentParser, groups: Mapping[str, object] | None = None) -> None:
     """``--device``, ``--load-format``, ``--tokenizer``, ``--gpu-memory-utilization``, the CUDA graph
-    flags, ``--cpu-gemm`` / ``--cpu-amx``, ``--engine-step-timeout`` and the scheduler's sizes; in ``groups``' "model", "device",
-    "cache" and "scheduler" groups (:func:`flag_groups`) where given."""
+    flags, ``--cpu-gemm`` / ``--cpu-amx``, ``--engine-step-timeout`` and the scheduler's sizes; in
+    ``groups``' "model", "device", "cache" and "scheduler" groups (:func:`flag_groups`) where given."""
     d = EngineConfig.__dataclass_fields__
     m, e, c, s = group_adders(parser, groups, "model", "device", "cache", "scheduler")  # e: the engine's device
     # default None for the native engine's own flags: serve --backend vllm refuses them only when given
@@ -94,8 +94,8 @@ def add_device_arguments(parser: argparse.ArgumentParser, groups: Mapping[str, o
     e("--engine-step-timeout", type=float, default=None, metavar="SECONDS",
       help="native engine: the longest one engine step may run; past it the engine counts as hung (a "
            "deadlocked kernel, a stuck op): serve's /health turns 503, the requests it held are aborted (each "
-           "told the engine failed) and the server exits 1, without a drain, for its supervisor to restart it (vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS), generate ends with an error "
-           "(exit 2); 0: no limit (default: "
+           "told the engine failed) and the server exits 1, without a drain, for its supervisor to restart it "
+           "(vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS), generate ends with an error (exit 2); 0: no limit (default: "
            f"{DEFAULT_STEP_TIMEOUT_S['cpu']:g} on the CPU, {DEFAULT_STEP_TIMEOUT_S['cuda']:g} on CUDA)")
     s("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs,
       help="sequences running at once, at most (default: %(default)s)")

@@ -303,8 +303,9 @@ async def serve(server: NloraServer, adapters: list[str], batch: OpenBatch | Non
 
 async def _watch_engine(engine, stop: asyncio.Event, every: float = ENGINE_WATCH_SECONDS) -> None:
     """Set ``stop`` once the engine can serve no more (:attr:`Engine.dead_reason`): the server then
-    aborts its requests at once, without a drain (health NOT_SERVING), and exits non-zero, so a supervisor restarts it rather than every
-    request failing behind a healthy-looking server (vLLM's own server exits on EngineDeadError)."""
+    aborts its requests at once, without a drain (health NOT_SERVING), and exits non-zero, so a
+    supervisor restarts it rather than every request failing behind a healthy-looking server (vLLM's
+    own server exits on EngineDeadError)."""
     while engine.dead_reason is None:
         await asyncio.sleep(every)
     log.error("the engine died: %s; shutting down", engine.dead_reason)
