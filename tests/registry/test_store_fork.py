@@ -56,7 +56,7 @@ def test_a_childs_inherited_store_going_leaves_the_childs_own_claim_held(tmp_pat
             del inherited
             gc.collect()
             code = 1 if _flock_free(root) else 0  # granted to another descriptor: the claim was let go
-            del own
+            own.wait_deleted()  # (it lives until here)
         finally:
             os._exit(code)
     os.close(go_read)
