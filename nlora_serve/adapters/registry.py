@@ -94,8 +94,9 @@ class AdapterRegistry(RegistryPins):
                 pruned.append(f"{name} " + ", ".join(f"v{v}" for v in removed))
                 count += len(removed)
             names.append(name)
-        if pruned:  # a restart with a smaller --keep-versions than the store was kept with
-            log.warning("--keep-versions %d: deleting %d older version%s the adapter store kept: %s (start with "
+        if pruned:  # a restart with a smaller --keep-versions than the store was kept with, or after a kill
+            log.warning("--keep-versions %d: deleting %d older version%s found in the adapter store: %s (kept by "
+                        "a larger --keep-versions, or held by a request when the server last stopped; start with "
                         "--keep-versions N to keep each name's newest N)", self.keep_versions, count,
                         "s" if count != 1 else "", "; ".join(pruned))
         return names

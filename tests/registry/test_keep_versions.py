@@ -209,9 +209,26 @@ def test_a_restart_with_a_smaller_n_says_which_kept_versions_it_deletes(tmp_path
         assert not caplog.records
         _registry(tmp_path, keep=1).rebuild()
     assert [r.getMessage() for r in caplog.records] == [
-        "--keep-versions 1: deleting 2 older versions the adapter store kept: acme v1, v2 (start with "
-        "--keep-versions N to keep each name's newest N)"]
+        "--keep-versions 1: deleting 2 older versions found in the adapter store: acme v1, v2 (kept by a larger "
+        "--keep-versions, or held by a request when the server last stopped; start with --keep-versions N to keep "
+        "each name's newest N)"]
     assert _on_disk(_registry(tmp_path, keep=1)) == [3]
+
+
+def test_a_version_a_request_held_at_a_kill_is_not_blamed_on_the_flag(tmp_path, caplog):
+    # the default --keep-versions 1 every time: a server killed while a request ran on a swapped-out
+    # version left it on disk, and the next start's WARNING said "the adapter store kept" it and
+    # told the operator to start with --keep-versions N, a flag never changed
+    registry = _registry(tmp_path, keep=1)
+    registry.register("acme", files(b"\x01"))
+    registry.acquire("acme")  # a request on v1, never released: the server is killed
+    registry.swap_weights("acme", b"\x02")
+    with caplog.at_level("WARNING", logger="nlora_serve.adapters.registry"):
+        _registry(tmp_path, keep=1).rebuild()
+    assert [r.getMessage() for r in caplog.records] == [
+        "--keep-versions 1: deleting 1 older version found in the adapter store: acme v1 (kept by a larger "
+        "--keep-versions, or held by a request when the server last stopped; start with --keep-versions N to keep "
+        "each name's newest N)"]
 
 
 def test_versions_and_rollback_read_versions_as_large_as_the_servers_max_adapter_bytes(tmp_path, capsys):
