@@ -271,9 +271,10 @@ class Engine(abc.ABC):
     @property
     def dead_reason(self) -> str | None:
         """Why the engine can serve no request any more (None while it can). The server then turns
-        health NOT_SERVING, drains and exits non-zero, so a supervisor restarts it (as vLLM's own
-        server does on EngineDeadError). The native engine survives a failed step; it is dead only
-        when its device is (a sticky CUDA error)."""
+        health NOT_SERVING, aborts its requests without a drain and exits non-zero, so a supervisor
+        restarts it (as vLLM's own server does on EngineDeadError). The native engine survives a
+        failed step; it is dead only when its device is (a sticky CUDA error) or a step has run past
+        ``--engine-step-timeout`` (engine/step_watchdog.py)."""
         return None
 
 

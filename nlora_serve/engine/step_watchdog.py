@@ -5,14 +5,15 @@ ends) raises nothing: without this the process stays up, ``/health`` says 200 an
 waits for ever. The step thread stamps when its step began (:meth:`StepWatchdog.timing`); any other
 thread, the server's engine watcher or ``/health``, reads the stamp (:meth:`StepWatchdog.reason`),
 so a hang is found without the stuck thread's help. The engine is then dead
-(:attr:`~nlora_serve.engine.api.Engine.dead_reason`): health 503, drain, exit 1, and the supervisor
-starts a fresh process. vLLM's counterparts: ``VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`` (300 s, one
-``execute_model`` call of the V1 multiprocess executor) and the older
-``VLLM_ENGINE_ITERATION_TIMEOUT_S`` (60 s, one engine iteration).
+(:attr:`~nlora_serve.engine.api.Engine.dead_reason`): health 503, its requests aborted (no drain),
+exit 1, and the supervisor starts a fresh process. vLLM's counterparts:
+``VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS`` (300 s, one ``execute_model`` call of the V1 multiprocess
+executor) and the older ``VLLM_ENGINE_ITERATION_TIMEOUT_S`` (60 s, one engine iteration).
 
 The limit: ``EngineConfig.step_timeout_s`` (``--engine-step-timeout``; defaults by device in
-:data:`~nlora_serve.engine.config.DEFAULT_STEP_TIMEOUT_S`). Only steps are timed: start-up (weights, graph capture, the warm-up's compiles) runs in the engine's
-constructor before the step thread starts, and :meth:`LLMEngine.warm_up` between steps.
+:data:`~nlora_serve.engine.config.DEFAULT_STEP_TIMEOUT_S`). Only steps are timed: start-up
+(weights, graph capture, the warm-up's compiles) runs in the engine's constructor before the step
+thread starts, and :meth:`LLMEngine.warm_up` between steps.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Exit at once, past a thread that will never return: a dead engine's step thread, stuck in a hung step.
 
 A hung step (engine/step_watchdog.py) leaves the native engine's step thread in that step for
-good. ``serve`` drains and shuts down without it (LLMEngine.shutdown), ``generate`` reports the
-dead engine (commands/generate.py), but the interpreter's own
-exit may still wait behind it: its exit hooks join every thread-pool worker (concurrent.futures),
+good. ``serve`` aborts its requests, without a drain, and shuts down without it
+(LLMEngine.shutdown), ``generate`` reports the dead engine (commands/generate.py), but the
+interpreter's own exit may still wait behind it: its exit hooks join every thread-pool worker (concurrent.futures),
 and one waiting on the hung step (an admin call, a grammar compile) waits as long; on CUDA, the
 runtime's teardown may wait for the hung kernel. The supervisor's restart waited with it, for
 ever where nothing kills the process. :func:`exit_now` ends the process with ``os._exit`` once the
