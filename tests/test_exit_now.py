@@ -36,6 +36,17 @@ def test_exit_now_ends_a_process_whose_exit_would_wait_for_ever_with_its_status_
 
 
 def test_the_same_process_with_a_plain_exit_waits():
-    # the premise of the test above: without exit_now this process does not end
-    with pytest.raises(subprocess.TimeoutExpired):
-        subprocess.run([sys.executable, "-c", STUCK.format(exit="sys.exit(1)")], capture_output=True, timeout=1.5)
+    # the premise of the test above: without exit_now this process does not end. The 1.5 s are
+    # counted from its exit call (a line it writes first), not from its start, which on a loaded box
+    # could take that long alone
+    exit_call = "sys.stderr.write('exit called\\n'); sys.stderr.flush(); sys.exit(1)"
+    child = subprocess.Popen([sys.executable, "-c", STUCK.format(exit=exit_call)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr.readline() == "exit called\n"
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=1.5)
+    finally:
+        child.kill()
+        child.wait()
+        child.stderr.close()
