@@ -18,6 +18,7 @@ slot may hold anything: no token points at it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,12 @@ from nlora_serve.models.spec import Site
 # slot written from an admin thread (a hot-swap under load) would then compete with the engine's
 # own parallel ops for the same cores, so the write runs in pieces below that size.
 SERIAL_ELEMENTS = 32768
+
+# Every pool's generations come from this one count, so (id(pool), generation) never names two
+# pools: a pool dropped with its last adapter (residency.py) and one made later at its address
+# would otherwise both start at 0, and views or CUDA graphs cached for the dead one would be read
+# for the new one.
+_GENERATIONS = itertools.count(1)
 
 
 def serial_rows(row_elements: int) -> int:
@@ -112,8 +119,9 @@ class _Pool:
         # alpha_pattern) and one number per slot cannot hold that, so write() folds it into N
         self.slot_scalings = torch.ones(capacity, dtype=torch.float32)
         self.bias: dict[Site, torch.Tensor] = {}  # site -> [S, out] s·b, allocated on first use
-        self.generation = 0  # bumped whenever a tensor is replaced: cached views go stale
+        self.generation = next(_GENERATIONS)  # a new one whenever a tensor is replaced: cached views go stale
         self._ordered: int | None = None  # the generation the side stream was last ordered after
+        self.retired = False  # dropped by its Residency with its last adapter: no step reads it again
 
     def _copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """:func:`copy_in` on the placement's side stream, ordered after the allocating stream's work
@@ -149,7 +157,7 @@ class _Pool:
             if site.bias is not None and key not in self.bias:
                 out = site.bias.shape[0]
                 self.bias[key] = torch.zeros(self.capacity, out, dtype=self.base.dtype, device=self.device)
-                self.generation += 1  # a new tensor: captured CUDA graphs must not keep reading without it
+                self.generation = next(_GENERATIONS)  # a new tensor: captured CUDA graphs must not keep reading without it
         for key, table in self.bias.items():
             site = adapter.sites.get(key)
             none = site is None or site.bias is None
@@ -199,7 +207,7 @@ class TiedPool(_Pool):
         self.slot_scalings = torch.ones(2 * self.capacity, dtype=torch.float32)
         self.bias = {k: torch.cat([t, torch.zeros_like(t)]) for k, t in self.bias.items()}
         self.n, self.capacity = new, 2 * self.capacity
-        self.generation += 1
+        self.generation = next(_GENERATIONS)
 
     def write(self, slot: int, adapter: Adapter) -> None:
         """Write ``adapter``'s scaled N into ``slot`` (a slot no token points at).
@@ -269,7 +277,7 @@ class LoraPool(_Pool):
                                  torch.zeros(S, out, R, **kw))
             if self.device.type == "cpu":
                 self.b_t[site] = torch.zeros(S, R, out, **kw)
-            self.generation += 1
+            self.generation = next(_GENERATIONS)
         return self.tables[site]
 
     def write(self, slot: int, adapter: Adapter) -> None:

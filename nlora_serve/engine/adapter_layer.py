@@ -82,6 +82,7 @@ CUDA, Triton (``"triton"``, the CUDA default; on CPU tensors only under TRITON_I
 
 from __future__ import annotations
 
+import weakref
 from array import array
 from contextlib import contextmanager
 from typing import Protocol
@@ -130,8 +131,11 @@ class AdapterHook:
         self.backend = "triton" if triton else None  # None: by device (Triton on CUDA, torch on the CPU)
         self._entries: list[_Entry] = []  # per pool, its batch this step
         self._per_token: list[_PerTokenEntry] = []  # instead of _entries on a Triton per-token-form step
-        self._facts: dict[int, _PoolFacts] = {}  # id(pool) -> its device tables
-        self._projections: dict[tuple[int, int, tuple[str, ...]], _Projection] = {}  # (pool id, layer, modules)
+        # keyed by the pool itself, weakly: a pool dropped with its last adapter (residency.py) takes
+        # its entries along (keyed by id(pool), they kept its tensors alive for the hook's life)
+        self._facts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> its _PoolFacts
+        # pool -> (layer, modules) -> _Projection
+        self._projections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # Triton backend: steps of up to this many tokens, prefill and mixed ones too, take the
         # per-token fixed-grid form (piecewise CUDA graphs, engine/piecewise_graphs.py); 0: decode steps only
         self.per_token_tokens = 0
@@ -309,11 +313,11 @@ class AdapterHook:
                 part += torch.where((slots >= 0)[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
     def _pool_facts(self, pool, device: torch.device) -> _PoolFacts:
-        facts = self._facts.get(id(pool))
+        facts = self._facts.get(pool)
         if facts is None or facts.generation != pool.generation:
             families = pool.slot_families
             ranks = pool.slot_ranks.to(torch.int32, copy=True)
-            facts = self._facts[id(pool)] = _PoolFacts(
+            facts = self._facts[pool] = _PoolFacts(
                 pool.generation, families.to(device, torch.int32), pool.slot_scalings.to(device, torch.float32),
                 bool((families == TIED).any()), bool((families >= 0).any()), ranks.to(device), ranks)
         return facts
@@ -326,12 +330,15 @@ class AdapterHook:
             facts.ranks.copy_(facts.host_ranks)
 
     def _projection(self, pool, layer: int, modules: tuple[str, ...], widths: list[int]) -> _Projection:
-        key = (id(pool), layer, modules)
-        proj = self._projections.get(key)
+        key = (layer, modules)
+        cached = self._projections.get(pool)
+        if cached is None:
+            cached = self._projections[pool] = {}
+        proj = cached.get(key)
         if proj is None or proj.generation != pool.generation:
             sites = [pool.kernel_site((layer, m)) for m in modules]
             tied = group = None
             if self.native is not None:
                 tied, group = self.native.plan(sites, widths), self.native.plan_group(sites, widths)
-            proj = self._projections[key] = _Projection(pool.generation, sites, tied, group)
+            proj = cached[key] = _Projection(pool.generation, sites, tied, group)
         return proj

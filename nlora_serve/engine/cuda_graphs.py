@@ -144,6 +144,7 @@ class KeyedGraphs(abc.ABC):
 
     def __init__(self) -> None:
         self.graphs: dict[tuple, object] = {}
+        self._pools: dict[tuple, list] = {}  # key -> the pools its graph reads
         self.replayed = 0
 
     def size_for(self, n: int) -> int | None:
@@ -166,14 +167,19 @@ class KeyedGraphs(abc.ABC):
 
     def graph_for(self, size: int, pools: list, hook):
         """The captured graph of (size, pools), captured now if it is new; graphs of the same size
-        whose pools are older generations are dropped first (they read freed memory)."""
+        whose pools are older generations are dropped first (they read freed memory), and graphs of
+        any size that read a pool its Residency dropped (``retired``: no step reads it again, and a
+        graph holds its pools alive)."""
         key = self.key(size, pools)
         if key not in self.graphs:
             ids = {pid: gen for pid, gen in key[1]}
-            for old in [k for k in self.graphs if k[0] == size]:
-                if any(ids.get(pid, gen) != gen for pid, gen in old[1]):
+            for old in list(self.graphs):
+                if (old[0] == size and any(ids.get(pid, gen) != gen for pid, gen in old[1])) or any(
+                        getattr(p, "retired", False) for p in self._pools.get(old, ())):
                     del self.graphs[old]
+                    self._pools.pop(old, None)
             self.graphs[key] = self._capture(size, pools, hook)
+            self._pools[key] = list(pools)
         return self.graphs[key]
 
     @abc.abstractmethod

@@ -307,3 +307,31 @@ def test_members_read_at_once_share_one_copy_of_their_factors_once_admitted(base
     manager.registry.register("two", files, adapter=second)
     assert second.family_factors is first.family_factors and manager.families.cached() == {key}
     assert all(second.sites[s].A is w.A and second.sites[s].B is w.B for s, w in first.sites.items())
+
+
+def test_a_familys_pool_is_freed_with_its_last_member_and_a_new_one_serves_right(base_fp32, family_dir, tmp_path):
+    """Residency kept a family's FamilyPool (its own copy of the factors: up to 78 MB at rank 64,
+    and N for 64 members) for the server's life after every member was unloaded, and the hook's
+    views (keyed by the pool's id) kept its tensors too: memory grew by that much per family
+    loaded and unloaded. A pool made after (at the dead one's address, perhaps) must not be read
+    through the dead one's cached views: its output is checked against the family maths."""
+    import gc
+    import weakref
+
+    manager = _manager(base_fp32, tmp_path / "store")
+    versions = [manager.register_dir(n, family_dir / "out" / n) for n in NAMES]
+    hook, gen, modules = AdapterHook(), torch.Generator().manual_seed(0), ("q_proj", "k_proj", "v_proj")
+    _hook_delta(hook, versions, [2, 1, 3], 0, modules, base_fp32, gen)
+    pool = versions[0].pool
+    dead_generation = pool.generation
+    gone = [weakref.ref(pool), weakref.ref(pool.n), *(weakref.ref(t) for ab in pool.factors.values() for t in ab)]
+    del pool, versions
+    for n in NAMES:
+        manager.unload(n)
+    gc.collect()
+    assert [ref() for ref in gone] == [None] * len(gone) and manager.residency.pools() == [manager.residency.lora_pool]
+    again = manager.register_dir("beta", family_dir / "out" / "beta")
+    assert again.pool.generation != dead_generation  # (id, generation) keys never name the dead pool
+    x, y, widths = _hook_delta(hook, [again], [3], 0, modules, base_fp32, gen)
+    ref = _reference(x, [again], [3], 0, modules, {"beta": family_deltas(family_dir / "out", "beta")}, widths)
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-5

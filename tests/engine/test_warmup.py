@@ -227,3 +227,34 @@ def test_adapter_warm_up_captures_every_graph_size_of_each_pool():
     assert decode.captured == [(4, ["a"]), (8, ["a"]), (2, ["a"]), (1, ["a"])] + [(s, ["b"]) for s in (8, 4, 2, 1)]
     assert pieces.captured == [(s, [n]) for n in "ab" for s in (64, 32, 16)]
     assert log == ["+a", "end", "-a", "+b", "end", "-b", "+seg", "end", "-seg"]
+
+
+def test_graphs_reading_a_dropped_pool_are_let_go_at_the_next_capture():
+    """A graph holds the pools it reads: one of a pool its Residency dropped with its last adapter
+    (``retired``) was kept for the runner's life, and the pool's memory with it. Graphs of live
+    pools stay, whatever their size."""
+    import gc
+    import weakref
+
+    from nlora_serve.engine.cuda_graphs import KeyedGraphs
+
+    class Graphs(KeyedGraphs):
+        sizes = (1, 2, 4)
+
+        def _capture(self, size, pools, hook):
+            return (size, list(pools))  # as a real capture's closure does, it keeps its pools
+
+    class Pool:
+        def __init__(self, generation):
+            self.generation, self.retired = generation, False
+
+    graphs, a, b = Graphs(), Pool(11), Pool(12)
+    for size, pools in ((1, [a]), (4, [a, b]), (4, [b]), (2, [])):
+        graphs.graph_for(size, pools, None)
+    gone = weakref.ref(a)
+    a.retired = True
+    del a
+    graphs.graph_for(2, [b], None)
+    gc.collect()
+    assert gone() is None
+    assert sorted(graphs.graphs) == sorted([(4, ((id(b), 12),)), (2, ()), (2, ((id(b), 12),))])
