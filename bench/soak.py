@@ -79,11 +79,10 @@ class Soak:
         tmp.write_text(json.dumps(d))
         os.replace(tmp, self.tenants_file)
 
-    def start_server(self):
-        store = self.out / "store"
-        if store.exists():
-            shutil.rmtree(store)
-        cmd = [str(REPO / ".venv/bin/python"), "-c", SERVE, "serve", "--model", "default", "--adapter-dir", str(store),
+    def server_cmd(self) -> list[str]:
+        """The serve command line (soak_churn.py adds its adapters)."""
+        cmd = [str(REPO / ".venv/bin/python"), "-c", SERVE, "serve", "--model", "default",
+               "--adapter-dir", str(self.out / "store"),
                "--adapter", f"lower={REPO}/examples/tenants/lower",
                "--adapter", f"signature={REPO}/examples/tenants/signature",
                "--adapter", f"numbers={REPO}/examples/tenants/numbers", "--example-tenants", "3",
@@ -96,10 +95,17 @@ class Soak:
             for name in ("lower", "numbers", "signature"):
                 cmd += ["--adapter", f"lora-{name}={self.a.lora_dir}/{name}"]
                 ADAPTERS.append(f"lora-{name}")
+        return cmd
+
+    def start_server(self):
+        store = self.out / "store"
+        if store.exists():
+            shutil.rmtree(store)
+        cmd = self.server_cmd()
         self.log = open(self.out / "server.log", "wb")
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(["nice", "-n", "10"] + cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=REPO)
+        self.proc = subprocess.Popen(["nice", "-n", str(getattr(self.a, "nice", 10))] + cmd, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -435,6 +441,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--serve-arg", action="append", default=[])
+    p.add_argument("--nice", type=int, default=10, help="the server's niceness")
     p.add_argument("--lora-dir", help="folder of LoRA adapters lower/, numbers/, signature/ (adapters convert "
                    "examples/tenants/X --to lora): served as lora-X beside --max-loras 2, and loaded/uploaded")
     a = p.parse_args()

@@ -65,3 +65,27 @@ def test_proc_sample_reads_this_process():
     s = proc_sample(os.getpid())
     assert s["rss_mb"] > 10 and s["threads"] >= 1
     assert abs(s["fds"] - len(os.listdir("/proc/self/fd"))) <= 2 and sum(s["fd_kinds"].values()) <= s["fds"]
+
+
+def test_churn_table_counts_the_logs_loads_and_cold_loads_up_to_each_sample(tmp_path, capsys):
+    """bench/soak_churn.py's table: loads (HTTP loads, gRPC uploads), cold loads (evictions) and swaps
+    the server log has by each sample's wall time (t0 + t), every ``every`` seconds and the last."""
+    import json
+
+    from soak_churn import table
+
+    (tmp_path / "t0").write_text("1796676600.5")  # 2026-12-07T20:50:00.500Z
+    rows = [(0, "baseline", 1300.0), (300, "load", 1400.4), (600, "load", 1450.0), (700, "idle", 1449.6)]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"t": t, "phase": p, "rss_mb": r}) + "\n"
+                                                    for t, p, r in rows))
+    log = ["2026-12-07T20:50:00.400Z INFO x: evicted adapter lora-a v1 from LoRA slot 0",
+           "2026-12-07T20:51:00.000Z INFO x: /v1/load_lora_adapter by 'ops': adapter 'churn-0' v1 serving",
+           "2026-12-07T20:54:59.000Z INFO x: UploadAdapter by 'ops': adapter 'churn-1' v1 serving",
+           "2026-12-07T20:55:00.600Z INFO x: evicted adapter lora-b v1 from LoRA slot 1",  # after t = 300
+           "2026-12-07T20:56:00.000Z INFO x: SwapAdapter by 'ops': adapter 'lower' v2 serving",
+           "2026-12-07T20:56:00.000Z INFO x: /v1/unload_lora_adapter by 'ops': adapter 'churn-0' v1 unloaded"]
+    (tmp_path / "server.log").write_text("\n".join(log) + "\n")
+    table(tmp_path, every=600)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:] == ["| 0 | baseline | 1,300 | 0 | 1 | 0 |", "| 10 | load | 1,450 | 2 | 2 | 1 |",
+                         "| 12 | idle | 1,450 | 2 | 2 | 1 |", "max RSS 1,450 MB"]
