@@ -49,10 +49,17 @@ SIZES = (32, 64, 128, 256)
 CONTEXT, BLOCK = 200, 16
 
 
+class _StandInPool(SimpleNamespace):
+    """A SimpleNamespace the hook can key its caches by, weakly, as it does a pool (by identity)."""
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
 def _pool(family: int) -> SimpleNamespace:
     """A stand-in pool with the facts the hook reads (no weights: the model is a stub)."""
-    return SimpleNamespace(generation=0, rank=16, bias={}, slot_ranks=torch.full((64,), 16, dtype=torch.int32),
-                           slot_scalings=torch.ones(64), slot_families=torch.full((64,), family, dtype=torch.int32))
+    return _StandInPool(generation=0, rank=16, bias={}, slot_ranks=torch.full((64,), 16, dtype=torch.int32),
+                        slot_scalings=torch.ones(64), slot_families=torch.full((64,), family, dtype=torch.int32))
 
 
 def _pairs(n: int) -> list[tuple[Sequence, int]]:
