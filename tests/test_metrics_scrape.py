@@ -202,7 +202,7 @@ def test_a_metrics_port_scrape_never_takes_the_answer_of_another_method():
 def test_a_reused_metrics_port_answer_hands_each_scrape_its_own_headers(monkeypatch):
     """wsgiref's handler adds Content-Length to the header list it is given: the list of an answer
     shared between the port's threads was changed by one while another wrote it out."""
-    monkeypatch.setattr(metrics_http, "REUSE_ABOVE_S", 0.0)  # every rendering reused a while
+    monkeypatch.setattr(metrics_scrape, "REUSE_ABOVE_S", 0.0)  # every rendering reused a while
     shared = metrics_http._SharedMetrics(make_wsgi_app(CollectorRegistry()))
 
     def adding(environ, start_response):  # as wsgiref's set_content_length on the list it was given

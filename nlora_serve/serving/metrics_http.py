@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from nlora_serve.serving.metrics_scrape import REUSE_ABOVE_S, REUSE_FACTOR
+from nlora_serve.serving.metrics_scrape import timed_rendering
 
 READ_SECONDS = 10.0  # a request's line and headers at most this long after the connection (Prometheus' scrape timeout)
 
@@ -74,8 +74,8 @@ class _SharedMetrics:
     """prometheus_client's ``/metrics`` WSGI app, one rendering at a time: a scrape that waited for
     another's rendering takes its answer when it has the same format (``Accept``,
     ``Accept-Encoding``, query string: OpenMetrics, gzip and ``name[]`` stay negotiated), and so does
-    one within :data:`REUSE_FACTOR` times as long after a rendering of :data:`REUSE_ABOVE_S` CPU
-    seconds or more (metrics_scrape.py's rule). Only a GET renders and shares: another method's
+    one while a slow rendering's answer is reused (metrics_scrape.timed_rendering's rule, the API
+    port's too). Only a GET renders and shares: another method's
     answer (OPTIONS' empty 200, a POST's or HEAD's 405) is the app's own, never handed to a GET that
     waited (a client with no key sending those in a loop blanked Prometheus' scrapes). Each answer
     gets a copy of its header list (wsgiref adds Content-Length to it). Thread-safe."""
@@ -101,10 +101,10 @@ class _SharedMetrics:
         return [answer[4]]
 
     def _render(self, environ) -> tuple[float, float, str, list, bytes]:
-        start, cpu, got = time.monotonic(), time.thread_time(), []
-        body = b"".join(self._app(environ, lambda status, headers, exc_info=None: got.append((status, headers))))
-        end, cpu = time.monotonic(), time.thread_time() - cpu
-        return end, end + (REUSE_FACTOR * (end - start) if cpu >= REUSE_ABOVE_S else 0.0), *got[-1], body
+        got = []
+        body, end, reused_until = timed_rendering(lambda: b"".join(
+            self._app(environ, lambda status, headers, exc_info=None: got.append((status, headers)))))
+        return end, reused_until, *got[-1], body
 
 
 def _app(registry: CollectorRegistry, health: Callable[[], tuple[int, dict]] | None):

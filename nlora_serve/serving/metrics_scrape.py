@@ -18,6 +18,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 # a rendering that took REUSE_ABOVE_S of CPU time or more answers the scrapes of the next REUSE_FACTOR
 # times as long (wall time): in a thread of this process its pure-Python work still takes the GIL from
@@ -28,9 +29,21 @@ from concurrent.futures import ThreadPoolExecutor
 # decides: a wall-time test made a 60 ms wait on a loaded CI box serve stale counts for 0.6 s)
 REUSE_ABOVE_S = 0.05
 REUSE_FACTOR = 10.0
+T = TypeVar("T")
 # one rendering at a time in the process (its servers' scrapes queue here, never on the default
 # executor that whole responses and admin calls use)
 _SCRAPE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-scrape")
+
+
+def timed_rendering(render: Callable[[], T]) -> tuple[T, float, float]:
+    """``render()``, when it ended and until when its answer may be reused (``time.monotonic()``
+    seconds): :data:`REUSE_FACTOR` times its wall time after it ended where it took
+    :data:`REUSE_ABOVE_S` of the calling thread's CPU time or more, else not at all (the ended time).
+    Both ports' sharing (this module's :class:`SharedScrape`, metrics_http.py's) use this rule."""
+    start, cpu = time.monotonic(), time.thread_time()
+    out = render()
+    end, cpu = time.monotonic(), time.thread_time() - cpu
+    return out, end, end + (REUSE_FACTOR * (end - start) if cpu >= REUSE_ABOVE_S else 0.0)
 
 
 class SharedScrape:
@@ -62,10 +75,8 @@ class SharedScrape:
         return (await asyncio.shield(running))[0]
 
     def _timed(self) -> tuple[tuple[bytes, str], float]:
-        start, cpu = time.monotonic(), time.thread_time()
-        out = self._render()
-        end, cpu = time.monotonic(), time.thread_time() - cpu
-        return out, end + (REUSE_FACTOR * (end - start) if cpu >= REUSE_ABOVE_S else 0.0)
+        out, _, reused_until = timed_rendering(self._render)
+        return out, reused_until
 
     def _done(self, finished: asyncio.Future) -> None:
         if self._running is finished:
