@@ -31,9 +31,11 @@ requests running now are in ``/metrics``. The prompt's and the first choice's te
 with ``--max-log-len N`` > 0 (vLLM's default, None, logs them whole): their first N characters,
 the prompt as the engine ran it (a chat rendered by its template), decoded from its first 2N tokens.
 Every value a client chose (text, ids, adapter names, messages) is written with Python's ``repr``
-quoting, so a newline or a terminal escape in it cannot forge a log line or drive the operator's
-terminal. With ``serve --log-format json`` (log_format.py) each line is a JSON object whose
-``message`` is the line above and whose other keys are its values, unquoted (``event``
+quoting, ``=`` as ``\\x3d`` (:func:`quoted`), so a newline or a terminal escape in it cannot forge a
+log line or drive the operator's terminal, and no ``name=`` inside it can pass for a field of the line
+(``grep "tenant='acme'"`` finds the tenant, not a request id saying so). With
+``serve --log-format json`` (log_format.py) each line is a JSON object whose ``message`` is the
+line above and whose other keys are its values, unquoted (``event``
 ``request_ended`` / ``request_refused``, ``request_id``, ``frontend``, ``client``, ``tenant``,
 ``key_id``, ``adapter``, ``adapter_version``, ``prompt_tokens``, ``output_tokens``, ``ttft_ms``,
 ``total_ms``, ``outcome``, ``finish_reason``, ``reason``, ``error`` (a refusal's message),
@@ -58,10 +60,16 @@ def quoted(text: str, limit: int | None = None) -> str:
     """``text`` (its first ``limit`` characters, saying how many were left out) in ``repr`` quoting:
     newlines, carriage returns, ANSI escapes and every other non-printable character (Unicode's line
     separators and bidi overrides included) come out as backslash escapes, so the result is one line
-    of printable characters."""
+    of printable characters; ``=`` comes out as ``\\x3d`` (still a Python literal of ``text``), so
+    every ``name=`` on a line is one of its fields: a client's ``x tenant='acme'`` cannot be taken
+    for the tenant by a search for ``tenant='...'``."""
     if limit is not None and len(text) > limit:
-        return f"{text[:limit]!r}... (+{len(text) - limit} chars)"
-    return repr(text)
+        return f"{_literal(text[:limit])}... (+{len(text) - limit} chars)"
+    return _literal(text)
+
+
+def _literal(text: str) -> str:
+    return repr(text).replace("=", "\\x3d")
 
 
 class RequestRecord:
@@ -188,7 +196,7 @@ class RequestLog:
         if len(ids) <= 2 * self.max_log_len:
             return quoted(text, self.max_log_len), _cut(text, self.max_log_len)
         head, more = text[:self.max_log_len], f"... (prompt of {len(ids)} tokens)"
-        return repr(head) + more, head + more
+        return _literal(head) + more, head + more
 
 
 _PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9.:\[\]%_/-]{1,300}")  # hosts, ports, IPv6 brackets and zones, paths
@@ -219,13 +227,15 @@ def client_address(client: str | tuple | None) -> str:
     Args:
         client: HTTP's ``request.client`` (a (host, port) pair, or None when the server does not
             know it; uvicorn's: ``X-Forwarded-For``'s address where the connection comes from an
-            address ``FORWARDED_ALLOW_IPS`` trusts, loopback by default, else the connection's),
+            address ``FORWARDED_ALLOW_IPS`` trusts, loopback by default, and it is an IP address,
+            else the connection's: http_api/forwarded.py),
             gRPC's ``context.peer()`` (``ipv4:10.0.0.7:51234``, ``ipv6:[::1]:51234``,
             ``unix:/path``: the ``ipv4:`` / ``ipv6:`` scheme is dropped, others kept), or None.
 
     Returns:
-        The address; ``-`` for None or an empty one; ``repr``-quoted when it holds anything but
-        address characters (a proxy's forwarded address is the client's to choose).
+        The address; ``-`` for None or an empty one; :func:`quoted` when it holds anything but
+        address characters (a proxy's forwarded address is the client's to choose; the HTTP server
+        takes only an IP address from ``X-Forwarded-For``: http_api/forwarded.py).
     """
     text = _address(client)
     if text is None:

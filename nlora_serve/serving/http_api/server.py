@@ -27,6 +27,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nlora_serve.errors import RefusalLog
 from nlora_serve.serving.http_api.context import error_body
+from nlora_serve.serving.http_api.forwarded import ForwardedFor
 from nlora_serve.serving.server_config import StartupError
 
 log = logging.getLogger("nlora_serve.http")
@@ -249,8 +250,10 @@ class HttpServer:
         """
         protocol = type("Protocol", (HeadDeadline,), {"client_errors": _ClientErrorLog()})
         config = uvicorn.Config(self.app, http=protocol, ws="none", lifespan="off", log_config=None,
-                                log_level="warning", access_log=False,
+                                log_level="warning", access_log=False, proxy_headers=False,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        # uvicorn's proxy_headers, but an X-Forwarded-For that is not an IP address is not taken (forwarded.py)
+        config.app = ForwardedFor(self.app, config.forwarded_allow_ips)
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="nlora-http")
         while not self._server.started:
