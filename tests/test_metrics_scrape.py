@@ -210,3 +210,32 @@ def test_a_reused_metrics_port_answer_hands_each_scrape_its_own_headers(monkeypa
 
     adding(dict(REQUEST_METHOD="GET", PATH_INFO="/metrics", QUERY_STRING=""), None)
     assert [name for name, _ in _call(shared, "GET")[1]] == ["Content-Type"]  # no Content-Length of the first
+
+
+def test_metrics_port_answers_are_kept_per_negotiated_format_not_per_raw_header(monkeypatch):
+    """The port's answers were keyed by the raw Accept string, 8 kept: a client cycling 9+ values
+    (``text/html;q=0.1``, ``...;q=0.2``: all text 0.0.4) rendered afresh on each and pushed
+    Prometheus' answer out. Keyed by the format prometheus_client negotiates, a few in all."""
+    monkeypatch.setattr(metrics_http, "timed_rendering", lambda render: (render(), 0.0, float("inf")))
+    renders, app = [], make_wsgi_app(CollectorRegistry())
+
+    def counted(environ, start_response):
+        renders.append(environ["HTTP_ACCEPT"])
+        return app(environ, start_response)
+
+    shared = metrics_http._SharedMetrics(counted)
+
+    def scrape(accept: str = "", query: str = "") -> str:
+        got = []
+        environ = dict(REQUEST_METHOD="GET", PATH_INFO="/metrics", QUERY_STRING=query, HTTP_ACCEPT=accept)
+        b"".join(shared(environ, lambda status, headers, exc_info=None: got.append(dict(headers))))
+        return got[-1]["Content-Type"]
+
+    plain = scrape()
+    assert [scrape(f"text/html;q=0.{i}") for i in range(1, 10)] == [plain] * 9
+    openmetrics = [scrape(f"application/openmetrics-text; version=1.{i}.0") for i in range(12)]
+    assert set(openmetrics) == {"application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"}
+    for i in range(12):  # filtered answers: the client picks the names; they push out none of the others
+        scrape(query=f"name[]=n{i}")
+    assert scrape("text/plain") == plain
+    assert renders == ["", "application/openmetrics-text; version=1.0.0; escaping=underscores"] + [""] * 12

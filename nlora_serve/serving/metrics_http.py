@@ -27,8 +27,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from urllib.parse import parse_qs, urlencode
+
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.exposition import (CONTENT_TYPE_PLAIN_0_0_4, ThreadingWSGIServer, choose_encoder,
+                                          gzip_accepted)
+from prometheus_client.utils import parse_version
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from nlora_serve.serving.metrics_scrape import timed_rendering
@@ -70,37 +74,77 @@ class _Handler(WSGIRequestHandler):
         pass
 
 
+def negotiated(environ) -> tuple[str, bool, tuple[str, ...]]:
+    """The format a GET of ``/metrics`` is answered in, as prometheus_client negotiates it, in a
+    canonical form: (an ``Accept`` value asking for exactly that format, gzip or not, the
+    ``name[]`` filter sorted). The ``Accept`` value is one of a fixed few, whatever the client sent:
+    ``""`` (text 0.0.4), ``text/plain; version=1.0.0; escaping=E``, ``application/openmetrics-text``
+    (its 1.0.0) or ``application/openmetrics-text; version=V; escaping=E``, with ``V`` 1.0.0 or
+    2.0.0 (what prometheus_client's rendering tells apart: native histograms from 2.0.0; the answer's
+    Content-Type names that version, not the one asked) and ``E`` one of its 4 escapings. An
+    ``Accept`` prometheus_client cannot parse (``version=1.x``: a TypeError in its app, a 500) gets
+    text 0.0.4."""
+    try:
+        content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))[1]
+    except (TypeError, ValueError):
+        content_type = CONTENT_TYPE_PLAIN_0_0_4
+    kind, *params = (part.strip() for part in content_type.split(";"))
+    said = dict(param.split("=", 1) for param in params if "=" in param)
+    if kind == "application/openmetrics-text" and "escaping" not in said:
+        accept = kind
+    elif kind == "application/openmetrics-text":
+        # its first part a number >= 1: choose_encoder compared it with (1, 0, 0) without a TypeError
+        version = "2.0.0" if parse_version(said.get("version", "1.0.0"))[0] >= 2 else "1.0.0"
+        accept = f"{kind}; version={version}; escaping={said['escaping']}"
+    elif "escaping" in said:
+        accept = f"text/plain; version=1.0.0; escaping={said['escaping']}"
+    else:
+        accept = ""
+    names = tuple(sorted(set(parse_qs(environ.get("QUERY_STRING", "")).get("name[]", []))))
+    return accept, gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")), names
+
+
 class _SharedMetrics:
     """prometheus_client's ``/metrics`` WSGI app, one rendering at a time: a scrape that waited for
-    another's rendering takes its answer when it has the same format (``Accept``,
-    ``Accept-Encoding``, query string: OpenMetrics, gzip and ``name[]`` stay negotiated), and so does
-    one while a slow rendering's answer is reused (metrics_scrape.timed_rendering's rule, the API
-    port's too). Only a GET renders and shares: another method's
-    answer (OPTIONS' empty 200, a POST's or HEAD's 405) is the app's own, never handed to a GET that
-    waited (a client with no key sending those in a loop blanked Prometheus' scrapes). Each answer
-    gets a copy of its header list (wsgiref adds Content-Length to it). Thread-safe."""
+    another's rendering takes its answer when it has the same format (:func:`negotiated`:
+    OpenMetrics or text, its version and escaping, gzip, ``name[]``), and so does one while a slow
+    rendering's answer is reused (metrics_scrape.timed_rendering's rule, the API port's too). Answers
+    are kept per format: the formats without ``name[]`` are a fixed few (28) and all kept, so a
+    client cycling ``Accept`` values can neither force a fresh rendering per value nor push
+    Prometheus' answer out (keyed by the raw headers, 9 distinct values did both); the filtered ones,
+    whose names the client picks, the last :data:`MAX_FILTERED`. Only a GET renders and shares:
+    another method's answer (OPTIONS' empty 200, a POST's or HEAD's 405) is the app's own, never
+    handed to a GET that waited (a client with no key sending those in a loop blanked Prometheus'
+    scrapes). Each answer gets a copy of its header list (wsgiref adds Content-Length to it).
+    Thread-safe."""
 
-    MAX_FORMATS = 8  # answers kept, one per format (the client picks the headers: bounded)
+    MAX_FILTERED = 8  # answers kept for name[]-filtered formats (the client picks the names: bounded)
 
     def __init__(self, app) -> None:
         self._app, self._lock = app, threading.Lock()
         self._answers: dict[tuple, tuple[float, float, str, list, bytes]] = {}  # format -> (ended, reused until, ...)
+        self._filtered: dict[tuple, tuple[float, float, str, list, bytes]] = {}
 
     def __call__(self, environ, start_response):
         arrived = time.monotonic()
         if environ.get("REQUEST_METHOD") != "GET":  # nothing rendered: answered apart
             return self._app(environ, start_response)
-        key = tuple(environ.get(k, "") for k in ("HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING", "QUERY_STRING"))
+        key = negotiated(environ)
+        answers = self._filtered if key[2] else self._answers
         with self._lock:  # a scrape arriving while one renders waits here, then takes its answer
-            answer = self._answers.get(key)
+            answer = answers.get(key)
             if answer is None or (answer[0] < arrived and time.monotonic() >= answer[1]):
-                answer = self._answers[key] = self._render(environ)
-                while len(self._answers) > self.MAX_FORMATS:
-                    del self._answers[next(iter(self._answers))]
+                answer = answers[key] = self._render(environ, key)
+                while len(self._filtered) > self.MAX_FILTERED:
+                    del self._filtered[next(iter(self._filtered))]
         start_response(answer[2], list(answer[3]))  # its own: the handler adds to it as it writes
         return [answer[4]]
 
-    def _render(self, environ) -> tuple[float, float, str, list, bytes]:
+    def _render(self, environ, key: tuple[str, bool, tuple[str, ...]]) -> tuple[float, float, str, list, bytes]:
+        """The app's answer in ``key``'s format (the request's headers replaced by the canonical ones)."""
+        accept, gzipped, names = key
+        environ = dict(environ, HTTP_ACCEPT=accept, HTTP_ACCEPT_ENCODING="gzip" if gzipped else "",
+                       QUERY_STRING=urlencode([("name[]", name) for name in names]))
         got = []
         body, end, reused_until = timed_rendering(lambda: b"".join(
             self._app(environ, lambda status, headers, exc_info=None: got.append((status, headers)))))
