@@ -10,6 +10,8 @@ import re
 import shlex
 import sys
 
+from nlora_serve import log_format
+
 # --dtype's choices, vLLM's spellings (models/dtype.py resolves them; half and float16 are refused by
 # check_dtype, which needs no torch: serve and generate refuse them before the engine's imports)
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
@@ -160,7 +162,11 @@ class WordsParser(argparse.ArgumentParser):
         elif loose and "--prompt --message is required" in message:  # client generate "hi"
             message += ("; the text goes after --message (one chat turn) or --prompt (raw text): "
                         f"--message {shlex.quote(loose[0])}")
-        if self.format_usage().count("\n") <= LONG_USAGE_LINES:
+        long = self.format_usage().count("\n") > LONG_USAGE_LINES
+        if log_format.json_active():  # serve --log-format json: no plain line in a JSON log, usage included
+            log_format.usage_error(self.prog, message, self.short_usage() if long else self.format_usage())
+            self.exit(2)
+        if not long:
             super().error(message)
         self._print_message(self.short_usage(), sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -102,6 +102,15 @@ def error_line(exc: BaseException, fmt: str = "text") -> None:
         print(f"error: {exc}", file=sys.stderr)
 
 
+def usage_error(prog: str, message: str, usage: str) -> None:
+    """A command line's usage error (argparse's ``PROG: error: MESSAGE`` after its usage lines) as
+    one ERROR record of the ``nlora_serve`` logger, for json mode (:func:`json_active`): message
+    ``error: PROG: MESSAGE``, with ``event`` "usage_error", ``usage`` (the usage text, stripped) and
+    ``error`` (argparse's message) as fields. The caller exits with status 2, as argparse does."""
+    logging.getLogger("nlora_serve").error("error: %s: %s", prog, message, extra=fields(
+        event="usage_error", usage=usage.strip(), error=message))
+
+
 def configure(level: str, timed: bool, fmt: str = "text") -> None:
     """Configure the root logger once (as :func:`logging.basicConfig`: a no-op when it has handlers
     already): records at ``level`` and above to stderr, with the time first when ``timed``

@@ -174,6 +174,24 @@ def test_serve_log_format_flag_takes_text_or_json_and_a_refused_start_says_so_in
     assert entry["message"] == "error: --max-queue 0: must be a positive integer; got 0"
 
 
+@pytest.mark.parametrize("argv, error", [
+    (["serve", "--log-format", "json", "--port", "x"], "argument --port: invalid int value: 'x'"),
+    (["--log-level", "LOUD", "serve", "--log-format=json"], "argument --log-level: invalid choice: 'LOUD' (choose "
+                                                            "from 'DEBUG', 'INFO', 'WARNING', 'ERROR')"),
+    (["serve", "--bogus", "--log-format", "json"], "unrecognized arguments: --bogus"),
+])
+def test_a_usage_error_under_log_format_json_is_one_json_record(argv, error):
+    """argparse printed its usage and ``PROG: error: ...`` as plain lines into a JSON log."""
+    run = subprocess.run([sys.executable, "-m", "nlora_serve.cli", *argv], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2
+    [entry] = [json.loads(line) for line in run.stderr.splitlines()]
+    prog = "nlora-serve" if argv[0] == "--log-level" else "nlora-serve serve"
+    assert (entry["level"], entry["logger"], entry["event"]) == ("ERROR", "nlora_serve", "usage_error")
+    assert entry["message"] == f"error: {prog}: {error}" and entry["error"] == error
+    assert entry["usage"].startswith(f"usage: {prog} ")
+
+
 @pytest.mark.parametrize("argv, unbuffered", [(["keys", "new"], "1"), (["keys", "new"], ""),
                                              (["adapters", "--help"], "")])
 def test_a_closed_stdout_ends_quietly_with_sigpipes_status(argv, unbuffered):

@@ -31,7 +31,8 @@ from nlora_serve import log_format
 from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.adapters.store.batch import OpenBatch
 from nlora_serve.adapters.version import restored_summary
-from nlora_serve.cli import console_command
+from nlora_serve.arg_types import WordsParser
+from nlora_serve.cli import _serve_log_format, console_command
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base
 from nlora_serve.models.hub import local_or_hub
@@ -386,12 +387,15 @@ def freeze_startup_heap() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nlora-serve serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = WordsParser(prog="nlora-serve serve", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # configured before parsing, as nlora-serve serve is: a usage error under --log-format json is JSON too
+    log_format.configure("INFO", timed=True, fmt=_serve_log_format(argv))
     args = parser.parse_args(argv)
-    log_format.configure(args.log_level, timed=True, fmt=args.log_format)
+    logging.getLogger().setLevel(args.log_level)
     try:
         return run_serve(args)
     except NloraError as exc:  # as ``nlora-serve serve`` does: one line, exit 2
