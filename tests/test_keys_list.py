@@ -78,3 +78,33 @@ def test_a_file_the_server_refuses_is_refused_with_the_servers_message(tmp_path,
     code, out, err = _run(capsys, "--tenants-file", str(path))
     assert (code, out, err) == (2, "", f"error: {server.value}\n")
     assert "s3cret" not in err
+
+
+def _new_key(capsys) -> str:
+    assert main(["keys", "new"]) == 0
+    return capsys.readouterr().out.splitlines()[0].split()[1]  # "key:        nls_..."
+
+
+@pytest.mark.parametrize("where", ["pattern", "padded pattern", "name"])
+def test_a_key_pasted_as_an_adapter_pattern_or_name_is_refused_and_never_printed(tmp_path, capsys, where):
+    """Adapter names may start with nls_, so a key pasted into "adapters" loaded, and `keys list`
+    printed it. A pattern or name holding a key's shape (keys new's own) is refused, unshown."""
+    key = _new_key(capsys)
+    entry = {"name": "acme", "key_sha256": _sha(key), "adapters": ["acme", key]}
+    if where == "padded pattern":
+        entry["adapters"] = ["acme", f" {key}\n"]
+    elif where == "name":
+        entry.update(name=f"acme {key}", adapters=["acme"])
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps({"tenants": [entry]}))
+    code, out, err = _run(capsys, "--tenants-file", str(path))
+    assert code == 2 and out == "" and key not in err and key[4:12] not in err
+    assert ("adapters[1] has the shape of an API key" if where != "name" else "is a key pasted there?") in err
+
+
+def test_adapter_names_starting_nls_are_still_patterns(tmp_path, capsys):
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps({"tenants": [{"name": "acme", "key_sha256": _sha("k"),
+                                             "adapters": ["nls_summary", "nls_*", "nls_" + "a" * 42]}]}))
+    code, out, _ = _run(capsys, "--tenants-file", str(path), "--json")
+    assert code == 0 and json.loads(out)[0]["adapters"] == ["nls_summary", "nls_*", "nls_" + "a" * 42]

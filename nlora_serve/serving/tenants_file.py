@@ -49,7 +49,9 @@ def read(path: str | Path) -> dict[str, Principal]:
             share (the name is the tenant's identity: its prefix-cache group, queue quota, fair
             share and request-id namespace; several keys of one tenant must say the same), a
             ``base_model`` that is not true or false, a name with a character that is not printable
-            or a '/', over 256 characters, or starting with ``nls_`` as a key does (see :func:`_name`), a file that holds no key at all (every request refused),
+            or a '/', over 256 characters, or starting with ``nls_`` or holding a key as a key does
+            (see :func:`_name`), an adapter pattern that holds a key (:func:`key_shaped`; ``keys
+            list`` prints the patterns), a file that holds no key at all (every request refused),
             a field written twice in one object (JSON keeps the last silently: a second ``tenants``
             list dropped the first's tenants, a second ``key_sha256`` or ``adapters`` in an entry
             replaced its key or grants; TOML's parser refuses these itself).
@@ -96,6 +98,12 @@ def parse(doc: object, path: str | Path) -> dict[str, Principal]:
         adapters = entry.get("adapters", [])
         if not isinstance(adapters, list) or not all(isinstance(a, str) and a for a in adapters):
             raise AuthError(f"{where}.adapters must be a list of adapter names or patterns")
+        pasted = next((j for j, pattern in enumerate(adapters) if key_shaped(pattern)), None)
+        if pasted is not None:  # `keys list` prints the patterns; /v1/models names what a key may use
+            raise AuthError(f"{where}.adapters[{pasted}] has the shape of an API key ({KEY_PREFIX!r} and "
+                            f"{KEY_CHARS} characters, as `keys new` makes them; not shown): is a key pasted "
+                            "there? An adapter pattern is printed by `keys list`; store the key's sha256 in "
+                            "key_sha256 instead")
         base_model = entry.get("base_model", False)
         if not isinstance(base_model, bool):  # bool("false") would grant the base model
             raise AuthError(f"{where}.base_model must be true or false; got {_got(base_model)}")
@@ -194,6 +202,17 @@ MAX_NAME_CHARS = 256  # a tenant's or admin's name (an adapter's: 128)
 # a tenants file's size at most: 10,000 tenants are 1.4 MB; bounds what a reload may read into memory
 MAX_FILE_BYTES = 64 * 2**20
 KEY_PREFIX = "nls_"  # what `keys new` starts a key with: never echoed, never a name
+KEY_BYTES = 32  # `keys new`'s random bytes: 256 bits, a hashed key is only as safe as it is hard to guess
+KEY_CHARS = -(-KEY_BYTES * 4 // 3)  # after the prefix: secrets.token_urlsafe's unpadded base64, 43
+_KEY_SHAPE = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{%d}" % KEY_CHARS)
+
+
+def key_shaped(text: str) -> bool:
+    """Whether ``text`` holds a run shaped as a key ``keys new`` makes (:data:`KEY_PREFIX`, then
+    :data:`KEY_CHARS` URL-safe base64 characters): a key pasted where a name or pattern goes. A
+    name starting ``nls_`` can be an adapter's (``nls_summary``); one holding 43 random characters
+    after it is, in practice, never an adapter's."""
+    return _KEY_SHAPE.search(text) is not None
 _FILE_FIELDS = ("tenants", "admin_keys")
 _ADMIN_FIELDS = ("name", "key_sha256")
 _TENANT_FIELDS = ("name", "key_sha256", "adapters", "base_model", "weight", "max_concurrent_requests")
@@ -225,10 +244,10 @@ def _got(value: object) -> str:
 
 def _quoted(text: str) -> str:
     """``text`` quoted for a refusal (``repr``, at most :func:`shown`'s length), except a string that
-    starts with :data:`KEY_PREFIX`: a key pasted into the wrong field (a name, a weight, a field's
+    starts with :data:`KEY_PREFIX` or holds a key (:func:`key_shaped`): a key pasted into the wrong field (a name, a weight, a field's
     name) was echoed whole into the refusal, which SIGHUP's reload writes to the server's log."""
-    if text.startswith(KEY_PREFIX):
-        return f"a string starting {KEY_PREFIX!r} ({len(text)} characters, not shown: an API key?)"
+    if text.startswith(KEY_PREFIX) or key_shaped(text):
+        return f"a string with {KEY_PREFIX!r} ({len(text)} characters, not shown: an API key?)"
     return repr(shown(text))
 
 
@@ -249,9 +268,9 @@ def _name(entry: dict, default: str, where: str) -> str:
     name = entry.get("name", default)
     if not isinstance(name, str) or not name:
         raise AuthError(f"{where}.name must be a non-empty string; got {_got(name)}")
-    if name.startswith(KEY_PREFIX):  # not a name: a key pasted there would be in every log line and /metrics
-        raise AuthError(f"{where}.name is {_quoted(name)}: a name must not start with {KEY_PREFIX!r}, as the API keys "
-                        "`keys new` makes do; is a key pasted there? (the name is written into log lines and "
+    if name.startswith(KEY_PREFIX) or key_shaped(name):  # a key pasted there: in every log line and /metrics
+        raise AuthError(f"{where}.name is {_quoted(name)}: a name must not start with {KEY_PREFIX!r} nor hold a "
+                        "key, as the API keys `keys new` makes do; is a key pasted there? (the name is written into log lines and "
                         "metrics labels; /metrics takes no key)")
     if len(name) > MAX_NAME_CHARS:  # it is in every log line and metrics label of the tenant's requests
         raise AuthError(f"{where}.name {shown(name)!r} is {len(name)} characters; at most {MAX_NAME_CHARS}")

@@ -22,9 +22,7 @@ import sys
 
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.auth import Authenticator, Principal, hash_key
-from nlora_serve.serving.tenants_file import KEY_PREFIX
-
-KEY_BYTES = 32  # 256 random bits: a hashed key is only as safe as it is hard to guess
+from nlora_serve.serving.tenants_file import KEY_BYTES, KEY_PREFIX
 
 
 def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
