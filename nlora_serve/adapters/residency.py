@@ -7,7 +7,7 @@
   evicted adapter's tensors are dropped and re-read from its store folder on its next request
   (a timed, counted cold load). A slot held by a running request, or kept for the requests of
   one response still to be queued (AdapterRegistry.hold), is never evicted. A request that finds
-  no slot it may take (:class:`SlotBusy`) waits in the engine until one frees (llm_engine.py).
+  no slot it may take (:class:`SlotBusy`) waits in the engine until one frees (engine/step_thread.py).
 - With tenant shares (fair scheduling), the LoRA slots are shared between the tenants that contend
   for them: a tenant refused a slot contends from then on, for as long as it keeps asking (each
   request within :data:`CONTEND_SECONDS` of the end of its last), and while another tenant contends, a tenant

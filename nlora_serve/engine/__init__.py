@@ -6,7 +6,8 @@ Nothing here imports ``nlora_serve.serving`` (the front ends) or their libraries
 Modules, one line each, in the order a request meets them::
 
     api.py               the Engine interface, RequestOutput (one streamed delta), RequestStream, errors
-    llm_engine.py        LLMEngine: the native engine's step thread, deltas handed to asyncio
+    llm_engine.py        LLMEngine: the native engine's callers' side (submit, abort, admin calls)
+    step_thread.py       StepThread: the thread that steps the core, its inbox, sinks and watchdog
     inbox.py             the commands callers send the step thread, run between steps
     slot_wait.py         requests waiting for a LoRA slot
     step_watchdog.py     a step that runs past a limit makes the engine dead

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 class EngineCore:
     """Scheduler + model runner + sampler + detokenizers for one base model.
 
-    It runs on the engine's step thread (engine/llm_engine.py); :meth:`validate` and
+    It runs on the engine's step thread (engine/step_thread.py); :meth:`validate` and
     :meth:`check_structured` are safe from any thread too.
 
     Raises (constructor):

@@ -1,4 +1,4 @@
-"""The step thread's inbox (engine/llm_engine.py): one command per caller action, sent from the
+"""The step thread's inbox (engine/step_thread.py): one command per caller action, sent from the
 front ends' threads and run by the step thread between steps, in arrival order."""
 
 from __future__ import annotations

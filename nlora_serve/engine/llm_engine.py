@@ -1,19 +1,17 @@
 """Our engine behind the :class:`~nlora_serve.engine.api.Engine` interface (DESIGN §5).
 
-:class:`LLMEngine` runs our model runner, stepping in its own thread and handing deltas to
-asyncio through ``loop.call_soon_threadsafe``; the vLLM-backed engine (§8) implements the same
-interface in vllm_backend/engine.py.
+:class:`LLMEngine` is the callers' side: it checks and tokenizes requests, pins their adapters and
+hands them to its :class:`~nlora_serve.engine.step_thread.StepThread`, which steps the core in its
+own thread and hands deltas to asyncio through ``loop.call_soon_threadsafe``; the vLLM-backed engine
+(§8) implements the same interface in vllm_backend/engine.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-import torch
 from transformers import AutoTokenizer
 
 from nlora_serve.adapters.manager import AdapterManager
@@ -22,47 +20,30 @@ from nlora_serve.adapters.residency import SlotBusy
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel
 from nlora_serve.engine.config import EngineConfig
-from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engine, EngineDead,
-                                   EngineError, RequestIds, RequestStream, RequestOutput, max_prompt_bytes,
-                                   prompt_ids)
+from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, Engine, EngineDead, EngineError, RequestIds,
+                                   RequestStream, RequestOutput, max_prompt_bytes, prompt_ids)
 from nlora_serve.engine.core import EngineCore
-from nlora_serve.engine.inbox import Abort, AbortAdapter, AbortAll, AddRequest, SetWeights, WarmUp
-from nlora_serve.engine.request_checks import unloaded_reason
+from nlora_serve.engine.inbox import Abort, AbortAdapter, AddRequest, SetWeights, WarmUp
 from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.slot_wait import IDLE_RETRY_SECONDS, SlotWaiters
-from nlora_serve.engine.step_watchdog import StepWatchdog
+from nlora_serve.engine.step_thread import HUNG_POLL_SECONDS, Sink, StepThread
 from nlora_serve.engine.structured import StructuredOutputs
-from nlora_serve.engine.threads import engine_threads, on_device
-from nlora_serve.engine.warmup import WarmupReport, adapter_kinds, warm_up
-
-Sink = Callable[[RequestOutput], None]
-log = logging.getLogger(__name__)
-
-
-HUNG_POLL_SECONDS = 1.0  # how often a blocking call (generate, shutdown) looks for a hung step
+from nlora_serve.engine.threads import engine_threads
+from nlora_serve.engine.warmup import WarmupReport, adapter_kinds
 
 
 class LLMEngine(Engine):
-    """The native engine: :class:`EngineCore` stepped by one background thread."""
+    """The native engine: :class:`EngineCore` stepped by one background thread, :attr:`step_thread`
+    (engine/step_thread.py: its inbox, the requests' sinks, the LoRA slot waiters, the watchdog)."""
 
     def __init__(self, config: EngineConfig, base: BaseModel | None = None) -> None:
         self.core = EngineCore(config, base)
         # callers tokenize with their own instance: the step thread detokenizes with the core's
         self.tokenizer = AutoTokenizer.from_pretrained(self.core.tokenizer_path)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[str, Sink] = {}  # by engine id: the core sees engine ids only
-        self._wake = threading.Event()
-        self._stopping = False
         self._ids = RequestIds()
         self._lock = threading.Lock()  # guards tokenizer use from caller threads
         self._max_prompt_bytes: int | None = None  # set on the first prompt (api.max_prompt_bytes)
-        self._waiters = SlotWaiters(self.core.adapters)  # requests waiting for a LoRA slot (step thread's)
-        if self.core.adapters is not None:  # a slot may free with no step running (a hold let go): try them then
-            self.core.adapters.on_slot_change(self._wake.set)
-        self._threads = engine_threads(config.cpu_threads)
-        self._watchdog = StepWatchdog(self.core.config.step_timeout_s)  # start-up above is not timed
-        self._thread = threading.Thread(target=self._loop, name="nlora-engine", daemon=True)
-        self._thread.start()
+        # started last: start-up above is not timed by its watchdog
+        self.step_thread = StepThread(self.core, self._ids, engine_threads(config.cpu_threads))
 
     # -- submission ----------------------------------------------------------------------------
 
@@ -84,7 +65,7 @@ class LLMEngine(Engine):
         which every step would fail while health said serving, or a step has run past
         ``EngineConfig.step_timeout_s`` (hung: engine/step_watchdog.py, read here, on the caller's
         thread, not the stuck one's); then the server aborts its requests, without a drain, and exits 1."""
-        return self.core.device_error or self._watchdog.reason()
+        return self.core.device_error or self.step_thread.watchdog.reason()
 
     def prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if self._max_prompt_bytes is None:  # once: a pass over the vocabulary
@@ -105,8 +86,7 @@ class LLMEngine(Engine):
     def unload_adapter(self, name: str, force: bool = False) -> AdapterVersion:
         version = self.adapters.unload(name, force)
         if force:
-            self._inbox.put(AbortAdapter(name))
-            self._wake.set()
+            self.step_thread.send(AbortAdapter(name))
         return version
 
     def set_tenant_weights(self, weights: Mapping[str, float]) -> None:
@@ -115,15 +95,14 @@ class LLMEngine(Engine):
         # submitted after this call is added
         if self.core.adapters is not None:
             self.core.adapters.set_tenant_shares(weights)
-        self._inbox.put(SetWeights(dict(weights)))
-        self._wake.set()
+        self.step_thread.send(SetWeights(dict(weights)))
 
     def _submit(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
                 sink: Sink, adapter: str | None = None, tenant: str | None = None,
                 cache_salt: str | None = None, add_special_tokens: bool = True,
                 held: Hold | None = None) -> tuple[str, str]:
         """Queue a request; returns its (client id, engine id)."""
-        if self._stopping:
+        if self.step_thread.stopping:
             raise EngineError("engine is shut down")
         if self.dead_reason is not None:
             raise EngineDead(ENGINE_DEAD_MESSAGE)
@@ -132,9 +111,7 @@ class LLMEngine(Engine):
         self.core.validate(ids, params)
         pinned, placed = self._pin(adapter, tenant, held) if adapter is not None else (None, True)
         client_id, engine_id = self._ids.admit(request_id)
-        self._sinks[engine_id] = sink
-        self._inbox.put(AddRequest(engine_id, ids, params, pinned, tenant, cache_salt, placed))
-        self._wake.set()
+        self.step_thread.add(AddRequest(engine_id, ids, params, pinned, tenant, cache_salt, placed), sink)
         return client_id, engine_id
 
     def _pin(self, adapter: str, tenant: str | None, held: Hold | None) -> tuple[AdapterVersion, bool]:
@@ -145,7 +122,7 @@ class LLMEngine(Engine):
             AdapterNotFound, AdapterLoadFailed: as AdapterManager.acquire (nothing stays pinned).
         """
         pinned = self.adapters.reserve(adapter, tenant, held)
-        if len(self._waiters):
+        if len(self.step_thread.waiters):
             return pinned, False
         try:
             self.adapters.place(pinned, tenant)
@@ -165,30 +142,14 @@ class LLMEngine(Engine):
         client_id, engine_id = self._submit(prompt, params, request_id,
                                             lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out), adapter,
                                             tenant, cache_salt, add_special_tokens, held)
-        return RequestStream(client_id, deltas, self._drop, engine_id)
-
-    def _drop(self, engine_id: str) -> None:
-        """The consumer went away: free the request's blocks and adapter pin, send it nothing."""
-        self._sinks.pop(engine_id, None)
-        self._ids.close(engine_id)
-        self._abort(engine_id, None)
+        return RequestStream(client_id, deltas, self.step_thread.drop, engine_id)
 
     def abort(self, request_id: str, reason: str | None = None) -> None:
         for engine_id in self._ids.engine_ids(request_id):
-            self._abort(engine_id, reason)
+            self.step_thread.send(Abort(engine_id, reason))
 
     def abort_all(self, reason: str) -> None:
-        if self._watchdog.stuck():
-            # hung: the step thread will never read the inbox; end every stream from here, so that
-            # the drain's clients are told rather than cut (the core is the stuck thread's: untouched)
-            self._deliver([RequestOutput(eid, "", [], "abort", 0, 0, error=reason) for eid in list(self._sinks)])
-            return
-        self._inbox.put(AbortAll(reason))
-        self._wake.set()
-
-    def _abort(self, engine_id: str, reason: str | None) -> None:
-        self._inbox.put(Abort(engine_id, reason))
-        self._wake.set()
+        self.step_thread.abort_all(reason)
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
                  adapters: list[str | None] | None = None) -> list[RequestOutput]:
@@ -220,8 +181,8 @@ class LLMEngine(Engine):
         names = adapters if adapters is not None else [None] * len(prompts)
         rids = [self._submit(p, sp, None, collect, a)[0] for p, sp, a in zip(prompts, plist, names)]
         while not done.wait(HUNG_POLL_SECONDS):  # in slices: a hung step thread never sets it
-            if self._watchdog.stuck():
-                raise EngineDead(f"{ENGINE_DEAD_MESSAGE}: {self._watchdog.reason()}")
+            if self.step_thread.watchdog.stuck():
+                raise EngineDead(f"{ENGINE_DEAD_MESSAGE}: {self.step_thread.watchdog.reason()}")
         merged = [_merge(results[rid]) for rid in rids]
         failed = next((m for m in merged if m.finish_reason == "error"), None)
         if failed is not None:
@@ -245,8 +206,7 @@ class LLMEngine(Engine):
             return None
         names = tuple(adapters)
         done, result = threading.Event(), []
-        self._inbox.put(WarmUp(names, done, result))
-        self._wake.set()
+        self.step_thread.send(WarmUp(names, done, result))
         done.wait()
         if isinstance(result[0], Exception):
             raise result[0]
@@ -254,159 +214,25 @@ class LLMEngine(Engine):
 
     def stats(self) -> dict[str, int]:
         stats = self.core.stats()
-        stats["waiting"] += len(self._waiters)  # those waiting for a LoRA slot are queued too
+        stats["waiting"] += len(self.step_thread.waiters)  # those waiting for a LoRA slot are queued too
         return stats
 
     def shutdown(self) -> None:
         """Stop the step thread; requests still running end with finish_reason "abort" and
         :data:`SHUTDOWN_REASON` (their streams raise RequestAborted)."""
-        self._stopping = True
-        self._wake.set()
-        while self._thread.is_alive():  # not for ever behind a hung step: the thread is a daemon, left behind
-            if self._watchdog.stuck():
-                log.error("the engine's step thread is stuck in a step; shutting down without it")
-                return
-            self._thread.join(timeout=HUNG_POLL_SECONDS)
+        self.step_thread.stop()  # not for ever behind a hung step: the thread is a daemon, left behind
 
     def step_thread_alive(self, wait_s: float = 0.0) -> bool:
         """Whether the step thread still runs after waiting up to ``wait_s`` seconds for it to end.
         After :meth:`shutdown`, only where a step hung: the thread is a daemon, left in its step, and
         the process must not wait for it (serve exits with ``os._exit``: commands/exit_now.py)."""
-        self._thread.join(wait_s)
-        return self._thread.is_alive()
+        return self.step_thread.alive(wait_s)
 
     def __enter__(self) -> LLMEngine:
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-    # -- the step thread -----------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        with on_device(self.core.device):  # the step thread's kernels and events on the engine's GPU
-            self._serve()
-
-    def _serve(self) -> None:
-        torch.set_num_threads(self._threads)  # this thread's own count (engine/threads.py)
-        while not self._stopping:
-            try:
-                self._drain_inbox()
-                self._admit_waiting()
-                if not self.core.has_work():
-                    self._wake.wait(IDLE_RETRY_SECONDS if len(self._waiters) else None)
-                    self._wake.clear()
-                    continue
-                with self._watchdog.timing():
-                    outputs = self.core.step()
-            except Exception:  # any failure ends every request; the step thread keeps serving
-                log.exception("engine step failed; ending every running request")
-                with self._watchdog.timing():  # it waits for the device, which may hang too
-                    outputs = self.core.fail_all(ENGINE_FAILED_MESSAGE)  # the cause: the log's, not every tenant's
-            self._deliver(outputs)
-        self._drain_inbox()
-        self._deliver([self.core.abort(rid, SHUTDOWN_REASON) for rid in list(self.core.requests)])
-        self._deliver(self._end_waiting(lambda w: True, SHUTDOWN_REASON))
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                msg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            match msg:
-                case AddRequest():
-                    self._add(msg)
-                case AbortAdapter():
-                    self._deliver(self.core.abort_adapter(msg.name))
-                    self._deliver(self._end_waiting(lambda w: w.pinned.name == msg.name, None, unloaded=True))
-                case SetWeights():
-                    self.core.set_tenant_weights(msg.weights)
-                case WarmUp():  # on this thread, between steps: the core is not thread-safe
-                    self._warm_up(msg)
-                case AbortAll():  # after every AddRequest queued before it
-                    self._deliver([self.core.abort(rid, msg.reason) for rid in list(self.core.requests)])
-                    self._deliver(self._end_waiting(lambda w: True, msg.reason))
-                case Abort():
-                    out = self.core.abort(msg.engine_id, msg.reason)
-                    if out is None:
-                        self._deliver(self._end_waiting(lambda w: w.engine_id == msg.engine_id, msg.reason))
-                    else:
-                        self._deliver([out])
-                case _:
-                    raise TypeError(f"unknown engine inbox command {msg!r}")
-
-    def _warm_up(self, cmd: WarmUp) -> None:
-        try:
-            cmd.result.append(warm_up(self.core, cmd.names))
-        except Exception as exc:  # handed to the caller of warm_up
-            cmd.result.append(exc)
-        finally:
-            cmd.done.set()
-
-    def _admit_waiting(self) -> None:
-        """Queue the requests waiting for a LoRA slot that can have one now (engine/slot_wait.py)."""
-        if not len(self._waiters):
-            return
-        fair = self.core.scheduler.fair
-        placed, failed = self._waiters.admit((lambda t: fair.counters.get(t, 0.0)) if fair is not None else None)
-        for cmd in placed:
-            self._start(cmd)
-        self._deliver([_ended(cmd, "error", str(exc)) for cmd, exc in failed])
-
-    def _end_waiting(self, match: Callable[[AddRequest], bool], reason: str | None,
-                     unloaded: bool = False) -> list[RequestOutput]:
-        """End the requests waiting for a LoRA slot that ``match`` selects, as aborted (``reason``;
-        ``unloaded``: a forced unload's, naming the version)."""
-        return [_ended(cmd, "abort", unloaded_reason(cmd.pinned) if unloaded else reason)
-                for cmd in self._waiters.remove(match)]
-
-    def _add(self, cmd: AddRequest) -> None:
-        if cmd.pinned is not None and cmd.pinned.unloaded:
-            # force-unloaded after it was pinned: its abort (AbortAdapter) ran before this request
-            # was queued and missed it; it is aborted as the requests running or waiting then were
-            (self.core.adapters.release if cmd.placed else self.core.adapters.unreserve)(cmd.pinned, cmd.tenant)
-            self._deliver([_ended(cmd, "abort", unloaded_reason(cmd.pinned))])
-            return
-        if not cmd.placed:
-            self._waiters.park(cmd)
-        else:
-            self._start(cmd)
-
-    def _start(self, cmd: AddRequest) -> None:
-        try:
-            self.core.add(cmd.engine_id, cmd.ids, cmd.params, cmd.pinned, cmd.tenant, cmd.cache_salt)
-        except Exception as exc:  # RequestError, or anything else: only this request fails
-            if cmd.pinned is not None and cmd.engine_id not in self.core.requests:  # never queued: the pin is ours
-                self.core.adapters.release(cmd.pinned, cmd.tenant)
-            self._deliver([RequestOutput(cmd.engine_id, "", [], "error", len(cmd.ids), 0, error=str(exc))])
-
-    def _deliver(self, outputs: list[RequestOutput | None]) -> None:
-        """Hand each output to its request's sink, under the client's id (outputs of a request
-        whose consumer left are dropped)."""
-        for out in outputs:
-            if out is None:
-                continue
-            engine_id = out.request_id
-            sink, client_id = self._sinks.get(engine_id), self._ids.client(engine_id)
-            if out.finished:
-                self._sinks.pop(engine_id, None)
-                self._ids.close(engine_id)
-            if sink is None or client_id is None:
-                continue
-            out.request_id = client_id
-            try:
-                sink(out)
-            except RuntimeError:  # the consumer's event loop is closed: nobody is listening
-                self._sinks.pop(engine_id, None)
-                self._ids.close(engine_id)
-
-
-def _ended(cmd: AddRequest, reason: str, error: str | None) -> RequestOutput:
-    """The last delta of a request that ended while it waited for a LoRA slot."""
-    version = cmd.pinned
-    return RequestOutput(cmd.engine_id, "", [], reason, len(cmd.ids), 0, error=error, adapter=version.name,
-                         adapter_version=version.version, adapter_hash=version.content_hash)
 
 
 def _merge(deltas: list[RequestOutput]) -> RequestOutput:

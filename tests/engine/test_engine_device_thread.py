@@ -10,7 +10,7 @@ from contextlib import nullcontext
 
 import torch
 
-from nlora_serve.engine import core as core_mod, llm_engine as llm_mod
+from nlora_serve.engine import core as core_mod, step_thread as step_thread_mod
 from nlora_serve.engine.threads import on_device
 
 
@@ -22,7 +22,7 @@ def test_constructor_and_step_thread_enter_the_engine_device(make_engine, monkey
         return nullcontext()
 
     monkeypatch.setattr(core_mod, "on_device", record)
-    monkeypatch.setattr(llm_mod, "on_device", record)
+    monkeypatch.setattr(step_thread_mod, "on_device", record)
     make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64).shutdown()  # joins the step thread
     assert (threading.current_thread().name, "cpu") in entered and ("nlora-engine", "cpu") in entered
 

@@ -16,7 +16,7 @@ import pytest
 
 from greedy_rule import matches_reference
 from nlora_serve.adapters.manager import AdapterLimits
-from nlora_serve.engine import llm_engine
+from nlora_serve.engine import step_thread
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.sampling import SamplingParams
@@ -91,7 +91,7 @@ def test_a_hold_let_go_with_no_step_running_places_the_waiting_request_at_once(b
     which queues B's request at once: within 50 ms, its cold load aside (3-15 ms measured on a
     loaded 2-core box). The idle engine's own retry (it polled every 50 ms) is put off to 60 s
     here: only the wake can place it in time."""
-    monkeypatch.setattr(llm_engine, "IDLE_RETRY_SECONDS", 60.0)
+    monkeypatch.setattr(step_thread, "IDLE_RETRY_SECONDS", 60.0)
     engine = engine_of(base_fp32, tmp_path)
     try:
         engine.adapters.register_dir("a", CASES / "lora-rslora")

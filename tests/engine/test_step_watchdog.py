@@ -113,7 +113,7 @@ def test_a_hung_step_makes_the_engine_dead_health_503_and_new_requests_refused(m
     watcher stops the server, new requests are refused, the drain's abort reaches the stuck
     request's client, and shutdown does not wait for ever."""
     engine = make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64)
-    engine._watchdog.limit_s = LIMIT_S
+    engine.step_thread.watchdog.limit_s = LIMIT_S
     entered, release = threading.Event(), threading.Event()
     _patch_step(engine, lambda: (entered.set(), release.wait(30)))
 
@@ -137,15 +137,15 @@ def test_a_hung_step_makes_the_engine_dead_health_503_and_new_requests_refused(m
         assert health_answer(engine.dead_reason, False) == (503, {"status": "dead", "reason": engine.dead_reason})
         started = time.monotonic()
         engine.shutdown()  # the step is still stuck: it returns without the thread
-        assert time.monotonic() - started < 1 and engine._thread.is_alive()
+        assert time.monotonic() - started < 1 and engine.step_thread_alive()
     finally:
         release.set()
-    engine._thread.join(10)
+    engine.step_thread_alive(10)
 
 
 def test_a_slow_step_within_the_limit_does_not_trip_it(make_engine):
     engine = make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64)
-    engine._watchdog.limit_s = 2.0
+    engine.step_thread.watchdog.limit_s = 2.0
     _patch_step(engine, lambda: time.sleep(LIMIT_S))  # each step slower than the other test's limit
     [out] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=1))
     assert len(out.token_ids) == 1 and engine.dead_reason is None
@@ -155,7 +155,7 @@ def test_generate_on_a_hung_step_raises_engine_dead_rather_than_waiting_for_ever
     """The blocking generate() (bench, offline use) waited on an Event only the stuck step thread
     could set: it returned once the step did, or never. Past the limit it raises EngineDead."""
     engine = make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64)
-    engine._watchdog.limit_s = LIMIT_S
+    engine.step_thread.watchdog.limit_s = LIMIT_S
     release = threading.Event()
     _patch_step(engine, lambda: release.wait(8))  # the safety: the step ends by itself after 8 s
     started = time.monotonic()
@@ -174,7 +174,7 @@ def test_after_a_slow_step_tripped_it_abort_all_still_goes_through_the_step_thre
     their KV blocks, while that thread delivered to the same sinks) and shutdown left the thread
     mid-step. Only a step running past the limit now is a hung thread."""
     engine = make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64)
-    engine._watchdog.limit_s = LIMIT_S
+    engine.step_thread.watchdog.limit_s = LIMIT_S
     steps, entered, gate = [], threading.Event(), threading.Event()
 
     def before():
@@ -192,7 +192,7 @@ def test_after_a_slow_step_tripped_it_abort_all_still_goes_through_the_step_thre
     async def scenario():
         stream = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
         assert await asyncio.to_thread(entered.wait, 10)
-        assert engine.dead_reason is not None and engine._watchdog.in_step
+        assert engine.dead_reason is not None and engine.step_thread.watchdog.in_step
         engine.abort_all("the drain ended")
         gate.set()
         with pytest.raises(RequestAborted, match="the drain ended"):
@@ -244,7 +244,7 @@ def test_serve_exits_at_once_past_a_step_thread_stuck_in_its_step(make_engine, m
     from nlora_serve.serving.commands import serve as serve_cli
 
     engine = make_engine(num_blocks=16, max_model_len=64, max_num_batched_tokens=64)
-    engine._watchdog.limit_s = LIMIT_S
+    engine.step_thread.watchdog.limit_s = LIMIT_S
     entered, release = threading.Event(), threading.Event()
     _patch_step(engine, lambda: (entered.set(), release.wait(30)))
     exits = []
@@ -273,7 +273,7 @@ def test_serve_exits_at_once_past_a_step_thread_stuck_in_its_step(make_engine, m
             [f"exiting with status 1: the engine died ({engine.dead_reason})"]
     finally:
         release.set()
-    engine._thread.join(10)
+    engine.step_thread_alive(10)
 
 
 def test_serve_on_a_dead_engine_exits_past_an_admin_call_stuck_in_the_loops_executor(monkeypatch):
@@ -370,4 +370,4 @@ def test_generate_cli_on_a_hung_step_says_so_and_exits_past_the_stuck_thread(bas
         assert engines[0].dead_reason.endswith(f"(limit {LIMIT_S:g} s, --engine-step-timeout)")
     finally:
         release.set()
-    engines[0]._thread.join(10)
+    engines[0].step_thread_alive(10)

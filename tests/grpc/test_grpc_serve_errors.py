@@ -128,7 +128,7 @@ def test_an_adapter_the_limits_refuse_is_named_by_its_flag(tmp_path, base_fp32, 
     monkeypatch.setattr(serve_cli, "make_engine", lambda *a, **k: engines.append(make_engine(*a, **k)) or engines[-1])
     with pytest.raises(NloraError) as err:
         serve_cli.build(_args(tmp_path, "--max-rank", "8", "--adapter", f"lower={ROOT / 'examples/tenants/lower'}"))
-    assert not engines[0]._thread.is_alive()  # the refused start stopped its engine
+    assert not engines[0].step_thread_alive()  # the refused start stopped its engine
     assert str(err.value).startswith(f"--adapter lower={ROOT / 'examples/tenants/lower'}: rank 16 of ")
     assert "exceeds the server's max rank 8 (--max-rank)" in str(err.value)
 
