@@ -22,6 +22,7 @@ from nlora_serve.serving.metrics import ServerMetrics, caller_of_key, key_of
 from nlora_serve.serving.request_log import RequestLog, quoted
 from nlora_serve.serving.server import _request_log
 from nlora_serve.serving.commands import serve as serve_cli
+from nlora_serve.serving.commands import serve_build
 from nlora_serve.serving.server_config import ServerConfig, StartupError
 from nlora_serve.serving.stream import Metered
 
@@ -276,7 +277,7 @@ def test_serve_flags_fill_the_config_and_a_bad_one_names_its_flag(capsys):
     def configs(*flags: str) -> ServerConfig:
         parser = argparse.ArgumentParser()
         serve_cli.add_serve_arguments(parser)
-        return serve_cli._configs(parser.parse_args(["--http-port", "off", *flags]))[0]
+        return serve_build._configs(parser.parse_args(["--http-port", "off", *flags]))[0]
 
     default = configs()
     assert (default.enable_log_requests, default.max_log_len) == (False, 0)

@@ -241,7 +241,7 @@ def test_serve_adapter_folder_the_store_serves_otherwise_warns_with_the_command_
     # to swap. The warning now prints the upload that serves the folder again (any flavour).
     from types import SimpleNamespace
 
-    from nlora_serve.serving.commands.serve import _register_named
+    from nlora_serve.serving.commands.serve_build import _register_named
 
     class Adapters:
         def start_names(self, names):

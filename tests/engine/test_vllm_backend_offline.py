@@ -294,18 +294,18 @@ def test_a_tenants_file_says_at_start_that_vllm_schedules_first_come_first_serve
 
 def test_the_native_engine_still_reads_every_native_only_flag(tmp_path):
     from nlora_serve.adapters.manager import AdapterLimits
-    from nlora_serve.serving.commands import serve as serve_cli
+    from nlora_serve.serving.commands import serve_build
 
     flags = ("--device", "cpu", "--piecewise-graphs", "--async-scheduling", "--cpu-gemm", "onednn", "--no-cpu-amx",
              "--adapter-memory", "64", "--scheduling-policy", "fair", "--adapter-dir", str(tmp_path))
     assert backend_config(_args(*flags)) is None
-    config, engine = serve_cli._configs(_args(*flags))
+    config, engine = serve_build._configs(_args(*flags))
     assert (engine.device, engine.piecewise_graphs, engine.async_scheduling, engine.cpu_gemm, engine.cpu_amx) == (
         "cpu", True, True, "onednn", False)
     assert engine.adapter_limits.adapter_memory == 64 << 20
     assert engine.scheduler.policy == "fair" and config.tenant_queue_shares
     # not given: EngineConfig's and AdapterLimits' own defaults, as before the flags defaulted to None
-    config, engine = serve_cli._configs(_args("--device", "cpu", "--adapter-dir", str(tmp_path)))
+    config, engine = serve_build._configs(_args("--device", "cpu", "--adapter-dir", str(tmp_path)))
     default = EngineConfig(device="cpu")
     assert (engine.piecewise_graphs, engine.async_scheduling, engine.cpu_gemm, engine.cpu_amx) == (
         default.piecewise_graphs, default.async_scheduling, default.cpu_gemm, default.cpu_amx)
@@ -319,12 +319,12 @@ def test_seed_seeds_the_engine_for_requests_without_their_own(tmp_path):
     gets it in its engine args); EngineConfig's default without it, as vLLM's 0."""
     from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
     from nlora_serve.engine.vllm_backend.engine_args import engine_args
-    from nlora_serve.serving.commands import serve as serve_cli
+    from nlora_serve.serving.commands import serve_build
 
-    _, engine = serve_cli._configs(_args("--device", "cpu", "--seed", "7", "--adapter-dir", str(tmp_path)))
+    _, engine = serve_build._configs(_args("--device", "cpu", "--seed", "7", "--adapter-dir", str(tmp_path)))
     assert engine.seed == 7
     assert engine_args(engine, VllmBackendConfig(), tmp_path, tmp_path, on_cpu=False)["seed"] == 7
-    _, engine = serve_cli._configs(_args("--device", "cpu", "--adapter-dir", str(tmp_path)))
+    _, engine = serve_build._configs(_args("--device", "cpu", "--adapter-dir", str(tmp_path)))
     assert engine.seed == EngineConfig().seed == 0
 
 
@@ -334,17 +334,17 @@ def test_kv_cache_memory_bytes_reaches_vllm(tmp_path, monkeypatch):
     neither without the flag (vLLM's own sizing on GPUs, our CPU default of 1 GiB)."""
     from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
     from nlora_serve.engine.vllm_backend.engine_args import engine_args
-    from nlora_serve.serving.commands import serve as serve_cli
+    from nlora_serve.serving.commands import serve_build
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    _, engine = serve_cli._configs(_args("--device", "cpu", "--kv-cache-memory-bytes", str(3 * 2**30 + 1),
+    _, engine = serve_build._configs(_args("--device", "cpu", "--kv-cache-memory-bytes", str(3 * 2**30 + 1),
                                          "--adapter-dir", str(tmp_path)))
     assert engine_args(engine, VllmBackendConfig(), tmp_path, tmp_path, on_cpu=False)["kv_cache_memory_bytes"] == (
         3 * 2**30 + 1)
     assert "kv_cache_memory_bytes" not in engine_args(engine, VllmBackendConfig(), tmp_path, tmp_path, on_cpu=True)
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4"
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
-    _, engine = serve_cli._configs(_args("--device", "cpu", "--adapter-dir", str(tmp_path)))
+    _, engine = serve_build._configs(_args("--device", "cpu", "--adapter-dir", str(tmp_path)))
     assert "kv_cache_memory_bytes" not in engine_args(engine, VllmBackendConfig(), tmp_path, tmp_path, on_cpu=False)
     engine_args(engine, VllmBackendConfig(), tmp_path, tmp_path, on_cpu=True)
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"

@@ -15,6 +15,7 @@ from nlora_serve.adapters.store import ALLOWED_FILES, AdapterStore
 from nlora_serve.client import Aborted, InvalidArgument, NloraClient
 from nlora_serve.errors import AdapterError
 from nlora_serve.serving.commands import serve as serve_cli
+from nlora_serve.serving.commands import serve_build
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.engine.config import CacheConfig, EngineConfig
 from nlora_serve.engine.llm_engine import LLMEngine
@@ -47,7 +48,7 @@ def no_model(monkeypatch):
     """The names must be refused before the model loads: loading it fails the test."""
     def load_base(*args, **kwargs):
         raise AssertionError("the model was loaded before the adapter names were checked")
-    monkeypatch.setattr(serve_cli, "load_base", load_base)
+    monkeypatch.setattr(serve_build, "load_base", load_base)
 
 
 PROMPT_FILLS_IT = ("This model's maximum context length is 1024 tokens. However, you requested 1024 tokens in the "

@@ -221,11 +221,12 @@ def test_serve_flags_prefix_caching_and_scheduling_policy(tmp_path):
     import argparse
 
     from nlora_serve.serving.commands import serve as serve_cli
+    from nlora_serve.serving.commands import serve_build
 
     def configs(*flags):
         parser = argparse.ArgumentParser()
         serve_cli.add_serve_arguments(parser)
-        return serve_cli._configs(parser.parse_args(["--adapter-dir", str(tmp_path), *flags]))
+        return serve_build._configs(parser.parse_args(["--adapter-dir", str(tmp_path), *flags]))
 
     server, engine = configs()
     assert engine.enable_prefix_caching is True and engine.scheduler.policy == "fcfs"

@@ -19,6 +19,7 @@ from nlora_serve import cli
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.errors import ModelError, NloraError
 from nlora_serve.serving.commands import serve as serve_cli
+from nlora_serve.serving.commands import serve_build
 from nlora_serve.serving.commands import serve_checks
 from nlora_serve.serving.commands.backend import make_engine
 from nlora_serve.serving.auth import AuthError, Authenticator
@@ -33,7 +34,7 @@ def no_model(monkeypatch):
     """Flags must be refused before the model loads: loading it fails the test."""
     def load_base(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
-    monkeypatch.setattr(serve_cli, "load_base", load_base)
+    monkeypatch.setattr(serve_build, "load_base", load_base)
 
 
 def _args(tmp_path: Path, *flags: str) -> argparse.Namespace:
@@ -125,7 +126,7 @@ def test_a_dummy_model_without_a_config_is_one_error_line_before_loading(tmp_pat
 def test_an_adapter_the_limits_refuse_is_named_by_its_flag(tmp_path, base_fp32, monkeypatch):
     # the reader's message named a module and the limit, not which of several --adapter flags it was
     engines = []
-    monkeypatch.setattr(serve_cli, "make_engine", lambda *a, **k: engines.append(make_engine(*a, **k)) or engines[-1])
+    monkeypatch.setattr(serve_build, "make_engine", lambda *a, **k: engines.append(make_engine(*a, **k)) or engines[-1])
     with pytest.raises(NloraError) as err:
         serve_cli.build(_args(tmp_path, "--max-rank", "8", "--adapter", f"lower={ROOT / 'examples/tenants/lower'}"))
     assert not engines[0].step_thread_alive()  # the refused start stopped its engine
@@ -138,7 +139,7 @@ def test_an_adapter_vllm_cannot_serve_is_refused_before_vllm_starts(tmp_path, ba
     from nlora_serve.engine.vllm_backend.config import VllmBackendConfig
 
     monkeypatch.setattr(serve_checks, "backend_config", lambda args: VllmBackendConfig())
-    monkeypatch.setattr(serve_cli, "make_engine", lambda *a: pytest.fail("vLLM started before the check"))
+    monkeypatch.setattr(serve_build, "make_engine", lambda *a: pytest.fail("vLLM started before the check"))
     folder = ROOT / "tests/data/cases/lora-bias"
     with pytest.raises(NloraError) as err:
         serve_cli.build(_args(tmp_path, "--adapter", f"biased={folder}"))
@@ -166,9 +167,9 @@ def test_a_failed_start_leaves_the_store_byte_identical(base_fp32, tmp_path, mon
     config = json.loads((bad / "adapter_config.json").read_text())
     config["nlora_serve"]["base_fingerprint"] = "0" * 64
     (bad / "adapter_config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(serve_cli, "load_base", lambda *a, **k: base_fp32)
+    monkeypatch.setattr(serve_build, "load_base", lambda *a, **k: base_fp32)
     # the engine's adapters alone (a real AdapterManager on the store): what the start registers with
-    monkeypatch.setattr(serve_cli, "make_engine", lambda config, base, backend: SimpleNamespace(
+    monkeypatch.setattr(serve_build, "make_engine", lambda config, base, backend: SimpleNamespace(
         adapters=AdapterManager(base, config.adapter_dir), shutdown=lambda: None))
     before = _store_files(root)
     with pytest.raises(NloraError, match=f"^--adapter bad={bad}: .*not of the loaded base"):
@@ -188,7 +189,7 @@ def test_a_start_whose_port_is_taken_after_the_checks_leaves_the_store_byte_iden
     AdapterManager(base_fp32, root).register_dir("keep", ROOT / "tests/data/cases/lora-layers-subset")
     with _listening() as probe:
         port = probe.getsockname()[1]  # free when the flags are checked
-    monkeypatch.setattr(serve_cli, "load_base", lambda *a, **k: base_fp32)
+    monkeypatch.setattr(serve_build, "load_base", lambda *a, **k: base_fp32)
     monkeypatch.setattr(serve_cli, "freeze_startup_heap", lambda: None)  # the test worker's heap stays collectable
     taken, build = [], serve_cli.build
 
@@ -312,7 +313,7 @@ def test_a_metrics_port_on_the_default_http_port_names_both_flags():
     parser = argparse.ArgumentParser()
     serve_cli.add_serve_arguments(parser)
     with pytest.raises(StartupError) as err:
-        serve_cli._configs(parser.parse_args(["--metrics-port", "8000"]))
+        serve_build._configs(parser.parse_args(["--metrics-port", "8000"]))
     assert str(err.value) == "--http-port 8000 and --metrics-port 8000: one port for two servers"
 
 

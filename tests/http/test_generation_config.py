@@ -20,6 +20,7 @@ import pytest
 from grpc_harness import RunningServer
 from nlora_serve.client import NloraClient
 from nlora_serve.serving.commands import serve as serve_cli
+from nlora_serve.serving.commands import serve_build
 from nlora_serve.serving.generation_config import SamplingDefaults, sampling_defaults
 from nlora_serve.serving.server_config import StartupError
 
@@ -131,7 +132,7 @@ def test_bad_file_values_stop_the_start_naming_the_file_and_field(tmp_path, base
                                                                   message):
     def load_base(*args, **kwargs):
         raise AssertionError("the model was loaded before the generation config was checked")
-    monkeypatch.setattr(serve_cli, "load_base", load_base)
+    monkeypatch.setattr(serve_build, "load_base", load_base)
     folder = _folder(tmp_path, "model", generation_config=file)
     (folder / "config.json").symlink_to(base_model_dir / "config.json")
     (folder / "model.safetensors").symlink_to(base_model_dir / "model.safetensors")

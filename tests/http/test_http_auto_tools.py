@@ -17,6 +17,7 @@ import pytest
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.engine.sampling import RequestError
 from nlora_serve.serving.commands import serve as serve_cli
+from nlora_serve.serving.commands import serve_build
 from nlora_serve.serving.http_api.openai import chat_params
 from nlora_serve.serving.http_api.request_models import ChatRequest
 from nlora_serve.serving.http_api.responses import Shaper
@@ -211,7 +212,7 @@ def test_auto_is_refused_without_the_flag_and_served_with_it():
 def _configs(*flags: str):
     parser = argparse.ArgumentParser()
     serve_cli.add_serve_arguments(parser)
-    return serve_cli._configs(parser.parse_args(["--http-port", "off", *flags]))[0]
+    return serve_build._configs(parser.parse_args(["--http-port", "off", *flags]))[0]
 
 
 def test_serve_flags_as_vllms(capsys):

@@ -22,6 +22,7 @@ from nlora_serve.log_format import JsonFormatter
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.serving.commands import serve as serve_cli
+from nlora_serve.serving.commands import serve_build
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.grpc_api.convert import server_info
 from nlora_serve.serving.server_config import ServerConfig
@@ -202,7 +203,7 @@ def test_the_flag_defaults_to_vllms_environment_variable(monkeypatch, env, flags
     serve_cli.add_serve_arguments(parser)
     args = parser.parse_args(flags)
     assert args.allow_runtime_lora_updating is on
-    config, _ = serve_cli._configs(args)
+    config, _ = serve_build._configs(args)
     assert config.allow_runtime_lora_updating is on
 
 

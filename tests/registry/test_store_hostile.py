@@ -20,6 +20,7 @@ from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
 from nlora_serve.serving.commands import serve as serve_cli
+from nlora_serve.serving.commands import serve_build
 
 CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"
 FILES = {CONFIG_FILE: b'{"r": 4}', WEIGHTS_FILE: b"\x00" * 64}
@@ -287,7 +288,7 @@ def test_the_limit_is_the_servers_max_adapter_bytes_flag(base_fp32, tmp_path, ca
     size = sum((CASE / f).stat().st_size for f in (CONFIG_FILE, WEIGHTS_FILE))
     parser = argparse.ArgumentParser()
     serve_cli.add_serve_arguments(parser)
-    _, engine_config = serve_cli._configs(parser.parse_args(["--adapter-dir", str(root),
+    _, engine_config = serve_build._configs(parser.parse_args(["--adapter-dir", str(root),
                                                              "--max-adapter-bytes", str(size - 1)]))
     assert engine_config.adapter_limits.max_adapter_bytes == size - 1
     with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
