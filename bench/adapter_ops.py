@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-import nlora_serve.engine.adapter_layer as adapter_layer
+import nlora_serve.engine.model.adapter_layer as adapter_layer
 import nlora_serve.kernels.cpu.layer_ops as layer_ops
 import nlora_serve.kernels.cpu.native as native
 from nlora_serve.engine.llm_engine import LLMEngine

@@ -1,4 +1,4 @@
-"""The prefix cache shared by tenants: one server-wide LRU against fair eviction (engine/cache_shares.py).
+"""The prefix cache shared by tenants: one server-wide LRU against fair eviction (engine/scheduling/cache_shares.py).
 
 (1) ``engine``: a light tenant repeats one long system prompt (``--prefix-tokens`` + a short unique
 question, one request after another) while a heavy tenant streams distinct long prompts
@@ -33,9 +33,9 @@ import torch
 from nlora_serve.engine import core as core_module
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.scheduling.prefix_cache import PrefixCachingBlockManager
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.sequence import Sequence
 from nlora_serve.models import load_base, resolve_dtype
 
 

@@ -1,4 +1,4 @@
-"""A grammar compile's CPU priority (engine/grammar_compiler.py): small specs on a busy server, and a huge
+"""A grammar compile's CPU priority (engine/structured_output/grammar_compiler.py): small specs on a busy server, and a huge
 spec's compile beside another tenant's stream, under these rules side by side:
 
 - ``nice0``: never niced (the rule before session 27);
@@ -29,13 +29,13 @@ import sys
 import threading
 import time
 
-from nlora_serve.engine.grammar_compiler import COMPILE_GRACE_CPU_S as GRACE_CPU_S
+from nlora_serve.engine.structured_output.grammar_compiler import COMPILE_GRACE_CPU_S as GRACE_CPU_S
 
 RULES = {"nice0": 0, "nice19": 19, "nice10": 10, "grace": 19}  # rule -> COMPILE_NICENESS
 
 
 def set_rule(rule: str) -> None:
-    from nlora_serve.engine import grammar_compiler
+    from nlora_serve.engine.structured_output import grammar_compiler
     from nlora_serve.engine.thread_priority import lower_thread_priority, thread_nice
 
     real = getattr(grammar_compiler._compile, "real", grammar_compiler._compile)
@@ -51,7 +51,7 @@ def set_rule(rule: str) -> None:
 
 
 def small_specs(i: int):
-    from nlora_serve.engine.structured import StructuredOutputs
+    from nlora_serve.engine.structured_output.structured import StructuredOutputs
 
     schema = {"type": "object", "properties": {f"name{i}": {"type": "string", "maxLength": 12},
                                                 "age": {"type": "integer"}, "admin": {"type": "boolean"}}}
@@ -75,7 +75,7 @@ def run_small(busy: int, reps: int) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from nlora_serve.engine.grammar_compiler import GrammarCompiler
+    from nlora_serve.engine.structured_output.grammar_compiler import GrammarCompiler
     from nlora_serve.models import resolve_model
 
     torch.set_num_threads(1)
@@ -110,8 +110,8 @@ def run_stream_case(rule: str, tokens: int) -> dict:
 
     from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from nlora_serve.engine.llm_engine import LLMEngine
-    from nlora_serve.engine.sampling import RequestError, SamplingParams
-    from nlora_serve.engine.structured import StructuredOutputs
+    from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
+    from nlora_serve.engine.structured_output.structured import StructuredOutputs
     from nlora_serve.models import load_base, resolve_model
 
     engine = LLMEngine(EngineConfig(scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512,

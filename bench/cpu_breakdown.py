@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-import nlora_serve.engine.adapter_layer as adapter_layer
+import nlora_serve.engine.model.adapter_layer as adapter_layer
 import nlora_serve.engine.core as engine_core
-import nlora_serve.engine.llama as llama
+import nlora_serve.engine.model.llama as llama
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from nlora_serve.models import load_base
 
 sys.path.insert(0, str(Path(__file__).parent))

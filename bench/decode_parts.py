@@ -18,12 +18,12 @@ import time
 import torch
 
 import nlora_serve.engine.core as engine_core
-import nlora_serve.engine.llama as llama
+import nlora_serve.engine.model.llama as llama
 import nlora_serve.kernels.cpu.gemm as cpu_gemm
 import nlora_serve.kernels.cpu.layer_ops as layer_ops
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.models import load_base
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.core import EngineCore
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 
 from step_profile import profile_steps  # bench/step_profile.py (run this script from the repo root)
 

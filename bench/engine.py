@@ -40,7 +40,7 @@ from nlora_serve.models.dtype import DTYPES
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 
 from tenants import MIXES, write_mix  # bench/tenants.py (run this script from the repo root)
 

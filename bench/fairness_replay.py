@@ -31,11 +31,11 @@ from __future__ import annotations
 import argparse
 import random
 
-from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.scheduling.block_manager import BlockManager
 from nlora_serve.engine.config import SchedulerConfig
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.scheduler import Scheduler
-from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.scheduler import Scheduler
+from nlora_serve.engine.scheduling.sequence import Sequence
 
 
 def arrivals(args, heavy: bool) -> list[tuple[float, str]]:

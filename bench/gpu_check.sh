@@ -48,7 +48,7 @@
 #     CUDA graphs, fp32 and bf16 (table in extra_log.txt);
 #   kv_budget (last, with what is left; an 8B start takes a minute or more): bench/kv_budget_check.py,
 #     256 worst-case sampled (top-p/k, 20 logprobs, penalties) and 256 greedy requests at the llama-8b
-#     shape: no OOM and memory in use under utilization x total (engine/memory.py's budget).
+#     shape: no OOM and memory in use under utilization x total (engine/runner/memory.py's budget).
 # Needs only torch + triton + transformers + peft + pytest + numpy (the device image has them);
 # the package is used from the working tree. Writes under $OUT (default bench/out/gpu).
 set -uo pipefail

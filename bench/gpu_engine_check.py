@@ -43,10 +43,10 @@ sys.path.insert(0, str(ROOT / "tests" / "engine"))  # tiny_llama: PEFT folders a
 
 from tiny_llama import merged, random_factors, write_peft  # noqa: E402
 
-from nlora_serve.engine import step_output as engine_sampling  # noqa: E402 (its `sample` is the engine's sampler)
+from nlora_serve.engine.sample import step_output as engine_sampling  # noqa: E402 (its `sample` is the engine's sampler)
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
 from nlora_serve.models import load_base  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -49,7 +49,7 @@ from nlora_serve.adapters.limits import AdapterLimits  # noqa: E402
 from nlora_serve.engine.api import EngineError, RequestAborted  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
 
 TOKENIZER = ROOT / "bench" / "models" / "smollm2-135m"
 ATTENTION = ("q_proj", "v_proj", "o_proj")

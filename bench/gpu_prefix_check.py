@@ -23,7 +23,7 @@ import torch
 
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from nlora_serve.models import load_base
 from nlora_serve.serving.commands.example_tenants import ensure_example_tenants
 

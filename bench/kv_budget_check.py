@@ -1,4 +1,4 @@
-"""Does the KV budget hold under the sampler's worst case? (engine/memory.py, engine/dummy_sampler.py)
+"""Does the KV budget hold under the sampler's worst case? (engine/runner/memory.py, engine/runner/dummy_sampler.py)
 
 Builds the native engine on CUDA at ``--gpu-memory-utilization`` (the budget profiles a step with
 the sampler's worst case and counts the CUDA graphs), then runs ``max_num_seqs`` requests that all
@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.core import EngineCore  # noqa: E402
-from nlora_serve.engine.warmup import SAMPLED  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.runner.warmup import SAMPLED  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
 
 GiB = 1 << 30
 
@@ -41,7 +41,7 @@ def run(args) -> dict:
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
-    for name in ("nlora_serve.engine.memory", "nlora_serve.engine.warmup"):
+    for name in ("nlora_serve.engine.runner.memory", "nlora_serve.engine.runner.warmup"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
     cuda = args.device.startswith("cuda")

@@ -121,7 +121,7 @@ def make_engine(store: Path, concurrency: int, prompt_len: int, new_tokens: int,
 
 def throughput(args, members: list[Path], family: Path, rank: int, scratch: Path) -> dict:
     """Base, family and LoRA sides interleaved in one engine (see the module doc)."""
-    from nlora_serve.engine.sampling import SamplingParams
+    from nlora_serve.engine.sample.sampling import SamplingParams
 
     gen = torch.Generator().manual_seed(0)
     per_side = args.rounds * args.waves * args.concurrency

@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine")
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from tiny_llama import make_tiny_llama  # noqa: E402
-from nlora_serve.engine import model_runner  # noqa: E402
-from nlora_serve.engine.attention import cuda as triton_attention  # noqa: E402
+from nlora_serve.engine.runner import model_runner  # noqa: E402
+from nlora_serve.engine.model.attention import cuda as triton_attention  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from nlora_serve.engine.cuda_graphs import EagerCapture  # noqa: E402
+from nlora_serve.engine.runner.cuda_graphs import EagerCapture  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
 from nlora_serve.models import resolve_model  # noqa: E402
 
 COUNTS = {"aten_ops": 0, "triton_attention": 0, "graph_replays": 0}

@@ -2,7 +2,7 @@
 
 Times, per step of S decode sequences (context ~200 tokens, 16-token blocks, 7 of every 8 on an
 adapter: half on an IntTune tied pool, half on a LoRA pool):
-  inputs   ModelRunner.prepare: step inputs packed and copied once (engine/step_inputs.py)
+  inputs   ModelRunner.prepare: step inputs packed and copied once (engine/runner/step_inputs.py)
   adapters AdapterHook.begin_step + the device-side derivation of each pool's decode layout
   total    the two; the model itself is a stub (nothing else runs)
 and, for comparison, the host-built AdapterBatch (the prefill form, the only form before).
@@ -18,7 +18,7 @@ parts of that critical path: ``schedule`` (Scheduler.schedule), ``inputs`` (Mode
 and ``sample`` (sample_step: sampling and starting the read-back).
 
 ``--policy fair`` (with ``--loop``): the fair scheduler and its per-tenant KV cache sharing
-(engine/cache_shares.py), the requests spread over 8 tenants.
+(engine/scheduling/cache_shares.py), the requests spread over 8 tenants.
 
 ``--device meta`` stands for a GPU: every op is dispatched and every buffer packed and "copied",
 but no data moves, so the numbers are the host's share of a GPU step. ``--device cpu``: the CPU
@@ -37,11 +37,11 @@ from types import SimpleNamespace
 
 import torch
 
-from nlora_serve.engine.adapter_layer import AdapterHook
-from nlora_serve.engine.model_runner import ModelRunner
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.sequence import Sequence
-from nlora_serve.engine.step_inputs import StepInputs
+from nlora_serve.engine.model.adapter_layer import AdapterHook
+from nlora_serve.engine.runner.model_runner import ModelRunner
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.sequence import Sequence
+from nlora_serve.engine.runner.step_inputs import StepInputs
 from nlora_serve.kernels.triton_ops.per_token_batch import derive_per_token_batch
 from nlora_serve.kernels.metadata import TIED, build_adapter_batch
 
@@ -188,7 +188,7 @@ def measure_loop(n: int, overlap: bool | None, steps: int = 40, policy: str = "f
     _timer(core.scheduler, "schedule", spent, "schedule")
     _timer(core.runner, "prepare", spent, "inputs")
     sample_step = getattr(core_module, "sample_step", None)
-    if sample_step is not None:  # a checkout from before engine/step_output.py has none
+    if sample_step is not None:  # a checkout from before engine/sample/step_output.py has none
         _timer(core_module, "sample_step", spent, "sample")
     try:
         start = time.thread_time()

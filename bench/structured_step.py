@@ -1,5 +1,5 @@
 """What structured outputs cost the engine: grammar compile time, and the sampling part of a decode
-step (engine/step_output.sample_step) with 0, 1 and every row under a grammar.
+step (engine/sample/step_output.sample_step) with 0, 1 and every row under a grammar.
 
 Rows are B greedy decode sequences on the default model's full vocabulary (random [B, V] logits: the
 model itself is not run, its cost does not change); a constrained row's matcher sits inside a JSON
@@ -22,11 +22,11 @@ import time
 import torch
 
 from nlora_serve.engine.eos import eos_tokens
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.sequence import Sequence
-from nlora_serve.engine.step_output import sample_step
-from nlora_serve.engine.grammar_compiler import GrammarCompiler
-from nlora_serve.engine.structured import StructuredOutputs, mask_rows
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.sequence import Sequence
+from nlora_serve.engine.sample.step_output import sample_step
+from nlora_serve.engine.structured_output.grammar_compiler import GrammarCompiler
+from nlora_serve.engine.structured_output.structured import StructuredOutputs, mask_rows
 from nlora_serve.models import load_base, resolve_model
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},

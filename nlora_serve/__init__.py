@@ -25,7 +25,7 @@ Where to start reading:
 
 - a chat completion from the socket to the sampled token and back: README, "One request through
   the code";
-- where an adapter's term is computed, per device and token kind: ``engine/adapter_layer.py``'s
+- where an adapter's term is computed, per device and token kind: ``engine/model/adapter_layer.py``'s
   module docstring;
 - a hot-swap of a tenant's N: ``client/cli.py`` ``_swap`` → ``serving/grpc_api/admin.py``
   ``AdapterAdmin._swap`` → ``adapters/manager.py`` ``AdapterManager.swap`` →
@@ -33,7 +33,7 @@ Where to start reading:
   validates the new N) → ``_commit``: ``adapters/residency.py`` ``Residency.admit`` writes it
   into a free slot of its ``adapters/pool.py`` ``TiedPool``, the store writes it durably, and the
   name switches to the new version. Requests admitted from then on carry the new slot into the
-  step (``engine/adapter_layer.py`` ``AdapterHook.begin_step``) and the kernels read it from the
+  step (``engine/model/adapter_layer.py`` ``AdapterHook.begin_step``) and the kernels read it from the
   same pool tensor (their views are rebuilt only when a pool grows: ``generation``); running
   requests keep the version they pinned, whose slot is freed when the last of them ends.
 """

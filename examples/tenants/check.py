@@ -105,7 +105,7 @@ async def _answers(engine, tenants: list[str | None], max_tokens: int, seed: int
     """{(tenant or None, temperature): [answer per prompt]}, all requests at once through the
     serving engine (tenants mixed in its batches, as a server runs them); prompt i samples with
     seed ``seed + i``."""
-    from nlora_serve.engine.sampling import SamplingParams
+    from nlora_serve.engine.sample.sampling import SamplingParams
 
     async def one(tenant, temp, i, prompt):
         ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from nlora_serve.adapters.version import AdapterVersion, Hold
 from nlora_serve.errors import NloraError
-from nlora_serve.engine.prompt_logprobs import PromptLogprob
-from nlora_serve.engine.sampling import RequestError, SamplingParams
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.sample.prompt_logprobs import PromptLogprob
+from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 
 
 class EngineError(RuntimeError):
@@ -246,7 +246,7 @@ class Engine(abc.ABC):
         """Gauges and counters (running, waiting, kv_blocks_used, kv_blocks_total, tokens, steps)."""
 
     def check_structured(self, spec: StructuredOutputs, tenant: str | None = None) -> None:
-        """Compile a structured-output spec (engine/structured.py) before its request queues, on
+        """Compile a structured-output spec (engine/structured_output/structured.py) before its request queues, on
         the caller's thread; ``tenant`` (who sends it) compiles one spec at a time. This default
         refuses it: a backend that runs grammars overrides it.
 

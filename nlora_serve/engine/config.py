@@ -193,11 +193,11 @@ class EngineConfig:
     # share full KV blocks between requests with the same prefix, adapter version and cache salt
     # (prefix_cache.py); False: every request computes its whole prompt (--no-enable-prefix-caching)
     enable_prefix_caching: bool = True
-    # CUDA + Triton: decode steps replay CUDA graphs (engine/cuda_graphs.py); True runs every step
+    # CUDA + Triton: decode steps replay CUDA graphs (engine/runner/cuda_graphs.py); True runs every step
     # eagerly (vLLM's --enforce-eager)
     enforce_eager: bool = False
     # CUDA + Triton, graphs on: prefill and mixed steps of up to 2048 tokens replay piecewise CUDA
-    # graphs around eager attention (engine/piecewise_graphs.py). Off by default until an H200 run
+    # graphs around eager attention (engine/runner/piecewise_graphs.py). Off by default until an H200 run
     # confirms the gain (bench/gpu_check.sh step piecewise_256); --piecewise-graphs turns it on
     piecewise_graphs: bool = False
     # schedule and launch step n+1 while the device runs step n, reading step n's tokens back after

@@ -19,26 +19,26 @@ import torch
 
 from nlora_serve.adapters.manager import AdapterManager
 from nlora_serve.models import BaseModel, load_base
-from nlora_serve.engine.adapter_layer import AdapterHook
+from nlora_serve.engine.model.adapter_layer import AdapterHook
 from nlora_serve.engine.request_checks import check_request, fit_to_context, unloaded_reason
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.scheduling.block_manager import BlockManager
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.eos import eos_tokens
-from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
-from nlora_serve.engine.prompt_logprobs import mark_scored, plan
+from nlora_serve.engine.scheduling.prefix_cache import PrefixCachingBlockManager
+from nlora_serve.engine.sample.prompt_logprobs import mark_scored, plan
 from nlora_serve.engine.request_state import (RequestState, broken_grammar, new_request, nonfinite_error,
                                               request_output)
-from nlora_serve.engine.runner_setup import build_runner
-from nlora_serve.engine.sampling import RequestError, SamplingParams
-from nlora_serve.engine.scheduler import ScheduledBatch, Scheduler
-from nlora_serve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
-from nlora_serve.engine.step_output import SampledStep, sample_step
-from nlora_serve.engine.grammar_compiler import GrammarCompiler
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.runner.runner_setup import build_runner
+from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
+from nlora_serve.engine.scheduling.scheduler import ScheduledBatch, Scheduler
+from nlora_serve.engine.scheduling.sequence import PLACEHOLDER, Sequence, SequenceStatus
+from nlora_serve.engine.sample.step_output import SampledStep, sample_step
+from nlora_serve.engine.structured_output.grammar_compiler import GrammarCompiler
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 from nlora_serve.engine.threads import on_device
-from nlora_serve.engine.token_masks import bad_words_token_ids, check_a_first_token
-from nlora_serve.engine.warmup import warm_up
+from nlora_serve.engine.sample.token_masks import bad_words_token_ids, check_a_first_token
+from nlora_serve.engine.runner.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class EngineCore:
 
     def reset_scheduling(self, num_blocks: int | None = None) -> None:
         """A fresh block manager (empty prefix cache), scheduler, seed generator and counters, on an
-        idle engine: at start, and after the warm-up's dummy requests (engine/warmup.py)."""
+        idle engine: at start, and after the warm-up's dummy requests (engine/runner/warmup.py)."""
         config = self.config
         num_blocks = num_blocks if num_blocks is not None else self.blocks.num_blocks
         if config.enable_prefix_caching:  # with "fair", tenants share the cache by weight too
@@ -237,7 +237,7 @@ class EngineCore:
     def _launch(self, batch: ScheduledBatch, previous: SampledStep | None) -> SampledStep:
         """Run the model on ``batch`` and sample on the device; nothing is read back here.
         ``previous``: the step still in flight (async scheduling), whose sampled tokens, still on
-        the device, are this step's input ids where its placeholders stand (engine/step_inputs.py)."""
+        the device, are this step's input ids where its placeholders stand (engine/runner/step_inputs.py)."""
         pairs = self.runner.order(batch)
         prompt = plan(pairs)  # prompt positions to score (prompt_logprobs requests' prefill chunks)
         self.hook.begin_step([seq.adapter for seq, _ in pairs], [n for _, n in pairs], self.device)

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 
 from nlora_serve.adapters.version import AdapterVersion
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 
 
 @dataclass(slots=True)

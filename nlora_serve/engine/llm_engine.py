@@ -24,11 +24,11 @@ from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, Engine, EngineDead, Eng
                                    RequestStream, RequestOutput, max_prompt_bytes, prompt_ids)
 from nlora_serve.engine.core import EngineCore
 from nlora_serve.engine.inbox import Abort, AbortAdapter, AddRequest, SetWeights, WarmUp
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from nlora_serve.engine.step_thread import HUNG_POLL_SECONDS, Sink, StepThread
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 from nlora_serve.engine.threads import engine_threads
-from nlora_serve.engine.warmup import WarmupReport, adapter_kinds
+from nlora_serve.engine.runner.warmup import WarmupReport, adapter_kinds
 
 
 class LLMEngine(Engine):
@@ -190,7 +190,7 @@ class LLMEngine(Engine):
         return merged
 
     def warm_up(self, adapters: tuple[str, ...] | None = None) -> WarmupReport | None:
-        """Run the start-up warm-up (engine/warmup.py) again on adapters, so their kernels compile
+        """Run the start-up warm-up (engine/runner/warmup.py) again on adapters, so their kernels compile
         and their graphs are captured before the first request on them (the constructor's warm-up
         ran before any adapter was registered). ``adapters``: the names to run on; None: on CUDA,
         one served adapter of each kind (LoRA, NLoRA, tied IntTune, family member), and nothing

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
 
 
 def check_request(prompt_ids: list[int], vocab_size: int, max_model_len: int,

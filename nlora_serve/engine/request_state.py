@@ -9,13 +9,13 @@ import torch
 
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.engine.detokenizer import IncrementalDetokenizer
-from nlora_serve.engine.device_values import to_device
+from nlora_serve.engine.runner.device_values import to_device
 from nlora_serve.engine.eos import EosTokens
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.sequence import Sequence
-from nlora_serve.engine.grammar_compiler import GrammarCompiler
-from nlora_serve.engine.structured import allows_a_token
-from nlora_serve.engine.token_masks import bad_words_token_ids
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.sequence import Sequence
+from nlora_serve.engine.structured_output.grammar_compiler import GrammarCompiler
+from nlora_serve.engine.structured_output.structured import allows_a_token
+from nlora_serve.engine.sample.token_masks import bad_words_token_ids
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from nlora_serve.engine.request_checks import unloaded_reason
 from nlora_serve.engine.slot_wait import IDLE_RETRY_SECONDS, SlotWaiters
 from nlora_serve.engine.step_watchdog import StepWatchdog
 from nlora_serve.engine.threads import on_device
-from nlora_serve.engine.warmup import warm_up
+from nlora_serve.engine.runner.warmup import warm_up
 
 Sink = Callable[[RequestOutput], None]  # takes a request's outputs, on the step thread (or abort_all's caller)
 # the engine's log lines keep the logger name they had before this module was split out of it

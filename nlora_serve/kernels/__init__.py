@@ -18,7 +18,7 @@ Here, what every device shares::
     reference.py           torch reference ops, one per Triton op (float64 inputs: the tests' truth)
     reference_attention.py paged attention's torch reference
 
-Which of them the engine calls when: engine/adapter_layer.py's docstring.
+Which of them the engine calls when: engine/model/adapter_layer.py's docstring.
 
 Imports nothing else of ours (DESIGN §2). The names below are the adapter path's; importing this
 package does not import Triton (``dispatch.py`` imports the Triton path only when it runs).

@@ -1,6 +1,6 @@
 """The per-module entry of the torch and Triton adapter paths: Triton on CUDA tensors, torch on the CPU.
 
-The adapter layer (engine/adapter_layer.py ``AdapterHook``) calls :func:`apply_adapters` on steps
+The adapter layer (engine/model/adapter_layer.py ``AdapterHook``) calls :func:`apply_adapters` on steps
 that are not in the per-token Triton form and on projections the native CPU ops do not serve. It
 calls the native CPU ops (:class:`~nlora_serve.kernels.cpu.native.NativeOps`) and the per-token form
 (:func:`~nlora_serve.kernels.triton_ops.triton_path.apply_triton_per_token`) directly, not through here.

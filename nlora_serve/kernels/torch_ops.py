@@ -2,7 +2,7 @@
 
 The engine runs it on the CPU when the native ops are absent (``kernel_backend="torch"``, or no
 C library could be built or loaded) and for any projection the native ops do not serve
-(engine/adapter_layer.py); with the native ops loaded, CPU steps otherwise run kernels/cpu/native.py.
+(engine/model/adapter_layer.py); with the native ops loaded, CPU steps otherwise run kernels/cpu/native.py.
 
 Per site the tied path is one gather of N per token, one batched r×r product and one dense
 [T, r]×[r, out] GEMM that adds into y; the group path is one padded batched GEMM per factor over

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sample.sampling import RequestError
 from nlora_serve.errors import RefusalLog
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.status import Draining, QueueFull, QueueShareExceeded, QuotaExceeded

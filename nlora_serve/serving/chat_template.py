@@ -20,7 +20,7 @@ import secrets
 
 from nlora_serve.errors import shown
 from nlora_serve.engine.api import text_bytes
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sample.sampling import RequestError
 
 # "developer" is OpenAI's newer name for the system role: passed to a template that names it as it
 # is, else made a system message (:func:`developer_as_system`), as vLLM 0.32 renders it

@@ -105,8 +105,8 @@ def check_values(values: dict) -> None:
         ValueError: the first one out of range (``temperature=-1: must be in [0, 100]``).
     """
     # here, not with the module: ServerConfig holds SamplingDefaults, and the serve flags' --help
-    # reads ServerConfig's defaults without loading torch (engine.sampling's, and models')
-    from nlora_serve.engine.sampling import RequestError, SamplingParams
+    # reads ServerConfig's defaults without loading torch (engine.sample.sampling's, and models')
+    from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
 
     for key in SAMPLING_FIELDS:
         value = values.get(key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sample.sampling import RequestError
 from nlora_serve.serving.auth import Authenticator, Principal
 from nlora_serve.serving.server_config import ServerConfig
 

@@ -18,8 +18,8 @@ from nlora_serve.errors import MAX_ERROR_CHARS, AdapterError, NloraError, capped
 from nlora_serve.proto import REASON_KEY
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
 from nlora_serve.engine.api import EngineDead, RequestAborted
-from nlora_serve.engine.sampling import RequestError
-from nlora_serve.engine.grammar_compiler import CompileBusy
+from nlora_serve.engine.sample.sampling import RequestError
+from nlora_serve.engine.structured_output.grammar_compiler import CompileBusy
 
 
 # UTF-8 bytes of a status's details at most: gRPC percent-encodes each non-ASCII byte into the

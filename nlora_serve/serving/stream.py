@@ -8,7 +8,7 @@ from nlora_serve.adapters.version import Hold
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted, RequestOutput
 from nlora_serve.engine.request_checks import fit_to_context
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from nlora_serve.serving.admission import Reservation
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.metrics import RequestTimer

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 # thread, as vLLM's OpenAI server has (serving_engine's _tokenizer_executor): tokenizers are never
 # used concurrently, and a huge prompt costs at most one core.
 _TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlora-tokenize")
-# Structured-output specs are compiled (engine/grammar_compiler.py) from threads of their own: a caller
+# Structured-output specs are compiled (engine/structured_output/grammar_compiler.py) from threads of their own: a caller
 # waits up to 5 s for a compile slot and 5 s for its compile, and on the tokenizer thread that wait
 # held every other tenant's prompts back (a tenant sending slow specs doubled their TTFT). A tenant
 # has at most one job here at a time (its turn), so these threads are the tenants compiling at once.

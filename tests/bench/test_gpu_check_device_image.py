@@ -66,7 +66,7 @@ from greedy_rule import matches_reference
 from tiny_llama import hf_greedy, make_tiny_llama
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 with tempfile.TemporaryDirectory() as scratch:
     model = make_tiny_llama(Path(scratch) / "model", layers=1)
     prompt = list(range(100, 120))

@@ -17,7 +17,7 @@ from nlora_serve.adapters.compress.build import compress_adapters, write_family
 from nlora_serve.adapters.family_pool import FamilyPool
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.adapters.manager import AdapterManager
-from nlora_serve.engine.adapter_layer import AdapterHook
+from nlora_serve.engine.model.adapter_layer import AdapterHook
 from nlora_serve.errors import AdapterError
 
 RANK = 8

@@ -23,7 +23,7 @@ from nlora_serve.adapters.compress.build import compress_adapters, write_family 
 from nlora_serve.adapters.loader import read_adapter  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
 from nlora_serve.models import load_base  # noqa: E402
 
 RANK, ALPHA, FAMILY_RANK, NEW_TOKENS = 4, 8.0, 6, 5

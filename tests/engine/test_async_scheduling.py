@@ -16,10 +16,10 @@ import torch
 from greedy_rule import matches_reference
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.core import EngineCore
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.sequence import PLACEHOLDER, Sequence
-from nlora_serve.engine.step_inputs import StepInputs
-from nlora_serve.engine.step_output import SampledStep
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.sequence import PLACEHOLDER, Sequence
+from nlora_serve.engine.runner.step_inputs import StepInputs
+from nlora_serve.engine.sample.step_output import SampledStep
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
 NEW = 12  # tokens per request (CI time): the references' first NEW tokens
@@ -202,7 +202,7 @@ def test_penalties_seeds_and_logprobs_equal_the_step_by_step_engine(base_fp32, b
 
 
 def test_warm_up_after_the_last_request_ended_with_a_step_in_flight(base_fp32):
-    from nlora_serve.engine.warmup import warm_up
+    from nlora_serve.engine.runner.warmup import warm_up
 
     core = _core(base_fp32, True)
     core.add("a", [1, 9690, 198], _greedy(4))
@@ -233,7 +233,7 @@ def test_sampling_never_reads_a_device_value_and_packs_one_read_back():
     ``bool`` and ``int`` of a tensor dispatch; ``nonzero`` has a data-dependent shape)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from nlora_serve.engine.step_output import sample_step
+    from nlora_serve.engine.sample.step_output import sample_step
 
     class Ops(TorchDispatchMode):
         def __init__(self):

@@ -1,4 +1,4 @@
-"""The persistent block-table rows (engine/block_tables.py) against plain-Python padded lists, through
+"""The persistent block-table rows (engine/runner/block_tables.py) against plain-Python padded lists, through
 the real scheduler: admissions, appended blocks, preemptions, finishes, aborts and prefix-cache hits."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import torch
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from nlora_serve.engine.block_manager import BlockManager
-from nlora_serve.engine.block_tables import BlockTables
+from nlora_serve.engine.scheduling.block_manager import BlockManager
+from nlora_serve.engine.runner.block_tables import BlockTables
 from nlora_serve.engine.config import SchedulerConfig
-from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.scheduler import Scheduler
-from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.scheduling.prefix_cache import PrefixCachingBlockManager
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.scheduler import Scheduler
+from nlora_serve.engine.scheduling.sequence import Sequence
 
 
 def padded(tables: list[list[int]]) -> list[list[int]]:

@@ -9,7 +9,7 @@ from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig, resolve_device
 from nlora_serve.engine.core import EngineCore
 from nlora_serve.kernels.cpu.gemm import NativeLinear, PackedLinear
-from nlora_serve.engine.memory import pool_bytes
+from nlora_serve.engine.runner.memory import pool_bytes
 from nlora_serve.models import read_spec
 
 
@@ -97,11 +97,11 @@ def test_the_engine_sizes_its_kv_cache_from_the_flag_and_logs_what_it_holds(base
     config = EngineConfig(device="cpu", kernel_backend="torch",
                           scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64),
                           cache=CacheConfig(kv_cache_memory_bytes=10 * SMOLLM2_FP32_BLOCK_BYTES + 1000))
-    with caplog.at_level("INFO", logger="nlora_serve.engine.memory"):
+    with caplog.at_level("INFO", logger="nlora_serve.engine.runner.memory"):
         core = EngineCore(config, base_fp32)
     assert core.blocks.num_blocks == 10
     assert tuple(core.runner.kv_cache.shape) == (30, 2, 10, 16, 3, 64)
-    assert [r.getMessage() for r in caplog.records if r.name == "nlora_serve.engine.memory"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "nlora_serve.engine.runner.memory"] == [
         "KV cache: 10 blocks of 16 tokens = 160 tokens, 0.01 GiB; 2.5 requests of --max-model-len 64 tokens at "
         "once (--kv-cache-memory-bytes sizes it)"]
 

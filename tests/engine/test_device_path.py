@@ -21,7 +21,7 @@ from greedy_rule import matches_reference  # noqa: E402
 from tiny_llama import hf_greedy, make_tiny_llama, merged, random_factors, write_peft  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
 from nlora_serve.kernels.triton_ops import triton_path  # noqa: E402
 
 RANK, ALPHA, NEW_TOKENS = 8, 16.0, 6

@@ -23,10 +23,10 @@ import torch  # noqa: E402
 
 from tiny_llama import make_tiny_llama, merged, random_factors, write_peft  # noqa: E402
 from triton_interpreter import patch_interpreter_bf16  # noqa: E402 (tests/, on sys.path through tests/conftest.py)
-from nlora_serve.engine import step_output  # noqa: E402 (its `sample` is the engine's sampler)
+from nlora_serve.engine.sample import step_output  # noqa: E402 (its `sample` is the engine's sampler)
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
 
 patch_interpreter_bf16()
 

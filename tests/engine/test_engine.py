@@ -10,8 +10,8 @@ import torch
 
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.api import EngineDead, EngineError
-from nlora_serve.engine.sampling import RequestError, SamplingParams
-from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
+from nlora_serve.engine.scheduling.sequence import Sequence
 
 PROMPT = "Write a long story about a lighthouse keeper."
 # the engine step by step, and with async scheduling (step n+1 launched before step n's tokens are read)

@@ -16,7 +16,7 @@ from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.api import EngineError, RequestAborted
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
 ACCEPT = sorted(d.name for d in CASES.iterdir()
@@ -174,10 +174,10 @@ def _boom(pairs, previous=None, scored=None):
 def test_bf16_prefill_logits_with_an_adapter_close_to_fp32(base_fp32, tmp_path, case):
     from nlora_serve.adapters.manager import AdapterManager
     from nlora_serve.models import load_base
-    from nlora_serve.engine.adapter_layer import AdapterHook
-    from nlora_serve.engine.block_manager import BlockManager
-    from nlora_serve.engine.model_runner import ModelRunner
-    from nlora_serve.engine.sequence import Sequence
+    from nlora_serve.engine.model.adapter_layer import AdapterHook
+    from nlora_serve.engine.scheduling.block_manager import BlockManager
+    from nlora_serve.engine.runner.model_runner import ModelRunner
+    from nlora_serve.engine.scheduling.sequence import Sequence
 
     ids = json.loads((CASES / case / "case.json").read_text())["references"][0]["prompt_token_ids"]
 

@@ -8,7 +8,7 @@ import random
 
 from test_fairness import make, poisson, run_heavy, seq, slots_sched, step
 
-from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.scheduling.block_manager import BlockManager
 
 
 def run_finishing(sched, steps: int, outputs: int) -> list:

@@ -12,12 +12,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.scheduling.block_manager import BlockManager
 from nlora_serve.engine.config import SchedulerConfig
-from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.scheduler import Scheduler
-from nlora_serve.engine.sequence import Sequence, SequenceStatus
+from nlora_serve.engine.scheduling.prefix_cache import PrefixCachingBlockManager
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.scheduler import Scheduler
+from nlora_serve.engine.scheduling.sequence import Sequence, SequenceStatus
 
 MAX_PROMPT = 64  # tokens
 MAX_NEW = 4  # K: every sequence finishes once it has sampled this many tokens (or fewer)

@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.scheduling.block_manager import BlockManager
 from nlora_serve.engine.config import SchedulerConfig
-from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.scheduler import Scheduler
-from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.scheduling.prefix_cache import PrefixCachingBlockManager
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.scheduler import Scheduler
+from nlora_serve.engine.scheduling.sequence import Sequence
 
 _arrival = iter(range(1_000_000))
 

@@ -19,7 +19,7 @@ import torch
 from eos_reference import STEP, TOKENIZER_EOS, greedy_answer
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

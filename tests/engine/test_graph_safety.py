@@ -21,13 +21,13 @@ import torch  # noqa: E402
 from greedy_rule import matches_reference  # noqa: E402
 from tiny_llama import graph_tenants, hf_greedy  # noqa: E402
 from nlora_serve.adapters.pool import TiedPool  # noqa: E402
-from nlora_serve.engine import cuda_graphs  # noqa: E402
+from nlora_serve.engine.runner import cuda_graphs  # noqa: E402
 from nlora_serve.engine.api import EngineError  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from nlora_serve.engine.cuda_graphs import EagerCapture, capture_sizes  # noqa: E402
-from nlora_serve.engine.graph_safety import GraphSafetyError, GraphSafetyMode  # noqa: E402
+from nlora_serve.engine.runner.cuda_graphs import EagerCapture, capture_sizes  # noqa: E402
+from nlora_serve.engine.runner.graph_safety import GraphSafetyError, GraphSafetyMode  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
 
 RANK, ALPHA, NEW = 8, 16.0, 4
 

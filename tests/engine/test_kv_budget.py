@@ -1,4 +1,4 @@
-"""The CUDA KV budget (engine/memory.py) on the CPU: a fake allocator-stats source stands for the
+"""The CUDA KV budget (engine/runner/memory.py) on the CPU: a fake allocator-stats source stands for the
 GPU's, and spies check that the profiling step runs the sampler's worst case (every sampling option,
 ``max_num_seqs`` rows of the whole vocabulary) between the peaks it reads; the split of the device's
 memory and the CUDA graphs' share are checked against hand-computed numbers.
@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nlora_serve.engine import dummy_sampler, memory
+from nlora_serve.engine.runner import dummy_sampler, memory
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.core import EngineCore
-from nlora_serve.engine.dummy_sampler import WORST_CASE, dummy_sampler_run
-from nlora_serve.engine.memory import GiB, KvBudget, graph_held_bytes
+from nlora_serve.engine.runner.dummy_sampler import WORST_CASE, dummy_sampler_run
+from nlora_serve.engine.runner.memory import GiB, KvBudget, graph_held_bytes
 
 LLAMA_8B = SimpleNamespace(vocab_size=128256, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128)
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 
 from greedy_rule import matches_reference
-from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.scheduling.block_manager import BlockManager
 from nlora_serve.engine.config import FAIR_LONG_PREFILL_TOKEN_THRESHOLD, CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.scheduler import Scheduler
-from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.scheduler import Scheduler
+from nlora_serve.engine.scheduling.sequence import Sequence
 from test_model import hf_greedy
 from test_scheduler import run_step  # schedule one step and play the model
 

@@ -19,7 +19,7 @@ from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.engine import step_thread
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 
 CASES = Path(__file__).parents[1] / "data" / "cases"
 LONG = SamplingParams(max_tokens=900, ignore_eos=True, temperature=0.0)  # holds its slot until aborted

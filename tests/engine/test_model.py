@@ -10,11 +10,11 @@ import torch
 
 from greedy_rule import matches_reference
 from nlora_serve.models import PROJECTIONS, load_base
-from nlora_serve.engine.block_manager import BlockManager
-from nlora_serve.engine.llama import LlamaModel
-from nlora_serve.engine.model_runner import ModelRunner
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.scheduling.block_manager import BlockManager
+from nlora_serve.engine.model.llama import LlamaModel
+from nlora_serve.engine.runner.model_runner import ModelRunner
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.sequence import Sequence
 
 GREEDY_24 = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)  # = HF min_new_tokens
 
@@ -90,7 +90,7 @@ def test_adapter_hook_sees_every_projection_and_its_add_reaches_the_logits(base_
     delta = torch.randn(spec.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.05
     calls = []
 
-    class Hook:  # a ProjectionHook (engine/adapter_layer.py)
+    class Hook:  # a ProjectionHook (engine/model/adapter_layer.py)
         defers_tied = False
 
         def __call__(self, x, y, layer, modules, widths, defer_tied=False):

@@ -15,7 +15,7 @@ from greedy_rule import matches_reference
 from tiny_llama import hf_greedy, merged, random_factors, write_peft
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from nlora_serve.errors import ModelError
 from nlora_serve.models.base import check_max_len, sliding_window
 from nlora_serve.models.spec import read_spec

@@ -1,4 +1,4 @@
-"""No blocking host-to-device copy of a Python list on the engine's step path (engine/device_values.py).
+"""No blocking host-to-device copy of a Python list on the engine's step path (engine/runner/device_values.py).
 
 ``torch.tensor(values, device=...)`` on CUDA copies from pageable memory and synchronizes the
 stream: the host waits for the step in flight, which undoes async scheduling's overlap. Only a
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from nlora_serve.engine.device_values import to_device
+from nlora_serve.engine.runner.device_values import to_device
 
 ROOT = Path(__file__).resolve().parents[2] / "nlora_serve"
 SCANNED = ("engine", "kernels")
-ALLOWED = {"engine/device_values.py"}  # the helper itself (its CPU branch)
+ALLOWED = {"engine/runner/device_values.py"}  # the helper itself (its CPU branch)
 
 
 def _device_lists(path: Path) -> list[int]:
@@ -56,7 +56,7 @@ def test_the_sampler_indexes_no_tensor_with_a_python_list(monkeypatch):
     # a CUDA tensor indexed by a list (or any CPU index) copies the index to the device blocking:
     # a stream sync (torch's IndexingUtils: index.to(self.device())), here on every step with a
     # logprobs row (logits[wanted], tokens[wanted]); the sampler's worst case takes every path
-    from nlora_serve.engine.dummy_sampler import dummy_sampler_run
+    from nlora_serve.engine.runner.dummy_sampler import dummy_sampler_run
 
     seen = []
     real = torch.Tensor.__getitem__

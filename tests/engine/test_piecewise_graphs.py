@@ -23,13 +23,13 @@ import torch  # noqa: E402
 from greedy_rule import matches_reference  # noqa: E402
 from tiny_llama import graph_tenants, hf_greedy  # noqa: E402
 from nlora_serve.adapters.pool import TiedPool  # noqa: E402
-from nlora_serve.engine import piecewise_graphs  # noqa: E402
+from nlora_serve.engine.runner import piecewise_graphs  # noqa: E402
 from nlora_serve.engine.api import EngineError  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from nlora_serve.engine.cuda_graphs import EagerCapture  # noqa: E402
+from nlora_serve.engine.runner.cuda_graphs import EagerCapture  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
-from nlora_serve.engine.piecewise_graphs import PIECEWISE_SIZES, piecewise_sizes  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.runner.piecewise_graphs import PIECEWISE_SIZES, piecewise_sizes  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
 
 RANK, ALPHA, NEW, BUDGET = 8, 16.0, 3, 32
 # step 1: 3 + 5 + the first 24 tokens of the 35-token prompt (32, chunked); step 2: two decodes,

@@ -12,10 +12,10 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from nlora_serve.engine.config import SchedulerConfig
-from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.scheduler import Scheduler
-from nlora_serve.engine.sequence import Sequence, SequenceStatus
+from nlora_serve.engine.scheduling.prefix_cache import PrefixCachingBlockManager
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.scheduler import Scheduler
+from nlora_serve.engine.scheduling.sequence import Sequence, SequenceStatus
 
 A1 = SimpleNamespace(name="a", content_hash="1" * 64)
 A1_REUPLOAD = SimpleNamespace(name="a", content_hash="1" * 64)  # another version object, same weights

@@ -12,11 +12,11 @@ import pytest
 import safetensors.torch
 
 from greedy_rule import matches_reference
-from nlora_serve.engine import prefix_cache
+from nlora_serve.engine.scheduling import prefix_cache
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.core import EngineCore
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from test_model import hf_greedy
 
 CASES = Path(__file__).parents[1] / "data" / "cases"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from nlora_serve.engine.cache_shares import CacheShares
-from nlora_serve.engine.prefix_cache import PrefixCachingBlockManager
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.sequence import Sequence
+from nlora_serve.engine.scheduling.cache_shares import CacheShares
+from nlora_serve.engine.scheduling.prefix_cache import PrefixCachingBlockManager
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.sequence import Sequence
 
 
 def seq(tenant: str | None, tokens: list[int]) -> Sequence:

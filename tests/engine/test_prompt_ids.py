@@ -11,7 +11,7 @@ import pytest
 
 from nlora_serve.engine.api import PROMPT_BYTES_SLACK, RequestIds, bytes_per_token, max_prompt_bytes, prompt_ids
 from nlora_serve.engine.config import EngineConfig, SchedulerConfig
-from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
 from nlora_serve.engine.vllm_backend import engine as vllm_engine_module
 from nlora_serve.engine.vllm_backend.engine import VllmEngine
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
@@ -110,7 +110,7 @@ def test_tied_tokens_rank_as_vllm_ranks_them():
     (v1/sample/ops/logprobs.py batched_count_greater_than: ``(x >= values).sum(-1)``): tied tokens
     all take the lowest rank. bf16 logits (--dtype auto on fast-bf16 CPUs) tie often; this was
     1 + the tokens strictly more likely (row 0: 1, row 1: 2)."""
-    from nlora_serve.engine.prompt_logprobs import PromptRows, score
+    from nlora_serve.engine.sample.prompt_logprobs import PromptRows, score
 
     logits = torch.tensor([[2.0, 2.0, 2.0, 1.0], [3.0, 1.0, 1.0, 1.0], [0.0, 5.0, 1.0, 2.0]])
     rows = PromptRows(torch.arange(3), torch.tensor([1, 2, 1]), [], top_k=0)

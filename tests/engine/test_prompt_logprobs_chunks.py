@@ -1,4 +1,4 @@
-"""Scored prompt rows in fixed-size chunks (engine/prompt_logprobs.py's ``score``): with the chunk
+"""Scored prompt rows in fixed-size chunks (engine/sample/prompt_logprobs.py's ``score``): with the chunk
 forced to a few rows, so one step runs many, the values are still transformers' float64 log_softmax,
 and no tensor with a vocabulary-sized row holds more than a chunk of rows, however many the step
 scores."""
@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from test_prompt_logprobs import PROMPT, chat, check, reference
-from nlora_serve.engine.prompt_logprobs import chunk_rows
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.prompt_logprobs import chunk_rows
+from nlora_serve.engine.sample.sampling import SamplingParams
 
 VOCAB = 49152  # the default model's
 

@@ -16,9 +16,9 @@ import torch  # noqa: E402
 from greedy_rule import matches_reference  # noqa: E402
 from tiny_llama import graph_tenants, hf_greedy  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from nlora_serve.engine.cuda_graphs import EagerCapture  # noqa: E402
+from nlora_serve.engine.runner.cuda_graphs import EagerCapture  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
 
 RANK, ALPHA, NEW, BUDGET = 8, 16.0, 3, 32
 # (adapter, prompt length, prompt_logprobs): two scored tenants, one over the 32-token budget

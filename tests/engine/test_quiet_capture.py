@@ -1,4 +1,4 @@
-"""CUDA graph captures without torch.cuda.graph's gc.collect / empty_cache (engine/cuda_graphs.py
+"""CUDA graph captures without torch.cuda.graph's gc.collect / empty_cache (engine/runner/cuda_graphs.py
 ``quiet_capture``), checked on the CPU: the no-ops hold inside and the originals come back after,
 an exception included; CudaGraphCapture enters torch.cuda.graph inside them (torch's CUDA calls
 replaced by fakes that record what torch.cuda.graph's __enter__ would call)."""
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nlora_serve.engine.cuda_graphs import CudaGraphCapture, quiet_capture
+from nlora_serve.engine.runner.cuda_graphs import CudaGraphCapture, quiet_capture
 
 
 class _Cycle:

@@ -25,14 +25,14 @@ import torch  # noqa: E402
 
 from greedy_rule import matches_reference  # noqa: E402
 from tiny_llama import hf_greedy, make_tiny_qwen3, merged, random_factors, write_peft  # noqa: E402
-from nlora_serve.engine.block_manager import BlockManager  # noqa: E402
+from nlora_serve.engine.scheduling.block_manager import BlockManager  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from nlora_serve.engine.cuda_graphs import EagerCapture  # noqa: E402
-from nlora_serve.engine.llama import LlamaModel, qk_norm_rows  # noqa: E402
+from nlora_serve.engine.runner.cuda_graphs import EagerCapture  # noqa: E402
+from nlora_serve.engine.model.llama import LlamaModel, qk_norm_rows  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
-from nlora_serve.engine.model_runner import ModelRunner  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
-from nlora_serve.engine.sequence import Sequence  # noqa: E402
+from nlora_serve.engine.runner.model_runner import ModelRunner  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.scheduling.sequence import Sequence  # noqa: E402
 from nlora_serve.errors import ModelError  # noqa: E402
 from nlora_serve.models import load_base, read_spec  # noqa: E402
 from nlora_serve.models.base import sliding_window  # noqa: E402

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from nlora_serve.engine.rope import rope_config, rope_tables
+from nlora_serve.engine.model.rope import rope_config, rope_tables
 from nlora_serve.errors import ModelError
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nlora_serve.engine.sampling import (RequestError, SamplingParams, apply_penalties, sample,
+from nlora_serve.engine.sample.sampling import (RequestError, SamplingParams, apply_penalties, sample,
                                           top_k_top_p_mask)
 
 PROBS = [0.5, 0.25, 0.15, 0.1]
@@ -97,8 +97,8 @@ def test_top_k_minus_one_is_off_as_in_vllm():
 def test_step_bans_stop_ids_only_on_rows_below_min_tokens():
     """sample_step's one batched ban against the per-row rule: EOS (token 3, every row's argmax)
     is banned exactly where fewer than min_tokens outputs exist; the ban set is per row."""
-    from nlora_serve.engine.sequence import Sequence
-    from nlora_serve.engine.step_output import sample_step
+    from nlora_serve.engine.scheduling.sequence import Sequence
+    from nlora_serve.engine.sample.step_output import sample_step
 
     logits = torch.tensor([[0.0, 1.0, 2.0, 5.0]]).repeat(4, 1)
     greedy = {"temperature": 0.0}
@@ -116,9 +116,9 @@ def test_step_reads_top_k_and_logprob_token_ids_rows_and_the_prompt_part_after_t
     """One step with a top-k row, a logprob_token_ids row (vLLM's: the sampled token, then the ids in
     their order, a repeated id once) and a row asking none but prompt logprobs (one scored position): each
     row's entry against log_softmax by hand, the prompt part read past the ids' values."""
-    from nlora_serve.engine.prompt_logprobs import PromptRows
-    from nlora_serve.engine.sequence import Sequence
-    from nlora_serve.engine.step_output import sample_step
+    from nlora_serve.engine.sample.prompt_logprobs import PromptRows
+    from nlora_serve.engine.scheduling.sequence import Sequence
+    from nlora_serve.engine.sample.step_output import sample_step
 
     raw = [[0.0, 1.0, 3.0, 2.0], [4.0, 0.5, 1.0, -1.0], [0.0, 0.0, 0.0, 1.0]]
     lp = [[x - math.log(sum(math.exp(y) for y in row)) for x in row] for row in raw]
@@ -140,8 +140,8 @@ def test_step_reads_top_k_and_logprob_token_ids_rows_and_the_prompt_part_after_t
 
 
 def test_step_reads_token_values_only_for_value_penalties():
-    from nlora_serve.engine.sequence import Sequence
-    from nlora_serve.engine.step_output import sample_step
+    from nlora_serve.engine.scheduling.sequence import Sequence
+    from nlora_serve.engine.sample.step_output import sample_step
 
     logits = torch.tensor([[0.0, 2.0, 1.5]]).repeat(2, 1)
     seqs = [Sequence("a", 0, [0, 1], 1, SamplingParams(min_tokens=5, temperature=0.0)),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from nlora_serve.engine.block_manager import BlockManager
+from nlora_serve.engine.scheduling.block_manager import BlockManager
 from nlora_serve.engine.config import SchedulerConfig
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.scheduler import Scheduler
-from nlora_serve.engine.sequence import Sequence, SequenceStatus
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.scheduler import Scheduler
+from nlora_serve.engine.scheduling.sequence import Sequence, SequenceStatus
 
 
 def make(num_blocks: int, block_size: int = 4, **cfg) -> Scheduler:

@@ -1,4 +1,4 @@
-"""The two pinned staging buffers of async scheduling (engine/step_inputs.py) are never rewritten
+"""The two pinned staging buffers of async scheduling (engine/runner/step_inputs.py) are never rewritten
 while a step that copied out of one may still be queued.
 
 On CUDA, step n's inputs go to the device with ``copy_(non_blocking=True)`` from pinned buffer
@@ -15,9 +15,9 @@ import torch
 from nlora_serve.engine import core as core_mod
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.core import EngineCore
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.step_inputs import StepInputs
-from nlora_serve.engine.step_output import SampledStep
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.runner.step_inputs import StepInputs
+from nlora_serve.engine.sample.step_output import SampledStep
 
 
 class StagingLedger:

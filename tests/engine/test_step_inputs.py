@@ -1,14 +1,14 @@
-"""Step inputs from tensor ops (engine/step_inputs.py): every index checked against numbers worked
+"""Step inputs from tensor ops (engine/runner/step_inputs.py): every index checked against numbers worked
 out by hand, and the single packed copy checked on a 'device' the test stands in for."""
 
 from __future__ import annotations
 
 import torch
 
-from nlora_serve.engine.batch_info import build_batch_info
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.sequence import Sequence
-from nlora_serve.engine.step_inputs import StepInputs
+from nlora_serve.engine.model.batch_info import build_batch_info
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.scheduling.sequence import Sequence
+from nlora_serve.engine.runner.step_inputs import StepInputs
 
 BS = 4
 
@@ -72,11 +72,11 @@ def test_device_layout_is_one_copy_of_one_buffer(monkeypatch):
 
 
 def test_prompt_rows_follow_the_sampling_rows_worked_out_by_hand(monkeypatch):
-    """engine/prompt_logprobs.py's plan on :func:`_pairs` with the chunk (positions 2..4 of 300..306)
+    """engine/sample/prompt_logprobs.py's plan on :func:`_pairs` with the chunk (positions 2..4 of 300..306)
     and the 2-token prompt asking for prompt logprobs: the chunk's positions 2, 3, 4 score tokens
     303, 304, 305 (packed 2..4); the whole prompt's position 0 scores 401 (packed 5; position 1 is
     its sampling row). The decodes ask for none."""
-    from nlora_serve.engine.prompt_logprobs import mark_scored, plan
+    from nlora_serve.engine.sample.prompt_logprobs import mark_scored, plan
 
     pairs = _pairs()
     pairs[2][0].params = SamplingParams(max_tokens=4, prompt_logprobs=2)

@@ -11,7 +11,7 @@ import pytest
 
 from nlora_serve.engine.api import EngineDead, RequestAborted
 from nlora_serve.engine.config import DEFAULT_STEP_TIMEOUT_S, EngineConfig
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from nlora_serve.engine.step_watchdog import StepWatchdog
 from nlora_serve.serving.commands.serve import _watch_engine
 from nlora_serve.serving.health_state import health_answer

@@ -1,4 +1,4 @@
-"""Structured outputs in the engine (engine/structured.py), against references that do not use xgrammar:
+"""Structured outputs in the engine (engine/structured_output/structured.py), against references that do not use xgrammar:
 every sampled answer checked by json.loads and a hand check of the schema, re.fullmatch, membership;
 greedy constrained tokens against a brute-force masked greedy on transformers' model (at each step
 the argmax over the tokens whose text keeps the output a prefix of a match, ``regex``'s partial
@@ -17,8 +17,8 @@ import torch
 
 from greedy_rule import matches_reference
 from nlora_serve.engine.api import EngineError
-from nlora_serve.engine.sampling import RequestError, SamplingParams
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                             "age": {"type": "integer", "minimum": 0, "maximum": 120},
@@ -236,11 +236,11 @@ def test_a_dead_end_in_a_spec_ends_its_request_saying_so_and_spares_the_batch(ma
 
 
 def test_a_row_without_a_matcher_keeps_every_token():
-    """mask_rows' None matcher (the dummy sampler run's, engine/dummy_sampler.py) leaves its row
+    """mask_rows' None matcher (the dummy sampler run's, engine/runner/dummy_sampler.py) leaves its row
     as it was; a matcher's row beside it is still masked (hand-built: a choice of one token)."""
     import xgrammar as xgr
 
-    from nlora_serve.engine.structured import mask_rows
+    from nlora_serve.engine.structured_output.structured import mask_rows
 
     vocab = ["a", "b", "c", "</s>"]
     info = xgr.TokenizerInfo(vocab, stop_token_ids=[3])

@@ -1,4 +1,4 @@
-"""The structured-output compiler's bounds (engine/grammar_compiler.py), on the default model's tokenizer
+"""The structured-output compiler's bounds (engine/structured_output/grammar_compiler.py), on the default model's tokenizer
 alone: vLLM 0.32's JSON nesting limit (depths counted by hand), specs that allow no token refused
 at compile time, one compile slot per tenant while its slow compile runs on, and a request's
 compiled grammar kept with its spec once the cache has dropped it. A slow compile is the real
@@ -13,10 +13,10 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from nlora_serve.engine import grammar_compiler
-from nlora_serve.engine.sampling import RequestError
-from nlora_serve.engine.grammar_compiler import MAX_COMPILING, CompileBusy, GrammarCompiler
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.structured_output import grammar_compiler
+from nlora_serve.engine.sample.sampling import RequestError
+from nlora_serve.engine.structured_output.grammar_compiler import MAX_COMPILING, CompileBusy, GrammarCompiler
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 
 
 @pytest.fixture(scope="module")

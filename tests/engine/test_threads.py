@@ -8,7 +8,7 @@ import torch
 
 from nlora_serve.engine.config import EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from nlora_serve.engine.threads import engine_threads, threads_for_engine
 
 

@@ -1,4 +1,4 @@
-"""allowed_token_ids and bad_words in the engine (engine/token_masks.py), step by step and with
+"""allowed_token_ids and bad_words in the engine (engine/sample/token_masks.py), step by step and with
 async scheduling (a multi-token bad word reads the output's last tokens, so its step is read back
 before the next is launched): a batch of masked greedy requests equals transformers' greedy tokens
 under the same masks, computed here by hand; and vLLM's tokenization rule for bad words."""
@@ -10,8 +10,8 @@ import torch
 
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.core import EngineCore
-from nlora_serve.engine.sampling import RequestError, SamplingParams
-from nlora_serve.engine.token_masks import bad_words_token_ids
+from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sample.token_masks import bad_words_token_ids
 
 PROMPTS = ["The capital of France is", "Plants make food through a process called", "Once upon a time"]
 NEW = 10

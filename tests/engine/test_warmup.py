@@ -1,4 +1,4 @@
-"""The engine's start-up warm-up (engine/warmup.py), checked on the CPU (torch backend; one test on
+"""The engine's start-up warm-up (engine/runner/warmup.py), checked on the CPU (torch backend; one test on
 the Triton path under the interpreter with the decode graphs' CPU seam).
 
 On CUDA the engine warms up in its constructor; here it is called by hand on a tiny random Llama:
@@ -22,10 +22,10 @@ from tiny_llama import hf_greedy, make_tiny_llama, random_factors, write_peft  #
 from nlora_serve.adapters.version import AdapterNotFound  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.core import EngineCore  # noqa: E402
-from nlora_serve.engine.cuda_graphs import EagerCapture  # noqa: E402
+from nlora_serve.engine.runner.cuda_graphs import EagerCapture  # noqa: E402
 from nlora_serve.engine.llm_engine import LLMEngine  # noqa: E402
-from nlora_serve.engine.sampling import SamplingParams  # noqa: E402
-from nlora_serve.engine.warmup import DUMMY_TOKEN, adapter_kinds, warm_up, warmup_rounds  # noqa: E402
+from nlora_serve.engine.sample.sampling import SamplingParams  # noqa: E402
+from nlora_serve.engine.runner.warmup import DUMMY_TOKEN, adapter_kinds, warm_up, warmup_rounds  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,8 @@ def test_warm_up_runs_the_sampled_path_and_the_sampler_at_max_num_seqs_rows(tiny
     dummy sampler filters max_num_seqs = 8 rows of the whole vocabulary; the grammar bitmask only
     when asked (on CUDA by default). The engine still answers as transformers' greedy afterwards
     (test_warm_up_runs_the_shapes_and_leaves_no_state: the seed generator is reset)."""
-    from nlora_serve.engine import dummy_sampler, sampling, step_output
+    from nlora_serve.engine.runner import dummy_sampler
+    from nlora_serve.engine.sample import sampling, step_output
 
     model_dir, model, tokenizer_dir = tiny
     config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_dir), device="cpu", kernel_backend="torch",
@@ -188,8 +189,8 @@ def test_adapter_warm_up_captures_every_graph_size_of_each_pool():
     captured; an adapter whose step is not graphable (the segment form) gets none; each name is
     pinned once and released. (On the real Triton path, interpreted, the same check took 25 s: run
     by hand, it left sizes 1, 2, 4, 8 of a LoRA pool with 3 captured here.)"""
-    from nlora_serve.engine.cuda_graphs import KeyedGraphs
-    from nlora_serve.engine.warmup import capture_adapter_graphs
+    from nlora_serve.engine.runner.cuda_graphs import KeyedGraphs
+    from nlora_serve.engine.runner.warmup import capture_adapter_graphs
 
     class Graphs(KeyedGraphs):
         def __init__(self, sizes):
@@ -236,7 +237,7 @@ def test_graphs_reading_a_dropped_pool_are_let_go_at_the_next_capture():
     import gc
     import weakref
 
-    from nlora_serve.engine.cuda_graphs import KeyedGraphs
+    from nlora_serve.engine.runner.cuda_graphs import KeyedGraphs
 
     class Graphs(KeyedGraphs):
         sizes = (1, 2, 4)

@@ -1,4 +1,4 @@
-"""SamplingParams.allowed_token_ids and bad_words over gRPC (vLLM's fields, engine/token_masks.py):
+"""SamplingParams.allowed_token_ids and bad_words over gRPC (vLLM's fields, engine/sample/token_masks.py):
 greedy tokens equal transformers' greedy tokens under the same masks, computed here by hand, and
 each mask changes the unmasked answer; an id outside the vocabulary is INVALID_ARGUMENT naming it."""
 

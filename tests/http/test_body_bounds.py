@@ -107,7 +107,7 @@ def test_what_could_be_served_or_is_no_such_count_is_validated_as_before(spy, re
                                    ["x"] * 1000, ("a",) * 256, ("a",) * 257, ("a" * 300,), (), "s" * 300, 5,
                                    {str(i): 1.5 for i in range(3000)}, {"a": 1}, {str(i): 1 for i in range(256)}])
 def test_a_long_value_is_shown_as_its_repr_cut(value):
-    from nlora_serve.engine.sampling import shown_value
+    from nlora_serve.engine.sample.sampling import shown_value
 
     whole = repr(tuple(value.items()) if isinstance(value, dict) else value)  # the reference: _check's repr of it all
     assert shown_value(value) == (f"{whole[:200]}... ({len(whole)} characters)" if len(whole) > 200 else whole)

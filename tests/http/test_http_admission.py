@@ -19,10 +19,10 @@ from http_harness import client, headers_only, read_response, scrape
 from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.adapters.residency import PoolFull
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
-from nlora_serve.engine.grammar_compiler import CompileBusy
+from nlora_serve.engine.structured_output.grammar_compiler import CompileBusy
 from nlora_serve.serving.server import shutdown_reason, wait_idle
 from nlora_serve.serving.status import Draining, QueueFull, http_status_of, status_of
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sample.sampling import RequestError
 
 
 def _health(server) -> tuple[int, str]:

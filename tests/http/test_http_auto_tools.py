@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sample.sampling import RequestError
 from nlora_serve.serving.commands import serve as serve_cli
 from nlora_serve.serving.commands import serve_build
 from nlora_serve.serving.http_api.openai import chat_params

@@ -16,7 +16,7 @@ import requests
 from grpc_harness import ADMIN_KEY
 from http_harness import base_url
 
-from nlora_serve.engine.sampling import FLOAT32_TINY, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from nlora_serve.engine.sample.sampling import FLOAT32_TINY, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 
 def _post(server, **fields) -> requests.Response:

@@ -16,7 +16,7 @@ import pytest
 from starlette.responses import JSONResponse
 
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.engine.prompt_logprobs import PromptLogprob
+from nlora_serve.engine.sample.prompt_logprobs import PromptLogprob
 from nlora_serve.serving.http_api import generate
 from nlora_serve.serving.http_api.responses import Shaper, whole_json
 

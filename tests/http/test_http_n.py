@@ -16,7 +16,7 @@ import torch
 from admission_harness import CAPPED_KEY, QUOTA, admission_counts, wait_for, write_quota_tenants
 from grpc_harness import TENANT_KEYS, server_factory, stop_all
 from http_harness import base_url, client, scrape
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sample.sampling import RequestError
 from nlora_serve.serving.admission import Admission
 from nlora_serve.serving.auth import Principal
 from nlora_serve.serving.status import QueueFull

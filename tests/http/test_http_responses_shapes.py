@@ -17,7 +17,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sample.sampling import RequestError
 from nlora_serve.serving.http_api.body import validated
 from nlora_serve.serving.http_api.openai import chat_params
 from nlora_serve.serving.http_api.request_models import ChatRequest, ParamError

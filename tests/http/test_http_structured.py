@@ -17,7 +17,7 @@ import pytest
 
 from grpc_harness import TENANT_KEYS
 from http_harness import TENANTS, client
-from nlora_serve.engine import grammar_compiler
+from nlora_serve.engine.structured_output import grammar_compiler
 
 LORA = "lora-rslora"  # granted to lora-co
 assert TENANTS[LORA] == "lora-co"

@@ -1,4 +1,4 @@
-"""vLLM's ``allowed_token_ids`` and ``bad_words`` over HTTP (engine/token_masks.py): greedy answers
+"""vLLM's ``allowed_token_ids`` and ``bad_words`` over HTTP (engine/sample/token_masks.py): greedy answers
 equal transformers' greedy tokens under the same mask, computed here from the rule vLLM 0.32
 documents (v1/sample/ops/bad_words.py, SamplingParams.update_from_tokenizer), and each mask
 changes the unmasked answer (so the test fails where the field is ignored)."""

@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 from grpc_harness import TENANT_KEYS
 from http_harness import client
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sample.sampling import RequestError
 from nlora_serve.serving.http_api.openai import chat_prompt
 from nlora_serve.serving.http_api.request_models import ChatRequest
 from nlora_serve.serving.http_api.responses import Shaper

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nlora_serve.engine.api import RequestOutput
-from nlora_serve.engine.prompt_logprobs import PromptLogprob
+from nlora_serve.engine.sample.prompt_logprobs import PromptLogprob
 from nlora_serve.serving.http_api.body import validated
 from nlora_serve.serving.http_api.echo import Echo
 from nlora_serve.serving.http_api.openai_route import _events, shaper_of

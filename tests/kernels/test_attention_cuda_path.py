@@ -1,5 +1,5 @@
-"""The engine's Triton attention (engine/attention/cuda.py) on one mixed step, run by the Triton
-interpreter on CPU tensors, against the CPU attention (engine/attention/cpu.py) in float64.
+"""The engine's Triton attention (engine/model/attention/cuda.py) on one mixed step, run by the Triton
+interpreter on CPU tensors, against the CPU attention (engine/model/attention/cpu.py) in float64.
 
 Here rather than in tests/engine: the kernels must be decorated for the interpreter, which this
 folder's conftest arranges before any kernel module is imported. With NLORA_TEST_DEVICE=cuda
@@ -13,9 +13,9 @@ import torch
 
 from kernel_cases import TEST_DEVICE
 
-from nlora_serve.engine.attention import cpu
-from nlora_serve.engine.attention import cuda
-from nlora_serve.engine.batch_info import build_batch_info
+from nlora_serve.engine.model.attention import cpu
+from nlora_serve.engine.model.attention import cuda
+from nlora_serve.engine.model.batch_info import build_batch_info
 
 NAN = float("nan")
 BLOCK_SIZE = 16

@@ -4,7 +4,7 @@
   engine's stream is busy (adapters/pool.py ``_Pool._copy_in``): unordered, the zero fill queued
   behind the busy stream ran after the write and erased the adapter.
 - The sampling path and build_adapter_batch copy host lists to the device without a stream sync
-  (engine/device_values.py, kernels/metadata.py): ``torch.cuda.set_sync_debug_mode("error")``
+  (engine/runner/device_values.py, kernels/metadata.py): ``torch.cuda.set_sync_debug_mode("error")``
   turns any synchronizing copy or read-back into an error.
 The CPU stand-ins: tests/registry/test_slot_write_order.py, tests/engine/test_no_sync_copies.py,
 tests/kernels/test_metadata_copies.py.
@@ -43,9 +43,9 @@ def test_slot_write_lands_after_the_fill_of_a_table_allocated_behind_a_busy_stre
 
 
 def test_sampling_and_adapter_batches_never_sync_the_stream():
-    from nlora_serve.engine.sampling import (SamplingParams, add_logit_bias, apply_penalties, ban_before_min_tokens,
+    from nlora_serve.engine.sample.sampling import (SamplingParams, add_logit_bias, apply_penalties, ban_before_min_tokens,
                                              sample)
-    from nlora_serve.engine.token_masks import keep_allowed
+    from nlora_serve.engine.sample.token_masks import keep_allowed
     from nlora_serve.kernels.metadata import TIED, build_adapter_batch
 
     dev = torch.device("cuda")

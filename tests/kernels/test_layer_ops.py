@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlora_serve.engine.rope import rope_tables
+from nlora_serve.engine.model.rope import rope_tables
 
 # fp32: a few ulps of fp32 (polynomial exp, summation order); bf16: the output's own rounding
 # (2^-8 relative) plus the inputs' widening being exact

@@ -138,7 +138,7 @@ def test_an_amx_plan_gives_no_deferred_delta(native_ops, monkeypatch):
 def test_rope_adds_the_qkv_delta_to_the_whole_row(ops, dtype, rows, bias):
     """q/k/v of the default model's shape (9 q, 3 k, 3 v heads of 64): the delta goes into every
     column, then q and k rotate; v comes back adapted, rounded once."""
-    from nlora_serve.engine.rope import rope_tables
+    from nlora_serve.engine.model.rope import rope_tables
 
     widths = (576, 192, 192)
     y, sites, batch, _ = fused_case(1600 + rows, rows, 576, widths, (16, 4), "with_none", dtype, bias=bias,
@@ -162,7 +162,7 @@ def test_rope_adds_the_qkv_delta_to_the_whole_row(ops, dtype, rows, bias):
 
 
 def test_rope_refuses_a_delta_of_other_rows(ops):
-    from nlora_serve.engine.rope import rope_tables
+    from nlora_serve.engine.model.rope import rope_tables
 
     y, sites, batch, _ = fused_case(1700, 12, 576, (576, 192, 192), (16,), "distinct", torch.float32)
     tied = ops.tied_delta(ops.tied_step(batch), ops.plan(sites, [576, 192, 192]))

@@ -61,7 +61,7 @@ def test_our_forward_on_dummy_weights_equals_transformers(tmp_path):
 
     from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from nlora_serve.engine.llm_engine import LLMEngine
-    from nlora_serve.engine.sampling import SamplingParams
+    from nlora_serve.engine.sample.sampling import SamplingParams
 
     model_dir = _tiny_config(tmp_path)
     config = EngineConfig(model=str(model_dir), load_format="dummy", device="cpu",

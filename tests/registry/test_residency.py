@@ -13,7 +13,7 @@ from nlora_serve.adapters.version import AdapterVersion
 from nlora_serve.adapters.residency import PoolFull, Residency
 from nlora_serve.adapters.save import write_adapter
 from nlora_serve.adapters.loader import read_adapter
-from nlora_serve.engine.adapter_layer import AdapterHook
+from nlora_serve.engine.model.adapter_layer import AdapterHook
 from residency_helpers import perturbed, refused, version
 
 pytestmark = pytest.mark.usefixtures("every_refusal_logged")

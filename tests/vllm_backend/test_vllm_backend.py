@@ -276,7 +276,7 @@ def test_prompt_logprobs_pass_through_to_vllm(server, hf_model):
     base model and a tied tenant (served folded), against transformers' float64 log_softmax."""
     import sys
 
-    from nlora_serve.engine.sampling import SamplingParams
+    from nlora_serve.engine.sample.sampling import SamplingParams
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "adapters"))
     from adapter_helpers import file_deltas, merged

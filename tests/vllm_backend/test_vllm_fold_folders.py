@@ -21,7 +21,7 @@ from admission_harness import wait_for
 from grpc_harness import matches_reference
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.engine.config import EngineConfig, SchedulerConfig
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 
 CASE = Path(__file__).parents[1] / "data" / "cases" / "inttune-nystrom-tied"
 STEPS = 8  # greedy tokens compared per request (the base model's differ from the 6th)

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 
 SCHEMA = json.dumps({"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                                      "age": {"type": "integer", "minimum": 0}},

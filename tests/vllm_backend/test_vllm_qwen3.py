@@ -17,7 +17,7 @@ import torch
 from grpc_harness import matches_reference
 from nlora_serve.adapters.manager import AdapterLimits
 from nlora_serve.engine.config import EngineConfig, SchedulerConfig
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))  # tiny_llama: the adapters and references
 from tiny_llama import hf_greedy, make_tiny_qwen3, merged, random_factors, write_peft  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 
 from grpc_harness import TENANT_KEYS, RunningServer
 from nlora_serve.engine.config import EngineConfig, SchedulerConfig
-from nlora_serve.engine.token_masks import bad_words_token_ids
+from nlora_serve.engine.sample.token_masks import bad_words_token_ids
 from nlora_serve.serving.auth import Authenticator
 from nlora_serve.serving.grpc_api.convert import server_info
 from nlora_serve.serving.http_api.tool_stream import RequiredStream

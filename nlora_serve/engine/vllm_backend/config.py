@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 from nlora_serve.engine.vllm_backend.grammar_salt import salted_fields
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts

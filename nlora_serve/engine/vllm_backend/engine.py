@@ -30,11 +30,11 @@ from nlora_serve.engine.eos import eos_tokens
 from nlora_serve.engine.api import (ENGINE_DEAD_MESSAGE, ENGINE_FAILED_MESSAGE, SHUTDOWN_REASON, Engine, EngineDead,
                                     EngineError, RequestIds, RequestOutput, RequestStream, max_prompt_bytes,
                                     prompt_ids)
-from nlora_serve.engine.token_masks import bad_words_token_ids
+from nlora_serve.engine.sample.token_masks import bad_words_token_ids
 from nlora_serve.engine.request_checks import check_request, fit_to_context, unloaded_reason
-from nlora_serve.engine.sampling import SamplingParams
-from nlora_serve.engine.grammar_compiler import GrammarCompiler
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.sample.sampling import SamplingParams
+from nlora_serve.engine.structured_output.grammar_compiler import GrammarCompiler
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 from nlora_serve.engine.vllm_backend.adapters import VllmResidency
 from nlora_serve.engine.vllm_backend.fold_cache import FoldCache
 from nlora_serve.engine.vllm_backend.fold_folders import fold_folder, release_fold_folder
@@ -177,7 +177,7 @@ class VllmEngine(Engine):
 
         Raises:
             RequestError: the spec does not compile, or not within its time, or ``tenant`` has
-                another compiling (engine/structured.py).
+                another compiling (engine/structured_output/structured.py).
         """
         self.grammars.compile(spec, tenant)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 
 SALT_BITS = 64  # bits of sha256(tenant) in a JSON schema's prefix (32 whitespace characters)
 REGEX_SALT_BITS = 32  # bits in a regex's prefix (32 empty groups)

@@ -5,7 +5,7 @@ prefill chunks (``cpu/paged_prefill.c``), loaded with the other native ops
 Why native: torch's CPU path must gather every sequence's blocks into a dense [N, L, KVH, D] copy
 per layer before SDPA; these ops read each key and value row once, in place, for all query heads
 of its kv head (decode), or stream them through flash attention's online softmax in tiles of 32
-query tokens (prefill). The torch path (``engine/attention/cpu.py``) stays the reference
+query tokens (prefill). The torch path (``engine/model/attention/cpu.py``) stays the reference
 (``tests/kernels/test_native.py``, ``tests/kernels/test_paged_prefill.py``).
 """
 
@@ -35,7 +35,7 @@ class PagedAttention:
 
     def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """This step's keys and values into the cache: ``kv_layer[0].view(-1, KVH, D)[slot_mapping[t]]
-        = k[t]``, and the same for v in ``kv_layer[1]`` (what ``engine/attention/cpu.write_kv`` does
+        = k[t]``, and the same for v in ``kv_layer[1]`` (what ``engine/model/attention/cpu.write_kv`` does
         with two ``index_copy_``; one C loop of row copies here).
 
         Semantics: with K = kv_layer[0] and V = kv_layer[1] viewed as [NB · BS, KVH, D], for

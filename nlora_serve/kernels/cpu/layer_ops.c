@@ -8,7 +8,7 @@
  *
  *   add_rms_norm: h[t] = x[t] (+ delta[t]);  x[t] = h[t];  out[t] = h[t] / sqrt(mean(h[t]^2) + eps) * w
  *   rope:         for each head's D values: v' = v * cos[pos] + swap_halves(v) * sin[pos]
- *                 (sin's first half negated, engine/rope.py's tables), in place
+ *                 (sin's first half negated, engine/model/rope.py's tables), in place
  *   silu_mul:     out[t, i] = g / (1 + e^-g) * u,   g = gate_up[t, i], u = gate_up[t, I + i]
  *
  * add_rms_norm's delta, silu_mul's gate_up and rope's fused q/k/v rows may come with a tied

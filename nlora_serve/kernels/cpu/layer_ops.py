@@ -166,7 +166,7 @@ class LayerOps:
         Args:
             qk: [T, heads, D] float32 or bfloat16, heads and dims contiguous (rows may be
                 strided: the q and k heads of the fused qkv output). positions: [T] int64.
-            cos, sin: [max_len, D] float32 tables from :func:`nlora_serve.engine.rope.rope_tables`.
+            cos, sin: [max_len, D] float32 tables from :func:`nlora_serve.engine.model.rope.rope_tables`.
             tied: the tied delta (:meth:`NativeOps.tied_delta`) of the fused output whose rows
                 begin at ``qk``'s (q/k/v: the q and k heads, then v), or None. It is added to
                 each whole row in fp32 before the rotation, and the rest of the row (v) is

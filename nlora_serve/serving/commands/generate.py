@@ -26,7 +26,7 @@ from nlora_serve.models.hub import local_or_hub
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.threads import threads_for_engine
 from nlora_serve.engine.api import EngineDead
-from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
 from nlora_serve.serving.chat_template import encode_chat
 from nlora_serve.serving.commands.engine_flags import device_config, in_flag_words
 from nlora_serve.serving.commands.exit_now import STUCK_STEP_JOIN_SECONDS, exit_now

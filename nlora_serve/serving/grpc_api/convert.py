@@ -12,8 +12,8 @@ from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.serving.chat_template import render_chat
 from nlora_serve.serving.request_policy import check_cache_salt, check_min_tokens_unset_max, max_tokens_of
-from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.sample.sampling import MAX_LOGPROBS, RequestError, SamplingParams
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 from nlora_serve.serving.server_config import ServerConfig, default_served_name
 
 MAX_REQUEST_ID = 256  # characters of a client's request_id: an id, echoed in every response, not a payload
@@ -59,7 +59,7 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
 
     Raises:
         RequestError: a field out of range (top_logprobs or prompt_logprobs over
-            :data:`~nlora_serve.engine.sampling.MAX_LOGPROBS`), max_tokens over ``config.max_tokens``,
+            :data:`~nlora_serve.engine.sample.sampling.MAX_LOGPROBS`), max_tokens over ``config.max_tokens``,
             a malformed structured_outputs (:func:`structured_of`),
             or with max_tokens unset min_tokens over the unset max_tokens' limit.
     """

@@ -12,7 +12,7 @@ two faults may now get this one first.
 
 from __future__ import annotations
 
-from nlora_serve.engine.sampling import (MAX_ALLOWED_TOKEN_IDS, MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_LOGPROB_TOKEN_IDS,
+from nlora_serve.engine.sample.sampling import (MAX_ALLOWED_TOKEN_IDS, MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_LOGPROB_TOKEN_IDS,
                                          MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, RequestError, shown_value)
 from nlora_serve.serving.chat_template import check_message_count
 from nlora_serve.serving.http_api.choices import check_places

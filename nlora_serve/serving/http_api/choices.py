@@ -27,7 +27,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 
 from nlora_serve.engine.api import RequestAborted, RequestOutput
-from nlora_serve.engine.sampling import GREEDY_BELOW, RequestError, SamplingParams
+from nlora_serve.engine.sample.sampling import GREEDY_BELOW, RequestError, SamplingParams
 from nlora_serve.errors import NloraError
 from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest, ParamError
 from nlora_serve.serving.request_policy import shown_int

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nlora_serve.engine.prompt_logprobs import PromptLogprob
+from nlora_serve.engine.sample.prompt_logprobs import PromptLogprob
 
 FLOOR = -9999.0  # vLLM's stand-in for -inf
 

@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect
 from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.engine.request_checks import fit_to_context
-from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
 from nlora_serve.errors import shown
 from nlora_serve.serving.auth import PermissionDenied, Principal
 from nlora_serve.serving.admission import Admission, Reservation

@@ -13,7 +13,7 @@ as vLLM 0.32 serves them (:mod:`~nlora_serve.serving.http_api.tools`: named and 
 by a JSON schema, "auto" refused in vLLM's words); the legacy ``functions`` is refused at every value.
 ``chat_template_kwargs``, ``documents`` and ``reasoning_effort`` are template variables
 (:func:`~nlora_serve.serving.chat_template.template_kwargs`); ``allowed_token_ids`` and ``bad_words``
-vLLM's token masks (:mod:`~nlora_serve.engine.token_masks`). ``IGNORED`` fields change nothing
+vLLM's token masks (:mod:`~nlora_serve.engine.sample.token_masks`). ``IGNORED`` fields change nothing
 in vLLM on these endpoints and are accepted at any value. ``user`` (an end-user id for abuse
 tracking) is accepted and changes nothing, as at OpenAI; so are ``OPENAI_IGNORED``'s fields (``store``,
 ``metadata``, ``service_tier``, prompt-cache hints, ``prediction``, ...) at any value, and ``modalities``
@@ -71,8 +71,8 @@ from nlora_serve.serving.http_api.request_models import (ChatMessage, ChatReques
                                                          ParamError, as_param_error, check_fields)
 from nlora_serve.serving.http_api.structured import structured_of
 from nlora_serve.serving.request_policy import check_min_tokens_unset_max, completion_unset_max_tokens, max_tokens_of
-from nlora_serve.engine.sampling import MAX_LOGPROBS, RequestError, SamplingParams
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.sample.sampling import MAX_LOGPROBS, RequestError, SamplingParams
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 from nlora_serve.serving.server_config import ServerConfig
 
 _TOKEN_ID = re.compile(r"[0-9]{1,19}")  # a logit_bias key: 19 digits reach past any vocabulary

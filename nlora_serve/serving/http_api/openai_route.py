@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 
 from nlora_serve.engine.api import EngineError, RequestAborted
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from nlora_serve.serving.http_api.body import validated
 from nlora_serve.serving.http_api.body_bounds import refuse_chat, refuse_completion, refuse_sampling_counts
 from nlora_serve.serving.http_api.context import HttpContext, aborted_body, error_body

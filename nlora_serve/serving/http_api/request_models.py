@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from nlora_serve.serving.http_api.prompts import check_prompt_shape
 from nlora_serve.serving.http_api.tools import Tool, ToolCalls, tool_calls_of
 from nlora_serve.serving.request_policy import check_cache_salt
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sample.sampling import RequestError
 
 # OpenAI fields we accept only at their no-op value or null; every other field is refused
 NOOP_VALUES: dict[str, tuple] = {
@@ -84,8 +84,8 @@ class OpenAIRequest(BaseModel):
     # vLLM's: false (with skip_special_tokens false) writes adjacent added tokens without a space
     # between them (engine/detokenizer.py)
     spaces_between_special_tokens: bool = True
-    allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled (engine/token_masks.py)
-    bad_words: list[str] | None = None  # vLLM's: words never generated (engine/token_masks.py)
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled (engine/sample/token_masks.py)
+    bad_words: list[str] | None = None  # vLLM's: words never generated (engine/sample/token_masks.py)
     return_tokens_as_token_ids: bool = False
     # vLLM's: per generated token the log-probabilities of these ids (and the sampled token's) instead
     # of the top-k; needs logprobs (http_api/openai.py's logprobs_asked)

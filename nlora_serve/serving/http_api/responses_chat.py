@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from nlora_serve.engine.sampling import RequestError, SamplingParams
+from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
 from nlora_serve.serving.http_api.request_models import IGNORED, ChatRequest, ParamError, unsupported
 from nlora_serve.serving.http_api.responses_request import FORWARDED, HINTS, InputMessage, ResponsesRequest
 from nlora_serve.serving.http_api.responses_tools import add_assistant_text, add_item, chat_tool_choice

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from nlora_serve.serving.http_api.body import validated
 from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.generate import Endpoint

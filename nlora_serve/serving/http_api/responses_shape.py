@@ -34,7 +34,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from nlora_serve.engine.api import EngineError, RequestAborted, RequestOutput
-from nlora_serve.engine.sampling import SamplingParams
+from nlora_serve.engine.sample.sampling import SamplingParams
 from nlora_serve.serving.http_api.responses import Shaper, tool_stream
 from nlora_serve.serving.http_api.responses_chat import tools_echo
 from nlora_serve.serving.http_api.responses_request import REASONING_KEYS, ResponsesRequest

@@ -8,7 +8,7 @@ nothing, as in vLLM); and, in ``extra_body``, ``structured_outputs`` with exactl
 xgrammar's dialect) or ``json_object: true``, and vLLM's ``disable_any_whitespace`` (JSON without
 whitespace outside its strings). Both fields together is vLLM's way to give response_format that
 option: ``structured_outputs`` then holds options only. The engine compiles the spec before the
-request queues (engine/structured.py): one that does not compile is a 400 naming the field it came
+request queues (engine/structured_output/structured.py): one that does not compile is a 400 naming the field it came
 in. vLLM's other options (whitespace_pattern, structural tags, ...) are refused.
 """
 
@@ -19,8 +19,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nlora_serve.engine.sampling import RequestError
-from nlora_serve.engine.structured import StructuredOutputs
+from nlora_serve.engine.sample.sampling import RequestError
+from nlora_serve.engine.structured_output.structured import StructuredOutputs
 
 
 class _JsonSchema(BaseModel):

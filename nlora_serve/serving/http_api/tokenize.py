@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.version import AdapterNotFound
 from nlora_serve.engine.api import check_prompt_text
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sample.sampling import RequestError
 from nlora_serve.errors import shown
 from nlora_serve.serving.http_api.body import read_off_loop, validated
 from nlora_serve.serving.http_api.body_bounds import check_token_count, refuse_chat, refuse_detokenize

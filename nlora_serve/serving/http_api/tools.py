@@ -32,7 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from nlora_serve.engine.sampling import RequestError
+from nlora_serve.engine.sample.sampling import RequestError
 
 
 class ToolFunction(BaseModel):
