@@ -194,3 +194,37 @@ def test_cuda_capture_tolerates_other_threads(monkeypatch):
     replay, out = cap.capture(lambda: torch.ones(2))
     assert seen == {"pool": None, "capture_error_mode": "thread_local"}
     assert torch.equal(out, torch.ones(2)) and cap.pool == "pool"
+
+
+class _GrowingPool:
+    """A tied pool's per-slot tables and generation, no site adapted (kernel_site None: no launch)."""
+
+    rank, bias, generation = 8, {}, 0
+    slot_families = torch.full((4,), -2, dtype=torch.int32)  # metadata.TIED
+    slot_scalings = torch.ones(4)
+    slot_ranks = torch.full((4,), 8, dtype=torch.int32)
+
+    def kernel_site(self, site):
+        return None
+
+
+def test_a_pool_grown_during_a_capture_rebuilds_no_table_inside_it():
+    """An admin thread may grow a pool (a new generation) while the step thread captures a graph of
+    it, between prepare_pools and the capture. The hook rebuilt the pool's device tables inside the
+    capture: a host-to-device copy and a read-back (``bool(any)``), which a CUDA stream capture
+    refuses, failing the step and every request in it. Inside static_decode / static_layout it
+    keeps the tables it prepared (the graph's key names that generation: the next step recaptures)."""
+    from nlora_serve.engine.adapter_layer import AdapterHook
+
+    hook, pool, x, y = AdapterHook(triton=True), _GrowingPool(), torch.ones(2, 4), torch.zeros(2, 4)
+    rows = [torch.tensor([0, -1], dtype=torch.int32)]
+    hook.prepare_pools([pool], x.device)
+    batches = hook.static_batches([pool], rows)
+    pool.generation = 1  # grown by another thread after the tables were prepared
+    with GraphSafetyMode().run(capture=True), hook.static_decode([pool], rows):
+        hook(x, y, 0, ("q_proj",), [4])
+    with GraphSafetyMode().run(capture=True), hook.static_layout([pool], batches):
+        hook.derive_into([pool], batches)
+        hook(x, y, 0, ("q_proj",), [4])
+    hook.prepare_pools([pool], x.device)  # outside a static block: the new generation's tables
+    assert hook._facts[pool].generation == 1

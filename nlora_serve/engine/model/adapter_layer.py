@@ -139,6 +139,9 @@ class AdapterHook:
         # Triton backend: steps of up to this many tokens, prefill and mixed ones too, take the
         # per-token fixed-grid form (piecewise CUDA graphs, engine/runner/piecewise_graphs.py); 0: decode steps only
         self.per_token_tokens = 0
+        # inside static_decode / static_layout (a graph's capture, its warm-up, a CPU replay): pool
+        # tables are never rebuilt (see _pool_facts)
+        self._static = False
 
     def begin_step(self, versions: list, query_lens: list[int], device: torch.device) -> None:
         """Set up the step.
@@ -213,12 +216,13 @@ class AdapterHook:
     def static_layout(self, pools: list, batches: list[PerTokenAdapterBatch]):
         """Within the block, the per-token form reads ``batches`` (from :meth:`static_batches`) as
         they are, derived by :meth:`derive_into` earlier in the step (a piece of a piecewise graph)."""
-        saved = self._per_token
+        saved, static = self._per_token, self._static
         self._per_token = [_PerTokenEntry(pool, b.token_slots, b.token_slots, b) for pool, b in zip(pools, batches)]
+        self._static = True
         try:
             yield
         finally:
-            self._per_token = saved
+            self._per_token, self._static = saved, static
 
     def prepare_pools(self, pools: list, device: torch.device) -> None:
         """Put each pool's per-slot tables on the device now (before a CUDA graph captures reads of them)."""
@@ -229,12 +233,13 @@ class AdapterHook:
     def static_decode(self, pools: list, slot_rows: list[torch.Tensor]):
         """Within the block, the decode form reads ``slot_rows`` (a graph's static buffers) and derives
         its layout from them afresh at the first projection, as a captured graph does at every replay."""
-        saved = self._per_token
+        saved, static = self._per_token, self._static
         self._per_token = [_PerTokenEntry(pool, slot_rows[i], slot_rows[i]) for i, pool in enumerate(pools)]
+        self._static = True
         try:
             yield
         finally:
-            self._per_token = saved
+            self._per_token, self._static = saved, static
 
     def step_rows(self) -> list[torch.Tensor]:
         """The host [T] int32 slot rows of a per-token-form step (a decode step, or one of up to
@@ -313,8 +318,14 @@ class AdapterHook:
                 part += torch.where((slots >= 0)[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
     def _pool_facts(self, pool, device: torch.device) -> _PoolFacts:
+        """The pool's device tables, rebuilt when its generation moved on, except in a static block
+        (:meth:`static_decode`, :meth:`static_layout`): an admin thread may grow the pool or give it
+        a table while the step thread captures a graph of it, and a rebuild there would copy host
+        tables in (a blocking copy and a read-back, which a CUDA stream capture refuses: the step
+        would fail, and every request with it). The graph, keyed by the generation it was captured
+        at (prepare_pools' tables), is replaced at the next step anyway."""
         facts = self._facts.get(pool)
-        if facts is None or facts.generation != pool.generation:
+        if facts is None or (facts.generation != pool.generation and not self._static):
             families = pool.slot_families
             ranks = pool.slot_ranks.to(torch.int32, copy=True)
             facts = self._facts[pool] = _PoolFacts(
