@@ -25,7 +25,15 @@ _MAX_SPLITS = 16
 _SPLIT_TOKENS = 512  # context tokens per split at max_model_len
 
 
-@triton.jit
+# context_lens[:n] is a view of one packed step buffer (engine/step_inputs.py) at an offset that
+# follows the step's token and sequence counts. Triton keys a compile on each pointer's 16-byte
+# alignment, so eager (mixed) steps compiled both kernels again mid-serving for each alignment met;
+# its loads are scalar, whose code the hint never changes. (The workspace's sections start aligned.)
+_STEP_ALIGNED = ["ctx_ptr"]
+_ALIGN = 4  # fp32 elements in 16 bytes: each workspace section starts on such a boundary
+
+
+@triton.jit(do_not_specialize_on_alignment=_STEP_ALIGNED)
 def _paged_decode_attention_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, ctx_ptr, out_ptr, acc_ptr, m_ptr, l_ptr,
         scale_log2, num_heads,
@@ -63,7 +71,7 @@ def _paged_decode_attention_kernel(
             tl.store(l_ptr + part, l_i, mask=mask_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=_STEP_ALIGNED)
 def _paged_decode_merge_kernel(
         ctx_ptr, out_ptr, acc_ptr, m_ptr, l_ptr, num_heads, so_n, so_h,
         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -95,8 +103,14 @@ def decode_num_splits(max_model_len: int) -> int:
 
 
 def decode_workspace_numel(num_seqs: int, num_heads: int, head_dim: int, num_splits: int) -> int:
-    """fp32 elements of the merge workspace: partial outputs [N, H, S, D], maxima and sums [N, H, S]."""
-    return num_seqs * num_heads * num_splits * (head_dim + 2)
+    """fp32 elements of the merge workspace: partial outputs [N, H, S, D], maxima and sums [N, H, S],
+    each section 16-byte aligned (up to 2 · 3 padding elements)."""
+    parts = num_seqs * num_heads * num_splits
+    return _up(_up(parts * head_dim) + parts) + parts
+
+
+def _up(elements: int) -> int:
+    return -(-elements // _ALIGN) * _ALIGN
 
 
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
@@ -166,8 +180,11 @@ def _split_buffers(workspace, n, num_heads, head_dim, num_splits, device):
                          f"{workspace.dtype} {tuple(workspace.shape)}")
     parts = n * num_heads * num_splits
     flat = workspace.view(-1)
-    return (flat[: parts * head_dim], flat[parts * head_dim: parts * (head_dim + 1)],
-            flat[parts * (head_dim + 1): size])
+    # sections on 16-byte boundaries: at N·H·S·(D + 1) the sums' alignment changed with N, and
+    # Triton compiles a kernel again for each pointer alignment it meets
+    m_at = _up(parts * head_dim)
+    l_at = _up(m_at + parts)
+    return flat[: parts * head_dim], flat[m_at: m_at + parts], flat[l_at: l_at + parts]
 
 
 def _check(q, kv_layer, block_tables, context_lens, out, num_splits) -> None:
