@@ -196,7 +196,7 @@ def test_cuda_capture_tolerates_other_threads(monkeypatch):
     assert torch.equal(out, torch.ones(2)) and cap.pool == "pool"
 
 
-class _GrowingPool:
+class _FakePool:
     """A tied pool's per-slot tables and generation, no site adapted (kernel_site None: no launch)."""
 
     rank, bias, generation = 8, {}, 0
@@ -216,7 +216,7 @@ def test_a_pool_grown_during_a_capture_rebuilds_no_table_inside_it():
     keeps the tables it prepared (the graph's key names that generation: the next step recaptures)."""
     from nlora_serve.engine.adapter_layer import AdapterHook
 
-    hook, pool, x, y = AdapterHook(triton=True), _GrowingPool(), torch.ones(2, 4), torch.zeros(2, 4)
+    hook, pool, x, y = AdapterHook(triton=True), _FakePool(), torch.ones(2, 4), torch.zeros(2, 4)
     rows = [torch.tensor([0, -1], dtype=torch.int32)]
     hook.prepare_pools([pool], x.device)
     batches = hook.static_batches([pool], rows)
@@ -228,3 +228,26 @@ def test_a_pool_grown_during_a_capture_rebuilds_no_table_inside_it():
         hook(x, y, 0, ("q_proj",), [4])
     hook.prepare_pools([pool], x.device)  # outside a static block: the new generation's tables
     assert hook._facts[pool].generation == 1
+
+
+def test_steps_of_the_same_pools_in_another_sequence_order_share_one_graph():
+    """A graph is keyed by its step's pools in order: the pools came in the order their first
+    sequences had, so the same two pools with the sequences reordered (requests joining, leaving)
+    captured another graph mid-serving. Their order is now one; each row still follows its pool."""
+    from types import SimpleNamespace
+
+    from nlora_serve.engine.adapter_layer import AdapterHook
+    from nlora_serve.engine.cuda_graphs import KeyedGraphs
+
+    hook, a, b = AdapterHook(triton=True), _FakePool(), _FakePool()
+    on_a, on_b = SimpleNamespace(pool=a, slot=1), SimpleNamespace(pool=b, slot=2)
+    seen = []
+    for versions in ([on_a, on_b, None], [None, on_b, on_a]):
+        hook.begin_step(versions, [1, 1, 1], torch.device("cpu"))
+        pools = hook.per_token_pools()
+        rows = {id(p): row.tolist() for p, row in zip(pools, hook.step_rows())}
+        assert rows[id(a)] == [1 if v is on_a else -1 for v in versions]
+        assert rows[id(b)] == [2 if v is on_b else -1 for v in versions]
+        seen.append(KeyedGraphs.key(1, pools))
+        hook.end_step()
+    assert seen[0] == seen[1]

@@ -160,9 +160,12 @@ class AdapterHook:
         if self.backend == "triton" and (decode or sum(query_lens) <= self.per_token_tokens):
             # per-token slots only; everything else is derived on the device
             lens = None if decode else torch.tensor(query_lens, dtype=torch.int64)
+            # pools in one order whatever the sequences' order: a CUDA graph is keyed by its pools in
+            # order (engine/cuda_graphs.py), and steps of the same pools in another order captured
+            # again mid-serving (a device sync, a warm-up forward and a capture on the step thread)
             self._per_token = [_PerTokenEntry(pool, _token_slots(array("i", [
                 v.slot if v is not None and id(v.pool) == key else NO_ADAPTER for v in versions]), lens))
-                for key, pool in pools.items()]
+                for key, pool in sorted(pools.items())]
             for pool in pools.values():  # before the forward (and any capture or replay) reads them
                 self._refresh_ranks(pool, device)
             return
