@@ -251,3 +251,21 @@ def test_steps_of_the_same_pools_in_another_sequence_order_share_one_graph():
         seen.append(KeyedGraphs.key(1, pools))
         hook.end_step()
     assert seen[0] == seen[1]
+
+
+def test_decode_graph_loads_a_step_whose_tables_are_wider_than_its_own():
+    """A device step's block-table rows are padded to 16k blocks (step_inputs.py), which can be
+    wider than a decode graph's static tables (max_model_len / block_size): the padding past
+    them is never read, and the load copies the columns the graph has."""
+    from types import SimpleNamespace
+
+    graphs = object.__new__(cuda_graphs.DecodeGraphs)
+    i64 = dict(dtype=torch.long)
+    graphs.input_ids, graphs.positions = torch.zeros(2, **i64), torch.zeros(2, **i64)
+    graphs.slot_mapping, graphs.context_lens = torch.zeros(2, **i64), torch.zeros(2, **i64)
+    graphs.block_tables = torch.zeros(2, 3, dtype=torch.int32)
+    wide = torch.zeros(2, 16, dtype=torch.int32)
+    wide[:, :3] = torch.tensor([[4, 5, 6], [7, 8, 0]])
+    info = SimpleNamespace(slot_mapping=torch.tensor([9, 10]), context_lens=torch.tensor([40, 20]), block_tables=wide)
+    graphs._load(2, 2, torch.tensor([1, 2]), torch.tensor([39, 19]), info, [], None)
+    assert graphs.block_tables.tolist() == [[4, 5, 6], [7, 8, 0]] and graphs.context_lens.tolist() == [40, 20]

@@ -68,7 +68,32 @@ def test_device_layout_is_one_copy_of_one_buffer(monkeypatch):
     base = inputs._dev.untyped_storage().data_ptr()
     assert info.block_tables.untyped_storage().data_ptr() == base and rows[0].untyped_storage().data_ptr() == base
     assert ids.dtype == pos.dtype == info.slot_mapping.dtype == torch.int64
-    assert ids.shape == (7,) and info.block_tables.shape == (4, 3) and info.logits_indices.shape == (3,)
+    assert ids.shape == (7,) and info.block_tables.shape == (4, 16) and info.logits_indices.shape == (3,)
+
+
+def test_device_block_tables_start_aligned_with_rows_of_16_blocks():
+    """The attention kernels' Triton compile key holds the block tables' 16-byte alignment and row
+    stride (1: a constant, 16k: a hint): with the step's own offset (after its int64 rows) and width
+    they varied step by step, and each new combination compiled the kernels again mid-serving. On a
+    device the tables now start 16-byte aligned, rows padded with block 0 to 16k blocks, so the
+    decode rows [:n] and the prefill rows [n:] are alike every step; every value is unchanged."""
+    inputs = StepInputs(BS, 1, torch.device("meta"), gather_layout=False)
+    inputs._pinned = False
+    for pick in (slice(None), slice(1, None), slice(0, 1), slice(2, None)):
+        pairs = _pairs()[pick]
+        ids, pos = StepInputs(BS, 1, torch.device("cpu"), gather_layout=False).build(_pairs()[pick])[:2]
+        _, _, info, rows = inputs.build(pairs, [torch.arange(sum(n for _, n in pairs), dtype=torch.int32)])
+        tables, n = info.block_tables, info.num_decodes
+        assert tables.shape[1] == 16 and tables.storage_offset() % 4 == 0 and tables[n:].storage_offset() % 4 == 0
+        host = inputs._hosts[inputs._turn]  # what the one copy carried: the values on the host
+        at, width = tables.storage_offset(), max(len(s.block_table) for s, _ in pairs)
+        want = torch.zeros(len(pairs), 16, dtype=torch.int32)
+        for i, (s, _) in enumerate(pairs):
+            want[i, :len(s.block_table)] = torch.tensor(s.block_table)
+        assert torch.equal(host[at:at + tables.numel()].view(tables.shape), want), width
+        slots = host[rows[0].storage_offset():rows[0].storage_offset() + rows[0].numel()]
+        assert slots.tolist() == list(range(rows[0].numel()))
+        assert host[:2 * len(ids)].tolist() == ids.tolist() + pos.tolist()
 
 
 def test_prompt_rows_follow_the_sampling_rows_worked_out_by_hand(monkeypatch):

@@ -269,8 +269,8 @@ class DecodeGraphs(KeyedGraphs):
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(info.slot_mapping)
         self.context_lens[:n].copy_(info.context_lens)
-        width = info.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(info.block_tables)
+        width = min(info.block_tables.shape[1], self.block_tables.shape[1])  # past max_blocks: padding
+        self.block_tables[:n, :width].copy_(info.block_tables[:, :width])
         for row, step_row in zip(slot_rows, hook.per_token_slot_rows() if hook is not None else []):
             row[:n].copy_(step_row)
         self._pad(n, size, slot_rows)

@@ -27,6 +27,7 @@ from nlora_serve.engine.runner.block_tables import BlockTables
 from nlora_serve.engine.scheduling.sequence import Sequence
 
 _I32, _I64 = torch.int32, torch.int64
+TABLE_WIDTH_STEP = 16  # a device step's block-table rows are padded to a multiple of this many blocks
 
 
 class StepInputs:
@@ -95,12 +96,21 @@ class StepInputs:
         return input_ids, positions, info, rows
 
     def _copy(self, flat: list[torch.Tensor], tables: torch.Tensor, extra: list[torch.Tensor]):
-        """Pack into the staging buffer, one copy to the device, split into views there."""
-        sizes = [t.numel() for t in flat]
-        n64 = sum(sizes)
-        total = n64 + tables.numel() + sum(t.numel() for t in extra)
+        """Pack into the staging buffer, one copy to the device, split into views there.
+
+        On a device the block tables start on a 16-byte boundary and their rows are padded (block 0,
+        never read) to a multiple of :data:`TABLE_WIDTH_STEP` blocks: the attention kernels' Triton
+        compile key holds the tables' alignment and row stride (a stride of 1 is a constant, one of
+        16k a divisibility hint), and with the step's own offset and width they were compiled again
+        mid-serving for each combination a step met."""
         if self.device.type == "cpu":  # no copy: int64 tensors as they are, int32 tables
             return flat, tables, [t.to(_I32) for t in extra]
+        sizes = [t.numel() for t in flat]
+        n64 = sum(sizes)
+        if tables.shape[1] % TABLE_WIDTH_STEP:
+            tables = torch.nn.functional.pad(tables, (0, -tables.shape[1] % TABLE_WIDTH_STEP))
+        at_tables = n64 + (-n64 % 4)  # int32 elements: 16 bytes
+        total = at_tables + tables.numel() + sum(t.numel() for t in extra)
         self._turn ^= 1
         host = self._hosts[self._turn]
         if host.numel() < total:
@@ -108,12 +118,13 @@ class StepInputs:
                                                          pin_memory=self._pinned)
         if self._dev.numel() < total:
             self._dev = torch.empty(max(total, 2 * self._dev.numel()), dtype=_I32, device=self.device)
-        torch.cat([*flat, tables.view(-1), *extra], out=host[:total])
+        gap = [torch.zeros(at_tables - n64, dtype=_I32)] if at_tables > n64 else []
+        torch.cat([*flat, *gap, tables.view(-1), *extra], out=host[:total])
         dev = self._dev[:total]
         dev.copy_(host[:total], non_blocking=True)
         wide = dev[:n64].long().split(sizes)  # one widening op for every index the model needs in int64
-        tables32 = dev[n64:n64 + tables.numel()].view(tables.shape)
-        rows, at = [], n64 + tables.numel()
+        tables32 = dev[at_tables:at_tables + tables.numel()].view(tables.shape)
+        rows, at = [], at_tables + tables.numel()
         for t in extra:
             rows.append(dev[at:at + t.numel()])
             at += t.numel()
