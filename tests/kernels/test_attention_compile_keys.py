@@ -12,6 +12,7 @@ only in those offsets.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
@@ -19,6 +20,10 @@ from triton.runtime.jit import JITFunction
 from nlora_serve.kernels.triton_ops import aot
 from nlora_serve.kernels.triton_ops.paged_decode_attention import paged_decode_attention
 from nlora_serve.kernels.triton_ops.paged_prefill_attention import paged_prefill_attention
+from kernel_cases import TEST_DEVICE  # tests/kernels, on sys.path as pytest puts it
+
+# the kernels decorated for the interpreter (conftest), whose launches are recorded here instead
+pytestmark = pytest.mark.skipif(TEST_DEVICE != "cpu", reason="reads the interpreter's launches")
 
 HEADS, KV_HEADS, DIM = 3, 1, 16  # 3 heads and 2 splits: the sums' offset flips alignment with n
 
