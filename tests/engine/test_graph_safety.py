@@ -214,7 +214,7 @@ def test_a_pool_grown_during_a_capture_rebuilds_no_table_inside_it():
     capture: a host-to-device copy and a read-back (``bool(any)``), which a CUDA stream capture
     refuses, failing the step and every request in it. Inside static_decode / static_layout it
     keeps the tables it prepared (the graph's key names that generation: the next step recaptures)."""
-    from nlora_serve.engine.adapter_layer import AdapterHook
+    from nlora_serve.engine.model.adapter_layer import AdapterHook
 
     hook, pool, x, y = AdapterHook(triton=True), _FakePool(), torch.ones(2, 4), torch.zeros(2, 4)
     rows = [torch.tensor([0, -1], dtype=torch.int32)]
@@ -236,8 +236,8 @@ def test_steps_of_the_same_pools_in_another_sequence_order_share_one_graph():
     captured another graph mid-serving. Their order is now one; each row still follows its pool."""
     from types import SimpleNamespace
 
-    from nlora_serve.engine.adapter_layer import AdapterHook
-    from nlora_serve.engine.cuda_graphs import KeyedGraphs
+    from nlora_serve.engine.model.adapter_layer import AdapterHook
+    from nlora_serve.engine.runner.cuda_graphs import KeyedGraphs
 
     hook, a, b = AdapterHook(triton=True), _FakePool(), _FakePool()
     on_a, on_b = SimpleNamespace(pool=a, slot=1), SimpleNamespace(pool=b, slot=2)
