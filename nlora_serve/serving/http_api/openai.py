@@ -64,6 +64,7 @@ import dataclasses
 import json
 import re
 
+from nlora_serve.errors import shown
 from nlora_serve.serving.chat_template import check_plain, render_chat, template_kwargs
 from nlora_serve.serving.http_api.body_bounds import check_prompt_count
 from nlora_serve.serving.http_api.prompts import prompts_of
@@ -354,12 +355,22 @@ def _message_text(message: ChatMessage, index: int) -> str:
     """A message's content; text parts joined by newlines (as vLLM does).
 
     Raises:
-        ParamError: a part that is not text (images, audio, files).
+        ParamError: a part that is not text (images, audio, files), a text part without its text
+            string, or one with fields beyond ``type`` and ``text``; each names the part.
     """
     if isinstance(message.content, str):
         return message.content
     for j, part in enumerate(message.content):
-        if part.type != "text" or part.text is None or part.model_extra:
-            raise ParamError(f"messages[{index}].content[{j}] is a {part.type!r} part: this server reads text "
-                             "parts only ({'type': 'text', 'text': ...})", "messages")
+        where = f"messages[{index}].content[{j}]"
+        if part.type != "text":
+            raise ParamError(f"{where} is a {shown(part.type)!r} part: this server reads text parts only "
+                             "({'type': 'text', 'text': ...})", "messages")
+        if part.text is None:
+            raise ParamError(f"{where}.text is missing or null: a text part carries its text as a string",
+                             "messages")
+        if part.model_extra:
+            extra = ", ".join(repr(shown(name, 40)) for name in list(part.model_extra)[:4])
+            raise ParamError(f"{where} has fields other than 'type' and 'text' ({extra}"
+                             f"{', ...' if len(part.model_extra) > 4 else ''}): a text part takes only those",
+                             "messages")
     return "\n".join(part.text for part in message.content)

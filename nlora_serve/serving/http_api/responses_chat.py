@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
+from nlora_serve.errors import shown
 from nlora_serve.serving.http_api.request_models import IGNORED, ChatRequest, ParamError, unsupported
 from nlora_serve.serving.http_api.responses_request import FORWARDED, HINTS, InputMessage, ResponsesRequest
 from nlora_serve.serving.http_api.responses_tools import add_assistant_text, add_item, chat_tool_choice
@@ -122,14 +123,18 @@ def _text(item: InputMessage, index: int) -> str:
     """A message item's text: its string, or its text parts joined by newlines.
 
     Raises:
-        ParamError: a part that is not ``input_text`` / ``output_text`` (images, files, audio).
+        ParamError: a part that is not ``input_text`` / ``output_text`` (images, files, audio), or
+            one without its text string; each names the part.
     """
     if isinstance(item.content, str):
         return item.content
     for j, part in enumerate(item.content):
-        if part.type not in ("input_text", "output_text") or part.text is None:
-            raise ParamError(f"input[{index}].content[{j}] is a {part.type!r} part: this server reads text parts "
-                             "only ({'type': 'input_text', 'text': ...})", "input")
+        if part.type not in ("input_text", "output_text"):
+            raise ParamError(f"input[{index}].content[{j}] is a {shown(part.type)!r} part: this server reads text "
+                             "parts only ({'type': 'input_text', 'text': ...})", "input")
+        if part.text is None:
+            raise ParamError(f"input[{index}].content[{j}].text is missing or null: the part carries "
+                             "its text as a string", "input")
     return "\n".join(part.text for part in item.content)
 
 
