@@ -217,3 +217,21 @@ def test_min_tokens_over_a_max_tokens_the_client_sent_still_names_it(http_server
                          headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["message"] == "min_tokens must be an integer in [0, max_tokens=4]; got 5"
+
+
+@pytest.mark.parametrize("path, prompt", [("/completions", {"prompt": "Hi"}),
+                                          ("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})])
+def test_stream_and_token_ids_as_tokens_at_null_are_their_defaults(http_server, tokenizer, path, prompt):
+    """s30-hostile: ``"stream": null`` and ``"return_tokens_as_token_ids": null`` were a 400 ("Input
+    should be a valid boolean, got null"), where vLLM (``bool | None``) and OpenAI ("boolean or
+    null") take null as false: a whole JSON answer whose logprob tokens are the tokens' text."""
+    chat = path == "/chat/completions"
+    body = {"model": http_server.server.generation.info.model, **prompt, "max_tokens": 3, "temperature": 0,
+            "stream": None, "return_tokens_as_token_ids": None, "return_token_ids": True,
+            "logprobs": True if chat else 0}
+    resp = requests.post(f"{base_url(http_server)}{path}", json=body, timeout=60,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/json"), resp.text
+    choice = resp.json()["choices"][0]
+    tokens = [e["token"] for e in choice["logprobs"]["content"]] if chat else choice["logprobs"]["tokens"]
+    assert len(choice["token_ids"]) == 3 and tokens == [tokenizer.decode([t]) for t in choice["token_ids"]]

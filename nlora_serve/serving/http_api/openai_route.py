@@ -89,7 +89,7 @@ def shaper_of(rid: str, body: ChatRequest | CompletionRequest, params: SamplingP
         RequestError: the body's tools (checked already where the request was refused before).
     """
     chat = isinstance(body, ChatRequest)
-    return Shaper(rid, body.model, chat, tokenizer, logprobs_asked(body), body.return_tokens_as_token_ids,
+    return Shaper(rid, body.model, chat, tokenizer, logprobs_asked(body), bool(body.return_tokens_as_token_ids),
                   body.include_usage, body.continuous_usage, n=body.num_choices, prompt_ids=prompt_ids, echo=echo,
                   prompt_logprobs=params.prompt_logprobs, token_text=token_text,
                   tools=body.tool_calls(auto_parser)[0] if chat else None, token_ids=bool(body.return_token_ids),

@@ -70,7 +70,7 @@ class OpenAIRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # {token id as a string: bias in [-100, 100]}, OpenAI's
-    stream: bool = False
+    stream: bool | None = False  # null: false (vLLM's bool | None; OpenAI's "boolean or null")
     stream_options: StreamOptions | None = None
     user: str | None = None
     top_k: int | None = None  # extensions (vLLM's names) from here on
@@ -86,7 +86,7 @@ class OpenAIRequest(BaseModel):
     spaces_between_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled (engine/sample/token_masks.py)
     bad_words: list[str] | None = None  # vLLM's: words never generated (engine/sample/token_masks.py)
-    return_tokens_as_token_ids: bool = False
+    return_tokens_as_token_ids: bool | None = False  # null: false, as vLLM's bool | None
     # vLLM's: per generated token the log-probabilities of these ids (and the sampled token's) instead
     # of the top-k; needs logprobs (http_api/openai.py's logprobs_asked)
     logprob_token_ids: list[int] | None = None
