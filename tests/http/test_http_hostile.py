@@ -235,3 +235,25 @@ def test_stream_and_token_ids_as_tokens_at_null_are_their_defaults(http_server, 
     choice = resp.json()["choices"][0]
     tokens = [e["token"] for e in choice["logprobs"]["content"]] if chat else choice["logprobs"]["tokens"]
     assert len(choice["token_ids"]) == 3 and tokens == [tokenizer.decode([t]) for t in choice["token_ids"]]
+
+
+@pytest.mark.parametrize("include_usage", [None, True])
+def test_stream_options_at_null_are_their_defaults(http_server, include_usage):
+    """s30-hostile: ``stream_options`` ``{"include_usage": null}`` (or ``continuous_usage_stats``)
+    was a 400, where vLLM's StreamOptions (``bool | None``) takes null as false: null sends no usage
+    chunk; true with ``continuous_usage_stats`` null sends one closing usage chunk only, its
+    completion_tokens the tokens streamed."""
+    body = {"model": http_server.server.generation.info.model, "prompt": "Hi", "max_tokens": 3, "temperature": 0,
+            "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": include_usage, "continuous_usage_stats": None}}
+    resp = requests.post(f"{base_url(http_server)}/completions", json=body, timeout=60,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert resp.status_code == 200, resp.text
+    chunks = [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: {")]
+    streamed = sum(len(c["choices"][0]["token_ids"] or []) for c in chunks if c["choices"])
+    usages = [c["usage"] for c in chunks if c.get("usage")]
+    assert streamed == 3 and resp.text.rstrip().endswith("data: [DONE]")
+    if include_usage:
+        assert len(usages) == 1 and not chunks[-1]["choices"] and usages[0]["completion_tokens"] == streamed
+    else:
+        assert usages == []

@@ -49,8 +49,8 @@ class ParamError(RequestError):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False  # one last chunk with usage and no choices
-    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk has the usage so far
+    include_usage: bool | None = False  # one last chunk with usage and no choices (null: false, as vLLM)
+    continuous_usage_stats: bool | None = False  # vLLM's: with include_usage, every chunk has the usage so far
     # OpenAI's random padding of chunks (a side-channel mitigation): none here, so false or null only
     include_obfuscation: bool | None = None
 
@@ -108,11 +108,11 @@ class OpenAIRequest(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
     @property
     def continuous_usage(self) -> bool:
-        return self.include_usage and self.stream_options.continuous_usage_stats
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     @property
     def max_tokens_given(self) -> bool:
