@@ -121,12 +121,21 @@ def _apply_template(tokenizer, field: str, messages: list[dict[str, str]], **opt
 
     Raises:
         RequestError: transformers' ValueError (with continue_final_message: the final content is
-            not in the rendering), naming ``field``.
+            not in the rendering), naming ``field``; the template's own refusal of the messages
+            (its ``raise_exception``: Gemma's "System role not supported", Mistral's and Llama 2's
+            "Conversation roles must alternate user/assistant/...") or an error rendering them (a
+            Jinja TemplateError or TypeError: a tool call without its function), as vLLM's 400
+            for these, where they escaped as a 500.
     """
+    import jinja2
+
     try:
         return tokenizer.apply_chat_template(messages, **options)
     except ValueError as exc:
         raise RequestError(f"{field}: {exc}") from None
+    except (jinja2.TemplateError, TypeError) as exc:
+        raise RequestError(f"{field}: the model's chat template cannot render these messages: "
+                           f"{shown(str(exc) or type(exc).__name__)}") from None
 
 
 # apply_chat_template's own arguments: never template variables from a request

@@ -257,3 +257,29 @@ def test_stream_options_at_null_are_their_defaults(http_server, include_usage):
         assert len(usages) == 1 and not chunks[-1]["choices"] and usages[0]["completion_tokens"] == streamed
     else:
         assert usages == []
+
+
+# Gemma's refusal of a system turn, as its template writes it (Mistral's and Llama 2's alternate-roles check alike)
+_REFUSING_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                      "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("template, said", [
+    (_REFUSING_TEMPLATE, "System role not supported"),
+    ("{{ messages[0]['content'] + 5 }}", 'can only concatenate str (not "int") to str'),  # a TypeError rendering
+], ids=["raise_exception", "type_error"])
+def test_a_chat_template_that_refuses_the_messages_is_a_400_naming_them(http_server, tokenizer, monkeypatch,
+                                                                        template, said):
+    """s30-hostile: a model's template that refuses the messages (its ``raise_exception``: Gemma's
+    system role, Mistral's alternating roles) or fails rendering them raised jinja2's TemplateError
+    or a TypeError through the front ends: a 500 on HTTP, INTERNAL on gRPC. vLLM answers 400."""
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    words = f"messages: the model's chat template cannot render these messages: {said}"
+    _refused(_raw(http_server, "/chat/completions", _chat_json(http_server, messages=messages)), "messages", words)
+    with pytest.raises(grpc.RpcError) as err:
+        _grpc_generate(http_server, chat={"messages": messages})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details(), err.value
+    monkeypatch.undo()
+    assert _raw(http_server, "/chat/completions", _chat_json(http_server, messages=messages)).status_code == 200
