@@ -59,8 +59,8 @@ def sampling_params(msg: pb.SamplingParams, config: ServerConfig) -> SamplingPar
 
     Raises:
         RequestError: a field out of range (top_logprobs or prompt_logprobs over
-            :data:`~nlora_serve.engine.sample.sampling.MAX_LOGPROBS`), max_tokens over ``config.max_tokens``,
-            a malformed structured_outputs (:func:`structured_of`),
+            :data:`~nlora_serve.engine.sample.sampling.MAX_LOGPROBS`; a max_tokens over ``config.max_tokens``
+            is lowered to it, never refused), a malformed structured_outputs (:func:`structured_of`),
             or with max_tokens unset min_tokens over the unset max_tokens' limit.
     """
     max_tokens = max_tokens_of(msg.max_tokens, config)
