@@ -86,3 +86,23 @@ def test_a_body_for_the_other_openai_endpoint_says_where_it_goes(chat, body, loc
     assert first["loc"] == loc and first["msg"].startswith("Field required") and words in first["msg"], first
     if len(body) == 1 and "model" in body:
         assert first["msg"] == "Field required"
+
+
+EFFORTS = "'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'"  # vLLM 0.32's Literal, OpenAI's
+
+
+@pytest.mark.parametrize("kind, fields, loc", [
+    (ChatRequest, {"messages": HI, "reasoning_effort": "hgih"}, ("reasoning_effort",)),
+    (ResponsesRequest, {"input": "hi", "reasoning": {"effort": "hgih"}}, ("reasoning", "effort")),
+], ids=["chat", "responses"])
+def test_a_reasoning_effort_vllm_does_not_know_is_refused_naming_it(kind, fields, loc):
+    """s30-hostile: any string was taken as reasoning_effort ("hgih", or 5,000 characters) and given
+    to the template, which a reasoning model's template compares with "high": the typo changed
+    nothing, silently. vLLM's field is a Literal of these values: a 400 naming it."""
+    with pytest.raises(RequestValidationError) as err:
+        validated(kind, {"model": "m", **fields})
+    first = err.value.errors()[0]
+    assert first["loc"] == loc and first["msg"] == f'Input should be {EFFORTS}, got "hgih"', first
+    for effort in ("none", "high", "max", None):
+        good = {"reasoning_effort": effort} if kind is ChatRequest else {"reasoning": {"effort": effort}}
+        validated(kind, {"model": "m", **{**fields, **good}})

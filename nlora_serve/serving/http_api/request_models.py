@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from nlora_serve.serving.http_api.prompts import check_prompt_shape
@@ -142,6 +144,11 @@ class CompletionRequest(OpenAIRequest):
         return check_prompt_shape(prompt)
 
 
+# reasoning_effort's values, vLLM 0.32's and OpenAI's (chat's reasoning_effort, Responses' reasoning.effort):
+# another (a typo of "high") is a 400, as in vLLM, never passed on to a template that would not match it
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")  # checked in _message_text: text parts only
     type: str
@@ -182,7 +189,7 @@ class ChatRequest(OpenAIRequest):
     # extra chat template variables (vLLM's: the ones the template reads; see chat_template.template_kwargs)
     chat_template_kwargs: dict | None = None
     documents: list[dict[str, str]] | None = None  # the template's ``documents`` (RAG), as vLLM
-    reasoning_effort: str | None = None  # the template's ``reasoning_effort`` (and enable_thinking), as vLLM
+    reasoning_effort: ReasoningEffort | None = None  # the template's ``reasoning_effort`` (and enable_thinking), as vLLM
 
     def tool_calls(self, auto_parser: str | None = None) -> tuple[ToolCalls | None, dict | None]:
         """See :func:`~nlora_serve.serving.http_api.tools.tool_calls_of` (raises RequestError);

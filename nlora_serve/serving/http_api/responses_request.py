@@ -41,7 +41,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from nlora_serve.serving.http_api.request_models import ParamError
+from nlora_serve.serving.http_api.request_models import ParamError, ReasoningEffort
 from nlora_serve.serving.http_api.responses_tools import (FunctionCallItem, FunctionCallOutputItem, FunctionTool,
                                                           function_tools)
 from nlora_serve.serving.status import ResponseNotFound
@@ -112,7 +112,7 @@ class TextConfig(BaseModel):
 class Reasoning(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     context: Literal["auto", "current_turn", "all_turns"] | None = None
-    effort: str | None = None  # the chat template's reasoning_effort, as vLLM's build_chat_params
+    effort: ReasoningEffort | None = None  # the chat template's reasoning_effort, as vLLM's build_chat_params
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
     mode: str | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
