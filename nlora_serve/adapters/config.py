@@ -18,12 +18,12 @@ from pathlib import Path
 
 import regex
 
-from nlora_serve.adapters.file_read import read_file
-from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.adapters.file_read import CONFIG_FILE, read_file
+from nlora_serve.adapters.limits import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.spec import PROJECTIONS, ModelSpec
 
-CONFIG_NAME = "adapter_config.json"
+CONFIG_NAME = CONFIG_FILE
 PATTERN_TIMEOUT_S = 0.05  # per match of an adapter-supplied regex against one module name
 # entries of target_modules, exclude_modules, layers_pattern, rank_pattern, alpha_pattern at most: each is
 # matched against every module name (a 128-layer model's every projection named is 896)

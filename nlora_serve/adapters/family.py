@@ -35,7 +35,8 @@ from nlora_serve.adapters.format import read_bytes
 from nlora_serve.adapters.writing import Undo, atomic_write, make_dirs
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_N, group_keys, tensor_key
 from nlora_serve.adapters.store import AdapterStore
-from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES, FACTORS_FILE, FAMILIES
+from nlora_serve.adapters.limits import DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.adapters.store.layout import FACTORS_FILE, FAMILIES
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.spec import ModelSpec
 

@@ -16,8 +16,13 @@ import os
 import stat
 from pathlib import Path
 
-from nlora_serve.adapters.store.layout import ALLOWED_FILES, DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.adapters.limits import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.errors import AdapterError
+
+# an adapter folder's files (PEFT's names), the only ones read from it or kept of it in the store
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ALLOWED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 def open_regular(path: Path, expected: str) -> int:

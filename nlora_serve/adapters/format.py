@@ -18,10 +18,10 @@ from safetensors import SafetensorError, deserialize
 from safetensors.torch import load
 
 from nlora_serve.adapters.config import CONFIG_NAME, check_adapter_dir
-from nlora_serve.adapters.file_read import open_regular
+from nlora_serve.adapters.file_read import WEIGHTS_FILE, open_regular
 from nlora_serve.errors import AdapterError
 
-WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = WEIGHTS_FILE
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # safetensors dtype names we accept; each converts exactly to float32.
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

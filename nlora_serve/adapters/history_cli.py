@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import asdict
 
-from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.adapters.limits import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.arg_types import integer_arg
 
 DEFAULT_STORE = "./nlora-adapters"  # serve's --adapter-dir default

@@ -1,4 +1,5 @@
-"""AdapterLimits: what adapters the server takes and holds (DESIGN §3), and the default rank bound.
+"""AdapterLimits: what adapters the server takes and holds (DESIGN §3), and the default rank and
+byte bounds.
 
 Kept free of torch: the ``serve`` and ``generate`` flags print these defaults in their ``--help``
 without loading the engine.
@@ -8,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES
-
 DEFAULT_MAX_RANK = 64  # --max-rank
+DEFAULT_MAX_ADAPTER_BYTES = 256 << 20  # --max-adapter-bytes: one adapter's (one version's) files together, bytes
 # keep_versions of a command that only reads the store (generate --adapter-dir): it prunes no version a
 # server's --keep-versions kept to roll back to
 KEEP_ALL_VERSIONS = 1 << 31

@@ -19,8 +19,7 @@ from nlora_serve.adapters.config import (CONFIG_NAME, AdapterConfig, SitePlan, p
                                          read_config)
 from nlora_serve.adapters.file_read import read_file
 from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_header_bytes, weights_path
-from nlora_serve.adapters.limits import DEFAULT_MAX_RANK
-from nlora_serve.adapters.store.layout import DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.adapters.limits import DEFAULT_MAX_ADAPTER_BYTES, DEFAULT_MAX_RANK
 from nlora_serve.adapters.keys import PART_A, PART_B, PART_BIAS, PART_N, group_keys
 from nlora_serve.adapters.family import FamilyFactors, FamilyResolver, make_factors
 from nlora_serve.adapters.tied import family_key, is_tied, tie_to_base

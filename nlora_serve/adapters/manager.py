@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from nlora_serve.adapters.family import FamilyResolver, import_family
-from nlora_serve.adapters.file_read import check_folder
+from nlora_serve.adapters.file_read import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE, check_folder
 from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
 from nlora_serve.adapters.pool import Placement
@@ -29,7 +29,6 @@ from nlora_serve.adapters.swap import replace_n
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.adapters.store.batch import OpenBatch
 from nlora_serve.adapters.store.base_record import BaseIdentity, adopt_after_restore, check_base
-from nlora_serve.adapters.store.layout import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.errors import AdapterError
 from nlora_serve.models.base import BaseModel
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.family import compact_family_files
+from nlora_serve.adapters.file_read import CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.registry_pins import RegistryPins
 from nlora_serve.adapters.save import compact_tied_files
 from nlora_serve.adapters.store import AdapterStore
-from nlora_serve.adapters.store.layout import CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.adapters.swap import full_form_swap, stored_file
 from nlora_serve.adapters.version import AdapterNotFound, AdapterVersion, VersionConflict
 from nlora_serve.errors import AdapterError, shown

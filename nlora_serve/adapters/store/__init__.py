@@ -20,8 +20,9 @@ Modules, by concern::
 callers need from here.
 """
 
-from nlora_serve.adapters.store.layout import (ALLOWED_FILES, CONFIG_FILE, DEFAULT_MAX_ADAPTER_BYTES, STAGING,
-                                               UNLOADED, WEIGHTS_FILE, StoredVersion, content_hash)
+from nlora_serve.adapters.file_read import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE
+from nlora_serve.adapters.limits import DEFAULT_MAX_ADAPTER_BYTES
+from nlora_serve.adapters.store.layout import STAGING, UNLOADED, StoredVersion, content_hash
 from nlora_serve.adapters.store.reads import AdapterStore
 
 __all__ = ["ALLOWED_FILES", "CONFIG_FILE", "DEFAULT_MAX_ADAPTER_BYTES", "STAGING", "UNLOADED", "WEIGHTS_FILE",

@@ -27,8 +27,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from nlora_serve.adapters.file_read import CONFIG_FILE
 from nlora_serve.adapters.store import durable
-from nlora_serve.adapters.store.layout import CONFIG_FILE, FAMILIES, STAGING, is_version_name
+from nlora_serve.adapters.store.layout import FAMILIES, STAGING, is_version_name
 from nlora_serve.errors import AdapterError
 
 log = logging.getLogger("nlora_serve.adapters.store")

@@ -15,10 +15,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from nlora_serve.adapters.file_read import ALLOWED_FILES
+from nlora_serve.adapters.limits import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.store import durable
-from nlora_serve.adapters.store.layout import (ALLOWED_FILES, DEFAULT_MAX_ADAPTER_BYTES, UNLOADED, StoredVersion,
-                                               content_hash, is_version_name)
+from nlora_serve.adapters.store.layout import UNLOADED, StoredVersion, content_hash, is_version_name
 from nlora_serve.adapters.store.lock import StoreInUse
 from nlora_serve.adapters.store.reads import AdapterStore
 from nlora_serve.adapters.store.sums import StoredHashMismatch, check_sums, recorded

@@ -22,16 +22,16 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from nlora_serve.adapters.file_read import ALLOWED_FILES
+from nlora_serve.adapters.limits import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.adapters.store import durable
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-ALLOWED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+# a version's files are an adapter folder's (adapters/file_read.py: CONFIG_FILE, WEIGHTS_FILE, ALLOWED_FILES),
+# its byte bound the readers' (adapters/limits.py: DEFAULT_MAX_ADAPTER_BYTES)
 STAGING = ".staging"
 UNLOADED = "UNLOADED"
 FAMILIES = "_families"  # shared factors of compressed families (adapters/family.py), not an adapter
 FACTORS_FILE = "family.safetensors"  # a family's file in FAMILIES/<key>/
-DEFAULT_MAX_ADAPTER_BYTES = 256 << 20  # --max-adapter-bytes: one version's files together, bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,13 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nlora_serve.adapters.file_read import ALLOWED_FILES
+from nlora_serve.adapters.limits import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.adapters.store import durable, journal, lock
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.store.base_record import BASE_FILE, BaseIdentity
 from nlora_serve.adapters.store.batch import StartBatch
-from nlora_serve.adapters.store.layout import (ALLOWED_FILES, DEFAULT_MAX_ADAPTER_BYTES, FAMILIES, STAGING, UNLOADED,
-                                               StoredVersion, is_version_name)
+from nlora_serve.adapters.store.layout import FAMILIES, STAGING, UNLOADED, StoredVersion, is_version_name
 from nlora_serve.adapters.store.sums import check_sums, recorded
 from nlora_serve.adapters.store.writes import StoreWrites
 from nlora_serve.errors import AdapterError

@@ -16,13 +16,14 @@ import shutil
 import threading
 from pathlib import Path
 
+from nlora_serve.adapters.file_read import ALLOWED_FILES
 from nlora_serve.adapters.store import durable
 from nlora_serve.adapters.store.base_record import write_record
 from nlora_serve.adapters.store.batch import StartBatch
 from nlora_serve.adapters.store.journal import Journal
 from nlora_serve.adapters.store.durable import StoreWriteError, fsync_dir, raise_if_disk_error, write_synced
 from nlora_serve.adapters.names import check_no_case_twin
-from nlora_serve.adapters.store.layout import ALLOWED_FILES, STAGING, UNLOADED, StoredVersion
+from nlora_serve.adapters.store.layout import STAGING, UNLOADED, StoredVersion
 from nlora_serve.adapters.store.sums import SUMS_FILE, check_linked, record, sums_bytes
 from nlora_serve.errors import AdapterError
 
