@@ -104,7 +104,7 @@ def summarise(rank: int, rep: dict, quality: dict, real: list[str]) -> dict:
 
 
 def make_engine(store: Path, concurrency: int, prompt_len: int, new_tokens: int, rank: int):
-    from nlora_serve.adapters.manager import AdapterLimits
+    from nlora_serve.adapters.runtime.manager import AdapterLimits
     from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from nlora_serve.engine.llm_engine import LLMEngine
     from nlora_serve.models import load_base

@@ -24,9 +24,9 @@ from types import SimpleNamespace
 import torch
 
 from nlora_serve.adapters.limits import AdapterLimits
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.version import AdapterVersion
+from nlora_serve.adapters.runtime.version import AdapterVersion
 from nlora_serve.engine.slot_wait import SlotWaiters
 from nlora_serve.models import load_base, resolve_model
 

@@ -28,10 +28,10 @@ Where to start reading:
 - where an adapter's term is computed, per device and token kind: ``engine/model/adapter_layer.py``'s
   module docstring;
 - a hot-swap of a tenant's N: ``client/cli.py`` ``_swap`` → ``serving/grpc_api/admin.py``
-  ``AdapterAdmin._swap`` → ``adapters/manager.py`` ``AdapterManager.swap`` →
-  ``adapters/registry.py`` ``AdapterRegistry.swap_weights`` (``adapters/swap.py`` ``replace_n``
-  validates the new N) → ``_commit``: ``adapters/residency.py`` ``Residency.admit`` writes it
-  into a free slot of its ``adapters/pool.py`` ``TiedPool``, the store writes it durably, and the
+  ``AdapterAdmin._swap`` → ``adapters/runtime/manager.py`` ``AdapterManager.swap`` →
+  ``adapters/runtime/registry.py`` ``AdapterRegistry.swap_weights`` (``adapters/runtime/swap.py`` ``replace_n``
+  validates the new N) → ``_commit``: ``adapters/runtime/residency.py`` ``Residency.admit`` writes it
+  into a free slot of its ``adapters/runtime/pool.py`` ``TiedPool``, the store writes it durably, and the
   name switches to the new version. Requests admitted from then on carry the new slot into the
   step (``engine/model/adapter_layer.py`` ``AdapterHook.begin_step``) and the kernels read it from the
   same pool tensor (their views are rebuilt only when a pool grows: ``generation``); running

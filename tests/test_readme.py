@@ -259,7 +259,7 @@ def _files(path: str) -> list[Path]:
 
 def test_the_readmes_walk_through_the_code_names_what_the_code_defines():
     # h117: a newcomer following "One request through the code" and "Terms" met `stream.metered` (the
-    # class is stream.Metered), FamilyPool under adapters/pool.py and AdapterVersion under registry.py
+    # class is stream.Metered), FamilyPool under adapters/runtime/pool.py and AdapterVersion under registry.py
     # (both moved to modules of their own). Each `module.Name`, each `file.py` and each name that
     # follows a file in the same clause must exist where the README says.
     readme = (REPO / "README.md").read_text()

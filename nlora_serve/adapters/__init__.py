@@ -1,5 +1,6 @@
 """Adapters: read / validate / write PEFT-style LoRA, SLoRA, NLoRA and IntTune directories,
-Nyström init, tied detection and the compact tied form, convert; the store and registry.
+Nyström init, tied detection and the compact tied form, convert; the on-disk store; and what a
+running server holds of them (runtime/).
 
 The engine-facing API: :func:`read_adapter` (validated, typed :class:`Adapter`), its
 :class:`SiteWeights` per (layer, module), :func:`write_adapter`, :func:`init_adapter`,
@@ -10,10 +11,11 @@ Modules, by concern::
     reading and writing an adapter folder
       keys.py          tensor key names <-> (layer, module, part)
       config.py        adapter_config.json: parse, validate, which modules are adapted, scaling
-      file_read.py     an adapter folder's files read whole (never mapped, no FIFO or device opened),
-                       the folder checked before any read (check_folder)
+      file_read.py     an adapter folder's files (CONFIG_FILE, WEIGHTS_FILE) read whole (never mapped,
+                       no FIFO or device opened), the folder checked before any read (check_folder)
       format.py        safetensors bytes in (reading only; never a pickle)
       bounds.py        the values an adapter may hold so that serving it stays finite
+      limits.py        AdapterLimits, the default rank and byte bounds (torch-free, for the flags' --help)
       loader.py        read_adapter: one folder validated against a base model
       adapter.py       Adapter and SiteWeights, what every reader returns
       names.py         the adapter-name rule
@@ -26,18 +28,15 @@ Modules, by concern::
       compress/        ``adapters compress``: many LoRAs into one family (maths, build, report, cli)
       tune/            ``adapters tune``: IntTune training of N (train, data, unlikelihood, cli)
       history_cli.py   ``adapters versions`` / ``adapters rollback`` on a store folder (store/history.py)
-    serving them (AdapterManager is the engine's one handle)
+    serving them
       store/           one folder per name, one per version, written atomically and durably:
                        AdapterStore (reads.py, writes.py), layout, durable file operations, SHA256SUMS,
                        the root's lock, a family's shared factors, the versions kept (--keep-versions)
                        and their offline rollback (its __init__ maps them)
-      registry.py      name -> current version: register, hot-swap, unload, free; registry_pins.py
-                       the requests' pins and refcounts on them (acquire / release, hold / let_go)
-      swap.py          a hot-swap's N-only payload checked against the version it replaces
-      residency.py     which version sits in which pool slot, within the memory limits
-      pool.py          TiedPool, LoraPool (and family_pool.py's FamilyPool): slots as the kernels read them
-      manager.py       AdapterManager: store + registry + residency, wired together; limits.py:
-                       AdapterLimits (torch-free, for the flags' --help)
+      runtime/         what a running server holds (vLLM's runtime LoRA loading): the registry of
+                       names, versions, pins and hot-swaps, the pools and which version sits in which
+                       slot, and AdapterManager, the engine's one handle on them (its __init__ maps
+                       them); engine/ and serving/ import it, nothing else here does
 """
 
 from importlib import import_module

@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
-from nlora_serve.adapters.version import AdapterVersion, Hold
+from nlora_serve.adapters.runtime.version import AdapterVersion, Hold
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.sample.prompt_logprobs import PromptLogprob
 from nlora_serve.engine.sample.sampling import RequestError, SamplingParams

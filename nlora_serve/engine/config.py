@@ -169,7 +169,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     adapter_dir: str | None = None  # the adapter store (--adapter-dir); None: no adapters served
     # what adapters the server takes and holds: max rank, resident untied adapters, tied tenants'
-    # bytes, a store version's bytes (adapters/manager.py)
+    # bytes, a store version's bytes (adapters/runtime/manager.py)
     adapter_limits: AdapterLimits = field(default_factory=AdapterLimits)
     # "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda" or "cuda:N": where the
     # weights, the KV cache, the activations and sampling live

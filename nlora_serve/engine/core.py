@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.model.adapter_layer import AdapterHook
 from nlora_serve.engine.request_checks import check_request, fit_to_context, unloaded_reason
@@ -75,7 +75,7 @@ class EngineCore:
         self.tokenizer_path = base.tokenizer_path
         self.runner, native, num_blocks = build_runner(config, base, device)
         self.reset_scheduling(num_blocks)
-        # with fair scheduling, contending tenants share the LoRA slots too (adapters/residency.py)
+        # with fair scheduling, contending tenants share the LoRA slots too (adapters/runtime/residency.py)
         sched = config.scheduler
         shares = sched.tenant_weights if sched.policy == "fair" else None
         self.adapters = AdapterManager(base, config.adapter_dir, config.adapter_limits, placement=self.runner.placement(),

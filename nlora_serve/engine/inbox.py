@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from nlora_serve.adapters.version import AdapterVersion
+from nlora_serve.adapters.runtime.version import AdapterVersion
 from nlora_serve.engine.sample.sampling import SamplingParams
 
 

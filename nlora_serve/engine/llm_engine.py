@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 from transformers import AutoTokenizer
 
-from nlora_serve.adapters.manager import AdapterManager
-from nlora_serve.adapters.version import AdapterVersion, Hold
-from nlora_serve.adapters.residency import SlotBusy
+from nlora_serve.adapters.runtime.manager import AdapterManager
+from nlora_serve.adapters.runtime.version import AdapterVersion, Hold
+from nlora_serve.adapters.runtime.residency import SlotBusy
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel
 from nlora_serve.engine.config import EngineConfig

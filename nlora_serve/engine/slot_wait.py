@@ -1,7 +1,7 @@
 """Requests waiting for a LoRA slot (the native engine's step thread; DESIGN §3).
 
 An untied adapter's request that finds every ``--max-loras`` slot held by requests, or its
-tenant's share of them (:class:`~nlora_serve.adapters.residency.SlotBusy`), waits here with its
+tenant's share of them (:class:`~nlora_serve.adapters.runtime.residency.SlotBusy`), waits here with its
 version reserved (``AdapterManager.reserve``: not freed, no slot) instead of being refused, as
 vLLM's scheduler leaves a waiting request whose LoRA would exceed ``max_loras`` in the queue.
 Between steps the engine tries each again (:meth:`SlotWaiters.admit`), in the scheduling policy's
@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from nlora_serve.adapters.manager import AdapterManager
-from nlora_serve.adapters.residency import CONTEND_SECONDS, SlotBusy
+from nlora_serve.adapters.runtime.manager import AdapterManager
+from nlora_serve.adapters.runtime.residency import CONTEND_SECONDS, SlotBusy
 
 # seconds between tries while requests wait for a slot and no step runs: a safety net only, as every
 # change that may place one wakes the engine (AdapterManager.on_slot_change)

@@ -2,7 +2,7 @@
 
 `engine/` builds one :class:`AdapterBatch` per pool per forward step from the slot of every token
 and that pool's per-slot rank, scaling and family (``slot_ranks``, ``slot_scalings``,
-``slot_families`` of adapters/pool.py), then hands the same object to every adapted
+``slot_families`` of adapters/runtime/pool.py), then hands the same object to every adapted
 projection (30 layers × 7 projections on the default model). Everything a kernel needs that depends
 only on the token layout is computed here once, so no op recomputes it 210 times.
 
@@ -44,7 +44,7 @@ class AdapterBatch:
     # -- inputs, as given by engine/ ----------------------------------------------------------
     token_slots: torch.Tensor  # [T] int32: N-pool slot of each token, NO_ADAPTER = base only
     slot_ranks: torch.Tensor  # [S] int32: rank r of each slot (pool entries beyond r are zero)
-    # [S] float32: the kernels' s per slot (y += s · B N A x). The engine's pools (adapters/pool.py)
+    # [S] float32: the kernels' s per slot (y += s · B N A x). The engine's pools (adapters/runtime/pool.py)
     # always pass 1: PEFT's s = alpha / r (or / sqrt(r), rsLoRA) differs per module under
     # rank_pattern / alpha_pattern, which one number per slot cannot hold, so it is folded into N
     slot_scalings: torch.Tensor

@@ -12,7 +12,7 @@ class KernelSiteWeights:
     """Pools of one site. R = the pools' rank width (the server's max rank, or less).
 
     Contract shared by every path: in a slot or family that tokens use, entries beyond that slot's
-    rank are zero (the engine's pools write each slot zero-padded: ``write`` in adapters/pool.py;
+    rank are zero (the engine's pools write each slot zero-padded: ``write`` in adapters/runtime/pool.py;
     ``release_slot`` clears nothing), so mixed ranks run in one launch at width R.
     Free slots/families may hold anything, NaN included: no op ever reads them.
     Any of these may be a strided view (e.g. ``n_pool = pool[:, site]`` of the [S, sites, R, R]

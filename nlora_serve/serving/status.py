@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import grpc
 
-from nlora_serve.adapters.version import AdapterNotFound, VersionConflict
-from nlora_serve.adapters.residency import AdapterLoadFailed, PoolFull
+from nlora_serve.adapters.runtime.version import AdapterNotFound, VersionConflict
+from nlora_serve.adapters.runtime.residency import AdapterLoadFailed, PoolFull
 from nlora_serve.adapters.store.durable import StoreReadError, StoreWriteError
 from nlora_serve.adapters.store.sums import StoredHashMismatch
 from nlora_serve.errors import MAX_ERROR_CHARS, AdapterError, NloraError, capped

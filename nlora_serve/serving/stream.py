@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from nlora_serve.adapters.version import Hold
+from nlora_serve.adapters.runtime.version import Hold
 from nlora_serve.errors import NloraError
 from nlora_serve.engine.api import Engine, EngineError, RequestAborted, RequestOutput
 from nlora_serve.engine.request_checks import fit_to_context

@@ -20,7 +20,7 @@ import torch
 
 from nlora_serve.adapters.bounds import MAX_ACTIVATION
 from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.errors import AdapterError
 
 CASES = Path(__file__).resolve().parents[1] / "data" / "cases"

@@ -18,7 +18,7 @@ from nlora_serve.adapters.family import factors_bytes, make_factors, parse_facto
 from nlora_serve.adapters.format import read_header_bytes, read_stacked
 from nlora_serve.adapters.keys import group_keys, tensor_key
 from nlora_serve.adapters.loader import read_adapter_bytes
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.errors import AdapterError
 
 CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nlora_serve.adapters.format import MAX_HEADER_BYTES, MAX_TENSORS, read_bytes, read_header_bytes
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.errors import AdapterError
 
 CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"

@@ -19,13 +19,13 @@ import torch
 
 from nlora_serve.adapters.format import read_stacked
 from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.version import AdapterVersion, VersionConflict
-from nlora_serve.adapters.residency import Residency
+from nlora_serve.adapters.runtime.version import AdapterVersion, VersionConflict
+from nlora_serve.adapters.runtime.residency import Residency
 from nlora_serve.adapters.save import write_adapter
 from nlora_serve.adapters.store import CONFIG_FILE, STAGING, WEIGHTS_FILE
-from nlora_serve.adapters.swap import replace_n
+from nlora_serve.adapters.runtime.swap import replace_n
 from nlora_serve.errors import AdapterError
 
 KEYS = [f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_N.weight" for i in range(7)]

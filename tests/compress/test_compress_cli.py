@@ -13,7 +13,7 @@ import pytest
 
 from family_helpers import write_lora
 from nlora_serve.adapters.cli import main
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 
 TRAINED = Path(__file__).parents[1] / "data" / "trained_loras"
 NAMES = ["code", "french", "pirate", "shout"]

@@ -14,9 +14,9 @@ import torch
 from family_helpers import family_deltas, lora_deltas, write_lora
 from family_helpers import key as key_of
 from nlora_serve.adapters.compress.build import compress_adapters, write_family
-from nlora_serve.adapters.family_pool import FamilyPool
+from nlora_serve.adapters.runtime.family_pool import FamilyPool
 from nlora_serve.adapters.loader import read_adapter
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.engine.model.adapter_layer import AdapterHook
 from nlora_serve.errors import AdapterError
 
@@ -255,7 +255,7 @@ def test_a_member_the_registry_refuses_leaves_its_factors_uncached(base_fp32, fa
     from nlora_serve.adapters.store import durable
     from nlora_serve.adapters.store.durable import StoreWriteError
     from nlora_serve.adapters.limits import AdapterLimits
-    from nlora_serve.adapters.residency import PoolFull
+    from nlora_serve.adapters.runtime.residency import PoolFull
 
     config, weights, key = _full_form_upload(base_fp32, family_dir)
     files = {"adapter_config.json": config, "adapter_model.safetensors": weights}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.adapters.runtime.manager import AdapterLimits
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig, resolve_device
 from nlora_serve.engine.core import EngineCore
 from nlora_serve.kernels.cpu.gemm import NativeLinear, PackedLinear

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 
 from greedy_rule import matches_reference
-from nlora_serve.adapters.version import AdapterNotFound
+from nlora_serve.adapters.runtime.version import AdapterNotFound
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine
 from nlora_serve.engine.api import EngineError, RequestAborted
@@ -172,7 +172,7 @@ def _boom(pairs, previous=None, scored=None):
 
 @pytest.mark.parametrize("case", ["inttune-nystrom-tied", "lora-bias", "nlora-reference-format"])
 def test_bf16_prefill_logits_with_an_adapter_close_to_fp32(base_fp32, tmp_path, case):
-    from nlora_serve.adapters.manager import AdapterManager
+    from nlora_serve.adapters.runtime.manager import AdapterManager
     from nlora_serve.models import load_base
     from nlora_serve.engine.model.adapter_layer import AdapterHook
     from nlora_serve.engine.scheduling.block_manager import BlockManager

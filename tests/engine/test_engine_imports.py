@@ -12,7 +12,7 @@ import sys
 for name in {BLOCKED!r}:
     sys.modules[name] = None  # any import of it now raises ImportError
 import nlora_serve.engine.llm_engine, nlora_serve.engine.core, nlora_serve.engine.runner.memory
-import nlora_serve.engine.model.attention, nlora_serve.models.dummy, nlora_serve.adapters.manager
+import nlora_serve.engine.model.attention, nlora_serve.models.dummy, nlora_serve.adapters.runtime.manager
 print("imported")
 """
 

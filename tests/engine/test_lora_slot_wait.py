@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from greedy_rule import matches_reference
-from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.adapters.runtime.manager import AdapterLimits
 from nlora_serve.engine import step_thread
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from nlora_serve.engine.llm_engine import LLMEngine

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from greedy_rule import matches_reference  # noqa: E402
 from tiny_llama import graph_tenants, hf_greedy  # noqa: E402
-from nlora_serve.adapters.pool import TiedPool  # noqa: E402
+from nlora_serve.adapters.runtime.pool import TiedPool  # noqa: E402
 from nlora_serve.engine.runner import piecewise_graphs  # noqa: E402
 from nlora_serve.engine.api import EngineError  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402

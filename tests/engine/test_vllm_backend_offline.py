@@ -293,7 +293,7 @@ def test_a_tenants_file_says_at_start_that_vllm_schedules_first_come_first_serve
 
 
 def test_the_native_engine_still_reads_every_native_only_flag(tmp_path):
-    from nlora_serve.adapters.manager import AdapterLimits
+    from nlora_serve.adapters.runtime.manager import AdapterLimits
     from nlora_serve.serving.commands import serve_build
 
     flags = ("--device", "cpu", "--piecewise-graphs", "--async-scheduling", "--cpu-gemm", "onednn", "--no-cpu-amx",

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 from greedy_rule import matches_reference  # noqa: E402
 from tiny_llama import hf_greedy, make_tiny_llama, random_factors, write_peft  # noqa: E402
-from nlora_serve.adapters.version import AdapterNotFound  # noqa: E402
+from nlora_serve.adapters.runtime.version import AdapterNotFound  # noqa: E402
 from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from nlora_serve.engine.core import EngineCore  # noqa: E402
 from nlora_serve.engine.runner.cuda_graphs import EagerCapture  # noqa: E402

@@ -28,7 +28,7 @@ import pytest
 import safetensors.torch
 
 from nlora_serve.adapters.loader import read_adapter
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.adapters.store import ALLOWED_FILES, STAGING, UNLOADED
 from nlora_serve.adapters.store.base_record import BASE_FILE
 from nlora_serve.adapters.store.sums import SUMS_FILE

@@ -48,7 +48,7 @@ def test_unloaded_adapters_stay_unloaded_when_restarted_with_the_same_flags(tmp_
     finally:
         engine.shutdown()
 
-    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.manager"):
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.runtime.manager"):
         engine, server, names = _build(*flags)
     try:
         assert names == ["tenant-000"]  # the client hint names only served adapters

@@ -158,7 +158,7 @@ def test_a_failed_start_leaves_the_store_byte_identical(base_fp32, tmp_path, mon
     # Here the --adapter is made for another model (its config names another base fingerprint).
     from types import SimpleNamespace
 
-    from nlora_serve.adapters.manager import AdapterManager
+    from nlora_serve.adapters.runtime.manager import AdapterManager
 
     root, lower = tmp_path / "store", ROOT / "examples/tenants/lower"
     AdapterManager(base_fp32, root).register_dir("keep", ROOT / "tests/data/cases/lora-layers-subset")
@@ -184,7 +184,7 @@ def test_a_start_whose_port_is_taken_after_the_checks_leaves_the_store_byte_iden
     # loaded (serve_checks found it free) failed the bind in serve() after the examples, the --adapter
     # and the base-model record had been written. A real engine and a real bind; the model load faked.
     root, lower = tmp_path / "store", ROOT / "examples/tenants/lower"
-    from nlora_serve.adapters.manager import AdapterManager
+    from nlora_serve.adapters.runtime.manager import AdapterManager
 
     AdapterManager(base_fp32, root).register_dir("keep", ROOT / "tests/data/cases/lora-layers-subset")
     with _listening() as probe:

@@ -32,7 +32,7 @@ def test_a_failed_cold_load_is_a_500_naming_no_path_and_the_others_serve_on(make
     (version.path / "adapter_model.safetensors").unlink()  # and its file is gone from the disk since
     slots_used = manager.residency.lora_pool.used
 
-    with caplog.at_level(logging.ERROR, logger="nlora_serve.adapters.residency"):
+    with caplog.at_level(logging.ERROR, logger="nlora_serve.adapters.runtime.residency"):
         with pytest.raises(NloraClientError) as grpc_err:
             with NloraClient(server.target, api_key=TENANT_KEYS["lora-co"], timeout=60) as grpc_client:
                 grpc_client.complete([1, 2, 3], adapter=LORA, max_tokens=2)

@@ -16,8 +16,8 @@ import pytest
 
 from grpc_harness import TENANT_KEYS
 from http_harness import client, headers_only, read_response, scrape
-from nlora_serve.adapters.version import AdapterNotFound
-from nlora_serve.adapters.residency import PoolFull
+from nlora_serve.adapters.runtime.version import AdapterNotFound
+from nlora_serve.adapters.runtime.residency import PoolFull
 from nlora_serve.serving.auth import PermissionDenied, Unauthenticated
 from nlora_serve.engine.structured_output.grammar_compiler import CompileBusy
 from nlora_serve.serving.server import shutdown_reason, wait_idle

@@ -129,7 +129,7 @@ def test_a_tenant_waiting_for_a_lora_slot_reads_nothing_of_the_tenant_holding_it
 
     from grpc_harness import RunningServer, matches_reference
     from http_harness import CASES, references, scrape
-    from nlora_serve.adapters.manager import AdapterLimits
+    from nlora_serve.adapters.runtime.manager import AdapterLimits
     from nlora_serve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from nlora_serve.engine.llm_engine import LLMEngine
     from nlora_serve.serving.auth import Authenticator, hash_key
@@ -147,7 +147,7 @@ def test_a_tenant_waiting_for_a_lora_slot_reads_nothing_of_the_tenant_holding_it
     serve = ServerConfig(port=0, http_port=0, metrics_port=0, tenants_file=str(tmp_path / "tenants.json"))
     server = RunningServer(engine, serve, Authenticator.from_file(tmp_path / "tenants.json"),
                            server_info(base_fp32, config, serve), tokenizer)
-    caplog.set_level(logging.INFO, logger="nlora_serve.adapters.residency")
+    caplog.set_level(logging.INFO, logger="nlora_serve.adapters.runtime.residency")
     ref = references("lora-layers-subset")[0]
     n = len(ref["greedy_token_ids"])
     answers = {}

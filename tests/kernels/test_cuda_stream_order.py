@@ -1,7 +1,7 @@
 """Stream-order checks only a GPU can run (bench/gpu_check.sh, step attention_kernels); skipped elsewhere.
 
 - A slot write on the pools' side stream lands after the fill of a pool tensor allocated while the
-  engine's stream is busy (adapters/pool.py ``_Pool._copy_in``): unordered, the zero fill queued
+  engine's stream is busy (adapters/runtime/pool.py ``_Pool._copy_in``): unordered, the zero fill queued
   behind the busy stream ran after the write and erased the adapter.
 - The sampling path and build_adapter_batch copy host lists to the device without a stream sync
   (engine/runner/device_values.py, kernels/metadata.py): ``torch.cuda.set_sync_debug_mode("error")``
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(TEST_DEVICE != "cuda" or not torch.cuda.is_avail
 
 def test_slot_write_lands_after_the_fill_of_a_table_allocated_behind_a_busy_stream():
     from nlora_serve.adapters.adapter import SiteWeights
-    from nlora_serve.adapters.pool import LoraPool, Placement
+    from nlora_serve.adapters.runtime.pool import LoraPool, Placement
 
     dev, out, inp, r = torch.device("cuda"), 96, 64, 4
     base = SimpleNamespace(dtype=torch.float32, spec=SimpleNamespace(projection_shape=lambda module: (out, inp)))

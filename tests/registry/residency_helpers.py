@@ -13,9 +13,9 @@ import torch
 from nlora_serve.adapters.adapter import Adapter, content_hash
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.residency import PoolFull, Residency, SlotBusy
+from nlora_serve.adapters.runtime.residency import PoolFull, Residency, SlotBusy
 from nlora_serve.adapters.save import write_adapter
-from nlora_serve.adapters.version import AdapterVersion
+from nlora_serve.adapters.runtime.version import AdapterVersion
 
 
 def perturbed(adapter: Adapter, seed: int, scale: float = 0.05) -> Adapter:
@@ -69,7 +69,7 @@ def refused(caplog, call, name: str, detail: str) -> None:
     adapter only (no count, no other tenant, no waiting), whether every slot is held or its share is,
     and the operator's INFO log line matches ``detail``."""
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="nlora_serve.adapters.residency"):
+    with caplog.at_level(logging.INFO, logger="nlora_serve.adapters.runtime.residency"):
         with pytest.raises(SlotBusy) as err:
             call()
     text = str(err.value)

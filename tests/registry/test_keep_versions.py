@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from nlora_serve.adapters.registry import AdapterRegistry
+from nlora_serve.adapters.runtime.registry import AdapterRegistry
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from nlora_serve.adapters.store.history import list_versions, rollback
 from nlora_serve.cli import main
@@ -204,7 +204,7 @@ def test_a_restart_with_a_smaller_n_says_which_kept_versions_it_deletes(tmp_path
     registry.register("globex", files(b"\x01"))
     for payload in (b"\x02", b"\x03"):
         registry.swap_weights("acme", payload)
-    with caplog.at_level("WARNING", logger="nlora_serve.adapters.registry"):
+    with caplog.at_level("WARNING", logger="nlora_serve.adapters.runtime.registry"):
         _registry(tmp_path, keep=3).rebuild()
         assert not caplog.records
         _registry(tmp_path, keep=1).rebuild()
@@ -223,7 +223,7 @@ def test_a_version_a_request_held_at_a_kill_is_not_blamed_on_the_flag(tmp_path, 
     registry.register("acme", files(b"\x01"))
     registry.acquire("acme")  # a request on v1, never released: the server is killed
     registry.swap_weights("acme", b"\x02")
-    with caplog.at_level("WARNING", logger="nlora_serve.adapters.registry"):
+    with caplog.at_level("WARNING", logger="nlora_serve.adapters.runtime.registry"):
         _registry(tmp_path, keep=1).rebuild()
     assert [r.getMessage() for r in caplog.records] == [
         "--keep-versions 1: deleting 1 older version found in the adapter store: acme v1 (kept by a larger "

@@ -73,7 +73,7 @@ def test_a_tenant_contends_for_lora_slots_until_ten_seconds_after_its_last_reque
     """Counted from a request's start, carol's contention lapsed while her request ran (12 s on a
     loaded 2-core server) and bob took her slot back the moment it ended: 7 of her 84 one-second
     retries got through in 2 minutes, 40 of 57 counted from its end."""
-    from nlora_serve.adapters import residency as residency_module
+    from nlora_serve.adapters.runtime import residency as residency_module
 
     clock = [100.0]
     monkeypatch.setattr(residency_module.time, "monotonic", lambda: clock[0])
@@ -133,8 +133,8 @@ def test_requests_waiting_keep_their_tenant_contending_and_take_a_slot_when_anot
     t=100 on, tried every second (a step): at t=130 a slot frees and goes to carol, who has waited
     30 s (bob, first in arrival order, holds his share); her request ends at once, and bob's takes
     the slot 10 s later, not before."""
-    from nlora_serve.adapters import residency as residency_module
-    from nlora_serve.adapters.manager import AdapterManager
+    from nlora_serve.adapters.runtime import residency as residency_module
+    from nlora_serve.adapters.runtime.manager import AdapterManager
     from nlora_serve.engine.slot_wait import SlotWaiters
 
     clock = [100.0]

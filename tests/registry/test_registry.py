@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from nlora_serve.adapters.registry import AdapterRegistry
-from nlora_serve.adapters.version import AdapterNotFound, VersionConflict
+from nlora_serve.adapters.runtime.registry import AdapterRegistry
+from nlora_serve.adapters.runtime.version import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
 

@@ -9,8 +9,8 @@ import pytest
 
 from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.version import AdapterVersion
-from nlora_serve.adapters.residency import PoolFull, Residency
+from nlora_serve.adapters.runtime.version import AdapterVersion
+from nlora_serve.adapters.runtime.residency import PoolFull, Residency
 from nlora_serve.adapters.save import write_adapter
 from nlora_serve.adapters.loader import read_adapter
 from nlora_serve.engine.model.adapter_layer import AdapterHook
@@ -189,7 +189,7 @@ def test_a_failed_cold_load_gives_its_slot_back(base_fp32, residency, tmp_path):
     """The slot taken (an idle adapter evicted for it) stayed taken when the re-read failed: each
     failure cost a slot for good, and once --max-loras of them were gone every untied adapter of
     every tenant was PoolFull ("held by running requests", with none running)."""
-    from nlora_serve.adapters.residency import AdapterLoadFailed
+    from nlora_serve.adapters.runtime.residency import AdapterLoadFailed
 
     vs = []
     for i in range(3):

@@ -1,4 +1,4 @@
-"""Slot writes on the CUDA side stream are ordered after the allocating stream (adapters/pool.py).
+"""Slot writes on the CUDA side stream are ordered after the allocating stream (adapters/runtime/pool.py).
 
 Pool tensors are allocated and zero-filled on the admin thread's current stream; slot writes copy on
 a side stream that torch does not sync with it. Without a wait, a write into a fresh table could
@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nlora_serve.adapters import pool as pool_mod
+from nlora_serve.adapters.runtime import pool as pool_mod
 from nlora_serve.adapters.nystrom import init_adapter
-from nlora_serve.adapters.pool import LoraPool, Placement, TiedPool
+from nlora_serve.adapters.runtime.pool import LoraPool, Placement, TiedPool
 
 
 class _Stream:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.adapters.store.base_record import BASE_FILE
 from nlora_serve.errors import AdapterError

@@ -16,7 +16,7 @@ import pytest
 from nlora_serve.adapters.store import durable
 from nlora_serve.adapters.family import FACTORS_FILE, FAMILIES_DIR, FamilyResolver
 from nlora_serve.adapters.format import read_header_bytes
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 from nlora_serve.errors import AdapterError
 from nlora_serve.serving.commands import serve as serve_cli
@@ -211,7 +211,7 @@ def test_restore_refuses_a_linked_weights_file_and_leaks_nothing_of_its_target(b
         target = tmp_path / "outside.safetensors"
         shutil.copy(CASE / WEIGHTS_FILE, target)
     _relink(Path(target), weights)
-    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.runtime.registry"):
         restarted = AdapterManager(base_fp32, root)
     assert [v.name for v in restarted.versions()] == ["acme"]
     (record,) = [r for r in caplog.records if "sneaky" in r.getMessage()]
@@ -274,7 +274,7 @@ def test_restore_refuses_a_300_mb_weights_file_without_reading_it(base_fp32, tmp
     root, weights = _store_with(tmp_path, base_fp32)
     os.truncate(weights, 300_000_000)  # sparse: no disk used
     reads.clear()
-    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.runtime.registry"):
         restarted = AdapterManager(base_fp32, root)  # the default limit: 256 MiB
     assert [v.name for v in restarted.versions()] == ["acme"]
     assert max(reads) < 1 << 20  # acme's files only
@@ -291,7 +291,7 @@ def test_the_limit_is_the_servers_max_adapter_bytes_flag(base_fp32, tmp_path, ca
     _, engine_config = serve_build._configs(parser.parse_args(["--adapter-dir", str(root),
                                                              "--max-adapter-bytes", str(size - 1)]))
     assert engine_config.adapter_limits.max_adapter_bytes == size - 1
-    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.runtime.registry"):
         assert AdapterManager(base_fp32, root, engine_config.adapter_limits).versions() == []
     assert len([r for r in caplog.records if f"--max-adapter-bytes {size - 1}" in r.getMessage()]) == 2
 
@@ -323,7 +323,7 @@ def test_a_store_file_that_cannot_be_read_is_skipped_at_restore_not_a_crash(base
         return real(fd, size)
 
     monkeypatch.setattr(durable, "_read_all", failing)
-    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.runtime.registry"):
         assert [v.name for v in AdapterManager(base_fp32, root).versions()] == ["acme"]
     (record,) = [r for r in caplog.records if "sneaky" in r.getMessage()]
     assert f"adapter store folder sneaky/00000001: cannot read it ({os.strerror(errno.EIO)})" in record.getMessage()
@@ -367,7 +367,7 @@ def test_an_evicted_lora_whose_files_changed_on_disk_is_not_loaded_back(base_fp3
     from safetensors.torch import load, save
 
     from nlora_serve.adapters.limits import AdapterLimits
-    from nlora_serve.adapters.residency import AdapterLoadFailed
+    from nlora_serve.adapters.runtime.residency import AdapterLoadFailed
 
     manager = AdapterManager(base_fp32, tmp_path / "store", limits=AdapterLimits(max_loras=1))
     acme = manager.register_dir("acme", CASE)
@@ -376,7 +376,7 @@ def test_an_evicted_lora_whose_files_changed_on_disk_is_not_loaded_back(base_fp3
     assert acme.adapter is None  # evicted: zeta holds the one slot
     weights = acme.path / WEIGHTS_FILE
     weights.write_bytes(save({k: 2 * t for k, t in load(weights.read_bytes()).items()}))
-    with caplog.at_level(logging.ERROR, logger="nlora_serve.adapters.residency"):
+    with caplog.at_level(logging.ERROR, logger="nlora_serve.adapters.runtime.residency"):
         with pytest.raises(AdapterLoadFailed, match="^adapter 'acme' v1 could not be loaded back"):
             manager.acquire("acme")
     found = hashlib.sha256(weights.read_bytes()).hexdigest()  # refused by the version's SHA256SUMS first

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load, save
 
 from nlora_serve.adapters.store import durable
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.adapters.store import CONFIG_FILE, STAGING, WEIGHTS_FILE, AdapterStore
 
 CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"
@@ -60,7 +60,7 @@ def test_a_file_replaced_between_restarts_refuses_that_version_only_and_changes_
     weights.write_bytes(_another_valid_adapter(weights))
     found = _sha(weights.read_bytes())
     before = _snapshot(root)
-    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.runtime.registry"):
         restarted = AdapterManager(base_fp32, root)
     assert [(v.name, v.content_hash) for v in restarted.versions()] == [("beta", beta.content_hash)]
     (line,) = [r.getMessage() for r in caplog.records if "acme" in r.getMessage()]
@@ -74,7 +74,7 @@ def test_a_malformed_sums_file_refuses_the_version_naming_it(base_fp32, tmp_path
     root = tmp_path / "store"
     sums = AdapterManager(base_fp32, root).register_dir("acme", CASE).path / SUMS
     sums.write_bytes(b"\xff not sums\n")
-    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.registry"):
+    with caplog.at_level(logging.WARNING, logger="nlora_serve.adapters.runtime.registry"):
         assert AdapterManager(base_fp32, root).versions() == []
     assert f"{sums}: not a SHA256SUMS file" in caplog.text and sums.read_bytes() == b"\xff not sums\n"
 
@@ -182,7 +182,7 @@ def test_a_cold_load_refusing_changed_files_of_an_older_version_does_not_record_
     weights were replaced: the cold load recorded the replacement's sha256 before comparing the
     content hash, refused it, and left a SHA256SUMS that `sha256sum -c` passes and a restart trusts."""
     from nlora_serve.adapters.limits import AdapterLimits
-    from nlora_serve.adapters.residency import AdapterLoadFailed
+    from nlora_serve.adapters.runtime.residency import AdapterLoadFailed
 
     manager = AdapterManager(base_fp32, tmp_path / "store", limits=AdapterLimits(max_loras=1))
     acme = manager.register_dir("acme", CASE)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.adapters.nystrom import init_adapter
 from nlora_serve.adapters.save import write_adapter
-from nlora_serve.adapters.swap import replace_n
-from nlora_serve.adapters.version import restored_summary
+from nlora_serve.adapters.runtime.swap import replace_n
+from nlora_serve.adapters.runtime.version import restored_summary
 from nlora_serve.errors import AdapterError
 
 LORA_CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "lora-layers-subset"
@@ -95,7 +95,7 @@ def test_a_restart_logs_each_restored_adapter_by_name_version_flavour_and_rank(b
     manager.register_dir("acme", path)
     manager.swap("acme", n_payload(path, 2.0))
     manager.register_dir("zeta", LORA_CASE)  # r 8 in its adapter_config.json
-    with caplog.at_level(logging.INFO, logger="nlora_serve.adapters.manager"):
+    with caplog.at_level(logging.INFO, logger="nlora_serve.adapters.runtime.manager"):
         AdapterManager(base_fp32, tmp_path / "store")
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("restored")]
     assert line == (f"restored 2 adapters from {tmp_path / 'store'} (1 inttune-tied, 1 lora): "

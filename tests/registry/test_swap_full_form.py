@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 
 from nlora_serve.adapters.loader import read_adapter_bytes
-from nlora_serve.adapters.manager import AdapterManager
+from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE
 
 TIED_CASE = Path(__file__).resolve().parents[1] / "data" / "cases" / "inttune-nystrom-tied"

@@ -19,7 +19,7 @@ import torch
 
 from admission_harness import wait_for
 from grpc_harness import ADMIN_KEY, TENANT_KEYS, RunningServer, matches_reference
-from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.adapters.runtime.manager import AdapterLimits
 from nlora_serve.client import AsyncNloraClient, NloraClient
 from nlora_serve.client.types import NotFound
 from nlora_serve.serving.auth import Authenticator

@@ -19,7 +19,7 @@ import torch
 
 from admission_harness import wait_for
 from grpc_harness import matches_reference
-from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.adapters.runtime.manager import AdapterLimits
 from nlora_serve.engine.config import EngineConfig, SchedulerConfig
 from nlora_serve.engine.sample.sampling import SamplingParams
 

@@ -6,7 +6,7 @@ of that model's weights), so a store serves one base model. Before, nothing said
 versions of the names it registered over theirs, and a restart on the first model warned and
 wrote them over again (h141). Now the store records the model's fingerprint (sha256 of its
 weights, ``BaseModel.fingerprint``) with the first version written into it (a start's
-registrations: once the start succeeded), and an :class:`~nlora_serve.adapters.manager.AdapterManager` on another model refuses it, naming
+registrations: once the start succeeded), and an :class:`~nlora_serve.adapters.runtime.manager.AdapterManager` on another model refuses it, naming
 both models and the fix (another ``--adapter-dir``). A store that holds no adapter (no version, no
 family factors) takes the new model instead.
 

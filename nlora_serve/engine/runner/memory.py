@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.adapters.runtime.manager import AdapterLimits
 from nlora_serve.engine.model.batch_info import build_batch_info
 from nlora_serve.engine.config import EngineConfig
 from nlora_serve.engine.runner.dummy_sampler import dummy_sampler_run

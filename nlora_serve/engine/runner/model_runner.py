@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nlora_serve.adapters.pool import Placement
+from nlora_serve.adapters.runtime.pool import Placement
 from nlora_serve.engine.model.batch_info import BatchInfo
 from nlora_serve.engine.runner.cuda_graphs import CudaGraphCapture, DecodeGraphs
 from nlora_serve.engine.runner.kv_cache import allocate_kv_cache

@@ -21,8 +21,8 @@ import shutil
 import threading
 from pathlib import Path
 
-from nlora_serve.adapters.manager import AdapterManager
-from nlora_serve.adapters.version import AdapterVersion, Hold
+from nlora_serve.adapters.runtime.manager import AdapterManager
+from nlora_serve.adapters.runtime.version import AdapterVersion, Hold
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import BaseModel, load_base
 from nlora_serve.engine.config import EngineConfig

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from nlora_serve.adapters.version import AdapterVersion
+from nlora_serve.adapters.runtime.version import AdapterVersion
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.engine.sample.prompt_logprobs import PromptLogprob
 from nlora_serve.engine.vllm_backend.config import FINISH

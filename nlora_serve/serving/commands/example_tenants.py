@@ -12,7 +12,7 @@ import tempfile
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # they load torch: imported where the examples are made, not for example_name
-    from nlora_serve.adapters.manager import AdapterManager
+    from nlora_serve.adapters.runtime.manager import AdapterManager
     from nlora_serve.models.base import BaseModel
 
 EXAMPLE_RANK = 16

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from nlora_serve.adapters.limits import KEEP_ALL_VERSIONS
-from nlora_serve.adapters.manager import AdapterLimits
+from nlora_serve.adapters.runtime.manager import AdapterLimits
 from nlora_serve.errors import AdapterError, NloraError
 from nlora_serve.models import load_base, resolve_model
 from nlora_serve.models.hub import local_or_hub

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from nlora_serve.adapters.limits import AdapterLimits
-from nlora_serve.adapters.version import restored_summary
+from nlora_serve.adapters.runtime.version import restored_summary
 from nlora_serve.errors import AdapterError
 from nlora_serve.models import load_base
 from nlora_serve.models.hub import local_or_hub

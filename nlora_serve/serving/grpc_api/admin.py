@@ -25,7 +25,7 @@ import grpc
 
 from nlora_serve import log_format
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.version import AdapterNotFound
+from nlora_serve.adapters.runtime.version import AdapterNotFound
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.errors import AdapterError, NloraError, shown
 from nlora_serve.proto import nlora_pb2 as pb

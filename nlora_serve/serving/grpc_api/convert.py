@@ -7,7 +7,7 @@ the offending field, which the server turns into INVALID_ARGUMENT.
 from __future__ import annotations
 
 from nlora_serve import __version__
-from nlora_serve.adapters.version import AdapterVersion
+from nlora_serve.adapters.runtime.version import AdapterVersion
 from nlora_serve.proto import nlora_pb2 as pb
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.serving.chat_template import render_chat

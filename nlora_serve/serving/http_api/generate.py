@@ -39,7 +39,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from nlora_serve.adapters.version import AdapterNotFound
+from nlora_serve.adapters.runtime.version import AdapterNotFound
 from nlora_serve.engine.api import RequestOutput
 from nlora_serve.engine.request_checks import fit_to_context
 from nlora_serve.engine.sample.sampling import RequestError, SamplingParams

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.version import AdapterNotFound, AdapterVersion, VersionConflict
+from nlora_serve.adapters.runtime.version import AdapterNotFound, AdapterVersion, VersionConflict
 from nlora_serve.adapters.store import ALLOWED_FILES
 from nlora_serve.errors import AdapterError, NloraError, shown
 from nlora_serve.models.hub import local_or_hub

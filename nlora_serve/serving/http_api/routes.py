@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from nlora_serve import __version__
-from nlora_serve.adapters.version import AdapterNotFound
+from nlora_serve.adapters.runtime.version import AdapterNotFound
 from nlora_serve.engine.api import EngineError, RequestAborted
 from nlora_serve.errors import NloraError, shown
 from nlora_serve.serving.auth import Principal

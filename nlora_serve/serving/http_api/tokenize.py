@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
-from nlora_serve.adapters.version import AdapterNotFound
+from nlora_serve.adapters.runtime.version import AdapterNotFound
 from nlora_serve.engine.api import check_prompt_text
 from nlora_serve.engine.sample.sampling import RequestError
 from nlora_serve.errors import shown

@@ -21,11 +21,11 @@ from nlora_serve.adapters.family import FamilyResolver, import_family
 from nlora_serve.adapters.file_read import ALLOWED_FILES, CONFIG_FILE, WEIGHTS_FILE, check_folder
 from nlora_serve.adapters.limits import AdapterLimits
 from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
-from nlora_serve.adapters.pool import Placement
-from nlora_serve.adapters.registry import AdapterRegistry
-from nlora_serve.adapters.version import AdapterVersion, Hold, restored_summary
-from nlora_serve.adapters.residency import Residency
-from nlora_serve.adapters.swap import replace_n
+from nlora_serve.adapters.runtime.pool import Placement
+from nlora_serve.adapters.runtime.registry import AdapterRegistry
+from nlora_serve.adapters.runtime.version import AdapterVersion, Hold, restored_summary
+from nlora_serve.adapters.runtime.residency import Residency
+from nlora_serve.adapters.runtime.swap import replace_n
 from nlora_serve.adapters.store import AdapterStore
 from nlora_serve.adapters.store.batch import OpenBatch
 from nlora_serve.adapters.store.base_record import BaseIdentity, adopt_after_restore, check_base
@@ -112,7 +112,7 @@ class AdapterManager:
 
     def acquire(self, name: str, tenant: str | None = None, held: Hold | None = None) -> AdapterVersion:
         """Pin ``name``'s current version for one request (of ``tenant``: its share of the LoRA
-        slots, :class:`~nlora_serve.adapters.residency.Residency`) and make sure it is resident:
+        slots, :class:`~nlora_serve.adapters.runtime.residency.Residency`) and make sure it is resident:
         :meth:`reserve`, then :meth:`place`. With ``held`` (the caller's :meth:`hold` on a version
         of ``name``): pin that version, current or superseded.
 
@@ -174,7 +174,7 @@ class AdapterManager:
 
     def on_slot_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on the thread of the change, no lock held) after each change that may
-        let a request refused a LoRA slot (:class:`~nlora_serve.adapters.residency.SlotBusy`) have
+        let a request refused a LoRA slot (:class:`~nlora_serve.adapters.runtime.residency.SlotBusy`) have
         one, with no request placed by a step: a tenant's last request on an untied version ended,
         a hold taken or let go, a version freed, a slot newly held (see :meth:`place`), the
         tenants' shares changed. Each is counted in :attr:`slot_changes` before the callbacks run.
@@ -208,7 +208,7 @@ class AdapterManager:
 
     def set_tenant_shares(self, weights: Mapping[str, float]) -> None:
         """New tenant weights for the LoRA slots' shares (a tenants-file reload; see
-        :meth:`Residency.set_tenant_shares <nlora_serve.adapters.residency.Residency.set_tenant_shares>`)."""
+        :meth:`Residency.set_tenant_shares <nlora_serve.adapters.runtime.residency.Residency.set_tenant_shares>`)."""
         self.residency.set_tenant_shares(weights)
         self._slot_changed()
 
@@ -330,7 +330,7 @@ class AdapterManager:
 
     def swap(self, name: str, weights: bytes, if_version: int | None = None) -> AdapterVersion:
         """Hot-swap ``name``'s weights: a tied tenant's (or a family member's) N-only safetensors
-        ``weights``, checked by :func:`~nlora_serve.adapters.swap.replace_n`, written durably and
+        ``weights``, checked by :func:`~nlora_serve.adapters.runtime.swap.replace_n`, written durably and
         switched to (see :meth:`AdapterRegistry.swap_weights`). ``if_version``: swap only if it is
         the current version. Returns the new version; running requests finish on their own.
 

@@ -1,5 +1,5 @@
 """A registered adapter version and the registry's errors (DESIGN §3): what a request pins, the
-residency layer places and the front ends report; :mod:`~nlora_serve.adapters.registry` owns the
+residency layer places and the front ends report; :mod:`~nlora_serve.adapters.runtime.registry` owns the
 versions and their counts."""
 
 from __future__ import annotations

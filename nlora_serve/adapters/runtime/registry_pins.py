@@ -9,12 +9,12 @@ pinned with :meth:`RegistryPins.acquire_held`, and lets it go after (:meth:`Regi
 
 from __future__ import annotations
 
-from nlora_serve.adapters.version import AdapterNotFound, AdapterVersion, Hold
+from nlora_serve.adapters.runtime.version import AdapterNotFound, AdapterVersion, Hold
 from nlora_serve.errors import shown
 
 
 class RegistryPins:
-    """The pinning half of :class:`~nlora_serve.adapters.registry.AdapterRegistry` (a mixin).
+    """The pinning half of :class:`~nlora_serve.adapters.runtime.registry.AdapterRegistry` (a mixin).
 
     It reads and changes, under ``self._lock``, the versions in ``self._current`` (name -> current
     version) and ``self._retired`` (name -> superseded or unloaded versions still held), and frees a

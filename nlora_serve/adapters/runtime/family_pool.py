@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from nlora_serve.adapters.adapter import Adapter
-from nlora_serve.adapters.pool import Placement, TiedPool
+from nlora_serve.adapters.runtime.pool import Placement, TiedPool
 from nlora_serve.errors import AdapterError
 from nlora_serve.kernels.weights import KernelSiteWeights
 from nlora_serve.models.base import BaseModel

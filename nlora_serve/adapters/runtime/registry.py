@@ -31,11 +31,11 @@ from nlora_serve.adapters.adapter import Adapter
 from nlora_serve.adapters.family import compact_family_files
 from nlora_serve.adapters.file_read import CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.registry_pins import RegistryPins
+from nlora_serve.adapters.runtime.registry_pins import RegistryPins
 from nlora_serve.adapters.save import compact_tied_files
 from nlora_serve.adapters.store import AdapterStore
-from nlora_serve.adapters.swap import full_form_swap, stored_file
-from nlora_serve.adapters.version import AdapterNotFound, AdapterVersion, VersionConflict
+from nlora_serve.adapters.runtime.swap import full_form_swap, stored_file
+from nlora_serve.adapters.runtime.version import AdapterNotFound, AdapterVersion, VersionConflict
 from nlora_serve.errors import AdapterError, shown
 
 log = logging.getLogger(__name__)

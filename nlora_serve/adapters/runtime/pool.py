@@ -1,11 +1,11 @@
 """Resident adapter weights, laid out as the kernels read them (DESIGN §3, §4).
 
-Three kinds of pool, each with its own slot space (adapters/residency.py picks one per version):
+Three kinds of pool, each with its own slot space (adapters/runtime/residency.py picks one per version):
 
 - :class:`TiedPool`, one per IntTune family: every tenant of the family is one slot of a single
   tensor ``n [slots, sites, r, r]``; A and B are the base weight's own slices, so a tenant costs
   ``sites · r² · bytes`` and nothing else.
-- :class:`~nlora_serve.adapters.family_pool.FamilyPool` (family_pool.py), one per compressed family:
+- :class:`~nlora_serve.adapters.runtime.family_pool.FamilyPool` (family_pool.py), one per compressed family:
   a TiedPool whose A and B are the family's shared factors, stored once.
 - :class:`LoraPool`, for untied LoRA / NLoRA adapters: per site ``n [S, R, R]``, ``a [S, R, in]``,
   ``b [S, out, R]`` (each adapter is a family of one), R = the server's max rank.

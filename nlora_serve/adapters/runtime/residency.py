@@ -31,8 +31,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from nlora_serve.adapters.adapter import Adapter
-from nlora_serve.adapters.family_pool import FamilyPool
-from nlora_serve.adapters.pool import LoraPool, Placement, TiedPool
+from nlora_serve.adapters.runtime.family_pool import FamilyPool
+from nlora_serve.adapters.runtime.pool import LoraPool, Placement, TiedPool
 from nlora_serve.errors import AdapterError, NloraError, RefusalLog, shown
 from nlora_serve.models.base import BaseModel
 

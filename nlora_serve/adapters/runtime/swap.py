@@ -24,7 +24,7 @@ from nlora_serve.adapters.bounds import check_swapped_n, row_sum_max
 from nlora_serve.adapters.file_read import CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_stacked
 from nlora_serve.adapters.keys import PART_N, tensor_key
-from nlora_serve.adapters.pool import serial_rows
+from nlora_serve.adapters.runtime.pool import serial_rows
 from nlora_serve.adapters.save import full_form_with_n
 from nlora_serve.errors import AdapterError
 
