@@ -1,7 +1,21 @@
-"""@triton.jit helpers shared by the kernels (tile loads, exact fp32 dots, the paged-attention loop)."""
+"""@triton.jit helpers shared by the kernels (tile loads, exact fp32 dots, the paged-attention loop),
+and :func:`jit_unaligned`, the decorator of kernels whose pointers' alignment must not key a compile."""
+
+import inspect
 
 import triton
 import triton.language as tl
+
+
+def jit_unaligned(*names: str):
+    """``triton.jit`` with ``do_not_specialize_on_alignment=names`` (pointer arguments whose 16-byte
+    alignment must not key a compile: scalar loads through views at per-step offsets), or plain
+    ``triton.jit`` on a Triton without that argument: 3.1 (PyTorch 2.5's pin, which the ``triton``
+    extra allows) has none and refused it, so the kernels' modules did not import; there a kernel
+    compiles once per alignment met, as before the argument was used. Read at decoration time."""
+    if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
+        return triton.jit(do_not_specialize_on_alignment=list(names))
+    return triton.jit
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nlora_serve.kernels.triton_ops._triton_helpers import attend_paged_kv
+from nlora_serve.kernels.triton_ops._triton_helpers import attend_paged_kv, jit_unaligned
 from nlora_serve.kernels.triton_ops.config import device_config_name, get_config
 from nlora_serve.kernels.triton_ops.launch import attention_op_name, check_index, check_paged_attention
 
@@ -25,15 +25,15 @@ _MAX_SPLITS = 16
 _SPLIT_TOKENS = 512  # context tokens per split at max_model_len
 
 
-# context_lens[:n] is a view of one packed step buffer (engine/step_inputs.py) at an offset that
+# context_lens[:n] is a view of one packed step buffer (engine/runner/step_inputs.py) at an offset that
 # follows the step's token and sequence counts. Triton keys a compile on each pointer's 16-byte
 # alignment, so eager (mixed) steps compiled both kernels again mid-serving for each alignment met;
 # its loads are scalar, whose code the hint never changes. (The workspace's sections start aligned.)
-_STEP_ALIGNED = ["ctx_ptr"]
+_STEP_ALIGNED = ("ctx_ptr",)
 _ALIGN = 4  # fp32 elements in 16 bytes: each workspace section starts on such a boundary
 
 
-@triton.jit(do_not_specialize_on_alignment=_STEP_ALIGNED)
+@jit_unaligned(*_STEP_ALIGNED)
 def _paged_decode_attention_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, ctx_ptr, out_ptr, acc_ptr, m_ptr, l_ptr,
         scale_log2, num_heads,
@@ -71,7 +71,7 @@ def _paged_decode_attention_kernel(
             tl.store(l_ptr + part, l_i, mask=mask_m)
 
 
-@triton.jit(do_not_specialize_on_alignment=_STEP_ALIGNED)
+@jit_unaligned(*_STEP_ALIGNED)
 def _paged_decode_merge_kernel(
         ctx_ptr, out_ptr, acc_ptr, m_ptr, l_ptr, num_heads, so_n, so_h,
         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nlora_serve.kernels.triton_ops._triton_helpers import attend_paged_kv
+from nlora_serve.kernels.triton_ops._triton_helpers import attend_paged_kv, jit_unaligned
 from nlora_serve.kernels.triton_ops.config import device_config_name, get_config
 from nlora_serve.kernels.triton_ops.launch import attention_op_name, check_index, check_paged_attention
 
@@ -25,7 +25,7 @@ _LOG2E = 1.4426950408889634
 # query_starts[n:] and context_lens[n:] are views of one packed step buffer at offsets that follow
 # the step's counts: keyed on their alignment, Triton compiled the kernel again mid-serving for
 # each combination met (paged_decode_attention.py's _STEP_ALIGNED); their loads are scalar.
-@triton.jit(do_not_specialize_on_alignment=["start_ptr", "ctx_ptr"])
+@jit_unaligned("start_ptr", "ctx_ptr")
 def _paged_prefill_attention_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, start_ptr, ctx_ptr, out_ptr, scale_log2,
         sq_t, sq_h, sk_b, sk_t, sk_h, st_s, so_t, so_h,
