@@ -103,8 +103,11 @@ def test_a_key_pasted_as_an_adapter_pattern_or_name_is_refused_and_never_printed
 
 
 def test_adapter_names_starting_nls_are_still_patterns(tmp_path, capsys):
+    # a valid adapter name (up to 128 of [A-Za-z0-9._-]) whose run after nls_ is longer than a key's
+    # 43 characters is no key: it was refused as one ("has the shape of an API key")
+    long = "nls_customer-support-summarizer-2026-12-07-v3-ft"
+    patterns = ["nls_summary", "nls_*", "nls_" + "a" * 42, long, "nls_" + "a" * 44]
     path = tmp_path / "tenants.json"
-    path.write_text(json.dumps({"tenants": [{"name": "acme", "key_sha256": _sha("k"),
-                                             "adapters": ["nls_summary", "nls_*", "nls_" + "a" * 42]}]}))
+    path.write_text(json.dumps({"tenants": [{"name": "acme", "key_sha256": _sha("k"), "adapters": patterns}]}))
     code, out, _ = _run(capsys, "--tenants-file", str(path), "--json")
-    assert code == 0 and json.loads(out)[0]["adapters"] == ["nls_summary", "nls_*", "nls_" + "a" * 42]
+    assert code == 0 and json.loads(out)[0]["adapters"] == patterns

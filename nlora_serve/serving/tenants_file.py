@@ -204,14 +204,16 @@ MAX_FILE_BYTES = 64 * 2**20
 KEY_PREFIX = "nls_"  # what `keys new` starts a key with: never echoed, never a name
 KEY_BYTES = 32  # `keys new`'s random bytes: 256 bits, a hashed key is only as safe as it is hard to guess
 KEY_CHARS = -(-KEY_BYTES * 4 // 3)  # after the prefix: secrets.token_urlsafe's unpadded base64, 43
-_KEY_SHAPE = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{%d}" % KEY_CHARS)
+# exactly KEY_CHARS after the prefix: a longer run of those characters is no key (an adapter name
+# such as nls_customer-support-summarizer-2026-12-07-v3-ft, up to 128 characters, was refused as one)
+_KEY_SHAPE = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{%d}(?![A-Za-z0-9_-])" % KEY_CHARS)
 
 
 def key_shaped(text: str) -> bool:
     """Whether ``text`` holds a run shaped as a key ``keys new`` makes (:data:`KEY_PREFIX`, then
-    :data:`KEY_CHARS` URL-safe base64 characters): a key pasted where a name or pattern goes. A
-    name starting ``nls_`` can be an adapter's (``nls_summary``); one holding 43 random characters
-    after it is, in practice, never an adapter's."""
+    exactly :data:`KEY_CHARS` URL-safe base64 characters, none after them): a key pasted where a
+    name or pattern goes. A name starting ``nls_`` can be an adapter's (``nls_summary``, or a long
+    one); one holding exactly 43 random characters after it is, in practice, never an adapter's."""
     return _KEY_SHAPE.search(text) is not None
 _FILE_FIELDS = ("tenants", "admin_keys")
 _ADMIN_FIELDS = ("name", "key_sha256")
