@@ -396,3 +396,21 @@ def test_request_log_lines_on_both_front_ends(http_server, tokenizer, caplog):
         (int(version), answer.usage.prompt_tokens, answer.usage.completion_tokens, hostile)
     assert (grpc_end["frontend"], grpc_end["output_tokens"]) == ("grpc", usage.completion_tokens)
     assert (entries["job-43"]["event"], entries["job-43"]["reason"]) == ("request_refused", "permission_denied")
+
+
+def test_a_forwarded_for_that_is_no_ip_address_is_not_the_logged_client(http_server, caplog):
+    """The server's own wiring of http_api/forwarded.py (uvicorn's proxy_headers off, ForwardedFor
+    in its place): from a loopback peer, X-Forwarded-For is the client only when it is an IP address.
+    uvicorn took any text there (``client='tenant='evil''``); tests/test_request_log_forging.py
+    covers the wrapper alone, not that the server runs it."""
+    caplog.set_level(logging.INFO, "nlora_serve.requests")
+    metrics, api = http_server.server.metrics, client(http_server, TENANT_KEYS["lora-co"])
+    metrics.request_log = RequestLog()
+    try:
+        for forwarded in ("tenant='evil' 10.0.0.1", "203.0.113.7"):
+            api.completions.create(model=LORA, prompt="Hi", max_tokens=1, extra_headers={"X-Forwarded-For": forwarded})
+        assert idle(http_server)
+    finally:
+        metrics.request_log = None
+    lines = [r.getMessage() for r in caplog.records if r.name == "nlora_serve.requests"]
+    assert [re.search(r" client=(\S+) ", line).group(1).split(":")[0] for line in lines] == ["127.0.0.1", "203.0.113.7"]
