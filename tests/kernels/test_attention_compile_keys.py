@@ -1,7 +1,7 @@
 """The paged attention kernels compile once per engine, not once per step's buffer offsets.
 
 Triton's JIT keys a compile on each pointer argument's 16-byte alignment. An eager (prefill or
-mixed) step hands the kernels views of its one packed input buffer (engine/step_inputs.py:
+mixed) step hands the kernels views of its one packed input buffer (engine/runner/step_inputs.py:
 ``context_lens[:n]``, ``query_starts[n:]``, ``context_lens[n:]``) at offsets that follow the step's
 token and sequence counts, and the decode kernel's split workspace (maxima, sums) at offsets that
 followed its sequence count: on a GPU each new combination compiled the kernel again, on the step

@@ -161,7 +161,7 @@ class AdapterHook:
             # per-token slots only; everything else is derived on the device
             lens = None if decode else torch.tensor(query_lens, dtype=torch.int64)
             # pools in one order whatever the sequences' order: a CUDA graph is keyed by its pools in
-            # order (engine/cuda_graphs.py), and steps of the same pools in another order captured
+            # order (engine/runner/cuda_graphs.py), and steps of the same pools in another order captured
             # again mid-serving (a device sync, a warm-up forward and a capture on the step thread)
             self._per_token = [_PerTokenEntry(pool, _token_slots(array("i", [
                 v.slot if v is not None and id(v.pool) == key else NO_ADAPTER for v in versions]), lens))
