@@ -34,6 +34,9 @@ def test_rows_equal_padded_lists_and_grow():
     assert tables.gather([b, a, c]).tolist() == [[1, 5, 2], [7, 3, 0], [4, 0, 0]]
     assert tables.gather([c]).tolist() == [[4]]  # width: the longest of this step only
     assert tables.gather([]).shape == (0, 0)
+    # a device step's rows, 16k blocks wide (step_inputs.TABLE_WIDTH_STEP), gathered as such
+    assert tables.gather([b, a], 16).tolist() == [[1, 5, 2] + [0] * 13, [7, 3] + [0] * 14]
+    assert tables.gather([], 16).shape == (0, 0)
 
 
 def test_a_row_is_written_only_when_its_list_changes(monkeypatch):

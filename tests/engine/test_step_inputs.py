@@ -3,6 +3,7 @@ out by hand, and the single packed copy checked on a 'device' the test stands in
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nlora_serve.engine.model.batch_info import build_batch_info
@@ -69,6 +70,17 @@ def test_device_layout_is_one_copy_of_one_buffer(monkeypatch):
     assert info.block_tables.untyped_storage().data_ptr() == base and rows[0].untyped_storage().data_ptr() == base
     assert ids.dtype == pos.dtype == info.slot_mapping.dtype == torch.int64
     assert ids.shape == (7,) and info.block_tables.shape == (4, 16) and info.logits_indices.shape == (3,)
+
+
+def test_device_block_tables_are_gathered_padded_not_padded_again(monkeypatch):
+    """5967bdf padded the gathered [S, W] tables to 16k columns with F.pad on every device step: a
+    second host copy of every table (~0.1 ms a step at 256 sequences of 2,049 blocks); the
+    persistent table's rows are gathered 16k wide instead (their tails are zero already)."""
+    inputs = StepInputs(BS, 1, torch.device("meta"), gather_layout=False)
+    inputs._pinned = False
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: pytest.fail("tables padded in a second copy"))
+    info = inputs.build(_pairs(), [torch.zeros(7, dtype=torch.int32)])[2]
+    assert info.block_tables.shape == (4, 16)
 
 
 def test_device_block_tables_start_aligned_with_rows_of_16_blocks():

@@ -43,10 +43,11 @@ class BlockTables:
         # sequence -> [row, blocks mirrored, its num_preemptions when written]
         self._state: dict[Sequence, list[int]] = {}
 
-    def gather(self, seqs: list[Sequence]) -> torch.Tensor:
+    def gather(self, seqs: list[Sequence], multiple: int = 1) -> torch.Tensor:
         """[S, W] int32 block tables of ``seqs`` in this order, padded with block 0, W = the
-        longest table (0 for none): equal to padding each ``seq.block_table``. Brings every row up to
-        date first (see the module docstring for when a row is rewritten)."""
+        longest table (0 for none) rounded up to a multiple of ``multiple`` (a device step's rows:
+        step_inputs.TABLE_WIDTH_STEP): equal to padding each ``seq.block_table``. Brings every row up
+        to date first (see the module docstring for when a row is rewritten)."""
         if len(self._free) < len(seqs):
             self._reclaim(seqs)
         state, rows, width = self._state, [], 0
@@ -58,6 +59,9 @@ class BlockTables:
             rows.append(st[0])
             if n > width:
                 width = n
+        width += -width % multiple
+        if width > self.table.shape[1]:  # the padding's columns: zero, as every row's tail is
+            self._resize(self.table.shape[0], width)
         return self.table[:, :width].index_select(0, ints(rows))
 
     def release(self, seq: Sequence) -> None:

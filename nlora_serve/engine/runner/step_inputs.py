@@ -69,7 +69,9 @@ class StepInputs:
         computed = ints([s.num_computed_tokens for s in seqs])
         ctx = computed + qlens
         samples = ctx == ints([len(s.token_ids) for s in seqs])
-        layout = flat_layout(qlens, computed, self.tables.gather(seqs), samples, self.block_size)
+        # on a device, rows of 16k blocks gathered as such (_copy says why): no second copy to pad them
+        multiple = 1 if self.device.type == "cpu" else TABLE_WIDTH_STEP
+        layout = flat_layout(qlens, computed, self.tables.gather(seqs, multiple), samples, self.block_size)
         ids = ints(list(chain.from_iterable(
             s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n] for s, n in pairs)))
         logits_indices = layout.logits_indices if scored is None else torch.cat([layout.logits_indices, scored])
@@ -98,17 +100,15 @@ class StepInputs:
     def _copy(self, flat: list[torch.Tensor], tables: torch.Tensor, extra: list[torch.Tensor]):
         """Pack into the staging buffer, one copy to the device, split into views there.
 
-        On a device the block tables start on a 16-byte boundary and their rows are padded (block 0,
-        never read) to a multiple of :data:`TABLE_WIDTH_STEP` blocks: the attention kernels' Triton
-        compile key holds the tables' alignment and row stride (a stride of 1 is a constant, one of
-        16k a divisibility hint), and with the step's own offset and width they were compiled again
-        mid-serving for each combination a step met."""
+        On a device the block tables start on a 16-byte boundary and their rows come padded (block
+        0, never read; by :meth:`BlockTables.gather`) to a multiple of :data:`TABLE_WIDTH_STEP`
+        blocks: the attention kernels' Triton compile key holds the tables' alignment and row stride
+        (a stride of 1 is a constant, one of 16k a divisibility hint), and with the step's own offset
+        and width they were compiled again mid-serving for each combination a step met."""
         if self.device.type == "cpu":  # no copy: int64 tensors as they are, int32 tables
             return flat, tables, [t.to(_I32) for t in extra]
         sizes = [t.numel() for t in flat]
         n64 = sum(sizes)
-        if tables.shape[1] % TABLE_WIDTH_STEP:
-            tables = torch.nn.functional.pad(tables, (0, -tables.shape[1] % TABLE_WIDTH_STEP))
         at_tables = n64 + (-n64 % 4)  # int32 elements: 16 bytes
         total = at_tables + tables.numel() + sum(t.numel() for t in extra)
         self._turn ^= 1
