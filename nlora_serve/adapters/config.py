@@ -44,6 +44,10 @@ REFUSED_FIELDS = {
     "use_qalora": "QA-LoRA pools the input before lora_A",
     "use_bdlora": "BD-LoRA stores block-diagonal factors",
 }
+# init_lora_weights values whose PEFT init rewrites the base weight (W - s·B0·A0, or LoftQ's quantized W),
+# which PEFT does again when it loads such an adapter (peft/tuners/lora/layer.py update_layer): trained
+# against that residual, not against the shared base this server holds.
+_BASE_REWRITING_INITS = {"pissa": "PiSSA", "corda": "CorDA", "olora": "OLoRA", "loftq": "LoftQ"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +214,22 @@ def _refuse_unsupported(raw: dict) -> None:
         if raw.get(name) not in (None, False, [], {}, ""):
             raise AdapterError(f"{CONFIG_NAME}: {name} = {raw[name]!r} is not supported: {why}, "
                                "which this server does not serve; refusing rather than dropping it")
+    _refuse_base_rewriting_init(raw.get("init_lora_weights"))
+
+
+def _refuse_base_rewriting_init(init) -> None:
+    """PEFT's own tests of an init name (``startswith`` for pissa / corda, ``lower()`` for olora)."""
+    if not isinstance(init, str):
+        return
+    kind = next((k for k in ("pissa", "corda") if init.startswith(k)), None) or \
+        ("olora" if init.lower() == "olora" else "loftq" if init == "loftq" else None)
+    if kind is not None:
+        what = _BASE_REWRITING_INITS[kind]
+        raise AdapterError(f"{CONFIG_NAME}: init_lora_weights = {init!r} is not supported: {what} rewrites the "
+                           "base weight this adapter was trained on (and PEFT rewrites it again when it loads the "
+                           "adapter), but every adapter here runs on the one unmodified base; convert it to a plain "
+                           "LoRA (PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)), or "
+                           "serve the rewritten base it was trained on with --model")
 
 
 def parse_config(raw: dict) -> AdapterConfig:

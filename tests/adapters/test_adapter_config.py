@@ -205,3 +205,22 @@ def test_a_pattern_field_over_the_entry_limit_is_refused_before_any_match(field)
         parse_config({"peft_type": "LORA", "target_modules": ["q_proj"], field: value})
     if not field.endswith("pattern"):  # (8192 pattern keys take 1 s to compile: the limit itself passes for lists)
         parse_config({"peft_type": "LORA", "target_modules": ["q_proj"], field: names[:MAX_PATTERN_ENTRIES]})
+
+
+@pytest.mark.parametrize("init", ["olora", "OLoRA", "pissa", "pissa_niter_2", "corda", "loftq"])
+def test_an_init_that_rewrites_the_base_weight_is_refused(tiny_llama, init):
+    """PEFT's PiSSA / OLoRA / CorDA / LoftQ inits rewrite the base weight, and PEFT's loader runs them
+    again on the base an adapter is loaded onto: such an adapter was served here on the unmodified base,
+    a different model from the one PEFT loads, silently."""
+    if init in ("olora", "pissa"):  # PEFT itself, loading such a config, changes the base weight
+        from peft import LoraConfig, get_peft_model
+
+        model = copy.deepcopy(tiny_llama)
+        before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+        get_peft_model(model, LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"], init_lora_weights=init))
+        assert not torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, before)
+    with pytest.raises(AdapterError, match=rf"^adapter_config.json: init_lora_weights = '{init}' is not "
+                                           "supported: .* rewrites the base weight .* convert it to a plain LoRA"):
+        parse_config({"peft_type": "LORA", "init_lora_weights": init})
+    for kept in (True, False, "gaussian", "eva", "orthogonal", "n_lora", "s_lora"):  # no base rewrite
+        assert parse_config({"peft_type": "LORA", "init_lora_weights": kept}).init_lora_weights == kept
