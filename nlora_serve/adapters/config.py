@@ -296,11 +296,33 @@ def read_config(adapter_dir: Path) -> AdapterConfig:
         raise AdapterError(f"{adapter_dir}: no {CONFIG_NAME}; a PEFT adapter directory needs "
                            f"{CONFIG_NAME} next to adapter_model.safetensors")
     # a sparse 1 TB file was a MemoryError, a FIFO blocked forever: read_file refuses both unread
-    data = read_file(path, DEFAULT_MAX_ADAPTER_BYTES, expected="a JSON file")
+    return parse_config_bytes(read_file(path, DEFAULT_MAX_ADAPTER_BYTES, expected="a JSON file"), str(path))
+
+
+def parse_config_bytes(data: bytes, source: str = CONFIG_NAME) -> AdapterConfig:
+    """:func:`parse_config` of ``adapter_config.json``'s bytes: UTF-8 JSON without a byte-order mark,
+    as PEFT (``json.load`` on a text file) and the folder reader take it; an upload and a folder hold
+    one rule (json.loads of bytes also took UTF-16 and a BOM, which the store then kept as a version
+    that ``adapters inspect`` / ``convert`` and ``serve --adapter`` refuse).
+
+    Raises:
+        AdapterError: naming ``source``: empty, not UTF-8, a BOM, not JSON, not an object, or as
+            :func:`parse_config`.
+    """
+    if not data.strip():
+        raise AdapterError(f"{source} is empty; expected a JSON object (the PEFT adapter config: "
+                           "peft_type, r, lora_alpha, target_modules, ...)")
+    if data.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
+        raise AdapterError(f"{source}: starts with a byte-order mark; expected UTF-8 JSON without one "
+                           "(as PEFT reads it): save it again as plain UTF-8")
     try:
         raw = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AdapterError(f"{source}: not UTF-8 (byte {exc.start}); expected UTF-8 JSON") from None
     except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
-        raise AdapterError(f"{path}: cannot read {CONFIG_NAME} as JSON ({exc})") from None
+        raise AdapterError(f"{source}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     return parse_config(raw)
 
 

@@ -8,14 +8,13 @@ cast to the compute dtype.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from nlora_serve.adapters.adapter import Adapter, SiteWeights, content_hash, flavour_of, sort_sites
 from nlora_serve.adapters.bounds import check_finite, site_limits, tied_norms
-from nlora_serve.adapters.config import (CONFIG_NAME, AdapterConfig, SitePlan, parse_config, plan_sites,
+from nlora_serve.adapters.config import (CONFIG_NAME, AdapterConfig, SitePlan, parse_config_bytes, plan_sites,
                                          read_config)
 from nlora_serve.adapters.file_read import read_file
 from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_header_bytes, weights_path
@@ -175,17 +174,9 @@ def read_adapter_bytes(config: bytes, weights: bytes, base: BaseModel, *, max_ra
     Raises:
         AdapterError: as :func:`read_adapter`.
     """
-    if not config.strip():
-        raise AdapterError(f"{CONFIG_NAME} is empty; expected a JSON object (the PEFT adapter config: "
-                           "peft_type, r, lora_alpha, target_modules, ...)")
-    try:
-        raw = json.loads(config)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
-        raise AdapterError(f"{CONFIG_NAME}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}")
+    cfg = parse_config_bytes(config)
     header, tensors = read_bytes(weights)
-    return _read(parse_config(raw), header, lambda: tensors, base, max_rank, source, families)
+    return _read(cfg, header, lambda: tensors, base, max_rank, source, families)
 
 
 def read_adapter(adapter_dir: str | Path, base: BaseModel, *, max_rank: int = DEFAULT_MAX_RANK,

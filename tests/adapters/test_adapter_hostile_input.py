@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from nlora_serve.adapters.config import parse_config
 from nlora_serve.adapters.family import factors_bytes, make_factors, parse_factors
 from nlora_serve.adapters.format import read_header_bytes, read_stacked
 from nlora_serve.adapters.keys import group_keys, tensor_key
-from nlora_serve.adapters.loader import read_adapter_bytes
+from nlora_serve.adapters.loader import read_adapter, read_adapter_bytes
 from nlora_serve.adapters.runtime.manager import AdapterManager
 from nlora_serve.errors import AdapterError
 
@@ -154,4 +155,26 @@ def test_a_huge_adapter_config_is_refused_from_its_size(base_fp32, tmp_path):
         f.truncate(1 << 40)
     with pytest.raises(AdapterError, match=rf"^{folder}/adapter_config.json: {1 << 40} bytes, over the 268435456 "
                                            "bytes an adapter's files may hold"):
+        read_adapter(folder, base_fp32)
+
+
+@pytest.mark.parametrize("encode, said", [
+    (lambda text: b"\xef\xbb\xbf" + text.encode(), "starts with a byte-order mark"),
+    (lambda text: text.encode("utf-16"), "starts with a byte-order mark"),
+    (lambda text: text.encode("utf-16-le"), "not valid JSON"),  # ASCII in UTF-16-LE is UTF-8 with NULs
+    (lambda text: text.encode("latin-1") + b"\xe9", "not UTF-8 (byte"),
+])
+def test_a_config_not_in_plain_utf8_is_refused_by_upload_and_folder_alike(base_fp32, tmp_path, encode, said):
+    """json.loads of bytes took a BOM and UTF-16, so an upload of such a config was served and stored,
+    while the same folder given to serve --adapter, adapters inspect / convert or PEFT
+    (LoraConfig.from_pretrained: "Unexpected UTF-8 BOM") was refused."""
+    config = encode((CASE / "adapter_config.json").read_text())
+    weights = (CASE / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(AdapterError, match=rf"^adapter_config.json: {re.escape(said)}"):
+        read_adapter_bytes(config, weights, base_fp32)
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes(config)
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    with pytest.raises(AdapterError, match=rf"adapter_config.json: {re.escape(said)}"):
         read_adapter(folder, base_fp32)
