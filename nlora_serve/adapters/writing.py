@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 
 from nlora_serve.adapters.config import CONFIG_NAME
 from nlora_serve.adapters.format import WEIGHTS_NAME
+from nlora_serve.adapters.store.base_record import BASE_FILE
+from nlora_serve.adapters.store.layout import STAGING
 from nlora_serve.errors import AdapterError
 
 
@@ -114,9 +116,17 @@ def check_out_dir(out_dir: Path, what: str = "--out") -> None:
     Raises:
         AdapterError: naming ``what``: the path or a parent of it is a file, the nearest existing
             folder is not writable (a read-only file system, no permission), or the folder already
-            holds adapter_config.json or adapter_model.safetensors.
+            holds adapter_config.json or adapter_model.safetensors, or it lies inside an adapter
+            store (:func:`store_around`).
     """
     out_dir = Path(out_dir)
+    store = store_around(out_dir)
+    if store is not None:
+        raise AdapterError(f"{what} {out_dir} is inside the adapter store {store} (it holds {BASE_FILE} or "
+                           f"{STAGING}): only a server (adapters upload / load) and adapters rollback write a store, "
+                           "and a folder written into it by hand is served at the next start as a version no one "
+                           "registered, counted against --keep-versions (an older kept version is deleted); write it "
+                           "elsewhere, then `nlora-serve adapters upload`")
     for folder in (out_dir, *out_dir.parents):
         if os.path.lexists(folder):
             if not folder.is_dir():
@@ -129,6 +139,25 @@ def check_out_dir(out_dir: Path, what: str = "--out") -> None:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if os.path.lexists(out_dir / name):
             raise AdapterError(f"{what} {out_dir} already holds an adapter ({name}); refusing to overwrite it")
+
+
+def store_around(folder: Path) -> Path | None:
+    """The adapter store (an ``--adapter-dir``: the folder holding its ``.base_model.json`` or
+    ``.staging``) that ``folder`` would be written into, or None. Links are resolved: a link into a
+    store is inside it.
+
+    Args:
+        folder: a path that may not exist yet (its nearest existing folder is resolved).
+    """
+    existing = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), Path("."))
+    try:
+        resolved = existing.resolve()
+    except (OSError, RuntimeError):  # a link loop: check_out_dir names what it is
+        return None
+    for root in (resolved, *resolved.parents):
+        if os.path.lexists(root / BASE_FILE) or os.path.isdir(root / STAGING):
+            return root
+    return None
 
 
 def make_dirs(folder: Path, undo: Undo) -> None:

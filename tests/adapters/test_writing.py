@@ -187,3 +187,23 @@ def test_a_file_another_writer_puts_in_place_first_is_never_overwritten(tmp_path
         write_dir(out, {"r": 1}, {"x": torch.ones(2)})
     assert out.joinpath("adapter_model.safetensors").read_text() == "theirs"
     assert _tree(tmp_path) == ["out", "out/adapter_model.safetensors"]  # no config, no temp file of ours
+
+
+def test_an_out_folder_inside_an_adapter_store_is_refused(tmp_path):
+    """`adapters convert --out STORE/acme/00000099` (or through a link into the store) wrote a folder
+    the next start served as acme's current version, no one having registered it, and --keep-versions
+    then deleted an older kept version to make room (a hostile tester's find, session 30)."""
+    from nlora_serve.adapters.store import AdapterStore
+
+    root = tmp_path / "store"
+    store = AdapterStore(root)
+    store.write("acme", {"adapter_config.json": b"{}", "adapter_model.safetensors": b"\x00" * 8})
+    (root / "acme" / "00000099").mkdir()
+    assert store.versions("acme") == [1, 99]  # what a folder written there becomes
+    (root / "acme" / "00000099").rmdir()
+    (tmp_path / "link").symlink_to(root / "acme")
+    for out in (root / "acme" / "00000099", root / "new", root, tmp_path / "link" / "00000002"):
+        with pytest.raises(AdapterError, match=rf"^--out {out} is inside the adapter store {root} .* then "
+                                               "`nlora-serve adapters upload`$"):
+            check_out_dir(out)
+    check_out_dir(tmp_path / "elsewhere" / "acme")  # beside the store: fine
