@@ -187,3 +187,18 @@ def test_an_unload_a_read_only_store_refuses_is_a_store_write_error(tmp_path, re
                                               r"\(EROFS: Read-only file system\)"):
         store.mark_unloaded("acme")
     assert not store.is_unloaded("acme") and store.names() == ["acme"]
+
+
+def test_an_adapter_folder_copied_into_the_store_is_named_not_silently_skipped(tmp_path, caplog):
+    """`cp -r my-adapter STORE/` (one folder per name, DESIGN §3) served nothing and said nothing:
+    requests for it got NOT_FOUND with no line in the log to say why."""
+    store = AdapterStore(tmp_path)
+    store.write("acme", FILES)
+    (tmp_path / "copied").mkdir()
+    for name, data in FILES.items():
+        (tmp_path / "copied" / name).write_bytes(data)
+    (tmp_path / "empty").mkdir()  # no adapter files: nothing to say
+    with caplog.at_level("WARNING", logger="nlora_serve.adapters.store"):
+        assert store.names() == ["acme"]
+    assert [r.getMessage()[:70] for r in caplog.records] == [
+        f"store entry {str(tmp_path / 'copied')!r} not served: it holds adapter files but no v"[:70]]

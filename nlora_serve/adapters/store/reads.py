@@ -207,6 +207,11 @@ class AdapterStore(StoreWrites):
                 continue
             try:
                 if not self.versions(entry.name):
+                    if warn and any(os.path.lexists(entry / f) for f in ALLOWED_FILES):
+                        log.warning("store entry %r not served: it holds adapter files but no version folder "
+                                    "(NAME/00000001/); a store is written by the server, not by copying an "
+                                    "adapter folder into it: move the folder out, then serve it with "
+                                    "`serve --adapter NAME=DIR` or `nlora-serve adapters upload`", str(entry))
                     continue
             except (AdapterError, OSError) as exc:  # OSError: EACCES, EIO; skipped, not a crash of the start
                 if warn:
