@@ -129,15 +129,24 @@ def _checked_config(folder: Path) -> str:
             raise InvalidInput(f"adapter folder {folder} has {', '.join(pickles)} but no {WEIGHTS_FILE}: pickle "
                                "files are never sent or opened (unpickling can run code); safetensors is "
                                f"required, save the adapter as {WEIGHTS_FILE}")
-        raise InvalidInput(f"adapter folder {folder} has no {WEIGHTS_FILE}; an upload needs {CONFIG_FILE} "
-                           f"and {WEIGHTS_FILE}")
+        raise InvalidInput(_no_file(folder, WEIGHTS_FILE))
     if not (folder / CONFIG_FILE).is_file():
-        raise InvalidInput(f"adapter folder {folder} has no {CONFIG_FILE}; an upload needs {CONFIG_FILE} "
-                           f"and {WEIGHTS_FILE}")
+        raise InvalidInput(_no_file(folder, CONFIG_FILE))
     try:
         return (folder / CONFIG_FILE).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"cannot read {folder / CONFIG_FILE}: {exc}") from None
+
+
+def _no_file(folder: Path, name: str) -> str:
+    """Why ``folder/name`` is no upload file: missing, or there but no regular file (a FIFO or
+    device, which reading would block on or never end, a folder, a link to nothing)."""
+    path = folder / name
+    if not os.path.lexists(path):
+        return f"adapter folder {folder} has no {name}; an upload needs {CONFIG_FILE} and {WEIGHTS_FILE}"
+    what = ("a link to nothing" if not path.exists() else "a folder" if path.is_dir()
+            else "a FIFO, socket or device")
+    return f"{path} is {what}, not a regular file; an upload needs {CONFIG_FILE} and {WEIGHTS_FILE} as files"
 
 
 def _parts(header: pb.UploadHeader, weights: Path, chunk_bytes: int) -> Iterator[pb.UploadAdapterRequest]:

@@ -214,3 +214,22 @@ def test_an_unknown_adapter_names_the_command_that_lists_them(message, hinted):
     from nlora_serve.client.cli import _hint
     hint = _hint(NotFound(message), Namespace(server=NOWHERE, api_key=None))
     assert hint == ("; `nlora-serve client list` names the adapters this key may use" if hinted else "")
+
+
+@pytest.mark.parametrize("kind, said", [("fifo", "a FIFO, socket or device"), ("dangling", "a link to nothing"),
+                                        ("folder", "a folder")])
+def test_an_upload_file_that_is_there_but_no_regular_file_is_named_as_what_it_is(tmp_path, kind, said):
+    """A FIFO or a link to nothing as adapter_model.safetensors was 'has no adapter_model.safetensors',
+    next to the file the operator could see in `ls`."""
+    import os
+
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((CASES / "lora-rslora" / "adapter_config.json").read_text())
+    weights = folder / "adapter_model.safetensors"
+    {"fifo": lambda: os.mkfifo(weights), "dangling": lambda: weights.symlink_to(tmp_path / "gone"),
+     "folder": weights.mkdir}[kind]()
+    with pytest.raises(InvalidInput) as err:
+        NloraClient(NOWHERE).upload_adapter("x", folder)
+    assert str(err.value) == (f"{weights} is {said}, not a regular file; an upload needs adapter_config.json and "
+                              "adapter_model.safetensors as files")
