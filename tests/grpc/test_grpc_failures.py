@@ -251,6 +251,21 @@ def test_unload_then_load_from_the_store(server):
     still_serves(server.target)
 
 
+def test_concurrent_loads_of_one_unloaded_name_make_one_version(server):
+    """20 concurrent `adapters load` of one unloaded name made 8 versions of the same files, and the
+    others were NOT_FOUND: their reads found the folders the first ones' --keep-versions pruned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with NloraClient(server.target) as admin:
+        first = admin.upload_adapter("load-race", CASES / "lora-layers-subset")
+        admin.unload_adapter("load-race")
+        with ThreadPoolExecutor(12) as pool:
+            loaded = list(pool.map(lambda _: admin.load_adapter("load-race"), range(12)))
+        assert {(a.version, a.content_hash) for a in loaded} == {(first.version + 1, first.content_hash)}
+        assert server.engine.adapters.registry.store.versions("load-race") == [first.version + 1]
+        admin.unload_adapter("load-race")
+
+
 def test_an_unload_counts_the_requests_a_held_response_has_still_to_queue_as_draining(server):
     """An HTTP response of several requests (n > 1, a batch of prompts) holds its version and queues
     them one by one (AdapterManager.hold, as serving/http_api/generate.py): an unload without force

@@ -25,7 +25,7 @@ import grpc
 
 from nlora_serve import log_format
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.runtime.version import AdapterNotFound
+from nlora_serve.adapters.runtime.version import AdapterNotFound, VersionConflict
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.errors import AdapterError, NloraError, shown
 from nlora_serve.proto import nlora_pb2 as pb
@@ -133,7 +133,8 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
         if stored is None:
             raise AdapterNotFound(f"adapter {name!r} has no stored version in the adapter store")
         start = time.perf_counter()
-        version = await asyncio.to_thread(_load_stored, manager, stored)  # the read too: up to --max-adapter-bytes
+        # the read too (up to --max-adapter-bytes) in the thread
+        version = await asyncio.to_thread(_load_stored, manager, stored, rollback=version != 0)
         self.metrics.load.observe(time.perf_counter() - start)
         return convert.adapter_info(version, self.engine.is_resident(version))
 
@@ -293,20 +294,38 @@ async def _cancelled_short(context: grpc.aio.ServicerContext) -> None:
         await asyncio.sleep(0.005)  # gRPC's cancel is delivered into this task as CancelledError
 
 
-def _load_stored(manager, stored):
-    """Register ``stored``'s files (the newest stored version of an unloaded name, or a kept one to
-    roll back to) as its next version.
+def _load_stored(manager, stored, rollback: bool = False):
+    """Register ``stored``'s files (the newest stored version of an unloaded name, or with
+    ``rollback`` a kept one to roll back to) as its next version.
+
+    A plain load registers only while the name is not served, so that of concurrent loads of one
+    unloaded name the first registers it and the others answer the version it made. Before, each
+    made a version of the same files (20 loads: 8 versions) and the rest, their files pruned by
+    the others' --keep-versions meanwhile, were NOT_FOUND.
 
     Raises:
-        AdapterNotFound: the folder was removed meanwhile (a concurrent upload of the name pruned it).
+        AdapterNotFound: the folder was removed meanwhile (another admin's upload or rollback of the
+            name pruned it) and the name is not served.
         AdapterError: as :meth:`AdapterManager.register`, or the store's refusal of the folder.
     """
     try:
         files = manager.registry.store.read_files(stored.path)
     except FileNotFoundError:
+        if not rollback and (served := _served(manager, stored.name)) is not None:
+            return served
         raise AdapterNotFound(f"adapter {stored.name!r} v{stored.version}: its stored files were removed meanwhile "
-                              "(another admin's upload of the name); retry") from None
-    return manager.register(stored.name, files)
+                              "(another admin's upload or rollback of the name); retry") from None
+    try:
+        return manager.register(stored.name, files, None if rollback else 0)
+    except VersionConflict:  # a plain load's: served meanwhile, by a concurrent load or an upload
+        if (served := _served(manager, stored.name)) is not None:
+            return served
+        raise
+
+
+def _served(manager, name: str):
+    """``name``'s current version, or None while it is not served."""
+    return {v.name: v for v in manager.versions()}.get(name)
 
 
 def _done(reply: pb.AdapterInfo | pb.UnloadAdapterResponse) -> str:
