@@ -123,3 +123,21 @@ def test_unloading_the_base_models_name_is_404_as_any_name_not_served(server):
     base = server.server.generation.info.model
     error = _error(_post(server, "/v1/unload_lora_adapter", {"lora_name": base}), 404)
     assert error["message"] == f"adapter {base!r} is not registered"
+
+
+@pytest.mark.parametrize("given, said", [
+    ("", "lora_path is empty; expected the path of an adapter folder on the server"),
+    (str(CASES / CASE / "adapter_model.safetensors"),
+     f"lora_path '{CASES / CASE / 'adapter_model.safetensors'}' is a file; expected the adapter folder that holds "
+     f"adapter_config.json and adapter_model.safetensors ('{CASES / CASE}'?)"),
+])
+def test_an_empty_lora_path_or_a_file_for_the_folder_is_named_before_anything_is_read(given, said):
+    """"" read as ".", the server's working folder ("no adapter_config.json"); the folder's own
+    adapter_model.safetensors was "no such folder on the server" (a 404, for a file that is there).
+    Both are refused before the server is asked for anything (no ctx needed): a 400 naming lora_path."""
+    from nlora_serve.errors import AdapterError
+    from nlora_serve.serving.http_api.lora_admin import _register
+
+    with pytest.raises(AdapterError) as err:
+        _register(None, NAME, given, None)
+    assert str(err.value) == said

@@ -184,9 +184,14 @@ def _register(ctx: HttpContext, name: str, lora_path: str, if_version: int | Non
             TooLarge: its adapter files over ``max_adapter_bytes`` together. AdapterError: the
             loader's refusal, or a Hugging Face name not in the cache. VersionConflict: see ``if_version``.
     """
+    if not lora_path.strip():  # Path("") is ".": the server's working folder, never what was meant
+        raise AdapterError("lora_path is empty; expected the path of an adapter folder on the server")
     try:  # Path.is_dir raises what it does not read as "missing": ENAMETOOLONG, EACCES on the way
         folder = local_or_hub(lora_path, AdapterError, "lora_path")
         why = None if folder.is_dir() else ""
+        if folder.is_file():  # the folder's adapter_model.safetensors given for the folder
+            raise AdapterError(f"lora_path {shown(lora_path)!r} is a file; expected the adapter folder that holds "
+                               f"adapter_config.json and adapter_model.safetensors ({shown(str(folder.parent))!r}?)")
     except OSError as exc:
         why = f" ({exc.strerror or exc})"
     if why is not None:
