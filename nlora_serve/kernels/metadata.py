@@ -134,7 +134,7 @@ def _runs(key: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def check_inputs(token_slots, slot_ranks, slot_scalings, slot_families) -> None:
-    """Shapes and slot range shared by both step-metadata builders (this one and native_batch.py).
+    """Shapes and slot range shared by both step-metadata builders (this one and cpu/batch.py).
 
     Raises:
         ValueError: token_slots not 1-D, per-slot tables of different lengths, or a slot outside [−1, S).

@@ -5,6 +5,7 @@ server or an OpenAI-compatible endpoint, and vLLM-style latency / throughput / g
     workload.py       seeded requests: arrivals, tenant popularity, prompt and output lengths
     runner.py         open loop (a rate) or closed loop (a concurrency) against a target
     targets.py        what one request records; the gRPC target (our server)
+    keys.py           --keys-file: each tenant's requests sent with that tenant's own API key
     openai_target.py  the OpenAI-compatible HTTP target (ours, vLLM's): streamed completions or chats
     report.py         TTFT, TPOT, ITL, E2E, throughput, goodput as vLLM benchmarks/serve defines them
     plot.py           the PNG: latency CDFs and throughput over time

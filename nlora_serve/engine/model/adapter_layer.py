@@ -170,7 +170,7 @@ class AdapterHook:
                 self._refresh_ranks(pool, device)
             return
         lens = torch.tensor(query_lens, dtype=torch.int64)
-        # the native CPU ops read five of the batch's tensors: build just those (native_batch.py),
+        # the native CPU ops read five of the batch's tensors: build just those (kernels/cpu/batch.py),
         # and the full batch only if a projection falls back to the torch path
         lean = self.native is not None and device.type == "cpu"
         for key, pool in pools.items():

@@ -4,13 +4,15 @@ with vLLM's extras::
     server.py      uvicorn inside the gRPC server's event loop, body size limit
     routes.py      the FastAPI app: routes and error handlers
     context.py     what the routes serve from; OpenAI's error shape
+    forwarded.py   the client's address: X-Forwarded-For from a trusted proxy, when it is an IP address
     generate.py    a generation request from admission to answer, whole or SSE-streamed, for
                    each route's Endpoint: openai_route.py (/v1/completions, /v1/chat/completions),
                    responses_route.py (/v1/responses)
   the body, parsed and checked (no I/O)
     body.py        JSON parsed as FastAPI parses it, then validated into a request model; large
                    bodies in pieces, off the event loop (body_json.py, body_pieces.py), counts no
-                   request can serve refused first (body_bounds.py)
+                   request can serve refused first (body_bounds.py), the garbage collector held
+                   off while a large body is parsed and the body freed in pieces (body_gc.py)
     request_models.py  the completions and chat bodies as pydantic models
     openai.py      a validated body -> engine inputs (prompts.py: a completion's prompt or batch;
                    structured.py: response_format / structured_outputs; truncation.py:
