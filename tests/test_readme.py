@@ -231,8 +231,10 @@ def test_every_readme_command_runs_as_written_and_prints_what_it_documents(serve
     for cmd in [c for c in run if c not in swaps]:
         _check(cmd, _bash(_localized(cmd, grpc, http), work, env), work)
     (openai_block,) = [b for b in fenced(readme, "python") if "from openai import OpenAI" in b]
+    # s30: the Responses block, never run, forced a tool call without max_output_tokens: 11 minutes on a CPU
+    (responses_block,) = [b for b in fenced(readme, "python") if "client.responses.create" in b]
     (grpc_block,) = [b for b in fenced(readme, "python") if "import NloraClient" in b]  # never run before (h95)
-    for python in (openai_block.replace("127.0.0.1:8000", f"127.0.0.1:{http}"),
+    for python in ((openai_block + responses_block).replace("127.0.0.1:8000", f"127.0.0.1:{http}"),
                    grpc_block.replace("127.0.0.1:50051", f"127.0.0.1:{grpc}")):
         done = subprocess.run([sys.executable, "-c", python], cwd=work, env=env, capture_output=True, text=True,
                               timeout=180)
