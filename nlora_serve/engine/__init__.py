@@ -20,11 +20,11 @@ The modules here: the caller-facing engine and its step loop, in the order a req
 
     api.py               the Engine interface, RequestOutput (one streamed delta), RequestStream, errors
     llm_engine.py        LLMEngine: the native engine's callers' side (submit, abort, admin calls)
+    request_checks.py    prompt and parameter checks both engines share, run on the caller's thread
     step_thread.py       StepThread: the thread that steps the core, its inbox, sinks and watchdog
     inbox.py             the commands callers send the step thread, run between steps
     slot_wait.py         requests waiting for a LoRA slot
     step_watchdog.py     a step that runs past a limit makes the engine dead
-    request_checks.py    prompt and parameter checks both engines share
     core.py              EngineCore: add, step (schedule, launch, read back), the one retire path
     request_state.py     RequestState: what the core keeps per request; new_request, its RequestOutput deltas
     eos.py               a request's EOS and stop token ids, as vLLM takes them
