@@ -285,6 +285,39 @@ def test_the_readmes_walk_through_the_code_names_what_the_code_defines():
     assert wrong == []
 
 
+def _calls(code: str, opener: str) -> list[str]:
+    """The argument text of each call in ``code`` that starts with ``opener`` (ending in ``(``)."""
+    found = []
+    for start in [m.end() for m in re.finditer(re.escape(opener), code)]:
+        depth, i = 1, start
+        while depth and i < len(code):
+            depth += {"(": 1, ")": -1}.get(code[i], 0)
+            i += 1
+        found.append(code[start:i - 1])
+    return found
+
+
+def test_every_generation_the_docs_show_bounds_its_output():
+    # s30: the README's Responses example forced a tool call with no max_output_tokens; on make serve's
+    # CPU server it ran to the end of the context (1,750 tokens of JSON whitespace) for 11 minutes. Each
+    # request a Python block or a curl line of README.md and OPERATIONS.md sends says how long it may be.
+    wrong = []
+    for doc in ("README.md", "OPERATIONS.md"):
+        text = (REPO / doc).read_text()
+        for block in fenced(text, "python"):
+            for opener in (".chat.completions.create(", ".completions.create(", ".responses.create(",
+                           "client.generate("):
+                for args in _calls(block, opener):
+                    if not re.search(r"\bmax_(?:output_)?tokens\s*=", args):
+                        wrong.append(f"{doc}: {opener}{args[:60]}...)")
+        for block in fenced(text, "sh") + fenced(text, "bash"):
+            for cmd in commands(block):
+                if re.search(r"curl .*/v1/(?:chat/)?completions|curl .*/v1/responses", cmd) and \
+                        not re.search(r'"max_(?:output_)?tokens"', cmd):
+                    wrong.append(f"{doc}: {cmd[:80]}")
+    assert wrong == []
+
+
 def _module_map(init: Path) -> str:
     """The docstring of a package's ``__init__.py``: its map of the package's modules."""
     import ast
