@@ -146,6 +146,7 @@ def test_stale_graph_is_caught(tiny, tmp_path, monkeypatch, caplog):
     # itself still refreshes its views, as it does for eager steps)
     monkeypatch.setattr(cuda_graphs.DecodeGraphs, "key",
                         staticmethod(lambda size, pools: (size, tuple((id(p), 0) for p in pools))))
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "drop_stale", lambda self: None)  # nor dropped at a step's start
     with _engine(tiny, tmp_path) as engine:
         engine.core.runner.enable_graphs(8, EagerCapture(check=True))
         engine.adapters.register_dir("tied", tiny[2]["tied"][0])
@@ -237,7 +238,7 @@ def test_steps_of_the_same_pools_in_another_sequence_order_share_one_graph():
     from types import SimpleNamespace
 
     from nlora_serve.engine.model.adapter_layer import AdapterHook
-    from nlora_serve.engine.runner.cuda_graphs import KeyedGraphs
+    from nlora_serve.engine.runner.keyed_graphs import KeyedGraphs
 
     hook, a, b = AdapterHook(triton=True), _FakePool(), _FakePool()
     on_a, on_b = SimpleNamespace(pool=a, slot=1), SimpleNamespace(pool=b, slot=2)

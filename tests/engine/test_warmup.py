@@ -57,7 +57,7 @@ def test_warm_up_runs_the_shapes_and_leaves_no_state(tiny):
     assert core.blocks.num_free_blocks == core.blocks.num_blocks == 32
     assert core.blocks.num_cached_blocks == 0  # the dummy prompts' blocks are not in the prefix cache
     assert core.counters == dict.fromkeys(core.counters, 0) and core.runner.step_counts == {
-        "graph_steps": 0, "piecewise_steps": 0, "eager_steps": 0}
+        "graph_steps": 0, "piecewise_steps": 0, "eager_steps": 0, "graph_cap_eager_steps": 0, "graph_evictions": 0}
     # a request starting with the 16-token dummy prompt (one full block) finds nothing cached
     prompt = [DUMMY_TOKEN + 1] * 16 + [7, 300, 4000]
     core.add("r", prompt, SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0))
@@ -189,7 +189,7 @@ def test_adapter_warm_up_captures_every_graph_size_of_each_pool():
     captured; an adapter whose step is not graphable (the segment form) gets none; each name is
     pinned once and released. (On the real Triton path, interpreted, the same check took 25 s: run
     by hand, it left sizes 1, 2, 4, 8 of a LoRA pool with 3 captured here.)"""
-    from nlora_serve.engine.runner.cuda_graphs import KeyedGraphs
+    from nlora_serve.engine.runner.keyed_graphs import KeyedGraphs
     from nlora_serve.engine.runner.warmup import capture_adapter_graphs
 
     class Graphs(KeyedGraphs):
@@ -237,7 +237,7 @@ def test_graphs_reading_a_dropped_pool_are_let_go_at_the_next_capture():
     import gc
     import weakref
 
-    from nlora_serve.engine.runner.cuda_graphs import KeyedGraphs
+    from nlora_serve.engine.runner.keyed_graphs import KeyedGraphs
 
     class Graphs(KeyedGraphs):
         sizes = (1, 2, 4)

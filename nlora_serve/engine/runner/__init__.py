@@ -10,6 +10,7 @@ Modules::
     device_values.py     small host lists onto the device without a stream sync
     kv_cache.py          the paged KV cache tensor
     cuda_graphs.py       decode steps as CUDA graphs
+    keyed_graphs.py      graphs by (size, adapter pools), at most 8 pool combinations kept
     piecewise_graphs.py  prefill and mixed steps as piecewise CUDA graphs
     graph_safety.py      a CPU check that a step can be captured
 

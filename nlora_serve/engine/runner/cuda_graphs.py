@@ -6,7 +6,8 @@ the block manager never hands out, and their logits are dropped), then the graph
 graph per (size, the step's adapter pools and their generations): a base-only step replays a graph
 with no adapter kernel in it; a pool that grows or allocates a table bumps its generation, so the
 next step captures anew instead of replaying reads of freed memory. Mixed prefill/decode steps and
-steps larger than the largest size run eagerly.
+steps larger than the largest size run eagerly, as do steps of an adapter-pool combination over the
+cap on kept combinations (keyed_graphs.py).
 
 The capture itself sits behind a small seam: :class:`CudaGraphCapture` (torch.cuda.CUDAGraph) on a
 GPU, :class:`EagerCapture` anywhere (replay re-runs the step on the same static buffers), which is
@@ -16,7 +17,6 @@ around capture and replays.
 
 from __future__ import annotations
 
-import abc
 import gc
 import threading
 from collections.abc import Callable, Iterator
@@ -25,6 +25,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from nlora_serve.engine.model.batch_info import BatchInfo
+from nlora_serve.engine.runner.keyed_graphs import KeyedGraphs
 
 # vLLM's default cudagraph capture sizes: 1, 2, 4, then every 8 up to 512
 CAPTURE_SIZES = (1, 2, 4) + tuple(range(8, 513, 8))
@@ -135,58 +136,6 @@ class EagerCapture:
         return replay, out
 
 
-class KeyedGraphs(abc.ABC):
-    """Captured graphs by (capture size, the step's adapter pools at their generations): the part
-    decode graphs and piecewise prefill graphs (piecewise_graphs.py) share. A subclass sets
-    ``sizes`` (ascending) and defines ``_capture(size, pools, hook)``."""
-
-    sizes: tuple[int, ...]
-
-    def __init__(self) -> None:
-        self.graphs: dict[tuple, object] = {}
-        self._pools: dict[tuple, list] = {}  # key -> the pools its graph reads
-        self.replayed = 0
-
-    def size_for(self, n: int) -> int | None:
-        """The capture size a step of ``n`` (sequences or tokens) runs at, or None (too large: eager)."""
-        return next((s for s in self.sizes if s >= n), None)
-
-    @staticmethod
-    def key(size: int, pools: list) -> tuple:
-        """A graph per capture size and per set of pools at their current generations."""
-        return size, tuple((id(p), p.generation) for p in pools)
-
-    def capture_base(self) -> None:
-        """Capture the no-adapter graphs of every size now, largest first (as vLLM does at start-up),
-        so first-use captures and the kernels' compiles stay out of serving. Adapter graphs are
-        captured on first use (which pools a step needs is known only then)."""
-        for size in reversed(self.sizes):
-            key = self.key(size, [])
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(size, [], None)
-
-    def graph_for(self, size: int, pools: list, hook):
-        """The captured graph of (size, pools), captured now if it is new; graphs of the same size
-        whose pools are older generations are dropped first (they read freed memory), and graphs of
-        any size that read a pool its Residency dropped (``retired``: no step reads it again, and a
-        graph holds its pools alive)."""
-        key = self.key(size, pools)
-        if key not in self.graphs:
-            ids = {pid: gen for pid, gen in key[1]}
-            for old in list(self.graphs):
-                if (old[0] == size and any(ids.get(pid, gen) != gen for pid, gen in old[1])) or any(
-                        getattr(p, "retired", False) for p in self._pools.get(old, ())):
-                    del self.graphs[old]
-                    self._pools.pop(old, None)
-            self.graphs[key] = self._capture(size, pools, hook)
-            self._pools[key] = list(pools)
-        return self.graphs[key]
-
-    @abc.abstractmethod
-    def _capture(self, size: int, pools: list, hook):
-        """Capture the graph(s) of one (size, pools) key on the subclass's static buffers."""
-
-
 class DecodeGraphs(KeyedGraphs):
     """Static buffers and the captured graphs of one model runner.
 
@@ -198,11 +147,12 @@ class DecodeGraphs(KeyedGraphs):
             buffer, not one per graph: at 256 sequences and a 128k vocabulary the per-size outputs
             took 2 GiB); shared with the piecewise graphs. A step's logits are sampled before the
             next step replays a graph (same stream), as they were with one output per size.
+        **bounds: :class:`KeyedGraphs`' ``max_combinations``, ``idle_steps``, ``counts``.
     """
 
     def __init__(self, model, kv_cache: torch.Tensor, max_num_seqs: int, max_blocks: int, decode_splits: int,
-                 capture, logits: torch.Tensor) -> None:
-        super().__init__()
+                 capture, logits: torch.Tensor, **bounds) -> None:
+        super().__init__(**bounds)
         self.model, self.kv_cache, self.capture, self.logits = model, kv_cache, capture, logits
         self.sizes = capture_sizes(max_num_seqs)
         self.sink_block = kv_cache.shape[2] - 1
@@ -218,12 +168,16 @@ class DecodeGraphs(KeyedGraphs):
         self.block_tables = torch.zeros(size, max_blocks, dtype=torch.int32, device=dev)
         # graphs: (size, pools) -> (replay, logits output, per-pool static slot rows)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, info: BatchInfo, hook) -> torch.Tensor:
-        """One decode step through its graph. Returns [n, V] float32 logits (a view of the graph's output)."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, info: BatchInfo, hook) -> torch.Tensor | None:
+        """One decode step through its graph. Returns [n, V] float32 logits (a view of the graph's output),
+        or None, nothing done: the step's pools are a combination over the cap (run it eagerly)."""
         n = input_ids.shape[0]
         size = self.size_for(n)
         pools = hook.per_token_pools() if hook is not None else []
-        replay, out, slot_rows = self.graph_for(size, pools, hook)
+        graph = self.graph_for(size, pools, hook)
+        if graph is None:
+            return None
+        replay, out, slot_rows = graph
         self._load(n, size, input_ids, positions, info, slot_rows, hook)
         replay()
         self.replayed += 1

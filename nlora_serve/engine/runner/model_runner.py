@@ -17,6 +17,8 @@ from nlora_serve.engine.scheduling.sequence import Sequence
 from nlora_serve.engine.runner.step_inputs import StepInputs
 from nlora_serve.models import BaseModel
 
+STEP_COUNTS = ("graph_steps", "piecewise_steps", "eager_steps", "graph_cap_eager_steps", "graph_evictions")
+
 
 class ModelRunner:
     """The model, its paged KV cache and the per-step input layout."""
@@ -33,14 +35,16 @@ class ModelRunner:
         self.adapter_hook: AdapterHook | None = None  # the AdapterHook, when adapters are served (see set_adapter_hook)
         self.graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps (enable_graphs)
         self.pieces: PiecewiseGraphs | None = None  # piecewise graphs of prefill / mixed steps (enable_graphs)
-        # decode steps replayed / prefill and mixed steps replayed piecewise / all others
-        self.step_counts = {"graph_steps": 0, "piecewise_steps": 0, "eager_steps": 0}
+        # decode steps replayed / prefill and mixed steps replayed piecewise / all others (of which
+        # graph_cap_eager_steps: graphable, but their adapter-pool combination over the graphs' cap) /
+        # combinations whose graphs were evicted for a new one (engine/runner/keyed_graphs.py)
+        self.step_counts = dict.fromkeys(STEP_COUNTS, 0)
         self.score_chunk_rows = chunk_rows(base.spec.vocab_size, self.device.type)  # prompt rows per lm_head call
         self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
 
     def reset_counts(self) -> None:
         """Zero the step counters (graph replays included), e.g. after the engine's warm-up."""
-        self.step_counts.update(graph_steps=0, piecewise_steps=0, eager_steps=0)
+        self.step_counts.update(dict.fromkeys(STEP_COUNTS, 0))
         for graphs in (self.graphs, self.pieces):
             if graphs is not None:
                 graphs.replayed = 0
@@ -72,9 +76,9 @@ class ModelRunner:
         # float32 whatever the weights' dtype, as the sampler and the KV budget's dummy sampler assume
         logits = torch.empty(max_num_seqs, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         self.graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, max_blocks, self.inputs.decode_splits,
-                                   capture, logits)
-        self.pieces = (PiecewiseGraphs(self.model, self.kv_cache, piecewise_tokens, max_num_seqs, capture, logits)
-                       if piecewise_tokens else None)
+                                   capture, logits, counts=self.step_counts)
+        self.pieces = (PiecewiseGraphs(self.model, self.kv_cache, piecewise_tokens, max_num_seqs, capture, logits,
+                                       counts=self.step_counts) if piecewise_tokens else None)
         self._share_threshold()
         if capture_now:
             with torch.inference_mode():
@@ -144,18 +148,35 @@ class ModelRunner:
     def execute(self, pairs: list[tuple[Sequence, int]], previous=None) -> torch.Tensor:
         """Run one step. Returns [R, V] float32 logits, one row per sampling sequence, in ``pairs`` order.
         ``previous``: see :meth:`prepare`."""
+        self.drop_stale_graphs()
         input_ids, positions, info = self.prepare(pairs, previous)
         hook = self.adapter_hook
-        graphable = hook is None or hook.graphable()
+        graphable, capped = hook is None or hook.graphable(), False
         if (self.graphs is not None and info.num_decodes == len(pairs) and self.graphs.size_for(len(pairs))
                 and graphable):
-            self.step_counts["graph_steps"] += 1
-            return self.graphs.run(input_ids, positions, info, hook)
+            logits = self.graphs.run(input_ids, positions, info, hook)
+            if logits is not None:
+                self.step_counts["graph_steps"] += 1
+                return logits
+            capped = True
         if self.pieces is not None and self.pieces.size_for(input_ids.shape[0]) and graphable:
-            self.step_counts["piecewise_steps"] += 1
-            return self.pieces.run(input_ids, positions, info, hook)
+            logits = self.pieces.run(input_ids, positions, info, hook)
+            if logits is not None:
+                self.step_counts["piecewise_steps"] += 1
+                return logits
+            capped = True
         self.step_counts["eager_steps"] += 1
+        self.step_counts["graph_cap_eager_steps"] += int(capped)
         return self.model(input_ids, positions, self.kv_cache, info)
+
+    def drop_stale_graphs(self) -> None:
+        """Let go the graphs no step can replay again (:meth:`~nlora_serve.engine.runner.keyed_graphs.KeyedGraphs.drop_stale`), among them
+        those of a pool retired since the last step: the Residency retires a pool on whichever thread
+        frees its last adapter, and only this (the step) thread may touch graphs, so it drops them here,
+        at the start of its next step, not at its next capture (which may never come)."""
+        for graphs in (self.graphs, self.pieces):
+            if graphs is not None:
+                graphs.drop_stale()
 
     @torch.inference_mode()
     def execute_scored(self, pairs: list[tuple[Sequence, int]], previous, prompt: PromptRows
@@ -165,6 +186,7 @@ class ModelRunner:
         (:func:`~nlora_serve.engine.sample.prompt_logprobs.score`), whose lm_head runs ``score_chunk_rows``
         rows at a time. Eager: the graphs' logits buffers hold one row per sequence (such steps are
         prefills of prompt-logprobs requests only)."""
+        self.drop_stale_graphs()
         input_ids, positions, info = self.prepare(pairs, previous, prompt.indices)
         self.step_counts["eager_steps"] += 1
         x = self.model.hidden(input_ids, positions, self.kv_cache, info)  # [T, hidden]

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from nlora_serve.engine.model.attention.cpu import write_kv
 from nlora_serve.engine.model.batch_info import BatchInfo
-from nlora_serve.engine.runner.cuda_graphs import KeyedGraphs
+from nlora_serve.engine.runner.keyed_graphs import KeyedGraphs
 
 # token-count buckets (vLLM's piecewise capture sizes are similar powers of two)
 PIECEWISE_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -77,16 +77,18 @@ class PiecewiseGraphs(KeyedGraphs):
             (:class:`~nlora_serve.engine.runner.cuda_graphs.CudaGraphCapture` or ``EagerCapture``).
         logits: [max_num_seqs, V] float32, the output every bucket's last piece writes its first
             rows of (shared with the decode graphs; see :class:`~nlora_serve.engine.runner.cuda_graphs.DecodeGraphs`).
+        **bounds: :class:`~nlora_serve.engine.runner.keyed_graphs.KeyedGraphs`' ``max_combinations``,
+            ``idle_steps``, ``counts``.
     Raises:
         ValueError: the model runs native layer ops (CPU only; not capturable).
     """
 
     def __init__(self, model, kv_cache: torch.Tensor, max_num_batched_tokens: int, max_num_seqs: int,
-                 capture, logits: torch.Tensor) -> None:
+                 capture, logits: torch.Tensor, **bounds) -> None:
         if model.layer_ops is not None:
             raise ValueError("piecewise graphs need the torch layer path (no native layer ops)")
         from nlora_serve.engine.model.attention.cuda import attend_cached  # Triton: imported where it runs
-        super().__init__()
+        super().__init__(**bounds)
         self.attend = attend_cached
         self.model, self.kv_cache, self.capture, self.logits = model, kv_cache, capture, logits
         self.sink_slot = (kv_cache.shape[2] - 1) * kv_cache.shape[3]  # first slot of the sink block
@@ -106,19 +108,22 @@ class PiecewiseGraphs(KeyedGraphs):
         self.attn = torch.zeros(size, heads, hd, dtype=model.dtype, device=dev)  # attention output
         # graphs (KeyedGraphs): (bucket, pools) -> _Pieces
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, info: BatchInfo, hook) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, info: BatchInfo, hook) -> torch.Tensor | None:
         """One step through its bucket's pieces, attention eager between them.
 
         Args:
             input_ids, positions: [T] int64 on the device. info: the step's layout (real tokens).
             hook: the AdapterHook in its per-token form, or None.
         Returns:
-            [R, V] float32 logits of ``info.logits_indices`` (a view of the last piece's output).
+            [R, V] float32 logits of ``info.logits_indices`` (a view of the last piece's output), or
+            None, nothing done: the step's pools are a combination over the cap (run it eagerly).
         """
         n, rows = input_ids.shape[0], info.logits_indices.shape[0]
         size = self.size_for(n)
         pools = hook.per_token_pools() if hook is not None else []
         pieces = self.graph_for(size, pools, hook)
+        if pieces is None:
+            return None
         self._load(n, size, rows, input_ids, positions, info, pieces.slot_rows, hook)
         q, out = self.qk[:n, :self.model.spec.num_heads], self.attn[:n]
         pieces.replays[0]()

@@ -139,7 +139,8 @@ def capture_adapter_graphs(core, names) -> int:
     the engine captured the base model's at start, so a step of a new size on that pool replays
     instead of capturing mid-serving (a sync, a warm-up forward and a capture on the step thread).
     Steps mixing pools, and a pool that grows later (its generation bumps), still capture on first
-    use. Returns the number of (size, pools) keys captured here. ``names``: registered adapters,
+    use. A pool over the cap on kept combinations (engine/runner/keyed_graphs.py) gets none. Returns the
+    number of (size, pools) keys captured here. ``names``: registered adapters,
     each pinned (made resident) for its captures and released.
     """
     runner, hook, captured = core.runner, core.hook, 0
@@ -152,8 +153,11 @@ def capture_adapter_graphs(core, names) -> int:
             pools = hook.per_token_pools()
             for graphs in (runner.graphs, runner.pieces):
                 for size in reversed(graphs.sizes if graphs is not None else ()):
-                    if graphs.key(size, pools) not in graphs.graphs:
+                    key = graphs.key(size, pools)
+                    if key not in graphs.graphs:
                         graphs.graph_for(size, pools, hook)
+                        if key not in graphs.graphs:
+                            break  # over the cap on kept combinations (keyed_graphs.py): its steps run eagerly
                         captured += 1
         finally:
             hook.end_step()
