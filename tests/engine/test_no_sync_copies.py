@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nlora_serve.engine.runner.device_values import to_device
+from nlora_serve.engine.runner.device_values import host_to_device, to_device
 
 ROOT = Path(__file__).resolve().parents[2] / "nlora_serve"
 SCANNED = ("engine", "kernels")
@@ -71,3 +71,38 @@ def test_the_sampler_indexes_no_tensor_with_a_python_list(monkeypatch):
     step = dummy_sampler_run(logits, torch.Generator().manual_seed(0))
     monkeypatch.undo()
     assert seen == [] and len(step.read()[0]) == 4
+
+
+def test_prompt_logprob_targets_reach_the_device_through_a_pinned_stage(monkeypatch):
+    """score() copied its [P] int64 targets with ``.to(device, non_blocking=True)`` from pageable
+    memory, which on CUDA waits for the host (a stall behind the step's forward); they now go
+    through device_values.host_to_device (pinned staging). The logprobs still match float64."""
+    from nlora_serve.engine.sample import prompt_logprobs
+
+    staged = []
+    monkeypatch.setattr(prompt_logprobs, "host_to_device", lambda t, d: staged.append(t) or host_to_device(t, d))
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
+    rows = prompt_logprobs.PromptRows(torch.tensor([0, 2, 3]), torch.tensor([4, 7, 1]), [], top_k=0)
+    indices = rows.indices.clone()
+    scored, ranks = prompt_logprobs.score(lambda idx: logits[idx].clone(), indices, rows, 2)
+    assert len(staged) == 1 and staged[0] is rows.targets
+    want = torch.log_softmax(logits.double()[[0, 2, 3]], dim=-1)[[0, 1, 2], [4, 7, 1]]
+    torch.testing.assert_close(scored, want, atol=1e-5, rtol=0)
+    ref = torch.log_softmax(logits.double()[[0, 2, 3]], dim=-1)
+    assert ranks.tolist() == (ref >= want.unsqueeze(1)).sum(dim=1).double().tolist()
+    assert torch.equal(host_to_device(rows.targets, torch.device("cpu")), rows.targets)
+
+
+def test_host_to_device_stages_a_pageable_tensor_in_pinned_memory(monkeypatch):
+    """On CUDA (faked here: no GPU) a pageable tensor is pinned first, then copied non-blocking."""
+    calls = []
+
+    class Pinned:
+        def to(self, device, non_blocking=False):
+            calls.append(("to", device.type, non_blocking))
+            return "on device"
+
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: False)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or Pinned())
+    assert host_to_device(torch.tensor([1, 2]), torch.device("cuda")) == "on device"
+    assert calls == ["pin", ("to", "cuda", True)]

@@ -29,3 +29,23 @@ def to_device(values, device: torch.device, dtype: torch.dtype | None = None) ->
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``, copied there without a host sync: :func:`to_device` for a tensor.
+
+    ``tensor.to("cuda", non_blocking=True)`` from pageable memory still waits for the host: CUDA
+    stages pageable memory through a driver buffer, copied before the call returns. Staged in pinned
+    memory here (torch's caching host allocator keeps the block until the copy has run).
+
+    Args:
+        tensor: on the CPU, any dtype and shape (pinned already: copied as it is).
+        device: the target; a non-CUDA device gets ``tensor.to(device)``.
+    Returns:
+        The tensor on ``device`` (``tensor`` itself when it is there already).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    staged = tensor if tensor.is_pinned() else tensor.pin_memory()
+    return staged.to(device, non_blocking=True)

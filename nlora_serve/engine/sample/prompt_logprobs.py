@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from nlora_serve.engine.model.batch_info import ints
+from nlora_serve.engine.runner.device_values import host_to_device
 from nlora_serve.engine.scheduling.sequence import Sequence
 
 
@@ -119,7 +120,7 @@ def score(logits_of: Callable[[torch.Tensor], torch.Tensor], indices: torch.Tens
     rows at a time, so no tensor here holds more than ``chunk`` rows of V. Each chunk's logits are
     turned into log-probabilities in place.
     """
-    targets = rows.targets.to(indices.device, non_blocking=True)
+    targets = host_to_device(rows.targets, indices.device)  # pinned: no host wait behind the forward
     k = rows.top_k
     scored, ranks, top_v, top_i = [], [], [], []
     for lo in range(0, rows.num_rows, chunk):
