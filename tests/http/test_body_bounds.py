@@ -70,7 +70,7 @@ REFUSED = [
     (_chat, {"model": "m", "messages": [MESSAGE], "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias",
      "logit_bias must be at most 1024 entries; got (('0', 1), ('1', 1), "),
     (_completion, {"model": "m", "prompt": "a", "logprob_token_ids": [1] * 129}, "logprob_token_ids",
-     "logprob_token_ids must be None or 1 to 128 token ids; got (1, 1, "),
+     "logprob_token_ids must be at most 128 token ids (null or an empty list: none, as vLLM); got (1, 1, "),
     (_completion, {"model": "m", "prompt": "a", "allowed_token_ids": [1] * ((1 << 20) + 1)}, "allowed_token_ids",
      "allowed_token_ids must be None or 1 to 1048576 token ids (vLLM refuses an empty list); got (1, 1, "),
     (_chat, {"model": "m", "messages": [MESSAGE], "bad_words": ["w"] * 129}, "bad_words",
@@ -111,3 +111,22 @@ def test_a_long_value_is_shown_as_its_repr_cut(value):
 
     whole = repr(tuple(value.items()) if isinstance(value, dict) else value)  # the reference: _check's repr of it all
     assert shown_value(value) == (f"{whole[:200]}... ({len(whole)} characters)" if len(whole) > 200 else whole)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_an_empty_logprob_token_ids_is_unset_as_in_vllm(chat):
+    """vLLM 0.32 takes ``logprob_token_ids: []`` as unset (its protocol's checks test the list's truth,
+    its ``to_sampling_params`` passes ``logprob_token_ids or None``): the top-k logprobs as without it,
+    and the refusal of a long list says so rather than "1 to 128"."""
+    from nlora_serve.serving.http_api.body import validated
+    from nlora_serve.serving.http_api.openai import chat_params, completion_inputs
+    from nlora_serve.serving.http_api.request_models import ChatRequest, CompletionRequest
+    from nlora_serve.serving.server_config import ServerConfig
+    if chat:
+        body = validated(ChatRequest, {"model": "m", "messages": [MESSAGE], "logprobs": True, "top_logprobs": 2,
+                                       "logprob_token_ids": []})
+        params = chat_params(body, ServerConfig())
+    else:
+        body = validated(CompletionRequest, {"model": "m", "prompt": "a", "logprobs": 2, "logprob_token_ids": []})
+        params = completion_inputs(body, ServerConfig())[1]
+    assert (params.logprob_token_ids, params.logprobs) == (None, 2)

@@ -93,7 +93,9 @@ def refuse_detokenize(data, max_model_len: int) -> None:
 _COUNTED = (("stop", MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} strings"),
             ("stop_token_ids", MAX_STOP_TOKEN_IDS, f"at most {MAX_STOP_TOKEN_IDS} token ids"),
             ("logit_bias", MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} entries"),
-            ("logprob_token_ids", MAX_LOGPROB_TOKEN_IDS, f"None or 1 to {MAX_LOGPROB_TOKEN_IDS} token ids"),
+            # vLLM 0.32 takes an empty list as unset (its to_sampling_params: ``logprob_token_ids or None``)
+            ("logprob_token_ids", MAX_LOGPROB_TOKEN_IDS,
+             f"at most {MAX_LOGPROB_TOKEN_IDS} token ids (null or an empty list: none, as vLLM)"),
             ("allowed_token_ids", MAX_ALLOWED_TOKEN_IDS,
              f"None or 1 to {MAX_ALLOWED_TOKEN_IDS} token ids (vLLM refuses an empty list)"),
             ("bad_words", MAX_BAD_WORDS, f"at most {MAX_BAD_WORDS} words"))
