@@ -89,6 +89,40 @@ def test_a_body_that_is_no_json_object_is_a_400_naming_why(http_server, body, co
     assert _raw(http_server, "/chat/completions", _chat_json(http_server)).status_code == 200
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "br", "identity, gzip", "x" * 300])
+def test_an_encoded_body_is_refused_naming_its_content_encoding_before_it_is_read(encoding):
+    """Nothing decodes a Content-Encoding: a gzip body was "not valid JSON (at character 1)"; it is
+    refused (400, as vLLM's JSON decode error) before its body is read, the header's value cut."""
+    import asyncio
+
+    from fastapi.exceptions import RequestValidationError
+    from starlette.requests import Request
+
+    from nlora_serve.serving.http_api.generate import read_body
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/completions",
+                       "headers": [(b"content-encoding", encoding.encode())]}, receive)
+    with pytest.raises(RequestValidationError) as refused:
+        asyncio.run(read_body(request, admission=None))
+    message = refused.value.errors()[0]["msg"]
+    assert message == (f"the request body's Content-Encoding {encoding[:40] + '...' * (len(encoding) > 40)!r} is "
+                       "not supported; send the JSON body uncompressed, without a Content-Encoding header")
+
+
+def test_a_gzip_body_is_a_400_and_identity_is_served(http_server):
+    import gzip
+    url, key = f"{base_url(http_server)}/chat/completions", {"Authorization": f"Bearer {ADMIN_KEY}"}
+    resp = requests.post(url, data=gzip.compress(_chat_json(http_server).encode()), timeout=60,
+                         headers={**key, "Content-Type": "application/json", "Content-Encoding": "gzip"})
+    _refused(resp, None, "the request body's Content-Encoding 'gzip' is not supported")
+    resp = requests.post(url, data=_chat_json(http_server), timeout=60,
+                         headers={**key, "Content-Type": "application/json", "Content-Encoding": "identity"})
+    assert resp.status_code == 200, resp.text
+
+
 def _gated(monkeypatch, owner, method: str) -> tuple[threading.Event, threading.Event]:
     """Make ``owner.method`` wait for ``release`` (at most 30 s) once called; ``entered`` is set then."""
     entered, release = threading.Event(), threading.Event()

@@ -19,6 +19,7 @@ from typing import TypeVar
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from nlora_serve.errors import shown
 from nlora_serve.serving.http_api.body_gc import full_collections_held, let_go
 from nlora_serve.serving.http_api.body_json import TooDeep, loads_in_pieces
 from nlora_serve.serving.http_api.body_pieces import PieceErrors, validate_in_pieces
@@ -84,6 +85,20 @@ def _clear_frames(exc: BaseException) -> None:
         seen.add(id(exc))
         traceback.clear_frames(exc.__traceback__)
         exc = exc.__cause__ or exc.__context__
+
+
+def check_content_encoding(encoding: str | None) -> None:
+    """Refuse a body sent with a ``Content-Encoding`` header other than ``identity``: neither this
+    server nor Starlette decodes one, so a gzip body was refused as "not valid JSON (at character 1)"
+    (vLLM's answer: a JSON decode error, a 400 as here; RFC 9110's would be a 415).
+
+    Raises:
+        RequestValidationError: naming the encoding (cut, see :func:`~nlora_serve.errors.shown`).
+    """
+    if encoding is None or all(coding.strip().lower() in ("", "identity") for coding in encoding.split(",")):
+        return
+    raise _body_error(f"the request body's Content-Encoding {shown(encoding.strip(), 40)!r} is not supported; "
+                      "send the JSON body uncompressed, without a Content-Encoding header")
 
 
 def parsed_json(raw: bytes, content_type: str | None):

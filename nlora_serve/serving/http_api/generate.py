@@ -49,7 +49,7 @@ from nlora_serve.serving.admission import Admission, Reservation
 from nlora_serve.serving.request_policy import cache_salt_of
 from nlora_serve.serving.stream import Metered, adapter_versions, start_request
 from nlora_serve.serving.status import BodyTimeout, Draining
-from nlora_serve.serving.http_api.body import read_off_loop
+from nlora_serve.serving.http_api.body import check_content_encoding, read_off_loop
 from nlora_serve.serving.http_api.choices import check_choices, choice_params, of_prompt, start_choices
 from nlora_serve.serving.http_api.context import HttpContext
 from nlora_serve.serving.http_api.openai import chat_prompt
@@ -175,13 +175,16 @@ async def _start(ctx: HttpContext, request: Request, endpoint: Endpoint, caller:
 
 
 async def read_body(request: Request, admission: Admission) -> bytes:
-    """The request's body, read while the request holds its place.
+    """The request's body, read while the request holds its place; one sent encoded (gzip, ...) is
+    refused before it is read.
 
     Raises:
+        RequestValidationError: a Content-Encoding other than identity (:func:`check_content_encoding`).
         ClientDisconnect: the client went away first. BodyTimeout: it has not arrived
             :data:`BODY_READ_SECONDS` after the headers. Draining: the server began to drain first
             (a body held back would otherwise hold the shutdown for all of ``--drain-seconds``).
     """
+    check_content_encoding(request.headers.get("content-encoding"))
     read = await _unless(request.body(), admission.drain_started.wait(), BODY_READ_SECONDS)
     if not read.cancelled():
         return read.result()
