@@ -133,7 +133,7 @@ def test_max_output_tokens_is_lowered_to_the_servers_limit_as_vllm_lowers_it(ask
      "input[1].content[0].text: Input should be a valid string"),
 ], ids=["null", "object", "tool_role", "no_role", "null_content", "int_text"])
 def test_an_input_item_refusal_names_the_items_field(given, message):
-    """A bad ``input`` is refused naming where in it it is wrong (the client reads "input: <msg>",
+    """A bad ``input`` is refused naming where in it it is wrong (the client reads <msg>, which names it,
     param "input"); pydantic's union named its first member only, whatever was wrong ("input.str:
     Input should be a valid string", param "input.str")."""
     with pytest.raises(RequestValidationError) as err:

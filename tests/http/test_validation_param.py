@@ -106,3 +106,30 @@ def test_a_reasoning_effort_vllm_does_not_know_is_refused_naming_it(kind, fields
     for effort in ("none", "high", "max", None):
         good = {"reasoning_effort": effort} if kind is ChatRequest else {"reasoning": {"effort": effort}}
         validated(kind, {"model": "m", **{**fields, **good}})
+
+
+@pytest.mark.parametrize("kind, fields, message, param", [
+    (CompletionRequest, {"prompt": ["a", ""]}, "prompt[1] is empty: every prompt of a batch needs at least one token",
+     "prompt"),
+    (CompletionRequest, {"prompt": True}, "prompt is a boolean: send a text, token ids, or a list of texts or of "
+     "token-id lists", "prompt"),
+    (ResponsesRequest, {"input": [{"content": "x"}]}, "input[0].role: Field required", "input"),
+    (CompletionRequest, {"prompt": "a", "prompt_logprobs": "x"}, 'prompt_logprobs: Input should be a valid integer, got "x"',
+     "prompt_logprobs"),  # no message naming it: prefixed
+    (ChatRequest, {"messages": HI, "n": "x"}, 'n: Input should be a valid integer, got "x"', "n"),
+], ids=["prompt_item", "prompt", "input_item", "other_field", "pydantic"])
+def test_the_400_names_the_field_once(kind, fields, message, param):
+    """The HTTP 400 put its field before each validation message: "prompt: prompt[0] is empty: ...",
+    "input: input[0].role: ..."; a message that names its field first is sent as it is."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    from nlora_serve.serving.http_api.routes import _invalid
+
+    with pytest.raises(RequestValidationError) as err:
+        validated(kind, {"model": "m", **({"input": "hi"} if kind is ResponsesRequest else {}), **fields})
+    request = Request({"type": "http", "method": "POST", "path": "/tokenize", "headers": []})  # not counted: no ctx
+    answer = json.loads(asyncio.run(_invalid(request, err.value)).body)["error"]
+    assert (answer["message"], answer["param"]) == (message, param)

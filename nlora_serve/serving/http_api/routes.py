@@ -175,12 +175,21 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
         return JSONResponse(error_body(f"request body is not valid JSON (at character {at})", 400, None,
                                        "invalid_argument"), 400)
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    message = f"{where or 'body'}: {first.get('msg')}"
+    message = _located(where, str(first.get("msg")))
     # vLLM runs its base model without one; the openai SDK's model=None sends null, which means the same
     no_model = first.get("type") == "missing" or ("input" in first and first["input"] is None)
     if where == "model" and no_model:
         message += " (vLLM's default of the base model does not apply here)" + _not_found_hint(_ctx(request), request)
     return JSONResponse(error_body(message, 400, where or None, "invalid_argument"), 400)
+
+
+def _located(where: str, message: str) -> str:
+    """A validation error's message after its field, ``where`` (``"body"`` when none): one that
+    names it first already ("prompt[0] is empty: ...", "input[1].role: ...") is not prefixed again."""
+    after = message[len(where):len(where) + 1]  # "prompt_logprobs ..." names another field than "prompt"
+    if where and message.startswith(where) and not (after.isalnum() or after == "_"):
+        return message
+    return f"{where or 'body'}: {message}"
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
