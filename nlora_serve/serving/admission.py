@@ -146,14 +146,14 @@ class Admission:
         asked = f"n={total}" if asked is None else asked
         limit = principal.max_concurrent_requests if principal is not None else None
         if limit is not None and total > limit:
-            raise RequestError(f"{asked} is {total} requests: more than {principal.name!r}'s max_concurrent_requests "
-                               f"{limit} in the tenants file (each choice of each prompt is a request running or "
-                               "waiting)", param=param)
+            raise RequestError(f"{asked} is {total} requests: more than tenant {principal.name!r} may have at once "
+                               f"(its max_concurrent_requests {limit} in the tenants file; each choice of each prompt "
+                               "is a request running or waiting)", param=param)
         if self.tenant_shares and principal is not None and total - 1 >= max(
                 1.0, queue_share(principal.weight, self.max_queue - total + 1)):  # alone in the queue, as in check
-            raise RequestError(f"{asked} is {total} requests: more than {principal.name!r}'s share of the queue could "
-                               f"ever hold (--max-queue {self.max_queue}, weight {principal.weight:g}): each choice "
-                               "of each prompt is a request running or waiting", param=param)
+            raise RequestError(f"{asked} is {total} requests: more than tenant {principal.name!r} could ever hold in "
+                               f"its share of the queue (--max-queue {self.max_queue}, weight {principal.weight:g}): "
+                               "each choice of each prompt is a request running or waiting", param=param)
         self.check(principal, places)
         self.enter(reservation.tenant, places)
         reservation.places += places

@@ -134,7 +134,8 @@ def test_a_heavy_weight_never_takes_the_last_place_of_the_queue():
         admission.check(heavy)
     alone = Admission(8, tenant_shares=True)  # n choices the same: 7 can be admitted, 8 never could
     seven = alone.reserve(heavy)
-    with pytest.raises(RequestError, match="share of the queue could ever hold"):
+    with pytest.raises(RequestError, match="n=8 is 8 requests: more than tenant 'premium' could ever hold in its "
+                       "share of the queue"):
         alone.grow(seven, 7, heavy)
     alone.grow(seven, 6, heavy)
     assert (alone.inflight, alone.held) == (7, {"premium": 7})

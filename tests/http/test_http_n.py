@@ -243,9 +243,17 @@ def test_choices_take_queue_places_as_one_request_each():
     admission.grow(four, 3, tenant)
     assert (admission.inflight, admission.held) == (4, {"t": 4})
     four.release()
-    with pytest.raises(RequestError, match="share of the queue could ever hold") as err:
+    with pytest.raises(RequestError) as err:
         admission.grow(admission.reserve(tenant), 4, tenant)
-    assert err.value.param == "n"
+    assert err.value.param == "n" and str(err.value) == (  # it read "more than 't''s share": a doubled quote
+        "n=5 is 5 requests: more than tenant 't' could ever hold in its share of the queue (--max-queue 8, weight 1): "
+        "each choice of each prompt is a request running or waiting")
+    capped, quota = Principal("bob", False, max_concurrent_requests=2), Admission(8)
+    with pytest.raises(RequestError) as err:
+        quota.grow(quota.reserve(capped), 2, capped, "3 prompts x n=1", "prompt")
+    assert err.value.param == "prompt" and str(err.value) == (
+        "3 prompts x n=1 is 3 requests: more than tenant 'bob' may have at once (its max_concurrent_requests 2 in the "
+        "tenants file; each choice of each prompt is a request running or waiting)")
     admission = Admission(8, tenant_shares=True)
     admission.grow(admission.reserve(other), 1, other)
     three = admission.reserve(tenant)
