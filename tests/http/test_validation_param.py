@@ -133,3 +133,45 @@ def test_the_400_names_the_field_once(kind, fields, message, param):
     request = Request({"type": "http", "method": "POST", "path": "/tokenize", "headers": []})  # not counted: no ctx
     answer = json.loads(asyncio.run(_invalid(request, err.value)).body)["error"]
     assert (answer["message"], answer["param"]) == (message, param)
+
+
+BIG = "x" * 5000
+TOOL = [{"type": "function", "function": {"name": "f"}}]
+DEFS = [{"type": "function", "function": {"name": name, "parameters": {"$defs": {BIG: {"type": kind}}}}}
+        for name, kind in (("f", "string"), ("g", "integer"))]
+
+
+@pytest.mark.parametrize("kind, fields, tail", [
+    (ChatRequest, {BIG: 1}, "remove it"),
+    (ChatRequest, {"tool_choice": BIG, "tools": TOOL}, 'Only named tools, "none", "auto" or "required" are supported.'),
+    (ChatRequest, {"tool_choice": {"type": "function", "function": BIG}, "tools": TOOL}, "my_function\"}}`"),
+    (ChatRequest, {"tool_choice": {"type": "function", "function": {"name": [BIG]}}, "tools": TOOL}, "}}`"),
+    (ChatRequest, {"tool_choice": "required", "tools": DEFS}, "has multiple schemas, which is not supported."),
+    (ResponsesRequest, {"tool_choice": BIG}, "or {'type': 'function', 'name': ...}"),
+    (ResponsesRequest, {"previous_response_id": BIG}, "not found."),
+], ids=["unsupported_field", "tool_choice", "tool_choice_function", "tool_choice_name", "defs_name",
+        "responses_tool_choice", "previous_response_id"])
+def test_a_refusal_quotes_a_long_value_cut_and_keeps_its_words(kind, fields, tail):
+    """A refusal echoed the client's value whole: a 5,000-character key or string made a 5,000-character
+    message, which the error body then cut at 1,000, losing what it said after the value. Cut to 200."""
+    from nlora_serve.errors import NloraError
+    from nlora_serve.serving.http_api.openai import chat_params
+    from nlora_serve.serving.http_api.responses_request import check_stateless
+    from nlora_serve.serving.server_config import ServerConfig
+
+    body = validated(kind, {"model": "m", **({"input": "hi"} if kind is ResponsesRequest else {"messages": HI}),
+                            **fields})
+    with pytest.raises((NloraError, ParamError)) as err:
+        check_stateless(body) or chat_body_of(body) if kind is ResponsesRequest else chat_params(body, ServerConfig())
+    message = str(err.value)
+    assert message.endswith(tail) and "x" * 198 + "..." in message and "x" * 201 not in message, message[:300]
+
+
+def test_a_content_type_is_quoted_cut():
+    from nlora_serve.serving.http_api.body import parsed_json
+
+    with pytest.raises(RequestValidationError) as err:
+        parsed_json(b"{}", "text/" + BIG)
+    message = err.value.errors()[0]["msg"]
+    assert message == f"Content-Type {'text/' + 'x' * 75 + '...'!r} is not JSON; send the JSON body with " \
+                      "'Content-Type: application/json'"

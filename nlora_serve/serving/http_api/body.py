@@ -118,7 +118,7 @@ def parsed_json(raw: bytes, content_type: str | None):
         raise _body_error("the request body is empty; expected a JSON object")
     kind = (content_type or "application/json").split(";")[0].strip().lower()
     if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
-        raise _body_error(f"Content-Type {kind!r} is not JSON; send the JSON body with "
+        raise _body_error(f"Content-Type {shown(kind, 80)!r} is not JSON; send the JSON body with "
                           "'Content-Type: application/json'")
     try:
         # decoded strictly: json.loads(bytes) would pass encoded surrogates (b"\\xed\\xa0\\x80") through

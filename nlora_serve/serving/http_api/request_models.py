@@ -16,6 +16,7 @@ from nlora_serve.serving.http_api.prompts import check_prompt_shape
 from nlora_serve.serving.http_api.tools import Tool, ToolCalls, tool_calls_of
 from nlora_serve.serving.request_policy import check_cache_salt
 from nlora_serve.engine.sample.sampling import RequestError
+from nlora_serve.errors import shown
 
 # OpenAI fields we accept only at their no-op value or null; every other field is refused
 NOOP_VALUES: dict[str, tuple] = {
@@ -218,7 +219,7 @@ _INSTEAD = {"adapter_id": "name the adapter in 'model' instead (LoRAX's adapter_
 def unsupported(field: str) -> ParamError:
     """The refusal of a request field this server does not implement."""
     instead = f"; {_INSTEAD[field]}" if field in _INSTEAD else ""
-    return ParamError(f"unsupported field {field!r}: this server does not implement it (at any value, "
+    return ParamError(f"unsupported field {shown(field)!r}: this server does not implement it (at any value, "
                       f"null and [] included); remove it{instead}", field)
 
 
@@ -246,7 +247,7 @@ def check_fields(request: OpenAIRequest) -> None:
         # same type and value: `True in (1,)` and `1.0 in (1,)` hold in Python, and JSON's true is no 1
         if value is not None and not any(type(value) is type(v) and value == v for v in NOOP_VALUES[field]):
             allowed = " or ".join(repr(v) for v in NOOP_VALUES[field]) or "null"
-            raise ParamError(f"{field}={value!r} is not supported: this server accepts only {allowed}", field)
+            raise ParamError(f"{field}={shown(repr(value))} is not supported: this server accepts only {allowed}", field)
     if request.return_token_ids and getattr(request, "echo", False):
         raise ParamError("return_token_ids with echo=true is not supported (vLLM then echoes no prompt text); "
                          "the prompt's ids come in prompt_token_ids", "return_token_ids")

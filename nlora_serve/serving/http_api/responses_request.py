@@ -41,6 +41,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from nlora_serve.errors import shown
 from nlora_serve.serving.http_api.request_models import ParamError, ReasoningEffort
 from nlora_serve.serving.http_api.responses_tools import (FunctionCallItem, FunctionCallOutputItem, FunctionTool,
                                                           function_tools)
@@ -269,4 +270,4 @@ def check_stateless(request: ResponsesRequest) -> None:
                          "background mode. To enable these features, set the environment variable "
                          "`VLLM_ENABLE_RESPONSES_API_STORE=1` when launching the vLLM server.", "background")
     if request.previous_response_id is not None:
-        raise ResponseNotFound(f"Response with id '{request.previous_response_id}' not found.")
+        raise ResponseNotFound(f"Response with id '{shown(request.previous_response_id)}' not found.")

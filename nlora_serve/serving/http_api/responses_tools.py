@@ -35,6 +35,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from nlora_serve.errors import shown
 from nlora_serve.serving.http_api.request_models import ParamError
 
 
@@ -146,7 +147,7 @@ def chat_tool_choice(tool_choice, tools: list[FunctionTool], auto: bool = False)
         raise ParamError("tool_choice.name is empty: name one of the tools ({'type': 'function', 'name': ...})",
                          "tool_choice")
     if not named and tool_choice not in ("auto", "none", "required"):
-        raise ParamError(f"tool_choice {tool_choice!r} is not supported: this server takes 'auto', 'none', "
+        raise ParamError(f"tool_choice {shown(repr(tool_choice))} is not supported: this server takes 'auto', 'none', "
                          "'required' or {'type': 'function', 'name': ...}", "tool_choice")
     if not tools:
         if tool_choice == "required":

@@ -33,6 +33,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from nlora_serve.engine.sample.sampling import RequestError
+from nlora_serve.errors import shown
 
 
 class ToolFunction(BaseModel):
@@ -116,17 +117,22 @@ def tool_calls_of(tools: list[Tool] | None, tool_choice, choice_given: bool,
     return ToolCalls(name, parallel is not False), function.parameters or {"type": "object", "properties": {}}
 
 
+def _cut(value) -> str:
+    """``value`` as vLLM's messages print it (``str``), cut to :data:`~nlora_serve.errors.SHOWN_CHARS`."""
+    return shown(value if isinstance(value, str) else repr(value))
+
+
 def _named(tool_choice) -> str:
     usage = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
     if not isinstance(tool_choice, dict):
-        raise RequestError(f"Invalid value for `tool_choice`: {tool_choice}! Only named tools, \"none\", \"auto\" or "
+        raise RequestError(f"Invalid value for `tool_choice`: {_cut(tool_choice)}! Only named tools, \"none\", \"auto\" or "
                            "\"required\" are supported.", "tool_choice")
     function = tool_choice.get("function")
     if not isinstance(function, dict):
-        raise RequestError(f"Invalid value for `function`: `{function}` in `tool_choice`! {usage}", "tool_choice")
+        raise RequestError(f"Invalid value for `function`: `{_cut(function)}` in `tool_choice`! {usage}", "tool_choice")
     name = function.get("name")
     if not isinstance(name, str) or not name:
-        raise RequestError(f"Invalid `name` in `function`: `{name}` in `tool_choice`! {usage}", "tool_choice")
+        raise RequestError(f"Invalid `name` in `function`: `{_cut(name)}` in `tool_choice`! {usage}", "tool_choice")
     if tool_choice.get("type", "function") != "function" or set(tool_choice) - {"type", "function"} \
             or set(function) != {"name"}:
         raise RequestError(f"Invalid value for `tool_choice`! {usage}", "tool_choice")
@@ -154,7 +160,7 @@ def _joined_defs(tools: list[Tool]) -> dict:
         defs = (tool.function.parameters or {}).get("$defs")
         for name, schema in (defs.items() if isinstance(defs, dict) else ()):
             if name in joined and joined[name] != schema:
-                raise RequestError(f"Tool definition '{name}' has multiple schemas, which is not supported.", "tools")
+                raise RequestError(f"Tool definition '{shown(name)}' has multiple schemas, which is not supported.", "tools")
             joined[name] = schema
     return joined
 
