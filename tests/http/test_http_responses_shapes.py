@@ -159,7 +159,10 @@ def test_the_sdks_stream_options_and_prompt_cache_options_are_taken_as_chats():
     assert _refusal(stream=True, stream_options={"include_obfuscation": True}).param == \
         "stream_options.include_obfuscation"
     assert _refusal(stream_options={"include_obfuscation": False}).param == "stream_options"
-    assert _refusal(text={"format": {"type": "json_object", "schema": {"type": "object"}}}).param == "text.format"
+    refused = _refusal(text={"format": {"type": "json_object", "schema": {"type": "object"}}})
+    assert refused.param == "text.format" and str(refused) == (  # it read "type 'json_schema''s fields"
+        "text.format of type 'json_object' takes no 'schema' (name, schema, description and strict are fields of "
+        "type 'json_schema')")
 
 
 def test_a_schema_chat_refuses_before_compiling_is_blamed_on_text_format():

@@ -155,7 +155,7 @@ def _response_format(request: ResponsesRequest) -> dict | None:
                                         ("strict", fmt.strict)) if value is not None]
         if given:  # a schema sent with json_object would be ignored: the answer would not follow it
             raise ParamError(f"text.format of type {fmt.type!r} takes no {given[0]!r} (name, schema, description "
-                             "and strict are type 'json_schema''s fields)", "text.format")
+                             "and strict are fields of type 'json_schema')", "text.format")
         return {"type": fmt.type}
     if fmt.schema_ is None or fmt.name is None:
         raise ParamError("text.format of type 'json_schema' needs 'name' and 'schema'", "text.format")
