@@ -167,7 +167,7 @@ def test_bad_batches_are_refused_naming_prompt(http_server, prompt, words):
 
 @pytest.mark.parametrize("prompt, words", [
     ([[5, 6], list(range(5, 1105))], "prompt[1]: This model's maximum context length is 1024 tokens"),
-    ([[5, 6], [7], [8, 10 ** 6]], "prompt[2]: prompt token ids must be in [0, "),
+    ([[5, 6], [7], [8, 10 ** 6]], "prompt[2] token ids must be in [0, "),  # not "prompt[2]: prompt token ids"
 ])
 def test_a_bad_prompt_of_a_batch_is_named_and_nothing_runs(http_server, prompt, words):
     body = {"model": base_name(http_server), "prompt": prompt, "max_tokens": 100, "temperature": 0}
@@ -176,6 +176,24 @@ def test_a_bad_prompt_of_a_batch_is_named_and_nothing_runs(http_server, prompt, 
     stats = http_server.engine.stats
     assert wait_for(lambda: (stats()["running"], stats()["waiting"], stats()["kv_blocks_used"]) == (0, 0, 0))
     assert admission_counts(http_server) == (0, {})
+
+
+@pytest.mark.parametrize("message, param, named", [
+    ("prompt is empty: need at least one token", "prompt", "prompt[1] is empty: need at least one token"),
+    ("prompt is not valid Unicode text: surrogates not allowed at character 3", None,
+     "prompt[1] is not valid Unicode text: surrogates not allowed at character 3"),
+    ("This model's maximum context length is 1024 tokens.", None, "prompt[1]: This model's maximum context length "
+     "is 1024 tokens."),
+    ("stop_token_ids must be in [0, 49152); got 49152", "stop_token_ids",
+     "prompt[1]: stop_token_ids must be in [0, 49152); got 49152"),
+])
+def test_a_batch_prompts_refusal_names_it_once(message, param, named):
+    """The engine's refusal of one prompt of a batch, named: it read "prompt[1]: prompt is empty: ..."."""
+    from nlora_serve.engine.sample.sampling import RequestError
+    from nlora_serve.serving.http_api.choices import of_prompt
+
+    refused = of_prompt(RequestError(message, param), 1, 3)
+    assert (str(refused), refused.param) == (named, param or "prompt")
 
 
 def test_a_batch_holds_a_place_per_prompt_and_choice(base_fp32, tokenizer, tmp_path):

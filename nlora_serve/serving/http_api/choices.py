@@ -129,11 +129,15 @@ def _once(let_go: Callable[[], None] | None) -> Callable[[], None]:
 
 def of_prompt(exc: NloraError, index: int, num_prompts: int) -> NloraError:
     """``exc`` of prompt ``index`` of a batch: a RequestError's message names the prompt (as
-    ``prompt[index]: ...``), and so does its param unless it names another field (a context
-    overflow names none); any other error, or the one prompt's, is ``exc`` itself."""
+    ``prompt[index]: ...``, or in place of the engine's own "prompt": ``prompt[1] is empty: ...``,
+    not ``prompt[1]: prompt is empty: ...``), and so does its param unless it names another field
+    (a context overflow names none); any other error, or the one prompt's, is ``exc`` itself."""
     if num_prompts == 1 or not isinstance(exc, RequestError):
         return exc
-    return RequestError(f"prompt[{index}]: {exc}", exc.param or "prompt")
+    message = str(exc)
+    if message.startswith("prompt "):  # the engine's words name the one prompt it was given
+        return RequestError(f"prompt[{index}]{message.removeprefix('prompt')}", exc.param or "prompt")
+    return RequestError(f"prompt[{index}]: {message}", exc.param or "prompt")
 
 
 class _Merged:
