@@ -175,3 +175,32 @@ def test_a_content_type_is_quoted_cut():
     message = err.value.errors()[0]["msg"]
     assert message == f"Content-Type {'text/' + 'x' * 75 + '...'!r} is not JSON; send the JSON body with " \
                       "'Content-Type: application/json'"
+
+
+@pytest.mark.parametrize("fields, where, words", [
+    ({"logit_bias": {BIG: "x"}}, "logit_bias.", 'Input should be a valid number, got "x"'),
+    ({"messages": [{"role": "user", "content": "hi", BIG: 1}]}, "messages.0.", "Extra inputs are not permitted"),
+    ({"response_format": {"type": "json_object", BIG: 1}}, "response_format.", "Extra inputs are not permitted"),
+    ({"structured_outputs": {BIG: 1}}, "structured_outputs.", "Extra inputs are not permitted"),
+], ids=["logit_bias_key", "message_field", "response_format_field", "structured_outputs_field"])
+def test_a_long_key_in_the_fields_path_is_cut(fields, where, words):
+    """The path a validation message opens with holds the client's keys: a 5,000-character unknown
+    key made the 400 all key, cut at 1,000 with pydantic's words lost. The path is cut at 200."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    from nlora_serve.serving.http_api.openai import chat_params
+    from nlora_serve.serving.http_api.routes import _invalid
+    from nlora_serve.serving.server_config import ServerConfig
+
+    try:
+        chat_params(validated(ChatRequest, {"model": "m", "messages": HI, **fields}), ServerConfig())
+        raise AssertionError("accepted")
+    except RequestValidationError as exc:
+        request = Request({"type": "http", "method": "POST", "path": "/tokenize", "headers": []})
+        message = json.loads(asyncio.run(_invalid(request, exc)).body)["error"]["message"]
+    except ParamError as exc:
+        message = str(exc)
+    assert message == f"{(where + BIG)[:200]}...: {words}"

@@ -184,12 +184,13 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 def _located(where: str, message: str) -> str:
-    """A validation error's message after its field, ``where`` (``"body"`` when none): one that
+    """A validation error's message after its field, ``where`` (``"body"`` when none; cut, see
+    :func:`~nlora_serve.errors.shown`: it holds the client's keys, e.g. an unknown field's): one that
     names it first already ("prompt[0] is empty: ...", "input[1].role: ...") is not prefixed again."""
     after = message[len(where):len(where) + 1]  # "prompt_logprobs ..." names another field than "prompt"
     if where and message.startswith(where) and not (after.isalnum() or after == "_"):
         return message
-    return f"{where or 'body'}: {message}"
+    return f"{shown(where) or 'body'}: {message}"
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

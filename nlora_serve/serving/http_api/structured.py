@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nlora_serve.engine.sample.sampling import RequestError
 from nlora_serve.engine.structured_output.structured import StructuredOutputs
+from nlora_serve.errors import shown
 
 
 class _JsonSchema(BaseModel):
@@ -50,7 +51,7 @@ class _StructuredOutputs(BaseModel):
 def _first_error(exc: ValidationError, field: str) -> str:
     error = exc.errors()[0]
     where = ".".join(str(part) for part in (field, *error["loc"]))
-    return f"{where}: {error['msg']}"
+    return f"{shown(where)}: {error['msg']}"  # where holds the client's keys (an unknown field's)
 
 
 def structured_of(response_format: dict | None, structured_outputs: dict | None) -> StructuredOutputs | None:
