@@ -67,6 +67,17 @@ def test_swap_payload_refusals_name_the_key_and_numbers(tenant):
         replace_n(current, len(deep).to_bytes(8, "little") + deep)
 
 
+def test_a_payloads_unexpected_keys_are_quoted_cut():
+    """SwapN's refusal quoted the payload's unexpected keys whole: three 5,000-char tensor names
+    made a 15,000-char message, cut to 1,000 in the status details. Each is cut to 80."""
+    from nlora_serve.adapters.runtime.swap import _check_keys
+
+    with pytest.raises(AdapterError) as err:
+        _check_keys({"a", "k" * 5000, "m" * 5000, "z" * 5000}, {"a"})
+    cut = ["k" * 80 + "...", "m" * 80 + "...", "z" * 80 + "..."]
+    assert str(err.value) == f"swap payload must hold exactly the tenant's 1 lora_N keys; it has 4: unexpected {cut}"
+
+
 def test_an_upload_config_nested_past_the_parser_is_refused(base_fp32, tenant):
     _, path = tenant
     with pytest.raises(AdapterError, match="adapter_config.json: not valid JSON"):

@@ -26,7 +26,7 @@ from nlora_serve.adapters.format import STORED_DTYPES, read_bytes, read_stacked
 from nlora_serve.adapters.keys import PART_N, tensor_key
 from nlora_serve.adapters.runtime.pool import serial_rows
 from nlora_serve.adapters.save import full_form_with_n
-from nlora_serve.errors import AdapterError
+from nlora_serve.errors import AdapterError, shown
 
 
 def replace_n(current: Adapter, weights: bytes) -> Adapter:
@@ -88,7 +88,7 @@ def _check_keys(got: set[str], want: set[str]) -> None:
     if got == want:
         return
     extra, missing = sorted(got - want), sorted(want - got)
-    detail = (f"unexpected {extra[:3]}{'…' if len(extra) > 3 else ''}" if extra else
+    detail = (f"unexpected {[shown(key, 80) for key in extra[:3]]}{'…' if len(extra) > 3 else ''}" if extra else
               f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}")
     raise AdapterError(f"swap payload must hold exactly the tenant's {len(want)} lora_N keys; "
                        f"it has {len(got)}: {detail}")
