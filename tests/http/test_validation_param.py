@@ -167,6 +167,24 @@ def test_a_refusal_quotes_a_long_value_cut_and_keeps_its_words(kind, fields, tai
     assert message.endswith(tail) and "x" * 198 + "..." in message and "x" * 201 not in message, message[:300]
 
 
+@pytest.mark.parametrize("fields, words", [
+    ({"input": [{"type": BIG}]}, "input[0] is a '{}' item: this server takes message, function_call and "
+     "function_call_output items only"),
+    ({"tools": [{"type": BIG}]}, "tools[0] is a '{}' tool: this server serves function tools only"),
+], ids=["input_item", "tool"])
+def test_a_responses_item_or_tool_type_is_quoted_cut(fields, words):
+    from nlora_serve.errors import NloraError
+
+    try:
+        chat_body_of(validated(ResponsesRequest, {"model": "m", "input": "hi", **fields}))
+        raise AssertionError("accepted")
+    except RequestValidationError as exc:
+        message = exc.errors()[0]["msg"]
+    except (NloraError, ParamError) as exc:
+        message = str(exc)
+    assert message.startswith(words.format("x" * 200 + "...")), message[:300]
+
+
 def test_a_content_type_is_quoted_cut():
     from nlora_serve.serving.http_api.body import parsed_json
 

@@ -192,7 +192,7 @@ class ResponsesRequest(BaseModel):
             kind = item.get("type", "message") if isinstance(item, dict) else None
             model = _ITEMS.get(kind) if isinstance(kind, str) else None
             if model is None:
-                what = f"a {kind!r} item" if isinstance(kind, str) else "not a message object"
+                what = f"a {shown(kind)!r} item" if isinstance(kind, str) else "not a message object"
                 raise PydanticCustomError("input", f"input[{i}] is {what}: this server takes message, function_call "
                                           "and function_call_output items only")
             try:

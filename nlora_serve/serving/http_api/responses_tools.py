@@ -102,7 +102,7 @@ def function_tools(tools: list | None) -> list[FunctionTool]:
     for i, tool in enumerate(tools or []):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind != "function":
-            what = f"a {kind!r} tool" if isinstance(kind, str) else "not a tool object"
+            what = f"a {shown(kind)!r} tool" if isinstance(kind, str) else "not a tool object"
             raise ParamError(f"tools[{i}] is {what}: this server serves function tools only ({{'type': 'function', "
                              "'name', 'description', 'parameters', 'strict'}; vLLM 0.32 runs the others with a tool "
                              "server or a harmony model only)", "tools")
