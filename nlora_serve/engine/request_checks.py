@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from nlora_serve.engine.sample.sampling import RequestError, SamplingParams
+from nlora_serve.errors import shown
 
 
 def check_request(prompt_ids: list[int], vocab_size: int, max_model_len: int,
@@ -36,9 +37,9 @@ def check_request(prompt_ids: list[int], vocab_size: int, max_model_len: int,
         raise RequestError(f"allowed_token_ids contains out-of-vocab token id: {outside[0]} (vocabulary size "
                            f"{vocab_size})", "allowed_token_ids")
     outside = [t for t in logprob_token_ids or () if not 0 <= t < vocab_size]
-    if outside:  # vLLM's message
-        raise RequestError(f"token_id(s) {outside} in logprob_token_ids contain out-of-vocab token ids. Vocabulary "
-                           f"size: {vocab_size}", "logprob_token_ids")
+    if outside:  # vLLM's message; 128 ids of 19 digits would crowd out its end past the 1,000 characters kept
+        raise RequestError(f"token_id(s) {shown(str(outside))} in logprob_token_ids contain out-of-vocab token ids. "
+                           f"Vocabulary size: {vocab_size}", "logprob_token_ids")
     check_context(len(prompt_ids), max_model_len)
 
 
