@@ -112,6 +112,28 @@ def test_an_encoded_body_is_refused_naming_its_content_encoding_before_it_is_rea
                        "not supported; send the JSON body uncompressed, without a Content-Encoding header")
 
 
+def test_a_repeated_content_encoding_header_is_read_whole_and_identity_in_any_case_passes():
+    """Two Content-Encoding lines ("identity", then "gzip") are one list (RFC 9110 5.3): the first
+    line alone let the gzip body through to "not valid JSON". "IDENTITY" is identity."""
+    import asyncio
+
+    from fastapi.exceptions import RequestValidationError
+    from starlette.requests import Request
+
+    from nlora_serve.serving.http_api.generate import read_body
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/completions",
+                       "headers": [(b"content-encoding", b"identity"), (b"content-encoding", b"gzip")]}, receive)
+    with pytest.raises(RequestValidationError) as refused:
+        asyncio.run(read_body(request, admission=None))
+    assert "Content-Encoding 'identity, gzip' is not supported" in refused.value.errors()[0]["msg"]
+    from nlora_serve.serving.http_api.body import check_content_encoding
+    assert check_content_encoding("IDENTITY") is None and check_content_encoding(" Identity ,identity") is None
+
+
 def test_a_gzip_body_is_a_400_and_identity_is_served(http_server):
     import gzip
     url, key = f"{base_url(http_server)}/chat/completions", {"Authorization": f"Bearer {ADMIN_KEY}"}

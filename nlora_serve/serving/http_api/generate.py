@@ -184,7 +184,10 @@ async def read_body(request: Request, admission: Admission) -> bytes:
             :data:`BODY_READ_SECONDS` after the headers. Draining: the server began to drain first
             (a body held back would otherwise hold the shutdown for all of ``--drain-seconds``).
     """
-    check_content_encoding(request.headers.get("content-encoding"))
+    # every Content-Encoding line, as RFC 9110 lists a repeated field: .get() took the first only, so
+    # "identity" then "gzip" let a gzip body through to "not valid JSON"
+    codings = request.headers.getlist("content-encoding")
+    check_content_encoding(", ".join(codings) if codings else None)
     read = await _unless(request.body(), admission.drain_started.wait(), BODY_READ_SECONDS)
     if not read.cancelled():
         return read.result()
