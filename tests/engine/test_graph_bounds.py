@@ -86,7 +86,7 @@ def test_a_pool_that_grew_frees_its_old_graphs_of_every_size_and_its_place():
 
 def _runner(graphs, prepared: list) -> SimpleNamespace:
     """The ModelRunner attributes execute reads, around a real ``graphs`` (a decode step of one sequence)."""
-    runner = SimpleNamespace(graphs=graphs, pieces=None, adapter_hook=None, kv_cache=None,
+    runner = SimpleNamespace(graphs=graphs, pieces=None, adapter_hook=None, kv_cache=None, _steps=0,
                              step_counts={"graph_steps": 0, "eager_steps": 0, "graph_cap_eager_steps": 0})
     runner.drop_stale_graphs = lambda: ModelRunner.drop_stale_graphs(runner)
 
@@ -153,3 +153,23 @@ def test_warm_up_captures_no_graph_of_a_pool_over_the_cap():
                            device="cpu")
     assert capture_adapter_graphs(core, ("a", "b")) == 3
     assert graphs.captures == [(4, ("a",)), (2, ("a",)), (1, ("a",))]
+
+
+def test_the_idle_rule_counts_every_step_of_the_runner_not_only_those_of_one_graph_kind():
+    """Decode and piecewise graphs share the runner's step clock: a piecewise combination unused for
+    ``idle_steps`` steps, decode steps among them, gives way. With a count of its own graph_for calls
+    (prefill and mixed steps only) it waited that many *prefill* steps: here, for ever."""
+    runner = SimpleNamespace(graphs=None, pieces=None, _steps=0)
+    clock = lambda: ModelRunner.steps_started(runner)  # noqa: E731
+    pieces = _graphs(max_combinations=1, idle_steps=5, clock=clock)
+    runner.pieces = pieces
+    a, b = Pool("a"), Pool("b")
+    ModelRunner.drop_stale_graphs(runner)  # step 1: a prefill on a's pool
+    assert pieces.graph_for(1, [a], None) is not None
+    for _ in range(3):  # steps 2-4: decode steps, no piecewise graph met
+        ModelRunner.drop_stale_graphs(runner)
+    ModelRunner.drop_stale_graphs(runner)  # step 5: a prefill on b's pool: a unused for 4 steps, kept
+    assert pieces.graph_for(1, [b], None) is None
+    ModelRunner.drop_stale_graphs(runner)  # step 6: a unused for 5 steps: b takes its place
+    assert pieces.graph_for(1, [b], None) is not None
+    assert pieces.counts["graph_evictions"] == 1 and ModelRunner.steps_started(runner) == 6

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 from collections import OrderedDict
+from collections.abc import Callable
 
 MAX_ADAPTER_COMBINATIONS = 8  # adapter-pool combinations whose graphs are kept (see the module docstring)
 IDLE_STEPS = 1000  # steps the least recently used combination goes unused before a new one may evict it
@@ -44,10 +45,16 @@ class KeyedGraphs(abc.ABC):
 
     Args:
         max_combinations: adapter-pool combinations kept at most (≥ 0; the base graphs besides).
-        idle_steps: steps (calls of :meth:`graph_for`) the least recently used combination must go
-            unused before a new combination evicts it (≥ 0).
+        idle_steps: steps (of ``clock``) the least recently used combination must go unused before a
+            new combination evicts it (≥ 0).
         counts: the runner's step counters; ``graph_evictions`` there counts the combinations
             evicted to make room (its own dict when None).
+        clock: the runner's step count (a callable: steps started so far), shared by its decode and
+            piecewise graphs so that ``idle_steps`` counts every step the runner runs; None: this
+            object's own count of :meth:`graph_for` calls. With its own count each kind aged only on
+            its own steps: a piecewise combination (prefill and mixed steps only) went 1000 *prefill*
+            steps before a new one could take its place, minutes of decode-heavy traffic, not the
+            10-30 s the idle rule is sized for.
     Raises:
         ValueError: a negative cap or idle count.
     """
@@ -55,7 +62,7 @@ class KeyedGraphs(abc.ABC):
     sizes: tuple[int, ...]
 
     def __init__(self, max_combinations: int = MAX_ADAPTER_COMBINATIONS, idle_steps: int = IDLE_STEPS,
-                 counts: dict | None = None) -> None:
+                 counts: dict | None = None, clock: Callable[[], int] | None = None) -> None:
         if max_combinations < 0 or idle_steps < 0:
             raise ValueError(f"max_combinations ({max_combinations}) and idle_steps ({idle_steps}) must be >= 0")
         self.graphs: dict[tuple, object] = {}
@@ -64,7 +71,7 @@ class KeyedGraphs(abc.ABC):
         self.counts.setdefault("graph_evictions", 0)
         self._pools: dict[tuple, list] = {}  # combination -> the pools its graphs read (and keep alive)
         self._last_used: OrderedDict[tuple, int] = OrderedDict()  # combination -> tick last used, oldest first
-        self._tick = 0
+        self._clock, self._tick = clock, 0
         self.replayed = 0
 
     def size_for(self, n: int) -> int | None:
@@ -89,7 +96,7 @@ class KeyedGraphs(abc.ABC):
         """The captured graph of (size, pools), captured now if it is new, or None: the combination
         is new, the cap is reached and none kept has gone ``idle_steps`` unused (run the step
         eagerly). Before a capture, graphs no step can replay again are dropped (:meth:`drop_stale`)."""
-        self._tick += 1
+        self._tick = self._tick + 1 if self._clock is None else self._clock()
         key = self.key(size, pools)
         combo = key[1]
         if key not in self.graphs:

@@ -39,6 +39,7 @@ class ModelRunner:
         # graph_cap_eager_steps: graphable, but their adapter-pool combination over the graphs' cap) /
         # combinations whose graphs were evicted for a new one (engine/runner/keyed_graphs.py)
         self.step_counts = dict.fromkeys(STEP_COUNTS, 0)
+        self._steps = 0  # steps begun (steps_started), the graphs' idle clock
         self.score_chunk_rows = chunk_rows(base.spec.vocab_size, self.device.type)  # prompt rows per lm_head call
         self.kv_cache = None if num_blocks is None else self.allocate_kv_cache(num_blocks)
 
@@ -76,9 +77,10 @@ class ModelRunner:
         # float32 whatever the weights' dtype, as the sampler and the KV budget's dummy sampler assume
         logits = torch.empty(max_num_seqs, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         self.graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, max_blocks, self.inputs.decode_splits,
-                                   capture, logits, counts=self.step_counts)
+                                   capture, logits, counts=self.step_counts, clock=self.steps_started)
         self.pieces = (PiecewiseGraphs(self.model, self.kv_cache, piecewise_tokens, max_num_seqs, capture, logits,
-                                       counts=self.step_counts) if piecewise_tokens else None)
+                                       counts=self.step_counts, clock=self.steps_started)
+                       if piecewise_tokens else None)
         self._share_threshold()
         if capture_now:
             with torch.inference_mode():
@@ -170,13 +172,19 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv_cache, info)
 
     def drop_stale_graphs(self) -> None:
-        """Let go the graphs no step can replay again (:meth:`~nlora_serve.engine.runner.keyed_graphs.KeyedGraphs.drop_stale`), among them
+        """Begin a step: count it on the graphs' idle clock (:meth:`steps_started`) and let go the graphs no step can replay again (:meth:`~nlora_serve.engine.runner.keyed_graphs.KeyedGraphs.drop_stale`), among them
         those of a pool retired since the last step: the Residency retires a pool on whichever thread
         frees its last adapter, and only this (the step) thread may touch graphs, so it drops them here,
         at the start of its next step, not at its next capture (which may never come)."""
+        self._steps += 1  # the graphs' clock (steps_started): every step, whichever graphs it replays
         for graphs in (self.graphs, self.pieces):
             if graphs is not None:
                 graphs.drop_stale()
+
+    def steps_started(self) -> int:
+        """Steps begun so far (:meth:`execute`, :meth:`execute_scored`): the clock both graph kinds'
+        idle rule counts in (keyed_graphs.py), never reset (reset_counts leaves it)."""
+        return self._steps
 
     @torch.inference_mode()
     def execute_scored(self, pairs: list[tuple[Sequence, int]], previous, prompt: PromptRows
