@@ -301,21 +301,27 @@ def test_every_generation_the_docs_show_bounds_its_output():
     # s30: the README's Responses example forced a tool call with no max_output_tokens; on make serve's
     # CPU server it ran to the end of the context (1,750 tokens of JSON whitespace) for 11 minutes. Each
     # request a Python block or a curl line of README.md and OPERATIONS.md sends says how long it may be.
-    wrong = []
+    wrong, seen = [], {"python": 0, "curl": 0}
     for doc in ("README.md", "OPERATIONS.md"):
         text = (REPO / doc).read_text()
         for block in fenced(text, "python"):
             for opener in (".chat.completions.create(", ".completions.create(", ".responses.create(",
                            "client.generate("):
                 for args in _calls(block, opener):
+                    seen["python"] += 1
                     if not re.search(r"\bmax_(?:output_)?tokens\s*=", args):
                         wrong.append(f"{doc}: {opener}{args[:60]}...)")
         for block in fenced(text, "sh") + fenced(text, "bash"):
             for cmd in commands(block):
-                if re.search(r"curl .*/v1/(?:chat/)?completions|curl .*/v1/responses", cmd) and \
-                        not re.search(r'"max_(?:output_)?tokens"', cmd):
-                    wrong.append(f"{doc}: {cmd[:80]}")
+                if re.search(r"curl .*/v1/(?:chat/)?completions|curl .*/v1/responses", cmd):
+                    seen["curl"] += 1
+                    if not re.search(r'"max_(?:output_)?tokens"', cmd):
+                        wrong.append(f"{doc}: {cmd[:80]}")
     assert wrong == []
+    # the README's chat, streaming-chat, three Responses and one client.generate calls (the chat ones
+    # matched by both openers) and its two curl generations: a fence or an opener the scan no longer
+    # sees would otherwise pass with nothing checked
+    assert seen["python"] >= 6 and seen["curl"] >= 2, seen
 
 
 def _module_map(init: Path) -> str:
