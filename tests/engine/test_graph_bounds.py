@@ -173,3 +173,20 @@ def test_the_idle_rule_counts_every_step_of_the_runner_not_only_those_of_one_gra
     ModelRunner.drop_stale_graphs(runner)  # step 6: a unused for 5 steps: b takes its place
     assert pieces.graph_for(1, [b], None) is not None
     assert pieces.counts["graph_evictions"] == 1 and ModelRunner.steps_started(runner) == 6
+
+
+def test_a_decode_step_over_the_cap_runs_eagerly_not_through_the_piecewise_graphs():
+    """The decode sizes reach max_num_seqs, so no decode-only step met the piecewise graphs before
+    the cap; one refused by the decode graphs' cap fell through to them (a new GPU path, L + 1
+    captures in the pieces' own LRU, not counted as capped). It runs eagerly, as the cap says."""
+    graphs = _graphs(max_combinations=0)
+    graphs.run = lambda ids, pos, info, hook: None  # refused: over the cap
+
+    def piecewise(*args):
+        raise AssertionError("a capped decode step ran piecewise")
+
+    runner = _runner(graphs, [])
+    runner.pieces = SimpleNamespace(size_for=lambda n: 16, run=piecewise, drop_stale=lambda: None)
+    runner.step_counts["piecewise_steps"] = 0
+    assert ModelRunner.execute(runner, [(None, 1)]) == "eager logits"
+    assert runner.step_counts == {"graph_steps": 0, "piecewise_steps": 0, "eager_steps": 1, "graph_cap_eager_steps": 1}

@@ -160,8 +160,8 @@ class ModelRunner:
             if logits is not None:
                 self.step_counts["graph_steps"] += 1
                 return logits
-            capped = True
-        if self.pieces is not None and self.pieces.size_for(input_ids.shape[0]) and graphable:
+            capped = True  # eager, not piecewise: no decode-only step reached the pieces before the cap
+        if not capped and self.pieces is not None and self.pieces.size_for(input_ids.shape[0]) and graphable:
             logits = self.pieces.run(input_ids, positions, info, hook)
             if logits is not None:
                 self.step_counts["piecewise_steps"] += 1
@@ -172,8 +172,10 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv_cache, info)
 
     def drop_stale_graphs(self) -> None:
-        """Begin a step: count it on the graphs' idle clock (:meth:`steps_started`) and let go the graphs no step can replay again (:meth:`~nlora_serve.engine.runner.keyed_graphs.KeyedGraphs.drop_stale`), among them
-        those of a pool retired since the last step: the Residency retires a pool on whichever thread
+        """Begin a step: count it on the graphs' idle clock (:meth:`steps_started`) and let go the
+        graphs no step can replay again
+        (:meth:`~nlora_serve.engine.runner.keyed_graphs.KeyedGraphs.drop_stale`), among them those of
+        a pool retired since the last step: the Residency retires a pool on whichever thread
         frees its last adapter, and only this (the step) thread may touch graphs, so it drops them here,
         at the start of its next step, not at its next capture (which may never come)."""
         self._steps += 1  # the graphs' clock (steps_started): every step, whichever graphs it replays
