@@ -279,7 +279,7 @@ SERVE_DEFAULTS = {
     "enable_log_requests": False, "enable_prefix_caching": True, "enforce_eager": False, "engine_step_timeout": None,
     "example_tenants": 0,
     "generation_config": "auto", "gpu_memory_utilization": None, "host": "127.0.0.1", "http_port": 8000,
-    "keep_versions": 1, "kv_cache_memory_bytes": None, "load_format": "auto", "log_format": "text",
+    "keep_versions": None, "kv_cache_memory_bytes": None, "load_format": "auto", "log_format": "text",
     "long_prefill_token_threshold": None, "long_prefill_token_threshold_adaptive": False,
     "max_adapter_bytes": 268435456, "max_fold_folders": None,
     "max_log_len": 0, "max_loras": 8, "max_model_len": 2048, "max_num_batched_tokens": 2048, "max_num_seqs": 64,

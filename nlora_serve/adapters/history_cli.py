@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from dataclasses import asdict
 
 from nlora_serve.adapters.limits import DEFAULT_MAX_ADAPTER_BYTES
@@ -30,8 +31,9 @@ def add_history_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "versions", help="list an adapter's versions kept in a store folder (read only, beside a running server)",
         description="List the versions of NAME kept in the adapter store: version, when written (UTC), the "
                     "sha256 over its files, bytes, which one a start serves (current), and whether its files "
-                    "still match their SHA256SUMS. The store keeps serve --keep-versions versions of a name "
-                    "(1 by default: only the current one).")
+                    "still match their SHA256SUMS. The store keeps the --keep-versions N the last "
+                    "serve that gave one recorded (1 by default: only the current one); a start without the flag "
+                    "keeps the same.")
     _store_argument(p)
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per version")
     p.set_defaults(func=_versions)
@@ -49,6 +51,7 @@ def add_history_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
 def _versions(args: argparse.Namespace) -> int:
     from nlora_serve.adapters.store.history import list_versions
+    from nlora_serve.adapters.store.settings import recorded_keep_versions
 
     found = list_versions(args.adapter_dir, args.name, args.max_adapter_bytes)
     if args.json:
@@ -59,6 +62,9 @@ def _versions(args: argparse.Namespace) -> int:
         written = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.created))
         changed = {True: "", None: " (no SHA256SUMS)", False: " (files CHANGED since written)"}[v.intact]
         print(f"{v.version:>7}  {written:19}  {v.files_sha256[:16]}  {v.size:>10}  {v.state}{changed}")
+    keep = recorded_keep_versions(Path(args.adapter_dir).expanduser().resolve())
+    said = "recorded by the last serve --keep-versions N" if keep else "the default: no start gave --keep-versions"
+    print(f"the store keeps each name's newest {keep or 1} version{'s' if (keep or 1) != 1 else ''} ({said})")
     return 0
 
 

@@ -25,11 +25,14 @@ class AdapterLimits:
     adapter_memory: int = 4 << 30  # --adapter-memory: bytes all tied tenants' N may use
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES  # --max-adapter-bytes: a store version's files, bytes
     # --keep-versions: the newest versions of each name kept in the store, the current one included
-    # (1: only the current one; more: older ones to roll back to with `adapters rollback`)
-    keep_versions: int = 1
+    # (1: only the current one; more: older ones to roll back to with `adapters rollback`); None (no
+    # flag): what the store records from the last start that gave one (store/settings.py), 1 where none
+    keep_versions: int | None = None
 
     def __post_init__(self):
         for name in ("max_rank", "max_loras", "adapter_memory", "max_adapter_bytes", "keep_versions"):
             value = getattr(self, name)
+            if name == "keep_versions" and value is None:
+                continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"AdapterLimits.{name} must be a positive integer; got {value!r}")

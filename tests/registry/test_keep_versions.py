@@ -36,11 +36,13 @@ def test_the_newest_n_versions_stay_on_disk_and_a_held_older_one_until_released(
     assert _on_disk(registry) == [1, 3, 4, 5]  # v2 pruned; v1 held by a request
     registry.release(held)
     assert _on_disk(registry) == [3, 4, 5]
-    # a restart with a smaller N prunes to it; the default keeps only the current version
+    # a restart with a smaller N prunes to it; one without the flag keeps what the store recorded
     assert _registry(tmp_path, keep=2).rebuild() == ["acme"]
     assert _on_disk(_registry(tmp_path, keep=2)) == [4, 5]
     default = AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files)
     default.rebuild()
+    assert _on_disk(default) == [4, 5]
+    _registry(tmp_path, keep=1).rebuild()
     assert _on_disk(default) == [5]
 
 
@@ -189,7 +191,8 @@ def test_serve_keep_versions_reaches_the_adapter_limits_and_zero_is_refused(caps
     def limits(*flags):
         return server_configs(build_parser(only="serve").parse_args(["serve", *flags]))[1]
 
-    assert (limits().keep_versions, limits("--keep-versions", "3").keep_versions) == (1, 3)
+    # no flag: None, the store's recorded setting (store/settings.py)
+    assert (limits().keep_versions, limits("--keep-versions", "3").keep_versions) == (None, 3)
     with pytest.raises(SystemExit):
         limits("--keep-versions", "0")
     assert "argument --keep-versions: must be an integer >= 1; got 0" in capsys.readouterr().err
@@ -210,8 +213,8 @@ def test_a_restart_with_a_smaller_n_says_which_kept_versions_it_deletes(tmp_path
         _registry(tmp_path, keep=1).rebuild()
     assert [r.getMessage() for r in caplog.records] == [
         "--keep-versions 1: deleting 2 older versions found in the adapter store: acme v1, v2 (kept by a larger "
-        "--keep-versions, or held by a request when the server last stopped; start with --keep-versions N to keep "
-        "each name's newest N)"]
+        "--keep-versions, or held by a request when the server last stopped; the store keeps the --keep-versions N "
+        "a start last gave)"]
     assert _on_disk(_registry(tmp_path, keep=1)) == [3]
 
 
@@ -227,8 +230,8 @@ def test_a_version_a_request_held_at_a_kill_is_not_blamed_on_the_flag(tmp_path, 
         _registry(tmp_path, keep=1).rebuild()
     assert [r.getMessage() for r in caplog.records] == [
         "--keep-versions 1: deleting 1 older version found in the adapter store: acme v1 (kept by a larger "
-        "--keep-versions, or held by a request when the server last stopped; start with --keep-versions N to keep "
-        "each name's newest N)"]
+        "--keep-versions, or held by a request when the server last stopped; the store keeps the --keep-versions N "
+        "a start last gave)"]
 
 
 def test_versions_and_rollback_read_versions_as_large_as_the_servers_max_adapter_bytes(tmp_path, capsys):
@@ -248,3 +251,39 @@ def test_versions_and_rollback_read_versions_as_large_as_the_servers_max_adapter
     assert f"--max-adapter-bytes {size - 1}" in capsys.readouterr().err
     assert main(["adapters", "rollback", "acme", "--to", "1", *common, str(size)]) == 0
     assert capsys.readouterr().out.startswith("acme: v3 written with v1's files")
+
+
+def test_a_start_without_the_flag_keeps_what_the_store_recorded(tmp_path, caplog, capsys):
+    """`serve --keep-versions 3` once, then `make serve` (no flag): the default 1 deleted the kept
+    versions, the operator's rollback targets (s30). Now the store records the N a start gave
+    (.store_settings.json); a start without the flag keeps it, only an explicit smaller N prunes."""
+    from nlora_serve.adapters.store.settings import SETTINGS_FILE
+
+    registry = _registry(tmp_path, keep=3)
+    registry.register("acme", files(b"\x01"))
+    for payload in (b"\x02", b"\x03", b"\x04"):
+        registry.swap_weights("acme", payload)
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["keep_versions"] == 3
+    with caplog.at_level("WARNING"):
+        plain = AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files)  # `make serve`
+        assert (plain.keep_versions, plain.rebuild()) == (3, ["acme"])
+    assert _on_disk(plain) == [2, 3, 4] and not caplog.records
+    plain.swap_weights("acme", b"\x05")  # and it keeps 3 while it serves
+    assert _on_disk(plain) == [3, 4, 5]
+    capsys.readouterr()
+    assert main(["adapters", "versions", "acme", "--adapter-dir", str(tmp_path)]) == 0  # says what it keeps
+    assert "the store keeps each name's newest 3 versions" in capsys.readouterr().out
+    assert os.listdir(tmp_path / ".staging") == []  # the record's staging copy is gone
+    smaller = _registry(tmp_path, keep=2)  # explicit: prunes, with the WARNING, and is recorded
+    with caplog.at_level("WARNING"):
+        smaller.rebuild()
+    assert "deleting 1 older version found in the adapter store: acme v3" in caplog.text
+    assert AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files).keep_versions == 2
+
+
+def test_a_settings_record_not_written_by_the_store_is_refused_naming_it(tmp_path):
+    from nlora_serve.adapters.store.settings import SETTINGS_FILE
+
+    (tmp_path / SETTINGS_FILE).write_text('{"keep_versions": 0}')
+    with pytest.raises(AdapterError, match=r"\.store_settings\.json is not a settings record.*'keep_versions'"):
+        AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files)

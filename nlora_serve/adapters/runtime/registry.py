@@ -34,6 +34,7 @@ from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.runtime.registry_pins import RegistryPins
 from nlora_serve.adapters.save import compact_tied_files
 from nlora_serve.adapters.store import AdapterStore
+from nlora_serve.adapters.store.settings import resolve_keep_versions
 from nlora_serve.adapters.runtime.swap import full_form_swap, stored_file
 from nlora_serve.adapters.runtime.version import AdapterNotFound, AdapterVersion, VersionConflict
 from nlora_serve.errors import AdapterError, shown
@@ -55,15 +56,20 @@ class AdapterRegistry(RegistryPins):
         on_free: called once per version, outside the lock, when it is neither current nor held.
         keep_versions: the newest versions of each name kept on disk (``--keep-versions``, the
             current one included): 1 deletes every older one once no request holds it; more keeps
-            that many to roll back to (``adapters versions`` / ``adapters rollback``).
+            that many to roll back to (``adapters versions`` / ``adapters rollback``). None (no
+            flag): what the store records (store/settings.py; 1 where none); a number is recorded.
+
+    Raises (constructor): AdapterError: the store's settings record is unreadable. OSError: the
+        disk refused a new record.
     """
 
     def __init__(self, store: AdapterStore, load: Callable[[Path], Adapter],
                  load_files: Callable[[dict[str, bytes]], Adapter],
                  on_admit: Callable[[AdapterVersion], None] = lambda v: None,
-                 on_free: Callable[[AdapterVersion], None] = lambda v: None, keep_versions: int = 1):
+                 on_free: Callable[[AdapterVersion], None] = lambda v: None, keep_versions: int | None = None):
         self.store = store
-        self.keep_versions = keep_versions  # newest versions of a name kept on disk, the current one included
+        # newest versions of a name kept on disk, the current one included: the flag's, else the store's record
+        self.keep_versions = resolve_keep_versions(store, keep_versions)
         self._load = load
         self._load_files = load_files
         self._on_admit = on_admit
@@ -94,10 +100,10 @@ class AdapterRegistry(RegistryPins):
                 pruned.append(f"{name} " + ", ".join(f"v{v}" for v in removed))
                 count += len(removed)
             names.append(name)
-        if pruned:  # a restart with a smaller --keep-versions than the store was kept with, or after a kill
+        if pruned:  # a restart with a smaller --keep-versions than the store recorded, or after a kill
             log.warning("--keep-versions %d: deleting %d older version%s found in the adapter store: %s (kept by "
-                        "a larger --keep-versions, or held by a request when the server last stopped; start with "
-                        "--keep-versions N to keep each name's newest N)", self.keep_versions, count,
+                        "a larger --keep-versions, or held by a request when the server last stopped; the store "
+                        "keeps the --keep-versions N a start last gave)", self.keep_versions, count,
                         "s" if count != 1 else "", "; ".join(pruned))
         return names
 

@@ -12,6 +12,7 @@ Modules, by concern::
     lock.py      one process per root (an flock), one AdapterStore per root in a process
     factors.py   a compressed family's shared factors under the store's _families/
     base_record.py  which base model the store serves (.base_model.json): another's is refused
+    settings.py  how many versions of a name it keeps (.store_settings.json: the last --keep-versions)
     batch.py     a start's writes, taken back out should the start fail
     journal.py   the same on disk: a start killed before its commit is undone at the next open
     history.py   a name's kept versions (serve --keep-versions) listed, and rolled back offline

@@ -2,7 +2,7 @@
 back offline (``adapters versions`` / ``adapters rollback``).
 
 A store keeps the newest ``serve --keep-versions`` versions of each name (1 by default: the current
-one only). A rollback writes the chosen version's files again as the name's next version, so version
+one only; the store records N, settings.py, so a start without the flag keeps the same). A rollback writes the chosen version's files again as the name's next version, so version
 numbers only grow (every response names the version it ran on) and the content hash of the rolled-back
 version is the old one's. Offline it takes the store's lock (a server running on the store refuses
 it, naming the live way: ``adapters load --name NAME --version V``, a hot swap).
@@ -99,7 +99,7 @@ def rollback(root: str | os.PathLike, name: str, to: int,
     serves again at the next start, as after a new upload). The files are checked against their
     SHA256SUMS first; they are not validated against a model (the store's base model took them
     when they were registered); the next start validates and serves the new version, and prunes
-    the name to its ``--keep-versions``.
+    the name to the N the store records (settings.py; a start's explicit ``--keep-versions``).
 
     Raises:
         AdapterError: as :func:`_adapter_dir`; the store is in use (a server on it: the message says

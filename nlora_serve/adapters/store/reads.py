@@ -19,6 +19,7 @@ from nlora_serve.adapters.limits import DEFAULT_MAX_ADAPTER_BYTES
 from nlora_serve.adapters.store import durable, journal, lock
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.store.base_record import BASE_FILE, BaseIdentity
+from nlora_serve.adapters.store.settings import SETTINGS_FILE
 from nlora_serve.adapters.store.batch import StartBatch
 from nlora_serve.adapters.store.layout import FAMILIES, STAGING, UNLOADED, StoredVersion, is_version_name
 from nlora_serve.adapters.store.sums import check_sums, recorded
@@ -203,7 +204,7 @@ class AdapterStore(StoreWrites):
         """
         found, holders = [], {}  # holders: case-folded name -> the entry that holds it
         for entry in sorted(self.root.iterdir()):
-            if entry.name in (STAGING, FAMILIES, BASE_FILE, journal.JOURNAL_FILE):
+            if entry.name in (STAGING, FAMILIES, BASE_FILE, SETTINGS_FILE, journal.JOURNAL_FILE):
                 continue
             try:
                 if not self.versions(entry.name):

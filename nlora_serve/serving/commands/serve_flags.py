@@ -106,11 +106,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-adapter-bytes", type=int, default=d.max_adapter_bytes,
       help="largest upload (config + safetensors) or swap payload in bytes, and largest adapter version "
            "the adapter store writes or reads back (default: %(default)s)")
-    a("--keep-versions", type=integer_arg(1), default=AdapterLimits().keep_versions, metavar="N",
+    a("--keep-versions", type=integer_arg(1), default=None, metavar="N",
       help="versions of each adapter kept in the store, the current one included: 1 deletes an older version "
            "once no request runs on it; more keeps the older ones to roll back to (`adapters versions NAME` "
            "lists them; live: `adapters load --name NAME --version V`; server stopped: `adapters rollback NAME "
-           "--to V`; each costs its files' disk space) (default: %(default)s)")
+           "--to V`; each costs its files' disk space); the store records N: a later start without the flag keeps "
+           "the same, only a smaller N deletes kept versions (default: the store's record, 1 for a new store)")
     a("--allow-runtime-lora-updating", action=argparse.BooleanOptionalAction, default=env_allows_updating(),
       help="serve vLLM's POST /v1/load_lora_adapter {lora_name, lora_path} (a folder on this server's disk) and "
            "/v1/unload_lora_adapter over HTTP, admin keys only (default: off, on where "
