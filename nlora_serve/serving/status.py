@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import grpc
 
-from nlora_serve.adapters.runtime.version import AdapterNotFound, VersionConflict
+from nlora_serve.adapters.runtime.version import AdapterNotFound, ConcurrentChange, VersionConflict
 from nlora_serve.adapters.runtime.residency import AdapterLoadFailed, PoolFull
 from nlora_serve.adapters.store.durable import StoreReadError, StoreWriteError
 from nlora_serve.adapters.store.sums import StoredHashMismatch
@@ -113,6 +113,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
     (NoAdapterStore, grpc.StatusCode.FAILED_PRECONDITION, 404, "not_found"),
     (RuntimeUpdatingOff, grpc.StatusCode.FAILED_PRECONDITION, 404, "not_found"),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND, 404, "not_found"),
+    (ConcurrentChange, grpc.StatusCode.ABORTED, 409, "aborted"),  # a race lost: retryable, unlike NOT_FOUND
     (ResponseNotFound, grpc.StatusCode.NOT_FOUND, 404, "not_found"),
     (VersionConflict, grpc.StatusCode.FAILED_PRECONDITION, 409, "invalid_argument"),
     (PoolFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "pool_full"),

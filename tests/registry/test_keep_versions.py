@@ -287,3 +287,31 @@ def test_a_settings_record_not_written_by_the_store_is_refused_naming_it(tmp_pat
     (tmp_path / SETTINGS_FILE).write_text('{"keep_versions": 0}')
     with pytest.raises(AdapterError, match=r"\.store_settings\.json is not a settings record.*'keep_versions'"):
         AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files)
+
+
+def test_a_rollback_that_loses_a_race_is_a_retryable_conflict_not_not_found(tmp_path):
+    """LoadAdapter with a version whose folder another admin's upload pruned between the listing
+    and the read answered NOT_FOUND "...; retry": a client does not retry a NOT_FOUND. Now ABORTED
+    (HTTP 409), gRPC's code for a concurrency conflict, as RequestAborted's conflicts are."""
+    import grpc
+
+    from nlora_serve.adapters.runtime.version import ConcurrentChange
+    from nlora_serve.adapters.store import StoredVersion
+    from nlora_serve.serving.grpc_api.admin import _load_stored
+    from nlora_serve.serving.status import http_status_of, status_of
+
+    registry = _registry(tmp_path, keep=2)
+    registry.register("acme", files(b"\x01"))
+
+    class Manager:  # what _load_stored uses of an AdapterManager
+        def __init__(self):
+            self.registry = registry
+
+        def versions(self):
+            return registry.versions()
+
+    gone = StoredVersion("acme", 7, tmp_path / "acme" / "00000007")  # pruned since it was listed
+    with pytest.raises(ConcurrentChange, match=r"v7: its stored files were removed meanwhile .*; retry") as raised:
+        _load_stored(Manager(), gone, rollback=True)
+    assert (status_of(raised.value), http_status_of(raised.value)) == ((grpc.StatusCode.ABORTED, "aborted"),
+                                                                       (409, "aborted"))

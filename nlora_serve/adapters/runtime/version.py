@@ -20,6 +20,13 @@ class VersionConflict(AdapterError):
     """A compare-and-swap named a version that is no longer current (gRPC FAILED_PRECONDITION)."""
 
 
+class ConcurrentChange(AdapterError):
+    """A concurrent change of the name won a race with this call (another admin's upload or
+    rollback pruned the kept version it was reading): retrying may succeed (gRPC ABORTED, HTTP
+    409, as gRPC's status guide asks of a concurrency conflict; NOT_FOUND told clients the
+    version was gone for good)."""
+
+
 @dataclass(eq=False, slots=True)
 class AdapterVersion:
     """One registered version of a name. Identity, not value, equality: two versions are two.

@@ -25,7 +25,7 @@ import grpc
 
 from nlora_serve import log_format
 from nlora_serve.adapters.names import validate_name
-from nlora_serve.adapters.runtime.version import AdapterNotFound, VersionConflict
+from nlora_serve.adapters.runtime.version import AdapterNotFound, ConcurrentChange, VersionConflict
 from nlora_serve.adapters.store import CONFIG_FILE, WEIGHTS_FILE
 from nlora_serve.errors import AdapterError, NloraError, shown
 from nlora_serve.proto import nlora_pb2 as pb
@@ -129,7 +129,12 @@ class AdminServicer(pb_grpc.AdapterAdminServicer):
             raise AdapterNotFound(f"adapter {name!r} has no version {version} kept in the adapter store (kept: "
                                   f"{', '.join(f'v{v}' for v in kept) or 'none'}; serve --keep-versions N keeps "
                                   "the newest N)")
-        stored = store.get(name, version) if version else store.latest(name)
+        try:
+            stored = store.get(name, version) if version else store.latest(name)
+        except AdapterError:  # listed as kept just now: another admin's upload or rollback pruned it meanwhile
+            raise ConcurrentChange(f"adapter {name!r} v{version}: pruned from the adapter store meanwhile by another "
+                                   "admin's upload or rollback of the name; retry (adapters versions NAME lists "
+                                   "those kept)") from None
         if stored is None:
             raise AdapterNotFound(f"adapter {name!r} has no stored version in the adapter store")
         start = time.perf_counter()
@@ -304,8 +309,8 @@ def _load_stored(manager, stored, rollback: bool = False):
     the others' --keep-versions meanwhile, were NOT_FOUND.
 
     Raises:
-        AdapterNotFound: the folder was removed meanwhile (another admin's upload or rollback of the
-            name pruned it) and the name is not served.
+        ConcurrentChange: the folder was removed meanwhile (another admin's upload or rollback of the
+            name pruned it) and the name is not served: ABORTED / 409, a conflict to retry.
         AdapterError: as :meth:`AdapterManager.register`, or the store's refusal of the folder.
     """
     try:
@@ -313,8 +318,8 @@ def _load_stored(manager, stored, rollback: bool = False):
     except FileNotFoundError:
         if not rollback and (served := _served(manager, stored.name)) is not None:
             return served
-        raise AdapterNotFound(f"adapter {stored.name!r} v{stored.version}: its stored files were removed meanwhile "
-                              "(another admin's upload or rollback of the name); retry") from None
+        raise ConcurrentChange(f"adapter {stored.name!r} v{stored.version}: its stored files were removed meanwhile "
+                               "(another admin's upload or rollback of the name); retry") from None
     try:
         return manager.register(stored.name, files, None if rollback else 0)
     except VersionConflict:  # a plain load's: served meanwhile, by a concurrent load or an upload
