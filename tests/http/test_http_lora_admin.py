@@ -94,7 +94,10 @@ def test_a_served_name_loads_again_only_in_place_as_its_next_version(server):
     assert _load(server).status_code == 200
     _refused(_load(server), 400, f"the lora adapter {NAME!r} has already been loaded; to load a new version in "
                                  "place, set 'load_inplace' to true", "lora_name")
-    resp = _load(server, load_inplace=True)
+    resp = _load(server, load_inplace=True)  # the same files: the same version, nothing written (s30)
+    assert (resp.status_code, resp.text) == (200, LOADED)
+    assert _served(server) == {NAME: 1}
+    resp = _load(server, CASES / "lora-rslora", load_inplace=True)
     assert (resp.status_code, resp.text) == (200, LOADED)
     assert _served(server) == {NAME: 2}
 

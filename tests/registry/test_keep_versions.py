@@ -315,3 +315,21 @@ def test_a_rollback_that_loses_a_race_is_a_retryable_conflict_not_not_found(tmp_
         _load_stored(Manager(), gone, rollback=True)
     assert (status_of(raised.value), http_status_of(raised.value)) == ((grpc.StatusCode.ABORTED, "aborted"),
                                                                        (409, "aborted"))
+
+
+def test_an_upload_or_swap_of_the_current_content_writes_no_version(tmp_path, caplog):
+    """A re-upload (a deploy script run twice) or a swap to the weights already served wrote a new
+    version each time: with --keep-versions 3, two such retries pushed out both real rollback
+    targets (s30). Now the same content hash is the current version: no folder, logged."""
+    registry = _registry(tmp_path, keep=3)
+    registry.register("acme", files(b"\x01"))
+    registry.swap_weights("acme", b"\x02")
+    held = registry.acquire("acme")  # a request running on v2 keeps running on it
+    with caplog.at_level("INFO", logger="nlora_serve.adapters.runtime.registry"):
+        again = registry.register("acme", files(b"\x02"))
+        swapped = registry.swap_weights("acme", b"\x02", if_version=2)
+    assert again is swapped is held and (again.version, again.current) == (2, True)
+    assert "the new content is v2's" in caplog.text and _on_disk(registry) == [1, 2]
+    assert registry.register("acme", files(b"\x03")).version == 3  # other content: a new version as before
+    registry.release(held)
+    assert _on_disk(registry) == [1, 2, 3]

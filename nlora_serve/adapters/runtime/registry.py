@@ -109,7 +109,8 @@ class AdapterRegistry(RegistryPins):
 
     def register(self, name: str, files: dict[str, bytes], if_version: int | None = None,
                  adapter: Adapter | None = None) -> AdapterVersion:
-        """Validate ``files``, persist them as the next version of ``name`` and make it current.
+        """Validate ``files``, persist them as the next version of ``name`` and make it current
+        (the current version's maths again: that version is returned, nothing written).
 
         Args:
             files: ``adapter_config.json`` and ``adapter_model.safetensors`` bytes.
@@ -230,8 +231,17 @@ class AdapterRegistry(RegistryPins):
 
     def _commit(self, name: str, adapter: Adapter, files: dict[str, bytes],
                 same_as: dict[str, Path] | None = None) -> AdapterVersion:
-        """Under the write lock: admit ``adapter``, persist it durably, then switch ``name`` to it."""
+        """Under the write lock: admit ``adapter``, persist it durably, then switch ``name`` to it.
+        The same maths as the current version (content hash and flavour) is that version: nothing is
+        written, so a re-upload or a swap to what serves takes no ``--keep-versions`` place from a
+        real rollback target (as vLLM's and LoRAX's loads of an adapter already loaded)."""
         version = AdapterVersion(name, 0, adapter, Path())
+        with self._lock:
+            current = self._current.get(name)
+        if current is not None and (current.content_hash, current.flavour) == (version.content_hash, version.flavour):
+            log.info("adapter %s: the new content is v%d's (content hash %s…): v%d serves on, no version written",
+                     shown(name), current.version, current.content_hash[:16], current.version)
+            return current
         self._on_admit(version)
         with self._lock:
             if name not in self._current:
