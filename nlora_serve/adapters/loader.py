@@ -216,6 +216,7 @@ def _read(cfg: AdapterConfig, header: dict, tensors_of, base: BaseModel, max_ran
     if not plans:
         raise AdapterError(f"{CONFIG_NAME}: target_modules {cfg.target_modules!r} selects no module of "
                            "this model: the adapter would adapt nothing")
+    _check_scalings(plans, cfg)
     _check_ranks(plans, max_rank)
     _check_coverage(grouped, plans, cfg)
     _check_parts(grouped, cfg)
@@ -233,6 +234,26 @@ def _read(cfg: AdapterConfig, header: dict, tensors_of, base: BaseModel, max_ran
     sites = _build_sites(grouped, tensors, plans, base)
     family = _check_family(cfg, plans, base) if cfg.tied else None
     return assemble_adapter(cfg, sites, base, stored, family=family, source=source)
+
+
+def _check_scalings(plans: dict, cfg: AdapterConfig) -> None:
+    """Refuse a config whose scaling is 0 at every site it adapts (``lora_alpha`` 0, no
+    ``alpha_pattern`` value other than 0 on a targeted module): its delta is 0 whatever its
+    weights, so the name would answer as the base model (DESIGN: an adapter that would adapt
+    nothing is never served as the base model), and a weights swap keeps the config, so no swap
+    could make it adapt. Untrained weights (B = 0, PEFT's default init) are accepted: a swap of
+    the trained weights makes those adapt. One module's alpha 0 among others is accepted.
+
+    Raises:
+        AdapterError: naming lora_alpha (and alpha_pattern where given) and the fix.
+    """
+    if any(plan.scaling != 0 for plan in plans.values()):
+        return
+    patterns = " and every alpha_pattern value matching a targeted module" if cfg.alpha_pattern else ""
+    raise AdapterError(f"{CONFIG_NAME}: lora_alpha = {cfg.lora_alpha!r}{patterns} make the LoRA scaling "
+                       f"(alpha / r) 0 at all {len(plans)} adapted modules: the adapter would adapt nothing "
+                       "and answer as the base model, whatever its weights; set lora_alpha to the alpha it was "
+                       "trained with (PEFT's default is 8)")
 
 
 def assemble_adapter(cfg: AdapterConfig, sites: dict[tuple[int, str], SiteWeights], base: BaseModel,

@@ -153,3 +153,29 @@ def test_broken_directories_are_refused(base_fp32, tmp_path, setup, words):
     setup(tmp_path / "x")
     with pytest.raises(AdapterError, match=words):
         read_adapter(tmp_path / "x", base_fp32)
+
+
+@pytest.mark.parametrize("alpha, pattern, refused", [(0, {}, True), (0.0, {"v_proj": 0}, True),
+                                                     (0, {"v_proj": 16}, False), (8, {"v_proj": 0}, False)])
+def test_an_alpha_that_zeroes_every_site_is_refused_naming_lora_alpha(base_fp32, tmp_path, alpha, pattern, refused):
+    """lora_alpha 0 made every site's scaling 0: the adapter answered as the base model, whatever its
+    weights, and a weights swap keeps the config (s30). Refused, naming lora_alpha; an alpha_pattern
+    that leaves one module adapting, or one module's alpha 0 among others, is accepted as PEFT does."""
+    cfg = lora_config(lora_alpha=alpha, layers_to_transform=[0, 1], alpha_pattern=pattern)
+    if refused:
+        with pytest.raises(AdapterError, match=r"lora_alpha = 0(\.0)?( and every alpha_pattern value .*)? make the "
+                                               r"LoRA scaling \(alpha / r\) 0 at all 4 adapted modules"):
+            read_adapter(_adapter(tmp_path, cfg, _lora()), base_fp32)
+    else:
+        a = read_adapter(_adapter(tmp_path, cfg, _lora()), base_fp32)
+        # by hand: alpha / r with r = 4, v_proj's alpha from the pattern
+        v, q = pattern["v_proj"] / 4, alpha / 4
+        assert {k: s.scaling for k, s in a.sites.items()} == {(0, "q_proj"): q, (0, "v_proj"): v,
+                                                              (1, "q_proj"): q, (1, "v_proj"): v}
+
+
+def test_an_untrained_adapter_b_zero_is_accepted_as_peft_inits_it(base_fp32, tmp_path):
+    # B = 0 (PEFT's default init, `adapters init`): kept on purpose, a weights swap makes it adapt
+    tensors = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in _lora().items()}
+    a = read_adapter(_adapter(tmp_path, lora_config(layers_to_transform=[0, 1]), tensors), base_fp32)
+    assert {s.scaling for s in a.sites.values()} == {2.0}
