@@ -238,7 +238,8 @@ class AdapterRegistry(RegistryPins):
         version = AdapterVersion(name, 0, adapter, Path())
         with self._lock:
             current = self._current.get(name)
-        if current is not None and (current.content_hash, current.flavour) == (version.content_hash, version.flavour):
+        if current is not None and (current.content_hash, current.flavour) == (version.content_hash, version.flavour) \
+                and current.path.is_dir():  # not a version an aborted start took back out (batch.py)
             log.info("adapter %s: the new content is v%d's (content hash %s…): v%d serves on, no version written",
                      shown(name), current.version, current.content_hash[:16], current.version)
             return current
