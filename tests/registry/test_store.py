@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 
@@ -202,3 +203,34 @@ def test_an_adapter_folder_copied_into_the_store_is_named_not_silently_skipped(t
         assert store.names() == ["acme"]
     assert [r.getMessage()[:70] for r in caplog.records] == [
         f"store entry {str(tmp_path / 'copied')!r} not served: it holds adapter files but no v"[:70]]
+
+
+def _member(root, name: str, version: int, family: str) -> None:
+    """A version folder whose config names ``family``'s shared factors, as a family member's does."""
+    folder = root / name / f"{version:08d}"
+    folder.mkdir(parents=True)
+    header = {"format": "family-n", "family": family, "base_fingerprint": "0" * 64}
+    (folder / CONFIG_FILE).write_text(f'{{"r": 4, "nlora_serve": {json.dumps(header)}}}')
+    (folder / WEIGHTS_FILE).write_bytes(b"\x00" * 64)
+
+
+def test_family_factors_no_version_uses_are_removed_at_the_next_open_and_no_others(tmp_path):
+    """A family's shared factors (_families/<key>) stayed on disk for ever once no member used
+    them (s30). Now the store's first open removes those no version's config names: a served
+    member's, an unloaded name's and a version kept to roll back to are all kept."""
+    keys = {k: hashlib.sha256(k.encode()).hexdigest() for k in ("served", "kept", "unloaded", "orphan")}
+    root = tmp_path / "store"
+    for key in keys.values():
+        (root / "_families" / key).mkdir(parents=True)
+        (root / "_families" / key / "family.safetensors").write_bytes(b"factors")
+    _member(root, "acme", 1, keys["kept"])  # kept by --keep-versions, below the current one
+    _member(root, "acme", 2, keys["served"])
+    _member(root, "globex", 1, keys["unloaded"])
+    (root / "globex" / "UNLOADED").write_text("")
+    broken = tmp_path / "broken"  # a config that cannot be read: it may name any family, nothing goes
+    (broken / "_families" / keys["orphan"]).mkdir(parents=True)
+    _member(broken, "acme", 1, keys["served"])
+    (broken / "acme" / "00000001" / CONFIG_FILE).write_text("{not json")
+    AdapterStore(root), AdapterStore(broken)
+    assert sorted(os.listdir(root / "_families")) == sorted(keys[k] for k in ("served", "kept", "unloaded"))
+    assert os.listdir(root / STAGING) == [] and os.listdir(broken / "_families") == [keys["orphan"]]

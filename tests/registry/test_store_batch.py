@@ -142,7 +142,8 @@ def _start(root: Path) -> None:
     store.begin_batch()
     store.write("acme", {**FILES, "adapter_model.safetensors": b"new weights"})
     store.remove_version("acme", 1)  # as the registry prunes the version v2 replaced
-    store.write("fresh", FILES)
+    # a member of the family whose factors follow (its config names them: kept at the next open, sweep.py)
+    store.write("fresh", {**FILES, "adapter_config.json": b'{"r": 4, "nlora_serve": {"family": "' + b"ab" * 32 + b'"}}'})
     from nlora_serve.adapters.store.factors import write_factors
     write_factors(store, "fresh", "ab" * 32, lambda: b"factors")
     store.commit_batch()

@@ -199,6 +199,9 @@ def test_family_factors_are_whole_or_absent_at_any_power_loss_and_there_once_ack
     leftover = root / "_families" / key  # what a crash of the older, non-atomic factors write left
     leftover.mkdir(parents=True)
     (leftover / ".family.safetensors.tmp1234").write_bytes(b"half")
+    member = root / "acme" / "00000001"  # the member whose config names them: kept at each open (sweep.py)
+    member.mkdir(parents=True)
+    (member / "adapter_config.json").write_text('{"r": 4, "nlora_serve": {"family": "%s"}}' % key)
     AdapterStore(root)
     model_start = DiskModel(root)
     path = write_factors(AdapterStore(root), "acme", key, lambda: data)

@@ -11,6 +11,7 @@ Modules, by concern::
     sums.py      each version's SHA256SUMS: recorded with the files, checked on every read
     lock.py      one process per root (an flock), one AdapterStore per root in a process
     factors.py   a compressed family's shared factors under the store's _families/
+    sweep.py     those no version uses any more, removed at the store's first open
     base_record.py  which base model the store serves (.base_model.json): another's is refused
     settings.py  how many versions of a name it keeps (.store_settings.json: the last --keep-versions)
     batch.py     a start's writes, taken back out should the start fail

@@ -20,6 +20,7 @@ from nlora_serve.adapters.store import durable, journal, lock
 from nlora_serve.adapters.names import validate_name
 from nlora_serve.adapters.store.base_record import BASE_FILE, BaseIdentity
 from nlora_serve.adapters.store.settings import SETTINGS_FILE
+from nlora_serve.adapters.store.sweep import sweep_families
 from nlora_serve.adapters.store.batch import StartBatch
 from nlora_serve.adapters.store.layout import FAMILIES, STAGING, UNLOADED, StoredVersion, is_version_name
 from nlora_serve.adapters.store.sums import check_sums, recorded
@@ -69,6 +70,7 @@ class AdapterStore(StoreWrites):
             if first:  # what a crash left (another store of this process may hold it open, writing in there)
                 self._clear_staging()
                 journal.recover(self.root)  # a start killed before its commit is undone
+                sweep_families(self.root, max_bytes)  # factors no version uses any more (sweep.py)
         except BaseException:
             # let go of the lock now, not once this half-opened store is collected: while a caller kept
             # the error (its traceback holds the store), a retry in this process was no first open, and
