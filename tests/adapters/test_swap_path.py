@@ -172,17 +172,18 @@ def test_swap_revalidates_when_another_registration_switches_first(base_fp32, te
     manager = AdapterManager(base_fp32, tmp_path / "store")
     manager.register_dir("acme", tenant)
     config = (tenant / CONFIG_FILE).read_bytes()
-    raced = []
+    raced, scale = [], [3.0]
 
     def racing(current, weights):  # an upload lands while the swap validates against v1
         if not raced:
-            raced.append(manager.register("acme", {CONFIG_FILE: config, WEIGHTS_FILE: _payload(tenant, 3.0)}))
+            raced.append(manager.register("acme", {CONFIG_FILE: config, WEIGHTS_FILE: _payload(tenant, scale[0])}))
         return replace_n(current, weights)
 
     payload = _payload(tenant, 2.0)
     with pytest.raises(VersionConflict, match="expected current version 1, have 2"):
         manager.registry.swap_weights("acme", payload, if_version=1, validate=racing)
     raced.clear()
+    scale[0] = 4.0  # other content: v2's again would be v2, no version written (registry._commit)
     v4 = manager.registry.swap_weights("acme", payload, validate=racing)  # v3 raced in; checked against it
     assert v4.version == 4 and v4.content_hash == read_adapter_bytes(config, payload, base_fp32).content_hash
 
