@@ -274,9 +274,15 @@ def test_a_start_without_the_flag_keeps_what_the_store_recorded(tmp_path, caplog
     assert main(["adapters", "versions", "acme", "--adapter-dir", str(tmp_path)]) == 0  # says what it keeps
     assert "the store keeps each name's newest 3 versions" in capsys.readouterr().out
     assert os.listdir(tmp_path / ".staging") == []  # the record's staging copy is gone
-    smaller = _registry(tmp_path, keep=2)  # explicit: prunes, with the WARNING, and is recorded
+    failed = _registry(tmp_path, keep=2)  # a start that fails records nothing (its store as it was)
+    failed.store.begin_batch()
+    failed.store.abort_batch()
+    assert AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files).keep_versions == 3
+    smaller = _registry(tmp_path, keep=2)  # explicit: prunes, with the WARNING, and is recorded at the commit
+    smaller.store.begin_batch()
     with caplog.at_level("WARNING"):
         smaller.rebuild()
+    smaller.store.commit_batch()
     assert "deleting 1 older version found in the adapter store: acme v3" in caplog.text
     assert AdapterRegistry(AdapterStore(tmp_path), fake_load, fake_load_files).keep_versions == 2
 

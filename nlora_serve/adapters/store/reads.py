@@ -88,6 +88,8 @@ class AdapterStore(StoreWrites):
         self._batch: StartBatch | None = None  # a start's writes, undone should it fail (batch.py)
         # the base model to record as the store's (base_record.py), once a start commits or a version is written
         self.base_pending: BaseIdentity | None = None
+        # an explicit --keep-versions to record (settings.py), as the base model, once a start commits
+        self.keep_pending: int | None = None
 
     def _clear_staging(self) -> None:
         """Empty the staging area (what a crash left there), made anew; at this process's first open

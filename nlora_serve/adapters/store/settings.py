@@ -8,8 +8,9 @@ without ``--keep-versions`` keeps what the store records (1 where it records not
 explicit smaller N prunes (still naming what it deletes), and is recorded in turn. A command that
 only reads the store (``generate --adapter-dir``: ``KEEP_ALL_VERSIONS``) records nothing.
 
-The record is written as the base-model record is (base_record.py): staged and fsynced, renamed
-over the file, the root fsynced, under the store's write lock.
+The record is written as the base-model record is (base_record.py), and when: at a start's commit
+(a failed start leaves the store as it was) or with the first version written outside a start;
+staged and fsynced, renamed over the file, the root fsynced, under the store's write lock.
 """
 
 from __future__ import annotations
@@ -82,12 +83,12 @@ def resolve_keep_versions(store, requested: int | None) -> int:
     """The versions of each name ``store`` (an AdapterStore) keeps for a start that asked for
     ``requested``: None (no ``--keep-versions``) takes the store's record (1 where none);
     ``KEEP_ALL_VERSIONS`` (a reader) is taken as is and recorded nowhere; another N is taken, and
-    recorded where the record differs (a smaller one than recorded: the registry's scan then
+    recorded where the record differs (``store.keep_pending``: at the start's commit, so that a
+    failed start leaves the store as it was, or with the next version written outside a start) (a smaller one than recorded: the registry's scan then
     deletes the versions beyond it, one WARNING naming them).
 
     Raises:
-        AdapterError: an unreadable record (:func:`recorded_keep_versions`). OSError: the disk
-            refused the new record.
+        AdapterError: an unreadable record (:func:`recorded_keep_versions`).
     """
     recorded = recorded_keep_versions(store.root)
     if requested is None:
@@ -97,5 +98,5 @@ def resolve_keep_versions(store, requested: int | None) -> int:
     if recorded is not None and requested < recorded:
         log.info("--keep-versions %d: the adapter store %s kept %d versions of each name; recording %d (the "
                  "registry's scan names the older versions it deletes)", requested, store.root, recorded, requested)
-    write_keep_versions(store, requested)
+    store.keep_pending = requested  # written at the start's commit, or with the next version written outside one
     return requested

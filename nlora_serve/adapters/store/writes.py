@@ -19,6 +19,7 @@ from pathlib import Path
 from nlora_serve.adapters.file_read import ALLOWED_FILES
 from nlora_serve.adapters.store import durable
 from nlora_serve.adapters.store.base_record import write_record
+from nlora_serve.adapters.store.settings import write_keep_versions
 from nlora_serve.adapters.store.batch import StartBatch
 from nlora_serve.adapters.store.journal import Journal
 from nlora_serve.adapters.store.durable import StoreWriteError, fsync_dir, raise_if_disk_error, write_synced
@@ -86,6 +87,7 @@ class StoreWrites:
         batch = self.batch_of_caller()
         if batch is None:  # the store's first version (a start records it at its commit)
             self.record_base(name)
+            self.record_settings(name)
         with self.write_lock:
             adapter_dir = self.adapter_dir(name)
             self._check_case(name)
@@ -269,6 +271,7 @@ class StoreWrites:
         try:
             if batch.written:
                 self.record_base()
+            self.record_settings()  # the start's explicit --keep-versions, whether it wrote or not
         finally:
             # the journal goes first: a crash after a removal must not undo the start's writes too
             if batch.journal is None or batch.journal.remove():
@@ -305,6 +308,25 @@ class StoreWrites:
                 raise_if_disk_error(name, exc)
                 raise
             self.base_pending = None
+
+    def record_settings(self, name: str = "(the store's settings record)") -> None:
+        """Write the ``--keep-versions`` a start gave where its record is still due (``keep_pending``,
+        set by settings.resolve_keep_versions): at a start's commit, or before the first version
+        written outside one (of adapter ``name``, which a refusal names).
+
+        Raises:
+            StoreWriteError: the disk refused it (it is due again at the next write).
+        """
+        keep = self.keep_pending
+        if keep is None:
+            return
+        try:
+            write_keep_versions(self, keep)
+        except OSError as exc:
+            raise_if_disk_error(name, exc)
+            raise
+        if self.keep_pending == keep:
+            self.keep_pending = None
 
     def wait_deleted(self) -> None:
         """Block until the files of every version removed so far are deleted."""
