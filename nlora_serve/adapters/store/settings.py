@@ -84,8 +84,9 @@ def resolve_keep_versions(store, requested: int | None) -> int:
     ``requested``: None (no ``--keep-versions``) takes the store's record (1 where none);
     ``KEEP_ALL_VERSIONS`` (a reader) is taken as is and recorded nowhere; another N is taken, and
     recorded where the record differs (``store.keep_pending``: at the start's commit, so that a
-    failed start leaves the store as it was, or with the next version written outside a start) (a smaller one than recorded: the registry's scan then
-    deletes the versions beyond it, one WARNING naming them).
+    failed start leaves the store as it was, or with the next version written outside a start).
+    A smaller N than recorded: the registry's scan deletes the versions beyond it, one WARNING
+    naming them.
 
     Raises:
         AdapterError: an unreadable record (:func:`recorded_keep_versions`).
