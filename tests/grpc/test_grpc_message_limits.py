@@ -149,7 +149,8 @@ def _n_payload(keys: list[str], rank: int, header_bytes: int) -> bytes:
 
 def test_the_largest_legal_swap_fits_and_one_byte_more_message_is_refused(make_server, base_fp32, tmp_path):
     server = make_server()
-    adapter = init_adapter(base_fp32, rank=64, targets="all-linear", zero_n=True)  # the max rank, every site
+    # the max rank, every site; its N nonzero, so the zero-N swap below is new content (a new version)
+    adapter = init_adapter(base_fp32, rank=64, targets="all-linear")
     write_adapter(adapter, tmp_path / "r64", tied_form=True)
     with NloraClient(server.target, timeout=120) as admin:
         assert admin.upload_adapter("r64", tmp_path / "r64").version == 1
