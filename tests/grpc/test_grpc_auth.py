@@ -110,7 +110,7 @@ def test_admin_rpcs_need_an_admin_key_and_each_change_is_logged_naming_the_admin
         assert err.value.reason == "not_found"  # nlora-reason, as HTTP's unload answers the code
         admin.unload_adapter("lora-rslora")
         admin.load_adapter("lora-rslora")
-        admin.upload_adapter("inttune-nystrom-tied", CASES / "inttune-nystrom-tied")
+        admin.upload_adapter("inttune-nystrom-tied", CASES / "inttune-nystrom-tied")  # its current content: v1 answered
     # a change done names where its call came from too, as the refusals and the request log do
     said = [re.sub(r"\(\d+ ms\)$", "(N ms)", re.sub(r" from 127\.0\.0\.1:\d+([ :])", r" from 127.0.0.1:PORT\1",
                                                      r.getMessage())) for r in caplog.records]
@@ -119,13 +119,13 @@ def test_admin_rpcs_need_an_admin_key_and_each_change_is_logged_naming_the_admin
                     "UnloadAdapter by 'ops' from 127.0.0.1:PORT: adapter 'lora-rslora' v1 unloaded (0 requests aborted, "
                     "0 draining) (N ms)",
                     "LoadAdapter by 'ops' from 127.0.0.1:PORT: adapter 'lora-rslora' v2 serving (lora, rank 16) (N ms)",
-                    "UploadAdapter by 'ops' from 127.0.0.1:PORT: adapter 'inttune-nystrom-tied' v2 serving "
+                    "UploadAdapter by 'ops' from 127.0.0.1:PORT: adapter 'inttune-nystrom-tied' v1 serving "
                     "(inttune-tied, rank 8) (N ms)"]
     entries = [json.loads(JsonFormatter().format(r)) for r in caplog.records]  # serve --log-format json
     assert [(e["event"], e["operation"], e["caller"], e.get("adapter"), e.get("adapter_version")) for e in entries] == [
         ("admin_refused", "UnloadAdapter", "ops", None, None), ("admin_done", "UnloadAdapter", "ops", "lora-rslora", 1),
         ("admin_done", "LoadAdapter", "ops", "lora-rslora", 2),
-        ("admin_done", "UploadAdapter", "ops", "inttune-nystrom-tied", 2)]
+        ("admin_done", "UploadAdapter", "ops", "inttune-nystrom-tied", 1)]
     assert all(re.fullmatch(r"127\.0\.0\.1:\d+", e["client"]) for e in entries), entries
     assert all(e["duration_ms"] >= 0 for e in entries[1:])
 
