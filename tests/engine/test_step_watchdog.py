@@ -233,6 +233,16 @@ def test_serve_ends_the_drain_at_once_when_the_engine_is_dead(monkeypatch):
     assert calls == [True]
 
 
+def _run_serve_on(monkeypatch, serve_cli, engine, serving, exit_now, join_seconds: float) -> None:
+    """Patch the serve command so that run_serve builds ``engine``, serves with ``serving`` and exits
+    through ``exit_now``, a stuck thread joined for ``join_seconds``."""
+    monkeypatch.setattr(serve_cli, "build", lambda args, flags: (engine, object(), [], None))
+    monkeypatch.setattr(serve_cli, "serve", serving)
+    monkeypatch.setattr(serve_cli, "freeze_startup_heap", lambda: None)
+    monkeypatch.setattr(serve_cli, "exit_now", exit_now)
+    monkeypatch.setattr(serve_cli, "STUCK_STEP_JOIN_SECONDS", join_seconds)
+
+
 def test_serve_exits_at_once_past_a_step_thread_stuck_in_its_step(make_engine, monkeypatch, caplog):
     """A hung step's thread never returns: serve drained and returned 1, but the interpreter's exit
     could then wait behind that thread (its exit hooks join thread-pool workers that wait on the
@@ -260,11 +270,7 @@ def test_serve_exits_at_once_past_a_step_thread_stuck_in_its_step(make_engine, m
             await asyncio.sleep(0.05)
         return False
 
-    monkeypatch.setattr(serve_cli, "build", lambda args, flags: (engine, object(), [], None))
-    monkeypatch.setattr(serve_cli, "serve", serving)
-    monkeypatch.setattr(serve_cli, "freeze_startup_heap", lambda: None)
-    monkeypatch.setattr(serve_cli, "exit_now", exit_now)
-    monkeypatch.setattr(serve_cli, "STUCK_STEP_JOIN_SECONDS", 0.05)
+    _run_serve_on(monkeypatch, serve_cli, engine, serving, exit_now, join_seconds=0.05)
     try:
         with caplog.at_level(logging.ERROR, logger="nlora_serve"), pytest.raises(SystemExit):
             serve_cli.run_serve(argparse.Namespace(backend="native"))
@@ -305,11 +311,7 @@ def test_serve_on_a_dead_engine_exits_past_an_admin_call_stuck_in_the_loops_exec
         engine.dead_reason = "an engine step has run for 2.0 s (limit 1 s, --engine-step-timeout)"
         return False
 
-    monkeypatch.setattr(serve_cli, "build", lambda args, flags: (engine, object(), [], None))
-    monkeypatch.setattr(serve_cli, "serve", serving)
-    monkeypatch.setattr(serve_cli, "freeze_startup_heap", lambda: None)
-    monkeypatch.setattr(serve_cli, "exit_now", exit_now)
-    monkeypatch.setattr(serve_cli, "STUCK_STEP_JOIN_SECONDS", 0.1)
+    _run_serve_on(monkeypatch, serve_cli, engine, serving, exit_now, join_seconds=0.1)
     freed = threading.Timer(5.0, blocked.set)  # before: the close waited for the call, freed here
     freed.start()
     started = time.monotonic()
